@@ -1,0 +1,96 @@
+"""The one exception hierarchy of fluxmq.
+
+This module imports nothing from fluxmq, so every layer (the Cython ``_core`` included) may raise
+these. Each MQTT error carries the MQTT 5.0 reason code that fits it; the protocol layer maps it to
+the 3.1.1 return code or to a plain close where the older protocol has no code.
+"""
+
+from __future__ import annotations
+
+
+class FluxMQError(Exception):
+    """Base class of every error raised by fluxmq."""
+
+
+class MQTTError(FluxMQError):
+    """A violation of the MQTT protocol; ``reason_code`` is the 5.0 reason code to report."""
+
+    reason_code: int = 0x80  # Unspecified error
+
+    def __init__(self, message: str = "", reason_code: int | None = None) -> None:
+        super().__init__(message)
+        if reason_code is not None:
+            self.reason_code = reason_code
+
+    @property
+    def reason(self) -> str:
+        return str(self) or type(self).__name__
+
+
+class MalformedPacket(MQTTError):
+    """The bytes do not form a valid packet (MQTT 5.0 reason 0x81)."""
+
+    reason_code = 0x81
+
+
+class ProtocolError(MQTTError):
+    """A well-formed packet that breaks a protocol rule (0x82)."""
+
+    reason_code = 0x82
+
+
+class UnsupportedProtocolVersion(MQTTError):
+    """CONNECT names a protocol level we do not speak (0x84; 3.1.1 return code 1)."""
+
+    reason_code = 0x84
+
+
+class InvalidClientId(MQTTError):
+    """The client identifier is not valid (0x85; 3.1.1 return code 2)."""
+
+    reason_code = 0x85
+
+
+class PacketTooLarge(MQTTError):
+    """The packet exceeds the maximum packet size (0x95); raised from the fixed header alone."""
+
+    reason_code = 0x95
+
+
+class TopicNameInvalid(MQTTError):
+    """A PUBLISH topic name is not valid (0x90)."""
+
+    reason_code = 0x90
+
+
+class TopicFilterInvalid(MQTTError):
+    """A subscription filter is not valid (0x8F)."""
+
+    reason_code = 0x8F
+
+
+class QuotaExceeded(MQTTError):
+    """A quota or queue bound was reached (0x97)."""
+
+    reason_code = 0x97
+
+
+class ConfigError(FluxMQError):
+    """Invalid configuration: one line naming the key, the file and line, and what is expected."""
+
+    def __init__(self, key: str, expected: str, source: str = "", line: int | None = None,
+                 got: object = None) -> None:
+        self.key = key
+        self.expected = expected
+        self.source = source
+        self.line = line
+        self.got = got
+        where = source or "<defaults>"
+        if line is not None:
+            where = f"{where}:{line}"
+        got_text = "" if got is None else f", got {got!r}"
+        super().__init__(f"config error: {key} ({where}): expected {expected}{got_text}")
+
+
+class StorageError(FluxMQError):
+    """The storage backend cannot serve a request."""

@@ -1,0 +1,24 @@
+"""Build the Cython core (fluxmq/_core) on install; everything else is in pyproject.toml."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+CORE_MODULES = ["codec", "buffer", "trie"]
+
+extensions = [
+    Extension(f"fluxmq._core.{name}", [f"fluxmq/_core/{name}.pyx"], extra_compile_args=["-O2"])
+    for name in CORE_MODULES
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "embedsignature": True,
+        },
+    ),
+)
