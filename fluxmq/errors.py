@@ -76,20 +76,27 @@ class QuotaExceeded(MQTTError):
 
 
 class ConfigError(FluxMQError):
-    """Invalid configuration: one line naming the key, the file and line, and what is expected."""
+    """Invalid configuration: one line naming the key, the file and line, and what is expected.
+
+    ``problem`` (keyword) replaces the ``expected ..., got ...`` tail when the fault is not a bad
+    value (an unknown key, a YAML syntax error); ``expected`` is still kept for callers.
+    """
 
     def __init__(self, key: str, expected: str, source: str = "", line: int | None = None,
-                 got: object = None) -> None:
+                 got: object = None, *, problem: str | None = None) -> None:
         self.key = key
         self.expected = expected
         self.source = source
         self.line = line
         self.got = got
+        self.problem = problem
         where = source or "<defaults>"
         if line is not None:
             where = f"{where}:{line}"
-        got_text = "" if got is None else f", got {got!r}"
-        super().__init__(f"config error: {key} ({where}): expected {expected}{got_text}")
+        if problem is None:
+            got_text = "" if got is None else f", got {got!r}"
+            problem = f"expected {expected}{got_text}"
+        super().__init__(f"config error: {key} ({where}): {problem}")
 
 
 class StorageError(FluxMQError):
