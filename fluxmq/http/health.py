@@ -1,0 +1,76 @@
+"""Health endpoints (``/health``, ``/ready``, ``/cluster/status``), shaped exactly as reference 003.
+
+The app reads the node through the small ``BrokerService`` surface only: ``is_ready()`` (component
+name -> ``(up, details)``) and ``session_count()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from fluxmq.http.router import Router
+
+log = logging.getLogger(__name__)
+
+SINGLE_NODE_ID = "single-node"
+
+
+class HealthSource(Protocol):
+    """What the health app needs from the node (``fluxmq.node.service.BrokerService`` provides it)."""
+
+    def is_ready(self) -> dict[str, tuple[bool, str]]: ...
+
+    def session_count(self) -> int: ...
+
+
+def health_body() -> tuple[int, dict[str, Any]]:
+    """Liveness: answering at all means the process is alive; no dependency is checked."""
+    return 200, {"status": "healthy"}
+
+
+def ready_body(checks: dict[str, tuple[bool, str]]) -> tuple[int, dict[str, Any]]:
+    """Readiness from the per-component checks, in the order the service reports them.
+
+    Any component down: 503 ``not_ready`` naming the first one down. All up: 200 ``ready``, mode
+    ``degraded`` when an up component still reports details (e.g. "1/2 peers reachable"), else
+    ``nominal``. ``details`` appear in a check only when non-empty.
+    """
+    rendered: dict[str, dict[str, str]] = {}
+    first_down = None
+    degraded = False
+    for name, (up, details) in checks.items():
+        entry = {"status": "up" if up else "down"}
+        if details:
+            entry["details"] = details
+            degraded = degraded or up
+        if not up and first_down is None:
+            first_down = name
+        rendered[name] = entry
+    if first_down is not None:
+        return 503, {"status": "not_ready", "details": f"{first_down} unavailable", "checks": rendered}
+    return 200, {"status": "ready", "mode": "degraded" if degraded else "nominal", "checks": rendered}
+
+
+def cluster_status_body(sessions: int) -> tuple[int, dict[str, Any]]:
+    """Membership of a single node (clustering disabled)."""
+    return 200, {"node_id": SINGLE_NODE_ID, "is_leader": False, "cluster_mode": False, "sessions": sessions}
+
+
+
+def make_health_app(service: HealthSource) -> Router:
+    """The WSGI app served on ``server.health_addr``: a Router other endpoints can be added to."""
+
+    def ready(environ: dict) -> tuple[int, dict[str, Any]]:
+        try:
+            checks = service.is_ready()
+        except Exception as exc:  # a failing check must answer 503, never a 500 page
+            log.warning("readiness check failed error=%r", exc)
+            checks = {"broker": (False, f"readiness check failed: {exc}")}
+        return ready_body(checks)
+
+    router = Router()
+    router.add("/health", lambda environ: health_body())
+    router.add("/ready", ready)
+    router.add("/cluster/status", lambda environ: cluster_status_body(service.session_count()))
+    return router

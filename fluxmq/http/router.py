@@ -1,0 +1,70 @@
+"""A tiny WSGI path router: exact paths to JSON handlers, prefixes to mounted WSGI apps.
+
+The node serves several small HTTP surfaces (health now; metrics, admin and the bridge later),
+each on the listener its config names. Every surface is a ``Router``; a listener that hosts more
+than one mounts them into another ``Router`` instead of growing one monolithic app.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+JSONHandler = Callable[[dict], tuple[int, Any]]
+
+
+def json_response(start_response: Callable, status: int, body: Any,
+                  headers: Mapping[str, str] | None = None) -> list[bytes]:
+    """Start a response with ``status`` and return ``body`` serialised as JSON."""
+    data = json.dumps(body).encode()
+    phrase = HTTPStatus(status).phrase
+    response_headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    response_headers.extend((headers or {}).items())
+    start_response(f"{status} {phrase}", response_headers)
+    return [data]
+
+
+class Router:
+    """Dispatch a WSGI request by path.
+
+    ``add(path, handler)`` serves one exact path with a JSON handler ``handler(environ) -> (status,
+    body)``; ``mount(prefix, app)`` hands every path under ``prefix`` to another WSGI app unchanged.
+    Unknown paths get a 404 JSON body, a method the route does not allow a 405 with ``Allow``.
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, tuple[tuple[str, ...], JSONHandler]] = {}
+        self._mounts: list[tuple[str, WSGIApp]] = []
+
+    def add(self, path: str, handler: JSONHandler, methods: Iterable[str] = ("GET",)) -> None:
+        """Serve ``path`` (exact match) with ``handler`` for the given HTTP methods."""
+        self._routes[path] = (tuple(m.upper() for m in methods), handler)
+
+    def mount(self, prefix: str, app: WSGIApp) -> None:
+        """Serve ``prefix`` and every path below it with the WSGI ``app`` (longest prefix wins)."""
+        self._mounts.append((prefix.rstrip("/"), app))
+        self._mounts.sort(key=lambda item: len(item[0]), reverse=True)
+
+    def paths(self) -> list[str]:
+        """The exact paths and mount prefixes this router serves."""
+        return sorted([*self._routes, *(prefix for prefix, _ in self._mounts)])
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        route = self._routes.get(path)
+        if route is not None:
+            methods, handler = route
+            method = environ.get("REQUEST_METHOD", "GET").upper()
+            if method not in methods:
+                return json_response(start_response, 405,
+                                     {"error": "method not allowed", "method": method, "path": path},
+                                     {"Allow": ", ".join(methods)})
+            status, body = handler(environ)
+            return json_response(start_response, status, body)
+        for prefix, app in self._mounts:
+            if path == prefix or path.startswith(prefix + "/"):
+                return app(environ, start_response)
+        return json_response(start_response, 404, {"error": "not found", "path": path})
