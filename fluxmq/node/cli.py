@@ -1,0 +1,98 @@
+"""``fluxmq-node``: load the configuration, set up logging and run the node (arbiter + broker worker)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from collections.abc import Sequence
+
+import fluxmq
+from fluxmq.errors import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+
+DESCRIPTION = """\
+Run one fluxmq node: a gunicorn arbiter supervising one gevent worker that hosts the MQTT broker
+and serves /health, /ready and /cluster/status on server.health_addr.
+
+Configuration precedence: --set > FLUXMQ_* environment variables > the --config file > built-in
+defaults. SIGTERM or SIGINT stop the node gracefully within server.shutdown_timeout (exit 0).
+"""
+
+EPILOG = """\
+exit status: 0 clean stop (or --check passed), 2 invalid configuration or usage,
+3 the broker could not start (e.g. its port is in use).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fluxmq-node`` (every flag documented in ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="fluxmq-node", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config", "-c", metavar="PATH",
+        help="YAML configuration file (default: $FLUXMQ_CONFIG if set, else the built-in defaults; "
+             "see conf/fluxmq.yaml for every key)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        type=_key_value,
+        help="override one configuration key, e.g. --set server.tcp.plain.addr=:1884; repeatable; "
+             "wins over the environment and the file")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="validate the configuration, print the effective configuration as YAML and exit 0")
+    parser.add_argument("--version", action="version", version=f"fluxmq-node {fluxmq.__version__}",
+                        help="print the version and exit")
+    return parser
+
+
+def _key_value(text: str) -> str:
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def config_to_yaml(config) -> str:
+    """The effective configuration as YAML text."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    out = io.StringIO()
+    yaml.dump(config.to_dict(), out)
+    return out.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fluxmq-node``; returns (or exits with) the process exit status."""
+    args = build_parser().parse_args(argv)
+    from fluxmq.config import load_config
+
+    path = args.config or os.environ.get("FLUXMQ_CONFIG") or None
+    try:
+        config = load_config(path, env=os.environ, overrides=tuple(args.overrides))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.check:
+        sys.stdout.write(config_to_yaml(config))
+        return 0
+
+    from fluxmq.log import setup_logging
+    from fluxmq.node.app import NodeApplication
+
+    try:
+        setup_logging(config.log)
+    except ConfigError as exc:  # e.g. a log file that cannot be opened
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    NodeApplication(config).run()  # exits the process with the arbiter's status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

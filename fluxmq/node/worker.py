@@ -1,0 +1,121 @@
+"""The gevent worker that hosts the broker: starts the BrokerService, serves the health app, stops both.
+
+Lifecycle inside the worker process (gunicorn forks it from the arbiter):
+
+1. ``GeventWorker.init_process`` monkey-patches, re-initialises the hub and installs signal handlers;
+2. ``load_wsgi`` (our hook) starts the ``BrokerService`` (MQTT listeners accept from here on) and
+   builds the WSGI app around it; a service that cannot start exits with gunicorn's
+   ``WORKER_BOOT_ERROR`` so the arbiter halts the node instead of restarting the worker forever;
+3. ``run`` serves HTTP and waits until a signal clears ``alive``;
+4. shutdown: stop accepting HTTP, ``service.stop(budget)`` (stop accepting MQTT, finish in-flight
+   writes, close clients and storage), let in-flight HTTP requests finish, exit 0.
+
+A heartbeat greenlet tells the arbiter the hub is alive; if the hub is blocked for
+``timeout`` seconds the arbiter kills the worker and starts a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from functools import partial
+
+import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.ggevent import GeventWorker
+
+log = logging.getLogger("fluxmq.node")
+
+# How often the run loop looks at ``alive`` and the heartbeat touches its file (seconds).
+POLL_INTERVAL = 0.1
+HEARTBEAT_INTERVAL = 1.0
+# Budget for a quick stop (SIGQUIT): clients are closed without waiting for their writes.
+QUICK_STOP_TIMEOUT = 1.0
+
+
+class BrokerWorker(GeventWorker):
+    """A ``GeventWorker`` whose process also runs the node's ``BrokerService``.
+
+    The gunicorn app (``fluxmq.node.app.NodeApplication``) provides ``node_config``,
+    ``service_factory(config)`` and ``make_wsgi(service)``; ``stop_budget`` is the time the
+    service gets to stop once the worker is told to exit.
+    """
+
+    service = None
+    _quick = False
+
+    def load_wsgi(self) -> None:
+        """Start the broker (gevent is patched, signals are set) and build the WSGI app around it."""
+        self._heartbeat = gevent.spawn(self._beat)
+        app = self.app
+        try:
+            service = app.service_factory(app.node_config)
+            service.start()
+        except Exception as exc:
+            # One clear line; exit code 3 makes the arbiter halt instead of respawning.
+            log.error("broker failed to start pid=%s error=%s", os.getpid(), _one_line(exc))
+            log.debug("broker start failure", exc_info=True)
+            self._heartbeat.kill(block=False)
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        self.service = service
+        self.wsgi = app.make_wsgi(service)
+        log.info("broker started pid=%s", os.getpid())
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self.notify()
+            except (OSError, ValueError):  # the heartbeat file is closed: the worker is exiting
+                return
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM: graceful stop."""
+        self.alive = False
+
+    def handle_quit(self, sig, frame) -> None:
+        """SIGINT is graceful like SIGTERM (Ctrl-C reaches the whole process group); SIGQUIT is quick."""
+        if sig == signal.SIGQUIT:
+            self._quick = True
+        self.alive = False
+
+    def run(self) -> None:
+        """Serve the WSGI app until told to stop, then stop the broker within the budget."""
+        servers = self._start_http_servers()
+        while self.alive:
+            gevent.sleep(POLL_INTERVAL)
+        budget = QUICK_STOP_TIMEOUT if self._quick else self.app.stop_budget
+        deadline = time.monotonic() + budget
+        log.info("broker stopping pid=%s timeout=%.1fs quick=%s", os.getpid(), budget, self._quick)
+        for server in servers:
+            server.close()  # stop accepting HTTP; in-flight requests continue
+        try:
+            self.service.stop(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.exception("broker stop failed")
+        while time.monotonic() < deadline and any(s.pool.free_count() != s.pool.size for s in servers):
+            gevent.sleep(POLL_INTERVAL)
+        for server in servers:
+            server.stop(timeout=0)
+        self._heartbeat.kill(block=False)
+        log.info("broker stopped pid=%s", os.getpid())
+
+    def _start_http_servers(self) -> list[StreamServer]:
+        # As GeventWorker.run: gunicorn's HTTP parser on a gevent StreamServer per bound socket.
+        servers = []
+        for sock in self.sockets:
+            sock.setblocking(1)
+            server = StreamServer(sock, handle=partial(self.handle, sock), spawn=Pool(self.worker_connections))
+            server.start()
+            servers.append(server)
+        return servers
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
