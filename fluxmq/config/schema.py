@@ -1,0 +1,303 @@
+"""The declared configuration keys: name, type, default and one line of documentation each.
+
+Adding a key is one line in ``KEYS`` (and, for a new section, optionally one line in
+``SECTION_DOCS``); then regenerate the two files made from this schema::
+
+    python -m fluxmq.config.schema --yaml > conf/fluxmq.yaml
+    python -m fluxmq.config.schema --rst > docs/config-keys.rst
+
+The tests check both files are current. A key declared ``secret=True`` may only be set from the
+environment (``FLUXMQ_`` + the key uppercased, dots as underscores); the file and ``--set`` refuse it,
+and the generated files name its variable instead of a value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from fluxmq.config.values import Addr, Bool, Duration, Enum, Float, Int, Size, Str, ValueType
+
+__all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key", "Schema", "main"]
+
+ENV_PREFIX = "FLUXMQ_"
+
+# FLUXMQ_ variables that are not config keys, so the loader lets them pass: the config file path
+# (read by fluxmq-node) and the admin token (read by the admin API until it becomes a secret key).
+ENV_ALLOWED = frozenset({"FLUXMQ_CONFIG", "FLUXMQ_ADMIN_TOKEN"})
+
+# Names a config Section object uses for itself; a key or section may not be called these.
+RESERVED_NAMES = frozenset({"get", "origin", "to_dict"})
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key. ``default`` is written as in YAML (``"10s"``, ``"16MiB"``, ``true``)."""
+
+    name: str
+    type: ValueType
+    default: object
+    doc: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets this key."""
+        return ENV_PREFIX + self.name.upper().replace(".", "_")
+
+    @property
+    def section(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rpartition(".")[2]
+
+
+SECTION_DOCS: dict[str, str] = {
+    "server": "Listeners and connection handling.",
+    "server.tcp": "MQTT over TCP.",
+    "server.tcp.plain": "The plain (non-TLS) MQTT TCP listener.",
+    "broker": "Protocol-independent broker limits and policies.",
+    "storage": "Where sessions, retained messages and queues are kept.",
+    "log": "Logging: format, destination, rotation and throttling.",
+    "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
+}
+
+KEYS: tuple[Key, ...] = (
+    Key("server.tcp.plain.addr", Addr(allow_empty=True), ":1883",
+        'Listener address host:port; "" disables the listener.'),
+    Key("server.tcp.plain.max_connections", Int(1), 10000,
+        "Most concurrent connections on this listener; more are refused."),
+    Key("server.tcp.plain.read_timeout", Duration(), "0s",
+        "Idle limit for a client that set keep alive 0; 0 = none."),
+    Key("server.tcp.plain.write_timeout", Duration(), "60s",
+        "A client whose pending output cannot drain for this long is dropped."),
+    Key("server.connect_timeout", Duration(), "10s",
+        "A socket that sends no complete CONNECT within this is closed."),
+    Key("server.health_enabled", Bool(), True,
+        "Serve /health, /ready and /cluster/status on server.health_addr."),
+    Key("server.health_addr", Addr(), ":8081", "Health HTTP listener address host:port."),
+    Key("server.shutdown_timeout", Duration(), "10s", "Graceful shutdown budget on SIGTERM/SIGINT."),
+    Key("broker.max_message_size", Size(1), 1048576, "Largest PUBLISH payload accepted, in bytes."),
+    Key("broker.max_packet_size", Size(2), 2097152,
+        "Largest inbound packet, in bytes (checked from the fixed header)."),
+    Key("broker.max_retained_messages", Int(0), 10000,
+        "Most retained topics, 0 = unlimited; when full, new retained topics are refused (logged), "
+        "updates are allowed."),
+    Key("broker.max_inflight", Int(1, 65535), 100,
+        "Unacknowledged outbound QoS 1/2 messages per client; also the MQTT 5.0 Receive Maximum we announce."),
+    Key("broker.max_queued_messages", Int(1), 1000, "Per-session queue bound, in messages."),
+    Key("broker.max_queued_bytes", Size(1), "16MiB", "Per-session queue bound, in bytes."),
+    Key("broker.queue_overflow", Enum("drop_new", "drop_oldest", "disconnect"), "drop_new",
+        "What a full session queue does (drop_new evicts queued QoS 0 messages first)."),
+    Key("broker.write_buffer_high", Size(1), "1MiB",
+        "Pending output per connection above which a subscriber counts as slow, in bytes."),
+    Key("broker.max_keepalive", Int(0, 65535), 65535, "Largest keep alive a client may use, in seconds."),
+    Key("broker.allow_zero_keepalive", Bool(), True, "Accept clients that set keep alive 0 (none)."),
+    Key("broker.shared_subscription_strategy", Enum("round_robin", "random", "least_inflight"),
+        "round_robin", "How a $share group picks the member that gets a message."),
+    Key("broker.sys_interval", Duration(), "10s", "$SYS/broker/... publish interval; 0 disables."),
+    Key("storage.type", Enum("memory", "lmdb"), "memory", "Storage backend."),
+    Key("storage.path", Str(allow_empty=False), "./data", "Data directory of the lmdb backend."),
+    Key("log.level", Enum("debug", "info", "warning", "error"), "info", "Least severe level written."),
+    Key("log.format", Enum("text", "json"), "text",
+        "text: timestamp, level, logger and key=value fields; json: one JSON object per line."),
+    Key("log.file", Str(), "", 'Log file path; "" = stderr.'),
+    Key("log.max_size_mb", Int(1), 100, "Rotate the log file when it reaches this size, in MiB."),
+    Key("log.max_backups", Int(0), 7, "Rotated files kept; 0 keeps none (the file is truncated)."),
+    Key("log.compress", Bool(), True, "gzip rotated log files."),
+    Key("log.throttling.enabled", Bool(), True,
+        "Drop the lines a logger writes beyond rate/burst, then log how many were dropped."),
+    Key("log.throttling.rate", Float(0.0, exclusive_minimum=True), 500.0,
+        "Lines per second per logger, sustained."),
+    Key("log.throttling.burst", Int(1), 50, "Lines a logger may write at once above the rate."),
+)
+
+
+class Schema:
+    """A validated set of keys with the lookups the loader needs (sections, env names, defaults)."""
+
+    def __init__(self, keys: Iterable[Key], section_docs: Mapping[str, str] | None = None,
+                 env_allowed: Iterable[str] = ENV_ALLOWED) -> None:
+        self.keys: dict[str, Key] = {}
+        self.section_docs = dict(section_docs or {})
+        self.env_allowed = frozenset(env_allowed)
+        self.sections: dict[str, None] = {}  # every section prefix, in order of first appearance
+        self.env: dict[str, Key] = {}
+        self.defaults: dict[str, object] = {}
+        for key in keys:
+            self._add(key)
+        for name in self.sections:
+            if name in self.keys:
+                raise ValueError(f"schema: {name} is both a key and a section")
+
+    def _add(self, key: Key) -> None:
+        if not _NAME.fullmatch(key.name):
+            raise ValueError(f"schema: bad key name {key.name!r} (want section.key, lowercase)")
+        if key.name in self.keys:
+            raise ValueError(f"schema: duplicate key {key.name}")
+        parts = key.name.split(".")
+        if RESERVED_NAMES.intersection(parts):
+            raise ValueError(f"schema: {key.name} uses a reserved name {sorted(RESERVED_NAMES)}")
+        clash = self.env.get(key.env)
+        if clash is not None:
+            raise ValueError(f"schema: {key.name} and {clash.name} both map to {key.env}")
+        if key.env in self.env_allowed:
+            raise ValueError(f"schema: {key.env} is in the env allow-list; remove it from there")
+        try:
+            value = key.type.from_yaml(key.default)
+        except ValueError:
+            raise ValueError(f"schema: default of {key.name} is not {key.type.expected}") from None
+        for i in range(1, len(parts)):
+            self.sections.setdefault(".".join(parts[:i]))
+        self.keys[key.name] = key
+        self.env[key.env] = key
+        self.defaults[key.name] = value
+
+    def suggest(self, name: str) -> str | None:
+        """The known key or section closest to ``name`` (difflib), or None."""
+        candidates = list(self.keys) + list(self.sections)
+        leaf = name.rpartition(".")[2]
+        found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+        if not found and leaf:
+            # A known key put under the wrong section: match on the last part alone.
+            by_leaf = {k.rpartition(".")[2]: k for k in candidates}
+            near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+            found = [by_leaf[near[0]]] if near else []
+        return found[0] if found else None
+
+    def suggest_env(self, name: str) -> str | None:
+        """The known environment variable closest to ``name``, or None."""
+        found = difflib.get_close_matches(name, list(self.env), n=1, cutoff=0.6)
+        return found[0] if found else None
+
+    def tree(self) -> dict[str, object]:
+        """Keys nested by section, in declaration order (leaf values are the Key objects)."""
+        root: dict[str, object] = {}
+        for key in self.keys.values():
+            node = root
+            for part in key.name.split(".")[:-1]:
+                node = node.setdefault(part, {})  # type: ignore[assignment]
+            node[key.leaf] = key
+        return root
+
+    def yaml(self) -> str:
+        """``conf/fluxmq.yaml``: every key with its default and a comment (secrets as comments)."""
+        out = [
+            "# fluxmq configuration: every key at its default value.",
+            "# Generated by `python -m fluxmq.config.schema --yaml` from fluxmq/config/schema.py",
+            "# (edit the schema, then regenerate; a test checks this file is current).",
+            "#",
+            "# Any key can also be set from the environment, FLUXMQ_ + the key uppercased with dots",
+            "# as underscores (FLUXMQ_BROKER_MAX_INFLIGHT=50), or on the command line",
+            "# (--set broker.max_inflight=50). Precedence: command line > environment > this file > defaults.",
+            "# Durations: 250ms, 10s, 5m, 1h30m or a number of seconds. Sizes: bytes or 64KiB, 1MiB, 1GiB, 10MB.",
+        ]
+
+        def emit(node: dict[str, object], prefix: str, depth: int) -> None:
+            indent = "  " * depth
+            for name, child in node.items():
+                dotted = f"{prefix}{name}"
+                if isinstance(child, Key):
+                    if child.secret:
+                        out.append(f"{indent}# {name}: secret, set only from the environment: {child.env}")
+                        continue
+                    out.append(f"{indent}# {child.doc} [{child.type.summary}]")
+                    out.append(f"{indent}{name}: {render_default(child.default)}")
+                else:
+                    doc = self.section_docs.get(dotted)
+                    if depth == 0:
+                        out.append("")
+                    if doc:
+                        out.append(f"{indent}# {doc}")
+                    out.append(f"{indent}{name}:")
+                    emit(child, dotted + ".", depth + 1)  # type: ignore[arg-type]
+
+        emit(self.tree(), "", 0)
+        return "\n".join(out) + "\n"
+
+    def rst(self) -> str:
+        """``docs/config-keys.rst``: the key reference, one entry per key, grouped by section."""
+        title = "Configuration keys"
+        out = [
+            ".. Generated by ``python -m fluxmq.config.schema --rst`` from fluxmq/config/schema.py; do not edit.",
+            "",
+            title,
+            "=" * len(title),
+            "",
+            "fluxmq reads a YAML file (``fluxmq-node --config FILE``; ``conf/fluxmq.yaml`` lists every key at",
+            "its default), then the environment, then ``--set key=value`` options. Precedence: command line >",
+            "environment > file > defaults. The loader is strict: an unknown key, a value of the wrong type",
+            "or out of range, or an unknown ``FLUXMQ_`` variable stops the node with one line naming the key,",
+            "the file and line, what was expected and what was found.",
+            "",
+            "Environment variables are ``FLUXMQ_`` followed by the key uppercased with dots as underscores",
+            "(``broker.max_inflight`` is ``FLUXMQ_BROKER_MAX_INFLIGHT``). Besides those, only these",
+            "may carry the prefix: " + ", ".join(f"``{name}``" for name in sorted(self.env_allowed)) + ".",
+            "Values from the environment and ``--set`` are text: booleans accept ``true``/``false``/``1``/",
+            "``0``/``yes``/``no``; in the file booleans are YAML ``true``/``false``.",
+            "",
+            "Durations are ``250ms``, ``10s``, ``5m``, ``1h``, ``1h30m`` (units ``ns us ms s m h``) or a plain",
+            "number of seconds. Sizes are plain bytes or ``64KiB``, ``1MiB``, ``1GiB`` (powers of 1024),",
+            "``10MB`` (powers of 1000). Addresses are ``host:port``, ``:port`` (all IPv4 interfaces) or",
+            "``[v6addr]:port``.",
+        ]
+        by_section: dict[str, list[Key]] = {}
+        for key in self.keys.values():
+            by_section.setdefault(key.section, []).append(key)
+        tops = list(dict.fromkeys(name.partition(".")[0] for name in by_section))
+        for top in tops:
+            # A top-level section's own keys first, then its sub-sections: rst headings nest.
+            subs = [name for name in by_section if name.startswith(top + ".")]
+            for section, underline in [(top, "-")] + [(sub, "~") for sub in subs]:
+                out += ["", section, underline * len(section), ""]
+                doc = self.section_docs.get(section)
+                if doc:
+                    out += [doc, ""]
+                for key in by_section.get(section, []):
+                    out += _rst_key(key)
+        while out[-1] == "":
+            out.pop()
+        return "\n".join(out) + "\n"
+
+
+def _rst_key(key: Key) -> list[str]:
+    default = ("none (secret: set only from the environment)" if key.secret
+               else f"``{render_default(key.default)}``")
+    return [f"``{key.name}``", f"   {key.doc}", "",
+            f"   :type: {key.type.summary}", f"   :default: {default}", f"   :env: ``{key.env}``", ""]
+
+
+def render_default(value: object) -> str:
+    """A default as YAML source: strings double-quoted, booleans true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+SCHEMA = Schema(KEYS, SECTION_DOCS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fluxmq.config.schema --rst|--yaml``: print a file generated from the schema."""
+    parser = argparse.ArgumentParser(prog="python -m fluxmq.config.schema", description=main.__doc__)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rst", action="store_true", help="print docs/config-keys.rst")
+    group.add_argument("--yaml", action="store_true", help="print conf/fluxmq.yaml")
+    args = parser.parse_args(argv)
+    sys.stdout.write(SCHEMA.rst() if args.rst else SCHEMA.yaml())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""Value parsers and the value types the config schema declares.
+
+The parsers (``parse_duration``, ``parse_size``, ``parse_addr``, ``parse_bool``) take text and raise
+``ValueError`` with a short reason. The value types (``Int``, ``Float``, ``Bool``, ``Str``,
+``Duration``, ``Size``, ``Addr``, ``Enum``) turn a raw value into the typed value a key holds:
+
+- ``from_yaml(value)`` takes what the YAML loader produced (strict: ``"yes"`` is not a boolean,
+  ``10.0`` is not an integer);
+- ``from_text(text)`` takes an environment variable or a ``--set`` string (lenient where text has to
+  be: ``"50"`` is an integer, ``yes``/``no``/``1``/``0`` are booleans).
+
+Both raise ``ValueError``; its message, when not empty, is a detail the loader adds to the type's
+``expected`` text in the one-line ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+
+__all__ = [
+    "Addr",
+    "Bool",
+    "Duration",
+    "Enum",
+    "Float",
+    "Int",
+    "Size",
+    "Str",
+    "ValueType",
+    "parse_addr",
+    "parse_bool",
+    "parse_duration",
+    "parse_size",
+]
+
+# Go-style duration units, so "1h30m" and "250ms" read as they do in the Go FluxMQ config.
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_NUMBER = re.compile(r"[+-]?(\d+(?:\.\d*)?|\.\d+)(e[+-]?\d+)?", re.IGNORECASE)
+_UNSIGNED = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(e[+-]?\d+)?", re.IGNORECASE)
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+_TRUE_TEXT = frozenset({"true", "1", "yes"})
+_FALSE_TEXT = frozenset({"false", "0", "no"})
+
+
+def parse_duration(text: str) -> float:
+    """``"250ms"``, ``"10s"``, ``"5m"``, ``"1h30m"`` or a plain number of seconds -> float seconds.
+
+    Units: ``ns``, ``us``, ``ms``, ``s``, ``m``, ``h``; parts join without spaces (``1h30m``).
+    Negative and non-finite values are refused.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration")
+    if s[0] in "+-":
+        if s[0] == "-":
+            raise ValueError("negative duration")
+        s = s[1:]
+    if _UNSIGNED.fullmatch(s):
+        seconds = float(s)
+    else:
+        pos = 0
+        seconds = 0.0
+        while pos < len(s):
+            m = _DURATION_PART.match(s, pos)
+            if m is None:
+                rest = s[pos:]
+                unit = re.match(r"[\d.]*\s*(\S*)", rest)
+                if unit is None or not unit.group(1):
+                    raise ValueError(f"missing unit after {rest!r}")
+                raise ValueError(f"unknown duration unit {unit.group(1)!r}")
+            seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+    if not math.isfinite(seconds):
+        raise ValueError("not a finite duration")
+    return seconds
+
+
+def parse_size(text: str) -> int:
+    """``"64KiB"``, ``"1MiB"``, ``"1GiB"``, ``"10MB"``, ``"512B"`` or plain digits -> int bytes.
+
+    Binary units (KiB, MiB, GiB, TiB) are powers of 1024, decimal ones (KB, MB, GB, TB) of 1000;
+    units are case-insensitive. A fraction must come out a whole number of bytes (``1.5KiB``).
+    """
+    s = text.strip()
+    if s.startswith("-"):
+        raise ValueError("negative size")
+    m = _SIZE.fullmatch(s)
+    if m is None:
+        raise ValueError("not a size")
+    number, unit = m.group(1), m.group(2).lower()
+    if unit and unit not in _SIZE_UNITS:
+        raise ValueError(f"unknown size unit {m.group(2)!r}")
+    scale = _SIZE_UNITS[unit] if unit else 1
+    if "." in number:
+        value = float(number) * scale
+        if value != int(value):
+            raise ValueError("not a whole number of bytes")
+        return int(value)
+    return int(number) * scale
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """Listener address ``host:port`` -> ``(host, port)``.
+
+    ``":1883"`` -> ``("0.0.0.0", 1883)``; ``"127.0.0.1:0"`` -> ``("127.0.0.1", 0)``;
+    ``"[::1]:1883"`` -> ``("::1", 1883)``; host names are accepted as they are. IPv6 hosts need
+    brackets. Raises ``ValueError`` (the port must be 0..65535).
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty address")
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0 or s[end + 1:end + 2] != ":":
+            raise ValueError("IPv6 address must be written [host]:port")
+        host, port_text = s[1:end], s[end + 2:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad IPv6 address {host!r}") from None
+    else:
+        host, sep, port_text = s.rpartition(":")
+        if not sep:
+            raise ValueError("missing :port")
+        if ":" in host:
+            raise ValueError("IPv6 address must be written [host]:port")
+        if not host:
+            host = "0.0.0.0"
+        elif not _is_host(host):
+            raise ValueError(f"bad host {host!r}")
+    if not port_text.isdigit() or not port_text.isascii():
+        raise ValueError(f"bad port {port_text!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} out of range 0..65535")
+    return host, port
+
+
+def _is_host(host: str) -> bool:
+    """An IPv4 address or a DNS host name (RFC 1123 labels)."""
+    if host[-1:].isdigit() and host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    if len(host) > 253:
+        return False
+    return all(_HOSTNAME_LABEL.fullmatch(label) for label in host.rstrip(".").split("."))
+
+
+def parse_bool(text: str) -> bool:
+    """Environment / command-line boolean: true/false, 1/0, yes/no (case-insensitive)."""
+    s = text.strip().lower()
+    if s in _TRUE_TEXT:
+        return True
+    if s in _FALSE_TEXT:
+        return False
+    raise ValueError("")
+
+
+def _range_text(kind: str, minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"{kind} {minimum}..{maximum}"
+    if minimum is not None:
+        return f"{kind} >= {minimum}"
+    if maximum is not None:
+        return f"{kind} <= {maximum}"
+    return kind
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class ValueType:
+    """Base of the value types: ``summary`` is for docs, ``expected`` for error messages."""
+
+    summary: str = "value"
+    expected: str = "a value"
+
+    def from_yaml(self, value: object) -> object:
+        """A value as the YAML loader produced it -> the typed value; ``ValueError`` if it does not fit."""
+        raise NotImplementedError
+
+    def from_text(self, text: str) -> object:
+        """An environment / ``--set`` string -> the typed value; ``ValueError`` if it does not fit."""
+        return self.from_yaml(text)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.summary!r})"
+
+
+class Int(ValueType):
+    """An integer, optionally bounded (inclusive)."""
+
+    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.summary = _range_text("integer", minimum, maximum)
+        self.expected = "an " + self.summary
+
+    def from_yaml(self, value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("")
+        return self._check(int(value))
+
+    def from_text(self, text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            raise ValueError("") from None
+        return self._check(value)
+
+    def _check(self, value: int) -> int:
+        if (self.minimum is not None and value < self.minimum) or (
+                self.maximum is not None and value > self.maximum):
+            raise ValueError("")
+        return value
+
+
+class Float(ValueType):
+    """A finite number (integers accepted); ``minimum`` inclusive unless ``exclusive_minimum``."""
+
+    def __init__(self, minimum: float | None = None, maximum: float | None = None,
+                 exclusive_minimum: bool = False) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.exclusive_minimum = exclusive_minimum
+        if exclusive_minimum and minimum is not None and maximum is None:
+            self.summary = f"number > {minimum:g}"
+        else:
+            self.summary = _range_text("number", minimum, maximum)
+        self.expected = "a " + self.summary
+
+    def from_yaml(self, value: object) -> float:
+        if not _is_number(value):
+            raise ValueError("")
+        return self._check(float(value))  # type: ignore[arg-type]
+
+    def from_text(self, text: str) -> float:
+        if not _NUMBER.fullmatch(text.strip()):
+            raise ValueError("")
+        return self._check(float(text))
+
+    def _check(self, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("")
+        if self.minimum is not None and (
+                value < self.minimum or (self.exclusive_minimum and value == self.minimum)):
+            raise ValueError("")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError("")
+        return value
+
+
+class Bool(ValueType):
+    """A boolean: YAML ``true``/``false`` in a file; true/false/1/0/yes/no from env or ``--set``."""
+
+    summary = "boolean"
+    expected = "true or false"
+
+    def from_yaml(self, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError("")
+        return value
+
+    def from_text(self, text: str) -> bool:
+        return parse_bool(text)
+
+
+class Str(ValueType):
+    """A string; ``allow_empty=False`` refuses ``""``."""
+
+    def __init__(self, allow_empty: bool = True) -> None:
+        self.allow_empty = allow_empty
+        self.summary = "string" if allow_empty else "non-empty string"
+        self.expected = "a " + self.summary
+
+    def from_yaml(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise ValueError("")
+        if not value and not self.allow_empty:
+            raise ValueError("")
+        return str(value)
+
+
+class Duration(ValueType):
+    """A duration -> float seconds: ``"250ms"``, ``"10s"``, ``"1h30m"`` or a number of seconds."""
+
+    summary = "duration"
+    expected = 'a duration such as "250ms", "10s", "1h30m" or a number of seconds'
+
+    def from_yaml(self, value: object) -> float:
+        if isinstance(value, str):
+            return parse_duration(value)
+        if not _is_number(value):
+            raise ValueError("")
+        seconds = float(value)  # type: ignore[arg-type]
+        if seconds < 0:
+            raise ValueError("negative duration")
+        if not math.isfinite(seconds):
+            raise ValueError("not a finite duration")
+        return seconds
+
+    def from_text(self, text: str) -> float:
+        return parse_duration(text)
+
+
+class Size(ValueType):
+    """A size -> int bytes: plain bytes or ``"64KiB"``, ``"1MiB"``, ``"1GiB"``, ``"10MB"``."""
+
+    def __init__(self, minimum: int = 0) -> None:
+        self.minimum = minimum
+        self.summary = "size"
+        lower = "" if minimum == 0 else " above 0" if minimum == 1 else f" of at least {minimum} bytes"
+        self.expected = f'a size{lower} such as 1048576, "64KiB", "1MiB" or "10MB"'
+
+    def from_yaml(self, value: object) -> int:
+        if isinstance(value, str):
+            return self._check(parse_size(value))
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("")
+        if value < 0:
+            raise ValueError("negative size")
+        return self._check(int(value))
+
+    def from_text(self, text: str) -> int:
+        return self._check(parse_size(text))
+
+    def _check(self, value: int) -> int:
+        if value < self.minimum:
+            raise ValueError("")
+        return value
+
+
+class Addr(ValueType):
+    """A listener address ``host:port`` kept as written; ``""`` (disabled) only if ``allow_empty``."""
+
+    def __init__(self, allow_empty: bool = False) -> None:
+        self.allow_empty = allow_empty
+        self.summary = 'address or ""' if allow_empty else "address"
+        self.expected = 'an address such as ":1883", "127.0.0.1:1883", "[::1]:1883"' + (
+            ' or "" (disabled)' if allow_empty else "")
+
+    def from_yaml(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise ValueError("")
+        text = str(value)
+        if text == "" and self.allow_empty:
+            return text
+        parse_addr(text)
+        return text
+
+
+class Enum(ValueType):
+    """One of a fixed set of strings (case-sensitive)."""
+
+    def __init__(self, *choices: str) -> None:
+        if not choices:
+            raise ValueError("Enum needs at least one choice")
+        self.choices = tuple(choices)
+        self.summary = " | ".join(choices)
+        self.expected = "one of " + ", ".join(choices)
+
+    def from_yaml(self, value: object) -> str:
+        if not isinstance(value, str) or value not in self.choices:
+            raise ValueError("")
+        return str(value)
