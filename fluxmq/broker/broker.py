@@ -1,0 +1,291 @@
+"""Broker: the protocol-agnostic core and the public API every front end calls.
+
+MQTT connections, the HTTP bridge, the admin API and (later) CoAP and the cluster all go through
+these methods; the broker reaches clients only through ``Delivery`` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import gevent
+
+from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
+
+from .delivery import Delivery
+from .message import Message
+from .retained import RetainedStore
+from .router import Router
+from .session import EXPIRY_NEVER, Session, SessionLimits, Subscription, Will
+from .stats import BrokerStats
+
+log = logging.getLogger("fluxmq.broker")
+
+
+class BrokerSettings:
+    """The broker's knobs, taken from the ``broker`` config section."""
+
+    __slots__ = ("max_inflight", "max_queued_messages", "max_queued_bytes", "queue_overflow",
+                 "max_retained_messages", "shared_subscription_strategy", "max_qos", "retain_available",
+                 "node_id")
+
+    def __init__(self, max_inflight: int = 100, max_queued_messages: int = 1000,
+                 max_queued_bytes: int = 16 << 20, queue_overflow: str = "drop_new",
+                 max_retained_messages: int = 10000, shared_subscription_strategy: str = "round_robin",
+                 max_qos: int = 2, retain_available: bool = True, node_id: str = "single-node") -> None:
+        self.max_inflight = max_inflight
+        self.max_queued_messages = max_queued_messages
+        self.max_queued_bytes = max_queued_bytes
+        self.queue_overflow = queue_overflow
+        self.max_retained_messages = max_retained_messages
+        self.shared_subscription_strategy = shared_subscription_strategy
+        self.max_qos = max_qos
+        self.retain_available = retain_available
+        self.node_id = node_id
+
+
+class SubscribeResult:
+    """Outcome of one subscription: the granted QoS and the retained messages to send after SUBACK."""
+
+    __slots__ = ("granted_qos", "retained", "subscription")
+
+    def __init__(self, granted_qos: int, retained: list, subscription: Subscription | None) -> None:
+        self.granted_qos = granted_qos
+        self.retained = retained
+        self.subscription = subscription
+
+
+class Broker:
+    """Sessions, routing, retained messages and wills of one node."""
+
+    def __init__(self, settings: BrokerSettings | None = None) -> None:
+        self.settings = settings or BrokerSettings()
+        s = self.settings
+        self.stats = BrokerStats()
+        self.limits = SessionLimits(s.max_inflight, s.max_queued_messages, s.max_queued_bytes, s.queue_overflow)
+        self.router = Router(s.shared_subscription_strategy)
+        self.retained = RetainedStore(s.max_retained_messages)
+        self.sessions: dict[str, Session] = {}
+        self.connected = 0
+        self.accepting = True
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def open_session(self, client_id: str, clean_start: bool, expiry_interval: int,
+                     will: Will | None = None, username: str | None = None) -> tuple[Session, bool]:
+        """Find or create the session of ``client_id`` for a new connection; returns (session, present).
+
+        An existing connection with the same client id is closed first (takeover, 5.0 reason 0x8E)
+        [MQTT-3.1.4-3]. Call ``attach`` once the CONNACK is written.
+        """
+        session = self.sessions.get(client_id)
+        if session is not None:
+            old = session.delivery
+            if old is not None:
+                session.detach()
+                self.connected -= 1
+                old_will = session.will
+                session.will = None
+                old.close(0x8E, "session taken over")
+                # The old connection's will: published now unless the session continues and the
+                # will has a delay, in which case this reconnect cancels it [MQTT-3.1.3-9].
+                if old_will is not None and (clean_start or old_will.delay == 0):
+                    self._publish_will(old_will)
+            else:
+                # A reconnect within the will delay cancels the pending will.
+                session.will = None
+            self._cancel_timer(session)
+            if clean_start:
+                self._end_session(session)
+                session = None
+        present = session is not None
+        if session is None:
+            session = Session(client_id, self.limits, self.stats)
+            self.sessions[client_id] = session
+        session.expiry_interval = expiry_interval
+        session.persistent = expiry_interval > 0
+        session.will = will
+        session.username = username
+        return session, present
+
+    def attach(self, session: Session, delivery: Delivery, send_quota: int) -> None:
+        """Bind the connection to its session; resends in-flight messages and drains the queue."""
+        self.connected += 1
+        self.stats.connections_total += 1
+        session.connected_since = time.time()
+        session.attach(delivery, send_quota or self.settings.max_inflight)
+
+    def close_session(self, session: Session, delivery: Delivery, publish_will: bool) -> None:
+        """The connection of ``session`` ended (``publish_will`` False after a normal DISCONNECT)."""
+        if session.delivery is not delivery:
+            return  # taken over: the new connection owns the session now
+        session.detach()
+        self.connected -= 1
+        session.disconnected_at = time.time()
+        will = session.will if publish_will else None
+        session.will = None
+        if session.expiry_interval == 0:
+            if will is not None:
+                self._publish_will(will)
+            self._end_session(session)
+            return
+        if will is not None:
+            if will.delay == 0:
+                self._publish_will(will)
+            else:
+                session.will = will
+        self._arm_timer(session)
+
+    def _arm_timer(self, session: Session) -> None:
+        """One timer per offline session: the pending will's delay or the session's expiry, whichever is first."""
+        delays = []
+        if session.will is not None:
+            delays.append(session.will.delay)
+        if session.expiry_interval != EXPIRY_NEVER:
+            delays.append(session.expiry_interval)
+        if delays:
+            session.timer = gevent.spawn_later(min(delays), self._on_timer, session)
+
+    def _on_timer(self, session: Session) -> None:
+        session.timer = None
+        if session.delivery is not None or self.sessions.get(session.client_id) is not session:
+            return
+        elapsed = time.time() - session.disconnected_at
+        if session.will is not None and elapsed + 0.05 >= session.will.delay:
+            will, session.will = session.will, None
+            self._publish_will(will)
+        if session.expiry_interval != EXPIRY_NEVER and elapsed + 0.05 >= session.expiry_interval:
+            if session.will is not None:  # the session ends before the will delay: publish it now
+                will, session.will = session.will, None
+                self._publish_will(will)
+            self._end_session(session)
+            return
+        self._arm_timer_remaining(session, elapsed)
+
+    def _arm_timer_remaining(self, session: Session, elapsed: float) -> None:
+        delays = []
+        if session.will is not None:
+            delays.append(session.will.delay - elapsed)
+        if session.expiry_interval != EXPIRY_NEVER:
+            delays.append(session.expiry_interval - elapsed)
+        if delays:
+            session.timer = gevent.spawn_later(max(0.0, min(delays)), self._on_timer, session)
+
+    @staticmethod
+    def _cancel_timer(session: Session) -> None:
+        if session.timer is not None:
+            session.timer.kill(block=False)
+            session.timer = None
+
+    def _end_session(self, session: Session) -> None:
+        """Drop a session: its subscriptions leave the router and its state is forgotten."""
+        self._cancel_timer(session)
+        for filter in list(session.subscriptions):
+            self.router.remove(filter, session)
+        session.subscriptions.clear()
+        session.clear_state()
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+
+    def _publish_will(self, will: Will) -> None:
+        self.publish(will.message)
+
+    def kick(self, client_id: str, reason_code: int = 0x98) -> bool:
+        """Close the connection of ``client_id`` (admin); its will is published as on any server close."""
+        session = self.sessions.get(client_id)
+        if session is None or session.delivery is None:
+            return False
+        session.delivery.close(reason_code, "disconnected by the administrator")
+        return True
+
+    # -- publish ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_topic(topic: str) -> None:
+        """Validate a topic name from a front end that has no codec check (HTTP, CoAP)."""
+        validate_topic(topic)
+
+    def publish(self, message: Message, origin: Session | None = None) -> int:
+        """Route one message to every matching session; store it when retained. Returns deliveries."""
+        stats = self.stats
+        stats.publish_received += 1
+        if message.retain:
+            self.retained.store(message)
+        route = self.router.route(message.topic)
+        msg_qos = message.qos
+        retain = message.retain
+        n = 0
+        for session, qos, qos_own, rap, sub_ids in route.targets:
+            if session is origin:
+                if qos_own < 0:
+                    continue  # No Local [MQTT-3.8.3-3]
+                qos = qos_own
+            session.deliver(message, msg_qos if msg_qos < qos else qos, rap and retain, sub_ids)
+            n += 1
+        if route.groups:
+            n += self._publish_shared(message, route.groups)
+        stats.publish_sent += n
+        return n
+
+    def _publish_shared(self, message: Message, groups: list) -> int:
+        n = 0
+        for group in groups:
+            member = self.router.pick_member(group)
+            if member is None:
+                continue
+            ids = (member.subscription_id,) if member.subscription_id else None
+            qos = message.qos if message.qos < member.qos else member.qos
+            member.session.deliver(message, qos, False, ids)
+            n += 1
+        return n
+
+    # -- subscriptions ---------------------------------------------------------------------------
+
+    def subscribe(self, session: Session, filter: str, qos: int, no_local: bool = False,
+                  retain_as_published: bool = False, retain_handling: int = 0,
+                  subscription_id: int = 0) -> SubscribeResult:
+        """Add or replace a subscription [MQTT-3.8.4-3]; raises TopicFilterInvalid for a bad filter."""
+        validate_filter(filter)
+        granted = min(qos, self.settings.max_qos)
+        shared = parse_shared(filter)
+        sub = Subscription(session, filter, granted, no_local, retain_as_published, retain_handling,
+                           subscription_id, shared[0] if shared else None)
+        is_new = self.router.add(sub)
+        session.subscriptions[filter] = sub
+        retained: list = []
+        # Retained messages are never sent for a shared subscription; Retain Handling 1 sends them
+        # only for a new subscription, 2 never [MQTT-3.3.1-9, -10, -11].
+        if shared is None and (retain_handling == 0 or (retain_handling == 1 and is_new)):
+            retained = self.retained.match(filter)
+        return SubscribeResult(granted, retained, sub)
+
+    def deliver_retained(self, session: Session, result: SubscribeResult) -> None:
+        """Send the retained messages found by ``subscribe`` (after the SUBACK went out)."""
+        sub = result.subscription
+        ids = (sub.subscription_id,) if sub and sub.subscription_id else None
+        for message in result.retained:
+            qos = message.qos if message.qos < result.granted_qos else result.granted_qos
+            session.deliver(message, qos, True, ids)  # retain flag set [MQTT-3.3.1-8]
+
+    def unsubscribe(self, session: Session, filter: str) -> bool:
+        """Remove a subscription; False when the session had none with that filter."""
+        if session.subscriptions.pop(filter, None) is None:
+            return False
+        self.router.remove(filter, session)
+        return True
+
+    # -- node lifecycle --------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Close every client connection (5.0 reason 0x8B); wills are published as on a server close."""
+        self.accepting = False
+        for session in list(self.sessions.values()):
+            if session.delivery is not None:
+                session.delivery.close(0x8B, "server shutting down")
+
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    def subscription_count(self) -> int:
+        return len(self.router)

@@ -1,0 +1,32 @@
+"""Delivery: the small interface through which the broker reaches a connected client.
+
+The protocol layer implements it per connection (MQTT); other front ends (HTTP server-sent events,
+CoAP observe) implement it too. The broker never imports a listener or a wire codec.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .message import Message
+
+
+class Delivery(Protocol):
+    """What a session needs from the connection it is attached to."""
+
+    #: protocol level of the client (3, 4, 5); other front ends use 0
+    version: int
+
+    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
+                     subscription_ids: tuple[int, ...] | None) -> bool:
+        """Queue a PUBLISH for the client; False if it cannot take it now (output over its high-water
+        mark, or over the client's maximum packet size). Never blocks, never switches greenlets."""
+
+    def send_pubrel(self, packet_id: int) -> None:
+        """Queue a PUBREL (QoS 2 outbound, second phase), used when resending after reconnect."""
+
+    def is_congested(self) -> bool:
+        """True while the client's pending output is above its high-water mark."""
+
+    def close(self, reason_code: int, reason: str = "") -> None:
+        """Close the connection from the broker side (takeover 0x8E, admin kick, shutdown 0x8B)."""

@@ -1,0 +1,67 @@
+"""RetainedStore: retained messages in a topic trie, with a cap and expiry."""
+
+from __future__ import annotations
+
+import logging
+
+from fluxmq._core.trie import RetainedTrie
+
+from .message import Message
+
+log = logging.getLogger("fluxmq.broker.retained")
+
+
+class RetainedStore:
+    """Retained messages keyed by topic; lookups by filter walk only the matching branches.
+
+    Policy at the cap (``broker.max_retained_messages``, 0 = none): updating or clearing an existing
+    topic always works; a new topic is refused and counted, so a retained storm cannot grow memory.
+    """
+
+    def __init__(self, max_messages: int = 0) -> None:
+        self._trie = RetainedTrie()
+        self.max_messages = max_messages
+        self.refused = 0
+
+    def store(self, message: Message) -> bool:
+        """Set, replace or (empty payload) clear the retained message of its topic [MQTT-3.3.1-5, -10, -11]."""
+        topic = message.topic
+        if not message.payload:
+            self._trie.delete(topic)
+            return True
+        if self.max_messages and len(self._trie) >= self.max_messages and self._trie.get(topic) is None:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("retained store full: refused=%d max_retained_messages=%d topic=%s",
+                            self.refused, self.max_messages, topic)
+            return False
+        stored = message.copy(retain=True)
+        self._trie.set(topic, stored)
+        return True
+
+    def get(self, topic: str) -> Message | None:
+        message = self._trie.get(topic)
+        if message is not None and message.expired():
+            self._trie.delete(topic)
+            return None
+        return message
+
+    def delete(self, topic: str) -> bool:
+        return self._trie.delete(topic)
+
+    def match(self, filter: str) -> list[Message]:
+        """Unexpired retained messages whose topic matches ``filter``; expired ones are removed."""
+        found = self._trie.match(filter)
+        live = []
+        for message in found:
+            if message.expires_at is not None and message.expired():
+                self._trie.delete(message.topic)
+                continue
+            live.append(message)
+        return live
+
+    def items(self):
+        return self._trie.items()
+
+    def __len__(self) -> int:
+        return len(self._trie)

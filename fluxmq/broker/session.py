@@ -1,0 +1,289 @@
+"""Session: the per-client state that outlives a connection (subscriptions, inflight, queue).
+
+Outbound delivery rules kept here, independent of any wire protocol:
+
+- QoS 1/2 messages go in flight only while the client's window (``send_quota``: 5.0 Receive
+  Maximum, else ``broker.max_inflight``) has room and its output is not congested; the rest wait
+  in a bounded queue in arrival order.
+- A reconnecting persistent session resends its in-flight PUBLISHes with DUP set and its PUBRELs,
+  then drains the queue [MQTT-4.4.0-1].
+- QoS 0 for an offline session is dropped (like Mosquitto's default); for an online but congested
+  client it waits in the same bounded queue, where it is the first to go when the queue is full.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from .delivery import Delivery
+from .message import Message
+from .stats import BrokerStats
+
+log = logging.getLogger("fluxmq.broker.session")
+
+EXPIRY_NEVER = 0xFFFFFFFF
+
+# Queue overflow policies (config broker.queue_overflow).
+DROP_NEW = "drop_new"
+DROP_OLDEST = "drop_oldest"
+DISCONNECT = "disconnect"
+
+
+class SessionLimits:
+    """Bounds applied to every session; built once from the broker config."""
+
+    __slots__ = ("max_inflight", "max_queued_messages", "max_queued_bytes", "queue_overflow")
+
+    def __init__(self, max_inflight: int = 100, max_queued_messages: int = 1000,
+                 max_queued_bytes: int = 16 << 20, queue_overflow: str = DROP_NEW) -> None:
+        self.max_inflight = max_inflight
+        self.max_queued_messages = max_queued_messages
+        self.max_queued_bytes = max_queued_bytes
+        self.queue_overflow = queue_overflow
+
+
+class Subscription:
+    """One subscription of a session: the value stored in the subscription trie."""
+
+    __slots__ = ("session", "filter", "qos", "no_local", "retain_as_published", "retain_handling",
+                 "subscription_id", "share_group")
+
+    def __init__(self, session: Session, filter: str, qos: int, no_local: bool = False,
+                 retain_as_published: bool = False, retain_handling: int = 0,
+                 subscription_id: int = 0, share_group: str | None = None) -> None:
+        self.session = session
+        self.filter = filter  # as the client wrote it, $share/... included
+        self.qos = qos
+        self.no_local = no_local
+        self.retain_as_published = retain_as_published
+        self.retain_handling = retain_handling
+        self.subscription_id = subscription_id
+        self.share_group = share_group
+
+
+class Inflight:
+    """An outbound QoS 1/2 message awaiting its acknowledgement."""
+
+    __slots__ = ("message", "qos", "retain", "subscription_ids", "released")
+
+    def __init__(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
+        self.message = message
+        self.qos = qos
+        self.retain = retain
+        self.subscription_ids = subscription_ids
+        self.released = False  # QoS 2: PUBREC received, PUBREL sent, awaiting PUBCOMP
+
+
+class Will:
+    """A will message and its delay (5.0 Will Delay Interval; 0 for 3.x)."""
+
+    __slots__ = ("message", "delay")
+
+    def __init__(self, message: Message, delay: int = 0) -> None:
+        self.message = message
+        self.delay = delay
+
+
+class Session:
+    """State of one client identifier."""
+
+    __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
+                 "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
+                 "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username")
+
+    def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
+        self.client_id = client_id
+        self.persistent = False
+        self.expiry_interval = 0
+        self.subscriptions: dict[str, Subscription] = {}
+        self.delivery: Delivery | None = None
+        self.inflight: dict[int, Inflight] = {}
+        self.queue: deque = deque()  # items: (message, qos, retain, subscription_ids)
+        self.queue_bytes = 0
+        self.queue_qos0 = 0  # QoS 0 items in the queue, so eviction knows when to look
+        self.inbound_qos2: set[int] = set()  # QoS 2 ids received, PUBREC sent, PUBREL pending
+        self.send_quota = limits.max_inflight
+        self.will: Will | None = None
+        self.timer = None  # pending will-delay or session-expiry timer
+        self._next_pid = 1
+        self._limits = limits
+        self._stats = stats
+        self.connected_since = 0.0
+        self.disconnected_at = 0.0
+        self.username: str | None = None
+
+    # -- delivery --------------------------------------------------------------------------------
+
+    def deliver(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
+        """Take one message for this client: send it now, queue it, or drop it by policy."""
+        d = self.delivery
+        if d is None:
+            if qos == 0:
+                self._stats.dropped("offline_qos0")
+                return
+            self._enqueue(message, qos, retain, subscription_ids)
+            return
+        if self.queue or d.is_congested():
+            self._enqueue(message, qos, retain, subscription_ids)
+            return
+        if qos == 0:
+            if not d.send_publish(message, 0, retain, 0, False, subscription_ids):
+                self._stats.dropped("packet_too_large")
+            return
+        if len(self.inflight) < self.send_quota:
+            self._send_new(d, message, qos, retain, subscription_ids)
+        else:
+            self._enqueue(message, qos, retain, subscription_ids)
+
+    def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> None:
+        pid = self._alloc_packet_id()
+        if d.send_publish(message, qos, retain, pid, False, subscription_ids):
+            self.inflight[pid] = Inflight(message, qos, retain, subscription_ids)
+        else:
+            # Too large for this client (5.0 Maximum Packet Size): dropped for this client only.
+            self._stats.dropped("packet_too_large")
+
+    def _alloc_packet_id(self) -> int:
+        pid = self._next_pid
+        inflight = self.inflight
+        # The window is at most 65,535, so a free id always exists when we get here.
+        while pid in inflight:
+            pid = pid + 1 if pid < 65535 else 1
+        self._next_pid = pid + 1 if pid < 65535 else 1
+        return pid
+
+    def _enqueue(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
+        limits = self._limits
+        size = len(message.payload) + len(message.topic)
+        queue = self.queue
+        if len(queue) >= limits.max_queued_messages or self.queue_bytes + size > limits.max_queued_bytes:
+            policy = limits.queue_overflow
+            if policy == DROP_OLDEST and queue:
+                self._drop_item(queue.popleft())
+                self._stats.dropped("queue_full")
+            elif policy == DISCONNECT:
+                self._stats.dropped("queue_full")
+                if self.delivery is not None:
+                    self.delivery.close(0x97, "session queue full")
+                return
+            elif not self._evict_qos0() or qos == 0:
+                # drop_new: make room by evicting the oldest queued QoS 0 message first; a new QoS 0
+                # message never evicts anything.
+                self._stats.dropped("queue_full")
+                return
+        queue.append((message, qos, retain, subscription_ids))
+        self.queue_bytes += size
+        if qos == 0:
+            self.queue_qos0 += 1
+
+    def _evict_qos0(self) -> bool:
+        if not self.queue_qos0:
+            return False
+        queue = self.queue
+        for i, item in enumerate(queue):
+            if item[1] == 0:
+                del queue[i]
+                self._drop_item(item)
+                self._stats.dropped("queue_full")
+                return True
+        return False
+
+    def _drop_item(self, item) -> None:
+        self.queue_bytes -= len(item[0].payload) + len(item[0].topic)
+        if item[1] == 0:
+            self.queue_qos0 -= 1
+
+    def pump(self) -> None:
+        """Move queued messages to the client while its window and output allow."""
+        d = self.delivery
+        queue = self.queue
+        if d is None or not queue:
+            return
+        inflight = self.inflight
+        while queue and not d.is_congested():
+            message, qos, retain, sub_ids = queue[0]
+            if qos and len(inflight) >= self.send_quota:
+                return
+            queue.popleft()
+            self._drop_item((message, qos))
+            if message.expires_at is not None and message.expired():
+                self._stats.dropped("expired")
+                continue
+            if qos == 0:
+                d.send_publish(message, 0, retain, 0, False, sub_ids)
+            else:
+                self._send_new(d, message, qos, retain, sub_ids)
+
+    # -- acknowledgements from the client -------------------------------------------------------
+
+    def on_puback(self, packet_id: int) -> bool:
+        """PUBACK for an outbound QoS 1 message; False if the id is not in flight as QoS 1."""
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry.qos != 1:
+            return False
+        del self.inflight[packet_id]
+        if self.queue:
+            self.pump()
+        return True
+
+    def on_pubrec(self, packet_id: int, reason_code: int = 0) -> bool:
+        """PUBREC for an outbound QoS 2 message; the caller answers with PUBREL."""
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry.qos != 2:
+            return False
+        if reason_code >= 0x80:
+            # 5.0: the receiver refused it; the exchange ends here [MQTT-4.3.3-?], no PUBREL.
+            del self.inflight[packet_id]
+            if self.queue:
+                self.pump()
+            return True
+        entry.released = True
+        return True
+
+    def on_pubcomp(self, packet_id: int) -> bool:
+        """PUBCOMP ends an outbound QoS 2 exchange."""
+        entry = self.inflight.get(packet_id)
+        if entry is None or not entry.released:
+            return False
+        del self.inflight[packet_id]
+        if self.queue:
+            self.pump()
+        return True
+
+    # -- connection lifecycle --------------------------------------------------------------------
+
+    def attach(self, delivery: Delivery, send_quota: int) -> None:
+        """Bind a new connection: resend what was in flight (DUP set), then drain the queue."""
+        self.delivery = delivery
+        self.send_quota = min(send_quota, 65535)
+        for pid, entry in list(self.inflight.items()):
+            if entry.released:
+                delivery.send_pubrel(pid)
+            elif not delivery.send_publish(entry.message, entry.qos, entry.retain, pid, True,
+                                           entry.subscription_ids):
+                del self.inflight[pid]
+                self._stats.dropped("packet_too_large")
+        self.pump()
+
+    def detach(self) -> None:
+        """The connection ended; state stays for a persistent session."""
+        self.delivery = None
+
+    def clear_state(self) -> None:
+        """Forget inflight, queue and QoS 2 ids (clean start or end of session)."""
+        self.inflight.clear()
+        self.queue.clear()
+        self.queue_bytes = 0
+        self.queue_qos0 = 0
+        self.inbound_qos2.clear()
+
+    def on_writable(self) -> None:
+        """The client's output drained below its low-water mark."""
+        if self.queue:
+            self.pump()
+
+    def __repr__(self) -> str:
+        state = "online" if self.delivery is not None else "offline"
+        return (f"Session({self.client_id!r}, {state}, subs={len(self.subscriptions)}, "
+                f"inflight={len(self.inflight)}, queued={len(self.queue)})")

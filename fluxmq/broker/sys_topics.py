@@ -1,0 +1,66 @@
+"""SysTopics: periodic retained ``$SYS/broker/...`` messages, so a new subscriber gets them at once."""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+
+from fluxmq import __version__
+
+from .broker import Broker
+from .message import Message
+
+log = logging.getLogger("fluxmq.broker.sys")
+
+
+class SysTopics:
+    """Publishes broker figures under ``$SYS/broker/`` every ``interval`` seconds (0 disables)."""
+
+    def __init__(self, broker: Broker, interval: float) -> None:
+        self.broker = broker
+        self.interval = interval
+        self._greenlet = None
+
+    def values(self) -> dict[str, str]:
+        """The current $SYS figures, topic suffix -> text payload."""
+        b = self.broker
+        st = b.stats
+        return {
+            "version": f"fluxmq version {__version__}",
+            "uptime": f"{st.uptime()} seconds",
+            "clients/connected": str(b.connected),
+            "clients/total": str(b.session_count()),
+            "clients/disconnected": str(b.session_count() - b.connected),
+            "messages/received": str(st.messages_received),
+            "messages/sent": str(st.messages_sent),
+            "publish/messages/received": str(st.publish_received),
+            "publish/messages/sent": str(st.publish_sent),
+            "publish/messages/dropped": str(st.dropped_total),
+            "bytes/received": str(st.bytes_received),
+            "bytes/sent": str(st.bytes_sent),
+            "subscriptions/count": str(b.subscription_count()),
+            "retained messages/count": str(len(b.retained)),
+        }
+
+    def publish_once(self) -> None:
+        for suffix, text in self.values().items():
+            self.broker.publish(Message(f"$SYS/broker/{suffix}", text.encode(), 0, True))
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self.publish_once()
+            self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        while True:
+            gevent.sleep(self.interval)
+            try:
+                self.publish_once()
+            except Exception:  # a bug here must not end $SYS for the life of the node
+                log.exception("event=sys_publish_failed")
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+            self._greenlet = None

@@ -1,0 +1,104 @@
+"""BrokerService: one broker and its listeners, hosted inside the node's gevent worker."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fluxmq.broker.broker import Broker, BrokerSettings
+from fluxmq.broker.sys_topics import SysTopics
+from fluxmq.config import parse_addr
+from fluxmq.errors import ConfigError
+from fluxmq.protocol.flush import FlushScheduler
+from fluxmq.protocol.settings import ProtocolSettings
+from fluxmq.transport.tcp import TCPListener
+
+log = logging.getLogger("fluxmq.node")
+
+
+def broker_settings(config) -> BrokerSettings:
+    """The broker's settings from the ``broker`` config section."""
+    b = config.broker
+    return BrokerSettings(
+        max_inflight=b.max_inflight,
+        max_queued_messages=b.max_queued_messages,
+        max_queued_bytes=b.max_queued_bytes,
+        queue_overflow=b.queue_overflow,
+        max_retained_messages=b.max_retained_messages,
+        shared_subscription_strategy=b.shared_subscription_strategy,
+    )
+
+
+def protocol_settings(config, listener) -> ProtocolSettings:
+    """The MQTT protocol settings of one listener."""
+    b = config.broker
+    return ProtocolSettings(
+        max_packet_size=b.max_packet_size,
+        max_message_size=b.max_message_size,
+        connect_timeout=config.server.connect_timeout,
+        read_timeout=listener.read_timeout,
+        write_timeout=listener.write_timeout,
+        max_keepalive=b.max_keepalive,
+        allow_zero_keepalive=b.allow_zero_keepalive,
+        write_buffer_high=b.write_buffer_high,
+        max_inflight=b.max_inflight,
+    )
+
+
+class BrokerService:
+    """Builds the broker and the MQTT listeners from a Config and runs them in this process.
+
+    Every method is called from the gevent worker (the hub is running, monkey patching is done).
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.broker: Broker | None = None
+        self.listeners: list[TCPListener] = []
+        self.sys_topics: SysTopics | None = None
+        self._started = False
+
+    def start(self) -> None:
+        """Start the broker and its listeners; returns once they accept connections."""
+        cfg = self.config
+        if cfg.storage.type != "memory":
+            raise ConfigError("storage.type", "memory (LMDB storage is not built yet)", got=cfg.storage.type)
+        self.broker = Broker(broker_settings(cfg))
+        flusher = FlushScheduler()
+        plain = cfg.server.tcp.plain
+        if plain.addr:
+            host, port = parse_addr(plain.addr)
+            listener = TCPListener("tcp", host, port, self.broker, protocol_settings(cfg, plain), flusher,
+                                   max_connections=plain.max_connections)
+            listener.start()
+            self.listeners.append(listener)
+        self.sys_topics = SysTopics(self.broker, cfg.broker.sys_interval)
+        self.sys_topics.start()
+        self._started = True
+
+    def stop(self, timeout: float) -> None:
+        """Stop accepting, finish in-flight writes, close clients, within ``timeout`` seconds."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout
+        for listener in self.listeners:
+            listener.stop_accepting()
+        if self.sys_topics is not None:
+            self.sys_topics.stop()
+        self.broker.shutdown()
+        for listener in self.listeners:
+            left = max(0.0, deadline - time.monotonic())
+            if not listener.wait_closed(left):
+                log.warning("event=shutdown_timeout listener=%s open=%d", listener.name, len(listener.connections))
+        self._started = False
+        log.info("event=stopped sessions=%d", self.broker.session_count())
+
+    def is_ready(self) -> dict[str, tuple[bool, str]]:
+        """Readiness per component: name -> (up, details); the health app renders it."""
+        up = self._started
+        return {"broker": (up, "" if up else "broker not initialized"),
+                "storage": (up, "" if up else "storage not initialized")}
+
+    def session_count(self) -> int:
+        """Number of sessions held by this node (live connections and persistent ones)."""
+        return self.broker.session_count() if self.broker is not None else 0

@@ -1,0 +1,562 @@
+"""MQTTConnection: the MQTT 3.1 / 3.1.1 / 5.0 state machine of one client connection.
+
+It reads from a transport stream in its own greenlet, decodes every complete packet a ``recv``
+returned, hands each to its handler, and writes replies and deliveries into one output buffer that
+the FlushScheduler sends once per loop turn. It implements ``fluxmq.broker.delivery.Delivery``.
+
+The stream is any object with ``recv(n)``, ``settimeout(t)``, ``send_nowait(buf) -> int``,
+``send_all(data, timeout)``, ``shutdown()``, ``close()`` and ``peer`` (the transport layer's
+SocketStream, TLS and WebSocket streams).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import gevent
+
+from fluxmq._core import codec as c
+from fluxmq._core.codec import Decoder, append_publish, encode, encode_publish
+from fluxmq.broker.broker import Broker
+from fluxmq.broker.message import Message
+from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
+from fluxmq.errors import MQTTError, ProtocolError, TopicFilterInvalid
+
+from .settings import ProtocolSettings
+
+log = logging.getLogger("fluxmq.protocol")
+
+# 3.1 / 3.1.1 CONNACK return codes
+RC_ACCEPTED = 0
+RC_BAD_PROTOCOL = 1
+RC_ID_REJECTED = 2
+RC_SERVER_UNAVAILABLE = 3
+
+# Server-to-client packet types a client must never send.
+_SERVER_ONLY = (c.CONNACK, c.SUBACK, c.UNSUBACK, c.PINGRESP)
+
+_PINGRESP = b"\xd0\x00"
+
+
+class _Close(Exception):
+    """Internal: stop reading and tear the connection down."""
+
+
+class MQTTConnection:
+    """One client connection (any MQTT version on the same listener)."""
+
+    def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
+                 over_limit: bool = False) -> None:
+        self.broker = broker
+        self.stream = stream
+        self.settings = settings
+        self.flusher = flusher
+        self.listener = listener
+        self.peer = stream.peer
+        self.over_limit = over_limit
+        self.decoder = Decoder(settings.max_packet_size)
+        self.out = bytearray()
+        self.version = 0
+        self.session: Session | None = None
+        self.client_id: str | None = None
+        self.keepalive = 0
+        self.closed = False
+        self._torn_down = False
+        self._dirty = False
+        self._writer = None
+        self._want_writable = False
+        self._publish_will = True  # cleared by a normal DISCONNECT
+        self._client_max_packet = 0  # 5.0 Maximum Packet Size of the client; 0 = protocol maximum
+        self._problem_info = True  # 5.0 Request Problem Information
+        self._aliases_in: dict[int, str] = {}
+        self._high = settings.write_buffer_high
+        self._handlers = {
+            c.CONNECT: self._on_connect,
+            c.PUBLISH: self._on_publish,
+            c.PUBACK: self._on_puback,
+            c.PUBREC: self._on_pubrec,
+            c.PUBREL: self._on_pubrel,
+            c.PUBCOMP: self._on_pubcomp,
+            c.SUBSCRIBE: self._on_subscribe,
+            c.UNSUBSCRIBE: self._on_unsubscribe,
+            c.PINGREQ: self._on_pingreq,
+            c.DISCONNECT: self._on_disconnect,
+            c.AUTH: self._on_auth,
+        }
+
+    # -- read loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve the connection until it closes; runs in the connection's own greenlet."""
+        stream = self.stream
+        stats = self.broker.stats
+        handlers = self._handlers
+        stream.settimeout(self.settings.connect_timeout or None)
+        try:
+            while not self.closed:
+                data = stream.recv(65536)
+                if not data:
+                    break
+                stats.bytes_received += len(data)
+                try:
+                    packets = self.decoder.feed(data)
+                    stats.messages_received += len(packets)
+                    for packet in packets:
+                        if self.session is None and packet.type != c.CONNECT:
+                            # The first packet must be CONNECT [MQTT-3.1.0-1].
+                            raise _Close()
+                        handler = handlers.get(packet.type)
+                        if handler is None:
+                            raise ProtocolError(f"unexpected packet type {packet.type} from a client")
+                        handler(packet)
+                        if self.closed:
+                            break
+                except MQTTError as exc:
+                    self._on_protocol_error(exc)
+                    break
+        except _Close:
+            pass
+        except TimeoutError:
+            self._on_timeout()
+        except OSError:
+            pass  # reset by peer, or closed by takeover/shutdown
+        except Exception:
+            log.exception("event=connection_error peer=%s client_id=%s", self.peer, self.client_id)
+            self._send_disconnect(0x83, "implementation specific error")
+        finally:
+            self._teardown()
+
+    def _on_timeout(self) -> None:
+        if self.session is None:
+            log.info("event=connect_timeout peer=%s", self.peer)
+            return
+        # Keep alive x1.5 passed with nothing received [MQTT-3.1.2-24]; the will is published.
+        log.info("event=keepalive_timeout peer=%s client_id=%s keepalive=%d", self.peer, self.client_id,
+                 self.keepalive)
+        self._send_disconnect(0x8D, "keep alive timeout")
+
+    def _on_protocol_error(self, exc: MQTTError) -> None:
+        log.info("event=protocol_error peer=%s client_id=%s reason_code=0x%02x reason=%s", self.peer,
+                 self.client_id, exc.reason_code, exc.reason)
+        if self.session is None:
+            if exc.reason_code == 0x84:
+                # Unknown protocol level: CONNACK return code 1 in the 3.1.1 form [MQTT-3.1.2-2].
+                self._write(b"\x20\x02\x00\x01")
+            elif self.decoder.version == 5:
+                self._write(encode(c.Connack(False, exc.reason_code, None), 5))
+            return
+        self._send_disconnect(exc.reason_code, exc.reason)
+
+    def _teardown(self) -> None:
+        self.closed = True
+        self._torn_down = True
+        session = self.session
+        if session is not None:
+            try:
+                self.broker.close_session(session, self, self._publish_will)
+            except Exception:
+                log.exception("event=close_session_failed client_id=%s", self.client_id)
+        if self.out and self._writer is None:
+            try:
+                self.stream.send_all(bytes(self.out), self.settings.close_timeout)
+            except (OSError, TimeoutError, gevent.Timeout):
+                pass
+            self.out.clear()
+        if self._writer is None:
+            self.stream.close()
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def _write(self, data) -> None:
+        self.out += data
+        if not self._dirty:
+            self._dirty = True
+            self.flusher.mark(self)
+
+    def flush_nowait(self) -> None:
+        """Send what is buffered without blocking (called from the hub by the FlushScheduler)."""
+        self._dirty = False
+        out = self.out
+        if not out or self._writer is not None:
+            return
+        try:
+            n = self.stream.send_nowait(out)
+        except OSError:
+            out.clear()
+            self.closed = True
+            self.stream.shutdown()
+            return
+        self.broker.stats.bytes_sent += n
+        if n == len(out):
+            out.clear()
+        else:
+            del out[:n]
+            self._writer = gevent.spawn(self._drain)
+            return
+        if self._want_writable:
+            self._writable()
+
+    def _drain(self) -> None:
+        """Finish a write the kernel could not take at once; a client that cannot drain within
+        ``write_timeout`` is dropped as a slow consumer."""
+        out = self.out
+        try:
+            while out:
+                data = bytes(out)
+                out.clear()
+                self.stream.send_all(data, self.settings.write_timeout or None)
+                self.broker.stats.bytes_sent += len(data)
+                if self._want_writable and len(out) <= self._high // 2:
+                    self._writable()
+        except (OSError, TimeoutError, gevent.Timeout):
+            log.info("event=write_failed peer=%s client_id=%s", self.peer, self.client_id)
+            out.clear()
+            self.closed = True
+            self.stream.shutdown()
+        finally:
+            self._writer = None
+        if self._torn_down:
+            self.stream.close()
+        elif self.closed:
+            self.stream.shutdown()  # wakes the reader, whose teardown closes the socket
+        elif self._want_writable:
+            self._writable()
+
+    def _writable(self) -> None:
+        if len(self.out) <= self._high // 2:
+            self._want_writable = False
+            if self.session is not None and self.session.delivery is self:
+                self.session.on_writable()
+
+    # -- Delivery interface (called by the broker) ------------------------------------------------
+
+    def is_congested(self) -> bool:
+        if len(self.out) > self._high:
+            self._want_writable = True
+            return True
+        return False
+
+    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
+                     subscription_ids) -> bool:
+        if self.closed:
+            return False
+        if self.version == 5:
+            data = self._publish_bytes_v5(message, qos, retain, subscription_ids)
+            if data is None:
+                return False
+        else:
+            cache = message.wire_cache
+            if cache is None:
+                cache = message.wire_cache = {}
+            key = qos * 2 + retain
+            data = cache.get(key)
+            if data is None:
+                data = cache[key] = encode_publish(message.topic, message.payload, qos, retain, False,
+                                                   1 if qos else 0, None, 4)
+        if qos:
+            append_publish(self.out, data, packet_id, dup)
+        else:
+            self.out += data
+        if not self._dirty:
+            self._dirty = True
+            self.flusher.mark(self)
+        return True
+
+    def _publish_bytes_v5(self, message: Message, qos: int, retain: bool, subscription_ids):
+        expiry = message.remaining_expiry() if message.expires_at is not None else None
+        key = (5, qos, retain, subscription_ids, expiry)
+        cache = message.wire_cache
+        if cache is None:
+            cache = message.wire_cache = {}
+        data = cache.get(key)
+        if data is None:
+            props = dict(message.properties) if message.properties else {}
+            if expiry is not None:
+                props[c.MESSAGE_EXPIRY_INTERVAL] = expiry
+            if subscription_ids:
+                props[c.SUBSCRIPTION_IDENTIFIER] = list(subscription_ids)
+            data = cache[key] = encode_publish(message.topic, message.payload, qos, retain, False,
+                                               1 if qos else 0, props or None, 5)
+        if self._client_max_packet and len(data) > self._client_max_packet:
+            return None  # dropped for this client only [MQTT-3.1.2-25]
+        return data
+
+    def send_pubrel(self, packet_id: int) -> None:
+        self._write(bytes((0x62, 2, packet_id >> 8, packet_id & 0xFF)))
+
+    def close(self, reason_code: int, reason: str = "") -> None:
+        """Close from the broker side: 5.0 clients get a DISCONNECT with ``reason_code`` first."""
+        if self.closed:
+            return
+        log.info("event=server_close peer=%s client_id=%s reason_code=0x%02x reason=%s", self.peer,
+                 self.client_id, reason_code, reason)
+        self._send_disconnect(reason_code, reason)
+        self.closed = True
+        if self.session is not None and self.session.delivery is not self:
+            self.session = None  # taken over: this connection no longer speaks for the session
+        self.flush_nowait()
+        if self._writer is None:
+            self.stream.shutdown()
+
+    def _send_disconnect(self, reason_code: int, reason: str = "") -> None:
+        if self.version == 5 and self.session is not None and not self.closed:
+            props = {c.REASON_STRING: reason} if reason and self._problem_info else None
+            self._write(encode(c.Disconnect(reason_code, props), 5))
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    def _on_connect(self, p) -> None:
+        if self.session is not None:
+            raise ProtocolError("second CONNECT")  # [MQTT-3.1.0-2]
+        version = self.version = p.protocol_version
+        settings = self.settings
+        broker = self.broker
+        client_id = p.client_id
+        assigned = False
+        props = p.properties if version == 5 else None
+
+        if self.over_limit or not broker.accepting:
+            self._refuse(RC_SERVER_UNAVAILABLE, 0x97 if self.over_limit else 0x88,
+                         "connection limit reached" if self.over_limit else "server shutting down")
+            return
+        if version == 3 and not 1 <= len(client_id) <= 23:
+            self._refuse(RC_ID_REJECTED, 0x85, "MQTT 3.1 client identifiers have 1 to 23 characters")
+            return
+        if not client_id:
+            if version == 4 and not p.clean_start:
+                # An empty client id needs a clean session [MQTT-3.1.3-8].
+                self._refuse(RC_ID_REJECTED, 0x85, "empty client identifier needs clean session")
+                return
+            client_id = f"auto-{uuid.uuid4().hex}"
+            assigned = True
+        self.client_id = client_id
+
+        if version == 5:
+            expiry = props.get(c.SESSION_EXPIRY_INTERVAL, 0)
+            receive_max = props.get(c.RECEIVE_MAXIMUM, 65535)
+            if receive_max == 0:
+                raise ProtocolError("Receive Maximum 0")
+            self._client_max_packet = props.get(c.MAXIMUM_PACKET_SIZE, 0)
+            self._problem_info = bool(props.get(c.REQUEST_PROBLEM_INFORMATION, 1))
+            if c.AUTHENTICATION_METHOD in props:
+                self._refuse(0, 0x8C, "enhanced authentication is not configured")
+                return
+        else:
+            expiry = 0 if p.clean_start else EXPIRY_NEVER
+            receive_max = settings.max_inflight
+        send_quota = min(receive_max, settings.max_inflight)
+
+        will = None
+        if p.will is not None:
+            w = p.will
+            if w.qos > settings.max_qos:
+                self._refuse(RC_SERVER_UNAVAILABLE, 0x9B, "will QoS not supported")
+                return
+            if w.retain and not settings.retain_available:
+                self._refuse(RC_SERVER_UNAVAILABLE, 0x9A, "retain not supported")
+                return
+            delay = 0
+            if version == 5:
+                wp = w.properties
+                delay = wp.get(c.WILL_DELAY_INTERVAL, 0) if wp else 0
+                message = Message.from_publish_properties(w.topic, w.payload, w.qos, w.retain, wp, client_id)
+            else:
+                message = Message(w.topic, w.payload, w.qos, w.retain, None, None, client_id)
+            will = Will(message, delay)
+
+        keepalive = p.keepalive
+        server_keepalive = None
+        if settings.max_keepalive and (keepalive > settings.max_keepalive
+                                       or (keepalive == 0 and not settings.allow_zero_keepalive)):
+            keepalive = settings.max_keepalive
+            server_keepalive = keepalive
+        self.keepalive = keepalive
+
+        session, present = broker.open_session(client_id, p.clean_start, expiry, will, p.username)
+        self.session = session
+
+        if version == 5:
+            out_props: dict = {}
+            if assigned:
+                out_props[c.ASSIGNED_CLIENT_IDENTIFIER] = client_id
+            if server_keepalive is not None:
+                out_props[c.SERVER_KEEP_ALIVE] = server_keepalive
+            if settings.max_inflight < 65535:
+                out_props[c.RECEIVE_MAXIMUM] = settings.max_inflight
+            out_props[c.MAXIMUM_PACKET_SIZE] = settings.max_packet_size
+            if settings.max_qos < 2:
+                out_props[c.MAXIMUM_QOS] = settings.max_qos
+            if not settings.retain_available:
+                out_props[c.RETAIN_AVAILABLE] = 0
+            self._write(encode(c.Connack(present, 0, out_props), 5))
+        else:
+            self._write(encode(c.Connack(present and version == 4, RC_ACCEPTED, None), version))
+
+        # Keep alive x1.5 [MQTT-3.1.2-24]; 0 disables it (read_timeout still applies if set).
+        timeout = keepalive * 1.5 if keepalive else (settings.read_timeout or None)
+        self.stream.settimeout(timeout)
+        log.debug("event=connect peer=%s client_id=%s version=%d clean_start=%s keepalive=%d present=%s",
+                  self.peer, client_id, version, p.clean_start, keepalive, present)
+        broker.attach(session, self, send_quota)
+
+    def _refuse(self, rc_v3: int, rc_v5: int, reason: str) -> None:
+        log.info("event=connect_refused peer=%s client_id=%s code=0x%02x reason=%s", self.peer,
+                 self.client_id, rc_v5 if self.version == 5 else rc_v3, reason)
+        if self.version == 5:
+            props = {c.REASON_STRING: reason}
+            self._write(encode(c.Connack(False, rc_v5, props), 5))
+        else:
+            self._write(encode(c.Connack(False, rc_v3, None), self.version))
+        self.closed = True
+
+    def _on_publish(self, p) -> None:
+        session = self.session
+        qos = p.qos
+        topic = p.topic
+        settings = self.settings
+        props = p.properties if self.version == 5 else None
+        if props:
+            alias = props.get(c.TOPIC_ALIAS)
+            if alias is not None:
+                topic = self._resolve_alias(alias, topic)
+        if not topic:
+            raise ProtocolError("empty topic name")  # [MQTT-4.7.3-1]
+        if qos > settings.max_qos:
+            raise MQTTError("QoS not supported", 0x9B)
+        if p.retain and not settings.retain_available:
+            raise MQTTError("retain not supported", 0x9A)
+        accepted = True
+        reason = 0
+        if len(p.payload) > settings.max_message_size:
+            accepted, reason = False, 0x97
+            self.broker.stats.dropped("message_too_large")
+            log.info("event=publish_refused client_id=%s topic=%s size=%d max_message_size=%d", self.client_id,
+                     topic, len(p.payload), settings.max_message_size)
+        elif topic[0] == "$" and (topic == "$SYS" or topic.startswith("$SYS/")):
+            accepted, reason = False, 0x87  # $SYS belongs to the broker
+        if qos == 0:
+            if accepted:
+                self._route(topic, p, props)
+            return
+        pid = p.packet_id
+        if qos == 1:
+            if accepted:
+                self._route(topic, p, props)
+            if reason and self.version == 5:
+                self._write(encode(c.Puback(pid, reason, None), 5))
+            else:
+                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
+            return
+        # QoS 2: route once at PUBLISH, remember the id until PUBREL so a resend is not routed again
+        # [MQTT-4.3.3-9, -10].
+        inbound = session.inbound_qos2
+        if pid not in inbound:
+            if len(inbound) >= settings.max_inflight:
+                raise MQTTError("receive maximum exceeded", 0x93)
+            if accepted:
+                self._route(topic, p, props)
+                inbound.add(pid)
+        if reason and self.version == 5:
+            self._write(encode(c.Pubrec(pid, reason, None), 5))
+        else:
+            self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+
+    def _route(self, topic: str, p, props) -> None:
+        if props:
+            message = Message.from_publish_properties(topic, p.payload, p.qos, p.retain, props, self.client_id)
+        else:
+            message = Message(topic, p.payload, p.qos, p.retain, None, None, self.client_id)
+        self.broker.publish(message, self.session)
+
+    def _resolve_alias(self, alias: int, topic: str) -> str:
+        if alias == 0 or alias > self.settings.max_topic_alias:
+            raise MQTTError("topic alias out of range", 0x94)
+        if topic:
+            self._aliases_in[alias] = topic
+            return topic
+        known = self._aliases_in.get(alias)
+        if known is None:
+            raise ProtocolError("unknown topic alias")
+        return known
+
+    def _on_puback(self, p) -> None:
+        self.session.on_puback(p.packet_id)
+
+    def _on_pubrec(self, p) -> None:
+        known = self.session.on_pubrec(p.packet_id, p.reason_code)
+        if p.reason_code >= 0x80:
+            return
+        pid = p.packet_id
+        if known or self.version != 5:
+            self._write(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+        else:
+            self._write(encode(c.Pubrel(pid, 0x92, None), 5))
+
+    def _on_pubrel(self, p) -> None:
+        pid = p.packet_id
+        inbound = self.session.inbound_qos2
+        if pid in inbound or self.version != 5:
+            inbound.discard(pid)
+            self._write(bytes((0x70, 2, pid >> 8, pid & 0xFF)))
+        else:
+            self._write(encode(c.Pubcomp(pid, 0x92, None), 5))
+
+    def _on_pubcomp(self, p) -> None:
+        self.session.on_pubcomp(p.packet_id)
+
+    def _on_subscribe(self, p) -> None:
+        broker = self.broker
+        session = self.session
+        v5 = self.version == 5
+        sub_id = 0
+        if v5 and p.properties:
+            ids = p.properties.get(c.SUBSCRIPTION_IDENTIFIER)
+            if ids:
+                sub_id = ids[0]
+                if sub_id == 0:
+                    raise ProtocolError("subscription identifier 0")
+        codes = []
+        results = []
+        for s in p.subscriptions:
+            try:
+                if v5 and s.no_local and s.filter.startswith("$share/"):
+                    raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
+                result = broker.subscribe(session, s.filter, s.qos, s.no_local if v5 else False,
+                                          s.retain_as_published if v5 else False,
+                                          s.retain_handling if v5 else 0, sub_id)
+            except TopicFilterInvalid:
+                log.info("event=subscribe_refused client_id=%s filter=%r reason=invalid_filter", self.client_id,
+                         s.filter)
+                codes.append(0x8F if v5 else 0x80)
+                continue
+            codes.append(result.granted_qos)
+            results.append(result)
+        self._write(encode(c.Suback(p.packet_id, codes, None), self.version))
+        for result in results:
+            if result.retained:
+                broker.deliver_retained(session, result)
+
+    def _on_unsubscribe(self, p) -> None:
+        codes = []
+        for f in p.filters:
+            codes.append(0x00 if self.broker.unsubscribe(self.session, f) else 0x11)
+        self._write(encode(c.Unsuback(p.packet_id, codes if self.version == 5 else None, None), self.version))
+
+    def _on_pingreq(self, p) -> None:
+        self._write(_PINGRESP)
+
+    def _on_disconnect(self, p) -> None:
+        # A normal DISCONNECT discards the will [MQTT-3.14.4-3]; 5.0 reason 0x04 asks for it.
+        self._publish_will = self.version == 5 and p.reason_code == 0x04
+        if self.version == 5 and p.properties:
+            expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL)
+            if expiry is not None:
+                if self.session.expiry_interval == 0 and expiry != 0:
+                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")  # [MQTT-3.14.2-2]
+                self.session.expiry_interval = expiry
+                self.session.persistent = expiry > 0
+        self.closed = True
+
+    def _on_auth(self, p) -> None:
+        raise ProtocolError("AUTH without an authentication method")

@@ -1,0 +1,116 @@
+"""TCP listener: a gevent StreamServer whose handler runs one MQTTConnection per socket."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import gevent
+from gevent.server import StreamServer
+from gevent.socket import wait_write
+
+from fluxmq.broker.broker import Broker
+from fluxmq.protocol.connection import MQTTConnection
+from fluxmq.protocol.flush import FlushScheduler
+from fluxmq.protocol.settings import ProtocolSettings
+
+log = logging.getLogger("fluxmq.transport")
+
+
+class SocketStream:
+    """The stream interface MQTTConnection reads and writes, over a plain gevent socket."""
+
+    __slots__ = ("sock", "raw", "peer")
+
+    def __init__(self, sock, address) -> None:
+        self.sock = sock
+        self.raw = sock._sock  # the OS socket, non-blocking: used for sends that must never switch
+        host, port = address[:2]
+        self.peer = f"{host}:{port}"
+
+    def recv(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def send_nowait(self, data) -> int:
+        """Write what the kernel takes now; 0 when its buffer is full. Never blocks or switches."""
+        try:
+            return self.raw.send(data)
+        except BlockingIOError:
+            return 0
+
+    def send_all(self, data: bytes, timeout: float | None) -> None:
+        """Write everything, waiting for writability (at most ``timeout`` s per wait)."""
+        view = memoryview(data)
+        fd = self.sock.fileno()
+        while view:
+            try:
+                n = self.raw.send(view)
+            except BlockingIOError:
+                n = 0
+            if n:
+                view = view[n:]
+            else:
+                wait_write(fd, timeout=timeout, timeout_exc=TimeoutError("write timeout"))
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class TCPListener:
+    """Accepts MQTT clients on one address; counts them against ``max_connections``."""
+
+    def __init__(self, name: str, host: str, port: int, broker: Broker, settings: ProtocolSettings,
+                 flusher: FlushScheduler, max_connections: int = 10000, backlog: int = 1024) -> None:
+        self.name = name
+        self.broker = broker
+        self.settings = settings
+        self.flusher = flusher
+        self.max_connections = max_connections
+        self.connections: set[MQTTConnection] = set()
+        self._server = StreamServer((host, port), self._handle, backlog=backlog)
+        self._server.reuse_addr = 1
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address[:2]
+
+    def start(self) -> None:
+        """Bind and start accepting (raises OSError when the address is in use)."""
+        self._server.start()
+        log.info("event=listening listener=%s addr=%s:%d", self.name, *self.address)
+
+    def stop_accepting(self) -> None:
+        self._server.close()
+
+    def _handle(self, sock, address) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return
+        conn = MQTTConnection(self.broker, SocketStream(sock, address), self.settings, self.flusher, self.name,
+                              over_limit=len(self.connections) >= self.max_connections)
+        self.connections.add(conn)
+        try:
+            conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait until every connection of this listener has ended; False on timeout."""
+        with gevent.Timeout(timeout, False):
+            while self.connections:
+                gevent.sleep(0.05)
+            return True
+        return False
