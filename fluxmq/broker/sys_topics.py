@@ -58,7 +58,7 @@ class SysTopics:
             try:
                 self.publish_once()
             except Exception:  # a bug here must not end $SYS for the life of the node
-                log.exception("event=sys_publish_failed")
+                log.exception("sys_publish_failed")
 
     def stop(self) -> None:
         if self._greenlet is not None:

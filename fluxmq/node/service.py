@@ -89,9 +89,9 @@ class BrokerService:
         for listener in self.listeners:
             left = max(0.0, deadline - time.monotonic())
             if not listener.wait_closed(left):
-                log.warning("event=shutdown_timeout listener=%s open=%d", listener.name, len(listener.connections))
+                log.warning("shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)})
         self._started = False
-        log.info("event=stopped sessions=%d", self.broker.session_count())
+        log.info("stopped", extra={"sessions": self.broker.session_count()})
 
     def is_ready(self) -> dict[str, tuple[bool, str]]:
         """Readiness per component: name -> (up, details); the health app renders it."""

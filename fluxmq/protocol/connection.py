@@ -122,23 +122,21 @@ class MQTTConnection:
         except OSError:
             pass  # reset by peer, or closed by takeover/shutdown
         except Exception:
-            log.exception("event=connection_error peer=%s client_id=%s", self.peer, self.client_id)
+            log.exception("connection_error", extra={"peer": self.peer, "client_id": self.client_id})
             self._send_disconnect(0x83, "implementation specific error")
         finally:
             self._teardown()
 
     def _on_timeout(self) -> None:
         if self.session is None:
-            log.info("event=connect_timeout peer=%s", self.peer)
+            log.info("connect_timeout", extra={"peer": self.peer})
             return
         # Keep alive x1.5 passed with nothing received [MQTT-3.1.2-24]; the will is published.
-        log.info("event=keepalive_timeout peer=%s client_id=%s keepalive=%d", self.peer, self.client_id,
-                 self.keepalive)
+        log.info("keepalive_timeout", extra={"peer": self.peer, "client_id": self.client_id, "keepalive": self.keepalive})
         self._send_disconnect(0x8D, "keep alive timeout")
 
     def _on_protocol_error(self, exc: MQTTError) -> None:
-        log.info("event=protocol_error peer=%s client_id=%s reason_code=0x%02x reason=%s", self.peer,
-                 self.client_id, exc.reason_code, exc.reason)
+        log.info("protocol_error", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(exc.reason_code), "reason": exc.reason})
         if self.session is None:
             if exc.reason_code == 0x84:
                 # Unknown protocol level: CONNACK return code 1 in the 3.1.1 form [MQTT-3.1.2-2].
@@ -156,7 +154,7 @@ class MQTTConnection:
             try:
                 self.broker.close_session(session, self, self._publish_will)
             except Exception:
-                log.exception("event=close_session_failed client_id=%s", self.client_id)
+                log.exception("close_session_failed", extra={"client_id": self.client_id})
         if self.out and self._writer is None:
             try:
                 self.stream.send_all(bytes(self.out), self.settings.close_timeout)
@@ -210,7 +208,7 @@ class MQTTConnection:
                 if self._want_writable and len(out) <= self._high // 2:
                     self._writable()
         except (OSError, TimeoutError, gevent.Timeout):
-            log.info("event=write_failed peer=%s client_id=%s", self.peer, self.client_id)
+            log.info("write_failed", extra={"peer": self.peer, "client_id": self.client_id})
             out.clear()
             self.closed = True
             self.stream.shutdown()
@@ -289,8 +287,7 @@ class MQTTConnection:
         """Close from the broker side: 5.0 clients get a DISCONNECT with ``reason_code`` first."""
         if self.closed:
             return
-        log.info("event=server_close peer=%s client_id=%s reason_code=0x%02x reason=%s", self.peer,
-                 self.client_id, reason_code, reason)
+        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
         self._send_disconnect(reason_code, reason)
         self.closed = True
         if self.session is not None and self.session.delivery is not self:
@@ -396,13 +393,11 @@ class MQTTConnection:
         # Keep alive x1.5 [MQTT-3.1.2-24]; 0 disables it (read_timeout still applies if set).
         timeout = keepalive * 1.5 if keepalive else (settings.read_timeout or None)
         self.stream.settimeout(timeout)
-        log.debug("event=connect peer=%s client_id=%s version=%d clean_start=%s keepalive=%d present=%s",
-                  self.peer, client_id, version, p.clean_start, keepalive, present)
+        log.debug("connect", extra={"peer": self.peer, "client_id": client_id, "version": version, "clean_start": p.clean_start, "keepalive": keepalive, "present": present})
         broker.attach(session, self, send_quota)
 
     def _refuse(self, rc_v3: int, rc_v5: int, reason: str) -> None:
-        log.info("event=connect_refused peer=%s client_id=%s code=0x%02x reason=%s", self.peer,
-                 self.client_id, rc_v5 if self.version == 5 else rc_v3, reason)
+        log.info("connect_refused", extra={"peer": self.peer, "client_id": self.client_id, "code": hex(rc_v5 if self.version == 5 else rc_v3), "reason": reason})
         if self.version == 5:
             props = {c.REASON_STRING: reason}
             self._write(encode(c.Connack(False, rc_v5, props), 5))
@@ -431,8 +426,7 @@ class MQTTConnection:
         if len(p.payload) > settings.max_message_size:
             accepted, reason = False, 0x97
             self.broker.stats.dropped("message_too_large")
-            log.info("event=publish_refused client_id=%s topic=%s size=%d max_message_size=%d", self.client_id,
-                     topic, len(p.payload), settings.max_message_size)
+            log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "size": len(p.payload), "max_message_size": settings.max_message_size})
         elif topic[0] == "$" and (topic == "$SYS" or topic.startswith("$SYS/")):
             accepted, reason = False, 0x87  # $SYS belongs to the broker
         if qos == 0:
@@ -526,8 +520,7 @@ class MQTTConnection:
                                           s.retain_as_published if v5 else False,
                                           s.retain_handling if v5 else 0, sub_id)
             except TopicFilterInvalid:
-                log.info("event=subscribe_refused client_id=%s filter=%r reason=invalid_filter", self.client_id,
-                         s.filter)
+                log.info("subscribe_refused", extra={"client_id": self.client_id, "filter": s.filter, "reason": "invalid_filter"})
                 codes.append(0x8F if v5 else 0x80)
                 continue
             codes.append(result.granted_qos)

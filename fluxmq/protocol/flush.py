@@ -39,4 +39,4 @@ class FlushScheduler:
             try:
                 conn.flush_nowait()
             except Exception:  # one broken connection must not stop the others' output
-                log.exception("event=flush_failed peer=%s", getattr(conn, "peer", "?"))
+                log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})

@@ -89,7 +89,7 @@ class TCPListener:
     def start(self) -> None:
         """Bind and start accepting (raises OSError when the address is in use)."""
         self._server.start()
-        log.info("event=listening listener=%s addr=%s:%d", self.name, *self.address)
+        log.info("listening", extra={"listener": self.name, "addr": "{}:{}".format(*self.address)})
 
     def stop_accepting(self) -> None:
         self._server.close()
