@@ -1,0 +1,1 @@
+"""fluxmq benchmarks: load generator, side-by-side comparison with Mosquitto, locust scenarios."""

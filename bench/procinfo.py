@@ -1,0 +1,164 @@
+"""Process and machine figures from /proc: a broker's RSS and CPU over its process tree, host CPU use.
+
+A broker may be several processes (fluxmq-node is a gunicorn arbiter with a worker that holds the
+connections), so RSS and CPU are summed over the process and all its descendants.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc/PID/task/*/children, falling back to a /proc scan)."""
+    out: list[int] = []
+    task_dir = f"/proc/{pid}/task"
+    try:
+        for tid in os.listdir(task_dir):
+            try:
+                with open(f"{task_dir}/{tid}/children") as f:
+                    out.extend(int(x) for x in f.read().split())
+            except OSError:
+                continue
+        return out
+    except OSError:
+        pass
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(name))
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants that exist now."""
+    seen = [pid]
+    i = 0
+    while i < len(seen):
+        seen.extend(c for c in children(seen[i]) if c not in seen)
+        i += 1
+    return seen
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of one process in kB, -1 if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def tree_rss_kb(pids: list[int]) -> int:
+    """Summed VmRSS (kB) of the given processes and their descendants, -1 if none is readable."""
+    total, seen = 0, False
+    for root in pids:
+        for p in tree(root):
+            r = rss_kb(p)
+            if r >= 0:
+                total += r
+                seen = True
+    return total if seen else -1
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of one process (all threads) in seconds, -1 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return -1.0
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    """Summed CPU seconds of the given processes and their descendants, -1 if none is readable."""
+    total, seen = 0.0, False
+    for root in pids:
+        for p in tree(root):
+            c = cpu_s(p)
+            if c >= 0:
+                total += c
+                seen = True
+    return total if seen else -1.0
+
+
+def self_cpu_s() -> float:
+    """CPU seconds used by this process."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def host_stat() -> list[int]:
+    """The aggregate ``cpu`` line of /proc/stat (USER_HZ ticks: user nice system idle iowait irq softirq steal)."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()
+        return [int(x) for x in parts[1:9]]
+    except (OSError, ValueError):
+        return [0] * 8
+
+
+def host_usage(before: list[int], after: list[int], ours_s: float) -> tuple[float, float]:
+    """(steal % of all vCPU time, % of one core busy in processes other than ``ours_s`` CPU seconds)."""
+    d = [a - b for a, b in zip(after, before, strict=True)]
+    tot = sum(d)
+    if tot <= 0:
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (d[0] + d[1] + d[2]) / hz
+    secs = tot / hz / (os.cpu_count() or 1)
+    other = max(0.0, busy - ours_s)
+    return 100.0 * d[7] / tot, (100.0 * other / secs if secs > 0 else 0.0)
+
+
+def raise_nofile() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def machine_info() -> dict[str, str]:
+    """nproc, CPU model, kernel and load average, for reports."""
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/loadavg") as f:
+            load = " ".join(f.read().split()[:3])
+    except OSError:
+        load = "?"
+    u = os.uname()
+    return {
+        "nproc": str(os.cpu_count()),
+        "affinity": ",".join(str(c) for c in sorted(os.sched_getaffinity(0))),
+        "cpu": model,
+        "kernel": f"{u.sysname} {u.release} {u.machine}",
+        "loadavg": load,
+    }
