@@ -58,13 +58,13 @@ class BrokerWorker(GeventWorker):
             service.start()
         except Exception as exc:
             # One clear line; exit code 3 makes the arbiter halt instead of respawning.
-            log.error("broker failed to start pid=%s error=%s", os.getpid(), _one_line(exc))
-            log.debug("broker start failure", exc_info=True)
+            log.error("broker_start_failed", extra={"pid": os.getpid(), "error": _one_line(exc)})
+            log.debug("broker_start_failed_traceback", exc_info=True)
             self._heartbeat.kill(block=False)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
         self.service = service
         self.wsgi = app.make_wsgi(service)
-        log.info("broker started pid=%s", os.getpid())
+        log.info("broker_started", extra={"pid": os.getpid()})
 
     def _beat(self) -> None:
         while True:
@@ -91,19 +91,19 @@ class BrokerWorker(GeventWorker):
             gevent.sleep(POLL_INTERVAL)
         budget = QUICK_STOP_TIMEOUT if self._quick else self.app.stop_budget
         deadline = time.monotonic() + budget
-        log.info("broker stopping pid=%s timeout=%.1fs quick=%s", os.getpid(), budget, self._quick)
+        log.info("broker_stopping", extra={"pid": os.getpid(), "timeout": round(budget, 3), "quick": self._quick})
         for server in servers:
             server.close()  # stop accepting HTTP; in-flight requests continue
         try:
             self.service.stop(max(0.0, deadline - time.monotonic()))
         except Exception:
-            log.exception("broker stop failed")
+            log.exception("broker_stop_failed")
         while time.monotonic() < deadline and any(s.pool.free_count() != s.pool.size for s in servers):
             gevent.sleep(POLL_INTERVAL)
         for server in servers:
             server.stop(timeout=0)
         self._heartbeat.kill(block=False)
-        log.info("broker stopped pid=%s", os.getpid())
+        log.info("broker_stopped", extra={"pid": os.getpid()})
 
     def _start_http_servers(self) -> list[StreamServer]:
         # As GeventWorker.run: gunicorn's HTTP parser on a gevent StreamServer per bound socket.

@@ -1,0 +1,292 @@
+"""Shared test fixtures: free ports and real fluxmq nodes for end-to-end tests.
+
+A node is the real ``fluxmq-node`` process (``python -m fluxmq.node.cli`` with this interpreter)
+listening on free 127.0.0.1 ports, with its own data directory, config file and log file::
+
+    def test_shared(node):                    # one default node per test module
+        sock = socket.create_connection((node.host, node.mqtt_port))
+
+    def test_own(node_factory):               # a node per call, stopped after the test
+        n = node_factory({"storage.type": "lmdb", "server.shutdown_timeout": "5s"})
+        status, body = n.http_get("/ready")
+        assert n.stop() == 0                  # SIGTERM, returns the exit code
+
+``node_factory(overrides, config_text)``: ``config_text`` is YAML merged over the fixture's
+defaults (free MQTT and health ports on 127.0.0.1, ``storage.path`` in the test's tmp dir), then
+``overrides`` (dotted keys -> values) over that. The call returns once ``/ready`` answers 200 and
+the MQTT port accepts a TCP connection (20 s bound; on failure it raises with the log tail). Pass
+``wait_ready=False`` for a node expected to fail. When a test fails, the tails of the logs of the
+nodes it used are added to its report. Helpers import as ``from tests.conftest import free_port``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 20.0
+LOG_TAIL_LINES = 60
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _port_of(addr: str) -> int:
+    return int(str(addr).rpartition(":")[2])
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *sections, leaf = dotted.split(".")
+    for name in sections:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _get_dotted(tree: Mapping, dotted: str, default: Any = None) -> Any:
+    for name in dotted.split("."):
+        if not isinstance(tree, Mapping) or name not in tree:
+            return default
+        tree = tree[name]
+    return tree
+
+
+class NodeStartError(RuntimeError):
+    """The node exited or did not become ready in time; the message ends with its log tail."""
+
+
+class RunningNode:
+    """A ``fluxmq-node`` process started by ``node_factory``."""
+
+    host = HOST
+
+    def __init__(self, process: subprocess.Popen, config: dict, config_path: Path, data_dir: Path,
+                 log_path: Path) -> None:
+        self.process = process
+        self.config = config
+        self.config_path = config_path
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.mqtt_port = _port_of(_get_dotted(config, "server.tcp.plain.addr"))
+        self.health_port = _port_of(_get_dotted(config, "server.health_addr"))
+        self.health_enabled = bool(_get_dotted(config, "server.health_enabled", True))
+
+    @property
+    def pid(self) -> int:
+        """PID of the arbiter (the process started)."""
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def log_text(self) -> str:
+        """Everything the node wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the arbiter's children (the broker worker), read from /proc."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
+    def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        """GET ``path`` on the health listener -> (status, decoded JSON body)."""
+        url = f"http://{self.host}:{self.health_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            with err:
+                return err.code, json.loads(err.read())
+
+    def mqtt_accepts(self) -> bool:
+        """True when the MQTT port accepts a TCP connection."""
+        try:
+            with socket.create_connection((self.host, self.mqtt_port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    def is_ready(self) -> bool:
+        """``/ready`` answers 200 (when health is enabled) and the MQTT port accepts."""
+        if self.health_enabled:
+            try:
+                if self.http_get("/ready", timeout=1.0)[0] != 200:
+                    return False
+            except (OSError, ValueError):
+                return False
+        return self.mqtt_accepts()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait (bounded) until ready; raise NodeStartError if the node exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise NodeStartError(f"node exited with {self.process.returncode} before ready; "
+                                     f"log tail:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.05)
+        raise NodeStartError(f"node not ready within {timeout:.0f}s; log tail:\n{self.log_tail()}")
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """Wait (bounded) for the process to exit; its exit code, or None if still running."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send ``sig`` and wait up to ``timeout`` s; SIGKILL the node's processes after that.
+
+        Returns the exit code (negative: killed by that signal, as ``subprocess`` reports it).
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            if self.wait(timeout) is None:
+                self.kill()
+        if self._group_alive():  # a worker outliving its arbiter (e.g. after a test killed it)
+            self.kill()
+        return self.process.returncode
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the arbiter and its workers (the process group the node was started in)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(STOP_TIMEOUT)
+
+    def __repr__(self) -> str:
+        return f"<RunningNode pid={self.pid} mqtt={self.mqtt_port} health={self.health_port}>"
+
+
+class NodeFactory:
+    """Starts nodes under ``base_dir`` (one sub-directory each) and stops them on ``close()``."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.nodes: list[RunningNode] = []
+
+    def __call__(self, overrides: Mapping[str, Any] | None = None, config_text: str | None = None,
+                 *, wait_ready: bool = True, env: Mapping[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> RunningNode:
+        """Write a config, start ``fluxmq-node --config`` with it and (by default) wait until ready.
+
+        ``env`` adds environment variables (the test process's ``FLUXMQ_*`` ones are dropped);
+        ``args`` are extra command line arguments.
+        """
+        node_dir = self.base_dir / f"node{len(self.nodes)}"
+        data_dir = node_dir / "data"
+        data_dir.mkdir(parents=True)
+        config: dict = {
+            "server": {"tcp": {"plain": {"addr": f"{HOST}:{free_port()}"}},
+                       "health_addr": f"{HOST}:{free_port()}"},
+            "storage": {"path": str(data_dir)},
+        }
+        if config_text:
+            _merge(config, YAML(typ="safe", pure=True).load(config_text) or {})
+        for key, value in (overrides or {}).items():
+            _set_dotted(config, key, value)
+        config_path = node_dir / "fluxmq.yaml"
+        out = io.StringIO()
+        YAML(typ="safe", pure=True).dump(config, out)
+        config_path.write_text(out.getvalue())
+
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
+        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        child_env["PYTHONUNBUFFERED"] = "1"
+        child_env.update(env or {})
+        log_path = node_dir / "node.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fluxmq.node.cli", "--config", str(config_path), *args],
+                cwd=REPO_ROOT, env=child_env, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT, start_new_session=True)  # own group: kill() reaches the worker
+        node = RunningNode(process, config, config_path, data_dir, log_path)
+        self.nodes.append(node)
+        if wait_ready:
+            node.wait_ready()
+        return node
+
+    def close(self) -> None:
+        """Stop every node still running: SIGTERM, then SIGKILL after a bound."""
+        for node in self.nodes:
+            node.stop(signal.SIGTERM, STOP_TIMEOUT)
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start nodes with ``node_factory(overrides=None, config_text=None)``; stopped after the test."""
+    factory = NodeFactory(tmp_path)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    """One node with the default configuration, shared by the tests of a module (do not stop it)."""
+    factory = NodeFactory(tmp_path_factory.mktemp("node"))
+    try:
+        yield factory()
+    finally:
+        factory.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Add the log tails of the nodes a failed test used to its report."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    nodes: list[RunningNode] = []
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, RunningNode):
+            nodes.append(value)
+        elif isinstance(value, NodeFactory):
+            nodes.extend(value.nodes)
+    for n in nodes:
+        report.sections.append((f"fluxmq node log tail ({n!r}, {n.log_path})", n.log_tail()))

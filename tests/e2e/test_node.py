@@ -1,0 +1,189 @@
+"""The node process end to end: health endpoints, graceful stop, worker restart, start-up failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT, NodeFactory, RunningNode
+
+pytestmark = pytest.mark.e2e
+
+SHUTDOWN_TIMEOUT = 5.0
+
+
+def connect_packet(client_id: str) -> bytes:
+    """An MQTT 3.1.1 CONNECT (clean session, keep alive 60 s), built by hand."""
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    assert len(body) < 128
+    return bytes([0x10, len(body)]) + body
+
+
+def mqtt_connect(n: RunningNode, client_id: str) -> socket.socket:
+    """Open a raw TCP connection, send CONNECT and check the CONNACK accepts it (3.1.1)."""
+    sock = socket.create_connection((n.host, n.mqtt_port), timeout=10)
+    sock.sendall(connect_packet(client_id))
+    connack = b""
+    while len(connack) < 4:
+        chunk = sock.recv(4 - len(connack))
+        assert chunk, "connection closed before CONNACK"
+        connack += chunk
+    assert connack == b"\x20\x02\x00\x00", connack
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bool:
+    """True if the peer closes the connection within ``timeout`` (bytes before EOF are skipped)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# -- reference 003 -----------------------------------------------------------------------------
+
+def test_health_is_reference_shape(node: RunningNode) -> None:
+    assert node.http_get("/health") == (200, {"status": "healthy"})
+
+
+def test_ready_is_reference_single_node_shape(node: RunningNode) -> None:
+    status, body = node.http_get("/ready")
+    assert status == 200
+    assert body == {"status": "ready", "mode": "nominal",
+                    "checks": {"broker": {"status": "up"}, "storage": {"status": "up"}}}
+
+
+def test_cluster_status_is_reference_single_node_shape(node: RunningNode) -> None:
+    status, body = node.http_get("/cluster/status")
+    assert status == 200
+    assert set(body) == {"node_id", "is_leader", "cluster_mode", "sessions"}
+    assert body["node_id"] == "single-node"
+    assert body["is_leader"] is False
+    assert body["cluster_mode"] is False
+    assert isinstance(body["sessions"], int) and not isinstance(body["sessions"], bool)
+
+
+def test_cluster_status_counts_a_connected_session(node_factory: NodeFactory) -> None:
+    n = node_factory()
+    assert n.http_get("/cluster/status")[1]["sessions"] == 0
+    sock = mqtt_connect(n, "health-session-count")
+    try:
+        assert wait_for(lambda: n.http_get("/cluster/status")[1]["sessions"] == 1, 10)
+    finally:
+        sock.close()
+
+
+def test_health_unknown_path_and_method(node: RunningNode) -> None:
+    status, body = node.http_get("/nope")
+    assert status == 404
+    request = f"POST /health HTTP/1.1\r\nHost: {node.host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((node.host, node.health_port), timeout=5) as sock:
+        sock.sendall(request.encode())
+        sock.settimeout(5)
+        response = b""
+        while chunk := sock.recv(4096):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 405 ")
+    assert b"\r\nContent-Type: application/json\r\n" in response
+
+
+def test_health_disabled_serves_mqtt_and_no_health_port(node_factory: NodeFactory) -> None:
+    n = node_factory({"server.health_enabled": False})
+    sock = mqtt_connect(n, "no-health")
+    sock.close()
+    with pytest.raises(OSError):
+        socket.create_connection((n.host, n.health_port), timeout=2).close()
+    assert n.stop() == 0
+
+
+# -- shutdown ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_gracefully_closing_clients(node_factory: NodeFactory, sig: int) -> None:
+    n = node_factory({"server.shutdown_timeout": f"{SHUTDOWN_TIMEOUT:g}s"})
+    sock = mqtt_connect(n, f"graceful-{sig}")
+    try:
+        # the bound is the contract (exit within server.shutdown_timeout), not a speed measurement
+        assert n.stop(sig, timeout=SHUTDOWN_TIMEOUT) == 0, n.log_tail()
+        assert read_until_closed(sock, 5), "client connection left open after the node exited"
+    finally:
+        sock.close()
+    stopping = [ln for ln in n.log_text().splitlines() if "broker_stopping" in ln]
+    assert len(stopping) == 1 and "quick=false" in stopping[0], n.log_tail()  # SIGINT is graceful too
+
+
+# -- supervision -------------------------------------------------------------------------------
+
+def test_killed_worker_is_restarted_and_serves_mqtt(node_factory: NodeFactory) -> None:
+    n = node_factory()
+    workers = n.worker_pids()
+    assert len(workers) == 1, workers
+    old = workers[0]
+    sock = mqtt_connect(n, "before-kill")
+    os.kill(old, signal.SIGKILL)  # a child of the node this test started
+    assert read_until_closed(sock, 10)
+    sock.close()
+
+    def restarted() -> bool:
+        current = n.worker_pids()
+        return len(current) == 1 and current[0] != old and n.is_ready()
+
+    assert wait_for(restarted, 20), n.log_tail()
+    assert n.returncode is None
+    mqtt_connect(n, "after-kill").close()
+    assert n.stop() == 0
+
+
+# -- start-up failures -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "key", "line"), [
+    ("server:\n  shutdown_timeout: 5s\n  bogus_key: 1\n", "server.bogus_key", 3),
+    ("log:\n  level: info\nserver:\n  shutdown_timeout: soon\n", "server.shutdown_timeout", 4),
+], ids=["unknown-key", "bad-value"])
+def test_bad_config_exits_2_with_one_stderr_line(tmp_path, text: str, key: str, line: int) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "fluxmq.node.cli", "--config", str(bad)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0]
+    assert f"{bad}:{line}" in lines[0] or f"bad.yaml:{line}" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_mqtt_port_in_use_exits_nonzero_with_clear_line(node_factory: NodeFactory) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        n = node_factory({"server.tcp.plain.addr": f"127.0.0.1:{port}"}, wait_ready=False)
+        code = n.wait(30)
+    assert code is not None, "node still running with its MQTT port taken"
+    assert code != 0
+    failures = [ln for ln in n.log_text().splitlines() if "broker_start_failed" in ln]
+    assert len(failures) == 1, n.log_tail()
+    assert "in use" in failures[0]
+    assert n.log_text().count("Booting worker") == 1  # halted, not restarted in a loop

@@ -1,0 +1,118 @@
+"""``fluxmq-node`` command line: flags, --check output, precedence wiring, config errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from ruamel.yaml import YAML
+
+import fluxmq
+from fluxmq.node.cli import build_parser, main
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's FLUXMQ_* variables must not leak into these tests."""
+    for name in list(os.environ):
+        if name.startswith("FLUXMQ_"):
+            monkeypatch.delenv(name)
+
+
+def check(capsys: pytest.CaptureFixture, *argv: str) -> dict:
+    assert main(["--check", *argv]) == 0
+    return YAML(typ="safe", pure=True).load(capsys.readouterr().out)
+
+
+def test_help_describes_every_flag(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in out
+        assert action.help, f"{action.option_strings} has no help text"
+    assert "KEY=VALUE" in out
+    assert "shutdown_timeout" in out
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fluxmq-node {fluxmq.__version__}"
+
+
+def test_check_without_config_prints_defaults(capsys: pytest.CaptureFixture) -> None:
+    effective = check(capsys)
+    assert effective["server"]["health_addr"] == ":8081"
+    assert effective["server"]["health_enabled"] is True
+
+
+def test_check_precedence_cli_over_env_over_file(tmp_path, monkeypatch, capsys) -> None:
+    conf = tmp_path / "node.yaml"
+    conf.write_text("server:\n  health_addr: 127.0.0.1:7001\n  connect_timeout: 3s\n"
+                    "  shutdown_timeout: 4s\n")
+    monkeypatch.setenv("FLUXMQ_SERVER_HEALTH_ADDR", "127.0.0.1:7002")
+    monkeypatch.setenv("FLUXMQ_SERVER_SHUTDOWN_TIMEOUT", "5s")
+    effective = check(capsys, "--config", str(conf), "--set", "server.health_addr=127.0.0.1:7003")
+    assert effective["server"]["health_addr"] == "127.0.0.1:7003"  # --set
+    assert effective["server"]["shutdown_timeout"] == 5.0  # env over file
+    assert effective["server"]["connect_timeout"] == 3.0  # file over defaults
+
+
+def test_config_path_from_fluxmq_config_env(tmp_path, monkeypatch, capsys) -> None:
+    conf = tmp_path / "env.yaml"
+    conf.write_text("server:\n  health_addr: 127.0.0.1:7010\n")
+    monkeypatch.setenv("FLUXMQ_CONFIG", str(conf))
+    assert check(capsys)["server"]["health_addr"] == "127.0.0.1:7010"
+    other = tmp_path / "flag.yaml"
+    other.write_text("server:\n  health_addr: 127.0.0.1:7011\n")
+    assert check(capsys, "--config", str(other))["server"]["health_addr"] == "127.0.0.1:7011"
+
+
+def test_repeated_set(capsys: pytest.CaptureFixture) -> None:
+    effective = check(capsys, "--set", "server.health_addr=127.0.0.1:7020",
+                      "--set", "server.health_enabled=false")
+    assert effective["server"]["health_addr"] == "127.0.0.1:7020"
+    assert effective["server"]["health_enabled"] is False
+
+
+def test_config_error_is_one_stderr_line_and_exit_2(tmp_path, capsys) -> None:
+    conf = tmp_path / "bad.yaml"
+    conf.write_text("server:\n  health_addr: 127.0.0.1:7030\n  no_such_key: 1\n")
+    assert main(["--config", str(conf)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1
+    assert "server.no_such_key" in lines[0] and f"{conf}:3" in lines[0]
+
+
+def test_unknown_set_key_is_config_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--check", "--set", "server.nope=1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "server.nope" in err[0]
+
+
+def test_missing_config_file_is_config_error(tmp_path, capsys) -> None:
+    assert main(["--check", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_set_without_equals_is_usage_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--set", "server.health_addr"])
+    assert exit_info.value.code == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs_main() -> None:
+    result = subprocess.run([sys.executable, "-m", "fluxmq.node.cli", "--version"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"fluxmq-node {fluxmq.__version__}"
