@@ -176,8 +176,10 @@ class Schema:
 
     def suggest_env(self, name: str) -> str | None:
         """The known environment variable closest to ``name``, or None."""
-        found = difflib.get_close_matches(name, list(self.env), n=1, cutoff=0.6)
-        return found[0] if found else None
+        # Compare without the shared prefix, which would make every FLUXMQ_ name look close.
+        strip = len(ENV_PREFIX)
+        found = difflib.get_close_matches(name[strip:], [env[strip:] for env in self.env], n=1, cutoff=0.65)
+        return ENV_PREFIX + found[0] if found else None
 
     def tree(self) -> dict[str, object]:
         """Keys nested by section, in declaration order (leaf values are the Key objects)."""
