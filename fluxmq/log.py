@@ -171,7 +171,8 @@ class RotatingFile(logging.handlers.RotatingFileHandler):
 
     Compression runs in the background (a native thread) so a 100 MiB rotation does not block the
     broker; the next rotation and ``close()`` wait for it. With ``backups == 0`` the file is
-    truncated instead of rotated.
+    truncated instead of rotated. When another process rotated the file, the next record goes to
+    the new file at the path.
     """
 
     def __init__(self, filename: str, max_bytes: int, backups: int, compress: bool = True,
@@ -179,6 +180,22 @@ class RotatingFile(logging.handlers.RotatingFileHandler):
         super().__init__(filename, mode="a", maxBytes=max_bytes, backupCount=backups, encoding=encoding)
         self.compress = compress
         self._wait: Callable[[], None] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Another process (gunicorn's arbiter and worker share the file) may have rotated it:
+        # write to the file now at the path, as WatchedFileHandler does.
+        if self.stream is not None and self._moved():
+            self.stream.close()
+            self.stream = None  # type: ignore[assignment]  # reopened by shouldRollover
+        super().emit(record)
+
+    def _moved(self) -> bool:
+        try:
+            at_path = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self.stream.fileno())
+        return (at_path.st_dev, at_path.st_ino) != (mine.st_dev, mine.st_ino)
 
     def backup_name(self, index: int) -> str:
         """The path of backup ``index`` (1 = newest)."""
