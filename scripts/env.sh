@@ -1,0 +1,153 @@
+# Shared set-up steps of scripts/run and scripts/test (sourced, not run).
+#
+# fluxmq_setup [--system-packages] [--test]
+#   - installs missing Debian packages with apt-get (only what is missing; as root or via sudo):
+#     always what a venv and the Cython build need (python3.X-venv, python3.X-dev) when this Python
+#     lacks them; with --system-packages also mosquitto, mosquitto-clients and procps;
+#   - creates .venv with Python 3.11+ when missing;
+#   - installs fluxmq editable with its extras (test extras with --test) and builds the Cython core
+#     in place, only when needed: no stamp, a .pyx/.pxd/setup.py/pyproject.toml newer than the
+#     stamp, a .pyx without its compiled module, or the test extras asked for the first time.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.fluxmq-build-stamp"
+
+fluxmq_log() { printf '[fluxmq] %s\n' "$*" >&2; }
+
+fluxmq_find_python() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3.11 python3; do
+        [ -n "$candidate" ] || continue
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    fluxmq_log "Python 3.11 or newer not found (tried \$PYTHON, python3.11, python3)"
+    return 1
+}
+
+fluxmq_apt_install() {
+    # apt-get install the given Debian packages (callers pass only missing ones).
+    [ "$#" -gt 0 ] || return 0
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo="sudo"
+        else
+            fluxmq_log "not root and no sudo: install these Debian packages yourself: $*"
+            return 0
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        fluxmq_log "no apt-get: install these packages yourself: $*"
+        return 0
+    fi
+    fluxmq_log "installing Debian packages: $*"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+fluxmq_deb_missing() {
+    # Print those of the given Debian packages that are not installed.
+    local pkg
+    for pkg in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+            printf '%s\n' "$pkg"
+        fi
+    done
+}
+
+fluxmq_python_packages_missing() {
+    # Debian packages this Python needs for `-m venv` and for compiling extensions, if it lacks them.
+    local py="$1" ver
+    ver="$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        printf '%s\n' "python$ver-venv"
+    fi
+    if ! "$py" -c 'import os, sysconfig, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)'; then
+        printf '%s\n' "python$ver-dev"
+    fi
+}
+
+fluxmq_needs_build() {
+    local want_test="$1" pyx mod
+    [ -x "$VENV/bin/python" ] || return 0
+    [ -f "$STAMP" ] || return 0
+    if [ "$want_test" = 1 ] && ! grep -qx "test" "$STAMP"; then
+        return 0
+    fi
+    if [ -n "$(find "$ROOT/fluxmq/_core" "$ROOT/setup.py" "$ROOT/pyproject.toml" \
+        \( -name '*.pyx' -o -name '*.pxd' -o -name setup.py -o -name pyproject.toml \) \
+        -newer "$STAMP" -print -quit)" ]; then
+        return 0
+    fi
+    for pyx in "$ROOT"/fluxmq/_core/*.pyx; do
+        [ -e "$pyx" ] || continue
+        mod="${pyx%.pyx}"
+        compgen -G "$mod.*.so" >/dev/null || return 0
+    done
+    return 1
+}
+
+fluxmq_core_modules() {
+    # The compiled modules setup.py declares, as import names.
+    local pyx
+    for pyx in "$ROOT"/fluxmq/_core/*.pyx; do
+        [ -e "$pyx" ] || continue
+        pyx="${pyx##*/}"
+        printf 'fluxmq._core.%s\n' "${pyx%.pyx}"
+    done
+}
+
+fluxmq_build() {
+    local want_test="$1" extras="" py modules
+    if [ "$want_test" = 1 ]; then extras="[test]"; fi
+    py="$VENV/bin/python"
+    fluxmq_log "building fluxmq (Cython core) into $VENV"
+    "$py" -m pip install -q --disable-pip-version-check 'cython>=3' 'setuptools>=68' wheel
+    (cd "$ROOT" && "$py" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".$extras")
+    modules="$(fluxmq_core_modules | tr '\n' ' ')"
+    # The editable install must leave the compiled modules importable from anywhere; if this
+    # setuptools did not put them in the source tree, build them in place.
+    if ! (cd / && "$py" -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]" $modules) 2>/dev/null; then
+        fluxmq_log "editable install left the core unimportable; building it in place"
+        (cd "$ROOT" && "$py" setup.py -q build_ext --inplace)
+        (cd / && "$py" -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]" $modules)
+    fi
+    if [ "$want_test" = 1 ]; then
+        printf 'built\ntest\n' > "$STAMP"
+    else
+        printf 'built\n' > "$STAMP"
+    fi
+}
+
+fluxmq_setup() {
+    local system_packages=0 want_test=0 arg py missing
+    for arg in "$@"; do
+        case "$arg" in
+            --system-packages) system_packages=1 ;;
+            --test) want_test=1 ;;
+            *) fluxmq_log "fluxmq_setup: unknown option $arg"; return 2 ;;
+        esac
+    done
+    if [ -x "$VENV/bin/python" ] && ! fluxmq_needs_build "$want_test" && [ "$system_packages" = 0 ]; then
+        return 0  # the fast path of scripts/run on a built tree
+    fi
+    py="$(fluxmq_find_python)"
+    missing="$(fluxmq_python_packages_missing "$py")"
+    if [ "$system_packages" = 1 ] && command -v dpkg-query >/dev/null 2>&1; then
+        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps)"
+    fi
+    # shellcheck disable=SC2086  # word splitting of the package list is wanted
+    fluxmq_apt_install $missing
+    if [ ! -x "$VENV/bin/python" ]; then
+        fluxmq_log "creating $VENV with $py"
+        "$py" -m venv "$VENV"
+    fi
+    if fluxmq_needs_build "$want_test"; then
+        fluxmq_build "$want_test"
+    fi
+}
