@@ -96,6 +96,7 @@ class Config:
     label: str = "-"
     procs: int = 0
     reader: str = "auto"
+    persistent: bool = False
     verbose: bool = False
 
     def finalize(self) -> Config:
@@ -376,7 +377,7 @@ class Worker:
 
     def _send_connect(self, c: Conn) -> None:
         r = "p" if c.role == PUB else "s" if c.role == SUB else "c"
-        c.wbuf += wire.encode_connect(f"lg{os.getpid()}-{r}{c.idx}")
+        c.wbuf += wire.encode_connect(f"lg{os.getpid()}-{r}{c.idx}", clean=not self.cfg.persistent)
         c.state = CONNACK_WAIT
         self.ep.modify(c.fd, EPOLLIN)
         self._flush(c)
@@ -1050,6 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=d.label, help="copied into the RESULT line")
     p.add_argument("--procs", type=int, default=0, help="worker processes (default: one per usable CPU)")
     p.add_argument("--reader", default=d.reader, choices=("auto", "python", "codec"), help="stream parser")
+    p.add_argument("--persistent", action="store_true", help="connect with clean session 0 (persistent sessions)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -1063,7 +1065,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         duration=a.duration, size=a.size, qos=a.qos, inflight=a.inflight, window=a.window, batch=a.batch,
         rate=a.rate, conns=a.conns, concurrency=a.concurrency, hold=a.hold, pids=a.pid, timeout=a.timeout,
         drain=a.drain, settle=a.settle, prefix=a.prefix, label=a.label, procs=a.procs, reader=a.reader,
-        verbose=a.verbose,
+        persistent=a.persistent, verbose=a.verbose,
     )  # fmt: skip
     return cfg.finalize()
 

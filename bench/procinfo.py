@@ -95,6 +95,16 @@ def tree_cpu_s(pids: list[int]) -> float:
     return total if seen else -1.0
 
 
+def start_time(pid: int) -> int:
+    """Start time of a process in clock ticks since boot (identifies it across PID reuse), -1 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return -1
+    return int(stat[stat.rfind(")") + 2 :].split()[19])
+
+
 def self_cpu_s() -> float:
     """CPU seconds used by this process."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
