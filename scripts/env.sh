@@ -133,6 +133,9 @@ fluxmq_setup() {
             *) fluxmq_log "fluxmq_setup: unknown option $arg"; return 2 ;;
         esac
     done
+    if [ -f "$STAMP" ] && grep -qx "test" "$STAMP"; then
+        want_test=1  # keep the test extras a previous scripts/test installed when rebuilding
+    fi
     if [ -x "$VENV/bin/python" ] && ! fluxmq_needs_build "$want_test" && [ "$system_packages" = 0 ]; then
         return 0  # the fast path of scripts/run on a built tree
     fi
