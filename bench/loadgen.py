@@ -944,7 +944,7 @@ def merge(cfg: Config, parts: list[dict[str, Any]], nw: int) -> dict[str, Any]:
         res.update(
             subs=cfg.subs, size=cfg.size, target_rate=round(cfg.rate), msgs=msgs, deliveries=unique,
             secs=round(secs, 3), rate=round(unique / secs) if secs > 0 else 0, lost=lost,
-            dups=sum(p["dups"] for p in parts),
+            dups=sum(p["dups"] for p in parts), gaps=sum(p["gaps"] for p in parts),
             p50_ms=round(_pct(lat, 50), 3), p90_ms=round(_pct(lat, 90), 3), p99_ms=round(_pct(lat, 99), 3),
             p999_ms=round(_pct(lat, 99.9), 3), max_ms=round(_pct(lat, 100), 3), mean_ms=round(mean, 3),
             sched_lag_max_ms=round(max(p["sched_lag"] for p in parts) / 1e6, 3),

@@ -1,0 +1,177 @@
+"""Smoke tests of the load generator (bench/loadgen.py): it counts deliveries, loss and duplicates
+correctly against a real Mosquitto, and its readers agree on any split of a stream.
+
+No timing assertions: only counts, which are exact on loopback with bounded runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench import loadgen, wire
+from bench.brokers import REPO, Mosquitto
+from bench.loadgen import Config, SeqChecker
+
+
+def _stream() -> tuple[bytes, list[tuple]]:
+    """A broker-to-client byte stream and the events it must decode to."""
+    p0 = wire.PublishTemplate("t/0", 0, 64, 3)
+    p1 = wire.PublishTemplate("some/longer/topic/name", 1, 200, 7)
+    pub0 = bytearray(p0.data)
+    loadgen._SEQ_TS.pack_into(pub0, p0.off_seq, 41, 123456789)
+    pub1 = bytearray(p1.data)
+    pub1[p1.off_pid : p1.off_pid + 2] = (513).to_bytes(2, "big")
+    loadgen._SEQ_TS.pack_into(pub1, p1.off_seq, 2**32 - 1, 2**63)
+    short = b"\x30\x07\x00\x03a/bxy"  # 2-byte payload: not one of ours
+    data = (
+        b"\x20\x02\x00\x00"  # CONNACK rc 0
+        + b"\x90\x03\x00\x01\x01"  # SUBACK granted QoS 1
+        + bytes(pub0)
+        + bytes(pub1)
+        + b"\x40\x02\x12\x34"  # PUBACK 0x1234
+        + short
+        + b"\xd0\x00"  # PINGRESP
+    )
+    events = [
+        (2, 0),
+        (9, 1),
+        (3, 0, 0, 3, 41, 123456789),
+        (3, 1, 513, 7, 2**32 - 1, 2**63),
+        (4, 0x1234),
+        (3, 0, 0, -1, 0, 0),
+        (13, 0),
+    ]
+    return data, events
+
+
+def _feed_split(reader: object, data: bytes, step: int) -> list[tuple]:
+    out: list[tuple] = []
+    for i in range(0, len(data), step):
+        out += reader.feed(data[i : i + step])
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64, 10_000])
+def test_python_reader_any_split_gives_the_same_events(step: int) -> None:
+    data, events = _stream()
+    assert _feed_split(wire.PythonReader(), data, step) == events
+
+
+@pytest.mark.parametrize("step", [1, 5, 10_000])
+def test_codec_reader_matches_python_reader(step: int) -> None:
+    if not wire.codec_available():
+        pytest.skip("fluxmq._core.codec is not built")
+    data, events = _stream()
+    assert _feed_split(wire.CodecReader(), data, step) == events
+
+
+def test_reader_rejects_malformed_remaining_length() -> None:
+    with pytest.raises(ValueError):
+        wire.PythonReader().feed(b"\x30\xff\xff\xff\xff\x01")
+
+
+def test_seq_checker_counts_order_gaps_and_duplicates() -> None:
+    row = [0, 0]
+    lat: list[int] = []
+    k = SeqChecker(2, row, lat)
+    ev = [(3, 0, 0, 0, s, 100) for s in (0, 1, 2, 5, 6, 6, 3)] + [(3, 1, 9, 1, 0, 100), (3, 0, 0, 2, 0, 0)]
+    acks = k.feed(ev, 1100)
+    assert (k.total, k.unique, k.gaps, k.dups, k.bad) == (9, 6, 2, 2, 1)
+    assert row == [5, 1]
+    assert lat == [1000] * 6
+    assert bytes(acks) == b"\x40\x02\x00\x09"  # PUBACK for the QoS 1 delivery only
+
+
+def test_config_refuses_non_loopback_targets() -> None:
+    with pytest.raises(ValueError, match="non-loopback"):
+        Config(mode="throughput", host="10.0.0.1").finalize()
+
+
+# ------------------------------------------------------------------------ against Mosquitto
+
+
+@pytest.fixture(scope="module")
+def mosquitto():
+    if not Mosquitto.available():
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto; scripts/test installs it)")
+    with Mosquitto() as broker:
+        yield broker
+
+
+def _run(broker: Mosquitto, **kw: object) -> dict:
+    kw.setdefault("procs", 1)
+    cfg = Config(port=broker.port, pids=[broker.pid], timeout=60, drain=3, **kw)
+    return loadgen.run(cfg)
+
+
+def _assert_complete(res: dict, msgs: int, deliveries: int) -> None:
+    assert "error" not in res, res
+    assert res["msgs"] == msgs, res
+    assert res["deliveries"] == deliveries, res
+    assert res["lost"] == 0 and res["dups"] == 0 and res["gaps"] == 0 and res["bad"] == 0, res
+    assert res["_ok"]
+
+
+def test_qos0_one_to_one_delivers_every_message_once(mosquitto: Mosquitto) -> None:
+    res = _run(mosquitto, mode="throughput", count=3000, qos=0)
+    _assert_complete(res, 3000, 3000)
+
+
+def test_qos1_counts_pubacks(mosquitto: Mosquitto) -> None:
+    res = _run(mosquitto, mode="throughput", count=2000, qos=1, inflight=10)
+    _assert_complete(res, 2000, 2000)
+    assert res["pubacks"] == 2000
+
+
+def test_fanout_counts_each_subscriber(mosquitto: Mosquitto) -> None:
+    res = _run(mosquitto, mode="fanout", subs=5, count=300)
+    _assert_complete(res, 300, 1500)
+
+
+def test_fanin_wildcard_counts_every_publisher(mosquitto: Mosquitto) -> None:
+    res = _run(mosquitto, mode="fanin", pubs=7, count=701)
+    _assert_complete(res, 701, 701)
+
+
+def test_topic_mapping_gives_the_expected_fan(mosquitto: Mosquitto) -> None:
+    # 3 publishers on 2 topics (0,1,0), 4 subscribers on topics (0,1,0,1): each message reaches 2
+    res = _run(mosquitto, mode="throughput", pubs=3, subs=4, topics=2, count=900)
+    _assert_complete(res, 900, 1800)
+
+
+def test_two_worker_processes_count_the_same(mosquitto: Mosquitto) -> None:
+    res = _run(mosquitto, mode="fanout", subs=6, count=400, procs=2)
+    assert res["procs"] == 2
+    _assert_complete(res, 400, 2400)
+
+
+def test_run_stops_at_its_duration_without_loss(mosquitto: Mosquitto) -> None:
+    res = _run(mosquitto, mode="throughput", count=50_000_000, duration=0.3, window=50)
+    assert "error" not in res, res
+    assert 0 < res["msgs"] < 50_000_000
+    assert res["deliveries"] == res["msgs"] and res["lost"] == 0
+
+
+def test_latency_mode_collects_one_sample_per_delivery(mosquitto: Mosquitto) -> None:
+    res = _run(mosquitto, mode="latency", rate=500, count=100, count_set=True)
+    _assert_complete(res, 100, 100)
+    assert 0 <= res["p50_ms"] <= res["p99_ms"] <= res["max_ms"]
+
+
+def test_conn_mode_opens_pings_and_measures_rss(mosquitto: Mosquitto) -> None:
+    res = _run(mosquitto, mode="conn", conns=60, concurrency=16, hold=0.1, settle=0.1)
+    assert res["ok"] == 60 and res["alive"] == 60 and res["failed"] == 0, res
+    assert res["rss_before_kb"] > 0 and res["rss_after_kb"] > 0
+
+
+def test_cli_prints_a_result_line(mosquitto: Mosquitto) -> None:
+    cmd = [sys.executable, "-m", "bench.loadgen", "--mode", "throughput", "--port", str(mosquitto.port),
+           "--count", "500", "--procs", "1", "--label", "cli"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert p.returncode == 0, p.stderr
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    res = loadgen.parse_result_line(line)
+    assert res["label"] == "cli" and res["msgs"] == "500" and res["deliveries"] == "500" and res["lost"] == "0"
