@@ -33,9 +33,6 @@ RC_BAD_PROTOCOL = 1
 RC_ID_REJECTED = 2
 RC_SERVER_UNAVAILABLE = 3
 
-# Server-to-client packet types a client must never send.
-_SERVER_ONLY = (c.CONNACK, c.SUBACK, c.UNSUBACK, c.PINGRESP)
-
 _PINGRESP = b"\xd0\x00"
 
 
@@ -45,6 +42,13 @@ class _Close(Exception):
 
 class MQTTConnection:
     """One client connection (any MQTT version on the same listener)."""
+
+    # Slots, not a __dict__: an idle connection's memory is a target (<= 6 KB per client).
+    # Add new attributes here.
+    __slots__ = ("broker", "stream", "settings", "flusher", "listener", "peer", "over_limit", "decoder", "out",
+                 "version", "session", "client_id", "keepalive", "closed", "_torn_down", "_dirty", "_writer",
+                 "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
+                 "__weakref__")
 
     def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
                  over_limit: bool = False) -> None:
@@ -69,21 +73,8 @@ class MQTTConnection:
         self._publish_will = True  # cleared by a normal DISCONNECT
         self._client_max_packet = 0  # 5.0 Maximum Packet Size of the client; 0 = protocol maximum
         self._problem_info = True  # 5.0 Request Problem Information
-        self._aliases_in: dict[int, str] = {}
+        self._aliases_in: dict[int, str] | None = None  # 5.0 inbound topic aliases, made on first use
         self._high = settings.write_buffer_high
-        self._handlers = {
-            c.CONNECT: self._on_connect,
-            c.PUBLISH: self._on_publish,
-            c.PUBACK: self._on_puback,
-            c.PUBREC: self._on_pubrec,
-            c.PUBREL: self._on_pubrel,
-            c.PUBCOMP: self._on_pubcomp,
-            c.SUBSCRIBE: self._on_subscribe,
-            c.UNSUBSCRIBE: self._on_unsubscribe,
-            c.PINGREQ: self._on_pingreq,
-            c.DISCONNECT: self._on_disconnect,
-            c.AUTH: self._on_auth,
-        }
 
     # -- read loop -------------------------------------------------------------------------------
 
@@ -91,7 +82,7 @@ class MQTTConnection:
         """Serve the connection until it closes; runs in the connection's own greenlet."""
         stream = self.stream
         stats = self.broker.stats
-        handlers = self._handlers
+        handlers = _HANDLERS
         stream.settimeout(self.settings.connect_timeout or None)
         try:
             while not self.closed:
@@ -106,10 +97,10 @@ class MQTTConnection:
                         if self.session is None and packet.type != c.CONNECT:
                             # The first packet must be CONNECT [MQTT-3.1.0-1].
                             raise _Close()
-                        handler = handlers.get(packet.type)
+                        handler = handlers[packet.type]
                         if handler is None:
                             raise ProtocolError(f"unexpected packet type {packet.type} from a client")
-                        handler(packet)
+                        handler(self, packet)
                         if self.closed:
                             break
                 except MQTTError as exc:
@@ -466,10 +457,13 @@ class MQTTConnection:
     def _resolve_alias(self, alias: int, topic: str) -> str:
         if alias == 0 or alias > self.settings.max_topic_alias:
             raise MQTTError("topic alias out of range", 0x94)
+        aliases = self._aliases_in
+        if aliases is None:
+            aliases = self._aliases_in = {}
         if topic:
-            self._aliases_in[alias] = topic
+            aliases[alias] = topic
             return topic
-        known = self._aliases_in.get(alias)
+        known = aliases.get(alias)
         if known is None:
             raise ProtocolError("unknown topic alias")
         return known
@@ -553,3 +547,22 @@ class MQTTConnection:
 
     def _on_auth(self, p) -> None:
         raise ProtocolError("AUTH without an authentication method")
+
+
+# Packet type -> handler, shared by every connection (a per-connection dict of bound methods would
+# cost about 1 KB per idle client). None: a packet a client must not send.
+_HANDLERS: list = [None] * 16
+for _type, _handler in (
+    (c.CONNECT, MQTTConnection._on_connect),
+    (c.PUBLISH, MQTTConnection._on_publish),
+    (c.PUBACK, MQTTConnection._on_puback),
+    (c.PUBREC, MQTTConnection._on_pubrec),
+    (c.PUBREL, MQTTConnection._on_pubrel),
+    (c.PUBCOMP, MQTTConnection._on_pubcomp),
+    (c.SUBSCRIBE, MQTTConnection._on_subscribe),
+    (c.UNSUBSCRIBE, MQTTConnection._on_unsubscribe),
+    (c.PINGREQ, MQTTConnection._on_pingreq),
+    (c.DISCONNECT, MQTTConnection._on_disconnect),
+    (c.AUTH, MQTTConnection._on_auth),
+):
+    _HANDLERS[_type] = _handler
