@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from time import perf_counter
 
 import gevent
 
@@ -18,7 +19,7 @@ from .message import Message
 from .retained import RetainedStore
 from .router import Router
 from .session import EXPIRY_NEVER, Session, SessionLimits, Subscription, Will
-from .stats import BrokerStats
+from .stats import LATENCY_SAMPLE_MASK, BrokerStats
 
 log = logging.getLogger("fluxmq.broker")
 
@@ -210,23 +211,42 @@ class Broker:
         """Route one message to every matching session; store it when retained. Returns deliveries."""
         stats = self.stats
         stats.publish_received += 1
+        # 1 publish in 64 is timed until its deliveries are flushed (see _observe_latency).
+        started = perf_counter() if not stats.publish_received & LATENCY_SAMPLE_MASK else 0.0
+        msg_qos = message.qos
+        size = len(message.payload)
+        stats.received_qos[msg_qos] += 1
+        stats.received_bytes_qos[msg_qos] += size
         if message.retain:
             self.retained.store(message)
         route = self.router.route(message.topic)
-        msg_qos = message.qos
         retain = message.retain
+        sent_qos = stats.sent_qos
+        sent_bytes = stats.sent_bytes_qos
         n = 0
         for session, qos, qos_own, rap, sub_ids in route.targets:
             if session is origin:
                 if qos_own < 0:
                     continue  # No Local [MQTT-3.8.3-3]
                 qos = qos_own
-            session.deliver(message, msg_qos if msg_qos < qos else qos, rap and retain, sub_ids)
+            if msg_qos < qos:
+                qos = msg_qos
+            session.deliver(message, qos, rap and retain, sub_ids)
+            sent_qos[qos] += 1
+            sent_bytes[qos] += size
             n += 1
         if route.groups:
             n += self._publish_shared(message, route.groups)
         stats.publish_sent += n
+        if started:
+            self._observe_latency(started)
         return n
+
+    def _observe_latency(self, started: float) -> None:
+        # Deliveries only filled output buffers; the FlushScheduler's hub callback (registered by
+        # the first delivery of this loop turn) writes them. A callback registered now runs after
+        # it, so the sample covers routing, encoding and the socket write.
+        gevent.get_hub().loop.run_callback(self.stats.observe_delivery_latency, started)
 
     def _publish_shared(self, message: Message, groups: list) -> int:
         n = 0
@@ -237,6 +257,9 @@ class Broker:
             ids = (member.subscription_id,) if member.subscription_id else None
             qos = message.qos if message.qos < member.qos else member.qos
             member.session.deliver(message, qos, False, ids)
+            stats = self.stats
+            stats.sent_qos[qos] += 1
+            stats.sent_bytes_qos[qos] += len(message.payload)
             n += 1
         return n
 

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+
+# One publish in LATENCY_SAMPLE_MASK + 1 is timed from ``Broker.publish`` until its deliveries are
+# flushed (a power of two minus one: the check is one bit-and on a counter the broker keeps anyway).
+LATENCY_SAMPLE_MASK = 63
+# Upper bounds (seconds) of the publish-to-delivery latency histogram; a last bucket is +Inf.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5)
 
 
 class BrokerStats:
     """Counters kept as plain attributes (an attribute add is the cheapest thing Python does).
 
-    Exporters ($SYS topics, Prometheus, the admin API) read them; nothing here does I/O.
+    Exporters ($SYS topics, Prometheus, the admin API) read them; nothing here does I/O. The
+    ``*_qos`` lists are indexed by QoS (0, 1, 2): application messages and their payload bytes
+    received by the broker and delivered to subscribers.
     """
 
     __slots__ = ("started", "messages_received", "messages_sent", "bytes_received", "bytes_sent",
-                 "publish_received", "publish_sent", "connections_total", "drops")
+                 "publish_received", "publish_sent", "connections_total", "drops",
+                 "received_qos", "received_bytes_qos", "sent_qos", "sent_bytes_qos",
+                 "latency_counts", "latency_sum")
 
     def __init__(self) -> None:
         self.started = time.time()
@@ -24,6 +36,12 @@ class BrokerStats:
         self.publish_sent = 0  # application messages delivered to clients
         self.connections_total = 0
         self.drops: dict[str, int] = {}
+        self.received_qos = [0, 0, 0]
+        self.received_bytes_qos = [0, 0, 0]
+        self.sent_qos = [0, 0, 0]
+        self.sent_bytes_qos = [0, 0, 0]
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative
+        self.latency_sum = 0.0
 
     def dropped(self, reason: str, n: int = 1) -> None:
         """Count messages dropped for ``reason`` (offline_qos0, queue_full, expired, ...)."""
@@ -32,6 +50,12 @@ class BrokerStats:
     @property
     def dropped_total(self) -> int:
         return sum(self.drops.values())
+
+    def observe_delivery_latency(self, started: float) -> None:
+        """Record one sampled publish-to-delivery latency; ``started`` is a ``perf_counter()`` value."""
+        elapsed = time.perf_counter() - started
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        self.latency_sum += elapsed
 
     def uptime(self) -> int:
         return int(time.time() - self.started)
