@@ -38,7 +38,7 @@ cdef int _check_string(str s, object error) except -1:
     """Rules common to topic names and filters: non-empty, no U+0000, well-formed, <= 65,535 bytes."""
     cdef Py_ssize_t nbytes
     if s is None:
-        raise TypeError("topic must be a str, not None")
+        raise TypeError("a topic name or filter must be a str, not None")
     if len(s) == 0:
         raise error("MQTT-4.7.3-1: a topic name or filter must be at least one character long")
     if "\0" in s:
@@ -135,6 +135,8 @@ cpdef parse_shared(str filter):
     A filter starting with ``$share/`` is validated whole and raises ``TopicFilterInvalid`` when
     malformed (MQTT-4.8.2-1, MQTT-4.8.2-2); a plain filter is returned as None without validation.
     """
+    if filter is None:
+        raise TypeError("filter must be a str, not None")
     if not filter.startswith(_SHARE_PREFIX):
         return None
     validate_filter(filter)
@@ -254,6 +256,7 @@ cdef class SubscriptionTrie:
         cdef SharedGroup g
         cdef bint new
         validate_filter(filter)
+        hash(key)  # an unhashable key must fail before any node is created
         shared = _split_shared(filter)
         if shared is not None:
             group = <str>shared[0]

@@ -150,6 +150,12 @@ def test_shared_filter_inner_filter_must_be_valid(f: str) -> None:
         validate_filter(f)
 
 
+def test_none_is_a_type_error() -> None:
+    for func in (validate_topic, validate_filter, parse_shared):
+        with pytest.raises(TypeError):
+            func(None)
+
+
 def test_parse_shared() -> None:
     assert parse_shared("$share/g/a/+/b") == ("g", "a/+/b")
     assert parse_shared("$share/consumers/#") == ("consumers", "#")

@@ -131,6 +131,24 @@ def test_add_rejects_invalid_filter() -> None:
     assert trie.node_count() == 1
 
 
+def test_unhashable_key_leaves_no_nodes_behind() -> None:
+    trie = SubscriptionTrie()
+    with pytest.raises(TypeError):
+        trie.add("a/b/c", ["not", "hashable"], 1)
+    assert trie.node_count() == 1
+    assert len(trie) == 0
+
+
+def test_none_is_a_type_error() -> None:
+    trie = SubscriptionTrie()
+    with pytest.raises(TypeError):
+        trie.add(None, "k", 1)
+    with pytest.raises(TypeError):
+        trie.remove(None, "k")
+    with pytest.raises(TypeError):
+        trie.match(None)
+
+
 def test_remove() -> None:
     trie = SubscriptionTrie()
     trie.add("a/+", "k1", 1)
