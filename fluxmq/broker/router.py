@@ -57,7 +57,9 @@ class Router:
     """Matches topics to subscriptions; the broker's per-message routing step."""
 
     def __init__(self, shared_strategy: str = ROUND_ROBIN) -> None:
-        self.trie = SubscriptionTrie()
+        # The router caches whole routes per topic; a second cache in the trie would only add an
+        # insert to every miss.
+        self.trie = SubscriptionTrie(cache_size=0)
         self.shared_strategy = shared_strategy
         self._routes: dict[str, Route] = {}
         self._generation = -1
