@@ -223,6 +223,7 @@ class NodeFactory:
         data_dir.mkdir(parents=True)
         config: dict = {
             "server": {"tcp": {"plain": {"addr": f"{HOST}:{free_port()}"}},
+                       "websocket": {"plain": {"addr": ""}},  # on by default (:8083); tests opt in
                        "health_addr": f"{HOST}:{free_port()}"},
             "storage": {"path": str(data_dir)},
         }

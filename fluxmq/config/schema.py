@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fluxmq.config.values import Addr, Bool, Duration, Enum, Float, Int, Size, Str, ValueType
+from fluxmq.config.values import Addr, Bool, Duration, Enum, Float, Int, Size, Str, StrList, ValueType
 
 __all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key", "Schema", "main"]
 
@@ -65,6 +65,11 @@ SECTION_DOCS: dict[str, str] = {
     "server": "Listeners and connection handling.",
     "server.tcp": "MQTT over TCP.",
     "server.tcp.plain": "The plain (non-TLS) MQTT TCP listener.",
+    "server.tcp.tls": "MQTT over TLS (conventionally :8883); needs cert_file and key_file.",
+    "server.tcp.mtls": "MQTT over TLS with client certificates (conventionally :8884); needs ca_file too.",
+    "server.websocket": "MQTT over WebSocket (subprotocol mqtt or mqttv3.1, binary frames).",
+    "server.websocket.plain": "The plain WebSocket listener (ws://).",
+    "server.websocket.tls": "The WebSocket listener over TLS (wss://); the same TLS keys as server.tcp.tls.",
     "server.http": "HTTP bridge: publish, read retained messages, subscribe as server-sent events.",
     "server.http.plain": "The plain (non-TLS) HTTP bridge listener.",
     "server.admin": "Admin API; bearer token from FLUXMQ_ADMIN_TOKEN.",
@@ -73,6 +78,48 @@ SECTION_DOCS: dict[str, str] = {
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
 }
+
+
+
+def _limit_keys(section: str) -> tuple[Key, ...]:
+    """max_connections, read_timeout and write_timeout: the keys every MQTT listener has."""
+    return (
+        Key(f"{section}.max_connections", Int(1), 10000,
+            "Most concurrent connections on this listener; more are refused."),
+        Key(f"{section}.read_timeout", Duration(), "0s",
+            "Idle limit for a client that set keep alive 0; 0 = none."),
+        Key(f"{section}.write_timeout", Duration(), "60s",
+            "A client whose pending output cannot drain for this long is dropped."),
+    )
+
+
+def _tls_keys(section: str) -> tuple[Key, ...]:
+    """The TLS keys of a listener (fluxmq.transport.tls builds the SSLContext from them)."""
+    return (
+        Key(f"{section}.cert_file", Str(), "", "PEM certificate (chain) of the server; needed when addr is set."),
+        Key(f"{section}.key_file", Str(), "", "PEM private key of cert_file; needed when addr is set."),
+        Key(f"{section}.ca_file", Str(), "",
+            "PEM CA bundle client certificates are verified against; alone it means client_auth require."),
+        Key(f"{section}.client_auth", Enum("", "none", "request", "require_any", "verify_if_given", "require"),
+            "", 'Client certificates: "" = require when ca_file is set, else none (docs/listeners.rst).'),
+        Key(f"{section}.min_version", Enum("TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3"), "TLS1.2",
+            "Oldest TLS version accepted (OpenSSL may refuse 1.0/1.1 at its security level)."),
+        Key(f"{section}.cipher_suites", StrList(), [],
+            "TLS 1.2 suites by IANA/Go or OpenSSL name; [] = OpenSSL defaults; TLS 1.3 suites are not settable."),
+        Key(f"{section}.use_cert_cn_as_username", Bool(), False,
+            "The verified client certificate's CN becomes the session's username."),
+    )
+
+
+def _websocket_keys(section: str) -> tuple[Key, ...]:
+    """The WebSocket keys of a listener (fluxmq.transport.websocket)."""
+    return (
+        Key(f"{section}.path", Str(allow_empty=False), "/mqtt",
+            "Request path of the upgrade; another path gets 404."),
+        Key(f"{section}.allowed_origins", StrList(), [],
+            'Origin values accepted ("https://app.example.com", "*.example.com", "*"); [] = any.'),
+    )
+
 
 KEYS: tuple[Key, ...] = (
     Key("server.tcp.plain.addr", Addr(allow_empty=True), ":1883",
@@ -83,6 +130,23 @@ KEYS: tuple[Key, ...] = (
         "Idle limit for a client that set keep alive 0; 0 = none."),
     Key("server.tcp.plain.write_timeout", Duration(), "60s",
         "A client whose pending output cannot drain for this long is dropped."),
+    Key("server.tcp.tls.addr", Addr(allow_empty=True), "",
+        'TLS listener address host:port (e.g. ":8883"); "" disables it.'),
+    *_tls_keys("server.tcp.tls"),
+    *_limit_keys("server.tcp.tls"),
+    Key("server.tcp.mtls.addr", Addr(allow_empty=True), "",
+        'mTLS listener address host:port (e.g. ":8884"); "" disables it.'),
+    *_tls_keys("server.tcp.mtls"),
+    *_limit_keys("server.tcp.mtls"),
+    Key("server.websocket.plain.addr", Addr(allow_empty=True), ":8083",
+        'WebSocket listener address host:port; "" disables it.'),
+    *_websocket_keys("server.websocket.plain"),
+    *_limit_keys("server.websocket.plain"),
+    Key("server.websocket.tls.addr", Addr(allow_empty=True), "",
+        'WebSocket-over-TLS listener address host:port (e.g. ":8084"); "" disables it.'),
+    *_websocket_keys("server.websocket.tls"),
+    *_tls_keys("server.websocket.tls"),
+    *_limit_keys("server.websocket.tls"),
     Key("server.http.plain.addr", Addr(allow_empty=True), ":8080",
         'HTTP bridge address host:port; "" disables the listener.'),
     Key("server.http.plain.max_body_size", Size(1), "1MiB",

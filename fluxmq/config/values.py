@@ -2,7 +2,7 @@
 
 The parsers (``parse_duration``, ``parse_size``, ``parse_addr``, ``parse_bool``) take text and raise
 ``ValueError`` with a short reason. The value types (``Int``, ``Float``, ``Bool``, ``Str``,
-``Duration``, ``Size``, ``Addr``, ``Enum``) turn a raw value into the typed value a key holds:
+``Duration``, ``Size``, ``Addr``, ``Enum``, ``StrList``) turn a raw value into the typed value a key holds:
 
 - ``from_yaml(value)`` takes what the YAML loader produced (strict: ``"yes"`` is not a boolean,
   ``10.0`` is not an integer);
@@ -28,6 +28,7 @@ __all__ = [
     "Int",
     "Size",
     "Str",
+    "StrList",
     "ValueType",
     "parse_addr",
     "parse_bool",
@@ -372,10 +373,42 @@ class Enum(ValueType):
         if not choices:
             raise ValueError("Enum needs at least one choice")
         self.choices = tuple(choices)
-        self.summary = " | ".join(choices)
-        self.expected = "one of " + ", ".join(choices)
+        shown = [choice or '""' for choice in choices]  # "" is a valid choice (e.g. "not set")
+        self.summary = " | ".join(shown)
+        self.expected = "one of " + ", ".join(shown)
 
     def from_yaml(self, value: object) -> str:
         if not isinstance(value, str) or value not in self.choices:
             raise ValueError("")
         return str(value)
+
+
+class StrList(ValueType):
+    """A list of non-empty strings: a YAML sequence in a file, comma-separated text from env or ``--set``."""
+
+    summary = "list of strings"
+    expected = 'a list of strings such as ["a", "b"] (comma-separated from the environment)'
+
+    def from_yaml(self, value: object) -> list[str]:
+        if not isinstance(value, list | tuple):
+            raise ValueError("")
+        items = []
+        for item in value:
+            if not isinstance(item, str) or not item.strip():
+                raise ValueError("items must be non-empty strings")
+            items.append(str(item).strip())
+        return items
+
+    def from_text(self, text: str) -> list[str]:
+        """``a, b`` or a flow list ``[a, "b"]``; ``""`` and ``[]`` are the empty list."""
+        s = text.strip()
+        if s.startswith("[") and s.endswith("]"):
+            s = s[1:-1]
+        items = []
+        for item in s.split(","):
+            item = item.strip()
+            if len(item) >= 2 and item[0] == item[-1] and item[0] in "\"'":
+                item = item[1:-1].strip()
+            if item:
+                items.append(item)
+        return items
