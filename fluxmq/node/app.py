@@ -80,10 +80,31 @@ class NodeLogger(glogging.Logger):
 
 
 class NodeArbiter(Arbiter):
-    """Gunicorn's arbiter with SIGINT as graceful as SIGTERM (gunicorn's SIGINT is a quick stop)."""
+    """Gunicorn's arbiter for exactly one broker worker.
+
+    SIGINT is as graceful as SIGTERM (gunicorn's SIGINT is a quick stop). Signals that would start
+    a second worker next to the running one (SIGHUP reload, SIGTTIN, SIGUSR2 re-exec) are ignored:
+    the new worker could not bind the MQTT ports the old one holds, and its boot failure would halt
+    the node. Reloading configuration on SIGHUP belongs to the running worker (not done yet).
+    """
 
     def handle_int(self) -> None:
         self.handle_term()
+
+    def _ignore(self, name: str) -> None:
+        log.warning("signal_ignored", extra={"signal": name, "reason": "the node runs exactly one worker"})
+
+    def handle_hup(self) -> None:
+        self._ignore("SIGHUP")
+
+    def handle_ttin(self) -> None:
+        self._ignore("SIGTTIN")
+
+    def handle_ttou(self) -> None:
+        self._ignore("SIGTTOU")
+
+    def handle_usr2(self) -> None:
+        self._ignore("SIGUSR2")
 
 
 class NodeApplication(BaseApplication):

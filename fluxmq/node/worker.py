@@ -74,6 +74,15 @@ class BrokerWorker(GeventWorker):
                 return
             gevent.sleep(HEARTBEAT_INTERVAL)
 
+    def init_signals(self) -> None:
+        super().init_signals()
+        # gunicorn leaves SIGHUP at its default (terminate) in workers; a terminal hangup must not
+        # kill the broker. Configuration reload on SIGHUP will hook in here.
+        signal.signal(signal.SIGHUP, self.handle_hup)
+
+    def handle_hup(self, sig, frame) -> None:
+        """SIGHUP: ignored for now (run-time reload is not implemented yet)."""
+
     def handle_exit(self, sig, frame) -> None:
         """SIGTERM: graceful stop."""
         self.alive = False

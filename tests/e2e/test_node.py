@@ -155,6 +155,29 @@ def test_killed_worker_is_restarted_and_serves_mqtt(node_factory: NodeFactory) -
     assert n.stop() == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTTIN, signal.SIGUSR2],
+                         ids=["SIGHUP", "SIGTTIN", "SIGUSR2"])
+def test_signals_that_would_start_a_second_worker_are_ignored(node_factory: NodeFactory, sig: int) -> None:
+    """A second worker could not bind the MQTT port and would halt the node: keep the one running."""
+    n = node_factory()
+    workers = n.worker_pids()
+    sock = mqtt_connect(n, "stays-connected")
+    try:
+        os.kill(n.pid, sig)
+        assert wait_for(lambda: "signal_ignored" in n.log_text(), 10), n.log_tail()
+        for worker in workers:
+            os.kill(worker, signal.SIGHUP)  # a terminal hangup reaches the worker too
+        mqtt_connect(n, "still-serving").close()
+        assert n.worker_pids() == workers
+        assert n.returncode is None
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # the first client is still connected
+    finally:
+        sock.close()
+    assert n.stop() == 0
+
+
 # -- start-up failures -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "key", "line"), [
