@@ -57,13 +57,13 @@ def _key_value(text: str) -> str:
 
 
 def config_to_yaml(config) -> str:
-    """The effective configuration as YAML text."""
+    """The effective configuration as YAML text, secret values redacted."""
     from ruamel.yaml import YAML
 
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     out = io.StringIO()
-    yaml.dump(config.to_dict(), out)
+    yaml.dump(config.to_dict(redact_secrets=True), out)
     return out.getvalue()
 
 

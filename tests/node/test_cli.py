@@ -116,3 +116,19 @@ def test_module_entry_point_runs_main() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert result.stdout.strip() == f"fluxmq-node {fluxmq.__version__}"
+
+
+def _secret_str_keys() -> list:
+    from fluxmq.config import SCHEMA
+    from fluxmq.config.values import Str
+    keys = [key for key in SCHEMA.keys.values() if key.secret and isinstance(key.type, Str)]
+    return keys or [pytest.param(None, marks=pytest.mark.skip(reason="no secret string key declared yet"))]
+
+
+@pytest.mark.parametrize("key", _secret_str_keys())
+def test_check_redacts_secrets(key, monkeypatch, capsys) -> None:
+    monkeypatch.setenv(key.env, "s3cr3t-value-from-env")
+    assert main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t-value-from-env" not in out
+    assert key.leaf in out
