@@ -82,6 +82,9 @@ class Broker:
         """
         session = self.sessions.get(client_id)
         if session is not None:
+            # A session with expiry 0 (3.x clean session) ends with its network connection, so a
+            # takeover does not resume it [MQTT-3.1.2-6].
+            ended = clean_start or session.expiry_interval == 0
             old = session.delivery
             if old is not None:
                 session.detach()
@@ -91,13 +94,13 @@ class Broker:
                 old.close(0x8E, "session taken over")
                 # The old connection's will: published now unless the session continues and the
                 # will has a delay, in which case this reconnect cancels it [MQTT-3.1.3-9].
-                if old_will is not None and (clean_start or old_will.delay == 0):
+                if old_will is not None and (ended or old_will.delay == 0):
                     self._publish_will(old_will)
             else:
                 # A reconnect within the will delay cancels the pending will.
                 session.will = None
             self._cancel_timer(session)
-            if clean_start:
+            if ended:
                 self._end_session(session)
                 session = None
         present = session is not None
