@@ -14,6 +14,10 @@ import subprocess
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fluxmq._core import codec
 from fluxmq._core.codec import (
     AUTH,
     CONNACK,
@@ -52,10 +56,6 @@ from fluxmq._core.codec import (
     encode,
     encode_publish,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from fluxmq._core import codec
 from fluxmq.errors import MalformedPacket, MQTTError, PacketTooLarge
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,6 +9,9 @@ Unsupported Protocol Version 0x84).
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from fluxmq._core.codec import (
     AUTH,
     CONNACK,
@@ -31,9 +34,6 @@ from fluxmq._core.codec import (
     Subscription,
     encode,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from fluxmq.errors import (
     MalformedPacket,
     MQTTError,
