@@ -242,12 +242,21 @@ def metric_values(runs: list[dict[str, Any]], key: str) -> list[float]:
     return out
 
 
+def _reason(detail: str) -> str:
+    """The broker's own error text from a start failure, shortened (e.g. an unsupported config value)."""
+    i = detail.find('error="')
+    if i < 0:
+        return ""
+    text = detail[i + 7 :].split('"', 1)[0]
+    return f" ({text[-160:]})"
+
+
 def run_notes(runs: list[dict[str, Any]]) -> str:
     """Loss, duplicates, errors, generator-bound or noisy runs, summarized."""
     notes = []
     lost = sum(int(_num(r.get("lost")) or 0) for r in runs)
     dups = sum(int(_num(r.get("dups")) or 0) for r in runs)
-    errs = sorted({str(r["error"]) for r in runs if r.get("error")})
+    errs = sorted({str(r["error"]) + _reason(r.get("detail", "")) for r in runs if r.get("error")})
     if lost:
         notes.append(f"LOST {lost:,}")
     if dups:
@@ -281,6 +290,32 @@ def judge(metric: Metric, flux: float | None, mosq: float | None, results: dict)
     else:
         return ""
     return "yes" if ok else "no"
+
+
+def per_cpu_values(runs: list[dict[str, Any]]) -> list[float]:
+    """Deliveries per broker CPU-second of every good throughput run."""
+    out = []
+    for r in runs:
+        rate, cpu = _num(r.get("rate")), _num(r.get("broker_cpu"))
+        if not r.get("error") and rate and cpu and cpu > 0 and "deliveries" in r and r.get("mode") != "latency":
+            out.append(rate * 100.0 / cpu)
+    return out
+
+
+def efficiency_rows(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Table rows of deliveries per broker CPU-second for the throughput scenarios."""
+    rows = []
+    for name, per_broker in results.items():
+        sc = SCENARIOS[name]
+        if sc.metrics[0].key != "rate":
+            continue
+        mv = per_cpu_values(per_broker.get("mosquitto", []))
+        fv = per_cpu_values(per_broker.get("fluxmq", []))
+        if not mv and not fv:
+            continue
+        ratio = f"{statistics.median(fv) / statistics.median(mv):.2f}x" if mv and fv else ""
+        rows.append(f"| {sc.title} | {cell(mv, '{:,.0f}')} | {cell(fv, '{:,.0f}')} | {ratio} |")
+    return rows
 
 
 def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, dict[str, list[dict]]],
@@ -332,6 +367,16 @@ def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, di
                 f"| {m.title}{unit} | {mcell} | {fcell} | {ratio} | {m.target} | "
                 f"{judge(m, fmed, mmed, results)} | {'; '.join(notes)} |"
             )
+    eff = efficiency_rows(results)
+    if eff:
+        lines += [
+            "",
+            "Deliveries per second of broker CPU (rate / broker CPU share; less sensitive to other load on "
+            "the machine than the rates above, but blind to a broker that idles while waiting):",
+            "",
+            f"| scenario | {mname} | {fname} | fluxmq / Mosquitto |",
+            "|---|---:|---:|---:|",
+        ] + eff
     lines += [
         "",
         "## Runs",
@@ -346,6 +391,9 @@ def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, di
                 continue
             for i, r in enumerate(runs, 1):
                 vals = ", ".join(f"{m.key}={r.get(m.key, '-')}" for m in sc.metrics)
+                pc = per_cpu_values([r])
+                if pc:
+                    vals += f" ({pc[0]:,.0f} per broker CPU-s)"
                 lines.append(
                     f"| {name} {b} #{i} | {vals} | {r.get('msgs', r.get('ok', '-'))} | "
                     f"{r.get('deliveries', r.get('alive', '-'))} | {r.get('lost', '-')} | {r.get('dups', '-')} | "
@@ -428,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = procinfo.machine_info()
     gen = (f"mqttload ({args.mqttload})" if args.generator == "mqttload"
-           else f"bench/loadgen.py, reader {args.reader}, {args.procs or 'one'} process(es) per pinned CPU set")  # fmt: skip
+           else f"bench/loadgen.py, reader {args.reader}, {args.procs or 'one per usable CPU:'} worker process(es)")  # fmt: skip
     meta.update(started=started.strftime("%Y-%m-%d %H:%M UTC"), generator=gen, git=_git_head(),
                 command="bench/compare " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
     versions = {}
