@@ -1391,13 +1391,28 @@ cpdef bytes encode(Packet packet, int version=4):
     """
     cdef _Out o = _Out(NULL, 0, 0)
     cdef Publish pub
-    cdef int ptype = packet.type
+    cdef _PublishAck ack
+    cdef object cls = type(packet)
+    cdef int ptype
     cdef Py_ssize_t length, header
     cdef unsigned char* start
-    if ptype == T_PUBLISH:
+    cdef unsigned char short_ack[4]
+    if cls is Publish:
         pub = <Publish>packet
         return encode_publish(pub.topic, pub.payload, pub.qos, pub.retain, pub.dup, pub.packet_id,
                               pub.properties, version)
+    if cls is Puback or cls is Pubrec or cls is Pubrel or cls is Pubcomp:
+        # Hot path: one acknowledgement per QoS 1/2 message, nearly always the 2-byte body.
+        ack = <_PublishAck>packet
+        if (version != 5 or (ack.reason_code == 0 and not ack.properties)) and (
+                version == 3 or version == 4 or version == 5) and 0 <= ack.packet_id <= 0xFFFF:
+            short_ack[0] = (0x40 if cls is Puback else 0x50 if cls is Pubrec else
+                            0x62 if cls is Pubrel else 0x70)
+            short_ack[1] = 2
+            short_ack[2] = ack.packet_id >> 8
+            short_ack[3] = ack.packet_id & 0xFF
+            return PyBytes_FromStringAndSize(<const char*>short_ack, 4)
+    ptype = packet.type
     _check_version(version)
     try:
         # Leave room for the longest fixed header, then write it just before the body.

@@ -461,6 +461,8 @@ def test_append_publish_rejects_non_publish_and_bad_ids():
     lambda: encode_publish("a\x00b", b"", 0, False, False, 0, None, 4),
     lambda: encode_publish("t" * 65536, b"", 0, False, False, 0, None, 4),
     lambda: encode(Pingreq(), 6),
+    lambda: encode(Puback(1), 6),
+    lambda: encode(Puback(70000), 4),
     lambda: encode(Auth(), 4),
     lambda: encode(Connect(password=b"p", protocol_version=4), 4),
     lambda: encode(Subscribe(1, []), 4),
