@@ -205,6 +205,42 @@ def fluxmq_node_command(python: str | None = None) -> list[str]:
     return [str(py), "-c", "import sys; from fluxmq.node.cli import main; sys.exit(main())"]
 
 
+_EXTRA_LISTENERS: dict[str, list[str]] = {}
+
+
+def other_listener_keys(python: str | None = None) -> list[str]:
+    """Config keys of fluxmq listeners enabled by default besides MQTT/TCP and health (HTTP bridge,
+    admin, WebSocket, ...), found with ``fluxmq-node --check``: the benchmark turns them off so that
+    they neither take CPU nor collide on their default ports.  Cached per interpreter."""
+    key = python or sys.executable
+    if key in _EXTRA_LISTENERS:
+        return _EXTRA_LISTENERS[key]
+    from ruamel.yaml import YAML  # noqa: PLC0415 - a dependency of fluxmq itself
+
+    p = subprocess.run(fluxmq_node_command(python) + ["--check", "--set", "server.tcp.plain.addr=127.0.0.1:1"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO, env=_fluxmq_env())  # fmt: skip
+    if p.returncode != 0:
+        raise BrokerError(f"fluxmq-node --check failed: {(p.stderr or p.stdout).strip()[-500:]}")
+    found: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif (path.endswith(".addr") and node and path not in ("server.tcp.plain.addr",)):
+            found.append(path)
+
+    walk((YAML(typ="safe", pure=True).load(p.stdout) or {}).get("server", {}), "server")
+    _EXTRA_LISTENERS[key] = found
+    return found
+
+
+def _fluxmq_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 class FluxmqNode(BrokerProcess):
     """``fluxmq-node --config <generated yaml> --set ...`` on free ports; ready when GET /ready is 200."""
 
@@ -248,17 +284,17 @@ class FluxmqNode(BrokerProcess):
         return r.returncode == 0
 
     def command(self) -> list[str]:
-        """``fluxmq-node --config <yaml> --set ...``."""
+        """``fluxmq-node --config <yaml> --set ...`` (other listeners off)."""
         cmd = fluxmq_node_command(self.python) + ["--config", str(self.config)]
+        for k in other_listener_keys(self.python):
+            cmd += ["--set", f"{k}="]
         for kv in self.sets:
             cmd += ["--set", kv]
         return cmd
 
     def env(self) -> dict[str, str] | None:
         """Inherit, with the repository on PYTHONPATH when fluxmq is not installed in the venv."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        return env
+        return _fluxmq_env()
 
     def ready(self) -> bool:
         """GET /ready on the health port returns 200 (and the MQTT port accepts)."""

@@ -188,11 +188,15 @@ def start_broker(name: str, args: argparse.Namespace, sc: Scenario) -> BrokerPro
 def run_one(args: argparse.Namespace, sc: Scenario, broker_name: str, run: int, log: Any) -> dict[str, Any]:
     """One generator run against a fresh broker; returns the parsed RESULT (plus ``error`` on failure)."""
     label = f"{sc.name}-{broker_name}-{run}"
+    quiet = {}
+    if args.wait_quiet > 0:
+        waited, busy = procinfo.wait_quiet(args.quiet_cpus, args.wait_quiet)
+        quiet = {"waited_s": round(waited, 1), "busy_before": round(busy, 2)}
     try:
         broker = start_broker(broker_name, args, sc)
     except BrokerError as e:
         log.write(f"\n### {label}: broker failed to start\n{e}\n")
-        return {"error": "broker_start", "detail": str(e)[:300]}
+        return {"error": "broker_start", "detail": str(e)[:300], **quiet}
     run_args = sc.quick_args if args.quick else sc.args
     try:
         cmd = generator_command(args, sc, broker, run_args, label)
@@ -207,6 +211,7 @@ def run_one(args: argparse.Namespace, sc: Scenario, broker_name: str, run: int, 
         log.write(err + out + f"(exit {rc}, {time.monotonic() - t0:.1f} s)\n")
         lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         res: dict[str, Any] = parse_result_line(lines[-1]) if lines else {"error": f"no_result_exit_{rc}"}
+        res.update(quiet)
         if broker.proc is not None and broker.proc.poll() is not None:
             res.setdefault("error", f"broker_exited_{broker.proc.returncode}")
             log.write(f"broker output:\n{broker.log_tail()}\n")
@@ -240,6 +245,11 @@ def metric_values(runs: list[dict[str, Any]], key: str) -> list[float]:
         if v is not None and v >= 0:
             out.append(v)
     return out
+
+
+def _cell_text(text: str, limit: int = 200) -> str:
+    """Text made safe for one Markdown table cell."""
+    return " ".join(str(text).replace("|", "/").split())[-limit:]
 
 
 def _reason(detail: str) -> str:
@@ -331,7 +341,9 @@ def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, di
         f"- method: broker pinned to CPU {args.broker_cpus or '-'}, generator to CPU {args.gen_cpus or '-'} "
         f"({meta['generator']}); 64-byte payloads; {'quick: ' if args.quick else ''}median of {args.runs} "
         f"run(s); a fresh broker per run, brokers alternating; deliveries per second end to end with loss "
-        f"and duplicates checked per publisher",
+        f"and duplicates checked per publisher"
+        + (f"; each run waited up to {args.wait_quiet:.0f} s for other load <= {args.quiet_cpus} CPU"
+           if args.wait_quiet else ""),
         f"- git: {meta.get('git', '?')}; command: `{meta['command']}`",
         "",
         f"| scenario | {mname} | {fname} | fluxmq / Mosquitto | target | met | notes |",
@@ -381,8 +393,9 @@ def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, di
         "",
         "## Runs",
         "",
-        "| run | value(s) | msgs | deliveries | lost | dups | broker CPU | generator CPU | other procs | error |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| run | value(s) | msgs | deliveries | lost | dups | broker CPU | generator CPU | other procs | "
+        "busy before | error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, per_broker in results.items():
         sc = SCENARIOS[name]
@@ -398,7 +411,7 @@ def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, di
                     f"| {name} {b} #{i} | {vals} | {r.get('msgs', r.get('ok', '-'))} | "
                     f"{r.get('deliveries', r.get('alive', '-'))} | {r.get('lost', '-')} | {r.get('dups', '-')} | "
                     f"{r.get('broker_cpu', '-')} | {r.get('gen_cpu', '-')} | {r.get('other_cpu', '-')} | "
-                    f"{r.get('error', '')} {r.get('detail', '')} |"
+                    f"{r.get('busy_before', '-')} | {r.get('error', '')} {_cell_text(r.get('detail', ''))} |"
                 )
     lines.append("")
     return "\n".join(lines)
@@ -425,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--procs", type=int, default=0, help="loadgen worker processes (default: one per pinned CPU)")
     p.add_argument("--fluxmq-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for fluxmq-node (repeatable)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run wait up to SECONDS for the machine to be idle (other work below "
+                        "--quiet-cpus); figures on a shared machine are noisy")
+    p.add_argument("--quiet-cpus", type=float, default=0.25, metavar="N",
+                   help="CPUs' worth of other load that counts as quiet (default 0.25)")
     p.add_argument("--out", default=str(OUT_DIR), help="directory for compare-<timestamp>.md/.json/.log")
     return p  # fmt: skip
 

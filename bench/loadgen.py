@@ -664,7 +664,9 @@ class Worker:
         gcpu0 = procinfo.self_cpu_s()
         self.running = True
         t0 = now_ns()
-        pub_deadline = min(t0 + int(cfg.duration * 1e9), self.deadline)
+        # latency mode: the count (rate x duration) is the bound; a second of grace for scheduling lag
+        grace = 1.0 if cfg.mode == "latency" else 0.0
+        pub_deadline = min(t0 + int((cfg.duration + grace) * 1e9), self.deadline)
         drain_ns = int(cfg.drain * 1e9)
         publishing = bool(pubs)
         t_pub_end = 0 if pubs else t0

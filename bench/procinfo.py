@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 
 
 def children(pid: int) -> list[int]:
@@ -132,6 +133,32 @@ def host_usage(before: list[int], after: list[int], ours_s: float) -> tuple[floa
     secs = tot / hz / (os.cpu_count() or 1)
     other = max(0.0, busy - ours_s)
     return 100.0 * d[7] / tot, (100.0 * other / secs if secs > 0 else 0.0)
+
+
+def busy_cpus(interval: float = 1.0) -> float:
+    """CPUs' worth of non-idle time on the whole machine over the next ``interval`` seconds."""
+    a = host_stat()
+    time.sleep(interval)
+    b = host_stat()
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    tot = sum(d)
+    if tot <= 0:
+        return 0.0
+    ncpu = os.cpu_count() or 1
+    return ncpu * (tot - d[3] - d[4]) / tot  # all but idle and iowait
+
+
+def wait_quiet(max_busy: float, max_wait: float, interval: float = 1.0) -> tuple[float, float]:
+    """Wait until the machine's busy CPUs drop to ``max_busy`` or ``max_wait`` seconds pass.
+
+    Returns (seconds waited, busy CPUs in the last interval).
+    """
+    t0 = time.monotonic()
+    while True:
+        busy = busy_cpus(interval)
+        waited = time.monotonic() - t0
+        if busy <= max_busy or waited >= max_wait:
+            return waited, busy
 
 
 def raise_nofile() -> int:
