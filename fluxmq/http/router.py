@@ -13,7 +13,7 @@ from http import HTTPStatus
 from typing import Any
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
-JSONHandler = Callable[[dict], tuple[int, Any]]
+JSONHandler = Callable[[dict], tuple]  # (status, body) or (status, body, headers)
 
 
 def json_response(start_response: Callable, status: int, body: Any,
@@ -31,7 +31,8 @@ class Router:
     """Dispatch a WSGI request by path.
 
     ``add(path, handler)`` serves one exact path with a JSON handler ``handler(environ) -> (status,
-    body)``; ``mount(prefix, app)`` hands every path under ``prefix`` to another WSGI app unchanged.
+    body)`` or ``(status, body, headers)``; ``mount(prefix, app)`` hands every path under ``prefix``
+    to another WSGI app unchanged.
     Unknown paths get a 404 JSON body, a method the route does not allow a 405 with ``Allow``.
     """
 
@@ -62,8 +63,8 @@ class Router:
                 return json_response(start_response, 405,
                                      {"error": "method not allowed", "method": method, "path": path},
                                      {"Allow": ", ".join(methods)})
-            status, body = handler(environ)
-            return json_response(start_response, status, body)
+            result = handler(environ)
+            return json_response(start_response, result[0], result[1], result[2] if len(result) > 2 else None)
         for prefix, app in self._mounts:
             if path == prefix or path.startswith(prefix + "/"):
                 return app(environ, start_response)

@@ -1,0 +1,554 @@
+"""HTTP bridge: publish over HTTP, read retained messages, subscribe as server-sent events.
+
+Endpoints (``server.http.plain.addr``)::
+
+    POST /publish                 JSON {"topic", "payload", "payload_encoding", "qos", "retain", "properties"}
+    POST /topics/{topic...}       the raw body is the payload; ?qos=0|1|2&retain=true|false
+    GET  /retained/{topic...}     the retained message of one topic (404 when none)
+    GET  /subscribe?filter=F      server-sent events, one ``message`` event per delivery (filter repeatable)
+
+Errors are JSON ``{"error": "..."}`` with 400 (bad JSON, topic, encoding, QoS, property), 403
+(``$SYS`` topics belong to the broker), 404, 405, 413 (body over ``max_body_size`` or payload over
+``broker.max_message_size``) and 503 (the broker is shutting down). Authentication and ACLs will
+apply here as on MQTT once they exist (401/403).
+
+Binary fields (``payload``, ``properties.correlation_data``) travel as UTF-8 text or base64, as
+``payload_encoding`` says; responses and events use ``utf8`` when every binary field is valid UTF-8.
+
+An SSE stream is a broker client like an MQTT connection: a session with a generated client id
+(``http-sse-...``, clean start, no expiry), QoS 0 subscriptions, and an ``SSEStream`` as its
+``Delivery``. Deliveries go into a bounded queue per stream (oldest dropped and counted as
+``sse_queue_full`` when the reader is slow), so a slow reader never stalls publishers; the stream
+is at-most-once. Comment lines every ``sse_heartbeat`` make a write fail on a dead client, which ends
+the stream and removes its session.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from urllib.parse import parse_qs
+
+from gevent.event import Event
+
+from fluxmq.broker.broker import Broker
+from fluxmq.broker.message import (
+    CONTENT_TYPE,
+    CORRELATION_DATA,
+    MESSAGE_EXPIRY_INTERVAL,
+    PAYLOAD_FORMAT_INDICATOR,
+    RESPONSE_TOPIC,
+    USER_PROPERTY,
+    Message,
+)
+from fluxmq.errors import TopicFilterInvalid, TopicNameInvalid
+from fluxmq.http.router import Router, json_response
+
+log = logging.getLogger("fluxmq.http.bridge")
+
+SSE_CLIENT_PREFIX = "http-sse-"
+ENCODINGS = ("utf8", "base64")
+PUBLISH_FIELDS = frozenset({"topic", "payload", "payload_encoding", "qos", "retain", "properties"})
+MAX_EXPIRY = 0xFFFFFFFF
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+class HTTPError(Exception):
+    """An error answered as JSON ``{"error": message}`` with ``status`` (and optional headers)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+    def response(self) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        return self.status, {"error": self.message}, self.headers
+
+
+def json_handler(fn: Callable[[dict], tuple]) -> Callable[[dict], tuple]:
+    """Wrap a Router JSON handler so an ``HTTPError`` becomes its JSON error response."""
+
+    def handler(environ: dict) -> tuple:
+        try:
+            return fn(environ)
+        except HTTPError as err:
+            return err.response()
+
+    handler.__doc__ = fn.__doc__
+    return handler
+
+
+class BridgeSettings:
+    """The bridge's knobs (``server.http.plain`` and ``broker.max_message_size``); reloadable."""
+
+    __slots__ = ("max_body_size", "max_message_size", "sse_heartbeat", "sse_queue_size")
+
+    def __init__(self, max_body_size: int = 1 << 20, max_message_size: int = 1 << 20,
+                 sse_heartbeat: float = 15.0, sse_queue_size: int = 1000) -> None:
+        self.max_body_size = max_body_size
+        self.max_message_size = max_message_size
+        self.sse_heartbeat = sse_heartbeat
+        self.sse_queue_size = sse_queue_size
+
+    @classmethod
+    def from_config(cls, config: Any) -> BridgeSettings:
+        plain = config.server.http.plain
+        return cls(plain.max_body_size, config.broker.max_message_size, plain.sse_heartbeat,
+                   plain.sse_queue_size)
+
+
+# -- request helpers (the admin API uses them too) -------------------------------------------------
+
+def path_text(raw: str) -> str:
+    """A WSGI path string (UTF-8 bytes carried as latin-1, PEP 3333) as the text the client meant."""
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise HTTPError(400, "the path is not valid UTF-8") from None
+
+
+def read_body(environ: dict, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes (413 past it, checked before reading when it can)."""
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    stream = environ["wsgi.input"]
+    if length_text:
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise HTTPError(400, "bad Content-Length") from None
+        if length > limit:
+            raise HTTPError(413, f"request body over {limit} bytes")
+        return stream.read(length) if length > 0 else b""
+    data = stream.read(limit + 1)  # chunked, or no body
+    if len(data) > limit:
+        raise HTTPError(413, f"request body over {limit} bytes")
+    return data
+
+
+def query(environ: dict) -> dict[str, list[str]]:
+    """The query string's parameters (every value of a repeated name, blank values kept)."""
+    text = path_text(environ.get("QUERY_STRING") or "")
+    return parse_qs(text, keep_blank_values=True)
+
+
+def one_param(params: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
+    values = params.get(name)
+    if not values:
+        return default
+    if len(values) > 1:
+        raise HTTPError(400, f"{name} given more than once")
+    return values[0]
+
+
+def parse_qos(value: object, max_qos: int = 2) -> int:
+    """A QoS (an int from JSON, or query-string text); 400 unless 0..``max_qos``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2:
+        raise HTTPError(400, f"qos must be 0, 1 or 2, got {value!r}")
+    if value > max_qos:
+        raise HTTPError(400, f"qos {value} is above the broker's maximum QoS {max_qos}")
+    return value
+
+
+def parse_flag(text: str, name: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise HTTPError(400, f"{name} must be true or false, got {text!r}")
+
+
+def decode_binary(value: object, encoding: str, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise HTTPError(400, f"{name} must be a string")
+    if encoding == "utf8":
+        return value.encode("utf-8", "surrogatepass")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPError(400, f"{name} is not valid base64") from None
+
+
+def check_topic(broker: Broker, topic: object) -> str:
+    """A topic name a client may publish to: 400 when invalid, 403 under ``$SYS``."""
+    if not isinstance(topic, str):
+        raise HTTPError(400, "topic must be a string")
+    try:
+        broker.check_topic(topic)
+    except TopicNameInvalid as exc:
+        raise HTTPError(400, f"invalid topic name: {exc.reason}") from None
+    if topic == "$SYS" or topic.startswith("$SYS/"):
+        raise HTTPError(403, "topics under $SYS belong to the broker")
+    return topic
+
+
+def parse_properties(broker: Broker, props: object, encoding: str) -> dict[int, Any] | None:
+    """MQTT 5.0 message properties from their JSON names (see the module docs)."""
+    if props is None:
+        return None
+    if not isinstance(props, dict):
+        raise HTTPError(400, "properties must be an object")
+    out: dict[int, Any] = {}
+    for name, value in props.items():
+        if name == "payload_format_indicator":
+            if value not in (0, 1) or isinstance(value, bool):
+                raise HTTPError(400, "properties.payload_format_indicator must be 0 or 1")
+            out[PAYLOAD_FORMAT_INDICATOR] = value
+        elif name == "message_expiry_interval":
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EXPIRY:
+                raise HTTPError(400, "properties.message_expiry_interval must be an integer 0..4294967295")
+            out[MESSAGE_EXPIRY_INTERVAL] = value
+        elif name == "content_type":
+            if not isinstance(value, str):
+                raise HTTPError(400, "properties.content_type must be a string")
+            out[CONTENT_TYPE] = value
+        elif name == "response_topic":
+            try:
+                broker.check_topic(value if isinstance(value, str) else "")
+            except TopicNameInvalid:
+                raise HTTPError(400, "properties.response_topic must be a valid topic name") from None
+            out[RESPONSE_TOPIC] = value
+        elif name == "correlation_data":
+            out[CORRELATION_DATA] = decode_binary(value, encoding, "properties.correlation_data")
+        elif name == "user_properties":
+            out[USER_PROPERTY] = _user_properties(value)
+        else:
+            raise HTTPError(400, f"unknown property {name!r}")
+    return out or None
+
+
+def _user_properties(value: object) -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise HTTPError(400, "properties.user_properties must be an object or a list of [name, value] pairs")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs):
+        raise HTTPError(400, "properties.user_properties names and values must be strings")
+    return pairs  # type: ignore[return-value]
+
+
+def message_json(message: Message, retain: bool | None = None) -> dict[str, Any]:
+    """A message as the bridge renders it (responses, SSE events, the admin API)."""
+    props = message.properties or {}
+    correlation = props.get(CORRELATION_DATA)
+    encoding = "utf8"
+    try:
+        payload = message.payload.decode("utf-8")
+        if correlation is not None:
+            correlation.decode("utf-8")
+    except UnicodeDecodeError:
+        encoding = "base64"
+        payload = base64.b64encode(message.payload).decode("ascii")
+    body: dict[str, Any] = {"topic": message.topic, "payload": payload, "payload_encoding": encoding,
+                            "qos": message.qos, "retain": message.retain if retain is None else retain}
+    rendered: dict[str, Any] = {}
+    for pid, value in props.items():
+        if pid == PAYLOAD_FORMAT_INDICATOR:
+            rendered["payload_format_indicator"] = value
+        elif pid == CONTENT_TYPE:
+            rendered["content_type"] = value
+        elif pid == RESPONSE_TOPIC:
+            rendered["response_topic"] = value
+        elif pid == CORRELATION_DATA:
+            rendered["correlation_data"] = (value.decode("utf-8") if encoding == "utf8"
+                                            else base64.b64encode(value).decode("ascii"))
+        elif pid == USER_PROPERTY:
+            rendered["user_properties"] = [[k, v] for k, v in value]
+    expiry = message.remaining_expiry()
+    if expiry is not None:
+        rendered["message_expiry_interval"] = expiry
+    if rendered:
+        body["properties"] = rendered
+    return body
+
+
+# -- SSE -----------------------------------------------------------------------------------------
+
+class SSEStream:
+    """One ``/subscribe`` stream: the ``Delivery`` of its session, with a bounded queue (drop oldest)."""
+
+    version = 0  # not an MQTT connection
+
+    listener = "http_sse"
+
+    def __init__(self, client_id: str, queue_size: int, broker: Broker, peer: str = "") -> None:
+        self.client_id = client_id
+        self.peer = peer
+        self.queue: deque = deque()
+        self.queue_size = queue_size
+        self.broker = broker
+        self.dropped = 0
+        self.closed = False
+        self.close_reason = ""
+        self._wake = Event()
+
+    # Delivery interface (called by the broker; never blocks, never switches greenlets)
+
+    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
+                     subscription_ids: tuple[int, ...] | None) -> bool:
+        if self.closed:
+            return False
+        queue = self.queue
+        if len(queue) >= self.queue_size:
+            queue.popleft()
+            self.dropped += 1
+            self.broker.stats.dropped("sse_queue_full")
+        queue.append((message, retain))
+        self._wake.set()
+        return True
+
+    def send_pubrel(self, packet_id: int) -> None:
+        """Never called: SSE subscriptions are QoS 0, so nothing is ever in flight."""
+
+    def is_congested(self) -> bool:
+        return False  # the stream's own bounded queue absorbs bursts
+
+    def close(self, reason_code: int, reason: str = "") -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason or f"closed by the broker (reason code {reason_code:#x})"
+            self._wake.set()
+
+    # the response body
+
+    def events(self, heartbeat: float) -> Iterator[bytes]:
+        """SSE bytes: queued messages as ``message`` events, comment heartbeats while idle, and a
+        final ``close`` event when the broker ends the stream."""
+        queue = self.queue
+        yield f": fluxmq stream {self.client_id}\nretry: 2000\n\n".encode()
+        while True:
+            if queue:
+                chunks = []
+                while queue:
+                    message, retain = queue.popleft()
+                    data = json.dumps(message_json(message, retain), separators=(",", ":"))
+                    chunks.append(f"event: message\ndata: {data}\n\n")
+                yield "".join(chunks).encode()
+                continue
+            if self.closed:
+                yield f"event: close\ndata: {json.dumps({'reason': self.close_reason})}\n\n".encode()
+                return
+            self._wake.clear()
+            if not self._wake.wait(heartbeat if heartbeat > 0 else None):
+                yield b": heartbeat\n\n"
+
+
+class _StreamBody:
+    """The WSGI response iterable of one stream; ``close()`` (always called by the server) ends the session."""
+
+    def __init__(self, bridge: HTTPBridge, stream: SSEStream, session: Any, heartbeat: float) -> None:
+        self._bridge = bridge
+        self._stream = stream
+        self._session = session
+        self._events = stream.events(heartbeat)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._events
+
+    def close(self) -> None:
+        self._events.close()
+        self._bridge._end_stream(self._stream, self._session)
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+class HTTPBridge:
+    """The bridge WSGI app over one broker (``app`` is the WSGI callable)."""
+
+    def __init__(self, broker: Broker, settings: BridgeSettings | None = None) -> None:
+        self.broker = broker
+        self.settings = settings or BridgeSettings()
+        self.streams: set[SSEStream] = set()
+        self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
+        router = Router()
+        router.add("/publish", self._counted("publish", json_handler(self._publish_json)), methods=("POST",))
+        router.mount("/topics", self._mounted("topics", ("POST",), self._publish_raw))
+        router.mount("/retained", self._mounted("retained", ("GET",), self._get_retained))
+        router.mount("/subscribe", self._subscribe_app)
+        self.app = router
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        return self.app(environ, start_response)
+
+    def reload(self, config: Any) -> set[str]:
+        """Apply the reloadable keys of a new config (a ``BrokerService`` reload hook); returns them.
+
+        ``broker.max_message_size`` is kept: the MQTT listeners apply it only at start, and both
+        front ends must refuse the same messages.
+        """
+        new = BridgeSettings.from_config(config)
+        new.max_message_size = self.settings.max_message_size
+        self.settings = new
+        return {"server.http.plain.max_body_size", "server.http.plain.sse_heartbeat",
+                "server.http.plain.sse_queue_size"}
+
+    def _count(self, endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def _counted(self, endpoint: str, handler: Callable[[dict], tuple]) -> Callable[[dict], tuple]:
+        def counted(environ: dict) -> tuple:
+            result = handler(environ)
+            self._count(endpoint, result[0])
+            return result
+        return counted
+
+    def _mounted(self, endpoint: str, methods: tuple[str, ...],
+                 handler: Callable[[dict, str], tuple]) -> Callable[[dict, Callable], list[bytes]]:
+        """A WSGI app for ``/{endpoint}/{topic...}`` calling ``handler(environ, topic)``."""
+        prefix = f"/{endpoint}/"
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            method = environ.get("REQUEST_METHOD", "GET").upper()
+            try:
+                if method not in methods:
+                    raise HTTPError(405, f"method {method} not allowed", {"Allow": ", ".join(methods)})
+                path = path_text(environ.get("PATH_INFO") or "")
+                topic = path[len(prefix):] if path.startswith(prefix) else ""
+                if not topic:
+                    raise HTTPError(400, f"no topic after {prefix}")
+                result = handler(environ, topic)
+            except HTTPError as err:
+                result = err.response()
+            self._count(endpoint, result[0])
+            return json_response(start_response, *result)
+
+        return app
+
+    def _check_accepting(self) -> None:
+        if not self.broker.accepting:
+            raise HTTPError(503, "the broker is shutting down")
+
+    def _route(self, topic: str, payload: bytes, qos: int, retain: bool, props: dict | None) -> tuple:
+        if len(payload) > self.settings.max_message_size:
+            raise HTTPError(413, f"payload over broker.max_message_size ({self.settings.max_message_size} bytes)")
+        if retain and not self.broker.settings.retain_available:
+            raise HTTPError(400, "retained messages are not available")
+        if props:
+            message = Message.from_publish_properties(topic, payload, qos, retain, props)
+        else:
+            message = Message(topic, payload, qos, retain)
+        deliveries = self.broker.publish(message)
+        return 200, {"status": "published", "topic": topic, "qos": qos, "retain": retain,
+                     "deliveries": deliveries}
+
+    def _publish_json(self, environ: dict) -> tuple:
+        """POST /publish: a JSON message."""
+        self._check_accepting()
+        body = read_body(environ, self.settings.max_body_size)
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise HTTPError(400, "body must be a JSON object")
+        unknown = sorted(set(doc) - PUBLISH_FIELDS)
+        if unknown:
+            raise HTTPError(400, f"unknown field {unknown[0]!r}")
+        if "topic" not in doc:
+            raise HTTPError(400, "topic is required")
+        topic = check_topic(self.broker, doc["topic"])
+        encoding = doc.get("payload_encoding", "utf8")
+        if encoding not in ENCODINGS:
+            raise HTTPError(400, f"payload_encoding must be utf8 or base64, got {encoding!r}")
+        payload = decode_binary(doc.get("payload", ""), encoding, "payload")
+        qos = parse_qos(doc.get("qos", 0), self.broker.settings.max_qos)
+        retain = doc.get("retain", False)
+        if not isinstance(retain, bool):
+            raise HTTPError(400, "retain must be true or false")
+        props = parse_properties(self.broker, doc.get("properties"), encoding)
+        return self._route(topic, payload, qos, retain, props)
+
+    def _publish_raw(self, environ: dict, topic: str) -> tuple:
+        """POST /topics/{topic}: the raw body is the payload."""
+        self._check_accepting()
+        topic = check_topic(self.broker, topic)
+        params = query(environ)
+        unknown = sorted(set(params) - {"qos", "retain"})
+        if unknown:
+            raise HTTPError(400, f"unknown parameter {unknown[0]!r}")
+        qos_text = one_param(params, "qos", "0") or ""
+        qos = parse_qos(int(qos_text) if qos_text.isdigit() else qos_text, self.broker.settings.max_qos)
+        retain = parse_flag(one_param(params, "retain", "false") or "", "retain")
+        payload = read_body(environ, self.settings.max_body_size)
+        return self._route(topic, payload, qos, retain, None)
+
+    def _get_retained(self, environ: dict, topic: str) -> tuple:
+        """GET /retained/{topic}: the retained message of that exact topic."""
+        try:
+            self.broker.check_topic(topic)
+        except TopicNameInvalid as exc:
+            raise HTTPError(400, f"invalid topic name: {exc.reason}") from None
+        message = self.broker.retained.get(topic)
+        if message is None:
+            raise HTTPError(404, f"no retained message on {topic!r}")
+        return 200, message_json(message, True)
+
+    # -- /subscribe ------------------------------------------------------------------------------
+
+    def _subscribe_app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        """GET /subscribe?filter=F[&filter=G]: a server-sent events stream."""
+        try:
+            if environ.get("PATH_INFO") != "/subscribe":
+                raise HTTPError(404, "not found")
+            method = environ.get("REQUEST_METHOD", "GET").upper()
+            if method != "GET":
+                raise HTTPError(405, f"method {method} not allowed", {"Allow": "GET"})
+            self._check_accepting()
+            params = query(environ)
+            unknown = sorted(set(params) - {"filter"})
+            if unknown:
+                raise HTTPError(400, f"unknown parameter {unknown[0]!r}")
+            filters = params.get("filter") or []
+            if not filters:
+                raise HTTPError(400, "at least one filter parameter is required")
+            peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
+            body = self._open_stream(filters, peer)
+        except HTTPError as err:
+            self._count("subscribe", err.status)
+            return json_response(start_response, *err.response())
+        self._count("subscribe", 200)
+        start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
+                                  ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
+        return body
+
+    def _open_stream(self, filters: list[str], peer: str = "") -> _StreamBody:
+        broker = self.broker
+        settings = self.settings
+        client_id = SSE_CLIENT_PREFIX + uuid.uuid4().hex
+        stream = SSEStream(client_id, settings.sse_queue_size, broker, peer)
+        session, _ = broker.open_session(client_id, True, 0)
+        broker.attach(session, stream, 0)
+        self.streams.add(stream)
+        try:
+            results = [broker.subscribe(session, f, 0) for f in filters]
+        except TopicFilterInvalid as exc:
+            self._end_stream(stream, session)
+            raise HTTPError(400, f"invalid topic filter: {exc.reason}") from None
+        for result in results:
+            if result.retained:
+                broker.deliver_retained(session, result)
+        log.debug("sse_open", extra={"client_id": client_id, "peer": peer, "filters": ",".join(filters)})
+        return _StreamBody(self, stream, session, settings.sse_heartbeat)
+
+    def _end_stream(self, stream: SSEStream, session: Any) -> None:
+        if stream not in self.streams:
+            return
+        self.streams.discard(stream)
+        stream.closed = True
+        self.broker.close_session(session, stream, False)
+        log.debug("sse_closed", extra={"client_id": stream.client_id, "dropped": stream.dropped})
+
+    def queued(self) -> int:
+        """Messages waiting in every SSE stream's queue."""
+        return sum(len(s.queue) for s in self.streams)
