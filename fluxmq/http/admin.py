@@ -1,0 +1,348 @@
+"""Admin API (``server.admin.addr``, default ``127.0.0.1:8082``): stats, sessions, subscriptions,
+retained messages, config reload. ``fluxmq/http/openapi.yaml`` documents every endpoint.
+
+Authentication: ``Authorization: Bearer <token>`` with the token from the environment variable
+``FLUXMQ_ADMIN_TOKEN``; a request without it (or with another) gets 401. Without a token the API is
+open, which is allowed only on a loopback address (``check_admin_exposure`` refuses anything else
+at start).
+
+Client ids and topics in paths are percent-encoded (``/sessions/a%2Fb`` is client ``a/b``); the
+raw request path is split before decoding, so ``%2F`` never splits a path segment.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from fluxmq import __version__
+from fluxmq.broker.session import EXPIRY_NEVER, Session
+from fluxmq.config import parse_addr
+from fluxmq.errors import ConfigError, TopicFilterInvalid
+from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query
+from fluxmq.http.router import json_response
+
+log = logging.getLogger("fluxmq.http.admin")
+
+TOKEN_ENV = "FLUXMQ_ADMIN_TOKEN"
+SPEC_PATH = Path(__file__).with_name("openapi.yaml")
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 100000
+_AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="fluxmq-admin"'}
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; every other host (``0.0.0.0`` included) is not."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve anywhere
+
+
+def check_admin_exposure(addr: str, token: str | None) -> None:
+    """Refuse (``ConfigError``) to serve the admin API on a non-loopback address without a token."""
+    if not addr or token:
+        return
+    host, _ = parse_addr(addr)
+    if not is_loopback(host):
+        raise ConfigError("server.admin.addr", f"a loopback address (127.0.0.1, [::1], localhost) unless "
+                          f"{TOKEN_ENV} is set", got=addr)
+
+
+def _timestamp(value: float) -> float | None:
+    return round(value, 3) if value else None
+
+
+def session_summary(session: Session) -> dict[str, Any]:
+    """One session as listed by ``GET /sessions``."""
+    delivery = session.delivery
+    return {
+        "client_id": session.client_id,
+        "connected": delivery is not None,
+        "protocol_version": getattr(delivery, "version", None) if delivery is not None else None,
+        "peer": getattr(delivery, "peer", None) if delivery is not None else None,
+        "listener": getattr(delivery, "listener", None) if delivery is not None else None,
+        "username": session.username,
+        "persistent": session.persistent,
+        "expiry_interval": None if session.expiry_interval == EXPIRY_NEVER else session.expiry_interval,
+        "connected_since": _timestamp(session.connected_since),
+        "disconnected_at": None if delivery is not None else _timestamp(session.disconnected_at),
+        "subscriptions": len(session.subscriptions),
+        "inflight": len(session.inflight),
+        "queue_depth": len(session.queue),
+        "queue_bytes": session.queue_bytes,
+    }
+
+
+def subscription_json(client_id: str, sub: Any) -> dict[str, Any]:
+    return {"client_id": client_id, "filter": sub.filter, "qos": sub.qos, "no_local": sub.no_local,
+            "retain_as_published": sub.retain_as_published, "retain_handling": sub.retain_handling,
+            "subscription_id": sub.subscription_id or None, "share_group": sub.share_group}
+
+
+def session_detail(session: Session) -> dict[str, Any]:
+    """One session as shown by ``GET /sessions/{client_id}``."""
+    body = session_summary(session)
+    body["subscriptions"] = [subscription_json(session.client_id, s) for s in session.subscriptions.values()]
+    body["inflight"] = [{"packet_id": pid, "topic": e.message.topic, "qos": e.qos, "released": e.released}
+                        for pid, e in sorted(session.inflight.items())]
+    body["inflight_count"] = len(session.inflight)
+    will = session.will
+    body["will"] = None if will is None else {"topic": will.message.topic, "qos": will.message.qos,
+                                              "retain": will.message.retain, "delay": will.delay}
+    return body
+
+
+def _limit(params: dict[str, list[str]]) -> tuple[int, int]:
+    def number(name: str, default: int, maximum: int) -> int:
+        text = one_param(params, name, str(default)) or ""
+        if not text.isdigit() or int(text) > maximum:
+            raise HTTPError(400, f"{name} must be an integer 0..{maximum}")
+        return int(text)
+    return number("limit", DEFAULT_LIMIT, MAX_LIMIT), number("offset", 0, 1 << 62)
+
+
+class AdminAPI:
+    """The admin WSGI app.
+
+    ``service`` provides ``broker`` and ``listeners``; ``bridge`` (optional) the HTTP bridge;
+    ``reload()`` re-reads the configuration and returns what it applied (raises ``ConfigError``).
+    """
+
+    def __init__(self, service: Any, token: str | None, reload: Callable[[], dict] | None = None,
+                 bridge: Any = None) -> None:
+        self.service = service
+        self.bridge = bridge
+        self._token = token.encode() if token else None
+        self._reload = reload
+        self._routes: list[tuple[str, str, Callable[[dict, list[str]], tuple]]] = [
+            ("GET", "stats", self.stats),
+            ("GET", "sessions", self.list_sessions),
+            ("GET", "sessions/*", self.get_session),
+            ("POST", "sessions/*/disconnect", self.disconnect),
+            ("GET", "subscriptions", self.list_subscriptions),
+            ("GET", "retained", self.list_retained),
+            ("GET", "retained/*", self.get_retained),
+            ("DELETE", "retained/*", self.delete_retained),
+            ("POST", "reload", self.reload),
+        ]
+
+    @property
+    def broker(self) -> Any:
+        broker = self.service.broker
+        if broker is None:
+            raise HTTPError(503, "the broker is not running")
+        return broker
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        try:
+            self._authenticate(environ)
+            segments = self._segments(environ)
+            if segments == ["openapi.yaml"]:
+                return self._spec(environ, start_response)
+            result = self._dispatch(environ, segments)
+        except HTTPError as err:
+            result = err.response()
+        return json_response(start_response, *result)
+
+    def _authenticate(self, environ: dict) -> None:
+        if self._token is None:
+            return
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), self._token):
+            raise HTTPError(401, "a valid bearer token is required", _AUTH_HEADERS)
+
+    @staticmethod
+    def _segments(environ: dict) -> list[str]:
+        """The path's segments, each percent-decoded on its own (empty ones kept: topics may have them)."""
+        raw = environ.get("RAW_URI")
+        if raw:
+            raw = raw.partition("?")[0]
+            if "://" in raw:  # absolute-form request target
+                raw = "/" + raw.split("://", 1)[1].partition("/")[2]
+            try:
+                return [unquote(p, errors="strict") for p in raw[1:].split("/")]
+            except UnicodeDecodeError:
+                raise HTTPError(400, "the path is not valid UTF-8") from None
+        return path_text(environ.get("PATH_INFO") or "/")[1:].split("/")
+
+    def _dispatch(self, environ: dict, segments: list[str]) -> tuple:
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        allowed = []
+        for route_method, pattern, handler in self._routes:
+            args = _match(pattern, segments)
+            if args is None:
+                continue
+            if route_method == method:
+                return handler(environ, args)
+            allowed.append(route_method)
+        if allowed:
+            raise HTTPError(405, f"method {method} not allowed", {"Allow": ", ".join(allowed)})
+        raise HTTPError(404, "not found")
+
+    def _spec(self, environ: dict, start_response: Callable) -> list[bytes]:
+        data = SPEC_PATH.read_bytes()
+        start_response("200 OK", [("Content-Type", "application/yaml"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    # -- endpoints -------------------------------------------------------------------------------
+
+    def stats(self, environ: dict, args: list[str]) -> tuple:
+        broker = self.broker
+        st = broker.stats
+        by_listener = {str(listener.name): len(listener.connections)
+                       for listener in getattr(self.service, "listeners", ())}
+        if self.bridge is not None:
+            by_listener["http_sse"] = len(self.bridge.streams)
+        queued = queued_bytes = inflight = 0
+        for session in broker.sessions.values():
+            queued += len(session.queue)
+            queued_bytes += session.queue_bytes
+            inflight += len(session.inflight)
+        sessions = len(broker.sessions)
+        return 200, {
+            "version": __version__,
+            "uptime_seconds": st.uptime(),
+            "connections": {"current": broker.connected, "total": st.connections_total, "by_listener": by_listener},
+            "sessions": {"total": sessions, "connected": broker.connected,
+                         "offline": max(0, sessions - broker.connected)},
+            "subscriptions": broker.subscription_count(),
+            "retained_messages": len(broker.retained),
+            "messages": {
+                "received": st.publish_received, "sent": st.publish_sent, "dropped": st.dropped_total,
+                "received_by_qos": dict(zip("012", st.received_qos, strict=True)),
+                "sent_by_qos": dict(zip("012", st.sent_qos, strict=True)),
+                "dropped_by_reason": dict(sorted(st.drops.items())),
+            },
+            "bytes": {"received": st.bytes_received, "sent": st.bytes_sent},
+            "queues": {"messages": queued, "bytes": queued_bytes, "inflight": inflight},
+        }
+
+    def list_sessions(self, environ: dict, args: list[str]) -> tuple:
+        params = query(environ)
+        _only(params, {"connected", "limit", "offset"})
+        limit, offset = _limit(params)
+        connected = one_param(params, "connected")
+        sessions = sorted(self.broker.sessions.values(), key=lambda s: s.client_id)
+        if connected is not None:
+            want = _flag(connected, "connected")
+            sessions = [s for s in sessions if (s.delivery is not None) == want]
+        page = sessions[offset:offset + limit]
+        return 200, {"total": len(sessions), "sessions": [session_summary(s) for s in page]}
+
+    def _session(self, client_id: str) -> Session:
+        session = self.broker.sessions.get(client_id)
+        if session is None:
+            raise HTTPError(404, f"no session {client_id!r}")
+        return session
+
+    def get_session(self, environ: dict, args: list[str]) -> tuple:
+        return 200, session_detail(self._session(args[0]))
+
+    def disconnect(self, environ: dict, args: list[str]) -> tuple:
+        client_id = args[0]
+        session = self._session(client_id)
+        if session.delivery is None:
+            raise HTTPError(409, f"session {client_id!r} is not connected")
+        self.broker.kick(client_id)
+        log.info("admin_disconnect", extra={"client_id": client_id})
+        return 200, {"client_id": client_id, "disconnected": True}
+
+    def list_subscriptions(self, environ: dict, args: list[str]) -> tuple:
+        params = query(environ)
+        _only(params, {"client_id", "limit", "offset"})
+        limit, offset = _limit(params)
+        client_id = one_param(params, "client_id")
+        if client_id is not None:
+            sessions = [self._session(client_id)]
+        else:
+            sessions = sorted(self.broker.sessions.values(), key=lambda s: s.client_id)
+        subs = [subscription_json(s.client_id, sub) for s in sessions for sub in s.subscriptions.values()]
+        return 200, {"total": len(subs), "subscriptions": subs[offset:offset + limit]}
+
+    def list_retained(self, environ: dict, args: list[str]) -> tuple:
+        params = query(environ)
+        _only(params, {"filter", "limit", "offset"})
+        limit, offset = _limit(params)
+        filter = one_param(params, "filter", "#") or ""
+        try:
+            messages = self.broker.retained.match(filter)
+        except TopicFilterInvalid as exc:
+            raise HTTPError(400, f"invalid topic filter: {exc.reason}") from None
+        messages.sort(key=lambda m: m.topic)
+        page = [_retained_json(m) for m in messages[offset:offset + limit]]
+        return 200, {"total": len(messages), "messages": page}
+
+    def get_retained(self, environ: dict, args: list[str]) -> tuple:
+        message = self.broker.retained.get(args[0])
+        if message is None:
+            raise HTTPError(404, f"no retained message on {args[0]!r}")
+        return 200, _retained_json(message)
+
+    def delete_retained(self, environ: dict, args: list[str]) -> tuple:
+        topic = args[0]
+        if not self.broker.retained.delete(topic):
+            raise HTTPError(404, f"no retained message on {topic!r}")
+        log.info("admin_retained_deleted", extra={"topic": topic})
+        return 200, {"topic": topic, "deleted": True}
+
+    def reload(self, environ: dict, args: list[str]) -> tuple:
+        if self._reload is None:
+            raise HTTPError(503, "reload is not available in this process")
+        started = time.monotonic()
+        try:
+            result = self._reload()
+        except ConfigError as exc:
+            raise HTTPError(400, str(exc)) from None
+        log.info("admin_reload", extra={"applied": ",".join(result.get("applied", [])),
+                                        "seconds": round(time.monotonic() - started, 3)})
+        return 200, {"status": "reloaded", **result}
+
+
+def _retained_json(message: Any) -> dict[str, Any]:
+    body = message_json(message, True)
+    body["size"] = len(message.payload)
+    return body
+
+
+def _match(pattern: str, segments: list[str]) -> list[str] | None:
+    """Match ``segments`` against a pattern like ``sessions/*/disconnect`` (``*`` takes one or more
+    segments, joined with ``/``); the captured values, or None."""
+    parts = pattern.split("/")
+    if "*" not in parts:
+        return [] if parts == segments else None
+    star = parts.index("*")
+    head, tail = parts[:star], parts[star + 1:]
+    if len(segments) < len(head) + len(tail) + 1:
+        return None
+    if segments[:len(head)] != head or (tail and segments[-len(tail):] != tail):
+        return None
+    middle = segments[len(head):len(segments) - len(tail)]
+    value = "/".join(middle)
+    return [value] if value else None
+
+
+def _only(params: dict[str, list[str]], allowed: set[str]) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise HTTPError(400, f"unknown parameter {unknown[0]!r}")
+
+
+def _flag(text: str, name: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise HTTPError(400, f"{name} must be true or false")
