@@ -12,7 +12,7 @@ listening on free 127.0.0.1 ports, with its own data directory, config file and 
         assert n.stop() == 0                  # SIGTERM, returns the exit code
 
 ``node_factory(overrides, config_text)``: ``config_text`` is YAML merged over the fixture's
-defaults (free MQTT and health ports on 127.0.0.1, ``storage.path`` in the test's tmp dir), then
+defaults (free MQTT, health, HTTP bridge and admin ports on 127.0.0.1, ``storage.path`` in the test's tmp dir), then
 ``overrides`` (dotted keys -> values) over that. The call returns once ``/ready`` answers 200 and
 the MQTT port accepts a TCP connection (20 s bound; on failure it raises with the log tail). Pass
 ``wait_ready=False`` for a node expected to fail. When a test fails, the tails of the logs of the
@@ -98,6 +98,10 @@ class RunningNode:
         self.log_path = log_path
         self.mqtt_port = _port_of(_get_dotted(config, "server.tcp.plain.addr"))
         self.health_port = _port_of(_get_dotted(config, "server.health_addr"))
+        http_addr = _get_dotted(config, "server.http.plain.addr")
+        admin_addr = _get_dotted(config, "server.admin.addr")
+        self.http_port = _port_of(http_addr) if http_addr else None  # HTTP bridge (None: off)
+        self.admin_port = _port_of(admin_addr) if admin_addr else None  # admin API (None: off)
         self.health_enabled = bool(_get_dotted(config, "server.health_enabled", True))
 
     @property
@@ -224,6 +228,8 @@ class NodeFactory:
         config: dict = {
             "server": {"tcp": {"plain": {"addr": f"{HOST}:{free_port()}"}},
                        "websocket": {"plain": {"addr": ""}},  # on by default (:8083); tests opt in
+                       "http": {"plain": {"addr": f"{HOST}:{free_port()}"}},  # HTTP bridge (default :8080)
+                       "admin": {"addr": f"{HOST}:{free_port()}"},  # admin API (default 127.0.0.1:8082)
                        "health_addr": f"{HOST}:{free_port()}"},
             "storage": {"path": str(data_dir)},
         }

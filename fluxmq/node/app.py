@@ -2,7 +2,14 @@
 
 The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for ``WORKER_TIMEOUT``
 seconds), halts when the worker cannot boot (the broker could not start), and on SIGTERM, SIGINT
-or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``.
+or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``; SIGHUP reloads
+the configuration into the running worker.
+
+The HTTP surfaces (health with ``/metrics``, the HTTP bridge, the admin API) are gunicorn binds, one
+socket each, made by the arbiter; the worker serves each socket with its own WSGI app. Binding in
+the arbiter keeps "the arbiter restarts a dead worker" true: the sockets outlive a crashed worker,
+so its replacement serves the same ports at once (connections wait in the backlog meanwhile) and
+cannot fail to boot because another process took a port in the gap, which would halt the node.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Callable
@@ -21,7 +29,13 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
 from fluxmq.config import parse_addr
+from fluxmq.errors import ConfigError
+from fluxmq.http.admin import TOKEN_ENV as ADMIN_TOKEN_ENV
+from fluxmq.http.admin import AdminAPI, check_admin_exposure
+from fluxmq.http.bridge import BridgeSettings, HTTPBridge
 from fluxmq.http.health import make_health_app
+from fluxmq.http.metrics import make_metrics_app, make_registry
+from fluxmq.log import setup_logging
 from fluxmq.node.worker import BrokerWorker
 
 log = logging.getLogger("fluxmq.node")
@@ -47,6 +61,26 @@ def gunicorn_bind(addr: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{host}:{port}"
+
+
+def http_surfaces(config: Any) -> list[tuple[str, str]]:
+    """``(name, addr)`` of each enabled HTTP listener, in bind order: health (with /metrics), the
+    HTTP bridge, the admin API. Two on one port are a ``ConfigError`` (the second bind would fail)."""
+    server = config.server
+    surfaces = []
+    if server.health_enabled:
+        surfaces.append(("health", "server.health_addr", server.health_addr))
+    if server.http.plain.addr:
+        surfaces.append(("http", "server.http.plain.addr", server.http.plain.addr))
+    if server.admin.addr:
+        surfaces.append(("admin", "server.admin.addr", server.admin.addr))
+    seen: dict[int, str] = {}
+    for _, key, addr in surfaces:
+        port = parse_addr(addr)[1]
+        if port and port in seen:
+            raise ConfigError(key, f"a port other than {seen[port]}'s", got=addr)
+        seen[port] = key
+    return [(name, addr) for name, _, addr in surfaces]
 
 
 class NodeLogger(glogging.Logger):
@@ -83,9 +117,11 @@ class NodeArbiter(Arbiter):
     """Gunicorn's arbiter for exactly one broker worker.
 
     SIGINT is as graceful as SIGTERM (gunicorn's SIGINT is a quick stop). Signals that would start
-    a second worker next to the running one (SIGHUP reload, SIGTTIN, SIGUSR2 re-exec) are ignored:
-    the new worker could not bind the MQTT ports the old one holds, and its boot failure would halt
-    the node. Reloading configuration on SIGHUP belongs to the running worker (not done yet).
+    a second worker next to the running one (SIGTTIN, SIGUSR2 re-exec) are ignored: the new worker
+    could not bind the MQTT ports the old one holds, and its boot failure would halt the node.
+    SIGHUP does not replace the worker as in gunicorn (that would drop every in-memory session): the
+    arbiter re-reads the configuration, applies its ``log`` section to itself and forwards SIGHUP to
+    the worker, which applies what can change at run time (``BrokerService.reload``).
     """
 
     def handle_int(self) -> None:
@@ -95,7 +131,15 @@ class NodeArbiter(Arbiter):
         log.warning("signal_ignored", extra={"signal": name, "reason": "the node runs exactly one worker"})
 
     def handle_hup(self) -> None:
-        self._ignore("SIGHUP")
+        log.info("reload_requested", extra={"signal": "SIGHUP"})
+        try:
+            config = self.app.load_fresh_config()
+            setup_logging(config.log)
+        except ConfigError as exc:  # the worker would fail the same way: keep everything as it is
+            log.error("reload_failed", extra={"error": str(exc)})
+            return
+        for pid in list(self.WORKERS):
+            self.kill_worker(pid, signal.SIGHUP)
 
     def handle_ttin(self) -> None:
         self._ignore("SIGTTIN")
@@ -110,30 +154,35 @@ class NodeArbiter(Arbiter):
 class NodeApplication(BaseApplication):
     """The gunicorn application of one node: settings from the fluxmq Config, one BrokerWorker."""
 
-    def __init__(self, config: Any, service_factory: Callable[[Any], Any] | None = None) -> None:
+    def __init__(self, config: Any, service_factory: Callable[[Any], Any] | None = None,
+                 config_loader: Callable[[], Any] | None = None) -> None:
         if service_factory is None:
             from fluxmq.node.service import BrokerService
             service_factory = BrokerService
         self.node_config = config
         self.service_factory = service_factory
+        # Loads the configuration again from the same sources (reload); None: the start config.
+        self.config_loader = config_loader
+        self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        check_admin_exposure(config.server.admin.addr, self.admin_token)
+        self.surfaces = http_surfaces(config)
         self.shutdown_timeout = float(config.server.shutdown_timeout)
         self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
         super().__init__(prog="fluxmq-node")
 
-    def _bind(self) -> str:
-        server = self.node_config.server
-        if server.health_enabled:
-            return gunicorn_bind(server.health_addr)
+    def _bind(self) -> list[str]:
+        if self.surfaces:
+            return [gunicorn_bind(addr) for _, addr in self.surfaces]
         # gunicorn needs a bind: a private unix socket nobody else can reach.
         if self._private_dir is None:
             self._private_dir = tempfile.mkdtemp(prefix="fluxmq-node-")
-        return "unix:" + os.path.join(self._private_dir, "health.sock")
+        return ["unix:" + os.path.join(self._private_dir, "health.sock")]
 
     def load_config(self) -> None:
         settings = {
-            "bind": [self._bind()],
+            "bind": self._bind(),
             "workers": 1,
             "worker_class": BrokerWorker,
             "timeout": WORKER_TIMEOUT,
@@ -151,11 +200,35 @@ class NodeApplication(BaseApplication):
         self.cfg.settings["graceful_timeout"].value = self.grace
 
     def load(self) -> Callable:
-        raise RuntimeError("BrokerWorker builds the WSGI app around its BrokerService (make_wsgi)")
+        raise RuntimeError("BrokerWorker builds the WSGI apps around its BrokerService (make_wsgi_apps)")
 
-    def make_wsgi(self, service: Any) -> Callable:
-        """The WSGI app the worker serves on ``server.health_addr``, around its running service."""
-        return make_health_app(service)
+    def make_wsgi_apps(self, service: Any) -> list[Callable]:
+        """The WSGI app of each bound socket (in bind order), around the worker's running service."""
+        config = self.node_config
+        bridge = None
+        if any(name == "http" for name, _ in self.surfaces):
+            bridge = HTTPBridge(service.broker, BridgeSettings.from_config(config))
+            service.reload_hooks.append(bridge.reload)
+        apps: list[Callable] = []
+        for name, _ in self.surfaces:
+            if name == "health":
+                health = make_health_app(service)
+                if config.server.metrics_enabled:
+                    health.mount("/metrics", make_metrics_app(make_registry(service, bridge)))
+                apps.append(health)
+            elif name == "http":
+                apps.append(bridge)
+            else:
+                apps.append(AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge))
+        return apps or [make_health_app(service)]  # the private unix socket
+
+    def load_fresh_config(self) -> Any:
+        """The configuration loaded again from the node's sources (the start config without a loader)."""
+        return self.config_loader() if self.config_loader is not None else self.node_config
+
+    def reload_node(self, service: Any) -> dict[str, list[str]]:
+        """Reload the configuration into the running service (raises ``ConfigError``)."""
+        return service.reload(self.load_fresh_config())
 
     def run(self) -> None:
         """Run the arbiter until shutdown; exits the process (0 on a clean stop)."""

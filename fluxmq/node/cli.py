@@ -85,12 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fluxmq.log import setup_logging
     from fluxmq.node.app import NodeApplication
 
+    def reload_config():
+        return load_config(path, env=os.environ, overrides=tuple(args.overrides))
+
     try:
         setup_logging(config.log)
-    except ConfigError as exc:  # e.g. a log file that cannot be opened
+        app = NodeApplication(config, config_loader=reload_config)
+    except ConfigError as exc:  # e.g. a log file that cannot be opened, an exposed admin API
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    NodeApplication(config).run()  # exits the process with the arbiter's status
+    app.run()  # exits the process with the arbiter's status
     return 0
 
 

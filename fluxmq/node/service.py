@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
-from fluxmq.config import parse_addr
+from fluxmq.config import SCHEMA, parse_addr
 from fluxmq.errors import ConfigError
+from fluxmq.log import setup_logging
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.transport.tcp import TCPListener
 
 log = logging.getLogger("fluxmq.node")
+
+# broker.* keys of the shared SessionLimits: every session reads them per message, so they apply at once.
+RELOADABLE_LIMITS = frozenset({"broker.max_queued_messages", "broker.max_queued_bytes", "broker.queue_overflow"})
+
+
+def _flat(config) -> dict[str, Any]:
+    """Every schema key of ``config`` -> its value."""
+    return {name: config.get(name) for name in SCHEMA.keys}
 
 
 def broker_settings(config) -> BrokerSettings:
@@ -56,6 +67,9 @@ class BrokerService:
         self.broker: Broker | None = None
         self.listeners: list[TCPListener] = []
         self.sys_topics: SysTopics | None = None
+        # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
+        self.reload_hooks: list[Callable[[Any], set[str]]] = []
+        self._effective = _flat(config)  # the values in force (reload updates the applied ones)
         self._started = False
 
     def start(self) -> None:
@@ -98,6 +112,41 @@ class BrokerService:
         up = self._started
         return {"broker": (up, "" if up else "broker not initialized"),
                 "storage": (up, "" if up else "storage not initialized")}
+
+    def reload(self, config) -> dict[str, list[str]]:
+        """Apply what can change at run time from a newly loaded config (SIGHUP, admin ``/reload``).
+
+        Returns the keys whose value ``changed`` from the values in force, those ``applied`` now,
+        and those that need a restart (``restart_required``; they keep their old value until then).
+        """
+        new = _flat(config)
+        changed = {k for k, v in new.items() if v != self._effective.get(k)}
+        applied = {k for k in changed if k.startswith("log.")}
+        if applied:
+            setup_logging(config.log)
+        broker = self.broker
+        if broker is not None:
+            limits = broker.limits
+            for key in changed & RELOADABLE_LIMITS:
+                setattr(limits, key.rpartition(".")[2], new[key])
+                applied.add(key)
+            if "broker.max_retained_messages" in changed:
+                broker.retained.max_messages = new["broker.max_retained_messages"]
+                applied.add("broker.max_retained_messages")
+            if "broker.sys_interval" in changed and self.sys_topics is not None:
+                self.sys_topics.stop()
+                self.sys_topics = SysTopics(broker, new["broker.sys_interval"])
+                self.sys_topics.start()
+                applied.add("broker.sys_interval")
+        for hook in self.reload_hooks:
+            applied |= hook(config) & changed
+        for key in applied:
+            self._effective[key] = new[key]
+        result = {"changed": sorted(changed), "applied": sorted(applied),
+                  "restart_required": sorted(changed - applied)}
+        log.info("config_reloaded", extra={"applied": ",".join(result["applied"]) or "-",
+                                           "restart_required": ",".join(result["restart_required"]) or "-"})
+        return result
 
     def session_count(self) -> int:
         """Number of sessions held by this node (live connections and persistent ones)."""

@@ -1,4 +1,4 @@
-"""The gevent worker that hosts the broker: starts the BrokerService, serves the health app, stops both.
+"""The gevent worker that hosts the broker: starts the BrokerService, serves the HTTP apps, stops both.
 
 Lifecycle inside the worker process (gunicorn forks it from the arbiter):
 
@@ -42,8 +42,9 @@ class BrokerWorker(GeventWorker):
     """A ``GeventWorker`` whose process also runs the node's ``BrokerService``.
 
     The gunicorn app (``fluxmq.node.app.NodeApplication``) provides ``node_config``,
-    ``service_factory(config)`` and ``make_wsgi(service)``; ``stop_budget`` is the time the
-    service gets to stop once the worker is told to exit.
+    ``service_factory(config)``, ``make_wsgi_apps(service)`` (one app per bound socket) and
+    ``reload_node(service)``; ``stop_budget`` is the time the service gets to stop once the worker
+    is told to exit.
     """
 
     service = None
@@ -63,8 +64,22 @@ class BrokerWorker(GeventWorker):
             self._heartbeat.kill(block=False)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
         self.service = service
-        self.wsgi = app.make_wsgi(service)
+        # One WSGI app per bound socket (health, HTTP bridge, admin), in bind order.
+        self.wsgi_apps = app.make_wsgi_apps(service)
+        self._client_apps: dict = {}
+        self.wsgi = self._dispatch
         log.info("broker_started", extra={"pid": os.getpid()})
+
+    def _dispatch(self, environ: dict, start_response):
+        """gunicorn's WSGI entry: the app of the socket the request's connection was accepted on."""
+        return self._client_apps[environ["gunicorn.socket"]](environ, start_response)
+
+    def _serve(self, app, listener, client, addr) -> None:
+        self._client_apps[client] = app
+        try:
+            self.handle(listener, client, addr)
+        finally:
+            self._client_apps.pop(client, None)
 
     def _beat(self) -> None:
         while True:
@@ -76,12 +91,21 @@ class BrokerWorker(GeventWorker):
 
     def init_signals(self) -> None:
         super().init_signals()
-        # gunicorn leaves SIGHUP at its default (terminate) in workers; a terminal hangup must not
-        # kill the broker. Configuration reload on SIGHUP will hook in here.
+        # gunicorn leaves SIGHUP at its default (terminate) in workers: here it reloads the config
+        # (the arbiter forwards its own SIGHUP), and a terminal hangup does not kill the broker.
         signal.signal(signal.SIGHUP, self.handle_hup)
 
     def handle_hup(self, sig, frame) -> None:
-        """SIGHUP: ignored for now (run-time reload is not implemented yet)."""
+        """SIGHUP: reload the configuration into the running broker (in a greenlet, not the handler)."""
+        gevent.spawn(self._reload)
+
+    def _reload(self) -> None:
+        if self.service is None:
+            return  # still booting: the config being started is the fresh one
+        try:
+            self.app.reload_node(self.service)
+        except Exception as exc:  # a bad file must not take the broker down
+            log.error("reload_failed", extra={"error": _one_line(exc)})
 
     def handle_exit(self, sig, frame) -> None:
         """SIGTERM: graceful stop."""
@@ -117,9 +141,9 @@ class BrokerWorker(GeventWorker):
     def _start_http_servers(self) -> list[StreamServer]:
         # As GeventWorker.run: gunicorn's HTTP parser on a gevent StreamServer per bound socket.
         servers = []
-        for sock in self.sockets:
+        for sock, app in zip(self.sockets, self.wsgi_apps, strict=True):
             sock.setblocking(1)
-            server = StreamServer(sock, handle=partial(self.handle, sock), spawn=Pool(self.worker_connections))
+            server = StreamServer(sock, handle=partial(self._serve, app, sock), spawn=Pool(self.worker_connections))
             server.start()
             servers.append(server)
         return servers

@@ -155,8 +155,8 @@ def test_killed_worker_is_restarted_and_serves_mqtt(node_factory: NodeFactory) -
     assert n.stop() == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTTIN, signal.SIGUSR2],
-                         ids=["SIGHUP", "SIGTTIN", "SIGUSR2"])
+# SIGHUP reloads the configuration in the running worker: tests/e2e/test_admin.py
+@pytest.mark.parametrize("sig", [signal.SIGTTIN, signal.SIGUSR2], ids=["SIGTTIN", "SIGUSR2"])
 def test_signals_that_would_start_a_second_worker_are_ignored(node_factory: NodeFactory, sig: int) -> None:
     """A second worker could not bind the MQTT port and would halt the node: keep the one running."""
     n = node_factory()

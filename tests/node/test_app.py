@@ -45,7 +45,8 @@ def test_application_settings_from_config() -> None:
 
 
 def test_health_disabled_binds_private_unix_socket() -> None:
-    cfg = load_config(None, env={}, overrides=["server.health_enabled=false"])
+    cfg = load_config(None, env={}, overrides=["server.health_enabled=false", "server.http.plain.addr=",
+                                               "server.admin.addr="])
     app = NodeApplication(cfg)
     (bind,) = app.cfg.bind
     assert bind.startswith("unix:")
