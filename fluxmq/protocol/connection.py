@@ -48,7 +48,7 @@ class MQTTConnection:
     __slots__ = ("broker", "stream", "settings", "flusher", "listener", "peer", "over_limit", "decoder", "out",
                  "version", "session", "client_id", "keepalive", "closed", "_torn_down", "_dirty", "_writer",
                  "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
-                 "__weakref__")
+                 "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__")
 
     def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
                  over_limit: bool = False) -> None:
@@ -75,18 +75,42 @@ class MQTTConnection:
         self._problem_info = True  # 5.0 Request Problem Information
         self._aliases_in: dict[int, str] | None = None  # 5.0 inbound topic aliases, made on first use
         self._high = settings.write_buffer_high
+        self._keepalive_limit = 0.0  # seconds without input before the client is dropped; 0 = none
+        self._can_park = hasattr(stream, "has_buffered")
+        self._parking = False
+        self._idle_spent = 0.0  # idle seconds already waited when the connection parks
+        self._parked = None  # (io watcher, keep-alive timer) while parked
+        self.on_close = None  # set by the listener: called once when the connection has ended
 
     # -- read loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve the connection until it closes; runs in the connection's own greenlet."""
+        """Serve the connection until it closes or parks; runs in a greenlet of its own.
+
+        An idle client (nothing received for ``settings.park_after`` seconds) parks: its greenlet
+        ends and a libev I/O watcher plus a keep-alive timer wake it with a new greenlet when bytes
+        arrive. A connection with work to do has a greenlet; an idle one costs no greenlet stack.
+        """
         stream = self.stream
         stats = self.broker.stats
         handlers = _HANDLERS
-        stream.settimeout(self.settings.connect_timeout or None)
+        parked = False
+        if self.session is None:
+            stream.settimeout(self.settings.connect_timeout or None)
+        else:
+            stream.settimeout(self._idle_timeout())
         try:
             while not self.closed:
-                data = stream.recv(65536)
+                try:
+                    data = stream.recv(65536)
+                except (TimeoutError, BlockingIOError):
+                    if self._parking and self._park():
+                        parked = True
+                        return
+                    if self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
+                        stream.settimeout(self._idle_timeout())
+                        continue
+                    raise
                 if not data:
                     break
                 stats.bytes_received += len(data)
@@ -115,6 +139,54 @@ class MQTTConnection:
         except Exception:
             log.exception("connection_error", extra={"peer": self.peer, "client_id": self.client_id})
             self._send_disconnect(0x83, "implementation specific error")
+        finally:
+            if not parked:
+                self._teardown()
+
+    def _idle_timeout(self) -> float | None:
+        """The recv timeout once connected: the park threshold, or the keep-alive limit if shorter."""
+        limit = self._keepalive_limit
+        park_after = self.settings.park_after
+        if park_after and self._can_park and (not limit or park_after < limit):
+            self._parking = True
+            self._idle_spent = park_after
+            return park_after
+        self._parking = False
+        return limit or None
+
+    def _park(self) -> bool:
+        """End this greenlet and wait for input on a bare watcher; False if input is buffered already."""
+        stream = self.stream
+        if stream.has_buffered():
+            return False
+        loop = gevent.get_hub().loop
+        watcher = loop.io(stream.fileno(), 1)
+        watcher.start(self._unpark, False)
+        timer = None
+        if self._keepalive_limit:
+            # The idle time already spent counts against keep alive.
+            timer = loop.timer(max(0.001, self._keepalive_limit - self._idle_spent))
+            timer.start(self._unpark, True)
+        self._parked = (watcher, timer)
+        return True
+
+    def _unpark(self, timed_out: bool) -> None:
+        # Hub callback: never blocks; the work continues in a new greenlet.
+        watcher, timer = self._parked
+        self._parked = None
+        watcher.stop()
+        watcher.close()
+        if timer is not None:
+            timer.stop()
+            timer.close()
+        gevent.spawn(self._resume, timed_out)
+
+    def _resume(self, timed_out: bool) -> None:
+        if not timed_out:
+            self.run()
+            return
+        try:
+            self._on_timeout()
         finally:
             self._teardown()
 
@@ -154,6 +226,8 @@ class MQTTConnection:
             self.out.clear()
         if self._writer is None:
             self.stream.close()
+        if self.on_close is not None:
+            self.on_close(self)
 
     # -- output ----------------------------------------------------------------------------------
 
@@ -382,7 +456,13 @@ class MQTTConnection:
             self._write(encode(c.Connack(present and version == 4, RC_ACCEPTED, None), version))
 
         # Keep alive x1.5 [MQTT-3.1.2-24]; 0 disables it (read_timeout still applies if set).
-        timeout = keepalive * 1.5 if keepalive else (settings.read_timeout or None)
+        self._keepalive_limit = keepalive * 1.5 if keepalive else settings.read_timeout
+        timeout = self._idle_timeout()
+        if self._parking:
+            # Most clients go quiet after connecting (a SUBSCRIBE at most): park at the first recv
+            # that finds nothing, so a connect storm never holds a greenlet per client.
+            self._idle_spent = 0.0
+            timeout = 0.0
         self.stream.settimeout(timeout)
         log.debug("connect", extra={"peer": self.peer, "client_id": client_id, "version": version, "clean_start": p.clean_start, "keepalive": keepalive, "present": present})
         broker.attach(session, self, send_quota)

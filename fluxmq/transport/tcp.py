@@ -55,6 +55,13 @@ class SocketStream:
             else:
                 wait_write(fd, timeout=timeout, timeout_exc=TimeoutError("write timeout"))
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def has_buffered(self) -> bool:
+        """Bytes already read from the socket but not yet returned by recv (none for plain TCP)."""
+        return False
+
     def shutdown(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -68,18 +75,33 @@ class SocketStream:
             pass
 
 
+class _ConnectionServer(StreamServer):
+    """A StreamServer that leaves closing to the connection: a parked connection outlives the
+    greenlet that accepted it (StreamServer would close the socket when its handler returns)."""
+
+    def do_close(self, sock, *args) -> None:
+        pass
+
+
 class TCPListener:
-    """Accepts MQTT clients on one address; counts them against ``max_connections``."""
+    """Accepts MQTT clients on one address; counts them against ``max_connections``.
+
+    ``stream_factory(sock, address)``, when given, makes the connection's stream in the connection's
+    own greenlet (the TLS and WebSocket handshakes); it returns None, having closed the socket, when
+    the handshake fails. Without it the stream is a plain SocketStream.
+    """
 
     def __init__(self, name: str, host: str, port: int, broker: Broker, settings: ProtocolSettings,
-                 flusher: FlushScheduler, max_connections: int = 10000, backlog: int = 1024) -> None:
+                 flusher: FlushScheduler, max_connections: int = 10000, backlog: int = 1024,
+                 stream_factory=None) -> None:
         self.name = name
+        self.stream_factory = stream_factory
         self.broker = broker
         self.settings = settings
         self.flusher = flusher
         self.max_connections = max_connections
         self.connections: set[MQTTConnection] = set()
-        self._server = StreamServer((host, port), self._handle, backlog=backlog)
+        self._server = _ConnectionServer((host, port), self._handle, backlog=backlog)
         self._server.reuse_addr = 1
 
     @property
@@ -98,14 +120,19 @@ class TCPListener:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
+            sock.close()
             return
-        conn = MQTTConnection(self.broker, SocketStream(sock, address), self.settings, self.flusher, self.name,
+        if self.stream_factory is None:
+            stream = SocketStream(sock, address)
+        else:
+            stream = self.stream_factory(sock, address)
+            if stream is None:
+                return
+        conn = MQTTConnection(self.broker, stream, self.settings, self.flusher, self.name,
                               over_limit=len(self.connections) >= self.max_connections)
+        conn.on_close = self.connections.discard
         self.connections.add(conn)
-        try:
-            conn.run()
-        finally:
-            self.connections.discard(conn)
+        conn.run()  # returns when the connection ends or parks; on_close tells the listener it ended
 
     def wait_closed(self, timeout: float) -> bool:
         """Wait until every connection of this listener has ended; False on timeout."""
