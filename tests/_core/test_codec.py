@@ -345,6 +345,30 @@ def test_largest_remaining_length_is_read_from_the_header():
     assert "268435460" in str(info.value)
 
 
+# CONNECTs captured from mosquitto_pub 2.0.11: -i pub-1 -k 30 -u user -P pw --will-topic w/t
+# --will-payload bye --will-qos 1 (5.0 also: -D connect session-expiry-interval 60
+# -D connect user-property k v; it adds Receive Maximum 20 on its own).
+MOSQUITTO_PUB_CONNECTS = {
+    3: "102700064d514973647003ce001e00057075622d310003772f74000362796500047573657200027077",
+    4: "102500044d51545404ce001e00057075622d310003772f74000362796500047573657200027077",
+    5: "103600044d51545405ce001e0f110000003c2600016b00017621001400057075622d31000003772f7400036279"
+       "6500047573657200027077",
+}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_known_connect_vectors_from_mosquitto_pub(version):
+    """Independent bytes (no live client needed): they decode to the command line's fields, and
+    re-encoding the decoded packet reproduces them byte for byte."""
+    wire = bytes.fromhex(MOSQUITTO_PUB_CONNECTS[version])
+    decoder = Decoder()
+    (connect,) = decoder.feed(wire)
+    props = {0x11: 60, 0x26: [("k", "v")], 0x21: 20} if version == 5 else None
+    assert connect == Connect("pub-1", True, 30, version, None, "user", b"pw", Will("w/t", b"bye", 1), props)
+    assert decoder.version == version
+    assert encode(connect, version) == wire
+
+
 # -- packet classes ---------------------------------------------------------------------------
 
 def test_constants_match_the_spec():
