@@ -75,6 +75,8 @@ SECTION_DOCS: dict[str, str] = {
     "server.admin": "Admin API; bearer token from FLUXMQ_ADMIN_TOKEN.",
     "broker": "Protocol-independent broker limits and policies.",
     "storage": "Where sessions, retained messages and queues are kept.",
+    "auth": "Client authentication.",
+    "auth.enhanced": "MQTT 5.0 enhanced authentication (AUTH packets) and re-authentication.",
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
 }
@@ -183,6 +185,22 @@ KEYS: tuple[Key, ...] = (
     Key("broker.shared_subscription_strategy", Enum("round_robin", "random", "least_inflight"),
         "round_robin", "How a $share group picks the member that gets a message."),
     Key("broker.sys_interval", Duration(), "10s", "$SYS/broker/... publish interval; 0 disables."),
+    Key("broker.max_qos", Int(0, 2), 2,
+        "Highest QoS accepted and granted (MQTT 5.0 Maximum QoS); a 5.0 PUBLISH above it gets DISCONNECT 0x9B."),
+    Key("broker.retain_available", Bool(), True,
+        "Accept retained messages (MQTT 5.0 Retain Available); when false a retained PUBLISH gets 0x9A."),
+    Key("broker.max_topic_alias", Int(0, 65535), 100,
+        "Topic aliases a 5.0 client may define toward the broker (CONNACK Topic Alias Maximum); 0 = none."),
+    Key("broker.topic_alias_policy", Enum("none", "first_n", "lru"), "lru",
+        "Outbound topic aliases to 5.0 clients that allow them: none, first_n (the first topics keep "
+        "theirs) or lru (the least recently used alias is reassigned)."),
+    Key("broker.response_information", Str(), "$response/%c",
+        "MQTT 5.0 Response Information for clients that request it (%c = client id); \"\" = never sent."),
+    Key("auth.enhanced.method", Enum("", "SCRAM-SHA-256"), "",
+        'MQTT 5.0 enhanced authentication method offered; "" = none (CONNECT with a method gets 0x8C).'),
+    Key("auth.enhanced.credentials_file", Str(), "",
+        "SCRAM credentials, one user:iterations:salt:stored_key:server_key line each "
+        "(python -m fluxmq.broker.auth_enhanced USER)."),
     Key("storage.type", Enum("memory", "lmdb"), "memory", "Storage backend."),
     Key("storage.path", Str(allow_empty=False), "./data", "Data directory of the lmdb backend."),
     Key("log.level", Enum("debug", "info", "warning", "error"), "info", "Least severe level written."),
@@ -348,6 +366,26 @@ class Schema:
             out.pop()
         return "\n".join(out) + "\n"
 
+    def readme_table(self) -> str:
+        """The compact key table README.rst carries between its CONFIG KEYS markers."""
+        out = [".. list-table::", "   :header-rows: 1", "   :widths: 35 20 45", "",
+               "   * - key", "     - default", "     - meaning"]
+        for key in self.keys.values():
+            default = "(environment only)" if key.secret else f"``{render_default(key.default)}``"
+            out += [f"   * - ``{key.name}``", f"     - {default}", f"     - {key.doc}"]
+        return "\n".join(out) + "\n"
+
+
+README_BEGIN = ".. BEGIN CONFIG KEYS (generated: python -m fluxmq.config.schema --update-readme README.rst)"
+README_END = ".. END CONFIG KEYS"
+
+
+def readme_with_table(text: str, table: str) -> str:
+    """README text with the block between the CONFIG KEYS markers replaced by ``table``."""
+    begin = text.index(README_BEGIN) + len(README_BEGIN)
+    end = text.index(README_END, begin)
+    return text[:begin] + "\n\n" + table + "\n" + text[end:]
+
 
 def _rst_key(key: Key) -> list[str]:
     default = ("none (secret: set only from the environment)" if key.secret
@@ -369,12 +407,19 @@ SCHEMA = Schema(KEYS, SECTION_DOCS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fluxmq.config.schema --rst|--yaml``: print a file generated from the schema."""
+    """``python -m fluxmq.config.schema --rst|--yaml|--update-readme README.rst``: files made from the schema."""
     parser = argparse.ArgumentParser(prog="python -m fluxmq.config.schema", description=main.__doc__)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--rst", action="store_true", help="print docs/config-keys.rst")
     group.add_argument("--yaml", action="store_true", help="print conf/fluxmq.yaml")
+    group.add_argument("--update-readme", metavar="README", help="rewrite the key table in README.rst")
     args = parser.parse_args(argv)
+    if args.update_readme:
+        with open(args.update_readme, encoding="utf-8") as f:
+            text = f.read()
+        with open(args.update_readme, "w", encoding="utf-8") as f:
+            f.write(readme_with_table(text, SCHEMA.readme_table()))
+        return 0
     sys.stdout.write(SCHEMA.rst() if args.rst else SCHEMA.yaml())
     return 0
 
