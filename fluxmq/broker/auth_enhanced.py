@@ -350,6 +350,18 @@ class ScramClient:
         return hmac.compare_digest(_unb64(attrs.get("v", "")), self._server_signature)
 
 
+def authenticators_from_config(method: str, credentials_file: str) -> dict[str, Authenticator]:
+    """The authenticators the ``auth.enhanced`` keys configure: Authentication Method -> Authenticator."""
+    if not method:
+        return {}
+    if method == SCRAM_SHA_256:
+        if not credentials_file:
+            raise ConfigError("auth.enhanced.credentials_file", "a SCRAM credentials file when auth.enhanced.method "
+                              "is SCRAM-SHA-256", got=credentials_file)
+        return {method: ScramSha256Authenticator.from_file(credentials_file)}
+    raise ConfigError("auth.enhanced.method", "SCRAM-SHA-256 or \"\"", got=method)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fluxmq.broker.auth_enhanced USER [ITERATIONS]``: read a password from stdin, print
     the SCRAM-SHA-256 credentials line for ``auth.enhanced.credentials_file``."""

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
 from fluxmq.config import SCHEMA, parse_addr
@@ -37,6 +38,8 @@ def broker_settings(config) -> BrokerSettings:
         queue_overflow=b.queue_overflow,
         max_retained_messages=b.max_retained_messages,
         shared_subscription_strategy=b.shared_subscription_strategy,
+        max_qos=b.max_qos,
+        retain_available=b.retain_available,
     )
 
 
@@ -53,6 +56,13 @@ def protocol_settings(config, listener) -> ProtocolSettings:
         allow_zero_keepalive=b.allow_zero_keepalive,
         write_buffer_high=b.write_buffer_high,
         max_inflight=b.max_inflight,
+        max_qos=b.max_qos,
+        retain_available=b.retain_available,
+        max_topic_alias=b.max_topic_alias,
+        topic_alias_policy=b.topic_alias_policy,
+        response_information=b.response_information,
+        authenticators=authenticators_from_config(config.auth.enhanced.method,
+                                                  config.auth.enhanced.credentials_file),
     )
 
 
