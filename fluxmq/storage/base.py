@@ -1,0 +1,150 @@
+"""Storage: the interface the broker writes its durable state through, and what ``load`` returns.
+
+Record methods (``put_*``, ``delete_*``, ``queue_*``) only buffer an operation in memory and never
+do I/O; ``commit`` applies everything buffered since the last commit in one transaction. The
+protocol layer's FlushScheduler commits once per event-loop turn before it writes any socket, so an
+acknowledgement leaves only after the state it acknowledges is committed (group commit).
+
+Only persistent sessions (Session Expiry Interval > 0, or 3.1.1 clean session 0) are written; a
+clean session never reaches the storage. The memory backend keeps no copy: its record methods are
+no-ops and state lives in the broker's objects, as before there was storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StoredQueue:
+    """Index of one session's on-disk offline queue, rebuilt by ``load`` from its keys."""
+
+    first: int = 0  # lowest seq present
+    next: int = 0  # seq of the next append
+    count: int = 0
+    bytes: int = 0
+    qos0: list[int] = field(default_factory=list)  # seqs of QoS 0 entries (evicted first)
+
+
+@dataclass
+class StoredSession:
+    """One persistent session as stored: enough to rebuild the broker's Session."""
+
+    client_id: str
+    expiry_interval: int
+    disconnected_at: float  # wall-clock time; 0.0 when it was online (see StoredState.last_alive)
+    username: str | None = None
+    subscriptions: list[tuple] = field(default_factory=list)  # (filter, qos, nl, rap, rh, sub_id)
+    inflight: dict[int, tuple] = field(default_factory=dict)  # pid -> (fields, qos, retain, ids, released)
+    inbound_qos2: set[int] = field(default_factory=set)
+    queue: StoredQueue = field(default_factory=StoredQueue)
+    will: tuple | None = None  # (message fields, delay)
+
+
+@dataclass
+class StoredState:
+    """Everything ``load`` found; message fields are tuples for ``message_factory``."""
+
+    sessions: dict[str, StoredSession] = field(default_factory=dict)
+    retained: list[tuple] = field(default_factory=list)
+    last_alive: float = 0.0  # wall time the previous run was last known alive (0: unknown / new)
+
+
+class Storage:
+    """Base class and interface of the storage backends."""
+
+    #: False for the memory backend: the broker then keeps using its in-memory structures only
+    durable = False
+    #: True while operations are buffered and not yet committed
+    has_pending = False
+    #: True while the store is full (map size or disk): new stored messages are refused (0x97)
+    refusing = False
+    #: called (from the hub) when the first operation of a new batch is buffered
+    on_pending: Callable[[], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def load(self) -> StoredState:
+        """Everything to restore at start (empty for the memory backend)."""
+        return StoredState()
+
+    def commit(self) -> None:
+        """Apply every buffered operation in one transaction; raises StorageFull/StorageError."""
+
+    def sync(self) -> None:
+        """Force committed data to stable storage (fsync); may run in a thread."""
+
+    def ping(self) -> tuple[bool, str]:
+        """Readiness of the backend: (up, details)."""
+        return True, ""
+
+    def close(self) -> None:
+        """Commit, sync and release the backend."""
+
+    def touch_alive(self) -> None:
+        """Record that the node is alive now (restores judge sessions online at a crash by it)."""
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def put_session(self, client_id: str, expiry_interval: int, disconnected_at: float,
+                    username: str | None) -> None:
+        """Create or update a persistent session's record (``disconnected_at`` 0 while online)."""
+
+    def delete_session(self, client_id: str) -> None:
+        """Forget a session and everything it owns (subscriptions, inflight, queue, will)."""
+
+    def clear_session_state(self, client_id: str) -> None:
+        """Forget a session's inflight, inbound QoS 2 ids and queue (keeps record and subscriptions)."""
+
+    def put_subscription(self, client_id: str, filter: str, qos: int, no_local: bool,
+                         retain_as_published: bool, retain_handling: int, subscription_id: int) -> None:
+        """Create or replace a subscription with all its options."""
+
+    def delete_subscription(self, client_id: str, filter: str) -> None:
+        """Remove one subscription."""
+
+    # -- QoS 1/2 state -----------------------------------------------------------------------------
+
+    def put_inflight(self, client_id: str, packet_id: int, message: Any, qos: int, retain: bool,
+                     subscription_ids) -> None:
+        """An outbound QoS 1/2 PUBLISH awaiting its acknowledgement."""
+
+    def release_inflight(self, client_id: str, packet_id: int) -> None:
+        """Outbound QoS 2: PUBREC received, PUBREL sent; resend PUBREL after a restart."""
+
+    def delete_inflight(self, client_id: str, packet_id: int) -> None:
+        """The outbound exchange ended (PUBACK, PUBCOMP, or refused)."""
+
+    def put_inbound_qos2(self, client_id: str, packet_id: int) -> None:
+        """Inbound QoS 2 received and routed, PUBREC sent, PUBREL not yet received."""
+
+    def delete_inbound_qos2(self, client_id: str, packet_id: int) -> None:
+        """PUBREL received for an inbound QoS 2 id."""
+
+    # -- offline queue -----------------------------------------------------------------------------
+
+    def queue_append(self, client_id: str, seq: int, entry: bytes) -> None:
+        """Store an encoded queue entry (``records.encode_entry``) at ``seq``."""
+
+    def queue_pop(self, client_id: str, seq: int) -> None:
+        """Delete the queue entry at ``seq``."""
+
+    def queue_read(self, client_id: str, seqs) -> list:
+        """Encoded entries at ``seqs`` (None where missing), pending operations included."""
+        return [None for _ in seqs]
+
+    # -- retained and wills ------------------------------------------------------------------------
+
+    def put_retained(self, topic: str, message: Any) -> None:
+        """Set or replace the retained message of ``topic``."""
+
+    def delete_retained(self, topic: str) -> None:
+        """Clear the retained message of ``topic``."""
+
+    def put_will(self, client_id: str, message: Any, delay: int) -> None:
+        """The will of a persistent session (published after ``delay`` once it is disconnected)."""
+
+    def delete_will(self, client_id: str) -> None:
+        """The will was published, cancelled or discarded."""

@@ -1,0 +1,270 @@
+"""Binary record formats of the storage layer: stable, versioned, compact; never pickle.
+
+Every value starts with a one-byte format version (``FORMAT``); a reader refuses a version it does
+not know. Multi-byte integers are little-endian, except in keys, where they are big-endian so that
+LMDB's byte order is numeric order.
+
+Message blob (retained messages, wills, queue and inflight entries)::
+
+    u8 version | u8 flags | f64 expires_at (wall clock, 0 = none) | u16 topic_len | u16 origin_len
+    | u32 props_len | u32 payload_len | topic | origin | properties | payload
+
+``flags``: bits 0-1 the message QoS, bit 2 retain, bit 3 has expiry, bit 4 has origin. Properties
+(the forwardable MQTT 5.0 ones a ``Message`` carries) are a sequence of ``u8 id | u8 kind | value``:
+kind 0 int (u32), 1 str (u32 length + UTF-8), 2 bytes (u32 length + data), 3 list of (str, str)
+pairs (u32 count, then length-prefixed pairs), 4 list of int (u32 count + u32 each).
+
+The storage layer sits below the broker, so decoders return plain tuples; the broker builds its
+``Message`` objects from them (``message_factory``).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+from fluxmq.errors import StorageError
+
+FORMAT = 1
+
+_U32 = struct.Struct("<I")
+_MSG = struct.Struct("<BBdHHII")
+_ENTRY = struct.Struct("<BBBH")  # version, delivery qos, flags (retain, released), n subscription ids
+_SESSION = struct.Struct("<BIdBH")  # version, expiry, disconnected_at (wall), flags, username length
+_SUB = struct.Struct("<BBBBBI")  # version, qos, no_local, retain_as_published, retain_handling, sub id
+_WILL = struct.Struct("<BI")  # version, delay
+_SEQ = struct.Struct(">Q")
+_PID = struct.Struct(">H")
+
+_K_INT, _K_STR, _K_BYTES, _K_PAIRS, _K_INTS = range(5)
+
+#: key under which an encoded message is cached in ``Message.wire_cache`` (fan-out encodes once)
+CACHE_KEY = "storage.v1"
+
+
+class RecordError(StorageError):
+    """A stored value cannot be decoded (damaged, or written by an unknown format version)."""
+
+
+def _check_version(buf, what: str) -> None:
+    if not buf or buf[0] != FORMAT:
+        got = buf[0] if buf else "empty"
+        raise RecordError(f"{what} record has format version {got}, this build reads {FORMAT}")
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+def client_prefix(client_id: str) -> bytes:
+    """Key prefix of everything one client owns (client ids and filters never contain U+0000)."""
+    return client_id.encode() + b"\x00"
+
+
+def seq_key(prefix: bytes, seq: int) -> bytes:
+    return prefix + _SEQ.pack(seq)
+
+
+def pid_key(prefix: bytes, packet_id: int) -> bytes:
+    return prefix + _PID.pack(packet_id)
+
+
+def split_key(key: bytes) -> tuple[str, bytes]:
+    """``client_id + NUL + suffix`` -> (client_id, suffix)."""
+    cid, _, rest = bytes(key).partition(b"\x00")
+    return cid.decode(), rest
+
+
+def key_seq(suffix: bytes) -> int:
+    return _SEQ.unpack(suffix)[0]
+
+
+def key_pid(suffix: bytes) -> int:
+    return _PID.unpack(suffix)[0]
+
+
+# -- properties ------------------------------------------------------------------------------------
+
+def _encode_properties(props: dict) -> bytes:
+    out = bytearray()
+    for pid, value in props.items():
+        if isinstance(value, bool) or isinstance(value, int):
+            out += bytes((pid, _K_INT)) + _U32.pack(int(value))
+        elif isinstance(value, str):
+            data = value.encode()
+            out += bytes((pid, _K_STR)) + _U32.pack(len(data)) + data
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+            out += bytes((pid, _K_BYTES)) + _U32.pack(len(data)) + data
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            out += bytes((pid, _K_INTS)) + _U32.pack(len(value))
+            for v in value:
+                out += _U32.pack(v)
+        elif isinstance(value, (list, tuple)):
+            out += bytes((pid, _K_PAIRS)) + _U32.pack(len(value))
+            for k, v in value:
+                kb, vb = k.encode(), v.encode()
+                out += _U32.pack(len(kb)) + kb + _U32.pack(len(vb)) + vb
+        else:
+            raise TypeError(f"property {pid:#x}: cannot store a {type(value).__name__}")
+    return bytes(out)
+
+
+def _decode_properties(buf) -> dict:
+    props: dict[int, Any] = {}
+    i, end = 0, len(buf)
+    u32 = _U32.unpack_from
+    while i < end:
+        pid, kind = buf[i], buf[i + 1]
+        i += 2
+        if kind == _K_INT:
+            props[pid] = u32(buf, i)[0]
+            i += 4
+        elif kind in (_K_STR, _K_BYTES):
+            n = u32(buf, i)[0]
+            data = bytes(buf[i + 4:i + 4 + n])
+            props[pid] = data.decode() if kind == _K_STR else data
+            i += 4 + n
+        elif kind == _K_INTS:
+            n = u32(buf, i)[0]
+            props[pid] = [u32(buf, i + 4 + 4 * j)[0] for j in range(n)]
+            i += 4 + 4 * n
+        elif kind == _K_PAIRS:
+            n = u32(buf, i)[0]
+            i += 4
+            pairs = []
+            for _ in range(n):
+                kn = u32(buf, i)[0]
+                k = bytes(buf[i + 4:i + 4 + kn]).decode()
+                i += 4 + kn
+                vn = u32(buf, i)[0]
+                v = bytes(buf[i + 4:i + 4 + vn]).decode()
+                i += 4 + vn
+                pairs.append((k, v))
+            props[pid] = pairs
+        else:
+            raise RecordError(f"unknown property kind {kind}")
+    if i != end:
+        raise RecordError("truncated properties")
+    return props
+
+
+# -- messages --------------------------------------------------------------------------------------
+
+def encode_message(message) -> bytes:
+    """The blob of a message-like object (``topic payload qos retain properties expires_at origin``).
+
+    The monotonic expiry deadline is stored as wall-clock time, so it keeps counting across a
+    restart. The result is cached in ``message.wire_cache`` when the message has one.
+    """
+    cache = message.wire_cache
+    if cache is not None:
+        blob = cache.get(CACHE_KEY)
+        if blob is not None:
+            return blob
+    topic = message.topic.encode()
+    origin = message.origin.encode() if message.origin else b""
+    props = _encode_properties(message.properties) if message.properties else b""
+    payload = message.payload
+    flags = message.qos | (4 if message.retain else 0) | (16 if message.origin else 0)
+    expires = 0.0
+    if message.expires_at is not None:
+        flags |= 8
+        expires = time.time() + (message.expires_at - time.monotonic())
+    blob = b"".join((_MSG.pack(FORMAT, flags, expires, len(topic), len(origin), len(props), len(payload)),
+                     topic, origin, props, payload))
+    if cache is None:
+        message.wire_cache = {CACHE_KEY: blob}
+    else:
+        cache[CACHE_KEY] = blob
+    return blob
+
+
+def decode_message(buf, offset: int = 0) -> tuple:
+    """(topic, payload, qos, retain, properties, expires_at, origin) from a blob; ``expires_at`` is
+    a monotonic deadline again (possibly already passed)."""
+    if len(buf) - offset < _MSG.size or buf[offset] != FORMAT:
+        raise RecordError("message record is truncated or has an unknown format version")
+    _, flags, expires, tlen, olen, plen, paylen = _MSG.unpack_from(buf, offset)
+    i = offset + _MSG.size
+    if i + tlen + olen + plen + paylen != len(buf):
+        raise RecordError("message record length does not match its header")
+    topic = bytes(buf[i:i + tlen]).decode()
+    i += tlen
+    origin = bytes(buf[i:i + olen]).decode() if flags & 16 else None
+    i += olen
+    props = _decode_properties(buf[i:i + plen]) if plen else None
+    i += plen
+    payload = bytes(buf[i:i + paylen])
+    expires_at = time.monotonic() + (expires - time.time()) if flags & 8 else None
+    return topic, payload, flags & 3, bool(flags & 4), props, expires_at, origin
+
+
+# -- queue and inflight entries --------------------------------------------------------------------
+
+def encode_entry(message, qos: int, retain: bool, subscription_ids, released: bool = False) -> bytes:
+    """A delivery of a message to one session: its QoS, retain flag and subscription ids."""
+    ids = subscription_ids or ()
+    head = _ENTRY.pack(FORMAT, qos, (1 if retain else 0) | (2 if released else 0), len(ids))
+    if ids:
+        head += struct.pack(f"<{len(ids)}I", *ids)
+    return head + encode_message(message)
+
+
+def entry_qos(buf) -> int:
+    """The delivery QoS of an entry, read without decoding the rest."""
+    return buf[1]
+
+
+def decode_entry(buf) -> tuple:
+    """(message_fields, qos, retain, subscription_ids or None, released)."""
+    _check_version(buf, "queue/inflight")
+    _, qos, flags, n = _ENTRY.unpack_from(buf, 0)
+    i = _ENTRY.size
+    ids = struct.unpack_from(f"<{n}I", buf, i) if n else None
+    i += 4 * n
+    return decode_message(memoryview(buf)[i:]), qos, bool(flags & 1), ids, bool(flags & 2)
+
+
+def mark_released(buf) -> bytes:
+    """The same entry with its QoS 2 released flag set (PUBREC received, PUBREL sent)."""
+    data = bytearray(buf)
+    data[2] |= 2
+    return bytes(data)
+
+
+# -- sessions, subscriptions, wills ----------------------------------------------------------------
+
+def encode_session(expiry: int, disconnected_at: float, username: str | None) -> bytes:
+    user = username.encode() if username is not None else b""
+    return _SESSION.pack(FORMAT, expiry, disconnected_at, 1 if username is not None else 0, len(user)) + user
+
+
+def decode_session(buf) -> tuple[int, float, str | None]:
+    """(expiry_interval, disconnected_at wall time or 0 when it was online, username)."""
+    _check_version(buf, "session")
+    _, expiry, disconnected_at, flags, ulen = _SESSION.unpack_from(buf, 0)
+    user = bytes(buf[_SESSION.size:_SESSION.size + ulen]).decode() if flags & 1 else None
+    return expiry, disconnected_at, user
+
+
+def encode_subscription(qos: int, no_local: bool, retain_as_published: bool, retain_handling: int,
+                        subscription_id: int) -> bytes:
+    return _SUB.pack(FORMAT, qos, int(no_local), int(retain_as_published), retain_handling, subscription_id)
+
+
+def decode_subscription(buf) -> tuple[int, bool, bool, int, int]:
+    """(qos, no_local, retain_as_published, retain_handling, subscription_id)."""
+    _check_version(buf, "subscription")
+    _, qos, nl, rap, rh, sid = _SUB.unpack_from(buf, 0)
+    return qos, bool(nl), bool(rap), rh, sid
+
+
+def encode_will(message, delay: int) -> bytes:
+    return _WILL.pack(FORMAT, delay) + encode_message(message)
+
+
+def decode_will(buf) -> tuple[tuple, int]:
+    """(message_fields, delay)."""
+    _check_version(buf, "will")
+    _, delay = _WILL.unpack_from(buf, 0)
+    return decode_message(memoryview(buf)[_WILL.size:]), delay
