@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from fluxmq import __version__
+from fluxmq._core.trie import validate_filter
 from fluxmq.broker.session import EXPIRY_NEVER, Session
 from fluxmq.config import parse_addr
 from fluxmq.errors import ConfigError, TopicFilterInvalid
@@ -277,6 +278,7 @@ class AdminAPI:
         limit, offset = _limit(params)
         filter = one_param(params, "filter", "#") or ""
         try:
+            validate_filter(filter)  # the retained trie walks any text; refuse what MQTT would
             messages = self.broker.retained.match(filter)
         except TopicFilterInvalid as exc:
             raise HTTPError(400, f"invalid topic filter: {exc.reason}") from None

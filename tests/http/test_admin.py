@@ -1,0 +1,288 @@
+"""The admin WSGI app over a real Broker; every documented response is validated against openapi.yaml.
+
+Sessions are real broker sessions: connected ones use the HTTP bridge's SSE stream as their
+Delivery, offline ones are persistent sessions without a connection. The node-level tests (token
+from the environment, paho clients, reload of a real config file, SIGHUP) are in
+``tests/e2e/test_admin.py``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from urllib.parse import quote
+
+import pytest
+from openapi_core import OpenAPI
+from openapi_core.testing import MockRequest as SpecRequest
+from openapi_core.testing import MockResponse as SpecResponse
+from ruamel.yaml import YAML
+
+from fluxmq.broker.broker import Broker
+from fluxmq.broker.message import Message
+from fluxmq.errors import ConfigError
+from fluxmq.http.admin import SPEC_PATH, AdminAPI, check_admin_exposure, is_loopback
+from fluxmq.http.bridge import SSEStream
+from tests.http.test_bridge import wsgi_call
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def spec() -> OpenAPI:
+    return OpenAPI.from_file_path(str(SPEC_PATH))  # also validates the document itself
+
+
+def call(spec: OpenAPI, app, method: str, path: str, query: str = "", headers: dict | None = AUTH,
+         validate: bool = True):
+    """One request; the response is checked against the spec for its path, method and status."""
+    resp = wsgi_call(app, method, path, query=query, headers=headers)
+    data = b"".join(resp.body)
+    if validate:
+        args = dict(part.split("=", 1) for part in query.split("&") if part)
+        request = SpecRequest("http://127.0.0.1:8082", method, quote(path, safe="/"), args=args,
+                              headers=headers)
+        spec.validate_response(request, SpecResponse(data, resp.status, resp.headers,
+                                                     resp.headers["Content-Type"]))
+    return resp.status, resp.headers, data
+
+
+def json_call(spec, app, method, path, query="", headers=AUTH, validate=True):
+    import json
+    status, resp_headers, data = call(spec, app, method, path, query, headers, validate)
+    return status, resp_headers, json.loads(data)
+
+
+@pytest.fixture
+def broker() -> Broker:
+    return Broker()
+
+
+@pytest.fixture
+def reloads() -> list:
+    return []
+
+
+@pytest.fixture
+def app(broker: Broker, reloads: list) -> AdminAPI:
+    def reload() -> dict:
+        reloads.append(1)
+        return {"changed": ["log.level"], "applied": ["log.level"], "restart_required": []}
+    return AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, reload)
+
+
+def online(broker: Broker, client_id: str) -> tuple:
+    """A connected session whose Delivery is an SSE stream (a real front end)."""
+    session, _ = broker.open_session(client_id, True, 0)
+    stream = SSEStream(client_id, 100, broker, "127.0.0.1:5555")
+    broker.attach(session, stream, 0)
+    return session, stream
+
+
+# -- authentication --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                                     {"Authorization": f"Basic {TOKEN}"}],
+                         ids=["none", "wrong", "no-scheme", "basic"])
+@pytest.mark.parametrize("path", ["/stats", "/sessions", "/retained", "/subscriptions"])
+def test_without_the_token_every_endpoint_is_401(spec, app, path: str, headers) -> None:
+    status, resp_headers, body = json_call(spec, app, "GET", path, headers=headers)
+    assert status == 401
+    assert resp_headers["WWW-Authenticate"].startswith("Bearer")
+    assert body == {"error": "a valid bearer token is required"}
+
+
+def test_unknown_path_is_401_before_404(spec, app) -> None:
+    """Without the token nothing about the API is revealed, not even which paths exist."""
+    assert json_call(spec, app, "GET", "/nope", headers=None, validate=False)[0] == 401
+    assert json_call(spec, app, "GET", "/nope", validate=False)[0] == 404
+
+
+def test_no_token_configured_means_open(spec, broker) -> None:
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), None)
+    assert json_call(spec, app, "GET", "/stats", headers=None)[0] == 200
+
+
+# -- stats -----------------------------------------------------------------------------------------
+
+def test_stats(spec, app, broker) -> None:
+    session, _ = online(broker, "c1")
+    broker.subscribe(session, "a/#", 1)
+    broker.publish(Message("a/1", b"hello", 1, retain=True))
+    status, _, body = json_call(spec, app, "GET", "/stats")
+    assert status == 200
+    assert body["connections"] == {"current": 1, "total": 1, "by_listener": {}}
+    assert body["sessions"] == {"total": 1, "connected": 1, "offline": 0}
+    assert body["subscriptions"] == 1 and body["retained_messages"] == 1
+    assert body["messages"]["received_by_qos"] == {"0": 0, "1": 1, "2": 0}
+    assert body["messages"]["sent_by_qos"] == {"0": 0, "1": 1, "2": 0}
+    assert body["queues"]["inflight"] == 1
+
+
+# -- sessions --------------------------------------------------------------------------------------
+
+def test_list_and_filter_sessions(spec, app, broker) -> None:
+    online(broker, "b-online")
+    broker.open_session("a-offline", False, 0xFFFFFFFF)
+    status, _, body = json_call(spec, app, "GET", "/sessions")
+    assert status == 200 and body["total"] == 2
+    assert [s["client_id"] for s in body["sessions"]] == ["a-offline", "b-online"]
+    offline, live = body["sessions"]
+    assert offline["connected"] is False and offline["expiry_interval"] is None and offline["persistent"]
+    assert live["connected"] is True and live["protocol_version"] == 0 and live["listener"] == "http_sse"
+    assert live["peer"] == "127.0.0.1:5555"
+    _, _, only = json_call(spec, app, "GET", "/sessions", query="connected=false")
+    assert [s["client_id"] for s in only["sessions"]] == ["a-offline"]
+    _, _, page = json_call(spec, app, "GET", "/sessions", query="limit=1&offset=1")
+    assert page["total"] == 2 and [s["client_id"] for s in page["sessions"]] == ["b-online"]
+
+
+@pytest.mark.parametrize("query", ["limit=x", "limit=-1", "offset=1.5", "connected=maybe", "color=red"])
+def test_list_sessions_bad_parameters(spec, app, query: str) -> None:
+    status, _, body = json_call(spec, app, "GET", "/sessions", query=query, validate=False)
+    assert status == 400 and body["error"]
+
+
+def test_inspect_session(spec, app, broker) -> None:
+    session, _ = online(broker, "dev/7")
+    broker.subscribe(session, "cmd/7/#", 2, subscription_id=9)
+    broker.subscribe(session, "$share/g/jobs", 1)
+    broker.publish(Message("cmd/7/reboot", b"now", 2))
+    status, _, body = json_call(spec, app, "GET", "/sessions/" + quote("dev/7", safe=""))
+    assert status == 200
+    assert body["client_id"] == "dev/7"
+    assert {s["filter"] for s in body["subscriptions"]} == {"cmd/7/#", "$share/g/jobs"}
+    shared = next(s for s in body["subscriptions"] if s["share_group"])
+    assert shared["share_group"] == "g" and shared["qos"] == 1
+    assert body["inflight"] == [{"packet_id": 1, "topic": "cmd/7/reboot", "qos": 2, "released": False}]
+    assert body["inflight_count"] == 1 and body["queue_depth"] == 0 and body["will"] is None
+
+
+def test_inspect_missing_session_is_404(spec, app) -> None:
+    status, _, body = json_call(spec, app, "GET", "/sessions/ghost")
+    assert status == 404 and "ghost" in body["error"]
+
+
+def test_disconnect(spec, app, broker) -> None:
+    _, stream = online(broker, "kick-me")
+    broker.open_session("sleeper", False, 600)
+    status, _, body = json_call(spec, app, "POST", "/sessions/kick-me/disconnect")
+    assert (status, body) == (200, {"client_id": "kick-me", "disconnected": True})
+    assert stream.closed and "administrator" in stream.close_reason
+    assert json_call(spec, app, "POST", "/sessions/sleeper/disconnect")[0] == 409
+    assert json_call(spec, app, "POST", "/sessions/nobody/disconnect")[0] == 404
+
+
+def test_wrong_method_is_405_with_allow(spec, app) -> None:
+    status, headers, _ = json_call(spec, app, "DELETE", "/sessions/x", validate=False)
+    assert status == 405 and headers["Allow"] == "GET"
+    status, headers, _ = json_call(spec, app, "GET", "/reload", validate=False)
+    assert status == 405 and headers["Allow"] == "POST"
+
+
+# -- subscriptions ---------------------------------------------------------------------------------
+
+def test_list_subscriptions(spec, app, broker) -> None:
+    s1, _ = online(broker, "one")
+    s2, _ = online(broker, "two")
+    broker.subscribe(s1, "a", 0)
+    broker.subscribe(s2, "b/+", 1, no_local=True, retain_as_published=True, retain_handling=2)
+    status, _, body = json_call(spec, app, "GET", "/subscriptions")
+    assert status == 200 and body["total"] == 2
+    assert [(s["client_id"], s["filter"]) for s in body["subscriptions"]] == [("one", "a"), ("two", "b/+")]
+    assert body["subscriptions"][1] == {"client_id": "two", "filter": "b/+", "qos": 1, "no_local": True,
+                                        "retain_as_published": True, "retain_handling": 2,
+                                        "subscription_id": None, "share_group": None}
+    _, _, mine = json_call(spec, app, "GET", "/subscriptions", query="client_id=one")
+    assert mine["total"] == 1
+    assert json_call(spec, app, "GET", "/subscriptions", query="client_id=nobody")[0] == 404
+
+
+# -- retained --------------------------------------------------------------------------------------
+
+def test_list_get_delete_retained(spec, app, broker) -> None:
+    for topic, payload in (("t/b", b"2"), ("t/a", b"\xff"), ("u", b"3")):
+        broker.publish(Message(topic, payload, 1, retain=True))
+    status, _, body = json_call(spec, app, "GET", "/retained", query="filter=t/%2B")
+    assert status == 200 and body["total"] == 2
+    assert body["messages"][0] == {"topic": "t/a", "payload": "/w==", "payload_encoding": "base64", "qos": 1,
+                                   "retain": True, "size": 1}
+    assert json_call(spec, app, "GET", "/retained")[2]["total"] == 3
+    status, _, one = json_call(spec, app, "GET", "/retained/u")
+    assert status == 200 and one["payload"] == "3"
+    status, _, deleted = json_call(spec, app, "DELETE", "/retained/u")
+    assert (status, deleted) == (200, {"topic": "u", "deleted": True})
+    assert broker.retained.get("u") is None
+    assert json_call(spec, app, "DELETE", "/retained/u")[0] == 404
+    assert json_call(spec, app, "GET", "/retained/u")[0] == 404
+
+
+def test_retained_topic_with_slashes_and_percent_encoding(spec, app, broker) -> None:
+    broker.publish(Message("a/b c/\u00e9", b"x", 0, retain=True))
+    status, _, body = json_call(spec, app, "GET", "/retained/" + quote("a/b c/\u00e9", safe=""))
+    assert status == 200 and body["topic"] == "a/b c/\u00e9"
+    status, _, body = json_call(spec, app, "DELETE", "/retained/a/b c/\u00e9", validate=False)
+    assert status == 200 and body["topic"] == "a/b c/\u00e9"
+
+
+def test_retained_bad_filter_is_400(spec, app) -> None:
+    status, _, body = json_call(spec, app, "GET", "/retained", query="filter=a/%23/b")
+    assert status == 400 and "filter" in body["error"]
+
+
+# -- reload and the spec ---------------------------------------------------------------------------
+
+def test_reload(spec, app, reloads) -> None:
+    status, _, body = json_call(spec, app, "POST", "/reload")
+    assert status == 200 and reloads == [1]
+    assert body == {"status": "reloaded", "changed": ["log.level"], "applied": ["log.level"],
+                    "restart_required": []}
+
+
+def test_reload_config_error_is_400(spec, broker) -> None:
+    def reload() -> dict:
+        raise ConfigError("log.level", "one of debug, info", "/etc/fluxmq.yaml", 3, "loud")
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, reload)
+    status, _, body = json_call(spec, app, "POST", "/reload")
+    assert status == 400 and "log.level (/etc/fluxmq.yaml:3)" in body["error"]
+
+
+def test_spec_is_served(spec, app) -> None:
+    status, headers, data = call(spec, app, "GET", "/openapi.yaml", validate=False)
+    assert status == 200 and headers["Content-Type"] == "application/yaml"
+    assert data == SPEC_PATH.read_bytes()
+
+
+def test_every_route_is_documented(spec, app) -> None:
+    paths = YAML(typ="safe", pure=True).load(SPEC_PATH.read_text())["paths"]
+    documented = {(path, method.upper()) for path, item in paths.items()
+                  for method in item if method in ("get", "post", "delete", "put", "patch")}
+    routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}"),
+               method) for method, pattern, _ in app._routes}
+    assert routes | {("/openapi.yaml", "GET")} == documented
+
+
+def test_not_running_broker_is_503(spec) -> None:
+    app = AdminAPI(SimpleNamespace(broker=None, listeners=[]), TOKEN)
+    status, _, body = json_call(spec, app, "GET", "/stats", validate=False)
+    assert status == 503
+
+
+# -- exposure --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("10.0.0.1", False), ("example.com", False),
+])
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_non_loopback_admin_needs_a_token() -> None:
+    check_admin_exposure("127.0.0.1:8082", None)
+    check_admin_exposure("[::1]:8082", None)
+    check_admin_exposure("", None)  # disabled
+    check_admin_exposure(":8082", "token")
+    for addr in (":8082", "0.0.0.0:8082", "192.168.1.5:8082"):
+        with pytest.raises(ConfigError, match="server.admin.addr.*FLUXMQ_ADMIN_TOKEN"):
+            check_admin_exposure(addr, None)
