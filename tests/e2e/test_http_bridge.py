@@ -1,0 +1,249 @@
+"""The HTTP bridge of a real node: HTTP publishes reach MQTT subscribers, MQTT publishes reach SSE streams.
+
+Clients are real: ``http.client`` for HTTP (the SSE stream is read line by line from a chunked
+response) and paho-mqtt for MQTT. Every wait is bounded; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+
+from tests.conftest import NodeFactory, RunningNode
+from tests.e2e.mqttraw import paho_connected, unique, wait_until
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 10.0
+
+
+def http_request(node: RunningNode, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None, port: int | None = None) -> tuple[int, dict, Any]:
+    """One request on a fresh connection -> (status, headers, decoded JSON body or raw bytes)."""
+    conn = http.client.HTTPConnection(node.host, port or node.http_port, timeout=WAIT)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        resp_headers = {k.lower(): v for k, v in resp.getheaders()}
+        if resp_headers.get("content-type", "").startswith("application/json"):
+            return resp.status, resp_headers, json.loads(data)
+        return resp.status, resp_headers, data
+    finally:
+        conn.close()
+
+
+def publish_json(node: RunningNode, doc: dict) -> tuple[int, Any]:
+    status, _, body = http_request(node, "POST", "/publish", json.dumps(doc).encode(),
+                                   {"Content-Type": "application/json"})
+    return status, body
+
+
+class SSEReader:
+    """A ``GET /subscribe`` stream read event by event (comment lines are heartbeats)."""
+
+    def __init__(self, node: RunningNode, *filters: str, timeout: float = WAIT) -> None:
+        self.conn = http.client.HTTPConnection(node.host, node.http_port, timeout=timeout)
+        self.conn.request("GET", "/subscribe?" + urlencode([("filter", f) for f in filters]))
+        self.resp = self.conn.getresponse()
+        assert self.resp.status == 200, self.resp.read()
+        assert self.resp.getheader("Content-Type").startswith("text/event-stream")
+        first = self.resp.readline().decode()
+        assert first.startswith(": fluxmq stream "), first
+        self.client_id = first.split()[3]
+        self.heartbeats = 0
+
+    def event(self) -> tuple[str, dict]:
+        """The next event (name, JSON data); raises on timeout or end of stream."""
+        fields: dict[str, str] = {}
+        while True:
+            line = self.resp.readline()
+            if not line:
+                raise EOFError("stream ended")
+            text = line.decode().rstrip("\n")
+            if not text:
+                if "event" in fields:
+                    return fields["event"], json.loads(fields["data"])
+                continue
+            if text.startswith(":"):
+                self.heartbeats += text.startswith(": heartbeat")
+                continue
+            name, _, value = text.partition(": ")
+            fields[name] = value
+
+    def close(self) -> None:
+        sock = self.conn.sock
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.conn.close()
+
+
+# -- HTTP -> MQTT ----------------------------------------------------------------------------------
+
+def test_http_post_reaches_an_mqtt_subscriber(node: RunningNode) -> None:
+    topic = f"bridge/{unique('in')}/temp"
+    with paho_connected(node, unique("sub")) as sub:
+        assert sub.subscribe(topic, 1) == [mqtt.ReasonCode(PacketTypes.SUBACK, identifier=1)]
+        status, body = publish_json(node, {"topic": topic, "payload": "21.5", "qos": 1})
+        assert status == 200 and body["deliveries"] == 1
+        msg = sub.get(WAIT)
+        assert (msg.topic, msg.payload, msg.qos, msg.retain) == (topic, b"21.5", 1, False)
+
+
+def test_http_properties_reach_an_mqtt5_subscriber(node: RunningNode) -> None:
+    topic = f"bridge/{unique('props')}"
+    with paho_connected(node, unique("sub5"), protocol=mqtt.MQTTv5) as sub:
+        sub.subscribe(topic, 0)
+        status, _ = publish_json(node, {
+            "topic": topic, "payload": base64.b64encode(b"\x00\xff").decode(), "payload_encoding": "base64",
+            "properties": {"content_type": "application/octet-stream", "response_topic": "replies/1",
+                           "user_properties": [["trace", "a1"], ["trace", "b2"]]}})
+        assert status == 200
+        msg = sub.get(WAIT)
+        assert msg.payload == b"\x00\xff"
+        assert msg.properties.ContentType == "application/octet-stream"
+        assert msg.properties.ResponseTopic == "replies/1"
+        assert msg.properties.UserProperty == [("trace", "a1"), ("trace", "b2")]
+
+
+def test_raw_topic_post_is_retained_for_later_subscribers(node: RunningNode) -> None:
+    topic = f"bridge/{unique('raw')}/state"
+    status, _, body = http_request(node, "POST", f"/topics/{quote(topic)}?qos=1&retain=true", b"\xfe\x01")
+    assert status == 200 and body["retain"] is True
+    status, _, stored = http_request(node, "GET", f"/retained/{quote(topic)}")
+    assert status == 200
+    assert stored == {"topic": topic, "payload": base64.b64encode(b"\xfe\x01").decode(),
+                      "payload_encoding": "base64", "qos": 1, "retain": True}
+    with paho_connected(node, unique("late")) as sub:
+        sub.subscribe(topic, 1)
+        msg = sub.get(WAIT)
+        # a retained message goes to a new subscription with RETAIN set [MQTT-3.3.1-8]
+        assert (msg.payload, msg.retain, msg.qos) == (b"\xfe\x01", True, 1)
+
+
+# -- MQTT -> SSE -----------------------------------------------------------------------------------
+
+def test_mqtt_publish_reaches_an_sse_stream(node: RunningNode) -> None:
+    base = f"bridge/{unique('sse')}"
+    stream = SSEReader(node, f"{base}/#")
+    try:
+        with paho_connected(node, unique("pub")) as pub:
+            pub.publish(f"{base}/a", b"hello", qos=1)
+            pub.publish(f"{base}/b", b"\x80\x81", qos=0)
+        assert stream.event() == ("message", {"topic": f"{base}/a", "payload": "hello",
+                                              "payload_encoding": "utf8", "qos": 1, "retain": False})
+        name, data = stream.event()
+        assert name == "message" and base64.b64decode(data["payload"]) == b"\x80\x81"
+    finally:
+        stream.close()
+
+
+def test_http_publish_reaches_an_sse_stream_and_an_mqtt_subscriber(node: RunningNode) -> None:
+    topic = f"bridge/{unique('both')}"
+    stream = SSEReader(node, topic)
+    try:
+        with paho_connected(node, unique("sub")) as sub:
+            sub.subscribe(topic, 0)
+            status, body = publish_json(node, {"topic": topic, "payload": "x"})
+            assert status == 200 and body["deliveries"] == 2
+            assert sub.get(WAIT).payload == b"x"
+        assert stream.event()[1]["payload"] == "x"
+    finally:
+        stream.close()
+
+
+def test_sse_session_is_removed_when_the_client_goes_away(node_factory: NodeFactory) -> None:
+    n = node_factory({"server.http.plain.sse_heartbeat": "200ms"})
+    stream = SSEReader(n, "gone/#")
+    assert wait_until(lambda: n.http_get("/cluster/status")[1]["sessions"] == 1, WAIT)
+    stream.close()
+    # the next heartbeat write fails: the stream ends and its session and subscription go
+    assert wait_until(lambda: n.http_get("/cluster/status")[1]["sessions"] == 0, WAIT), n.log_tail()
+    with paho_connected(n, unique("pub")) as pub:
+        pub.publish("gone/1", b"nobody", qos=1)
+    assert n.stop() == 0
+
+
+def test_idle_stream_gets_heartbeats(node_factory: NodeFactory) -> None:
+    n = node_factory({"server.http.plain.sse_heartbeat": "100ms"})
+    stream = SSEReader(n, "quiet")
+    try:
+        assert wait_until(lambda: stream.resp.readline().startswith(b": heartbeat"), WAIT)
+    finally:
+        stream.close()
+
+
+def test_graceful_stop_ends_sse_streams(node_factory: NodeFactory) -> None:
+    n = node_factory({"server.shutdown_timeout": "5s"})
+    stream = SSEReader(n, "bye")
+    assert n.stop() == 0, n.log_tail()
+    name, data = stream.event()
+    assert name == "close" and "shutting down" in data["reason"]
+    with pytest.raises(EOFError):
+        stream.event()
+    stream.close()
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_body_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    """A node whose bridge takes bodies of at most 1 KiB."""
+    factory = NodeFactory(tmp_path_factory.mktemp("small-body"))
+    try:
+        yield factory({"server.http.plain.max_body_size": "1KiB"})
+    finally:
+        factory.close()
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), [
+    ("POST", "/publish", b"{bad json", 400),
+    ("POST", "/publish", b'{"topic": "a/#"}', 400),
+    ("POST", "/publish", b'{"topic": "t", "payload": "x", "payload_encoding": "rot13"}', 400),
+    ("POST", "/publish", b'{"topic": "t", "qos": 7}', 400),
+    ("POST", "/publish", b'{"topic": "$SYS/x"}', 403),
+    ("POST", "/publish", b'{"topic": "t", "payload": "' + b"x" * 2048 + b'"}', 413),
+    ("POST", "/topics/t", b"x" * 1025, 413),
+    ("POST", "/topics/t?qos=9", b"x", 400),
+    ("GET", "/publish", None, 405),
+    ("GET", "/retained/never/set", None, 404),
+    ("GET", "/subscribe", None, 400),
+    ("GET", "/nothing", None, 404),
+])
+def test_errors_are_json_with_a_message(small_body_node: RunningNode, method: str, path: str,
+                                        body: bytes | None, status: int) -> None:
+    got, headers, payload = http_request(small_body_node, method, path, body)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert isinstance(payload["error"], str) and payload["error"]
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(node: RunningNode) -> None:
+    conn = http.client.HTTPConnection(node.host, node.http_port, timeout=WAIT)
+    try:
+        for i in range(3):
+            conn.request("POST", f"/topics/bridge/ka/{i}", body=b"x")
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["topic"] == f"bridge/ka/{i}"
+    finally:
+        conn.close()
+
+
+def test_bridge_can_be_turned_off(node_factory: NodeFactory) -> None:
+    n = node_factory({"server.http.plain.addr": ""})
+    assert n.http_port is None
+    listening = next(line for line in n.log_text().splitlines() if "Listening at:" in line)
+    urls = listening.split("Listening at: ")[1].split()[0].rstrip('"').split(",")
+    assert sorted(urls) == sorted([f"http://{n.host}:{n.health_port}", f"http://{n.host}:{n.admin_port}"])
+    with paho_connected(n, unique("still")) as client:
+        assert client.is_connected
+    assert n.stop() == 0
