@@ -14,7 +14,7 @@ import subprocess
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fluxmq._core import codec
@@ -568,6 +568,7 @@ def test_spec_property_table_agrees_with_paho():
 
 
 @FAST
+@example(props={0x26: [("k" * 100, "v" * 100)]})  # over 127 bytes: a 2-byte Remaining Length
 @given(props=properties(PUBLISH))
 def test_properties_interoperate_with_paho(props):
     """Our property encoding unpacks with paho, and paho's packing decodes with us."""
@@ -575,14 +576,19 @@ def test_properties_interoperate_with_paho(props):
     from paho.mqtt.properties import Properties
 
     encoded = encode(Publish("t", b"", properties=props), 5)
-    block = encoded[2 + 3:]  # fixed header (2 bytes: short packets), topic "t" (3 bytes)
+    header = 2
+    while encoded[header - 1] & 0x80:  # Remaining Length continuation bytes
+        header += 1
+    block = encoded[header + 3:]  # after the fixed header and the topic "t" (3 bytes)
     theirs, _ = Properties(PacketTypes.PUBLISH).unpack(block)
     for pid, value in props.items():
         name = theirs.getNameFromIdent(pid).replace(" ", "")
         got = getattr(theirs, name)
         assert got == value, name
     repacked = theirs.pack()
-    frame = b"\x30" + bytes([3 + len(repacked)]) + b"\x00\x01t" + repacked
+    length = 3 + len(repacked)
+    frame = b"\x30" + (bytes([length]) if length < 128 else bytes([length & 0x7F | 0x80, length >> 7]))
+    frame += b"\x00\x01t" + repacked
     assert Decoder(version=5).feed(frame) == [Publish("t", b"", properties=props)]
 
 
