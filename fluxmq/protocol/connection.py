@@ -114,8 +114,15 @@ class MQTTConnection:
                 if not data:
                     break
                 stats.bytes_received += len(data)
+                bad = None
                 try:
-                    packets = self.decoder.feed(data)
+                    try:
+                        packets = self.decoder.feed(data)
+                    except MQTTError as exc:
+                        # Packets completed before the bad one in this read are still served,
+                        # then the connection closes with the error's reason code.
+                        packets = getattr(exc, "packets", None) or ()
+                        bad = exc
                     stats.messages_received += len(packets)
                     for packet in packets:
                         if self.session is None and packet.type != c.CONNECT:
@@ -127,6 +134,8 @@ class MQTTConnection:
                         handler(self, packet)
                         if self.closed:
                             break
+                    if bad is not None and not self.closed:
+                        raise bad
                 except MQTTError as exc:
                     self._on_protocol_error(exc)
                     break
