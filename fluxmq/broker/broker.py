@@ -13,12 +13,24 @@ from time import perf_counter
 import gevent
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
+from fluxmq.errors import QuotaExceeded
+from fluxmq.storage.base import Storage, StoredState
+from fluxmq.storage.memory import MemoryStorage
 
 from .delivery import Delivery
 from .message import Message
 from .retained import RetainedStore
 from .router import Router
-from .session import EXPIRY_NEVER, Session, SessionLimits, Subscription, Will
+from .session import (
+    DROP_NEW,
+    EXPIRY_NEVER,
+    Inflight,
+    PersistentSession,
+    Session,
+    SessionLimits,
+    Subscription,
+    Will,
+)
 from .stats import LATENCY_SAMPLE_MASK, BrokerStats
 
 log = logging.getLogger("fluxmq.broker")
@@ -29,12 +41,13 @@ class BrokerSettings:
 
     __slots__ = ("max_inflight", "max_queued_messages", "max_queued_bytes", "queue_overflow",
                  "max_retained_messages", "shared_subscription_strategy", "max_qos", "retain_available",
-                 "node_id")
+                 "node_id", "persistent_max_queued_messages", "persistent_max_queued_bytes")
 
     def __init__(self, max_inflight: int = 100, max_queued_messages: int = 1000,
                  max_queued_bytes: int = 16 << 20, queue_overflow: str = "drop_new",
                  max_retained_messages: int = 10000, shared_subscription_strategy: str = "round_robin",
-                 max_qos: int = 2, retain_available: bool = True, node_id: str = "single-node") -> None:
+                 max_qos: int = 2, retain_available: bool = True, node_id: str = "single-node",
+                 persistent_max_queued_messages: int = 100000, persistent_max_queued_bytes: int = 100 << 20) -> None:
         self.max_inflight = max_inflight
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
@@ -44,6 +57,9 @@ class BrokerSettings:
         self.max_qos = max_qos
         self.retain_available = retain_available
         self.node_id = node_id
+        # Bounds of the on-disk queues of persistent sessions (storage.max_queued_*).
+        self.persistent_max_queued_messages = persistent_max_queued_messages
+        self.persistent_max_queued_bytes = persistent_max_queued_bytes
 
 
 class SubscribeResult:
@@ -60,13 +76,19 @@ class SubscribeResult:
 class Broker:
     """Sessions, routing, retained messages and wills of one node."""
 
-    def __init__(self, settings: BrokerSettings | None = None) -> None:
+    def __init__(self, settings: BrokerSettings | None = None, storage: Storage | None = None) -> None:
         self.settings = settings or BrokerSettings()
         s = self.settings
         self.stats = BrokerStats()
         self.limits = SessionLimits(s.max_inflight, s.max_queued_messages, s.max_queued_bytes, s.queue_overflow)
+        self.persistent_limits = SessionLimits(s.max_inflight, s.persistent_max_queued_messages,
+                                               s.persistent_max_queued_bytes, DROP_NEW)
+        # Persistent sessions are written through to a durable storage; with the memory backend
+        # (durable False) every session is a plain in-memory Session.
+        self.storage = storage if storage is not None else MemoryStorage()
+        self._store = self.storage if self.storage.durable else None
         self.router = Router(s.shared_subscription_strategy)
-        self.retained = RetainedStore(s.max_retained_messages)
+        self.retained = RetainedStore(s.max_retained_messages, self._store)
         self.sessions: dict[str, Session] = {}
         self.connected = 0
         self.accepting = True
@@ -105,12 +127,23 @@ class Broker:
                 session = None
         present = session is not None
         if session is None:
-            session = Session(client_id, self.limits, self.stats)
+            if self._store is not None and expiry_interval > 0:
+                session = PersistentSession(client_id, self.persistent_limits, self.stats, self._store)
+            else:
+                session = Session(client_id, self.limits, self.stats)
             self.sessions[client_id] = session
         session.expiry_interval = expiry_interval
         session.persistent = expiry_interval > 0
         session.will = will
         session.username = username
+        if isinstance(session, PersistentSession):
+            store = session.store
+            store.put_session(client_id, expiry_interval, 0.0, username)
+            # Stored at connect, so a crash publishes it at restart like any unclean close.
+            if will is not None:
+                store.put_will(client_id, will.message, will.delay)
+            else:
+                store.delete_will(client_id)
         return session, present
 
     def attach(self, session: Session, delivery: Delivery, send_quota: int) -> None:
@@ -139,6 +172,11 @@ class Broker:
                 self._publish_will(will)
             else:
                 session.will = will
+        if isinstance(session, PersistentSession):
+            session.store.put_session(session.client_id, session.expiry_interval, session.disconnected_at,
+                                      session.username)
+            if session.will is None:
+                session.store.delete_will(session.client_id)
         self._arm_timer(session)
 
     def _arm_timer(self, session: Session) -> None:
@@ -158,6 +196,8 @@ class Broker:
         elapsed = time.time() - session.disconnected_at
         if session.will is not None and elapsed + 0.05 >= session.will.delay:
             will, session.will = session.will, None
+            if isinstance(session, PersistentSession):
+                session.store.delete_will(session.client_id)
             self._publish_will(will)
         if session.expiry_interval != EXPIRY_NEVER and elapsed + 0.05 >= session.expiry_interval:
             if session.will is not None:  # the session ends before the will delay: publish it now
@@ -189,11 +229,16 @@ class Broker:
             self.router.remove(filter, session)
         session.subscriptions.clear()
         session.clear_state()
+        if isinstance(session, PersistentSession):
+            session.store.delete_session(session.client_id)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
 
     def _publish_will(self, will: Will) -> None:
-        self.publish(will.message)
+        try:
+            self.publish(will.message)
+        except QuotaExceeded:
+            log.warning("will_refused", extra={"topic": will.message.topic, "reason": "storage full"})
 
     def kick(self, client_id: str, reason_code: int = 0x98) -> bool:
         """Close the connection of ``client_id`` (admin); its will is published as on any server close."""
@@ -220,9 +265,12 @@ class Broker:
         size = len(message.payload)
         stats.received_qos[msg_qos] += 1
         stats.received_bytes_qos[msg_qos] += size
+        route = self.router.route(message.topic)
+        if self.storage.refusing and msg_qos and self._would_store(message, route):
+            stats.dropped("storage_full")
+            raise QuotaExceeded("storage full")
         if message.retain:
             self.retained.store(message)
-        route = self.router.route(message.topic)
         retain = message.retain
         sent_qos = stats.sent_qos
         sent_bytes = stats.sent_bytes_qos
@@ -250,6 +298,15 @@ class Broker:
         # the first delivery of this loop turn) writes them. A callback registered now runs after
         # it, so the sample covers routing, encoding and the socket write.
         gevent.get_hub().loop.run_callback(self.stats.observe_delivery_latency, started)
+
+    @staticmethod
+    def _would_store(message: Message, route) -> bool:
+        """True when publishing ``message`` writes to storage (retained, or a persistent target)."""
+        if message.retain and not message.topic.startswith("$SYS"):
+            return True
+        if any(isinstance(t[0], PersistentSession) for t in route.targets):
+            return True
+        return any(isinstance(m.session, PersistentSession) for g in route.groups for m in g.members.values())
 
     def _publish_shared(self, message: Message, groups: list) -> int:
         n = 0
@@ -279,6 +336,9 @@ class Broker:
                            subscription_id, shared[0] if shared else None)
         is_new = self.router.add(sub)
         session.subscriptions[filter] = sub
+        if isinstance(session, PersistentSession):
+            session.store.put_subscription(session.client_id, filter, granted, no_local, retain_as_published,
+                                           retain_handling, subscription_id)
         retained: list = []
         # Retained messages are never sent for a shared subscription; Retain Handling 1 sends them
         # only for a new subscription, 2 never [MQTT-3.3.1-9, -10, -11].
@@ -299,9 +359,74 @@ class Broker:
         if session.subscriptions.pop(filter, None) is None:
             return False
         self.router.remove(filter, session)
+        if isinstance(session, PersistentSession):
+            session.store.delete_subscription(session.client_id, filter)
         return True
 
     # -- node lifecycle --------------------------------------------------------------------------
+
+    def restore(self, state: StoredState) -> None:
+        """Rebuild what the storage loaded at start, before any client connects.
+
+        Sessions expire by wall-clock time across the downtime (a session online at the crash counts
+        as disconnected when the node was last known alive); wills whose delay elapsed meanwhile,
+        or whose session expired, are published once everything else is restored; the others are
+        re-armed. Retained messages are served at once.
+        """
+        store = self._store
+        if store is None:
+            return
+        now = time.time()
+        for fields in state.retained:
+            message = Message(*fields)
+            if message.expired():
+                store.delete_retained(message.topic)
+                continue
+            self.retained.restore(message)
+        due: list[Will] = []
+        for rec in state.sessions.values():
+            cid = rec.client_id
+            gone_at = rec.disconnected_at or state.last_alive or now
+            elapsed = max(0.0, now - gone_at)
+            will = None
+            if rec.will is not None:
+                fields, delay = rec.will
+                will = Will(Message(*fields), delay)
+            if rec.expiry_interval == 0 or (rec.expiry_interval != EXPIRY_NEVER and elapsed >= rec.expiry_interval):
+                if will is not None:
+                    due.append(will)  # the session ended during the downtime: its will goes now
+                store.delete_session(cid)
+                continue
+            session = PersistentSession(cid, self.persistent_limits, self.stats, store, rec.queue)
+            session.expiry_interval = rec.expiry_interval
+            session.username = rec.username
+            session.disconnected_at = gone_at
+            if not rec.disconnected_at:  # it was online when the node stopped
+                store.put_session(cid, rec.expiry_interval, gone_at, rec.username)
+            for filter, qos, no_local, rap, rh, sub_id in rec.subscriptions:
+                shared = parse_shared(filter)
+                sub = Subscription(session, filter, qos, no_local, rap, rh, sub_id, shared[0] if shared else None)
+                self.router.add(sub)
+                session.subscriptions[filter] = sub
+            for pid, (fields, qos, retain, ids, released) in rec.inflight.items():
+                entry = Inflight(Message(*fields), qos, retain, ids)
+                entry.released = released
+                session.inflight[pid] = entry
+            if session.inflight:
+                session._next_pid = max(session.inflight) % 65535 + 1
+            set.update(session.inbound_qos2, rec.inbound_qos2)
+            if will is not None:
+                if elapsed >= will.delay:
+                    due.append(will)
+                    store.delete_will(cid)
+                else:
+                    session.will = will
+            self.sessions[cid] = session
+            self._arm_timer_remaining(session, elapsed)
+        for will in due:
+            self._publish_will(will)
+        log.info("restored", extra={"sessions": len(self.sessions), "retained": len(self.retained),
+                                    "wills_published": len(due)})
 
     def shutdown(self) -> None:
         """Close every client connection (5.0 reason 0x8B); wills are published as on a server close."""

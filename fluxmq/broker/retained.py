@@ -16,18 +16,26 @@ class RetainedStore:
 
     Policy at the cap (``broker.max_retained_messages``, 0 = none): updating or clearing an existing
     topic always works; a new topic is refused and counted, so a retained storm cannot grow memory.
+
+    With a durable ``storage`` every change is written through (``$SYS`` topics excepted: they are
+    republished at start).
     """
 
-    def __init__(self, max_messages: int = 0) -> None:
+    def __init__(self, max_messages: int = 0, storage=None) -> None:
         self._trie = RetainedTrie()
         self.max_messages = max_messages
         self.refused = 0
+        self._storage = storage
+
+    def _persisted(self, topic: str) -> bool:
+        return self._storage is not None and not topic.startswith("$SYS")
 
     def store(self, message: Message) -> bool:
         """Set, replace or (empty payload) clear the retained message of its topic [MQTT-3.3.1-5, -10, -11]."""
         topic = message.topic
         if not message.payload:
-            self._trie.delete(topic)
+            if self._trie.delete(topic) and self._persisted(topic):
+                self._storage.delete_retained(topic)
             return True
         if self.max_messages and len(self._trie) >= self.max_messages and self._trie.get(topic) is None:
             self.refused += 1
@@ -36,17 +44,32 @@ class RetainedStore:
             return False
         stored = message.copy(retain=True)
         self._trie.set(topic, stored)
+        if self._persisted(topic):
+            self._storage.put_retained(topic, stored)
         return True
+
+    def restore(self, message: Message) -> None:
+        """Put back a retained message loaded from storage (not written again)."""
+        self._trie.set(message.topic, message)
+
+    def _expire(self, topic: str) -> None:
+        self._trie.delete(topic)
+        if self._persisted(topic):
+            self._storage.delete_retained(topic)
 
     def get(self, topic: str) -> Message | None:
         message = self._trie.get(topic)
         if message is not None and message.expired():
-            self._trie.delete(topic)
+            self._expire(topic)
             return None
         return message
 
     def delete(self, topic: str) -> bool:
-        return self._trie.delete(topic)
+        if self._trie.delete(topic):
+            if self._persisted(topic):
+                self._storage.delete_retained(topic)
+            return True
+        return False
 
     def match(self, filter: str) -> list[Message]:
         """Unexpired retained messages whose topic matches ``filter``; expired ones are removed."""
@@ -54,7 +77,7 @@ class RetainedStore:
         live = []
         for message in found:
             if message.expires_at is not None and message.expired():
-                self._trie.delete(message.topic)
+                self._expire(message.topic)
                 continue
             live.append(message)
         return live

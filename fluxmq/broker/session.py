@@ -16,6 +16,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+from fluxmq.storage.base import Storage, StoredQueue
+from fluxmq.storage.queue import DiskQueue
+
 from .delivery import Delivery
 from .message import Message
 from .stats import BrokerStats
@@ -136,13 +139,15 @@ class Session:
         else:
             self._enqueue(message, qos, retain, subscription_ids)
 
-    def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> None:
+    def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> int:
+        """Send a new QoS 1/2 PUBLISH; returns its packet id, or 0 when the client cannot take it."""
         pid = self._alloc_packet_id()
         if d.send_publish(message, qos, retain, pid, False, subscription_ids):
             self.inflight[pid] = Inflight(message, qos, retain, subscription_ids)
-        else:
-            # Too large for this client (5.0 Maximum Packet Size): dropped for this client only.
-            self._stats.dropped("packet_too_large")
+            return pid
+        # Too large for this client (5.0 Maximum Packet Size): dropped for this client only.
+        self._stats.dropped("packet_too_large")
+        return 0
 
     def _alloc_packet_id(self) -> int:
         pid = self._next_pid
@@ -287,3 +292,124 @@ class Session:
         state = "online" if self.delivery is not None else "offline"
         return (f"Session({self.client_id!r}, {state}, subs={len(self.subscriptions)}, "
                 f"inflight={len(self.inflight)}, queued={len(self.queue)})")
+
+
+class _DurableIds(set):
+    """The inbound QoS 2 ids of a persistent session: adds and removals are written through."""
+
+    __slots__ = ("_store", "_cid")
+
+    def __init__(self, store: Storage, client_id: str) -> None:
+        super().__init__()
+        self._store = store
+        self._cid = client_id
+
+    def add(self, packet_id: int) -> None:
+        if packet_id not in self:
+            set.add(self, packet_id)
+            self._store.put_inbound_qos2(self._cid, packet_id)
+
+    def discard(self, packet_id: int) -> None:
+        if packet_id in self:
+            set.discard(self, packet_id)
+            self._store.delete_inbound_qos2(self._cid, packet_id)
+
+
+class PersistentSession(Session):
+    """A persistent session under a durable store: its state is written through to ``store``.
+
+    Inflight QoS 1/2 (both directions) is recorded as it changes and the offline queue is a
+    DiskQueue, bounded by ``limits`` (``storage.max_queued_*``). Overflow policy: the oldest queued
+    QoS 0 message is evicted first; when there is none (or the new message is QoS 0) the new
+    message is refused for this session and counted as ``queue_full``. Every record is buffered by
+    the store and committed before any acknowledgement of the turn leaves (FlushScheduler).
+    """
+
+    __slots__ = ("store",)
+
+    def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats, store: Storage,
+                 queue_index: StoredQueue | None = None) -> None:
+        super().__init__(client_id, limits, stats)
+        self.store = store
+        self.persistent = True
+        self.queue = DiskQueue(store, client_id, Message, queue_index)
+        self.inbound_qos2 = _DurableIds(store, client_id)
+
+    def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> int:
+        pid = Session._send_new(self, d, message, qos, retain, subscription_ids)
+        if pid:
+            self.store.put_inflight(self.client_id, pid, message, qos, retain, subscription_ids)
+        return pid
+
+    def _enqueue(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
+        queue = self.queue
+        limits = self._limits
+        if self.store.refusing:
+            self._stats.dropped("storage_full")
+            return
+        size = len(message.payload) + len(message.topic) + 40  # about the encoded entry's size
+        if queue.count >= limits.max_queued_messages or queue.bytes + size > limits.max_queued_bytes:
+            if qos == 0 or not self._evict_qos0():
+                self._stats.dropped("queue_full")
+                return
+        queue.append((message, qos, retain, subscription_ids))
+
+    def _evict_qos0(self) -> bool:
+        if self.queue.evict_qos0():
+            self._stats.dropped("queue_full")
+            return True
+        return False
+
+    def _drop_item(self, item) -> None:
+        pass  # the DiskQueue keeps its own counts
+
+    def on_puback(self, packet_id: int) -> bool:
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry.qos != 1:
+            return False
+        del self.inflight[packet_id]
+        self.store.delete_inflight(self.client_id, packet_id)  # before pump() may reuse the id
+        if self.queue:
+            self.pump()
+        return True
+
+    def on_pubrec(self, packet_id: int, reason_code: int = 0) -> bool:
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry.qos != 2:
+            return False
+        if reason_code >= 0x80:
+            del self.inflight[packet_id]
+            self.store.delete_inflight(self.client_id, packet_id)
+            if self.queue:
+                self.pump()
+            return True
+        if not entry.released:
+            entry.released = True
+            self.store.release_inflight(self.client_id, packet_id)
+        return True
+
+    def on_pubcomp(self, packet_id: int) -> bool:
+        entry = self.inflight.get(packet_id)
+        if entry is None or not entry.released:
+            return False
+        del self.inflight[packet_id]
+        self.store.delete_inflight(self.client_id, packet_id)
+        if self.queue:
+            self.pump()
+        return True
+
+    def attach(self, delivery: Delivery, send_quota: int) -> None:
+        before = set(self.inflight)
+        Session.attach(self, delivery, send_quota)
+        for pid in before.difference(self.inflight):  # dropped as too large for the new client
+            self.store.delete_inflight(self.client_id, pid)
+
+    def detach(self) -> None:
+        Session.detach(self)
+        self.queue.drop_read_ahead()
+
+    def clear_state(self) -> None:
+        self.inflight.clear()
+        self.queue.clear()
+        set.clear(self.inbound_qos2)
+        self.store.clear_session_state(self.client_id)
