@@ -21,7 +21,7 @@ from fluxmq._core.codec import Decoder, append_publish, encode, encode_publish
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
-from fluxmq.errors import MQTTError, ProtocolError, TopicFilterInvalid
+from fluxmq.errors import MQTTError, ProtocolError, QuotaExceeded, StorageError, TopicFilterInvalid
 
 from .settings import ProtocolSettings
 
@@ -107,7 +107,7 @@ class MQTTConnection:
                     if self._parking and self._park():
                         parked = True
                         return
-                    if self._parking and self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
+                    if self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
                         stream.settimeout(self._idle_timeout())
                         continue
                     raise
@@ -229,8 +229,9 @@ class MQTTConnection:
                 log.exception("close_session_failed", extra={"client_id": self.client_id})
         if self.out and self._writer is None:
             try:
+                self.flusher.ensure_committed()  # the bytes may acknowledge state of this turn
                 self.stream.send_all(bytes(self.out), self.settings.close_timeout)
-            except (OSError, TimeoutError, gevent.Timeout):
+            except (OSError, TimeoutError, gevent.Timeout, StorageError):
                 pass
             self.out.clear()
         if self._writer is None:
@@ -246,11 +247,18 @@ class MQTTConnection:
             self._dirty = True
             self.flusher.mark(self)
 
-    def flush_nowait(self) -> None:
-        """Send what is buffered without blocking (called from the hub by the FlushScheduler)."""
+    def flush_nowait(self, limit: int | None = None) -> None:
+        """Send what is buffered without blocking (called from the hub by the FlushScheduler).
+
+        ``limit``: send at most the first ``limit`` bytes (``storage.sync: always``: the rest may
+        acknowledge state not yet durable) and queue the connection for the next flush.
+        """
         self._dirty = False
         out = self.out
         if not out or self._writer is not None:
+            return
+        if limit is not None and limit < len(out):
+            self._flush_prefix(limit)
             return
         try:
             n = self.stream.send_nowait(out)
@@ -269,19 +277,39 @@ class MQTTConnection:
         if self._want_writable:
             self._writable()
 
+    def _flush_prefix(self, limit: int) -> None:
+        out = self.out
+        if limit > 0:
+            try:
+                n = self.stream.send_nowait(bytes(out[:limit]))
+            except OSError:
+                out.clear()
+                self.closed = True
+                self.stream.shutdown()
+                return
+            self.broker.stats.bytes_sent += n
+            del out[:n]
+            if n < limit:
+                self._writer = gevent.spawn(self._drain)
+                return
+        self._dirty = True
+        self.flusher.mark(self)
+
     def _drain(self) -> None:
         """Finish a write the kernel could not take at once; a client that cannot drain within
         ``write_timeout`` is dropped as a slow consumer."""
         out = self.out
         try:
             while out:
-                data = bytes(out)
-                out.clear()
+                n = len(out)
+                self.flusher.ensure_committed()  # the first n bytes acknowledge only committed state
+                data = bytes(out[:n])
+                del out[:n]
                 self.stream.send_all(data, self.settings.write_timeout or None)
                 self.broker.stats.bytes_sent += len(data)
                 if self._want_writable and len(out) <= self._high // 2:
                     self._writable()
-        except (OSError, TimeoutError, gevent.Timeout):
+        except (OSError, TimeoutError, gevent.Timeout, StorageError):
             log.info("write_failed", extra={"peer": self.peer, "client_id": self.client_id})
             out.clear()
             self.closed = True
@@ -366,9 +394,28 @@ class MQTTConnection:
         self.closed = True
         if self.session is not None and self.session.delivery is not self:
             self.session = None  # taken over: this connection no longer speaks for the session
+        if not self.flusher.settle():
+            # storage.sync always: the output may acknowledge state not yet durable; send it after.
+            gevent.spawn(self._close_when_committed)
+            return
         self.flush_nowait()
         if self._writer is None:
             self.stream.shutdown()
+
+    def _close_when_committed(self) -> None:
+        try:
+            self.flusher.ensure_committed()
+        except StorageError:
+            self.out.clear()
+        self.flush_nowait()
+        if self._writer is None:
+            self.stream.shutdown()
+
+    def abandon_output(self, reason_code: int, reason: str) -> None:
+        """The storage could not commit what the buffered output acknowledges: drop it unsent and
+        close (5.0 clients get a DISCONNECT with ``reason_code``)."""
+        self.out.clear()
+        self.close(reason_code, reason)
 
     def _send_disconnect(self, reason_code: int, reason: str = "") -> None:
         if self.version == 5 and self.session is not None and not self.closed:
@@ -516,7 +563,10 @@ class MQTTConnection:
         pid = p.packet_id
         if qos == 1:
             if accepted:
-                self._route(topic, p, props)
+                try:
+                    self._route(topic, p, props)
+                except QuotaExceeded:
+                    reason = self._refuse_unstorable(topic)
             if reason and self.version == 5:
                 self._write(encode(c.Puback(pid, reason, None), 5))
             else:
@@ -529,12 +579,23 @@ class MQTTConnection:
             if len(inbound) >= settings.max_inflight:
                 raise MQTTError("receive maximum exceeded", 0x93)
             if accepted:
-                self._route(topic, p, props)
-                inbound.add(pid)
+                try:
+                    self._route(topic, p, props)
+                    inbound.add(pid)
+                except QuotaExceeded:
+                    reason = self._refuse_unstorable(topic)
         if reason and self.version == 5:
             self._write(encode(c.Pubrec(pid, reason, None), 5))
         else:
             self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+
+    def _refuse_unstorable(self, topic: str) -> int:
+        """The storage is full and this QoS 1/2 message would be stored: 5.0 gets reason 0x97 (quota
+        exceeded); 3.x has no negative ack, so the connection closes without one."""
+        log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": "storage full"})
+        if self.version != 5:
+            raise _Close()
+        return 0x97
 
     def _route(self, topic: str, p, props) -> None:
         if props:
