@@ -16,6 +16,8 @@ from fluxmq.log import setup_logging
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.transport.tcp import TCPListener
+from fluxmq.transport.tls import TLSHandshake
+from fluxmq.transport.websocket import WebSocketUpgrade
 
 log = logging.getLogger("fluxmq.node")
 
@@ -66,6 +68,39 @@ def protocol_settings(config, listener) -> ProtocolSettings:
     )
 
 
+# The MQTT listeners: (name in logs, config section). Each is off when its addr is "".
+MQTT_LISTENERS = (
+    ("tcp", "server.tcp.plain"),
+    ("tls", "server.tcp.tls"),
+    ("mtls", "server.tcp.mtls"),
+    ("ws", "server.websocket.plain"),
+    ("wss", "server.websocket.tls"),
+)
+
+
+def stream_factory(config, name: str, section: str):
+    """The per-connection handshake of a listener: TLS, WebSocket, both (wss), or None (plain TCP).
+
+    Builds the SSLContext now, so a bad certificate path or TLS setting is a ConfigError at start.
+    """
+    lc = _section(config, section)
+    timeout = config.server.connect_timeout
+
+    def origin(leaf: str) -> str:
+        return config.origin(f"{section}.{leaf}")
+
+    tls = TLSHandshake.from_config(section, lc, timeout, name, origin) if "cert_file" in lc else None
+    if "path" in lc:
+        return WebSocketUpgrade.from_config(section, lc, timeout, name, origin, inner=tls)
+    return tls
+
+
+def _section(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
 class BrokerService:
     """Builds the broker and the MQTT listeners from a Config and runs them in this process.
 
@@ -89,11 +124,12 @@ class BrokerService:
             raise ConfigError("storage.type", "memory (LMDB storage is not built yet)", got=cfg.storage.type)
         self.broker = Broker(broker_settings(cfg))
         flusher = FlushScheduler()
-        plain = cfg.server.tcp.plain
-        if plain.addr:
-            host, port = parse_addr(plain.addr)
-            listener = TCPListener("tcp", host, port, self.broker, protocol_settings(cfg, plain), flusher,
-                                   max_connections=plain.max_connections)
+        enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
+        enabled = [(name, lc, stream_factory(cfg, name, section)) for name, section, lc in enabled if lc.addr]
+        for name, lc, factory in enabled:  # every TLS setting was checked before the first bind
+            host, port = parse_addr(lc.addr)
+            listener = TCPListener(name, host, port, self.broker, protocol_settings(cfg, lc), flusher,
+                                   max_connections=lc.max_connections, stream_factory=factory)
             listener.start()
             self.listeners.append(listener)
         self.sys_topics = SysTopics(self.broker, cfg.broker.sys_interval)
