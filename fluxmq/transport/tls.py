@@ -38,6 +38,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Callable
 
 import gevent
 from gevent import ssl as gssl
@@ -96,15 +97,22 @@ def effective_client_auth(client_auth: str, ca_file: str) -> str:
     return "require" if ca_file else "none"
 
 
-def _readable(section: str, leaf: str, path: str, source: str, what: str) -> None:
+Origin = Callable[[str], str]  # a key's leaf name -> where its value came from ("FILE:LINE", "env X")
+
+
+def _origin(source: str | Origin) -> Origin:
+    return source if callable(source) else (lambda leaf: source)
+
+
+def _readable(section: str, leaf: str, path: str, source: Origin, what: str) -> None:
     if not path:
-        raise ConfigError(f"{section}.{leaf}", what, source,
+        raise ConfigError(f"{section}.{leaf}", what, source(leaf),
                           problem=f"is empty; expected {what} (the listener is enabled by {section}.addr)")
     try:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as exc:
-        raise ConfigError(f"{section}.{leaf}", what, source, got=path,
+        raise ConfigError(f"{section}.{leaf}", what, source(leaf), got=path,
                           problem=f"cannot read {path!r}: {exc.strerror or exc}") from None
 
 
@@ -112,13 +120,15 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     return exc.reason or exc.strerror or str(exc) or type(exc).__name__
 
 
-def server_context(section: str, cfg, source: str = "", require_client_cert: bool = False) -> ssl.SSLContext:
+def server_context(section: str, cfg, source: str | Origin = "", require_client_cert: bool = False) -> ssl.SSLContext:
     """A server SSLContext from the TLS keys of listener ``section`` (e.g. ``server.tcp.tls``).
 
     ``cfg`` is that config section (or any object with the same attributes); ``source`` names where
-    the values came from for error messages. ``require_client_cert`` (the mTLS listener) refuses a
-    mode that would let a client in without a verified certificate. Raises ``ConfigError``.
+    the values came from for error messages (text, or a function of the key's leaf name).
+    ``require_client_cert`` (the mTLS listener) refuses a mode that would let a client in without a
+    verified certificate. Raises ``ConfigError``.
     """
+    source = _origin(source)
     ctx = gssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # gevent's: cooperative without monkey patching
     # TLS 1.0/1.1 are offered only if the system OpenSSL allows them (OpenSSL 3 at its default
     # security level does not); we do not lower the security level behind the operator's back.
@@ -129,18 +139,19 @@ def server_context(section: str, cfg, source: str = "", require_client_cert: boo
     try:
         ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
     except ssl.SSLError as exc:
-        raise ConfigError(f"{section}.cert_file", "a PEM certificate matching key_file", source, got=cfg.cert_file,
+        raise ConfigError(f"{section}.cert_file", "a PEM certificate matching key_file", source("cert_file"),
+                          got=cfg.cert_file,
                           problem=f"cannot load {cfg.cert_file!r} with key {cfg.key_file!r}: "
                                   f"{_ssl_reason(exc)}") from None
 
     mode = effective_client_auth(cfg.client_auth, cfg.ca_file)
     if require_client_cert and mode not in ("require", "require_any"):
-        raise ConfigError(f"{section}.client_auth", "require or require_any (with ca_file)", source,
+        raise ConfigError(f"{section}.client_auth", "require or require_any (with ca_file)", source("client_auth"),
                           got=cfg.client_auth,
                           problem=f"an mTLS listener must require client certificates; got mode {mode!r}"
                                   + ("" if cfg.ca_file else " and no ca_file"))
     if mode in ("require_any", "verify_if_given", "require") and not cfg.ca_file:
-        raise ConfigError(f"{section}.ca_file", "a CA file", source,
+        raise ConfigError(f"{section}.ca_file", "a CA file", source("ca_file"),
                           problem=f"client_auth {mode} needs ca_file (Python's ssl verifies every client "
                                   "certificate it accepts)")
     if mode == "request" and not cfg.ca_file:
@@ -152,7 +163,7 @@ def server_context(section: str, cfg, source: str = "", require_client_cert: boo
         try:
             ctx.load_verify_locations(cafile=cfg.ca_file)
         except ssl.SSLError as exc:
-            raise ConfigError(f"{section}.ca_file", "PEM CA certificates", source, got=cfg.ca_file,
+            raise ConfigError(f"{section}.ca_file", "PEM CA certificates", source("ca_file"), got=cfg.ca_file,
                               problem=f"cannot load {cfg.ca_file!r}: {_ssl_reason(exc)}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if mode in ("require", "require_any") else ssl.CERT_OPTIONAL
     else:
@@ -163,7 +174,7 @@ def server_context(section: str, cfg, source: str = "", require_client_cert: boo
     return ctx
 
 
-def _set_cipher_suites(ctx: ssl.SSLContext, section: str, names: list[str], source: str) -> None:
+def _set_cipher_suites(ctx: ssl.SSLContext, section: str, names: list[str], source: Origin) -> None:
     openssl_names = []
     ignored = []
     for name in names:
@@ -175,7 +186,7 @@ def _set_cipher_suites(ctx: ssl.SSLContext, section: str, names: list[str], sour
         try:
             probe.set_ciphers(openssl + ":@SECLEVEL=0")
         except ssl.SSLError:
-            raise ConfigError(f"{section}.cipher_suites", "TLS 1.2 cipher suite names", source, got=name,
+            raise ConfigError(f"{section}.cipher_suites", "TLS 1.2 cipher suite names", source("cipher_suites"), got=name,
                               problem=f"unknown cipher suite {name!r}") from None
         openssl_names.append(openssl)
     if ignored:
@@ -186,7 +197,7 @@ def _set_cipher_suites(ctx: ssl.SSLContext, section: str, names: list[str], sour
         try:
             ctx.set_ciphers(":".join(openssl_names))
         except ssl.SSLError:
-            raise ConfigError(f"{section}.cipher_suites", "TLS 1.2 cipher suite names", source, got=names,
+            raise ConfigError(f"{section}.cipher_suites", "TLS 1.2 cipher suite names", source("cipher_suites"), got=names,
                               problem="none of the cipher suites is allowed by OpenSSL's security level") from None
 
 
@@ -291,6 +302,13 @@ class TLSHandshake:
         self.timeout = timeout or None
         self.listener = listener
         self.use_cert_cn_as_username = use_cert_cn_as_username
+
+    @classmethod
+    def from_config(cls, section: str, cfg, timeout: float | None, listener: str,
+                    source: str | Origin = "") -> TLSHandshake:
+        """The handshake of listener ``section`` from its config keys (``*.mtls`` must verify clients)."""
+        context = server_context(section, cfg, source, require_client_cert=section.endswith(".mtls"))
+        return cls(context, timeout, listener, cfg.use_cert_cn_as_username)
 
     def __call__(self, sock, address) -> TLSStream | None:
         host, port = address[:2]

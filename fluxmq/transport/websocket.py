@@ -44,6 +44,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from fluxmq.errors import ConfigError
 from fluxmq.transport.tcp import SocketStream
 
 log = logging.getLogger("fluxmq.transport")
@@ -111,6 +112,15 @@ class WebSocketUpgrade:
         self.timeout = timeout or None
         self.listener = listener
         self.inner = inner
+
+    @classmethod
+    def from_config(cls, section: str, cfg, timeout: float | None, listener: str, source=None,
+                    inner=None) -> WebSocketUpgrade:
+        """The upgrade of listener ``section`` from its ``path`` and ``allowed_origins`` keys."""
+        if not cfg.path.startswith("/"):
+            raise ConfigError(f"{section}.path", 'a path starting with "/"', source("path") if source else "",
+                              got=cfg.path)
+        return cls(cfg.path, list(cfg.allowed_origins), timeout, listener, inner)
 
     def __call__(self, sock, address) -> WebSocketStream | None:
         if self.inner is None:
