@@ -491,7 +491,9 @@ class MQTTConnection:
             server_keepalive = keepalive
         self.keepalive = keepalive
 
-        session, present = broker.open_session(client_id, p.clean_start, expiry, will, p.username)
+        # A TLS listener with use_cert_cn_as_username puts the client certificate's CN there.
+        username = getattr(self.stream, "cert_username", None) or p.username
+        session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
         self.session = session
 
         if version == 5:
