@@ -18,6 +18,7 @@ import gevent
 
 from fluxmq._core import codec as c
 from fluxmq._core.codec import Decoder, append_publish, encode, encode_publish
+from fluxmq.broker import auth_enhanced
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
@@ -40,6 +41,40 @@ class _Close(Exception):
     """Internal: stop reading and tear the connection down."""
 
 
+# Reason strings of the acknowledgement reason codes the broker sends.
+_ACK_REASONS = {
+    0x87: "$SYS topics are written by the broker only",
+    0x92: "packet identifier not found",
+    0x97: "message refused: over broker.max_message_size or storage full",
+    0x99: "payload is not UTF-8 although its Payload Format Indicator says so",
+}
+
+
+def _connect_level(data) -> int:
+    """The protocol level of a CONNECT at the start of ``data`` (0 when it is not one): the decoder
+    only learns the version from a CONNECT it could decode."""
+    if len(data) < 2 or data[0] != 0x10:
+        return 0
+    pos = 1
+    while pos < len(data) and pos < 5 and data[pos] & 0x80:
+        pos += 1
+    pos += 1
+    if len(data) < pos + 2:
+        return 0
+    name_len = (data[pos] << 8) | data[pos + 1]
+    level_at = pos + 2 + name_len
+    return data[level_at] if level_at < len(data) and name_len in (4, 6) else 0
+
+
+def _is_utf8(payload: bytes) -> bool:
+    """True when ``payload`` is well-formed UTF-8 (what Payload Format Indicator 1 promises)."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class MQTTConnection:
     """One client connection (any MQTT version on the same listener)."""
 
@@ -47,6 +82,7 @@ class MQTTConnection:
     # Add new attributes here.
     __slots__ = ("broker", "stream", "settings", "flusher", "listener", "peer", "over_limit", "decoder", "out",
                  "version", "session", "client_id", "keepalive", "closed", "_torn_down", "_dirty", "_writer",
+                 "_aliases_out", "_alias_max_out", "_auth_method", "_auth_exchange", "_pending_connect",
                  "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
                  "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__")
 
@@ -74,6 +110,11 @@ class MQTTConnection:
         self._client_max_packet = 0  # 5.0 Maximum Packet Size of the client; 0 = protocol maximum
         self._problem_info = True  # 5.0 Request Problem Information
         self._aliases_in: dict[int, str] | None = None  # 5.0 inbound topic aliases, made on first use
+        self._aliases_out: dict[str, int] | None = None  # 5.0 outbound: topic -> alias, when the client allows them
+        self._alias_max_out = 0  # the client's Topic Alias Maximum
+        self._auth_method: str | None = None  # 5.0 enhanced authentication method of this connection
+        self._auth_exchange = None  # the exchange in progress (CONNECT or re-authentication)
+        self._pending_connect = None  # CONNECT state held while its enhanced authentication runs
         self._high = settings.write_buffer_high
         self._keepalive_limit = 0.0  # seconds without input before the client is dropped; 0 = none
         self._can_park = hasattr(stream, "has_buffered")
@@ -125,8 +166,10 @@ class MQTTConnection:
                         bad = exc
                     stats.messages_received += len(packets)
                     for packet in packets:
-                        if self.session is None and packet.type != c.CONNECT:
-                            # The first packet must be CONNECT [MQTT-3.1.0-1].
+                        if self.session is None and packet.type != c.CONNECT and (
+                                packet.type != c.AUTH or self._pending_connect is None):
+                            # The first packet must be CONNECT [MQTT-3.1.0-1]; before CONNACK only
+                            # AUTH may follow it [MQTT-3.1.2-30] (a DISCONNECT just closes).
                             raise _Close()
                         handler = handlers[packet.type]
                         if handler is None:
@@ -136,8 +179,10 @@ class MQTTConnection:
                             break
                     if bad is not None and not self.closed:
                         raise bad
+                    if bad is not None and not self.closed:
+                        raise bad
                 except MQTTError as exc:
-                    self._on_protocol_error(exc)
+                    self._on_protocol_error(exc, data)
                     break
         except _Close:
             pass
@@ -207,13 +252,14 @@ class MQTTConnection:
         log.info("keepalive_timeout", extra={"peer": self.peer, "client_id": self.client_id, "keepalive": self.keepalive})
         self._send_disconnect(0x8D, "keep alive timeout")
 
-    def _on_protocol_error(self, exc: MQTTError) -> None:
+    def _on_protocol_error(self, exc: MQTTError, data=b"") -> None:
         log.info("protocol_error", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(exc.reason_code), "reason": exc.reason})
         if self.session is None:
             if exc.reason_code == 0x84:
                 # Unknown protocol level: CONNACK return code 1 in the 3.1.1 form [MQTT-3.1.2-2].
                 self._write(b"\x20\x02\x00\x01")
-            elif self.decoder.version == 5:
+            elif (self.decoder.version or _connect_level(data)) == 5:
+                # A bad 5.0 CONNECT (or AUTH) gets a CONNACK with the reason before the close [MQTT-3.1.4-1].
                 self._write(encode(c.Connack(False, exc.reason_code, None), 5))
             return
         self._send_disconnect(exc.reason_code, exc.reason)
@@ -365,7 +411,16 @@ class MQTTConnection:
 
     def _publish_bytes_v5(self, message: Message, qos: int, retain: bool, subscription_ids):
         expiry = message.remaining_expiry() if message.expires_at is not None else None
-        key = (5, qos, retain, subscription_ids, expiry)
+        alias = 0
+        if self._aliases_out is not None:
+            alias = self._aliases_out.get(message.topic, 0)
+            new_alias = not alias
+            if new_alias:
+                alias = self._new_alias()
+        if expiry is None and subscription_ids is None and not alias:
+            key = 8 + qos * 2 + retain  # the common shape: an int key, no tuple per message
+        else:
+            key = (qos, retain, subscription_ids, expiry, alias, alias and new_alias)
         cache = message.wire_cache
         if cache is None:
             cache = message.wire_cache = {}
@@ -373,14 +428,43 @@ class MQTTConnection:
         if data is None:
             props = dict(message.properties) if message.properties else {}
             if expiry is not None:
-                props[c.MESSAGE_EXPIRY_INTERVAL] = expiry
+                props[c.MESSAGE_EXPIRY_INTERVAL] = expiry  # the remaining lifetime [MQTT-3.3.2-6]
             if subscription_ids:
                 props[c.SUBSCRIPTION_IDENTIFIER] = list(subscription_ids)
-            data = cache[key] = encode_publish(message.topic, message.payload, qos, retain, False,
+            topic = message.topic
+            if alias:
+                props[c.TOPIC_ALIAS] = alias
+                if not new_alias:
+                    topic = ""  # the client maps the alias to the topic it last carried [MQTT-3.3.2-12]
+            if len(cache) >= 32 and not isinstance(key, int):
+                cache.clear()  # expiry and alias shapes vary per delivery: keep the cache bounded
+            data = cache[key] = encode_publish(topic, message.payload, qos, retain, False,
                                                1 if qos else 0, props or None, 5)
         if self._client_max_packet and len(data) > self._client_max_packet:
             return None  # dropped for this client only [MQTT-3.1.2-25]
+        if alias:
+            self._use_alias(message.topic, alias, new_alias)
         return data
+
+    def _new_alias(self) -> int:
+        """The alias a topic without one would get now; 0 when the policy gives it none."""
+        aliases = self._aliases_out
+        if len(aliases) < self._alias_max_out:
+            return len(aliases) + 1
+        if self.settings.topic_alias_policy == "lru":
+            return aliases[next(iter(aliases))]  # the least recently used topic gives up its alias
+        return 0  # first_n: the first topics keep theirs, the others go with their name
+
+    def _use_alias(self, topic: str, alias: int, new_alias: bool) -> None:
+        """Record that ``topic`` went out with ``alias`` (only once the PUBLISH is really sent)."""
+        aliases = self._aliases_out
+        if new_alias:
+            if len(aliases) >= self._alias_max_out:
+                del aliases[next(iter(aliases))]
+            aliases[topic] = alias
+        elif self.settings.topic_alias_policy == "lru":
+            del aliases[topic]  # dicts keep insertion order: re-inserting makes it the most recent
+            aliases[topic] = alias
 
     def send_pubrel(self, packet_id: int) -> None:
         self._write(bytes((0x62, 2, packet_id >> 8, packet_id & 0xFF)))
@@ -420,12 +504,12 @@ class MQTTConnection:
     def _send_disconnect(self, reason_code: int, reason: str = "") -> None:
         if self.version == 5 and self.session is not None and not self.closed:
             props = {c.REASON_STRING: reason} if reason and self._problem_info else None
-            self._write(encode(c.Disconnect(reason_code, props), 5))
+            self._write_v5(c.Disconnect(reason_code, props))
 
     # -- handlers ----------------------------------------------------------------------------------
 
     def _on_connect(self, p) -> None:
-        if self.session is not None:
+        if self.session is not None or self._pending_connect is not None:
             raise ProtocolError("second CONNECT")  # [MQTT-3.1.0-2]
         version = self.version = p.protocol_version
         settings = self.settings
@@ -450,6 +534,7 @@ class MQTTConnection:
             assigned = True
         self.client_id = client_id
 
+        authenticator = None
         if version == 5:
             expiry = props.get(c.SESSION_EXPIRY_INTERVAL, 0)
             receive_max = props.get(c.RECEIVE_MAXIMUM, 65535)
@@ -457,9 +542,14 @@ class MQTTConnection:
                 raise ProtocolError("Receive Maximum 0")
             self._client_max_packet = props.get(c.MAXIMUM_PACKET_SIZE, 0)
             self._problem_info = bool(props.get(c.REQUEST_PROBLEM_INFORMATION, 1))
-            if c.AUTHENTICATION_METHOD in props:
-                self._refuse(0, 0x8C, "enhanced authentication is not configured")
-                return
+            method = props.get(c.AUTHENTICATION_METHOD)
+            if method is not None:
+                authenticator = settings.authenticators.get(method)
+                if authenticator is None:
+                    self._refuse(0, 0x8C, f"authentication method {method!r} is not supported")
+                    return
+            elif c.AUTHENTICATION_DATA in props:
+                raise ProtocolError("Authentication Data without an Authentication Method")
         else:
             expiry = 0 if p.clean_start else EXPIRY_NEVER
             receive_max = settings.max_inflight
@@ -478,11 +568,34 @@ class MQTTConnection:
             if version == 5:
                 wp = w.properties
                 delay = wp.get(c.WILL_DELAY_INTERVAL, 0) if wp else 0
+                if wp and wp.get(c.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(w.payload):
+                    self._refuse(0, 0x99, "will payload is not UTF-8 as its Payload Format Indicator says")
+                    return
                 message = Message.from_publish_properties(w.topic, w.payload, w.qos, w.retain, wp, client_id)
             else:
                 message = Message(w.topic, w.payload, w.qos, w.retain, None, None, client_id)
             will = Will(message, delay)
 
+        pending = (p, will, expiry, send_quota, assigned)
+        if authenticator is None:
+            # A TLS listener with use_cert_cn_as_username puts the client certificate's CN there.
+            self._accept(pending, None, getattr(self.stream, "cert_username", None) or p.username)
+            return
+        # Enhanced authentication (MQTT 5.0 4.12): CONNACK waits until the exchange succeeds; every
+        # AUTH and the CONNACK repeat the method [MQTT-4.12.0-5].
+        self._pending_connect = pending
+        self._auth_method = authenticator.method
+        self._auth_exchange = authenticator.start(client_id, p.username)
+        self._auth_step(self._auth_exchange.step(props.get(c.AUTHENTICATION_DATA)))
+
+    def _accept(self, pending: tuple, auth_props: dict | None, username: str | None) -> None:
+        """Open the session and send CONNACK (after enhanced authentication, when there is one)."""
+        p, will, expiry, send_quota, assigned = pending
+        self._pending_connect = None
+        version = self.version
+        settings = self.settings
+        broker = self.broker
+        client_id = self.client_id
         keepalive = p.keepalive
         server_keepalive = None
         if settings.max_keepalive and (keepalive > settings.max_keepalive
@@ -491,17 +604,16 @@ class MQTTConnection:
             server_keepalive = keepalive
         self.keepalive = keepalive
 
-        # A TLS listener with use_cert_cn_as_username puts the client certificate's CN there.
-        username = getattr(self.stream, "cert_username", None) or p.username
         session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
         self.session = session
 
         if version == 5:
+            props = p.properties
             out_props: dict = {}
             if assigned:
-                out_props[c.ASSIGNED_CLIENT_IDENTIFIER] = client_id
+                out_props[c.ASSIGNED_CLIENT_IDENTIFIER] = client_id  # [MQTT-3.2.2-16]
             if server_keepalive is not None:
-                out_props[c.SERVER_KEEP_ALIVE] = server_keepalive
+                out_props[c.SERVER_KEEP_ALIVE] = server_keepalive  # [MQTT-3.2.2-21]
             if settings.max_inflight < 65535:
                 out_props[c.RECEIVE_MAXIMUM] = settings.max_inflight
             out_props[c.MAXIMUM_PACKET_SIZE] = settings.max_packet_size
@@ -509,6 +621,21 @@ class MQTTConnection:
                 out_props[c.MAXIMUM_QOS] = settings.max_qos
             if not settings.retain_available:
                 out_props[c.RETAIN_AVAILABLE] = 0
+            if settings.max_topic_alias:
+                out_props[c.TOPIC_ALIAS_MAXIMUM] = settings.max_topic_alias
+            # Absent means available too; said explicitly so clients need not guess.
+            out_props[c.WILDCARD_SUBSCRIPTION_AVAILABLE] = 1
+            out_props[c.SUBSCRIPTION_IDENTIFIER_AVAILABLE] = 1
+            out_props[c.SHARED_SUBSCRIPTION_AVAILABLE] = 1
+            # Response Information only when asked for [MQTT-3.1.2-28].
+            if props.get(c.REQUEST_RESPONSE_INFORMATION) and settings.response_information:
+                out_props[c.RESPONSE_INFORMATION] = settings.response_information.replace("%c", client_id)
+            if auth_props:
+                out_props.update(auth_props)
+            alias_max = props.get(c.TOPIC_ALIAS_MAXIMUM, 0)
+            if alias_max and settings.topic_alias_policy != "none":
+                self._alias_max_out = alias_max
+                self._aliases_out = {}
             self._write(encode(c.Connack(present, 0, out_props), 5))
         else:
             self._write(encode(c.Connack(present and version == 4, RC_ACCEPTED, None), version))
@@ -524,6 +651,35 @@ class MQTTConnection:
         self.stream.settimeout(timeout)
         log.debug("connect", extra={"peer": self.peer, "client_id": client_id, "version": version, "clean_start": p.clean_start, "keepalive": keepalive, "present": present})
         broker.attach(session, self, send_quota)
+
+    def _auth_step(self, step) -> None:
+        """Answer one step of an enhanced authentication exchange (at CONNECT or re-authentication)."""
+        method = self._auth_method
+        if step.outcome == auth_enhanced.CONTINUE:
+            props = {c.AUTHENTICATION_METHOD: method}
+            if step.data is not None:
+                props[c.AUTHENTICATION_DATA] = step.data
+            self._write(encode(c.Auth(0x18, props), 5))
+            return
+        self._auth_exchange = None
+        if step.outcome == auth_enhanced.SUCCESS:
+            props = {c.AUTHENTICATION_METHOD: method}
+            if step.data is not None:
+                props[c.AUTHENTICATION_DATA] = step.data
+            if self.session is None:
+                pending = self._pending_connect
+                self._accept(pending, props, step.username if step.username is not None else pending[0].username)
+            else:
+                log.info("reauthenticated", extra={"client_id": self.client_id, "user": step.username})
+                self._write(encode(c.Auth(0x00, props), 5))
+            return
+        log.info("authentication_failed", extra={"peer": self.peer, "client_id": self.client_id, "method": method, "reason": step.reason})
+        if self.session is None:
+            self._pending_connect = None
+            self._refuse(0, step.reason_code, step.reason)
+        else:
+            # A failed re-authentication ends the connection [MQTT-4.12.1-2]; DISCONNECT has 0x87.
+            raise MQTTError(step.reason or "re-authentication failed", 0x87)
 
     def _refuse(self, rc_v3: int, rc_v5: int, reason: str) -> None:
         log.info("connect_refused", extra={"peer": self.peer, "client_id": self.client_id, "code": hex(rc_v5 if self.version == 5 else rc_v3), "reason": reason})
@@ -558,6 +714,12 @@ class MQTTConnection:
             log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "size": len(p.payload), "max_message_size": settings.max_message_size})
         elif topic[0] == "$" and (topic == "$SYS" or topic.startswith("$SYS/")):
             accepted, reason = False, 0x87  # $SYS belongs to the broker
+        elif props and props.get(c.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(p.payload):
+            # The broker may check what the indicator promises [MQTT-3.3.2-4]: 0x99 on the ack, or
+            # DISCONNECT for QoS 0, which has none.
+            if qos == 0:
+                raise MQTTError(_ACK_REASONS[0x99], 0x99)
+            accepted, reason = False, 0x99
         if qos == 0:
             if accepted:
                 self._route(topic, p, props)
@@ -566,11 +728,12 @@ class MQTTConnection:
         if qos == 1:
             if accepted:
                 try:
-                    self._route(topic, p, props)
+                    if not self._route(topic, p, props) and self.version == 5:
+                        reason = 0x10  # accepted, but nobody subscribes to it
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
             if reason and self.version == 5:
-                self._write(encode(c.Puback(pid, reason, None), 5))
+                self._ack5(c.Puback, pid, reason)
             else:
                 self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
             return
@@ -582,12 +745,13 @@ class MQTTConnection:
                 raise MQTTError("receive maximum exceeded", 0x93)
             if accepted:
                 try:
-                    self._route(topic, p, props)
+                    if not self._route(topic, p, props) and self.version == 5:
+                        reason = 0x10  # accepted, but nobody subscribes to it
                     inbound.add(pid)
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
         if reason and self.version == 5:
-            self._write(encode(c.Pubrec(pid, reason, None), 5))
+            self._ack5(c.Pubrec, pid, reason)
         else:
             self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
 
@@ -599,12 +763,28 @@ class MQTTConnection:
             raise _Close()
         return 0x97
 
-    def _route(self, topic: str, p, props) -> None:
+    def _route(self, topic: str, p, props) -> int:
+        """Publish the PUBLISH's message; returns the number of deliveries."""
         if props:
             message = Message.from_publish_properties(topic, p.payload, p.qos, p.retain, props, self.client_id)
         else:
             message = Message(topic, p.payload, p.qos, p.retain, None, None, self.client_id)
-        self.broker.publish(message, self.session)
+        return self.broker.publish(message, self.session)
+
+    def _ack5(self, kind, packet_id: int, reason_code: int) -> None:
+        """A 5.0 PUBACK/PUBREC/PUBREL/PUBCOMP with a reason code, and its reason string when the
+        client asked for problem information [MQTT-3.1.2-29] and it fits the client's maximum."""
+        reason = _ACK_REASONS.get(reason_code) if self._problem_info else None
+        self._write_v5(kind(packet_id, reason_code, {c.REASON_STRING: reason} if reason else None))
+
+    def _write_v5(self, packet) -> None:
+        """Encode and queue a 5.0 packet; its reason string and user properties are left out when
+        they would make it larger than the client's Maximum Packet Size [MQTT-3.4.2-2, -3]."""
+        data = encode(packet, 5)
+        if packet.properties and self._client_max_packet and len(data) > self._client_max_packet:
+            packet.properties = None
+            data = encode(packet, 5)
+        self._write(data)
 
     def _resolve_alias(self, alias: int, topic: str) -> str:
         if alias == 0 or alias > self.settings.max_topic_alias:
@@ -631,7 +811,7 @@ class MQTTConnection:
         if known or self.version != 5:
             self._write(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
         else:
-            self._write(encode(c.Pubrel(pid, 0x92, None), 5))
+            self._ack5(c.Pubrel, pid, 0x92)
 
     def _on_pubrel(self, p) -> None:
         pid = p.packet_id
@@ -640,7 +820,7 @@ class MQTTConnection:
             inbound.discard(pid)
             self._write(bytes((0x70, 2, pid >> 8, pid & 0xFF)))
         else:
-            self._write(encode(c.Pubcomp(pid, 0x92, None), 5))
+            self._ack5(c.Pubcomp, pid, 0x92)
 
     def _on_pubcomp(self, p) -> None:
         self.session.on_pubcomp(p.packet_id)
@@ -658,6 +838,7 @@ class MQTTConnection:
                     raise ProtocolError("subscription identifier 0")
         codes = []
         results = []
+        refused = []
         for s in p.subscriptions:
             try:
                 if v5 and s.no_local and s.filter.startswith("$share/"):
@@ -668,10 +849,17 @@ class MQTTConnection:
             except TopicFilterInvalid:
                 log.info("subscribe_refused", extra={"client_id": self.client_id, "filter": s.filter, "reason": "invalid_filter"})
                 codes.append(0x8F if v5 else 0x80)
+                refused.append(s.filter)
                 continue
             codes.append(result.granted_qos)
             results.append(result)
-        self._write(encode(c.Suback(p.packet_id, codes, None), self.version))
+        if v5:
+            props = None
+            if refused and self._problem_info:
+                props = {c.REASON_STRING: "invalid topic filter: " + ", ".join(refused)}
+            self._write_v5(c.Suback(p.packet_id, codes, props))
+        else:
+            self._write(encode(c.Suback(p.packet_id, codes, None), self.version))
         for result in results:
             if result.retained:
                 broker.deliver_retained(session, result)
@@ -686,8 +874,9 @@ class MQTTConnection:
         self._write(_PINGRESP)
 
     def _on_disconnect(self, p) -> None:
-        # A normal DISCONNECT discards the will [MQTT-3.14.4-3]; 5.0 reason 0x04 asks for it.
-        self._publish_will = self.version == 5 and p.reason_code == 0x04
+        # Only reason 0x00 (normal) discards the will [MQTT-3.14.4-3, MQTT-3.1.2-8]; 0x04 asks for
+        # it and any error code leaves it to be published as after a network failure.
+        self._publish_will = self.version == 5 and p.reason_code != 0
         if self.version == 5 and p.properties:
             expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL)
             if expiry is not None:
@@ -698,7 +887,22 @@ class MQTTConnection:
         self.closed = True
 
     def _on_auth(self, p) -> None:
-        raise ProtocolError("AUTH without an authentication method")
+        props = p.properties
+        method = props.get(c.AUTHENTICATION_METHOD)
+        if self._auth_method is None:
+            raise ProtocolError("AUTH without an authentication method at CONNECT")  # MQTT 5.0 4.12
+        if method != self._auth_method:
+            raise ProtocolError("AUTH with another authentication method than CONNECT's")  # [MQTT-4.12.1-1]
+        code = p.reason_code
+        if code == 0x19 and self.session is not None and self._auth_exchange is None:
+            # Re-authentication: a new exchange on the live connection [MQTT-4.12.1].
+            authenticator = self.settings.authenticators.get(method)
+            if authenticator is None:
+                raise MQTTError("authentication method no longer available", 0x87)
+            self._auth_exchange = authenticator.start(self.client_id, self.session.username)
+        elif code != 0x18 or self._auth_exchange is None:
+            raise ProtocolError(f"unexpected AUTH reason code 0x{code:02X}")
+        self._auth_step(self._auth_exchange.step(props.get(c.AUTHENTICATION_DATA)))
 
 
 # Packet type -> handler, shared by every connection (a per-connection dict of bound methods would

@@ -1,0 +1,351 @@
+"""MQTT 5.0 test clients for the end-to-end suite: a raw-packet client and a paho-mqtt 2.x MQTTv5 wrapper.
+
+``Raw5`` sends exactly the packets a test builds with ``fluxmq._core.codec`` and returns every packet
+the broker sends, decoded, so a test can check reason codes, properties and topic aliases byte for
+byte. ``Paho5`` drives a paho-mqtt 2.x client with ``protocol=MQTTv5``: it keeps the CONNACK
+properties, every message with its properties, every DISCONNECT reason, and never reconnects on its
+own. ``module_node`` starts one node per test module with a config of its own.
+
+Every wait is bounded and ends as soon as its condition holds; nothing sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from fluxmq._core import codec as c
+from tests.conftest import NodeFactory, RunningNode
+
+WAIT = 10.0  # bound of every wait, seconds (generous: the machine is shared)
+
+_ids = itertools.count(1)
+
+
+def unique(prefix: str) -> str:
+    """A name no other test of the run uses (client ids, topics)."""
+    return f"{prefix}-{next(_ids)}-{int(time.time() * 1000) % 100000}"
+
+
+@contextmanager
+def module_node(tmp_path_factory: Any, overrides: Mapping[str, Any] | None = None) -> Iterator[RunningNode]:
+    """One node with ``overrides`` (dotted config keys) for a module-scoped fixture; stopped at the end."""
+    factory = NodeFactory(tmp_path_factory.mktemp("node5"))
+    try:
+        yield factory(dict(overrides or {}))
+    finally:
+        factory.close()
+
+
+class Closed(AssertionError):
+    """The broker closed the connection while a packet was expected."""
+
+
+class Raw5:
+    """One TCP connection speaking MQTT (5.0 unless ``version`` says otherwise) packet by packet."""
+
+    def __init__(self, node: Any, version: int = 5, timeout: float = WAIT) -> None:
+        self.version = version
+        self.sock = socket.create_connection((node.host, node.mqtt_port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.decoder = c.Decoder(version=version)
+        self.pending: deque = deque()
+        self.closed = False
+        self.connack: Any = None
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, *packets: Any) -> None:
+        self.sock.sendall(b"".join(c.encode(p, self.version) for p in packets))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def connect(self, client_id: str = "", clean_start: bool = True, keepalive: int = 60,
+                properties: dict | None = None, will: Any = None, username: str | None = None,
+                password: bytes | None = None) -> Any:
+        """Send CONNECT and return the broker's answer (CONNACK, or AUTH during enhanced auth)."""
+        self.send(c.Connect(client_id, clean_start, keepalive, self.version, None, username, password, will,
+                            properties))
+        packet = self.recv()
+        if isinstance(packet, c.Connack):
+            self.connack = packet
+        return packet
+
+    def subscribe(self, packet_id: int, *subs: Any, properties: dict | None = None) -> Any:
+        """SUBSCRIBE (``subs``: Subscription objects or (filter, qos) pairs); returns the SUBACK."""
+        items = [s if isinstance(s, c.Subscription) else c.Subscription(s[0], s[1]) for s in subs]
+        self.send(c.Subscribe(packet_id, items, properties))
+        return self.wait_for(lambda p: isinstance(p, c.Suback) and p.packet_id == packet_id)
+
+    def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False,
+                packet_id: int = 0, properties: dict | None = None) -> Any:
+        """PUBLISH; for QoS 1 returns the PUBACK, for QoS 2 the PUBREC (the exchange is not finished)."""
+        self.send(c.Publish(topic, payload, qos, retain, False, packet_id, properties))
+        if qos == 1:
+            return self.wait_for(lambda p: isinstance(p, c.Puback) and p.packet_id == packet_id)
+        if qos == 2:
+            return self.wait_for(lambda p: isinstance(p, c.Pubrec) and p.packet_id == packet_id)
+        return None
+
+    def ack(self, publish: Any) -> None:
+        """Acknowledge a received PUBLISH (PUBACK, or PUBREC + wait PUBREL + PUBCOMP)."""
+        if publish.qos == 1:
+            self.send(c.Puback(publish.packet_id))
+        elif publish.qos == 2:
+            self.send(c.Pubrec(publish.packet_id))
+            self.wait_for(lambda p: isinstance(p, c.Pubrel) and p.packet_id == publish.packet_id)
+            self.send(c.Pubcomp(publish.packet_id))
+
+    def disconnect(self, reason_code: int = 0, properties: dict | None = None) -> None:
+        try:
+            self.send(c.Disconnect(reason_code, properties))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the socket without DISCONNECT."""
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _read(self, deadline: float) -> bool:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            return False
+        self.pending.extend(self.decoder.feed(data))
+        return True
+
+    def recv(self, timeout: float = WAIT) -> Any:
+        """The next packet; ``Closed`` at end of stream, AssertionError when none comes in time."""
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            try:
+                if not self._read(deadline):
+                    raise Closed("broker closed the connection")
+            except TimeoutError:
+                raise AssertionError(f"no packet from the broker within {timeout}s") from None
+        return self.pending.popleft()
+
+    def expect(self, kind: type, timeout: float = WAIT) -> Any:
+        packet = self.recv(timeout)
+        assert isinstance(packet, kind), f"expected {kind.__name__}, got {packet!r}"
+        return packet
+
+    def wait_for(self, predicate: Callable[[Any], bool], timeout: float = WAIT) -> Any:
+        """The first packet matching ``predicate``; the others stay pending in order."""
+        deadline = time.monotonic() + timeout
+        skipped: list = []
+        try:
+            while True:
+                packet = self.recv(max(0.0, deadline - time.monotonic()))
+                if predicate(packet):
+                    return packet
+                skipped.append(packet)
+        finally:
+            self.pending.extendleft(reversed(skipped))
+
+    def publishes_until(self, sentinel_topic: str, timeout: float = WAIT) -> list:
+        """PUBLISH packets received before the one on ``sentinel_topic`` (all acknowledged)."""
+        deadline = time.monotonic() + timeout
+        got = []
+        while True:
+            packet = self.recv(max(0.0, deadline - time.monotonic()))
+            if not isinstance(packet, c.Publish):
+                continue
+            self.ack(packet)
+            if packet.topic == sentinel_topic:
+                return got
+            got.append(packet)
+
+    def wait_closed(self, timeout: float = WAIT) -> list:
+        """Wait until the broker closes the connection; returns the packets it sent before."""
+        deadline = time.monotonic() + timeout
+        got = list(self.pending)
+        self.pending.clear()
+        try:
+            while self._read(deadline):
+                got.extend(self.pending)
+                self.pending.clear()
+        except TimeoutError:
+            raise AssertionError(f"connection still open after {timeout}s; received {got!r}") from None
+        self.close()
+        return got
+
+    def __enter__(self) -> Raw5:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def raw5(node: Any, client_id: str = "", properties: dict | None = None, **kwargs: Any) -> Raw5:
+    """A Raw5 client whose CONNECT was accepted (the CONNACK is in ``.connack``)."""
+    client = Raw5(node)
+    connack = client.connect(client_id, properties=properties, **kwargs)
+    assert isinstance(connack, c.Connack) and connack.reason_code == 0, connack
+    return client
+
+
+def disconnect_of(packets: list) -> Any:
+    """The DISCONNECT among ``packets`` (AssertionError when there is none)."""
+    found = [p for p in packets if isinstance(p, c.Disconnect)]
+    assert found, f"no DISCONNECT in {packets!r}"
+    return found[-1]
+
+
+def props(kind: int = PacketTypes.PUBLISH, **values: Any) -> Properties:
+    """paho Properties of packet type ``kind`` with ``values`` (paho attribute names)."""
+    p = Properties(kind)
+    for name, value in values.items():
+        setattr(p, name, value)
+    return p
+
+
+class Paho5:
+    """A paho-mqtt 2.x MQTTv5 client on its own loop thread; bounded waits, no automatic reconnect."""
+
+    def __init__(self, node: Any, client_id: str = "", clean_start: bool = True, keepalive: int = 60) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        self.node = node
+        self.clean_start = clean_start
+        self.keepalive = keepalive
+        self.messages: queue.Queue = queue.Queue()
+        self.connack: tuple | None = None  # (reason code, session present, properties)
+        self.disconnect_reason: Any = None
+        self.disconnect_properties: Any = None
+        self._connected = threading.Event()
+        self._disconnected = threading.Event()
+        self._subacks: dict[int, list] = {}
+        self._cond = threading.Condition()
+        cl = self.client
+        cl.on_connect = self._on_connect
+        cl.on_message = self._on_message
+        cl.on_subscribe = self._on_subscribe
+        cl.on_disconnect = self._on_disconnect
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connack = (reason_code, bool(flags.session_present), properties)
+        self._connected.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self.messages.put(msg)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._cond:
+            self._subacks[mid] = list(reason_codes)
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.disconnect_reason = reason_code
+        self.disconnect_properties = properties
+        self._disconnected.set()
+
+    def connect(self, properties: Properties | None = None, timeout: float = WAIT) -> tuple:
+        """Connect and wait for the CONNACK; returns (reason code, session present, properties)."""
+        self.client.connect(self.node.host, self.node.mqtt_port, self.keepalive, clean_start=self.clean_start,
+                            properties=properties)
+        self.client.loop_start()
+        assert self._connected.wait(timeout), "no CONNACK within the bound"
+        return self.connack
+
+    def subscribe(self, topic: str, qos: int = 0, options: SubscribeOptions | None = None,
+                  properties: Properties | None = None, timeout: float = WAIT) -> list:
+        """Subscribe and wait for the SUBACK; returns its reason codes."""
+        if options is None:
+            options = SubscribeOptions(qos=qos)
+        result, mid = self.client.subscribe(topic, options=options, properties=properties)
+        assert result == mqtt.MQTT_ERR_SUCCESS, result
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while mid not in self._subacks:
+                left = deadline - time.monotonic()
+                assert left > 0, f"no SUBACK for {topic!r} within {timeout}s"
+                self._cond.wait(left)
+            return self._subacks.pop(mid)
+
+    def publish(self, topic: str, payload: bytes | str = b"", qos: int = 0, retain: bool = False,
+                properties: Properties | None = None, timeout: float = WAIT) -> Any:
+        """Publish and, for QoS 1/2, wait until the broker acknowledged it; returns the MQTTMessageInfo."""
+        info = self.client.publish(topic, payload, qos, retain, properties)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
+        if qos:
+            info.wait_for_publish(timeout)
+            assert info.is_published(), f"QoS {qos} publish to {topic!r} not acknowledged within {timeout}s"
+        return info
+
+    def get(self, timeout: float = WAIT) -> mqtt.MQTTMessage:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no message within {timeout}s") from None
+
+    def until(self, topic: str, timeout: float = WAIT) -> list:
+        """Messages received before the first one on ``topic`` (the sentinel pattern)."""
+        deadline = time.monotonic() + timeout
+        before = []
+        while True:
+            msg = self.get(max(0.0, deadline - time.monotonic()))
+            if msg.topic == topic:
+                return before
+            before.append(msg)
+
+    def wait_disconnected(self, timeout: float = WAIT) -> bool:
+        return self._disconnected.wait(timeout)
+
+    def disconnect(self, reason_code: int = 0, properties: Properties | None = None, timeout: float = WAIT) -> None:
+        """DISCONNECT with ``reason_code``; waits until the loop thread ended."""
+        if not self._disconnected.is_set() and self._connected.is_set():
+            self.client.disconnect(ReasonCode(PacketTypes.DISCONNECT, identifier=reason_code), properties)
+            self._disconnected.wait(timeout)
+        self.stop()
+
+    def stop(self) -> None:
+        """End the loop thread and close the socket (no DISCONNECT)."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> Paho5:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.disconnect()
+
+
+def paho5(node: Any, client_id: str = "", properties: Properties | None = None, clean_start: bool = True,
+          keepalive: int = 60) -> Paho5:
+    """A connected Paho5 client (CONNACK accepted)."""
+    client = Paho5(node, client_id, clean_start, keepalive)
+    rc, _, _ = client.connect(properties)
+    assert not rc.is_failure, rc
+    return client
