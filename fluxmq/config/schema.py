@@ -201,8 +201,22 @@ KEYS: tuple[Key, ...] = (
     Key("auth.enhanced.credentials_file", Str(), "",
         "SCRAM credentials, one user:iterations:salt:stored_key:server_key line each "
         "(python -m fluxmq.broker.auth_enhanced USER)."),
-    Key("storage.type", Enum("memory", "lmdb"), "memory", "Storage backend."),
+    Key("storage.type", Enum("memory", "lmdb"), "lmdb",
+        "Storage backend: lmdb writes persistent sessions, queues, retained messages and wills through "
+        "to disk; memory keeps them only in the process."),
     Key("storage.path", Str(allow_empty=False), "./data", "Data directory of the lmdb backend."),
+    Key("storage.sync", Enum("always", "batch", "none"), "batch",
+        "always: fsync each group commit before its acks are sent; batch: commit per loop turn, fsync "
+        "every storage.sync_interval (a killed process loses nothing, an OS crash the last interval); "
+        "none: never fsync."),
+    Key("storage.sync_interval", Duration(), "1s", "How often storage.sync batch fsyncs."),
+    Key("storage.map_size", Size(1 << 20), "1GiB",
+        "Most bytes the lmdb store may hold; when reached, new stored messages are refused (0x97)."),
+    Key("storage.max_queued_messages", Int(1), 100000,
+        "Offline queue bound of a persistent session (kept on disk), in messages."),
+    Key("storage.max_queued_bytes", Size(1), "100MiB",
+        "Offline queue bound of a persistent session (kept on disk), in bytes; when full the oldest "
+        "queued QoS 0 message is dropped, else the new message is (counted as queue_full)."),
     Key("log.level", Enum("debug", "info", "warning", "error"), "info", "Least severe level written."),
     Key("log.format", Enum("text", "json"), "text",
         "text: timestamp, level, logger and key=value fields; json: one JSON object per line."),

@@ -11,10 +11,10 @@ from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
 from fluxmq.config import SCHEMA, parse_addr
-from fluxmq.errors import ConfigError
 from fluxmq.log import setup_logging
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
+from fluxmq.storage import Storage, open_storage
 from fluxmq.transport.tcp import TCPListener
 from fluxmq.transport.tls import TLSHandshake
 from fluxmq.transport.websocket import WebSocketUpgrade
@@ -42,6 +42,8 @@ def broker_settings(config) -> BrokerSettings:
         shared_subscription_strategy=b.shared_subscription_strategy,
         max_qos=b.max_qos,
         retain_available=b.retain_available,
+        persistent_max_queued_messages=config.storage.max_queued_messages,
+        persistent_max_queued_bytes=config.storage.max_queued_bytes,
     )
 
 
@@ -112,6 +114,8 @@ class BrokerService:
         self.broker: Broker | None = None
         self.listeners: list[TCPListener] = []
         self.sys_topics: SysTopics | None = None
+        self.storage: Storage | None = None
+        self.flusher: FlushScheduler | None = None
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -120,10 +124,17 @@ class BrokerService:
     def start(self) -> None:
         """Start the broker and its listeners; returns once they accept connections."""
         cfg = self.config
-        if cfg.storage.type != "memory":
-            raise ConfigError("storage.type", "memory (LMDB storage is not built yet)", got=cfg.storage.type)
-        self.broker = Broker(broker_settings(cfg))
-        flusher = FlushScheduler()
+        # A foreign, damaged or newer data directory raises StorageError with one line: the worker
+        # logs it and the node exits non-zero (never a silent wipe, never a restart loop).
+        self.storage = storage = open_storage(cfg)
+        state = storage.load()
+        self.broker = Broker(broker_settings(cfg), storage)
+        self.flusher = flusher = FlushScheduler(storage)
+        self.broker.restore(state)
+        del state
+        if storage.durable:
+            flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
+            storage.start_background()
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [(name, lc, stream_factory(cfg, name, section)) for name, section, lc in enabled if lc.addr]
         for name, lc, factory in enabled:  # every TLS setting was checked before the first bind
@@ -151,13 +162,21 @@ class BrokerService:
             if not listener.wait_closed(left):
                 log.warning("shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)})
         self._started = False
+        if self.storage is not None:
+            try:
+                self.flusher.ensure_committed()
+                self.storage.close()
+            except Exception:
+                log.exception("storage_close_failed")
         log.info("stopped", extra={"sessions": self.broker.session_count()})
 
     def is_ready(self) -> dict[str, tuple[bool, str]]:
         """Readiness per component: name -> (up, details); the health app renders it."""
         up = self._started
-        return {"broker": (up, "" if up else "broker not initialized"),
-                "storage": (up, "" if up else "storage not initialized")}
+        storage = (up, "storage not initialized")
+        if up and self.storage is not None:
+            storage = self.storage.ping()
+        return {"broker": (up, "" if up else "broker not initialized"), "storage": storage}
 
     def reload(self, config) -> dict[str, list[str]]:
         """Apply what can change at run time from a newly loaded config (SIGHUP, admin ``/reload``).

@@ -38,7 +38,7 @@ ISSUE_DEFAULTS = {
     "broker.allow_zero_keepalive": True,
     "broker.shared_subscription_strategy": "round_robin",
     "broker.sys_interval": 10.0,
-    "storage.type": "memory",
+    "storage.type": "lmdb",
     "storage.path": "./data",
     "log.level": "info",
     "log.format": "text",
