@@ -279,9 +279,6 @@ def test_recv_timeout_is_not_reset_by_pings() -> None:
         b.close()
 
 
-@pytest.mark.xfail(reason="MQTTConnection (72f3631, parking) ignores a recv TimeoutError while _idle_spent "
-                          "is 0.0, so a keep alive shorter than park_after is never enforced (plain TCP too)",
-                   strict=False)
 def test_websocket_pings_do_not_count_as_keepalive_traffic(server) -> None:
     """MQTT-3.1.2-24: only MQTT control packets keep the session alive, not WebSocket pings."""
     ws = WSClient(server.port)
