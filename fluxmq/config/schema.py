@@ -71,7 +71,9 @@ SECTION_DOCS: dict[str, str] = {
     "server.websocket.plain": "The plain WebSocket listener (ws://).",
     "server.websocket.tls": "The WebSocket listener over TLS (wss://); the same TLS keys as server.tcp.tls.",
     "server.http": "HTTP bridge: publish, read retained messages, subscribe as server-sent events.",
-    "server.http.plain": "The plain (non-TLS) HTTP bridge listener.",
+    "server.http.plain": "The plain (non-TLS) HTTP bridge listener; its body and SSE limits apply to every bridge listener.",
+    "server.http.tls": "The HTTP bridge over TLS (https://); the same TLS keys as server.tcp.tls.",
+    "server.http.mtls": "The HTTP bridge over TLS with client certificates; needs ca_file too.",
     "server.admin": "Admin API; bearer token from FLUXMQ_ADMIN_TOKEN.",
     "broker": "Protocol-independent broker limits and policies.",
     "storage": "Where sessions, retained messages and queues are kept.",
@@ -111,6 +113,11 @@ def _tls_keys(section: str) -> tuple[Key, ...]:
         Key(f"{section}.use_cert_cn_as_username", Bool(), False,
             "The verified client certificate's CN becomes the session's username."),
     )
+
+
+def _http_tls_keys(section: str) -> tuple[Key, ...]:
+    """The TLS keys of an HTTP bridge listener (no username from the certificate: HTTP has no auth yet)."""
+    return tuple(key for key in _tls_keys(section) if key.leaf != "use_cert_cn_as_username")
 
 
 def _websocket_keys(section: str) -> tuple[Key, ...]:
@@ -157,6 +164,12 @@ KEYS: tuple[Key, ...] = (
         "Comment line sent on an idle /subscribe stream so a dead client is noticed; 0 = none."),
     Key("server.http.plain.sse_queue_size", Int(1), 1000,
         "Messages buffered per /subscribe stream; when full the oldest is dropped and counted."),
+    Key("server.http.tls.addr", Addr(allow_empty=True), "",
+        'HTTPS bridge address host:port (e.g. ":8443"); "" disables it.'),
+    *_http_tls_keys("server.http.tls"),
+    Key("server.http.mtls.addr", Addr(allow_empty=True), "",
+        'HTTPS bridge with client certificates, address host:port (e.g. ":8444"); "" disables it.'),
+    *_http_tls_keys("server.http.mtls"),
     Key("server.admin.addr", Addr(allow_empty=True), "127.0.0.1:8082",
         'Admin API address host:port; "" disables it; a non-loopback address needs FLUXMQ_ADMIN_TOKEN.'),
     Key("server.metrics_enabled", Bool(), True, "Serve Prometheus /metrics on server.health_addr."),

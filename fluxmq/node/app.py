@@ -37,6 +37,7 @@ from fluxmq.http.health import make_health_app
 from fluxmq.http.metrics import make_metrics_app, make_registry
 from fluxmq.log import setup_logging
 from fluxmq.node.worker import BrokerWorker
+from fluxmq.transport.tls import TLSHandshake, server_context
 
 log = logging.getLogger("fluxmq.node")
 
@@ -65,13 +66,18 @@ def gunicorn_bind(addr: str) -> str:
 
 def http_surfaces(config: Any) -> list[tuple[str, str]]:
     """``(name, addr)`` of each enabled HTTP listener, in bind order: health (with /metrics), the
-    HTTP bridge, the admin API. Two on one port are a ``ConfigError`` (the second bind would fail)."""
+    HTTP bridge (plain, TLS, mTLS), the admin API. Two on one port are a ``ConfigError`` (the second
+    bind would fail)."""
     server = config.server
     surfaces = []
     if server.health_enabled:
         surfaces.append(("health", "server.health_addr", server.health_addr))
     if server.http.plain.addr:
         surfaces.append(("http", "server.http.plain.addr", server.http.plain.addr))
+    if server.http.tls.addr:
+        surfaces.append(("http_tls", "server.http.tls.addr", server.http.tls.addr))
+    if server.http.mtls.addr:
+        surfaces.append(("http_mtls", "server.http.mtls.addr", server.http.mtls.addr))
     if server.admin.addr:
         surfaces.append(("admin", "server.admin.addr", server.admin.addr))
     seen: dict[int, str] = {}
@@ -81,6 +87,16 @@ def http_surfaces(config: Any) -> list[tuple[str, str]]:
             raise ConfigError(key, f"a port other than {seen[port]}'s", got=addr)
         seen[port] = key
     return [(name, addr) for name, _, addr in surfaces]
+
+
+def _https_handshake(config: Any, surface: str) -> TLSHandshake | None:
+    """The TLS handshake of an HTTPS bridge surface (``http_tls``, ``http_mtls``), else None."""
+    if surface not in ("http_tls", "http_mtls"):
+        return None
+    section = "server.http." + surface.partition("_")[2]
+    context = server_context(section, config.get(section), lambda leaf: config.origin(f"{section}.{leaf}"),
+                             require_client_cert=surface == "http_mtls")
+    return TLSHandshake(context, config.server.connect_timeout, surface)
 
 
 class NodeLogger(glogging.Logger):
@@ -166,6 +182,8 @@ class NodeApplication(BaseApplication):
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         check_admin_exposure(config.server.admin.addr, self.admin_token)
         self.surfaces = http_surfaces(config)
+        # TLS of the HTTPS bridge listeners, built here so a bad certificate stops the node at once.
+        self.handshakes = [_https_handshake(config, name) for name, _ in self.surfaces]
         self.shutdown_timeout = float(config.server.shutdown_timeout)
         self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self._private_dir: str | None = None
@@ -206,7 +224,7 @@ class NodeApplication(BaseApplication):
         """The WSGI app of each bound socket (in bind order), around the worker's running service."""
         config = self.node_config
         bridge = None
-        if any(name == "http" for name, _ in self.surfaces):
+        if any(name.startswith("http") for name, _ in self.surfaces):
             bridge = HTTPBridge(service.broker, BridgeSettings.from_config(config))
             service.reload_hooks.append(bridge.reload)
         apps: list[Callable] = []
@@ -216,8 +234,8 @@ class NodeApplication(BaseApplication):
                 if config.server.metrics_enabled:
                     health.mount("/metrics", make_metrics_app(make_registry(service, bridge)))
                 apps.append(health)
-            elif name == "http":
-                apps.append(bridge)
+            elif name.startswith("http"):
+                apps.append(bridge)  # one bridge (and one SSE stream registry) for plain and TLS
             else:
                 apps.append(AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge))
         return apps or [make_health_app(service)]  # the private unix socket

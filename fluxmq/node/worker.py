@@ -74,7 +74,12 @@ class BrokerWorker(GeventWorker):
         """gunicorn's WSGI entry: the app of the socket the request's connection was accepted on."""
         return self._client_apps[environ["gunicorn.socket"]](environ, start_response)
 
-    def _serve(self, app, listener, client, addr) -> None:
+    def _serve(self, app, handshake, listener, client, addr) -> None:
+        if handshake is not None:  # an HTTPS listener: TLS first, one log line when it fails
+            stream = handshake(client, addr)
+            if stream is None:
+                return
+            client = stream.sock
         self._client_apps[client] = app
         try:
             self.handle(listener, client, addr)
@@ -141,9 +146,11 @@ class BrokerWorker(GeventWorker):
     def _start_http_servers(self) -> list[StreamServer]:
         # As GeventWorker.run: gunicorn's HTTP parser on a gevent StreamServer per bound socket.
         servers = []
-        for sock, app in zip(self.sockets, self.wsgi_apps, strict=True):
+        handshakes = getattr(self.app, "handshakes", None) or [None] * len(self.sockets)
+        for sock, app, handshake in zip(self.sockets, self.wsgi_apps, handshakes, strict=True):
             sock.setblocking(1)
-            server = StreamServer(sock, handle=partial(self._serve, app, sock), spawn=Pool(self.worker_connections))
+            server = StreamServer(sock, handle=partial(self._serve, app, handshake, sock),
+                                  spawn=Pool(self.worker_connections))
             server.start()
             servers.append(server)
         return servers

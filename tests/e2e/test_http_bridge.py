@@ -10,6 +10,7 @@ import base64
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -18,7 +19,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 
-from tests.conftest import NodeFactory, RunningNode
+from tests.certs import CertAuthority, Issued
+from tests.conftest import NodeFactory, RunningNode, free_port
 from tests.e2e.mqttraw import paho_connected, unique, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -247,3 +249,74 @@ def test_bridge_can_be_turned_off(node_factory: NodeFactory) -> None:
     with paho_connected(n, unique("still")) as client:
         assert client.is_connected
     assert n.stop() == 0
+
+
+# -- HTTPS -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def https_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningNode, CertAuthority, Issued]]:
+    """A node with the bridge on plain HTTP, TLS and mTLS, and the test CA with a client certificate."""
+    ca = CertAuthority(tmp_path_factory.mktemp("pki"))
+    server = ca.issue_server("localhost")
+    factory = NodeFactory(tmp_path_factory.mktemp("https"))
+    overrides: dict[str, Any] = {}
+    for mode in ("tls", "mtls"):
+        overrides.update({f"server.http.{mode}.addr": f"127.0.0.1:{free_port()}",
+                          f"server.http.{mode}.cert_file": server.cert_file,
+                          f"server.http.{mode}.key_file": server.key_file})
+    overrides["server.http.mtls.ca_file"] = ca.cert_file
+    try:
+        yield factory(overrides), ca, ca.issue_client("http-device")
+    finally:
+        factory.close()
+
+
+def https_post(node: RunningNode, mode: str, path: str, body: bytes, ca: CertAuthority,
+               cert: Issued | None = None) -> tuple[int, Any]:
+    port = int(node.config["server"]["http"][mode]["addr"].rpartition(":")[2])
+    ctx = ssl.create_default_context(cafile=ca.cert_file)
+    if cert is not None:
+        ctx.load_cert_chain(cert.cert_file, cert.key_file)
+    conn = http.client.HTTPSConnection(node.host, port, timeout=WAIT, context=ctx)
+    try:
+        conn.request("POST", path, body=body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_https_publish_reaches_an_mqtt_subscriber(https_node) -> None:
+    n, ca, _ = https_node
+    topic = f"bridge/{unique('tls')}"
+    with paho_connected(n, unique("sub")) as sub:
+        sub.subscribe(topic, 1)
+        status, body = https_post(n, "tls", "/publish", json.dumps({"topic": topic, "payload": "sealed",
+                                                                     "qos": 1}).encode(), ca)
+        assert status == 200 and body["deliveries"] == 1
+        assert sub.get(WAIT).payload == b"sealed"
+    # the plain listener is still there, and serves the same broker
+    assert http_request(n, "POST", f"/topics/{topic}", b"plain")[0] == 200
+
+
+def test_plain_http_on_the_tls_port_is_refused(https_node) -> None:
+    n, _, _ = https_node
+    port = int(n.config["server"]["http"]["tls"]["addr"].rpartition(":")[2])
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        http_request(n, "POST", "/topics/x", b"x", port=port)
+    assert wait_until(lambda: "tls_handshake_failed" in n.log_text(), WAIT)
+
+
+def test_mtls_bridge_needs_a_client_certificate(https_node) -> None:
+    n, ca, client = https_node
+    status, body = https_post(n, "mtls", "/topics/bridge/mtls", b"signed", ca, client)
+    assert (status, body["topic"]) == (200, "bridge/mtls")
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        https_post(n, "mtls", "/topics/bridge/mtls", b"anonymous", ca)
+
+
+def test_https_without_a_certificate_refuses_to_start(node_factory: NodeFactory) -> None:
+    n = node_factory({"server.http.tls.addr": f"127.0.0.1:{free_port()}"}, wait_ready=False)
+    assert n.wait(30) == 2
+    lines = n.log_text().splitlines()
+    assert len(lines) == 1 and "server.http.tls.cert_file" in lines[0], lines
