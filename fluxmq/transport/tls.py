@@ -18,7 +18,8 @@ mode                Go (crypto/tls)                       here
                     never verify                          certificate is verified against it
 ``verify_if_given`` VerifyClientCertIfGiven               ``CERT_OPTIONAL`` against ``ca_file``
 ``require``         RequireAndVerifyClientCert            ``CERT_REQUIRED`` against ``ca_file``
-``""``              ``require`` if ``ca_file`` is set, else ``none``
+``""``              ``require`` if ``ca_file`` is set,    as Go
+                    else ``none``
 =================== ===================================== =============================================
 
 ``cipher_suites`` sets the TLS 1.2 suites (IANA/Go names such as
