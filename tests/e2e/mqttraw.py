@@ -52,6 +52,7 @@ class RawClient:
         self.decoder = c.Decoder(version=version)
         self.pending: deque = deque()
         self.closed = False
+        self.client_id: str | None = None
 
     @classmethod
     def to(cls, node: Any, version: int = 4) -> RawClient:
@@ -71,6 +72,7 @@ class RawClient:
                 properties: dict | None = None, username: str | None = None,
                 password: bytes | None = None) -> Any:
         """Send CONNECT and return the CONNACK (whatever its return code)."""
+        self.client_id = client_id
         self.send(c.Connect(client_id, clean, keepalive, self.version, None, username, password, will,
                             properties))
         return self.expect(c.Connack)
@@ -106,12 +108,30 @@ class RawClient:
             self.wait_for(lambda p: isinstance(p, c.Pubrel) and p.packet_id == pid)
             self.send(c.Pubcomp(pid))
 
-    def disconnect(self) -> None:
-        """A normal DISCONNECT, then close the socket."""
+    def disconnect(self, timeout: float = WAIT) -> None:
+        """A normal DISCONNECT; returns once the broker closed its side too.
+
+        The broker closes the socket only after it has finished with the session (will discarded,
+        clean session ended), so whatever a test does next happens after that.
+        """
         try:
             self.send(c.Disconnect())
+            self.sock.shutdown(socket.SHUT_WR)
+            self.wait_closed(timeout)
+        except OSError:
+            pass  # already closed by the broker
         finally:
             self.close()
+
+    def drop(self, timeout: float = WAIT) -> list:
+        """End the connection without DISCONNECT and return once the broker closed its side.
+
+        Like ``close`` for MQTT (the will is published), but the broker has handled everything sent
+        before when this returns, so a reconnect with the same client id is no takeover race.
+        Returns the packets the broker sent meanwhile.
+        """
+        self.sock.shutdown(socket.SHUT_WR)
+        return self.wait_closed(timeout)
 
     def close(self) -> None:
         """Close the socket without DISCONNECT (an ungraceful close as far as MQTT knows)."""

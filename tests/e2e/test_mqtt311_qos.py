@@ -107,7 +107,7 @@ def test_qos2_exactly_once_across_reconnect_MQTT_4_3_3_2(node) -> None:
         pub = raw_connected(node, cid, clean=False)
         pub.publish(topic, b"once", 2, packet_id=321)
         assert pub.expect(c.Pubrec) == c.Pubrec(321)
-        pub.close()  # no PUBREL
+        pub.drop()  # no PUBREL
         pub = RawClient.to(node)
         assert pub.connect(cid, clean=False) == c.Connack(True, 0)
         pub.publish(topic, b"once", 2, packet_id=321, dup=True)
@@ -159,7 +159,7 @@ def test_outbound_qos1_resent_with_dup_on_reconnect_MQTT_4_4_0_1(node) -> None:
         pub.publish(topic, b"unacked", 1)
         first = sub.expect(c.Publish)
         assert first.dup is False and first.qos == 1
-        sub.close()  # no PUBACK
+        sub.drop()  # no PUBACK
         sub = RawClient.to(node)
         assert sub.connect(cid, clean=False) == c.Connack(True, 0)
         again = sub.expect(c.Publish)
@@ -167,7 +167,7 @@ def test_outbound_qos1_resent_with_dup_on_reconnect_MQTT_4_4_0_1(node) -> None:
             (first.packet_id, True, 1, b"unacked", topic)
         sub.send(c.Puback(again.packet_id))
         # acknowledged now: a third connection gets nothing resent (a ping answers first)
-        sub.close()
+        sub.drop()
         sub = RawClient.to(node)
         assert sub.connect(cid, clean=False) == c.Connack(True, 0)
         sub.send(c.Pingreq())
@@ -190,14 +190,14 @@ def test_outbound_qos2_resend_publish_then_pubrel_on_reconnect_MQTT_4_4_0_1(node
         pub.publish(topic, b"q2", 2)
         first = sub.expect(c.Publish)
         assert first.qos == 2 and first.dup is False
-        sub.close()  # no PUBREC
+        sub.drop()  # no PUBREC
         sub = RawClient.to(node)
         assert sub.connect(cid, clean=False).session_present
         again = sub.expect(c.Publish)
         assert (again.packet_id, again.dup, again.payload) == (first.packet_id, True, b"q2")
         sub.send(c.Pubrec(again.packet_id))
         assert sub.expect(c.Pubrel) == c.Pubrel(first.packet_id)
-        sub.close()  # no PUBCOMP
+        sub.drop()  # no PUBCOMP
         sub = RawClient.to(node)
         assert sub.connect(cid, clean=False).session_present
         assert sub.expect(c.Pubrel) == c.Pubrel(first.packet_id)

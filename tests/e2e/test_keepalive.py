@@ -1,0 +1,83 @@
+"""Keep alive: PINGREQ/PINGRESP, and the broker closes a client silent for 1.5 x its keep alive."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fluxmq._core import codec as c
+from tests.e2e.mqttraw import paho_connected, raw_connected, unique
+
+pytestmark = pytest.mark.e2e
+
+
+def test_pingreq_gets_pingresp_MQTT_3_12_4_1(node) -> None:
+    """The server answers PINGREQ with PINGRESP [MQTT-3.12.4-1]."""
+    client = raw_connected(node, unique("ping"))
+    try:
+        for _ in range(3):
+            client.send(c.Pingreq())
+            assert isinstance(client.recv(), c.Pingresp)
+    finally:
+        client.disconnect()
+
+
+def test_silent_client_closed_after_one_and_a_half_keepalive_MQTT_3_1_2_24(node) -> None:
+    """A client with keep alive 1 that sends nothing is disconnected [MQTT-3.1.2-24].
+
+    Checks that it happens, not when: the bound is far above the 1.5 s the spec asks for.
+    """
+    client = raw_connected(node, unique("silent"), keepalive=1)
+    assert client.wait_closed(timeout=20) == []
+
+
+def test_silent_v5_client_gets_disconnect_0x8d(node) -> None:
+    """5.0: the keep-alive close is announced with DISCONNECT 0x8D (Keep Alive timeout)."""
+    client = raw_connected(node, unique("silent5"), version=5, keepalive=1)
+    packets = client.wait_closed(timeout=20)
+    assert [(type(p), p.reason_code) for p in packets] == [(c.Disconnect, 0x8D)]
+
+
+def test_pinging_client_stays_connected_MQTT_3_1_2_23(node) -> None:
+    """A client that keeps sending within its keep alive is not disconnected: pings spread over more than
+    its 3 s allowance (keep alive 2) all get answers [MQTT-3.1.2-23, -24]."""
+    client = raw_connected(node, unique("pinger"), keepalive=2)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 4.5:
+            client.send(c.Pingreq())
+            assert isinstance(client.recv(), c.Pingresp)
+            time.sleep(0.5)  # pacing the client, well inside the keep alive; nothing is asserted on time
+    finally:
+        client.disconnect()
+
+
+def test_any_packet_counts_as_activity_MQTT_3_1_2_23(node) -> None:
+    """Control packets other than PINGREQ keep the connection alive too (here QoS 1 PUBLISHes)."""
+    topic = unique("ka/activity")
+    client = raw_connected(node, unique("ka-pub"), keepalive=2)
+    try:
+        started = time.monotonic()
+        pid = 1
+        while time.monotonic() - started < 4.5:
+            client.publish_qos1(topic, b"alive", pid)
+            pid += 1
+            time.sleep(0.5)
+        client.send(c.Pingreq())
+        assert isinstance(client.recv(), c.Pingresp)
+    finally:
+        client.disconnect()
+
+
+def test_paho_keepalive_pings_keep_it_connected(node) -> None:
+    """paho with keep alive 1 pings on its own and stays connected well past 1.5 s."""
+    client = paho_connected(node, unique("paho-ka"), keepalive=1)
+    try:
+        topic = unique("ka/paho")
+        client.subscribe(topic, 1)
+        assert not client.wait_disconnected(timeout=4)
+        client.publish(topic, b"still connected", 1)
+        assert client.get().payload == b"still connected"
+    finally:
+        client.disconnect()
