@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", choices=("loadgen", "mqttload"), default="loadgen",
                    help="bench/loadgen.py (default) or the C tool shared/tools/mqttload.c (cross-check)")
     p.add_argument("--mqttload", default=None, help="path of a built mqttload (default: build it into bench/out)")
-    p.add_argument("--reader", default="auto", choices=("auto", "python", "codec"), help="loadgen's parser")
+    p.add_argument("--reader", default="python", choices=("python", "codec"), help="loadgen's parser")
     p.add_argument("--procs", type=int, default=0, help="loadgen worker processes (default: one per pinned CPU)")
     p.add_argument("--fluxmq-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for fluxmq-node (repeatable)")

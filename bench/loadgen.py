@@ -95,7 +95,7 @@ class Config:
     prefix: str = ""
     label: str = "-"
     procs: int = 0
-    reader: str = "auto"
+    reader: str = "python"
     persistent: bool = False
     verbose: bool = False
 
@@ -1052,7 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="topic prefix (default loadgen/<pid>)")
     p.add_argument("--label", default=d.label, help="copied into the RESULT line")
     p.add_argument("--procs", type=int, default=0, help="worker processes (default: one per usable CPU)")
-    p.add_argument("--reader", default=d.reader, choices=("auto", "python", "codec"), help="stream parser")
+    p.add_argument("--reader", default=d.reader, choices=("python", "codec"),
+                   help="stream parser: pure Python with a fast path (default) or fluxmq's Cython codec")
     p.add_argument("--persistent", action="store_true", help="connect with clean session 0 (persistent sessions)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p

@@ -68,6 +68,48 @@ def test_codec_reader_matches_python_reader(step: int) -> None:
     assert _feed_split(wire.CodecReader(), data, step) == events
 
 
+def _runs_stream() -> tuple[bytes, list[tuple]]:
+    """Runs of same-shaped PUBLISH packets (the reader's fast path), interrupted by other packets."""
+    a = wire.PublishTemplate("lg/1/0", 0, 64, 1)
+    b = wire.PublishTemplate("lg/1/1", 1, 32, 2)
+    data = bytearray()
+    events: list[tuple] = []
+    for seq in range(50):
+        pkt = bytearray(a.data)
+        loadgen._SEQ_TS.pack_into(pkt, a.off_seq, seq, 1000 + seq)
+        data += pkt
+        events.append((3, 0, 0, 1, seq, 1000 + seq))
+    for seq in range(3):
+        pkt = bytearray(b.data)
+        pkt[b.off_pid : b.off_pid + 2] = (300 + seq).to_bytes(2, "big")
+        loadgen._SEQ_TS.pack_into(pkt, b.off_seq, seq, 7)
+        data += pkt
+        events.append((3, 1, 300 + seq, 2, seq, 7))
+    data += b"\x40\x02\x00\x05"
+    events.append((4, 5))
+    c = wire.PublishTemplate("lg/1/0", 1, 62, 1)  # same length as a's packets, QoS 1
+    assert c.length == a.length
+    for seq in range(50, 90):
+        t = c if seq == 70 else a
+        pkt = bytearray(t.data)
+        loadgen._SEQ_TS.pack_into(pkt, t.off_seq, seq, 1000 + seq)
+        if t is c:  # breaks the run: the fast path must hand over to the generic parser
+            pkt[c.off_pid : c.off_pid + 2] = (77).to_bytes(2, "big")
+            events.append((3, 1, 77, 1, seq, 1000 + seq))
+        else:
+            events.append((3, 0, 0, 1, seq, 1000 + seq))
+        data += pkt
+    return bytes(data), events
+
+
+@pytest.mark.parametrize("step", [1, 9, 64, 100, 1000, 100_000])
+def test_python_reader_fast_path_on_runs_of_same_shaped_publishes(step: int) -> None:
+    data, events = _runs_stream()
+    assert _feed_split(wire.PythonReader(), data, step) == events
+    if wire.codec_available():
+        assert _feed_split(wire.CodecReader(), data, step) == events
+
+
 def test_reader_rejects_malformed_remaining_length() -> None:
     with pytest.raises(ValueError):
         wire.PythonReader().feed(b"\x30\xff\xff\xff\xff\x01")
