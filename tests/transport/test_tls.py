@@ -288,3 +288,58 @@ def test_wss_carries_mqtt_and_the_certificate_username(pki) -> None:
         peer.send(c.Publish("w/big", payload))
         assert peer.expect(c.Publish).payload == payload
         assert refused(s.port, pki)  # no client certificate: refused before any HTTP
+
+
+# -- the TLS stream's write contract on a real SSL object ----------------------------------------------
+
+def test_refused_writes_retried_with_more_bytes_lose_and_repeat_nothing(pki) -> None:
+    """OpenSSL may send part of a write it reports as refused (want-write, so send_nowait returns 0);
+    the connection's next write starts with the same bytes and may carry more. Measured here on a
+    real SSL object over a socket whose buffers fill up: every byte arrives exactly once, in order."""
+    import gevent
+    from gevent import socket as gsocket
+    from gevent import ssl as gssl
+
+    server_sock, client_sock = gsocket.socketpair()
+    ctx = server_context("s", tls_cfg(pki))
+    client_ctx = gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(pki.ca.cert_file)
+    handshake = gevent.spawn(TLSHandshake(ctx, 10.0, "pair"), server_sock, ("pair", 0))
+    client = client_ctx.wrap_socket(client_sock, server_hostname="localhost")
+    stream = handshake.get(timeout=10)
+    assert stream is not None
+    rng = random.Random(5)
+    total = bytearray()
+    out = bytearray()  # as MQTTConnection.out: unsent bytes stay at the front
+    refusals = 0
+    for _ in range(3):  # three rounds of: fill until refused, add more, finish with send_all
+        for _ in range(2000):
+            chunk = rng.randbytes(rng.randint(1, 60000))
+            out += chunk
+            total += chunk
+            n = stream.send_nowait(out)
+            assert n in (0, len(out))  # all or nothing
+            del out[:n]
+            if n == 0:
+                refusals += 1
+                break
+        extra = rng.randbytes(30000)
+        out += extra
+        total += extra
+        received = bytearray()
+        reader = gevent.spawn(_read_exactly, client, received, len(total))
+        stream.send_all(bytes(out), 10.0)
+        out.clear()
+        reader.get(timeout=30)
+        assert bytes(received) == bytes(total)
+        total.clear()
+    assert refusals == 3  # the socket really filled up each round
+    stream.close()
+    client.close()
+
+
+def _read_exactly(sock, into: bytearray, expected: int) -> None:
+    while len(into) < expected:
+        data = sock.recv(1 << 20)
+        assert data, "closed early"
+        into.extend(data)
