@@ -265,3 +265,13 @@ class MQTTPeer:
 
 __all__ = ["HOST", "WAIT", "InProcessListener", "MQTTPeer", "Pong", "SocketTransport", "WSClient",
            "tcp_connect", "tls_connect"]
+
+
+def wait_parked(server: InProcessListener, timeout: float = WAIT) -> bool:
+    """True once every connection of ``server`` is parked (its greenlet ended, a watcher waits)."""
+    with gevent.Timeout(timeout, False):
+        while not server.listener.connections or any(
+                getattr(conn, "_parked", None) is None for conn in server.listener.connections):
+            gevent.sleep(0.01)
+        return True
+    return False

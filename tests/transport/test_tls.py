@@ -20,7 +20,15 @@ from fluxmq.transport.tls import TLSHandshake, effective_client_auth, server_con
 from fluxmq.transport.websocket import WebSocketUpgrade
 from tests.certs import CertAuthority
 
-from .harness import InProcessListener, MQTTPeer, SocketTransport, WSClient, tcp_connect, tls_connect
+from .harness import (
+    InProcessListener,
+    MQTTPeer,
+    SocketTransport,
+    WSClient,
+    tcp_connect,
+    tls_connect,
+    wait_parked,
+)
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +351,21 @@ def _read_exactly(sock, into: bytearray, expected: int) -> None:
         data = sock.recv(1 << 20)
         assert data, "closed early"
         into.extend(data)
+
+
+def test_a_parked_tls_connection_wakes_for_packets(pki) -> None:
+    ctx = server_context("s", tls_cfg(pki))
+    with InProcessListener(TLSHandshake(ctx, 5.0, "tls"), park_after=0.05) as s:
+        sub = tls_peer(s.port, pki)
+        sub.connect("parked-tls")
+        sub.send(c.Subscribe(1, [c.Subscription("p/#", 0)]))
+        sub.expect(c.Suback)
+        assert wait_parked(s)
+        pub = tls_peer(s.port, pki)
+        pub.connect("tls-waker")
+        pub.send(c.Publish("p/1", b"x" * 70000))  # several TLS records
+        assert sub.expect(c.Publish).payload == b"x" * 70000
+        assert wait_parked(s)
+        sub.send(c.Pingreq(), c.Pingreq())
+        sub.expect(c.Pingresp)
+        sub.expect(c.Pingresp)

@@ -33,7 +33,7 @@ from fluxmq._core import codec as c
 from fluxmq.transport.tcp import SocketStream
 from fluxmq.transport.websocket import OriginPolicy, WebSocketStream, WebSocketUpgrade, frame_header
 
-from .harness import WAIT, InProcessListener, MQTTPeer, WSClient, tcp_connect
+from .harness import WAIT, InProcessListener, MQTTPeer, WSClient, tcp_connect, wait_parked
 
 
 def ws_server(path: str = "/mqtt", origins: tuple[str, ...] = (), **settings):
@@ -446,3 +446,20 @@ def test_frame_header_lengths() -> None:
     assert frame_header(126) == b"\x82\x7e\x00\x7e"
     assert frame_header(65535) == b"\x82\x7e\xff\xff"
     assert frame_header(65536) == b"\x82\x7f" + (65536).to_bytes(8, "big")
+
+
+def test_a_parked_websocket_connection_wakes_for_pings_and_packets() -> None:
+    """An idle connection parks (no greenlet); a ping or an MQTT packet wakes it, deliveries need neither."""
+    with ws_server(park_after=0.05) as s:
+        sub_ws, sub = connected(s.port, "parked-sub")
+        sub.send(c.Subscribe(1, [c.Subscription("p/#", 0)]))
+        sub.expect(c.Suback)
+        assert wait_parked(s)
+        sub_ws.send_event(Ping(payload=b"wake"))
+        assert sub_ws.wait_event(Pong).payload == b"wake"
+        assert wait_parked(s)
+        _, pub = connected(s.port, "waker")
+        pub.send(c.Publish("p/1", b"to a parked subscriber"))
+        assert sub.expect(c.Publish).payload == b"to a parked subscriber"
+        sub.send(c.Pingreq())
+        sub.expect(c.Pingresp)
