@@ -137,6 +137,10 @@ class WebSocketUpgrade:
         except (OSError, TimeoutError, ValueError) as exc:  # ValueError: undecodable request bytes
             reason = "timeout" if isinstance(exc, TimeoutError) else (" ".join(str(exc).split()) or type(exc).__name__)
             log.info("ws_handshake_failed", extra={"listener": self.listener, "peer": stream.peer, "error": reason})
+        except Exception as exc:  # a request wsproto/h11 chokes on must not print a traceback per client
+            log.info("ws_handshake_failed", extra={"listener": self.listener, "peer": stream.peer,
+                                                   "error": f"{type(exc).__name__}: {exc}"})
+            log.debug("ws_handshake_failed_traceback", exc_info=True)
         stream.close()
         return None
 
