@@ -167,6 +167,7 @@ class Broker:
                 self._publish_will(will)
             self._end_session(session)
             return
+        self._hand_over_shared(session, ending=False)
         if will is not None:
             if will.delay == 0:
                 self._publish_will(will)
@@ -225,6 +226,7 @@ class Broker:
     def _end_session(self, session: Session) -> None:
         """Drop a session: its subscriptions leave the router and its state is forgotten."""
         self._cancel_timer(session)
+        self._hand_over_shared(session, ending=True)
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
         session.subscriptions.clear()
@@ -233,6 +235,39 @@ class Broker:
             session.store.delete_session(session.client_id)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+
+    def _hand_over_shared(self, session: Session, ending: bool) -> None:
+        """Give the QoS 1/2 messages an offline shared-subscription member got through its group, and
+        has not finished, to other members of the group (MQTT 5.0 4.8.2).
+
+        A message it also got through a subscription of its own stays. While the session continues
+        (``ending`` False) only online members take them, and QoS 2 already sent stays for the
+        reconnect [MQTT-4.8.2-5]; when it ends any other member does, queueing if offline.
+        """
+        subs = session.subscriptions
+        if not subs or not any(sub.share_group for sub in subs.values()):
+            return
+        router = self.router
+
+        def claim(message: Message) -> Subscription | None:
+            if message.expires_at is not None and message.expired():
+                return None
+            route = router.route(message.topic)
+            if any(target[0] is session for target in route.targets):
+                return None
+            for group in route.groups:
+                if session.client_id in group.members:
+                    member = router.pick_member(group, exclude=session)
+                    if member is not None and (ending or member.session.delivery is not None):
+                        return member
+            return None
+
+        taken = session.take_unfinished(claim, include_sent_qos2=ending)
+        for message, member in taken:
+            ids = (member.subscription_id,) if member.subscription_id else None
+            member.session.deliver(message, message.qos if message.qos < member.qos else member.qos, False, ids)
+        if taken:
+            log.info("shared_handed_over", extra={"client_id": session.client_id, "messages": len(taken)})
 
     def _publish_will(self, will: Will) -> None:
         try:

@@ -88,13 +88,16 @@ class Router:
             self._routes[topic] = route
         return route
 
-    def pick_member(self, group) -> Subscription | None:
+    def pick_member(self, group, exclude: Session | None = None) -> Subscription | None:
         """Choose the member of a shared group that gets one message.
 
         Members that are online and not congested are preferred (offline or full members are
-        skipped); when none is, any member takes it into its session queue.
+        skipped); when none is, any member takes it into its session queue. ``exclude``: a member
+        that must not get it (the one whose messages are being handed to the others).
         """
         members = list(group.members.values())
+        if exclude is not None:
+            members = [m for m in members if m.session is not exclude]
         if not members:
             return None
         ready = [m for m in members if m.session.delivery is not None and not m.session.delivery.is_congested()

@@ -220,6 +220,45 @@ class Session:
             else:
                 self._send_new(d, message, qos, retain, sub_ids)
 
+    def take_unfinished(self, claim, include_sent_qos2: bool) -> list:
+        """Remove the QoS 1/2 messages this client has not finished that ``claim(message)`` returns a
+        new owner for; returns ``[(message, owner)]`` in delivery order (in flight, then queued).
+
+        Used to hand a shared-subscription member's messages to another member. QoS 1 in flight and
+        queued QoS 1/2 always qualify; a QoS 2 PUBLISH already sent only with ``include_sent_qos2``
+        (the session is ending), since a reconnecting client must complete it [MQTT-4.8.2-5]; one
+        whose PUBREC arrived belongs to this client.
+        """
+        taken = []
+        for pid, entry in list(self.inflight.items()):
+            if entry.released or (entry.qos == 2 and not include_sent_qos2):
+                continue
+            owner = claim(entry.message)
+            if owner is not None:
+                self._forget_inflight(pid)
+                taken.append((entry.message, owner))
+        queue = self.queue
+        if queue:
+            kept = []
+            for _ in range(len(queue)):
+                item = queue.popleft()
+                self._drop_item(item)
+                owner = claim(item[0]) if item[1] else None
+                if owner is None:
+                    kept.append(item)
+                else:
+                    taken.append((item[0], owner))
+            for item in kept:
+                queue.append(item)
+                if isinstance(queue, deque):
+                    self.queue_bytes += len(item[0].payload) + len(item[0].topic)
+                    if item[1] == 0:
+                        self.queue_qos0 += 1
+        return taken
+
+    def _forget_inflight(self, packet_id: int) -> None:
+        del self.inflight[packet_id]
+
     # -- acknowledgements from the client -------------------------------------------------------
 
     def on_puback(self, packet_id: int) -> bool:
@@ -362,6 +401,10 @@ class PersistentSession(Session):
 
     def _drop_item(self, item) -> None:
         pass  # the DiskQueue keeps its own counts
+
+    def _forget_inflight(self, packet_id: int) -> None:
+        del self.inflight[packet_id]
+        self.store.delete_inflight(self.client_id, packet_id)
 
     def on_puback(self, packet_id: int) -> bool:
         entry = self.inflight.get(packet_id)
