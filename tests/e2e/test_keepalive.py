@@ -32,6 +32,27 @@ def test_silent_client_closed_after_one_and_a_half_keepalive_MQTT_3_1_2_24(node)
     assert client.wait_closed(timeout=20) == []
 
 
+def test_silent_parked_client_closed_MQTT_3_1_2_24(node) -> None:
+    """Keep alive 4 (6 s allowed) is longer than the 5 s after which an idle connection parks (no greenlet):
+    the keep-alive timer of a parked connection closes a silent client too [MQTT-3.1.2-24]."""
+    client = raw_connected(node, unique("silent-parked"), keepalive=4)
+    assert client.wait_closed(timeout=30) == []
+
+
+def test_pinging_parked_client_stays_connected_MQTT_3_1_2_23(node) -> None:
+    """Keep alive 4 with a ping every 2 s for longer than 6 s: a connection that parks and wakes up keeps
+    its keep alive measured from the last packet [MQTT-3.1.2-23]."""
+    client = raw_connected(node, unique("pinger-parked"), keepalive=4)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 8:
+            client.send(c.Pingreq())
+            assert isinstance(client.recv(), c.Pingresp)
+            time.sleep(2)  # pacing the client, well inside the keep alive; nothing is asserted on time
+    finally:
+        client.disconnect()
+
+
 def test_silent_v5_client_gets_disconnect_0x8d(node) -> None:
     """5.0: the keep-alive close is announced with DISCONNECT 0x8D (Keep Alive timeout)."""
     client = raw_connected(node, unique("silent5"), version=5, keepalive=1)

@@ -113,6 +113,9 @@ def test_server_unavailable_return_code_3(node_factory) -> None:
             assert second.wait_closed() == []
         first.send(c.Pingreq())
         assert isinstance(first.recv(), c.Pingresp)
+        # the slot is freed when the first client leaves: a new client is accepted again
+        first.disconnect()
+        assert wait_until(first_accepted, 10)
     finally:
         first.close()
 
@@ -191,4 +194,13 @@ def test_paho_v311_connects_with_return_code_0_MQTT_3_1_4_4(node) -> None:
         rc, present = client.connack
         assert rc == 0 and present is False
     finally:
+        client.disconnect()
+
+
+def test_username_and_password_accepted_without_auth_MQTT_3_1_2_19(node) -> None:
+    """CONNECT with user name and password (flags 0xC2) is accepted when no authentication is configured
+    [MQTT-3.1.2-19, MQTT-3.1.2-21]."""
+    with RawClient.to(node) as client:
+        client.send(c.Connect(unique("userpw"), True, 60, 4, None, "user", b"secret"))
+        assert client.expect(c.Connack) == c.Connack(False, 0)
         client.disconnect()

@@ -245,3 +245,43 @@ def test_long_and_unicode_topics_round_trip_MQTT_4_7_3_3(node) -> None:
     """Topic names are UTF-8: non-ASCII and long (many levels) names are routed unchanged."""
     topics = [unique("ünï/cødé/主题"), unique("deep") + "/l" * 500, unique("sp ace/tab\t")]
     assert _deliveries(node, [(t, 0) for t in topics], topics) == topics
+
+
+def test_resubscribe_replaces_subscription_MQTT_3_8_4_3(node) -> None:
+    """A second SUBSCRIBE with the same filter replaces the first: one delivery, at the new QoS [MQTT-3.8.4-3]."""
+    topic = unique("replace")
+    sentinel = unique("replace/sentinel")
+    sub = raw_connected(node, unique("replace-sub"))
+    pub = raw_connected(node, unique("replace-pub"))
+    try:
+        assert sub.subscribe(1, (topic, 0), (sentinel, 0)).reason_codes == [0, 0]
+        assert sub.subscribe(2, (topic, 1)).reason_codes == [1]
+        pub.publish_qos1(topic, b"one", 1)
+        pub.publish_qos1(sentinel, b"S", 2)
+        before, _ = sub.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == sentinel)
+        assert [(p.payload, p.qos) for p in before] == [(b"one", 1)]
+        sub.ack(before[0])
+    finally:
+        pub.disconnect()
+        sub.disconnect()
+
+
+def test_unsubscribe_one_of_overlapping_keeps_the_other_MQTT_3_10_4_1(node) -> None:
+    """UNSUBSCRIBE removes only the filter named, compared character by character [MQTT-3.10.4-1]: the
+    overlapping wildcard subscription still delivers, at its own QoS."""
+    base = unique("unsub-overlap")
+    topic = f"{base}/x"
+    sentinel = unique("unsub-overlap/sentinel")
+    sub = raw_connected(node, unique("uo-sub"))
+    pub = raw_connected(node, unique("uo-pub"))
+    try:
+        sub.subscribe(1, (f"{base}/#", 0), (topic, 1), (sentinel, 0))
+        sub.send(c.Unsubscribe(2, [topic]))
+        assert sub.expect(c.Unsuback) == c.Unsuback(2)
+        pub.publish_qos1(topic, b"via wildcard", 1)
+        pub.publish_qos1(sentinel, b"S", 2)
+        before, _ = sub.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == sentinel)
+        assert [(p.payload, p.qos) for p in before] == [(b"via wildcard", 0)]
+    finally:
+        pub.disconnect()
+        sub.disconnect()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fluxmq._core import codec as c
-from tests.e2e.mqttraw import PahoClient, paho_connected, raw_connected, unique
+from tests.e2e.mqttraw import PahoClient, end_session, paho_connected, raw_connected, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -17,14 +17,19 @@ def watcher(node):
     client.disconnect()
 
 
-def test_will_published_on_ungraceful_close_MQTT_3_1_2_8(node, watcher) -> None:
-    """Closing the socket without DISCONNECT publishes the will [MQTT-3.1.2-8]."""
+@pytest.mark.parametrize("clean", [True, False])
+def test_will_published_on_ungraceful_close_MQTT_3_1_2_8(node, watcher, clean: bool) -> None:
+    """Closing the socket without DISCONNECT publishes the will, for a clean and a persistent session
+    alike [MQTT-3.1.2-8]."""
     topic = unique("will/close")
     watcher.subscribe(topic, 1)
-    client = raw_connected(node, unique("will-close"), will=c.Will(topic, b"bye", 1))
+    cid = unique("will-close")
+    client = raw_connected(node, cid, clean=clean, will=c.Will(topic, b"bye", 1))
     client.close()
     msg = watcher.get()
     assert (msg.topic, msg.payload, msg.qos, msg.retain) == (topic, b"bye", 1, False)
+    if not clean:
+        end_session(node, cid)
 
 
 def test_no_will_after_disconnect_MQTT_3_14_4_3(node, watcher) -> None:
