@@ -25,6 +25,7 @@ committed: the pages are in the kernel's page cache), ``batch`` adding an ``env.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -104,11 +105,18 @@ class LMDBStorage(Storage):
         self._batch = _Batch()
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._background = None
-        self._full_logged = False
-        self.env = self._open()
-        self._dbs = self._open_dbs()
-        self._psize = self.env.stat()["psize"]
-        self._check_usage(at_start=True)
+        self._lock_file = None
+        self.env = None
+        try:
+            self.env = self._open()
+            self._dbs = self._open_dbs()
+            self._psize = self.env.stat()["psize"]
+            self._check_usage(at_start=True)
+        except BaseException:
+            if self.env is not None:
+                self.env.close()
+            self._unlock()
+            raise
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -123,6 +131,7 @@ class LMDBStorage(Storage):
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"{self._where()}: cannot create the data directory: {exc.strerror}") from None
+        self._lock_exclusively()
         data = path / "data.mdb"
         if data.exists() and data.stat().st_size == 0:
             raise StorageError(f"{self._where()}: data.mdb is empty (damaged); refusing to use it, "
@@ -141,6 +150,29 @@ class LMDBStorage(Storage):
             raise StorageError(f"{self._where()}: data.mdb is damaged; refusing to use it") from None
         except lmdb.Error as exc:
             raise StorageError(f"{self._where()}: cannot open the LMDB environment: {exc}") from None
+
+    def _lock_exclusively(self) -> None:
+        """One fluxmq process per data directory: a second node on the same path is refused (LMDB
+        itself would let both write). The lock dies with the process, so a killed node's directory
+        is free for its restart."""
+        lock = open(self.path / "fluxmq.lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise StorageError(f"{self._where()} is in use by another fluxmq process (pid {holder})") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock_file = lock
+
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def _open_dbs(self) -> list:
         env = self.env
@@ -173,13 +205,16 @@ class LMDBStorage(Storage):
                 return [env.open_db(name, txn=txn) for name in DB_NAMES]
         except StorageError:
             env.close()
+            self._unlock()
             raise
         except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
                 lmdb.BadValsizeError, lmdb.IncompatibleError):
             env.close()
+            self._unlock()
             raise StorageError(f"{self._where()}: data.mdb is damaged; refusing to use it") from None
         except lmdb.Error as exc:
             env.close()
+            self._unlock()
             raise StorageError(f"{self._where()}: cannot read the store: {exc}") from None
 
     # -- usage and the refusal flag ----------------------------------------------------------------
@@ -201,6 +236,7 @@ class LMDBStorage(Storage):
         used = self.used_bytes()
         if at_start and used >= self.map_size:
             self.env.close()
+            self._unlock()
             raise StorageError(f"{self._where()}: the stored data ({_fmt_size(used)}) does not fit "
                                f"storage.map_size ({_fmt_size(self.map_size)}); raise storage.map_size")
         if used >= self.map_size:
@@ -406,6 +442,11 @@ class LMDBStorage(Storage):
         if self.sync_mode != "none":
             self.env.sync(True)
 
+    def abort(self) -> None:
+        """Close without committing what is buffered: what a killed process leaves behind (tests)."""
+        self.env.close()
+        self._unlock()
+
     # -- load --------------------------------------------------------------------------------------
 
     def load(self) -> StoredState:
@@ -521,6 +562,7 @@ class LMDBStorage(Storage):
             self.env.sync(True)
         finally:
             self.env.close()
+            self._unlock()
 
 
 def _load_sub(s: StoredSession, suffix: bytes, value) -> None:

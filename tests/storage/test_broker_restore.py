@@ -34,7 +34,7 @@ class Node:
 
     def restart(self) -> Node:
         """Stop without committing what is still buffered (as a kill would) and start again."""
-        self.storage.env.close()
+        self.storage.abort()
         return Node(self.path, **self.settings)
 
     def connect(self, cid: str, expiry: int, clean: bool = False, will: Will | None = None):
@@ -59,7 +59,7 @@ def node(tmp_path: Path):
     n = Node(tmp_path / "data")
     yield n
     try:
-        n.storage.env.close()
+        n.storage.abort()
     except Exception:
         pass
 
@@ -231,7 +231,7 @@ def test_unsubscribe_and_clean_start_forget_stored_state(node: Node) -> None:
 def small(tmp_path: Path):
     n = Node(tmp_path / "small", persistent_max_queued_messages=3, persistent_max_queued_bytes=1 << 20)
     yield n
-    n.storage.env.close()
+    n.storage.abort()
 
 
 def test_disk_queue_overflow_evicts_qos0_first_then_refuses_new(small: Node) -> None:

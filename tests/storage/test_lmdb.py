@@ -26,7 +26,7 @@ def st(tmp_path: Path):
     s = LMDBStorage(tmp_path / "data", map_size=64 * MiB)
     yield s
     try:
-        s.env.close()
+        s.abort()
     except lmdb.Error:
         pass
 
@@ -191,7 +191,7 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     s = LMDBStorage(tmp_path)
     with s.env.begin(write=True) as txn:
         txn.put(b"schema_version", struct.pack("<I", SCHEMA_VERSION + 1), db=s._dbs[0])
-    s.env.close()
+    s.abort()
     with pytest.raises(StorageError, match=f"newer fluxmq \\(schema version {SCHEMA_VERSION + 1}"):
         LMDBStorage(tmp_path)
 
@@ -200,7 +200,7 @@ def test_wrong_magic_is_refused(tmp_path: Path) -> None:
     s = LMDBStorage(tmp_path)
     with s.env.begin(write=True) as txn:
         txn.put(b"magic", b"other-product", db=s._dbs[0])
-    s.env.close()
+    s.abort()
     with pytest.raises(StorageError, match="not a fluxmq store"):
         LMDBStorage(tmp_path)
 
@@ -212,6 +212,14 @@ def test_damaged_data_file_is_refused_and_kept(tmp_path: Path, content: bytes) -
         LMDBStorage(tmp_path)
     assert "\n" not in str(err.value)
     assert (tmp_path / "data.mdb").read_bytes() == content
+
+
+def test_a_second_process_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    first = LMDBStorage(tmp_path)
+    with pytest.raises(StorageError, match="in use by another fluxmq process"):
+        LMDBStorage(tmp_path)
+    first.close()
+    LMDBStorage(tmp_path).close()  # free again once the holder closed (or died)
 
 
 def test_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
