@@ -18,7 +18,7 @@ from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
 from .delivery import Delivery
-from .message import Message
+from .message import MESSAGE_EXPIRY_INTERVAL, Message
 from .retained import RetainedStore
 from .router import Router
 from .session import (
@@ -270,8 +270,16 @@ class Broker:
             log.info("shared_handed_over", extra={"client_id": session.client_id, "messages": len(taken)})
 
     def _publish_will(self, will: Will) -> None:
+        message = will.message
+        props = message.properties
+        if props and MESSAGE_EXPIRY_INTERVAL in props:
+            # The protocol layer keeps a will's Message Expiry Interval in its properties: the
+            # lifetime starts now, when it is published.
+            props = dict(props)
+            interval = props.pop(MESSAGE_EXPIRY_INTERVAL)
+            message = message.copy(properties=props or None, expires_at=time.monotonic() + interval)
         try:
-            self.publish(will.message)
+            self.publish(message)
         except QuotaExceeded:
             log.warning("will_refused", extra={"topic": will.message.topic, "reason": "storage full"})
 

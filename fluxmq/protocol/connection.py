@@ -179,8 +179,6 @@ class MQTTConnection:
                             break
                     if bad is not None and not self.closed:
                         raise bad
-                    if bad is not None and not self.closed:
-                        raise bad
                 except MQTTError as exc:
                     self._on_protocol_error(exc, data)
                     break
@@ -572,6 +570,11 @@ class MQTTConnection:
                     self._refuse(0, 0x99, "will payload is not UTF-8 as its Payload Format Indicator says")
                     return
                 message = Message.from_publish_properties(w.topic, w.payload, w.qos, w.retain, wp, client_id)
+                if wp and c.MESSAGE_EXPIRY_INTERVAL in wp:
+                    # A will's expiry counts from its publication, not from CONNECT (MQTT 5.0
+                    # 3.1.3.2.4): the broker turns the interval into a deadline when it publishes it.
+                    message.expires_at = None
+                    message.properties = {**(message.properties or {}), c.MESSAGE_EXPIRY_INTERVAL: wp[c.MESSAGE_EXPIRY_INTERVAL]}
             else:
                 message = Message(w.topic, w.payload, w.qos, w.retain, None, None, client_id)
             will = Will(message, delay)
