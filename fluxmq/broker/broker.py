@@ -240,9 +240,10 @@ class Broker:
         """Give the QoS 1/2 messages an offline shared-subscription member got through its group, and
         has not finished, to other members of the group (MQTT 5.0 4.8.2).
 
-        A message it also got through a subscription of its own stays. While the session continues
-        (``ending`` False) only online members take them, and QoS 2 already sent stays for the
-        reconnect [MQTT-4.8.2-5]; when it ends any other member does, queueing if offline.
+        Unacknowledged QoS 1 and queued QoS 1/2 move; a QoS 2 PUBLISH already sent stays with the
+        member [MQTT-4.8.2-4, -5], and so does a message it also got through a subscription of its
+        own. While the session continues (``ending`` False) only online members take them; when it
+        ends any other member does, queueing it if offline.
         """
         subs = session.subscriptions
         if not subs or not any(sub.share_group for sub in subs.values()):
@@ -262,7 +263,7 @@ class Broker:
                         return member
             return None
 
-        taken = session.take_unfinished(claim, include_sent_qos2=ending)
+        taken = session.take_unfinished(claim)
         for message, member in taken:
             ids = (member.subscription_id,) if member.subscription_id else None
             member.session.deliver(message, message.qos if message.qos < member.qos else member.qos, False, ids)

@@ -220,18 +220,17 @@ class Session:
             else:
                 self._send_new(d, message, qos, retain, sub_ids)
 
-    def take_unfinished(self, claim, include_sent_qos2: bool) -> list:
+    def take_unfinished(self, claim) -> list:
         """Remove the QoS 1/2 messages this client has not finished that ``claim(message)`` returns a
         new owner for; returns ``[(message, owner)]`` in delivery order (in flight, then queued).
 
-        Used to hand a shared-subscription member's messages to another member. QoS 1 in flight and
-        queued QoS 1/2 always qualify; a QoS 2 PUBLISH already sent only with ``include_sent_qos2``
-        (the session is ending), since a reconnecting client must complete it [MQTT-4.8.2-5]; one
-        whose PUBREC arrived belongs to this client.
+        Used to hand a shared-subscription member's messages to another member: QoS 1 in flight and
+        queued QoS 1/2 qualify; a QoS 2 PUBLISH already sent never does, it is completed with this
+        client or not at all [MQTT-4.8.2-4, MQTT-4.8.2-5].
         """
         taken = []
         for pid, entry in list(self.inflight.items()):
-            if entry.released or (entry.qos == 2 and not include_sent_qos2):
+            if entry.qos == 2:
                 continue
             owner = claim(entry.message)
             if owner is not None:

@@ -169,7 +169,7 @@ class MQTTConnection:
                         if self.session is None and packet.type != c.CONNECT and (
                                 packet.type != c.AUTH or self._pending_connect is None):
                             # The first packet must be CONNECT [MQTT-3.1.0-1]; before CONNACK only
-                            # AUTH may follow it [MQTT-3.1.2-30] (a DISCONNECT just closes).
+                            # AUTH may follow it [MQTT-3.1.2-33] (a DISCONNECT just closes).
                             raise _Close()
                         handler = handlers[packet.type]
                         if handler is None:
@@ -433,13 +433,13 @@ class MQTTConnection:
             if alias:
                 props[c.TOPIC_ALIAS] = alias
                 if not new_alias:
-                    topic = ""  # the client maps the alias to the topic it last carried [MQTT-3.3.2-12]
+                    topic = ""  # the client maps the alias to the topic it last carried (MQTT 5.0 3.3.2.3.4)
             if len(cache) >= 32 and not isinstance(key, int):
                 cache.clear()  # expiry and alias shapes vary per delivery: keep the cache bounded
             data = cache[key] = encode_publish(topic, message.payload, qos, retain, False,
                                                1 if qos else 0, props or None, 5)
         if self._client_max_packet and len(data) > self._client_max_packet:
-            return None  # dropped for this client only [MQTT-3.1.2-25]
+            return None  # dropped for this client only [MQTT-3.1.2-27, -28]
         if alias:
             self._use_alias(message.topic, alias, new_alias)
         return data
@@ -630,7 +630,7 @@ class MQTTConnection:
             out_props[c.WILDCARD_SUBSCRIPTION_AVAILABLE] = 1
             out_props[c.SUBSCRIPTION_IDENTIFIER_AVAILABLE] = 1
             out_props[c.SHARED_SUBSCRIPTION_AVAILABLE] = 1
-            # Response Information only when asked for [MQTT-3.1.2-28].
+            # Response Information only when asked for [MQTT-3.1.2-31].
             if props.get(c.REQUEST_RESPONSE_INFORMATION) and settings.response_information:
                 out_props[c.RESPONSE_INFORMATION] = settings.response_information.replace("%c", client_id)
             if auth_props:
@@ -718,7 +718,7 @@ class MQTTConnection:
         elif topic[0] == "$" and (topic == "$SYS" or topic.startswith("$SYS/")):
             accepted, reason = False, 0x87  # $SYS belongs to the broker
         elif props and props.get(c.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(p.payload):
-            # The broker may check what the indicator promises [MQTT-3.3.2-4]: 0x99 on the ack, or
+            # The broker may check what the indicator promises (MQTT 5.0 3.3.2.3.2): 0x99 on the ack, or
             # DISCONNECT for QoS 0, which has none.
             if qos == 0:
                 raise MQTTError(_ACK_REASONS[0x99], 0x99)
@@ -776,7 +776,7 @@ class MQTTConnection:
 
     def _ack5(self, kind, packet_id: int, reason_code: int) -> None:
         """A 5.0 PUBACK/PUBREC/PUBREL/PUBCOMP with a reason code, and its reason string when the
-        client asked for problem information [MQTT-3.1.2-29] and it fits the client's maximum."""
+        client asked for problem information [MQTT-3.1.2-32] and it fits the client's maximum."""
         reason = _ACK_REASONS.get(reason_code) if self._problem_info else None
         self._write_v5(kind(packet_id, reason_code, {c.REASON_STRING: reason} if reason else None))
 
@@ -884,7 +884,7 @@ class MQTTConnection:
             expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL)
             if expiry is not None:
                 if self.session.expiry_interval == 0 and expiry != 0:
-                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")  # [MQTT-3.14.2-2]
+                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")  # MQTT 5.0 3.14.2.2.2
                 self.session.expiry_interval = expiry
                 self.session.persistent = expiry > 0
         self.closed = True

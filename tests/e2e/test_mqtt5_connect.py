@@ -116,8 +116,9 @@ def test_paho_gets_the_assigned_client_identifier(node) -> None:
         client.disconnect()
 
 
-def test_session_expiry_absent_means_zero_MQTT_3_1_2_11(node) -> None:
-    """Without Session Expiry Interval the session ends with the connection, even with Clean Start 0."""
+def test_session_expiry_absent_means_zero(node) -> None:
+    """Without Session Expiry Interval the session ends with the connection, even with Clean Start 0
+    (MQTT 5.0 3.1.2.11.2: absent means 0)."""
     cid = unique("noexp")
     client = raw5(node, cid, clean_start=False)
     client.subscribe(1, (unique("noexp/t"), 1))
@@ -151,7 +152,7 @@ def test_session_expiry_keeps_the_session(node, expiry: int) -> None:
         again.disconnect(0, {c.SESSION_EXPIRY_INTERVAL: 0})
 
 
-def test_session_expiry_zero_on_disconnect_ends_the_session_MQTT_3_14_2(node) -> None:
+def test_session_expiry_zero_on_disconnect_ends_the_session(node) -> None:
     """DISCONNECT may shorten the Session Expiry Interval to 0: the session ends at once."""
     cid = unique("exp0")
     client = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 300})
@@ -163,16 +164,17 @@ def test_session_expiry_zero_on_disconnect_ends_the_session_MQTT_3_14_2(node) ->
         again.disconnect(0, {c.SESSION_EXPIRY_INTERVAL: 0})
 
 
-def test_session_expiry_raised_on_disconnect_after_zero_is_a_protocol_error_MQTT_3_14_2_2(node) -> None:
-    """Session Expiry 0 at CONNECT and non-zero at DISCONNECT: the broker answers DISCONNECT 0x82 [MQTT-3.14.2-2]."""
+def test_session_expiry_raised_on_disconnect_after_zero_is_a_protocol_error(node) -> None:
+    """Session Expiry 0 at CONNECT and non-zero at DISCONNECT: the broker answers DISCONNECT 0x82
+    (MQTT 5.0 3.14.2.2.2)."""
     client = raw5(node, unique("exp-raise"))
     client.send(c.Disconnect(0, {c.SESSION_EXPIRY_INTERVAL: 10}))
     assert disconnect_reason(client) == 0x82
 
 
-def test_response_information_only_when_requested_MQTT_3_1_2_28(node) -> None:
+def test_response_information_only_when_requested_MQTT_3_1_2_31(node) -> None:
     """Request Response Information 1 gets Response Information (here from the default
-    ``$response/%c``); without the request there is none [MQTT-3.1.2-28]."""
+    ``$response/%c``); without the request there is none [MQTT-3.1.2-31]."""
     cid = unique("rri")
     client = raw5(node, cid, properties={c.REQUEST_RESPONSE_INFORMATION: 1})
     plain = raw5(node, unique("rri0"), properties={c.REQUEST_RESPONSE_INFORMATION: 0})
@@ -194,9 +196,9 @@ def test_paho_request_response_information(node) -> None:
 
 
 @pytest.mark.parametrize("request_problem", [None, 1, 0])
-def test_reason_strings_follow_request_problem_information_MQTT_3_1_2_29(node, request_problem) -> None:
+def test_reason_strings_follow_request_problem_information_MQTT_3_1_2_32(node, request_problem) -> None:
     """An error PUBACK carries a Reason String unless the client set Request Problem Information 0
-    [MQTT-3.1.2-29]."""
+    [MQTT-3.1.2-32]."""
     properties = {} if request_problem is None else {c.REQUEST_PROBLEM_INFORMATION: request_problem}
     client = raw5(node, unique("rpi"), properties=properties)
     try:

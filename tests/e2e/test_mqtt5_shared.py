@@ -134,8 +134,9 @@ def test_full_member_is_skipped(node) -> None:
         b.disconnect()
 
 
-def test_leaving_member_hands_its_unacknowledged_qos1_to_another_MQTT_4_8_2_4(node) -> None:
-    """QoS 1 messages a member got but did not acknowledge go to another member when it disconnects."""
+def test_leaving_member_hands_its_unacknowledged_qos1_to_another(node) -> None:
+    """QoS 1 messages a member got but did not acknowledge go to another member when it disconnects
+    (MQTT 5.0 4.8.2: the Server MAY send it to another Client as soon as it loses the connection)."""
     group = unique("g")
     topic = unique("sh/leave")
     a, b = raw5(node, unique("leave-a")), raw5(node, unique("leave-b"))
@@ -157,7 +158,7 @@ def test_leaving_member_hands_its_unacknowledged_qos1_to_another_MQTT_4_8_2_4(no
 
 def test_leaving_member_hands_its_queued_messages_to_another(node) -> None:
     """Messages queued for a member (its window was full and it was the only member) go to a member
-    that joined meanwhile when the first one leaves; QoS 2 ones too, as the session ends."""
+    that joined meanwhile when the first one leaves; a queued QoS 2 message was never sent, so it moves too."""
     group = unique("g")
     topic = unique("sh/queued")
     a = raw5(node, unique("queued-a"), properties={c.RECEIVE_MAXIMUM: 1})
@@ -197,6 +198,28 @@ def test_sent_qos2_stays_with_a_persistent_member_MQTT_4_8_2_5(node) -> None:
         assert (resent.payload, resent.qos, resent.dup) == (b"only-a", 2, True)
         again.ack(resent)
         again.disconnect()
+        assert drain(b) == []
+    finally:
+        b.disconnect()
+
+
+def test_sent_qos2_of_an_ending_session_goes_to_nobody_else_MQTT_4_8_2_5(node) -> None:
+    """A clean member that got a QoS 2 PUBLISH and leaves before PUBREC: no other member gets it
+    [MQTT-4.8.2-5]; a QoS 1 one sent with it does move."""
+    group = unique("g")
+    topic = unique("sh/q2end")
+    a = raw5(node, unique("q2end-a"))
+    a.subscribe(1, (f"$share/{group}/{topic}", 2))
+    publish_all(node, topic, [b"two"], qos=2)
+    publish_all(node, topic, [b"one"], qos=1)
+    assert sorted(p.payload for p in drain(a, ack=False)) == [b"one", b"two"]
+    b = raw5(node, unique("q2end-b"))
+    try:
+        b.subscribe(1, (f"$share/{group}/{topic}", 2))
+        a.close()
+        moved = b.expect(c.Publish)
+        b.ack(moved)
+        assert (moved.payload, moved.qos) == (b"one", 1)
         assert drain(b) == []
     finally:
         b.disconnect()

@@ -108,8 +108,8 @@ def test_will_delay_then_published(node) -> None:
         watch.disconnect()
 
 
-def test_reconnect_within_the_delay_cancels_the_will_MQTT_3_1_3_9(node) -> None:
-    """A reconnect of the same session before the Will Delay Interval passes: no will [MQTT-3.1.3-9]."""
+def test_reconnect_within_the_delay_cancels_the_will_MQTT_3_1_2_26(node) -> None:
+    """A reconnect of the same session before the Will Delay Interval passes: no will [MQTT-3.1.2-26]."""
     topic = unique("will/cancel")
     cid = unique("w-cancel")
     watch = watcher(node, topic)
