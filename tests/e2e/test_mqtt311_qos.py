@@ -5,9 +5,20 @@ from __future__ import annotations
 import pytest
 
 from fluxmq._core import codec as c
+from tests.conftest import NodeFactory
 from tests.e2e.mqttraw import RawClient, end_session, paho_connected, raw_connected, unique
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", params=["memory", "lmdb"])
+def node(request, tmp_path_factory):
+    """The module's node, once per storage type: session state lives in memory or in lmdb."""
+    factory = NodeFactory(tmp_path_factory.mktemp(f"node-{request.param}"))
+    try:
+        yield factory({"storage.type": request.param})
+    finally:
+        factory.close()
 
 
 @pytest.mark.parametrize("pub_qos", [0, 1, 2])

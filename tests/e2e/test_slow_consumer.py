@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fluxmq._core import codec as c
-from tests.e2e.mqttraw import RawClient, paho_connected, raw_connected, unique
+from tests.conftest import NodeFactory
+from tests.e2e.mqttraw import RawClient, end_session, paho_connected, raw_connected, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -84,3 +85,76 @@ def test_slow_subscriber_does_not_stall_publisher_or_others(node) -> None:
         normal.disconnect()
         slow.close()
     assert node.returncode is None
+
+
+@pytest.fixture(scope="module", params=["memory", "lmdb"])
+def small_queues(request, tmp_path_factory):
+    """A node with a 10-message inflight window and 50-message session queues, for each storage type
+    (persistent sessions queue in ``storage.max_queued_messages`` under lmdb)."""
+    factory = NodeFactory(tmp_path_factory.mktemp("smallq"))
+    try:
+        yield factory({"storage.type": request.param, "broker.max_inflight": 10,
+                       "broker.max_queued_messages": 50, "storage.max_queued_messages": 50})
+    finally:
+        factory.close()
+
+
+def test_unacknowledging_subscriber_gets_at_most_the_inflight_window(small_queues) -> None:
+    """A subscriber that does not PUBACK has at most ``broker.max_inflight`` QoS 1 messages in flight; the
+    rest wait in its queue and flow, in order, as it acknowledges [MQTT-4.6.0-6]."""
+    node = small_queues
+    topic = unique("window")
+    sub = raw_connected(node, unique("window-sub"))
+    pub = raw_connected(node, unique("window-pub"))
+    try:
+        sub.subscribe(1, (topic, 1))
+        for i in range(30):
+            pub.publish_qos1(topic, str(i).encode(), i + 1)  # each PUBACK: the message has been routed
+        sub.send(c.Pingreq())
+        first, _ = sub.collect_until(lambda p: isinstance(p, c.Pingresp))
+        assert [int(p.payload) for p in first] == list(range(10))
+        got = [int(p.payload) for p in first]
+        pending = list(first)
+        while len(got) < 30:
+            sub.send(c.Puback(pending.pop(0).packet_id))
+            nxt = sub.expect(c.Publish)
+            pending.append(nxt)
+            got.append(int(nxt.payload))
+        assert got == list(range(30))
+        for p in pending:
+            sub.send(c.Puback(p.packet_id))
+    finally:
+        pub.disconnect()
+        sub.disconnect()
+
+
+def test_offline_queue_is_bounded(small_queues) -> None:
+    """An offline persistent session queues at most ``broker.max_queued_messages`` (50); with the default
+    ``drop_new`` policy the first 50 of 80 arrive on reconnect, in order, and nothing after them."""
+    node = small_queues
+    topic = unique("bounded")
+    cid = unique("bounded-sub")
+    sub = raw_connected(node, cid, clean=False)
+    sub.subscribe(1, (topic, 1))
+    sub.disconnect()
+    pub = raw_connected(node, unique("bounded-pub"))
+    try:
+        for i in range(80):
+            pub.publish_qos1(topic, str(i).encode(), i + 1)
+    finally:
+        pub.disconnect()
+    sub = RawClient.to(node)
+    try:
+        assert sub.connect(cid, clean=False).session_present
+        got = []
+        while len(got) < 50:
+            p = sub.expect(c.Publish)
+            got.append(int(p.payload))
+            sub.send(c.Puback(p.packet_id))
+        sub.send(c.Pingreq())
+        rest, _ = sub.collect_until(lambda p: isinstance(p, c.Pingresp))
+        assert got == list(range(50))
+        assert [p for p in rest if isinstance(p, c.Publish)] == []
+    finally:
+        sub.disconnect()
+        end_session(node, cid)
