@@ -96,6 +96,10 @@ AFTER_CONNECT = {
     "null_character_in_topic_MQTT_1_5_3_2": (_pub(b"a\x00b"), 0x81),
     "wildcard_plus_in_publish_topic_MQTT_3_3_2_2": (_pub(b"a/+/b"), 0x90),
     "wildcard_hash_in_publish_topic_MQTT_3_3_2_2": (_pub(b"a/#"), 0x90),
+    "empty_publish_topic_MQTT_4_7_3_1": (_pub(b""), 0x82),
+    "qos0_publish_with_dup_MQTT_3_3_1_2": (_pub(b"a/b", first=0x38), 0x81),
+    "unsubscribe_without_filters_MQTT_3_10_3_2": (lambda v: b"\xa2\x02\x00\x01" if v != 5
+                                                  else b"\xa2\x03\x00\x01\x00", 0x82),
     "qos1_publish_packet_id_0_MQTT_2_3_1_1": (_pub(b"a/b", first=0x32, pid=b"\x00\x00"), 0x82),
     "subscribe_without_filters_MQTT_3_8_3_3": (lambda v: b"\x82\x02\x00\x01" if v != 5
                                                else b"\x82\x03\x00\x01\x00", 0x82),
