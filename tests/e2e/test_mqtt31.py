@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fluxmq._core import codec as c
-from tests.e2e.mqttraw import RawClient, end_session, paho_connected, raw_connected, unique
+from tests.e2e.mqttraw import PahoClient, RawClient, end_session, paho_connected, raw_connected, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +27,17 @@ def test_v31_client_id_outside_1_to_23_rejected_with_code_2(node, cid: str) -> N
     with RawClient.to(node, 3) as client:
         assert client.connect(cid, clean=True) == c.Connack(False, 2)
         assert client.wait_closed() == []
+
+
+def test_v31_paho_long_client_id_refused(node) -> None:
+    """paho MQTTv31 with a 24-character client id: refused as "Client identifier not valid"."""
+    client = PahoClient(node, "p" * 24, protocol=mqtt.MQTTv31)
+    try:
+        rc, _ = client.connect()
+        assert rc.is_failure and rc.getName() == "Client identifier not valid"
+        assert client.wait_disconnected()
+    finally:
+        client.stop()
 
 
 def test_v31_23_character_client_id_accepted(node) -> None:

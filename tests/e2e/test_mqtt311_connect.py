@@ -6,7 +6,15 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fluxmq._core import codec as c
-from tests.e2e.mqttraw import ConnectionClosed, RawClient, paho_connected, raw_connected, unique, wait_until
+from tests.e2e.mqttraw import (
+    ConnectionClosed,
+    PahoClient,
+    RawClient,
+    paho_connected,
+    raw_connected,
+    unique,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -111,6 +119,12 @@ def test_server_unavailable_return_code_3(node_factory) -> None:
         with RawClient.to(n) as second:
             assert second.connect(unique("over")) == c.Connack(False, 3)
             assert second.wait_closed() == []
+        # paho sees the refusal as "Server unavailable" and its connection ends
+        refused = PahoClient(n, unique("paho-over"))
+        rc, present = refused.connect()
+        assert rc.is_failure and rc.getName() == "Server unavailable" and present is False
+        assert refused.wait_disconnected()
+        refused.stop()
         first.send(c.Pingreq())
         assert isinstance(first.recv(), c.Pingresp)
         # the slot is freed when the first client leaves: a new client is accepted again
