@@ -302,13 +302,13 @@ class Broker:
     def publish(self, message: Message, origin: Session | None = None) -> int:
         """Route one message to every matching session; store it when retained. Returns deliveries."""
         stats = self.stats
-        stats.publish_received += 1
-        # 1 publish in 64 is timed until its deliveries are flushed (see _observe_latency).
-        started = perf_counter() if not stats.publish_received & LATENCY_SAMPLE_MASK else 0.0
         msg_qos = message.qos
         size = len(message.payload)
-        stats.received_qos[msg_qos] += 1
+        received = stats.received_qos
+        received[msg_qos] += 1
         stats.received_bytes_qos[msg_qos] += size
+        # 1 publish in 64 (of each QoS) is timed until its deliveries are flushed (_observe_latency).
+        started = perf_counter() if not received[msg_qos] & LATENCY_SAMPLE_MASK else 0.0
         route = self.router.route(message.topic)
         if self.storage.refusing and msg_qos and self._would_store(message, route):
             stats.dropped("storage_full")
@@ -318,7 +318,7 @@ class Broker:
         retain = message.retain
         sent_qos = stats.sent_qos
         sent_bytes = stats.sent_bytes_qos
-        n = 0
+        n = n_acked = 0
         for session, qos, qos_own, rap, sub_ids in route.targets:
             if session is origin:
                 if qos_own < 0:
@@ -327,12 +327,16 @@ class Broker:
             if msg_qos < qos:
                 qos = msg_qos
             session.deliver(message, qos, rap and retain, sub_ids)
-            sent_qos[qos] += 1
-            sent_bytes[qos] += size
             n += 1
+            if qos:  # QoS 1/2 deliveries are counted one by one, QoS 0 ones once below
+                sent_qos[qos] += 1
+                sent_bytes[qos] += size
+                n_acked += 1
+        if n > n_acked:
+            sent_qos[0] += n - n_acked
+            sent_bytes[0] += (n - n_acked) * size
         if route.groups:
             n += self._publish_shared(message, route.groups)
-        stats.publish_sent += n
         if started:
             self._observe_latency(started)
         return n

@@ -22,7 +22,7 @@ class BrokerStats:
     """
 
     __slots__ = ("started", "messages_received", "messages_sent", "bytes_received", "bytes_sent",
-                 "publish_received", "publish_sent", "connections_total", "drops",
+                 "connections_total", "drops",
                  "received_qos", "received_bytes_qos", "sent_qos", "sent_bytes_qos",
                  "latency_counts", "latency_sum")
 
@@ -32,10 +32,9 @@ class BrokerStats:
         self.messages_sent = 0  # every MQTT packet sent
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.publish_received = 0  # application messages published to the broker
-        self.publish_sent = 0  # application messages delivered to clients
         self.connections_total = 0
         self.drops: dict[str, int] = {}
+        # application messages published to the broker / delivered to clients, by (delivered) QoS
         self.received_qos = [0, 0, 0]
         self.received_bytes_qos = [0, 0, 0]
         self.sent_qos = [0, 0, 0]
@@ -46,6 +45,16 @@ class BrokerStats:
     def dropped(self, reason: str, n: int = 1) -> None:
         """Count messages dropped for ``reason`` (offline_qos0, queue_full, expired, ...)."""
         self.drops[reason] = self.drops.get(reason, 0) + n
+
+    @property
+    def publish_received(self) -> int:
+        """Application messages published to the broker."""
+        return sum(self.received_qos)
+
+    @property
+    def publish_sent(self) -> int:
+        """Application messages delivered to clients."""
+        return sum(self.sent_qos)
 
     @property
     def dropped_total(self) -> int:
