@@ -77,12 +77,31 @@ SECTION_DOCS: dict[str, str] = {
     "server.admin": "Admin API; bearer token from FLUXMQ_ADMIN_TOKEN.",
     "broker": "Protocol-independent broker limits and policies.",
     "storage": "Where sessions, retained messages and queues are kept.",
-    "auth": "Client authentication.",
+    "auth": "Client authentication and authorization (docs/security.rst).",
     "auth.enhanced": "MQTT 5.0 enhanced authentication (AUTH packets) and re-authentication.",
+    "auth.http": "HTTP authentication (and optional ACL) service with a decision cache (docs/security.rst).",
+    "limits": "Per-address and per-client abuse limits (docs/security.rst); 0 = no limit.",
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
 }
 
+
+
+class AutoBool(ValueType):
+    """``"auto"`` (the node decides) or a boolean; the typed value is ``"auto"``, True or False."""
+
+    summary = "auto | boolean"
+    expected = '"auto", true or false'
+
+    def from_yaml(self, value: object) -> object:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("")
+
+    def from_text(self, text: str) -> object:
+        from fluxmq.config.values import parse_bool
+
+        return "auto" if text.strip() == "auto" else parse_bool(text)
 
 
 def _limit_keys(section: str) -> tuple[Key, ...]:
@@ -214,6 +233,39 @@ KEYS: tuple[Key, ...] = (
     Key("auth.enhanced.credentials_file", Str(), "",
         "SCRAM credentials, one user:iterations:salt:stored_key:server_key line each "
         "(python -m fluxmq.broker.auth_enhanced USER)."),
+    Key("auth.allow_anonymous", AutoBool(), "auto",
+        'Accept clients without a user name; "auto" = only when neither auth.password_file nor auth.http.url is set.'),
+    Key("auth.password_file", Str(), "",
+        'Mosquitto password file ($6$/$7$ hashes from mosquitto_passwd or fluxmq-passwd); re-read on reload; "" = none.'),
+    Key("auth.acl_file", Str(), "",
+        "Mosquitto ACL file (user, topic [read|write|readwrite|deny], pattern with %c/%u); re-read on reload; "
+        '"" = none (everything allowed).'),
+    Key("auth.http.url", Str(), "",
+        'HTTP service asked (JSON POST) whether a client may connect; errors refuse (fail closed); "" = none.'),
+    Key("auth.http.timeout", Duration(), "2s", "Time the HTTP service has to answer before the request is refused."),
+    Key("auth.http.acl", Bool(), False,
+        "Also ask the HTTP service whether a client may publish to a topic or subscribe to a filter (cached)."),
+    Key("auth.http.cache_ttl", Duration(), "60s", "How long an allow decision of the HTTP service is reused."),
+    Key("auth.http.cache_negative_ttl", Duration(), "5s",
+        "How long a deny decision of the HTTP service is reused; 0 = not cached."),
+    Key("auth.http.cache_size", Int(0), 10000,
+        "Most HTTP decisions cached (least recently used dropped first); 0 = none."),
+    Key("limits.connect_rate", Float(0.0), 0.0,
+        "New connections per second from one IP address; more are closed at accept; 0 = no limit."),
+    Key("limits.connect_burst", Int(0), 0,
+        "Connections one IP address may open at once above limits.connect_rate; 0 = one second's worth."),
+    Key("limits.publish_rate", Float(0.0), 0.0,
+        "PUBLISH packets per second per client (over it: 5.0 DISCONNECT 0x96, 3.x disconnect); 0 = no limit."),
+    Key("limits.publish_burst", Int(0), 0,
+        "PUBLISH packets a client may send at once above limits.publish_rate; 0 = one second's worth."),
+    Key("limits.publish_bytes_rate", Size(0), 0,
+        "Payload bytes per second per client (over it: as limits.publish_rate); 0 = no limit."),
+    Key("limits.max_subscriptions", Int(0), 0,
+        "Subscriptions per client; more get SUBACK 0x97 (5.0) or 0x80 (3.x); 0 = no limit."),
+    Key("limits.max_topic_levels", Int(0), 0,
+        "Most levels in a topic name or filter (over it: 5.0 0x97, 3.x disconnect or SUBACK 0x80); 0 = no limit."),
+    Key("limits.max_topic_length", Int(0), 0,
+        "Longest topic name or filter in UTF-8 bytes (over it: as limits.max_topic_levels); 0 = no limit."),
     Key("storage.type", Enum("memory", "lmdb"), "lmdb",
         "Storage backend: lmdb writes persistent sessions, queues, retained messages and wills through "
         "to disk; memory keeps them only in the process."),
