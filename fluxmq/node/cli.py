@@ -15,10 +15,12 @@ EXIT_CONFIG_ERROR = 2
 
 DESCRIPTION = """\
 Run one fluxmq node: a gunicorn arbiter supervising one gevent worker that hosts the MQTT broker
-and serves /health, /ready and /cluster/status on server.health_addr.
+and serves HTTP: /health, /ready, /cluster/status and /metrics on server.health_addr, the HTTP
+bridge on server.http.*.addr and the admin API on server.admin.addr.
 
 Configuration precedence: --set > FLUXMQ_* environment variables > the --config file > built-in
-defaults. SIGTERM or SIGINT stop the node gracefully within server.shutdown_timeout (exit 0).
+defaults. SIGTERM or SIGINT stop the node gracefully within server.shutdown_timeout (exit 0);
+SIGHUP reloads the configuration into the running broker (docs/http.rst lists what applies).
 """
 
 EPILOG = """\
