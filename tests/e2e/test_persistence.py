@@ -78,11 +78,12 @@ def receive_everything(c: PahoClient, prefix: str, node: RunningNode) -> list[by
         got.append(payload)
 
 
-def test_acknowledged_messages_survive_sigkill(node_factory: NodeFactory) -> None:
+@pytest.mark.parametrize("sync", ["batch", "always"])
+def test_acknowledged_messages_survive_sigkill(node_factory: NodeFactory, sync: str) -> None:
     """Done-when of issue 4: 2,000 QoS 1 + 500 QoS 2 to offline persistent sessions (5.0 expiry 3600
     and 3.1.1 clean=false), SIGKILL, restart: every message arrives, QoS 2 exactly once, and the
-    retained message set before the kill is served after it."""
-    node = node_factory()
+    retained message set before the kill is served after it. ``always`` commits in the threadpool."""
+    node = node_factory({"storage.sync": sync})
     prefix = unique("persist")
     subs = {True: unique("sub5"), False: unique("sub311")}
     for v5, cid in subs.items():
@@ -94,7 +95,7 @@ def test_acknowledged_messages_survive_sigkill(node_factory: NodeFactory) -> Non
     node.kill()  # SIGKILL to the arbiter and the worker: nothing gets to flush or close
     assert node.returncode is not None
 
-    again = node_factory({"storage.path": str(node.data_dir)})
+    again = node_factory({"storage.path": str(node.data_dir), "storage.sync": sync})
     for v5, cid in subs.items():
         c = persistent_client(again, cid, v5)
         assert c.connack[1], "session not present after the restart"
