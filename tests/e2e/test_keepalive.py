@@ -92,12 +92,13 @@ def test_any_packet_counts_as_activity_MQTT_3_1_2_23(node) -> None:
 
 
 def test_paho_keepalive_pings_keep_it_connected(node) -> None:
-    """paho with keep alive 1 pings on its own and stays connected well past 1.5 s."""
-    client = paho_connected(node, unique("paho-ka"), keepalive=1)
+    """paho with keep alive 2 pings on its own and stays connected well past 3 s (keep alive 1 would leave
+    paho, whose loop wakes once a second, only half a second of margin)."""
+    client = paho_connected(node, unique("paho-ka"), keepalive=2)
     try:
         topic = unique("ka/paho")
         client.subscribe(topic, 1)
-        assert not client.wait_disconnected(timeout=4)
+        assert not client.wait_disconnected(timeout=5)
         client.publish(topic, b"still connected", 1)
         assert client.get().payload == b"still connected"
     finally:
