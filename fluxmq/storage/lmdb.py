@@ -29,6 +29,8 @@ import fcntl
 import logging
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +55,27 @@ _STATE_DBS = (INFLIGHT, INBOUND, QUEUE)
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
 SYNC_MODES = ("always", "batch", "none")
+
+# Run in a child process before an existing store is opened: LMDB has no checksums and can abort()
+# the process on some damaged pages, which in the worker would become a restart loop. The child
+# reads every page of every database (read-only, without the lock file); a crash or error there
+# refuses the directory with one line instead.
+_VERIFY = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=64, subdir=True)
+n = 0
+with env.begin(buffers=True) as txn:
+    names = [bytes(k) for k, _ in txn.cursor()]
+    for name in names:
+        try:
+            db = env.open_db(name, txn=txn, create=False)
+        except lmdb.Error:
+            continue
+        for k, v in txn.cursor(db):
+            n += len(v) > -1
+print(n)
+"""
+VERIFY_TIMEOUT = 600.0
 
 
 class StorageFull(StorageError):
@@ -90,13 +113,14 @@ class LMDBStorage(Storage):
     durable = True
 
     def __init__(self, path: str | os.PathLike, map_size: int = 1 << 30, sync: str = "batch",
-                 sync_interval: float = 1.0) -> None:
+                 sync_interval: float = 1.0, verify: bool = True) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"storage sync mode {sync!r}")
         self.path = Path(path)
         self.sync_mode = sync
         self.sync_interval = sync_interval
         self.map_size = map_size
+        self.verify = verify
         # Room above map_size so the batch that crosses the limit still commits; from then on new
         # stored messages are refused until space is freed.
         self.headroom = max(8 << 20, map_size // 16)
@@ -136,6 +160,8 @@ class LMDBStorage(Storage):
         if data.exists() and data.stat().st_size == 0:
             raise StorageError(f"{self._where()}: data.mdb is empty (damaged); refusing to use it, "
                                "move it away to start with an empty store")
+        if self.verify and data.exists():
+            self._verify_in_child()
         durable = self.sync_mode == "always"
         try:
             return lmdb.open(str(path), map_size=self.map_size + self.headroom, max_dbs=len(DB_NAMES) + 2,
@@ -150,6 +176,18 @@ class LMDBStorage(Storage):
             raise StorageError(f"{self._where()}: data.mdb is damaged; refusing to use it") from None
         except lmdb.Error as exc:
             raise StorageError(f"{self._where()}: cannot open the LMDB environment: {exc}") from None
+
+    def _verify_in_child(self) -> None:
+        try:
+            done = subprocess.run([sys.executable, "-c", _VERIFY, str(self.path)], capture_output=True,
+                                  text=True, timeout=VERIFY_TIMEOUT, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise StorageError(f"{self._where()}: reading the store took over {VERIFY_TIMEOUT:.0f}s; "
+                               "refusing to use it") from None
+        if done.returncode < 0:
+            raise StorageError(f"{self._where()}: data.mdb is damaged (LMDB crashed reading it, signal "
+                               f"{-done.returncode}); refusing to use it")
+        # A clean error (not an LMDB file, damaged page): the open and load below report it precisely.
 
     def _lock_exclusively(self) -> None:
         """One fluxmq process per data directory: a second node on the same path is refused (LMDB

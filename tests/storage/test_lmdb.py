@@ -267,3 +267,25 @@ def test_commit_beyond_the_headroom_fails_cleanly(tmp_path: Path) -> None:
     assert s.refusing
     assert s.load().sessions == {}  # nothing half-written
     s.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_damaged_pages_are_refused_at_load(tmp_path: Path, seed: int) -> None:
+    """Random bytes over a few pages of a valid store: load refuses with one line (LMDB checks page
+    headers; values that no longer decode are skipped and counted)."""
+    import random
+
+    s = LMDBStorage(tmp_path, map_size=64 * MiB)
+    s.put_session("c", 3600, 0.0, None)
+    for i in range(5000):
+        s.queue_append("c", i, b"x" * 300)
+    s.commit()
+    s.close()
+    size = (tmp_path / "data.mdb").stat().st_size
+    rnd = random.Random(seed)
+    with open(tmp_path / "data.mdb", "r+b") as f:
+        for _ in range(5):
+            f.seek(rnd.randrange(2, size // 4096) * 4096 + rnd.randrange(0, 64))
+            f.write(rnd.randbytes(16))
+    with pytest.raises(StorageError, match="damaged"):
+        LMDBStorage(tmp_path, map_size=64 * MiB).load()
