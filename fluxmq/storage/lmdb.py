@@ -129,6 +129,8 @@ class LMDBStorage(Storage):
         self._batch = _Batch()
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._background = None
+        self._closing = False
+        self._syncing = False
         self._lock_file = None
         self.env = None
         try:
@@ -577,21 +579,29 @@ class LMDBStorage(Storage):
 
         def run() -> None:
             pool = gevent.get_hub().threadpool
-            while True:
+            while not self._closing:
                 gevent.sleep(self.sync_interval)
+                if self._closing:
+                    return
                 self.touch_alive()
                 if self.sync_mode == "batch":
+                    self._syncing = True
                     try:
                         pool.apply(self.env.sync, (True,))
                     except lmdb.Error as exc:
                         log.error("storage_sync_failed", extra={"error": str(exc)})
+                    finally:
+                        self._syncing = False
 
         self._background = gevent.spawn(run)
 
     def close(self) -> None:
-        if self._background is not None:
-            self._background.kill(block=False)
-            self._background = None
+        background, self._background = self._background, None
+        self._closing = True
+        if background is not None:
+            if self._syncing:
+                background.join(30)  # an fsync is running in a thread: the env must outlive it
+            background.kill(block=False)
         try:
             self.commit()
         except StorageError as exc:
