@@ -154,7 +154,7 @@ class MQTTConnection:
                     if self._parking and self._park():
                         parked = True
                         return
-                    if self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
+                    if self._parking and self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
                         stream.settimeout(self._idle_timeout())
                         continue
                     raise
