@@ -20,6 +20,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from fluxmq._core.trie import validate_filter
+from fluxmq.errors import MQTTError
+
 from .acl import AclFile, ClientAcl
 from .http_callout import ALLOW, DENY, HTTPCallout
 from .limits import (
@@ -70,6 +73,12 @@ class AuthSettings:
         self.connect_rate = connect_rate
         self.connect_burst = connect_burst
         self.limits = limits or PublishLimits()
+
+    @property
+    def configured(self) -> bool:
+        """False when these settings ask for nothing (the broker then runs without an AuthService)."""
+        return bool(self.password_file or self.acl_file or self.http_url or self.allow_anonymous is False
+                    or self.connect_rate > 0 or self.limits.active)
 
 
 class AuthResult:
@@ -327,6 +336,10 @@ class ClientPolicy:
         (over the topic caps or the subscription count) or 0x87 (ACL)."""
         if self.generation != self.service.generation:
             self._refresh()
+        try:
+            validate_filter(filter)
+        except MQTTError:
+            return 0  # not a filter at all: the broker refuses it with its own code (0x8F)
         caps = self.topic_caps
         if caps is not None:
             problem = caps.topic_problem(filter)

@@ -92,6 +92,21 @@ class Broker:
         self.sessions: dict[str, Session] = {}
         self.connected = 0
         self.accepting = True
+        # fluxmq.auth.service.AuthService, or None: no authentication, ACLs or limits at all.
+        self.auth = None
+
+    def set_auth(self, auth) -> None:
+        """Install the node's ``AuthService``: cached routes are filtered by its read rules."""
+        self.auth = auth
+        self.router.read_filter = auth.session_can_read if auth is not None and auth.checks_reads else None
+        if auth is not None:
+            auth.on_rules_changed = self._rules_changed
+        self.router.invalidate()
+
+    def _rules_changed(self) -> None:
+        auth = self.auth
+        self.router.read_filter = auth.session_can_read if auth is not None and auth.checks_reads else None
+        self.router.invalidate()
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -135,6 +150,10 @@ class Broker:
         session.expiry_interval = expiry_interval
         session.persistent = expiry_interval > 0
         session.will = will
+        if self.auth is not None and session.username != username:
+            self.auth.forget(client_id)
+            if session.subscriptions:
+                self.router.invalidate()  # its routes were filtered by the other user's read rules
         session.username = username
         if isinstance(session, PersistentSession):
             store = session.store
@@ -235,6 +254,8 @@ class Broker:
             session.store.delete_session(session.client_id)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            if self.auth is not None:
+                self.auth.forget(session.client_id)
 
     def _hand_over_shared(self, session: Session, ending: bool) -> None:
         """Give the QoS 1/2 messages an offline shared-subscription member got through its group, and
@@ -258,7 +279,7 @@ class Broker:
                 return None
             for group in route.groups:
                 if session.client_id in group.members:
-                    member = router.pick_member(group, exclude=session)
+                    member = router.pick_member(group, exclude=session, topic=message.topic)
                     if member is not None and (ending or member.session.delivery is not None):
                         return member
             return None
@@ -359,7 +380,7 @@ class Broker:
     def _publish_shared(self, message: Message, groups: list) -> int:
         n = 0
         for group in groups:
-            member = self.router.pick_member(group)
+            member = self.router.pick_member(group, topic=message.topic)
             if member is None:
                 continue
             ids = (member.subscription_id,) if member.subscription_id else None
@@ -392,6 +413,10 @@ class Broker:
         # only for a new subscription, 2 never [MQTT-3.3.1-9, -10, -11].
         if shared is None and (retain_handling == 0 or (retain_handling == 1 and is_new)):
             retained = self.retained.match(filter)
+            auth = self.auth
+            if retained and auth is not None and auth.checks_reads:
+                # A retained message the subscriber may not read is never sent (auth.acl_file).
+                retained = [m for m in retained if auth.can_read(session.client_id, session.username, m.topic)]
         return SubscribeResult(granted, retained, sub)
 
     def deliver_retained(self, session: Session, result: SubscribeResult) -> None:

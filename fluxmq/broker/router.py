@@ -64,6 +64,9 @@ class Router:
         self._routes: dict[str, Route] = {}
         self._generation = -1
         self._rng = random.Random()
+        # ``(session, topic) -> bool`` when an ACL restricts reads (fluxmq.auth): applied when a route
+        # is computed, so cached routes carry only the sessions allowed to read their topic.
+        self.read_filter = None
 
     def add(self, sub: Subscription) -> bool:
         """Add or replace a session's subscription; True when it is new."""
@@ -82,22 +85,33 @@ class Router:
         if route is None:
             match = trie.match(topic)
             subs = match.subscribers
+            if subs and self.read_filter is not None:
+                allowed = self.read_filter
+                subs = [s for s in subs if allowed(s.session, topic)]
             route = Route(_aggregate(subs) if subs else [], match.groups)
             if len(self._routes) >= _ROUTE_CACHE_MAX:
                 self._routes.clear()
             self._routes[topic] = route
         return route
 
-    def pick_member(self, group, exclude: Session | None = None) -> Subscription | None:
+    def invalidate(self) -> None:
+        """Drop every cached route (the read rules changed)."""
+        self._generation = -1
+
+    def pick_member(self, group, exclude: Session | None = None, topic: str | None = None) -> Subscription | None:
         """Choose the member of a shared group that gets one message.
 
         Members that are online and not congested are preferred (offline or full members are
         skipped); when none is, any member takes it into its session queue. ``exclude``: a member
-        that must not get it (the one whose messages are being handed to the others).
+        that must not get it (the one whose messages are being handed to the others). ``topic``:
+        with a read filter, only members allowed to read it are candidates.
         """
         members = list(group.members.values())
         if exclude is not None:
             members = [m for m in members if m.session is not exclude]
+        if topic is not None and self.read_filter is not None:
+            allowed = self.read_filter
+            members = [m for m in members if allowed(m.session, topic)]
         if not members:
             return None
         ready = [m for m in members if m.session.delivery is not None and not m.session.delivery.is_congested()
