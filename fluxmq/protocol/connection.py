@@ -12,6 +12,7 @@ SocketStream, TLS and WebSocket streams).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import gevent
@@ -33,6 +34,7 @@ RC_ACCEPTED = 0
 RC_BAD_PROTOCOL = 1
 RC_ID_REJECTED = 2
 RC_SERVER_UNAVAILABLE = 3
+RC_NOT_AUTHORIZED = 5
 
 _PINGRESP = b"\xd0\x00"
 
@@ -43,9 +45,9 @@ class _Close(Exception):
 
 # Reason strings of the acknowledgement reason codes the broker sends.
 _ACK_REASONS = {
-    0x87: "$SYS topics are written by the broker only",
+    0x87: "not authorized to publish to this topic ($SYS topics are written by the broker only)",
     0x92: "packet identifier not found",
-    0x97: "message refused: over broker.max_message_size or storage full",
+    0x97: "message refused: over broker.max_message_size, a topic limit, or storage full",
     0x99: "payload is not UTF-8 although its Payload Format Indicator says so",
 }
 
@@ -90,7 +92,8 @@ class MQTTConnection:
                  "version", "session", "client_id", "keepalive", "closed", "_torn_down", "_dirty", "_writer",
                  "_aliases_out", "_alias_max_out", "_auth_method", "_auth_exchange", "_pending_connect",
                  "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
-                 "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__")
+                 "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__",
+                 "_policy")
 
     def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
                  over_limit: bool = False) -> None:
@@ -128,6 +131,7 @@ class MQTTConnection:
         self._idle_spent = 0.0  # idle seconds already waited when the connection parks
         self._parked = None  # (io watcher, keep-alive timer) while parked
         self.on_close = None  # set by the listener: called once when the connection has ended
+        self._policy = None  # fluxmq.auth ClientPolicy (ACL, rates, caps); None when none is configured
 
     # -- read loop -------------------------------------------------------------------------------
 
@@ -142,8 +146,11 @@ class MQTTConnection:
         stats = self.broker.stats
         handlers = _HANDLERS
         parked = False
+        connect_deadline = 0.0
         if self.session is None:
             stream.settimeout(self.settings.connect_timeout or None)
+            if self.settings.connect_timeout:
+                connect_deadline = time.monotonic() + self.settings.connect_timeout
         else:
             stream.settimeout(self._idle_timeout())
         try:
@@ -161,6 +168,10 @@ class MQTTConnection:
                 if not data:
                     break
                 stats.bytes_received += len(data)
+                if connect_deadline and self.session is None:
+                    # The whole CONNECT (and its AUTH exchange) must arrive within connect_timeout,
+                    # not each piece: a client trickling bytes is closed like a silent one.
+                    stream.settimeout(max(0.001, connect_deadline - time.monotonic()))
                 bad = None
                 try:
                     try:
@@ -588,6 +599,14 @@ class MQTTConnection:
             will = Will(message, delay)
 
         pending = (p, will, expiry, send_quota, assigned)
+        auth = broker.auth
+        if auth is not None and authenticator is None and getattr(self.stream, "cert_username", None) is None:
+            # User name and password (a verified client certificate or an enhanced authentication
+            # method authenticates the client instead).
+            result = auth.authenticate(client_id, p.username, p.password, self.peer)
+            if not result.ok:
+                self._refuse(result.return_code, result.reason_code, result.reason)
+                return
         if authenticator is None:
             # A TLS listener with use_cert_cn_as_username puts the client certificate's CN there.
             self._accept(pending, None, getattr(self.stream, "cert_username", None) or p.username)
@@ -615,6 +634,12 @@ class MQTTConnection:
             server_keepalive = keepalive
         self.keepalive = keepalive
 
+        auth = broker.auth
+        if auth is not None:
+            policy = self._policy = auth.policy(client_id, username, self.peer)
+            if policy is not None and will is not None and not policy.can_write_will(will.message.topic):
+                self._refuse(RC_NOT_AUTHORIZED, 0x87, "not authorized to publish the will to its topic")
+                return
         session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
         self.session = session
 
@@ -715,6 +740,12 @@ class MQTTConnection:
                 _check_response_topic(props[c.RESPONSE_TOPIC])
         if not topic:
             raise ProtocolError("empty topic name")  # [MQTT-4.7.3-1]
+        refused = 0
+        if self._policy is not None:
+            refused = self._policy.check_publish(topic, len(p.payload))
+            if refused and refused != 0x87 and (qos == 0 or refused == 0x96 or self.version != 5):
+                self._close_over_limit(refused)  # a rate, or a topic cap without an ack to carry it
+                return
         if qos > settings.max_qos:
             raise MQTTError("QoS not supported", 0x9B)
         if p.retain and not settings.retain_available:
@@ -733,6 +764,9 @@ class MQTTConnection:
             if qos == 0:
                 raise MQTTError(_ACK_REASONS[0x99], 0x99)
             accepted, reason = False, 0x99
+        if refused and accepted:
+            # ACL: 5.0 gets 0x87 on its ack; 3.x has no negative ack, so the message is just dropped.
+            accepted, reason = False, refused
         if qos == 0:
             if accepted:
                 self._route(topic, p, props)
@@ -767,6 +801,12 @@ class MQTTConnection:
             self._ack5(c.Pubrec, pid, reason)
         else:
             self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+
+    def _close_over_limit(self, reason_code: int) -> None:
+        """Over a rate or a cap (already logged, once a minute): 5.0 gets DISCONNECT with
+        ``reason_code`` (0x96 message rate too high, 0x97 quota exceeded), 3.x is disconnected."""
+        self._send_disconnect(reason_code, "message rate too high" if reason_code == 0x96 else "over a limit")
+        self.closed = True
 
     def _refuse_unstorable(self, topic: str) -> int:
         """The storage is full and this QoS 1/2 message would be stored: 5.0 gets reason 0x97 (quota
@@ -852,7 +892,17 @@ class MQTTConnection:
         codes = []
         results = []
         refused = []
+        denied = []
+        policy = self._policy
         for s in p.subscriptions:
+            if policy is not None:
+                subs = session.subscriptions
+                code = policy.check_subscribe(s.filter, len(subs) + (s.filter not in subs))
+                if code:
+                    # 0x87 (ACL) or 0x97 (quota); 3.x has only 0x80 [MQTT-3.9.3-2]
+                    codes.append(code if v5 else 0x80)
+                    denied.append(s.filter)
+                    continue
             try:
                 if v5 and s.no_local and s.filter.startswith("$share/"):
                     raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
@@ -870,6 +920,9 @@ class MQTTConnection:
             props = None
             if refused and self._problem_info:
                 props = {c.REASON_STRING: "invalid topic filter: " + ", ".join(refused)}
+            if denied and self._problem_info:
+                text = "not authorized or over a limit: " + ", ".join(denied)
+                props = {c.REASON_STRING: props[c.REASON_STRING] + "; " + text if props else text}
             self._write_v5(c.Suback(p.packet_id, codes, props))
         else:
             self._write(encode(c.Suback(p.packet_id, codes, None), self.version))
