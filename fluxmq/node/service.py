@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fluxmq.auth.limits import PublishLimits
+from fluxmq.auth.service import AuthService, AuthSettings
 from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
@@ -97,6 +99,27 @@ def stream_factory(config, name: str, section: str):
     return tls
 
 
+def auth_settings(config) -> AuthSettings:
+    """The ``auth.*`` and ``limits.*`` keys as the plain settings of an AuthService."""
+    a, h, lim = config.auth, config.auth.http, config.limits
+    return AuthSettings(
+        password_file=a.password_file,
+        acl_file=a.acl_file,
+        allow_anonymous=None if a.allow_anonymous == "auto" else a.allow_anonymous,
+        http_url=h.url,
+        http_timeout=h.timeout,
+        http_acl=h.acl,
+        http_cache_ttl=h.cache_ttl,
+        http_cache_negative_ttl=h.cache_negative_ttl,
+        http_cache_size=h.cache_size,
+        connect_rate=lim.connect_rate,
+        connect_burst=lim.connect_burst,
+        limits=PublishLimits(publish_rate=lim.publish_rate, publish_burst=lim.publish_burst,
+                             publish_bytes_rate=lim.publish_bytes_rate, max_subscriptions=lim.max_subscriptions,
+                             max_topic_levels=lim.max_topic_levels, max_topic_length=lim.max_topic_length),
+    )
+
+
 def _section(config, dotted: str):
     for part in dotted.split("."):
         config = getattr(config, part)
@@ -124,11 +147,15 @@ class BrokerService:
     def start(self) -> None:
         """Start the broker and its listeners; returns once they accept connections."""
         cfg = self.config
+        # A bad password or ACL file raises ConfigError naming the file and line, before anything opens.
+        settings = auth_settings(cfg)
+        auth = AuthService(settings) if settings.configured else None
         # A foreign, damaged or newer data directory raises StorageError with one line: the worker
         # logs it and the node exits non-zero (never a silent wipe, never a restart loop).
         self.storage = storage = open_storage(cfg)
         state = storage.load()
         self.broker = Broker(broker_settings(cfg), storage)
+        self.broker.set_auth(auth)
         self.flusher = flusher = FlushScheduler(storage)
         self.broker.restore(state)
         del state
@@ -184,6 +211,11 @@ class BrokerService:
         Returns the keys whose value ``changed`` from the values in force, those ``applied`` now,
         and those that need a restart (``restart_required``; they keep their old value until then).
         """
+        if self.broker is not None and self.broker.auth is not None:
+            # Password and ACL files are re-read on every reload (as Mosquitto does on SIGHUP); a bad
+            # one raises ConfigError before anything else changes, and the old rules stay.
+            files = self.broker.auth.reload_files()
+            log.info("auth_files_reloaded", extra={"files": ",".join(files) or "-"})
         new = _flat(config)
         changed = {k for k, v in new.items() if v != self._effective.get(k)}
         applied = {k for k in changed if k.startswith("log.")}

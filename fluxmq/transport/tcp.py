@@ -117,6 +117,11 @@ class TCPListener:
         self._server.close()
 
     def _handle(self, sock, address) -> None:
+        auth = self.broker.auth
+        gate = auth.connect_gate if auth is not None else None
+        if gate is not None and not gate(address[0]):
+            sock.close()  # over limits.connect_rate for its address: closed before a byte is read
+            return
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
