@@ -1,0 +1,225 @@
+"""ACLs on a real node with a Mosquitto ACL file: refused SUBSCRIBE (0x80 for 3.1.1, 0x87 for 5.0,
+including the interop suite's test/nosubscribe), refused PUBLISH (dropped for 3.1.1, acked 0x87 for
+5.0), deliveries and retained messages filtered by the subscriber's read rules, patterns with %c
+and %u, default deny, will topics, reload, and a bad file at start."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fluxmq._core import codec as c
+from fluxmq.auth.password_file import hash_password
+from tests.conftest import NodeFactory, RunningNode
+from tests.e2e.mqttraw import RawClient, unique, wait_until
+
+pytestmark = pytest.mark.e2e
+
+ACL = """\
+# anonymous clients (the interop suite's rules, plus $SYS)
+topic readwrite test/#
+topic deny test/nosubscribe
+topic read $SYS/#
+
+user alice
+topic read shared/#
+topic deny shared/secret
+topic write shared/in
+topic readwrite reload/#
+
+user bob
+topic readwrite shared/#
+
+pattern readwrite clients/%c/#
+pattern read inbox/%u/#
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("acl")
+    pw = d / "passwd"
+    pw.write_text("".join(f"{u}:{hash_password(u + '-pw')}\n" for u in ("alice", "bob", "carol")))
+    acl = d / "acl"
+    acl.write_text(ACL)
+    return pw, acl
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, files) -> Iterator[RunningNode]:
+    factory = NodeFactory(tmp_path_factory.mktemp("node"))
+    try:
+        yield factory({"auth.password_file": str(files[0]), "auth.acl_file": str(files[1]),
+                       "auth.allow_anonymous": True, "storage.type": "memory"})
+    finally:
+        factory.close()
+
+
+def client(node: RunningNode, user: str | None = None, version: int = 4, client_id: str | None = None,
+           will=None) -> RawClient:
+    raw = RawClient.to(node, version)
+    password = (user + "-pw").encode() if user else None
+    connack = raw.connect(client_id or unique(user or "anon"), username=user, password=password, will=will)
+    assert connack.reason_code == 0, connack
+    return raw
+
+
+def sentinel_check(sub: RawClient, pub: RawClient, sentinel_topic: str) -> list:
+    """Publish a sentinel the subscriber may read; return what it received before it."""
+    pub.publish(sentinel_topic, b"sentinel", 0)
+    before, _ = sub.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == sentinel_topic)
+    return [p for p in before if isinstance(p, c.Publish)]
+
+
+def test_nosubscribe_refused_with_0x80_for_3_1_1_MQTT_3_9_3_2(node) -> None:
+    """The interop suite's ACL: test/nosubscribe is refused; the others in the same SUBSCRIBE granted."""
+    with client(node) as sub:
+        ack = sub.subscribe(1, ("test/nosubscribe", 0), ("test/a", 1), ("test/+", 2))
+        assert ack.reason_codes == [0x80, 1, 2]
+
+
+def test_refused_subscribe_is_0x87_for_5_0(node) -> None:
+    with client(node, version=5) as sub:
+        ack = sub.subscribe(1, ("test/nosubscribe", 1), ("test/#", 1), ("other/#", 0))
+        assert ack.reason_codes == [0x87, 1, 0x87]
+        assert "not authorized" in ack.properties[c.REASON_STRING]
+
+
+def test_wildcard_subscription_still_never_delivers_denied_topics(node) -> None:
+    """test/# is granted, but a message on test/nosubscribe (which the ACL denies) is not delivered."""
+    with client(node) as sub, client(node) as pub:
+        assert sub.subscribe(1, ("test/#", 0)).reason_codes == [0]
+        pub.publish("test/nosubscribe", b"hidden", 1, packet_id=1)
+        pub.wait_for(lambda p: isinstance(p, c.Puback))
+        assert sentinel_check(sub, pub, "test/sentinel") == []
+
+
+def test_denied_publish_dropped_and_acked_normally_for_3_1_1(node) -> None:
+    with client(node, "bob") as bob, client(node, "alice") as alice:
+        assert bob.subscribe(1, ("shared/#", 0)).reason_codes == [0]
+        alice.publish("shared/x", b"not hers to write", 1, packet_id=7)
+        ack = alice.wait_for(lambda p: isinstance(p, c.Puback))
+        assert ack.packet_id == 7  # 3.1.1 has no negative ack
+        alice.publish("shared/x", b"qos2 too", 2, packet_id=8)
+        assert alice.wait_for(lambda p: isinstance(p, c.Pubrec)).packet_id == 8
+        alice.send(c.Pubrel(8))
+        assert alice.wait_for(lambda p: isinstance(p, c.Pubcomp)).packet_id == 8
+        alice.publish("shared/in", b"sentinel", 0)
+        before, got = bob.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == "shared/in")
+        assert [p for p in before if isinstance(p, c.Publish)] == [] and got.payload == b"sentinel"
+
+
+def test_denied_publish_acked_0x87_for_5_0(node) -> None:
+    with client(node, "bob") as bob, client(node, "alice", version=5) as alice:
+        assert bob.subscribe(1, ("shared/#", 0)).reason_codes == [0]
+        alice.publish("shared/x", b"no", 1, packet_id=1)
+        assert alice.wait_for(lambda p: isinstance(p, c.Puback)).reason_code == 0x87
+        alice.publish("shared/x", b"no", 2, packet_id=2)
+        assert alice.wait_for(lambda p: isinstance(p, c.Pubrec)).reason_code == 0x87
+        alice.publish("shared/x", b"no qos0", 0)  # dropped, the connection stays
+        alice.publish("shared/in", b"ok", 1, packet_id=3)
+        assert alice.wait_for(lambda p: isinstance(p, c.Puback) and p.packet_id == 3).reason_code == 0
+        before, _ = bob.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == "shared/in")
+        assert [p for p in before if isinstance(p, c.Publish)] == []
+
+
+def test_deliveries_follow_the_subscribers_read_rules(node) -> None:
+    with client(node, "alice") as alice, client(node, "bob") as bob:
+        assert alice.subscribe(1, ("shared/#", 0)).reason_codes == [0]
+        bob.publish("shared/secret", b"for bob only", 0)
+        bob.publish("shared/open", b"for all", 0)
+        bob.publish("shared/end", b"sentinel", 0)
+        before, _ = alice.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == "shared/end")
+        assert [(p.topic, p.payload) for p in before if isinstance(p, c.Publish)] == [("shared/open", b"for all")]
+
+
+def test_retained_messages_filtered_by_read_rules(node) -> None:
+    secret, public = "shared/secret", unique("shared/r")
+    with client(node, "bob") as bob:
+        bob.publish(secret, b"retained secret", 1, retain=True, packet_id=1)
+        bob.publish(public, b"retained public", 1, retain=True, packet_id=2)
+        bob.wait_for(lambda p: isinstance(p, c.Puback) and p.packet_id == 2)
+    with client(node, "alice") as alice:
+        assert alice.subscribe(1, ("shared/#", 1)).reason_codes == [1]
+        assert alice.subscribe(2, ("shared/in", 0)).reason_codes == [0x80]  # write-only for her
+        with client(node, "bob") as bob:
+            bob.publish("shared/zz-end", b"sentinel", 0)
+            before, _ = alice.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == "shared/zz-end")
+        got = [(p.topic, p.retain) for p in before if isinstance(p, c.Publish)]
+        assert (public, True) in got
+        assert all(topic != secret for topic, _ in got)
+        assert alice.subscribe(3, (secret, 0)).reason_codes == [0x80]
+
+
+def test_patterns_substitute_client_id_and_user(node) -> None:
+    cid = unique("dev")
+    with client(node, client_id=cid) as dev, client(node, "alice") as alice, client(node, "bob") as bob:
+        assert dev.subscribe(1, (f"clients/{cid}/#", 0), ("clients/other/#", 0)).reason_codes == [0, 0x80]
+        assert alice.subscribe(1, ("inbox/alice/#", 0), ("inbox/bob/#", 0)).reason_codes == [0, 0x80]
+        dev.publish(f"clients/{cid}/t", b"own", 0)
+        assert dev.wait_for(lambda p: isinstance(p, c.Publish)).payload == b"own"
+        assert bob.subscribe(1, ("inbox/#", 0)).reason_codes == [0x80]
+
+
+def test_default_deny_for_an_authenticated_user_without_rules(node) -> None:
+    with client(node, "carol") as carol:
+        assert carol.subscribe(1, ("test/#", 0), ("#", 0), ("inbox/carol/x", 0)).reason_codes == [0x80, 0x80, 0]
+        with client(node) as anon:
+            assert anon.subscribe(1, ("test/#", 0)).reason_codes == [0]
+            carol.publish("test/from-carol", b"x", 0)
+            assert sentinel_check(anon, anon, "test/sentinel2") == []
+
+
+def test_will_on_a_denied_topic_refuses_the_connect(node) -> None:
+    with RawClient.to(node, 4) as raw:
+        ack = raw.connect(unique("w"), username="alice", password=b"alice-pw", will=c.Will("shared/x", b"bye"))
+        assert ack.reason_code == 5
+    with RawClient.to(node, 5) as raw:
+        ack = raw.connect(unique("w"), username="alice", password=b"alice-pw", will=c.Will("shared/x", b"bye"))
+        assert ack.reason_code == 0x87
+    with RawClient.to(node, 4) as raw:
+        assert raw.connect(unique("w"), username="alice", password=b"alice-pw",
+                           will=c.Will("shared/in", b"bye")).reason_code == 0
+
+
+def test_sys_topics_readable_as_the_file_says(node) -> None:
+    with client(node) as anon, client(node, "bob") as bob:
+        assert anon.subscribe(1, ("$SYS/#", 0)).reason_codes == [0]
+        assert bob.subscribe(1, ("$SYS/#", 0)).reason_codes == [0x80]
+
+
+def test_reload_applies_new_rules_to_live_subscriptions(node, files) -> None:
+    acl = files[1]
+    topic = unique("reload/t")
+    with client(node, "alice") as alice, client(node, "alice") as pub:
+        assert alice.subscribe(1, ("reload/#", 0)).reason_codes == [0]
+        pub.publish(topic, b"before", 0)
+        assert alice.wait_for(lambda p: isinstance(p, c.Publish)).payload == b"before"
+        acl.write_text(ACL.replace("topic readwrite reload/#", f"topic readwrite reload/#\ntopic deny {topic}"))
+        try:
+            node.process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: node.log_text().count("auth_files_reloaded") >= 1)
+            pub.publish(topic, b"after", 0)
+            pub.publish("reload/end", b"sentinel", 0)
+            before, _ = alice.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == "reload/end")
+            assert [p for p in before if isinstance(p, c.Publish)] == []
+        finally:
+            acl.write_text(ACL)
+            node.process.send_signal(signal.SIGHUP)
+
+
+def test_bad_acl_file_stops_the_node_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "acl"
+    bad.write_text("user alice\ntopic read a/#\ntopic sometimes b\n")
+    factory = NodeFactory(tmp_path / "n")
+    try:
+        node = factory({"auth.acl_file": str(bad), "storage.type": "memory"}, wait_ready=False)
+        assert node.wait(30) not in (None, 0)
+        lines = [line for line in node.log_text().splitlines() if "auth.acl_file" in line]
+        assert len(lines) == 1, node.log_tail()
+        assert f"{bad}:3" in lines[0] and "sometimes" in lines[0]
+    finally:
+        factory.close()
