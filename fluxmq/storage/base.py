@@ -92,11 +92,17 @@ class Storage:
                     username: str | None) -> None:
         """Create or update a persistent session's record (``disconnected_at`` 0 while online)."""
 
-    def delete_session(self, client_id: str) -> None:
-        """Forget a session and everything it owns (subscriptions, inflight, queue, will)."""
+    def delete_session(self, client_id: str, queue_next: int = 0) -> None:
+        """Forget a session and everything it owns (subscriptions, inflight, queue below
+        ``queue_next``, will)."""
 
-    def clear_session_state(self, client_id: str) -> None:
-        """Forget a session's inflight, inbound QoS 2 ids and queue (keeps record and subscriptions)."""
+    def clear_session_state(self, client_id: str, queue_next: int = 0) -> None:
+        """Forget a session's inflight, inbound QoS 2 ids and queue entries below ``queue_next``
+        (keeps record and subscriptions)."""
+
+    def queue_floor(self, client_id: str) -> int:
+        """The first seq a new queue of ``client_id`` may use."""
+        return 0
 
     def put_subscription(self, client_id: str, filter: str, qos: int, no_local: bool,
                          retain_as_published: bool, retain_handling: int, subscription_id: int) -> None:

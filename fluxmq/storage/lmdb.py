@@ -2,7 +2,8 @@
 
 Layout (named sub-databases; keys in ``records``)::
 
-    meta           b"magic" -> MAGIC, b"schema_version" -> u32, b"last_alive" -> f64 wall time
+    meta           b"magic" -> MAGIC, b"schema_version" -> u32, b"last_alive" -> f64 wall time,
+                   b"gc" NUL client_id -> u64: that client's queue entries below this seq are garbage
     sessions       client_id -> session record
     subscriptions  client_id NUL filter -> options
     inflight       client_id NUL u16 packet id -> entry (outbound QoS 1/2 awaiting PUBACK/PUBCOMP)
@@ -49,11 +50,16 @@ SCHEMA_VERSION = 1
 DB_NAMES = (b"meta", b"sessions", b"subscriptions", b"inflight", b"inbound_qos2", b"queue", b"retained", b"wills")
 META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS = range(len(DB_NAMES))
 # Sub-databases whose keys start with client_id NUL: a session's end deletes by prefix there.
-_CLIENT_DBS = (SUBS, INFLIGHT, INBOUND, QUEUE)
-_STATE_DBS = (INFLIGHT, INBOUND, QUEUE)
+# Queues are deleted apart, a chunk per commit (see _gc_queue): 100,000 entries take ~0.1 s.
+_CLIENT_DBS = (SUBS, INFLIGHT, INBOUND)
+_STATE_DBS = (INFLIGHT, INBOUND)
+_GC_PREFIX = b"gc\x00"
+#: queue entries of ended sessions deleted per commit (~1 ms)
+GC_CHUNK = 1000
 
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
+_SEQ = struct.Struct(">Q")
 SYNC_MODES = ("always", "batch", "none")
 
 # Run in a child process before an existing store is opened: LMDB has no checksums and can abort()
@@ -86,11 +92,13 @@ class _Batch:
     """Operations buffered since the last commit: per sub-database ``key -> value`` (None = delete),
     plus prefix deletes applied before them."""
 
-    __slots__ = ("ops", "prefix_deletes")
+    __slots__ = ("ops", "prefix_deletes", "gc", "gc_done")
 
     def __init__(self) -> None:
         self.ops: list[dict[bytes, bytes | None]] = [{} for _ in DB_NAMES]
         self.prefix_deletes: list[tuple[int, bytes]] = []
+        self.gc: tuple[str, int] | None = None  # (client id, end seq): a chunk of garbage to delete
+        self.gc_done = False
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.ops) + len(self.prefix_deletes)
@@ -128,6 +136,7 @@ class LMDBStorage(Storage):
         self.failed: str | None = None
         self._batch = _Batch()
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
+        self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
         self._background = None
         self._closing = False
         self._syncing = False
@@ -322,14 +331,35 @@ class LMDBStorage(Storage):
                     username: str | None) -> None:
         self._put(SESSIONS, client_id.encode(), r.encode_session(expiry_interval, disconnected_at, username))
 
-    def delete_session(self, client_id: str) -> None:
+    def delete_session(self, client_id: str, queue_next: int = 0) -> None:
         key = client_id.encode()
         self._put(SESSIONS, key, None)
         self._put(WILLS, key, None)
         self._delete_prefix(_CLIENT_DBS, r.client_prefix(client_id))
+        self._gc_queue(client_id, queue_next)
 
-    def clear_session_state(self, client_id: str) -> None:
+    def clear_session_state(self, client_id: str, queue_next: int = 0) -> None:
         self._delete_prefix(_STATE_DBS, r.client_prefix(client_id))
+        self._gc_queue(client_id, queue_next)
+
+    def _gc_queue(self, client_id: str, end: int) -> None:
+        """Mark the client's queue entries below ``end`` as garbage: recorded durably now, deleted a
+        chunk per commit, so ending a session with a long queue never stalls the event loop. A new
+        queue for the client starts at ``queue_floor`` (>= end), so it never meets the garbage."""
+        prefix = r.client_prefix(client_id)
+        ops = self._batch.ops[QUEUE]
+        if ops:
+            for key in [k for k in ops if k.startswith(prefix)]:
+                del ops[key]
+        end = max(end, self._gc.get(client_id, 0))
+        if end <= 0:
+            return
+        self._gc[client_id] = end
+        self._put(META, _GC_PREFIX + client_id.encode(), _SEQ.pack(end))
+
+    def queue_floor(self, client_id: str) -> int:
+        """The first seq a new queue of ``client_id`` may use (above any garbage still on disk)."""
+        return self._gc.get(client_id, 0)
 
     def put_subscription(self, client_id: str, filter: str, qos: int, no_local: bool,
                          retain_as_published: bool, retain_handling: int, subscription_id: int) -> None:
@@ -417,6 +447,8 @@ class LMDBStorage(Storage):
             return None
         batch, self._batch = self._batch, _Batch()
         self.has_pending = False
+        if self._gc:
+            batch.gc = next(iter(self._gc.items()))
         self._writing = batch  # reads look here until batch_done (only the hub touches it)
         return batch
 
@@ -446,6 +478,8 @@ class LMDBStorage(Storage):
                         for k, v in ops.items():
                             if v is None:
                                 delete(k, db=handle)
+                if batch.gc is not None:  # after the ops: it may delete a gc mark they wrote
+                    batch.gc_done = self._gc_chunk(txn, *batch.gc)
         except lmdb.MapFullError:
             raise StorageFull(f"{self._where()}: storage.map_size reached") from None
         except lmdb.Error as exc:
@@ -453,12 +487,43 @@ class LMDBStorage(Storage):
                 raise StorageFull(f"{self._where()}: disk full") from None
             raise StorageError(f"{self._where()}: commit failed: {exc}") from None
 
+    def _gc_chunk(self, txn, client_id: str, end: int) -> bool:
+        """Delete up to GC_CHUNK garbage queue entries of ``client_id``; True when none is left."""
+        prefix = r.client_prefix(client_id)
+        stop = r.seq_key(prefix, end)
+        cur = txn.cursor(self._dbs[QUEUE])
+        n = 0
+        if cur.set_range(prefix):
+            while n < GC_CHUNK:
+                key = cur.key()
+                if not key.startswith(prefix) or key >= stop:
+                    break
+                if not cur.delete():
+                    break
+                n += 1
+            else:
+                return False
+        txn.delete(_GC_PREFIX + client_id.encode(), db=self._dbs[META])
+        return True
+
     def batch_done(self, batch: _Batch, ok: bool = True) -> None:
         """Called after ``write_batch`` (hub): reads stop looking at the batch; usage is re-checked."""
         if self._writing is batch:
             self._writing = None
         if ok:
+            if batch.gc is not None:
+                cid, end = batch.gc
+                if batch.gc_done and self._gc.get(cid) == end:
+                    del self._gc[cid]
+            if self._gc and not self.has_pending:
+                self._wake()  # the next chunk of garbage goes with the next commit
             self._check_usage()
+
+    def _wake(self) -> None:
+        self.has_pending = True
+        cb = self.on_pending
+        if cb is not None:
+            cb()
 
     def commit(self) -> None:
         batch = self.take_batch()
@@ -500,6 +565,12 @@ class LMDBStorage(Storage):
                 raw = txn.get(b"last_alive", db=dbs[META])
                 if raw is not None and len(raw) == 8:
                     state.last_alive = _F64.unpack(raw)[0]
+                cur = txn.cursor(dbs[META])
+                if cur.set_range(_GC_PREFIX):
+                    for key, value in cur:
+                        if not key.startswith(_GC_PREFIX):
+                            break
+                        self._gc[bytes(key[len(_GC_PREFIX):]).decode()] = _SEQ.unpack(value)[0]
                 for key, value in txn.cursor(dbs[SESSIONS]):
                     try:
                         expiry, disconnected_at, username = r.decode_session(value)
@@ -524,6 +595,10 @@ class LMDBStorage(Storage):
                         except (r.RecordError, ValueError, struct.error, UnicodeDecodeError):
                             bad += 1
                 self._load_queues(txn, sessions)
+                for cid, s in sessions.items():  # an empty queue starts above its garbage
+                    floor = self._gc.get(cid, 0)
+                    if not s.queue.count and s.queue.next < floor:
+                        s.queue.first = s.queue.next = floor
                 for _key, value in txn.cursor(dbs[RETAINED]):
                     try:
                         state.retained.append(r.decode_message(value))
@@ -549,11 +624,16 @@ class LMDBStorage(Storage):
                 prefix = r.client_prefix(cid)
                 s = sessions.get(cid)
                 q = s.queue if s is not None else None
+                floor = self._gc.get(cid, 0)
                 if q is not None:
-                    q.first = r.key_seq(key[len(prefix):])
+                    q.first = q.next = floor
             if q is None:
                 continue
             seq = r.key_seq(key[len(prefix):])
+            if seq < floor:
+                continue  # garbage of an ended session, still being deleted
+            if not q.count:
+                q.first = seq
             q.next = seq + 1
             q.count += 1
             q.bytes += len(value)

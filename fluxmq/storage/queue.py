@@ -32,7 +32,9 @@ class DiskQueue:
         self._store = store
         self._cid = client_id
         self._factory = message_factory
-        index = index or StoredQueue()
+        if index is None:  # a new queue starts above entries of an ended session still being deleted
+            floor = store.queue_floor(client_id)
+            index = StoredQueue(first=floor, next=floor)
         self.first = index.first  # every seq below is gone
         self.next = index.next
         self.count = index.count

@@ -114,7 +114,7 @@ def test_delete_session_removes_everything_it_owns_and_nothing_else(st: LMDBStor
         st.queue_append(cid, 0, _entry("a"))
         st.put_will(cid, msg("w"), 5)
     st.commit()
-    st.delete_session("c")
+    st.delete_session("c", queue_next=1)
     st.queue_append("c", 1, _entry("b"))  # recorded after the delete: kept (a new session's)
     st.commit()
     state = st.load()
@@ -130,7 +130,7 @@ def test_clear_session_state_keeps_record_and_subscriptions(st: LMDBStorage) -> 
     st.put_inflight("c", 1, msg(), 1, False, None)
     st.put_inbound_qos2("c", 9)
     st.queue_append("c", 0, _entry("a"))
-    st.clear_session_state("c")  # drops the buffered writes it supersedes too
+    st.clear_session_state("c", queue_next=1)  # drops the buffered writes it supersedes too
     st.commit()
     s = st.load().sessions["c"]
     assert (len(s.subscriptions), s.inflight, s.inbound_qos2, s.queue.count) == (1, {}, set(), 0)
@@ -289,3 +289,58 @@ def test_damaged_pages_are_refused_at_load(tmp_path: Path, seed: int) -> None:
             f.write(rnd.randbytes(16))
     with pytest.raises(StorageError, match="damaged"):
         LMDBStorage(tmp_path, map_size=64 * MiB).load()
+
+
+def _queue_keys(st: LMDBStorage) -> int:
+    with st.env.begin() as txn:
+        return txn.stat(st._dbs[5])["entries"]
+
+
+def test_a_long_queue_is_deleted_a_chunk_per_commit(st: LMDBStorage, monkeypatch) -> None:
+    """Ending a session with a long queue never deletes it in one transaction (the event loop would
+    stall); a new queue of the same client starts above the garbage, so it never loses an entry."""
+    import fluxmq.storage.lmdb as mod
+
+    monkeypatch.setattr(mod, "GC_CHUNK", 100)
+    st.put_session("c", 10, 0.0, None)
+    for i in range(1000):
+        st.queue_append("c", i, _entry(f"old/{i}"))
+    st.commit()
+    wakes = []
+    st.on_pending = lambda: wakes.append(1)
+    st.delete_session("c", 1000)
+    assert st.queue_floor("c") == 1000
+    st.commit()
+    assert 0 < _queue_keys(st) < 1000 and wakes  # one chunk gone, the next commit asked for
+    # A new session of the same client meanwhile: its entries start at the floor.
+    st.put_session("c", 10, 0.0, None)
+    st.queue_append("c", 1000, _entry("new/0"))
+    st.commit()
+    # A restart in the middle of the deletion: the garbage is not loaded, the new entry is.
+    st = reopen(st, map_size=64 * MiB)
+    q = st.load().sessions["c"].queue
+    assert (q.first, q.next, q.count) == (1000, 1001, 1)
+    for _ in range(20):
+        st.touch_alive()
+        st.commit()
+    assert _queue_keys(st) == 1
+    assert st.queue_floor("c") == 0  # done: the mark is gone
+    st = reopen(st, map_size=64 * MiB)
+    assert st.load().sessions["c"].queue.count == 1
+    st.close()
+
+
+def test_an_empty_new_queue_starts_above_the_garbage_after_a_restart(st: LMDBStorage, monkeypatch) -> None:
+    import fluxmq.storage.lmdb as mod
+
+    monkeypatch.setattr(mod, "GC_CHUNK", 10)
+    for i in range(100):
+        st.queue_append("c", i, _entry("old"))
+    st.commit()
+    st.clear_session_state("c", 100)
+    st.put_session("c", 10, 0.0, None)
+    st.commit()
+    st = reopen(st, map_size=64 * MiB)
+    q = st.load().sessions["c"].queue
+    assert (q.count, q.next) == (0, 100)
+    st.close()
