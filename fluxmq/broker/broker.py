@@ -251,7 +251,7 @@ class Broker:
         session.subscriptions.clear()
         session.clear_state()
         if isinstance(session, PersistentSession):
-            session.store.delete_session(session.client_id)
+            session.store.delete_session(session.client_id, session.queue.next)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
             if self.auth is not None:
@@ -468,7 +468,7 @@ class Broker:
             if rec.expiry_interval == 0 or (rec.expiry_interval != EXPIRY_NEVER and elapsed >= rec.expiry_interval):
                 if will is not None:
                     due.append(will)  # the session ended during the downtime: its will goes now
-                store.delete_session(cid)
+                store.delete_session(cid, rec.queue.next)
                 continue
             session = PersistentSession(cid, self.persistent_limits, self.stats, store, rec.queue)
             session.expiry_interval = rec.expiry_interval

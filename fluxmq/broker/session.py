@@ -451,7 +451,7 @@ class PersistentSession(Session):
         self.queue.drop_read_ahead()
 
     def clear_state(self) -> None:
+        self.store.clear_session_state(self.client_id, self.queue.next)
         self.inflight.clear()
         self.queue.clear()
         set.clear(self.inbound_qos2)
-        self.store.clear_session_state(self.client_id)
