@@ -347,6 +347,10 @@ class Worker:
         self.log(f"conn {c.idx} role {c.role} failed: {why}")
         self._close(c, FAILED)
 
+    def _connect_packet(self, c: Conn) -> bytes:
+        r = "p" if c.role == PUB else "s" if c.role == SUB else "c"
+        return wire.encode_connect(f"lg{os.getpid()}-{r}{c.idx}", clean=not self.cfg.persistent)
+
     def _open(self, c: Conn, seq: int) -> None:
         cfg = self.cfg
         try:
@@ -363,7 +367,6 @@ class Worker:
         if not self.t_first_connect:
             self.t_first_connect = now_ns()
         self.by_fd[c.fd] = c
-        self.ep.register(c.fd, EPOLLOUT)
         try:
             if self.src_addrs:
                 # beyond ~28k connections one source address runs out of ephemeral ports
@@ -373,11 +376,33 @@ class Worker:
         except OSError as e:
             err = e.errno or -1
         if err not in (0, 115):  # EINPROGRESS
+            self.ep.register(c.fd, EPOLLOUT)
             self._fail(c, f"connect: {os.strerror(err) if err > 0 else err}")
+            return
+        # on loopback the handshake has usually completed by now: send CONNECT at once and save an
+        # epoll round trip per connection (the generator, not the broker, limits connect rates)
+        pkt = c.wbuf or self._connect_packet(c)
+        try:
+            n = s.send(pkt)
+        except (BlockingIOError, InterruptedError):
+            c.wbuf = bytearray(pkt)  # not connected yet: send on EPOLLOUT
+            self.ep.register(c.fd, EPOLLOUT)
+            return
+        except OSError as e:
+            self.ep.register(c.fd, EPOLLOUT)
+            self._fail(c, f"connect: {e}")
+            return
+        c.state = CONNACK_WAIT
+        c.wbuf = bytearray(pkt[n:])
+        if c.wbuf:
+            c.wblocked = True
+            self.ep.register(c.fd, EPOLLIN | EPOLLOUT)
+        else:
+            self.ep.register(c.fd, EPOLLIN)
 
     def _send_connect(self, c: Conn) -> None:
-        r = "p" if c.role == PUB else "s" if c.role == SUB else "c"
-        c.wbuf += wire.encode_connect(f"lg{os.getpid()}-{r}{c.idx}", clean=not self.cfg.persistent)
+        if not c.wbuf:
+            c.wbuf += self._connect_packet(c)
         c.state = CONNACK_WAIT
         self.ep.modify(c.fd, EPOLLIN)
         self._flush(c)
@@ -424,7 +449,7 @@ class Worker:
             if c is None:
                 continue
             if c.state == CONNECTING:
-                err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if e & EPOLL_BAD else 0
                 if err or e & EPOLL_BAD:
                     self._fail(c, f"connect: {os.strerror(err) if err else 'hangup'}")
                 else:
@@ -624,6 +649,8 @@ class Worker:
             c.checker = SeqChecker(P, row, lat)
             subs.append(c)
         self.conns = pubs + subs
+        for c in self.conns:  # encoded before any timing
+            c.wbuf = bytearray(self._connect_packet(c))
         self.pub_window = max(1, cfg.window // P) if cfg.window > 0 else 0
         fan_local = [sum(1 for c in subs if cfg.receives(c.idx, i)) for i in range(P)]
         per_worker = max(1, cfg.concurrency // self.nw)
@@ -760,6 +787,8 @@ class Worker:
         sh = self.sh
         mine = self._mine(cfg.conns)
         self.conns = [Conn(IDLE, i, self.reader_kind) for i in mine]
+        for c in self.conns:  # encoded before any timing
+            c.wbuf = bytearray(self._connect_packet(c))
         if cfg.conns > CONNS_PER_SOURCE_ADDR:
             self.src_addrs = cfg.conns // CONNS_PER_SOURCE_ADDR + 1
         pids = cfg.pids if self.wid == 0 else []
