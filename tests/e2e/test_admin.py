@@ -138,6 +138,8 @@ def test_disconnect_unknown_or_offline(spec, admin_node: RunningNode) -> None:
     cid = unique("offline")
     client = paho_connected(admin_node, cid, clean_session=False)
     client.disconnect()
+    # the client's side is done before the broker has read its DISCONNECT: wait for the broker's
+    assert wait_until(lambda: admin(spec, admin_node, "GET", f"/sessions/{cid}")[1]["connected"] is False, WAIT)
     assert admin(spec, admin_node, "POST", f"/sessions/{cid}/disconnect")[0] == 409
     status, detail = admin(spec, admin_node, "GET", f"/sessions/{cid}")
     assert status == 200 and detail["connected"] is False and detail["expiry_interval"] is None
