@@ -107,6 +107,18 @@ class _Batch:
 _MISSING = object()
 
 
+#: free disk space below which a failed commit is reported as a full disk
+DISK_LOW = 16 << 20
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
 def _fmt_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -483,8 +495,10 @@ class LMDBStorage(Storage):
         except lmdb.MapFullError:
             raise StorageFull(f"{self._where()}: storage.map_size reached") from None
         except lmdb.Error as exc:
-            if isinstance(exc, lmdb.DiskError) or errno.ENOSPC == getattr(exc, "errno", None) or "space" in str(exc):
-                raise StorageFull(f"{self._where()}: disk full") from None
+            # A full disk surfaces as ENOSPC or, from LMDB's page writes, as EIO: ask the file system.
+            free = _free_bytes(self.path)
+            if errno.ENOSPC == getattr(exc, "errno", None) or "space" in str(exc) or free < DISK_LOW:
+                raise StorageFull(f"{self._where()}: disk full ({_fmt_size(free)} free)") from None
             raise StorageError(f"{self._where()}: commit failed: {exc}") from None
 
     def _gc_chunk(self, txn, client_id: str, end: int) -> bool:

@@ -115,8 +115,8 @@ def test_acknowledged_messages_survive_sigkill(node_factory: NodeFactory, sync: 
 
 # -- bad storage: one clear line, a non-zero exit, no restart loop ---------------------------------
 
-def _boot_fails(node_factory: NodeFactory, data: Path, expect: str) -> None:
-    node = node_factory({"storage.path": str(data)}, wait_ready=False)
+def _boot_fails(node_factory: NodeFactory, data: Path, expect: str, **overrides: str) -> None:
+    node = node_factory({"storage.path": str(data), **overrides}, wait_ready=False)
     code = node.wait(30)
     assert code not in (None, 0), f"node did not exit: {node.log_tail()}"
     log = node.log_text()
@@ -153,6 +153,17 @@ def test_foreign_lmdb_directory_stops_the_node(node_factory: NodeFactory, tmp_pa
         txn.put(b"their", b"data")
     env.close()
     _boot_fails(node_factory, data, "not a fluxmq store")
+
+
+def test_data_larger_than_map_size_stops_the_node(node_factory: NodeFactory, tmp_path: Path) -> None:
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    data = tmp_path / "big"
+    s = LMDBStorage(data, map_size=64 << 20)
+    for i in range(50):
+        s.queue_append("c", i, b"z" * 100_000)
+    s.close()
+    _boot_fails(node_factory, data, "does not fit storage.map_size", **{"storage.map_size": "2MiB"})
 
 
 def _publish_frame(topic: bytes, payload: bytes, pid: int) -> bytes:

@@ -344,3 +344,36 @@ def test_an_empty_new_queue_starts_above_the_garbage_after_a_restart(st: LMDBSto
     q = st.load().sessions["c"].queue
     assert (q.count, q.next) == (0, 100)
     st.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs (needs root and mount; skipped where the test cannot mount)."""
+    import subprocess
+
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_refuses_then_recovers(small_disk: Path, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="fluxmq.storage")
+    s = LMDBStorage(small_disk / "data", map_size=64 * MiB)
+    written = 0
+    with pytest.raises(StorageFull, match="disk full"):
+        while True:
+            s.queue_append("c", written, b"x" * 50_000)
+            s.commit()
+            written += 1
+            assert written < 200
+    assert s.refusing and [r for r in caplog.records if r.getMessage() == "storage_full"]
+    for i in range(written // 2):
+        s.queue_pop("c", i)
+    s.commit()  # space freed: commits work again
+    assert not s.refusing
+    assert s.load().sessions == {}  # (no session record: the queue alone)
+    s.close()
