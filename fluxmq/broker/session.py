@@ -371,6 +371,7 @@ class PersistentSession(Session):
         self.store = store
         self.persistent = True
         self.queue = DiskQueue(store, client_id, Message, queue_index)
+        self.queue_bytes = self.queue.bytes  # mirrors the DiskQueue's count for metrics and admin
         self.inbound_qos2 = _DurableIds(store, client_id)
 
     def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> int:
@@ -391,15 +392,17 @@ class PersistentSession(Session):
                 self._stats.dropped("queue_full")
                 return
         queue.append((message, qos, retain, subscription_ids))
+        self.queue_bytes = queue.bytes
 
     def _evict_qos0(self) -> bool:
         if self.queue.evict_qos0():
+            self.queue_bytes = self.queue.bytes
             self._stats.dropped("queue_full")
             return True
         return False
 
     def _drop_item(self, item) -> None:
-        pass  # the DiskQueue keeps its own counts
+        self.queue_bytes = self.queue.bytes  # the DiskQueue keeps the counts
 
     def _forget_inflight(self, packet_id: int) -> None:
         del self.inflight[packet_id]
@@ -454,4 +457,5 @@ class PersistentSession(Session):
         self.store.clear_session_state(self.client_id, self.queue.next)
         self.inflight.clear()
         self.queue.clear()
+        self.queue_bytes = 0
         set.clear(self.inbound_qos2)

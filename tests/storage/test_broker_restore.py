@@ -71,9 +71,12 @@ def test_offline_queue_is_on_disk_and_survives_a_restart(node: Node) -> None:
     for i in range(300):
         node.publish(f"q/{i}", f"m{i}".encode(), qos=1 + i % 2)
     assert len(node.broker.sessions["sub"].queue) == 300
+    queued_bytes = node.broker.sessions["sub"].queue_bytes
+    assert queued_bytes > 300 * 10
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert isinstance(s, PersistentSession) and len(s.queue) == 300
+    assert s.queue_bytes == queued_bytes  # what metrics and the admin API report
     assert "q/#" in s.subscriptions
     s, d, present = node.connect("sub", 3600)
     assert present
