@@ -76,13 +76,8 @@ class FlushScheduler:
                     self._dirty = []
                     gevent.spawn(self._write_then_flush, dirty)
                     return
-            elif st.has_pending:
-                try:
-                    st.commit()
-                except StorageError as exc:
-                    dirty, self._dirty = self._dirty, []
-                    self._commit_failed(exc, dirty)
-                    return
+            elif st.has_pending and not self._commit():
+                return
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             try:
@@ -108,7 +103,23 @@ class FlushScheduler:
                     error = exc
                 finally:
                     st.batch_done(batch, ok)
+        if error is not None:
+            self._abandon_dirty(error)
         return error
+
+    def _commit(self) -> bool:
+        """Commit in the hub (``batch``/``none``); on failure abandon what the dirty connections hold."""
+        try:
+            self.storage.commit()
+            return True
+        except StorageError as exc:
+            self._abandon_dirty(exc)
+            return False
+
+    def _abandon_dirty(self, exc: StorageError) -> None:
+        # Every byte queued since the failed batch was taken may acknowledge part of it.
+        dirty, self._dirty = self._dirty, []
+        self._commit_failed(exc, dirty)
 
     def _write_then_flush(self, dirty: list) -> None:
         error = self._write_pending()
@@ -133,13 +144,7 @@ class FlushScheduler:
             return True
         if self._always:
             return not st.has_pending and not self._write_lock.locked()
-        if st.has_pending:
-            try:
-                st.commit()
-            except StorageError as exc:
-                log.error("commit_failed", extra={"error": str(exc)})
-                return False
-        return True
+        return not st.has_pending or self._commit()
 
     def ensure_committed(self) -> None:
         """Commit (and with ``sync: always`` fsync) every operation recorded so far; may wait (in a
@@ -148,8 +153,8 @@ class FlushScheduler:
         if st is None:
             return
         if not self._always:
-            if st.has_pending:
-                st.commit()
+            if st.has_pending and not self._commit():
+                raise StorageError("commit failed")
             return
         if st.has_pending or self._write_lock.locked():
             error = self._write_pending()

@@ -25,12 +25,17 @@ class RecordingConn:
         self.uncommitted_at_send: list[bytes] = []
         self._dirty = False
         self.peer = "test"
+        self.abandoned: tuple | None = None
 
     def write(self, data: bytes) -> None:
         self.out += data
         if not self._dirty:
             self._dirty = True
             self.flusher.mark(self)
+
+    def abandon_output(self, reason_code: int, reason: str) -> None:
+        self.abandoned = (reason_code, bytes(self.out))
+        self.out.clear()
 
     def flush_nowait(self, limit: int | None = None) -> None:
         self._dirty = False
@@ -121,3 +126,18 @@ def test_without_durable_storage_the_flush_is_unchanged() -> None:
     gevent.sleep(0)
     assert sent == [1]
     assert flusher.settle() is True
+
+
+@pytest.mark.parametrize("sync", ["batch", "always"])
+def test_a_failed_commit_sends_none_of_the_acks_and_closes_their_connections(tmp_path: Path, sync: str) -> None:
+    st = LMDBStorage(tmp_path, map_size=1 << 20, sync=sync)  # 1 MiB + 8 MiB headroom
+    flusher = FlushScheduler(st)
+    conn = RecordingConn(flusher, st)
+    for i in range(120):  # ~12 MiB in one turn: more than the map can take
+        st.queue_append("c", i, b"x" * 100_000)
+    conn.write(b"ackbig;")
+    run_turns()
+    assert conn.sent == []
+    assert conn.abandoned == (0x97, b"ackbig;")
+    assert st.refusing
+    st.close()
