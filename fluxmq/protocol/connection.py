@@ -187,6 +187,8 @@ class MQTTConnection:
                                 packet.type != c.AUTH or self._pending_connect is None):
                             # The first packet must be CONNECT [MQTT-3.1.0-1]; before CONNACK only
                             # AUTH may follow it [MQTT-3.1.2-33] (a DISCONNECT just closes).
+                            if packet.type != c.DISCONNECT:  # anything else is hostile or broken: one line
+                                log.info("protocol_error", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": "0x82", "reason": f"packet type {packet.type} before CONNACK"})
                             raise _Close()
                         handler = handlers[packet.type]
                         if handler is None:
