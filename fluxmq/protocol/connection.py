@@ -722,8 +722,7 @@ class MQTTConnection:
     def _refuse(self, rc_v3: int, rc_v5: int, reason: str) -> None:
         log.info("connect_refused", extra={"peer": self.peer, "client_id": self.client_id, "code": hex(rc_v5 if self.version == 5 else rc_v3), "reason": reason})
         if self.version == 5:
-            props = {c.REASON_STRING: reason}
-            self._write(encode(c.Connack(False, rc_v5, props), 5))
+            self._write_v5(c.Connack(False, rc_v5, {c.REASON_STRING: reason}))  # [MQTT-3.2.2-19]
         else:
             self._write(encode(c.Connack(False, rc_v3, None), self.version))
         self.closed = True
@@ -740,6 +739,8 @@ class MQTTConnection:
                 topic = self._resolve_alias(alias, topic)
             if c.RESPONSE_TOPIC in props:
                 _check_response_topic(props[c.RESPONSE_TOPIC])
+            if c.SUBSCRIPTION_IDENTIFIER in props:
+                raise ProtocolError("Subscription Identifier in a PUBLISH from a client (MQTT-3.3.4-6)")
         if not topic:
             raise ProtocolError("empty topic name")  # [MQTT-4.7.3-1]
         refused = 0

@@ -193,3 +193,20 @@ def test_connect_refused_when_auth_method_unknown_0x8C_MQTT_4_12_0_1(node) -> No
     connack = client.connect(unique("rc-8c"), properties={c.AUTHENTICATION_METHOD: "SCRAM-SHA-256"})
     assert connack.reason_code == 0x8C and c.REASON_STRING in connack.properties
     assert client.wait_closed() == []
+
+
+def test_subscription_identifier_from_a_client_is_a_protocol_error_MQTT_3_3_4_6(node) -> None:
+    """A client must not put a Subscription Identifier in a PUBLISH [MQTT-3.3.4-6]: DISCONNECT 0x82."""
+    client = raw5(node, unique("rc-subid"))
+    client.publish(unique("rc/subid"), b"x", properties={c.SUBSCRIPTION_IDENTIFIER: [3]})
+    assert disconnect_of(client.wait_closed()).reason_code == 0x82
+
+
+def test_connack_reason_string_left_out_when_too_big_MQTT_3_2_2_19(node) -> None:
+    """A refusing CONNACK keeps its reason code but drops the reason string when the client's Maximum
+    Packet Size is too small for it [MQTT-3.2.2-19]."""
+    client = Raw5(node)
+    connack = client.connect(unique("rc-small"), properties={c.AUTHENTICATION_METHOD: "X-UNKNOWN",
+                                                             c.MAXIMUM_PACKET_SIZE: 8})
+    assert (connack.reason_code, connack.properties) == (0x8C, {})
+    client.close()
