@@ -179,6 +179,32 @@ def test_leaving_member_hands_its_queued_messages_to_another(node) -> None:
         b.disconnect()
 
 
+def test_persistent_member_hands_its_stored_queue_to_an_online_member(node) -> None:
+    """A persistent member (its queue kept by the storage) that goes offline: its unacknowledged QoS 1
+    and queued messages go to the online member; its session stays, empty of them."""
+    group = unique("g")
+    topic = unique("sh/pqueue")
+    cid = unique("pq-a")
+    a = raw5(node, cid, clean_start=False,
+             properties={c.SESSION_EXPIRY_INTERVAL: 300, c.RECEIVE_MAXIMUM: 1})
+    a.subscribe(1, (f"$share/{group}/{topic}", 1))
+    publish_all(node, topic, [b"p1", b"p2", b"p3"])
+    assert [p.payload for p in drain(a, ack=False)] == [b"p1"]
+    b = raw5(node, unique("pq-b"))
+    try:
+        b.subscribe(1, (f"$share/{group}/{topic}", 1))
+        a.close()
+        got = [b.expect(c.Publish) for _ in range(3)]
+        for p in got:
+            b.ack(p)
+        assert [p.payload for p in got] == [b"p1", b"p2", b"p3"]
+        again = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 0})
+        assert again.connack.session_present and drain(again) == []
+        again.disconnect()
+    finally:
+        b.disconnect()
+
+
 def test_sent_qos2_stays_with_a_persistent_member_MQTT_4_8_2_5(node) -> None:
     """A QoS 2 PUBLISH already sent to a persistent member that drops is completed with that member
     when it reconnects (resent with DUP), not given to another [MQTT-4.8.2-5]."""
