@@ -233,6 +233,33 @@ class AuthService:
             return self.http.authorize(client_id, username, "subscribe", filter)
         return True
 
+    def check_publish(self, client_id: str, username: str | None, topic: str) -> int:
+        """0, or the 5.0 reason code refusing a publish from a front end without a connection
+        (the HTTP bridge): 0x97 over the topic caps, 0x87 denied by the ACL or the HTTP service."""
+        problem = self.limits.topic_problem(topic)
+        if problem is not None:
+            self.note("topic_cap", client_id, topic=topic[:200], reason=problem)
+            return QUOTA_EXCEEDED
+        if not self.can_write(client_id, username, topic):
+            self.note("publish_denied", client_id, user=username, topic=topic)
+            return NOT_AUTHORIZED
+        return 0
+
+    def check_subscribe(self, client_id: str, username: str | None, filter: str) -> int:
+        """As ``check_publish``, for a subscription filter (0 for an invalid one: the broker refuses it)."""
+        try:
+            validate_filter(filter)
+        except MQTTError:
+            return 0
+        problem = self.limits.topic_problem(filter)
+        if problem is not None:
+            self.note("topic_cap", client_id, filter=filter[:200], reason=problem)
+            return QUOTA_EXCEEDED
+        if not self.can_subscribe(client_id, username, filter):
+            self.note("subscribe_denied", client_id, user=username, filter=filter)
+            return NOT_AUTHORIZED
+        return 0
+
     def session_can_read(self, session, topic: str) -> bool:
         """The router's read filter: ``session`` is a broker Session (client_id, username)."""
         return self.can_read(session.client_id, session.username, topic)

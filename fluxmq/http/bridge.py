@@ -9,8 +9,13 @@ Endpoints (``server.http.plain.addr``)::
 
 Errors are JSON ``{"error": "..."}`` with 400 (bad JSON, topic, encoding, QoS, property), 403
 (``$SYS`` topics belong to the broker), 404, 405, 413 (body over ``max_body_size`` or payload over
-``broker.max_message_size``) and 503 (the broker is shutting down). Authentication and ACLs will
-apply here as on MQTT once they exist (401/403).
+``broker.max_message_size``) and 503 (the broker is shutting down).
+
+Authentication and ACLs are the MQTT listeners' (``broker.auth``): credentials come as HTTP Basic
+(401 with a ``WWW-Authenticate`` challenge when they are missing and required, or wrong); the
+request acts as client ``http-bridge`` with that user name (an SSE stream as its own client id), so
+the same password file, HTTP service, ACL file and topic caps decide; a refusal is 403 (400 over a
+topic cap). A stream's deliveries and retained messages are filtered by the user's read rules.
 
 Binary fields (``payload``, ``properties.correlation_data``) travel as UTF-8 text or base64, as
 ``payload_encoding`` says; responses and events use ``utf8`` when every binary field is valid UTF-8.
@@ -53,6 +58,8 @@ from fluxmq.http.router import Router, json_response
 log = logging.getLogger("fluxmq.http.bridge")
 
 SSE_CLIENT_PREFIX = "http-sse-"
+HTTP_CLIENT_ID = "http-bridge"  # the client id HTTP publishes and retained reads are checked as
+_CHALLENGE = {"WWW-Authenticate": 'Basic realm="fluxmq", charset="UTF-8"'}
 ENCODINGS = ("utf8", "base64")
 PUBLISH_FIELDS = frozenset({"topic", "payload", "payload_encoding", "qos", "retain", "properties"})
 MAX_EXPIRY = 0xFFFFFFFF
@@ -429,6 +436,38 @@ class HTTPBridge:
         if not self.broker.accepting:
             raise HTTPError(503, "the broker is shutting down")
 
+    def _authenticate(self, environ: dict) -> str | None:
+        """The request's user name (None: anonymous); 401 when the broker's authentication refuses it."""
+        auth = self.broker.auth
+        if auth is None:
+            return None
+        username = password = None
+        header = environ.get("HTTP_AUTHORIZATION") or ""
+        if header:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "basic":
+                raise HTTPError(401, "only Basic authentication is supported", _CHALLENGE)
+            try:
+                text = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, ValueError):
+                raise HTTPError(401, "malformed Basic credentials", _CHALLENGE) from None
+            username, sep, secret = text.partition(":")
+            if not sep:
+                raise HTTPError(401, "malformed Basic credentials", _CHALLENGE)
+            password = secret.encode("utf-8")
+        peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
+        if not auth.authenticate(HTTP_CLIENT_ID, username, password, peer).ok:
+            raise HTTPError(401, "authentication failed", _CHALLENGE)
+        return username
+
+    def _check_publish(self, username: str | None, topic: str) -> None:
+        auth = self.broker.auth
+        if auth is not None:
+            code = auth.check_publish(HTTP_CLIENT_ID, username, topic)
+            if code:
+                raise HTTPError(403 if code == 0x87 else 400, f"not authorized to publish to {topic!r}"
+                                if code == 0x87 else f"topic {topic!r} is over limits.max_topic_*")
+
     def _route(self, topic: str, payload: bytes, qos: int, retain: bool, props: dict | None) -> tuple:
         if len(payload) > self.settings.max_message_size:
             raise HTTPError(413, f"payload over broker.max_message_size ({self.settings.max_message_size} bytes)")
@@ -445,6 +484,7 @@ class HTTPBridge:
     def _publish_json(self, environ: dict) -> tuple:
         """POST /publish: a JSON message."""
         self._check_accepting()
+        username = self._authenticate(environ)
         body = read_body(environ, self.settings.max_body_size)
         try:
             doc = json.loads(body)
@@ -467,12 +507,15 @@ class HTTPBridge:
         if not isinstance(retain, bool):
             raise HTTPError(400, "retain must be true or false")
         props = parse_properties(self.broker, doc.get("properties"), encoding)
+        self._check_publish(username, topic)
         return self._route(topic, payload, qos, retain, props)
 
     def _publish_raw(self, environ: dict, topic: str) -> tuple:
         """POST /topics/{topic}: the raw body is the payload."""
         self._check_accepting()
+        username = self._authenticate(environ)
         topic = check_topic(self.broker, topic)
+        self._check_publish(username, topic)
         params = query(environ)
         unknown = sorted(set(params) - {"qos", "retain"})
         if unknown:
@@ -485,10 +528,14 @@ class HTTPBridge:
 
     def _get_retained(self, environ: dict, topic: str) -> tuple:
         """GET /retained/{topic}: the retained message of that exact topic."""
+        username = self._authenticate(environ)
         try:
             self.broker.check_topic(topic)
         except TopicNameInvalid as exc:
             raise HTTPError(400, f"invalid topic name: {exc.reason}") from None
+        auth = self.broker.auth
+        if auth is not None and not auth.can_read(HTTP_CLIENT_ID, username, topic):
+            raise HTTPError(403, f"not authorized to read {topic!r}")
         message = self.broker.retained.get(topic)
         if message is None:
             raise HTTPError(404, f"no retained message on {topic!r}")
@@ -513,7 +560,7 @@ class HTTPBridge:
             if not filters:
                 raise HTTPError(400, "at least one filter parameter is required")
             peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
-            body = self._open_stream(filters, peer)
+            body = self._open_stream(filters, peer, self._authenticate(environ))
         except HTTPError as err:
             self._count("subscribe", err.status)
             return json_response(start_response, *err.response())
@@ -522,12 +569,18 @@ class HTTPBridge:
                                   ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
         return body
 
-    def _open_stream(self, filters: list[str], peer: str = "") -> _StreamBody:
+    def _open_stream(self, filters: list[str], peer: str = "", username: str | None = None) -> _StreamBody:
         broker = self.broker
         settings = self.settings
         client_id = SSE_CLIENT_PREFIX + uuid.uuid4().hex
+        if broker.auth is not None:
+            for f in filters:
+                code = broker.auth.check_subscribe(client_id, username, f)
+                if code:
+                    raise HTTPError(403 if code == 0x87 else 400, f"not authorized to subscribe to {f!r}"
+                                    if code == 0x87 else f"filter {f!r} is over limits.max_topic_*")
         stream = SSEStream(client_id, settings.sse_queue_size, broker, peer)
-        session, _ = broker.open_session(client_id, True, 0)
+        session, _ = broker.open_session(client_id, True, 0, None, username)
         broker.attach(session, stream, 0)
         self.streams.add(stream)
         try:
