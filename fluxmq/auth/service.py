@@ -23,7 +23,7 @@ from collections.abc import Callable
 from fluxmq._core.trie import validate_filter
 from fluxmq.errors import MQTTError
 
-from .acl import AclFile, ClientAcl
+from .acl import CACHE_MAX, AclFile, ClientAcl
 from .http_callout import ALLOW, DENY, HTTPCallout
 from .limits import (
     MESSAGE_RATE_TOO_HIGH,
@@ -306,7 +306,7 @@ class ClientPolicy:
     """What one connection may do: ACL decisions (cached per topic) and its own rate buckets."""
 
     __slots__ = ("service", "client_id", "username", "peer", "acl", "generation", "http_acl", "msg_bucket",
-                 "byte_bucket", "topic_caps", "max_subscriptions")
+                 "byte_bucket", "topic_caps", "max_subscriptions", "_topics")
 
     def __init__(self, service: AuthService, client_id: str, username: str | None, peer: str = "") -> None:
         self.service = service
@@ -322,22 +322,43 @@ class ClientPolicy:
                             if limits.publish_bytes_rate else None)
         self.topic_caps = limits if (limits.max_topic_levels or limits.max_topic_length) else None
         self.max_subscriptions = limits.max_subscriptions
+        self._topics: dict[str, int] = {}  # topic -> 0 or the refusal of its caps and ACL file rules
 
     def _refresh(self) -> None:
         self.acl = self.service.acl_for(self.client_id, self.username)
         self.generation = self.service.generation
+        self._topics.clear()
+
+    def _topic_code(self, topic: str) -> int:
+        """What the caps and the ACL file say about publishing to ``topic`` (cached per topic)."""
+        caps = self.topic_caps
+        if caps is not None and caps.topic_problem(topic) is not None:
+            code = QUOTA_EXCEEDED
+        elif self.acl is not None and not self.acl.can_write(topic):
+            code = NOT_AUTHORIZED
+        else:
+            code = 0
+        topics = self._topics
+        if len(topics) >= CACHE_MAX:
+            topics.clear()
+        topics[topic] = code
+        return code
 
     def check_publish(self, topic: str, size: int) -> int:
         """0 when the client may publish ``size`` payload bytes to ``topic`` now; else the 5.0 reason
-        code: 0x97 (topic over the caps), 0x96 (over its message or byte rate), 0x87 (ACL)."""
+        code: 0x97 (topic over the caps), 0x87 (ACL), 0x96 (over its message or byte rate)."""
         if self.generation != self.service.generation:
             self._refresh()
-        caps = self.topic_caps
-        if caps is not None:
-            problem = caps.topic_problem(topic)
-            if problem is not None:
-                self.service.note("topic_cap", self.client_id, peer=self.peer, topic=topic[:200], reason=problem)
-                return QUOTA_EXCEEDED
+        code = self._topics.get(topic)  # one dict lookup per PUBLISH after a topic's first
+        if code is None:
+            code = self._topic_code(topic)
+        if code:
+            if code == QUOTA_EXCEEDED:
+                self.service.note("topic_cap", self.client_id, peer=self.peer, topic=topic[:200],
+                                  reason=self.topic_caps.topic_problem(topic))
+            else:
+                self.service.note("publish_denied", self.client_id, peer=self.peer, user=self.username, topic=topic)
+            return code
         bucket = self.msg_bucket
         if bucket is not None and not bucket.take():
             self.service.note("rate_limited", self.client_id, peer=self.peer, limit="limits.publish_rate",
@@ -348,10 +369,6 @@ class ClientPolicy:
             self.service.note("rate_limited", self.client_id, peer=self.peer, limit="limits.publish_bytes_rate",
                               rate=bucket.rate)
             return MESSAGE_RATE_TOO_HIGH
-        acl = self.acl
-        if acl is not None and not acl.can_write(topic):
-            self.service.note("publish_denied", self.client_id, peer=self.peer, user=self.username, topic=topic)
-            return NOT_AUTHORIZED
         http = self.http_acl
         if http is not None and not http.authorize(self.client_id, self.username, "publish", topic):
             self.service.note("publish_denied", self.client_id, peer=self.peer, user=self.username, topic=topic)

@@ -70,6 +70,9 @@ def test_policy_checks(files) -> None:
     assert pol.check_publish("public/x", 10) == 0x87
     assert pol.check_publish("clients/c1/x", 1) == 0
     assert pol.check_publish("a/b/c/d", 1) == 0x97  # 4 levels
+    assert pol._topics == {"a/b": 0, "a/secret": 0x87, "public/x": 0x87, "clients/c1/x": 0, "a/b/c/d": 0x97}
+    pol._topics["a/b"] = 0x87  # the per-topic answer is what the next PUBLISH gets
+    assert pol.check_publish("a/b", 10) == 0x87
     assert pol.check_subscribe("a/#", 1) == 0
     assert pol.check_subscribe("#", 1) == 0x87
     assert pol.check_subscribe("a/x", 3) == 0x97  # third subscription
