@@ -111,8 +111,15 @@ class Raw5:
             self.send(c.Pubcomp(publish.packet_id))
 
     def disconnect(self, reason_code: int = 0, properties: dict | None = None) -> None:
+        """DISCONNECT, then wait until the broker closed the socket: by then it has ended or stored the
+        session, so a reconnect right after cannot overtake the DISCONNECT."""
+        if self.closed:
+            return
         try:
             self.send(c.Disconnect(reason_code, properties))
+            self.wait_closed()
+        except OSError:
+            pass
         finally:
             self.close()
 
