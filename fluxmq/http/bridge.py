@@ -9,7 +9,7 @@ Endpoints (``server.http.plain.addr``)::
 
 Errors are JSON ``{"error": "..."}`` with 400 (bad JSON, topic, encoding, QoS, property), 403
 (``$SYS`` topics belong to the broker), 404, 405, 413 (body over ``max_body_size`` or payload over
-``broker.max_message_size``) and 503 (the broker is shutting down).
+``broker.max_message_size``) and 503 (the broker is shutting down, or its storage is full).
 
 Authentication and ACLs are the MQTT listeners' (``broker.auth``): credentials come as HTTP Basic
 (401 with a ``WWW-Authenticate`` challenge when they are missing and required, or wrong); the
@@ -52,7 +52,7 @@ from fluxmq.broker.message import (
     USER_PROPERTY,
     Message,
 )
-from fluxmq.errors import TopicFilterInvalid, TopicNameInvalid
+from fluxmq.errors import QuotaExceeded, TopicFilterInvalid, TopicNameInvalid
 from fluxmq.http.router import Router, json_response
 
 log = logging.getLogger("fluxmq.http.bridge")
@@ -477,7 +477,11 @@ class HTTPBridge:
             message = Message.from_publish_properties(topic, payload, qos, retain, props)
         else:
             message = Message(topic, payload, qos, retain)
-        deliveries = self.broker.publish(message)
+        try:
+            deliveries = self.broker.publish(message)
+        except QuotaExceeded:
+            # The store is full: the message would have to be stored and cannot be (MQTT 5.0 0x97).
+            raise HTTPError(503, "storage full: the message was not accepted") from None
         return 200, {"status": "published", "topic": topic, "qos": qos, "retain": retain,
                      "deliveries": deliveries}
 

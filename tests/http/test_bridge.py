@@ -423,3 +423,21 @@ def test_reload_applies_bridge_keys_but_keeps_max_message_size(broker: Broker) -
     assert "server.http.plain.max_body_size" in applied and "broker.max_message_size" not in applied
     assert bridge.settings.max_body_size == 2048
     assert bridge.settings.max_message_size == 100
+
+
+def test_publish_refused_with_503_when_the_store_is_full(tmp_path) -> None:
+    """A retained QoS 1 message must be stored; a full LMDB store refuses it and the bridge says 503."""
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    store = LMDBStorage(tmp_path / "data")
+    broker = Broker(BrokerSettings(), storage=store)
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
+                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    try:
+        store.refusing = True  # the state a StorageFull commit leaves the store in
+        resp = publish_json(bridge, {"topic": "kept", "payload": "x", "qos": 1, "retain": True})
+        assert resp.status == 503
+        assert "storage full" in resp.json()["error"]
+        assert broker.retained.get("kept") is None
+    finally:
+        store.close()
