@@ -45,11 +45,22 @@ STOP_TIMEOUT = 20.0
 LOG_TAIL_LINES = 60
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close).
+
+    A port is never handed out twice in one test session: the kernel may return the same free
+    port to two calls in a row, and a node's MQTT, health, bridge and admin ports must differ.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _port_of(addr: str) -> int:
