@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    bench/compare                      # every scenario, 3 runs each, both brokers (~5-8 min)
+    bench/compare                      # every scenario, 3 runs each, both brokers (~4-7 min)
     bench/compare --quick              # 1 run, fewer messages (~1-2 min)
     bench/compare --scenario fanout --scenario latency
     bench/compare --brokers mosquitto --generator mqttload   # cross-check with shared/tools/mqttload.c
