@@ -33,6 +33,9 @@ DROP_OLDEST = "drop_oldest"
 DISCONNECT = "disconnect"
 
 
+_NO_QUEUE = ()  # the empty queue of a Session that has never queued anything
+
+
 class SessionLimits:
     """Bounds applied to every session; built once from the broker config."""
 
@@ -102,7 +105,9 @@ class Session:
         self.subscriptions: dict[str, Subscription] = {}
         self.delivery: Delivery | None = None
         self.inflight: dict[int, Inflight] = {}
-        self.queue: deque = deque()  # items: (message, qos, retain, subscription_ids)
+        # items: (message, qos, retain, subscription_ids); an empty tuple until the first enqueue, so
+        # a session that never queues does not carry a deque (768 bytes per idle client)
+        self.queue: deque | tuple = _NO_QUEUE
         self.queue_bytes = 0
         self.queue_qos0 = 0  # QoS 0 items in the queue, so eviction knows when to look
         self.inbound_qos2: set[int] = set()  # QoS 2 ids received, PUBREC sent, PUBREL pending
@@ -177,6 +182,8 @@ class Session:
                 # message never evicts anything.
                 self._stats.dropped("queue_full")
                 return
+        if queue is _NO_QUEUE:
+            queue = self.queue = deque()
         queue.append((message, qos, retain, subscription_ids))
         self.queue_bytes += size
         if qos == 0:
@@ -316,7 +323,7 @@ class Session:
     def clear_state(self) -> None:
         """Forget inflight, queue and QoS 2 ids (clean start or end of session)."""
         self.inflight.clear()
-        self.queue.clear()
+        self.queue = _NO_QUEUE
         self.queue_bytes = 0
         self.queue_qos0 = 0
         self.inbound_qos2.clear()
