@@ -182,7 +182,11 @@ def start_broker(name: str, args: argparse.Namespace, sc: Scenario) -> BrokerPro
         b: BrokerProcess = Mosquitto(cpus=args.broker_cpus)
     else:
         b = FluxmqNode(cpus=args.broker_cpus, sets=list(sc.fluxmq_sets) + list(args.fluxmq_set))
-    return b.start(timeout=60)
+    try:
+        return b.start(timeout=60)
+    except BaseException:
+        b.cleanup()
+        raise
 
 
 def run_one(args: argparse.Namespace, sc: Scenario, broker_name: str, run: int, log: Any) -> dict[str, Any]:
@@ -498,10 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(started=started.strftime("%Y-%m-%d %H:%M UTC"), generator=gen, git=_git_head(),
                 command="bench/compare " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
     versions = {}
-    if "mosquitto" in brokers:
-        versions["mosquitto"] = Mosquitto().version()
-    if "fluxmq" in brokers:
-        versions["fluxmq"] = FluxmqNode().version()
+    for name, cls in (("mosquitto", Mosquitto), ("fluxmq", FluxmqNode)):
+        if name in brokers:
+            probe = cls()
+            versions[name] = probe.version()
+            probe.cleanup()
     results: dict[str, dict[str, Any]] = {}
     log_path = out_dir / f"compare-{stamp}.log"
     t_start = time.monotonic()
