@@ -18,6 +18,7 @@ Refusals and limit hits are logged at most once per client and kind per minute.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 from fluxmq._core.trie import validate_filter
@@ -126,6 +127,7 @@ class AuthService:
         self.allow_anonymous = (self.passwords is None and self.http is None) if allow is None else allow
         self.log_gate = LogGate(60.0)
         self.generation = 0  # bumps when the rules change (reload): policies pick up the new ACL
+        self._policies: weakref.WeakSet[ClientPolicy] = weakref.WeakSet()  # live ones, refreshed on reload
         self.on_rules_changed: Callable[[], None] | None = None  # the broker drops its cached routes
         self._acls: dict[str, tuple[str | None, ClientAcl]] = {}
         self.counters = {"auth_failed": 0, "publish_denied": 0, "subscribe_denied": 0, "rate_limited": 0,
@@ -295,6 +297,8 @@ class AuthService:
         self.acl = acl
         self._acls.clear()
         self.generation += 1
+        for policy in list(self._policies):
+            policy._refresh()  # clears its per-topic answers, which the protocol layer reads directly
         if self.http is not None:
             self.http.cache.clear()
         if self.on_rules_changed is not None:
@@ -306,7 +310,7 @@ class ClientPolicy:
     """What one connection may do: ACL decisions (cached per topic) and its own rate buckets."""
 
     __slots__ = ("service", "client_id", "username", "peer", "acl", "generation", "http_acl", "msg_bucket",
-                 "byte_bucket", "topic_caps", "max_subscriptions", "_topics")
+                 "byte_bucket", "topic_caps", "max_subscriptions", "_topics", "fast", "__weakref__")
 
     def __init__(self, service: AuthService, client_id: str, username: str | None, peer: str = "") -> None:
         self.service = service
@@ -323,6 +327,11 @@ class ClientPolicy:
         self.topic_caps = limits if (limits.max_topic_levels or limits.max_topic_length) else None
         self.max_subscriptions = limits.max_subscriptions
         self._topics: dict[str, int] = {}  # topic -> 0 or the refusal of its caps and ACL file rules
+        # The same dict when that is all a PUBLISH needs (no rate, no HTTP ACL): the protocol layer
+        # then skips the call for a topic already allowed. The service clears it when rules change.
+        self.fast = self._topics if self.msg_bucket is None and self.byte_bucket is None and self.http_acl is None \
+            else None
+        service._policies.add(self)
 
     def _refresh(self) -> None:
         self.acl = self.service.acl_for(self.client_id, self.username)

@@ -743,12 +743,15 @@ class MQTTConnection:
                 raise ProtocolError("Subscription Identifier in a PUBLISH from a client (MQTT-3.3.4-6)")
         if not topic:
             raise ProtocolError("empty topic name")  # [MQTT-4.7.3-1]
-        refused = 0
-        if self._policy is not None:
-            refused = self._policy.check_publish(topic, len(p.payload))
-            if refused and refused != 0x87 and (qos == 0 or refused == 0x96 or self.version != 5):
-                self._close_over_limit(refused)  # a rate, or a topic cap without an ack to carry it
-                return
+        policy = self._policy
+        if policy is not None:
+            # ACL, rates, topic caps; a topic already allowed (and nothing per message) is one lookup
+            fast = policy.fast
+            if fast is None or fast.get(topic) != 0:
+                refused = policy.check_publish(topic, len(p.payload))
+                if refused:
+                    self._refuse_publish(p, qos, refused)
+                    return
         if qos > settings.max_qos:
             raise MQTTError("QoS not supported", 0x9B)
         if p.retain and not settings.retain_available:
@@ -767,9 +770,6 @@ class MQTTConnection:
             if qos == 0:
                 raise MQTTError(_ACK_REASONS[0x99], 0x99)
             accepted, reason = False, 0x99
-        if refused and accepted:
-            # ACL: 5.0 gets 0x87 on its ack; 3.x has no negative ack, so the message is just dropped.
-            accepted, reason = False, refused
         if qos == 0:
             if accepted:
                 self._route(topic, p, props)
@@ -804,6 +804,21 @@ class MQTTConnection:
             self._ack5(c.Pubrec, pid, reason)
         else:
             self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+
+    def _refuse_publish(self, p, qos: int, reason_code: int) -> None:
+        """A PUBLISH the client's policy refuses. ACL (0x87): 5.0 gets it on its PUBACK/PUBREC; 3.x
+        has no negative ack, so the message is acknowledged and dropped. A topic cap (0x97) goes on
+        a 5.0 ack too; a rate (0x96), or a refusal with no ack to carry it, closes the connection."""
+        if reason_code != 0x87 and (qos == 0 or reason_code == 0x96 or self.version != 5):
+            self._close_over_limit(reason_code)
+            return
+        if qos == 0:
+            return
+        pid = p.packet_id
+        if self.version == 5:
+            self._ack5(c.Puback if qos == 1 else c.Pubrec, pid, reason_code)
+        else:
+            self._write(bytes((0x40 if qos == 1 else 0x50, 2, pid >> 8, pid & 0xFF)))
 
     def _close_over_limit(self, reason_code: int) -> None:
         """Over a rate or a cap (already logged, once a minute): 5.0 gets DISCONNECT with

@@ -85,6 +85,7 @@ def test_policy_checks(files) -> None:
 def test_publish_rates(files) -> None:
     svc = AuthService(AuthSettings(limits=PublishLimits(publish_rate=1.0, publish_burst=3)))
     pol = svc.policy("c", None)
+    assert pol.fast is None  # a rate is checked on every PUBLISH
     assert [pol.check_publish("t", 1) for _ in range(4)] == [0, 0, 0, 0x96]
     svc2 = AuthService(AuthSettings(limits=PublishLimits(publish_bytes_rate=100)))
     pol2 = svc2.policy("c", None)
@@ -120,8 +121,10 @@ def test_reload_swaps_rules_and_keeps_them_on_error(files, tmp_path: Path) -> No
     pol = svc.policy("c1", "alice")
     assert pol.check_publish("a/x", 1) == 0
     Path(files[1]).write_text("user alice\ntopic read a/#\n")
+    assert pol.fast == {"a/x": 0}  # what the protocol layer reads without calling check_publish
     assert svc.reload_files() == ["auth.password_file", "auth.acl_file"]
     assert changed == [1]
+    assert pol.fast == {}  # a live connection forgets its answers when the rules change
     assert pol.check_publish("a/x", 1) == 0x87  # the live connection's policy follows
     Path(files[1]).write_text("topic bogus a b\n")
     with pytest.raises(ConfigError):
