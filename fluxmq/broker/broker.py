@@ -150,10 +150,8 @@ class Broker:
         session.expiry_interval = expiry_interval
         session.persistent = expiry_interval > 0
         session.will = will
-        if self.auth is not None and session.username != username:
-            self.auth.forget(client_id)
-            if session.subscriptions:
-                self.router.invalidate()  # its routes were filtered by the other user's read rules
+        if self.auth is not None and session.username != username and session.subscriptions:
+            self.router.invalidate()  # its routes were filtered by the other user's read rules
         session.username = username
         if isinstance(session, PersistentSession):
             store = session.store
