@@ -137,3 +137,13 @@ def test_connect_gate(files) -> None:
     gate = svc.connect_gate
     assert gate("1.1.1.1") and gate("1.1.1.1") and not gate("1.1.1.1") and gate("2.2.2.2")
     assert svc.counters["connect_rate_limited"] == 1
+
+
+def test_costly_hashes_are_checked_off_the_hub(tmp_path: Path) -> None:
+    """A hash with many iterations goes through the hub's thread pool (same answer)."""
+    pw = tmp_path / "passwd"
+    pw.write_text(f"slow:{hash_password('x', iterations=5000)}\n")
+    svc = AuthService(AuthSettings(password_file=str(pw)))
+    assert svc.passwords.iterations("slow") == 5000
+    assert svc.authenticate("c", "slow", b"x", "p").ok
+    assert not svc.authenticate("c", "slow", b"y", "p").ok
