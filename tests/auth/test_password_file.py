@@ -238,3 +238,16 @@ def test_unknown_user_costs_a_hash(monkeypatch) -> None:
     assert not pf.verify("alice", b"y")
     assert decoy.checked == [b"x"]
     assert pw._DECOY is decoy and isinstance(pw.PasswordHash.parse(pf.hash_of("alice")), pw.PasswordHash)
+
+
+def test_fluxmq_passwd_console_script_is_declared() -> None:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    target = tomllib.loads(pyproject.read_text())["project"]["scripts"]["fluxmq-passwd"]
+    module, _, name = target.partition(":")
+    assert (module, name) == (pw.__name__, "main")
+    installed = shutil.which("fluxmq-passwd", path=str(Path(os.sys.executable).parent))
+    if installed:  # present once the venv was (re)installed by scripts/test or scripts/run
+        out = subprocess.run([installed], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1 and "mosquitto_passwd's format" in out.stdout
