@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import resource
 import selectors
 import socket
 import threading
@@ -29,6 +30,14 @@ HALF_OPEN = 10_000
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    # This process holds the half-open sockets and the node's worker accepts them: both need more
+    # descriptors than a default soft limit of 1024 (the node inherits the limit set here).
+    need = HALF_OPEN + 2048
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"open-files hard limit {hard} < {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     factory = NodeFactory(tmp_path_factory.mktemp("hostile"))
     try:
         yield factory({"storage.type": "memory", "server.connect_timeout": "1s",
