@@ -3,7 +3,8 @@
 # fluxmq_setup [--system-packages] [--test]
 #   - installs missing Debian packages with apt-get (only what is missing; as root or via sudo):
 #     always what a venv and the Cython build need (python3.X-venv, python3.X-dev) when this Python
-#     lacks them; with --system-packages also mosquitto, mosquitto-clients and procps;
+#     lacks them; with --system-packages also mosquitto, mosquitto-clients and procps (the mosquitto
+#     service the package starts is stopped and disabled: it would hold port 1883);
 #   - creates .venv with Python 3.11+ when missing;
 #   - installs fluxmq editable with its extras (test extras with --test) and builds the Cython core
 #     in place, only when needed: no stamp, a .pyx/.pxd/setup.py/pyproject.toml newer than the
@@ -48,6 +49,18 @@ fluxmq_apt_install() {
     fluxmq_log "installing Debian packages: $*"
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    if [[ " $* " == *" mosquitto "* ]]; then
+        # On a booted Debian the package also starts and enables mosquitto.service, which then holds
+        # port 1883 that scripts/run needs; the tests start their own mosquitto, so switch it off.
+        if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+            fluxmq_log "stopping and disabling mosquitto.service (it takes port 1883 from fluxmq)"
+            $sudo systemctl disable --now mosquitto.service >/dev/null 2>&1 || true
+        elif [ -x /etc/init.d/mosquitto ] && command -v update-rc.d >/dev/null 2>&1; then
+            fluxmq_log "stopping and disabling the mosquitto service (it takes port 1883 from fluxmq)"
+            $sudo invoke-rc.d mosquitto stop >/dev/null 2>&1 || true
+            $sudo update-rc.d mosquitto disable >/dev/null 2>&1 || true
+        fi
+    fi
 }
 
 fluxmq_deb_missing() {
