@@ -93,7 +93,7 @@ class MQTTConnection:
                  "_aliases_out", "_alias_max_out", "_auth_method", "_auth_exchange", "_pending_connect",
                  "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
                  "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__",
-                 "_policy")
+                 "_policy", "_npk")
 
     def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
                  over_limit: bool = False) -> None:
@@ -131,6 +131,7 @@ class MQTTConnection:
         self._idle_spent = 0.0  # idle seconds already waited when the connection parks
         self._parked = None  # (io watcher, keep-alive timer) while parked
         self.on_close = None  # set by the listener: called once when the connection has ended
+        self._npk = 0  # packets written since the last flush (added to stats.messages_sent there)
         self._policy = None  # fluxmq.auth ClientPolicy (ACL, rates, caps); None when none is configured
 
     # -- read loop -------------------------------------------------------------------------------
@@ -306,6 +307,7 @@ class MQTTConnection:
 
     def _write(self, data) -> None:
         self.out += data
+        self._npk += 1
         if not self._dirty:
             self._dirty = True
             self.flusher.mark(self)
@@ -318,6 +320,9 @@ class MQTTConnection:
         """
         self._dirty = False
         out = self.out
+        if self._npk:
+            self.broker.stats.messages_sent += self._npk
+            self._npk = 0
         if not out or self._writer is not None:
             return
         if limit is not None and limit < len(out):
@@ -421,6 +426,7 @@ class MQTTConnection:
             append_publish(self.out, data, packet_id, dup)
         else:
             self.out += data
+        self._npk += 1
         if not self._dirty:
             self._dirty = True
             self.flusher.mark(self)

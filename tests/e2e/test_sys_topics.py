@@ -106,3 +106,28 @@ def test_sys_not_delivered_to_hash_subscriber_over_refreshes_MQTT_4_7_2_1(sys_no
     finally:
         watcher.disconnect()
         sub.disconnect()
+
+
+def test_sys_messages_sent_counts_packets_the_broker_wrote(sys_node) -> None:
+    """``messages/sent`` counts MQTT packets written to clients: after this test's CONNACKs, SUBACK,
+    PUBLISHes and PUBACKs a later refresh is above zero and above what it was before them."""
+    watcher = paho_connected(sys_node, unique("sys-sent"))
+    try:
+        watcher.subscribe("$SYS/broker/messages/sent", 0)
+        first = int(watcher.get(timeout=15).payload)
+        topic = unique("sys/sent")
+        pub = paho_connected(sys_node, unique("sys-sent-pub"))
+        try:
+            watcher.subscribe(topic, 1)
+            for i in range(5):
+                pub.publish(topic, b"m%d" % i, 1)
+        finally:
+            pub.disconnect()
+        for _ in range(20):  # one refresh per second: a bound of ~20 refreshes
+            msg = watcher.get(timeout=15)
+            if msg.topic == "$SYS/broker/messages/sent" and int(msg.payload) > first + 5:
+                break
+        else:
+            raise AssertionError(f"messages/sent stayed near {first}")
+    finally:
+        watcher.disconnect()
