@@ -633,6 +633,9 @@ cdef dict _r_props(_Reader* r, int kind):
             if _PVALUE[pid] == 1 and number > 1:
                 raise ProtocolError(f"property 0x{pid:02X} must be 0 or 1, got {number}")
             if _PVALUE[pid] == 2 and number == 0:
+                if pid == P_TOPIC_ALIAS:
+                    # Its own reason code: Topic Alias invalid [MQTT-3.3.2-8].
+                    raise ProtocolError("topic alias 0", 0x94)
                 raise ProtocolError(f"property 0x{pid:02X} must not be 0")
             value = number
             if pid == P_SUBSCRIPTION_IDENTIFIER:

@@ -285,6 +285,13 @@ def test_empty_publish_topic_needs_a_topic_alias_in_5_0():
     assert packets == [Publish("", b"p", properties={0x23: 5})]
 
 
+def test_topic_alias_zero_is_topic_alias_invalid_MQTT_3_3_2_8():
+    """A Topic Alias of 0 is a protocol error with its own reason code, 0x94 Topic Alias invalid."""
+    with pytest.raises(ProtocolError) as info:
+        Decoder(version=5).feed(frame(0x30, s(b"t") + block(prop(0x23, b"\x00\x00")) + b"p"))
+    assert info.value.reason_code == 0x94
+
+
 def test_wildcard_or_empty_will_topic_is_invalid():
     """MQTT-3.1.3-11 and MQTT-4.7.3-1 applied to the Will Topic."""
     rejects(connect_v(4, 0x06, s(b"c") + s(b"w/#") + s(b"m")), TopicNameInvalid, version=0)

@@ -119,7 +119,7 @@ AFTER_CONNECT = {
 # 5.0 reason codes where a 5.0 packet breaks a rule of its own (the 3.1.1 bytes above do not apply).
 V5_ONLY = {
     "unknown_property_in_publish_MQTT_2_2_2_2": (lambda v: publish_raw(b"a/b", b"x", props=b"\x02\x7f\x00"), 0x81),
-    "topic_alias_0_MQTT_3_3_2_8": (lambda v: publish_raw(b"a/b", b"x", props=b"\x03\x23\x00\x00"), 0x82),
+    "topic_alias_0_MQTT_3_3_2_8": (lambda v: publish_raw(b"a/b", b"x", props=b"\x03\x23\x00\x00"), 0x94),
     "subscribe_retain_handling_3": (lambda v: b"\x82\x07\x00\x01\x00\x00\x01a\x30", 0x82),
     "subscribe_options_reserved_bits_MQTT_3_8_3_5": (lambda v: b"\x82\x07\x00\x01\x00\x00\x01a\xc0", 0x81),
     "no_local_on_shared_subscription_MQTT_3_8_3_4": (
