@@ -96,7 +96,7 @@ class Session:
 
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
-                 "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username")
+                 "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held")
 
     def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
         self.client_id = client_id
@@ -110,6 +110,9 @@ class Session:
         self.queue: deque | tuple = _NO_QUEUE
         self.queue_bytes = 0
         self.queue_qos0 = 0  # QoS 0 items in the queue, so eviction knows when to look
+        # Packet ids in flight from an earlier connection that this one has not been resent yet:
+        # a client that reconnects with a smaller Receive Maximum gets them as its window frees.
+        self.held: deque | tuple = ()
         self.inbound_qos2: set[int] = set()  # QoS 2 ids received, PUBREC sent, PUBREL pending
         self.send_quota = limits.max_inflight
         self.will: Will | None = None
@@ -209,8 +212,12 @@ class Session:
     def pump(self) -> None:
         """Move queued messages to the client while its window and output allow."""
         d = self.delivery
+        if d is None:
+            return
+        if self.held:
+            self._resend_held(d)
         queue = self.queue
-        if d is None or not queue:
+        if not queue:
             return
         inflight = self.inflight
         while queue and not d.is_congested():
@@ -273,7 +280,7 @@ class Session:
         if entry is None or entry.qos != 1:
             return False
         del self.inflight[packet_id]
-        if self.queue:
+        if self.queue or self.held:
             self.pump()
         return True
 
@@ -285,7 +292,7 @@ class Session:
         if reason_code >= 0x80:
             # 5.0: the receiver refused it; the exchange ends here [MQTT-4.3.3-?], no PUBREL.
             del self.inflight[packet_id]
-            if self.queue:
+            if self.queue or self.held:
                 self.pump()
             return True
         entry.released = True
@@ -297,24 +304,37 @@ class Session:
         if entry is None or not entry.released:
             return False
         del self.inflight[packet_id]
-        if self.queue:
+        if self.queue or self.held:
             self.pump()
         return True
 
     # -- connection lifecycle --------------------------------------------------------------------
 
     def attach(self, delivery: Delivery, send_quota: int) -> None:
-        """Bind a new connection: resend what was in flight (DUP set), then drain the queue."""
+        """Bind a new connection: resend what was in flight (DUP set, PUBREL for released QoS 2)
+        in order [MQTT-4.4.0-1], at most the client's Receive Maximum of them now and the rest as
+        acknowledgements free its window [MQTT-4.9.0-2]; then drain the queue."""
         self.delivery = delivery
         self.send_quota = min(send_quota, 65535)
-        for pid, entry in list(self.inflight.items()):
-            if entry.released:
-                delivery.send_pubrel(pid)
-            elif not delivery.send_publish(entry.message, entry.qos, entry.retain, pid, True,
-                                           entry.subscription_ids):
-                del self.inflight[pid]
-                self._stats.dropped("packet_too_large")
+        self.held = deque(self.inflight) if self.inflight else ()
         self.pump()
+
+    def _resend_held(self, d: Delivery) -> None:
+        held = self.held
+        inflight = self.inflight
+        quota = self.send_quota
+        while held and len(inflight) - len(held) < quota:
+            pid = held.popleft()
+            entry = inflight.get(pid)
+            if entry is None:
+                continue  # acknowledged or handed over meanwhile
+            if entry.released:
+                d.send_pubrel(pid)
+            elif not d.send_publish(entry.message, entry.qos, entry.retain, pid, True, entry.subscription_ids):
+                self._forget_inflight(pid)
+                self._stats.dropped("packet_too_large")
+        if not held:
+            self.held = ()
 
     def detach(self) -> None:
         """The connection ended; state stays for a persistent session."""
@@ -323,6 +343,7 @@ class Session:
     def clear_state(self) -> None:
         """Forget inflight, queue and QoS 2 ids (clean start or end of session)."""
         self.inflight.clear()
+        self.held = ()
         self.queue = _NO_QUEUE
         self.queue_bytes = 0
         self.queue_qos0 = 0
@@ -330,7 +351,7 @@ class Session:
 
     def on_writable(self) -> None:
         """The client's output drained below its low-water mark."""
-        if self.queue:
+        if self.queue or self.held:
             self.pump()
 
     def __repr__(self) -> str:
@@ -421,7 +442,7 @@ class PersistentSession(Session):
             return False
         del self.inflight[packet_id]
         self.store.delete_inflight(self.client_id, packet_id)  # before pump() may reuse the id
-        if self.queue:
+        if self.queue or self.held:
             self.pump()
         return True
 
@@ -432,7 +453,7 @@ class PersistentSession(Session):
         if reason_code >= 0x80:
             del self.inflight[packet_id]
             self.store.delete_inflight(self.client_id, packet_id)
-            if self.queue:
+            if self.queue or self.held:
                 self.pump()
             return True
         if not entry.released:
@@ -446,15 +467,9 @@ class PersistentSession(Session):
             return False
         del self.inflight[packet_id]
         self.store.delete_inflight(self.client_id, packet_id)
-        if self.queue:
+        if self.queue or self.held:
             self.pump()
         return True
-
-    def attach(self, delivery: Delivery, send_quota: int) -> None:
-        before = set(self.inflight)
-        Session.attach(self, delivery, send_quota)
-        for pid in before.difference(self.inflight):  # dropped as too large for the new client
-            self.store.delete_inflight(self.client_id, pid)
 
     def detach(self) -> None:
         Session.detach(self)
@@ -463,6 +478,7 @@ class PersistentSession(Session):
     def clear_state(self) -> None:
         self.store.clear_session_state(self.client_id, self.queue.next)
         self.inflight.clear()
+        self.held = ()
         self.queue.clear()
         self.queue_bytes = 0
         set.clear(self.inbound_qos2)

@@ -127,6 +127,29 @@ def test_reattach_resends_inflight_with_dup_and_pubrel_MQTT_4_4_0_1():
     assert d2.pubrels == [pid_c]
 
 
+def test_reconnect_with_smaller_receive_maximum_resends_within_it_MQTT_4_9_0_2():
+    """Five in flight, reconnect with Receive Maximum 2: two resent now, one more per acknowledgement,
+    in the original order, before anything new."""
+    s, _ = make()
+    d1 = RecordingDelivery()
+    s.attach(d1, 10)
+    for t in "abcde":
+        s.deliver(msg(t), 1, False, None)
+    pids = [x[3] for x in d1.sent]
+    s.detach()
+    s.deliver(msg("new"), 1, False, None)
+    d2 = RecordingDelivery()
+    s.attach(d2, 2)
+    assert [(x[0], x[4]) for x in d2.sent] == [("a", True), ("b", True)]
+    s.on_puback(pids[0])
+    assert [x[0] for x in d2.sent] == ["a", "b", "c"]
+    for pid in pids[1:]:
+        s.on_puback(pid)
+    assert [x[0] for x in d2.sent] == ["a", "b", "c", "d", "e", "new"]
+    assert [x[4] for x in d2.sent] == [True] * 5 + [False]
+    assert not s.held
+
+
 def test_offline_qos1_is_queued_and_sent_on_attach():
     s, _ = make()
     s.deliver(msg("a"), 1, False, None)
