@@ -279,7 +279,7 @@ class Session:
         entry = self.inflight.get(packet_id)
         if entry is None or entry.qos != 1:
             return False
-        del self.inflight[packet_id]
+        self._forget_inflight(packet_id)  # before pump() may reuse the id
         if self.queue or self.held:
             self.pump()
         return True
@@ -290,20 +290,25 @@ class Session:
         if entry is None or entry.qos != 2:
             return False
         if reason_code >= 0x80:
-            # 5.0: the receiver refused it; the exchange ends here [MQTT-4.3.3-?], no PUBREL.
-            del self.inflight[packet_id]
+            # 5.0: the receiver refused it; the exchange ends here, no PUBREL (MQTT 5.0 4.3.3).
+            self._forget_inflight(packet_id)
             if self.queue or self.held:
                 self.pump()
             return True
-        entry.released = True
+        if not entry.released:
+            entry.released = True
+            self._released(packet_id)
         return True
+
+    def _released(self, packet_id: int) -> None:
+        """Hook: a QoS 2 message in flight reached PUBREL (a durable session records it)."""
 
     def on_pubcomp(self, packet_id: int) -> bool:
         """PUBCOMP ends an outbound QoS 2 exchange."""
         entry = self.inflight.get(packet_id)
         if entry is None or not entry.released:
             return False
-        del self.inflight[packet_id]
+        self._forget_inflight(packet_id)
         if self.queue or self.held:
             self.pump()
         return True
@@ -436,40 +441,8 @@ class PersistentSession(Session):
         del self.inflight[packet_id]
         self.store.delete_inflight(self.client_id, packet_id)
 
-    def on_puback(self, packet_id: int) -> bool:
-        entry = self.inflight.get(packet_id)
-        if entry is None or entry.qos != 1:
-            return False
-        del self.inflight[packet_id]
-        self.store.delete_inflight(self.client_id, packet_id)  # before pump() may reuse the id
-        if self.queue or self.held:
-            self.pump()
-        return True
-
-    def on_pubrec(self, packet_id: int, reason_code: int = 0) -> bool:
-        entry = self.inflight.get(packet_id)
-        if entry is None or entry.qos != 2:
-            return False
-        if reason_code >= 0x80:
-            del self.inflight[packet_id]
-            self.store.delete_inflight(self.client_id, packet_id)
-            if self.queue or self.held:
-                self.pump()
-            return True
-        if not entry.released:
-            entry.released = True
-            self.store.release_inflight(self.client_id, packet_id)
-        return True
-
-    def on_pubcomp(self, packet_id: int) -> bool:
-        entry = self.inflight.get(packet_id)
-        if entry is None or not entry.released:
-            return False
-        del self.inflight[packet_id]
-        self.store.delete_inflight(self.client_id, packet_id)
-        if self.queue or self.held:
-            self.pump()
-        return True
+    def _released(self, packet_id: int) -> None:
+        self.store.release_inflight(self.client_id, packet_id)
 
     def detach(self) -> None:
         Session.detach(self)
