@@ -120,7 +120,7 @@ fluxmq_build() {
     if [ "$want_test" = 1 ]; then extras="[test]"; fi
     py="$VENV/bin/python"
     fluxmq_log "building fluxmq (Cython core) into $VENV"
-    "$py" -m pip install -q --disable-pip-version-check 'cython>=3' 'setuptools>=68' wheel
+    "$py" -m pip install -q --disable-pip-version-check 'cython>=3' 'setuptools>=77' wheel
     (cd "$ROOT" && "$py" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".$extras")
     modules="$(fluxmq_core_modules | tr '\n' ' ')"
     # The editable install must leave the compiled modules importable from anywhere; if this
