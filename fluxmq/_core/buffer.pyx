@@ -16,6 +16,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.string cimport memcpy, memmove
 
+from fluxmq._core.codec cimport copy_publish, publish_id_offset
+
 # Keep at most this much capacity once a burst has drained (per connection memory bound).
 cdef Py_ssize_t IDLE_CAPACITY_LIMIT = 256 * 1024
 cdef char EMPTY[1]
@@ -142,33 +144,8 @@ cdef class WriteBuffer:
         ``codec.append_publish``); for QoS 0 the packet id is ignored and DUP stays 0."""
         cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(encoded)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(encoded)
-        cdef Py_ssize_t offset = 1
-        cdef unsigned int first
-        cdef unsigned char* dst
-        if n < 4 or (src[0] >> 4) != 3:
-            raise ValueError("not an encoded PUBLISH")
-        first = src[0]
-        while src[offset] & 0x80:
-            offset += 1
-            if offset > 4 or offset >= n:
-                raise ValueError("not an encoded PUBLISH")
-        offset += 1
-        if first & 0x06:
-            if packet_id <= 0 or packet_id > 0xFFFF:
-                raise ValueError(f"packet id {packet_id} outside 1..65535")
-            if offset + 2 > n:
-                raise ValueError("not an encoded PUBLISH")
-            offset += 2 + ((src[offset] << 8) | src[offset + 1])
-            if offset + 2 > n:
-                raise ValueError("not an encoded PUBLISH")
-        dst = <unsigned char*>self._make_room(n)
-        memcpy(dst, src, n)
-        if first & 0x06:
-            dst[0] = (first & 0xF7) | (0x08 if dup else 0)
-            dst[offset] = packet_id >> 8
-            dst[offset + 1] = packet_id & 0xFF
-        else:
-            dst[0] = first & 0xF7
+        cdef Py_ssize_t offset = publish_id_offset(src, n, packet_id)
+        copy_publish(<unsigned char*>self._make_room(n), src, n, offset, packet_id, dup)
         self._end += n
 
     cpdef memoryview peek(self):

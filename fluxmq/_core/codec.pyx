@@ -1505,6 +1505,43 @@ cpdef bytes encode_publish(str topic, object payload, int qos=0, bint retain=Fal
         PyMem_Free(props_out.data)
 
 
+cdef Py_ssize_t publish_id_offset(const unsigned char* src, Py_ssize_t n, int packet_id) except -1:
+    """Check that ``src[:n]`` is an encoded PUBLISH; the offset of its packet id (0 for QoS 0)."""
+    cdef Py_ssize_t offset = 1
+    if n < 4 or (src[0] >> 4) != T_PUBLISH:
+        raise ValueError("not an encoded PUBLISH")
+    while src[offset] & 0x80:
+        offset += 1
+        if offset > 4 or offset >= n:
+            raise ValueError("not an encoded PUBLISH")
+    offset += 1
+    if not src[0] & 0x06:
+        return 0
+    # offset is now at the topic length; the packet id follows the topic.
+    if packet_id <= 0 or packet_id > 0xFFFF:
+        raise ValueError(f"packet id {packet_id} outside 1..65535")
+    if offset + 2 > n:
+        raise ValueError("not an encoded PUBLISH")
+    offset += 2 + ((src[offset] << 8) | src[offset + 1])
+    if offset + 2 > n:
+        raise ValueError("not an encoded PUBLISH")
+    return offset
+
+
+cdef void copy_publish(unsigned char* dst, const unsigned char* src, Py_ssize_t n, Py_ssize_t offset,
+                       int packet_id, bint dup) noexcept:
+    """Copy an encoded PUBLISH with the packet id at ``offset`` and the DUP flag replaced; for
+    QoS 0 (``offset`` 0) DUP stays 0 (MQTT-3.3.1-2)."""
+    cdef unsigned int first = src[0]
+    memcpy(dst, src, n)
+    if offset:
+        dst[0] = (first & 0xF7) | (0x08 if dup else 0)
+        dst[offset] = packet_id >> 8
+        dst[offset + 1] = packet_id & 0xFF
+    else:
+        dst[0] = first & 0xF7
+
+
 cpdef append_publish(bytearray out, bytes encoded, int packet_id, bint dup):
     """Append the PUBLISH ``encoded`` to ``out`` with its packet id and DUP flag replaced.
 
@@ -1512,33 +1549,7 @@ cpdef append_publish(bytearray out, bytes encoded, int packet_id, bint dup):
     """
     cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(encoded)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(encoded)
-    cdef Py_ssize_t offset = 1, old
-    cdef unsigned int first
-    cdef unsigned char* dst
-    if n < 4 or (src[0] >> 4) != T_PUBLISH:
-        raise ValueError("not an encoded PUBLISH")
-    first = src[0]
-    while src[offset] & 0x80:
-        offset += 1
-        if offset > 4 or offset >= n:
-            raise ValueError("not an encoded PUBLISH")
-    offset += 1
-    # offset is now at the topic length; the packet id follows the topic.
-    if first & 0x06:
-        if packet_id <= 0 or packet_id > 0xFFFF:
-            raise ValueError(f"packet id {packet_id} outside 1..65535")
-        if offset + 2 > n:
-            raise ValueError("not an encoded PUBLISH")
-        offset += 2 + ((src[offset] << 8) | src[offset + 1])
-        if offset + 2 > n:
-            raise ValueError("not an encoded PUBLISH")
-    old = PyByteArray_GET_SIZE(out)
+    cdef Py_ssize_t offset = publish_id_offset(src, n, packet_id)
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(out)
     PyByteArray_Resize(out, old + n)
-    dst = <unsigned char*>PyByteArray_AS_STRING(out) + old
-    memcpy(dst, src, n)
-    if first & 0x06:
-        dst[0] = (first & 0xF7) | (0x08 if dup else 0)
-        dst[offset] = packet_id >> 8
-        dst[offset + 1] = packet_id & 0xFF
-    else:
-        dst[0] = first & 0xF7
+    copy_publish(<unsigned char*>PyByteArray_AS_STRING(out) + old, src, n, offset, packet_id, dup)
