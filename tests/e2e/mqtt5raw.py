@@ -11,13 +11,10 @@ Every wait is bounded and ends as soon as its condition holds; nothing sleeps a 
 
 from __future__ import annotations
 
-import itertools
 import queue
-import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,15 +26,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fluxmq._core import codec as c
 from tests.conftest import NodeFactory, RunningNode
-
-WAIT = 10.0  # bound of every wait, seconds (generous: the machine is shared)
-
-_ids = itertools.count(1)
-
-
-def unique(prefix: str) -> str:
-    """A name no other test of the run uses (client ids, topics)."""
-    return f"{prefix}-{next(_ids)}-{int(time.time() * 1000) % 100000}"
+from tests.e2e.mqttraw import WAIT, ConnectionClosed, RawClient
+from tests.e2e.mqttraw import unique as unique  # re-exported: the 5.0 tests import it from here
 
 
 @contextmanager
@@ -50,34 +40,25 @@ def module_node(tmp_path_factory: Any, overrides: Mapping[str, Any] | None = Non
         factory.close()
 
 
-class Closed(AssertionError):
-    """The broker closed the connection while a packet was expected."""
+Closed = ConnectionClosed  # the broker closed the connection while a packet was expected
 
 
-class Raw5:
-    """One TCP connection speaking MQTT (5.0 unless ``version`` says otherwise) packet by packet."""
+class Raw5(RawClient):
+    """One TCP connection speaking MQTT (5.0 unless ``version`` says otherwise) packet by packet.
+
+    The reading side (``recv``, ``expect``, ``wait_for``, ``wait_closed``, ``ack``) is RawClient's;
+    this class adds 5.0-shaped CONNECT, SUBSCRIBE, PUBLISH and DISCONNECT helpers.
+    """
 
     def __init__(self, node: Any, version: int = 5, timeout: float = WAIT) -> None:
-        self.version = version
-        self.sock = socket.create_connection((node.host, node.mqtt_port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.decoder = c.Decoder(version=version)
-        self.pending: deque = deque()
-        self.closed = False
+        super().__init__(node.host, node.mqtt_port, version, timeout)
         self.connack: Any = None
-
-    # -- sending -------------------------------------------------------------------------------
-
-    def send(self, *packets: Any) -> None:
-        self.sock.sendall(b"".join(c.encode(p, self.version) for p in packets))
-
-    def send_bytes(self, data: bytes) -> None:
-        self.sock.sendall(data)
 
     def connect(self, client_id: str = "", clean_start: bool = True, keepalive: int = 60,
                 properties: dict | None = None, will: Any = None, username: str | None = None,
                 password: bytes | None = None) -> Any:
         """Send CONNECT and return the broker's answer (CONNACK, or AUTH during enhanced auth)."""
+        self.client_id = client_id
         self.send(c.Connect(client_id, clean_start, keepalive, self.version, None, username, password, will,
                             properties))
         packet = self.recv()
@@ -101,15 +82,6 @@ class Raw5:
             return self.wait_for(lambda p: isinstance(p, c.Pubrec) and p.packet_id == packet_id)
         return None
 
-    def ack(self, publish: Any) -> None:
-        """Acknowledge a received PUBLISH (PUBACK, or PUBREC + wait PUBREL + PUBCOMP)."""
-        if publish.qos == 1:
-            self.send(c.Puback(publish.packet_id))
-        elif publish.qos == 2:
-            self.send(c.Pubrec(publish.packet_id))
-            self.wait_for(lambda p: isinstance(p, c.Pubrel) and p.packet_id == publish.packet_id)
-            self.send(c.Pubcomp(publish.packet_id))
-
     def disconnect(self, reason_code: int = 0, properties: dict | None = None) -> None:
         """DISCONNECT, then wait until the broker closed the socket: by then it has ended or stored the
         session, so a reconnect right after cannot overtake the DISCONNECT."""
@@ -123,59 +95,6 @@ class Raw5:
         finally:
             self.close()
 
-    def close(self) -> None:
-        """Close the socket without DISCONNECT."""
-        self.closed = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    # -- receiving -----------------------------------------------------------------------------
-
-    def _read(self, deadline: float) -> bool:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        self.sock.settimeout(left)
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            return False
-        self.pending.extend(self.decoder.feed(data))
-        return True
-
-    def recv(self, timeout: float = WAIT) -> Any:
-        """The next packet; ``Closed`` at end of stream, AssertionError when none comes in time."""
-        deadline = time.monotonic() + timeout
-        while not self.pending:
-            try:
-                if not self._read(deadline):
-                    raise Closed("broker closed the connection")
-            except TimeoutError:
-                raise AssertionError(f"no packet from the broker within {timeout}s") from None
-        return self.pending.popleft()
-
-    def expect(self, kind: type, timeout: float = WAIT) -> Any:
-        packet = self.recv(timeout)
-        assert isinstance(packet, kind), f"expected {kind.__name__}, got {packet!r}"
-        return packet
-
-    def wait_for(self, predicate: Callable[[Any], bool], timeout: float = WAIT) -> Any:
-        """The first packet matching ``predicate``; the others stay pending in order."""
-        deadline = time.monotonic() + timeout
-        skipped: list = []
-        try:
-            while True:
-                packet = self.recv(max(0.0, deadline - time.monotonic()))
-                if predicate(packet):
-                    return packet
-                skipped.append(packet)
-        finally:
-            self.pending.extendleft(reversed(skipped))
-
     def publishes_until(self, sentinel_topic: str, timeout: float = WAIT) -> list:
         """PUBLISH packets received before the one on ``sentinel_topic`` (all acknowledged)."""
         deadline = time.monotonic() + timeout
@@ -188,26 +107,6 @@ class Raw5:
             if packet.topic == sentinel_topic:
                 return got
             got.append(packet)
-
-    def wait_closed(self, timeout: float = WAIT) -> list:
-        """Wait until the broker closes the connection; returns the packets it sent before."""
-        deadline = time.monotonic() + timeout
-        got = list(self.pending)
-        self.pending.clear()
-        try:
-            while self._read(deadline):
-                got.extend(self.pending)
-                self.pending.clear()
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout}s; received {got!r}") from None
-        self.close()
-        return got
-
-    def __enter__(self) -> Raw5:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def raw5(node: Any, client_id: str = "", properties: dict | None = None, **kwargs: Any) -> Raw5:
