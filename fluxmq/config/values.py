@@ -267,13 +267,25 @@ class Float(ValueType):
         return value
 
 
+# YAML 1.1 booleans that YAML 1.2 (ruamel) reads as text; go-yaml v3 still decodes them into a bool
+# field, so a config written for the Go FluxMQ may use them.
+_YAML11_TRUE = frozenset({"yes", "on"})
+_YAML11_FALSE = frozenset({"no", "off"})
+
+
 class Bool(ValueType):
-    """A boolean: YAML ``true``/``false`` in a file; true/false/1/0/yes/no from env or ``--set``."""
+    """A boolean: YAML ``true``/``false`` (or YAML 1.1's yes/no/on/off) in a file; true/false/1/0/yes/no from env or ``--set``."""
 
     summary = "boolean"
-    expected = "true or false"
+    expected = "true or false (also yes/no, on/off)"
 
     def from_yaml(self, value: object) -> bool:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _YAML11_TRUE:
+                return True
+            if text in _YAML11_FALSE:
+                return False
         if not isinstance(value, bool):
             raise ValueError("")
         return value
