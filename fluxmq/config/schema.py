@@ -152,8 +152,8 @@ def _websocket_keys(section: str) -> tuple[Key, ...]:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("server.tcp.plain.addr", Addr(allow_empty=True), ":1883",
-        'Listener address host:port; "" disables the listener.'),
+    Key("server.tcp.plain.addr", Addr(allow_empty=True), "127.0.0.1:1883",
+        'Listener address host:port (":1883" = every IPv4 interface); "" disables the listener.'),
     Key("server.tcp.plain.max_connections", Int(1), 10000,
         "Most concurrent connections on this listener; more are refused."),
     Key("server.tcp.plain.read_timeout", Duration(), "0s",
@@ -168,7 +168,7 @@ KEYS: tuple[Key, ...] = (
         'mTLS listener address host:port (e.g. ":8884"); "" disables it.'),
     *_tls_keys("server.tcp.mtls"),
     *_limit_keys("server.tcp.mtls"),
-    Key("server.websocket.plain.addr", Addr(allow_empty=True), ":8083",
+    Key("server.websocket.plain.addr", Addr(allow_empty=True), "127.0.0.1:8083",
         'WebSocket listener address host:port; "" disables it.'),
     *_websocket_keys("server.websocket.plain"),
     *_limit_keys("server.websocket.plain"),
@@ -177,7 +177,7 @@ KEYS: tuple[Key, ...] = (
     *_websocket_keys("server.websocket.tls"),
     *_tls_keys("server.websocket.tls"),
     *_limit_keys("server.websocket.tls"),
-    Key("server.http.plain.addr", Addr(allow_empty=True), ":8080",
+    Key("server.http.plain.addr", Addr(allow_empty=True), "127.0.0.1:8080",
         'HTTP bridge address host:port; "" disables the listener.'),
     Key("server.http.plain.max_body_size", Size(1), "1MiB",
         "Largest request body accepted, in bytes; a larger one gets 413."),
@@ -198,7 +198,7 @@ KEYS: tuple[Key, ...] = (
         "A socket that sends no complete CONNECT within this is closed."),
     Key("server.health_enabled", Bool(), True,
         "Serve /health, /ready and /cluster/status on server.health_addr."),
-    Key("server.health_addr", Addr(), ":8081", "Health HTTP listener address host:port."),
+    Key("server.health_addr", Addr(), "127.0.0.1:8081", "Health HTTP listener address host:port."),
     Key("server.shutdown_timeout", Duration(), "10s", "Graceful shutdown budget on SIGTERM/SIGINT."),
     Key("broker.max_message_size", Size(1), 1048576, "Largest PUBLISH payload accepted, in bytes."),
     Key("broker.max_packet_size", Size(2), 2097152,

@@ -49,7 +49,7 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
 
 def test_check_without_config_prints_defaults(capsys: pytest.CaptureFixture) -> None:
     effective = check(capsys)
-    assert effective["server"]["health_addr"] == ":8081"
+    assert effective["server"]["health_addr"] == "127.0.0.1:8081"
     assert effective["server"]["health_enabled"] is True
 
 
@@ -208,3 +208,21 @@ def test_print_config_writes_the_commented_default(capsys) -> None:
     out = capsys.readouterr().out
     assert out == (REPO_ROOT / "conf" / "fluxmq.yaml").read_text(encoding="utf-8")
     assert out.startswith("# fluxmq configuration")
+
+
+def test_without_config_every_listener_is_on_loopback(capsys) -> None:
+    """No --config: a node listens on loopback only (an operator opens it up by setting an address)."""
+    from fluxmq.config import SCHEMA, parse_addr
+
+    effective = check(capsys)
+    addrs = {key: effective for key in SCHEMA.keys if key.endswith("addr")}
+    enabled = {}
+    for key in addrs:
+        node = effective
+        for part in key.split("."):
+            node = node[part]
+        if node:
+            enabled[key] = node
+    assert "server.tcp.plain.addr" in enabled and "server.health_addr" in enabled
+    for key, addr in enabled.items():
+        assert parse_addr(addr)[0] == "127.0.0.1", f"{key} = {addr!r} is not loopback"
