@@ -210,3 +210,24 @@ def test_mqtt_port_in_use_exits_nonzero_with_clear_line(node_factory: NodeFactor
     assert len(failures) == 1, n.log_tail()
     assert "in use" in failures[0]
     assert n.log_text().count("Booting worker") == 1  # halted, not restarted in a loop
+
+
+def test_first_log_line_names_the_data_directory_and_one_line_names_every_listener(
+        node_factory: NodeFactory) -> None:
+    """Issue 15: the node says where its data lives on its first line, and where each listener is on one."""
+    n = node_factory({"server.websocket.plain.addr": f"127.0.0.1:{_free_port()}"})
+    lines = n.log_text().splitlines()
+    assert "node_starting" in lines[0] and f"data={n.data_dir}" in lines[0], lines[0]
+    summary = [line for line in lines if "event=listeners" in line]
+    assert len(summary) == 1, lines
+    cfg = n.config["server"]
+    for url in (f"mqtt://{cfg['tcp']['plain']['addr']}", f"ws://{cfg['websocket']['plain']['addr']}/mqtt",
+                f"http://{cfg['health_addr']}", f"http://{cfg['http']['plain']['addr']}",
+                f"http://{cfg['admin']['addr']}"):
+        assert url in summary[0], (url, summary[0])
+
+
+def _free_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()
