@@ -41,13 +41,15 @@ class BrokerSettings:
 
     __slots__ = ("max_inflight", "max_queued_messages", "max_queued_bytes", "queue_overflow",
                  "max_retained_messages", "shared_subscription_strategy", "max_qos", "retain_available",
-                 "node_id", "persistent_max_queued_messages", "persistent_max_queued_bytes")
+                 "node_id", "persistent_max_queued_messages", "persistent_max_queued_bytes",
+                 "max_sessions", "max_session_expiry")
 
     def __init__(self, max_inflight: int = 100, max_queued_messages: int = 1000,
                  max_queued_bytes: int = 16 << 20, queue_overflow: str = "drop_new",
                  max_retained_messages: int = 10000, shared_subscription_strategy: str = "round_robin",
                  max_qos: int = 2, retain_available: bool = True, node_id: str = "single-node",
-                 persistent_max_queued_messages: int = 100000, persistent_max_queued_bytes: int = 100 << 20) -> None:
+                 persistent_max_queued_messages: int = 100000, persistent_max_queued_bytes: int = 100 << 20,
+                 max_sessions: int = 0, max_session_expiry: int = 0) -> None:
         self.max_inflight = max_inflight
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
@@ -60,6 +62,11 @@ class BrokerSettings:
         # Bounds of the on-disk queues of persistent sessions (storage.max_queued_*).
         self.persistent_max_queued_messages = persistent_max_queued_messages
         self.persistent_max_queued_bytes = persistent_max_queued_bytes
+        # Sessions the node holds, online and offline (0 = no limit): past it a new client id is refused.
+        self.max_sessions = max_sessions
+        # Cap of every session's expiry interval in seconds (0 = no cap); 3.1.1 persistent sessions,
+        # which never expire by themselves, expire after it.
+        self.max_session_expiry = max_session_expiry
 
 
 class SubscribeResult:
@@ -115,9 +122,18 @@ class Broker:
         """Find or create the session of ``client_id`` for a new connection; returns (session, present).
 
         An existing connection with the same client id is closed first (takeover, 5.0 reason 0x8E)
-        [MQTT-3.1.4-3]. Call ``attach`` once the CONNACK is written.
+        [MQTT-3.1.4-3]. Call ``attach`` once the CONNACK is written. ``expiry_interval`` is capped by
+        ``broker.max_session_expiry``: the session's ``expiry_interval`` holds the value in use.
+        Raises QuotaExceeded for a new client id while the node holds ``broker.max_sessions``
+        sessions; a client id that has a session may always reconnect or take over.
         """
         session = self.sessions.get(client_id)
+        limit = self.settings.max_sessions
+        if session is None and limit and len(self.sessions) >= limit:
+            log.warning("session_refused", extra={"client_id": client_id, "sessions": len(self.sessions),
+                                                  "reason": "broker.max_sessions"})
+            raise QuotaExceeded(f"session limit reached (broker.max_sessions {limit})")
+        expiry_interval = self.capped_expiry(expiry_interval)
         if session is not None:
             # A session with expiry 0 (3.x clean session) ends with its network connection, so a
             # takeover does not resume it [MQTT-3.1.2-6].
@@ -162,6 +178,12 @@ class Broker:
             else:
                 store.delete_will(client_id)
         return session, present
+
+    def capped_expiry(self, expiry_interval: int) -> int:
+        """``expiry_interval`` (seconds; EXPIRY_NEVER for a 3.1.1 persistent session) under the
+        ``broker.max_session_expiry`` cap; 0 (the session ends with its connection) stays 0."""
+        cap = self.settings.max_session_expiry
+        return cap if cap and expiry_interval > cap else expiry_interval
 
     def attach(self, session: Session, delivery: Delivery, send_quota: int) -> None:
         """Bind the connection to its session; resends in-flight messages and drains the queue."""
@@ -463,17 +485,19 @@ class Broker:
             if rec.will is not None:
                 fields, delay = rec.will
                 will = Will(Message(*fields), delay)
-            if rec.expiry_interval == 0 or (rec.expiry_interval != EXPIRY_NEVER and elapsed >= rec.expiry_interval):
+            # broker.max_session_expiry applies to sessions stored before it was set or lowered too.
+            expiry = self.capped_expiry(rec.expiry_interval)
+            if expiry == 0 or (expiry != EXPIRY_NEVER and elapsed >= expiry):
                 if will is not None:
                     due.append(will)  # the session ended during the downtime: its will goes now
                 store.delete_session(cid, rec.queue.next)
                 continue
             session = PersistentSession(cid, self.persistent_limits, self.stats, store, rec.queue)
-            session.expiry_interval = rec.expiry_interval
+            session.expiry_interval = expiry
             session.username = rec.username
             session.disconnected_at = gone_at
-            if not rec.disconnected_at:  # it was online when the node stopped
-                store.put_session(cid, rec.expiry_interval, gone_at, rec.username)
+            if not rec.disconnected_at or expiry != rec.expiry_interval:  # online at the stop, or capped now
+                store.put_session(cid, expiry, gone_at, rec.username)
             for filter, qos, no_local, rap, rh, sub_id in rec.subscriptions:
                 shared = parse_shared(filter)
                 sub = Subscription(session, filter, qos, no_local, rap, rh, sub_id, shared[0] if shared else None)
@@ -496,6 +520,10 @@ class Broker:
             self._arm_timer_remaining(session, elapsed)
         for will in due:
             self._publish_will(will)
+        limit = self.settings.max_sessions
+        if limit and len(self.sessions) > limit:
+            # Stored sessions are kept (their messages were acknowledged); only new ids wait for room.
+            log.warning("sessions_over_limit", extra={"sessions": len(self.sessions), "max_sessions": limit})
         log.info("restored", extra={"sessions": len(self.sessions), "retained": len(self.retained),
                                     "wills_published": len(due)})
 
