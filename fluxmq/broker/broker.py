@@ -145,9 +145,11 @@ class Broker:
                 old_will = session.will
                 session.will = None
                 old.close(0x8E, "session taken over")
-                # The old connection's will: published now unless the session continues and the
-                # will has a delay, in which case this reconnect cancels it [MQTT-3.1.3-9].
-                if old_will is not None and (ended or old_will.delay == 0):
+                # The old connection's will goes only when its session ends here (MQTT 5.0 3.1.2.5).
+                # A resumed session counts as reconnected before the will delay passed, whatever the
+                # delay, so it cancels the will [MQTT-3.1.3-9], as Mosquitto does: a half-open
+                # reconnect gives no spurious "offline" message.
+                if old_will is not None and ended:
                     self._publish_will(old_will)
             else:
                 # A reconnect within the will delay cancels the pending will.
