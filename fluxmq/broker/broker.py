@@ -69,6 +69,30 @@ class BrokerSettings:
         self.max_session_expiry = max_session_expiry
 
 
+# Messages a shared-subscription hand-over looks at per loop turn: with LMDB about 20 us each (read,
+# decode, route, deliver), so a turn of the hand-over holds the hub for a few milliseconds.
+HAND_OVER_CHUNK = 256
+# Between chunks the hand-over sleeps on a timer: sleep(0) would only queue a callback, and a
+# greenlet re-queueing itself that way kept the loop from running its timers for 100 ms and more.
+HAND_OVER_PAUSE = 0.001
+
+
+class SharedHandOver:
+    """One offline member's walk over its unfinished messages, handed to other members of its groups
+    a chunk per loop turn (``Session.hand_over_steps``). ``largest_step`` and ``turns`` say how the
+    work was split."""
+
+    __slots__ = ("session", "steps", "stopped", "moved", "turns", "largest_step")
+
+    def __init__(self, session: Session, steps) -> None:
+        self.session = session
+        self.steps = steps
+        self.stopped = False
+        self.moved = 0
+        self.turns = 0
+        self.largest_step = 0  # messages looked at in the largest turn
+
+
 class SubscribeResult:
     """Outcome of one subscription: the granted QoS and the retained messages to send after SUBACK."""
 
@@ -97,6 +121,9 @@ class Broker:
         self.router = Router(s.shared_subscription_strategy)
         self.retained = RetainedStore(s.max_retained_messages, self._store)
         self.sessions: dict[str, Session] = {}
+        # Shared-subscription hand-overs still running (a long queue goes in HAND_OVER_CHUNK steps).
+        self.hand_overs: dict[Session, SharedHandOver] = {}
+        self.hand_over_chunk = HAND_OVER_CHUNK
         self.connected = 0
         self.accepting = True
         # fluxmq.auth.service.AuthService, or None: no authentication, ACLs or limits at all.
@@ -135,6 +162,7 @@ class Broker:
             raise QuotaExceeded(f"session limit reached (broker.max_sessions {limit})")
         expiry_interval = self.capped_expiry(expiry_interval)
         if session is not None:
+            self._stop_hand_over(session)  # back online: what was not handed over yet stays with it
             # A session with expiry 0 (3.x clean session) ends with its network connection, so a
             # takeover does not resume it [MQTT-3.1.2-6].
             ended = clean_start or session.expiry_interval == 0
@@ -288,6 +316,7 @@ class Broker:
         own. While the session continues (``ending`` False) only online members take them; when it
         ends any other member does, queueing it if offline.
         """
+        self._stop_hand_over(session)
         subs = session.subscriptions
         if not subs or not any(sub.share_group for sub in subs.values()):
             return
@@ -306,12 +335,63 @@ class Broker:
                         return member
             return None
 
-        taken = session.take_unfinished(claim)
-        for message, member in taken:
-            ids = (member.subscription_id,) if member.subscription_id else None
-            member.session.deliver(message, message.qos if message.qos < member.qos else member.qos, False, ids)
-        if taken:
-            log.info("shared_handed_over", extra={"client_id": session.client_id, "messages": len(taken)})
+        hand_over = SharedHandOver(session, session.hand_over_steps(claim))
+        # An ending session's state is deleted right after: its walk finishes now (without moving
+        # what stays). A continuing one goes a chunk per loop turn while the member stays offline.
+        if self._hand_over_step(hand_over, 0 if ending else self.hand_over_chunk):
+            self._handed_over(hand_over)
+            return
+        self.hand_overs[session] = hand_over
+        gevent.spawn(self._hand_over_rest, hand_over)
+
+    def _hand_over_step(self, hand_over: SharedHandOver, budget: int) -> bool:
+        """Look at up to ``budget`` messages (0: all), delivering the claimed ones; True when done."""
+        n = 0
+        done = True
+        for taken in hand_over.steps:
+            n += 1
+            if taken is not None:
+                message, member = taken
+                ids = (member.subscription_id,) if member.subscription_id else None
+                member.session.deliver(message, message.qos if message.qos < member.qos else member.qos, False, ids)
+                hand_over.moved += 1
+            if n == budget:
+                done = False
+                break
+        hand_over.turns += 1
+        if n > hand_over.largest_step:
+            hand_over.largest_step = n
+        return done
+
+    def _hand_over_rest(self, hand_over: SharedHandOver) -> None:
+        session = hand_over.session
+        try:
+            while True:
+                gevent.sleep(HAND_OVER_PAUSE)  # the rest of the loop turn (I/O, commits, timers) runs between chunks
+                if hand_over.stopped:
+                    return
+                if self._hand_over_step(hand_over, self.hand_over_chunk):
+                    self._handed_over(hand_over)
+                    return
+        finally:
+            if self.hand_overs.get(session) is hand_over:
+                del self.hand_overs[session]
+
+    def _stop_hand_over(self, session: Session) -> None:
+        """Stop a running hand-over (the session reconnects, ends or the node stops); what it has
+        not looked at yet stays with the session."""
+        hand_over = self.hand_overs.pop(session, None)
+        if hand_over is not None:
+            hand_over.stopped = True
+            hand_over.steps.close()
+            self._handed_over(hand_over)
+
+    @staticmethod
+    def _handed_over(hand_over: SharedHandOver) -> None:
+        if hand_over.moved:
+            log.info("shared_handed_over", extra={"client_id": hand_over.session.client_id,
+                                                  "messages": hand_over.moved, "turns": hand_over.turns,
+                                                  "complete": not hand_over.stopped})
 
     def _publish_will(self, will: Will) -> None:
         message = will.message
@@ -532,6 +612,8 @@ class Broker:
     def shutdown(self) -> None:
         """Close every client connection (5.0 reason 0x8B); wills are published as on a server close."""
         self.accepting = False
+        for session in list(self.hand_overs):
+            self._stop_hand_over(session)
         for session in list(self.sessions.values()):
             if session.delivery is not None:
                 session.delivery.close(0x8B, "server shutting down")
