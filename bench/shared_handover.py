@@ -4,7 +4,9 @@ A member ``a`` of ``$share/g/t/#`` holds ``--messages`` queued QoS 1 messages on
 temp dir, commits by the node's FlushScheduler). It disconnects while:
 
 - ``online``: another member ``b`` (persistent) is online: the messages are handed over to it;
-- ``offline``: no other member is online: they stay with ``a``.
+- ``offline``: no other member is online: they stay with ``a``;
+- ``ending``: ``b`` is online and ``a``'s session ends with the connection (DISCONNECT with Session
+  Expiry 0): they go to ``b`` before ``a``'s state is deleted.
 
 A ticker greenlet asks to wake every millisecond; the longest it waited beyond that is the longest
 hub stall (every other greenlet and connection waited as long). Also printed: the time spent in
@@ -81,6 +83,8 @@ def run(scenario: str, messages: int, payload: int, path: Path) -> dict:
         broker.close_session(b, db, publish_will=False)
     gevent.sleep(0)
 
+    if scenario == "ending":
+        a.expiry_interval = 0  # what a DISCONNECT with Session Expiry Interval 0 sets
     meter = StallMeter()
     gevent.sleep(0.05)
     started = time.perf_counter()
@@ -95,7 +99,7 @@ def run(scenario: str, messages: int, payload: int, path: Path) -> dict:
     gevent.sleep(0.05)
     stall, stall_cpu = meter.stop()
     moved = len(db.sent) + len(b.queue)
-    left = len(a.queue)
+    left = len(a.queue) if scenario != "ending" else 0
     storage.close()
     assert left == expect_left, (left, expect_left)
     assert moved == messages - expect_left, moved
@@ -109,9 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--payload", type=int, default=64)
-    parser.add_argument("--scenario", choices=("online", "offline", "both"), default="both")
+    parser.add_argument("--scenario", choices=("online", "offline", "ending", "all"), default="all")
     args = parser.parse_args()
-    scenarios = ("online", "offline") if args.scenario == "both" else (args.scenario,)
+    scenarios = ("online", "offline", "ending") if args.scenario == "all" else (args.scenario,)
     for scenario in scenarios:
         with tempfile.TemporaryDirectory(prefix="fluxmq-handover-") as tmp:
             print(run(scenario, args.messages, args.payload, Path(tmp)), flush=True)
