@@ -82,11 +82,12 @@ class SharedHandOver:
     a chunk per loop turn (``Session.hand_over_steps``). ``largest_step`` and ``turns`` say how the
     work was split."""
 
-    __slots__ = ("session", "steps", "stopped", "moved", "turns", "largest_step")
+    __slots__ = ("session", "steps", "ending", "stopped", "moved", "turns", "largest_step")
 
-    def __init__(self, session: Session, steps) -> None:
+    def __init__(self, session: Session, steps, ending: bool = False) -> None:
         self.session = session
         self.steps = steps
+        self.ending = ending  # the session ends once it is done (Broker._end_session)
         self.stopped = False
         self.moved = 0
         self.turns = 0
@@ -155,6 +156,9 @@ class Broker:
         sessions; a client id that has a session may always reconnect or take over.
         """
         session = self.sessions.get(client_id)
+        # A session whose end waits for its shared hand-over has ended for its client already.
+        hand_over = self.hand_overs.get(session) if session is not None else None
+        ending = hand_over is not None and hand_over.ending
         limit = self.settings.max_sessions
         if session is None and limit and len(self.sessions) >= limit:
             log.warning("session_refused", extra={"client_id": client_id, "sessions": len(self.sessions),
@@ -165,7 +169,7 @@ class Broker:
             self._stop_hand_over(session)  # back online: what was not handed over yet stays with it
             # A session with expiry 0 (3.x clean session) ends with its network connection, so a
             # takeover does not resume it [MQTT-3.1.2-6].
-            ended = clean_start or session.expiry_interval == 0
+            ended = clean_start or session.expiry_interval == 0 or ending
             old = session.delivery
             if old is not None:
                 session.detach()
@@ -234,7 +238,7 @@ class Broker:
         if session.expiry_interval == 0:
             if will is not None:
                 self._publish_will(will)
-            self._end_session(session)
+            self._end_session(session, wait_hand_over=True)
             return
         self._hand_over_shared(session, ending=False)
         if will is not None:
@@ -273,7 +277,7 @@ class Broker:
             if session.will is not None:  # the session ends before the will delay: publish it now
                 will, session.will = session.will, None
                 self._publish_will(will)
-            self._end_session(session)
+            self._end_session(session, wait_hand_over=True)
             return
         self._arm_timer_remaining(session, elapsed)
 
@@ -292,10 +296,27 @@ class Broker:
             session.timer.kill(block=False)
             session.timer = None
 
-    def _end_session(self, session: Session) -> None:
-        """Drop a session: its subscriptions leave the router and its state is forgotten."""
+    def _end_session(self, session: Session, wait_hand_over: bool = False) -> None:
+        """Drop a session: its subscriptions leave the router and its state is forgotten.
+
+        Its unfinished shared-subscription messages go to other members first. With
+        ``wait_hand_over`` (nobody needs the client id now: expiry, Session Expiry 0) a long
+        hand-over runs a chunk per loop turn and the session ends when it is done; meanwhile it is
+        recorded as ended, so a crash does not bring it back and a reconnect does not resume it.
+        """
         self._cancel_timer(session)
-        self._hand_over_shared(session, ending=True)
+        if not self._hand_over_shared(session, ending=True, in_steps=wait_hand_over):
+            if isinstance(session, PersistentSession):
+                # Recorded as ending (expiry 0, will already published or discarded by the caller):
+                # after a crash the restore deletes it instead of resuming it.
+                store = session.store
+                store.put_session(session.client_id, 0, session.disconnected_at or time.time(), session.username)
+                store.delete_will(session.client_id)
+            return  # _hand_over_rest ends it
+        self._forget_session(session)
+
+    def _forget_session(self, session: Session) -> None:
+        """The end of ``_end_session``: out of the router, the store and the session table."""
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
         session.subscriptions.clear()
@@ -307,7 +328,7 @@ class Broker:
             if self.auth is not None:
                 self.auth.forget(session.client_id)
 
-    def _hand_over_shared(self, session: Session, ending: bool) -> None:
+    def _hand_over_shared(self, session: Session, ending: bool, in_steps: bool = True) -> bool:
         """Give the QoS 1/2 messages an offline shared-subscription member got through its group, and
         has not finished, to other members of the group (MQTT 5.0 4.8.2).
 
@@ -315,11 +336,15 @@ class Broker:
         member [MQTT-4.8.2-4, -5], and so does a message it also got through a subscription of its
         own. While the session continues (``ending`` False) only online members take them; when it
         ends any other member does, queueing it if offline.
+
+        Returns True when the hand-over is done; otherwise (``in_steps``, and more than
+        ``hand_over_chunk`` messages to look at) it goes on a chunk per loop turn, and an ending
+        session ends when it is done.
         """
         self._stop_hand_over(session)
         subs = session.subscriptions
         if not subs or not any(sub.share_group for sub in subs.values()):
-            return
+            return True
         router = self.router
 
         def claim(message: Message) -> Subscription | None:
@@ -335,14 +360,15 @@ class Broker:
                         return member
             return None
 
-        hand_over = SharedHandOver(session, session.hand_over_steps(claim))
-        # An ending session's state is deleted right after: its walk finishes now (without moving
-        # what stays). A continuing one goes a chunk per loop turn while the member stays offline.
-        if self._hand_over_step(hand_over, 0 if ending else self.hand_over_chunk):
+        # An ending session's walk follows its queue's tail: a message queued to it meanwhile (a
+        # group with every member offline may pick it) is handed over too.
+        hand_over = SharedHandOver(session, session.hand_over_steps(claim, follow_tail=ending), ending)
+        if self._hand_over_step(hand_over, self.hand_over_chunk if in_steps else 0):
             self._handed_over(hand_over)
-            return
+            return True
         self.hand_overs[session] = hand_over
         gevent.spawn(self._hand_over_rest, hand_over)
+        return False
 
     def _hand_over_step(self, hand_over: SharedHandOver, budget: int) -> bool:
         """Look at up to ``budget`` messages (0: all), delivering the claimed ones; True when done."""
@@ -371,7 +397,10 @@ class Broker:
                 if hand_over.stopped:
                     return
                 if self._hand_over_step(hand_over, self.hand_over_chunk):
+                    del self.hand_overs[session]
                     self._handed_over(hand_over)
+                    if hand_over.ending:
+                        self._forget_session(session)
                     return
         finally:
             if self.hand_overs.get(session) is hand_over:

@@ -244,7 +244,7 @@ class Session:
         All at once: the broker hands over in bounded steps with ``hand_over_steps``."""
         return [taken for taken in self.hand_over_steps(claim) if taken is not None]
 
-    def hand_over_steps(self, claim) -> Iterator[tuple[Message, object] | None]:
+    def hand_over_steps(self, claim, follow_tail: bool = False) -> Iterator[tuple[Message, object] | None]:
         """Walk the messages this client has not finished, one yield per message (or empty queue
         slot) looked at: ``(message, owner)`` when ``claim(message)`` gave it a new owner (it is
         removed from this session then), None when it stays. The caller may stop between yields
@@ -254,7 +254,8 @@ class Session:
         queued QoS 1/2 qualify; a QoS 2 PUBLISH already sent never does, it is completed with this
         client or not at all [MQTT-4.8.2-4, MQTT-4.8.2-5]. Messages that stay are not moved or
         rewritten. Resuming is safe while the session is offline (new messages are appended behind
-        the walk); stop the walk before the session is attached again or its state cleared.
+        the walk, and looked at too with ``follow_tail``); stop the walk before the session is
+        attached again or its state cleared.
         """
         inflight = self.inflight
         for pid, entry in list(inflight.items()):  # at most the client's window
@@ -267,9 +268,10 @@ class Session:
                 continue
             self._forget_inflight(pid)
             yield entry.message, owner
-        yield from self._hand_over_queued(claim)
+        yield from self._hand_over_queued(claim, follow_tail)
 
-    def _hand_over_queued(self, claim) -> Iterator[tuple[Message, object] | None]:
+    def _hand_over_queued(self, claim, follow_tail: bool) -> Iterator[tuple[Message, object] | None]:
+        # The walk goes by index up to the current length, so it always follows the tail.
         queue = self.queue
         i = 0
         while queue is self.queue and i < len(queue):
@@ -451,13 +453,17 @@ class PersistentSession(Session):
     def _drop_item(self, item) -> None:
         self.queue_bytes = self.queue.bytes  # the DiskQueue keeps the counts
 
-    def _hand_over_queued(self, claim) -> Iterator[tuple[Message, object] | None]:
+    def _hand_over_queued(self, claim, follow_tail: bool) -> Iterator[tuple[Message, object] | None]:
         # Walk the disk queue by seq, HAND_OVER_READ entries per read; a claimed entry is deleted
         # where it is and the others are left alone (no pop and re-append of the whole queue).
         queue = self.queue
         queue.drop_read_ahead()
         seq, end = queue.first, queue.next  # what was queued when the walk began
-        while seq < end and queue.count and queue is self.queue:
+        while queue.count and queue is self.queue:
+            if follow_tail:
+                end = queue.next
+            if seq >= end:
+                return
             stop = min(end, seq + HAND_OVER_READ)
             for at, item, size in queue.entries(seq, stop):
                 owner = claim(item[0]) if item is not None and item[1] else None

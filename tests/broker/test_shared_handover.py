@@ -195,3 +195,45 @@ def test_member_session_ending_mid_hand_over_hands_the_rest_at_once(node: Node) 
     broker.open_session("a", True, 0)  # clean start: the old session ends
     assert a not in broker.hand_overs
     assert sorted(sent[0] for sent in db.sent) == sorted(f"t/{i}" for i in range(QUEUED))
+
+
+def test_ending_members_queue_is_handed_over_in_bounded_steps_then_the_session_ends(node: Node) -> None:
+    """Session Expiry 0 at the disconnect (or the expiry timer): the session ends, but only after its
+    messages went to the other member a chunk per loop turn."""
+    broker = node.broker
+    a, da, b, db = persistent_member_with_queue(node)
+    a.expiry_interval = 0  # what a DISCONNECT with Session Expiry Interval 0 sets
+    broker.close_session(a, da, publish_will=False)
+    assert len(db.sent) <= CHUNK
+    hand_over = broker.hand_overs[a]
+    wait_hand_over_done(broker, a)
+    assert hand_over.largest_step <= CHUNK and hand_over.ending
+    assert [sent[0] for sent in db.sent] == [f"t/{i}" for i in range(QUEUED)]
+    assert "a" not in broker.sessions
+    node.storage.commit()
+    node = node.restart()
+    assert "a" not in node.broker.sessions and len(node.broker.sessions["b"].queue) == 0
+
+
+def test_a_crash_while_an_ending_session_hands_over_does_not_resume_it(node: Node) -> None:
+    broker = node.broker
+    a, da, b, db = persistent_member_with_queue(node)
+    a.expiry_interval = 0
+    broker.close_session(a, da, publish_will=False)
+    assert a in broker.hand_overs
+    node.storage.commit()  # the first chunk and the session's "ending" record
+    broker.shutdown()
+    node = node.restart()
+    assert "a" not in node.broker.sessions
+
+
+def test_reconnect_while_the_session_ends_does_not_resume_it(node: Node) -> None:
+    broker = node.broker
+    a, da, b, db = persistent_member_with_queue(node)
+    a.expiry_interval = 0
+    broker.close_session(a, da, publish_will=False)
+    assert a in broker.hand_overs
+    a2, present = broker.open_session("a", False, 3600)
+    assert not present and a2 is not a and a not in broker.hand_overs
+    # the rest was handed over when the old session ended at this connect
+    assert sorted(sent[0] for sent in db.sent) == sorted(f"t/{i}" for i in range(QUEUED))
