@@ -651,6 +651,8 @@ class MQTTConnection:
         try:
             session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
         except QuotaExceeded as err:  # broker.max_sessions: a new client id and no room
+            if auth is not None:
+                auth.forget(client_id)  # its ACL was compiled by policy() above
             self._refuse(RC_SERVER_UNAVAILABLE, err.reason_code, str(err))
             return
         self.session = session
