@@ -54,17 +54,27 @@ def test_new_client_id_past_max_sessions_is_refused_existing_ids_reconnect(node_
         holder.close()
 
 
+def admin_session(node, cid: str) -> tuple[int, dict]:
+    status, _, body = http_request(node, "GET", f"/sessions/{quote(cid, safe='')}",
+                                   headers={"Authorization": f"Bearer {TOKEN}"}, port=node.admin_port)
+    return status, body
+
+
 def test_connack_tells_a_5_0_client_its_capped_session_expiry(node_factory: NodeFactory) -> None:
-    node = node_factory({"broker.max_session_expiry": "1h"})
-    asking_more = raw5(node, unique("more"), properties={c.SESSION_EXPIRY_INTERVAL: 86400})
-    asking_less = raw5(node, unique("less"), properties={c.SESSION_EXPIRY_INTERVAL: 60})
+    node = node_factory({"broker.max_session_expiry": "1h"}, env={"FLUXMQ_ADMIN_TOKEN": TOKEN})
+    more, less = unique("more"), unique("less")
+    asking_more = raw5(node, more, properties={c.SESSION_EXPIRY_INTERVAL: 86400})
+    asking_less = raw5(node, less, properties={c.SESSION_EXPIRY_INTERVAL: 60})
     try:
         assert asking_more.connack.properties[c.SESSION_EXPIRY_INTERVAL] == 3600
         # The client's own value is used: the property is absent (MQTT 5.0 3.2.2.3.2).
         assert c.SESSION_EXPIRY_INTERVAL not in (asking_less.connack.properties or {})
     finally:
         asking_more.disconnect()
-        asking_less.disconnect()
+        # A DISCONNECT that raises the expiry (MQTT 5.0 3.14.2.2.2) is capped too.
+        asking_less.disconnect(properties={c.SESSION_EXPIRY_INTERVAL: 0xFFFFFFFF})
+    assert admin_session(node, more)[1]["expiry_interval"] == 3600
+    assert admin_session(node, less)[1]["expiry_interval"] == 3600
 
 
 def test_3_1_1_persistent_session_expires_after_max_session_expiry(node_factory: NodeFactory) -> None:
@@ -75,9 +85,7 @@ def test_3_1_1_persistent_session_expires_after_max_session_expiry(node_factory:
     client.disconnect()
 
     def session_status() -> int:
-        status, _, _ = http_request(node, "GET", f"/sessions/{quote(cid, safe='')}",
-                                    headers={"Authorization": f"Bearer {TOKEN}"}, port=node.admin_port)
-        return status
+        return admin_session(node, cid)[0]
 
     assert session_status() == 200
     assert wait_until(lambda: session_status() == 404, timeout=10)
