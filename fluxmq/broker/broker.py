@@ -334,8 +334,8 @@ class Broker:
 
         Unacknowledged QoS 1 and queued QoS 1/2 move; a QoS 2 PUBLISH already sent stays with the
         member [MQTT-4.8.2-4, -5], and so does a message it also got through a subscription of its
-        own. While the session continues (``ending`` False) only online members take them; when it
-        ends any other member does, queueing it if offline.
+        own. While the session continues (``ending`` False) only online members with room in their
+        queue take them (the rest stays); when it ends any other member does, queueing it if offline.
 
         Returns True when the hand-over is done; otherwise (``in_steps``, and more than
         ``hand_over_chunk`` messages to look at) it goes on a chunk per loop turn, and an ending
@@ -356,7 +356,11 @@ class Broker:
             for group in route.groups:
                 if session.client_id in group.members:
                     member = router.pick_member(group, exclude=session, topic=message.topic)
-                    if member is not None and (ending or member.session.delivery is not None):
+                    if member is None:
+                        continue
+                    taker = member.session
+                    if ending or (taker.delivery is not None and taker.queue_has_room()):
+                        # A continuing session keeps what the taker would drop over its queue bound.
                         return member
             return None
 

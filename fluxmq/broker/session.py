@@ -238,6 +238,12 @@ class Session:
             else:
                 self._send_new(d, message, qos, retain, sub_ids)
 
+    def queue_has_room(self) -> bool:
+        """True when one more message can be queued without dropping one (the shared hand-over
+        asks before it gives this session a message another member still holds)."""
+        limits = self._limits
+        return len(self.queue) < limits.max_queued_messages and self.queue_bytes < limits.max_queued_bytes
+
     def take_unfinished(self, claim) -> list:
         """Remove the QoS 1/2 messages this client has not finished that ``claim(message)`` returns a
         new owner for; returns ``[(message, owner)]`` in delivery order (in flight, then queued).
@@ -452,6 +458,9 @@ class PersistentSession(Session):
 
     def _drop_item(self, item) -> None:
         self.queue_bytes = self.queue.bytes  # the DiskQueue keeps the counts
+
+    def queue_has_room(self) -> bool:
+        return not self.store.refusing and Session.queue_has_room(self)
 
     def _hand_over_queued(self, claim, follow_tail: bool) -> Iterator[tuple[Message, object] | None]:
         # Walk the disk queue by seq, HAND_OVER_READ entries per read; a claimed entry is deleted

@@ -237,3 +237,25 @@ def test_reconnect_while_the_session_ends_does_not_resume_it(node: Node) -> None
     assert not present and a2 is not a and a not in broker.hand_overs
     # the rest was handed over when the old session ended at this connect
     assert sorted(sent[0] for sent in db.sent) == sorted(f"t/{i}" for i in range(QUEUED))
+
+
+def test_hand_over_never_overfills_the_taker_the_rest_stays_with_the_leaving_member(tmp_path: Path) -> None:
+    """The online member's queue bound would drop what it cannot take (broker.max_queued_messages):
+    a continuing session keeps those messages instead, so none is lost."""
+    node = Node(tmp_path / "data", max_queued_messages=100)
+    try:
+        broker = node.broker
+        a, da, _ = node.connect("a", 3600)
+        da.congested = True
+        broker.subscribe(a, "$share/g/t/#", 1)
+        for i in range(QUEUED):
+            broker.publish(Message(f"t/{i}", b"x", 1))
+        b, db = online(broker, "b", quota=10)  # a clean session: in memory, 10 in flight + 100 queued
+        broker.subscribe(b, "$share/g/t/#", 1)
+        broker.close_session(a, da, publish_will=False)
+        wait_hand_over_done(broker, a)
+        assert broker.stats.drops.get("queue_full", 0) == 0
+        assert len(db.sent) == 10 and len(b.queue) == 100
+        assert len(a.queue) == QUEUED - 110
+    finally:
+        node.storage.abort()
