@@ -208,6 +208,12 @@ KEYS: tuple[Key, ...] = (
         "Unacknowledged outbound QoS 1/2 messages per client; also the MQTT 5.0 Receive Maximum we announce."),
     Key("broker.max_queued_messages", Int(1), 1000, "Per-session queue bound, in messages."),
     Key("broker.max_queued_bytes", Size(1), "16MiB", "Per-session queue bound, in bytes."),
+    Key("broker.max_sessions", Int(0), 100000,
+        "Most sessions the node holds, online and offline, 0 = unlimited; past it a new client id is "
+        "refused (3.1.1 CONNACK 3, 5.0 CONNACK 0x97) while known ids still reconnect. Reloadable."),
+    Key("broker.max_session_expiry", Duration(), "168h",
+        "Cap of every session's expiry, 0 = no cap: 5.0 clients asking more are told the cap in CONNACK, "
+        "3.1.1 clean session 0 sessions expire this long after their client left."),
     Key("broker.queue_overflow", Enum("drop_new", "drop_oldest", "disconnect"), "drop_new",
         "What a full session queue does (drop_new evicts queued QoS 0 messages first)."),
     Key("broker.write_buffer_high", Size(1), "1MiB",

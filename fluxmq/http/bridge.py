@@ -9,7 +9,8 @@ Endpoints (``server.http.plain.addr``)::
 
 Errors are JSON ``{"error": "..."}`` with 400 (bad JSON, topic, encoding, QoS, property), 403
 (``$SYS`` topics belong to the broker), 404, 405, 413 (body over ``max_body_size`` or payload over
-``broker.max_message_size``) and 503 (the broker is shutting down, or its storage is full).
+``broker.max_message_size``) and 503 (the broker is shutting down, its storage is full, or for
+``/subscribe`` it holds ``broker.max_sessions`` sessions).
 
 Authentication and ACLs are the MQTT listeners' (``broker.auth``): credentials come as HTTP Basic
 (401 with a ``WWW-Authenticate`` challenge when they are missing and required, or wrong); the
@@ -584,7 +585,12 @@ class HTTPBridge:
                     raise HTTPError(403 if code == 0x87 else 400, f"not authorized to subscribe to {f!r}"
                                     if code == 0x87 else f"filter {f!r} is over limits.max_topic_*")
         stream = SSEStream(client_id, settings.sse_queue_size, broker, peer)
-        session, _ = broker.open_session(client_id, True, 0, None, username)
+        try:
+            session, _ = broker.open_session(client_id, True, 0, None, username)
+        except QuotaExceeded as exc:  # broker.max_sessions
+            if broker.auth is not None:
+                broker.auth.forget(client_id)
+            raise HTTPError(503, str(exc)) from None
         broker.attach(session, stream, 0)
         self.streams.add(stream)
         try:

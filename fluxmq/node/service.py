@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,8 @@ def broker_settings(config) -> BrokerSettings:
         retain_available=b.retain_available,
         persistent_max_queued_messages=config.storage.max_queued_messages,
         persistent_max_queued_bytes=config.storage.max_queued_bytes,
+        max_sessions=b.max_sessions,
+        max_session_expiry=math.ceil(b.max_session_expiry),
     )
 
 
@@ -227,6 +230,9 @@ class BrokerService:
             for key in changed & RELOADABLE_LIMITS:
                 setattr(limits, key.rpartition(".")[2], new[key])
                 applied.add(key)
+            if "broker.max_sessions" in changed:  # read at every new session
+                broker.settings.max_sessions = new["broker.max_sessions"]
+                applied.add("broker.max_sessions")
             if "broker.max_retained_messages" in changed:
                 broker.retained.max_messages = new["broker.max_retained_messages"]
                 applied.add("broker.max_retained_messages")

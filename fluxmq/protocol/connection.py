@@ -648,7 +648,13 @@ class MQTTConnection:
             if policy is not None and will is not None and not policy.can_write_will(will.message.topic):
                 self._refuse(RC_NOT_AUTHORIZED, 0x87, "not authorized to publish the will to its topic")
                 return
-        session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
+        try:
+            session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
+        except QuotaExceeded as err:  # broker.max_sessions: a new client id and no room
+            if auth is not None:
+                auth.forget(client_id)  # its ACL was compiled by policy() above
+            self._refuse(RC_SERVER_UNAVAILABLE, err.reason_code, str(err))
+            return
         self.session = session
 
         if version == 5:
@@ -658,6 +664,9 @@ class MQTTConnection:
                 out_props[c.ASSIGNED_CLIENT_IDENTIFIER] = client_id  # [MQTT-3.2.2-16]
             if server_keepalive is not None:
                 out_props[c.SERVER_KEEP_ALIVE] = server_keepalive  # [MQTT-3.2.2-21]
+            if session.expiry_interval != expiry:
+                # Capped by broker.max_session_expiry: the client is told the value in use (MQTT 5.0 3.2.2.3.2).
+                out_props[c.SESSION_EXPIRY_INTERVAL] = session.expiry_interval
             if settings.max_inflight < 65535:
                 out_props[c.RECEIVE_MAXIMUM] = settings.max_inflight
             out_props[c.MAXIMUM_PACKET_SIZE] = settings.max_packet_size
@@ -972,7 +981,7 @@ class MQTTConnection:
             if expiry is not None:
                 if self.session.expiry_interval == 0 and expiry != 0:
                     raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")  # MQTT 5.0 3.14.2.2.2
-                self.session.expiry_interval = expiry
+                self.session.expiry_interval = self.broker.capped_expiry(expiry)
                 self.session.persistent = expiry > 0
         self.closed = True
 

@@ -441,3 +441,15 @@ def test_publish_refused_with_503_when_the_store_is_full(tmp_path) -> None:
         assert broker.retained.get("kept") is None
     finally:
         store.close()
+
+
+def test_subscribe_past_broker_max_sessions_is_503_not_a_crash() -> None:
+    """An SSE stream is a broker session: past broker.max_sessions it is refused with a clear 503."""
+    broker = Broker(BrokerSettings(max_sessions=1))
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
+                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    stream = subscribe(bridge, "a/#")
+    resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=b")
+    assert resp.status == 503 and "max_sessions" in resp.json()["error"]
+    assert len(broker.sessions) == 1
+    stream.close()
