@@ -54,17 +54,20 @@ class AuthSettings:
 
     __slots__ = ("password_file", "acl_file", "allow_anonymous", "http_url", "http_timeout", "http_acl",
                  "http_cache_ttl", "http_cache_negative_ttl", "http_cache_size", "connect_rate",
-                 "connect_burst", "limits")
+                 "connect_burst", "limits", "bind_client_ids")
 
     def __init__(self, password_file: str = "", acl_file: str = "", allow_anonymous: bool | None = None,
                  http_url: str = "", http_timeout: float = 2.0, http_acl: bool = False,
                  http_cache_ttl: float = 60.0, http_cache_negative_ttl: float = 5.0,
                  http_cache_size: int = 10000, connect_rate: float = 0.0, connect_burst: int = 0,
-                 limits: PublishLimits | None = None) -> None:
+                 limits: PublishLimits | None = None, bind_client_ids: bool | None = None) -> None:
         self.password_file = password_file
         self.acl_file = acl_file
         # None: allow anonymous clients only when no authentication source is configured.
         self.allow_anonymous = allow_anonymous
+        # None: a client id belongs to its session's user when user names are verified (password
+        # file or HTTP service); see AuthService.may_take_over.
+        self.bind_client_ids = bind_client_ids
         self.http_url = http_url
         self.http_timeout = http_timeout
         self.http_acl = http_acl
@@ -125,6 +128,8 @@ class AuthService:
                                 if settings.connect_rate > 0 else None)
         allow = settings.allow_anonymous
         self.allow_anonymous = (self.passwords is None and self.http is None) if allow is None else allow
+        bind = settings.bind_client_ids
+        self.binds_client_ids = (self.passwords is not None or self.http is not None) if bind is None else bind
         self.log_gate = LogGate(60.0)
         self.generation = 0  # bumps when the rules change (reload): policies pick up the new ACL
         self._policies: weakref.WeakSet[ClientPolicy] = weakref.WeakSet()  # live ones, refreshed on reload
@@ -261,6 +266,15 @@ class AuthService:
             self.note("subscribe_denied", client_id, user=username, filter=filter)
             return NOT_AUTHORIZED
         return 0
+
+    def may_take_over(self, owner: str | None, username: str | None) -> bool:
+        """May a client with ``username`` take over (resume or replace) a session held by ``owner``?
+
+        With client ids bound to user names (``auth.bind_client_id_to_username``) only the same user
+        may; a session without an owner (created by an anonymous client) may be claimed by anyone,
+        as any anonymous client could resume it. Unbound, anyone may.
+        """
+        return owner == username or owner is None or not self.binds_client_ids
 
     def session_can_read(self, session, topic: str) -> bool:
         """The router's read filter: ``session`` is a broker Session (client_id, username)."""

@@ -13,7 +13,7 @@ from time import perf_counter
 import gevent
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
-from fluxmq.errors import QuotaExceeded
+from fluxmq.errors import NotAuthorized, QuotaExceeded
 from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
@@ -115,10 +115,14 @@ class Broker:
         """Find or create the session of ``client_id`` for a new connection; returns (session, present).
 
         An existing connection with the same client id is closed first (takeover, 5.0 reason 0x8E)
-        [MQTT-3.1.4-3]. Call ``attach`` once the CONNACK is written.
+        [MQTT-3.1.4-3]. Call ``attach`` once the CONNACK is written. Raises NotAuthorized, changing
+        nothing, when the client id belongs to another user (``auth.bind_client_id_to_username``).
         """
         session = self.sessions.get(client_id)
         if session is not None:
+            auth = self.auth
+            if auth is not None and not auth.may_take_over(session.username, username):
+                raise NotAuthorized("client identifier in use by another user")
             # A session with expiry 0 (3.x clean session) ends with its network connection, so a
             # takeover does not resume it [MQTT-3.1.2-6].
             ended = clean_start or session.expiry_interval == 0
@@ -150,8 +154,15 @@ class Broker:
         session.expiry_interval = expiry_interval
         session.persistent = expiry_interval > 0
         session.will = will
-        if self.auth is not None and session.username != username and session.subscriptions:
-            self.router.invalidate()  # its routes were filtered by the other user's read rules
+        auth = self.auth
+        if auth is not None and present and session.username != username:
+            # Resumed by another user: its cached routes, in-flight and queued messages were filtered
+            # by the previous user's read rules.
+            if session.subscriptions:
+                self.router.invalidate()
+            session.username = username
+            if auth.checks_reads:
+                session.recheck_reads(auth.session_can_read)
         session.username = username
         if isinstance(session, PersistentSession):
             store = session.store
@@ -486,6 +497,10 @@ class Broker:
             if session.inflight:
                 session._next_pid = max(session.inflight) % 65535 + 1
             set.update(session.inbound_qos2, rec.inbound_qos2)
+            if session.queue and self.auth is not None and self.auth.checks_reads:
+                # Which entries another user queued before a resume is not stored: all are re-checked
+                # against the owner's read rules as they leave the queue.
+                session.recheck_reads(self.auth.session_can_read, queued_only=True)
             if will is not None:
                 if elapsed >= will.delay:
                     due.append(will)

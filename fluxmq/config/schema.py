@@ -235,6 +235,11 @@ KEYS: tuple[Key, ...] = (
         "(python -m fluxmq.broker.auth_enhanced USER)."),
     Key("auth.allow_anonymous", AutoBool(), "auto",
         'Accept clients without a user name; "auto" = only when neither auth.password_file nor auth.http.url is set.'),
+    Key("auth.bind_client_id_to_username", AutoBool(), "auto",
+        "A client id belongs to the user whose session holds it: another user (or an anonymous client) "
+        "connecting with it is refused (CONNACK 0x87 / return code 5) instead of taking the session over; "
+        '"auto" = on when auth.password_file or auth.http.url is set. Off: the session\'s queued messages '
+        "are re-checked against the new user's read rules."),
     Key("auth.password_file", Str(), "",
         'Mosquitto password file ($6$/$7$ hashes from mosquitto_passwd or fluxmq-passwd); re-read on reload; "" = none.'),
     Key("auth.acl_file", Str(), "",

@@ -106,6 +106,7 @@ def auth_settings(config) -> AuthSettings:
         password_file=a.password_file,
         acl_file=a.acl_file,
         allow_anonymous=None if a.allow_anonymous == "auto" else a.allow_anonymous,
+        bind_client_ids=None if a.bind_client_id_to_username == "auto" else a.bind_client_id_to_username,
         http_url=h.url,
         http_timeout=h.timeout,
         http_acl=h.acl,

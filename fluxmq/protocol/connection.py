@@ -23,7 +23,14 @@ from fluxmq.broker import auth_enhanced
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
-from fluxmq.errors import MQTTError, ProtocolError, QuotaExceeded, StorageError, TopicFilterInvalid
+from fluxmq.errors import (
+    MQTTError,
+    NotAuthorized,
+    ProtocolError,
+    QuotaExceeded,
+    StorageError,
+    TopicFilterInvalid,
+)
 
 from .settings import ProtocolSettings
 
@@ -648,7 +655,11 @@ class MQTTConnection:
             if policy is not None and will is not None and not policy.can_write_will(will.message.topic):
                 self._refuse(RC_NOT_AUTHORIZED, 0x87, "not authorized to publish the will to its topic")
                 return
-        session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
+        try:
+            session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
+        except NotAuthorized as exc:  # the client id belongs to another user
+            self._refuse(RC_NOT_AUTHORIZED, 0x87, exc.reason)
+            return
         self.session = session
 
         if version == 5:

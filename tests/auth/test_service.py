@@ -147,3 +147,20 @@ def test_costly_hashes_are_checked_off_the_hub(tmp_path: Path) -> None:
     assert svc.passwords.iterations("slow") == 5000
     assert svc.authenticate("c", "slow", b"x", "p").ok
     assert not svc.authenticate("c", "slow", b"y", "p").ok
+
+
+def test_client_ids_bound_to_user_names_when_user_names_are_verified(files) -> None:
+    """auth.bind_client_id_to_username "auto": on with a password file or an HTTP service."""
+    assert not AuthService(AuthSettings()).binds_client_ids
+    assert not AuthService(AuthSettings(acl_file=files[1])).binds_client_ids  # names unverified
+    assert AuthService(AuthSettings(password_file=files[0])).binds_client_ids
+    assert AuthService(AuthSettings(http_url="http://127.0.0.1:9/auth")).binds_client_ids
+    assert not AuthService(AuthSettings(password_file=files[0], bind_client_ids=False)).binds_client_ids
+    assert AuthService(AuthSettings(bind_client_ids=True)).binds_client_ids
+    bound = AuthService(AuthSettings(password_file=files[0]))
+    assert bound.may_take_over("alice", "alice")
+    assert not bound.may_take_over("alice", "bob")
+    assert not bound.may_take_over("alice", None)  # an anonymous client is another user
+    assert bound.may_take_over(None, "bob")  # no owner: any anonymous client could resume it anyway
+    unbound = AuthService(AuthSettings(password_file=files[0], bind_client_ids=False))
+    assert unbound.may_take_over("alice", "bob")
