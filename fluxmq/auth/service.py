@@ -54,13 +54,14 @@ class AuthSettings:
 
     __slots__ = ("password_file", "acl_file", "allow_anonymous", "http_url", "http_timeout", "http_acl",
                  "http_cache_ttl", "http_cache_negative_ttl", "http_cache_size", "connect_rate",
-                 "connect_burst", "limits", "bind_client_ids")
+                 "connect_burst", "limits", "bind_client_ids", "http_ca_file", "http_cert_file", "http_key_file")
 
     def __init__(self, password_file: str = "", acl_file: str = "", allow_anonymous: bool | None = None,
                  http_url: str = "", http_timeout: float = 2.0, http_acl: bool = False,
                  http_cache_ttl: float = 60.0, http_cache_negative_ttl: float = 5.0,
                  http_cache_size: int = 10000, connect_rate: float = 0.0, connect_burst: int = 0,
-                 limits: PublishLimits | None = None, bind_client_ids: bool | None = None) -> None:
+                 limits: PublishLimits | None = None, bind_client_ids: bool | None = None,
+                 http_ca_file: str = "", http_cert_file: str = "", http_key_file: str = "") -> None:
         self.password_file = password_file
         self.acl_file = acl_file
         # None: allow anonymous clients only when no authentication source is configured.
@@ -74,6 +75,9 @@ class AuthSettings:
         self.http_cache_ttl = http_cache_ttl
         self.http_cache_negative_ttl = http_cache_negative_ttl
         self.http_cache_size = http_cache_size
+        self.http_ca_file = http_ca_file
+        self.http_cert_file = http_cert_file
+        self.http_key_file = http_key_file
         self.connect_rate = connect_rate
         self.connect_burst = connect_burst
         self.limits = limits or PublishLimits()
@@ -121,7 +125,8 @@ class AuthService:
         self.http = None
         if settings.http_url:
             self.http = HTTPCallout(settings.http_url, settings.http_timeout, settings.http_cache_ttl,
-                                    settings.http_cache_negative_ttl, settings.http_cache_size, settings.http_acl)
+                                    settings.http_cache_negative_ttl, settings.http_cache_size, settings.http_acl,
+                                    settings.http_ca_file, settings.http_cert_file, settings.http_key_file)
         self.limits = settings.limits
         self.connect_limiter = (ConnectRateLimiter(settings.connect_rate, settings.connect_burst or
                                                    max(1, int(settings.connect_rate)))

@@ -246,7 +246,14 @@ KEYS: tuple[Key, ...] = (
         "Mosquitto ACL file (user, topic [read|write|readwrite|deny], pattern with %c/%u); re-read on reload; "
         '"" = none (everything allowed).'),
     Key("auth.http.url", Str(), "",
-        'HTTP service asked (JSON POST) whether a client may connect; errors refuse (fail closed); "" = none.'),
+        'HTTP service asked (JSON POST) whether a client may connect; errors refuse (fail closed); "" = none. '
+        "Plain http:// to a host that is not loopback sends passwords in clear (warned about at start)."),
+    Key("auth.http.ca_file", Str(), "",
+        'PEM CA bundle the https service\'s certificate is verified against; "" = the system CAs.'),
+    Key("auth.http.cert_file", Str(), "",
+        'PEM client certificate presented to the https service (mutual TLS); "" = none.'),
+    Key("auth.http.key_file", Str(), "",
+        'Private key of auth.http.cert_file; "" = in the certificate file.'),
     Key("auth.http.timeout", Duration(), "2s", "Time the HTTP service has to answer before the request is refused."),
     Key("auth.http.acl", Bool(), False,
         "Also ask the HTTP service whether a client may publish to a topic or subscribe to a filter (cached)."),
