@@ -44,6 +44,11 @@ BAD_USER_NAME_OR_PASSWORD = 0x86
 RC_BAD_USER_NAME_OR_PASSWORD = 4
 RC_NOT_AUTHORIZED = 5
 
+# A PUBLISH decision is cached per topic only for topics up to this many characters, so a client
+# cycling through long topics cannot pin CACHE_MAX of them (up to 64 KiB each) per connection; a
+# longer topic is checked each time, at a cost that is small next to its length on the wire.
+_CACHED_TOPIC_MAX = 256
+
 # Hashes above this many iterations are checked in the hub's thread pool (PBKDF2 releases the GIL),
 # so a file made with a high -I does not stall every other client during a connect storm.
 _THREADPOOL_ITERATIONS = 2000
@@ -350,7 +355,10 @@ class ClientPolicy:
         # then skips the call for a topic already allowed. The service clears it when rules change.
         self.fast = self._topics if self.msg_bucket is None and self.byte_bucket is None and self.http_acl is None \
             else None
-        service._policies.add(self)
+        if self.acl is not None or self.http_acl is not None:
+            # A reload can change its answers. Without either (topic caps and rates only) nothing it
+            # caches depends on the files, and every connection is spared the registration.
+            service._policies.add(self)
 
     def _refresh(self) -> None:
         self.acl = self.service.acl_for(self.client_id, self.username)
@@ -366,10 +374,11 @@ class ClientPolicy:
             code = NOT_AUTHORIZED
         else:
             code = 0
-        topics = self._topics
-        if len(topics) >= CACHE_MAX:
-            topics.clear()
-        topics[topic] = code
+        if len(topic) <= _CACHED_TOPIC_MAX:
+            topics = self._topics
+            if len(topics) >= CACHE_MAX:
+                topics.clear()
+            topics[topic] = code
         return code
 
     def check_publish(self, topic: str, size: int) -> int:
@@ -433,7 +442,14 @@ class ClientPolicy:
         return 0
 
     def can_write_will(self, topic: str) -> bool:
-        """May the client's will be published to ``topic``? (checked at CONNECT, like Mosquitto)"""
+        """May the client's will be published to ``topic``? (checked at CONNECT, like Mosquitto; a
+        topic over the caps is refused too, as its PUBLISH would be)"""
+        caps = self.topic_caps
+        if caps is not None:
+            problem = caps.topic_problem(topic)
+            if problem is not None:
+                self.service.note("topic_cap", self.client_id, peer=self.peer, will_topic=topic[:200], reason=problem)
+                return False
         acl = self.acl
         if acl is not None and not acl.can_write(topic):
             return False

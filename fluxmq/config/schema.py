@@ -274,8 +274,9 @@ KEYS: tuple[Key, ...] = (
         "Payload bytes per second per client (over it: as limits.publish_rate); 0 = no limit."),
     Key("limits.max_subscriptions", Int(0), 0,
         "Subscriptions per client; more get SUBACK 0x97 (5.0) or 0x80 (3.x); 0 = no limit."),
-    Key("limits.max_topic_levels", Int(0), 0,
-        "Most levels in a topic name or filter (over it: 5.0 0x97, 3.x disconnect or SUBACK 0x80); 0 = no limit."),
+    Key("limits.max_topic_levels", Int(0), 128,
+        "Most levels in a topic name or filter, a guard against topics that are costly to match (over it: "
+        "5.0 0x97, 3.x disconnect or SUBACK 0x80; HTTP bridge 400); 0 = no limit."),
     Key("limits.max_topic_length", Int(0), 0,
         "Longest topic name or filter in UTF-8 bytes (over it: as limits.max_topic_levels); 0 = no limit."),
     Key("storage.type", Enum("memory", "lmdb"), "lmdb",

@@ -164,3 +164,19 @@ def test_client_ids_bound_to_user_names_when_user_names_are_verified(files) -> N
     assert bound.may_take_over(None, "bob")  # no owner: any anonymous client could resume it anyway
     unbound = AuthService(AuthSettings(password_file=files[0], bind_client_ids=False))
     assert unbound.may_take_over("alice", "bob")
+
+
+def test_topic_level_cap_alone_is_one_cached_lookup_per_topic() -> None:
+    """The default cap (no ACL, no rate) keeps PUBLISH on the connection's per-topic dict; a long
+    topic is checked without being cached, so a client cannot pin many of them per connection."""
+    svc = AuthService(AuthSettings(limits=PublishLimits(max_topic_levels=128)))
+    pol = svc.policy("c", None)
+    assert pol is not None and pol.fast is pol._topics
+    at, over = "/".join(["ll"] * 128), "/".join(["ll"] * 129)
+    assert pol.check_publish("a/b", 1) == 0 and pol.fast == {"a/b": 0}
+    assert pol.check_publish(at, 1) == 0 and pol.check_publish(over, 1) == 0x97
+    assert set(pol.fast) == {"a/b"}  # 383 and 386 characters: longer than the topics it caches
+    assert pol.check_subscribe(at, 1) == 0 and pol.check_subscribe(over, 1) == 0x97
+    assert pol.can_write_will(at) and not pol.can_write_will(over)
+    assert svc.counters["quota_exceeded"] == 3
+    assert not svc.binds_client_ids and svc.allow_anonymous  # the cap alone changes nothing else
