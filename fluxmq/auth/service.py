@@ -6,8 +6,11 @@ maps the ``auth.*`` and ``limits.*`` config keys onto them). Front ends use it t
 - ``authenticate(client_id, username, password, peer)`` at CONNECT (or an HTTP request) ->
   ``AuthResult`` with the MQTT 5.0 reason code and 3.1.1 return code of a refusal;
 - ``policy(client_id, username, peer)`` -> the connection's ``ClientPolicy`` (None when nothing
-  per-client is configured, so an unconfigured broker's PUBLISH path pays one ``is None`` test);
+  per-client is configured, so such a broker's PUBLISH path pays one ``is None`` test; the default
+  ``limits.max_topic_levels`` alone costs one dict lookup per PUBLISH, see ``ClientPolicy.fast``);
   ``check_publish``/``check_subscribe`` return 0 or the 5.0 reason code of the refusal;
+- ``may_take_over(owner, username)``: may a client take over a session another user holds
+  (``auth.bind_client_id_to_username``; the broker asks it in ``open_session``);
 - ``can_read(client_id, username, topic)`` for deliveries and retained messages (the router
   filters each cached route through it, so a delivery costs nothing extra after a topic's first);
 - ``connect_gate`` (a callable ``address -> bool``, or None) for the listeners' accept step.
