@@ -6,7 +6,8 @@ holds queued (and in-flight) messages on both topics, filtered by her read rules
 
 * bound (the default once a password file is set): bob connecting with alice's client id is
   refused (3.1.1 return code 5, 5.0 CONNACK 0x87 with a reason string), whether alice is online or
-  not; alice's connection and queue are untouched;
+  not, and after a restart (the owner is stored with the session); alice's connection and queue
+  are untouched;
 * unbound (``false``): bob resumes the session but receives only what his read rules allow; the
   rest is dropped and counted (``fluxmq_messages_dropped_total{reason="not_authorized"}``), also
   after a restart with part of the old queue still stored.
@@ -234,3 +235,22 @@ def test_unbound_resume_after_a_restart_still_rechecks_what_the_old_owner_queued
         publish_all(node, "box/end")
         assert drain(bob, "box/end") == ["box/open1", "box/open2"]
         bob.disconnect()
+
+
+def test_the_owner_is_remembered_across_a_restart(node_factory: NodeFactory, files) -> None:
+    """The session record stores its user name (storage/records.py, encode_session): after a restart
+    the stored session still belongs to alice."""
+    overrides = auth_overrides(files, **{"storage.type": "lmdb"})
+    node = node_factory(overrides)
+    cid = alice_with_queue(node, version=5)
+    assert node.stop() == 0
+    node = node_factory(overrides | {"storage.path": str(node.data_dir)})
+    bob, ack = connect(node, cid, "bob", version=5)
+    assert ack.reason_code == 0x87
+    bob.wait_closed()
+    alice, ack = connect(node, cid, "alice", version=5)
+    with alice:
+        assert ack.reason_code == 0 and ack.session_present
+        publish_all(node, "box/end")
+        assert drain(alice, "box/end") == ["box/secret", "box/open"]
+        alice.disconnect()
