@@ -159,6 +159,13 @@ class AuthService:
         return self.acl is not None
 
     @property
+    def reads_user_names(self) -> bool:
+        """True when a user name can change an answer (a password file, an HTTP service, an ACL
+        file, or anonymous clients refused); False with limits alone, which apply to everyone."""
+        return (self.passwords is not None or self.http is not None or self.acl is not None
+                or not self.allow_anonymous)
+
+    @property
     def per_client(self) -> bool:
         """True when connections need a ClientPolicy (ACL, HTTP ACL or per-client limits)."""
         return self.acl is not None or (self.http is not None and self.http.acl) or self.limits.active

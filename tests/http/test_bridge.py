@@ -441,3 +441,19 @@ def test_publish_refused_with_503_when_the_store_is_full(tmp_path) -> None:
         assert broker.retained.get("kept") is None
     finally:
         store.close()
+
+
+def test_topic_cap_alone_leaves_authorization_headers_alone(bridge: HTTPBridge, broker: Broker) -> None:
+    """A node with only the default limits.max_topic_levels has an AuthService, but nothing that
+    reads user names: a request's Authorization header is ignored as on a node without one, and the
+    cap still applies (400)."""
+    from fluxmq.auth.limits import PublishLimits
+    from fluxmq.auth.service import AuthService, AuthSettings
+
+    broker.set_auth(AuthService(AuthSettings(limits=PublishLimits(max_topic_levels=128))))
+    for header in ("Bearer some-token", "Basic not-base64!", "Basic " + base64.b64encode(b"u:p").decode()):
+        resp = wsgi_call(bridge, "POST", "/publish", json.dumps({"topic": "a/b"}).encode(),
+                         headers={"Authorization": header})
+        assert resp.status == 200, (header, resp.json())
+    over = publish_json(bridge, {"topic": "/" * 128})
+    assert over.status == 400
