@@ -13,7 +13,7 @@ from time import perf_counter
 import gevent
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
-from fluxmq.errors import QuotaExceeded
+from fluxmq.errors import NotAuthorized, QuotaExceeded
 from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
@@ -153,7 +153,8 @@ class Broker:
         [MQTT-3.1.4-3]. Call ``attach`` once the CONNACK is written. ``expiry_interval`` is capped by
         ``broker.max_session_expiry``: the session's ``expiry_interval`` holds the value in use.
         Raises QuotaExceeded for a new client id while the node holds ``broker.max_sessions``
-        sessions; a client id that has a session may always reconnect or take over.
+        sessions; a client id that has a session may always reconnect or take over. Raises NotAuthorized,
+        changing nothing, when the client id belongs to another user (``auth.bind_client_id_to_username``).
         """
         session = self.sessions.get(client_id)
         # A session whose end waits for its shared hand-over has ended for its client already.
@@ -166,6 +167,10 @@ class Broker:
             raise QuotaExceeded(f"session limit reached (broker.max_sessions {limit})")
         expiry_interval = self.capped_expiry(expiry_interval)
         if session is not None:
+            auth = self.auth
+            # An ending session (its hand-over still running) has no owner left to protect.
+            if not ending and auth is not None and not auth.may_take_over(session.username, username):
+                raise NotAuthorized("client identifier in use by another user")
             self._stop_hand_over(session)  # back online: what was not handed over yet stays with it
             # A session with expiry 0 (3.x clean session) ends with its network connection, so a
             # takeover does not resume it [MQTT-3.1.2-6].
@@ -200,8 +205,15 @@ class Broker:
         session.expiry_interval = expiry_interval
         session.persistent = expiry_interval > 0
         session.will = will
-        if self.auth is not None and session.username != username and session.subscriptions:
-            self.router.invalidate()  # its routes were filtered by the other user's read rules
+        auth = self.auth
+        if auth is not None and present and session.username != username:
+            # Resumed by another user: its cached routes, in-flight and queued messages were filtered
+            # by the previous user's read rules.
+            if session.subscriptions:
+                self.router.invalidate()
+            session.username = username
+            if auth.checks_reads:
+                session.recheck_reads(auth.session_can_read)
         session.username = username
         if isinstance(session, PersistentSession):
             store = session.store
@@ -625,6 +637,10 @@ class Broker:
             if session.inflight:
                 session._next_pid = max(session.inflight) % 65535 + 1
             set.update(session.inbound_qos2, rec.inbound_qos2)
+            if session.queue and self.auth is not None and self.auth.checks_reads:
+                # Which entries another user queued before a resume is not stored: all are re-checked
+                # against the owner's read rules as they leave the queue.
+                session.recheck_reads(self.auth.session_can_read, queued_only=True)
             if will is not None:
                 if elapsed >= will.delay:
                     due.append(will)

@@ -100,7 +100,8 @@ class Session:
 
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
-                 "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held")
+                 "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",
+                 "reread")
 
     def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
         self.client_id = client_id
@@ -127,6 +128,9 @@ class Session:
         self.connected_since = 0.0
         self.disconnected_at = 0.0
         self.username: str | None = None
+        # [items at the head of the queue to check, can_read(session, topic)] after another user
+        # resumed the session (recheck_reads); None otherwise, so pump pays one test per message.
+        self.reread: list | None = None
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -233,6 +237,8 @@ class Session:
             if message.expires_at is not None and message.expired():
                 self._stats.dropped("expired")
                 continue
+            if self.reread is not None and not self._still_readable(message):
+                continue
             if qos == 0:
                 d.send_publish(message, 0, retain, 0, False, sub_ids)
             else:
@@ -243,6 +249,33 @@ class Session:
         asks before it gives this session a message another member still holds)."""
         limits = self._limits
         return len(self.queue) < limits.max_queued_messages and self.queue_bytes < limits.max_queued_bytes
+
+    def recheck_reads(self, can_read, queued_only: bool = False) -> None:
+        """Another user resumed this session: what it holds passed the previous user's read rules.
+
+        In-flight messages not yet released are checked now (a few, bounded by the window); queued
+        ones as they leave the queue, so a long disk queue is not read in one turn. A message that
+        ``can_read(self, topic)`` refuses is dropped and counted as ``not_authorized``.
+        """
+        if not queued_only:
+            for pid, entry in list(self.inflight.items()):
+                if not entry.released and not can_read(self, entry.message.topic):
+                    self._forget_inflight(pid)
+                    self._stats.dropped("not_authorized")
+        if self.queue:
+            # Items queued later were routed by the new user's rules; checking some of them again
+            # (after evictions shortened the old part) is harmless.
+            self.reread = [len(self.queue), can_read]
+
+    def _still_readable(self, message: Message) -> bool:
+        reread = self.reread
+        reread[0] -= 1
+        if reread[0] <= 0:
+            self.reread = None
+        if reread[1](self, message.topic):
+            return True
+        self._stats.dropped("not_authorized")
+        return False
 
     def take_unfinished(self, claim) -> list:
         """Remove the QoS 1/2 messages this client has not finished that ``claim(message)`` returns a
@@ -375,6 +408,7 @@ class Session:
         self.queue_bytes = 0
         self.queue_qos0 = 0
         self.inbound_qos2.clear()
+        self.reread = None
 
     def on_writable(self) -> None:
         """The client's output drained below its low-water mark."""
@@ -502,3 +536,4 @@ class PersistentSession(Session):
         self.queue.clear()
         self.queue_bytes = 0
         set.clear(self.inbound_qos2)
+        self.reread = None

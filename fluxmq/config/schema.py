@@ -241,13 +241,25 @@ KEYS: tuple[Key, ...] = (
         "(python -m fluxmq.broker.auth_enhanced USER)."),
     Key("auth.allow_anonymous", AutoBool(), "auto",
         'Accept clients without a user name; "auto" = only when neither auth.password_file nor auth.http.url is set.'),
+    Key("auth.bind_client_id_to_username", AutoBool(), "auto",
+        "A client id belongs to the user whose session holds it: another user (or an anonymous client) "
+        "connecting with it is refused (CONNACK 0x87 / return code 5) instead of taking the session over; "
+        '"auto" = on when auth.password_file or auth.http.url is set. Off: the session\'s queued messages '
+        "are re-checked against the new user's read rules."),
     Key("auth.password_file", Str(), "",
         'Mosquitto password file ($6$/$7$ hashes from mosquitto_passwd or fluxmq-passwd); re-read on reload; "" = none.'),
     Key("auth.acl_file", Str(), "",
         "Mosquitto ACL file (user, topic [read|write|readwrite|deny], pattern with %c/%u); re-read on reload; "
         '"" = none (everything allowed).'),
     Key("auth.http.url", Str(), "",
-        'HTTP service asked (JSON POST) whether a client may connect; errors refuse (fail closed); "" = none.'),
+        'HTTP service asked (JSON POST) whether a client may connect; errors refuse (fail closed); "" = none. '
+        "Plain http:// to a host that is not loopback sends passwords in clear (warned about at start)."),
+    Key("auth.http.ca_file", Str(), "",
+        'PEM CA bundle the https service\'s certificate is verified against; "" = the system CAs.'),
+    Key("auth.http.cert_file", Str(), "",
+        'PEM client certificate presented to the https service (mutual TLS); "" = none.'),
+    Key("auth.http.key_file", Str(), "",
+        'Private key of auth.http.cert_file; "" = in the certificate file.'),
     Key("auth.http.timeout", Duration(), "2s", "Time the HTTP service has to answer before the request is refused."),
     Key("auth.http.acl", Bool(), False,
         "Also ask the HTTP service whether a client may publish to a topic or subscribe to a filter (cached)."),
@@ -268,8 +280,9 @@ KEYS: tuple[Key, ...] = (
         "Payload bytes per second per client (over it: as limits.publish_rate); 0 = no limit."),
     Key("limits.max_subscriptions", Int(0), 0,
         "Subscriptions per client; more get SUBACK 0x97 (5.0) or 0x80 (3.x); 0 = no limit."),
-    Key("limits.max_topic_levels", Int(0), 0,
-        "Most levels in a topic name or filter (over it: 5.0 0x97, 3.x disconnect or SUBACK 0x80); 0 = no limit."),
+    Key("limits.max_topic_levels", Int(0), 128,
+        "Most levels in a topic name or filter, a guard against topics that are costly to match (over it: "
+        "5.0 0x97, 3.x disconnect or SUBACK 0x80; HTTP bridge 400); 0 = no limit."),
     Key("limits.max_topic_length", Int(0), 0,
         "Longest topic name or filter in UTF-8 bytes (over it: as limits.max_topic_levels); 0 = no limit."),
     Key("storage.type", Enum("memory", "lmdb"), "lmdb",

@@ -440,8 +440,8 @@ class HTTPBridge:
     def _authenticate(self, environ: dict) -> str | None:
         """The request's user name (None: anonymous); 401 when the broker's authentication refuses it."""
         auth = self.broker.auth
-        if auth is None:
-            return None
+        if auth is None or not auth.reads_user_names:
+            return None  # nothing asks who the client is (limits alone): credentials are ignored
         username = password = None
         header = environ.get("HTTP_AUTHORIZATION") or ""
         if header:

@@ -23,7 +23,14 @@ from fluxmq.broker import auth_enhanced
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
-from fluxmq.errors import MQTTError, ProtocolError, QuotaExceeded, StorageError, TopicFilterInvalid
+from fluxmq.errors import (
+    MQTTError,
+    NotAuthorized,
+    ProtocolError,
+    QuotaExceeded,
+    StorageError,
+    TopicFilterInvalid,
+)
 
 from .settings import ProtocolSettings
 
@@ -654,6 +661,9 @@ class MQTTConnection:
             if auth is not None:
                 auth.forget(client_id)  # its ACL was compiled by policy() above
             self._refuse(RC_SERVER_UNAVAILABLE, err.reason_code, str(err))
+            return
+        except NotAuthorized as exc:  # the client id belongs to another user
+            self._refuse(RC_NOT_AUTHORIZED, 0x87, exc.reason)
             return
         self.session = session
 

@@ -453,3 +453,19 @@ def test_subscribe_past_broker_max_sessions_is_503_not_a_crash() -> None:
     assert resp.status == 503 and "max_sessions" in resp.json()["error"]
     assert len(broker.sessions) == 1
     stream.close()
+
+
+def test_topic_cap_alone_leaves_authorization_headers_alone(bridge: HTTPBridge, broker: Broker) -> None:
+    """A node with only the default limits.max_topic_levels has an AuthService, but nothing that
+    reads user names: a request's Authorization header is ignored as on a node without one, and the
+    cap still applies (400)."""
+    from fluxmq.auth.limits import PublishLimits
+    from fluxmq.auth.service import AuthService, AuthSettings
+
+    broker.set_auth(AuthService(AuthSettings(limits=PublishLimits(max_topic_levels=128))))
+    for header in ("Bearer some-token", "Basic not-base64!", "Basic " + base64.b64encode(b"u:p").decode()):
+        resp = wsgi_call(bridge, "POST", "/publish", json.dumps({"topic": "a/b"}).encode(),
+                         headers={"Authorization": header})
+        assert resp.status == 200, (header, resp.json())
+    over = publish_json(bridge, {"topic": "/" * 128})
+    assert over.status == 400
