@@ -20,7 +20,14 @@ from ruamel.yaml import YAML
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.errors import ConfigError
-from fluxmq.http.admin import SPEC_PATH, AdminAPI, check_admin_exposure, is_loopback
+from fluxmq.http.admin import (
+    SPEC_PATH,
+    AdminAPI,
+    admin_token,
+    check_admin_exposure,
+    is_loopback,
+    read_token_file,
+)
 from fluxmq.http.bridge import SSEStream
 from tests.http.test_bridge import wsgi_call
 
@@ -98,9 +105,64 @@ def test_unknown_path_is_401_before_404(spec, app) -> None:
     assert json_call(spec, app, "GET", "/nope", validate=False)[0] == 404
 
 
-def test_no_token_configured_means_open(spec, broker) -> None:
-    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), None)
+def test_no_token_configured_means_open_for_reads_only(spec, broker) -> None:
+    """Without a token a page in the operator's browser could POST /reload cross-site: refused."""
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), None, lambda: {})
     assert json_call(spec, app, "GET", "/stats", headers=None)[0] == 200
+    for method, path in (("POST", "/reload"), ("DELETE", "/retained/x"), ("POST", "/sessions/c/disconnect")):
+        status, _, body = json_call(spec, app, method, path, headers=None)
+        assert status == 403, (method, path)
+        assert "server.admin.token_file" in body["error"] and "FLUXMQ_ADMIN_TOKEN" in body["error"]
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:9999"])
+def test_state_changing_call_with_a_foreign_origin_is_403(spec, app, reloads, origin: str) -> None:
+    status, _, body = json_call(spec, app, "POST", "/reload", headers={**AUTH, "Origin": origin})
+    assert status == 403 and "cross-origin" in body["error"]
+    assert reloads == []
+
+
+def test_same_origin_and_reads_with_an_origin_pass(spec, app, reloads) -> None:
+    assert json_call(spec, app, "POST", "/reload",
+                     headers={**AUTH, "Origin": "http://127.0.0.1", "Host": "127.0.0.1"})[0] == 200
+    assert json_call(spec, app, "GET", "/stats", headers={**AUTH, "Origin": "http://evil.example"})[0] == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8082", "127.0.0.1.nip.io", ""])
+def test_a_host_that_is_not_an_address_is_421(spec, app, host: str) -> None:
+    """DNS rebinding: evil.example resolves to 127.0.0.1 after the page loaded; its Host gives it away."""
+    status, _, body = json_call(spec, app, "GET", "/stats", headers={**AUTH, "Host": host})
+    assert status == 421 and "server.admin.allowed_hosts" in body["error"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8082", "[::1]:8082", "localhost:8082", "LOCALHOST",
+                                  "10.1.2.3:8082", "admin.internal:8082"])
+def test_addresses_localhost_and_allowed_names_pass(spec, broker, host: str) -> None:
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, allowed_hosts=["admin.internal"])
+    assert json_call(spec, app, "GET", "/stats", headers={**AUTH, "Host": host})[0] == 200
+
+
+def test_set_token_rotates(spec, app) -> None:
+    app.set_token("new-token")
+    assert json_call(spec, app, "GET", "/stats")[0] == 401
+    assert json_call(spec, app, "GET", "/stats", headers={"Authorization": "Bearer new-token"})[0] == 200
+
+
+def test_admin_token_from_file_or_environment(tmp_path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    with_file = SimpleNamespace(server=SimpleNamespace(admin=SimpleNamespace(token_file=str(token_file))))
+    without = SimpleNamespace(server=SimpleNamespace(admin=SimpleNamespace(token_file="")))
+    assert admin_token(with_file, {}) == "from-file"
+    assert admin_token(without, {"FLUXMQ_ADMIN_TOKEN": "from-env"}) == "from-env"
+    assert admin_token(without, {}) is None
+    with pytest.raises(ConfigError, match="not both"):
+        admin_token(with_file, {"FLUXMQ_ADMIN_TOKEN": "from-env"})
+    token_file.write_text("\n")
+    with pytest.raises(ConfigError, match="server.admin.token_file.*no token"):
+        admin_token(with_file, {})
+    with pytest.raises(ConfigError, match="server.admin.token_file.*cannot read"):
+        read_token_file(str(tmp_path / "missing"))
 
 
 # -- stats -----------------------------------------------------------------------------------------
