@@ -605,15 +605,21 @@ class HTTPBridge:
         broker = self.broker
         settings = self.settings
         client_id = SSE_CLIENT_PREFIX + uuid.uuid4().hex
-        if broker.auth is not None:
-            for f in filters:
-                code = broker.auth.check_subscribe(client_id, username, f)
-                if code:
-                    raise HTTPError(403 if code == 0x87 else 400, f"not authorized to subscribe to {f!r}"
-                                    if code == 0x87 else f"filter {f!r} is over limits.max_topic_*")
-        # Checked after the ACL (which may wait on the HTTP service) and taken without a greenlet
-        # switch in between, so concurrent requests cannot overshoot the bounds.
-        self._check_stream_bounds(owner)
+        auth = broker.auth
+        try:
+            if auth is not None:
+                for f in filters:
+                    code = auth.check_subscribe(client_id, username, f)
+                    if code:
+                        raise HTTPError(403 if code == 0x87 else 400, f"not authorized to subscribe to {f!r}"
+                                        if code == 0x87 else f"filter {f!r} is over limits.max_topic_*")
+            # Checked after the ACL (which may wait on the HTTP service) and taken without a greenlet
+            # switch in between, so concurrent requests cannot overshoot the bounds.
+            self._check_stream_bounds(owner)
+        except HTTPError:
+            if auth is not None:
+                auth.forget(client_id)  # the checks compiled this one-off client id's ACL
+            raise
         stream = SSEStream(client_id, settings.sse_queue_size, broker, peer, owner)
         session, _ = broker.open_session(client_id, True, 0, None, username)
         broker.attach(session, stream, 0)

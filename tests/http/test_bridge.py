@@ -493,3 +493,23 @@ def test_refused_stream_releases_its_slot(broker: Broker) -> None:
 def test_bridge_pool_leaves_room_for_requests_beside_the_streams(broker: Broker) -> None:
     bridge = HTTPBridge(broker, BridgeSettings(max_streams=5000))
     assert bridge.pool_size(1000) >= 5000 + 1000
+
+
+# -- compiled ACLs (issue 17 item 9) ---------------------------------------------------------------
+
+def test_streams_refused_by_the_acl_leave_no_compiled_acl(broker: Broker, tmp_path) -> None:
+    """Each stream is its own client id: a refused one must drop the ACL compiled for it."""
+    from fluxmq.auth.service import AuthService, AuthSettings
+    acl = tmp_path / "acl"
+    acl.write_text("topic read open/#\n")
+    auth = AuthService(AuthSettings(acl_file=str(acl), allow_anonymous=True))
+    broker.set_auth(auth)
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT))
+    for _ in range(50):
+        resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2F%23&filter=closed%2F%23")
+        assert resp.status == 403
+    assert len(auth._acls) == 0, f"{len(auth._acls)} compiled ACLs kept after 50 refused streams"
+    stream = subscribe(bridge, "open/#")
+    assert set(auth._acls) == {stream.client_id}
+    stream.close()
+    assert len(auth._acls) == 0
