@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import gevent
+
 from fluxmq import __version__
 from fluxmq._core.trie import validate_filter
 from fluxmq.broker.session import EXPIRY_NEVER, Session
@@ -35,6 +37,7 @@ from fluxmq.config import parse_addr
 from fluxmq.errors import ConfigError, TopicFilterInvalid
 from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query
 from fluxmq.http.router import json_response
+from fluxmq.http.walk import SLICE, page, session_totals, sorted_sessions
 
 log = logging.getLogger("fluxmq.http.admin")
 
@@ -300,11 +303,7 @@ class AdminAPI:
                        for listener in getattr(self.service, "listeners", ())}
         if self.bridge is not None:
             by_listener["http_sse"] = len(self.bridge.streams)
-        queued = queued_bytes = inflight = 0
-        for session in broker.sessions.values():
-            queued += len(session.queue)
-            queued_bytes += session.queue_bytes
-            inflight += len(session.inflight)
+        queued, queued_bytes, inflight, _ = session_totals(broker.sessions)  # in slices: the hub keeps running
         sessions = len(broker.sessions)
         return 200, {
             "version": __version__,
@@ -325,16 +324,26 @@ class AdminAPI:
         }
 
     def list_sessions(self, environ: dict, args: list[str]) -> tuple:
+        """Sessions by client id, one page: ``after`` (a cursor: the last client id of the previous
+        page, returned as ``next``) or ``offset``. Never sorts every session in one hub turn
+        (``fluxmq.http.walk``)."""
         params = query(environ)
-        _only(params, {"connected", "limit", "offset"})
+        _only(params, {"connected", "limit", "offset", "after"})
         limit, offset = _limit(params)
         connected = one_param(params, "connected")
-        sessions = sorted(self.broker.sessions.values(), key=lambda s: s.client_id)
+        after = one_param(params, "after")
+        keep = None
         if connected is not None:
             want = _flag(connected, "connected")
-            sessions = [s for s in sessions if (s.delivery is not None) == want]
-        page = sessions[offset:offset + limit]
-        return 200, {"total": len(sessions), "sessions": [session_summary(s) for s in page]}
+
+            def keep(session: Session) -> bool:
+                return (session.delivery is not None) == want
+        total, ordered = sorted_sessions(self.broker.sessions, keep, after)
+        rows = page(ordered, offset, limit + 1)
+        body: dict[str, Any] = {"total": total, "sessions": [session_summary(s) for s in rows[:limit]]}
+        if limit and len(rows) > limit:
+            body["next"] = rows[limit - 1].client_id
+        return 200, body
 
     def _session(self, client_id: str) -> Session:
         session = self.broker.sessions.get(client_id)
@@ -360,11 +369,31 @@ class AdminAPI:
         limit, offset = _limit(params)
         client_id = one_param(params, "client_id")
         if client_id is not None:
-            sessions = [self._session(client_id)]
-        else:
-            sessions = sorted(self.broker.sessions.values(), key=lambda s: s.client_id)
-        subs = [subscription_json(s.client_id, sub) for s in sessions for sub in s.subscriptions.values()]
-        return 200, {"total": len(subs), "subscriptions": subs[offset:offset + limit]}
+            session = self._session(client_id)
+            subs = [subscription_json(session.client_id, sub) for sub in session.subscriptions.values()]
+            return 200, {"total": len(subs), "subscriptions": subs[offset:offset + limit]}
+        count = [0]
+
+        def keep(session: Session) -> bool:
+            n = len(session.subscriptions)
+            count[0] += n
+            return n > 0
+        _, ordered = sorted_sessions(self.broker.sessions, keep)
+        out: list[dict[str, Any]] = []
+        skip = offset
+        for index, session in enumerate(ordered):
+            if len(out) >= limit:
+                break
+            if index and index % SLICE == 0:
+                gevent.sleep(0)  # skipping far into the list: let the hub run
+            subs = session.subscriptions
+            if skip >= len(subs):
+                skip -= len(subs)
+                continue
+            for sub in list(subs.values())[skip:skip + limit - len(out)]:
+                out.append(subscription_json(session.client_id, sub))
+            skip = 0
+        return 200, {"total": count[0], "subscriptions": out}
 
     def list_retained(self, environ: dict, args: list[str]) -> tuple:
         params = query(environ)
