@@ -233,6 +233,22 @@ def test_idle_streams_cannot_exhaust_the_bridge(node_factory: NodeFactory) -> No
             sock.close()
 
 
+def test_publishes_are_served_with_every_stream_slot_taken(node_factory: NodeFactory) -> None:
+    """The bridge's greenlet pool is max_streams + worker_connections: 1,000 streams at the bound
+    leave room for requests."""
+    n = node_factory({"server.http.plain.max_streams_per_user": 1000})
+    socks = open_raw_streams(n, 1000, time.monotonic() + 60)
+    try:
+        assert len(socks) == 1000 and all(status_of(s) == 200 for s in socks)
+        status, headers, _ = http_request(n, "GET", "/subscribe?filter=x")
+        assert status == 429 and headers["retry-after"]
+        status, body = publish_json(n, {"topic": "idle/all", "payload": "x"})
+        assert status == 200 and body["deliveries"] == 1000, body
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_streams_past_the_total_bound_get_429_and_publishes_are_served(node_factory: NodeFactory) -> None:
     n = node_factory({"server.http.plain.max_streams": 20, "server.http.plain.max_streams_per_user": 1000,
                       "server.http.plain.sse_heartbeat": "200ms"})

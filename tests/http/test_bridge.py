@@ -513,3 +513,31 @@ def test_streams_refused_by_the_acl_leave_no_compiled_acl(broker: Broker, tmp_pa
     assert set(auth._acls) == {stream.client_id}
     stream.close()
     assert len(auth._acls) == 0
+
+
+def test_streams_per_user_name_and_refusals_at_the_bound_leave_no_compiled_acl(broker: Broker, tmp_path) -> None:
+    from fluxmq.auth.password_file import hash_password
+    from fluxmq.auth.service import AuthService, AuthSettings
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"alice:{hash_password('a-pw')}\nbob:{hash_password('b-pw')}\n")
+    acl = tmp_path / "acl"
+    acl.write_text("pattern read open/#\n")
+    auth = AuthService(AuthSettings(password_file=str(passwd), acl_file=str(acl)))
+    broker.set_auth(auth)
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=10, max_streams_per_user=1))
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    alice = Stream(wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("alice", "a-pw"),
+                             remote_addr="10.0.0.1"))
+    for _ in range(20):  # alice from another address is still alice
+        resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("alice", "a-pw"),
+                         remote_addr="10.0.0.2")
+        assert resp.status == 429 and "'alice'" in resp.json()["error"]
+    bob = Stream(wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("bob", "b-pw"),
+                           remote_addr="10.0.0.1"))
+    assert set(auth._acls) == {alice.client_id, bob.client_id}
+    alice.close()
+    bob.close()
+    assert bridge.stream_owners == {} and len(auth._acls) == 0
