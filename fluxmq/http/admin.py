@@ -180,8 +180,9 @@ class AdminAPI:
     """
 
     def __init__(self, service: Any, token: str | None, reload: Callable[[], dict] | None = None,
-                 bridge: Any = None, allowed_hosts: Iterable[str] = ()) -> None:
+                 bridge: Any = None, allowed_hosts: Iterable[str] = (), addr: str = "") -> None:
         self.service = service
+        self.addr = addr  # the address served (a reload cannot move it: it may not drop the token off loopback)
         self.bridge = bridge
         self._token = token.encode() if token else None
         self._reload = reload
@@ -216,6 +217,7 @@ class AdminAPI:
 
         Raises ``ConfigError`` (an unreadable or empty token file); the old token then stays in force."""
         token = admin_token(config, os.environ)
+        check_admin_exposure(self.addr, token)
         self.set_token(token)
         self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in config.server.admin.allowed_hosts)
         log.info("admin_token_reloaded", extra={"token": "set" if token else "none"})

@@ -239,7 +239,7 @@ class NodeApplication(BaseApplication):
                 apps.append(bridge)  # one bridge (and one SSE stream registry) for plain and TLS
             else:
                 admin = AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge,
-                                 config.server.admin.allowed_hosts)
+                                 config.server.admin.allowed_hosts, config.server.admin.addr)
                 # SIGHUP and POST /reload re-read the token file: rotation without a restart
                 service.reload_hooks.append(admin.reload_hook)
                 apps.append(admin)

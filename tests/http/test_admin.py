@@ -150,6 +150,14 @@ def test_set_token_rotates(spec, app) -> None:
     assert json_call(spec, app, "GET", "/stats", headers={"Authorization": "Bearer new-token"})[0] == 200
 
 
+def test_a_reload_cannot_drop_the_token_of_an_exposed_api(broker) -> None:
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, addr="0.0.0.0:8082")
+    tokenless = SimpleNamespace(server=SimpleNamespace(admin=SimpleNamespace(token_file="", allowed_hosts=[])))
+    with pytest.raises(ConfigError, match="server.admin.addr"):
+        app.reload_hook(tokenless)
+    assert app._token == TOKEN.encode()
+
+
 def test_admin_token_from_file_or_environment(tmp_path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
