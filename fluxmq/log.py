@@ -184,10 +184,15 @@ def _in_background(fn: Callable[[], None], delay: float = 0.0) -> Callable[[], N
     return thread.join
 
 
+# Records held for the end of a loop turn at most: a long turn writes every this many (bounded memory,
+# and a worker killed in a stuck turn loses at most these INFO lines).
+MAX_PENDING = 256
+
+
 class TurnBatching:
     """Mixin for a ``StreamHandler``: formatted records are collected and written with one
-    ``write`` + ``flush`` per gevent loop turn (WARNING and above at once, and every record at once
-    outside a gevent worker). One syscall per record was the cost of logging under load."""
+    ``write`` + ``flush`` per gevent loop turn (WARNING and above at once, every ``MAX_PENDING``
+    records at once, and every record at once outside a gevent worker). One syscall per record was the cost of logging under load."""
 
     _pending: list[str]
     _scheduled: bool
@@ -197,8 +202,9 @@ class TurnBatching:
         self._scheduled = False
 
     def _queue(self, text: str, levelno: int) -> None:
-        self._pending.append(text)
-        if levelno >= logging.WARNING:
+        pending = self._pending
+        pending.append(text)
+        if levelno >= logging.WARNING or len(pending) >= MAX_PENDING:
             self._drain()
             return
         if self._scheduled:
