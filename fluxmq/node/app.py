@@ -30,8 +30,7 @@ from gunicorn.arbiter import Arbiter
 
 from fluxmq.config import parse_addr
 from fluxmq.errors import ConfigError
-from fluxmq.http.admin import TOKEN_ENV as ADMIN_TOKEN_ENV
-from fluxmq.http.admin import AdminAPI, check_admin_exposure
+from fluxmq.http.admin import AdminAPI, admin_token, check_admin_exposure
 from fluxmq.http.bridge import BridgeSettings, HTTPBridge
 from fluxmq.http.health import make_health_app
 from fluxmq.http.metrics import make_metrics_app, make_registry
@@ -179,8 +178,10 @@ class NodeApplication(BaseApplication):
         self.service_factory = service_factory
         # Loads the configuration again from the same sources (reload); None: the start config.
         self.config_loader = config_loader
-        self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        self.admin_token = admin_token(config, os.environ)
         check_admin_exposure(config.server.admin.addr, self.admin_token)
+        from fluxmq.node.service import check_anonymous_exposure
+        check_anonymous_exposure(config)
         self.surfaces = http_surfaces(config)
         # TLS of the HTTPS bridge listeners, built here so a bad certificate stops the node at once.
         self.handshakes = [_https_handshake(config, name) for name, _ in self.surfaces]
@@ -237,7 +238,11 @@ class NodeApplication(BaseApplication):
             elif name.startswith("http"):
                 apps.append(bridge)  # one bridge (and one SSE stream registry) for plain and TLS
             else:
-                apps.append(AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge))
+                admin = AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge,
+                                 config.server.admin.allowed_hosts, config.server.admin.addr)
+                # SIGHUP and POST /reload re-read the token file: rotation without a restart
+                service.reload_hooks.append(admin.reload_hook)
+                apps.append(admin)
         return apps or [make_health_app(service)]  # the private unix socket
 
     def load_fresh_config(self) -> Any:

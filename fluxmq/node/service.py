@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
@@ -14,6 +15,7 @@ from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
 from fluxmq.config import SCHEMA, parse_addr
+from fluxmq.errors import ConfigError
 from fluxmq.log import setup_logging
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
@@ -83,6 +85,52 @@ MQTT_LISTENERS = (
     ("ws", "server.websocket.plain"),
     ("wss", "server.websocket.tls"),
 )
+
+
+# Listeners a client reaches without an MQTT or HTTP user name (every MQTT and HTTP bridge listener
+# but the mTLS ones, whose certificate identifies the client).
+ANONYMOUS_SURFACES = (*(section for name, section in MQTT_LISTENERS if name != "mtls"),
+                      "server.http.plain", "server.http.tls")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere
+
+
+def anonymous_exposure(config) -> list[str]:
+    """The address keys of listeners that would take anonymous clients on a non-loopback address
+    although nobody asked for that (``auth.allow_anonymous`` left at ``auto``, no password file and no
+    HTTP auth service). Mosquitto 2 refuses such a setup too; ``check_anonymous_exposure`` stops the
+    node on it."""
+    a = config.auth
+    if a.allow_anonymous != "auto" or a.password_file or a.http.url:
+        return []  # anonymous is decided explicitly, or refused because credentials are configured
+    exposed = []
+    for section in ANONYMOUS_SURFACES:
+        lc = _section(config, section)
+        if not lc.addr:
+            continue
+        if "ca_file" in lc and lc.ca_file and lc.client_auth in ("", "require"):
+            continue  # a verified client certificate is required: not anonymous
+        if not _is_loopback(parse_addr(lc.addr)[0]):
+            exposed.append(f"{section}.addr")
+    return exposed
+
+
+def check_anonymous_exposure(config) -> None:
+    """``ConfigError`` (one line, the node exits 2) when ``anonymous_exposure`` finds a listener."""
+    exposed = anonymous_exposure(config)
+    if exposed:
+        key = exposed[0]
+        raise ConfigError(key, "", got=config.get(key), problem=(
+            f"{config.get(key)!r} takes anonymous clients from the network: bind a loopback address "
+            "(127.0.0.1:PORT), set auth.password_file or auth.http.url, or set auth.allow_anonymous: true "
+            f"to allow it (also: {', '.join(exposed[1:]) or 'no other listener'})"))
 
 
 def stream_factory(config, name: str, section: str):

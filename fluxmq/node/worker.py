@@ -149,8 +149,11 @@ class BrokerWorker(GeventWorker):
         handshakes = getattr(self.app, "handshakes", None) or [None] * len(self.sockets)
         for sock, app, handshake in zip(self.sockets, self.wsgi_apps, handshakes, strict=True):
             sock.setblocking(1)
+            # The bridge's pool has a slot per possible SSE stream on top (HTTPBridge.pool_size).
+            pool_size = app.pool_size(self.worker_connections) if hasattr(app, "pool_size") else \
+                self.worker_connections
             server = StreamServer(sock, handle=partial(self._serve, app, handshake, sock),
-                                  spawn=Pool(self.worker_connections))
+                                  spawn=Pool(pool_size))
             server.start()
             servers.append(server)
         return servers

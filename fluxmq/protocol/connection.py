@@ -653,6 +653,8 @@ class MQTTConnection:
         if auth is not None:
             policy = self._policy = auth.policy(client_id, username, self.peer)
             if policy is not None and will is not None and not policy.can_write_will(will.message.topic):
+                if client_id not in broker.sessions:  # no session will forget it: drop its compiled ACL
+                    auth.forget(client_id)
                 self._refuse(RC_NOT_AUTHORIZED, 0x87, "not authorized to publish the will to its topic")
                 return
         try:

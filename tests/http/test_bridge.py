@@ -38,10 +38,11 @@ class Response:
 
 
 def wsgi_call(app, method: str, path: str, body: bytes = b"", query: str = "",
-              headers: dict[str, str] | None = None, chunked: bool = False) -> Response:
+              headers: dict[str, str] | None = None, chunked: bool = False,
+              remote_addr: str = "127.0.0.1") -> Response:
     """Call a WSGI app as a server would; ``path`` is the decoded path (UTF-8 text)."""
     environ: dict = {"REQUEST_METHOD": method, "PATH_INFO": path.encode("utf-8").decode("latin-1"),
-                     "QUERY_STRING": query, "wsgi.input": io.BytesIO(body),
+                     "QUERY_STRING": query, "wsgi.input": io.BytesIO(body), "REMOTE_ADDR": remote_addr,
                      "RAW_URI": quote(path, safe="/%") + (f"?{query}" if query else "")}
     if not chunked:
         environ["CONTENT_LENGTH"] = str(len(body))
@@ -107,9 +108,9 @@ def bridge(broker: Broker) -> HTTPBridge:
                                              sse_heartbeat=HEARTBEAT, sse_queue_size=100))
 
 
-def subscribe(bridge: HTTPBridge, *filters: str) -> Stream:
+def subscribe(bridge: HTTPBridge, *filters: str, remote_addr: str = "127.0.0.1") -> Stream:
     query = "&".join("filter=" + quote(f, safe="") for f in filters)
-    return Stream(wsgi_call(bridge, "GET", "/subscribe", query=query))
+    return Stream(wsgi_call(bridge, "GET", "/subscribe", query=query, remote_addr=remote_addr))
 
 
 # -- POST /publish ---------------------------------------------------------------------------------
@@ -469,3 +470,102 @@ def test_topic_cap_alone_leaves_authorization_headers_alone(bridge: HTTPBridge, 
         assert resp.status == 200, (header, resp.json())
     over = publish_json(bridge, {"topic": "/" * 128})
     assert over.status == 400
+
+
+# -- bounds (issue 17 item 10) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"topic": "a", "properties": ' + b'{"a": ' * 50_000,
+                                  b"[" * 100_000 + b"]" * 100_000])
+def test_deeply_nested_json_is_400(broker: Broker, body: bytes) -> None:
+    """The JSON parser recurses per nesting level: past the interpreter's limit that must be a 400."""
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1 << 20))
+    resp = wsgi_call(bridge, "POST", "/publish", body)
+    assert resp.status == 400
+    assert "nested" in resp.json()["error"]
+
+
+def test_streams_past_max_streams_get_429_with_retry_after(broker: Broker) -> None:
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=3, max_streams_per_user=100))
+    streams = [subscribe(bridge, "a", remote_addr=f"10.0.0.{i}") for i in range(3)]
+    resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=a", remote_addr="10.0.0.9")
+    assert resp.status == 429
+    assert int(resp.headers["Retry-After"]) > 0
+    assert "server.http.plain.max_streams" in resp.json()["error"]
+    assert len(broker.sessions) == 3 and len(bridge.streams) == 3
+    assert publish_json(bridge, {"topic": "a", "payload": "still served"}).status == 200
+    assert bridge.requests[("subscribe", 429)] == 1
+    streams[0].close()  # a slot is free again
+    subscribe(bridge, "a", remote_addr="10.0.0.9").close()
+    for stream in streams[1:]:
+        stream.close()
+    assert bridge.streams == set() and bridge.stream_owners == {}
+
+
+def test_streams_per_user_are_bounded_by_user_name_or_address(broker: Broker) -> None:
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=100, max_streams_per_user=2))
+    mine = [subscribe(bridge, "a", remote_addr="10.0.0.1") for _ in range(2)]
+    resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=a", remote_addr="10.0.0.1")
+    assert resp.status == 429 and "server.http.plain.max_streams_per_user" in resp.json()["error"]
+    other = subscribe(bridge, "a", remote_addr="10.0.0.2")  # another address is another owner
+    for stream in [*mine, other]:
+        stream.close()
+    assert bridge.stream_owners == {}
+
+
+def test_refused_stream_releases_its_slot(broker: Broker) -> None:
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=1, max_streams_per_user=1))
+    assert wsgi_call(bridge, "GET", "/subscribe", query="filter=" + quote("a/#/b", safe="")).status == 400
+    subscribe(bridge, "a").close()  # the bad filter's slot did not stay taken
+
+
+def test_bridge_pool_leaves_room_for_requests_beside_the_streams(broker: Broker) -> None:
+    bridge = HTTPBridge(broker, BridgeSettings(max_streams=5000))
+    assert bridge.pool_size(1000) >= 5000 + 1000
+
+
+# -- compiled ACLs (issue 17 item 9) ---------------------------------------------------------------
+
+def test_streams_refused_by_the_acl_leave_no_compiled_acl(broker: Broker, tmp_path) -> None:
+    """Each stream is its own client id: a refused one must drop the ACL compiled for it."""
+    from fluxmq.auth.service import AuthService, AuthSettings
+    acl = tmp_path / "acl"
+    acl.write_text("topic read open/#\n")
+    auth = AuthService(AuthSettings(acl_file=str(acl), allow_anonymous=True))
+    broker.set_auth(auth)
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT))
+    for _ in range(50):
+        resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2F%23&filter=closed%2F%23")
+        assert resp.status == 403
+    assert len(auth._acls) == 0, f"{len(auth._acls)} compiled ACLs kept after 50 refused streams"
+    stream = subscribe(bridge, "open/#")
+    assert set(auth._acls) == {stream.client_id}
+    stream.close()
+    assert len(auth._acls) == 0
+
+
+def test_streams_per_user_name_and_refusals_at_the_bound_leave_no_compiled_acl(broker: Broker, tmp_path) -> None:
+    from fluxmq.auth.password_file import hash_password
+    from fluxmq.auth.service import AuthService, AuthSettings
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"alice:{hash_password('a-pw')}\nbob:{hash_password('b-pw')}\n")
+    acl = tmp_path / "acl"
+    acl.write_text("pattern read open/#\n")
+    auth = AuthService(AuthSettings(password_file=str(passwd), acl_file=str(acl)))
+    broker.set_auth(auth)
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=10, max_streams_per_user=1))
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    alice = Stream(wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("alice", "a-pw"),
+                             remote_addr="10.0.0.1"))
+    for _ in range(20):  # alice from another address is still alice
+        resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("alice", "a-pw"),
+                         remote_addr="10.0.0.2")
+        assert resp.status == 429 and "'alice'" in resp.json()["error"]
+    bob = Stream(wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("bob", "b-pw"),
+                           remote_addr="10.0.0.1"))
+    assert set(auth._acls) == {alice.client_id, bob.client_id}
+    alice.close()
+    bob.close()
+    assert bridge.stream_owners == {} and len(auth._acls) == 0

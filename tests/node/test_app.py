@@ -6,8 +6,10 @@ import os
 
 import pytest
 
-from fluxmq.config import load_config
+from fluxmq.config import SCHEMA, load_config, parse_addr
+from fluxmq.errors import ConfigError
 from fluxmq.node.app import WORKER_TIMEOUT, NodeApplication, NodeLogger, gunicorn_bind, stop_margins
+from fluxmq.node.service import anonymous_exposure
 from fluxmq.node.worker import BrokerWorker
 
 
@@ -55,3 +57,38 @@ def test_health_disabled_binds_private_unix_socket() -> None:
     assert os.path.isdir(directory)
     assert oct(os.stat(directory).st_mode & 0o777) == oct(0o700)
     os.rmdir(directory)
+
+
+# -- safe by default (issue 17 item 11) ------------------------------------------------------------
+
+def test_every_default_listener_binds_loopback() -> None:
+    """As Mosquitto 2: with no configuration nothing is reachable from the network."""
+    cfg = load_config(None, env={})
+    for key in SCHEMA.keys:
+        if key.endswith(".addr") or key == "server.health_addr":
+            addr = cfg.get(key)
+            assert not addr or parse_addr(addr)[0] == "127.0.0.1", key
+    assert anonymous_exposure(cfg) == []
+    NodeApplication(cfg)  # the quick start (scripts/run, conf/fluxmq.yaml) starts
+
+
+@pytest.mark.parametrize("key", ["server.tcp.plain.addr", "server.websocket.plain.addr",
+                                 "server.http.plain.addr"])
+@pytest.mark.parametrize("addr", [":1", "0.0.0.0:1", "192.168.1.5:1", "broker.example:1"])
+def test_anonymous_listener_on_the_network_refuses_to_start(key: str, addr: str) -> None:
+    cfg = load_config(None, env={}, overrides=[f"{key}={addr}"])
+    assert anonymous_exposure(cfg) == [key]
+    with pytest.raises(ConfigError, match=rf"{key}.*auth.allow_anonymous: true"):
+        NodeApplication(cfg)
+
+
+@pytest.mark.parametrize("opened_by", ["auth.allow_anonymous=true", "auth.allow_anonymous=false",
+                                       "auth.http.url=http://127.0.0.1:1/auth"])
+def test_network_listener_starts_when_anonymous_is_decided(opened_by: str) -> None:
+    cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=:1", opened_by])
+    assert anonymous_exposure(cfg) == []
+
+
+def test_loopback_listeners_stay_anonymous() -> None:
+    cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=[::1]:1", "server.http.plain.addr=localhost:2"])
+    assert anonymous_exposure(cfg) == []
