@@ -11,9 +11,10 @@ import time
 from time import perf_counter
 
 import gevent
+from gevent.event import AsyncResult
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
-from fluxmq.errors import QuotaExceeded
+from fluxmq.errors import QuotaExceeded, StorageError
 from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
@@ -92,6 +93,7 @@ class Broker:
         self.sessions: dict[str, Session] = {}
         self.connected = 0
         self.accepting = True
+        self._qos0_refusal_logged = False
         # fluxmq.auth.service.AuthService, or None: no authentication, ACLs or limits at all.
         self.auth = None
 
@@ -329,9 +331,17 @@ class Broker:
         # 1 publish in 64 (of each QoS) is timed until its deliveries are flushed (_observe_latency).
         started = perf_counter() if not received[msg_qos] & LATENCY_SAMPLE_MASK else 0.0
         route = self.router.route(message.topic)
-        if self.storage.refusing and msg_qos and self._would_store(message, route):
-            stats.dropped("storage_full")
-            raise QuotaExceeded("storage full")
+        store = self._store
+        ops_before = 0
+        if store is not None:
+            if store.refusing and (msg_qos or message.retain) and self._would_store(message, route):
+                stats.dropped("storage_full")
+                if msg_qos:
+                    raise QuotaExceeded("storage full")
+                self._refused_qos0()  # no ack to carry the refusal: counted and logged
+                return 0
+            if msg_qos and origin is not None:
+                ops_before = store.op_count
         if message.retain:
             self.retained.store(message)
         retain = message.retain
@@ -356,6 +366,10 @@ class Broker:
             sent_bytes[0] += (n - n_acked) * size
         if route.groups:
             n += self._publish_shared(message, route.groups)
+        if store is not None and msg_qos and origin is not None and store.op_count != ops_before:
+            # The origin's PUBACK/PUBREC acknowledges what this publish stored (for other clients,
+            # or retained): a failed commit must abandon it (FlushScheduler).
+            store.note_stake(origin.client_id)
         if started:
             self._observe_latency(started)
         return n
@@ -366,10 +380,37 @@ class Broker:
         # it, so the sample covers routing, encoding and the socket write.
         gevent.get_hub().loop.run_callback(self.stats.observe_delivery_latency, started)
 
+    def _refused_qos0(self) -> None:
+        n = self.stats.drops.get("storage_full", 0)
+        if not self._qos0_refusal_logged or n % 10000 == 0:
+            self._qos0_refusal_logged = True
+            log.warning("publish_refused_storage_full", extra={
+                "qos": 0, "dropped_storage_full": n,
+                "effect": "retained QoS 0 messages are dropped while the storage is full"})
+
+    def wait_committed(self, timeout: float | None = 30.0) -> None:
+        """Block this greenlet until every operation recorded so far (e.g. by the ``publish`` just
+        made) is committed, and fsynced under ``storage.sync: always``: the after-commit point a
+        front end without a connection answers at (HTTP bridge, admin API). Returns at once with
+        the memory backend or when nothing is pending. Raises StorageError when that commit fails
+        or does not finish within ``timeout``. Never call it from the hub."""
+        store = self._store
+        if store is None or (not store.has_pending and getattr(store, "_writing", None) is None):
+            return
+        done = AsyncResult()
+        store.after_commit(done.set)
+        try:
+            error = done.get(timeout=timeout)
+        except gevent.Timeout:
+            raise StorageError(f"the commit did not finish within {timeout}s") from None
+        if error is not None:
+            raise StorageError(f"the commit failed: {error}") from None
+
     @staticmethod
     def _would_store(message: Message, route) -> bool:
-        """True when publishing ``message`` writes to storage (retained, or a persistent target)."""
-        if message.retain and not message.topic.startswith("$SYS"):
+        """True when publishing ``message`` writes to storage (retained, or a persistent target); a
+        retained message's clear (empty payload) only frees space."""
+        if message.retain and message.payload and not message.topic.startswith("$SYS"):
             return True
         if any(isinstance(t[0], PersistentSession) for t in route.targets):
             return True
