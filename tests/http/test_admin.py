@@ -286,3 +286,24 @@ def test_non_loopback_admin_needs_a_token() -> None:
     for addr in (":8082", "0.0.0.0:8082", "192.168.1.5:8082"):
         with pytest.raises(ConfigError, match="server.admin.addr.*FLUXMQ_ADMIN_TOKEN"):
             check_admin_exposure(addr, None)
+
+
+def test_delete_retained_answers_after_the_delete_is_committed(spec, tmp_path) -> None:
+    """DELETE /retained/{topic} answers once the deletion is committed. Before: before the commit."""
+    from fluxmq.protocol.flush import FlushScheduler
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    store = LMDBStorage(tmp_path / "data", sync="always")
+    FlushScheduler(store)
+    broker = Broker(storage=store)
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, lambda: {})
+    try:
+        broker.publish(Message("gone", b"v", 1, True))
+        store.commit()
+        status, _, body = json_call(spec, app, "DELETE", "/retained/gone")
+        assert status == 200 and body["deleted"] is True
+        assert not store.has_pending
+        with store.env.begin() as txn:
+            assert txn.get(b"gone", db=store._dbs[6]) is None
+    finally:
+        store.close()
