@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from time import perf_counter
 
 import gevent
@@ -477,8 +478,12 @@ class Broker:
 
     # -- node lifecycle --------------------------------------------------------------------------
 
-    def restore(self, state: StoredState) -> None:
+    def restore(self, state: StoredState, pause: Callable[[], None] | None = None,
+                slice_size: int = 2000) -> None:
         """Rebuild what the storage loaded at start, before any client connects.
+
+        ``pause`` is called after every ``slice_size`` sessions or retained messages (the node
+        yields to the hub there, so a large store does not stall it).
 
         Sessions expire by wall-clock time across the downtime (a session online at the crash counts
         as disconnected when the node was last known alive); wills whose delay elapsed meanwhile,
@@ -489,7 +494,11 @@ class Broker:
         if store is None:
             return
         now = time.time()
+        n = 0
         for fields in state.retained:
+            n += 1
+            if pause is not None and n % slice_size == 0:
+                pause()
             message = Message(*fields)
             if message.expired():
                 store.delete_retained(message.topic)
@@ -497,6 +506,9 @@ class Broker:
             self.retained.restore(message)
         due: list[Will] = []
         for rec in state.sessions.values():
+            n += 1
+            if pause is not None and n % slice_size == 0:
+                pause()
             cid = rec.client_id
             gone_at = rec.disconnected_at or state.last_alive or now
             elapsed = max(0.0, now - gone_at)

@@ -1,9 +1,9 @@
 """The node process: a gunicorn arbiter supervising one ``BrokerWorker`` (gevent) that hosts the broker.
 
-The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for ``WORKER_TIMEOUT``
-seconds), halts when the worker cannot boot (the broker could not start), and on SIGTERM, SIGINT
-or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``; SIGHUP reloads
-the configuration into the running worker.
+The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for
+``server.worker_timeout``), halts when the worker cannot boot (the broker could not start), and on
+SIGTERM, SIGINT or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``;
+SIGHUP reloads the configuration into the running worker.
 
 The HTTP surfaces (health with ``/metrics``, the HTTP bridge, the admin API) are gunicorn binds, one
 socket each, made by the arbiter; the worker serves each socket with its own WSGI app. Binding in
@@ -42,7 +42,7 @@ from fluxmq.transport.tls import TLSHandshake, server_context
 log = logging.getLogger("fluxmq.node")
 
 # Seconds without a heartbeat before the arbiter kills the worker (its hub is blocked).
-WORKER_TIMEOUT = 30
+WORKER_TIMEOUT = 30  # the default of server.worker_timeout (seconds)
 
 
 def stop_margins(shutdown_timeout: float) -> tuple[float, float]:
@@ -185,6 +185,7 @@ class NodeApplication(BaseApplication):
         # TLS of the HTTPS bridge listeners, built here so a bad certificate stops the node at once.
         self.handshakes = [_https_handshake(config, name) for name, _ in self.surfaces]
         self.shutdown_timeout = float(config.server.shutdown_timeout)
+        self.worker_timeout = float(config.server.worker_timeout)
         self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
@@ -203,7 +204,7 @@ class NodeApplication(BaseApplication):
             "bind": self._bind(),
             "workers": 1,
             "worker_class": BrokerWorker,
-            "timeout": WORKER_TIMEOUT,
+            "timeout": max(1, math.ceil(self.worker_timeout)),
             "graceful_timeout": max(1, math.ceil(self.grace)),
             "keepalive": 2,
             "logger_class": NodeLogger,
