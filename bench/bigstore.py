@@ -40,7 +40,7 @@ import gevent
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
 from fluxmq.storage import records as r
-from fluxmq.storage.lmdb import LMDBStorage
+from fluxmq.storage.lmdb import GC_CHUNK, LMDBStorage
 
 GiB = 1 << 30
 
@@ -118,6 +118,14 @@ def run_ops(st: LMDBStorage, sessions: int) -> list[tuple[str, float]]:
     st.delete_session(client_id(0), 10)
     _, t = timed(st.commit)
     out.append(("commit of a session's end (prefix deletes + its queue)", t))
+    entry = r.encode_entry(Message("long/q", b"x" * 64, 1), 1, False, None)
+    for seq in range(10_000):
+        st.queue_append("long-queue", seq, entry)
+    _, t = timed(st.commit)
+    out.append(("commit of a turn: 10,000 queue appends", t))
+    st.delete_session("long-queue", 10_000)
+    _, t = timed(st.commit)
+    out.append((f"commit of a GC chunk ({GC_CHUNK:,} queue entries of an ended session)", t))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -29,23 +30,42 @@ log = logging.getLogger("fluxmq.node")
 RELOADABLE_LIMITS = frozenset({"broker.max_queued_messages", "broker.max_queued_bytes", "broker.queue_overflow"})
 
 
-#: sessions (and retained messages) restored between two yields to the hub: about 50 ms of work
-RESTORE_SLICE = 2000
+#: sessions (and retained messages) restored between two yields to the hub: about 10 ms of work
+RESTORE_SLICE = 500
+#: a store with this many sessions and retained messages is frozen out of the cyclic collector
+FREEZE_ABOVE = 10_000
 
 
 def load_and_restore(storage: Storage, broker: Broker) -> None:
     """Load the store in the hub's threadpool and rebuild it in the broker in slices, yielding to
     the hub between them: however large the store, the hub keeps running (above all the worker's
     heartbeat to the arbiter, which would otherwise kill and restart the worker in a loop)."""
-    if storage.durable:
-        state = gevent.get_hub().threadpool.apply(storage.load)
-    else:
-        state = storage.load()
-    broker.restore(state, pause=_yield_to_hub, slice_size=RESTORE_SLICE)
+    # Start-up creates millions of long-lived objects: a cyclic collection meanwhile finds no
+    # garbage and holds the GIL (and so the hub) for hundreds of milliseconds each time.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    large = False
+    try:
+        if storage.durable:
+            state = gevent.get_hub().threadpool.apply(storage.load)
+        else:
+            state = storage.load()
+        large = len(state.sessions) + len(state.retained) >= FREEZE_ABOVE
+        broker.restore(state, pause=_yield_to_hub, slice_size=RESTORE_SLICE)
+        del state
+    finally:
+        if large:
+            # What start-up built lives as long as its sessions: out of the collector's generations
+            # (still freed by reference counting when a session ends), so neither re-enabling the
+            # collector nor a later full collection walks it while the hub waits.
+            gc.freeze()
+        if was_enabled:
+            gc.enable()
 
 
 def _yield_to_hub() -> None:
-    gevent.sleep(0)
+    # Not sleep(0): that only runs callbacks, and the loop would not run due timers (the heartbeat).
+    gevent.sleep(0.001)
 
 
 def _flat(config) -> dict[str, Any]:
