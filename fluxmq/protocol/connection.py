@@ -293,7 +293,7 @@ class MQTTConnection:
                 log.exception("close_session_failed", extra={"client_id": self.client_id})
         if self.out and self._writer is None:
             try:
-                self.flusher.ensure_committed()  # the bytes may acknowledge state of this turn
+                self.flusher.ensure_committed(self)  # the bytes may acknowledge state of this turn
                 self.stream.send_all(bytes(self.out), self.settings.close_timeout)
             except (OSError, TimeoutError, gevent.Timeout, StorageError):
                 pass
@@ -370,7 +370,7 @@ class MQTTConnection:
         try:
             while out:
                 n = len(out)
-                self.flusher.ensure_committed()  # the first n bytes acknowledge only committed state
+                self.flusher.ensure_committed(self)  # the first n bytes acknowledge only committed state
                 data = bytes(out[:n])
                 del out[:n]
                 self.stream.send_all(data, self.settings.write_timeout or None)
@@ -511,7 +511,7 @@ class MQTTConnection:
 
     def _close_when_committed(self) -> None:
         try:
-            self.flusher.ensure_committed()
+            self.flusher.ensure_committed(self)
         except StorageError:
             self.out.clear()
         self.flush_nowait()

@@ -179,13 +179,23 @@ class FlushScheduler:
             return not st.has_pending and not self._write_lock.locked()
         return not st.has_pending or (st.retry_due() and self._commit())
 
-    def ensure_committed(self) -> None:
+    def ensure_committed(self, conn=None) -> None:
         """Commit (and with ``sync: always`` fsync) every operation recorded so far; may wait (in a
         greenlet, never in the hub). Raises StorageError when the commit fails, or while a failed
-        commit waits for its retry."""
+        commit waits for its retry, unless ``conn`` (whose output is about to be written) has
+        nothing at stake in the failed batch."""
         st = self.storage
         if st is None:
             return
+        try:
+            self._ensure_committed()
+        except StorageError:
+            if conn is not None and getattr(conn, "client_id", None) not in st.stake_clients():
+                return  # its output acknowledges nothing the failed batch holds
+            raise
+
+    def _ensure_committed(self) -> None:
+        st = self.storage
         if st.has_pending and not st.retry_due():
             raise st.last_error or StorageError("commit failed")
         if not self._always:

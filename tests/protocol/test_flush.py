@@ -208,3 +208,21 @@ def test_after_commit_waits_for_the_batch_holding_the_operations(tmp_path: Path,
     st.close()
 
 
+
+
+def test_ensure_committed_during_a_failure_holds_back_only_connections_with_a_stake(tmp_path: Path) -> None:
+    """Paths that write a socket outside the flush (a slow client's drain, a close) ask
+    ``ensure_committed(conn)``: while a failed batch waits for its retry, only a connection whose
+    output acknowledges it is refused."""
+    st = FailingStorage(tmp_path, map_size=16 << 20, sync="batch")
+    flusher = FlushScheduler(st)
+    bystander = RecordingConn(flusher, st, "qos0-subscriber")
+    owner = RecordingConn(flusher, st, "persistent")
+    st.fail = 1
+    st.put_session("persistent", 60, 0.0, None)
+    with pytest.raises(StorageError):
+        flusher.ensure_committed(owner)
+    flusher.ensure_committed(bystander)  # nothing at stake: its bytes may leave
+    with pytest.raises(StorageError):
+        flusher.ensure_committed()
+    st.close()
