@@ -193,6 +193,7 @@ class LMDBStorage(Storage):
         self.failed: str | None = None
         self.last_error: StorageError | None = None  # of the latest failed commit, until one succeeds
         self._failures = 0  # consecutive failed commits (their batch is kept and retried)
+        self._stakes_cache: tuple | None = None
         self._retry_at = 0.0
         self._batch = _Batch()
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
@@ -714,7 +715,12 @@ class LMDBStorage(Storage):
         self._batch.stakes.add(client_id)
 
     def stake_clients(self) -> set[str]:
-        return self._batch.clients()
+        # Asked every flush turn while a failed batch waits for its retry: rebuilt only when new
+        # operations (or stakes) were recorded since.
+        key = (id(self._batch), self.op_count, len(self._batch.stakes))
+        if self._stakes_cache is None or self._stakes_cache[0] != key:
+            self._stakes_cache = (key, self._batch.clients())
+        return self._stakes_cache[1]
 
     def sync(self) -> None:
         if self.sync_mode != "none":
