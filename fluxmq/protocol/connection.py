@@ -522,7 +522,17 @@ class MQTTConnection:
         """The storage could not commit what the buffered output acknowledges: drop it unsent and
         close (5.0 clients get a DISCONNECT with ``reason_code``)."""
         self.out.clear()
-        self.close(reason_code, reason)
+        if self.closed:
+            return
+        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
+        self._send_disconnect(reason_code, reason)
+        self.closed = True
+        if self.session is not None and self.session.delivery is not self:
+            self.session = None
+        # Not close(): it would wait for the failed batch. The DISCONNECT alone acknowledges nothing.
+        self.flush_nowait()
+        if self._writer is None:
+            self.stream.shutdown()
 
     def _send_disconnect(self, reason_code: int, reason: str = "") -> None:
         if self.version == 5 and self.session is not None and not self.closed:

@@ -334,3 +334,73 @@ def test_100k_queued_messages_do_not_live_in_memory(node_factory: NodeFactory) -
     first = c.get(WAIT)
     assert first.payload == payload
     c.stop()
+
+
+# -- a commit that fails (a full disk) --------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """An 8 MiB tmpfs for the store (needs root and mount; skipped where the test cannot mount)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until the file system is full (bounded by its 8 MiB)."""
+    chunk = b"f" * 65536
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(1000):
+            try:
+                f.write(chunk)
+            except OSError:
+                break
+
+
+def test_a_failed_commit_is_retried_and_spares_clients_with_nothing_at_stake(node_factory: NodeFactory,
+                                                                            tiny_disk: Path) -> None:
+    """A full disk fails the commit of a retained QoS 1 message (issue 17 item 3). Its publisher
+    gets no PUBACK and is disconnected (5.0: 0x97); a clean QoS 0 subscriber that received the
+    message in the same turn keeps its connection. Once disk space is freed the kept batch commits,
+    so after a restart the retained message is there: memory and disk never disagree. Before: every
+    connection with output in that turn was closed and the batch was thrown away."""
+    data = tiny_disk / "data"
+    node = node_factory({"storage.path": str(data), "storage.sync_interval": "0.2s"})
+    sub = PahoClient(node, unique("qos0"))
+    sub.connect()
+    sub.subscribe("live/#", 0)
+    pub = PahoClient(node, unique("pub"), protocol=mqtt.MQTTv5)
+    pub.connect()
+    pub.publish("live/warm", b"w", qos=1)
+    assert sub.get().topic == "live/warm"
+    filler = tiny_disk / "filler"
+    _fill(filler)
+    info = pub.client.publish("live/big", b"B" * 300_000, qos=1, retain=True)
+    assert pub.wait_disconnected(WAIT), "the publisher of the failed batch was not disconnected"
+    assert not info.is_published()  # no PUBACK for a message that is not stored
+    assert pub.disconnect_reason is not None and pub.disconnect_reason.value == 0x97
+    got = sub.get()
+    assert got.topic == "live/big" and len(got.payload) == 300_000
+    assert sub.is_connected  # nothing at stake: not closed
+    assert "storage_commit_failed" in node.log_text()
+    filler.unlink()
+    deadline = time.monotonic() + WAIT
+    while "storage_commit_recovered" not in node.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "storage_commit_recovered" in node.log_text(), node.log_tail()
+    pub.stop()
+    sub.disconnect()
+    node.stop()
+    again = node_factory({"storage.path": str(data)})
+    late = PahoClient(again, unique("late"))
+    late.connect()
+    late.subscribe("live/big", 0)
+    kept = late.get()
+    assert kept.retain and len(kept.payload) == 300_000
+    late.disconnect()
