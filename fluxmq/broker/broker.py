@@ -396,10 +396,10 @@ class Broker:
         the memory backend or when nothing is pending. Raises StorageError when that commit fails
         or does not finish within ``timeout``. Never call it from the hub."""
         store = self._store
-        if store is None or (not store.has_pending and getattr(store, "_writing", None) is None):
+        if store is None:
             return
         done = AsyncResult()
-        store.after_commit(done.set)
+        store.after_commit(done.set)  # called at once when nothing is pending: get() does not wait
         try:
             error = done.get(timeout=timeout)
         except gevent.Timeout:
