@@ -65,6 +65,8 @@ class Storage:
     on_pending: Callable[[], None] | None = None
     #: operations recorded so far (a counter: a caller compares it before and after an action)
     op_count = 0
+    #: the error of the latest failed commit while its batch waits for a retry, else None
+    last_error: Exception | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -88,6 +90,10 @@ class Storage:
     def retry_due(self) -> bool:
         """False while a failed commit's back-off runs (its batch is kept and retried after it)."""
         return True
+
+    def retry_in(self) -> float:
+        """Seconds until a failed commit may be retried (0 when none failed)."""
+        return 0.0
 
     def note_stake(self, client_id: str) -> None:
         """Output to ``client_id`` this turn acknowledges the pending batch (e.g. a PUBACK for a
