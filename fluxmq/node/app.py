@@ -35,6 +35,7 @@ from fluxmq.http.admin import AdminAPI, check_admin_exposure
 from fluxmq.http.bridge import BridgeSettings, HTTPBridge
 from fluxmq.http.health import make_health_app
 from fluxmq.http.metrics import make_metrics_app, make_registry
+from fluxmq.http.router import json_response
 from fluxmq.log import setup_logging
 from fluxmq.node.worker import BrokerWorker
 from fluxmq.transport.tls import TLSHandshake, server_context
@@ -97,6 +98,23 @@ def _https_handshake(config: Any, surface: str) -> TLSHandshake | None:
     context = server_context(section, config.get(section), lambda leaf: config.origin(f"{section}.{leaf}"),
                              require_client_cert=surface == "http_mtls")
     return TLSHandshake(context, config.server.connect_timeout, surface)
+
+
+class _Starting:
+    """The health source while the store loads: alive, not ready."""
+
+    @staticmethod
+    def is_ready() -> dict[str, tuple[bool, str]]:
+        return {"broker": (False, "starting"), "storage": (False, "loading")}
+
+    @staticmethod
+    def session_count() -> int:
+        return 0
+
+
+def _starting_app(environ: dict, start_response: Callable) -> list[bytes]:
+    return json_response(start_response, 503, {"error": "the node is starting: its store is loading"},
+                         {"Retry-After": "1"})
 
 
 class NodeLogger(glogging.Logger):
@@ -240,6 +258,15 @@ class NodeApplication(BaseApplication):
             else:
                 apps.append(AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge))
         return apps or [make_health_app(service)]  # the private unix socket
+
+    def make_starting_apps(self) -> list[Callable]:
+        """The apps served while the worker loads the store (before ``make_wsgi_apps``): health
+        says alive (``/health`` 200) and not ready (``/ready`` 503, storage "loading"), the other
+        surfaces answer 503 with ``Retry-After``."""
+        apps: list[Callable] = []
+        for name, _ in self.surfaces:
+            apps.append(make_health_app(_Starting()) if name == "health" else _starting_app)
+        return apps or [make_health_app(_Starting())]
 
     def load_fresh_config(self) -> Any:
         """The configuration loaded again from the node's sources (the start config without a loader)."""

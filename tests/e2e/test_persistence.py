@@ -202,7 +202,23 @@ def test_a_store_slower_to_load_than_the_worker_timeout_starts_once(node_factory
     build(data, 50_000, 500_000, 64)
     node = node_factory({"storage.path": str(data), "storage.map_size": "2GiB",
                          "server.worker_timeout": "1s"}, wait_ready=False)
+    # While it loads, the node answers its probes: alive, not ready.
+    seen_loading = seen_alive = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and node.returncode is None:
+        try:
+            status, body = node.http_get("/ready", timeout=1.0)
+        except OSError:
+            time.sleep(0.05)
+            continue
+        if status == 200:
+            break
+        if status == 503 and body["checks"]["storage"].get("details") == "loading":
+            seen_loading = True
+            seen_alive = seen_alive or node.http_get("/health", timeout=1.0)[0] == 200
+        time.sleep(0.05)
     node.wait_ready(120)
+    assert seen_loading and seen_alive
     text = node.log_text()
     assert "WORKER TIMEOUT" not in text, node.log_tail()
     assert text.count("Booting worker") == 1, node.log_tail()
