@@ -263,10 +263,13 @@ class NodeApplication(BaseApplication):
         """The apps served while the worker loads the store (before ``make_wsgi_apps``): health
         says alive (``/health`` 200) and not ready (``/ready`` 503, storage "loading"), the other
         surfaces answer 503 with ``Retry-After``."""
-        apps: list[Callable] = []
-        for name, _ in self.surfaces:
-            apps.append(make_health_app(_Starting()) if name == "health" else _starting_app)
-        return apps or [make_health_app(_Starting())]
+        def health() -> Callable:
+            app = make_health_app(_Starting())
+            app.mount("/metrics", _starting_app)
+            return app
+
+        apps: list[Callable] = [health() if name == "health" else _starting_app for name, _ in self.surfaces]
+        return apps or [health()]
 
     def load_fresh_config(self) -> Any:
         """The configuration loaded again from the node's sources (the start config without a loader)."""
