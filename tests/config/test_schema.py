@@ -17,9 +17,8 @@ CONF = ROOT / "conf" / "fluxmq.yaml"
 RST = ROOT / "docs" / "config-keys.rst"
 
 # The keys this issue asked for, with their typed defaults; later issues add keys, never drop these.
-# Issue 15 moved the listener defaults to loopback (a node without --config is not reachable from outside).
 ISSUE_DEFAULTS = {
-    "server.tcp.plain.addr": "127.0.0.1:1883",
+    "server.tcp.plain.addr": "127.0.0.1:1883",  # loopback until configured (issue 17 item 11)
     "server.tcp.plain.max_connections": 10000,
     "server.tcp.plain.read_timeout": 0.0,
     "server.tcp.plain.write_timeout": 60.0,
