@@ -226,3 +226,13 @@ def test_without_config_every_listener_is_on_loopback(capsys) -> None:
     assert "server.tcp.plain.addr" in enabled and "server.health_addr" in enabled
     for key, addr in enabled.items():
         assert parse_addr(addr)[0] == "127.0.0.1", f"{key} = {addr!r} is not loopback"
+
+
+def test_check_reports_anonymous_exposure_with_the_other_problems(tmp_path, capsys) -> None:
+    """--check finds what the node would refuse at start: an anonymous listener on the network."""
+    assert main(["--check", "--set", "server.tcp.plain.addr=:0",
+                 "--set", f"auth.acl_file={tmp_path / 'absent-acl'}"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert any("server.tcp.plain.addr" in line and "anonymous" in line for line in lines)
+    assert any("auth.acl_file" in line for line in lines)
