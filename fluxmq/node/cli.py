@@ -19,7 +19,10 @@ and serves HTTP: /health, /ready, /cluster/status and /metrics on server.health_
 bridge on server.http.*.addr and the admin API on server.admin.addr.
 
 Configuration precedence: --set > FLUXMQ_* environment variables > the --config file > built-in
-defaults. SIGTERM or SIGINT stop the node gracefully within server.shutdown_timeout (exit 0);
+defaults. FLUXMQ_DEBUG=true / FLUXMQ_TRACE=true force the log level; an unknown FLUXMQ_* variable
+is an error unless FLUXMQ_ENV_IGNORE lists it (comma-separated, PREFIX* allowed).
+
+SIGTERM or SIGINT stop the node gracefully within server.shutdown_timeout (exit 0);
 SIGHUP reloads the configuration into the running broker (docs/http.rst lists what applies).
 """
 
