@@ -316,7 +316,7 @@ KEYS: tuple[Key, ...] = (
     Key("storage.max_queued_bytes", Size(1), "100MiB",
         "Offline queue bound of a persistent session (kept on disk), in bytes; when full the oldest "
         "queued QoS 0 message is dropped, else the new message is (counted as queue_full)."),
-    Key("log.level", Enum("trace", "debug", "info", "warn", "warning", "error"), "info",
+    Key("log.level", Enum("trace", "debug", "info", "warn", "warning", "error", ignore_case=True), "info",
         "Least severe level written (warn = warning; trace is below debug)."),
     Key("log.debug", Bool(), False, "Hard override: log at debug whatever log.level says (also FLUXMQ_DEBUG=true)."),
     Key("log.trace", Bool(), False, "Hard override: log at trace, above log.debug (also FLUXMQ_TRACE=true)."),

@@ -245,3 +245,10 @@ def test_all_errors_are_collected(write) -> None:
     assert len(lines) == 5, lines
     for expected in ("log.level", "log.compress", "broker.no_such_key", "FLUXMQ_NOPE", "broker.max_inflight"):
         assert any(expected in line for line in lines), expected
+
+
+@pytest.mark.parametrize("spelling, canonical", [("INFO", "info"), ("Warn", "warn"), ("DEBUG", "debug")])
+def test_log_level_is_case_insensitive_like_go_slog(write, spelling: str, canonical: str) -> None:
+    # The Go FluxMQ logs with slog (reference 002), whose Level.UnmarshalText ignores case.
+    assert load_config(write(f"log:\n  level: {spelling}\n"), env={}).log.level == canonical
+    assert load_config(env={"FLUXMQ_LOG_LEVEL": spelling}).log.level == canonical
