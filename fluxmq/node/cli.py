@@ -114,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         setup_logging(config.log)
-        log_start(config, path)
         app = NodeApplication(config, config_loader=reload_config)
     except ConfigError as exc:  # e.g. a log file that cannot be opened, an exposed admin API
-        print(str(exc), file=sys.stderr)
+        print(str(exc), file=sys.stderr)  # alone: a node that refuses to start says only why
         return EXIT_CONFIG_ERROR
+    log_start(config, path)
     app.run()  # exits the process with the arbiter's status
     return 0
 
