@@ -1,6 +1,6 @@
 """The node process: a gunicorn arbiter supervising one ``BrokerWorker`` (gevent) that hosts the broker.
 
-The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for ``WORKER_TIMEOUT``
+The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for ``server.worker_timeout``
 seconds), halts when the worker cannot boot (the broker could not start), and on SIGTERM, SIGINT
 or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``; SIGHUP reloads
 the configuration into the running worker.
@@ -41,8 +41,12 @@ from fluxmq.transport.tls import TLSHandshake, server_context
 
 log = logging.getLogger("fluxmq.node")
 
-# Seconds without a heartbeat before the arbiter kills the worker (its hub is blocked).
+# Seconds without a heartbeat before the arbiter kills the worker (its hub is blocked); the
+# default of server.worker_timeout.
 WORKER_TIMEOUT = 30
+# The worker beats every second (fluxmq.node.worker.HEARTBEAT_INTERVAL): a shorter timeout than two
+# beats would kill a healthy worker.
+MIN_WORKER_TIMEOUT = 2.0
 
 
 def stop_margins(shutdown_timeout: float) -> tuple[float, float]:
@@ -186,6 +190,10 @@ class NodeApplication(BaseApplication):
         self.handshakes = [_https_handshake(config, name) for name, _ in self.surfaces]
         self.shutdown_timeout = float(config.server.shutdown_timeout)
         self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
+        self.worker_timeout = float(config.server.worker_timeout)
+        if 0 < self.worker_timeout < MIN_WORKER_TIMEOUT:
+            raise ConfigError("server.worker_timeout", f"0 or at least {MIN_WORKER_TIMEOUT:g}s",
+                              got=config.server.worker_timeout)
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
         super().__init__(prog="fluxmq-node")
@@ -203,7 +211,7 @@ class NodeApplication(BaseApplication):
             "bind": self._bind(),
             "workers": 1,
             "worker_class": BrokerWorker,
-            "timeout": WORKER_TIMEOUT,
+            "timeout": max(1, math.ceil(self.worker_timeout)) if self.worker_timeout else 0,
             "graceful_timeout": max(1, math.ceil(self.grace)),
             "keepalive": 2,
             "logger_class": NodeLogger,
@@ -216,6 +224,7 @@ class NodeApplication(BaseApplication):
         # gunicorn validates graceful_timeout as an int but only ever adds it to time.time(), so
         # keep the exact grace: the node must be gone within server.shutdown_timeout.
         self.cfg.settings["graceful_timeout"].value = self.grace
+        self.cfg.settings["timeout"].value = self.worker_timeout  # same for timeout
 
     def load(self) -> Callable:
         raise RuntimeError("BrokerWorker builds the WSGI apps around its BrokerService (make_wsgi_apps)")

@@ -38,6 +38,13 @@ RC_NOT_AUTHORIZED = 5
 
 _PINGRESP = b"\xd0\x00"
 
+# Input bytes a connection handles before it lets the hub run (``gevent.sleep(0)``). gevent's recv
+# returns without switching while data is ready, so a client that never pauses would otherwise keep
+# the hub to itself: no flush (acks, deliveries), no other client, no worker heartbeat. One switch
+# per 128 KiB is ~3,000 small QoS 0 PUBLISHes: nothing per message, and the others wait at most one
+# slice.
+YIELD_EVERY = 128 * 1024
+
 
 class _Close(Exception):
     """Internal: stop reading and tear the connection down."""
@@ -147,6 +154,7 @@ class MQTTConnection:
         stats = self.broker.stats
         handlers = _HANDLERS
         parked = False
+        budget = YIELD_EVERY  # input bytes left before the next yield to the hub
         connect_deadline = 0.0
         if self.session is None:
             stream.settimeout(self.settings.connect_timeout or None)
@@ -168,7 +176,8 @@ class MQTTConnection:
                     raise
                 if not data:
                     break
-                stats.bytes_received += len(data)
+                n = len(data)
+                stats.bytes_received += n
                 if connect_deadline and self.session is None:
                     # The whole CONNECT (and its AUTH exchange) must arrive within connect_timeout,
                     # not each piece: a client trickling bytes is closed like a silent one.
@@ -202,6 +211,10 @@ class MQTTConnection:
                 except MQTTError as exc:
                     self._on_protocol_error(exc, data)
                     break
+                budget -= n
+                if budget <= 0:
+                    budget = YIELD_EVERY
+                    gevent.sleep(0)  # let the flush, the heartbeat and the other clients run
         except _Close:
             pass
         except TimeoutError:
