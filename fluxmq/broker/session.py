@@ -153,7 +153,9 @@ class Session:
         if d.send_publish(message, qos, retain, pid, False, subscription_ids):
             self.inflight[pid] = Inflight(message, qos, retain, subscription_ids)
             return pid
-        # Too large for this client (5.0 Maximum Packet Size): dropped for this client only.
+        # Too large for this client (5.0 Maximum Packet Size): dropped for this client only. (A
+        # client that cannot take it *now*, congested or closing, never gets here: is_congested()
+        # sent the message to the queue.)
         self._stats.dropped("packet_too_large")
         return 0
 
@@ -328,7 +330,9 @@ class Session:
         held = self.held
         inflight = self.inflight
         quota = self.send_quota
-        while held and len(inflight) - len(held) < quota:
+        # Congested or closing: the rest waits for on_writable, or stays in flight for the next
+        # connection (never dropped as if too large).
+        while held and len(inflight) - len(held) < quota and not d.is_congested():
             pid = held.popleft()
             entry = inflight.get(pid)
             if entry is None:

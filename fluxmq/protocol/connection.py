@@ -413,6 +413,10 @@ class MQTTConnection:
     # -- Delivery interface (called by the broker) ------------------------------------------------
 
     def is_congested(self) -> bool:
+        if self.closed:
+            # Closing, not yet torn down: nothing more goes out, but a QoS 1/2 message is kept by
+            # the session (queued, delivered on reconnect), not dropped as if it could never fit.
+            return True
         if len(self.out) > self._high:
             self._want_writable = True
             return True
@@ -420,8 +424,7 @@ class MQTTConnection:
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
                      subscription_ids) -> bool:
-        if self.closed:
-            return False
+        # The session asked is_congested() first, which is True once closed.
         if self.version == 5:
             data = self._publish_bytes_v5(message, qos, retain, subscription_ids)
             if data is None:

@@ -18,6 +18,7 @@ class RecordingDelivery:
         self.congested = False
         self.refuse_larger_than = 0
         self.closed_with: int | None = None
+        self.closed = False  # closing: the session is still attached, but the client takes nothing more
 
     def send_publish(self, message, qos, retain, packet_id, dup, subscription_ids) -> bool:
         if self.refuse_larger_than and len(message.payload) > self.refuse_larger_than:
