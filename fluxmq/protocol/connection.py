@@ -797,6 +797,11 @@ class MQTTConnection:
                 self._route(topic, p, props)
             return
         pid = p.packet_id
+        # The ack's reason code needs routing first, but the ack goes ahead of whatever routing
+        # wrote to this client's own output (its own message, when it subscribes to the topic):
+        # naive synchronous clients wait for the ack first. It still leaves only after the turn's
+        # commit, like every byte of the output.
+        ack_at = len(self.out)
         if qos == 1:
             if accepted:
                 try:
@@ -805,9 +810,9 @@ class MQTTConnection:
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
             if reason and self.version == 5:
-                self._ack5(c.Puback, pid, reason)
+                self._write_at(ack_at, self._ack5_bytes(c.Puback, pid, reason))
             else:
-                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
+                self._write_at(ack_at, bytes((0x40, 2, pid >> 8, pid & 0xFF)))
             return
         # QoS 2: route once at PUBLISH, remember the id until PUBREL so a resend is not routed again
         # [MQTT-4.3.3-9, -10].
@@ -823,9 +828,9 @@ class MQTTConnection:
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
         if reason and self.version == 5:
-            self._ack5(c.Pubrec, pid, reason)
+            self._write_at(ack_at, self._ack5_bytes(c.Pubrec, pid, reason))
         else:
-            self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+            self._write_at(ack_at, bytes((0x50, 2, pid >> 8, pid & 0xFF)))
 
     def _refuse_publish(self, p, qos: int, reason_code: int) -> None:
         """A PUBLISH the client's policy refuses. ACL (0x87): 5.0 gets it on its PUBACK/PUBREC; 3.x
@@ -865,19 +870,40 @@ class MQTTConnection:
         return self.broker.publish(message, self.session)
 
     def _ack5(self, kind, packet_id: int, reason_code: int) -> None:
-        """A 5.0 PUBACK/PUBREC/PUBREL/PUBCOMP with a reason code, and its reason string when the
-        client asked for problem information [MQTT-3.1.2-32] and it fits the client's maximum."""
+        """Queue a 5.0 PUBACK/PUBREC/PUBREL/PUBCOMP with a reason code (see ``_ack5_bytes``)."""
+        self._write(self._ack5_bytes(kind, packet_id, reason_code))
+
+    def _ack5_bytes(self, kind, packet_id: int, reason_code: int) -> bytes:
+        """A 5.0 ack with a reason code, and its reason string when the client asked for problem
+        information [MQTT-3.1.2-32] and it fits the client's maximum."""
         reason = _ACK_REASONS.get(reason_code) if self._problem_info else None
-        self._write_v5(kind(packet_id, reason_code, {c.REASON_STRING: reason} if reason else None))
+        return self._encode_v5(kind(packet_id, reason_code, {c.REASON_STRING: reason} if reason else None))
 
     def _write_v5(self, packet) -> None:
-        """Encode and queue a 5.0 packet; its reason string and user properties are left out when
-        they would make it larger than the client's Maximum Packet Size [MQTT-3.4.2-2, -3]."""
+        """Encode and queue a 5.0 packet (see ``_encode_v5``)."""
+        self._write(self._encode_v5(packet))
+
+    def _encode_v5(self, packet) -> bytes:
+        """Encode a 5.0 packet; its reason string and user properties are left out when they would
+        make it larger than the client's Maximum Packet Size [MQTT-3.4.2-2, -3]."""
         data = encode(packet, 5)
         if packet.properties and self._client_max_packet and len(data) > self._client_max_packet:
             packet.properties = None
             data = encode(packet, 5)
-        self._write(data)
+        return data
+
+    def _write_at(self, at: int, data: bytes) -> None:
+        """Queue ``data`` at offset ``at`` of the output, ahead of what was written since that offset
+        was taken (in the same handler: nothing was sent meanwhile, unless the connection closed)."""
+        out = self.out
+        if at >= len(out) or self.closed:
+            self._write(data)
+            return
+        out[at:at] = data  # moves only the bytes written since ``at`` (this client's own deliveries)
+        self._npk += 1
+        if not self._dirty:
+            self._dirty = True
+            self.flusher.mark(self)
 
     def _resolve_alias(self, alias: int, topic: str) -> str:
         if alias == 0 or alias > self.settings.max_topic_alias:
