@@ -38,6 +38,10 @@ RC_NOT_AUTHORIZED = 5
 
 _PINGRESP = b"\xd0\x00"
 
+# libev priority of a parked connection's wake-up watcher (libev's range is -2..2; gevent's own
+# watchers, a reading connection's included, have 0).
+_WAKE_PRIORITY = 1
+
 # Input bytes a connection handles before it lets the hub run (``gevent.sleep(0)``). gevent's recv
 # returns without switching while data is ready, so a client that never pauses would otherwise keep
 # the hub to itself: no flush (acks, deliveries), no other client, no worker heartbeat. One switch
@@ -245,7 +249,11 @@ class MQTTConnection:
         if stream.has_buffered():
             return False
         loop = gevent.get_hub().loop
-        watcher = loop.io(stream.fileno(), 1)
+        # Above the default priority: when a poll finds input on a parked connection and on one
+        # that is reading, libev serves the parked one first (within one priority it serves them in
+        # the reverse of the kernel's readiness order), so a packet that wakes a parked client is
+        # not overtaken by one sent after it on an active connection.
+        watcher = loop.io(stream.fileno(), 1, True, _WAKE_PRIORITY)
         watcher.start(self._unpark, False)
         timer = None
         if self._keepalive_limit:
@@ -256,7 +264,10 @@ class MQTTConnection:
         return True
 
     def _unpark(self, timed_out: bool) -> None:
-        # Hub callback: never blocks; the work continues in a new greenlet.
+        # Hub callback: the work continues in a new greenlet, switched to at once (as gevent wakes a
+        # greenlet waiting in recv), not scheduled for the next loop turn: a woken connection's
+        # input takes effect in the turn it arrived, like an active connection's. When the greenlet
+        # blocks or ends, the hub carries on from here.
         watcher, timer = self._parked
         self._parked = None
         watcher.stop()
@@ -264,7 +275,7 @@ class MQTTConnection:
         if timer is not None:
             timer.stop()
             timer.close()
-        gevent.spawn(self._resume, timed_out)
+        gevent.Greenlet(self._resume, timed_out).switch()
 
     def _resume(self, timed_out: bool) -> None:
         if not timed_out:
