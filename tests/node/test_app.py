@@ -7,6 +7,7 @@ import os
 import pytest
 
 from fluxmq.config import load_config
+from fluxmq.errors import ConfigError
 from fluxmq.node.app import WORKER_TIMEOUT, NodeApplication, NodeLogger, gunicorn_bind, stop_margins
 from fluxmq.node.worker import BrokerWorker
 
@@ -42,6 +43,18 @@ def test_application_settings_from_config() -> None:
     assert app.cfg.graceful_timeout == grace  # exact, not rounded to gunicorn's int
     assert app.stop_budget == budget
     assert app.cfg.accesslog is None
+
+
+@pytest.mark.parametrize(("value", "timeout"), [("2.5s", 2.5), ("0", 0.0), ("90s", 90.0)])
+def test_worker_timeout_from_config(value: str, timeout: float) -> None:
+    cfg = load_config(None, env={}, overrides=[f"server.worker_timeout={value}", "server.health_addr=127.0.0.1:9182"])
+    assert NodeApplication(cfg).cfg.timeout == timeout  # exact: gunicorn only compares it with a time
+
+
+def test_worker_timeout_shorter_than_two_heartbeats_is_refused() -> None:
+    cfg = load_config(None, env={}, overrides=["server.worker_timeout=1s", "server.health_addr=127.0.0.1:9183"])
+    with pytest.raises(ConfigError, match="server.worker_timeout"):
+        NodeApplication(cfg)
 
 
 def test_health_disabled_binds_private_unix_socket() -> None:
