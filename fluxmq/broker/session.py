@@ -336,9 +336,9 @@ class Session:
         held = self.held
         inflight = self.inflight
         quota = self.send_quota
-        # Congested or closing: the rest waits for on_writable, or stays in flight for the next
-        # connection (never dropped as if too large).
-        while held and len(inflight) - len(held) < quota and not d.is_congested():
+        # A closing connection takes nothing more: the rest stays in flight for the next connection
+        # (never dropped as if too large).
+        while held and len(inflight) - len(held) < quota and not d.closed:
             pid = held.popleft()
             entry = inflight.get(pid)
             if entry is None:
