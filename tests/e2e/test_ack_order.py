@@ -42,3 +42,19 @@ def test_ack_comes_first_with_several_self_deliveries_in_one_read(node, version:
         for i in range(20):
             expected += [("ack", i + 1), ("msg", b"%d" % i)]
         assert order == expected
+
+
+def test_ack_comes_first_under_sync_always(node_factory) -> None:
+    """With ``storage.sync: always`` output is sent in prefixes held back until their fsync; the
+    ack still leaves first, for a persistent subscriber too (its delivery is stored)."""
+    node = node_factory({"storage.sync": "always"})
+    topic = unique("self")
+    with raw_connected(node, unique("selfsub"), clean=False) as client:
+        client.subscribe(1, (topic, 1))
+        for pid in (1, 2, 3):
+            client.publish(topic, b"%d" % pid, 1, packet_id=pid)
+            first = client.recv()
+            assert isinstance(first, c.Puback) and first.packet_id == pid, f"first packet was {first!r}"
+            delivered = client.recv()
+            assert isinstance(delivered, c.Publish) and delivered.payload == b"%d" % pid
+            client.ack(delivered)
