@@ -42,12 +42,16 @@ _PINGRESP = b"\xd0\x00"
 # watchers, a reading connection's included, have 0).
 _WAKE_PRIORITY = 1
 
-# Input bytes a connection handles before it lets the hub run (``gevent.sleep(0)``). gevent's recv
-# returns without switching while data is ready, so a client that never pauses would otherwise keep
-# the hub to itself: no flush (acks, deliveries), no other client, no worker heartbeat. One switch
-# per 128 KiB is ~3,000 small QoS 0 PUBLISHes: nothing per message, and the others wait at most one
-# slice.
+# Input bytes a connection handles before it lets the hub run. gevent's recv returns without
+# switching while data is ready, so a client that never pauses would otherwise keep the hub to
+# itself: no flush (acks, deliveries), no other client, no worker heartbeat. One switch per 128 KiB
+# is ~3,000 small QoS 0 PUBLISHes: nothing per message.
 YIELD_EVERY = 128 * 1024
+# The yield is a sleep this long, not sleep(0): sleep(0) resumes from the hub's callback queue,
+# which gevent drains (up to 50 callbacks between clock checks) before it polls for I/O, so a
+# flooder could run many slices while other clients' input waits. A timer resumes it only after
+# the loop has polled, so every slice is followed by the others' input, the flush and the timers.
+_YIELD_SLEEP = 1e-6
 
 
 class _Close(Exception):
@@ -218,7 +222,7 @@ class MQTTConnection:
                 budget -= n
                 if budget <= 0:
                     budget = YIELD_EVERY
-                    gevent.sleep(0)  # let the flush, the heartbeat and the other clients run
+                    gevent.sleep(_YIELD_SLEEP)  # let the flush, the heartbeat and the other clients run
         except _Close:
             pass
         except TimeoutError:
