@@ -69,6 +69,12 @@ class TopicFilterInvalid(MQTTError):
     reason_code = 0x8F
 
 
+class NotAuthorized(MQTTError):
+    """The client may not do this (0x87; 3.1.1 CONNACK return code 5)."""
+
+    reason_code = 0x87
+
+
 class QuotaExceeded(MQTTError):
     """A quota or queue bound was reached (0x97)."""
 

@@ -31,6 +31,7 @@ import logging.handlers
 import os
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from fluxmq.errors import ConfigError
 
 __all__ = [
     "LEVELS",
+    "BatchedStream",
     "BoundLogger",
     "JsonFormatter",
     "RotatingFile",
@@ -154,40 +156,178 @@ def _gevent_threads_patched() -> bool:
     return monkey is not None and monkey.is_module_patched("threading")
 
 
-def _in_background(fn: Callable[[], None]) -> Callable[[], None]:
-    """Run ``fn`` on a native thread (gzip would otherwise stall the gevent hub); return a waiter."""
+def _running_hub() -> Any:
+    """The gevent hub of this native thread when the process is monkey-patched (the node's worker),
+    else None: there, records are written per loop turn instead of one write per record."""
+    if not _gevent_threads_patched():
+        return None
+    from gevent._hub_local import get_hub_if_exists
+
+    return get_hub_if_exists()
+
+
+def _in_background(fn: Callable[[], None], delay: float = 0.0) -> Callable[[], None]:
+    """Run ``fn`` on a native thread (gzip would otherwise stall the gevent hub) after ``delay``
+    seconds; return a waiter."""
+    def job() -> None:
+        if delay > 0:
+            time.sleep(delay)  # a native thread (the hub's threadpool under gevent): blocks nobody
+        fn()
+
     if _gevent_threads_patched():
         import gevent
 
-        result = gevent.get_hub().threadpool.spawn(fn)
+        result = gevent.get_hub().threadpool.spawn(job)
         return lambda: result.get()
-    thread = threading.Thread(target=fn, name="fluxmq-log-compress", daemon=True)
+    thread = threading.Thread(target=job, name="fluxmq-log-compress", daemon=True)
     thread.start()
     return thread.join
 
 
-class RotatingFile(logging.handlers.RotatingFileHandler):
+# Records held for the end of a loop turn at most: a long turn writes every this many (bounded memory,
+# and a worker killed in a stuck turn loses at most these INFO lines).
+MAX_PENDING = 256
+
+
+class TurnBatching:
+    """Mixin for a ``StreamHandler``: formatted records are collected and written with one
+    ``write`` + ``flush`` per gevent loop turn (WARNING and above at once, every ``MAX_PENDING``
+    records at once, and every record at once outside a gevent worker). One syscall per record was the cost of logging under load."""
+
+    _pending: list[str]
+    _scheduled: bool
+
+    def _init_batching(self) -> None:
+        self._pending = []
+        self._scheduled = False
+
+    def _queue(self, text: str, levelno: int) -> None:
+        pending = self._pending
+        pending.append(text)
+        if levelno >= logging.WARNING or len(pending) >= MAX_PENDING:
+            self._drain()
+            return
+        if self._scheduled:
+            return  # this turn's write is already due
+        hub = _running_hub()
+        if hub is None:
+            self._drain()
+        else:
+            self._scheduled = True
+            hub.loop.run_callback(self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self._scheduled = False
+        try:
+            self._drain()
+        except Exception as exc:  # a loop callback must not raise; say it where an operator looks
+            sys.stderr.write(f"fluxmq.log: cannot write the log: {exc}\n")
+
+    def _drain(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        data = "".join(pending)
+        pending.clear()
+        stream = self.stream  # type: ignore[attr-defined]
+        if stream is None:
+            stream = self.stream = self._open()  # type: ignore[attr-defined]
+        stream.write(data)
+        stream.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[attr-defined]
+            self._drain()
+        super().flush()  # type: ignore[misc]
+
+
+class BatchedStream(TurnBatching, logging.StreamHandler):
+    """stderr (or another stream) written once per loop turn (see ``TurnBatching``)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._init_batching()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._queue(self.format(record) + self.terminator, record.levelno)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._drain()
+            except (OSError, ValueError):
+                pass
+        super().close()
+
+
+# How often a RotatingFile looks whether another process rotated its file (seconds).
+CHECK_INTERVAL = 1.0
+
+
+class RotatingFile(TurnBatching, logging.handlers.RotatingFileHandler):
     """A log file rotated at ``max_bytes``: ``FILE.1`` (newest) .. ``FILE.N``, gzipped if ``compress``.
 
     Compression runs in the background (a native thread) so a 100 MiB rotation does not block the
     broker; the next rotation and ``close()`` wait for it. With ``backups == 0`` the file is
-    truncated instead of rotated. When another process rotated the file, the next record goes to
-    the new file at the path.
+    truncated instead of rotated. When another process rotated the file (gunicorn's arbiter and
+    worker share it), this one follows within ``check_interval`` seconds: the path is looked at
+    (``stat``) at most that often, not per record, and the size is counted rather than asked for.
+    A rotated file is compressed ``compress_delay`` seconds after the rotation, once every other
+    process has moved to the new file. Records are written once per loop turn (``TurnBatching``).
     """
 
     def __init__(self, filename: str, max_bytes: int, backups: int, compress: bool = True,
-                 encoding: str = "utf-8") -> None:
+                 encoding: str = "utf-8", *, check_interval: float = CHECK_INTERVAL,
+                 compress_delay: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(filename, mode="a", maxBytes=max_bytes, backupCount=backups, encoding=encoding)
         self.compress = compress
+        self.check_interval = check_interval
+        self.compress_delay = check_interval + 0.5 if compress_delay is None else compress_delay
+        self.clock = clock
         self._wait: Callable[[], None] | None = None
+        self._init_batching()
+        self._checked = clock()
+        self._size = 0
+        self._sized()
+
+    def _sized(self) -> None:
+        """Take the file's size (and whether it can rotate) from the open stream."""
+        if self.stream is None:
+            self.stream = self._open()
+        info = os.fstat(self.stream.fileno())
+        self._size = info.st_size
+        self._regular = stat.S_ISREG(info.st_mode)  # never rotate /dev/stdout and the like
 
     def emit(self, record: logging.LogRecord) -> None:
-        # Another process (gunicorn's arbiter and worker share the file) may have rotated it:
-        # write to the file now at the path, as WatchedFileHandler does.
+        try:
+            text = self.format(record) + self.terminator
+            now = self.clock()
+            if now - self._checked >= self.check_interval:
+                self._checked = now
+                self._follow()
+            # Characters, not bytes: a line with non-ASCII text rotates a little late, never early.
+            if self.maxBytes > 0 and self._regular and self._size and self._size + len(text) >= self.maxBytes:
+                self._drain()
+                self.doRollover()
+            self._size += len(text)
+            self._queue(text, record.levelno)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _follow(self) -> None:
+        """Another process may have rotated the file: write to the file now at the path."""
+        self._drain()
         if self.stream is not None and self._moved():
             self.stream.close()
-            self.stream = None  # type: ignore[assignment]  # reopened by shouldRollover
-        super().emit(record)
+            self.stream = None  # type: ignore[assignment]
+        self._sized()
 
     def _moved(self) -> bool:
         try:
@@ -215,10 +355,11 @@ class RotatingFile(logging.handlers.RotatingFileHandler):
             if os.path.exists(self.baseFilename):
                 os.replace(self.baseFilename, plain)
                 if self.compress:
-                    self._wait = _in_background(lambda: _gzip_file(plain, plain + ".gz"))
+                    self._wait = _in_background(lambda: _gzip_file(plain, plain + ".gz"), self.compress_delay)
             self.stream = self._open()
         else:
             self.stream = open(self.baseFilename, "w", encoding=self.encoding)  # noqa: SIM115
+        self._size = 0
 
     def wait_compression(self) -> None:
         """Block until the last rotated file is compressed."""
@@ -227,6 +368,11 @@ class RotatingFile(logging.handlers.RotatingFileHandler):
             wait()
 
     def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._drain()
+            except (OSError, ValueError):
+                pass
         self.wait_compression()
         super().close()
 
@@ -325,7 +471,7 @@ def setup_logging(log: Any, *, stream: TextIO | None = None,
             raise ConfigError("log.file", "a writable file", log.file,
                               problem=f"cannot open the log file: {exc.strerror or exc}") from None
     else:
-        target = logging.StreamHandler(stream if stream is not None else sys.stderr)
+        target = BatchedStream(stream if stream is not None else sys.stderr)
     target.setFormatter(formatter)
     handler = target
     if log.throttling.enabled:

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def write_lines(handler: logging.Handler, count: int, formatter: logging.Formatt
 
 def test_rotation_keeps_max_backups_gzipped(tmp_path: Path) -> None:
     path = tmp_path / "fluxmq.log"
-    handler = RotatingFile(str(path), max_bytes=500, backups=3, compress=True)
+    handler = RotatingFile(str(path), max_bytes=500, backups=3, compress=True, compress_delay=0)
     messages = write_lines(handler, 100)
     handler.close()
     names = sorted(p.name for p in tmp_path.iterdir())
@@ -202,7 +203,7 @@ def test_rotation_without_compression(tmp_path: Path) -> None:
 
 def test_zero_backups_truncates(tmp_path: Path) -> None:
     path = tmp_path / "t.log"
-    handler = RotatingFile(str(path), max_bytes=300, backups=0, compress=True)
+    handler = RotatingFile(str(path), max_bytes=300, backups=0, compress=True, compress_delay=0)
     messages = write_lines(handler, 30)
     handler.close()
     assert [p.name for p in tmp_path.iterdir()] == ["t.log"]
@@ -317,11 +318,13 @@ def test_throttling_handler_wraps_any_target() -> None:
 def test_a_file_rotated_by_another_process_is_reopened(tmp_path: Path) -> None:
     """gunicorn's arbiter and worker share the log file: after one rotates, the other follows."""
     path = tmp_path / "shared.log"
+    now = [0.0]
     a = RotatingFile(str(path), max_bytes=200, backups=2, compress=False)
-    b = RotatingFile(str(path), max_bytes=10**6, backups=2, compress=False)
+    b = RotatingFile(str(path), max_bytes=10**6, backups=2, compress=False, clock=lambda: now[0])
     write_lines(b, 1)
     write_lines(a, 5)  # a rotates at least once
     assert (tmp_path / "shared.log.1").exists()
+    now[0] += 1.0  # b looks at the path at most once per check_interval (1 s), not per record
     b.setFormatter(logging.Formatter("%(message)s"))
     b.handle(logging.LogRecord("fluxmq.t", logging.INFO, __file__, 1, "from b after rotation", None, None))
     a.close()
@@ -337,7 +340,7 @@ def test_background_compression_under_gevent(tmp_path: Path) -> None:
         "from gevent import monkey; monkey.patch_all()\n"
         "import logging, sys\n"
         "from fluxmq.log import RotatingFile\n"
-        "h = RotatingFile(sys.argv[1], max_bytes=300, backups=2, compress=True)\n"
+        "h = RotatingFile(sys.argv[1], max_bytes=300, backups=2, compress=True, compress_delay=0)\n"
         "h.setFormatter(logging.Formatter('%(message)s'))\n"
         "for i in range(40):\n"
         "    h.handle(logging.LogRecord('fluxmq.t', 20, '', 1, 'line %04d ' % i + 'x' * 40, None, None))\n"
@@ -348,3 +351,70 @@ def test_background_compression_under_gevent(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.log", "g.log.1.gz", "g.log.2.gz"]
     with gzip.open(tmp_path / "g.log.1.gz", "rt", encoding="utf-8") as f:
         assert f.read().startswith("line ")
+
+
+# -- cost per record (issue 17 item 6) -------------------------------------------------------------
+
+def test_a_record_costs_no_stat_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler stat'ed the path (three times) and asked the file position for every record; now
+    it looks at the path once per check_interval and counts the size itself."""
+    now = [0.0]
+    handler = RotatingFile(str(tmp_path / "f.log"), max_bytes=10**6, backups=1, compress=False,
+                           clock=lambda: now[0])
+    calls = []
+    for name in ("stat", "fstat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    write_lines(handler, 1000)
+    assert calls == []
+    now[0] += 1.0
+    write_lines(handler, 10)
+    assert sorted(calls) == ["fstat", "fstat", "stat"]  # one look per interval: path, own file, size
+    monkeypatch.undo()
+    handler.close()
+    assert len((tmp_path / "f.log").read_text().splitlines()) == 1010
+
+
+def test_size_is_counted_across_turns_and_rotation_still_happens(tmp_path: Path) -> None:
+    handler = RotatingFile(str(tmp_path / "r.log"), max_bytes=1000, backups=1, compress=False,
+                           clock=lambda: 0.0)
+    write_lines(handler, 100)
+    handler.close()
+    assert (tmp_path / "r.log.1").exists() and (tmp_path / "r.log").stat().st_size <= 1000
+
+
+BATCH_SCRIPT = """
+from gevent import monkey; monkey.patch_all()
+import logging, os, sys, gevent
+from fluxmq.log import RotatingFile
+h = RotatingFile(sys.argv[1], max_bytes=10**6, backups=1, compress=False)
+h.setFormatter(logging.Formatter('%(message)s'))
+log = logging.getLogger('fluxmq.batch'); log.addHandler(h); log.setLevel(logging.INFO); log.propagate = False
+def size(): return os.path.getsize(sys.argv[1])
+def turn():
+    for i in range(100):
+        log.info('line %d', i)
+    print('after 100 infos', size(), flush=True)
+    log.warning('now')
+    print('after a warning', size(), flush=True)
+    log.info('tail')
+    print('after 1 info', size(), flush=True)
+gevent.spawn(turn).join()
+gevent.sleep(0)
+print('next turn', size(), flush=True)
+"""
+
+
+def test_records_are_written_once_per_loop_turn_in_a_gevent_worker(tmp_path: Path) -> None:
+    """In the node's worker a write per record was a syscall per record: now the turn's records go
+    in one write when the turn ends; a WARNING or worse is written at once (with what came before)."""
+    import subprocess
+    import sys
+    path = tmp_path / "b.log"
+    out = subprocess.run([sys.executable, "-c", BATCH_SCRIPT, str(path)], check=True, timeout=60,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    sizes = dict(line.rsplit(" ", 1) for line in out.splitlines())
+    hundred = sum(len(f"line {i}\n") for i in range(100))
+    assert sizes == {"after 100 infos": "0", "after a warning": str(hundred + len("now\n")),
+                     "after 1 info": str(hundred + len("now\n")),
+                     "next turn": str(hundred + len("now\n") + len("tail\n"))}, out

@@ -7,6 +7,11 @@ The broker POSTs JSON to ``auth.http.url`` and reads a JSON answer::
     -> {"action": "publish" | "subscribe", "clientid": "c1", "username": "alice", "topic": "a/b"}
     <- 200 {"result": "allow"}   or   {"result": "deny"}
 
+With an ``https://`` URL the service's certificate is verified against the system CAs, or
+against ``ca_file``; ``cert_file``/``key_file`` present a client certificate (mutual TLS). A plain
+``http://`` URL to a host that is not loopback sends passwords in clear: it works, with one
+warning at start-up naming the key.
+
 401 and 403 mean deny. Anything else (a timeout after ``timeout`` seconds, a refused connection,
 another status, a body that is not such JSON) is an error, and an error refuses: the callout
 fails closed.
@@ -24,9 +29,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
+import ssl
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -45,6 +52,39 @@ DENY = "deny"
 ERROR = "error"
 
 _POOL_MAX = 8  # idle keep-alive connections kept to the service
+
+
+def sends_in_clear(url: str) -> bool:
+    """True when ``url`` is plain http to a host that is not loopback (a name is loopback only when
+    it is ``localhost`` or under ``.localhost``, which resolve to loopback [RFC 6761]; other names
+    are not resolved, as their address may change)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def _tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The client context of an https service; ConfigError naming the key of a file that fails."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("auth.http.ca_file", "a readable PEM CA bundle", got=f"{ca_file} ({_one_line(exc)})") from None
+    if key_file and not cert_file:
+        raise ConfigError("auth.http.key_file", "set together with auth.http.cert_file", got=key_file)
+    if cert_file:
+        try:
+            context.load_cert_chain(cert_file, key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("auth.http.cert_file", "a PEM client certificate with its key (or auth.http.key_file)",
+                              got=f"{cert_file} ({_one_line(exc)})") from None
+    return context
 
 
 class CalloutError(Exception):
@@ -91,12 +131,25 @@ class HTTPCallout:
     """Asks an HTTP service whether a client may connect (and, with ``acl``, publish or subscribe)."""
 
     def __init__(self, url: str, timeout: float = 2.0, cache_ttl: float = 60.0, negative_ttl: float = 5.0,
-                 cache_size: int = 10000, acl: bool = False) -> None:
+                 cache_size: int = 10000, acl: bool = False, ca_file: str = "", cert_file: str = "",
+                 key_file: str = "") -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("auth.http.url", "an http:// or https:// URL", got=url)
-        self.url = url
         self._https = parts.scheme == "https"
+        self._tls = None
+        if self._https:
+            self._tls = _tls_context(ca_file, cert_file, key_file)
+        elif ca_file or cert_file or key_file:
+            key = "auth.http.ca_file" if ca_file else "auth.http.cert_file" if cert_file else "auth.http.key_file"
+            raise ConfigError(key, "an https:// auth.http.url (it would be ignored)", got=url)
+        # Logged without any user:password part of the URL.
+        where = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+        self.url = f"{parts.scheme}://{where}{parts.path}" if parts.username or parts.password else url
+        if sends_in_clear(url):
+            log.warning("auth_http_cleartext", extra={
+                "key": "auth.http.url", "host": where,
+                "problem": "passwords are sent to the authentication service in clear; use https://"})
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -166,7 +219,7 @@ class HTTPCallout:
 
     def _new_connection(self) -> http.client.HTTPConnection:
         if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout)
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout, context=self._tls)
         return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
 
     def _post(self, conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
@@ -198,6 +251,9 @@ class HTTPCallout:
             if status is None:
                 try:
                     status, data = self._post(self._new_connection(), body)
+                except ssl.SSLCertVerificationError as exc:
+                    raise CalloutError(f"{type(exc).__name__}: {exc} (auth.http.ca_file names the CA that "
+                                       "signed the service's certificate)") from None
                 except (OSError, http.client.HTTPException) as exc:
                     raise CalloutError(f"{type(exc).__name__}: {exc}") from None
         if status in (401, 403):

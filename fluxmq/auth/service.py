@@ -6,8 +6,11 @@ maps the ``auth.*`` and ``limits.*`` config keys onto them). Front ends use it t
 - ``authenticate(client_id, username, password, peer)`` at CONNECT (or an HTTP request) ->
   ``AuthResult`` with the MQTT 5.0 reason code and 3.1.1 return code of a refusal;
 - ``policy(client_id, username, peer)`` -> the connection's ``ClientPolicy`` (None when nothing
-  per-client is configured, so an unconfigured broker's PUBLISH path pays one ``is None`` test);
+  per-client is configured, so such a broker's PUBLISH path pays one ``is None`` test; the default
+  ``limits.max_topic_levels`` alone costs one dict lookup per PUBLISH, see ``ClientPolicy.fast``);
   ``check_publish``/``check_subscribe`` return 0 or the 5.0 reason code of the refusal;
+- ``may_take_over(owner, username)``: may a client take over a session another user holds
+  (``auth.bind_client_id_to_username``; the broker asks it in ``open_session``);
 - ``can_read(client_id, username, topic)`` for deliveries and retained messages (the router
   filters each cached route through it, so a delivery costs nothing extra after a topic's first);
 - ``connect_gate`` (a callable ``address -> bool``, or None) for the listeners' accept step.
@@ -44,6 +47,11 @@ BAD_USER_NAME_OR_PASSWORD = 0x86
 RC_BAD_USER_NAME_OR_PASSWORD = 4
 RC_NOT_AUTHORIZED = 5
 
+# A PUBLISH decision is cached per topic only for topics up to this many characters, so a client
+# cycling through long topics cannot pin CACHE_MAX of them (up to 64 KiB each) per connection; a
+# longer topic is checked each time, at a cost that is small next to its length on the wire.
+_CACHED_TOPIC_MAX = 256
+
 # Hashes above this many iterations are checked in the hub's thread pool (PBKDF2 releases the GIL),
 # so a file made with a high -I does not stall every other client during a connect storm.
 _THREADPOOL_ITERATIONS = 2000
@@ -54,23 +62,30 @@ class AuthSettings:
 
     __slots__ = ("password_file", "acl_file", "allow_anonymous", "http_url", "http_timeout", "http_acl",
                  "http_cache_ttl", "http_cache_negative_ttl", "http_cache_size", "connect_rate",
-                 "connect_burst", "limits")
+                 "connect_burst", "limits", "bind_client_ids", "http_ca_file", "http_cert_file", "http_key_file")
 
     def __init__(self, password_file: str = "", acl_file: str = "", allow_anonymous: bool | None = None,
                  http_url: str = "", http_timeout: float = 2.0, http_acl: bool = False,
                  http_cache_ttl: float = 60.0, http_cache_negative_ttl: float = 5.0,
                  http_cache_size: int = 10000, connect_rate: float = 0.0, connect_burst: int = 0,
-                 limits: PublishLimits | None = None) -> None:
+                 limits: PublishLimits | None = None, bind_client_ids: bool | None = None,
+                 http_ca_file: str = "", http_cert_file: str = "", http_key_file: str = "") -> None:
         self.password_file = password_file
         self.acl_file = acl_file
         # None: allow anonymous clients only when no authentication source is configured.
         self.allow_anonymous = allow_anonymous
+        # None: a client id belongs to its session's user when user names are verified (password
+        # file or HTTP service); see AuthService.may_take_over.
+        self.bind_client_ids = bind_client_ids
         self.http_url = http_url
         self.http_timeout = http_timeout
         self.http_acl = http_acl
         self.http_cache_ttl = http_cache_ttl
         self.http_cache_negative_ttl = http_cache_negative_ttl
         self.http_cache_size = http_cache_size
+        self.http_ca_file = http_ca_file
+        self.http_cert_file = http_cert_file
+        self.http_key_file = http_key_file
         self.connect_rate = connect_rate
         self.connect_burst = connect_burst
         self.limits = limits or PublishLimits()
@@ -118,13 +133,16 @@ class AuthService:
         self.http = None
         if settings.http_url:
             self.http = HTTPCallout(settings.http_url, settings.http_timeout, settings.http_cache_ttl,
-                                    settings.http_cache_negative_ttl, settings.http_cache_size, settings.http_acl)
+                                    settings.http_cache_negative_ttl, settings.http_cache_size, settings.http_acl,
+                                    settings.http_ca_file, settings.http_cert_file, settings.http_key_file)
         self.limits = settings.limits
         self.connect_limiter = (ConnectRateLimiter(settings.connect_rate, settings.connect_burst or
                                                    max(1, int(settings.connect_rate)))
                                 if settings.connect_rate > 0 else None)
         allow = settings.allow_anonymous
         self.allow_anonymous = (self.passwords is None and self.http is None) if allow is None else allow
+        bind = settings.bind_client_ids
+        self.binds_client_ids = (self.passwords is not None or self.http is not None) if bind is None else bind
         self.log_gate = LogGate(60.0)
         self.generation = 0  # bumps when the rules change (reload): policies pick up the new ACL
         self._policies: weakref.WeakSet[ClientPolicy] = weakref.WeakSet()  # live ones, refreshed on reload
@@ -139,6 +157,13 @@ class AuthService:
     def checks_reads(self) -> bool:
         """True when deliveries must be filtered per subscriber (an ACL file is configured)."""
         return self.acl is not None
+
+    @property
+    def reads_user_names(self) -> bool:
+        """True when a user name can change an answer (a password file, an HTTP service, an ACL
+        file, or anonymous clients refused); False with limits alone, which apply to everyone."""
+        return (self.passwords is not None or self.http is not None or self.acl is not None
+                or not self.allow_anonymous)
 
     @property
     def per_client(self) -> bool:
@@ -262,6 +287,15 @@ class AuthService:
             return NOT_AUTHORIZED
         return 0
 
+    def may_take_over(self, owner: str | None, username: str | None) -> bool:
+        """May a client with ``username`` take over (resume or replace) a session held by ``owner``?
+
+        With client ids bound to user names (``auth.bind_client_id_to_username``) only the same user
+        may; a session without an owner (created by an anonymous client) may be claimed by anyone,
+        as any anonymous client could resume it. Unbound, anyone may.
+        """
+        return owner == username or owner is None or not self.binds_client_ids
+
     def session_can_read(self, session, topic: str) -> bool:
         """The router's read filter: ``session`` is a broker Session (client_id, username)."""
         return self.can_read(session.client_id, session.username, topic)
@@ -331,7 +365,10 @@ class ClientPolicy:
         # then skips the call for a topic already allowed. The service clears it when rules change.
         self.fast = self._topics if self.msg_bucket is None and self.byte_bucket is None and self.http_acl is None \
             else None
-        service._policies.add(self)
+        if self.acl is not None or self.http_acl is not None:
+            # A reload can change its answers. Without either (topic caps and rates only) nothing it
+            # caches depends on the files, and every connection is spared the registration.
+            service._policies.add(self)
 
     def _refresh(self) -> None:
         self.acl = self.service.acl_for(self.client_id, self.username)
@@ -347,10 +384,11 @@ class ClientPolicy:
             code = NOT_AUTHORIZED
         else:
             code = 0
-        topics = self._topics
-        if len(topics) >= CACHE_MAX:
-            topics.clear()
-        topics[topic] = code
+        if len(topic) <= _CACHED_TOPIC_MAX:
+            topics = self._topics
+            if len(topics) >= CACHE_MAX:
+                topics.clear()
+            topics[topic] = code
         return code
 
     def check_publish(self, topic: str, size: int) -> int:
@@ -414,7 +452,14 @@ class ClientPolicy:
         return 0
 
     def can_write_will(self, topic: str) -> bool:
-        """May the client's will be published to ``topic``? (checked at CONNECT, like Mosquitto)"""
+        """May the client's will be published to ``topic``? (checked at CONNECT, like Mosquitto; a
+        topic over the caps is refused too, as its PUBLISH would be)"""
+        caps = self.topic_caps
+        if caps is not None:
+            problem = caps.topic_problem(topic)
+            if problem is not None:
+                self.service.note("topic_cap", self.client_id, peer=self.peer, will_topic=topic[:200], reason=problem)
+                return False
         acl = self.acl
         if acl is not None and not acl.can_write(topic):
             return False

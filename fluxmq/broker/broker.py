@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from time import perf_counter
 
 import gevent
+from gevent.event import AsyncResult
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
-from fluxmq.errors import QuotaExceeded
+from fluxmq.errors import NotAuthorized, QuotaExceeded, StorageError
 from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
@@ -41,13 +43,15 @@ class BrokerSettings:
 
     __slots__ = ("max_inflight", "max_queued_messages", "max_queued_bytes", "queue_overflow",
                  "max_retained_messages", "shared_subscription_strategy", "max_qos", "retain_available",
-                 "node_id", "persistent_max_queued_messages", "persistent_max_queued_bytes")
+                 "node_id", "persistent_max_queued_messages", "persistent_max_queued_bytes",
+                 "max_sessions", "max_session_expiry")
 
     def __init__(self, max_inflight: int = 100, max_queued_messages: int = 1000,
                  max_queued_bytes: int = 16 << 20, queue_overflow: str = "drop_new",
                  max_retained_messages: int = 10000, shared_subscription_strategy: str = "round_robin",
                  max_qos: int = 2, retain_available: bool = True, node_id: str = "single-node",
-                 persistent_max_queued_messages: int = 100000, persistent_max_queued_bytes: int = 100 << 20) -> None:
+                 persistent_max_queued_messages: int = 100000, persistent_max_queued_bytes: int = 100 << 20,
+                 max_sessions: int = 0, max_session_expiry: int = 0) -> None:
         self.max_inflight = max_inflight
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
@@ -60,6 +64,36 @@ class BrokerSettings:
         # Bounds of the on-disk queues of persistent sessions (storage.max_queued_*).
         self.persistent_max_queued_messages = persistent_max_queued_messages
         self.persistent_max_queued_bytes = persistent_max_queued_bytes
+        # Sessions the node holds, online and offline (0 = no limit): past it a new client id is refused.
+        self.max_sessions = max_sessions
+        # Cap of every session's expiry interval in seconds (0 = no cap); 3.1.1 persistent sessions,
+        # which never expire by themselves, expire after it.
+        self.max_session_expiry = max_session_expiry
+
+
+# Messages a shared-subscription hand-over looks at per loop turn: with LMDB about 20 us each (read,
+# decode, route, deliver), so a turn of the hand-over holds the hub for a few milliseconds.
+HAND_OVER_CHUNK = 256
+# Between chunks the hand-over sleeps on a timer: sleep(0) would only queue a callback, and a
+# greenlet re-queueing itself that way kept the loop from running its timers for 100 ms and more.
+HAND_OVER_PAUSE = 0.001
+
+
+class SharedHandOver:
+    """One offline member's walk over its unfinished messages, handed to other members of its groups
+    a chunk per loop turn (``Session.hand_over_steps``). ``largest_step`` and ``turns`` say how the
+    work was split."""
+
+    __slots__ = ("session", "steps", "ending", "stopped", "moved", "turns", "largest_step")
+
+    def __init__(self, session: Session, steps, ending: bool = False) -> None:
+        self.session = session
+        self.steps = steps
+        self.ending = ending  # the session ends once it is done (Broker._end_session)
+        self.stopped = False
+        self.moved = 0
+        self.turns = 0
+        self.largest_step = 0  # messages looked at in the largest turn
 
 
 class SubscribeResult:
@@ -90,8 +124,12 @@ class Broker:
         self.router = Router(s.shared_subscription_strategy)
         self.retained = RetainedStore(s.max_retained_messages, self._store)
         self.sessions: dict[str, Session] = {}
+        # Shared-subscription hand-overs still running (a long queue goes in HAND_OVER_CHUNK steps).
+        self.hand_overs: dict[Session, SharedHandOver] = {}
+        self.hand_over_chunk = HAND_OVER_CHUNK
         self.connected = 0
         self.accepting = True
+        self._qos0_refusal_logged = False
         # fluxmq.auth.service.AuthService, or None: no authentication, ACLs or limits at all.
         self.auth = None
 
@@ -115,13 +153,31 @@ class Broker:
         """Find or create the session of ``client_id`` for a new connection; returns (session, present).
 
         An existing connection with the same client id is closed first (takeover, 5.0 reason 0x8E)
-        [MQTT-3.1.4-3]. Call ``attach`` once the CONNACK is written.
+        [MQTT-3.1.4-3]. Call ``attach`` once the CONNACK is written. ``expiry_interval`` is capped by
+        ``broker.max_session_expiry``: the session's ``expiry_interval`` holds the value in use.
+        Raises QuotaExceeded for a new client id while the node holds ``broker.max_sessions``
+        sessions; a client id that has a session may always reconnect or take over. Raises NotAuthorized,
+        changing nothing, when the client id belongs to another user (``auth.bind_client_id_to_username``).
         """
         session = self.sessions.get(client_id)
+        # A session whose end waits for its shared hand-over has ended for its client already.
+        hand_over = self.hand_overs.get(session) if session is not None else None
+        ending = hand_over is not None and hand_over.ending
+        limit = self.settings.max_sessions
+        if session is None and limit and len(self.sessions) >= limit:
+            log.warning("session_refused", extra={"client_id": client_id, "sessions": len(self.sessions),
+                                                  "reason": "broker.max_sessions"})
+            raise QuotaExceeded(f"session limit reached (broker.max_sessions {limit})")
+        expiry_interval = self.capped_expiry(expiry_interval)
         if session is not None:
+            auth = self.auth
+            # An ending session (its hand-over still running) has no owner left to protect.
+            if not ending and auth is not None and not auth.may_take_over(session.username, username):
+                raise NotAuthorized("client identifier in use by another user")
+            self._stop_hand_over(session)  # back online: what was not handed over yet stays with it
             # A session with expiry 0 (3.x clean session) ends with its network connection, so a
             # takeover does not resume it [MQTT-3.1.2-6].
-            ended = clean_start or session.expiry_interval == 0
+            ended = clean_start or session.expiry_interval == 0 or ending
             old = session.delivery
             if old is not None:
                 session.detach()
@@ -129,9 +185,11 @@ class Broker:
                 old_will = session.will
                 session.will = None
                 old.close(0x8E, "session taken over")
-                # The old connection's will: published now unless the session continues and the
-                # will has a delay, in which case this reconnect cancels it [MQTT-3.1.3-9].
-                if old_will is not None and (ended or old_will.delay == 0):
+                # The old connection's will goes only when its session ends here (MQTT 5.0 3.1.2.5).
+                # A resumed session counts as reconnected before the will delay passed, whatever the
+                # delay, so it cancels the will [MQTT-3.1.3-9], as Mosquitto does: a half-open
+                # reconnect gives no spurious "offline" message.
+                if old_will is not None and ended:
                     self._publish_will(old_will)
             else:
                 # A reconnect within the will delay cancels the pending will.
@@ -150,8 +208,15 @@ class Broker:
         session.expiry_interval = expiry_interval
         session.persistent = expiry_interval > 0
         session.will = will
-        if self.auth is not None and session.username != username and session.subscriptions:
-            self.router.invalidate()  # its routes were filtered by the other user's read rules
+        auth = self.auth
+        if auth is not None and present and session.username != username:
+            # Resumed by another user: its cached routes, in-flight and queued messages were filtered
+            # by the previous user's read rules.
+            if session.subscriptions:
+                self.router.invalidate()
+            session.username = username
+            if auth.checks_reads:
+                session.recheck_reads(auth.session_can_read)
         session.username = username
         if isinstance(session, PersistentSession):
             store = session.store
@@ -162,6 +227,12 @@ class Broker:
             else:
                 store.delete_will(client_id)
         return session, present
+
+    def capped_expiry(self, expiry_interval: int) -> int:
+        """``expiry_interval`` (seconds; EXPIRY_NEVER for a 3.1.1 persistent session) under the
+        ``broker.max_session_expiry`` cap; 0 (the session ends with its connection) stays 0."""
+        cap = self.settings.max_session_expiry
+        return cap if cap and expiry_interval > cap else expiry_interval
 
     def attach(self, session: Session, delivery: Delivery, send_quota: int) -> None:
         """Bind the connection to its session; resends in-flight messages and drains the queue."""
@@ -182,7 +253,7 @@ class Broker:
         if session.expiry_interval == 0:
             if will is not None:
                 self._publish_will(will)
-            self._end_session(session)
+            self._end_session(session, wait_hand_over=True)
             return
         self._hand_over_shared(session, ending=False)
         if will is not None:
@@ -221,7 +292,7 @@ class Broker:
             if session.will is not None:  # the session ends before the will delay: publish it now
                 will, session.will = session.will, None
                 self._publish_will(will)
-            self._end_session(session)
+            self._end_session(session, wait_hand_over=True)
             return
         self._arm_timer_remaining(session, elapsed)
 
@@ -240,10 +311,27 @@ class Broker:
             session.timer.kill(block=False)
             session.timer = None
 
-    def _end_session(self, session: Session) -> None:
-        """Drop a session: its subscriptions leave the router and its state is forgotten."""
+    def _end_session(self, session: Session, wait_hand_over: bool = False) -> None:
+        """Drop a session: its subscriptions leave the router and its state is forgotten.
+
+        Its unfinished shared-subscription messages go to other members first. With
+        ``wait_hand_over`` (nobody needs the client id now: expiry, Session Expiry 0) a long
+        hand-over runs a chunk per loop turn and the session ends when it is done; meanwhile it is
+        recorded as ended, so a crash does not bring it back and a reconnect does not resume it.
+        """
         self._cancel_timer(session)
-        self._hand_over_shared(session, ending=True)
+        if not self._hand_over_shared(session, ending=True, in_steps=wait_hand_over):
+            if isinstance(session, PersistentSession):
+                # Recorded as ending (expiry 0, will already published or discarded by the caller):
+                # after a crash the restore deletes it instead of resuming it.
+                store = session.store
+                store.put_session(session.client_id, 0, session.disconnected_at or time.time(), session.username)
+                store.delete_will(session.client_id)
+            return  # _hand_over_rest ends it
+        self._forget_session(session)
+
+    def _forget_session(self, session: Session) -> None:
+        """The end of ``_end_session``: out of the router, the store and the session table."""
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
         session.subscriptions.clear()
@@ -255,18 +343,23 @@ class Broker:
             if self.auth is not None:
                 self.auth.forget(session.client_id)
 
-    def _hand_over_shared(self, session: Session, ending: bool) -> None:
+    def _hand_over_shared(self, session: Session, ending: bool, in_steps: bool = True) -> bool:
         """Give the QoS 1/2 messages an offline shared-subscription member got through its group, and
         has not finished, to other members of the group (MQTT 5.0 4.8.2).
 
         Unacknowledged QoS 1 and queued QoS 1/2 move; a QoS 2 PUBLISH already sent stays with the
         member [MQTT-4.8.2-4, -5], and so does a message it also got through a subscription of its
-        own. While the session continues (``ending`` False) only online members take them; when it
-        ends any other member does, queueing it if offline.
+        own. While the session continues (``ending`` False) only online members with room in their
+        queue take them (the rest stays); when it ends any other member does, queueing it if offline.
+
+        Returns True when the hand-over is done; otherwise (``in_steps``, and more than
+        ``hand_over_chunk`` messages to look at) it goes on a chunk per loop turn, and an ending
+        session ends when it is done.
         """
+        self._stop_hand_over(session)
         subs = session.subscriptions
         if not subs or not any(sub.share_group for sub in subs.values()):
-            return
+            return True
         router = self.router
 
         def claim(message: Message) -> Subscription | None:
@@ -278,16 +371,75 @@ class Broker:
             for group in route.groups:
                 if session.client_id in group.members:
                     member = router.pick_member(group, exclude=session, topic=message.topic)
-                    if member is not None and (ending or member.session.delivery is not None):
+                    if member is None:
+                        continue
+                    taker = member.session
+                    if ending or (taker.delivery is not None and taker.queue_has_room()):
+                        # A continuing session keeps what the taker would drop over its queue bound.
                         return member
             return None
 
-        taken = session.take_unfinished(claim)
-        for message, member in taken:
-            ids = (member.subscription_id,) if member.subscription_id else None
-            member.session.deliver(message, message.qos if message.qos < member.qos else member.qos, False, ids)
-        if taken:
-            log.info("shared_handed_over", extra={"client_id": session.client_id, "messages": len(taken)})
+        # An ending session's walk follows its queue's tail: a message queued to it meanwhile (a
+        # group with every member offline may pick it) is handed over too.
+        hand_over = SharedHandOver(session, session.hand_over_steps(claim, follow_tail=ending), ending)
+        if self._hand_over_step(hand_over, self.hand_over_chunk if in_steps else 0):
+            self._handed_over(hand_over)
+            return True
+        self.hand_overs[session] = hand_over
+        gevent.spawn(self._hand_over_rest, hand_over)
+        return False
+
+    def _hand_over_step(self, hand_over: SharedHandOver, budget: int) -> bool:
+        """Look at up to ``budget`` messages (0: all), delivering the claimed ones; True when done."""
+        n = 0
+        done = True
+        for taken in hand_over.steps:
+            n += 1
+            if taken is not None:
+                message, member = taken
+                ids = (member.subscription_id,) if member.subscription_id else None
+                member.session.deliver(message, message.qos if message.qos < member.qos else member.qos, False, ids)
+                hand_over.moved += 1
+            if n == budget:
+                done = False
+                break
+        hand_over.turns += 1
+        if n > hand_over.largest_step:
+            hand_over.largest_step = n
+        return done
+
+    def _hand_over_rest(self, hand_over: SharedHandOver) -> None:
+        session = hand_over.session
+        try:
+            while True:
+                gevent.sleep(HAND_OVER_PAUSE)  # the rest of the loop turn (I/O, commits, timers) runs between chunks
+                if hand_over.stopped:
+                    return
+                if self._hand_over_step(hand_over, self.hand_over_chunk):
+                    del self.hand_overs[session]
+                    self._handed_over(hand_over)
+                    if hand_over.ending:
+                        self._forget_session(session)
+                    return
+        finally:
+            if self.hand_overs.get(session) is hand_over:
+                del self.hand_overs[session]
+
+    def _stop_hand_over(self, session: Session) -> None:
+        """Stop a running hand-over (the session reconnects, ends or the node stops); what it has
+        not looked at yet stays with the session."""
+        hand_over = self.hand_overs.pop(session, None)
+        if hand_over is not None:
+            hand_over.stopped = True
+            hand_over.steps.close()
+            self._handed_over(hand_over)
+
+    @staticmethod
+    def _handed_over(hand_over: SharedHandOver) -> None:
+        if hand_over.moved:
+            log.info("shared_handed_over", extra={"client_id": hand_over.session.client_id,
+                                                  "messages": hand_over.moved, "turns": hand_over.turns,
+                                                  "complete": not hand_over.stopped})
 
     def _publish_will(self, will: Will) -> None:
         message = will.message
@@ -329,9 +481,17 @@ class Broker:
         # 1 publish in 64 (of each QoS) is timed until its deliveries are flushed (_observe_latency).
         started = perf_counter() if not received[msg_qos] & LATENCY_SAMPLE_MASK else 0.0
         route = self.router.route(message.topic)
-        if self.storage.refusing and msg_qos and self._would_store(message, route):
-            stats.dropped("storage_full")
-            raise QuotaExceeded("storage full")
+        store = self._store
+        ops_before = 0
+        if store is not None:
+            if store.refusing and (msg_qos or message.retain) and self._would_store(message, route):
+                stats.dropped("storage_full")
+                if msg_qos:
+                    raise QuotaExceeded("storage full")
+                self._refused_qos0()  # no ack to carry the refusal: counted and logged
+                return 0
+            if msg_qos and origin is not None:
+                ops_before = store.op_count
         if message.retain:
             self.retained.store(message)
         retain = message.retain
@@ -356,6 +516,10 @@ class Broker:
             sent_bytes[0] += (n - n_acked) * size
         if route.groups:
             n += self._publish_shared(message, route.groups)
+        if store is not None and msg_qos and origin is not None and store.op_count != ops_before:
+            # The origin's PUBACK/PUBREC acknowledges what this publish stored (for other clients,
+            # or retained): a failed commit must abandon it (FlushScheduler).
+            store.note_stake(origin.client_id)
         if started:
             self._observe_latency(started)
         return n
@@ -366,10 +530,37 @@ class Broker:
         # it, so the sample covers routing, encoding and the socket write.
         gevent.get_hub().loop.run_callback(self.stats.observe_delivery_latency, started)
 
+    def _refused_qos0(self) -> None:
+        n = self.stats.drops.get("storage_full", 0)
+        if not self._qos0_refusal_logged or n % 10000 == 0:
+            self._qos0_refusal_logged = True
+            log.warning("publish_refused_storage_full", extra={
+                "qos": 0, "dropped_storage_full": n,
+                "effect": "retained QoS 0 messages are dropped while the storage is full"})
+
+    def wait_committed(self, timeout: float | None = 30.0) -> None:
+        """Block this greenlet until every operation recorded so far (e.g. by the ``publish`` just
+        made) is committed, and fsynced under ``storage.sync: always``: the after-commit point a
+        front end without a connection answers at (HTTP bridge, admin API). Returns at once with
+        the memory backend or when nothing is pending. Raises StorageError when that commit fails
+        or does not finish within ``timeout``. Never call it from the hub."""
+        store = self._store
+        if store is None:
+            return
+        done = AsyncResult()
+        store.after_commit(done.set)  # called at once when nothing is pending: get() does not wait
+        try:
+            error = done.get(timeout=timeout)
+        except gevent.Timeout:
+            raise StorageError(f"the commit did not finish within {timeout}s") from None
+        if error is not None:
+            raise StorageError(f"the commit failed: {error}") from None
+
     @staticmethod
     def _would_store(message: Message, route) -> bool:
-        """True when publishing ``message`` writes to storage (retained, or a persistent target)."""
-        if message.retain and not message.topic.startswith("$SYS"):
+        """True when publishing ``message`` writes to storage (retained, or a persistent target); a
+        retained message's clear (empty payload) only frees space."""
+        if message.retain and message.payload and not message.topic.startswith("$SYS"):
             return True
         if any(isinstance(t[0], PersistentSession) for t in route.targets):
             return True
@@ -436,8 +627,12 @@ class Broker:
 
     # -- node lifecycle --------------------------------------------------------------------------
 
-    def restore(self, state: StoredState) -> None:
+    def restore(self, state: StoredState, pause: Callable[[], None] | None = None,
+                slice_size: int = 2000) -> None:
         """Rebuild what the storage loaded at start, before any client connects.
+
+        ``pause`` is called after every ``slice_size`` sessions or retained messages (the node
+        yields to the hub there, so a large store does not stall it).
 
         Sessions expire by wall-clock time across the downtime (a session online at the crash counts
         as disconnected when the node was last known alive); wills whose delay elapsed meanwhile,
@@ -448,7 +643,11 @@ class Broker:
         if store is None:
             return
         now = time.time()
+        n = 0
         for fields in state.retained:
+            n += 1
+            if pause is not None and n % slice_size == 0:
+                pause()
             message = Message(*fields)
             if message.expired():
                 store.delete_retained(message.topic)
@@ -456,6 +655,9 @@ class Broker:
             self.retained.restore(message)
         due: list[Will] = []
         for rec in state.sessions.values():
+            n += 1
+            if pause is not None and n % slice_size == 0:
+                pause()
             cid = rec.client_id
             gone_at = rec.disconnected_at or state.last_alive or now
             elapsed = max(0.0, now - gone_at)
@@ -463,17 +665,19 @@ class Broker:
             if rec.will is not None:
                 fields, delay = rec.will
                 will = Will(Message(*fields), delay)
-            if rec.expiry_interval == 0 or (rec.expiry_interval != EXPIRY_NEVER and elapsed >= rec.expiry_interval):
+            # broker.max_session_expiry applies to sessions stored before it was set or lowered too.
+            expiry = self.capped_expiry(rec.expiry_interval)
+            if expiry == 0 or (expiry != EXPIRY_NEVER and elapsed >= expiry):
                 if will is not None:
                     due.append(will)  # the session ended during the downtime: its will goes now
                 store.delete_session(cid, rec.queue.next)
                 continue
             session = PersistentSession(cid, self.persistent_limits, self.stats, store, rec.queue)
-            session.expiry_interval = rec.expiry_interval
+            session.expiry_interval = expiry
             session.username = rec.username
             session.disconnected_at = gone_at
-            if not rec.disconnected_at:  # it was online when the node stopped
-                store.put_session(cid, rec.expiry_interval, gone_at, rec.username)
+            if not rec.disconnected_at or expiry != rec.expiry_interval:  # online at the stop, or capped now
+                store.put_session(cid, expiry, gone_at, rec.username)
             for filter, qos, no_local, rap, rh, sub_id in rec.subscriptions:
                 shared = parse_shared(filter)
                 sub = Subscription(session, filter, qos, no_local, rap, rh, sub_id, shared[0] if shared else None)
@@ -486,6 +690,10 @@ class Broker:
             if session.inflight:
                 session._next_pid = max(session.inflight) % 65535 + 1
             set.update(session.inbound_qos2, rec.inbound_qos2)
+            if session.queue and self.auth is not None and self.auth.checks_reads:
+                # Which entries another user queued before a resume is not stored: all are re-checked
+                # against the owner's read rules as they leave the queue.
+                session.recheck_reads(self.auth.session_can_read, queued_only=True)
             if will is not None:
                 if elapsed >= will.delay:
                     due.append(will)
@@ -496,12 +704,18 @@ class Broker:
             self._arm_timer_remaining(session, elapsed)
         for will in due:
             self._publish_will(will)
+        limit = self.settings.max_sessions
+        if limit and len(self.sessions) > limit:
+            # Stored sessions are kept (their messages were acknowledged); only new ids wait for room.
+            log.warning("sessions_over_limit", extra={"sessions": len(self.sessions), "max_sessions": limit})
         log.info("restored", extra={"sessions": len(self.sessions), "retained": len(self.retained),
                                     "wills_published": len(due)})
 
     def shutdown(self) -> None:
         """Close every client connection (5.0 reason 0x8B); wills are published as on a server close."""
         self.accepting = False
+        for session in list(self.hand_overs):
+            self._stop_hand_over(session)
         for session in list(self.sessions.values()):
             if session.delivery is not None:
                 session.delivery.close(0x8B, "server shutting down")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Iterator
 
 from fluxmq.storage.base import Storage, StoredQueue
 from fluxmq.storage.queue import DiskQueue
@@ -37,6 +38,9 @@ DISCONNECT = "disconnect"
 
 
 _NO_QUEUE = ()  # the empty queue of a Session that has never queued anything
+
+# Disk queue entries read at once by a shared-subscription hand-over walk.
+HAND_OVER_READ = 32
 
 
 class SessionLimits:
@@ -99,7 +103,8 @@ class Session:
 
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
-                 "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held")
+                 "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",
+                 "reread")
 
     def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
         self.client_id = client_id
@@ -126,6 +131,9 @@ class Session:
         self.connected_since = 0.0
         self.disconnected_at = 0.0
         self.username: str | None = None
+        # [items at the head of the queue to check, can_read(session, topic)] after another user
+        # resumed the session (recheck_reads); None otherwise, so pump pays one test per message.
+        self.reread: list | None = None
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -237,45 +245,92 @@ class Session:
             if message.expires_at is not None and message.expired():
                 self._stats.dropped("expired")
                 continue
+            if self.reread is not None and not self._still_readable(message):
+                continue
             if qos == 0:
                 d.send_publish(message, 0, retain, 0, False, sub_ids)
             else:
                 self._send_new(d, message, qos, retain, sub_ids)
 
+    def queue_has_room(self) -> bool:
+        """True when one more message can be queued without dropping one (the shared hand-over
+        asks before it gives this session a message another member still holds)."""
+        limits = self._limits
+        return len(self.queue) < limits.max_queued_messages and self.queue_bytes < limits.max_queued_bytes
+
+    def recheck_reads(self, can_read, queued_only: bool = False) -> None:
+        """Another user resumed this session: what it holds passed the previous user's read rules.
+
+        In-flight messages not yet released are checked now (a few, bounded by the window); queued
+        ones as they leave the queue, so a long disk queue is not read in one turn. A message that
+        ``can_read(self, topic)`` refuses is dropped and counted as ``not_authorized``.
+        """
+        if not queued_only:
+            for pid, entry in list(self.inflight.items()):
+                if not entry.released and not can_read(self, entry.message.topic):
+                    self._forget_inflight(pid)
+                    self._stats.dropped("not_authorized")
+        if self.queue:
+            # Items queued later were routed by the new user's rules; checking some of them again
+            # (after evictions shortened the old part) is harmless.
+            self.reread = [len(self.queue), can_read]
+
+    def _still_readable(self, message: Message) -> bool:
+        reread = self.reread
+        reread[0] -= 1
+        if reread[0] <= 0:
+            self.reread = None
+        if reread[1](self, message.topic):
+            return True
+        self._stats.dropped("not_authorized")
+        return False
+
     def take_unfinished(self, claim) -> list:
         """Remove the QoS 1/2 messages this client has not finished that ``claim(message)`` returns a
         new owner for; returns ``[(message, owner)]`` in delivery order (in flight, then queued).
+        All at once: the broker hands over in bounded steps with ``hand_over_steps``."""
+        return [taken for taken in self.hand_over_steps(claim) if taken is not None]
+
+    def hand_over_steps(self, claim, follow_tail: bool = False) -> Iterator[tuple[Message, object] | None]:
+        """Walk the messages this client has not finished, one yield per message (or empty queue
+        slot) looked at: ``(message, owner)`` when ``claim(message)`` gave it a new owner (it is
+        removed from this session then), None when it stays. The caller may stop between yields
+        and resume in a later loop turn, so handing over a long queue never stalls the hub.
 
         Used to hand a shared-subscription member's messages to another member: QoS 1 in flight and
         queued QoS 1/2 qualify; a QoS 2 PUBLISH already sent never does, it is completed with this
-        client or not at all [MQTT-4.8.2-4, MQTT-4.8.2-5].
+        client or not at all [MQTT-4.8.2-4, MQTT-4.8.2-5]. Messages that stay are not moved or
+        rewritten. Resuming is safe while the session is offline (new messages are appended behind
+        the walk, and looked at too with ``follow_tail``); stop the walk before the session is
+        attached again or its state cleared.
         """
-        taken = []
-        for pid, entry in list(self.inflight.items()):
-            if entry.qos == 2:
+        inflight = self.inflight
+        for pid, entry in list(inflight.items()):  # at most the client's window
+            if entry.qos == 2 or inflight.get(pid) is not entry:
+                yield None
                 continue
             owner = claim(entry.message)
-            if owner is not None:
-                self._forget_inflight(pid)
-                taken.append((entry.message, owner))
+            if owner is None:
+                yield None
+                continue
+            self._forget_inflight(pid)
+            yield entry.message, owner
+        yield from self._hand_over_queued(claim, follow_tail)
+
+    def _hand_over_queued(self, claim, follow_tail: bool) -> Iterator[tuple[Message, object] | None]:
+        # The walk goes by index up to the current length, so it always follows the tail.
         queue = self.queue
-        if queue:
-            kept = []
-            for _ in range(len(queue)):
-                item = queue.popleft()
-                self._drop_item(item)
-                owner = claim(item[0]) if item[1] else None
-                if owner is None:
-                    kept.append(item)
-                else:
-                    taken.append((item[0], owner))
-            for item in kept:
-                queue.append(item)
-                if isinstance(queue, deque):
-                    self.queue_bytes += len(item[0].payload) + len(item[0].topic)
-                    if item[1] == 0:
-                        self.queue_qos0 += 1
-        return taken
+        i = 0
+        while queue is self.queue and i < len(queue):
+            item = queue[i]
+            owner = claim(item[0]) if item[1] else None
+            if owner is None:
+                i += 1
+                yield None
+                continue
+            del queue[i]
+            self._drop_item(item)
+            yield item[0], owner
 
     def _forget_inflight(self, packet_id: int) -> None:
         del self.inflight[packet_id]
@@ -363,6 +418,7 @@ class Session:
         self.queue_bytes = 0
         self.queue_qos0 = 0
         self.inbound_qos2.clear()
+        self.reread = None
 
     def on_writable(self) -> None:
         """The client's output drained below its low-water mark."""
@@ -447,6 +503,31 @@ class PersistentSession(Session):
     def _drop_item(self, item) -> None:
         self.queue_bytes = self.queue.bytes  # the DiskQueue keeps the counts
 
+    def queue_has_room(self) -> bool:
+        return not self.store.refusing and Session.queue_has_room(self)
+
+    def _hand_over_queued(self, claim, follow_tail: bool) -> Iterator[tuple[Message, object] | None]:
+        # Walk the disk queue by seq, HAND_OVER_READ entries per read; a claimed entry is deleted
+        # where it is and the others are left alone (no pop and re-append of the whole queue).
+        queue = self.queue
+        queue.drop_read_ahead()
+        seq, end = queue.first, queue.next  # what was queued when the walk began
+        while queue.count and queue is self.queue:
+            if follow_tail:
+                end = queue.next
+            if seq >= end:
+                return
+            stop = min(end, seq + HAND_OVER_READ)
+            for at, item, size in queue.entries(seq, stop):
+                owner = claim(item[0]) if item is not None and item[1] else None
+                if owner is None or queue is not self.queue:
+                    yield None
+                    continue
+                queue.remove(at, size)
+                self.queue_bytes = queue.bytes
+                yield item[0], owner
+            seq = max(stop, queue.first)
+
     def _forget_inflight(self, packet_id: int) -> None:
         del self.inflight[packet_id]
         self.store.delete_inflight(self.client_id, packet_id)
@@ -465,3 +546,4 @@ class PersistentSession(Session):
         self.queue.clear()
         self.queue_bytes = 0
         set.clear(self.inbound_qos2)
+        self.reread = None

@@ -1,10 +1,16 @@
 """Admin API (``server.admin.addr``, default ``127.0.0.1:8082``): stats, sessions, subscriptions,
 retained messages, config reload. ``fluxmq/http/openapi.yaml`` documents every endpoint.
 
-Authentication: ``Authorization: Bearer <token>`` with the token from the environment variable
-``FLUXMQ_ADMIN_TOKEN``; a request without it (or with another) gets 401. Without a token the API is
-open, which is allowed only on a loopback address (``check_admin_exposure`` refuses anything else
-at start).
+Authentication: ``Authorization: Bearer <token>`` with the token read from the file
+``server.admin.token_file`` (re-read on every reload: SIGHUP or ``POST /reload`` rotate it) or from
+the environment variable ``FLUXMQ_ADMIN_TOKEN``; a request without it (or with another) gets 401.
+Without a token only reads are open, and only on a loopback address (``check_admin_exposure``
+refuses anything else at start); every state-changing call (POST, DELETE) is refused with 403.
+
+A browser can reach a loopback API too (a page's cross-origin form POST, or DNS rebinding a name to
+127.0.0.1), so every request is also checked for what a browser cannot forge: the ``Host`` header
+must be an IP literal, ``localhost`` or a name in ``server.admin.allowed_hosts`` (else 421), and a
+state-changing request with an ``Origin`` other than the API's own is refused (403).
 
 Client ids and topics in paths are percent-encoded (``/sessions/a%2Fb`` is client ``a/b``); the
 raw request path is split before decoding, so ``%2F`` never splits a path segment.
@@ -15,19 +21,23 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
+
+import gevent
 
 from fluxmq import __version__
 from fluxmq._core.trie import validate_filter
 from fluxmq.broker.session import EXPIRY_NEVER, Session
 from fluxmq.config import parse_addr
-from fluxmq.errors import ConfigError, TopicFilterInvalid
+from fluxmq.errors import ConfigError, StorageError, TopicFilterInvalid
 from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query
 from fluxmq.http.router import json_response
+from fluxmq.http.walk import SLICE, page, session_totals, sorted_sessions
 
 log = logging.getLogger("fluxmq.http.admin")
 
@@ -36,6 +46,11 @@ SPEC_PATH = Path(__file__).with_name("openapi.yaml")
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100000
 _AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="fluxmq-admin"'}
+# Methods that change state: a browser can send these cross-origin without a preflight (a form POST).
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+NO_TOKEN_MESSAGE = (f"state-changing calls need an admin token: set server.admin.token_file (a file "
+                    f"holding the token; generate one with: python -c 'import secrets; "
+                    f"print(secrets.token_urlsafe(32))') or {TOKEN_ENV}")
 
 
 def is_loopback(host: str) -> bool:
@@ -55,7 +70,53 @@ def check_admin_exposure(addr: str, token: str | None) -> None:
     host, _ = parse_addr(addr)
     if not is_loopback(host):
         raise ConfigError("server.admin.addr", f"a loopback address (127.0.0.1, [::1], localhost) unless "
-                          f"{TOKEN_ENV} is set", got=addr)
+                          f"server.admin.token_file or {TOKEN_ENV} is set", got=addr)
+
+
+def read_token_file(path: str) -> str:
+    """The admin token in ``path`` (its first line, blanks stripped); ``ConfigError`` when unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("server.admin.token_file", "a readable file holding the admin token",
+                          got=path, problem=f"cannot read {path!r}: {exc}") from None
+    if not token:
+        raise ConfigError("server.admin.token_file", "a file whose first line is the admin token",
+                          got=path, problem=f"{path!r} holds no token on its first line")
+    return token
+
+
+def admin_token(config: Any, environ: Mapping[str, str]) -> str | None:
+    """The admin token in force: ``server.admin.token_file``'s, else ``FLUXMQ_ADMIN_TOKEN``, else None.
+
+    Setting both is a ``ConfigError``: only the file can be rotated, and two sources would leave it
+    unclear which one a rotation changed."""
+    path = config.server.admin.token_file
+    env_token = environ.get(TOKEN_ENV) or None
+    if path:
+        if env_token is not None:
+            raise ConfigError("server.admin.token_file", f"either it or {TOKEN_ENV}, not both", got=path)
+        return read_token_file(path)
+    return env_token
+
+
+def host_allowed(host_header: str, allowed_names: Iterable[str]) -> bool:
+    """Is ``Host`` one a DNS rebinding attack cannot produce: an IP literal, localhost, or a configured name?"""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if not host:
+        return False
+    if host.rstrip(".") == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return host.rstrip(".") in allowed_names
 
 
 def _timestamp(value: float) -> float | None:
@@ -119,11 +180,13 @@ class AdminAPI:
     """
 
     def __init__(self, service: Any, token: str | None, reload: Callable[[], dict] | None = None,
-                 bridge: Any = None) -> None:
+                 bridge: Any = None, allowed_hosts: Iterable[str] = (), addr: str = "") -> None:
         self.service = service
+        self.addr = addr  # the address served (a reload cannot move it: it may not drop the token off loopback)
         self.bridge = bridge
         self._token = token.encode() if token else None
         self._reload = reload
+        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in allowed_hosts)
         self._routes: list[tuple[str, str, Callable[[dict, list[str]], tuple]]] = [
             ("GET", "stats", self.stats),
             ("GET", "sessions", self.list_sessions),
@@ -145,8 +208,24 @@ class AdminAPI:
 
     # -- dispatch --------------------------------------------------------------------------------
 
+    def set_token(self, token: str | None) -> None:
+        """Put a new token in force (a reload rotated it); the old one is refused from the next request."""
+        self._token = token.encode() if token else None
+
+    def reload_hook(self, config: Any) -> set[str]:
+        """A ``BrokerService`` reload hook: read the token (file) again and take the allowed hosts.
+
+        Raises ``ConfigError`` (an unreadable or empty token file); the old token then stays in force."""
+        token = admin_token(config, os.environ)
+        check_admin_exposure(self.addr, token)
+        self.set_token(token)
+        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in config.server.admin.allowed_hosts)
+        log.info("admin_token_reloaded", extra={"token": "set" if token else "none"})
+        return {"server.admin.token_file", "server.admin.allowed_hosts"}
+
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         try:
+            self._check_browser(environ)
             self._authenticate(environ)
             segments = self._segments(environ)
             if segments == ["openapi.yaml"]:
@@ -155,6 +234,26 @@ class AdminAPI:
         except HTTPError as err:
             result = err.response()
         return json_response(start_response, *result)
+
+    def _check_browser(self, environ: dict) -> None:
+        """Refuse what only a browser tricked by another site sends: a foreign ``Host`` (DNS
+        rebinding) or, on a state-changing request, a foreign ``Origin`` (cross-site POST)."""
+        host = environ.get("HTTP_HOST")
+        if host is not None and not host_allowed(host, self.allowed_hosts):
+            log.warning("admin_host_refused", extra={"host": host[:200], "peer": environ.get("REMOTE_ADDR", "")})
+            raise HTTPError(421, f"Host {host[:200]!r} is not an address of this API (an IP address, localhost "
+                                 "or a name in server.admin.allowed_hosts)")
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        if method not in STATE_CHANGING:
+            return
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is not None:
+            _, _, origin_host = origin.partition("://")
+            if origin_host.lower() != (host or "").lower():
+                log.warning("admin_origin_refused", extra={"origin": origin[:200], "peer": environ.get("REMOTE_ADDR", "")})
+                raise HTTPError(403, f"cross-origin request from {origin[:200]!r} refused")
+        if self._token is None:
+            raise HTTPError(403, NO_TOKEN_MESSAGE)
 
     def _authenticate(self, environ: dict) -> None:
         if self._token is None:
@@ -206,11 +305,7 @@ class AdminAPI:
                        for listener in getattr(self.service, "listeners", ())}
         if self.bridge is not None:
             by_listener["http_sse"] = len(self.bridge.streams)
-        queued = queued_bytes = inflight = 0
-        for session in broker.sessions.values():
-            queued += len(session.queue)
-            queued_bytes += session.queue_bytes
-            inflight += len(session.inflight)
+        queued, queued_bytes, inflight, _ = session_totals(broker.sessions)  # in slices: the hub keeps running
         sessions = len(broker.sessions)
         return 200, {
             "version": __version__,
@@ -231,16 +326,26 @@ class AdminAPI:
         }
 
     def list_sessions(self, environ: dict, args: list[str]) -> tuple:
+        """Sessions by client id, one page: ``after`` (a cursor: the last client id of the previous
+        page, returned as ``next``) or ``offset``. Never sorts every session in one hub turn
+        (``fluxmq.http.walk``)."""
         params = query(environ)
-        _only(params, {"connected", "limit", "offset"})
+        _only(params, {"connected", "limit", "offset", "after"})
         limit, offset = _limit(params)
         connected = one_param(params, "connected")
-        sessions = sorted(self.broker.sessions.values(), key=lambda s: s.client_id)
+        after = one_param(params, "after")
+        keep = None
         if connected is not None:
             want = _flag(connected, "connected")
-            sessions = [s for s in sessions if (s.delivery is not None) == want]
-        page = sessions[offset:offset + limit]
-        return 200, {"total": len(sessions), "sessions": [session_summary(s) for s in page]}
+
+            def keep(session: Session) -> bool:
+                return (session.delivery is not None) == want
+        total, ordered = sorted_sessions(self.broker.sessions, keep, after)
+        rows = page(ordered, offset, limit + 1)
+        body: dict[str, Any] = {"total": total, "sessions": [session_summary(s) for s in rows[:limit]]}
+        if limit and len(rows) > limit:
+            body["next"] = rows[limit - 1].client_id
+        return 200, body
 
     def _session(self, client_id: str) -> Session:
         session = self.broker.sessions.get(client_id)
@@ -266,11 +371,31 @@ class AdminAPI:
         limit, offset = _limit(params)
         client_id = one_param(params, "client_id")
         if client_id is not None:
-            sessions = [self._session(client_id)]
-        else:
-            sessions = sorted(self.broker.sessions.values(), key=lambda s: s.client_id)
-        subs = [subscription_json(s.client_id, sub) for s in sessions for sub in s.subscriptions.values()]
-        return 200, {"total": len(subs), "subscriptions": subs[offset:offset + limit]}
+            session = self._session(client_id)
+            subs = [subscription_json(session.client_id, sub) for sub in session.subscriptions.values()]
+            return 200, {"total": len(subs), "subscriptions": subs[offset:offset + limit]}
+        count = [0]
+
+        def keep(session: Session) -> bool:
+            n = len(session.subscriptions)
+            count[0] += n
+            return n > 0
+        _, ordered = sorted_sessions(self.broker.sessions, keep)
+        out: list[dict[str, Any]] = []
+        skip = offset
+        for index, session in enumerate(ordered):
+            if len(out) >= limit:
+                break
+            if index and index % SLICE == 0:
+                gevent.sleep(0)  # skipping far into the list: let the hub run
+            subs = session.subscriptions
+            if skip >= len(subs):
+                skip -= len(subs)
+                continue
+            for sub in list(subs.values())[skip:skip + limit - len(out)]:
+                out.append(subscription_json(session.client_id, sub))
+            skip = 0
+        return 200, {"total": count[0], "subscriptions": out}
 
     def list_retained(self, environ: dict, args: list[str]) -> tuple:
         params = query(environ)
@@ -296,6 +421,10 @@ class AdminAPI:
         topic = args[0]
         if not self.broker.retained.delete(topic):
             raise HTTPError(404, f"no retained message on {topic!r}")
+        try:
+            self.broker.wait_committed()  # answer once the deletion is committed
+        except StorageError:
+            raise HTTPError(503, "storage error: the deletion was not committed") from None
         log.info("admin_retained_deleted", extra={"topic": topic})
         return 200, {"topic": topic, "deleted": True}
 

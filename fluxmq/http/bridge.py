@@ -7,9 +7,11 @@ Endpoints (``server.http.plain.addr``)::
     GET  /retained/{topic...}     the retained message of one topic (404 when none)
     GET  /subscribe?filter=F      server-sent events, one ``message`` event per delivery (filter repeatable)
 
-Errors are JSON ``{"error": "..."}`` with 400 (bad JSON, topic, encoding, QoS, property), 403
-(``$SYS`` topics belong to the broker), 404, 405, 413 (body over ``max_body_size`` or payload over
-``broker.max_message_size``) and 503 (the broker is shutting down, or its storage is full).
+Errors are JSON ``{"error": "..."}`` with 400 (bad JSON, nested too deeply included, topic,
+encoding, QoS, property), 403 (``$SYS`` topics belong to the broker), 404, 405, 413 (body over
+``max_body_size`` or payload over ``broker.max_message_size``), 429 (a stream past
+``max_streams`` or ``max_streams_per_user``, with ``Retry-After``) and 503 (the broker is shutting
+down, its storage is full, or for ``/subscribe`` it holds ``broker.max_sessions`` sessions).
 
 Authentication and ACLs are the MQTT listeners' (``broker.auth``): credentials come as HTTP Basic
 (401 with a ``WWW-Authenticate`` challenge when they are missing and required, or wrong); the
@@ -26,6 +28,12 @@ An SSE stream is a broker client like an MQTT connection: a session with a gener
 ``sse_queue_full`` when the reader is slow), so a slow reader never stalls publishers; the stream
 is at-most-once. Comment lines every ``sse_heartbeat`` make a write fail on a dead client, which ends
 the stream and removes its session.
+
+Each open stream holds one greenlet of the listener's pool until it ends, so streams are bounded:
+``max_streams`` in all and ``max_streams_per_user`` per owner (the user name, or for anonymous
+requests the client's IP address). The pool is sized ``max_streams`` plus gunicorn's
+``worker_connections``, so publishes and retained reads are still served with every stream slot
+taken.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from fluxmq.broker.message import (
     USER_PROPERTY,
     Message,
 )
-from fluxmq.errors import QuotaExceeded, TopicFilterInvalid, TopicNameInvalid
+from fluxmq.errors import QuotaExceeded, StorageError, TopicFilterInvalid, TopicNameInvalid
 from fluxmq.http.router import Router, json_response
 
 log = logging.getLogger("fluxmq.http.bridge")
@@ -65,6 +73,7 @@ PUBLISH_FIELDS = frozenset({"topic", "payload", "payload_encoding", "qos", "reta
 MAX_EXPIRY = 0xFFFFFFFF
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
+RETRY_AFTER_SECONDS = 5  # what a 429 for a stream over its bound suggests
 
 
 class HTTPError(Exception):
@@ -96,20 +105,24 @@ def json_handler(fn: Callable[[dict], tuple]) -> Callable[[dict], tuple]:
 class BridgeSettings:
     """The bridge's knobs (``server.http.plain`` and ``broker.max_message_size``); reloadable."""
 
-    __slots__ = ("max_body_size", "max_message_size", "sse_heartbeat", "sse_queue_size")
+    __slots__ = ("max_body_size", "max_message_size", "sse_heartbeat", "sse_queue_size", "max_streams",
+                 "max_streams_per_user")
 
     def __init__(self, max_body_size: int = 1 << 20, max_message_size: int = 1 << 20,
-                 sse_heartbeat: float = 15.0, sse_queue_size: int = 1000) -> None:
+                 sse_heartbeat: float = 15.0, sse_queue_size: int = 1000, max_streams: int = 1000,
+                 max_streams_per_user: int = 100) -> None:
         self.max_body_size = max_body_size
         self.max_message_size = max_message_size
         self.sse_heartbeat = sse_heartbeat
         self.sse_queue_size = sse_queue_size
+        self.max_streams = max_streams
+        self.max_streams_per_user = max_streams_per_user
 
     @classmethod
     def from_config(cls, config: Any) -> BridgeSettings:
         plain = config.server.http.plain
         return cls(plain.max_body_size, config.broker.max_message_size, plain.sse_heartbeat,
-                   plain.sse_queue_size)
+                   plain.sse_queue_size, plain.max_streams, plain.max_streams_per_user)
 
 
 # -- request helpers (the admin API uses them too) -------------------------------------------------
@@ -288,9 +301,10 @@ class SSEStream:
 
     listener = "http_sse"
 
-    def __init__(self, client_id: str, queue_size: int, broker: Broker, peer: str = "") -> None:
+    def __init__(self, client_id: str, queue_size: int, broker: Broker, peer: str = "", owner: str = "") -> None:
         self.client_id = client_id
         self.peer = peer
+        self.owner = owner  # what max_streams_per_user counts by: "user:NAME" or "addr:IP"
         self.queue: deque = deque()
         self.queue_size = queue_size
         self.broker = broker
@@ -376,6 +390,7 @@ class HTTPBridge:
         self.broker = broker
         self.settings = settings or BridgeSettings()
         self.streams: set[SSEStream] = set()
+        self.stream_owners: dict[str, int] = {}  # owner -> open streams (max_streams_per_user)
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
         router = Router()
         router.add("/publish", self._counted("publish", json_handler(self._publish_json)), methods=("POST",))
@@ -391,13 +406,21 @@ class HTTPBridge:
         """Apply the reloadable keys of a new config (a ``BrokerService`` reload hook); returns them.
 
         ``broker.max_message_size`` is kept: the MQTT listeners apply it only at start, and both
-        front ends must refuse the same messages.
+        front ends must refuse the same messages. ``max_streams`` is kept too: the listener's
+        greenlet pool was sized from it at start (``pool_size``).
         """
         new = BridgeSettings.from_config(config)
         new.max_message_size = self.settings.max_message_size
+        new.max_streams = self.settings.max_streams
         self.settings = new
         return {"server.http.plain.max_body_size", "server.http.plain.sse_heartbeat",
-                "server.http.plain.sse_queue_size"}
+                "server.http.plain.sse_queue_size", "server.http.plain.max_streams_per_user"}
+
+    def pool_size(self, request_slots: int) -> int:
+        """Greenlets a bridge listener needs: one per possible stream, plus ``request_slots``
+        (gunicorn's ``worker_connections``) for everything else, so streams at their bound never
+        keep a publish waiting for a greenlet."""
+        return self.settings.max_streams + request_slots
 
     def _count(self, endpoint: str, status: int) -> None:
         key = (endpoint, status)
@@ -439,8 +462,8 @@ class HTTPBridge:
     def _authenticate(self, environ: dict) -> str | None:
         """The request's user name (None: anonymous); 401 when the broker's authentication refuses it."""
         auth = self.broker.auth
-        if auth is None:
-            return None
+        if auth is None or not auth.reads_user_names:
+            return None  # nothing asks who the client is (limits alone): credentials are ignored
         username = password = None
         header = environ.get("HTTP_AUTHORIZATION") or ""
         if header:
@@ -482,6 +505,10 @@ class HTTPBridge:
         except QuotaExceeded:
             # The store is full: the message would have to be stored and cannot be (MQTT 5.0 0x97).
             raise HTTPError(503, "storage full: the message was not accepted") from None
+        try:
+            self.broker.wait_committed()  # 200 only once what it stored is committed, like a PUBACK
+        except StorageError:
+            raise HTTPError(503, "storage error: the message was not committed") from None
         return 200, {"status": "published", "topic": topic, "qos": qos, "retain": retain,
                      "deliveries": deliveries}
 
@@ -494,6 +521,8 @@ class HTTPBridge:
             doc = json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+        except RecursionError:  # the parser recurses per level: 100,000 "[" would be a 500
+            raise HTTPError(400, "body is not valid JSON: nested too deeply") from None
         if not isinstance(doc, dict):
             raise HTTPError(400, "body must be a JSON object")
         unknown = sorted(set(doc) - PUBLISH_FIELDS)
@@ -564,7 +593,9 @@ class HTTPBridge:
             if not filters:
                 raise HTTPError(400, "at least one filter parameter is required")
             peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
-            body = self._open_stream(filters, peer, self._authenticate(environ))
+            username = self._authenticate(environ)
+            owner = f"user:{username}" if username is not None else f"addr:{environ.get('REMOTE_ADDR', '')}"
+            body = self._open_stream(filters, peer, username, owner)
         except HTTPError as err:
             self._count("subscribe", err.status)
             return json_response(start_response, *err.response())
@@ -573,20 +604,36 @@ class HTTPBridge:
                                   ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
         return body
 
-    def _open_stream(self, filters: list[str], peer: str = "", username: str | None = None) -> _StreamBody:
+    def _open_stream(self, filters: list[str], peer: str = "", username: str | None = None,
+                     owner: str = "") -> _StreamBody:
         broker = self.broker
         settings = self.settings
         client_id = SSE_CLIENT_PREFIX + uuid.uuid4().hex
-        if broker.auth is not None:
-            for f in filters:
-                code = broker.auth.check_subscribe(client_id, username, f)
-                if code:
-                    raise HTTPError(403 if code == 0x87 else 400, f"not authorized to subscribe to {f!r}"
-                                    if code == 0x87 else f"filter {f!r} is over limits.max_topic_*")
-        stream = SSEStream(client_id, settings.sse_queue_size, broker, peer)
-        session, _ = broker.open_session(client_id, True, 0, None, username)
+        auth = broker.auth
+        try:
+            if auth is not None:
+                for f in filters:
+                    code = auth.check_subscribe(client_id, username, f)
+                    if code:
+                        raise HTTPError(403 if code == 0x87 else 400, f"not authorized to subscribe to {f!r}"
+                                        if code == 0x87 else f"filter {f!r} is over limits.max_topic_*")
+            # Checked after the ACL (which may wait on the HTTP service) and taken without a greenlet
+            # switch in between, so concurrent requests cannot overshoot the bounds.
+            self._check_stream_bounds(owner)
+        except HTTPError:
+            if auth is not None:
+                auth.forget(client_id)  # the checks compiled this one-off client id's ACL
+            raise
+        stream = SSEStream(client_id, settings.sse_queue_size, broker, peer, owner)
+        try:
+            session, _ = broker.open_session(client_id, True, 0, None, username)
+        except QuotaExceeded as exc:  # broker.max_sessions
+            if auth is not None:
+                auth.forget(client_id)
+            raise HTTPError(503, str(exc)) from None
         broker.attach(session, stream, 0)
         self.streams.add(stream)
+        self.stream_owners[owner] = self.stream_owners.get(owner, 0) + 1
         try:
             results = [broker.subscribe(session, f, 0) for f in filters]
         except TopicFilterInvalid as exc:
@@ -598,10 +645,26 @@ class HTTPBridge:
         log.debug("sse_open", extra={"client_id": client_id, "peer": peer, "filters": ",".join(filters)})
         return _StreamBody(self, stream, session, settings.sse_heartbeat)
 
+    def _check_stream_bounds(self, owner: str) -> None:
+        settings = self.settings
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        if len(self.streams) >= settings.max_streams:
+            raise HTTPError(429, f"too many streams: server.http.plain.max_streams ({settings.max_streams}) "
+                                 "are open", retry)
+        if self.stream_owners.get(owner, 0) >= settings.max_streams_per_user:
+            raise HTTPError(429, f"too many streams for {owner.partition(':')[2]!r}: "
+                                 f"server.http.plain.max_streams_per_user ({settings.max_streams_per_user})"
+                                 " are open", retry)
+
     def _end_stream(self, stream: SSEStream, session: Any) -> None:
         if stream not in self.streams:
             return
         self.streams.discard(stream)
+        left = self.stream_owners.get(stream.owner, 0) - 1
+        if left > 0:
+            self.stream_owners[stream.owner] = left
+        else:
+            self.stream_owners.pop(stream.owner, None)
         stream.closed = True
         self.broker.close_session(session, stream, False)
         log.debug("sse_closed", extra={"client_id": stream.client_id, "dropped": stream.dropped})

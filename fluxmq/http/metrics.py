@@ -1,7 +1,8 @@
 """Prometheus ``/metrics``: a collector that reads the broker's plain counters at scrape time.
 
 Nothing here runs per message. The broker keeps plain integer counters (``BrokerStats``), and its
-sessions, retained store and router are read when Prometheus scrapes; the publish-to-delivery
+sessions (walked in slices that yield to the hub, ``fluxmq.http.walk``), retained store and router
+are read when Prometheus scrapes; the publish-to-delivery
 latency histogram is sampled by the broker (1 publish in 64) into fixed integer buckets, which the
 collector turns into a Prometheus histogram. The exporter therefore needs no prometheus-client
 ``Counter`` on the hot path at all (if one is ever added, pre-bind its label children: ``labels()``
@@ -28,6 +29,7 @@ from prometheus_client.registry import Collector
 from fluxmq import __version__
 from fluxmq.broker.stats import LATENCY_BUCKETS, LATENCY_SAMPLE_MASK
 from fluxmq.http.router import json_response
+from fluxmq.http.walk import session_totals
 
 QOS_LABELS = ("0", "1", "2")
 
@@ -112,14 +114,8 @@ class BrokerCollector(Collector):
         by_state.add_metric(["connected"], online)
         by_state.add_metric(["offline"], max(0, len(sessions) - online))
         yield by_state
-        queued = queued_bytes = inflight = deepest = 0
-        for session in sessions.values():
-            depth = len(session.queue)
-            queued += depth
-            queued_bytes += session.queue_bytes
-            inflight += len(session.inflight)
-            if depth > deepest:
-                deepest = depth
+        # Summed in slices that yield to the hub: a scrape never stalls clients for the whole walk.
+        queued, queued_bytes, inflight, deepest = session_totals(sessions)
         yield GaugeMetricFamily("fluxmq_session_queue_messages", "Messages waiting in session queues.", value=queued)
         yield GaugeMetricFamily("fluxmq_session_queue_bytes", "Bytes waiting in session queues.", value=queued_bytes)
         yield GaugeMetricFamily("fluxmq_session_queue_max_messages", "Depth of the longest session queue.",

@@ -1,9 +1,9 @@
 """The node process: a gunicorn arbiter supervising one ``BrokerWorker`` (gevent) that hosts the broker.
 
-The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for ``server.worker_timeout``
-seconds), halts when the worker cannot boot (the broker could not start), and on SIGTERM, SIGINT
-or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``; SIGHUP reloads
-the configuration into the running worker.
+The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for
+``server.worker_timeout``), halts when the worker cannot boot (the broker could not start), and on
+SIGTERM, SIGINT or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``;
+SIGHUP reloads the configuration into the running worker.
 
 The HTTP surfaces (health with ``/metrics``, the HTTP bridge, the admin API) are gunicorn binds, one
 socket each, made by the arbiter; the worker serves each socket with its own WSGI app. Binding in
@@ -30,23 +30,19 @@ from gunicorn.arbiter import Arbiter
 
 from fluxmq.config import parse_addr
 from fluxmq.errors import ConfigError
-from fluxmq.http.admin import TOKEN_ENV as ADMIN_TOKEN_ENV
-from fluxmq.http.admin import AdminAPI, check_admin_exposure
+from fluxmq.http.admin import AdminAPI, admin_token, check_admin_exposure
 from fluxmq.http.bridge import BridgeSettings, HTTPBridge
 from fluxmq.http.health import make_health_app
 from fluxmq.http.metrics import make_metrics_app, make_registry
+from fluxmq.http.router import json_response
 from fluxmq.log import setup_logging
 from fluxmq.node.worker import BrokerWorker
 from fluxmq.transport.tls import TLSHandshake, server_context
 
 log = logging.getLogger("fluxmq.node")
 
-# Seconds without a heartbeat before the arbiter kills the worker (its hub is blocked); the
-# default of server.worker_timeout.
-WORKER_TIMEOUT = 30
-# The worker beats every second (fluxmq.node.worker.HEARTBEAT_INTERVAL): a shorter timeout than two
-# beats would kill a healthy worker.
-MIN_WORKER_TIMEOUT = 2.0
+# Seconds without a heartbeat before the arbiter kills the worker (its hub is blocked).
+WORKER_TIMEOUT = 30  # the default of server.worker_timeout (seconds)
 
 
 def stop_margins(shutdown_timeout: float) -> tuple[float, float]:
@@ -101,6 +97,23 @@ def _https_handshake(config: Any, surface: str) -> TLSHandshake | None:
     context = server_context(section, config.get(section), lambda leaf: config.origin(f"{section}.{leaf}"),
                              require_client_cert=surface == "http_mtls")
     return TLSHandshake(context, config.server.connect_timeout, surface)
+
+
+class _Starting:
+    """The health source while the store loads: alive, not ready."""
+
+    @staticmethod
+    def is_ready() -> dict[str, tuple[bool, str]]:
+        return {"broker": (False, "starting"), "storage": (False, "loading")}
+
+    @staticmethod
+    def session_count() -> int:
+        return 0
+
+
+def _starting_app(environ: dict, start_response: Callable) -> list[bytes]:
+    return json_response(start_response, 503, {"error": "the node is starting: its store is loading"},
+                         {"Retry-After": "1"})
 
 
 class NodeLogger(glogging.Logger):
@@ -183,17 +196,16 @@ class NodeApplication(BaseApplication):
         self.service_factory = service_factory
         # Loads the configuration again from the same sources (reload); None: the start config.
         self.config_loader = config_loader
-        self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        self.admin_token = admin_token(config, os.environ)
         check_admin_exposure(config.server.admin.addr, self.admin_token)
+        from fluxmq.node.service import check_anonymous_exposure
+        check_anonymous_exposure(config)
         self.surfaces = http_surfaces(config)
         # TLS of the HTTPS bridge listeners, built here so a bad certificate stops the node at once.
         self.handshakes = [_https_handshake(config, name) for name, _ in self.surfaces]
         self.shutdown_timeout = float(config.server.shutdown_timeout)
-        self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self.worker_timeout = float(config.server.worker_timeout)
-        if 0 < self.worker_timeout < MIN_WORKER_TIMEOUT:
-            raise ConfigError("server.worker_timeout", f"0 or at least {MIN_WORKER_TIMEOUT:g}s",
-                              got=config.server.worker_timeout)
+        self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
         super().__init__(prog="fluxmq-node")
@@ -211,7 +223,7 @@ class NodeApplication(BaseApplication):
             "bind": self._bind(),
             "workers": 1,
             "worker_class": BrokerWorker,
-            "timeout": max(1, math.ceil(self.worker_timeout)) if self.worker_timeout else 0,
+            "timeout": max(1, math.ceil(self.worker_timeout)),
             "graceful_timeout": max(1, math.ceil(self.grace)),
             "keepalive": 2,
             "logger_class": NodeLogger,
@@ -224,7 +236,6 @@ class NodeApplication(BaseApplication):
         # gunicorn validates graceful_timeout as an int but only ever adds it to time.time(), so
         # keep the exact grace: the node must be gone within server.shutdown_timeout.
         self.cfg.settings["graceful_timeout"].value = self.grace
-        self.cfg.settings["timeout"].value = self.worker_timeout  # same for timeout
 
     def load(self) -> Callable:
         raise RuntimeError("BrokerWorker builds the WSGI apps around its BrokerService (make_wsgi_apps)")
@@ -246,8 +257,24 @@ class NodeApplication(BaseApplication):
             elif name.startswith("http"):
                 apps.append(bridge)  # one bridge (and one SSE stream registry) for plain and TLS
             else:
-                apps.append(AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge))
+                admin = AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge,
+                                 config.server.admin.allowed_hosts, config.server.admin.addr)
+                # SIGHUP and POST /reload re-read the token file: rotation without a restart
+                service.reload_hooks.append(admin.reload_hook)
+                apps.append(admin)
         return apps or [make_health_app(service)]  # the private unix socket
+
+    def make_starting_apps(self) -> list[Callable]:
+        """The apps served while the worker loads the store (before ``make_wsgi_apps``): health
+        says alive (``/health`` 200) and not ready (``/ready`` 503, storage "loading"), the other
+        surfaces answer 503 with ``Retry-After``."""
+        def health() -> Callable:
+            app = make_health_app(_Starting())
+            app.mount("/metrics", _starting_app)
+            return app
+
+        apps: list[Callable] = [health() if name == "health" else _starting_app for name, _ in self.surfaces]
+        return apps or [health()]
 
     def load_fresh_config(self) -> Any:
         """The configuration loaded again from the node's sources (the start config without a loader)."""

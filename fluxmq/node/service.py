@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
+
+import gevent
 
 from fluxmq.auth.limits import PublishLimits
 from fluxmq.auth.service import AuthService, AuthSettings
@@ -13,6 +18,7 @@ from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
 from fluxmq.config import SCHEMA, parse_addr
+from fluxmq.errors import ConfigError
 from fluxmq.log import setup_logging
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
@@ -25,6 +31,44 @@ log = logging.getLogger("fluxmq.node")
 
 # broker.* keys of the shared SessionLimits: every session reads them per message, so they apply at once.
 RELOADABLE_LIMITS = frozenset({"broker.max_queued_messages", "broker.max_queued_bytes", "broker.queue_overflow"})
+
+
+#: sessions (and retained messages) restored between two yields to the hub: about 10 ms of work
+RESTORE_SLICE = 500
+#: a store with this many sessions and retained messages is frozen out of the cyclic collector
+FREEZE_ABOVE = 10_000
+
+
+def load_and_restore(storage: Storage, broker: Broker) -> None:
+    """Load the store in the hub's threadpool and rebuild it in the broker in slices, yielding to
+    the hub between them: however large the store, the hub keeps running (above all the worker's
+    heartbeat to the arbiter, which would otherwise kill and restart the worker in a loop)."""
+    # Start-up creates millions of long-lived objects: a cyclic collection meanwhile finds no
+    # garbage and holds the GIL (and so the hub) for hundreds of milliseconds each time.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    large = False
+    try:
+        if storage.durable:
+            state = gevent.get_hub().threadpool.apply(storage.load)
+        else:
+            state = storage.load()
+        large = len(state.sessions) + len(state.retained) >= FREEZE_ABOVE
+        broker.restore(state, pause=_yield_to_hub, slice_size=RESTORE_SLICE)
+        del state
+    finally:
+        if large:
+            # What start-up built lives as long as its sessions: out of the collector's generations
+            # (still freed by reference counting when a session ends), so neither re-enabling the
+            # collector nor a later full collection walks it while the hub waits.
+            gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
+def _yield_to_hub() -> None:
+    # Not sleep(0): that only runs callbacks, and the loop would not run due timers (the heartbeat).
+    gevent.sleep(0.001)
 
 
 def _flat(config) -> dict[str, Any]:
@@ -46,6 +90,8 @@ def broker_settings(config) -> BrokerSettings:
         retain_available=b.retain_available,
         persistent_max_queued_messages=config.storage.max_queued_messages,
         persistent_max_queued_bytes=config.storage.max_queued_bytes,
+        max_sessions=b.max_sessions,
+        max_session_expiry=math.ceil(b.max_session_expiry),
     )
 
 
@@ -82,6 +128,52 @@ MQTT_LISTENERS = (
 )
 
 
+# Listeners a client reaches without an MQTT or HTTP user name (every MQTT and HTTP bridge listener
+# but the mTLS ones, whose certificate identifies the client).
+ANONYMOUS_SURFACES = (*(section for name, section in MQTT_LISTENERS if name != "mtls"),
+                      "server.http.plain", "server.http.tls")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere
+
+
+def anonymous_exposure(config) -> list[str]:
+    """The address keys of listeners that would take anonymous clients on a non-loopback address
+    although nobody asked for that (``auth.allow_anonymous`` left at ``auto``, no password file and no
+    HTTP auth service). Mosquitto 2 refuses such a setup too; ``check_anonymous_exposure`` stops the
+    node on it."""
+    a = config.auth
+    if a.allow_anonymous != "auto" or a.password_file or a.http.url:
+        return []  # anonymous is decided explicitly, or refused because credentials are configured
+    exposed = []
+    for section in ANONYMOUS_SURFACES:
+        lc = _section(config, section)
+        if not lc.addr:
+            continue
+        if "ca_file" in lc and lc.ca_file and lc.client_auth in ("", "require"):
+            continue  # a verified client certificate is required: not anonymous
+        if not _is_loopback(parse_addr(lc.addr)[0]):
+            exposed.append(f"{section}.addr")
+    return exposed
+
+
+def check_anonymous_exposure(config) -> None:
+    """``ConfigError`` (one line, the node exits 2) when ``anonymous_exposure`` finds a listener."""
+    exposed = anonymous_exposure(config)
+    if exposed:
+        key = exposed[0]
+        raise ConfigError(key, "", got=config.get(key), problem=(
+            f"{config.get(key)!r} takes anonymous clients from the network: bind a loopback address "
+            "(127.0.0.1:PORT), set auth.password_file or auth.http.url, or set auth.allow_anonymous: true "
+            f"to allow it (also: {', '.join(exposed[1:]) or 'no other listener'})"))
+
+
 def stream_factory(config, name: str, section: str):
     """The per-connection handshake of a listener: TLS, WebSocket, both (wss), or None (plain TCP).
 
@@ -106,12 +198,16 @@ def auth_settings(config) -> AuthSettings:
         password_file=a.password_file,
         acl_file=a.acl_file,
         allow_anonymous=None if a.allow_anonymous == "auto" else a.allow_anonymous,
+        bind_client_ids=None if a.bind_client_id_to_username == "auto" else a.bind_client_id_to_username,
         http_url=h.url,
         http_timeout=h.timeout,
         http_acl=h.acl,
         http_cache_ttl=h.cache_ttl,
         http_cache_negative_ttl=h.cache_negative_ttl,
         http_cache_size=h.cache_size,
+        http_ca_file=h.ca_file,
+        http_cert_file=h.cert_file,
+        http_key_file=h.key_file,
         connect_rate=lim.connect_rate,
         connect_burst=lim.connect_burst,
         limits=PublishLimits(publish_rate=lim.publish_rate, publish_burst=lim.publish_burst,
@@ -152,16 +248,16 @@ class BrokerService:
         auth = AuthService(settings) if settings.configured else None
         # A foreign, damaged or newer data directory raises StorageError with one line: the worker
         # logs it and the node exits non-zero (never a silent wipe, never a restart loop).
+        started = time.monotonic()
         self.storage = storage = open_storage(cfg)
-        state = storage.load()
         self.broker = Broker(broker_settings(cfg), storage)
         self.broker.set_auth(auth)
         self.flusher = flusher = FlushScheduler(storage)
-        self.broker.restore(state)
-        del state
+        load_and_restore(storage, self.broker)
         if storage.durable:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()
+        log.info("storage_restored", extra={"start_took": round(time.monotonic() - started, 3)})
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [(name, lc, stream_factory(cfg, name, section)) for name, section, lc in enabled if lc.addr]
         for name, lc, factory in enabled:  # every TLS setting was checked before the first bind
@@ -227,6 +323,9 @@ class BrokerService:
             for key in changed & RELOADABLE_LIMITS:
                 setattr(limits, key.rpartition(".")[2], new[key])
                 applied.add(key)
+            if "broker.max_sessions" in changed:  # read at every new session
+                broker.settings.max_sessions = new["broker.max_sessions"]
+                applied.add("broker.max_sessions")
             if "broker.max_retained_messages" in changed:
                 broker.retained.max_messages = new["broker.max_retained_messages"]
                 applied.add("broker.max_retained_messages")

@@ -23,7 +23,14 @@ from fluxmq.broker import auth_enhanced
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
-from fluxmq.errors import MQTTError, ProtocolError, QuotaExceeded, StorageError, TopicFilterInvalid
+from fluxmq.errors import (
+    MQTTError,
+    NotAuthorized,
+    ProtocolError,
+    QuotaExceeded,
+    StorageError,
+    TopicFilterInvalid,
+)
 
 from .settings import ProtocolSettings
 
@@ -321,7 +328,7 @@ class MQTTConnection:
                 log.exception("close_session_failed", extra={"client_id": self.client_id})
         if self.out and self._writer is None:
             try:
-                self.flusher.ensure_committed()  # the bytes may acknowledge state of this turn
+                self.flusher.ensure_committed(self)  # the bytes may acknowledge state of this turn
                 self.stream.send_all(bytes(self.out), self.settings.close_timeout)
             except (OSError, TimeoutError, gevent.Timeout, StorageError):
                 pass
@@ -398,7 +405,7 @@ class MQTTConnection:
         try:
             while out:
                 n = len(out)
-                self.flusher.ensure_committed()  # the first n bytes acknowledge only committed state
+                self.flusher.ensure_committed(self)  # the first n bytes acknowledge only committed state
                 data = bytes(out[:n])
                 del out[:n]
                 self.stream.send_all(data, self.settings.write_timeout or None)
@@ -542,7 +549,7 @@ class MQTTConnection:
 
     def _close_when_committed(self) -> None:
         try:
-            self.flusher.ensure_committed()
+            self.flusher.ensure_committed(self)
         except StorageError:
             self.out.clear()
         self.flush_nowait()
@@ -553,7 +560,17 @@ class MQTTConnection:
         """The storage could not commit what the buffered output acknowledges: drop it unsent and
         close (5.0 clients get a DISCONNECT with ``reason_code``)."""
         self.out.clear()
-        self.close(reason_code, reason)
+        if self.closed:
+            return
+        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
+        self._send_disconnect(reason_code, reason)
+        self.closed = True
+        if self.session is not None and self.session.delivery is not self:
+            self.session = None
+        # Not close(): it would wait for the failed batch. The DISCONNECT alone acknowledges nothing.
+        self.flush_nowait()
+        if self._writer is None:
+            self.stream.shutdown()
 
     def _send_disconnect(self, reason_code: int, reason: str = "") -> None:
         if self.version == 5 and self.session is not None and not self.closed:
@@ -677,9 +694,20 @@ class MQTTConnection:
         if auth is not None:
             policy = self._policy = auth.policy(client_id, username, self.peer)
             if policy is not None and will is not None and not policy.can_write_will(will.message.topic):
+                if client_id not in broker.sessions:  # no session will forget it: drop its compiled ACL
+                    auth.forget(client_id)
                 self._refuse(RC_NOT_AUTHORIZED, 0x87, "not authorized to publish the will to its topic")
                 return
-        session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
+        try:
+            session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
+        except QuotaExceeded as err:  # broker.max_sessions: a new client id and no room
+            if auth is not None:
+                auth.forget(client_id)  # its ACL was compiled by policy() above
+            self._refuse(RC_SERVER_UNAVAILABLE, err.reason_code, str(err))
+            return
+        except NotAuthorized as exc:  # the client id belongs to another user
+            self._refuse(RC_NOT_AUTHORIZED, 0x87, exc.reason)
+            return
         self.session = session
 
         if version == 5:
@@ -689,6 +717,9 @@ class MQTTConnection:
                 out_props[c.ASSIGNED_CLIENT_IDENTIFIER] = client_id  # [MQTT-3.2.2-16]
             if server_keepalive is not None:
                 out_props[c.SERVER_KEEP_ALIVE] = server_keepalive  # [MQTT-3.2.2-21]
+            if session.expiry_interval != expiry:
+                # Capped by broker.max_session_expiry: the client is told the value in use (MQTT 5.0 3.2.2.3.2).
+                out_props[c.SESSION_EXPIRY_INTERVAL] = session.expiry_interval
             if settings.max_inflight < 65535:
                 out_props[c.RECEIVE_MAXIMUM] = settings.max_inflight
             out_props[c.MAXIMUM_PACKET_SIZE] = settings.max_packet_size
@@ -1029,7 +1060,7 @@ class MQTTConnection:
             if expiry is not None:
                 if self.session.expiry_interval == 0 and expiry != 0:
                     raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")  # MQTT 5.0 3.14.2.2.2
-                self.session.expiry_interval = expiry
+                self.session.expiry_interval = self.broker.capped_expiry(expiry)
                 self.session.persistent = expiry > 0
         self.closed = True
 

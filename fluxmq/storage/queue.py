@@ -140,6 +140,35 @@ class DiskQueue:
             return True
         return False
 
+    def entries(self, start: int, stop: int) -> list[tuple[int, tuple | None, int]]:
+        """``(seq, item, size)`` for each seq in ``[start, stop)``, ``(seq, None, 0)`` where there is
+        no entry: a walk over the queue that leaves it as it is (a shared-subscription hand-over)."""
+        seqs = range(start, stop)
+        out: list[tuple[int, tuple | None, int]] = []
+        factory = self._factory
+        for seq, entry in zip(seqs, self._store.queue_read(self._cid, seqs), strict=True):
+            if entry is None:
+                out.append((seq, None, 0))
+                continue
+            fields, qos, retain, ids, _ = r.decode_entry(entry)
+            out.append((seq, (factory(*fields), qos, retain, ids), len(entry)))
+        return out
+
+    def remove(self, seq: int, size: int) -> None:
+        """Delete the entry at ``seq`` (read by ``entries``, ``size`` bytes) wherever it is: the
+        entries around it stay where they are, so taking one item out writes one delete."""
+        ahead = self._ahead
+        for i, (s, _) in enumerate(ahead):
+            if s == seq:
+                del ahead[i]
+                if i == 0:
+                    self._head = None
+                break
+        self._store.queue_pop(self._cid, seq)
+        if seq == self.first:
+            self.first = seq + 1
+        self._removed(size)
+
     def clear(self) -> None:
         """Forget the index; the caller deletes the entries (``Storage.clear_session_state``)."""
         self._reset()

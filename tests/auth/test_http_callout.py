@@ -1,9 +1,12 @@
 """The HTTP callout against a real HTTP server in a thread: decisions, fail-closed errors, the
-TTL cache (positive, negative, bounded) and stale decisions refreshed in the background."""
+TTL cache (positive, negative, bounded), stale decisions refreshed in the background, the warning
+about passwords sent in clear, and https with a CA file (and a client certificate)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -12,14 +15,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import gevent
 import pytest
 
-from fluxmq.auth.http_callout import ALLOW, DENY, ERROR, DecisionCache, HTTPCallout
+from fluxmq.auth.http_callout import ALLOW, DENY, ERROR, DecisionCache, HTTPCallout, sends_in_clear
 from fluxmq.errors import ConfigError
+from tests.certs import CertAuthority
 
 
 class AuthServer:
     """A tiny auth service: ``decide(doc) -> (status, body)``; records every request it got."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[dict] = []
         self.delay = 0.0
         self.decide = lambda doc: (200, {"result": "allow" if doc.get("password") == "good" or
@@ -47,7 +51,11 @@ class AuthServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/auth"
+        scheme = "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/auth"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -160,3 +168,90 @@ def test_cache_bounds() -> None:
 def test_bad_url_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="auth.http.url"):
         HTTPCallout("ftp://x/")
+
+
+@pytest.mark.parametrize("url, clear", [
+    ("http://auth.example.com/check", True),
+    ("http://10.0.0.5:8080/auth", True),
+    ("http://user:pw@192.168.1.2/auth", True),
+    ("http://[2001:db8::1]/auth", True),
+    ("http://127.0.0.1:8080/auth", False),
+    ("http://127.8.9.10/auth", False),
+    ("http://[::1]:9000/auth", False),
+    ("http://localhost/auth", False),
+    ("http://LOCALHOST:81/auth", False),
+    ("http://auth.localhost/auth", False),
+    ("https://auth.example.com/check", False),
+])
+def test_plain_http_to_another_host_sends_passwords_in_clear(url: str, clear: bool) -> None:
+    assert sends_in_clear(url) is clear
+
+
+def test_clear_text_url_is_warned_about_once_naming_the_key(caplog) -> None:
+    caplog.set_level(logging.WARNING, "fluxmq.auth.http")
+    HTTPCallout("http://user:secret@auth.example.com:8080/check")
+    lines = [r for r in caplog.records if r.getMessage() == "auth_http_cleartext"]
+    assert len(lines) == 1
+    assert lines[0].key == "auth.http.url" and lines[0].host == "auth.example.com:8080"
+    assert "secret" not in repr(lines[0].__dict__)
+    caplog.clear()
+    HTTPCallout("http://127.0.0.1:8080/check")
+    HTTPCallout("https://auth.example.com/check")
+    assert not [r for r in caplog.records if r.getMessage() == "auth_http_cleartext"]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    ca = CertAuthority(tmp_path_factory.mktemp("pki"))
+    return ca, ca.issue_server("localhost"), ca.issue_client("fluxmq-node")
+
+
+def _server_context(pki, require_client_cert: bool = False) -> ssl.SSLContext:
+    ca, server, _ = pki
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(server.cert_file, server.key_file)
+    if require_client_cert:
+        ctx.load_verify_locations(ca.cert_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def test_https_service_verified_with_the_ca_file(pki, caplog) -> None:
+    ca, _, _ = pki
+    server = AuthServer(_server_context(pki))
+    try:
+        assert server.url.startswith("https://")
+        assert HTTPCallout(server.url, ca_file=ca.cert_file).authenticate("c", "u", b"good", "p") == ALLOW
+        caplog.set_level(logging.WARNING, "fluxmq.auth.http")
+        unverified = HTTPCallout(server.url, timeout=2.0)  # the system CAs do not know the test CA
+        assert unverified.authenticate("c", "u", b"good", "p") == ERROR
+        failed = [r for r in caplog.records if r.getMessage() == "auth_http_failed"]
+        assert len(failed) == 1
+        assert "certificate verify failed" in failed[0].error and "auth.http.ca_file" in failed[0].error
+        assert len(server.requests) == 1  # the password never reached the unverified service
+    finally:
+        server.close()
+
+
+def test_client_certificate_for_a_service_that_requires_one(pki) -> None:
+    ca, _, client = pki
+    server = AuthServer(_server_context(pki, require_client_cert=True))
+    try:
+        with_cert = HTTPCallout(server.url, ca_file=ca.cert_file, cert_file=client.cert_file,
+                                key_file=client.key_file)
+        assert with_cert.authenticate("c", "u", b"good", "p") == ALLOW
+        assert HTTPCallout(server.url, ca_file=ca.cert_file, timeout=2.0).authenticate("c", "u", b"good", "p") == ERROR
+    finally:
+        server.close()
+
+
+def test_tls_files_are_checked_at_start(pki, tmp_path) -> None:
+    ca, _, client = pki
+    with pytest.raises(ConfigError, match="auth.http.ca_file"):
+        HTTPCallout("https://127.0.0.1/", ca_file=str(tmp_path / "missing.crt"))
+    with pytest.raises(ConfigError, match="auth.http.cert_file"):
+        HTTPCallout("https://127.0.0.1/", cert_file=ca.cert_file)  # no key in it, no key_file
+    with pytest.raises(ConfigError, match="auth.http.key_file"):
+        HTTPCallout("https://127.0.0.1/", key_file=client.key_file)  # a key without a certificate
+    with pytest.raises(ConfigError, match="auth.http.ca_file"):
+        HTTPCallout("http://127.0.0.1/", ca_file=ca.cert_file)  # would be ignored: plain http

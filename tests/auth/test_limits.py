@@ -55,3 +55,16 @@ def test_log_gate_once_per_key_per_interval() -> None:
     assert g.suppressed == 1
     g.allow("x", 62.0)
     assert g.allow("j", 63.0)  # forgotten when the gate was full: allowed again
+
+
+def test_topic_level_cap_counts_levels_at_the_cap_and_one_over() -> None:
+    """limits.max_topic_levels (default 128 in the config): n levels are n-1 separators; empty
+    levels count (MQTT 4.7.1.1: "a//b" has 3), and so do the $share/group prefix's two."""
+    caps = PublishLimits(max_topic_levels=128)
+    assert caps.topic_problem("/".join(["l"] * 128)) is None
+    assert caps.topic_problem("/" * 127) is None  # 128 empty levels
+    assert caps.topic_problem("/" * 128) == "topic with more than 128 levels"
+    assert caps.topic_problem("/".join(["+"] * 128) + "/#") is not None
+    assert caps.topic_problem("$share/g/" + "/".join(["l"] * 126)) is None
+    assert caps.topic_problem("$share/g/" + "/".join(["l"] * 127)) is not None
+    assert caps.active and caps.any_publish_check

@@ -147,3 +147,36 @@ def test_costly_hashes_are_checked_off_the_hub(tmp_path: Path) -> None:
     assert svc.passwords.iterations("slow") == 5000
     assert svc.authenticate("c", "slow", b"x", "p").ok
     assert not svc.authenticate("c", "slow", b"y", "p").ok
+
+
+def test_client_ids_bound_to_user_names_when_user_names_are_verified(files) -> None:
+    """auth.bind_client_id_to_username "auto": on with a password file or an HTTP service."""
+    assert not AuthService(AuthSettings()).binds_client_ids
+    assert not AuthService(AuthSettings(acl_file=files[1])).binds_client_ids  # names unverified
+    assert AuthService(AuthSettings(password_file=files[0])).binds_client_ids
+    assert AuthService(AuthSettings(http_url="http://127.0.0.1:9/auth")).binds_client_ids
+    assert not AuthService(AuthSettings(password_file=files[0], bind_client_ids=False)).binds_client_ids
+    assert AuthService(AuthSettings(bind_client_ids=True)).binds_client_ids
+    bound = AuthService(AuthSettings(password_file=files[0]))
+    assert bound.may_take_over("alice", "alice")
+    assert not bound.may_take_over("alice", "bob")
+    assert not bound.may_take_over("alice", None)  # an anonymous client is another user
+    assert bound.may_take_over(None, "bob")  # no owner: any anonymous client could resume it anyway
+    unbound = AuthService(AuthSettings(password_file=files[0], bind_client_ids=False))
+    assert unbound.may_take_over("alice", "bob")
+
+
+def test_topic_level_cap_alone_is_one_cached_lookup_per_topic() -> None:
+    """The default cap (no ACL, no rate) keeps PUBLISH on the connection's per-topic dict; a long
+    topic is checked without being cached, so a client cannot pin many of them per connection."""
+    svc = AuthService(AuthSettings(limits=PublishLimits(max_topic_levels=128)))
+    pol = svc.policy("c", None)
+    assert pol is not None and pol.fast is pol._topics
+    at, over = "/".join(["ll"] * 128), "/".join(["ll"] * 129)
+    assert pol.check_publish("a/b", 1) == 0 and pol.fast == {"a/b": 0}
+    assert pol.check_publish(at, 1) == 0 and pol.check_publish(over, 1) == 0x97
+    assert set(pol.fast) == {"a/b"}  # 383 and 386 characters: longer than the topics it caches
+    assert pol.check_subscribe(at, 1) == 0 and pol.check_subscribe(over, 1) == 0x97
+    assert pol.can_write_will(at) and not pol.can_write_will(over)
+    assert svc.counters["quota_exceeded"] == 3
+    assert not svc.binds_client_ids and svc.allow_anonymous  # the cap alone changes nothing else

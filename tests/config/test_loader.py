@@ -37,7 +37,7 @@ def error_of(*args, **kwargs) -> ConfigError:
 
 def test_defaults_only() -> None:
     cfg = load_config(env={})
-    assert cfg.server.tcp.plain.addr == ":1883"
+    assert cfg.server.tcp.plain.addr == "127.0.0.1:1883"
     assert cfg.broker.max_queued_bytes == 16 * 1024 * 1024
     assert cfg.server.connect_timeout == 10.0
     assert all(cfg.origin(name) == "default" for name in SCHEMA.keys)
@@ -187,7 +187,7 @@ def test_to_dict_is_plain_nested_data() -> None:
     cfg = load_config(env={}, overrides=["broker.max_inflight=42"])
     d = cfg.to_dict()
     assert d["broker"]["max_inflight"] == 42
-    assert d["server"]["tcp"]["plain"]["addr"] == ":1883"
+    assert d["server"]["tcp"]["plain"]["addr"] == "127.0.0.1:1883"
     assert json.loads(json.dumps(d)) == d
     assert set(d) == {name.split(".")[0] for name in SCHEMA.keys}
 

@@ -90,6 +90,46 @@ def test_admin_answers_401_without_the_token(spec, admin_node: RunningNode, head
     assert body == {"error": "a valid bearer token is required"}
 
 
+def test_admin_refuses_what_a_browser_tricked_by_another_site_sends(spec, admin_node: RunningNode) -> None:
+    """A cross-site form POST carries the attacker's Origin; DNS rebinding carries the attacker's name
+    as Host. Both are refused even with the right token (issue 17 item 11)."""
+    status, body = admin(spec, admin_node, "POST", "/reload", headers={**AUTH, "Origin": "http://evil.example"})
+    assert status == 403 and "cross-origin" in body["error"]
+    status, body = admin(spec, admin_node, "GET", "/stats", headers={**AUTH, "Host": "evil.example"})
+    assert status == 421
+    status, body = admin(spec, admin_node, "POST", "/reload", headers={**AUTH, "Host": "evil.example:8082"})
+    assert status == 421
+    assert "admin_origin_refused" in admin_node.log_text() and "admin_host_refused" in admin_node.log_text()
+
+
+def test_admin_without_a_token_answers_reads_and_refuses_changes(spec, node_factory: NodeFactory) -> None:
+    n = node_factory()
+    assert admin(spec, n, "GET", "/stats", headers=None)[0] == 200
+    for method, path in (("POST", "/reload"), ("DELETE", "/retained/x"), ("POST", "/sessions/c/disconnect")):
+        status, body = admin(spec, n, method, path, headers=None)
+        assert status == 403 and "server.admin.token_file" in body["error"], (method, path, body)
+
+
+def test_sighup_rotates_the_admin_token(spec, node_factory: NodeFactory, tmp_path) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("first-token\n")
+    n = node_factory({"server.admin.token_file": str(token_file)})
+    first, second = {"Authorization": "Bearer first-token"}, {"Authorization": "Bearer second-token"}
+    assert admin(spec, n, "GET", "/stats", headers=first)[0] == 200
+    assert admin(spec, n, "GET", "/stats", headers=second)[0] == 401
+    token_file.write_text("second-token\n")
+    os.kill(n.pid, signal.SIGHUP)
+    assert wait_until(lambda: admin(spec, n, "GET", "/stats", headers=second)[0] == 200, WAIT), n.log_tail()
+    assert admin(spec, n, "GET", "/stats", headers=first)[0] == 401
+    assert admin(spec, n, "POST", "/reload", headers=first)[0] == 401
+    # a token file that became unreadable keeps the token in force
+    token_file.unlink()
+    os.kill(n.pid, signal.SIGHUP)
+    assert wait_until(lambda: "reload_failed" in n.log_text(), WAIT), n.log_tail()
+    assert admin(spec, n, "GET", "/stats", headers=second)[0] == 200
+    assert n.stop() == 0
+
+
 def test_stats_with_the_token(spec, admin_node: RunningNode) -> None:
     with paho_connected(admin_node, unique("stats")):
         status, body = admin(spec, admin_node, "GET", "/stats")
@@ -142,7 +182,8 @@ def test_disconnect_unknown_or_offline(spec, admin_node: RunningNode) -> None:
     assert wait_until(lambda: admin(spec, admin_node, "GET", f"/sessions/{cid}")[1]["connected"] is False, WAIT)
     assert admin(spec, admin_node, "POST", f"/sessions/{cid}/disconnect")[0] == 409
     status, detail = admin(spec, admin_node, "GET", f"/sessions/{cid}")
-    assert status == 200 and detail["connected"] is False and detail["expiry_interval"] is None
+    # a 3.1.1 clean session 0 session expires after broker.max_session_expiry (default 7 days)
+    assert status == 200 and detail["connected"] is False and detail["expiry_interval"] == 7 * 24 * 3600
 
 
 # -- retained --------------------------------------------------------------------------------------
@@ -228,6 +269,16 @@ def test_non_loopback_admin_without_token_refuses_to_start(node_factory: NodeFac
     assert n.wait(30) == 2
     lines = n.log_text().splitlines()
     assert len(lines) == 1 and "server.admin.addr" in lines[0] and "FLUXMQ_ADMIN_TOKEN" in lines[0]
+
+
+@pytest.mark.parametrize("key", ["server.tcp.plain.addr", "server.http.plain.addr"])
+def test_anonymous_listener_on_every_interface_refuses_to_start(node_factory: NodeFactory, key: str) -> None:
+    """Mosquitto 2 refuses anonymous clients on a configured listener; fluxmq refuses to open one to
+    the network without a decision (auth.allow_anonymous) or credentials (issue 17 item 11)."""
+    n = node_factory({key: f":{free_port()}"}, wait_ready=False)
+    assert n.wait(30) == 2
+    lines = n.log_text().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "auth.allow_anonymous: true" in lines[0], lines
 
 
 def test_admin_and_bridge_on_one_port_refuses_to_start(node_factory: NodeFactory) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fluxmq._core import codec as c
+from tests.certs import CertAuthority
 from tests.conftest import REPO_ROOT, NodeFactory, RunningNode
 from tests.e2e.mqttraw import RawClient, unique, wait_until
 
@@ -129,7 +131,7 @@ def test_bad_password_file_stops_the_node_with_one_line(tmp_path: Path) -> None:
 class AuthService:
     """The auth service the node calls: alice/good may connect; topics under ok/ are allowed."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[dict] = []
         self.broken = False
         svc = self
@@ -158,7 +160,11 @@ class AuthService:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/mqtt/auth"
+        scheme = "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/mqtt/auth"
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def count(self, action: str) -> int:
@@ -250,3 +256,37 @@ def test_http_callout_timeout_fails_closed(tmp_path: Path) -> None:
     finally:
         factory.close()
         silent.close()
+
+
+def test_https_callout_verified_with_auth_http_ca_file(node_factory: NodeFactory, tmp_path: Path) -> None:
+    """An https service with a certificate from a private CA: with auth.http.ca_file the node verifies
+    it and authenticates; without, verification fails, the client is refused and one log line says
+    why and which key fixes it. Loopback https: no clear-text warning."""
+    ca = CertAuthority(tmp_path / "pki")
+    server = ca.issue_server("localhost")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(server.cert_file, server.key_file)
+    svc = AuthService(tls)
+    try:
+        assert svc.url.startswith("https://127.0.0.1:")
+        node = node_factory({"auth.http.url": svc.url, "auth.http.ca_file": ca.cert_file, "storage.type": "memory"})
+        assert connack(node, 4, "alice", b"good") == 0
+        assert connack(node, 5, "alice", b"bad") == 0x86
+        assert svc.count("connect") == 2
+        unverified = node_factory({"auth.http.url": svc.url, "storage.type": "memory"})
+        assert connack(unverified, 4, "alice", b"good") == 5
+        assert connack(unverified, 5, "alice", b"good") == 0x87
+        assert svc.count("connect") == 2  # the password never reached a service it could not verify
+        assert wait_until(lambda: "auth_http_failed" in unverified.log_text())
+        failed = [line for line in unverified.log_text().splitlines() if "auth_http_failed" in line]
+        assert len(failed) == 1
+        assert "certificate verify failed" in failed[0] and "auth.http.ca_file" in failed[0]
+        assert "auth_http_cleartext" not in node.log_text() + unverified.log_text()
+    finally:
+        svc.close()
+
+
+def test_plain_http_callout_to_another_host_is_warned_about_at_start(node_factory: NodeFactory) -> None:
+    node = node_factory({"auth.http.url": "http://auth.invalid:8080/mqtt", "storage.type": "memory"})
+    lines = [line for line in node.log_text().splitlines() if "auth_http_cleartext" in line]
+    assert len(lines) == 1 and "auth.http.url" in lines[0], node.log_tail()

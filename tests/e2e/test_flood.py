@@ -72,8 +72,3 @@ def test_qos0_flood_does_not_starve_others_or_the_worker_heartbeat(node_factory:
     assert node.worker_pids() == workers, "the worker was restarted during the flood"
     assert "WORKER TIMEOUT" not in node.log_text()
 
-
-def test_a_short_worker_timeout_is_refused(node_factory: NodeFactory) -> None:
-    node = node_factory({"server.worker_timeout": "1s"}, wait_ready=False)
-    assert node.wait(15) == 2
-    assert "server.worker_timeout" in node.log_text()

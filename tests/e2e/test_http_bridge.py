@@ -11,6 +11,7 @@ import http.client
 import json
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -193,6 +194,86 @@ def test_graceful_stop_ends_sse_streams(node_factory: NodeFactory) -> None:
     with pytest.raises(EOFError):
         stream.event()
     stream.close()
+
+
+# -- bounds (issue 17 item 10) ---------------------------------------------------------------------
+
+def open_raw_streams(node: RunningNode, count: int, deadline: float) -> list[socket.socket]:
+    """``count`` idle ``GET /subscribe`` requests on raw sockets (their answers are not read here)."""
+    socks = []
+    request = b"GET /subscribe?filter=idle%2F%23 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            break
+        sock = socket.create_connection((node.host, node.http_port), timeout=WAIT)
+        sock.sendall(request)
+        socks.append(sock)
+    return socks
+
+
+def status_of(sock: socket.socket) -> int:
+    line = sock.makefile("rb").readline()
+    return int(line.split()[1])
+
+
+def test_idle_streams_cannot_exhaust_the_bridge(node_factory: NodeFactory) -> None:
+    """1,000 idle SSE streams from one address took every greenlet of the bridge's pool: publishes
+    then waited forever. Now the address's streams stop at max_streams_per_user (429) and a publish
+    is still served."""
+    n = node_factory()
+    socks = open_raw_streams(n, 1000, time.monotonic() + 60)
+    try:
+        assert len(socks) == 1000
+        status, body = publish_json(n, {"topic": "still/served", "payload": "x"})
+        assert status == 200, body
+        statuses = [status_of(s) for s in socks]
+        assert statuses.count(200) == 100 and statuses.count(429) == 900  # the default per-user bound
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_publishes_are_served_with_every_stream_slot_taken(node_factory: NodeFactory) -> None:
+    """The bridge's greenlet pool is max_streams + worker_connections: 1,000 streams at the bound
+    leave room for requests."""
+    n = node_factory({"server.http.plain.max_streams_per_user": 1000})
+    socks = open_raw_streams(n, 1000, time.monotonic() + 60)
+    try:
+        assert len(socks) == 1000 and all(status_of(s) == 200 for s in socks)
+        status, headers, _ = http_request(n, "GET", "/subscribe?filter=x")
+        assert status == 429 and headers["retry-after"]
+        status, body = publish_json(n, {"topic": "idle/all", "payload": "x"})
+        assert status == 200 and body["deliveries"] == 1000, body
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_streams_past_the_total_bound_get_429_and_publishes_are_served(node_factory: NodeFactory) -> None:
+    n = node_factory({"server.http.plain.max_streams": 20, "server.http.plain.max_streams_per_user": 1000,
+                      "server.http.plain.sse_heartbeat": "200ms"})
+    socks = open_raw_streams(n, 25, time.monotonic() + 30)
+    try:
+        statuses = [status_of(s) for s in socks]
+        assert statuses.count(200) == 20 and statuses.count(429) == 5
+        status, headers, body = http_request(n, "GET", "/subscribe?filter=x")
+        assert status == 429 and int(headers["retry-after"]) > 0 and "max_streams" in body["error"]
+        status, body = publish_json(n, {"topic": "idle/1", "payload": "x"})
+        assert status == 200 and body["deliveries"] == 20
+    finally:
+        for sock in socks:
+            sock.close()
+    # a gone client's stream ends at its next heartbeat and frees its slot
+    def accepted() -> bool:
+        (sock,) = open_raw_streams(n, 1, time.monotonic() + WAIT)
+        with sock:
+            return status_of(sock) == 200
+    assert wait_until(accepted, WAIT), n.log_tail()
+
+
+def test_deeply_nested_json_is_400(node: RunningNode) -> None:
+    status, _, body = http_request(node, "POST", "/publish", b"[" * 100_000, {"Content-Type": "application/json"})
+    assert status == 400 and "nested" in body["error"]
 
 
 # -- errors ----------------------------------------------------------------------------------------

@@ -173,6 +173,77 @@ def test_topic_caps_on_subscribe(node) -> None:
         assert raw.subscribe(1, ("a/+/+/+/+", 0)).reason_codes == [0x80]
 
 
+# -- the default topic level cap (limits.max_topic_levels: 128), a denial-of-service guard ----------
+
+AT_CAP = "/".join(["l"] * 128)  # 128 levels
+OVER_CAP = AT_CAP + "/x"  # 129
+
+
+@pytest.fixture(scope="module")
+def default_node(factory: NodeFactory) -> RunningNode:
+    """No limits configured at all: only the defaults apply."""
+    return factory({"storage.type": "memory"})
+
+
+def test_default_topic_level_cap_on_publish_5_0(default_node) -> None:
+    with connected(default_node, 5) as sub, connected(default_node, 5) as raw:
+        assert sub.subscribe(1, ("#", 1)).reason_codes == [1]
+        raw.publish(OVER_CAP, b"over", 1, packet_id=1)
+        assert raw.wait_for(lambda p: isinstance(p, c.Puback)).reason_code == 0x97
+        raw.publish(OVER_CAP, b"over", 2, packet_id=2)
+        assert raw.wait_for(lambda p: isinstance(p, c.Pubrec)).reason_code == 0x97
+        raw.publish(AT_CAP, b"at", 1, packet_id=3)
+        assert raw.wait_for(lambda p: isinstance(p, c.Puback) and p.packet_id == 3).reason_code == 0
+        got = sub.wait_for(lambda p: isinstance(p, c.Publish))
+        assert (got.topic, got.payload) == (AT_CAP, b"at")  # the first one through: nothing over the cap
+        raw.publish(OVER_CAP, b"over", 0)  # QoS 0 has no ack to carry 0x97
+        assert [p.reason_code for p in raw.wait_closed() if isinstance(p, c.Disconnect)] == [0x97]
+
+
+def test_default_topic_level_cap_on_publish_3_1_1(default_node) -> None:
+    with connected(default_node, 4) as raw:
+        raw.publish(AT_CAP, b"at", 1, packet_id=1)
+        assert raw.wait_for(lambda p: isinstance(p, c.Puback)).packet_id == 1
+        raw.publish(OVER_CAP, b"over", 1, packet_id=2)
+        assert not [p for p in raw.wait_closed() if isinstance(p, c.Puback)]  # no negative ack: closed
+
+
+def test_default_topic_level_cap_on_subscribe(default_node) -> None:
+    with connected(default_node, 5) as raw:
+        ack = raw.subscribe(1, (AT_CAP, 0), (OVER_CAP, 0), ("/".join(["+"] * 129), 0), ("/".join(["+"] * 127) + "/#", 0))
+        assert ack.reason_codes == [0, 0x97, 0x97, 0]
+    with connected(default_node, 4) as raw:
+        assert raw.subscribe(1, (AT_CAP, 1), (OVER_CAP, 1)).reason_codes == [1, 0x80]
+
+
+def test_default_topic_level_cap_on_will_topics(default_node) -> None:
+    """A will is a PUBLISH the broker makes later: its topic is held to the caps at CONNECT, and a
+    refusal looks like a will the ACL denies (return code 5 / 0x87)."""
+    for version, refused in ((4, 5), (5, 0x87)):
+        with RawClient.to(default_node, version) as raw:
+            assert raw.connect(unique("will"), will=c.Will(OVER_CAP, b"gone")).reason_code == refused
+        with RawClient.to(default_node, version) as raw:
+            assert raw.connect(unique("will"), will=c.Will(AT_CAP, b"gone")).reason_code == 0
+            raw.disconnect()
+
+
+def test_default_topic_level_cap_on_the_http_bridge(default_node) -> None:
+    import http.client
+    import json
+
+    def post(topic: str) -> int:
+        conn = http.client.HTTPConnection(default_node.host, default_node.http_port, timeout=10)
+        try:
+            conn.request("POST", "/publish", json.dumps({"topic": topic, "payload": "x"}),
+                         {"Content-Type": "application/json"})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert post(AT_CAP) == 200
+    assert post(OVER_CAP) == 400
+
+
 # -- connections: per-IP rate and per-listener maximum ----------------------------------------------------
 
 def test_connect_rate_per_ip(factory: NodeFactory) -> None:

@@ -210,3 +210,18 @@ def test_connack_reason_string_left_out_when_too_big_MQTT_3_2_2_19(node) -> None
                                                              c.MAXIMUM_PACKET_SIZE: 8})
     assert (connack.reason_code, connack.properties) == (0x8C, {})
     client.close()
+
+
+def test_reason_strings_on_disconnect_and_connack_follow_request_problem_information_MQTT_3_1_2_29(node) -> None:
+    """Request Problem Information 0 allows a Reason String on CONNACK and DISCONNECT only
+    [MQTT-3.1.2-29]; fluxmq keeps it on a refusing CONNACK (the client has nothing else to learn the
+    reason from) and leaves it off its DISCONNECT, as the client asked (docs/conformance.rst)."""
+    quiet = {c.REQUEST_PROBLEM_INFORMATION: 0}
+    client = raw5(node, unique("rpi0-disc"), properties=quiet)
+    client.send(c.Connect(unique("again"), True, 60, 5))
+    disconnect = disconnect_of(client.wait_closed())
+    assert disconnect.reason_code == 0x82 and c.REASON_STRING not in disconnect.properties
+    refused = Raw5(node)
+    connack = refused.connect(unique("rpi0-connack"), properties={**quiet, c.AUTHENTICATION_METHOD: "X-UNKNOWN"})
+    assert connack.reason_code == 0x8C and c.REASON_STRING in connack.properties
+    assert refused.wait_closed() == []

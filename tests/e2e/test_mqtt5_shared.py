@@ -305,3 +305,34 @@ def test_least_inflight_prefers_the_member_with_fewer_unacknowledged(node_factor
     finally:
         for m in (slow, fast, pub):
             m.disconnect()
+
+
+def test_persistent_members_long_queue_is_handed_over_in_steps_each_message_once(node) -> None:
+    """A persistent member holding more messages than a hand-over step (broker HAND_OVER_CHUNK) drops
+    its connection: the online member gets every one of them once, in order, over several loop turns;
+    the leaving member's session stays, empty of them."""
+    count = 700
+    group = unique("g")
+    topic = unique("sh/long")
+    cid = unique("long-a")
+    a = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 300, c.RECEIVE_MAXIMUM: 1})
+    a.subscribe(1, (f"$share/{group}/{topic}", 1))
+    payloads = [str(i).encode() for i in range(count)]
+    publish_all(node, topic, payloads)
+    assert [p.payload for p in drain(a, ack=False)] == [b"0"]
+    b = raw5(node, unique("long-b"))
+    try:
+        b.subscribe(1, (f"$share/{group}/{topic}", 1))
+        a.close()
+        got = []
+        for _ in range(count):
+            packet = b.expect(c.Publish)
+            b.ack(packet)
+            got.append(packet.payload)
+        assert got == payloads
+        assert drain(b) == []
+        again = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 0})
+        assert again.connack.session_present and drain(again) == []
+        again.disconnect()
+    finally:
+        b.disconnect()

@@ -190,3 +190,40 @@ def test_takeover_publishes_the_will_of_the_old_connection(node) -> None:
         second.disconnect()
     finally:
         watch.disconnect()
+
+
+def test_resuming_takeover_does_not_publish_the_will_MQTT_3_1_3_9(node) -> None:
+    """A Clean Start 0 reconnect while the old connection is still open resumes the session: it counts
+    as a new connection made before the will delay passed, so the will (delay 0, session expiry 60) is
+    not sent [MQTT-3.1.2-8, MQTT-3.1.3-9], as Mosquitto does; no spurious "offline" message."""
+    topic = unique("will/resume")
+    cid = unique("w-resume")
+    watch = watcher(node, topic)
+    session = {c.SESSION_EXPIRY_INTERVAL: 60}
+    try:
+        first = raw5(node, cid, clean_start=False, properties=session, will=will(topic))
+        second = raw5(node, cid, clean_start=False, properties=session)
+        assert second.connack.session_present
+        assert c.Disconnect in {type(p) for p in first.wait_closed()}  # taken over (0x8E)
+        assert wills_before_sentinel(node, watch, topic) == []
+        second.disconnect(properties={c.SESSION_EXPIRY_INTERVAL: 0})
+    finally:
+        watch.disconnect()
+
+
+def test_clean_start_takeover_of_a_continuing_session_publishes_the_will_MQTT_3_1_4_3(node) -> None:
+    """Clean Start 1 ends the old session (MQTT 5.0 3.1.2.4); the will is published when the session
+    ends, whatever its delay (MQTT 5.0 3.1.2.5, and 3.1.4 step 3 for a takeover)."""
+    topic = unique("will/restart")
+    cid = unique("w-restart")
+    watch = watcher(node, topic)
+    try:
+        first = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 60},
+                     will=will(topic, properties={c.WILL_DELAY_INTERVAL: 30}))
+        second = raw5(node, cid, clean_start=True)
+        assert not second.connack.session_present
+        first.wait_closed()
+        assert [p.payload for p in wills_before_sentinel(node, watch, topic)] == [b"gone"]
+        second.disconnect()
+    finally:
+        watch.disconnect()

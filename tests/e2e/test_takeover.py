@@ -125,3 +125,27 @@ def test_takeover_v311_by_v5_client(node) -> None:
         second.disconnect()
     finally:
         first.stop()
+
+
+def test_takeover_resuming_a_3_1_1_persistent_session_does_not_publish_the_will(node) -> None:
+    """clean session 0 on both: the session continues, so the old connection's will is not sent (as
+    Mosquitto does); a half-open reconnect gives no spurious "offline" message."""
+    cid = unique("takeover-keep-will")
+    will_topic = unique("takeover/keep-will")
+    sentinel = unique("takeover/keep-will-sentinel")
+    watcher = raw_connected(node, unique("tkw-watch"))
+    try:
+        watcher.subscribe(1, (will_topic, 1), (sentinel, 1))
+        first = raw_connected(node, cid, clean=False, will=c.Will(will_topic, b"first gone", 1))
+        second = RawClient.to(node)
+        assert second.connect(cid, clean=False) == c.Connack(True, 0)
+        first.wait_closed()
+        pub = raw_connected(node, unique("tkw-pub"))
+        pub.publish_qos1(sentinel, b"S", 1)
+        pub.disconnect()
+        before, _ = watcher.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == sentinel)
+        assert [p for p in before if isinstance(p, c.Publish)] == []
+        second.disconnect()
+    finally:
+        watcher.disconnect()
+        end_session(node, cid)

@@ -8,9 +8,11 @@ from the environment, paho clients, reload of a real config file, SIGHUP) are in
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 from urllib.parse import quote
 
+import gevent
 import pytest
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest as SpecRequest
@@ -20,7 +22,14 @@ from ruamel.yaml import YAML
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.errors import ConfigError
-from fluxmq.http.admin import SPEC_PATH, AdminAPI, check_admin_exposure, is_loopback
+from fluxmq.http.admin import (
+    SPEC_PATH,
+    AdminAPI,
+    admin_token,
+    check_admin_exposure,
+    is_loopback,
+    read_token_file,
+)
 from fluxmq.http.bridge import SSEStream
 from tests.http.test_bridge import wsgi_call
 
@@ -98,9 +107,72 @@ def test_unknown_path_is_401_before_404(spec, app) -> None:
     assert json_call(spec, app, "GET", "/nope", validate=False)[0] == 404
 
 
-def test_no_token_configured_means_open(spec, broker) -> None:
-    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), None)
+def test_no_token_configured_means_open_for_reads_only(spec, broker) -> None:
+    """Without a token a page in the operator's browser could POST /reload cross-site: refused."""
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), None, lambda: {})
     assert json_call(spec, app, "GET", "/stats", headers=None)[0] == 200
+    for method, path in (("POST", "/reload"), ("DELETE", "/retained/x"), ("POST", "/sessions/c/disconnect")):
+        status, _, body = json_call(spec, app, method, path, headers=None)
+        assert status == 403, (method, path)
+        assert "server.admin.token_file" in body["error"] and "FLUXMQ_ADMIN_TOKEN" in body["error"]
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:9999"])
+def test_state_changing_call_with_a_foreign_origin_is_403(spec, app, reloads, origin: str) -> None:
+    status, _, body = json_call(spec, app, "POST", "/reload", headers={**AUTH, "Origin": origin})
+    assert status == 403 and "cross-origin" in body["error"]
+    assert reloads == []
+
+
+def test_same_origin_and_reads_with_an_origin_pass(spec, app, reloads) -> None:
+    assert json_call(spec, app, "POST", "/reload",
+                     headers={**AUTH, "Origin": "http://127.0.0.1", "Host": "127.0.0.1"})[0] == 200
+    assert json_call(spec, app, "GET", "/stats", headers={**AUTH, "Origin": "http://evil.example"})[0] == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8082", "127.0.0.1.nip.io", ""])
+def test_a_host_that_is_not_an_address_is_421(spec, app, host: str) -> None:
+    """DNS rebinding: evil.example resolves to 127.0.0.1 after the page loaded; its Host gives it away."""
+    status, _, body = json_call(spec, app, "GET", "/stats", headers={**AUTH, "Host": host})
+    assert status == 421 and "server.admin.allowed_hosts" in body["error"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8082", "[::1]:8082", "localhost:8082", "LOCALHOST",
+                                  "10.1.2.3:8082", "admin.internal:8082"])
+def test_addresses_localhost_and_allowed_names_pass(spec, broker, host: str) -> None:
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, allowed_hosts=["admin.internal"])
+    assert json_call(spec, app, "GET", "/stats", headers={**AUTH, "Host": host})[0] == 200
+
+
+def test_set_token_rotates(spec, app) -> None:
+    app.set_token("new-token")
+    assert json_call(spec, app, "GET", "/stats")[0] == 401
+    assert json_call(spec, app, "GET", "/stats", headers={"Authorization": "Bearer new-token"})[0] == 200
+
+
+def test_a_reload_cannot_drop_the_token_of_an_exposed_api(broker) -> None:
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, addr="0.0.0.0:8082")
+    tokenless = SimpleNamespace(server=SimpleNamespace(admin=SimpleNamespace(token_file="", allowed_hosts=[])))
+    with pytest.raises(ConfigError, match="server.admin.addr"):
+        app.reload_hook(tokenless)
+    assert app._token == TOKEN.encode()
+
+
+def test_admin_token_from_file_or_environment(tmp_path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    with_file = SimpleNamespace(server=SimpleNamespace(admin=SimpleNamespace(token_file=str(token_file))))
+    without = SimpleNamespace(server=SimpleNamespace(admin=SimpleNamespace(token_file="")))
+    assert admin_token(with_file, {}) == "from-file"
+    assert admin_token(without, {"FLUXMQ_ADMIN_TOKEN": "from-env"}) == "from-env"
+    assert admin_token(without, {}) is None
+    with pytest.raises(ConfigError, match="not both"):
+        admin_token(with_file, {"FLUXMQ_ADMIN_TOKEN": "from-env"})
+    token_file.write_text("\n")
+    with pytest.raises(ConfigError, match="server.admin.token_file.*no token"):
+        admin_token(with_file, {})
+    with pytest.raises(ConfigError, match="server.admin.token_file.*cannot read"):
+        read_token_file(str(tmp_path / "missing"))
 
 
 # -- stats -----------------------------------------------------------------------------------------
@@ -286,3 +358,93 @@ def test_non_loopback_admin_needs_a_token() -> None:
     for addr in (":8082", "0.0.0.0:8082", "192.168.1.5:8082"):
         with pytest.raises(ConfigError, match="server.admin.addr.*FLUXMQ_ADMIN_TOKEN"):
             check_admin_exposure(addr, None)
+
+
+# -- many sessions (issue 17 item 6) ---------------------------------------------------------------
+
+MANY = 10_000
+
+
+@pytest.fixture
+def many(broker: Broker) -> list[str]:
+    """MANY offline sessions with client ids in no order, one subscription each (two for some)."""
+    rng = random.Random(6)
+    ids = [f"dev-{rng.getrandbits(40):010x}" for _ in range(MANY)]
+    for i, cid in enumerate(ids):
+        session, _ = broker.open_session(cid, False, 3600)
+        broker.subscribe(session, f"d/{i}", 1)
+        if i % 7 == 0:
+            broker.subscribe(session, f"e/{i}", 0)
+    return sorted(ids)
+
+
+def hub_turns_during(fn) -> tuple[int, object]:
+    """How many turns a probe greenlet got while ``fn()`` ran in this greenlet, and its result."""
+    turns = [0]
+
+    def probe() -> None:
+        while True:
+            turns[0] += 1
+            gevent.sleep(0)
+
+    greenlet = gevent.spawn(probe)
+    gevent.sleep(0)
+    before = turns[0]
+    result = fn()
+    after = turns[0]
+    greenlet.kill()
+    return after - before, result
+
+
+@pytest.mark.parametrize("path", ["/sessions", "/subscriptions", "/stats"])
+def test_walking_every_session_lets_other_greenlets_run(spec, app, many, path: str) -> None:
+    """Sorting or summing 100,000 sessions held the hub 15-220 ms (bench/RESULTS.md): every client
+    waited. The walk now yields between slices."""
+    turns, (status, _, _) = hub_turns_during(lambda: json_call(spec, app, "GET", path, query="limit=10"
+                                                               if path != "/stats" else ""))
+    assert status == 200
+    assert turns >= 3, f"{path} over {MANY} sessions let other greenlets run {turns} times"
+
+
+def test_session_pages_by_cursor_cover_every_session_in_order(spec, app, many) -> None:
+    seen: list[str] = []
+    query = "limit=999"
+    for _ in range(MANY):  # bounded: one page per loop
+        _, _, body = json_call(spec, app, "GET", "/sessions", query=query)
+        assert body["total"] == MANY
+        seen += [s["client_id"] for s in body["sessions"]]
+        if "next" not in body:
+            break
+        query = f"limit=999&after={quote(body['next'], safe='')}"
+    assert seen == many
+    _, _, body = json_call(spec, app, "GET", "/sessions", query="limit=5&offset=5000")
+    assert [s["client_id"] for s in body["sessions"]] == many[5000:5005] and body["next"] == many[5004]
+
+
+def test_subscription_pages_span_sessions(spec, app, broker, many) -> None:
+    everything = [(cid, f) for cid in many for f in broker.sessions[cid].subscriptions]
+    for offset, limit in ((0, 3), (1, 2), (7, 50), (len(everything) - 2, 10)):
+        _, _, body = json_call(spec, app, "GET", "/subscriptions", query=f"limit={limit}&offset={offset}")
+        assert body["total"] == len(everything)
+        assert [(s["client_id"], s["filter"]) for s in body["subscriptions"]] == everything[offset:offset + limit]
+
+
+def test_delete_retained_answers_after_the_delete_is_committed(spec, tmp_path) -> None:
+    """DELETE /retained/{topic} answers once the deletion is committed. Before: before the commit."""
+    from fluxmq.protocol.flush import FlushScheduler
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    store = LMDBStorage(tmp_path / "data", sync="always")
+    FlushScheduler(store)
+    broker = Broker(storage=store)
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, lambda: {})
+    try:
+        broker.publish(Message("gone", b"v", 1, True))
+        store.commit()
+        status, _, body = json_call(spec, app, "DELETE", "/retained/gone")
+        assert status == 200 and body["deleted"] is True
+        assert not store.has_pending
+        with store.env.begin() as txn:
+            assert txn.get(b"gone", db=store._dbs[6]) is None
+    finally:
+        store.close()

@@ -38,10 +38,11 @@ class Response:
 
 
 def wsgi_call(app, method: str, path: str, body: bytes = b"", query: str = "",
-              headers: dict[str, str] | None = None, chunked: bool = False) -> Response:
+              headers: dict[str, str] | None = None, chunked: bool = False,
+              remote_addr: str = "127.0.0.1") -> Response:
     """Call a WSGI app as a server would; ``path`` is the decoded path (UTF-8 text)."""
     environ: dict = {"REQUEST_METHOD": method, "PATH_INFO": path.encode("utf-8").decode("latin-1"),
-                     "QUERY_STRING": query, "wsgi.input": io.BytesIO(body),
+                     "QUERY_STRING": query, "wsgi.input": io.BytesIO(body), "REMOTE_ADDR": remote_addr,
                      "RAW_URI": quote(path, safe="/%") + (f"?{query}" if query else "")}
     if not chunked:
         environ["CONTENT_LENGTH"] = str(len(body))
@@ -107,9 +108,9 @@ def bridge(broker: Broker) -> HTTPBridge:
                                              sse_heartbeat=HEARTBEAT, sse_queue_size=100))
 
 
-def subscribe(bridge: HTTPBridge, *filters: str) -> Stream:
+def subscribe(bridge: HTTPBridge, *filters: str, remote_addr: str = "127.0.0.1") -> Stream:
     query = "&".join("filter=" + quote(f, safe="") for f in filters)
-    return Stream(wsgi_call(bridge, "GET", "/subscribe", query=query))
+    return Stream(wsgi_call(bridge, "GET", "/subscribe", query=query, remote_addr=remote_addr))
 
 
 # -- POST /publish ---------------------------------------------------------------------------------
@@ -439,5 +440,175 @@ def test_publish_refused_with_503_when_the_store_is_full(tmp_path) -> None:
         assert resp.status == 503
         assert "storage full" in resp.json()["error"]
         assert broker.retained.get("kept") is None
+    finally:
+        store.close()
+
+
+def test_subscribe_past_broker_max_sessions_is_503_not_a_crash() -> None:
+    """An SSE stream is a broker session: past broker.max_sessions it is refused with a clear 503."""
+    broker = Broker(BrokerSettings(max_sessions=1))
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
+                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    stream = subscribe(bridge, "a/#")
+    resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=b")
+    assert resp.status == 503 and "max_sessions" in resp.json()["error"]
+    assert len(broker.sessions) == 1
+    stream.close()
+
+
+def test_topic_cap_alone_leaves_authorization_headers_alone(bridge: HTTPBridge, broker: Broker) -> None:
+    """A node with only the default limits.max_topic_levels has an AuthService, but nothing that
+    reads user names: a request's Authorization header is ignored as on a node without one, and the
+    cap still applies (400)."""
+    from fluxmq.auth.limits import PublishLimits
+    from fluxmq.auth.service import AuthService, AuthSettings
+
+    broker.set_auth(AuthService(AuthSettings(limits=PublishLimits(max_topic_levels=128))))
+    for header in ("Bearer some-token", "Basic not-base64!", "Basic " + base64.b64encode(b"u:p").decode()):
+        resp = wsgi_call(bridge, "POST", "/publish", json.dumps({"topic": "a/b"}).encode(),
+                         headers={"Authorization": header})
+        assert resp.status == 200, (header, resp.json())
+    over = publish_json(bridge, {"topic": "/" * 128})
+    assert over.status == 400
+
+
+# -- bounds (issue 17 item 10) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"topic": "a", "properties": ' + b'{"a": ' * 50_000,
+                                  b"[" * 100_000 + b"]" * 100_000])
+def test_deeply_nested_json_is_400(broker: Broker, body: bytes) -> None:
+    """The JSON parser recurses per nesting level: past the interpreter's limit that must be a 400."""
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1 << 20))
+    resp = wsgi_call(bridge, "POST", "/publish", body)
+    assert resp.status == 400
+    assert "nested" in resp.json()["error"]
+
+
+def test_streams_past_max_streams_get_429_with_retry_after(broker: Broker) -> None:
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=3, max_streams_per_user=100))
+    streams = [subscribe(bridge, "a", remote_addr=f"10.0.0.{i}") for i in range(3)]
+    resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=a", remote_addr="10.0.0.9")
+    assert resp.status == 429
+    assert int(resp.headers["Retry-After"]) > 0
+    assert "server.http.plain.max_streams" in resp.json()["error"]
+    assert len(broker.sessions) == 3 and len(bridge.streams) == 3
+    assert publish_json(bridge, {"topic": "a", "payload": "still served"}).status == 200
+    assert bridge.requests[("subscribe", 429)] == 1
+    streams[0].close()  # a slot is free again
+    subscribe(bridge, "a", remote_addr="10.0.0.9").close()
+    for stream in streams[1:]:
+        stream.close()
+    assert bridge.streams == set() and bridge.stream_owners == {}
+
+
+def test_streams_per_user_are_bounded_by_user_name_or_address(broker: Broker) -> None:
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=100, max_streams_per_user=2))
+    mine = [subscribe(bridge, "a", remote_addr="10.0.0.1") for _ in range(2)]
+    resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=a", remote_addr="10.0.0.1")
+    assert resp.status == 429 and "server.http.plain.max_streams_per_user" in resp.json()["error"]
+    other = subscribe(bridge, "a", remote_addr="10.0.0.2")  # another address is another owner
+    for stream in [*mine, other]:
+        stream.close()
+    assert bridge.stream_owners == {}
+
+
+def test_refused_stream_releases_its_slot(broker: Broker) -> None:
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=1, max_streams_per_user=1))
+    assert wsgi_call(bridge, "GET", "/subscribe", query="filter=" + quote("a/#/b", safe="")).status == 400
+    subscribe(bridge, "a").close()  # the bad filter's slot did not stay taken
+
+
+def test_bridge_pool_leaves_room_for_requests_beside_the_streams(broker: Broker) -> None:
+    bridge = HTTPBridge(broker, BridgeSettings(max_streams=5000))
+    assert bridge.pool_size(1000) >= 5000 + 1000
+
+
+# -- compiled ACLs (issue 17 item 9) ---------------------------------------------------------------
+
+def test_streams_refused_by_the_acl_leave_no_compiled_acl(broker: Broker, tmp_path) -> None:
+    """Each stream is its own client id: a refused one must drop the ACL compiled for it."""
+    from fluxmq.auth.service import AuthService, AuthSettings
+    acl = tmp_path / "acl"
+    acl.write_text("topic read open/#\n")
+    auth = AuthService(AuthSettings(acl_file=str(acl), allow_anonymous=True))
+    broker.set_auth(auth)
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT))
+    for _ in range(50):
+        resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2F%23&filter=closed%2F%23")
+        assert resp.status == 403
+    assert len(auth._acls) == 0, f"{len(auth._acls)} compiled ACLs kept after 50 refused streams"
+    stream = subscribe(bridge, "open/#")
+    assert set(auth._acls) == {stream.client_id}
+    stream.close()
+    assert len(auth._acls) == 0
+
+
+def test_streams_per_user_name_and_refusals_at_the_bound_leave_no_compiled_acl(broker: Broker, tmp_path) -> None:
+    from fluxmq.auth.password_file import hash_password
+    from fluxmq.auth.service import AuthService, AuthSettings
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"alice:{hash_password('a-pw')}\nbob:{hash_password('b-pw')}\n")
+    acl = tmp_path / "acl"
+    acl.write_text("pattern read open/#\n")
+    auth = AuthService(AuthSettings(password_file=str(passwd), acl_file=str(acl)))
+    broker.set_auth(auth)
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=10, max_streams_per_user=1))
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    alice = Stream(wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("alice", "a-pw"),
+                             remote_addr="10.0.0.1"))
+    for _ in range(20):  # alice from another address is still alice
+        resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("alice", "a-pw"),
+                         remote_addr="10.0.0.2")
+        assert resp.status == 429 and "'alice'" in resp.json()["error"]
+    bob = Stream(wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("bob", "b-pw"),
+                           remote_addr="10.0.0.1"))
+    assert set(auth._acls) == {alice.client_id, bob.client_id}
+    alice.close()
+    bob.close()
+    assert bridge.stream_owners == {} and len(auth._acls) == 0
+
+
+def _committed_retained(store) -> list[bytes]:
+    with store.env.begin() as txn:
+        return [bytes(k) for k, _ in txn.cursor(store._dbs[6])]
+
+
+@pytest.mark.parametrize("sync", ["none", "batch", "always"])
+def test_publish_answers_only_after_the_message_is_committed(tmp_path, sync: str) -> None:
+    """The 200 leaves after the commit holding the message (after its fsync under sync: always), as
+    an MQTT PUBACK does. Before: the response was written before the loop turn's commit."""
+    from fluxmq.protocol.flush import FlushScheduler
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    store = LMDBStorage(tmp_path / "data", sync=sync)
+    FlushScheduler(store)
+    broker = Broker(BrokerSettings(), storage=store)
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
+                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    try:
+        resp = publish_json(bridge, {"topic": "kept", "payload": "x", "qos": 1, "retain": True})
+        assert resp.status == 200
+        assert _committed_retained(store) == [b"kept"] and not store.has_pending
+    finally:
+        store.close()
+
+
+def test_publish_answers_503_when_its_commit_fails(tmp_path) -> None:
+    from fluxmq.protocol.flush import FlushScheduler
+    from tests.storage.test_lmdb import FailingStorage
+
+    store = FailingStorage(tmp_path / "data")
+    FlushScheduler(store)
+    broker = Broker(BrokerSettings(), storage=store)
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
+                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    try:
+        store.fail = 1
+        resp = publish_json(bridge, {"topic": "kept", "payload": "x", "qos": 1, "retain": True})
+        assert resp.status == 503
+        assert "not committed" in resp.json()["error"]
     finally:
         store.close()

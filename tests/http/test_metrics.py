@@ -165,3 +165,24 @@ def test_method_and_path(app) -> None:
     assert wsgi_call(app, "GET", "/metrics/x").status == 404
     head = wsgi_call(app, "HEAD", "/metrics")
     assert head.status == 200 and b"".join(head.body) == b""
+
+
+def test_a_scrape_over_many_sessions_lets_other_greenlets_run(broker: Broker, app) -> None:
+    """Summing the queues of 100,000 sessions held the hub ~15 ms per scrape; it now yields between slices."""
+    for i in range(10_000):
+        broker.open_session(f"s{i}", False, 3600)
+    turns = [0]
+
+    def probe() -> None:
+        while True:
+            turns[0] += 1
+            gevent.sleep(0)
+
+    greenlet = gevent.spawn(probe)
+    gevent.sleep(0)
+    before = turns[0]
+    families = scrape(app)
+    during = turns[0] - before
+    greenlet.kill()
+    assert value(families, "fluxmq_sessions", state="offline") == 10_000
+    assert during >= 3

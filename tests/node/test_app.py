@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from fluxmq.config import load_config
+from fluxmq.config import SCHEMA, load_config, parse_addr
 from fluxmq.errors import ConfigError
 from fluxmq.node.app import WORKER_TIMEOUT, NodeApplication, NodeLogger, gunicorn_bind, stop_margins
+from fluxmq.node.service import anonymous_exposure
 from fluxmq.node.worker import BrokerWorker
 
 
@@ -45,18 +46,6 @@ def test_application_settings_from_config() -> None:
     assert app.cfg.accesslog is None
 
 
-@pytest.mark.parametrize(("value", "timeout"), [("2.5s", 2.5), ("0", 0.0), ("90s", 90.0)])
-def test_worker_timeout_from_config(value: str, timeout: float) -> None:
-    cfg = load_config(None, env={}, overrides=[f"server.worker_timeout={value}", "server.health_addr=127.0.0.1:9182"])
-    assert NodeApplication(cfg).cfg.timeout == timeout  # exact: gunicorn only compares it with a time
-
-
-def test_worker_timeout_shorter_than_two_heartbeats_is_refused() -> None:
-    cfg = load_config(None, env={}, overrides=["server.worker_timeout=1s", "server.health_addr=127.0.0.1:9183"])
-    with pytest.raises(ConfigError, match="server.worker_timeout"):
-        NodeApplication(cfg)
-
-
 def test_health_disabled_binds_private_unix_socket() -> None:
     cfg = load_config(None, env={}, overrides=["server.health_enabled=false", "server.http.plain.addr=",
                                                "server.admin.addr="])
@@ -68,3 +57,67 @@ def test_health_disabled_binds_private_unix_socket() -> None:
     assert os.path.isdir(directory)
     assert oct(os.stat(directory).st_mode & 0o777) == oct(0o700)
     os.rmdir(directory)
+
+
+# -- safe by default (issue 17 item 11) ------------------------------------------------------------
+
+def test_every_default_listener_binds_loopback() -> None:
+    """As Mosquitto 2: with no configuration nothing is reachable from the network."""
+    cfg = load_config(None, env={})
+    for key in SCHEMA.keys:
+        if key.endswith(".addr") or key == "server.health_addr":
+            addr = cfg.get(key)
+            assert not addr or parse_addr(addr)[0] == "127.0.0.1", key
+    assert anonymous_exposure(cfg) == []
+    NodeApplication(cfg)  # the quick start (scripts/run, conf/fluxmq.yaml) starts
+
+
+@pytest.mark.parametrize("key", ["server.tcp.plain.addr", "server.websocket.plain.addr",
+                                 "server.http.plain.addr"])
+@pytest.mark.parametrize("addr", [":1", "0.0.0.0:1", "192.168.1.5:1", "broker.example:1"])
+def test_anonymous_listener_on_the_network_refuses_to_start(key: str, addr: str) -> None:
+    cfg = load_config(None, env={}, overrides=[f"{key}={addr}"])
+    assert anonymous_exposure(cfg) == [key]
+    with pytest.raises(ConfigError, match=rf"{key}.*auth.allow_anonymous: true"):
+        NodeApplication(cfg)
+
+
+@pytest.mark.parametrize("opened_by", ["auth.allow_anonymous=true", "auth.allow_anonymous=false",
+                                       "auth.http.url=http://127.0.0.1:1/auth"])
+def test_network_listener_starts_when_anonymous_is_decided(opened_by: str) -> None:
+    cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=:1", opened_by])
+    assert anonymous_exposure(cfg) == []
+
+
+def test_loopback_listeners_stay_anonymous() -> None:
+    cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=[::1]:1", "server.http.plain.addr=localhost:2"])
+    assert anonymous_exposure(cfg) == []
+
+
+@pytest.mark.parametrize(("value", "gunicorn"), [("1s", 1), ("2.5s", 3), ("90s", 90)])
+def test_worker_timeout_from_config(value: str, gunicorn: int) -> None:
+    cfg = load_config(None, env={}, overrides=[f"server.worker_timeout={value}"])
+    assert NodeApplication(cfg).cfg.timeout == gunicorn  # gunicorn takes whole seconds
+
+
+def test_starting_apps_say_alive_not_ready_and_503_elsewhere() -> None:
+    """Served while the worker loads its store (BrokerWorker.load_wsgi)."""
+    import json
+
+    from tests.http.test_bridge import wsgi_call
+
+    cfg = load_config(None, env={}, overrides=["server.health_addr=127.0.0.1:9181",
+                                               "server.http.plain.addr=127.0.0.1:9180",
+                                               "server.admin.addr=127.0.0.1:9182"])
+    app = NodeApplication(cfg)
+    names = [name for name, _ in app.surfaces]
+    apps = dict(zip(names, app.make_starting_apps(), strict=True))
+    health = apps["health"]
+    assert wsgi_call(health, "GET", "/health").status == 200
+    ready = wsgi_call(health, "GET", "/ready")
+    assert ready.status == 503
+    assert json.loads(b"".join(ready.body))["checks"]["storage"] == {"status": "down", "details": "loading"}
+    assert wsgi_call(health, "GET", "/metrics").status == 503
+    for name in ("http", "admin"):
+        resp = wsgi_call(apps[name], "POST", "/publish")
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"

@@ -49,7 +49,7 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
 
 def test_check_without_config_prints_defaults(capsys: pytest.CaptureFixture) -> None:
     effective = check(capsys)
-    assert effective["server"]["health_addr"] == ":8081"
+    assert effective["server"]["health_addr"] == "127.0.0.1:8081"
     assert effective["server"]["health_enabled"] is True
 
 
