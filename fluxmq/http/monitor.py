@@ -4,15 +4,21 @@ The dashboard's live view. It is the HTTP bridge's ``SSEStream`` (the same bound
 queue and the same event format as ``/subscribe``) with the admin's authority instead of a broker
 user's: the admin token already allowed the request, so no ACL applies, and the stream works when
 the HTTP bridge is off. Streams are few (``MAX_STREAMS``), each a session ``admin-monitor-...``
-with QoS 0 subscriptions that ends with the response.
+with QoS 0 subscriptions that ends with the response. A browser that stops watching closes its
+connection; a greenlet per stream notices at once (the socket turns readable at EOF), so a stopped
+monitor frees its slot without waiting for a heartbeat write to fail.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import gevent
+from gevent.socket import wait_read
 
 from fluxmq.errors import TopicFilterInvalid
 from fluxmq.http.bridge import HTTPError, SSEStream, one_param, query
@@ -37,18 +43,37 @@ class MonitorStream(SSEStream):
 class _MonitorBody:
     """The WSGI response iterable; ``close()`` (always called by the server) ends the session."""
 
-    def __init__(self, monitor: TopicMonitor, stream: MonitorStream, session: Any) -> None:
+    def __init__(self, monitor: TopicMonitor, stream: MonitorStream, session: Any, sock: Any = None) -> None:
         self._monitor = monitor
         self._stream = stream
         self._session = session
         self._events = stream.events(HEARTBEAT)
+        self._watcher = gevent.spawn(_watch_peer_close, sock, stream) if sock is not None else None
 
     def __iter__(self) -> Iterator[bytes]:
         return self._events
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
         self._events.close()
         self._monitor.end(self._stream, self._session)
+
+
+def _watch_peer_close(sock: Any, stream: MonitorStream) -> None:
+    """End ``stream`` when the client closes its connection (it sends nothing else while it reads)."""
+    while not stream.closed:
+        try:
+            wait_read(sock.fileno())
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue  # woken without data
+        except OSError:
+            data = b""
+        if data:
+            return  # the client pipelined another request: leave the socket to the server
+        stream.close(0, "the client closed the stream")
+        return
 
 
 class TopicMonitor:
@@ -80,15 +105,17 @@ class TopicMonitor:
                 raise HTTPError(429, f"too many monitor streams ({self.max_streams}) are open",
                                 {"Retry-After": "5"})
             peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
-            body = self.open(broker, filters, peer, retained == "true")
+            body = self.open(broker, filters, peer, retained == "true", environ.get("gunicorn.socket"))
         except HTTPError as err:
             return json_response(start_response, *err.response())
         start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
                                   ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")])
         return body
 
-    def open(self, broker: Any, filters: list[str], peer: str, with_retained: bool) -> _MonitorBody:
-        """A stream subscribed to ``filters`` (QoS 0); retained messages first when asked."""
+    def open(self, broker: Any, filters: list[str], peer: str, with_retained: bool,
+             sock: Any = None) -> _MonitorBody:
+        """A stream subscribed to ``filters`` (QoS 0); retained messages first when asked. ``sock``:
+        the client's connection, watched so the stream ends as soon as the client goes."""
         client_id = CLIENT_PREFIX + uuid.uuid4().hex
         stream = MonitorStream(client_id, QUEUE_SIZE, broker, peer, "admin")
         session, _ = broker.open_session(client_id, True, 0, None, None)
@@ -104,7 +131,7 @@ class TopicMonitor:
                 if result.retained:
                     broker.deliver_retained(session, result)
         log.info("admin_monitor_open", extra={"client_id": client_id, "peer": peer, "filters": ",".join(filters)})
-        return _MonitorBody(self, stream, session)
+        return _MonitorBody(self, stream, session, sock)
 
     def end(self, stream: MonitorStream, session: Any) -> None:
         if stream not in self.streams:

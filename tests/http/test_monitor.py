@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 from types import SimpleNamespace
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 
@@ -11,7 +13,7 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.http.admin import AdminAPI
 from fluxmq.http.monitor import CLIENT_PREFIX, LISTENER, MAX_STREAMS, QUEUE_SIZE
-from tests.http.test_bridge import wsgi_call
+from tests.http.test_bridge import Response, wsgi_call
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -134,3 +136,34 @@ def test_a_slow_reader_loses_the_oldest_not_memory(app, broker) -> None:
     assert len(stream.queue) == QUEUE_SIZE and stream.dropped == 50
     assert events.take(1)[0][1]["payload"] == "50"
     events.close()
+
+
+def test_a_client_that_goes_away_ends_its_stream_at_once(app, broker) -> None:
+    """The browser's Stop closes the connection: the stream ends without waiting for a heartbeat,
+    so its slot and session are free again (a real socket pair stands in for the connection)."""
+    from gevent import socket as gsocket
+
+    server_side, client_side = gsocket.socketpair()
+    try:
+        resp = wsgi_call_with_socket(app, "filter=a", server_side)
+        events = Events(resp)
+        client_side.close()
+        assert events.take(1, max_reads=2) == [("close", {"reason": "the client closed the stream"})]
+        events.close()
+        assert broker.sessions == {} and app.monitor.streams == set()
+    finally:
+        server_side.close()
+
+
+def wsgi_call_with_socket(app, query: str, sock) -> Response:
+    """A monitor request whose environ carries the client connection, as gunicorn's does."""
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/monitor", "RAW_URI": f"/monitor?{query}",
+               "QUERY_STRING": query, "wsgi.input": io.BytesIO(), "HTTP_AUTHORIZATION": AUTH["Authorization"],
+               "gunicorn.socket": sock}
+    setup_testing_defaults(environ)
+    seen: dict = {}
+
+    def start_response(status: str, headers: list, exc_info=None) -> None:
+        seen["status"], seen["headers"] = int(status.split()[0]), dict(headers)
+    body = app(environ, start_response)
+    return Response(seen["status"], seen["headers"], body)

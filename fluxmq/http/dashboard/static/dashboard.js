@@ -331,10 +331,10 @@
       failed(err, `disconnect ${clientId}`);
     }
     await loadClients(false);
-    if (detailClient === clientId) openClient(clientId);
+    if (detailClient === clientId) openClient(clientId, true);
   }
 
-  async function openClient(clientId) {
+  async function openClient(clientId, quiet) {
     detailClient = clientId;
     const box = $("client-detail");
     try {
@@ -365,8 +365,8 @@
       box.hidden = false;
     } catch (err) {
       if (err instanceof ApiError && err.status === 404) {
-        box.hidden = true;
-        toast(`${clientId} has no session any more`);
+        box.hidden = true; // a clean session ends with its connection
+        if (!quiet) toast(`${clientId} has no session any more`);
         return;
       }
       failed(err, `session ${clientId}`);
