@@ -145,7 +145,7 @@ class Traffic:
 
     def _run(self, client: PahoClient, topic: str, count: int, interval: float) -> None:
         for n in range(count):
-            if self.stop.wait(interval):
+            if self.stop.wait(interval * (1 + (n // 150) % 3)):  # rate steps, so the charts move
                 return
             client.client.publish(topic, f"reading {n}".encode(), qos=0)
 
@@ -181,6 +181,11 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         overview = screenshot(driver, tmp_path / "dashboard-overview-1280x800.png")
         assert png_size(overview) == (1280, 800)
         if os.environ.get("FLUXMQ_UPDATE_DOCS") == "1":
+            # the docs show a chart with some history: 20 more seconds of samples
+            wait_for(driver, lambda d: d.execute_script(
+                "return document.querySelector('#chart-in polyline').getAttribute('points').split(' ').length") >= 12,
+                "twelve samples in the chart", timeout=60)
+            overview = screenshot(driver, tmp_path / "dashboard-overview-1280x800.png")
             DOCS_SCREENSHOT.write_bytes(overview.read_bytes())
             print(f"docs screenshot updated: {DOCS_SCREENSHOT}")
         viewport(driver, 390, 844, mobile=True)

@@ -32,6 +32,14 @@
     return node;
   }
 
+  // On a phone the tables stack each row as a card; every cell carries its column's name for that.
+  function labelCells(tbody, rows) {
+    const headings = [...tbody.closest("table").querySelectorAll("thead th")].map((th) => th.textContent);
+    for (const row of rows || tbody.rows) {
+      [...row.cells].forEach((cell, i) => { if (headings[i]) cell.dataset.label = headings[i]; });
+    }
+  }
+
   function emptyRow(tbody, columns, text) {
     tbody.replaceChildren(el("tr", {}, el("td", { class: "empty", colSpan: columns, text })));
   }
@@ -154,6 +162,7 @@
     $("error-title").textContent = title;
     $("error-detail").textContent = err.status ? `${err.status}: ${err.message}` : err.message;
     $("error-hint").textContent = hint;
+    $("error-retry").hidden = err.status === 401; // the same token would be refused again
     show("error");
   }
 
@@ -242,9 +251,9 @@
   function drawChart(svg, values, maxLabel, format) {
     const NS = "http://www.w3.org/2000/svg";
     const width = 600;
-    const height = 140;
+    const height = 170;
     const top = Math.max(...values, 0);
-    const scaleMax = niceCeiling(top);
+    const scaleMax = niceCeiling(top * 1.2); // headroom: a steady value sits below the top edge
     svg.replaceChildren();
     for (const fraction of [0.25, 0.5, 0.75]) {
       const y = height * fraction;
@@ -255,9 +264,12 @@
       svg.append(grid);
     }
     maxLabel.textContent = `max ${format(scaleMax)}`;
+    const windowLabel = svg.parentElement.querySelector(".window");
+    windowLabel.textContent = values.length < 2 ? "collecting…" : `last ${duration(((values.length - 1) * POLL_MS) / 1000)}`;
     if (values.length < 2) return;
-    const step = width / (CHART_POINTS - 1);
-    const x0 = width - step * (values.length - 1);
+    // Until the window is full the samples there are span the width (the label says how long).
+    const step = width / (values.length - 1);
+    const x0 = 0;
     const points = values.map((v, i) => `${(x0 + i * step).toFixed(1)},${(height - 4 - (v / scaleMax) * (height - 8)).toFixed(1)}`);
     const area = document.createElementNS(NS, "polygon");
     area.setAttribute("class", "area");
@@ -320,6 +332,7 @@
       el("td", { class: "num", text: number(c.queue_depth) }),
       el("td", {}, c.connected ? el("button", { type: "button", class: "danger disconnect", text: "Disconnect",
         onclick: () => disconnect(c.client_id) }) : null))));
+    labelCells(tbody);
   }
 
   async function disconnect(clientId) {
@@ -352,7 +365,7 @@
         : el("p", { class: "muted", text: "Nothing in flight." });
       box.replaceChildren(
         el("button", { type: "button", class: "close", text: "Close", onclick: () => { box.hidden = true; detailClient = null; } }),
-        el("h3", { text: s.client_id }),
+        el("h3", { class: "mono", text: s.client_id }),
         el("p", { class: "muted", text: [
           s.connected ? `connected from ${s.peer || "?"} (${protocols[s.protocol_version] || "?"})` : "offline",
           s.username ? `user ${s.username}` : "anonymous",
@@ -423,6 +436,7 @@
       el("td", { class: "num", text: number(f.clients.length) }),
       el("td", { class: "num", text: String(f.qos) }),
       el("td", { class: "mono", text: f.clients.slice(0, 5).join(", ") + (f.clients.length > 5 ? ` and ${f.clients.length - 5} more` : "") }))));
+    labelCells(tbody);
   }
 
   // -- retained messages -------------------------------------------------------------------------
@@ -561,12 +575,14 @@
     } else {
       text = m.payload.length > 300 ? `${m.payload.slice(0, 300)} …` : m.payload;
     }
-    tbody.prepend(el("tr", { class: "monitor-row" },
+    const row = el("tr", { class: "monitor-row" },
       el("td", { class: "mono", text: new Date().toLocaleTimeString("en-GB") }),
       el("td", { class: "topic", text: m.topic }),
       el("td", { class: "num", text: String(m.qos) }),
       el("td", { class: "wide", text: m.retain ? "retained" : "" }),
-      el("td", { class: "payload-cell", text })));
+      el("td", { class: "payload-cell", text }));
+    tbody.prepend(row);
+    labelCells(tbody, [row]);
     while (tbody.rows.length > MONITOR_ROWS) tbody.deleteRow(-1);
   }
 
