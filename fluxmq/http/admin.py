@@ -342,7 +342,7 @@ class AdminAPI:
             "bytes": {"received": st.bytes_received, "sent": st.bytes_sent},
             "queues": {"messages": queued, "bytes": queued_bytes, "inflight": inflight},
             "memory": {"rss_bytes": resident_memory()},
-            "storage": storage_json(getattr(self.service, "storage", None) or broker.storage),
+            "storage": storage_json(broker.storage),
         }
 
     def cluster_status(self, environ: dict, args: list[str]) -> tuple:
@@ -472,7 +472,7 @@ def resident_memory() -> int | None:
 
 def storage_json(storage: Any) -> dict[str, Any]:
     """The storage backend as ``/stats`` shows it: type, sync mode, bytes used and the size limit."""
-    if storage is None or not getattr(storage, "durable", False):
+    if not storage.durable:
         return {"type": "memory", "sync": None, "used_bytes": None, "map_size": None, "refusing": False}
     try:
         used = storage.used_bytes()

@@ -27,7 +27,7 @@ from tests.e2e.mqttraw import PahoClient, paho_connected, unique, wait_until
 from tests.e2e.test_http_bridge import http_request
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
@@ -87,7 +87,7 @@ def viewport(driver, width: int, height: int, mobile: bool = False) -> None:
 
 def wait_for(driver, condition: Callable, what: str, timeout: float = WAIT):
     return WebDriverWait(driver, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(StaleElementReferenceException,)).until(condition, what)
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(condition, what)
 
 
 def visible(driver, css: str, what: str = ""):
@@ -158,9 +158,10 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
     node = dashboard_node
     driver = browser
     viewport(driver, 1280, 800)
-    watched = paho_connected(node, unique("dash-client"), protocol=mqtt.MQTTv5)
-    watched.subscribe("dash/sensors/#", qos=1)
+    client_id = unique("dash-client")
+    watched: PahoClient | None = None
     publisher = paho_connected(node, unique("dash-publisher"))
+    publisher.subscribe("dash/sensors/#")  # so messages go out as well as in
     traffic = Traffic(publisher, "dash/sensors/k1/temp", count=2000, interval=0.02)
     try:
         # sign in; the overview fills in from /stats and the charts draw from the second sample
@@ -192,18 +193,22 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         screenshot(driver, tmp_path / "dashboard-overview-390.png")
         viewport(driver, 1280, 800)
 
-        # the paho client appears in the clients list, found by the search
+        # a paho client connects while the clients list is open: it appears (the list follows the
+        # node), found by the search; the list re-renders, so elements are looked up afresh
         tab(driver, "clients")
         search = driver.find_element(By.ID, "client-search")
-        search.send_keys(watched.client._client_id.decode())
-        row_css = f'#clients-body tr[data-client="{watched.client._client_id.decode()}"]'
-        row = visible(driver, row_css, "the paho client's row")
-        assert "connected" in row.text
+        search.send_keys(client_id)
+        wait_for(driver, lambda d: "No client matches" in text_of(d, "#clients-body"), "the empty search")
+        watched = paho_connected(node, client_id, protocol=mqtt.MQTTv5)
+        watched.subscribe("dash/alerts/#", qos=1)
+        row_css = f'#clients-body tr[data-client="{client_id}"]'
+        wait_for(driver, lambda d: "connected" in d.find_element(By.CSS_SELECTOR, row_css).text,
+                 "the paho client's row, connected")
         assert [r.get_attribute("data-client") for r in driver.find_elements(By.CSS_SELECTOR, "#clients-body tr")] \
-            == [watched.client._client_id.decode()]
-        row.find_element(By.CSS_SELECTOR, "button.client-id").click()
+            == [client_id]
+        driver.find_element(By.CSS_SELECTOR, f"{row_css} button.client-id").click()
         detail = visible(driver, "#client-detail", "the session detail")
-        wait_for(driver, lambda d: "dash/sensors/#" in d.find_element(By.ID, "client-detail").text,
+        wait_for(driver, lambda d: "dash/alerts/#" in d.find_element(By.ID, "client-detail").text,
                  "its subscription in the detail")
         assert "MQTT 5.0" in detail.text
         search.clear()
@@ -214,7 +219,7 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
 
         # subscriptions by filter
         tab(driver, "subscriptions")
-        wait_for(driver, lambda d: any(r.text.startswith("dash/sensors/#") for r in
+        wait_for(driver, lambda d: any(r.text.startswith("dash/alerts/#") for r in
                                        d.find_elements(By.CSS_SELECTOR, "#subs-body tr")), "the filter listed")
 
         # Disconnect: confirm, and the client sees the server's DISCONNECT (0x98 administrative action)
@@ -274,7 +279,8 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
     finally:
         traffic.close()
         publisher.stop()
-        watched.stop()
+        if watched is not None:
+            watched.stop()
 
 
 def test_a_wrong_token_shows_the_error_screen(browser, dashboard_node: RunningNode, tmp_path: Path) -> None:

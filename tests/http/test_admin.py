@@ -200,7 +200,7 @@ def test_stats_name_the_lmdb_store_its_size_and_sync_mode(spec, tmp_path) -> Non
     storage = LMDBStorage(tmp_path / "data", map_size=64 << 20, sync="none")
     try:
         storage.load()
-        app = AdminAPI(SimpleNamespace(broker=Broker(storage=storage), listeners=[], storage=storage), TOKEN)
+        app = AdminAPI(SimpleNamespace(broker=Broker(storage=storage), listeners=[]), TOKEN)
         status, _, body = json_call(spec, app, "GET", "/stats")
     finally:
         storage.close()

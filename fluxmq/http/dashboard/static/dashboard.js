@@ -90,8 +90,9 @@
     }
   }
 
+  // The parsed JSON answer; with { stream: true } the Response itself (for the monitor's events).
   async function api(path, options) {
-    const init = Object.assign({ cache: "no-store" }, options || {});
+    const { stream, ...init } = Object.assign({ cache: "no-store" }, options || {});
     init.headers = Object.assign({ Authorization: `Bearer ${token}` }, init.headers || {});
     let response;
     try {
@@ -100,7 +101,7 @@
       if (err.name === "AbortError") throw err;
       throw new ApiError(0, "the admin API did not answer (is the node running, and server.admin.addr set?)");
     }
-    if (init.stream) {
+    if (stream) {
       if (!response.ok) throw new ApiError(response.status, await errorText(response));
       return response;
     }
@@ -196,12 +197,18 @@
     pollTimer = null;
   }
 
+  let polls = 0;
+
   async function poll() {
+    polls += 1;
     try {
       renderStats(await api("/stats"));
     } catch (err) {
       failed(err, "stats");
+      return;
     }
+    // The client list follows the node too, while it fits one page (a long list is paged by hand).
+    if (activeTab === "clients" && !clientsNext && polls % 3 === 0) loadClients(false);
   }
 
   function renderStats(s) {
