@@ -255,7 +255,8 @@ KEYS: tuple[Key, ...] = (
         "(python -m fluxmq.broker.auth_enhanced USER)."),
     Key("auth.allow_anonymous", AutoBool(), "auto",
         'Accept clients without a user name; "auto" = only when neither auth.password_file nor auth.http.url is '
-        "set, and then only on loopback listeners (a non-loopback one refuses to start; true opens it)."),
+        "set, and then only on loopback listeners (a non-loopback MQTT or HTTP bridge listener refuses them "
+        "with CONNACK 5/0x87 or 401 and a warning at start, as Mosquitto 2; true opens it)."),
     Key("auth.bind_client_id_to_username", AutoBool(), "auto",
         "A client id belongs to the user whose session holds it: another user (or an anonymous client) "
         "connecting with it is refused (CONNACK 0x87 / return code 5) instead of taking the session over; "
