@@ -17,6 +17,8 @@ from fluxmq.auth.service import AuthService, AuthSettings
 from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
+from fluxmq.coap.bridge import CoapBridge, CoapSettings
+from fluxmq.coap.listener import CoapUDPListener
 from fluxmq.config import SCHEMA, parse_addr
 from fluxmq.errors import ConfigError
 from fluxmq.log import setup_logging
@@ -131,7 +133,7 @@ MQTT_LISTENERS = (
 # Listeners a client reaches without an MQTT or HTTP user name (every MQTT and HTTP bridge listener
 # but the mTLS ones, whose certificate identifies the client).
 ANONYMOUS_SURFACES = (*(section for name, section in MQTT_LISTENERS if name != "mtls"),
-                      "server.http.plain", "server.http.tls")
+                      "server.http.plain", "server.http.tls", "server.coap.plain")
 
 
 def _is_loopback(host: str) -> bool:
@@ -235,6 +237,8 @@ class BrokerService:
         self.sys_topics: SysTopics | None = None
         self.storage: Storage | None = None
         self.flusher: FlushScheduler | None = None
+        self.coap: CoapBridge | None = None  # the CoAP bridge when a CoAP listener is configured
+        self.coap_listeners: list = []
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -266,9 +270,22 @@ class BrokerService:
                                    max_connections=lc.max_connections, stream_factory=factory)
             listener.start()
             self.listeners.append(listener)
+        self._start_coap(cfg)
         self.sys_topics = SysTopics(self.broker, cfg.broker.sys_interval)
         self.sys_topics.start()
         self._started = True
+
+    def _start_coap(self, cfg) -> None:
+        coap = cfg.server.coap
+        if not coap.plain.addr:
+            return
+        self.coap = bridge = CoapBridge(self.broker, CoapSettings.from_config(cfg))
+        bridge.start()
+        self.reload_hooks.append(bridge.reload)
+        host, port = parse_addr(coap.plain.addr)
+        listener = CoapUDPListener("coap", host, port, bridge)
+        listener.start()
+        self.coap_listeners.append(listener)
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, finish in-flight writes, close clients, within ``timeout`` seconds."""
@@ -277,6 +294,11 @@ class BrokerService:
         deadline = time.monotonic() + timeout
         for listener in self.listeners:
             listener.stop_accepting()
+        for coap_listener in self.coap_listeners:
+            coap_listener.stop()
+        if self.coap is not None:  # publishes waiting for their commit still get their answer
+            self.coap.commit_waiters.join(timeout=max(0.0, deadline - time.monotonic()))
+            self.coap.stop()
         if self.sys_topics is not None:
             self.sys_topics.stop()
         self.broker.shutdown()
