@@ -145,13 +145,14 @@ class Request:
 
     __slots__ = ("msg", "peer", "transport", "identity", "size", "verified", "key")
 
-    def __init__(self, msg: CoapMessage, peer: Any, transport: Transport, identity: str | None, size: int) -> None:
+    def __init__(self, msg: CoapMessage, peer: Any, transport: Transport, identity: str | None, size: int,
+                 verified: bool = False) -> None:
         self.msg = msg
         self.peer = peer
         self.transport = transport
         self.identity = identity  # the DTLS identity (certificate CN or PSK identity), or None
         self.size = size
-        self.verified = identity is not None  # DTLS peers proved their address in the handshake
+        self.verified = verified  # DTLS peers proved their address in the handshake
         self.key = (transport.name, peer)
 
 
@@ -267,8 +268,10 @@ class CoapBridge:
 
     # -- datagrams in ----------------------------------------------------------------------------
 
-    def datagram(self, data: bytes, peer: Any, transport: Transport, identity: str | None = None) -> None:
-        """One datagram from ``peer``; never raises (a bad one is counted and dropped)."""
+    def datagram(self, data: bytes, peer: Any, transport: Transport, identity: str | None = None,
+                 verified: bool = False) -> None:
+        """One datagram from ``peer``; never raises (a bad one is counted and dropped). ``identity``
+        is the DTLS user name, if any; ``verified`` says the peer's address is proven (DTLS)."""
         try:
             msg = codec.parse(data)
         except MalformedDatagram:
@@ -278,7 +281,7 @@ class CoapBridge:
                 transport.sendto(codec.empty(codec.RST, (data[2] << 8) | data[3]), peer)
             return
         try:
-            self._message(msg, Request(msg, peer, transport, identity, len(data)))
+            self._message(msg, Request(msg, peer, transport, identity, len(data), verified))
         except Exception:  # a bug must not stop the listener: log it, drop the datagram
             self.drop("error")
             log.exception("coap_request_failed", extra={"peer": str(peer)})

@@ -77,6 +77,7 @@ SECTION_DOCS: dict[str, str] = {
     "server.coap": "CoAP bridge (RFC 7252): publish, read retained messages, observe topics (README.rst, CoAP).",
     "server.coap.plain": "The plain CoAP listener (UDP).",
     "server.coap.dtls": "CoAP over DTLS 1.2 (python-mbedtls): certificates and/or pre-shared keys.",
+    "server.coap.mdtls": "CoAP over DTLS 1.2 with a client certificate required (needs ca_file).",
     "server.admin": "Admin API; bearer token from server.admin.token_file or FLUXMQ_ADMIN_TOKEN.",
     "broker": "Protocol-independent broker limits and policies.",
     "storage": "Where sessions, retained messages and queues are kept.",
@@ -142,6 +143,21 @@ def _http_tls_keys(section: str) -> tuple[Key, ...]:
     return tuple(key for key in _tls_keys(section) if key.leaf != "use_cert_cn_as_username")
 
 
+def _dtls_keys(section: str) -> tuple[Key, ...]:
+    """The DTLS keys of a CoAP listener (fluxmq.coap.dtls builds the Mbed TLS context from them)."""
+    return (
+        Key(f"{section}.cert_file", Str(), "",
+            'PEM certificate (chain) of the DTLS server; "" = pre-shared keys only (psk_file).'),
+        Key(f"{section}.key_file", Str(), "", "PEM private key (EC or RSA) of cert_file."),
+        Key(f"{section}.ca_file", Str(), "",
+            "PEM CA bundle client certificates are verified against; alone it means client_auth require."),
+        Key(f"{section}.client_auth", Enum("", "none", "require"), "",
+            'Client certificates: "" = require when ca_file is set, else none; the CN becomes the user name.'),
+        Key(f"{section}.psk_file", Str(), "",
+            'Pre-shared keys, one "identity:hexkey" per line; the identity becomes the user name.'),
+    )
+
+
 def _websocket_keys(section: str) -> tuple[Key, ...]:
     """The WebSocket keys of a listener (fluxmq.transport.websocket)."""
     return (
@@ -200,15 +216,10 @@ KEYS: tuple[Key, ...] = (
         'CoAP UDP listener address host:port (e.g. "127.0.0.1:5683"); "" disables it.'),
     Key("server.coap.dtls.addr", Addr(allow_empty=True), "",
         'CoAP over DTLS listener address host:port (e.g. "127.0.0.1:5684"); "" disables it.'),
-    Key("server.coap.dtls.cert_file", Str(), "",
-        "PEM certificate (chain) of the DTLS server; \"\" = pre-shared keys only (psk_file)."),
-    Key("server.coap.dtls.key_file", Str(), "", "PEM private key of cert_file."),
-    Key("server.coap.dtls.ca_file", Str(), "",
-        "PEM CA bundle client certificates are verified against; alone it means client_auth require."),
-    Key("server.coap.dtls.client_auth", Enum("", "none", "request", "require"), "",
-        'Client certificates: "" = require when ca_file is set, else none; the CN becomes the user name.'),
-    Key("server.coap.dtls.psk_file", Str(), "",
-        "Pre-shared keys, one \"identity:hexkey\" per line; the identity becomes the user name."),
+    *_dtls_keys("server.coap.dtls"),
+    Key("server.coap.mdtls.addr", Addr(allow_empty=True), "",
+        'CoAP over DTLS with client certificates required, host:port (e.g. "127.0.0.1:5685"); "" disables it.'),
+    *_dtls_keys("server.coap.mdtls"),
     Key("server.coap.observe_queue_size", Int(1), 100,
         "Notifications buffered per observation; when full the oldest is dropped and counted."),
     Key("server.coap.max_observations", Int(0), 10000,

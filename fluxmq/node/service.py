@@ -18,6 +18,7 @@ from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
 from fluxmq.coap.bridge import CoapBridge, CoapSettings
+from fluxmq.coap.dtls import CoapDTLSListener, server_context
 from fluxmq.coap.listener import CoapUDPListener
 from fluxmq.config import SCHEMA, parse_addr
 from fluxmq.errors import ConfigError
@@ -133,7 +134,7 @@ MQTT_LISTENERS = (
 # Listeners a client reaches without an MQTT or HTTP user name (every MQTT and HTTP bridge listener
 # but the mTLS ones, whose certificate identifies the client).
 ANONYMOUS_SURFACES = (*(section for name, section in MQTT_LISTENERS if name != "mtls"),
-                      "server.http.plain", "server.http.tls", "server.coap.plain")
+                      "server.http.plain", "server.http.tls", "server.coap.plain", "server.coap.dtls")
 
 
 def _is_loopback(host: str) -> bool:
@@ -160,6 +161,8 @@ def anonymous_exposure(config) -> list[str]:
             continue
         if "ca_file" in lc and lc.ca_file and lc.client_auth in ("", "require"):
             continue  # a verified client certificate is required: not anonymous
+        if "psk_file" in lc and lc.psk_file and not lc.cert_file:
+            continue  # pre-shared keys only: every DTLS client has an identity
         if not _is_loopback(parse_addr(lc.addr)[0]):
             exposed.append(f"{section}.addr")
     return exposed
@@ -277,15 +280,23 @@ class BrokerService:
 
     def _start_coap(self, cfg) -> None:
         coap = cfg.server.coap
-        if not coap.plain.addr:
+        if not (coap.plain.addr or coap.dtls.addr or coap.mdtls.addr):
             return
+        # DTLS settings are checked (ConfigError naming the key) before anything binds
+        secure = [(name, getattr(coap, name), server_context(getattr(coap, name), f"server.coap.{name}",
+                                                             require_client_cert=name == "mdtls"))
+                  for name in ("dtls", "mdtls") if getattr(coap, name).addr]
         self.coap = bridge = CoapBridge(self.broker, CoapSettings.from_config(cfg))
         bridge.start()
         self.reload_hooks.append(bridge.reload)
-        host, port = parse_addr(coap.plain.addr)
-        listener = CoapUDPListener("coap", host, port, bridge)
-        listener.start()
-        self.coap_listeners.append(listener)
+        if coap.plain.addr:
+            host, port = parse_addr(coap.plain.addr)
+            self.coap_listeners.append(CoapUDPListener("coap", host, port, bridge))
+        for name, section, (context, psk) in secure:
+            host, port = parse_addr(section.addr)
+            self.coap_listeners.append(CoapDTLSListener(f"coap_{name}", host, port, bridge, context, psk))
+        for listener in self.coap_listeners:
+            listener.start()
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, finish in-flight writes, close clients, within ``timeout`` seconds."""
