@@ -315,7 +315,8 @@ class CoapBridge:
                 return  # answered once its commit lands
             if answer is not _RECOMPUTE:
                 self.retransmissions += 1
-                req.transport.sendto(answer, req.peer)
+                if answer:  # b"": the first answer was suppressed (No-Response)
+                    req.transport.sendto(answer, req.peer)
                 return
         if not self._rate_ok(req.peer):
             self.drop("rate_limited")
@@ -361,6 +362,16 @@ class CoapBridge:
         """Send the response to ``req`` (piggybacked on the ACK of a CON, a NON for a NON) and
         cache it for retransmissions. Payloads of unverified peers are cut to the amplification budget."""
         msg = req.msg
+        self.responses[response_code] = self.responses.get(response_code, 0) + 1
+        xkey = (*req.key, msg.mid)
+        entry = self.exchanges.get(xkey)
+        if msg.mtype == codec.NON and msg.options:
+            no_response = msg.option(codec.NO_RESPONSE)
+            if no_response is not None and codec.decode_uint(no_response) & (1 << ((response_code >> 5) - 1)):
+                # RFC 7967: the client asked not to hear about this class (a CON is always ACKed)
+                if entry is not None:
+                    entry[1] = b""
+                return
         if msg.mtype == codec.CON:
             response = CoapMessage(codec.ACK, response_code, msg.mid, msg.token, options or [], payload)
         else:
@@ -371,9 +382,6 @@ class CoapBridge:
             # a diagnostic payload is optional (§5.5.2): drop it rather than amplify
             response.payload = b""
             data = codec.serialize(response)
-        self.responses[response_code] = self.responses.get(response_code, 0) + 1
-        xkey = (*req.key, msg.mid)
-        entry = self.exchanges.get(xkey)
         if entry is not None:
             entry[1] = data if len(data) <= MAX_CACHED_RESPONSE else _RECOMPUTE
         req.transport.sendto(data, req.peer)

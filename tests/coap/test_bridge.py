@@ -289,3 +289,13 @@ def test_malformed_datagrams_never_raise(bridge: CoapBridge) -> None:
         bridge.datagram(data, PEER, t)
     assert bridge.dropped["malformed"] == 5
     assert [m.mtype for m in t.messages()] == [codec.RST, codec.RST]  # the two CONs with a readable header
+
+
+def test_no_response_suppresses_the_2_xx_of_a_non_request(bridge: CoapBridge) -> None:
+    """RFC 7967 §2.1: No-Response 2 suppresses 2.xx answers (a fire-and-forget sensor reading)."""
+    t = RecordingTransport()
+    quiet = ((codec.NO_RESPONSE, b"\x02"),)
+    bridge.datagram(req(codec.NON, codec.POST, 1, "nr/a", payload=b"x", extra=quiet), PEER, t)
+    bridge.datagram(req(codec.NON, codec.POST, 2, "nr/+", payload=b"x", extra=quiet), PEER, t)  # 4.00 still sent
+    assert [m.code for m in t.messages()] == [codec.BAD_REQUEST]
+    assert bridge.broker.stats.received_qos[0] == 1
