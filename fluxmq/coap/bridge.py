@@ -78,6 +78,7 @@ COMMIT_WAITERS = 256  # QoS 1/2 publishes waiting for their commit at once
 MAX_RATE_ADDRESSES = 65536
 MAX_REASSEMBLIES_PER_PEER = 4
 MAX_REPRESENTATIONS_PER_PEER = 8  # Block2 continuations served from a snapshot of the first block's body
+MAX_REPRESENTATION_BYTES = 64 << 20  # all those snapshots together (least recently used peers go first)
 OBSERVE_MAX = 1 << 24
 CLIENT_ID = "coap-bridge"  # the client id requests are checked as when they give none
 OBSERVER_PREFIX = "coap-obs-"
@@ -223,11 +224,13 @@ class CoapBridge:
         self.observers_per_peer: dict[tuple, int] = {}
         self.notification_mids: OrderedDict[tuple, Observation] = OrderedDict()  # (transport, peer, mid)
         self.reassembly: dict[tuple, dict[tuple, bytearray]] = {}  # peer key -> request key -> body so far
-        self.representations: dict[tuple, OrderedDict] = {}  # peer key -> path -> (payload, cf)
+        self.representations: OrderedDict[tuple, OrderedDict] = OrderedDict()  # peer key -> path -> body
+        self.representation_bytes = 0
         self.rates: OrderedDict[str, TokenBucket] = OrderedDict()
         self.commit_waiters = Pool(COMMIT_WAITERS)
         self._mid = int.from_bytes(os.urandom(2), "big")
         self._ready: list[Observation] = []
+        self.awaiting_ack: set[Observation] = set()  # observations with a CON notification in flight
         self._wake = Event()
         self._greenlets: list[gevent.Greenlet] = []
         # metrics (read by /metrics at scrape time)
@@ -433,13 +436,22 @@ class CoapBridge:
         return None if reps is None else reps.get(path_key)
 
     def _keep_representation(self, peer_key: tuple, path_key: str, body: bytes) -> None:
-        reps = self.representations.setdefault(peer_key, OrderedDict())
+        reps = self.representations.get(peer_key)
+        if reps is None:
+            reps = self.representations[peer_key] = OrderedDict()
+        else:
+            self.representations.move_to_end(peer_key)
+        old = reps.pop(path_key, None)
+        if old is not None:
+            self.representation_bytes -= len(old)
         reps[path_key] = body
-        reps.move_to_end(path_key)
+        self.representation_bytes += len(body)
         while len(reps) > MAX_REPRESENTATIONS_PER_PEER:
-            reps.popitem(last=False)
-        if len(self.representations) > MAX_RATE_ADDRESSES:
-            self.representations.pop(next(iter(self.representations)))
+            self.representation_bytes -= len(reps.popitem(last=False)[1])
+        while (self.representation_bytes > MAX_REPRESENTATION_BYTES or len(self.representations) > MAX_RATE_ADDRESSES) \
+                and len(self.representations) > 1:
+            _, dropped = self.representations.popitem(last=False)
+            self.representation_bytes -= sum(len(b) for b in dropped.values())
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -704,6 +716,7 @@ class CoapBridge:
         if obs.closed:
             return
         obs.closed = True
+        self.awaiting_ack.discard(obs)
         okey = (*obs.key, obs.token)
         if self.observations.get(okey) is obs:
             del self.observations[okey]
@@ -773,6 +786,7 @@ class CoapBridge:
                 retries, timeout = (pending[2], pending[4]) if pending is not None else \
                     (0, self.settings.ack_timeout * (1 + (ACK_RANDOM_FACTOR - 1) * _jitter()))
                 obs.pending_con = [mid, data, retries, time.monotonic() + timeout, timeout]
+                self.awaiting_ack.add(obs)
             else:
                 obs.since_con += 1
             obs.transport.sendto(data, obs.peer)
@@ -786,14 +800,18 @@ class CoapBridge:
             self.end_observation(obs, "reset")
         elif obs.pending_con is not None and obs.pending_con[0] == mid:
             obs.pending_con = None
+            self.awaiting_ack.discard(obs)
 
     def _retransmit_loop(self) -> None:
         while True:
             gevent.sleep(min(0.25, self.settings.ack_timeout / 4))
             now = time.monotonic()
-            for obs in list(self.observations.values()):
+            for obs in list(self.awaiting_ack):
                 pending = obs.pending_con
-                if pending is None or pending[3] > now or obs.closed:
+                if pending is None or obs.closed:
+                    self.awaiting_ack.discard(obs)
+                    continue
+                if pending[3] > now:
                     continue
                 if pending[2] >= self.settings.max_retransmit:  # RFC 7641 §4.5: the client is gone
                     self.end_observation(obs, "unacknowledged")

@@ -342,3 +342,36 @@ def test_auth_refusals_are_4_01_and_acl_refusals_4_03(auth_node: RunningNode, cl
 def test_auth_observe_refused_without_read_rights(auth_node: RunningNode, client: CoapTestClient) -> None:
     observer = client.observe(coap_uri(auth_node, "other/%23?username=alice&password=alice-pw"))
     assert observer.first.code == aiocoap.FORBIDDEN
+
+
+def test_a_large_notification_arrives_whole_block_wise(node: RunningNode, client: CoapTestClient) -> None:
+    """RFC 7959 §2.6 / RFC 7641: a notification over the block size (and the amplification budget)
+    carries its first Block2 block; aiocoap fetches the rest and hands over the whole body."""
+    topic = f"coap/{unique('bignote')}"
+    observer = client.observe(coap_uri(node, topic))
+    body = os.urandom(3000)
+    with paho_connected(node, unique("pub")) as pub:
+        pub.publish(topic, body, 0)
+        note = observer.get(WAIT)
+    assert note.payload == body
+    observer.cancel()
+
+
+def test_a_2_04_for_qos1_survives_sigkill(node_factory: NodeFactory) -> None:
+    """Acknowledged means stored: every retained QoS 1 publish answered 2.04 is there after SIGKILL."""
+    node = node_factory({"server.coap.plain.addr": f"127.0.0.1:{free_port()}"})
+    raw = RawCoap(node)
+    try:
+        for i in range(50):
+            raw.send(request(codec.CON, codec.PUT, i, f"kept/{i}", ("qos=1", "retain=true"), b"v%d" % i))
+            answer, _ = raw.recv()
+            assert (answer.mid, answer.code) == (i, codec.CHANGED)
+    finally:
+        raw.close()
+    node.kill()  # SIGKILL: nothing gets to flush or close
+    again = node_factory({"storage.path": str(node.data_dir),
+                          "server.coap.plain.addr": f"127.0.0.1:{free_port()}"})
+    with CoapTestClient() as c:
+        for i in (0, 25, 49):
+            got = c.request("GET", coap_uri(again, f"kept/{i}"))
+            assert (got.code, got.payload) == (aiocoap.CONTENT, b"v%d" % i)
