@@ -183,12 +183,13 @@ class Observation:
         self.closed = False
         self.dropped = 0
         self.scheduled = False
+        self.end_reason: str | None = None  # set by close(): the notifier ends the observation
 
     # Delivery interface (called by the broker)
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
                      subscription_ids: tuple[int, ...] | None) -> bool:
-        if self.closed:
+        if self.closed or self.end_reason is not None:
             return False
         queue = self.queue
         if len(queue) >= self.bridge.settings.observe_queue_size:
@@ -208,9 +209,13 @@ class Observation:
         return False
 
     def close(self, reason_code: int, reason: str = "") -> None:
-        """The broker ends the session (shutdown, takeover, admin kick)."""
-        if not self.closed:
-            self.bridge.end_observation(self, reason or f"closed by the broker ({reason_code:#x})")
+        """The broker ends the session (shutdown, admin kick, queue overflow): ended by the notifier,
+        not here, since the broker may be in the middle of routing a message to this session."""
+        if not self.closed and self.end_reason is None:
+            self.end_reason = reason or f"closed by the broker ({reason_code:#x})"
+            if not self.scheduled:
+                self.scheduled = True
+                self.bridge.schedule(self)
 
 
 class CoapBridge:
@@ -333,6 +338,9 @@ class CoapBridge:
             self._answer(req, refusal.code, refusal.diagnostic.encode("utf-8"))
         except MalformedDatagram as exc:
             self._answer(req, codec.BAD_REQUEST, str(exc).encode("utf-8"))
+        except Exception:
+            self._answer(req, codec.INTERNAL_SERVER_ERROR)  # not left pending for EXCHANGE_LIFETIME
+            raise
 
     def _remember(self, xkey: tuple, now: float, answer: object) -> None:
         exchanges = self.exchanges
@@ -747,6 +755,9 @@ class CoapBridge:
             ready, self._ready = self._ready, []
             for obs in ready:
                 obs.scheduled = False
+                if obs.end_reason is not None:
+                    self.end_observation(obs, obs.end_reason)
+                    continue
                 try:
                     self._send_notifications(obs)
                 except Exception:

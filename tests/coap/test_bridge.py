@@ -330,3 +330,15 @@ def test_fuzz_requests_never_raise_in_the_bridge(data: bytes, port: int) -> None
     assert "error" not in _BRIDGE.dropped
     for sent, _ in t.sent:
         codec.parse(sent)  # everything it sends is well formed
+
+
+def test_a_broker_close_ends_the_observation_from_the_notifier(bridge: CoapBridge) -> None:
+    """Admin kick / shutdown: ``close`` may come while the broker routes a message to the session,
+    so the observation and its session end on the notifier's next turn, not inside the call."""
+    t = RecordingTransport()
+    observe(bridge, t, "k/1")
+    (obs,) = bridge.observations.values()
+    assert bridge.broker.kick(obs.client_id)
+    assert obs.session.delivery is obs  # nothing removed inside the call
+    settle()
+    assert bridge.observations == {} and bridge.broker.session_count() == 0
