@@ -29,6 +29,7 @@ from gevent import socket
 from fluxmq.errors import ConfigError
 
 from .bridge import CoapBridge
+from .listener import BATCH
 
 log = logging.getLogger("fluxmq.coap")
 
@@ -192,7 +193,12 @@ class CoapDTLSListener:
         from mbedtls import tls
 
         sock = self.sock
+        in_a_row = 0
         while True:
+            in_a_row += 1
+            if in_a_row >= BATCH:  # as the plain listener: a flood must not starve the hub
+                in_a_row = 0
+                gevent.sleep(0)
             try:
                 data, peer = sock.recvfrom(MAX_DATAGRAM)
             except OSError:

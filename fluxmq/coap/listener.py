@@ -22,6 +22,9 @@ log = logging.getLogger("fluxmq.coap")
 
 MAX_DATAGRAM = 65535
 RECEIVE_BUFFER = 4 << 20  # absorbs bursts while the reader is busy
+# Datagrams handled in a row before the reader lets the hub run (the flusher writes the deliveries
+# they made, other clients get their turn): a flood must not starve the node or its heartbeat.
+BATCH = 64
 
 
 class CoapUDPListener:
@@ -52,7 +55,12 @@ class CoapUDPListener:
     def _serve(self) -> None:
         sock = self.sock
         handle = self.bridge.datagram
+        in_a_row = 0
         while True:
+            in_a_row += 1
+            if in_a_row >= BATCH:
+                in_a_row = 0
+                gevent.sleep(0)
             try:
                 data, peer = sock.recvfrom(MAX_DATAGRAM)
             except OSError as exc:  # e.g. ICMP port unreachable reported on Linux: keep serving
