@@ -394,7 +394,8 @@ class CoapBridge:
             response.payload = b""
             data = codec.serialize(response)
         if entry is not None:
-            entry[1] = data if len(data) <= MAX_CACHED_RESPONSE else _RECOMPUTE
+            # only a GET is safe to answer again; anything else keeps its answer however large
+            entry[1] = data if len(data) <= MAX_CACHED_RESPONSE or msg.code != codec.GET else _RECOMPUTE
         req.transport.sendto(data, req.peer)
 
     def _budget(self, req: Request) -> int | None:
@@ -651,8 +652,10 @@ class CoapBridge:
             raise CoapRefusal(codec.NOT_FOUND)
         observe = msg.uint_option(codec.OBSERVE)
         if observe == 1:
-            self._cancel(req)
-            observe = None  # §3.6: then answered as a plain GET
+            self._cancel(req)  # RFC 7641 §3.6: then answered as a plain GET
+            if "+" in path or "#" in path:  # a filter has no representation of its own
+                self._answer(req, codec.CONTENT)
+                return
         if observe == 0:
             self._observe(req, path, client_id, username)
             return

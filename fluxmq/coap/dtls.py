@@ -292,6 +292,7 @@ class CoapDTLSListener:
         if state is None or not state.ready:
             self.bridge.drop("dtls_no_session")
             return
+        state.seen = time.monotonic()  # an observer that only receives keeps its session
         state.buffer.write(data)
         self._flush(state.buffer, peer)
 

@@ -342,3 +342,13 @@ def test_a_broker_close_ends_the_observation_from_the_notifier(bridge: CoapBridg
     assert obs.session.delivery is obs  # nothing removed inside the call
     settle()
     assert bridge.observations == {} and bridge.broker.session_count() == 0
+
+
+def test_deregistering_a_filter_observation_is_answered_2_05(bridge: CoapBridge) -> None:
+    """RFC 7641 §3.6: GET with Observe=1 ends the observation; on a filter there is nothing to read."""
+    t = RecordingTransport()
+    observe(bridge, t, "f/+/x", b"fl")
+    bridge.datagram(req(codec.CON, codec.GET, 7, "f/+/x", token=b"fl", extra=((codec.OBSERVE, b"\x01"),)), PEER, t)
+    (answer,) = t.take()
+    assert answer.code == codec.CONTENT and answer.option(codec.OBSERVE) is None
+    assert bridge.observations == {}
