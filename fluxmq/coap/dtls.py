@@ -71,13 +71,12 @@ def load_psk_file(path: str, key: str = "server.coap.dtls.psk_file") -> dict[str
             continue
         identity, sep, hexkey = line.rpartition(":")
         try:
-            key = bytes.fromhex(hexkey.strip())
+            secret = bytes.fromhex(hexkey.strip())
         except ValueError:
-            key = b""
-        if not sep or not identity or not key:
-            raise ConfigError(key, "", source=path, line=number,
-                              problem="expected identity:hexkey")
-        keys[identity] = key
+            secret = b""
+        if not sep or not identity or not secret:
+            raise ConfigError(key, "", source=path, line=number, problem="expected identity:hexkey")
+        keys[identity] = secret
     return keys
 
 
