@@ -180,7 +180,8 @@ class Observation:
         self.since_con = 0
         # the CON in flight: [mid, datagram, retransmissions, next send (monotonic), timeout]
         self.pending_con: list | None = None
-        self.closed = False
+        self.closed = False  # closing or ended: takes nothing more (the Delivery contract)
+        self.ended = False  # its session is closed and it is out of the bridge's tables
         self.dropped = 0
         self.scheduled = False
         self.end_reason: str | None = None  # set by close(): the notifier ends the observation
@@ -189,7 +190,7 @@ class Observation:
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
                      subscription_ids: tuple[int, ...] | None) -> bool:
-        if self.closed or self.end_reason is not None:
+        if self.closed:
             return False
         queue = self.queue
         if len(queue) >= self.bridge.settings.observe_queue_size:
@@ -206,12 +207,15 @@ class Observation:
         """Never called: observations subscribe at QoS 0."""
 
     def is_congested(self) -> bool:
-        return False
+        # The observation's own bounded queue absorbs bursts; a closing one takes nothing more,
+        # which the session counts as an offline drop (as the HTTP bridge's SSE stream).
+        return self.closed
 
     def close(self, reason_code: int, reason: str = "") -> None:
         """The broker ends the session (shutdown, admin kick, queue overflow): ended by the notifier,
         not here, since the broker may be in the middle of routing a message to this session."""
-        if not self.closed and self.end_reason is None:
+        if not self.closed:
+            self.closed = True
             self.end_reason = reason or f"closed by the broker ({reason_code:#x})"
             if not self.scheduled:
                 self.scheduled = True
@@ -724,9 +728,9 @@ class CoapBridge:
 
     def end_observation(self, obs: Observation, reason: str) -> None:
         """End ``obs`` and remove its session (idempotent)."""
-        if obs.closed:
+        if obs.ended:
             return
-        obs.closed = True
+        obs.ended = obs.closed = True
         self.awaiting_ack.discard(obs)
         okey = (*obs.key, obs.token)
         if self.observations.get(okey) is obs:
