@@ -55,3 +55,65 @@ def test_psk_store_remembers_the_identity_looked_up() -> None:
     assert store["a"] == b"\x01" and store.last_identity == "a"
     with pytest.raises(KeyError):
         store["b"]
+
+
+def test_random_datagrams_leave_the_dtls_listener_serving(tmp_path: Path) -> None:
+    """Hostile records (random bytes, mutated ClientHellos) are dropped; a real client then completes
+    a PSK handshake and gets its answer. The client runs in a thread (its socket API blocks)."""
+    import random
+    import socket
+    import threading
+
+    import gevent
+    from mbedtls import tls
+
+    from fluxmq.broker.broker import Broker, BrokerSettings
+    from fluxmq.coap import codec
+    from fluxmq.coap.bridge import CoapBridge
+    from fluxmq.coap.dtls import CoapDTLSListener
+
+    f = tmp_path / "psk"
+    f.write_text("dev:00112233445566778899aabbccddeeff\n")
+    context, psk = server_context(section(psk_file=str(f)), "server.coap.dtls")
+    bridge = CoapBridge(Broker(BrokerSettings()))
+    listener = CoapDTLSListener("coap_dtls", "127.0.0.1", 0, bridge, context, psk)
+    listener.start()
+    rng = random.Random(7)
+    noise = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    result: list = []
+
+    def client() -> None:
+        try:
+            conf = tls.DTLSConfiguration(pre_shared_key=("dev", bytes.fromhex("00112233445566778899aabbccddeeff")),
+                                         validate_certificates=False)
+            sock = tls.ClientContext(conf).wrap_socket(socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                                                       server_hostname=None)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", listener.port))
+            sock.do_handshake()
+            sock.send(codec.serialize(codec.CoapMessage(codec.CON, codec.GET, 1, b"t", [(codec.URI_PATH, b"health")])))
+            result.append(codec.parse(sock.recv(4096)).payload)
+            sock.close()
+        except Exception as exc:  # reported by the assertion below
+            result.append(exc)
+
+    try:
+        for i in range(2000):
+            if i % 2:
+                data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 200)))
+            else:  # a DTLS 1.2 handshake record header with garbage after it
+                data = b"\x16\xfe\xfd" + bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 120)))
+            noise.sendto(data, ("127.0.0.1", listener.port))
+            if i % 200 == 0:
+                gevent.sleep(0.01)
+        thread = threading.Thread(target=client)
+        thread.start()
+        for _ in range(1000):
+            if not thread.is_alive():
+                break
+            gevent.sleep(0.01)
+        assert result == [b"healthy"]
+        assert len(listener.peers) <= 1  # no state for the noise (no cookie was ever returned)
+    finally:
+        noise.close()
+        listener.stop()
