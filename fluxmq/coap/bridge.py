@@ -174,6 +174,7 @@ class Observation:
         self.filter = filter
         self.client_id = client_id
         self.budget = budget  # the largest notification an unverified observer may get, or None
+        self.proven = budget is None  # the peer has shown it receives at its address (DTLS, login, an ACK)
         self.session: Any = None
         self.queue: deque = deque()
         self.seq = 1
@@ -774,11 +775,15 @@ class CoapBridge:
     def _send_notifications(self, obs: Observation) -> None:
         queue = obs.queue
         while queue and not obs.closed:
+            if not obs.proven and obs.pending_con is not None:
+                return  # the rest waits (bounded, drop-oldest) until the peer ACKs the first CON
             message = queue.popleft()
             obs.seq = (obs.seq + 1) % OBSERVE_MAX
             # CON every CON_EVERY notifications, and whenever the previous CON is unanswered
-            # (RFC 7641 §4.5.2: the new one takes over its retransmission state).
-            confirmable = obs.since_con + 1 >= CON_EVERY or obs.pending_con is not None
+            # (RFC 7641 §4.5.2: the new one takes over its retransmission state). An unverified
+            # observer's first notification is CON and nothing follows before its ACK: a spoofed
+            # registration gets one small notification (and its retransmissions), not a stream.
+            confirmable = obs.since_con + 1 >= CON_EVERY or obs.pending_con is not None or not obs.proven
             mid = self.next_mid()
             options = [(codec.OBSERVE, codec.encode_uint(obs.seq)), *_format_options(message),
                        (codec.TOPIC, message.topic.encode("utf-8"))]
@@ -819,6 +824,11 @@ class CoapBridge:
         elif obs.pending_con is not None and obs.pending_con[0] == mid:
             obs.pending_con = None
             self.awaiting_ack.discard(obs)
+            if not obs.proven:
+                obs.proven = True  # the ACK proves the peer receives at its address
+                if obs.queue and not obs.scheduled:
+                    obs.scheduled = True
+                    self.schedule(obs)
 
     def _retransmit_loop(self) -> None:
         while True:

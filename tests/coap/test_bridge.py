@@ -155,6 +155,11 @@ def test_notifications_are_con_every_24_and_while_a_con_is_unanswered(bridge: Co
     """RFC 7641 §4.5: a CON at least every 24 notifications; the one after an unanswered CON is CON."""
     t = RecordingTransport()
     observe(bridge, t, "s/1")
+    bridge.broker.publish(Message("s/1", b"first"))
+    settle()
+    (first,) = t.take()
+    assert first.mtype == codec.CON  # an unverified observer's first notification
+    bridge.datagram(codec.empty(codec.ACK, first.mid), PEER, t)
     for i in range(CON_EVERY):
         bridge.broker.publish(Message("s/1", str(i).encode()))
     settle()
@@ -352,3 +357,38 @@ def test_deregistering_a_filter_observation_is_answered_2_05(bridge: CoapBridge)
     (answer,) = t.take()
     assert answer.code == codec.CONTENT and answer.option(codec.OBSERVE) is None
     assert bridge.observations == {}
+
+
+def test_a_spoofed_observe_registration_gets_one_notification_until_acknowledged(bridge: CoapBridge) -> None:
+    """Amplification through Observe (RFC 7641 §7): an unverified observer gets its first
+    notification as CON and nothing more until that CON is ACKed (a spoofed address never ACKs);
+    what waits is bounded by the drop-oldest queue. After the ACK the rest follows in order."""
+    t = RecordingTransport()
+    observe(bridge, t, "sp/1")
+    for i in range(50):
+        bridge.broker.publish(Message("sp/1", b"%d" % i))
+    settle()
+    (first,) = t.take()
+    assert first.mtype == codec.CON and first.payload == b"0"
+    (obs,) = bridge.observations.values()
+    assert len(obs.queue) == 49
+    bridge.datagram(codec.empty(codec.ACK, first.mid), PEER, t)
+    settle()
+    assert [n.payload for n in t.take()] == [b"%d" % i for i in range(1, 50)]
+
+
+def test_an_authenticated_observer_gets_notifications_at_once() -> None:
+    """A peer that logged in (or came over DTLS) has shown its address: no first-CON wait."""
+    b = CoapBridge(Broker(BrokerSettings()))
+    b.start()
+    t = RecordingTransport()
+    try:
+        b.datagram(req(codec.CON, codec.GET, 1, "v/1", token=b"v", extra=((codec.OBSERVE, b""),)), PEER, t,
+                   identity="dev", verified=True)
+        t.take()
+        for i in range(3):
+            b.broker.publish(Message("v/1", b"%d" % i))
+        settle()
+        assert [(n.mtype, n.payload) for n in t.take()] == [(codec.NON, b"0"), (codec.NON, b"1"), (codec.NON, b"2")]
+    finally:
+        b.stop()
