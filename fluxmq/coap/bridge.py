@@ -31,7 +31,8 @@ Reliability:
   or a CON that exhausts MAX_RETRANSMIT ends the observation and its session.
 * **Amplification bound.** A response to a request from an unverified peer (plain UDP without
   accepted credentials) is at most ``AMPLIFICATION_FACTOR`` times the request's size: a larger
-  representation goes out block-wise (Block2) in blocks that fit, as RFC 7252 §11.3 suggests.
+  representation goes out block-wise (Block2) in blocks that fit, as RFC 7252 §11.3 suggests; an
+  observation of such a peer sends its first notification as CON and nothing more until it is ACKed.
 * **Rates.** Requests per source IP are limited by ``limits.publish_rate`` / ``publish_burst``;
   over it a CON gets 4.29 (RFC 8516) and a NON is dropped.
 """
