@@ -17,6 +17,9 @@ from fluxmq.auth.service import AuthService, AuthSettings
 from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
+from fluxmq.coap.bridge import CoapBridge, CoapSettings
+from fluxmq.coap.dtls import CoapDTLSListener, server_context
+from fluxmq.coap.listener import CoapUDPListener
 from fluxmq.config import SCHEMA, parse_addr
 from fluxmq.log import setup_logging
 from fluxmq.protocol.flush import FlushScheduler
@@ -131,7 +134,7 @@ MQTT_LISTENERS = (
 # Listeners a client reaches without an MQTT or HTTP user name (every MQTT and HTTP bridge listener
 # but the mTLS ones, whose certificate identifies the client).
 ANONYMOUS_SURFACES = (*(section for name, section in MQTT_LISTENERS if name != "mtls"),
-                      "server.http.plain", "server.http.tls")
+                      "server.http.plain", "server.http.tls", "server.coap.plain", "server.coap.dtls")
 
 
 def _is_loopback(host: str) -> bool:
@@ -160,6 +163,8 @@ def anonymous_exposure(config) -> list[str]:
             continue
         if "ca_file" in lc and lc.ca_file and lc.client_auth in ("", "require"):
             continue  # a verified client certificate is required: not anonymous
+        if "psk_file" in lc and lc.psk_file and not lc.cert_file:
+            continue  # pre-shared keys only: every DTLS client has an identity
         if not _is_loopback(parse_addr(lc.addr)[0]):
             exposed.append(f"{section}.addr")
     return exposed
@@ -250,6 +255,8 @@ class BrokerService:
         self.sys_topics: SysTopics | None = None
         self.storage: Storage | None = None
         self.flusher: FlushScheduler | None = None
+        self.coap: CoapBridge | None = None  # the CoAP bridge when a CoAP listener is configured
+        self.coap_listeners: list = []
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -284,9 +291,30 @@ class BrokerService:
                                    max_connections=lc.max_connections, stream_factory=factory)
             listener.start()
             self.listeners.append(listener)
+        self._start_coap(cfg)
         self.sys_topics = SysTopics(self.broker, cfg.broker.sys_interval)
         self.sys_topics.start()
         self._started = True
+
+    def _start_coap(self, cfg) -> None:
+        coap = cfg.server.coap
+        if not (coap.plain.addr or coap.dtls.addr or coap.mdtls.addr):
+            return
+        # DTLS settings are checked (ConfigError naming the key) before anything binds
+        secure = [(name, getattr(coap, name), server_context(getattr(coap, name), f"server.coap.{name}",
+                                                             require_client_cert=name == "mdtls"))
+                  for name in ("dtls", "mdtls") if getattr(coap, name).addr]
+        self.coap = bridge = CoapBridge(self.broker, CoapSettings.from_config(cfg))
+        bridge.start()
+        self.reload_hooks.append(bridge.reload)
+        if coap.plain.addr:
+            host, port = parse_addr(coap.plain.addr)
+            self.coap_listeners.append(CoapUDPListener("coap", host, port, bridge))
+        for name, section, (context, psk) in secure:
+            host, port = parse_addr(section.addr)
+            self.coap_listeners.append(CoapDTLSListener(f"coap_{name}", host, port, bridge, context, psk))
+        for listener in self.coap_listeners:
+            listener.start()
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, finish in-flight writes, close clients, within ``timeout`` seconds."""
@@ -295,6 +323,11 @@ class BrokerService:
         deadline = time.monotonic() + timeout
         for listener in self.listeners:
             listener.stop_accepting()
+        for coap_listener in self.coap_listeners:
+            coap_listener.stop()
+        if self.coap is not None:  # publishes waiting for their commit still get their answer
+            self.coap.commit_waiters.join(timeout=max(0.0, deadline - time.monotonic()))
+            self.coap.stop()
         if self.sys_topics is not None:
             self.sys_topics.stop()
         self.broker.shutdown()

@@ -73,7 +73,7 @@ def test_every_default_listener_binds_loopback() -> None:
 
 
 @pytest.mark.parametrize("key", ["server.tcp.plain.addr", "server.websocket.plain.addr",
-                                 "server.http.plain.addr"])
+                                 "server.http.plain.addr", "server.coap.plain.addr"])
 @pytest.mark.parametrize("addr", [":1", "0.0.0.0:1", "192.168.1.5:1", "broker.example:1"])
 def test_anonymous_listener_on_the_network_starts_with_a_warning(key: str, addr: str, caplog) -> None:
     """As Mosquitto 2: the node starts and that listener refuses anonymous clients (a config copied
@@ -93,6 +93,17 @@ def test_anonymous_listener_on_the_network_starts_with_a_warning(key: str, addr:
 def test_network_listener_starts_when_anonymous_is_decided(opened_by: str) -> None:
     cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=:1", opened_by])
     assert anonymous_exposure(cfg) == []
+
+
+def test_psk_only_dtls_coap_listener_is_not_anonymous(tmp_path) -> None:
+    """Every DTLS client of a PSK-only listener has an identity; with a certificate it may have none."""
+    psk = tmp_path / "psk"
+    psk.write_text("dev:00ff\n")
+    cfg = load_config(None, env={}, overrides=["server.coap.dtls.addr=:1", f"server.coap.dtls.psk_file={psk}"])
+    assert anonymous_exposure(cfg) == []
+    cfg = load_config(None, env={}, overrides=["server.coap.dtls.addr=:1", f"server.coap.dtls.psk_file={psk}",
+                                               "server.coap.dtls.cert_file=/x.crt"])
+    assert anonymous_exposure(cfg) == ["server.coap.dtls.addr"]
 
 
 def test_loopback_listeners_stay_anonymous() -> None:
