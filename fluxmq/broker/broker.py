@@ -146,7 +146,8 @@ class Broker:
     # -- sessions --------------------------------------------------------------------------------
 
     def open_session(self, client_id: str, clean_start: bool, expiry_interval: int,
-                     will: Will | None = None, username: str | None = None) -> tuple[Session, bool]:
+                     will: Will | None = None, username: str | None = None,
+                     limits: SessionLimits | None = None) -> tuple[Session, bool]:
         """Find or create the session of ``client_id`` for a new connection; returns (session, present).
 
         An existing connection with the same client id is closed first (takeover, 5.0 reason 0x8E)
@@ -155,6 +156,8 @@ class Broker:
         Raises QuotaExceeded for a new client id while the node holds ``broker.max_sessions``
         sessions; a client id that has a session may always reconnect or take over. Raises NotAuthorized,
         changing nothing, when the client id belongs to another user (``auth.bind_client_id_to_username``).
+        ``limits`` replaces the node-wide queue bounds for this session (a bridge's outbound store
+        is bounded by its own ``max_queued_messages``).
         """
         session = self.sessions.get(client_id)
         # A session whose end waits for its shared hand-over has ended for its client already.
@@ -198,10 +201,12 @@ class Broker:
         present = session is not None
         if session is None:
             if self._store is not None and expiry_interval > 0:
-                session = PersistentSession(client_id, self.persistent_limits, self.stats, self._store)
+                session = PersistentSession(client_id, limits or self.persistent_limits, self.stats, self._store)
             else:
-                session = Session(client_id, self.limits, self.stats)
+                session = Session(client_id, limits or self.limits, self.stats)
             self.sessions[client_id] = session
+        elif limits is not None:
+            session.limits = limits
         session.expiry_interval = expiry_interval
         session.persistent = expiry_interval > 0
         session.will = will
