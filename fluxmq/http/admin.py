@@ -197,6 +197,7 @@ class AdminAPI:
             ("GET", "retained/*", self.get_retained),
             ("DELETE", "retained/*", self.delete_retained),
             ("POST", "reload", self.reload),
+            ("GET", "bridges", self.list_bridges),
         ]
 
     @property
@@ -324,6 +325,15 @@ class AdminAPI:
             "bytes": {"received": st.bytes_received, "sent": st.bytes_sent},
             "queues": {"messages": queued, "bytes": queued_bytes, "inflight": inflight},
         }
+
+    def list_bridges(self, environ: dict, args: list[str]) -> tuple:
+        """Bridges and cluster routes: overall status and per link state and counters (the same
+        data as ``$SYS/broker/cluster/*``); no credentials."""
+        _ = self.broker  # 503 before the broker runs
+        bridges = getattr(self.service, "bridges", None)
+        if bridges is None:
+            return 200, {"status": "ok", "bridges": []}
+        return 200, bridges.status.summary()
 
     def list_sessions(self, environ: dict, args: list[str]) -> tuple:
         """Sessions by client id, one page: ``after`` (a cursor: the last client id of the previous

@@ -15,8 +15,11 @@ import pytest
 from tests.conftest import NodeFactory, free_port
 from tests.e2e.listener_clients import PahoTransportClient
 from tests.e2e.test_bridge_mosquitto import drain, wait_status
+from tests.e2e.test_http_bridge import http_request
+from tests.e2e.test_metrics import scrape
 
 WAIT = 15.0
+TOKEN = "mesh-admin-token"
 NAMES = ("a", "b", "c")
 
 
@@ -45,6 +48,7 @@ def mesh(tmp_path_factory):
                 f"    - {{host: 127.0.0.1, port: {ports[peer]}, node_id: node-{name}, message_validity: 30s, "
                 f"reconnect: {{initial: 0.2s, max: 1s}}}}" for peer in NAMES if peer != name)
             nodes[name] = factory(overrides={"server.tcp.plain.addr": f"127.0.0.1:{ports[name]}"},
+                                  env={"FLUXMQ_ADMIN_TOKEN": TOKEN},
                                   config_text=f"cluster:\n  routes:\n{routes}\nbroker:\n  sys_interval: 1s\n")
         for node in nodes.values():
             wait_status(node, "ok", 30)
@@ -83,6 +87,22 @@ def test_status_topics_ok(mesh):
     sync = json.loads(got["sync"])
     assert set(sync) == {f"127.0.0.1:{mesh[p].mqtt_port}" for p in ("b", "c")}
     assert all({"queued", "forwarded_out", "forwarded_in", "dropped_validity"} <= set(v) for v in sync.values())
+
+
+def test_admin_and_metrics_show_the_routes(mesh):
+    """The same data on the admin API (GET /bridges) and /metrics; no credentials in either."""
+    node = mesh["a"]
+    status, _, body = http_request(node, "GET", "/bridges", headers={"Authorization": f"Bearer {TOKEN}"},
+                                   port=node.admin_port)
+    assert status == 200 and body["status"] == "ok", body
+    assert sorted(b["name"] for b in body["bridges"]) == sorted(
+        f"127.0.0.1:{mesh[p].mqtt_port}" for p in ("b", "c"))
+    assert all(b["state"] == "connected" and b["mesh"] for b in body["bridges"])
+    samples = scrape(node)
+    for p in ("b", "c"):
+        name = f"127.0.0.1:{mesh[p].mqtt_port}"
+        assert samples[("fluxmq_bridge_connected", (("bridge", name),))] == 1
+        assert ("fluxmq_bridge_forwarded_total", (("bridge", name), ("direction", "out"))) in samples
 
 
 def test_one_node_down(mesh):
