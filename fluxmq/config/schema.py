@@ -442,7 +442,7 @@ class Schema:
                 raise ValueError(f"schema: {name} is both a key and a section")
 
     def _add(self, key: Key) -> None:
-        if not _NAME.fullmatch(key.name):
+        if not _NAME.fullmatch(key.name) or ("." not in key.name and not isinstance(key.type, FieldsList)):
             raise ValueError(f"schema: bad key name {key.name!r} (want section.key, lowercase)")
         if key.name in self.keys:
             raise ValueError(f"schema: duplicate key {key.name}")
