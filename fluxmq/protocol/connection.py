@@ -555,6 +555,11 @@ class MQTTConnection:
         if version == 3 and not 1 <= len(client_id) <= 23:
             self._refuse(RC_ID_REJECTED, 0x85, "MQTT 3.1 client identifiers have 1 to 23 characters")
             return
+        if client_id.startswith("$bridge/"):
+            # The local sessions of the node's bridges (fluxmq.bridge): a client taking one over
+            # would receive and acknowledge away what is queued for a peer broker.
+            self._refuse(RC_ID_REJECTED, 0x85, "client identifiers starting with $bridge/ are reserved")
+            return
         if not client_id:
             if version == 4 and not p.clean_start:
                 # An empty client id needs a clean session [MQTT-3.1.3-8].

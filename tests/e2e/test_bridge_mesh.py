@@ -127,3 +127,14 @@ def test_one_node_down(mesh):
         assert sorted(m.topic for m in drain(sub, 2.0)) == sorted(f"down/{i}" for i in range(10))
     sync = wait_status(mesh["a"], "degraded")
     assert sync[f"127.0.0.1:{c.mqtt_port}"]["queued"] >= 10  # waiting on disk for C
+
+
+def test_bridge_client_ids_are_reserved(mesh):
+    """A client may not take over a bridge's local session ($bridge/NAME): CONNACK 2 (identifier rejected)."""
+    from fluxmq._core import codec as c
+    from tests.e2e.mqttraw import RawClient
+
+    with RawClient.to(mesh["a"]) as client:
+        connack = client.connect(f"$bridge/127.0.0.1:{mesh['b'].mqtt_port}", clean=False)
+        assert connack == c.Connack(False, 2)
+        assert client.wait_closed() == []
