@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from time import perf_counter
 
 import gevent
+from gevent.event import AsyncResult
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
-from fluxmq.errors import NotAuthorized, QuotaExceeded
+from fluxmq.errors import NotAuthorized, QuotaExceeded, StorageError
 from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
@@ -127,6 +129,7 @@ class Broker:
         self.hand_over_chunk = HAND_OVER_CHUNK
         self.connected = 0
         self.accepting = True
+        self._qos0_refusal_logged = False
         # fluxmq.auth.service.AuthService, or None: no authentication, ACLs or limits at all.
         self.auth = None
 
@@ -483,9 +486,17 @@ class Broker:
         # 1 publish in 64 (of each QoS) is timed until its deliveries are flushed (_observe_latency).
         started = perf_counter() if not received[msg_qos] & LATENCY_SAMPLE_MASK else 0.0
         route = self.router.route(message.topic)
-        if self.storage.refusing and msg_qos and self._would_store(message, route):
-            stats.dropped("storage_full")
-            raise QuotaExceeded("storage full")
+        store = self._store
+        ops_before = 0
+        if store is not None:
+            if store.refusing and (msg_qos or message.retain) and self._would_store(message, route):
+                stats.dropped("storage_full")
+                if msg_qos:
+                    raise QuotaExceeded("storage full")
+                self._refused_qos0()  # no ack to carry the refusal: counted and logged
+                return 0
+            if msg_qos and origin is not None:
+                ops_before = store.op_count
         if message.retain:
             self.retained.store(message)
         retain = message.retain
@@ -510,6 +521,10 @@ class Broker:
             sent_bytes[0] += (n - n_acked) * size
         if route.groups:
             n += self._publish_shared(message, route.groups)
+        if store is not None and msg_qos and origin is not None and store.op_count != ops_before:
+            # The origin's PUBACK/PUBREC acknowledges what this publish stored (for other clients,
+            # or retained): a failed commit must abandon it (FlushScheduler).
+            store.note_stake(origin.client_id)
         if started:
             self._observe_latency(started)
         return n
@@ -520,10 +535,37 @@ class Broker:
         # it, so the sample covers routing, encoding and the socket write.
         gevent.get_hub().loop.run_callback(self.stats.observe_delivery_latency, started)
 
+    def _refused_qos0(self) -> None:
+        n = self.stats.drops.get("storage_full", 0)
+        if not self._qos0_refusal_logged or n % 10000 == 0:
+            self._qos0_refusal_logged = True
+            log.warning("publish_refused_storage_full", extra={
+                "qos": 0, "dropped_storage_full": n,
+                "effect": "retained QoS 0 messages are dropped while the storage is full"})
+
+    def wait_committed(self, timeout: float | None = 30.0) -> None:
+        """Block this greenlet until every operation recorded so far (e.g. by the ``publish`` just
+        made) is committed, and fsynced under ``storage.sync: always``: the after-commit point a
+        front end without a connection answers at (HTTP bridge, admin API). Returns at once with
+        the memory backend or when nothing is pending. Raises StorageError when that commit fails
+        or does not finish within ``timeout``. Never call it from the hub."""
+        store = self._store
+        if store is None:
+            return
+        done = AsyncResult()
+        store.after_commit(done.set)  # called at once when nothing is pending: get() does not wait
+        try:
+            error = done.get(timeout=timeout)
+        except gevent.Timeout:
+            raise StorageError(f"the commit did not finish within {timeout}s") from None
+        if error is not None:
+            raise StorageError(f"the commit failed: {error}") from None
+
     @staticmethod
     def _would_store(message: Message, route) -> bool:
-        """True when publishing ``message`` writes to storage (retained, or a persistent target)."""
-        if message.retain and not message.topic.startswith("$SYS"):
+        """True when publishing ``message`` writes to storage (retained, or a persistent target); a
+        retained message's clear (empty payload) only frees space."""
+        if message.retain and message.payload and not message.topic.startswith("$SYS"):
             return True
         if any(isinstance(t[0], PersistentSession) for t in route.targets):
             return True
@@ -590,8 +632,12 @@ class Broker:
 
     # -- node lifecycle --------------------------------------------------------------------------
 
-    def restore(self, state: StoredState) -> None:
+    def restore(self, state: StoredState, pause: Callable[[], None] | None = None,
+                slice_size: int = 2000) -> None:
         """Rebuild what the storage loaded at start, before any client connects.
+
+        ``pause`` is called after every ``slice_size`` sessions or retained messages (the node
+        yields to the hub there, so a large store does not stall it).
 
         Sessions expire by wall-clock time across the downtime (a session online at the crash counts
         as disconnected when the node was last known alive); wills whose delay elapsed meanwhile,
@@ -602,7 +648,11 @@ class Broker:
         if store is None:
             return
         now = time.time()
+        n = 0
         for fields in state.retained:
+            n += 1
+            if pause is not None and n % slice_size == 0:
+                pause()
             message = Message(*fields)
             if message.expired():
                 store.delete_retained(message.topic)
@@ -610,6 +660,9 @@ class Broker:
             self.retained.restore(message)
         due: list[Will] = []
         for rec in state.sessions.values():
+            n += 1
+            if pause is not None and n % slice_size == 0:
+                pause()
             cid = rec.client_id
             gone_at = rec.disconnected_at or state.last_alive or now
             elapsed = max(0.0, now - gone_at)

@@ -297,6 +297,8 @@ KEYS: tuple[Key, ...] = (
     Key("server.health_addr", Addr(), "127.0.0.1:8081",
         'Health HTTP listener address host:port (":8081" = every interface).'),
     Key("server.shutdown_timeout", Duration(), "10s", "Graceful shutdown budget on SIGTERM/SIGINT."),
+    Key("server.worker_timeout", Duration(), "30s",
+        "The arbiter restarts the worker when its event loop sends no heartbeat for this long (min 1s)."),
     Key("broker.max_message_size", Size(1), 1048576, "Largest PUBLISH payload accepted, in bytes."),
     Key("broker.max_packet_size", Size(2), 2097152,
         "Largest inbound packet, in bytes (checked from the fixed header)."),

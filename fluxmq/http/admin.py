@@ -34,7 +34,7 @@ from fluxmq import __version__
 from fluxmq._core.trie import validate_filter
 from fluxmq.broker.session import EXPIRY_NEVER, Session
 from fluxmq.config import parse_addr
-from fluxmq.errors import ConfigError, TopicFilterInvalid
+from fluxmq.errors import ConfigError, StorageError, TopicFilterInvalid
 from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query
 from fluxmq.http.router import json_response
 from fluxmq.http.walk import SLICE, page, session_totals, sorted_sessions
@@ -431,6 +431,10 @@ class AdminAPI:
         topic = args[0]
         if not self.broker.retained.delete(topic):
             raise HTTPError(404, f"no retained message on {topic!r}")
+        try:
+            self.broker.wait_committed()  # answer once the deletion is committed
+        except StorageError:
+            raise HTTPError(503, "storage error: the deletion was not committed") from None
         log.info("admin_retained_deleted", extra={"topic": topic})
         return 200, {"topic": topic, "deleted": True}
 

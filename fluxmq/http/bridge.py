@@ -60,7 +60,7 @@ from fluxmq.broker.message import (
     USER_PROPERTY,
     Message,
 )
-from fluxmq.errors import QuotaExceeded, TopicFilterInvalid, TopicNameInvalid
+from fluxmq.errors import QuotaExceeded, StorageError, TopicFilterInvalid, TopicNameInvalid
 from fluxmq.http.router import Router, json_response
 
 log = logging.getLogger("fluxmq.http.bridge")
@@ -505,6 +505,10 @@ class HTTPBridge:
         except QuotaExceeded:
             # The store is full: the message would have to be stored and cannot be (MQTT 5.0 0x97).
             raise HTTPError(503, "storage full: the message was not accepted") from None
+        try:
+            self.broker.wait_committed()  # 200 only once what it stored is committed, like a PUBACK
+        except StorageError:
+            raise HTTPError(503, "storage error: the message was not committed") from None
         return 200, {"status": "published", "topic": topic, "qos": qos, "retain": retain,
                      "deliveries": deliveries}
 

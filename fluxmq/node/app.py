@@ -1,9 +1,9 @@
 """The node process: a gunicorn arbiter supervising one ``BrokerWorker`` (gevent) that hosts the broker.
 
-The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for ``WORKER_TIMEOUT``
-seconds), halts when the worker cannot boot (the broker could not start), and on SIGTERM, SIGINT
-or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``; SIGHUP reloads
-the configuration into the running worker.
+The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for
+``server.worker_timeout``), halts when the worker cannot boot (the broker could not start), and on
+SIGTERM, SIGINT or SIGQUIT tells the worker to stop and exits 0 within ``server.shutdown_timeout``;
+SIGHUP reloads the configuration into the running worker.
 
 The HTTP surfaces (health with ``/metrics``, the HTTP bridge, the admin API) are gunicorn binds, one
 socket each, made by the arbiter; the worker serves each socket with its own WSGI app. Binding in
@@ -34,6 +34,7 @@ from fluxmq.http.admin import AdminAPI, admin_token, check_admin_exposure
 from fluxmq.http.bridge import BridgeSettings, HTTPBridge
 from fluxmq.http.health import make_health_app
 from fluxmq.http.metrics import make_metrics_app, make_registry
+from fluxmq.http.router import json_response
 from fluxmq.log import setup_logging
 from fluxmq.node.worker import BrokerWorker
 from fluxmq.transport.tls import TLSHandshake, server_context
@@ -41,7 +42,7 @@ from fluxmq.transport.tls import TLSHandshake, server_context
 log = logging.getLogger("fluxmq.node")
 
 # Seconds without a heartbeat before the arbiter kills the worker (its hub is blocked).
-WORKER_TIMEOUT = 30
+WORKER_TIMEOUT = 30  # the default of server.worker_timeout (seconds)
 
 
 def stop_margins(shutdown_timeout: float) -> tuple[float, float]:
@@ -96,6 +97,23 @@ def _https_handshake(config: Any, surface: str) -> TLSHandshake | None:
     context = server_context(section, config.get(section), lambda leaf: config.origin(f"{section}.{leaf}"),
                              require_client_cert=surface == "http_mtls")
     return TLSHandshake(context, config.server.connect_timeout, surface)
+
+
+class _Starting:
+    """The health source while the store loads: alive, not ready."""
+
+    @staticmethod
+    def is_ready() -> dict[str, tuple[bool, str]]:
+        return {"broker": (False, "starting"), "storage": (False, "loading")}
+
+    @staticmethod
+    def session_count() -> int:
+        return 0
+
+
+def _starting_app(environ: dict, start_response: Callable) -> list[bytes]:
+    return json_response(start_response, 503, {"error": "the node is starting: its store is loading"},
+                         {"Retry-After": "1"})
 
 
 class NodeLogger(glogging.Logger):
@@ -186,6 +204,7 @@ class NodeApplication(BaseApplication):
         # TLS of the HTTPS bridge listeners, built here so a bad certificate stops the node at once.
         self.handshakes = [_https_handshake(config, name) for name, _ in self.surfaces]
         self.shutdown_timeout = float(config.server.shutdown_timeout)
+        self.worker_timeout = float(config.server.worker_timeout)
         self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
@@ -204,7 +223,7 @@ class NodeApplication(BaseApplication):
             "bind": self._bind(),
             "workers": 1,
             "worker_class": BrokerWorker,
-            "timeout": WORKER_TIMEOUT,
+            "timeout": max(1, math.ceil(self.worker_timeout)),
             "graceful_timeout": max(1, math.ceil(self.grace)),
             "keepalive": 2,
             "logger_class": NodeLogger,
@@ -244,6 +263,18 @@ class NodeApplication(BaseApplication):
                 service.reload_hooks.append(admin.reload_hook)
                 apps.append(admin)
         return apps or [make_health_app(service)]  # the private unix socket
+
+    def make_starting_apps(self) -> list[Callable]:
+        """The apps served while the worker loads the store (before ``make_wsgi_apps``): health
+        says alive (``/health`` 200) and not ready (``/ready`` 503, storage "loading"), the other
+        surfaces answer 503 with ``Retry-After``."""
+        def health() -> Callable:
+            app = make_health_app(_Starting())
+            app.mount("/metrics", _starting_app)
+            return app
+
+        apps: list[Callable] = [health() if name == "health" else _starting_app for name, _ in self.surfaces]
+        return apps or [health()]
 
     def load_fresh_config(self) -> Any:
         """The configuration loaded again from the node's sources (the start config without a loader)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import math
 import time
 from collections.abc import Callable
 from typing import Any
+
+import gevent
 
 from fluxmq.auth.limits import PublishLimits
 from fluxmq.auth.service import AuthService, AuthSettings
@@ -29,6 +32,44 @@ log = logging.getLogger("fluxmq.node")
 
 # broker.* keys of the shared SessionLimits: every session reads them per message, so they apply at once.
 RELOADABLE_LIMITS = frozenset({"broker.max_queued_messages", "broker.max_queued_bytes", "broker.queue_overflow"})
+
+
+#: sessions (and retained messages) restored between two yields to the hub: about 10 ms of work
+RESTORE_SLICE = 500
+#: a store with this many sessions and retained messages is frozen out of the cyclic collector
+FREEZE_ABOVE = 10_000
+
+
+def load_and_restore(storage: Storage, broker: Broker) -> None:
+    """Load the store in the hub's threadpool and rebuild it in the broker in slices, yielding to
+    the hub between them: however large the store, the hub keeps running (above all the worker's
+    heartbeat to the arbiter, which would otherwise kill and restart the worker in a loop)."""
+    # Start-up creates millions of long-lived objects: a cyclic collection meanwhile finds no
+    # garbage and holds the GIL (and so the hub) for hundreds of milliseconds each time.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    large = False
+    try:
+        if storage.durable:
+            state = gevent.get_hub().threadpool.apply(storage.load)
+        else:
+            state = storage.load()
+        large = len(state.sessions) + len(state.retained) >= FREEZE_ABOVE
+        broker.restore(state, pause=_yield_to_hub, slice_size=RESTORE_SLICE)
+        del state
+    finally:
+        if large:
+            # What start-up built lives as long as its sessions: out of the collector's generations
+            # (still freed by reference counting when a session ends), so neither re-enabling the
+            # collector nor a later full collection walks it while the hub waits.
+            gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
+def _yield_to_hub() -> None:
+    # Not sleep(0): that only runs callbacks, and the loop would not run due timers (the heartbeat).
+    gevent.sleep(0.001)
 
 
 def _flat(config) -> dict[str, Any]:
@@ -209,16 +250,16 @@ class BrokerService:
         auth = AuthService(settings) if settings.configured else None
         # A foreign, damaged or newer data directory raises StorageError with one line: the worker
         # logs it and the node exits non-zero (never a silent wipe, never a restart loop).
+        started = time.monotonic()
         self.storage = storage = open_storage(cfg)
-        state = storage.load()
         self.broker = Broker(broker_settings(cfg), storage)
         self.broker.set_auth(auth)
         self.flusher = flusher = FlushScheduler(storage)
-        self.broker.restore(state)
-        del state
+        load_and_restore(storage, self.broker)
         if storage.durable:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()
+        log.info("storage_restored", extra={"start_took": round(time.monotonic() - started, 3)})
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [(name, lc, stream_factory(cfg, name, section)) for name, section, lc in enabled if lc.addr]
         for name, lc, factory in enabled:  # every TLS setting was checked before the first bind

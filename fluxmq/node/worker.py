@@ -3,15 +3,16 @@
 Lifecycle inside the worker process (gunicorn forks it from the arbiter):
 
 1. ``GeventWorker.init_process`` monkey-patches, re-initialises the hub and installs signal handlers;
-2. ``load_wsgi`` (our hook) starts the ``BrokerService`` (MQTT listeners accept from here on) and
-   builds the WSGI app around it; a service that cannot start exits with gunicorn's
+2. ``load_wsgi`` (our hook) serves the HTTP sockets with "starting" apps (``/health`` 200,
+   ``/ready`` 503), starts the ``BrokerService`` (loads the store; MQTT listeners accept from here
+   on) and builds the WSGI app around it; a service that cannot start exits with gunicorn's
    ``WORKER_BOOT_ERROR`` so the arbiter halts the node instead of restarting the worker forever;
 3. ``run`` serves HTTP and waits until a signal clears ``alive``;
 4. shutdown: stop accepting HTTP, ``service.stop(budget)`` (stop accepting MQTT, finish in-flight
    writes, close clients and storage), let in-flight HTTP requests finish, exit 0.
 
 A heartbeat greenlet tells the arbiter the hub is alive; if the hub is blocked for
-``timeout`` seconds the arbiter kills the worker and starts a new one.
+``server.worker_timeout`` the arbiter kills the worker and starts a new one.
 """
 
 from __future__ import annotations
@@ -51,9 +52,17 @@ class BrokerWorker(GeventWorker):
     _quick = False
 
     def load_wsgi(self) -> None:
-        """Start the broker (gevent is patched, signals are set) and build the WSGI app around it."""
+        """Start the broker (gevent is patched, signals are set) and build the WSGI app around it.
+
+        While the broker loads its store the HTTP sockets are served by the app's "starting" apps
+        (``/health`` 200, ``/ready`` 503), so probes get an answer instead of waiting in the
+        backlog; the heartbeat keeps running because the load yields to the hub."""
         self._heartbeat = gevent.spawn(self._beat)
         app = self.app
+        self._client_apps: dict = {}
+        self.wsgi = self._dispatch
+        starting = getattr(app, "make_starting_apps", None)
+        self._starting_servers = self._start_http_servers(starting()) if starting is not None else []
         try:
             service = app.service_factory(app.node_config)
             service.start()
@@ -63,11 +72,12 @@ class BrokerWorker(GeventWorker):
             log.debug("broker_start_failed_traceback", exc_info=True)
             self._heartbeat.kill(block=False)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        finally:
+            for server in self._starting_servers:
+                server.stop_accepting()  # the sockets stay open: run() serves them with the real apps
         self.service = service
         # One WSGI app per bound socket (health, HTTP bridge, admin), in bind order.
         self.wsgi_apps = app.make_wsgi_apps(service)
-        self._client_apps: dict = {}
-        self.wsgi = self._dispatch
         log.info("broker_started", extra={"pid": os.getpid()})
 
     def _dispatch(self, environ: dict, start_response):
@@ -143,11 +153,12 @@ class BrokerWorker(GeventWorker):
         self._heartbeat.kill(block=False)
         log.info("broker_stopped", extra={"pid": os.getpid()})
 
-    def _start_http_servers(self) -> list[StreamServer]:
+    def _start_http_servers(self, apps: list | None = None) -> list[StreamServer]:
         # As GeventWorker.run: gunicorn's HTTP parser on a gevent StreamServer per bound socket.
         servers = []
         handshakes = getattr(self.app, "handshakes", None) or [None] * len(self.sockets)
-        for sock, app, handshake in zip(self.sockets, self.wsgi_apps, handshakes, strict=True):
+        apps = self.wsgi_apps if apps is None else apps
+        for sock, app, handshake in zip(self.sockets, apps, handshakes, strict=True):
             sock.setblocking(1)
             # The bridge's pool has a slot per possible SSE stream on top (HTTPBridge.pool_size).
             pool_size = app.pool_size(self.worker_connections) if hasattr(app, "pool_size") else \

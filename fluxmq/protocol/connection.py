@@ -300,7 +300,7 @@ class MQTTConnection:
                 log.exception("close_session_failed", extra={"client_id": self.client_id})
         if self.out and self._writer is None:
             try:
-                self.flusher.ensure_committed()  # the bytes may acknowledge state of this turn
+                self.flusher.ensure_committed(self)  # the bytes may acknowledge state of this turn
                 self.stream.send_all(bytes(self.out), self.settings.close_timeout)
             except (OSError, TimeoutError, gevent.Timeout, StorageError):
                 pass
@@ -377,7 +377,7 @@ class MQTTConnection:
         try:
             while out:
                 n = len(out)
-                self.flusher.ensure_committed()  # the first n bytes acknowledge only committed state
+                self.flusher.ensure_committed(self)  # the first n bytes acknowledge only committed state
                 data = bytes(out[:n])
                 del out[:n]
                 self.stream.send_all(data, self.settings.write_timeout or None)
@@ -518,7 +518,7 @@ class MQTTConnection:
 
     def _close_when_committed(self) -> None:
         try:
-            self.flusher.ensure_committed()
+            self.flusher.ensure_committed(self)
         except StorageError:
             self.out.clear()
         self.flush_nowait()
@@ -529,7 +529,17 @@ class MQTTConnection:
         """The storage could not commit what the buffered output acknowledges: drop it unsent and
         close (5.0 clients get a DISCONNECT with ``reason_code``)."""
         self.out.clear()
-        self.close(reason_code, reason)
+        if self.closed:
+            return
+        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
+        self._send_disconnect(reason_code, reason)
+        self.closed = True
+        if self.session is not None and self.session.delivery is not self:
+            self.session = None
+        # Not close(): it would wait for the failed batch. The DISCONNECT alone acknowledges nothing.
+        self.flush_nowait()
+        if self._writer is None:
+            self.stream.shutdown()
 
     def _send_disconnect(self, reason_code: int, reason: str = "") -> None:
         if self.version == 5 and self.session is not None and not self.closed:

@@ -29,7 +29,7 @@ log = logging.getLogger("fluxmq.protocol.flush")
 class FlushScheduler:
     """Collects dirty connections and flushes them from one hub callback per loop turn."""
 
-    __slots__ = ("_dirty", "_scheduled", "_loop", "storage", "_always", "_write_lock", "_pool")
+    __slots__ = ("_dirty", "_scheduled", "_loop", "storage", "_always", "_write_lock", "_pool", "_retry")
 
     def __init__(self, storage=None) -> None:
         self._dirty: list = []
@@ -41,6 +41,7 @@ class FlushScheduler:
         self._always = False
         self._write_lock = None
         self._pool = None
+        self._retry = None  # greenlet that re-runs the flush when a failed commit may be retried
         if self.storage is not None:
             self.storage.on_pending = self._wake
             if getattr(self.storage, "sync_mode", "") == "always":
@@ -66,18 +67,22 @@ class FlushScheduler:
         self._scheduled = False
         st = self.storage
         if st is not None:
-            if self._always:
-                if self._write_lock.locked():
-                    return  # the writer re-runs the flush once its batch is durable
-                if st.has_pending:
+            if self._always and self._write_lock.locked():
+                return  # the writer re-runs the flush once its batch is durable
+            if st.has_pending:
+                if not st.retry_due():
+                    # A failed batch waits for its retry: output acknowledging it cannot leave.
+                    self._abandon_stakes(st.last_error, self._dirty)
+                    self._retry_later()
+                elif self._always:
                     # Each connection is flushed only up to what it holds now: later bytes may
                     # acknowledge state of the next batch.
                     dirty = [(conn, len(conn.out)) for conn in self._dirty]
                     self._dirty = []
                     gevent.spawn(self._write_then_flush, dirty)
                     return
-            elif st.has_pending and not self._commit():
-                return
+                else:
+                    self._commit()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             try:
@@ -94,44 +99,72 @@ class FlushScheduler:
         with self._write_lock:
             batch = st.take_batch()
             if batch is not None:
-                ok = False
                 try:
-                    self._pool.apply(st.write_batch, (batch,))
-                    ok = True
+                    st.write_taken(batch, self._pool.apply)
                 except StorageError as exc:
-                    st.failed_commit(exc)
                     error = exc
-                finally:
-                    st.batch_done(batch, ok)
         if error is not None:
-            self._abandon_dirty(error)
+            self._abandon_stakes(error, self._dirty)
+            self._retry_later()
         return error
 
     def _commit(self) -> bool:
-        """Commit in the hub (``batch``/``none``); on failure abandon what the dirty connections hold."""
+        """Commit in the hub (``batch``/``none``); on failure abandon the output that acknowledges
+        the failed batch (it is kept and retried after a back-off)."""
+        st = self.storage
         try:
-            self.storage.commit()
+            st.commit()
             return True
         except StorageError as exc:
-            self._abandon_dirty(exc)
+            self._abandon_stakes(exc, self._dirty)
+            self._retry_later()
             return False
 
-    def _abandon_dirty(self, exc: StorageError) -> None:
-        # Every byte queued since the failed batch was taken may acknowledge part of it.
-        dirty, self._dirty = self._dirty, []
-        self._commit_failed(exc, dirty)
+    def _abandon_stakes(self, exc: StorageError | None, conns: list) -> None:
+        """Drop the unsent output of the connections in ``conns`` that acknowledges part of the
+        pending (failed) batch, and close them (5.0: DISCONNECT 0x97); the others keep theirs.
+
+        A connection is at stake when the batch holds an operation of its client id (its session,
+        subscriptions, QoS 1/2 state, queue, will) or when it acknowledged a message the batch
+        stores for others (``Storage.note_stake``): a clean QoS 0 subscriber never is."""
+        if not conns:
+            return
+        stakes = self.storage.stake_clients()
+        doomed = [c for c in conns if getattr(c, "client_id", None) in stakes]
+        if not doomed:
+            return
+        if conns is self._dirty:
+            gone = set(map(id, doomed))
+            self._dirty = [c for c in conns if id(c) not in gone]
+        self._commit_failed(exc or StorageError("commit failed"), doomed)
+
+    def _retry_later(self) -> None:
+        """Run a flush when the failed batch's back-off ends, so it is retried even if idle."""
+        if self._retry is None:
+            delay = self.storage.retry_in()
+            self._retry = gevent.spawn_later(delay + 0.001, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self.storage.has_pending:
+            self._wake()
 
     def _write_then_flush(self, dirty: list) -> None:
         error = self._write_pending()
+        stakes: set[str] = set()
         if error is not None:
-            self._commit_failed(error, [conn for conn, _ in dirty])
-        else:
-            for conn, n in dirty:
-                try:
-                    conn.flush_nowait(n)
-                except Exception:
-                    log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})
-        if self._dirty or self.storage.has_pending:
+            stakes = self.storage.stake_clients()
+            doomed = [conn for conn, _ in dirty if getattr(conn, "client_id", None) in stakes]
+            if doomed:
+                self._commit_failed(error, doomed)
+        for conn, n in dirty:
+            if stakes and getattr(conn, "client_id", None) in stakes:
+                continue  # abandoned above
+            try:
+                conn.flush_nowait(n)
+            except Exception:
+                log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})
+        if self._dirty or (self.storage.has_pending and self.storage.retry_due()):
             self._wake()
 
     # -- for paths that write a socket outside the flush -------------------------------------------
@@ -144,17 +177,30 @@ class FlushScheduler:
             return True
         if self._always:
             return not st.has_pending and not self._write_lock.locked()
-        return not st.has_pending or self._commit()
+        return not st.has_pending or (st.retry_due() and self._commit())
 
-    def ensure_committed(self) -> None:
+    def ensure_committed(self, conn=None) -> None:
         """Commit (and with ``sync: always`` fsync) every operation recorded so far; may wait (in a
-        greenlet, never in the hub). Raises StorageError when the commit fails."""
+        greenlet, never in the hub). Raises StorageError when the commit fails, or while a failed
+        commit waits for its retry, unless ``conn`` (whose output is about to be written) has
+        nothing at stake in the failed batch."""
         st = self.storage
         if st is None:
             return
+        try:
+            self._ensure_committed()
+        except StorageError:
+            if conn is not None and getattr(conn, "client_id", None) not in st.stake_clients():
+                return  # its output acknowledges nothing the failed batch holds
+            raise
+
+    def _ensure_committed(self) -> None:
+        st = self.storage
+        if st.has_pending and not st.retry_due():
+            raise st.last_error or StorageError("commit failed")
         if not self._always:
             if st.has_pending and not self._commit():
-                raise StorageError("commit failed")
+                raise st.last_error or StorageError("commit failed")
             return
         if st.has_pending or self._write_lock.locked():
             error = self._write_pending()

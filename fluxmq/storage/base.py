@@ -63,6 +63,10 @@ class Storage:
     refusing = False
     #: called (from the hub) when the first operation of a new batch is buffered
     on_pending: Callable[[], None] | None = None
+    #: operations recorded so far (a counter: a caller compares it before and after an action)
+    op_count = 0
+    #: the error of the latest failed commit while its batch waits for a retry, else None
+    last_error: Exception | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -75,6 +79,29 @@ class Storage:
 
     def sync(self) -> None:
         """Force committed data to stable storage (fsync); may run in a thread."""
+
+    def after_commit(self, callback: Callable[[Exception | None], None]) -> None:
+        """Call ``callback(None)`` once every operation recorded so far is committed (and, with
+        ``storage.sync: always``, fsynced), or ``callback(error)`` when the commit holding them
+        failed. At once when nothing is pending (always for the memory backend). Runs in the hub:
+        the callback must not block."""
+        callback(None)
+
+    def retry_due(self) -> bool:
+        """False while a failed commit's back-off runs (its batch is kept and retried after it)."""
+        return True
+
+    def retry_in(self) -> float:
+        """Seconds until a failed commit may be retried (0 when none failed)."""
+        return 0.0
+
+    def note_stake(self, client_id: str) -> None:
+        """Output to ``client_id`` this turn acknowledges the pending batch (e.g. a PUBACK for a
+        message it queued for others): a failed commit abandons that output."""
+
+    def stake_clients(self) -> set[str]:
+        """Client ids whose output acknowledges part of the pending batch (see ``note_stake``)."""
+        return set()
 
     def ping(self) -> tuple[bool, str]:
         """Readiness of the backend: (up, details)."""

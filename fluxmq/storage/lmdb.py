@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -88,20 +89,63 @@ class StorageFull(StorageError):
     """The store reached ``storage.map_size`` or the disk is full; new stored messages are refused."""
 
 
+class _MapFull(StorageFull):
+    """The batch did not fit the LMDB map (``storage.map_size`` plus headroom): growing it helps."""
+
+
+#: back-off between retries of a failed commit (doubles per failure, up to the maximum)
+RETRY_FIRST = 0.05
+RETRY_MAX = 5.0
+
+
 class _Batch:
     """Operations buffered since the last commit: per sub-database ``key -> value`` (None = delete),
     plus prefix deletes applied before them."""
 
-    __slots__ = ("ops", "prefix_deletes", "gc", "gc_done")
+    __slots__ = ("ops", "prefix_deletes", "gc", "gc_done", "callbacks", "stakes")
 
     def __init__(self) -> None:
         self.ops: list[dict[bytes, bytes | None]] = [{} for _ in DB_NAMES]
         self.prefix_deletes: list[tuple[int, bytes]] = []
         self.gc: tuple[str, int] | None = None  # (client id, end seq): a chunk of garbage to delete
         self.gc_done = False
+        self.callbacks: list = []  # after_commit callbacks waiting for this batch
+        self.stakes: set[str] = set()  # note_stake: clients acknowledging ops of others
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.ops) + len(self.prefix_deletes)
+
+    def merge_newer(self, newer: _Batch) -> None:
+        """Put ``newer``'s operations on top of this (failed) batch, as if recorded after it: its
+        prefix deletes drop this batch's writes under them, and the last write of a key wins."""
+        for db, prefix in newer.prefix_deletes:
+            ops = self.ops[db]
+            if ops:
+                for key in [k for k in ops if k.startswith(prefix)]:
+                    del ops[key]
+            self.prefix_deletes.append((db, prefix))
+        for mine, theirs in zip(self.ops, newer.ops, strict=True):
+            if theirs:
+                mine.update(theirs)
+        self.callbacks = newer.callbacks
+        self.stakes |= newer.stakes
+        self.gc = None
+        self.gc_done = False
+
+    def size_bytes(self) -> int:
+        return sum(len(k) + (len(v) if v is not None else 0) for ops in self.ops for k, v in ops.items())
+
+    def clients(self) -> set[str]:
+        """Client ids the batch's operations belong to (keys are client_id or client_id NUL ...)."""
+        out = set(self.stakes)
+        for db, ops in enumerate(self.ops):
+            if db in (META, RETAINED) or not ops:
+                continue
+            for key in ops:
+                out.add(key.split(b"\x00", 1)[0].decode(errors="replace"))
+        for _db, prefix in self.prefix_deletes:
+            out.add(prefix.split(b"\x00", 1)[0].decode(errors="replace"))
+        return out
 
 
 _MISSING = object()
@@ -109,6 +153,7 @@ _MISSING = object()
 
 #: free disk space below which a failed commit is reported as a full disk
 DISK_LOW = 16 << 20
+MiB = 1 << 20
 
 
 def _free_bytes(path: Path) -> int:
@@ -146,6 +191,10 @@ class LMDBStorage(Storage):
         self.headroom = max(8 << 20, map_size // 16)
         self.refusing = False
         self.failed: str | None = None
+        self.last_error: StorageError | None = None  # of the latest failed commit, until one succeeds
+        self._failures = 0  # consecutive failed commits (their batch is kept and retried)
+        self._stakes_cache: tuple | None = None
+        self._retry_at = 0.0
         self._batch = _Batch()
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
@@ -296,14 +345,49 @@ class LMDBStorage(Storage):
     def _check_usage(self, at_start: bool = False) -> None:
         used = self.used_bytes()
         if at_start and used >= self.map_size:
-            self.env.close()
-            self._unlock()
-            raise StorageError(f"{self._where()}: the stored data ({_fmt_size(used)}) does not fit "
-                               f"storage.map_size ({_fmt_size(self.map_size)}); raise storage.map_size")
+            # The node must start and serve what it holds: open with room above the data, refuse
+            # new stored messages until usage drops (deletes free pages), and say what to raise.
+            self._grow_map(used + self.headroom)
+            raise_to = -(-used * 3 // 2 // MiB) * MiB
+            log.error("storage_over_map_size", extra={
+                "path": str(self.path), "used": _fmt_size(used), "map_size": _fmt_size(self.map_size),
+                "key": "storage.map_size", "raise_to": raise_to,
+                "effect": f"new stored messages are refused; raise storage.map_size to {_fmt_size(raise_to)} "
+                          "or more, or delete stored data"})
+            self._set_refusing(True, f"the stored data ({_fmt_size(used)}) is over storage.map_size")
+            return
         if used >= self.map_size:
             self._set_refusing(True, f"storage.map_size {_fmt_size(self.map_size)} reached ({_fmt_size(used)} used)")
-        elif self.refusing and used < self.map_size * 0.9 and self.failed is None:
+        elif self.refusing and used < self.map_size * 0.9 and self.failed is None and not self._failures:
             self._set_refusing(False, "")
+
+    def _grow_map(self, size: int) -> bool:
+        """Resize the LMDB map to ``size`` (hub, no transaction open); False when it cannot grow."""
+        current = self.env.info()["map_size"]
+        if size <= current:
+            return False
+        try:
+            self.env.set_mapsize(size)
+        except lmdb.Error as exc:
+            log.error("storage_map_grow_failed", extra={"path": str(self.path), "error": str(exc)})
+            return False
+        log.warning("storage_map_grown", extra={"path": str(self.path), "from": _fmt_size(current),
+                                                "to": _fmt_size(size), "map_size": _fmt_size(self.map_size)})
+        return True
+
+    def _grow_for(self, batch: _Batch) -> bool:
+        """A batch did not fit the map: grow it to take the batch (twice its bytes, for pages and
+        the copy-on-write tree), bounded by the free disk space. False when it cannot grow."""
+        current = self.env.info()["map_size"]
+        want = max(current * 2, current + 4 * batch.size_bytes())
+        data = self.path / "data.mdb"
+        try:
+            file_size = data.stat().st_size
+        except OSError:
+            file_size = 0
+        room = _free_bytes(self.path) - DISK_LOW
+        want = min(want, file_size + room)
+        return self._grow_map(want)
 
     def _set_refusing(self, on: bool, why: str) -> None:
         if on == self.refusing:
@@ -319,6 +403,7 @@ class LMDBStorage(Storage):
 
     def _put(self, db: int, key: bytes, value: bytes | None) -> None:
         self._batch.ops[db][key] = value
+        self.op_count += 1
         if not self.has_pending:
             self.has_pending = True
             cb = self.on_pending
@@ -333,6 +418,7 @@ class LMDBStorage(Storage):
                 for key in [k for k in ops if k.startswith(prefix)]:
                     del ops[key]
             batch.prefix_deletes.append((db, prefix))
+        self.op_count += 1
         if not self.has_pending:
             self.has_pending = True
             cb = self.on_pending
@@ -464,6 +550,33 @@ class LMDBStorage(Storage):
         self._writing = batch  # reads look here until batch_done (only the hub touches it)
         return batch
 
+    def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
+        """Write a batch from ``take_batch`` and finish it (hub). ``run(fn, args)`` runs the write
+        (the threadpool's ``apply`` under ``sync: always``). A batch that does not fit the map grows
+        it and is written again; any other failure keeps the batch for the next commit (it is
+        merged under what was recorded since) and raises StorageError."""
+        ok = False
+        try:
+            while True:
+                try:
+                    if run is None:
+                        self.write_batch(batch)
+                    else:
+                        error = run(self._write_returning_error, (batch,))
+                        if error is not None:
+                            raise error
+                    ok = True
+                    return
+                except _MapFull:
+                    # In the hub with no transaction open (the write returned): safe to remap.
+                    if not self._grow_for(batch):
+                        raise
+        except StorageError as exc:
+            self.failed_commit(exc)
+            raise
+        finally:
+            self.batch_done(batch, ok)
+
     def write_batch(self, batch: _Batch) -> None:
         """Apply ``batch`` in one write transaction; safe to run in a threadpool thread.
 
@@ -493,13 +606,21 @@ class LMDBStorage(Storage):
                 if batch.gc is not None:  # after the ops: it may delete a gc mark they wrote
                     batch.gc_done = self._gc_chunk(txn, *batch.gc)
         except lmdb.MapFullError:
-            raise StorageFull(f"{self._where()}: storage.map_size reached") from None
+            raise _MapFull(f"{self._where()}: storage.map_size reached") from None
         except lmdb.Error as exc:
             # A full disk surfaces as ENOSPC or, from LMDB's page writes, as EIO: ask the file system.
             free = _free_bytes(self.path)
             if errno.ENOSPC == getattr(exc, "errno", None) or "space" in str(exc) or free < DISK_LOW:
                 raise StorageFull(f"{self._where()}: disk full ({_fmt_size(free)} free)") from None
             raise StorageError(f"{self._where()}: commit failed: {exc}") from None
+
+    def _write_returning_error(self, batch: _Batch) -> StorageError | None:
+        # In a threadpool thread: an exception raised there would also be printed by gevent.
+        try:
+            self.write_batch(batch)
+        except StorageError as exc:
+            return exc
+        return None
 
     def _gc_chunk(self, txn, client_id: str, end: int) -> bool:
         """Delete up to GC_CHUNK garbage queue entries of ``client_id``; True when none is left."""
@@ -521,10 +642,17 @@ class LMDBStorage(Storage):
         return True
 
     def batch_done(self, batch: _Batch, ok: bool = True) -> None:
-        """Called after ``write_batch`` (hub): reads stop looking at the batch; usage is re-checked."""
+        """Called after ``write_batch`` (hub): reads stop looking at the batch; usage is re-checked.
+        A failed batch goes back under the pending operations, so the next commit retries it."""
         if self._writing is batch:
             self._writing = None
+        callbacks = batch.callbacks
+        batch.callbacks = []
         if ok:
+            if self._failures:
+                log.warning("storage_commit_recovered", extra={"path": str(self.path), "failures": self._failures})
+                self._failures = 0
+                self.last_error = None
             if batch.gc is not None:
                 cid, end = batch.gc
                 if batch.gc_done and self._gc.get(cid) == end:
@@ -532,6 +660,18 @@ class LMDBStorage(Storage):
             if self._gc and not self.has_pending:
                 self._wake()  # the next chunk of garbage goes with the next commit
             self._check_usage()
+            error = None
+        else:
+            error = self.last_error or StorageError(f"{self._where()}: commit failed")
+            batch.merge_newer(self._batch)
+            self._batch = batch
+            if not self.has_pending:
+                self.has_pending = True  # not _wake: the FlushScheduler retries after the back-off
+        for callback in callbacks:
+            try:
+                callback(error)
+            except Exception:
+                log.exception("after_commit_callback_failed")
 
     def _wake(self) -> None:
         self.has_pending = True
@@ -541,21 +681,46 @@ class LMDBStorage(Storage):
 
     def commit(self) -> None:
         batch = self.take_batch()
-        if batch is None:
-            return
-        ok = False
-        try:
-            self.write_batch(batch)
-            ok = True
-        except StorageError as exc:
-            self.failed_commit(exc)
-            raise
-        finally:
-            self.batch_done(batch, ok)
+        if batch is not None:
+            self.write_taken(batch)
 
-    def failed_commit(self, exc: Exception) -> None:
-        """A commit failed: refuse new stored messages from now on (until space comes back)."""
+    def failed_commit(self, exc: StorageError) -> None:
+        """A commit failed: its batch is kept and retried after a back-off; new stored messages are
+        refused until a commit succeeds (and, when full, until space comes back)."""
+        self.last_error = exc
+        self._failures += 1
+        delay = min(RETRY_MAX, RETRY_FIRST * (1 << min(self._failures - 1, 16)))
+        self._retry_at = time.monotonic() + delay
+        log.error("storage_commit_failed", extra={"path": str(self.path), "error": str(exc),
+                                                  "failures": self._failures, "retry_in": delay,
+                                                  "pending": len(self._batch)})
         self._set_refusing(True, str(exc))
+
+    def retry_due(self) -> bool:
+        return not self._failures or time.monotonic() >= self._retry_at
+
+    def retry_in(self) -> float:
+        """Seconds until a failed commit may be retried (0 when none failed)."""
+        return max(0.0, self._retry_at - time.monotonic()) if self._failures else 0.0
+
+    def after_commit(self, callback: Callable[[Exception | None], None]) -> None:
+        if self.has_pending:
+            self._batch.callbacks.append(callback)
+        elif self._writing is not None:
+            self._writing.callbacks.append(callback)
+        else:
+            callback(None)
+
+    def note_stake(self, client_id: str) -> None:
+        self._batch.stakes.add(client_id)
+
+    def stake_clients(self) -> set[str]:
+        # Asked every flush turn while a failed batch waits for its retry: rebuilt only when new
+        # operations (or stakes) were recorded since.
+        key = (id(self._batch), self.op_count, len(self._batch.stakes))
+        if self._stakes_cache is None or self._stakes_cache[0] != key:
+            self._stakes_cache = (key, self._batch.clients())
+        return self._stakes_cache[1]
 
     def sync(self) -> None:
         if self.sync_mode != "none":

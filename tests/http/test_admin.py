@@ -427,3 +427,24 @@ def test_subscription_pages_span_sessions(spec, app, broker, many) -> None:
         _, _, body = json_call(spec, app, "GET", "/subscriptions", query=f"limit={limit}&offset={offset}")
         assert body["total"] == len(everything)
         assert [(s["client_id"], s["filter"]) for s in body["subscriptions"]] == everything[offset:offset + limit]
+
+
+def test_delete_retained_answers_after_the_delete_is_committed(spec, tmp_path) -> None:
+    """DELETE /retained/{topic} answers once the deletion is committed. Before: before the commit."""
+    from fluxmq.protocol.flush import FlushScheduler
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    store = LMDBStorage(tmp_path / "data", sync="always")
+    FlushScheduler(store)
+    broker = Broker(storage=store)
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, lambda: {})
+    try:
+        broker.publish(Message("gone", b"v", 1, True))
+        store.commit()
+        status, _, body = json_call(spec, app, "DELETE", "/retained/gone")
+        assert status == 200 and body["deleted"] is True
+        assert not store.has_pending
+        with store.env.begin() as txn:
+            assert txn.get(b"gone", db=store._dbs[6]) is None
+    finally:
+        store.close()

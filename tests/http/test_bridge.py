@@ -569,3 +569,46 @@ def test_streams_per_user_name_and_refusals_at_the_bound_leave_no_compiled_acl(b
     alice.close()
     bob.close()
     assert bridge.stream_owners == {} and len(auth._acls) == 0
+
+
+def _committed_retained(store) -> list[bytes]:
+    with store.env.begin() as txn:
+        return [bytes(k) for k, _ in txn.cursor(store._dbs[6])]
+
+
+@pytest.mark.parametrize("sync", ["none", "batch", "always"])
+def test_publish_answers_only_after_the_message_is_committed(tmp_path, sync: str) -> None:
+    """The 200 leaves after the commit holding the message (after its fsync under sync: always), as
+    an MQTT PUBACK does. Before: the response was written before the loop turn's commit."""
+    from fluxmq.protocol.flush import FlushScheduler
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    store = LMDBStorage(tmp_path / "data", sync=sync)
+    FlushScheduler(store)
+    broker = Broker(BrokerSettings(), storage=store)
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
+                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    try:
+        resp = publish_json(bridge, {"topic": "kept", "payload": "x", "qos": 1, "retain": True})
+        assert resp.status == 200
+        assert _committed_retained(store) == [b"kept"] and not store.has_pending
+    finally:
+        store.close()
+
+
+def test_publish_answers_503_when_its_commit_fails(tmp_path) -> None:
+    from fluxmq.protocol.flush import FlushScheduler
+    from tests.storage.test_lmdb import FailingStorage
+
+    store = FailingStorage(tmp_path / "data")
+    FlushScheduler(store)
+    broker = Broker(BrokerSettings(), storage=store)
+    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
+                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    try:
+        store.fail = 1
+        resp = publish_json(bridge, {"topic": "kept", "payload": "x", "qos": 1, "retain": True})
+        assert resp.status == 503
+        assert "not committed" in resp.json()["error"]
+    finally:
+        store.close()

@@ -92,3 +92,32 @@ def test_network_listener_starts_when_anonymous_is_decided(opened_by: str) -> No
 def test_loopback_listeners_stay_anonymous() -> None:
     cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=[::1]:1", "server.http.plain.addr=localhost:2"])
     assert anonymous_exposure(cfg) == []
+
+
+@pytest.mark.parametrize(("value", "gunicorn"), [("1s", 1), ("2.5s", 3), ("90s", 90)])
+def test_worker_timeout_from_config(value: str, gunicorn: int) -> None:
+    cfg = load_config(None, env={}, overrides=[f"server.worker_timeout={value}"])
+    assert NodeApplication(cfg).cfg.timeout == gunicorn  # gunicorn takes whole seconds
+
+
+def test_starting_apps_say_alive_not_ready_and_503_elsewhere() -> None:
+    """Served while the worker loads its store (BrokerWorker.load_wsgi)."""
+    import json
+
+    from tests.http.test_bridge import wsgi_call
+
+    cfg = load_config(None, env={}, overrides=["server.health_addr=127.0.0.1:9181",
+                                               "server.http.plain.addr=127.0.0.1:9180",
+                                               "server.admin.addr=127.0.0.1:9182"])
+    app = NodeApplication(cfg)
+    names = [name for name, _ in app.surfaces]
+    apps = dict(zip(names, app.make_starting_apps(), strict=True))
+    health = apps["health"]
+    assert wsgi_call(health, "GET", "/health").status == 200
+    ready = wsgi_call(health, "GET", "/ready")
+    assert ready.status == 503
+    assert json.loads(b"".join(ready.body))["checks"]["storage"] == {"status": "down", "details": "loading"}
+    assert wsgi_call(health, "GET", "/metrics").status == 503
+    for name in ("http", "admin"):
+        resp = wsgi_call(apps[name], "POST", "/publish")
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import gevent
 import pytest
 
+from fluxmq.errors import StorageError
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.storage.lmdb import LMDBStorage
 
@@ -17,7 +19,8 @@ class RecordingConn:
     Each flush records the bytes it "sent" and which of the acknowledged keys (``ack<key>;``) were not
     yet committed to LMDB at that moment (there must never be one)."""
 
-    def __init__(self, flusher: FlushScheduler, storage: LMDBStorage) -> None:
+    def __init__(self, flusher: FlushScheduler, storage: LMDBStorage, client_id: str = "test") -> None:
+        self.client_id = client_id
         self.flusher = flusher
         self.storage = storage
         self.out = bytearray()
@@ -129,15 +132,98 @@ def test_without_durable_storage_the_flush_is_unchanged() -> None:
 
 
 @pytest.mark.parametrize("sync", ["batch", "always"])
-def test_a_failed_commit_sends_none_of_the_acks_and_closes_their_connections(tmp_path: Path, sync: str) -> None:
+def test_a_batch_over_the_map_grows_it_and_its_acks_leave(tmp_path: Path, sync: str) -> None:
+    """A real MapFullError (one turn's batch larger than map_size + headroom): the map grows, the
+    batch commits, the acks leave; new stored messages are refused from then on."""
     st = LMDBStorage(tmp_path, map_size=1 << 20, sync=sync)  # 1 MiB + 8 MiB headroom
     flusher = FlushScheduler(st)
-    conn = RecordingConn(flusher, st)
+    conn = RecordingConn(flusher, st, "c")
     for i in range(120):  # ~12 MiB in one turn: more than the map can take
         st.queue_append("c", i, b"x" * 100_000)
     conn.write(b"ackbig;")
+    deadline = time.monotonic() + 10
+    while not conn.sent and conn.abandoned is None and time.monotonic() < deadline:
+        run_turns(5)  # under sync always the (twice written) batch is fsynced in a thread
+    assert conn.sent == [b"ackbig;"] and conn.abandoned is None
+    assert st.refusing and not st.has_pending
+    st.close()
+
+
+class FailingStorage(LMDBStorage):
+    """Its next ``fail`` commits raise StorageError, as an I/O error would (not producible on demand)."""
+
+    fail = 0
+
+    def write_batch(self, batch) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise StorageError("simulated I/O error")
+        super().write_batch(batch)
+
+
+@pytest.mark.parametrize("sync", ["batch", "always"])
+def test_a_failed_commit_abandons_only_the_output_that_acknowledges_it(tmp_path: Path, sync: str) -> None:
+    """MQTT clients with nothing at stake keep their connection and output (a clean QoS 0
+    subscriber); the connection whose session recorded an operation, and a publisher whose QoS 1
+    message was queued for another client (note_stake), lose their unsent acks and are closed. The
+    batch is kept and committed by the retry. Before: every connection with output was closed."""
+    from fluxmq.broker.message import Message
+
+    st = FailingStorage(tmp_path, map_size=16 << 20, sync=sync)
+    flusher = FlushScheduler(st)
+    bystander = RecordingConn(flusher, st, "qos0-subscriber")
+    owner = RecordingConn(flusher, st, "persistent")
+    publisher = RecordingConn(flusher, st, "publisher")
+    st.fail = 1
+    st.put_session("persistent", 60, 0.0, None)
+    owner.write(b"ackconnack;")
+    st.put_retained("r", Message("r", b"1", 1, True))
+    st.note_stake("publisher")
+    publisher.write(b"ackr;")
+    bystander.write(b"qos0-publish;")
     run_turns()
-    assert conn.sent == []
-    assert conn.abandoned == (0x97, b"ackbig;")
-    assert st.refusing
+    assert bystander.sent == [b"qos0-publish;"] and bystander.abandoned is None
+    assert owner.abandoned == (0x97, b"ackconnack;") and owner.sent == []
+    assert publisher.abandoned == (0x97, b"ackr;") and publisher.sent == []
+    deadline = time.monotonic() + 5
+    # The retry after the back-off (under sync always has_pending clears when the write starts).
+    while (st.has_pending or st.refusing) and time.monotonic() < deadline:
+        run_turns(5)
+    assert not st.has_pending and not st.refusing
+    assert stored_keys(st) == [b"r"]
+    st.close()
+
+
+@pytest.mark.parametrize("sync", ["batch", "always"])
+def test_after_commit_waits_for_the_batch_holding_the_operations(tmp_path: Path, sync: str) -> None:
+    from fluxmq.broker.message import Message
+
+    st = LMDBStorage(tmp_path, map_size=16 << 20, sync=sync)
+    FlushScheduler(st)
+    seen = []
+    st.put_retained("w", Message("w", b"1", 1, True))
+    st.after_commit(lambda exc: seen.append((exc, stored_keys(st))))
+    assert seen == []
+    run_turns()
+    assert seen == [(None, [b"w"])]
+    st.close()
+
+
+
+
+def test_ensure_committed_during_a_failure_holds_back_only_connections_with_a_stake(tmp_path: Path) -> None:
+    """Paths that write a socket outside the flush (a slow client's drain, a close) ask
+    ``ensure_committed(conn)``: while a failed batch waits for its retry, only a connection whose
+    output acknowledges it is refused."""
+    st = FailingStorage(tmp_path, map_size=16 << 20, sync="batch")
+    flusher = FlushScheduler(st)
+    bystander = RecordingConn(flusher, st, "qos0-subscriber")
+    owner = RecordingConn(flusher, st, "persistent")
+    st.fail = 1
+    st.put_session("persistent", 60, 0.0, None)
+    with pytest.raises(StorageError):
+        flusher.ensure_committed(owner)
+    flusher.ensure_committed(bystander)  # nothing at stake: its bytes may leave
+    with pytest.raises(StorageError):
+        flusher.ensure_committed()
     st.close()

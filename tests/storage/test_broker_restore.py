@@ -270,3 +270,84 @@ def test_full_storage_refuses_messages_that_would_be_stored(node: Node) -> None:
         node.broker.publish(Message("c/r", b"x", 1, True))  # retained: stored
     assert node.broker.publish(Message("c/1", b"x", 1)) == 1  # only a clean session: not stored
     assert node.broker.publish(Message("p/0", b"x", 0)) == 1  # QoS 0 is never refused
+
+
+def test_a_retained_qos0_message_is_refused_while_the_storage_is_full(node: Node, caplog) -> None:
+    """Every QoS is refused when it would be stored (issue 17 item 4): a retained QoS 0 message is
+    dropped and counted as storage_full, logged once; clearing a retained message still works (it
+    frees space). Before: QoS 0 bypassed the refusal and filled the map until commits failed."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="fluxmq.broker")
+    node.publish("r/keep", b"old", qos=0, retain=True)
+    c, cd, _ = node.connect("clean", 0, clean=True)
+    node.broker.subscribe(c, "r/#", 0)
+    node.storage.refusing = True
+    for _ in range(3):
+        assert node.broker.publish(Message("r/new", b"x" * 1000, 0, True)) == 0
+    assert node.broker.retained.get("r/new") is None
+    assert node.broker.stats.drops.get("storage_full") == 3
+    assert len([r for r in caplog.records if r.getMessage() == "publish_refused_storage_full"]) == 1
+    assert cd.sent == []  # refused as a whole, as a QoS 1/2 message is
+    node.broker.publish(Message("r/keep", b"", 0, True))  # a clear is not refused
+    assert node.broker.retained.get("r/keep") is None
+
+
+def test_a_qos1_publish_stored_for_others_stakes_its_publisher(node: Node) -> None:
+    """The PUBACK of a QoS 1 message queued for an offline persistent session acknowledges the
+    batch: a failed commit must abandon it. A publish stored nowhere stakes nothing."""
+    s, d, _ = node.connect("sub", 3600)
+    node.broker.subscribe(s, "p/#", 1)
+    node.disconnect(s, d)
+    pub, pd, _ = node.connect("pub", 0, clean=True)
+    node.broker.publish(Message("other/1", b"x", 1), pub)
+    assert "pub" not in node.storage.stake_clients()
+    node.broker.publish(Message("p/1", b"x", 1), pub)
+    assert {"pub", "sub"} <= node.storage.stake_clients()
+    node.storage.commit()
+    assert node.storage.stake_clients() == set()
+
+
+@pytest.mark.parametrize("sync", ["none", "batch", "always"])
+def test_wait_committed_returns_once_the_batch_holding_the_message_is_committed(tmp_path: Path, sync: str) -> None:
+    """The after-commit hook of the front ends without a connection (HTTP bridge, admin API)."""
+    import gevent
+
+    from fluxmq.protocol.flush import FlushScheduler
+
+    store = LMDBStorage(tmp_path / "data", map_size=64 * MiB, sync=sync)
+    FlushScheduler(store)
+    broker = Broker(BrokerSettings(), store)
+    try:
+        broker.publish(Message("kept", b"v", 1, True))
+        assert store.has_pending
+        broker.wait_committed(timeout=10)
+        with store.env.begin() as txn:
+            assert txn.get(b"kept", db=store._dbs[6]) is not None  # committed when it returned
+        broker.wait_committed(timeout=10)  # nothing pending: at once
+        gevent.sleep(0)
+    finally:
+        store.close()
+
+
+def test_wait_committed_raises_when_the_commit_fails(tmp_path: Path) -> None:
+    from fluxmq.errors import StorageError
+    from fluxmq.protocol.flush import FlushScheduler
+    from tests.storage.test_lmdb import FailingStorage
+
+    store = FailingStorage(tmp_path / "data", map_size=64 * MiB)
+    FlushScheduler(store)
+    broker = Broker(BrokerSettings(), store)
+    try:
+        store.fail = 1
+        broker.publish(Message("kept", b"v", 1, True))
+        with pytest.raises(StorageError):
+            broker.wait_committed(timeout=10)
+    finally:
+        store.close()
+
+
+def test_wait_committed_with_the_memory_backend_returns_at_once() -> None:
+    broker = Broker(BrokerSettings())
+    broker.publish(Message("kept", b"v", 1, True))
+    broker.wait_committed(timeout=0)

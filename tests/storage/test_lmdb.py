@@ -229,15 +229,26 @@ def test_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
         LMDBStorage(path)
 
 
-def test_stored_data_larger_than_map_size_is_refused_at_start(tmp_path: Path) -> None:
+def test_stored_data_larger_than_map_size_still_opens_refusing_and_names_the_key(tmp_path: Path, caplog) -> None:
+    """A store over ``storage.map_size`` (the map filled at run time, or the key lowered) opens
+    anyway: the node starts and serves what it holds, refuses new stored messages and logs which key
+    to raise and to what. Before: StorageError at start, i.e. a node that cannot start."""
     s = LMDBStorage(tmp_path, map_size=16 * MiB)
     for i in range(40):
         s.put_retained(f"big/{i}", msg(f"big/{i}", b"x" * 100_000))
     s.commit()
     s.close()
-    with pytest.raises(StorageError, match="does not fit storage.map_size"):
-        LMDBStorage(tmp_path, map_size=1 * MiB)
-    assert len(LMDBStorage(tmp_path, map_size=16 * MiB).load().retained) == 40
+    caplog.set_level(logging.ERROR, logger="fluxmq.storage")
+    small = LMDBStorage(tmp_path, map_size=1 * MiB)
+    assert small.refusing
+    assert len(small.load().retained) == 40
+    over = [r for r in caplog.records if r.getMessage() == "storage_over_map_size"]
+    assert over and over[0].key == "storage.map_size" and over[0].raise_to > 4 * MiB
+    for i in range(40):  # what it holds can still be deleted: the node recovers by itself
+        small.delete_retained(f"big/{i}")
+    small.commit()
+    small.close()
+    assert len(LMDBStorage(tmp_path, map_size=16 * MiB).load().retained) == 0
 
 
 def test_map_size_reached_at_run_time_refuses_then_recovers(tmp_path: Path, caplog) -> None:
@@ -258,14 +269,97 @@ def test_map_size_reached_at_run_time_refuses_then_recovers(tmp_path: Path, capl
     s.close()
 
 
-def test_commit_beyond_the_headroom_fails_cleanly(tmp_path: Path) -> None:
+def test_a_batch_beyond_the_headroom_grows_the_map_and_commits(tmp_path: Path) -> None:
+    """A real MapFullError: one batch larger than map_size + headroom. The map grows to take it
+    (space on disk permitting), so nothing recorded is thrown away; new stored messages are then
+    refused until usage drops again. Before: StorageFull and the batch was gone."""
     s = LMDBStorage(tmp_path, map_size=1 * MiB)
     for i in range(400):  # ~40 MiB in one batch: more than map_size + headroom
         s.queue_append("c", i, b"y" * 100_000)
-    with pytest.raises(StorageFull):
+    s.put_session("c", 3600, 0.0, None)
+    s.commit()
+    assert s.refusing and not s.has_pending
+    assert s.load().sessions["c"].queue.count == 400
+    s.close()
+
+
+class FailingStorage(LMDBStorage):
+    """LMDBStorage whose next ``fail`` commits raise, as an I/O error would (an EIO from the disk
+    cannot be produced on demand)."""
+
+    fail = 0
+
+    def write_batch(self, batch) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise StorageError(f"{self._where()}: commit failed: simulated I/O error")
+        super().write_batch(batch)
+
+
+def test_a_failed_commit_keeps_its_batch_and_the_next_commit_applies_it(tmp_path: Path) -> None:
+    """Never continue with diverged state: what a failed commit held is retried with the next one.
+    Before: the batch was dropped, so the ended session came back at restart and a finished QoS 2
+    exchange was redelivered."""
+    s = FailingStorage(tmp_path, map_size=64 * MiB)
+    s.put_session("gone", 3600, 0.0, None)
+    s.put_subscription("gone", "a/#", 1, False, False, 0, 0)
+    s.put_session("kept", 3600, 0.0, None)
+    s.put_inflight("kept", 5, msg("x", b"1", 2), 2, False, None)
+    s.commit()
+    s.delete_session("gone")
+    s.delete_inflight("kept", 5)
+    s.fail = 1
+    with pytest.raises(StorageError, match="simulated"):
         s.commit()
-    assert s.refusing
-    assert s.load().sessions == {}  # nothing half-written
+    assert s.has_pending and s.refusing  # kept, and new stored messages refused meanwhile
+    assert s.queue_read("kept", [0]) == [None]  # reads still see the pending state
+    s.put_retained("later", msg("later", b"2", 1, retain=True))  # recorded after the failure
+    s.commit()
+    assert not s.has_pending and not s.refusing and s.ping()[0]
+    s = reopen(s, map_size=64 * MiB)
+    state = s.load()
+    assert "gone" not in state.sessions
+    assert state.sessions["kept"].inflight == {}
+    assert [f[0] for f in state.retained] == ["later"]
+    s.close()
+
+
+def test_a_failed_commit_merges_under_operations_recorded_after_it(tmp_path: Path) -> None:
+    """The retried batch is the failed one with later operations on top: the last write of a key wins
+    and a later prefix delete removes the failed batch's writes under it."""
+    s = FailingStorage(tmp_path, map_size=64 * MiB)
+    s.put_session("c", 10, 0.0, None)
+    s.put_subscription("c", "x", 0, False, False, 0, 0)
+    s.put_retained("t", msg("t", b"old", 1, retain=True))
+    s.fail = 1
+    with pytest.raises(StorageError):
+        s.commit()
+    s.delete_session("c")  # a prefix delete over the failed batch's subscription
+    s.put_session("c", 20, 0.0, None)
+    s.put_retained("t", msg("t", b"new", 1, retain=True))
+    s.commit()
+    s = reopen(s, map_size=64 * MiB)
+    state = s.load()
+    assert state.sessions["c"].expiry_interval == 20 and state.sessions["c"].subscriptions == []
+    assert [f[1] for f in state.retained] == [b"new"]
+    s.close()
+
+
+def test_after_commit_callbacks_run_once_their_batch_is_committed_or_failed(tmp_path: Path) -> None:
+    s = FailingStorage(tmp_path, map_size=64 * MiB)
+    seen: list = []
+    s.after_commit(lambda exc: seen.append(("idle", exc)))  # nothing pending: at once
+    assert seen == [("idle", None)]
+    s.put_retained("a", msg("a", b"1", 1, retain=True))
+    s.after_commit(lambda exc: seen.append(("a", exc)))
+    assert len(seen) == 1
+    s.fail = 1
+    with pytest.raises(StorageError):
+        s.commit()
+    assert seen[1][0] == "a" and isinstance(seen[1][1], StorageError)
+    s.after_commit(lambda exc: seen.append(("retry", exc)))  # its ops are pending again
+    s.commit()
+    assert seen[2] == ("retry", None)
     s.close()
 
 
@@ -360,8 +454,12 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_full_disk_refuses_then_recovers(small_disk: Path, caplog) -> None:
+def test_full_disk_refuses_keeps_the_batch_then_recovers(small_disk: Path, caplog) -> None:
+    """A full disk fails the commit: its batch is kept (retried, not dropped) and new stored messages
+    are refused; once space is freed on the disk the retry commits everything, the failed write too."""
     caplog.set_level(logging.ERROR, logger="fluxmq.storage")
+    filler = small_disk / "filler"
+    filler.write_bytes(b"f" * (1 * MiB))  # what the operator frees
     s = LMDBStorage(small_disk / "data", map_size=64 * MiB)
     written = 0
     with pytest.raises(StorageFull, match="disk full"):
@@ -371,9 +469,13 @@ def test_full_disk_refuses_then_recovers(small_disk: Path, caplog) -> None:
             written += 1
             assert written < 200
     assert s.refusing and [r for r in caplog.records if r.getMessage() == "storage_full"]
+    assert s.has_pending  # the failed append is kept
     for i in range(written // 2):
         s.queue_pop("c", i)
-    s.commit()  # space freed: commits work again
-    assert not s.refusing
-    assert s.load().sessions == {}  # (no session record: the queue alone)
+    filler.unlink()
+    s.commit()  # space freed: the kept batch and the pops commit together
+    assert not s.refusing and not s.has_pending
+    seqs = list(range(written + 1))
+    present = [e is not None for e in s.queue_read("c", seqs)]
+    assert present == [False] * (written // 2) + [True] * (written + 1 - written // 2)
     s.close()
