@@ -319,3 +319,59 @@ def test_tls_to_mosquitto_verified(node_factory, tmp_path):
         assert "certificate verify failed" in bad.log_text()
     finally:
         cloud.stop()
+
+
+N_KILL = 2000
+
+
+def test_node_killed_nothing_acknowledged_is_lost(node_factory, tmp_path):
+    """SIGKILL of the fluxmq node, both directions:
+
+    - outbound: QoS 1 messages queued for an absent Mosquitto survive the kill (the bridge's
+      outbound store is on disk) and arrive once Mosquitto and the node are back;
+    - inbound: Mosquitto streams QoS 1 messages to the bridge while the node is killed; each one
+      the node acknowledged was committed first, and the rest Mosquitto sends again, so the local
+      persistent subscriber gets every message.
+    """
+    cloud = Mosquitto(tmp_path / "cloud").start()
+    config = bridge_yaml(cloud.port, "crash")
+    try:
+        edge = node_factory(config_text=config)
+        data = str(edge.data_dir)  # every restart below runs on this data directory
+        wait_status(edge, "ok")
+        cloud.stop()
+        wait_status(edge, "down")
+        with client(edge.mqtt_port, "crash-pub") as pub:
+            for i in range(20):
+                pub.publish(f"edge/out/kept/{i}", b"k", 1)
+        edge.kill()
+        cloud.start()
+        remote = PersistentSubscriber(cloud.port, "crash-remote", "cloud/out/#")
+        edge = node_factory({"storage.path": data}, config_text=config)
+        got = remote.collect(20)
+        remote.close()
+        assert sorted(t for t, _, _ in got) == sorted(f"cloud/out/kept/{i}" for i in range(20))
+
+        local = PersistentSubscriber(edge.mqtt_port, "crash-local", "edge/in/#")
+        local.close()  # offline: what comes in over the bridge is queued on disk for it
+        wait_status(edge, "ok")
+        observer = client(edge.mqtt_port, "crash-observer")
+        observer.subscribe("edge/in/#", 0)
+        with client(cloud.port, "crash-remote-pub") as remote_pub:
+            infos = [remote_pub.client.publish(f"cloud/in/k/{i}", b"i", 1) for i in range(N_KILL)]
+            seen = 0
+            while seen < N_KILL // 4:  # kill once the bridge is well into the stream
+                observer.get(WAIT)
+                seen += 1
+            edge.kill()
+            for info in infos:
+                info.wait_for_publish(WAIT)  # Mosquitto has them all (for the bridge's session)
+        observer.close()
+        edge = node_factory({"storage.path": data}, config_text=config)
+        local.port = edge.mqtt_port
+        local.connect()
+        got = local.collect(N_KILL, timeout=60)
+        local.close()
+        assert set(t for t, _, _ in got) == {f"edge/in/k/{i}" for i in range(N_KILL)}
+    finally:
+        cloud.stop()
