@@ -147,6 +147,10 @@ class BridgeLink:
                 log.warning("bridge_link_failed", extra={"bridge": cfg.name, "peer": self.peer,
                                                          "error": str(exc) or type(exc).__name__})
                 self.last_error = str(exc) or type(exc).__name__
+            except Exception as exc:  # a bug must not end the link for the life of the node
+                self.counters.errors += 1
+                log.exception("bridge_link_error", extra={"bridge": cfg.name, "peer": self.peer})
+                self.last_error = f"internal error: {type(exc).__name__}"
             finally:
                 self._teardown()
             if self._stopped:
