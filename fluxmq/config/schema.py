@@ -149,8 +149,8 @@ _BRIDGE_TLS = Fields({
 }, summary="tls mapping")
 
 _BRIDGE_RECONNECT = Fields({
-    "initial": Field(Duration(), 1.0, doc="First reconnect delay."),
-    "max": Field(Duration(), 60.0, doc="Longest reconnect delay (doubling, with jitter)."),
+    "initial": Field(Duration(), "1s", doc="First reconnect delay."),
+    "max": Field(Duration(), "60s", doc="Longest reconnect delay (doubling, with jitter)."),
 }, summary="reconnect mapping")
 
 _BRIDGE_TOPIC = Fields({
@@ -167,11 +167,11 @@ _LINK_COMMON = {
     "password_env": Field(Str(), "", doc="Environment variable holding the password."),
     "password_file": Field(Str(), "", doc="File holding the password (trailing newline stripped)."),
     "tls": Field(_BRIDGE_TLS, None, doc="TLS to the peer (verified by default); absent = plain TCP."),
-    "message_validity": Field(Duration(), 0.0,
+    "message_validity": Field(Duration(), "0s",
                               doc="A queued message older than this when its turn comes is dropped; 0 = none."),
     "reconnect": Field(_BRIDGE_RECONNECT, {}, doc="Reconnect backoff."),
     "max_queued_messages": Field(Int(1), 10000, doc="Outbound messages kept (on disk) while the peer is away."),
-    "keepalive": Field(Duration(), 60.0, doc="Keep alive sent in CONNECT."),
+    "keepalive": Field(Duration(), "60s", doc="Keep alive sent in CONNECT."),
 }
 
 BRIDGE_ITEM = Fields({
@@ -558,7 +558,8 @@ class Schema:
         ]
         by_section: dict[str, list[Key]] = {}
         for key in self.keys.values():
-            by_section.setdefault(key.section, []).append(key)
+            # A top-level key (a structured list such as ``bridges``) gets a heading of its own.
+            by_section.setdefault(key.section or key.name, []).append(key)
         tops = list(dict.fromkeys(name.partition(".")[0] for name in by_section))
         for top in tops:
             # A top-level section's own keys first, then its sub-sections: rst headings nest.
@@ -598,8 +599,33 @@ def readme_with_table(text: str, table: str) -> str:
 def _rst_key(key: Key) -> list[str]:
     default = ("none (secret: set only from the environment)" if key.secret
                else f"``{render_default(key.default)}``")
-    return [f"``{key.name}``", f"   {key.doc}", "",
-            f"   :type: {key.type.summary}", f"   :default: {default}", f"   :env: ``{key.env}``", ""]
+    out = [f"``{key.name}``", f"   {key.doc}", "",
+           f"   :type: {key.type.summary}", f"   :default: {default}", f"   :env: ``{key.env}``", ""]
+    if isinstance(key.type, FieldsList):
+        out += ["   Fields of each item:", ""] + _rst_fields(key.type.item, "   ") + [""]
+    return out
+
+
+def _rst_fields(fields: Fields, indent: str) -> list[str]:
+    """A bullet per field of a structured item (nested mappings and lists indented below)."""
+    out = []
+    for name, field in fields.fields.items():
+        if field.refuse:
+            out.append(f"{indent}- ``{name}``: refused ({field.refuse})")
+            continue
+        if field.required:
+            default = "required"
+        elif isinstance(field.type, FieldsList):
+            default = f"default ``{render_default(field.default)}``"
+        elif isinstance(field.type, Fields):
+            default = "absent by default" if field.default is None else "defaults below"
+        else:
+            default = f"default ``{render_default(field.default)}``"
+        out.append(f"{indent}- ``{name}`` ({field.type.summary}; {default}): {field.doc}")
+        nested = field.type.item if isinstance(field.type, FieldsList) else field.type
+        if isinstance(nested, Fields):
+            out += [""] + _rst_fields(nested, indent + "  ") + [""]
+    return out
 
 
 def render_default(value: object) -> str:

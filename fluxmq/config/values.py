@@ -512,8 +512,12 @@ class Fields(ValueType):
             if field.refuse:
                 continue
             default = field.default
-            structured = isinstance(field.type, Fields | FieldsList) and default is not None
-            out[name] = field.type.from_yaml(default, f"{path}.{name}") if structured else default
+            if default is None:
+                out[name] = None
+            elif isinstance(field.type, Fields | FieldsList):
+                out[name] = field.type.from_yaml(default, f"{path}.{name}")
+            else:
+                out[name] = field.type.from_yaml(default)  # written as in YAML ("1s")
         return out
 
     def from_text(self, text: str) -> dict:
