@@ -4,7 +4,8 @@
 #   - installs missing Debian packages with apt-get (only what is missing; as root or via sudo):
 #     always what a venv and the Cython build need (python3.X-venv, python3.X-dev) when this Python
 #     lacks them; with --system-packages also mosquitto, mosquitto-clients and procps (the mosquitto
-#     service the package starts is stopped and disabled: it would hold port 1883);
+#     service the package starts is stopped and disabled: it would hold port 1883), and chromium with
+#     chromium-driver (the dashboard's browser test, tests/e2e/test_dashboard.py);
 #   - creates .venv with Python 3.11+ when missing;
 #   - installs fluxmq editable with its extras (test extras with --test) and builds the Cython core
 #     in place, only when needed: no stamp, a .pyx/.pxd/setup.py/pyproject.toml newer than the
@@ -155,7 +156,7 @@ fluxmq_setup() {
     py="$(fluxmq_find_python)"
     missing="$(fluxmq_python_packages_missing "$py")"
     if [ "$system_packages" = 1 ] && command -v dpkg-query >/dev/null 2>&1; then
-        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps)"
+        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps chromium chromium-driver)"
     fi
     # shellcheck disable=SC2086  # word splitting of the package list is wanted
     fluxmq_apt_install $missing

@@ -387,8 +387,13 @@ class BridgeLink:
     def send_pubrel(self, packet_id: int) -> None:
         self._queue(c.encode(c.Pubrel(packet_id), self.version))
 
+    @property
+    def closed(self) -> bool:
+        """True once the peer connection is closing or gone (the session keeps what it holds)."""
+        return self._closing or self._sock is None
+
     def is_congested(self) -> bool:
-        return len(self.out) + self._wpending > HIGH_WATER
+        return self._closing or len(self.out) + self._wpending > HIGH_WATER
 
     def close(self, reason_code: int, reason: str = "") -> None:
         """Drop the peer connection (the run loop reconnects unless stopped)."""
