@@ -156,8 +156,7 @@ class BridgeLink:
             if self._stopped:
                 return
             self._set_state(DOWN)
-            # Exponential backoff with full jitter in [delay/2, delay].
-            gevent.sleep(delay * (0.5 + random.random() / 2))
+            gevent.sleep(jittered(delay))
             delay = min(delay * 2, cfg.reconnect_max)
 
     def _connect_and_serve(self) -> None:
@@ -506,6 +505,12 @@ class BridgeLink:
             "dropped_loop": self.counters.dropped_loop, "connects": self.counters.connects,
             "last_error": self.last_error,
         }
+
+
+def jittered(delay: float, rand=None) -> float:
+    """A reconnect wait: ``delay`` (which doubles per failure up to ``reconnect.max``) with jitter,
+    uniform in [delay/2, delay], so links that failed together do not reconnect together."""
+    return delay * (0.5 + (rand or random.random)() / 2)
 
 
 def _has_marker(props: dict, key: str) -> bool:

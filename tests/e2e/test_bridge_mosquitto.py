@@ -375,3 +375,20 @@ def test_node_killed_nothing_acknowledged_is_lost(node_factory, tmp_path):
         assert set(t for t, _, _ in got) == {f"edge/in/k/{i}" for i in range(N_KILL)}
     finally:
         cloud.stop()
+
+
+def test_311_link_both_directions_no_echo(node_factory, cloud):
+    """A 3.1.1 peer has no No Local: Mosquitto sends the bridge's own publishes back on its
+    both-direction subscription, and the echo check drops them (counted as loop drops)."""
+    edge = node_factory(config_text=bridge_yaml(cloud.port, "v311", version="3.1.1").replace(
+        "local_prefix: \"edge/\"", "local_prefix: \"e311/\""))
+    wait_status(edge, "ok")
+    with client(edge.mqtt_port, "l311", mqtt.MQTTv311) as local, client(cloud.port, "r311") as remote:
+        local.subscribe("e311/both/#", 1)
+        remote.subscribe("cloud/both/from-311/#", 1)
+        for i in range(5):
+            local.publish(f"e311/both/from-311/{i}", f"p{i}".encode(), 1)
+        assert sorted(m.topic for m in drain(remote, 2.0)) == [f"cloud/both/from-311/{i}" for i in range(5)]
+        assert sorted(m.topic for m in drain(local, 1.0)) == [f"e311/both/from-311/{i}" for i in range(5)]
+    sync = wait_status(edge, "ok")
+    assert sync["v311"]["forwarded_out"] >= 5
