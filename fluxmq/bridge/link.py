@@ -65,8 +65,11 @@ class BridgeLink:
     listener = "bridge"
 
     def __init__(self, config: BridgeConfig, broker: Broker, flusher=None, node_id: str = "",
-                 on_change=None) -> None:
+                 on_change=None, max_packet_size: int = 2 << 20) -> None:
         self.config = config
+        # The largest packet taken from the peer (broker.max_packet_size): memory stays bounded
+        # whatever the peer sends; a 5.0 peer is told in CONNECT and never sends more.
+        self.max_packet_size = max_packet_size
         self.broker = broker
         self.flusher = flusher
         self.node_id = node_id or config.client_id
@@ -165,11 +168,12 @@ class BridgeLink:
         if cfg.tls is not None:
             sock = self._tls_context().wrap_socket(sock, server_hostname=cfg.host)
         self._sock = sock
-        decoder = c.Decoder(version=self.version)
+        decoder = c.Decoder(self.max_packet_size, self.version)
         props = {}
         if self.version == 5:
             # A persistent session at the peer: what it queued for us survives our outage.
-            props = {0x11: 0 if cfg.clean_start else EXPIRY_NEVER, 0x21: RECEIVE_MAXIMUM}
+            props = {0x11: 0 if cfg.clean_start else EXPIRY_NEVER, 0x21: RECEIVE_MAXIMUM,
+                     0x27: self.max_packet_size}
         connect = c.Connect(cfg.client_id, cfg.clean_start, int(cfg.keepalive), self.version,
                             username=cfg.username or None, password=cfg.password, properties=props or None)
         sock.sendall(c.encode(connect, self.version))

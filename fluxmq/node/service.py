@@ -272,7 +272,8 @@ class BrokerService:
         self.sys_topics.start()
         configs = bridges_from_config(cfg)  # ConfigError (unreadable password) before any link opens
         if configs:
-            self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval)
+            self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval,
+                                   max_packet_size=cfg.broker.max_packet_size)
             self.bridges.start()
         self._started = True
 

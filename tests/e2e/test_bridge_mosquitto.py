@@ -392,3 +392,17 @@ def test_311_link_both_directions_no_echo(node_factory, cloud):
         assert sorted(m.topic for m in drain(local, 1.0)) == [f"e311/both/from-311/{i}" for i in range(5)]
     sync = wait_status(edge, "ok")
     assert sync["v311"]["forwarded_out"] >= 5
+
+
+def test_peer_respects_our_maximum_packet_size(node_factory, cloud):
+    """A 5.0 link announces broker.max_packet_size: Mosquitto never sends a bigger packet (it drops
+    that message for the bridge), so a peer cannot make the link buffer more than the bound."""
+    edge = node_factory(config_text=bridge_yaml(cloud.port, "small").replace(
+        "local_prefix: \"edge/\"", "local_prefix: \"small/\"") + "  max_packet_size: 1024\n")
+    wait_status(edge, "ok")
+    with client(edge.mqtt_port, "small-sub") as local, client(cloud.port, "small-pub") as remote:
+        local.subscribe("small/in/#", 1)
+        remote.publish("cloud/in/big", b"x" * 4096, 1)
+        remote.publish("cloud/in/fits", b"y" * 100, 1)
+        assert [m.topic for m in drain(local, 2.0)] == ["small/in/fits"]
+    assert wait_status(edge, "ok")["small"]["forwarded_in"] >= 1
