@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from fluxmq.broker.broker import BRIDGE_SESSION_PREFIX
 from fluxmq.config.values import parse_addr
 from fluxmq.errors import ConfigError
 
@@ -82,7 +83,7 @@ class BridgeConfig:
     @property
     def local_client_id(self) -> str:
         """The broker session holding this link's outbound store."""
-        return f"$bridge/{self.name}"
+        return f"{BRIDGE_SESSION_PREFIX}{self.name}"
 
 
 def _password(item: dict, where: str) -> bytes | None:

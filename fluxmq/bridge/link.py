@@ -113,8 +113,10 @@ class BridgeLink:
         self._teardown()
 
     def _open_session(self):
+        # Never expires (not even under broker.max_session_expiry): what waits for the peer stays
+        # as long as the bridge is configured.
         session, _ = self.broker.open_session(self.config.local_client_id, False, EXPIRY_NEVER,
-                                              limits=self._limits)
+                                              limits=self._limits, capped=False)
         session.validity = self.config.message_validity
         # The outbound patterns: No Local keeps what came in over this link from going back
         # [MQTT-3.8.3-3]; Retain As Published keeps the retain flag; Retain Handling 1 sends the
