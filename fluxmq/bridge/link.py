@@ -95,6 +95,10 @@ class BridgeLink:
         self._out_routes = tuple(t for t in config.topics if t.outbound)
         self._in_routes = tuple(t for t in config.topics if t.inbound)
         self._marker = ROUTE_MARKER if config.mesh else BRIDGE_MARKER
+        # Topics are rewritten only when some route has a prefix: without one, no per-message match.
+        self._rewrite_out = any(r.local_prefix or r.remote_prefix for r in self._out_routes)
+        self._rewrite_in = any(r.local_prefix or r.remote_prefix for r in self._in_routes)
+        self._in_qos = max((r.qos for r in self._in_routes), default=0)
         self._limits = SessionLimits(max_inflight=broker.settings.max_inflight,
                                      max_queued_messages=config.max_queued_messages,
                                      max_queued_bytes=1 << 62)
@@ -360,10 +364,11 @@ class BridgeLink:
                 gevent.get_hub().loop.run_callback(self._settle_locally, packet_id, qos)
             return True
         topic = message.topic
-        for route in self._out_routes:
-            if filter_matches(route.local_filter, topic):
-                topic = route.to_remote(topic)
-                break
+        if self._rewrite_out:
+            for route in self._out_routes:
+                if filter_matches(route.local_filter, topic):
+                    topic = route.to_remote(topic)
+                    break
         out_props = None
         if self.version == 5:
             out_props = dict(props) if props else {}
@@ -441,17 +446,21 @@ class BridgeLink:
             self._queue(c.encode(c.Pubrec(pid), self.version))  # a resend: already published once
             return
         if self._accept(packet):
-            route = None
-            for r in self._in_routes:
-                if filter_matches(r.remote_filter, packet.topic):
-                    route = r
-                    break
-            if route is not None:
-                topic = route.to_local(packet.topic)
+            topic = packet.topic
+            cap = self._in_qos
+            if self._rewrite_in:
+                cap = -1
+                for r in self._in_routes:
+                    if filter_matches(r.remote_filter, topic):
+                        topic = r.to_local(topic)
+                        cap = r.qos
+                        break
+            if cap >= 0:
+                # The peer caps by our subscription's QoS already; a peer that does not is capped here.
+                mqos = qos if qos <= cap else cap
                 props = packet.properties
-                message = (Message.from_publish_properties(topic, packet.payload, min(qos, route.qos),
-                                                            packet.retain, props)
-                           if props else Message(topic, packet.payload, min(qos, route.qos), packet.retain))
+                message = (Message.from_publish_properties(topic, packet.payload, mqos, packet.retain, props)
+                           if props else Message(topic, packet.payload, mqos, packet.retain))
                 # Raises QuotaExceeded when the store is full: no ack goes out and the link drops,
                 # so the peer sends it again later.
                 self.broker.publish(message, origin=session)
