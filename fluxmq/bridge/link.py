@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
-import ssl
 import time
 from collections import OrderedDict
 
 import gevent
+from gevent import socket, ssl  # gevent's own: cooperative whether or not the process is patched
 from gevent.event import Event
 
 from fluxmq._core import codec as c
