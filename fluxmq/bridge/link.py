@@ -98,9 +98,12 @@ class BridgeLink:
         self._rewrite_out = any(r.local_prefix or r.remote_prefix for r in self._out_routes)
         self._rewrite_in = any(r.local_prefix or r.remote_prefix for r in self._in_routes)
         self._in_qos = max((r.qos for r in self._in_routes), default=0)
+        # Bounded by the bridge's own message count, and by the node's byte bound for such a queue
+        # (storage.max_queued_bytes on disk, broker.max_queued_bytes in memory).
+        node_limits = broker.persistent_limits if broker.storage.durable else broker.limits
         self._limits = SessionLimits(max_inflight=broker.settings.max_inflight,
                                      max_queued_messages=config.max_queued_messages,
-                                     max_queued_bytes=1 << 62)
+                                     max_queued_bytes=node_limits.max_queued_bytes)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
