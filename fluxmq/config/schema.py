@@ -21,7 +21,21 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fluxmq.config.values import Addr, Bool, Duration, Enum, Float, Int, Size, Str, StrList, ValueType
+from fluxmq.config.values import (
+    Addr,
+    Bool,
+    Duration,
+    Enum,
+    Field,
+    Fields,
+    FieldsList,
+    Float,
+    Int,
+    Size,
+    Str,
+    StrList,
+    ValueType,
+)
 
 __all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key", "Schema", "main"]
 
@@ -36,7 +50,8 @@ ENV_ALLOWED = frozenset({"FLUXMQ_CONFIG", "FLUXMQ_ADMIN_TOKEN", "FLUXMQ_DEBUG", 
 # Names a config Section object uses for itself; a key or section may not be called these.
 RESERVED_NAMES = frozenset({"get", "origin", "to_dict"})
 
-_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
+# Keys are section.key; a top-level key (``bridges``) is allowed only for a structured list.
+_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,7 @@ SECTION_DOCS: dict[str, str] = {
     "limits": "Per-address and per-client abuse limits (docs/security.rst); 0 = no limit.",
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
+    "cluster": "Peer brokers this node mirrors (reference 001 MQTT cluster routes; docs/bridges.rst).",
 }
 
 
@@ -108,6 +124,79 @@ class AutoBool(ValueType):
         from fluxmq.config.values import parse_bool
 
         return "auto" if text.strip() == "auto" else parse_bool(text)
+
+
+class ProtocolVersion(ValueType):
+    """An MQTT protocol version of a bridge link: ``"3.1.1"`` or ``"5.0"`` (YAML may read 5.0 as a number)."""
+
+    summary = '"3.1.1" | "5.0"'
+    expected = '"3.1.1" or "5.0"'
+
+    def from_yaml(self, value: object) -> str:
+        text = str(value).strip() if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
+        if text in ("5", "5.0"):
+            return "5.0"
+        if text in ("3.1.1", "4"):
+            return "3.1.1"
+        raise ValueError("")
+
+    def from_text(self, text: str) -> str:
+        return self.from_yaml(text)
+
+
+_NO_CLEAR_PASSWORD = ("bridge passwords are never read from the config file: use password_env (an environment "
+                      "variable name) or password_file (a file holding the password)")
+
+_BRIDGE_TLS = Fields({
+    "ca_file": Field(Str(), "", doc='PEM CA bundle the peer certificate is verified against; "" = system CAs.'),
+    "cert_file": Field(Str(), "", doc="PEM client certificate (mutual TLS)."),
+    "key_file": Field(Str(), "", doc="Private key of cert_file."),
+    "insecure": Field(Bool(), False, doc="Skip verifying the peer certificate and host name (tests only)."),
+}, summary="tls mapping")
+
+_BRIDGE_RECONNECT = Fields({
+    "initial": Field(Duration(), "1s", doc="First reconnect delay."),
+    "max": Field(Duration(), "60s", doc="Longest reconnect delay (doubling, with jitter)."),
+}, summary="reconnect mapping")
+
+_BRIDGE_TOPIC = Fields({
+    "pattern": Field(Str(allow_empty=False), required=True, doc="Topic filter, without the prefixes."),
+    "direction": Field(Enum("in", "out", "both"), "both", doc="in: peer to here; out: here to peer; both."),
+    "qos": Field(Int(0, 2), 1, doc="Highest QoS forwarded on this route."),
+    "local_prefix": Field(Str(), "", doc="Prepended to the pattern on this broker."),
+    "remote_prefix": Field(Str(), "", doc="Prepended to the pattern on the peer."),
+}, summary="topic mapping")
+
+_LINK_COMMON = {
+    "username": Field(Str(), "", doc="User name sent to the peer."),
+    "password": Field(Str(), refuse=_NO_CLEAR_PASSWORD),
+    "password_env": Field(Str(), "", doc="Environment variable holding the password."),
+    "password_file": Field(Str(), "", doc="File holding the password (trailing newline stripped)."),
+    "tls": Field(_BRIDGE_TLS, None, doc="TLS to the peer (verified by default); absent = plain TCP."),
+    "message_validity": Field(Duration(), "0s",
+                              doc="A queued message older than this when its turn comes is dropped; 0 = none."),
+    "reconnect": Field(_BRIDGE_RECONNECT, {}, doc="Reconnect backoff."),
+    "max_queued_messages": Field(Int(1), 10000, doc="Outbound messages kept (on disk) while the peer is away."),
+    "keepalive": Field(Duration(), "60s", doc="Keep alive sent in CONNECT."),
+}
+
+BRIDGE_ITEM = Fields({
+    "name": Field(Str(allow_empty=False), required=True, doc="Unique name (status, metrics, logs)."),
+    "address": Field(Addr(), required=True, doc="Peer host:port."),
+    "protocol_version": Field(ProtocolVersion(), "5.0", doc="MQTT version of the link."),
+    "client_id": Field(Str(), "", doc='Client id at the peer; "" = fluxmq-bridge-NAME.'),
+    "clean_start": Field(Bool(), False, doc="Start a new session at the peer on every connect."),
+    **_LINK_COMMON,
+    "topics": Field(FieldsList(_BRIDGE_TOPIC), [], doc="Forwarded topics."),
+}, summary="bridge mapping")
+
+CLUSTER_ROUTE_ITEM = Fields({
+    "name": Field(Str(), "", doc='Route name; "" = HOST:PORT.'),
+    "host": Field(Str(allow_empty=False), required=True, doc="Peer host name or address."),
+    "port": Field(Int(1, 65535), 1883, doc="Peer MQTT port (8883 with tls)."),
+    "node_id": Field(Str(allow_empty=False), required=True, doc="This node's unique client id at the peer."),
+    **_LINK_COMMON,
+}, summary="route mapping")
 
 
 def _limit_keys(section: str) -> tuple[Key, ...]:
@@ -369,6 +458,14 @@ KEYS: tuple[Key, ...] = (
     Key("log.throttling.rate", Float(0.0, exclusive_minimum=True), 500.0,
         "Lines per second per logger, sustained."),
     Key("log.throttling.burst", Int(1), 50, "Lines a logger may write at once above the rate."),
+    Key("bridges", FieldsList(BRIDGE_ITEM, "list of bridges"), [],
+        "MQTT bridges to peer brokers: {name, address, protocol_version, client_id, clean_start, keepalive, "
+        "username, password_env | password_file, tls{ca_file, cert_file, key_file, insecure}, message_validity, "
+        "reconnect{initial, max}, topics[{pattern, direction, qos, local_prefix, remote_prefix}], "
+        "max_queued_messages} (docs/bridges.rst)."),
+    Key("cluster.routes", FieldsList(CLUSTER_ROUTE_ITEM, "list of routes"), [],
+        "Reference 001 cluster routes to peer fluxmq nodes, mirroring every topic: {host, port, node_id, "
+        "username, password_env | password_file, message_validity, tls, ...} (docs/bridges.rst)."),
 )
 
 
@@ -390,7 +487,7 @@ class Schema:
                 raise ValueError(f"schema: {name} is both a key and a section")
 
     def _add(self, key: Key) -> None:
-        if not _NAME.fullmatch(key.name):
+        if not _NAME.fullmatch(key.name) or ("." not in key.name and not isinstance(key.type, FieldsList)):
             raise ValueError(f"schema: bad key name {key.name!r} (want section.key, lowercase)")
         if key.name in self.keys:
             raise ValueError(f"schema: duplicate key {key.name}")
@@ -517,7 +614,8 @@ class Schema:
         ]
         by_section: dict[str, list[Key]] = {}
         for key in self.keys.values():
-            by_section.setdefault(key.section, []).append(key)
+            # A top-level key (a structured list such as ``bridges``) gets a heading of its own.
+            by_section.setdefault(key.section or key.name, []).append(key)
         tops = list(dict.fromkeys(name.partition(".")[0] for name in by_section))
         for top in tops:
             # A top-level section's own keys first, then its sub-sections: rst headings nest.
@@ -557,8 +655,33 @@ def readme_with_table(text: str, table: str) -> str:
 def _rst_key(key: Key) -> list[str]:
     default = ("none (secret: set only from the environment)" if key.secret
                else f"``{render_default(key.default)}``")
-    return [f"``{key.name}``", f"   {key.doc}", "",
-            f"   :type: {key.type.summary}", f"   :default: {default}", f"   :env: ``{key.env}``", ""]
+    out = [f"``{key.name}``", f"   {key.doc}", "",
+           f"   :type: {key.type.summary}", f"   :default: {default}", f"   :env: ``{key.env}``", ""]
+    if isinstance(key.type, FieldsList):
+        out += ["   Fields of each item:", ""] + _rst_fields(key.type.item, "   ") + [""]
+    return out
+
+
+def _rst_fields(fields: Fields, indent: str) -> list[str]:
+    """A bullet per field of a structured item (nested mappings and lists indented below)."""
+    out = []
+    for name, field in fields.fields.items():
+        if field.refuse:
+            out.append(f"{indent}- ``{name}``: refused ({field.refuse})")
+            continue
+        if field.required:
+            default = "required"
+        elif isinstance(field.type, FieldsList):
+            default = f"default ``{render_default(field.default)}``"
+        elif isinstance(field.type, Fields):
+            default = "absent by default" if field.default is None else "defaults below"
+        else:
+            default = f"default ``{render_default(field.default)}``"
+        out.append(f"{indent}- ``{name}`` ({field.type.summary}; {default}): {field.doc}")
+        nested = field.type.item if isinstance(field.type, FieldsList) else field.type
+        if isinstance(nested, Fields):
+            out += [""] + _rst_fields(nested, indent + "  ") + [""]
+    return out
 
 
 def render_default(value: object) -> str:

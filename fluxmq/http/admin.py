@@ -205,6 +205,7 @@ class AdminAPI:
             ("GET", "retained/*", self.get_retained),
             ("DELETE", "retained/*", self.delete_retained),
             ("POST", "reload", self.reload),
+            ("GET", "bridges", self.list_bridges),
             ("GET", "cluster/status", self.cluster_status),
         ]
         self.dashboard = DashboardFiles()
@@ -344,6 +345,15 @@ class AdminAPI:
             "memory": {"rss_bytes": resident_memory()},
             "storage": storage_json(broker.storage),
         }
+
+    def list_bridges(self, environ: dict, args: list[str]) -> tuple:
+        """Bridges and cluster routes: overall status and per link state and counters (the same
+        data as ``$SYS/broker/cluster/*``); no credentials."""
+        _ = self.broker  # 503 before the broker runs
+        bridges = getattr(self.service, "bridges", None)
+        if bridges is None:
+            return 200, {"status": "ok", "bridges": []}
+        return 200, bridges.status.summary()
 
     def cluster_status(self, environ: dict, args: list[str]) -> tuple:
         """The health listener's ``/cluster/status``, here too so the dashboard reads it from its origin."""

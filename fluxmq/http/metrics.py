@@ -64,6 +64,31 @@ class BrokerCollector(Collector):
         coap = getattr(self.service, "coap", None)
         if coap is not None:
             yield from self._coap(coap)
+        bridges = getattr(self.service, "bridges", None)
+        if bridges is not None:
+            yield from self._bridges(bridges)
+
+    @staticmethod
+    def _bridges(bridges: Any) -> Iterator[Metric]:
+        """Per MQTT bridge / cluster route (``bridge`` label = its name)."""
+        up = GaugeMetricFamily("fluxmq_bridge_connected", "1 while the bridge is connected to its peer.",
+                               labels=["bridge"])
+        queued = GaugeMetricFamily("fluxmq_bridge_queued_messages",
+                                   "Outbound messages held for the peer (queued and in flight).", labels=["bridge"])
+        fwd = CounterMetricFamily("fluxmq_bridge_forwarded", "Messages forwarded, by direction.",
+                                  labels=["bridge", "direction"])
+        dropped = CounterMetricFamily("fluxmq_bridge_dropped", "Messages dropped, by reason (validity, loop).",
+                                      labels=["bridge", "reason"])
+        for link in bridges.links:
+            snap = link.snapshot()
+            name = snap["name"]
+            up.add_metric([name], 1 if snap["state"] == "connected" else 0)
+            queued.add_metric([name], snap["queued"])
+            fwd.add_metric([name, "out"], snap["forwarded_out"])
+            fwd.add_metric([name, "in"], snap["forwarded_in"])
+            dropped.add_metric([name, "validity"], snap["dropped_validity"])
+            dropped.add_metric([name, "loop"], snap["dropped_loop"])
+        yield from (up, queued, fwd, dropped)
 
     def _connections(self, broker: Any) -> Iterator[Metric]:
         st = broker.stats

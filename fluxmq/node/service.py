@@ -14,6 +14,7 @@ import gevent
 
 from fluxmq.auth.limits import PublishLimits
 from fluxmq.auth.service import AuthService, AuthSettings
+from fluxmq.bridge import Bridges, bridges_from_config
 from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
@@ -257,6 +258,7 @@ class BrokerService:
         self.flusher: FlushScheduler | None = None
         self.coap: CoapBridge | None = None  # the CoAP bridge when a CoAP listener is configured
         self.coap_listeners: list = []
+        self.bridges: Bridges | None = None
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -294,6 +296,11 @@ class BrokerService:
         self._start_coap(cfg)
         self.sys_topics = SysTopics(self.broker, cfg.broker.sys_interval)
         self.sys_topics.start()
+        configs = bridges_from_config(cfg)  # ConfigError (unreadable password) before any link opens
+        if configs:
+            self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval,
+                                   max_packet_size=cfg.broker.max_packet_size)
+            self.bridges.start()
         self._started = True
 
     def _start_coap(self, cfg) -> None:
@@ -330,6 +337,8 @@ class BrokerService:
             self.coap.stop()
         if self.sys_topics is not None:
             self.sys_topics.stop()
+        if self.bridges is not None:
+            self.bridges.stop()
         self.broker.shutdown()
         for listener in self.listeners:
             left = max(0.0, deadline - time.monotonic())
@@ -350,7 +359,10 @@ class BrokerService:
         storage = (up, "storage not initialized")
         if up and self.storage is not None:
             storage = self.storage.ping()
-        return {"broker": (up, "" if up else "broker not initialized"), "storage": storage}
+        checks = {"broker": (up, "" if up else "broker not initialized"), "storage": storage}
+        if up and self.bridges is not None:
+            checks["bridges"] = self.bridges.status.readiness()  # a down bridge: degraded, still ready
+        return checks
 
     def reload(self, config) -> dict[str, list[str]]:
         """Apply what can change at run time from a newly loaded config (SIGHUP, admin ``/reload``).

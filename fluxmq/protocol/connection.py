@@ -20,7 +20,7 @@ import gevent
 from fluxmq._core import codec as c
 from fluxmq._core.codec import Decoder, append_publish, encode, encode_publish
 from fluxmq.broker import auth_enhanced
-from fluxmq.broker.broker import Broker
+from fluxmq.broker.broker import BRIDGE_SESSION_PREFIX, Broker
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
 from fluxmq.errors import (
@@ -595,6 +595,11 @@ class MQTTConnection:
             return
         if version == 3 and not 1 <= len(client_id) <= 23:
             self._refuse(RC_ID_REJECTED, 0x85, "MQTT 3.1 client identifiers have 1 to 23 characters")
+            return
+        if client_id.startswith(BRIDGE_SESSION_PREFIX):
+            # The local sessions of the node's bridges (fluxmq.bridge): a client taking one over
+            # would receive and acknowledge away what is queued for a peer broker.
+            self._refuse(RC_ID_REJECTED, 0x85, "client identifiers starting with $bridge/ are reserved")
             return
         if not client_id:
             if version == 4 and not p.clean_start:

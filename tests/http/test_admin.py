@@ -475,3 +475,21 @@ def test_delete_retained_answers_after_the_delete_is_committed(spec, tmp_path) -
             assert txn.get(b"gone", db=store._dbs[6]) is None
     finally:
         store.close()
+
+
+def test_bridges_lists_links_with_state_and_counters(spec: OpenAPI, broker: Broker) -> None:
+    """GET /bridges: the $SYS/broker/cluster data (issue 14), as the spec describes it; no password."""
+    from fluxmq.bridge import Bridges
+    from fluxmq.bridge.config import BridgeConfig, TopicRoute
+
+    bridges = Bridges([BridgeConfig("cloud", "127.0.0.1", 1, password=b"pw-never-shown",
+                                    topics=(TopicRoute("a/#", "out", 1),))], broker)
+    bridges.links[0]._open_session()
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[], bridges=bridges), TOKEN)
+    status, _, body = json_call(spec, app, "GET", "/bridges")
+    assert status == 200 and body["status"] == "down"
+    [entry] = body["bridges"]
+    assert (entry["name"], entry["state"], entry["queued"]) == ("cloud", "down", 0)
+    assert "pw-never-shown" not in repr(body)
+    status, _, body = json_call(spec, AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN), "GET", "/bridges")
+    assert (status, body) == (200, {"status": "ok", "bridges": []})
