@@ -21,7 +21,7 @@ from fluxmq.storage.base import Storage, StoredQueue
 from fluxmq.storage.queue import DiskQueue
 
 from .delivery import Delivery
-from .message import Message
+from .message import Message, TrackedMessage
 from .stats import BrokerStats
 
 log = logging.getLogger("fluxmq.broker.session")
@@ -101,7 +101,7 @@ class Session:
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
                  "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",
-                 "reread")
+                 "reread", "on_room")
 
     def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
         self.client_id = client_id
@@ -131,6 +131,9 @@ class Session:
         # [items at the head of the queue to check, can_read(session, topic)] after another user
         # resumed the session (recheck_reads); None otherwise, so pump pays one test per message.
         self.reread: list | None = None
+        # Called with the session when its output drains (durable queues waiting to send); None
+        # for a client that consumes no queue.
+        self.on_room = None
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -164,6 +167,21 @@ class Session:
         # Too large for this client (5.0 Maximum Packet Size): dropped for this client only.
         self._stats.dropped("packet_too_large")
         return 0
+
+    def send_tracked(self, message: Message) -> int:
+        """Send a QoS 1 message whose settlement the caller tracks (``TrackedMessage``, a durable
+        queue's delivery): only when the client's window and output have room, never queued or
+        stored with the session. Returns its packet id, 0 when the client cannot take it now."""
+        d = self.delivery
+        if d is None or self.queue or self.held or len(self.inflight) >= self.send_quota or d.is_congested():
+            return 0
+        return Session._send_new(self, d, message, 1, False, None)
+
+    def can_take_tracked(self) -> bool:
+        """True when ``send_tracked`` would send now."""
+        d = self.delivery
+        return (d is not None and not self.queue and not self.held and len(self.inflight) < self.send_quota
+                and not d.is_congested())
 
     def _alloc_packet_id(self) -> int:
         pid = self._next_pid
@@ -329,14 +347,18 @@ class Session:
 
     # -- acknowledgements from the client -------------------------------------------------------
 
-    def on_puback(self, packet_id: int) -> bool:
-        """PUBACK for an outbound QoS 1 message; False if the id is not in flight as QoS 1."""
+    def on_puback(self, packet_id: int, reason_code: int = 0) -> bool:
+        """PUBACK for an outbound QoS 1 message; False if the id is not in flight as QoS 1.
+        A tracked delivery (durable queue) is told, with the 5.0 reason code."""
         entry = self.inflight.get(packet_id)
         if entry is None or entry.qos != 1:
             return False
         self._forget_inflight(packet_id)  # before pump() may reuse the id
         if self.queue or self.held:
             self.pump()
+        message = entry.message
+        if message.__class__ is TrackedMessage:
+            message.settle(self, reason_code, message.ticket)
         return True
 
     def on_pubrec(self, packet_id: int, reason_code: int = 0) -> bool:
@@ -414,6 +436,8 @@ class Session:
         """The client's output drained below its low-water mark."""
         if self.queue or self.held:
             self.pump()
+        if self.on_room is not None:
+            self.on_room(self)
 
     def __repr__(self) -> str:
         state = "online" if self.delivery is not None else "offline"

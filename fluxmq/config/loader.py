@@ -21,6 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from fluxmq.config.schema import ENV_PREFIX, SCHEMA, Key, Schema
+from fluxmq.config.values import ItemError
 from fluxmq.errors import ConfigError
 
 __all__ = ["Config", "Section", "load_config"]
@@ -296,6 +297,10 @@ def _convert(key: Key, parse: Callable[[Any], Any], raw: Any, source: str, line:
                           problem=f"has no value; expected {key.type.expected}")
     try:
         return parse(raw)
+    except ItemError as exc:
+        # A fault inside a list of mappings: name the item's path and line, not only the key's.
+        raise ConfigError(f"{key.name}{exc.path}", key.type.expected, source,
+                          exc.line if exc.line is not None else line, problem=exc.problem) from None
     except ValueError as exc:
         detail = f" ({exc})" if str(exc) else ""
         raise ConfigError(key.name, key.type.expected, source, line, got=raw,

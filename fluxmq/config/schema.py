@@ -21,7 +21,21 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fluxmq.config.values import Addr, Bool, Duration, Enum, Float, Int, Size, Str, StrList, ValueType
+from fluxmq.config.values import (
+    Addr,
+    Bool,
+    Duration,
+    Enum,
+    Field,
+    Fields,
+    FieldsList,
+    Float,
+    Int,
+    Size,
+    Str,
+    StrList,
+    ValueType,
+)
 
 __all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key", "Schema", "main"]
 
@@ -34,7 +48,8 @@ ENV_ALLOWED = frozenset({"FLUXMQ_CONFIG", "FLUXMQ_ADMIN_TOKEN"})
 # Names a config Section object uses for itself; a key or section may not be called these.
 RESERVED_NAMES = frozenset({"get", "origin", "to_dict"})
 
-_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
+# Keys are section.key; a top-level key (``bridges``) is allowed only for a structured list.
+_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,7 @@ SECTION_DOCS: dict[str, str] = {
     "server.admin": "Admin API; bearer token from server.admin.token_file or FLUXMQ_ADMIN_TOKEN.",
     "broker": "Protocol-independent broker limits and policies.",
     "storage": "Where sessions, retained messages and queues are kept.",
+    "queue_manager": "Durable queues ($queue/...; docs/queues.rst).",
     "auth": "Client authentication and authorization (docs/security.rst).",
     "auth.enhanced": "MQTT 5.0 enhanced authentication (AUTH packets) and re-authentication.",
     "auth.http": "HTTP authentication (and optional ACL) service with a decision cache (docs/security.rst).",
@@ -102,6 +118,49 @@ class AutoBool(ValueType):
         from fluxmq.config.values import parse_bool
 
         return "auto" if text.strip() == "auto" else parse_bool(text)
+
+
+class QueueName(ValueType):
+    """A durable queue's name: one topic level, no wildcards."""
+
+    summary = "queue name"
+    expected = "a queue name (one topic level: no /, + or #)"
+
+    def from_yaml(self, value: object) -> str:
+        if not isinstance(value, str) or not value or any(ch in value for ch in "/+#\x00"):
+            raise ValueError("")
+        return str(value)
+
+
+QUEUE_ITEM = Fields({
+    "name": Field(QueueName(), required=True, doc="Queue name: PUBLISH/SUBSCRIBE $queue/{name}[/...]."),
+    "type": Field(Enum("classic"), "classic", doc="classic: a work queue (streams are not built yet)."),
+    "partitions": Field(Int(1, 1), 1, doc="Partitions (only 1 so far)."),
+    "max_inflight": Field(Int(1, 65535), 100, doc="Unsettled deliveries per consumer (and its Receive Maximum)."),
+    "visibility_timeout": Field(Duration(), 30.0, doc="Unsettled this long: delivered again, to another member."),
+    "auto_commit_interval": Field(Duration(), 5.0, doc="Streams: how often a group's cursor is committed."),
+    "retention": Field(Fields({
+        "max_age": Field(Duration(), 0.0, doc="Records older than this are deleted; 0 = no limit."),
+        "max_length_messages": Field(Int(0), 0, doc="Most records kept; 0 = no limit."),
+        "max_length_bytes": Field(Size(), 0, doc="Most bytes kept; 0 = no limit."),
+        "compact": Field(Bool(), False, doc="Keep only the newest record per key (not built yet)."),
+    }, summary="retention mapping"), {}, doc="Background deletion of old records."),
+    "limits": Field(Fields({
+        "max_message_size": Field(Size(), 0, doc="Largest payload appended; 0 = broker.max_message_size."),
+        "max_depth": Field(Int(0), 0, doc="Most stored records; a full queue refuses publishes (0x97)."),
+        "message_ttl": Field(Duration(), 0.0, doc="Records older than this expire at delivery; 0 = never."),
+    }, summary="limits mapping"), {}, doc="Queue limits."),
+    "retry": Field(Fields({
+        "max_retries": Field(Int(1), 10, doc="Deliveries before the message goes to the DLQ."),
+        "initial_backoff": Field(Duration(), 1.0, doc="Redelivery delay after the first nack."),
+        "max_backoff": Field(Duration(), 60.0, doc="Longest redelivery delay."),
+        "multiplier": Field(Float(1.0), 2.0, doc="Backoff growth per delivery."),
+    }, summary="retry mapping"), {}, doc="Redelivery after nack or visibility timeout."),
+    "dlq": Field(Fields({
+        "enabled": Field(Bool(), True, doc="Move messages past max_retries or rejected to the DLQ."),
+        "topic": Field(Str(), "", doc='DLQ topic; "" = $queue/{name}.dlq.'),
+    }, summary="dlq mapping"), {}, doc="Dead-letter queue."),
+}, summary="queue mapping")
 
 
 def _limit_keys(section: str) -> tuple[Key, ...]:
@@ -314,6 +373,13 @@ KEYS: tuple[Key, ...] = (
     Key("storage.max_queued_bytes", Size(1), "100MiB",
         "Offline queue bound of a persistent session (kept on disk), in bytes; when full the oldest "
         "queued QoS 0 message is dropped, else the new message is (counted as queue_full)."),
+    Key("queue_manager.auto_create", Bool(), True,
+        "A $queue/{name} that matches no configured queue creates one with the defaults; false refuses "
+        "it (PUBACK 0x90, SUBACK 0x8F)."),
+    Key("queues", FieldsList(QUEUE_ITEM, "list of queues", unique="name"), [],
+        "Durable queues: {name, type, partitions, max_inflight, visibility_timeout, retention{max_age, "
+        "max_length_messages, max_length_bytes, compact}, limits{max_message_size, max_depth, message_ttl}, "
+        "retry{max_retries, initial_backoff, max_backoff, multiplier}, dlq{enabled, topic}} (docs/queues.rst)."),
     Key("log.level", Enum("debug", "info", "warning", "error"), "info", "Least severe level written."),
     Key("log.format", Enum("text", "json"), "text",
         "text: timestamp, level, logger and key=value fields; json: one JSON object per line."),

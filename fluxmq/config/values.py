@@ -24,8 +24,12 @@ __all__ = [
     "Bool",
     "Duration",
     "Enum",
+    "Field",
+    "Fields",
+    "FieldsList",
     "Float",
     "Int",
+    "ItemError",
     "Size",
     "Str",
     "StrList",
@@ -412,3 +416,152 @@ class StrList(ValueType):
             if item:
                 items.append(item)
         return items
+
+
+# -- structured values (lists of mappings, e.g. ``bridges``) ------------------------------------------
+
+class ItemError(ValueError):
+    """A fault inside a structured value: ``path`` (``[0].topics[1].qos``) and the YAML ``line``
+    of the offending item or key, so the loader names exactly where it is."""
+
+    def __init__(self, path: str, line: int | None, problem: str) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.line = line
+        self.problem = problem
+
+
+def _yaml_line(container: object, key: object, is_item: bool) -> int | None:
+    """1-based line of a ruamel round-trip mapping key or sequence item (None for plain values)."""
+    lc = getattr(container, "lc", None)
+    if lc is None:
+        return None
+    try:
+        return (lc.item(key) if is_item else lc.key(key))[0] + 1
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def _plain_scalar(value: object) -> object:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+class Field:
+    """One field of a ``Fields`` mapping: its type, default and whether it must be given."""
+
+    __slots__ = ("type", "default", "required", "doc", "refuse")
+
+    def __init__(self, type: ValueType, default: object = None, required: bool = False, doc: str = "",
+                 refuse: str = "") -> None:
+        self.type = type
+        self.default = default
+        self.required = required
+        self.doc = doc
+        self.refuse = refuse  # non-empty: the field is recognised but never accepted (why, in words)
+
+
+class Fields(ValueType):
+    """A mapping with a fixed set of fields, each validated by its own type; unknown fields are
+    errors. The typed value is a plain dict with every field (defaults filled in)."""
+
+    def __init__(self, fields: dict[str, Field], summary: str = "mapping") -> None:
+        self.fields = fields
+        self.summary = summary
+        self.expected = "a mapping with fields " + ", ".join(fields)
+
+    def from_yaml(self, value: object, path: str = "") -> dict:
+        if not isinstance(value, dict):
+            raise ItemError(path, None, f"expected a mapping with fields {', '.join(self.fields)}")
+        out: dict = {}
+        for name, raw in value.items():
+            line = _yaml_line(value, name, False)
+            field = self.fields.get(name) if isinstance(name, str) else None
+            where = f"{path}.{name}"
+            if field is None:
+                raise ItemError(where, line, f"unknown field; expected one of {', '.join(self.fields)}")
+            if field.refuse:
+                raise ItemError(where, line, field.refuse)
+            try:
+                if isinstance(field.type, Fields | FieldsList):
+                    out[name] = field.type.from_yaml(raw, where)
+                else:
+                    raw = _plain_scalar(raw)
+                    if raw is None:
+                        raise ValueError("has no value")
+                    out[name] = field.type.from_yaml(raw)
+            except ItemError as exc:
+                if exc.line is None:
+                    exc.line = line
+                raise
+            except ValueError as exc:
+                detail = f" ({exc})" if str(exc) else ""
+                raise ItemError(where, line, f"expected {field.type.expected}{detail}, got {raw!r}") from None
+        for name, field in self.fields.items():
+            if name in out:
+                continue
+            if field.required:
+                raise ItemError(path, None, f"missing field {name!r}")
+            if field.refuse:
+                continue
+            default = field.default
+            structured = isinstance(field.type, Fields | FieldsList) and default is not None
+            out[name] = field.type.from_yaml(default, f"{path}.{name}") if structured else default
+        return out
+
+    def from_text(self, text: str) -> dict:
+        import json
+
+        try:
+            return self.from_yaml(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg}") from None
+
+
+class FieldsList(ValueType):
+    """A list of ``Fields`` mappings (a YAML sequence; JSON text from the environment)."""
+
+    def __init__(self, item: Fields, summary: str = "list of mappings", unique: str | None = None) -> None:
+        self.item = item
+        self.summary = summary
+        self.unique = unique  # a field whose value must differ between items (``name``)
+        self.expected = f"a list of mappings with fields {', '.join(item.fields)}"
+
+    def from_yaml(self, value: object, path: str = "") -> list[dict]:
+        if value is None:
+            return []
+        if not isinstance(value, list | tuple):
+            raise ItemError(path, None, "expected a list of mappings")
+        items = []
+        seen: dict = {}
+        for i, item in enumerate(value):
+            try:
+                parsed = self.item.from_yaml(item, f"{path}[{i}]")
+            except ItemError as exc:
+                if exc.line is None:
+                    exc.line = _yaml_line(value, i, True)
+                raise
+            if self.unique is not None:
+                name = parsed.get(self.unique)
+                if name in seen:
+                    line = _yaml_line(item, self.unique, False) or _yaml_line(value, i, True)
+                    raise ItemError(f"{path}[{i}].{self.unique}", line,
+                                    f"duplicate {self.unique} {name!r} (also item [{seen[name]}])")
+                seen[name] = i
+            items.append(parsed)
+        return items
+
+    def from_text(self, text: str) -> list[dict]:
+        import json
+
+        try:
+            return self.from_yaml(json.loads(text) if text.strip() else [])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg}") from None

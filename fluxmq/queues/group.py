@@ -1,0 +1,301 @@
+"""Consumer groups of a work queue: members, the pending list and what the group has settled.
+
+A group delivers each record of its queue to one member. A delivered record stays pending until
+it is settled (ack, reject, dead-lettered, expired); a nack or a visibility timeout puts it back
+for redelivery. Progress is durable: ``floor`` (every offset below it settled) and the offsets
+settled above it are written through the queue log, so after a restart exactly the unsettled
+records are delivered again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+
+log = logging.getLogger("fluxmq.queues")
+
+#: records a dispatch looks at per call, so one call never holds the hub long
+DISPATCH_BUDGET = 1024
+
+
+def filter_matches(levels: list[str] | None, key: str) -> bool:
+    """MQTT topic-filter match of a member's filter levels against a routing key (None = all)."""
+    if levels is None:
+        return True
+    parts = key.split("/") if key else []
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(parts):
+            return False
+        if level != "+" and level != parts[i]:
+            return False
+    return len(parts) == len(levels)
+
+
+class Member:
+    """One subscription of a session to a queue in a group."""
+
+    __slots__ = ("session", "filter", "levels", "auto_ack", "max_inflight", "pending", "group")
+
+    def __init__(self, session, filter: str, key_filter: str, auto_ack: bool, max_inflight: int, group) -> None:
+        self.session = session
+        self.filter = filter  # as subscribed ($queue/name/...)
+        self.levels = None if key_filter in ("", "#") else key_filter.split("/")
+        self.auto_ack = auto_ack
+        self.max_inflight = max_inflight
+        self.pending = 0  # records delivered to it and not yet settled or timed out
+        self.group = group
+
+    def has_room(self) -> bool:
+        return self.pending < self.max_inflight and self.session.can_take_tracked()
+
+
+class Pending:
+    """A delivered, unsettled record."""
+
+    __slots__ = ("member", "deadline", "attempt")
+
+    def __init__(self, member: Member, deadline: float, attempt: int) -> None:
+        self.member = member
+        self.deadline = deadline  # monotonic: redelivered after it (visibility_timeout)
+        self.attempt = attempt
+
+
+class ConsumerGroup:
+    """One consumer group of a queue (see the module docstring)."""
+
+    def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None) -> None:
+        self.queue = queue
+        self.name = name
+        self.members: list[Member] = []
+        self._rr = 0
+        self.floor = floor
+        self.settled: set[int] = settled or set()
+        self.cursor = floor  # next offset this group has never looked at
+        self.pending: dict[int, Pending] = {}
+        self.counts: dict[int, int] = {}  # offset -> deliveries so far (unsettled records only)
+        self.ready: list[int] = []  # heap of offsets to deliver before the cursor (released, parked)
+        self.queued: set[int] = set()  # what is in ready
+        self.retry: list[tuple[float, int]] = []  # heap of (due, offset): nacked, backing off
+        self.avoid: dict[int, Member] = {}  # redeliver to another member than this one, if any
+
+    # -- members ---------------------------------------------------------------------------------
+
+    def add(self, member: Member) -> None:
+        self.members.append(member)
+        self._requeue_parked()
+
+    def remove(self, member: Member) -> None:
+        """A member left: what it holds is delivered again to the others, now."""
+        if member in self.members:
+            self.members.remove(member)
+        for offset, p in list(self.pending.items()):
+            if p.member is member:
+                del self.pending[offset]
+                self._push_ready(offset)
+        member.pending = 0
+
+    def _requeue_parked(self) -> None:
+        pass  # parked records are in ready already; a dispatch looks at them again
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def _push_ready(self, offset: int) -> None:
+        if offset not in self.queued:
+            self.queued.add(offset)
+            heapq.heappush(self.ready, offset)
+
+    def is_settled(self, offset: int) -> bool:
+        return offset < self.floor or offset in self.settled
+
+    def dispatch(self, now: float | None = None) -> bool:
+        """Deliver what members have room for; True when it stopped on its budget (more to do)."""
+        if not self.members:
+            return False
+        queue = self.queue
+        qlog = queue.log
+        now = time.monotonic() if now is None else now
+        retry = self.retry
+        while retry and retry[0][0] <= now:
+            self._push_ready(heapq.heappop(retry)[1])
+        ready = self.ready
+        budget = DISPATCH_BUDGET
+        parked: list[int] = []
+        ttl = queue.config.limits.message_ttl
+        while budget > 0:
+            budget -= 1
+            if ready:
+                offset = ready[0]
+                from_ready = True
+            elif self.cursor < qlog.next:
+                offset = self.cursor
+                from_ready = False
+            else:
+                break
+            if offset in self.pending or self.is_settled(offset):
+                self._pop(from_ready)
+                continue
+            record = qlog.get(offset)
+            if record is None:  # truncated by retention meanwhile
+                self._pop(from_ready)
+                continue
+            if ttl and time.time() - record.timestamp > ttl:
+                self._pop(from_ready)
+                queue.stats["expired"] += 1
+                self.settle(offset)
+                continue
+            member = self._pick(queue.routing_key(record.message.topic), self.avoid.get(offset))
+            if member is None:
+                if not any(m.has_room() for m in self.members):
+                    break
+                # the members that may take it are full (or none matches): others go on
+                self._pop(from_ready)
+                parked.append(offset)
+                continue
+            self._pop(from_ready)
+            if not self._deliver(member, offset, record, now):
+                parked.append(offset)
+                break
+        for offset in parked:
+            self._push_ready(offset)
+        return budget <= 0
+
+    def _pop(self, from_ready: bool) -> None:
+        if from_ready:
+            self.queued.discard(heapq.heappop(self.ready))
+        else:
+            self.cursor += 1
+
+    def _pick(self, key: str, avoid: Member | None) -> Member | None:
+        members = self.members
+        n = len(members)
+        fallback = None
+        for i in range(n):
+            m = members[(self._rr + i) % n]
+            if not m.has_room() or not filter_matches(m.levels, key):
+                continue
+            if m is avoid and n > 1:
+                fallback = m
+                continue
+            self._rr = (self._rr + i + 1) % n
+            return m
+        return fallback
+
+    def _deliver(self, member: Member, offset: int, record, now: float) -> bool:
+        count = self.counts.get(offset, 0) + 1
+        message = self.queue.delivery_message(record, self.name, count, self._on_puback, (offset, count))
+        if not member.session.send_tracked(message):
+            return False
+        self.counts[offset] = count
+        self.avoid.pop(offset, None)
+        self.pending[offset] = Pending(member, now + self.queue.config.visibility_timeout, count)
+        member.pending += 1
+        self.queue.stats["delivered"] += 1
+        return True
+
+    # -- settlement ------------------------------------------------------------------------------
+
+    def _on_puback(self, session, reason_code: int, ticket) -> None:
+        """A consumer's PUBACK: the settlement of an auto-ack member (3.1.1, or 5.0 ``auto-ack``);
+        a 5.0 reason code of 0x80 or more is a nack."""
+        offset, attempt = ticket
+        p = self.pending.get(offset)
+        if p is None or p.attempt != attempt or p.member.session is not session:
+            self.queue.manager.kick(self.queue)  # a window slot freed
+            return
+        if p.member.auto_ack:
+            if reason_code >= 0x80:
+                self.nack(offset, "puback reason code")
+            else:
+                self.ack(offset)
+        self.queue.manager.kick(self.queue)
+
+    def _release(self, offset: int) -> Pending | None:
+        p = self.pending.pop(offset, None)
+        if p is not None:
+            p.member.pending -= 1
+        return p
+
+    def ack(self, offset: int) -> bool:
+        """Settle a delivered record; False when it is not pending (already settled, unknown)."""
+        if self._release(offset) is None:
+            return False
+        self.queue.stats["acked"] += 1
+        self.settle(offset)
+        return True
+
+    def nack(self, offset: int, reason: str = "") -> bool:
+        """Deliver again after the backoff; to the DLQ after ``retry.max_retries`` deliveries."""
+        p = self._release(offset)
+        if p is None:
+            return False
+        self.queue.stats["nacked"] += 1
+        self._again(offset, p.member, "max-retries")
+        return True
+
+    def reject(self, offset: int, reason: str = "") -> bool:
+        """Straight to the DLQ (or dropped when the queue has none)."""
+        if self._release(offset) is None:
+            return False
+        self.queue.stats["rejected"] += 1
+        self._dead_letter(offset, reason or "rejected")
+        return True
+
+    def _again(self, offset: int, member: Member | None, why: str) -> None:
+        count = self.counts.get(offset, 0)
+        retry_cfg = self.queue.config.retry
+        if count >= retry_cfg.max_retries:
+            self._dead_letter(offset, why)
+            return
+        if member is not None:
+            self.avoid[offset] = member
+        heapq.heappush(self.retry, (time.monotonic() + retry_cfg.backoff(count), offset))
+
+    def _dead_letter(self, offset: int, reason: str) -> None:
+        record = self.queue.log.get(offset)
+        if record is not None and not self.queue.dead_letter(record, reason, self.counts.get(offset, 0)):
+            # The DLQ append failed (store refusing): the record stays ours, retried later; never dropped.
+            heapq.heappush(self.retry, (time.monotonic() + self.queue.config.retry.max_backoff, offset))
+            return
+        self.settle(offset)
+
+    def settle(self, offset: int) -> None:
+        """Record ``offset`` as settled for good (durable with the turn's commit)."""
+        self.counts.pop(offset, None)
+        self.avoid.pop(offset, None)
+        qlog = self.queue.log
+        if offset == self.floor:
+            floor = offset + 1
+            passed = []
+            settled = self.settled
+            while floor in settled:
+                settled.discard(floor)
+                passed.append(floor)
+                floor += 1
+            self.floor = floor
+            qlog.commit(self.name, floor, None, passed)
+        elif offset > self.floor and offset not in self.settled:
+            self.settled.add(offset)
+            qlog.commit(self.name, self.floor, offset)
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def expire_pending(self, now: float) -> int:
+        """Records whose visibility timeout passed go back for redelivery (to another member)."""
+        expired = [off for off, p in self.pending.items() if p.deadline <= now]
+        for offset in expired:
+            p = self._release(offset)
+            self.queue.stats["timed_out"] += 1
+            count = self.counts.get(offset, 0)
+            if count >= self.queue.config.retry.max_retries:
+                self._dead_letter(offset, "max-retries")
+            else:
+                self.avoid[offset] = p.member
+                self._push_ready(offset)
+        return len(expired)
+
+    def lag(self) -> int:
+        """Records of the queue this group has not settled."""
+        return max(0, self.queue.log.next - self.floor - len(self.settled))

@@ -1,0 +1,338 @@
+"""QueueManager: what the broker hands ``$queue/`` publishes and subscriptions to.
+
+The broker calls four methods (``publish``, ``subscribe``, ``unsubscribe``, ``session_gone``);
+nothing here imports a listener or a wire codec. Appends, settlements and group progress go into
+the storage's pending batch, so the FlushScheduler's commit (before any acknowledgement of the
+loop turn is written) makes them durable: a publisher's PUBACK means the append is stored, and
+an acked record is never delivered again after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import gevent
+
+from fluxmq.broker.message import USER_PROPERTY, Message
+from fluxmq.errors import QueueRefused
+
+from .config import CLASSIC, QueueConfig, valid_queue_name
+from .delivery import ACK, NACK, REJECT, SETTLE_ACTIONS, build_delivery, parse_message_id, user_properties
+from .group import ConsumerGroup, Member
+from .log import QueueLog
+from .retention import apply_retention
+
+log = logging.getLogger("fluxmq.queues")
+
+PREFIX = "$queue/"
+#: how often pending deliveries, backoffs and retention are looked at
+TICK = 0.1
+
+
+class Queue:
+    """One queue: its settings, log, consumer groups and counters."""
+
+    def __init__(self, manager: QueueManager, config: QueueConfig, qlog: QueueLog) -> None:
+        self.manager = manager
+        self.config = config
+        self.name = config.name
+        self.log = qlog
+        self.groups: dict[str, ConsumerGroup] = {}
+        self.stats: Counter = Counter()
+        self._key_at = len(PREFIX) + len(self.name) + 1
+
+    def routing_key(self, topic: str) -> str:
+        """``$queue/{name}/{routing key}`` -> routing key ("" for ``$queue/{name}``)."""
+        return topic[self._key_at:]
+
+    def delivery_message(self, record, group: str, count: int, settle, ticket) -> Message:
+        return build_delivery(record, self.name, group, count, settle, ticket)
+
+    def depth(self) -> int:
+        return self.log.count
+
+    def append(self, message: Message) -> int:
+        limits = self.config.limits
+        if limits.max_depth and self.log.count >= limits.max_depth:
+            self.stats["refused_full"] += 1
+            raise QueueRefused(f"queue {self.name} is full (limits.max_depth {limits.max_depth})", 0x97)
+        if limits.max_message_size and len(message.payload) > limits.max_message_size:
+            raise QueueRefused(f"message over limits.max_message_size of queue {self.name}", 0x97)
+        stored = Message(message.topic, message.payload, 1, False, message.properties, message.expires_at,
+                         message.origin)
+        rec = self.log.append([stored])[0]
+        self.stats["appended"] += 1
+        return rec.offset
+
+    def dead_letter(self, record, reason: str, count: int) -> bool:
+        """Append ``record`` to this queue's DLQ with x-death-reason, x-delivery-count and
+        x-original-topic; False when it cannot be stored now (the caller keeps it pending)."""
+        cfg = self.config
+        if not cfg.dlq.enabled:
+            self.stats["dropped_no_dlq"] += 1
+            log.warning("queue_message_dropped", extra={"queue": self.name, "offset": record.offset,
+                                                         "reason": reason, "why": "dlq.enabled is false"})
+            return True
+        manager = self.manager
+        if manager.storage_refusing():
+            return False
+        message = record.message
+        props = dict(message.properties) if message.properties else {}
+        user = list(props.get(USER_PROPERTY, ()))
+        user += [("x-death-reason", reason), ("x-delivery-count", str(count)), ("x-original-topic", message.topic)]
+        props[USER_PROPERTY] = user
+        dlq = manager.queue(cfg.dlq_queue, create=True)
+        try:
+            dlq.append(Message(f"{PREFIX}{dlq.name}", message.payload, 1, False, props))
+        except QueueRefused as exc:
+            log.warning("dlq_append_failed", extra={"queue": self.name, "dlq": dlq.name, "error": str(exc)})
+            return False
+        self.stats["dead_lettered"] += 1
+        manager.kick(dlq)
+        return True
+
+
+class QueueManager:
+    """Every queue of the node (see the module docstring)."""
+
+    def __init__(self, storage, configs: list[QueueConfig] | None = None, auto_create: bool = True,
+                 stats=None) -> None:
+        self.storage = storage
+        self.store = storage.queue_log()
+        self.auto_create = auto_create
+        self.configs = {c.name: c for c in configs or ()}
+        self.queues: dict[str, Queue] = {}
+        self.members: dict[object, list[Member]] = {}  # session -> its memberships
+        self.broker_stats = stats
+        self._kicked: set[Queue] = set()
+        self._kick_scheduled = False
+        self._timer = None
+        self._closing = False
+        for name, stored in self.store.load_queues().items():
+            q = self._make(name, QueueLog(name, self.store, stored.first, stored.next, stored.count, stored.bytes))
+            for gname, g in stored.groups.items():
+                q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled))
+        for name in self.configs:
+            self.queue(name, create=True)
+        log.info("queues_loaded", extra={"queues": len(self.queues),
+                                         "records": sum(q.log.count for q in self.queues.values())})
+
+    # -- queues ----------------------------------------------------------------------------------
+
+    def _make(self, name: str, qlog: QueueLog | None = None) -> Queue:
+        config = self.configs.get(name) or QueueConfig(name)
+        q = Queue(self, config, qlog or QueueLog(name, self.store))
+        self.queues[name] = q
+        return q
+
+    def queue(self, name: str, create: bool = False) -> Queue | None:
+        q = self.queues.get(name)
+        if q is None and create:
+            q = self._make(name)
+            log.info("queue_created", extra={"queue": name, "type": q.config.type})
+        return q
+
+    def _queue_for(self, name: str, refuse_code: int) -> Queue:
+        if not valid_queue_name(name):
+            raise QueueRefused(f"invalid queue name {name!r}", refuse_code)
+        q = self.queues.get(name)
+        if q is None:
+            if not self.auto_create and not name.endswith(".dlq"):
+                raise QueueRefused(f"no queue {name!r} (queue_manager.auto_create is off)", refuse_code)
+            q = self.queue(name, create=True)
+        return q
+
+    def storage_refusing(self) -> bool:
+        return bool(getattr(self.storage, "refusing", False))
+
+    # -- the broker's calls ----------------------------------------------------------------------
+
+    def publish(self, message: Message, origin=None) -> int:
+        """A PUBLISH to ``$queue/...``: a settlement (``.../$ack|$nack|$reject``) or an append.
+        Returns 1 when it was taken; raises QueueRefused (0x90 no such queue, 0x97 full)."""
+        rest = message.topic[len(PREFIX):]
+        name, _, key = rest.partition("/")
+        if key in SETTLE_ACTIONS:
+            return self._settle(name, key, message, origin)
+        if self.storage_refusing():
+            raise QueueRefused("storage full", 0x97)
+        q = self._queue_for(name, 0x90)
+        q.append(message)
+        if origin is not None:
+            # The origin's PUBACK acknowledges the append: a failed commit must abandon it.
+            self.storage.note_stake(origin.client_id)
+        self.kick(q)
+        return 1
+
+    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int) -> int:
+        """Join a consumer group; returns the granted QoS (1). Raises QueueRefused (0x83 QoS 0,
+        0x8F no such queue)."""
+        rest = filter[len(PREFIX):]
+        name, _, key_filter = rest.partition("/")
+        if qos == 0:
+            raise QueueRefused("a durable queue needs a QoS 1 or 2 subscription (deliveries are acknowledged)",
+                               0x83)
+        if not valid_queue_name(name):
+            raise QueueRefused(f"invalid queue name {name!r}", 0x8F)
+        q = self._queue_for(name, 0x8F)
+        props = user_properties(user_props)
+        group_name = props.get("consumer-group") or session.client_id
+        auto_ack = version != 5 or props.get("auto-ack", "").lower() == "true"
+        mine = self.members.setdefault(session, [])
+        for old in [m for m in mine if m.filter == filter]:
+            self._leave(old)  # a repeated SUBSCRIBE replaces the membership
+            mine.remove(old)
+        group = q.groups.get(group_name)
+        if group is None:
+            group = q.groups[group_name] = ConsumerGroup(q, group_name)
+            # A new group starts at the oldest record still stored and remembers that durably.
+            group.floor = group.cursor = q.log.first
+            q.log.commit(group_name, group.floor)
+        max_inflight = min(q.config.max_inflight, session.send_quota or q.config.max_inflight)
+        member = Member(session, filter, key_filter, auto_ack, max_inflight, group)
+        group.add(member)
+        mine.append(member)
+        session.on_room = self._on_room
+        log.info("queue_member_joined", extra={"queue": name, "group": group_name,
+                                               "client_id": session.client_id, "auto_ack": auto_ack})
+        self.kick(q)
+        self._ensure_timer()
+        return 1
+
+    def unsubscribe(self, session, filter: str) -> bool:
+        mine = self.members.get(session)
+        if not mine:
+            return False
+        found = [m for m in mine if m.filter == filter]
+        for m in found:
+            mine.remove(m)
+            self._leave(m)
+        if not mine:
+            self.members.pop(session, None)
+            session.on_room = None
+        return bool(found)
+
+    def session_gone(self, session) -> None:
+        """The session's connection ended: its memberships end and what it held is redelivered."""
+        mine = self.members.pop(session, None)
+        if not mine:
+            return
+        session.on_room = None
+        for m in mine:
+            self._leave(m)
+
+    def _leave(self, member: Member) -> None:
+        group = member.group
+        group.remove(member)
+        self.kick(group.queue)
+
+    # -- settlement ------------------------------------------------------------------------------
+
+    def _settle(self, name: str, action: str, message: Message, origin) -> int:
+        props = user_properties(message.properties.get(USER_PROPERTY) if message.properties else None)
+        parsed = parse_message_id(props.get("message-id", ""))
+        q = self.queues.get(name)
+        if parsed is None or q is None or parsed[0] != name:
+            return 0
+        offset = parsed[1]
+        group_name = props.get("group-id")
+        if group_name is None and origin is not None:
+            mine = [m.group.name for m in self.members.get(origin, ()) if m.group.queue is q]
+            group_name = mine[0] if mine else origin.client_id
+        group = q.groups.get(group_name)
+        if group is None:
+            return 0
+        reason = props.get("reason", "")
+        if action == ACK:
+            done = group.ack(offset)
+        elif action == NACK:
+            done = group.nack(offset, reason)
+        elif action == REJECT:
+            done = group.reject(offset, reason)
+        else:
+            done = False
+        if done:
+            if origin is not None:
+                self.storage.note_stake(origin.client_id)
+            self.kick(q)
+        return 1 if done else 0
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def kick(self, q: Queue) -> None:
+        """Dispatch ``q``'s groups now (in the caller's greenlet: no switch per message)."""
+        more = False
+        for group in q.groups.values():
+            if group.members and group.dispatch():
+                more = True
+        if more:
+            self._kicked.add(q)
+            if not self._kick_scheduled:
+                self._kick_scheduled = True
+                gevent.get_hub().loop.run_callback(self._run_kicked)
+
+    def _run_kicked(self) -> None:
+        self._kick_scheduled = False
+        kicked, self._kicked = self._kicked, set()
+        for q in kicked:
+            self.kick(q)
+
+    def _on_room(self, session) -> None:
+        for m in self.members.get(session, ()):
+            self.kick(m.group.queue)
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def _ensure_timer(self) -> None:
+        if self._timer is None and not self._closing:
+            self._timer = gevent.spawn(self._run_timer)
+
+    def start(self) -> None:
+        self._ensure_timer()
+
+    def _run_timer(self) -> None:
+        while not self._closing:
+            gevent.sleep(TICK)
+            try:
+                self.tick()
+            except Exception:
+                log.exception("queue_tick_failed")
+
+    def tick(self, now: float | None = None) -> None:
+        """Visibility timeouts, due backoffs and retention (every TICK)."""
+        now = time.monotonic() if now is None else now
+        for q in list(self.queues.values()):
+            for group in q.groups.values():
+                if group.pending:
+                    group.expire_pending(now)
+            if any(g.members and (g.ready or g.retry or g.cursor < q.log.next) for g in q.groups.values()):
+                self.kick(q)
+            if q.config.type == CLASSIC or q.config.retention.max_age or q.config.retention.max_length_messages:
+                apply_retention(q)
+
+    def stop(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.kill(block=False)
+            self._timer = None
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def describe(self) -> list[dict]:
+        """Per queue: depth, oldest age, consumers, per-group lag and counters (admin, metrics)."""
+        out = []
+        now = time.time()
+        for q in self.queues.values():
+            oldest = q.log.get(q.log.first) if q.log.count else None
+            out.append({
+                "name": q.name, "type": q.config.type, "depth": q.log.count, "bytes": q.log.bytes,
+                "first_offset": q.log.first, "next_offset": q.log.next,
+                "oldest_age": round(now - oldest.timestamp, 3) if oldest is not None else 0.0,
+                "consumers": sum(len(g.members) for g in q.groups.values()),
+                "groups": {name: {"lag": g.lag(), "pending": len(g.pending), "members": len(g.members)}
+                           for name, g in q.groups.items()},
+                "counters": dict(q.stats),
+            })
+        return out
