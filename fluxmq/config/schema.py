@@ -413,8 +413,9 @@ class Schema:
                 raise ValueError(f"schema: {name} is both a key and a section")
 
     def _add(self, key: Key) -> None:
-        if not _NAME.fullmatch(key.name):
-            raise ValueError(f"schema: bad key name {key.name!r} (want section.key, lowercase)")
+        if not _NAME.fullmatch(key.name) or ("." not in key.name and not isinstance(key.type, FieldsList)):
+            raise ValueError(f"schema: bad key name {key.name!r} (want section.key, lowercase; a top-level "
+                             "key only for a list of mappings)")
         if key.name in self.keys:
             raise ValueError(f"schema: duplicate key {key.name}")
         parts = key.name.split(".")
