@@ -16,17 +16,22 @@ class Delivery(Protocol):
 
     #: protocol level of the client (3, 4, 5); other front ends use 0
     version: int
+    #: True once the connection is closing: it takes nothing more, but the session stays attached
+    #: until the connection's teardown detaches it
+    closed: bool
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
                      subscription_ids: tuple[int, ...] | None) -> bool:
-        """Queue a PUBLISH for the client; False if it cannot take it now (output over its high-water
-        mark, or over the client's maximum packet size). Never blocks, never switches greenlets."""
+        """Queue a PUBLISH for the client; False if it can never take it (over the client's maximum
+        packet size): the message is dropped for this client. Callers ask ``is_congested`` first.
+        Never blocks, never switches greenlets."""
 
     def send_pubrel(self, packet_id: int) -> None:
         """Queue a PUBREL (QoS 2 outbound, second phase), used when resending after reconnect."""
 
     def is_congested(self) -> bool:
-        """True while the client's pending output is above its high-water mark."""
+        """True while the client cannot take a message now: its pending output is above its
+        high-water mark, or the connection is closing. The session keeps (queues) the message."""
 
     def close(self, reason_code: int, reason: str = "") -> None:
         """Close the connection from the broker side (takeover 0x8E, admin kick, shutdown 0x8B)."""

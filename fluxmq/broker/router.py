@@ -102,7 +102,8 @@ class Router:
         """Choose the member of a shared group that gets one message.
 
         Members that are online and not congested are preferred (offline or full members are
-        skipped); when none is, any member takes it into its session queue. ``exclude``: a member
+        skipped); when none is, any member takes it into its session queue, an offline one before
+        one whose connection is closing (its teardown has not detached it yet). ``exclude``: a member
         that must not get it (the one whose messages are being handed to the others). ``topic``:
         with a read filter, only members allowed to read it are candidates.
         """
@@ -114,9 +115,10 @@ class Router:
             members = [m for m in members if allowed(m.session, topic)]
         if not members:
             return None
-        ready = [m for m in members if m.session.delivery is not None and not m.session.delivery.is_congested()
+        online = [m for m in members if m.session.delivery is not None and not m.session.delivery.closed]
+        ready = [m for m in online if not m.session.delivery.is_congested()
                  and len(m.session.inflight) < m.session.send_quota]
-        pool = ready or [m for m in members if m.session.delivery is not None] or members
+        pool = ready or online or [m for m in members if m.session.delivery is None] or members
         strategy = self.shared_strategy
         if strategy == RANDOM:
             return self._rng.choice(pool)

@@ -9,6 +9,9 @@ Outbound delivery rules kept here, independent of any wire protocol:
   then drains the queue [MQTT-4.4.0-1].
 - QoS 0 for an offline session is dropped (like Mosquitto's default); for an online but congested
   client it waits in the same bounded queue, where it is the first to go when the queue is full.
+- A connection that is closing (``Delivery.closed``, before its teardown detaches the session)
+  cannot take anything now: QoS 1/2 is queued as for a congested client (a persistent session
+  delivers it on reconnect), QoS 0 is dropped as for an offline session.
 """
 
 from __future__ import annotations
@@ -147,6 +150,9 @@ class Session:
             self._enqueue(message, qos, retain, subscription_ids)
             return
         if self.queue or d.is_congested():
+            if qos == 0 and d.closed:
+                self._stats.dropped("offline_qos0")  # closing: as good as offline for QoS 0
+                return
             self._enqueue(message, qos, retain, subscription_ids)
             return
         if qos == 0:
@@ -164,7 +170,9 @@ class Session:
         if d.send_publish(message, qos, retain, pid, False, subscription_ids):
             self.inflight[pid] = Inflight(message, qos, retain, subscription_ids)
             return pid
-        # Too large for this client (5.0 Maximum Packet Size): dropped for this client only.
+        # Too large for this client (5.0 Maximum Packet Size): dropped for this client only. (A
+        # client that cannot take it *now*, congested or closing, never gets here: is_congested()
+        # sent the message to the queue.)
         self._stats.dropped("packet_too_large")
         return 0
 
@@ -405,7 +413,9 @@ class Session:
         held = self.held
         inflight = self.inflight
         quota = self.send_quota
-        while held and len(inflight) - len(held) < quota:
+        # A closing connection takes nothing more: the rest stays in flight for the next connection
+        # (never dropped as if too large).
+        while held and len(inflight) - len(held) < quota and not d.closed:
             pid = held.popleft()
             entry = inflight.get(pid)
             if entry is None:

@@ -332,7 +332,9 @@ class SSEStream:
         """Never called: SSE subscriptions are QoS 0, so nothing is ever in flight."""
 
     def is_congested(self) -> bool:
-        return False  # the stream's own bounded queue absorbs bursts
+        # The stream's own bounded queue absorbs bursts; a closed stream takes nothing more, which
+        # the session counts as an offline drop, not as a message too large.
+        return self.closed
 
     def close(self, reason_code: int, reason: str = "") -> None:
         if not self.closed:

@@ -46,6 +46,21 @@ RC_NOT_AUTHORIZED = 5
 
 _PINGRESP = b"\xd0\x00"
 
+# libev priority of a parked connection's wake-up watcher (libev's range is -2..2; gevent's own
+# watchers, a reading connection's included, have 0).
+_WAKE_PRIORITY = 1
+
+# Input bytes a connection handles before it lets the hub run. gevent's recv returns without
+# switching while data is ready, so a client that never pauses would otherwise keep the hub to
+# itself: no flush (acks, deliveries), no other client, no worker heartbeat. One switch per 128 KiB
+# is ~3,000 small QoS 0 PUBLISHes: nothing per message.
+YIELD_EVERY = 128 * 1024
+# The yield is a sleep this long, not sleep(0): sleep(0) resumes from the hub's callback queue,
+# which gevent drains (up to 50 callbacks between clock checks) before it polls for I/O, so a
+# flooder could run many slices while other clients' input waits. A timer resumes it only after
+# the loop has polled, so every slice is followed by the others' input, the flush and the timers.
+_YIELD_SLEEP = 1e-6
+
 
 class _Close(Exception):
     """Internal: stop reading and tear the connection down."""
@@ -155,6 +170,7 @@ class MQTTConnection:
         stats = self.broker.stats
         handlers = _HANDLERS
         parked = False
+        budget = YIELD_EVERY  # input bytes left before the next yield to the hub
         connect_deadline = 0.0
         if self.session is None:
             stream.settimeout(self.settings.connect_timeout or None)
@@ -176,7 +192,8 @@ class MQTTConnection:
                     raise
                 if not data:
                     break
-                stats.bytes_received += len(data)
+                n = len(data)
+                stats.bytes_received += n
                 if connect_deadline and self.session is None:
                     # The whole CONNECT (and its AUTH exchange) must arrive within connect_timeout,
                     # not each piece: a client trickling bytes is closed like a silent one.
@@ -210,6 +227,10 @@ class MQTTConnection:
                 except MQTTError as exc:
                     self._on_protocol_error(exc, data)
                     break
+                budget -= n
+                if budget <= 0:
+                    budget = YIELD_EVERY
+                    gevent.sleep(_YIELD_SLEEP)  # let the flush, the heartbeat and the other clients run
         except _Close:
             pass
         except TimeoutError:
@@ -240,7 +261,11 @@ class MQTTConnection:
         if stream.has_buffered():
             return False
         loop = gevent.get_hub().loop
-        watcher = loop.io(stream.fileno(), 1)
+        # Above the default priority: when a poll finds input on a parked connection and on one
+        # that is reading, libev serves the parked one first (within one priority it serves them in
+        # the reverse of the kernel's readiness order), so a packet that wakes a parked client is
+        # not overtaken by one sent after it on an active connection.
+        watcher = loop.io(stream.fileno(), 1, True, _WAKE_PRIORITY)
         watcher.start(self._unpark, False)
         timer = None
         if self._keepalive_limit:
@@ -251,7 +276,10 @@ class MQTTConnection:
         return True
 
     def _unpark(self, timed_out: bool) -> None:
-        # Hub callback: never blocks; the work continues in a new greenlet.
+        # Hub callback: the work continues in a new greenlet, switched to at once (as gevent wakes a
+        # greenlet waiting in recv), not scheduled for the next loop turn: a woken connection's
+        # input takes effect in the turn it arrived, like an active connection's. When the greenlet
+        # blocks or ends, the hub carries on from here.
         watcher, timer = self._parked
         self._parked = None
         watcher.stop()
@@ -259,7 +287,7 @@ class MQTTConnection:
         if timer is not None:
             timer.stop()
             timer.close()
-        gevent.spawn(self._resume, timed_out)
+        gevent.Greenlet(self._resume, timed_out).switch()
 
     def _resume(self, timed_out: bool) -> None:
         if not timed_out:
@@ -408,6 +436,10 @@ class MQTTConnection:
     # -- Delivery interface (called by the broker) ------------------------------------------------
 
     def is_congested(self) -> bool:
+        if self.closed:
+            # Closing, not yet torn down: nothing more goes out, but a QoS 1/2 message is kept by
+            # the session (queued, delivered on reconnect), not dropped as if it could never fit.
+            return True
         if len(self.out) > self._high:
             self._want_writable = True
             return True
@@ -415,8 +447,7 @@ class MQTTConnection:
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
                      subscription_ids) -> bool:
-        if self.closed:
-            return False
+        # The session asked is_congested() first, which is True once closed.
         if self.version == 5:
             data = self._publish_bytes_v5(message, qos, retain, subscription_ids)
             if data is None:
@@ -816,6 +847,11 @@ class MQTTConnection:
                     log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": str(exc)})
             return
         pid = p.packet_id
+        # The ack's reason code needs routing first, but the ack goes ahead of whatever routing
+        # wrote to this client's own output (its own message, when it subscribes to the topic):
+        # naive synchronous clients wait for the ack first. It still leaves only after the turn's
+        # commit, like every byte of the output.
+        ack_at = len(self.out)
         if qos == 1:
             if accepted:
                 try:
@@ -829,9 +865,9 @@ class MQTTConnection:
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
             if reason and self.version == 5:
-                self._ack5(c.Puback, pid, reason)
+                self._write_at(ack_at, self._ack5_bytes(c.Puback, pid, reason))
             else:
-                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
+                self._write_at(ack_at, bytes((0x40, 2, pid >> 8, pid & 0xFF)))
             return
         # QoS 2: route once at PUBLISH, remember the id until PUBREL so a resend is not routed again
         # [MQTT-4.3.3-9, -10].
@@ -849,9 +885,9 @@ class MQTTConnection:
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
         if reason and self.version == 5:
-            self._ack5(c.Pubrec, pid, reason)
+            self._write_at(ack_at, self._ack5_bytes(c.Pubrec, pid, reason))
         else:
-            self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+            self._write_at(ack_at, bytes((0x50, 2, pid >> 8, pid & 0xFF)))
 
     def _refuse_publish(self, p, qos: int, reason_code: int) -> None:
         """A PUBLISH the client's policy refuses. ACL (0x87): 5.0 gets it on its PUBACK/PUBREC; 3.x
@@ -899,19 +935,40 @@ class MQTTConnection:
         return self.broker.publish(message, self.session)
 
     def _ack5(self, kind, packet_id: int, reason_code: int) -> None:
-        """A 5.0 PUBACK/PUBREC/PUBREL/PUBCOMP with a reason code, and its reason string when the
-        client asked for problem information [MQTT-3.1.2-32] and it fits the client's maximum."""
+        """Queue a 5.0 PUBACK/PUBREC/PUBREL/PUBCOMP with a reason code (see ``_ack5_bytes``)."""
+        self._write(self._ack5_bytes(kind, packet_id, reason_code))
+
+    def _ack5_bytes(self, kind, packet_id: int, reason_code: int) -> bytes:
+        """A 5.0 ack with a reason code, and its reason string when the client asked for problem
+        information [MQTT-3.1.2-32] and it fits the client's maximum."""
         reason = _ACK_REASONS.get(reason_code) if self._problem_info else None
-        self._write_v5(kind(packet_id, reason_code, {c.REASON_STRING: reason} if reason else None))
+        return self._encode_v5(kind(packet_id, reason_code, {c.REASON_STRING: reason} if reason else None))
 
     def _write_v5(self, packet) -> None:
-        """Encode and queue a 5.0 packet; its reason string and user properties are left out when
-        they would make it larger than the client's Maximum Packet Size [MQTT-3.4.2-2, -3]."""
+        """Encode and queue a 5.0 packet (see ``_encode_v5``)."""
+        self._write(self._encode_v5(packet))
+
+    def _encode_v5(self, packet) -> bytes:
+        """Encode a 5.0 packet; its reason string and user properties are left out when they would
+        make it larger than the client's Maximum Packet Size [MQTT-3.4.2-2, -3]."""
         data = encode(packet, 5)
         if packet.properties and self._client_max_packet and len(data) > self._client_max_packet:
             packet.properties = None
             data = encode(packet, 5)
-        self._write(data)
+        return data
+
+    def _write_at(self, at: int, data: bytes) -> None:
+        """Queue ``data`` at offset ``at`` of the output, ahead of what was written since that offset
+        was taken (in the same handler: nothing was sent meanwhile, unless the connection closed)."""
+        out = self.out
+        if at >= len(out) or self.closed:
+            self._write(data)
+            return
+        out[at:at] = data  # moves only the bytes written since ``at`` (this client's own deliveries)
+        self._npk += 1
+        if not self._dirty:
+            self._dirty = True
+            self.flusher.mark(self)
 
     def _resolve_alias(self, alias: int, topic: str) -> str:
         if alias == 0 or alias > self.settings.max_topic_alias:

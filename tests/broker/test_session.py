@@ -18,6 +18,7 @@ class RecordingDelivery:
         self.congested = False
         self.refuse_larger_than = 0
         self.closed_with: int | None = None
+        self.closed = False  # closing: the session is still attached, but the client takes nothing more
 
     def send_publish(self, message, qos, retain, packet_id, dup, subscription_ids) -> bool:
         if self.refuse_larger_than and len(message.payload) > self.refuse_larger_than:
@@ -238,3 +239,20 @@ def test_expired_queued_message_is_not_delivered():
     s.attach(d, 10)
     assert [x[0] for x in d.sent] == ["new"]
     assert stats.drops == {"expired": 1}
+
+
+def test_closing_connection_keeps_qos1_and_qos2_queued_and_drops_qos0_as_offline():
+    s, stats = make()
+    d = RecordingDelivery()
+    s.attach(d, 10)
+    d.closed = d.congested = True  # what a closing MQTTConnection reports until its teardown
+    s.deliver(msg("a", qos=0), 0, False, None)
+    s.deliver(msg("b"), 1, False, None)
+    s.deliver(msg("c", qos=2), 2, False, None)
+    assert not d.sent and not s.inflight
+    assert [item[0].topic for item in s.queue] == ["b", "c"]
+    assert stats.drops == {"offline_qos0": 1}
+    s.detach()
+    d2 = RecordingDelivery()
+    s.attach(d2, 10)
+    assert [(x[0], x[1]) for x in d2.sent] == [("b", 1), ("c", 2)]

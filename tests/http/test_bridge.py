@@ -612,3 +612,19 @@ def test_publish_answers_503_when_its_commit_fails(tmp_path) -> None:
         assert "not committed" in resp.json()["error"]
     finally:
         store.close()
+
+
+def test_a_closed_stream_counts_its_qos0_drops_as_offline_not_too_large(broker: Broker) -> None:
+    """A stream the broker closed but whose session is still attached takes nothing more: a QoS 0
+    message for it is an offline drop, never ``packet_too_large`` (which would hide a real cause)."""
+    from fluxmq.http.bridge import SSEStream
+
+    stream = SSEStream("sse-closed", 10, broker)
+    session, _ = broker.open_session(stream.client_id, True, 0, None, None)
+    broker.attach(session, stream, 0)
+    broker.subscribe(session, "closed/#", 0)
+    stream.close(0x8B)
+    broker.publish(Message("closed/x", b"late", 0))
+    assert broker.stats.drops.get("packet_too_large", 0) == 0
+    assert broker.stats.drops.get("offline_qos0") == 1
+    assert not stream.queue
