@@ -134,7 +134,8 @@ class QueueName(ValueType):
 
 QUEUE_ITEM = Fields({
     "name": Field(QueueName(), required=True, doc="Queue name: PUBLISH/SUBSCRIBE $queue/{name}[/...]."),
-    "type": Field(Enum("classic"), "classic", doc="classic: a work queue (streams are not built yet)."),
+    "type": Field(Enum("classic", "stream"), "classic",
+                  doc="classic: a work queue; stream: a replayable log read by group cursors."),
     "partitions": Field(Int(1, 1), 1, doc="Partitions (only 1 so far)."),
     "max_inflight": Field(Int(1, 65535), 100, doc="Unsettled deliveries per consumer (and its Receive Maximum)."),
     "visibility_timeout": Field(Duration(), 30.0, doc="Unsettled this long: delivered again, to another member."),

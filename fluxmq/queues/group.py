@@ -13,6 +13,8 @@ import heapq
 import logging
 import time
 
+from .config import STREAM
+
 log = logging.getLogger("fluxmq.queues")
 
 #: records a dispatch looks at per call, so one call never holds the hub long
@@ -69,6 +71,11 @@ class ConsumerGroup:
     def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None) -> None:
         self.queue = queue
         self.name = name
+        # A stream group reads the log in order from its cursor; an ack commits the cursor (no
+        # pending list, no redelivery); the log keeps its records (retention limits only).
+        self.stream = queue.config.type == STREAM
+        self.sent: dict[int, Member] = {}  # stream: delivered, PUBACK not yet received
+        self.committed_at = 0.0
         self.members: list[Member] = []
         self._rr = 0
         self.floor = floor
@@ -95,6 +102,9 @@ class ConsumerGroup:
             if p.member is member:
                 del self.pending[offset]
                 self._push_ready(offset)
+        for offset, m in list(self.sent.items()):
+            if m is member:
+                del self.sent[offset]
         member.pending = 0
 
     def _requeue_parked(self) -> None:
@@ -134,7 +144,7 @@ class ConsumerGroup:
                 from_ready = False
             else:
                 break
-            if offset in self.pending or self.is_settled(offset):
+            if offset in self.pending or (not self.stream and self.is_settled(offset)):
                 self._pop(from_ready)
                 continue
             record = qlog.get(offset)
@@ -184,6 +194,15 @@ class ConsumerGroup:
         return fallback
 
     def _deliver(self, member: Member, offset: int, record, now: float) -> bool:
+        if self.stream:
+            message = self.queue.delivery_message(record, self.name, 1, self._on_puback, (offset, 0), (
+                ("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))))
+            if not member.session.send_tracked(message):
+                return False
+            self.sent[offset] = member
+            member.pending += 1
+            self.queue.stats["delivered"] += 1
+            return True
         count = self.counts.get(offset, 0) + 1
         message = self.queue.delivery_message(record, self.name, count, self._on_puback, (offset, count))
         if not member.session.send_tracked(message):
@@ -201,6 +220,14 @@ class ConsumerGroup:
         """A consumer's PUBACK: the settlement of an auto-ack member (3.1.1, or 5.0 ``auto-ack``);
         a 5.0 reason code of 0x80 or more is a nack."""
         offset, attempt = ticket
+        if self.stream:
+            member = self.sent.pop(offset, None)
+            if member is not None:
+                member.pending -= 1
+                if member.auto_ack and member.session is session and reason_code < 0x80:
+                    self.commit(offset + 1)
+            self.queue.manager.kick(self.queue)
+            return
         p = self.pending.get(offset)
         if p is None or p.attempt != attempt or p.member.session is not session:
             self.queue.manager.kick(self.queue)  # a window slot freed
@@ -218,8 +245,28 @@ class ConsumerGroup:
             p.member.pending -= 1
         return p
 
+    def commit(self, offset: int) -> bool:
+        """Stream: every record below ``offset`` is consumed by the group (durable with the turn's
+        commit); a commit never moves the position back."""
+        if offset <= self.floor:
+            return False
+        self.floor = offset
+        self.committed_at = time.monotonic()
+        self.queue.log.commit(self.name, offset)
+        return True
+
+    def seek(self, offset: int) -> None:
+        """Stream: deliver from ``offset`` on (a subscription's ``stream-offset``); committed now,
+        so a replay from an old offset is also where a restart resumes."""
+        qlog = self.queue.log
+        offset = max(qlog.first, min(offset, qlog.next))
+        self.cursor = self.floor = offset
+        self.queue.log.commit(self.name, offset)
+
     def ack(self, offset: int) -> bool:
         """Settle a delivered record; False when it is not pending (already settled, unknown)."""
+        if self.stream:
+            return self.commit(offset + 1) or offset < self.floor
         if self._release(offset) is None:
             return False
         self.queue.stats["acked"] += 1
@@ -228,6 +275,8 @@ class ConsumerGroup:
 
     def nack(self, offset: int, reason: str = "") -> bool:
         """Deliver again after the backoff; to the DLQ after ``retry.max_retries`` deliveries."""
+        if self.stream:
+            return False  # a stream has no redelivery: seek by subscribing with stream-offset
         p = self._release(offset)
         if p is None:
             return False
@@ -237,7 +286,7 @@ class ConsumerGroup:
 
     def reject(self, offset: int, reason: str = "") -> bool:
         """Straight to the DLQ (or dropped when the queue has none)."""
-        if self._release(offset) is None:
+        if self.stream or self._release(offset) is None:
             return False
         self.queue.stats["rejected"] += 1
         self._dead_letter(offset, reason or "rejected")
@@ -295,6 +344,15 @@ class ConsumerGroup:
                 self.avoid[offset] = p.member
                 self._push_ready(offset)
         return len(expired)
+
+    def auto_commit(self, now: float) -> None:
+        """Stream: commit what was delivered every ``auto_commit_interval``."""
+        interval = self.queue.config.auto_commit_interval
+        if interval and now - self.committed_at >= interval:
+            self.committed_at = now
+            done = min(self.sent, default=self.cursor)  # below every delivery still unacknowledged
+            if done > self.floor:
+                self.commit(done)
 
     def lag(self) -> int:
         """Records of the queue this group has not settled."""

@@ -18,7 +18,7 @@ import gevent
 from fluxmq.broker.message import USER_PROPERTY, Message
 from fluxmq.errors import QueueRefused
 
-from .config import CLASSIC, QueueConfig, valid_queue_name
+from .config import CLASSIC, STREAM, QueueConfig, valid_queue_name
 from .delivery import ACK, NACK, REJECT, SETTLE_ACTIONS, build_delivery, parse_message_id, user_properties
 from .group import ConsumerGroup, Member
 from .log import QueueLog
@@ -47,8 +47,20 @@ class Queue:
         """``$queue/{name}/{routing key}`` -> routing key ("" for ``$queue/{name}``)."""
         return topic[self._key_at:]
 
-    def delivery_message(self, record, group: str, count: int, settle, ticket) -> Message:
-        return build_delivery(record, self.name, group, count, settle, ticket)
+    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=()) -> Message:
+        return build_delivery(record, self.name, group, count, settle, ticket, extra)
+
+    def offset_at(self, ms: int) -> int:
+        """The first offset appended at or after wall time ``ms`` (milliseconds); the end if none."""
+        lo, hi = self.log.first, self.log.next
+        while lo < hi:  # append times grow with offsets
+            mid = (lo + hi) // 2
+            rec = self.log.get(mid)
+            if rec is None or rec.timestamp * 1000 < ms:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def depth(self) -> int:
         return self.log.count
@@ -184,12 +196,20 @@ class QueueManager:
         for old in [m for m in mine if m.filter == filter]:
             self._leave(old)  # a repeated SUBSCRIBE replaces the membership
             mine.remove(old)
+        start = props.get("stream-offset") if q.config.type == STREAM else None
+        position = self._stream_position(q, start) if start else None
         group = q.groups.get(group_name)
         if group is None:
             group = q.groups[group_name] = ConsumerGroup(q, group_name)
             # A new group starts at the oldest record still stored and remembers that durably.
             group.floor = group.cursor = q.log.first
             q.log.commit(group_name, group.floor)
+        if group.stream and not group.members:
+            # The first member resumes where the group's last commit left off, or seeks.
+            if position is not None:
+                group.seek(position)
+            else:
+                group.cursor = group.floor
         max_inflight = min(q.config.max_inflight, session.send_quota or q.config.max_inflight)
         member = Member(session, filter, key_filter, auto_ack, max_inflight, group)
         group.add(member)
@@ -200,6 +220,22 @@ class QueueManager:
         self.kick(q)
         self._ensure_timer()
         return 1
+
+    @staticmethod
+    def _stream_position(q: Queue, start: str) -> int:
+        """``stream-offset``: first, last, next, an offset, or timestamp=<unix ms>."""
+        qlog = q.log
+        if start == "first":
+            return qlog.first
+        if start == "last":
+            return max(qlog.first, qlog.next - 1)
+        if start == "next":
+            return qlog.next
+        if start.isdigit():
+            return int(start)
+        if start.startswith("timestamp=") and start[10:].isdigit():
+            return q.offset_at(int(start[10:]))
+        raise QueueRefused(f"stream-offset {start!r}: expected first, last, next, an offset or timestamp=<ms>", 0x83)
 
     def unsubscribe(self, session, filter: str) -> bool:
         mine = self.members.get(session)
@@ -307,9 +343,12 @@ class QueueManager:
             for group in q.groups.values():
                 if group.pending:
                     group.expire_pending(now)
+                if group.stream and group.members:
+                    group.auto_commit(now)
             if any(g.members and (g.ready or g.retry or g.cursor < q.log.next) for g in q.groups.values()):
                 self.kick(q)
-            if q.config.type == CLASSIC or q.config.retention.max_age or q.config.retention.max_length_messages:
+            ret = q.config.retention
+            if q.config.type == CLASSIC or ret.max_age or ret.max_length_messages or ret.max_length_bytes:
                 apply_retention(q)
 
     def stop(self) -> None:

@@ -22,7 +22,9 @@ def apply_retention(q) -> int:
     if not qlog.count:
         return 0
     groups = q.groups.values()
-    settled_below = min((g.floor for g in groups), default=qlog.first)
+    stream = q.config.type == "stream"
+    # A stream keeps its records for replay: only the limits delete them.
+    settled_below = qlog.first if stream else min((g.floor for g in groups), default=qlog.first)
     below = settled_below
     ret = q.config.retention
     forced_below = qlog.first
@@ -49,7 +51,12 @@ def apply_retention(q) -> int:
         return 0
     start = qlog.first
     n = qlog.truncate(below, RETENTION_CHUNK)
-    forced = max(0, min(qlog.first, forced_below) - max(start, settled_below))
+    forced = 0 if stream else max(0, min(qlog.first, forced_below) - max(start, settled_below))
+    if stream and n:
+        q.stats["retention_deleted"] += n
+        for g in groups:  # a group behind the retained range goes on from the oldest record
+            if g.cursor < qlog.first:
+                g.cursor = qlog.first
     if forced:
         # Unsettled records a limit pushed out: every group moves past them.
         for g in groups:

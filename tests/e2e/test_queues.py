@@ -30,6 +30,9 @@ queues:
     limits: {max_depth: 3}
   - name: nodlq
     dlq: {enabled: false}
+  - name: events
+    type: stream
+    auto_commit_interval: 1h
 """
 
 
@@ -308,3 +311,50 @@ def test_auto_create_off_refuses_unknown_queues(node_factory) -> None:
         assert ack.reason_code == 0x00  # stored
     finally:
         raw.disconnect()
+
+
+def stream_reader(node, group: str, start: str | None) -> Paho5:
+    c5 = paho5(node, unique("sr"))
+    p = props(PacketTypes.SUBSCRIBE)
+    p.UserProperty = [("consumer-group", group)] + ([("stream-offset", start)] if start else [])
+    codes = c5.subscribe("$queue/events/#", options=SubscribeOptions(qos=1), properties=p)
+    assert [int(rc.value) for rc in codes] == [1], codes
+    return c5
+
+
+def test_stream_replays_from_first_offset_and_timestamp_and_resumes(node) -> None:
+    with paho5(node, unique("sp")) as pub:
+        for i in range(5):
+            pub.publish("$queue/events/e", f"e{i}".encode(), 1)
+        time.sleep(0.05)  # the timestamp boundary between e4 and e5
+        boundary_ms = int(time.time() * 1000)
+        time.sleep(0.05)
+        for i in range(5, 10):
+            pub.publish("$queue/events/e", f"e{i}".encode(), 1)
+    everything = [f"e{i}".encode() for i in range(10)]
+
+    first = stream_reader(node, "replay-first", "first")
+    got = receive(first, 10)
+    assert [m.payload for m in got] == everything  # in order
+    assert [user_props(m)["x-stream-offset"] for m in got] == [str(i) for i in range(10)]
+    assert all(int(user_props(m)["x-stream-timestamp"]) > 0 for m in got)
+    settle(first, "events", "$ack", got[6])  # ack is a commit: offsets 0..6 are consumed
+    time.sleep(0.2)
+    first.disconnect()
+
+    at_offset = stream_reader(node, "replay-offset", "5")
+    assert [m.payload for m in receive(at_offset, 5)] == everything[5:]
+    at_time = stream_reader(node, "replay-time", f"timestamp={boundary_ms}")
+    assert [m.payload for m in receive(at_time, 5)] == everything[5:]
+    last = stream_reader(node, "replay-last", "last")
+    assert [m.payload for m in receive(last, 1)] == everything[9:]
+    for c5 in (at_offset, at_time, last):
+        assert nothing_more(c5, 0.3)
+        c5.disconnect()
+
+    resumed = stream_reader(node, "replay-first", None)  # no stream-offset: where the group left off
+    try:
+        assert [m.payload for m in receive(resumed, 3)] == everything[7:]
+        assert nothing_more(resumed, 0.3)
+    finally:
+        resumed.disconnect()
