@@ -101,6 +101,8 @@ class Will:
 class Session:
     """State of one client identifier."""
 
+    trusted = False  # a client (the router's read filter applies); broker-internal targets say True
+
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
                  "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",

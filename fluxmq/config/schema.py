@@ -134,6 +134,7 @@ class QueueName(ValueType):
 
 QUEUE_ITEM = Fields({
     "name": Field(QueueName(), required=True, doc="Queue name: PUBLISH/SUBSCRIBE $queue/{name}[/...]."),
+    "topics": Field(StrList(), [], doc="Ordinary topic filters whose publishes are copied into the queue."),
     "type": Field(Enum("classic", "stream"), "classic",
                   doc="classic: a work queue; stream: a replayable log read by group cursors."),
     "partitions": Field(Int(1, 1), 1, doc="Partitions (only 1 so far)."),
@@ -378,7 +379,7 @@ KEYS: tuple[Key, ...] = (
         "A $queue/{name} that matches no configured queue creates one with the defaults; false refuses "
         "it (PUBACK 0x90, SUBACK 0x8F)."),
     Key("queues", FieldsList(QUEUE_ITEM, "list of queues", unique="name"), [],
-        "Durable queues: {name, type, partitions, max_inflight, visibility_timeout, retention{max_age, "
+        "Durable queues: {name, topics, type, partitions, max_inflight, visibility_timeout, retention{max_age, "
         "max_length_messages, max_length_bytes, compact}, limits{max_message_size, max_depth, message_ttl}, "
         "retry{max_retries, initial_backoff, max_backoff, multiplier}, dlq{enabled, topic}} (docs/queues.rst)."),
     Key("log.level", Enum("debug", "info", "warning", "error"), "info", "Least severe level written."),

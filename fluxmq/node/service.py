@@ -282,6 +282,7 @@ class BrokerService:
             from fluxmq.queues.config import QueueConfig
 
             manager = QueueManager(storage, [QueueConfig.from_dict(item) for item in items], auto_create)
+            manager.install_captures(broker.router)
             manager.start()
             return manager
 

@@ -44,8 +44,9 @@ class Queue:
         self._key_at = len(PREFIX) + len(self.name) + 1
 
     def routing_key(self, topic: str) -> str:
-        """``$queue/{name}/{routing key}`` -> routing key ("" for ``$queue/{name}``)."""
-        return topic[self._key_at:]
+        """``$queue/{name}/{routing key}`` -> routing key ("" for ``$queue/{name}``); a captured
+        ordinary publish's routing key is its topic."""
+        return topic[self._key_at:] if topic.startswith(PREFIX) else topic
 
     def delivery_message(self, record, group: str, count: int, settle, ticket, extra=()) -> Message:
         return build_delivery(record, self.name, group, count, settle, ticket, extra)
@@ -155,6 +156,32 @@ class QueueManager:
                 raise QueueRefused(f"no queue {name!r} (queue_manager.auto_create is off)", refuse_code)
             q = self.queue(name, create=True)
         return q
+
+    def install_captures(self, router) -> int:
+        """Route the ordinary publishes each queue's ``topics`` list matches into the queue
+        (capture.py); returns the filters installed. Raises ConfigError for a bad filter."""
+        from fluxmq._core.trie import validate_filter
+        from fluxmq.broker.session import Subscription
+        from fluxmq.errors import ConfigError, TopicFilterInvalid
+
+        from .capture import CaptureTarget
+
+        n = 0
+        for q in list(self.queues.values()):
+            if not q.config.topics:
+                continue
+            target = CaptureTarget(self, q)
+            for f in q.config.topics:
+                try:
+                    validate_filter(f)
+                except TopicFilterInvalid as exc:
+                    raise ConfigError(f"queues[{q.name}].topics", "topic filters", problem=f"{f!r}: {exc}") from None
+                if f.startswith("$queue/"):
+                    raise ConfigError(f"queues[{q.name}].topics", "ordinary topic filters",
+                                      problem=f"{f!r}: a queue captures ordinary topics, not $queue/")
+                router.add(Subscription(target, f, 2))
+                n += 1
+        return n
 
     def storage_refusing(self) -> bool:
         return bool(getattr(self.storage, "refusing", False))

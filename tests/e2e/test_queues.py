@@ -33,6 +33,8 @@ queues:
   - name: events
     type: stream
     auto_commit_interval: 1h
+  - name: audit
+    topics: ["sensors/#"]
 """
 
 
@@ -358,3 +360,20 @@ def test_stream_replays_from_first_offset_and_timestamp_and_resumes(node) -> Non
         assert nothing_more(resumed, 0.3)
     finally:
         resumed.disconnect()
+
+
+def test_capture_copies_ordinary_publishes_into_the_queue(node) -> None:
+    plain = paho5(node, unique("plain-sub"))
+    plain.subscribe("sensors/#", options=SubscribeOptions(qos=1))
+    audit = consumer(node, "auditors", "$queue/audit/#")
+    try:
+        publish(node, "sensors/kitchen/temp", [b"21.5", b"21.7"])
+        got = receive(audit, 2)
+        assert [m.payload for m in got] == [b"21.5", b"21.7"]
+        assert got[0].topic == "sensors/kitchen/temp" and user_props(got[0])["queue"] == "audit"
+        assert [m.payload for m in receive(plain, 2)] == [b"21.5", b"21.7"]  # routing unchanged
+        publish(node, "other/topic", [b"x"])
+        assert nothing_more(audit, 0.3)
+    finally:
+        plain.disconnect()
+        audit.disconnect()
