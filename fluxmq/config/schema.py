@@ -137,7 +137,9 @@ QUEUE_ITEM = Fields({
     "topics": Field(StrList(), [], doc="Ordinary topic filters whose publishes are copied into the queue."),
     "type": Field(Enum("classic", "stream"), "classic",
                   doc="classic: a work queue; stream: a replayable log read by group cursors."),
-    "partitions": Field(Int(1, 1), 1, doc="Partitions (only 1 so far)."),
+    "partitions": Field(Int(1, 1024), 1,
+                        doc="Partitions by key (user property partition-key, else the routing key): one owner "
+                            "per partition per group, so order per key holds."),
     "max_inflight": Field(Int(1, 65535), 100, doc="Unsettled deliveries per consumer (and its Receive Maximum)."),
     "visibility_timeout": Field(Duration(), 30.0, doc="Unsettled this long: delivered again, to another member."),
     "auto_commit_interval": Field(Duration(), 5.0, doc="Streams: how often a group's cursor is committed."),
@@ -145,7 +147,8 @@ QUEUE_ITEM = Fields({
         "max_age": Field(Duration(), 0.0, doc="Records older than this are deleted; 0 = no limit."),
         "max_length_messages": Field(Int(0), 0, doc="Most records kept; 0 = no limit."),
         "max_length_bytes": Field(Size(), 0, doc="Most bytes kept; 0 = no limit."),
-        "compact": Field(Bool(), False, doc="Keep only the newest record per key (not built yet)."),
+        "compact": Field(Bool(), False,
+                         doc="Keep only the newest record per key (partition-key, else the routing key)."),
     }, summary="retention mapping"), {}, doc="Background deletion of old records."),
     "limits": Field(Fields({
         "max_message_size": Field(Size(), 0, doc="Largest payload appended; 0 = broker.max_message_size."),

@@ -57,12 +57,13 @@ class Member:
 class Pending:
     """A delivered, unsettled record."""
 
-    __slots__ = ("member", "deadline", "attempt")
+    __slots__ = ("member", "deadline", "attempt", "part")
 
-    def __init__(self, member: Member, deadline: float, attempt: int) -> None:
+    def __init__(self, member: Member, deadline: float, attempt: int, part: int = -1) -> None:
         self.member = member
         self.deadline = deadline  # monotonic: redelivered after it (visibility_timeout)
         self.attempt = attempt
+        self.part = part  # partition of the record (-1: the queue is not partitioned)
 
 
 class ConsumerGroup:
@@ -87,6 +88,10 @@ class ConsumerGroup:
         self.queued: set[int] = set()  # what is in ready
         self.retry: list[tuple[float, int]] = []  # heap of (due, offset): nacked, backing off
         self.avoid: dict[int, Member] = {}  # redeliver to another member than this one, if any
+        # Partitioned queue: partition -> {member: unsettled records of it}. A partition goes to
+        # its owner only once no other member holds any of its records, so order per key holds
+        # across rebalancing (a new owner starts after the last settled offset).
+        self.holders: dict[int, dict[Member, int]] = {}
 
     # -- members ---------------------------------------------------------------------------------
 
@@ -101,6 +106,7 @@ class ConsumerGroup:
         for offset, p in list(self.pending.items()):
             if p.member is member:
                 del self.pending[offset]
+                self._unhold(p)
                 self._push_ready(offset)
         for offset, m in list(self.sent.items()):
             if m is member:
@@ -134,6 +140,8 @@ class ConsumerGroup:
         budget = DISPATCH_BUDGET
         parked: list[int] = []
         ttl = queue.config.limits.message_ttl
+        partitions = queue.config.partitions
+        blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
             budget -= 1
             if ready:
@@ -148,15 +156,31 @@ class ConsumerGroup:
                 self._pop(from_ready)
                 continue
             record = qlog.get(offset)
-            if record is None:  # truncated by retention meanwhile
+            if record is None:  # deleted by retention or compaction meanwhile
                 self._pop(from_ready)
+                if not self.stream:
+                    self.settle(offset)
                 continue
             if ttl and time.time() - record.timestamp > ttl:
                 self._pop(from_ready)
                 queue.stats["expired"] += 1
-                self.settle(offset)
+                if not self.stream:
+                    self.settle(offset)
                 continue
-            member = self._pick(queue.routing_key(record.message.topic), self.avoid.get(offset))
+            key = queue.routing_key(record.message.topic)
+            part = -1
+            if partitions > 1:
+                part = queue.partition_of(record)
+                member = None if part in blocked else self._partition_owner(part, key)
+                if member is None:
+                    if not any(m.has_room() for m in self.members):
+                        break
+                    blocked.add(part)
+                    self._pop(from_ready)
+                    parked.append(offset)
+                    continue
+            else:
+                member = self._pick(key, self.avoid.get(offset))
             if member is None:
                 if not any(m.has_room() for m in self.members):
                     break
@@ -165,7 +189,7 @@ class ConsumerGroup:
                 parked.append(offset)
                 continue
             self._pop(from_ready)
-            if not self._deliver(member, offset, record, now):
+            if not self._deliver(member, offset, record, now, part):
                 parked.append(offset)
                 break
         for offset in parked:
@@ -177,6 +201,29 @@ class ConsumerGroup:
             self.queued.discard(heapq.heappop(self.ready))
         else:
             self.cursor += 1
+
+    def _partition_owner(self, part: int, key: str) -> Member | None:
+        """The member owning ``part`` (members in join order, partition i -> member i mod n) when
+        it may take the record now; None while another member still holds records of ``part``."""
+        owner = self.members[part % len(self.members)]
+        holders = self.holders.get(part)
+        if holders and any(m is not owner for m in holders):
+            return None
+        if not owner.has_room() or not filter_matches(owner.levels, key):
+            return None
+        return owner
+
+    def _unhold(self, p: Pending) -> None:
+        if p.part >= 0:
+            holders = self.holders.get(p.part)
+            if holders is not None:
+                left = holders.get(p.member, 0) - 1
+                if left > 0:
+                    holders[p.member] = left
+                else:
+                    holders.pop(p.member, None)
+                    if not holders:
+                        del self.holders[p.part]
 
     def _pick(self, key: str, avoid: Member | None) -> Member | None:
         members = self.members
@@ -193,7 +240,7 @@ class ConsumerGroup:
             return m
         return fallback
 
-    def _deliver(self, member: Member, offset: int, record, now: float) -> bool:
+    def _deliver(self, member: Member, offset: int, record, now: float, part: int = -1) -> bool:
         if self.stream:
             message = self.queue.delivery_message(record, self.name, 1, self._on_puback, (offset, 0), (
                 ("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))))
@@ -209,7 +256,10 @@ class ConsumerGroup:
             return False
         self.counts[offset] = count
         self.avoid.pop(offset, None)
-        self.pending[offset] = Pending(member, now + self.queue.config.visibility_timeout, count)
+        self.pending[offset] = Pending(member, now + self.queue.config.visibility_timeout, count, part)
+        if part >= 0:
+            holders = self.holders.setdefault(part, {})
+            holders[member] = holders.get(member, 0) + 1
         member.pending += 1
         self.queue.stats["delivered"] += 1
         return True
@@ -243,6 +293,7 @@ class ConsumerGroup:
         p = self.pending.pop(offset, None)
         if p is not None:
             p.member.pending -= 1
+            self._unhold(p)
         return p
 
     def commit(self, offset: int) -> bool:

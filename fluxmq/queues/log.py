@@ -119,5 +119,16 @@ class QueueLog:
         self.first = stop
         return n
 
+    def delete(self, offset: int) -> bool:
+        """Delete one record (compaction); False when it is not there."""
+        rec = self.get(offset)
+        if rec is None:
+            return False
+        self.store.truncate(self.name, (offset,))
+        self._cache.pop(offset, None)
+        self.count -= 1
+        self.bytes -= rec.size
+        return True
+
     def forget_group(self, group: str) -> None:
         self.store.delete_group(self.name, group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections import Counter
 
 import gevent
@@ -42,6 +43,8 @@ class Queue:
         self.groups: dict[str, ConsumerGroup] = {}
         self.stats: Counter = Counter()
         self._key_at = len(PREFIX) + len(self.name) + 1
+        # retention.compact: key -> offset of its newest record (rebuilt from the log at start)
+        self.newest: dict[str, int] | None = {} if config.retention.compact else None
 
     def routing_key(self, topic: str) -> str:
         """``$queue/{name}/{routing key}`` -> routing key ("" for ``$queue/{name}``); a captured
@@ -50,6 +53,19 @@ class Queue:
 
     def delivery_message(self, record, group: str, count: int, settle, ticket, extra=()) -> Message:
         return build_delivery(record, self.name, group, count, settle, ticket, extra)
+
+    def record_key(self, message: Message) -> str:
+        """Partition and compaction key: user property ``partition-key``, else the routing key."""
+        props = message.properties
+        if props:
+            for name, value in props.get(USER_PROPERTY, ()):
+                if name == "partition-key":
+                    return value
+        return self.routing_key(message.topic)
+
+    def partition_of(self, record) -> int:
+        """One key always lands in one partition (CRC-32 of the key)."""
+        return zlib.crc32(self.record_key(record.message).encode()) % self.config.partitions
 
     def offset_at(self, ms: int) -> int:
         """The first offset appended at or after wall time ``ms`` (milliseconds); the end if none."""
@@ -77,7 +93,25 @@ class Queue:
                          message.origin)
         rec = self.log.append([stored])[0]
         self.stats["appended"] += 1
+        if self.newest is not None:
+            self._compact(rec)
         return rec.offset
+
+    def _compact(self, rec) -> None:
+        """Keep only the newest record of ``rec``'s key: the older one is deleted in the same commit."""
+        key = self.record_key(rec.message)
+        older = self.newest.get(key)
+        self.newest[key] = rec.offset
+        if older is not None and self.log.delete(older):
+            self.stats["compacted"] += 1
+
+    def rebuild_compaction(self) -> None:
+        qlog = self.log
+        off = qlog.first
+        while off < qlog.next:
+            for rec in qlog.read(off, 1000):
+                self._compact(rec)
+            off += 1000
 
     def dead_letter(self, record, reason: str, count: int) -> bool:
         """Append ``record`` to this queue's DLQ with x-death-reason, x-delivery-count and
@@ -129,6 +163,9 @@ class QueueManager:
                 q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled))
         for name in self.configs:
             self.queue(name, create=True)
+        for q in self.queues.values():
+            if q.newest is not None:
+                q.rebuild_compaction()
         log.info("queues_loaded", extra={"queues": len(self.queues),
                                          "records": sum(q.log.count for q in self.queues.values())})
 

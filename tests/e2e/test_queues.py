@@ -35,6 +35,19 @@ queues:
     auto_commit_interval: 1h
   - name: audit
     topics: ["sensors/#"]
+  - name: parts
+    partitions: 4
+  - name: latest
+    type: stream
+    retention: {compact: true}
+  - name: recent
+    type: stream
+    retention: {max_length_messages: 3}
+  - name: aged
+    type: stream
+    retention: {max_age: 1s}
+  - name: ttl
+    limits: {message_ttl: 500ms}
 """
 
 
@@ -315,11 +328,11 @@ def test_auto_create_off_refuses_unknown_queues(node_factory) -> None:
         raw.disconnect()
 
 
-def stream_reader(node, group: str, start: str | None) -> Paho5:
+def stream_reader(node, group: str, start: str | None, name: str = "events") -> Paho5:
     c5 = paho5(node, unique("sr"))
     p = props(PacketTypes.SUBSCRIBE)
     p.UserProperty = [("consumer-group", group)] + ([("stream-offset", start)] if start else [])
-    codes = c5.subscribe("$queue/events/#", options=SubscribeOptions(qos=1), properties=p)
+    codes = c5.subscribe(f"$queue/{name}/#", options=SubscribeOptions(qos=1), properties=p)
     assert [int(rc.value) for rc in codes] == [1], codes
     return c5
 
@@ -377,3 +390,76 @@ def test_capture_copies_ordinary_publishes_into_the_queue(node) -> None:
     finally:
         plain.disconnect()
         audit.disconnect()
+
+
+def test_per_key_order_holds_across_partitions_while_members_join_and_leave(node) -> None:
+    keys = [f"k{i}" for i in range(8)]
+    per_key = 30
+    members = [consumer(node, "ordered", "$queue/parts/#", auto_ack=True) for _ in range(2)]
+    with paho5(node, unique("pp")) as pub:
+        for i in range(per_key):
+            if i == per_key // 3:
+                members.append(consumer(node, "ordered", "$queue/parts/#", auto_ack=True))  # joins
+            if i == 2 * per_key // 3:
+                time.sleep(0.2)
+                members[0].disconnect()  # leaves: its partitions go to the others
+            for k in keys:
+                pub.publish(f"$queue/parts/{k}", f"{k}:{i}".encode(), 1)
+    seen: list[list[bytes]] = [[] for _ in members]
+    want = {f"{k}:{i}".encode() for k in keys for i in range(per_key)}
+    deadline = time.monotonic() + 20
+    while set().union(*map(set, seen)) != want and time.monotonic() < deadline:
+        for c5, got in zip(members, seen, strict=True):
+            try:
+                got.append(c5.messages.get(timeout=0.02).payload)
+            except stdqueue.Empty:
+                pass
+    assert set().union(*map(set, seen)) == want
+    for got in seen:  # each member gets each key's messages in order
+        for k in keys:
+            numbers = [int(p.split(b":")[1]) for p in got if p.startswith(k.encode() + b":")]
+            assert numbers == sorted(numbers), (k, numbers)
+    for c5 in members[1:]:
+        c5.disconnect()
+
+
+def test_compaction_keeps_the_newest_value_per_key(node) -> None:
+    publish(node, "$queue/latest/k1", [b"k1:v1"])
+    publish(node, "$queue/latest/k2", [b"k2:v1"])
+    publish(node, "$queue/latest/k1", [b"k1:v2", b"k1:v3"])
+    publish(node, "$queue/latest/k2", [b"k2:v2"])
+    reader = stream_reader(node, unique("compact"), "first", "latest")
+    try:
+        assert [m.payload for m in receive(reader, 2)] == [b"k1:v3", b"k2:v2"]
+        assert nothing_more(reader, 0.3)
+    finally:
+        reader.disconnect()
+
+
+def test_retention_by_count_and_by_age(node) -> None:
+    publish(node, "$queue/recent", [f"r{i}".encode() for i in range(10)])
+    publish(node, "$queue/aged", [b"old1", b"old2"])
+    time.sleep(1.5)  # past max_age 1s; retention runs every 100 ms
+    publish(node, "$queue/aged", [b"new1"])
+    time.sleep(0.3)
+    by_count = stream_reader(node, unique("count"), "first", "recent")
+    by_age = stream_reader(node, unique("age"), "first", "aged")
+    try:
+        assert [m.payload for m in receive(by_count, 3)] == [b"r7", b"r8", b"r9"]
+        assert [m.payload for m in receive(by_age, 1)] == [b"new1"]
+        assert nothing_more(by_count, 0.2) and nothing_more(by_age, 0.2)
+    finally:
+        by_count.disconnect()
+        by_age.disconnect()
+
+
+def test_message_ttl_expires_records_at_delivery(node) -> None:
+    publish(node, "$queue/ttl/x", [b"stale"])
+    time.sleep(0.8)  # past limits.message_ttl 500ms
+    c5 = consumer(node, unique("ttl"), "$queue/ttl/#")
+    try:
+        publish(node, "$queue/ttl/x", [b"fresh"])
+        assert c5.get().payload == b"fresh"
+        assert nothing_more(c5, 0.3)
+    finally:
+        c5.disconnect()
