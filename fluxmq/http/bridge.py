@@ -60,7 +60,7 @@ from fluxmq.broker.message import (
     USER_PROPERTY,
     Message,
 )
-from fluxmq.errors import QuotaExceeded, StorageError, TopicFilterInvalid, TopicNameInvalid
+from fluxmq.errors import QueueRefused, QuotaExceeded, StorageError, TopicFilterInvalid, TopicNameInvalid
 from fluxmq.http.router import Router, json_response
 
 log = logging.getLogger("fluxmq.http.bridge")
@@ -504,6 +504,9 @@ class HTTPBridge:
             message = Message(topic, payload, qos, retain)
         try:
             deliveries = self.broker.publish(message)
+        except QueueRefused as exc:
+            # $queue/...: no such queue (auto_create off, 0x90) or the queue is full (0x97).
+            raise HTTPError(404 if exc.reason_code == 0x90 else 503, exc.reason) from None
         except QuotaExceeded:
             # The store is full: the message would have to be stored and cannot be (MQTT 5.0 0x97).
             raise HTTPError(503, "storage full: the message was not accepted") from None

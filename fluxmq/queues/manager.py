@@ -423,11 +423,13 @@ class QueueManager:
 
     # -- operations ------------------------------------------------------------------------------
 
-    def describe(self) -> list[dict]:
+    def describe(self, name: str | None = None) -> list[dict]:
         """Per queue: depth, oldest age, consumers, per-group lag and counters (admin, metrics)."""
         out = []
         now = time.time()
         for q in self.queues.values():
+            if name is not None and q.name != name:
+                continue
             oldest = q.log.get(q.log.first) if q.log.count else None
             out.append({
                 "name": q.name, "type": q.config.type, "depth": q.log.count, "bytes": q.log.bytes,
@@ -439,3 +441,78 @@ class QueueManager:
                 "counters": dict(q.stats),
             })
         return out
+
+    def peek(self, name: str, offset: int | None, limit: int) -> list:
+        """Up to ``limit`` stored records from ``offset`` (default: the oldest) without delivering them."""
+        q = self.queues[name]
+        qlog = q.log
+        at = qlog.first if offset is None else max(offset, qlog.first)
+        out = []
+        while at < qlog.next and len(out) < limit:
+            chunk = qlog.read(at, min(256, limit - len(out)) + 16)
+            out.extend(chunk[:limit - len(out)])
+            at = chunk[-1].offset + 1 if chunk else at + 256
+        return out
+
+    def purge(self, name: str) -> int:
+        """Delete every record of queue ``name``; its groups move past them. Returns the count."""
+        q = self.queues[name]
+        qlog = q.log
+        n = qlog.count
+        while qlog.first < qlog.next:
+            qlog.truncate(qlog.next, 10000)
+        for group in q.groups.values():
+            for m in group.members:
+                m.pending = 0
+            group.pending.clear()
+            group.holders.clear()
+            group.sent.clear()
+            group.ready.clear()
+            group.queued.clear()
+            group.retry.clear()
+            group.counts.clear()
+            group.avoid.clear()
+            for off in sorted(group.settled):
+                qlog.commit(group.name, group.floor, None, (off,))
+            group.settled.clear()
+            group.floor = group.cursor = qlog.next
+            qlog.commit(group.name, group.floor)
+        if q.newest is not None:
+            q.newest.clear()
+        q.stats["purged"] += n
+        log.warning("queue_purged", extra={"queue": name, "records": n})
+        return n
+
+    def replay_dlq(self, name: str, limit: int = 1000) -> int:
+        """Move up to ``limit`` records of the dead-letter queue ``name`` back to the queue they
+        came from (by ``x-original-topic``), without the ``x-`` properties. Returns the count."""
+        dlq = self.queues[name]
+        qlog = dlq.log
+        moved = 0
+        at = qlog.first
+        while at < qlog.next and moved < limit:
+            for rec in qlog.read(at, min(256, limit - moved)):
+                message = rec.message
+                props = dict(message.properties) if message.properties else {}
+                user = props.get(USER_PROPERTY, ())
+                original = dict(user).get("x-original-topic")
+                if original is None:
+                    continue
+                kept = [(k, v) for k, v in user if k not in ("x-death-reason", "x-delivery-count", "x-original-topic")]
+                if kept:
+                    props[USER_PROPERTY] = kept
+                else:
+                    props.pop(USER_PROPERTY, None)
+                if original.startswith(PREFIX):
+                    target = original[len(PREFIX):].split("/", 1)[0]
+                else:  # a captured publish: back to the queue the DLQ belongs to
+                    target = name[:-4] if name.endswith(".dlq") else name
+                tq = self.queue(target, create=True)
+                tq.append(Message(original, message.payload, 1, False, props or None))
+                qlog.delete(rec.offset)
+                dlq.stats["replayed"] += 1
+                moved += 1
+                self.kick(tq)
+            at += 256
+        log.info("queue_dlq_replayed", extra={"queue": name, "records": moved})
+        return moved
