@@ -89,8 +89,10 @@ class Queue:
             raise QueueRefused(f"queue {self.name} is full (limits.max_depth {limits.max_depth})", 0x97)
         if limits.max_message_size and len(message.payload) > limits.max_message_size:
             raise QueueRefused(f"message over limits.max_message_size of queue {self.name}", 0x97)
-        stored = Message(message.topic, message.payload, 1, False, message.properties, message.expires_at,
-                         message.origin)
+        stored = message
+        if message.qos != 1 or message.retain:  # kept as a QoS 1, non-retained message
+            stored = Message(message.topic, message.payload, 1, False, message.properties, message.expires_at,
+                             message.origin)
         rec = self.log.append([stored])[0]
         self.stats["appended"] += 1
         if self.newest is not None:
@@ -365,7 +367,7 @@ class QueueManager:
         """Dispatch ``q``'s groups now (in the caller's greenlet: no switch per message)."""
         more = False
         for group in q.groups.values():
-            if group.members and group.dispatch():
+            if group.members and (group.ready or group.retry or group.cursor < q.log.next) and group.dispatch():
                 more = True
         if more:
             self._kicked.add(q)
