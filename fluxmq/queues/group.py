@@ -92,6 +92,7 @@ class ConsumerGroup:
         # its owner only once no other member holds any of its records, so order per key holds
         # across rebalancing (a new owner starts after the last settled offset).
         self.holders: dict[int, dict[Member, int]] = {}
+        self.dead_pending: dict[int, str] = {}  # offset -> reason: the DLQ append failed, retried
 
     # -- members ---------------------------------------------------------------------------------
 
@@ -353,13 +354,27 @@ class ConsumerGroup:
             self.avoid[offset] = member
         heapq.heappush(self.retry, (time.monotonic() + retry_cfg.backoff(count), offset))
 
-    def _dead_letter(self, offset: int, reason: str) -> None:
+    def _dead_letter(self, offset: int, reason: str) -> bool:
         record = self.queue.log.get(offset)
         if record is not None and not self.queue.dead_letter(record, reason, self.counts.get(offset, 0)):
-            # The DLQ append failed (store refusing): the record stays ours, retried later; never dropped.
-            heapq.heappush(self.retry, (time.monotonic() + self.queue.config.retry.max_backoff, offset))
-            return
+            # The DLQ append failed (storage full, DLQ full): the record stays unsettled and the
+            # append is tried again (retry_dead_letters); it is never dropped.
+            if offset not in self.dead_pending:
+                self.queue.stats["dlq_append_failed"] += 1
+            self.dead_pending[offset] = reason
+            return False
+        self.dead_pending.pop(offset, None)
         self.settle(offset)
+        return True
+
+    def retry_dead_letters(self) -> int:
+        """Try the DLQ appends that failed again (every tick while any wait); returns those done."""
+        done = 0
+        for offset, reason in list(self.dead_pending.items()):
+            if not self._dead_letter(offset, reason):
+                break  # still failing: the rest wait for the next tick
+            done += 1
+        return done
 
     def settle(self, offset: int) -> None:
         """Record ``offset`` as settled for good (durable with the turn's commit)."""

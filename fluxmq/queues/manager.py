@@ -411,6 +411,8 @@ class QueueManager:
                     group.expire_pending(now)
                 if group.stream and group.members:
                     group.auto_commit(now)
+                if group.dead_pending:
+                    group.retry_dead_letters()
             if any(g.members and (g.ready or g.retry or g.cursor < q.log.next) for g in q.groups.values()):
                 self.kick(q)
             ret = q.config.retention
