@@ -329,8 +329,8 @@ def test_every_route_is_documented(spec, app) -> None:
     paths = YAML(typ="safe", pure=True).load(SPEC_PATH.read_text())["paths"]
     documented = {(path, method.upper()) for path, item in paths.items()
                   for method in item if method in ("get", "post", "delete", "put", "patch")}
-    routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}"),
-               method) for method, pattern, _ in app._routes}
+    routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}")
+               .replace("queues/*", "queues/{name}"), method) for method, pattern, _ in app._routes}
     assert routes | {("/openapi.yaml", "GET")} == documented
 
 
