@@ -249,6 +249,8 @@ class Broker:
         self.stats.connections_total += 1
         session.connected_since = time.time()
         session.attach(delivery, send_quota or self.settings.max_inflight)
+        if self.queues is not None and self.queues.resumable:
+            self.queues.session_attached(session)
 
     def close_session(self, session: Session, delivery: Delivery, publish_will: bool) -> None:
         """The connection of ``session`` ended (``publish_will`` False after a normal DISCONNECT)."""
@@ -343,6 +345,8 @@ class Broker:
 
     def _forget_session(self, session: Session) -> None:
         """The end of ``_end_session``: out of the router, the store and the session table."""
+        if self.queues is not None:
+            self.queues.resumable.pop(session.client_id, None)  # its queue memberships end too
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
         session.subscriptions.clear()

@@ -154,6 +154,7 @@ class QueueManager:
         self.configs = {c.name: c for c in configs or ()}
         self.queues: dict[str, Queue] = {}
         self.members: dict[object, list[Member]] = {}  # session -> its memberships
+        self.resumable: dict[str, list[tuple]] = {}  # client id -> memberships of its offline session
         self.broker_stats = stats
         self._kicked: set[Queue] = set()
         self._kick_scheduled = False
@@ -317,13 +318,28 @@ class QueueManager:
         return bool(found)
 
     def session_gone(self, session) -> None:
-        """The session's connection ended: its memberships end and what it held is redelivered."""
+        """The session's connection ended: its memberships end and what it held is redelivered.
+        A persistent session's memberships come back when it resumes (``session_attached``)."""
         mine = self.members.pop(session, None)
         if not mine:
             return
         session.on_room = None
+        if session.expiry_interval:
+            self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine]
         for m in mine:
             self._leave(m)
+
+    def session_attached(self, session) -> None:
+        """A client connected: a resumed persistent session rejoins the groups it was in."""
+        saved = self.resumable.pop(session.client_id, None)
+        if not saved:
+            return
+        for filter, group, auto_ack in saved:
+            user = [("consumer-group", group), ("auto-ack", "true" if auto_ack else "false")]
+            try:
+                self.subscribe(session, filter, 1, user, 5)
+            except QueueRefused:
+                pass
 
     def _leave(self, member: Member) -> None:
         group = member.group

@@ -463,3 +463,22 @@ def test_message_ttl_expires_records_at_delivery(node) -> None:
         assert nothing_more(c5, 0.3)
     finally:
         c5.disconnect()
+
+
+def test_a_resumed_session_rejoins_its_group(node) -> None:
+    cid = unique("resume")
+    first = Paho5(node, cid, clean_start=False)
+    first.connect(props(PacketTypes.CONNECT, SessionExpiryInterval=300))
+    p = props(PacketTypes.SUBSCRIBE)
+    p.UserProperty = [("consumer-group", "resumers"), ("auto-ack", "true")]
+    assert [int(rc.value) for rc in first.subscribe("$queue/resumeq/#", options=SubscribeOptions(qos=1),
+                                                    properties=p)] == [1]
+    first.disconnect()
+    publish(node, "$queue/resumeq/a", [b"while away"])
+    again = Paho5(node, cid, clean_start=False)
+    again.connect(props(PacketTypes.CONNECT, SessionExpiryInterval=300))
+    try:
+        assert again.connack[1] is True  # session present
+        assert again.get().payload == b"while away"  # no SUBSCRIBE: the membership came back
+    finally:
+        again.disconnect()
