@@ -129,7 +129,13 @@ class ConsumerGroup:
 
     def dispatch(self, now: float | None = None) -> bool:
         """Deliver what members have room for; True when it stopped on its budget (more to do)."""
-        if not self.members:
+        members = self.members
+        if not members:
+            return False
+        for m in members:  # cheap exit: every member full (the common case at the append)
+            if m.pending < m.max_inflight and m.session.can_take_tracked():
+                break
+        else:
             return False
         queue = self.queue
         qlog = queue.log
