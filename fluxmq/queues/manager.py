@@ -28,6 +28,10 @@ from .retention import apply_retention
 log = logging.getLogger("fluxmq.queues")
 
 PREFIX = "$queue/"
+#: bounds on what clients can create (bounded memory and store): queues made by auto_create,
+#: consumer groups per queue; past them a publish gets 0x97, a subscription 0x97
+MAX_AUTO_QUEUES = 10_000
+MAX_GROUPS_PER_QUEUE = 1_000
 #: how often pending deliveries, backoffs and retention are looked at
 TICK = 0.1
 
@@ -194,6 +198,10 @@ class QueueManager:
         if q is None:
             if not self.auto_create and not name.endswith(".dlq"):
                 raise QueueRefused(f"no queue {name!r} (queue_manager.auto_create is off)", refuse_code)
+            if len(self.queues) - len(self.configs) >= MAX_AUTO_QUEUES:
+                log.warning("queue_refused", extra={"queue": name, "reason": "auto-created queue limit",
+                                                    "limit": MAX_AUTO_QUEUES})
+                raise QueueRefused(f"too many queues ({MAX_AUTO_QUEUES} auto-created)", 0x97)
             q = self.queue(name, create=True)
         return q
 
@@ -259,18 +267,20 @@ class QueueManager:
         props = user_properties(user_props)
         group_name = props.get("consumer-group") or session.client_id
         auto_ack = version != 5 or props.get("auto-ack", "").lower() == "true"
-        mine = self.members.setdefault(session, [])
-        for old in [m for m in mine if m.filter == filter]:
-            self._leave(old)  # a repeated SUBSCRIBE replaces the membership
-            mine.remove(old)
         start = props.get("stream-offset") if q.config.type == STREAM else None
         position = self._stream_position(q, start) if start else None
         group = q.groups.get(group_name)
         if group is None:
+            if len(q.groups) >= MAX_GROUPS_PER_QUEUE:
+                raise QueueRefused(f"queue {name} has {MAX_GROUPS_PER_QUEUE} consumer groups already", 0x97)
             group = q.groups[group_name] = ConsumerGroup(q, group_name)
             # A new group starts at the oldest record still stored and remembers that durably.
             group.floor = group.cursor = q.log.first
             q.log.commit(group_name, group.floor)
+        mine = self.members.setdefault(session, [])
+        for old in [m for m in mine if m.filter == filter]:
+            self._leave(old)  # a repeated SUBSCRIBE replaces the membership
+            mine.remove(old)
         if group.stream and not group.members:
             # The first member resumes where the group's last commit left off, or seeks.
             if position is not None:
