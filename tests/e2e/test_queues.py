@@ -48,6 +48,8 @@ queues:
     retention: {max_age: 1s}
   - name: ttl
     limits: {message_ttl: 500ms}
+  - name: slow
+    max_inflight: 2
 """
 
 
@@ -482,3 +484,17 @@ def test_a_resumed_session_rejoins_its_group(node) -> None:
         assert again.get().payload == b"while away"  # no SUBSCRIBE: the membership came back
     finally:
         again.disconnect()
+
+
+def test_a_slow_member_holds_at_most_max_inflight_and_never_stalls_the_others(node) -> None:
+    slow = consumer(node, "mixed", "$queue/slow/#")  # never settles
+    fast = consumer(node, "mixed", "$queue/slow/#", auto_ack=True)
+    try:
+        publish(node, "$queue/slow/x", [f"s{i}".encode() for i in range(20)])
+        got_fast = receive(fast, 18)
+        held = receive(slow, 2)
+        assert nothing_more(slow, 0.5)  # max_inflight 2: the slow member gets no more
+        assert sorted(m.payload for m in got_fast + held) == sorted(f"s{i}".encode() for i in range(20))
+    finally:
+        slow.disconnect()
+        fast.disconnect()
