@@ -644,6 +644,10 @@ class HTTPBridge:
         except TopicFilterInvalid as exc:
             self._end_stream(stream, session)
             raise HTTPError(400, f"invalid topic filter: {exc.reason}") from None
+        except QueueRefused as exc:
+            # $queue/...: deliveries must be acknowledged, which a stream cannot do.
+            self._end_stream(stream, session)
+            raise HTTPError(400, f"durable queues are consumed over MQTT: {exc.reason}") from None
         for result in results:
             if result.retained:
                 broker.deliver_retained(session, result)
