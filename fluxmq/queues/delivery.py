@@ -30,9 +30,16 @@ def build_delivery(record, queue: str, group: str, count: int, settle, ticket, e
     """The PUBLISH a consumer gets: the original topic, payload and properties, plus the user
     properties message-id, group-id, queue, offset and delivery-count (and ``extra`` pairs)."""
     message = record.message
-    props = dict(message.properties) if message.properties else {}
-    user = list(props.get(USER_PROPERTY, ()))
-    user += [("message-id", message_id(queue, record.offset)), ("group-id", group), ("queue", queue),
-             ("offset", str(record.offset)), ("delivery-count", str(count)), *extra]
-    props[USER_PROPERTY] = user
+    offset = str(record.offset)
+    mine = [("message-id", f"{queue}:{offset}"), ("group-id", group), ("queue", queue), ("offset", offset),
+            ("delivery-count", str(count))]
+    if extra:
+        mine.extend(extra)
+    props = message.properties
+    if props:
+        props = dict(props)
+        user = props.get(USER_PROPERTY)
+        props[USER_PROPERTY] = user + mine if user else mine
+    else:
+        props = {USER_PROPERTY: mine}
     return TrackedMessage(message.topic, message.payload, props, settle, ticket)

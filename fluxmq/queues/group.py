@@ -146,8 +146,13 @@ class ConsumerGroup:
         ready = self.ready
         budget = DISPATCH_BUDGET
         parked: list[int] = []
-        ttl = queue.config.limits.message_ttl
-        partitions = queue.config.partitions
+        config = queue.config
+        ttl = config.limits.message_ttl
+        partitions = config.partitions
+        stream = self.stream
+        pending = self.pending
+        settled = self.settled
+        filtered = any(m.levels is not None for m in members)
         blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
             budget -= 1
@@ -159,7 +164,7 @@ class ConsumerGroup:
                 from_ready = False
             else:
                 break
-            if offset in self.pending or (not self.stream and self.is_settled(offset)):
+            if offset in pending or (not stream and (offset < self.floor or offset in settled)):
                 self._pop(from_ready)
                 continue
             record = qlog.get(offset)
@@ -174,7 +179,7 @@ class ConsumerGroup:
                 if not self.stream:
                     self.settle(offset)
                 continue
-            key = queue.routing_key(record.message.topic)
+            key = queue.routing_key(record.message.topic) if filtered or partitions > 1 else ""
             part = -1
             if partitions > 1:
                 part = queue.partition_of(record)
@@ -235,6 +240,9 @@ class ConsumerGroup:
     def _pick(self, key: str, avoid: Member | None) -> Member | None:
         members = self.members
         n = len(members)
+        if n == 1:  # the common single consumer: no rotation
+            m = members[0]
+            return m if m.has_room() and filter_matches(m.levels, key) else None
         fallback = None
         for i in range(n):
             m = members[(self._rr + i) % n]

@@ -9,7 +9,6 @@ turn's group commit like every other record.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 
 from fluxmq.broker.message import Message
 from fluxmq.storage.queue_log import QueueLogStore, decode_record, encode_record
@@ -43,7 +42,7 @@ class QueueLog:
         self.next = next  # offset of the next append
         self.count = count  # records present
         self.bytes = size
-        self._cache: OrderedDict[int, Record] = OrderedDict()
+        self._cache: dict[int, Record] = {}  # recent appends and read-ahead, bounded
 
     def append(self, messages: list[Message], now: float | None = None) -> list[Record]:
         """Append a batch; returns its records (offsets assigned in order)."""
@@ -61,11 +60,30 @@ class QueueLog:
             out.append(rec)
         return out
 
+    def append_one(self, message: Message) -> Record:
+        """``append`` of one message (the publish path)."""
+        now = time.time()
+        blob = encode_record(now, message)
+        offset = self.next
+        self.next = offset + 1
+        self.store.append(self.name, offset, blob)
+        rec = Record(offset, now, message, len(blob))
+        self.count += 1
+        self.bytes += rec.size
+        cache = self._cache
+        cache[offset] = rec
+        cache.pop(offset - CACHE_RECORDS, None)  # O(1) eviction of what the window left behind
+        if len(cache) > 2 * CACHE_RECORDS:  # read-ahead of old offsets: bounded all the same
+            cache.clear()
+            cache[offset] = rec
+        return rec
+
     def _remember(self, rec: Record) -> None:
         cache = self._cache
         cache[rec.offset] = rec
-        if len(cache) > CACHE_RECORDS:
-            cache.popitem(last=False)
+        if len(cache) > 2 * CACHE_RECORDS:
+            cache.clear()
+            cache[rec.offset] = rec
 
     def get(self, offset: int) -> Record | None:
         """The record at ``offset``, None when it was truncated or never written."""

@@ -97,7 +97,7 @@ class Queue:
         if message.qos != 1 or message.retain:  # kept as a QoS 1, non-retained message
             stored = Message(message.topic, message.payload, 1, False, message.properties, message.expires_at,
                              message.origin)
-        rec = self.log.append([stored])[0]
+        rec = self.log.append_one(stored)
         self.stats["appended"] += 1
         if self.newest is not None:
             self._compact(rec)
@@ -192,10 +192,10 @@ class QueueManager:
         return q
 
     def _queue_for(self, name: str, refuse_code: int) -> Queue:
-        if not valid_queue_name(name):
-            raise QueueRefused(f"invalid queue name {name!r}", refuse_code)
         q = self.queues.get(name)
         if q is None:
+            if not valid_queue_name(name):
+                raise QueueRefused(f"invalid queue name {name!r}", refuse_code)
             if not self.auto_create and not name.endswith(".dlq"):
                 raise QueueRefused(f"no queue {name!r} (queue_manager.auto_create is off)", refuse_code)
             if len(self.queues) - len(self.configs) >= MAX_AUTO_QUEUES:
