@@ -42,8 +42,10 @@ __all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key",
 ENV_PREFIX = "FLUXMQ_"
 
 # FLUXMQ_ variables that are not config keys, so the loader lets them pass: the config file path
-# (read by fluxmq-node) and the admin token (read by the admin API until it becomes a secret key).
-ENV_ALLOWED = frozenset({"FLUXMQ_CONFIG", "FLUXMQ_ADMIN_TOKEN"})
+# (read by fluxmq-node), the admin token (read by the admin API until it becomes a secret key), the
+# log level overrides of reference 004 (FLUXMQ_DEBUG/FLUXMQ_TRACE set log.debug/log.trace) and the
+# list of other FLUXMQ_ variables to ignore (fluxmq.config.compat.ENV_IGNORE).
+ENV_ALLOWED = frozenset({"FLUXMQ_CONFIG", "FLUXMQ_ADMIN_TOKEN", "FLUXMQ_DEBUG", "FLUXMQ_TRACE", "FLUXMQ_ENV_IGNORE"})
 
 # Names a config Section object uses for itself; a key or section may not be called these.
 RESERVED_NAMES = frozenset({"get", "origin", "to_dict"})
@@ -385,7 +387,10 @@ KEYS: tuple[Key, ...] = (
         "Durable queues: {name, topics, type, partitions, max_inflight, visibility_timeout, retention{max_age, "
         "max_length_messages, max_length_bytes, compact}, limits{max_message_size, max_depth, message_ttl}, "
         "retry{max_retries, initial_backoff, max_backoff, multiplier}, dlq{enabled, topic}} (docs/queues.rst)."),
-    Key("log.level", Enum("debug", "info", "warning", "error"), "info", "Least severe level written."),
+    Key("log.level", Enum("trace", "debug", "info", "warn", "warning", "error", ignore_case=True), "info",
+        "Least severe level written (warn = warning; trace is below debug)."),
+    Key("log.debug", Bool(), False, "Hard override: log at debug whatever log.level says (also FLUXMQ_DEBUG=true)."),
+    Key("log.trace", Bool(), False, "Hard override: log at trace, above log.debug (also FLUXMQ_TRACE=true)."),
     Key("log.format", Enum("text", "json"), "text",
         "text: timestamp, level, logger and key=value fields; json: one JSON object per line."),
     Key("log.file", Str(), "", 'Log file path; "" = stderr.'),
@@ -523,8 +528,21 @@ class Schema:
             "Environment variables are ``FLUXMQ_`` followed by the key uppercased with dots as underscores",
             "(``broker.max_inflight`` is ``FLUXMQ_BROKER_MAX_INFLIGHT``). Besides those, only these",
             "may carry the prefix: " + ", ".join(f"``{name}``" for name in sorted(self.env_allowed)) + ".",
+            "``FLUXMQ_DEBUG=true`` and ``FLUXMQ_TRACE=true`` set ``log.debug`` and ``log.trace`` (hard level",
+            "overrides). Any other ``FLUXMQ_`` variable stops the node, so a typo is not silently ignored; to",
+            "pass unrelated ones (Kubernetes injects ``FLUXMQ_SERVICE_HOST``, ``FLUXMQ_PORT_1883_TCP``... for a",
+            "Service named fluxmq), list them in ``FLUXMQ_ENV_IGNORE``, comma-separated, a trailing ``*``",
+            "matching a prefix: ``FLUXMQ_ENV_IGNORE='FLUXMQ_SERVICE_*,FLUXMQ_PORT*'``.",
             "Values from the environment and ``--set`` are text: booleans accept ``true``/``false``/``1``/",
-            "``0``/``yes``/``no``; in the file booleans are YAML ``true``/``false``.",
+            "``0``/``yes``/``no``; in the file booleans are YAML ``true``/``false``, and YAML 1.1's",
+            "``yes``/``no``/``on``/``off`` as the Go FluxMQ reads them.",
+            "",
+            "A config written from the reference documents starts: sections and keys they document that",
+            "fluxmq does not implement yet (``cluster``, ``queue``, a TLS listener's",
+            "``prefer_server_cipher_suites``) are ignored with a \"not implemented yet\" warning naming the",
+            "file and line, and ``storage.type: badger`` is read as ``lmdb`` (fluxmq.config.compat).",
+            "``fluxmq-node --check`` reports every problem (one line each), including unreadable password,",
+            "ACL and credentials files, certificates and keys the configuration names.",
             "",
             "Durations are ``250ms``, ``10s``, ``5m``, ``1h``, ``1h30m`` (units ``ns us ms s m h``) or a plain",
             "number of seconds. Sizes are plain bytes or ``64KiB``, ``1MiB``, ``1GiB`` (powers of 1024),",

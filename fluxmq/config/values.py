@@ -271,13 +271,25 @@ class Float(ValueType):
         return value
 
 
+# YAML 1.1 booleans that YAML 1.2 (ruamel) reads as text; go-yaml v3 still decodes them into a bool
+# field, so a config written for the Go FluxMQ may use them.
+_YAML11_TRUE = frozenset({"yes", "on"})
+_YAML11_FALSE = frozenset({"no", "off"})
+
+
 class Bool(ValueType):
-    """A boolean: YAML ``true``/``false`` in a file; true/false/1/0/yes/no from env or ``--set``."""
+    """A boolean: YAML ``true``/``false`` (or YAML 1.1's yes/no/on/off) in a file; true/false/1/0/yes/no from env or ``--set``."""
 
     summary = "boolean"
-    expected = "true or false"
+    expected = "true or false (also yes/no, on/off)"
 
     def from_yaml(self, value: object) -> bool:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _YAML11_TRUE:
+                return True
+            if text in _YAML11_FALSE:
+                return False
         if not isinstance(value, bool):
             raise ValueError("")
         return value
@@ -371,20 +383,26 @@ class Addr(ValueType):
 
 
 class Enum(ValueType):
-    """One of a fixed set of strings (case-sensitive)."""
+    """One of a fixed set of strings; case-sensitive unless ``ignore_case`` (then the choice as declared)."""
 
-    def __init__(self, *choices: str) -> None:
+    def __init__(self, *choices: str, ignore_case: bool = False) -> None:
         if not choices:
             raise ValueError("Enum needs at least one choice")
         self.choices = tuple(choices)
+        self.ignore_case = ignore_case
+        self._folded = {choice.lower(): choice for choice in choices}
         shown = [choice or '""' for choice in choices]  # "" is a valid choice (e.g. "not set")
         self.summary = " | ".join(shown)
-        self.expected = "one of " + ", ".join(shown)
+        self.expected = "one of " + ", ".join(shown) + (" (any case)" if ignore_case else "")
 
     def from_yaml(self, value: object) -> str:
-        if not isinstance(value, str) or value not in self.choices:
+        if not isinstance(value, str):
             raise ValueError("")
-        return str(value)
+        if value in self.choices:
+            return str(value)
+        if self.ignore_case and value.lower() in self._folded:
+            return self._folded[value.lower()]
+        raise ValueError("")
 
 
 class StrList(ValueType):

@@ -189,6 +189,32 @@ def test_stats(spec, app, broker) -> None:
     assert body["messages"]["received_by_qos"] == {"0": 0, "1": 1, "2": 0}
     assert body["messages"]["sent_by_qos"] == {"0": 0, "1": 1, "2": 0}
     assert body["queues"]["inflight"] == 1
+    assert body["memory"]["rss_bytes"] > 0
+    assert body["storage"] == {"type": "memory", "sync": None, "used_bytes": None, "map_size": None,
+                               "refusing": False}
+
+
+def test_stats_name_the_lmdb_store_its_size_and_sync_mode(spec, tmp_path) -> None:
+    """The dashboard's overview shows storage size and sync mode: /stats carries them."""
+    from fluxmq.storage.lmdb import LMDBStorage
+    storage = LMDBStorage(tmp_path / "data", map_size=64 << 20, sync="none")
+    try:
+        storage.load()
+        app = AdminAPI(SimpleNamespace(broker=Broker(storage=storage), listeners=[]), TOKEN)
+        status, _, body = json_call(spec, app, "GET", "/stats")
+    finally:
+        storage.close()
+    assert status == 200
+    assert body["storage"]["type"] == "lmdb" and body["storage"]["sync"] == "none"
+    assert body["storage"]["map_size"] == 64 << 20 and 0 < body["storage"]["used_bytes"] < 64 << 20
+
+
+def test_cluster_status_is_the_health_listeners(spec, app, broker) -> None:
+    online(broker, "c1")
+    status, _, body = json_call(spec, app, "GET", "/cluster/status")
+    assert status == 200
+    assert body == {"node_id": "single-node", "is_leader": False, "cluster_mode": False, "sessions": 1}
+    assert json_call(spec, app, "GET", "/cluster/status", headers=None)[0] == 401
 
 
 # -- sessions --------------------------------------------------------------------------------------
@@ -331,7 +357,8 @@ def test_every_route_is_documented(spec, app) -> None:
                   for method in item if method in ("get", "post", "delete", "put", "patch")}
     routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}")
                .replace("queues/*", "queues/{name}"), method) for method, pattern, _ in app._routes}
-    assert routes | {("/openapi.yaml", "GET")} == documented
+    served_before_dispatch = {("/openapi.yaml", "GET"), ("/monitor", "GET"), ("/dashboard/{file}", "GET")}
+    assert routes | served_before_dispatch == documented
 
 
 def test_not_running_broker_is_503(spec) -> None:
