@@ -126,3 +126,7 @@ class ConfigErrors(ConfigError):
 
 class StorageError(FluxMQError):
     """The storage backend cannot serve a request."""
+
+
+class MalformedDatagram(FluxMQError):
+    """A UDP datagram that is not a well-formed CoAP message (RFC 7252 §3); counted and dropped."""

@@ -91,6 +91,10 @@ SECTION_DOCS: dict[str, str] = {
     "server.http.plain": "The plain (non-TLS) HTTP bridge listener; its body and SSE limits apply to every bridge listener.",
     "server.http.tls": "The HTTP bridge over TLS (https://); the same TLS keys as server.tcp.tls.",
     "server.http.mtls": "The HTTP bridge over TLS with client certificates; needs ca_file too.",
+    "server.coap": "CoAP bridge (RFC 7252): publish, read retained messages, observe topics (README.rst, CoAP).",
+    "server.coap.plain": "The plain CoAP listener (UDP).",
+    "server.coap.dtls": "CoAP over DTLS 1.2 (python-mbedtls): certificates and/or pre-shared keys.",
+    "server.coap.mdtls": "CoAP over DTLS 1.2 with a client certificate required (needs ca_file).",
     "server.admin": "Admin API; bearer token from server.admin.token_file or FLUXMQ_ADMIN_TOKEN.",
     "broker": "Protocol-independent broker limits and policies.",
     "storage": "Where sessions, retained messages and queues are kept.",
@@ -205,6 +209,21 @@ def _http_tls_keys(section: str) -> tuple[Key, ...]:
     return tuple(key for key in _tls_keys(section) if key.leaf != "use_cert_cn_as_username")
 
 
+def _dtls_keys(section: str) -> tuple[Key, ...]:
+    """The DTLS keys of a CoAP listener (fluxmq.coap.dtls builds the Mbed TLS context from them)."""
+    return (
+        Key(f"{section}.cert_file", Str(), "",
+            'PEM certificate (chain) of the DTLS server; "" = pre-shared keys only (psk_file).'),
+        Key(f"{section}.key_file", Str(), "", "PEM private key (EC or RSA) of cert_file."),
+        Key(f"{section}.ca_file", Str(), "",
+            "PEM CA bundle client certificates are verified against; alone it means client_auth require."),
+        Key(f"{section}.client_auth", Enum("", "none", "require"), "",
+            'Client certificates: "" = require when ca_file is set, else none; the CN becomes the user name.'),
+        Key(f"{section}.psk_file", Str(), "",
+            'Pre-shared keys, one "identity:hexkey" per line; the identity becomes the user name.'),
+    )
+
+
 def _websocket_keys(section: str) -> tuple[Key, ...]:
     """The WebSocket keys of a listener (fluxmq.transport.websocket)."""
     return (
@@ -259,6 +278,24 @@ KEYS: tuple[Key, ...] = (
     Key("server.http.mtls.addr", Addr(allow_empty=True), "",
         'HTTPS bridge with client certificates, address host:port (e.g. ":8444"); "" disables it.'),
     *_http_tls_keys("server.http.mtls"),
+    Key("server.coap.plain.addr", Addr(allow_empty=True), "",
+        'CoAP UDP listener address host:port (e.g. "127.0.0.1:5683"); "" disables it.'),
+    Key("server.coap.dtls.addr", Addr(allow_empty=True), "",
+        'CoAP over DTLS listener address host:port (e.g. "127.0.0.1:5684"); "" disables it.'),
+    *_dtls_keys("server.coap.dtls"),
+    Key("server.coap.mdtls.addr", Addr(allow_empty=True), "",
+        'CoAP over DTLS with client certificates required, host:port (e.g. "127.0.0.1:5685"); "" disables it.'),
+    *_dtls_keys("server.coap.mdtls"),
+    Key("server.coap.observe_queue_size", Int(1), 100,
+        "Notifications buffered per observation; when full the oldest is dropped and counted."),
+    Key("server.coap.max_observations", Int(0), 10000,
+        "Most observations open at once on the node; more get 5.03."),
+    Key("server.coap.max_observations_per_peer", Int(0), 16,
+        "Most observations of one peer (address and port); more get 5.03."),
+    Key("server.coap.block_size", Int(16, 1024), 1024,
+        "Largest response body per datagram (rounded down to a power of two); larger ones go block-wise (Block2)."),
+    Key("server.coap.max_reassembly_bytes", Size(1), "1MiB",
+        "Block1 request bodies held per peer while they arrive; past it 4.13."),
     Key("server.admin.addr", Addr(allow_empty=True), "127.0.0.1:8082",
         'Admin API address host:port; "" disables it; a non-loopback address needs a token.'),
     Key("server.admin.token_file", Str(), "",
@@ -319,7 +356,8 @@ KEYS: tuple[Key, ...] = (
         "(python -m fluxmq.broker.auth_enhanced USER)."),
     Key("auth.allow_anonymous", AutoBool(), "auto",
         'Accept clients without a user name; "auto" = only when neither auth.password_file nor auth.http.url is '
-        "set, and then only on loopback listeners (a non-loopback one refuses to start; true opens it)."),
+        "set, and then only on loopback listeners (a non-loopback MQTT or HTTP bridge listener refuses them "
+        "with CONNACK 5/0x87 or 401 and a warning at start, as Mosquitto 2; true opens it)."),
     Key("auth.bind_client_id_to_username", AutoBool(), "auto",
         "A client id belongs to the user whose session holds it: another user (or an anonymous client) "
         "connecting with it is refused (CONNACK 0x87 / return code 5) instead of taking the session over; "

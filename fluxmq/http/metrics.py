@@ -63,6 +63,9 @@ class BrokerCollector(Collector):
             yield from self._queues(broker.queues)
         if self.bridge is not None:
             yield from self._http(self.bridge)
+        coap = getattr(self.service, "coap", None)
+        if coap is not None:
+            yield from self._coap(coap)
 
     def _connections(self, broker: Any) -> Iterator[Metric]:
         st = broker.stats
@@ -174,6 +177,30 @@ class BrokerCollector(Collector):
         yield requests
         yield GaugeMetricFamily("fluxmq_sse_queue_messages", "Messages waiting in HTTP subscribe stream queues.",
                                 value=bridge.queued())
+
+
+    @staticmethod
+    def _coap(coap: Any) -> Iterator[Metric]:
+        """The CoAP bridge (``fluxmq.coap.bridge.CoapBridge``): plain counters read at scrape time."""
+        responses = CounterMetricFamily("fluxmq_coap_responses", "CoAP responses sent, by code (e.g. 2.04).",
+                                        labels=["code"])
+        for code, value in sorted(coap.responses.items()):
+            responses.add_metric([f"{code >> 5}.{code & 31:02d}"], value)
+        yield responses
+        dropped = CounterMetricFamily("fluxmq_coap_dropped_datagrams", "CoAP datagrams dropped, by reason.",
+                                      labels=["reason"])
+        for reason, value in sorted(coap.dropped.items()):
+            dropped.add_metric([reason], value)
+        yield dropped
+        yield CounterMetricFamily("fluxmq_coap_retransmissions",
+                                  "Duplicate CoAP requests answered from the exchange cache, and CON "
+                                  "notifications resent.", value=coap.retransmissions)
+        yield GaugeMetricFamily("fluxmq_coap_observations", "CoAP observations open now.",
+                                value=len(coap.observations))
+        yield CounterMetricFamily("fluxmq_coap_observations_opened", "CoAP observations opened since start.",
+                                  value=coap.observations_total)
+        yield GaugeMetricFamily("fluxmq_coap_queue_messages", "Notifications waiting in observation queues.",
+                                value=sum(len(o.queue) for o in coap.observations.values()))
 
 
 def make_registry(service: Any, bridge: Any = None) -> CollectorRegistry:

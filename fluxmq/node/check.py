@@ -3,7 +3,9 @@
 The config loader checks keys and values; this loads what the values name (the password, ACL and
 SCRAM credentials files, each enabled TLS listener's certificate, key and CA) with the same code the
 node uses at start, and checks the node-level rules (two HTTP listeners on one port, an exposed admin
-API without a token, an anonymous listener on a non-loopback address). Each check that fails adds its ``ConfigError``; none stops the others.
+API without a token). Each check that fails adds its ``ConfigError``; none stops the others.
+``start_warnings`` lists what the node starts with but an operator should know: a listener on a
+network address that refuses anonymous clients (Mosquitto 2's default).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from fluxmq.errors import ConfigError
 
-__all__ = ["start_problems"]
+__all__ = ["start_problems", "start_warnings"]
 
 
 def start_problems(config: Any) -> list[ConfigError]:
@@ -24,7 +26,7 @@ def start_problems(config: Any) -> list[ConfigError]:
     from fluxmq.broker.auth_enhanced import authenticators_from_config
     from fluxmq.http.admin import TOKEN_ENV, check_admin_exposure
     from fluxmq.node.app import _https_handshake, http_surfaces
-    from fluxmq.node.service import MQTT_LISTENERS, check_anonymous_exposure, stream_factory
+    from fluxmq.node.service import MQTT_LISTENERS, stream_factory
 
     problems: list[ConfigError] = []
 
@@ -49,5 +51,11 @@ def start_problems(config: Any) -> list[ConfigError]:
     for surface, _ in surfaces:
         attempt(lambda surface=surface: _https_handshake(config, surface))
     attempt(lambda: check_admin_exposure(config.server.admin.addr, os.environ.get(TOKEN_ENV) or None))
-    attempt(lambda: check_anonymous_exposure(config))
     return problems
+
+
+def start_warnings(config: Any) -> list[str]:
+    """What the node would warn about at start (one line each); none stops it."""
+    from fluxmq.node.service import anonymous_exposure_warnings
+
+    return anonymous_exposure_warnings(config)

@@ -94,9 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)  # ConfigErrors: one line per problem
         return EXIT_CONFIG_ERROR
     if args.check:
-        from fluxmq.node.check import start_problems
+        from fluxmq.node.check import start_problems, start_warnings
 
         problems = start_problems(config)
+        for warning in start_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         if problems:
             for problem in problems:
                 print(str(problem), file=sys.stderr)

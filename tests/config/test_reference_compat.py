@@ -164,11 +164,15 @@ def test_log_level_other_spelling_is_one_line_with_accepted_values(write) -> Non
 def test_debug_and_trace_are_hard_overrides(write, text: str, env: dict[str, str], level: int) -> None:
     cfg = load_config(write(text), env=env)
     assert effective_level(cfg.log) == level
+    logger = logging.getLogger("fluxmq")
+    saved = (logger.level, logger.propagate)  # setup_logging sets both: later tests capture records
     handler = setup_logging(cfg.log)
     try:
-        assert logging.getLogger("fluxmq").level == level
+        assert logger.level == level
     finally:
-        logging.getLogger("fluxmq").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def test_fluxmq_debug_that_is_not_a_boolean_names_the_variable() -> None:

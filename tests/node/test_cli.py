@@ -228,11 +228,22 @@ def test_without_config_every_listener_is_on_loopback(capsys) -> None:
         assert parse_addr(addr)[0] == "127.0.0.1", f"{key} = {addr!r} is not loopback"
 
 
+def test_check_warns_of_anonymous_exposure_and_passes(capsys) -> None:
+    """--check names a network listener that will refuse anonymous clients: a warning, not an error
+    (the node starts with it, as Mosquitto 2)."""
+    assert main(["--check", "--set", "server.tcp.plain.addr=:0"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("warning: ") and "server.tcp.plain.addr" in lines[0]
+    assert "anonymous" in lines[0] and "auth.allow_anonymous: true" in lines[0]
+
+
 def test_check_reports_anonymous_exposure_with_the_other_problems(tmp_path, capsys) -> None:
-    """--check finds what the node would refuse at start: an anonymous listener on the network."""
+    """--check lists the problems the node would stop on, and the exposure warning with them."""
     assert main(["--check", "--set", "server.tcp.plain.addr=:0",
                  "--set", f"auth.acl_file={tmp_path / 'absent-acl'}"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2, lines
-    assert any("server.tcp.plain.addr" in line and "anonymous" in line for line in lines)
+    assert any(line.startswith("warning: ") and "server.tcp.plain.addr" in line and "anonymous" in line
+               for line in lines)
     assert any("auth.acl_file" in line for line in lines)
