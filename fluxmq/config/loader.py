@@ -22,7 +22,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from fluxmq.config import compat
 from fluxmq.config.schema import ENV_PREFIX, SCHEMA, Key, Schema
-from fluxmq.config.values import ItemError
+from fluxmq.config.values import ItemError, plain_scalar
 from fluxmq.errors import ConfigError, ConfigErrors
 
 __all__ = ["Config", "Section", "load_config"]
@@ -229,7 +229,7 @@ def _walk_item(schema: Schema, name: Any, value: Any, line: int | None, prefix: 
         if key.secret:
             raise ConfigError(dotted, "no value in the file", path, line,
                               problem=f"is a secret and may only be set from the environment ({key.env})")
-        raw = _plain(value)
+        raw = plain_scalar(value)
         alias = compat.VALUE_ALIASES.get(dotted, {}).get(raw) if isinstance(raw, str) else None
         if alias is not None:
             problems.notices.append(f"{dotted} ({_where(path, line)}): {raw!r} is read as {alias!r} "
@@ -261,19 +261,6 @@ def _line_of(mapping: Mapping[Any, Any], name: object) -> int | None:
         return lc.key(name)[0] + 1 if lc is not None else None
     except (KeyError, TypeError):
         return None
-
-
-def _plain(value: Any) -> Any:
-    """ruamel's round-trip scalars (ScalarInt, ScalarFloat, quoted strings) as plain Python values."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
-    return value
 
 
 # -- the environment --------------------------------------------------------------------------------
@@ -387,7 +374,7 @@ def _describe(value: Any) -> str:
         return "a list"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(_plain(value))
+    return repr(plain_scalar(value))
 
 
 def _one_line(text: str) -> str:

@@ -460,7 +460,8 @@ def _yaml_line(container: object, key: object, is_item: bool) -> int | None:
         return None
 
 
-def _plain_scalar(value: object) -> object:
+def plain_scalar(value: object) -> object:
+    """ruamel's round-trip scalars (ScalarInt, ScalarFloat, quoted strings) as plain Python values."""
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
@@ -511,7 +512,7 @@ class Fields(ValueType):
                 if isinstance(field.type, Fields | FieldsList):
                     out[name] = field.type.from_yaml(raw, where)
                 else:
-                    raw = _plain_scalar(raw)
+                    raw = plain_scalar(raw)
                     if raw is None:
                         raise ValueError("has no value")
                     out[name] = field.type.from_yaml(raw)

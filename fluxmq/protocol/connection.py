@@ -533,13 +533,8 @@ class MQTTConnection:
 
     def close(self, reason_code: int, reason: str = "") -> None:
         """Close from the broker side: 5.0 clients get a DISCONNECT with ``reason_code`` first."""
-        if self.closed:
+        if not self._begin_close(reason_code, reason):
             return
-        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
-        self._send_disconnect(reason_code, reason)
-        self.closed = True
-        if self.session is not None and self.session.delivery is not self:
-            self.session = None  # taken over: this connection no longer speaks for the session
         if not self.flusher.settle():
             # storage.sync always: the output may acknowledge state not yet durable; send it after.
             gevent.spawn(self._close_when_committed)
@@ -547,6 +542,18 @@ class MQTTConnection:
         self.flush_nowait()
         if self._writer is None:
             self.stream.shutdown()
+
+    def _begin_close(self, reason_code: int, reason: str) -> bool:
+        """Log the broker-side close, queue the 5.0 DISCONNECT and mark the connection closed;
+        False when it was closed already."""
+        if self.closed:
+            return False
+        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
+        self._send_disconnect(reason_code, reason)
+        self.closed = True
+        if self.session is not None and self.session.delivery is not self:
+            self.session = None  # taken over: this connection no longer speaks for the session
+        return True
 
     def _close_when_committed(self) -> None:
         try:
@@ -561,13 +568,8 @@ class MQTTConnection:
         """The storage could not commit what the buffered output acknowledges: drop it unsent and
         close (5.0 clients get a DISCONNECT with ``reason_code``)."""
         self.out.clear()
-        if self.closed:
+        if not self._begin_close(reason_code, reason):
             return
-        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
-        self._send_disconnect(reason_code, reason)
-        self.closed = True
-        if self.session is not None and self.session.delivery is not self:
-            self.session = None
         # Not close(): it would wait for the failed batch. The DISCONNECT alone acknowledges nothing.
         self.flush_nowait()
         if self._writer is None:
