@@ -21,6 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from fluxmq.config.schema import ENV_PREFIX, SCHEMA, Key, Schema
+from fluxmq.config.values import ItemError
 from fluxmq.errors import ConfigError
 
 __all__ = ["Config", "Section", "load_config"]
@@ -118,6 +119,12 @@ class Config(Section):
         out = super().to_dict()
         if redact_secrets:
             for key in self._schema.keys.values():
+                redact = getattr(key.type, "redact", None)
+                if redact is not None:  # secret fields inside list items (webhook.endpoints[].secret)
+                    node = out
+                    for part in key.section.split("."):
+                        node = node[part]
+                    node[key.leaf] = redact(node[key.leaf])
                 if key.secret:
                     node = out
                     for part in key.section.split("."):
@@ -296,6 +303,9 @@ def _convert(key: Key, parse: Callable[[Any], Any], raw: Any, source: str, line:
                           problem=f"has no value; expected {key.type.expected}")
     try:
         return parse(raw)
+    except ItemError as exc:  # inside a list or mapping: name the item's field and its own line
+        raise ConfigError(key.name + exc.path, exc.expected, source, exc.line or line, got=exc.got,
+                          problem=exc.problem or f"expected {exc.expected}, got {_describe(exc.got)}") from None
     except ValueError as exc:
         detail = f" ({exc})" if str(exc) else ""
         raise ConfigError(key.name, key.type.expected, source, line, got=raw,

@@ -18,10 +18,26 @@ import difflib
 import json
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass
 
-from fluxmq.config.values import Addr, Bool, Duration, Enum, Float, Int, Size, Str, StrList, ValueType
+from fluxmq.config.values import (
+    Addr,
+    Bool,
+    Duration,
+    Enum,
+    Float,
+    Int,
+    ListOf,
+    Mapping,
+    Size,
+    Str,
+    StrList,
+    StrMap,
+    Url,
+    ValueType,
+)
 
 __all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key", "Schema", "main"]
 
@@ -83,7 +99,53 @@ SECTION_DOCS: dict[str, str] = {
     "limits": "Per-address and per-client abuse limits (docs/security.rst); 0 = no limit.",
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
+    "webhook": "Broker events POSTed to HTTP endpoints off the hot path (docs/webhooks.rst).",
+    "webhook.defaults": "Per-endpoint settings an endpoint does not set itself.",
+    "webhook.defaults.retry": "Exponential backoff between attempts of one event to one endpoint.",
+    "webhook.defaults.circuit_breaker": "Per-endpoint breaker: open after consecutive failures, retry after a pause.",
 }
+
+# The event types a webhook endpoint may subscribe to (docs/webhooks.rst describes their fields).
+WEBHOOK_EVENTS = (
+    "client.connected", "client.disconnected", "client.session_takeover",
+    "message.published", "message.delivered", "message.retained",
+    "subscription.created", "subscription.removed",
+    "auth.success", "auth.failure", "authz.publish_denied", "authz.subscribe_denied",
+)
+
+
+class EventList(StrList):
+    """A list of webhook event types (``*`` = all of them)."""
+
+    summary = "list of event types"
+    expected = "a list of event types (" + ", ".join(WEBHOOK_EVENTS) + ") or [\"*\"]"
+
+    def from_yaml(self, value: object) -> list[str]:
+        items = super().from_yaml(value)
+        unknown = [item for item in items if item != "*" and item not in WEBHOOK_EVENTS]
+        if unknown:
+            raise ValueError(f"unknown event type {unknown[0]!r}")
+        return items
+
+
+RETRY_FIELDS: dict[str, tuple[ValueType, object]] = {
+    "max_attempts": (Int(1, 100), None),
+    "initial_interval": (Duration(), None),
+    "max_interval": (Duration(), None),
+    "multiplier": (Float(1.0), None),
+}
+
+WEBHOOK_ENDPOINT = Mapping({
+    "name": (Str(allow_empty=False), None),
+    "url": (Url("http", "https"), None),
+    "events": (EventList(), ["*"]),
+    "topic_filters": (StrList(), []),
+    "headers": (StrMap(), {}),
+    "timeout": (Duration(), None),
+    "retry": (Mapping(RETRY_FIELDS), None),
+    "secret": (Str(), ""),
+    "secret_file": (Str(), ""),
+}, required=("name", "url"), secret=("secret",))
 
 
 
@@ -326,13 +388,35 @@ KEYS: tuple[Key, ...] = (
     Key("log.throttling.rate", Float(0.0, exclusive_minimum=True), 500.0,
         "Lines per second per logger, sustained."),
     Key("log.throttling.burst", Int(1), 50, "Lines a logger may write at once above the rate."),
+    Key("webhook.enabled", Bool(), False, "POST broker events to webhook.endpoints."),
+    Key("webhook.queue_size", Int(1), 10000,
+        "Events waiting for delivery (all endpoints); when full, drop_policy decides and the drop is counted."),
+    Key("webhook.drop_policy", Enum("oldest", "newest"), "oldest",
+        "What a full queue drops: the oldest waiting event or the new one."),
+    Key("webhook.workers", Int(1, 1000), 8, "Greenlets sending requests (one request each at a time)."),
+    Key("webhook.include_payload", Bool(), False,
+        "message.published carries the payload (base64) besides its size."),
+    Key("webhook.shutdown_timeout", Duration(), "5s",
+        "How long a stopping node keeps sending queued events before it drops the rest (counted)."),
+    Key("webhook.defaults.timeout", Duration(), "5s", "Time an endpoint has to answer one request."),
+    Key("webhook.defaults.retry.max_attempts", Int(1, 100), 3, "Attempts per event and endpoint, the first included."),
+    Key("webhook.defaults.retry.initial_interval", Duration(), "1s", "Pause before the second attempt."),
+    Key("webhook.defaults.retry.max_interval", Duration(), "30s", "Longest pause between attempts."),
+    Key("webhook.defaults.retry.multiplier", Float(1.0), 2.0, "Each pause is the previous one times this."),
+    Key("webhook.defaults.circuit_breaker.failure_threshold", Int(1), 5,
+        "Consecutive failed events that open an endpoint's breaker (its events then fail at once)."),
+    Key("webhook.defaults.circuit_breaker.reset_timeout", Duration(), "60s",
+        "How long a breaker stays open before one trial request (half-open) may close it."),
+    Key("webhook.endpoints", ListOf(WEBHOOK_ENDPOINT), [],
+        "Receivers: [{name, url, events, topic_filters, headers, timeout, retry, secret | secret_file}] "
+        "(docs/webhooks.rst); from the environment as JSON."),
 )
 
 
 class Schema:
     """A validated set of keys with the lookups the loader needs (sections, env names, defaults)."""
 
-    def __init__(self, keys: Iterable[Key], section_docs: Mapping[str, str] | None = None,
+    def __init__(self, keys: Iterable[Key], section_docs: AbcMapping[str, str] | None = None,
                  env_allowed: Iterable[str] = ENV_ALLOWED) -> None:
         self.keys: dict[str, Key] = {}
         self.section_docs = dict(section_docs or {})

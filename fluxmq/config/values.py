@@ -26,9 +26,14 @@ __all__ = [
     "Enum",
     "Float",
     "Int",
+    "ItemError",
+    "ListOf",
+    "Mapping",
     "Size",
     "Str",
     "StrList",
+    "StrMap",
+    "Url",
     "ValueType",
     "parse_addr",
     "parse_bool",
@@ -412,3 +417,167 @@ class StrList(ValueType):
             if item:
                 items.append(item)
         return items
+
+
+class ItemError(ValueError):
+    """A value inside a list or mapping key does not fit. ``path`` is where, relative to the key
+    (``"[0].url"``), ``line`` its line in the file when known; the loader turns it into a
+    ``ConfigError`` naming ``key[0].url``, the file and that line."""
+
+    def __init__(self, path: str, expected: str, got: object = None, line: int | None = None,
+                 problem: str | None = None) -> None:
+        super().__init__(problem or expected)
+        self.path = path
+        self.expected = expected
+        self.got = got
+        self.line = line
+        self.problem = problem
+
+
+def _item_line(container: object, index: object) -> int | None:
+    """The file line of ``container[index]`` (ruamel round-trip data), or None."""
+    lc = getattr(container, "lc", None)
+    if lc is None:
+        return None
+    try:
+        return (lc.key(index) if isinstance(index, str) else lc.item(index))[0] + 1
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _short(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value if not isinstance(value, str) else str(value))
+
+
+class StrMap(ValueType):
+    """A mapping of string names to string values (HTTP headers, labels)."""
+
+    summary = "mapping of strings"
+    expected = 'a mapping of strings such as {"X-Env": "prod"}'
+
+    def from_yaml(self, value: object) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise ValueError("")
+        out = {}
+        for name, item in value.items():
+            if not isinstance(name, str) or not name or not isinstance(item, str):
+                raise ItemError(f".{name}", "a string", item, _item_line(value, name),
+                                problem=f"expected string names and values, got {_short(item)}")
+            out[str(name)] = str(item)
+        return out
+
+
+class Url(ValueType):
+    """An absolute URL with one of ``schemes`` and a host."""
+
+    def __init__(self, *schemes: str) -> None:
+        self.schemes = schemes or ("http", "https")
+        self.summary = "URL"
+        self.expected = " or ".join(f"an {s}:// URL" if s[0] in "aeiouh" else f"a {s}:// URL" for s in self.schemes)
+
+    def from_yaml(self, value: object) -> str:
+        from urllib.parse import urlsplit
+
+        if not isinstance(value, str):
+            raise ValueError("")
+        parts = urlsplit(value)
+        if parts.scheme not in self.schemes or not parts.hostname:
+            raise ValueError("")
+        return str(value)
+
+
+class Mapping(ValueType):
+    """A mapping with fixed field names, each a value type with a default (strict: unknown or
+    missing required fields are errors naming the field and its line).
+
+    ``fields`` maps name -> (type, default); a default of ``None`` means "not set" (the field is
+    then ``None`` in the typed value, and the code using it takes a default from elsewhere).
+    ``required`` fields have no default. ``secret`` fields are replaced by ``redact``."""
+
+    def __init__(self, fields: dict[str, tuple[ValueType, object]], required: tuple[str, ...] = (),
+                 secret: tuple[str, ...] = ()) -> None:
+        self.fields = dict(fields)
+        self.required = tuple(required)
+        self.secret = tuple(secret)
+        self.summary = "mapping"
+        self.expected = "a mapping with " + ", ".join(self.fields)
+
+    def from_yaml(self, value: object) -> dict[str, object]:
+        if not isinstance(value, dict):
+            raise ItemError("", self.expected, value, problem=f"expected {self.expected}, got {_short(value)}")
+        out: dict[str, object] = {}
+        for name, raw in value.items():
+            line = _item_line(value, name)
+            spec = self.fields.get(name) if isinstance(name, str) else None
+            if spec is None:
+                raise ItemError(f".{name}", "a known field", name, line,
+                                problem=f"unknown field; known: {', '.join(self.fields)}")
+            kind = spec[0]
+            if raw is None:
+                raise ItemError(f".{name}", kind.expected, None, line,
+                                problem=f"has no value; expected {kind.expected}")
+            try:
+                out[name] = kind.from_yaml(raw)
+            except ItemError as exc:
+                raise ItemError(f".{name}{exc.path}", exc.expected, exc.got, exc.line or line, exc.problem) from None
+            except ValueError as exc:
+                detail = f" ({exc})" if str(exc) else ""
+                raise ItemError(f".{name}", kind.expected, raw, line,
+                                problem=f"expected {kind.expected}{detail}, got {_short(raw)}") from None
+        for name in self.required:
+            if name not in out:
+                raise ItemError("", self.expected, value, _item_line(value, next(iter(value), None)) if value else None,
+                                problem=f"missing required field {name!r}")
+        for name, (_kind, default) in self.fields.items():
+            if name not in out:
+                out[name] = list(default) if isinstance(default, list) else default
+        return out
+
+    def redact(self, value: dict) -> dict:
+        return {name: ("<secret>" if name in self.secret and item else item) for name, item in value.items()}
+
+
+class ListOf(ValueType):
+    """A list whose items are each checked by ``item`` (e.g. ``ListOf(Mapping(...))``); from the
+    environment or ``--set`` it is JSON (or YAML flow) text."""
+
+    def __init__(self, item: ValueType) -> None:
+        self.item = item
+        self.summary = f"list of {item.summary}"
+        self.expected = f"a list, each item {item.expected}"
+
+    def from_yaml(self, value: object) -> list:
+        if not isinstance(value, list | tuple):
+            raise ValueError("")
+        out = []
+        for i, raw in enumerate(value):
+            line = _item_line(value, i)
+            try:
+                out.append(self.item.from_yaml(raw))
+            except ItemError as exc:
+                raise ItemError(f"[{i}]{exc.path}", exc.expected, exc.got, exc.line or line, exc.problem) from None
+            except ValueError as exc:
+                detail = f" ({exc})" if str(exc) else ""
+                raise ItemError(f"[{i}]", self.item.expected, raw, line,
+                                problem=f"expected {self.item.expected}{detail}, got {_short(raw)}") from None
+        return out
+
+    def from_text(self, text: str) -> list:
+        from ruamel.yaml import YAML
+        from ruamel.yaml.error import YAMLError
+
+        try:
+            data = YAML(typ="safe", pure=True).load(text) if text.strip() else []
+        except YAMLError:
+            raise ValueError("not JSON or YAML flow text") from None
+        return self.from_yaml(data if data is not None else [])
+
+    def redact(self, value: list) -> list:
+        redact = getattr(self.item, "redact", None)
+        return [redact(item) for item in value] if redact is not None else value
