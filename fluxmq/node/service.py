@@ -26,6 +26,7 @@ from fluxmq.storage import Storage, open_storage
 from fluxmq.transport.tcp import TCPListener
 from fluxmq.transport.tls import TLSHandshake
 from fluxmq.transport.websocket import WebSocketUpgrade
+from fluxmq.webhook import WebhookDispatcher, WebhookSettings
 
 log = logging.getLogger("fluxmq.node")
 
@@ -235,6 +236,7 @@ class BrokerService:
         self.sys_topics: SysTopics | None = None
         self.storage: Storage | None = None
         self.flusher: FlushScheduler | None = None
+        self.webhooks: WebhookDispatcher | None = None  # webhook.enabled with endpoints
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -246,6 +248,7 @@ class BrokerService:
         # A bad password or ACL file raises ConfigError naming the file and line, before anything opens.
         settings = auth_settings(cfg)
         auth = AuthService(settings) if settings.configured else None
+        hooks = WebhookSettings.from_config(cfg) if cfg.webhook.enabled and cfg.webhook.endpoints else None
         # A foreign, damaged or newer data directory raises StorageError with one line: the worker
         # logs it and the node exits non-zero (never a silent wipe, never a restart loop).
         started = time.monotonic()
@@ -254,6 +257,10 @@ class BrokerService:
         self.broker.set_auth(auth)
         self.flusher = flusher = FlushScheduler(storage)
         load_and_restore(storage, self.broker)
+        if hooks is not None:  # after restore: wills published at a restart are not client events
+            self.webhooks = WebhookDispatcher(hooks, self.broker.settings.node_id)
+            self.webhooks.start()
+            self.broker.set_events(self.webhooks)
         if storage.durable:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()
@@ -285,6 +292,10 @@ class BrokerService:
             if not listener.wait_closed(left):
                 log.warning("shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)})
         self._started = False
+        if self.webhooks is not None:
+            # The disconnects of the shutdown are queued too; drain within what is left of the budget.
+            self.broker.set_events(None)
+            self.webhooks.stop(min(self.webhooks.settings.shutdown_timeout, max(0.0, deadline - time.monotonic())))
         if self.storage is not None:
             try:
                 self.flusher.ensure_committed()

@@ -1,0 +1,311 @@
+"""WebhookDispatcher: the broker's event sink that POSTs events to HTTP endpoints off the hot path.
+
+The broker (and the MQTT layer) call the sink's hooks on their own greenlets. A hook looks up which
+endpoints want the event (by type, and for message events by topic through a subscription trie
+whose matches are cached per topic), puts one small item per endpoint in a bounded queue and
+returns: no I/O, no greenlet switch, nothing built that an endpoint does not want. ``workers``
+greenlets take items and send them; the JSON body is made once per event by the first worker
+that needs it.
+
+A full queue drops by ``drop_policy`` (the oldest waiting item, or the new one) and counts the
+drop on the item's endpoint. A failed attempt (refused, timed out, not 2xx) is retried with
+exponential backoff up to ``retry.max_attempts``; each endpoint has a circuit breaker, and while
+it is open that endpoint's events are dropped at once (counted) instead of holding workers.
+``stop`` drains the queue for up to ``shutdown_timeout`` and counts what is left as dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+
+import gevent
+from gevent.event import Event
+
+from fluxmq._core.trie import SubscriptionTrie
+from fluxmq.broker.events import EventSink
+from fluxmq.config.schema import WEBHOOK_EVENTS
+
+from .endpoint import Endpoint, EndpointError
+from .settings import MESSAGE_EVENTS, WebhookSettings
+
+log = logging.getLogger("fluxmq.webhook")
+
+PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
+
+
+class WebhookEvent:
+    """One event, shared by the queue items of every endpoint that gets it."""
+
+    __slots__ = ("type", "id", "time", "data", "payload", "body")
+
+    def __init__(self, event_type: str, data: dict, payload: bytes | None = None) -> None:
+        self.type = event_type
+        self.id = uuid.uuid4().hex
+        self.time = time.time()
+        self.data = data
+        self.payload = payload  # message.published with include_payload: base64 in the body
+        self.body: bytes | None = None
+
+    def envelope(self, broker_id: str) -> dict:
+        data = self.data
+        if self.payload is not None:
+            data = {**data, "payload": base64.b64encode(self.payload).decode("ascii")}
+        stamp = datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return {"event_type": self.type, "event_id": self.id, "timestamp": stamp, "broker_id": broker_id,
+                "data": data}
+
+
+class WebhookDispatcher(EventSink):
+    """Queues broker events for the configured endpoints and sends them with a pool of greenlets."""
+
+    def __init__(self, settings: WebhookSettings, broker_id: str) -> None:
+        self.settings = settings
+        self.broker_id = broker_id
+        self.endpoints = [Endpoint(s, pool_size=settings.workers) for s in settings.endpoints]
+        # event type -> endpoints that want it (non-message events)
+        self._by_type: dict[str, tuple[Endpoint, ...]] = {
+            t: tuple(e for e in self.endpoints if t in e.settings.events) for t in WEBHOOK_EVENTS}
+        # message event type -> trie of the topic filters of the endpoints that want it (None: nobody)
+        self._tries: dict[str, SubscriptionTrie | None] = {}
+        for t in MESSAGE_EVENTS:
+            wanting = self._by_type[t]
+            if not wanting:
+                self._tries[t] = None
+                continue
+            trie = SubscriptionTrie()
+            for endpoint in wanting:
+                for f in endpoint.settings.topic_filters:
+                    trie.add(f, endpoint.name, endpoint)
+            self._tries[t] = trie
+        self.wants_published = self._tries["message.published"] is not None
+        self.wants_delivered = self._tries["message.delivered"] is not None
+        self.queue: deque[tuple[Endpoint, WebhookEvent]] = deque()
+        self.accepting = False
+        self._wake = Event()
+        self._idle = 0
+        self._busy = 0
+        self._workers: list[gevent.Greenlet] = []
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.accepting = True
+        self._workers = [gevent.spawn(self._work) for _ in range(self.settings.workers)]
+        log.info("webhook_started", extra={"endpoints": ",".join(e.name for e in self.endpoints),
+                                           "workers": self.settings.workers, "queue_size": self.settings.queue_size})
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking events; send what is queued for up to ``timeout`` seconds (default
+        ``shutdown_timeout``); drop (and count) the rest."""
+        self.accepting = False
+        timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while (self.queue or self._busy) and time.monotonic() < deadline:
+            gevent.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+        left = len(self.queue) + self._busy
+        for endpoint, _event in self.queue:
+            endpoint.dropped["shutdown"] += 1
+        self.queue.clear()
+        gevent.killall(self._workers, block=True, timeout=1.0)  # an in-flight item counts itself as dropped
+        self._workers = []
+        for endpoint in self.endpoints:
+            endpoint.close()
+        log.info("webhook_stopped", extra={"dropped": left, "sent": sum(e.sent for e in self.endpoints)})
+
+    @property
+    def busy(self) -> int:
+        """Items being sent (or waiting between attempts) now."""
+        return self._busy
+
+    # -- queue --------------------------------------------------------------------------------------
+
+    def _put(self, endpoints, event: WebhookEvent) -> None:
+        queue = self.queue
+        size = self.settings.queue_size
+        for endpoint in endpoints:
+            if len(queue) >= size:
+                if self.settings.drop_policy == "newest":
+                    endpoint.dropped["queue_full"] += 1
+                    self._log_drop(endpoint)
+                    continue
+                old_endpoint, _old = queue.popleft()
+                old_endpoint.dropped["queue_full"] += 1
+                self._log_drop(old_endpoint)
+            queue.append((endpoint, event))
+        if self._idle:
+            self._wake.set()  # wakes waiting workers from the hub; no switch here
+
+    def _log_drop(self, endpoint: Endpoint) -> None:
+        if endpoint.log_gate.allow("queue_full"):
+            log.warning("webhook_queue_full", extra={"endpoint": endpoint.name, "queue_size": self.settings.queue_size,
+                                                     "dropped": endpoint.dropped["queue_full"],
+                                                     "policy": self.settings.drop_policy})
+
+    def _emit(self, event_type: str, data: dict) -> None:
+        if not self.accepting:
+            return
+        endpoints = self._by_type[event_type]
+        if endpoints:
+            self._put(endpoints, WebhookEvent(event_type, data))
+
+    def _message_targets(self, event_type: str, topic: str) -> list:
+        trie = self._tries[event_type]
+        if trie is None or not self.accepting:
+            return []
+        found = trie.match(topic).subscribers
+        return list(dict.fromkeys(found)) if len(found) > 1 else found
+
+    # -- workers ------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        queue = self.queue
+        while True:
+            if not queue:
+                self._wake.clear()
+                self._idle += 1
+                try:
+                    self._wake.wait()
+                finally:
+                    self._idle -= 1
+                continue
+            endpoint, event = queue.popleft()
+            self._busy += 1
+            try:
+                self._deliver(endpoint, event)
+            except gevent.GreenletExit:
+                endpoint.dropped["shutdown"] += 1
+                raise
+            except Exception:
+                endpoint.failed += 1
+                log.exception("webhook_error", extra={"endpoint": endpoint.name, "event_type": event.type})
+            finally:
+                self._busy -= 1
+
+    def _deliver(self, endpoint: Endpoint, event: WebhookEvent) -> None:
+        body = event.body
+        if body is None:
+            body = event.body = json.dumps(event.envelope(self.broker_id), separators=(",", ":")).encode("utf-8")
+        retry = endpoint.settings.retry
+        breaker = endpoint.breaker
+        attempt = 0
+        while True:
+            if not breaker.allow():
+                if attempt:
+                    endpoint.failed += 1
+                else:
+                    endpoint.dropped["breaker_open"] += 1
+                return
+            attempt += 1
+            try:
+                endpoint.post(body, event.type, event.id)
+            except EndpointError as exc:
+                if breaker.failure():
+                    log.warning("webhook_breaker_open", extra={"endpoint": endpoint.name, "url": endpoint.url,
+                                                               "failures": breaker.failures,
+                                                               "reset_timeout": breaker.reset_timeout,
+                                                               "error": str(exc)})
+                if attempt >= retry.max_attempts:
+                    endpoint.failed += 1
+                    if endpoint.log_gate.allow("failed"):
+                        log.warning("webhook_failed", extra={"endpoint": endpoint.name, "url": endpoint.url,
+                                                             "event_type": event.type, "attempts": attempt,
+                                                             "error": str(exc)})
+                    return
+                endpoint.retried += 1
+                gevent.sleep(retry.pause(attempt))
+                continue
+            breaker.success()
+            endpoint.sent += 1
+            return
+
+    # -- EventSink hooks ----------------------------------------------------------------------------
+
+    def client_connected(self, client_id, username, peer, protocol_version, clean_start, keepalive,
+                         session_present, session_expiry, listener) -> None:
+        if self._by_type["client.connected"]:
+            self._emit("client.connected", {
+                "client_id": client_id, "username": username, "peer": peer,
+                "protocol_version": PROTOCOL_NAMES.get(protocol_version, str(protocol_version)),
+                "clean_start": clean_start, "keepalive": keepalive, "session_present": session_present,
+                "session_expiry": session_expiry, "listener": listener})
+
+    def client_disconnected(self, client_id, username, peer, protocol_version, reason, will_published,
+                            connected_seconds) -> None:
+        if self._by_type["client.disconnected"]:
+            self._emit("client.disconnected", {
+                "client_id": client_id, "username": username, "peer": peer,
+                "protocol_version": PROTOCOL_NAMES.get(protocol_version, str(protocol_version)),
+                "reason": reason, "will_published": will_published,
+                "connected_seconds": round(connected_seconds, 3)})
+
+    def auth_success(self, client_id, username, peer, protocol_version, method) -> None:
+        if self._by_type["auth.success"]:
+            self._emit("auth.success", {
+                "client_id": client_id, "username": username, "peer": peer,
+                "protocol_version": PROTOCOL_NAMES.get(protocol_version, str(protocol_version)), "method": method})
+
+    def auth_failure(self, client_id, username, peer, protocol_version, method, reason, reason_code) -> None:
+        if self._by_type["auth.failure"]:
+            self._emit("auth.failure", {
+                "client_id": client_id, "username": username, "peer": peer,
+                "protocol_version": PROTOCOL_NAMES.get(protocol_version, str(protocol_version)), "method": method,
+                "reason": reason, "reason_code": reason_code})
+
+    def publish_denied(self, client_id, username, peer, topic, qos, retain, reason_code) -> None:
+        if self._by_type["authz.publish_denied"]:
+            self._emit("authz.publish_denied", {
+                "client_id": client_id, "username": username, "peer": peer, "topic": topic, "qos": qos,
+                "retain": retain, "reason_code": reason_code})
+
+    def subscribe_denied(self, client_id, username, peer, filter, qos, reason_code) -> None:
+        if self._by_type["authz.subscribe_denied"]:
+            self._emit("authz.subscribe_denied", {
+                "client_id": client_id, "username": username, "peer": peer, "filter": filter, "qos": qos,
+                "reason_code": reason_code})
+
+    def session_takeover(self, client_id, username, previous_username, resumed) -> None:
+        if self._by_type["client.session_takeover"]:
+            self._emit("client.session_takeover", {
+                "client_id": client_id, "username": username, "previous_username": previous_username,
+                "session_resumed": resumed})
+
+    def subscription_created(self, client_id, username, filter, qos, requested_qos, no_local,
+                             retain_as_published, retain_handling, subscription_id, share_group, replaced) -> None:
+        if self._by_type["subscription.created"]:
+            self._emit("subscription.created", {
+                "client_id": client_id, "username": username, "filter": filter, "qos": qos,
+                "requested_qos": requested_qos, "no_local": no_local, "retain_as_published": retain_as_published,
+                "retain_handling": retain_handling, "subscription_id": subscription_id,
+                "share_group": share_group, "replaced": replaced})
+
+    def subscription_removed(self, client_id, username, filter) -> None:
+        if self._by_type["subscription.removed"]:
+            self._emit("subscription.removed", {"client_id": client_id, "username": username, "filter": filter})
+
+    def message_retained(self, message, cleared) -> None:
+        endpoints = self._message_targets("message.retained", message.topic)
+        if endpoints:
+            self._put(endpoints, WebhookEvent("message.retained", {
+                "client_id": message.origin, "topic": message.topic, "qos": message.qos,
+                "payload_size": len(message.payload), "cleared": cleared}))
+
+    def message_published(self, message, username, deliveries) -> None:
+        endpoints = self._message_targets("message.published", message.topic)
+        if endpoints:
+            self._put(endpoints, WebhookEvent("message.published", {
+                "client_id": message.origin, "username": username, "topic": message.topic, "qos": message.qos,
+                "retain": message.retain, "payload_size": len(message.payload), "deliveries": deliveries},
+                message.payload if self.settings.include_payload else None))
+
+    def message_delivered(self, message, client_id, username, qos, retain) -> None:
+        endpoints = self._message_targets("message.delivered", message.topic)
+        if endpoints:
+            self._put(endpoints, WebhookEvent("message.delivered", {
+                "client_id": client_id, "username": username, "publisher": message.origin,
+                "topic": message.topic, "qos": qos, "retain": retain, "payload_size": len(message.payload)}))
