@@ -404,7 +404,7 @@ KEYS: tuple[Key, ...] = (
     Key("webhook.defaults.retry.max_interval", Duration(), "30s", "Longest pause between attempts."),
     Key("webhook.defaults.retry.multiplier", Float(1.0), 2.0, "Each pause is the previous one times this."),
     Key("webhook.defaults.circuit_breaker.failure_threshold", Int(1), 5,
-        "Consecutive failed events that open an endpoint's breaker (its events then fail at once)."),
+        "Consecutive failed requests that open an endpoint's breaker (its events are then dropped at once, counted)."),
     Key("webhook.defaults.circuit_breaker.reset_timeout", Duration(), "60s",
         "How long a breaker stays open before one trial request (half-open) may close it."),
     Key("webhook.endpoints", ListOf(WEBHOOK_ENDPOINT), [],

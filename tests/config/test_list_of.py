@@ -1,0 +1,103 @@
+"""ListOf(Mapping(...)): a list of mappings in the strict config (webhook.endpoints), with one-line
+errors naming the item's field, the file and the field's own line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fluxmq.config import load_config
+from fluxmq.config.values import Int, ItemError, ListOf, Mapping, Str, StrMap
+from fluxmq.errors import ConfigError
+
+ENDPOINTS = """\
+webhook:
+  enabled: true
+  endpoints:
+    - name: audit
+      url: https://hooks.example.com/mqtt
+      events: [client.connected, client.disconnected]
+      headers: {X-Env: prod}
+      retry:
+        max_attempts: 5
+        initial_interval: 250ms
+      secret: abc
+    - name: all
+      url: http://127.0.0.1:9000/
+"""
+
+
+def load(tmp_path: Path, text: str, **kwargs):
+    path = tmp_path / "fluxmq.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_config(path, env=kwargs.pop("env", {}), **kwargs), path
+
+
+def error(tmp_path: Path, text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def test_endpoints_are_typed_with_defaults(tmp_path: Path) -> None:
+    cfg, _ = load(tmp_path, ENDPOINTS)
+    audit, everything = cfg.webhook.endpoints
+    assert audit["events"] == ["client.connected", "client.disconnected"]
+    assert audit["headers"] == {"X-Env": "prod"}
+    assert audit["retry"] == {"max_attempts": 5, "initial_interval": 0.25, "max_interval": None, "multiplier": None}
+    assert audit["timeout"] is None  # not set: webhook.defaults.timeout applies
+    assert everything["events"] == ["*"] and everything["topic_filters"] == [] and everything["retry"] is None
+
+
+@pytest.mark.parametrize("bad, key, line, words", [
+    ("    - name: c\n      url: ftp://x\n", "webhook.endpoints[2].url", 15, "http:// URL"),
+    ("      events: [client.bogus]\n", "webhook.endpoints[1].events", 14, "unknown event type 'client.bogus'"),
+    ("      retry: {max_attempts: 0}\n", "webhook.endpoints[1].retry.max_attempts", 14, "integer 1..100"),
+    ("      colour: red\n", "webhook.endpoints[1].colour", 14, "unknown field"),
+    ("      headers: {X-A: 1}\n", "webhook.endpoints[1].headers.X-A", 14, "string names and values"),
+])
+def test_an_item_error_names_the_field_file_and_line(tmp_path: Path, bad: str, key: str, line: int,
+                                                     words: str) -> None:
+    err = error(tmp_path, ENDPOINTS + bad)
+    assert err.key == key
+    assert err.line == line
+    assert words in str(err)
+    assert f"fluxmq.yaml:{line}" in str(err)
+
+
+def test_a_missing_required_field_is_named(tmp_path: Path) -> None:
+    err = error(tmp_path, "webhook:\n  endpoints:\n    - name: x\n")
+    assert err.key == "webhook.endpoints[0]" and "missing required field 'url'" in str(err)
+    assert err.line == 3
+
+
+def test_an_item_that_is_not_a_mapping(tmp_path: Path) -> None:
+    err = error(tmp_path, "webhook:\n  endpoints:\n    - http://x\n")
+    assert err.key == "webhook.endpoints[0]" and err.line == 3 and "got 'http://x'" in str(err)
+
+
+def test_endpoints_from_the_environment_as_json() -> None:
+    cfg = load_config(env={"FLUXMQ_WEBHOOK_ENDPOINTS": '[{"name": "a", "url": "http://127.0.0.1:1/"}]'})
+    assert cfg.webhook.endpoints[0]["name"] == "a"
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"FLUXMQ_WEBHOOK_ENDPOINTS": '[{"name": "a"}]'})
+    assert info.value.key == "webhook.endpoints[0]" and "env FLUXMQ_WEBHOOK_ENDPOINTS" in str(info.value)
+
+
+def test_secrets_in_items_are_redacted(tmp_path: Path) -> None:
+    cfg, _ = load(tmp_path, ENDPOINTS)
+    shown = cfg.to_dict(redact_secrets=True)["webhook"]["endpoints"]
+    assert shown[0]["secret"] == "<secret>" and shown[1]["secret"] == ""
+    assert cfg.webhook.endpoints[0]["secret"] == "abc"  # only the printout is redacted
+
+
+def test_generic_types_without_a_file() -> None:
+    kind = ListOf(Mapping({"n": (Int(0), 1), "s": (Str(), None), "m": (StrMap(), {})}, required=("s",)))
+    assert kind.from_yaml([{"s": "x"}]) == [{"s": "x", "n": 1, "m": {}}]
+    with pytest.raises(ItemError) as info:
+        kind.from_yaml([{"s": "x"}, {"s": "y", "n": -1}])
+    assert info.value.path == "[1].n"
+    with pytest.raises(ValueError):
+        kind.from_yaml({"s": "x"})  # not a list
