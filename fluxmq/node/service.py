@@ -258,9 +258,11 @@ class BrokerService:
         self.flusher = flusher = FlushScheduler(storage)
         load_and_restore(storage, self.broker)
         if hooks is not None:  # after restore: wills published at a restart are not client events
-            self.webhooks = WebhookDispatcher(hooks, self.broker.settings.node_id)
-            self.webhooks.start()
-            self.broker.set_events(self.webhooks)
+            self.webhooks = webhooks = WebhookDispatcher(hooks, self.broker.settings.node_id)
+            broker = self.broker
+            webhooks.on_wants_changed = lambda: broker.set_events(webhooks if webhooks.accepting else None)
+            webhooks.start()
+            broker.set_events(webhooks)
         if storage.durable:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()

@@ -17,10 +17,11 @@ it is open that endpoint's events are dropped at once (counted) instead of holdi
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
 from collections import deque
 from datetime import UTC, datetime
 
@@ -31,7 +32,7 @@ from fluxmq._core.trie import SubscriptionTrie
 from fluxmq.broker.events import EventSink
 from fluxmq.config.schema import WEBHOOK_EVENTS
 
-from .endpoint import Endpoint, EndpointError
+from .endpoint import OPEN, Endpoint, EndpointError
 from .settings import MESSAGE_EVENTS, WebhookSettings
 
 log = logging.getLogger("fluxmq.webhook")
@@ -39,18 +40,29 @@ log = logging.getLogger("fluxmq.webhook")
 PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 
 
+# Event ids: a random per-process prefix and a counter (unique without a uuid4, whose os.urandom
+# would be a syscall per message event).
+_ID_PREFIX = os.urandom(8).hex()
+_next_seq = itertools.count(1).__next__
+
+
 class WebhookEvent:
     """One event, shared by the queue items of every endpoint that gets it."""
 
-    __slots__ = ("type", "id", "time", "data", "payload", "body")
+    __slots__ = ("type", "seq", "time", "data", "payload", "body")
 
     def __init__(self, event_type: str, data: dict, payload: bytes | None = None) -> None:
         self.type = event_type
-        self.id = uuid.uuid4().hex
+        self.seq = _next_seq()
         self.time = time.time()
         self.data = data
         self.payload = payload  # message.published with include_payload: base64 in the body
         self.body: bytes | None = None
+
+    @property
+    def id(self) -> str:
+        """32 hex digits, unique per event."""
+        return f"{_ID_PREFIX}{self.seq:016x}"
 
     def envelope(self, broker_id: str) -> dict:
         data = self.data
@@ -68,29 +80,60 @@ class WebhookDispatcher(EventSink):
         self.settings = settings
         self.broker_id = broker_id
         self.endpoints = [Endpoint(s, pool_size=settings.workers) for s in settings.endpoints]
-        # event type -> endpoints that want it (non-message events)
-        self._by_type: dict[str, tuple[Endpoint, ...]] = {
-            t: tuple(e for e in self.endpoints if t in e.settings.events) for t in WEBHOOK_EVENTS}
-        # message event type -> trie of the topic filters of the endpoints that want it (None: nobody)
+        self._by_type: dict[str, tuple[Endpoint, ...]] = {}
         self._tries: dict[str, SubscriptionTrie | None] = {}
-        for t in MESSAGE_EVENTS:
-            wanting = self._by_type[t]
-            if not wanting:
-                self._tries[t] = None
-                continue
-            trie = SubscriptionTrie()
-            for endpoint in wanting:
-                for f in endpoint.settings.topic_filters:
-                    trie.add(f, endpoint.name, endpoint)
-            self._tries[t] = trie
-        self.wants_published = self._tries["message.published"] is not None
-        self.wants_delivered = self._tries["message.delivered"] is not None
+        # Called when wants_published / wants_delivered change (an endpoint's breaker opened or its
+        # pause ended): the node re-installs the sink so the broker's per-message slots follow.
+        self.on_wants_changed = None
+        self._reopen_timers: dict[str, gevent.Greenlet] = {}
+        self._route_events()
         self.queue: deque[tuple[Endpoint, WebhookEvent]] = deque()
         self.accepting = False
         self._wake = Event()
         self._idle = 0
         self._busy = 0
         self._workers: list[gevent.Greenlet] = []
+
+    def _route_events(self) -> None:
+        """Which endpoints get which events, from the endpoints whose breaker is not open: an open
+        one gets nothing (no event is even built for it), so a dead endpoint costs the broker
+        nothing once its breaker opened."""
+        live = [e for e in self.endpoints if e.breaker.state != OPEN]
+        # event type -> endpoints that want it (non-message events)
+        self._by_type = {t: tuple(e for e in live if t in e.settings.events) for t in WEBHOOK_EVENTS}
+        # message event type -> trie of the topic filters of the endpoints that want it (None: nobody)
+        tries: dict[str, SubscriptionTrie | None] = {}
+        for t in MESSAGE_EVENTS:
+            wanting = self._by_type[t]
+            if not wanting:
+                tries[t] = None
+                continue
+            trie = SubscriptionTrie()
+            for endpoint in wanting:
+                for f in endpoint.settings.topic_filters:
+                    trie.add(f, endpoint.name, endpoint)
+            tries[t] = trie
+        self._tries = tries
+        wants = (tries["message.published"] is not None, tries["message.delivered"] is not None)
+        changed = wants != (getattr(self, "wants_published", None), getattr(self, "wants_delivered", None))
+        self.wants_published, self.wants_delivered = wants
+        if changed and self.on_wants_changed is not None:
+            self.on_wants_changed()
+
+    def _breaker_opened(self, endpoint: Endpoint) -> None:
+        self._route_events()
+        old = self._reopen_timers.pop(endpoint.name, None)
+        if old is not None:
+            old.kill(block=False)
+        self._reopen_timers[endpoint.name] = gevent.spawn_later(endpoint.breaker.reset_timeout,
+                                                                 self._breaker_pause_over, endpoint)
+
+    def _breaker_pause_over(self, endpoint: Endpoint) -> None:
+        """The endpoint gets events again; the first one is the half-open trial."""
+        self._reopen_timers.pop(endpoint.name, None)
+        if self.accepting:
+            endpoint.breaker.half_open()
+            self._route_events()
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -114,6 +157,8 @@ class WebhookDispatcher(EventSink):
         self.queue.clear()
         gevent.killall(self._workers, block=True, timeout=1.0)  # an in-flight item counts itself as dropped
         self._workers = []
+        gevent.killall(list(self._reopen_timers.values()), block=False)
+        self._reopen_timers.clear()
         for endpoint in self.endpoints:
             endpoint.close()
         log.info("webhook_stopped", extra={"dropped": left, "sent": sum(e.sent for e in self.endpoints)})
@@ -142,7 +187,8 @@ class WebhookDispatcher(EventSink):
             self._wake.set()  # wakes waiting workers from the hub; no switch here
 
     def _log_drop(self, endpoint: Endpoint) -> None:
-        if endpoint.log_gate.allow("queue_full"):
+        # Drops come in floods: look at the once-a-minute gate only every 1,000th.
+        if endpoint.dropped["queue_full"] % 1000 == 1 and endpoint.log_gate.allow("queue_full"):
             log.warning("webhook_queue_full", extra={"endpoint": endpoint.name, "queue_size": self.settings.queue_size,
                                                      "dropped": endpoint.dropped["queue_full"],
                                                      "policy": self.settings.drop_policy})
@@ -188,12 +234,10 @@ class WebhookDispatcher(EventSink):
                 self._busy -= 1
 
     def _deliver(self, endpoint: Endpoint, event: WebhookEvent) -> None:
-        body = event.body
-        if body is None:
-            body = event.body = json.dumps(event.envelope(self.broker_id), separators=(",", ":")).encode("utf-8")
         retry = endpoint.settings.retry
         breaker = endpoint.breaker
         attempt = 0
+        body = None
         while True:
             if not breaker.allow():
                 if attempt:
@@ -201,11 +245,17 @@ class WebhookDispatcher(EventSink):
                 else:
                     endpoint.dropped["breaker_open"] += 1
                 return
+            if body is None:  # made once per event, and only for an endpoint that will be asked
+                body = event.body
+                if body is None:
+                    body = event.body = json.dumps(event.envelope(self.broker_id),
+                                                   separators=(",", ":")).encode("utf-8")
             attempt += 1
             try:
                 endpoint.post(body, event.type, event.id)
             except EndpointError as exc:
                 if breaker.failure():
+                    self._breaker_opened(endpoint)
                     log.warning("webhook_breaker_open", extra={"endpoint": endpoint.name, "url": endpoint.url,
                                                                "failures": breaker.failures,
                                                                "reset_timeout": breaker.reset_timeout,

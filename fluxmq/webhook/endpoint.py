@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import http.client
 import logging
+import socket
 import time
 import urllib.parse
 
@@ -54,6 +55,12 @@ class CircuitBreaker:
         """The state as a gauge value: 0 closed, 1 half-open, 2 open."""
         return BREAKER_STATES.index(self.state)
 
+    def half_open(self) -> None:
+        """The open breaker's pause is over: the next ``allow`` lets the trial request go."""
+        if self.state == OPEN:
+            self.state = HALF_OPEN
+            self._trial = False
+
     def allow(self, now: float | None = None) -> bool:
         """May a request go now? (In half-open state only one at a time.)"""
         if self.state == CLOSED:
@@ -88,16 +95,23 @@ class CircuitBreaker:
         return False
 
 
+def _connect(host: str, port: int, timeout: float) -> gevent.socket.socket:
+    sock = gevent.socket.create_connection((host, port), timeout)
+    # A request is one write; without this, Nagle holds a second segment for the peer's delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class _GeventHTTPConnection(http.client.HTTPConnection):
     """http.client on gevent sockets, so a request yields to the hub with or without monkey patching."""
 
     def connect(self) -> None:
-        self.sock = gevent.socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = _connect(self.host, self.port, self.timeout)
 
 
 class _GeventHTTPSConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
-        sock = gevent.socket.create_connection((self.host, self.port), self.timeout)
+        sock = _connect(self.host, self.port, self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 

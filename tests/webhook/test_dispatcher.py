@@ -115,9 +115,10 @@ def test_breaker_opens_then_closes_after_a_good_trial(receiver: GeventReceiver) 
         connected(d, "c2")
         wait_for(lambda: ep.failed == 2)
         assert ep.breaker.state == OPEN and ep.breaker.opened == 1
-        # While open, events are dropped at once: no request reaches the endpoint.
+        # While open, the endpoint gets no events at all: nothing is queued, no request is made.
         connected(d, "c3")
-        wait_for(lambda: ep.dropped["breaker_open"] == 1)
+        assert not d.queue
+        gevent.sleep(0.05)
         assert len(receiver.requests) == 2
         # After reset_timeout one trial goes; it succeeds and closes the breaker.
         receiver.statuses = [200]
@@ -128,6 +129,30 @@ def test_breaker_opens_then_closes_after_a_good_trial(receiver: GeventReceiver) 
         assert receiver.events()[-1]["data"]["client_id"] == "c4"
         connected(d, "c5")
         wait_for(lambda: ep.sent == 2)
+    finally:
+        d.stop(1.0)
+
+
+def test_an_open_breaker_turns_the_per_message_hooks_off(receiver: GeventReceiver) -> None:
+    """A dead endpoint that wanted message events costs the broker nothing once its breaker is open:
+    the broker's per-message slots go back to None, and come back after reset_timeout."""
+    receiver.statuses = [500]
+    broker = Broker()
+    d = dispatcher(receiver.url, workers=1, endpoint={
+        "events": frozenset({"message.published", "message.delivered"}), "failure_threshold": 1,
+        "reset_timeout": 0.3})
+    d.on_wants_changed = lambda: broker.set_events(d)
+    broker.set_events(d)
+    try:
+        assert broker._on_published is not None and broker._on_delivered is not None
+        broker.publish(Message("t", b"x"))
+        wait_for(lambda: d.endpoints[0].breaker.state == OPEN)
+        assert broker._on_published is None and broker._on_delivered is None
+        receiver.statuses = [200]
+        wait_for(lambda: broker._on_published is not None)  # the pause is over: half-open
+        broker.publish(Message("t", b"y"))
+        wait_for(lambda: d.endpoints[0].sent == 1)
+        assert d.endpoints[0].breaker.state == CLOSED
     finally:
         d.stop(1.0)
 

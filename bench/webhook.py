@@ -1,0 +1,142 @@
+"""Publish throughput with webhooks: none, an endpoint that wants only connection events, and dead
+endpoints that want every event (message.published and message.delivered included).
+
+The promise measured: webhooks never slow the broker down, even when their endpoint is dead. Each
+scenario starts a fresh fluxmq node (pinned to CPU 1), runs ``bench.loadgen`` QoS 0 1 -> 1 against
+it (pinned to CPU 0, bounded by count and time), reads the node's webhook counters from /metrics,
+and stops it. Scenarios alternate run by run so machine noise hits them alike; the table shows the
+median per scenario.
+
+Dead endpoints:
+- ``refused``: nothing listens on the port (every attempt fails at once; the breaker opens).
+- ``silent``: a socket that accepts connections (kernel backlog) and never answers, so every
+  attempt waits for the endpoint's timeout: the workers are all stuck and the queue overflows.
+
+Usage (from the repository root)::
+
+    .venv/bin/python -m bench.webhook                 # 3 runs per scenario (~2-3 minutes)
+    .venv/bin/python -m bench.webhook --runs 1 --count 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+if __package__ in (None, ""):  # run as a script: python bench/webhook.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"  # noqa: A001
+
+from bench.brokers import FluxmqNode, free_port  # noqa: E402
+from bench.loadgen import parse_result_line  # noqa: E402
+
+
+def endpoint_set(url: str, events: list[str]) -> list[str]:
+    endpoint = {"name": "rx", "url": url, "events": events, "timeout": "2s"}
+    return ["webhook.enabled=true", f"webhook.endpoints={json.dumps([endpoint])}"]
+
+
+def scenarios(refused_url: str, silent_url: str) -> dict[str, list[str]]:
+    return {
+        "no webhooks": [],
+        "endpoint wants client.* only": endpoint_set(silent_url, ["client.connected", "client.disconnected"]),
+        "dead endpoint (refused), every event": endpoint_set(refused_url, ["*"]),
+        "dead endpoint (silent), every event": endpoint_set(silent_url, ["*"]),
+    }
+
+
+def webhook_counters(node: FluxmqNode) -> dict[str, float]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.health_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("fluxmq_webhook_") and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def run_one(sets: list[str], args: argparse.Namespace) -> tuple[float, float, dict[str, float]]:
+    """(deliveries/s, deliveries per second of broker CPU, webhook counters)."""
+    node = FluxmqNode(cpus=args.broker_cpus or None, sets=sets)
+    try:
+        node.start()
+        pin = ["taskset", "-c", args.gen_cpus] if args.gen_cpus and shutil.which("taskset") else []
+        cmd = pin + [sys.executable, "-m", "bench.loadgen", "--mode", "throughput", "--pubs", "1", "--subs", "1",
+                     "--qos", "0", "--count", str(args.count), "--duration", str(args.duration),
+                     "--timeout", str(args.duration + 30), "--port", str(node.port), "--procs", "1",
+                     "--pid", str(node.pid)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+        if line is None:
+            raise RuntimeError(f"loadgen gave no RESULT: {out.stderr[-2000:]}")
+        result = parse_result_line(line)
+        rate = float(result["rate"])
+        cpu = float(result.get("broker_cpu", "-1%").rstrip("%")) / 100
+        return rate, rate / cpu if cpu > 0 else 0.0, webhook_counters(node)
+    finally:
+        node.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.webhook", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--count", type=int, default=300_000, help="messages per run")
+    p.add_argument("--duration", type=float, default=15.0, help="max seconds of publishing per run")
+    p.add_argument("--broker-cpus", default="1")
+    p.add_argument("--gen-cpus", default="0")
+    args = p.parse_args(argv)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4096)  # never accepted: connections sit in the backlog, requests get no answer
+    try:
+        table = scenarios(f"http://127.0.0.1:{free_port()}/hook", f"http://127.0.0.1:{silent.getsockname()[1]}/hook")
+        rates: dict[str, list[float]] = {name: [] for name in table}
+        per_cpu: dict[str, list[float]] = {name: [] for name in table}
+        counters: dict[str, dict[str, float]] = {}
+        for run in range(args.runs):
+            for name, sets in table.items():
+                rate, rate_cpu, seen = run_one(sets, args)
+                rates[name].append(rate)
+                per_cpu[name].append(rate_cpu)
+                counters[name] = seen
+                print(f"run {run + 1}: {name}: {rate:,.0f} deliveries/s", file=sys.stderr)
+    finally:
+        silent.close()
+    base = statistics.median(rates["no webhooks"])
+    base_cpu = statistics.median(per_cpu["no webhooks"])
+    print(f"\nQoS 0, 1 publisher -> 1 subscriber, {args.count:,} messages, median of {args.runs} "
+          f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
+    print("| scenario | deliveries/s (median) | vs none | per broker CPU-s (median) | vs none | runs (deliveries/s) "
+          "| webhook counters at the end (last run) |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for name, values in rates.items():
+        med = statistics.median(values)
+        seen = counters.get(name, {})
+        shown = ", ".join(f"{k.split('{')[0].removeprefix('fluxmq_webhook_')}"
+                          f"{'[' + k.split('reason=')[1].rstrip('}').strip(chr(34)) + ']' if 'reason=' in k else ''}"
+                          f"={v:,.0f}" for k, v in seen.items()
+                          if v and "created" not in k and "breaker_state" not in k) or "-"
+        state = next((v for k, v in seen.items() if "breaker_state" in k), None)
+        if state is not None:
+            shown += f", breaker={('closed', 'half-open', 'open')[int(state)]}"
+        med_cpu = statistics.median(per_cpu[name])
+        print(f"| {name} | {med:,.0f} | {med / base:.2f}x | {med_cpu:,.0f} | {med_cpu / base_cpu:.2f}x "
+              f"| {', '.join(f'{v:,.0f}' for v in values)} | {shown} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
