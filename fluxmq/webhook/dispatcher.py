@@ -44,33 +44,42 @@ PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 # would be a syscall per message event).
 _ID_PREFIX = os.urandom(8).hex()
 _next_seq = itertools.count(1).__next__
+_now = time.time
+
+
+def event_id(seq: int) -> str:
+    """32 hex digits, unique per event."""
+    return f"{_ID_PREFIX}{seq:016x}"
 
 
 class WebhookEvent:
-    """One event, shared by the queue items of every endpoint that gets it."""
+    """One event as a worker sends it. The hooks queue only ``(endpoint, type, seq, time, make_data,
+    args)`` tuples; the data dict is made from ``args`` by ``make_data`` on the worker, so producing an
+    event costs the broker one tuple per endpoint."""
 
-    __slots__ = ("type", "seq", "time", "data", "payload", "body")
+    __slots__ = ("type", "seq", "time", "data")
 
-    def __init__(self, event_type: str, data: dict, payload: bytes | None = None) -> None:
+    def __init__(self, event_type: str, seq: int, at: float, data: dict) -> None:
         self.type = event_type
-        self.seq = _next_seq()
-        self.time = time.time()
+        self.seq = seq
+        self.time = at
         self.data = data
-        self.payload = payload  # message.published with include_payload: base64 in the body
-        self.body: bytes | None = None
 
     @property
     def id(self) -> str:
-        """32 hex digits, unique per event."""
-        return f"{_ID_PREFIX}{self.seq:016x}"
+        return event_id(self.seq)
 
     def envelope(self, broker_id: str) -> dict:
-        data = self.data
-        if self.payload is not None:
-            data = {**data, "payload": base64.b64encode(self.payload).decode("ascii")}
         stamp = datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return {"event_type": self.type, "event_id": self.id, "timestamp": stamp, "broker_id": broker_id,
-                "data": data}
+                "data": self.data}
+
+    def body(self, broker_id: str) -> bytes:
+        return json.dumps(self.envelope(broker_id), separators=(",", ":")).encode("utf-8")
+
+
+def _version(protocol_version: int) -> str:
+    return PROTOCOL_NAMES.get(protocol_version, str(protocol_version))
 
 
 class WebhookDispatcher(EventSink):
@@ -87,7 +96,9 @@ class WebhookDispatcher(EventSink):
         self.on_wants_changed = None
         self._reopen_timers: dict[str, gevent.Greenlet] = {}
         self._route_events()
-        self.queue: deque[tuple[Endpoint, WebhookEvent]] = deque()
+        self.queue: deque[tuple] = deque()  # (endpoint, type, seq, time, make_data, args)
+        self._queue_size = settings.queue_size
+        self._drop_newest = settings.drop_policy == "newest"
         self.accepting = False
         self._wake = Event()
         self._idle = 0
@@ -152,8 +163,8 @@ class WebhookDispatcher(EventSink):
         while (self.queue or self._busy) and time.monotonic() < deadline:
             gevent.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
         left = len(self.queue) + self._busy
-        for endpoint, _event in self.queue:
-            endpoint.dropped["shutdown"] += 1
+        for item in self.queue:
+            item[0].shutdown_drops += 1
         self.queue.clear()
         gevent.killall(self._workers, block=True, timeout=1.0)  # an in-flight item counts itself as dropped
         self._workers = []
@@ -170,42 +181,36 @@ class WebhookDispatcher(EventSink):
 
     # -- queue --------------------------------------------------------------------------------------
 
-    def _put(self, endpoints, event: WebhookEvent) -> None:
+    def _put(self, endpoints, event_type: str, make_data, args: tuple) -> None:
+        """Queue one event for ``endpoints`` (never blocks; a full queue drops by policy, counted)."""
         queue = self.queue
-        size = self.settings.queue_size
+        seq = _next_seq()
+        at = _now()
         for endpoint in endpoints:
-            if len(queue) >= size:
-                if self.settings.drop_policy == "newest":
-                    endpoint.dropped["queue_full"] += 1
-                    self._log_drop(endpoint)
+            if len(queue) >= self._queue_size:
+                if self._drop_newest:
+                    endpoint.full_drops += 1
+                    if endpoint.full_drops % 1000 == 1:  # drops come in floods: log the 1st, 1001st...
+                        self._log_drop(endpoint)
                     continue
-                old_endpoint, _old = queue.popleft()
-                old_endpoint.dropped["queue_full"] += 1
-                self._log_drop(old_endpoint)
-            queue.append((endpoint, event))
+                old = queue.popleft()[0]
+                old.full_drops += 1
+                if old.full_drops % 1000 == 1:
+                    self._log_drop(old)
+            queue.append((endpoint, event_type, seq, at, make_data, args))
         if self._idle:
             self._wake.set()  # wakes waiting workers from the hub; no switch here
 
     def _log_drop(self, endpoint: Endpoint) -> None:
-        # Drops come in floods: look at the once-a-minute gate only every 1,000th.
-        if endpoint.dropped["queue_full"] % 1000 == 1 and endpoint.log_gate.allow("queue_full"):
-            log.warning("webhook_queue_full", extra={"endpoint": endpoint.name, "queue_size": self.settings.queue_size,
-                                                     "dropped": endpoint.dropped["queue_full"],
+        if endpoint.log_gate.allow("queue_full"):
+            log.warning("webhook_queue_full", extra={"endpoint": endpoint.name, "queue_size": self._queue_size,
+                                                     "dropped": endpoint.full_drops,
                                                      "policy": self.settings.drop_policy})
 
-    def _emit(self, event_type: str, data: dict) -> None:
-        if not self.accepting:
-            return
-        endpoints = self._by_type[event_type]
-        if endpoints:
-            self._put(endpoints, WebhookEvent(event_type, data))
-
-    def _message_targets(self, event_type: str, topic: str) -> list:
-        trie = self._tries[event_type]
-        if trie is None or not self.accepting:
-            return []
-        found = trie.match(topic).subscribers
-        return list(dict.fromkeys(found)) if len(found) > 1 else found
+    def pending(self) -> list[tuple[str, WebhookEvent]]:
+        """What waits in the queue: (endpoint name, event) pairs, oldest first (for tests and debugging)."""
+        return [(endpoint.name, WebhookEvent(event_type, seq, at, make_data(*args)))
+                for endpoint, event_type, seq, at, make_data, args in self.queue]
 
     # -- workers ------------------------------------------------------------------------------------
 
@@ -220,20 +225,20 @@ class WebhookDispatcher(EventSink):
                 finally:
                     self._idle -= 1
                 continue
-            endpoint, event = queue.popleft()
+            endpoint, event_type, seq, at, make_data, args = queue.popleft()
             self._busy += 1
             try:
-                self._deliver(endpoint, event)
+                self._deliver(endpoint, event_type, seq, at, make_data, args)
             except gevent.GreenletExit:
-                endpoint.dropped["shutdown"] += 1
+                endpoint.shutdown_drops += 1
                 raise
             except Exception:
                 endpoint.failed += 1
-                log.exception("webhook_error", extra={"endpoint": endpoint.name, "event_type": event.type})
+                log.exception("webhook_error", extra={"endpoint": endpoint.name, "event_type": event_type})
             finally:
                 self._busy -= 1
 
-    def _deliver(self, endpoint: Endpoint, event: WebhookEvent) -> None:
+    def _deliver(self, endpoint: Endpoint, event_type: str, seq: int, at: float, make_data, args: tuple) -> None:
         retry = endpoint.settings.retry
         breaker = endpoint.breaker
         attempt = 0
@@ -243,16 +248,13 @@ class WebhookDispatcher(EventSink):
                 if attempt:
                     endpoint.failed += 1
                 else:
-                    endpoint.dropped["breaker_open"] += 1
+                    endpoint.breaker_drops += 1
                 return
-            if body is None:  # made once per event, and only for an endpoint that will be asked
-                body = event.body
-                if body is None:
-                    body = event.body = json.dumps(event.envelope(self.broker_id),
-                                                   separators=(",", ":")).encode("utf-8")
+            if body is None:  # made only for an endpoint that will be asked
+                body = WebhookEvent(event_type, seq, at, make_data(*args)).body(self.broker_id)
             attempt += 1
             try:
-                endpoint.post(body, event.type, event.id)
+                endpoint.post(body, event_type, event_id(seq))
             except EndpointError as exc:
                 if breaker.failure():
                     self._breaker_opened(endpoint)
@@ -264,7 +266,7 @@ class WebhookDispatcher(EventSink):
                     endpoint.failed += 1
                     if endpoint.log_gate.allow("failed"):
                         log.warning("webhook_failed", extra={"endpoint": endpoint.name, "url": endpoint.url,
-                                                             "event_type": event.type, "attempts": attempt,
+                                                             "event_type": event_type, "attempts": attempt,
                                                              "error": str(exc)})
                     return
                 endpoint.retried += 1
@@ -274,88 +276,128 @@ class WebhookDispatcher(EventSink):
             endpoint.sent += 1
             return
 
-    # -- EventSink hooks ----------------------------------------------------------------------------
+    # -- EventSink hooks: pick the endpoints, queue the arguments --------------------------------------
 
-    def client_connected(self, client_id, username, peer, protocol_version, clean_start, keepalive,
-                         session_present, session_expiry, listener) -> None:
-        if self._by_type["client.connected"]:
-            self._emit("client.connected", {
-                "client_id": client_id, "username": username, "peer": peer,
-                "protocol_version": PROTOCOL_NAMES.get(protocol_version, str(protocol_version)),
-                "clean_start": clean_start, "keepalive": keepalive, "session_present": session_present,
-                "session_expiry": session_expiry, "listener": listener})
+    def _emit(self, event_type: str, make_data, args: tuple) -> None:
+        endpoints = self._by_type[event_type]
+        if endpoints and self.accepting:
+            self._put(endpoints, event_type, make_data, args)
 
-    def client_disconnected(self, client_id, username, peer, protocol_version, reason, will_published,
-                            connected_seconds) -> None:
-        if self._by_type["client.disconnected"]:
-            self._emit("client.disconnected", {
-                "client_id": client_id, "username": username, "peer": peer,
-                "protocol_version": PROTOCOL_NAMES.get(protocol_version, str(protocol_version)),
-                "reason": reason, "will_published": will_published,
-                "connected_seconds": round(connected_seconds, 3)})
+    def _emit_message(self, event_type: str, topic: str, make_data, args: tuple) -> None:
+        trie = self._tries[event_type]
+        if trie is None or not self.accepting:
+            return
+        found = trie.match(topic).subscribers
+        if found:
+            self._put(dict.fromkeys(found) if len(found) > 1 else found, event_type, make_data, args)
 
-    def auth_success(self, client_id, username, peer, protocol_version, method) -> None:
-        if self._by_type["auth.success"]:
-            self._emit("auth.success", {
-                "client_id": client_id, "username": username, "peer": peer,
-                "protocol_version": PROTOCOL_NAMES.get(protocol_version, str(protocol_version)), "method": method})
+    def client_connected(self, *args) -> None:
+        self._emit("client.connected", _connected_data, args)
 
-    def auth_failure(self, client_id, username, peer, protocol_version, method, reason, reason_code) -> None:
-        if self._by_type["auth.failure"]:
-            self._emit("auth.failure", {
-                "client_id": client_id, "username": username, "peer": peer,
-                "protocol_version": PROTOCOL_NAMES.get(protocol_version, str(protocol_version)), "method": method,
-                "reason": reason, "reason_code": reason_code})
+    def client_disconnected(self, *args) -> None:
+        self._emit("client.disconnected", _disconnected_data, args)
 
-    def publish_denied(self, client_id, username, peer, topic, qos, retain, reason_code) -> None:
-        if self._by_type["authz.publish_denied"]:
-            self._emit("authz.publish_denied", {
-                "client_id": client_id, "username": username, "peer": peer, "topic": topic, "qos": qos,
-                "retain": retain, "reason_code": reason_code})
+    def auth_success(self, *args) -> None:
+        self._emit("auth.success", _auth_success_data, args)
 
-    def subscribe_denied(self, client_id, username, peer, filter, qos, reason_code) -> None:
-        if self._by_type["authz.subscribe_denied"]:
-            self._emit("authz.subscribe_denied", {
-                "client_id": client_id, "username": username, "peer": peer, "filter": filter, "qos": qos,
-                "reason_code": reason_code})
+    def auth_failure(self, *args) -> None:
+        self._emit("auth.failure", _auth_failure_data, args)
 
-    def session_takeover(self, client_id, username, previous_username, resumed) -> None:
-        if self._by_type["client.session_takeover"]:
-            self._emit("client.session_takeover", {
-                "client_id": client_id, "username": username, "previous_username": previous_username,
-                "session_resumed": resumed})
+    def publish_denied(self, *args) -> None:
+        self._emit("authz.publish_denied", _publish_denied_data, args)
 
-    def subscription_created(self, client_id, username, filter, qos, requested_qos, no_local,
-                             retain_as_published, retain_handling, subscription_id, share_group, replaced) -> None:
-        if self._by_type["subscription.created"]:
-            self._emit("subscription.created", {
-                "client_id": client_id, "username": username, "filter": filter, "qos": qos,
-                "requested_qos": requested_qos, "no_local": no_local, "retain_as_published": retain_as_published,
-                "retain_handling": retain_handling, "subscription_id": subscription_id,
-                "share_group": share_group, "replaced": replaced})
+    def subscribe_denied(self, *args) -> None:
+        self._emit("authz.subscribe_denied", _subscribe_denied_data, args)
 
-    def subscription_removed(self, client_id, username, filter) -> None:
-        if self._by_type["subscription.removed"]:
-            self._emit("subscription.removed", {"client_id": client_id, "username": username, "filter": filter})
+    def session_takeover(self, *args) -> None:
+        self._emit("client.session_takeover", _takeover_data, args)
+
+    def subscription_created(self, *args) -> None:
+        self._emit("subscription.created", _subscription_created_data, args)
+
+    def subscription_removed(self, *args) -> None:
+        self._emit("subscription.removed", _subscription_removed_data, args)
 
     def message_retained(self, message, cleared) -> None:
-        endpoints = self._message_targets("message.retained", message.topic)
-        if endpoints:
-            self._put(endpoints, WebhookEvent("message.retained", {
-                "client_id": message.origin, "topic": message.topic, "qos": message.qos,
-                "payload_size": len(message.payload), "cleared": cleared}))
+        self._emit_message("message.retained", message.topic, _retained_data, (message, cleared))
 
     def message_published(self, message, username, deliveries) -> None:
-        endpoints = self._message_targets("message.published", message.topic)
-        if endpoints:
-            self._put(endpoints, WebhookEvent("message.published", {
-                "client_id": message.origin, "username": username, "topic": message.topic, "qos": message.qos,
-                "retain": message.retain, "payload_size": len(message.payload), "deliveries": deliveries},
-                message.payload if self.settings.include_payload else None))
+        self._emit_message("message.published", message.topic,
+                           _published_with_payload if self.settings.include_payload else _published_data,
+                           (message, username, deliveries))
 
     def message_delivered(self, message, client_id, username, qos, retain) -> None:
-        endpoints = self._message_targets("message.delivered", message.topic)
-        if endpoints:
-            self._put(endpoints, WebhookEvent("message.delivered", {
-                "client_id": client_id, "username": username, "publisher": message.origin,
-                "topic": message.topic, "qos": qos, "retain": retain, "payload_size": len(message.payload)}))
+        self._emit_message("message.delivered", message.topic, _delivered_data,
+                           (message, client_id, username, qos, retain))
+
+
+# -- event data (made on a worker from the arguments the hook queued; docs/webhooks.rst) -------------
+
+def _connected_data(client_id, username, peer, protocol_version, clean_start, keepalive, session_present,
+                    session_expiry, listener) -> dict:
+    return {"client_id": client_id, "username": username, "peer": peer, "protocol_version": _version(protocol_version),
+            "clean_start": clean_start, "keepalive": keepalive, "session_present": session_present,
+            "session_expiry": session_expiry, "listener": listener}
+
+
+def _disconnected_data(client_id, username, peer, protocol_version, reason, will_published, connected_seconds) -> dict:
+    return {"client_id": client_id, "username": username, "peer": peer, "protocol_version": _version(protocol_version),
+            "reason": reason, "will_published": will_published, "connected_seconds": round(connected_seconds, 3)}
+
+
+def _auth_success_data(client_id, username, peer, protocol_version, method) -> dict:
+    return {"client_id": client_id, "username": username, "peer": peer, "protocol_version": _version(protocol_version),
+            "method": method}
+
+
+def _auth_failure_data(client_id, username, peer, protocol_version, method, reason, reason_code) -> dict:
+    return {"client_id": client_id, "username": username, "peer": peer, "protocol_version": _version(protocol_version),
+            "method": method, "reason": reason, "reason_code": reason_code}
+
+
+def _publish_denied_data(client_id, username, peer, topic, qos, retain, reason_code) -> dict:
+    return {"client_id": client_id, "username": username, "peer": peer, "topic": topic, "qos": qos, "retain": retain,
+            "reason_code": reason_code}
+
+
+def _subscribe_denied_data(client_id, username, peer, filter, qos, reason_code) -> dict:
+    return {"client_id": client_id, "username": username, "peer": peer, "filter": filter, "qos": qos,
+            "reason_code": reason_code}
+
+
+def _takeover_data(client_id, username, previous_username, resumed) -> dict:
+    return {"client_id": client_id, "username": username, "previous_username": previous_username,
+            "session_resumed": resumed}
+
+
+def _subscription_created_data(client_id, username, filter, qos, requested_qos, no_local, retain_as_published,
+                               retain_handling, subscription_id, share_group, replaced) -> dict:
+    return {"client_id": client_id, "username": username, "filter": filter, "qos": qos,
+            "requested_qos": requested_qos, "no_local": no_local, "retain_as_published": retain_as_published,
+            "retain_handling": retain_handling, "subscription_id": subscription_id, "share_group": share_group,
+            "replaced": replaced}
+
+
+def _subscription_removed_data(client_id, username, filter) -> dict:
+    return {"client_id": client_id, "username": username, "filter": filter}
+
+
+def _retained_data(message, cleared) -> dict:
+    return {"client_id": message.origin, "topic": message.topic, "qos": message.qos,
+            "payload_size": len(message.payload), "cleared": cleared}
+
+
+def _published_data(message, username, deliveries) -> dict:
+    return {"client_id": message.origin, "username": username, "topic": message.topic, "qos": message.qos,
+            "retain": message.retain, "payload_size": len(message.payload), "deliveries": deliveries}
+
+
+def _published_with_payload(message, username, deliveries) -> dict:
+    data = _published_data(message, username, deliveries)
+    data["payload"] = base64.b64encode(message.payload).decode("ascii")
+    return data
+
+
+def _delivered_data(message, client_id, username, qos, retain) -> dict:
+    return {"client_id": client_id, "username": username, "publisher": message.origin, "topic": message.topic,
+            "qos": qos, "retain": retain, "payload_size": len(message.payload)}

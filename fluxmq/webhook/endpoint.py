@@ -143,7 +143,14 @@ class Endpoint:
         self.sent = 0  # events the endpoint accepted (2xx)
         self.failed = 0  # events given up after their last attempt
         self.retried = 0  # attempts after the first
-        self.dropped: dict[str, int] = {"queue_full": 0, "breaker_open": 0, "shutdown": 0}
+        self.full_drops = 0  # events dropped unsent because the queue was full
+        self.breaker_drops = 0  # queued events dropped because the breaker was open when their turn came
+        self.shutdown_drops = 0  # events still queued or in flight when the stop's drain time ran out
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Events dropped unsent, by reason (the ``reason`` label on /metrics)."""
+        return {"queue_full": self.full_drops, "breaker_open": self.breaker_drops, "shutdown": self.shutdown_drops}
 
     def post(self, body: bytes, event_type: str, event_id: str) -> None:
         """One attempt; raises EndpointError unless the endpoint answers 2xx within its timeout."""

@@ -173,7 +173,7 @@ def test_queue_overflow_is_counted_by_policy(receiver: GeventReceiver, policy: s
     d = dispatcher(receiver.url, start=False, queue_size=3, drop_policy=policy)
     for i in range(10):
         connected(d, f"c{i}")
-    assert [event.data["client_id"] for _ep, event in d.queue] == kept
+    assert [event.data["client_id"] for _name, event in d.pending()] == kept
     assert d.endpoints[0].dropped["queue_full"] == 7
     d.start()
     try:
@@ -264,6 +264,6 @@ def test_broker_per_message_hooks_stay_empty_unless_wanted(receiver: GeventRecei
     broker.publish(Message("t", b"x"))
     assert not d.queue
     broker.publish(Message("r", b"x", 0, True))  # message.retained is wanted: it is queued
-    assert [event.type for _ep, event in d.queue] == ["message.retained"]
+    assert [event.type for _name, event in d.pending()] == ["message.retained"]
     broker.set_events(None)
     assert broker.events is None
