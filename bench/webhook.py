@@ -39,17 +39,23 @@ from bench.brokers import FluxmqNode, free_port  # noqa: E402
 from bench.loadgen import parse_result_line  # noqa: E402
 
 
-def endpoint_set(url: str, events: list[str]) -> list[str]:
-    endpoint = {"name": "rx", "url": url, "events": events, "timeout": "2s"}
+def endpoint_set(url: str, events: list[str], timeout: str = "2s") -> list[str]:
+    endpoint = {"name": "rx", "url": url, "events": events, "timeout": timeout}
     return ["webhook.enabled=true", f"webhook.endpoints={json.dumps([endpoint])}"]
 
 
-def scenarios(refused_url: str, silent_url: str) -> dict[str, list[str]]:
+def scenarios(refused_url: str, silent_url: str) -> dict[str, tuple[list[str], float]]:
+    """name -> (--set options of the node, seconds of warm-up traffic and wait before the measured run)."""
     return {
-        "no webhooks": [],
-        "endpoint wants client.* only": endpoint_set(silent_url, ["client.connected", "client.disconnected"]),
-        "dead endpoint (refused), every event": endpoint_set(refused_url, ["*"]),
-        "dead endpoint (silent), every event": endpoint_set(silent_url, ["*"]),
+        "no webhooks": ([], 0.0),
+        "endpoint wants client.* only": (endpoint_set(silent_url, ["client.connected", "client.disconnected"]), 0.0),
+        "dead endpoint (refused), every event": (endpoint_set(refused_url, ["*"]), 0.0),
+        # The worst case: a silent endpoint with a 30 s timeout, so its breaker stays closed for the
+        # whole run: every message makes two events and the full queue drops the oldest each time.
+        "dead endpoint (silent), every event, breaker still closed": (
+            endpoint_set(silent_url, ["*"], timeout="30s"), 0.0),
+        # The same endpoint (2 s timeout) once its breaker opened during a warm-up.
+        "dead endpoint (silent), every event, breaker open": (endpoint_set(silent_url, ["*"]), 3.0),
     }
 
 
@@ -67,22 +73,32 @@ def webhook_counters(node: FluxmqNode) -> dict[str, float]:
     return out
 
 
-def run_one(sets: list[str], args: argparse.Namespace) -> tuple[float, float, dict[str, float]]:
-    """(deliveries/s, deliveries per second of broker CPU, webhook counters)."""
+def loadgen(node: FluxmqNode, args: argparse.Namespace, count: int) -> dict[str, str]:
+    pin = ["taskset", "-c", args.gen_cpus] if args.gen_cpus and shutil.which("taskset") else []
+    cmd = pin + [sys.executable, "-m", "bench.loadgen", "--mode", "throughput", "--pubs", "1", "--subs", "1",
+                 "--qos", "0", "--count", str(count), "--duration", str(args.duration),
+                 "--timeout", str(args.duration + 30), "--port", str(node.port), "--procs", "1",
+                 "--pid", str(node.pid)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        raise RuntimeError(f"loadgen gave no RESULT: {out.stderr[-2000:]}")
+    return parse_result_line(line)
+
+
+def run_one(sets: list[str], warm: float, args: argparse.Namespace) -> tuple[float, float, dict[str, float]]:
+    """(deliveries/s, deliveries per second of broker CPU, webhook counters); rates 0 if the run failed."""
     node = FluxmqNode(cpus=args.broker_cpus or None, sets=sets)
     try:
         node.start()
-        pin = ["taskset", "-c", args.gen_cpus] if args.gen_cpus and shutil.which("taskset") else []
-        cmd = pin + [sys.executable, "-m", "bench.loadgen", "--mode", "throughput", "--pubs", "1", "--subs", "1",
-                     "--qos", "0", "--count", str(args.count), "--duration", str(args.duration),
-                     "--timeout", str(args.duration + 30), "--port", str(node.port), "--procs", "1",
-                     "--pid", str(node.pid)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
-        if line is None:
-            raise RuntimeError(f"loadgen gave no RESULT: {out.stderr[-2000:]}")
-        result = parse_result_line(line)
+        if warm:
+            loadgen(node, args, 2000)
+            time.sleep(warm)
+        result = loadgen(node, args, args.count)
+        if "rate" not in result:
+            print(f"run failed: {result}", file=sys.stderr)
+            return 0.0, 0.0, webhook_counters(node)
         rate = float(result["rate"])
         cpu = float(result.get("broker_cpu", "-1%").rstrip("%")) / 100
         return rate, rate / cpu if cpu > 0 else 0.0, webhook_counters(node)
@@ -107,22 +123,27 @@ def main(argv: list[str] | None = None) -> int:
         per_cpu: dict[str, list[float]] = {name: [] for name in table}
         counters: dict[str, dict[str, float]] = {}
         for run in range(args.runs):
-            for name, sets in table.items():
-                rate, rate_cpu, seen = run_one(sets, args)
+            for name, (sets, warm) in table.items():
+                rate, rate_cpu, seen = run_one(sets, warm, args)
+                if not rate:
+                    continue
                 rates[name].append(rate)
                 per_cpu[name].append(rate_cpu)
                 counters[name] = seen
                 print(f"run {run + 1}: {name}: {rate:,.0f} deliveries/s", file=sys.stderr)
     finally:
         silent.close()
-    base = statistics.median(rates["no webhooks"])
-    base_cpu = statistics.median(per_cpu["no webhooks"])
+    base = statistics.median(rates["no webhooks"] or [1.0])
+    base_cpu = statistics.median(per_cpu["no webhooks"] or [1.0])
     print(f"\nQoS 0, 1 publisher -> 1 subscriber, {args.count:,} messages, median of {args.runs} "
           f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
     print("| scenario | deliveries/s (median) | vs none | per broker CPU-s (median) | vs none | runs (deliveries/s) "
           "| webhook counters at the end (last run) |")
     print("|---|---:|---:|---:|---:|---|---|")
     for name, values in rates.items():
+        if not values:
+            print(f"| {name} | failed | | | | | |")
+            continue
         med = statistics.median(values)
         seen = counters.get(name, {})
         shown = ", ".join(f"{k.split('{')[0].removeprefix('fluxmq_webhook_')}"
