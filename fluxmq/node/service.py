@@ -295,15 +295,17 @@ class BrokerService:
                 log.warning("shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)})
         self._started = False
         if self.webhooks is not None:
-            # The disconnects of the shutdown are queued too; drain within what is left of the budget.
-            self.broker.set_events(None)
-            self.webhooks.stop(min(self.webhooks.settings.shutdown_timeout, max(0.0, deadline - time.monotonic())))
+            self.broker.set_events(None)  # the disconnects of the shutdown are queued already
         if self.storage is not None:
             try:
                 self.flusher.ensure_committed()
                 self.storage.close()
             except Exception:
                 log.exception("storage_close_failed")
+        if self.webhooks is not None:
+            # After the storage is closed (nothing acknowledged waits on HTTP endpoints), within what
+            # is left of the stop budget.
+            self.webhooks.stop(min(self.webhooks.settings.shutdown_timeout, max(0.0, deadline - time.monotonic())))
         log.info("stopped", extra={"sessions": self.broker.session_count()})
 
     def is_ready(self) -> dict[str, tuple[bool, str]]:
