@@ -12,10 +12,16 @@ Dead endpoints:
 - ``silent``: a socket that accepts connections (kernel backlog) and never answers, so every
   attempt waits for the endpoint's timeout: the workers are all stuck and the queue overflows.
 
+``--micro`` measures the broker alone instead, in this process: ``Broker.publish`` of a QoS 0
+message to one subscriber (a delivery that only counts), in CPU time per publish (process time,
+less sensitive to other work on a shared machine than a rate), rounds alternating between the
+scenarios, median of the rounds.
+
 Usage (from the repository root)::
 
-    .venv/bin/python -m bench.webhook                 # 3 runs per scenario (~2-3 minutes)
+    .venv/bin/python -m bench.webhook                 # 3 runs per scenario (~3-4 minutes)
     .venv/bin/python -m bench.webhook --runs 1 --count 100000
+    .venv/bin/python -m bench.webhook --micro         # ~20 s
 """
 
 from __future__ import annotations
@@ -106,6 +112,71 @@ def run_one(sets: list[str], warm: float, args: argparse.Namespace) -> tuple[flo
         node.cleanup()
 
 
+def micro(rounds: int, n: int) -> int:
+    """CPU microseconds per ``Broker.publish`` with each kind of webhook sink (see the module doc)."""
+    import gevent
+
+    from fluxmq.broker.broker import Broker
+    from fluxmq.broker.message import Message
+    from fluxmq.config.schema import WEBHOOK_EVENTS
+    from fluxmq.webhook import EndpointSettings, RetryPolicy, WebhookDispatcher, WebhookSettings
+
+    class CountingDelivery:
+        def send_publish(self, *args) -> bool:
+            return True
+
+        def close(self, *args) -> None:
+            pass
+
+        def is_congested(self) -> bool:
+            return False
+
+    broker = Broker()
+    session, _ = broker.open_session("sub", True, 0)
+    broker.attach(session, CountingDelivery(), 100)
+    broker.subscribe(session, "bench/#", 0)
+
+    def sink(events, url: str = "http://127.0.0.1:9/", open_breaker: bool = False) -> WebhookDispatcher:
+        endpoint = EndpointSettings("rx", url, frozenset(events), retry=RetryPolicy(1, 0.0, 0.0, 1.0),
+                                    failure_threshold=1, reset_timeout=3600.0)
+        d = WebhookDispatcher(WebhookSettings((endpoint,), queue_size=10000), "bench")
+        d.on_wants_changed = lambda: broker.set_events(d)
+        d.accepting = True  # no workers: the queue stays full, the worst case for producing events
+        if open_breaker:
+            d.endpoints[0].breaker.failure()
+            d._route_events()
+        return d
+
+    every = WEBHOOK_EVENTS
+    sinks = {
+        "no webhooks": None,
+        "endpoint wants client.* only": sink(["client.connected", "client.disconnected"]),
+        "dead endpoint, every event, breaker open": sink(every, open_breaker=True),
+        "endpoint wants every event, queue full (drop oldest)": sink(every),
+    }
+    message = Message("bench/a", b"x" * 64)
+    results: dict[str, list[float]] = {name: [] for name in sinks}
+    for _ in range(rounds):
+        for name, d in sinks.items():
+            broker.set_events(d)
+            for _ in range(2000):  # warm the route cache and fill the queue
+                broker.publish(message)
+            gevent.sleep(0)
+            started = time.process_time()
+            for _ in range(n):
+                broker.publish(message)
+            results[name].append((time.process_time() - started) / n * 1e6)
+    base = statistics.median(results["no webhooks"])
+    print(f"\nBroker.publish, QoS 0 to 1 subscriber, CPU us per publish, median of {rounds} rounds of {n:,} "
+          f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
+    print("| sink | us per publish | vs none | rounds |")
+    print("|---|---:|---:|---|")
+    for name, values in results.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.2f} | {med / base:.2f}x | {', '.join(f'{v:.2f}' for v in values)} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.webhook", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3)
@@ -113,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0, help="max seconds of publishing per run")
     p.add_argument("--broker-cpus", default="1")
     p.add_argument("--gen-cpus", default="0")
+    p.add_argument("--micro", action="store_true", help="in-process Broker.publish CPU cost instead")
+    p.add_argument("--rounds", type=int, default=7, help="--micro: rounds per sink")
     args = p.parse_args(argv)
+    if args.micro:
+        return micro(args.rounds, min(args.count, 100_000))
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(4096)  # never accepted: connections sit in the backlog, requests get no answer

@@ -145,6 +145,7 @@ WEBHOOK_ENDPOINT = Mapping({
     "retry": (Mapping(RETRY_FIELDS), None),
     "secret": (Str(), ""),
     "secret_file": (Str(), ""),
+    "ca_file": (Str(), ""),
 }, required=("name", "url"), secret=("secret",))
 
 
@@ -408,7 +409,7 @@ KEYS: tuple[Key, ...] = (
     Key("webhook.defaults.circuit_breaker.reset_timeout", Duration(), "60s",
         "How long a breaker stays open before one trial request (half-open) may close it."),
     Key("webhook.endpoints", ListOf(WEBHOOK_ENDPOINT), [],
-        "Receivers: [{name, url, events, topic_filters, headers, timeout, retry, secret | secret_file}] "
+        "Receivers: [{name, url, events, topic_filters, headers, timeout, retry, secret | secret_file, ca_file}] "
         "(docs/webhooks.rst); from the environment as JSON."),
 )
 

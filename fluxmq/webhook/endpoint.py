@@ -7,6 +7,7 @@ import hmac
 import http.client
 import logging
 import socket
+import ssl
 import time
 import urllib.parse
 
@@ -102,6 +103,18 @@ def _connect(host: str, port: int, timeout: float) -> gevent.socket.socket:
     return sock
 
 
+def _client_context(ca_file: str) -> gevent.ssl.SSLContext:
+    """gevent's SSLContext (its sockets wait on the hub; ``gevent.ssl.create_default_context`` gives
+    the standard library's, whose handshake would block it) verifying the certificate and host name
+    against the system CAs or ``ca_file``."""
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    else:
+        context.load_default_certs()
+    return context
+
+
 class _GeventHTTPConnection(http.client.HTTPConnection):
     """http.client on gevent sockets, so a request yields to the hub with or without monkey patching."""
 
@@ -130,7 +143,7 @@ class Endpoint:
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._tls = gevent.ssl.create_default_context() if self._https else None
+        self._tls = _client_context(settings.ca_file) if self._https else None
         where = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
         self.url = f"{parts.scheme}://{where}{parts.path}"  # for logs: never a user:password part
         self.breaker = CircuitBreaker(settings.failure_threshold, settings.reset_timeout)

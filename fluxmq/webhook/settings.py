@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 
 from fluxmq._core.trie import parse_shared, validate_filter
@@ -42,6 +43,7 @@ class EndpointSettings:
     secret: bytes = b""
     failure_threshold: int = 5
     reset_timeout: float = 60.0
+    ca_file: str = ""  # https: the CA bundle the endpoint's certificate is verified against ("" = system CAs)
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,18 @@ class WebhookSettings:
                 own = {k: v for k, v in item["retry"].items() if v is not None}
                 retry = RetryPolicy(**{**default_retry.__dict__, **own})
             events = frozenset(WEBHOOK_EVENTS if "*" in item["events"] else item["events"])
+            if item["ca_file"]:
+                if not item["url"].startswith("https://"):
+                    raise ConfigError(f"{key}.ca_file", "an https:// url (it would be ignored)", source, line,
+                                      got=item["url"])
+                try:
+                    ssl.create_default_context(cafile=item["ca_file"])
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(f"{key}.ca_file", "a readable PEM CA bundle", source, line,
+                                      got=f"{item['ca_file']} ({' '.join(str(exc).split())})") from None
             endpoints.append(EndpointSettings(
                 name=item["name"], url=item["url"], events=events, topic_filters=filters,
                 headers=dict(item["headers"]), timeout=item["timeout"] if item["timeout"] is not None else d.timeout,
                 retry=retry, secret=secret, failure_threshold=d.circuit_breaker.failure_threshold,
-                reset_timeout=d.circuit_breaker.reset_timeout))
+                reset_timeout=d.circuit_breaker.reset_timeout, ca_file=item["ca_file"]))
         return cls(tuple(endpoints), w.queue_size, w.drop_policy, w.workers, w.include_payload, w.shutdown_timeout)

@@ -234,7 +234,9 @@ def test_the_queue_drains_when_the_node_stops(node_factory: NodeFactory, receive
         raw.connect(cid)
         clients.append(raw)
     assert node.stop() == 0
-    gone = {e["data"]["client_id"] for e in receiver.events() if e["event_type"] == "client.disconnected"}
-    assert set(ids) <= gone  # the shutdown's own disconnects were sent before the node exited
+    gone = {e["data"]["client_id"]: e["data"]["reason"] for e in receiver.events()
+            if e["event_type"] == "client.disconnected"}
+    assert set(ids) <= set(gone)  # the shutdown's own disconnects were sent before the node exited
+    assert {gone[cid] for cid in ids} == {"server_shutdown"}
     for raw in clients:
         raw.close()

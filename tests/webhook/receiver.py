@@ -9,6 +9,7 @@ on a free 127.0.0.1 port.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from socketserver import ThreadingMixIn
@@ -43,9 +44,15 @@ class Recorder:
 
 
 class GeventReceiver(Recorder):
-    def __init__(self) -> None:
+    def __init__(self, certfile: str = "", keyfile: str = "") -> None:
+        """``certfile``/``keyfile`` make it an HTTPS receiver (the URL still says http://)."""
         super().__init__()
-        self.server = gevent.pywsgi.WSGIServer(("127.0.0.1", 0), self, log=None, error_log=None)
+        tls = {}
+        if certfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile, keyfile)
+            tls["ssl_context"] = context
+        self.server = gevent.pywsgi.WSGIServer(("127.0.0.1", 0), self, log=None, error_log=None, **tls)
         self.server.start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
 

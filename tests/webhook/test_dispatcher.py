@@ -267,3 +267,50 @@ def test_broker_per_message_hooks_stay_empty_unless_wanted(receiver: GeventRecei
     assert [event.type for _name, event in d.pending()] == ["message.retained"]
     broker.set_events(None)
     assert broker.events is None
+
+
+def test_no_payload_unless_include_payload(receiver: GeventReceiver) -> None:
+    d = dispatcher(receiver.url, endpoint={"events": frozenset({"message.published"})})
+    try:
+        d.message_published(Message("a/1", b"secret", 0, False, None, None, "pub"), None, 0)
+        wait_for(lambda: d.endpoints[0].sent == 1)
+        data = receiver.events()[0]["data"]
+        assert "payload" not in data and data["payload_size"] == 6
+    finally:
+        d.stop(1.0)
+
+
+def test_event_ids_are_unique_and_stable_across_retries(receiver: GeventReceiver) -> None:
+    receiver.statuses = [500, 200]
+    d = dispatcher(receiver.url, endpoint={"retry": RetryPolicy(2, 0.01, 0.01, 1.0)})
+    try:
+        connected(d, "c1")
+        connected(d, "c2")
+        wait_for(lambda: d.endpoints[0].sent == 2)
+        ids = [json.loads(body)["event_id"] for _t, _h, body in receiver.requests]
+        headers = [h["X-Fluxmq-Event-Id"] for _t, h, _b in receiver.requests]
+        assert ids == headers and len(ids) == 3 and len(set(ids)) == 2
+    finally:
+        d.stop(1.0)
+
+
+def test_https_endpoint_verified_against_its_ca_file(tmp_path) -> None:
+    from tests.certs import CertAuthority
+
+    ca = CertAuthority(tmp_path, "webhook test CA")
+    server = ca.issue_server("localhost")
+    r = GeventReceiver(certfile=server.cert_file, keyfile=server.key_file)
+    try:
+        url = r.url.replace("http://127.0.0.1", "https://localhost")
+        trusted = dispatcher(url, endpoint={"ca_file": ca.cert_file})
+        untrusted = dispatcher(url, endpoint={"name": "other"})  # system CAs do not know the test CA
+        try:
+            connected(trusted, "c1")
+            connected(untrusted, "c2")
+            wait_for(lambda: trusted.endpoints[0].sent == 1 and untrusted.endpoints[0].failed == 1)
+            assert [e["data"]["client_id"] for e in r.events()] == ["c1"]
+        finally:
+            trusted.stop(1.0)
+            untrusted.stop(1.0)
+    finally:
+        r.close()

@@ -57,3 +57,12 @@ def test_bad_endpoints_are_config_errors(tmp_path: Path, endpoints: str, key: st
         settings(tmp_path, endpoints)
     assert info.value.key == key and words in str(info.value)
     assert "fluxmq.yaml:3" in str(info.value)  # the line of webhook.endpoints
+
+
+def test_ca_file_needs_https_and_a_readable_bundle(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, "    - {name: a, url: 'http://h/', ca_file: '/etc/hostname'}\n")
+    assert info.value.key == "webhook.endpoints[0].ca_file" and "https://" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, "    - {name: a, url: 'https://h/', ca_file: '/nonexistent/ca.pem'}\n")
+    assert info.value.key == "webhook.endpoints[0].ca_file" and "readable PEM CA bundle" in str(info.value)
