@@ -17,6 +17,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import gevent.pywsgi
+import gevent.ssl
 
 
 class Recorder:
@@ -49,7 +50,7 @@ class GeventReceiver(Recorder):
         super().__init__()
         tls = {}
         if certfile:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # the stdlib one would block the hub
             context.load_cert_chain(certfile, keyfile)
             tls["ssl_context"] = context
         self.server = gevent.pywsgi.WSGIServer(("127.0.0.1", 0), self, log=None, error_log=None, **tls)
