@@ -105,5 +105,22 @@ class ConfigError(FluxMQError):
         super().__init__(f"config error: {key} ({where}): {problem}")
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration problems at once (``--check`` reports them all): one line each."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.key, first.expected, first.source, first.line, first.got, problem=first.problem)
+        self.errors = list(errors)
+        self.args = ("\n".join(str(e) for e in self.errors),)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class StorageError(FluxMQError):
     """The storage backend cannot serve a request."""
+
+
+class MalformedDatagram(FluxMQError):
+    """A UDP datagram that is not a well-formed CoAP message (RFC 7252 §3); counted and dropped."""

@@ -42,6 +42,7 @@ from fluxmq.errors import ConfigError
 
 __all__ = [
     "LEVELS",
+    "TRACE",
     "BatchedStream",
     "BoundLogger",
     "JsonFormatter",
@@ -49,6 +50,7 @@ __all__ = [
     "TextFormatter",
     "ThrottlingHandler",
     "bind",
+    "effective_level",
     "fields_of",
     "format_fields",
     "setup_logging",
@@ -56,7 +58,12 @@ __all__ = [
 
 ROOT_LOGGER = "fluxmq"
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# Below DEBUG: per-packet detail (reference 004's "trace", forced by log.trace or FLUXMQ_TRACE=true).
+TRACE = 5
+logging.addLevelName(TRACE, "TRACE")
+
+LEVELS = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+          "warning": logging.WARNING, "error": logging.ERROR}
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
@@ -479,6 +486,15 @@ def setup_logging(log: Any, *, stream: TextIO | None = None,
                                     clock=clock if clock is not None else time.monotonic)
     handler._fluxmq_setup = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
-    logger.setLevel(LEVELS[log.level])
+    logger.setLevel(effective_level(log))
     logger.propagate = False
     return handler
+
+
+def effective_level(log: Any) -> int:
+    """The level ``log`` asks for: ``log.trace``, then ``log.debug`` (hard overrides), then ``log.level``."""
+    if getattr(log, "trace", False):
+        return TRACE
+    if getattr(log, "debug", False):
+        return logging.DEBUG
+    return LEVELS[log.level]

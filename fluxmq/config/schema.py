@@ -18,8 +18,7 @@ import difflib
 import json
 import re
 import sys
-from collections.abc import Iterable
-from collections.abc import Mapping as AbcMapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fluxmq.config.values import (
@@ -27,10 +26,11 @@ from fluxmq.config.values import (
     Bool,
     Duration,
     Enum,
+    Field,
+    Fields,
+    FieldsList,
     Float,
     Int,
-    ListOf,
-    Mapping,
     Size,
     Str,
     StrList,
@@ -44,13 +44,16 @@ __all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key",
 ENV_PREFIX = "FLUXMQ_"
 
 # FLUXMQ_ variables that are not config keys, so the loader lets them pass: the config file path
-# (read by fluxmq-node) and the admin token (read by the admin API until it becomes a secret key).
-ENV_ALLOWED = frozenset({"FLUXMQ_CONFIG", "FLUXMQ_ADMIN_TOKEN"})
+# (read by fluxmq-node), the admin token (read by the admin API until it becomes a secret key), the
+# log level overrides of reference 004 (FLUXMQ_DEBUG/FLUXMQ_TRACE set log.debug/log.trace) and the
+# list of other FLUXMQ_ variables to ignore (fluxmq.config.compat.ENV_IGNORE).
+ENV_ALLOWED = frozenset({"FLUXMQ_CONFIG", "FLUXMQ_ADMIN_TOKEN", "FLUXMQ_DEBUG", "FLUXMQ_TRACE", "FLUXMQ_ENV_IGNORE"})
 
 # Names a config Section object uses for itself; a key or section may not be called these.
 RESERVED_NAMES = frozenset({"get", "origin", "to_dict"})
 
-_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
+# Keys are section.key; a top-level key (``bridges``) is allowed only for a structured list.
+_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ SECTION_DOCS: dict[str, str] = {
     "server.http.plain": "The plain (non-TLS) HTTP bridge listener; its body and SSE limits apply to every bridge listener.",
     "server.http.tls": "The HTTP bridge over TLS (https://); the same TLS keys as server.tcp.tls.",
     "server.http.mtls": "The HTTP bridge over TLS with client certificates; needs ca_file too.",
+    "server.coap": "CoAP bridge (RFC 7252): publish, read retained messages, observe topics (README.rst, CoAP).",
+    "server.coap.plain": "The plain CoAP listener (UDP).",
+    "server.coap.dtls": "CoAP over DTLS 1.2 (python-mbedtls): certificates and/or pre-shared keys.",
+    "server.coap.mdtls": "CoAP over DTLS 1.2 with a client certificate required (needs ca_file).",
     "server.admin": "Admin API; bearer token from server.admin.token_file or FLUXMQ_ADMIN_TOKEN.",
     "broker": "Protocol-independent broker limits and policies.",
     "storage": "Where sessions, retained messages and queues are kept.",
@@ -99,6 +106,7 @@ SECTION_DOCS: dict[str, str] = {
     "limits": "Per-address and per-client abuse limits (docs/security.rst); 0 = no limit.",
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
+    "cluster": "Peer brokers this node mirrors (reference 001 MQTT cluster routes; docs/bridges.rst).",
     "webhook": "Broker events POSTed to HTTP endpoints off the hot path (docs/webhooks.rst).",
     "webhook.defaults": "Per-endpoint settings an endpoint does not set itself.",
     "webhook.defaults.retry": "Exponential backoff between attempts of one event to one endpoint.",
@@ -118,7 +126,7 @@ class EventList(StrList):
     """A list of webhook event types (``*`` = all of them)."""
 
     summary = "list of event types"
-    expected = "a list of event types (" + ", ".join(WEBHOOK_EVENTS) + ") or [\"*\"]"
+    expected = "a list of event types (" + ", ".join(WEBHOOK_EVENTS) + ') or ["*"]'
 
     def from_yaml(self, value: object) -> list[str]:
         items = super().from_yaml(value)
@@ -128,25 +136,28 @@ class EventList(StrList):
         return items
 
 
-RETRY_FIELDS: dict[str, tuple[ValueType, object]] = {
-    "max_attempts": (Int(1, 100), None),
-    "initial_interval": (Duration(), None),
-    "max_interval": (Duration(), None),
-    "multiplier": (Float(1.0), None),
-}
+# Unset fields (None) take webhook.defaults.retry.*.
+_WEBHOOK_RETRY = Fields({
+    "max_attempts": Field(Int(1, 100), doc="Attempts per event, the first included."),
+    "initial_interval": Field(Duration(), doc="Pause before the second attempt."),
+    "max_interval": Field(Duration(), doc="Longest pause."),
+    "multiplier": Field(Float(1.0), doc="Each pause is the previous one times this."),
+})
 
-WEBHOOK_ENDPOINT = Mapping({
-    "name": (Str(allow_empty=False), None),
-    "url": (Url("http", "https"), None),
-    "events": (EventList(), ["*"]),
-    "topic_filters": (StrList(), []),
-    "headers": (StrMap(), {}),
-    "timeout": (Duration(), None),
-    "retry": (Mapping(RETRY_FIELDS), None),
-    "secret": (Str(), ""),
-    "secret_file": (Str(), ""),
-    "ca_file": (Str(), ""),
-}, required=("name", "url"), secret=("secret",))
+WEBHOOK_ENDPOINT = Fields({
+    "name": Field(Str(allow_empty=False), required=True, doc="Unique; the endpoint label on /metrics."),
+    "url": Field(Url("http", "https"), required=True, doc="Where events are POSTed."),
+    "events": Field(EventList(), ["*"], doc="Event types sent to it."),
+    "topic_filters": Field(StrList(), [], doc="MQTT filters choosing the message.* events; [] = every topic."),
+    "headers": Field(StrMap(), {}, doc="Extra request headers."),
+    "timeout": Field(Duration(), doc="Time to answer one request; unset = webhook.defaults.timeout."),
+    "retry": Field(_WEBHOOK_RETRY, doc="Backoff; unset fields = webhook.defaults.retry.*."),
+    "secret_env": Field(Str(), "", doc="Environment variable holding the HMAC-SHA256 signing secret."),
+    "secret_file": Field(Str(), "", doc="File whose first line is the signing secret."),
+    "secret": Field(Str(), refuse="a signing secret is not written in the config file: "
+                                  "name its environment variable (secret_env) or a file (secret_file)"),
+    "ca_file": Field(Str(), "", doc="https: the CA bundle its certificate is verified against; \"\" = system CAs."),
+})
 
 
 
@@ -165,6 +176,79 @@ class AutoBool(ValueType):
         from fluxmq.config.values import parse_bool
 
         return "auto" if text.strip() == "auto" else parse_bool(text)
+
+
+class ProtocolVersion(ValueType):
+    """An MQTT protocol version of a bridge link: ``"3.1.1"`` or ``"5.0"`` (YAML may read 5.0 as a number)."""
+
+    summary = '"3.1.1" | "5.0"'
+    expected = '"3.1.1" or "5.0"'
+
+    def from_yaml(self, value: object) -> str:
+        text = str(value).strip() if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
+        if text in ("5", "5.0"):
+            return "5.0"
+        if text in ("3.1.1", "4"):
+            return "3.1.1"
+        raise ValueError("")
+
+    def from_text(self, text: str) -> str:
+        return self.from_yaml(text)
+
+
+_NO_CLEAR_PASSWORD = ("bridge passwords are never read from the config file: use password_env (an environment "
+                      "variable name) or password_file (a file holding the password)")
+
+_BRIDGE_TLS = Fields({
+    "ca_file": Field(Str(), "", doc='PEM CA bundle the peer certificate is verified against; "" = system CAs.'),
+    "cert_file": Field(Str(), "", doc="PEM client certificate (mutual TLS)."),
+    "key_file": Field(Str(), "", doc="Private key of cert_file."),
+    "insecure": Field(Bool(), False, doc="Skip verifying the peer certificate and host name (tests only)."),
+}, summary="tls mapping")
+
+_BRIDGE_RECONNECT = Fields({
+    "initial": Field(Duration(), "1s", doc="First reconnect delay."),
+    "max": Field(Duration(), "60s", doc="Longest reconnect delay (doubling, with jitter)."),
+}, summary="reconnect mapping")
+
+_BRIDGE_TOPIC = Fields({
+    "pattern": Field(Str(allow_empty=False), required=True, doc="Topic filter, without the prefixes."),
+    "direction": Field(Enum("in", "out", "both"), "both", doc="in: peer to here; out: here to peer; both."),
+    "qos": Field(Int(0, 2), 1, doc="Highest QoS forwarded on this route."),
+    "local_prefix": Field(Str(), "", doc="Prepended to the pattern on this broker."),
+    "remote_prefix": Field(Str(), "", doc="Prepended to the pattern on the peer."),
+}, summary="topic mapping")
+
+_LINK_COMMON = {
+    "username": Field(Str(), "", doc="User name sent to the peer."),
+    "password": Field(Str(), refuse=_NO_CLEAR_PASSWORD),
+    "password_env": Field(Str(), "", doc="Environment variable holding the password."),
+    "password_file": Field(Str(), "", doc="File holding the password (trailing newline stripped)."),
+    "tls": Field(_BRIDGE_TLS, None, doc="TLS to the peer (verified by default); absent = plain TCP."),
+    "message_validity": Field(Duration(), "0s",
+                              doc="A queued message older than this when its turn comes is dropped; 0 = none."),
+    "reconnect": Field(_BRIDGE_RECONNECT, {}, doc="Reconnect backoff."),
+    "max_queued_messages": Field(Int(1), 10000, doc="Outbound messages kept (on disk) while the peer is away."),
+    "keepalive": Field(Duration(), "60s", doc="Keep alive sent in CONNECT."),
+}
+
+BRIDGE_ITEM = Fields({
+    "name": Field(Str(allow_empty=False), required=True, doc="Unique name (status, metrics, logs)."),
+    "address": Field(Addr(), required=True, doc="Peer host:port."),
+    "protocol_version": Field(ProtocolVersion(), "5.0", doc="MQTT version of the link."),
+    "client_id": Field(Str(), "", doc='Client id at the peer; "" = fluxmq-bridge-NAME.'),
+    "clean_start": Field(Bool(), False, doc="Start a new session at the peer on every connect."),
+    **_LINK_COMMON,
+    "topics": Field(FieldsList(_BRIDGE_TOPIC), [], doc="Forwarded topics."),
+}, summary="bridge mapping")
+
+CLUSTER_ROUTE_ITEM = Fields({
+    "name": Field(Str(), "", doc='Route name; "" = HOST:PORT.'),
+    "host": Field(Str(allow_empty=False), required=True, doc="Peer host name or address."),
+    "port": Field(Int(1, 65535), 1883, doc="Peer MQTT port (8883 with tls)."),
+    "node_id": Field(Str(allow_empty=False), required=True, doc="This node's unique client id at the peer."),
+    **_LINK_COMMON,
+}, summary="route mapping")
 
 
 def _limit_keys(section: str) -> tuple[Key, ...]:
@@ -200,6 +284,21 @@ def _tls_keys(section: str) -> tuple[Key, ...]:
 def _http_tls_keys(section: str) -> tuple[Key, ...]:
     """The TLS keys of an HTTP bridge listener (no username from the certificate: HTTP has no auth yet)."""
     return tuple(key for key in _tls_keys(section) if key.leaf != "use_cert_cn_as_username")
+
+
+def _dtls_keys(section: str) -> tuple[Key, ...]:
+    """The DTLS keys of a CoAP listener (fluxmq.coap.dtls builds the Mbed TLS context from them)."""
+    return (
+        Key(f"{section}.cert_file", Str(), "",
+            'PEM certificate (chain) of the DTLS server; "" = pre-shared keys only (psk_file).'),
+        Key(f"{section}.key_file", Str(), "", "PEM private key (EC or RSA) of cert_file."),
+        Key(f"{section}.ca_file", Str(), "",
+            "PEM CA bundle client certificates are verified against; alone it means client_auth require."),
+        Key(f"{section}.client_auth", Enum("", "none", "require"), "",
+            'Client certificates: "" = require when ca_file is set, else none; the CN becomes the user name.'),
+        Key(f"{section}.psk_file", Str(), "",
+            'Pre-shared keys, one "identity:hexkey" per line; the identity becomes the user name.'),
+    )
 
 
 def _websocket_keys(section: str) -> tuple[Key, ...]:
@@ -256,6 +355,24 @@ KEYS: tuple[Key, ...] = (
     Key("server.http.mtls.addr", Addr(allow_empty=True), "",
         'HTTPS bridge with client certificates, address host:port (e.g. ":8444"); "" disables it.'),
     *_http_tls_keys("server.http.mtls"),
+    Key("server.coap.plain.addr", Addr(allow_empty=True), "",
+        'CoAP UDP listener address host:port (e.g. "127.0.0.1:5683"); "" disables it.'),
+    Key("server.coap.dtls.addr", Addr(allow_empty=True), "",
+        'CoAP over DTLS listener address host:port (e.g. "127.0.0.1:5684"); "" disables it.'),
+    *_dtls_keys("server.coap.dtls"),
+    Key("server.coap.mdtls.addr", Addr(allow_empty=True), "",
+        'CoAP over DTLS with client certificates required, host:port (e.g. "127.0.0.1:5685"); "" disables it.'),
+    *_dtls_keys("server.coap.mdtls"),
+    Key("server.coap.observe_queue_size", Int(1), 100,
+        "Notifications buffered per observation; when full the oldest is dropped and counted."),
+    Key("server.coap.max_observations", Int(0), 10000,
+        "Most observations open at once on the node; more get 5.03."),
+    Key("server.coap.max_observations_per_peer", Int(0), 16,
+        "Most observations of one peer (address and port); more get 5.03."),
+    Key("server.coap.block_size", Int(16, 1024), 1024,
+        "Largest response body per datagram (rounded down to a power of two); larger ones go block-wise (Block2)."),
+    Key("server.coap.max_reassembly_bytes", Size(1), "1MiB",
+        "Block1 request bodies held per peer while they arrive; past it 4.13."),
     Key("server.admin.addr", Addr(allow_empty=True), "127.0.0.1:8082",
         'Admin API address host:port; "" disables it; a non-loopback address needs a token.'),
     Key("server.admin.token_file", Str(), "",
@@ -316,7 +433,8 @@ KEYS: tuple[Key, ...] = (
         "(python -m fluxmq.broker.auth_enhanced USER)."),
     Key("auth.allow_anonymous", AutoBool(), "auto",
         'Accept clients without a user name; "auto" = only when neither auth.password_file nor auth.http.url is '
-        "set, and then only on loopback listeners (a non-loopback one refuses to start; true opens it)."),
+        "set, and then only on loopback listeners (a non-loopback MQTT or HTTP bridge listener refuses them "
+        "with CONNACK 5/0x87 or 401 and a warning at start, as Mosquitto 2; true opens it)."),
     Key("auth.bind_client_id_to_username", AutoBool(), "auto",
         "A client id belongs to the user whose session holds it: another user (or an anonymous client) "
         "connecting with it is refused (CONNACK 0x87 / return code 5) instead of taking the session over; "
@@ -377,7 +495,10 @@ KEYS: tuple[Key, ...] = (
     Key("storage.max_queued_bytes", Size(1), "100MiB",
         "Offline queue bound of a persistent session (kept on disk), in bytes; when full the oldest "
         "queued QoS 0 message is dropped, else the new message is (counted as queue_full)."),
-    Key("log.level", Enum("debug", "info", "warning", "error"), "info", "Least severe level written."),
+    Key("log.level", Enum("trace", "debug", "info", "warn", "warning", "error", ignore_case=True), "info",
+        "Least severe level written (warn = warning; trace is below debug)."),
+    Key("log.debug", Bool(), False, "Hard override: log at debug whatever log.level says (also FLUXMQ_DEBUG=true)."),
+    Key("log.trace", Bool(), False, "Hard override: log at trace, above log.debug (also FLUXMQ_TRACE=true)."),
     Key("log.format", Enum("text", "json"), "text",
         "text: timestamp, level, logger and key=value fields; json: one JSON object per line."),
     Key("log.file", Str(), "", 'Log file path; "" = stderr.'),
@@ -389,6 +510,14 @@ KEYS: tuple[Key, ...] = (
     Key("log.throttling.rate", Float(0.0, exclusive_minimum=True), 500.0,
         "Lines per second per logger, sustained."),
     Key("log.throttling.burst", Int(1), 50, "Lines a logger may write at once above the rate."),
+    Key("bridges", FieldsList(BRIDGE_ITEM, "list of bridges"), [],
+        "MQTT bridges to peer brokers: {name, address, protocol_version, client_id, clean_start, keepalive, "
+        "username, password_env | password_file, tls{ca_file, cert_file, key_file, insecure}, message_validity, "
+        "reconnect{initial, max}, topics[{pattern, direction, qos, local_prefix, remote_prefix}], "
+        "max_queued_messages} (docs/bridges.rst)."),
+    Key("cluster.routes", FieldsList(CLUSTER_ROUTE_ITEM, "list of routes"), [],
+        "Reference 001 cluster routes to peer fluxmq nodes, mirroring every topic: {host, port, node_id, "
+        "username, password_env | password_file, message_validity, tls, ...} (docs/bridges.rst)."),
     Key("webhook.enabled", Bool(), False, "POST broker events to webhook.endpoints."),
     Key("webhook.queue_size", Int(1), 10000,
         "Events waiting for delivery (all endpoints); when full, drop_policy decides and the drop is counted."),
@@ -405,19 +534,19 @@ KEYS: tuple[Key, ...] = (
     Key("webhook.defaults.retry.max_interval", Duration(), "30s", "Longest pause between attempts."),
     Key("webhook.defaults.retry.multiplier", Float(1.0), 2.0, "Each pause is the previous one times this."),
     Key("webhook.defaults.circuit_breaker.failure_threshold", Int(1), 5,
-        "Consecutive failed requests that open an endpoint's breaker (its events are then dropped at once, counted)."),
+        "Consecutive failed requests that open an endpoint's breaker (it then gets no events until reset_timeout)."),
     Key("webhook.defaults.circuit_breaker.reset_timeout", Duration(), "60s",
         "How long a breaker stays open before one trial request (half-open) may close it."),
-    Key("webhook.endpoints", ListOf(WEBHOOK_ENDPOINT), [],
-        "Receivers: [{name, url, events, topic_filters, headers, timeout, retry, secret | secret_file, ca_file}] "
-        "(docs/webhooks.rst); from the environment as JSON."),
+    Key("webhook.endpoints", FieldsList(WEBHOOK_ENDPOINT, "list of endpoints"), [],
+        "Receivers: [{name, url, events, topic_filters, headers, timeout, retry, secret_env | secret_file, "
+        "ca_file}] (docs/webhooks.rst); from the environment as JSON."),
 )
 
 
 class Schema:
     """A validated set of keys with the lookups the loader needs (sections, env names, defaults)."""
 
-    def __init__(self, keys: Iterable[Key], section_docs: AbcMapping[str, str] | None = None,
+    def __init__(self, keys: Iterable[Key], section_docs: Mapping[str, str] | None = None,
                  env_allowed: Iterable[str] = ENV_ALLOWED) -> None:
         self.keys: dict[str, Key] = {}
         self.section_docs = dict(section_docs or {})
@@ -432,7 +561,7 @@ class Schema:
                 raise ValueError(f"schema: {name} is both a key and a section")
 
     def _add(self, key: Key) -> None:
-        if not _NAME.fullmatch(key.name):
+        if not _NAME.fullmatch(key.name) or ("." not in key.name and not isinstance(key.type, FieldsList)):
             raise ValueError(f"schema: bad key name {key.name!r} (want section.key, lowercase)")
         if key.name in self.keys:
             raise ValueError(f"schema: duplicate key {key.name}")
@@ -536,8 +665,21 @@ class Schema:
             "Environment variables are ``FLUXMQ_`` followed by the key uppercased with dots as underscores",
             "(``broker.max_inflight`` is ``FLUXMQ_BROKER_MAX_INFLIGHT``). Besides those, only these",
             "may carry the prefix: " + ", ".join(f"``{name}``" for name in sorted(self.env_allowed)) + ".",
+            "``FLUXMQ_DEBUG=true`` and ``FLUXMQ_TRACE=true`` set ``log.debug`` and ``log.trace`` (hard level",
+            "overrides). Any other ``FLUXMQ_`` variable stops the node, so a typo is not silently ignored; to",
+            "pass unrelated ones (Kubernetes injects ``FLUXMQ_SERVICE_HOST``, ``FLUXMQ_PORT_1883_TCP``... for a",
+            "Service named fluxmq), list them in ``FLUXMQ_ENV_IGNORE``, comma-separated, a trailing ``*``",
+            "matching a prefix: ``FLUXMQ_ENV_IGNORE='FLUXMQ_SERVICE_*,FLUXMQ_PORT*'``.",
             "Values from the environment and ``--set`` are text: booleans accept ``true``/``false``/``1``/",
-            "``0``/``yes``/``no``; in the file booleans are YAML ``true``/``false``.",
+            "``0``/``yes``/``no``; in the file booleans are YAML ``true``/``false``, and YAML 1.1's",
+            "``yes``/``no``/``on``/``off`` as the Go FluxMQ reads them.",
+            "",
+            "A config written from the reference documents starts: sections and keys they document that",
+            "fluxmq does not implement yet (``cluster``, ``queue``, a TLS listener's",
+            "``prefer_server_cipher_suites``) are ignored with a \"not implemented yet\" warning naming the",
+            "file and line, and ``storage.type: badger`` is read as ``lmdb`` (fluxmq.config.compat).",
+            "``fluxmq-node --check`` reports every problem (one line each), including unreadable password,",
+            "ACL and credentials files, certificates and keys the configuration names.",
             "",
             "Durations are ``250ms``, ``10s``, ``5m``, ``1h``, ``1h30m`` (units ``ns us ms s m h``) or a plain",
             "number of seconds. Sizes are plain bytes or ``64KiB``, ``1MiB``, ``1GiB`` (powers of 1024),",
@@ -546,7 +688,8 @@ class Schema:
         ]
         by_section: dict[str, list[Key]] = {}
         for key in self.keys.values():
-            by_section.setdefault(key.section, []).append(key)
+            # A top-level key (a structured list such as ``bridges``) gets a heading of its own.
+            by_section.setdefault(key.section or key.name, []).append(key)
         tops = list(dict.fromkeys(name.partition(".")[0] for name in by_section))
         for top in tops:
             # A top-level section's own keys first, then its sub-sections: rst headings nest.
@@ -586,8 +729,33 @@ def readme_with_table(text: str, table: str) -> str:
 def _rst_key(key: Key) -> list[str]:
     default = ("none (secret: set only from the environment)" if key.secret
                else f"``{render_default(key.default)}``")
-    return [f"``{key.name}``", f"   {key.doc}", "",
-            f"   :type: {key.type.summary}", f"   :default: {default}", f"   :env: ``{key.env}``", ""]
+    out = [f"``{key.name}``", f"   {key.doc}", "",
+           f"   :type: {key.type.summary}", f"   :default: {default}", f"   :env: ``{key.env}``", ""]
+    if isinstance(key.type, FieldsList):
+        out += ["   Fields of each item:", ""] + _rst_fields(key.type.item, "   ") + [""]
+    return out
+
+
+def _rst_fields(fields: Fields, indent: str) -> list[str]:
+    """A bullet per field of a structured item (nested mappings and lists indented below)."""
+    out = []
+    for name, field in fields.fields.items():
+        if field.refuse:
+            out.append(f"{indent}- ``{name}``: refused ({field.refuse})")
+            continue
+        if field.required:
+            default = "required"
+        elif isinstance(field.type, FieldsList):
+            default = f"default ``{render_default(field.default)}``"
+        elif isinstance(field.type, Fields):
+            default = "absent by default" if field.default is None else "defaults below"
+        else:
+            default = f"default ``{render_default(field.default)}``"
+        out.append(f"{indent}- ``{name}`` ({field.type.summary}; {default}): {field.doc}")
+        nested = field.type.item if isinstance(field.type, FieldsList) else field.type
+        if isinstance(nested, Fields):
+            out += [""] + _rst_fields(nested, indent + "  ") + [""]
+    return out
 
 
 def render_default(value: object) -> str:

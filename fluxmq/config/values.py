@@ -24,11 +24,12 @@ __all__ = [
     "Bool",
     "Duration",
     "Enum",
+    "Field",
+    "Fields",
+    "FieldsList",
     "Float",
     "Int",
     "ItemError",
-    "ListOf",
-    "Mapping",
     "Size",
     "Str",
     "StrList",
@@ -272,13 +273,25 @@ class Float(ValueType):
         return value
 
 
+# YAML 1.1 booleans that YAML 1.2 (ruamel) reads as text; go-yaml v3 still decodes them into a bool
+# field, so a config written for the Go FluxMQ may use them.
+_YAML11_TRUE = frozenset({"yes", "on"})
+_YAML11_FALSE = frozenset({"no", "off"})
+
+
 class Bool(ValueType):
-    """A boolean: YAML ``true``/``false`` in a file; true/false/1/0/yes/no from env or ``--set``."""
+    """A boolean: YAML ``true``/``false`` (or YAML 1.1's yes/no/on/off) in a file; true/false/1/0/yes/no from env or ``--set``."""
 
     summary = "boolean"
-    expected = "true or false"
+    expected = "true or false (also yes/no, on/off)"
 
     def from_yaml(self, value: object) -> bool:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _YAML11_TRUE:
+                return True
+            if text in _YAML11_FALSE:
+                return False
         if not isinstance(value, bool):
             raise ValueError("")
         return value
@@ -372,20 +385,26 @@ class Addr(ValueType):
 
 
 class Enum(ValueType):
-    """One of a fixed set of strings (case-sensitive)."""
+    """One of a fixed set of strings; case-sensitive unless ``ignore_case`` (then the choice as declared)."""
 
-    def __init__(self, *choices: str) -> None:
+    def __init__(self, *choices: str, ignore_case: bool = False) -> None:
         if not choices:
             raise ValueError("Enum needs at least one choice")
         self.choices = tuple(choices)
+        self.ignore_case = ignore_case
+        self._folded = {choice.lower(): choice for choice in choices}
         shown = [choice or '""' for choice in choices]  # "" is a valid choice (e.g. "not set")
         self.summary = " | ".join(shown)
-        self.expected = "one of " + ", ".join(shown)
+        self.expected = "one of " + ", ".join(shown) + (" (any case)" if ignore_case else "")
 
     def from_yaml(self, value: object) -> str:
-        if not isinstance(value, str) or value not in self.choices:
+        if not isinstance(value, str):
             raise ValueError("")
-        return str(value)
+        if value in self.choices:
+            return str(value)
+        if self.ignore_case and value.lower() in self._folded:
+            return self._folded[value.lower()]
+        raise ValueError("")
 
 
 class StrList(ValueType):
@@ -419,42 +438,6 @@ class StrList(ValueType):
         return items
 
 
-class ItemError(ValueError):
-    """A value inside a list or mapping key does not fit. ``path`` is where, relative to the key
-    (``"[0].url"``), ``line`` its line in the file when known; the loader turns it into a
-    ``ConfigError`` naming ``key[0].url``, the file and that line."""
-
-    def __init__(self, path: str, expected: str, got: object = None, line: int | None = None,
-                 problem: str | None = None) -> None:
-        super().__init__(problem or expected)
-        self.path = path
-        self.expected = expected
-        self.got = got
-        self.line = line
-        self.problem = problem
-
-
-def _item_line(container: object, index: object) -> int | None:
-    """The file line of ``container[index]`` (ruamel round-trip data), or None."""
-    lc = getattr(container, "lc", None)
-    if lc is None:
-        return None
-    try:
-        return (lc.key(index) if isinstance(index, str) else lc.item(index))[0] + 1
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return None
-
-
-def _short(value: object) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value if not isinstance(value, str) else str(value))
-
-
 class StrMap(ValueType):
     """A mapping of string names to string values (HTTP headers, labels)."""
 
@@ -467,8 +450,7 @@ class StrMap(ValueType):
         out = {}
         for name, item in value.items():
             if not isinstance(name, str) or not name or not isinstance(item, str):
-                raise ItemError(f".{name}", "a string", item, _item_line(value, name),
-                                problem=f"expected string names and values, got {_short(item)}")
+                raise ValueError(f"{name!r}: names and values must be strings")
             out[str(name)] = str(item)
         return out
 
@@ -486,98 +468,155 @@ class Url(ValueType):
 
         if not isinstance(value, str):
             raise ValueError("")
-        parts = urlsplit(value)
-        if parts.scheme not in self.schemes or not parts.hostname:
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in self.schemes and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            ok = False
+        if not ok:
             raise ValueError("")
         return str(value)
 
 
-class Mapping(ValueType):
-    """A mapping with fixed field names, each a value type with a default (strict: unknown or
-    missing required fields are errors naming the field and its line).
+# -- structured values (lists of mappings, e.g. ``bridges``) ------------------------------------------
 
-    ``fields`` maps name -> (type, default); a default of ``None`` means "not set" (the field is
-    then ``None`` in the typed value, and the code using it takes a default from elsewhere).
-    ``required`` fields have no default. ``secret`` fields are replaced by ``redact``."""
+class ItemError(ValueError):
+    """A fault inside a structured value: ``path`` (``[0].topics[1].qos``) and the YAML ``line``
+    of the offending item or key, so the loader names exactly where it is."""
 
-    def __init__(self, fields: dict[str, tuple[ValueType, object]], required: tuple[str, ...] = (),
-                 secret: tuple[str, ...] = ()) -> None:
-        self.fields = dict(fields)
-        self.required = tuple(required)
-        self.secret = tuple(secret)
-        self.summary = "mapping"
-        self.expected = "a mapping with " + ", ".join(self.fields)
+    def __init__(self, path: str, line: int | None, problem: str) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.line = line
+        self.problem = problem
 
-    def from_yaml(self, value: object) -> dict[str, object]:
+
+def _yaml_line(container: object, key: object, is_item: bool) -> int | None:
+    """1-based line of a ruamel round-trip mapping key or sequence item (None for plain values)."""
+    lc = getattr(container, "lc", None)
+    if lc is None:
+        return None
+    try:
+        return (lc.item(key) if is_item else lc.key(key))[0] + 1
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def _plain_scalar(value: object) -> object:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+class Field:
+    """One field of a ``Fields`` mapping: its type, default and whether it must be given."""
+
+    __slots__ = ("type", "default", "required", "doc", "refuse")
+
+    def __init__(self, type: ValueType, default: object = None, required: bool = False, doc: str = "",
+                 refuse: str = "") -> None:
+        self.type = type
+        self.default = default
+        self.required = required
+        self.doc = doc
+        self.refuse = refuse  # non-empty: the field is recognised but never accepted (why, in words)
+
+
+class Fields(ValueType):
+    """A mapping with a fixed set of fields, each validated by its own type; unknown fields are
+    errors. The typed value is a plain dict with every field (defaults filled in)."""
+
+    def __init__(self, fields: dict[str, Field], summary: str = "mapping") -> None:
+        self.fields = fields
+        self.summary = summary
+        self.expected = "a mapping with fields " + ", ".join(fields)
+
+    def from_yaml(self, value: object, path: str = "") -> dict:
         if not isinstance(value, dict):
-            raise ItemError("", self.expected, value, problem=f"expected {self.expected}, got {_short(value)}")
-        out: dict[str, object] = {}
+            raise ItemError(path, None, f"expected a mapping with fields {', '.join(self.fields)}")
+        out: dict = {}
         for name, raw in value.items():
-            line = _item_line(value, name)
-            spec = self.fields.get(name) if isinstance(name, str) else None
-            if spec is None:
-                raise ItemError(f".{name}", "a known field", name, line,
-                                problem=f"unknown field; known: {', '.join(self.fields)}")
-            kind = spec[0]
-            if raw is None:
-                raise ItemError(f".{name}", kind.expected, None, line,
-                                problem=f"has no value; expected {kind.expected}")
+            line = _yaml_line(value, name, False)
+            field = self.fields.get(name) if isinstance(name, str) else None
+            where = f"{path}.{name}"
+            if field is None:
+                raise ItemError(where, line, f"unknown field; expected one of {', '.join(self.fields)}")
+            if field.refuse:
+                raise ItemError(where, line, field.refuse)
             try:
-                out[name] = kind.from_yaml(raw)
+                if isinstance(field.type, Fields | FieldsList):
+                    out[name] = field.type.from_yaml(raw, where)
+                else:
+                    raw = _plain_scalar(raw)
+                    if raw is None:
+                        raise ValueError("has no value")
+                    out[name] = field.type.from_yaml(raw)
             except ItemError as exc:
-                raise ItemError(f".{name}{exc.path}", exc.expected, exc.got, exc.line or line, exc.problem) from None
+                if exc.line is None:
+                    exc.line = line
+                raise
             except ValueError as exc:
                 detail = f" ({exc})" if str(exc) else ""
-                raise ItemError(f".{name}", kind.expected, raw, line,
-                                problem=f"expected {kind.expected}{detail}, got {_short(raw)}") from None
-        for name in self.required:
-            if name not in out:
-                raise ItemError("", self.expected, value, _item_line(value, next(iter(value), None)) if value else None,
-                                problem=f"missing required field {name!r}")
-        for name, (_kind, default) in self.fields.items():
-            if name not in out:
-                out[name] = list(default) if isinstance(default, list) else default
+                raise ItemError(where, line, f"expected {field.type.expected}{detail}, got {raw!r}") from None
+        for name, field in self.fields.items():
+            if name in out:
+                continue
+            if field.required:
+                raise ItemError(path, None, f"missing field {name!r}")
+            if field.refuse:
+                continue
+            default = field.default
+            if default is None:
+                out[name] = None
+            elif isinstance(field.type, Fields | FieldsList):
+                out[name] = field.type.from_yaml(default, f"{path}.{name}")
+            else:
+                out[name] = field.type.from_yaml(default)  # written as in YAML ("1s")
         return out
 
-    def redact(self, value: dict) -> dict:
-        return {name: ("<secret>" if name in self.secret and item else item) for name, item in value.items()}
-
-
-class ListOf(ValueType):
-    """A list whose items are each checked by ``item`` (e.g. ``ListOf(Mapping(...))``); from the
-    environment or ``--set`` it is JSON (or YAML flow) text."""
-
-    def __init__(self, item: ValueType) -> None:
-        self.item = item
-        self.summary = f"list of {item.summary}"
-        self.expected = f"a list, each item {item.expected}"
-
-    def from_yaml(self, value: object) -> list:
-        if not isinstance(value, list | tuple):
-            raise ValueError("")
-        out = []
-        for i, raw in enumerate(value):
-            line = _item_line(value, i)
-            try:
-                out.append(self.item.from_yaml(raw))
-            except ItemError as exc:
-                raise ItemError(f"[{i}]{exc.path}", exc.expected, exc.got, exc.line or line, exc.problem) from None
-            except ValueError as exc:
-                detail = f" ({exc})" if str(exc) else ""
-                raise ItemError(f"[{i}]", self.item.expected, raw, line,
-                                problem=f"expected {self.item.expected}{detail}, got {_short(raw)}") from None
-        return out
-
-    def from_text(self, text: str) -> list:
-        from ruamel.yaml import YAML
-        from ruamel.yaml.error import YAMLError
+    def from_text(self, text: str) -> dict:
+        import json
 
         try:
-            data = YAML(typ="safe", pure=True).load(text) if text.strip() else []
-        except YAMLError:
-            raise ValueError("not JSON or YAML flow text") from None
-        return self.from_yaml(data if data is not None else [])
+            return self.from_yaml(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg}") from None
 
-    def redact(self, value: list) -> list:
-        redact = getattr(self.item, "redact", None)
-        return [redact(item) for item in value] if redact is not None else value
+
+class FieldsList(ValueType):
+    """A list of ``Fields`` mappings (a YAML sequence; JSON text from the environment)."""
+
+    def __init__(self, item: Fields, summary: str = "list of mappings") -> None:
+        self.item = item
+        self.summary = summary
+        self.expected = f"a list of mappings with fields {', '.join(item.fields)}"
+
+    def from_yaml(self, value: object, path: str = "") -> list[dict]:
+        if value is None:
+            return []
+        if not isinstance(value, list | tuple):
+            raise ItemError(path, None, "expected a list of mappings")
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(self.item.from_yaml(item, f"{path}[{i}]"))
+            except ItemError as exc:
+                if exc.line is None:
+                    exc.line = _yaml_line(value, i, True)
+                raise
+        return items
+
+    def from_text(self, text: str) -> list[dict]:
+        import json
+
+        try:
+            return self.from_yaml(json.loads(text) if text.strip() else [])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg}") from None

@@ -12,6 +12,10 @@ A browser can reach a loopback API too (a page's cross-origin form POST, or DNS 
 must be an IP literal, ``localhost`` or a name in ``server.admin.allowed_hosts`` (else 421), and a
 state-changing request with an ``Origin`` other than the API's own is refused (403).
 
+The web dashboard (``/dashboard/``, ``fluxmq.http.dashboard``) is served here too, without a token
+(its files hold no data; the page calls this API with the token), and ``GET /monitor`` streams the
+messages of a filter to it (``fluxmq.http.monitor``).
+
 Client ids and topics in paths are percent-encoded (``/sessions/a%2Fb`` is client ``a/b``); the
 raw request path is split before decoding, so ``%2F`` never splits a path segment.
 """
@@ -36,6 +40,10 @@ from fluxmq.broker.session import EXPIRY_NEVER, Session
 from fluxmq.config import parse_addr
 from fluxmq.errors import ConfigError, StorageError, TopicFilterInvalid
 from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query
+from fluxmq.http.dashboard import PREFIX as DASHBOARD_PREFIX
+from fluxmq.http.dashboard import DashboardFiles
+from fluxmq.http.health import cluster_status_body
+from fluxmq.http.monitor import TopicMonitor
 from fluxmq.http.router import json_response
 from fluxmq.http.walk import SLICE, page, session_totals, sorted_sessions
 
@@ -197,7 +205,11 @@ class AdminAPI:
             ("GET", "retained/*", self.get_retained),
             ("DELETE", "retained/*", self.delete_retained),
             ("POST", "reload", self.reload),
+            ("GET", "bridges", self.list_bridges),
+            ("GET", "cluster/status", self.cluster_status),
         ]
+        self.dashboard = DashboardFiles()
+        self.monitor = TopicMonitor()
 
     @property
     def broker(self) -> Any:
@@ -226,10 +238,17 @@ class AdminAPI:
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         try:
             self._check_browser(environ)
-            self._authenticate(environ)
             segments = self._segments(environ)
+            if segments[0] == DASHBOARD_PREFIX:  # public static files: the page asks for the token
+                return self.dashboard(environ, start_response, segments)
+            if segments == [""] and environ.get("REQUEST_METHOD", "GET").upper() in ("GET", "HEAD"):
+                return json_response(start_response, 302, {"dashboard": f"/{DASHBOARD_PREFIX}/"},
+                                     {"Location": f"/{DASHBOARD_PREFIX}/"})
+            self._authenticate(environ)
             if segments == ["openapi.yaml"]:
                 return self._spec(environ, start_response)
+            if segments == ["monitor"]:
+                return self.monitor(self.broker, environ, start_response)
             result = self._dispatch(environ, segments)
         except HTTPError as err:
             result = err.response()
@@ -323,7 +342,22 @@ class AdminAPI:
             },
             "bytes": {"received": st.bytes_received, "sent": st.bytes_sent},
             "queues": {"messages": queued, "bytes": queued_bytes, "inflight": inflight},
+            "memory": {"rss_bytes": resident_memory()},
+            "storage": storage_json(broker.storage),
         }
+
+    def list_bridges(self, environ: dict, args: list[str]) -> tuple:
+        """Bridges and cluster routes: overall status and per link state and counters (the same
+        data as ``$SYS/broker/cluster/*``); no credentials."""
+        _ = self.broker  # 503 before the broker runs
+        bridges = getattr(self.service, "bridges", None)
+        if bridges is None:
+            return 200, {"status": "ok", "bridges": []}
+        return 200, bridges.status.summary()
+
+    def cluster_status(self, environ: dict, args: list[str]) -> tuple:
+        """The health listener's ``/cluster/status``, here too so the dashboard reads it from its origin."""
+        return cluster_status_body(self.broker.session_count())
 
     def list_sessions(self, environ: dict, args: list[str]) -> tuple:
         """Sessions by client id, one page: ``after`` (a cursor: the last client id of the previous
@@ -439,6 +473,27 @@ class AdminAPI:
         log.info("admin_reload", extra={"applied": ",".join(result.get("applied", [])),
                                         "seconds": round(time.monotonic() - started, 3)})
         return 200, {"status": "reloaded", **result}
+
+
+def resident_memory() -> int | None:
+    """This process's resident set size in bytes (Linux ``/proc``); None where unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def storage_json(storage: Any) -> dict[str, Any]:
+    """The storage backend as ``/stats`` shows it: type, sync mode, bytes used and the size limit."""
+    if not storage.durable:
+        return {"type": "memory", "sync": None, "used_bytes": None, "map_size": None, "refusing": False}
+    try:
+        used = storage.used_bytes()
+    except Exception:  # a closed or failed environment: /stats must still answer
+        used = None
+    return {"type": "lmdb", "sync": getattr(storage, "sync_mode", None), "used_bytes": used,
+            "map_size": getattr(storage, "map_size", None), "refusing": bool(storage.refusing)}
 
 
 def _retained_json(message: Any) -> dict[str, Any]:

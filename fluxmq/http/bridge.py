@@ -18,6 +18,9 @@ Authentication and ACLs are the MQTT listeners' (``broker.auth``): credentials c
 request acts as client ``http-bridge`` with that user name (an SSE stream as its own client id), so
 the same password file, HTTP service, ACL file and topic caps decide; a refusal is 403 (400 over a
 topic cap). A stream's deliveries and retained messages are filtered by the user's read rules.
+On a bridge listener bound to a network address with nothing configured to check a user name and
+``auth.allow_anonymous`` left at ``auto`` (Mosquitto 2's default; the node serves ``HTTPBridge.exposed()``
+there), every request is 401 with the challenge and an error naming ``auth.allow_anonymous``.
 
 Binary fields (``payload``, ``properties.correlation_data``) travel as UTF-8 text or base64, as
 ``payload_encoding`` says; responses and events use ``utf8`` when every binary field is valid UTF-8.
@@ -74,6 +77,8 @@ MAX_EXPIRY = 0xFFFFFFFF
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 RETRY_AFTER_SECONDS = 5  # what a 429 for a stream over its bound suggests
+# Set in the WSGI environ by ``ExposedBridge``: this listener refuses anonymous requests.
+REFUSE_ANONYMOUS = "fluxmq.refuse_anonymous"
 
 
 class HTTPError(Exception):
@@ -404,6 +409,10 @@ class HTTPBridge:
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         return self.app(environ, start_response)
 
+    def exposed(self) -> ExposedBridge:
+        """This bridge as served on a listener that refuses anonymous requests."""
+        return ExposedBridge(self)
+
     def reload(self, config: Any) -> set[str]:
         """Apply the reloadable keys of a new config (a ``BrokerService`` reload hook); returns them.
 
@@ -463,6 +472,14 @@ class HTTPBridge:
 
     def _authenticate(self, environ: dict) -> str | None:
         """The request's user name (None: anonymous); 401 when the broker's authentication refuses it."""
+        if REFUSE_ANONYMOUS in environ:
+            # Nothing is configured that could verify a user name (see ExposedBridge).
+            if environ.get("HTTP_AUTHORIZATION"):
+                raise HTTPError(401, "user names cannot be verified on a network listener without "
+                                "auth.password_file or auth.http.url (or set auth.allow_anonymous: true)",
+                                _CHALLENGE)
+            raise HTTPError(401, "anonymous clients are refused on a network listener: set "
+                            "auth.allow_anonymous: true, or auth.password_file or auth.http.url", _CHALLENGE)
         auth = self.broker.auth
         if auth is None or not auth.reads_user_names:
             return None  # nothing asks who the client is (limits alone): credentials are ignored
@@ -674,3 +691,21 @@ class HTTPBridge:
     def queued(self) -> int:
         """Messages waiting in every SSE stream's queue."""
         return sum(len(s.queue) for s in self.streams)
+
+
+class ExposedBridge:
+    """An ``HTTPBridge`` served on a network listener that refuses anonymous requests (Mosquitto 2's
+    default when ``auth.allow_anonymous`` is ``auto`` and nothing checks user names): the same bridge
+    (one stream registry), with the refusal marked in each request's environ."""
+
+    __slots__ = ("bridge",)
+
+    def __init__(self, bridge: HTTPBridge) -> None:
+        self.bridge = bridge
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        environ[REFUSE_ANONYMOUS] = True
+        return self.bridge(environ, start_response)
+
+    def pool_size(self, request_slots: int) -> int:
+        return self.bridge.pool_size(request_slots)

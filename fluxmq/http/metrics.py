@@ -64,6 +64,34 @@ class BrokerCollector(Collector):
         webhooks = getattr(self.service, "webhooks", None)
         if webhooks is not None:
             yield from self._webhooks(webhooks)
+        coap = getattr(self.service, "coap", None)
+        if coap is not None:
+            yield from self._coap(coap)
+        bridges = getattr(self.service, "bridges", None)
+        if bridges is not None:
+            yield from self._bridges(bridges)
+
+    @staticmethod
+    def _bridges(bridges: Any) -> Iterator[Metric]:
+        """Per MQTT bridge / cluster route (``bridge`` label = its name)."""
+        up = GaugeMetricFamily("fluxmq_bridge_connected", "1 while the bridge is connected to its peer.",
+                               labels=["bridge"])
+        queued = GaugeMetricFamily("fluxmq_bridge_queued_messages",
+                                   "Outbound messages held for the peer (queued and in flight).", labels=["bridge"])
+        fwd = CounterMetricFamily("fluxmq_bridge_forwarded", "Messages forwarded, by direction.",
+                                  labels=["bridge", "direction"])
+        dropped = CounterMetricFamily("fluxmq_bridge_dropped", "Messages dropped, by reason (validity, loop).",
+                                      labels=["bridge", "reason"])
+        for link in bridges.links:
+            snap = link.snapshot()
+            name = snap["name"]
+            up.add_metric([name], 1 if snap["state"] == "connected" else 0)
+            queued.add_metric([name], snap["queued"])
+            fwd.add_metric([name, "out"], snap["forwarded_out"])
+            fwd.add_metric([name, "in"], snap["forwarded_in"])
+            dropped.add_metric([name, "validity"], snap["dropped_validity"])
+            dropped.add_metric([name, "loop"], snap["dropped_loop"])
+        yield from (up, queued, fwd, dropped)
 
     def _connections(self, broker: Any) -> Iterator[Metric]:
         st = broker.stats
@@ -177,6 +205,29 @@ class BrokerCollector(Collector):
         yield from (sent, failed, retried, dropped, state, opened)
         yield GaugeMetricFamily("fluxmq_webhook_queue_events", "Webhook events waiting to be sent.",
                                 value=len(webhooks.queue))
+
+    @staticmethod
+    def _coap(coap: Any) -> Iterator[Metric]:
+        """The CoAP bridge (``fluxmq.coap.bridge.CoapBridge``): plain counters read at scrape time."""
+        responses = CounterMetricFamily("fluxmq_coap_responses", "CoAP responses sent, by code (e.g. 2.04).",
+                                        labels=["code"])
+        for code, value in sorted(coap.responses.items()):
+            responses.add_metric([f"{code >> 5}.{code & 31:02d}"], value)
+        yield responses
+        dropped = CounterMetricFamily("fluxmq_coap_dropped_datagrams", "CoAP datagrams dropped, by reason.",
+                                      labels=["reason"])
+        for reason, value in sorted(coap.dropped.items()):
+            dropped.add_metric([reason], value)
+        yield dropped
+        yield CounterMetricFamily("fluxmq_coap_retransmissions",
+                                  "Duplicate CoAP requests answered from the exchange cache, and CON "
+                                  "notifications resent.", value=coap.retransmissions)
+        yield GaugeMetricFamily("fluxmq_coap_observations", "CoAP observations open now.",
+                                value=len(coap.observations))
+        yield CounterMetricFamily("fluxmq_coap_observations_opened", "CoAP observations opened since start.",
+                                  value=coap.observations_total)
+        yield GaugeMetricFamily("fluxmq_coap_queue_messages", "Notifications waiting in observation queues.",
+                                value=sum(len(o.queue) for o in coap.observations.values()))
 
 
 def make_registry(service: Any, bridge: Any = None) -> CollectorRegistry:

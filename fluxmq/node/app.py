@@ -198,8 +198,9 @@ class NodeApplication(BaseApplication):
         self.config_loader = config_loader
         self.admin_token = admin_token(config, os.environ)
         check_admin_exposure(config.server.admin.addr, self.admin_token)
-        from fluxmq.node.service import check_anonymous_exposure
-        check_anonymous_exposure(config)
+        from fluxmq.node.service import anonymous_exposure, warn_anonymous_exposure
+        warn_anonymous_exposure(config)  # the node starts; those listeners refuse anonymous clients
+        self.exposed = set(anonymous_exposure(config))
         self.surfaces = http_surfaces(config)
         # TLS of the HTTPS bridge listeners, built here so a bad certificate stops the node at once.
         self.handshakes = [_https_handshake(config, name) for name, _ in self.surfaces]
@@ -255,7 +256,10 @@ class NodeApplication(BaseApplication):
                     health.mount("/metrics", make_metrics_app(make_registry(service, bridge)))
                 apps.append(health)
             elif name.startswith("http"):
-                apps.append(bridge)  # one bridge (and one SSE stream registry) for plain and TLS
+                # One bridge (and one SSE stream registry) for plain and TLS; a network listener
+                # without a decision about anonymous clients refuses them (anonymous_exposure).
+                section = "server.http." + (name.partition("_")[2] or "plain")
+                apps.append(bridge.exposed() if f"{section}.addr" in self.exposed else bridge)
             else:
                 admin = AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge,
                                  config.server.admin.allowed_hosts, config.server.admin.addr)

@@ -19,7 +19,10 @@ and serves HTTP: /health, /ready, /cluster/status and /metrics on server.health_
 bridge on server.http.*.addr and the admin API on server.admin.addr.
 
 Configuration precedence: --set > FLUXMQ_* environment variables > the --config file > built-in
-defaults. SIGTERM or SIGINT stop the node gracefully within server.shutdown_timeout (exit 0);
+defaults. FLUXMQ_DEBUG=true / FLUXMQ_TRACE=true force the log level; an unknown FLUXMQ_* variable
+is an error unless FLUXMQ_ENV_IGNORE lists it (comma-separated, PREFIX* allowed).
+
+SIGTERM or SIGINT stop the node gracefully within server.shutdown_timeout (exit 0);
 SIGHUP reloads the configuration into the running broker (docs/http.rst lists what applies).
 """
 
@@ -45,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
              "wins over the environment and the file")
     parser.add_argument(
         "--check", action="store_true",
-        help="validate the configuration, print the effective configuration as YAML and exit 0")
+        help="validate the configuration and load the files it names (password, ACL and credentials "
+             "files, certificates, keys); print the effective configuration as YAML and exit 0, or "
+             "every problem, one line each, and exit 2")
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the default configuration, every key commented, and exit (a starting point for --config)")
     parser.add_argument("--version", action="version", version=f"fluxmq-node {fluxmq.__version__}",
                         help="print the version and exit")
     return parser
@@ -72,15 +80,31 @@ def config_to_yaml(config) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fluxmq-node``; returns (or exits with) the process exit status."""
     args = build_parser().parse_args(argv)
+    if args.print_config:
+        from fluxmq.config.schema import SCHEMA
+
+        sys.stdout.write(SCHEMA.yaml())  # the same text as conf/fluxmq.yaml in a source checkout
+        return 0
     from fluxmq.config import load_config
 
     path = args.config or os.environ.get("FLUXMQ_CONFIG") or None
     try:
-        config = load_config(path, env=os.environ, overrides=tuple(args.overrides))
+        config = load_config(path, env=os.environ, overrides=tuple(args.overrides), all_errors=args.check)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        print(str(exc), file=sys.stderr)  # ConfigErrors: one line per problem
         return EXIT_CONFIG_ERROR
     if args.check:
+        from fluxmq.node.check import start_problems, start_warnings
+
+        problems = start_problems(config)
+        for warning in start_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
+        if problems:
+            for problem in problems:
+                print(str(problem), file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        for notice in config.notices:
+            print(f"notice: {notice}", file=sys.stderr)
         sys.stdout.write(config_to_yaml(config))
         return 0
 
@@ -94,10 +118,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log)
         app = NodeApplication(config, config_loader=reload_config)
     except ConfigError as exc:  # e.g. a log file that cannot be opened, an exposed admin API
-        print(str(exc), file=sys.stderr)
+        print(str(exc), file=sys.stderr)  # alone: a node that refuses to start says only why
         return EXIT_CONFIG_ERROR
+    log_start(config, path)
     app.run()  # exits the process with the arbiter's status
     return 0
+
+
+def log_start(config, path: str | None) -> None:
+    """The node's first log line (its config and where its data lives), then one line per notice."""
+    import logging
+
+    log = logging.getLogger("fluxmq.node")
+    storage = config.storage
+    data = os.path.abspath(storage.path) if storage.type == "lmdb" else "memory (not kept across restarts)"
+    log.info("node_starting", extra={"version": fluxmq.__version__, "config": path or "built-in defaults",
+                                     "storage": storage.type, "data": data})
+    for notice in config.notices:
+        log.warning("config_not_implemented", extra={"detail": notice})
 
 
 if __name__ == "__main__":

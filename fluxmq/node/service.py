@@ -14,11 +14,14 @@ import gevent
 
 from fluxmq.auth.limits import PublishLimits
 from fluxmq.auth.service import AuthService, AuthSettings
+from fluxmq.bridge import Bridges, bridges_from_config
 from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
+from fluxmq.coap.bridge import CoapBridge, CoapSettings
+from fluxmq.coap.dtls import CoapDTLSListener, server_context
+from fluxmq.coap.listener import CoapUDPListener
 from fluxmq.config import SCHEMA, parse_addr
-from fluxmq.errors import ConfigError
 from fluxmq.log import setup_logging
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
@@ -96,7 +99,7 @@ def broker_settings(config) -> BrokerSettings:
     )
 
 
-def protocol_settings(config, listener) -> ProtocolSettings:
+def protocol_settings(config, listener, refuse_anonymous: bool = False) -> ProtocolSettings:
     """The MQTT protocol settings of one listener."""
     b = config.broker
     return ProtocolSettings(
@@ -116,6 +119,7 @@ def protocol_settings(config, listener) -> ProtocolSettings:
         response_information=b.response_information,
         authenticators=authenticators_from_config(config.auth.enhanced.method,
                                                   config.auth.enhanced.credentials_file),
+        refuse_anonymous=refuse_anonymous,
     )
 
 
@@ -132,7 +136,7 @@ MQTT_LISTENERS = (
 # Listeners a client reaches without an MQTT or HTTP user name (every MQTT and HTTP bridge listener
 # but the mTLS ones, whose certificate identifies the client).
 ANONYMOUS_SURFACES = (*(section for name, section in MQTT_LISTENERS if name != "mtls"),
-                      "server.http.plain", "server.http.tls")
+                      "server.http.plain", "server.http.tls", "server.coap.plain", "server.coap.dtls")
 
 
 def _is_loopback(host: str) -> bool:
@@ -145,10 +149,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def anonymous_exposure(config) -> list[str]:
-    """The address keys of listeners that would take anonymous clients on a non-loopback address
-    although nobody asked for that (``auth.allow_anonymous`` left at ``auto``, no password file and no
-    HTTP auth service). Mosquitto 2 refuses such a setup too; ``check_anonymous_exposure`` stops the
-    node on it."""
+    """The address keys of listeners bound to a non-loopback address that refuse anonymous clients
+    because nobody decided otherwise (``auth.allow_anonymous`` left at ``auto``, no password file and
+    no HTTP auth service): Mosquitto 2's rule. The node starts; ``warn_anonymous_exposure`` says so
+    at start, and each of these listeners refuses clients it cannot identify (``refuse_anonymous``
+    of its ProtocolSettings, ``HTTPBridge.exposed`` for the bridge). The bind address decides, not
+    the peer's: a loopback client of a ``0.0.0.0`` listener is refused too."""
     a = config.auth
     if a.allow_anonymous != "auto" or a.password_file or a.http.url:
         return []  # anonymous is decided explicitly, or refused because credentials are configured
@@ -159,20 +165,35 @@ def anonymous_exposure(config) -> list[str]:
             continue
         if "ca_file" in lc and lc.ca_file and lc.client_auth in ("", "require"):
             continue  # a verified client certificate is required: not anonymous
+        if "psk_file" in lc and lc.psk_file and not lc.cert_file:
+            continue  # pre-shared keys only: every DTLS client has an identity
         if not _is_loopback(parse_addr(lc.addr)[0]):
             exposed.append(f"{section}.addr")
     return exposed
 
 
-def check_anonymous_exposure(config) -> None:
-    """``ConfigError`` (one line, the node exits 2) when ``anonymous_exposure`` finds a listener."""
-    exposed = anonymous_exposure(config)
-    if exposed:
-        key = exposed[0]
-        raise ConfigError(key, "", got=config.get(key), problem=(
-            f"{config.get(key)!r} takes anonymous clients from the network: bind a loopback address "
-            "(127.0.0.1:PORT), set auth.password_file or auth.http.url, or set auth.allow_anonymous: true "
-            f"to allow it (also: {', '.join(exposed[1:]) or 'no other listener'})"))
+# What an operator sets to let clients in on a network listener (the warning, --check, the refusals).
+ANONYMOUS_FIX = ("set auth.allow_anonymous: true to accept them, or auth.password_file "
+                 "or auth.http.url to check user names")
+
+
+def anonymous_exposure_warnings(config) -> list[str]:
+    """One line per ``anonymous_exposure`` listener (``--check`` prints them as warnings)."""
+    return [f"{key}: {config.get(key)!r} is a network address: anonymous clients are refused there "
+            f"(Mosquitto 2's default); {ANONYMOUS_FIX}" for key in anonymous_exposure(config)]
+
+
+def warn_anonymous_exposure(config) -> None:
+    """At start: one warning log line per listener that refuses anonymous clients (not an error)."""
+    for key in anonymous_exposure(config):
+        log.warning("anonymous_refused_on_network_listener",
+                    extra={"listener": _LISTENER_NAMES.get(key.removesuffix(".addr"), key), "key": key,
+                           "addr": config.get(key), "fix": ANONYMOUS_FIX})
+
+
+# The listener names the logs use for each anonymous surface.
+_LISTENER_NAMES = {**{section: name for name, section in MQTT_LISTENERS},
+                   "server.http.plain": "http", "server.http.tls": "http_tls"}
 
 
 def stream_factory(config, name: str, section: str):
@@ -237,6 +258,9 @@ class BrokerService:
         self.storage: Storage | None = None
         self.flusher: FlushScheduler | None = None
         self.webhooks: WebhookDispatcher | None = None  # webhook.enabled with endpoints
+        self.coap: CoapBridge | None = None  # the CoAP bridge when a CoAP listener is configured
+        self.coap_listeners: list = []
+        self.bridges: Bridges | None = None
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -268,16 +292,45 @@ class BrokerService:
             storage.start_background()
         log.info("storage_restored", extra={"start_took": round(time.monotonic() - started, 3)})
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
-        enabled = [(name, lc, stream_factory(cfg, name, section)) for name, section, lc in enabled if lc.addr]
-        for name, lc, factory in enabled:  # every TLS setting was checked before the first bind
+        enabled = [(name, section, lc, stream_factory(cfg, name, section))
+                   for name, section, lc in enabled if lc.addr]
+        exposed = anonymous_exposure(cfg)
+        for name, section, lc, factory in enabled:  # every TLS setting was checked before the first bind
             host, port = parse_addr(lc.addr)
-            listener = TCPListener(name, host, port, self.broker, protocol_settings(cfg, lc), flusher,
+            settings = protocol_settings(cfg, lc, refuse_anonymous=f"{section}.addr" in exposed)
+            listener = TCPListener(name, host, port, self.broker, settings, flusher,
                                    max_connections=lc.max_connections, stream_factory=factory)
             listener.start()
             self.listeners.append(listener)
+        self._start_coap(cfg)
         self.sys_topics = SysTopics(self.broker, cfg.broker.sys_interval)
         self.sys_topics.start()
+        configs = bridges_from_config(cfg)  # ConfigError (unreadable password) before any link opens
+        if configs:
+            self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval,
+                                   max_packet_size=cfg.broker.max_packet_size)
+            self.bridges.start()
         self._started = True
+
+    def _start_coap(self, cfg) -> None:
+        coap = cfg.server.coap
+        if not (coap.plain.addr or coap.dtls.addr or coap.mdtls.addr):
+            return
+        # DTLS settings are checked (ConfigError naming the key) before anything binds
+        secure = [(name, getattr(coap, name), server_context(getattr(coap, name), f"server.coap.{name}",
+                                                             require_client_cert=name == "mdtls"))
+                  for name in ("dtls", "mdtls") if getattr(coap, name).addr]
+        self.coap = bridge = CoapBridge(self.broker, CoapSettings.from_config(cfg))
+        bridge.start()
+        self.reload_hooks.append(bridge.reload)
+        if coap.plain.addr:
+            host, port = parse_addr(coap.plain.addr)
+            self.coap_listeners.append(CoapUDPListener("coap", host, port, bridge))
+        for name, section, (context, psk) in secure:
+            host, port = parse_addr(section.addr)
+            self.coap_listeners.append(CoapDTLSListener(f"coap_{name}", host, port, bridge, context, psk))
+        for listener in self.coap_listeners:
+            listener.start()
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, finish in-flight writes, close clients, within ``timeout`` seconds."""
@@ -286,8 +339,15 @@ class BrokerService:
         deadline = time.monotonic() + timeout
         for listener in self.listeners:
             listener.stop_accepting()
+        for coap_listener in self.coap_listeners:
+            coap_listener.stop()
+        if self.coap is not None:  # publishes waiting for their commit still get their answer
+            self.coap.commit_waiters.join(timeout=max(0.0, deadline - time.monotonic()))
+            self.coap.stop()
         if self.sys_topics is not None:
             self.sys_topics.stop()
+        if self.bridges is not None:
+            self.bridges.stop()
         self.broker.shutdown()
         for listener in self.listeners:
             left = max(0.0, deadline - time.monotonic())
@@ -314,7 +374,10 @@ class BrokerService:
         storage = (up, "storage not initialized")
         if up and self.storage is not None:
             storage = self.storage.ping()
-        return {"broker": (up, "" if up else "broker not initialized"), "storage": storage}
+        checks = {"broker": (up, "" if up else "broker not initialized"), "storage": storage}
+        if up and self.bridges is not None:
+            checks["bridges"] = self.bridges.status.readiness()  # a down bridge: degraded, still ready
+        return checks
 
     def reload(self, config) -> dict[str, list[str]]:
         """Apply what can change at run time from a newly loaded config (SIGHUP, admin ``/reload``).

@@ -39,6 +39,34 @@ HEARTBEAT_INTERVAL = 1.0
 QUICK_STOP_TIMEOUT = 1.0
 
 
+# URL scheme of each MQTT listener (fluxmq.node.service.MQTT_LISTENERS names).
+_MQTT_SCHEMES = {"tcp": "mqtt", "tls": "mqtts", "mtls": "mqtts", "ws": "ws", "wss": "wss"}
+
+
+def _host_port(address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listener_urls(service, surfaces, sockets) -> str:
+    """Where every listener is, as one space-separated text: ``tcp=mqtt://127.0.0.1:1883 health=http://...``.
+
+    Bound addresses, so a ``:0`` port shows the port the system chose.
+    """
+    parts = []
+    for listener in service.listeners:
+        scheme = _MQTT_SCHEMES.get(listener.name, listener.name)
+        path = ""
+        if scheme in ("ws", "wss"):
+            section = "server.websocket." + ("tls" if scheme == "wss" else "plain")
+            path = service.config.get(section).path
+        parts.append(f"{listener.name}={scheme}://{_host_port(listener.address)}{path}")
+    for (name, _), sock in zip(surfaces, sockets, strict=False):
+        scheme = "https" if name.endswith(("_tls", "_mtls")) else "http"
+        parts.append(f"{name}={scheme}://{_host_port(sock.getsockname())}")
+    return " ".join(parts)
+
+
 class BrokerWorker(GeventWorker):
     """A ``GeventWorker`` whose process also runs the node's ``BrokerService``.
 
@@ -79,6 +107,7 @@ class BrokerWorker(GeventWorker):
         # One WSGI app per bound socket (health, HTTP bridge, admin), in bind order.
         self.wsgi_apps = app.make_wsgi_apps(service)
         log.info("broker_started", extra={"pid": os.getpid()})
+        log.info("listeners", extra={"at": listener_urls(service, getattr(app, "surfaces", ()), self.sockets)})
 
     def _dispatch(self, environ: dict, start_response):
         """gunicorn's WSGI entry: the app of the socket the request's connection was accepted on."""

@@ -20,7 +20,7 @@ import gevent
 from fluxmq._core import codec as c
 from fluxmq._core.codec import Decoder, append_publish, encode, encode_publish
 from fluxmq.broker import auth_enhanced
-from fluxmq.broker.broker import Broker
+from fluxmq.broker.broker import BRIDGE_SESSION_PREFIX, Broker
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
 from fluxmq.errors import (
@@ -627,6 +627,11 @@ class MQTTConnection:
         if version == 3 and not 1 <= len(client_id) <= 23:
             self._refuse(RC_ID_REJECTED, 0x85, "MQTT 3.1 client identifiers have 1 to 23 characters")
             return
+        if client_id.startswith(BRIDGE_SESSION_PREFIX):
+            # The local sessions of the node's bridges (fluxmq.bridge): a client taking one over
+            # would receive and acknowledge away what is queued for a peer broker.
+            self._refuse(RC_ID_REJECTED, 0x85, "client identifiers starting with $bridge/ are reserved")
+            return
         if not client_id:
             if version == 4 and not p.clean_start:
                 # An empty client id needs a clean session [MQTT-3.1.3-8].
@@ -686,6 +691,9 @@ class MQTTConnection:
             will = Will(message, delay)
 
         pending = (p, will, expiry, send_quota, assigned)
+        if settings.refuse_anonymous and authenticator is None and getattr(self.stream, "cert_username", None) is None:
+            self._refuse_unidentified(p.username)
+            return
         auth = broker.auth
         if auth is not None and authenticator is None and getattr(self.stream, "cert_username", None) is None:
             # User name and password (a verified client certificate or an enhanced authentication
@@ -828,6 +836,17 @@ class MQTTConnection:
         else:
             # A failed re-authentication ends the connection [MQTT-4.12.1-2]; DISCONNECT has 0x87.
             raise MQTTError(step.reason or "re-authentication failed", 0x87)
+
+    def _refuse_unidentified(self, username: str | None) -> None:
+        """CONNECT on a listener that refuses anonymous clients (``ProtocolSettings.refuse_anonymous``):
+        nothing is configured that could verify a user name, so one is no credential either."""
+        if username is None:
+            reason = ("anonymous clients are refused on a network listener: set auth.allow_anonymous: true, "
+                      "or auth.password_file or auth.http.url")
+        else:
+            reason = ("user names cannot be verified on a network listener without auth.password_file or "
+                      "auth.http.url (or set auth.allow_anonymous: true)")
+        self._refuse(RC_NOT_AUTHORIZED, 0x87, reason)
 
     def _refuse(self, rc_v3: int, rc_v5: int, reason: str) -> None:
         log.info("connect_refused", extra={"peer": self.peer, "client_id": self.client_id, "code": hex(rc_v5 if self.version == 5 else rc_v3), "reason": reason})

@@ -9,7 +9,7 @@ class ProtocolSettings:
     __slots__ = ("max_packet_size", "max_message_size", "connect_timeout", "read_timeout", "write_timeout",
                  "close_timeout", "max_keepalive", "allow_zero_keepalive", "write_buffer_high", "max_qos",
                  "retain_available", "max_inflight", "max_topic_alias", "park_after", "topic_alias_policy",
-                 "response_information", "authenticators")
+                 "response_information", "authenticators", "refuse_anonymous")
 
     def __init__(self, max_packet_size: int = 2 << 20, max_message_size: int = 1 << 20,
                  connect_timeout: float = 10.0, read_timeout: float = 0.0, write_timeout: float = 60.0,
@@ -17,7 +17,7 @@ class ProtocolSettings:
                  write_buffer_high: int = 1 << 20, max_qos: int = 2, retain_available: bool = True,
                  max_inflight: int = 100, max_topic_alias: int = 0, park_after: float = 5.0,
                  topic_alias_policy: str = "none", response_information: str = "",
-                 authenticators: dict | None = None) -> None:
+                 authenticators: dict | None = None, refuse_anonymous: bool = False) -> None:
         self.max_packet_size = max_packet_size
         self.max_message_size = max_message_size
         self.connect_timeout = connect_timeout
@@ -39,3 +39,8 @@ class ProtocolSettings:
         self.response_information = response_information
         # 5.0 enhanced authentication: Authentication Method -> fluxmq.broker.auth_enhanced.Authenticator
         self.authenticators = authenticators or {}
+        # A listener on a network address with no decision about anonymous clients and nothing to
+        # check a user name with (Mosquitto 2's default): every CONNECT that neither an enhanced
+        # authentication method nor a client certificate authenticates is refused (checked at
+        # CONNECT only, never per message).
+        self.refuse_anonymous = refuse_anonymous

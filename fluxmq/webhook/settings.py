@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass, field
 
@@ -84,11 +85,16 @@ class WebhookSettings:
                                       problem=f"expected MQTT topic filters, got {f!r} ({exc.reason})") from None
                 if parse_shared(f) is not None:
                     raise ConfigError(f"{key}.topic_filters", "topic filters without $share", source, line, got=f)
-            secret = item["secret"].encode("utf-8")
-            if item["secret_file"]:
-                if secret:
-                    raise ConfigError(f"{key}.secret_file", "secret or secret_file, not both", source, line,
+            secret = b""
+            if item["secret_env"]:
+                if item["secret_file"]:
+                    raise ConfigError(f"{key}.secret_file", "secret_env or secret_file, not both", source, line,
                                       got=item["secret_file"])
+                secret = os.environ.get(item["secret_env"], "").encode("utf-8")
+                if not secret:
+                    raise ConfigError(f"{key}.secret_env", "the name of a set, non-empty environment variable",
+                                      source, line, got=item["secret_env"])
+            if item["secret_file"]:
                 try:
                     with open(item["secret_file"], "rb") as f:
                         secret = f.readline().strip()

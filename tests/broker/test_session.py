@@ -241,6 +241,44 @@ def test_expired_queued_message_is_not_delivered():
     assert stats.drops == {"expired": 1}
 
 
+# -- message validity (a bridge's message_validity) ---------------------------------------------------
+
+def test_validity_drops_queued_messages_older_than_it_and_counts_them(monkeypatch):
+    """Issue 14: a queued message older than message_validity when its turn comes is dropped and counted."""
+    import fluxmq.broker.session as session_module
+
+    now = [1000.0]
+    monkeypatch.setattr(session_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("fluxmq.broker.message.time.monotonic", lambda: now[0])
+    s, stats = make()
+    s.validity = 5.0
+    s.deliver(msg("old"), 1, False, None)  # offline: queued with a deadline 5 s from now
+    now[0] += 6.0
+    s.deliver(msg("fresh"), 1, False, None)
+    d = RecordingDelivery()
+    s.attach(d, 10)
+    assert [t for t, *_ in d.sent] == ["fresh"]
+    assert s.validity_drops == 1 and stats.drops["expired"] == 1
+
+
+def test_validity_keeps_an_earlier_message_expiry(monkeypatch):
+    """The deadline is the earlier of the message's own expiry and the validity."""
+    s, _ = make()
+    s.validity = 60.0
+    m = Message("t", b"x", 1, expires_at=5.0)  # long passed on the monotonic clock
+    s.deliver(m, 1, False, None)
+    assert s.queue[0][0] is m
+
+
+def test_session_limits_can_be_replaced():
+    """A bridge's own max_queued_messages bounds its outbound store."""
+    s, stats = make()
+    s.limits = SessionLimits(max_queued_messages=2)
+    for i in range(3):
+        s.deliver(msg(f"t{i}"), 1, False, None)
+    assert len(s.queue) == 2 and stats.drops["queue_full"] == 1
+
+
 def test_closing_connection_keeps_qos1_and_qos2_queued_and_drops_qos0_as_offline():
     s, stats = make()
     d = RecordingDelivery()

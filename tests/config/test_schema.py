@@ -63,7 +63,7 @@ def test_enums_offer_the_documented_choices() -> None:
     assert SCHEMA.keys["broker.shared_subscription_strategy"].type.choices == (
         "round_robin", "random", "least_inflight")
     assert SCHEMA.keys["storage.type"].type.choices == ("memory", "lmdb")
-    assert SCHEMA.keys["log.level"].type.choices == ("debug", "info", "warning", "error")
+    assert SCHEMA.keys["log.level"].type.choices == ("trace", "debug", "info", "warn", "warning", "error")
     assert SCHEMA.keys["log.format"].type.choices == ("text", "json")
 
 

@@ -105,10 +105,12 @@ def test_parse_bool_refuses(text: str) -> None:
 
 
 def test_bool_from_yaml_is_strict() -> None:
-    """In a file only YAML booleans count: "yes" and 1 are not booleans there."""
+    """In a file YAML booleans count, and YAML 1.1's yes/no/on/off (go-yaml decodes them into a bool);
+    1, a quoted "true" and other words do not."""
     b = Bool()
     assert b.from_yaml(True) is True
-    for value in ("yes", "true", 1, 0, None):
+    assert b.from_yaml("yes") is True and b.from_yaml("Off") is False
+    for value in ("maybe", "true", "1", 1, 0, None):
         with pytest.raises(ValueError):
             b.from_yaml(value)
     assert b.from_text("yes") is True

@@ -271,16 +271,6 @@ def test_non_loopback_admin_without_token_refuses_to_start(node_factory: NodeFac
     assert len(lines) == 1 and "server.admin.addr" in lines[0] and "FLUXMQ_ADMIN_TOKEN" in lines[0]
 
 
-@pytest.mark.parametrize("key", ["server.tcp.plain.addr", "server.http.plain.addr"])
-def test_anonymous_listener_on_every_interface_refuses_to_start(node_factory: NodeFactory, key: str) -> None:
-    """Mosquitto 2 refuses anonymous clients on a configured listener; fluxmq refuses to open one to
-    the network without a decision (auth.allow_anonymous) or credentials (issue 17 item 11)."""
-    n = node_factory({key: f":{free_port()}"}, wait_ready=False)
-    assert n.wait(30) == 2
-    lines = n.log_text().splitlines()
-    assert len(lines) == 1 and key in lines[0] and "auth.allow_anonymous: true" in lines[0], lines
-
-
 def test_admin_and_bridge_on_one_port_refuses_to_start(node_factory: NodeFactory) -> None:
     port = free_port()
     n = node_factory({"server.admin.addr": f"127.0.0.1:{port}", "server.http.plain.addr": f"127.0.0.1:{port}"},

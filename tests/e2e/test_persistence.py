@@ -379,6 +379,16 @@ def _fill(path: Path) -> None:
                 break
 
 
+def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether paho got the PUBACK. When the broker closes the connection while paho is still writing
+    a large PUBLISH, paho marks the message as never sent and ``is_published`` raises instead of
+    answering False; either way no acknowledgement came."""
+    try:
+        return info.is_published()
+    except RuntimeError:
+        return False
+
+
 def test_a_failed_commit_is_retried_and_spares_clients_with_nothing_at_stake(node_factory: NodeFactory,
                                                                             tiny_disk: Path) -> None:
     """A full disk fails the commit of a retained QoS 1 message (issue 17 item 3). Its publisher
@@ -399,7 +409,7 @@ def test_a_failed_commit_is_retried_and_spares_clients_with_nothing_at_stake(nod
     _fill(filler)
     info = pub.client.publish("live/big", b"B" * 300_000, qos=1, retain=True)
     assert pub.wait_disconnected(WAIT), "the publisher of the failed batch was not disconnected"
-    assert not info.is_published()  # no PUBACK for a message that is not stored
+    assert not _acknowledged(info)  # no PUBACK for a message that is not stored
     assert pub.disconnect_reason is not None and pub.disconnect_reason.value == 0x97
     got = sub.get()
     assert got.topic == "live/big" and len(got.payload) == 300_000

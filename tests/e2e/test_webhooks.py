@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import re
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,8 @@ def auth_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def webhook_yaml(url: str, extra: str = "", endpoint_extra: str = "") -> str:
+    secret_file = Path(tempfile.mkdtemp(prefix="webhook-")) / "key"
+    secret_file.write_text(SECRET + "\n")
     return f"""
 webhook:
   enabled: true
@@ -83,7 +86,7 @@ webhook:
     - name: rx
       url: "{url}"
       events: ["*"]
-      secret: "{SECRET}"
+      secret_file: "{secret_file}"
 {endpoint_extra}
 """
 

@@ -189,6 +189,32 @@ def test_stats(spec, app, broker) -> None:
     assert body["messages"]["received_by_qos"] == {"0": 0, "1": 1, "2": 0}
     assert body["messages"]["sent_by_qos"] == {"0": 0, "1": 1, "2": 0}
     assert body["queues"]["inflight"] == 1
+    assert body["memory"]["rss_bytes"] > 0
+    assert body["storage"] == {"type": "memory", "sync": None, "used_bytes": None, "map_size": None,
+                               "refusing": False}
+
+
+def test_stats_name_the_lmdb_store_its_size_and_sync_mode(spec, tmp_path) -> None:
+    """The dashboard's overview shows storage size and sync mode: /stats carries them."""
+    from fluxmq.storage.lmdb import LMDBStorage
+    storage = LMDBStorage(tmp_path / "data", map_size=64 << 20, sync="none")
+    try:
+        storage.load()
+        app = AdminAPI(SimpleNamespace(broker=Broker(storage=storage), listeners=[]), TOKEN)
+        status, _, body = json_call(spec, app, "GET", "/stats")
+    finally:
+        storage.close()
+    assert status == 200
+    assert body["storage"]["type"] == "lmdb" and body["storage"]["sync"] == "none"
+    assert body["storage"]["map_size"] == 64 << 20 and 0 < body["storage"]["used_bytes"] < 64 << 20
+
+
+def test_cluster_status_is_the_health_listeners(spec, app, broker) -> None:
+    online(broker, "c1")
+    status, _, body = json_call(spec, app, "GET", "/cluster/status")
+    assert status == 200
+    assert body == {"node_id": "single-node", "is_leader": False, "cluster_mode": False, "sessions": 1}
+    assert json_call(spec, app, "GET", "/cluster/status", headers=None)[0] == 401
 
 
 # -- sessions --------------------------------------------------------------------------------------
@@ -331,7 +357,8 @@ def test_every_route_is_documented(spec, app) -> None:
                   for method in item if method in ("get", "post", "delete", "put", "patch")}
     routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}"),
                method) for method, pattern, _ in app._routes}
-    assert routes | {("/openapi.yaml", "GET")} == documented
+    served_before_dispatch = {("/openapi.yaml", "GET"), ("/monitor", "GET"), ("/dashboard/{file}", "GET")}
+    assert routes | served_before_dispatch == documented
 
 
 def test_not_running_broker_is_503(spec) -> None:
@@ -448,3 +475,21 @@ def test_delete_retained_answers_after_the_delete_is_committed(spec, tmp_path) -
             assert txn.get(b"gone", db=store._dbs[6]) is None
     finally:
         store.close()
+
+
+def test_bridges_lists_links_with_state_and_counters(spec: OpenAPI, broker: Broker) -> None:
+    """GET /bridges: the $SYS/broker/cluster data (issue 14), as the spec describes it; no password."""
+    from fluxmq.bridge import Bridges
+    from fluxmq.bridge.config import BridgeConfig, TopicRoute
+
+    bridges = Bridges([BridgeConfig("cloud", "127.0.0.1", 1, password=b"pw-never-shown",
+                                    topics=(TopicRoute("a/#", "out", 1),))], broker)
+    bridges.links[0]._open_session()
+    app = AdminAPI(SimpleNamespace(broker=broker, listeners=[], bridges=bridges), TOKEN)
+    status, _, body = json_call(spec, app, "GET", "/bridges")
+    assert status == 200 and body["status"] == "down"
+    [entry] = body["bridges"]
+    assert (entry["name"], entry["state"], entry["queued"]) == ("cloud", "down", 0)
+    assert "pw-never-shown" not in repr(body)
+    status, _, body = json_call(spec, AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN), "GET", "/bridges")
+    assert (status, body) == (200, {"status": "ok", "bridges": []})

@@ -472,6 +472,26 @@ def test_topic_cap_alone_leaves_authorization_headers_alone(bridge: HTTPBridge, 
     assert over.status == 400
 
 
+def test_exposed_bridge_refuses_every_request_and_the_same_bridge_elsewhere_does_not(bridge: HTTPBridge,
+                                                                                     broker: Broker) -> None:
+    """``HTTPBridge.exposed()`` (a network listener with nothing to check user names, issue 17 item
+    11): 401 with the Basic challenge and an error naming auth.allow_anonymous, with or without
+    credentials, on every endpoint; the bridge as served on a loopback listener still answers."""
+    exposed = bridge.exposed()
+    basic = {"Authorization": "Basic " + base64.b64encode(b"mallory:x").decode()}
+    for method, path, query, headers in (("POST", "/publish", "", None), ("POST", "/publish", "", basic),
+                                         ("POST", "/topics/a/b", "", None), ("GET", "/retained/a/b", "", None),
+                                         ("GET", "/subscribe", "filter=a/%23", None)):
+        body = json.dumps({"topic": "a/b"}).encode() if path == "/publish" else b"x"
+        resp = wsgi_call(exposed, method, path, body, query=query, headers=headers)
+        assert resp.status == 401, (path, resp.status)
+        assert resp.headers["WWW-Authenticate"].startswith("Basic")
+        assert "auth.allow_anonymous" in resp.json()["error"]
+    assert len(broker.sessions) == 0  # no SSE session was opened
+    assert exposed.pool_size(10) == bridge.pool_size(10)
+    assert publish_json(bridge, {"topic": "a/b"}).status == 200
+
+
 # -- bounds (issue 17 item 10) ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("body", [b"[" * 100_000, b'{"topic": "a", "properties": ' + b'{"a": ' * 50_000,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 
 from fluxmq.config import SCHEMA, load_config, parse_addr
-from fluxmq.errors import ConfigError
 from fluxmq.node.app import WORKER_TIMEOUT, NodeApplication, NodeLogger, gunicorn_bind, stop_margins
 from fluxmq.node.service import anonymous_exposure
 from fluxmq.node.worker import BrokerWorker
@@ -73,13 +73,19 @@ def test_every_default_listener_binds_loopback() -> None:
 
 
 @pytest.mark.parametrize("key", ["server.tcp.plain.addr", "server.websocket.plain.addr",
-                                 "server.http.plain.addr"])
+                                 "server.http.plain.addr", "server.coap.plain.addr"])
 @pytest.mark.parametrize("addr", [":1", "0.0.0.0:1", "192.168.1.5:1", "broker.example:1"])
-def test_anonymous_listener_on_the_network_refuses_to_start(key: str, addr: str) -> None:
+def test_anonymous_listener_on_the_network_starts_with_a_warning(key: str, addr: str, caplog) -> None:
+    """As Mosquitto 2: the node starts and that listener refuses anonymous clients (a config copied
+    from the reference documents, ``addr: ":1883"`` without auth, starts: issue 15)."""
     cfg = load_config(None, env={}, overrides=[f"{key}={addr}"])
     assert anonymous_exposure(cfg) == [key]
-    with pytest.raises(ConfigError, match=rf"{key}.*auth.allow_anonymous: true"):
+    with caplog.at_level(logging.WARNING, logger="fluxmq"):
         NodeApplication(cfg)
+    warned = [r for r in caplog.records if r.getMessage() == "anonymous_refused_on_network_listener"]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    fields = warned[0].__dict__
+    assert fields["key"] == key and fields["addr"] == addr and "auth.allow_anonymous: true" in fields["fix"]
 
 
 @pytest.mark.parametrize("opened_by", ["auth.allow_anonymous=true", "auth.allow_anonymous=false",
@@ -87,6 +93,17 @@ def test_anonymous_listener_on_the_network_refuses_to_start(key: str, addr: str)
 def test_network_listener_starts_when_anonymous_is_decided(opened_by: str) -> None:
     cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=:1", opened_by])
     assert anonymous_exposure(cfg) == []
+
+
+def test_psk_only_dtls_coap_listener_is_not_anonymous(tmp_path) -> None:
+    """Every DTLS client of a PSK-only listener has an identity; with a certificate it may have none."""
+    psk = tmp_path / "psk"
+    psk.write_text("dev:00ff\n")
+    cfg = load_config(None, env={}, overrides=["server.coap.dtls.addr=:1", f"server.coap.dtls.psk_file={psk}"])
+    assert anonymous_exposure(cfg) == []
+    cfg = load_config(None, env={}, overrides=["server.coap.dtls.addr=:1", f"server.coap.dtls.psk_file={psk}",
+                                               "server.coap.dtls.cert_file=/x.crt"])
+    assert anonymous_exposure(cfg) == ["server.coap.dtls.addr"]
 
 
 def test_loopback_listeners_stay_anonymous() -> None:

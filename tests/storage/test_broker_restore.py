@@ -351,3 +351,27 @@ def test_wait_committed_with_the_memory_backend_returns_at_once() -> None:
     broker = Broker(BrokerSettings())
     broker.publish(Message("kept", b"v", 1, True))
     broker.wait_committed(timeout=0)
+
+
+def test_bridge_outbound_store_survives_a_restart_and_is_never_capped(tmp_path: Path) -> None:
+    """Issue 14: a bridge's outbound store ($bridge/NAME) keeps what the peer has not acknowledged
+    across a restart, and broker.max_session_expiry never ends it (an ordinary session does end)."""
+    from fluxmq.bridge.config import BridgeConfig, TopicRoute
+    from fluxmq.bridge.link import BridgeLink
+
+    node = Node(tmp_path / "data", max_session_expiry=1)
+    cfg = BridgeConfig("cloud", "127.0.0.1", 1, max_queued_messages=50, topics=(TopicRoute("q/#", "out", 1),))
+    BridgeLink(cfg, node.broker)._open_session()
+    s, d, _ = node.connect("ordinary", EXPIRY_NEVER)
+    node.broker.subscribe(s, "q/#", 1)
+    node.disconnect(s, d)
+    for i in range(3):
+        node.publish(f"q/{i}", b"m")
+    time.sleep(1.2)  # past the 1 s cap while "down"
+    node = node.restart()
+    assert "ordinary" not in node.broker.sessions
+    bridge = node.broker.sessions["$bridge/cloud"]
+    assert len(bridge.queue) == 3 and bridge.expiry_interval == EXPIRY_NEVER
+    link = BridgeLink(cfg, node.broker)
+    assert link._open_session() is bridge and bridge.limits.max_queued_messages == 50
+    node.storage.abort()

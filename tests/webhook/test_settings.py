@@ -34,6 +34,12 @@ def test_backoff_pauses_grow_to_the_cap() -> None:
     assert [r.pause(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
 
 
+def test_secret_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUXMQ_TEST_WH_KEY", "from-env")
+    s = settings(tmp_path, "    - {name: a, url: 'http://h/', secret_env: FLUXMQ_TEST_WH_KEY}\n")
+    assert s.endpoints[0].secret == b"from-env"
+
+
 def test_secret_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("k3y\n")
     s = settings(tmp_path, f"    - {{name: a, url: 'http://h/', secret_file: '{tmp_path / 'key'}'}}\n")
@@ -49,10 +55,14 @@ def test_secret_from_a_file(tmp_path: Path) -> None:
      "without $share"),
     ("    - {name: a, url: 'http://h/', secret_file: '/nonexistent/key'}\n", "webhook.endpoints[0].secret_file",
      "readable file"),
-    ("    - {name: a, url: 'http://h/', secret: x, secret_file: '/k'}\n", "webhook.endpoints[0].secret_file",
-     "not both"),
+    ("    - {name: a, url: 'http://h/', secret_env: FLUXMQ_TEST_WH_KEY, secret_file: '/k'}\n",
+     "webhook.endpoints[0].secret_file", "not both"),
+    ("    - {name: a, url: 'http://h/', secret_env: FLUXMQ_TEST_WH_UNSET}\n", "webhook.endpoints[0].secret_env",
+     "non-empty environment variable"),
 ])
-def test_bad_endpoints_are_config_errors(tmp_path: Path, endpoints: str, key: str, words: str) -> None:
+def test_bad_endpoints_are_config_errors(tmp_path: Path, endpoints: str, key: str, words: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUXMQ_TEST_WH_KEY", "k")
     with pytest.raises(ConfigError) as info:
         settings(tmp_path, endpoints)
     assert info.value.key == key and words in str(info.value)
