@@ -81,6 +81,12 @@ class QuotaExceeded(MQTTError):
     reason_code = 0x97
 
 
+class QueueRefused(MQTTError):
+    """A durable queue (``$queue/...``) refused a publish or a subscription; ``reason_code`` is the
+    5.0 code for the PUBACK/SUBACK (0x90 no such queue, 0x97 queue full, 0x8F no such queue to
+    subscribe, 0x83 QoS 0 subscription) and the message its reason string."""
+
+
 class ConfigError(FluxMQError):
     """Invalid configuration: one line naming the key, the file and line, and what is expected.
 

@@ -15,7 +15,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
-from fluxmq.errors import NotAuthorized, QuotaExceeded, StorageError
+from fluxmq.errors import NotAuthorized, QueueRefused, QuotaExceeded, StorageError
 from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
@@ -41,6 +41,8 @@ log = logging.getLogger("fluxmq.broker")
 # Client ids of the local sessions of the node's bridges (fluxmq.bridge): refused to MQTT clients
 # (the protocol layer checks), and never expired by broker.max_session_expiry, not even at restore.
 BRIDGE_SESSION_PREFIX = "$bridge/"
+#: topics and filters of durable queues (fluxmq.queues)
+QUEUE_PREFIX = "$queue/"
 
 
 class BrokerSettings:
@@ -137,6 +139,10 @@ class Broker:
         self._qos0_refusal_logged = False
         # fluxmq.auth.service.AuthService, or None: no authentication, ACLs or limits at all.
         self.auth = None
+        # Durable queues ($queue/...): a fluxmq.queues.QueueManager, made on first use by
+        # queue_factory(broker) (set by the node), so plain publish/subscribe never imports them.
+        self.queues = None
+        self.queue_factory: Callable[[Broker], object] | None = None
         # Event observers (fluxmq.broker.events): None costs one check per hook; the per-message
         # hooks stay None unless the sink wants them, so they cost nothing more on the hot path.
         self.events: EventSink | None = None
@@ -203,6 +209,8 @@ class Broker:
             if old is not None:
                 session.detach()
                 self.connected -= 1
+                if self.queues is not None:
+                    self.queues.session_gone(session)
                 old_will = session.will
                 session.will = None
                 old.close(0x8E, "session taken over")
@@ -266,6 +274,8 @@ class Broker:
         self.stats.connections_total += 1
         session.connected_since = time.time()
         session.attach(delivery, send_quota or self.settings.max_inflight)
+        if self.queues is not None and self.queues.resumable:
+            self.queues.session_attached(session)
 
     def close_session(self, session: Session, delivery: Delivery, publish_will: bool) -> None:
         """The connection of ``session`` ended (``publish_will`` False after a normal DISCONNECT)."""
@@ -273,6 +283,8 @@ class Broker:
             return  # taken over: the new connection owns the session now
         session.detach()
         self.connected -= 1
+        if self.queues is not None:
+            self.queues.session_gone(session)  # its queue deliveries go to other members
         session.disconnected_at = time.time()
         will = session.will if publish_will else None
         session.will = None
@@ -358,6 +370,8 @@ class Broker:
 
     def _forget_session(self, session: Session) -> None:
         """The end of ``_end_session``: out of the router, the store and the session table."""
+        if self.queues is not None:
+            self.queues.resumable.pop(session.client_id, None)  # its queue memberships end too
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
         session.subscriptions.clear()
@@ -506,7 +520,10 @@ class Broker:
         stats.received_bytes_qos[msg_qos] += size
         # 1 publish in 64 (of each QoS) is timed until its deliveries are flushed (_observe_latency).
         started = perf_counter() if not received[msg_qos] & LATENCY_SAMPLE_MASK else 0.0
-        route = self.router.route(message.topic)
+        topic = message.topic
+        if topic[0] == "$" and topic.startswith(QUEUE_PREFIX):
+            return self._queue_manager().publish(message, origin)
+        route = self.router.route(topic)
         store = self._store
         ops_before = 0
         if store is not None:
@@ -556,6 +573,15 @@ class Broker:
         if self._on_delivered is not None:
             self._report_deliveries(message, route.targets, origin)
         return n
+
+    def _queue_manager(self):
+        """The durable queues, made on first use (raises QueueRefused when the node has none)."""
+        queues = self.queues
+        if queues is None:
+            if self.queue_factory is None:
+                raise QueueRefused("durable queues are not available on this node", 0x90)
+            queues = self.queues = self.queue_factory(self)
+        return queues
 
     def _report_deliveries(self, message: Message, targets, origin: Session | None) -> None:
         """message.delivered per subscriber of ``targets`` (walked again only when observed, so the
@@ -633,9 +659,16 @@ class Broker:
 
     def subscribe(self, session: Session, filter: str, qos: int, no_local: bool = False,
                   retain_as_published: bool = False, retain_handling: int = 0,
-                  subscription_id: int = 0) -> SubscribeResult:
-        """Add or replace a subscription [MQTT-3.8.4-3]; raises TopicFilterInvalid for a bad filter."""
+                  subscription_id: int = 0, user_properties: list | None = None) -> SubscribeResult:
+        """Add or replace a subscription [MQTT-3.8.4-3]; raises TopicFilterInvalid for a bad filter.
+
+        A ``$queue/{name}[/{filter}]`` filter joins a durable queue's consumer group instead (its
+        5.0 ``user_properties`` name the group and options); raises QueueRefused when refused."""
         validate_filter(filter)
+        if filter.startswith(QUEUE_PREFIX):
+            version = session.delivery.version if session.delivery is not None else 5
+            granted = self._queue_manager().subscribe(session, filter, qos, user_properties, version)
+            return SubscribeResult(granted, [], None)
         granted = min(qos, self.settings.max_qos)
         shared = parse_shared(filter)
         sub = Subscription(session, filter, granted, no_local, retain_as_published, retain_handling,
@@ -673,6 +706,8 @@ class Broker:
 
     def unsubscribe(self, session: Session, filter: str) -> bool:
         """Remove a subscription; False when the session had none with that filter."""
+        if filter.startswith(QUEUE_PREFIX) and self.queues is not None:
+            return self.queues.unsubscribe(session, filter)
         if session.subscriptions.pop(filter, None) is None:
             return False
         self.router.remove(filter, session)

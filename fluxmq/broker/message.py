@@ -77,3 +77,16 @@ class Message:
 
     def __repr__(self) -> str:
         return f"Message(topic={self.topic!r}, qos={self.qos}, retain={self.retain}, {len(self.payload)} bytes)"
+
+
+class TrackedMessage(Message):
+    """A delivery whose settlement its sender tracks (a durable queue's): ``settle(session,
+    reason_code, ticket)`` is called when the client's PUBACK for it arrives. Sent with
+    ``Session.send_tracked``: never queued or stored with the session."""
+
+    __slots__ = ("settle", "ticket")
+
+    def __init__(self, topic: str, payload: bytes, properties: dict | None, settle, ticket) -> None:
+        Message.__init__(self, topic, payload, 1, False, properties)
+        self.settle = settle
+        self.ticket = ticket

@@ -87,7 +87,8 @@ class Router:
             subs = match.subscribers
             if subs and self.read_filter is not None:
                 allowed = self.read_filter
-                subs = [s for s in subs if allowed(s.session, topic)]
+                # A broker-internal target (a durable queue's capture) is not a client: no ACL.
+                subs = [s for s in subs if getattr(s.session, "trusted", False) or allowed(s.session, topic)]
             route = Route(_aggregate(subs) if subs else [], match.groups)
             if len(self._routes) >= _ROUTE_CACHE_MAX:
                 self._routes.clear()

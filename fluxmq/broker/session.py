@@ -25,7 +25,7 @@ from fluxmq.storage.base import Storage, StoredQueue
 from fluxmq.storage.queue import DiskQueue
 
 from .delivery import Delivery
-from .message import Message
+from .message import Message, TrackedMessage
 from .stats import BrokerStats
 
 log = logging.getLogger("fluxmq.broker.session")
@@ -102,10 +102,12 @@ class Will:
 class Session:
     """State of one client identifier."""
 
+    trusted = False  # a client (the router's read filter applies); broker-internal targets say True
+
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
                  "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",
-                 "reread", "validity", "validity_drops")
+                 "reread", "validity", "validity_drops", "on_room")
 
     def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
         self.client_id = client_id
@@ -139,6 +141,9 @@ class Session:
         # queued messages carry the deadline, so the direct send path pays nothing.
         self.validity = 0.0
         self.validity_drops = 0  # queued messages dropped as expired when their turn came
+        # Called with the session when its output drains (durable queues waiting to send); None
+        # for a client that consumes no queue.
+        self.on_room = None
 
     @property
     def limits(self) -> SessionLimits:
@@ -193,6 +198,21 @@ class Session:
         # sent the message to the queue.)
         self._stats.dropped("packet_too_large")
         return 0
+
+    def send_tracked(self, message: Message) -> int:
+        """Send a QoS 1 message whose settlement the caller tracks (``TrackedMessage``, a durable
+        queue's delivery): only when the client's window and output have room, never queued or
+        stored with the session. Returns its packet id, 0 when the client cannot take it now."""
+        d = self.delivery
+        if d is None or self.queue or self.held or len(self.inflight) >= self.send_quota or d.is_congested():
+            return 0
+        return Session._send_new(self, d, message, 1, False, None)
+
+    def can_take_tracked(self) -> bool:
+        """True when ``send_tracked`` would send now."""
+        d = self.delivery
+        return (d is not None and not self.queue and not self.held and len(self.inflight) < self.send_quota
+                and not d.is_congested())
 
     def _alloc_packet_id(self) -> int:
         pid = self._next_pid
@@ -362,14 +382,18 @@ class Session:
 
     # -- acknowledgements from the client -------------------------------------------------------
 
-    def on_puback(self, packet_id: int) -> bool:
-        """PUBACK for an outbound QoS 1 message; False if the id is not in flight as QoS 1."""
+    def on_puback(self, packet_id: int, reason_code: int = 0) -> bool:
+        """PUBACK for an outbound QoS 1 message; False if the id is not in flight as QoS 1.
+        A tracked delivery (durable queue) is told, with the 5.0 reason code."""
         entry = self.inflight.get(packet_id)
         if entry is None or entry.qos != 1:
             return False
         self._forget_inflight(packet_id)  # before pump() may reuse the id
         if self.queue or self.held:
             self.pump()
+        message = entry.message
+        if message.__class__ is TrackedMessage:
+            message.settle(self, reason_code, message.ticket)
         return True
 
     def on_pubrec(self, packet_id: int, reason_code: int = 0) -> bool:
@@ -449,6 +473,8 @@ class Session:
         """The client's output drained below its low-water mark."""
         if self.queue or self.held:
             self.pump()
+        if self.on_room is not None:
+            self.on_room(self)
 
     def __repr__(self) -> str:
         state = "online" if self.delivery is not None else "offline"

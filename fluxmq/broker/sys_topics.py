@@ -43,8 +43,22 @@ class SysTopics:
             "retained messages/count": str(len(b.retained)),
         }
 
+    def queue_values(self) -> dict[str, str]:
+        """``queues/{name}/depth|consumers|appended|delivered|acked|dead_lettered`` per durable queue."""
+        manager = self.broker.queues
+        if manager is None:
+            return {}
+        out = {"queues/count": str(len(manager.queues))}
+        for q in manager.describe():
+            base = f"queues/{q['name']}/"
+            out[base + "depth"] = str(q["depth"])
+            out[base + "consumers"] = str(q["consumers"])
+            for name in ("appended", "delivered", "acked", "nacked", "rejected", "dead_lettered", "expired"):
+                out[base + name] = str(q["counters"].get(name, 0))
+        return out
+
     def publish_once(self) -> None:
-        for suffix, text in self.values().items():
+        for suffix, text in {**self.values(), **self.queue_values()}.items():
             self.broker.publish(Message(f"$SYS/broker/{suffix}", text.encode(), 0, True))
 
     def start(self) -> None:

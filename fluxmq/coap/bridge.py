@@ -55,6 +55,7 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import CONTENT_TYPE, Message
 from fluxmq.errors import (
     MalformedDatagram,
+    QueueRefused,
     QuotaExceeded,
     StorageError,
     TopicFilterInvalid,
@@ -579,6 +580,9 @@ class CoapBridge:
         message = Message(topic, payload, qos, retain, props)
         try:
             broker.publish(message)
+        except QueueRefused as exc:  # $queue/...: no such queue (auto_create off) or the queue is full
+            raise CoapRefusal(codec.NOT_FOUND if exc.reason_code == 0x90 else codec.SERVICE_UNAVAILABLE,
+                              exc.reason) from None
         except QuotaExceeded:
             raise CoapRefusal(codec.SERVICE_UNAVAILABLE, "storage full: not accepted") from None
         options = self._block1_echo(msg)
@@ -718,6 +722,9 @@ class CoapBridge:
         except TopicFilterInvalid as exc:
             self.end_observation(obs, "invalid filter")
             raise CoapRefusal(codec.BAD_REQUEST, f"invalid topic filter: {exc.reason}") from None
+        except QueueRefused as exc:  # queue deliveries must be acknowledged, which Observe cannot do
+            self.end_observation(obs, "durable queue")
+            raise CoapRefusal(codec.BAD_REQUEST, f"durable queues are consumed over MQTT: {exc.reason}") from None
         self._answer(req, codec.CONTENT, b"", [(codec.OBSERVE, codec.encode_uint(obs.seq))])
         if result.retained:
             broker.deliver_retained(session, result)

@@ -100,6 +100,7 @@ SECTION_DOCS: dict[str, str] = {
     "server.admin": "Admin API; bearer token from server.admin.token_file or FLUXMQ_ADMIN_TOKEN.",
     "broker": "Protocol-independent broker limits and policies.",
     "storage": "Where sessions, retained messages and queues are kept.",
+    "queue_manager": "Durable queues ($queue/...; docs/queues.rst).",
     "auth": "Client authentication and authorization (docs/security.rst).",
     "auth.enhanced": "MQTT 5.0 enhanced authentication (AUTH packets) and re-authentication.",
     "auth.http": "HTTP authentication (and optional ACL) service with a decision cache (docs/security.rst).",
@@ -249,6 +250,54 @@ CLUSTER_ROUTE_ITEM = Fields({
     "node_id": Field(Str(allow_empty=False), required=True, doc="This node's unique client id at the peer."),
     **_LINK_COMMON,
 }, summary="route mapping")
+
+
+class QueueName(ValueType):
+    """A durable queue's name: one topic level, no wildcards."""
+
+    summary = "queue name"
+    expected = "a queue name (one topic level: no /, + or #)"
+
+    def from_yaml(self, value: object) -> str:
+        if not isinstance(value, str) or not value or any(ch in value for ch in "/+#\x00"):
+            raise ValueError("")
+        return str(value)
+
+
+QUEUE_ITEM = Fields({
+    "name": Field(QueueName(), required=True, doc="Queue name: PUBLISH/SUBSCRIBE $queue/{name}[/...]."),
+    "topics": Field(StrList(), [], doc="Ordinary topic filters whose publishes are copied into the queue."),
+    "type": Field(Enum("classic", "stream"), "classic",
+                  doc="classic: a work queue; stream: a replayable log read by group cursors."),
+    "partitions": Field(Int(1, 1024), 1,
+                        doc="Partitions by key (user property partition-key, else the routing key): one owner "
+                            "per partition per group, so order per key holds."),
+    "max_inflight": Field(Int(1, 65535), 100, doc="Unsettled deliveries per consumer (and its Receive Maximum)."),
+    "visibility_timeout": Field(Duration(), 30.0, doc="Unsettled this long: delivered again, to another member."),
+    "auto_commit_interval": Field(Duration(), 5.0, doc="Streams: how often a group's cursor is committed."),
+    "retention": Field(Fields({
+        "max_age": Field(Duration(), 0.0, doc="Records older than this are deleted; 0 = no limit."),
+        "max_length_messages": Field(Int(0), 0, doc="Most records kept; 0 = no limit."),
+        "max_length_bytes": Field(Size(), 0, doc="Most bytes kept; 0 = no limit."),
+        "compact": Field(Bool(), False,
+                         doc="Keep only the newest record per key (partition-key, else the routing key)."),
+    }, summary="retention mapping"), {}, doc="Background deletion of old records."),
+    "limits": Field(Fields({
+        "max_message_size": Field(Size(), 0, doc="Largest payload appended; 0 = broker.max_message_size."),
+        "max_depth": Field(Int(0), 0, doc="Most stored records; a full queue refuses publishes (0x97)."),
+        "message_ttl": Field(Duration(), 0.0, doc="Records older than this expire at delivery; 0 = never."),
+    }, summary="limits mapping"), {}, doc="Queue limits."),
+    "retry": Field(Fields({
+        "max_retries": Field(Int(1), 10, doc="Deliveries before the message goes to the DLQ."),
+        "initial_backoff": Field(Duration(), 1.0, doc="Redelivery delay after the first nack."),
+        "max_backoff": Field(Duration(), 60.0, doc="Longest redelivery delay."),
+        "multiplier": Field(Float(1.0), 2.0, doc="Backoff growth per delivery."),
+    }, summary="retry mapping"), {}, doc="Redelivery after nack or visibility timeout."),
+    "dlq": Field(Fields({
+        "enabled": Field(Bool(), True, doc="Move messages past max_retries or rejected to the DLQ."),
+        "topic": Field(Str(), "", doc='DLQ topic; "" = $queue/{name}.dlq.'),
+    }, summary="dlq mapping"), {}, doc="Dead-letter queue."),
+}, summary="queue mapping")
 
 
 def _limit_keys(section: str) -> tuple[Key, ...]:
@@ -495,6 +544,13 @@ KEYS: tuple[Key, ...] = (
     Key("storage.max_queued_bytes", Size(1), "100MiB",
         "Offline queue bound of a persistent session (kept on disk), in bytes; when full the oldest "
         "queued QoS 0 message is dropped, else the new message is (counted as queue_full)."),
+    Key("queue_manager.auto_create", Bool(), True,
+        "A $queue/{name} that matches no configured queue creates one with the defaults; false refuses "
+        "it (PUBACK 0x90, SUBACK 0x8F)."),
+    Key("queues", FieldsList(QUEUE_ITEM, "list of queues", unique="name"), [],
+        "Durable queues: {name, topics, type, partitions, max_inflight, visibility_timeout, retention{max_age, "
+        "max_length_messages, max_length_bytes, compact}, limits{max_message_size, max_depth, message_ttl}, "
+        "retry{max_retries, initial_backoff, max_backoff, multiplier}, dlq{enabled, topic}} (docs/queues.rst)."),
     Key("log.level", Enum("trace", "debug", "info", "warn", "warning", "error", ignore_case=True), "info",
         "Least severe level written (warn = warning; trace is below debug)."),
     Key("log.debug", Bool(), False, "Hard override: log at debug whatever log.level says (also FLUXMQ_DEBUG=true)."),
@@ -562,7 +618,8 @@ class Schema:
 
     def _add(self, key: Key) -> None:
         if not _NAME.fullmatch(key.name) or ("." not in key.name and not isinstance(key.type, FieldsList)):
-            raise ValueError(f"schema: bad key name {key.name!r} (want section.key, lowercase)")
+            raise ValueError(f"schema: bad key name {key.name!r} (want section.key, lowercase; a top-level "
+                             "key only for a list of mappings)")
         if key.name in self.keys:
             raise ValueError(f"schema: duplicate key {key.name}")
         parts = key.name.split(".")

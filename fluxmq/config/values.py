@@ -593,9 +593,10 @@ class Fields(ValueType):
 class FieldsList(ValueType):
     """A list of ``Fields`` mappings (a YAML sequence; JSON text from the environment)."""
 
-    def __init__(self, item: Fields, summary: str = "list of mappings") -> None:
+    def __init__(self, item: Fields, summary: str = "list of mappings", unique: str | None = None) -> None:
         self.item = item
         self.summary = summary
+        self.unique = unique  # a field whose value must differ between items (``name``)
         self.expected = f"a list of mappings with fields {', '.join(item.fields)}"
 
     def from_yaml(self, value: object, path: str = "") -> list[dict]:
@@ -604,13 +605,22 @@ class FieldsList(ValueType):
         if not isinstance(value, list | tuple):
             raise ItemError(path, None, "expected a list of mappings")
         items = []
+        seen: dict = {}
         for i, item in enumerate(value):
             try:
-                items.append(self.item.from_yaml(item, f"{path}[{i}]"))
+                parsed = self.item.from_yaml(item, f"{path}[{i}]")
             except ItemError as exc:
                 if exc.line is None:
                     exc.line = _yaml_line(value, i, True)
                 raise
+            if self.unique is not None:
+                name = parsed.get(self.unique)
+                if name in seen:
+                    line = _yaml_line(item, self.unique, False) or _yaml_line(value, i, True)
+                    raise ItemError(f"{path}[{i}].{self.unique}", line,
+                                    f"duplicate {self.unique} {name!r} (also item [{seen[name]}])")
+                seen[name] = i
+            items.append(parsed)
         return items
 
     def from_text(self, text: str) -> list[dict]:

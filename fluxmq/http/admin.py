@@ -206,6 +206,11 @@ class AdminAPI:
             ("DELETE", "retained/*", self.delete_retained),
             ("POST", "reload", self.reload),
             ("GET", "bridges", self.list_bridges),
+            ("GET", "queues", self.list_queues),
+            ("GET", "queues/*/messages", self.peek_queue),  # before queues/*, which takes any rest
+            ("POST", "queues/*/purge", self.purge_queue),
+            ("POST", "queues/*/replay", self.replay_queue),
+            ("GET", "queues/*", self.get_queue),
             ("GET", "cluster/status", self.cluster_status),
         ]
         self.dashboard = DashboardFiles()
@@ -461,6 +466,60 @@ class AdminAPI:
             raise HTTPError(503, "storage error: the deletion was not committed") from None
         log.info("admin_retained_deleted", extra={"topic": topic})
         return 200, {"topic": topic, "deleted": True}
+
+    # -- durable queues ----------------------------------------------------------------------------
+
+    def _queues(self, name: str | None = None) -> Any:
+        manager = self.broker.queues
+        if manager is None or (name is not None and name not in manager.queues):
+            if name is None:
+                return None
+            raise HTTPError(404, f"no queue {name!r}")
+        return manager
+
+    def list_queues(self, environ: dict, args: list[str]) -> tuple:
+        _only(query(environ), set())
+        manager = self._queues()
+        return 200, {"queues": manager.describe() if manager is not None else []}
+
+    def get_queue(self, environ: dict, args: list[str]) -> tuple:
+        return 200, self._queues(args[0]).describe(args[0])[0]
+
+    def peek_queue(self, environ: dict, args: list[str]) -> tuple:
+        params = query(environ)
+        _only(params, {"limit", "offset"})
+        limit, _ = _limit(params)
+        raw = one_param(params, "offset", "")
+        if raw and not raw.isdigit():
+            raise HTTPError(400, "offset must be an integer >= 0")
+        records = self._queues(args[0]).peek(args[0], int(raw) if raw else None, limit)
+        out = []
+        for rec in records:
+            body = message_json(rec.message, False)
+            body.pop("retain", None)
+            body["offset"] = rec.offset
+            body["timestamp"] = rec.timestamp
+            out.append(body)
+        return 200, {"queue": args[0], "messages": out}
+
+    def purge_queue(self, environ: dict, args: list[str]) -> tuple:
+        n = self._queues(args[0]).purge(args[0])
+        try:
+            self.broker.wait_committed()
+        except StorageError:
+            raise HTTPError(503, "storage error: the purge was not committed") from None
+        return 200, {"queue": args[0], "purged": n}
+
+    def replay_queue(self, environ: dict, args: list[str]) -> tuple:
+        params = query(environ)
+        _only(params, {"limit"})
+        limit, _ = _limit(params)
+        n = self._queues(args[0]).replay_dlq(args[0], limit)
+        try:
+            self.broker.wait_committed()
+        except StorageError:
+            raise HTTPError(503, "storage error: the replay was not committed") from None
+        return 200, {"queue": args[0], "replayed": n}
 
     def reload(self, environ: dict, args: list[str]) -> tuple:
         if self._reload is None:

@@ -63,7 +63,7 @@ from fluxmq.broker.message import (
     USER_PROPERTY,
     Message,
 )
-from fluxmq.errors import QuotaExceeded, StorageError, TopicFilterInvalid, TopicNameInvalid
+from fluxmq.errors import QueueRefused, QuotaExceeded, StorageError, TopicFilterInvalid, TopicNameInvalid
 from fluxmq.http.router import Router, json_response
 
 log = logging.getLogger("fluxmq.http.bridge")
@@ -521,6 +521,9 @@ class HTTPBridge:
             message = Message(topic, payload, qos, retain)
         try:
             deliveries = self.broker.publish(message)
+        except QueueRefused as exc:
+            # $queue/...: no such queue (auto_create off, 0x90) or the queue is full (0x97).
+            raise HTTPError(404 if exc.reason_code == 0x90 else 503, exc.reason) from None
         except QuotaExceeded:
             # The store is full: the message would have to be stored and cannot be (MQTT 5.0 0x97).
             raise HTTPError(503, "storage full: the message was not accepted") from None
@@ -658,6 +661,10 @@ class HTTPBridge:
         except TopicFilterInvalid as exc:
             self._end_stream(stream, session)
             raise HTTPError(400, f"invalid topic filter: {exc.reason}") from None
+        except QueueRefused as exc:
+            # $queue/...: deliveries must be acknowledged, which a stream cannot do.
+            self._end_stream(stream, session)
+            raise HTTPError(400, f"durable queues are consumed over MQTT: {exc.reason}") from None
         for result in results:
             if result.retained:
                 broker.deliver_retained(session, result)

@@ -59,6 +59,8 @@ class BrokerCollector(Collector):
         yield from self._traffic(broker.stats)
         yield from self._state(broker)
         yield self._latency(broker.stats)
+        if broker.queues is not None:
+            yield from self._queues(broker.queues)
         if self.bridge is not None:
             yield from self._http(self.bridge)
         webhooks = getattr(self.service, "webhooks", None)
@@ -165,6 +167,34 @@ class BrokerCollector(Collector):
             "fluxmq_delivery_latency_seconds",
             f"Publish-to-delivery latency (routing, encoding, socket write), sampled 1 in {LATENCY_SAMPLE_MASK + 1} "
             "publishes.", buckets=buckets, sum_value=st.latency_sum)
+
+    #: per-queue counters exported (QueueManager.describe "counters")
+    QUEUE_COUNTERS = ("appended", "delivered", "acked", "nacked", "rejected", "dead_lettered", "expired",
+                      "timed_out", "retention_dropped", "capture_refused")
+
+    @classmethod
+    def _queues(cls, manager: Any) -> Iterator[Metric]:
+        described = manager.describe()
+        depth = GaugeMetricFamily("fluxmq_queue_depth", "Records stored in a durable queue.", labels=["queue"])
+        size = GaugeMetricFamily("fluxmq_queue_bytes", "Bytes stored in a durable queue.", labels=["queue"])
+        consumers = GaugeMetricFamily("fluxmq_queue_consumers", "Consumers of a durable queue.", labels=["queue"])
+        lag = GaugeMetricFamily("fluxmq_queue_group_lag", "Records a consumer group has not settled.",
+                                labels=["queue", "group"])
+        counters = {name: CounterMetricFamily(f"fluxmq_queue_{name}", f"Durable queue records {name}.",
+                                              labels=["queue"]) for name in cls.QUEUE_COUNTERS}
+        for q in described:
+            depth.add_metric([q["name"]], q["depth"])
+            size.add_metric([q["name"]], q["bytes"])
+            consumers.add_metric([q["name"]], q["consumers"])
+            for group, g in q["groups"].items():
+                lag.add_metric([q["name"], group], g["lag"])
+            for name, family in counters.items():
+                family.add_metric([q["name"]], q["counters"].get(name, 0))
+        yield depth
+        yield size
+        yield consumers
+        yield lag
+        yield from counters.values()
 
     @staticmethod
     def _http(bridge: Any) -> Iterator[Metric]:

@@ -281,6 +281,7 @@ class BrokerService:
         self.broker.set_auth(auth)
         self.flusher = flusher = FlushScheduler(storage)
         load_and_restore(storage, self.broker)
+        self._set_up_queues(cfg, storage)
         if hooks is not None:  # after restore: wills published at a restart are not client events
             self.webhooks = webhooks = WebhookDispatcher(hooks, self.broker.settings.node_id)
             broker = self.broker
@@ -311,6 +312,27 @@ class BrokerService:
                                    max_packet_size=cfg.broker.max_packet_size)
             self.bridges.start()
         self._started = True
+
+    def _set_up_queues(self, cfg, storage: Storage) -> None:
+        """Durable queues: started now when configured or stored, else made on first use of a
+        ``$queue/`` topic (the import is deferred until then)."""
+        items = list(cfg.queues)
+        auto_create = cfg.queue_manager.auto_create
+
+        def make(broker: Broker):
+            from fluxmq.queues import QueueManager
+            from fluxmq.queues.config import QueueConfig
+
+            manager = QueueManager(storage, [QueueConfig.from_dict(item) for item in items], auto_create)
+            manager.install_captures(broker.router)
+            manager.start()
+            return manager
+
+        self.broker.queue_factory = make
+        if items or storage.has_queue_data():
+            self.broker.queues = make(self.broker)
+            if storage.durable:
+                self.flusher.ensure_committed()  # groups of configured queues, recorded at start
 
     def _start_coap(self, cfg) -> None:
         coap = cfg.server.coap
@@ -348,6 +370,8 @@ class BrokerService:
             self.sys_topics.stop()
         if self.bridges is not None:
             self.bridges.stop()
+        if self.broker.queues is not None:
+            self.broker.queues.stop()
         self.broker.shutdown()
         for listener in self.listeners:
             left = max(0.0, deadline - time.monotonic())

@@ -27,6 +27,7 @@ from fluxmq.errors import (
     MQTTError,
     NotAuthorized,
     ProtocolError,
+    QueueRefused,
     QuotaExceeded,
     StorageError,
     TopicFilterInvalid,
@@ -904,7 +905,10 @@ class MQTTConnection:
             accepted, reason = False, 0x99
         if qos == 0:
             if accepted:
-                self._route(topic, p, props)
+                try:
+                    self._route(topic, p, props)
+                except QueueRefused as exc:  # no ack to carry it: logged
+                    log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": str(exc)})
             return
         pid = p.packet_id
         # The ack's reason code needs routing first, but the ack goes ahead of whatever routing
@@ -917,6 +921,11 @@ class MQTTConnection:
                 try:
                     if not self._route(topic, p, props) and self.version == 5:
                         reason = 0x10  # accepted, but nobody subscribes to it
+                except QueueRefused as exc:
+                    reason = self._refuse_queue(topic, exc)
+                    if reason and self._problem_info:
+                        self._write_v5(c.Puback(pid, reason, {c.REASON_STRING: exc.reason}))
+                        return
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
             if reason and self.version == 5:
@@ -935,6 +944,8 @@ class MQTTConnection:
                     if not self._route(topic, p, props) and self.version == 5:
                         reason = 0x10  # accepted, but nobody subscribes to it
                     inbound.add(pid)
+                except QueueRefused as exc:
+                    reason = self._refuse_queue(topic, exc)
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
         if reason and self.version == 5:
@@ -971,6 +982,14 @@ class MQTTConnection:
         if self.version != 5:
             raise _Close()
         return 0x97
+
+    def _refuse_queue(self, topic: str, exc: QueueRefused) -> int:
+        """A durable queue refused the publish (no such queue 0x90, full 0x97): 5.0 gets the code
+        on its ack; 3.x has no negative ack, so the connection closes without one."""
+        log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": exc.reason})
+        if self.version != 5:
+            raise _Close()
+        return exc.reason_code
 
     def _route(self, topic: str, p, props) -> int:
         """Publish the PUBLISH's message; returns the number of deliveries."""
@@ -1031,7 +1050,7 @@ class MQTTConnection:
         return known
 
     def _on_puback(self, p) -> None:
-        self.session.on_puback(p.packet_id)
+        self.session.on_puback(p.packet_id, p.reason_code if self.version == 5 else 0)
 
     def _on_pubrec(self, p) -> None:
         known = self.session.on_pubrec(p.packet_id, p.reason_code)
@@ -1070,6 +1089,7 @@ class MQTTConnection:
         results = []
         refused = []
         denied = []
+        queue_refusals = []
         policy = self._policy
         for s in p.subscriptions:
             if policy is not None:
@@ -1088,7 +1108,14 @@ class MQTTConnection:
                     raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
                 result = broker.subscribe(session, s.filter, s.qos, s.no_local if v5 else False,
                                           s.retain_as_published if v5 else False,
-                                          s.retain_handling if v5 else 0, sub_id)
+                                          s.retain_handling if v5 else 0, sub_id,
+                                          p.properties.get(c.USER_PROPERTY) if v5 and p.properties else None)
+            except QueueRefused as exc:
+                # 3.x has only 0x80 [MQTT-3.9.3-2]
+                log.info("subscribe_refused", extra={"client_id": self.client_id, "filter": s.filter, "reason": exc.reason})
+                codes.append(exc.reason_code if v5 else 0x80)
+                queue_refusals.append(exc.reason)
+                continue
             except TopicFilterInvalid:
                 log.info("subscribe_refused", extra={"client_id": self.client_id, "filter": s.filter, "reason": "invalid_filter"})
                 codes.append(0x8F if v5 else 0x80)
@@ -1102,6 +1129,9 @@ class MQTTConnection:
                 props = {c.REASON_STRING: "invalid topic filter: " + ", ".join(refused)}
             if denied and self._problem_info:
                 text = "not authorized or over a limit: " + ", ".join(denied)
+                props = {c.REASON_STRING: props[c.REASON_STRING] + "; " + text if props else text}
+            if queue_refusals and self._problem_info:
+                text = "; ".join(queue_refusals)
                 props = {c.REASON_STRING: props[c.REASON_STRING] + "; " + text if props else text}
             self._write_v5(c.Suback(p.packet_id, codes, props))
         else:

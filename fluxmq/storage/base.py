@@ -113,6 +113,21 @@ class Storage:
     def touch_alive(self) -> None:
         """Record that the node is alive now (restores judge sessions online at a crash by it)."""
 
+    # -- durable queues ----------------------------------------------------------------------------
+
+    def queue_log(self):
+        """The ``QueueLogStore`` of the durable queues (storage/queue_log.py); in memory here."""
+        log = self.__dict__.get("_memory_queue_log")
+        if log is None:
+            from .queue_log import MemoryQueueLog
+
+            log = self.__dict__["_memory_queue_log"] = MemoryQueueLog()
+        return log
+
+    def has_queue_data(self) -> bool:
+        """True when the store holds durable-queue records (the queue manager then starts at once)."""
+        return False
+
     # -- sessions ----------------------------------------------------------------------------------
 
     def put_session(self, client_id: str, expiry_interval: int, disconnected_at: float,

@@ -11,6 +11,7 @@ Layout (named sub-databases; keys in ``records``)::
     queue          client_id NUL u64 seq -> entry (offline queue, in order)
     retained       topic -> message
     wills          client_id -> delay + message
+    queues         durable queue logs and consumer-group progress (schema 2; see queue_log.py)
 
 Writes are buffered per key (the last operation on a key wins, so a PUBLISH acknowledged within
 the same loop turn costs nothing on disk) and applied in one write transaction by ``commit``.
@@ -46,10 +47,16 @@ from .base import Storage, StoredQueue, StoredSession, StoredState
 log = logging.getLogger("fluxmq.storage")
 
 MAGIC = b"fluxmq-storage"
-SCHEMA_VERSION = 1
+#: 2 added the ``queues`` sub-database (durable queues); a version 1 store is upgraded at open.
+SCHEMA_VERSION = 2
 
-DB_NAMES = (b"meta", b"sessions", b"subscriptions", b"inflight", b"inbound_qos2", b"queue", b"retained", b"wills")
-META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS = range(len(DB_NAMES))
+DB_NAMES = (b"meta", b"sessions", b"subscriptions", b"inflight", b"inbound_qos2", b"queue", b"retained", b"wills",
+            b"queues")
+META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS, QUEUES = range(len(DB_NAMES))
+# Sub-databases added by each schema version (an older store gets them at open: _migrate).
+_ADDED_IN = {2: (b"queues",)}
+# Sub-databases whose keys do not start with a client id (Batch.clients skips them).
+_SHARED_DBS = (META, RETAINED, QUEUES)
 # Sub-databases whose keys start with client_id NUL: a session's end deletes by prefix there.
 # Queues are deleted apart, a chunk per commit (see _gc_queue): 100,000 entries take ~0.1 s.
 _CLIENT_DBS = (SUBS, INFLIGHT, INBOUND)
@@ -139,7 +146,7 @@ class _Batch:
         """Client ids the batch's operations belong to (keys are client_id or client_id NUL ...)."""
         out = set(self.stakes)
         for db, ops in enumerate(self.ops):
-            if db in (META, RETAINED) or not ops:
+            if db in _SHARED_DBS or not ops:
                 continue
             for key in ops:
                 out.add(key.split(b"\x00", 1)[0].decode(errors="replace"))
@@ -202,6 +209,7 @@ class LMDBStorage(Storage):
         self._closing = False
         self._syncing = False
         self._lock_file = None
+        self._queue_log = None
         self.env = None
         try:
             self.env = self._open()
@@ -312,6 +320,8 @@ class LMDBStorage(Storage):
                 if version > SCHEMA_VERSION:
                     raise StorageError(f"{self._where()}: written by a newer fluxmq (schema version {version}, "
                                        f"this build reads up to {SCHEMA_VERSION}); refusing to use it")
+                if version < SCHEMA_VERSION:
+                    self._migrate(txn, meta, version, names)
                 return [env.open_db(name, txn=txn) for name in DB_NAMES]
         except StorageError:
             env.close()
@@ -326,6 +336,18 @@ class LMDBStorage(Storage):
             env.close()
             self._unlock()
             raise StorageError(f"{self._where()}: cannot read the store: {exc}") from None
+
+    def _migrate(self, txn, meta, version: int, names: list[bytes]) -> None:
+        """Upgrade an older store in the opening transaction: create the sub-databases later
+        versions added (empty) and record the new version. Older builds refuse the result (their
+        "newer schema" check), so the upgrade is logged."""
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for name in _ADDED_IN.get(step, ()):
+                if name not in names:
+                    self.env.open_db(name, txn=txn)
+        txn.put(b"schema_version", _U32.pack(SCHEMA_VERSION), db=meta)
+        log.warning("storage_upgraded", extra={"path": str(self.path), "from_version": version,
+                                               "to_version": SCHEMA_VERSION})
 
     # -- usage and the refusal flag ----------------------------------------------------------------
 
@@ -511,6 +533,18 @@ class LMDBStorage(Storage):
 
     def touch_alive(self) -> None:
         self._put(META, b"last_alive", _F64.pack(time.time()))
+
+    def queue_log(self):
+        """The durable queues' log store, written through this backend's batch (queue_log.py)."""
+        if self._queue_log is None:
+            from .queue_log import LMDBQueueLog
+
+            self._queue_log = LMDBQueueLog(self, QUEUES)
+        return self._queue_log
+
+    def has_queue_data(self) -> bool:
+        with self.env.begin() as txn:
+            return txn.stat(self._dbs[QUEUES])["entries"] > 0
 
     # -- reads (buffered operations first, then the batch being written, then LMDB) ----------------
 

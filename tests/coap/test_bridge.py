@@ -392,3 +392,23 @@ def test_an_authenticated_observer_gets_notifications_at_once() -> None:
         assert [(n.mtype, n.payload) for n in t.take()] == [(codec.NON, b"0"), (codec.NON, b"1"), (codec.NON, b"2")]
     finally:
         b.stop()
+
+
+def test_queue_topics_append_or_are_refused_with_a_code(bridge: CoapBridge) -> None:
+    """Durable queues (issue 10): a POST to $queue/... appends; unknown queue 4.04; Observe 4.00."""
+    t = RecordingTransport()
+    bridge.datagram(req(codec.CON, codec.POST, 1, "$queue/orders/1", payload=b"x"), PEER, t)
+    settle()
+    (answer,) = t.take()
+    assert answer.code == codec.NOT_FOUND  # this broker has no queue manager: like auto_create off
+    from fluxmq.queues import QueueManager
+
+    bridge.broker.queues = QueueManager(bridge.broker.storage)
+    bridge.datagram(req(codec.CON, codec.POST, 2, "$queue/orders/1", payload=b"x"), PEER, t)
+    settle()
+    (answer,) = t.take()
+    assert answer.code == codec.CHANGED and bridge.broker.queues.queues["orders"].log.count == 1
+    bridge.datagram(req(codec.CON, codec.GET, 3, "$queue/orders", extra=((codec.OBSERVE, b""),)), PEER, t)
+    settle()
+    (answer,) = t.take()
+    assert answer.code == codec.BAD_REQUEST and not bridge.observations

@@ -349,3 +349,32 @@ def test_secret_on_command_line_is_an_error() -> None:
     err = error_of(overrides=["auth.db_password=hunter2"], schema=SECRET_SCHEMA)
     assert "may only be set from the environment" in str(err)
     assert "hunter2" not in str(err)
+
+
+# -- queues: a list of mappings (issue 10) ----------------------------------------------------------
+
+def test_queues_list_is_read_with_defaults(write) -> None:
+    cfg = load_config(write("queues:\n  - name: orders\n    visibility_timeout: 5s\n    retry: {max_retries: 3}\n"),
+                      env={})
+    (q,) = cfg.queues
+    assert q["name"] == "orders" and q["visibility_timeout"] == 5.0
+    assert q["retry"]["max_retries"] == 3 and q["retry"]["initial_backoff"] == 1.0
+    assert q["dlq"] == {"enabled": True, "topic": ""} and cfg.queue_manager.auto_create is True
+
+
+@pytest.mark.parametrize(("text", "where", "problem"), [
+    ("queues:\n  - name: a\n    colour: red\n", "queues[0].colour", "unknown field"),
+    ("queues:\n  - name: a\n  - name: b\n  - name: a\n", "queues[2].name", "duplicate name 'a'"),
+    ("queues:\n  - name: a\n    retention:\n      max_age: soon\n", "queues[0].retention.max_age",
+     "expected a duration"),
+    ("queues:\n  - name: a/b\n", "queues[0].name", "expected a queue name"),
+])
+def test_queues_errors_name_the_item_file_and_line(write, text: str, where: str, problem: str) -> None:
+    path = write(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"config error: {where} ({path}:" in message and problem in message
+    line = int(message.split(f"{path}:", 1)[1].split(")", 1)[0])
+    assert text.splitlines()[line - 1].strip().split(":")[0].lstrip("- ") in where

@@ -355,8 +355,8 @@ def test_every_route_is_documented(spec, app) -> None:
     paths = YAML(typ="safe", pure=True).load(SPEC_PATH.read_text())["paths"]
     documented = {(path, method.upper()) for path, item in paths.items()
                   for method in item if method in ("get", "post", "delete", "put", "patch")}
-    routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}"),
-               method) for method, pattern, _ in app._routes}
+    routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}")
+               .replace("queues/*", "queues/{name}"), method) for method, pattern, _ in app._routes}
     served_before_dispatch = {("/openapi.yaml", "GET"), ("/monitor", "GET"), ("/dashboard/{file}", "GET")}
     assert routes | served_before_dispatch == documented
 
@@ -493,3 +493,51 @@ def test_bridges_lists_links_with_state_and_counters(spec: OpenAPI, broker: Brok
     assert "pw-never-shown" not in repr(body)
     status, _, body = json_call(spec, AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN), "GET", "/bridges")
     assert (status, body) == (200, {"status": "ok", "bridges": []})
+
+
+# -- durable queues (issue 10) ---------------------------------------------------------------------
+
+def _queue_broker(broker: Broker):
+    from fluxmq.broker.message import USER_PROPERTY
+    from fluxmq.queues import QueueManager
+
+    broker.queues = QueueManager(broker.storage)
+    for i in range(3):
+        broker.publish(Message(f"$queue/orders/eu/{i}", f"o{i}".encode(), 1))
+    dead = {USER_PROPERTY: [("x-death-reason", "rejected"), ("x-delivery-count", "1"),
+                            ("x-original-topic", "$queue/orders/eu/9"), ("k", "v")]}
+    broker.publish(Message("$queue/orders.dlq", b"o9", 1, properties=dead))
+    return broker.queues
+
+
+def test_queues_list_peek_purge_and_replay(spec, app, broker) -> None:
+    manager = _queue_broker(broker)
+    status, _, body = json_call(spec, app, "GET", "/queues")
+    assert status == 200
+    by_name = {q["name"]: q for q in body["queues"]}
+    assert by_name["orders"]["depth"] == 3 and by_name["orders"]["counters"]["appended"] == 3
+    assert by_name["orders.dlq"]["depth"] == 1
+
+    status, _, one = json_call(spec, app, "GET", "/queues/orders")
+    assert status == 200 and one["next_offset"] == 3
+    status, _, peek = json_call(spec, app, "GET", "/queues/orders/messages", "offset=1&limit=1")
+    assert status == 200 and [(m["offset"], m["payload"], m["topic"]) for m in peek["messages"]] == [
+        (1, "o1", "$queue/orders/eu/1")]
+
+    status, _, replay = json_call(spec, app, "POST", "/queues/orders.dlq/replay")
+    assert status == 200 and replay["replayed"] == 1
+    assert manager.queues["orders.dlq"].log.count == 0
+    moved = manager.peek("orders", 3, 10)
+    assert [(r.message.topic, r.message.payload) for r in moved] == [("$queue/orders/eu/9", b"o9")]
+    assert dict(moved[0].message.properties[0x26]) == {"k": "v"}  # the x- headers are gone
+
+    status, _, purged = json_call(spec, app, "POST", "/queues/orders/purge")
+    assert status == 200 and purged["purged"] == 4
+    assert manager.queues["orders"].log.count == 0
+    status, _, _ = json_call(spec, app, "GET", "/queues/nope")
+    assert status == 404
+
+
+def test_queues_list_is_empty_without_queues(spec, app) -> None:
+    status, _, body = json_call(spec, app, "GET", "/queues")
+    assert status == 200 and body == {"queues": []}

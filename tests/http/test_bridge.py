@@ -394,6 +394,7 @@ def test_shutdown_closes_streams(bridge: HTTPBridge, broker: Broker) -> None:
     ("filter=a/%23/b", "invalid topic filter"),
     ("filter=ok&filter=bad%23", "invalid topic filter"),
     ("topic=a", "unknown parameter"),
+    ("filter=%24queue/orders/%23", "durable queues are consumed over MQTT"),
 ])
 def test_subscribe_errors_leave_no_session(bridge: HTTPBridge, broker: Broker, query: str, fragment: str) -> None:
     resp = wsgi_call(bridge, "GET", "/subscribe", query=query)
@@ -648,3 +649,17 @@ def test_a_closed_stream_counts_its_qos0_drops_as_offline_not_too_large(broker: 
     assert broker.stats.drops.get("packet_too_large", 0) == 0
     assert broker.stats.drops.get("offline_qos0") == 1
     assert not stream.queue
+
+
+def test_publish_to_a_queue_appends_and_refusals_have_their_status(bridge: HTTPBridge, broker: Broker) -> None:
+    resp = publish_json(bridge, {"topic": "$queue/orders/1", "payload": "x", "qos": 1})
+    assert resp.status == 404  # no queue manager on this broker: like auto_create off
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import LimitsConfig, QueueConfig
+
+    broker.queues = QueueManager(broker.storage, [QueueConfig("orders", limits=LimitsConfig(max_depth=1))])
+    resp = publish_json(bridge, {"topic": "$queue/orders/1", "payload": "x", "qos": 1})
+    assert resp.status == 200 and resp.json()["deliveries"] == 1
+    assert broker.queues.queues["orders"].log.count == 1
+    resp = publish_json(bridge, {"topic": "$queue/orders/2", "payload": "y", "qos": 1})
+    assert resp.status == 503 and "full" in resp.json()["error"]

@@ -1,0 +1,439 @@
+"""Consumer groups of a work queue: members, the pending list and what the group has settled.
+
+A group delivers each record of its queue to one member. A delivered record stays pending until
+it is settled (ack, reject, dead-lettered, expired); a nack or a visibility timeout puts it back
+for redelivery. Progress is durable: ``floor`` (every offset below it settled) and the offsets
+settled above it are written through the queue log, so after a restart exactly the unsettled
+records are delivered again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+
+from .config import STREAM
+
+log = logging.getLogger("fluxmq.queues")
+
+#: records a dispatch looks at per call, so one call never holds the hub long
+DISPATCH_BUDGET = 1024
+
+
+def filter_matches(levels: list[str] | None, key: str) -> bool:
+    """MQTT topic-filter match of a member's filter levels against a routing key (None = all)."""
+    if levels is None:
+        return True
+    parts = key.split("/") if key else []
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(parts):
+            return False
+        if level != "+" and level != parts[i]:
+            return False
+    return len(parts) == len(levels)
+
+
+class Member:
+    """One subscription of a session to a queue in a group."""
+
+    __slots__ = ("session", "filter", "levels", "auto_ack", "max_inflight", "pending", "group")
+
+    def __init__(self, session, filter: str, key_filter: str, auto_ack: bool, max_inflight: int, group) -> None:
+        self.session = session
+        self.filter = filter  # as subscribed ($queue/name/...)
+        self.levels = None if key_filter in ("", "#") else key_filter.split("/")
+        self.auto_ack = auto_ack
+        self.max_inflight = max_inflight
+        self.pending = 0  # records delivered to it and not yet settled or timed out
+        self.group = group
+
+    def has_room(self) -> bool:
+        return self.pending < self.max_inflight and self.session.can_take_tracked()
+
+
+class Pending:
+    """A delivered, unsettled record."""
+
+    __slots__ = ("member", "deadline", "attempt", "part")
+
+    def __init__(self, member: Member, deadline: float, attempt: int, part: int = -1) -> None:
+        self.member = member
+        self.deadline = deadline  # monotonic: redelivered after it (visibility_timeout)
+        self.attempt = attempt
+        self.part = part  # partition of the record (-1: the queue is not partitioned)
+
+
+class ConsumerGroup:
+    """One consumer group of a queue (see the module docstring)."""
+
+    def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None) -> None:
+        self.queue = queue
+        self.name = name
+        # A stream group reads the log in order from its cursor; an ack commits the cursor (no
+        # pending list, no redelivery); the log keeps its records (retention limits only).
+        self.stream = queue.config.type == STREAM
+        self.sent: dict[int, Member] = {}  # stream: delivered, PUBACK not yet received
+        self.committed_at = 0.0
+        self.members: list[Member] = []
+        self._rr = 0
+        self.floor = floor
+        self.settled: set[int] = settled or set()
+        self.cursor = floor  # next offset this group has never looked at
+        self.pending: dict[int, Pending] = {}
+        self.counts: dict[int, int] = {}  # offset -> deliveries so far (unsettled records only)
+        self.ready: list[int] = []  # heap of offsets to deliver before the cursor (released, parked)
+        self.queued: set[int] = set()  # what is in ready
+        self.retry: list[tuple[float, int]] = []  # heap of (due, offset): nacked, backing off
+        self.avoid: dict[int, Member] = {}  # redeliver to another member than this one, if any
+        # Partitioned queue: partition -> {member: unsettled records of it}. A partition goes to
+        # its owner only once no other member holds any of its records, so order per key holds
+        # across rebalancing (a new owner starts after the last settled offset).
+        self.holders: dict[int, dict[Member, int]] = {}
+        self.dead_pending: dict[int, str] = {}  # offset -> reason: the DLQ append failed, retried
+
+    # -- members ---------------------------------------------------------------------------------
+
+    def add(self, member: Member) -> None:
+        self.members.append(member)
+        self._requeue_parked()
+
+    def remove(self, member: Member) -> None:
+        """A member left: what it holds is delivered again to the others, now."""
+        if member in self.members:
+            self.members.remove(member)
+        for offset, p in list(self.pending.items()):
+            if p.member is member:
+                del self.pending[offset]
+                self._unhold(p)
+                self._push_ready(offset)
+        for offset, m in list(self.sent.items()):
+            if m is member:
+                del self.sent[offset]
+        member.pending = 0
+
+    def _requeue_parked(self) -> None:
+        pass  # parked records are in ready already; a dispatch looks at them again
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def _push_ready(self, offset: int) -> None:
+        if offset not in self.queued:
+            self.queued.add(offset)
+            heapq.heappush(self.ready, offset)
+
+    def is_settled(self, offset: int) -> bool:
+        return offset < self.floor or offset in self.settled
+
+    def dispatch(self, now: float | None = None) -> bool:
+        """Deliver what members have room for; True when it stopped on its budget (more to do)."""
+        members = self.members
+        if not members:
+            return False
+        for m in members:  # cheap exit: every member full (the common case at the append)
+            if m.pending < m.max_inflight and m.session.can_take_tracked():
+                break
+        else:
+            return False
+        queue = self.queue
+        qlog = queue.log
+        now = time.monotonic() if now is None else now
+        retry = self.retry
+        while retry and retry[0][0] <= now:
+            self._push_ready(heapq.heappop(retry)[1])
+        ready = self.ready
+        budget = DISPATCH_BUDGET
+        parked: list[int] = []
+        config = queue.config
+        ttl = config.limits.message_ttl
+        partitions = config.partitions
+        stream = self.stream
+        pending = self.pending
+        settled = self.settled
+        filtered = any(m.levels is not None for m in members)
+        blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
+        while budget > 0:
+            budget -= 1
+            if ready:
+                offset = ready[0]
+                from_ready = True
+            elif self.cursor < qlog.next:
+                offset = self.cursor
+                from_ready = False
+            else:
+                break
+            if offset in pending or (not stream and (offset < self.floor or offset in settled)):
+                self._pop(from_ready)
+                continue
+            record = qlog.get(offset)
+            if record is None:  # deleted by retention or compaction meanwhile
+                self._pop(from_ready)
+                if not self.stream:
+                    self.settle(offset)
+                continue
+            if ttl and time.time() - record.timestamp > ttl:
+                self._pop(from_ready)
+                queue.stats["expired"] += 1
+                if not self.stream:
+                    self.settle(offset)
+                continue
+            key = queue.routing_key(record.message.topic) if filtered or partitions > 1 else ""
+            part = -1
+            if partitions > 1:
+                part = queue.partition_of(record)
+                member = None if part in blocked else self._partition_owner(part, key)
+                if member is None:
+                    if not any(m.has_room() for m in self.members):
+                        break
+                    blocked.add(part)
+                    self._pop(from_ready)
+                    parked.append(offset)
+                    continue
+            else:
+                member = self._pick(key, self.avoid.get(offset))
+            if member is None:
+                if not any(m.has_room() for m in self.members):
+                    break
+                # the members that may take it are full (or none matches): others go on
+                self._pop(from_ready)
+                parked.append(offset)
+                continue
+            self._pop(from_ready)
+            if not self._deliver(member, offset, record, now, part):
+                parked.append(offset)
+                break
+        for offset in parked:
+            self._push_ready(offset)
+        return budget <= 0
+
+    def _pop(self, from_ready: bool) -> None:
+        if from_ready:
+            self.queued.discard(heapq.heappop(self.ready))
+        else:
+            self.cursor += 1
+
+    def _partition_owner(self, part: int, key: str) -> Member | None:
+        """The member owning ``part`` (members in join order, partition i -> member i mod n) when
+        it may take the record now; None while another member still holds records of ``part``."""
+        owner = self.members[part % len(self.members)]
+        holders = self.holders.get(part)
+        if holders and any(m is not owner for m in holders):
+            return None
+        if not owner.has_room() or not filter_matches(owner.levels, key):
+            return None
+        return owner
+
+    def _unhold(self, p: Pending) -> None:
+        if p.part >= 0:
+            holders = self.holders.get(p.part)
+            if holders is not None:
+                left = holders.get(p.member, 0) - 1
+                if left > 0:
+                    holders[p.member] = left
+                else:
+                    holders.pop(p.member, None)
+                    if not holders:
+                        del self.holders[p.part]
+
+    def _pick(self, key: str, avoid: Member | None) -> Member | None:
+        members = self.members
+        n = len(members)
+        if n == 1:  # the common single consumer: no rotation
+            m = members[0]
+            return m if m.has_room() and filter_matches(m.levels, key) else None
+        fallback = None
+        for i in range(n):
+            m = members[(self._rr + i) % n]
+            if not m.has_room() or not filter_matches(m.levels, key):
+                continue
+            if m is avoid and n > 1:
+                fallback = m
+                continue
+            self._rr = (self._rr + i + 1) % n
+            return m
+        return fallback
+
+    def _deliver(self, member: Member, offset: int, record, now: float, part: int = -1) -> bool:
+        if self.stream:
+            message = self.queue.delivery_message(record, self.name, 1, self._on_puback, (offset, 0), (
+                ("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))))
+            if not member.session.send_tracked(message):
+                return False
+            self.sent[offset] = member
+            member.pending += 1
+            self.queue.stats["delivered"] += 1
+            return True
+        count = self.counts.get(offset, 0) + 1
+        message = self.queue.delivery_message(record, self.name, count, self._on_puback, (offset, count))
+        if not member.session.send_tracked(message):
+            return False
+        self.counts[offset] = count
+        self.avoid.pop(offset, None)
+        self.pending[offset] = Pending(member, now + self.queue.config.visibility_timeout, count, part)
+        if part >= 0:
+            holders = self.holders.setdefault(part, {})
+            holders[member] = holders.get(member, 0) + 1
+        member.pending += 1
+        self.queue.stats["delivered"] += 1
+        return True
+
+    # -- settlement ------------------------------------------------------------------------------
+
+    def _on_puback(self, session, reason_code: int, ticket) -> None:
+        """A consumer's PUBACK: the settlement of an auto-ack member (3.1.1, or 5.0 ``auto-ack``);
+        a 5.0 reason code of 0x80 or more is a nack."""
+        offset, attempt = ticket
+        if self.stream:
+            member = self.sent.pop(offset, None)
+            if member is not None:
+                member.pending -= 1
+                if member.auto_ack and member.session is session and reason_code < 0x80:
+                    self.commit(offset + 1)
+            self.queue.manager.kick(self.queue)
+            return
+        p = self.pending.get(offset)
+        if p is None or p.attempt != attempt or p.member.session is not session:
+            self.queue.manager.kick(self.queue)  # a window slot freed
+            return
+        if p.member.auto_ack:
+            if reason_code >= 0x80:
+                self.nack(offset, "puback reason code")
+            else:
+                self.ack(offset)
+        self.queue.manager.kick(self.queue)
+
+    def _release(self, offset: int) -> Pending | None:
+        p = self.pending.pop(offset, None)
+        if p is not None:
+            p.member.pending -= 1
+            self._unhold(p)
+        return p
+
+    def commit(self, offset: int) -> bool:
+        """Stream: every record below ``offset`` is consumed by the group (durable with the turn's
+        commit); a commit never moves the position back."""
+        if offset <= self.floor:
+            return False
+        self.floor = offset
+        self.committed_at = time.monotonic()
+        self.queue.log.commit(self.name, offset)
+        return True
+
+    def seek(self, offset: int) -> None:
+        """Stream: deliver from ``offset`` on (a subscription's ``stream-offset``); committed now,
+        so a replay from an old offset is also where a restart resumes."""
+        qlog = self.queue.log
+        offset = max(qlog.first, min(offset, qlog.next))
+        self.cursor = self.floor = offset
+        self.queue.log.commit(self.name, offset)
+
+    def ack(self, offset: int) -> bool:
+        """Settle a delivered record; False when it is not pending (already settled, unknown)."""
+        if self.stream:
+            return self.commit(offset + 1) or offset < self.floor
+        if self._release(offset) is None:
+            return False
+        self.queue.stats["acked"] += 1
+        self.settle(offset)
+        return True
+
+    def nack(self, offset: int, reason: str = "") -> bool:
+        """Deliver again after the backoff; to the DLQ after ``retry.max_retries`` deliveries."""
+        if self.stream:
+            return False  # a stream has no redelivery: seek by subscribing with stream-offset
+        p = self._release(offset)
+        if p is None:
+            return False
+        self.queue.stats["nacked"] += 1
+        self._again(offset, p.member, "max-retries")
+        return True
+
+    def reject(self, offset: int, reason: str = "") -> bool:
+        """Straight to the DLQ (or dropped when the queue has none)."""
+        if self.stream or self._release(offset) is None:
+            return False
+        self.queue.stats["rejected"] += 1
+        self._dead_letter(offset, reason or "rejected")
+        return True
+
+    def _again(self, offset: int, member: Member | None, why: str) -> None:
+        count = self.counts.get(offset, 0)
+        retry_cfg = self.queue.config.retry
+        if count >= retry_cfg.max_retries:
+            self._dead_letter(offset, why)
+            return
+        if member is not None:
+            self.avoid[offset] = member
+        heapq.heappush(self.retry, (time.monotonic() + retry_cfg.backoff(count), offset))
+
+    def _dead_letter(self, offset: int, reason: str) -> bool:
+        record = self.queue.log.get(offset)
+        if record is not None and not self.queue.dead_letter(record, reason, self.counts.get(offset, 0)):
+            # The DLQ append failed (storage full, DLQ full): the record stays unsettled and the
+            # append is tried again (retry_dead_letters); it is never dropped.
+            if offset not in self.dead_pending:
+                self.queue.stats["dlq_append_failed"] += 1
+            self.dead_pending[offset] = reason
+            return False
+        self.dead_pending.pop(offset, None)
+        self.settle(offset)
+        return True
+
+    def retry_dead_letters(self) -> int:
+        """Try the DLQ appends that failed again (every tick while any wait); returns those done."""
+        done = 0
+        for offset, reason in list(self.dead_pending.items()):
+            if not self._dead_letter(offset, reason):
+                break  # still failing: the rest wait for the next tick
+            done += 1
+        return done
+
+    def settle(self, offset: int) -> None:
+        """Record ``offset`` as settled for good (durable with the turn's commit)."""
+        self.counts.pop(offset, None)
+        self.avoid.pop(offset, None)
+        qlog = self.queue.log
+        if offset == self.floor:
+            floor = offset + 1
+            passed = []
+            settled = self.settled
+            while floor in settled:
+                settled.discard(floor)
+                passed.append(floor)
+                floor += 1
+            self.floor = floor
+            qlog.commit(self.name, floor, None, passed)
+        elif offset > self.floor and offset not in self.settled:
+            self.settled.add(offset)
+            qlog.commit(self.name, self.floor, offset)
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def expire_pending(self, now: float) -> int:
+        """Records whose visibility timeout passed go back for redelivery (to another member)."""
+        expired = [off for off, p in self.pending.items() if p.deadline <= now]
+        for offset in expired:
+            p = self._release(offset)
+            self.queue.stats["timed_out"] += 1
+            count = self.counts.get(offset, 0)
+            if count >= self.queue.config.retry.max_retries:
+                self._dead_letter(offset, "max-retries")
+            else:
+                self.avoid[offset] = p.member
+                self._push_ready(offset)
+        return len(expired)
+
+    def auto_commit(self, now: float) -> None:
+        """Stream: commit what was delivered every ``auto_commit_interval``."""
+        interval = self.queue.config.auto_commit_interval
+        if interval and now - self.committed_at >= interval:
+            self.committed_at = now
+            done = min(self.sent, default=self.cursor)  # below every delivery still unacknowledged
+            if done > self.floor:
+                self.commit(done)
+
+    def lag(self) -> int:
+        """Records of the queue this group has not settled."""
+        return max(0, self.queue.log.next - self.floor - len(self.settled))

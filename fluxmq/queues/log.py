@@ -1,0 +1,152 @@
+"""The queue log interface: what a queue needs from its storage, one log per queue.
+
+``QueueLog`` is the seam a replicated log (Raft, in its own issue) implements later: ``append`` a
+batch, ``read`` from an offset, ``commit`` a group's progress, ``truncate`` old records. This one
+writes through the node's storage (``Storage.queue_log()``: LMDB or memory), buffered into the loop
+turn's group commit like every other record.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fluxmq.broker.message import Message
+from fluxmq.storage.queue_log import QueueLogStore, decode_record, encode_record
+
+#: records read at once when a group's cursor leaves the cache
+READ_AHEAD = 64
+#: decoded records kept per queue (recent appends and read-ahead)
+CACHE_RECORDS = 4096
+
+
+class Record:
+    """One stored message of a queue."""
+
+    __slots__ = ("offset", "timestamp", "message", "size")
+
+    def __init__(self, offset: int, timestamp: float, message: Message, size: int) -> None:
+        self.offset = offset
+        self.timestamp = timestamp  # wall clock, seconds
+        self.message = message
+        self.size = size
+
+
+class QueueLog:
+    """The log of one queue over a ``QueueLogStore``; offsets are dense and grow from 0."""
+
+    def __init__(self, name: str, store: QueueLogStore, first: int = 0, next: int = 0, count: int = 0,
+                 size: int = 0) -> None:
+        self.name = name
+        self.store = store
+        self.first = first  # lowest offset that may be present
+        self.next = next  # offset of the next append
+        self.count = count  # records present
+        self.bytes = size
+        self._cache: dict[int, Record] = {}  # recent appends and read-ahead, bounded
+
+    def append(self, messages: list[Message], now: float | None = None) -> list[Record]:
+        """Append a batch; returns its records (offsets assigned in order)."""
+        now = time.time() if now is None else now
+        out = []
+        for message in messages:
+            blob = encode_record(now, message)
+            offset = self.next
+            self.next += 1
+            self.store.append(self.name, offset, blob)
+            rec = Record(offset, now, message, len(blob))
+            self.count += 1
+            self.bytes += rec.size
+            self._remember(rec)
+            out.append(rec)
+        return out
+
+    def append_one(self, message: Message) -> Record:
+        """``append`` of one message (the publish path)."""
+        now = time.time()
+        blob = encode_record(now, message)
+        offset = self.next
+        self.next = offset + 1
+        self.store.append(self.name, offset, blob)
+        rec = Record(offset, now, message, len(blob))
+        self.count += 1
+        self.bytes += rec.size
+        cache = self._cache
+        cache[offset] = rec
+        cache.pop(offset - CACHE_RECORDS, None)  # O(1) eviction of what the window left behind
+        if len(cache) > 2 * CACHE_RECORDS:  # read-ahead of old offsets: bounded all the same
+            cache.clear()
+            cache[offset] = rec
+        return rec
+
+    def _remember(self, rec: Record) -> None:
+        cache = self._cache
+        cache[rec.offset] = rec
+        if len(cache) > 2 * CACHE_RECORDS:
+            cache.clear()
+            cache[rec.offset] = rec
+
+    def get(self, offset: int) -> Record | None:
+        """The record at ``offset``, None when it was truncated or never written."""
+        rec = self._cache.get(offset)
+        if rec is not None:
+            return rec
+        if offset < self.first or offset >= self.next:
+            return None
+        found = None
+        for rec in self.read(offset, READ_AHEAD):
+            self._remember(rec)
+            if rec.offset == offset:
+                found = rec
+        return found
+
+    def read(self, from_offset: int, n: int) -> list[Record]:
+        """Up to ``n`` records from ``from_offset`` (missing offsets skipped)."""
+        n = max(0, min(n, self.next - from_offset))
+        out = []
+        for offset, blob in self.store.read(self.name, from_offset, n):
+            ts, fields = decode_record(blob)
+            out.append(Record(offset, ts, Message(*fields), len(blob)))
+        return out
+
+    def commit(self, group: str, floor: int, settled: int | None = None, unsettled=()) -> None:
+        """A group's progress: every offset below ``floor`` settled, ``settled`` settled above it,
+        ``unsettled`` offsets no longer recorded apart (the floor passed them)."""
+        store = self.store
+        for offset in unsettled:
+            store.settle(self.name, group, offset, False)
+        if settled is not None:
+            store.settle(self.name, group, settled, True)
+        else:
+            store.put_group(self.name, group, floor)
+
+    def truncate(self, below: int, limit: int) -> int:
+        """Delete up to ``limit`` records from the front, below offset ``below`` (retention);
+        returns how many were deleted."""
+        stop = min(below, self.first + limit, self.next)
+        if stop <= self.first:
+            return 0
+        doomed = [self.get(off) for off in range(self.first, stop)]
+        self.store.truncate(self.name, range(self.first, stop))
+        n = 0
+        for rec in doomed:
+            if rec is not None:
+                self._cache.pop(rec.offset, None)
+                self.count -= 1
+                self.bytes -= rec.size
+                n += 1
+        self.first = stop
+        return n
+
+    def delete(self, offset: int) -> bool:
+        """Delete one record (compaction); False when it is not there."""
+        rec = self.get(offset)
+        if rec is None:
+            return False
+        self.store.truncate(self.name, (offset,))
+        self._cache.pop(offset, None)
+        self.count -= 1
+        self.bytes -= rec.size
+        return True
+
+    def forget_group(self, group: str) -> None:
+        self.store.delete_group(self.name, group)

@@ -1,0 +1,548 @@
+"""QueueManager: what the broker hands ``$queue/`` publishes and subscriptions to.
+
+The broker calls four methods (``publish``, ``subscribe``, ``unsubscribe``, ``session_gone``);
+nothing here imports a listener or a wire codec. Appends, settlements and group progress go into
+the storage's pending batch, so the FlushScheduler's commit (before any acknowledgement of the
+loop turn is written) makes them durable: a publisher's PUBACK means the append is stored, and
+an acked record is never delivered again after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import Counter
+
+import gevent
+
+from fluxmq.broker.message import USER_PROPERTY, Message
+from fluxmq.errors import QueueRefused
+
+from .config import CLASSIC, STREAM, QueueConfig, valid_queue_name
+from .delivery import ACK, NACK, REJECT, SETTLE_ACTIONS, build_delivery, parse_message_id, user_properties
+from .group import ConsumerGroup, Member
+from .log import QueueLog
+from .retention import apply_retention
+
+log = logging.getLogger("fluxmq.queues")
+
+PREFIX = "$queue/"
+#: bounds on what clients can create (bounded memory and store): queues made by auto_create,
+#: consumer groups per queue; past them a publish gets 0x97, a subscription 0x97
+MAX_AUTO_QUEUES = 10_000
+MAX_GROUPS_PER_QUEUE = 1_000
+#: how often pending deliveries, backoffs and retention are looked at
+TICK = 0.1
+
+
+class Queue:
+    """One queue: its settings, log, consumer groups and counters."""
+
+    def __init__(self, manager: QueueManager, config: QueueConfig, qlog: QueueLog) -> None:
+        self.manager = manager
+        self.config = config
+        self.name = config.name
+        self.log = qlog
+        self.groups: dict[str, ConsumerGroup] = {}
+        self.stats: Counter = Counter()
+        self._key_at = len(PREFIX) + len(self.name) + 1
+        # retention.compact: key -> offset of its newest record (rebuilt from the log at start)
+        self.newest: dict[str, int] | None = {} if config.retention.compact else None
+
+    def routing_key(self, topic: str) -> str:
+        """``$queue/{name}/{routing key}`` -> routing key ("" for ``$queue/{name}``); a captured
+        ordinary publish's routing key is its topic."""
+        return topic[self._key_at:] if topic.startswith(PREFIX) else topic
+
+    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=()) -> Message:
+        return build_delivery(record, self.name, group, count, settle, ticket, extra)
+
+    def record_key(self, message: Message) -> str:
+        """Partition and compaction key: user property ``partition-key``, else the routing key."""
+        props = message.properties
+        if props:
+            for name, value in props.get(USER_PROPERTY, ()):
+                if name == "partition-key":
+                    return value
+        return self.routing_key(message.topic)
+
+    def partition_of(self, record) -> int:
+        """One key always lands in one partition (CRC-32 of the key)."""
+        return zlib.crc32(self.record_key(record.message).encode()) % self.config.partitions
+
+    def offset_at(self, ms: int) -> int:
+        """The first offset appended at or after wall time ``ms`` (milliseconds); the end if none."""
+        lo, hi = self.log.first, self.log.next
+        while lo < hi:  # append times grow with offsets
+            mid = (lo + hi) // 2
+            rec = self.log.get(mid)
+            if rec is None or rec.timestamp * 1000 < ms:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def depth(self) -> int:
+        return self.log.count
+
+    def append(self, message: Message) -> int:
+        limits = self.config.limits
+        if limits.max_depth and self.log.count >= limits.max_depth:
+            self.stats["refused_full"] += 1
+            raise QueueRefused(f"queue {self.name} is full (limits.max_depth {limits.max_depth})", 0x97)
+        if limits.max_message_size and len(message.payload) > limits.max_message_size:
+            raise QueueRefused(f"message over limits.max_message_size of queue {self.name}", 0x97)
+        stored = message
+        if message.qos != 1 or message.retain:  # kept as a QoS 1, non-retained message
+            stored = Message(message.topic, message.payload, 1, False, message.properties, message.expires_at,
+                             message.origin)
+        rec = self.log.append_one(stored)
+        self.stats["appended"] += 1
+        if self.newest is not None:
+            self._compact(rec)
+        return rec.offset
+
+    def _compact(self, rec) -> None:
+        """Keep only the newest record of ``rec``'s key: the older one is deleted in the same commit."""
+        key = self.record_key(rec.message)
+        older = self.newest.get(key)
+        self.newest[key] = rec.offset
+        if older is not None and self.log.delete(older):
+            self.stats["compacted"] += 1
+
+    def rebuild_compaction(self) -> None:
+        qlog = self.log
+        off = qlog.first
+        while off < qlog.next:
+            for rec in qlog.read(off, 1000):
+                self._compact(rec)
+            off += 1000
+
+    def dead_letter(self, record, reason: str, count: int) -> bool:
+        """Append ``record`` to this queue's DLQ with x-death-reason, x-delivery-count and
+        x-original-topic; False when it cannot be stored now (the caller keeps it pending)."""
+        cfg = self.config
+        if not cfg.dlq.enabled:
+            self.stats["dropped_no_dlq"] += 1
+            log.warning("queue_message_dropped", extra={"queue": self.name, "offset": record.offset,
+                                                         "reason": reason, "why": "dlq.enabled is false"})
+            return True
+        manager = self.manager
+        if manager.storage_refusing():
+            return False
+        message = record.message
+        props = dict(message.properties) if message.properties else {}
+        user = list(props.get(USER_PROPERTY, ()))
+        user += [("x-death-reason", reason), ("x-delivery-count", str(count)), ("x-original-topic", message.topic)]
+        props[USER_PROPERTY] = user
+        dlq = manager.queue(cfg.dlq_queue, create=True)
+        try:
+            dlq.append(Message(f"{PREFIX}{dlq.name}", message.payload, 1, False, props))
+        except QueueRefused as exc:
+            log.warning("dlq_append_failed", extra={"queue": self.name, "dlq": dlq.name, "error": str(exc)})
+            return False
+        self.stats["dead_lettered"] += 1
+        manager.kick(dlq)
+        return True
+
+
+class QueueManager:
+    """Every queue of the node (see the module docstring)."""
+
+    def __init__(self, storage, configs: list[QueueConfig] | None = None, auto_create: bool = True,
+                 stats=None) -> None:
+        self.storage = storage
+        self.store = storage.queue_log()
+        self.auto_create = auto_create
+        self.configs = {c.name: c for c in configs or ()}
+        self.queues: dict[str, Queue] = {}
+        self.members: dict[object, list[Member]] = {}  # session -> its memberships
+        self.resumable: dict[str, list[tuple]] = {}  # client id -> memberships of its offline session
+        self.broker_stats = stats
+        self._kicked: set[Queue] = set()
+        self._kick_scheduled = False
+        self._timer = None
+        self._closing = False
+        for name, stored in self.store.load_queues().items():
+            q = self._make(name, QueueLog(name, self.store, stored.first, stored.next, stored.count, stored.bytes))
+            for gname, g in stored.groups.items():
+                q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled))
+        for name in self.configs:
+            self.queue(name, create=True)
+        for q in self.queues.values():
+            if q.newest is not None:
+                q.rebuild_compaction()
+        log.info("queues_loaded", extra={"queues": len(self.queues),
+                                         "records": sum(q.log.count for q in self.queues.values())})
+
+    # -- queues ----------------------------------------------------------------------------------
+
+    def _make(self, name: str, qlog: QueueLog | None = None) -> Queue:
+        config = self.configs.get(name) or QueueConfig(name)
+        q = Queue(self, config, qlog or QueueLog(name, self.store))
+        self.queues[name] = q
+        return q
+
+    def queue(self, name: str, create: bool = False) -> Queue | None:
+        q = self.queues.get(name)
+        if q is None and create:
+            q = self._make(name)
+            log.info("queue_created", extra={"queue": name, "type": q.config.type})
+        return q
+
+    def _queue_for(self, name: str, refuse_code: int) -> Queue:
+        q = self.queues.get(name)
+        if q is None:
+            if not valid_queue_name(name):
+                raise QueueRefused(f"invalid queue name {name!r}", refuse_code)
+            if not self.auto_create and not name.endswith(".dlq"):
+                raise QueueRefused(f"no queue {name!r} (queue_manager.auto_create is off)", refuse_code)
+            if len(self.queues) - len(self.configs) >= MAX_AUTO_QUEUES:
+                log.warning("queue_refused", extra={"queue": name, "reason": "auto-created queue limit",
+                                                    "limit": MAX_AUTO_QUEUES})
+                raise QueueRefused(f"too many queues ({MAX_AUTO_QUEUES} auto-created)", 0x97)
+            q = self.queue(name, create=True)
+        return q
+
+    def install_captures(self, router) -> int:
+        """Route the ordinary publishes each queue's ``topics`` list matches into the queue
+        (capture.py); returns the filters installed. Raises ConfigError for a bad filter."""
+        from fluxmq._core.trie import validate_filter
+        from fluxmq.broker.session import Subscription
+        from fluxmq.errors import ConfigError, TopicFilterInvalid
+
+        from .capture import CaptureTarget
+
+        n = 0
+        for q in list(self.queues.values()):
+            if not q.config.topics:
+                continue
+            target = CaptureTarget(self, q)
+            for f in q.config.topics:
+                try:
+                    validate_filter(f)
+                except TopicFilterInvalid as exc:
+                    raise ConfigError(f"queues[{q.name}].topics", "topic filters", problem=f"{f!r}: {exc}") from None
+                if f.startswith("$queue/"):
+                    raise ConfigError(f"queues[{q.name}].topics", "ordinary topic filters",
+                                      problem=f"{f!r}: a queue captures ordinary topics, not $queue/")
+                router.add(Subscription(target, f, 2))
+                n += 1
+        return n
+
+    def storage_refusing(self) -> bool:
+        return bool(getattr(self.storage, "refusing", False))
+
+    # -- the broker's calls ----------------------------------------------------------------------
+
+    def publish(self, message: Message, origin=None) -> int:
+        """A PUBLISH to ``$queue/...``: a settlement (``.../$ack|$nack|$reject``) or an append.
+        Returns 1 when it was taken; raises QueueRefused (0x90 no such queue, 0x97 full)."""
+        rest = message.topic[len(PREFIX):]
+        name, _, key = rest.partition("/")
+        if key in SETTLE_ACTIONS:
+            return self._settle(name, key, message, origin)
+        if self.storage_refusing():
+            raise QueueRefused("storage full", 0x97)
+        q = self._queue_for(name, 0x90)
+        q.append(message)
+        if origin is not None:
+            # The origin's PUBACK acknowledges the append: a failed commit must abandon it.
+            self.storage.note_stake(origin.client_id)
+        self.kick(q)
+        return 1
+
+    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int) -> int:
+        """Join a consumer group; returns the granted QoS (1). Raises QueueRefused (0x83 QoS 0,
+        0x8F no such queue)."""
+        rest = filter[len(PREFIX):]
+        name, _, key_filter = rest.partition("/")
+        if qos == 0:
+            raise QueueRefused("a durable queue needs a QoS 1 or 2 subscription (deliveries are acknowledged)",
+                               0x83)
+        if not valid_queue_name(name):
+            raise QueueRefused(f"invalid queue name {name!r}", 0x8F)
+        q = self._queue_for(name, 0x8F)
+        props = user_properties(user_props)
+        group_name = props.get("consumer-group") or session.client_id
+        auto_ack = version != 5 or props.get("auto-ack", "").lower() == "true"
+        start = props.get("stream-offset") if q.config.type == STREAM else None
+        position = self._stream_position(q, start) if start else None
+        group = q.groups.get(group_name)
+        if group is None:
+            if len(q.groups) >= MAX_GROUPS_PER_QUEUE:
+                raise QueueRefused(f"queue {name} has {MAX_GROUPS_PER_QUEUE} consumer groups already", 0x97)
+            group = q.groups[group_name] = ConsumerGroup(q, group_name)
+            # A new group starts at the oldest record still stored and remembers that durably.
+            group.floor = group.cursor = q.log.first
+            q.log.commit(group_name, group.floor)
+        mine = self.members.setdefault(session, [])
+        for old in [m for m in mine if m.filter == filter]:
+            self._leave(old)  # a repeated SUBSCRIBE replaces the membership
+            mine.remove(old)
+        if group.stream and not group.members:
+            # The first member resumes where the group's last commit left off, or seeks.
+            if position is not None:
+                group.seek(position)
+            else:
+                group.cursor = group.floor
+        max_inflight = min(q.config.max_inflight, session.send_quota or q.config.max_inflight)
+        member = Member(session, filter, key_filter, auto_ack, max_inflight, group)
+        group.add(member)
+        mine.append(member)
+        session.on_room = self._on_room
+        log.info("queue_member_joined", extra={"queue": name, "group": group_name,
+                                               "client_id": session.client_id, "auto_ack": auto_ack})
+        self.kick(q)
+        self._ensure_timer()
+        return 1
+
+    @staticmethod
+    def _stream_position(q: Queue, start: str) -> int:
+        """``stream-offset``: first, last, next, an offset, or timestamp=<unix ms>."""
+        qlog = q.log
+        if start == "first":
+            return qlog.first
+        if start == "last":
+            return max(qlog.first, qlog.next - 1)
+        if start == "next":
+            return qlog.next
+        if start.isdigit():
+            return int(start)
+        if start.startswith("timestamp=") and start[10:].isdigit():
+            return q.offset_at(int(start[10:]))
+        raise QueueRefused(f"stream-offset {start!r}: expected first, last, next, an offset or timestamp=<ms>", 0x83)
+
+    def unsubscribe(self, session, filter: str) -> bool:
+        mine = self.members.get(session)
+        if not mine:
+            return False
+        found = [m for m in mine if m.filter == filter]
+        for m in found:
+            mine.remove(m)
+            self._leave(m)
+        if not mine:
+            self.members.pop(session, None)
+            session.on_room = None
+        return bool(found)
+
+    def session_gone(self, session) -> None:
+        """The session's connection ended: its memberships end and what it held is redelivered.
+        A persistent session's memberships come back when it resumes (``session_attached``)."""
+        mine = self.members.pop(session, None)
+        if not mine:
+            return
+        session.on_room = None
+        if session.expiry_interval:
+            self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine]
+        for m in mine:
+            self._leave(m)
+
+    def session_attached(self, session) -> None:
+        """A client connected: a resumed persistent session rejoins the groups it was in."""
+        saved = self.resumable.pop(session.client_id, None)
+        if not saved:
+            return
+        for filter, group, auto_ack in saved:
+            user = [("consumer-group", group), ("auto-ack", "true" if auto_ack else "false")]
+            try:
+                self.subscribe(session, filter, 1, user, 5)
+            except QueueRefused:
+                pass
+
+    def _leave(self, member: Member) -> None:
+        group = member.group
+        group.remove(member)
+        self.kick(group.queue)
+
+    # -- settlement ------------------------------------------------------------------------------
+
+    def _settle(self, name: str, action: str, message: Message, origin) -> int:
+        props = user_properties(message.properties.get(USER_PROPERTY) if message.properties else None)
+        parsed = parse_message_id(props.get("message-id", ""))
+        q = self.queues.get(name)
+        if parsed is None or q is None or parsed[0] != name:
+            return 0
+        offset = parsed[1]
+        group_name = props.get("group-id")
+        if group_name is None and origin is not None:
+            mine = [m.group.name for m in self.members.get(origin, ()) if m.group.queue is q]
+            group_name = mine[0] if mine else origin.client_id
+        group = q.groups.get(group_name)
+        if group is None:
+            return 0
+        reason = props.get("reason", "")
+        if action == ACK:
+            done = group.ack(offset)
+        elif action == NACK:
+            done = group.nack(offset, reason)
+        elif action == REJECT:
+            done = group.reject(offset, reason)
+        else:
+            done = False
+        if done:
+            if origin is not None:
+                self.storage.note_stake(origin.client_id)
+            self.kick(q)
+        return 1 if done else 0
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def kick(self, q: Queue) -> None:
+        """Dispatch ``q``'s groups now (in the caller's greenlet: no switch per message)."""
+        more = False
+        for group in q.groups.values():
+            if group.members and (group.ready or group.retry or group.cursor < q.log.next) and group.dispatch():
+                more = True
+        if more:
+            self._kicked.add(q)
+            if not self._kick_scheduled:
+                self._kick_scheduled = True
+                gevent.get_hub().loop.run_callback(self._run_kicked)
+
+    def _run_kicked(self) -> None:
+        self._kick_scheduled = False
+        kicked, self._kicked = self._kicked, set()
+        for q in kicked:
+            self.kick(q)
+
+    def _on_room(self, session) -> None:
+        for m in self.members.get(session, ()):
+            self.kick(m.group.queue)
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def _ensure_timer(self) -> None:
+        if self._timer is None and not self._closing:
+            self._timer = gevent.spawn(self._run_timer)
+
+    def start(self) -> None:
+        self._ensure_timer()
+
+    def _run_timer(self) -> None:
+        while not self._closing:
+            gevent.sleep(TICK)
+            try:
+                self.tick()
+            except Exception:
+                log.exception("queue_tick_failed")
+
+    def tick(self, now: float | None = None) -> None:
+        """Visibility timeouts, due backoffs and retention (every TICK)."""
+        now = time.monotonic() if now is None else now
+        for q in list(self.queues.values()):
+            for group in q.groups.values():
+                if group.pending:
+                    group.expire_pending(now)
+                if group.stream and group.members:
+                    group.auto_commit(now)
+                if group.dead_pending:
+                    group.retry_dead_letters()
+            if any(g.members and (g.ready or g.retry or g.cursor < q.log.next) for g in q.groups.values()):
+                self.kick(q)
+            ret = q.config.retention
+            if q.config.type == CLASSIC or ret.max_age or ret.max_length_messages or ret.max_length_bytes:
+                apply_retention(q)
+
+    def stop(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.kill(block=False)
+            self._timer = None
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def describe(self, name: str | None = None) -> list[dict]:
+        """Per queue: depth, oldest age, consumers, per-group lag and counters (admin, metrics)."""
+        out = []
+        now = time.time()
+        for q in self.queues.values():
+            if name is not None and q.name != name:
+                continue
+            oldest = q.log.get(q.log.first) if q.log.count else None
+            out.append({
+                "name": q.name, "type": q.config.type, "depth": q.log.count, "bytes": q.log.bytes,
+                "first_offset": q.log.first, "next_offset": q.log.next,
+                "oldest_age": round(now - oldest.timestamp, 3) if oldest is not None else 0.0,
+                "consumers": sum(len(g.members) for g in q.groups.values()),
+                "groups": {name: {"lag": g.lag(), "pending": len(g.pending), "members": len(g.members)}
+                           for name, g in q.groups.items()},
+                "counters": dict(q.stats),
+            })
+        return out
+
+    def peek(self, name: str, offset: int | None, limit: int) -> list:
+        """Up to ``limit`` stored records from ``offset`` (default: the oldest) without delivering them."""
+        q = self.queues[name]
+        qlog = q.log
+        at = qlog.first if offset is None else max(offset, qlog.first)
+        out = []
+        while at < qlog.next and len(out) < limit:
+            chunk = qlog.read(at, min(256, limit - len(out)) + 16)
+            out.extend(chunk[:limit - len(out)])
+            at = chunk[-1].offset + 1 if chunk else at + 256
+        return out
+
+    def purge(self, name: str) -> int:
+        """Delete every record of queue ``name``; its groups move past them. Returns the count."""
+        q = self.queues[name]
+        qlog = q.log
+        n = qlog.count
+        while qlog.first < qlog.next:
+            qlog.truncate(qlog.next, 10000)
+        for group in q.groups.values():
+            for m in group.members:
+                m.pending = 0
+            group.pending.clear()
+            group.holders.clear()
+            group.sent.clear()
+            group.ready.clear()
+            group.queued.clear()
+            group.retry.clear()
+            group.counts.clear()
+            group.avoid.clear()
+            for off in sorted(group.settled):
+                qlog.commit(group.name, group.floor, None, (off,))
+            group.settled.clear()
+            group.floor = group.cursor = qlog.next
+            qlog.commit(group.name, group.floor)
+        if q.newest is not None:
+            q.newest.clear()
+        q.stats["purged"] += n
+        log.warning("queue_purged", extra={"queue": name, "records": n})
+        return n
+
+    def replay_dlq(self, name: str, limit: int = 1000) -> int:
+        """Move up to ``limit`` records of the dead-letter queue ``name`` back to the queue they
+        came from (by ``x-original-topic``), without the ``x-`` properties. Returns the count."""
+        dlq = self.queues[name]
+        qlog = dlq.log
+        moved = 0
+        at = qlog.first
+        while at < qlog.next and moved < limit:
+            for rec in qlog.read(at, min(256, limit - moved)):
+                message = rec.message
+                props = dict(message.properties) if message.properties else {}
+                user = props.get(USER_PROPERTY, ())
+                original = dict(user).get("x-original-topic")
+                if original is None:
+                    continue
+                kept = [(k, v) for k, v in user if k not in ("x-death-reason", "x-delivery-count", "x-original-topic")]
+                if kept:
+                    props[USER_PROPERTY] = kept
+                else:
+                    props.pop(USER_PROPERTY, None)
+                if original.startswith(PREFIX):
+                    target = original[len(PREFIX):].split("/", 1)[0]
+                else:  # a captured publish: back to the queue the DLQ belongs to
+                    target = name[:-4] if name.endswith(".dlq") else name
+                tq = self.queue(target, create=True)
+                tq.append(Message(original, message.payload, 1, False, props or None))
+                qlog.delete(rec.offset)
+                dlq.stats["replayed"] += 1
+                moved += 1
+                self.kick(tq)
+            at += 256
+        log.info("queue_dlq_replayed", extra={"queue": name, "records": moved})
+        return moved

@@ -1,0 +1,111 @@
+"""fluxmq/queues/group.py over a real Broker and LMDB store (no network): settlement, backoff,
+the DLQ append that fails, and what a restart brings back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fluxmq.broker.broker import Broker
+from fluxmq.broker.message import USER_PROPERTY, Message
+from fluxmq.queues import QueueManager
+from fluxmq.queues.config import QueueConfig, RetryConfig
+from fluxmq.storage.lmdb import LMDBStorage
+
+
+class Delivery:
+    """A connected client that takes every PUBLISH (records them)."""
+
+    version = 5
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, Message]] = []
+
+    def send_publish(self, message, qos, retain, packet_id, dup, subscription_ids) -> bool:
+        self.sent.append((packet_id, message))
+        return True
+
+    def is_congested(self) -> bool:
+        return False
+
+    def close(self, reason_code: int, reason: str = "") -> None:
+        self.closed = True
+
+
+def node(path: Path, configs: list[QueueConfig]):
+    storage = LMDBStorage(path, map_size=64 << 20)
+    broker = Broker(storage=storage)
+    broker.queues = QueueManager(storage, configs)
+    return storage, broker
+
+
+def member(broker: Broker, cid: str, filter: str, group: str, auto_ack: bool = False):
+    session, _ = broker.open_session(cid, True, 0)
+    d = Delivery()
+    broker.attach(session, d, 100)
+    user = [("consumer-group", group)] + ([("auto-ack", "true")] if auto_ack else [])
+    assert broker.subscribe(session, filter, 1, user_properties=user).granted_qos == 1
+    return session, d
+
+
+def up(message: Message) -> dict[str, str]:
+    return dict(message.properties[USER_PROPERTY])
+
+
+def settle(broker: Broker, name: str, action: str, delivered: Message) -> int:
+    p = up(delivered)
+    props = {USER_PROPERTY: [("message-id", p["message-id"]), ("group-id", p["group-id"])]}
+    return broker.publish(Message(f"$queue/{name}/{action}", b"", 1, properties=props))
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    r = RetryConfig(max_retries=5, initial_backoff=1.0, max_backoff=5.0, multiplier=2.0)
+    assert [r.backoff(n) for n in (1, 2, 3, 4, 5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_a_failed_dlq_append_keeps_the_message_and_is_retried(tmp_path: Path) -> None:
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, d = member(broker, "c1", "$queue/jobs/#", "g")
+    broker.publish(Message("$queue/jobs/a", b"poison", 1))
+    storage.commit()
+    (_, delivered), = d.sent
+    storage.refusing = True  # the store is full: the DLQ append cannot be stored
+    assert settle(broker, "jobs", "$reject", delivered) == 1
+    group = broker.queues.queues["jobs"].groups["g"]
+    assert group.dead_pending == {0: "rejected"} and not group.is_settled(0)  # kept, not dropped
+    broker.queues.tick()
+    assert group.dead_pending  # still failing
+    storage.refusing = False
+    broker.queues.tick()
+    assert not group.dead_pending and group.is_settled(0)
+    dlq = broker.queues.queues["jobs.dlq"]
+    rec = dlq.log.get(0)
+    assert rec.message.payload == b"poison" and up(rec.message)["x-death-reason"] == "rejected"
+    storage.close()
+
+
+def test_a_restart_brings_back_exactly_the_unsettled(tmp_path: Path) -> None:
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, d = member(broker, "c1", "$queue/jobs/#", "g", auto_ack=False)
+    for i in range(6):
+        broker.publish(Message("$queue/jobs/x", f"m{i}".encode(), 1))
+    for _pid, delivered in d.sent:
+        if int(up(delivered)["offset"]) in (0, 2, 3, 5):  # out of order: 2, 3 and 5 above the floor
+            settle(broker, "jobs", "$ack", delivered)
+    storage.commit()
+    storage.abort()  # like a crash: nothing more is written
+
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, d = member(broker, "c2", "$queue/jobs/#", "g")
+    assert sorted(m.payload for _, m in d.sent) == [b"m1", b"m4"]
+    storage.close()
+
+
+@pytest.mark.parametrize("action", ["$nack", "$reject"])
+def test_settling_an_unknown_message_changes_nothing(tmp_path: Path, action: str) -> None:
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    props = {USER_PROPERTY: [("message-id", "jobs:99"), ("group-id", "g")]}
+    assert broker.publish(Message(f"$queue/jobs/{action}", b"", 1, properties=props)) == 0
+    storage.close()

@@ -1,0 +1,66 @@
+"""fluxmq/queues/manager.py: bad input is refused with a reason code and changes nothing; what
+clients can create is bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fluxmq.broker.broker import Broker
+from fluxmq.broker.message import USER_PROPERTY, Message
+from fluxmq.errors import QueueRefused
+from fluxmq.queues import QueueManager, manager
+from fluxmq.queues.config import CLASSIC, STREAM, QueueConfig
+from fluxmq.storage.lmdb import LMDBStorage
+from tests.queues.test_group import member
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    storage = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    b = Broker(storage=storage)
+    b.queues = QueueManager(storage, [QueueConfig("s", type=STREAM)])
+    yield b
+    storage.close()
+
+
+@pytest.mark.parametrize("topic", ["$queue/", "$queue//x"])
+def test_publish_without_a_queue_name_is_0x90(broker, topic: str) -> None:
+    with pytest.raises(QueueRefused) as err:
+        broker.publish(Message(topic, b"x", 1))
+    assert err.value.reason_code == 0x90
+    assert set(broker.queues.queues) == {"s"}
+
+
+@pytest.mark.parametrize("message_id", ["", "nocolon", "s:", "s:-1", "other:1", "s:abc"])
+def test_settlements_that_name_nothing_change_nothing(broker, message_id: str) -> None:
+    props = {USER_PROPERTY: [("message-id", message_id), ("group-id", "g")]}
+    for action in ("$ack", "$nack", "$reject"):
+        assert broker.publish(Message(f"$queue/s/{action}", b"", 1, properties=props)) == 0
+    assert broker.publish(Message("$queue/none/$ack", b"", 1, properties=props)) == 0
+    assert broker.queues.queues["s"].log.count == 0
+
+
+def test_a_bad_stream_offset_is_refused(broker) -> None:
+    session, _ = broker.open_session("c", True, 0)
+    with pytest.raises(QueueRefused) as err:
+        broker.subscribe(session, "$queue/s/#", 1, user_properties=[("stream-offset", "yesterday")])
+    assert err.value.reason_code == 0x83
+    assert not broker.queues.queues["s"].groups and not broker.queues.members
+
+
+def test_groups_per_queue_and_auto_created_queues_are_bounded(broker, monkeypatch) -> None:
+    monkeypatch.setattr(manager, "MAX_GROUPS_PER_QUEUE", 2)
+    monkeypatch.setattr(manager, "MAX_AUTO_QUEUES", 1)
+    member(broker, "a", "$queue/s/#", "g1")
+    member(broker, "b", "$queue/s/#", "g2")
+    session, _ = broker.open_session("c", True, 0)
+    with pytest.raises(QueueRefused) as err:
+        broker.subscribe(session, "$queue/s/#", 1, user_properties=[("consumer-group", "g3")])
+    assert err.value.reason_code == 0x97
+    broker.publish(Message("$queue/auto1", b"x", 1))
+    with pytest.raises(QueueRefused) as err:
+        broker.publish(Message("$queue/auto2", b"x", 1))
+    assert err.value.reason_code == 0x97
+    assert QueueConfig("x").type == CLASSIC
