@@ -20,6 +20,7 @@ from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
 from .delivery import Delivery
+from .events import EventSink
 from .message import MESSAGE_EXPIRY_INTERVAL, Message
 from .retained import RetainedStore
 from .router import Router
@@ -142,6 +143,17 @@ class Broker:
         # queue_factory(broker) (set by the node), so plain publish/subscribe never imports them.
         self.queues = None
         self.queue_factory: Callable[[Broker], object] | None = None
+        # Event observers (fluxmq.broker.events): None costs one check per hook; the per-message
+        # hooks stay None unless the sink wants them, so they cost nothing more on the hot path.
+        self.events: EventSink | None = None
+        self._on_published = None
+        self._on_delivered = None
+
+    def set_events(self, sink: EventSink | None) -> None:
+        """Install (or with None remove) the node's event observer."""
+        self.events = sink
+        self._on_published = sink.message_published if sink is not None and sink.wants_published else None
+        self._on_delivered = sink.message_delivered if sink is not None and sink.wants_delivered else None
 
     def set_auth(self, auth) -> None:
         """Install the node's ``AuthService``: cached routes are filtered by its read rules."""
@@ -202,6 +214,9 @@ class Broker:
                 old_will = session.will
                 session.will = None
                 old.close(0x8E, "session taken over")
+                events = self.events
+                if events is not None:
+                    events.session_takeover(client_id, username, session.username, not ended)
                 # The old connection's will goes only when its session ends here (MQTT 5.0 3.1.2.5).
                 # A resumed session counts as reconnected before the will delay passed, whatever the
                 # delay, so it cancels the will [MQTT-3.1.3-9], as Mosquitto does: a half-open
@@ -520,8 +535,10 @@ class Broker:
                 return 0
             if msg_qos and origin is not None:
                 ops_before = store.op_count
-        if message.retain:
-            self.retained.store(message)
+        if message.retain and self.retained.store(message):
+            events = self.events
+            if events is not None:
+                events.message_retained(message, not message.payload)
         retain = message.retain
         sent_qos = stats.sent_qos
         sent_bytes = stats.sent_bytes_qos
@@ -550,6 +567,11 @@ class Broker:
             store.note_stake(origin.client_id)
         if started:
             self._observe_latency(started)
+        on_published = self._on_published
+        if on_published is not None:
+            on_published(message, origin.username if origin is not None else None, n)
+        if self._on_delivered is not None:
+            self._report_deliveries(message, route.targets, origin)
         return n
 
     def _queue_manager(self):
@@ -560,6 +582,19 @@ class Broker:
                 raise QueueRefused("durable queues are not available on this node", 0x90)
             queues = self.queues = self.queue_factory(self)
         return queues
+
+    def _report_deliveries(self, message: Message, targets, origin: Session | None) -> None:
+        """message.delivered per subscriber of ``targets`` (walked again only when observed, so the
+        fan-out loop above stays as it is)."""
+        on_delivered = self._on_delivered
+        msg_qos = message.qos
+        for session, qos, qos_own, rap, _ids in targets:
+            if session is origin:
+                if qos_own < 0:
+                    continue
+                qos = qos_own
+            on_delivered(message, session.client_id, session.username, msg_qos if msg_qos < qos else qos,
+                         rap and message.retain)
 
     def _observe_latency(self, started: float) -> None:
         # Deliveries only filled output buffers; the FlushScheduler's hub callback (registered by
@@ -612,6 +647,8 @@ class Broker:
             ids = (member.subscription_id,) if member.subscription_id else None
             qos = message.qos if message.qos < member.qos else member.qos
             member.session.deliver(message, qos, False, ids)
+            if self._on_delivered is not None:
+                self._on_delivered(message, member.session.client_id, member.session.username, qos, False)
             stats = self.stats
             stats.sent_qos[qos] += 1
             stats.sent_bytes_qos[qos] += len(message.payload)
@@ -638,6 +675,11 @@ class Broker:
                            subscription_id, shared[0] if shared else None)
         is_new = self.router.add(sub)
         session.subscriptions[filter] = sub
+        events = self.events
+        if events is not None:
+            events.subscription_created(session.client_id, session.username, filter, granted, qos, no_local,
+                                        retain_as_published, retain_handling, subscription_id,
+                                        shared[0] if shared else None, not is_new)
         if isinstance(session, PersistentSession):
             session.store.put_subscription(session.client_id, filter, granted, no_local, retain_as_published,
                                            retain_handling, subscription_id)
@@ -659,6 +701,8 @@ class Broker:
         for message in result.retained:
             qos = message.qos if message.qos < result.granted_qos else result.granted_qos
             session.deliver(message, qos, True, ids)  # retain flag set [MQTT-3.3.1-8]
+            if self._on_delivered is not None:
+                self._on_delivered(message, session.client_id, session.username, qos, True)
 
     def unsubscribe(self, session: Session, filter: str) -> bool:
         """Remove a subscription; False when the session had none with that filter."""
@@ -669,6 +713,9 @@ class Broker:
         self.router.remove(filter, session)
         if isinstance(session, PersistentSession):
             session.store.delete_subscription(session.client_id, filter)
+        events = self.events
+        if events is not None:
+            events.subscription_removed(session.client_id, session.username, filter)
         return True
 
     # -- node lifecycle --------------------------------------------------------------------------

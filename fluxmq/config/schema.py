@@ -34,6 +34,8 @@ from fluxmq.config.values import (
     Size,
     Str,
     StrList,
+    StrMap,
+    Url,
     ValueType,
 )
 
@@ -106,7 +108,57 @@ SECTION_DOCS: dict[str, str] = {
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
     "cluster": "Peer brokers this node mirrors (reference 001 MQTT cluster routes; docs/bridges.rst).",
+    "webhook": "Broker events POSTed to HTTP endpoints off the hot path (docs/webhooks.rst).",
+    "webhook.defaults": "Per-endpoint settings an endpoint does not set itself.",
+    "webhook.defaults.retry": "Exponential backoff between attempts of one event to one endpoint.",
+    "webhook.defaults.circuit_breaker": "Per-endpoint breaker: open after consecutive failures, retry after a pause.",
 }
+
+# The event types a webhook endpoint may subscribe to (docs/webhooks.rst describes their fields).
+WEBHOOK_EVENTS = (
+    "client.connected", "client.disconnected", "client.session_takeover",
+    "message.published", "message.delivered", "message.retained",
+    "subscription.created", "subscription.removed",
+    "auth.success", "auth.failure", "authz.publish_denied", "authz.subscribe_denied",
+)
+
+
+class EventList(StrList):
+    """A list of webhook event types (``*`` = all of them)."""
+
+    summary = "list of event types"
+    expected = "a list of event types (" + ", ".join(WEBHOOK_EVENTS) + ') or ["*"]'
+
+    def from_yaml(self, value: object) -> list[str]:
+        items = super().from_yaml(value)
+        unknown = [item for item in items if item != "*" and item not in WEBHOOK_EVENTS]
+        if unknown:
+            raise ValueError(f"unknown event type {unknown[0]!r}")
+        return items
+
+
+# Unset fields (None) take webhook.defaults.retry.*.
+_WEBHOOK_RETRY = Fields({
+    "max_attempts": Field(Int(1, 100), doc="Attempts per event, the first included."),
+    "initial_interval": Field(Duration(), doc="Pause before the second attempt."),
+    "max_interval": Field(Duration(), doc="Longest pause."),
+    "multiplier": Field(Float(1.0), doc="Each pause is the previous one times this."),
+})
+
+WEBHOOK_ENDPOINT = Fields({
+    "name": Field(Str(allow_empty=False), required=True, doc="Unique; the endpoint label on /metrics."),
+    "url": Field(Url("http", "https"), required=True, doc="Where events are POSTed."),
+    "events": Field(EventList(), ["*"], doc="Event types sent to it."),
+    "topic_filters": Field(StrList(), [], doc="MQTT filters choosing the message.* events; [] = every topic."),
+    "headers": Field(StrMap(), {}, doc="Extra request headers."),
+    "timeout": Field(Duration(), doc="Time to answer one request; unset = webhook.defaults.timeout."),
+    "retry": Field(_WEBHOOK_RETRY, doc="Backoff; unset fields = webhook.defaults.retry.*."),
+    "secret_env": Field(Str(), "", doc="Environment variable holding the HMAC-SHA256 signing secret."),
+    "secret_file": Field(Str(), "", doc="File whose first line is the signing secret."),
+    "secret": Field(Str(), refuse="a signing secret is not written in the config file: "
+                                  "name its environment variable (secret_env) or a file (secret_file)"),
+    "ca_file": Field(Str(), "", doc="https: the CA bundle its certificate is verified against; \"\" = system CAs."),
+})
 
 
 
@@ -522,6 +574,28 @@ KEYS: tuple[Key, ...] = (
     Key("cluster.routes", FieldsList(CLUSTER_ROUTE_ITEM, "list of routes"), [],
         "Reference 001 cluster routes to peer fluxmq nodes, mirroring every topic: {host, port, node_id, "
         "username, password_env | password_file, message_validity, tls, ...} (docs/bridges.rst)."),
+    Key("webhook.enabled", Bool(), False, "POST broker events to webhook.endpoints."),
+    Key("webhook.queue_size", Int(1), 10000,
+        "Events waiting for delivery (all endpoints); when full, drop_policy decides and the drop is counted."),
+    Key("webhook.drop_policy", Enum("oldest", "newest"), "oldest",
+        "What a full queue drops: the oldest waiting event or the new one."),
+    Key("webhook.workers", Int(1, 1000), 8, "Greenlets sending requests (one request each at a time)."),
+    Key("webhook.include_payload", Bool(), False,
+        "message.published carries the payload (base64) besides its size."),
+    Key("webhook.shutdown_timeout", Duration(), "5s",
+        "How long a stopping node keeps sending queued events before it drops the rest (counted)."),
+    Key("webhook.defaults.timeout", Duration(), "5s", "Time an endpoint has to answer one request."),
+    Key("webhook.defaults.retry.max_attempts", Int(1, 100), 3, "Attempts per event and endpoint, the first included."),
+    Key("webhook.defaults.retry.initial_interval", Duration(), "1s", "Pause before the second attempt."),
+    Key("webhook.defaults.retry.max_interval", Duration(), "30s", "Longest pause between attempts."),
+    Key("webhook.defaults.retry.multiplier", Float(1.0), 2.0, "Each pause is the previous one times this."),
+    Key("webhook.defaults.circuit_breaker.failure_threshold", Int(1), 5,
+        "Consecutive failed requests that open an endpoint's breaker (it then gets no events until reset_timeout)."),
+    Key("webhook.defaults.circuit_breaker.reset_timeout", Duration(), "60s",
+        "How long a breaker stays open before one trial request (half-open) may close it."),
+    Key("webhook.endpoints", FieldsList(WEBHOOK_ENDPOINT, "list of endpoints"), [],
+        "Receivers: [{name, url, events, topic_filters, headers, timeout, retry, secret_env | secret_file, "
+        "ca_file}] (docs/webhooks.rst); from the environment as JSON."),
 )
 
 

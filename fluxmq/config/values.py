@@ -33,6 +33,8 @@ __all__ = [
     "Size",
     "Str",
     "StrList",
+    "StrMap",
+    "Url",
     "ValueType",
     "parse_addr",
     "parse_bool",
@@ -434,6 +436,47 @@ class StrList(ValueType):
             if item:
                 items.append(item)
         return items
+
+
+class StrMap(ValueType):
+    """A mapping of string names to string values (HTTP headers, labels)."""
+
+    summary = "mapping of strings"
+    expected = 'a mapping of strings such as {"X-Env": "prod"}'
+
+    def from_yaml(self, value: object) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise ValueError("")
+        out = {}
+        for name, item in value.items():
+            if not isinstance(name, str) or not name or not isinstance(item, str):
+                raise ValueError(f"{name!r}: names and values must be strings")
+            out[str(name)] = str(item)
+        return out
+
+
+class Url(ValueType):
+    """An absolute URL with one of ``schemes`` and a host."""
+
+    def __init__(self, *schemes: str) -> None:
+        self.schemes = schemes or ("http", "https")
+        self.summary = "URL"
+        self.expected = " or ".join(f"an {s}:// URL" if s[0] in "aeiouh" else f"a {s}:// URL" for s in self.schemes)
+
+    def from_yaml(self, value: object) -> str:
+        from urllib.parse import urlsplit
+
+        if not isinstance(value, str):
+            raise ValueError("")
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in self.schemes and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("")
+        return str(value)
 
 
 # -- structured values (lists of mappings, e.g. ``bridges``) ------------------------------------------

@@ -63,6 +63,9 @@ class BrokerCollector(Collector):
             yield from self._queues(broker.queues)
         if self.bridge is not None:
             yield from self._http(self.bridge)
+        webhooks = getattr(self.service, "webhooks", None)
+        if webhooks is not None:
+            yield from self._webhooks(webhooks)
         coap = getattr(self.service, "coap", None)
         if coap is not None:
             yield from self._coap(coap)
@@ -203,6 +206,35 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily("fluxmq_sse_queue_messages", "Messages waiting in HTTP subscribe stream queues.",
                                 value=bridge.queued())
 
+
+    @staticmethod
+    def _webhooks(webhooks: Any) -> Iterator[Metric]:
+        sent = CounterMetricFamily("fluxmq_webhook_sent", "Webhook events an endpoint accepted (2xx).",
+                                   labels=["endpoint"])
+        failed = CounterMetricFamily("fluxmq_webhook_failed", "Webhook events given up after their last attempt.",
+                                     labels=["endpoint"])
+        retried = CounterMetricFamily("fluxmq_webhook_retried", "Webhook attempts after the first.",
+                                      labels=["endpoint"])
+        dropped = CounterMetricFamily("fluxmq_webhook_dropped",
+                                      "Webhook events dropped unsent: queue_full, breaker_open or shutdown.",
+                                      labels=["endpoint", "reason"])
+        state = GaugeMetricFamily("fluxmq_webhook_breaker_state",
+                                  "Circuit breaker of each endpoint: 0 closed, 1 half-open, 2 open.",
+                                  labels=["endpoint"])
+        opened = CounterMetricFamily("fluxmq_webhook_breaker_opened", "Times each endpoint's breaker opened.",
+                                     labels=["endpoint"])
+        for endpoint in webhooks.endpoints:
+            name = [endpoint.name]
+            sent.add_metric(name, endpoint.sent)
+            failed.add_metric(name, endpoint.failed)
+            retried.add_metric(name, endpoint.retried)
+            for reason, value in sorted(endpoint.dropped.items()):
+                dropped.add_metric([endpoint.name, reason], value)
+            state.add_metric(name, endpoint.breaker.level)
+            opened.add_metric(name, endpoint.breaker.opened)
+        yield from (sent, failed, retried, dropped, state, opened)
+        yield GaugeMetricFamily("fluxmq_webhook_queue_events", "Webhook events waiting to be sent.",
+                                value=len(webhooks.queue))
 
     @staticmethod
     def _coap(coap: Any) -> Iterator[Metric]:

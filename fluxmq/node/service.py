@@ -29,6 +29,7 @@ from fluxmq.storage import Storage, open_storage
 from fluxmq.transport.tcp import TCPListener
 from fluxmq.transport.tls import TLSHandshake
 from fluxmq.transport.websocket import WebSocketUpgrade
+from fluxmq.webhook import WebhookDispatcher, WebhookSettings
 
 log = logging.getLogger("fluxmq.node")
 
@@ -256,6 +257,7 @@ class BrokerService:
         self.sys_topics: SysTopics | None = None
         self.storage: Storage | None = None
         self.flusher: FlushScheduler | None = None
+        self.webhooks: WebhookDispatcher | None = None  # webhook.enabled with endpoints
         self.coap: CoapBridge | None = None  # the CoAP bridge when a CoAP listener is configured
         self.coap_listeners: list = []
         self.bridges: Bridges | None = None
@@ -270,6 +272,7 @@ class BrokerService:
         # A bad password or ACL file raises ConfigError naming the file and line, before anything opens.
         settings = auth_settings(cfg)
         auth = AuthService(settings) if settings.configured else None
+        hooks = WebhookSettings.from_config(cfg) if cfg.webhook.enabled and cfg.webhook.endpoints else None
         # A foreign, damaged or newer data directory raises StorageError with one line: the worker
         # logs it and the node exits non-zero (never a silent wipe, never a restart loop).
         started = time.monotonic()
@@ -279,6 +282,12 @@ class BrokerService:
         self.flusher = flusher = FlushScheduler(storage)
         load_and_restore(storage, self.broker)
         self._set_up_queues(cfg, storage)
+        if hooks is not None:  # after restore: wills published at a restart are not client events
+            self.webhooks = webhooks = WebhookDispatcher(hooks, self.broker.settings.node_id)
+            broker = self.broker
+            webhooks.on_wants_changed = lambda: broker.set_events(webhooks if webhooks.accepting else None)
+            webhooks.start()
+            broker.set_events(webhooks)
         if storage.durable:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()
@@ -369,12 +378,18 @@ class BrokerService:
             if not listener.wait_closed(left):
                 log.warning("shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)})
         self._started = False
+        if self.webhooks is not None:
+            self.broker.set_events(None)  # the disconnects of the shutdown are queued already
         if self.storage is not None:
             try:
                 self.flusher.ensure_committed()
                 self.storage.close()
             except Exception:
                 log.exception("storage_close_failed")
+        if self.webhooks is not None:
+            # After the storage is closed (nothing acknowledged waits on HTTP endpoints), within what
+            # is left of the stop budget.
+            self.webhooks.stop(min(self.webhooks.settings.shutdown_timeout, max(0.0, deadline - time.monotonic())))
         log.info("stopped", extra={"sessions": self.broker.session_count()})
 
     def is_ready(self) -> dict[str, tuple[bool, str]]:

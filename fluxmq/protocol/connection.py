@@ -61,6 +61,10 @@ YIELD_EVERY = 128 * 1024
 # the loop has polled, so every slice is followed by the others' input, the flush and the timers.
 _YIELD_SLEEP = 1e-6
 
+# client.disconnected reasons of a close from the broker side, by reason code (docs/webhooks.rst).
+_CLOSE_REASONS = {0x8E: "session_taken_over", 0x8B: "server_shutdown", 0x98: "administrative_action",
+                  0x97: "quota_exceeded"}
+
 
 class _Close(Exception):
     """Internal: stop reading and tear the connection down."""
@@ -116,7 +120,7 @@ class MQTTConnection:
                  "_aliases_out", "_alias_max_out", "_auth_method", "_auth_exchange", "_pending_connect",
                  "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
                  "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__",
-                 "_policy", "_npk")
+                 "_policy", "_npk", "close_reason", "_announced")
 
     def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
                  over_limit: bool = False) -> None:
@@ -156,6 +160,8 @@ class MQTTConnection:
         self.on_close = None  # set by the listener: called once when the connection has ended
         self._npk = 0  # packets written since the last flush (added to stats.messages_sent there)
         self._policy = None  # fluxmq.auth ClientPolicy (ACL, rates, caps); None when none is configured
+        self.close_reason = "connection_lost"  # why a connected client went (client.disconnected event)
+        self._announced = None  # (username, connected at) once client.connected was emitted
 
     # -- read loop -------------------------------------------------------------------------------
 
@@ -304,10 +310,12 @@ class MQTTConnection:
             return
         # Keep alive x1.5 passed with nothing received [MQTT-3.1.2-24]; the will is published.
         log.info("keepalive_timeout", extra={"peer": self.peer, "client_id": self.client_id, "keepalive": self.keepalive})
+        self._note_close("keepalive_timeout")
         self._send_disconnect(0x8D, "keep alive timeout")
 
     def _on_protocol_error(self, exc: MQTTError, data=b"") -> None:
         log.info("protocol_error", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(exc.reason_code), "reason": exc.reason})
+        self._note_close("protocol_error")
         if self.session is None:
             if exc.reason_code == 0x84:
                 # Unknown protocol level: CONNACK return code 1 in the 3.1.1 form [MQTT-3.1.2-2].
@@ -322,11 +330,19 @@ class MQTTConnection:
         self.closed = True
         self._torn_down = True
         session = self.session
+        will = session is not None and session.will is not None and self._publish_will
         if session is not None:
             try:
                 self.broker.close_session(session, self, self._publish_will)
             except Exception:
                 log.exception("close_session_failed", extra={"client_id": self.client_id})
+        announced = self._announced
+        if announced is not None:
+            self._announced = None
+            events = self.broker.events
+            if events is not None:
+                events.client_disconnected(self.client_id, announced[0], self.peer, self.version, self.close_reason,
+                                           will, time.monotonic() - announced[1])
         if self.out and self._writer is None:
             try:
                 self.flusher.ensure_committed(self)  # the bytes may acknowledge state of this turn
@@ -549,6 +565,7 @@ class MQTTConnection:
         if self.closed:
             return False
         log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
+        self._note_close(_CLOSE_REASONS.get(reason_code, "server_close"))
         self._send_disconnect(reason_code, reason)
         self.closed = True
         if self.session is not None and self.session.delivery is not self:
@@ -574,6 +591,20 @@ class MQTTConnection:
         self.flush_nowait()
         if self._writer is None:
             self.stream.shutdown()
+
+    def _note_close(self, reason: str) -> None:
+        """Remember why the connection ends, for client.disconnected (the first known reason wins)."""
+        if self.close_reason == "connection_lost":
+            self.close_reason = reason
+
+    def _emit_auth(self, ok: bool, username: str | None, method: str, reason: str = "", reason_code: int = 0) -> None:
+        events = self.broker.events
+        if events is None:
+            return
+        if ok:
+            events.auth_success(self.client_id, username, self.peer, self.version, method)
+        else:
+            events.auth_failure(self.client_id, username, self.peer, self.version, method, reason, reason_code)
 
     def _send_disconnect(self, reason_code: int, reason: str = "") -> None:
         if self.version == 5 and self.session is not None and not self.closed:
@@ -671,6 +702,8 @@ class MQTTConnection:
             # User name and password (a verified client certificate or an enhanced authentication
             # method authenticates the client instead).
             result = auth.authenticate(client_id, p.username, p.password, self.peer)
+            self._emit_auth(result.ok, p.username, "anonymous" if p.username is None else "password",
+                            result.reason, result.reason_code if version == 5 else result.return_code)
             if not result.ok:
                 self._refuse(result.return_code, result.reason_code, result.reason)
                 return
@@ -768,6 +801,11 @@ class MQTTConnection:
         self.stream.settimeout(timeout)
         log.debug("connect", extra={"peer": self.peer, "client_id": client_id, "version": version, "clean_start": p.clean_start, "keepalive": keepalive, "present": present})
         broker.attach(session, self, send_quota)
+        events = broker.events
+        if events is not None:
+            self._announced = (username, time.monotonic())
+            events.client_connected(client_id, username, self.peer, version, p.clean_start, keepalive, present,
+                                    session.expiry_interval, self.listener)
 
     def _auth_step(self, step) -> None:
         """Answer one step of an enhanced authentication exchange (at CONNECT or re-authentication)."""
@@ -785,12 +823,16 @@ class MQTTConnection:
                 props[c.AUTHENTICATION_DATA] = step.data
             if self.session is None:
                 pending = self._pending_connect
-                self._accept(pending, props, step.username if step.username is not None else pending[0].username)
+                username = step.username if step.username is not None else pending[0].username
+                self._emit_auth(True, username, method)
+                self._accept(pending, props, username)
             else:
                 log.info("reauthenticated", extra={"client_id": self.client_id, "user": step.username})
                 self._write(encode(c.Auth(0x00, props), 5))
             return
         log.info("authentication_failed", extra={"peer": self.peer, "client_id": self.client_id, "method": method, "reason": step.reason})
+        self._emit_auth(False, self.session.username if self.session is not None else self._pending_connect[0].username,
+                        method, step.reason or "authentication failed", step.reason_code or 0x87)
         if self.session is None:
             self._pending_connect = None
             self._refuse(0, step.reason_code, step.reason)
@@ -840,6 +882,9 @@ class MQTTConnection:
             if fast is None or fast.get(topic) != 0:
                 refused = policy.check_publish(topic, len(p.payload))
                 if refused:
+                    if refused == 0x87 and self.broker.events is not None:
+                        self.broker.events.publish_denied(self.client_id, session.username, self.peer, topic, qos,
+                                                          p.retain, refused)
                     self._refuse_publish(p, qos, refused)
                     return
         if qos > settings.max_qos:
@@ -928,6 +973,7 @@ class MQTTConnection:
     def _close_over_limit(self, reason_code: int) -> None:
         """Over a rate or a cap (already logged, once a minute): 5.0 gets DISCONNECT with
         ``reason_code`` (0x96 message rate too high, 0x97 quota exceeded), 3.x is disconnected."""
+        self._note_close("rate_limited" if reason_code == 0x96 else "over_limit")
         self._send_disconnect(reason_code, "message rate too high" if reason_code == 0x96 else "over a limit")
         self.closed = True
 
@@ -1052,6 +1098,9 @@ class MQTTConnection:
                 subs = session.subscriptions
                 code = policy.check_subscribe(s.filter, len(subs) + (s.filter not in subs))
                 if code:
+                    if code == 0x87 and broker.events is not None:
+                        broker.events.subscribe_denied(self.client_id, session.username, self.peer, s.filter,
+                                                       s.qos, code)
                     # 0x87 (ACL) or 0x97 (quota); 3.x has only 0x80 [MQTT-3.9.3-2]
                     codes.append(code if v5 else 0x80)
                     denied.append(s.filter)
@@ -1106,6 +1155,7 @@ class MQTTConnection:
         # Only reason 0x00 (normal) discards the will [MQTT-3.14.4-3, MQTT-3.1.2-8]; 0x04 asks for
         # it and any error code leaves it to be published as after a network failure.
         self._publish_will = self.version == 5 and p.reason_code != 0
+        self._note_close("client_disconnect")
         if self.version == 5 and p.properties:
             expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL)
             if expiry is not None:
