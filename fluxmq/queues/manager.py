@@ -423,6 +423,9 @@ class QueueManager:
     def _run_timer(self) -> None:
         while not self._closing:
             gevent.sleep(TICK)
+            if self.storage.closed:  # its owner closed the store without stopping the queues first
+                self._timer = None
+                return
             try:
                 self.tick()
             except Exception:

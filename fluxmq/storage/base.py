@@ -63,6 +63,8 @@ class Storage:
     refusing = False
     #: called (from the hub) when the first operation of a new batch is buffered
     on_pending: Callable[[], None] | None = None
+    #: True once ``close`` began: background users (queue timers) stop instead of reading it
+    closed = False
     #: operations recorded so far (a counter: a caller compares it before and after an action)
     op_count = 0
     #: the error of the latest failed commit while its batch waits for a retry, else None

@@ -891,6 +891,7 @@ class LMDBStorage(Storage):
     def close(self) -> None:
         background, self._background = self._background, None
         self._closing = True
+        self.closed = True
         if background is not None:
             if self._syncing:
                 background.join(30)  # an fsync is running in a thread: the env must outlive it

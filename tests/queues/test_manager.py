@@ -64,3 +64,18 @@ def test_groups_per_queue_and_auto_created_queues_are_bounded(broker, monkeypatc
         broker.publish(Message("$queue/auto2", b"x", 1))
     assert err.value.reason_code == 0x97
     assert QueueConfig("x").type == CLASSIC
+
+
+def test_the_timer_ends_when_its_store_is_closed_first(tmp_path: Path, caplog) -> None:
+    """An owner that closes the store without stopping the queues first (a test, an abrupt stop)
+    must not leave a timer reading a closed LMDB environment: it ends, without an error line."""
+    storage = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    queues = QueueManager(storage, [QueueConfig("w")])
+    queues.start()
+    timer = queues._timer
+    assert timer is not None
+    storage.close()
+    timer.join(timeout=10 * manager.TICK)
+    assert timer.dead
+    assert queues._timer is None
+    assert not [r for r in caplog.records if r.msg == "queue_tick_failed"]
