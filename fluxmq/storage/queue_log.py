@@ -41,8 +41,16 @@ def decode_record(buf) -> tuple[float, tuple]:
     return ts, r.decode_message(bytes(buf[_TS.size:]))
 
 
+_LOG_PREFIXES: dict[str, bytes] = {}
+
+
 def log_prefix(queue: str) -> bytes:
-    return b"L" + queue.encode() + b"\x00"
+    prefix = _LOG_PREFIXES.get(queue)
+    if prefix is None:
+        prefix = b"L" + queue.encode() + b"\x00"
+        if len(_LOG_PREFIXES) < 4096:  # bounded: queue names are bounded per node anyway
+            _LOG_PREFIXES[queue] = prefix
+    return prefix
 
 
 def log_key(queue: str, offset: int) -> bytes:
