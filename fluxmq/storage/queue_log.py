@@ -167,7 +167,15 @@ class LMDBQueueLog(QueueLogStore):
         self.storage._put(self.db, group_key(queue, group), _U64.pack(floor))
 
     def settle(self, queue: str, group: str, offset: int, settled: bool = True) -> None:
-        self.storage._put(self.db, ack_prefix(queue, group) + _OFF.pack(offset), b"" if settled else None)
+        key = ack_prefix(queue, group) + _OFF.pack(offset)
+        if not settled:
+            ops = self.storage._batch.ops[self.db]
+            if ops.get(key) == b"":
+                # Recorded by this batch (an offset is settled once, so never committed before)
+                # and passed by the floor before the commit: nothing to write, not a put and a delete.
+                del ops[key]
+                return
+        self.storage._put(self.db, key, b"" if settled else None)
 
     def delete_group(self, queue: str, group: str) -> None:
         self.storage._put(self.db, group_key(queue, group), None)
