@@ -42,7 +42,7 @@ class CaptureTarget:
         except QueueRefused as exc:
             self._refused(str(exc))
             return
-        self.manager.kick(q)
+        self.manager.kick_soon(q)
 
     def _refused(self, why: str) -> None:
         q = self.queue

@@ -26,13 +26,20 @@ def parse_message_id(text: str) -> tuple[str, int] | None:
     return queue, int(offset)
 
 
-def build_delivery(record, queue: str, group: str, count: int, settle, ticket, extra=()) -> TrackedMessage:
+#: delivery-count values as text, the common ones made once
+_COUNTS = tuple(("delivery-count", str(n)) for n in range(16))
+
+
+def build_delivery(record, queue: str, group: str, count: int, settle, ticket, extra=(),
+                   group_pair=None, queue_pair=None) -> TrackedMessage:
     """The PUBLISH a consumer gets: the original topic, payload and properties, plus the user
-    properties message-id, group-id, queue, offset and delivery-count (and ``extra`` pairs)."""
+    properties message-id, group-id, queue, offset and delivery-count (and ``extra`` pairs).
+    ``group_pair``/``queue_pair``: the caller's prebuilt ("group-id", group) and ("queue", queue)."""
     message = record.message
     offset = str(record.offset)
-    mine = [("message-id", f"{queue}:{offset}"), ("group-id", group), ("queue", queue), ("offset", offset),
-            ("delivery-count", str(count))]
+    mine = [("message-id", queue + ":" + offset), group_pair or ("group-id", group),
+            queue_pair or ("queue", queue), ("offset", offset),
+            _COUNTS[count] if count < 16 else ("delivery-count", str(count))]
     if extra:
         mine.extend(extra)
     props = message.properties

@@ -72,6 +72,7 @@ class ConsumerGroup:
     def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None) -> None:
         self.queue = queue
         self.name = name
+        self.group_pair = ("group-id", name)  # a delivery's user property, made once
         # A stream group reads the log in order from its cursor; an ack commits the cursor (no
         # pending list, no redelivery); the log keeps its records (retention limits only).
         self.stream = queue.config.type == STREAM
@@ -266,7 +267,8 @@ class ConsumerGroup:
             self.queue.stats["delivered"] += 1
             return True
         count = self.counts.get(offset, 0) + 1
-        message = self.queue.delivery_message(record, self.name, count, self._on_puback, (offset, count))
+        message = self.queue.delivery_message(record, self.name, count, self._on_puback, (offset, count), (),
+                                              self.group_pair)
         if not member.session.send_tracked(message):
             return False
         self.counts[offset] = count
@@ -291,18 +293,18 @@ class ConsumerGroup:
                 member.pending -= 1
                 if member.auto_ack and member.session is session and reason_code < 0x80:
                     self.commit(offset + 1)
-            self.queue.manager.kick(self.queue)
+            self.queue.manager.kick_soon(self.queue)
             return
         p = self.pending.get(offset)
         if p is None or p.attempt != attempt or p.member.session is not session:
-            self.queue.manager.kick(self.queue)  # a window slot freed
+            self.queue.manager.kick_soon(self.queue)  # a window slot freed
             return
         if p.member.auto_ack:
             if reason_code >= 0x80:
                 self.nack(offset, "puback reason code")
             else:
                 self.ack(offset)
-        self.queue.manager.kick(self.queue)
+        self.queue.manager.kick_soon(self.queue)
 
     def _release(self, offset: int) -> Pending | None:
         p = self.pending.pop(offset, None)

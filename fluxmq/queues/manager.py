@@ -47,6 +47,7 @@ class Queue:
         self.groups: dict[str, ConsumerGroup] = {}
         self.stats: Counter = Counter()
         self._key_at = len(PREFIX) + len(self.name) + 1
+        self._queue_pair = ("queue", self.name)  # a delivery's user property, made once
         # retention.compact: key -> offset of its newest record (rebuilt from the log at start)
         self.newest: dict[str, int] | None = {} if config.retention.compact else None
 
@@ -55,8 +56,8 @@ class Queue:
         ordinary publish's routing key is its topic."""
         return topic[self._key_at:] if topic.startswith(PREFIX) else topic
 
-    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=()) -> Message:
-        return build_delivery(record, self.name, group, count, settle, ticket, extra)
+    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=(), group_pair=None) -> Message:
+        return build_delivery(record, self.name, group, count, settle, ticket, extra, group_pair, self._queue_pair)
 
     def record_key(self, message: Message) -> str:
         """Partition and compaction key: user property ``partition-key``, else the routing key."""
@@ -250,7 +251,7 @@ class QueueManager:
         if origin is not None:
             # The origin's PUBACK acknowledges the append: a failed commit must abandon it.
             self.storage.note_stake(origin.client_id)
-        self.kick(q)
+        self.kick_soon(q)
         return 1
 
     def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int) -> int:
@@ -384,7 +385,7 @@ class QueueManager:
         if done:
             if origin is not None:
                 self.storage.note_stake(origin.client_id)
-            self.kick(q)
+            self.kick_soon(q)
         return 1 if done else 0
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -401,15 +402,26 @@ class QueueManager:
                 self._kick_scheduled = True
                 gevent.get_hub().loop.run_callback(self._run_kicked)
 
+    def kick_soon(self, q: Queue) -> None:
+        """Dispatch ``q``'s groups once at the end of this loop turn: the appends and settlements a
+        turn carries (a read of many PUBLISHes or PUBACKs) cost one dispatch, not one each."""
+        self._kicked.add(q)
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            gevent.get_hub().loop.run_callback(self._run_kicked)
+
     def _run_kicked(self) -> None:
         self._kick_scheduled = False
         kicked, self._kicked = self._kicked, set()
         for q in kicked:
-            self.kick(q)
+            try:
+                self.kick(q)
+            except Exception:  # one queue's failure must not stop the others' deliveries
+                log.exception("queue_dispatch_failed", extra={"queue": q.name})
 
     def _on_room(self, session) -> None:
         for m in self.members.get(session, ()):
-            self.kick(m.group.queue)
+            self.kick_soon(m.group.queue)
 
     # -- timers ----------------------------------------------------------------------------------
 

@@ -41,8 +41,16 @@ def decode_record(buf) -> tuple[float, tuple]:
     return ts, r.decode_message(bytes(buf[_TS.size:]))
 
 
+_LOG_PREFIXES: dict[str, bytes] = {}
+
+
 def log_prefix(queue: str) -> bytes:
-    return b"L" + queue.encode() + b"\x00"
+    prefix = _LOG_PREFIXES.get(queue)
+    if prefix is None:
+        prefix = b"L" + queue.encode() + b"\x00"
+        if len(_LOG_PREFIXES) < 4096:  # bounded: queue names are bounded per node anyway
+            _LOG_PREFIXES[queue] = prefix
+    return prefix
 
 
 def log_key(queue: str, offset: int) -> bytes:
@@ -159,7 +167,15 @@ class LMDBQueueLog(QueueLogStore):
         self.storage._put(self.db, group_key(queue, group), _U64.pack(floor))
 
     def settle(self, queue: str, group: str, offset: int, settled: bool = True) -> None:
-        self.storage._put(self.db, ack_prefix(queue, group) + _OFF.pack(offset), b"" if settled else None)
+        key = ack_prefix(queue, group) + _OFF.pack(offset)
+        if not settled:
+            ops = self.storage._batch.ops[self.db]
+            if ops.get(key) == b"":
+                # Recorded by this batch (an offset is settled once, so never committed before)
+                # and passed by the floor before the commit: nothing to write, not a put and a delete.
+                del ops[key]
+                return
+        self.storage._put(self.db, key, b"" if settled else None)
 
     def delete_group(self, queue: str, group: str) -> None:
         self.storage._put(self.db, group_key(queue, group), None)

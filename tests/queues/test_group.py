@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gevent
 import pytest
 
 from fluxmq.broker.broker import Broker
@@ -50,6 +51,11 @@ def member(broker: Broker, cid: str, filter: str, group: str, auto_ack: bool = F
     return session, d
 
 
+def end_of_turn() -> None:
+    """Let the loop turn end: a turn's appends and settlements are dispatched once, at its end."""
+    gevent.sleep(0)
+
+
 def up(message: Message) -> dict[str, str]:
     return dict(message.properties[USER_PROPERTY])
 
@@ -69,6 +75,7 @@ def test_a_failed_dlq_append_keeps_the_message_and_is_retried(tmp_path: Path) ->
     storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
     _, d = member(broker, "c1", "$queue/jobs/#", "g")
     broker.publish(Message("$queue/jobs/a", b"poison", 1))
+    end_of_turn()
     storage.commit()
     (_, delivered), = d.sent
     storage.refusing = True  # the store is full: the DLQ append cannot be stored
@@ -91,6 +98,7 @@ def test_a_restart_brings_back_exactly_the_unsettled(tmp_path: Path) -> None:
     _, d = member(broker, "c1", "$queue/jobs/#", "g", auto_ack=False)
     for i in range(6):
         broker.publish(Message("$queue/jobs/x", f"m{i}".encode(), 1))
+    end_of_turn()
     for _pid, delivered in d.sent:
         if int(up(delivered)["offset"]) in (0, 2, 3, 5):  # out of order: 2, 3 and 5 above the floor
             settle(broker, "jobs", "$ack", delivered)

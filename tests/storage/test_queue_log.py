@@ -69,3 +69,32 @@ def test_a_schema_1_store_is_upgraded_at_open(tmp_path: Path) -> None:
     s.commit()
     assert s.queue_log().load_queues()["q"].count == 1
     s.close()
+
+
+def test_an_ack_recorded_and_passed_by_the_floor_in_one_batch_writes_nothing(tmp_path: Path) -> None:
+    # Out-of-order acks (many members): an offset settled above the floor and passed by the floor
+    # before the commit leaves no write at all (not a put then a delete), and nothing is lost.
+    s = LMDBStorage(tmp_path / "d", map_size=64 * MiB)
+    qlog = s.queue_log()
+    for off in range(3):
+        qlog.append("orders", off, encode_record(1000.0 + off, Message("$queue/orders/k", b"p", 1)))
+    qlog.put_group("orders", "g", 0)
+    s.commit()
+    qlog.settle("orders", "g", 1)  # 1 acked before 0
+    qlog.settle("orders", "g", 2)
+    s.commit()
+    qlog.settle("orders", "g", 2, False)  # committed before: its delete is written
+    qlog.put_group("orders", "g", 3)
+    qlog.settle("orders", "g", 5)  # recorded in this batch ...
+    qlog.settle("orders", "g", 5, False)  # ... and passed in the same batch: no write left
+    ack_writes = [k for k in s._batch.ops[s.queue_log().db] if k.startswith(b"A")]
+    assert ack_writes == [b"Aorders\x00g\x00" + struct.pack(">Q", 2)]
+    s.commit()
+    qlog.settle("orders", "g", 1, False)
+    s.commit()
+    s.close()
+
+    s = LMDBStorage(tmp_path / "d", map_size=64 * MiB)
+    found = s.queue_log().load_queues()["orders"]
+    assert found.groups["g"].floor == 3 and found.groups["g"].settled == set()
+    s.close()
