@@ -177,6 +177,10 @@ class Session:
                 self._stats.dropped("offline_qos0")  # closing: as good as offline for QoS 0
                 return
             self._enqueue(message, qos, retain, subscription_ids)
+            if len(self.queue) > 1 and not d.is_congested():
+                # The output has room again (drained, or the client's allowance grew) before the
+                # low-water mark called on_writable: move the queue on now rather than overflow it.
+                self.pump()
             return
         if qos == 0:
             if not d.send_publish(message, 0, retain, 0, False, subscription_ids):
