@@ -107,7 +107,7 @@ class Session:
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
                  "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",
-                 "reread", "validity", "validity_drops", "on_room")
+                 "reread", "validity", "validity_drops", "on_room", "dropped")
 
     def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
         self.client_id = client_id
@@ -141,6 +141,7 @@ class Session:
         # queued messages carry the deadline, so the direct send path pays nothing.
         self.validity = 0.0
         self.validity_drops = 0  # queued messages dropped as expired when their turn came
+        self.dropped = 0  # messages dropped for this client, any reason (the admin API shows it)
         # Called with the session when its output drains (durable queues waiting to send); None
         # for a client that consumes no queue.
         self.on_room = None
@@ -163,24 +164,33 @@ class Session:
 
     # -- delivery --------------------------------------------------------------------------------
 
+    def _drop(self, reason: str) -> None:
+        """Count a message dropped for this client: node-wide by reason, and for this session."""
+        self._stats.dropped(reason)
+        self.dropped += 1
+
     def deliver(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
         """Take one message for this client: send it now, queue it, or drop it by policy."""
         d = self.delivery
         if d is None:
             if qos == 0:
-                self._stats.dropped("offline_qos0")
+                self._drop("offline_qos0")
                 return
             self._enqueue(message, qos, retain, subscription_ids)
             return
         if self.queue or d.is_congested():
             if qos == 0 and d.closed:
-                self._stats.dropped("offline_qos0")  # closing: as good as offline for QoS 0
+                self._drop("offline_qos0")  # closing: as good as offline for QoS 0
                 return
             self._enqueue(message, qos, retain, subscription_ids)
+            if len(self.queue) > 1 and not d.is_congested():
+                # The output has room again (drained, or the client's allowance grew) before the
+                # low-water mark called on_writable: move the queue on now rather than overflow it.
+                self.pump()
             return
         if qos == 0:
             if not d.send_publish(message, 0, retain, 0, False, subscription_ids):
-                self._stats.dropped("packet_too_large")
+                self._drop("packet_too_large")
             return
         if len(self.inflight) < self.send_quota:
             self._send_new(d, message, qos, retain, subscription_ids)
@@ -196,7 +206,7 @@ class Session:
         # Too large for this client (5.0 Maximum Packet Size): dropped for this client only. (A
         # client that cannot take it *now*, congested or closing, never gets here: is_congested()
         # sent the message to the queue.)
-        self._stats.dropped("packet_too_large")
+        self._drop("packet_too_large")
         return 0
 
     def send_tracked(self, message: Message) -> int:
@@ -231,16 +241,16 @@ class Session:
             policy = limits.queue_overflow
             if policy == DROP_OLDEST and queue:
                 self._drop_item(queue.popleft())
-                self._stats.dropped("queue_full")
+                self._drop("queue_full")
             elif policy == DISCONNECT:
-                self._stats.dropped("queue_full")
+                self._drop("queue_full")
                 if self.delivery is not None:
                     self.delivery.close(0x97, "session queue full")
                 return
-            elif not self._evict_qos0() or qos == 0:
+            elif qos == 0 or not self._evict_qos0():
                 # drop_new: make room by evicting the oldest queued QoS 0 message first; a new QoS 0
                 # message never evicts anything.
-                self._stats.dropped("queue_full")
+                self._drop("queue_full")
                 return
         if queue is _NO_QUEUE:
             queue = self.queue = deque()
@@ -259,7 +269,7 @@ class Session:
             if item[1] == 0:
                 del queue[i]
                 self._drop_item(item)
-                self._stats.dropped("queue_full")
+                self._drop("queue_full")
                 return True
         return False
 
@@ -286,7 +296,7 @@ class Session:
             queue.popleft()
             self._drop_item((message, qos))
             if message.expires_at is not None and message.expired():
-                self._stats.dropped("expired")
+                self._drop("expired")
                 if self.validity:
                     self.validity_drops += 1
                 continue
@@ -314,7 +324,7 @@ class Session:
             for pid, entry in list(self.inflight.items()):
                 if not entry.released and not can_read(self, entry.message.topic):
                     self._forget_inflight(pid)
-                    self._stats.dropped("not_authorized")
+                    self._drop("not_authorized")
         if self.queue:
             # Items queued later were routed by the new user's rules; checking some of them again
             # (after evictions shortened the old part) is harmless.
@@ -327,7 +337,7 @@ class Session:
             self.reread = None
         if reread[1](self, message.topic):
             return True
-        self._stats.dropped("not_authorized")
+        self._drop("not_authorized")
         return False
 
     def take_unfinished(self, claim) -> list:
@@ -451,7 +461,7 @@ class Session:
                 d.send_pubrel(pid)
             elif not d.send_publish(entry.message, entry.qos, entry.retain, pid, True, entry.subscription_ids):
                 self._forget_inflight(pid)
-                self._stats.dropped("packet_too_large")
+                self._drop("packet_too_large")
         if not held:
             self.held = ()
 
@@ -534,12 +544,12 @@ class PersistentSession(Session):
         queue = self.queue
         limits = self._limits
         if self.store.refusing:
-            self._stats.dropped("storage_full")
+            self._drop("storage_full")
             return
         size = len(message.payload) + len(message.topic) + 40  # about the encoded entry's size
         if queue.count >= limits.max_queued_messages or queue.bytes + size > limits.max_queued_bytes:
             if qos == 0 or not self._evict_qos0():
-                self._stats.dropped("queue_full")
+                self._drop("queue_full")
                 return
         if self.validity:
             message = self._valid_until(message)
@@ -549,7 +559,7 @@ class PersistentSession(Session):
     def _evict_qos0(self) -> bool:
         if self.queue.evict_qos0():
             self.queue_bytes = self.queue.bytes
-            self._stats.dropped("queue_full")
+            self._drop("queue_full")
             return True
         return False
 

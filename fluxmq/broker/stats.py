@@ -13,6 +13,43 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    1.0, 2.5)
 
 
+class OutputBudget:
+    """The node-wide memory that connections' pending output may take beyond their base allowance.
+
+    Every connection may buffer ``broker.write_buffer_high`` bytes of output for its client before it
+    counts as congested. A connection whose client keeps reading (its socket took bytes since the
+    last grant) may grow that allowance, doubling it, while the budget has room; at most an eighth
+    of the budget goes to one client, so one heavy reader cannot starve the others. The extra is
+    given back when the output drains. Only threshold crossings touch it, never each message.
+    """
+
+    __slots__ = ("limit", "in_use", "peak", "grants", "refusals")
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit  # bytes; 0 = no growth: every connection keeps its base allowance
+        self.in_use = 0  # bytes granted to connections beyond their base allowance
+        self.peak = 0
+        self.grants = 0  # allowance grows granted
+        self.refusals = 0  # grows refused because the budget (or the client's share) was full
+
+    def grow(self, allowance: int, base: int) -> int:
+        """The new allowance of a connection at ``allowance`` (its base ``base``), or ``allowance``
+        when the budget has no room."""
+        cap = max(base, self.limit >> 3)
+        extra = min(allowance, cap - allowance)
+        if extra <= 0 or self.in_use + extra > self.limit:
+            self.refusals += 1
+            return allowance
+        self.in_use += extra
+        if self.in_use > self.peak:
+            self.peak = self.in_use
+        self.grants += 1
+        return allowance + extra
+
+    def release(self, extra: int) -> None:
+        self.in_use -= extra
+
+
 class BrokerStats:
     """Counters kept as plain attributes (an attribute add is the cheapest thing Python does).
 
@@ -24,7 +61,7 @@ class BrokerStats:
     __slots__ = ("started", "messages_received", "messages_sent", "bytes_received", "bytes_sent",
                  "connections_total", "drops",
                  "received_qos", "received_bytes_qos", "sent_qos", "sent_bytes_qos",
-                 "latency_counts", "latency_sum")
+                 "latency_counts", "latency_sum", "output_budget")
 
     def __init__(self) -> None:
         self.started = time.time()
@@ -41,6 +78,7 @@ class BrokerStats:
         self.sent_bytes_qos = [0, 0, 0]
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative
         self.latency_sum = 0.0
+        self.output_budget = OutputBudget()  # the limit is set from broker.output_memory_limit
 
     def dropped(self, reason: str, n: int = 1) -> None:
         """Count messages dropped for ``reason`` (offline_qos0, queue_full, expired, ...)."""

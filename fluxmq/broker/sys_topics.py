@@ -37,6 +37,7 @@ class SysTopics:
             "publish/messages/received": str(st.publish_received),
             "publish/messages/sent": str(st.publish_sent),
             "publish/messages/dropped": str(st.dropped_total),
+            **{f"publish/messages/dropped/{reason}": str(n) for reason, n in st.drops.items()},
             "bytes/received": str(st.bytes_received),
             "bytes/sent": str(st.bytes_sent),
             "subscriptions/count": str(b.subscription_count()),

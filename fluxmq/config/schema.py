@@ -458,7 +458,12 @@ KEYS: tuple[Key, ...] = (
     Key("broker.queue_overflow", Enum("drop_new", "drop_oldest", "disconnect"), "drop_new",
         "What a full session queue does (drop_new evicts queued QoS 0 messages first)."),
     Key("broker.write_buffer_high", Size(1), "1MiB",
-        "Pending output per connection above which a subscriber counts as slow, in bytes."),
+        "Base allowance of pending output per connection, in bytes: above it a client counts as slow "
+        "unless it keeps reading and broker.output_memory_limit has room."),
+    Key("broker.output_memory_limit", Size(0), "256MiB",
+        "Node-wide pending output connections may hold beyond broker.write_buffer_high while their "
+        "clients keep reading (one client takes at most an eighth), 0 = none; a client that stops "
+        "reading stays at its allowance, then its session queue policy applies."),
     Key("broker.max_keepalive", Int(0, 65535), 65535, "Largest keep alive a client may use, in seconds."),
     Key("broker.allow_zero_keepalive", Bool(), True, "Accept clients that set keep alive 0 (none)."),
     Key("broker.shared_subscription_strategy", Enum("round_robin", "random", "least_inflight"),

@@ -149,6 +149,7 @@ def session_summary(session: Session) -> dict[str, Any]:
         "inflight": len(session.inflight),
         "queue_depth": len(session.queue),
         "queue_bytes": session.queue_bytes,
+        "dropped": getattr(session, "dropped", 0),  # messages dropped for this client (queue full, offline QoS 0, ...)
     }
 
 

@@ -133,6 +133,18 @@ class BrokerCollector(Collector):
         for reason, value in sorted(st.drops.items()):
             dropped.add_metric([reason], value)
         yield dropped
+        budget = st.output_budget
+        yield GaugeMetricFamily("fluxmq_output_budget_bytes", "broker.output_memory_limit: pending output "
+                                "connections may hold beyond their base allowance.", value=budget.limit)
+        yield GaugeMetricFamily("fluxmq_output_budget_used_bytes", "Output budget granted to connections now.",
+                                value=budget.in_use)
+        yield GaugeMetricFamily("fluxmq_output_budget_peak_bytes", "Most output budget granted at once.",
+                                value=budget.peak)
+        yield CounterMetricFamily("fluxmq_output_budget_grants", "Allowance grows granted to reading clients.",
+                                  value=budget.grants)
+        yield CounterMetricFamily("fluxmq_output_budget_refusals",
+                                  "Allowance grows refused: the budget or the client's share was full.",
+                                  value=budget.refusals)
         yield GaugeMetricFamily("fluxmq_uptime_seconds", "Seconds since the broker started.", value=st.uptime())
 
     def _state(self, broker: Any) -> Iterator[Metric]:

@@ -278,6 +278,7 @@ class BrokerService:
         started = time.monotonic()
         self.storage = storage = open_storage(cfg)
         self.broker = Broker(broker_settings(cfg), storage)
+        self.broker.stats.output_budget.limit = cfg.broker.output_memory_limit
         self.broker.set_auth(auth)
         self.flusher = flusher = FlushScheduler(storage)
         load_and_restore(storage, self.broker)

@@ -66,6 +66,12 @@ _CLOSE_REASONS = {0x8E: "session_taken_over", 0x8B: "server_shutdown", 0x98: "ad
                   0x97: "quota_exceeded"}
 
 
+# Bytes _drain hands the socket per write: a reading client completes one quickly.
+_DRAIN_CHUNK = 256 << 10
+# A client that took a chunk within this many seconds counts as reading (may grow its allowance).
+_READING_WITHIN = 1.0
+
+
 class _Close(Exception):
     """Internal: stop reading and tear the connection down."""
 
@@ -120,7 +126,7 @@ class MQTTConnection:
                  "_aliases_out", "_alias_max_out", "_auth_method", "_auth_exchange", "_pending_connect",
                  "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
                  "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__",
-                 "_policy", "_npk", "close_reason", "_announced")
+                 "_policy", "_npk", "close_reason", "_announced", "_progress_at")
 
     def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
                  over_limit: bool = False) -> None:
@@ -151,7 +157,10 @@ class MQTTConnection:
         self._auth_method: str | None = None  # 5.0 enhanced authentication method of this connection
         self._auth_exchange = None  # the exchange in progress (CONNECT or re-authentication)
         self._pending_connect = None  # CONNECT state held while its enhanced authentication runs
+        # Pending output above which the client counts as congested: write_buffer_high, grown from
+        # the node's output budget while the client keeps reading (is_congested), shrunk when drained.
         self._high = settings.write_buffer_high
+        self._progress_at = 0.0  # monotonic time the client last took a chunk of a pending write
         self._keepalive_limit = 0.0  # seconds without input before the client is dropped; 0 = none
         self._can_park = hasattr(stream, "has_buffered")
         self._parking = False
@@ -329,6 +338,7 @@ class MQTTConnection:
     def _teardown(self) -> None:
         self.closed = True
         self._torn_down = True
+        self._release_allowance()
         session = self.session
         will = session is not None and session.will is not None and self._publish_will
         if session is not None:
@@ -390,6 +400,8 @@ class MQTTConnection:
         self.broker.stats.bytes_sent += n
         if n == len(out):
             out.clear()
+            if self._high > self.settings.write_buffer_high:
+                self._release_allowance()
         else:
             del out[:n]
             self._writer = gevent.spawn(self._drain)
@@ -421,12 +433,15 @@ class MQTTConnection:
         out = self.out
         try:
             while out:
-                n = len(out)
+                # In chunks: each one the client takes counts as progress (is_congested grows the
+                # allowance of a client that keeps reading), and what waits stays counted in out.
+                n = min(len(out), _DRAIN_CHUNK)
                 self.flusher.ensure_committed(self)  # the first n bytes acknowledge only committed state
                 data = bytes(out[:n])
                 del out[:n]
                 self.stream.send_all(data, self.settings.write_timeout or None)
                 self.broker.stats.bytes_sent += len(data)
+                self._progress_at = time.monotonic()
                 if self._want_writable and len(out) <= self._high // 2:
                     self._writable()
         except (OSError, TimeoutError, gevent.Timeout, StorageError):
@@ -436,6 +451,7 @@ class MQTTConnection:
             self.stream.shutdown()
         finally:
             self._writer = None
+        self._release_allowance()
         if self._torn_down:
             self.stream.close()
         elif self.closed:
@@ -457,9 +473,31 @@ class MQTTConnection:
             # the session (queued, delivered on reconnect), not dropped as if it could never fit.
             return True
         if len(self.out) > self._high:
+            if self._grow_allowance():
+                return False
             self._want_writable = True
             return True
         return False
+
+    def _grow_allowance(self) -> bool:
+        """A client that keeps reading gets more room from the node's output budget (instead of its
+        messages going to the session queue and, past that, being dropped); one that stopped reading
+        makes no progress and stays at its allowance. Reading: nothing is waiting for the socket
+        (what it was given it took), or it took a chunk of the pending write within the last second."""
+        if self._writer is not None and time.monotonic() - self._progress_at > _READING_WITHIN:
+            return False
+        high = self.broker.stats.output_budget.grow(self._high, self.settings.write_buffer_high)
+        if high == self._high:
+            return False
+        self._high = high
+        return len(self.out) <= high
+
+    def _release_allowance(self) -> None:
+        """Give what the allowance grew back to the node's budget (the output drained or closed)."""
+        base = self.settings.write_buffer_high
+        if self._high > base:
+            self.broker.stats.output_budget.release(self._high - base)
+            self._high = base
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
                      subscription_ids) -> bool:

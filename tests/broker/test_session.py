@@ -294,3 +294,35 @@ def test_closing_connection_keeps_qos1_and_qos2_queued_and_drops_qos0_as_offline
     d2 = RecordingDelivery()
     s.attach(d2, 10)
     assert [(x[0], x[1]) for x in d2.sent] == [("b", 1), ("c", 2)]
+
+
+def test_drops_are_counted_per_session_as_well_as_by_reason():
+    """Who lost what: the session's own ``dropped`` counter (shown by the admin API) follows every drop."""
+    s, stats = make(SessionLimits(max_queued_messages=2, queue_overflow=DROP_NEW))
+    other, _ = make()
+    d = RecordingDelivery()
+    d.congested = True
+    s.attach(d, 10)
+    for i in range(5):
+        # 2 queued, 3 dropped: queue full (and a new QoS 0 never evicts a queued one: it alone is lost)
+        s.deliver(msg(f"z{i}", qos=0), 0, False, None)
+    assert stats.drops == {"queue_full": 3}
+    assert s.dropped == 3
+    assert other.dropped == 0
+    assert [m.topic for m, *_ in s.queue] == ["z0", "z1"]
+
+
+def test_queued_messages_move_on_as_soon_as_the_output_has_room():
+    """A congested client whose output has room again (its allowance grew) gets the queue at the next
+    delivery, in order, instead of the queue overflowing until the low-water mark calls on_writable."""
+    s, stats = make(SessionLimits(max_queued_messages=3))
+    d = RecordingDelivery()
+    d.congested = True
+    s.attach(d, 10)
+    s.deliver(msg("a", qos=0), 0, False, None)
+    s.deliver(msg("b", qos=0), 0, False, None)
+    d.congested = False
+    for topic in "cdef":
+        s.deliver(msg(topic, qos=0), 0, False, None)
+    assert [t for t, *_ in d.sent] == list("abcdef")
+    assert not s.queue and not stats.drops

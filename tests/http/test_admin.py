@@ -541,3 +541,15 @@ def test_queues_list_peek_purge_and_replay(spec, app, broker) -> None:
 def test_queues_list_is_empty_without_queues(spec, app) -> None:
     status, _, body = json_call(spec, app, "GET", "/queues")
     assert status == 200 and body == {"queues": []}
+
+
+def test_session_view_says_how_many_messages_the_client_lost(spec, app, broker) -> None:
+    """Who lost what: an offline clean session's QoS 0 messages are dropped and counted for it."""
+    session, _ = broker.open_session("lossy", False, 3600)
+    broker.subscribe(session, "loss/#", 0)
+    for _ in range(3):
+        broker.publish(Message("loss/x", b".", 0))
+    status, _, body = json_call(spec, app, "GET", "/sessions/lossy")
+    assert status == 200 and body["dropped"] == 3
+    status, _, body = json_call(spec, app, "GET", "/sessions")
+    assert status == 200 and next(s for s in body["sessions"] if s["client_id"] == "lossy")["dropped"] == 3

@@ -186,3 +186,14 @@ def test_a_scrape_over_many_sessions_lets_other_greenlets_run(broker: Broker, ap
     greenlet.kill()
     assert value(families, "fluxmq_sessions", state="offline") == 10_000
     assert during >= 3
+
+
+def test_output_budget_gauges(app, broker: Broker) -> None:
+    budget = broker.stats.output_budget
+    budget.limit = 64 << 20
+    budget.grow(1 << 20, 1 << 20)
+    families = scrape(app)
+    assert value(families, "fluxmq_output_budget_bytes") == 64 << 20
+    assert value(families, "fluxmq_output_budget_used_bytes") == 1 << 20
+    assert value(families, "fluxmq_output_budget_peak_bytes") == 1 << 20
+    assert value(families, "fluxmq_output_budget_grants", "fluxmq_output_budget_grants_total") == 1

@@ -1,0 +1,53 @@
+"""Broker RSS per connection: idle, right after one PINGREQ each, and parked again (issue 16).
+
+Usage: python -m bench.wake_memory N PORT WORKER_PID (a node on 127.0.0.1:PORT; N < the fd limit).
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import sys
+import time
+
+PARK_WAIT = 7.0  # seconds: more than the 5 s park_after
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def main() -> None:
+    n, port, pid = (int(a) for a in sys.argv[1:4])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 100)), hard))
+    base = rss_kb(pid)
+    socks = []
+    for i in range(n):
+        sock = socket.create_connection(("127.0.0.1", port))
+        cid = b"wake%06d" % i
+        sock.sendall(bytes([0x10, 12 + len(cid)]) + b"\x00\x04MQTT\x04\x02\x00\x3c"
+                     + len(cid).to_bytes(2, "big") + cid)
+        socks.append(sock)
+    for sock in socks:
+        assert sock.recv(4)[:1] == b"\x20"
+    time.sleep(PARK_WAIT)
+    idle = rss_kb(pid)
+    for sock in socks:
+        sock.sendall(b"\xc0\x00")  # PINGREQ
+    for sock in socks:
+        assert sock.recv(2) == b"\xd0\x00"
+    time.sleep(1)
+    woken = rss_kb(pid)
+    time.sleep(PARK_WAIT)
+    parked = rss_kb(pid)
+    for label, kb in (("idle", idle), ("after_ping", woken), ("parked_again", parked)):
+        print(f"{label}: {kb} kB, {(kb - base) * 1024 // n} B per connection")
+
+
+if __name__ == "__main__":
+    main()
