@@ -210,6 +210,18 @@ def block_size(szx: int) -> int:
     return 1 << (szx + 4)
 
 
+
+def _extended(nibble: int, data, pos: int, n: int, what: str) -> tuple[int, int]:
+    """An option delta or length nibble of 13 or 14 with its 1- or 2-byte extension (RFC 7252
+    3.1); returns the value and the position after the extension."""
+    if nibble == 13:
+        if pos >= n:
+            raise MalformedDatagram(f"truncated option {what}")
+        return data[pos] + 13, pos + 1
+    if pos + 2 > n:
+        raise MalformedDatagram(f"truncated option {what}")
+    return ((data[pos] << 8) | data[pos + 1]) + 269, pos + 2
+
 def parse(data: bytes) -> CoapMessage:
     """One datagram -> ``CoapMessage``; ``MalformedDatagram`` for anything not well formed (§3)."""
     n = len(data)
@@ -243,26 +255,10 @@ def parse(data: bytes) -> CoapMessage:
         length = byte & 15
         if delta == 15 or length == 15:
             raise MalformedDatagram("option nibble 15 outside the payload marker")
-        if delta == 13:
-            if pos >= n:
-                raise MalformedDatagram("truncated option delta")
-            delta = data[pos] + 13
-            pos += 1
-        elif delta == 14:
-            if pos + 2 > n:
-                raise MalformedDatagram("truncated option delta")
-            delta = ((data[pos] << 8) | data[pos + 1]) + 269
-            pos += 2
-        if length == 13:
-            if pos >= n:
-                raise MalformedDatagram("truncated option length")
-            length = data[pos] + 13
-            pos += 1
-        elif length == 14:
-            if pos + 2 > n:
-                raise MalformedDatagram("truncated option length")
-            length = ((data[pos] << 8) | data[pos + 1]) + 269
-            pos += 2
+        if delta >= 13:
+            delta, pos = _extended(delta, data, pos, n, "delta")
+        if length >= 13:
+            length, pos = _extended(length, data, pos, n, "length")
         number += delta
         if number > 0xFFFF:
             raise MalformedDatagram("option number over 65535")
