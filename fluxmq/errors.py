@@ -81,6 +81,12 @@ class QuotaExceeded(MQTTError):
     reason_code = 0x97
 
 
+class ServerUnavailable(MQTTError):
+    """The cluster cannot serve the request now (no quorum, a session's owner does not answer)."""
+
+    reason_code = 0x88
+
+
 class QueueRefused(MQTTError):
     """A durable queue (``$queue/...``) refused a publish or a subscription; ``reason_code`` is the
     5.0 code for the PUBACK/SUBACK (0x90 no such queue, 0x97 queue full, 0x8F no such queue to

@@ -1,0 +1,55 @@
+"""Peers: the one routing abstraction for whatever shares this broker beyond this process.
+
+Other nodes of a cluster (``fluxmq.cluster``, etcd + gRPC) and, later, other worker processes of
+one node (``server.workers``, a local cluster without etcd) are both *peers*. The broker calls the
+methods below and never imports their implementation: the node installs one with
+``Broker.set_peers``. With no peers installed (``Broker.peers is None``, a single node) none of this
+costs anything per message.
+
+The contract, per concern:
+
+* **Interest.** The broker tells its peers which filters it holds, a filter at a time, not a
+  client at a time: ``interest_added`` when the first local subscription with that filter appears
+  and ``interest_removed`` when the last one goes (a shared subscription's filter is its whole
+  ``$share/{group}/{filter}`` string). A peer keeps one trie per remote node and forwards a message
+  only to nodes with matching interest, once per node; the receiving node matches again locally.
+* **Forwarding.** ``forward`` is called once per publish from a local origin, after local
+  delivery was decided, with the shared groups the local router matched. It queues the message for
+  every peer with matching interest (never blocking: a slow or dead peer's queue is bounded, then
+  drops are counted), decides cluster-wide which node serves each shared group, and returns the
+  groups this node must serve itself. A message that came *from* a peer enters through
+  ``Broker.publish_from_peer`` and is never forwarded again.
+* **Ownership.** ``claim_session`` runs in the connecting client's greenlet before its session is
+  opened: it makes this node the only owner of the client id (compare-and-swap under a lease) and,
+  when another node owned it, returns the state that node handed over (``Broker.export_session``
+  there, ``Broker.import_session`` here). ``release_session`` gives the id up (its session ended, or
+  the node stops gracefully).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .message import Message
+
+
+class Peers(Protocol):
+    """What the broker needs from the rest of the cluster (or the other workers of its node)."""
+
+    def interest_added(self, filter: str) -> None:
+        """The first local subscription with ``filter`` appeared."""
+
+    def interest_removed(self, filter: str) -> None:
+        """The last local subscription with ``filter`` went."""
+
+    def forward(self, message: Message, groups: list) -> list:
+        """Queue ``message`` (published here) for every peer with matching interest; return the
+        shared groups of ``groups`` (the local router's match) that this node serves itself."""
+
+    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
+        """Own ``client_id`` cluster-wide (may block this greenlet). Returns the encoded session state
+        the previous owner handed over, or None. Raises ``fluxmq.errors.ServerUnavailable`` when
+        ownership cannot be established (no quorum, the previous owner does not answer)."""
+
+    def release_session(self, client_id: str) -> None:
+        """Give up ownership of ``client_id`` (its session ended here, or the node stops)."""
