@@ -1,0 +1,95 @@
+"""Cluster test fixtures: one real etcd server per test session, shared by every cluster test.
+
+Tests isolate themselves by key prefix (``etcd_prefix``), never by starting their own etcd, so the
+suite pays for one etcd start. A test that must restart or kill etcd starts its own with
+``start_etcd(tmp_path)`` and stops it with ``EtcdProcess.stop()``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HOST, free_port
+
+ETCD_START_TIMEOUT = 20.0
+
+
+class EtcdProcess:
+    """A real etcd member on free loopback ports, with its data dir in a temp directory."""
+
+    def __init__(self, data_dir: Path, name: str = "test") -> None:
+        self.data_dir = data_dir
+        self.name = name
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.endpoint = f"http://{HOST}:{self.client_port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir.parent / f"etcd-{name}.log"
+
+    def start(self) -> EtcdProcess:
+        binary = shutil.which("etcd")
+        if binary is None:
+            pytest.fail("etcd not found: scripts/test installs Debian's etcd-server")
+        peer = f"http://{HOST}:{self.peer_port}"
+        args = [binary, "--name", self.name, "--data-dir", str(self.data_dir),
+                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
+                "--log-level", "warn"]
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ETCD_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"etcd exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"etcd did not become healthy within {ETCD_START_TIMEOUT}s")
+
+    def stop(self, sig_kill: bool = False) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill() if sig_kill else proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self.proc = None
+        self.log.close()
+
+
+def start_etcd(tmp_path: Path, name: str = "test") -> EtcdProcess:
+    """Start a private etcd (for a test that restarts or kills it); the caller stops it."""
+    data = tmp_path / f"etcd-{name}-data"
+    data.mkdir(parents=True, exist_ok=True)
+    return EtcdProcess(data, name).start()
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory) -> EtcdProcess:
+    """The session's shared etcd server (``.endpoint`` is its client URL)."""
+    proc = start_etcd(tmp_path_factory.mktemp("etcd"), "shared")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    """A key prefix no other test uses (``/t-<uuid>/``), for tests on the shared etcd."""
+    return f"/t-{uuid.uuid4().hex[:12]}/"
