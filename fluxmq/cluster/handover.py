@@ -1,0 +1,110 @@
+"""Session hand-over between nodes: the takeover RPC's two ends.
+
+* The state codec is ``fluxmq.broker.session_state`` (re-exported here): the broker encodes and
+  decodes it itself and never imports this package.
+* ``takeover_handler(broker)`` answers ``kind="session.takeover"`` on the node that owns a session:
+  payload = client id (UTF-8), reply = the encoded state (``Broker.export_session``), or ``b""``
+  when this node holds no session of that id.
+* ``ClusterSessions`` implements ``Peers.claim_session`` / ``release_session`` over an ownership
+  registry (``acquire_session(client_id, take_from=None) -> previous owner | None``,
+  ``release_session(client_id)``: etcd, ``fluxmq.cluster.metadata``) and a control RPC
+  (``call(node_id, kind, payload, timeout) -> bytes``: gRPC, ``fluxmq.cluster.transport``).
+
+A takeover, with client C connecting to node B while node A owns its session::
+
+    B: acquire_session(C)             -> "A"        (A stays owner)
+    B: call("A", "session.takeover", C)              A: export_session(C): DISCONNECT 0x8E to the
+                                                        old connection, state out of A, no will
+    B: acquire_session(C, take_from="A") -> None     (CAS A -> B)
+    B: import_session, CONNACK session_present=1
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fluxmq.broker.session_state import (
+    SessionState,
+    SessionStateError,
+    decode_session_state,
+    encode_session_state,
+)
+from fluxmq.errors import ServerUnavailable
+
+log = logging.getLogger("fluxmq.cluster.handover")
+
+#: control RPC kind of a takeover request
+TAKEOVER_KIND = "session.takeover"
+
+__all__ = ["TAKEOVER_KIND", "ClusterSessions", "SessionState", "SessionStateError", "decode_session_state",
+           "encode_session_state", "takeover_handler"]
+
+
+def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
+    """The transport handler of ``session.takeover`` for ``broker``: ``fn(from_node, payload)``
+    exports the session named by ``payload`` and returns its state (``b""``: no such session)."""
+
+    def handle(from_node: str, payload: bytes) -> bytes:
+        try:
+            client_id = bytes(payload).decode()
+        except UnicodeDecodeError:
+            log.warning("takeover_refused", extra={"from_node": from_node, "reason": "client id is not UTF-8"})
+            return b""
+        state = broker.export_session(client_id)
+        log.info("takeover_served", extra={"from_node": from_node, "client_id": client_id,
+                                           "bytes": len(state) if state else 0})
+        return state or b""
+
+    return handle
+
+
+class ClusterSessions:
+    """``Peers.claim_session`` and ``release_session`` over an ownership registry and an RPC.
+
+    ``claim_session`` makes this node the owner of a client id: when another live node owns it,
+    that node hands the state over (its connection closed first), then ownership moves with a
+    compare-and-swap from that node. If ownership moved elsewhere meanwhile (a race with a third
+    node), the new owner is asked in turn, at most ``max_moves`` times. Any failure of the registry
+    or of the owner to answer raises ServerUnavailable (CONNACK 0x88; the client retries).
+    """
+
+    def __init__(self, ownership, call: Callable[[str, str, bytes, float], bytes], timeout: float = 5.0,
+                 max_moves: int = 3) -> None:
+        self.ownership = ownership
+        self.call = call
+        self.timeout = timeout
+        self.max_moves = max_moves
+
+    def _acquire(self, client_id: str, take_from: str | None) -> str | None:
+        try:
+            if take_from is None:
+                return self.ownership.acquire_session(client_id)
+            return self.ownership.acquire_session(client_id, take_from=take_from)
+        except ServerUnavailable:
+            raise
+        except Exception as exc:
+            raise ServerUnavailable(f"ownership of {client_id!r} cannot be established: {exc}") from exc
+
+    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
+        """Own ``client_id``; returns the state its previous owner handed over, or None."""
+        state: bytes | None = None
+        take_from: str | None = None
+        for _ in range(self.max_moves + 1):
+            owner = self._acquire(client_id, take_from)
+            if owner is None:
+                return state
+            try:
+                reply = self.call(owner, TAKEOVER_KIND, client_id.encode(), self.timeout)
+            except Exception as exc:
+                raise ServerUnavailable(f"node {owner} owning {client_id!r} does not answer: {exc}") from exc
+            if reply:
+                if state is not None:
+                    log.warning("takeover_state_replaced", extra={"client_id": client_id, "from_node": owner})
+                state = bytes(reply)
+            take_from = owner
+        raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
+
+    def release_session(self, client_id: str) -> None:
+        """Give up ownership of ``client_id`` (the registry deletes it only if this node owns it)."""
+        self.ownership.release_session(client_id)
