@@ -70,11 +70,16 @@ class ClusterSessions:
     """
 
     def __init__(self, ownership, call: Callable[[str, str, bytes, float], bytes], timeout: float = 5.0,
-                 max_moves: int = 3) -> None:
+                 max_moves: int = 3, max_kept: int = 10000) -> None:
         self.ownership = ownership
         self.call = call
         self.timeout = timeout
         self.max_moves = max_moves
+        # States handed over to a claim that then failed (the registry refused or moved on): the
+        # previous owner gave them up already, so they are kept for the client's next claim here
+        # (a client refused with 0x88 retries) rather than lost. Bounded; the oldest goes first.
+        self.kept: dict[str, bytes] = {}
+        self.max_kept = max_kept
 
     def _acquire(self, client_id: str, take_from: str | None) -> str | None:
         try:
@@ -88,22 +93,37 @@ class ClusterSessions:
 
     def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
         """Own ``client_id``; returns the state its previous owner handed over, or None."""
-        state: bytes | None = None
+        state = self.kept.pop(client_id, None)
         take_from: str | None = None
-        for _ in range(self.max_moves + 1):
-            owner = self._acquire(client_id, take_from)
-            if owner is None:
-                return state
-            try:
-                reply = self.call(owner, TAKEOVER_KIND, client_id.encode(), self.timeout)
-            except Exception as exc:
-                raise ServerUnavailable(f"node {owner} owning {client_id!r} does not answer: {exc}") from exc
-            if reply:
-                if state is not None:
-                    log.warning("takeover_state_replaced", extra={"client_id": client_id, "from_node": owner})
-                state = bytes(reply)
-            take_from = owner
-        raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
+        try:
+            for _ in range(self.max_moves + 1):
+                owner = self._acquire(client_id, take_from)
+                if owner is None:
+                    return state
+                try:
+                    reply = self.call(owner, TAKEOVER_KIND, client_id.encode(), self.timeout)
+                except Exception as exc:
+                    raise ServerUnavailable(f"node {owner} owning {client_id!r} does not answer: {exc}") from exc
+                if reply:
+                    if state is not None:
+                        log.warning("takeover_state_replaced", extra={"client_id": client_id, "from_node": owner})
+                    state = bytes(reply)
+                take_from = owner
+            raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
+        except ServerUnavailable:
+            if state is not None:
+                self._keep(client_id, state)
+            raise
+
+    def _keep(self, client_id: str, state: bytes) -> None:
+        kept = self.kept
+        kept[client_id] = state
+        while len(kept) > self.max_kept:
+            dropped = next(iter(kept))
+            del kept[dropped]
+            log.warning("takeover_state_dropped", extra={"client_id": dropped, "reason": "max_kept"})
+        log.warning("takeover_state_kept", extra={"client_id": client_id,
+                                                  "effect": "returned to the client's next claim on this node"})
 
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (the registry deletes it only if this node owns it)."""
