@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
 
 from fluxmq.broker.broker import Broker, BrokerSettings
@@ -300,3 +301,36 @@ def test_without_peers_nothing_is_claimed(tmp_path: Path) -> None:
     assert broker.peers is None
     session, present = broker.open_session("c1", False, 3600)
     assert not present and broker._claiming == {}
+
+
+def test_an_export_waits_for_a_claim_of_the_same_client_id_in_progress(cluster) -> None:
+    """A takeover request that arrives while a connection here is still claiming the client id
+    (its claim blocked on the network) gets the session that connection opens, not "no session"."""
+    a = cluster("A", True)
+    gate = gevent.event.Event()
+    real_claim = a.peers.claim_session
+
+    def slow_claim(cid: str, clean: bool):
+        gate.wait(5)
+        return real_claim(cid, clean)
+
+    a.peers.claim_session = slow_claim
+    deliveries: list[RecordingDelivery] = []
+
+    def connect() -> None:
+        session, _ = a.broker.open_session("c1", False, 3600)
+        deliveries.append(RecordingDelivery())
+        a.broker.attach(session, deliveries[0], 100)
+        a.broker.subscribe(session, "t", 1)
+
+    g1 = gevent.spawn(connect)
+    gevent.sleep(0)
+    g2 = gevent.spawn(a.broker.export_session, "c1")
+    gevent.sleep(0.01)
+    assert not g2.ready()  # waiting for the claim
+    gate.set()
+    blob = g2.get(timeout=5)
+    g1.get(timeout=5)
+    assert blob is not None and deliveries[0].closed_with == 0x8E
+    moved = Broker(BrokerSettings()).import_session("c1", blob)
+    assert set(moved.subscriptions) == {"t"}
