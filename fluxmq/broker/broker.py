@@ -43,6 +43,7 @@ from .session_state import (
     SubscriptionState,
     decode_session_state,
     encode_session_state,
+    queued_item,
 )
 from .stats import LATENCY_SAMPLE_MASK, BrokerStats
 
@@ -321,7 +322,7 @@ class Broker:
         the session ends with the move (Clean Start, or a session that lasted as long as its
         connection; as on a local takeover, the will of a connection still open then goes now)."""
         try:
-            state = decode_session_state(blob)
+            state = decode_session_state(blob, raw_queue=True)
             if state.client_id != client_id:
                 raise SessionStateError(f"state of {state.client_id!r} handed over for {client_id!r}")
         except SessionStateError as exc:
@@ -380,17 +381,12 @@ class Broker:
                                   tuple(e.subscription_ids) if e.subscription_ids else None, e.released)
                     for pid, e in session.inflight.items()
                     if e.message.__class__ is not TrackedMessage]  # a durable queue's, redelivered here
-        queue = session.queue
+        queued: list
         if isinstance(session, PersistentSession):
-            items = []
-            seq, end = queue.first, queue.next
-            while seq < end:
-                stop = min(end, seq + 1024)
-                items.extend(item for _, item, _ in queue.entries(seq, stop) if item is not None)
-                seq = stop
+            queued = session.queue.encoded_entries()  # as stored: passed on without decoding
         else:
-            items = list(queue)
-        queued = [QueuedState(m, qos, retain, tuple(ids) if ids else None) for m, qos, retain, ids in items]
+            queued = [QueuedState(m, qos, retain, tuple(ids) if ids else None)
+                      for m, qos, retain, ids in session.queue]
         will = (session.will.message, session.will.delay) if session.will is not None else None
         return SessionState(session.client_id, session.username, session.expiry_interval,
                             0.0 if connected else session.disconnected_at, connected, session._next_pid,
@@ -402,23 +398,27 @@ class Broker:
         durable, its subscriptions in the router, its will and expiry timers armed. A session of
         ``client_id`` held here is replaced (its connection closed, no will). Raises
         SessionStateError when ``state`` is not a valid state of ``client_id``."""
-        decoded = decode_session_state(state)
+        decoded = decode_session_state(state, raw_queue=True)
         if decoded.client_id != client_id:
             raise SessionStateError(f"state of {decoded.client_id!r} handed over for {client_id!r}")
         return self._import_state(decoded)
 
     def _import_state(self, state: SessionState) -> Session:
+        """Build the session of ``state`` here (raises SessionStateError, changing nothing, when
+        an encoded queue entry is damaged)."""
         cid = state.client_id
+        expiry = state.expiry_interval if cid.startswith(BRIDGE_SESSION_PREFIX) else self.capped_expiry(
+            state.expiry_interval)
+        store = self._store if expiry > 0 else None
+        queued = state.queued
+        if store is None:  # a memory queue holds messages: decode the entries passed on as stored
+            queued = [queued_item(item) for item in queued]
         old = self.sessions.get(cid)
         if old is not None:
             self._take_out(old)
-        expiry = state.expiry_interval if cid.startswith(BRIDGE_SESSION_PREFIX) else self.capped_expiry(
-            state.expiry_interval)
-        store = self._store
-        if store is not None and expiry > 0:
+        if store is not None:
             session = PersistentSession(cid, self.persistent_limits, self.stats, store)
         else:
-            store = None
             session = Session(cid, self.limits, self.stats)
         now = time.time()
         session.expiry_interval = expiry
@@ -447,14 +447,18 @@ class Broker:
         for pid in state.inbound_qos2:
             session.inbound_qos2.add(pid)  # written through for a PersistentSession
         # Queued messages are taken whatever this node's queue bounds: they were accepted already.
-        if state.queued:
+        if queued:
             if isinstance(session, PersistentSession):
-                for q in state.queued:
-                    session.queue.append((q.message, q.qos, q.retain, q.subscription_ids))
-                session.queue_bytes = session.queue.bytes
+                disk = session.queue
+                for q in queued:
+                    if isinstance(q, bytes):
+                        disk.append_entry(q)
+                    else:
+                        disk.append((q.message, q.qos, q.retain, q.subscription_ids))
+                session.queue_bytes = disk.bytes
             else:
                 session.queue = queue = deque()
-                for q in state.queued:
+                for q in queued:
                     queue.append((q.message, q.qos, q.retain, q.subscription_ids))
                     session.queue_bytes += len(q.message.payload) + len(q.message.topic)
                     if q.qos == 0:
@@ -466,7 +470,7 @@ class Broker:
         self.sessions[cid] = session
         self._arm_timer_remaining(session, max(0.0, now - session.disconnected_at))
         log.info("session_imported", extra={"client_id": cid, "subscriptions": len(session.subscriptions),
-                                            "inflight": len(session.inflight), "queued": len(state.queued)})
+                                            "inflight": len(session.inflight), "queued": len(queued)})
         return session
 
     def capped_expiry(self, expiry_interval: int) -> int:

@@ -96,7 +96,9 @@ class SessionState:
     subscriptions: list[SubscriptionState] = field(default_factory=list)
     inflight: list[InflightState] = field(default_factory=list)  # in resend order
     inbound_qos2: list[int] = field(default_factory=list)  # received, PUBREC sent, PUBREL pending
-    queued: list[QueuedState] = field(default_factory=list)
+    # in queue order; an item may also be an encoded entry (bytes, ``records.encode_entry``) as a
+    # persistent session's queue stores it: passed through without decoding (``raw_queue``)
+    queued: list[QueuedState | bytes] = field(default_factory=list)
     will: tuple[Message, int] | None = None  # (message, delay)
 
 
@@ -140,7 +142,10 @@ def encode_session_state(state: SessionState) -> bytes:
     out.extend(_U16.pack(pid) for pid in state.inbound_qos2)
     out.append(_U32.pack(len(state.queued)))
     for item in state.queued:
-        blob = r.encode_entry(item.message, item.qos, item.retain, item.subscription_ids)
+        if isinstance(item, bytes):
+            blob = item
+        else:
+            blob = r.encode_entry(item.message, item.qos, item.retain, item.subscription_ids)
         out.append(_U32.pack(len(blob)))
         out.append(blob)
     if state.will is not None:
@@ -188,17 +193,31 @@ def _message(fields: tuple) -> Message:
     return Message(*fields)
 
 
-def decode_session_state(buf) -> SessionState:
-    """The ``SessionState`` of a blob; raises SessionStateError when it is not a valid one."""
+def queued_item(item: QueuedState | bytes) -> QueuedState:
+    """A queued item decoded (an encoded entry of ``raw_queue`` is decoded now)."""
+    if isinstance(item, QueuedState):
+        return item
     try:
-        return _decode(buf)
+        fields, qos, retain, ids, _ = r.decode_entry(item)
+    except (struct.error, UnicodeDecodeError, r.RecordError, IndexError, ValueError) as exc:
+        raise SessionStateError(f"session state is damaged: {exc}") from None
+    return QueuedState(_message(fields), qos, retain, ids)
+
+
+def decode_session_state(buf, raw_queue: bool = False) -> SessionState:
+    """The ``SessionState`` of a blob; raises SessionStateError when it is not a valid one.
+
+    With ``raw_queue`` the queued messages stay encoded entries (bytes, framing checked): a
+    persistent session stores them as they are, without decoding and encoding each again."""
+    try:
+        return _decode(buf, raw_queue)
     except SessionStateError:
         raise
     except (struct.error, UnicodeDecodeError, r.RecordError, IndexError, ValueError) as exc:
         raise SessionStateError(f"session state is damaged: {exc}") from None
 
 
-def _decode(buf) -> SessionState:
+def _decode(buf, raw_queue: bool) -> SessionState:
     rd = _Reader(buf)
     if len(rd.buf) < _HEAD.size:
         raise SessionStateError("session state is truncated")
@@ -223,9 +242,15 @@ def _decode(buf) -> SessionState:
         fields, qos, retain, ids, released = r.decode_entry(bytes(rd.take(rd.u32())))
         state.inflight.append(InflightState(pid, _message(fields), qos, retain, ids, released))
     state.inbound_qos2 = [rd.u16() for _ in range(rd.count(2))]
+    queued = state.queued
     for _ in range(rd.count(4)):
-        fields, qos, retain, ids, _ = r.decode_entry(bytes(rd.take(rd.u32())))
-        state.queued.append(QueuedState(_message(fields), qos, retain, ids))
+        entry = bytes(rd.take(rd.u32()))
+        if raw_queue:
+            r.check_entry(entry)
+            queued.append(entry)
+        else:
+            fields, qos, retain, ids, _ = r.decode_entry(entry)
+            queued.append(QueuedState(_message(fields), qos, retain, ids))
     if flags & _F_WILL:
         state.will = (_message(r.decode_message(bytes(rd.take(rd.u32())))), will_delay)
     if rd.i != len(rd.buf):

@@ -334,3 +334,20 @@ def test_an_export_waits_for_a_claim_of_the_same_client_id_in_progress(cluster) 
     assert blob is not None and deliveries[0].closed_with == 0x8E
     moved = Broker(BrokerSettings()).import_session("c1", blob)
     assert set(moved.subscriptions) == {"t"}
+
+
+def test_a_damaged_queued_entry_changes_nothing_on_a_memory_node(cluster) -> None:
+    """An entry passed on as stored (framing checked only) that does not decode is found before the
+    memory node changes anything: the import is refused and the session held here stays."""
+    a, b = cluster("A", True), cluster("B", False)
+    s, _, _ = a.connect("c1")
+    a.broker.subscribe(s, "t", 1)
+    a.broker.close_session(s, s.delivery, False)
+    a.publish("t", b"p", 1, properties={CONTENT_TYPE: "text/plain"})
+    blob = bytearray(a.broker.export_session("c1"))
+    at = blob.index(b"\x03\x01" + (10).to_bytes(4, "little") + b"text/plain")
+    blob[at + 1] = 9  # an unknown property kind inside the entry
+    here, _, _ = b.connect("c1")
+    with pytest.raises(SessionStateError):
+        b.broker.import_session("c1", bytes(blob))
+    assert b.broker.sessions["c1"] is here and here.delivery is not None
