@@ -16,7 +16,7 @@ import gevent
 from gevent.event import AsyncResult, Event
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
-from fluxmq.errors import NotAuthorized, QueueRefused, QuotaExceeded, StorageError
+from fluxmq.errors import NotAuthorized, QueueRefused, QuotaExceeded, ServerUnavailable, StorageError
 from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
@@ -164,8 +164,14 @@ class Broker:
         # Client ids whose open_session is claiming ownership cluster-wide (set_peers only): an
         # export waits for the claim to finish, and the claim's own session ends release nothing.
         self._claiming: dict[str, Event] = {}
-        # Seconds an export waits for a claim of the same client id in progress here.
-        self.claim_wait = 10.0
+        # Seconds an export waits for a claim of the same client id in progress here (shorter than
+        # the takeover RPC's timeout, so the caller never gives up on a state it is being sent).
+        self.claim_wait = 2.0
+        # client id -> (monotonic time, state) of the latest exports: a takeover request repeated
+        # because the reply was lost (this node is still the registered owner) gets it again.
+        self._exported: dict[str, tuple[float, bytes]] = {}
+        self.exported_keep = 30.0
+        self.exported_max = 1000
 
     def set_peers(self, peers) -> None:
         """Install (or with None remove) the ``fluxmq.broker.peers.Peers`` beyond this process (the
@@ -305,6 +311,7 @@ class Broker:
         done = self._claiming[client_id] = Event()
         try:
             state = peers.claim_session(client_id, clean_start)
+            self._exported.pop(client_id, None)  # the client id lives here now
             if state:
                 self._take_in(client_id, state, clean_start)
         finally:
@@ -341,17 +348,37 @@ class Broker:
         DISCONNECT 0x8E, 3.x a plain close), no will is published, the session leaves the router,
         the session table and the storage, and its complete state is returned encoded
         (``session_state``). None when this node holds no such session. Ownership is not released
-        here: the taking node moves it (``Peers.claim_session``)."""
+        here: the taking node moves it (``Peers.claim_session``).
+
+        The same state is returned again when asked again within ``exported_keep`` seconds (the
+        first reply was lost: this node is still the registered owner). Raises ServerUnavailable
+        when a connection here is still claiming ``client_id`` after ``claim_wait`` seconds."""
         pending = self._claiming.get(client_id)
         if pending is not None:
-            pending.wait(self.claim_wait)  # a connection here is claiming it: hand over what it gets
+            # A connection here is claiming it: hand over what it gets, once it has it.
+            if not pending.wait(self.claim_wait):
+                raise ServerUnavailable(f"a connection of {client_id!r} is still claiming it here")
         session = self.sessions.get(client_id)
+        exported = self._exported
+        now = time.monotonic()
+        while exported:  # oldest first: drop what is past exported_keep or over exported_max
+            first = next(iter(exported))
+            if now - exported[first][0] < self.exported_keep and len(exported) <= self.exported_max:
+                break
+            del exported[first]
         if session is None:
+            again = exported.get(client_id)
+            if again is not None:
+                # Asked again while still the registered owner: the first reply never arrived.
+                log.warning("session_export_repeated", extra={"client_id": client_id})
+                return again[1]
             return None
         hand_over = self.hand_overs.get(session)
         if hand_over is not None and hand_over.ending:
             return None  # ended already; its shared hand-over finishes here
         blob = encode_session_state(self._take_out(session))
+        exported.pop(client_id, None)
+        exported[client_id] = (now, blob)
         log.info("session_exported", extra={"client_id": client_id, "bytes": len(blob)})
         return blob
 
@@ -401,7 +428,9 @@ class Broker:
         decoded = decode_session_state(state, raw_queue=True)
         if decoded.client_id != client_id:
             raise SessionStateError(f"state of {decoded.client_id!r} handed over for {client_id!r}")
-        return self._import_state(decoded)
+        session = self._import_state(decoded)
+        self._exported.pop(client_id, None)
+        return session
 
     def _import_state(self, state: SessionState) -> Session:
         """Build the session of ``state`` here (raises SessionStateError, changing nothing, when

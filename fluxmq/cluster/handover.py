@@ -3,8 +3,9 @@
 * The state codec is ``fluxmq.broker.session_state`` (re-exported here): the broker encodes and
   decodes it itself and never imports this package.
 * ``takeover_handler(broker)`` answers ``kind="session.takeover"`` on the node that owns a session:
-  payload = client id (UTF-8), reply = the encoded state (``Broker.export_session``), or ``b""``
-  when this node holds no session of that id.
+  payload = client id (UTF-8), reply = the encoded state (``Broker.export_session``, its removal
+  committed to the local store first), or ``b""`` when this node holds no session of that id. It
+  raises ServerUnavailable while a connection of that id is still claiming it on this node.
 * ``ClusterSessions`` implements ``Peers.claim_session`` / ``release_session`` over an ownership
   registry (``acquire_session(client_id, take_from=None) -> previous owner | None``,
   ``release_session(client_id)``: etcd, ``fluxmq.cluster.metadata``) and a control RPC
@@ -30,12 +31,14 @@ from fluxmq.broker.session_state import (
     decode_session_state,
     encode_session_state,
 )
-from fluxmq.errors import ServerUnavailable
+from fluxmq.errors import ServerUnavailable, StorageError
 
 log = logging.getLogger("fluxmq.cluster.handover")
 
 #: control RPC kind of a takeover request
 TAKEOVER_KIND = "session.takeover"
+#: seconds the answering node waits for the commit that removes the session from its store
+COMMIT_TIMEOUT = 2.0
 
 __all__ = ["TAKEOVER_KIND", "ClusterSessions", "SessionState", "SessionStateError", "decode_session_state",
            "encode_session_state", "takeover_handler"]
@@ -51,7 +54,15 @@ def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
         except UnicodeDecodeError:
             log.warning("takeover_refused", extra={"from_node": from_node, "reason": "client id is not UTF-8"})
             return b""
-        state = broker.export_session(client_id)
+        state = broker.export_session(client_id)  # ServerUnavailable goes back as the call's error
+        if state:
+            # The session's removal here is committed before the state leaves: a crash of this
+            # node afterwards cannot bring back a second copy at its restart.
+            try:
+                broker.wait_committed(COMMIT_TIMEOUT)
+            except StorageError as exc:
+                log.error("takeover_commit_failed", extra={"client_id": client_id, "error": str(exc),
+                                                           "effect": "a restart here may restore a stale copy"})
         log.info("takeover_served", extra={"from_node": from_node, "client_id": client_id,
                                            "bytes": len(state) if state else 0})
         return state or b""

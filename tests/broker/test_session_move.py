@@ -241,7 +241,7 @@ def test_import_session_rebuilds_an_offline_session_with_its_timers(cluster) -> 
     a.broker.subscribe(s, "x", 1)
     a.broker.close_session(s, d, True)
     blob = a.broker.export_session("c1")
-    assert a.broker.export_session("c1") is None  # gone from A
+    assert "c1" not in a.broker.sessions
     session = b.broker.import_session("c1", blob)
     assert session.delivery is None and session.will is not None and session.will.delay == 30
     assert session.timer is not None  # will delay / expiry keep counting here
@@ -351,3 +351,36 @@ def test_a_damaged_queued_entry_changes_nothing_on_a_memory_node(cluster) -> Non
     with pytest.raises(SessionStateError):
         b.broker.import_session("c1", bytes(blob))
     assert b.broker.sessions["c1"] is here and here.delivery is not None
+
+
+def test_a_repeated_takeover_request_gets_the_same_state_until_the_id_is_claimed(cluster) -> None:
+    """The reply to a takeover can be lost on the way: the old owner, still the registered owner,
+    answers the repeated request with the same state (for ``exported_keep`` seconds), not "no session"."""
+    a = cluster("A", True)
+    s, _, _ = a.connect("c1")
+    a.broker.subscribe(s, "t", 1)
+    blob = a.broker.export_session("c1")
+    assert a.broker.export_session("c1") == blob
+    assert a.broker.export_session("other") is None
+    a.broker.exported_keep = 0.0
+    assert a.broker.export_session("c1") is None  # kept only for a while
+    a.broker.exported_keep = 30.0
+    a.connect("c2")
+    assert a.broker.export_session("c2") is not None
+    again, _, _ = a.connect("c2", clean=True, expiry=0)  # the client is back here: claimed again
+    a.broker.close_session(again, again.delivery, False)  # and its new session ends
+    assert "c2" not in a.broker.sessions
+    assert a.broker.export_session("c2") is None  # the copy went with the new claim
+
+
+def test_an_export_refuses_while_a_claim_here_takes_too_long(cluster) -> None:
+    a = cluster("A", True)
+    a.broker.claim_wait = 0.01
+    gate = gevent.event.Event()
+    a.peers.claim_session = lambda cid, clean: gate.wait(5) and None
+    g = gevent.spawn(a.broker.open_session, "c1", False, 3600)
+    gevent.sleep(0)
+    with pytest.raises(ServerUnavailable):
+        a.broker.export_session("c1")
+    gate.set()
+    g.get(timeout=5)

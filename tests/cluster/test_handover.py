@@ -64,6 +64,7 @@ class Network:
     def __init__(self) -> None:
         self.handlers: dict[str, dict] = {}
         self.unreachable: set[str] = set()
+        self.lose_replies = 0  # replies lost on the way back (the handler ran)
         self.calls: list[tuple[str, str, bytes]] = []
 
     def handle(self, node: str, kind: str, fn) -> None:
@@ -75,7 +76,11 @@ class Network:
             if node in self.unreachable:
                 raise ConnectionError(f"peer {node} unavailable")
             with gevent.Timeout(timeout):
-                return self.handlers[node][kind](from_node, payload)
+                reply = self.handlers[node][kind](from_node, payload)
+            if self.lose_replies:
+                self.lose_replies -= 1
+                raise ConnectionError("reply lost")
+            return reply
         return call
 
 
@@ -211,3 +216,20 @@ def test_release_goes_to_the_registry(cluster: Cluster) -> None:
     s, d, _ = connect(a, "c1")
     a.shutdown()
     assert "c1" not in cluster.registry.owners
+
+
+def test_a_lost_takeover_reply_loses_nothing(cluster: Cluster) -> None:
+    """A handed the state over but the reply never reached B: B refuses the client (0x88), A is still
+    the registered owner, and the client's retry gets the whole session."""
+    a, b = cluster.node("A"), cluster.node("B")
+    s, old, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    a.publish(Message("t", b"m", 1))
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        b.open_session("c1", False, 3600)
+    assert old.closed_with == 0x8E and "c1" not in a.sessions and cluster.registry.owners["c1"] == "A"
+    new, d, present = connect(b, "c1")
+    assert present and set(new.subscriptions) == {"t"}
+    assert d.sent == [("t", 1, False, 1, True, None)]
+    assert cluster.registry.owners["c1"] == "B"
