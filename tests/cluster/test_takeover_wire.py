@@ -182,3 +182,31 @@ def test_a_claim_that_cannot_be_made_answers_server_unavailable(nodes, version: 
     assert connack.reason_code == code and not connack.session_present
     assert peer.wait_closed(WAIT)
     assert "refused" not in a.broker.sessions
+
+
+def test_a_311_client_moves_with_a_plain_close_and_its_queue(nodes) -> None:
+    a, b = nodes
+    old = MQTTPeer(SocketTransport(tcp_connect(a.port)), version=4)
+    old.send(c.Connect(client_id="mover311", clean_start=False, keepalive=60, protocol_version=4))
+    assert not old.expect(c.Connack).session_present
+    old.send(c.Subscribe(1, [c.Subscription("q/#", 1)]))
+    old.expect(c.Suback)
+    old.send(c.Disconnect())
+    assert old.wait_closed(WAIT)
+    pub, _ = client(a, "pub311")
+    for i in range(3):
+        publish_qos1(pub, i + 1, f"q/{i}", f"m{i}".encode())
+    live = MQTTPeer(SocketTransport(tcp_connect(a.port)), version=4)  # online again on A, then moves
+    live.send(c.Connect(client_id="mover311", clean_start=False, keepalive=60, protocol_version=4))
+    assert live.expect(c.Connack).session_present
+    first = [live.expect(c.Publish) for _ in range(3)]  # delivered on A, never acknowledged
+    new = MQTTPeer(SocketTransport(tcp_connect(b.port)), version=4)
+    new.send(c.Connect(client_id="mover311", clean_start=False, keepalive=60, protocol_version=4))
+    assert new.expect(c.Connack).session_present
+    assert live.wait_closed(WAIT) and live.packets == []  # 3.1.1: a plain close, no packet
+    again = [new.expect(c.Publish) for _ in range(3)]
+    assert [(p.topic, p.packet_id, p.dup) for p in again] == [(p.topic, p.packet_id, True) for p in first]
+    for p in again:
+        new.send(c.Puback(p.packet_id))
+    publish_qos1(new, 9, "q/own", b"x")  # no No Local in 3.1.1: it comes back
+    assert new.expect(c.Publish).topic == "q/own"
