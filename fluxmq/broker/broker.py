@@ -1059,16 +1059,24 @@ class Broker:
                                     "wills_published": len(due)})
 
     def shutdown(self) -> None:
-        """Close every client connection (5.0 reason 0x8B); wills are published as on a server close."""
+        """Close every client connection (5.0 reason 0x8B); wills are published as on a server close.
+
+        With peers installed, a session that ends with its connection releases its client id as its
+        connection closes; a persistent session stays owned by this node, so a client reconnecting
+        to another node while this one drains takes its whole session over from here. The node
+        gives the rest up when it stops (``release_sessions``, or its lease's revocation)."""
         self.accepting = False
         for session in list(self.hand_overs):
             self._stop_hand_over(session)
         for session in list(self.sessions.values()):
             if session.delivery is not None:
                 session.delivery.close(0x8B, "server shutting down")
+
+    def release_sessions(self) -> None:
+        """Give up the ownership of every client id held here (the last step of a graceful stop,
+        after the drain in which other nodes could still take sessions over)."""
         peers = self.peers
         if peers is not None:
-            # Graceful stop: every client id this node owns is given up (issue 11).
             for client_id in list(self.sessions):
                 self._release(peers, client_id)
 

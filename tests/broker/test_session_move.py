@@ -270,7 +270,7 @@ def test_a_damaged_handed_over_state_gives_a_new_session(cluster) -> None:
     assert not present and new.subscriptions == {}
 
 
-def test_ownership_is_released_when_a_session_ends_and_at_shutdown(cluster) -> None:
+def test_ownership_is_released_when_a_session_ends_and_at_the_end_of_a_stop(cluster) -> None:
     a = cluster("A", True)
     s, d, _ = a.connect("clean", clean=True, expiry=0)
     a.broker.close_session(s, d, False)  # a session with expiry 0 ends with its connection
@@ -283,6 +283,8 @@ def test_ownership_is_released_when_a_session_ends_and_at_shutdown(cluster) -> N
     assert a.peers.released == ["clean"] and a.peers.owners["kept"] == "A"
     a.connect("other")
     a.broker.shutdown()
+    assert a.peers.released == ["clean"]  # persistent sessions stay takeable while the node drains
+    a.broker.release_sessions()
     assert sorted(a.peers.released) == ["clean", "kept", "other"]
 
 

@@ -213,8 +213,8 @@ def test_the_takeover_handler_answers_empty_for_no_session_and_bad_ids(cluster: 
 
 def test_release_goes_to_the_registry(cluster: Cluster) -> None:
     a = cluster.node("A")
-    s, d, _ = connect(a, "c1")
-    a.shutdown()
+    connect(a, "c1")
+    a.release_sessions()
     assert "c1" not in cluster.registry.owners
 
 

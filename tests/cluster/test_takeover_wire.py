@@ -210,3 +210,23 @@ def test_a_311_client_moves_with_a_plain_close_and_its_queue(nodes) -> None:
         new.send(c.Puback(p.packet_id))
     publish_qos1(new, 9, "q/own", b"x")  # no No Local in 3.1.1: it comes back
     assert new.expect(c.Publish).topic == "q/own"
+
+
+def test_a_client_leaving_a_draining_node_resumes_elsewhere_with_nothing_lost(nodes) -> None:
+    """Graceful stop of A: its connections are closed (0x8B) but its persistent sessions stay owned by
+    A while it drains, so the client reconnecting to B takes its whole session over from A."""
+    a, b = nodes
+    old, _ = client(a, "drained", clean=False)
+    subscribe(old, 1, c.Subscription("d/#", 1), 4)
+    pub, _ = client(a, "pub-d")
+    publish_qos1(pub, 1, "d/1", b"one")
+    first = old.expect(c.Publish)  # in flight, never acknowledged
+    a.listener.stop_accepting()
+    a.broker.shutdown()
+    assert old.wait_closed(WAIT)
+    assert [(type(p), p.reason_code) for p in old.packets] == [(c.Disconnect, 0x8B)]
+    new, connack = client(b, "drained", clean=False)
+    assert connack.session_present
+    again = new.expect(c.Publish)
+    assert (again.topic, again.packet_id, again.dup) == ("d/1", first.packet_id, True)
+    assert received(again)[4] == [4]
