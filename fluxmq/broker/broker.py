@@ -170,8 +170,10 @@ class Broker:
         # client id -> (monotonic time, state) of the latest exports: a takeover request repeated
         # because the reply was lost (this node is still the registered owner) gets it again.
         self._exported: dict[str, tuple[float, bytes]] = {}
+        self._exported_bytes = 0
         self.exported_keep = 30.0
         self.exported_max = 1000
+        self.exported_max_bytes = 64 << 20
 
     def set_peers(self, peers) -> None:
         """Install (or with None remove) the ``fluxmq.broker.peers.Peers`` beyond this process (the
@@ -311,7 +313,7 @@ class Broker:
         done = self._claiming[client_id] = Event()
         try:
             state = peers.claim_session(client_id, clean_start)
-            self._exported.pop(client_id, None)  # the client id lives here now
+            self._drop_exported(client_id)  # the client id lives here now
             if state:
                 self._take_in(client_id, state, clean_start)
         finally:
@@ -361,11 +363,7 @@ class Broker:
         session = self.sessions.get(client_id)
         exported = self._exported
         now = time.monotonic()
-        while exported:  # oldest first: drop what is past exported_keep or over exported_max
-            first = next(iter(exported))
-            if now - exported[first][0] < self.exported_keep and len(exported) <= self.exported_max:
-                break
-            del exported[first]
+        self._prune_exported(now)
         if session is None:
             again = exported.get(client_id)
             if again is not None:
@@ -377,10 +375,27 @@ class Broker:
         if hand_over is not None and hand_over.ending:
             return None  # ended already; its shared hand-over finishes here
         blob = encode_session_state(self._take_out(session))
-        exported.pop(client_id, None)
+        self._drop_exported(client_id)
         exported[client_id] = (now, blob)
+        self._exported_bytes += len(blob)
+        self._prune_exported(now)
         log.info("session_exported", extra={"client_id": client_id, "bytes": len(blob)})
         return blob
+
+    def _prune_exported(self, now: float) -> None:
+        """Oldest first: drop the copies past ``exported_keep`` or over the count and byte bounds."""
+        exported = self._exported
+        while exported:
+            first = next(iter(exported))
+            if (now - exported[first][0] < self.exported_keep and len(exported) <= self.exported_max
+                    and self._exported_bytes <= self.exported_max_bytes):
+                break
+            self._drop_exported(first)
+
+    def _drop_exported(self, client_id: str) -> None:
+        kept = self._exported.pop(client_id, None)
+        if kept is not None:
+            self._exported_bytes -= len(kept[1])
 
     def _take_out(self, session: Session) -> SessionState:
         """Detach, snapshot and forget ``session`` (its connection closed with 0x8E, no will)."""
@@ -429,7 +444,7 @@ class Broker:
         if decoded.client_id != client_id:
             raise SessionStateError(f"state of {decoded.client_id!r} handed over for {client_id!r}")
         session = self._import_state(decoded)
-        self._exported.pop(client_id, None)
+        self._drop_exported(client_id)
         return session
 
     def _import_state(self, state: SessionState) -> Session:

@@ -386,3 +386,16 @@ def test_an_export_refuses_while_a_claim_here_takes_too_long(cluster) -> None:
         a.broker.export_session("c1")
     gate.set()
     g.get(timeout=5)
+
+
+def test_the_copies_of_exported_states_are_bounded(cluster) -> None:
+    a = cluster("A", False)
+    a.broker.exported_max = 3
+    for i in range(5):
+        a.connect(f"c{i}")
+        a.broker.export_session(f"c{i}")
+    assert list(a.broker._exported) == ["c2", "c3", "c4"]
+    a.broker.exported_max_bytes = 1
+    a.connect("c5")
+    a.broker.export_session("c5")
+    assert a.broker._exported == {} and a.broker._exported_bytes == 0
