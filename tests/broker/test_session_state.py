@@ -101,7 +101,7 @@ def assert_same(a: SessionState, b: SessionState) -> None:
         assert a.will[1] == b.will[1]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(states())
 def test_every_field_survives_a_round_trip(state: SessionState) -> None:
     assert_same(state, decode_session_state(encode_session_state(state)))
@@ -160,7 +160,7 @@ def test_damaged_bytes_raise_only_session_state_error(noise: bytes, at: int, pat
             pass
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(states())
 def test_queued_entries_pass_through_as_stored_with_raw_queue(state: SessionState) -> None:
     """A persistent session's queue is handed on as its stored entries: encoded as they are, read back
