@@ -309,6 +309,7 @@ def test_an_export_waits_for_a_claim_of_the_same_client_id_in_progress(cluster) 
     """A takeover request that arrives while a connection here is still claiming the client id
     (its claim blocked on the network) gets the session that connection opens, not "no session"."""
     a = cluster("A", True)
+    a.broker.claim_wait = 30.0  # far beyond the test's own waits
     gate = gevent.event.Event()
     real_claim = a.peers.claim_session
 
