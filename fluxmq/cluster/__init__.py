@@ -1,0 +1,1 @@
+"""fluxmq cluster: imported only when ``cluster.enabled`` is true (docs/cluster.rst)."""
