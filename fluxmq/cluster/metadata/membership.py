@@ -22,7 +22,7 @@ import gevent
 
 from fluxmq.errors import ClusterError
 
-from .client import EtcdClient, PrefixMirror, cmp_create, op_get, op_put, range_kvs
+from .client import EtcdClient, PrefixMirror, cmp_create, cmp_value, op_get, op_put, range_kvs
 
 __all__ = ["Membership", "NodeLease"]
 
@@ -121,6 +121,11 @@ class Membership:
         self.registered = False
         self._callbacks: list[Callable[[dict[str, str]], None]] = []
         self._members: dict[str, str] = {}
+        # Nodes seen live since this node started that went without saying they leave (killed, cut
+        # off): health counts them as unreachable peers. A graceful stop marks its record "leaving".
+        self._lost: dict[str, str] = {}
+        self._record = b""
+        self._lease_id = 0
         self._mirror: PrefixMirror | None = None
 
     @property
@@ -138,6 +143,7 @@ class Membership:
                                             [op_get(self.key)])
             if ok:
                 self.registered = True
+                self._record, self._lease_id = record, lease_id
                 self._remember(lease_id)
                 log.info("node_registered", extra={"node_id": self.node_id, "lease": lease_id})
                 return
@@ -189,16 +195,36 @@ class Membership:
         if self._mirror is not None:
             self._mirror.stop()
 
+    def leave(self) -> None:
+        """Mark our record "leaving" (the others then do not count us as a lost peer); the caller
+        revokes the lease next, which deletes it."""
+        if not self._record:
+            return
+        record = json.loads(self._record)
+        record["leaving"] = True
+        try:
+            self.client.txn([cmp_value(self.key, self._record)],
+                            [op_put(self.key, json.dumps(record).encode(), self._lease_id)])
+        except ClusterError as exc:
+            log.warning("leave_not_marked", extra={"error": str(exc)})
+
     def _changed(self, key: str, kv: dict | None, old: dict | None) -> None:
         node = key[len(self.prefix):]
         if kv is None:
-            if self._members.pop(node, None) is None:
+            addr = self._members.pop(node, None)
+            if addr is None:
                 return
+            if not (old is not None and _leaving(old["value"])) and node != self.node_id:
+                self._lost[node] = addr
         else:
             try:
-                addr = json.loads(kv["value"]).get("addr", "")
-            except ValueError:
-                addr = ""
+                record = json.loads(kv["value"])
+                addr = record.get("addr", "")
+            except (ValueError, AttributeError):
+                record, addr = {}, ""
+            self._lost.pop(node, None)
+            if record.get("leaving"):
+                return  # the delete follows; it is not reported as lost
             if self._members.get(node) == addr:
                 return
             self._members[node] = addr
@@ -213,5 +239,16 @@ class Membership:
     def members(self) -> dict[str, str]:
         return dict(self._members)
 
+    def lost(self) -> dict[str, str]:
+        """Nodes seen live since this node started that went without leaving (node id -> addr)."""
+        return dict(self._lost)
+
     def on_members(self, callback: Callable[[dict[str, str]], None]) -> None:
         self._callbacks.append(callback)
+
+
+def _leaving(value: bytes) -> bool:
+    try:
+        return bool(json.loads(value).get("leaving"))
+    except (ValueError, AttributeError):
+        return False

@@ -111,6 +111,8 @@ class ClusterMetadata:
 
     def stop(self) -> None:
         """Revoke the lease (every key this node owns goes at once) and stop the member."""
+        if self._started and self.membership is not None and self.lease is not None and self.lease.alive:
+            self.membership.leave()
         self._teardown(revoke=True)
         self._started = False
         self._status = "stopped"
@@ -154,6 +156,10 @@ class ClusterMetadata:
     def members(self) -> dict[str, str]:
         """Live node id -> transport address (this node included)."""
         return self.membership.members() if self.membership is not None else {}
+
+    def lost_members(self) -> dict[str, str]:
+        """Nodes seen live since this node started that went without leaving (killed, cut off)."""
+        return self.membership.lost() if self.membership is not None else {}
 
     def on_members(self, callback: Callable[[dict[str, str]], None]) -> None:
         self.membership.on_members(callback)

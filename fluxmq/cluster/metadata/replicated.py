@@ -78,6 +78,7 @@ class RetainedReplica:
         self.prefix = meta.prefix + "retained/"
         self._pending: dict[str, Message | None] = {}  # topic -> latest local change not yet in etcd
         self._own_large: dict[str, Message] = {}  # payloads this node serves to the others
+        self._writing: tuple[str, Message | None] | None = None  # the change being written now
         self._wake = Event()
         self._writer: gevent.Greenlet | None = None
         self._mirror: PrefixMirror | None = None
@@ -127,6 +128,7 @@ class RetainedReplica:
             self._wake.clear()
             while self._pending:
                 topic, message = next(iter(self._pending.items()))
+                self._writing = (topic, message)
                 try:
                     self._write(topic, message)
                 except ClusterError as exc:
@@ -135,6 +137,8 @@ class RetainedReplica:
                     gevent.sleep(pause)
                     pause = min(pause * 2, 5.0)
                     continue
+                finally:
+                    self._writing = None
                 pause = 0.1
                 if self._pending.get(topic, 0) is message:  # no newer change arrived meanwhile
                     del self._pending[topic]
@@ -154,10 +158,18 @@ class RetainedReplica:
         self.meta.client.put(key, encode_entry(self.node_id, message, inline))
 
     # -- etcd -> this node -------------------------------------------------------------------------
+    def _newer_local(self, topic: str) -> bool:
+        """A local change of ``topic`` waits that etcd has not seen yet (not the one being written:
+        its echo may arrive before its put returns)."""
+        if topic not in self._pending:
+            return False
+        writing = self._writing
+        return writing is None or writing[0] != topic or self._pending[topic] is not writing[1]
+
     def _changed(self, key: str, kv: dict | None, old: dict | None) -> None:
         topic = key[len(self.prefix):]
         if kv is None:
-            if topic not in self._pending:
+            if not self._newer_local(topic):
                 self.store.apply_replicated(topic, None)
                 self.applied += 1
             return
@@ -168,7 +180,7 @@ class RetainedReplica:
             return
         node = body.get("node", "")
         if node == self.node_id:
-            if topic in self._pending:
+            if self._newer_local(topic):
                 return  # a newer local change is on its way to etcd
             if body.get("ref"):
                 own = self._own_large.get(topic)
@@ -189,7 +201,7 @@ class RetainedReplica:
             log.warning("retained_fetch_failed", extra={"node": node, "topic": topic, "error": repr(exc)})
             return
         current = self._mirror.items.get(self.prefix + topic) if self._mirror is not None else None
-        if current is None or current["mod_revision"] != revision or topic in self._pending:
+        if current is None or current["mod_revision"] != revision or self._newer_local(topic):
             return  # superseded while we fetched
         if not payload:
             return  # the owner no longer has it; its clear will follow
