@@ -23,7 +23,8 @@ __all__ = ["ENV_ALIASES", "ENV_IGNORE", "NOT_IMPLEMENTED", "VALUE_ALIASES", "env
 
 # Whole sections (any keys below them) and single keys; ``*`` matches one name.
 NOT_IMPLEMENTED: tuple[str, ...] = (
-    "cluster",  # reference 000: etcd metadata plane, gRPC transport, Raft (cluster.routes is implemented)
+    # reference 000: the gRPC transport and Raft (cluster.routes and cluster.etcd are implemented)
+    "cluster.enabled", "cluster.node_id", "cluster.transport", "cluster.raft",
     "queue",  # reference 002: durable queues with retention and replication
     "server.*.*.prefer_server_cipher_suites",  # Go's crypto/tls knob; OpenSSL's server order applies
 )
