@@ -108,6 +108,7 @@ SECTION_DOCS: dict[str, str] = {
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
     "cluster": "Clustering (docs/cluster.rst) and the reference 001 cluster routes to peer brokers (docs/bridges.rst).",
+    "cluster.transport": "The inter-node transport (gRPC) that routes publishes and hands sessions over.",
     "cluster.etcd": "The metadata plane: this node's etcd member or an external etcd (docs/cluster.rst).",
     "cluster.etcd.tls": "TLS between the node and etcd, and for the member's listeners.",
     "webhook": "Broker events POSTed to HTTP endpoints off the hot path (docs/webhooks.rst).",
@@ -630,6 +631,11 @@ KEYS: tuple[Key, ...] = (
         "username, password_env | password_file, tls{ca_file, cert_file, key_file, insecure}, message_validity, "
         "reconnect{initial, max}, topics[{pattern, direction, qos, local_prefix, remote_prefix}], "
         "max_queued_messages} (docs/bridges.rst)."),
+    Key("cluster.enabled", Bool(), False,
+        "Run as one node of a cluster (docs/cluster.rst); false = single node, nothing of the cluster loaded."),
+    Key("cluster.node_id", Str(), "", "This node's id, unique in the cluster; required when cluster.enabled."),
+    Key("cluster.transport.bind_addr", Addr(), "127.0.0.1:7948",
+        "Address of this node's inter-node (gRPC) transport; other nodes learn it from etcd."),
     Key("cluster.etcd.binary", Str(), "",
         'The etcd 3.4+ server the node runs as its member; "" = etcd on PATH (Debian\'s etcd-server).'),
     Key("cluster.etcd.data_dir", Str(allow_empty=False), "./data/etcd",
@@ -643,6 +649,8 @@ KEYS: tuple[Key, ...] = (
         "true: the members of initial_cluster form a new etcd cluster; false: join an existing one."),
     Key("cluster.etcd.endpoints", EtcdEndpoints(), [],
         "Client URLs of an external etcd cluster; when set the node runs no etcd member of its own."),
+    Key("cluster.etcd.prefix", Str(allow_empty=False), "/fluxmq/",
+        "Key prefix of this cluster's data in etcd (several clusters may share one etcd under different prefixes)."),
     Key("cluster.etcd.hybrid_retained_size_threshold", Size(), "1KiB",
         "Retained payloads up to this size are replicated through etcd; larger ones stay on their node "
         "and are fetched over the transport."),

@@ -21,6 +21,7 @@ class EtcdSettings:
     initial_cluster: str = ""  # "name=http://host:port,..."; "" = this member alone
     bootstrap: bool = True  # True: a new cluster (--initial-cluster-state new); False: join an existing one
     endpoints: list[str] = field(default_factory=list)  # set = join this external etcd, run no member
+    prefix: str = "/fluxmq/"
     hybrid_retained_size_threshold: int = 1024
     lease_ttl: float = 10.0
     request_timeout: float = 5.0
@@ -37,7 +38,7 @@ class EtcdSettings:
         tls = section.tls
         return cls(binary=section.binary, data_dir=section.data_dir, bind_addr=section.bind_addr,
                    client_addr=section.client_addr, initial_cluster=section.initial_cluster,
-                   bootstrap=section.bootstrap, endpoints=list(section.endpoints),
+                   bootstrap=section.bootstrap, endpoints=list(section.endpoints), prefix=section.prefix,
                    hybrid_retained_size_threshold=section.hybrid_retained_size_threshold,
                    lease_ttl=section.lease_ttl, request_timeout=section.request_timeout,
                    start_timeout=section.start_timeout, tls_enabled=tls.enabled, tls_ca_file=tls.ca_file,

@@ -1,0 +1,70 @@
+"""MetadataPlane: everything of one node that lives in etcd, built from the config and started and
+stopped as one (the cluster node calls it; the transport supplies ``fetch`` and ``peer_state``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from fluxmq.broker.message import Message
+
+from .config import EtcdSettings
+from .health import ClusterHealth
+from .metadata import ClusterMetadata
+from .replicated import RetainedReplica, WillRegistry
+
+__all__ = ["MetadataPlane"]
+
+log = logging.getLogger("fluxmq.cluster.metadata")
+
+
+def _no_fetch(node_id: str, topic: str) -> bytes:
+    raise LookupError(f"no transport to fetch the retained payload of {topic!r} from {node_id}")
+
+
+class MetadataPlane:
+    """ClusterMetadata + RetainedReplica + WillRegistry + ClusterHealth of one node."""
+
+    def __init__(self, settings: EtcdSettings, node_id: str, transport_addr: str, broker,
+                 state_dir: str | Path | None = None, prefix: str | None = None,
+                 fetch: Callable[[str, str], bytes] | None = None,
+                 peer_state: Callable[[], dict[str, dict]] | None = None,
+                 publish: Callable[[Message], object] | None = None) -> None:
+        self.meta = ClusterMetadata(settings, node_id, transport_addr, prefix=prefix or settings.prefix,
+                                    state_dir=state_dir)
+        self.retained = RetainedReplica(self.meta, broker, settings.hybrid_retained_size_threshold,
+                                        fetch or _no_fetch)
+        self.wills = WillRegistry(self.meta, publish or broker.publish)
+        self.health = ClusterHealth(self.meta, peer_state)
+        self._started: list = []
+
+    @classmethod
+    def from_config(cls, config, broker, **hooks) -> MetadataPlane:
+        """From ``cluster.node_id``, ``cluster.transport.bind_addr`` and ``cluster.etcd.*``; the node's
+        restart record is kept in ``storage.path``."""
+        return cls(EtcdSettings.from_config(config), config.cluster.node_id, config.cluster.transport.bind_addr,
+                   broker, state_dir=config.storage.path, **hooks)
+
+    def start(self) -> None:
+        """Start the member (unless external endpoints are set), register, then follow retained
+        messages and wills. ClusterError (one line) when etcd does not answer or the id is live."""
+        try:
+            for part in (self.meta, self.retained, self.wills):
+                part.start()
+                self._started.append(part)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Write what is pending, then revoke the lease (this node's sessions are free at once) and
+        stop the member."""
+        if self.retained in self._started:
+            self.retained.flush(2.0)
+        for part in reversed(self._started):
+            try:
+                part.stop()
+            except Exception:
+                log.exception("metadata_stop_failed", extra={"part": type(part).__name__})
+        self._started.clear()
