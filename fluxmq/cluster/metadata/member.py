@@ -107,7 +107,7 @@ class EtcdMember:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.pid_file.write_text(f"{self.proc.pid}\n")
-        log.info("etcd_member_started", extra={"pid": self.proc.pid, "name": self.name,
+        log.info("etcd_member_started", extra={"pid": self.proc.pid, "member": self.name,
                                                "client": self.settings.client_addr, "log": str(self.log_path)})
 
     def _supervise(self) -> None:
@@ -172,4 +172,4 @@ class EtcdMember:
             self.pid_file.unlink()
         except OSError:
             pass
-        log.info("etcd_member_stopped", extra={"name": self.name})
+        log.info("etcd_member_stopped", extra={"member": self.name})
