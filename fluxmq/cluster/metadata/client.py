@@ -127,7 +127,9 @@ def gevent_session(ca_file: str = "", cert_file: str = "", key_file: str = "") -
             context.load_default_certs()
         if cert_file:
             context.load_cert_chain(cert_file, key_file or None)
-    adapter = GeventAdapter(context)
+    # Watches hold a connection each and greenlets call concurrently: room for both without
+    # urllib3 discarding connections ("pool is full").
+    adapter = GeventAdapter(context, pool_connections=4, pool_maxsize=64)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     if ca_file:
@@ -376,6 +378,13 @@ class PrefixMirror:
                 log.debug("watch_reconnect", extra={"watch": self.name, "error": repr(exc)})
                 gevent.sleep(pause)
                 pause = min(pause * 2, 2.0)
+            except Exception:  # never let the mirror go stale silently: log, pause, read again
+                log.exception("watch_failed", extra={"watch": self.name})
+                gevent.sleep(2.0)
+                try:
+                    self._resync()
+                except ClusterError:
+                    pass
             finally:
                 self.connected = False
 

@@ -38,6 +38,7 @@ class MetadataPlane:
         self.wills = WillRegistry(self.meta, publish or broker.publish)
         self.health = ClusterHealth(self.meta, peer_state)
         self._started: list = []
+        self._follow_members: Callable[[dict[str, str]], None] | None = None
 
     @classmethod
     def from_config(cls, config, broker, **hooks) -> MetadataPlane:
@@ -46,6 +47,25 @@ class MetadataPlane:
         return cls(EtcdSettings.from_config(config), config.cluster.node_id, config.cluster.transport.bind_addr,
                    broker, state_dir=config.storage.path, **hooks)
 
+    def attach_transport(self, transport, fetch_timeout: float = 5.0) -> None:
+        """Wire the inter-node transport (CLUSTER.md's interface): large retained payloads are fetched
+        with ``transport.call(node, "retained.fetch", topic)`` and served by ``handle``; the cluster
+        check reads ``peer_state()``; the transport's peers follow etcd membership (``set_peers``,
+        this node excluded). Call before or after ``start``."""
+        self.retained.fetch = lambda node, topic: transport.call(node, "retained.fetch", topic.encode(),
+                                                                 fetch_timeout)
+        transport.handle("retained.fetch", lambda from_node, payload: self.retained.serve_fetch(payload.decode()))
+        self.health.peer_state = transport.peer_state
+        me = self.meta.node_id
+
+        def follow(members: dict[str, str]) -> None:
+            transport.set_peers({node: addr for node, addr in members.items() if node != me})
+
+        self._follow_members = follow
+        if self.meta.membership is not None:
+            self.meta.on_members(follow)
+            follow(self.meta.members())
+
     def start(self) -> None:
         """Start the member (unless external endpoints are set), register, then follow retained
         messages and wills. ClusterError (one line) when etcd does not answer or the id is live."""
@@ -53,6 +73,9 @@ class MetadataPlane:
             for part in (self.meta, self.retained, self.wills):
                 part.start()
                 self._started.append(part)
+                if part is self.meta and self._follow_members is not None:
+                    self.meta.on_members(self._follow_members)
+                    self._follow_members(self.meta.members())
         except BaseException:
             self.stop()
             raise
