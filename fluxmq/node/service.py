@@ -321,8 +321,12 @@ class BrokerService:
         not answering, the node id already live) stops the start with one line."""
         if not cfg.cluster.enabled:
             return
+        from fluxmq.cluster.metadata.config import cluster_config_problems
         from fluxmq.cluster.metadata.plane import MetadataPlane
 
+        problems = cluster_config_problems(cfg)
+        if problems:
+            raise problems[0]
         plane = MetadataPlane.from_config(cfg, self.broker)
         plane.start()
         self.cluster = plane

@@ -6,8 +6,9 @@ import shutil
 from dataclasses import dataclass, field
 
 from fluxmq.config.values import parse_addr
+from fluxmq.errors import ConfigError
 
-__all__ = ["EtcdSettings", "connect_host"]
+__all__ = ["EtcdSettings", "cluster_config_problems", "connect_host"]
 
 
 @dataclass
@@ -71,3 +72,29 @@ def connect_host(host: str) -> str:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def cluster_config_problems(config) -> list[ConfigError]:
+    """What ``cluster.*`` values cannot work together (``--check`` and the node's start report them,
+    one line each naming the key and where it was set); [] when clustering is off."""
+    if not config.cluster.enabled:
+        return []
+    problems = []
+    node_id = config.cluster.node_id
+    if not node_id:
+        problems.append(ConfigError("cluster.node_id", "a node id unique in the cluster", config.origin("cluster.node_id"),
+                                    problem="is required when cluster.enabled is true"))
+    etcd = config.cluster.etcd
+    if not etcd.endpoints:
+        names = [part.split("=", 1)[0] for part in etcd.initial_cluster.split(",") if part]
+        if node_id and names and node_id not in names:
+            problems.append(ConfigError(
+                "cluster.etcd.initial_cluster", f"a member named {node_id!r} (cluster.node_id)",
+                config.origin("cluster.etcd.initial_cluster"),
+                problem=f"lists {', '.join(names)} but not this node ({node_id!r}, its cluster.node_id)"))
+        if etcd.tls.enabled and not (etcd.tls.cert_file and etcd.tls.key_file):
+            problems.append(ConfigError("cluster.etcd.tls.cert_file", "a certificate and key file",
+                                        config.origin("cluster.etcd.tls.enabled"),
+                                        problem="and key_file are required for the node's etcd member when "
+                                                "cluster.etcd.tls.enabled is true"))
+    return problems

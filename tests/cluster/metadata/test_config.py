@@ -62,3 +62,41 @@ def test_a_bad_value_is_one_line_naming_the_key(tmp_path, text, key):
         _load(tmp_path, text + "\n")
     assert str(info.value).startswith(f"config error: {key} (")
     assert "\n" not in str(info.value)
+
+
+def test_check_reports_cluster_values_that_cannot_work_together(tmp_path):
+    from fluxmq.cluster.metadata.config import cluster_config_problems
+
+    cfg = _load(tmp_path, """
+cluster:
+  enabled: true
+  etcd:
+    initial_cluster: "node1=http://127.0.0.1:2380"
+    tls: {enabled: true}
+""")
+    lines = [str(p) for p in cluster_config_problems(cfg)]
+    path = tmp_path / "fluxmq.yaml"
+    assert lines == [
+        "config error: cluster.node_id (default): is required when cluster.enabled is true",
+        f"config error: cluster.etcd.tls.cert_file ({path}:6): and key_file are required for the node's etcd "
+        "member when cluster.etcd.tls.enabled is true"]
+    cfg = _load(tmp_path, """
+cluster:
+  enabled: true
+  node_id: node4
+  etcd:
+    initial_cluster: "node1=http://127.0.0.1:2380,node2=http://127.0.0.1:2382"
+""")
+    assert [str(p) for p in cluster_config_problems(cfg)] == [
+        f"config error: cluster.etcd.initial_cluster ({path}:6): lists node1, node2 but not this node ('node4', "
+        "its cluster.node_id)"]
+    assert cluster_config_problems(_load(tmp_path, "cluster: {node_id: ''}\n")) == []  # clustering off
+
+
+def test_node_check_prints_the_cluster_problem(tmp_path, capsys):
+    from fluxmq.node.cli import main
+
+    conf = tmp_path / "node.yaml"
+    conf.write_text("cluster:\n  enabled: true\n")
+    assert main(["--check", "--config", str(conf)]) == 2
+    assert "config error: cluster.node_id (default): is required when cluster.enabled is true" in capsys.readouterr().err
