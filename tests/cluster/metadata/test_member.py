@@ -84,3 +84,34 @@ def test_a_member_left_by_a_killed_node_is_stopped_at_the_next_start(tmp_path):
         if Path(f"/proc/{leftover}").exists() and not _zombie(leftover):
             os.kill(leftover, signal.SIGKILL)
         gevent.sleep(0)
+
+
+def test_a_node_keeps_its_sessions_when_its_member_is_killed_and_restarted(tmp_path):
+    from fluxmq.cluster.metadata import ClusterMetadata
+
+    settings = EtcdSettings(data_dir=str(tmp_path / "etcd"), bind_addr=f"{HOST}:{free_port()}",
+                            client_addr=f"{HOST}:{free_port()}", lease_ttl=10, start_timeout=30)
+    meta = ClusterMetadata(settings, "solo", "127.0.0.1:1", state_dir=tmp_path)
+    meta.start()
+    member_pids = []
+    try:
+        assert meta.acquire_session("kept") is None
+        first = meta.member.pid
+        member_pids.append(first)
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: meta.member.restarts == 1 and meta.member.pid not in (None, first), timeout=20)
+        member_pids.append(meta.member.pid)
+
+        def owned() -> bool:
+            try:
+                return meta.owned_by("kept") == "solo"
+            except ClusterError:
+                return False
+
+        assert wait_for(owned, timeout=30)
+        assert meta.ready == (True, "")
+        assert meta.acquire_session("new") is None
+    finally:
+        meta.stop()
+    for pid in member_pids:
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
