@@ -168,24 +168,36 @@ class Membership:
                 "give this node another node_id, or stop the other one")
         raise ClusterError(f"cluster.node_id: could not register {self.node_id!r} in etcd (it kept changing)")
 
-    def _previous_lease(self) -> int:
+    def read_state(self) -> dict:
+        """What this node recorded about itself (``lease``, ``retained_joined``); {} when nothing."""
         if self.state_file is None:
-            return 0
+            return {}
         try:
-            return int(json.loads(self.state_file.read_text()).get("lease", 0))
-        except (OSError, ValueError, AttributeError):
-            return 0
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
 
-    def _remember(self, lease_id: int) -> None:
+    def write_state(self, **values) -> None:
         if self.state_file is None:
             return
+        state = {**self.read_state(), "node_id": self.node_id, **values}
         try:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"node_id": self.node_id, "lease": lease_id}))
+            tmp.write_text(json.dumps(state))
             tmp.replace(self.state_file)
         except OSError as exc:
             log.warning("node_state_not_written", extra={"file": str(self.state_file), "error": str(exc)})
+
+    def _previous_lease(self) -> int:
+        try:
+            return int(self.read_state().get("lease", 0))
+        except (TypeError, ValueError):
+            return 0
+
+    def _remember(self, lease_id: int) -> None:
+        self.write_state(lease=lease_id)
 
     def watch(self) -> None:
         self._mirror = PrefixMirror(self.client, self.prefix, self._changed, name="nodes")

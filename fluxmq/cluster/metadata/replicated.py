@@ -82,6 +82,7 @@ class RetainedReplica:
         self._wake = Event()
         self._writer: gevent.Greenlet | None = None
         self._mirror: PrefixMirror | None = None
+        self._joined = False
         self.written = 0
         self.applied = 0
         self.fetched = 0
@@ -89,11 +90,19 @@ class RetainedReplica:
         self.write_failures = 0
 
     def start(self) -> None:
-        """Read what etcd holds (applied here), publish local topics etcd lacks, then follow both ways."""
+        """Read what etcd holds (applied here), then follow both ways. Local topics etcd lacks are
+        written to etcd the first time this node's store joins the cluster; at later starts etcd is
+        the truth and they are removed (another node cleared them while this one was down)."""
         self._mirror = mirror = PrefixMirror(self.meta.client, self.prefix, self._changed, name="retained")
         mirror.start()
+        membership = self.meta.membership
+        self._joined = bool(membership.read_state().get("retained_joined")) if membership is not None else False
         for topic, message in list(self.store.items()):
-            if not topic.startswith("$") and self.prefix + topic not in mirror.items:
+            if topic.startswith("$") or self.prefix + topic in mirror.items:
+                continue
+            if self._joined:
+                self.store.apply_replicated(topic, None)
+            else:
                 self._pending[topic] = message
         self.store.on_change = self._local_change
         self._writer = gevent.spawn(self._write_loop)
@@ -143,6 +152,9 @@ class RetainedReplica:
                 if self._pending.get(topic, 0) is message:  # no newer change arrived meanwhile
                     del self._pending[topic]
                 self.written += 1
+            if not self._joined and self.meta.membership is not None:
+                self._joined = True  # this store's topics are in etcd: from now on etcd is the truth
+                self.meta.membership.write_state(retained_joined=True)
 
     def _write(self, topic: str, message: Message | None) -> None:
         key = self.prefix + topic

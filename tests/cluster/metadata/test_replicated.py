@@ -168,3 +168,32 @@ def test_a_will_the_owner_published_itself_or_cancelled_is_not_published_again(m
     finally:
         for registry in registries.values():
             registry.stop()
+
+
+def test_a_topic_cleared_while_a_node_was_down_stays_cleared(meta_factory, tmp_path):
+    a = meta_factory("a")
+    broker_a, broker_b = Broker(BrokerSettings()), Broker(BrokerSettings())
+    replica_a = RetainedReplica(a, broker_a, THRESHOLD, lambda n, t: b"")
+    replica_a.start()
+    # b's store has a topic from before it joined: its first start contributes it to the cluster.
+    broker_b.retained.store(Message("r/old", b"from b's store", 0, True))
+    b = meta_factory("b", state_dir=tmp_path / "b")
+    replica_b = RetainedReplica(b, broker_b, THRESHOLD, lambda n, t: b"")
+    replica_b.start()
+    try:
+        assert replica_b.flush()
+        assert wait_for(lambda: _retained(broker_a, "r/old") == b"from b's store")
+        replica_b.stop()
+        b.stop()  # b is down (its store keeps r/old) ...
+        broker_a.publish(Message("r/old", b"", 0, True))  # ... while a clears the topic
+        assert replica_a.flush()
+        b2 = meta_factory("b", state_dir=tmp_path / "b")  # b again, same store and state
+        replica_b = RetainedReplica(b2, broker_b, THRESHOLD, lambda n, t: b"")
+        replica_b.start()
+        assert replica_b.flush()
+        assert _retained(broker_b, "r/old") is None  # removed at start, not written back
+        gevent.sleep(0.3)
+        assert _retained(broker_a, "r/old") is None
+    finally:
+        replica_b.stop()
+        replica_a.stop()
