@@ -70,3 +70,22 @@ def test_a_peer_that_stopped_gracefully_is_no_longer_counted(meta_factory):
     b.stop()
     assert wait_for(lambda: set(a.members()) == {"a"})
     assert health.check() == (True, "")
+
+
+def test_the_admin_api_answers_the_same_cluster_status(meta_factory):
+    from types import SimpleNamespace
+
+    from openapi_core import OpenAPI
+
+    from fluxmq.broker.broker import Broker
+    from fluxmq.http.admin import AdminAPI
+    from tests.http.test_admin import SPEC_PATH, TOKEN, json_call
+
+    a = meta_factory("a")
+    assert wait_for(lambda: a.is_leader)
+    service = SimpleNamespace(broker=Broker(), listeners=[], cluster_health=ClusterHealth(a))
+    status, _, body = json_call(OpenAPI.from_file_path(str(SPEC_PATH)), AdminAPI(service, TOKEN), "GET",
+                                "/cluster/status")
+    assert status == 200
+    assert (body["node_id"], body["is_leader"], body["cluster_mode"], body["sessions"]) == ("a", True, True, 0)
+    assert [m["node_id"] for m in body["members"]] == ["a"]
