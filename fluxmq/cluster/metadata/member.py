@@ -85,7 +85,10 @@ class EtcdMember:
                 "--listen-client-urls", client_listen, "--advertise-client-urls", advertise_client,
                 "--initial-cluster", initial, "--initial-cluster-token", "fluxmq",
                 "--initial-cluster-state", "new" if s.bootstrap else "existing",
-                "--log-level", "warn", "--logger", "zap"]
+                "--log-level", "warn", "--logger", "zap",
+                # Every retained change, claim and registration is a revision: keep one hour of history (a
+                # watch that falls further behind reads its keys again), not all of it.
+                "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"]
         if s.tls_enabled:
             args += ["--cert-file", s.tls_cert_file, "--key-file", s.tls_key_file,
                      "--peer-cert-file", s.tls_cert_file, "--peer-key-file", s.tls_key_file]
