@@ -236,7 +236,8 @@ class WillRegistry:
         self.node_id = meta.node_id
         self.prefix = meta.prefix + "wills/"
         self.sweep_interval = sweep_interval
-        self._mine: dict[str, bytes] = {}  # client -> the value this node wrote
+        self._mine: dict[str, bytes] = {}  # client -> the value this node wrote (and still holds)
+        self._local_only: set[str] = set()  # wills too large to share: this node alone publishes them
         self._orphaned: dict[str, float] = {}  # key -> when its owner was first seen dead
         self._mirror: PrefixMirror | None = None
         self._sweeper: gevent.Greenlet | None = None
@@ -247,6 +248,13 @@ class WillRegistry:
     def start(self) -> None:
         self._mirror = PrefixMirror(self.meta.client, self.prefix, lambda k, kv, old: self._wake.set(), name="wills")
         self._mirror.start()
+        for key, kv in self._mirror.items.items():  # ours from before a restart: still ours to claim
+            try:
+                body = json.loads(kv["value"])
+            except ValueError:
+                continue
+            if body.get("node") == self.node_id:
+                self._mine[key[len(self.prefix):]] = kv["value"]
         self.meta.on_members(lambda members: self._wake.set())
         self.meta.on_leadership(lambda leader: self._wake.set())
         self._sweeper = gevent.spawn(self._sweep_loop)
@@ -265,13 +273,16 @@ class WillRegistry:
         value = encode_entry(self.node_id, message, True, delay=delay)
         if len(value) > MAX_WILL_BYTES:
             log.warning("will_not_replicated", extra={"client_id": client_id, "bytes": len(value)})
+            self._local_only.add(client_id)
             return False
         self.meta.client.put(self.key(client_id), value)
         self._mine[client_id] = value
+        self._local_only.discard(client_id)
         return True
 
     def cancel(self, client_id: str) -> bool:
         """The session ended cleanly or its will changed hands: delete our entry only."""
+        self._local_only.discard(client_id)
         value = self._mine.pop(client_id, None)
         if value is None:
             return False
@@ -279,11 +290,15 @@ class WillRegistry:
         return ok
 
     def claim(self, client_id: str) -> bool:
-        """Before this node publishes a will itself: True when nobody else published it (our entry was
-        deleted by us now, or there never was one); False when it was already taken."""
+        """Before this node publishes a will itself: True when this node may publish it (it deleted its
+        own entry now, or the will was too large to share); False when it is not in etcd under this
+        node any more (the leader published it while this node was taken for dead, or it never was)."""
+        if client_id in self._local_only:
+            self._local_only.discard(client_id)
+            return True
         value = self._mine.pop(client_id, None)
         if value is None:
-            return True
+            return False
         ok, _ = self.meta.client.txn([cmp_value(self.key(client_id), value)], [op_delete(self.key(client_id))])
         if not ok:
             self.lost_races += 1

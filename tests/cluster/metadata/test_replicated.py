@@ -197,3 +197,25 @@ def test_a_topic_cleared_while_a_node_was_down_stays_cleared(meta_factory, tmp_p
     finally:
         replica_b.stop()
         replica_a.stop()
+
+
+def test_after_a_restart_a_node_claims_only_the_wills_still_in_etcd_under_its_name(meta_factory):
+    metas, registries, published = _wills(meta_factory, ["a"])
+    a = metas["a"]
+    try:
+        registries["a"].put("kept", Message("will/kept", b"1", 0, False))
+        registries["a"].put("taken", Message("will/taken", b"2", 0, False))
+        registries["a"].stop()
+        a.client.delete(a.prefix + "wills/taken")  # the leader published it while a was taken for dead
+        again = WillRegistry(a, published["a"].append)  # a's broker restored: a new registry
+        again.start()
+        try:
+            assert again.claim("kept") is True  # still ours: a publishes it (exactly once) ...
+            assert again.claim("kept") is False  # ... and only once
+            assert again.claim("taken") is False  # published elsewhere already
+            assert again.claim("never-stored") is False
+        finally:
+            again.stop()
+    finally:
+        for registry in registries.values():
+            registry.stop()
