@@ -100,12 +100,9 @@ class ClusterMetadata:
                 return
             except ClusterError as exc:
                 last = str(exc)
-            if self.member is not None and self.member.proc is not None and self.member.proc.poll() is not None \
-                    and self.member.restarts == 0 and time.monotonic() + 1 >= deadline:
-                break
             if time.monotonic() >= deadline:
                 break
-            gevent.sleep(0.2)
+            gevent.sleep(0.2)  # a member that died meanwhile is restarted by its supervisor
         where = f"; member log {self.member.log_path}" if self.member is not None else ""
         raise ClusterError(f"etcd not ready within {timeout:g}s (cluster.etcd.start_timeout){where}: {last}")
 
