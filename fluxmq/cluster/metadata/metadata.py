@@ -35,13 +35,17 @@ log = logging.getLogger("fluxmq.cluster.metadata")
 class ClusterMetadata:
     """Membership, session ownership and leader election of this node, in etcd."""
 
-    def __init__(self, etcd_config, node_id: str, transport_addr: str, prefix: str = "/fluxmq/",
+    def __init__(self, etcd_config, node_id: str, transport_addr: str, prefix: str | None = None,
                  state_dir: str | Path | None = None) -> None:
+        """``etcd_config``: EtcdSettings, a loaded Config or its ``cluster.etcd`` section; ``prefix``
+        defaults to ``cluster.etcd.prefix``; ``state_dir`` (where the node records its last lease)
+        defaults to the etcd data dir's parent (the node passes ``storage.path``)."""
         if not node_id:
             raise ClusterError("cluster.node_id: required when cluster.enabled is true")
         self.settings = etcd_config if isinstance(etcd_config, EtcdSettings) else EtcdSettings.from_config(etcd_config)
         self.node_id = node_id
         self.transport_addr = transport_addr
+        prefix = prefix or self.settings.prefix
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         if state_dir is None:
             state_dir = Path(self.settings.data_dir).absolute().parent

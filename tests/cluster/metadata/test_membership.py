@@ -113,3 +113,18 @@ def test_losing_the_lease_while_etcd_is_down_is_reported_then_recovered(meta_fac
         assert wait_for(lambda: a.is_leader, timeout=15)
     finally:
         etcd.stop()
+
+
+def test_an_etcd_that_never_answers_stops_the_start_with_one_line(tmp_path):
+    from fluxmq.cluster.metadata import ClusterMetadata, EtcdSettings
+    from tests.conftest import HOST, free_port
+
+    endpoint = f"http://{HOST}:{free_port()}"
+    meta = ClusterMetadata(EtcdSettings(endpoints=[endpoint], start_timeout=1, request_timeout=0.3), "a", "x:1",
+                           state_dir=tmp_path)
+    with pytest.raises(ClusterError) as info:
+        meta.start()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"etcd not ready within 1s (cluster.etcd.start_timeout): etcd unreachable at {endpoint}")
+    assert meta.ready == (False, "cluster metadata not started")
