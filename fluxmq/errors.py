@@ -136,3 +136,8 @@ class StorageError(FluxMQError):
 
 class MalformedDatagram(FluxMQError):
     """A UDP datagram that is not a well-formed CoAP message (RFC 7252 §3); counted and dropped."""
+
+
+class ClusterError(FluxMQError):
+    """The cluster metadata plane (etcd) cannot serve a request, or forbids this node from starting
+    (its node id is already live); the message is one line saying which and why."""

@@ -19,6 +19,10 @@ class RetainedStore:
 
     With a durable ``storage`` every change is written through (``$SYS`` topics excepted: they are
     republished at start).
+
+    ``on_change(topic, message or None)``, when set (the cluster's retained replica), is called after
+    every change made on this node (set or clear); changes that came from another node enter through
+    ``apply_replicated`` and are not reported again.
     """
 
     def __init__(self, max_messages: int = 0, storage=None) -> None:
@@ -26,6 +30,7 @@ class RetainedStore:
         self.max_messages = max_messages
         self.refused = 0
         self._storage = storage
+        self.on_change = None
 
     def _persisted(self, topic: str) -> bool:
         return self._storage is not None and not topic.startswith("$SYS")
@@ -34,8 +39,11 @@ class RetainedStore:
         """Set, replace or (empty payload) clear the retained message of its topic [MQTT-3.3.1-5, -10, -11]."""
         topic = message.topic
         if not message.payload:
-            if self._trie.delete(topic) and self._persisted(topic):
-                self._storage.delete_retained(topic)
+            if self._trie.delete(topic):
+                if self._persisted(topic):
+                    self._storage.delete_retained(topic)
+                if self.on_change is not None:
+                    self.on_change(topic, None)
             return True
         if self.max_messages and len(self._trie) >= self.max_messages and self._trie.get(topic) is None:
             self.refused += 1
@@ -46,7 +54,21 @@ class RetainedStore:
         self._trie.set(topic, stored)
         if self._persisted(topic):
             self._storage.put_retained(topic, stored)
+        if self.on_change is not None:
+            self.on_change(topic, stored)
         return True
+
+    def apply_replicated(self, topic: str, message: Message | None) -> None:
+        """Set (or, with None, clear) ``topic`` as another node of the cluster did: stored and
+        persisted like a local change, never reported to ``on_change`` (no echo), not capped (every
+        node holds the same set)."""
+        if message is None:
+            if self._trie.delete(topic) and self._persisted(topic):
+                self._storage.delete_retained(topic)
+            return
+        self._trie.set(topic, message)
+        if self._persisted(topic):
+            self._storage.put_retained(topic, message)
 
     def restore(self, message: Message) -> None:
         """Put back a retained message loaded from storage (not written again)."""
@@ -68,6 +90,8 @@ class RetainedStore:
         if self._trie.delete(topic):
             if self._persisted(topic):
                 self._storage.delete_retained(topic)
+            if self.on_change is not None:
+                self.on_change(topic, None)
             return True
         return False
 

@@ -23,7 +23,9 @@ __all__ = ["ENV_ALIASES", "ENV_IGNORE", "NOT_IMPLEMENTED", "VALUE_ALIASES", "env
 
 # Whole sections (any keys below them) and single keys; ``*`` matches one name.
 NOT_IMPLEMENTED: tuple[str, ...] = (
-    "cluster",  # reference 000: etcd metadata plane, gRPC transport, Raft (cluster.routes is implemented)
+    # reference 000: the rest of the gRPC transport and Raft (cluster.routes, enabled, node_id,
+    # transport.bind_addr and etcd are implemented)
+    "cluster.transport.*", "cluster.raft",
     "queue",  # reference 002: durable queues with retention and replication
     "server.*.*.prefer_server_cipher_suites",  # Go's crypto/tls knob; OpenSSL's server order applies
 )

@@ -107,7 +107,10 @@ SECTION_DOCS: dict[str, str] = {
     "limits": "Per-address and per-client abuse limits (docs/security.rst); 0 = no limit.",
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
-    "cluster": "Peer brokers this node mirrors (reference 001 MQTT cluster routes; docs/bridges.rst).",
+    "cluster": "Clustering (docs/cluster.rst) and the reference 001 cluster routes to peer brokers (docs/bridges.rst).",
+    "cluster.transport": "The inter-node transport (gRPC) that routes publishes and hands sessions over.",
+    "cluster.etcd": "The metadata plane: this node's etcd member or an external etcd (docs/cluster.rst).",
+    "cluster.etcd.tls": "TLS between the node and etcd, and for the member's listeners.",
     "webhook": "Broker events POSTed to HTTP endpoints off the hot path (docs/webhooks.rst).",
     "webhook.defaults": "Per-endpoint settings an endpoint does not set itself.",
     "webhook.defaults.retry": "Exponential backoff between attempts of one event to one endpoint.",
@@ -194,6 +197,58 @@ class ProtocolVersion(ValueType):
         raise ValueError("")
 
     def from_text(self, text: str) -> str:
+        return self.from_yaml(text)
+
+
+class InitialCluster(ValueType):
+    """etcd's ``--initial-cluster``: ``name=http://host:port`` members, comma-separated (or ``""``)."""
+
+    summary = "etcd initial cluster"
+    expected = 'members as "node1=http://127.0.0.1:2380,node2=http://127.0.0.1:2390" or ""'
+
+    def from_yaml(self, value: object) -> str:
+        from urllib.parse import urlsplit
+
+        if not isinstance(value, str):
+            raise ValueError("")
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, sep, url = part.partition("=")
+            parts = urlsplit(url)
+            if not sep or not name or parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+                raise ValueError(f"{part!r} is not name=http://host:port")
+        return ",".join(p.strip() for p in value.split(",") if p.strip())
+
+
+class EtcdEndpoints(StrList):
+    """External etcd client URLs (``http://host:2379`` / ``https://...``)."""
+
+    summary = "list of etcd URLs"
+    expected = 'a list of etcd client URLs such as ["http://10.0.0.1:2379"] (comma-separated from the environment)'
+
+    def from_yaml(self, value: object) -> list[str]:
+        from urllib.parse import urlsplit
+
+        items = super().from_yaml(value)
+        for item in items:
+            parts = urlsplit(item)
+            if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+                raise ValueError(f"{item!r} is not http(s)://host:port")
+        return items
+
+
+class LeaseTTL(Duration):
+    """A lease TTL: etcd grants whole seconds, at least about its election timeout."""
+
+    summary = "duration of 2s or more"
+    expected = 'a duration of at least 2s such as "10s"'
+
+    def from_yaml(self, value: object) -> float:
+        seconds = super().from_yaml(value)
+        if seconds < 2:
+            raise ValueError("below 2s")
+        return seconds
+
+    def from_text(self, text: str) -> float:
         return self.from_yaml(text)
 
 
@@ -576,6 +631,42 @@ KEYS: tuple[Key, ...] = (
         "username, password_env | password_file, tls{ca_file, cert_file, key_file, insecure}, message_validity, "
         "reconnect{initial, max}, topics[{pattern, direction, qos, local_prefix, remote_prefix}], "
         "max_queued_messages} (docs/bridges.rst)."),
+    Key("cluster.enabled", Bool(), False,
+        "Run as one node of a cluster (docs/cluster.rst); false = single node, nothing of the cluster loaded."),
+    Key("cluster.node_id", Str(), "", "This node's id, unique in the cluster; required when cluster.enabled."),
+    Key("cluster.transport.bind_addr", Addr(), "127.0.0.1:7948",
+        "Address of this node's inter-node (gRPC) transport; other nodes learn it from etcd."),
+    Key("cluster.etcd.binary", Str(), "",
+        'The etcd 3.4+ server the node runs as its member; "" = etcd on PATH (Debian\'s etcd-server).'),
+    Key("cluster.etcd.data_dir", Str(allow_empty=False), "./data/etcd",
+        "Data directory of this node's etcd member (its PID file and log sit beside it)."),
+    Key("cluster.etcd.bind_addr", Addr(), "127.0.0.1:2380", "Peer address of this node's etcd member (etcd to etcd)."),
+    Key("cluster.etcd.client_addr", Addr(), "127.0.0.1:2379",
+        "Client address of this node's etcd member; the node connects to it there."),
+    Key("cluster.etcd.initial_cluster", InitialCluster(), "",
+        'Every member as node_id=http://host:peer_port, comma-separated, this node included; "" = this member alone.'),
+    Key("cluster.etcd.bootstrap", Bool(), True,
+        "true: the members of initial_cluster form a new etcd cluster; false: join an existing one."),
+    Key("cluster.etcd.endpoints", EtcdEndpoints(), [],
+        "Client URLs of an external etcd cluster; when set the node runs no etcd member of its own."),
+    Key("cluster.etcd.prefix", Str(allow_empty=False), "/fluxmq/",
+        "Key prefix of this cluster's data in etcd (several clusters may share one etcd under different prefixes)."),
+    Key("cluster.etcd.hybrid_retained_size_threshold", Size(), "1KiB",
+        "Retained payloads up to this size are replicated through etcd; larger ones stay on their node "
+        "and are fetched over the transport."),
+    Key("cluster.etcd.lease_ttl", LeaseTTL(), "10s",
+        "TTL of the node's etcd lease (renewed every third of it): a dead node's sessions and leadership "
+        "are released this long after it stops renewing."),
+    Key("cluster.etcd.request_timeout", Duration(), "5s",
+        "Time one etcd request may take, retries on the other endpoints included."),
+    Key("cluster.etcd.start_timeout", Duration(), "60s",
+        "Time the node waits at start for etcd to answer (a new cluster needs a quorum of its members up)."),
+    Key("cluster.etcd.tls.enabled", Bool(), False,
+        "https between the node and etcd, and for the member's client and peer listeners."),
+    Key("cluster.etcd.tls.ca_file", Str(), "",
+        "PEM CA bundle etcd's certificate is verified against (and, for the member, client certificates)."),
+    Key("cluster.etcd.tls.cert_file", Str(), "", "PEM certificate the node presents to etcd (and the member serves)."),
+    Key("cluster.etcd.tls.key_file", Str(), "", "PEM private key of cert_file."),
     Key("cluster.routes", FieldsList(CLUSTER_ROUTE_ITEM, "list of routes"), [],
         "Reference 001 cluster routes to peer fluxmq nodes, mirroring every topic: {host, port, node_id, "
         "username, password_env | password_file, message_validity, tls, ...} (docs/bridges.rst)."),

@@ -363,6 +363,9 @@ class AdminAPI:
 
     def cluster_status(self, environ: dict, args: list[str]) -> tuple:
         """The health listener's ``/cluster/status``, here too so the dashboard reads it from its origin."""
+        cluster = getattr(self.service, "cluster_health", None)
+        if cluster is not None:
+            return 200, cluster.status(self.broker.session_count())
         return cluster_status_body(self.broker.session_count())
 
     def list_sessions(self, environ: dict, args: list[str]) -> tuple:

@@ -1,7 +1,9 @@
 """Health endpoints (``/health``, ``/ready``, ``/cluster/status``), shaped exactly as reference 003.
 
 The app reads the node through the small ``BrokerService`` surface only: ``is_ready()`` (component
-name -> ``(up, details)``) and ``session_count()``.
+name -> ``(up, details)``) and ``session_count()``. A cluster node also gives a ``ClusterHealthSource``
+(``fluxmq.cluster.metadata.health.ClusterHealth``): its ``check()`` becomes the ``cluster`` readiness
+check and its ``status()`` the ``/cluster/status`` body; without one the single-node answers stay.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ class HealthSource(Protocol):
     def is_ready(self) -> dict[str, tuple[bool, str]]: ...
 
     def session_count(self) -> int: ...
+
+
+class ClusterHealthSource(Protocol):
+    """What a cluster node adds: the ``cluster`` check and the ``/cluster/status`` body."""
+
+    def check(self) -> tuple[bool, str]: ...
+
+    def status(self, sessions: int) -> dict[str, Any]: ...
 
 
 def health_body() -> tuple[int, dict[str, Any]]:
@@ -57,20 +67,26 @@ def cluster_status_body(sessions: int) -> tuple[int, dict[str, Any]]:
     return 200, {"node_id": SINGLE_NODE_ID, "is_leader": False, "cluster_mode": False, "sessions": sessions}
 
 
-
-def make_health_app(service: HealthSource) -> Router:
+def make_health_app(service: HealthSource, cluster: ClusterHealthSource | None = None) -> Router:
     """The WSGI app served on ``server.health_addr``: a Router other endpoints can be added to."""
 
     def ready(environ: dict) -> tuple[int, dict[str, Any]]:
         try:
             checks = service.is_ready()
+            if cluster is not None:
+                checks["cluster"] = cluster.check()
         except Exception as exc:  # a failing check must answer 503, never a 500 page
             log.warning("readiness check failed error=%r", exc)
             checks = {"broker": (False, f"readiness check failed: {exc}")}
         return ready_body(checks)
 
+    def status(environ: dict) -> tuple[int, dict[str, Any]]:
+        if cluster is None:
+            return cluster_status_body(service.session_count())
+        return 200, cluster.status(service.session_count())
+
     router = Router()
     router.add("/health", lambda environ: health_body())
     router.add("/ready", ready)
-    router.add("/cluster/status", lambda environ: cluster_status_body(service.session_count()))
+    router.add("/cluster/status", status)
     return router

@@ -251,7 +251,7 @@ class NodeApplication(BaseApplication):
         apps: list[Callable] = []
         for name, _ in self.surfaces:
             if name == "health":
-                health = make_health_app(service)
+                health = make_health_app(service, getattr(service, "cluster_health", None))
                 if config.server.metrics_enabled:
                     health.mount("/metrics", make_metrics_app(make_registry(service, bridge)))
                 apps.append(health)

@@ -261,6 +261,7 @@ class BrokerService:
         self.coap: CoapBridge | None = None  # the CoAP bridge when a CoAP listener is configured
         self.coap_listeners: list = []
         self.bridges: Bridges | None = None
+        self.cluster = None  # fluxmq.cluster.metadata.plane.MetadataPlane when cluster.enabled
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -293,6 +294,7 @@ class BrokerService:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()
         log.info("storage_restored", extra={"start_took": round(time.monotonic() - started, 3)})
+        self._start_cluster(cfg)  # before the listeners: a node id already live stops the start here
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [(name, section, lc, stream_factory(cfg, name, section))
                    for name, section, lc in enabled if lc.addr]
@@ -313,6 +315,26 @@ class BrokerService:
                                    max_packet_size=cfg.broker.max_packet_size)
             self.bridges.start()
         self._started = True
+
+    def _start_cluster(self, cfg) -> None:
+        """``cluster.enabled``: the metadata plane in etcd (imported only then). A ClusterError (etcd
+        not answering, the node id already live) stops the start with one line."""
+        if not cfg.cluster.enabled:
+            return
+        from fluxmq.cluster.metadata.config import cluster_config_problems
+        from fluxmq.cluster.metadata.plane import MetadataPlane
+
+        problems = cluster_config_problems(cfg)
+        if problems:
+            raise problems[0]
+        plane = MetadataPlane.from_config(cfg, self.broker)
+        plane.start()
+        self.cluster = plane
+
+    @property
+    def cluster_health(self):
+        """The ``cluster`` readiness check and ``/cluster/status`` source, or None (single node)."""
+        return self.cluster.health if self.cluster is not None else None
 
     def _set_up_queues(self, cfg, storage: Storage) -> None:
         """Durable queues: started now when configured or stored, else made on first use of a
@@ -374,6 +396,8 @@ class BrokerService:
         if self.broker.queues is not None:
             self.broker.queues.stop()
         self.broker.shutdown()
+        if self.cluster is not None:
+            self.cluster.stop()  # the lease goes: this node's sessions may be owned elsewhere at once
         for listener in self.listeners:
             left = max(0.0, deadline - time.monotonic())
             if not listener.wait_closed(left):

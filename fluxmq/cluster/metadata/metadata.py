@@ -1,0 +1,195 @@
+"""ClusterMetadata: the metadata plane of one node (CLUSTER.md, "Metadata (C2 provides)").
+
+Keys under ``prefix`` (default ``/fluxmq/``)::
+
+    nodes/{node_id}            {"addr", "started_at", "pid", "host", "lease"}   under the node lease
+    sessions/{client}/owner    node id                                         under the owner's lease
+    election/leader            node id                                         under the leader's lease
+    retained/{topic}           retained message or a reference to its owner    (replicated.py)
+    wills/{client}             pending will and its owner node                 (replicated.py)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gevent
+
+from fluxmq.errors import ClusterError
+
+from .client import EtcdClient
+from .config import EtcdSettings
+from .election import LeaderElection
+from .member import EtcdMember
+from .membership import Membership, NodeLease
+from .ownership import SessionOwnership
+
+__all__ = ["ClusterMetadata"]
+
+log = logging.getLogger("fluxmq.cluster.metadata")
+
+
+class ClusterMetadata:
+    """Membership, session ownership and leader election of this node, in etcd."""
+
+    def __init__(self, etcd_config, node_id: str, transport_addr: str, prefix: str | None = None,
+                 state_dir: str | Path | None = None) -> None:
+        """``etcd_config``: EtcdSettings, a loaded Config or its ``cluster.etcd`` section; ``prefix``
+        defaults to ``cluster.etcd.prefix``; ``state_dir`` (where the node records its last lease)
+        defaults to the etcd data dir's parent (the node passes ``storage.path``)."""
+        if not node_id:
+            raise ClusterError("cluster.node_id: required when cluster.enabled is true")
+        self.settings = etcd_config if isinstance(etcd_config, EtcdSettings) else EtcdSettings.from_config(etcd_config)
+        self.node_id = node_id
+        self.transport_addr = transport_addr
+        prefix = prefix or self.settings.prefix
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        if state_dir is None:
+            state_dir = Path(self.settings.data_dir).absolute().parent
+        self.state_file = Path(state_dir) / f"cluster-node-{node_id}.json"
+        self.member: EtcdMember | None = None
+        self.client: EtcdClient | None = None
+        self.lease: NodeLease | None = None
+        self.membership: Membership | None = None
+        self.ownership: SessionOwnership | None = None
+        self.election: LeaderElection | None = None
+        self.on_sessions_lost: Callable[[list[str]], None] | None = None
+        self._status = "not started"
+        self._started = False
+
+    # -- life cycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start (when configured) the local etcd member, connect, register under a renewed lease,
+        watch the members and campaign. ClusterError with one line when etcd does not answer within
+        ``cluster.etcd.start_timeout`` or the node id is already live."""
+        s = self.settings
+        try:
+            if s.supervised:
+                self.member = EtcdMember(s, self.node_id)
+                self._status = "etcd member starting"
+                self.member.start()
+            self.client = EtcdClient(s.client_endpoints(), s.request_timeout, s.tls_ca_file,
+                                     s.tls_cert_file, s.tls_key_file)
+            self._wait_for_etcd(s.start_timeout)
+            self.lease = lease = NodeLease(self.client, s.lease_ttl)
+            lease.grant()
+            self.membership = Membership(self.client, self.prefix, self.node_id, self.transport_addr, self.state_file)
+            self.membership.register(lease.id)
+            self.ownership = SessionOwnership(self.client, self.prefix, self.node_id, lambda: lease.id)
+            self.election = LeaderElection(self.client, self.prefix, self.node_id, lambda: lease.id,
+                                           lambda: lease.alive)
+            lease.on_lost = self._lease_lost
+            lease.on_replaced = self._lease_replaced
+            lease.start()
+            self.membership.watch()
+            self.election.start()
+        except BaseException:
+            self._teardown(revoke=True)
+            raise
+        self._started = True
+        self._status = ""
+        log.info("cluster_metadata_started", extra={"node_id": self.node_id, "lease": lease.id,
+                                                    "endpoints": ",".join(self.client.endpoints)})
+
+    def _wait_for_etcd(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            try:
+                self.client.post("maintenance/status", {}, timeout=min(2.0, self.settings.request_timeout))
+                self.client.range(self.prefix + "nodes/", prefix=True, keys_only=True)  # a quorum read
+                return
+            except ClusterError as exc:
+                last = str(exc)
+            if time.monotonic() >= deadline:
+                break
+            gevent.sleep(0.2)  # a member that died meanwhile is restarted by its supervisor
+        where = f"; member log {self.member.log_path}" if self.member is not None else ""
+        raise ClusterError(f"etcd not ready within {timeout:g}s (cluster.etcd.start_timeout){where}: {last}")
+
+    def stop(self) -> None:
+        """Revoke the lease (every key this node owns goes at once) and stop the member."""
+        if self._started and self.membership is not None and self.lease is not None and self.lease.alive:
+            self.membership.leave()
+        self._teardown(revoke=True)
+        self._started = False
+        self._status = "stopped"
+
+    def _teardown(self, revoke: bool) -> None:
+        if self.election is not None:
+            self.election.stop()
+        if self.membership is not None:
+            self.membership.stop()
+        if self.lease is not None:
+            self.lease.stop(revoke=revoke)
+        if self.client is not None:
+            self.client.close()
+        if self.member is not None:
+            self.member.stop()
+
+    def _lease_lost(self) -> None:
+        log.error("cluster_not_ready", extra={"why": "etcd lease lost", "node_id": self.node_id})
+
+    def _lease_replaced(self, lease_id: int) -> None:
+        """A new lease after a loss: register, take our sessions again, campaign."""
+        self.membership.register(lease_id)
+        lost = self.ownership.reacquire_all()
+        if lost:
+            log.warning("sessions_lost_with_lease", extra={"count": len(lost)})
+            if self.on_sessions_lost is not None:
+                self.on_sessions_lost(lost)
+        self.election.campaign()
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> tuple[bool, str]:
+        """(True, "") while registered under a live lease; else (False, why)."""
+        if not self._started:
+            return False, f"cluster metadata {self._status or 'not started'}"
+        lease = self.lease
+        if not lease.alive:
+            return False, f"etcd lease lost ({lease.error})" if lease.error else "etcd lease lost"
+        return True, ""
+
+    def members(self) -> dict[str, str]:
+        """Live node id -> transport address (this node included)."""
+        return self.membership.members() if self.membership is not None else {}
+
+    def lost_members(self) -> dict[str, str]:
+        """Nodes seen live since this node started that went without leaving (killed, cut off)."""
+        return self.membership.lost() if self.membership is not None else {}
+
+    def on_members(self, callback: Callable[[dict[str, str]], None]) -> None:
+        self.membership.on_members(callback)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.election is not None and self.election.is_leader
+
+    def on_leadership(self, callback: Callable[[bool], None]) -> None:
+        self.election.on_change.append(callback)
+
+    @property
+    def lease_id(self) -> int:
+        return self.lease.id if self.lease is not None else 0
+
+    # -- sessions ----------------------------------------------------------------------------------
+    def acquire_session(self, client_id: str, take_from: str | None = None) -> str | None:
+        """CAS under the node lease. None: this node owns ``client_id`` now. A node id: that live node
+        owns it; take its state, then call again with ``take_from`` set to it."""
+        self._check_lease()
+        return self.ownership.acquire(client_id, take_from)
+
+    def release_session(self, client_id: str) -> bool:
+        """Delete the owner key only if this node owns it."""
+        return self.ownership.release(client_id)
+
+    def owned_by(self, client_id: str) -> str | None:
+        return self.ownership.owned_by(client_id)
+
+    def _check_lease(self) -> None:
+        if self.lease is None or not self.lease.alive:
+            raise ClusterError(f"node {self.node_id!r} holds no live etcd lease: {self.ready[1]}")

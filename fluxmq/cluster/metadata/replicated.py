@@ -1,0 +1,349 @@
+"""Retained messages and wills shared through etcd.
+
+Retained (``RetainedReplica``), key ``{prefix}retained/{topic}``, value JSON ``{"node", "size",
+"msg"}`` where ``msg`` is the storage record of the message (``fluxmq.storage.records``: properties
+and expiry included). A message whose payload is larger than
+``cluster.etcd.hybrid_retained_size_threshold`` is written with an empty payload and ``"ref": true``:
+its payload stays on the node that set it, and the others fetch it with ``fetch(node_id, topic)``
+(the node wires it to the transport's ``retained.fetch`` call, answered by ``serve_fetch``).
+
+* A change made on this node (``RetainedStore.on_change``) is queued and written by one greenlet,
+  the latest value per topic, so publishing never waits for etcd.
+* A change seen in etcd is applied to ``broker.retained`` with ``apply_replicated`` (never reported
+  back, so never written again). Changes are applied in etcd's order, this node's own included, so
+  every node ends with the value etcd ended with.
+
+Wills (``WillRegistry``), key ``{prefix}wills/{client}``, value JSON ``{"node", "delay", "msg"}``,
+always with the payload (a will is needed precisely when its owner is gone). The key is not bound
+to a lease: a lease-bound will would be deleted by etcd at the very moment it must be published.
+The owner's liveness is its lease-bound ``nodes/{owner}`` key instead. When that goes, the leader
+publishes each will of the dead node once its delay has passed: ``if mod_revision == seen then
+delete`` in one transaction, and only the caller whose delete succeeded publishes. A live owner that
+publishes a will itself calls ``claim`` first (the same delete), so a will is published once
+cluster-wide (at most once if the publisher dies between its delete and its publish).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import gevent
+from gevent.event import Event
+
+from fluxmq.broker.message import Message
+from fluxmq.errors import ClusterError
+from fluxmq.storage.records import RecordError, decode_message, encode_message
+
+from .client import PrefixMirror, cmp_mod, cmp_value, op_delete
+
+__all__ = ["RetainedReplica", "WillRegistry", "decode_entry", "encode_entry"]
+
+log = logging.getLogger("fluxmq.cluster.replicated")
+
+#: a will larger than this is not replicated (etcd refuses requests above ~1.5 MiB by default)
+MAX_WILL_BYTES = 1 << 20
+
+
+def encode_entry(node_id: str, message: Message, inline: bool = True, **extra) -> bytes:
+    record = encode_message(message if inline else message.copy(payload=b""))
+    body = {"node": node_id, "size": len(message.payload), "msg": base64.b64encode(record).decode("ascii"), **extra}
+    if not inline:
+        body["ref"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_entry(value: bytes) -> tuple[dict, Message]:
+    """(envelope, message) of an etcd value; raises ValueError when it is not one of ours."""
+    body = json.loads(value)
+    try:
+        topic, payload, qos, retain, props, expires_at, origin = decode_message(base64.b64decode(body["msg"]))
+    except (KeyError, RecordError, TypeError) as exc:
+        raise ValueError(str(exc)) from exc
+    return body, Message(topic, payload, qos, retain, props, expires_at, origin)
+
+
+class RetainedReplica:
+    """Mirrors this node's retained changes to etcd and applies the other nodes' to ``broker.retained``."""
+
+    def __init__(self, meta, broker, threshold: int, fetch: Callable[[str, str], bytes]) -> None:
+        self.meta = meta
+        self.store = broker.retained
+        self.threshold = threshold
+        self.fetch = fetch
+        self.node_id = meta.node_id
+        self.prefix = meta.prefix + "retained/"
+        self._pending: dict[str, Message | None] = {}  # topic -> latest local change not yet in etcd
+        self._own_large: dict[str, Message] = {}  # payloads this node serves to the others
+        self._writing: tuple[str, Message | None] | None = None  # the change being written now
+        self._wake = Event()
+        self._writer: gevent.Greenlet | None = None
+        self._mirror: PrefixMirror | None = None
+        self._joined = False
+        self.written = 0
+        self.applied = 0
+        self.fetched = 0
+        self.fetch_failures = 0
+        self.write_failures = 0
+
+    def start(self) -> None:
+        """Read what etcd holds (applied here), then follow both ways. Local topics etcd lacks are
+        written to etcd the first time this node's store joins the cluster; at later starts etcd is
+        the truth and they are removed (another node cleared them while this one was down)."""
+        self._mirror = mirror = PrefixMirror(self.meta.client, self.prefix, self._changed, name="retained")
+        mirror.start()
+        membership = self.meta.membership
+        self._joined = bool(membership.read_state().get("retained_joined")) if membership is not None else False
+        for topic, message in list(self.store.items()):
+            if topic.startswith("$") or self.prefix + topic in mirror.items:
+                continue
+            if self._joined:
+                self.store.apply_replicated(topic, None)
+            else:
+                self._pending[topic] = message
+        self.store.on_change = self._local_change
+        self._writer = gevent.spawn(self._write_loop)
+        self._wake.set()
+
+    def stop(self) -> None:
+        self.store.on_change = None
+        if self._writer is not None:
+            self._writer.kill(block=True, timeout=5)
+        if self._mirror is not None:
+            self._mirror.stop()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every local change is in etcd (tests, graceful stop); True when it is."""
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        return not self._pending
+
+    # -- this node -> etcd -------------------------------------------------------------------------
+    def _local_change(self, topic: str, message: Message | None) -> None:
+        if topic.startswith("$"):
+            return  # $SYS and other broker-internal topics are per node
+        self._pending.pop(topic, None)  # re-insert: written in the order of the latest change
+        self._pending[topic] = message
+        self._wake.set()
+
+    def _write_loop(self) -> None:
+        pause = 0.1
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                topic, message = next(iter(self._pending.items()))
+                self._writing = (topic, message)
+                try:
+                    self._write(topic, message)
+                except ClusterError as exc:
+                    self.write_failures += 1
+                    log.warning("retained_write_failed", extra={"topic": topic, "error": str(exc), "retry_in": pause})
+                    gevent.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+                finally:
+                    self._writing = None
+                pause = 0.1
+                if self._pending.get(topic, 0) is message:  # no newer change arrived meanwhile
+                    del self._pending[topic]
+                self.written += 1
+            if not self._joined and self.meta.membership is not None:
+                self._joined = True  # this store's topics are in etcd: from now on etcd is the truth
+                self.meta.membership.write_state(retained_joined=True)
+
+    def _write(self, topic: str, message: Message | None) -> None:
+        key = self.prefix + topic
+        if message is None:
+            self._own_large.pop(topic, None)
+            self.meta.client.delete(key)
+            return
+        inline = len(message.payload) <= self.threshold
+        if inline:
+            self._own_large.pop(topic, None)
+        else:
+            self._own_large[topic] = message
+        self.meta.client.put(key, encode_entry(self.node_id, message, inline))
+
+    # -- etcd -> this node -------------------------------------------------------------------------
+    def _newer_local(self, topic: str) -> bool:
+        """A local change of ``topic`` waits that etcd has not seen yet (not the one being written:
+        its echo may arrive before its put returns)."""
+        if topic not in self._pending:
+            return False
+        writing = self._writing
+        return writing is None or writing[0] != topic or self._pending[topic] is not writing[1]
+
+    def _changed(self, key: str, kv: dict | None, old: dict | None) -> None:
+        topic = key[len(self.prefix):]
+        if kv is None:
+            if not self._newer_local(topic):
+                self.store.apply_replicated(topic, None)
+                self.applied += 1
+            return
+        try:
+            body, message = decode_entry(kv["value"])
+        except ValueError as exc:
+            log.warning("retained_entry_unreadable", extra={"key": key, "error": str(exc)})
+            return
+        node = body.get("node", "")
+        if node == self.node_id:
+            if self._newer_local(topic):
+                return  # a newer local change is on its way to etcd
+            if body.get("ref"):
+                own = self._own_large.get(topic)
+                if own is None:
+                    return  # our payload from an earlier run: the local store holds it
+                message = own
+        elif body.get("ref"):
+            gevent.spawn(self._fetch_and_apply, node, topic, message, kv["mod_revision"])
+            return
+        self.store.apply_replicated(topic, message.copy(retain=True))
+        self.applied += 1
+
+    def _fetch_and_apply(self, node: str, topic: str, message: Message, revision: int) -> None:
+        try:
+            payload = self.fetch(node, topic)
+        except Exception as exc:
+            self.fetch_failures += 1
+            log.warning("retained_fetch_failed", extra={"node": node, "topic": topic, "error": repr(exc)})
+            return
+        current = self._mirror.items.get(self.prefix + topic) if self._mirror is not None else None
+        if current is None or current["mod_revision"] != revision or self._newer_local(topic):
+            return  # superseded while we fetched
+        if not payload:
+            return  # the owner no longer has it; its clear will follow
+        self.fetched += 1
+        self.store.apply_replicated(topic, message.copy(payload=payload, retain=True))
+        self.applied += 1
+
+    def serve_fetch(self, topic: str) -> bytes:
+        """The payload of a large retained message this node set (b"" when it has none)."""
+        message = self._own_large.get(topic) or self.store.get(topic)
+        return message.payload if message is not None else b""
+
+
+class WillRegistry:
+    """Pending wills in etcd; the leader publishes the wills of dead nodes exactly once."""
+
+    def __init__(self, meta, publish: Callable[[Message], object], sweep_interval: float = 1.0) -> None:
+        self.meta = meta
+        self.publish = publish
+        self.node_id = meta.node_id
+        self.prefix = meta.prefix + "wills/"
+        self.sweep_interval = sweep_interval
+        self._mine: dict[str, bytes] = {}  # client -> the value this node wrote (and still holds)
+        self._local_only: set[str] = set()  # wills too large to share: this node alone publishes them
+        self._orphaned: dict[str, float] = {}  # key -> when its owner was first seen dead
+        self._mirror: PrefixMirror | None = None
+        self._sweeper: gevent.Greenlet | None = None
+        self._wake = Event()
+        self.published = 0
+        self.lost_races = 0
+
+    def start(self) -> None:
+        self._mirror = PrefixMirror(self.meta.client, self.prefix, lambda k, kv, old: self._wake.set(), name="wills")
+        self._mirror.start()
+        for key, kv in self._mirror.items.items():  # ours from before a restart: still ours to claim
+            try:
+                body = json.loads(kv["value"])
+            except ValueError:
+                continue
+            if body.get("node") == self.node_id:
+                self._mine[key[len(self.prefix):]] = kv["value"]
+        self.meta.on_members(lambda members: self._wake.set())
+        self.meta.on_leadership(lambda leader: self._wake.set())
+        self._sweeper = gevent.spawn(self._sweep_loop)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.kill(block=True, timeout=5)
+        if self._mirror is not None:
+            self._mirror.stop()
+
+    def key(self, client_id: str) -> str:
+        return self.prefix + client_id
+
+    def put(self, client_id: str, message: Message, delay: float = 0.0) -> bool:
+        """Record the pending will of a session this node owns; False when it is too large to share."""
+        value = encode_entry(self.node_id, message, True, delay=delay)
+        if len(value) > MAX_WILL_BYTES:
+            log.warning("will_not_replicated", extra={"client_id": client_id, "bytes": len(value)})
+            self._local_only.add(client_id)
+            return False
+        self.meta.client.put(self.key(client_id), value)
+        self._mine[client_id] = value
+        self._local_only.discard(client_id)
+        return True
+
+    def cancel(self, client_id: str) -> bool:
+        """The session ended cleanly or its will changed hands: delete our entry only."""
+        self._local_only.discard(client_id)
+        value = self._mine.pop(client_id, None)
+        if value is None:
+            return False
+        ok, _ = self.meta.client.txn([cmp_value(self.key(client_id), value)], [op_delete(self.key(client_id))])
+        return ok
+
+    def claim(self, client_id: str) -> bool:
+        """Before this node publishes a will itself: True when this node may publish it (it deleted its
+        own entry now, or the will was too large to share); False when it is not in etcd under this
+        node any more (the leader published it while this node was taken for dead, or it never was)."""
+        if client_id in self._local_only:
+            self._local_only.discard(client_id)
+            return True
+        value = self._mine.pop(client_id, None)
+        if value is None:
+            return False
+        ok, _ = self.meta.client.txn([cmp_value(self.key(client_id), value)], [op_delete(self.key(client_id))])
+        if not ok:
+            self.lost_races += 1
+        return ok
+
+    def _sweep_loop(self) -> None:
+        while True:
+            self._wake.wait(self.sweep_interval)
+            self._wake.clear()
+            if not self.meta.is_leader:
+                self._orphaned.clear()
+                continue
+            try:
+                self.sweep()
+            except ClusterError as exc:
+                log.warning("will_sweep_failed", extra={"error": str(exc)})
+
+    def sweep(self) -> int:
+        """Publish the due wills of nodes that are not live; returns how many this call published.
+        Safe to run on several nodes at once: each will is published by the one delete that wins."""
+        live = self.meta.members()
+        now = time.monotonic()
+        done = 0
+        for key, kv in list(self._mirror.items.items()):
+            try:
+                body, message = decode_entry(kv["value"])
+            except ValueError:
+                continue
+            if body.get("node") in live:
+                self._orphaned.pop(key, None)
+                continue
+            since = self._orphaned.setdefault(key, now)
+            if now - since < float(body.get("delay", 0) or 0):
+                continue
+            ok, _ = self.meta.client.txn([cmp_mod(key, kv["mod_revision"])], [op_delete(key)])
+            self._orphaned.pop(key, None)
+            if not ok:
+                self.lost_races += 1
+                continue
+            log.info("will_published_for_dead_node", extra={"node": body.get("node"), "client_id": key[len(self.prefix):],
+                                                           "topic": message.topic})
+            self.published += 1
+            done += 1
+            try:
+                self.publish(message)
+            except Exception:
+                log.exception("will_publish_failed")
+        return done

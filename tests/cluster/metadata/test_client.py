@@ -1,0 +1,76 @@
+"""The etcd3gw wrapper: cooperative with the gevent hub without monkey patching, one ClusterError
+per failure, watches that survive compaction (fluxmq/cluster/metadata/client.py)."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from fluxmq.cluster.metadata.client import EtcdClient, PrefixMirror
+from fluxmq.errors import ClusterError
+from tests.cluster.metadata.conftest import wait_for
+from tests.conftest import HOST, free_port
+
+
+def test_an_unreachable_etcd_is_one_cluster_error_naming_it():
+    port = free_port()
+    client = EtcdClient([f"http://{HOST}:{port}"], timeout=0.5)
+    with pytest.raises(ClusterError) as info:
+        client.get("/k")
+    message = str(info.value)
+    assert message.startswith(f"etcd unreachable at http://{HOST}:{port} for 0.5s")
+    assert "\n" not in message
+    assert client.retries >= 1
+
+
+def test_a_watch_and_requests_leave_the_hub_running(etcd_server, etcd_prefix):
+    """Without monkey patching: a greenlet keeps ticking while a watch waits on its stream and while
+    requests are in flight (etcd3gw's own Watcher would block in a thread and call back from it)."""
+    assert not gevent.monkey.is_module_patched("socket")
+    client = EtcdClient([etcd_server.endpoint])
+    seen = []
+    mirror = PrefixMirror(client, etcd_prefix, lambda key, kv, old: seen.append((key, kv and kv["value"])))
+    mirror.start()
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
+    try:
+        gevent.sleep(0.3)  # the watch greenlet is parked on its stream meanwhile
+        assert len(ticks) >= 10
+        for i in range(10):
+            client.put(f"{etcd_prefix}k{i}", str(i))
+        assert wait_for(lambda: len(seen) == 10)
+        assert seen[-1] == (f"{etcd_prefix}k9", b"9")
+    finally:
+        ticker.kill()
+        mirror.stop()
+
+
+def test_a_watch_resyncs_after_its_revision_was_compacted(etcd_server, etcd_prefix):
+    client = EtcdClient([etcd_server.endpoint])
+    changes = []
+    mirror = PrefixMirror(client, etcd_prefix, lambda key, kv, old: changes.append((key, kv is not None)))
+    client.put(etcd_prefix + "gone", "1")
+    mirror.start()
+    mirror.stop()  # the mirror misses what follows
+    client.delete(etcd_prefix + "gone")
+    client.put(etcd_prefix + "new", "2")
+    revision = client.put(etcd_prefix + "new", "3")
+    client.post("kv/compaction", {"revision": str(revision), "physical": True})
+    changes.clear()
+    mirror._stopped = False
+    mirror._greenlet = gevent.spawn(mirror._run)  # resume from the (now compacted) revision
+    try:
+        assert wait_for(lambda: mirror.resyncs >= 1)
+        assert wait_for(lambda: set(mirror.items) == {etcd_prefix + "new"})
+        assert (etcd_prefix + "gone", False) in changes
+        assert mirror.items[etcd_prefix + "new"]["value"] == b"3"
+    finally:
+        mirror.stop()
+
+
+def test_requests_retry_on_the_next_endpoint(etcd_server, etcd_prefix):
+    dead = f"http://{HOST}:{free_port()}"
+    client = EtcdClient([dead, etcd_server.endpoint], timeout=3.0)
+    client.put(etcd_prefix + "x", "1")
+    assert client.get(etcd_prefix + "x")["value"] == b"1"
+    assert client.retries == 1

@@ -1,0 +1,117 @@
+"""The supervised etcd member: three nodes' members form one etcd cluster; a member that dies is
+restarted; stop ends it by its PID (fluxmq/cluster/metadata/member.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import gevent
+
+from fluxmq.cluster.metadata.client import EtcdClient
+from fluxmq.cluster.metadata.config import EtcdSettings
+from fluxmq.cluster.metadata.member import EtcdMember
+from fluxmq.errors import ClusterError
+from tests.cluster.metadata.conftest import wait_for
+from tests.conftest import HOST, free_port
+
+
+def _members(tmp_path: Path, count: int) -> list[EtcdMember]:
+    ports = [(free_port(), free_port()) for _ in range(count)]
+    initial = ",".join(f"m{i}=http://{HOST}:{peer}" for i, (peer, _) in enumerate(ports))
+    return [EtcdMember(EtcdSettings(data_dir=str(tmp_path / f"m{i}" / "etcd"), bind_addr=f"{HOST}:{peer}",
+                                    client_addr=f"{HOST}:{client}", initial_cluster=initial), f"m{i}")
+            for i, (peer, client) in enumerate(ports)]
+
+
+def _answers(client: EtcdClient) -> bool:
+    try:
+        client.range("/", keys_only=True)
+        return True
+    except ClusterError:
+        return False
+
+
+def test_three_members_form_one_cluster_and_a_dead_one_is_restarted(tmp_path):
+    members = _members(tmp_path, 3)
+    try:
+        for member in members:
+            member.start()
+        clients = [EtcdClient(m.settings.client_endpoints(), timeout=2.0) for m in members]
+        assert wait_for(lambda: all(_answers(c) for c in clients), timeout=60)
+        clients[0].put("/shared", "from-m0")
+        assert wait_for(lambda: clients[2].get("/shared") is not None)
+        assert clients[2].get("/shared")["value"] == b"from-m0"
+        status = clients[1].post("cluster/member/list", {})
+        assert sorted(m["name"] for m in status["members"]) == ["m0", "m1", "m2"]
+
+        victim = members[1]
+        old_pid = victim.pid
+        os.kill(old_pid, signal.SIGKILL)
+        assert wait_for(lambda: victim.restarts == 1 and victim.pid not in (None, old_pid), timeout=20)
+        assert wait_for(lambda: _answers(clients[1]), timeout=30)
+        assert clients[1].get("/shared")["value"] == b"from-m0"  # same data dir, same cluster
+    finally:
+        pids = [m.pid for m in members]
+        for member in members:
+            member.stop()
+    for pid in pids:
+        assert pid is None or not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_member_left_by_a_killed_node_is_stopped_at_the_next_start(tmp_path):
+    (first,) = _members(tmp_path, 1)
+    first.start()
+    leftover = first.pid
+    first._supervisor.kill()
+    first.proc = None  # the node died without stopping it: only the PID file knows it
+    second = EtcdMember(first.settings, first.name)
+    try:
+        second.start()
+        assert wait_for(lambda: not Path(f"/proc/{leftover}").exists() or _zombie(leftover), timeout=15)
+        client = EtcdClient(second.settings.client_endpoints(), timeout=2.0)
+        assert wait_for(lambda: _answers(client), timeout=30)
+    finally:
+        second.stop()
+        if Path(f"/proc/{leftover}").exists() and not _zombie(leftover):
+            os.kill(leftover, signal.SIGKILL)
+        gevent.sleep(0)
+
+
+def test_a_node_keeps_its_sessions_when_its_member_is_killed_and_restarted(tmp_path):
+    from fluxmq.cluster.metadata import ClusterMetadata
+
+    settings = EtcdSettings(data_dir=str(tmp_path / "etcd"), bind_addr=f"{HOST}:{free_port()}",
+                            client_addr=f"{HOST}:{free_port()}", lease_ttl=10, start_timeout=30)
+    meta = ClusterMetadata(settings, "solo", "127.0.0.1:1", state_dir=tmp_path)
+    meta.start()
+    member_pids = []
+    try:
+        assert meta.acquire_session("kept") is None
+        first = meta.member.pid
+        member_pids.append(first)
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: meta.member.restarts == 1 and meta.member.pid not in (None, first), timeout=20)
+        member_pids.append(meta.member.pid)
+
+        def owned() -> bool:
+            try:
+                return meta.owned_by("kept") == "solo"
+            except ClusterError:
+                return False
+
+        assert wait_for(owned, timeout=30)
+        assert meta.ready == (True, "")
+        assert meta.acquire_session("new") is None
+    finally:
+        meta.stop()
+    for pid in member_pids:
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
