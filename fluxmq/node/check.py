@@ -51,6 +51,9 @@ def start_problems(config: Any) -> list[ConfigError]:
     for surface, _ in surfaces:
         attempt(lambda surface=surface: _https_handshake(config, surface))
     attempt(lambda: check_admin_exposure(config.server.admin.addr, os.environ.get(TOKEN_ENV) or None))
+    from fluxmq.replication.config import replication_problems
+
+    problems.extend(replication_problems(config))
     return problems
 
 
