@@ -21,7 +21,7 @@ from fluxmq.storage.queue_log import encode_record
 class ReplicatedQueueLog(QueueLog):
     """The log of one replicated queue (see the module docstring)."""
 
-    def __init__(self, name: str, store, group, config, stored=None) -> None:
+    def __init__(self, name: str, store, group, config, stored=None, stream: bool = False) -> None:
         if stored is None:
             super().__init__(name, store)
         else:
@@ -35,6 +35,7 @@ class ReplicatedQueueLog(QueueLog):
             for gname, g in stored.groups.items():
                 self.progress[gname] = [g.floor, set(g.settled)]
         self._truncating = 0  # highest ``below`` of a truncate staged and not yet applied
+        self.stream = stream  # a stream's group floor is a cursor (it may move back)
 
     # -- the queue-log interface (writes become commands) ----------------------------------------
 
@@ -91,20 +92,33 @@ class ReplicatedQueueLog(QueueLog):
         self.next = offset
 
     def apply_commit(self, group: str, floor: int, settled, unsettled) -> None:
-        QueueLog.commit(self, group, floor, settled, unsettled)
+        """Merge a group's progress: settled offsets only accumulate and a work queue's floor only
+        rises, whichever node computed it (a late subscriber on a follower registers the group at
+        an older floor; an ex-leader's member acks from stale state). A stream's floor is its
+        cursor and may move back (a seek)."""
         prog = self.progress.get(group)
         if prog is None:
             prog = self.progress[group] = [floor, set()]
-        for off in unsettled:
-            prog[1].discard(off)
+            QueueLog.commit(self, group, floor)
+        store = self.store
         if settled is not None:
-            if settled >= prog[0]:
+            if settled >= prog[0] and settled not in prog[1]:
                 prog[1].add(settled)
-        elif floor > prog[0]:
+                store.settle(self.name, group, settled, True)
+            floor = prog[0] if floor < prog[0] else floor
+        if floor > prog[0] or (self.stream and floor != prog[0] and settled is None):
             prog[0] = floor
-            prog[1] = {off for off in prog[1] if off >= floor}
-        elif floor < prog[0] and not prog[1]:
-            prog[0] = floor  # a stream group's seek back
+            gone = sorted(off for off in prog[1] if off < floor)
+            for off in gone:
+                prog[1].discard(off)
+                store.settle(self.name, group, off, False)
+            store.put_group(self.name, group, floor)
+            # a settled offset the floor just reached moves the floor on (as ConsumerGroup.settle does)
+            while prog[0] in prog[1]:
+                prog[1].discard(prog[0])
+                store.settle(self.name, group, prog[0], False)
+                prog[0] += 1
+                store.put_group(self.name, group, prog[0])
 
     def apply_truncate(self, below: int) -> None:
         QueueLog.truncate(self, below, max(0, below - self.first))

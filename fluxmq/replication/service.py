@@ -139,7 +139,7 @@ class RaftService:
         if p is None:
             return _NotHeldLog(name, store, stored)
         group = self.groups[p.key]
-        qlog = ReplicatedQueueLog(name, store, group, config.replication, stored)
+        qlog = ReplicatedQueueLog(name, store, group, config.replication, stored, config.type == "stream")
         group.logs[name] = qlog
         return qlog
 
@@ -165,10 +165,20 @@ class RaftService:
 
     def _applied(self, qlog) -> None:
         manager = self.manager
-        if manager is None or not qlog.delivering:
+        if manager is None:
             return
         q = manager.queues.get(qlog.name)
-        if q is not None:
+        if q is None:
+            return
+        if len(qlog.progress) > len(q.groups):
+            # A group registered through another node: known here too, so retention on the
+            # leader never deletes what it has not settled.
+            from fluxmq.queues.group import ConsumerGroup
+
+            for gname, (floor, settled) in qlog.progress.items():
+                if gname not in q.groups:
+                    q.groups[gname] = ConsumerGroup(q, gname, floor, set(settled))
+        if qlog.delivering:
             manager.kick_soon(q)
 
     def _took_over(self, group: RaftGroup) -> None:
@@ -205,6 +215,7 @@ class _NotHeldLog(ReplicatedQueueLog):
         QueueLog.__init__(self, name, store)
         self.progress = {}
         self._truncating = 0
+        self.stream = False
 
     @property
     def delivering(self) -> bool:  # type: ignore[override]
