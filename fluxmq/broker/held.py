@@ -43,3 +43,18 @@ class HeldAck:
                 cb(error)
             except Exception:  # one connection's failure must not keep the others' acks
                 log.exception("held_ack_callback_failed")
+
+
+def wait_held(result, timeout: float = 30.0) -> Exception | None:
+    """For front ends without a connection (HTTP bridge, CoAP): block this greenlet (never the hub)
+    until ``result`` of ``Broker.publish`` is settled when it is a HeldAck; its error, else None."""
+    if result.__class__ is not HeldAck:
+        return None
+    from gevent.event import AsyncResult
+
+    done = AsyncResult()
+    result.add(done.set)
+    try:
+        return done.get(timeout=timeout)
+    except Exception:  # gevent.Timeout
+        return TimeoutError(f"not replicated within {timeout}s")

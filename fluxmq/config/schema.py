@@ -275,9 +275,10 @@ class GroupsMap(ValueType):
     def __init__(self, item: Fields) -> None:
         self.item = item
 
-    def from_yaml(self, value: object, path: str = "") -> dict[str, dict]:
+    def from_yaml(self, value: object, path: str = "") -> list[dict]:
+        # A list of {name, fields...}, not a dict: the loader would read a dict value as a section.
         if value is None:
-            return {}
+            return []
         if not isinstance(value, dict):
             raise ItemError(path, None, "expected a mapping of group name -> {bind_addr, peers}")
         out = {}
@@ -285,9 +286,9 @@ class GroupsMap(ValueType):
             if not isinstance(name, str) or not name or any(ch in name for ch in "/+#\x00"):
                 raise ItemError(f"{path}.{name}", None, "a group name is one topic level (no /, + or #)")
             out[str(name)] = self.item.from_yaml(item, f"{path}.{name}")
-        return out
+        return [{"name": name, **fields} for name, fields in out.items()]
 
-    def from_text(self, text: str) -> dict:
+    def from_text(self, text: str) -> list[dict]:
         import json
 
         try:
@@ -624,7 +625,8 @@ KEYS: tuple[Key, ...] = (
     Key("queues", FieldsList(QUEUE_ITEM, "list of queues", unique="name"), [],
         "Durable queues: {name, topics, type, partitions, max_inflight, visibility_timeout, retention{max_age, "
         "max_length_messages, max_length_bytes, compact}, limits{max_message_size, max_depth, message_ttl}, "
-        "retry{max_retries, initial_backoff, max_backoff, multiplier}, dlq{enabled, topic}} (docs/queues.rst)."),
+        "retry{max_retries, initial_backoff, max_backoff, multiplier}, dlq{enabled, topic}, replication{enabled, group, "
+        "mode, replication_factor, min_in_sync_replicas, ack_timeout}} (docs/queues.rst, docs/replication.rst)."),
     Key("log.level", Enum("trace", "debug", "info", "warn", "warning", "error", ignore_case=True), "info",
         "Least severe level written (warn = warning; trace is below debug)."),
     Key("log.debug", Bool(), False, "Hard override: log at debug whatever log.level says (also FLUXMQ_DEBUG=true)."),

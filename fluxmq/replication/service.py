@@ -53,7 +53,7 @@ def plan(raft, queue_configs, origin=lambda key: "") -> tuple[dict[str, GroupPla
     Raises ConfigError naming the key for an impossible request."""
     base_self = raft.bind_addr
     base_members = tuple(sorted(set(raft.peers) | {base_self}))
-    declared = dict(raft.groups)
+    declared = {g["name"]: g for g in raft.groups}
     groups: dict[str, tuple[str, tuple[str, ...]]] = {}
     if "default" in declared:
         d = declared["default"]
