@@ -162,7 +162,9 @@ class RaftGroup:
     def status(self) -> dict:
         node = self._node
         out = {"name": self.name, "self": self.self_addr, "peers": self.peers, "leader": self.leader(),
-               "delivering": self.delivering, "applied": self.applied, **self.stats}
+               "delivering": self.delivering, "applied": self.applied, **self.stats,
+               "queues": {name: {"first": q.first, "next": q.next, "count": q.count}
+                          for name, q in self.logs.items()}}
         if node is not None:
             st = node.getStatus()
             out.update(term=st["raft_term"], commit_index=st["commit_idx"], has_quorum=st["has_quorum"],

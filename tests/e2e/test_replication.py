@@ -368,3 +368,58 @@ def test_config_errors_name_the_key_and_the_file(node_factory, text: str, key: s
     assert node.wait(20) not in (None, 0)
     log_text = node.log_text()
     assert key in log_text and str(node.config_path) in log_text, node.log_tail()
+
+
+def _restart(node_factory, node):
+    """Start the node again on its config and data directory (a new log file)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, RunningNode
+
+    log_path = node.log_path.with_name("node-restarted.log")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
+                                   cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
+    again.raft_addr = node.raft_addr
+    node_factory.nodes.append(again)
+    again.wait_ready()
+    return again
+
+
+def _publish_acked(node, name: str, n: int, prefix: bytes) -> int:
+    c = client5(node, name)
+    codes: list = []
+    c.on_publish = lambda cl, u, mid, rc, props: codes.append(rc)
+    for i in range(n):
+        c.publish(f"$queue/{QUEUE}/k", prefix + b"%d" % i, qos=1)
+    deadline = time.monotonic() + 30
+    while len(codes) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.loop_stop()
+    c.disconnect()
+    return sum(1 for rc in codes if not rc.is_failure)
+
+
+def test_a_replica_killed_and_restarted_catches_up_without_applying_twice(node_factory) -> None:
+    nodes = start_cluster(node_factory)
+    leader = wait_leader(nodes)
+    follower = (leader + 1) % 3
+    assert _publish_acked(nodes[leader], "before", 300, b"a") == 300
+    nodes[follower].kill()  # kill -9 after it applied (its journal and LMDB hold the first 300)
+    assert _publish_acked(nodes[leader], "while-away", 300, b"b") == 300
+    nodes[follower] = _restart(node_factory, nodes[follower])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = [raft_status(n) for n in nodes]
+        if all(st is not None for st in states) and len({st["applied"] for st in states}) == 1:
+            break
+        time.sleep(0.2)
+    queues = [st["queues"][QUEUE] for st in states]
+    assert len({st["applied"] for st in states}) == 1, states
+    # The same records on every replica: the 300 applied before the kill were not appended again.
+    assert queues[0] == queues[1] == queues[2] and queues[0]["next"] == 600, queues
