@@ -79,6 +79,7 @@ class RaftGroup:
         self.owner: str | None = None  # node whose claim was applied last
         self.on_applied = on_applied  # (queue log) -> None: kick deliveries
         self.on_delivering = on_delivering  # (group) -> None: this node took over delivery
+        self.on_unknown = None  # (queue name) -> its log or None: a queue this node has not made yet
         self._ops: list = []
         self._holds: list = []  # (HeldAck, timeout) of this turn's sync writes
         self._hold: HeldAck | None = None
@@ -277,6 +278,8 @@ class RaftGroup:
                 self._apply_claim(op[1])
                 continue
             qlog = self.logs.get(op[1])
+            if qlog is None and self.on_unknown is not None:
+                qlog = self.on_unknown(op[1])  # made on another node first (a DLQ): made here too
             if qlog is None:
                 log.warning("raft_op_for_unknown_queue", extra={"group": self.name, "queue": op[1], "op": kind})
                 continue

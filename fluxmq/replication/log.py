@@ -35,6 +35,7 @@ class ReplicatedQueueLog(QueueLog):
             for gname, g in stored.groups.items():
                 self.progress[gname] = [g.floor, set(g.settled)]
         self._truncating = 0  # highest ``below`` of a truncate staged and not yet applied
+        self._truncate_retry = 0.0
         self.stream = stream  # a stream's group floor is a cursor (it may move back)
 
     # -- the queue-log interface (writes become commands) ----------------------------------------
@@ -64,9 +65,11 @@ class ReplicatedQueueLog(QueueLog):
 
     def truncate(self, below: int, limit: int) -> int:
         stop = min(below, self.first + limit, self.next)
-        if stop <= self.first or stop <= self._truncating:
-            return 0
+        now = time.monotonic()
+        if stop <= self.first or (stop <= self._truncating and now < self._truncate_retry):
+            return 0  # staged already (retention asks every tick); again if it was never applied
         self._truncating = stop
+        self._truncate_retry = now + 2 * self.config.ack_timeout
         self.group.stage(("t", self.name, stop))
         return 0  # counted when applied
 

@@ -123,8 +123,10 @@ class RaftService:
         self.plans, self.queue_plans = plan(raft, queue_configs, origin)
         self.groups: dict[str, RaftGroup] = {}
         for key, p in self.plans.items():
-            self.groups[key] = RaftGroup(key, p.self_addr, list(p.members), data_dir, store, raft.write_policy,
-                                         on_applied=self._applied, on_delivering=self._took_over)
+            group = self.groups[key] = RaftGroup(key, p.self_addr, list(p.members), data_dir, store,
+                                                 raft.write_policy, on_applied=self._applied,
+                                                 on_delivering=self._took_over)
+            group.on_unknown = self._unknown_queue
         self.manager = None
 
     # -- the queue manager's log factory ---------------------------------------------------------
@@ -133,13 +135,20 @@ class RaftService:
         from fluxmq.queues.manager import _local_log
 
         config = self.configs.get(name)
+        plan_name = name
+        if config is None and name.endswith(".dlq"):
+            # The dead-letter queue of a replicated queue is replicated with it (same group, mode).
+            base = self.configs.get(name[:-4])
+            if base is not None and base.replication.enabled:
+                config, plan_name = base, base.name
         if config is None or not config.replication.enabled:
             return _local_log(name, store, stored)
-        p = self.queue_plans.get(name)
+        p = self.queue_plans.get(plan_name)
         if p is None:
             return _NotHeldLog(name, store, stored)
         group = self.groups[p.key]
-        qlog = ReplicatedQueueLog(name, store, group, config.replication, stored, config.type == "stream")
+        qlog = ReplicatedQueueLog(name, store, group, config.replication, stored,
+                                  config.type == "stream" and plan_name == name)
         group.logs[name] = qlog
         return qlog
 
@@ -162,6 +171,13 @@ class RaftService:
         return [g.status() for g in self.groups.values()]
 
     # -- callbacks from the groups ---------------------------------------------------------------
+
+    def _unknown_queue(self, name: str):
+        manager = self.manager
+        if manager is None:
+            return None
+        q = manager.queue(name, create=True)
+        return q.log if isinstance(q.log, ReplicatedQueueLog) and not isinstance(q.log, _NotHeldLog) else None
 
     def _applied(self, qlog) -> None:
         manager = self.manager
@@ -215,6 +231,7 @@ class _NotHeldLog(ReplicatedQueueLog):
         QueueLog.__init__(self, name, store)
         self.progress = {}
         self._truncating = 0
+        self._truncate_retry = 0.0
         self.stream = False
 
     @property

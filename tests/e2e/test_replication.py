@@ -423,3 +423,30 @@ def test_a_replica_killed_and_restarted_catches_up_without_applying_twice(node_f
     assert len({st["applied"] for st in states}) == 1, states
     # The same records on every replica: the 300 applied before the kill were not appended again.
     assert queues[0] == queues[1] == queues[2] and queues[0]["next"] == 600, queues
+
+
+def test_a_rejected_message_reaches_the_replicated_dlq_on_every_replica(node_factory) -> None:
+    nodes = start_cluster(node_factory)
+    leader = wait_leader(nodes)
+    got = threading.Event()
+    ids: list = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="rejecter", protocol=mqtt.MQTTv5)
+    c.on_message = lambda cl, u, m: (ids.append(dict(m.properties.UserProperty)), got.set())
+    c.connect(nodes[leader].host, nodes[leader].mqtt_port)
+    c.loop_start()
+    props = Properties(PacketTypes.SUBSCRIBE)
+    props.UserProperty = [("consumer-group", "g")]
+    c.subscribe(f"$queue/{QUEUE}", qos=1, properties=props)
+    assert _publish_acked(nodes[(leader + 1) % 3], "dlq-prod", 1, b"bad") == 1
+    assert got.wait(10)
+    rej = Properties(PacketTypes.PUBLISH)
+    rej.UserProperty = [("message-id", ids[0]["message-id"]), ("group-id", "g"), ("reason", "poison")]
+    c.publish(f"$queue/{QUEUE}/$reject", b"", qos=1, properties=rej).wait_for_publish(10)
+    c.loop_stop()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        counts = [(raft_status(n)["queues"].get(f"{QUEUE}.dlq") or {}).get("count") for n in nodes]
+        if counts == [1, 1, 1]:
+            break
+        time.sleep(0.2)
+    assert counts == [1, 1, 1], counts
