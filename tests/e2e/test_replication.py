@@ -246,7 +246,6 @@ def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory) -> N
                  if p in acked_at and t > acked_at[p]]
         assert not again, f"{len(again)} deliveries after the message's ack, e.g. {again[:3]}"
         assert new_leader in survivors
-        print("STATS", leader, new_leader, len(producer.refusals), set(producer.refusals), {i: (len(c.received), len(c.acked)) for i, c in consumers.items()}, round(time.monotonic() - killed_at, 2))
     finally:
         producer.stop()
         for i, c in consumers.items():
@@ -450,3 +449,20 @@ def test_a_rejected_message_reaches_the_replicated_dlq_on_every_replica(node_fac
             break
         time.sleep(0.2)
     assert counts == [1, 1, 1], counts
+
+
+def test_an_http_publish_to_a_replicated_queue_answers_after_the_quorum(node_factory) -> None:
+    from tests.e2e.test_http_bridge import publish_json
+
+    nodes = start_cluster(node_factory)
+    leader = wait_leader(nodes)
+    follower = nodes[(leader + 1) % 3]
+    status, body = publish_json(follower, {"topic": f"$queue/{QUEUE}/k", "payload": "over http", "qos": 1})
+    assert status == 200, body
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counts = [raft_status(n)["queues"][QUEUE]["count"] for n in nodes]
+        if counts == [1, 1, 1]:
+            break
+        time.sleep(0.1)
+    assert counts == [1, 1, 1]
