@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import gevent
 from gevent import monkey
@@ -42,6 +43,10 @@ RAFT_MIN_TIMEOUT = 0.4
 RAFT_MAX_TIMEOUT = 1.2
 CONNECTION_TIMEOUT = 2.0
 LEADER_FALLBACK_TIMEOUT = 1.5  # a leader cut off from the majority steps down after this
+#: entries submitted and not yet committed before the next one waits (adaptive batching)
+MAX_IN_FLIGHT = 2
+#: an entry without an answer for this long no longer holds the next ones back
+IN_FLIGHT_PATIENCE = 1.0
 
 
 def _make_node_class():
@@ -81,7 +86,9 @@ class RaftGroup:
         self.on_delivering = on_delivering  # (group) -> None: this node took over delivery
         self.on_unknown = None  # (queue name) -> its log or None: a queue this node has not made yet
         self._ops: list = []
-        self._holds: list = []  # (HeldAck, timeout) of this turn's sync writes
+        self._holds: list = []  # (HeldAck, timer) of the staged sync writes
+        self._in_flight: dict[int, float] = {}  # entries submitted -> when, until their callback
+        self._seq = 0
         self._hold: HeldAck | None = None
         self._scheduled = False
         self._claimed_term = -1
@@ -131,7 +138,8 @@ class RaftGroup:
                 node._doDestroy()
             except Exception:
                 log.exception("raft_group_stop_failed", extra={"group": self.name})
-        for held, _ in self._holds:
+        for held, timer in self._holds:
+            timer.stop()
             held.resolve(refused("the node is stopping", 0x80))
         self._holds = []
 
@@ -216,50 +224,68 @@ class RaftGroup:
     def stage_append(self, queue: str, blob: bytes) -> None:
         ops = self._ops
         if ops and ops[-1][0] == "a" and ops[-1][1] == queue:
-            ops[-1][2].append(blob)  # one batch per queue per turn
+            ops[-1][2].append(blob)  # one batch per queue per entry
             return
         self.stage(("a", queue, [blob]))
 
     def turn_hold(self, timeout: float) -> HeldAck:
-        """The HeldAck of this turn's entry: resolved when it is committed (or refused)."""
+        """The HeldAck of the next entry: resolved when it is committed, refused on a failure or
+        after ``timeout`` (counted from now)."""
         held = self._hold
         if held is None:
             held = self._hold = HeldAck()
-            self._holds.append((held, timeout))
+            timer = gevent.get_hub().loop.timer(timeout)
+            timer.start(self._timed_out, held, timeout)
+            self._holds.append((held, timer))
+            if not self._scheduled:
+                self._scheduled = True
+                gevent.get_hub().loop.run_callback(self._submit)
         return held
 
     def _submit(self) -> None:
+        """Submit what is staged as one entry, unless MAX_IN_FLIGHT entries wait for their commit:
+        then the staged operations wait for the next commit and travel together (the batch grows
+        with the load; an idle group submits at once)."""
         self._scheduled = False
+        if not self._ops:
+            # Held for nothing staged (an ack of what was settled already): nothing to wait for.
+            holds, self._holds = self._holds, []
+            self._hold = None
+            for held, timer in holds:
+                timer.stop()
+                held.resolve(None)
+            return
+        now = time.monotonic()
+        if len(self._in_flight) >= MAX_IN_FLIGHT and now - min(self._in_flight.values()) < IN_FLIGHT_PATIENCE:
+            return  # _done submits them
         ops, self._ops = self._ops, []
         holds, self._holds = self._holds, []
         self._hold = None
-        if not ops:
-            for held, _ in holds:
-                held.resolve(None)
-            return
         if self.write_policy == "local" and not self.is_leader():
-            for held, _ in holds:
+            for held, timer in holds:
+                timer.stop()
                 held.resolve(None)  # write_policy local: acknowledged before replication (not durable)
             holds = []
         self.stats["entries_submitted"] += 1
-        timers = []
-        for held, timeout in holds:
-            timer = gevent.get_hub().loop.timer(timeout)
-            timer.start(self._timed_out, held, timeout)
-            timers.append(timer)
-        self._node.apply(ops, callback=lambda res, err: self._done(holds, timers, err))
+        self._seq += 1
+        seq = self._seq
+        self._in_flight[seq] = now
+        self._node.apply(ops, callback=lambda res, err: self._done(seq, holds, err))
 
-    def _done(self, holds, timers, err) -> None:
-        for timer in timers:
-            timer.stop()
-            timer.close()
+    def _done(self, seq: int, holds, err) -> None:
+        self._in_flight.pop(seq, None)
         if err:
             self.stats["entries_refused"] += 1
             error = refused(f"Raft group {self.name}: the append was not replicated ({_FAIL.get(err, err)})", 0x80)
         else:
             error = None
-        for held, _ in holds:
+        for held, timer in holds:
+            timer.stop()
+            timer.close()
             held.resolve(error)
+        if self._ops and not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._submit)
 
     def _timed_out(self, held: HeldAck, timeout: float) -> None:
         if not held.done:
