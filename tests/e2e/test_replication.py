@@ -466,3 +466,10 @@ def test_an_http_publish_to_a_replicated_queue_answers_after_the_quorum(node_fac
             break
         time.sleep(0.1)
     assert counts == [1, 1, 1]
+    # /metrics gives the same view: who leads, and every replica applied the entry.
+    from tests.e2e.test_metrics import sample, scrape
+
+    for i, n in enumerate(nodes):
+        samples = scrape(n)
+        assert sample(samples, "fluxmq_raft_is_leader", group="default") == (1 if i == leader else 0)
+        assert sample(samples, "fluxmq_raft_entries_applied_total", group="default") >= 1
