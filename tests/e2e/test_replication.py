@@ -266,13 +266,17 @@ def test_minority_refuses_appends_and_never_acknowledges_them(node_factory) -> N
         for pid in nodes[i].worker_pids():
             os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(3.0)  # past the leader's fallback timeout
-        for i in range(20):
-            producer.publish(f"$queue/{QUEUE}/k", b"minority-%d" % i, qos=1 if i < 15 else 2)
+        # At once: the leader does not know yet that it is alone, appends and waits for a commit
+        # that cannot come (the held PUBACK/PUBREC is refused at ack_timeout or when it steps down).
+        for i in range(10):
+            producer.publish(f"$queue/{QUEUE}/k", b"early-%d" % i, qos=1 if i < 5 else 2)
+        time.sleep(3.0)  # past the leader's fallback timeout: refused at once now
+        for i in range(15):
+            producer.publish(f"$queue/{QUEUE}/k", b"minority-%d" % i, qos=1)
         deadline = time.monotonic() + 15
-        while len(outcomes) < 20 and time.monotonic() < deadline:
+        while len(outcomes) < 25 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(outcomes) == 20, f"{len(outcomes)} of 20 publishes answered (QoS 1 and 2)"
+        assert len(outcomes) == 25, f"{len(outcomes)} of 25 publishes answered (QoS 1 and 2)"
         assert all(rc.is_failure for rc in outcomes), [str(rc) for rc in outcomes]
         # QoS 2: PUBREC 0x80/0x97; paho still sends PUBREL and reports the PUBCOMP's 0x92 (the id
         # was forgotten with the refusal): not acknowledged either way.
