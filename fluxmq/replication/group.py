@@ -43,6 +43,9 @@ RAFT_MIN_TIMEOUT = 0.4
 RAFT_MAX_TIMEOUT = 1.2
 CONNECTION_TIMEOUT = 2.0
 LEADER_FALLBACK_TIMEOUT = 1.5  # a leader cut off from the majority steps down after this
+#: a leader delivers only while a majority answered it within this (below RAFT_MIN_TIMEOUT, the
+#: silence after which a follower may start an election)
+DELIVERY_LEASE = 0.3
 #: entries submitted and not yet committed before the next one waits (adaptive batching)
 MAX_IN_FLIGHT = 2
 #: an entry without an answer for this long no longer holds the next ones back
@@ -165,8 +168,19 @@ class RaftGroup:
 
     @property
     def delivering(self) -> bool:
-        """True when this node delivers the group's queues: the leader, once its claim is applied."""
-        return self.owner == self.self_addr and self.is_leader()
+        """True when this node delivers the group's queues: the leader, once its claim is applied,
+        while a majority answered it within DELIVERY_LEASE (a leader lease: a partitioned leader
+        stops delivering before the others can have elected a new one, so two nodes never deliver
+        at once and an ack confirmed by the new leader is not followed by a delivery from the old)."""
+        if self.owner != self.self_addr or not self.is_leader():
+            return False
+        need = len(self.peers) // 2  # answers from other members that make a majority with this one
+        if not need:
+            return True
+        # pysyncobj keeps each member's last answer (monotonic time) privately; read, never written.
+        answered = self._node._SyncObj__lastResponseTime
+        cutoff = time.monotonic() - DELIVERY_LEASE
+        return sum(1 for t in answered.values() if t > cutoff) >= need
 
     def status(self) -> dict:
         node = self._node
