@@ -669,6 +669,10 @@ KEYS: tuple[Key, ...] = (
         "delivers, to consumers connected to it (a warning at start says so)."),
     Key("cluster.raft.groups", GroupsMap(RAFT_GROUP), {},
         "Replication groups: {name: {bind_addr, peers}}; 'default' overrides bind_addr/peers above."),
+    Key("cluster.raft.password", Str(), "",
+        "Shared secret of the Raft transport: pysyncobj then encrypts and authenticates every message "
+        "(Fernet: AES-CBC + HMAC-SHA256, key from PBKDF2); a peer without it cannot join. Not TLS "
+        "(docs/replication.rst). Environment only.", secret=True),
     Key("cluster.raft.tls", NoRaftTLS(), False,
         "Not available: the Raft transport (pysyncobj) has no TLS, so any cluster.raft.tls setting is a "
         "config error rather than a setting silently ignored (docs/replication.rst)."),

@@ -76,7 +76,8 @@ class RaftGroup:
     """One Raft group of this node (see the module docstring)."""
 
     def __init__(self, name: str, self_addr: str, peers: list[str], data_dir: str, store, write_policy: str,
-                 on_applied=None, on_delivering=None) -> None:
+                 on_applied=None, on_delivering=None, password: str = "") -> None:
+        self.password = password or None  # cluster.raft.password: pysyncobj's encrypted transport
         self.name = name
         self.self_addr = self_addr
         self.peers = sorted(set(peers) | {self_addr})
@@ -123,7 +124,7 @@ class RaftGroup:
             journalFile=self.journal, pollerType="select", maxBindRetries=20, bindRetryTime=0.25,
             # No snapshots: they would pickle the object, and the queue state is not in it (module doc).
             logCompactionMinEntries=2 ** 62, logCompactionMinTime=10 ** 12, dynamicMembershipChange=False,
-            onStateChanged=self._state_changed)
+            onStateChanged=self._state_changed, password=self.password)
         self._node = _NODE_CLASS(self, self.self_addr, [p for p in self.peers if p != self.self_addr], conf)
         self._running = True
         self._driver = gevent.spawn(self._drive)

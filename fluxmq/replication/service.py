@@ -125,7 +125,8 @@ class RaftService:
         for key, p in self.plans.items():
             group = self.groups[key] = RaftGroup(key, p.self_addr, list(p.members), data_dir, store,
                                                  raft.write_policy, on_applied=self._applied,
-                                                 on_delivering=self._took_over)
+                                                 on_delivering=self._took_over,
+                                                 password=getattr(raft, "password", ""))
             group.on_unknown = self._unknown_queue
         self.manager = None
 

@@ -479,3 +479,18 @@ def test_an_http_publish_to_a_replicated_queue_answers_after_the_quorum(node_fac
         samples = scrape(n)
         assert sample(samples, "fluxmq_raft_is_leader", group="default") == (1 if i == leader else 0)
         assert sample(samples, "fluxmq_raft_entries_applied_total", group="default") >= 1
+
+
+def test_a_peer_without_the_raft_password_cannot_join(node_factory) -> None:
+    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    secrets = ["right", "right", "wrong"]
+    nodes = [node_factory(config_text=_raft_config(peers[i], peers), wait_ready=False,
+                          env={"FLUXMQ_CLUSTER_RAFT_PASSWORD": secrets[i]}) for i in range(3)]
+    for n in nodes:
+        n.wait_ready()
+    leader = wait_leader(nodes, among=[0, 1])
+    assert _publish_acked(nodes[leader], "with-password", 20, b"p") == 20
+    time.sleep(1.0)
+    outsider = raft_status(nodes[2])
+    assert outsider["leader"] is None and outsider["queues"][QUEUE]["count"] == 0, outsider
+    assert raft_status(nodes[1 - leader])["queues"][QUEUE]["count"] == 20
