@@ -45,9 +45,9 @@ queues:
 """
 
 
-def start_cluster(node_factory, write_policy: str = "forward") -> list:
+def start_cluster(node_factory, write_policy: str = "forward", queue_extra: str = "") -> list:
     peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    nodes = [node_factory(config_text=_raft_config(peers[i], peers, write_policy), wait_ready=False)
+    nodes = [node_factory(config_text=_raft_config(peers[i], peers, write_policy, queue_extra), wait_ready=False)
              for i in range(3)]
     for n in nodes:
         n.wait_ready()
@@ -494,3 +494,39 @@ def test_a_peer_without_the_raft_password_cannot_join(node_factory) -> None:
     outsider = raft_status(nodes[2])
     assert outsider["leader"] is None and outsider["queues"][QUEUE]["count"] == 0, outsider
     assert raft_status(nodes[1 - leader])["queues"][QUEUE]["count"] == 20
+
+
+def test_async_mode_acknowledges_before_any_replica_has_the_entry(node_factory) -> None:
+    """The documented loss window of ``mode: async``: the leader, cut off from both followers and
+    not yet aware of it, acknowledges at once; the same publish to a sync queue is refused."""
+    extra = "  - name: fast\n    replication: {enabled: true, mode: async}\n"
+    nodes = start_cluster(node_factory, queue_extra=extra)
+    leader = wait_leader(nodes)
+    producer = client5(nodes[leader], "async-prod")
+    outcomes: dict[bytes, object] = {}
+    mids: dict[int, bytes] = {}
+    lock = threading.Lock()
+
+    def on_publish(c, u, mid, rc, props) -> None:
+        with lock:
+            outcomes[mids.get(mid, b"?")] = rc
+
+    producer.on_publish = on_publish
+    others = [i for i in range(3) if i != leader]
+    for i in others:
+        for pid in nodes[i].worker_pids():
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        for queue, payload in (("fast", b"async"), (QUEUE, b"sync")):
+            with lock:
+                mids[producer.publish(f"$queue/{queue}/k", payload, qos=1).mid] = payload
+        deadline = time.monotonic() + 15
+        while len(outcomes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not outcomes[b"async"].is_failure  # acknowledged: only the leader's memory has it
+        assert outcomes[b"sync"].is_failure  # never acknowledged without the majority
+    finally:
+        for i in others:
+            for pid in nodes[i].worker_pids():
+                os.kill(pid, signal.SIGCONT)
+        producer.loop_stop()
