@@ -214,6 +214,10 @@ class RaftService:
                 old = q.groups.get(gname)
                 fresh = ConsumerGroup(q, gname, floor, set(settled))
                 if old is not None:
+                    # Deliveries of an earlier leadership are forgotten (their acks find nothing and
+                    # the records go out again: at least once), so no count goes negative.
+                    old.pending.clear()
+                    old.sent.clear()
                     for m in old.members:
                         m.pending = 0
                         m.group = fresh
