@@ -206,12 +206,14 @@ class RaftGroup:
         log.info("raft_state_changed", extra={"group": self.name, "old": old, "new": new})
 
     def _claim(self, term: int) -> None:
-        if self.is_leader():
-            self._node.apply([("o", self.self_addr, term)], callback=self._claim_done)
+        if self.is_leader() and self._node.raftCurrentTerm == term:
+            self._node.apply([("o", self.self_addr, term)], callback=lambda res, err: self._claim_done(term, err))
 
-    def _claim_done(self, res, err) -> None:
+    def _claim_done(self, term: int, err) -> None:
         if err:
-            log.info("raft_claim_failed", extra={"group": self.name, "error": err})
+            log.info("raft_claim_failed", extra={"group": self.name, "error": _FAIL.get(err, err)})
+            if self._running:
+                gevent.spawn_later(0.1, self._claim, term)  # still this term's leader: try again
 
     # -- writes ----------------------------------------------------------------------------------
 
