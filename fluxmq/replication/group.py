@@ -46,6 +46,8 @@ LEADER_FALLBACK_TIMEOUT = 1.5  # a leader cut off from the majority steps down a
 #: a leader delivers only while a majority answered it within this (below RAFT_MIN_TIMEOUT, the
 #: silence after which a follower may start an election)
 DELIVERY_LEASE = 0.3
+#: a tick that holds the hub longer than this is logged (raft_tick_slow)
+SLOW_TICK = 0.05
 #: entries submitted and not yet committed before the next one waits (adaptive batching)
 MAX_IN_FLIGHT = 2
 #: an entry without an answer for this long no longer holds the next ones back
@@ -149,12 +151,22 @@ class RaftGroup:
 
     def _drive(self) -> None:
         node = self._node
+        clock = time.perf_counter
+        logged = 0.0
         while self._running:
+            started = clock()
             try:
                 node.doTick(TICK_WAIT)
             except Exception:
                 log.exception("raft_tick_failed", extra={"group": self.name})
                 gevent.sleep(TICK_WAIT)
+            # A tick that held the hub (its socket wait yields; the Python work around it does not):
+            # logged at most every 10 s, with how long and what was applied.
+            took = clock() - started - TICK_WAIT
+            if took > SLOW_TICK and started - logged > 10.0:
+                logged = started
+                log.warning("raft_tick_slow", extra={"group": self.name, "held_hub_s": round(took, 3),
+                                                     "applied": self.applied})
             gevent.idle()  # between ticks the other greenlets run, even when packets keep coming
 
     # -- state -----------------------------------------------------------------------------------
