@@ -52,6 +52,7 @@ from gevent.pool import Pool
 
 from fluxmq.auth.limits import TokenBucket
 from fluxmq.broker.broker import Broker
+from fluxmq.broker.held import wait_held
 from fluxmq.broker.message import CONTENT_TYPE, Message
 from fluxmq.errors import (
     MalformedDatagram,
@@ -579,7 +580,7 @@ class CoapBridge:
             raise CoapRefusal(codec.SERVICE_UNAVAILABLE, "too many publishes waiting for storage")
         message = Message(topic, payload, qos, retain, props)
         try:
-            broker.publish(message)
+            result = broker.publish(message)
         except QueueRefused as exc:  # $queue/...: no such queue (auto_create off) or the queue is full
             raise CoapRefusal(codec.NOT_FOUND if exc.reason_code == 0x90 else codec.SERVICE_UNAVAILABLE,
                               exc.reason) from None
@@ -590,9 +591,13 @@ class CoapBridge:
             self._answer(req, codec.CHANGED, b"", options)
         else:
             # Acknowledged means stored: answer after the commit holding the message (see the module docs).
-            self.commit_waiters.spawn(self._answer_after_commit, req, options)
+            self.commit_waiters.spawn(self._answer_after_commit, req, options, result)
 
-    def _answer_after_commit(self, req: Request, options: list[tuple[int, bytes]]) -> None:
+    def _answer_after_commit(self, req: Request, options: list[tuple[int, bytes]], result=None) -> None:
+        held = wait_held(result)  # a replicated queue: acknowledged once the quorum has it
+        if held is not None:
+            self._answer(req, codec.SERVICE_UNAVAILABLE, f"not replicated: {held}".encode()[:200])
+            return
         try:
             self.broker.wait_committed()
         except StorageError as exc:

@@ -31,6 +31,7 @@ from fluxmq.config.values import (
     FieldsList,
     Float,
     Int,
+    ItemError,
     Size,
     Str,
     StrList,
@@ -111,6 +112,7 @@ SECTION_DOCS: dict[str, str] = {
     "cluster.transport": "The inter-node transport (gRPC) that routes publishes and hands sessions over.",
     "cluster.etcd": "The metadata plane: this node's etcd member or an external etcd (docs/cluster.rst).",
     "cluster.etcd.tls": "TLS between the node and etcd, and for the member's listeners.",
+    "cluster.raft": "Raft replication of durable queues (pysyncobj; docs/replication.rst).",
     "webhook": "Broker events POSTed to HTTP endpoints off the hot path (docs/webhooks.rst).",
     "webhook.defaults": "Per-endpoint settings an endpoint does not set itself.",
     "webhook.defaults.retry": "Exponential backoff between attempts of one event to one endpoint.",
@@ -319,6 +321,73 @@ class QueueName(ValueType):
         return str(value)
 
 
+class GroupsMap(ValueType):
+    """``cluster.raft.groups``: group name -> {bind_addr, peers} (reference 000 names groups by key)."""
+
+    summary = "mapping of groups"
+    expected = "a mapping of group name -> {bind_addr, peers}"
+
+    def __init__(self, item: Fields) -> None:
+        self.item = item
+
+    def from_yaml(self, value: object, path: str = "") -> list[dict]:
+        # A list of {name, fields...}, not a dict: the loader would read a dict value as a section.
+        if value is None:
+            return []
+        if not isinstance(value, dict):
+            raise ItemError(path, None, "expected a mapping of group name -> {bind_addr, peers}")
+        out = {}
+        for name, item in value.items():
+            if not isinstance(name, str) or not name or any(ch in name for ch in "/+#\x00"):
+                raise ItemError(f"{path}.{name}", None, "a group name is one topic level (no /, + or #)")
+            out[str(name)] = self.item.from_yaml(item, f"{path}.{name}")
+        return [{"name": name, **fields} for name, fields in out.items()]
+
+    def from_text(self, text: str) -> list[dict]:
+        import json
+
+        try:
+            return self.from_yaml(json.loads(text) if text.strip() else {})
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg}") from None
+
+
+class NoRaftTLS(ValueType):
+    """``cluster.raft.tls``: refused. pysyncobj's transport is plain TCP (an optional shared-password
+    encryption only), so TLS settings cannot be honoured; accepting them would hide that."""
+
+    summary = "false only"
+    expected = ("no TLS settings: the Raft transport (pysyncobj) has no TLS; remove cluster.raft.tls "
+                "and keep the Raft addresses on a trusted network (docs/replication.rst)")
+
+    def from_yaml(self, value: object) -> bool:
+        if value is False or value is None or value == "false":
+            return False
+        raise ValueError("")
+
+
+RAFT_GROUP = Fields({
+    "bind_addr": Field(Addr(), required=True,
+                       doc="host:port this node's member of the group listens on (and the peers dial)."),
+    "peers": Field(StrList(), [], doc="host:port of every member (this node's may be listed too)."),
+}, summary="group mapping")
+
+REPLICATION_ITEM = Fields({
+    "enabled": Field(Bool(), False, doc="Replicate this queue's log through a Raft group (cluster.raft.enabled)."),
+    "group": Field(Str(), "default", doc="The cluster.raft.groups entry whose members hold the log."),
+    "mode": Field(Enum("sync", "async"), "sync",
+                  doc="sync: PUBACK once the Raft quorum has the entry; async: after the local hand-off "
+                      "(docs/replication.rst: the loss window)."),
+    "replication_factor": Field(Int(1, 15), 3,
+                                doc="Members of the group that hold this queue's log (picked by name hash)."),
+    "min_in_sync_replicas": Field(Int(1, 15), 2,
+                                  doc="Replicas that must have an entry before a sync PUBACK; at most the "
+                                      "Raft majority of replication_factor."),
+    "ack_timeout": Field(Duration(), 5.0,
+                         doc="A sync append not replicated within this is refused (never acknowledged)."),
+}, summary="replication mapping")
+
+
 QUEUE_ITEM = Fields({
     "name": Field(QueueName(), required=True, doc="Queue name: PUBLISH/SUBSCRIBE $queue/{name}[/...]."),
     "topics": Field(StrList(), [], doc="Ordinary topic filters whose publishes are copied into the queue."),
@@ -352,6 +421,7 @@ QUEUE_ITEM = Fields({
         "enabled": Field(Bool(), True, doc="Move messages past max_retries or rejected to the DLQ."),
         "topic": Field(Str(), "", doc='DLQ topic; "" = $queue/{name}.dlq.'),
     }, summary="dlq mapping"), {}, doc="Dead-letter queue."),
+    "replication": Field(REPLICATION_ITEM, {}, doc="Raft replication of the queue's log (docs/replication.rst)."),
 }, summary="queue mapping")
 
 
@@ -610,7 +680,8 @@ KEYS: tuple[Key, ...] = (
     Key("queues", FieldsList(QUEUE_ITEM, "list of queues", unique="name"), [],
         "Durable queues: {name, topics, type, partitions, max_inflight, visibility_timeout, retention{max_age, "
         "max_length_messages, max_length_bytes, compact}, limits{max_message_size, max_depth, message_ttl}, "
-        "retry{max_retries, initial_backoff, max_backoff, multiplier}, dlq{enabled, topic}} (docs/queues.rst)."),
+        "retry{max_retries, initial_backoff, max_backoff, multiplier}, dlq{enabled, topic}, replication{enabled, group, "
+        "mode, replication_factor, min_in_sync_replicas, ack_timeout}} (docs/queues.rst, docs/replication.rst)."),
     Key("log.level", Enum("trace", "debug", "info", "warn", "warning", "error", ignore_case=True), "info",
         "Least severe level written (warn = warning; trace is below debug)."),
     Key("log.debug", Bool(), False, "Hard override: log at debug whatever log.level says (also FLUXMQ_DEBUG=true)."),
@@ -670,6 +741,32 @@ KEYS: tuple[Key, ...] = (
     Key("cluster.routes", FieldsList(CLUSTER_ROUTE_ITEM, "list of routes"), [],
         "Reference 001 cluster routes to peer fluxmq nodes, mirroring every topic: {host, port, node_id, "
         "username, password_env | password_file, message_validity, tls, ...} (docs/bridges.rst)."),
+    Key("cluster.raft.enabled", Bool(), False,
+        "Start the Raft groups that replicate durable queues whose replication.enabled is true "
+        "(docs/replication.rst); a replicated queue with this off is a config error."),
+    Key("cluster.raft.bind_addr", Addr(), "127.0.0.1:7100",
+        "host:port of this node's member of the default group; the peers dial it as written."),
+    Key("cluster.raft.peers", StrList(), [],
+        "host:port of every member of the default group (this node's may be listed too)."),
+    Key("cluster.raft.auto_provision_groups", Bool(), True,
+        "A queue naming a group not in cluster.raft.groups gets one on derived ports (bind_addr's and "
+        "the peers' ports + n); false makes it a config error."),
+    Key("cluster.raft.write_policy", Enum("forward", "reject", "local"), "forward",
+        "A publish to a replicated queue on a follower: forward it to the leader (acknowledged once "
+        "committed), reject it (5.0 PUBACK 0x83 with a leader user property; 3.1.1 disconnect), or "
+        "local (acknowledged at once, not durable across nodes)."),
+    Key("cluster.raft.distribution_mode", Enum("replicate", "forward"), "replicate",
+        "How deliveries reach consumers on other nodes. Not implemented yet: only the group's leader "
+        "delivers, to consumers connected to it (a warning at start says so)."),
+    Key("cluster.raft.groups", GroupsMap(RAFT_GROUP), {},
+        "Replication groups: {name: {bind_addr, peers}}; 'default' overrides bind_addr/peers above."),
+    Key("cluster.raft.password", Str(), "",
+        "Shared secret of the Raft transport: pysyncobj then encrypts and authenticates every message "
+        "(Fernet: AES-CBC + HMAC-SHA256, key from PBKDF2); a peer without it cannot join. Not TLS "
+        "(docs/replication.rst). Environment only.", secret=True),
+    Key("cluster.raft.tls", NoRaftTLS(), False,
+        "Not available: the Raft transport (pysyncobj) has no TLS, so any cluster.raft.tls setting is a "
+        "config error rather than a setting silently ignored (docs/replication.rst)."),
     Key("webhook.enabled", Bool(), False, "POST broker events to webhook.endpoints."),
     Key("webhook.queue_size", Int(1), 10000,
         "Events waiting for delivery (all endpoints); when full, drop_policy decides and the drop is counted."),

@@ -54,6 +54,7 @@ from urllib.parse import parse_qs
 from gevent.event import Event
 
 from fluxmq.broker.broker import Broker
+from fluxmq.broker.held import wait_held
 from fluxmq.broker.message import (
     CONTENT_TYPE,
     CORRELATION_DATA,
@@ -527,6 +528,11 @@ class HTTPBridge:
         except QuotaExceeded:
             # The store is full: the message would have to be stored and cannot be (MQTT 5.0 0x97).
             raise HTTPError(503, "storage full: the message was not accepted") from None
+        held = wait_held(deliveries)  # a replicated queue: 200 only once the quorum has it
+        if held is not None:
+            raise HTTPError(503, f"not replicated: {held}")
+        if deliveries.__class__ is not int:
+            deliveries = 1
         try:
             self.broker.wait_committed()  # 200 only once what it stored is committed, like a PUBACK
         except StorageError:

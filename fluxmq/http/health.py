@@ -89,4 +89,8 @@ def make_health_app(service: HealthSource, cluster: ClusterHealthSource | None =
     router.add("/health", lambda environ: health_body())
     router.add("/ready", ready)
     router.add("/cluster/status", status)
+    raft_status = getattr(service, "raft_status", None)
+    if raft_status is not None:
+        # Raft groups of replicated queues: leader, term, commit index, per-replica lag (issue 12)
+        router.add("/cluster/raft", lambda environ: (200, {"groups": raft_status()}))
     return router

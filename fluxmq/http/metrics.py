@@ -72,6 +72,9 @@ class BrokerCollector(Collector):
         bridges = getattr(self.service, "bridges", None)
         if bridges is not None:
             yield from self._bridges(bridges)
+        raft = getattr(self.service, "raft", None)
+        if raft is not None:
+            yield from self._raft(raft.status())
 
     @staticmethod
     def _bridges(bridges: Any) -> Iterator[Metric]:
@@ -205,6 +208,37 @@ class BrokerCollector(Collector):
         yield depth
         yield size
         yield consumers
+        yield lag
+        yield from counters.values()
+
+    @staticmethod
+    def _raft(groups: list[dict]) -> Iterator[Metric]:
+        """Raft groups of replicated queues (the same figures as GET /cluster/raft)."""
+        leader = GaugeMetricFamily("fluxmq_raft_is_leader", "1 when this node leads (and delivers) the group.",
+                                   labels=["group"])
+        term = GaugeMetricFamily("fluxmq_raft_term", "Current Raft term of the group.", labels=["group"])
+        commit = GaugeMetricFamily("fluxmq_raft_commit_index", "Raft commit index of the group.", labels=["group"])
+        applied = GaugeMetricFamily("fluxmq_raft_applied_index", "Raft index applied to the queue store.",
+                                    labels=["group"])
+        lag = GaugeMetricFamily("fluxmq_raft_replica_lag", "Entries a replica is behind the commit index (leader only).",
+                                labels=["group", "replica"])
+        counters = {name: CounterMetricFamily(f"fluxmq_raft_{name}", f"Raft {name.replace('_', ' ')}.",
+                                              labels=["group"])
+                    for name in ("entries_submitted", "entries_applied", "entries_refused", "acks_timed_out")}
+        for g in groups:
+            name = g["name"]
+            leader.add_metric([name], 1 if g["delivering"] else 0)
+            term.add_metric([name], g.get("term", 0))
+            commit.add_metric([name], g.get("commit_index", 0))
+            applied.add_metric([name], g["applied"])
+            for replica, behind in g.get("lag", {}).items():
+                lag.add_metric([name, replica], behind)
+            for key, family in counters.items():
+                family.add_metric([name], g[key])
+        yield leader
+        yield term
+        yield commit
+        yield applied
         yield lag
         yield from counters.values()
 

@@ -55,6 +55,9 @@ def start_problems(config: Any) -> list[ConfigError]:
         from fluxmq.cluster.metadata.config import cluster_config_problems
 
         problems.extend(cluster_config_problems(config))
+    from fluxmq.replication.config import replication_problems
+
+    problems.extend(replication_problems(config))
     return problems
 
 

@@ -6,6 +6,7 @@ import gc
 import ipaddress
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -262,6 +263,7 @@ class BrokerService:
         self.coap_listeners: list = []
         self.bridges: Bridges | None = None
         self.cluster = None  # fluxmq.cluster.metadata.plane.MetadataPlane when cluster.enabled
+        self.raft = None  # fluxmq.replication.RaftService when cluster.raft.enabled
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -341,21 +343,40 @@ class BrokerService:
         ``$queue/`` topic (the import is deferred until then)."""
         items = list(cfg.queues)
         auto_create = cfg.queue_manager.auto_create
+        from fluxmq.replication.config import check_replication
+
+        check_replication(cfg)  # a replicated queue with Raft off is an error, never a local queue
+        raft = None
+        if cfg.cluster.raft.enabled:
+            from fluxmq.queues.config import QueueConfig
+            from fluxmq.replication import RaftService
+
+            raft = self.raft = RaftService(cfg.cluster.raft, [QueueConfig.from_dict(item) for item in items],
+                                           os.path.join(cfg.storage.path, "raft"), storage.queue_log(), cfg.origin)
 
         def make(broker: Broker):
             from fluxmq.queues import QueueManager
             from fluxmq.queues.config import QueueConfig
 
-            manager = QueueManager(storage, [QueueConfig.from_dict(item) for item in items], auto_create)
+            manager = QueueManager(storage, [QueueConfig.from_dict(item) for item in items], auto_create,
+                                   log_factory=raft.log_factory if raft is not None else None)
+            if raft is not None:
+                raft.attach(manager)
             manager.install_captures(broker.router)
             manager.start()
             return manager
 
         self.broker.queue_factory = make
-        if items or storage.has_queue_data():
+        if items or storage.has_queue_data() or raft is not None:
             self.broker.queues = make(self.broker)
             if storage.durable:
                 self.flusher.ensure_committed()  # groups of configured queues, recorded at start
+        if raft is not None:
+            raft.start()  # after the manager: applied entries reach its queues
+
+    def raft_status(self) -> list[dict]:
+        """Each Raft group of this node (leader, term, commit index, lag); [] when Raft is off."""
+        return self.raft.status() if self.raft is not None else []
 
     def _start_coap(self, cfg) -> None:
         coap = cfg.server.coap
@@ -395,6 +416,8 @@ class BrokerService:
             self.bridges.stop()
         if self.broker.queues is not None:
             self.broker.queues.stop()
+        if self.raft is not None:
+            self.raft.stop()
         self.broker.shutdown()
         if self.cluster is not None:
             self.cluster.stop()  # the lease goes: this node's sessions may be owned elsewhere at once

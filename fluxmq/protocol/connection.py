@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from functools import partial
 
 import gevent
 
@@ -21,6 +22,7 @@ from fluxmq._core import codec as c
 from fluxmq._core.codec import Decoder, append_publish, encode, encode_publish
 from fluxmq.broker import auth_enhanced
 from fluxmq.broker.broker import BRIDGE_SESSION_PREFIX, Broker
+from fluxmq.broker.held import HeldAck
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, Session, Will
 from fluxmq.errors import (
@@ -106,6 +108,16 @@ def _check_response_topic(topic: str) -> None:
     """A Response Topic is a topic name: no wildcards [MQTT-3.3.2-14], not empty."""
     if not topic or "+" in topic or "#" in topic:
         raise ProtocolError("Response Topic must be a topic name without wildcards (MQTT-3.3.2-14)")
+
+
+def _refusal_props(exc) -> dict:
+    """A refused publish's 5.0 ack properties: its reason string, and user properties it carries
+    (a replicated queue's ``leader`` under write_policy reject)."""
+    props = {c.REASON_STRING: exc.reason}
+    user = getattr(exc, "user_properties", None)
+    if user:
+        props[c.USER_PROPERTY] = list(user)
+    return props
 
 
 def _is_utf8(payload: bytes) -> bool:
@@ -962,12 +974,16 @@ class MQTTConnection:
         if qos == 1:
             if accepted:
                 try:
-                    if not self._route(topic, p, props) and self.version == 5:
+                    routed = self._route(topic, p, props)
+                    if routed.__class__ is HeldAck:  # a replicated queue: the ack waits for the quorum
+                        routed.add(partial(self._held_ack, pid, 1, topic))
+                        return
+                    if not routed and self.version == 5:
                         reason = 0x10  # accepted, but nobody subscribes to it
                 except QueueRefused as exc:
                     reason = self._refuse_queue(topic, exc)
                     if reason and self._problem_info:
-                        self._write_v5(c.Puback(pid, reason, {c.REASON_STRING: exc.reason}))
+                        self._write_v5(c.Puback(pid, reason, _refusal_props(exc)))
                         return
                 except QuotaExceeded:
                     reason = self._refuse_unstorable(topic)
@@ -984,9 +1000,13 @@ class MQTTConnection:
                 raise MQTTError("receive maximum exceeded", 0x93)
             if accepted:
                 try:
-                    if not self._route(topic, p, props) and self.version == 5:
-                        reason = 0x10  # accepted, but nobody subscribes to it
+                    routed = self._route(topic, p, props)
                     inbound.add(pid)
+                    if routed.__class__ is HeldAck:  # a replicated queue: the PUBREC waits for the quorum
+                        routed.add(partial(self._held_ack, pid, 2, topic))
+                        return
+                    if not routed and self.version == 5:
+                        reason = 0x10  # accepted, but nobody subscribes to it
                 except QueueRefused as exc:
                     reason = self._refuse_queue(topic, exc)
                 except QuotaExceeded:
@@ -995,6 +1015,28 @@ class MQTTConnection:
             self._write_at(ack_at, self._ack5_bytes(c.Pubrec, pid, reason))
         else:
             self._write_at(ack_at, bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+
+    def _held_ack(self, pid: int, qos: int, topic: str, error) -> None:
+        """The outcome of a held PUBACK/PUBREC (``fluxmq.broker.held``): the ack, or a refusal that
+        is never an ack (5.0: the reason code and string; 3.1.1 has no negative ack: disconnected)."""
+        if self.closed:
+            return
+        kind = c.Puback if qos == 1 else c.Pubrec
+        if error is None:
+            if self.version == 5:
+                self._write(self._ack5_bytes(kind, pid, 0))
+            else:
+                self._write(bytes((0x40 if qos == 1 else 0x50, 2, pid >> 8, pid & 0xFF)))
+            return
+        if qos == 2 and self.session is not None:
+            self.session.inbound_qos2.discard(pid)
+        code = getattr(error, "reason_code", 0x80)
+        log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": str(error)})
+        if self.version != 5:
+            self._note_close("publish_refused")
+            self.close(0x80, str(error))
+            return
+        self._write_v5(kind(pid, code, _refusal_props(error) if self._problem_info else None))
 
     def _refuse_publish(self, p, qos: int, reason_code: int) -> None:
         """A PUBLISH the client's policy refuses. ACL (0x87): 5.0 gets it on its PUBACK/PUBREC; 3.x

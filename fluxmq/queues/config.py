@@ -42,6 +42,18 @@ class DLQConfig:
 
 
 @dataclass
+class ReplicationConfig:
+    """``replication``: Raft replication of the queue's log (fluxmq.replication)."""
+
+    enabled: bool = False
+    group: str = "default"
+    mode: str = "sync"  # sync | async
+    replication_factor: int = 3
+    min_in_sync_replicas: int = 2
+    ack_timeout: float = 5.0
+
+
+@dataclass
 class QueueConfig:
     name: str
     topics: list[str] = field(default_factory=list)
@@ -54,6 +66,7 @@ class QueueConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     dlq: DLQConfig = field(default_factory=DLQConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
     @property
     def dlq_queue(self) -> str:
@@ -69,7 +82,8 @@ class QueueConfig:
             max_inflight=item["max_inflight"], visibility_timeout=item["visibility_timeout"],
             auto_commit_interval=item["auto_commit_interval"],
             retention=RetentionConfig(**item["retention"]), limits=LimitsConfig(**item["limits"]),
-            retry=RetryConfig(**item["retry"]), dlq=DLQConfig(**item["dlq"]))
+            retry=RetryConfig(**item["retry"]), dlq=DLQConfig(**item["dlq"]),
+            replication=ReplicationConfig(**item.get("replication") or {}))
 
 
 def valid_queue_name(name: str) -> bool:

@@ -34,6 +34,15 @@ class Record:
 class QueueLog:
     """The log of one queue over a ``QueueLogStore``; offsets are dense and grow from 0."""
 
+    #: False while this node must not deliver from the log nor apply retention to it (a replicated
+    #: log on a node that is not its group's leader: fluxmq.replication)
+    delivering = True
+
+    def held_ack(self):
+        """What the publisher's (or settler's) ack of this loop turn waits for beyond the local
+        commit: a ``fluxmq.broker.held.HeldAck`` (replicated, ``mode: sync``), or None."""
+        return None
+
     def __init__(self, name: str, store: QueueLogStore, first: int = 0, next: int = 0, count: int = 0,
                  size: int = 0) -> None:
         self.name = name

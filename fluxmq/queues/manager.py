@@ -36,6 +36,12 @@ MAX_GROUPS_PER_QUEUE = 1_000
 TICK = 0.1
 
 
+def _local_log(name: str, store, stored=None) -> QueueLog:
+    if stored is None:
+        return QueueLog(name, store)
+    return QueueLog(name, store, stored.first, stored.next, stored.count, stored.bytes)
+
+
 class Queue:
     """One queue: its settings, log, consumer groups and counters."""
 
@@ -152,9 +158,12 @@ class QueueManager:
     """Every queue of the node (see the module docstring)."""
 
     def __init__(self, storage, configs: list[QueueConfig] | None = None, auto_create: bool = True,
-                 stats=None) -> None:
+                 stats=None, log_factory=None) -> None:
         self.storage = storage
         self.store = storage.queue_log()
+        # log_factory(name, store, stored or None) -> QueueLog: a replicated log for the queues a
+        # replication group holds (fluxmq.replication), else the local one.
+        self.log_factory = log_factory or _local_log
         self.auto_create = auto_create
         self.configs = {c.name: c for c in configs or ()}
         self.queues: dict[str, Queue] = {}
@@ -166,7 +175,7 @@ class QueueManager:
         self._timer = None
         self._closing = False
         for name, stored in self.store.load_queues().items():
-            q = self._make(name, QueueLog(name, self.store, stored.first, stored.next, stored.count, stored.bytes))
+            q = self._make(name, self.log_factory(name, self.store, stored))
             for gname, g in stored.groups.items():
                 q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled))
         for name in self.configs:
@@ -181,7 +190,7 @@ class QueueManager:
 
     def _make(self, name: str, qlog: QueueLog | None = None) -> Queue:
         config = self.configs.get(name) or QueueConfig(name)
-        q = Queue(self, config, qlog or QueueLog(name, self.store))
+        q = Queue(self, config, qlog or self.log_factory(name, self.store, None))
         self.queues[name] = q
         return q
 
@@ -252,7 +261,7 @@ class QueueManager:
             # The origin's PUBACK acknowledges the append: a failed commit must abandon it.
             self.storage.note_stake(origin.client_id)
         self.kick_soon(q)
-        return 1
+        return q.log.held_ack() or 1
 
     def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int) -> int:
         """Join a consumer group; returns the granted QoS (1). Raises QueueRefused (0x83 QoS 0,
@@ -386,12 +395,15 @@ class QueueManager:
             if origin is not None:
                 self.storage.note_stake(origin.client_id)
             self.kick_soon(q)
-        return 1 if done else 0
+            return q.log.held_ack() or 1
+        return 0
 
     # -- dispatch --------------------------------------------------------------------------------
 
     def kick(self, q: Queue) -> None:
         """Dispatch ``q``'s groups now (in the caller's greenlet: no switch per message)."""
+        if not q.log.delivering:
+            return
         more = False
         for group in q.groups.values():
             if group.members and (group.ready or group.retry or group.cursor < q.log.next) and group.dispatch():
@@ -447,6 +459,8 @@ class QueueManager:
         """Visibility timeouts, due backoffs and retention (every TICK)."""
         now = time.monotonic() if now is None else now
         for q in list(self.queues.values()):
+            if not q.log.delivering:
+                continue
             for group in q.groups.values():
                 if group.pending:
                     group.expire_pending(now)

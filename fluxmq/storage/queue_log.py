@@ -11,6 +11,7 @@ LMDB layout, sub-database ``queues`` (schema version 2; see docs/storage.rst)::
     b"L" name NUL u64be offset          -> u8 version | f64 wall time | message blob (records)
     b"G" name NUL group                 -> u64le floor: every offset below it is settled by the group
     b"A" name NUL group NUL u64be offset -> b"": settled above the floor (out of order)
+    b"R" raft group                      -> u64le: last Raft index applied (fluxmq.replication)
 
 Queue names and group names never contain U+0000 (MQTT strings may not).
 """
@@ -111,12 +112,27 @@ class QueueLogStore:
     def load_queues(self) -> dict[str, StoredQueueLog]:
         return {}
 
+    def put_applied(self, group: str, index: int) -> None:
+        """A replication group applied its Raft log up to ``index`` (in the same commit as the ops)."""
+        raise NotImplementedError
+
+    def applied_index(self, group: str) -> int:
+        """The last Raft index ``put_applied`` committed for ``group`` (0 when none)."""
+        return 0
+
 
 class MemoryQueueLog(QueueLogStore):
     """Queue logs in the process only (``storage.type: memory``)."""
 
     def __init__(self) -> None:
         self.logs: dict[str, dict[int, bytes]] = {}
+        self.applied: dict[str, int] = {}
+
+    def put_applied(self, group: str, index: int) -> None:
+        self.applied[group] = index
+
+    def applied_index(self, group: str) -> int:
+        return self.applied.get(group, 0)
 
     def append(self, queue: str, offset: int, record: bytes) -> None:
         self.logs.setdefault(queue, {})[offset] = record
@@ -186,6 +202,13 @@ class LMDBQueueLog(QueueLogStore):
         for off in offsets:
             put(self.db, log_key(queue, off), None)
 
+    def put_applied(self, group: str, index: int) -> None:
+        self.storage._put(self.db, b"R" + group.encode(), _U64.pack(index))
+
+    def applied_index(self, group: str) -> int:
+        value = self.storage._read_many(self.db, [b"R" + group.encode()])[0]
+        return _U64.unpack(bytes(value))[0] if value is not None else 0
+
     def load_queues(self) -> dict[str, StoredQueueLog]:
         """Every queue's offsets, sizes and groups (at start, before any client connects)."""
         out: dict[str, StoredQueueLog] = {}
@@ -193,6 +216,8 @@ class LMDBQueueLog(QueueLogStore):
         with storage.env.begin(db=storage._dbs[self.db]) as txn:
             for key, value in txn.cursor():
                 kind = key[:1]
+                if kind == b"R":
+                    continue  # a replication group's applied index, not a queue
                 name, _, rest = bytes(key[1:]).partition(b"\x00")
                 q = out.get(name.decode())
                 if q is None:

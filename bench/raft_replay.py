@@ -1,0 +1,75 @@
+"""Journal replay at restart (issue 12): how long the first Raft tick holds the hub.
+
+One node with a single-member Raft group (``peers: [itself]``, ``replication_factor: 1``) takes
+``--count`` QoS 1 messages, is stopped (SIGTERM) and started again on its data directory; prints the
+entries applied, the journal size, the time to ready and the node's ``raft_tick_slow`` lines (a tick
+that held the hub over 50 ms).
+
+    .venv/bin/python -m bench.raft_replay --count 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"  # noqa: A001
+
+from bench.raft_queue import produce  # noqa: E402
+from tests.conftest import REPO_ROOT, NodeFactory, RunningNode, free_port  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=50000)
+    args = ap.parse_args(argv)
+    base = Path(tempfile.mkdtemp(prefix="bench-replay-"))
+    factory = NodeFactory(base)
+    out: dict = {}
+    try:
+        me = f"127.0.0.1:{free_port()}"
+        node = factory(config_text=f"""
+cluster:
+  raft: {{enabled: true, bind_addr: "{me}", peers: ["{me}"]}}
+queues:
+  - name: bench
+    replication: {{enabled: true, mode: sync, replication_factor: 1, min_in_sync_replicas: 1}}
+""")
+        time.sleep(1)
+        out["produce"] = produce(node.mqtt_port, args.count, 100)
+        out["entries"] = node.http_get("/cluster/raft")[1]["groups"][0]["applied"]
+        node.stop()
+        out["journal_bytes"] = sum(p.stat().st_size for p in (node.data_dir / "raft").glob("*.journal"))
+        started = time.monotonic()
+        log_path = node.log_path.with_name("restarted.log")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
+                                       cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
+        factory.nodes.append(again)
+        again.wait_ready(60)
+        out["ready_after_s"] = round(time.monotonic() - started, 2)
+        time.sleep(3)
+        out["slow_ticks"] = [line.split(" event=")[1] for line in again.log_text().splitlines()
+                             if "raft_tick_slow" in line]
+    finally:
+        factory.close()
+        shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,16 @@
+"""Raft replication of durable queues (issue 12): pysyncobj groups whose commands are the queue-log
+writes, applied to the local queue log store on every replica. Imported only when
+``cluster.raft.enabled`` is true.
+
+- ``log``: ``ReplicatedQueueLog``, the queue-log interface over a Raft group;
+- ``group``: ``RaftGroup``, one pysyncobj node driven from a greenlet, the per-turn entry, the
+  held acknowledgements and the state machine;
+- ``service``: ``RaftService``, the groups planned from the configuration and the log factory the
+  queue manager asks for each queue's log.
+"""
+
+from __future__ import annotations
+
+from .service import RaftService
+
+__all__ = ["RaftService"]

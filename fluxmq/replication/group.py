@@ -1,0 +1,370 @@
+"""RaftGroup: one Raft group (a pysyncobj node) replicating the logs of the queues it holds.
+
+Driving. pysyncobj's own tick thread is not used (``autoTick=False``): a greenlet calls
+``doTick(TICK_WAIT)``, whose socket wait is gevent's (the node process is monkey-patched by the
+gevent worker; otherwise the poller's ``select`` is pointed at ``gevent.select``). So the Raft code
+runs in the hub thread, between other greenlets, and its callbacks may touch the broker directly.
+
+Commands. Everything a loop turn writes to the group's queues (appends, settlements, cursor commits,
+truncations, deletes, a group's removal) is one Raft entry (``stage`` -> ``_submit`` at the end of
+the turn): the appends of one turn travel as one batch. A ``claim`` entry makes the current leader
+the node that delivers (``delivering``); when it is applied on the leader, every entry before it is
+applied too, so the leader delivers from a complete replica and rebuilds its consumer groups from
+the replicated progress.
+
+State. pysyncobj does not own the queue state: every replica applies committed entries to its local
+queue log store (LMDB), with the Raft index applied in the same commit (``put_applied``), so a
+restart that replays the Raft journal skips what is already applied. The SyncObj holds no state of
+its own (its attributes are set before ``SyncObj.__init__``, which leaves them out of snapshots) and
+log compaction is off: a replica that was away catches up from the Raft log itself (the journal file
+on disk), never from a pickled copy of the store. See docs/replication.rst.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import gevent
+from gevent import monkey
+
+from fluxmq.broker.held import HeldAck
+
+from .log import refused
+
+log = logging.getLogger("fluxmq.replication")
+
+#: longest socket wait of one tick (pysyncobj autoTickPeriod); bench/RESULTS.md
+TICK_WAIT = 0.005
+#: pysyncobj settings chosen by bench/raft.py (bench/RESULTS.md, "Raft replication")
+APPEND_ENTRIES_PERIOD = 0.05
+RAFT_MIN_TIMEOUT = 0.4
+RAFT_MAX_TIMEOUT = 1.2
+CONNECTION_TIMEOUT = 2.0
+LEADER_FALLBACK_TIMEOUT = 1.5  # a leader cut off from the majority steps down after this
+#: a leader delivers only while a majority answered it within this (below RAFT_MIN_TIMEOUT, the
+#: silence after which a follower may start an election)
+DELIVERY_LEASE = 0.3
+#: a tick that holds the hub longer than this is logged (raft_tick_slow)
+SLOW_TICK = 0.05
+#: entries submitted and not yet committed before the next one waits (adaptive batching)
+MAX_IN_FLIGHT = 2
+#: an entry without an answer for this long no longer holds the next ones back
+IN_FLIGHT_PATIENCE = 1.0
+
+
+def _make_node_class():
+    from pysyncobj import SyncObj, replicated
+
+    class _RaftNode(SyncObj):
+        """The pysyncobj object: one replicated method; the state lives in the RaftGroup."""
+
+        def __init__(self, group, self_addr, peers, conf):
+            self._group = group  # set before SyncObj.__init__: not part of any snapshot
+            super().__init__(self_addr, peers, conf)
+
+        @replicated
+        def apply(self, ops):
+            return self._group._apply(ops, self.raftLastApplied + 1)
+
+    return _RaftNode
+
+
+_NODE_CLASS = None
+
+
+class RaftGroup:
+    """One Raft group of this node (see the module docstring)."""
+
+    def __init__(self, name: str, self_addr: str, peers: list[str], data_dir: str, store, write_policy: str,
+                 on_applied=None, on_delivering=None, password: str = "") -> None:
+        self.password = password or None  # cluster.raft.password: pysyncobj's encrypted transport
+        self.name = name
+        self.self_addr = self_addr
+        self.peers = sorted(set(peers) | {self_addr})
+        self.store = store  # QueueLogStore
+        self.write_policy = write_policy
+        self.logs: dict[str, object] = {}  # queue name -> ReplicatedQueueLog
+        self.applied = store.applied_index(name)
+        self.owner: str | None = None  # node whose claim was applied last
+        self.on_applied = on_applied  # (queue log) -> None: kick deliveries
+        self.on_delivering = on_delivering  # (group) -> None: this node took over delivery
+        self.on_unknown = None  # (queue name) -> its log or None: a queue this node has not made yet
+        self._ops: list = []
+        self._holds: list = []  # (HeldAck, timer) of the staged sync writes
+        self._in_flight: dict[int, float] = {}  # entries submitted -> when, until their callback
+        self._seq = 0
+        self._hold: HeldAck | None = None
+        self._scheduled = False
+        self._claimed_term = -1
+        self._running = False
+        self._driver = None
+        self.stats = {"entries_submitted": 0, "entries_applied": 0, "entries_refused": 0, "acks_timed_out": 0}
+        journal = os.path.join(data_dir, f"raft-{name}.journal")
+        os.makedirs(data_dir, exist_ok=True)
+        self.journal = journal
+        self._node = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        global _NODE_CLASS
+        from pysyncobj import SyncObjConf
+
+        if not monkey.is_module_patched("select"):
+            import pysyncobj.poller
+            from gevent import select as gevent_select
+
+            pysyncobj.poller.select = gevent_select  # its wait must yield to the hub
+        if _NODE_CLASS is None:
+            _NODE_CLASS = _make_node_class()
+        conf = SyncObjConf(
+            autoTick=False, appendEntriesUseBatch=False, appendEntriesPeriod=APPEND_ENTRIES_PERIOD,
+            raftMinTimeout=RAFT_MIN_TIMEOUT, raftMaxTimeout=RAFT_MAX_TIMEOUT, connectionTimeout=CONNECTION_TIMEOUT,
+            connectionRetryTime=0.5, leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT, commandsWaitLeader=False,
+            journalFile=self.journal, pollerType="select", maxBindRetries=20, bindRetryTime=0.25,
+            # No snapshots: they would pickle the object, and the queue state is not in it (module doc).
+            logCompactionMinEntries=2 ** 62, logCompactionMinTime=10 ** 12, dynamicMembershipChange=False,
+            onStateChanged=self._state_changed, password=self.password)
+        self._node = _NODE_CLASS(self, self.self_addr, [p for p in self.peers if p != self.self_addr], conf)
+        self._running = True
+        self._driver = gevent.spawn(self._drive)
+        log.info("raft_group_started", extra={"group": self.name, "self": self.self_addr, "peers": ",".join(self.peers),
+                                              "applied": self.applied})
+
+    def stop(self) -> None:
+        self._running = False
+        if self._driver is not None:
+            self._driver.kill(block=True, timeout=2)
+            self._driver = None
+        node = self._node
+        if node is not None:
+            try:
+                node._doDestroy()
+            except Exception:
+                log.exception("raft_group_stop_failed", extra={"group": self.name})
+        for held, timer in self._holds:
+            timer.stop()
+            held.resolve(refused("the node is stopping", 0x80))
+        self._holds = []
+
+    def _drive(self) -> None:
+        node = self._node
+        clock = time.perf_counter
+        logged = 0.0
+        while self._running:
+            started = clock()
+            try:
+                node.doTick(TICK_WAIT)
+            except Exception:
+                log.exception("raft_tick_failed", extra={"group": self.name})
+                gevent.sleep(TICK_WAIT)
+            # A tick that held the hub (its socket wait yields; the Python work around it does not):
+            # logged at most every 10 s, with how long and what was applied.
+            took = clock() - started - TICK_WAIT
+            if took > SLOW_TICK and started - logged > 10.0:
+                logged = started
+                log.warning("raft_tick_slow", extra={"group": self.name, "held_hub_s": round(took, 3),
+                                                     "applied": self.applied})
+            gevent.idle()  # between ticks the other greenlets run, even when packets keep coming
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def leader(self) -> str | None:
+        node = self._node
+        leader = node._getLeader() if node is not None else None
+        return None if leader is None else leader.id if hasattr(leader, "id") else str(leader)
+
+    def is_leader(self) -> bool:
+        return self._node is not None and self._node._isLeader()
+
+    @property
+    def delivering(self) -> bool:
+        """True when this node delivers the group's queues: the leader, once its claim is applied,
+        while a majority answered it within DELIVERY_LEASE (a leader lease: a partitioned leader
+        stops delivering before the others can have elected a new one, so two nodes never deliver
+        at once and an ack confirmed by the new leader is not followed by a delivery from the old)."""
+        if self.owner != self.self_addr or not self.is_leader():
+            return False
+        need = len(self.peers) // 2  # answers from other members that make a majority with this one
+        if not need:
+            return True
+        # pysyncobj keeps each member's last answer (monotonic time) privately; read, never written.
+        answered = self._node._SyncObj__lastResponseTime
+        cutoff = time.monotonic() - DELIVERY_LEASE
+        return sum(1 for t in answered.values() if t > cutoff) >= need
+
+    def status(self) -> dict:
+        node = self._node
+        out = {"name": self.name, "self": self.self_addr, "peers": self.peers, "leader": self.leader(),
+               "delivering": self.delivering, "applied": self.applied, **self.stats,
+               "queues": {name: {"first": q.first, "next": q.next, "count": q.count}
+                          for name, q in self.logs.items()}}
+        if node is not None:
+            st = node.getStatus()
+            out.update(term=st["raft_term"], commit_index=st["commit_idx"], has_quorum=st["has_quorum"],
+                       lag={k[len("match_idx_server_"):]: st["commit_idx"] - v for k, v in st.items()
+                            if k.startswith("match_idx_server_")} if self.is_leader() else {})
+        return out
+
+    def _state_changed(self, old: int, new: int) -> None:
+        # Leader: claim delivery through the log (applied after everything before it).
+        if new == 2:  # _RAFT_STATE.LEADER
+            term = self._node.raftCurrentTerm if self._node is not None else 0
+            if term != self._claimed_term:
+                self._claimed_term = term
+                gevent.get_hub().loop.run_callback(self._claim, term)
+        log.info("raft_state_changed", extra={"group": self.name, "old": old, "new": new})
+
+    def _claim(self, term: int) -> None:
+        if self.is_leader() and self._node.raftCurrentTerm == term:
+            self._node.apply([("o", self.self_addr, term)], callback=lambda res, err: self._claim_done(term, err))
+
+    def _claim_done(self, term: int, err) -> None:
+        if err:
+            log.info("raft_claim_failed", extra={"group": self.name, "error": _FAIL.get(err, err)})
+            if self._running:
+                gevent.spawn_later(0.1, self._claim, term)  # still this term's leader: try again
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def check_writable(self, queue: str) -> None:
+        """Raise the refusal a write to this group gets now (no quorum, reject on a follower)."""
+        node = self._node
+        if node is None:
+            raise refused(f"queue {queue}: its Raft group {self.name} is not running", 0x80)
+        if node._isLeader():
+            if not node.hasQuorum:
+                raise refused(f"queue {queue}: Raft group {self.name} has no quorum", 0x97)
+            return
+        leader = self.leader()
+        if leader is None:
+            raise refused(f"queue {queue}: Raft group {self.name} has no leader (no quorum or an election)", 0x97)
+        if self.write_policy == "reject":
+            raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name}", 0x83, leader)
+
+    def stage(self, op: tuple) -> None:
+        self._ops.append(op)
+        if not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._submit)
+
+    def stage_append(self, queue: str, blob: bytes) -> None:
+        ops = self._ops
+        if ops and ops[-1][0] == "a" and ops[-1][1] == queue:
+            ops[-1][2].append(blob)  # one batch per queue per entry
+            return
+        self.stage(("a", queue, [blob]))
+
+    def turn_hold(self, timeout: float) -> HeldAck:
+        """The HeldAck of the next entry: resolved when it is committed, refused on a failure or
+        after ``timeout`` (counted from now)."""
+        held = self._hold
+        if held is None:
+            held = self._hold = HeldAck()
+            timer = gevent.get_hub().loop.timer(timeout)
+            timer.start(self._timed_out, held, timeout)
+            self._holds.append((held, timer))
+            if not self._scheduled:
+                self._scheduled = True
+                gevent.get_hub().loop.run_callback(self._submit)
+        return held
+
+    def _submit(self) -> None:
+        """Submit what is staged as one entry, unless MAX_IN_FLIGHT entries wait for their commit:
+        then the staged operations wait for the next commit and travel together (the batch grows
+        with the load; an idle group submits at once)."""
+        self._scheduled = False
+        if not self._ops:
+            # Held for nothing staged (an ack of what was settled already): nothing to wait for.
+            holds, self._holds = self._holds, []
+            self._hold = None
+            for held, timer in holds:
+                timer.stop()
+                held.resolve(None)
+            return
+        now = time.monotonic()
+        if len(self._in_flight) >= MAX_IN_FLIGHT and now - min(self._in_flight.values()) < IN_FLIGHT_PATIENCE:
+            return  # _done submits them
+        ops, self._ops = self._ops, []
+        holds, self._holds = self._holds, []
+        self._hold = None
+        if self.write_policy == "local" and not self.is_leader():
+            for held, timer in holds:
+                timer.stop()
+                held.resolve(None)  # write_policy local: acknowledged before replication (not durable)
+            holds = []
+        self.stats["entries_submitted"] += 1
+        self._seq += 1
+        seq = self._seq
+        self._in_flight[seq] = now
+        self._node.apply(ops, callback=lambda res, err: self._done(seq, holds, err))
+
+    def _done(self, seq: int, holds, err) -> None:
+        self._in_flight.pop(seq, None)
+        if err:
+            self.stats["entries_refused"] += 1
+            error = refused(f"Raft group {self.name}: the append was not replicated ({_FAIL.get(err, err)})", 0x80)
+        else:
+            error = None
+        for held, timer in holds:
+            timer.stop()
+            timer.close()
+            held.resolve(error)
+        if self._ops and not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._submit)
+
+    def _timed_out(self, held: HeldAck, timeout: float) -> None:
+        if not held.done:
+            self.stats["acks_timed_out"] += 1
+            held.resolve(refused(f"Raft group {self.name}: not replicated within ack_timeout ({timeout}s)", 0x80))
+
+    # -- apply (every replica, in log order) -----------------------------------------------------
+
+    def _apply(self, ops: list, index: int):
+        if index <= self.applied:
+            return True  # applied and committed before a restart (replayed from the journal)
+        touched = set()
+        for op in ops:
+            kind = op[0]
+            if kind == "o":
+                self._apply_claim(op[1])
+                continue
+            qlog = self.logs.get(op[1])
+            if qlog is None and self.on_unknown is not None:
+                qlog = self.on_unknown(op[1])  # made on another node first (a DLQ): made here too
+            if qlog is None:
+                log.warning("raft_op_for_unknown_queue", extra={"group": self.name, "queue": op[1], "op": kind})
+                continue
+            if kind == "a":
+                qlog.apply_append(op[2])
+            elif kind == "c":
+                qlog.apply_commit(op[2], op[3], op[4], op[5])
+            elif kind == "t":
+                qlog.apply_truncate(op[2])
+            elif kind == "d":
+                qlog.apply_delete(op[2])
+            elif kind == "g":
+                qlog.apply_forget(op[2])
+            touched.add(qlog)
+        self.applied = index
+        self.store.put_applied(self.name, index)
+        self.stats["entries_applied"] += 1
+        if self.on_applied is not None:
+            for qlog in touched:
+                self.on_applied(qlog)
+        return True
+
+    def _apply_claim(self, node: str) -> None:
+        before = self.owner
+        self.owner = node
+        if node == self.self_addr and self.on_delivering is not None:
+            self.on_delivering(self)
+        if before != node:
+            log.info("raft_delivery_owner", extra={"group": self.name, "owner": node})
+
+
+_FAIL = {1: "queue full", 2: "no leader", 3: "discarded", 4: "not leader", 5: "leader changed", 6: "denied",
+         7: "unknown outcome"}
