@@ -196,10 +196,11 @@ def test_check_passes_with_good_files(tmp_path, capsys) -> None:
 
 def test_check_prints_reference_notices_to_stderr(tmp_path, capsys) -> None:
     conf = tmp_path / "node.yaml"
-    conf.write_text("cluster:\n  raft:\n    enabled: true\nlog:\n  level: warn\n")
+    # reference 002's top-level ``queue`` section (fluxmq configures queues under ``queues``)
+    conf.write_text("queue:\n  enabled: true\nlog:\n  level: warn\n")
     assert main(["--check", "--config", str(conf)]) == 0
     captured = capsys.readouterr()
-    assert "cluster" in captured.err and "not implemented yet" in captured.err
+    assert "queue" in captured.err and "not implemented yet" in captured.err
     assert YAML(typ="safe", pure=True).load(captured.out)["log"]["level"] == "warn"
 
 

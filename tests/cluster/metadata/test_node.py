@@ -19,6 +19,8 @@ def _cluster(node_id: str, endpoint: str, prefix: str, ttl: str = "2s") -> dict:
 
 def test_a_second_node_with_a_live_node_id_exits_with_one_line(node_factory, etcd_server, etcd_prefix):
     first = node_factory(_cluster("dup", etcd_server.endpoint, etcd_prefix))
+    # The election campaign runs after /ready: the lone node becomes leader a moment later.
+    assert wait_for(lambda: first.http_get("/cluster/status")[1]["is_leader"])
     status, body = first.http_get("/cluster/status")
     assert (status, body["node_id"], body["cluster_mode"], body["is_leader"]) == (200, "dup", True, True)
     assert first.http_get("/ready") == (200, {"status": "ready", "mode": "nominal", "checks": {
