@@ -22,6 +22,9 @@ class SocketStream:
 
     __slots__ = ("sock", "raw", "peer")
 
+    # The connection bounds recv with its own timer: a TimeoutError thrown into recv's wait is safe.
+    deadline_by_caller = True
+
     def __init__(self, sock, address) -> None:
         self.sock = sock
         self.raw = sock._sock  # the OS socket, non-blocking: used for sends that must never switch
@@ -30,6 +33,10 @@ class SocketStream:
 
     def recv(self, n: int) -> bytes:
         return self.sock.recv(n)
+
+    def recv_nowait(self, n: int) -> bytes:
+        """What the kernel holds now (b"" at end of stream); BlockingIOError when nothing. Never switches."""
+        return self.raw.recv(n)
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
