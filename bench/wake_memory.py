@@ -1,6 +1,9 @@
 """Broker RSS per connection: idle, right after one PINGREQ each, and parked again (issue 16).
 
-Usage: python -m bench.wake_memory N PORT WORKER_PID (a node on 127.0.0.1:PORT; N < the fd limit).
+Usage: python -m bench.wake_memory N PORT WORKER_PID [ping|publish]
+(a node on 127.0.0.1:PORT; N < the fd limit). ``ping`` (default): each connection sends one PINGREQ
+and reads the PINGRESP. ``publish``: each sends one QoS 1 PUBLISH (to a topic nobody subscribes to)
+and reads the PUBACK: a wake-up that needs a greenlet.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def rss_kb(pid: int) -> int:
 
 def main() -> None:
     n, port, pid = (int(a) for a in sys.argv[1:4])
+    wake = sys.argv[4] if len(sys.argv) > 4 else "ping"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 100)), hard))
     base = rss_kb(pid)
@@ -37,15 +41,19 @@ def main() -> None:
         assert sock.recv(4)[:1] == b"\x20"
     time.sleep(PARK_WAIT)
     idle = rss_kb(pid)
+    if wake == "ping":
+        request, reply = b"\xc0\x00", b"\xd0\x00"  # PINGREQ, PINGRESP
+    else:  # PUBLISH QoS 1, topic "wake/x", packet id 1, 8-byte payload; PUBACK
+        request, reply = b"\x32\x12\x00\x06wake/x\x00\x01" + b"p" * 8, b"\x40\x02\x00\x01"
     for sock in socks:
-        sock.sendall(b"\xc0\x00")  # PINGREQ
+        sock.sendall(request)
     for sock in socks:
-        assert sock.recv(2) == b"\xd0\x00"
+        assert sock.recv(len(reply)) == reply
     time.sleep(1)
     woken = rss_kb(pid)
     time.sleep(PARK_WAIT)
     parked = rss_kb(pid)
-    for label, kb in (("idle", idle), ("after_ping", woken), ("parked_again", parked)):
+    for label, kb in (("idle", idle), (f"after_{wake}", woken), ("parked_again", parked)):
         print(f"{label}: {kb} kB, {(kb - base) * 1024 // n} B per connection")
 
 

@@ -172,7 +172,7 @@ class MQTTConnection:
         self._can_park = hasattr(stream, "has_buffered")
         self._parking = False
         self._idle_spent = 0.0  # idle seconds already waited when the connection parks
-        self._parked = None  # (io watcher, keep-alive timer) while parked
+        self._parked = None  # (io watcher, keep-alive timer, loop time it parked) while parked
         # Read deadlines on one libev timer (streams with deadline_by_caller), checked lazily when it
         # fires against the time the current recv started: nothing is armed or cancelled per recv.
         self._by_timer = getattr(stream, "deadline_by_caller", False)
@@ -190,13 +190,14 @@ class MQTTConnection:
 
     # -- read loop -------------------------------------------------------------------------------
 
-    def run(self, first: bytes | None = None) -> None:
+    def run(self, first: bytes | None = None, repark: bool = False) -> None:
         """Serve the connection until it closes or parks; runs in a greenlet of its own.
 
         An idle client (nothing received for ``settings.park_after`` seconds) parks: its greenlet
         ends and a libev I/O watcher plus a keep-alive timer wake it with a new greenlet when bytes
         arrive. A connection with work to do has a greenlet; an idle one costs no greenlet stack.
         ``first``: input the wake-up already read from the socket (b"" for end of stream).
+        ``repark``: park again at the first recv that finds nothing (a wake-up after a long quiet).
         """
         stream = self.stream
         stats = self.broker.stats
@@ -213,7 +214,11 @@ class MQTTConnection:
                 self._connect_until = loop_now() + self.settings.connect_timeout
             self._set_deadline(self.settings.connect_timeout or None)
         else:
-            self._set_deadline(self._idle_timeout())
+            timeout = self._idle_timeout()
+            if repark and self._parking:
+                self._idle_spent = 0.0
+                timeout = 0.0
+            self._set_deadline(timeout)
         try:
             while not self.closed:
                 if first is not None:
@@ -381,7 +386,7 @@ class MQTTConnection:
             # The idle time already spent counts against keep alive.
             timer = loop.timer(max(0.001, self._keepalive_limit - self._idle_spent))
             timer.start(self._unpark, True)
-        self._parked = (watcher, timer)
+        self._parked = (watcher, timer, loop.now())
         return True
 
     def _unpark(self, timed_out: bool) -> None:
@@ -396,14 +401,19 @@ class MQTTConnection:
                 first = self._wake_in_hub(recv_nowait)
                 if first is None:
                     return  # answered (PINGREQ) or nothing to read: still parked
-        watcher, timer = self._parked
+        watcher, timer, parked_at = self._parked
         self._parked = None
         watcher.stop()
         watcher.close()
         if timer is not None:
             timer.stop()
             timer.close()
-        gevent.Greenlet(self._resume, timed_out, first).switch()
+        # A client that was quiet for park_after or longer (a sensor that reports now and then) is
+        # served and parks again at the first recv that finds nothing, as after CONNECT: its
+        # greenlet lives for the input, not for park_after more seconds. One woken sooner after
+        # parking (a client that turned busy) reads as usual.
+        long_quiet = watcher.loop.now() - parked_at >= self.settings.park_after
+        gevent.Greenlet(self._resume, timed_out, first, long_quiet).switch()
 
     def _wake_in_hub(self, recv_nowait) -> bytes | None:
         """Read what woke a parked connection, in the hub. Keep-alive traffic (PINGREQs only) is
@@ -424,19 +434,19 @@ class MQTTConnection:
         stats.messages_received += n >> 1
         for _ in range(n >> 1):
             self._write(_PINGRESP)
-        timer = self._parked[1]
+        watcher, timer, parked_at = self._parked
         if timer is not None:  # input arrived: keep alive counts from now
             self._idle_spent = 0.0
             timer.stop()
             timer.close()
-            timer = gevent.get_hub().loop.timer(self._keepalive_limit)
+            timer = watcher.loop.timer(self._keepalive_limit)
             timer.start(self._unpark, True)
-            self._parked = (self._parked[0], timer)
+            self._parked = (watcher, timer, parked_at)
         return None
 
-    def _resume(self, timed_out: bool, first: bytes | None = None) -> None:
+    def _resume(self, timed_out: bool, first: bytes | None = None, repark: bool = False) -> None:
         if not timed_out:
-            self.run(first)
+            self.run(first, repark)
             return
         try:
             self._on_timeout()
