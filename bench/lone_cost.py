@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker-cpus", default="1")
     ap.add_argument("--gen-cpus", default="0")
     ap.add_argument("--mosquitto", action="store_true")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before each run wait up to this long for other load below a quarter of a CPU")
     ap.add_argument("--idle", type=float, default=2.0, help="seconds of idle CPU measured before each run")
     args = ap.parse_args(argv)
     trees = [(name, Path(path).resolve()) for name, _, path in (t.partition("=") for t in args.tree)]
@@ -98,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 tree = dict(trees)[name]
                 broker = _TreeNode(tree, cpus=args.broker_cpus)
+            busy = ""
+            if args.wait_quiet > 0:
+                _, other = procinfo.wait_quiet(0.25, args.wait_quiet)
+                busy = f", other load before {other:.2f} CPUs"
             load = open("/proc/loadavg").read().split()[0]
             res = run_once(broker, args)
             table[name].append(res)
             print(f"round {rnd} {name}: p50 {res.get('p50_ms')} ms p99 {res.get('p99_ms')} ms "
-                  f"cpu {res.get('cpu_us_per_msg')} us/msg (load {load}, {time.strftime('%H:%M:%S')})",
+                  f"cpu {res.get('cpu_us_per_msg')} us/msg (load {load}{busy}, {time.strftime('%H:%M:%S')})",
                   flush=True)
     print("\n| build | p50 ms (median) | p99 ms (median) | broker CPU us/msg (median) |")
     print("|---|---:|---:|---:|")
