@@ -48,7 +48,9 @@ class SocketStream:
 
     def recv_nowait(self, n: int) -> bytes:
         """What the kernel holds now (b"" at end of stream); BlockingIOError when nothing. Never switches."""
-        return self.raw.recv(n)
+        data = self.raw.recv(n)
+        self._drained = len(data) < n
+        return data
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
