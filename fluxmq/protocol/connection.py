@@ -326,6 +326,7 @@ class MQTTConnection:
         timer = self._timer
         if timer is not None:
             self._timer = None
+            self._timer_at = 0.0  # no float kept per parked connection
             timer.stop()
             timer.close()
 
@@ -345,7 +346,8 @@ class MQTTConnection:
         if self.session is None and self._connect_until:
             left = self._connect_until - now  # before CONNECT: one deadline for the whole exchange
             if left > 0.0 or not wait_from:
-                self._arm(max(left, 0.001))
+                # Past the deadline but busy in a handler (an AUTH exchange): look again shortly.
+                self._arm(left if left > 0.0 else 0.05)
                 return
         elif not wait_from:
             self._arm(period)  # busy in a handler: the next recv starts a new period
@@ -976,6 +978,7 @@ class MQTTConnection:
             # that finds nothing, so a connect storm never holds a greenlet per client.
             self._idle_spent = 0.0
             timeout = 0.0
+        self._connect_until = 0.0
         self._set_deadline(timeout)
         log.debug("connect", extra={"peer": self.peer, "client_id": client_id, "version": version, "clean_start": p.clean_start, "keepalive": keepalive, "present": present})
         broker.attach(session, self, send_quota)
