@@ -1,7 +1,9 @@
 """Broker RSS per connection: idle, right after one PINGREQ each, and parked again (issue 16).
 
 Usage: python -m bench.wake_memory N PORT WORKER_PID [ping|publish]
-(a node on 127.0.0.1:PORT; N < the fd limit). ``ping`` (default): each connection sends one PINGREQ
+(a node on 127.0.0.1:PORT; N < the fd limit), or
+python -m bench.wake_memory --node TREE N [ping|publish]: a fresh node from checkout TREE (the
+``bench/compare`` configuration, pinned to CPU 1; the client pinned to CPU 0), stopped after. ``ping`` (default): each connection sends one PINGREQ
 and reads the PINGRESP. ``publish``: each sends one QoS 1 PUBLISH (to a topic nobody subscribes to)
 and reads the PUBACK: a wake-up that needs a greenlet.
 """
@@ -24,7 +26,30 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def with_node(tree: str, n: int, wake: str) -> None:
+    """Run this benchmark as a pinned child against a fresh node from checkout ``tree``."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from bench import procinfo  # noqa: PLC0415
+    from bench.lone_cost import _TreeNode  # noqa: PLC0415
+
+    node = _TreeNode(Path(tree).resolve(), cpus="1")
+    node.start(timeout=60)
+    try:
+        worker = procinfo.tree(node.pid)[-1]
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "bench.wake_memory", str(n), str(node.port),
+                        str(worker), wake], cwd=here, check=True, timeout=600)
+    finally:
+        node.cleanup()
+
+
 def main() -> None:
+    if sys.argv[1] == "--node":
+        with_node(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "ping")
+        return
     n, port, pid = (int(a) for a in sys.argv[1:4])
     wake = sys.argv[4] if len(sys.argv) > 4 else "ping"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
