@@ -39,10 +39,14 @@ class SocketStream:
             # wait for readability first (one wait either way) and save the failing syscall and
             # its BlockingIOError. A lone message costs one recv instead of two.
             sock._wait(sock._read_event)
-        try:
-            data = self.raw.recv(n)
-        except BlockingIOError:
-            data = sock.recv(n)  # gevent's: waits (or raises under a zero timeout)
+        while True:
+            try:
+                data = self.raw.recv(n)
+                break
+            except BlockingIOError:
+                if sock.timeout == 0.0:
+                    raise  # the try to park: no wait
+                sock._wait(sock._read_event)  # TimeoutError at the socket's timeout, if it has one
         self._drained = len(data) < n
         return data
 
