@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from fluxmq._core.buffer import WriteBuffer
 from fluxmq._core.codec import Decoder, append_publish, encode, encode_publish
 
 PAYLOAD = bytes(range(64))
@@ -51,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"{'case':<22}{'decode/s':>14}{'encode/s':>14}{'encode()/s':>14}"
-          f"{'append/s':>14}{'buf.write_publish/s':>21}")
+          f"{'append/s':>14}")
     for name, qos, packet_id, version in CASES:
         packet = encode_publish(TOPIC, PAYLOAD, qos, False, False, packet_id, None, version)
         stream = packet * BATCH
@@ -75,21 +74,13 @@ def main() -> None:
             if len(out) > 1 << 16:
                 out.clear()
 
-        buffer = WriteBuffer()
-
-        def buffer_append(buffer=buffer, packet=packet) -> None:
-            buffer.write_publish(packet, 77, False)
-            if len(buffer) > 1 << 16:  # drained like a socket would, below the idle shrink limit
-                buffer.clear()
-
         rates = (
             _rate(decode, args.seconds, BATCH),
             _rate(encode_fast, args.seconds),
             _rate(encode_generic, args.seconds),
             _rate(append, args.seconds),
-            _rate(buffer_append, args.seconds),
         )
-        print(f"{name:<22}" + "".join(f"{rate:>14,.0f}" for rate in rates[:4]) + f"{rates[4]:>21,.0f}")
+        print(f"{name:<22}" + "".join(f"{rate:>14,.0f}" for rate in rates))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ the FlushScheduler sends once per loop turn. It implements ``fluxmq.broker.deliv
 
 The stream is any object with ``recv(n)``, ``settimeout(t)``, ``send_nowait(buf) -> int``,
 ``send_all(data, timeout)``, ``shutdown()``, ``close()`` and ``peer`` (the transport layer's
-SocketStream, TLS and WebSocket streams).
+SocketStream, TLS and WebSocket streams). A stream whose ``recv`` may be interrupted at any of its
+waits by a thrown ``TimeoutError`` says so with ``deadline_by_caller = True``: the connection then
+keeps its read deadlines (connect timeout, park, keep alive) on one lazily re-armed libev timer
+instead of a socket timeout, which would cost a gevent ``Timeout`` set up and torn down per ``recv``.
+A stream with ``recv_nowait(n)`` (plain TCP) lets a parked connection answer PINGREQs from the hub,
+without waking a greenlet.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ RC_SERVER_UNAVAILABLE = 3
 RC_NOT_AUTHORIZED = 5
 
 _PINGRESP = b"\xd0\x00"
+_PINGREQ = b"\xc0\x00"  # the only form of a PINGREQ (remaining length 0) in every protocol version
 
 # libev priority of a parked connection's wake-up watcher (libev's range is -2..2; gevent's own
 # watchers, a reading connection's included, have 0).
@@ -139,7 +145,8 @@ class MQTTConnection:
                  "_aliases_out", "_alias_max_out", "_auth_method", "_auth_exchange", "_pending_connect",
                  "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
                  "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__",
-                 "_policy", "_npk", "close_reason", "_announced", "_progress_at")
+                 "_policy", "_npk", "close_reason", "_announced", "_progress_at", "_by_timer", "_timer",
+                 "_timer_at", "_period", "_wait_from", "_reader", "_connect_until")
 
     def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
                  over_limit: bool = False) -> None:
@@ -178,7 +185,16 @@ class MQTTConnection:
         self._can_park = hasattr(stream, "has_buffered")
         self._parking = False
         self._idle_spent = 0.0  # idle seconds already waited when the connection parks
-        self._parked = None  # (io watcher, keep-alive timer) while parked
+        self._parked = None  # (io watcher, keep-alive timer, loop time it parked) while parked
+        # Read deadlines on one libev timer (streams with deadline_by_caller), checked lazily when it
+        # fires against the time the current recv started: nothing is armed or cancelled per recv.
+        self._by_timer = getattr(stream, "deadline_by_caller", False)
+        self._timer = None  # the deadline timer while a greenlet serves the connection
+        self._timer_at = 0.0  # loop time the timer fires at
+        self._period = None  # seconds a recv may wait (None: no limit); absolute before CONNECT
+        self._wait_from = 0.0  # loop time the current recv started waiting; 0 when not in recv
+        self._connect_until = 0.0  # loop time by which CONNECT must have completed (0: no limit)
+        self._reader = None  # the greenlet running run(), while it runs
         self.on_close = None  # set by the listener: called once when the connection has ended
         self._npk = 0  # packets written since the last flush (added to stats.messages_sent there)
         self._policy = None  # fluxmq.auth ClientPolicy (ACL, rates, caps); None when none is configured
@@ -187,12 +203,14 @@ class MQTTConnection:
 
     # -- read loop -------------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, first: bytes | None = None, repark: bool = False) -> None:
         """Serve the connection until it closes or parks; runs in a greenlet of its own.
 
         An idle client (nothing received for ``settings.park_after`` seconds) parks: its greenlet
         ends and a libev I/O watcher plus a keep-alive timer wake it with a new greenlet when bytes
         arrive. A connection with work to do has a greenlet; an idle one costs no greenlet stack.
+        ``first``: input the wake-up already read from the socket (b"" for end of stream).
+        ``repark``: park again at the first recv that finds nothing (a wake-up after a long quiet).
         """
         stream = self.stream
         stats = self.broker.stats
@@ -200,29 +218,44 @@ class MQTTConnection:
         parked = False
         budget = YIELD_EVERY  # input bytes left before the next yield to the hub
         connect_deadline = 0.0
+        by_timer = self._by_timer
+        loop_now = gevent.get_hub().loop.now
+        self._reader = gevent.getcurrent()
         if self.session is None:
-            stream.settimeout(self.settings.connect_timeout or None)
             if self.settings.connect_timeout:
                 connect_deadline = time.monotonic() + self.settings.connect_timeout
+                self._connect_until = loop_now() + self.settings.connect_timeout
+            self._set_deadline(self.settings.connect_timeout or None)
         else:
-            stream.settimeout(self._idle_timeout())
+            timeout = self._idle_timeout()
+            if repark and self._parking:
+                self._idle_spent = 0.0
+                timeout = 0.0
+            self._set_deadline(timeout)
         try:
             while not self.closed:
-                try:
-                    data = stream.recv(65536)
-                except (TimeoutError, BlockingIOError):
-                    if self._parking and self._park():
-                        parked = True
-                        return
-                    if self._parking and self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
-                        stream.settimeout(self._idle_timeout())
-                        continue
-                    raise
+                if first is not None:
+                    data = first
+                    first = None
+                else:
+                    self._wait_from = loop_now()
+                    try:
+                        data = stream.recv(65536)
+                    except (TimeoutError, BlockingIOError):
+                        self._wait_from = 0.0
+                        if self._parking and self._park():
+                            parked = True
+                            return
+                        if self._parking and self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
+                            self._set_deadline(self._idle_timeout())
+                            continue
+                        raise
+                    self._wait_from = 0.0
                 if not data:
                     break
                 n = len(data)
                 stats.bytes_received += n
-                if connect_deadline and self.session is None:
+                if connect_deadline and self.session is None and not by_timer:
                     # The whole CONNECT (and its AUTH exchange) must arrive within connect_timeout,
                     # not each piece: a client trickling bytes is closed like a silent one.
                     stream.settimeout(max(0.001, connect_deadline - time.monotonic()))
@@ -269,8 +302,76 @@ class MQTTConnection:
             log.exception("connection_error", extra={"peer": self.peer, "client_id": self.client_id})
             self._send_disconnect(0x83, "implementation specific error")
         finally:
+            self._wait_from = 0.0
+            self._reader = None
+            self._disarm()
             if not parked:
                 self._teardown()
+
+    # -- read deadlines --------------------------------------------------------------------------
+
+    def _set_deadline(self, seconds: float | None) -> None:
+        """Bound each following recv to ``seconds`` (None: unbounded; 0.0: one try, no wait); before
+        CONNECT the bound is the absolute connect deadline instead."""
+        if not self._by_timer:
+            self.stream.settimeout(seconds)
+            return
+        if seconds == 0.0:
+            self.stream.settimeout(0.0)  # rare: the try to park right after CONNECT
+            self._period = None
+            return
+        self.stream.settimeout(None)
+        self._period = seconds
+        if seconds is None:
+            return
+        at = gevent.get_hub().loop.now() + seconds
+        if self._timer is None or self._timer_at > at:
+            self._arm(seconds)
+
+    def _arm(self, after: float) -> None:
+        self._disarm()
+        timer = gevent.get_hub().loop.timer(after)
+        timer.start(self._on_deadline)
+        self._timer = timer
+        self._timer_at = timer.loop.now() + after
+
+    def _disarm(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            self._timer_at = 0.0  # no float kept per parked connection
+            timer.stop()
+            timer.close()
+
+    def _on_deadline(self) -> None:
+        # Hub callback. Raise TimeoutError in the reader if its recv has waited the whole period
+        # (what a socket timeout would have done); otherwise wait for the rest of it.
+        timer = self._timer
+        self._timer = None
+        if timer is not None:
+            timer.close()
+        period = self._period
+        reader = self._reader
+        if period is None or reader is None or self.closed:
+            return
+        now = gevent.get_hub().loop.now()
+        wait_from = self._wait_from
+        if self.session is None and self._connect_until:
+            left = self._connect_until - now  # before CONNECT: one deadline for the whole exchange
+            if left > 0.0 or not wait_from:
+                # Past the deadline but busy in a handler (an AUTH exchange): look again shortly.
+                self._arm(left if left > 0.0 else 0.05)
+                return
+        elif not wait_from:
+            self._arm(period)  # busy in a handler: the next recv starts a new period
+            return
+        else:
+            left = wait_from + period - now
+            if left > 0.0:
+                self._arm(left)
+                return
+        self._wait_from = 0.0
+        reader.throw(TimeoutError("read timeout"))
 
     def _idle_timeout(self) -> float | None:
         """The recv timeout once connected: the park threshold, or the keep-alive limit if shorter."""
@@ -300,7 +401,7 @@ class MQTTConnection:
             # The idle time already spent counts against keep alive.
             timer = loop.timer(max(0.001, self._keepalive_limit - self._idle_spent))
             timer.start(self._unpark, True)
-        self._parked = (watcher, timer)
+        self._parked = (watcher, timer, loop.now())
         return True
 
     def _unpark(self, timed_out: bool) -> None:
@@ -308,18 +409,59 @@ class MQTTConnection:
         # greenlet waiting in recv), not scheduled for the next loop turn: a woken connection's
         # input takes effect in the turn it arrived, like an active connection's. When the greenlet
         # blocks or ends, the hub carries on from here.
-        watcher, timer = self._parked
+        first = None
+        if not timed_out and not self.closed:
+            recv_nowait = getattr(self.stream, "recv_nowait", None)
+            if recv_nowait is not None:
+                first = self._wake_in_hub(recv_nowait)
+                if first is None:
+                    return  # answered (PINGREQ) or nothing to read: still parked
+        watcher, timer, parked_at = self._parked
         self._parked = None
         watcher.stop()
         watcher.close()
         if timer is not None:
             timer.stop()
             timer.close()
-        gevent.Greenlet(self._resume, timed_out).switch()
+        # A client that was quiet for park_after or longer (a sensor that reports now and then) is
+        # served and parks again at the first recv that finds nothing, as after CONNECT: its
+        # greenlet lives for the input, not for park_after more seconds. One woken sooner after
+        # parking (a client that turned busy) reads as usual.
+        long_quiet = watcher.loop.now() - parked_at >= self.settings.park_after
+        gevent.Greenlet(self._resume, timed_out, first, long_quiet).switch()
 
-    def _resume(self, timed_out: bool) -> None:
+    def _wake_in_hub(self, recv_nowait) -> bytes | None:
+        """Read what woke a parked connection, in the hub. Keep-alive traffic (PINGREQs only) is
+        answered here and the connection stays parked: a client that only pings never costs a
+        greenlet, its stack or a receive buffer. Anything else is returned for a greenlet to serve
+        (b"" at end of stream); None when the connection stays parked."""
+        try:
+            data = recv_nowait(65536)
+        except BlockingIOError:
+            return None  # a spurious wake-up
+        except OSError:
+            return b""  # reset: the greenlet tears down
+        n = len(data)
+        if not n or len(self.decoder) or data.count(_PINGREQ) * 2 != n:
+            return data
+        stats = self.broker.stats
+        stats.bytes_received += n
+        stats.messages_received += n >> 1
+        for _ in range(n >> 1):
+            self._write(_PINGRESP)
+        watcher, timer, parked_at = self._parked
+        if timer is not None:  # input arrived: keep alive counts from now
+            self._idle_spent = 0.0
+            timer.stop()
+            timer.close()
+            timer = watcher.loop.timer(self._keepalive_limit)
+            timer.start(self._unpark, True)
+            self._parked = (watcher, timer, parked_at)
+        return None
+
+    def _resume(self, timed_out: bool, first: bytes | None = None, repark: bool = False) -> None:
         if not timed_out:
-            self.run()
+            self.run(first, repark)
             return
         try:
             self._on_timeout()
@@ -851,7 +993,8 @@ class MQTTConnection:
             # that finds nothing, so a connect storm never holds a greenlet per client.
             self._idle_spent = 0.0
             timeout = 0.0
-        self.stream.settimeout(timeout)
+        self._connect_until = 0.0
+        self._set_deadline(timeout)
         log.debug("connect", extra={"peer": self.peer, "client_id": client_id, "version": version, "clean_start": p.clean_start, "keepalive": keepalive, "present": present})
         broker.attach(session, self, send_quota)
         events = broker.events

@@ -226,6 +226,10 @@ class TLSStream:
 
     __slots__ = ("sock", "raw", "sslobj", "fd", "peer", "cert_username", "_timeout")
 
+    # The connection bounds recv with its own timer (as a socket timeout would, at any of recv's
+    # waits): no gevent Timeout per recv.
+    deadline_by_caller = True
+
     def __init__(self, sock: gssl.SSLSocket, peer: str, cert_username: str | None = None) -> None:
         self.sock = sock
         self.raw = sock._sock  # the OS socket (gevent's SSLSocket wraps it)
