@@ -371,7 +371,7 @@ class Broker:
     def _forget_session(self, session: Session) -> None:
         """The end of ``_end_session``: out of the router, the store and the session table."""
         if self.queues is not None:
-            self.queues.resumable.pop(session.client_id, None)  # its queue memberships end too
+            self.queues.session_ended(session.client_id)  # its queue memberships end too (stored ones)
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
         session.subscriptions.clear()

@@ -325,6 +325,7 @@ class BrokerService:
             from fluxmq.queues.config import QueueConfig
 
             manager = QueueManager(storage, [QueueConfig.from_dict(item) for item in items], auto_create)
+            manager.restore_members(broker.sessions)  # persistent sessions' memberships
             manager.install_captures(broker.router)
             manager.start()
             return manager

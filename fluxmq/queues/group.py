@@ -5,6 +5,12 @@ it is settled (ack, reject, dead-lettered, expired); a nack or a visibility time
 for redelivery. Progress is durable: ``floor`` (every offset below it settled) and the offsets
 settled above it are written through the queue log, so after a restart exactly the unsettled
 records are delivered again.
+
+So are the delivery counts, once per dispatch: the ``mark`` (every unsettled offset below it was
+delivered once) and the offsets below it whose count is not 1 (0: passed over for a member with
+room, never delivered; 2 and more: delivered again). A dispatch runs before the turn's flush, and
+the flush commits before it writes, so a count is stored before its delivery leaves the node:
+after a crash the count goes on where the consumer saw it.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ class Pending:
 class ConsumerGroup:
     """One consumer group of a queue (see the module docstring)."""
 
-    def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None) -> None:
+    def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None, mark: int = 0,
+                 counts: dict[int, int] | None = None) -> None:
         self.queue = queue
         self.name = name
         self.group_pair = ("group-id", name)  # a delivery's user property, made once
@@ -94,6 +101,12 @@ class ConsumerGroup:
         # across rebalancing (a new owner starts after the last settled offset).
         self.holders: dict[int, dict[Member, int]] = {}
         self.dead_pending: dict[int, str] = {}  # offset -> reason: the DLQ append failed, retried
+        # Delivery counts as stored (see the module docstring): what a restart found, and what
+        # each dispatch changed.
+        self.mark = mark
+        self.loaded_mark = mark
+        self.stored_counts: dict[int, int] = dict(counts or {})
+        self._count_dirty: set[int] = set()
 
     # -- members ---------------------------------------------------------------------------------
 
@@ -154,6 +167,7 @@ class ConsumerGroup:
         pending = self.pending
         settled = self.settled
         filtered = any(m.levels is not None for m in members)
+        mark = self.mark
         blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
             budget -= 1
@@ -207,6 +221,8 @@ class ConsumerGroup:
                 break
         for offset in parked:
             self._push_ready(offset)
+        if self.mark != mark or self._count_dirty:
+            self._save_counts(mark)
         return budget <= 0
 
     def _pop(self, from_ready: bool) -> None:
@@ -266,12 +282,17 @@ class ConsumerGroup:
             member.pending += 1
             self.queue.stats["delivered"] += 1
             return True
-        count = self.counts.get(offset, 0) + 1
+        count = self.counts.get(offset)
+        count = (self._prior_count(offset) if count is None else count) + 1
         message = self.queue.delivery_message(record, self.name, count, self._on_puback, (offset, count), (),
                                               self.group_pair)
         if not member.session.send_tracked(message):
             return False
         self.counts[offset] = count
+        if offset >= self.mark:
+            self.mark = offset + 1
+        if count != 1 or (self.stored_counts and offset in self.stored_counts):
+            self._count_dirty.add(offset)
         self.avoid.pop(offset, None)
         self.pending[offset] = Pending(member, now + self.queue.config.visibility_timeout, count, part)
         if part >= 0:
@@ -280,6 +301,37 @@ class ConsumerGroup:
         member.pending += 1
         self.queue.stats["delivered"] += 1
         return True
+
+    def _prior_count(self, offset: int) -> int:
+        """Deliveries of ``offset`` before this run of the node (what the store says)."""
+        n = self.stored_counts.get(offset)
+        if n is not None:
+            return n
+        return 1 if offset < self.loaded_mark else 0
+
+    def _save_counts(self, old_mark: int) -> None:
+        """Write what this dispatch changed of the delivery counts (one batch per dispatch)."""
+        dirty = self._count_dirty
+        mark = self.mark
+        if mark != old_mark:
+            counts = self.counts
+            for off in self.ready:  # passed over, never delivered, now below the mark
+                if old_mark <= off < mark and not counts.get(off):
+                    dirty.add(off)
+        stored = self.stored_counts
+        changed: dict[int, int | None] = {}
+        for off in dirty:
+            want = None if self.is_settled(off) or off >= mark else self.counts.get(off, 0)
+            if want == 1:
+                want = None
+            if stored.get(off) != want:
+                changed[off] = want
+                if want is None:
+                    stored.pop(off, None)
+                else:
+                    stored[off] = want
+        dirty.clear()
+        self.queue.log.record_deliveries(self.name, mark if mark != old_mark else None, changed)
 
     # -- settlement ------------------------------------------------------------------------------
 
@@ -395,6 +447,8 @@ class ConsumerGroup:
     def settle(self, offset: int) -> None:
         """Record ``offset`` as settled for good (durable with the turn's commit)."""
         self.counts.pop(offset, None)
+        if self.stored_counts and self.stored_counts.pop(offset, None) is not None:
+            self.queue.log.record_deliveries(self.name, None, {offset: None})
         self.avoid.pop(offset, None)
         qlog = self.queue.log
         if offset == self.floor:

@@ -119,6 +119,16 @@ class QueueLog:
         else:
             store.put_group(self.name, group, floor)
 
+    def record_deliveries(self, group: str, mark: int | None, counts: dict[int, int | None]) -> None:
+        """A group's delivery counts, part of its progress: ``mark`` (when not None) says every
+        unsettled offset below it was delivered once, ``counts`` the offsets below it where the
+        count is not 1 (None: back to 1, or settled). Written at most once per dispatch."""
+        store = self.store
+        if mark is not None:
+            store.put_mark(self.name, group, mark)
+        for offset, n in counts.items():
+            store.put_count(self.name, group, offset, n)
+
     def truncate(self, below: int, limit: int) -> int:
         """Delete up to ``limit`` records from the front, below offset ``below`` (retention);
         returns how many were deleted."""

@@ -160,6 +160,7 @@ class QueueManager:
         self.queues: dict[str, Queue] = {}
         self.members: dict[object, list[Member]] = {}  # session -> its memberships
         self.resumable: dict[str, list[tuple]] = {}  # client id -> memberships of its offline session
+        self._stored_members: set[str] = set()  # client ids whose memberships are in the store
         self.broker_stats = stats
         self._kicked: set[Queue] = set()
         self._kick_scheduled = False
@@ -168,7 +169,8 @@ class QueueManager:
         for name, stored in self.store.load_queues().items():
             q = self._make(name, QueueLog(name, self.store, stored.first, stored.next, stored.count, stored.bytes))
             for gname, g in stored.groups.items():
-                q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled))
+                q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled), getattr(g, "mark", 0),
+                                                getattr(g, "counts", None))
         for name in self.configs:
             self.queue(name, create=True)
         for q in self.queues.values():
@@ -254,9 +256,11 @@ class QueueManager:
         self.kick_soon(q)
         return 1
 
-    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int) -> int:
+    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int,
+                  rejoin: bool = False) -> int:
         """Join a consumer group; returns the granted QoS (1). Raises QueueRefused (0x83 QoS 0,
-        0x8F no such queue)."""
+        0x8F no such queue). A persistent session's membership is stored (``rejoin``: it is
+        already), so it survives a restart of the node."""
         rest = filter[len(PREFIX):]
         name, _, key_filter = rest.partition("/")
         if qos == 0:
@@ -292,6 +296,11 @@ class QueueManager:
         member = Member(session, filter, key_filter, auto_ack, max_inflight, group)
         group.add(member)
         mine.append(member)
+        if not rejoin and getattr(session, "persistent", False):
+            cid = session.client_id
+            self.store.put_member(cid, filter, group_name, auto_ack)
+            self.storage.note_stake(cid)  # the SUBACK acknowledges the stored membership
+            self._stored_members.add(cid)
         session.on_room = self._on_room
         log.info("queue_member_joined", extra={"queue": name, "group": group_name,
                                                "client_id": session.client_id, "auto_ack": auto_ack})
@@ -323,6 +332,8 @@ class QueueManager:
         for m in found:
             mine.remove(m)
             self._leave(m)
+        if found and session.client_id in self._stored_members:
+            self.store.delete_member(session.client_id, filter)
         if not mine:
             self.members.pop(session, None)
             session.on_room = None
@@ -348,9 +359,40 @@ class QueueManager:
         for filter, group, auto_ack in saved:
             user = [("consumer-group", group), ("auto-ack", "true" if auto_ack else "false")]
             try:
-                self.subscribe(session, filter, 1, user, 5)
-            except QueueRefused:
-                pass
+                self.subscribe(session, filter, 1, user, 5, rejoin=True)
+            except QueueRefused as exc:  # the queue is gone (auto_create off, no longer configured)
+                log.warning("queue_member_not_rejoined", extra={"client_id": session.client_id,
+                                                                "filter": filter, "reason": str(exc)})
+                if session.client_id in self._stored_members:
+                    self.store.delete_member(session.client_id, filter)
+
+    def session_ended(self, client_id: str) -> None:
+        """The session of ``client_id`` ended (expired, clean start, ended with its connection):
+        its memberships end, stored ones included."""
+        self.resumable.pop(client_id, None)
+        if client_id in self._stored_members:
+            self._stored_members.discard(client_id)
+            self.store.delete_members(client_id)
+
+    def restore_members(self, sessions: dict) -> int:
+        """At start, after the broker restored its sessions: each persistent session is a member
+        of the groups it was in again (it rejoins them when it connects, without a SUBSCRIBE).
+        Memberships of sessions that ended meanwhile are deleted. Returns the memberships kept."""
+        kept = 0
+        gone: set[str] = set()
+        for m in self.store.load_members():
+            session = sessions.get(m.client_id)
+            if session is None or not session.expiry_interval:
+                gone.add(m.client_id)
+                continue
+            self.resumable.setdefault(m.client_id, []).append((m.filter, m.group, m.auto_ack))
+            self._stored_members.add(m.client_id)
+            kept += 1
+        for cid in gone:
+            self.store.delete_members(cid)
+        if kept or gone:
+            log.info("queue_members_restored", extra={"members": kept, "ended_sessions": len(gone)})
+        return kept
 
     def _leave(self, member: Member) -> None:
         group = member.group
@@ -517,6 +559,9 @@ class QueueManager:
             group.retry.clear()
             group.counts.clear()
             group.avoid.clear()
+            if group.stored_counts:
+                qlog.record_deliveries(group.name, None, dict.fromkeys(group.stored_counts))
+                group.stored_counts.clear()
             for off in sorted(group.settled):
                 qlog.commit(group.name, group.floor, None, (off,))
             group.settled.clear()

@@ -117,3 +117,33 @@ def test_settling_an_unknown_message_changes_nothing(tmp_path: Path, action: str
     props = {USER_PROPERTY: [("message-id", "jobs:99"), ("group-id", "g")]}
     assert broker.publish(Message(f"$queue/jobs/{action}", b"", 1, properties=props)) == 0
     storage.close()
+
+
+def test_delivery_counts_go_on_after_a_restart(tmp_path: Path) -> None:
+    """Stored once per dispatch: a redelivered record goes on counting after a crash, and a record
+    passed over (no member's filter matched it) still counts as never delivered."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    a, d = member(broker, "c1", "$queue/jobs/a/#", "g")
+    broker.publish(Message("$queue/jobs/b/1", b"passed over", 1))  # offset 0: no member for it
+    broker.publish(Message("$queue/jobs/a/1", b"again", 1))  # offset 1
+    end_of_turn()
+    assert [up(m)["delivery-count"] for _, m in d.sent] == ["1"]
+    broker.close_session(a, a.delivery, False)  # leaves: offset 1 goes to the next member
+    _, d2 = member(broker, "c2", "$queue/jobs/a/#", "g")
+    assert [(m.payload, up(m)["delivery-count"]) for _, m in d2.sent] == [(b"again", "2")]
+    storage.commit()
+    storage.abort()  # a crash: nothing more is written
+
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, d3 = member(broker, "c3", "$queue/jobs/#", "g")
+    got = sorted((m.payload, up(m)["delivery-count"]) for _, m in d3.sent)
+    assert got == [(b"again", "3"), (b"passed over", "1")]
+    for _, m in d3.sent:
+        settle(broker, "jobs", "$ack", m)
+    storage.commit()
+    group = broker.queues.queues["jobs"].groups["g"]
+    assert not group.stored_counts  # settled: their count records are deleted
+    storage.close()
+    found = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    assert found.queue_log().load_queues()["jobs"].groups["g"].counts == {}
+    found.close()
