@@ -542,7 +542,9 @@ class MQTTConnection:
             cache = message.wire_cache = {}
         data = cache.get(key)
         if data is None:
-            props = dict(message.properties) if message.properties else {}
+            props = message.properties
+            if not isinstance(key, int):  # per-delivery properties: on a copy (the common shape has none)
+                props = dict(props) if props else {}
             if expiry is not None:
                 props[c.MESSAGE_EXPIRY_INTERVAL] = expiry  # the remaining lifetime [MQTT-3.3.2-6]
             if subscription_ids:

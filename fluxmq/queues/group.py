@@ -61,15 +61,16 @@ class Member:
 
 
 class Pending:
-    """A delivered, unsettled record."""
+    """A delivered, unsettled record; also the delivery's ticket (its PUBACK names it)."""
 
-    __slots__ = ("member", "deadline", "attempt", "part")
+    __slots__ = ("member", "deadline", "attempt", "part", "offset")
 
-    def __init__(self, member: Member, deadline: float, attempt: int, part: int = -1) -> None:
+    def __init__(self, member: Member, deadline: float, attempt: int, part: int = -1, offset: int = -1) -> None:
         self.member = member
         self.deadline = deadline  # monotonic: redelivered after it (visibility_timeout)
         self.attempt = attempt
         self.part = part  # partition of the record (-1: the queue is not partitioned)
+        self.offset = offset
 
 
 class ConsumerGroup:
@@ -107,6 +108,11 @@ class ConsumerGroup:
         self.loaded_mark = mark
         self.stored_counts: dict[int, int] = dict(counts or {})
         self._count_dirty: set[int] = set()
+        # Progress settled by PUBACKs and not written yet: written once per loop turn
+        # (write_progress, from the manager's end-of-turn dispatch), not once per PUBACK.
+        self.progress_dirty = False
+        self._unwritten: set[int] = set()  # settled above the floor, not recorded in the store yet
+        self._passed: list[int] = []  # recorded above the floor, since passed by it
 
     # -- members ---------------------------------------------------------------------------------
 
@@ -257,9 +263,9 @@ class ConsumerGroup:
     def _pick(self, key: str, avoid: Member | None) -> Member | None:
         members = self.members
         n = len(members)
-        if n == 1:  # the common single consumer: no rotation
+        if n == 1:  # the common single consumer: no rotation (its session is asked by the send)
             m = members[0]
-            return m if m.has_room() and filter_matches(m.levels, key) else None
+            return m if m.pending < m.max_inflight and (m.levels is None or filter_matches(m.levels, key)) else None
         fallback = None
         for i in range(n):
             m = members[(self._rr + i) % n]
@@ -282,24 +288,28 @@ class ConsumerGroup:
             member.pending += 1
             self.queue.stats["delivered"] += 1
             return True
-        count = self.counts.get(offset)
-        count = (self._prior_count(offset) if count is None else count) + 1
-        message = self.queue.delivery_message(record, self.name, count, self._on_puback, (offset, count), (),
-                                              self.group_pair)
-        if not member.session.send_tracked(message):
+        queue = self.queue
+        counts = self.counts
+        # Deliveries so far (>= 1 when known; before this run: what the store says, see _prior_count).
+        count = (counts.get(offset) or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts
+                                        else 0)) + 1
+        p = Pending(member, now + queue.config.visibility_timeout, count, part, offset)
+        if not member.session.send_tracked(queue.delivery_message(record, self.name, count, self._on_puback, p, (),
+                                                                  self.group_pair)):
             return False
-        self.counts[offset] = count
+        counts[offset] = count
         if offset >= self.mark:
             self.mark = offset + 1
         if count != 1 or (self.stored_counts and offset in self.stored_counts):
             self._count_dirty.add(offset)
-        self.avoid.pop(offset, None)
-        self.pending[offset] = Pending(member, now + self.queue.config.visibility_timeout, count, part)
+        if self.avoid:
+            self.avoid.pop(offset, None)
+        self.pending[offset] = p
         if part >= 0:
             holders = self.holders.setdefault(part, {})
             holders[member] = holders.get(member, 0) + 1
         member.pending += 1
-        self.queue.stats["delivered"] += 1
+        queue.stats["delivered"] += 1
         return True
 
     def _prior_count(self, offset: int) -> int:
@@ -338,8 +348,8 @@ class ConsumerGroup:
     def _on_puback(self, session, reason_code: int, ticket) -> None:
         """A consumer's PUBACK: the settlement of an auto-ack member (3.1.1, or 5.0 ``auto-ack``);
         a 5.0 reason code of 0x80 or more is a nack."""
-        offset, attempt = ticket
         if self.stream:
+            offset = ticket[0]
             member = self.sent.pop(offset, None)
             if member is not None:
                 member.pending -= 1
@@ -347,16 +357,19 @@ class ConsumerGroup:
                     self.commit(offset + 1)
             self.queue.manager.kick_soon(self.queue)
             return
-        p = self.pending.get(offset)
-        if p is None or p.attempt != attempt or p.member.session is not session:
-            self.queue.manager.kick_soon(self.queue)  # a window slot freed
+        offset = ticket.offset
+        queue = self.queue
+        if self.pending.get(offset) is not ticket or ticket.member.session is not session:
+            queue.manager.kick_soon(queue)  # a window slot freed
             return
-        if p.member.auto_ack:
+        if ticket.member.auto_ack:
             if reason_code >= 0x80:
                 self.nack(offset, "puback reason code")
-            else:
-                self.ack(offset)
-        self.queue.manager.kick_soon(self.queue)
+            else:  # the ack, inline; its progress is written at the end of the turn
+                self._release(offset)
+                queue.stats["acked"] += 1
+                self.settle(offset, defer=True)
+        queue.manager.kick_soon(queue)
 
     def _release(self, offset: int) -> Pending | None:
         p = self.pending.pop(offset, None)
@@ -444,26 +457,52 @@ class ConsumerGroup:
             done += 1
         return done
 
-    def settle(self, offset: int) -> None:
-        """Record ``offset`` as settled for good (durable with the turn's commit)."""
+    def settle(self, offset: int, defer: bool = False) -> None:
+        """Record ``offset`` as settled for good (durable with the turn's commit). ``defer``: the
+        progress is written at the end of the loop turn (``write_progress``), still before the
+        turn's commit; for settlements nothing acknowledges (a consumer's PUBACK)."""
         self.counts.pop(offset, None)
         if self.stored_counts and self.stored_counts.pop(offset, None) is not None:
             self.queue.log.record_deliveries(self.name, None, {offset: None})
-        self.avoid.pop(offset, None)
-        qlog = self.queue.log
+        if self.avoid:
+            self.avoid.pop(offset, None)
         if offset == self.floor:
             floor = offset + 1
-            passed = []
             settled = self.settled
-            while floor in settled:
-                settled.discard(floor)
-                passed.append(floor)
-                floor += 1
+            if settled:
+                unwritten = self._unwritten
+                passed = self._passed
+                while floor in settled:
+                    settled.discard(floor)
+                    if floor in unwritten:
+                        unwritten.discard(floor)  # never recorded: nothing to delete
+                    else:
+                        passed.append(floor)
+                    floor += 1
             self.floor = floor
-            qlog.commit(self.name, floor, None, passed)
         elif offset > self.floor and offset not in self.settled:
             self.settled.add(offset)
-            qlog.commit(self.name, self.floor, offset)
+            self._unwritten.add(offset)
+        else:
+            return
+        if defer:
+            self.progress_dirty = True
+        else:
+            self.write_progress()
+
+    def write_progress(self) -> None:
+        """Write what was settled since the last write: the floor, the offsets settled above it,
+        and the deletes of those the floor passed (one batch, not one write per settlement)."""
+        qlog = self.queue.log
+        name = self.name
+        floor = self.floor
+        if self._unwritten:
+            for off in sorted(self._unwritten):
+                qlog.commit(name, floor, off)
+            self._unwritten.clear()
+        qlog.commit(name, floor, None, self._passed)
+        self._passed = []
+        self.progress_dirty = False
 
     # -- timers ----------------------------------------------------------------------------------
 

@@ -63,7 +63,12 @@ class QueueLog:
     def append_one(self, message: Message) -> Record:
         """``append`` of one message (the publish path)."""
         now = time.time()
+        cached = message.wire_cache is not None
         blob = encode_record(now, message)
+        if not cached:
+            # Only the log needs this encoding: not a dict kept per cached record (the collector
+            # walks every live one), nor the blob twice in memory.
+            message.wire_cache = None
         offset = self.next
         self.next = offset + 1
         self.store.append(self.name, offset, blob)

@@ -246,9 +246,9 @@ class QueueManager:
         name, _, key = rest.partition("/")
         if key in SETTLE_ACTIONS:
             return self._settle(name, key, message, origin)
-        if self.storage_refusing():
+        if self.storage.refusing:
             raise QueueRefused("storage full", 0x97)
-        q = self._queue_for(name, 0x90)
+        q = self.queues.get(name) or self._queue_for(name, 0x90)
         q.append(message)
         if origin is not None:
             # The origin's PUBACK acknowledges the append: a failed commit must abandon it.
@@ -457,6 +457,9 @@ class QueueManager:
         kicked, self._kicked = self._kicked, set()
         for q in kicked:
             try:
+                for group in q.groups.values():
+                    if group.progress_dirty:  # this turn's PUBACK settlements: one write each group
+                        group.write_progress()
                 self.kick(q)
             except Exception:  # one queue's failure must not stop the others' deliveries
                 log.exception("queue_dispatch_failed", extra={"queue": q.name})
@@ -490,6 +493,8 @@ class QueueManager:
         now = time.monotonic() if now is None else now
         for q in list(self.queues.values()):
             for group in q.groups.values():
+                if group.progress_dirty:
+                    group.write_progress()
                 if group.pending:
                     group.expire_pending(now)
                 if group.stream and group.members:
@@ -504,6 +509,11 @@ class QueueManager:
 
     def stop(self) -> None:
         self._closing = True
+        if not self.storage.closed:
+            for q in self.queues.values():
+                for group in q.groups.values():
+                    if group.progress_dirty:
+                        group.write_progress()
         if self._timer is not None:
             self._timer.kill(block=False)
             self._timer = None
@@ -549,6 +559,7 @@ class QueueManager:
         while qlog.first < qlog.next:
             qlog.truncate(qlog.next, 10000)
         for group in q.groups.values():
+            group.write_progress()
             for m in group.members:
                 m.pending = 0
             group.pending.clear()

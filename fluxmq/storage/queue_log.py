@@ -65,7 +65,8 @@ def log_prefix(queue: str) -> bytes:
 
 
 def log_key(queue: str, offset: int) -> bytes:
-    return log_prefix(queue) + _OFF.pack(offset)
+    prefix = _LOG_PREFIXES.get(queue)
+    return (prefix or log_prefix(queue)) + _OFF.pack(offset)
 
 
 def group_key(queue: str, group: str) -> bytes:
