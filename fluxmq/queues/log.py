@@ -65,7 +65,7 @@ class QueueLog:
         now = time.time()
         cached = message.wire_cache is not None
         blob = encode_record(now, message)
-        if not cached:
+        if not cached and message.wire_cache is not None:
             # Only the log needs this encoding: not a dict kept per cached record (the collector
             # walks every live one), nor the blob twice in memory.
             message.wire_cache = None

@@ -23,7 +23,7 @@ from .config import CLASSIC, STREAM, QueueConfig, valid_queue_name
 from .delivery import ACK, NACK, REJECT, SETTLE_ACTIONS, build_delivery, parse_message_id, user_properties
 from .group import ConsumerGroup, Member
 from .log import QueueLog
-from .retention import apply_retention
+from .retention import apply_retention, truncate_settled
 
 log = logging.getLogger("fluxmq.queues")
 
@@ -457,9 +457,15 @@ class QueueManager:
         kicked, self._kicked = self._kicked, set()
         for q in kicked:
             try:
+                settled = False
                 for group in q.groups.values():
                     if group.progress_dirty:  # this turn's PUBACK settlements: one write each group
                         group.write_progress()
+                        settled = True
+                if settled and q.config.type == CLASSIC:
+                    # What every group settled goes now, while its records are cached (the tick's
+                    # retention would read their sizes back from the store) and the log is short.
+                    truncate_settled(q)
                 self.kick(q)
             except Exception:  # one queue's failure must not stop the others' deliveries
                 log.exception("queue_dispatch_failed", extra={"queue": q.name})

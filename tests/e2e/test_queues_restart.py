@@ -100,8 +100,10 @@ def test_a_persistent_member_stays_in_its_groups_across_a_restart(node_factory, 
     join(c5, "$queue/events", consumer_group="readers", stream_offset="first", auto_ack="true")
     publish(node, "$queue/events", b"e0", b"e1")
     assert sorted(m.payload for m in (c5.get(), c5.get())) == [b"e0", b"e1"]
-    # The auto-ack PUBACKs committed the stream's cursor past e1.
+    # The auto-ack PUBACKs moved the stream's cursor past e1; a PUBACK that leaves after that
+    # means it is committed (a PUBACK leaves after the commit of everything recorded before it).
     assert wait_group(node, "events", "readers", lag=0)["lag"] == 0
+    publish(node, "sync/after-the-acks", b"")
     stop(node, how)  # the member is still connected
     c5.stop()
 
