@@ -39,19 +39,21 @@ MEMBER_FORMAT = 1
 _AUTO_ACK = 1
 
 
-#: the record header and a message blob's header in one (the common message: no properties,
-#: origin or expiry, so the blob is its header, the topic and the payload)
+#: the record header and a message blob's header in one (the common message: no properties or
+#: expiry, so the blob is its header, the topic, the origin and the payload)
 _TS_MSG = struct.Struct("<Bd" + r._MSG.format.lstrip("<"))
 
 
 def encode_record(timestamp: float, message) -> bytes:
     """One queue record: its append time (wall clock, seconds) and the message blob."""
-    if message.properties or message.origin or message.expires_at is not None or message.wire_cache:
+    if message.properties or message.expires_at is not None or message.wire_cache:
         return _TS.pack(RECORD_FORMAT, timestamp) + r.encode_message(message)
     topic = message.topic.encode()
+    origin = message.origin.encode() if message.origin else b""
     payload = message.payload
-    return b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, message.qos | (4 if message.retain else 0), 0.0,
-                                  len(topic), 0, 0, len(payload)), topic, payload))
+    flags = message.qos | (4 if message.retain else 0) | (16 if origin else 0)
+    return b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, flags, 0.0, len(topic), len(origin), 0,
+                                  len(payload)), topic, origin, payload))
 
 
 def decode_record(buf) -> tuple[float, tuple]:

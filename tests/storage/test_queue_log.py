@@ -159,3 +159,15 @@ def test_a_schema_2_store_is_upgraded_and_its_queues_load(tmp_path: Path) -> Non
     assert (g.floor, g.settled, g.mark, g.counts) == (1, {2}, 0, {})
     assert s.queue_log().load_members() == []
     s.close()
+
+
+def test_a_plain_records_one_pack_encoding_is_the_general_one() -> None:
+    """encode_record's shortcut (no properties, no expiry) writes the bytes the general encoder
+    writes, with and without an origin, so records read back the same."""
+    for message in (Message("$queue/q/k", b"x" * 70, 1, origin="client-1"), Message("$queue/q", b"", 1),
+                    Message("t", b"p", 0, True)):
+        general = Message(message.topic, message.payload, message.qos, message.retain, origin=message.origin)
+        blob = encode_record(7.5, message)
+        assert blob == struct.pack("<Bd", 1, 7.5) + r.encode_message(general)
+        assert decode_record(blob) == (7.5, (message.topic, message.payload, message.qos, message.retain, None, None,
+                                             message.origin))
