@@ -147,3 +147,74 @@ def test_delivery_counts_go_on_after_a_restart(tmp_path: Path) -> None:
     found = LMDBStorage(tmp_path / "d", map_size=64 << 20)
     assert found.queue_log().load_queues()["jobs"].groups["g"].counts == {}
     found.close()
+
+
+def test_a_filter_with_plus_and_hash_is_applied_to_the_routing_key(tmp_path: Path) -> None:
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, plus = member(broker, "c1", "$queue/jobs/+/paid", "p", auto_ack=True)
+    _, hash_ = member(broker, "c2", "$queue/jobs/eu/#", "h", auto_ack=True)
+    for key in ("eu/paid", "eu/new", "us/paid", "eu/x/paid", "eu"):
+        broker.publish(Message(f"$queue/jobs/{key}", key.encode(), 1))
+    end_of_turn()
+    assert [m.payload for _, m in plus.sent] == [b"eu/paid", b"us/paid"]
+    assert [m.payload for _, m in hash_.sent] == [b"eu/paid", b"eu/new", b"eu/x/paid", b"eu"]
+    storage.close()
+
+
+def test_a_consumers_receive_maximum_bounds_its_unsettled_deliveries(tmp_path: Path) -> None:
+    """5.0 Receive Maximum 2 (the session's window) under a queue max_inflight of 100."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs", max_inflight=100)])
+    session, _ = broker.open_session("c1", True, 0)
+    d = Delivery()
+    broker.attach(session, d, 2)
+    broker.subscribe(session, "$queue/jobs", 1, user_properties=[("consumer-group", "g"), ("auto-ack", "true")])
+    for i in range(5):
+        broker.publish(Message("$queue/jobs", b"%d" % i, 1))
+    end_of_turn()
+    assert [m.payload for _, m in d.sent] == [b"0", b"1"]
+    session.on_puback(d.sent[0][0], 0)  # one settled: one more
+    end_of_turn()
+    assert [m.payload for _, m in d.sent] == [b"0", b"1", b"2"]
+    storage.close()
+
+
+def test_unsettled_work_is_kept_until_every_group_settled_it_unless_a_limit_forces_it(tmp_path: Path) -> None:
+    from fluxmq.queues.config import RetentionConfig
+
+    storage, broker = node(tmp_path / "d", [QueueConfig("kept"), QueueConfig("capped", retention=RetentionConfig(
+        max_length_messages=2))])
+    _, fast = member(broker, "c1", "$queue/kept", "fast", auto_ack=True)
+    member(broker, "c2", "$queue/kept", "slow")  # never settles
+    for i in range(5):
+        broker.publish(Message("$queue/kept", b"%d" % i, 1))
+        broker.publish(Message("$queue/capped", b"%d" % i, 1))
+    end_of_turn()
+    for pid, _ in fast.sent:
+        broker.sessions["c1"].on_puback(pid, 0)
+    end_of_turn()
+    broker.queues.tick()
+    kept, capped = broker.queues.queues["kept"], broker.queues.queues["capped"]
+    assert kept.log.count == 5 and kept.stats["retention_dropped"] == 0  # "slow" has settled none
+    assert capped.log.count == 2 and capped.stats["retention_dropped"] == 3  # forced out: counted
+    storage.close()
+
+
+def test_a_stream_group_commits_what_was_acknowledged_every_auto_commit_interval(tmp_path: Path) -> None:
+    configs = [QueueConfig("events", type="stream", auto_commit_interval=0.01)]
+    storage, broker = node(tmp_path / "d", configs)
+    session, d = member(broker, "c1", "$queue/events", "readers")  # not auto-ack: no commit per ack
+    for i in range(4):
+        broker.publish(Message("$queue/events", b"%d" % i, 1))
+    end_of_turn()
+    for pid, _ in d.sent[:3]:
+        session.on_puback(pid, 0)  # acknowledged on the wire; the 4th is not
+    gevent.sleep(0.02)
+    broker.queues.tick()
+    assert broker.queues.queues["events"].groups["readers"].floor == 3
+    storage.commit()
+    storage.abort()
+
+    storage, broker = node(tmp_path / "d", configs)
+    _, d = member(broker, "c2", "$queue/events", "readers")
+    assert [m.payload for _, m in d.sent] == [b"3"]  # resumes after the commit
+    storage.close()
