@@ -402,7 +402,7 @@ class Session:
         if self.queue or self.held:
             self.pump()
         message = entry.message
-        if message.__class__ is TrackedMessage:
+        if isinstance(message, TrackedMessage):  # (a durable queue's delivery class derives from it)
             message.settle(self, reason_code, message.ticket)
         return True
 

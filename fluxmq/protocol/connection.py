@@ -534,7 +534,7 @@ class MQTTConnection:
             if new_alias:
                 alias = self._new_alias()
         if expiry is None and subscription_ids is None and not alias:
-            key = 8 + qos * 2 + retain  # the common shape: an int key, no tuple per message
+            key = 8 + qos * 2 + retain  # the common shape: an int key, no tuple per message (WIRE_V5_QOS1)
         else:
             key = (qos, retain, subscription_ids, expiry, alias, alias and new_alias)
         cache = message.wire_cache

@@ -20,6 +20,7 @@ import logging
 import time
 
 from .config import STREAM
+from .delivery import user_property
 
 log = logging.getLogger("fluxmq.queues")
 
@@ -81,6 +82,7 @@ class ConsumerGroup:
         self.queue = queue
         self.name = name
         self.group_pair = ("group-id", name)  # a delivery's user property, made once
+        self.group_bytes = user_property(*self.group_pair)  # and encoded
         # A stream group reads the log in order from its cursor; an ack commits the cursor (no
         # pending list, no redelivery); the log keeps its records (retention limits only).
         self.stream = queue.config.type == STREAM
@@ -281,7 +283,8 @@ class ConsumerGroup:
     def _deliver(self, member: Member, offset: int, record, now: float, part: int = -1) -> bool:
         if self.stream:
             message = self.queue.delivery_message(record, self.name, 1, self._on_puback, (offset, 0), (
-                ("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))))
+                ("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))),
+                self.group_pair, self.group_bytes)
             if not member.session.send_tracked(message):
                 return False
             self.sent[offset] = member
@@ -295,7 +298,7 @@ class ConsumerGroup:
                                         else 0)) + 1
         p = Pending(member, now + queue.config.visibility_timeout, count, part, offset)
         if not member.session.send_tracked(queue.delivery_message(record, self.name, count, self._on_puback, p, (),
-                                                                  self.group_pair)):
+                                                                  self.group_pair, self.group_bytes)):
             return False
         counts[offset] = count
         if offset >= self.mark:

@@ -22,13 +22,15 @@ CACHE_RECORDS = 4096
 class Record:
     """One stored message of a queue."""
 
-    __slots__ = ("offset", "timestamp", "message", "size")
+    __slots__ = ("offset", "timestamp", "message", "size", "wire", "queue_name")
 
     def __init__(self, offset: int, timestamp: float, message: Message, size: int) -> None:
         self.offset = offset
         self.timestamp = timestamp  # wall clock, seconds
         self.message = message
         self.size = size
+        self.wire = None  # its deliveries' PUBLISH before the per-delivery properties (delivery.py)
+        self.queue_name = ""
 
 
 class QueueLog:

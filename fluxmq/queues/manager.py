@@ -56,8 +56,10 @@ class Queue:
         ordinary publish's routing key is its topic."""
         return topic[self._key_at:] if topic.startswith(PREFIX) else topic
 
-    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=(), group_pair=None) -> Message:
-        return build_delivery(record, self.name, group, count, settle, ticket, extra, group_pair, self._queue_pair)
+    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=(), group_pair=None,
+                         group_bytes=None) -> Message:
+        return build_delivery(record, self.name, group, count, settle, ticket, extra, group_pair, self._queue_pair,
+                              group_bytes)
 
     def record_key(self, message: Message) -> str:
         """Partition and compaction key: user property ``partition-key``, else the routing key."""
