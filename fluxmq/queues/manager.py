@@ -16,7 +16,7 @@ from collections import Counter
 
 import gevent
 
-from fluxmq.broker.message import USER_PROPERTY, Message
+from fluxmq.broker.message import USER_PROPERTY, Message, TrackedMessage
 from fluxmq.errors import QueueRefused
 
 from .config import CLASSIC, STREAM, QueueConfig, valid_queue_name
@@ -348,6 +348,11 @@ class QueueManager:
         if not mine:
             return
         session.on_room = None
+        # What it held goes back to its groups (below): not resent from the session's in-flight
+        # window when it reconnects (a stale duplicate the group no longer tracks).
+        inflight = session.inflight
+        for pid in [pid for pid, e in inflight.items() if isinstance(e.message, TrackedMessage)]:
+            del inflight[pid]
         if session.expiry_interval:
             self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine]
         for m in mine:

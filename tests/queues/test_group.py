@@ -12,7 +12,7 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import USER_PROPERTY, Message
 from fluxmq.queues import QueueManager
 from fluxmq.queues.config import QueueConfig, RetryConfig
-from fluxmq.storage.lmdb import LMDBStorage
+from fluxmq.storage.lmdb import INFLIGHT, LMDBStorage
 
 
 class Delivery:
@@ -217,4 +217,30 @@ def test_a_stream_group_commits_what_was_acknowledged_every_auto_commit_interval
     storage, broker = node(tmp_path / "d", configs)
     _, d = member(broker, "c2", "$queue/events", "readers")
     assert [m.payload for _, m in d.sent] == [b"3"]  # resumes after the commit
+    storage.close()
+
+
+def test_a_resumed_persistent_consumer_gets_what_it_held_from_its_group_not_a_stale_resend(tmp_path: Path) -> None:
+    """A persistent consumer that disconnects with an unsettled delivery: the delivery goes back
+    to its group and comes again (count 2) when it reconnects; the session does not also resend
+    the old one from its in-flight window, and its PUBACKs write nothing for them."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    session, _ = broker.open_session("p1", False, 300)
+    d = Delivery()
+    broker.attach(session, d, 100)
+    broker.subscribe(session, "$queue/jobs", 1, user_properties=[("consumer-group", "g")])
+    broker.publish(Message("$queue/jobs", b"held", 1))
+    end_of_turn()
+    storage.commit()
+    assert [up(m)["delivery-count"] for _, m in d.sent] == ["1"]
+    broker.close_session(session, d, False)
+    session, present = broker.open_session("p1", False, 300)
+    assert present
+    d2 = Delivery()
+    broker.attach(session, d2, 100)
+    end_of_turn()
+    assert [(m.payload, up(m)["delivery-count"]) for _, m in d2.sent] == [(b"held", "2")]
+    storage.commit()
+    session.on_puback(d2.sent[0][0], 0)
+    assert not [k for k in storage._batch.ops[INFLIGHT] if k.startswith(b"p1\x00")]  # no in-flight delete written
     storage.close()
