@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "bench"  # noqa: A001
 
+from bench import procinfo  # noqa: E402
 from bench.brokers import FluxmqNode  # noqa: E402
 from bench.persist import _frame, _packets  # noqa: E402
 
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [("pubsub", "bench/q", "bench/q", 1, False)]
     scenarios += [(f"queue/{n}", "$queue/bench", "$queue/bench/#", int(n), True) for n in args.consumers.split(",")]
     results: dict[str, list[float]] = {name: [] for name, *_ in scenarios}
+    cpu: dict[str, list[float]] = {name: [] for name, *_ in scenarios}  # the node's CPU us per message
     for _ in range(args.runs):
         for name, topic, filter, n, group in scenarios:
             # The same window for both: 1,000 in flight per subscriber (broker.max_inflight) and per
@@ -173,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                                     'queues=[{"name": "bench", "max_inflight": 1000}]'])
             node.start()
             try:
+                pids = [node.proc.pid]
+                before = procinfo.tree_cpu_s(pids)
                 results[name].append(run_once(node.port, topic, filter, n, args.count, args.window, group))
+                cpu[name].append((procinfo.tree_cpu_s(pids) - before) / args.count * 1e6)
             finally:
                 node.stop()
             print(f"{name}: {results[name][-1]:,.0f} msg/s", file=sys.stderr)
@@ -188,7 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [r / p for r, p in zip(rates, results["pubsub"], strict=True)]
         print(f"| {name} | {med:,.0f} | {med / base:.2f} | {statistics.median(ratios):.2f}; "
               f"{min(ratios):.2f}-{max(ratios):.2f} |")
+    # The node's CPU time per message (user + system, every process of the node): what the rate
+    # would be bound by on a core of its own, less sensitive to other load than the rates.
+    base_cpu = statistics.median(cpu["pubsub"])
+    print()
+    print("| scenario | node CPU us/msg (median; min-max) | pub/sub CPU / this CPU |")
+    print("|---|---:|---:|")
+    for name, values in cpu.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.1f}; {min(values):.1f}-{max(values):.1f} | {base_cpu / med:.2f} |")
     return 0
+
 
 
 if __name__ == "__main__":
