@@ -26,6 +26,9 @@ log = logging.getLogger("fluxmq.queues")
 
 #: records a dispatch looks at per call, so one call never holds the hub long
 DISPATCH_BUDGET = 1024
+#: PUBACK settlements above a group's floor left for the tick's write before the end of a turn
+#: writes them anyway
+UNWRITTEN_MAX = 4096
 
 
 def filter_matches(levels: list[str] | None, key: str) -> bool:
@@ -113,6 +116,7 @@ class ConsumerGroup:
         # Progress settled by PUBACKs and not written yet: written once per loop turn
         # (write_progress, from the manager's end-of-turn dispatch), not once per PUBACK.
         self.progress_dirty = False
+        self._floor_written = floor
         self._unwritten: set[int] = set()  # settled above the floor, not recorded in the store yet
         self._passed: list[int] = []  # recorded above the floor, since passed by it
 
@@ -493,19 +497,26 @@ class ConsumerGroup:
         else:
             self.write_progress()
 
-    def write_progress(self) -> None:
+    def write_progress(self, floor_only: bool = False) -> None:
         """Write what was settled since the last write: the floor, the offsets settled above it,
-        and the deletes of those the floor passed (one batch, not one write per settlement)."""
+        and the deletes of those the floor passed (one batch, not one write per settlement).
+
+        ``floor_only`` (the end of a turn): the offsets settled above the floor wait, up to
+        UNWRITTEN_MAX of them, for the next full write (the tick, within 100 ms); most are passed
+        by the floor by then and never written (with many members, PUBACKs come out of order)."""
         qlog = self.queue.log
         name = self.name
         floor = self.floor
-        if self._unwritten:
-            for off in sorted(self._unwritten):
+        unwritten = self._unwritten
+        if unwritten and (not floor_only or len(unwritten) > UNWRITTEN_MAX):
+            for off in sorted(unwritten):
                 qlog.commit(name, floor, off)
-            self._unwritten.clear()
-        qlog.commit(name, floor, None, self._passed)
-        self._passed = []
-        self.progress_dirty = False
+            unwritten.clear()
+        if floor != self._floor_written or self._passed:
+            qlog.commit(name, floor, None, self._passed)
+            self._passed = []
+            self._floor_written = floor
+        self.progress_dirty = bool(unwritten)
 
     # -- timers ----------------------------------------------------------------------------------
 

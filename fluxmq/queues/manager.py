@@ -467,7 +467,7 @@ class QueueManager:
                 settled = False
                 for group in q.groups.values():
                     if group.progress_dirty:  # this turn's PUBACK settlements: one write each group
-                        group.write_progress()
+                        group.write_progress(floor_only=True)
                         settled = True
                 if settled and q.config.type == CLASSIC:
                     # What every group settled goes now, while its records are cached (the tick's

@@ -244,3 +244,26 @@ def test_a_resumed_persistent_consumer_gets_what_it_held_from_its_group_not_a_st
     session.on_puback(d2.sent[0][0], 0)
     assert not [k for k in storage._batch.ops[INFLIGHT] if k.startswith(b"p1\x00")]  # no in-flight delete written
     storage.close()
+
+
+def test_out_of_order_puback_settlements_are_durable_by_the_next_tick(tmp_path: Path) -> None:
+    """PUBACK settlements above the floor wait at most for the 100 ms tick to be written (at the
+    end of a turn only the floor is): after the tick's commit a crash redelivers only the unsettled."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    session, d = member(broker, "c1", "$queue/jobs", "g", auto_ack=True)
+    for i in range(3):
+        broker.publish(Message("$queue/jobs", b"m%d" % i, 1))
+    end_of_turn()
+    storage.commit()
+    for pid, m in d.sent:
+        if up(m)["offset"] != "0":
+            session.on_puback(pid, 0)  # 1 and 2 settled, 0 not: above the floor
+    end_of_turn()
+    broker.queues.tick()
+    storage.commit()
+    storage.abort()  # a crash
+
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, d = member(broker, "c2", "$queue/jobs", "g")
+    assert [m.payload for _, m in d.sent] == [b"m0"]
+    storage.close()
