@@ -267,3 +267,19 @@ def test_out_of_order_puback_settlements_are_durable_by_the_next_tick(tmp_path: 
     _, d = member(broker, "c2", "$queue/jobs", "g")
     assert [m.payload for _, m in d.sent] == [b"m0"]
     storage.close()
+
+
+def test_stream_offset_next_starts_after_what_is_stored(tmp_path: Path) -> None:
+    storage, broker = node(tmp_path / "d", [QueueConfig("events", type="stream")])
+    for i in range(3):
+        broker.publish(Message("$queue/events", b"old%d" % i, 1))
+    session, _ = broker.open_session("c1", True, 0)
+    d = Delivery()
+    broker.attach(session, d, 100)
+    broker.subscribe(session, "$queue/events", 1, user_properties=[("consumer-group", "g"), ("stream-offset", "next")])
+    end_of_turn()
+    assert d.sent == []
+    broker.publish(Message("$queue/events", b"new", 1))
+    end_of_turn()
+    assert [(m.payload, up(m)["x-stream-offset"]) for _, m in d.sent] == [(b"new", "3")]
+    storage.close()
