@@ -12,7 +12,9 @@ scenario, so the figures compare the broker's paths:
     ``auto-ack: true``: each PUBACK settles, durably, with the turn's commit).
 
 The publisher keeps ``--window`` QoS 1 PUBLISHes unacknowledged. The rate is messages delivered
-and acknowledged per second, from the first PUBLISH to the last delivery.
+and acknowledged per second, from the first PUBLISH to the last delivery. Each run measures every
+scenario back to back; the table gives the medians, their ratio, and the median (and range) of
+each run's queue rate over the pub/sub rate of the same run.
 
 Usage::
 
@@ -36,6 +38,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "bench"  # noqa: A001
 
+from bench import procinfo  # noqa: E402
 from bench.brokers import FluxmqNode  # noqa: E402
 from bench.persist import _frame, _packets  # noqa: E402
 
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [("pubsub", "bench/q", "bench/q", 1, False)]
     scenarios += [(f"queue/{n}", "$queue/bench", "$queue/bench/#", int(n), True) for n in args.consumers.split(",")]
     results: dict[str, list[float]] = {name: [] for name, *_ in scenarios}
+    cpu: dict[str, list[float]] = {name: [] for name, *_ in scenarios}  # the node's CPU us per message
     for _ in range(args.runs):
         for name, topic, filter, n, group in scenarios:
             # The same window for both: 1,000 in flight per subscriber (broker.max_inflight) and per
@@ -171,17 +175,35 @@ def main(argv: list[str] | None = None) -> int:
                                     'queues=[{"name": "bench", "max_inflight": 1000}]'])
             node.start()
             try:
+                pids = [node.proc.pid]
+                before = procinfo.tree_cpu_s(pids)
                 results[name].append(run_once(node.port, topic, filter, n, args.count, args.window, group))
+                cpu[name].append((procinfo.tree_cpu_s(pids) - before) / args.count * 1e6)
             finally:
                 node.stop()
             print(f"{name}: {results[name][-1]:,.0f} msg/s", file=sys.stderr)
     base = statistics.median(results["pubsub"])
-    print(f"| scenario (storage.sync={args.sync}, {args.count:,} msgs, median of {args.runs}) | msg/s | vs QoS 1 pub/sub |")
-    print("|---|---:|---:|")
+    # Each run's queue rates against the pub/sub rate of the same run (measured seconds apart):
+    # steadier than the ratio of the medians when the machine's load changes between runs.
+    print(f"| scenario (storage.sync={args.sync}, {args.count:,} msgs, median of {args.runs}) | msg/s "
+          "| vs QoS 1 pub/sub | per run vs its pub/sub (median; min-max) |")
+    print("|---|---:|---:|---:|")
     for name, rates in results.items():
         med = statistics.median(rates)
-        print(f"| {name} | {med:,.0f} | {med / base:.2f} |")
+        ratios = [r / p for r, p in zip(rates, results["pubsub"], strict=True)]
+        print(f"| {name} | {med:,.0f} | {med / base:.2f} | {statistics.median(ratios):.2f}; "
+              f"{min(ratios):.2f}-{max(ratios):.2f} |")
+    # The node's CPU time per message (user + system, every process of the node): what the rate
+    # would be bound by on a core of its own, less sensitive to other load than the rates.
+    base_cpu = statistics.median(cpu["pubsub"])
+    print()
+    print("| scenario | node CPU us/msg (median; min-max) | pub/sub CPU / this CPU |")
+    print("|---|---:|---:|")
+    for name, values in cpu.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.1f}; {min(values):.1f}-{max(values):.1f} | {base_cpu / med:.2f} |")
     return 0
+
 
 
 if __name__ == "__main__":

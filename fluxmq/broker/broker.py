@@ -628,7 +628,7 @@ class Broker:
         peers installed the client id's ownership is released too (not when the session moved to
         another node, ``release`` False, nor while a connection here is claiming it)."""
         if self.queues is not None:
-            self.queues.resumable.pop(session.client_id, None)  # its queue memberships end too
+            self.queues.session_ended(session.client_id)  # its queue memberships end too (stored ones)
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
         session.subscriptions.clear()

@@ -79,6 +79,12 @@ class Message:
         return f"Message(topic={self.topic!r}, qos={self.qos}, retain={self.retain}, {len(self.payload)} bytes)"
 
 
+#: ``wire_cache`` key of a message's MQTT 5.0 QoS 1, non-retained PUBLISH with no per-connection
+#: properties (protocol/connection.py: 8 + qos * 2 + retain): a sender that builds that encoding
+#: itself (a durable queue's delivery) puts it there.
+WIRE_V5_QOS1 = 10
+
+
 class TrackedMessage(Message):
     """A delivery whose settlement its sender tracks (a durable queue's): ``settle(session,
     reason_code, ticket)`` is called when the client's PUBACK for it arrives. Sent with

@@ -398,11 +398,15 @@ class Session:
         entry = self.inflight.get(packet_id)
         if entry is None or entry.qos != 1:
             return False
-        self._forget_inflight(packet_id)  # before pump() may reuse the id
+        message = entry.message
+        tracked = isinstance(message, TrackedMessage)  # (a durable queue's delivery class derives from it)
+        if tracked:
+            del self.inflight[packet_id]  # never stored with the session (send_tracked): nothing to delete
+        else:
+            self._forget_inflight(packet_id)  # before pump() may reuse the id
         if self.queue or self.held:
             self.pump()
-        message = entry.message
-        if message.__class__ is TrackedMessage:
+        if tracked:
             message.settle(self, reason_code, message.ticket)
         return True
 

@@ -362,6 +362,7 @@ class BrokerService:
                                    log_factory=raft.log_factory if raft is not None else None)
             if raft is not None:
                 raft.attach(manager)
+            manager.restore_members(broker.sessions)  # persistent sessions' memberships
             manager.install_captures(broker.router)
             manager.start()
             return manager

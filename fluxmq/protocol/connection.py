@@ -689,7 +689,7 @@ class MQTTConnection:
             if new_alias:
                 alias = self._new_alias()
         if expiry is None and subscription_ids is None and not alias:
-            key = 8 + qos * 2 + retain  # the common shape: an int key, no tuple per message
+            key = 8 + qos * 2 + retain  # the common shape: an int key, no tuple per message (WIRE_V5_QOS1)
         else:
             key = (qos, retain, subscription_ids, expiry, alias, alias and new_alias)
         cache = message.wire_cache
@@ -697,7 +697,9 @@ class MQTTConnection:
             cache = message.wire_cache = {}
         data = cache.get(key)
         if data is None:
-            props = dict(message.properties) if message.properties else {}
+            props = message.properties
+            if not isinstance(key, int):  # per-delivery properties: on a copy (the common shape has none)
+                props = dict(props) if props else {}
             if expiry is not None:
                 props[c.MESSAGE_EXPIRY_INTERVAL] = expiry  # the remaining lifetime [MQTT-3.3.2-6]
             if subscription_ids:

@@ -5,6 +5,12 @@ it is settled (ack, reject, dead-lettered, expired); a nack or a visibility time
 for redelivery. Progress is durable: ``floor`` (every offset below it settled) and the offsets
 settled above it are written through the queue log, so after a restart exactly the unsettled
 records are delivered again.
+
+So are the delivery counts, once per dispatch: the ``mark`` (every unsettled offset below it was
+delivered once) and the offsets below it whose count is not 1 (0: passed over for a member with
+room, never delivered; 2 and more: delivered again). A dispatch runs before the turn's flush, and
+the flush commits before it writes, so a count is stored before its delivery leaves the node:
+after a crash the count goes on where the consumer saw it.
 """
 
 from __future__ import annotations
@@ -14,11 +20,15 @@ import logging
 import time
 
 from .config import STREAM
+from .delivery import user_property
 
 log = logging.getLogger("fluxmq.queues")
 
 #: records a dispatch looks at per call, so one call never holds the hub long
 DISPATCH_BUDGET = 1024
+#: PUBACK settlements above a group's floor left for the tick's write before the end of a turn
+#: writes them anyway
+UNWRITTEN_MAX = 4096
 
 
 def filter_matches(levels: list[str] | None, key: str) -> bool:
@@ -55,24 +65,27 @@ class Member:
 
 
 class Pending:
-    """A delivered, unsettled record."""
+    """A delivered, unsettled record; also the delivery's ticket (its PUBACK names it)."""
 
-    __slots__ = ("member", "deadline", "attempt", "part")
+    __slots__ = ("member", "deadline", "attempt", "part", "offset")
 
-    def __init__(self, member: Member, deadline: float, attempt: int, part: int = -1) -> None:
+    def __init__(self, member: Member, deadline: float, attempt: int, part: int = -1, offset: int = -1) -> None:
         self.member = member
         self.deadline = deadline  # monotonic: redelivered after it (visibility_timeout)
         self.attempt = attempt
         self.part = part  # partition of the record (-1: the queue is not partitioned)
+        self.offset = offset
 
 
 class ConsumerGroup:
     """One consumer group of a queue (see the module docstring)."""
 
-    def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None) -> None:
+    def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None, mark: int = 0,
+                 counts: dict[int, int] | None = None) -> None:
         self.queue = queue
         self.name = name
         self.group_pair = ("group-id", name)  # a delivery's user property, made once
+        self.group_bytes = user_property(*self.group_pair)  # and encoded
         # A stream group reads the log in order from its cursor; an ack commits the cursor (no
         # pending list, no redelivery); the log keeps its records (retention limits only).
         self.stream = queue.config.type == STREAM
@@ -94,6 +107,18 @@ class ConsumerGroup:
         # across rebalancing (a new owner starts after the last settled offset).
         self.holders: dict[int, dict[Member, int]] = {}
         self.dead_pending: dict[int, str] = {}  # offset -> reason: the DLQ append failed, retried
+        # Delivery counts as stored (see the module docstring): what a restart found, and what
+        # each dispatch changed.
+        self.mark = mark
+        self.loaded_mark = mark
+        self.stored_counts: dict[int, int] = dict(counts or {})
+        self._count_dirty: set[int] = set()
+        # Progress settled by PUBACKs and not written yet: written once per loop turn
+        # (write_progress, from the manager's end-of-turn dispatch), not once per PUBACK.
+        self.progress_dirty = False
+        self._floor_written = floor
+        self._unwritten: set[int] = set()  # settled above the floor, not recorded in the store yet
+        self._passed: list[int] = []  # recorded above the floor, since passed by it
 
     # -- members ---------------------------------------------------------------------------------
 
@@ -154,6 +179,7 @@ class ConsumerGroup:
         pending = self.pending
         settled = self.settled
         filtered = any(m.levels is not None for m in members)
+        mark = self.mark
         blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
             budget -= 1
@@ -207,6 +233,8 @@ class ConsumerGroup:
                 break
         for offset in parked:
             self._push_ready(offset)
+        if self.mark != mark or self._count_dirty:
+            self._save_counts(mark)
         return budget <= 0
 
     def _pop(self, from_ready: bool) -> None:
@@ -241,9 +269,9 @@ class ConsumerGroup:
     def _pick(self, key: str, avoid: Member | None) -> Member | None:
         members = self.members
         n = len(members)
-        if n == 1:  # the common single consumer: no rotation
+        if n == 1:  # the common single consumer: no rotation (its session is asked by the send)
             m = members[0]
-            return m if m.has_room() and filter_matches(m.levels, key) else None
+            return m if m.pending < m.max_inflight and (m.levels is None or filter_matches(m.levels, key)) else None
         fallback = None
         for i in range(n):
             m = members[(self._rr + i) % n]
@@ -259,35 +287,76 @@ class ConsumerGroup:
     def _deliver(self, member: Member, offset: int, record, now: float, part: int = -1) -> bool:
         if self.stream:
             message = self.queue.delivery_message(record, self.name, 1, self._on_puback, (offset, 0), (
-                ("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))))
+                ("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))),
+                self.group_pair, self.group_bytes)
             if not member.session.send_tracked(message):
                 return False
             self.sent[offset] = member
             member.pending += 1
             self.queue.stats["delivered"] += 1
             return True
-        count = self.counts.get(offset, 0) + 1
-        message = self.queue.delivery_message(record, self.name, count, self._on_puback, (offset, count), (),
-                                              self.group_pair)
-        if not member.session.send_tracked(message):
+        queue = self.queue
+        counts = self.counts
+        # Deliveries so far (>= 1 when known; before this run: what the store says, see _prior_count).
+        count = (counts.get(offset) or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts
+                                        else 0)) + 1
+        p = Pending(member, now + queue.config.visibility_timeout, count, part, offset)
+        if not member.session.send_tracked(queue.delivery_message(record, self.name, count, self._on_puback, p, (),
+                                                                  self.group_pair, self.group_bytes)):
             return False
-        self.counts[offset] = count
-        self.avoid.pop(offset, None)
-        self.pending[offset] = Pending(member, now + self.queue.config.visibility_timeout, count, part)
+        counts[offset] = count
+        if offset >= self.mark:
+            self.mark = offset + 1
+        if count != 1 or (self.stored_counts and offset in self.stored_counts):
+            self._count_dirty.add(offset)
+        if self.avoid:
+            self.avoid.pop(offset, None)
+        self.pending[offset] = p
         if part >= 0:
             holders = self.holders.setdefault(part, {})
             holders[member] = holders.get(member, 0) + 1
         member.pending += 1
-        self.queue.stats["delivered"] += 1
+        queue.stats["delivered"] += 1
         return True
+
+    def _prior_count(self, offset: int) -> int:
+        """Deliveries of ``offset`` before this run of the node (what the store says)."""
+        n = self.stored_counts.get(offset)
+        if n is not None:
+            return n
+        return 1 if offset < self.loaded_mark else 0
+
+    def _save_counts(self, old_mark: int) -> None:
+        """Write what this dispatch changed of the delivery counts (one batch per dispatch)."""
+        dirty = self._count_dirty
+        mark = self.mark
+        if mark != old_mark:
+            counts = self.counts
+            for off in self.ready:  # passed over, never delivered, now below the mark
+                if old_mark <= off < mark and not counts.get(off):
+                    dirty.add(off)
+        stored = self.stored_counts
+        changed: dict[int, int | None] = {}
+        for off in dirty:
+            want = None if self.is_settled(off) or off >= mark else self.counts.get(off, 0)
+            if want == 1:
+                want = None
+            if stored.get(off) != want:
+                changed[off] = want
+                if want is None:
+                    stored.pop(off, None)
+                else:
+                    stored[off] = want
+        dirty.clear()
+        self.queue.log.record_deliveries(self.name, mark if mark != old_mark else None, changed)
 
     # -- settlement ------------------------------------------------------------------------------
 
     def _on_puback(self, session, reason_code: int, ticket) -> None:
         """A consumer's PUBACK: the settlement of an auto-ack member (3.1.1, or 5.0 ``auto-ack``);
         a 5.0 reason code of 0x80 or more is a nack."""
-        offset, attempt = ticket
         if self.stream:
+            offset = ticket[0]
             member = self.sent.pop(offset, None)
             if member is not None:
                 member.pending -= 1
@@ -295,16 +364,19 @@ class ConsumerGroup:
                     self.commit(offset + 1)
             self.queue.manager.kick_soon(self.queue)
             return
-        p = self.pending.get(offset)
-        if p is None or p.attempt != attempt or p.member.session is not session:
-            self.queue.manager.kick_soon(self.queue)  # a window slot freed
+        offset = ticket.offset
+        queue = self.queue
+        if self.pending.get(offset) is not ticket or ticket.member.session is not session:
+            queue.manager.kick_soon(queue)  # a window slot freed
             return
-        if p.member.auto_ack:
+        if ticket.member.auto_ack:
             if reason_code >= 0x80:
                 self.nack(offset, "puback reason code")
-            else:
-                self.ack(offset)
-        self.queue.manager.kick_soon(self.queue)
+            else:  # the ack, inline; its progress is written at the end of the turn
+                self._release(offset)
+                queue.stats["acked"] += 1
+                self.settle(offset, defer=True)
+        queue.manager.kick_soon(queue)
 
     def _release(self, offset: int) -> Pending | None:
         p = self.pending.pop(offset, None)
@@ -392,24 +464,59 @@ class ConsumerGroup:
             done += 1
         return done
 
-    def settle(self, offset: int) -> None:
-        """Record ``offset`` as settled for good (durable with the turn's commit)."""
+    def settle(self, offset: int, defer: bool = False) -> None:
+        """Record ``offset`` as settled for good (durable with the turn's commit). ``defer``: the
+        progress is written at the end of the loop turn (``write_progress``), still before the
+        turn's commit; for settlements nothing acknowledges (a consumer's PUBACK)."""
         self.counts.pop(offset, None)
-        self.avoid.pop(offset, None)
-        qlog = self.queue.log
+        if self.stored_counts and self.stored_counts.pop(offset, None) is not None:
+            self.queue.log.record_deliveries(self.name, None, {offset: None})
+        if self.avoid:
+            self.avoid.pop(offset, None)
         if offset == self.floor:
             floor = offset + 1
-            passed = []
             settled = self.settled
-            while floor in settled:
-                settled.discard(floor)
-                passed.append(floor)
-                floor += 1
+            if settled:
+                unwritten = self._unwritten
+                passed = self._passed
+                while floor in settled:
+                    settled.discard(floor)
+                    if floor in unwritten:
+                        unwritten.discard(floor)  # never recorded: nothing to delete
+                    else:
+                        passed.append(floor)
+                    floor += 1
             self.floor = floor
-            qlog.commit(self.name, floor, None, passed)
         elif offset > self.floor and offset not in self.settled:
             self.settled.add(offset)
-            qlog.commit(self.name, self.floor, offset)
+            self._unwritten.add(offset)
+        else:
+            return
+        if defer:
+            self.progress_dirty = True
+        else:
+            self.write_progress()
+
+    def write_progress(self, floor_only: bool = False) -> None:
+        """Write what was settled since the last write: the floor, the offsets settled above it,
+        and the deletes of those the floor passed (one batch, not one write per settlement).
+
+        ``floor_only`` (the end of a turn): the offsets settled above the floor wait, up to
+        UNWRITTEN_MAX of them, for the next full write (the tick, within 100 ms); most are passed
+        by the floor by then and never written (with many members, PUBACKs come out of order)."""
+        qlog = self.queue.log
+        name = self.name
+        floor = self.floor
+        unwritten = self._unwritten
+        if unwritten and (not floor_only or len(unwritten) > UNWRITTEN_MAX):
+            for off in sorted(unwritten):
+                qlog.commit(name, floor, off)
+            unwritten.clear()
+        if floor != self._floor_written or self._passed:
+            qlog.commit(name, floor, None, self._passed)
+            self._passed = []
+            self._floor_written = floor
+        self.progress_dirty = bool(unwritten)
 
     # -- timers ----------------------------------------------------------------------------------
 

@@ -22,13 +22,15 @@ CACHE_RECORDS = 4096
 class Record:
     """One stored message of a queue."""
 
-    __slots__ = ("offset", "timestamp", "message", "size")
+    __slots__ = ("offset", "timestamp", "message", "size", "wire", "queue_name")
 
     def __init__(self, offset: int, timestamp: float, message: Message, size: int) -> None:
         self.offset = offset
         self.timestamp = timestamp  # wall clock, seconds
         self.message = message
         self.size = size
+        self.wire = None  # its deliveries' PUBLISH before the per-delivery properties (delivery.py)
+        self.queue_name = ""
 
 
 class QueueLog:
@@ -72,7 +74,12 @@ class QueueLog:
     def append_one(self, message: Message) -> Record:
         """``append`` of one message (the publish path)."""
         now = time.time()
+        cached = message.wire_cache is not None
         blob = encode_record(now, message)
+        if not cached and message.wire_cache is not None:
+            # Only the log needs this encoding: not a dict kept per cached record (the collector
+            # walks every live one), nor the blob twice in memory.
+            message.wire_cache = None
         offset = self.next
         self.next = offset + 1
         self.store.append(self.name, offset, blob)
@@ -127,6 +134,16 @@ class QueueLog:
             store.settle(self.name, group, settled, True)
         else:
             store.put_group(self.name, group, floor)
+
+    def record_deliveries(self, group: str, mark: int | None, counts: dict[int, int | None]) -> None:
+        """A group's delivery counts, part of its progress: ``mark`` (when not None) says every
+        unsettled offset below it was delivered once, ``counts`` the offsets below it where the
+        count is not 1 (None: back to 1, or settled). Written at most once per dispatch."""
+        store = self.store
+        if mark is not None:
+            store.put_mark(self.name, group, mark)
+        for offset, n in counts.items():
+            store.put_count(self.name, group, offset, n)
 
     def truncate(self, below: int, limit: int) -> int:
         """Delete up to ``limit`` records from the front, below offset ``below`` (retention);

@@ -16,14 +16,14 @@ from collections import Counter
 
 import gevent
 
-from fluxmq.broker.message import USER_PROPERTY, Message
+from fluxmq.broker.message import USER_PROPERTY, Message, TrackedMessage
 from fluxmq.errors import QueueRefused
 
 from .config import CLASSIC, STREAM, QueueConfig, valid_queue_name
 from .delivery import ACK, NACK, REJECT, SETTLE_ACTIONS, build_delivery, parse_message_id, user_properties
 from .group import ConsumerGroup, Member
 from .log import QueueLog
-from .retention import apply_retention
+from .retention import apply_retention, truncate_settled
 
 log = logging.getLogger("fluxmq.queues")
 
@@ -62,8 +62,10 @@ class Queue:
         ordinary publish's routing key is its topic."""
         return topic[self._key_at:] if topic.startswith(PREFIX) else topic
 
-    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=(), group_pair=None) -> Message:
-        return build_delivery(record, self.name, group, count, settle, ticket, extra, group_pair, self._queue_pair)
+    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=(), group_pair=None,
+                         group_bytes=None) -> Message:
+        return build_delivery(record, self.name, group, count, settle, ticket, extra, group_pair, self._queue_pair,
+                              group_bytes)
 
     def record_key(self, message: Message) -> str:
         """Partition and compaction key: user property ``partition-key``, else the routing key."""
@@ -169,6 +171,7 @@ class QueueManager:
         self.queues: dict[str, Queue] = {}
         self.members: dict[object, list[Member]] = {}  # session -> its memberships
         self.resumable: dict[str, list[tuple]] = {}  # client id -> memberships of its offline session
+        self._stored_members: set[str] = set()  # client ids whose memberships are in the store
         self.broker_stats = stats
         self._kicked: set[Queue] = set()
         self._kick_scheduled = False
@@ -177,7 +180,8 @@ class QueueManager:
         for name, stored in self.store.load_queues().items():
             q = self._make(name, self.log_factory(name, self.store, stored))
             for gname, g in stored.groups.items():
-                q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled))
+                q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled), getattr(g, "mark", 0),
+                                                getattr(g, "counts", None))
         for name in self.configs:
             self.queue(name, create=True)
         for q in self.queues.values():
@@ -253,9 +257,9 @@ class QueueManager:
         name, _, key = rest.partition("/")
         if key in SETTLE_ACTIONS:
             return self._settle(name, key, message, origin)
-        if self.storage_refusing():
+        if self.storage.refusing:
             raise QueueRefused("storage full", 0x97)
-        q = self._queue_for(name, 0x90)
+        q = self.queues.get(name) or self._queue_for(name, 0x90)
         q.append(message)
         if origin is not None:
             # The origin's PUBACK acknowledges the append: a failed commit must abandon it.
@@ -263,9 +267,11 @@ class QueueManager:
         self.kick_soon(q)
         return q.log.held_ack() or 1
 
-    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int) -> int:
+    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int,
+                  rejoin: bool = False) -> int:
         """Join a consumer group; returns the granted QoS (1). Raises QueueRefused (0x83 QoS 0,
-        0x8F no such queue)."""
+        0x8F no such queue). A persistent session's membership is stored (``rejoin``: it is
+        already), so it survives a restart of the node."""
         rest = filter[len(PREFIX):]
         name, _, key_filter = rest.partition("/")
         if qos == 0:
@@ -301,6 +307,11 @@ class QueueManager:
         member = Member(session, filter, key_filter, auto_ack, max_inflight, group)
         group.add(member)
         mine.append(member)
+        if not rejoin and getattr(session, "persistent", False):
+            cid = session.client_id
+            self.store.put_member(cid, filter, group_name, auto_ack)
+            self.storage.note_stake(cid)  # the SUBACK acknowledges the stored membership
+            self._stored_members.add(cid)
         session.on_room = self._on_room
         log.info("queue_member_joined", extra={"queue": name, "group": group_name,
                                                "client_id": session.client_id, "auto_ack": auto_ack})
@@ -332,6 +343,8 @@ class QueueManager:
         for m in found:
             mine.remove(m)
             self._leave(m)
+        if found and session.client_id in self._stored_members:
+            self.store.delete_member(session.client_id, filter)
         if not mine:
             self.members.pop(session, None)
             session.on_room = None
@@ -344,6 +357,11 @@ class QueueManager:
         if not mine:
             return
         session.on_room = None
+        # What it held goes back to its groups (below): not resent from the session's in-flight
+        # window when it reconnects (a stale duplicate the group no longer tracks).
+        inflight = session.inflight
+        for pid in [pid for pid, e in inflight.items() if isinstance(e.message, TrackedMessage)]:
+            del inflight[pid]
         if session.expiry_interval:
             self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine]
         for m in mine:
@@ -357,9 +375,40 @@ class QueueManager:
         for filter, group, auto_ack in saved:
             user = [("consumer-group", group), ("auto-ack", "true" if auto_ack else "false")]
             try:
-                self.subscribe(session, filter, 1, user, 5)
-            except QueueRefused:
-                pass
+                self.subscribe(session, filter, 1, user, 5, rejoin=True)
+            except QueueRefused as exc:  # the queue is gone (auto_create off, no longer configured)
+                log.warning("queue_member_not_rejoined", extra={"client_id": session.client_id,
+                                                                "filter": filter, "reason": str(exc)})
+                if session.client_id in self._stored_members:
+                    self.store.delete_member(session.client_id, filter)
+
+    def session_ended(self, client_id: str) -> None:
+        """The session of ``client_id`` ended (expired, clean start, ended with its connection):
+        its memberships end, stored ones included."""
+        self.resumable.pop(client_id, None)
+        if client_id in self._stored_members:
+            self._stored_members.discard(client_id)
+            self.store.delete_members(client_id)
+
+    def restore_members(self, sessions: dict) -> int:
+        """At start, after the broker restored its sessions: each persistent session is a member
+        of the groups it was in again (it rejoins them when it connects, without a SUBSCRIBE).
+        Memberships of sessions that ended meanwhile are deleted. Returns the memberships kept."""
+        kept = 0
+        gone: set[str] = set()
+        for m in self.store.load_members():
+            session = sessions.get(m.client_id)
+            if session is None or not session.expiry_interval:
+                gone.add(m.client_id)
+                continue
+            self.resumable.setdefault(m.client_id, []).append((m.filter, m.group, m.auto_ack))
+            self._stored_members.add(m.client_id)
+            kept += 1
+        for cid in gone:
+            self.store.delete_members(cid)
+        if kept or gone:
+            log.info("queue_members_restored", extra={"members": kept, "ended_sessions": len(gone)})
+        return kept
 
     def _leave(self, member: Member) -> None:
         group = member.group
@@ -427,6 +476,15 @@ class QueueManager:
         kicked, self._kicked = self._kicked, set()
         for q in kicked:
             try:
+                settled = False
+                for group in q.groups.values():
+                    if group.progress_dirty:  # this turn's PUBACK settlements: one write each group
+                        group.write_progress(floor_only=True)
+                        settled = True
+                if settled and q.config.type == CLASSIC:
+                    # What every group settled goes now, while its records are cached (the tick's
+                    # retention would read their sizes back from the store) and the log is short.
+                    truncate_settled(q)
                 self.kick(q)
             except Exception:  # one queue's failure must not stop the others' deliveries
                 log.exception("queue_dispatch_failed", extra={"queue": q.name})
@@ -462,6 +520,8 @@ class QueueManager:
             if not q.log.delivering:
                 continue
             for group in q.groups.values():
+                if group.progress_dirty:
+                    group.write_progress()
                 if group.pending:
                     group.expire_pending(now)
                 if group.stream and group.members:
@@ -476,6 +536,11 @@ class QueueManager:
 
     def stop(self) -> None:
         self._closing = True
+        if not self.storage.closed:
+            for q in self.queues.values():
+                for group in q.groups.values():
+                    if group.progress_dirty:
+                        group.write_progress()
         if self._timer is not None:
             self._timer.kill(block=False)
             self._timer = None
@@ -521,6 +586,7 @@ class QueueManager:
         while qlog.first < qlog.next:
             qlog.truncate(qlog.next, 10000)
         for group in q.groups.values():
+            group.write_progress()
             for m in group.members:
                 m.pending = 0
             group.pending.clear()
@@ -531,6 +597,9 @@ class QueueManager:
             group.retry.clear()
             group.counts.clear()
             group.avoid.clear()
+            if group.stored_counts:
+                qlog.record_deliveries(group.name, None, dict.fromkeys(group.stored_counts))
+                group.stored_counts.clear()
             for off in sorted(group.settled):
                 qlog.commit(group.name, group.floor, None, (off,))
             group.settled.clear()

@@ -16,6 +16,18 @@ log = logging.getLogger("fluxmq.queues")
 RETENTION_CHUNK = 1000
 
 
+def truncate_settled(q) -> int:
+    """Delete a work queue's records every group has settled (a chunk); returns how many."""
+    qlog = q.log
+    groups = q.groups
+    if not groups or not qlog.count:
+        return 0
+    below = min(g.floor for g in groups.values())
+    if below <= qlog.first:
+        return 0
+    return qlog.truncate(below, RETENTION_CHUNK)
+
+
 def apply_retention(q) -> int:
     """Delete what ``q``'s groups settled and what its limits force out; returns records deleted."""
     qlog = q.log

@@ -11,7 +11,8 @@ Layout (named sub-databases; keys in ``records``)::
     queue          client_id NUL u64 seq -> entry (offline queue, in order)
     retained       topic -> message
     wills          client_id -> delay + message
-    queues         durable queue logs and consumer-group progress (schema 2; see queue_log.py)
+    queues         durable queue logs, consumer-group progress, delivery counts (schema 3) and
+                   persistent sessions' group memberships (schema 3); see queue_log.py
 
 Writes are buffered per key (the last operation on a key wins, so a PUBLISH acknowledged within
 the same loop turn costs nothing on disk) and applied in one write transaction by ``commit``.
@@ -47,14 +48,16 @@ from .base import Storage, StoredQueue, StoredSession, StoredState
 log = logging.getLogger("fluxmq.storage")
 
 MAGIC = b"fluxmq-storage"
-#: 2 added the ``queues`` sub-database (durable queues); a version 1 store is upgraded at open.
-SCHEMA_VERSION = 2
+#: 2 added the ``queues`` sub-database (durable queues); 3 added record kinds to it (delivery
+#: counts, group memberships: queue_log.py), which an older build would misread. An older store is
+#: upgraded at open.
+SCHEMA_VERSION = 3
 
 DB_NAMES = (b"meta", b"sessions", b"subscriptions", b"inflight", b"inbound_qos2", b"queue", b"retained", b"wills",
             b"queues")
 META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS, QUEUES = range(len(DB_NAMES))
 # Sub-databases added by each schema version (an older store gets them at open: _migrate).
-_ADDED_IN = {2: (b"queues",)}
+_ADDED_IN = {2: (b"queues",), 3: ()}  # 3: new keys in ``queues``, nothing to convert
 # Sub-databases whose keys do not start with a client id (Batch.clients skips them).
 _SHARED_DBS = (META, RETAINED, QUEUES)
 # Sub-databases whose keys start with client_id NUL: a session's end deletes by prefix there.

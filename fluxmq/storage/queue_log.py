@@ -6,14 +6,22 @@ LMDB backend's batch (the same group commit as every other record of the loop tu
 held until the commit means the append is stored), ``MemoryQueueLog`` keeps everything in dicts for
 ``storage.type: memory``. A replicated log can implement the same methods later.
 
-LMDB layout, sub-database ``queues`` (schema version 2; see docs/storage.rst)::
+LMDB layout, sub-database ``queues`` (schema version 3; see docs/storage.rst)::
 
     b"L" name NUL u64be offset          -> u8 version | f64 wall time | message blob (records)
     b"G" name NUL group                 -> u64le floor: every offset below it is settled by the group
     b"A" name NUL group NUL u64be offset -> b"": settled above the floor (out of order)
     b"R" raft group                      -> u64le: last Raft index applied (fluxmq.replication)
+    b"D" name NUL group                 -> u64le delivered mark: every unsettled offset below it
+                                           was delivered once, unless a "C" record says otherwise
+    b"C" name NUL group NUL u64be offset -> u32le delivery count where it is not 1 (0: passed over,
+                                           never delivered; 2 and more: delivered again)
+    b"M" client_id NUL filter           -> u8 version | u8 flags (1: auto-ack) | group: a persistent
+                                           session's consumer-group membership
 
-Queue names and group names never contain U+0000 (MQTT strings may not).
+Queue names, group names, client ids and filters never contain U+0000 (MQTT strings may not).
+Schema 3 added "D", "C" and "M" (a schema 2 store has none: its groups start with no delivery
+known, its sessions with no membership).
 """
 
 from __future__ import annotations
@@ -26,12 +34,27 @@ from . import records as r
 _TS = struct.Struct("<Bd")
 _U64 = struct.Struct("<Q")
 _OFF = struct.Struct(">Q")
+_U32 = struct.Struct("<I")
 RECORD_FORMAT = 1
+MEMBER_FORMAT = 1
+_AUTO_ACK = 1
+
+
+#: the record header and a message blob's header in one (the common message: no properties or
+#: expiry, so the blob is its header, the topic, the origin and the payload)
+_TS_MSG = struct.Struct("<Bd" + r._MSG.format.lstrip("<"))
 
 
 def encode_record(timestamp: float, message) -> bytes:
     """One queue record: its append time (wall clock, seconds) and the message blob."""
-    return _TS.pack(RECORD_FORMAT, timestamp) + r.encode_message(message)
+    if message.properties or message.expires_at is not None or message.wire_cache:
+        return _TS.pack(RECORD_FORMAT, timestamp) + r.encode_message(message)
+    topic = message.topic.encode()
+    origin = message.origin.encode() if message.origin else b""
+    payload = message.payload
+    flags = message.qos | (4 if message.retain else 0) | (16 if origin else 0)
+    return b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, flags, 0.0, len(topic), len(origin), 0,
+                                  len(payload)), topic, origin, payload))
 
 
 def decode_record(buf) -> tuple[float, tuple]:
@@ -55,7 +78,8 @@ def log_prefix(queue: str) -> bytes:
 
 
 def log_key(queue: str, offset: int) -> bytes:
-    return log_prefix(queue) + _OFF.pack(offset)
+    prefix = _LOG_PREFIXES.get(queue)
+    return (prefix or log_prefix(queue)) + _OFF.pack(offset)
 
 
 def group_key(queue: str, group: str) -> bytes:
@@ -66,10 +90,34 @@ def ack_prefix(queue: str, group: str) -> bytes:
     return b"A" + queue.encode() + b"\x00" + group.encode() + b"\x00"
 
 
+def mark_key(queue: str, group: str) -> bytes:
+    return b"D" + queue.encode() + b"\x00" + group.encode()
+
+
+def count_prefix(queue: str, group: str) -> bytes:
+    return b"C" + queue.encode() + b"\x00" + group.encode() + b"\x00"
+
+
+def member_prefix(client_id: str) -> bytes:
+    return b"M" + client_id.encode() + b"\x00"
+
+
 @dataclass
 class StoredGroup:
     floor: int = 0
     settled: set[int] = field(default_factory=set)
+    mark: int = 0  # every unsettled offset below it was delivered (once, unless in counts)
+    counts: dict[int, int] = field(default_factory=dict)  # offset -> deliveries, where not 1
+
+
+@dataclass
+class StoredMember:
+    """A persistent session's membership of a consumer group, as ``load_members`` found it."""
+
+    client_id: str
+    filter: str  # as subscribed: $queue/{name}[/{filter}]
+    group: str
+    auto_ack: bool
 
 
 @dataclass
@@ -119,6 +167,30 @@ class QueueLogStore:
     def applied_index(self, group: str) -> int:
         """The last Raft index ``put_applied`` committed for ``group`` (0 when none)."""
         return 0
+
+    # Delivery counts (a group's progress too, written at most once per dispatch; a store that
+    # does not keep them restarts the counts at 1 after a restart).
+
+    def put_mark(self, queue: str, group: str, mark: int) -> None:
+        """Every unsettled offset below ``mark`` was delivered by the group (once, unless
+        ``put_count`` recorded another count)."""
+
+    def put_count(self, queue: str, group: str, offset: int, count: int | None) -> None:
+        """Record the delivery count of one offset below the mark where it is not 1 (None: forget it)."""
+
+    # Memberships of persistent sessions (node-local session state, not part of a queue's log).
+
+    def put_member(self, client_id: str, filter: str, group: str, auto_ack: bool) -> None:
+        """A persistent session is a member of ``group`` through ``filter``."""
+
+    def delete_member(self, client_id: str, filter: str) -> None:
+        pass
+
+    def delete_members(self, client_id: str) -> None:
+        """Every membership of ``client_id`` (its session ended)."""
+
+    def load_members(self) -> list[StoredMember]:
+        return []
 
 
 class MemoryQueueLog(QueueLogStore):
@@ -195,7 +267,44 @@ class LMDBQueueLog(QueueLogStore):
 
     def delete_group(self, queue: str, group: str) -> None:
         self.storage._put(self.db, group_key(queue, group), None)
+        self.storage._put(self.db, mark_key(queue, group), None)
         self.storage._delete_prefix((self.db,), ack_prefix(queue, group))
+        self.storage._delete_prefix((self.db,), count_prefix(queue, group))
+
+    def put_mark(self, queue: str, group: str, mark: int) -> None:
+        self.storage._put(self.db, mark_key(queue, group), _U64.pack(mark))
+
+    def put_count(self, queue: str, group: str, offset: int, count: int | None) -> None:
+        self.storage._put(self.db, count_prefix(queue, group) + _OFF.pack(offset),
+                          None if count is None else _U32.pack(min(count, 0xFFFFFFFF)))
+
+    def put_member(self, client_id: str, filter: str, group: str, auto_ack: bool) -> None:
+        value = bytes((MEMBER_FORMAT, _AUTO_ACK if auto_ack else 0)) + group.encode()
+        self.storage._put(self.db, member_prefix(client_id) + filter.encode(), value)
+
+    def delete_member(self, client_id: str, filter: str) -> None:
+        self.storage._put(self.db, member_prefix(client_id) + filter.encode(), None)
+
+    def delete_members(self, client_id: str) -> None:
+        self.storage._delete_prefix((self.db,), member_prefix(client_id))
+
+    def load_members(self) -> list[StoredMember]:
+        """Every stored membership (at start); records of an unknown format are skipped."""
+        out: list[StoredMember] = []
+        storage = self.storage
+        with storage.env.begin(db=storage._dbs[self.db]) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(b"M"):
+                return out
+            for key, value in cur:
+                if key[:1] != b"M":
+                    break
+                cid, _, filter = bytes(key[1:]).partition(b"\x00")
+                if len(value) < 2 or value[0] != MEMBER_FORMAT:
+                    continue
+                out.append(StoredMember(cid.decode(), filter.decode(), bytes(value[2:]).decode(),
+                                        bool(value[1] & _AUTO_ACK)))
+        return out
 
     def truncate(self, queue: str, offsets) -> None:
         put = self.storage._put
@@ -216,8 +325,8 @@ class LMDBQueueLog(QueueLogStore):
         with storage.env.begin(db=storage._dbs[self.db]) as txn:
             for key, value in txn.cursor():
                 kind = key[:1]
-                if kind == b"R":
-                    continue  # a replication group's applied index, not a queue
+                if kind == b"R" or kind == b"M":
+                    continue  # a replication group's applied index / memberships (load_members)
                 name, _, rest = bytes(key[1:]).partition(b"\x00")
                 q = out.get(name.decode())
                 if q is None:
@@ -236,10 +345,17 @@ class LMDBQueueLog(QueueLogStore):
                     group, off = rest[:-9], rest[-8:]  # the offset's bytes may hold NULs
                     g = q.groups.setdefault(group.decode(), StoredGroup())
                     g.settled.add(_OFF.unpack(off)[0])
+                elif kind == b"D":
+                    q.groups.setdefault(rest.decode(), StoredGroup()).mark = _U64.unpack(value)[0]
+                elif kind == b"C":
+                    group, off = rest[:-9], rest[-8:]
+                    g = q.groups.setdefault(group.decode(), StoredGroup())
+                    g.counts[_OFF.unpack(off)[0]] = _U32.unpack(value)[0]
         for q in out.values():
             if not q.count:
                 # Every record was truncated: the next offset continues above what the groups settled.
                 q.next = q.first = max([g.floor for g in q.groups.values()] + [0])
             for g in q.groups.values():
                 g.settled = {off for off in g.settled if off >= g.floor}
+                g.counts = {off: n for off, n in g.counts.items() if off >= g.floor and off not in g.settled}
         return out

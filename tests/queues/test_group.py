@@ -12,7 +12,7 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import USER_PROPERTY, Message
 from fluxmq.queues import QueueManager
 from fluxmq.queues.config import QueueConfig, RetryConfig
-from fluxmq.storage.lmdb import LMDBStorage
+from fluxmq.storage.lmdb import INFLIGHT, LMDBStorage
 
 
 class Delivery:
@@ -116,4 +116,170 @@ def test_settling_an_unknown_message_changes_nothing(tmp_path: Path, action: str
     storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
     props = {USER_PROPERTY: [("message-id", "jobs:99"), ("group-id", "g")]}
     assert broker.publish(Message(f"$queue/jobs/{action}", b"", 1, properties=props)) == 0
+    storage.close()
+
+
+def test_delivery_counts_go_on_after_a_restart(tmp_path: Path) -> None:
+    """Stored once per dispatch: a redelivered record goes on counting after a crash, and a record
+    passed over (no member's filter matched it) still counts as never delivered."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    a, d = member(broker, "c1", "$queue/jobs/a/#", "g")
+    broker.publish(Message("$queue/jobs/b/1", b"passed over", 1))  # offset 0: no member for it
+    broker.publish(Message("$queue/jobs/a/1", b"again", 1))  # offset 1
+    end_of_turn()
+    assert [up(m)["delivery-count"] for _, m in d.sent] == ["1"]
+    broker.close_session(a, a.delivery, False)  # leaves: offset 1 goes to the next member
+    _, d2 = member(broker, "c2", "$queue/jobs/a/#", "g")
+    assert [(m.payload, up(m)["delivery-count"]) for _, m in d2.sent] == [(b"again", "2")]
+    storage.commit()
+    storage.abort()  # a crash: nothing more is written
+
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, d3 = member(broker, "c3", "$queue/jobs/#", "g")
+    got = sorted((m.payload, up(m)["delivery-count"]) for _, m in d3.sent)
+    assert got == [(b"again", "3"), (b"passed over", "1")]
+    for _, m in d3.sent:
+        settle(broker, "jobs", "$ack", m)
+    storage.commit()
+    group = broker.queues.queues["jobs"].groups["g"]
+    assert not group.stored_counts  # settled: their count records are deleted
+    storage.close()
+    found = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    assert found.queue_log().load_queues()["jobs"].groups["g"].counts == {}
+    found.close()
+
+
+def test_a_filter_with_plus_and_hash_is_applied_to_the_routing_key(tmp_path: Path) -> None:
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, plus = member(broker, "c1", "$queue/jobs/+/paid", "p", auto_ack=True)
+    _, hash_ = member(broker, "c2", "$queue/jobs/eu/#", "h", auto_ack=True)
+    for key in ("eu/paid", "eu/new", "us/paid", "eu/x/paid", "eu"):
+        broker.publish(Message(f"$queue/jobs/{key}", key.encode(), 1))
+    end_of_turn()
+    assert [m.payload for _, m in plus.sent] == [b"eu/paid", b"us/paid"]
+    assert [m.payload for _, m in hash_.sent] == [b"eu/paid", b"eu/new", b"eu/x/paid", b"eu"]
+    storage.close()
+
+
+def test_a_consumers_receive_maximum_bounds_its_unsettled_deliveries(tmp_path: Path) -> None:
+    """5.0 Receive Maximum 2 (the session's window) under a queue max_inflight of 100."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs", max_inflight=100)])
+    session, _ = broker.open_session("c1", True, 0)
+    d = Delivery()
+    broker.attach(session, d, 2)
+    broker.subscribe(session, "$queue/jobs", 1, user_properties=[("consumer-group", "g"), ("auto-ack", "true")])
+    for i in range(5):
+        broker.publish(Message("$queue/jobs", b"%d" % i, 1))
+    end_of_turn()
+    assert [m.payload for _, m in d.sent] == [b"0", b"1"]
+    session.on_puback(d.sent[0][0], 0)  # one settled: one more
+    end_of_turn()
+    assert [m.payload for _, m in d.sent] == [b"0", b"1", b"2"]
+    storage.close()
+
+
+def test_unsettled_work_is_kept_until_every_group_settled_it_unless_a_limit_forces_it(tmp_path: Path) -> None:
+    from fluxmq.queues.config import RetentionConfig
+
+    storage, broker = node(tmp_path / "d", [QueueConfig("kept"), QueueConfig("capped", retention=RetentionConfig(
+        max_length_messages=2))])
+    _, fast = member(broker, "c1", "$queue/kept", "fast", auto_ack=True)
+    member(broker, "c2", "$queue/kept", "slow")  # never settles
+    for i in range(5):
+        broker.publish(Message("$queue/kept", b"%d" % i, 1))
+        broker.publish(Message("$queue/capped", b"%d" % i, 1))
+    end_of_turn()
+    for pid, _ in fast.sent:
+        broker.sessions["c1"].on_puback(pid, 0)
+    end_of_turn()
+    broker.queues.tick()
+    kept, capped = broker.queues.queues["kept"], broker.queues.queues["capped"]
+    assert kept.log.count == 5 and kept.stats["retention_dropped"] == 0  # "slow" has settled none
+    assert capped.log.count == 2 and capped.stats["retention_dropped"] == 3  # forced out: counted
+    storage.close()
+
+
+def test_a_stream_group_commits_what_was_acknowledged_every_auto_commit_interval(tmp_path: Path) -> None:
+    configs = [QueueConfig("events", type="stream", auto_commit_interval=0.01)]
+    storage, broker = node(tmp_path / "d", configs)
+    session, d = member(broker, "c1", "$queue/events", "readers")  # not auto-ack: no commit per ack
+    for i in range(4):
+        broker.publish(Message("$queue/events", b"%d" % i, 1))
+    end_of_turn()
+    for pid, _ in d.sent[:3]:
+        session.on_puback(pid, 0)  # acknowledged on the wire; the 4th is not
+    gevent.sleep(0.02)
+    broker.queues.tick()
+    assert broker.queues.queues["events"].groups["readers"].floor == 3
+    storage.commit()
+    storage.abort()
+
+    storage, broker = node(tmp_path / "d", configs)
+    _, d = member(broker, "c2", "$queue/events", "readers")
+    assert [m.payload for _, m in d.sent] == [b"3"]  # resumes after the commit
+    storage.close()
+
+
+def test_a_resumed_persistent_consumer_gets_what_it_held_from_its_group_not_a_stale_resend(tmp_path: Path) -> None:
+    """A persistent consumer that disconnects with an unsettled delivery: the delivery goes back
+    to its group and comes again (count 2) when it reconnects; the session does not also resend
+    the old one from its in-flight window, and its PUBACKs write nothing for them."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    session, _ = broker.open_session("p1", False, 300)
+    d = Delivery()
+    broker.attach(session, d, 100)
+    broker.subscribe(session, "$queue/jobs", 1, user_properties=[("consumer-group", "g")])
+    broker.publish(Message("$queue/jobs", b"held", 1))
+    end_of_turn()
+    storage.commit()
+    assert [up(m)["delivery-count"] for _, m in d.sent] == ["1"]
+    broker.close_session(session, d, False)
+    session, present = broker.open_session("p1", False, 300)
+    assert present
+    d2 = Delivery()
+    broker.attach(session, d2, 100)
+    end_of_turn()
+    assert [(m.payload, up(m)["delivery-count"]) for _, m in d2.sent] == [(b"held", "2")]
+    storage.commit()
+    session.on_puback(d2.sent[0][0], 0)
+    assert not [k for k in storage._batch.ops[INFLIGHT] if k.startswith(b"p1\x00")]  # no in-flight delete written
+    storage.close()
+
+
+def test_out_of_order_puback_settlements_are_durable_by_the_next_tick(tmp_path: Path) -> None:
+    """PUBACK settlements above the floor wait at most for the 100 ms tick to be written (at the
+    end of a turn only the floor is): after the tick's commit a crash redelivers only the unsettled."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    session, d = member(broker, "c1", "$queue/jobs", "g", auto_ack=True)
+    for i in range(3):
+        broker.publish(Message("$queue/jobs", b"m%d" % i, 1))
+    end_of_turn()
+    storage.commit()
+    for pid, m in d.sent:
+        if up(m)["offset"] != "0":
+            session.on_puback(pid, 0)  # 1 and 2 settled, 0 not: above the floor
+    end_of_turn()
+    broker.queues.tick()
+    storage.commit()
+    storage.abort()  # a crash
+
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    _, d = member(broker, "c2", "$queue/jobs", "g")
+    assert [m.payload for _, m in d.sent] == [b"m0"]
+    storage.close()
+
+
+def test_stream_offset_next_starts_after_what_is_stored(tmp_path: Path) -> None:
+    storage, broker = node(tmp_path / "d", [QueueConfig("events", type="stream")])
+    for i in range(3):
+        broker.publish(Message("$queue/events", b"old%d" % i, 1))
+    session, _ = broker.open_session("c1", True, 0)
+    d = Delivery()
+    broker.attach(session, d, 100)
+    broker.subscribe(session, "$queue/events", 1, user_properties=[("consumer-group", "g"), ("stream-offset", "next")])
+    end_of_turn()
+    assert d.sent == []
+    broker.publish(Message("$queue/events", b"new", 1))
+    end_of_turn()
+    assert [(m.payload, up(m)["x-stream-offset"]) for _, m in d.sent] == [(b"new", "3")]
     storage.close()

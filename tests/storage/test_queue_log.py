@@ -1,5 +1,6 @@
-"""storage/queue_log.py and the schema 2 upgrade: queue records and group progress in LMDB,
-written through the batch, read back at start; a schema 1 store opens and is upgraded."""
+"""storage/queue_log.py and the schema upgrades: queue records, group progress, delivery counts and
+persistent sessions' memberships in LMDB, written through the batch, read back at start; schema 1
+and schema 2 stores open and are upgraded."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import lmdb
 from fluxmq.broker.message import Message
 from fluxmq.storage import records as r
 from fluxmq.storage.lmdb import SCHEMA_VERSION, LMDBStorage
-from fluxmq.storage.queue_log import decode_record, encode_record
+from fluxmq.storage.queue_log import StoredMember, decode_record, encode_record
 
 MiB = 1 << 20
 
@@ -63,7 +64,7 @@ def test_a_schema_1_store_is_upgraded_at_open(tmp_path: Path) -> None:
     s = LMDBStorage(path, map_size=64 * MiB)
     with s.env.begin() as txn:
         meta = s.env.open_db(b"meta", txn=txn, create=False)
-        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 2
+        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 3
     assert "keep" in s.load().sessions  # what the old store held is still there
     s.queue_log().append("q", 0, encode_record(1.0, Message("$queue/q", b"x", 1)))
     s.commit()
@@ -98,3 +99,75 @@ def test_an_ack_recorded_and_passed_by_the_floor_in_one_batch_writes_nothing(tmp
     found = s.queue_log().load_queues()["orders"]
     assert found.groups["g"].floor == 3 and found.groups["g"].settled == set()
     s.close()
+
+
+def test_delivery_counts_and_memberships_survive_a_reopen(tmp_path: Path) -> None:
+    s = LMDBStorage(tmp_path / "d", map_size=64 * MiB)
+    qlog = s.queue_log()
+    for off in range(4):
+        qlog.append("orders", off, encode_record(1.0, Message("$queue/orders/k", b"p", 1)))
+    qlog.put_group("orders", "g", 1)
+    qlog.put_mark("orders", "g", 4)  # 1..3 delivered
+    qlog.put_count("orders", "g", 2, 3)  # offset 2 delivered three times
+    qlog.put_count("orders", "g", 3, 0)  # offset 3 passed over, never delivered
+    qlog.put_count("orders", "g", 0, 5)  # below the floor: settled, not loaded
+    qlog.put_member("c1", "$queue/orders/eu/#", "g", True)
+    qlog.put_member("c1", "$queue/other", "c1", False)
+    qlog.put_member("c2", "$queue/orders", "g", False)
+    s.commit()
+    qlog.delete_member("c1", "$queue/other")
+    qlog.delete_members("c2")
+    s.commit()
+    s.close()
+
+    s = LMDBStorage(tmp_path / "d", map_size=64 * MiB)
+    found = s.queue_log().load_queues()
+    assert set(found) == {"orders"}  # membership keys are not queues
+    g = found["orders"].groups["g"]
+    assert (g.floor, g.mark, g.counts) == (1, 4, {2: 3, 3: 0})
+    assert s.queue_log().load_members() == [StoredMember("c1", "$queue/orders/eu/#", "g", True)]
+    s.queue_log().delete_group("orders", "g")
+    s.commit()
+    assert "g" not in s.queue_log().load_queues().get("orders").groups
+    s.close()
+
+
+def test_a_schema_2_store_is_upgraded_and_its_queues_load(tmp_path: Path) -> None:
+    """A store as schema 2 wrote it (queue records, a group's floor and an out-of-order ack): it
+    opens, becomes schema 3, and its queues load with no delivery count and no membership known."""
+    path = tmp_path / "v2"
+    path.mkdir()
+    env = lmdb.open(str(path), map_size=64 * MiB, max_dbs=16, subdir=True)
+    with env.begin(write=True) as txn:
+        dbs = {name: env.open_db(name, txn=txn) for name in (*V1_DBS, b"queues")}
+        txn.put(b"magic", b"fluxmq-storage", db=dbs[b"meta"])
+        txn.put(b"schema_version", struct.pack("<I", 2), db=dbs[b"meta"])
+        for off in range(3):
+            txn.put(b"Ljobs\x00" + struct.pack(">Q", off),
+                    encode_record(5.0, Message("$queue/jobs", b"j%d" % off, 1)), db=dbs[b"queues"])
+        txn.put(b"Gjobs\x00w", struct.pack("<Q", 1), db=dbs[b"queues"])
+        txn.put(b"Ajobs\x00w\x00" + struct.pack(">Q", 2), b"", db=dbs[b"queues"])
+    env.close()
+
+    s = LMDBStorage(path, map_size=64 * MiB)
+    with s.env.begin() as txn:
+        meta = s.env.open_db(b"meta", txn=txn, create=False)
+        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 3
+    q = s.queue_log().load_queues()["jobs"]
+    assert (q.first, q.next, q.count) == (0, 3, 3)
+    g = q.groups["w"]
+    assert (g.floor, g.settled, g.mark, g.counts) == (1, {2}, 0, {})
+    assert s.queue_log().load_members() == []
+    s.close()
+
+
+def test_a_plain_records_one_pack_encoding_is_the_general_one() -> None:
+    """encode_record's shortcut (no properties, no expiry) writes the bytes the general encoder
+    writes, with and without an origin, so records read back the same."""
+    for message in (Message("$queue/q/k", b"x" * 70, 1, origin="client-1"), Message("$queue/q", b"", 1),
+                    Message("t", b"p", 0, True)):
+        general = Message(message.topic, message.payload, message.qos, message.retain, origin=message.origin)
+        blob = encode_record(7.5, message)
+        assert blob == struct.pack("<Bd", 1, 7.5) + r.encode_message(general)
+        assert decode_record(blob) == (7.5, (message.topic, message.payload, message.qos, message.retain, None, None,
+                                             message.origin))
