@@ -18,7 +18,7 @@ from fluxmq.storage.lmdb import INFLIGHT, QUEUE, SCHEMA_VERSION, SENT
 from tests.broker.test_session import RecordingDelivery
 from tests.storage.test_broker_restore import Node
 
-SCHEMA2_STORE = Path(__file__).parent / "data" / "schema2-store"
+SCHEMA2_STORE = Path(__file__).parent / "fixtures" / "schema2-store"
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def test_in_flight_and_queued_messages_restore_exactly_with_their_packet_ids(nod
 
 
 def test_a_schema_2_store_written_by_the_old_code_is_upgraded(tmp_path: Path) -> None:
-    # data/schema2-store was written by the schema 2 code (data/make_schema2_store.py): two messages
+    # fixtures/schema2-store was written by the schema 2 code (fixtures/make_schema2_store.py): two messages
     # in flight as schema 2 inflight records (pid 1 QoS 1, pid 2 QoS 2 released), four queued.
     path = tmp_path / "data"
     shutil.copytree(SCHEMA2_STORE, path)
