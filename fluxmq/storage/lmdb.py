@@ -80,6 +80,7 @@ GC_CHUNK = 1000
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
 _SEQ = struct.Struct(">Q")
+_PID = struct.Struct(">H")
 SYNC_MODES = ("always", "batch", "none")
 
 # Run in a child process before an existing store is opened: LMDB has no checksums and can abort()
@@ -130,9 +131,9 @@ class _Batch:
         self.gc_done = False
         self.callbacks: list = []  # after_commit callbacks waiting for this batch
         self.stakes: set[str] = set()  # note_stake: clients acknowledging ops of others
-        # (client id, bucket) of ``sent`` records changed since the last take_batch: written as
-        # ops there, once per record however many slots changed
-        self.sent_dirty: set[tuple[str, int]] = set()
+        # clients whose ``sent`` records changed since the last take_batch: written as ops there,
+        # once per record however many of its packet ids changed
+        self.sent_dirty: set[_Sent] = set()
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.ops) + len(self.prefix_deletes)
@@ -168,11 +169,24 @@ class _Batch:
                 out.add(key.split(b"\x00", 1)[0].decode(errors="replace"))
         for _db, prefix in self.prefix_deletes:
             out.add(prefix.split(b"\x00", 1)[0].decode(errors="replace"))
-        out.update(cid for cid, _ in self.sent_dirty)
+        out.update(state.client_id for state in self.sent_dirty)
         return out
 
 
 _MISSING = object()
+
+
+class _Sent:
+    """One client's packet ids in flight as queue entries (schema 3 ``sent`` records)."""
+
+    __slots__ = ("client_id", "prefix", "ids", "dirty", "disk")
+
+    def __init__(self, client_id: str, prefix: bytes) -> None:
+        self.client_id = client_id
+        self.prefix = prefix
+        self.ids: dict[int, int] = {}  # packet id -> seq << 1 | released
+        self.dirty: set[int] = set()  # buckets (packet id // 16) changed since the last take_batch
+        self.disk: set[int] = set()  # buckets with a record on disk (or in a batch already taken)
 
 
 #: free disk space below which a failed commit is reported as a full disk
@@ -222,10 +236,8 @@ class LMDBStorage(Storage):
         self._batch = _Batch()
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
-        # client id -> bucket -> slots (records.sent_slots) of packet ids in flight as queue entries
-        self._sent: dict[str, dict[int, array]] = {}
-        # client id -> buckets whose ``sent`` record is on disk (or in a batch already taken)
-        self._sent_disk: dict[str, set[int]] = {}
+        # client id -> its packet ids in flight as queue entries (only clients that have some)
+        self._sent: dict[str, _Sent] = {}
         self._prefixes: dict[str, bytes] = {}  # client id -> records.client_prefix (bounded)
         self._background = None
         self._closing = False
@@ -487,10 +499,13 @@ class LMDBStorage(Storage):
         self._gc_queue(client_id, queue_next)
 
     def _forget_sent(self, client_id: str) -> None:
-        # The prefix delete removes the client's ``sent`` records; dirty marks left in the batch
-        # then find no slots and no record on disk, and write nothing.
-        self._sent.pop(client_id, None)
-        self._sent_disk.pop(client_id, None)
+        # The prefix delete removes the client's ``sent`` records; a batch still naming the
+        # emptied object then finds nothing to write.
+        state = self._sent.pop(client_id, None)
+        if state is not None:
+            state.ids.clear()
+            state.dirty.clear()
+            state.disk.clear()
 
     def _gc_queue(self, client_id: str, end: int) -> None:
         """Mark the client's queue entries below ``end`` as garbage: recorded durably now, deleted a
@@ -534,43 +549,30 @@ class LMDBStorage(Storage):
             prefix = self._prefixes[client_id] = r.client_prefix(client_id)
         return prefix
 
+    def _sent_state(self, client_id: str) -> _Sent:
+        state = self._sent.get(client_id)
+        if state is None:
+            state = self._sent[client_id] = _Sent(client_id, self._prefix(client_id))
+        return state
+
     def put_sent(self, client_id: str, packet_id: int, seq: int) -> None:
-        buckets = self._sent.get(client_id)
-        if buckets is None:
-            buckets = self._sent[client_id] = {}
-        bucket = packet_id >> 4
-        slots = buckets.get(bucket)
-        if slots is None:
-            slots = buckets[bucket] = r.sent_slots()
-        slots[packet_id & 15] = (seq + 1) << 1
-        self._batch.sent_dirty.add((client_id, bucket))
+        state = self._sent.get(client_id) or self._sent_state(client_id)
+        state.ids[packet_id] = seq << 1
+        state.dirty.add(packet_id >> 4)
+        self._batch.sent_dirty.add(state)
         self.op_count += 1
         if not self.has_pending:
             self._wake()
 
-    def _sent_changed(self, client_id: str, bucket: int) -> None:
-        self._batch.sent_dirty.add((client_id, bucket))
-        self.op_count += 1
-        if not self.has_pending:
-            self.has_pending = True
-            cb = self.on_pending
-            if cb is not None:
-                cb()
-
-    def _sent_slot(self, client_id: str, packet_id: int) -> array | None:
-        """The slots holding ``packet_id`` when it is in flight as a queue entry, else None."""
-        buckets = self._sent.get(client_id)
-        if buckets is not None:
-            slots = buckets.get(packet_id >> 4)
-            if slots is not None and slots[packet_id & 15]:
-                return slots
-        return None
-
     def release_inflight(self, client_id: str, packet_id: int) -> None:
-        slots = self._sent_slot(client_id, packet_id)
-        if slots is not None:
-            slots[packet_id & 15] |= 1
-            self._sent_changed(client_id, packet_id >> 4)
+        state = self._sent.get(client_id)
+        if state is not None and packet_id in state.ids:
+            state.ids[packet_id] |= 1
+            state.dirty.add(packet_id >> 4)
+            self._batch.sent_dirty.add(state)
+            self.op_count += 1
+            if not self.has_pending:
+                self._wake()
             return
         key = r.pid_key(r.client_prefix(client_id), packet_id)  # a schema 2 record
         value = self._read(INFLIGHT, key)
@@ -578,26 +580,23 @@ class LMDBStorage(Storage):
             self._put(INFLIGHT, key, r.mark_released(value))
 
     def delete_inflight(self, client_id: str, packet_id: int) -> None:
-        buckets = self._sent.get(client_id)
-        if buckets is not None:
-            slots = buckets.get(packet_id >> 4)
-            if slots is not None:
-                i = packet_id & 15
-                v = slots[i]
-                if v:
-                    slots[i] = 0
-                    batch = self._batch
-                    batch.sent_dirty.add((client_id, packet_id >> 4))
-                    self.op_count += 1
-                    key = self._prefix(client_id) + _SEQ.pack((v >> 1) - 1)
-                    ops = batch.ops[QUEUE]
-                    if ops.get(key) is not None:
-                        del ops[key]  # written in this batch: see queue_pop
-                    else:
-                        ops[key] = None
-                    if not self.has_pending:
-                        self._wake()
-                    return
+        state = self._sent.get(client_id)
+        if state is not None:
+            v = state.ids.pop(packet_id, None)
+            if v is not None:
+                state.dirty.add(packet_id >> 4)
+                batch = self._batch
+                batch.sent_dirty.add(state)
+                key = state.prefix + _SEQ.pack(v >> 1)
+                ops = batch.ops[QUEUE]
+                if ops.get(key) is not None:
+                    del ops[key]  # written in this batch: see queue_pop
+                else:
+                    ops[key] = None
+                self.op_count += 1
+                if not self.has_pending:
+                    self._wake()
+                return
         self._put(INFLIGHT, r.pid_key(r.client_prefix(client_id), packet_id), None)
 
     def put_inbound_qos2(self, client_id: str, packet_id: int) -> None:
@@ -699,28 +698,21 @@ class LMDBStorage(Storage):
     def _write_sent(self, batch: _Batch) -> None:
         """Turn the batch's changed ``sent`` records into operations (hub, at take_batch)."""
         ops = batch.ops[SENT]
-        sent, on_disk = self._sent, self._sent_disk
-        for cid, bucket in batch.sent_dirty:
-            buckets = sent.get(cid)
-            slots = buckets.get(bucket) if buckets is not None else None
-            key = r.sent_key(r.client_prefix(cid), bucket)
-            if slots is not None and slots.count(0) != r.SENT_SLOTS:
-                ops[key] = r.encode_sent(slots)
-                disk = on_disk.get(cid)
-                if disk is None:
-                    disk = on_disk[cid] = set()
-                disk.add(bucket)
-                continue
-            if slots is not None:
-                del buckets[bucket]
-                if not buckets:
-                    del sent[cid]
-            disk = on_disk.get(cid)
-            if disk is not None and bucket in disk:
-                ops[key] = None
-                disk.discard(bucket)
-                if not disk:
-                    del on_disk[cid]
+        for state in batch.sent_dirty:
+            ids, disk = state.ids, state.disk
+            for bucket in state.dirty:
+                key = state.prefix + _PID.pack(bucket)
+                base = bucket * r.SENT_SLOTS
+                slots = [ids.get(pid, -2) + 2 for pid in range(base, base + r.SENT_SLOTS)]
+                if any(slots):
+                    ops[key] = r.encode_sent(array("Q", slots))
+                    disk.add(bucket)
+                elif bucket in disk:
+                    ops[key] = None
+                    disk.discard(bucket)
+            state.dirty.clear()
+            if not ids and not disk and self._sent.get(state.client_id) is state:
+                del self._sent[state.client_id]
         batch.sent_dirty = set()
 
     def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
@@ -987,6 +979,7 @@ class LMDBStorage(Storage):
                 continue
             prefix = r.client_prefix(cid)
             floor = self._gc.get(cid, 0)
+            state = self._sent_state(cid)
             for i in range(r.SENT_SLOTS):
                 v = slots[i]
                 if not v:
@@ -1001,15 +994,15 @@ class LMDBStorage(Storage):
                     # Its entry is gone (cannot happen by commits: both change in one transaction):
                     # nothing to resend, and the record is rewritten by the first commit, before a
                     # new entry could take that seq.
-                    slots[i] = 0
-                    self._batch.sent_dirty.add((cid, bucket))
+                    state.dirty.add(bucket)
+                    self._batch.sent_dirty.add(state)
                     self.has_pending = True
                     continue
                 pid = bucket * r.SENT_SLOTS + i
                 s.inflight[pid] = (*fields[:4], bool(v & 1))
                 seqs.setdefault(cid, set()).add(seq)
-            self._sent.setdefault(cid, {})[bucket] = slots
-            self._sent_disk.setdefault(cid, set()).add(bucket)
+                state.ids[pid] = v - 2
+            state.disk.add(bucket)
         return seqs
 
     def _load_queues(self, txn, sessions: dict[str, StoredSession], sent_seqs: dict[str, set[int]]) -> None:
