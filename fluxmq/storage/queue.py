@@ -190,9 +190,12 @@ class DiskQueue:
             self._mem.popleft()
             self._mem_bytes -= size
         self.first = seq + 1  # everything up to the head is gone
-        self._removed(size)
         if item[1] == 0 and self._qos0 and self._qos0[0] == seq:
             self._qos0.popleft()
+        self.bytes -= size
+        self.count -= 1
+        if self.count <= 0:
+            self._reset()
 
     def popleft(self) -> tuple:
         """Remove and return the head item, deleting its entry."""

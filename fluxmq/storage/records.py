@@ -33,7 +33,11 @@ FORMAT = 1
 _U32 = struct.Struct("<I")
 _MSG = struct.Struct("<BBdHHII")
 _ENTRY = struct.Struct("<BBBH")  # version, delivery qos, flags (retain, released), n subscription ids
-_PLAIN_ENTRY = struct.Struct("<BBBHBBdHHII")  # _ENTRY then _MSG, for a message without origin/properties/expiry
+# _ENTRY then _MSG for a message without origin, properties or expiry: the constant part up to the
+# topic length, by delivery QoS, delivery retain and message flags; then topic and payload lengths
+_PLAIN_HEADS = tuple(tuple(tuple(_ENTRY.pack(FORMAT, q, r, 0) + struct.pack("<BBd", FORMAT, f, 0.0) for f in range(8))
+                           for r in range(2)) for q in range(3))
+_PLAIN_LENS = struct.Struct("<H6xI")  # topic length, origin and properties lengths (0), payload length
 _SESSION = struct.Struct("<BIdBH")  # version, expiry, disconnected_at (wall), flags, username length
 _SUB = struct.Struct("<BBBBBI")  # version, qos, no_local, retain_as_published, retain_handling, sub id
 _WILL = struct.Struct("<BI")  # version, delay
@@ -226,12 +230,11 @@ def encode_entry(message, qos: int, retain: bool, subscription_ids, released: bo
                 return entry
         if message.origin or message.properties or message.expires_at is not None:
             entry = _ENTRY.pack(FORMAT, qos, 1 if retain else 0, 0) + encode_message(message)
-        else:  # the common message: both headers in one pack
+        else:  # the common message: the headers up to the lengths are constants
             topic = message.topic.encode()
             payload = message.payload
-            entry = _PLAIN_ENTRY.pack(FORMAT, qos, 1 if retain else 0, 0, FORMAT,
-                                      message.qos | (4 if message.retain else 0), 0.0, len(topic), 0, 0,
-                                      len(payload)) + topic + payload
+            entry = b"".join((_PLAIN_HEADS[qos][1 if retain else 0][message.qos | (4 if message.retain else 0)],
+                              _PLAIN_LENS.pack(len(topic), len(payload)), topic, payload))
         cache[key] = entry
         return entry
     ids = subscription_ids or ()
