@@ -179,14 +179,28 @@ _MISSING = object()
 class _Sent:
     """One client's packet ids in flight as queue entries (schema 3 ``sent`` records)."""
 
-    __slots__ = ("client_id", "prefix", "ids", "dirty", "disk")
+    __slots__ = ("client_id", "prefix", "slots", "dirty", "disk")
 
     def __init__(self, client_id: str, prefix: bytes) -> None:
         self.client_id = client_id
         self.prefix = prefix
-        self.ids: dict[int, int] = {}  # packet id -> seq << 1 | released
-        self.dirty: set[int] = set()  # buckets (packet id // 16) changed since the last take_batch
+        # bucket (packet id // 16) -> records.sent_slots: 0, or (seq + 1) << 1 | released
+        self.slots: dict[int, array] = {}
+        self.dirty: set[int] = set()  # buckets changed since the last take_batch
         self.disk: set[int] = set()  # buckets with a record on disk (or in a batch already taken)
+
+    def get(self, packet_id: int) -> int:
+        """The slot of ``packet_id`` (0 when it is not in flight as a queue entry)."""
+        slots = self.slots.get(packet_id >> 4)
+        return slots[packet_id & 15] if slots is not None else 0
+
+    def set(self, packet_id: int, value: int) -> None:
+        bucket = packet_id >> 4
+        slots = self.slots.get(bucket)
+        if slots is None:
+            slots = self.slots[bucket] = r.sent_slots()
+        slots[packet_id & 15] = value
+        self.dirty.add(bucket)
 
 
 #: free disk space below which a failed commit is reported as a full disk
@@ -503,7 +517,7 @@ class LMDBStorage(Storage):
         # emptied object then finds nothing to write.
         state = self._sent.pop(client_id, None)
         if state is not None:
-            state.ids.clear()
+            state.slots.clear()
             state.dirty.clear()
             state.disk.clear()
 
@@ -557,8 +571,12 @@ class LMDBStorage(Storage):
 
     def put_sent(self, client_id: str, packet_id: int, seq: int) -> None:
         state = self._sent.get(client_id) or self._sent_state(client_id)
-        state.ids[packet_id] = seq << 1
-        state.dirty.add(packet_id >> 4)
+        bucket = packet_id >> 4
+        slots = state.slots.get(bucket)
+        if slots is None:
+            slots = state.slots[bucket] = r.sent_slots()
+        slots[packet_id & 15] = (seq + 1) << 1
+        state.dirty.add(bucket)
         self._batch.sent_dirty.add(state)
         self.op_count += 1
         if not self.has_pending:
@@ -566,9 +584,9 @@ class LMDBStorage(Storage):
 
     def release_inflight(self, client_id: str, packet_id: int) -> None:
         state = self._sent.get(client_id)
-        if state is not None and packet_id in state.ids:
-            state.ids[packet_id] |= 1
-            state.dirty.add(packet_id >> 4)
+        v = state.get(packet_id) if state is not None else 0
+        if v:
+            state.set(packet_id, v | 1)
             self._batch.sent_dirty.add(state)
             self.op_count += 1
             if not self.has_pending:
@@ -582,12 +600,14 @@ class LMDBStorage(Storage):
     def delete_inflight(self, client_id: str, packet_id: int) -> None:
         state = self._sent.get(client_id)
         if state is not None:
-            v = state.ids.pop(packet_id, None)
-            if v is not None:
+            slots = state.slots.get(packet_id >> 4)
+            v = slots[packet_id & 15] if slots is not None else 0
+            if v:
+                slots[packet_id & 15] = 0
                 state.dirty.add(packet_id >> 4)
                 batch = self._batch
                 batch.sent_dirty.add(state)
-                key = state.prefix + _SEQ.pack(v >> 1)
+                key = state.prefix + _SEQ.pack((v >> 1) - 1)
                 ops = batch.ops[QUEUE]
                 if ops.get(key) is not None:
                     del ops[key]  # written in this batch: see queue_pop
@@ -698,20 +718,23 @@ class LMDBStorage(Storage):
     def _write_sent(self, batch: _Batch) -> None:
         """Turn the batch's changed ``sent`` records into operations (hub, at take_batch)."""
         ops = batch.ops[SENT]
+        free = r.SENT_SLOTS
         for state in batch.sent_dirty:
-            ids, disk = state.ids, state.disk
+            buckets, disk = state.slots, state.disk
             for bucket in state.dirty:
                 key = state.prefix + _PID.pack(bucket)
-                base = bucket * r.SENT_SLOTS
-                slots = [ids.get(pid, -2) + 2 for pid in range(base, base + r.SENT_SLOTS)]
-                if any(slots):
-                    ops[key] = r.encode_sent(array("Q", slots))
+                slots = buckets.get(bucket)
+                if slots is not None and slots.count(0) != free:
+                    ops[key] = r.encode_sent(slots)
                     disk.add(bucket)
-                elif bucket in disk:
+                    continue
+                if slots is not None:
+                    del buckets[bucket]
+                if bucket in disk:
                     ops[key] = None
                     disk.discard(bucket)
             state.dirty.clear()
-            if not ids and not disk and self._sent.get(state.client_id) is state:
+            if not buckets and not disk and self._sent.get(state.client_id) is state:
                 del self._sent[state.client_id]
         batch.sent_dirty = set()
 
@@ -980,6 +1003,7 @@ class LMDBStorage(Storage):
             prefix = r.client_prefix(cid)
             floor = self._gc.get(cid, 0)
             state = self._sent_state(cid)
+            dropped = False
             for i in range(r.SENT_SLOTS):
                 v = slots[i]
                 if not v:
@@ -994,15 +1018,18 @@ class LMDBStorage(Storage):
                     # Its entry is gone (cannot happen by commits: both change in one transaction):
                     # nothing to resend, and the record is rewritten by the first commit, before a
                     # new entry could take that seq.
-                    state.dirty.add(bucket)
-                    self._batch.sent_dirty.add(state)
-                    self.has_pending = True
+                    dropped = True
                     continue
                 pid = bucket * r.SENT_SLOTS + i
                 s.inflight[pid] = (*fields[:4], bool(v & 1))
                 seqs.setdefault(cid, set()).add(seq)
-                state.ids[pid] = v - 2
+                state.set(pid, v)
             state.disk.add(bucket)
+            state.dirty.discard(bucket)
+            if dropped:
+                state.dirty.add(bucket)
+                self._batch.sent_dirty.add(state)
+                self.has_pending = True
         return seqs
 
     def _load_queues(self, txn, sessions: dict[str, StoredSession], sent_seqs: dict[str, set[int]]) -> None:
