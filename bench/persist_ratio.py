@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-cpus", default="0")
     p.add_argument("--mqttload", default=None, help="path of a built mqttload (default: build into bench/out)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra fluxmq-node --set")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run wait up to SECONDS for other load below --quiet-cpus")
+    p.add_argument("--quiet-cpus", type=float, default=0.5)
     args = p.parse_args(argv)
     args.mqttload = ensure_mqttload(args.mqttload)
     rows = []
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         order = ["memory", "lmdb"] if run % 2 == 0 else ["lmdb", "memory"]
         got = {}
         for name in order:
+            if args.wait_quiet > 0:
+                procinfo.wait_quiet(args.quiet_cpus, args.wait_quiet)
             res = run_one(name, args)
             got[name] = res
             print(f"run {run + 1} {name:6} rate {res['rate']:>8} broker_cpu {res['broker_cpu']:>5} "
