@@ -33,11 +33,11 @@ FORMAT = 1
 _U32 = struct.Struct("<I")
 _MSG = struct.Struct("<BBdHHII")
 _ENTRY = struct.Struct("<BBBH")  # version, delivery qos, flags (retain, released), n subscription ids
-# _ENTRY then _MSG for a message without origin, properties or expiry: the constant part up to the
-# topic length, by delivery QoS, delivery retain and message flags; then topic and payload lengths
-_PLAIN_HEADS = tuple(tuple(tuple(_ENTRY.pack(FORMAT, q, r, 0) + struct.pack("<BBd", FORMAT, f, 0.0) for f in range(8))
+# _ENTRY then _MSG for a message without properties or expiry: the constant part up to the topic
+# length, by delivery QoS, delivery retain and message flags; then the lengths
+_PLAIN_HEADS = tuple(tuple(tuple(_ENTRY.pack(FORMAT, q, r, 0) + struct.pack("<BBd", FORMAT, f, 0.0) for f in range(32))
                            for r in range(2)) for q in range(3))
-_PLAIN_LENS = struct.Struct("<H6xI")  # topic length, origin and properties lengths (0), payload length
+_PLAIN_LENS = struct.Struct("<HH4xI")  # topic, origin, properties (0) and payload lengths
 _SESSION = struct.Struct("<BIdBH")  # version, expiry, disconnected_at (wall), flags, username length
 _SUB = struct.Struct("<BBBBBI")  # version, qos, no_local, retain_as_published, retain_handling, sub id
 _WILL = struct.Struct("<BI")  # version, delay
@@ -228,13 +228,20 @@ def encode_entry(message, qos: int, retain: bool, subscription_ids, released: bo
             entry = cache.get(key)
             if entry is not None:
                 return entry
-        if message.origin or message.properties or message.expires_at is not None:
+        if message.properties or message.expires_at is not None:
             entry = _ENTRY.pack(FORMAT, qos, 1 if retain else 0, 0) + encode_message(message)
         else:  # the common message: the headers up to the lengths are constants
             topic = message.topic.encode()
             payload = message.payload
-            entry = b"".join((_PLAIN_HEADS[qos][1 if retain else 0][message.qos | (4 if message.retain else 0)],
-                              _PLAIN_LENS.pack(len(topic), len(payload)), topic, payload))
+            origin = message.origin
+            flags = message.qos | (4 if message.retain else 0)
+            if origin:
+                origin = origin.encode()
+                flags |= 16
+            else:
+                origin = b""
+            entry = b"".join((_PLAIN_HEADS[qos][1 if retain else 0][flags],
+                              _PLAIN_LENS.pack(len(topic), len(origin), len(payload)), topic, origin, payload))
         cache[key] = entry
         return entry
     ids = subscription_ids or ()
