@@ -1,7 +1,7 @@
 """CPU per message of the session and storage path of QoS 1, in process: memory vs LMDB (issue 16).
 
 No sockets and no codec: a Broker with one subscriber (``t/#``, window 100) whose Delivery only
-records packet ids. Each turn publishes ``--per`` QoS 1 messages, commits, acknowledges as many of
+records packet ids. Each turn publishes (as client "pub", like a PUBLISH from a connection) ``--per`` QoS 1 messages, commits, acknowledges as many of
 the oldest in flight (the queue refills the window) and commits again, with 900 messages waiting
 in the queue as under ``mqttload``'s 1,000-message window. ``memory``: a clean session over the
 memory backend; ``lmdb``: a persistent session over LMDBStorage (``sync: batch`` behaviour, no
@@ -72,14 +72,14 @@ def run(kind: str, turns: int, per: int) -> float:
         broker.subscribe(session, "t/#", 1)
         store.commit()
         for _ in range(900):
-            broker.publish(Message(TOPIC, PAYLOAD, 1))
+            broker.publish(Message(TOPIC, PAYLOAD, 1, origin="pub"))
         store.commit()
         gc.collect()
         acked = 0
         t0 = time.process_time()
         for _ in range(turns):
             for _ in range(per):
-                broker.publish(Message(TOPIC, PAYLOAD, 1))
+                broker.publish(Message(TOPIC, PAYLOAD, 1, origin="pub"))
             store.commit()
             pids = d.pids
             for _ in range(per):
