@@ -80,7 +80,6 @@ GC_CHUNK = 1000
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
 _SEQ = struct.Struct(">Q")
-_PID = struct.Struct(">H")
 SYNC_MODES = ("always", "batch", "none")
 
 # Run in a child process before an existing store is opened: LMDB has no checksums and can abort()
@@ -722,7 +721,7 @@ class LMDBStorage(Storage):
         for state in batch.sent_dirty:
             buckets, disk = state.slots, state.disk
             for bucket in state.dirty:
-                key = state.prefix + _PID.pack(bucket)
+                key = r.sent_key(state.prefix, bucket)
                 slots = buckets.get(bucket)
                 if slots is not None and slots.count(0) != free:
                     ops[key] = r.encode_sent(slots)
@@ -1016,8 +1015,8 @@ class LMDBStorage(Storage):
                     fields = None
                 if fields is None:
                     # Its entry is gone (cannot happen by commits: both change in one transaction):
-                    # nothing to resend, and the record is rewritten by the first commit, before a
-                    # new entry could take that seq.
+                    # nothing to resend, and the record is rewritten by the first commit, which
+                    # comes before (or holds) any new entry that could take that seq.
                     dropped = True
                     continue
                 pid = bucket * r.SENT_SLOTS + i
@@ -1026,10 +1025,9 @@ class LMDBStorage(Storage):
                 state.set(pid, v)
             state.disk.add(bucket)
             state.dirty.discard(bucket)
-            if dropped:
+            if dropped:  # written by the next commit (load runs in a thread: no wake-up from here)
                 state.dirty.add(bucket)
                 self._batch.sent_dirty.add(state)
-                self.has_pending = True
         return seqs
 
     def _load_queues(self, txn, sessions: dict[str, StoredSession], sent_seqs: dict[str, set[int]]) -> None:

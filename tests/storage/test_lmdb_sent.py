@@ -191,3 +191,28 @@ def test_sent_records_round_trip() -> None:
     slots = r.sent_slots()
     slots[3] = (41 + 1) << 1 | 1
     assert r.decode_sent(r.encode_sent(slots)) == slots
+
+
+def test_an_online_queue_longer_than_its_memory_part_drains_in_order_once(node: Node, monkeypatch) -> None:
+    # An online session keeps its newest entries in memory (at most MEM_ENTRIES); the older ones
+    # are read back from the store: the client gets every message once, in order, across both.
+    from fluxmq.storage import queue as q
+
+    monkeypatch.setattr(q, "MEM_ENTRIES", 5)
+    s, d = _online(node, 3)
+    for i in range(30):
+        node.broker.publish(r_msg(f"m{i:02d}".encode(), qos=1))
+        if i % 7 == 0:
+            node.storage.commit()
+    node.storage.commit()
+    assert len(s.queue) == 27
+    got = []
+    while s.inflight and len(got) < 40:
+        pid = next(iter(s.inflight))
+        got.append(s.inflight[pid].message.payload)
+        assert s.on_puback(pid)
+        if len(got) % 4 == 0:
+            node.storage.commit()
+    node.storage.commit()
+    assert got == [f"m{i:02d}".encode() for i in range(30)]
+    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
