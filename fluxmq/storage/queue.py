@@ -8,7 +8,8 @@ integers and the seqs of queued QoS 0 entries (rare: QoS 0 is only queued while 
 is congested).
 
 While the session is online (``cache_tail``), the newest entries (at most ``MEM_ENTRIES`` and
-``MEM_BYTES``) are also kept as the items they were appended as: a client that drains its queue as
+``MEM_BYTES`` per session, ``MEM_TOTAL`` encoded bytes in the whole process) are also kept as the
+items they were appended as: a client that drains its queue as
 fast as it fills takes them back without reading or decoding anything. Older entries are read from
 the store ``READ_AHEAD`` at a time.
 """
@@ -27,7 +28,14 @@ log = logging.getLogger("fluxmq.storage")
 READ_AHEAD = 32
 #: newest entries an online session's queue also keeps in memory (as appended; they are on disk too)
 MEM_ENTRIES = 1024
-MEM_BYTES = 1 << 20
+MEM_BYTES = 256 << 10
+MEM_TOTAL = 64 << 20
+
+
+class _MemUse:
+    """Encoded bytes of the entries every DiskQueue of the process keeps in memory."""
+
+    used = 0
 
 
 class DiskQueue:
@@ -84,9 +92,11 @@ class DiskQueue:
                 self._mem_from = seq  # nothing queued at or above seq is missing from _mem
             mem.append((seq, item, size))
             self._mem_bytes += size
-            if len(mem) > MEM_ENTRIES or self._mem_bytes > MEM_BYTES:
+            _MemUse.used += size
+            while mem and (len(mem) > MEM_ENTRIES or self._mem_bytes > MEM_BYTES or _MemUse.used > MEM_TOTAL):
                 old, _, old_size = mem.popleft()  # read from the store again when its turn comes
                 self._mem_bytes -= old_size
+                _MemUse.used -= old_size
                 self._mem_from = old + 1
                 head = self._head
                 if head is not None and head[0] == old:
@@ -159,6 +169,7 @@ class DiskQueue:
         self._skip.clear()
         self._mem.clear()
         self._mem_from = -1
+        _MemUse.used -= self._mem_bytes
         self._mem_bytes = 0
 
     def __getitem__(self, i: int) -> tuple:
@@ -189,6 +200,7 @@ class DiskQueue:
         else:
             self._mem.popleft()
             self._mem_bytes -= size
+            _MemUse.used -= size
         self.first = seq + 1  # everything up to the head is gone
         if item[1] == 0 and self._qos0 and self._qos0[0] == seq:
             self._qos0.popleft()
@@ -223,6 +235,7 @@ class DiskQueue:
                 if s == seq:
                     del self._mem[i]
                     self._mem_bytes -= size
+                    _MemUse.used -= size
                     return size
         return None
 
@@ -276,6 +289,7 @@ class DiskQueue:
         self._head = None
         self._mem.clear()
         self._mem_from = -1
+        _MemUse.used -= self._mem_bytes
         self._mem_bytes = 0
 
     def __repr__(self) -> str:

@@ -199,6 +199,7 @@ def test_an_online_queue_longer_than_its_memory_part_drains_in_order_once(node: 
     from fluxmq.storage import queue as q
 
     monkeypatch.setattr(q, "MEM_ENTRIES", 5)
+    used_before = q._MemUse.used
     s, d = _online(node, 3)
     for i in range(30):
         node.broker.publish(r_msg(f"m{i:02d}".encode(), qos=1))
@@ -216,3 +217,4 @@ def test_an_online_queue_longer_than_its_memory_part_drains_in_order_once(node: 
     node.storage.commit()
     assert got == [f"m{i:02d}".encode() for i in range(30)]
     assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
+    assert q._MemUse.used == used_before  # the process-wide count of cached bytes is given back
