@@ -525,6 +525,10 @@ class PersistentSession(Session):
     QoS 0 message is evicted first; when there is none (or the new message is QoS 0) the new
     message is refused for this session and counted as ``queue_full``. Every record is buffered by
     the store and committed before any acknowledgement of the turn leaves (FlushScheduler).
+
+    A QoS 1/2 message is written once, as an entry of the queue's seq space, and deleted once, when
+    the exchange ends: sending it (from the queue, or at once) only names its packet id's entry
+    (``Storage.put_sent``), so a queued-then-sent message is not written again as an inflight copy.
     """
 
     __slots__ = ("store",)
@@ -541,8 +545,50 @@ class PersistentSession(Session):
     def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> int:
         pid = Session._send_new(self, d, message, qos, retain, subscription_ids)
         if pid:
-            self.store.put_inflight(self.client_id, pid, message, qos, retain, subscription_ids)
+            seq = self.queue.put_in_flight((message, qos, retain, subscription_ids))
+            self.store.put_sent(self.client_id, pid, seq)
         return pid
+
+    def pump(self) -> None:
+        """Session.pump over the disk queue: a QoS 1/2 entry sent stays where it is, in flight."""
+        d = self.delivery
+        if d is None:
+            return
+        if self.held:
+            self._resend_held(d)
+        queue = self.queue
+        if not queue:
+            return
+        inflight = self.inflight
+        store = self.store
+        cid = self.client_id
+        while not d.is_congested():
+            head = queue.peek()
+            if head is None:
+                return
+            seq, (message, qos, retain, sub_ids), _ = head
+            if qos and len(inflight) >= self.send_quota:
+                return
+            queue.drop_head(head)
+            self.queue_bytes = queue.bytes
+            if message.expires_at is not None and message.expired():
+                store.queue_pop(cid, seq)
+                self._drop("expired")
+                if self.validity:
+                    self.validity_drops += 1
+                continue
+            if self.reread is not None and not self._still_readable(message):
+                store.queue_pop(cid, seq)
+                continue
+            if qos == 0:
+                d.send_publish(message, 0, retain, 0, False, sub_ids)
+                store.queue_pop(cid, seq)
+                continue
+            pid = Session._send_new(self, d, message, qos, retain, sub_ids)
+            if pid:
+                store.put_sent(cid, pid, seq)
+            else:
+                store.queue_pop(cid, seq)
 
     def _enqueue(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
         queue = self.queue
@@ -602,9 +648,13 @@ class PersistentSession(Session):
     def _released(self, packet_id: int) -> None:
         self.store.release_inflight(self.client_id, packet_id)
 
+    def attach(self, delivery: Delivery, send_quota: int) -> None:
+        self.queue.cache_tail(True)
+        Session.attach(self, delivery, send_quota)
+
     def detach(self) -> None:
         Session.detach(self)
-        self.queue.drop_read_ahead()
+        self.queue.cache_tail(False)
 
     def clear_state(self) -> None:
         self.store.clear_session_state(self.client_id, self.queue.next)

@@ -26,6 +26,7 @@ class StoredQueue:
     count: int = 0
     bytes: int = 0
     qos0: list[int] = field(default_factory=list)  # seqs of QoS 0 entries (evicted first)
+    skip: set[int] = field(default_factory=set)  # seqs above ``first`` whose entries are in flight
 
 
 @dataclass
@@ -161,11 +162,16 @@ class Storage:
                      subscription_ids) -> None:
         """An outbound QoS 1/2 PUBLISH awaiting its acknowledgement."""
 
+    def put_sent(self, client_id: str, packet_id: int, seq: int) -> None:
+        """An outbound QoS 1/2 PUBLISH awaiting its acknowledgement whose message is the queue entry
+        at ``seq`` (written by ``queue_append``): it stays there, and ``delete_inflight`` deletes it."""
+
     def release_inflight(self, client_id: str, packet_id: int) -> None:
         """Outbound QoS 2: PUBREC received, PUBREL sent; resend PUBREL after a restart."""
 
     def delete_inflight(self, client_id: str, packet_id: int) -> None:
-        """The outbound exchange ended (PUBACK, PUBCOMP, or refused)."""
+        """The outbound exchange ended (PUBACK, PUBCOMP, or refused); a ``put_sent`` entry's queue
+        entry goes too."""
 
     def put_inbound_qos2(self, client_id: str, packet_id: int) -> None:
         """Inbound QoS 2 received and routed, PUBREC sent, PUBREL not yet received."""
@@ -179,7 +185,8 @@ class Storage:
         """Store an encoded queue entry (``records.encode_entry``) at ``seq``."""
 
     def queue_pop(self, client_id: str, seq: int) -> None:
-        """Delete the queue entry at ``seq``."""
+        """Delete the queue entry at ``seq`` (an entry appended in the pending batch leaves no
+        trace: neither its put nor the delete reaches the disk)."""
 
     def queue_read(self, client_id: str, seqs) -> list:
         """Encoded entries at ``seqs`` (None where missing), pending operations included."""

@@ -8,14 +8,24 @@ Layout (named sub-databases; keys in ``records``)::
     subscriptions  client_id NUL filter -> options
     inflight       client_id NUL u16 packet id -> entry (outbound QoS 1/2 awaiting PUBACK/PUBCOMP)
     inbound_qos2   client_id NUL u16 packet id -> b"" (inbound QoS 2 awaiting PUBREL)
-    queue          client_id NUL u64 seq -> entry (offline queue, in order)
+    queue          client_id NUL u64 seq -> entry (offline queue, in order; schema 3: also the
+                   entries of QoS 1/2 messages in flight, named by ``sent``)
+    sent           client_id NUL u16 (packet id // 16) -> 16 slots: the queue seq each packet id
+                   in flight carries, and its QoS 2 released flag (schema 3; records.encode_sent)
     retained       topic -> message
     wills          client_id -> delay + message
     queues         durable queue logs, consumer-group progress, delivery counts (schema 3) and
                    persistent sessions' group memberships (schema 3); see queue_log.py
 
-Writes are buffered per key (the last operation on a key wins, so a PUBLISH acknowledged within
-the same loop turn costs nothing on disk) and applied in one write transaction by ``commit``.
+Writes are buffered per key (the last operation on a key wins) and applied in one write
+transaction by ``commit``.
+
+Outbound QoS 1/2 of a persistent session (schema 3): each message is written once, as a queue
+entry, and deleted once, at its PUBACK/PUBCOMP. Sending it (from the queue, or at once when the
+queue is empty) only sets its packet id's slot in a ``sent`` record, which the commit writes once
+per 16 packet ids however many messages the batch sent; a queue entry deleted in the batch that
+wrote it (a PUBACK within the same commit) touches LMDB not at all. The ``inflight`` records of
+schema 2 (a full copy per packet id) are still read and deleted, no longer written.
 Nothing outside ``fluxmq.storage`` touches LMDB.
 
 Durability (``storage.sync``): ``always`` opens the environment with synchronous commits and the
@@ -35,6 +45,7 @@ import struct
 import subprocess
 import sys
 import time
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,22 +59,22 @@ from .base import Storage, StoredQueue, StoredSession, StoredState
 log = logging.getLogger("fluxmq.storage")
 
 MAGIC = b"fluxmq-storage"
-#: 2 added the ``queues`` sub-database (durable queues); 3 added record kinds to it (delivery
-#: counts, group memberships: queue_log.py), which an older build would misread. An older store is
-#: upgraded at open.
+#: 2 added the ``queues`` sub-database (durable queues); 3 added ``sent`` (outbound QoS 1/2 in flight
+#: as queue entries, see above) and record kinds in ``queues`` (delivery counts, group memberships:
+#: queue_log.py), which an older build would misread. An older store is upgraded at open (_migrate).
 SCHEMA_VERSION = 3
 
 DB_NAMES = (b"meta", b"sessions", b"subscriptions", b"inflight", b"inbound_qos2", b"queue", b"retained", b"wills",
-            b"queues")
-META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS, QUEUES = range(len(DB_NAMES))
+            b"queues", b"sent")
+META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS, QUEUES, SENT = range(len(DB_NAMES))
 # Sub-databases added by each schema version (an older store gets them at open: _migrate).
-_ADDED_IN = {2: (b"queues",), 3: ()}  # 3: new keys in ``queues``, nothing to convert
+_ADDED_IN = {2: (b"queues",), 3: (b"sent",)}  # 3 also: new keys in ``queues``, nothing to convert there
 # Sub-databases whose keys do not start with a client id (Batch.clients skips them).
 _SHARED_DBS = (META, RETAINED, QUEUES)
 # Sub-databases whose keys start with client_id NUL: a session's end deletes by prefix there.
 # Queues are deleted apart, a chunk per commit (see _gc_queue): 100,000 entries take ~0.1 s.
-_CLIENT_DBS = (SUBS, INFLIGHT, INBOUND)
-_STATE_DBS = (INFLIGHT, INBOUND)
+_CLIENT_DBS = (SUBS, INFLIGHT, INBOUND, SENT)
+_STATE_DBS = (INFLIGHT, INBOUND, SENT)
 _GC_PREFIX = b"gc\x00"
 #: queue entries of ended sessions deleted per commit (~1 ms)
 GC_CHUNK = 1000
@@ -112,7 +123,7 @@ class _Batch:
     """Operations buffered since the last commit: per sub-database ``key -> value`` (None = delete),
     plus prefix deletes applied before them."""
 
-    __slots__ = ("ops", "prefix_deletes", "gc", "gc_done", "callbacks", "stakes")
+    __slots__ = ("ops", "prefix_deletes", "gc", "gc_done", "callbacks", "stakes", "sent_dirty")
 
     def __init__(self) -> None:
         self.ops: list[dict[bytes, bytes | None]] = [{} for _ in DB_NAMES]
@@ -121,6 +132,9 @@ class _Batch:
         self.gc_done = False
         self.callbacks: list = []  # after_commit callbacks waiting for this batch
         self.stakes: set[str] = set()  # note_stake: clients acknowledging ops of others
+        # clients whose ``sent`` records changed since the last take_batch: written as ops there,
+        # once per record however many of its packet ids changed
+        self.sent_dirty: set[_Sent] = set()
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.ops) + len(self.prefix_deletes)
@@ -139,6 +153,7 @@ class _Batch:
                 mine.update(theirs)
         self.callbacks = newer.callbacks
         self.stakes |= newer.stakes
+        self.sent_dirty = newer.sent_dirty
         self.gc = None
         self.gc_done = False
 
@@ -155,10 +170,38 @@ class _Batch:
                 out.add(key.split(b"\x00", 1)[0].decode(errors="replace"))
         for _db, prefix in self.prefix_deletes:
             out.add(prefix.split(b"\x00", 1)[0].decode(errors="replace"))
+        out.update(state.client_id for state in self.sent_dirty)
         return out
 
 
 _MISSING = object()
+
+
+class _Sent:
+    """One client's packet ids in flight as queue entries (schema 3 ``sent`` records)."""
+
+    __slots__ = ("client_id", "prefix", "slots", "dirty", "disk")
+
+    def __init__(self, client_id: str, prefix: bytes) -> None:
+        self.client_id = client_id
+        self.prefix = prefix
+        # bucket (packet id // 16) -> records.sent_slots: 0, or (seq + 1) << 1 | released
+        self.slots: dict[int, array] = {}
+        self.dirty: set[int] = set()  # buckets changed since the last take_batch
+        self.disk: set[int] = set()  # buckets with a record on disk (or in a batch already taken)
+
+    def get(self, packet_id: int) -> int:
+        """The slot of ``packet_id`` (0 when it is not in flight as a queue entry)."""
+        slots = self.slots.get(packet_id >> 4)
+        return slots[packet_id & 15] if slots is not None else 0
+
+    def set(self, packet_id: int, value: int) -> None:
+        bucket = packet_id >> 4
+        slots = self.slots.get(bucket)
+        if slots is None:
+            slots = self.slots[bucket] = r.sent_slots()
+        slots[packet_id & 15] = value
+        self.dirty.add(bucket)
 
 
 #: free disk space below which a failed commit is reported as a full disk
@@ -208,6 +251,9 @@ class LMDBStorage(Storage):
         self._batch = _Batch()
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
+        # client id -> its packet ids in flight as queue entries (only clients that have some)
+        self._sent: dict[str, _Sent] = {}
+        self._prefixes: dict[str, bytes] = {}  # client id -> records.client_prefix (bounded)
         self._background = None
         self._closing = False
         self._syncing = False
@@ -459,11 +505,22 @@ class LMDBStorage(Storage):
         self._put(SESSIONS, key, None)
         self._put(WILLS, key, None)
         self._delete_prefix(_CLIENT_DBS, r.client_prefix(client_id))
+        self._forget_sent(client_id)
         self._gc_queue(client_id, queue_next)
 
     def clear_session_state(self, client_id: str, queue_next: int = 0) -> None:
         self._delete_prefix(_STATE_DBS, r.client_prefix(client_id))
+        self._forget_sent(client_id)
         self._gc_queue(client_id, queue_next)
+
+    def _forget_sent(self, client_id: str) -> None:
+        # The prefix delete removes the client's ``sent`` records; a batch still naming the
+        # emptied object then finds nothing to write.
+        state = self._sent.pop(client_id, None)
+        if state is not None:
+            state.slots.clear()
+            state.dirty.clear()
+            state.disk.clear()
 
     def _gc_queue(self, client_id: str, end: int) -> None:
         """Mark the client's queue entries below ``end`` as garbage: recorded durably now, deleted a
@@ -497,13 +554,70 @@ class LMDBStorage(Storage):
         self._put(INFLIGHT, r.pid_key(r.client_prefix(client_id), packet_id),
                   r.encode_entry(message, qos, retain, subscription_ids))
 
+    # The next methods run once or twice per message of a persistent session: they inline _put.
+
+    def _prefix(self, client_id: str) -> bytes:
+        prefix = self._prefixes.get(client_id)
+        if prefix is None:
+            if len(self._prefixes) >= 4096:
+                self._prefixes.clear()
+            prefix = self._prefixes[client_id] = r.client_prefix(client_id)
+        return prefix
+
+    def _sent_state(self, client_id: str) -> _Sent:
+        state = self._sent.get(client_id)
+        if state is None:
+            state = self._sent[client_id] = _Sent(client_id, self._prefix(client_id))
+        return state
+
+    def put_sent(self, client_id: str, packet_id: int, seq: int) -> None:
+        state = self._sent.get(client_id) or self._sent_state(client_id)
+        bucket = packet_id >> 4
+        slots = state.slots.get(bucket)
+        if slots is None:
+            slots = state.slots[bucket] = r.sent_slots()
+        slots[packet_id & 15] = (seq + 1) << 1
+        state.dirty.add(bucket)
+        self._batch.sent_dirty.add(state)
+        self.op_count += 1
+        if not self.has_pending:
+            self._wake()
+
     def release_inflight(self, client_id: str, packet_id: int) -> None:
-        key = r.pid_key(r.client_prefix(client_id), packet_id)
+        state = self._sent.get(client_id)
+        v = state.get(packet_id) if state is not None else 0
+        if v:
+            state.set(packet_id, v | 1)
+            self._batch.sent_dirty.add(state)
+            self.op_count += 1
+            if not self.has_pending:
+                self._wake()
+            return
+        key = r.pid_key(r.client_prefix(client_id), packet_id)  # a schema 2 record
         value = self._read(INFLIGHT, key)
         if value is not None:
             self._put(INFLIGHT, key, r.mark_released(value))
 
     def delete_inflight(self, client_id: str, packet_id: int) -> None:
+        state = self._sent.get(client_id)
+        if state is not None:
+            slots = state.slots.get(packet_id >> 4)
+            v = slots[packet_id & 15] if slots is not None else 0
+            if v:
+                slots[packet_id & 15] = 0
+                state.dirty.add(packet_id >> 4)
+                batch = self._batch
+                batch.sent_dirty.add(state)
+                key = state.prefix + _SEQ.pack((v >> 1) - 1)
+                ops = batch.ops[QUEUE]
+                if ops.get(key) is not None:
+                    del ops[key]  # written in this batch: see queue_pop
+                else:
+                    ops[key] = None
+                self.op_count += 1
+                if not self.has_pending:
+                    self._wake()
+                return
         self._put(INFLIGHT, r.pid_key(r.client_prefix(client_id), packet_id), None)
 
     def put_inbound_qos2(self, client_id: str, packet_id: int) -> None:
@@ -513,10 +627,23 @@ class LMDBStorage(Storage):
         self._put(INBOUND, r.pid_key(r.client_prefix(client_id), packet_id), None)
 
     def queue_append(self, client_id: str, seq: int, entry: bytes) -> None:
-        self._put(QUEUE, r.seq_key(r.client_prefix(client_id), seq), entry)
+        self._batch.ops[QUEUE][self._prefix(client_id) + _SEQ.pack(seq)] = entry
+        self.op_count += 1
+        if not self.has_pending:
+            self._wake()
 
     def queue_pop(self, client_id: str, seq: int) -> None:
-        self._put(QUEUE, r.seq_key(r.client_prefix(client_id), seq), None)
+        key = self._prefix(client_id) + _SEQ.pack(seq)
+        ops = self._batch.ops[QUEUE]
+        if ops.get(key) is not None:
+            # Appended in this batch (a seq is written once, and a failed batch merged under this
+            # one was never applied): the entry never reached LMDB, so neither goes the delete.
+            del ops[key]
+        else:
+            ops[key] = None
+        self.op_count += 1
+        if not self.has_pending:
+            self._wake()
 
     def queue_read(self, client_id: str, seqs) -> list:
         prefix = r.client_prefix(client_id)
@@ -582,10 +709,35 @@ class LMDBStorage(Storage):
             return None
         batch, self._batch = self._batch, _Batch()
         self.has_pending = False
+        if batch.sent_dirty:
+            self._write_sent(batch)
         if self._gc:
             batch.gc = next(iter(self._gc.items()))
         self._writing = batch  # reads look here until batch_done (only the hub touches it)
         return batch
+
+    def _write_sent(self, batch: _Batch) -> None:
+        """Turn the batch's changed ``sent`` records into operations (hub, at take_batch)."""
+        ops = batch.ops[SENT]
+        free = r.SENT_SLOTS
+        for state in batch.sent_dirty:
+            buckets, disk = state.slots, state.disk
+            for bucket in state.dirty:
+                key = r.sent_key(state.prefix, bucket)
+                slots = buckets.get(bucket)
+                if slots is not None and slots.count(0) != free:
+                    ops[key] = r.encode_sent(slots)
+                    disk.add(bucket)
+                    continue
+                if slots is not None:
+                    del buckets[bucket]
+                if bucket in disk:
+                    ops[key] = None
+                    disk.discard(bucket)
+            state.dirty.clear()
+            if not buckets and not disk and self._sent.get(state.client_id) is state:
+                del self._sent[state.client_id]
+        batch.sent_dirty = set()
 
     def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
         """Write a batch from ``take_batch`` and finish it (hub). ``run(fn, args)`` runs the write
@@ -636,10 +788,13 @@ class LMDBStorage(Storage):
                     if puts:
                         txn.cursor(handle).putmulti(puts)
                     if len(puts) != len(ops):
-                        delete = txn.delete
+                        # One cursor: deletes of consecutive keys (a queue drained in order) step
+                        # along instead of seeking each key (about half the cost).
+                        cur = txn.cursor(handle)
+                        at, seek, delete = cur.key, cur.set_key, cur.delete
                         for k, v in ops.items():
-                            if v is None:
-                                delete(k, db=handle)
+                            if v is None and (at() == k or seek(k)):
+                                delete()
                 if batch.gc is not None:  # after the ops: it may delete a gc mark they wrote
                     batch.gc_done = self._gc_chunk(txn, *batch.gc)
         except lmdb.MapFullError:
@@ -810,7 +965,8 @@ class LMDBStorage(Storage):
                                 apply(s, suffix, value)
                         except (r.RecordError, ValueError, struct.error, UnicodeDecodeError):
                             bad += 1
-                self._load_queues(txn, sessions)
+                sent_seqs = self._load_sent(txn, sessions)
+                self._load_queues(txn, sessions, sent_seqs)
                 for cid, s in sessions.items():  # an empty queue starts above its garbage
                     floor = self._gc.get(cid, 0)
                     if not s.queue.count and s.queue.next < floor:
@@ -829,10 +985,58 @@ class LMDBStorage(Storage):
                                           "used": _fmt_size(self.used_bytes())})
         return state
 
-    def _load_queues(self, txn, sessions: dict[str, StoredSession]) -> None:
+    def _load_sent(self, txn, sessions: dict[str, StoredSession]) -> dict[str, set[int]]:
+        """Packet ids in flight as queue entries: into each session's ``inflight``, and into
+        ``_sent``; returns the seqs they hold per client (they are not queued)."""
+        seqs: dict[str, set[int]] = {}
+        queue = self._dbs[QUEUE]
+        for key, value in txn.cursor(self._dbs[SENT]):
+            try:
+                cid, suffix = r.split_key(key)
+                bucket = r.key_pid(suffix)
+                slots = r.decode_sent(value)
+            except (r.RecordError, ValueError, struct.error, UnicodeDecodeError):
+                log.error("storage_bad_records", extra={"path": str(self.path), "db": "sent", "skipped": 1})
+                continue
+            s = sessions.get(cid)
+            if s is None:
+                continue
+            prefix = r.client_prefix(cid)
+            floor = self._gc.get(cid, 0)
+            state = self._sent_state(cid)
+            dropped = False
+            for i in range(r.SENT_SLOTS):
+                v = slots[i]
+                if not v:
+                    continue
+                seq = (v >> 1) - 1
+                entry = txn.get(r.seq_key(prefix, seq), db=queue) if seq >= floor else None
+                try:
+                    fields = r.decode_entry(entry) if entry is not None else None
+                except (r.RecordError, ValueError, struct.error, UnicodeDecodeError):
+                    fields = None
+                if fields is None:
+                    # Its entry is gone (cannot happen by commits: both change in one transaction):
+                    # nothing to resend, and the record is rewritten by the first commit, which
+                    # comes before (or holds) any new entry that could take that seq.
+                    dropped = True
+                    continue
+                pid = bucket * r.SENT_SLOTS + i
+                s.inflight[pid] = (*fields[:4], bool(v & 1))
+                seqs.setdefault(cid, set()).add(seq)
+                state.set(pid, v)
+            state.disk.add(bucket)
+            state.dirty.discard(bucket)
+            if dropped:  # written by the next commit (load runs in a thread: no wake-up from here)
+                state.dirty.add(bucket)
+                self._batch.sent_dirty.add(state)
+        return seqs
+
+    def _load_queues(self, txn, sessions: dict[str, StoredSession], sent_seqs: dict[str, set[int]]) -> None:
         # 100k entries: compare raw prefixes, read one byte of each value, decode nothing.
         prefix = b""
         q = None
+        sent: set[int] | None = None
         cursor = txn.cursor(self._dbs[QUEUE])
         for key, value in cursor.iternext(keys=True, values=True):
             if not key.startswith(prefix) or not prefix:
@@ -841,6 +1045,7 @@ class LMDBStorage(Storage):
                 s = sessions.get(cid)
                 q = s.queue if s is not None else None
                 floor = self._gc.get(cid, 0)
+                sent = sent_seqs.get(cid)
                 if q is not None:
                     q.first = q.next = floor
             if q is None:
@@ -848,6 +1053,14 @@ class LMDBStorage(Storage):
             seq = r.key_seq(key[len(prefix):])
             if seq < floor:
                 continue  # garbage of an ended session, still being deleted
+            if sent is not None and seq in sent:
+                # in flight, not queued; a new entry goes above it
+                q.next = max(q.next, seq + 1)
+                if seq >= q.first and q.count:
+                    q.skip.add(seq)
+                elif not q.count:
+                    q.first = seq + 1
+                continue
             if not q.count:
                 q.first = seq
             q.next = seq + 1

@@ -21,7 +21,9 @@ The storage layer sits below the broker, so decoders return plain tuples; the br
 from __future__ import annotations
 
 import struct
+import sys
 import time
+from array import array
 from typing import Any
 
 from fluxmq.errors import StorageError
@@ -31,6 +33,11 @@ FORMAT = 1
 _U32 = struct.Struct("<I")
 _MSG = struct.Struct("<BBdHHII")
 _ENTRY = struct.Struct("<BBBH")  # version, delivery qos, flags (retain, released), n subscription ids
+# _ENTRY then _MSG for a message without properties or expiry: the constant part up to the topic
+# length, by delivery QoS, delivery retain and message flags; then the lengths
+_PLAIN_HEADS = tuple(tuple(tuple(_ENTRY.pack(FORMAT, q, r, 0) + struct.pack("<BBd", FORMAT, f, 0.0) for f in range(32))
+                           for r in range(2)) for q in range(3))
+_PLAIN_LENS = struct.Struct("<HH4xI")  # topic, origin, properties (0) and payload lengths
 _SESSION = struct.Struct("<BIdBH")  # version, expiry, disconnected_at (wall), flags, username length
 _SUB = struct.Struct("<BBBBBI")  # version, qos, no_local, retain_as_published, retain_handling, sub id
 _WILL = struct.Struct("<BI")  # version, delay
@@ -41,6 +48,8 @@ _K_INT, _K_STR, _K_BYTES, _K_PAIRS, _K_INTS = range(5)
 
 #: key under which an encoded message is cached in ``Message.wire_cache`` (fan-out encodes once)
 CACHE_KEY = "storage.v1"
+# keys of cached queue/inflight entries, by delivery QoS then retain flag
+_ENTRY_CACHE_KEYS = tuple((("storage.entry", q, False), ("storage.entry", q, True)) for q in range(3))
 
 
 class RecordError(StorageError):
@@ -62,6 +71,10 @@ def client_prefix(client_id: str) -> bytes:
 
 def seq_key(prefix: bytes, seq: int) -> bytes:
     return prefix + _SEQ.pack(seq)
+
+
+def sent_key(prefix: bytes, bucket: int) -> bytes:
+    return prefix + _PID.pack(bucket)
 
 
 def pid_key(prefix: bytes, packet_id: int) -> bytes:
@@ -202,7 +215,35 @@ def decode_message(buf, offset: int = 0) -> tuple:
 # -- queue and inflight entries --------------------------------------------------------------------
 
 def encode_entry(message, qos: int, retain: bool, subscription_ids, released: bool = False) -> bytes:
-    """A delivery of a message to one session: its QoS, retain flag and subscription ids."""
+    """A delivery of a message to one session: its QoS, retain flag and subscription ids.
+
+    Without subscription ids the entry is cached in ``message.wire_cache`` per (QoS, retain), so a
+    fan-out to many persistent sessions encodes it once."""
+    if not subscription_ids and not released:
+        key = _ENTRY_CACHE_KEYS[qos][1 if retain else 0]
+        cache = message.wire_cache
+        if cache is None:
+            cache = message.wire_cache = {}
+        else:
+            entry = cache.get(key)
+            if entry is not None:
+                return entry
+        if message.properties or message.expires_at is not None:
+            entry = _ENTRY.pack(FORMAT, qos, 1 if retain else 0, 0) + encode_message(message)
+        else:  # the common message: the headers up to the lengths are constants
+            topic = message.topic.encode()
+            payload = message.payload
+            origin = message.origin
+            flags = message.qos | (4 if message.retain else 0)
+            if origin:
+                origin = origin.encode()
+                flags |= 16
+            else:
+                origin = b""
+            entry = b"".join((_PLAIN_HEADS[qos][1 if retain else 0][flags],
+                              _PLAIN_LENS.pack(len(topic), len(origin), len(payload)), topic, origin, payload))
+        cache[key] = entry
+        return entry
     ids = subscription_ids or ()
     head = _ENTRY.pack(FORMAT, qos, (1 if retain else 0) | (2 if released else 0), len(ids))
     if ids:
@@ -246,6 +287,39 @@ def mark_released(buf) -> bytes:
     data = bytearray(buf)
     data[2] |= 2
     return bytes(data)
+
+
+# -- sent marks: queue entries in flight ---------------------------------------------------------
+
+#: packet ids per ``sent`` record (key ``client_id NUL u16 packet_id // SENT_SLOTS``)
+SENT_SLOTS = 16
+_SENT_SIZE = 1 + 8 * SENT_SLOTS
+_SWAP = sys.byteorder != "little"
+
+
+def sent_slots() -> array:
+    """The in-memory form of one ``sent`` record: SENT_SLOTS u64, 0 = free, else
+    ``(seq + 1) << 1 | released``."""
+    return array("Q", bytes(8 * SENT_SLOTS))
+
+
+def encode_sent(slots: array) -> bytes:
+    """``u8 version | SENT_SLOTS x u64 little-endian`` (see ``sent_slots``)."""
+    if _SWAP:
+        slots = array("Q", slots)
+        slots.byteswap()
+    return bytes((FORMAT,)) + slots.tobytes()
+
+
+def decode_sent(buf) -> array:
+    _check_version(buf, "sent")
+    if len(buf) != _SENT_SIZE:
+        raise RecordError("sent record has the wrong length")
+    slots = array("Q")
+    slots.frombytes(bytes(buf[1:]))
+    if _SWAP:
+        slots.byteswap()
+    return slots
 
 
 # -- sessions, subscriptions, wills ----------------------------------------------------------------

@@ -16,8 +16,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fluxmq._core import codec as c
 from tests.conftest import NodeFactory, RunningNode
-from tests.e2e.mqttraw import PahoClient, unique
+from tests.e2e.mqttraw import PahoClient, RawClient, raw_connected, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -430,3 +431,50 @@ def test_a_failed_commit_is_retried_and_spares_clients_with_nothing_at_stake(nod
     kept = late.get()
     assert kept.retain and len(kept.payload) == 300_000
     late.disconnect()
+
+
+def test_in_flight_and_queued_messages_come_back_exact_after_sigkill(node_factory: NodeFactory) -> None:
+    """A 3.1.1 persistent subscriber with a window of 10 has acknowledged some messages, holds 10
+    in flight (some sent at once, some from its queue) and has the rest queued when the node is
+    killed: after the restart it gets exactly the 10 in flight again, with DUP and their packet
+    ids, then the queued ones in order, and none it acknowledged."""
+    node = node_factory({"broker.max_inflight": 10, "storage.sync": "batch"})
+    topic = unique("exact")
+    sub = raw_connected(node, "exact-sub", clean=False)
+    sub.subscribe(1, (topic, 1))
+    pub = raw_connected(node, unique("pub"))
+    for i in range(30):
+        pub.publish_qos1(topic, f"m{i:02d}".encode(), i + 1)  # PUBACKed: stored
+    first = [sub.expect(c.Publish) for _ in range(10)]  # the window
+    assert [p.payload for p in first] == [f"m{i:02d}".encode() for i in range(10)]
+    for p in first[:4]:
+        sub.send(c.Puback(p.packet_id))
+    more = [sub.expect(c.Publish) for _ in range(4)]  # sent after the acks' commit
+    assert [p.payload for p in more] == [f"m{i:02d}".encode() for i in range(10, 14)]
+    in_flight = {p.packet_id: p.payload for p in first[4:] + more}
+    node.kill()
+    sub.close()
+    pub.close()
+
+    again = node_factory({"storage.path": str(node.data_dir), "broker.max_inflight": 10})
+    sub = RawClient.to(again)
+    connack = sub.connect("exact-sub", clean=False)
+    assert connack.session_present
+    resent = [sub.expect(c.Publish) for _ in range(10)]
+    assert {p.packet_id: p.payload for p in resent} == in_flight
+    assert [p.payload for p in resent] == sorted(in_flight.values())  # in their order
+    assert all(p.dup for p in resent)
+    for p in resent:
+        sub.send(c.Puback(p.packet_id))
+    rest = []
+    while len(rest) < 16:
+        p = sub.expect(c.Publish)
+        assert not p.dup
+        rest.append(p.payload)
+        sub.send(c.Puback(p.packet_id))
+    assert rest == [f"m{i:02d}".encode() for i in range(14, 30)]
+    marker = raw_connected(again, unique("marker"))
+    marker.publish_qos1(topic, b"marker", 1)
+    assert sub.expect(c.Publish).payload == b"marker"  # nothing else was left
+    marker.close()
+    sub.close()

@@ -76,3 +76,18 @@ def test_keys_sort_numerically_and_split() -> None:
     assert r.split_key(keys[2]) == ("c", keys[2][2:])
     assert r.key_seq(r.split_key(keys[3])[1]) == 70000
     assert r.key_pid(r.split_key(r.pid_key(prefix, 513))[1]) == 513
+
+
+def test_entries_of_plain_messages_match_the_general_encoding() -> None:
+    # encode_entry builds entries of messages without properties or expiry from constant headers;
+    # they must be byte for byte what the general encoder writes (and decode back).
+    for qos in (0, 1, 2):
+        for retain in (False, True):
+            for origin in (None, "client-\u00e9"):
+                fast = r.encode_entry(Message("a/b", b"p" * 70, qos, not retain, origin=origin), qos, retain, None)
+                general = r._ENTRY.pack(r.FORMAT, qos, int(retain), 0) + r.encode_message(
+                    Message("a/b", b"p" * 70, qos, not retain, origin=origin))
+                assert fast == general
+                fields, q, ret, ids, released = r.decode_entry(fast)
+                assert fields == ("a/b", b"p" * 70, qos, not retain, None, None, origin)
+                assert (q, ret, ids, released) == (qos, retain, None, False)

@@ -1,0 +1,220 @@
+"""Outbound QoS 1/2 of persistent sessions in storage schema 3: written once as a queue entry,
+named in flight by a ``sent`` record, deleted once; nothing at all when acknowledged within the
+batch that stored it; restored exactly; a schema 2 store (written by the old code) upgraded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from fluxmq.broker.message import Message
+from fluxmq.broker.session import EXPIRY_NEVER, PersistentSession
+from fluxmq.storage import records as r
+from fluxmq.storage.lmdb import INFLIGHT, QUEUE, SCHEMA_VERSION, SENT
+from tests.broker.test_session import RecordingDelivery
+from tests.storage.test_broker_restore import Node
+
+SCHEMA2_STORE = Path(__file__).parent / "fixtures" / "schema2-store"
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    n = Node(tmp_path / "data")
+    yield n
+    try:
+        n.storage.abort()
+    except Exception:
+        pass
+
+
+def _connect(node: Node, window: int):
+    """Attach ``sub`` (persistent) with a window of ``window`` messages in flight."""
+    s, _ = node.broker.open_session("sub", False, EXPIRY_NEVER, None)
+    d = RecordingDelivery()
+    node.broker.attach(s, d, window)
+    node.storage.commit()
+    return s, d
+
+
+def _online(node: Node, window: int):
+    s, d = _connect(node, window)
+    node.broker.subscribe(s, "t/#", 2)
+    node.storage.commit()
+    return s, d
+
+
+def r_msg(payload: bytes, qos: int = 1) -> Message:
+    return Message("t/x", payload, qos)
+
+
+def _entries(node: Node, db: int) -> int:
+    with node.storage.env.begin() as txn:
+        return txn.stat(node.storage._dbs[db])["entries"]
+
+
+def test_a_puback_in_the_batch_that_stored_the_message_writes_nothing(node: Node) -> None:
+    s, d = _online(node, 1)
+    node.broker.publish(r_msg(b"direct"))  # sent at once (window 1)
+    node.broker.publish(r_msg(b"queued"))  # queued behind it
+    first = d.sent[-1][3]
+    assert s.on_puback(first)  # the queued one goes out now
+    assert s.on_puback(d.sent[-1][3])
+    batch = node.storage.take_batch()
+    assert batch is not None
+    # Both messages were stored and acknowledged within one batch: no put, no delete, no record.
+    assert batch.ops[QUEUE] == {} and batch.ops[SENT] == {} and batch.ops[INFLIGHT] == {}
+    node.storage.write_taken(batch)
+    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
+    node = node.restart()
+    assert not node.broker.sessions["sub"].inflight and not node.broker.sessions["sub"].queue
+    node.storage.abort()
+
+
+def test_a_queued_message_sent_later_is_not_written_again(node: Node) -> None:
+    s, d = _online(node, 1)
+    node.broker.publish(r_msg(b"one"))
+    node.broker.publish(r_msg(b"two"))
+    node.storage.commit()
+    assert _entries(node, QUEUE) == 2  # each message once, in flight or queued
+    pid_one = d.sent[-1][3]
+    assert s.on_puback(pid_one)
+    pid_two = d.sent[-1][3]
+    batch = node.storage.take_batch()
+    # The PUBACK deletes "one"; sending "two" from the queue only names its packet id in a sent
+    # record: no inflight copy of it, and its queue entry stays where it is.
+    assert list(batch.ops[QUEUE].values()) == [None]
+    assert batch.ops[INFLIGHT] == {}
+    assert len(batch.ops[SENT]) == 1 and all(v is not None for v in batch.ops[SENT].values())
+    node.storage.write_taken(batch)
+    assert _entries(node, QUEUE) == 1
+    node = node.restart()
+    s = node.broker.sessions["sub"]
+    assert list(s.inflight) == [pid_two] and s.inflight[pid_two].message.payload == b"two"
+    assert not s.queue
+    s, d = _connect(node, 1)
+    assert d.sent == [("t/x", 1, False, pid_two, True, None)]
+    node.storage.abort()
+
+
+def test_in_flight_and_queued_messages_restore_exactly_with_their_packet_ids(node: Node) -> None:
+    s, d = _online(node, 5)
+    for i in range(20):
+        node.broker.publish(r_msg(f"m{i}".encode(), qos=1 + i % 2))
+    node.storage.commit()
+    sent = {t[3]: i for i, t in enumerate(d.sent)}  # pid -> message index (the first 5)
+    # Acknowledge m0 and m2 (QoS 1) and PUBREC m1 (QoS 2, released): m5, m6 go out from the queue.
+    assert s.on_puback(d.sent[0][3]) and s.on_puback(d.sent[2][3])
+    assert s.on_pubrec(d.sent[1][3])
+    for t in d.sent[5:]:
+        sent[t[3]] = len(sent)
+    node.storage.commit()
+    node.broker.publish(r_msg(b"never committed"))  # its PUBACK never left
+    expect_inflight = {pid: s.inflight[pid].message.payload for pid in s.inflight}
+    released = {pid for pid, e in s.inflight.items() if e.released}
+    assert len(expect_inflight) == 5 and len(released) == 1
+    node = node.restart()
+    s = node.broker.sessions["sub"]
+    assert isinstance(s, PersistentSession)
+    assert {pid: e.message.payload for pid, e in s.inflight.items()} == expect_inflight
+    assert {pid for pid, e in s.inflight.items() if e.released} == released
+    assert len(s.queue) == 13  # m7..m19
+    s, d = _connect(node, 5)
+    assert d.pubrels == sorted(released)
+    resent = [(t[3], t[4]) for t in d.sent]
+    assert all(dup for _, dup in resent) and sorted(p for p, _ in resent) == sorted(set(expect_inflight) - released)
+    done = 0
+    while s.inflight and done < 100:  # acknowledge everything, the queue following the window
+        done += 1
+        pid, e = next(iter(s.inflight.items()))
+        if e.released:
+            assert s.on_pubcomp(pid)
+        elif e.qos == 1:
+            assert s.on_puback(pid)
+        else:
+            assert s.on_pubrec(pid) and s.on_pubcomp(pid)
+    node.storage.commit()
+    payloads = d.sent[len(resent):]
+    assert [t[0] for t in payloads] == ["t/x"] * 13 and not any(t[4] for t in payloads)
+    assert not s.inflight and not s.queue
+    node = node.restart()
+    s = node.broker.sessions["sub"]
+    assert not s.inflight and not s.queue
+    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
+    node.storage.abort()
+
+
+def test_a_schema_2_store_written_by_the_old_code_is_upgraded(tmp_path: Path) -> None:
+    # fixtures/schema2-store was written by the schema 2 code (fixtures/make_schema2_store.py): two messages
+    # in flight as schema 2 inflight records (pid 1 QoS 1, pid 2 QoS 2 released), four queued.
+    path = tmp_path / "data"
+    shutil.copytree(SCHEMA2_STORE, path)
+    node = Node(path)
+    with node.storage.env.begin() as txn:
+        meta = node.storage.env.open_db(b"meta", txn=txn, create=False)
+        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 3
+    s = node.broker.sessions["sub"]
+    assert {pid: (e.message.payload, e.qos, e.released) for pid, e in s.inflight.items()} == {
+        1: (b"m0", 1, False), 2: (b"m1", 2, True)}
+    assert len(s.queue) == 4
+    s, d = _connect(node, 2)
+    assert d.sent == [("t/a", 1, False, 1, True, None)] and d.pubrels == [2]
+    assert s.on_puback(1) and s.on_pubcomp(2)  # the schema 2 records are deleted; m2, m3 go out
+    node.storage.commit()
+    assert _entries(node, INFLIGHT) == 0
+    in_flight = {t[3]: t for t in d.sent[1:]}
+    assert len(in_flight) == 2 and not any(t[4] for t in in_flight.values())
+    node = node.restart()  # m2, m3 in flight by the schema 3 path, m4, m5 queued
+    s = node.broker.sessions["sub"]
+    assert sorted(e.message.payload for e in s.inflight.values()) == [b"m2", b"m3"]
+    assert set(s.inflight) == set(in_flight)
+    assert len(s.queue) == 2
+    s, d = _connect(node, 2)
+    assert sorted(t[3] for t in d.sent) == sorted(in_flight) and all(t[4] for t in d.sent)
+    for pid in list(in_flight):
+        assert s.on_puback(pid)
+    for t in d.sent[2:]:
+        assert s.on_puback(t[3])
+    node.storage.commit()
+    assert len(d.sent) == 4 and not any(t[4] for t in d.sent[2:])  # m4, m5; "lost" was never committed
+    node = node.restart()
+    s = node.broker.sessions["sub"]
+    assert not s.inflight and not s.queue
+    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0 and _entries(node, INFLIGHT) == 0
+    node.storage.abort()
+
+
+def test_sent_records_round_trip() -> None:
+    slots = r.sent_slots()
+    slots[3] = (41 + 1) << 1 | 1
+    assert r.decode_sent(r.encode_sent(slots)) == slots
+
+
+def test_an_online_queue_longer_than_its_memory_part_drains_in_order_once(node: Node, monkeypatch) -> None:
+    # An online session keeps its newest entries in memory (at most MEM_ENTRIES); the older ones
+    # are read back from the store: the client gets every message once, in order, across both.
+    from fluxmq.storage import queue as q
+
+    monkeypatch.setattr(q, "MEM_ENTRIES", 5)
+    used_before = q._MemUse.used
+    s, d = _online(node, 3)
+    for i in range(30):
+        node.broker.publish(r_msg(f"m{i:02d}".encode(), qos=1))
+        if i % 7 == 0:
+            node.storage.commit()
+    node.storage.commit()
+    assert len(s.queue) == 27
+    got = []
+    while s.inflight and len(got) < 40:
+        pid = next(iter(s.inflight))
+        got.append(s.inflight[pid].message.payload)
+        assert s.on_puback(pid)
+        if len(got) % 4 == 0:
+            node.storage.commit()
+    node.storage.commit()
+    assert got == [f"m{i:02d}".encode() for i in range(30)]
+    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
+    assert q._MemUse.used == used_before  # the process-wide count of cached bytes is given back
