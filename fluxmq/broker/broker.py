@@ -484,7 +484,9 @@ class Broker:
             entry.released = e.released
             session.inflight[e.packet_id] = entry
             if store is not None:
-                store.put_inflight(cid, e.packet_id, e.message, e.qos, e.retain, e.subscription_ids)
+                # Written once, in the queue's seq space, named by its packet id (schema 3).
+                seq = session.queue.put_in_flight((e.message, e.qos, e.retain, e.subscription_ids))
+                store.put_sent(cid, e.packet_id, seq)
                 if e.released:
                     store.release_inflight(cid, e.packet_id)
         session._next_pid = state.next_packet_id if 1 <= state.next_packet_id <= 65535 else 1

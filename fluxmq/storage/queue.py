@@ -75,11 +75,12 @@ class DiskQueue:
     def append(self, item: tuple) -> int:
         """Store an item at the tail; returns its encoded size."""
         message, qos, retain, subscription_ids = item
-        return self.append_entry(r.encode_entry(message, qos, retain, subscription_ids))
+        return self.append_entry(r.encode_entry(message, qos, retain, subscription_ids), item)
 
-    def append_entry(self, entry: bytes) -> int:
+    def append_entry(self, entry: bytes, item: tuple | None = None) -> int:
         """Store an already encoded entry (``records.encode_entry``, framing checked with
-        ``records.check_entry``) at the tail: a session handed over from another node."""
+        ``records.check_entry``) at the tail: a session handed over from another node. ``item``:
+        the entry as appended, when the caller has it (kept in memory while ``cache_tail`` is on)."""
         qos = r.entry_qos(entry)
         seq = self.next
         self.next = seq + 1
@@ -92,6 +93,9 @@ class DiskQueue:
         if qos == 0:
             self._qos0.append(seq)
         if self._caching:
+            if item is None:
+                fields, q, retain, ids, _ = r.decode_entry(entry)
+                item = (self._factory(*fields), q, retain, ids)
             mem = self._mem
             if self._mem_from < 0:
                 self._mem_from = seq  # nothing queued at or above seq is missing from _mem
