@@ -78,7 +78,7 @@ class RaftGroup:
     """One Raft group of this node (see the module docstring)."""
 
     def __init__(self, name: str, self_addr: str, peers: list[str], data_dir: str, store, write_policy: str,
-                 on_applied=None, on_delivering=None, password: str = "") -> None:
+                 on_applied=None, on_delivering=None, password: str = "", mqtt_addr: str = "") -> None:
         self.password = password or None  # cluster.raft.password: pysyncobj's encrypted transport
         self.name = name
         self.self_addr = self_addr
@@ -88,6 +88,8 @@ class RaftGroup:
         self.logs: dict[str, object] = {}  # queue name -> ReplicatedQueueLog
         self.applied = store.applied_index(name)
         self.owner: str | None = None  # node whose claim was applied last
+        self.mqtt_addr = mqtt_addr  # where MQTT clients reach this node (announced in its claims)
+        self.mqtt_of: dict[str, str] = {}  # Raft address -> MQTT address, from the claims applied
         self.on_applied = on_applied  # (queue log) -> None: kick deliveries
         self.on_delivering = on_delivering  # (group) -> None: this node took over delivery
         self.on_unknown = None  # (queue name) -> its log or None: a queue this node has not made yet
@@ -197,7 +199,9 @@ class RaftGroup:
 
     def status(self) -> dict:
         node = self._node
-        out = {"name": self.name, "self": self.self_addr, "peers": self.peers, "leader": self.leader(),
+        leader = self.leader()
+        out = {"name": self.name, "self": self.self_addr, "peers": self.peers, "leader": leader,
+               "leader_mqtt": self.mqtt_of.get(leader) if leader else None,
                "delivering": self.delivering, "applied": self.applied, **self.stats,
                "queues": {name: {"first": q.first, "next": q.next, "count": q.count}
                           for name, q in self.logs.items()}}
@@ -219,7 +223,7 @@ class RaftGroup:
 
     def _claim(self, term: int) -> None:
         if self.is_leader() and self._node.raftCurrentTerm == term:
-            self._node.apply([("o", self.self_addr, term)], callback=lambda res, err: self._claim_done(term, err))
+            self._node.apply([("o", self.self_addr, term, self.mqtt_addr)], callback=lambda res, err: self._claim_done(term, err))
 
     def _claim_done(self, term: int, err) -> None:
         if err:
@@ -242,7 +246,11 @@ class RaftGroup:
         if leader is None:
             raise refused(f"queue {queue}: Raft group {self.name} has no leader (no quorum or an election)", 0x97)
         if self.write_policy == "reject":
-            raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name}", 0x83, leader)
+            mqtt = self.mqtt_of.get(leader)
+            if mqtt is None:  # its claim is not applied here yet (just elected): retry shortly
+                raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name} (leader "
+                              f"{leader}, its MQTT address not known yet)", 0x83)
+            raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name}", 0x83, mqtt)
 
     def stage(self, op: tuple) -> None:
         self._ops.append(op)
@@ -325,11 +333,18 @@ class RaftGroup:
 
     def _apply(self, ops: list, index: int):
         if index <= self.applied:
-            return True  # applied and committed before a restart (replayed from the journal)
+            # applied and committed before a restart (replayed from the journal); only the MQTT
+            # addresses the claims announce are kept in memory, so they are learned again
+            for op in ops:
+                if op[0] == "o" and len(op) > 3 and op[3]:
+                    self.mqtt_of[op[1]] = op[3]
+            return True
         touched = set()
         for op in ops:
             kind = op[0]
             if kind == "o":
+                if len(op) > 3 and op[3]:
+                    self.mqtt_of[op[1]] = op[3]
                 self._apply_claim(op[1])
                 continue
             qlog = self.logs.get(op[1])

@@ -339,7 +339,8 @@ def test_reject_policy_refuses_on_a_follower_naming_the_leader(node_factory) -> 
     rc, props = got[0]
     assert rc.value == 0x83
     assert "not the Raft leader" in props.ReasonString
-    assert dict(props.UserProperty)["leader"] == nodes[leader].raft_addr
+    # the leader's MQTT address (announced in its claim), not its Raft port
+    assert dict(props.UserProperty)["leader"] == f"{nodes[leader].host}:{nodes[leader].mqtt_port}"
     c.loop_stop()
     # On the leader the same publish is acknowledged once replicated.
     c = client5(nodes[leader], "accepted")
@@ -530,3 +531,34 @@ def test_async_mode_acknowledges_before_any_replica_has_the_entry(node_factory) 
             for pid in nodes[i].worker_pids():
                 os.kill(pid, signal.SIGCONT)
         producer.loop_stop()
+
+
+def test_cluster_status_and_the_admin_api_show_each_raft_group(node_factory) -> None:
+    """Leader, term, commit index and per-replica lag in /cluster/status (health listener) and
+    GET /cluster/status of the admin API (validated against fluxmq/http/openapi.yaml)."""
+    from openapi_core import OpenAPI
+
+    from tests.e2e.test_admin import SPEC_PATH, admin
+
+    nodes = start_cluster(node_factory)
+    leader = wait_leader(nodes)
+    assert _publish_acked(nodes[leader], "vis", 5, b"v") == 5
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        groups = nodes[leader].http_get("/cluster/status")[1]["raft_groups"]
+        if groups[0]["lag"] and not any(groups[0]["lag"].values()):
+            break
+        time.sleep(0.1)
+    g = groups[0]
+    assert g["name"] == "default" and g["leader"] == nodes[leader].raft_addr and g["delivering"]
+    assert g["leader_mqtt"] == f"{nodes[leader].host}:{nodes[leader].mqtt_port}"
+    assert g["term"] >= 1 and g["commit_index"] >= 1 and g["has_quorum"]
+    assert sorted(g["lag"]) == sorted(n.raft_addr for i, n in enumerate(nodes) if i != leader), g
+    assert set(g["lag"].values()) == {0}, g
+    follower = nodes[(leader + 1) % 3]
+    spec = OpenAPI.from_file_path(str(SPEC_PATH))
+    status, body = admin(spec, follower, "GET", "/cluster/status", headers={})
+    assert status == 200, body
+    fg = body["raft_groups"][0]
+    assert fg["leader"] == nodes[leader].raft_addr and fg["term"] == g["term"] and not fg["delivering"]
+    assert fg["commit_index"] >= 1 and fg["lag"] == {}
