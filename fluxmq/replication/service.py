@@ -126,7 +126,8 @@ class RaftService:
             group = self.groups[key] = RaftGroup(key, p.self_addr, list(p.members), data_dir, store,
                                                  raft.write_policy, on_applied=self._applied,
                                                  on_delivering=self._took_over,
-                                                 password=getattr(raft, "password", ""), mqtt_addr=mqtt_addr)
+                                                 password=getattr(raft, "password", ""), mqtt_addr=mqtt_addr,
+                                                 compaction_entries=raft.compaction_entries)
             group.on_unknown = self._unknown_queue
         self.manager = None
 
