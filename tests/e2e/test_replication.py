@@ -632,3 +632,137 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
         time.sleep(0.2)
     assert again == queues, (again, queues)
     assert _publish_acked(nodes[leader], "after", 5, b"c") == 5
+
+
+def _stop_workers(node) -> None:
+    for pid in node.worker_pids():
+        os.kill(pid, signal.SIGSTOP)
+
+
+def _continue_workers(node) -> None:
+    for pid in node.worker_pids():
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_local_policy_acknowledges_on_a_follower_before_any_replica_has_it(node_factory) -> None:
+    """write_policy local: a follower acknowledges at once (documented as not durable across
+    nodes). Healthy, the entry still reaches every replica; with the leader and the other follower
+    stopped, the follower that still believes in its leader acknowledges what nobody stores."""
+    nodes = start_cluster(node_factory, write_policy="local")
+    leader = wait_leader(nodes)
+    follower = (leader + 1) % 3
+    assert _publish_acked(nodes[follower], "local-ok", 3, b"l") == 3
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counts = [raft_status(n)["queues"][QUEUE]["count"] for n in nodes]
+        if counts == [3, 3, 3]:
+            break
+        time.sleep(0.1)
+    assert counts == [3, 3, 3], counts
+    producer = client5(nodes[follower], "local-lost")
+    outcomes: list = []
+    producer.on_publish = lambda c, u, mid, rc, props: outcomes.append(rc)
+    others = [i for i in range(3) if i != follower]
+    for i in others:
+        _stop_workers(nodes[i])
+    try:
+        producer.publish(f"$queue/{QUEUE}/k", b"acked-by-nobody", qos=1)
+        deadline = time.monotonic() + 10
+        while not outcomes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert outcomes and not outcomes[0].is_failure, outcomes  # acknowledged, stored nowhere yet
+    finally:
+        for i in others:
+            _continue_workers(nodes[i])
+        producer.loop_stop()
+
+
+def test_a_leader_cut_off_from_its_majority_stops_delivering_before_it_steps_down(node_factory) -> None:
+    """The leader lease: with both followers stopped, the leader still believes it leads (it steps
+    down after 1.5 s) but stops delivering within 0.3 s of its last majority answer, before the
+    others could have elected a new leader that delivers too."""
+    nodes = start_cluster(node_factory)
+    leader = wait_leader(nodes)
+    others = [i for i in range(3) if i != leader]
+    for i in others:
+        _stop_workers(nodes[i])
+    seen = []
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            st = raft_status(nodes[leader])
+            seen.append((st["leader"], st["delivering"]))
+            if st["leader"] == nodes[leader].raft_addr and not st["delivering"]:
+                break
+            if st["leader"] != nodes[leader].raft_addr:
+                break  # stepped down without the lease having stopped it first
+            time.sleep(0.02)
+    finally:
+        for i in others:
+            _continue_workers(nodes[i])
+    assert seen[-1] == (nodes[leader].raft_addr, False), seen
+
+
+def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory) -> None:
+    """A stream group's cursor is replicated, a seek back included (a work queue's floor only
+    rises; a stream's may move back), so a reader on the next leader resumes where the group was
+    moved to, not where it had read up to."""
+    extra = ("  - name: events\n    type: stream\n    auto_commit_interval: 1h\n"
+             "    replication: {enabled: true, mode: sync, ack_timeout: 3s}\n")
+    nodes = start_cluster(node_factory, queue_extra=extra)
+    leader = wait_leader(nodes)
+    pub = client5(nodes[(leader + 1) % 3], "stream-prod")
+    codes: list = []
+    pub.on_publish = lambda c, u, mid, rc, props: codes.append(rc)
+    for i in range(10):
+        pub.publish("$queue/events/k", b"e%d" % i, qos=1)
+    deadline = time.monotonic() + 15
+    while len(codes) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pub.loop_stop()
+    assert len(codes) == 10 and not any(rc.is_failure for rc in codes), codes
+
+    def reader(node, name: str, start: str | None) -> tuple[mqtt.Client, list]:
+        got: list = []
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        c.on_message = lambda cl, u, m: got.append(dict(m.properties.UserProperty)["x-stream-offset"])
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.connect(node.host, node.mqtt_port)
+        c.loop_start()
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.UserProperty = [("consumer-group", "r")] + ([("stream-offset", start)] if start else [])
+        c.subscribe("$queue/events", qos=1, properties=props)
+        assert subscribed.wait(10)
+        return c, got
+
+    def cursors() -> list:
+        return [(raft_status(n) or {}).get("queues", {}).get("events", {}).get("groups", {}).get("r")
+                for n in nodes if n.returncode is None]
+
+    def wait_cursors(value: int) -> list:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and set(cursors()) != {value}:
+            time.sleep(0.1)
+        return cursors()
+
+    c, got = reader(nodes[leader], "r-next", "next")  # the group's cursor at 10, on every replica
+    assert wait_cursors(10) == [10, 10, 10]
+    c.loop_stop()
+    c.disconnect()
+    time.sleep(0.5)
+    c, got = reader(nodes[leader], "r-first", "first")  # moved back to 0 (replayed, never acked)
+    assert wait_cursors(0) == [0, 0, 0]
+    deadline = time.monotonic() + 10
+    while len(got) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    nodes[leader].kill()
+    c.loop_stop()
+    survivors = [i for i in range(3) if i != leader]
+    new = wait_leader(nodes, among=survivors)
+    c, got = reader(nodes[new], "r-resume", None)  # resumes at the replicated cursor
+    deadline = time.monotonic() + 15
+    while len(got) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.loop_stop()
+    assert got[:10] == [str(i) for i in range(10)], got
