@@ -94,6 +94,11 @@ class Consumer:
         self.lock = threading.Lock()
         self.received: list[tuple[bytes, float]] = []
         self.acked: dict[bytes, float] = {}  # payload -> when the $ack's PUBACK said success
+        # the same by queue record (message-id, queue:offset, the same on every replica): a producer
+        # that published again after losing its connection appends a second record of a payload
+        self.received_ids: list[tuple[str, float]] = []
+        self.acked_ids: dict[str, float] = {}
+        self._id_of: dict[int, str] = {}
         self._ack_of: dict[int, bytes] = {}
         self._early: dict[int, object] = {}
         self.client = c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
@@ -114,11 +119,13 @@ class Consumer:
         user = dict(msg.properties.UserProperty) if hasattr(msg.properties, "UserProperty") else {}
         with self.lock:
             self.received.append((msg.payload, now))
+            self.received_ids.append((user["message-id"], now))
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("message-id", user["message-id"]), ("group-id", user["group-id"])]
         info = client.publish(f"$queue/{QUEUE}/$ack", b"", qos=1, properties=props)
         with self.lock:
             self._ack_of[info.mid] = msg.payload
+            self._id_of[info.mid] = user["message-id"]
             early = self._early.pop(info.mid, None)
         if early is not None:
             self._settled(info.mid, early)
@@ -133,8 +140,9 @@ class Consumer:
     def _settled(self, mid, reason_code) -> None:
         with self.lock:
             payload = self._ack_of.pop(mid)
+            record = self._id_of.pop(mid)
             if not reason_code.is_failure and reason_code.value == 0:
-                self.acked[payload] = time.monotonic()
+                self.acked[payload] = self.acked_ids[record] = time.monotonic()
 
     def stop(self) -> None:
         self.client.loop_stop()
@@ -145,34 +153,85 @@ class Consumer:
 
 
 class Producer:
-    """Publishes QoS 1 messages (pipelined); a refused one is published again later."""
+    """Publishes QoS 1 messages (pipelined); a refused one is published again later.
 
-    def __init__(self, node, name: str, total: int) -> None:
+    With ``follow`` (write_policy reject) it connects where a 0x83 refusal's ``leader`` user
+    property points, and after losing its node it tries the ``fallback`` addresses in turn (and is
+    sent on from there); what was in flight on a lost connection is published again."""
+
+    def __init__(self, node, name: str, total: int, follow: bool = False, fallback=()) -> None:
         self.lock = threading.Lock()
         self.todo = deque(b"m%05d" % i for i in range(total))
         self.pending: dict[int, bytes] = {}
         self.early: dict[int, object] = {}
         self.acked: set[bytes] = set()
         self.refusals: list[int] = []
-        self.client = client5(node, name)
-        self.client.on_publish = self._on_publish
+        self.name = name
+        self.follow = follow
+        self.fallback = list(fallback)  # (host, port) to try after losing the node
+        self.move_to: tuple[str, int] | None = None
+        self.lost = False
+        self.moves: list[tuple[str, int]] = []
+        self.client = self._connect(node.host, node.mqtt_port)
+
+    def _connect(self, host: str, port: int) -> mqtt.Client:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.name}-{len(self.moves)}",
+                        protocol=mqtt.MQTTv5)
+        c.max_inflight_messages_set(200)
+        c.on_publish = self._on_publish
+        c.on_disconnect = self._on_disconnect
+        c.connect(host, port, keepalive=30)
+        c.loop_start()
+        return c
+
+    def _on_disconnect(self, client, *args) -> None:
+        if client is self.client:
+            self.lost = True
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if client is not self.client:
+            return  # an answer on a connection given up (its messages are queued again)
         with self.lock:
             payload = self.pending.pop(mid, None)
             if payload is None:
-                self.early[mid] = reason_code
+                self.early[mid] = (reason_code, properties)
                 return
-            self._outcome(payload, reason_code)
+            self._outcome(payload, reason_code, properties)
 
-    def _outcome(self, payload: bytes, reason_code) -> None:
+    def _outcome(self, payload: bytes, reason_code, properties=None) -> None:
         if reason_code.is_failure:
             self.refusals.append(reason_code.value)
             self.todo.append(payload)
+            leader = dict(getattr(properties, "UserProperty", None) or []).get("leader")
+            if self.follow and reason_code.value == 0x83 and leader:
+                host, _, port = leader.rpartition(":")
+                self.move_to = (host, int(port))
         else:
             self.acked.add(payload)
 
+    def _move(self) -> None:
+        """Reconnect (follow): to the named leader, else to the next fallback address."""
+        with self.lock:
+            target, self.move_to = self.move_to, None
+            self.todo.extend(self.pending.values())  # their PUBACKs will not come: published again
+            self.pending.clear()
+            self.early.clear()
+        old, self.lost = self.client, False
+        old.loop_stop()
+        targets = [target] if target else []
+        targets += self.fallback[len(self.moves) % len(self.fallback):] + self.fallback
+        for host, port in targets:
+            self.moves.append((host, port))
+            try:
+                self.client = self._connect(host, port)
+                return
+            except OSError:
+                continue
+        self.lost = True
+
     def pump(self, window: int = 100) -> None:
+        if self.follow and (self.move_to or self.lost):
+            self._move()
         with self.lock:
             room = window - len(self.pending)
             batch = [self.todo.popleft() for _ in range(min(room, len(self.todo)))]
@@ -181,7 +240,7 @@ class Producer:
             with self.lock:
                 early = self.early.pop(info.mid, None)
                 if early is not None:
-                    self._outcome(payload, early)
+                    self._outcome(payload, *early)
                 else:
                     self.pending[info.mid] = payload
 
@@ -191,14 +250,26 @@ class Producer:
 
 
 def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory) -> None:
-    total = 2000
-    nodes = start_cluster(node_factory)
+    _leader_kill_run(node_factory, "forward", 10000)
+
+
+def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(node_factory) -> None:
+    """write_policy reject: the producer starts on a follower, is refused with the leader's MQTT
+    address, moves there; the leader is killed mid-stream, the producer reconnects to a survivor
+    and is sent on to the new leader. No acknowledged message is lost."""
+    producer = _leader_kill_run(node_factory, "reject", 10000)
+    assert 0x83 in producer.refusals and len(producer.moves) >= 2, (producer.refusals[:5], producer.moves)
+
+
+def _leader_kill_run(node_factory, write_policy: str, total: int) -> Producer:
+    nodes = start_cluster(node_factory, write_policy=write_policy)
     leader = wait_leader(nodes)
     survivors = [i for i in range(3) if i != leader]
     consumers = {i: Consumer(nodes[i], f"cons{i}") for i in range(3)}
-    producer = Producer(nodes[survivors[0]], "prod", total)
+    producer = Producer(nodes[survivors[0]], "prod", total, follow=write_policy == "reject",
+                        fallback=[(nodes[i].host, nodes[i].mqtt_port) for i in survivors])
     killed_at = None
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 40 + total / 100
     try:
         while len(producer.acked) < total and time.monotonic() < deadline:
             producer.pump()
@@ -243,9 +314,15 @@ def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory) -> N
         assert not unsettled, (f"consumers could not settle {len(unsettled)}: {unsettled[:5]}; received "
                                f"{ {i: len(c.received) for i, c in consumers.items()} }; "
                                f"{[raft_status(nodes[i]) for i in survivors]}")
-        # Nothing a consumer had acknowledged (its $ack PUBACKed) is delivered again afterwards.
-        again = [(p, t) for c in consumers.values() for p, t in list(c.received)
-                 if p in acked_at and t > acked_at[p]]
+        # Nothing a consumer had acknowledged (its $ack PUBACKed) is delivered again afterwards
+        # (by record: a payload published twice is two records).
+        ids_acked: dict[str, float] = {}
+        for c in consumers.values():
+            with c.lock:
+                for r, t in c.acked_ids.items():
+                    ids_acked[r] = min(t, ids_acked.get(r, t))
+        again = [(r, t) for c in consumers.values() for r, t in list(c.received_ids)
+                 if r in ids_acked and t > ids_acked[r]]
         assert not again, f"{len(again)} deliveries after the message's ack, e.g. {again[:3]}"
         assert new_leader in survivors
     finally:
@@ -253,6 +330,7 @@ def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory) -> N
         for i, c in consumers.items():
             if i != leader:
                 c.stop()
+    return producer
 
 
 def test_minority_refuses_appends_and_never_acknowledges_them(node_factory) -> None:
