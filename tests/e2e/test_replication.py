@@ -689,6 +689,10 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
         time.sleep(0.2)
     back = raft_status(nodes[follower])
     assert back["snapshots_installed"] >= 1, back
+    from tests.e2e.test_metrics import sample, scrape
+
+    assert sample(scrape(nodes[follower]), "fluxmq_raft_snapshots_installed_total", group="default") >= 1
+    assert sample(scrape(nodes[leader]), "fluxmq_raft_log_entries", group="default") <= 2 * keep + 5
     queues = [st["queues"][QUEUE] for st in states]
     assert queues[0] == queues[1] == queues[2] and queues[0]["next"] == 175 and queues[0]["groups"] == {"g": 50}, \
         queues
