@@ -6,6 +6,10 @@ entries applied, the journal size, the time to ready and the node's ``raft_tick_
 that held the hub over 50 ms).
 
     .venv/bin/python -m bench.raft_replay --count 50000
+    .venv/bin/python -m bench.raft_replay --count 50000 --compaction-entries 100
+
+With ``--compaction-entries`` the group snapshots its queue every that many entries: the output
+adds the snapshots written (records and how long each held the hub) and the journal left.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tests.conftest import REPO_ROOT, NodeFactory, RunningNode, free_port  # noq
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=50000)
+    ap.add_argument("--compaction-entries", type=int, default=5000)
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-replay-"))
     factory = NodeFactory(base)
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         me = f"127.0.0.1:{free_port()}"
         node = factory(config_text=f"""
 cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: ["{me}"]}}
+  raft: {{enabled: true, bind_addr: "{me}", peers: ["{me}"], compaction_entries: {args.compaction_entries}}}
 queues:
   - name: bench
     replication: {{enabled: true, mode: sync, replication_factor: 1, min_in_sync_replicas: 1}}
@@ -62,6 +67,8 @@ queues:
         again.wait_ready(60)
         out["ready_after_s"] = round(time.monotonic() - started, 2)
         time.sleep(3)
+        out["snapshots"] = [line.split(" event=")[1] for line in node.log_text().splitlines()
+                            if "raft_snapshot_written" in line][-3:]
         out["slow_ticks"] = [line.split(" event=")[1] for line in again.log_text().splitlines()
                              if "raft_tick_slow" in line]
     finally:

@@ -760,6 +760,14 @@ KEYS: tuple[Key, ...] = (
         "delivers, to consumers connected to it (a warning at start says so)."),
     Key("cluster.raft.groups", GroupsMap(RAFT_GROUP), {},
         "Replication groups: {name: {bind_addr, peers}}; 'default' overrides bind_addr/peers above."),
+    Key("cluster.raft.compaction_entries", Int(2), 5000,
+        "Raft log entries (each a batch of a loop turn's writes) a group keeps before a snapshot of its "
+        "queues replaces them: bounds the journal and the restart replay; a replica behind the "
+        "snapshot is sent it (docs/replication.rst)."),
+    Key("cluster.raft.advertise_mqtt_addr", Str(), "",
+        "host:port MQTT clients reach this node at, named by the leader user property of a "
+        "write_policy reject refusal; \"\" = server.tcp.plain.addr (else tls.addr), its host replaced by "
+        "bind_addr's when it is a wildcard. The leader announces it in its delivery claim."),
     Key("cluster.raft.password", Str(), "",
         "Shared secret of the Raft transport: pysyncobj then encrypts and authenticates every message "
         "(Fernet: AES-CBC + HMAC-SHA256, key from PBKDF2); a peer without it cannot join. Not TLS "

@@ -42,7 +42,7 @@ from fluxmq.errors import ConfigError, StorageError, TopicFilterInvalid
 from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query
 from fluxmq.http.dashboard import PREFIX as DASHBOARD_PREFIX
 from fluxmq.http.dashboard import DashboardFiles
-from fluxmq.http.health import cluster_status_body
+from fluxmq.http.health import cluster_status_body, raft_groups
 from fluxmq.http.monitor import TopicMonitor
 from fluxmq.http.router import json_response
 from fluxmq.http.walk import SLICE, page, session_totals, sorted_sessions
@@ -365,8 +365,13 @@ class AdminAPI:
         """The health listener's ``/cluster/status``, here too so the dashboard reads it from its origin."""
         cluster = getattr(self.service, "cluster_health", None)
         if cluster is not None:
-            return 200, cluster.status(self.broker.session_count())
-        return cluster_status_body(self.broker.session_count())
+            code, body = 200, cluster.status(self.broker.session_count())
+        else:
+            code, body = cluster_status_body(self.broker.session_count())
+        groups = raft_groups(self.service)
+        if groups is not None:
+            body["raft_groups"] = groups  # each Raft group: leader, term, commit index, lag (issue 12)
+        return code, body
 
     def list_sessions(self, environ: dict, args: list[str]) -> tuple:
         """Sessions by client id, one page: ``after`` (a cursor: the last client id of the previous

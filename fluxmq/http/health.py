@@ -67,6 +67,18 @@ def cluster_status_body(sessions: int) -> tuple[int, dict[str, Any]]:
     return 200, {"node_id": SINGLE_NODE_ID, "is_leader": False, "cluster_mode": False, "sessions": sessions}
 
 
+def raft_groups(service: Any) -> list[dict[str, Any]] | None:
+    """Each Raft group of the node for ``/cluster/status`` (health listener and admin API): leader
+    (Raft and MQTT address), term, commit index, applied index, quorum and per-replica lag (entries
+    behind the commit index, known on the leader only). None when Raft is off (the key is omitted)."""
+    source = getattr(service, "raft_status", None)
+    groups = source() if source is not None else []
+    if not groups:
+        return None
+    keys = ("name", "leader", "leader_mqtt", "term", "commit_index", "applied", "has_quorum", "delivering", "lag")
+    return [{k: g.get(k) for k in keys} for g in groups]
+
+
 def make_health_app(service: HealthSource, cluster: ClusterHealthSource | None = None) -> Router:
     """The WSGI app served on ``server.health_addr``: a Router other endpoints can be added to."""
 
@@ -82,8 +94,13 @@ def make_health_app(service: HealthSource, cluster: ClusterHealthSource | None =
 
     def status(environ: dict) -> tuple[int, dict[str, Any]]:
         if cluster is None:
-            return cluster_status_body(service.session_count())
-        return 200, cluster.status(service.session_count())
+            code, body = cluster_status_body(service.session_count())
+        else:
+            code, body = 200, cluster.status(service.session_count())
+        groups = raft_groups(service)
+        if groups is not None:
+            body["raft_groups"] = groups
+        return code, body
 
     router = Router()
     router.add("/health", lambda environ: health_body())

@@ -224,13 +224,17 @@ class BrokerCollector(Collector):
                                 labels=["group", "replica"])
         counters = {name: CounterMetricFamily(f"fluxmq_raft_{name}", f"Raft {name.replace('_', ' ')}.",
                                               labels=["group"])
-                    for name in ("entries_submitted", "entries_applied", "entries_refused", "acks_timed_out")}
+                    for name in ("entries_submitted", "entries_applied", "entries_refused", "acks_timed_out",
+                                 "snapshots_written", "snapshots_installed")}
+        log_len = GaugeMetricFamily("fluxmq_raft_log_entries", "Raft log entries kept since the last snapshot.",
+                                    labels=["group"])
         for g in groups:
             name = g["name"]
             leader.add_metric([name], 1 if g["delivering"] else 0)
             term.add_metric([name], g.get("term", 0))
             commit.add_metric([name], g.get("commit_index", 0))
             applied.add_metric([name], g["applied"])
+            log_len.add_metric([name], g.get("log_len", 0))
             for replica, behind in g.get("lag", {}).items():
                 lag.add_metric([name, replica], behind)
             for key, family in counters.items():
@@ -240,6 +244,7 @@ class BrokerCollector(Collector):
         yield commit
         yield applied
         yield lag
+        yield log_len
         yield from counters.values()
 
     @staticmethod

@@ -350,9 +350,11 @@ class BrokerService:
         if cfg.cluster.raft.enabled:
             from fluxmq.queues.config import QueueConfig
             from fluxmq.replication import RaftService
+            from fluxmq.replication.service import advertised_mqtt_addr
 
             raft = self.raft = RaftService(cfg.cluster.raft, [QueueConfig.from_dict(item) for item in items],
-                                           os.path.join(cfg.storage.path, "raft"), storage.queue_log(), cfg.origin)
+                                           os.path.join(cfg.storage.path, "raft"), storage.queue_log(), cfg.origin,
+                                           mqtt_addr=advertised_mqtt_addr(cfg))
 
         def make(broker: Broker):
             from fluxmq.queues import QueueManager

@@ -16,8 +16,10 @@ State. pysyncobj does not own the queue state: every replica applies committed e
 queue log store (LMDB), with the Raft index applied in the same commit (``put_applied``), so a
 restart that replays the Raft journal skips what is already applied. The SyncObj holds no state of
 its own (its attributes are set before ``SyncObj.__init__``, which leaves them out of snapshots) and
-log compaction is off: a replica that was away catches up from the Raft log itself (the journal file
-on disk), never from a pickled copy of the store. See docs/replication.rst.
+log compaction writes a snapshot of the queue state of our own (``snapshot``): every
+``compaction_entries`` entries the log before the applied index is replaced by the group's records
+and consumer-group progress, and a replica that was away longer than the kept log is sent that
+snapshot and installs it. See docs/replication.rst.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gevent import monkey
 
 from fluxmq.broker.held import HeldAck
 
+from . import snapshot
 from .log import refused
 
 log = logging.getLogger("fluxmq.replication")
@@ -78,7 +81,9 @@ class RaftGroup:
     """One Raft group of this node (see the module docstring)."""
 
     def __init__(self, name: str, self_addr: str, peers: list[str], data_dir: str, store, write_policy: str,
-                 on_applied=None, on_delivering=None, password: str = "") -> None:
+                 on_applied=None, on_delivering=None, password: str = "", mqtt_addr: str = "",
+                 compaction_entries: int = 5000) -> None:
+        self.compaction_entries = compaction_entries  # log entries kept before a snapshot replaces them
         self.password = password or None  # cluster.raft.password: pysyncobj's encrypted transport
         self.name = name
         self.self_addr = self_addr
@@ -88,6 +93,8 @@ class RaftGroup:
         self.logs: dict[str, object] = {}  # queue name -> ReplicatedQueueLog
         self.applied = store.applied_index(name)
         self.owner: str | None = None  # node whose claim was applied last
+        self.mqtt_addr = mqtt_addr  # where MQTT clients reach this node (announced in its claims)
+        self.mqtt_of: dict[str, str] = {}  # Raft address -> MQTT address, from the claims applied
         self.on_applied = on_applied  # (queue log) -> None: kick deliveries
         self.on_delivering = on_delivering  # (group) -> None: this node took over delivery
         self.on_unknown = None  # (queue name) -> its log or None: a queue this node has not made yet
@@ -100,10 +107,12 @@ class RaftGroup:
         self._claimed_term = -1
         self._running = False
         self._driver = None
-        self.stats = {"entries_submitted": 0, "entries_applied": 0, "entries_refused": 0, "acks_timed_out": 0}
+        self.stats = {"entries_submitted": 0, "entries_applied": 0, "entries_refused": 0, "acks_timed_out": 0,
+                      "snapshots_written": 0, "snapshots_installed": 0}
         journal = os.path.join(data_dir, f"raft-{name}.journal")
         os.makedirs(data_dir, exist_ok=True)
         self.journal = journal
+        self.dump = os.path.join(data_dir, f"raft-{name}.snapshot")
         self._node = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -124,8 +133,12 @@ class RaftGroup:
             raftMinTimeout=RAFT_MIN_TIMEOUT, raftMaxTimeout=RAFT_MAX_TIMEOUT, connectionTimeout=CONNECTION_TIMEOUT,
             connectionRetryTime=0.5, leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT, commandsWaitLeader=False,
             journalFile=self.journal, pollerType="select", maxBindRetries=20, bindRetryTime=0.25,
-            # No snapshots: they would pickle the object, and the queue state is not in it (module doc).
-            logCompactionMinEntries=2 ** 62, logCompactionMinTime=10 ** 12, dynamicMembershipChange=False,
+            # Snapshots of our own (fluxmq.replication.snapshot): the queue state, not the pickled
+            # object; taken every compaction_entries entries (never on a timer: a snapshot copies the
+            # retained records in the hub).
+            logCompactionMinEntries=self.compaction_entries, logCompactionMinTime=10 ** 12,
+            fullDumpFile=self.dump, serializer=self._write_snapshot, deserializer=self._read_snapshot,
+            dynamicMembershipChange=False,
             onStateChanged=self._state_changed, password=self.password)
         self._node = _NODE_CLASS(self, self.self_addr, [p for p in self.peers if p != self.self_addr], conf)
         self._running = True
@@ -148,6 +161,20 @@ class RaftGroup:
             timer.stop()
             held.resolve(refused("the node is stopping", 0x80))
         self._holds = []
+
+    def _write_snapshot(self, path: str, raft_data) -> None:
+        try:
+            snapshot.write(path, self, raft_data)
+        except Exception:
+            log.exception("raft_snapshot_write_failed", extra={"group": self.name})
+            raise
+
+    def _read_snapshot(self, path: str) -> tuple:
+        try:
+            return snapshot.read(path, self)
+        except Exception:
+            log.exception("raft_snapshot_read_failed", extra={"group": self.name})
+            raise
 
     def _drive(self) -> None:
         node = self._node
@@ -197,13 +224,17 @@ class RaftGroup:
 
     def status(self) -> dict:
         node = self._node
-        out = {"name": self.name, "self": self.self_addr, "peers": self.peers, "leader": self.leader(),
+        leader = self.leader()
+        out = {"name": self.name, "self": self.self_addr, "peers": self.peers, "leader": leader,
+               "leader_mqtt": self.mqtt_of.get(leader) if leader else None,
                "delivering": self.delivering, "applied": self.applied, **self.stats,
-               "queues": {name: {"first": q.first, "next": q.next, "count": q.count}
+               "queues": {name: {"first": q.first, "next": q.next, "count": q.count, "bytes": q.bytes,
+                                 "groups": {g: p[0] for g, p in q.progress.items()}}
                           for name, q in self.logs.items()}}
         if node is not None:
             st = node.getStatus()
             out.update(term=st["raft_term"], commit_index=st["commit_idx"], has_quorum=st["has_quorum"],
+                       log_len=st["log_len"],
                        lag={k[len("match_idx_server_"):]: st["commit_idx"] - v for k, v in st.items()
                             if k.startswith("match_idx_server_")} if self.is_leader() else {})
         return out
@@ -219,7 +250,7 @@ class RaftGroup:
 
     def _claim(self, term: int) -> None:
         if self.is_leader() and self._node.raftCurrentTerm == term:
-            self._node.apply([("o", self.self_addr, term)], callback=lambda res, err: self._claim_done(term, err))
+            self._node.apply([("o", self.self_addr, term, self.mqtt_addr)], callback=lambda res, err: self._claim_done(term, err))
 
     def _claim_done(self, term: int, err) -> None:
         if err:
@@ -242,7 +273,11 @@ class RaftGroup:
         if leader is None:
             raise refused(f"queue {queue}: Raft group {self.name} has no leader (no quorum or an election)", 0x97)
         if self.write_policy == "reject":
-            raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name}", 0x83, leader)
+            mqtt = self.mqtt_of.get(leader)
+            if mqtt is None:  # its claim is not applied here yet (just elected): retry shortly
+                raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name} (leader "
+                              f"{leader}, its MQTT address not known yet)", 0x83)
+            raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name}", 0x83, mqtt)
 
     def stage(self, op: tuple) -> None:
         self._ops.append(op)
@@ -325,11 +360,18 @@ class RaftGroup:
 
     def _apply(self, ops: list, index: int):
         if index <= self.applied:
-            return True  # applied and committed before a restart (replayed from the journal)
+            # applied and committed before a restart (replayed from the journal); only the MQTT
+            # addresses the claims announce are kept in memory, so they are learned again
+            for op in ops:
+                if op[0] == "o" and len(op) > 3 and op[3]:
+                    self.mqtt_of[op[1]] = op[3]
+            return True
         touched = set()
         for op in ops:
             kind = op[0]
             if kind == "o":
+                if len(op) > 3 and op[3]:
+                    self.mqtt_of[op[1]] = op[3]
                 self._apply_claim(op[1])
                 continue
             qlog = self.logs.get(op[1])

@@ -116,7 +116,7 @@ def plan(raft, queue_configs, origin=lambda key: "") -> tuple[dict[str, GroupPla
 class RaftService:
     """Builds and drives the node's Raft groups; gives the queue manager its replicated logs."""
 
-    def __init__(self, raft, queue_configs, data_dir: str, store, origin=lambda key: "") -> None:
+    def __init__(self, raft, queue_configs, data_dir: str, store, origin=lambda key: "", mqtt_addr: str = "") -> None:
         self.raft = raft
         self.configs = {c.name: c for c in queue_configs}
         self.store = store
@@ -126,7 +126,8 @@ class RaftService:
             group = self.groups[key] = RaftGroup(key, p.self_addr, list(p.members), data_dir, store,
                                                  raft.write_policy, on_applied=self._applied,
                                                  on_delivering=self._took_over,
-                                                 password=getattr(raft, "password", ""))
+                                                 password=getattr(raft, "password", ""), mqtt_addr=mqtt_addr,
+                                                 compaction_entries=raft.compaction_entries)
             group.on_unknown = self._unknown_queue
         self.manager = None
 
@@ -254,6 +255,21 @@ class _NotHeldLog(ReplicatedQueueLog):
 
     def truncate(self, below: int, limit: int) -> int:
         return 0
+
+
+def advertised_mqtt_addr(cfg) -> str:
+    """``cluster.raft.advertise_mqtt_addr``, or the plain (else TLS) MQTT listener's address with a
+    wildcard host replaced by ``cluster.raft.bind_addr``'s host; "" without an MQTT listener."""
+    raft = cfg.cluster.raft
+    if raft.advertise_mqtt_addr:
+        return raft.advertise_mqtt_addr
+    addr = cfg.server.tcp.plain.addr or cfg.server.tcp.tls.addr
+    if not addr:
+        return ""
+    host, port = parse_addr(addr)
+    if host in ("0.0.0.0", "::", ""):
+        host = parse_addr(raft.bind_addr)[0]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def journal_dir(storage_path: str) -> str:

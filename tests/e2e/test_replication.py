@@ -25,7 +25,8 @@ from tests.conftest import free_port
 QUEUE = "work"
 
 
-def _raft_config(bind: str, peers: list[str], write_policy: str = "forward", queue_extra: str = "") -> str:
+def _raft_config(bind: str, peers: list[str], write_policy: str = "forward", queue_extra: str = "",
+                 raft_extra: str = "") -> str:
     return f"""
 cluster:
   raft:
@@ -33,6 +34,7 @@ cluster:
     bind_addr: "{bind}"
     peers: {json.dumps(peers)}
     write_policy: {write_policy}
+{raft_extra}
 queues:
   - name: {QUEUE}
     replication:
@@ -45,10 +47,10 @@ queues:
 """
 
 
-def start_cluster(node_factory, write_policy: str = "forward", queue_extra: str = "") -> list:
+def start_cluster(node_factory, write_policy: str = "forward", queue_extra: str = "", raft_extra: str = "") -> list:
     peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    nodes = [node_factory(config_text=_raft_config(peers[i], peers, write_policy, queue_extra), wait_ready=False)
-             for i in range(3)]
+    nodes = [node_factory(config_text=_raft_config(peers[i], peers, write_policy, queue_extra, raft_extra),
+                          wait_ready=False) for i in range(3)]
     for n in nodes:
         n.wait_ready()
     for n, addr in zip(nodes, peers, strict=True):
@@ -92,6 +94,11 @@ class Consumer:
         self.lock = threading.Lock()
         self.received: list[tuple[bytes, float]] = []
         self.acked: dict[bytes, float] = {}  # payload -> when the $ack's PUBACK said success
+        # the same by queue record (message-id, queue:offset, the same on every replica): a producer
+        # that published again after losing its connection appends a second record of a payload
+        self.received_ids: list[tuple[str, float]] = []
+        self.acked_ids: dict[str, float] = {}
+        self._id_of: dict[int, str] = {}
         self._ack_of: dict[int, bytes] = {}
         self._early: dict[int, object] = {}
         self.client = c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
@@ -112,11 +119,13 @@ class Consumer:
         user = dict(msg.properties.UserProperty) if hasattr(msg.properties, "UserProperty") else {}
         with self.lock:
             self.received.append((msg.payload, now))
+            self.received_ids.append((user["message-id"], now))
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("message-id", user["message-id"]), ("group-id", user["group-id"])]
         info = client.publish(f"$queue/{QUEUE}/$ack", b"", qos=1, properties=props)
         with self.lock:
             self._ack_of[info.mid] = msg.payload
+            self._id_of[info.mid] = user["message-id"]
             early = self._early.pop(info.mid, None)
         if early is not None:
             self._settled(info.mid, early)
@@ -131,8 +140,9 @@ class Consumer:
     def _settled(self, mid, reason_code) -> None:
         with self.lock:
             payload = self._ack_of.pop(mid)
+            record = self._id_of.pop(mid)
             if not reason_code.is_failure and reason_code.value == 0:
-                self.acked[payload] = time.monotonic()
+                self.acked[payload] = self.acked_ids[record] = time.monotonic()
 
     def stop(self) -> None:
         self.client.loop_stop()
@@ -143,34 +153,85 @@ class Consumer:
 
 
 class Producer:
-    """Publishes QoS 1 messages (pipelined); a refused one is published again later."""
+    """Publishes QoS 1 messages (pipelined); a refused one is published again later.
 
-    def __init__(self, node, name: str, total: int) -> None:
+    With ``follow`` (write_policy reject) it connects where a 0x83 refusal's ``leader`` user
+    property points, and after losing its node it tries the ``fallback`` addresses in turn (and is
+    sent on from there); what was in flight on a lost connection is published again."""
+
+    def __init__(self, node, name: str, total: int, follow: bool = False, fallback=()) -> None:
         self.lock = threading.Lock()
         self.todo = deque(b"m%05d" % i for i in range(total))
         self.pending: dict[int, bytes] = {}
         self.early: dict[int, object] = {}
         self.acked: set[bytes] = set()
         self.refusals: list[int] = []
-        self.client = client5(node, name)
-        self.client.on_publish = self._on_publish
+        self.name = name
+        self.follow = follow
+        self.fallback = list(fallback)  # (host, port) to try after losing the node
+        self.move_to: tuple[str, int] | None = None
+        self.lost = False
+        self.moves: list[tuple[str, int]] = []
+        self.client = self._connect(node.host, node.mqtt_port)
+
+    def _connect(self, host: str, port: int) -> mqtt.Client:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.name}-{len(self.moves)}",
+                        protocol=mqtt.MQTTv5)
+        c.max_inflight_messages_set(200)
+        c.on_publish = self._on_publish
+        c.on_disconnect = self._on_disconnect
+        c.connect(host, port, keepalive=30)
+        c.loop_start()
+        return c
+
+    def _on_disconnect(self, client, *args) -> None:
+        if client is self.client:
+            self.lost = True
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if client is not self.client:
+            return  # an answer on a connection given up (its messages are queued again)
         with self.lock:
             payload = self.pending.pop(mid, None)
             if payload is None:
-                self.early[mid] = reason_code
+                self.early[mid] = (reason_code, properties)
                 return
-            self._outcome(payload, reason_code)
+            self._outcome(payload, reason_code, properties)
 
-    def _outcome(self, payload: bytes, reason_code) -> None:
+    def _outcome(self, payload: bytes, reason_code, properties=None) -> None:
         if reason_code.is_failure:
             self.refusals.append(reason_code.value)
             self.todo.append(payload)
+            leader = dict(getattr(properties, "UserProperty", None) or []).get("leader")
+            if self.follow and reason_code.value == 0x83 and leader:
+                host, _, port = leader.rpartition(":")
+                self.move_to = (host, int(port))
         else:
             self.acked.add(payload)
 
+    def _move(self) -> None:
+        """Reconnect (follow): to the named leader, else to the next fallback address."""
+        with self.lock:
+            target, self.move_to = self.move_to, None
+            self.todo.extend(self.pending.values())  # their PUBACKs will not come: published again
+            self.pending.clear()
+            self.early.clear()
+        old, self.lost = self.client, False
+        old.loop_stop()
+        targets = [target] if target else []
+        targets += self.fallback[len(self.moves) % len(self.fallback):] + self.fallback
+        for host, port in targets:
+            self.moves.append((host, port))
+            try:
+                self.client = self._connect(host, port)
+                return
+            except OSError:
+                continue
+        self.lost = True
+
     def pump(self, window: int = 100) -> None:
+        if self.follow and (self.move_to or self.lost):
+            self._move()
         with self.lock:
             room = window - len(self.pending)
             batch = [self.todo.popleft() for _ in range(min(room, len(self.todo)))]
@@ -179,7 +240,7 @@ class Producer:
             with self.lock:
                 early = self.early.pop(info.mid, None)
                 if early is not None:
-                    self._outcome(payload, early)
+                    self._outcome(payload, *early)
                 else:
                     self.pending[info.mid] = payload
 
@@ -189,14 +250,26 @@ class Producer:
 
 
 def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory) -> None:
-    total = 2000
-    nodes = start_cluster(node_factory)
+    _leader_kill_run(node_factory, "forward", 10000)
+
+
+def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(node_factory) -> None:
+    """write_policy reject: the producer starts on a follower, is refused with the leader's MQTT
+    address, moves there; the leader is killed mid-stream, the producer reconnects to a survivor
+    and is sent on to the new leader. No acknowledged message is lost."""
+    producer = _leader_kill_run(node_factory, "reject", 10000)
+    assert 0x83 in producer.refusals and len(producer.moves) >= 2, (producer.refusals[:5], producer.moves)
+
+
+def _leader_kill_run(node_factory, write_policy: str, total: int) -> Producer:
+    nodes = start_cluster(node_factory, write_policy=write_policy)
     leader = wait_leader(nodes)
     survivors = [i for i in range(3) if i != leader]
     consumers = {i: Consumer(nodes[i], f"cons{i}") for i in range(3)}
-    producer = Producer(nodes[survivors[0]], "prod", total)
+    producer = Producer(nodes[survivors[0]], "prod", total, follow=write_policy == "reject",
+                        fallback=[(nodes[i].host, nodes[i].mqtt_port) for i in survivors])
     killed_at = None
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 40 + total / 100
     try:
         while len(producer.acked) < total and time.monotonic() < deadline:
             producer.pump()
@@ -241,9 +314,15 @@ def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory) -> N
         assert not unsettled, (f"consumers could not settle {len(unsettled)}: {unsettled[:5]}; received "
                                f"{ {i: len(c.received) for i, c in consumers.items()} }; "
                                f"{[raft_status(nodes[i]) for i in survivors]}")
-        # Nothing a consumer had acknowledged (its $ack PUBACKed) is delivered again afterwards.
-        again = [(p, t) for c in consumers.values() for p, t in list(c.received)
-                 if p in acked_at and t > acked_at[p]]
+        # Nothing a consumer had acknowledged (its $ack PUBACKed) is delivered again afterwards
+        # (by record: a payload published twice is two records).
+        ids_acked: dict[str, float] = {}
+        for c in consumers.values():
+            with c.lock:
+                for r, t in c.acked_ids.items():
+                    ids_acked[r] = min(t, ids_acked.get(r, t))
+        again = [(r, t) for c in consumers.values() for r, t in list(c.received_ids)
+                 if r in ids_acked and t > ids_acked[r]]
         assert not again, f"{len(again)} deliveries after the message's ack, e.g. {again[:3]}"
         assert new_leader in survivors
     finally:
@@ -251,6 +330,7 @@ def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory) -> N
         for i, c in consumers.items():
             if i != leader:
                 c.stop()
+    return producer
 
 
 def test_minority_refuses_appends_and_never_acknowledges_them(node_factory) -> None:
@@ -339,7 +419,8 @@ def test_reject_policy_refuses_on_a_follower_naming_the_leader(node_factory) -> 
     rc, props = got[0]
     assert rc.value == 0x83
     assert "not the Raft leader" in props.ReasonString
-    assert dict(props.UserProperty)["leader"] == nodes[leader].raft_addr
+    # the leader's MQTT address (announced in its claim), not its Raft port
+    assert dict(props.UserProperty)["leader"] == f"{nodes[leader].host}:{nodes[leader].mqtt_port}"
     c.loop_stop()
     # On the leader the same publish is acknowledged once replicated.
     c = client5(nodes[leader], "accepted")
@@ -382,7 +463,7 @@ def _restart(node_factory, node):
 
     from tests.conftest import REPO_ROOT, RunningNode
 
-    log_path = node.log_path.with_name("node-restarted.log")
+    log_path = node.log_path.with_name(f"node-restarted-{len(node_factory.nodes)}.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     with open(log_path, "wb") as log_file:
@@ -530,3 +611,240 @@ def test_async_mode_acknowledges_before_any_replica_has_the_entry(node_factory) 
             for pid in nodes[i].worker_pids():
                 os.kill(pid, signal.SIGCONT)
         producer.loop_stop()
+
+
+def test_cluster_status_and_the_admin_api_show_each_raft_group(node_factory) -> None:
+    """Leader, term, commit index and per-replica lag in /cluster/status (health listener) and
+    GET /cluster/status of the admin API (validated against fluxmq/http/openapi.yaml)."""
+    from openapi_core import OpenAPI
+
+    from tests.e2e.test_admin import SPEC_PATH, admin
+
+    nodes = start_cluster(node_factory)
+    leader = wait_leader(nodes)
+    assert _publish_acked(nodes[leader], "vis", 5, b"v") == 5
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        groups = nodes[leader].http_get("/cluster/status")[1]["raft_groups"]
+        if groups[0]["lag"] and not any(groups[0]["lag"].values()):
+            break
+        time.sleep(0.1)
+    g = groups[0]
+    assert g["name"] == "default" and g["leader"] == nodes[leader].raft_addr and g["delivering"]
+    assert g["leader_mqtt"] == f"{nodes[leader].host}:{nodes[leader].mqtt_port}"
+    assert g["term"] >= 1 and g["commit_index"] >= 1 and g["has_quorum"]
+    assert sorted(g["lag"]) == sorted(n.raft_addr for i, n in enumerate(nodes) if i != leader), g
+    assert set(g["lag"].values()) == {0}, g
+    follower = nodes[(leader + 1) % 3]
+    spec = OpenAPI.from_file_path(str(SPEC_PATH))
+    status, body = admin(spec, follower, "GET", "/cluster/status", headers={})
+    assert status == 200, body
+    fg = body["raft_groups"][0]
+    assert fg["leader"] == nodes[leader].raft_addr and fg["term"] == g["term"] and not fg["delivering"]
+    assert fg["commit_index"] >= 1 and fg["lag"] == {}
+
+
+def _queue_records(data_dir) -> dict:
+    """Every key of the LMDB ``queues`` sub-database but the applied Raft index (a stopped node)."""
+    import lmdb
+
+    env = lmdb.open(str(data_dir), readonly=True, lock=False, max_dbs=16, subdir=True)
+    try:
+        with env.begin() as txn:
+            db = env.open_db(b"queues", txn=txn, create=False)
+            return {bytes(k): bytes(v) for k, v in txn.cursor(db) if not bytes(k).startswith(b"R")}
+    finally:
+        env.close()
+
+
+def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node_factory) -> None:
+    """Compaction bounds the Raft log (a snapshot of the queues replaces it every
+    compaction_entries entries); a follower killed while many entries are committed and compacted
+    away is sent the leader's snapshot and ends with the same queue log and group progress."""
+    keep = 10
+    nodes = start_cluster(node_factory, raft_extra=f"    compaction_entries: {keep}\n")
+    leader = wait_leader(nodes)
+    follower = (leader + 1) % 3
+    consumer = Consumer(nodes[leader], "settler")
+    try:
+        assert _publish_acked(nodes[leader], "before", 50, b"a") == 50
+        deadline = time.monotonic() + 20
+        while len(consumer.acked) < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(consumer.acked) == 50  # progress to carry: every record of the first 50 settled
+    finally:
+        consumer.stop()
+    nodes[follower].kill()
+    for i in range(25):  # about one Raft entry per round: several times the kept log
+        assert _publish_acked(nodes[leader], f"away{i}", 5, b"b%d-" % i) == 5
+    st = raft_status(nodes[leader])
+    assert st["snapshots_written"] >= 1 and st["log_len"] <= 2 * keep + 5, st
+    nodes[follower] = _restart(node_factory, nodes[follower])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = [raft_status(n) for n in nodes]
+        if all(st is not None for st in states) and len({json.dumps(st["queues"], sort_keys=True)
+                                                            for st in states}) == 1:
+            break
+        time.sleep(0.2)
+    back = raft_status(nodes[follower])
+    assert back["snapshots_installed"] >= 1, back
+    from tests.e2e.test_metrics import sample, scrape
+
+    assert sample(scrape(nodes[follower]), "fluxmq_raft_snapshots_installed_total", group="default") >= 1
+    assert sample(scrape(nodes[leader]), "fluxmq_raft_log_entries", group="default") <= 2 * keep + 5
+    queues = [st["queues"][QUEUE] for st in states]
+    assert queues[0] == queues[1] == queues[2] and queues[0]["next"] == 175 and queues[0]["groups"] == {"g": 50}, \
+        queues
+    # The stores themselves: the same records and settlements on every replica.
+    for n in nodes:
+        n.stop()
+    stored = [_queue_records(n.data_dir) for n in nodes]
+    # (the records the group settled are gone by retention: count, not next, is what is stored)
+    assert stored[0] == stored[1] == stored[2]
+    assert len([k for k in stored[0] if k.startswith(b"L")]) == queues[0]["count"] > 0
+    # Each node restarts from its own snapshot and the log kept after it: the same queues again.
+    nodes = [_restart(node_factory, n) for n in nodes]
+    wait_leader(nodes)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        again = [raft_status(n)["queues"][QUEUE] for n in nodes]
+        if again == queues:
+            break
+        time.sleep(0.2)
+    assert again == queues, (again, queues)
+    assert _publish_acked(nodes[leader], "after", 5, b"c") == 5
+
+
+def _stop_workers(node) -> None:
+    for pid in node.worker_pids():
+        os.kill(pid, signal.SIGSTOP)
+
+
+def _continue_workers(node) -> None:
+    for pid in node.worker_pids():
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_local_policy_acknowledges_on_a_follower_before_any_replica_has_it(node_factory) -> None:
+    """write_policy local: a follower acknowledges at once (documented as not durable across
+    nodes). Healthy, the entry still reaches every replica; with the leader and the other follower
+    stopped, the follower that still believes in its leader acknowledges what nobody stores."""
+    nodes = start_cluster(node_factory, write_policy="local")
+    leader = wait_leader(nodes)
+    follower = (leader + 1) % 3
+    assert _publish_acked(nodes[follower], "local-ok", 3, b"l") == 3
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counts = [raft_status(n)["queues"][QUEUE]["count"] for n in nodes]
+        if counts == [3, 3, 3]:
+            break
+        time.sleep(0.1)
+    assert counts == [3, 3, 3], counts
+    producer = client5(nodes[follower], "local-lost")
+    outcomes: list = []
+    producer.on_publish = lambda c, u, mid, rc, props: outcomes.append(rc)
+    others = [i for i in range(3) if i != follower]
+    for i in others:
+        _stop_workers(nodes[i])
+    try:
+        producer.publish(f"$queue/{QUEUE}/k", b"acked-by-nobody", qos=1)
+        deadline = time.monotonic() + 10
+        while not outcomes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert outcomes and not outcomes[0].is_failure, outcomes  # acknowledged, stored nowhere yet
+    finally:
+        for i in others:
+            _continue_workers(nodes[i])
+        producer.loop_stop()
+
+
+def test_a_leader_cut_off_from_its_majority_stops_delivering_before_it_steps_down(node_factory) -> None:
+    """The leader lease: with both followers stopped, the leader still believes it leads (it steps
+    down after 1.5 s) but stops delivering within 0.3 s of its last majority answer, before the
+    others could have elected a new leader that delivers too."""
+    nodes = start_cluster(node_factory)
+    leader = wait_leader(nodes)
+    others = [i for i in range(3) if i != leader]
+    for i in others:
+        _stop_workers(nodes[i])
+    seen = []
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            st = raft_status(nodes[leader])
+            seen.append((st["leader"], st["delivering"]))
+            if st["leader"] == nodes[leader].raft_addr and not st["delivering"]:
+                break
+            if st["leader"] != nodes[leader].raft_addr:
+                break  # stepped down without the lease having stopped it first
+            time.sleep(0.02)
+    finally:
+        for i in others:
+            _continue_workers(nodes[i])
+    assert seen[-1] == (nodes[leader].raft_addr, False), seen
+
+
+def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory) -> None:
+    """A stream group's cursor is replicated, a seek back included (a work queue's floor only
+    rises; a stream's may move back), so a reader on the next leader resumes where the group was
+    moved to, not where it had read up to."""
+    extra = ("  - name: events\n    type: stream\n    auto_commit_interval: 1h\n"
+             "    replication: {enabled: true, mode: sync, ack_timeout: 3s}\n")
+    nodes = start_cluster(node_factory, queue_extra=extra)
+    leader = wait_leader(nodes)
+    pub = client5(nodes[(leader + 1) % 3], "stream-prod")
+    codes: list = []
+    pub.on_publish = lambda c, u, mid, rc, props: codes.append(rc)
+    for i in range(10):
+        pub.publish("$queue/events/k", b"e%d" % i, qos=1)
+    deadline = time.monotonic() + 15
+    while len(codes) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pub.loop_stop()
+    assert len(codes) == 10 and not any(rc.is_failure for rc in codes), codes
+
+    def reader(node, name: str, start: str | None) -> tuple[mqtt.Client, list]:
+        got: list = []
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        c.on_message = lambda cl, u, m: got.append(dict(m.properties.UserProperty)["x-stream-offset"])
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.connect(node.host, node.mqtt_port)
+        c.loop_start()
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.UserProperty = [("consumer-group", "r")] + ([("stream-offset", start)] if start else [])
+        c.subscribe("$queue/events", qos=1, properties=props)
+        assert subscribed.wait(10)
+        return c, got
+
+    def cursors() -> list:
+        return [(raft_status(n) or {}).get("queues", {}).get("events", {}).get("groups", {}).get("r")
+                for n in nodes if n.returncode is None]
+
+    def wait_cursors(value: int) -> list:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and set(cursors()) != {value}:
+            time.sleep(0.1)
+        return cursors()
+
+    c, got = reader(nodes[leader], "r-next", "next")  # the group's cursor at 10, on every replica
+    assert wait_cursors(10) == [10, 10, 10]
+    c.loop_stop()
+    c.disconnect()
+    time.sleep(0.5)
+    c, got = reader(nodes[leader], "r-first", "first")  # moved back to 0 (replayed, never acked)
+    assert wait_cursors(0) == [0, 0, 0]
+    deadline = time.monotonic() + 10
+    while len(got) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    nodes[leader].kill()
+    c.loop_stop()
+    survivors = [i for i in range(3) if i != leader]
+    new = wait_leader(nodes, among=survivors)
+    c, got = reader(nodes[new], "r-resume", None)  # resumes at the replicated cursor
+    deadline = time.monotonic() + 15
+    while len(got) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.loop_stop()
+    assert got[:10] == [str(i) for i in range(10)], got

@@ -1,0 +1,128 @@
+"""Raft snapshots of a group: what pysyncobj's log compaction writes, and what a replica that was
+away longer than the compacted log installs.
+
+pysyncobj compacts its log by writing a "full dump" and dropping the entries before it; a follower
+whose next entry was dropped is sent that dump file, chunk by chunk, and loads it. By default the
+dump pickles the SyncObj; here the queue state lives in LMDB, not in the object, so the group gives
+pysyncobj its own ``serializer``/``deserializer`` (``RaftGroup.start``):
+
+- ``write(path, group, raft_data)`` (on compaction, in the hub, consistent with the applied index
+  because entries are applied in the same thread): a header (format, the applied Raft index, the
+  two log entries and cluster pysyncobj keeps, the delivery owner and the announced MQTT addresses,
+  each queue's first/next/count/bytes and every consumer group's floor and settled offsets), then
+  the records of every queue of the group, in chunks. So the dump carries the queue-log state a
+  replica lacks, not only a marker: a replica that missed compacted entries gets the records
+  themselves.
+- ``read(path, group)`` (at start, and when a dump from the leader is complete): when the dump is
+  ahead of what this replica applied, its queue state replaces the local one (records, groups,
+  applied index, in one storage batch); otherwise (the node's own dump at restart) nothing is
+  touched. Returns the entries pysyncobj needs to continue its log after the dump.
+
+File format: a sequence of pickles: the header dict, then ``(queue, [(offset, blob), ...])`` chunks,
+then ``None``. Like pysyncobj's own messages it is unpickled, so it must come from a member (use
+``cluster.raft.password``).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+
+log = logging.getLogger("fluxmq.replication")
+
+FORMAT = 1
+CHUNK = 1000  # records per pickle
+
+
+def write(path: str, group, raft_data) -> None:
+    """Write the dump of ``group`` (a RaftGroup) at its applied state; ``raft_data`` is what
+    pysyncobj hands the serializer: (last applied entry, the one before, cluster)."""
+    started = time.perf_counter()
+    queues = {}
+    for name, qlog in group.logs.items():
+        queues[name] = {"first": qlog.first, "next": qlog.next, "count": qlog.count, "bytes": qlog.bytes,
+                        "progress": {g: (floor, sorted(settled)) for g, (floor, settled) in qlog.progress.items()}}
+    header = {"format": FORMAT, "index": raft_data[0][1], "raft": tuple(raft_data), "owner": group.owner,
+              "mqtt_of": dict(group.mqtt_of), "queues": queues}
+    records = 0
+    with open(path, "wb") as f:
+        pickle.dump(header, f, protocol=pickle.HIGHEST_PROTOCOL)
+        store = group.store
+        for name, qlog in group.logs.items():
+            offset, stop = qlog.first, qlog.next
+            while offset < stop:
+                n = min(CHUNK, stop - offset)
+                chunk = store.read(name, offset, n)  # pending (uncommitted) writes included
+                if chunk:
+                    pickle.dump((name, chunk), f, protocol=pickle.HIGHEST_PROTOCOL)
+                    records += len(chunk)
+                offset += n
+        pickle.dump(None, f, protocol=pickle.HIGHEST_PROTOCOL)
+    group.stats["snapshots_written"] += 1
+    log.info("raft_snapshot_written", extra={"group": group.name, "index": header["index"], "records": records,
+                                             "took_s": round(time.perf_counter() - started, 3)})
+
+
+def read(path: str, group) -> tuple:
+    """Load the dump at ``path`` into ``group`` when it is ahead of the group's applied index;
+    returns (last applied entry, the one before, cluster) for pysyncobj."""
+    with open(path, "rb") as f:
+        header = pickle.load(f)
+        if header.get("format") != FORMAT:
+            raise ValueError(f"Raft snapshot {path}: unknown format {header.get('format')!r}")
+        index = header["index"]
+        group.mqtt_of.update(header["mqtt_of"])
+        if index > group.applied:
+            _install(f, header, group)
+    return header["raft"]
+
+
+def _install(f, header: dict, group) -> None:
+    """Replace the local state of the group's queues with the dump's (this replica missed entries
+    the leader compacted away)."""
+    started = time.perf_counter()
+    store = group.store
+    logs = {}
+    for name, meta in header["queues"].items():
+        qlog = group.logs.get(name)
+        if qlog is None and group.on_unknown is not None:
+            qlog = group.on_unknown(name)
+        if qlog is None:
+            log.warning("raft_snapshot_unknown_queue", extra={"group": group.name, "queue": name})
+            continue
+        # what this replica holds is replaced, not merged: records, then groups
+        if qlog.next > qlog.first:
+            store.truncate(name, range(qlog.first, qlog.next))
+        for gname in list(qlog.progress):
+            store.delete_group(name, gname)
+        qlog._cache.clear()
+        qlog.first, qlog.next, qlog.count, qlog.bytes = meta["first"], meta["next"], meta["count"], meta["bytes"]
+        qlog.progress = {}
+        for gname, (floor, settled) in meta["progress"].items():
+            qlog.progress[gname] = [floor, set(settled)]
+            store.put_group(name, gname, floor)
+            for off in settled:
+                store.settle(name, gname, off, True)
+        qlog._truncating = 0
+        logs[name] = qlog
+    records = 0
+    while True:
+        item = pickle.load(f)
+        if item is None:
+            break
+        name, chunk = item
+        if name not in logs:
+            continue
+        for offset, blob in chunk:
+            store.append(name, offset, blob)
+        records += len(chunk)
+    group.owner = header["owner"]
+    group.applied = header["index"]
+    store.put_applied(group.name, group.applied)
+    group.stats["snapshots_installed"] += 1
+    log.info("raft_snapshot_installed", extra={"group": group.name, "index": group.applied, "records": records,
+                                               "took_s": round(time.perf_counter() - started, 3)})
+    if group.on_applied is not None:
+        for qlog in logs.values():
+            group.on_applied(qlog)
