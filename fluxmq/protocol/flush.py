@@ -29,11 +29,13 @@ log = logging.getLogger("fluxmq.protocol.flush")
 class FlushScheduler:
     """Collects dirty connections and flushes them from one hub callback per loop turn."""
 
-    __slots__ = ("_dirty", "_scheduled", "_loop", "storage", "_always", "_write_lock", "_pool", "_retry")
+    __slots__ = ("_dirty", "scheduled", "_callback", "_loop", "storage", "_always", "_write_lock", "_pool",
+                 "_retry")
 
     def __init__(self, storage=None) -> None:
         self._dirty: list = []
-        self._scheduled = False
+        self.scheduled = False  # a flush callback is pending (read by readers: see flush_now)
+        self._callback = None  # the loop callback that runs the flush, while one is scheduled
         hub = gevent.get_hub()
         self._loop = hub.loop
         # Only a durable storage takes part; the memory backend leaves the flush as it was.
@@ -52,19 +54,32 @@ class FlushScheduler:
     def mark(self, conn) -> None:
         """Queue ``conn`` for the next flush (the caller guards against marking twice)."""
         self._dirty.append(conn)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.run_callback(self._flush)
+        if not self.scheduled:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
 
     def _wake(self) -> None:
         """The storage buffered the first operation of a batch: commit it this turn even if no
         connection is dirty (a timer, a will, an HTTP publish)."""
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.run_callback(self._flush)
+        if not self.scheduled:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
+
+    def flush_now(self) -> None:
+        """Run the pending flush here and now instead of in its loop callback.
+
+        For a reader about to wait for input when no other watcher is pending in this loop turn:
+        the turn's output (a lone message, its ack) leaves before the switch back to the hub, with
+        the same commit-first order, and no callback is dispatched for it. Called from the hub's
+        last ready connection, it batches the same writes the callback would have."""
+        callback = self._callback
+        if callback is not None:
+            callback.stop()
+            self._flush()
 
     def _flush(self) -> None:
-        self._scheduled = False
+        self.scheduled = False
+        self._callback = None
         st = self.storage
         if st is not None:
             if self._always and self._write_lock.locked():
