@@ -670,14 +670,16 @@ class MQTTConnection:
             if data is None:
                 return False
         else:
-            cache = message.wire_cache
-            if cache is None:
-                cache = message.wire_cache = {}
             key = qos * 2 + retain
-            data = cache.get(key)
-            if data is None:
-                data = cache[key] = encode_publish(message.topic, message.payload, qos, retain, False,
-                                                   1 if qos else 0, None, 4)
+            cache = message.wire_cache
+            if cache is None:  # the first delivery of this message: encode, no lookup
+                data = encode_publish(message.topic, message.payload, qos, retain, False, 1 if qos else 0, None, 4)
+                message.wire_cache = {key: data}
+            else:
+                data = cache.get(key)
+                if data is None:
+                    data = cache[key] = encode_publish(message.topic, message.payload, qos, retain, False,
+                                                       1 if qos else 0, None, 4)
         if qos:
             append_publish(self.out, data, packet_id, dup)
         else:
@@ -1112,7 +1114,11 @@ class MQTTConnection:
         if qos == 0:
             if accepted:
                 try:
-                    self._route(topic, p, props)
+                    if props:
+                        self._route(topic, p, props)
+                    else:  # the common shape, without _route's frame
+                        self.broker.publish(Message(topic, p.payload, 0, p.retain, None, None, self.client_id),
+                                            session)
                 except QueueRefused as exc:  # no ack to carry it: logged
                     log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": str(exc)})
             return
@@ -1125,7 +1131,11 @@ class MQTTConnection:
         if qos == 1:
             if accepted:
                 try:
-                    routed = self._route(topic, p, props)
+                    if props:
+                        routed = self._route(topic, p, props)
+                    else:
+                        routed = self.broker.publish(Message(topic, p.payload, 1, p.retain, None, None, self.client_id),
+                                                     session)
                     if routed.__class__ is HeldAck:  # a replicated queue: the ack waits for the quorum
                         routed.add(partial(self._held_ack, pid, 1, topic))
                         return
