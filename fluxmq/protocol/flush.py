@@ -3,7 +3,11 @@
 Handlers and deliveries only append bytes to a connection's output buffer and mark it dirty; once
 the running greenlet yields, a single hub callback writes every dirty buffer with one non-blocking
 ``send``. A publish to N subscribers therefore costs N buffer appends and at most N syscalls per
-loop turn however many messages the turn carried, and no greenlet switch per message.
+loop turn however many messages the turn carried, and no greenlet switch per message. The turn's
+last reader (a connection about to wait for input when no other watcher is pending in the turn)
+runs that flush itself (``flush_now``) instead: the same batch, written before the switch back to
+the hub and without dispatching the callback, so a lone message goes out in the turn it came in
+with one hop less.
 
 Group commit: with a durable storage the same callback first commits everything the turn recorded
 (one LMDB transaction), so a PUBACK/PUBREC/SUBACK/CONNACK leaves only after the state it
@@ -27,7 +31,8 @@ log = logging.getLogger("fluxmq.protocol.flush")
 
 
 class FlushScheduler:
-    """Collects dirty connections and flushes them from one hub callback per loop turn."""
+    """Collects dirty connections and flushes them once per loop turn: from a hub callback, or from
+    the turn's last reader (``flush_now``)."""
 
     __slots__ = ("_dirty", "scheduled", "_callback", "_loop", "storage", "_always", "_write_lock", "_pool",
                  "_retry")
