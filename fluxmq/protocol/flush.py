@@ -80,7 +80,10 @@ class FlushScheduler:
         callback = self._callback
         if callback is not None:
             callback.stop()
-            self._flush()
+            try:
+                self._flush()
+            except Exception:  # another connection's trouble must not end the calling reader
+                log.exception("flush_failed", extra={"peer": "-"})
 
     def _flush(self) -> None:
         self.scheduled = False
