@@ -11,7 +11,9 @@ waits by a thrown ``TimeoutError`` says so with ``deadline_by_caller = True``: t
 keeps its read deadlines (connect timeout, park, keep alive) on one lazily re-armed libev timer
 instead of a socket timeout, which would cost a gevent ``Timeout`` set up and torn down per ``recv``.
 A stream with ``recv_nowait(n)`` (plain TCP) lets a parked connection answer PINGREQs from the hub,
-without waking a greenlet.
+without waking a greenlet. A stream with a ``drained`` attribute (plain TCP: the last ``recv`` emptied
+the kernel's buffer) lets the turn's last reader write the turn's output before it waits
+(``FlushScheduler.flush_now``) instead of leaving it to the flush callback.
 """
 
 from __future__ import annotations
@@ -222,6 +224,10 @@ class MQTTConnection:
         loop = gevent.get_hub().loop
         loop_now = loop.now
         flusher = self.flusher
+        # Streams that know whether their last recv emptied the kernel's buffer (plain TCP): after
+        # such a read the next recv waits, so the turn's output can leave now (see below). A TLS or
+        # WebSocket stream may hold or find more input without waiting; it keeps the flush callback.
+        knows_drained = hasattr(stream, "drained")
         self._reader = gevent.getcurrent()
         if self.session is None:
             if self.settings.connect_timeout:
@@ -294,11 +300,11 @@ class MQTTConnection:
                 if budget <= 0:
                     budget = YIELD_EVERY
                     gevent.sleep(_YIELD_SLEEP)  # let the flush, the heartbeat and the other clients run
-                elif n < 65536 and flusher.scheduled and not loop.pendingcnt:
-                    # A short read: the next recv most likely waits. With no other watcher pending
-                    # in this loop turn, this connection is the turn's last reader: write the
-                    # turn's output (commit first, as always) before switching back to the hub,
-                    # rather than from a flush callback after it. Same batch, one hop less.
+                elif knows_drained and stream.drained and flusher.scheduled and not loop.pendingcnt:
+                    # The kernel had nothing more: the next recv waits. With no other watcher
+                    # pending in this loop turn, this connection is the turn's last reader: write
+                    # the turn's output (commit first, as always) before switching back to the
+                    # hub, rather than from a flush callback after it. Same batch, one hop less.
                     flusher.flush_now()
         except _Close:
             pass
