@@ -55,23 +55,29 @@ class _TreeNode(FluxmqNode):
 def run_once(broker, args: argparse.Namespace) -> dict:
     broker.start(timeout=60)
     try:
-        pids = procinfo.tree(broker.pid)
+        pids = [broker.pid]  # and its descendants (the worker), each counted once
         # The node's own background work (timers, heartbeats) over an idle second, subtracted below.
-        idle0 = procinfo.tree_cpu_s(pids)
+        iu0, is0 = procinfo.tree_cpu_user_sys_s(pids)
         time.sleep(args.idle)
-        idle_rate = (procinfo.tree_cpu_s(pids) - idle0) / args.idle
-        cpu0 = procinfo.tree_cpu_s(pids)
+        iu1, is1 = procinfo.tree_cpu_user_sys_s(pids)
+        idle_user, idle_sys = (iu1 - iu0) / args.idle, (is1 - is0) / args.idle
+        user0, sys0 = procinfo.tree_cpu_user_sys_s(pids)
         t0 = time.monotonic()
         cmd = (["taskset", "-c", args.gen_cpus] if args.gen_cpus else []) + [
             sys.executable, "-m", "bench.loadgen", "--mode", "latency", "--rate", str(args.rate),
             "--duration", str(args.duration), "--host", "127.0.0.1", "--port", str(broker.port),
             "--timeout", "60"]  # fmt: skip
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-        cpu1 = procinfo.tree_cpu_s(pids) - idle_rate * (time.monotonic() - t0)
+        user1, sys1 = procinfo.tree_cpu_user_sys_s(pids)
+        elapsed = time.monotonic() - t0
+        user = user1 - user0 - idle_user * elapsed
+        sys_ = sys1 - sys0 - idle_sys * elapsed
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         res = parse_result_line(lines[-1]) if lines else {"error": p.stderr[-300:]}
         n = int(res.get("deliveries", 0) or 0)
-        res["cpu_us_per_msg"] = round((cpu1 - cpu0) * 1e6 / n, 1) if n else None
+        res["cpu_us_per_msg"] = round((user + sys_) * 1e6 / n, 1) if n else None
+        res["user_us_per_msg"] = round(user * 1e6 / n, 1) if n else None
+        res["sys_us_per_msg"] = round(sys_ * 1e6 / n, 1) if n else None
         return res
     finally:
         broker.cleanup()
@@ -108,17 +114,18 @@ def main(argv: list[str] | None = None) -> int:
             res = run_once(broker, args)
             table[name].append(res)
             print(f"round {rnd} {name}: p50 {res.get('p50_ms')} ms p99 {res.get('p99_ms')} ms "
-                  f"cpu {res.get('cpu_us_per_msg')} us/msg (load {load}{busy}, {time.strftime('%H:%M:%S')})",
+                  f"cpu {res.get('cpu_us_per_msg')} us/msg (user {res.get('user_us_per_msg')}, sys {res.get('sys_us_per_msg')}) (load {load}{busy}, {time.strftime('%H:%M:%S')})",
                   flush=True)
-    print("\n| build | p50 ms (median) | p99 ms (median) | broker CPU us/msg (median) |")
-    print("|---|---:|---:|---:|")
+    print("\n| build | p50 ms (median) | p99 ms (median) | broker CPU us/msg (median) | user | sys |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in names:
         rows = [r for r in table[name] if "error" not in r]
 
         def med(key: str, rows: list[dict] = rows) -> str:
             vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
             return f"{statistics.median(vals):.3f}" if vals else "-"
-        print(f"| {name} | {med('p50_ms')} | {med('p99_ms')} | {med('cpu_us_per_msg')} |")
+        print(f"| {name} | {med('p50_ms')} | {med('p99_ms')} | {med('cpu_us_per_msg')} | "
+              f"{med('user_us_per_msg')} | {med('sys_us_per_msg')} |")
     return 0
 
 

@@ -73,27 +73,48 @@ def tree_rss_kb(pids: list[int]) -> int:
     return total if seen else -1
 
 
-def cpu_s(pid: int) -> float:
-    """utime + stime of one process (all threads) in seconds, -1 if unknown."""
+def cpu_user_sys_s(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process (all threads) in seconds, (-1, -1) if unknown."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
-        return -1.0
+        return -1.0, -1.0
     fields = stat[stat.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of one process (all threads) in seconds, -1 if unknown."""
+    user, sys_ = cpu_user_sys_s(pid)
+    return -1.0 if user < 0 else user + sys_
+
+
+def tree_cpu_user_sys_s(pids: list[int]) -> tuple[float, float]:
+    """Summed (utime, stime) seconds of the given processes and their descendants, each process
+    counted once (a root may also be a descendant of another root); (-1, -1) if none is readable."""
+    user = sys_ = 0.0
+    seen: set[int] = set()
+    read = False
+    for root in pids:
+        for p in tree(root):
+            if p in seen:
+                continue
+            seen.add(p)
+            u, s = cpu_user_sys_s(p)
+            if u >= 0:
+                user += u
+                sys_ += s
+                read = True
+    return (user, sys_) if read else (-1.0, -1.0)
 
 
 def tree_cpu_s(pids: list[int]) -> float:
-    """Summed CPU seconds of the given processes and their descendants, -1 if none is readable."""
-    total, seen = 0.0, False
-    for root in pids:
-        for p in tree(root):
-            c = cpu_s(p)
-            if c >= 0:
-                total += c
-                seen = True
-    return total if seen else -1.0
+    """Summed CPU seconds of the given processes and their descendants (each counted once), -1 if
+    none is readable."""
+    user, sys_ = tree_cpu_user_sys_s(pids)
+    return -1.0 if user < 0 else user + sys_
 
 
 def start_time(pid: int) -> int:

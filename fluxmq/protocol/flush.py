@@ -3,7 +3,11 @@
 Handlers and deliveries only append bytes to a connection's output buffer and mark it dirty; once
 the running greenlet yields, a single hub callback writes every dirty buffer with one non-blocking
 ``send``. A publish to N subscribers therefore costs N buffer appends and at most N syscalls per
-loop turn however many messages the turn carried, and no greenlet switch per message.
+loop turn however many messages the turn carried, and no greenlet switch per message. The turn's
+last reader (a connection about to wait for input when no other watcher is pending in the turn)
+runs that flush itself (``flush_now``) instead: the same batch, written before the switch back to
+the hub and without dispatching the callback, so a lone message goes out in the turn it came in
+with one hop less.
 
 Group commit: with a durable storage the same callback first commits everything the turn recorded
 (one LMDB transaction), so a PUBACK/PUBREC/SUBACK/CONNACK leaves only after the state it
@@ -27,13 +31,16 @@ log = logging.getLogger("fluxmq.protocol.flush")
 
 
 class FlushScheduler:
-    """Collects dirty connections and flushes them from one hub callback per loop turn."""
+    """Collects dirty connections and flushes them once per loop turn: from a hub callback, or from
+    the turn's last reader (``flush_now``)."""
 
-    __slots__ = ("_dirty", "_scheduled", "_loop", "storage", "_always", "_write_lock", "_pool", "_retry")
+    __slots__ = ("_dirty", "scheduled", "_callback", "_loop", "storage", "_always", "_write_lock", "_pool",
+                 "_retry")
 
     def __init__(self, storage=None) -> None:
         self._dirty: list = []
-        self._scheduled = False
+        self.scheduled = False  # a flush callback is pending (read by readers: see flush_now)
+        self._callback = None  # the loop callback that runs the flush, while one is scheduled
         hub = gevent.get_hub()
         self._loop = hub.loop
         # Only a durable storage takes part; the memory backend leaves the flush as it was.
@@ -52,19 +59,35 @@ class FlushScheduler:
     def mark(self, conn) -> None:
         """Queue ``conn`` for the next flush (the caller guards against marking twice)."""
         self._dirty.append(conn)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.run_callback(self._flush)
+        if not self.scheduled:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
 
     def _wake(self) -> None:
         """The storage buffered the first operation of a batch: commit it this turn even if no
         connection is dirty (a timer, a will, an HTTP publish)."""
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.run_callback(self._flush)
+        if not self.scheduled:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
+
+    def flush_now(self) -> None:
+        """Run the pending flush here and now instead of in its loop callback.
+
+        For a reader about to wait for input when no other watcher is pending in this loop turn:
+        the turn's output (a lone message, its ack) leaves before the switch back to the hub, with
+        the same commit-first order, and no callback is dispatched for it. Called from the hub's
+        last ready connection, it batches the same writes the callback would have."""
+        callback = self._callback
+        if callback is not None:
+            callback.stop()
+            try:
+                self._flush()
+            except Exception:  # another connection's trouble must not end the calling reader
+                log.exception("flush_failed", extra={"peer": "-"})
 
     def _flush(self) -> None:
-        self._scheduled = False
+        self.scheduled = False
+        self._callback = None
         st = self.storage
         if st is not None:
             if self._always and self._write_lock.locked():

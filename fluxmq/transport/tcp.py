@@ -20,7 +20,7 @@ log = logging.getLogger("fluxmq.transport")
 class SocketStream:
     """The stream interface MQTTConnection reads and writes, over a plain gevent socket."""
 
-    __slots__ = ("sock", "raw", "peer", "_drained")
+    __slots__ = ("sock", "raw", "peer", "drained")
 
     # The connection bounds recv with its own timer: a TimeoutError thrown into recv's wait is safe.
     deadline_by_caller = True
@@ -30,11 +30,11 @@ class SocketStream:
         self.raw = sock._sock  # the OS socket, non-blocking: used for sends that must never switch
         host, port = address[:2]
         self.peer = f"{host}:{port}"
-        self._drained = False  # the last recv took less than asked: the kernel had nothing more
+        self.drained = False  # the last recv took less than asked: the kernel had nothing more (read by the connection)
 
     def recv(self, n: int) -> bytes:
         sock = self.sock
-        if self._drained and sock.timeout is None:
+        if self.drained and sock.timeout is None:
             # The last read emptied the kernel's buffer, so a read now would most likely fail:
             # wait for readability first (one wait either way) and save the failing syscall and
             # its BlockingIOError. A lone message costs one recv instead of two.
@@ -47,13 +47,13 @@ class SocketStream:
                 if sock.timeout == 0.0:
                     raise  # the try to park: no wait
                 sock._wait(sock._read_event)  # TimeoutError at the socket's timeout, if it has one
-        self._drained = len(data) < n
+        self.drained = len(data) < n
         return data
 
     def recv_nowait(self, n: int) -> bytes:
         """What the kernel holds now (b"" at end of stream); BlockingIOError when nothing. Never switches."""
         data = self.raw.recv(n)
-        self._drained = len(data) < n
+        self.drained = len(data) < n
         return data
 
     def settimeout(self, timeout: float | None) -> None:

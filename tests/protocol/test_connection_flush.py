@@ -1,0 +1,127 @@
+"""Where a turn's output is written: by the turn's last reader before it waits, in one batch.
+
+A lone PUBLISH is read, routed and written to its subscriber's socket by the publisher's reader
+greenlet before it goes back to wait (no flush callback in the hub for it); when several connections
+are ready in the same loop turn, only the last one writes, so the subscriber still gets one write
+for the turn (flush batching for throughput). No timing: the tests record which greenlet ran each
+flush and which deliveries it carried.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gevent
+import pytest
+from gevent import socket
+
+from fluxmq.broker.broker import Broker, BrokerSettings
+from fluxmq.broker.session import EXPIRY_NEVER
+from fluxmq.protocol.connection import MQTTConnection
+from fluxmq.protocol.flush import FlushScheduler
+from fluxmq.protocol.settings import ProtocolSettings
+from fluxmq.storage.lmdb import LMDBStorage
+from fluxmq.transport.tcp import SocketStream
+
+
+class RecordingFlusher(FlushScheduler):
+    """A FlushScheduler that records, for every flush, the greenlet it ran in and the connections
+    it wrote."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self, storage=None) -> None:
+        super().__init__(storage)
+        self.runs: list[tuple[object, list]] = []
+
+    def _flush(self) -> None:
+        self.runs.append((gevent.getcurrent(), list(self._dirty)))
+        super()._flush()
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    storage = LMDBStorage(tmp_path / "data", map_size=16 << 20)
+    b = Broker(BrokerSettings(), storage)
+    b.restore(storage.load())
+    yield b
+    storage.close()
+
+
+def serve(broker: Broker, flusher: FlushScheduler, client_id: str):
+    """A connected client (as after CONNACK) served by its own reader greenlet; returns the
+    connection, its reader and the client's socket."""
+    server_side, client_side = socket.socketpair()
+    conn = MQTTConnection(broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(park_after=0),
+                          flusher)
+    session, _ = broker.open_session(client_id, True, EXPIRY_NEVER)
+    conn.version = 4
+    conn.client_id = client_id
+    conn.session = session
+    broker.attach(session, conn, 100)
+    return conn, gevent.spawn(conn.run), client_side
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 0, pid: int = 1) -> bytes:
+    t = topic.encode()
+    body = len(t).to_bytes(2, "big") + t + (pid.to_bytes(2, "big") if qos else b"") + payload
+    return bytes((0x30 | qos << 1, len(body))) + body
+
+
+def read_exactly(sock, n: int) -> bytes:
+    data = b""
+    with gevent.Timeout(10):
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "closed"
+            data += chunk
+    return data
+
+
+def test_a_lone_message_is_written_by_its_publishers_reader_before_it_waits(broker: Broker) -> None:
+    flusher = RecordingFlusher(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 1)
+    gevent.sleep(0.05)  # both readers wait in recv
+    flusher.runs.clear()
+    try:
+        pub_client.sendall(publish_packet("t", b"lone", qos=1, pid=7))
+        assert read_exactly(pub_client, 4) == b"\x40\x02\x00\x07"  # the PUBACK (after the commit)
+        got = read_exactly(sub_client, 11)
+        assert got[0] == 0x32 and got.endswith(b"lone")
+        # One flush, run by the publisher's reader greenlet (not a hub callback), carrying both the
+        # subscriber's delivery and the publisher's ack.
+        assert len(flusher.runs) == 1
+        ran_in, conns = flusher.runs[0]
+        assert ran_in is pub_reader
+        assert set(conns) == {sub, pub}
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)
+
+
+def test_connections_ready_in_one_turn_are_written_once_by_the_last_reader(broker: Broker) -> None:
+    flusher = RecordingFlusher(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pubs = [serve(broker, flusher, f"pub{i}") for i in range(3)]
+    broker.subscribe(sub.session, "t/#", 0)
+    gevent.sleep(0.05)
+    flusher.runs.clear()
+    try:
+        # All three publishers' input is in their sockets before the hub polls again.
+        for i, (_, _, client) in enumerate(pubs):
+            client.sendall(publish_packet(f"t/{i}", b"m%d" % i))
+        got = read_exactly(sub_client, 3 * 9)
+        assert sorted(got[i * 9 + 7:i * 9 + 9] for i in range(3)) == [b"m0", b"m1", b"m2"]
+        # The three deliveries left in one flush, from a reader greenlet: the turn's last one.
+        assert len(flusher.runs) == 1
+        ran_in, conns = flusher.runs[0]
+        assert ran_in in [reader for _, reader, _ in pubs]
+        assert conns == [sub]
+    finally:
+        for _, _, client in pubs:
+            client.close()
+        sub_client.close()
+        gevent.joinall([reader for _, reader, _ in pubs] + [sub_reader], timeout=5)
