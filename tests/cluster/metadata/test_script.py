@@ -55,9 +55,14 @@ def test_up_starts_three_nodes_that_share_retained_messages_and_down_stops_them(
         assert status.count('"is_leader": true') == 1
         subprocess.run(["mosquitto_pub", "-p", "1885", "-t", "script/r", "-m", "from node2", "-r", "-q", "1"],
                        check=True, timeout=10)
-        got = subprocess.run(["mosquitto_sub", "-p", "1884", "-t", "script/#", "-v", "-C", "1", "-W", "10"],
-                             capture_output=True, text=True, timeout=15)
-        assert got.stdout.strip() == "script/r from node2"  # set on node2, read on node1 (through etcd)
+        # Set on node2, read on node1 through etcd: replication is asynchronous (the publisher's
+        # PUBACK does not wait for etcd), so a subscriber may come before it; ask again, bounded.
+        for _ in range(10):
+            got = subprocess.run(["mosquitto_sub", "-p", "1884", "-t", "script/#", "-v", "-C", "1", "-W", "2"],
+                                 capture_output=True, text=True, timeout=15)
+            if got.stdout.strip():
+                break
+        assert got.stdout.strip() == "script/r from node2"
     finally:
         down = _cluster("down")
         if ours:
