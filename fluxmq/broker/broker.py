@@ -148,6 +148,37 @@ class Broker:
         self.events: EventSink | None = None
         self._on_published = None
         self._on_delivered = None
+        # The rest of the cluster (fluxmq.broker.peers.Peers), or None: a single node, no per-message cost.
+        self.peers = None
+        # Local subscriptions per filter (plain and $share/...): peers hear of a filter on 0 -> 1 and 1 -> 0.
+        self._interest: dict[str, int] = {}
+
+    def set_peers(self, peers) -> None:
+        """Install (or with None remove) the node's ``Peers``; installing replays ``interest_added``
+        for every filter held already (restored sessions)."""
+        self.peers = peers
+        if peers is not None:
+            for filter in list(self._interest):
+                peers.interest_added(filter)
+
+    def interest_filters(self) -> list[str]:
+        """Every filter with at least one local subscription (a peer's snapshot of this node)."""
+        return list(self._interest)
+
+    def _interest_up(self, filter: str) -> None:
+        n = self._interest.get(filter, 0)
+        self._interest[filter] = n + 1
+        if n == 0 and self.peers is not None:
+            self.peers.interest_added(filter)
+
+    def _interest_down(self, filter: str) -> None:
+        n = self._interest.get(filter, 0)
+        if n > 1:
+            self._interest[filter] = n - 1
+        elif n == 1:
+            del self._interest[filter]
+            if self.peers is not None:
+                self.peers.interest_removed(filter)
 
     def set_events(self, sink: EventSink | None) -> None:
         """Install (or with None remove) the node's event observer."""
@@ -374,6 +405,7 @@ class Broker:
             self.queues.resumable.pop(session.client_id, None)  # its queue memberships end too
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
+            self._interest_down(filter)
         session.subscriptions.clear()
         session.clear_state()
         if isinstance(session, PersistentSession):
@@ -559,8 +591,14 @@ class Broker:
         if n > n_acked:
             sent_qos[0] += n - n_acked
             sent_bytes[0] += (n - n_acked) * size
-        if route.groups:
-            n += self._publish_shared(message, route.groups)
+        groups = route.groups
+        peers = self.peers
+        if peers is not None:
+            # Queued for peers with matching interest (never blocks); returns the shared groups this
+            # node serves (the others were given to a peer, once in the cluster).
+            groups = peers.forward(message, groups)
+        if groups:
+            n += self._publish_shared(message, groups)
         if store is not None and msg_qos and origin is not None and store.op_count != ops_before:
             # The origin's PUBACK/PUBREC acknowledges what this publish stored (for other clients,
             # or retained): a failed commit must abandon it (FlushScheduler).
@@ -572,6 +610,40 @@ class Broker:
             on_published(message, origin.username if origin is not None else None, n)
         if self._on_delivered is not None:
             self._report_deliveries(message, route.targets, origin)
+        return n
+
+    def publish_from_peer(self, message: Message, shared_groups: tuple[str, ...] = (), match_local: bool = True) -> int:
+        """Deliver a message another node forwarded: to the matching local subscriptions (unless
+        ``match_local`` is False) and to one local member of each ``$share/{group}/{filter}`` of
+        ``shared_groups`` (the sender gave those groups' message to this node). Never forwarded
+        again; a retained message is not stored here (retained state is replicated apart). Returns
+        deliveries."""
+        stats = self.stats
+        route = self.router.route(message.topic)
+        store = self._store
+        if store is not None and store.refusing and message.qos and self._would_store(message, route):
+            stats.dropped("storage_full")
+            return 0
+        n = 0
+        msg_qos = message.qos
+        retain = message.retain
+        size = len(message.payload)
+        if match_local:
+            sent_qos = stats.sent_qos
+            sent_bytes = stats.sent_bytes_qos
+            for session, qos, _qos_own, rap, sub_ids in route.targets:
+                if msg_qos < qos:
+                    qos = msg_qos
+                session.deliver(message, qos, rap and retain, sub_ids)
+                sent_qos[qos] += 1
+                sent_bytes[qos] += size
+                n += 1
+            if self._on_delivered is not None:
+                self._report_deliveries(message, route.targets, None)
+        if shared_groups and route.groups:
+            groups = [g for g in route.groups if f"$share/{g.name}/{g.filter}" in shared_groups]
+            if groups:
+                n += self._publish_shared(message, groups)
         return n
 
     def _queue_manager(self):
@@ -692,6 +764,10 @@ class Broker:
             if retained and auth is not None and auth.checks_reads:
                 # A retained message the subscriber may not read is never sent (auth.acl_file).
                 retained = [m for m in retained if auth.can_read(session.client_id, session.username, m.topic)]
+        if is_new:
+            # Last: with peers, a filter new to this node may wait here (bounded) until the reachable
+            # peers know it, so publishes made after the SUBACK on any node reach this subscriber.
+            self._interest_up(filter)
         return SubscribeResult(granted, retained, sub)
 
     def deliver_retained(self, session: Session, result: SubscribeResult) -> None:
@@ -711,6 +787,7 @@ class Broker:
         if session.subscriptions.pop(filter, None) is None:
             return False
         self.router.remove(filter, session)
+        self._interest_down(filter)
         if isinstance(session, PersistentSession):
             session.store.delete_subscription(session.client_id, filter)
         events = self.events
@@ -776,7 +853,8 @@ class Broker:
             for filter, qos, no_local, rap, rh, sub_id in rec.subscriptions:
                 shared = parse_shared(filter)
                 sub = Subscription(session, filter, qos, no_local, rap, rh, sub_id, shared[0] if shared else None)
-                self.router.add(sub)
+                if self.router.add(sub):
+                    self._interest_up(filter)
                 session.subscriptions[filter] = sub
             for pid, (fields, qos, retain, ids, released) in rec.inflight.items():
                 entry = Inflight(Message(*fields), qos, retain, ids)

@@ -23,7 +23,8 @@ __all__ = ["ENV_ALIASES", "ENV_IGNORE", "NOT_IMPLEMENTED", "VALUE_ALIASES", "env
 
 # Whole sections (any keys below them) and single keys; ``*`` matches one name.
 NOT_IMPLEMENTED: tuple[str, ...] = (
-    "cluster",  # reference 000: etcd metadata plane, gRPC transport, Raft (cluster.routes is implemented)
+    "cluster.etcd",  # reference 000: etcd metadata plane (cluster.enabled, node_id, transport are implemented)
+    "cluster.raft",  # reference 000: Raft replication of durable queues
     "queue",  # reference 002: durable queues with retention and replication
     "server.*.*.prefer_server_cipher_suites",  # Go's crypto/tls knob; OpenSSL's server order applies
 )

@@ -261,6 +261,7 @@ class BrokerService:
         self.coap: CoapBridge | None = None  # the CoAP bridge when a CoAP listener is configured
         self.coap_listeners: list = []
         self.bridges: Bridges | None = None
+        self.cluster = None  # fluxmq.cluster.node.ClusterNode when cluster.enabled (imported only then)
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -293,6 +294,8 @@ class BrokerService:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()
         log.info("storage_restored", extra={"start_took": round(time.monotonic() - started, 3)})
+        if cfg.cluster.enabled:
+            self._start_cluster(cfg)
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [(name, section, lc, stream_factory(cfg, name, section))
                    for name, section, lc in enabled if lc.addr]
@@ -313,6 +316,16 @@ class BrokerService:
                                    max_packet_size=cfg.broker.max_packet_size)
             self.bridges.start()
         self._started = True
+
+    def _start_cluster(self, cfg) -> None:
+        """The cluster's data plane (imported only here: a single node loads nothing of it)."""
+        from fluxmq.cluster.config import cluster_settings
+        from fluxmq.cluster.node import ClusterNode
+
+        settings = cluster_settings(cfg)  # ConfigError (one line) before anything binds
+        self.broker.settings.node_id = settings.node_id
+        self.cluster = ClusterNode(settings, self.broker)
+        self.cluster.start()
 
     def _set_up_queues(self, cfg, storage: Storage) -> None:
         """Durable queues: started now when configured or stored, else made on first use of a
@@ -379,6 +392,9 @@ class BrokerService:
             if not listener.wait_closed(left):
                 log.warning("shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)})
         self._started = False
+        if self.cluster is not None:
+            # What shutdown published (wills) gets a moment to reach the reachable peers.
+            self.cluster.stop(min(1.0, max(0.0, deadline - time.monotonic())))
         if self.webhooks is not None:
             self.broker.set_events(None)  # the disconnects of the shutdown are queued already
         if self.storage is not None:
@@ -402,6 +418,8 @@ class BrokerService:
         checks = {"broker": (up, "" if up else "broker not initialized"), "storage": storage}
         if up and self.bridges is not None:
             checks["bridges"] = self.bridges.status.readiness()  # a down bridge: degraded, still ready
+        if up and self.cluster is not None:
+            checks["cluster"] = self.cluster.readiness()  # peers down: degraded, still ready
         return checks
 
     def reload(self, config) -> dict[str, list[str]]:
