@@ -49,10 +49,11 @@ def _origin(config, key: str) -> str:
 def cluster_settings(config) -> ClusterSettings:
     """The data plane's settings from a loaded Config; raises ConfigError (one line) when they cannot work."""
     c, t = config.cluster, config.cluster.transport
+    peers = dict(t.to_dict()["peers"])  # a mapping value (attribute access would make it a Section)
     if c.enabled and not c.node_id:
         raise ConfigError("cluster.node_id", "a node id unique in the cluster (cluster.enabled is true)",
                           _origin(config, "cluster.node_id"), got=c.node_id)
-    for node_id, addr in t.peers.items():
+    for node_id, addr in peers.items():
         try:
             host, port = parse_addr(addr)
         except ValueError:
@@ -67,7 +68,7 @@ def cluster_settings(config) -> ClusterSettings:
                 raise ConfigError(f"cluster.transport.{leaf}", "a readable PEM file (cluster.transport.tls_enabled is true)",
                                   _origin(config, f"cluster.transport.{leaf}"), got=path)
     transport = TransportSettings(
-        bind_addr=t.bind_addr, peers=dict(t.peers), batch_max_size=t.route_batch_max_size,
+        bind_addr=t.bind_addr, peers=peers, batch_max_size=t.route_batch_max_size,
         batch_max_delay=t.route_batch_max_delay, batches_in_flight=t.route_batch_flush_workers,
         publish_timeout=t.route_publish_timeout, interest_sync_timeout=t.interest_sync_timeout,
         max_queued_messages=t.max_queued_messages, max_queued_bytes=t.max_queued_bytes,

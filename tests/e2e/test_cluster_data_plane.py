@@ -1,0 +1,200 @@
+"""The cluster's data plane end to end (issue 11): three real ``fluxmq-node`` processes with
+``cluster.enabled`` and static peers (no etcd), paho clients on different nodes.
+
+The three nodes of ``cluster3`` are shared by the tests of this module (each test uses its own
+topics); a test that kills a node starts its own.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.conftest import HOST, NodeFactory, RunningNode, free_port
+from tests.e2e.mqtt5raw import paho5, unique
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 10.0
+
+
+def cluster_overrides(names: list[str], ports: dict[str, int], name: str, extra: dict | None = None) -> dict:
+    return {
+        "cluster.enabled": True,
+        "cluster.node_id": name,
+        "cluster.transport.bind_addr": f"{HOST}:{ports[name]}",
+        "cluster.transport.peers": {n: f"{HOST}:{ports[n]}" for n in names},
+        **(extra or {}),
+    }
+
+
+def start_cluster(factory: NodeFactory, names: list[str], extra: dict | None = None) -> list[RunningNode]:
+    ports = {n: free_port() for n in names}
+    nodes = [factory(cluster_overrides(names, ports, n, extra)) for n in names]
+    wait_peers(nodes, len(names) - 1)
+    return nodes
+
+
+def wait_peers(nodes: list[RunningNode], expected: int, timeout: float = 20.0) -> None:
+    """Until every node's /ready says all its peers answer (the cluster check has no details)."""
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while True:
+            status, body = node.http_get("/ready")
+            check = body.get("checks", {}).get("cluster")
+            if status == 200 and check is not None and body.get("mode") == "nominal":
+                break
+            assert time.monotonic() < deadline, f"peers not reachable: {body}"
+            time.sleep(0.05)
+
+
+def metrics(node: RunningNode) -> str:
+    with urllib.request.urlopen(f"http://{HOST}:{node.health_port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def metric(text: str, name: str, peer: str) -> float:
+    m = re.search(rf'^{name}(?:_total)?\{{peer="{re.escape(peer)}"\}} (\S+)$', text, re.M)
+    assert m, f"{name}{{peer={peer}}} not in /metrics"
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def cluster3(tmp_path_factory):
+    factory = NodeFactory(tmp_path_factory.mktemp("cluster3"))
+    try:
+        yield start_cluster(factory, ["n1", "n2", "n3"])
+    finally:
+        factory.close()
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_cross_node_publish_at_each_qos(cluster3, qos: int) -> None:
+    n1, n2, _n3 = cluster3
+    topic = unique("cx/qos")
+    with paho5(n2, unique("sub")) as sub, paho5(n1, unique("pub")) as pub:
+        assert sub.subscribe(topic, 2)[0].value == 2
+        for i in range(20):
+            pub.publish(topic, f"m{i}".encode(), qos)
+        got = [sub.get(WAIT) for _ in range(20)]
+    assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
+    assert {m.qos for m in got} == {qos}
+
+
+def test_publish_properties_arrive_intact_across_nodes(cluster3) -> None:
+    n1, _n2, n3 = cluster3
+    topic = unique("cx/props")
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("k1", "v1"), ("k1", "v2"), ("ünï", "cødé")]
+    props.ContentType = "application/json"
+    props.ResponseTopic = "reply/here"
+    props.CorrelationData = b"\x00\x01corr"
+    props.PayloadFormatIndicator = 1
+    props.MessageExpiryInterval = 3600
+    with paho5(n3, unique("sub")) as sub, paho5(n1, unique("pub")) as pub:
+        sub.subscribe(topic, 1)
+        pub.publish(topic, b'{"a": 1}', 1, properties=props)
+        msg = sub.get(WAIT)
+    got = msg.properties
+    assert msg.payload == b'{"a": 1}'
+    assert got.UserProperty == [("k1", "v1"), ("k1", "v2"), ("ünï", "cødé")]
+    assert got.ContentType == "application/json"
+    assert got.ResponseTopic == "reply/here"
+    assert got.CorrelationData == b"\x00\x01corr"
+    assert got.PayloadFormatIndicator == 1
+    assert 3590 <= got.MessageExpiryInterval <= 3600
+
+
+def test_subscriber_gets_publishes_made_after_its_suback_on_another_node(cluster3) -> None:
+    """A filter new to node 2: its SUBACK is sent once the peers know it, so a publish made on node 1
+    right after the SUBACK arrives (20 fresh filters, each published to at once)."""
+    n1, n2, _n3 = cluster3
+    with paho5(n2, unique("sub")) as sub, paho5(n1, unique("pub")) as pub:
+        topics = [unique("cx/fresh") for _ in range(20)]
+        for topic in topics:
+            sub.subscribe(topic, 1)
+            pub.publish(topic, topic.encode(), 1)
+        got = sorted(sub.get(WAIT).payload.decode() for _ in topics)
+    assert got == sorted(topics)
+
+
+def test_shared_group_over_three_nodes_gets_each_message_once(cluster3) -> None:
+    group = unique("g")
+    topic = unique("cx/shared")
+    subs = [paho5(node, unique(f"m{i}")) for i, node in enumerate(cluster3)]
+    try:
+        for s in subs:
+            s.subscribe(f"$share/{group}/{topic}/#", 1)
+        total = 3000
+        with paho5(cluster3[0], unique("pub")) as pub:
+            for i in range(total):
+                pub.client.publish(f"{topic}/{i % 7}", str(i).encode(), 1)
+            pub.publish(f"{topic}/end", b"end", 1)  # acknowledged: every publish before it was handled
+        seen: list[int] = []
+        per_member = []
+        deadline = time.monotonic() + 30
+        while len(seen) < total and time.monotonic() < deadline:
+            for s in subs:
+                while not s.messages.empty():
+                    msg = s.messages.get()
+                    if msg.payload != b"end":
+                        seen.append(int(msg.payload))
+            time.sleep(0.05)
+        time.sleep(0.3)  # a duplicate would arrive within this
+        for s in subs:
+            n = 0
+            while not s.messages.empty():
+                msg = s.messages.get()
+                if msg.payload != b"end":
+                    seen.append(int(msg.payload))
+                    n += 1
+            per_member.append(n)
+    finally:
+        for s in subs:
+            s.disconnect()
+    assert len(seen) == total, f"{len(seen)} deliveries for {total} messages"
+    assert sorted(seen) == list(range(total))  # no duplicate, no miss
+    assert per_member  # (each member's share is not promised, only once in all)
+
+
+def test_disabled_cluster_loads_no_grpc(cluster3, node_factory) -> None:
+    """cluster.enabled false: nothing of the cluster (nor grpc) is loaded in the worker; the
+    cluster nodes load it (the check can see it)."""
+    single = node_factory()
+
+    def loads_grpc(node: RunningNode) -> bool:
+        pids = node.worker_pids()
+        assert pids
+        return any("cygrpc" in Path(f"/proc/{pid}/maps").read_text() for pid in pids)
+
+    assert loads_grpc(cluster3[0])
+    assert not loads_grpc(single)
+
+
+def test_killed_peer_does_not_stall_local_delivery_and_its_drops_are_counted(node_factory) -> None:
+    n1, n2 = start_cluster(node_factory, ["k1", "k2"], {"cluster.transport.max_queued_messages": 50})
+    topic = unique("cx/kill")
+    with paho5(n2, unique("remote")) as remote:
+        remote.subscribe(topic, 1)  # n1 now forwards this topic to n2
+        with paho5(n1, unique("local")) as local:
+            local.subscribe(topic, 1)
+            with paho5(n1, unique("pub")) as pub:
+                pub.publish(topic, b"before", 1)
+                assert local.get(WAIT).payload == b"before"
+                assert remote.get(WAIT).payload == b"before"
+                n2.kill()  # SIGKILL to its process group (arbiter and worker), by PID
+                for i in range(500):
+                    pub.client.publish(topic, str(i).encode(), 1)
+                pub.publish(topic, b"last", 1)
+                got = [local.get(WAIT).payload for _ in range(501)]
+    assert got == [str(i).encode() for i in range(500)] + [b"last"]
+    text = metrics(n1)
+    assert metric(text, "fluxmq_cluster_peer_reachable", "k2") == 0
+    assert metric(text, "fluxmq_cluster_peer_dropped", "k2") >= 500 - 50
+    assert metric(text, "fluxmq_cluster_peer_failures", "k2") >= 1
