@@ -49,7 +49,7 @@ def _origin(config, key: str) -> str:
 def cluster_settings(config) -> ClusterSettings:
     """The data plane's settings from a loaded Config; raises ConfigError (one line) when they cannot work."""
     c, t = config.cluster, config.cluster.transport
-    peers = dict(t.to_dict()["peers"])  # a mapping value (attribute access would make it a Section)
+    peers = dict(t.peers)  # (node_id, addr) pairs
     if c.enabled and not c.node_id:
         raise ConfigError("cluster.node_id", "a node id unique in the cluster (cluster.enabled is true)",
                           _origin(config, "cluster.node_id"), got=c.node_id)

@@ -37,6 +37,7 @@ from fluxmq.config.values import (
     StrMap,
     Url,
     ValueType,
+    parse_addr,
 )
 
 __all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key", "Schema", "main"]
@@ -179,6 +180,35 @@ class AutoBool(ValueType):
         from fluxmq.config.values import parse_bool
 
         return "auto" if text.strip() == "auto" else parse_bool(text)
+
+
+class PeerMap(StrMap):
+    """``node_id: host:port`` of cluster peers; from the environment as JSON or ``id=host:port,...``.
+
+    The typed value is a list of ``[node_id, addr]`` pairs (a dict would be read as a section)."""
+
+    summary = "mapping of node id to host:port"
+    expected = 'a mapping of node ids to host:port such as {"broker-2": "127.0.0.1:7949"}'
+
+    def from_yaml(self, value: object) -> list[list[str]]:
+        peers = super().from_yaml(value)
+        for node_id, addr in peers.items():
+            try:
+                parse_addr(addr)
+            except ValueError as exc:
+                raise ValueError(f"peer {node_id}: {addr!r}: {exc}") from None
+            if not addr.rpartition(":")[0]:
+                raise ValueError(f"peer {node_id}: {addr!r} has no host")
+        return [[node_id, addr] for node_id, addr in peers.items()]
+
+    def from_text(self, text: str) -> list[list[str]]:
+        import json
+
+        text = text.strip()
+        if text.startswith("{"):
+            return self.from_yaml(json.loads(text))
+        pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+        return self.from_yaml({k.strip(): v.strip() for k, _, v in pairs})
 
 
 class ProtocolVersion(ValueType):
@@ -582,7 +612,7 @@ KEYS: tuple[Key, ...] = (
         "Run as a node of a cluster (docs/cluster.rst); false: nothing of the cluster is loaded."),
     Key("cluster.node_id", Str(), "", "This node's unique id in the cluster; required when cluster.enabled."),
     Key("cluster.transport.bind_addr", Addr(), "127.0.0.1:7948", "gRPC listener other nodes connect to."),
-    Key("cluster.transport.peers", StrMap(), {},
+    Key("cluster.transport.peers", PeerMap(), {},
         "Static peers, node_id: host:port of their bind_addr (this node's own id may be listed; it is skipped)."),
     Key("cluster.transport.route_batch_max_size", Int(1, 65536), 256,
         "Most messages in one batch to a peer."),
