@@ -198,3 +198,33 @@ def test_killed_peer_does_not_stall_local_delivery_and_its_drops_are_counted(nod
     assert metric(text, "fluxmq_cluster_peer_reachable", "k2") == 0
     assert metric(text, "fluxmq_cluster_peer_dropped", "k2") >= 500 - 50
     assert metric(text, "fluxmq_cluster_peer_failures", "k2") >= 1
+
+
+def test_nodes_talk_over_mutual_tls_and_refuse_a_foreign_certificate(node_factory, tmp_path) -> None:
+    from tests.certs import CertAuthority
+
+    ca = CertAuthority(tmp_path / "pki", "cluster CA")
+    other = CertAuthority(tmp_path / "pki-other", "other CA")
+    names = ["t1", "t2", "intruder"]
+    ports = {n: free_port() for n in names}
+
+    def tls(cert, ca_file) -> dict:
+        return {"cluster.transport.tls_enabled": True, "cluster.transport.cert_file": cert.cert_file,
+                "cluster.transport.key_file": cert.key_file, "cluster.transport.ca_file": ca_file}
+
+    t1 = node_factory(cluster_overrides(names[:2], ports, "t1", tls(ca.issue_node("t1"), ca.cert_file)))
+    t2 = node_factory(cluster_overrides(names[:2], ports, "t2", tls(ca.issue_node("t2"), ca.cert_file)))
+    wait_peers([t1, t2], 1)
+    # signed by another CA, but trusting ours: t1 refuses its client certificate
+    intruder = node_factory(cluster_overrides(names, ports, "intruder", tls(other.issue_node("intruder"), ca.cert_file)))
+    topic = unique("cx/tls")
+    with paho5(t2, unique("sub")) as sub, paho5(t1, unique("pub")) as pub:
+        sub.subscribe(topic, 1)
+        pub.publish(topic, b"over mtls", 1)
+        assert sub.get(WAIT).payload == b"over mtls"
+    deadline = time.monotonic() + 20
+    while metric(metrics(intruder), "fluxmq_cluster_peer_failures", "t1") < 2:
+        assert time.monotonic() < deadline, "the intruder's stream to t1 did not fail"
+        time.sleep(0.1)
+    assert metric(metrics(intruder), "fluxmq_cluster_peer_reachable", "t1") == 0
+    assert metric(metrics(intruder), "fluxmq_cluster_peer_forwarded_batches", "t1") == 0
