@@ -1,0 +1,104 @@
+"""Runs two real ClusterTransports in one gevent-patched process (grpc needs the patching before it
+starts, which a pytest process does not have): ``python -m tests.cluster.transport_driver``.
+
+Prints one JSON object with what each scenario observed; tests/cluster/test_transport.py checks it.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+
+from fluxmq.cluster.config import TransportSettings  # noqa: E402
+from fluxmq.cluster.node import init_grpc_for_gevent  # noqa: E402
+
+init_grpc_for_gevent()
+
+from fluxmq.cluster.proto import cluster_pb2 as pb  # noqa: E402
+from fluxmq.cluster.transport import ClusterTransport, PeerUnavailable  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.01)
+    return True
+
+
+def main() -> int:
+    pa, pb_ = free_port(), free_port()
+    peers = {"a": f"127.0.0.1:{pa}", "b": f"127.0.0.1:{pb_}"}
+    received: list[tuple[str, int, list[str], bool]] = []
+
+    def on_batch_b(batch):
+        received.append((batch.sender, batch.seq, [c.filter for c in batch.interest], batch.snapshot))
+        return pb.BatchAck(seq=batch.seq)
+
+    a = ClusterTransport("a", 1, TransportSettings(bind_addr=peers["a"], max_queued_messages=3),
+                         lambda batch: pb.BatchAck(seq=batch.seq), lambda: ["x/#"])
+    b = ClusterTransport("b", 1, TransportSettings(bind_addr=peers["b"]), on_batch_b, lambda: [])
+    out: dict = {}
+    a.start()
+    b.start()
+    b.handle("echo", lambda sender, payload: sender.encode() + b":" + payload)
+
+    def boom(sender, payload):
+        raise ValueError("no such session")
+
+    b.handle("boom", boom)
+    a.set_peers(peers)
+    b.set_peers(peers)
+    out["reachable"] = wait(lambda: a.reachable() == ["b"] and b.reachable() == ["a"])
+    out["snapshot"] = [r for r in received if r[3]][:1]
+    out["echo"] = a.call("b", "echo", b"hi", timeout=5).decode()
+    errors = {}
+    for name, args in {"unknown_kind": ("b", "nope", b""), "handler_error": ("b", "boom", b""),
+                       "unknown_peer": ("zz", "echo", b"")}.items():
+        try:
+            a.call(*args, timeout=5)
+            errors[name] = None
+        except PeerUnavailable as exc:
+            errors[name] = str(exc)
+    # interest change: waited for until b applied it
+    pending = a.interest_changed("y/+", True)
+    out["interest_synced"] = a.wait_interest(pending, 5.0)
+    out["interest_at_b"] = any("y/+" in r[2] for r in received)
+    b.stop(0.1)
+    out["b_down_seen"] = wait(lambda: a.reachable() == [])
+    try:
+        a.call("b", "echo", b"hi", timeout=2)
+        errors["dead_peer"] = None
+    except PeerUnavailable as exc:
+        errors["dead_peer"] = str(exc)
+    out["errors"] = errors
+    # a dead peer: its queue is bounded, the rest is dropped and counted; enqueueing never blocks
+    from fluxmq.cluster.batch import Outgoing
+
+    started = time.monotonic()
+    accepted = sum(a.links["b"].enqueue(Outgoing(b"m" * 10, (), True, None)) for _ in range(10))
+    out["enqueue_seconds"] = time.monotonic() - started
+    out["accepted"] = accepted
+    out["state"] = a.peer_state()["b"]
+    a.stop(0.1)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
