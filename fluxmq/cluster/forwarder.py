@@ -9,8 +9,9 @@ batch by its sequence id once it has applied it.
   never blocks, so a dead or slow peer never stalls local delivery.
 * **Batching.** The sender greenlet sends what is queued at the end of the loop turn when no batch
   is in flight (low latency at low rates); while batches are in flight, a batch smaller than
-  ``batch_max_size`` waits up to ``batch_max_delay`` to fill. At most ``batches_in_flight`` batches
-  are unacknowledged at once; the queue grows (up to its bound) while the window is full.
+  ``batch_max_size`` fills until they are acknowledged or its oldest message has waited
+  ``batch_max_delay``. At most ``batches_in_flight`` batches are unacknowledged at once; the queue
+  grows (up to its bound) while the window is full.
 * **Sequence ids.** Each batch has a sequence id per (sender epoch, receiver). A broken stream is
   re-opened with backoff and the unacknowledged batches are sent again, in order; the receiver
   skips those it applied already, so a retried batch is not delivered twice.
@@ -90,6 +91,7 @@ class PeerLink:
         self._room = Event()
         self._waiters: list[tuple[int, Event]] = []
         self._running = True
+        self._first_at = 0.0  # when the oldest queued message was queued
         self._greenlet = gevent.spawn(self._run)
 
     # -- called by the forwarding node ------------------------------------------------------------
@@ -100,6 +102,8 @@ class PeerLink:
         if len(self.queue) >= s.max_queued_messages or self.queued_bytes >= s.max_queued_bytes:
             self.stats.dropped += 1
             return False
+        if not self.queue:
+            self._first_at = time.monotonic()
         self.queue.append(entry)
         self.queued_bytes += len(entry.blob)
         if not self._wake.is_set():
@@ -220,8 +224,16 @@ class PeerLink:
             self._check_ack_age()
         if self._call is None:
             return
-        if self.unacked and len(self.queue) < s.batch_max_size and s.batch_max_delay > 0:
-            gevent.sleep(s.batch_max_delay)  # a batch is in flight: let this one fill
+        if s.batch_max_delay > 0:
+            # A batch is in flight: this one fills until it is full, the in-flight ones are
+            # acknowledged, or its oldest message has waited batch_max_delay.
+            deadline = self._first_at + s.batch_max_delay
+            while self.unacked and len(self.queue) < s.batch_max_size and self._call is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._room.clear()
+                self._room.wait(left)
             if self._call is None:
                 return
         entries = []
