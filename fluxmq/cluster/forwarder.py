@@ -92,6 +92,7 @@ class PeerLink:
         self._waiters: list[tuple[int, Event]] = []
         self._running = True
         self._first_at = 0.0  # when the oldest queued message was queued
+        self._down_logged = False
         self._greenlet = gevent.spawn(self._run)
 
     # -- called by the forwarding node ------------------------------------------------------------
@@ -282,6 +283,7 @@ class PeerLink:
                     return
                 if not self.connected:
                     self.connected = True
+                    self._down_logged = False
                     self.stats.connects += 1
                     log.info("peer_connected", extra={"peer": self.node_id, "addr": self.addr,
                                                       "resent": len(self.unacked) - 1})
@@ -306,9 +308,12 @@ class PeerLink:
         except grpc.RpcError as exc:
             if call is self._call:
                 code = exc.code() if hasattr(exc, "code") else None
-                log.warning("peer_stream_failed", extra={"peer": self.node_id, "addr": self.addr,
-                                                         "code": getattr(code, "name", str(code)),
-                                                         "queued": len(self.queue)})
+                # One warning per outage; the reconnect attempts while the peer stays away are debug.
+                level = logging.DEBUG if self._down_logged and not self.connected else logging.WARNING
+                self._down_logged = True
+                log.log(level, "peer_stream_failed", extra={"peer": self.node_id, "addr": self.addr,
+                                                            "code": getattr(code, "name", str(code)),
+                                                            "queued": len(self.queue)})
         except Exception:
             log.exception("peer_stream_error", extra={"peer": self.node_id})
         if call is self._call:

@@ -51,6 +51,10 @@ def start_problems(config: Any) -> list[ConfigError]:
     for surface, _ in surfaces:
         attempt(lambda surface=surface: _https_handshake(config, surface))
     attempt(lambda: check_admin_exposure(config.server.admin.addr, os.environ.get(TOKEN_ENV) or None))
+    if config.cluster.enabled:
+        from fluxmq.cluster.config import cluster_settings  # plain config code: grpc is not imported
+
+        attempt(lambda: cluster_settings(config))
     return problems
 
 

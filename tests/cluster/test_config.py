@@ -63,3 +63,12 @@ def test_tls_needs_readable_files(tmp_path: Path) -> None:
                          f"    cert_file: {tmp_path}/missing.crt\n")
     with pytest.raises(ConfigError, match=r"cluster\.transport\.cert_file"):
         cluster_settings(cfg)
+
+
+def test_check_reports_a_missing_node_id(tmp_path: Path, capsys) -> None:
+    from fluxmq.node.cli import main
+
+    conf = tmp_path / "node.yaml"
+    conf.write_text("cluster:\n  enabled: true\n")
+    assert main(["--check", "--config", str(conf)]) != 0
+    assert "cluster.node_id" in capsys.readouterr().err
