@@ -187,3 +187,26 @@ def test_expiry_travels_as_time_remaining() -> None:
     assert expired == 0 and b.items[0].expiry_ms == 10000
     assert decode_item(b.items[0], now=50.0).expires_at == 60.0
     assert build_batch("n1", 1, 2, [entry], now=1001.0)[1] == 1  # expired while queued: not sent
+
+
+def test_restored_subscriptions_are_announced_when_peers_are_installed(tmp_path) -> None:
+    from tests.storage.test_broker_restore import Node
+
+    node = Node(tmp_path / "data")
+    a, da, _ = node.connect("a", 3600)
+    b, db, _ = node.connect("b", 3600)
+    node.broker.subscribe(a, "t/#", 1)
+    node.broker.subscribe(b, "t/#", 1)
+    node.broker.subscribe(b, "$share/g/u", 1)
+    node.storage.commit()
+    node.disconnect(a, da)
+    node.disconnect(b, db)
+    restarted = node.restart()
+    peers = RecordingPeers()
+    restarted.broker.set_peers(peers)
+    assert sorted(peers.events) == [("+", "$share/g/u"), ("+", "t/#")]
+    # counted per subscription: the filter stays while one restored session still holds it
+    session = restarted.broker.sessions["a"]
+    restarted.broker.unsubscribe(session, "t/#")
+    assert ("-", "t/#") not in peers.events
+    restarted.storage.close()
