@@ -155,7 +155,10 @@ class ClusterPeers:
             self._busy = {k: v for k, v in self._busy.items() if v > now}
 
     def peer_removed(self, node_id: str) -> None:
-        self.remote.drop(node_id)
+        """Our link to ``node_id`` closed (removed from the peers, or its address changed). Its
+        interest is kept: it comes over *its* stream to us, which may still be up, and a peer that
+        comes back replaces it with a snapshot; without a link nothing is forwarded to it anyway."""
+        self._busy = {k: v for k, v in self._busy.items() if k[0] != node_id}
 
     # -- Peers: ownership (C3 / the lead wire etcd ownership; static peers own nothing) ----------
 
