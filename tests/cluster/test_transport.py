@@ -49,3 +49,7 @@ def test_dead_peer_queue_is_bounded_and_drops_are_counted(observed) -> None:
     state = observed["state"]
     assert state["dropped"] == 7 and state["queued"] == 3 and not state["reachable"]
     assert state["failures"] >= 1
+
+
+def test_a_peer_removed_and_added_again_gets_the_new_links_batches(observed) -> None:
+    assert observed["readded"] == ["t", "t", "dup=0"]

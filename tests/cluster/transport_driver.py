@@ -96,8 +96,46 @@ def main() -> int:
     out["accepted"] = accepted
     out["state"] = a.peer_state()["b"]
     a.stop(0.1)
+    out["readded"] = readded_peer()
     print(json.dumps(out))
     return 0
+
+
+def readded_peer() -> list[str]:
+    """A peer removed and added again (membership): the new link's batches are applied, not taken
+    for retries of the old link's. Receiver: a real ClusterPeers and Broker with one subscriber."""
+    from fluxmq.broker.broker import Broker
+    from fluxmq.broker.message import Message
+    from fluxmq.cluster.batch import outgoing
+    from fluxmq.cluster.peers import ClusterPeers
+    from tests.broker.test_session import RecordingDelivery
+
+    pa, pb_ = free_port(), free_port()
+    peers = {"a": f"127.0.0.1:{pa}", "b": f"127.0.0.1:{pb_}"}
+    broker = Broker()
+    session, _ = broker.open_session("s", True, 0)
+    delivery = RecordingDelivery()
+    broker.attach(session, delivery, 100)
+    broker.subscribe(session, "t", 0)
+    receiver = ClusterPeers("b", broker, None)
+    b = ClusterTransport("b", 5, TransportSettings(bind_addr=peers["b"]), receiver.apply_batch, broker.interest_filters)
+    receiver.transport = b
+    a = ClusterTransport("a", 5, TransportSettings(bind_addr=peers["a"]), lambda batch: pb.BatchAck(seq=batch.seq),
+                         lambda: [])
+    a.start()
+    b.start()
+    a.set_peers(peers)
+    wait(lambda: a.reachable() == ["b"])
+    a.links["b"].enqueue(outgoing(Message("t", b"first"), (), True))
+    wait(lambda: len(delivery.sent) == 1)
+    a.set_peers({"a": peers["a"]})  # b leaves the membership...
+    a.set_peers(peers)  # ...and comes back
+    wait(lambda: a.reachable() == ["b"])
+    a.links["b"].enqueue(outgoing(Message("t", b"second"), (), True))
+    wait(lambda: len(delivery.sent) == 2, timeout=3)
+    a.stop(0.1)
+    b.stop(0.1)
+    return [f"{sent[0]}" for sent in delivery.sent] + [f"dup={receiver.duplicate_batches}"]
 
 
 if __name__ == "__main__":
