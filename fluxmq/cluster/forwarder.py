@@ -215,6 +215,12 @@ class PeerLink:
         if self._call is None:
             return
         self._check_ack_age()
+        if not self.connected:
+            # Nothing new goes into a stream the peer has not answered yet (it may be down): the
+            # messages stay in the bounded queue, and the retried batches and the snapshot go first.
+            self._room.clear()
+            self._room.wait(CHECK_INTERVAL)
+            return
         if not self.queue and not self.interest:
             self._wake.clear()
             return

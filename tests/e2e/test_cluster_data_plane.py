@@ -178,7 +178,9 @@ def test_disabled_cluster_loads_no_grpc(cluster3, node_factory) -> None:
 
 
 def test_killed_peer_does_not_stall_local_delivery_and_its_drops_are_counted(node_factory) -> None:
-    n1, n2 = start_cluster(node_factory, ["k1", "k2"], {"cluster.transport.max_queued_messages": 50})
+    # small batches: what was in flight when k2 died (kept for a resend) is at most 4 x 10 messages
+    n1, n2 = start_cluster(node_factory, ["k1", "k2"], {"cluster.transport.max_queued_messages": 50,
+                                                        "cluster.transport.route_batch_max_size": 10})
     topic = unique("cx/kill")
     with paho5(n2, unique("remote")) as remote:
         remote.subscribe(topic, 1)  # n1 now forwards this topic to n2
@@ -197,9 +199,9 @@ def test_killed_peer_does_not_stall_local_delivery_and_its_drops_are_counted(nod
     text = metrics(n1)
     assert metric(text, "fluxmq_cluster_peer_reachable", "k2") == 0
     # 501 messages for k2 after the kill: a few went into batches sent before the broken stream was
-    # noticed (kept for a resend), 50 fill its queue, the rest were dropped and counted
+    # noticed (kept for a resend, at most 40), 50 fill its queue, the rest were dropped and counted
     assert metric(text, "fluxmq_cluster_peer_queued_messages", "k2") == 50
-    assert 0 < metric(text, "fluxmq_cluster_peer_dropped", "k2") <= 501 - 50
+    assert 501 - 50 - 40 <= metric(text, "fluxmq_cluster_peer_dropped", "k2") <= 501 - 50
     assert metric(text, "fluxmq_cluster_peer_failures", "k2") >= 1
 
 
