@@ -283,3 +283,32 @@ def test_messages_for_a_killed_peer_wait_in_its_queue_and_arrive_after_it_restar
     if got[0] == b"before":
         got.pop(0)  # QoS 1: its PUBACK may not have been stored on r2 before the kill, so it comes again
     assert got == [str(i).encode() for i in range(100)] + [b"after"]
+
+
+def test_a_stopped_peer_does_not_stall_local_delivery_and_catches_up_when_it_resumes(node_factory) -> None:
+    """k2's worker is stopped (SIGSTOP: its sockets stay open, nothing answers) while k1 publishes:
+    k1's local subscriber gets everything at once; what fits k1's queue for k2 arrives when k2 resumes."""
+    import os
+    import signal
+
+    n1, n2 = start_cluster(node_factory, ["s1", "s2"], {"cluster.transport.max_queued_messages": 2000})
+    topic = unique("cx/stop")
+    with paho5(n2, unique("remote")) as remote, paho5(n1, unique("local")) as local:
+        remote.subscribe(topic, 1)
+        local.subscribe(topic, 1)
+        workers = n2.worker_pids()
+        assert workers
+        with paho5(n1, unique("pub")) as pub:
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                for i in range(1000):
+                    pub.client.publish(topic, str(i).encode(), 1)
+                pub.publish(topic, b"last", 1)
+                got = [local.get(WAIT).payload for _ in range(1001)]
+            finally:
+                for pid in workers:
+                    os.kill(pid, signal.SIGCONT)
+        assert got == [str(i).encode() for i in range(1000)] + [b"last"]
+        far = [remote.get(WAIT).payload for _ in range(1001)]
+    assert far == got  # nothing dropped: the queue bound (2,000) held it all
