@@ -8,6 +8,7 @@ topics); a test that kills a node starts its own.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -312,3 +313,18 @@ def test_a_stopped_peer_does_not_stall_local_delivery_and_catches_up_when_it_res
         assert got == [str(i).encode() for i in range(1000)] + [b"last"]
         far = [remote.get(WAIT).payload for _ in range(1001)]
     assert far == got  # nothing dropped: the queue bound (2,000) held it all
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_sub") is None or shutil.which("stdbuf") is None,
+                    reason="mosquitto-clients (and coreutils stdbuf) needed")
+@pytest.mark.parametrize("sub_version,pub_version", [("mqttv311", "mqttv5"), ("mqttv5", "mqttv311")])
+def test_mosquitto_sub_on_one_node_gets_mosquitto_pub_on_another(cluster3, sub_version: str, pub_version: str) -> None:
+    """The issue's quick start across nodes: ``mosquitto_sub`` on node 2, ``mosquitto_pub`` on node 3."""
+    from tests.e2e.test_mosquitto_clients import WAIT_SECONDS, Subscriber, mosquitto_pub
+
+    topic = unique("cx/mosq")
+    sub = Subscriber(cluster3[1], "-V", sub_version, "-t", f"{topic}/#", "-v", "-q", "2", "-C", "1",
+                     "-W", str(WAIT_SECONDS))
+    sub.wait_subscribed()
+    mosquitto_pub(cluster3[2], "-V", pub_version, "-t", f"{topic}/x", "-m", "across nodes", "-q", "2")
+    assert sub.finish() == [f"{topic}/x across nodes"]
