@@ -86,6 +86,9 @@ def test_cross_node_publish_at_each_qos(cluster3, qos: int) -> None:
         got = [sub.get(WAIT) for _ in range(20)]
     assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
     assert {m.qos for m in got} == {qos}
+    text = metrics(n2)
+    assert float(re.search(r"^fluxmq_cluster_received_messages(?:_total)? (\S+)$", text, re.M).group(1)) >= 20
+    assert metric(metrics(n1), "fluxmq_cluster_peer_forwarded_messages", "n2") >= 20
 
 
 def test_publish_properties_arrive_intact_across_nodes(cluster3) -> None:
