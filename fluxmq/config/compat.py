@@ -23,9 +23,7 @@ __all__ = ["ENV_ALIASES", "ENV_IGNORE", "NOT_IMPLEMENTED", "VALUE_ALIASES", "env
 
 # Whole sections (any keys below them) and single keys; ``*`` matches one name.
 NOT_IMPLEMENTED: tuple[str, ...] = (
-    # reference 000: the rest of the gRPC transport and Raft (cluster.routes, enabled, node_id,
-    # transport.bind_addr and etcd are implemented)
-    "cluster.transport.*", "cluster.raft",
+    "cluster.raft",  # reference 000: Raft replication of durable queues (the rest of cluster.* is implemented)
     "queue",  # reference 002: durable queues with retention and replication
     "server.*.*.prefer_server_cipher_suites",  # Go's crypto/tls knob; OpenSSL's server order applies
 )

@@ -196,7 +196,7 @@ def test_check_passes_with_good_files(tmp_path, capsys) -> None:
 
 def test_check_prints_reference_notices_to_stderr(tmp_path, capsys) -> None:
     conf = tmp_path / "node.yaml"
-    conf.write_text("cluster:\n  raft:\n    enabled: true\nlog:\n  level: warn\n")
+    conf.write_text("cluster:\n  raft:\n    enabled: true\nlog:\n  level: warn\n")  # raft: not implemented yet
     assert main(["--check", "--config", str(conf)]) == 0
     captured = capsys.readouterr()
     assert "cluster" in captured.err and "not implemented yet" in captured.err
