@@ -140,6 +140,7 @@ class ClusterNode:
         self.plane = None
         self.health = StaticHealth(self)
         self.stale_sessions_dropped = 0
+        self.topics = None  # ClusterTopics: $SYS/broker/cluster/*
         if config is not None and uses_etcd(config):
             from .metadata.plane import MetadataPlane
 
@@ -178,6 +179,12 @@ class ClusterNode:
                 self.transport.set_peers(self.settings.transport.peers)
             self.broker.publish_restored_wills()
             self.broker.set_peers(self.peers)
+            from .status import ClusterTopics
+
+            self.topics = ClusterTopics(self)
+            if plane is not None:
+                plane.meta.on_members(self.topics.changed)
+            self.topics.start()
         except BaseException:
             self.broker.shared_wills = None
             if plane is not None:
@@ -230,6 +237,8 @@ class ClusterNode:
         if not self._started:
             return
         self._started = False
+        if self.topics is not None:
+            self.topics.stop()
         broker = self.broker
         if self.plane is not None:
             broker.release_sessions()

@@ -317,6 +317,10 @@ class BrokerService:
         if configs:
             self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval,
                                    max_packet_size=cfg.broker.max_packet_size)
+            topics = getattr(self.cluster, "topics", None)
+            if topics is not None:  # one publisher of $SYS/broker/cluster/*: the cluster's, bridges merged in
+                topics.bridges = self.bridges.status
+                self.bridges.status.delegate = topics.publish
             self.bridges.start()
         self._started = True
 
