@@ -225,7 +225,9 @@ class ClusterNode:
         if self.plane is None or timeout <= 0 or not self.transport.reachable():
             return len(self.broker.sessions)
         deadline = time.monotonic() + timeout
-        while self.broker.sessions and time.monotonic() < deadline:
+        # Ends early when every session moved, or when no peer answers any more (the whole cluster
+        # is stopping: nobody is left to take them).
+        while self.broker.sessions and time.monotonic() < deadline and self.transport.reachable():
             gevent.sleep(0.05)
         left = len(self.broker.sessions)
         log.info("cluster_drained", extra={"sessions_left": left})
