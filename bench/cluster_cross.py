@@ -1,12 +1,13 @@
 """Cross-node throughput and latency of a 2-node cluster (issue 11), against the same node.
 
-Starts two fluxmq nodes (memory storage, ``cluster.enabled`` with static peers) and runs
+Starts two fluxmq nodes (memory storage, ``cluster.enabled`` with static peers, or with ``--etcd``
+peers from etcd membership on a private etcd) and runs
 ``bench.loadgen`` four ways: throughput (1 publisher -> 1 subscriber, QoS 0 and 1) with the
 subscriber on the publisher's node and on the other node, and latency at ``--rate`` msg/s both ways.
 
 Usage::
 
-    python -m bench.cluster_cross [--duration 5] [--rate 1000] [--qos 0,1] [--window 1000] [--sets k=v ...]
+    python -m bench.cluster_cross [--duration 5] [--rate 1000] [--qos 0,1] [--window 1000] [--etcd] [--sets k=v ...]
 
 Prints the loadgen RESULT lines and a summary: cross-node rate as a ratio of same-node, and
 p50/p99 latency in ms.
@@ -17,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 from bench.brokers import REPO, FluxmqNode, free_port
 
@@ -37,6 +41,25 @@ def wait_peers(node: FluxmqNode, timeout: float = 20.0) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError("peers not reachable")
+
+
+def start_etcd(workdir: Path) -> tuple[subprocess.Popen, str]:
+    client, peer = free_port(), free_port()
+    url, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    proc = subprocess.Popen(
+        [shutil.which("etcd") or "etcd", "--name", "bench", "--data-dir", str(workdir / "etcd"),
+         "--listen-client-urls", url, "--advertise-client-urls", url, "--listen-peer-urls", purl,
+         "--initial-advertise-peer-urls", purl, "--initial-cluster", f"bench={purl}", "--log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("etcd did not start")
 
 
 def loadgen(*args: str) -> dict[str, str]:
@@ -56,15 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qos", default="0,1")
     p.add_argument("--window", type=int, default=1000, help="loadgen --window (deliveries in flight)")
     p.add_argument("--sets", nargs="*", default=[], help="extra --set k=v for both nodes")
+    p.add_argument("--etcd", action="store_true",
+                   help="peers from etcd membership (a private etcd is started) instead of static peers")
     args = p.parse_args(argv)
     ports = {"b1": free_port(), "b2": free_port()}
     peers = ",".join(f"{n}=127.0.0.1:{port}" for n, port in ports.items())
     nodes = []
+    etcd = None
+    work = Path(tempfile.mkdtemp(prefix="bench-cross-"))
     try:
+        if args.etcd:
+            etcd, endpoint = start_etcd(work)
+            membership = [f"cluster.etcd.endpoints={endpoint}", "cluster.etcd.prefix=/bench/"]
+        else:
+            membership = [f"cluster.transport.peers={peers}"]
         for name in ports:
             sets = ["cluster.enabled=true", f"cluster.node_id={name}",
-                    f"cluster.transport.bind_addr=127.0.0.1:{ports[name]}", f"cluster.transport.peers={peers}",
-                    *args.sets]
+                    f"cluster.transport.bind_addr=127.0.0.1:{ports[name]}", *membership, *args.sets]
             nodes.append(FluxmqNode(sets=sets).start())
         for node in nodes:
             wait_peers(node)
@@ -98,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for node in nodes:
             node.cleanup()
+        if etcd is not None:
+            etcd.kill()
+            etcd.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
