@@ -279,9 +279,13 @@ def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster
     e1, e2, e3 = (cluster.nodes[n] for n in ("e1", "e2", "e3"))
     keeper, willer = unique("keeper"), unique("willer")
     topic, will_topic = unique("ex/kept"), unique("ex/dead")
+    mover, old_topic, new_topic = unique("moved"), unique("ex/old"), unique("ex/new")
     k = raw5(e3, keeper, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 600})
     k.subscribe(1, (topic, 1), (will_topic, 1))
     k.disconnect()
+    m = raw5(e3, mover, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 600})
+    m.subscribe(1, (old_topic, 1))
+    m.disconnect()
     with paho5(e1, unique("pub")) as pub:
         for i in range(5):
             pub.publish(topic, f"q{i}".encode(), 1)  # queued in keeper's session on e3
@@ -304,6 +308,11 @@ def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster
             s.subscribe(t2, 1)
             p.publish(t2, b"still", 1)
             assert s.get(WAIT).payload == b"still"
+        # e3's lease is gone: a client whose session is on e3 starts afresh on e1 meanwhile
+        m = raw5(e1, mover, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 600})
+        assert not m.connack.session_present
+        m.subscribe(1, (new_topic, 1))
+        m.disconnect()
 
         back = cluster.start("e3")  # same id, same data
         for node in (e1, e2, back):
@@ -325,6 +334,16 @@ def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster
     with pytest.raises(AssertionError):
         k.expect(c.Publish, 1.0)
     k.disconnect()
+    # e3's copy of the moved client's session was stale (e1 owned the id at e3's restart): dropped.
+    # The client ends its session on e1; connecting to e3 afterwards finds no session at all (a kept
+    # stale copy would be resumed there, with the subscription the client replaced long ago).
+    assert cluster.owner(mover) == "e1"
+    m = raw5(e1, mover, clean_start=True)  # Session Expiry 0: the session ends with this connection
+    m.disconnect()
+    assert wait_for(lambda: cluster.owner(mover) is None, timeout=10)
+    m = raw5(back, mover, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 600})
+    assert not m.connack.session_present
+    m.disconnect()
 
 
 def test_sigterm_hands_sessions_to_the_nodes_clients_reconnect_to(cluster) -> None:
