@@ -146,48 +146,61 @@ def test_sys_cluster_topics_name_the_real_members(cluster) -> None:
 # -- takeover ---------------------------------------------------------------------------------------
 
 def test_takeover_moves_inflight_and_queued_messages_exactly(cluster) -> None:
-    """Client on e1 with Receive Maximum 2: two QoS 1/2 messages in flight (not acknowledged), eight
-    queued behind them. It connects to e2 while still connected to e1: the e1 connection gets
-    DISCONNECT 0x8E, e2 answers session present, resends the two in flight with DUP, then the eight
-    queued, each exactly once and in order, with their QoS."""
+    """Client on e1 with Receive Maximum 2 and, at the move: QoS 2 p0 received and PUBREC'd (PUBREL
+    sent by e1, no PUBCOMP yet), QoS 1 p1 not acknowledged, eight QoS 1/2 messages queued behind
+    them, and an inbound QoS 2 of its own awaiting PUBREL. It connects to e2 while still connected
+    to e1: the e1 connection gets DISCONNECT 0x8E, e2 answers session present, sends the PUBREL of
+    p0 again and p1 again with DUP, completes the inbound QoS 2 without routing it a second time,
+    then sends the eight queued, each exactly once, in order, with their QoS."""
     e1, e2, e3 = cluster.nodes["e1"], cluster.nodes["e2"], cluster.nodes["e3"]
-    cid, topic = unique("mover"), unique("ex/move")
+    cid, topic, own = unique("mover"), unique("ex/move"), unique("ex/own")
     props = {c.SESSION_EXPIRY_INTERVAL: 300, c.RECEIVE_MAXIMUM: 2}
-    a = raw5(e1, cid, clean_start=False, properties=props)
-    assert a.subscribe(1, (topic, 2)).reason_codes == [2]
-    with paho5(e3, unique("pub")) as pub:
-        for i in range(10):
-            pub.publish(topic, f"p{i}".encode(), 1 if i % 2 else 2)
-    first = [a.expect(c.Publish) for _ in range(2)]
-    assert [p.payload for p in first] == [b"p0", b"p1"]
-    assert cluster.owner(cid) == "e1"
+    with paho5(e3, unique("watch")) as watch:
+        watch.subscribe(own, 2)
+        a = raw5(e1, cid, clean_start=False, properties=props)
+        assert a.subscribe(1, (topic, 2)).reason_codes == [2]
+        with paho5(e3, unique("pub")) as pub:
+            for i in range(10):
+                pub.publish(topic, f"p{i}".encode(), 1 if i % 2 else 2)
+        first = [a.expect(c.Publish) for _ in range(2)]
+        assert [(p.payload, p.qos) for p in first] == [(b"p0", 2), (b"p1", 1)]
+        a.send(c.Pubrec(first[0].packet_id))
+        assert a.expect(c.Pubrel).packet_id == first[0].packet_id  # no PUBCOMP: p0 stays in flight
+        assert a.publish(own, b"mine", 2, packet_id=7).packet_id == 7  # PUBREC, no PUBREL yet
+        assert watch.get(WAIT).payload == b"mine"
+        assert cluster.owner(cid) == "e1"
 
-    b = Raw5(e2)
-    connack = b.connect(cid, clean_start=False, properties=props)
-    assert connack.reason_code == 0 and connack.session_present
-    gone = a.wait_closed()
-    assert any(isinstance(p, c.Disconnect) and p.reason_code == 0x8E for p in gone), gone
-    resent = [b.expect(c.Publish) for _ in range(2)]
-    assert [(p.payload, p.qos, p.dup) for p in resent] == [(b"p0", 2, True), (b"p1", 1, True)]
-    got = []
-    for p in resent:
+        b = Raw5(e2)
+        connack = b.connect(cid, clean_start=False, properties=props)
+        assert connack.reason_code == 0 and connack.session_present
+        gone = a.wait_closed()
+        assert any(isinstance(p, c.Disconnect) and p.reason_code == 0x8E for p in gone), gone
+        again = [b.recv(WAIT) for _ in range(2)]
+        pubrel = [p for p in again if isinstance(p, c.Pubrel)]
+        resent = [p for p in again if isinstance(p, c.Publish)]
+        assert [p.packet_id for p in pubrel] == [first[0].packet_id], again
+        assert [(p.payload, p.qos, p.dup, p.packet_id) for p in resent] == [(b"p1", 1, True, first[1].packet_id)]
+        b.send(c.Pubcomp(first[0].packet_id), c.Puback(first[1].packet_id), c.Pubrel(7))
+        got, completed = [], []
+        while len(got) < 8 or not completed:
+            packet = b.recv(WAIT)
+            if isinstance(packet, c.Publish):
+                got.append((packet.payload, packet.qos))
+                b.ack(packet)
+            elif isinstance(packet, c.Pubcomp):
+                completed.append(packet.packet_id)
+        assert completed == [7]
+        assert got == [(f"p{i}".encode(), 1 if i % 2 else 2) for i in range(2, 10)]
+        assert cluster.owner(cid) == "e2"
+        # the subscriptions moved with the session: e2 announced them, so e3 now routes to e2
+        with paho5(e3, unique("pub")) as pub:
+            pub.publish(topic, b"after", 1)
+        p = b.expect(c.Publish)
+        assert p.payload == b"after"
         b.ack(p)
-    while len(got) < 8:
-        packet = b.recv(WAIT)
-        if isinstance(packet, c.Publish):
-            got.append((packet.payload, packet.qos))
-            b.ack(packet)
-        elif isinstance(packet, c.Pubrec):
-            b.send(c.Pubrel(packet.packet_id))
-    assert got == [(f"p{i}".encode(), 1 if i % 2 else 2) for i in range(2, 10)]
-    assert cluster.owner(cid) == "e2"
-    # the subscriptions moved with the session: e2 announced them, so e3 now routes to e2
-    with paho5(e3, unique("pub")) as pub:
-        pub.publish(topic, b"after", 1)
-    p = b.expect(c.Publish)
-    assert p.payload == b"after"
-    b.ack(p)
-    b.disconnect()
+        b.disconnect()
+        time.sleep(0.3)
+        assert watch.messages.empty()  # the inbound QoS 2 was routed once, on e1
 
 
 def test_two_nodes_racing_for_one_client_id_end_with_one_owner(cluster) -> None:
