@@ -1197,6 +1197,21 @@ class Broker:
             if session.delivery is not None:
                 session.delivery.close(0x8B, "server shutting down")
 
+    def adopt_session(self, client_id: str) -> bool:
+        """Take the session of ``client_id`` over from the node that owns it, with no connection:
+        that node is stopping and hands its sessions to the others. Claimed as for a connecting
+        client (``Peers.claim_session``, may block this greenlet), kept offline here with its
+        timers armed. True when a session of ``client_id`` is here now; raises ServerUnavailable
+        when ownership cannot be established."""
+        peers = self.peers
+        if peers is None or client_id in self.sessions:
+            return client_id in self.sessions
+        self._claim_session(peers, client_id, False)
+        if client_id in self.sessions:
+            return True
+        self._release(peers, client_id)  # nothing was handed over: do not keep an empty claim
+        return False
+
     def drop_session(self, client_id: str) -> bool:
         """Forget the session of ``client_id`` here, without its will and without releasing its
         ownership: another node owns the client id now, so the copy here is stale (a restored

@@ -35,6 +35,11 @@ from .config import ClusterSettings
 
 log = logging.getLogger("fluxmq.cluster")
 
+#: control call asking a peer to take one of our sessions over (we are stopping); payload the client id
+ADOPT_KIND = "session.adopt"
+#: sessions handed to peers at once during a drain
+ADOPT_CONCURRENCY = 4
+
 _grpc_ready = False
 
 
@@ -137,6 +142,9 @@ class ClusterNode:
                                           on_peer_removed=self.peers.peer_removed)
         self.peers.transport = self.transport
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
+        self.transport.handle(ADOPT_KIND, self._adopt)
+        self.draining = False
+        self.adopted_out = 0
         self.plane = None
         self.health = StaticHealth(self)
         self.stale_sessions_dropped = 0
@@ -218,13 +226,58 @@ class ClusterNode:
         for client_id in client_ids:
             self.broker.drop_session(client_id)
 
+    def _adopt(self, from_node: str, payload: bytes) -> bytes:
+        """``session.adopt``: a stopping peer asks this node to take one of its sessions over."""
+        from fluxmq.errors import ServerUnavailable
+
+        if self.draining or not self._started:
+            raise ServerUnavailable(f"node {self.node_id} is stopping")
+        client_id = bytes(payload).decode()
+        adopted = self.broker.adopt_session(client_id)
+        log.info("session_adopted", extra={"client_id": client_id, "from_node": from_node, "adopted": adopted})
+        return b"1" if adopted else b""
+
+    def _hand_out(self, deadline: float) -> None:
+        """Ask the reachable peers (round robin, a few at once) to take every session still here
+        over, so a client that comes back later finds its session on a live node."""
+        from gevent.pool import Pool
+
+        peers = sorted(self.transport.reachable())
+        if not peers:
+            return
+        pool = Pool(ADOPT_CONCURRENCY)
+
+        def hand(i: int, client_id: str) -> None:
+            for attempt in range(len(peers)):
+                if client_id not in self.broker.sessions or time.monotonic() >= deadline:
+                    return  # moved meanwhile (its client reconnected elsewhere), or out of time
+                peer = peers[(i + attempt) % len(peers)]
+                try:
+                    self.transport.call(peer, ADOPT_KIND, client_id.encode(),
+                                        max(0.1, min(5.0, deadline - time.monotonic())))
+                except Exception as exc:
+                    log.info("session_adopt_refused", extra={"client_id": client_id, "peer": peer, "error": str(exc)})
+                    continue
+                self.adopted_out += 1
+                return
+
+        for i, client_id in enumerate(list(self.broker.sessions)):
+            if time.monotonic() >= deadline:
+                break
+            pool.spawn(hand, i, client_id)
+        pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        pool.kill(block=False)
+
     def drain(self, timeout: float) -> int:
-        """After the broker closed its connections (SIGTERM): keep answering takeovers until no
-        persistent session is left here or ``timeout`` passes, so clients reconnecting to another
-        node take their sessions with them. Returns the sessions left (released by ``stop``)."""
+        """After the broker closed its connections (SIGTERM): keep answering takeovers and hand the
+        sessions still here to the other nodes, until none is left or ``timeout`` passes, so their
+        clients find them on a live node whenever they come back. Returns the sessions left
+        (released by ``stop``; their state stays in this node's store)."""
+        self.draining = True  # a stopping node adopts nothing (two stopping nodes would swap)
         if self.plane is None or timeout <= 0 or not self.transport.reachable():
             return len(self.broker.sessions)
         deadline = time.monotonic() + timeout
+        self._hand_out(deadline)
         # Ends early when every session moved, or when no peer answers any more (the whole cluster
         # is stopping: nobody is left to take them).
         while self.broker.sessions and time.monotonic() < deadline and self.transport.reachable():

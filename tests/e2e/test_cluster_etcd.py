@@ -361,16 +361,22 @@ def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster
 
 def test_sigterm_hands_sessions_to_the_nodes_clients_reconnect_to(cluster) -> None:
     """SIGTERM e2: its persistent client is told 0x8B, reconnects to e1 during the drain, and resumes
-    there with the messages queued for it on e2; then e2 is started again."""
+    there with the messages queued for it on e2; a client that was offline all along resumes its
+    session on another node after e2 stopped. Then e2 is started again."""
     e1, e2 = cluster.nodes["e1"], cluster.nodes["e2"]
     cid, topic = unique("drainee"), unique("ex/drain")
     props = {c.SESSION_EXPIRY_INTERVAL: 600}
+    sleeper, nap = unique("sleeper"), unique("ex/nap")
+    z = raw5(e2, sleeper, clean_start=False, properties=props)
+    z.subscribe(1, (nap, 1))
+    z.disconnect()
     d = raw5(e2, cid, clean_start=False, properties=props)
     d.subscribe(1, (topic, 1))
     d.disconnect()
     with paho5(e1, unique("pub")) as pub:
         for i in range(5):
             pub.publish(topic, f"d{i}".encode(), 1)
+            pub.publish(nap, f"z{i}".encode(), 1)
     time.sleep(0.3)
     e2.process.send_signal(15)
     assert wait_for(lambda: not e2.mqtt_accepts(), timeout=10)
@@ -385,6 +391,18 @@ def test_sigterm_hands_sessions_to_the_nodes_clients_reconnect_to(cluster) -> No
     assert e2.wait(30) == 0
     assert cluster.owner(cid) == "e1"
     d.disconnect()
+    # a client that was offline all along finds its session on a live node after e2 stopped: e2
+    # handed it to e1 or e3 during the drain
+    assert cluster.owner(sleeper) in ("e1", "e3")
+    z = raw5(cluster.nodes["e3"], sleeper, clean_start=False, properties=props)
+    assert z.connack.session_present
+    got = []
+    while len(got) < 5:
+        p = z.expect(c.Publish)
+        got.append(p.payload)
+        z.ack(p)
+    assert got == [f"z{i}".encode() for i in range(5)]
+    z.disconnect()
     back = cluster.start("e2")
     for node in (cluster.nodes["e1"], back, cluster.nodes["e3"]):
         assert wait_for(lambda node=node: nominal(node, 2), timeout=30)
