@@ -666,8 +666,8 @@ KEYS: tuple[Key, ...] = (
         "Run as a node of a cluster (docs/cluster.rst); false: nothing of the cluster is loaded."),
     Key("cluster.node_id", Str(), "", "This node's unique id in the cluster; required when cluster.enabled."),
     Key("cluster.drain_timeout", Duration(), "5s",
-        "Graceful stop (SIGTERM): how long the node keeps handing its sessions over to the nodes its "
-        "clients reconnect to before it releases the rest (within server.shutdown_timeout)."),
+        "Graceful stop (SIGTERM): how long the node keeps handing its sessions to the nodes its clients "
+        "reconnect to, and the rest to live peers, before it releases what is left (within server.shutdown_timeout)."),
     Key("cluster.transport.bind_addr", Addr(), "127.0.0.1:7948",
         "gRPC listener other nodes connect to (they learn it from etcd membership or their static peers)."),
     Key("cluster.transport.peers", PeerMap(), {},
