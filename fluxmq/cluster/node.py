@@ -39,6 +39,8 @@ log = logging.getLogger("fluxmq.cluster")
 ADOPT_KIND = "session.adopt"
 #: sessions handed to peers at once during a drain
 ADOPT_CONCURRENCY = 4
+#: longest the wills a restart found due wait for the peers' interest (seconds)
+RESTORED_WILLS_WAIT = 5.0
 
 _grpc_ready = False
 
@@ -185,8 +187,11 @@ class ClusterNode:
                 self.broker.shared_wills = SharedWillsHook(plane.wills)
             else:
                 self.transport.set_peers(self.settings.transport.peers)
-            self.broker.publish_restored_wills()
             self.broker.set_peers(self.peers)
+            if self.broker.restored_wills:
+                gevent.spawn(self._publish_restored_wills, RESTORED_WILLS_WAIT)
+            else:
+                self.broker.hold_restored_wills = False
             from .status import ClusterTopics
 
             self.topics = ClusterTopics(self)
@@ -202,6 +207,23 @@ class ClusterNode:
         self._started = True
         log.info("cluster_node_started", extra={"node_id": self.node_id, "etcd": plane is not None,
                                                 "peers": ",".join(sorted(self.transport.links)) or "-"})
+
+    def _publish_restored_wills(self, wait: float) -> None:
+        """The wills the restore found due go once the peers told us their interest (bounded by
+        ``wait``): published earlier they would reach only this node's subscribers."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            links = self.transport.links
+            if all(node in self.peers.snapshots_from for node in links if links[node].connected) and all(
+                    link.connected for link in links.values()):
+                break
+            gevent.sleep(0.05)
+        try:
+            published = self.broker.publish_restored_wills()
+        except Exception:
+            log.exception("restored_wills_failed")
+            return
+        log.info("restored_wills_published", extra={"published": published})
 
     def _own_restored_sessions(self) -> None:
         """Each session restored from this node's store is this node's again only if no other live

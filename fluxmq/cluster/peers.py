@@ -69,6 +69,7 @@ class ClusterPeers:
         self._cursors: dict[str, int] = {}
         self._busy: dict[tuple[str, str], float] = {}  # (node, group key) -> until (monotonic)
         self._rng = random.Random()
+        self.snapshots_from: set[str] = set()  # peers whose interest snapshot arrived (since start)
         self.received_batches = 0
         self.received_messages = 0
         self.duplicate_batches = 0
@@ -188,6 +189,7 @@ class ClusterPeers:
         remote = self.remote
         if batch.snapshot:
             remote.replace(sender, [c.filter for c in batch.interest if c.added])
+            self.snapshots_from.add(sender)
         else:
             for change in batch.interest:
                 if change.added:

@@ -94,6 +94,8 @@ def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
     factory = NodeFactory(base / "nodes")
     (base / "nodes").mkdir()
     cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["e1", "e2", "e3"])
+    # e2's lease outlives a restart (test_will_due_at_a_quick_restart_reaches_the_other_nodes_once)
+    cl.configs["e2"]["cluster.etcd.lease_ttl"] = "20s"
     try:
         for name in cl.configs:
             cl.start(name)
@@ -357,6 +359,31 @@ def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster
     m = raw5(back, mover, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 600})
     assert not m.connack.session_present
     m.disconnect()
+
+
+def test_will_due_at_a_quick_restart_reaches_the_other_nodes_once(cluster) -> None:
+    """kill -9 e2 (lease TTL 20 s) and start it again right away. Its client's will has a 1 s delay:
+    the leader saw e2 gone only for the instant of its re-registration, so it publishes nothing,
+    while e2's restore finds the will due. e2 claims it back in etcd and publishes it once the
+    peers' interest is known: a subscriber on e1 gets it, exactly once."""
+    e1 = cluster.nodes["e1"]
+    topic = unique("ex/quick")
+    with paho5(e1, unique("qsub")) as sub:
+        sub.subscribe(topic, 1)
+        w = raw5(cluster.nodes["e2"], unique("quick"), clean_start=False,
+                 will=c.Will(topic, b"gone", 1, False, {c.WILL_DELAY_INTERVAL: 1}),
+                 properties={c.SESSION_EXPIRY_INTERVAL: 600})
+        time.sleep(0.5)  # the will is recorded in etcd and in e2's store
+        cluster.nodes["e2"].kill()
+        w.close()
+        time.sleep(1.0)  # the delay passes while e2 is down
+        back = cluster.start("e2")
+        assert sub.get(WAIT + 5).payload == b"gone"
+        for node in (e1, back):
+            assert wait_for(lambda node=node: nominal(node, 2), timeout=30)
+        time.sleep(1.0)
+        assert sub.messages.empty(), "the will was published twice"
+    assert "restored_wills_published published=1" in back.log_text()
 
 
 def test_sigterm_hands_sessions_to_the_nodes_clients_reconnect_to(cluster) -> None:
