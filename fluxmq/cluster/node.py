@@ -338,6 +338,17 @@ class ClusterNode:
         return {"batches": p.received_batches, "messages": p.received_messages,
                 "duplicates": p.duplicate_batches, "bad": p.bad_batches}
 
+    def figures(self) -> dict[str, int]:
+        """Cluster-wide duties of this node for /metrics: leadership, sessions handed to peers at a
+        stop, stale restored sessions dropped, wills of dead nodes published (as leader), will
+        claims lost (published elsewhere)."""
+        plane = self.plane
+        wills = plane.wills if plane is not None else None
+        return {"leader": int(plane is not None and plane.meta.is_leader), "adopted_out": self.adopted_out,
+                "stale_dropped": self.stale_sessions_dropped,
+                "wills_for_dead": wills.published if wills is not None else 0,
+                "will_claims_lost": wills.lost_races if wills is not None else 0}
+
     def readiness(self) -> tuple[bool, str]:
         """(up, details) for /ready: the ``cluster`` check (etcd and peer reachability)."""
         return self.health.check()

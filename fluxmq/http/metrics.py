@@ -85,6 +85,22 @@ class BrokerCollector(Collector):
                                       value=received["duplicates"])
             yield CounterMetricFamily("fluxmq_cluster_bad_batches", "Damaged batches from peers (logged).",
                                       value=received["bad"])
+            figures = getattr(cluster, "figures", None)
+            if figures is not None:
+                f = figures()
+                yield GaugeMetricFamily("fluxmq_cluster_is_leader", "1 while this node leads (etcd election).",
+                                        value=f["leader"])
+                yield CounterMetricFamily("fluxmq_cluster_sessions_handed_out",
+                                          "Sessions handed to peers during a graceful stop.", value=f["adopted_out"])
+                yield CounterMetricFamily("fluxmq_cluster_stale_sessions_dropped",
+                                          "Restored sessions dropped at start: another node owned them.",
+                                          value=f["stale_dropped"])
+                yield CounterMetricFamily("fluxmq_cluster_wills_published_for_dead_nodes",
+                                          "Wills of dead nodes' clients this node published as leader.",
+                                          value=f["wills_for_dead"])
+                yield CounterMetricFamily("fluxmq_cluster_will_claims_lost",
+                                          "Wills this node did not publish: another node had published them.",
+                                          value=f["will_claims_lost"])
 
     @staticmethod
     def _cluster_peers(peers: dict) -> Iterator[Metric]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -123,6 +124,13 @@ def test_cross_node_qos_with_etcd_membership(cluster, qos: int) -> None:
     status = e1.http_get("/cluster/status")[1]
     assert status["cluster_mode"] is True and status["node_id"] == "e1"
     assert {m["node_id"]: m["reachable"] for m in status["members"]} == {"e1": True, "e2": True, "e3": True}
+    leaders = 0
+    for node in cluster.nodes.values():
+        with urllib.request.urlopen(f"http://{HOST}:{node.health_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        leaders += int(float(re.search(r"^fluxmq_cluster_is_leader (\S+)$", text, re.M).group(1)))
+        assert re.search(r'^fluxmq_cluster_peer_forwarded_batches(?:_total)?\{peer="e\d"\} ', text, re.M)
+    assert leaders == 1
 
 
 def test_sys_cluster_topics_name_the_real_members(cluster) -> None:
