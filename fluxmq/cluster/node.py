@@ -147,6 +147,7 @@ class ClusterNode:
         self.transport.handle(ADOPT_KIND, self._adopt)
         self.draining = False
         self.adopted_out = 0
+        self._stopping_peers: set[str] = set()  # peers that refused an adoption because they stop too
         self.plane = None
         self.health = StaticHealth(self)
         self.stale_sessions_dropped = 0
@@ -278,6 +279,8 @@ class ClusterNode:
                     self.transport.call(peer, ADOPT_KIND, client_id.encode(),
                                         max(0.1, min(5.0, deadline - time.monotonic())))
                 except Exception as exc:
+                    if "is stopping" in str(exc):
+                        self._stopping_peers.add(peer)
                     log.info("session_adopt_refused", extra={"client_id": client_id, "peer": peer, "error": str(exc)})
                     continue
                 self.adopted_out += 1
@@ -300,9 +303,10 @@ class ClusterNode:
             return len(self.broker.sessions)
         deadline = time.monotonic() + timeout
         self._hand_out(deadline)
-        # Ends early when every session moved, or when no peer answers any more (the whole cluster
-        # is stopping: nobody is left to take them).
-        while self.broker.sessions and time.monotonic() < deadline and self.transport.reachable():
+        # Ends early when every session moved, or when no peer that is not stopping itself answers
+        # (the whole cluster is stopping: nobody is left to take them).
+        while (self.broker.sessions and time.monotonic() < deadline
+               and set(self.transport.reachable()) - self._stopping_peers):
             gevent.sleep(0.05)
         left = len(self.broker.sessions)
         log.info("cluster_drained", extra={"sessions_left": left})

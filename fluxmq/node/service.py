@@ -388,6 +388,8 @@ class BrokerService:
         if not self._started:
             return
         deadline = time.monotonic() + timeout
+        if self.cluster is not None:
+            self.cluster.draining = True  # from now on this node adopts no session from a stopping peer
         for listener in self.listeners:
             listener.stop_accepting()
         for coap_listener in self.coap_listeners:
