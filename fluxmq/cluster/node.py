@@ -187,6 +187,10 @@ class ClusterNode:
                 self._own_restored_sessions()
                 self.broker.shared_wills = SharedWillsHook(plane.wills)
             else:
+                log.warning("cluster_without_etcd", extra={
+                    "peers": ",".join(sorted(self.settings.transport.peers)) or "-",
+                    "effect": "static peers: publishes are routed, but sessions, retained messages and wills "
+                              "are not shared (set cluster.etcd.endpoints or initial_cluster for that)"})
                 self.transport.set_peers(self.settings.transport.peers)
             self.broker.set_peers(self.peers)
             if self.broker.restored_wills:
