@@ -236,6 +236,7 @@ class ClusterNode:
         before its lease expired), so the copy here is stale and is dropped (its will too: the
         session lives on there)."""
         meta = self.plane.meta
+        held = set(self.broker.interest_filters())  # the links opened with etcd's members announced these
         for client_id in list(self.broker.sessions):
             try:
                 owner = meta.acquire_session(client_id)
@@ -247,6 +248,8 @@ class ClusterNode:
                 self.stale_sessions_dropped += 1
                 log.warning("restored_session_dropped", extra={"client_id": client_id, "owner": owner,
                                                                "reason": "another node owns it now"})
+        for filter in held - set(self.broker.interest_filters()):
+            self.transport.interest_changed(filter, False)  # the peers are not installed yet: tell the links
 
     def _sessions_lost(self, client_ids: list[str]) -> None:
         """Our lease was lost and other nodes took these sessions meanwhile: the copies here are stale."""
