@@ -182,6 +182,8 @@ class ClusterNode:
         plane = self.plane
         try:
             if plane is not None:
+                if self.settings.transport.peers:
+                    log.warning("static_peers_ignored", extra={"reason": "etcd is configured: the peers are its members"})
                 plane.start()
                 plane.meta.on_sessions_lost = self._sessions_lost
                 self._own_restored_sessions()
