@@ -246,8 +246,7 @@ class ClusterNode:
                 log.warning("restored_session_unowned", extra={"client_id": client_id, "error": str(exc)})
                 continue
             if owner is not None and owner != self.node_id:
-                self.broker.drop_session(client_id)
-                self.stale_sessions_dropped += 1
+                self._drop_stale(client_id)
                 log.warning("restored_session_dropped", extra={"client_id": client_id, "owner": owner,
                                                                "reason": "another node owns it now"})
         for filter in held - set(self.broker.interest_filters()):
@@ -256,7 +255,17 @@ class ClusterNode:
     def _sessions_lost(self, client_ids: list[str]) -> None:
         """Our lease was lost and other nodes took these sessions meanwhile: the copies here are stale."""
         for client_id in client_ids:
-            self.broker.drop_session(client_id)
+            self._drop_stale(client_id)
+
+    def _drop_stale(self, client_id: str) -> None:
+        """Drop this node's stale copy of a session another node owns, and its will record in etcd
+        (its client lives on elsewhere: that will must never be published for this copy)."""
+        self.broker.drop_session(client_id)
+        self.stale_sessions_dropped += 1
+        try:
+            self.plane.wills.cancel(client_id)
+        except Exception as exc:
+            log.warning("stale_will_not_cancelled", extra={"client_id": client_id, "error": str(exc)})
 
     def _adopt(self, from_node: str, payload: bytes) -> bytes:
         """``session.adopt``: a stopping peer asks this node to take one of its sessions over."""
