@@ -25,6 +25,12 @@ from fluxmq._core import codec as c
 from tests.cluster.conftest import etcd_server, start_etcd  # noqa: F401 (fixture)
 from tests.conftest import HOST, NodeFactory, RunningNode, free_port
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
+from tests.e2e.test_cluster_data_plane import (
+    test_publish_properties_arrive_intact_across_nodes as _properties_across_nodes,
+)
+from tests.e2e.test_cluster_data_plane import (
+    test_shared_group_over_three_nodes_gets_each_message_once as _shared_group_once,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -131,6 +137,14 @@ def test_cross_node_qos_with_etcd_membership(cluster, qos: int) -> None:
         leaders += int(float(re.search(r"^fluxmq_cluster_is_leader (\S+)$", text, re.M).group(1)))
         assert re.search(r'^fluxmq_cluster_peer_forwarded_batches(?:_total)?\{peer="e\d"\} ', text, re.M)
     assert leaders == 1
+
+
+def test_data_plane_checks_with_etcd_membership(cluster) -> None:
+    """C1's checks of a 5.0 publish's properties and of a shared group over three nodes (3,000
+    messages, each once), run again on nodes that found each other in etcd."""
+    nodes = [cluster.nodes[n] for n in ("e1", "e2", "e3")]
+    _properties_across_nodes(nodes)
+    _shared_group_once(nodes)
 
 
 def test_sys_cluster_topics_name_the_real_members(cluster) -> None:
