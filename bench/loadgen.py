@@ -72,6 +72,7 @@ class Config:
     mode: str = "throughput"
     host: str = "127.0.0.1"
     port: int = 1883
+    sub_port: int = 0  # subscribers connect here (0 = port): another node of a cluster
     pubs: int = -1
     subs: int = -1
     topics: int = -1
@@ -372,7 +373,7 @@ class Worker:
                 # beyond ~28k connections one source address runs out of ephemeral ports
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 s.bind((f"127.0.0.{2 + seq % self.src_addrs}", 0))
-            err = s.connect_ex((cfg.host, cfg.port))
+            err = s.connect_ex((cfg.host, cfg.sub_port if c.role == SUB and cfg.sub_port else cfg.port))
         except OSError as e:
             err = e.errno or -1
         if err not in (0, 115):  # EINPROGRESS
@@ -1059,6 +1060,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--host", default=d.host, help="broker address, must be in 127.0.0.0/8")
     p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--sub-port", type=int, default=0, help="subscribers connect to this port (another cluster node)")
     p.add_argument("--pubs", type=int, default=-1, help="publishers (throughput, fanin)")
     p.add_argument("--subs", type=int, default=-1, help="subscribers (throughput, fanout, latency)")
     p.add_argument("--topics", type=int, default=-1, help="topics (throughput; default = pubs)")
@@ -1092,7 +1094,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
     """Parse command-line arguments into a finalized :class:`Config`."""
     a = build_parser().parse_args(argv)
     cfg = Config(
-        mode=a.mode, host=a.host, port=a.port, pubs=a.pubs, subs=a.subs, topics=a.topics, wildcard=a.wildcard,
+        mode=a.mode, host=a.host, port=a.port, sub_port=a.sub_port, pubs=a.pubs, subs=a.subs, topics=a.topics, wildcard=a.wildcard,
         count=a.count if a.count is not None else Config.count, count_set=a.count is not None,
         duration=a.duration, size=a.size, qos=a.qos, inflight=a.inflight, window=a.window, batch=a.batch,
         rate=a.rate, conns=a.conns, concurrency=a.concurrency, hold=a.hold, pids=a.pid, timeout=a.timeout,

@@ -85,7 +85,7 @@ class CertAuthority:
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=True, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage if isinstance(usage, list) else [usage]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
@@ -107,6 +107,16 @@ class CertAuthority:
             except ValueError:
                 sans.append(x509.DNSName(host))
         return self._issue(cn, ExtendedKeyUsageOID.SERVER_AUTH, sans, f"server-{cn}")
+
+    def issue_node(self, cn: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Issued:
+        """A certificate a cluster node presents both as server and as client (mTLS between nodes)."""
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        return self._issue(cn, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], sans, f"node-{cn}")
 
     def issue_client(self, cn: str) -> Issued:
         """A client certificate whose subject CN is ``cn``."""

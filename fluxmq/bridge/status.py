@@ -40,6 +40,9 @@ class BridgeStatus:
         self._greenlet = None
         self._pending = False
         self._last: dict[str, bytes] = {}
+        # A cluster node publishes these topics itself, merging the bridges' values
+        # (fluxmq.cluster.status): then it is called instead.
+        self.delegate = None
 
     def summary(self) -> dict:
         """The admin API's view: overall status and one entry per link."""
@@ -67,6 +70,9 @@ class BridgeStatus:
     def publish(self) -> None:
         """Publish what changed since the last time (retained, QoS 0)."""
         self._pending = False
+        if self.delegate is not None:
+            self.delegate()
+            return
         for suffix, payload in self.values().items():
             if self._last.get(suffix) == payload:
                 continue

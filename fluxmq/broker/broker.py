@@ -159,8 +159,10 @@ class Broker:
         self.events: EventSink | None = None
         self._on_published = None
         self._on_delivered = None
-        # fluxmq.broker.peers.Peers (the cluster), or None: a single node, nothing per message.
+        # The rest of the cluster (fluxmq.broker.peers.Peers), or None: a single node, no per-message cost.
         self.peers = None
+        # Local subscriptions per filter (plain and $share/...): peers hear of a filter on 0 -> 1 and 1 -> 0.
+        self._interest: dict[str, int] = {}
         # Client ids whose open_session is claiming ownership cluster-wide (set_peers only): an
         # export waits for the claim to finish, and the claim's own session ends release nothing.
         self._claiming: dict[str, Event] = {}
@@ -174,14 +176,41 @@ class Broker:
         self.exported_keep = 30.0
         self.exported_max = 1000
         self.exported_max_bytes = 64 << 20
+        # fluxmq.broker.peers.SharedWills (the cluster's will registry), or None: wills are this
+        # node's alone. With it a will is recorded cluster-wide while pending and published once.
+        self.shared_wills = None
+        # Set by a node that starts its cluster after the restore: the wills the restore found due
+        # wait in restored_wills (client id, will) until the cluster can tell whether they are
+        # still this node's to publish (publish_restored_wills).
+        self.hold_restored_wills = False
+        self.restored_wills: list[tuple[str, Will]] = []
 
     def set_peers(self, peers) -> None:
-        """Install (or with None remove) the ``fluxmq.broker.peers.Peers`` beyond this process (the
-        cluster). Installing tells them every filter already held (restored sessions)."""
+        """Install (or with None remove) the node's ``Peers``; installing replays ``interest_added``
+        for every filter held already (restored sessions)."""
         self.peers = peers
         if peers is not None:
-            for filter in {f for s in self.sessions.values() for f in s.subscriptions}:
+            for filter in list(self._interest):
                 peers.interest_added(filter)
+
+    def interest_filters(self) -> list[str]:
+        """Every filter with at least one local subscription (a peer's snapshot of this node)."""
+        return list(self._interest)
+
+    def _interest_up(self, filter: str) -> None:
+        n = self._interest.get(filter, 0)
+        self._interest[filter] = n + 1
+        if n == 0 and self.peers is not None:
+            self.peers.interest_added(filter)
+
+    def _interest_down(self, filter: str) -> None:
+        n = self._interest.get(filter, 0)
+        if n > 1:
+            self._interest[filter] = n - 1
+        elif n == 1:
+            del self._interest[filter]
+            if self.peers is not None:
+                self.peers.interest_removed(filter)
 
     def set_events(self, sink: EventSink | None) -> None:
         """Install (or with None remove) the node's event observer."""
@@ -264,7 +293,7 @@ class Broker:
                 # delay, so it cancels the will [MQTT-3.1.3-9], as Mosquitto does: a half-open
                 # reconnect gives no spurious "offline" message.
                 if old_will is not None and ended:
-                    self._publish_will(old_will)
+                    self._publish_will(old_will, client_id)
             else:
                 # A reconnect within the will delay cancels the pending will.
                 session.will = None
@@ -294,6 +323,10 @@ class Broker:
             if auth.checks_reads:
                 session.recheck_reads(auth.session_can_read)
         session.username = username
+        shared_wills = self.shared_wills
+        if shared_wills is not None:
+            shared_wills.will_set(client_id, will.message if will is not None else None,
+                                  will.delay if will is not None else 0)
         if isinstance(session, PersistentSession):
             store = session.store
             store.put_session(client_id, expiry_interval, 0.0, username)
@@ -408,6 +441,8 @@ class Broker:
             if self.queues is not None:
                 self.queues.session_gone(session)  # durable-queue deliveries stay on this node
         state = self._snapshot(session, old is not None)
+        if session.will is not None and self.shared_wills is not None:
+            self.shared_wills.will_set(session.client_id, None, 0)  # the taking node records it as its own
         session.will = None
         if old is not None:
             old.close(0x8E, "session taken over")
@@ -474,7 +509,8 @@ class Broker:
         for s in state.subscriptions:
             sub = Subscription(session, s.filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
                                s.subscription_id, s.share_group)
-            self.router.add(sub)
+            if self.router.add(sub):
+                self._interest_up(s.filter)  # the peers hear of a filter new to this node
             session.subscriptions[s.filter] = sub
             if store is not None:
                 store.put_subscription(cid, s.filter, s.qos, s.no_local, s.retain_as_published,
@@ -513,6 +549,8 @@ class Broker:
             session.will = Will(*state.will)
             if store is not None:
                 store.put_will(cid, session.will.message, session.will.delay)
+            if self.shared_wills is not None:
+                self.shared_wills.will_set(cid, session.will.message, session.will.delay)
         self.sessions[cid] = session
         self._arm_timer_remaining(session, max(0.0, now - session.disconnected_at))
         log.info("session_imported", extra={"client_id": cid, "subscriptions": len(session.subscriptions),
@@ -544,16 +582,18 @@ class Broker:
             self.queues.session_gone(session)  # its queue deliveries go to other members
         session.disconnected_at = time.time()
         will = session.will if publish_will else None
+        if will is None and session.will is not None and self.shared_wills is not None:
+            self.shared_wills.will_set(session.client_id, None, 0)  # a normal DISCONNECT discards it
         session.will = None
         if session.expiry_interval == 0:
             if will is not None:
-                self._publish_will(will)
+                self._publish_will(will, session.client_id)
             self._end_session(session, wait_hand_over=True)
             return
         self._hand_over_shared(session, ending=False)
         if will is not None:
             if will.delay == 0:
-                self._publish_will(will)
+                self._publish_will(will, session.client_id)
             else:
                 session.will = will
         if isinstance(session, PersistentSession):
@@ -582,11 +622,11 @@ class Broker:
             will, session.will = session.will, None
             if isinstance(session, PersistentSession):
                 session.store.delete_will(session.client_id)
-            self._publish_will(will)
+            self._publish_will(will, session.client_id)
         if session.expiry_interval != EXPIRY_NEVER and elapsed + 0.05 >= session.expiry_interval:
             if session.will is not None:  # the session ends before the will delay: publish it now
                 will, session.will = session.will, None
-                self._publish_will(will)
+                self._publish_will(will, session.client_id)
             self._end_session(session, wait_hand_over=True)
             return
         self._arm_timer_remaining(session, elapsed)
@@ -633,6 +673,7 @@ class Broker:
             self.queues.session_ended(session.client_id)  # its queue memberships end too (stored ones)
         for filter in list(session.subscriptions):
             self.router.remove(filter, session)
+            self._interest_down(filter)
         session.subscriptions.clear()
         session.clear_state()
         if isinstance(session, PersistentSession):
@@ -750,8 +791,28 @@ class Broker:
                                                   "messages": hand_over.moved, "turns": hand_over.turns,
                                                   "complete": not hand_over.stopped})
 
-    def _publish_will(self, will: Will) -> None:
-        message = will.message
+    def publish_restored_wills(self) -> int:
+        """Publish the wills the restore held back (``hold_restored_wills``); returns how many went
+        (with shared wills installed, only those still this node's to publish)."""
+        due, self.restored_wills = self.restored_wills, []
+        self.hold_restored_wills = False
+        return sum(1 for cid, will in due if self._publish_will(will, cid))
+
+    def _publish_will(self, will: Will, client_id: str | None = None) -> bool:
+        """Publish ``will`` of ``client_id``'s session. With shared wills installed (a cluster) it
+        is claimed first: False, nothing published, when another node published it already (this
+        node was taken for dead) or it changed hands. ``client_id`` None: publish unconditionally
+        (a will handed over with a session that ends on arrival; the sender dropped its record)."""
+        shared_wills = self.shared_wills
+        if client_id is not None and shared_wills is not None and not shared_wills.will_claim(client_id):
+            log.info("will_not_published", extra={"client_id": client_id, "reason": "not this node's any more"})
+            return False
+        self.publish_will_message(will.message)
+        return True
+
+    def publish_will_message(self, message: Message) -> None:
+        """Publish a will's message now (its Message Expiry Interval starts now)."""
+        will_topic = message.topic
         props = message.properties
         if props and MESSAGE_EXPIRY_INTERVAL in props:
             # The protocol layer keeps a will's Message Expiry Interval in its properties: the
@@ -762,7 +823,7 @@ class Broker:
         try:
             self.publish(message)
         except QuotaExceeded:
-            log.warning("will_refused", extra={"topic": will.message.topic, "reason": "storage full"})
+            log.warning("will_refused", extra={"topic": will_topic, "reason": "storage full"})
 
     def kick(self, client_id: str, reason_code: int = 0x98) -> bool:
         """Close the connection of ``client_id`` (admin); its will is published as on any server close."""
@@ -828,8 +889,14 @@ class Broker:
         if n > n_acked:
             sent_qos[0] += n - n_acked
             sent_bytes[0] += (n - n_acked) * size
-        if route.groups:
-            n += self._publish_shared(message, route.groups)
+        groups = route.groups
+        peers = self.peers
+        if peers is not None:
+            # Queued for peers with matching interest (never blocks); returns the shared groups this
+            # node serves (the others were given to a peer, once in the cluster).
+            groups = peers.forward(message, groups)
+        if groups:
+            n += self._publish_shared(message, groups)
         if store is not None and msg_qos and origin is not None and store.op_count != ops_before:
             # The origin's PUBACK/PUBREC acknowledges what this publish stored (for other clients,
             # or retained): a failed commit must abandon it (FlushScheduler).
@@ -841,6 +908,40 @@ class Broker:
             on_published(message, origin.username if origin is not None else None, n)
         if self._on_delivered is not None:
             self._report_deliveries(message, route.targets, origin)
+        return n
+
+    def publish_from_peer(self, message: Message, shared_groups: tuple[str, ...] = (), match_local: bool = True) -> int:
+        """Deliver a message another node forwarded: to the matching local subscriptions (unless
+        ``match_local`` is False) and to one local member of each ``$share/{group}/{filter}`` of
+        ``shared_groups`` (the sender gave those groups' message to this node). Never forwarded
+        again; a retained message is not stored here (retained state is replicated apart). Returns
+        deliveries."""
+        stats = self.stats
+        route = self.router.route(message.topic)
+        store = self._store
+        if store is not None and store.refusing and message.qos and self._would_store(message, route):
+            stats.dropped("storage_full")
+            return 0
+        n = 0
+        msg_qos = message.qos
+        retain = message.retain
+        size = len(message.payload)
+        if match_local:
+            sent_qos = stats.sent_qos
+            sent_bytes = stats.sent_bytes_qos
+            for session, qos, _qos_own, rap, sub_ids in route.targets:
+                if msg_qos < qos:
+                    qos = msg_qos
+                session.deliver(message, qos, rap and retain, sub_ids)
+                sent_qos[qos] += 1
+                sent_bytes[qos] += size
+                n += 1
+            if self._on_delivered is not None:
+                self._report_deliveries(message, route.targets, None)
+        if shared_groups and route.groups:
+            groups = [g for g in route.groups if f"$share/{g.name}/{g.filter}" in shared_groups]
+            if groups:
+                n += self._publish_shared(message, groups)
         return n
 
     def _queue_manager(self):
@@ -961,6 +1062,10 @@ class Broker:
             if retained and auth is not None and auth.checks_reads:
                 # A retained message the subscriber may not read is never sent (auth.acl_file).
                 retained = [m for m in retained if auth.can_read(session.client_id, session.username, m.topic)]
+        if is_new:
+            # Last: with peers, a filter new to this node may wait here (bounded) until the reachable
+            # peers know it, so publishes made after the SUBACK on any node reach this subscriber.
+            self._interest_up(filter)
         return SubscribeResult(granted, retained, sub)
 
     def deliver_retained(self, session: Session, result: SubscribeResult) -> None:
@@ -980,6 +1085,7 @@ class Broker:
         if session.subscriptions.pop(filter, None) is None:
             return False
         self.router.remove(filter, session)
+        self._interest_down(filter)
         if isinstance(session, PersistentSession):
             session.store.delete_subscription(session.client_id, filter)
         events = self.events
@@ -1015,7 +1121,7 @@ class Broker:
                 store.delete_retained(message.topic)
                 continue
             self.retained.restore(message)
-        due: list[Will] = []
+        due: list[tuple[str, Will]] = []
         for rec in state.sessions.values():
             n += 1
             if pause is not None and n % slice_size == 0:
@@ -1033,7 +1139,7 @@ class Broker:
                       else self.capped_expiry(rec.expiry_interval))
             if expiry == 0 or (expiry != EXPIRY_NEVER and elapsed >= expiry):
                 if will is not None:
-                    due.append(will)  # the session ended during the downtime: its will goes now
+                    due.append((cid, will))  # the session ended during the downtime: its will goes now
                 store.delete_session(cid, rec.queue.next)
                 continue
             session = PersistentSession(cid, self.persistent_limits, self.stats, store, rec.queue)
@@ -1045,7 +1151,8 @@ class Broker:
             for filter, qos, no_local, rap, rh, sub_id in rec.subscriptions:
                 shared = parse_shared(filter)
                 sub = Subscription(session, filter, qos, no_local, rap, rh, sub_id, shared[0] if shared else None)
-                self.router.add(sub)
+                if self.router.add(sub):
+                    self._interest_up(filter)
                 session.subscriptions[filter] = sub
             for pid, (fields, qos, retain, ids, released) in rec.inflight.items():
                 entry = Inflight(Message(*fields), qos, retain, ids)
@@ -1060,14 +1167,17 @@ class Broker:
                 session.recheck_reads(self.auth.session_can_read, queued_only=True)
             if will is not None:
                 if elapsed >= will.delay:
-                    due.append(will)
+                    due.append((cid, will))
                     store.delete_will(cid)
                 else:
                     session.will = will
             self.sessions[cid] = session
             self._arm_timer_remaining(session, elapsed)
-        for will in due:
-            self._publish_will(will)
+        if self.hold_restored_wills:
+            self.restored_wills.extend(due)
+        else:
+            for cid, will in due:
+                self._publish_will(will, cid)
         limit = self.settings.max_sessions
         if limit and len(self.sessions) > limit:
             # Stored sessions are kept (their messages were acknowledged); only new ids wait for room.
@@ -1088,6 +1198,44 @@ class Broker:
         for session in list(self.sessions.values()):
             if session.delivery is not None:
                 session.delivery.close(0x8B, "server shutting down")
+
+    def adopt_session(self, client_id: str) -> bool:
+        """Take the session of ``client_id`` over from the node that owns it, with no connection:
+        that node is stopping and hands its sessions to the others. Claimed as for a connecting
+        client (``Peers.claim_session``, may block this greenlet), kept offline here with its
+        timers armed. True when a session of ``client_id`` is here now; raises ServerUnavailable
+        when ownership cannot be established."""
+        peers = self.peers
+        if peers is None or client_id in self.sessions:
+            return client_id in self.sessions
+        self._claim_session(peers, client_id, False)
+        if client_id in self.sessions:
+            return True
+        self._release(peers, client_id)  # nothing was handed over: do not keep an empty claim
+        return False
+
+    def drop_session(self, client_id: str) -> bool:
+        """Forget the session of ``client_id`` here, without its will and without releasing its
+        ownership: another node owns the client id now, so the copy here is stale (a restored
+        session taken over elsewhere while this node was down). False when there is none."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return False
+        self._stop_hand_over(session)
+        self._cancel_timer(session)
+        old = session.delivery
+        if old is not None:
+            session.detach()
+            self.connected -= 1
+            if self.queues is not None:
+                self.queues.session_gone(session)
+        session.will = None
+        if isinstance(session, PersistentSession):
+            session.store.delete_will(client_id)
+        if old is not None:
+            old.close(0x8E, "session taken over")
+        self._forget_session(session, release=False)
+        return True
 
     def release_sessions(self) -> None:
         """Give up the ownership of every client id held here (the last step of a graceful stop,

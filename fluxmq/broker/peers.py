@@ -53,3 +53,18 @@ class Peers(Protocol):
 
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (its session ended here, or the node stops)."""
+
+
+class SharedWills(Protocol):
+    """A will registry shared by the nodes of a cluster (``Broker.shared_wills``), so that a will is
+    published once cluster-wide: while its session is alive here the will is recorded under this
+    node; if this node dies another node publishes it; this node publishes it itself only after
+    ``will_claim`` took it back. Implementations never raise and may block the calling greenlet."""
+
+    def will_set(self, client_id: str, message: Message | None, delay: float) -> None:
+        """The pending will of ``client_id``'s session here is now ``message`` (None: it has none:
+        discarded by a normal DISCONNECT, or handed over with the session)."""
+
+    def will_claim(self, client_id: str) -> bool:
+        """Before this node publishes the will of ``client_id``: True when it still may (no other
+        node published it meanwhile)."""

@@ -23,9 +23,8 @@ __all__ = ["ENV_ALIASES", "ENV_IGNORE", "NOT_IMPLEMENTED", "VALUE_ALIASES", "env
 
 # Whole sections (any keys below them) and single keys; ``*`` matches one name.
 NOT_IMPLEMENTED: tuple[str, ...] = (
-    # reference 000: the rest of the gRPC transport (cluster.routes, enabled, node_id,
-    # transport.bind_addr, etcd and raft are implemented)
-    "cluster.transport.*",
+    # reference 000: every cluster key is implemented (cluster.routes, enabled, node_id, etcd,
+    # transport, raft)
     "queue",  # reference 002: durable queues with retention and replication
     "server.*.*.prefer_server_cipher_suites",  # Go's crypto/tls knob; OpenSSL's server order applies
 )

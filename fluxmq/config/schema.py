@@ -38,6 +38,7 @@ from fluxmq.config.values import (
     StrMap,
     Url,
     ValueType,
+    parse_addr,
 )
 
 __all__ = ["ENV_ALLOWED", "ENV_PREFIX", "KEYS", "SCHEMA", "SECTION_DOCS", "Key", "Schema", "main"]
@@ -108,8 +109,9 @@ SECTION_DOCS: dict[str, str] = {
     "limits": "Per-address and per-client abuse limits (docs/security.rst); 0 = no limit.",
     "log": "Logging: format, destination, rotation and throttling.",
     "log.throttling": "Per-logger token bucket that drops excess lines and reports how many.",
-    "cluster": "Clustering (docs/cluster.rst) and the reference 001 cluster routes to peer brokers (docs/bridges.rst).",
-    "cluster.transport": "The inter-node transport (gRPC) that routes publishes and hands sessions over.",
+    "cluster": "Cluster of nodes acting as one broker (docs/cluster.rst), and reference 001 MQTT cluster routes "
+               "(cluster.routes; docs/bridges.rst).",
+    "cluster.transport": "gRPC between cluster nodes: forwarded publishes, interest, control calls (docs/cluster.rst).",
     "cluster.etcd": "The metadata plane: this node's etcd member or an external etcd (docs/cluster.rst).",
     "cluster.etcd.tls": "TLS between the node and etcd, and for the member's listeners.",
     "cluster.raft": "Raft replication of durable queues (pysyncobj; docs/replication.rst).",
@@ -182,6 +184,35 @@ class AutoBool(ValueType):
         from fluxmq.config.values import parse_bool
 
         return "auto" if text.strip() == "auto" else parse_bool(text)
+
+
+class PeerMap(StrMap):
+    """``node_id: host:port`` of cluster peers; from the environment as JSON or ``id=host:port,...``.
+
+    The typed value is a list of ``[node_id, addr]`` pairs (a dict would be read as a section)."""
+
+    summary = "mapping of node id to host:port"
+    expected = 'a mapping of node ids to host:port such as {"broker-2": "127.0.0.1:7949"}'
+
+    def from_yaml(self, value: object) -> list[list[str]]:
+        peers = super().from_yaml(value)
+        for node_id, addr in peers.items():
+            try:
+                parse_addr(addr)
+            except ValueError as exc:
+                raise ValueError(f"peer {node_id}: {addr!r}: {exc}") from None
+            if not addr.rpartition(":")[0]:
+                raise ValueError(f"peer {node_id}: {addr!r} has no host")
+        return [[node_id, addr] for node_id, addr in peers.items()]
+
+    def from_text(self, text: str) -> list[list[str]]:
+        import json
+
+        text = text.strip()
+        if text.startswith("{"):
+            return self.from_yaml(json.loads(text))
+        pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+        return self.from_yaml({k.strip(): v.strip() for k, _, v in pairs})
 
 
 class ProtocolVersion(ValueType):
@@ -703,10 +734,36 @@ KEYS: tuple[Key, ...] = (
         "reconnect{initial, max}, topics[{pattern, direction, qos, local_prefix, remote_prefix}], "
         "max_queued_messages} (docs/bridges.rst)."),
     Key("cluster.enabled", Bool(), False,
-        "Run as one node of a cluster (docs/cluster.rst); false = single node, nothing of the cluster loaded."),
-    Key("cluster.node_id", Str(), "", "This node's id, unique in the cluster; required when cluster.enabled."),
+        "Run as a node of a cluster (docs/cluster.rst); false: nothing of the cluster is loaded."),
+    Key("cluster.node_id", Str(), "", "This node's unique id in the cluster; required when cluster.enabled."),
+    Key("cluster.drain_timeout", Duration(), "5s",
+        "Graceful stop (SIGTERM): how long the node keeps handing its sessions to the nodes its clients "
+        "reconnect to, and the rest to live peers, before it releases what is left (within server.shutdown_timeout)."),
     Key("cluster.transport.bind_addr", Addr(), "127.0.0.1:7948",
-        "Address of this node's inter-node (gRPC) transport; other nodes learn it from etcd."),
+        "gRPC listener other nodes connect to (they learn it from etcd membership or their static peers)."),
+    Key("cluster.transport.peers", PeerMap(), {},
+        "Static peers, node_id: host:port of their bind_addr (this node's own id may be listed; it is skipped)."),
+    Key("cluster.transport.route_batch_max_size", Int(1, 65536), 256,
+        "Most messages in one batch to a peer."),
+    Key("cluster.transport.route_batch_max_delay", Duration(), "5ms",
+        "Longest a forwarded message waits for its batch to fill (0 = send at the end of the loop turn)."),
+    Key("cluster.transport.route_batch_flush_workers", Int(1, 1024), 4,
+        "Batches in flight to one peer (sent, not acknowledged yet)."),
+    Key("cluster.transport.route_publish_timeout", Duration(), "15s",
+        "A batch not acknowledged within this: the peer's stream is dropped and re-opened, unacknowledged "
+        "batches sent again (the peer skips those it applied)."),
+    Key("cluster.transport.interest_sync_timeout", Duration(), "2s",
+        "SUBSCRIBE with a filter new to this node: longest wait for connected peers to acknowledge it "
+        "before the SUBACK (0 = do not wait)."),
+    Key("cluster.transport.max_queued_messages", Int(1), 100000,
+        "Messages waiting for one peer; past it (or max_queued_bytes) new ones to that peer are dropped and counted."),
+    Key("cluster.transport.max_queued_bytes", Size(1), 67108864,
+        "Bytes of encoded messages waiting for one peer (see max_queued_messages)."),
+    Key("cluster.transport.tls_enabled", Bool(), False,
+        "Mutual TLS between nodes: cert_file, key_file and ca_file are required."),
+    Key("cluster.transport.cert_file", Str(), "", "PEM certificate this node presents (as server and client)."),
+    Key("cluster.transport.key_file", Str(), "", "Private key of cert_file."),
+    Key("cluster.transport.ca_file", Str(), "", "PEM CA bundle the peers' certificates are verified against."),
     Key("cluster.etcd.binary", Str(), "",
         'The etcd 3.4+ server the node runs as its member; "" = etcd on PATH (Debian\'s etcd-server).'),
     Key("cluster.etcd.data_dir", Str(allow_empty=False), "./data/etcd",
@@ -933,7 +990,7 @@ class Schema:
             "``yes``/``no``/``on``/``off`` as the Go FluxMQ reads them.",
             "",
             "A config written from the reference documents starts: sections and keys they document that",
-            "fluxmq does not implement yet (``cluster``, ``queue``, a TLS listener's",
+            "fluxmq does not implement yet (``cluster.etcd``, ``cluster.raft``, ``queue``, a TLS listener's",
             "``prefer_server_cipher_suites``) are ignored with a \"not implemented yet\" warning naming the",
             "file and line, and ``storage.type: badger`` is read as ``lmdb`` (fluxmq.config.compat).",
             "``fluxmq-node --check`` reports every problem (one line each), including unreadable password,",

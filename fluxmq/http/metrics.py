@@ -75,6 +75,59 @@ class BrokerCollector(Collector):
         raft = getattr(self.service, "raft", None)
         if raft is not None:
             yield from self._raft(raft.status())
+        cluster = getattr(self.service, "cluster", None)
+        if cluster is not None:
+            yield from self._cluster_peers(cluster.peer_state())
+            received = cluster.received()
+            yield CounterMetricFamily("fluxmq_cluster_received_batches", "Batches from peers applied here.",
+                                      value=received["batches"])
+            yield CounterMetricFamily("fluxmq_cluster_received_messages", "Messages from peers routed here.",
+                                      value=received["messages"])
+            yield CounterMetricFamily("fluxmq_cluster_duplicate_batches",
+                                      "Retried batches from peers skipped (applied already).",
+                                      value=received["duplicates"])
+            yield CounterMetricFamily("fluxmq_cluster_bad_batches", "Damaged batches from peers (logged).",
+                                      value=received["bad"])
+            figures = getattr(cluster, "figures", None)
+            if figures is not None:
+                f = figures()
+                yield GaugeMetricFamily("fluxmq_cluster_is_leader", "1 while this node leads (etcd election).",
+                                        value=f["leader"])
+                yield CounterMetricFamily("fluxmq_cluster_sessions_handed_out",
+                                          "Sessions handed to peers during a graceful stop.", value=f["adopted_out"])
+                yield CounterMetricFamily("fluxmq_cluster_stale_sessions_dropped",
+                                          "Restored sessions dropped at start: another node owned them.",
+                                          value=f["stale_dropped"])
+                yield CounterMetricFamily("fluxmq_cluster_wills_published_for_dead_nodes",
+                                          "Wills of dead nodes' clients this node published as leader.",
+                                          value=f["wills_for_dead"])
+                yield CounterMetricFamily("fluxmq_cluster_will_claims_lost",
+                                          "Wills this node did not publish: another node had published them.",
+                                          value=f["will_claims_lost"])
+
+    @staticmethod
+    def _cluster_peers(peers: dict) -> Iterator[Metric]:
+        """Per peer of the cluster's data plane (fluxmq.cluster): docs/cluster.rst."""
+        up = GaugeMetricFamily("fluxmq_cluster_peer_reachable", "1 while the stream to the peer is answered.",
+                               labels=["peer"])
+        queued = GaugeMetricFamily("fluxmq_cluster_peer_queued_messages", "Messages waiting for the peer.",
+                                   labels=["peer"])
+        batches = CounterMetricFamily("fluxmq_cluster_peer_forwarded_batches",
+                                      "Batches the peer acknowledged.", labels=["peer"])
+        messages = CounterMetricFamily("fluxmq_cluster_peer_forwarded_messages",
+                                       "Messages in the batches the peer acknowledged.", labels=["peer"])
+        failures = CounterMetricFamily("fluxmq_cluster_peer_failures",
+                                       "Streams to the peer that broke or could not open.", labels=["peer"])
+        dropped = CounterMetricFamily("fluxmq_cluster_peer_dropped",
+                                      "Messages for the peer dropped by its full queue.", labels=["peer"])
+        for name, st in sorted(peers.items()):
+            up.add_metric([name], 1 if st["reachable"] else 0)
+            queued.add_metric([name], st["queued"])
+            batches.add_metric([name], st["forwarded_batches"])
+            messages.add_metric([name], st["forwarded_messages"])
+            failures.add_metric([name], st["failures"])
+            dropped.add_metric([name], st["dropped"])
+        yield from (up, queued, batches, messages, failures, dropped)
 
     @staticmethod
     def _bridges(bridges: Any) -> Iterator[Metric]:

@@ -52,9 +52,11 @@ def start_problems(config: Any) -> list[ConfigError]:
         attempt(lambda surface=surface: _https_handshake(config, surface))
     attempt(lambda: check_admin_exposure(config.server.admin.addr, os.environ.get(TOKEN_ENV) or None))
     if config.cluster.enabled:
+        from fluxmq.cluster.config import cluster_settings  # plain config code: grpc is not imported
         from fluxmq.cluster.metadata.config import cluster_config_problems
 
-        problems.extend(cluster_config_problems(config))
+        attempt(lambda: cluster_settings(config))  # node_id, peers, transport TLS
+        problems.extend(p for p in cluster_config_problems(config) if p.key != "cluster.node_id")  # etcd
     from fluxmq.replication.config import replication_problems
 
     problems.extend(replication_problems(config))

@@ -262,7 +262,7 @@ class BrokerService:
         self.coap: CoapBridge | None = None  # the CoAP bridge when a CoAP listener is configured
         self.coap_listeners: list = []
         self.bridges: Bridges | None = None
-        self.cluster = None  # fluxmq.cluster.metadata.plane.MetadataPlane when cluster.enabled
+        self.cluster = None  # fluxmq.cluster.node.ClusterNode when cluster.enabled (imported only then)
         self.raft = None  # fluxmq.replication.RaftService when cluster.raft.enabled
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
@@ -284,6 +284,9 @@ class BrokerService:
         self.broker.stats.output_budget.limit = cfg.broker.output_memory_limit
         self.broker.set_auth(auth)
         self.flusher = flusher = FlushScheduler(storage)
+        # A cluster node publishes the wills its restore finds due once etcd tells it which are
+        # still its own to publish (another node may have published them while this one was down).
+        self.broker.hold_restored_wills = cfg.cluster.enabled
         load_and_restore(storage, self.broker)
         self._set_up_queues(cfg, storage)
         if hooks is not None:  # after restore: wills published at a restart are not client events
@@ -296,7 +299,8 @@ class BrokerService:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()
         log.info("storage_restored", extra={"start_took": round(time.monotonic() - started, 3)})
-        self._start_cluster(cfg)  # before the listeners: a node id already live stops the start here
+        # Before the listeners: a node id already live (etcd) stops the start here, with one line.
+        self._start_cluster(cfg)
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [(name, section, lc, stream_factory(cfg, name, section))
                    for name, section, lc in enabled if lc.addr]
@@ -315,23 +319,25 @@ class BrokerService:
         if configs:
             self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval,
                                    max_packet_size=cfg.broker.max_packet_size)
+            topics = getattr(self.cluster, "topics", None)
+            if topics is not None:  # one publisher of $SYS/broker/cluster/*: the cluster's, bridges merged in
+                topics.bridges = self.bridges.status
+                self.bridges.status.delegate = topics.publish
             self.bridges.start()
         self._started = True
 
     def _start_cluster(self, cfg) -> None:
-        """``cluster.enabled``: the metadata plane in etcd (imported only then). A ClusterError (etcd
-        not answering, the node id already live) stops the start with one line."""
+        """``cluster.enabled``: the cluster node (imported only then: a single node loads nothing of
+        it). A ConfigError or ClusterError (etcd not answering, the node id already live) stops the
+        start with one line."""
         if not cfg.cluster.enabled:
             return
-        from fluxmq.cluster.metadata.config import cluster_config_problems
-        from fluxmq.cluster.metadata.plane import MetadataPlane
+        from fluxmq.cluster.node import ClusterNode
 
-        problems = cluster_config_problems(cfg)
-        if problems:
-            raise problems[0]
-        plane = MetadataPlane.from_config(cfg, self.broker)
-        plane.start()
-        self.cluster = plane
+        node = ClusterNode.from_config(cfg, self.broker)  # ConfigError (one line) before anything binds
+        self.broker.settings.node_id = node.node_id
+        node.start()
+        self.cluster = node
 
     @property
     def cluster_health(self):
@@ -406,6 +412,8 @@ class BrokerService:
         if not self._started:
             return
         deadline = time.monotonic() + timeout
+        if self.cluster is not None:
+            self.cluster.draining = True  # from now on this node adopts no session from a stopping peer
         for listener in self.listeners:
             listener.stop_accepting()
         for coap_listener in self.coap_listeners:
@@ -422,13 +430,19 @@ class BrokerService:
         if self.raft is not None:
             self.raft.stop()
         self.broker.shutdown()
-        if self.cluster is not None:
-            self.cluster.stop()  # the lease goes: this node's sessions may be owned elsewhere at once
         for listener in self.listeners:
             left = max(0.0, deadline - time.monotonic())
             if not listener.wait_closed(left):
                 log.warning("shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)})
         self._started = False
+        if self.cluster is not None:
+            # The clients closed above reconnect to other nodes, which take their sessions over from
+            # here during the drain; then what is left is released, the lease revoked, and what
+            # shutdown published (wills) gets a moment to reach the reachable peers.
+            flush = min(1.0, max(0.0, deadline - time.monotonic()))
+            self.cluster.drain(min(self.config.cluster.drain_timeout,
+                                   max(0.0, deadline - time.monotonic() - flush - 0.5)))
+            self.cluster.stop(min(1.0, max(0.0, deadline - time.monotonic())))
         if self.webhooks is not None:
             self.broker.set_events(None)  # the disconnects of the shutdown are queued already
         if self.storage is not None:
@@ -452,6 +466,8 @@ class BrokerService:
         checks = {"broker": (up, "" if up else "broker not initialized"), "storage": storage}
         if up and self.bridges is not None:
             checks["bridges"] = self.bridges.status.readiness()  # a down bridge: degraded, still ready
+        if up and self.cluster is not None:
+            checks["cluster"] = self.cluster.readiness()  # peers down: degraded, still ready
         return checks
 
     def reload(self, config) -> dict[str, list[str]]:

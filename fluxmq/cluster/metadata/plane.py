@@ -51,7 +51,7 @@ class MetadataPlane:
         """Wire the inter-node transport (CLUSTER.md's interface): large retained payloads are fetched
         with ``transport.call(node, "retained.fetch", topic)`` and served by ``handle``; the cluster
         check reads ``peer_state()``; the transport's peers follow etcd membership (``set_peers``,
-        this node excluded). Call before or after ``start``."""
+        this node excluded; peers lost without leaving are kept). Call before or after ``start``."""
         self.retained.fetch = lambda node, topic: transport.call(node, "retained.fetch", topic.encode(),
                                                                  fetch_timeout)
         transport.handle("retained.fetch", lambda from_node, payload: self.retained.serve_fetch(payload.decode()))
@@ -59,7 +59,11 @@ class MetadataPlane:
         me = self.meta.node_id
 
         def follow(members: dict[str, str]) -> None:
-            transport.set_peers({node: addr for node, addr in members.items() if node != me})
+            # A peer that went without leaving (killed, cut off) keeps its link: what is forwarded to
+            # it waits in its bounded queue until it is back (its persistent sessions come back with
+            # it). A peer that left gracefully is dropped.
+            peers = {**self.meta.lost_members(), **members}
+            transport.set_peers({node: addr for node, addr in peers.items() if node != me})
 
         self._follow_members = follow
         if self.meta.membership is not None:

@@ -58,10 +58,13 @@ def test_three_nodes_with_their_own_etcd_members_act_as_one_cluster(node_factory
     nodes = [node_factory(cfg, wait_ready=False) for cfg in configs]  # a new etcd needs a quorum: start all
     for node in nodes:
         node.wait_ready(90)
-    for node in nodes:
+    def all_members(node) -> bool:  # each node sees the others through its etcd watch (asynchronous)
         body = node.http_get("/cluster/status")[1]
-        assert [m["node_id"] for m in body["members"]] == [body["node_id"]] + sorted(
+        return [m["node_id"] for m in body["members"]] == [body["node_id"]] + sorted(
             {"n0", "n1", "n2"} - {body["node_id"]})
+
+    for node in nodes:
+        assert wait_for(lambda node=node: all_members(node), timeout=15), node.http_get("/cluster/status")[1]
     assert sum(node.http_get("/cluster/status")[1]["is_leader"] for node in nodes) == 1
 
     victim_etcd = _etcd_pid(tmp_path, 2)

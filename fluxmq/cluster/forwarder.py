@@ -1,0 +1,329 @@
+"""One peer's outbound data channel: a bounded queue, batching, sequence ids and acknowledgements.
+
+Every node opens one ``Route`` stream to each peer and sends ``Batch`` messages on it: the messages
+forwarded to that peer and this node's interest changes, in order. The peer acknowledges each
+batch by its sequence id once it has applied it.
+
+* **Bounded.** Messages wait in a per-peer queue bounded by ``max_queued_messages`` and
+  ``max_queued_bytes``; past either, a new message to that peer is dropped and counted. Enqueueing
+  never blocks, so a dead or slow peer never stalls local delivery.
+* **Batching.** The sender greenlet sends what is queued at the end of the loop turn when no batch
+  is in flight (low latency at low rates); while batches are in flight, a batch smaller than
+  ``batch_max_size`` fills until they are acknowledged or its oldest message has waited
+  ``batch_max_delay``. At most ``batches_in_flight`` batches are unacknowledged at once; the queue
+  grows (up to its bound) while the window is full.
+* **Sequence ids.** Each batch has a sequence id per (link epoch, receiver). A broken stream is
+  re-opened with backoff and the unacknowledged batches are sent again, in order; the receiver
+  skips those it applied already, so a retried batch is not delivered twice. Nothing new goes into
+  a stream before the peer answered it: while the peer is down, messages wait in the queue.
+* **Interest.** A re-opened stream carries, after the retried batches, a snapshot of this node's
+  whole interest set; changes made meanwhile follow as deltas. While no stream is open, changes are
+  not kept (the next snapshot has them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+
+import gevent
+import grpc
+from gevent.event import Event
+from gevent.queue import Queue
+
+from .batch import Outgoing, build_batch
+from .proto import cluster_pb2 as pb
+
+log = logging.getLogger("fluxmq.cluster.forwarder")
+
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 2.0
+# A batch's bytes (payloads and topics) past which no further message is added to it; a larger
+# message travels alone (gRPC's message size limit is set far above broker.max_message_size).
+BATCH_MAX_BYTES = 4 << 20
+# How often the idle sender looks at the age of its oldest unacknowledged batch.
+CHECK_INTERVAL = 0.5
+
+
+class LinkStats:
+    """Counters of one peer link (read by ``/metrics`` and ``peer_state``)."""
+
+    __slots__ = ("batches", "messages", "failures", "dropped", "expired", "resent", "connects")
+
+    def __init__(self) -> None:
+        self.batches = 0  # batches the peer acknowledged
+        self.messages = 0  # messages in them
+        self.failures = 0  # streams that broke or could not open
+        self.dropped = 0  # messages refused by the full queue
+        self.expired = 0  # messages whose Message Expiry passed while queued
+        self.resent = 0  # batches sent again on a new stream
+        self.connects = 0  # streams opened that the peer answered
+
+
+class PeerLink:
+    """The data channel to one peer (see the module docstring)."""
+
+    def __init__(self, node_id: str, addr: str, local_id: str, epoch: int, settings, channel: grpc.Channel,
+                 local_filters, on_ack=None) -> None:
+        from .proto import cluster_pb2_grpc as pb_grpc
+
+        self.node_id = node_id
+        self.addr = addr
+        self.local_id = local_id
+        self.epoch = epoch
+        self.settings = settings
+        self.channel = channel
+        self.stub = pb_grpc.ClusterTransportStub(channel)
+        self._local_filters = local_filters  # () -> iterable of this node's filters (the snapshot)
+        self._on_ack = on_ack  # (node_id, BatchAck) -> None
+        self.queue: deque[Outgoing] = deque()
+        self.queued_bytes = 0
+        self.interest: list[tuple[str, bool]] = []  # changes not sent yet (only while a stream is open)
+        self.interest_version = 0  # changes made so far
+        self.acked_interest = 0  # changes the peer has applied
+        self.seq = 0
+        self.unacked: OrderedDict[int, tuple[pb.Batch, float, int, int]] = OrderedDict()
+        self.stats = LinkStats()
+        self.connected = False  # the current stream has been answered (an ack arrived)
+        self._call = None
+        self._out: Queue | None = None
+        self._wake = Event()
+        self._room = Event()
+        self._waiters: list[tuple[int, Event]] = []
+        self._running = True
+        self._first_at = 0.0  # when the oldest queued message was queued
+        self._down_logged = False
+        self._greenlet = gevent.spawn(self._run)
+
+    # -- called by the forwarding node ------------------------------------------------------------
+
+    def enqueue(self, entry: Outgoing) -> bool:
+        """Queue a message for the peer; False (counted) when the queue is full."""
+        s = self.settings
+        if len(self.queue) >= s.max_queued_messages or self.queued_bytes >= s.max_queued_bytes:
+            self.stats.dropped += 1
+            return False
+        if not self.queue:
+            self._first_at = time.monotonic()
+        self.queue.append(entry)
+        self.queued_bytes += len(entry.blob)
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def interest_changed(self, filter: str, added: bool) -> int | None:
+        """Record an interest change; returns the version to wait for, or None when no stream is open
+        (the snapshot of the next stream carries it)."""
+        self.interest_version += 1
+        if self._call is None:
+            return None
+        self.interest.append((filter, added))
+        if not self._wake.is_set():
+            self._wake.set()
+        return self.interest_version
+
+    def wait_interest(self, version: int, timeout: float) -> bool:
+        """Block this greenlet until the peer applied interest ``version`` (False: timeout or the
+        stream broke meanwhile)."""
+        if self.acked_interest >= version:
+            return True
+        if not self.connected:
+            return False
+        done = Event()
+        self._waiters.append((version, done))
+        done.wait(timeout)
+        return self.acked_interest >= version
+
+    def state(self) -> dict:
+        st = self.stats
+        return {"addr": self.addr, "reachable": self.connected, "queued": len(self.queue),
+                "queued_bytes": self.queued_bytes, "in_flight": len(self.unacked),
+                "forwarded_batches": st.batches, "forwarded_messages": st.messages, "failures": st.failures,
+                "dropped": st.dropped, "expired": st.expired, "resent": st.resent}
+
+    def close(self) -> None:
+        self._running = False
+        self._break_stream()
+        self._wake.set()
+        self._room.set()
+        self._greenlet.kill(block=False)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait (bounded) until the queue is empty and every batch acknowledged (graceful stop)."""
+        deadline = time.monotonic() + timeout
+        while (self.queue or self.unacked) and self.connected and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        return not self.queue and not self.unacked
+
+    # -- the sender greenlet -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = RECONNECT_MIN
+        while self._running:
+            connects = self.stats.connects
+            try:
+                self._open_stream()
+                while self._running and self._call is not None:
+                    self._send_some()
+            except gevent.GreenletExit:
+                raise
+            except Exception:
+                log.exception("peer_link_error", extra={"peer": self.node_id})
+                self._break_stream()
+            if not self._running:
+                return
+            if self.stats.connects != connects:
+                backoff = RECONNECT_MIN  # the peer answered: it went away just now
+            gevent.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX)
+
+    def _open_stream(self) -> None:
+        out: Queue = Queue()
+        self._out = out
+
+        def requests():
+            while True:
+                batch = out.get()
+                if batch is None:
+                    return
+                yield batch
+
+        self._call = call = self.stub.Route(requests())
+        gevent.spawn(self._read_acks, call)
+        # Unacknowledged batches first, in order (the peer skips those it applied), then the whole
+        # interest set: the changes those batches carry are older than it.
+        for seq, (batch, _sent, n, iv) in list(self.unacked.items()):
+            self.unacked[seq] = (batch, time.monotonic(), n, iv)
+            out.put(batch)
+            self.stats.resent += 1
+        self.interest.clear()
+        snapshot = sorted(self._local_filters())
+        self._send(build_batch(self.local_id, self.epoch, self._next_seq(), [],
+                               [(f, True) for f in snapshot], snapshot=True)[0], 0)
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _send(self, batch: pb.Batch, n: int) -> None:
+        self.unacked[batch.seq] = (batch, time.monotonic(), n, self.interest_version)
+        self._out.put(batch)
+
+    def _send_some(self) -> None:
+        s = self.settings
+        self._wake.wait(CHECK_INTERVAL)
+        if self._call is None:
+            return
+        self._check_ack_age()
+        if not self.connected:
+            # Nothing new goes into a stream the peer has not answered yet (it may be down): the
+            # messages stay in the bounded queue, and the retried batches and the snapshot go first.
+            self._room.clear()
+            self._room.wait(CHECK_INTERVAL)
+            return
+        if not self.queue and not self.interest:
+            self._wake.clear()
+            return
+        gevent.sleep(0)  # the rest of this loop turn's publishes join the batch
+        while len(self.unacked) >= s.batches_in_flight and self._call is not None:
+            self._room.clear()
+            self._room.wait(CHECK_INTERVAL)
+            self._check_ack_age()
+        if self._call is None:
+            return
+        if s.batch_max_delay > 0:
+            # A batch is in flight: this one fills until it is full, the in-flight ones are
+            # acknowledged, or its oldest message has waited batch_max_delay.
+            deadline = self._first_at + s.batch_max_delay
+            while self.unacked and len(self.queue) < s.batch_max_size and self._call is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._room.clear()
+                self._room.wait(left)
+            if self._call is None:
+                return
+        entries = []
+        size = 0
+        queue = self.queue
+        while queue and len(entries) < s.batch_max_size and (not entries or size < BATCH_MAX_BYTES):
+            entry = queue.popleft()
+            entries.append(entry)
+            size += len(entry.blob)
+        self.queued_bytes -= size
+        interest, self.interest = self.interest, []
+        batch, expired = build_batch(self.local_id, self.epoch, self._next_seq(), entries, interest)
+        self.stats.expired += expired
+        self._send(batch, len(entries) - expired)
+        if not self.queue and not self.interest:
+            self._wake.clear()
+
+    def _check_ack_age(self) -> None:
+        if not self.unacked:
+            return
+        _batch, sent, _n, _iv = next(iter(self.unacked.values()))
+        if time.monotonic() - sent > self.settings.publish_timeout:
+            log.warning("peer_ack_timeout", extra={"peer": self.node_id, "in_flight": len(self.unacked),
+                                                   "timeout": self.settings.publish_timeout})
+            self.stats.failures += 1
+            self._break_stream()
+
+    def _break_stream(self) -> None:
+        call, self._call = self._call, None
+        if self._out is not None:
+            self._out.put(None)
+            self._out = None
+        if call is not None:
+            call.cancel()
+        self.connected = False
+        self.interest.clear()
+        waiters, self._waiters = self._waiters, []
+        for _v, done in waiters:
+            done.set()
+        self._wake.set()
+        self._room.set()
+
+    def _read_acks(self, call) -> None:
+        try:
+            for ack in call:
+                if call is not self._call:
+                    return
+                if not self.connected:
+                    self.connected = True
+                    self._down_logged = False
+                    self.stats.connects += 1
+                    log.info("peer_connected", extra={"peer": self.node_id, "addr": self.addr,
+                                                      "resent": len(self.unacked) - 1})
+                entry = self.unacked.pop(ack.seq, None)
+                if entry is not None:
+                    _batch, _sent, n, iv = entry
+                    self.stats.batches += 1
+                    self.stats.messages += n
+                    if iv > self.acked_interest:
+                        self.acked_interest = iv
+                        if self._waiters:
+                            left = []
+                            for version, done in self._waiters:
+                                if version <= iv:
+                                    done.set()
+                                else:
+                                    left.append((version, done))
+                            self._waiters = left
+                if self._on_ack is not None and ack.busy_groups:
+                    self._on_ack(self.node_id, ack)
+                self._room.set()
+        except grpc.RpcError as exc:
+            if call is self._call:
+                code = exc.code() if hasattr(exc, "code") else None
+                # One warning per outage; the reconnect attempts while the peer stays away are debug.
+                level = logging.DEBUG if self._down_logged and not self.connected else logging.WARNING
+                self._down_logged = True
+                log.log(level, "peer_stream_failed", extra={"peer": self.node_id, "addr": self.addr,
+                                                            "code": getattr(code, "name", str(code)),
+                                                            "queued": len(self.queue)})
+        except Exception:
+            log.exception("peer_stream_error", extra={"peer": self.node_id})
+        if call is self._call:
+            self.stats.failures += 1
+            self._break_stream()

@@ -1,0 +1,376 @@
+"""ClusterNode: everything of the cluster on one node, built by the node service when ``cluster.enabled``.
+
+It owns the gRPC transport and ``ClusterPeers`` (the data plane) and, unless the node runs with
+static peers only, the ``MetadataPlane`` in etcd, and wires them together:
+
+* **Peers.** With etcd, the transport's peers follow etcd membership (``plane.attach_transport``);
+  with static ``cluster.transport.peers`` and no etcd configured they are that list.
+* **Sessions.** ``ClusterPeers.claim_session`` / ``release_session`` go through
+  ``ClusterSessions`` (compare-and-swap ownership in etcd, the ``session.takeover`` call to the
+  previous owner); this node answers takeovers with ``takeover_handler(broker)``. Persistent
+  sessions restored from this node's store are kept only when this node can own them in etcd: a
+  session another live node owns now was taken over while this node was down, and the copy here is
+  stale (dropped).
+* **Wills.** ``Broker.shared_wills`` records a pending will in etcd (``WillRegistry``); the broker
+  claims it back before publishing, and the leader publishes the wills of dead nodes, so a will is
+  published once cluster-wide.
+* **Retained.** Other nodes' retained messages are applied here; payloads over the hybrid threshold
+  are fetched with the ``retained.fetch`` call (``attach_transport``).
+* **Shutdown.** ``drain`` keeps answering takeovers while the clients of this node move elsewhere,
+  then ``stop`` releases what is left and revokes the lease.
+
+When etcd is used: ``cluster.etcd.endpoints`` or ``initial_cluster`` set, or no static peers at all
+(``uses_etcd``). Static peers without etcd own nothing cluster-wide (each node's sessions are its
+own) and share no retained messages or wills.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import gevent
+
+from .config import ClusterSettings
+
+log = logging.getLogger("fluxmq.cluster")
+
+#: control call asking a peer to take one of our sessions over (we are stopping); payload the client id
+ADOPT_KIND = "session.adopt"
+#: sessions handed to peers at once during a drain
+ADOPT_CONCURRENCY = 4
+#: longest the wills a restart found due wait for the peers' interest (seconds)
+RESTORED_WILLS_WAIT = 5.0
+
+_grpc_ready = False
+
+
+def init_grpc_for_gevent() -> None:
+    """Make grpcio cooperate with gevent (once per process, before any grpc object is made; the
+    process is monkey-patched already: the node's worker is)."""
+    global _grpc_ready
+    if not _grpc_ready:
+        from grpc.experimental import gevent as grpc_gevent
+
+        grpc_gevent.init_gevent()
+        _grpc_ready = True
+
+
+def uses_etcd(config) -> bool:
+    """True when the node runs the metadata plane: etcd is configured (external endpoints or an
+    initial cluster), or there are no static peers to go by."""
+    c = config.cluster
+    return bool(c.etcd.endpoints or c.etcd.initial_cluster or not c.transport.peers)
+
+
+class SharedWillsHook:
+    """``fluxmq.broker.peers.SharedWills`` over the metadata plane's ``WillRegistry``: never raises
+    (etcd trouble is logged; a will that cannot be claimed is published, at least once rather than
+    lost), and never blocks the hub (a call made there runs in a greenlet of its own)."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+
+    def will_set(self, client_id: str, message, delay: float) -> None:
+        if gevent.getcurrent() is gevent.get_hub():
+            gevent.spawn(self._set, client_id, message, delay)
+        else:
+            self._set(client_id, message, delay)
+
+    def _set(self, client_id: str, message, delay: float) -> None:
+        try:
+            if message is None:
+                self.registry.cancel(client_id)
+            else:
+                self.registry.put(client_id, message, delay)
+        except Exception as exc:
+            log.warning("will_record_failed", extra={"client_id": client_id, "error": str(exc)})
+
+    def will_claim(self, client_id: str) -> bool:
+        if gevent.getcurrent() is gevent.get_hub():
+            return True  # cannot wait here; the broker's hub-side paths do not publish wills
+        try:
+            return self.registry.claim(client_id)
+        except Exception as exc:
+            log.warning("will_claim_failed", extra={"client_id": client_id, "error": str(exc),
+                                                    "effect": "published (etcd did not answer)"})
+            return True
+
+
+class StaticHealth:
+    """The ``cluster`` check and ``/cluster/status`` of a node with static peers and no etcd."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
+
+    def check(self) -> tuple[bool, str]:
+        states = self.node.transport.peer_state()
+        if not states:
+            return True, ""
+        up = sum(1 for s in states.values() if s.get("reachable"))
+        return True, "" if up == len(states) else f"{up}/{len(states)} peers reachable"
+
+    def status(self, sessions: int) -> dict:
+        node = self.node
+        members = [{"node_id": node.node_id, "addr": node.settings.transport.bind_addr, "self": True,
+                    "live": True, "reachable": True, "leader": False}]
+        for peer, state in sorted(node.transport.peer_state().items()):
+            members.append({"node_id": peer, "addr": node.transport.links[peer].addr if peer in node.transport.links
+                            else "", "self": False, "live": bool(state.get("reachable")),
+                            "reachable": bool(state.get("reachable")), "leader": False})
+        return {"node_id": node.node_id, "is_leader": False, "cluster_mode": True, "sessions": sessions,
+                "members": members}
+
+
+class ClusterNode:
+    """The transport, the peers, the metadata plane (etcd) and their wiring to one broker."""
+
+    def __init__(self, settings: ClusterSettings, broker, config=None) -> None:
+        init_grpc_for_gevent()
+        from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
+        from .peers import ClusterPeers
+        from .transport import ClusterTransport
+
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.broker = broker
+        # The incarnation: a restarted node's sequence ids start again under a new epoch.
+        self.epoch = time.time_ns()
+        t = settings.transport
+        self.peers = ClusterPeers(settings.node_id, broker, None, broker.settings.shared_subscription_strategy,
+                                  t.interest_sync_timeout)
+        self.transport = ClusterTransport(settings.node_id, self.epoch, t, self.peers.apply_batch,
+                                          broker.interest_filters, on_ack=self.peers.on_ack,
+                                          on_peer_removed=self.peers.peer_removed)
+        self.peers.transport = self.transport
+        self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
+        self.transport.handle(ADOPT_KIND, self._adopt)
+        self.draining = False
+        self.adopted_out = 0
+        self._stopping_peers: set[str] = set()  # peers that refused an adoption because they stop too
+        self.plane = None
+        self.health = StaticHealth(self)
+        self.stale_sessions_dropped = 0
+        self.topics = None  # ClusterTopics: $SYS/broker/cluster/*
+        if config is not None and uses_etcd(config):
+            from .metadata.plane import MetadataPlane
+
+            self.plane = MetadataPlane.from_config(config, broker, publish=broker.publish_will_message)
+            self.plane.attach_transport(self.transport)
+            self.peers.sessions = ClusterSessions(self.plane.meta, self.transport.call)
+            self.health = self.plane.health
+        self._started = False
+
+    @classmethod
+    def from_config(cls, config, broker) -> ClusterNode:
+        """From a loaded Config; ConfigError (one line) when the cluster settings cannot work."""
+        from .config import cluster_settings
+        from .metadata.config import cluster_config_problems
+
+        settings = cluster_settings(config)
+        if uses_etcd(config):
+            problems = cluster_config_problems(config)
+            if problems:
+                raise problems[0]
+        return cls(settings, broker, config)
+
+    def start(self) -> None:
+        """Transport, then etcd (membership, ownership of the restored sessions, wills held back by
+        the restore), then the peers go into the broker. ClusterError (one line) when etcd does not
+        answer or the node id is live already."""
+        self.transport.start()
+        plane = self.plane
+        try:
+            if plane is not None:
+                if self.settings.transport.peers:
+                    log.warning("static_peers_ignored", extra={"reason": "etcd is configured: the peers are its members"})
+                plane.start()
+                plane.meta.on_sessions_lost = self._sessions_lost
+                self._own_restored_sessions()
+                self.broker.shared_wills = SharedWillsHook(plane.wills)
+            else:
+                log.warning("cluster_without_etcd", extra={
+                    "peers": ",".join(sorted(self.settings.transport.peers)) or "-",
+                    "effect": "static peers: publishes are routed, but sessions, retained messages and wills "
+                              "are not shared (set cluster.etcd.endpoints or initial_cluster for that)"})
+                self.transport.set_peers(self.settings.transport.peers)
+            self.broker.set_peers(self.peers)
+            if self.broker.restored_wills:
+                gevent.spawn(self._publish_restored_wills, RESTORED_WILLS_WAIT)
+            else:
+                self.broker.hold_restored_wills = False
+            from .status import ClusterTopics
+
+            self.topics = ClusterTopics(self)
+            if plane is not None:
+                plane.meta.on_members(self.topics.changed)
+            self.topics.start()
+        except BaseException:
+            self.broker.shared_wills = None
+            if plane is not None:
+                plane.stop()
+            self.transport.stop(0)
+            raise
+        self._started = True
+        log.info("cluster_node_started", extra={"node_id": self.node_id, "etcd": plane is not None,
+                                                "peers": ",".join(sorted(self.transport.links)) or "-"})
+
+    def _publish_restored_wills(self, wait: float) -> None:
+        """The wills the restore found due go once the peers told us their interest (bounded by
+        ``wait``): published earlier they would reach only this node's subscribers."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            links = self.transport.links
+            if all(node in self.peers.snapshots_from for node in links if links[node].connected) and all(
+                    link.connected for link in links.values()):
+                break
+            gevent.sleep(0.05)
+        try:
+            published = self.broker.publish_restored_wills()
+        except Exception:
+            log.exception("restored_wills_failed")
+            return
+        log.info("restored_wills_published", extra={"published": published})
+
+    def _own_restored_sessions(self) -> None:
+        """Each session restored from this node's store is this node's again only if no other live
+        node owns its client id now; one that does took it over while this node was down (or
+        before its lease expired), so the copy here is stale and is dropped (its will too: the
+        session lives on there)."""
+        meta = self.plane.meta
+        held = set(self.broker.interest_filters())  # the links opened with etcd's members announced these
+        for client_id in list(self.broker.sessions):
+            try:
+                owner = meta.acquire_session(client_id)
+            except Exception as exc:
+                log.warning("restored_session_unowned", extra={"client_id": client_id, "error": str(exc)})
+                continue
+            if owner is not None and owner != self.node_id:
+                self._drop_stale(client_id)
+                log.warning("restored_session_dropped", extra={"client_id": client_id, "owner": owner,
+                                                               "reason": "another node owns it now"})
+        for filter in held - set(self.broker.interest_filters()):
+            self.transport.interest_changed(filter, False)  # the peers are not installed yet: tell the links
+
+    def _sessions_lost(self, client_ids: list[str]) -> None:
+        """Our lease was lost and other nodes took these sessions meanwhile: the copies here are stale."""
+        for client_id in client_ids:
+            self._drop_stale(client_id)
+
+    def _drop_stale(self, client_id: str) -> None:
+        """Drop this node's stale copy of a session another node owns, and its will record in etcd
+        (its client lives on elsewhere: that will must never be published for this copy)."""
+        self.broker.drop_session(client_id)
+        self.stale_sessions_dropped += 1
+        try:
+            self.plane.wills.cancel(client_id)
+        except Exception as exc:
+            log.warning("stale_will_not_cancelled", extra={"client_id": client_id, "error": str(exc)})
+
+    def _adopt(self, from_node: str, payload: bytes) -> bytes:
+        """``session.adopt``: a stopping peer asks this node to take one of its sessions over."""
+        from fluxmq.errors import ServerUnavailable
+
+        if self.draining or not self._started:
+            raise ServerUnavailable(f"node {self.node_id} is stopping")
+        client_id = bytes(payload).decode()
+        adopted = self.broker.adopt_session(client_id)
+        log.info("session_adopted", extra={"client_id": client_id, "from_node": from_node, "adopted": adopted})
+        return b"1" if adopted else b""
+
+    def _hand_out(self, deadline: float) -> None:
+        """Ask the reachable peers (round robin, a few at once) to take every session still here
+        over, so a client that comes back later finds its session on a live node."""
+        from gevent.pool import Pool
+
+        peers = sorted(self.transport.reachable())
+        if not peers:
+            return
+        pool = Pool(ADOPT_CONCURRENCY)
+
+        def hand(i: int, client_id: str) -> None:
+            for attempt in range(len(peers)):
+                if client_id not in self.broker.sessions or time.monotonic() >= deadline:
+                    return  # moved meanwhile (its client reconnected elsewhere), or out of time
+                peer = peers[(i + attempt) % len(peers)]
+                try:
+                    self.transport.call(peer, ADOPT_KIND, client_id.encode(),
+                                        max(0.1, min(5.0, deadline - time.monotonic())))
+                except Exception as exc:
+                    if "is stopping" in str(exc):
+                        self._stopping_peers.add(peer)
+                    log.info("session_adopt_refused", extra={"client_id": client_id, "peer": peer, "error": str(exc)})
+                    continue
+                self.adopted_out += 1
+                return
+
+        for i, client_id in enumerate(list(self.broker.sessions)):
+            if time.monotonic() >= deadline:
+                break
+            pool.spawn(hand, i, client_id)
+        pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        pool.kill(block=False)
+
+    def drain(self, timeout: float) -> int:
+        """After the broker closed its connections (SIGTERM): keep answering takeovers and hand the
+        sessions still here to the other nodes, until none is left or ``timeout`` passes, so their
+        clients find them on a live node whenever they come back. Returns the sessions left
+        (released by ``stop``; their state stays in this node's store)."""
+        self.draining = True  # a stopping node adopts nothing (two stopping nodes would swap)
+        if self.plane is None or timeout <= 0 or not self.transport.reachable():
+            return len(self.broker.sessions)
+        deadline = time.monotonic() + timeout
+        self._hand_out(deadline)
+        # Ends early when every session moved, or when no peer that is not stopping itself answers
+        # (the whole cluster is stopping: nobody is left to take them).
+        while (self.broker.sessions and time.monotonic() < deadline
+               and set(self.transport.reachable()) - self._stopping_peers):
+            gevent.sleep(0.05)
+        left = len(self.broker.sessions)
+        log.info("cluster_drained", extra={"sessions_left": left})
+        return left
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop forwarding (what is queued gets ``timeout`` to reach reachable peers), release the
+        sessions still here and revoke the lease, close the links."""
+        if not self._started:
+            return
+        self._started = False
+        if self.topics is not None:
+            self.topics.stop()
+        broker = self.broker
+        if self.plane is not None:
+            broker.release_sessions()
+            broker.shared_wills = None
+        if broker.peers is self.peers:
+            broker.set_peers(None)
+        deadline = time.monotonic() + timeout
+        if self.plane is not None:
+            self.plane.stop()  # the lease goes: every key of this node at once
+        self.transport.stop(max(0.0, deadline - time.monotonic()))
+        log.info("cluster_node_stopped", extra={"node_id": self.node_id})
+
+    def peer_state(self) -> dict[str, dict]:
+        return self.transport.peer_state()
+
+    def received(self) -> dict[str, int]:
+        """What the peers sent here: batches and messages applied, retried batches skipped,
+        damaged batches."""
+        p = self.peers
+        return {"batches": p.received_batches, "messages": p.received_messages,
+                "duplicates": p.duplicate_batches, "bad": p.bad_batches}
+
+    def figures(self) -> dict[str, int]:
+        """Cluster-wide duties of this node for /metrics: leadership, sessions handed to peers at a
+        stop, stale restored sessions dropped, wills of dead nodes published (as leader), will
+        claims lost (published elsewhere)."""
+        plane = self.plane
+        wills = plane.wills if plane is not None else None
+        return {"leader": int(plane is not None and plane.meta.is_leader), "adopted_out": self.adopted_out,
+                "stale_dropped": self.stale_sessions_dropped,
+                "wills_for_dead": wills.published if wills is not None else 0,
+                "will_claims_lost": wills.lost_races if wills is not None else 0}
+
+    def readiness(self) -> tuple[bool, str]:
+        """(up, details) for /ready: the ``cluster`` check (etcd and peer reachability)."""
+        return self.health.check()

@@ -1,0 +1,222 @@
+"""ClusterPeers: the broker's ``Peers`` for a cluster of nodes (the data plane's routing decisions).
+
+* **Interest out.** ``interest_added`` / ``interest_removed`` (the broker calls them when its first
+  subscription with a filter appears and its last one goes) go to every peer over its ordered
+  stream. A filter new to this node waits (bounded by ``interest_sync_timeout``) until every
+  reachable peer has applied it, so a subscriber whose SUBACK has been sent receives what is
+  published afterwards on any reachable node.
+* **Forwarding.** ``forward`` matches the topic against each peer's interest (``RemoteInterest``)
+  and queues the message once per node with a matching filter. Shared groups are decided here,
+  cluster-wide: for each ``$share/{group}/{filter}`` with members on several nodes, the publishing
+  node picks one node (``broker.shared_subscription_strategy`` over the nodes, preferring those with
+  an online, non-full member); the chosen node then picks its local member. So each message of a
+  group is delivered once in the cluster, not once per node.
+* **Receiving.** ``apply_batch`` applies a peer's batch: its interest changes, then each message
+  through ``Broker.publish_from_peer`` (delivered locally, never forwarded again). A batch whose
+  sequence id was applied already (a retry after a broken stream) is acknowledged and skipped.
+
+QoS across nodes: the publisher's PUBACK (PUBREC) means what it means on one node (routed, and
+stored for local persistent sessions) plus *queued for every peer with matching interest*; it does
+not wait for the peers (docs/cluster.rst).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import gevent
+
+from fluxmq.storage.records import encode_message
+
+from .batch import BatchError, Outgoing, decode_items
+from .interest import RemoteInterest
+from .proto import cluster_pb2 as pb
+
+log = logging.getLogger("fluxmq.cluster.peers")
+
+#: how long a node that reported a shared group busy (no online non-full member) is passed over
+BUSY_FOR = 1.0
+
+
+def group_key(group) -> str:
+    return f"$share/{group.name}/{group.filter}"
+
+
+def group_ready(group) -> bool:
+    """True when the local group has an online member that is not congested (Router.pick_member's
+    first choice)."""
+    for m in group.members.values():
+        d = m.session.delivery
+        if d is not None and not d.closed and not d.is_congested() and len(m.session.inflight) < m.session.send_quota:
+            return True
+    return False
+
+
+class ClusterPeers:
+    """Implements ``fluxmq.broker.peers.Peers`` over a ``ClusterTransport``."""
+
+    def __init__(self, node_id: str, broker, transport, strategy: str = "round_robin",
+                 interest_sync_timeout: float = 2.0) -> None:
+        self.node_id = node_id
+        self.broker = broker
+        self.transport = transport
+        self.strategy = strategy
+        self.interest_sync_timeout = interest_sync_timeout
+        self.remote = RemoteInterest()
+        self._applied: dict[str, tuple[int, int]] = {}  # sender -> (epoch, last applied seq)
+        self._cursors: dict[str, int] = {}
+        self._busy: dict[tuple[str, str], float] = {}  # (node, group key) -> until (monotonic)
+        self._rng = random.Random()
+        self.snapshots_from: set[str] = set()  # peers whose interest snapshot arrived (since start)
+        self.received_batches = 0
+        self.received_messages = 0
+        self.duplicate_batches = 0
+        self.bad_batches = 0
+
+    # -- Peers: interest -------------------------------------------------------------------------
+
+    def interest_added(self, filter: str) -> None:
+        pending = self.transport.interest_changed(filter, True)
+        timeout = self.interest_sync_timeout
+        if pending and timeout > 0 and gevent.getcurrent() is not gevent.get_hub():
+            if not self.transport.wait_interest(pending, timeout):
+                log.warning("interest_sync_timeout", extra={"filter": filter, "timeout": timeout})
+
+    def interest_removed(self, filter: str) -> None:
+        self.transport.interest_changed(filter, False)
+
+    # -- Peers: forwarding ---------------------------------------------------------------------
+
+    def forward(self, message, groups: list) -> list:
+        topic = message.topic
+        if topic.startswith("$SYS"):
+            return groups  # every node has its own $SYS tree
+        nodes, remote_groups = self.remote.match(topic)
+        if not nodes and not remote_groups:
+            return groups
+        links = self.transport.links
+        assigned: dict[str, list[str]] = {}
+        local = groups
+        if remote_groups:
+            local_by_key = {group_key(g): g for g in groups}
+            local = [g for key, g in local_by_key.items() if key not in remote_groups]
+            for key, holders in remote_groups.items():
+                mine = local_by_key.get(key)
+                node = self._pick_node(key, [n for n in holders if n in links], mine)
+                if node is None:
+                    if mine is not None:
+                        local.append(mine)
+                else:
+                    assigned.setdefault(node, []).append(key)
+        blob = encode_message(message)
+        expires_at = message.expires_at
+        for node in nodes:
+            link = links.get(node)
+            if link is not None:
+                link.enqueue(Outgoing(blob, tuple(assigned.pop(node, ())), True, expires_at))
+        for node, keys in assigned.items():
+            links[node].enqueue(Outgoing(blob, tuple(keys), False, expires_at))
+        return local
+
+    def _pick_node(self, key: str, remote: list[str], mine) -> str | None:
+        """The node that serves one message of shared group ``key``: None = this node."""
+        if not remote:
+            return None
+        links = self.transport.links
+        now = time.monotonic()
+        busy = self._busy
+        ready = [n for n in remote if links[n].connected and busy.get((n, key), 0.0) <= now]
+        if mine is not None and group_ready(mine):
+            ready.append(None)
+        pool = ready
+        if not pool:
+            reachable = [n for n in remote if links[n].connected]
+            pool = ([None] if mine is not None else []) + reachable
+        if not pool:
+            pool = [None] if mine is not None else remote
+        if len(pool) == 1:
+            return pool[0]
+        if self.strategy == "random":
+            return self._rng.choice(pool)
+        if self.strategy == "least_inflight" and None in ready:
+            return None  # the local member's load is known; the peers' is not
+        pool.sort(key=lambda n: n or "")
+        cursor = self._cursors.get(key, -1) + 1
+        self._cursors[key] = cursor % (1 << 30)
+        return pool[cursor % len(pool)]
+
+    def on_ack(self, node_id: str, ack: pb.BatchAck) -> None:
+        until = time.monotonic() + BUSY_FOR
+        for key in ack.busy_groups:
+            self._busy[(node_id, key)] = until
+        if len(self._busy) > 10000:
+            now = time.monotonic()
+            self._busy = {k: v for k, v in self._busy.items() if v > now}
+
+    def peer_removed(self, node_id: str) -> None:
+        """Our link to ``node_id`` closed (removed from the peers, or its address changed). Its
+        interest is kept: it comes over *its* stream to us, which may still be up, and a peer that
+        comes back replaces it with a snapshot; without a link nothing is forwarded to it anyway."""
+        self._busy = {k: v for k, v in self._busy.items() if k[0] != node_id}
+
+    # -- Peers: ownership ------------------------------------------------------------------------
+    # ``sessions`` is a ``fluxmq.cluster.handover.ClusterSessions`` over etcd ownership and the
+    # takeover call (ClusterNode sets it); with static peers and no etcd it is None and nothing is
+    # owned cluster-wide (each node's sessions are its own, as on a single node).
+
+    sessions = None
+
+    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
+        sessions = self.sessions
+        return sessions.claim_session(client_id, clean_start) if sessions is not None else None
+
+    def release_session(self, client_id: str) -> None:
+        sessions = self.sessions
+        if sessions is not None:
+            sessions.release_session(client_id)
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def apply_batch(self, batch: pb.Batch) -> pb.BatchAck:
+        """Apply one batch from a peer (interest, then messages); idempotent per sequence id."""
+        sender = batch.sender
+        last = self._applied.get(sender)
+        if last is not None and last[0] == batch.epoch and batch.seq <= last[1]:
+            self.duplicate_batches += 1
+            return pb.BatchAck(seq=batch.seq)
+        remote = self.remote
+        if batch.snapshot:
+            remote.replace(sender, [c.filter for c in batch.interest if c.added])
+            self.snapshots_from.add(sender)
+        else:
+            for change in batch.interest:
+                if change.added:
+                    remote.add(sender, change.filter)
+                else:
+                    remote.remove(sender, change.filter)
+        busy: list[str] = []
+        broker = self.broker
+        n = 0
+        try:
+            for message, groups, match_local in decode_items(batch.items):
+                n += 1
+                if groups:
+                    for g in broker.router.route(message.topic).groups:
+                        key = group_key(g)
+                        if key in groups and not group_ready(g):
+                            busy.append(key)
+                try:
+                    broker.publish_from_peer(message, groups, match_local)
+                except Exception:
+                    log.exception("forwarded_publish_failed", extra={"peer": sender, "topic": message.topic})
+        except BatchError as exc:
+            # Never crash the stream on bad input: the rest of this batch is lost (logged, counted).
+            self.bad_batches += 1
+            log.warning("bad_forwarded_batch", extra={"peer": sender, "seq": batch.seq, "error": str(exc),
+                                                      "applied": n, "count": batch.count})
+        self._applied[sender] = (batch.epoch, batch.seq)
+        self.received_batches += 1
+        self.received_messages += n
+        return pb.BatchAck(seq=batch.seq, busy_groups=busy)

@@ -1,0 +1,1 @@
+"""The gRPC service between cluster nodes (cluster.proto) and its generated code."""

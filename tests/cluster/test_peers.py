@@ -1,0 +1,211 @@
+"""ClusterPeers and the broker's side of the Peers contract: interest refcounts, forwarding once per
+node, cluster-wide shared groups, and batches applied once per sequence id.
+
+The broker, its sessions and the batches are real; the peer links are stand-ins that record what
+is queued for each peer (the gRPC links themselves are tested end to end in
+tests/e2e/test_cluster_data_plane.py).
+"""
+
+from __future__ import annotations
+
+from fluxmq.broker.broker import Broker, BrokerSettings
+from fluxmq.broker.message import Message
+from fluxmq.cluster.batch import Outgoing, build_batch, decode_items
+from fluxmq.cluster.peers import ClusterPeers
+from fluxmq.cluster.proto import cluster_pb2 as pb
+from fluxmq.storage.records import encode_message
+from tests.broker.test_session import RecordingDelivery
+
+
+class RecordingPeers:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.forwarded: list[str] = []
+
+    def interest_added(self, filter: str) -> None:
+        self.events.append(("+", filter))
+
+    def interest_removed(self, filter: str) -> None:
+        self.events.append(("-", filter))
+
+    def forward(self, message, groups):
+        self.forwarded.append(message.topic)
+        return groups
+
+
+class StandInLink:
+    def __init__(self, connected: bool = True) -> None:
+        self.connected = connected
+        self.queued: list[Outgoing] = []
+
+    def enqueue(self, entry: Outgoing) -> bool:
+        self.queued.append(entry)
+        return True
+
+
+class StandInTransport:
+    def __init__(self, *names: str) -> None:
+        self.links = {n: StandInLink() for n in names}
+
+    def interest_changed(self, filter, added):
+        return []
+
+
+def online(broker: Broker, client_id: str):
+    session, _ = broker.open_session(client_id, True, 0)
+    delivery = RecordingDelivery()
+    broker.attach(session, delivery, 100)
+    return session, delivery
+
+
+def batch(sender: str, epoch: int, seq: int, messages=(), interest=(), snapshot=False, groups=(), match_local=True):
+    entries = [Outgoing(encode_message(m), tuple(groups), match_local, m.expires_at) for m in messages]
+    return build_batch(sender, epoch, seq, entries, interest, snapshot)[0]
+
+
+def test_broker_tells_peers_a_filter_on_first_and_last_subscription() -> None:
+    broker = Broker()
+    a, _ = online(broker, "a")
+    b, _ = online(broker, "b")
+    broker.subscribe(a, "t/#", 1)
+    peers = RecordingPeers()
+    broker.set_peers(peers)  # replays what is held already
+    assert peers.events == [("+", "t/#")]
+    broker.subscribe(b, "t/#", 1)
+    broker.subscribe(a, "t/#", 0)  # a replaced subscription is not a new one
+    broker.subscribe(b, "$share/g/x", 1)
+    assert peers.events == [("+", "t/#"), ("+", "$share/g/x")]
+    broker.unsubscribe(a, "t/#")
+    assert peers.events[-1] == ("+", "$share/g/x")
+    broker.close_session(b, b.delivery, True)  # expiry 0: the session ends, its filters go
+    assert peers.events[-2:] == [("-", "t/#"), ("-", "$share/g/x")]
+    assert broker.interest_filters() == []
+
+
+def test_publish_from_peer_delivers_locally_and_is_never_forwarded() -> None:
+    broker = Broker()
+    s, d = online(broker, "s")
+    broker.subscribe(s, "t/+", 1)
+    peers = RecordingPeers()
+    broker.set_peers(peers)
+    assert broker.publish_from_peer(Message("t/1", b"x", 1), (), True) == 1
+    assert peers.forwarded == []
+    assert broker.publish_from_peer(Message("t/1", b"x", 1), (), False) == 0  # only groups asked for
+    broker.publish(Message("t/2", b"y", 1))
+    assert peers.forwarded == ["t/2"]
+    assert [sent[0] for sent in d.sent] == ["t/1", "t/2"]
+
+
+def test_a_retried_batch_is_applied_once() -> None:
+    broker = Broker()
+    s, d = online(broker, "s")
+    broker.subscribe(s, "t", 1)
+    peers = ClusterPeers("n1", broker, StandInTransport("n2"))
+    b1 = batch("n2", 7, 1, [Message("t", b"1", 1)])
+    assert peers.apply_batch(b1).seq == 1
+    assert peers.apply_batch(b1).seq == 1  # the same batch again (its ack was lost): acked, skipped
+    peers.apply_batch(batch("n2", 7, 2, [Message("t", b"2", 1)]))
+    peers.apply_batch(batch("n2", 8, 1, [Message("t", b"3", 1)]))  # n2 restarted: a new epoch
+    assert [sent[0] for sent in d.sent] == ["t", "t", "t"]
+    assert peers.duplicate_batches == 1
+
+
+def test_interest_deltas_then_a_snapshot_replaces_them() -> None:
+    peers = ClusterPeers("n1", Broker(), StandInTransport("n2"))
+    peers.apply_batch(batch("n2", 1, 1, interest=[("a/#", True), ("b", True), ("b", False)]))
+    assert peers.remote.filters("n2") == {"a/#"}
+    peers.apply_batch(batch("n2", 1, 2, interest=[("c", True), ("$share/g/d", True)], snapshot=True))
+    assert peers.remote.filters("n2") == {"c", "$share/g/d"}
+    assert peers.remote.match("a/x") == ([], {})
+    assert peers.remote.match("d") == ([], {"$share/g/d": ["n2"]})
+
+
+def test_forward_queues_once_per_node_with_matching_interest() -> None:
+    broker = Broker()
+    transport = StandInTransport("n2", "n3")
+    peers = ClusterPeers("n1", broker, transport)
+    broker.set_peers(peers)
+    peers.apply_batch(batch("n2", 1, 1, interest=[("t/#", True), ("t/+", True), ("t/1", True)]))
+    peers.apply_batch(batch("n3", 1, 1, interest=[("other", True)]))
+    broker.publish(Message("t/1", b"x", 1, False, {0x26: [("k", "v")]}))
+    assert len(transport.links["n2"].queued) == 1
+    assert transport.links["n3"].queued == []
+    entry = transport.links["n2"].queued[0]
+    assert entry.match_local and entry.groups == ()
+    [(m, groups, match_local)] = list(decode_items(build_batch("n1", 1, 1, [entry])[0].items))
+    assert (m.topic, m.payload, m.qos, m.properties) == ("t/1", b"x", 1, {0x26: [("k", "v")]})
+    assert groups == () and match_local
+
+
+def test_shared_group_message_goes_to_one_node_of_the_cluster() -> None:
+    broker = Broker(BrokerSettings(shared_subscription_strategy="round_robin"))
+    local, d = online(broker, "local")
+    broker.subscribe(local, "$share/g/t", 1)
+    transport = StandInTransport("n2", "n3")
+    peers = ClusterPeers("n1", broker, transport)
+    broker.set_peers(peers)
+    peers.apply_batch(batch("n2", 1, 1, interest=[("$share/g/t", True)]))
+    peers.apply_batch(batch("n3", 1, 1, interest=[("t", True)]))  # a normal subscriber, no member
+    for i in range(9):
+        broker.publish(Message("t", str(i).encode(), 1))
+    to_n2 = transport.links["n2"].queued
+    to_n3 = transport.links["n3"].queued
+    assert len(d.sent) + len(to_n2) == 9  # each message to exactly one member node
+    assert len(d.sent) >= 3 and len(to_n2) >= 3
+    assert all(e.groups == ("$share/g/t",) and not e.match_local for e in to_n2)
+    assert len(to_n3) == 9 and all(e.groups == () and e.match_local for e in to_n3)
+    # the receiving side delivers a group's message to one local member
+    receiver = Broker()
+    m1, d1 = online(receiver, "m1")
+    m2, d2 = online(receiver, "m2")
+    receiver.subscribe(m1, "$share/g/t", 1)
+    receiver.subscribe(m2, "$share/g/t", 1)
+    rpeers = ClusterPeers("n2", receiver, StandInTransport("n1"))
+    rpeers.apply_batch(build_batch("n1", 1, 1, to_n2)[0])
+    assert len(d1.sent) + len(d2.sent) == len(to_n2)
+
+
+def test_a_node_that_reported_its_group_busy_is_passed_over() -> None:
+    broker = Broker()
+    local, d = online(broker, "local")
+    broker.subscribe(local, "$share/g/t", 1)
+    transport = StandInTransport("n2")
+    peers = ClusterPeers("n1", broker, transport)
+    broker.set_peers(peers)
+    peers.apply_batch(batch("n2", 1, 1, interest=[("$share/g/t", True)]))
+    peers.on_ack("n2", pb.BatchAck(seq=1, busy_groups=["$share/g/t"]))
+    for i in range(4):
+        broker.publish(Message("t", str(i).encode(), 1))
+    assert len(d.sent) == 4 and transport.links["n2"].queued == []
+
+
+def test_a_damaged_batch_is_acknowledged_and_counted_not_raised() -> None:
+    broker = Broker()
+    peers = ClusterPeers("n1", broker, StandInTransport("n2"))
+    good = batch("n2", 1, 1, [Message("t", b"1", 1)])
+    damaged = pb.Batch(sender="n2", epoch=1, seq=2, items=good.items[:-2], count=1)
+    assert peers.apply_batch(damaged).seq == 2
+    assert peers.bad_batches == 1
+
+
+def test_restored_subscriptions_are_announced_when_peers_are_installed(tmp_path) -> None:
+    from tests.storage.test_broker_restore import Node
+
+    node = Node(tmp_path / "data")
+    a, da, _ = node.connect("a", 3600)
+    b, db, _ = node.connect("b", 3600)
+    node.broker.subscribe(a, "t/#", 1)
+    node.broker.subscribe(b, "t/#", 1)
+    node.broker.subscribe(b, "$share/g/u", 1)
+    node.storage.commit()
+    node.disconnect(a, da)
+    node.disconnect(b, db)
+    restarted = node.restart()
+    peers = RecordingPeers()
+    restarted.broker.set_peers(peers)
+    assert sorted(peers.events) == [("+", "$share/g/u"), ("+", "t/#")]
+    # counted per subscription: the filter stays while one restored session still holds it
+    session = restarted.broker.sessions["a"]
+    restarted.broker.unsubscribe(session, "t/#")
+    assert ("-", "t/#") not in peers.events
+    restarted.storage.close()
