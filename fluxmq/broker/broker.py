@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from time import perf_counter
 
 import gevent
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 
 from fluxmq._core.trie import parse_shared, validate_filter, validate_topic
-from fluxmq.errors import NotAuthorized, QueueRefused, QuotaExceeded, StorageError
+from fluxmq.errors import NotAuthorized, QueueRefused, QuotaExceeded, ServerUnavailable, StorageError
 from fluxmq.storage.base import Storage, StoredState
 from fluxmq.storage.memory import MemoryStorage
 
 from .delivery import Delivery
 from .events import EventSink
-from .message import MESSAGE_EXPIRY_INTERVAL, Message
+from .message import MESSAGE_EXPIRY_INTERVAL, Message, TrackedMessage
 from .retained import RetainedStore
 from .router import Router
 from .session import (
@@ -33,6 +34,16 @@ from .session import (
     SessionLimits,
     Subscription,
     Will,
+)
+from .session_state import (
+    InflightState,
+    QueuedState,
+    SessionState,
+    SessionStateError,
+    SubscriptionState,
+    decode_session_state,
+    encode_session_state,
+    queued_item,
 )
 from .stats import LATENCY_SAMPLE_MASK, BrokerStats
 
@@ -152,6 +163,19 @@ class Broker:
         self.peers = None
         # Local subscriptions per filter (plain and $share/...): peers hear of a filter on 0 -> 1 and 1 -> 0.
         self._interest: dict[str, int] = {}
+        # Client ids whose open_session is claiming ownership cluster-wide (set_peers only): an
+        # export waits for the claim to finish, and the claim's own session ends release nothing.
+        self._claiming: dict[str, Event] = {}
+        # Seconds an export waits for a claim of the same client id in progress here (shorter than
+        # the takeover RPC's timeout, so the caller never gives up on a state it is being sent).
+        self.claim_wait = 2.0
+        # client id -> (monotonic time, state) of the latest exports: a takeover request repeated
+        # because the reply was lost (this node is still the registered owner) gets it again.
+        self._exported: dict[str, tuple[float, bytes]] = {}
+        self._exported_bytes = 0
+        self.exported_keep = 30.0
+        self.exported_max = 1000
+        self.exported_max_bytes = 64 << 20
 
     def set_peers(self, peers) -> None:
         """Install (or with None remove) the node's ``Peers``; installing replays ``interest_added``
@@ -215,7 +239,15 @@ class Broker:
         ``limits`` replaces the node-wide queue bounds for this session (a bridge's outbound store
         is bounded by its own ``max_queued_messages``); ``capped=False`` exempts it from
         ``broker.max_session_expiry`` (a bridge's store lives as long as the bridge is configured).
+
+        With peers installed (a cluster) this node first becomes the only owner of ``client_id``
+        (``Peers.claim_session``, which may block this greenlet): a session another node held is
+        handed over and resumed here (discarded under ``clean_start``, the other connection closed
+        either way). Raises ServerUnavailable (0x88) when ownership cannot be established.
         """
+        peers = self.peers
+        if peers is not None:
+            self._claim_session(peers, client_id, clean_start)
         session = self.sessions.get(client_id)
         # A session whose end waits for its shared hand-over has ended for its client already.
         hand_over = self.hand_overs.get(session) if session is not None else None
@@ -292,6 +324,220 @@ class Broker:
             else:
                 store.delete_will(client_id)
         return session, present
+
+    def _claim_session(self, peers, client_id: str, clean_start: bool) -> None:
+        """Own ``client_id`` cluster-wide before its session is opened here; import what the
+        previous owner handed over."""
+        pending = self._claiming.get(client_id)
+        if pending is not None:
+            pending.wait(self.claim_wait)  # another connection of this id is claiming it here
+        done = self._claiming[client_id] = Event()
+        try:
+            state = peers.claim_session(client_id, clean_start)
+            self._drop_exported(client_id)  # the client id lives here now
+            if state:
+                self._take_in(client_id, state, clean_start)
+        finally:
+            # The claim ends once this loop turn is over, so open_session and the connection's
+            # attach run first: an export asked for meanwhile waits and then sees the attached session.
+            gevent.get_hub().loop.run_callback(self._claimed, client_id, done)
+
+    def _claimed(self, client_id: str, done: Event) -> None:
+        if self._claiming.get(client_id) is done:
+            del self._claiming[client_id]
+        done.set()
+
+    def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> None:
+        """The state another node handed over to a connecting client: resumed, or discarded when
+        the session ends with the move (Clean Start, or a session that lasted as long as its
+        connection; as on a local takeover, the will of a connection still open then goes now)."""
+        try:
+            state = decode_session_state(blob, raw_queue=True)
+            if state.client_id != client_id:
+                raise SessionStateError(f"state of {state.client_id!r} handed over for {client_id!r}")
+        except SessionStateError as exc:
+            log.error("session_state_refused", extra={"client_id": client_id, "error": str(exc),
+                                                      "effect": "the client starts a new session"})
+            return
+        if clean_start or state.expiry_interval == 0:
+            log.info("session_moved_discarded", extra={"client_id": client_id, "clean_start": clean_start})
+            if state.will is not None and state.connected:
+                self._publish_will(Will(*state.will))
+            return
+        self._import_state(state)
+
+    def export_session(self, client_id: str) -> bytes | None:
+        """Hand the session of ``client_id`` to another node: its connection is closed first (5.0
+        DISCONNECT 0x8E, 3.x a plain close), no will is published, the session leaves the router,
+        the session table and the storage, and its complete state is returned encoded
+        (``session_state``). None when this node holds no such session. Ownership is not released
+        here: the taking node moves it (``Peers.claim_session``).
+
+        The same state is returned again when asked again within ``exported_keep`` seconds (the
+        first reply was lost: this node is still the registered owner). Raises ServerUnavailable
+        when a connection here is still claiming ``client_id`` after ``claim_wait`` seconds."""
+        pending = self._claiming.get(client_id)
+        if pending is not None:
+            # A connection here is claiming it: hand over what it gets, once it has it.
+            if not pending.wait(self.claim_wait):
+                raise ServerUnavailable(f"a connection of {client_id!r} is still claiming it here")
+        session = self.sessions.get(client_id)
+        exported = self._exported
+        now = time.monotonic()
+        self._prune_exported(now)
+        if session is None:
+            again = exported.get(client_id)
+            if again is not None:
+                # Asked again while still the registered owner: the first reply never arrived.
+                log.warning("session_export_repeated", extra={"client_id": client_id})
+                return again[1]
+            return None
+        hand_over = self.hand_overs.get(session)
+        if hand_over is not None and hand_over.ending:
+            return None  # ended already; its shared hand-over finishes here
+        blob = encode_session_state(self._take_out(session))
+        self._drop_exported(client_id)
+        exported[client_id] = (now, blob)
+        self._exported_bytes += len(blob)
+        self._prune_exported(now)
+        log.info("session_exported", extra={"client_id": client_id, "bytes": len(blob)})
+        return blob
+
+    def _prune_exported(self, now: float) -> None:
+        """Oldest first: drop the copies past ``exported_keep`` or over the count and byte bounds."""
+        exported = self._exported
+        while exported:
+            first = next(iter(exported))
+            if (now - exported[first][0] < self.exported_keep and len(exported) <= self.exported_max
+                    and self._exported_bytes <= self.exported_max_bytes):
+                break
+            self._drop_exported(first)
+
+    def _drop_exported(self, client_id: str) -> None:
+        kept = self._exported.pop(client_id, None)
+        if kept is not None:
+            self._exported_bytes -= len(kept[1])
+
+    def _take_out(self, session: Session) -> SessionState:
+        """Detach, snapshot and forget ``session`` (its connection closed with 0x8E, no will)."""
+        self._stop_hand_over(session)
+        self._cancel_timer(session)
+        old = session.delivery
+        if old is not None:
+            session.detach()
+            self.connected -= 1
+            if self.queues is not None:
+                self.queues.session_gone(session)  # durable-queue deliveries stay on this node
+        state = self._snapshot(session, old is not None)
+        session.will = None
+        if old is not None:
+            old.close(0x8E, "session taken over")
+        self._forget_session(session, release=False)
+        return state
+
+    @staticmethod
+    def _snapshot(session: Session, connected: bool) -> SessionState:
+        """The complete state of ``session`` (see ``session_state.SessionState``)."""
+        subs = [SubscriptionState(s.filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
+                                  s.subscription_id, s.share_group) for s in session.subscriptions.values()]
+        inflight = [InflightState(pid, e.message, e.qos, e.retain,
+                                  tuple(e.subscription_ids) if e.subscription_ids else None, e.released)
+                    for pid, e in session.inflight.items()
+                    if e.message.__class__ is not TrackedMessage]  # a durable queue's, redelivered here
+        queued: list
+        if isinstance(session, PersistentSession):
+            queued = session.queue.encoded_entries()  # as stored: passed on without decoding
+        else:
+            queued = [QueuedState(m, qos, retain, tuple(ids) if ids else None)
+                      for m, qos, retain, ids in session.queue]
+        will = (session.will.message, session.will.delay) if session.will is not None else None
+        return SessionState(session.client_id, session.username, session.expiry_interval,
+                            0.0 if connected else session.disconnected_at, connected, session._next_pid,
+                            subs, inflight, sorted(session.inbound_qos2), queued, will)
+
+    def import_session(self, client_id: str, state: bytes) -> Session:
+        """Rebuild a session another node exported (``export_session``), offline, as it was there:
+        a PersistentSession written through to the storage when it has an expiry and the storage is
+        durable, its subscriptions in the router, its will and expiry timers armed. A session of
+        ``client_id`` held here is replaced (its connection closed, no will). Raises
+        SessionStateError when ``state`` is not a valid state of ``client_id``."""
+        decoded = decode_session_state(state, raw_queue=True)
+        if decoded.client_id != client_id:
+            raise SessionStateError(f"state of {decoded.client_id!r} handed over for {client_id!r}")
+        session = self._import_state(decoded)
+        self._drop_exported(client_id)
+        return session
+
+    def _import_state(self, state: SessionState) -> Session:
+        """Build the session of ``state`` here (raises SessionStateError, changing nothing, when
+        an encoded queue entry is damaged)."""
+        cid = state.client_id
+        expiry = state.expiry_interval if cid.startswith(BRIDGE_SESSION_PREFIX) else self.capped_expiry(
+            state.expiry_interval)
+        store = self._store if expiry > 0 else None
+        queued = state.queued
+        if store is None:  # a memory queue holds messages: decode the entries passed on as stored
+            queued = [queued_item(item) for item in queued]
+        old = self.sessions.get(cid)
+        if old is not None:
+            self._take_out(old)
+        if store is not None:
+            session = PersistentSession(cid, self.persistent_limits, self.stats, store)
+        else:
+            session = Session(cid, self.limits, self.stats)
+        now = time.time()
+        session.expiry_interval = expiry
+        session.persistent = expiry > 0
+        session.username = state.username
+        session.disconnected_at = state.disconnected_at or now
+        if store is not None:
+            store.put_session(cid, expiry, session.disconnected_at, state.username)
+        for s in state.subscriptions:
+            sub = Subscription(session, s.filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
+                               s.subscription_id, s.share_group)
+            if self.router.add(sub):
+                self._interest_up(s.filter)  # peers hear of the filter (C1's refcounts; merge of c3)
+            session.subscriptions[s.filter] = sub
+            if store is not None:
+                store.put_subscription(cid, s.filter, s.qos, s.no_local, s.retain_as_published,
+                                       s.retain_handling, s.subscription_id)
+        for e in state.inflight:
+            entry = Inflight(e.message, e.qos, e.retain, e.subscription_ids)
+            entry.released = e.released
+            session.inflight[e.packet_id] = entry
+            if store is not None:
+                store.put_inflight(cid, e.packet_id, e.message, e.qos, e.retain, e.subscription_ids)
+                if e.released:
+                    store.release_inflight(cid, e.packet_id)
+        session._next_pid = state.next_packet_id if 1 <= state.next_packet_id <= 65535 else 1
+        for pid in state.inbound_qos2:
+            session.inbound_qos2.add(pid)  # written through for a PersistentSession
+        # Queued messages are taken whatever this node's queue bounds: they were accepted already.
+        if queued:
+            if isinstance(session, PersistentSession):
+                disk = session.queue
+                for q in queued:
+                    if isinstance(q, bytes):
+                        disk.append_entry(q)
+                    else:
+                        disk.append((q.message, q.qos, q.retain, q.subscription_ids))
+                session.queue_bytes = disk.bytes
+            else:
+                session.queue = queue = deque()
+                for q in queued:
+                    queue.append((q.message, q.qos, q.retain, q.subscription_ids))
+                    session.queue_bytes += len(q.message.payload) + len(q.message.topic)
+                    if q.qos == 0:
+                        session.queue_qos0 += 1
+        if state.will is not None:
+            session.will = Will(*state.will)
+            if store is not None:
+                store.put_will(cid, session.will.message, session.will.delay)
+        self.sessions[cid] = session
+        self._arm_timer_remaining(session, max(0.0, now - session.disconnected_at))
+        log.info("session_imported", extra={"client_id": cid, "subscriptions": len(session.subscriptions),
+                                            "inflight": len(session.inflight), "queued": len(queued)})
+        return session
 
     def capped_expiry(self, expiry_interval: int) -> int:
         """``expiry_interval`` (seconds; EXPIRY_NEVER for a 3.1.1 persistent session) under the
@@ -399,8 +645,10 @@ class Broker:
             return  # _hand_over_rest ends it
         self._forget_session(session)
 
-    def _forget_session(self, session: Session) -> None:
-        """The end of ``_end_session``: out of the router, the store and the session table."""
+    def _forget_session(self, session: Session, release: bool = True) -> None:
+        """The end of ``_end_session``: out of the router, the store and the session table; with
+        peers installed the client id's ownership is released too (not when the session moved to
+        another node, ``release`` False, nor while a connection here is claiming it)."""
         if self.queues is not None:
             self.queues.resumable.pop(session.client_id, None)  # its queue memberships end too
         for filter in list(session.subscriptions):
@@ -414,6 +662,16 @@ class Broker:
             del self.sessions[session.client_id]
             if self.auth is not None:
                 self.auth.forget(session.client_id)
+            peers = self.peers
+            if peers is not None and release and session.client_id not in self._claiming:
+                self._release(peers, session.client_id)
+
+    @staticmethod
+    def _release(peers, client_id: str) -> None:
+        try:
+            peers.release_session(client_id)
+        except Exception as exc:  # the owner key goes with this node's lease anyway
+            log.warning("session_release_failed", extra={"client_id": client_id, "error": str(exc)})
 
     def _hand_over_shared(self, session: Session, ending: bool, in_steps: bool = True) -> bool:
         """Give the QoS 1/2 messages an offline shared-subscription member got through its group, and
@@ -885,13 +1143,26 @@ class Broker:
                                     "wills_published": len(due)})
 
     def shutdown(self) -> None:
-        """Close every client connection (5.0 reason 0x8B); wills are published as on a server close."""
+        """Close every client connection (5.0 reason 0x8B); wills are published as on a server close.
+
+        With peers installed, a session that ends with its connection releases its client id as its
+        connection closes; a persistent session stays owned by this node, so a client reconnecting
+        to another node while this one drains takes its whole session over from here. The node
+        gives the rest up when it stops (``release_sessions``, or its lease's revocation)."""
         self.accepting = False
         for session in list(self.hand_overs):
             self._stop_hand_over(session)
         for session in list(self.sessions.values()):
             if session.delivery is not None:
                 session.delivery.close(0x8B, "server shutting down")
+
+    def release_sessions(self) -> None:
+        """Give up the ownership of every client id held here (the last step of a graceful stop,
+        after the drain in which other nodes could still take sessions over)."""
+        peers = self.peers
+        if peers is not None:
+            for client_id in list(self.sessions):
+                self._release(peers, client_id)
 
     def session_count(self) -> int:
         return len(self.sessions)

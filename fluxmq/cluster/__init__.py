@@ -1,1 +1,5 @@
-"""The cluster (issue 11): nodes that act as one broker. Imported only with ``cluster.enabled: true``."""
+"""The cluster (issue 11): etcd metadata, gRPC between nodes, sessions that move between nodes.
+
+Imported only when ``cluster.enabled`` is true; the broker reaches it through
+``fluxmq.broker.peers.Peers``.
+"""

@@ -29,6 +29,7 @@ from fluxmq.errors import (
     ProtocolError,
     QueueRefused,
     QuotaExceeded,
+    ServerUnavailable,
     StorageError,
     TopicFilterInvalid,
 )
@@ -782,7 +783,9 @@ class MQTTConnection:
                 return
         try:
             session, present = broker.open_session(client_id, p.clean_start, expiry, will, username)
-        except QuotaExceeded as err:  # broker.max_sessions: a new client id and no room
+        except (QuotaExceeded, ServerUnavailable) as err:
+            # broker.max_sessions: a new client id and no room (0x97); the cluster cannot establish
+            # this node as the session's owner (0x88). 3.x: return code 3, Server unavailable.
             if auth is not None:
                 auth.forget(client_id)  # its ACL was compiled by policy() above
             self._refuse(RC_SERVER_UNAVAILABLE, err.reason_code, str(err))

@@ -52,7 +52,12 @@ class DiskQueue:
     def append(self, item: tuple) -> int:
         """Store an item at the tail; returns its encoded size."""
         message, qos, retain, subscription_ids = item
-        entry = r.encode_entry(message, qos, retain, subscription_ids)
+        return self.append_entry(r.encode_entry(message, qos, retain, subscription_ids))
+
+    def append_entry(self, entry: bytes) -> int:
+        """Store an already encoded entry (``records.encode_entry``, framing checked with
+        ``records.check_entry``) at the tail: a session handed over from another node."""
+        qos = r.entry_qos(entry)
         seq = self.next
         self.next = seq + 1
         self._store.queue_append(self._cid, seq, entry)
@@ -63,6 +68,16 @@ class DiskQueue:
         if qos == 0:
             self._qos0.append(seq)
         return len(entry)
+
+    def encoded_entries(self, batch: int = 1024) -> list[bytes]:
+        """Every queued entry as stored, head first (a session handed over to another node)."""
+        out: list[bytes] = []
+        seq, end = self.first, self.next
+        while seq < end:
+            seqs = range(seq, min(end, seq + batch))
+            out.extend(bytes(entry) for entry in self._store.queue_read(self._cid, seqs) if entry is not None)
+            seq = seqs[-1] + 1
+        return out
 
     def _fill(self) -> bool:
         """Read the next window of entries. Seqs with no entry (evicted QoS 0, or lost to a failed

@@ -225,6 +225,22 @@ def decode_entry(buf) -> tuple:
     return decode_message(memoryview(buf)[i:]), qos, bool(flags & 1), ids, bool(flags & 2)
 
 
+def check_entry(buf) -> int:
+    """Check an entry's framing (versions, lengths) without decoding its strings or properties; returns
+    its delivery QoS. Raises RecordError. A session hand-over passes stored entries on this way."""
+    n_buf = len(buf)
+    if n_buf < _ENTRY.size or buf[0] != FORMAT:
+        raise RecordError("queue/inflight record is truncated or has an unknown format version")
+    _, qos, _flags, n = _ENTRY.unpack_from(buf, 0)
+    i = _ENTRY.size + 4 * n
+    if qos > 2 or n_buf - i < _MSG.size or buf[i] != FORMAT:
+        raise RecordError("queue/inflight record is damaged")
+    _, _, _, tlen, olen, plen, paylen = _MSG.unpack_from(buf, i)
+    if i + _MSG.size + tlen + olen + plen + paylen != n_buf:
+        raise RecordError("message record length does not match its header")
+    return qos
+
+
 def mark_released(buf) -> bytes:
     """The same entry with its QoS 2 released flag set (PUBREC received, PUBREL sent)."""
     data = bytearray(buf)

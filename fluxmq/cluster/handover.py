@@ -1,0 +1,141 @@
+"""Session hand-over between nodes: the takeover RPC's two ends.
+
+* The state codec is ``fluxmq.broker.session_state`` (re-exported here): the broker encodes and
+  decodes it itself and never imports this package.
+* ``takeover_handler(broker)`` answers ``kind="session.takeover"`` on the node that owns a session:
+  payload = client id (UTF-8), reply = the encoded state (``Broker.export_session``, its removal
+  committed to the local store first), or ``b""`` when this node holds no session of that id. It
+  raises ServerUnavailable while a connection of that id is still claiming it on this node.
+* ``ClusterSessions`` implements ``Peers.claim_session`` / ``release_session`` over an ownership
+  registry (``acquire_session(client_id, take_from=None) -> previous owner | None``,
+  ``release_session(client_id)``: etcd, ``fluxmq.cluster.metadata``) and a control RPC
+  (``call(node_id, kind, payload, timeout) -> bytes``: gRPC, ``fluxmq.cluster.transport``).
+
+A takeover, with client C connecting to node B while node A owns its session::
+
+    B: acquire_session(C)             -> "A"        (A stays owner)
+    B: call("A", "session.takeover", C)              A: export_session(C): DISCONNECT 0x8E to the
+                                                        old connection, state out of A, no will
+    B: acquire_session(C, take_from="A") -> None     (CAS A -> B)
+    B: import_session, CONNACK session_present=1
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fluxmq.broker.session_state import (
+    SessionState,
+    SessionStateError,
+    decode_session_state,
+    encode_session_state,
+)
+from fluxmq.errors import ServerUnavailable, StorageError
+
+log = logging.getLogger("fluxmq.cluster.handover")
+
+#: control RPC kind of a takeover request
+TAKEOVER_KIND = "session.takeover"
+#: seconds the answering node waits for the commit that removes the session from its store
+COMMIT_TIMEOUT = 2.0
+
+__all__ = ["TAKEOVER_KIND", "ClusterSessions", "SessionState", "SessionStateError", "decode_session_state",
+           "encode_session_state", "takeover_handler"]
+
+
+def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
+    """The transport handler of ``session.takeover`` for ``broker``: ``fn(from_node, payload)``
+    exports the session named by ``payload`` and returns its state (``b""``: no such session)."""
+
+    def handle(from_node: str, payload: bytes) -> bytes:
+        try:
+            client_id = bytes(payload).decode()
+        except UnicodeDecodeError:
+            log.warning("takeover_refused", extra={"from_node": from_node, "reason": "client id is not UTF-8"})
+            return b""
+        state = broker.export_session(client_id)  # ServerUnavailable goes back as the call's error
+        if state:
+            # The session's removal here is committed before the state leaves: a crash of this
+            # node afterwards cannot bring back a second copy at its restart.
+            try:
+                broker.wait_committed(COMMIT_TIMEOUT)
+            except StorageError as exc:
+                log.error("takeover_commit_failed", extra={"client_id": client_id, "error": str(exc),
+                                                           "effect": "a restart here may restore a stale copy"})
+        log.info("takeover_served", extra={"from_node": from_node, "client_id": client_id,
+                                           "bytes": len(state) if state else 0})
+        return state or b""
+
+    return handle
+
+
+class ClusterSessions:
+    """``Peers.claim_session`` and ``release_session`` over an ownership registry and an RPC.
+
+    ``claim_session`` makes this node the owner of a client id: when another live node owns it,
+    that node hands the state over (its connection closed first), then ownership moves with a
+    compare-and-swap from that node. If ownership moved elsewhere meanwhile (a race with a third
+    node), the new owner is asked in turn, at most ``max_moves`` times. Any failure of the registry
+    or of the owner to answer raises ServerUnavailable (CONNACK 0x88; the client retries).
+    """
+
+    def __init__(self, ownership, call: Callable[[str, str, bytes, float], bytes], timeout: float = 5.0,
+                 max_moves: int = 3, max_kept: int = 10000) -> None:
+        self.ownership = ownership
+        self.call = call
+        self.timeout = timeout
+        self.max_moves = max_moves
+        # States handed over to a claim that then failed (the registry refused or moved on): the
+        # previous owner gave them up already, so they are kept for the client's next claim here
+        # (a client refused with 0x88 retries) rather than lost. Bounded; the oldest goes first.
+        self.kept: dict[str, bytes] = {}
+        self.max_kept = max_kept
+
+    def _acquire(self, client_id: str, take_from: str | None) -> str | None:
+        try:
+            if take_from is None:
+                return self.ownership.acquire_session(client_id)
+            return self.ownership.acquire_session(client_id, take_from=take_from)
+        except ServerUnavailable:
+            raise
+        except Exception as exc:
+            raise ServerUnavailable(f"ownership of {client_id!r} cannot be established: {exc}") from exc
+
+    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
+        """Own ``client_id``; returns the state its previous owner handed over, or None."""
+        state = self.kept.pop(client_id, None)
+        take_from: str | None = None
+        try:
+            for _ in range(self.max_moves + 1):
+                owner = self._acquire(client_id, take_from)
+                if owner is None:
+                    return state
+                try:
+                    reply = self.call(owner, TAKEOVER_KIND, client_id.encode(), self.timeout)
+                except Exception as exc:
+                    raise ServerUnavailable(f"node {owner} owning {client_id!r} does not answer: {exc}") from exc
+                if reply:
+                    if state is not None:
+                        log.warning("takeover_state_replaced", extra={"client_id": client_id, "from_node": owner})
+                    state = bytes(reply)
+                take_from = owner
+            raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
+        except ServerUnavailable:
+            if state is not None:
+                self._keep(client_id, state)
+            raise
+
+    def _keep(self, client_id: str, state: bytes) -> None:
+        kept = self.kept
+        kept[client_id] = state
+        while len(kept) > self.max_kept:
+            dropped = next(iter(kept))
+            del kept[dropped]
+            log.warning("takeover_state_dropped", extra={"client_id": dropped, "reason": "max_kept"})
+        log.warning("takeover_state_kept", extra={"client_id": client_id,
+                                                  "effect": "returned to the client's next claim on this node"})
+
+    def release_session(self, client_id: str) -> None:
+        """Give up ownership of ``client_id`` (the registry deletes it only if this node owns it)."""
+        self.ownership.release_session(client_id)

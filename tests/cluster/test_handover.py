@@ -1,0 +1,235 @@
+"""fluxmq/cluster/handover.py: ClusterSessions (Peers.claim_session over an ownership registry and a
+control RPC) and takeover_handler (the answering end), between real Brokers.
+
+``Registry``/``Ownership`` stand for etcd (C2's ``acquire_session`` compare-and-swap) and ``Network``
+for the gRPC transport (C1's ``call``/``handle``): in-process doubles with the interfaces of
+CLUSTER.md, because those parts are built elsewhere. The real end-to-end test over two node
+processes is added with the transport."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from fluxmq.broker.broker import Broker, BrokerSettings
+from fluxmq.broker.message import Message
+from fluxmq.broker.session import Will
+from fluxmq.cluster.handover import TAKEOVER_KIND, ClusterSessions, decode_session_state, takeover_handler
+from fluxmq.errors import ServerUnavailable
+from tests.broker.test_session import RecordingDelivery
+
+
+class Registry:
+    """Owner of each client id, with etcd's guarantee: one owner at a time, moved only by CAS."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, str] = {}
+        self.down = False  # no quorum
+        self.before_cas = None  # hook run before a take_from CAS (a third node racing)
+
+    def acquire(self, node: str, client_id: str, take_from: str | None) -> str | None:
+        if self.down:
+            raise ConnectionError("etcd: no quorum")
+        owner = self.owners.get(client_id)
+        if take_from is not None and self.before_cas is not None:
+            hook, self.before_cas = self.before_cas, None
+            hook()
+            if self.down:
+                raise ConnectionError("etcd: no quorum")
+            owner = self.owners.get(client_id)
+        if owner is None or owner == node or (take_from is not None and owner == take_from):
+            self.owners[client_id] = node
+            return None
+        return owner
+
+
+class Ownership:
+    """One node's view of the registry (``acquire_session``/``release_session`` as in CLUSTER.md)."""
+
+    def __init__(self, registry: Registry, node: str) -> None:
+        self.registry = registry
+        self.node = node
+
+    def acquire_session(self, client_id: str, take_from: str | None = None) -> str | None:
+        return self.registry.acquire(self.node, client_id, take_from)
+
+    def release_session(self, client_id: str) -> None:
+        if self.registry.owners.get(client_id) == self.node:
+            del self.registry.owners[client_id]
+
+
+class Network:
+    """``call(node, kind, payload, timeout)`` to the handlers each node registered."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, dict] = {}
+        self.unreachable: set[str] = set()
+        self.lose_replies = 0  # replies lost on the way back (the handler ran)
+        self.calls: list[tuple[str, str, bytes]] = []
+
+    def handle(self, node: str, kind: str, fn) -> None:
+        self.handlers.setdefault(node, {})[kind] = fn
+
+    def caller(self, from_node: str):
+        def call(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
+            self.calls.append((node, kind, payload))
+            if node in self.unreachable:
+                raise ConnectionError(f"peer {node} unavailable")
+            with gevent.Timeout(timeout):
+                reply = self.handlers[node][kind](from_node, payload)
+            if self.lose_replies:
+                self.lose_replies -= 1
+                raise ConnectionError("reply lost")
+            return reply
+        return call
+
+
+class NodePeers(ClusterSessions):
+    """ClusterSessions as a whole Peers (interest and forwarding are C1's, not exercised here)."""
+
+    def interest_added(self, filter: str) -> None:
+        pass
+
+    def interest_removed(self, filter: str) -> None:
+        pass
+
+    def forward(self, message, groups):
+        return groups
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.registry = Registry()
+        self.network = Network()
+        self.brokers: dict[str, Broker] = {}
+
+    def node(self, name: str) -> Broker:
+        broker = Broker(BrokerSettings(node_id=name))
+        broker.set_peers(NodePeers(Ownership(self.registry, name), self.network.caller(name), timeout=2.0))
+        self.network.handle(name, TAKEOVER_KIND, takeover_handler(broker))
+        self.brokers[name] = broker
+        return broker
+
+
+def connect(broker: Broker, cid: str, clean: bool = False, will: Will | None = None):
+    session, present = broker.open_session(cid, clean, 3600, will)
+    d = RecordingDelivery()
+    broker.attach(session, d, 100)
+    gevent.sleep(0)
+    return session, d, present
+
+
+@pytest.fixture
+def cluster() -> Cluster:
+    return Cluster()
+
+
+def test_a_client_connecting_to_another_node_takes_its_session_over(cluster: Cluster) -> None:
+    a, b = cluster.node("A"), cluster.node("B")
+    s, old, present = connect(a, "c1", will=Will(Message("w", b"gone", 1), 0))
+    assert not present and cluster.registry.owners["c1"] == "A"
+    a.subscribe(s, "t/#", 1, no_local=True, subscription_id=3)
+    a.publish(Message("t/1", b"m", 1))
+    new, d, present = connect(b, "c1")
+    assert present and old.closed_with == 0x8E
+    assert cluster.registry.owners["c1"] == "B"
+    assert cluster.network.calls == [("A", TAKEOVER_KIND, b"c1")]
+    assert "c1" not in a.sessions
+    assert new.subscriptions["t/#"].no_local and new.subscriptions["t/#"].subscription_id == 3
+    assert d.sent == [("t/1", 1, False, 1, True, (3,))]  # resent with DUP
+    # Back to A: the same way.
+    again, d2, present = connect(a, "c1")
+    assert present and d.closed_with == 0x8E and cluster.registry.owners["c1"] == "A"
+    assert d2.sent == [("t/1", 1, False, 1, True, (3,))]
+
+
+def test_an_owner_that_does_not_answer_refuses_the_connect_with_0x88(cluster: Cluster) -> None:
+    a, b = cluster.node("A"), cluster.node("B")
+    s, old, _ = connect(a, "c1")
+    cluster.network.unreachable.add("A")
+    with pytest.raises(ServerUnavailable) as err:
+        b.open_session("c1", False, 3600)
+    assert err.value.reason_code == 0x88
+    assert cluster.registry.owners["c1"] == "A" and a.sessions["c1"] is s and old.closed_with is None
+    assert "c1" not in b.sessions
+
+
+def test_a_registry_without_quorum_refuses_the_connect_with_0x88(cluster: Cluster) -> None:
+    b = cluster.node("B")
+    cluster.registry.down = True
+    with pytest.raises(ServerUnavailable, match="no quorum"):
+        b.open_session("c1", False, 3600)
+
+
+def test_a_third_node_racing_is_asked_in_turn(cluster: Cluster) -> None:
+    """Ownership moves to C between A's hand-over and B's CAS: B asks C (which has nothing yet), then
+    owns the id, with the state A handed over."""
+    a, b, _ = cluster.node("A"), cluster.node("B"), cluster.node("C")
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    cluster.registry.before_cas = lambda: cluster.registry.owners.__setitem__("c1", "C")
+    new, _, present = connect(b, "c1")
+    assert present and set(new.subscriptions) == {"t"}
+    assert [n for n, _, _ in cluster.network.calls] == ["A", "C"]
+    assert cluster.registry.owners["c1"] == "B"
+
+
+def test_a_state_whose_claim_failed_is_kept_for_the_next_claim(cluster: Cluster) -> None:
+    a, b = cluster.node("A"), cluster.node("B")
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+
+    def quorum_lost() -> None:
+        cluster.registry.down = True
+
+    cluster.registry.before_cas = quorum_lost
+    with pytest.raises(ServerUnavailable):
+        b.open_session("c1", False, 3600)
+    assert "c1" not in a.sessions and "c1" in b.peers.kept  # A gave it up; B keeps it
+    cluster.registry.down = False
+    new, _, present = connect(b, "c1")  # the client retries
+    assert present and set(new.subscriptions) == {"t"} and not b.peers.kept
+
+
+def test_ownership_that_keeps_moving_is_refused(cluster: Cluster) -> None:
+    b = cluster.node("B")
+    peers = b.peers
+    peers.ownership = type("Flapping", (), {"acquire_session": lambda self, cid, take_from=None: "X"})()
+    cluster.network.handle("X", TAKEOVER_KIND, lambda frm, payload: b"")
+    with pytest.raises(ServerUnavailable, match="kept moving"):
+        peers.claim_session("c1", False)
+    assert len(cluster.network.calls) == peers.max_moves + 1
+
+
+def test_the_takeover_handler_answers_empty_for_no_session_and_bad_ids(cluster: Cluster) -> None:
+    a = cluster.node("A")
+    handle = takeover_handler(a)
+    assert handle("B", b"nobody") == b""
+    assert handle("B", b"\xff\xfe") == b""
+    connect(a, "c1")
+    state = decode_session_state(handle("B", b"c1"))
+    assert state.client_id == "c1" and state.connected and state.expiry_interval == 3600
+
+
+def test_release_goes_to_the_registry(cluster: Cluster) -> None:
+    a = cluster.node("A")
+    connect(a, "c1")
+    a.release_sessions()
+    assert "c1" not in cluster.registry.owners
+
+
+def test_a_lost_takeover_reply_loses_nothing(cluster: Cluster) -> None:
+    """A handed the state over but the reply never reached B: B refuses the client (0x88), A is still
+    the registered owner, and the client's retry gets the whole session."""
+    a, b = cluster.node("A"), cluster.node("B")
+    s, old, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    a.publish(Message("t", b"m", 1))
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        b.open_session("c1", False, 3600)
+    assert old.closed_with == 0x8E and "c1" not in a.sessions and cluster.registry.owners["c1"] == "A"
+    new, d, present = connect(b, "c1")
+    assert present and set(new.subscriptions) == {"t"}
+    assert d.sent == [("t", 1, False, 1, True, None)]
+    assert cluster.registry.owners["c1"] == "B"
