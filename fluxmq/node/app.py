@@ -209,6 +209,14 @@ class NodeApplication(BaseApplication):
         self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
+        from fluxmq.node.workers import worker_count
+        self.workers = worker_count(config)
+        if self.workers > 1 and config.cluster.enabled:
+            raise ConfigError("server.workers", "1 while cluster.enabled is true (several workers on a "
+                              "cluster node are not built yet)", config.origin("server.workers"),
+                              got=config.server.workers)
+        self.run_dir: str | None = None  # several workers: their Unix sockets and ownership table
+        self.worker_sockets: dict = {}  # several workers: MQTT section -> one socket per worker index
         super().__init__(prog="fluxmq-node")
 
     def _bind(self) -> list[str]:
@@ -222,7 +230,8 @@ class NodeApplication(BaseApplication):
     def load_config(self) -> None:
         settings = {
             "bind": self._bind(),
-            "workers": 1,
+            "workers": self.workers,
+            "pre_fork": self._pre_fork,
             "worker_class": BrokerWorker,
             "timeout": max(1, math.ceil(self.worker_timeout)),
             "graceful_timeout": max(1, math.ceil(self.grace)),
@@ -237,6 +246,34 @@ class NodeApplication(BaseApplication):
         # gunicorn validates graceful_timeout as an int but only ever adds it to time.time(), so
         # keep the exact grace: the node must be gone within server.shutdown_timeout.
         self.cfg.settings["graceful_timeout"].value = self.grace
+
+    @staticmethod
+    def _pre_fork(arbiter, worker) -> None:
+        # The lowest index no live worker holds: a restarted worker takes over the shard and the
+        # socket path of the one it replaces.
+        taken = {getattr(w, "worker_index", None) for w in arbiter.WORKERS.values()}
+        worker.worker_index = next(i for i in range(len(taken) + 1) if i not in taken)
+
+    def worker_context(self, index: int):
+        """What worker ``index`` needs to join the node's other workers (None with one worker)."""
+        if self.workers <= 1:
+            return None
+        from fluxmq.node.workers import WorkerContext
+
+        return WorkerContext(index, self.workers, self.run_dir,
+                             {section: socks[index] for section, socks in self.worker_sockets.items()})
+
+    def prepare_workers(self) -> None:
+        """Several workers: the run directory and the MQTT sockets, made by the arbiter before it
+        forks (raises OSError when a port cannot be bound)."""
+        if self.workers <= 1 or self.run_dir is not None:
+            return
+        from fluxmq.node.service import MQTT_LISTENERS
+        from fluxmq.node.workers import bind_mqtt, make_run_dir
+
+        self.worker_sockets = bind_mqtt(self.node_config, [section for _, section in MQTT_LISTENERS],
+                                        self.workers)
+        self.run_dir = make_run_dir()
 
     def load(self) -> Callable:
         raise RuntimeError("BrokerWorker builds the WSGI apps around its BrokerService (make_wsgi_apps)")
@@ -291,8 +328,15 @@ class NodeApplication(BaseApplication):
     def run(self) -> None:
         """Run the arbiter until shutdown; exits the process (0 on a clean stop)."""
         try:
+            try:
+                self.prepare_workers()
+            except OSError as exc:
+                log.error("broker_start_failed", extra={"pid": os.getpid(), "error": str(exc)})
+                raise SystemExit(Arbiter.WORKER_BOOT_ERROR) from None
             NodeArbiter(self).run()
         finally:
-            # A forked worker unwinds through here too; only the arbiter removes the directory.
-            if self._private_dir is not None and os.getpid() == self._owner_pid:
-                shutil.rmtree(self._private_dir, ignore_errors=True)
+            # A forked worker unwinds through here too; only the arbiter removes the directories.
+            if os.getpid() == self._owner_pid:
+                for path in (self._private_dir, self.run_dir):
+                    if path is not None:
+                        shutil.rmtree(path, ignore_errors=True)

@@ -238,6 +238,13 @@ def auth_settings(config) -> AuthSettings:
     )
 
 
+def _gevent_socket(sock):
+    """A listening socket the arbiter bound (before gevent patched anything) as a gevent socket."""
+    from gevent import socket as gsocket
+
+    return gsocket.socket(sock.family, sock.type, fileno=sock.detach())
+
+
 def _section(config, dotted: str):
     for part in dotted.split("."):
         config = getattr(config, part)
@@ -262,6 +269,9 @@ class BrokerService:
         self.coap_listeners: list = []
         self.bridges: Bridges | None = None
         self.cluster = None  # fluxmq.cluster.node.ClusterNode when cluster.enabled (imported only then)
+        # Several workers (server.workers > 1): fluxmq.node.workers.WorkerContext, set by the worker
+        # before start; self.cluster is then the local cluster of the node's workers.
+        self.workers = None
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -277,7 +287,13 @@ class BrokerService:
         # A foreign, damaged or newer data directory raises StorageError with one line: the worker
         # logs it and the node exits non-zero (never a silent wipe, never a restart loop).
         started = time.monotonic()
-        self.storage = storage = open_storage(cfg)
+        workers = self.workers
+        if workers is not None and cfg.storage.type == "lmdb":
+            from fluxmq.node.workers import shard_path
+
+            self.storage = storage = open_storage(cfg, shard_path(cfg.storage.path, workers.index))
+        else:
+            self.storage = storage = open_storage(cfg)
         self.broker = Broker(broker_settings(cfg), storage)
         self.broker.stats.output_budget.limit = cfg.broker.output_memory_limit
         self.broker.set_auth(auth)
@@ -294,7 +310,9 @@ class BrokerService:
             flusher.ensure_committed()  # what restore changed (expired sessions, published wills)
             storage.start_background()
         log.info("storage_restored", extra={"start_took": round(time.monotonic() - started, 3)})
-        if cfg.cluster.enabled:
+        if workers is not None:
+            self._start_workers(cfg, workers)
+        elif cfg.cluster.enabled:
             self._start_cluster(cfg)
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [(name, section, lc, stream_factory(cfg, name, section))
@@ -303,12 +321,14 @@ class BrokerService:
         for name, section, lc, factory in enabled:  # every TLS setting was checked before the first bind
             host, port = parse_addr(lc.addr)
             settings = protocol_settings(cfg, lc, refuse_anonymous=f"{section}.addr" in exposed)
+            sock = workers.sockets.get(section) if workers is not None else None
             listener = TCPListener(name, host, port, self.broker, settings, flusher,
-                                   max_connections=lc.max_connections, stream_factory=factory)
+                                   max_connections=lc.max_connections, stream_factory=factory,
+                                   sock=_gevent_socket(sock) if sock is not None else None)
             listener.start()
             self.listeners.append(listener)
         self._start_coap(cfg)
-        self.sys_topics = SysTopics(self.broker, cfg.broker.sys_interval)
+        self.sys_topics = self._sys_topics(cfg.broker.sys_interval)
         self.sys_topics.start()
         configs = bridges_from_config(cfg)  # ConfigError (unreadable password) before any link opens
         if configs:
@@ -326,6 +346,17 @@ class BrokerService:
         self.broker.settings.node_id = settings.node_id
         self.cluster = ClusterNode(settings, self.broker)
         self.cluster.start()
+
+    def _start_workers(self, cfg, workers) -> None:
+        """Several workers: this one joins the others as a member of the node's local cluster."""
+        from fluxmq.cluster.workers import WorkerNode
+
+        self.cluster = WorkerNode(workers, self.broker, cfg)
+        self.cluster.start()
+
+    def _sys_topics(self, interval: float) -> SysTopics:
+        totals = getattr(self.cluster, "sys_totals", None)  # several workers: the node's totals
+        return SysTopics(self.broker, interval, totals=totals)
 
     def _set_up_queues(self, cfg, storage: Storage) -> None:
         """Durable queues: started now when configured or stored, else made on first use of a
@@ -452,7 +483,7 @@ class BrokerService:
                 applied.add("broker.max_retained_messages")
             if "broker.sys_interval" in changed and self.sys_topics is not None:
                 self.sys_topics.stop()
-                self.sys_topics = SysTopics(broker, new["broker.sys_interval"])
+                self.sys_topics = self._sys_topics(new["broker.sys_interval"])
                 self.sys_topics.start()
                 applied.add("broker.sys_interval")
         for hook in self.reload_hooks:
