@@ -4,7 +4,9 @@ Nothing here is a second routing path: every worker runs the cluster's own piece
 ``ClusterPeers`` (interest tries per member, batched forwarding with sequence ids, shared groups
 decided once) over a ``ClusterTransport`` whose addresses are Unix sockets in the node's run
 directory (``unix:{run_dir}/w{i}.sock``), and ``ClusterSessions`` (C3's takeover) over an ownership
-registry that needs no etcd. What is particular to workers:
+registry that needs no etcd. The transport is ``fluxmq.cluster.unix.UnixTransport`` (the same
+service and ``PeerLink``, protobuf frames on plain Unix sockets) unless ``server.workers_transport``
+is ``grpc``. What is particular to workers:
 
 * **Membership** is static: the arbiter starts ``count`` workers with indexes 0..count-1 and
   restarts a dead one under its index, so the member list never changes; a restarted worker's link
@@ -163,8 +165,11 @@ class WorkerNode:
     """One worker's membership in the node's local cluster: transport, peers, ownership, totals."""
 
     def __init__(self, context, broker, config) -> None:
-        init_grpc_for_gevent()
-        from .transport import ClusterTransport
+        if config.server.workers_transport == "grpc":
+            init_grpc_for_gevent()
+            from .transport import ClusterTransport as Transport
+        else:
+            from .unix import UnixTransport as Transport
 
         self.context = context
         self.node_id = context.node_id
@@ -176,7 +181,7 @@ class WorkerNode:
             peers={f"w{i}": "unix:" + context.socket_path(i) for i in range(context.count) if i != context.index})
         self.peers = WorkerPeers(self.node_id, _WorkerBroker(broker), None,
                                  broker.settings.shared_subscription_strategy, settings.interest_sync_timeout)
-        self.transport = ClusterTransport(self.node_id, self.epoch, settings, self.peers.apply_batch,
+        self.transport = Transport(self.node_id, self.epoch, settings, self.peers.apply_batch,
                                           broker.interest_filters, on_ack=self.peers.on_ack,
                                           on_peer_removed=self.peers.peer_removed)
         self.peers.transport = self.transport

@@ -489,6 +489,9 @@ KEYS: tuple[Key, ...] = (
     Key("server.workers", Workers(), 1,
         'Worker processes of this node, acting as one broker (docs/cluster.rst "Several workers"); '
         '"auto" = the number of cores. They share every port; each worker owns a storage shard.'),
+    Key("server.workers_transport", Enum("unix", "grpc"), "unix",
+        "What carries batches between the workers: unix = length-prefixed protobuf frames on Unix "
+        "sockets; grpc = C1's gRPC transport on unix: sockets (bench/workers_transport.py compares them)."),
     Key("broker.max_message_size", Size(1), 1048576, "Largest PUBLISH payload accepted, in bytes."),
     Key("broker.max_packet_size", Size(2), 2097152,
         "Largest inbound packet, in bytes (checked from the fixed header)."),

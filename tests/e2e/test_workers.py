@@ -283,3 +283,19 @@ def test_kill_9_of_a_worker_restarts_it_the_other_keeps_serving_persistent_sessi
         assert node.stop() == 0
     finally:
         factory.close()
+
+
+def test_grpc_between_workers_routes_too(tmp_path) -> None:
+    """``server.workers_transport: grpc``: C1's gRPC transport on unix: sockets carries the same batches."""
+    factory = NodeFactory(tmp_path)
+    try:
+        node = start(factory, {"server.workers_transport": "grpc"})
+        topic = unique("xw/grpc")
+        with on_worker(node, "w0", "sub") as sub, on_worker(node, "w1", "pub") as pub:
+            sub.subscribe(topic, 1)
+            for i in range(10):
+                pub.publish(topic, f"g{i}".encode(), 1)
+            assert [sub.get(WAIT).payload for _ in range(10)] == [f"g{i}".encode() for i in range(10)]
+        assert "cluster_transport_listening" in node.log_text() and "port=1 tls=false" in node.log_text()
+    finally:
+        factory.close()
