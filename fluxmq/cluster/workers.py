@@ -19,7 +19,8 @@ is ``grpc``. What is particular to workers:
 * **Retained** messages are kept by every worker (each in its own storage shard): a retained
   publish is sent to every worker, those without matching interest only store it.
 * **$SYS totals** are the sum of the workers' figures (``sys_totals``), asked for with a control
-  call ``"stats"``; ``$SYS/broker/worker`` names the worker a client is connected to.
+  call ``"stats"``; ``$SYS/broker/worker`` names the worker a client is connected to. ``/metrics``
+  (``metrics_totals``) merges the workers' registries the same way (call ``"metrics"``).
 """
 
 from __future__ import annotations
@@ -250,6 +251,14 @@ class WorkerNode:
             except Exception as exc:
                 log.debug("worker_stats_unavailable", extra={"peer": node, "error": str(exc)})
         return out
+
+    def metrics_totals(self, registry):
+        """``/metrics`` of this worker as the node's: this worker's registry merged with the others'
+        (each other worker serves its own registry to the ``"metrics"`` call)."""
+        from fluxmq.http.metrics import NodeTotalsRegistry, families_to_json
+
+        self.transport.handle("metrics", lambda _from, _p: json.dumps(families_to_json(registry)).encode())
+        return NodeTotalsRegistry(registry, lambda: list(self.gather("metrics").values()))
 
     def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
         """This worker's $SYS figures turned into the node's: summed over the workers that answer."""

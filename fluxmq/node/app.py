@@ -290,7 +290,11 @@ class NodeApplication(BaseApplication):
             if name == "health":
                 health = make_health_app(service)
                 if config.server.metrics_enabled:
-                    health.mount("/metrics", make_metrics_app(make_registry(service, bridge)))
+                    registry = make_registry(service, bridge)
+                    totals = getattr(service.cluster, "metrics_totals", None)  # several workers
+                    if totals is not None:
+                        registry = totals(registry)
+                    health.mount("/metrics", make_metrics_app(registry))
                 apps.append(health)
             elif name.startswith("http"):
                 # One bridge (and one SSE stream registry) for plain and TLS; a network listener

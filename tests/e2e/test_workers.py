@@ -10,8 +10,10 @@ connects until it holds a client on each worker (``on_worker``).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -212,7 +214,12 @@ def test_takeover_of_a_client_id_across_workers_keeps_the_session_exact(node2) -
     assert moved == 2, "the client never landed on the other worker"
 
 
-def test_sys_totals_count_the_clients_of_both_workers(node2) -> None:
+def metrics(node: RunningNode) -> str:
+    with urllib.request.urlopen(f"http://{node.host}:{node.health_port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def test_sys_totals_and_metrics_count_the_clients_of_both_workers(node2) -> None:
     with on_worker(node2, "w0", "a") as a, on_worker(node2, "w1", "b") as b, \
             on_worker(node2, "w1", "b"):
         # The probe of on_worker disconnected its misplaced clients; these three stay connected.
@@ -224,8 +231,12 @@ def test_sys_totals_count_the_clients_of_both_workers(node2) -> None:
             value = int(msg.payload)
         b.subscribe("$SYS/broker/workers/answering", 0)
         answering = b.get(WAIT).payload
+        scrapes = [metrics(node2) for _ in range(6)]  # each scrape is served by either worker
     assert value == 3
     assert answering == b"2"
+    for text in scrapes:
+        assert re.search(r"^fluxmq_clients_connected 3\.0$", text, re.M), text[:2000]
+        assert re.search(r"^fluxmq_workers_answering 2\.0$", text, re.M)
 
 
 def test_kill_9_of_a_worker_restarts_it_the_other_keeps_serving_persistent_sessions_back(tmp_path) -> None:
