@@ -6,7 +6,7 @@ subscriber on the publisher's node and on the other node, and latency at ``--rat
 
 Usage::
 
-    python -m bench.cluster_cross [--duration 5] [--rate 1000] [--qos 0,1] [--sets k=v ...]
+    python -m bench.cluster_cross [--duration 5] [--rate 1000] [--qos 0,1] [--window 1000] [--sets k=v ...]
 
 Prints the loadgen RESULT lines and a summary: cross-node rate as a ratio of same-node, and
 p50/p99 latency in ms.
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--qos", default="0,1")
+    p.add_argument("--window", type=int, default=1000, help="loadgen --window (deliveries in flight)")
     p.add_argument("--sets", nargs="*", default=[], help="extra --set k=v for both nodes")
     args = p.parse_args(argv)
     ports = {"b1": free_port(), "b2": free_port()}
@@ -68,15 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         for node in nodes:
             wait_peers(node)
         a, b = nodes
+        pids = ["--pid", str(a.pid), "--pid", str(b.pid)]  # broker_cpu: both nodes' process trees
         summary = []
         for qos in args.qos.split(","):
             common = ["--mode", "throughput", "--port", str(a.port), "--pubs", "1", "--subs", "1", "--qos", qos,
-                      "--duration", str(args.duration), "--procs", "1"]
+                      "--duration", str(args.duration), "--procs", "1", "--window", str(args.window), *pids]
             same = loadgen(*common, "--label", f"same-node-q{qos}")
             cross = loadgen(*common, "--sub-port", str(b.port), "--label", f"cross-node-q{qos}")
             ratio = float(cross["rate"]) / float(same["rate"])
-            summary.append(f"QoS {qos} 1->1: same-node {float(same['rate']):,.0f}/s, cross-node "
-                           f"{float(cross['rate']):,.0f}/s, ratio {ratio:.2f}, lost {cross.get('lost')}")
+            summary.append(f"QoS {qos} 1->1: same-node {float(same['rate']):,.0f}/s (brokers' CPU "
+                           f"{same['broker_cpu']}), cross-node {float(cross['rate']):,.0f}/s (brokers' CPU "
+                           f"{cross['broker_cpu']}), ratio {ratio:.2f}, lost {cross.get('lost')}")
         lat = ["--mode", "latency", "--port", str(a.port), "--rate", str(args.rate),
                "--duration", str(args.duration), "--procs", "1"]
         same = loadgen(*lat, "--label", "same-node-latency")
@@ -84,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in (("same-node", same), ("cross-node", cross)):
             summary.append(f"latency at {args.rate:.0f} msg/s, {name}: p50 {r.get('p50_ms', r.get('p50'))} ms, "
                            f"p99 {r.get('p99_ms', r.get('p99'))} ms")
+        with urllib.request.urlopen(f"http://127.0.0.1:{a.health_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        found = dict(re.findall(r'^fluxmq_cluster_peer_(forwarded_\w+?)(?:_total)?\{peer="b2"\} (\S+)$', text, re.M))
+        if found:
+            batches, messages = float(found["forwarded_batches"]), float(found["forwarded_messages"])
+            summary.append(f"b1 -> b2: {messages:,.0f} messages in {batches:,.0f} batches "
+                           f"({messages / max(batches, 1):.1f} per batch)")
         print("\n".join(summary))
     finally:
         for node in nodes:

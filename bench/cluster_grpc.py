@@ -37,22 +37,23 @@ import grpc  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 
 from fluxmq.broker.message import Message  # noqa: E402
+from fluxmq.cluster.batch import Outgoing, build_batch, decode_items  # noqa: E402
 from fluxmq.cluster.proto import cluster_pb2 as pb  # noqa: E402
 from fluxmq.cluster.proto import cluster_pb2_grpc as pb_grpc  # noqa: E402
-from fluxmq.storage.records import decode_message, encode_message  # noqa: E402
+from fluxmq.storage.records import encode_message  # noqa: E402
 
 
 class _Sink(pb_grpc.ClusterTransportServicer):
     def Route(self, request_iterator, context):  # noqa: N802 (gRPC's name)
         for batch in request_iterator:
-            for item in batch.items:
-                decode_message(item.message)
+            for _ in decode_items(batch.items):
+                pass
             yield pb.BatchAck(seq=batch.seq)
 
     def Call(self, request, context):  # noqa: N802
         batch = pb.Batch.FromString(request.payload)
-        for item in batch.items:
-            decode_message(item.message)
+        for _ in decode_items(batch.items):
+            pass
         return pb.CallReply()
 
 
@@ -68,8 +69,7 @@ def serve(port: int) -> None:
 
 
 def _batch(seq: int, size: int, blob: bytes) -> pb.Batch:
-    return pb.Batch(sender="bench", epoch=1, seq=seq,
-                    items=[pb.Item(message=blob, match_local=True, expiry_ms=-1) for _ in range(size)])
+    return build_batch("bench", 1, seq, [Outgoing(blob, (), True, None) for _ in range(size)])[0]
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -259,6 +259,7 @@ class PeerLink:
         if time.monotonic() - sent > self.settings.publish_timeout:
             log.warning("peer_ack_timeout", extra={"peer": self.node_id, "in_flight": len(self.unacked),
                                                    "timeout": self.settings.publish_timeout})
+            self.stats.failures += 1
             self._break_stream()
 
     def _break_stream(self) -> None:

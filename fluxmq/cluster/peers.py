@@ -30,7 +30,7 @@ import gevent
 
 from fluxmq.storage.records import encode_message
 
-from .batch import Outgoing, decode_item
+from .batch import BatchError, Outgoing, decode_items
 from .interest import RemoteInterest
 from .proto import cluster_pb2 as pb
 
@@ -72,6 +72,7 @@ class ClusterPeers:
         self.received_batches = 0
         self.received_messages = 0
         self.duplicate_batches = 0
+        self.bad_batches = 0
 
     # -- Peers: interest -------------------------------------------------------------------------
 
@@ -154,7 +155,10 @@ class ClusterPeers:
             self._busy = {k: v for k, v in self._busy.items() if v > now}
 
     def peer_removed(self, node_id: str) -> None:
-        self.remote.drop(node_id)
+        """Our link to ``node_id`` closed (removed from the peers, or its address changed). Its
+        interest is kept: it comes over *its* stream to us, which may still be up, and a peer that
+        comes back replaces it with a snapshot; without a link nothing is forwarded to it anyway."""
+        self._busy = {k: v for k, v in self._busy.items() if k[0] != node_id}
 
     # -- Peers: ownership (C3 / the lead wire etcd ownership; static peers own nothing) ----------
 
@@ -184,24 +188,25 @@ class ClusterPeers:
                     remote.remove(sender, change.filter)
         busy: list[str] = []
         broker = self.broker
-        now = time.monotonic()
-        for item in batch.items:
-            try:
-                message = decode_item(item, now)
-            except Exception:
-                log.exception("bad_forwarded_message", extra={"peer": sender})
-                continue
-            groups = tuple(item.shared_groups)
-            if groups:
-                for g in broker.router.route(message.topic).groups:
-                    key = group_key(g)
-                    if key in groups and not group_ready(g):
-                        busy.append(key)
-            try:
-                broker.publish_from_peer(message, groups, item.match_local)
-            except Exception:
-                log.exception("forwarded_publish_failed", extra={"peer": sender, "topic": message.topic})
+        n = 0
+        try:
+            for message, groups, match_local in decode_items(batch.items):
+                n += 1
+                if groups:
+                    for g in broker.router.route(message.topic).groups:
+                        key = group_key(g)
+                        if key in groups and not group_ready(g):
+                            busy.append(key)
+                try:
+                    broker.publish_from_peer(message, groups, match_local)
+                except Exception:
+                    log.exception("forwarded_publish_failed", extra={"peer": sender, "topic": message.topic})
+        except BatchError as exc:
+            # Never crash the stream on bad input: the rest of this batch is lost (logged, counted).
+            self.bad_batches += 1
+            log.warning("bad_forwarded_batch", extra={"peer": sender, "seq": batch.seq, "error": str(exc),
+                                                      "applied": n, "count": batch.count})
         self._applied[sender] = (batch.epoch, batch.seq)
         self.received_batches += 1
-        self.received_messages += len(batch.items)
+        self.received_messages += n
         return pb.BatchAck(seq=batch.seq, busy_groups=busy)

@@ -14,6 +14,7 @@ node's hub, so they call the broker directly.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 
@@ -96,6 +97,7 @@ class ClusterTransport:
         self.server: grpc.Server | None = None
         self.port = 0
         self._channel_credentials = None
+        self._next_epoch = epoch
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -141,7 +143,10 @@ class ClusterTransport:
                 self._remove(node_id)
         for node_id, addr in wanted.items():
             if node_id not in self.links:
-                self.links[node_id] = PeerLink(node_id, addr, self.node_id, self.epoch, self.settings,
+                # Each link numbers its batches from 1 under an epoch of its own: a peer removed and
+                # added again (membership) must not see the new link's batches as retries of the old.
+                epoch = self._next_epoch = max(self._next_epoch + 1, time.time_ns())
+                self.links[node_id] = PeerLink(node_id, addr, self.node_id, epoch, self.settings,
                                                self._channel(addr), self.local_filters, self.on_ack)
                 log.info("peer_added", extra={"peer": node_id, "addr": addr})
 

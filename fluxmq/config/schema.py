@@ -817,7 +817,7 @@ class Schema:
             "``yes``/``no``/``on``/``off`` as the Go FluxMQ reads them.",
             "",
             "A config written from the reference documents starts: sections and keys they document that",
-            "fluxmq does not implement yet (``cluster``, ``queue``, a TLS listener's",
+            "fluxmq does not implement yet (``cluster.etcd``, ``cluster.raft``, ``queue``, a TLS listener's",
             "``prefer_server_cipher_suites``) are ignored with a \"not implemented yet\" warning naming the",
             "file and line, and ``storage.type: badger`` is read as ``lmdb`` (fluxmq.config.compat).",
             "``fluxmq-node --check`` reports every problem (one line each), including unreadable password,",

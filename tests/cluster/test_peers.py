@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
-from fluxmq.cluster.batch import Outgoing, build_batch, decode_item
+from fluxmq.cluster.batch import BatchError, Outgoing, build_batch, decode_items
 from fluxmq.cluster.peers import ClusterPeers
 from fluxmq.cluster.proto import cluster_pb2 as pb
 from fluxmq.storage.records import encode_message
@@ -132,9 +132,9 @@ def test_forward_queues_once_per_node_with_matching_interest() -> None:
     assert transport.links["n3"].queued == []
     entry = transport.links["n2"].queued[0]
     assert entry.match_local and entry.groups == ()
-    item = build_batch("n1", 1, 1, [entry])[0].items[0]
-    m = decode_item(item)
+    [(m, groups, match_local)] = list(decode_items(build_batch("n1", 1, 1, [entry])[0].items))
     assert (m.topic, m.payload, m.qos, m.properties) == ("t/1", b"x", 1, {0x26: [("k", "v")]})
+    assert groups == () and match_local
 
 
 def test_shared_group_message_goes_to_one_node_of_the_cluster() -> None:
@@ -161,8 +161,7 @@ def test_shared_group_message_goes_to_one_node_of_the_cluster() -> None:
     receiver.subscribe(m1, "$share/g/t", 1)
     receiver.subscribe(m2, "$share/g/t", 1)
     rpeers = ClusterPeers("n2", receiver, StandInTransport("n1"))
-    rpeers.apply_batch(pb.Batch(sender="n1", epoch=1, seq=1, items=[
-        pb.Item(message=e.blob, shared_groups=e.groups, match_local=e.match_local, expiry_ms=-1) for e in to_n2]))
+    rpeers.apply_batch(build_batch("n1", 1, 1, to_n2)[0])
     assert len(d1.sent) + len(d2.sent) == len(to_n2)
 
 
@@ -184,9 +183,34 @@ def test_expiry_travels_as_time_remaining() -> None:
     m = Message("t", b"x", 1, expires_at=1000.0)
     entry = Outgoing(encode_message(m), (), True, m.expires_at)
     b, expired = build_batch("n1", 1, 1, [entry], now=990.0)
-    assert expired == 0 and b.items[0].expiry_ms == 10000
-    assert decode_item(b.items[0], now=50.0).expires_at == 60.0
-    assert build_batch("n1", 1, 2, [entry], now=1001.0)[1] == 1  # expired while queued: not sent
+    assert expired == 0 and b.count == 1
+    [(m, _groups, _match)] = list(decode_items(b.items, now=50.0))
+    assert m.expires_at == 60.0  # 10 s left when sent, counted from the receiver's clock
+    b, expired = build_batch("n1", 1, 2, [entry], now=1001.0)
+    assert expired == 1 and b.count == 0 and b.items == b""  # expired while queued: not sent
+
+
+def test_framing_keeps_groups_and_flags_and_refuses_a_damaged_batch() -> None:
+    entries = [Outgoing(encode_message(Message("a", b"1", 0)), ("$share/g/a", "$share/h/#"), False, None),
+               Outgoing(encode_message(Message("b", b"2", 2, True)), (), True, None)]
+    data = build_batch("n1", 1, 1, entries)[0].items
+    got = [(m.topic, m.payload, m.qos, m.retain, g, ml) for m, g, ml in decode_items(data)]
+    assert got == [("a", b"1", 0, False, ("$share/g/a", "$share/h/#"), False), ("b", b"2", 2, True, (), True)]
+    for cut in (5, len(data) - 3):
+        try:
+            list(decode_items(data[:cut]))
+        except BatchError:
+            continue
+        raise AssertionError(f"a batch cut at {cut} bytes decoded")
+
+
+def test_a_damaged_batch_is_acknowledged_and_counted_not_raised() -> None:
+    broker = Broker()
+    peers = ClusterPeers("n1", broker, StandInTransport("n2"))
+    good = batch("n2", 1, 1, [Message("t", b"1", 1)])
+    damaged = pb.Batch(sender="n2", epoch=1, seq=2, items=good.items[:-2], count=1)
+    assert peers.apply_batch(damaged).seq == 2
+    assert peers.bad_batches == 1
 
 
 def test_restored_subscriptions_are_announced_when_peers_are_installed(tmp_path) -> None:

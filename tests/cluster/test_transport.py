@@ -49,3 +49,14 @@ def test_dead_peer_queue_is_bounded_and_drops_are_counted(observed) -> None:
     state = observed["state"]
     assert state["dropped"] == 7 and state["queued"] == 3 and not state["reachable"]
     assert state["failures"] >= 1
+
+
+def test_a_peer_removed_and_added_again_gets_the_new_links_batches(observed) -> None:
+    assert observed["readded"] == ["t", "t", "dup=0"]
+
+
+def test_a_batch_retried_after_an_ack_timeout_is_delivered_once(observed) -> None:
+    slow = observed["slow_ack"]
+    assert slow["resent"] >= 1 and slow["failures"] >= 1  # the stream was dropped and the batch sent again
+    assert slow["duplicates_skipped"] >= 1
+    assert slow["delivered"] == 1

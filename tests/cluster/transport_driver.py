@@ -96,8 +96,89 @@ def main() -> int:
     out["accepted"] = accepted
     out["state"] = a.peer_state()["b"]
     a.stop(0.1)
+    out["readded"] = readded_peer()
+    out["slow_ack"] = slow_ack()
     print(json.dumps(out))
     return 0
+
+
+def readded_peer() -> list[str]:
+    """A peer removed and added again (membership): the new link's batches are applied, not taken
+    for retries of the old link's. Receiver: a real ClusterPeers and Broker with one subscriber."""
+    from fluxmq.broker.broker import Broker
+    from fluxmq.broker.message import Message
+    from fluxmq.cluster.batch import outgoing
+    from fluxmq.cluster.peers import ClusterPeers
+    from tests.broker.test_session import RecordingDelivery
+
+    pa, pb_ = free_port(), free_port()
+    peers = {"a": f"127.0.0.1:{pa}", "b": f"127.0.0.1:{pb_}"}
+    broker = Broker()
+    session, _ = broker.open_session("s", True, 0)
+    delivery = RecordingDelivery()
+    broker.attach(session, delivery, 100)
+    broker.subscribe(session, "t", 0)
+    receiver = ClusterPeers("b", broker, None)
+    b = ClusterTransport("b", 5, TransportSettings(bind_addr=peers["b"]), receiver.apply_batch, broker.interest_filters)
+    receiver.transport = b
+    a = ClusterTransport("a", 5, TransportSettings(bind_addr=peers["a"]), lambda batch: pb.BatchAck(seq=batch.seq),
+                         lambda: [])
+    a.start()
+    b.start()
+    a.set_peers(peers)
+    wait(lambda: a.reachable() == ["b"])
+    a.links["b"].enqueue(outgoing(Message("t", b"first"), (), True))
+    wait(lambda: len(delivery.sent) == 1)
+    a.set_peers({"a": peers["a"]})  # b leaves the membership...
+    a.set_peers(peers)  # ...and comes back
+    wait(lambda: a.reachable() == ["b"])
+    a.links["b"].enqueue(outgoing(Message("t", b"second"), (), True))
+    wait(lambda: len(delivery.sent) == 2, timeout=3)
+    a.stop(0.1)
+    b.stop(0.1)
+    return [f"{sent[0]}" for sent in delivery.sent] + [f"dup={receiver.duplicate_batches}"]
+
+
+def slow_ack() -> dict:
+    """The receiver applies a batch slower than route_publish_timeout: the sender drops the stream,
+    re-opens it and sends the batch again; it is delivered once."""
+    from fluxmq.broker.broker import Broker
+    from fluxmq.broker.message import Message
+    from fluxmq.cluster.batch import outgoing
+    from fluxmq.cluster.peers import ClusterPeers
+    from tests.broker.test_session import RecordingDelivery
+
+    pa, pb_ = free_port(), free_port()
+    peers = {"a": f"127.0.0.1:{pa}", "b": f"127.0.0.1:{pb_}"}
+    broker = Broker()
+    session, _ = broker.open_session("s", True, 0)
+    delivery = RecordingDelivery()
+    broker.attach(session, delivery, 100)
+    broker.subscribe(session, "t", 0)
+    receiver = ClusterPeers("b", broker, None)
+    slowed = []
+
+    def on_batch(batch):
+        if batch.count and not slowed:
+            slowed.append(batch.seq)
+            gevent.sleep(1.5)  # longer than the sender's route_publish_timeout
+        return receiver.apply_batch(batch)
+
+    b = ClusterTransport("b", 5, TransportSettings(bind_addr=peers["b"]), on_batch, broker.interest_filters)
+    a = ClusterTransport("a", 5, TransportSettings(bind_addr=peers["a"], publish_timeout=0.5),
+                         lambda batch: pb.BatchAck(seq=batch.seq), lambda: [])
+    a.start()
+    b.start()
+    a.set_peers(peers)
+    wait(lambda: a.reachable() == ["b"])
+    a.links["b"].enqueue(outgoing(Message("t", b"once"), (), True))
+    wait(lambda: a.links["b"].stats.resent >= 1 and not a.links["b"].unacked and a.reachable() == ["b"])
+    gevent.sleep(1.5)  # the slowed first copy is applied by now too
+    state = a.peer_state()["b"]
+    a.stop(0.1)
+    b.stop(0.1)
+    return {"delivered": len(delivery.sent), "duplicates_skipped": receiver.duplicate_batches,
+            "resent": state["resent"], "failures": state["failures"]}
 
 
 if __name__ == "__main__":

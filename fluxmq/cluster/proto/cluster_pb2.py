@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fluxmq/cluster/proto/cluster.proto\x12\x11\x66luxmq.cluster.v1\"\xa2\x01\n\x05\x42\x61tch\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\x33\n\x08interest\x18\x05 \x03(\x0b\x32!.fluxmq.cluster.v1.InterestChange\x12&\n\x05items\x18\x06 \x03(\x0b\x32\x17.fluxmq.cluster.v1.Item\"/\n\x0eInterestChange\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x08\"V\n\x04Item\x12\x0f\n\x07message\x18\x01 \x01(\x0c\x12\x15\n\rshared_groups\x18\x02 \x03(\t\x12\x13\n\x0bmatch_local\x18\x03 \x01(\x08\x12\x11\n\texpiry_ms\x18\x04 \x01(\x12\",\n\x08\x42\x61tchAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0b\x62usy_groups\x18\x02 \x03(\t\"<\n\x0b\x43\x61llRequest\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"+\n\tCallReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t2\x9c\x01\n\x10\x43lusterTransport\x12\x42\n\x05Route\x12\x18.fluxmq.cluster.v1.Batch\x1a\x1b.fluxmq.cluster.v1.BatchAck(\x01\x30\x01\x12\x44\n\x04\x43\x61ll\x12\x1e.fluxmq.cluster.v1.CallRequest\x1a\x1c.fluxmq.cluster.v1.CallReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fluxmq/cluster/proto/cluster.proto\x12\x11\x66luxmq.cluster.v1\"\x98\x01\n\x05\x42\x61tch\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\x33\n\x08interest\x18\x05 \x03(\x0b\x32!.fluxmq.cluster.v1.InterestChange\x12\r\n\x05items\x18\x06 \x01(\x0c\x12\r\n\x05\x63ount\x18\x07 \x01(\r\"/\n\x0eInterestChange\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x08\",\n\x08\x42\x61tchAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0b\x62usy_groups\x18\x02 \x03(\t\"<\n\x0b\x43\x61llRequest\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"+\n\tCallReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t2\x9c\x01\n\x10\x43lusterTransport\x12\x42\n\x05Route\x12\x18.fluxmq.cluster.v1.Batch\x1a\x1b.fluxmq.cluster.v1.BatchAck(\x01\x30\x01\x12\x44\n\x04\x43\x61ll\x12\x1e.fluxmq.cluster.v1.CallRequest\x1a\x1c.fluxmq.cluster.v1.CallReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fluxmq.cluster.proto.cluste
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BATCH']._serialized_start=58
-  _globals['_BATCH']._serialized_end=220
-  _globals['_INTERESTCHANGE']._serialized_start=222
-  _globals['_INTERESTCHANGE']._serialized_end=269
-  _globals['_ITEM']._serialized_start=271
-  _globals['_ITEM']._serialized_end=357
-  _globals['_BATCHACK']._serialized_start=359
-  _globals['_BATCHACK']._serialized_end=403
-  _globals['_CALLREQUEST']._serialized_start=405
-  _globals['_CALLREQUEST']._serialized_end=465
-  _globals['_CALLREPLY']._serialized_start=467
-  _globals['_CALLREPLY']._serialized_end=510
-  _globals['_CLUSTERTRANSPORT']._serialized_start=513
-  _globals['_CLUSTERTRANSPORT']._serialized_end=669
+  _globals['_BATCH']._serialized_end=210
+  _globals['_INTERESTCHANGE']._serialized_start=212
+  _globals['_INTERESTCHANGE']._serialized_end=259
+  _globals['_BATCHACK']._serialized_start=261
+  _globals['_BATCHACK']._serialized_end=305
+  _globals['_CALLREQUEST']._serialized_start=307
+  _globals['_CALLREQUEST']._serialized_end=367
+  _globals['_CALLREPLY']._serialized_start=369
+  _globals['_CALLREPLY']._serialized_end=412
+  _globals['_CLUSTERTRANSPORT']._serialized_start=415
+  _globals['_CLUSTERTRANSPORT']._serialized_end=571
 # @@protoc_insertion_point(module_scope)
