@@ -1,4 +1,5 @@
-"""The node process: a gunicorn arbiter supervising one ``BrokerWorker`` (gevent) that hosts the broker.
+"""The node process: a gunicorn arbiter supervising ``server.workers`` ``BrokerWorker``s (gevent), each
+hosting a broker; several workers act as one broker (``fluxmq.node.workers``, docs/cluster.rst).
 
 The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for
 ``server.worker_timeout``), halts when the worker cannot boot (the broker could not start), and on
@@ -147,7 +148,7 @@ class NodeLogger(glogging.Logger):
 
 
 class NodeArbiter(Arbiter):
-    """Gunicorn's arbiter for exactly one broker worker.
+    """Gunicorn's arbiter for the node's ``server.workers`` broker workers (a fixed number).
 
     SIGINT is as graceful as SIGTERM (gunicorn's SIGINT is a quick stop). Signals that would start
     a second worker next to the running one (SIGTTIN, SIGUSR2 re-exec) are ignored: the new worker
@@ -161,7 +162,7 @@ class NodeArbiter(Arbiter):
         self.handle_term()
 
     def _ignore(self, name: str) -> None:
-        log.warning("signal_ignored", extra={"signal": name, "reason": "the node runs exactly one worker"})
+        log.warning("signal_ignored", extra={"signal": name, "reason": "the node runs server.workers workers"})
 
     def handle_hup(self) -> None:
         log.info("reload_requested", extra={"signal": "SIGHUP"})
