@@ -210,12 +210,8 @@ class NodeApplication(BaseApplication):
         self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
-        from fluxmq.node.workers import worker_count
-        self.workers = worker_count(config)
-        if self.workers > 1 and config.cluster.enabled:
-            raise ConfigError("server.workers", "1 while cluster.enabled is true (several workers on a "
-                              "cluster node are not built yet)", config.origin("server.workers"),
-                              got=config.server.workers)
+        from fluxmq.node.workers import check_workers
+        self.workers = check_workers(config)  # ConfigError: several workers on a cluster node
         self.run_dir: str | None = None  # several workers: their Unix sockets and ownership table
         self.worker_sockets: dict = {}  # several workers: MQTT section -> one socket per worker index
         super().__init__(prog="fluxmq-node")

@@ -37,6 +37,17 @@ def worker_count(config) -> int:
     return int(n)
 
 
+def check_workers(config) -> int:
+    """The worker count, or ConfigError when the configuration cannot run several workers."""
+    from fluxmq.errors import ConfigError
+
+    n = worker_count(config)
+    if n > 1 and config.cluster.enabled:
+        raise ConfigError("server.workers", "1 while cluster.enabled is true (several workers on a cluster "
+                          "node are not built yet)", config.origin("server.workers"), got=config.server.workers)
+    return n
+
+
 @dataclass
 class WorkerContext:
     """What one worker gets from the arbiter: its index, the worker count, the run directory and its

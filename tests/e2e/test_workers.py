@@ -310,3 +310,43 @@ def test_grpc_between_workers_routes_too(tmp_path) -> None:
         assert "cluster_transport_listening" in node.log_text() and "port=1 tls=false" in node.log_text()
     finally:
         factory.close()
+
+
+def test_websocket_port_is_shared_and_routes_across_workers(tmp_path) -> None:
+    """The WebSocket listener is bound once per worker too: ws clients land on both workers, and a
+    publish over TCP on one worker reaches a ws subscriber on the other."""
+    from tests.conftest import free_port
+    from tests.e2e.listener_clients import PahoTransportClient
+
+    factory = NodeFactory(tmp_path)
+    ws_port = free_port()
+    try:
+        node = start(factory, {"server.websocket.plain.addr": f"127.0.0.1:{ws_port}"})
+        seen: dict[str, PahoTransportClient] = {}
+        for _ in range(MAX_TRIES):
+            client = PahoTransportClient(unique("ws"), transport="websockets")
+            client.connect(ws_port)
+            client.subscribe(WORKER_TOPIC, 0)
+            worker = client.get(WAIT).payload.decode()
+            if worker in seen:
+                client.close()
+            else:
+                seen[worker] = client
+                if len(seen) == 2:
+                    break
+        assert set(seen) == {"w0", "w1"}
+        topic = unique("xw/ws")
+        sub = seen["w0"]
+        sub.subscribe(topic, 1)
+        with on_worker(node, "w1", "pub") as pub:
+            pub.publish(topic, b"over-ws", 1)
+            deadline = time.monotonic() + WAIT
+            while True:
+                msg = sub.get(max(0.0, deadline - time.monotonic()))
+                if msg.topic == topic:
+                    break
+        assert msg.payload == b"over-ws"
+        for client in seen.values():
+            client.close()
+    finally:
+        factory.close()
