@@ -331,6 +331,8 @@ class BrokerService:
         self.sys_topics = self._sys_topics(cfg.broker.sys_interval)
         self.sys_topics.start()
         configs = bridges_from_config(cfg)  # ConfigError (unreadable password) before any link opens
+        if configs and self.workers is not None and self.workers.index != 0:
+            configs = []  # several workers: worker 0 runs the bridges (one link per remote, one client id)
         if configs:
             self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval,
                                    max_packet_size=cfg.broker.max_packet_size)
@@ -383,6 +385,8 @@ class BrokerService:
         coap = cfg.server.coap
         if not (coap.plain.addr or coap.dtls.addr or coap.mdtls.addr):
             return
+        if self.workers is not None and self.workers.index != 0:
+            return  # several workers: worker 0 serves CoAP (UDP ports are not shared); routes reach all
         # DTLS settings are checked (ConfigError naming the key) before anything binds
         secure = [(name, getattr(coap, name), server_context(getattr(coap, name), f"server.coap.{name}",
                                                              require_client_cert=name == "mdtls"))

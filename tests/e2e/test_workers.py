@@ -362,3 +362,16 @@ def test_websocket_port_is_shared_and_routes_across_workers(tmp_path) -> None:
             client.close()
     finally:
         factory.close()
+
+
+def test_coap_and_bridges_run_on_worker_zero_only(tmp_path) -> None:
+    """A UDP port cannot be shared: worker 0 alone serves CoAP, and the node starts with both workers."""
+    from tests.conftest import free_port
+
+    factory = NodeFactory(tmp_path)
+    try:
+        node = start(factory, {"server.coap.plain.addr": f"127.0.0.1:{free_port()}"})
+        assert len(node.worker_pids()) == 2
+        assert node.log_text().count("broker_start_failed") == 0
+    finally:
+        factory.close()
