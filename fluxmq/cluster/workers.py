@@ -260,6 +260,15 @@ class WorkerNode:
         self.transport.handle("metrics", lambda _from, _p: json.dumps(families_to_json(registry)).encode())
         return NodeTotalsRegistry(registry, lambda: list(self.gather("metrics").values()))
 
+    def admin_totals(self, admin) -> None:
+        """The admin API's ``/stats`` answers for the node: this worker serves its own figures to the
+        ``"admin.stats"`` call and sums the other workers' (``AdminAPI.other_stats``)."""
+        def serve(_from: str, _payload: bytes) -> bytes:
+            return json.dumps(admin.local_stats()[1]).encode()
+
+        self.transport.handle("admin.stats", serve)
+        admin.other_stats = lambda: list(self.gather("admin.stats").values())
+
     def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
         """This worker's $SYS figures turned into the node's: summed over the workers that answer."""
         totals = dict(values)

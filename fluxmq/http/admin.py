@@ -323,7 +323,21 @@ class AdminAPI:
 
     # -- endpoints -------------------------------------------------------------------------------
 
+    #: several workers (server.workers): () -> the other workers' ``local_stats`` bodies, installed by
+    #: the node; ``/stats`` then answers for the node (numbers summed, see ``sum_stats``)
+    other_stats = None
+
     def stats(self, environ: dict, args: list[str]) -> tuple:
+        status, body = self.local_stats()
+        others = self.other_stats
+        if others is not None:
+            bodies = others()
+            for other in bodies:
+                body = sum_stats(body, other)
+            body["workers_answering"] = 1 + len(bodies)
+        return status, body
+
+    def local_stats(self) -> tuple:
         broker = self.broker
         st = broker.stats
         by_listener = {str(listener.name): len(listener.connections)
@@ -592,3 +606,27 @@ def _flag(text: str, name: str) -> bool:
     if low in ("false", "0", "no"):
         return False
     raise HTTPError(400, f"{name} must be true or false")
+
+
+#: ``/stats`` figures that are the same on every worker (not summed): the worker's own is kept
+STATS_NOT_SUMMED = frozenset({"version", "uptime_seconds", "retained_messages", "storage"})
+
+
+def sum_stats(mine: dict, other: dict) -> dict:
+    """Two workers' ``/stats`` bodies as one: numbers summed leaf by leaf (nested dicts too), the
+    ``STATS_NOT_SUMMED`` keys and anything not a number kept from ``mine``."""
+    out = dict(mine)
+    for key, value in other.items():
+        if key in STATS_NOT_SUMMED:
+            continue
+        have = out.get(key)
+        if isinstance(value, dict) and isinstance(have, dict):
+            out[key] = sum_stats(have, value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if have is None:
+                out[key] = value
+            elif isinstance(have, (int, float)) and not isinstance(have, bool):
+                out[key] = have + value
+        elif have is None:
+            out[key] = value
+    return out

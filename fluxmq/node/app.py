@@ -303,6 +303,9 @@ class NodeApplication(BaseApplication):
                                  config.server.admin.allowed_hosts, config.server.admin.addr)
                 # SIGHUP and POST /reload re-read the token file: rotation without a restart
                 service.reload_hooks.append(admin.reload_hook)
+                join = getattr(service.cluster, "admin_totals", None)  # several workers: node /stats
+                if join is not None:
+                    join(admin)
                 apps.append(admin)
         return apps or [make_health_app(service)]  # the private unix socket
 

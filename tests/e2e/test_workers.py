@@ -219,7 +219,14 @@ def metrics(node: RunningNode) -> str:
         return resp.read().decode()
 
 
-def test_sys_totals_and_metrics_count_the_clients_of_both_workers(node2) -> None:
+def admin_stats(node: RunningNode) -> dict:
+    import json
+
+    with urllib.request.urlopen(f"http://{node.host}:{node.admin_port}/stats", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_sys_totals_metrics_and_admin_stats_count_the_clients_of_both_workers(node2) -> None:
     with on_worker(node2, "w0", "a") as a, on_worker(node2, "w1", "b") as b, \
             on_worker(node2, "w1", "b"):
         # The probe of on_worker disconnected its misplaced clients; these three stay connected.
@@ -241,9 +248,18 @@ def test_sys_totals_and_metrics_count_the_clients_of_both_workers(node2) -> None
                 good += 1
                 if good == 6:
                     break
+        stats = []
+        for _ in range(30):  # the admin API's /stats, served by either worker, answers for the node
+            body = admin_stats(node2)
+            if body.get("workers_answering") == 2:
+                stats.append(body)
+                if len(stats) == 4:
+                    break
     assert value == 3
     assert answering == b"2"
     assert good == 6
+    assert len(stats) == 4
+    assert {(b["sessions"]["connected"], b["connections"]["current"]) for b in stats} == {(3, 3)}
 
 
 def test_kill_9_of_a_worker_restarts_it_the_other_keeps_serving_persistent_sessions_back(tmp_path) -> None:
