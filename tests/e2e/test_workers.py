@@ -391,3 +391,15 @@ def test_coap_and_bridges_run_on_worker_zero_only(tmp_path) -> None:
         assert node.log_text().count("broker_start_failed") == 0
     finally:
         factory.close()
+
+
+def test_a_port_in_use_stops_the_node_with_one_line_and_status_3(node_factory) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node = node_factory({"server.workers": 2, "server.tcp.plain.addr": f"127.0.0.1:{port}"}, wait_ready=False)
+        assert node.wait(20) == 3
+    assert f"server.tcp.plain.addr 127.0.0.1:{port}: Address already in use" in node.log_text()
