@@ -17,7 +17,8 @@ is ``grpc``. What is particular to workers:
   once). A restarted worker keeps the restored sessions nobody claimed meanwhile and drops those
   another worker took.
 * **Retained** messages are kept by every worker (each in its own storage shard): a retained
-  publish is sent to every worker, those without matching interest only store it.
+  publish is sent to every worker, those without matching interest only store it; a starting worker
+  fills in what its shard lacks from another worker's snapshot (``retained.snapshot`` call).
 * **$SYS totals** are the sum of the workers' figures (``sys_totals``), asked for with a control
   call ``"stats"``; ``$SYS/broker/worker`` names the worker a client is connected to. ``/metrics``
   (``metrics_totals``) merges the workers' registries the same way (call ``"metrics"``).
@@ -29,10 +30,14 @@ import dataclasses
 import json
 import logging
 import os
+import struct
+import time
 
+import gevent
 import lmdb
 
-from fluxmq.storage.records import encode_message
+from fluxmq.broker.message import Message
+from fluxmq.storage.records import decode_message, encode_message
 
 from .batch import Outgoing
 from .config import cluster_settings
@@ -46,6 +51,9 @@ log = logging.getLogger("fluxmq.cluster.workers")
 OWNERS_MAP_SIZE = 256 << 20
 #: seconds a worker waits for another's figures ($SYS totals, /metrics)
 STATS_TIMEOUT = 1.0
+#: seconds a starting worker waits for another to answer its retained snapshot request
+RETAINED_SYNC_WAIT = 10.0
+_LEN = struct.Struct(">I")
 #: $SYS figures that are the same on every worker (not summed)
 NOT_SUMMED = frozenset({"version", "uptime", "retained messages/count"})
 
@@ -190,6 +198,7 @@ class WorkerNode:
         self.peers.sessions = ClusterSessions(self.ownership, self.transport.call)
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
         self.transport.handle("stats", self._serve_stats)
+        self.transport.handle("retained.snapshot", self._serve_retained)
         self._started = False
 
     def start(self) -> None:
@@ -207,6 +216,7 @@ class WorkerNode:
         self.broker.set_peers(self.peers)
         self.transport.set_peers(self.settings.peers)
         self._started = True
+        self._sync = gevent.spawn(self._sync_retained)
         log.info("worker_joined", extra={"node_id": self.node_id, "workers": self.context.count,
                                          "restored_dropped": len(stale)})
 
@@ -214,6 +224,7 @@ class WorkerNode:
         if not self._started:
             return
         self._started = False
+        self._sync.kill(block=False)
         if self.broker.peers is self.peers:
             self.broker.release_sessions()
             self.broker.set_peers(None)
@@ -223,6 +234,45 @@ class WorkerNode:
             os.unlink(self.context.socket_path(self.context.index))
         except OSError:
             pass
+
+    # -- retained messages missing from this worker's shard ----------------------------------------
+
+    def _serve_retained(self, _from: str, _payload: bytes) -> bytes:
+        """Every retained message of this worker ($SYS aside), each length-prefixed."""
+        out = bytearray()
+        for topic, message in list(self.broker.retained.items()):
+            if topic.startswith("$SYS") or message.expired():
+                continue
+            blob = encode_message(message)
+            out += _LEN.pack(len(blob))
+            out += blob
+        return bytes(out)
+
+    def _sync_retained(self) -> None:
+        """Once at start, from the first other worker that answers: store the retained messages this
+        worker's shard lacks (a node going from 1 worker to several, or a worker whose peers' queues
+        for it overflowed while it was down). A topic held here already is left as it is (it may be
+        newer than the snapshot: what is set meanwhile is forwarded anyway)."""
+        deadline = time.monotonic() + RETAINED_SYNC_WAIT
+        while not self.transport.reachable() and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        for node in self.transport.reachable():
+            try:
+                data = self.transport.call(node, "retained.snapshot", b"", RETAINED_SYNC_WAIT)
+            except Exception as exc:
+                log.warning("retained_sync_failed", extra={"peer": node, "error": str(exc)})
+                continue
+            retained = self.broker.retained
+            added = i = 0
+            while i + 4 <= len(data):
+                (n,) = _LEN.unpack_from(data, i)
+                topic, payload, qos, _retain, props, expires_at, origin = decode_message(data[i + 4:i + 4 + n])
+                i += 4 + n
+                if retained.get(topic) is None:
+                    retained.store(Message(topic, payload, qos, True, props, expires_at, origin))
+                    added += 1
+            log.info("retained_synced", extra={"peer": node, "added": added})
+            return
 
     def peer_state(self) -> dict[str, dict]:
         return self.transport.peer_state()

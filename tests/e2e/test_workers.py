@@ -403,3 +403,36 @@ def test_a_port_in_use_stops_the_node_with_one_line_and_status_3(node_factory) -
         node = node_factory({"server.workers": 2, "server.tcp.plain.addr": f"127.0.0.1:{port}"}, wait_ready=False)
         assert node.wait(20) == 3
     assert f"server.tcp.plain.addr 127.0.0.1:{port}: Address already in use" in node.log_text()
+
+
+def test_going_from_one_worker_to_two_keeps_the_data_and_every_worker_sees_the_retained(tmp_path) -> None:
+    """Worker 0's shard is the old storage.path; the new worker 1 fills its empty shard's retained
+    messages from worker 0 at start."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    factory = NodeFactory(tmp_path)
+    try:
+        one = factory({"storage.type": "lmdb", "broker.sys_interval": "1s"})
+        topic = unique("xw/upgrade")
+        cid = unique("kept")
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 300
+        with paho5(one, unique("pub")) as pub:
+            pub.publish(topic, b"from-one-worker", 1, retain=True)
+        s = paho5(one, cid, props)
+        s.subscribe(topic + "/q", 1)
+        s.disconnect()
+        assert one.stop() == 0
+        node = start(factory, {"storage.type": "lmdb", "storage.path": str(one.data_dir)})
+        for worker in ("w0", "w1"):
+            with on_worker(node, worker, "sub") as sub:
+                sub.subscribe(topic, 1)
+                msg = sub.get(WAIT)
+                assert (msg.payload, msg.retain) == (b"from-one-worker", True), worker
+        s = Paho5(node, cid, False, 60)
+        _rc, present, _ = s.connect(props)
+        assert present  # the session stored by the single worker, resumed on whichever worker
+        s.disconnect()
+    finally:
+        factory.close()
