@@ -12,9 +12,10 @@ batch by its sequence id once it has applied it.
   ``batch_max_size`` fills until they are acknowledged or its oldest message has waited
   ``batch_max_delay``. At most ``batches_in_flight`` batches are unacknowledged at once; the queue
   grows (up to its bound) while the window is full.
-* **Sequence ids.** Each batch has a sequence id per (sender epoch, receiver). A broken stream is
+* **Sequence ids.** Each batch has a sequence id per (link epoch, receiver). A broken stream is
   re-opened with backoff and the unacknowledged batches are sent again, in order; the receiver
-  skips those it applied already, so a retried batch is not delivered twice.
+  skips those it applied already, so a retried batch is not delivered twice. Nothing new goes into
+  a stream before the peer answered it: while the peer is down, messages wait in the queue.
 * **Interest.** A re-opened stream carries, after the retried batches, a snapshot of this node's
   whole interest set; changes made meanwhile follow as deltas. While no stream is open, changes are
   not kept (the next snapshot has them).
@@ -215,6 +216,12 @@ class PeerLink:
         if self._call is None:
             return
         self._check_ack_age()
+        if not self.connected:
+            # Nothing new goes into a stream the peer has not answered yet (it may be down): the
+            # messages stay in the bounded queue, and the retried batches and the snapshot go first.
+            self._room.clear()
+            self._room.wait(CHECK_INTERVAL)
+            return
         if not self.queue and not self.interest:
             self._wake.clear()
             return

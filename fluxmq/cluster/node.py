@@ -72,6 +72,13 @@ class ClusterNode:
     def peer_state(self) -> dict[str, dict]:
         return self.transport.peer_state()
 
+    def received(self) -> dict[str, int]:
+        """What the peers sent here: batches and messages applied, retried batches skipped,
+        damaged batches."""
+        p = self.peers
+        return {"batches": p.received_batches, "messages": p.received_messages,
+                "duplicates": p.duplicate_batches, "bad": p.bad_batches}
+
     def readiness(self) -> tuple[bool, str]:
         """(up, details) for /ready: up while the transport serves; details (degraded) when a peer
         does not answer."""

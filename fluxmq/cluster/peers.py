@@ -139,7 +139,7 @@ class ClusterPeers:
             return pool[0]
         if self.strategy == "random":
             return self._rng.choice(pool)
-        if self.strategy == "least_inflight" and None in pool:
+        if self.strategy == "least_inflight" and None in ready:
             return None  # the local member's load is known; the peers' is not
         pool.sort(key=lambda n: n or "")
         cursor = self._cursors.get(key, -1) + 1

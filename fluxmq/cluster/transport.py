@@ -123,9 +123,9 @@ class ClusterTransport:
 
     def stop(self, timeout: float = 1.0) -> None:
         """Send what is queued to reachable peers (within ``timeout``), then close everything."""
-        deadline = timeout
+        deadline = time.monotonic() + timeout
         for link in list(self.links.values()):
-            link.flush(max(0.0, deadline))
+            link.flush(max(0.0, deadline - time.monotonic()))
         for node_id in list(self.links):
             self._remove(node_id)
         if self.server is not None:

@@ -650,7 +650,7 @@ KEYS: tuple[Key, ...] = (
     Key("cluster.transport.max_queued_messages", Int(1), 100000,
         "Messages waiting for one peer; past it (or max_queued_bytes) new ones to that peer are dropped and counted."),
     Key("cluster.transport.max_queued_bytes", Size(1), 67108864,
-        "Payload bytes waiting for one peer (see max_queued_messages)."),
+        "Bytes of encoded messages waiting for one peer (see max_queued_messages)."),
     Key("cluster.transport.tls_enabled", Bool(), False,
         "Mutual TLS between nodes: cert_file, key_file and ca_file are required."),
     Key("cluster.transport.cert_file", Str(), "", "PEM certificate this node presents (as server and client)."),

@@ -75,6 +75,16 @@ class BrokerCollector(Collector):
         cluster = getattr(self.service, "cluster", None)
         if cluster is not None:
             yield from self._cluster_peers(cluster.peer_state())
+            received = cluster.received()
+            yield CounterMetricFamily("fluxmq_cluster_received_batches", "Batches from peers applied here.",
+                                      value=received["batches"])
+            yield CounterMetricFamily("fluxmq_cluster_received_messages", "Messages from peers routed here.",
+                                      value=received["messages"])
+            yield CounterMetricFamily("fluxmq_cluster_duplicate_batches",
+                                      "Retried batches from peers skipped (applied already).",
+                                      value=received["duplicates"])
+            yield CounterMetricFamily("fluxmq_cluster_bad_batches", "Damaged batches from peers (logged).",
+                                      value=received["bad"])
 
     @staticmethod
     def _cluster_peers(peers: dict) -> Iterator[Metric]:
