@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+import time
 
 import gevent
 import grpc
@@ -222,8 +223,9 @@ class UnixTransport(ClusterTransport):
         log.info("cluster_transport_listening", extra={"addr": self.settings.bind_addr, "node_id": self.node_id})
 
     def stop(self, timeout: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout  # one flush deadline for all peers (as ClusterTransport)
         for link in list(self.links.values()):
-            link.flush(max(0.0, timeout))
+            link.flush(max(0.0, deadline - time.monotonic()))
         for node_id in list(self.links):
             self._remove(node_id)
         if self.server is not None:

@@ -277,6 +277,12 @@ class WorkerNode:
     def peer_state(self) -> dict[str, dict]:
         return self.transport.peer_state()
 
+    def received(self) -> dict[str, int]:
+        """What the other workers sent here (``/metrics``, as ``ClusterNode.received``)."""
+        p = self.peers
+        return {"batches": p.received_batches, "messages": p.received_messages,
+                "duplicates": p.duplicate_batches, "bad": p.bad_batches}
+
     def readiness(self) -> tuple[bool, str]:
         links = self.transport.links
         up = len(self.transport.reachable())
