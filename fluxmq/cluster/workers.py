@@ -317,13 +317,39 @@ class WorkerNode:
         return NodeTotalsRegistry(registry, lambda: list(self.gather("metrics").values()))
 
     def admin_totals(self, admin) -> None:
-        """The admin API's ``/stats`` answers for the node: this worker serves its own figures to the
-        ``"admin.stats"`` call and sums the other workers' (``AdminAPI.other_stats``)."""
+        """The admin API answers for the node: ``/stats`` sums the workers' figures (``"admin.stats"``
+        call, ``AdminAPI.other_stats``); ``GET /sessions/{id}`` and ``POST /sessions/{id}/disconnect``
+        are answered by the worker that owns the client id (``"admin.session"`` call)."""
         def serve(_from: str, _payload: bytes) -> bytes:
             return json.dumps(admin.local_stats()[1]).encode()
 
         self.transport.handle("admin.stats", serve)
         admin.other_stats = lambda: list(self.gather("admin.stats").values())
+
+        from fluxmq.http.bridge import HTTPError
+
+        def serve_session(_from: str, payload: bytes) -> bytes:
+            client_id, action = json.loads(payload)
+            method = admin.get_session if action == "get" else admin.disconnect
+            try:
+                status, body = method({}, [client_id])
+            except HTTPError as exc:
+                status, body = exc.status, {"error": exc.message}
+            return json.dumps([status, body]).encode()
+
+        def elsewhere(client_id: str, action: str):
+            owner = self.ownership.owned_by(client_id)
+            if owner is None or owner == self.node_id:
+                return None
+            try:
+                status, body = json.loads(self.transport.call(owner, "admin.session",
+                                                              json.dumps([client_id, action]).encode(), 5.0))
+            except Exception as exc:
+                raise HTTPError(503, f"worker {owner} holding {client_id!r} does not answer: {exc}") from None
+            return status, body
+
+        self.transport.handle("admin.session", serve_session)
+        admin.session_elsewhere = elsewhere
 
     def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
         """This worker's $SYS figures turned into the node's: summed over the workers that answer."""

@@ -407,11 +407,26 @@ class AdminAPI:
             raise HTTPError(404, f"no session {client_id!r}")
         return session
 
+    #: several workers: ``(client_id, action) -> (status, body) | None``, the answer of the worker that
+    #: owns ``client_id`` when it is not this one (``action`` "get" or "disconnect"); installed by the node
+    session_elsewhere = None
+
+    def _elsewhere(self, client_id: str, action: str) -> tuple | None:
+        if self.session_elsewhere is None or client_id in self.broker.sessions:
+            return None
+        return self.session_elsewhere(client_id, action)
+
     def get_session(self, environ: dict, args: list[str]) -> tuple:
+        elsewhere = self._elsewhere(args[0], "get")
+        if elsewhere is not None:
+            return elsewhere
         return 200, session_detail(self._session(args[0]))
 
     def disconnect(self, environ: dict, args: list[str]) -> tuple:
         client_id = args[0]
+        elsewhere = self._elsewhere(client_id, "disconnect")
+        if elsewhere is not None:
+            return elsewhere
         session = self._session(client_id)
         if session.delivery is None:
             raise HTTPError(409, f"session {client_id!r} is not connected")

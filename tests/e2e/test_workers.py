@@ -436,3 +436,29 @@ def test_going_from_one_worker_to_two_keeps_the_data_and_every_worker_sees_the_r
         s.disconnect()
     finally:
         factory.close()
+
+
+def test_admin_finds_a_session_on_either_worker_and_disconnects_it(tmp_path) -> None:
+    """GET /sessions/{id} and POST /sessions/{id}/disconnect answer whichever worker takes the request."""
+    import json
+
+    factory = NodeFactory(tmp_path)
+    try:
+        node = factory({"server.workers": 2, "broker.sys_interval": "1s"}, env={"FLUXMQ_ADMIN_TOKEN": "t0ken"})
+        wait_crossing(node)
+        base = f"http://{node.host}:{node.admin_port}"
+        for worker in ("w0", "w1"):
+            client = on_worker(node, worker, "adm")
+            cid = client.client._client_id.decode()
+            for _ in range(6):  # each request lands on either worker
+                get = urllib.request.Request(f"{base}/sessions/{cid}", headers={"Authorization": "Bearer t0ken"})
+                with urllib.request.urlopen(get, timeout=5) as resp:
+                    assert resp.status == 200 and json.loads(resp.read())["client_id"] == cid
+            req = urllib.request.Request(f"{base}/sessions/{cid}/disconnect", method="POST",
+                                         headers={"Authorization": "Bearer t0ken"})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                assert json.loads(resp.read()) == {"client_id": cid, "disconnected": True}
+            assert client.wait_disconnected(WAIT)
+            client.stop()
+    finally:
+        factory.close()
