@@ -351,6 +351,21 @@ class WorkerNode:
         self.transport.handle("admin.session", serve_session)
         admin.session_elsewhere = elsewhere
 
+        def serve_delete(_from: str, payload: bytes) -> bytes:
+            self.broker.retained.delete(bytes(payload).decode())
+            return b""
+
+        def delete_everywhere(topic: str) -> None:
+            for node in self.transport.reachable():
+                try:
+                    self.transport.call(node, "retained.delete", topic.encode(), STATS_TIMEOUT)
+                except Exception as exc:
+                    log.warning("retained_delete_not_forwarded", extra={"peer": node, "topic": topic,
+                                                                        "error": str(exc)})
+
+        self.transport.handle("retained.delete", serve_delete)
+        admin.retained_deleted = delete_everywhere
+
     def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
         """This worker's $SYS figures turned into the node's: summed over the workers that answer."""
         totals = dict(values)

@@ -407,6 +407,8 @@ class AdminAPI:
             raise HTTPError(404, f"no session {client_id!r}")
         return session
 
+    #: several workers: ``(topic) -> None`` deletes a retained message on the other workers too
+    retained_deleted = None
     #: several workers: ``(client_id, action) -> (status, body) | None``, the answer of the worker that
     #: owns ``client_id`` when it is not this one (``action`` "get" or "disconnect"); installed by the node
     session_elsewhere = None
@@ -490,6 +492,8 @@ class AdminAPI:
         topic = args[0]
         if not self.broker.retained.delete(topic):
             raise HTTPError(404, f"no retained message on {topic!r}")
+        if self.retained_deleted is not None:
+            self.retained_deleted(topic)  # several workers: every worker keeps every retained message
         try:
             self.broker.wait_committed()  # answer once the deletion is committed
         except StorageError:

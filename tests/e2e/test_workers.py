@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -460,5 +461,38 @@ def test_admin_finds_a_session_on_either_worker_and_disconnects_it(tmp_path) -> 
                 assert json.loads(resp.read()) == {"client_id": cid, "disconnected": True}
             assert client.wait_disconnected(WAIT)
             client.stop()
+    finally:
+        factory.close()
+
+
+def test_admin_delete_of_a_retained_message_deletes_it_on_every_worker(tmp_path) -> None:
+    import json
+
+    factory = NodeFactory(tmp_path)
+    try:
+        node = factory({"server.workers": 2, "broker.sys_interval": "1s"}, env={"FLUXMQ_ADMIN_TOKEN": "t0ken"})
+        wait_crossing(node)
+        topic = unique("xw/del")
+        with on_worker(node, "w0", "pub") as pub:
+            pub.publish(topic, b"doomed", 1, retain=True)
+        auth = {"Authorization": "Bearer t0ken"}
+        base = f"http://{node.host}:{node.admin_port}/retained/{topic}"
+        deadline = time.monotonic() + WAIT
+        while True:  # until both workers hold it (two GETs in a row may land on either)
+            try:
+                if all(urllib.request.urlopen(urllib.request.Request(base, headers=auth), timeout=5).status == 200
+                       for _ in range(4)):
+                    break
+            except urllib.error.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        req = urllib.request.Request(base, method="DELETE", headers=auth)
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert json.loads(resp.read())["deleted"] is True
+        for worker in ("w0", "w1"):
+            with on_worker(node, worker, "sub") as sub:
+                sub.subscribe(topic, 1)
+                with pytest.raises(AssertionError):
+                    sub.get(0.5)
     finally:
         factory.close()
