@@ -366,6 +366,27 @@ class WorkerNode:
         self.transport.handle("retained.delete", serve_delete)
         admin.retained_deleted = delete_everywhere
 
+        from fluxmq.http.admin import session_summary
+        from fluxmq.http.walk import page
+
+        def serve_sessions(_from: str, payload: bytes) -> bytes:
+            connected, after, n = json.loads(payload)
+            total, ordered = admin.local_sessions(connected, after)
+            return json.dumps([total, [session_summary(x) for x in page(ordered, 0, n)]]).encode()
+
+        def other_sessions(connected, after, n: int) -> list:
+            out = []
+            request = json.dumps([connected, after, n]).encode()
+            for node in self.transport.reachable():
+                try:
+                    out.append(json.loads(self.transport.call(node, "admin.sessions", request, 5.0)))
+                except Exception as exc:
+                    raise HTTPError(503, f"worker {node} does not answer: {exc}") from None
+            return out
+
+        self.transport.handle("admin.sessions", serve_sessions)
+        admin.other_sessions = other_sessions
+
     def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
         """This worker's $SYS figures turned into the node's: summed over the workers that answer."""
         totals = dict(values)

@@ -388,18 +388,38 @@ class AdminAPI:
         limit, offset = _limit(params)
         connected = one_param(params, "connected")
         after = one_param(params, "after")
+        want = None if connected is None else _flag(connected, "connected")
+        others = self.other_sessions
+        if others is None:
+            total, ordered = self.local_sessions(want, after)
+            rows = [session_summary(x) for x in page(ordered, offset, limit + 1)]
+        else:
+            # Several workers: each gives its first offset + limit + 1 rows; the node's page is cut
+            # from their merge (client ids are unique across workers).
+            n = offset + limit + 1
+            total, ordered = self.local_sessions(want, after)
+            rows = [session_summary(x) for x in page(ordered, 0, n)]
+            for other_total, other_rows in others(want, after, n):
+                total += other_total
+                rows.extend(other_rows)
+            rows.sort(key=lambda row: row["client_id"])
+            rows = rows[offset:offset + limit + 1]
+        body: dict[str, Any] = {"total": total, "sessions": rows[:limit]}
+        if limit and len(rows) > limit:
+            body["next"] = rows[limit - 1]["client_id"]
+        return 200, body
+
+    #: several workers: ``(connected, after, n) -> [(total, first n summaries), ...]`` of the other
+    #: workers' sessions; installed by the node
+    other_sessions = None
+
+    def local_sessions(self, connected: bool | None, after: str | None) -> tuple:
+        """(total, this worker's sessions ordered by client id) for ``GET /sessions``."""
         keep = None
         if connected is not None:
-            want = _flag(connected, "connected")
-
             def keep(session: Session) -> bool:
-                return (session.delivery is not None) == want
-        total, ordered = sorted_sessions(self.broker.sessions, keep, after)
-        rows = page(ordered, offset, limit + 1)
-        body: dict[str, Any] = {"total": total, "sessions": [session_summary(s) for s in rows[:limit]]}
-        if limit and len(rows) > limit:
-            body["next"] = rows[limit - 1].client_id
-        return 200, body
+                return (session.delivery is not None) == connected
+        return sorted_sessions(self.broker.sessions, keep, after)
 
     def _session(self, client_id: str) -> Session:
         session = self.broker.sessions.get(client_id)

@@ -439,7 +439,7 @@ def test_going_from_one_worker_to_two_keeps_the_data_and_every_worker_sees_the_r
         factory.close()
 
 
-def test_admin_finds_a_session_on_either_worker_and_disconnects_it(tmp_path) -> None:
+def test_admin_lists_finds_and_disconnects_sessions_of_either_worker(tmp_path) -> None:
     """GET /sessions/{id} and POST /sessions/{id}/disconnect answer whichever worker takes the request."""
     import json
 
@@ -448,8 +448,19 @@ def test_admin_finds_a_session_on_either_worker_and_disconnects_it(tmp_path) -> 
         node = factory({"server.workers": 2, "broker.sys_interval": "1s"}, env={"FLUXMQ_ADMIN_TOKEN": "t0ken"})
         wait_crossing(node)
         base = f"http://{node.host}:{node.admin_port}"
-        for worker in ("w0", "w1"):
-            client = on_worker(node, worker, "adm")
+        auth = {"Authorization": "Bearer t0ken"}
+        clients = {worker: on_worker(node, worker, "adm") for worker in ("w0", "w1")}
+        cids = sorted(c.client._client_id.decode() for c in clients.values())
+        for _ in range(4):  # the list, from either worker, holds the sessions of both
+            req = urllib.request.Request(f"{base}/sessions?limit=1", headers=auth)
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                first = json.loads(resp.read())
+            req = urllib.request.Request(f"{base}/sessions?after={first['next']}", headers=auth)
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                rest = json.loads(resp.read())
+            listed = [row["client_id"] for row in first["sessions"] + rest["sessions"]]
+            assert first["total"] == 2 and listed == cids
+        for client in clients.values():
             cid = client.client._client_id.decode()
             for _ in range(6):  # each request lands on either worker
                 get = urllib.request.Request(f"{base}/sessions/{cid}", headers={"Authorization": "Bearer t0ken"})
