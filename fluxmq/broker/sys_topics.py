@@ -17,9 +17,12 @@ log = logging.getLogger("fluxmq.broker.sys")
 class SysTopics:
     """Publishes broker figures under ``$SYS/broker/`` every ``interval`` seconds (0 disables)."""
 
-    def __init__(self, broker: Broker, interval: float) -> None:
+    def __init__(self, broker: Broker, interval: float, totals=None) -> None:
         self.broker = broker
         self.interval = interval
+        # Several workers: ``totals(values) -> values`` turns this worker's figures into the node's
+        # (installed by the node; the broker never imports what computes them).
+        self.totals = totals
         self._greenlet = None
 
     def values(self) -> dict[str, str]:
@@ -59,7 +62,10 @@ class SysTopics:
         return out
 
     def publish_once(self) -> None:
-        for suffix, text in {**self.values(), **self.queue_values()}.items():
+        values = self.values()
+        if self.totals is not None:
+            values = self.totals(values)
+        for suffix, text in {**values, **self.queue_values()}.items():
             self.broker.publish(Message(f"$SYS/broker/{suffix}", text.encode(), 0, True))
 
     def start(self) -> None:

@@ -186,6 +186,21 @@ class AutoBool(ValueType):
         return "auto" if text.strip() == "auto" else parse_bool(text)
 
 
+class Workers(Int):
+    """``"auto"`` (the number of cores) or a number of worker processes; the typed value is ``"auto"`` or an int."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 64)
+        self.summary = '"auto" | integer 1..64'
+        self.expected = '"auto" or an integer from 1 to 64'
+
+    def from_yaml(self, value: object) -> object:
+        return "auto" if value == "auto" else super().from_yaml(value)
+
+    def from_text(self, text: str) -> object:
+        return "auto" if text.strip() == "auto" else super().from_text(text)
+
+
 class PeerMap(StrMap):
     """``node_id: host:port`` of cluster peers; from the environment as JSON or ``id=host:port,...``.
 
@@ -595,6 +610,12 @@ KEYS: tuple[Key, ...] = (
     Key("server.shutdown_timeout", Duration(), "10s", "Graceful shutdown budget on SIGTERM/SIGINT."),
     Key("server.worker_timeout", Duration(), "30s",
         "The arbiter restarts the worker when its event loop sends no heartbeat for this long (min 1s)."),
+    Key("server.workers", Workers(), 1,
+        'Worker processes of this node, acting as one broker (docs/cluster.rst "Several workers"); '
+        '"auto" = the number of cores. They share every port; each worker owns a storage shard.'),
+    Key("server.workers_transport", Enum("unix", "grpc"), "unix",
+        "What carries batches between the workers: unix = length-prefixed protobuf frames on Unix "
+        "sockets; grpc = C1's gRPC transport on unix: sockets (bench/workers_transport.py compares them)."),
     Key("broker.max_message_size", Size(1), 1048576, "Largest PUBLISH payload accepted, in bytes."),
     Key("broker.max_packet_size", Size(2), 2097152,
         "Largest inbound packet, in bytes (checked from the fixed header)."),

@@ -323,7 +323,21 @@ class AdminAPI:
 
     # -- endpoints -------------------------------------------------------------------------------
 
+    #: several workers (server.workers): () -> the other workers' ``local_stats`` bodies, installed by
+    #: the node; ``/stats`` then answers for the node (numbers summed, see ``sum_stats``)
+    other_stats = None
+
     def stats(self, environ: dict, args: list[str]) -> tuple:
+        status, body = self.local_stats()
+        others = self.other_stats
+        if others is not None:
+            bodies = others()
+            for other in bodies:
+                body = sum_stats(body, other)
+            body["workers_answering"] = 1 + len(bodies)
+        return status, body
+
+    def local_stats(self) -> tuple:
         broker = self.broker
         st = broker.stats
         by_listener = {str(listener.name): len(listener.connections)
@@ -382,18 +396,38 @@ class AdminAPI:
         limit, offset = _limit(params)
         connected = one_param(params, "connected")
         after = one_param(params, "after")
+        want = None if connected is None else _flag(connected, "connected")
+        others = self.other_sessions
+        if others is None:
+            total, ordered = self.local_sessions(want, after)
+            rows = [session_summary(x) for x in page(ordered, offset, limit + 1)]
+        else:
+            # Several workers: each gives its first offset + limit + 1 rows; the node's page is cut
+            # from their merge (client ids are unique across workers).
+            n = offset + limit + 1
+            total, ordered = self.local_sessions(want, after)
+            rows = [session_summary(x) for x in page(ordered, 0, n)]
+            for other_total, other_rows in others(want, after, n):
+                total += other_total
+                rows.extend(other_rows)
+            rows.sort(key=lambda row: row["client_id"])
+            rows = rows[offset:offset + limit + 1]
+        body: dict[str, Any] = {"total": total, "sessions": rows[:limit]}
+        if limit and len(rows) > limit:
+            body["next"] = rows[limit - 1]["client_id"]
+        return 200, body
+
+    #: several workers: ``(connected, after, n) -> [(total, first n summaries), ...]`` of the other
+    #: workers' sessions; installed by the node
+    other_sessions = None
+
+    def local_sessions(self, connected: bool | None, after: str | None) -> tuple:
+        """(total, this worker's sessions ordered by client id) for ``GET /sessions``."""
         keep = None
         if connected is not None:
-            want = _flag(connected, "connected")
-
             def keep(session: Session) -> bool:
-                return (session.delivery is not None) == want
-        total, ordered = sorted_sessions(self.broker.sessions, keep, after)
-        rows = page(ordered, offset, limit + 1)
-        body: dict[str, Any] = {"total": total, "sessions": [session_summary(s) for s in rows[:limit]]}
-        if limit and len(rows) > limit:
-            body["next"] = rows[limit - 1].client_id
-        return 200, body
+                return (session.delivery is not None) == connected
+        return sorted_sessions(self.broker.sessions, keep, after)
 
     def _session(self, client_id: str) -> Session:
         session = self.broker.sessions.get(client_id)
@@ -401,11 +435,28 @@ class AdminAPI:
             raise HTTPError(404, f"no session {client_id!r}")
         return session
 
+    #: several workers: ``(topic) -> None`` deletes a retained message on the other workers too
+    retained_deleted = None
+    #: several workers: ``(client_id, action) -> (status, body) | None``, the answer of the worker that
+    #: owns ``client_id`` when it is not this one (``action`` "get" or "disconnect"); installed by the node
+    session_elsewhere = None
+
+    def _elsewhere(self, client_id: str, action: str) -> tuple | None:
+        if self.session_elsewhere is None or client_id in self.broker.sessions:
+            return None
+        return self.session_elsewhere(client_id, action)
+
     def get_session(self, environ: dict, args: list[str]) -> tuple:
+        elsewhere = self._elsewhere(args[0], "get")
+        if elsewhere is not None:
+            return elsewhere
         return 200, session_detail(self._session(args[0]))
 
     def disconnect(self, environ: dict, args: list[str]) -> tuple:
         client_id = args[0]
+        elsewhere = self._elsewhere(client_id, "disconnect")
+        if elsewhere is not None:
+            return elsewhere
         session = self._session(client_id)
         if session.delivery is None:
             raise HTTPError(409, f"session {client_id!r} is not connected")
@@ -469,6 +520,8 @@ class AdminAPI:
         topic = args[0]
         if not self.broker.retained.delete(topic):
             raise HTTPError(404, f"no retained message on {topic!r}")
+        if self.retained_deleted is not None:
+            self.retained_deleted(topic)  # several workers: every worker keeps every retained message
         try:
             self.broker.wait_committed()  # answer once the deletion is committed
         except StorageError:
@@ -600,3 +653,27 @@ def _flag(text: str, name: str) -> bool:
     if low in ("false", "0", "no"):
         return False
     raise HTTPError(400, f"{name} must be true or false")
+
+
+#: ``/stats`` figures that are the same on every worker (not summed): the worker's own is kept
+STATS_NOT_SUMMED = frozenset({"version", "uptime_seconds", "retained_messages", "storage"})
+
+
+def sum_stats(mine: dict, other: dict) -> dict:
+    """Two workers' ``/stats`` bodies as one: numbers summed leaf by leaf (nested dicts too), the
+    ``STATS_NOT_SUMMED`` keys and anything not a number kept from ``mine``."""
+    out = dict(mine)
+    for key, value in other.items():
+        if key in STATS_NOT_SUMMED:
+            continue
+        have = out.get(key)
+        if isinstance(value, dict) and isinstance(have, dict):
+            out[key] = sum_stats(have, value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if have is None:
+                out[key] = value
+            elif isinstance(have, (int, float)) and not isinstance(have, bool):
+                out[key] = have + value
+        elif have is None:
+            out[key] = value
+    return out

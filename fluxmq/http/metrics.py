@@ -390,3 +390,68 @@ def make_metrics_app(registry: CollectorRegistry) -> Callable[[dict, Callable], 
         return [b""] if method == "HEAD" else [data]
 
     return app
+
+
+# -- several workers (server.workers): the node's totals -------------------------------------------
+
+#: families whose value is the same on every worker (the local one is kept, not summed)
+SAME_ON_EVERY_WORKER = frozenset({"fluxmq_build_info", "fluxmq_retained_messages", "python_info"})
+#: families whose node value is the largest worker value
+LARGEST = frozenset({"fluxmq_uptime_seconds", "fluxmq_session_queue_max_messages",
+                     "fluxmq_output_budget_peak_bytes", "process_max_fds"})
+#: families whose node value is the smallest worker value
+SMALLEST = frozenset({"process_start_time_seconds"})
+
+
+def families_to_json(registry: Any) -> list:
+    """Every family of ``registry`` as plain lists (name, type, doc, samples): what a worker sends
+    another one that serves a scrape."""
+    return [[m.name, m.type, m.documentation, [[s.name, s.labels, s.value] for s in m.samples]]
+            for m in registry.collect()]
+
+
+class NodeTotalsRegistry:
+    """The registry a worker's ``/metrics`` serves when the node has several workers: its own families
+    merged with those the other workers answer (``others() -> list of families_to_json``). Counters,
+    histograms and most gauges are summed per sample; see ``SAME_ON_EVERY_WORKER``, ``LARGEST`` and
+    ``SMALLEST`` for the rest. ``fluxmq_workers_answering`` says how many workers the figures cover."""
+
+    def __init__(self, registry: Any, others: Callable[[], list]) -> None:
+        self.registry = registry
+        self.others = others
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple, float]] = {}
+        for m in self.registry.collect():
+            families[m.name] = m
+            values[m.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in m.samples}
+        answering = 1
+        for worker in self.others():
+            answering += 1
+            for name, typ, doc, samples in worker:
+                if name not in families:
+                    families[name] = Metric(name, doc, typ)
+                    values[name] = {}
+                if name in SAME_ON_EVERY_WORKER:
+                    continue
+                mine = values[name]
+                for sname, labels, value in samples:
+                    key = (sname, tuple(sorted(labels.items())))
+                    old = mine.get(key)
+                    if old is None:
+                        mine[key] = value
+                    elif name in LARGEST:
+                        mine[key] = max(old, value)
+                    elif name in SMALLEST:
+                        mine[key] = min(old, value)
+                    else:
+                        mine[key] = old + value
+        for name, family in families.items():
+            merged = Metric(family.name, family.documentation, family.type)
+            for (sname, labels), value in values[name].items():
+                merged.add_sample(sname, dict(labels), value)
+            yield merged
+        yield GaugeMetricFamily("fluxmq_workers_answering",
+                                "Worker processes whose figures this scrape sums (server.workers).",
+                                value=answering)

@@ -1,4 +1,5 @@
-"""The node process: a gunicorn arbiter supervising one ``BrokerWorker`` (gevent) that hosts the broker.
+"""The node process: a gunicorn arbiter supervising ``server.workers`` ``BrokerWorker``s (gevent), each
+hosting a broker; several workers act as one broker (``fluxmq.node.workers``, docs/cluster.rst).
 
 The arbiter restarts a worker that dies or whose hub hangs (no heartbeat for
 ``server.worker_timeout``), halts when the worker cannot boot (the broker could not start), and on
@@ -147,7 +148,7 @@ class NodeLogger(glogging.Logger):
 
 
 class NodeArbiter(Arbiter):
-    """Gunicorn's arbiter for exactly one broker worker.
+    """Gunicorn's arbiter for the node's ``server.workers`` broker workers (a fixed number).
 
     SIGINT is as graceful as SIGTERM (gunicorn's SIGINT is a quick stop). Signals that would start
     a second worker next to the running one (SIGTTIN, SIGUSR2 re-exec) are ignored: the new worker
@@ -161,7 +162,7 @@ class NodeArbiter(Arbiter):
         self.handle_term()
 
     def _ignore(self, name: str) -> None:
-        log.warning("signal_ignored", extra={"signal": name, "reason": "the node runs exactly one worker"})
+        log.warning("signal_ignored", extra={"signal": name, "reason": "the node runs server.workers workers"})
 
     def handle_hup(self) -> None:
         log.info("reload_requested", extra={"signal": "SIGHUP"})
@@ -209,6 +210,10 @@ class NodeApplication(BaseApplication):
         self.grace, self.stop_budget = stop_margins(self.shutdown_timeout)
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
+        from fluxmq.node.workers import check_workers
+        self.workers = check_workers(config)  # ConfigError: several workers on a cluster node
+        self.run_dir: str | None = None  # several workers: their Unix sockets and ownership table
+        self.worker_sockets: dict = {}  # several workers: MQTT section -> one socket per worker index
         super().__init__(prog="fluxmq-node")
 
     def _bind(self) -> list[str]:
@@ -222,7 +227,8 @@ class NodeApplication(BaseApplication):
     def load_config(self) -> None:
         settings = {
             "bind": self._bind(),
-            "workers": 1,
+            "workers": self.workers,
+            "pre_fork": self._pre_fork,
             "worker_class": BrokerWorker,
             "timeout": max(1, math.ceil(self.worker_timeout)),
             "graceful_timeout": max(1, math.ceil(self.grace)),
@@ -237,6 +243,34 @@ class NodeApplication(BaseApplication):
         # gunicorn validates graceful_timeout as an int but only ever adds it to time.time(), so
         # keep the exact grace: the node must be gone within server.shutdown_timeout.
         self.cfg.settings["graceful_timeout"].value = self.grace
+
+    @staticmethod
+    def _pre_fork(arbiter, worker) -> None:
+        # The lowest index no live worker holds: a restarted worker takes over the shard and the
+        # socket path of the one it replaces.
+        taken = {getattr(w, "worker_index", None) for w in arbiter.WORKERS.values()}
+        worker.worker_index = next(i for i in range(len(taken) + 1) if i not in taken)
+
+    def worker_context(self, index: int):
+        """What worker ``index`` needs to join the node's other workers (None with one worker)."""
+        if self.workers <= 1:
+            return None
+        from fluxmq.node.workers import WorkerContext
+
+        return WorkerContext(index, self.workers, self.run_dir,
+                             {section: socks[index] for section, socks in self.worker_sockets.items()})
+
+    def prepare_workers(self) -> None:
+        """Several workers: the run directory and the MQTT sockets, made by the arbiter before it
+        forks (raises OSError when a port cannot be bound)."""
+        if self.workers <= 1 or self.run_dir is not None:
+            return
+        from fluxmq.node.service import MQTT_LISTENERS
+        from fluxmq.node.workers import bind_mqtt, make_run_dir
+
+        self.worker_sockets = bind_mqtt(self.node_config, [section for _, section in MQTT_LISTENERS],
+                                        self.workers)
+        self.run_dir = make_run_dir()
 
     def load(self) -> Callable:
         raise RuntimeError("BrokerWorker builds the WSGI apps around its BrokerService (make_wsgi_apps)")
@@ -253,7 +287,11 @@ class NodeApplication(BaseApplication):
             if name == "health":
                 health = make_health_app(service, getattr(service, "cluster_health", None))
                 if config.server.metrics_enabled:
-                    health.mount("/metrics", make_metrics_app(make_registry(service, bridge)))
+                    registry = make_registry(service, bridge)
+                    totals = getattr(service.cluster, "metrics_totals", None)  # several workers
+                    if totals is not None:
+                        registry = totals(registry)
+                    health.mount("/metrics", make_metrics_app(registry))
                 apps.append(health)
             elif name.startswith("http"):
                 # One bridge (and one SSE stream registry) for plain and TLS; a network listener
@@ -265,6 +303,9 @@ class NodeApplication(BaseApplication):
                                  config.server.admin.allowed_hosts, config.server.admin.addr)
                 # SIGHUP and POST /reload re-read the token file: rotation without a restart
                 service.reload_hooks.append(admin.reload_hook)
+                join = getattr(service.cluster, "admin_totals", None)  # several workers: node /stats
+                if join is not None:
+                    join(admin)
                 apps.append(admin)
         return apps or [make_health_app(service)]  # the private unix socket
 
@@ -291,8 +332,15 @@ class NodeApplication(BaseApplication):
     def run(self) -> None:
         """Run the arbiter until shutdown; exits the process (0 on a clean stop)."""
         try:
+            try:
+                self.prepare_workers()
+            except OSError as exc:
+                log.error("broker_start_failed", extra={"pid": os.getpid(), "error": str(exc)})
+                raise SystemExit(Arbiter.WORKER_BOOT_ERROR) from None
             NodeArbiter(self).run()
         finally:
-            # A forked worker unwinds through here too; only the arbiter removes the directory.
-            if self._private_dir is not None and os.getpid() == self._owner_pid:
-                shutil.rmtree(self._private_dir, ignore_errors=True)
+            # A forked worker unwinds through here too; only the arbiter removes the directories.
+            if os.getpid() == self._owner_pid:
+                for path in (self._private_dir, self.run_dir):
+                    if path is not None:
+                        shutil.rmtree(path, ignore_errors=True)

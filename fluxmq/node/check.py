@@ -51,6 +51,9 @@ def start_problems(config: Any) -> list[ConfigError]:
     for surface, _ in surfaces:
         attempt(lambda surface=surface: _https_handshake(config, surface))
     attempt(lambda: check_admin_exposure(config.server.admin.addr, os.environ.get(TOKEN_ENV) or None))
+    from fluxmq.node.workers import check_workers
+
+    attempt(lambda: check_workers(config))
     if config.cluster.enabled:
         from fluxmq.cluster.config import cluster_settings  # plain config code: grpc is not imported
         from fluxmq.cluster.metadata.config import cluster_config_problems

@@ -14,9 +14,10 @@ from fluxmq.errors import ConfigError
 EXIT_CONFIG_ERROR = 2
 
 DESCRIPTION = """\
-Run one fluxmq node: a gunicorn arbiter supervising one gevent worker that hosts the MQTT broker
-and serves HTTP: /health, /ready, /cluster/status and /metrics on server.health_addr, the HTTP
-bridge on server.http.*.addr and the admin API on server.admin.addr.
+Run one fluxmq node: a gunicorn arbiter supervising server.workers gevent workers (default 1)
+that host the MQTT broker, acting as one, and serve HTTP: /health, /ready, /cluster/status and
+/metrics on server.health_addr, the HTTP bridge on server.http.*.addr and the admin API on
+server.admin.addr.
 
 Configuration precedence: --set > FLUXMQ_* environment variables > the --config file > built-in
 defaults. FLUXMQ_DEBUG=true / FLUXMQ_TRACE=true force the log level; an unknown FLUXMQ_* variable

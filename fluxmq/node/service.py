@@ -239,6 +239,13 @@ def auth_settings(config) -> AuthSettings:
     )
 
 
+def _gevent_socket(sock):
+    """A listening socket the arbiter bound (before gevent patched anything) as a gevent socket."""
+    from gevent import socket as gsocket
+
+    return gsocket.socket(sock.family, sock.type, fileno=sock.detach())
+
+
 def _section(config, dotted: str):
     for part in dotted.split("."):
         config = getattr(config, part)
@@ -264,6 +271,9 @@ class BrokerService:
         self.bridges: Bridges | None = None
         self.cluster = None  # fluxmq.cluster.node.ClusterNode when cluster.enabled (imported only then)
         self.raft = None  # fluxmq.replication.RaftService when cluster.raft.enabled
+        # Several workers (server.workers > 1): fluxmq.node.workers.WorkerContext, set by the worker
+        # before start; self.cluster is then the local cluster of the node's workers.
+        self.workers = None
         # Called by reload(new_config) after the service's own keys; each returns the keys it applied.
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
@@ -279,7 +289,13 @@ class BrokerService:
         # A foreign, damaged or newer data directory raises StorageError with one line: the worker
         # logs it and the node exits non-zero (never a silent wipe, never a restart loop).
         started = time.monotonic()
-        self.storage = storage = open_storage(cfg)
+        workers = self.workers
+        if workers is not None and cfg.storage.type == "lmdb":
+            from fluxmq.node.workers import shard_path
+
+            self.storage = storage = open_storage(cfg, shard_path(cfg.storage.path, workers.index))
+        else:
+            self.storage = storage = open_storage(cfg)
         self.broker = Broker(broker_settings(cfg), storage)
         self.broker.stats.output_budget.limit = cfg.broker.output_memory_limit
         self.broker.set_auth(auth)
@@ -300,7 +316,10 @@ class BrokerService:
             storage.start_background()
         log.info("storage_restored", extra={"start_took": round(time.monotonic() - started, 3)})
         # Before the listeners: a node id already live (etcd) stops the start here, with one line.
-        self._start_cluster(cfg)
+        if workers is not None:
+            self._start_workers(cfg, workers)
+        else:
+            self._start_cluster(cfg)
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [(name, section, lc, stream_factory(cfg, name, section))
                    for name, section, lc in enabled if lc.addr]
@@ -308,14 +327,18 @@ class BrokerService:
         for name, section, lc, factory in enabled:  # every TLS setting was checked before the first bind
             host, port = parse_addr(lc.addr)
             settings = protocol_settings(cfg, lc, refuse_anonymous=f"{section}.addr" in exposed)
+            sock = workers.sockets.get(section) if workers is not None else None
             listener = TCPListener(name, host, port, self.broker, settings, flusher,
-                                   max_connections=lc.max_connections, stream_factory=factory)
+                                   max_connections=lc.max_connections, stream_factory=factory,
+                                   sock=_gevent_socket(sock) if sock is not None else None)
             listener.start()
             self.listeners.append(listener)
         self._start_coap(cfg)
-        self.sys_topics = SysTopics(self.broker, cfg.broker.sys_interval)
+        self.sys_topics = self._sys_topics(cfg.broker.sys_interval)
         self.sys_topics.start()
         configs = bridges_from_config(cfg)  # ConfigError (unreadable password) before any link opens
+        if configs and self.workers is not None and self.workers.index != 0:
+            configs = []  # several workers: worker 0 runs the bridges (one link per remote, one client id)
         if configs:
             self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval,
                                    max_packet_size=cfg.broker.max_packet_size)
@@ -342,7 +365,18 @@ class BrokerService:
     @property
     def cluster_health(self):
         """The ``cluster`` readiness check and ``/cluster/status`` source, or None (single node)."""
-        return self.cluster.health if self.cluster is not None else None
+        return getattr(self.cluster, "health", None)  # several workers: no etcd, no cluster check
+
+    def _start_workers(self, cfg, workers) -> None:
+        """Several workers: this one joins the others as a member of the node's local cluster."""
+        from fluxmq.cluster.workers import WorkerNode
+
+        self.cluster = WorkerNode(workers, self.broker, cfg)
+        self.cluster.start()
+
+    def _sys_topics(self, interval: float) -> SysTopics:
+        totals = getattr(self.cluster, "sys_totals", None)  # several workers: the node's totals
+        return SysTopics(self.broker, interval, totals=totals)
 
     def _set_up_queues(self, cfg, storage: Storage) -> None:
         """Durable queues: started now when configured or stored, else made on first use of a
@@ -391,6 +425,8 @@ class BrokerService:
         coap = cfg.server.coap
         if not (coap.plain.addr or coap.dtls.addr or coap.mdtls.addr):
             return
+        if self.workers is not None and self.workers.index != 0:
+            return  # several workers: worker 0 serves CoAP (UDP ports are not shared); routes reach all
         # DTLS settings are checked (ConfigError naming the key) before anything binds
         secure = [(name, getattr(coap, name), server_context(getattr(coap, name), f"server.coap.{name}",
                                                              require_client_cert=name == "mdtls"))
@@ -440,8 +476,9 @@ class BrokerService:
             # here during the drain; then what is left is released, the lease revoked, and what
             # shutdown published (wills) gets a moment to reach the reachable peers.
             flush = min(1.0, max(0.0, deadline - time.monotonic()))
-            self.cluster.drain(min(self.config.cluster.drain_timeout,
-                                   max(0.0, deadline - time.monotonic() - flush - 0.5)))
+            drain = getattr(self.cluster, "drain", None)  # several workers: no drain (one node stops)
+            if drain is not None:
+                drain(min(self.config.cluster.drain_timeout, max(0.0, deadline - time.monotonic() - flush - 0.5)))
             self.cluster.stop(min(1.0, max(0.0, deadline - time.monotonic())))
         if self.webhooks is not None:
             self.broker.set_events(None)  # the disconnects of the shutdown are queued already
@@ -500,7 +537,7 @@ class BrokerService:
                 applied.add("broker.max_retained_messages")
             if "broker.sys_interval" in changed and self.sys_topics is not None:
                 self.sys_topics.stop()
-                self.sys_topics = SysTopics(broker, new["broker.sys_interval"])
+                self.sys_topics = self._sys_topics(new["broker.sys_interval"])
                 self.sys_topics.start()
                 applied.add("broker.sys_interval")
         for hook in self.reload_hooks:

@@ -93,6 +93,9 @@ class BrokerWorker(GeventWorker):
         self._starting_servers = self._start_http_servers(starting()) if starting is not None else []
         try:
             service = app.service_factory(app.node_config)
+            context = getattr(app, "worker_context", None)
+            if context is not None and getattr(self, "worker_index", None) is not None:
+                service.workers = context(self.worker_index)  # None with one worker
             service.start()
         except Exception as exc:
             # One clear line; exit code 3 makes the arbiter halt instead of respawning.

@@ -12,11 +12,12 @@ from .memory import MemoryStorage
 __all__ = ["MemoryStorage", "Storage", "StoredQueue", "StoredSession", "StoredState", "open_storage"]
 
 
-def open_storage(config) -> Storage:
-    """The backend the ``storage`` config section asks for (opened; raises StorageError with one line)."""
+def open_storage(config, path: str | None = None) -> Storage:
+    """The backend the ``storage`` config section asks for (opened; raises StorageError with one line);
+    ``path`` replaces ``storage.path`` (a worker's shard)."""
     s = config.storage
     if s.type == "memory":
         return MemoryStorage()
     from .lmdb import LMDBStorage  # imported only when used: the memory backend needs no lmdb module
 
-    return LMDBStorage(s.path, map_size=s.map_size, sync=s.sync, sync_interval=s.sync_interval)
+    return LMDBStorage(path or s.path, map_size=s.map_size, sync=s.sync, sync_interval=s.sync_interval)

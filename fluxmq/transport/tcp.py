@@ -113,12 +113,13 @@ class TCPListener:
 
     ``stream_factory(sock, address)``, when given, makes the connection's stream in the connection's
     own greenlet (the TLS and WebSocket handshakes); it returns None, having closed the socket, when
-    the handshake fails. Without it the stream is a plain SocketStream.
+    the handshake fails. Without it the stream is a plain SocketStream. ``sock``, when given, is a
+    listening socket bound already (``host``/``port`` are then only for logs).
     """
 
     def __init__(self, name: str, host: str, port: int, broker: Broker, settings: ProtocolSettings,
                  flusher: FlushScheduler, max_connections: int = 10000, backlog: int = 1024,
-                 stream_factory=None) -> None:
+                 stream_factory=None, sock=None) -> None:
         self.name = name
         self.stream_factory = stream_factory
         self.broker = broker
@@ -126,8 +127,11 @@ class TCPListener:
         self.flusher = flusher
         self.max_connections = max_connections
         self.connections: set[MQTTConnection] = set()
-        self._server = _ConnectionServer((host, port), self._handle, backlog=backlog)
-        self._server.reuse_addr = 1
+        if sock is not None:  # bound already (by the arbiter: one socket per worker, SO_REUSEPORT)
+            self._server = _ConnectionServer(sock, self._handle)
+        else:
+            self._server = _ConnectionServer((host, port), self._handle, backlog=backlog)
+            self._server.reuse_addr = 1
 
     @property
     def address(self) -> tuple[str, int]:

@@ -1,0 +1,102 @@
+"""``server.workers``: deliveries per second and broker CPU per delivery, 1 worker against N (issue 16).
+
+For each worker count a fresh ``fluxmq-node`` (memory storage, ``bench.brokers.FluxmqNode``), then
+``mqttload`` (``shared/tools/mqttload.c``) fan-out 1 -> 100 and fan-in 100 -> 1 (QoS 0, 64-byte
+payloads), each ``--runs`` times. Besides the generator's rate it reads the CPU time of every
+process of the node (arbiter and workers, ``/proc/<pid>/stat``) around each run: CPU microseconds per
+delivery show what the cross-worker path costs whatever the other load on a shared machine, and
+``rate x cpu/delivery`` how many cores the node used.
+
+Usage::
+
+    python -m bench.workers_scale --mqttload /path/to/mqttload [--workers 1,2] [--runs 3]
+        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from bench.brokers import FluxmqNode
+
+TICK = os.sysconf("SC_CLK_TCK")
+MODES = {
+    "fanout": ["--mode", "fanout", "--subs", "100", "--count", "10000", "--duration", "5"],
+    "fanin": ["--mode", "fanin", "--pubs", "100", "--count", "500000", "--duration", "5"],
+}
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its children, as /proc says now."""
+    total = 0.0
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / TICK
+        except OSError:
+            continue
+    return total
+
+
+def run_once(mqttload: str, port: int, mode: str, window: int, gen_cpus: str) -> dict[str, str]:
+    pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
+    cmd = [*pin, mqttload, *MODES[mode], "--host", "127.0.0.1", "--port", str(port), "--window", str(window),
+           "--timeout", "60"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), "RESULT error=no_result")
+    return dict(kv.partition("=")[::2] for kv in line.split()[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mqttload", required=True)
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--modes", default="fanout,fanin")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--window", type=int, default=1000)
+    p.add_argument("--broker-cpus", default="0,1")
+    p.add_argument("--gen-cpus", default="0")
+    p.add_argument("--set", action="append", default=[], help="extra --set for the node")
+    args = p.parse_args(argv)
+    print("| workers | scenario | deliveries/s (runs) | median | broker CPU us/delivery (median) | cores used | load avg |")
+    print("|---:|---|---|---:|---:|---:|---|")
+    for workers in [int(w) for w in args.workers.split(",")]:
+        node = FluxmqNode(cpus=args.broker_cpus or None, sets=[f"server.workers={workers}", *args.set])
+        node.start()
+        try:
+            time.sleep(1.0)  # every worker up
+            for mode in args.modes.split(","):
+                rates, costs = [], []
+                load = open("/proc/loadavg").read().split()[0]
+                for _ in range(args.runs):
+                    before, t0 = tree_cpu(node.pid), time.monotonic()
+                    result = run_once(args.mqttload, node.port, mode, args.window, args.gen_cpus)
+                    cpu = tree_cpu(node.pid) - before
+                    deliveries = int(result.get("deliveries", result.get("received", "0")) or 0)
+                    rates.append(float(result.get("rate", "0") or 0))
+                    if deliveries:
+                        costs.append(cpu / deliveries * 1e6)
+                    del t0
+                med_rate = statistics.median(rates)
+                med_cost = statistics.median(costs) if costs else 0.0
+                print(f"| {workers} | {mode} | {', '.join(f'{r:,.0f}' for r in rates)} | {med_rate:,.0f} | "
+                      f"{med_cost:.2f} | {med_rate * med_cost / 1e6:.2f} | {load} |", flush=True)
+        finally:
+            node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

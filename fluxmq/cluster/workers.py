@@ -1,0 +1,406 @@
+"""The workers of one node as a local cluster (``server.workers`` > 1): each worker is a member.
+
+Nothing here is a second routing path: every worker runs the cluster's own pieces (issue 11),
+``ClusterPeers`` (interest tries per member, batched forwarding with sequence ids, shared groups
+decided once) over a ``ClusterTransport`` whose addresses are Unix sockets in the node's run
+directory (``unix:{run_dir}/w{i}.sock``), and ``ClusterSessions`` (C3's takeover) over an ownership
+registry that needs no etcd. The transport is ``fluxmq.cluster.unix.UnixTransport`` (the same
+service and ``PeerLink``, protobuf frames on plain Unix sockets) unless ``server.workers_transport``
+is ``grpc``. What is particular to workers:
+
+* **Membership** is static: the arbiter starts ``count`` workers with indexes 0..count-1 and
+  restarts a dead one under its index, so the member list never changes; a restarted worker's link
+  reconnects (a new epoch) and receives what was queued for it meanwhile (bounded, as for a node).
+* **Ownership** (``LocalOwnership``): client id -> ``"w{i} {pid}"`` in a small LMDB environment in
+  the run directory, shared by the workers; a claim is a compare-and-swap in one write transaction.
+  An entry whose pid is no longer alive belongs to nobody (a worker killed with -9 frees its ids at
+  once). A restarted worker keeps the restored sessions nobody claimed meanwhile and drops those
+  another worker took.
+* **Retained** messages are kept by every worker (each in its own storage shard): a retained
+  publish is sent to every worker, those without matching interest only store it; a starting worker
+  fills in what its shard lacks from another worker's snapshot (``retained.snapshot`` call).
+* **$SYS totals** are the sum of the workers' figures (``sys_totals``), asked for with a control
+  call ``"stats"``; ``$SYS/broker/worker`` names the worker a client is connected to. ``/metrics``
+  (``metrics_totals``) merges the workers' registries the same way (call ``"metrics"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import struct
+import time
+
+import gevent
+import lmdb
+
+from fluxmq.broker.message import Message
+from fluxmq.storage.records import decode_message, encode_message
+
+from .batch import Outgoing
+from .config import cluster_settings
+from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
+from .node import init_grpc_for_gevent
+from .peers import ClusterPeers
+
+log = logging.getLogger("fluxmq.cluster.workers")
+
+#: bytes of the shared ownership table (client ids and worker names: tens of bytes per client)
+OWNERS_MAP_SIZE = 256 << 20
+#: seconds a worker waits for another's figures ($SYS totals, /metrics)
+STATS_TIMEOUT = 1.0
+#: seconds a starting worker waits for another to answer its retained snapshot request
+RETAINED_SYNC_WAIT = 10.0
+_LEN = struct.Struct(">I")
+#: $SYS figures that are the same on every worker (not summed)
+NOT_SUMMED = frozenset({"version", "uptime", "retained messages/count"})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalOwnership:
+    """The ownership registry of ``ClusterSessions`` for the workers of one host (no etcd)."""
+
+    def __init__(self, path: str, node_id: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.env = lmdb.open(path, map_size=OWNERS_MAP_SIZE, sync=False, metasync=False, readahead=False,
+                             max_dbs=0)
+        self.node_id = node_id
+        self.pid = os.getpid()
+        self.value = f"{node_id} {self.pid}".encode()
+
+    def _owner(self, raw: bytes | None) -> str | None:
+        """The live worker an entry names, or None (no entry, or its process is gone)."""
+        if raw is None:
+            return None
+        node, _, pid = bytes(raw).decode().partition(" ")
+        if node == self.node_id and int(pid) == self.pid:
+            return node
+        return node if _alive(int(pid)) else None
+
+    def acquire_session(self, client_id: str, take_from: str | None = None) -> str | None:
+        """Own ``client_id`` unless another live worker does (returned; it hands the session over,
+        then the caller acquires again with ``take_from`` naming it)."""
+        key = client_id.encode()
+        with self.env.begin(write=True) as txn:
+            owner = self._owner(txn.get(key))
+            if owner is None or owner == self.node_id or owner == take_from:
+                txn.put(key, self.value)
+                return None
+            return owner
+
+    def release_session(self, client_id: str) -> None:
+        key = client_id.encode()
+        with self.env.begin(write=True) as txn:
+            if txn.get(key) == self.value:
+                txn.delete(key)
+
+    def owned_by(self, client_id: str) -> str | None:
+        with self.env.begin() as txn:
+            return self._owner(txn.get(client_id.encode()))
+
+    def adopt(self, client_ids) -> list[str]:
+        """Own the restored sessions nobody else owns; returns those another live worker owns."""
+        taken = []
+        with self.env.begin(write=True) as txn:
+            for client_id in client_ids:
+                key = client_id.encode()
+                owner = self._owner(txn.get(key))
+                if owner is None or owner == self.node_id:
+                    txn.put(key, self.value)
+                else:
+                    taken.append(client_id)
+        return taken
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class _WorkerBroker:
+    """The broker as ``ClusterPeers`` sees it on a worker: a forwarded retained message is stored
+    here too (every worker keeps every retained message), then delivered as from any peer."""
+
+    def __init__(self, broker) -> None:
+        self._broker = broker
+
+    def __getattr__(self, name: str):
+        return getattr(self._broker, name)
+
+    def publish_from_peer(self, message, shared_groups=(), match_local=True) -> int:
+        broker = self._broker
+        if message.retain:
+            broker.retained.store(message)
+        return broker.publish_from_peer(message, shared_groups, match_local)
+
+
+class WorkerPeers(ClusterPeers):
+    """``ClusterPeers`` plus what a worker adds: retained messages go to every worker, and client
+    ids are owned through ``ClusterSessions`` over ``LocalOwnership``."""
+
+    sessions: ClusterSessions | None = None
+
+    def forward(self, message, groups: list) -> list:
+        local = super().forward(message, groups)
+        if message.retain and not message.topic.startswith("$SYS"):
+            # Every worker keeps every retained message: the workers the message was not forwarded
+            # to (no matching interest) get it to store only.
+            nodes, _groups = self.remote.match(message.topic)
+            blob = None
+            for node, link in self.transport.links.items():
+                if node not in nodes:
+                    if blob is None:
+                        blob = encode_message(message)
+                    link.enqueue(Outgoing(blob, (), False, message.expires_at))
+        return local
+
+    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
+        return self.sessions.claim_session(client_id, clean_start)
+
+    def release_session(self, client_id: str) -> None:
+        self.sessions.release_session(client_id)
+
+
+class WorkerNode:
+    """One worker's membership in the node's local cluster: transport, peers, ownership, totals."""
+
+    def __init__(self, context, broker, config) -> None:
+        if config.server.workers_transport == "grpc":
+            init_grpc_for_gevent()
+            from .transport import ClusterTransport as Transport
+        else:
+            from .unix import UnixTransport as Transport
+
+        self.context = context
+        self.node_id = context.node_id
+        self.broker = broker
+        self.epoch = __import__("time").time_ns()
+        base = cluster_settings(config).transport  # batching and queue bounds: cluster.transport.*
+        self.settings = settings = dataclasses.replace(
+            base, bind_addr="unix:" + context.socket_path(context.index), tls_enabled=False,
+            peers={f"w{i}": "unix:" + context.socket_path(i) for i in range(context.count) if i != context.index})
+        self.peers = WorkerPeers(self.node_id, _WorkerBroker(broker), None,
+                                 broker.settings.shared_subscription_strategy, settings.interest_sync_timeout)
+        self.transport = Transport(self.node_id, self.epoch, settings, self.peers.apply_batch,
+                                          broker.interest_filters, on_ack=self.peers.on_ack,
+                                          on_peer_removed=self.peers.peer_removed)
+        self.peers.transport = self.transport
+        self.ownership = LocalOwnership(os.path.join(context.run_dir, "owners"), self.node_id)
+        self.peers.sessions = ClusterSessions(self.ownership, self.transport.call)
+        self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
+        self.transport.handle("stats", self._serve_stats)
+        self.transport.handle("retained.snapshot", self._serve_retained)
+        self._started = False
+
+    def start(self) -> None:
+        path = self.context.socket_path(self.context.index)
+        try:
+            os.unlink(path)  # left by a worker killed before it could remove it
+        except FileNotFoundError:
+            pass
+        self.transport.start()
+        stale = self.ownership.adopt(list(self.broker.sessions))
+        for client_id in stale:
+            # Taken over by another worker while this one was down: that copy is the live one.
+            self.broker.export_session(client_id)
+            log.info("restored_session_dropped", extra={"client_id": client_id, "reason": "owned by another worker"})
+        self.broker.set_peers(self.peers)
+        self.transport.set_peers(self.settings.peers)
+        self._started = True
+        self._sync = gevent.spawn(self._sync_retained)
+        log.info("worker_joined", extra={"node_id": self.node_id, "workers": self.context.count,
+                                         "restored_dropped": len(stale)})
+
+    def stop(self, timeout: float = 1.0) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self._sync.kill(block=False)
+        if self.broker.peers is self.peers:
+            self.broker.release_sessions()
+            self.broker.set_peers(None)
+        self.transport.stop(timeout)
+        self.ownership.close()
+        try:
+            os.unlink(self.context.socket_path(self.context.index))
+        except OSError:
+            pass
+
+    # -- retained messages missing from this worker's shard ----------------------------------------
+
+    def _serve_retained(self, _from: str, _payload: bytes) -> bytes:
+        """Every retained message of this worker ($SYS aside), each length-prefixed."""
+        out = bytearray()
+        for topic, message in list(self.broker.retained.items()):
+            if topic.startswith("$SYS") or message.expired():
+                continue
+            blob = encode_message(message)
+            out += _LEN.pack(len(blob))
+            out += blob
+        return bytes(out)
+
+    def _sync_retained(self) -> None:
+        """Once at start, from the first other worker that answers: store the retained messages this
+        worker's shard lacks (a node going from 1 worker to several, or a worker whose peers' queues
+        for it overflowed while it was down). A topic held here already is left as it is (it may be
+        newer than the snapshot: what is set meanwhile is forwarded anyway)."""
+        deadline = time.monotonic() + RETAINED_SYNC_WAIT
+        while not self.transport.reachable() and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        for node in self.transport.reachable():
+            try:
+                data = self.transport.call(node, "retained.snapshot", b"", RETAINED_SYNC_WAIT)
+            except Exception as exc:
+                log.warning("retained_sync_failed", extra={"peer": node, "error": str(exc)})
+                continue
+            retained = self.broker.retained
+            added = i = 0
+            while i + 4 <= len(data):
+                (n,) = _LEN.unpack_from(data, i)
+                topic, payload, qos, _retain, props, expires_at, origin = decode_message(data[i + 4:i + 4 + n])
+                i += 4 + n
+                if retained.get(topic) is None:
+                    retained.store(Message(topic, payload, qos, True, props, expires_at, origin))
+                    added += 1
+            log.info("retained_synced", extra={"peer": node, "added": added})
+            return
+
+    def peer_state(self) -> dict[str, dict]:
+        return self.transport.peer_state()
+
+    def received(self) -> dict[str, int]:
+        """What the other workers sent here (``/metrics``, as ``ClusterNode.received``)."""
+        p = self.peers
+        return {"batches": p.received_batches, "messages": p.received_messages,
+                "duplicates": p.duplicate_batches, "bad": p.bad_batches}
+
+    def readiness(self) -> tuple[bool, str]:
+        links = self.transport.links
+        up = len(self.transport.reachable())
+        return True, "" if up == len(links) else f"{up}/{len(links)} other workers reachable"
+
+    # -- totals across workers -------------------------------------------------------------------
+
+    def _local_values(self) -> dict[str, str]:
+        from fluxmq.broker.sys_topics import SysTopics
+
+        return SysTopics(self.broker, 0).values()
+
+    def _serve_stats(self, from_node: str, payload: bytes) -> bytes:
+        return json.dumps(self._local_values()).encode()
+
+    def gather(self, kind: str = "stats") -> dict[str, dict]:
+        """node_id -> the figures each other reachable worker answered with."""
+        out = {}
+        for node in self.transport.reachable():
+            try:
+                out[node] = json.loads(self.transport.call(node, kind, b"", STATS_TIMEOUT))
+            except Exception as exc:
+                log.debug("worker_stats_unavailable", extra={"peer": node, "error": str(exc)})
+        return out
+
+    def metrics_totals(self, registry):
+        """``/metrics`` of this worker as the node's: this worker's registry merged with the others'
+        (each other worker serves its own registry to the ``"metrics"`` call)."""
+        from fluxmq.http.metrics import NodeTotalsRegistry, families_to_json
+
+        self.transport.handle("metrics", lambda _from, _p: json.dumps(families_to_json(registry)).encode())
+        return NodeTotalsRegistry(registry, lambda: list(self.gather("metrics").values()))
+
+    def admin_totals(self, admin) -> None:
+        """The admin API answers for the node: ``/stats`` sums the workers' figures (``"admin.stats"``
+        call, ``AdminAPI.other_stats``); ``GET /sessions/{id}`` and ``POST /sessions/{id}/disconnect``
+        are answered by the worker that owns the client id (``"admin.session"`` call)."""
+        def serve(_from: str, _payload: bytes) -> bytes:
+            return json.dumps(admin.local_stats()[1]).encode()
+
+        self.transport.handle("admin.stats", serve)
+        admin.other_stats = lambda: list(self.gather("admin.stats").values())
+
+        from fluxmq.http.bridge import HTTPError
+
+        def serve_session(_from: str, payload: bytes) -> bytes:
+            client_id, action = json.loads(payload)
+            method = admin.get_session if action == "get" else admin.disconnect
+            try:
+                status, body = method({}, [client_id])
+            except HTTPError as exc:
+                status, body = exc.status, {"error": exc.message}
+            return json.dumps([status, body]).encode()
+
+        def elsewhere(client_id: str, action: str):
+            owner = self.ownership.owned_by(client_id)
+            if owner is None or owner == self.node_id:
+                return None
+            try:
+                status, body = json.loads(self.transport.call(owner, "admin.session",
+                                                              json.dumps([client_id, action]).encode(), 5.0))
+            except Exception as exc:
+                raise HTTPError(503, f"worker {owner} holding {client_id!r} does not answer: {exc}") from None
+            return status, body
+
+        self.transport.handle("admin.session", serve_session)
+        admin.session_elsewhere = elsewhere
+
+        def serve_delete(_from: str, payload: bytes) -> bytes:
+            self.broker.retained.delete(bytes(payload).decode())
+            return b""
+
+        def delete_everywhere(topic: str) -> None:
+            for node in self.transport.reachable():
+                try:
+                    self.transport.call(node, "retained.delete", topic.encode(), STATS_TIMEOUT)
+                except Exception as exc:
+                    log.warning("retained_delete_not_forwarded", extra={"peer": node, "topic": topic,
+                                                                        "error": str(exc)})
+
+        self.transport.handle("retained.delete", serve_delete)
+        admin.retained_deleted = delete_everywhere
+
+        from fluxmq.http.admin import session_summary
+        from fluxmq.http.walk import page
+
+        def serve_sessions(_from: str, payload: bytes) -> bytes:
+            connected, after, n = json.loads(payload)
+            total, ordered = admin.local_sessions(connected, after)
+            return json.dumps([total, [session_summary(x) for x in page(ordered, 0, n)]]).encode()
+
+        def other_sessions(connected, after, n: int) -> list:
+            out = []
+            request = json.dumps([connected, after, n]).encode()
+            for node in self.transport.reachable():
+                try:
+                    out.append(json.loads(self.transport.call(node, "admin.sessions", request, 5.0)))
+                except Exception as exc:
+                    raise HTTPError(503, f"worker {node} does not answer: {exc}") from None
+            return out
+
+        self.transport.handle("admin.sessions", serve_sessions)
+        admin.other_sessions = other_sessions
+
+    def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
+        """This worker's $SYS figures turned into the node's: summed over the workers that answer."""
+        totals = dict(values)
+        others = self.gather()
+        for figures in others.values():
+            for key, text in figures.items():
+                if key in NOT_SUMMED:
+                    continue
+                try:
+                    totals[key] = str(int(totals.get(key, "0")) + int(text))
+                except ValueError:
+                    continue
+        totals["worker"] = self.node_id  # the worker this client is connected to (tests, operators)
+        totals["worker/pid"] = str(os.getpid())
+        totals["workers"] = str(self.context.count)
+        totals["workers/answering"] = str(1 + len(others))
+        return totals

@@ -1,0 +1,119 @@
+"""Several worker processes of one node (``server.workers``): what the arbiter prepares before it forks.
+
+Each worker is one gevent process hosting a whole broker; together they act as one broker, each a
+member of a local cluster (``fluxmq.cluster.workers``, imported only inside a worker). The arbiter:
+
+* gives each worker an **index** (0..N-1, the lowest free one: a worker restarted after a crash gets
+  the index, so the storage shard and socket path, of the one it replaces);
+* makes the **run directory** (a private temporary directory: the workers' Unix sockets and their
+  shared client-id ownership table), removed when the arbiter exits;
+* binds the **MQTT ports**: for each MQTT listener one socket per worker index, all bound to the same
+  address with ``SO_REUSEPORT``, so the kernel spreads new connections over the workers; a dead
+  worker's socket stays open in the arbiter (its connections wait in the backlog for the restarted
+  worker, and no other process can take the port meanwhile). The HTTP ports are gunicorn's binds,
+  one socket shared by every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+
+from fluxmq.config import parse_addr
+
+BACKLOG = 1024
+
+
+def worker_count(config) -> int:
+    """``server.workers`` as a number (``"auto"`` = the cores this process may run on)."""
+    n = config.server.workers
+    if n == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    return int(n)
+
+
+def check_workers(config) -> int:
+    """The worker count, or ConfigError when the configuration cannot run several workers."""
+    from fluxmq.errors import ConfigError
+
+    n = worker_count(config)
+    if n > 1 and config.cluster.enabled:
+        raise ConfigError("server.workers", "1 while cluster.enabled is true (several workers on a cluster "
+                          "node are not built yet)", config.origin("server.workers"), got=config.server.workers)
+    return n
+
+
+@dataclass
+class WorkerContext:
+    """What one worker gets from the arbiter: its index, the worker count, the run directory and its
+    own socket of each MQTT listener (section -> listening socket)."""
+
+    index: int
+    count: int
+    run_dir: str
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+
+    @property
+    def node_id(self) -> str:
+        return worker_id(self.index)
+
+    def socket_path(self, index: int) -> str:
+        return os.path.join(self.run_dir, f"w{index}.sock")
+
+
+def worker_id(index: int) -> str:
+    """The member id of worker ``index`` in the node's local cluster."""
+    return f"w{index}"
+
+
+def shard_path(path: str, index: int) -> str:
+    """The LMDB directory of worker ``index``: ``storage.path`` itself for worker 0 (a node going from
+    one worker to several keeps its data), ``{storage.path}-w{index}`` for the others."""
+    return path if index == 0 else f"{path.rstrip(os.sep)}-w{index}"
+
+
+def make_run_dir() -> str:
+    return tempfile.mkdtemp(prefix="fluxmq-workers-")
+
+
+def bind_reuseport(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one address (SO_REUSEPORT); port 0 = one port the system picks."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind((host, port))
+            if port == 0:
+                port = s.getsockname()[1]
+            s.listen(BACKLOG)
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def bind_mqtt(config, sections, count: int) -> dict[str, list[socket.socket]]:
+    """section -> one socket per worker, for every enabled MQTT listener (raises OSError)."""
+    bound: dict[str, list[socket.socket]] = {}
+    try:
+        for section in sections:
+            addr = config.get(section).addr
+            if addr:
+                host, port = parse_addr(addr)
+                bound[section] = bind_reuseport(host or "0.0.0.0", port, count)
+    except OSError as exc:
+        for socks in bound.values():
+            for s in socks:
+                s.close()
+        raise OSError(f"{section}.addr {config.get(section).addr}: {exc.strerror or exc}") from None
+    return bound

@@ -1,0 +1,105 @@
+"""The arbiter's part of ``server.workers`` (fluxmq.node.workers) and the workers' client-id
+ownership table (fluxmq.cluster.workers.LocalOwnership, a real LMDB environment in a tmp dir).
+The workers acting as one broker are tested end to end in tests/e2e/test_workers.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from fluxmq.config import load_config
+from fluxmq.node.app import NodeApplication
+from fluxmq.node.cli import main
+from fluxmq.node.workers import bind_reuseport, shard_path, worker_count
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("FLUXMQ_"):
+            monkeypatch.delenv(key)
+
+
+def test_auto_is_the_cores_this_process_may_use() -> None:
+    config = load_config(None, env={}, overrides=("server.workers=auto",))
+    assert worker_count(config) == len(os.sched_getaffinity(0))
+    assert worker_count(load_config(None, env={}, overrides=("server.workers=3",))) == 3
+
+
+def test_several_workers_on_a_cluster_node_are_refused_by_check(capsys) -> None:
+    code = main(["--check", "--set", "server.workers=2", "--set", "cluster.enabled=true",
+                 "--set", "cluster.node_id=a"])
+    assert code == 2
+    assert "server.workers" in capsys.readouterr().err
+
+
+def test_worker_zero_keeps_the_storage_path_the_others_get_a_shard_each() -> None:
+    assert shard_path("/data/fluxmq", 0) == "/data/fluxmq"
+    assert shard_path("/data/fluxmq/", 1) == "/data/fluxmq-w1"
+
+
+def test_one_port_is_bound_once_per_worker() -> None:
+    socks = bind_reuseport("127.0.0.1", 0, 2)
+    try:
+        ports = {s.getsockname()[1] for s in socks}
+        assert len(socks) == 2 and len(ports) == 1
+        with socket.create_connection(("127.0.0.1", ports.pop()), timeout=2):
+            pass
+    finally:
+        for s in socks:
+            s.close()
+
+
+class _Worker:
+    def __init__(self, index=None) -> None:
+        if index is not None:
+            self.worker_index = index
+
+
+class _Arbiter:
+    def __init__(self, *indexes: int) -> None:
+        self.WORKERS = {100 + i: _Worker(i) for i in indexes}
+
+
+def test_a_restarted_worker_gets_the_lowest_free_index() -> None:
+    for running, expected in (((), 0), ((0,), 1), ((1,), 0), ((0, 2), 1)):
+        worker = _Worker()
+        NodeApplication._pre_fork(_Arbiter(*running), worker)
+        assert worker.worker_index == expected
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_ownership_is_a_compare_and_swap_and_a_dead_workers_entries_are_free(tmp_path) -> None:
+    from fluxmq.cluster.workers import LocalOwnership
+
+    me = LocalOwnership(str(tmp_path / "owners"), "w0")
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        with me.env.begin(write=True) as txn:
+            txn.put(b"held", f"w1 {live.pid}".encode())
+            txn.put(b"orphan", f"w1 {_dead_pid()}".encode())
+        assert me.acquire_session("new") is None and me.owned_by("new") == "w0"
+        assert me.acquire_session("held") == "w1"  # a live worker owns it: take it over from w1
+        assert me.owned_by("held") == "w1"
+        assert me.acquire_session("held", take_from="w1") is None and me.owned_by("held") == "w0"
+        assert me.owned_by("orphan") is None
+        assert me.acquire_session("orphan") is None  # its worker died: nobody owns it
+        with me.env.begin(write=True) as txn:
+            txn.put(b"theirs", f"w1 {live.pid}".encode())
+        assert me.adopt(["new", "theirs", "unknown"]) == ["theirs"]
+        me.release_session("new")
+        assert me.owned_by("new") is None
+        me.release_session("theirs")  # not ours: kept
+        assert me.owned_by("theirs") == "w1"
+    finally:
+        live.kill()
+        live.wait()
+        me.close()
