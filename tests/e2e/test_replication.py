@@ -792,10 +792,17 @@ def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory)
     rises; a stream's may move back), so a reader on the next leader resumes where the group was
     moved to, not where it had read up to."""
     extra = ("  - name: events\n    type: stream\n    auto_commit_interval: 1h\n"
-             "    replication: {enabled: true, mode: sync, ack_timeout: 3s}\n")
+             "    replication: {enabled: true, mode: sync, ack_timeout: 10s}\n")
     nodes = start_cluster(node_factory, queue_extra=extra)
     leader = wait_leader(nodes)
-    pub = client5(nodes[(leader + 1) % 3], "stream-prod")
+    follower = nodes[(leader + 1) % 3]
+    # The publishes are forwarded by the follower: wait (bounded) until it knows the leader, as a
+    # loaded machine may elect before every follower has heard of it.
+    leader_addr = raft_status(nodes[leader])["self"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (raft_status(follower) or {}).get("leader") != leader_addr:
+        time.sleep(0.1)
+    pub = client5(follower, "stream-prod")
     codes: list = []
     pub.on_publish = lambda c, u, mid, rc, props: codes.append(rc)
     for i in range(10):
