@@ -79,6 +79,19 @@ def wait_leader(nodes, among=None, timeout: float = 20.0) -> int:
     raise AssertionError(f"no Raft leader delivering within {timeout:.0f}s: {states!r}")
 
 
+def wait_all_know_leader(nodes, timeout: float = 20.0) -> int:
+    """Index of the delivering leader once every node has heard of it (a loaded machine may
+    elect before every follower knows, and a follower that does not yet know refuses writes)."""
+    leader = wait_leader(nodes, timeout=timeout)
+    addr = raft_status(nodes[leader])["self"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all((raft_status(n) or {}).get("leader") == addr for n in nodes):
+            return leader
+        time.sleep(0.1)
+    raise AssertionError(f"not every node knows leader {addr}: {[raft_status(n) for n in nodes]!r}")
+
+
 def client5(node, client_id: str) -> mqtt.Client:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(200)
@@ -707,7 +720,7 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
     assert len([k for k in stored[0] if k.startswith(b"L")]) == queues[0]["count"] > 0
     # Each node restarts from its own snapshot and the log kept after it: the same queues again.
     nodes = [_restart(node_factory, n) for n in nodes]
-    wait_leader(nodes)
+    leader = wait_all_know_leader(nodes)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         again = [raft_status(n)["queues"][QUEUE] for n in nodes]
