@@ -53,6 +53,11 @@ def cluster_settings(config) -> ClusterSettings:
     if c.enabled and not c.node_id:
         raise ConfigError("cluster.node_id", "a node id unique in the cluster", _origin(config, "cluster.node_id"),
                           problem="is required when cluster.enabled is true")
+    if c.enabled and config.get("cluster.routes"):
+        raise ConfigError("cluster.routes", "no routes while cluster.enabled is true", _origin(config, "cluster.routes"),
+                          problem="mirrors every topic to nodes the cluster already routes to (each message would "
+                                  "arrive once per path); with cluster.enabled use bridges for brokers outside "
+                                  "the cluster")
     for node_id, addr in peers.items():
         try:
             host, port = parse_addr(addr)

@@ -72,3 +72,17 @@ def test_check_reports_a_missing_node_id(tmp_path: Path, capsys) -> None:
     conf.write_text("cluster:\n  enabled: true\n")
     assert main(["--check", "--config", str(conf)]) != 0
     assert "cluster.node_id" in capsys.readouterr().err
+
+
+def test_routes_beside_the_grpc_cluster_are_refused(tmp_path: Path) -> None:
+    """cluster.routes mirrors every topic to its peers; the gRPC cluster routes between the same nodes
+    too, so a message would reach a subscriber once per path. Refused at start, with the key named."""
+    cfg = load(tmp_path, "cluster:\n  enabled: true\n  node_id: a\n"
+                         "  routes:\n    - {name: b, host: 127.0.0.1, port: 1884, node_id: b}\n")
+    with pytest.raises(ConfigError) as info:
+        cluster_settings(cfg)
+    msg = str(info.value)
+    assert "cluster.routes" in msg and "bridges" in msg and "\n" not in msg
+    # Routes alone (reference 001's cluster of routes, no gRPC cluster) stay allowed.
+    alone = load(tmp_path, "cluster:\n  routes:\n    - {name: b, host: 127.0.0.1, port: 1884, node_id: b}\n")
+    assert not cluster_settings(alone).enabled
