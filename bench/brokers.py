@@ -73,6 +73,11 @@ class BrokerProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def cpu_pid(self) -> int:
+        """The one process whose CPU is the broker's (what a generator that reads one PID is given)."""
+        return self.pid
+
     def command(self) -> list[str]:
         """The command line, without the taskset prefix."""
         raise NotImplementedError
@@ -272,6 +277,13 @@ class FluxmqNode(BrokerProcess):
             "log:\n"
             '  level: "warning"\n'
         )
+
+    @property
+    def cpu_pid(self) -> int:
+        """The gunicorn worker when there is one (the arbiter only supervises: its CPU is ~0), else the
+        root; with several workers no single PID is the broker, and callers sum the tree instead."""
+        below = procinfo.tree(self.pid)[1:]
+        return below[0] if len(below) == 1 else self.pid
 
     @staticmethod
     def available(python: str | None = None) -> bool:

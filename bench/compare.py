@@ -171,7 +171,9 @@ def generator_command(args: argparse.Namespace, sc: Scenario, broker: BrokerProc
                       label: str) -> list[str]:  # fmt: skip
     """The pinned generator command line for one run."""
     pin = ["taskset", "-c", args.gen_cpus] if args.gen_cpus else []
-    common = ["--host", "127.0.0.1", "--port", str(broker.port), "--pid", str(broker.pid), "--label", label,
+    # mqttload reads one PID's CPU (the worker, not the idle arbiter); loadgen sums the tree.
+    pid = broker.cpu_pid if args.generator == "mqttload" else broker.pid
+    common = ["--host", "127.0.0.1", "--port", str(broker.port), "--pid", str(pid), "--label", label,
               "--timeout", str(int(sc.timeout))]  # fmt: skip
     if args.generator == "mqttload":
         return pin + [args.mqttload] + run_args + common
