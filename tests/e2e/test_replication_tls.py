@@ -270,3 +270,25 @@ def test_bad_raft_tls_config_is_one_line_naming_the_key_and_the_file(node_factor
     assert str(node.config_path) in lines[0]
     if missing:
         assert files[leaf] in lines[0]
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_raft_member_listens_only_on_its_bind_address(node_factory, tmp_path, tls):
+    """pysyncobj binds 0.0.0.0 unless told otherwise: the member must listen on bind_addr's host
+    only (127.0.0.2 is loopback too, and reaches a 0.0.0.0 listener, not a 127.0.0.1 one)."""
+    peers = [f"127.0.0.1:{free_port()}"]
+    extra = ""
+    if tls:
+        ca = CertAuthority(tmp_path / "pki")
+        extra = _tls_extra(ca.issue_node("node0", hosts=("127.0.0.1",)), ca.cert_file)
+    text = (
+        _raft_config(peers[0], peers, raft_extra=extra)
+        .replace("replication_factor: 3", "replication_factor: 1")
+        .replace("min_in_sync_replicas: 2", "min_in_sync_replicas: 1")
+    )
+    node_factory(config_text=text)
+    port = int(peers[0].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
