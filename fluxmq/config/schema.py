@@ -835,8 +835,8 @@ KEYS: tuple[Key, ...] = (
         "bind_addr's when it is a wildcard. The leader announces it in its delivery claim."),
     Key("cluster.raft.password", Str(), "",
         "Shared secret of the Raft transport: pysyncobj then encrypts and authenticates every message "
-        "(Fernet: AES-CBC + HMAC-SHA256, key from PBKDF2); a peer without it cannot join. Not TLS "
-        "(docs/replication.rst). Environment only.", secret=True),
+        "(Fernet: AES-CBC + HMAC-SHA256, key from PBKDF2); a peer without it cannot join. Combines "
+        "with cluster.raft.tls (runs inside it; docs/replication.rst). Environment only.", secret=True),
     Key("cluster.raft.tls.enabled", Bool(), False,
         "TLS on every Raft connection of every group (provisioned groups' shifted ports too); needs "
         "cert_file, key_file and ca_file (docs/replication.rst, \"Security of the Raft transport\")."),

@@ -125,6 +125,21 @@ def _read_some(sock, limit: float = 3.0) -> bytes:
     return got
 
 
+def _closed_within(sock, limit: float) -> bool:
+    """True when the node closes ``sock`` within ``limit`` seconds without sending anything."""
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+        return not chunk
+    return False
+
+
 def test_a_three_node_mtls_group_replicates_on_every_group_and_survives_a_replica_restart(
     node_factory, tmp_path
 ):
@@ -175,6 +190,9 @@ def test_strangers_on_the_raft_port_get_no_raft_data_and_nothing_they_send_is_un
     # the claimed address is a member's (the smallest connects to nobody, so it is always accepted)
     claim = min(n.raft_addr for n in nodes)
 
+    # 0. a stranger that connects and says nothing is closed (no socket held for ever)
+    silent = socket.create_connection((host, int(port)), timeout=5)
+
     # 1. plain TCP: the pysyncobj hello, as a member would send it over plain TCP
     plain_marker = tmp_path / "unpickled-plain"
     with socket.create_connection((host, int(port)), timeout=5) as raw:
@@ -201,6 +219,8 @@ def test_strangers_on_the_raft_port_get_no_raft_data_and_nothing_they_send_is_un
 
     time.sleep(1.0)
     assert not plain_marker.exists() and not nocert_marker.exists()
+    assert _closed_within(silent, 20.0)  # by the node (HANDSHAKE_TIMEOUT), nothing sent
+    silent.close()
     # the node keeps serving: still the group's leader (or a member of a group with a leader)
     assert nodes[leader].returncode is None
     leader = wait_leader(nodes)
