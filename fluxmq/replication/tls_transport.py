@@ -125,17 +125,12 @@ def raft_tls(raft, origin=lambda key: "", warn: bool = True) -> RaftTLS | None:
         client.set_ciphers(
             ":".join(TLS12_SUITES.get(n, n) for n in tls.cipher_suites if n not in TLS13_SUITES) or "DEFAULT"
         )
-    if warn and tls.client_auth == "none":
+    if warn and tls.client_auth == "none" and not getattr(raft, "password", ""):
         log.warning(
             "raft_tls_without_client_certificates",
             extra={
-                "detail": "any host that reaches a Raft port and completes TLS can send what the node "
-                "unpickles"
-                + (
-                    ""
-                    if getattr(raft, "password", "")
-                    else "; set client_auth require or cluster.raft.password"
-                )
+                "detail": "any host that reaches a Raft port and completes TLS can send what the node unpickles; "
+                "set client_auth require or cluster.raft.password"
             },
         )
     return RaftTLS(server, client, tls.server_name, tls.client_auth)

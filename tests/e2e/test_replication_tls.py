@@ -312,3 +312,25 @@ def test_a_raft_member_listens_only_on_its_bind_address(node_factory, tmp_path, 
         pass
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.2", port), timeout=5).close()
+
+
+def test_server_only_tls_combined_with_the_password_replicates(node_factory, tmp_path):
+    """client_auth none (the listener's certificate verified, none asked of the dialler) with
+    cluster.raft.password inside TLS: the documented combination elects and replicates."""
+    ca = CertAuthority(tmp_path / "pki")
+    certs = [ca.issue_node(f"node{i}", hosts=("127.0.0.1",)) for i in range(3)]
+    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    nodes = [
+        node_factory(
+            config_text=_raft_config(peers[i], peers, raft_extra=_tls_extra(certs[i], ca.cert_file, "none")),
+            wait_ready=False,
+            env={"FLUXMQ_CLUSTER_RAFT_PASSWORD": "s3cret"},
+        )
+        for i in range(3)
+    ]
+    for n in nodes:
+        n.wait_ready()
+    leader = _group_leader(nodes, "default")
+    assert _publish_acked(nodes[leader], "server-only", 20, b"s") == 20
+    assert _wait_counts(nodes, "default", QUEUE, 20) == [20, 20, 20]
+    assert "raft_tls_without_client_certificates" not in nodes[0].log_text()  # the password is set
