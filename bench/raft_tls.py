@@ -10,6 +10,17 @@ and the mean of the two followers', in microseconds per message. The machine is 
 rates are noisy; CPU per message much less so. The modes run in turn, ``--rounds`` times.
 
     .venv/bin/python -m bench.raft_tls --count 20000 --rounds 2
+
+``--micro`` measures the transport alone, in this process: ``--frames`` frames of ``--frame-bytes``
+(a Raft entry's size: about 100 replicated messages of 64-byte payload) sent from a dialled
+connection to an accepted one over loopback, pysyncobj's TcpConnection vs TLSConnection (and each
+with the password), driven by pysyncobj's select poller; process CPU time per frame covers both
+ends (encrypt and decrypt, pickling and zlib included).
+
+    .venv/bin/python -m bench.raft_tls --micro --frames 3000 --frame-bytes 12000
+
+Under a loaded machine CPU time is noisy; instructions are not: run one kind under callgrind at two
+frame counts and divide the difference (bench/RESULTS.md has the commands).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from bench.raft_queue import produce  # noqa: E402
 from tests.certs import CertAuthority  # noqa: E402
 from tests.conftest import NodeFactory, free_port  # noqa: E402
 
+BUF = 2**16  # pysyncobj's SyncObjConf default send/recv buffer sizes (group.py keeps them)
 MODES = ("plain", "password", "mtls", "mtls+password")
 
 CONFIG = """
@@ -104,15 +116,104 @@ def run(mode: str, base: Path, count: int, window: int) -> dict:
         factory.close()
 
 
+def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
+    from pysyncobj.encryptor import getEncryptor
+    from pysyncobj.poller import createPoller
+    from pysyncobj.tcp_connection import TcpConnection
+    from pysyncobj.tcp_server import TcpServer
+
+    from fluxmq.replication.tls_transport import TLSConnection, TLSServer, raft_tls
+
+    poller = createPoller("select")
+    port = free_port()
+    got: list = []
+    accepted: list = []
+    encryptor = getEncryptor("bench-secret") if "password" in kind else None
+
+    def on_new(conn) -> None:
+        conn.encryptor = encryptor
+        accepted.append(conn)
+        conn.setOnMessageReceivedCallback(lambda m: got.append(len(m)))
+
+    if "tls" in kind:
+        ca = CertAuthority(base / "micro-pki")
+        cert = ca.issue_node("n", hosts=("127.0.0.1",))
+        tls_cfg = type(
+            "T",
+            (),
+            {
+                "enabled": True,
+                "cert_file": cert.cert_file,
+                "key_file": cert.key_file,
+                "ca_file": ca.cert_file,
+                "client_auth": "require",
+                "min_version": "TLS1.2",
+                "cipher_suites": [],
+                "server_name": "",
+            },
+        )
+        tls = raft_tls(type("R", (), {"tls": tls_cfg, "password": ""}))
+        server = TLSServer(poller, "127.0.0.1", port, on_new, BUF, BUF, tls=tls)
+        client = TLSConnection(
+            poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF, tls=tls, server_hostname="127.0.0.1"
+        )
+    else:
+        server = TcpServer(poller, "127.0.0.1", port, on_new, BUF, BUF)
+        client = TcpConnection(poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF)
+    client.encryptor = encryptor
+    server.bind()
+    up: list = []
+    client.setOnConnectedCallback(lambda: up.append(1))
+    client.connect("127.0.0.1", port)
+    deadline = time.monotonic() + 10
+    while not up and time.monotonic() < deadline:
+        poller.poll(0.01)
+    import random
+
+    rnd = random.Random(1)
+    # payload-like bytes: zlib gains little on them, as on real message payloads
+    frame = [rnd.randbytes(64) + b"k" * 40 for _ in range(frame_bytes // 104)]
+    t0 = time.process_time()
+    for _ in range(frames):
+        client.send(frame)
+        while client.getSendBufferSize() > 4 * frame_bytes:
+            poller.poll(0.001)
+        poller.poll(0)
+    deadline = time.monotonic() + 60
+    while len(got) < frames and time.monotonic() < deadline:
+        poller.poll(0.01)
+    cpu = time.process_time() - t0
+    client.disconnect()
+    server.unbind()
+    return {
+        "kind": kind,
+        "frames": len(got),
+        "frame_bytes": frame_bytes,
+        "cpu_us_per_frame": round(cpu / max(len(got), 1) * 1e6, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--window", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--frames", type=int, default=3000)
+    ap.add_argument("--frame-bytes", type=int, default=12000)
+    ap.add_argument("--kinds", default="plain,tls,password,tls+password")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-raft-tls-"))
     try:
+        if args.micro:
+            for r in range(args.rounds):
+                for kind in args.kinds.split(","):
+                    print(
+                        json.dumps({"round": r, **micro(kind, args.frames, args.frame_bytes, base)}),
+                        flush=True,
+                    )
+            return 0
         for r in range(args.rounds):
             for mode in args.modes.split(","):
                 print(
