@@ -3,13 +3,18 @@ dialling TLSConnection on real loopback sockets, driven by pysyncobj's own selec
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
+import threading
 import time
+import zlib
 from types import SimpleNamespace
 
 import pytest
 from pysyncobj.poller import createPoller
-from pysyncobj.tcp_connection import CONNECTION_STATE
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
+from pysyncobj.tcp_server import TcpServer
 
 from fluxmq.errors import ConfigError
 from fluxmq.replication.tls_transport import RaftTLS, TLSConnection, TLSServer, raft_tls
@@ -138,3 +143,77 @@ def test_disabled_is_none_and_bad_files_name_the_key_and_the_file(pki, tmp_path)
     with pytest.raises(ConfigError) as err:
         raft_tls(_raft(mixed, ca.cert_file))
     assert err.value.key == "cluster.raft.tls.cert_file"
+
+
+class _Relay:
+    """A TCP relay on loopback that keeps a copy of every byte it forwards (the wire)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.wire = bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        a, _ = self.listener.accept()
+        b = socket.create_connection(("127.0.0.1", self.target))
+        for src, dst in ((a, b), (b, a)):
+            threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                self.wire += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+
+@pytest.mark.parametrize("tls_on", [True, False])
+def test_the_wire_carries_no_plaintext(pki, tls_on) -> None:
+    """The same message through a relay: in the TLS transport's bytes the secret does not appear;
+    through pysyncobj's plain TcpConnection it does (so the check can fail)."""
+    ca, node = pki
+    tls = raft_tls(_raft(node, ca.cert_file))
+    poller = createPoller("select")
+    port = free_port()
+    received: list = []
+
+    def on_new(conn) -> None:
+        conn.setOnMessageReceivedCallback(received.append)
+
+    if tls_on:
+        server = TLSServer(poller, "127.0.0.1", port, on_new, tls=tls)
+        client = TLSConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
+    else:
+        server = TcpServer(poller, "127.0.0.1", port, on_new)
+        client = TcpConnection(poller, timeout=10.0)
+    server.bind()
+    relay = _Relay(port)
+    secret = b"order-4711-card-4242424242424242" * 4
+    try:
+        client.connect("127.0.0.1", relay.port)
+        client.send({"entries": [secret]})
+        assert _pump(poller, lambda: received)
+        assert received == [{"entries": [secret]}]
+        found = secret[:32] in bytes(relay.wire) or secret[:32] in _inflated(relay.wire)
+        assert found is not tls_on
+    finally:
+        client.disconnect()
+        server.unbind()
+
+
+def _inflated(wire: bytearray) -> bytes:
+    """pysyncobj compresses each frame: the plain wire's frames, decompressed."""
+    out, buf = b"", bytes(wire)
+    while len(buf) >= 4:
+        (n,) = struct.unpack("i", buf[:4])
+        try:
+            out += zlib.decompress(buf[4 : 4 + n])
+        except zlib.error:
+            break
+        buf = buf[4 + n :]
+    return out
