@@ -261,8 +261,8 @@ class TLSConnection:
             return
         if self._timed_out():
             return
-        self._encrypt(frame)
-        self._flush()
+        if self._encrypt(frame):
+            self._flush()
 
     def disconnect(self):
         notify = self._on_disconnected is not None and self._state != CONNECTION_STATE.DISCONNECTED
@@ -403,15 +403,23 @@ class TLSConnection:
             self._state = CONNECTION_STATE.CONNECTED
         if self._pending:
             pending, self._pending = self._pending, bytearray()
-            self._encrypt(pending)
+            if not self._encrypt(pending):
+                return False
         return True
 
-    def _encrypt(self, data) -> None:
+    def _encrypt(self, data) -> bool:
+        """Encrypt ``data`` into the wire buffer; False (and disconnected) when TLS is closed."""
         view = memoryview(data)
         write = self._ssl.write
-        for start in range(0, len(view), RECORD):
-            write(view[start : start + RECORD])
+        try:
+            for start in range(0, len(view), RECORD):
+                write(view[start : start + RECORD])
+        except ssl.SSLError as exc:  # the peer's close_notify or a fatal alert came first
+            _log_failure(self.peer, self._side(), f"write after close: {exc.reason or exc}")
+            self.disconnect()
+            return False
         self._wire += self._out.read()
+        return True
 
     def _flush(self) -> None:
         if self._out is not None and self._out.pending:
