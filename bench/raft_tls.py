@@ -19,6 +19,8 @@ ends (encrypt and decrypt, pickling and zlib included).
 
     .venv/bin/python -m bench.raft_tls --micro --frames 3000 --frame-bytes 12000
 
+``--handshakes N`` measures the CPU of N TLS handshakes (both ends, EC P-256 certificates).
+
 Under a loaded machine CPU time is noisy; instructions are not: run one kind under callgrind at two
 frame counts and divide the difference (bench/RESULTS.md has the commands).
 """
@@ -193,6 +195,58 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
     }
 
 
+def handshakes(count: int, base: Path) -> dict:
+    """CPU time (this process: both ends) of ``count`` TLS handshakes between a dialled
+    TLSConnection and a TLSServer, pysyncobj's select poller driving them."""
+    from pysyncobj.poller import createPoller
+
+    from fluxmq.replication.tls_transport import TLSConnection, TLSServer, raft_tls
+
+    ca = CertAuthority(base / "hs-pki")
+    cert = ca.issue_node("n", hosts=("127.0.0.1",))
+    tls_cfg = type(
+        "T",
+        (),
+        {
+            "enabled": True,
+            "cert_file": cert.cert_file,
+            "key_file": cert.key_file,
+            "ca_file": ca.cert_file,
+            "client_auth": "require",
+            "min_version": "TLS1.2",
+            "cipher_suites": [],
+            "server_name": "",
+        },
+    )
+    tls = raft_tls(type("R", (), {"tls": tls_cfg, "password": ""}))
+    poller = createPoller("select")
+    port = free_port()
+    accepted: list = []
+    server = TLSServer(poller, "127.0.0.1", port, accepted.append, tls=tls)
+    server.bind()
+    times = []
+    for _ in range(count):
+        conn = TLSConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
+        up: list = []
+        conn.setOnConnectedCallback(lambda up=up: up.append(1))
+        t0 = time.process_time()
+        conn.connect("127.0.0.1", port)
+        deadline = time.monotonic() + 10
+        while (not up or not accepted or not accepted[-1]._secure) and time.monotonic() < deadline:
+            poller.poll(0.001)
+        times.append(time.process_time() - t0)
+        conn.disconnect()
+        accepted[-1].disconnect()
+    server.unbind()
+    times.sort()
+    return {
+        "handshakes": count,
+        "cpu_ms_both_ends_p50": round(times[len(times) // 2] * 1e3, 2),
+        "min": round(times[0] * 1e3, 2),
+        "max": round(times[-1] * 1e3, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=20000)
@@ -200,12 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--handshakes", type=int, default=0, help="measure N TLS handshakes instead")
     ap.add_argument("--frames", type=int, default=3000)
     ap.add_argument("--frame-bytes", type=int, default=12000)
     ap.add_argument("--kinds", default="plain,tls,password,tls+password")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-raft-tls-"))
     try:
+        if args.handshakes:
+            print(json.dumps(handshakes(args.handshakes, base)))
+            return 0
         if args.micro:
             for r in range(args.rounds):
                 for kind in args.kinds.split(","):
