@@ -115,6 +115,7 @@ SECTION_DOCS: dict[str, str] = {
     "cluster.etcd": "The metadata plane: this node's etcd member or an external etcd (docs/cluster.rst).",
     "cluster.etcd.tls": "TLS between the node and etcd, and for the member's listeners.",
     "cluster.raft": "Raft replication of durable queues (pysyncobj; docs/replication.rst).",
+    "cluster.raft.tls": "TLS / mutual TLS between the Raft members of every group (docs/replication.rst).",
     "webhook": "Broker events POSTed to HTTP endpoints off the hot path (docs/webhooks.rst).",
     "webhook.defaults": "Per-endpoint settings an endpoint does not set itself.",
     "webhook.defaults.retry": "Exponential backoff between attempts of one event to one endpoint.",
@@ -396,20 +397,6 @@ class GroupsMap(ValueType):
             return self.from_yaml(json.loads(text) if text.strip() else {})
         except json.JSONDecodeError as exc:
             raise ValueError(f"not JSON: {exc.msg}") from None
-
-
-class NoRaftTLS(ValueType):
-    """``cluster.raft.tls``: refused. pysyncobj's transport is plain TCP (an optional shared-password
-    encryption only), so TLS settings cannot be honoured; accepting them would hide that."""
-
-    summary = "false only"
-    expected = ("no TLS settings: the Raft transport (pysyncobj) has no TLS; remove cluster.raft.tls "
-                "and keep the Raft addresses on a trusted network (docs/replication.rst)")
-
-    def from_yaml(self, value: object) -> bool:
-        if value is False or value is None or value == "false":
-            return False
-        raise ValueError("")
 
 
 RAFT_GROUP = Fields({
@@ -848,11 +835,27 @@ KEYS: tuple[Key, ...] = (
         "bind_addr's when it is a wildcard. The leader announces it in its delivery claim."),
     Key("cluster.raft.password", Str(), "",
         "Shared secret of the Raft transport: pysyncobj then encrypts and authenticates every message "
-        "(Fernet: AES-CBC + HMAC-SHA256, key from PBKDF2); a peer without it cannot join. Not TLS "
-        "(docs/replication.rst). Environment only.", secret=True),
-    Key("cluster.raft.tls", NoRaftTLS(), False,
-        "Not available: the Raft transport (pysyncobj) has no TLS, so any cluster.raft.tls setting is a "
-        "config error rather than a setting silently ignored (docs/replication.rst)."),
+        "(Fernet: AES-CBC + HMAC-SHA256, key from PBKDF2); a peer without it cannot join. Combines "
+        "with cluster.raft.tls (runs inside it; docs/replication.rst). Environment only.", secret=True),
+    Key("cluster.raft.tls.enabled", Bool(), False,
+        "TLS on every Raft connection of every group (provisioned groups' shifted ports too); needs "
+        "cert_file, key_file and ca_file (docs/replication.rst, \"Security of the Raft transport\")."),
+    Key("cluster.raft.tls.cert_file", Str(), "",
+        "PEM certificate (chain) this node presents, as listener and when it dials a peer: it needs the "
+        "serverAuth and clientAuth uses if it lists extended key usages."),
+    Key("cluster.raft.tls.key_file", Str(), "", "PEM private key of cert_file."),
+    Key("cluster.raft.tls.ca_file", Str(), "",
+        "PEM CA bundle the peers' certificates are verified against (both directions); use a CA that "
+        "signs only this cluster's nodes: any certificate it signed is a trusted member."),
+    Key("cluster.raft.tls.client_auth", Enum("require", "none"), "require",
+        "require: a dialling peer must present a certificate verified against ca_file before anything it "
+        "sends is read (mutual TLS); none: any TLS client is read (then set cluster.raft.password)."),
+    Key("cluster.raft.tls.min_version", Enum("TLS1.2", "TLS1.3"), "TLS1.2", "Oldest TLS version accepted and offered."),
+    Key("cluster.raft.tls.cipher_suites", StrList(), [],
+        "TLS 1.2 suites by IANA/Go or OpenSSL name; [] = OpenSSL defaults; TLS 1.3 suites are not settable."),
+    Key("cluster.raft.tls.server_name", Str(), "",
+        'Name every peer\'s certificate must carry (SAN); "" = the host of the peer\'s Raft address as written '
+        "in peers (an IP address must then be an IP SAN)."),
     Key("webhook.enabled", Bool(), False, "POST broker events to webhook.endpoints."),
     Key("webhook.queue_size", Int(1), 10000,
         "Events waiting for delivery (all endpoints); when full, drop_policy decides and the drop is counted."),

@@ -6,7 +6,9 @@ writes, applied to the local queue log store on every replica. Imported only whe
 - ``group``: ``RaftGroup``, one pysyncobj node driven from a greenlet, the per-turn entry, the
   held acknowledgements and the state machine;
 - ``service``: ``RaftService``, the groups planned from the configuration and the log factory the
-  queue manager asks for each queue's log.
+  queue manager asks for each queue's log;
+- ``tls_transport``: ``TLSTransport``, pysyncobj's TCP transport over TLS / mutual TLS
+  (``cluster.raft.tls``), and ``raft_tls``, its contexts from the configuration.
 """
 
 from __future__ import annotations

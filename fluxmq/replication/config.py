@@ -7,8 +7,9 @@ from fluxmq.errors import ConfigError
 
 def replication_problems(config) -> list[ConfigError]:
     """A queue asking for replication while ``cluster.raft.enabled`` is false (never a silent
-    fallback to a local queue), Raft without the lmdb storage, replication with compaction, and the
-    group plan's own errors (replication_factor above the group size, ...)."""
+    fallback to a local queue), Raft without the lmdb storage, replication with compaction,
+    ``cluster.raft.tls`` files that cannot be loaded, and the group plan's own errors
+    (replication_factor above the group size, ...)."""
     from fluxmq.queues.config import QueueConfig
 
     problems: list[ConfigError] = []
@@ -32,6 +33,13 @@ def replication_problems(config) -> list[ConfigError]:
             problems.append(ConfigError(f"queues[{item['name']}].retention.compact", "false with replication",
                                         origin("queues"), problem="compaction of a replicated queue is not "
                                         "implemented yet (replication.enabled and retention.compact)"))
+    if raft.tls.enabled:
+        from .tls_transport import raft_tls
+
+        try:
+            raft_tls(raft, origin, warn=False)  # the files are read and the contexts built as at start
+        except ConfigError as exc:
+            problems.append(exc)
     if not problems:
         from .service import plan
 

@@ -63,9 +63,12 @@ def _make_node_class():
     class _RaftNode(SyncObj):
         """The pysyncobj object: one replicated method; the state lives in the RaftGroup."""
 
-        def __init__(self, group, self_addr, peers, conf):
+        def __init__(self, group, self_addr, peers, conf, transport_class=None):
             self._group = group  # set before SyncObj.__init__: not part of any snapshot
-            super().__init__(self_addr, peers, conf)
+            if transport_class is None:
+                super().__init__(self_addr, peers, conf)
+            else:
+                super().__init__(self_addr, peers, conf, transportClass=transport_class)
 
         @replicated
         def apply(self, ops):
@@ -82,7 +85,8 @@ class RaftGroup:
 
     def __init__(self, name: str, self_addr: str, peers: list[str], data_dir: str, store, write_policy: str,
                  on_applied=None, on_delivering=None, password: str = "", mqtt_addr: str = "",
-                 compaction_entries: int = 5000) -> None:
+                 compaction_entries: int = 5000, tls=None) -> None:
+        self.tls = tls  # cluster.raft.tls: fluxmq.replication.tls_transport.RaftTLS, or None (plain TCP)
         self.compaction_entries = compaction_entries  # log entries kept before a snapshot replaces them
         self.password = password or None  # cluster.raft.password: pysyncobj's encrypted transport
         self.name = name
@@ -139,8 +143,16 @@ class RaftGroup:
             logCompactionMinEntries=self.compaction_entries, logCompactionMinTime=10 ** 12,
             fullDumpFile=self.dump, serializer=self._write_snapshot, deserializer=self._read_snapshot,
             dynamicMembershipChange=False,
+            # the member listens on its address as configured (pysyncobj binds 0.0.0.0 without this)
+            bindAddress=self.self_addr,
             onStateChanged=self._state_changed, password=self.password)
-        self._node = _NODE_CLASS(self, self.self_addr, [p for p in self.peers if p != self.self_addr], conf)
+        transport = None
+        if self.tls is not None:
+            from .tls_transport import transport_class
+
+            transport = transport_class(self.tls)
+        self._node = _NODE_CLASS(self, self.self_addr, [p for p in self.peers if p != self.self_addr], conf,
+                                 transport)
         self._running = True
         self._driver = gevent.spawn(self._drive)
         log.info("raft_group_started", extra={"group": self.name, "self": self.self_addr, "peers": ",".join(self.peers),

@@ -122,12 +122,15 @@ class RaftService:
         self.store = store
         self.plans, self.queue_plans = plan(raft, queue_configs, origin)
         self.groups: dict[str, RaftGroup] = {}
+        from .tls_transport import raft_tls
+
+        tls = raft_tls(raft, origin)  # cluster.raft.tls: one set of contexts for every group
         for key, p in self.plans.items():
             group = self.groups[key] = RaftGroup(key, p.self_addr, list(p.members), data_dir, store,
                                                  raft.write_policy, on_applied=self._applied,
                                                  on_delivering=self._took_over,
                                                  password=getattr(raft, "password", ""), mqtt_addr=mqtt_addr,
-                                                 compaction_entries=raft.compaction_entries)
+                                                 compaction_entries=raft.compaction_entries, tls=tls)
             group.on_unknown = self._unknown_queue
         self.manager = None
 

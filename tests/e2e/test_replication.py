@@ -460,7 +460,7 @@ def test_reject_policy_refuses_on_a_follower_naming_the_leader(node_factory) -> 
 
 @pytest.mark.parametrize("text, key", [
     ("queues:\n  - name: q\n    replication:\n      enabled: true\n", "queues[q].replication.enabled"),
-    ("cluster:\n  raft:\n    tls:\n      enabled: true\n", "cluster.raft.tls"),
+    ("cluster:\n  raft:\n    enabled: true\n    tls:\n      enabled: true\n", "cluster.raft.tls.cert_file"),
 ])
 def test_config_errors_name_the_key_and_the_file(node_factory, text: str, key: str) -> None:
     node = node_factory(config_text=text, wait_ready=False)

@@ -1,0 +1,219 @@
+"""The Raft TLS transport (fluxmq/replication/tls_transport.py) in one process: a TLSServer and a
+dialling TLSConnection on real loopback sockets, driven by pysyncobj's own select poller."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+import zlib
+from types import SimpleNamespace
+
+import pytest
+from pysyncobj.poller import createPoller
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
+from pysyncobj.tcp_server import TcpServer
+
+from fluxmq.errors import ConfigError
+from fluxmq.replication.tls_transport import RaftTLS, TLSConnection, TLSServer, raft_tls
+from tests.certs import CertAuthority
+from tests.conftest import free_port
+
+
+def _raft(cert=None, ca_file: str = "", client_auth: str = "require", **over) -> SimpleNamespace:
+    tls = SimpleNamespace(
+        enabled=True,
+        cert_file=cert.cert_file if cert else "",
+        key_file=cert.key_file if cert else "",
+        ca_file=ca_file,
+        client_auth=client_auth,
+        min_version="TLS1.2",
+        cipher_suites=[],
+        server_name="",
+    )
+    tls.__dict__.update(over)
+    return SimpleNamespace(tls=tls, password="")
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = CertAuthority(tmp_path / "pki")
+    return ca, ca.issue_node("n1", hosts=("127.0.0.1",))
+
+
+def _pump(poller, until, limit: float = 10.0) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        poller.poll(0.01)
+        if until():
+            return True
+    return False
+
+
+def _pair(tls_server: RaftTLS, tls_client: RaftTLS):
+    poller = createPoller("select")
+    port = free_port()
+    accepted: list = []
+    received: list = []
+
+    def on_new(conn) -> None:
+        accepted.append(conn)
+        conn.setOnMessageReceivedCallback(received.append)
+
+    server = TLSServer(poller, "127.0.0.1", port, on_new, tls=tls_server)
+    server.bind()
+    client = TLSConnection(poller, timeout=10.0, tls=tls_client, server_hostname="127.0.0.1")
+    connected: list = []
+    replies: list = []
+    client.setOnConnectedCallback(lambda: connected.append(True))
+    client.setOnMessageReceivedCallback(replies.append)
+    assert client.connect("127.0.0.1", port)
+    return poller, server, client, accepted, received, connected, replies
+
+
+def test_frames_of_any_size_cross_both_ways_intact(pki) -> None:
+    ca, node = pki
+    tls = raft_tls(_raft(node, ca.cert_file))
+    poller, server, client, accepted, received, connected, replies = _pair(tls, tls)
+    try:
+        assert _pump(poller, lambda: connected)
+        big = bytes(range(256)) * 8192  # 2 MiB: many TLS records, several socket writes
+        messages = ["127.0.0.1:7100", {"type": "append_entries", "entries": [big]}, 42]
+        for m in messages:
+            client.send(m)
+        assert _pump(poller, lambda: len(received) == 3)
+        assert received == messages
+        accepted[0].send(("pong", big))
+        assert _pump(poller, lambda: replies)
+        assert replies == [("pong", big)]
+    finally:
+        client.disconnect()
+        server.unbind()
+
+
+def test_a_client_without_a_certificate_is_refused_and_nothing_it_sends_is_read(pki) -> None:
+    ca, node = pki
+    tls = raft_tls(_raft(node, ca.cert_file))
+    bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    bare.load_verify_locations(ca.cert_file)  # trusts the server, presents nothing
+    stranger = RaftTLS(tls.server, bare, "", "require")
+    poller, server, client, accepted, received, connected, replies = _pair(tls, stranger)
+    try:
+        client.send("127.0.0.1:7100")  # queued until the handshake, then sent if TLS 1.3 lets it
+        _pump(poller, lambda: accepted and accepted[0].state == CONNECTION_STATE.DISCONNECTED)
+        assert accepted and accepted[0].state == CONNECTION_STATE.DISCONNECTED
+        _pump(poller, lambda: client.state == CONNECTION_STATE.DISCONNECTED, 3.0)
+        assert received == []
+    finally:
+        client.disconnect()
+        server.unbind()
+
+
+def test_a_listener_with_a_certificate_from_another_ca_gets_nothing_sent(pki, tmp_path) -> None:
+    ca, node = pki
+    other = CertAuthority(tmp_path / "other", "another CA")
+    impostor = raft_tls(
+        _raft(other.issue_node("x", hosts=("127.0.0.1",)), other.cert_file, client_auth="none")
+    )
+    tls = raft_tls(_raft(node, ca.cert_file))
+    poller, server, client, accepted, received, connected, replies = _pair(impostor, tls)
+    try:
+        client.send("127.0.0.1:7100")
+        assert _pump(poller, lambda: client.state == CONNECTION_STATE.DISCONNECTED)
+        assert not connected and received == []
+    finally:
+        client.disconnect()
+        server.unbind()
+
+
+def test_disabled_is_none_and_bad_files_name_the_key_and_the_file(pki, tmp_path) -> None:
+    ca, node = pki
+    off = _raft(node, ca.cert_file)
+    off.tls.enabled = False
+    assert raft_tls(off) is None
+    missing = str(tmp_path / "gone.pem")
+    with pytest.raises(ConfigError) as err:
+        raft_tls(_raft(node, missing), lambda key: f"conf.yaml ({key})")
+    assert err.value.key == "cluster.raft.tls.ca_file" and missing in str(err.value)
+    assert "conf.yaml" in str(err.value)
+    wrong_key = ca.issue_node("other", hosts=("127.0.0.1",))
+    mixed = SimpleNamespace(cert_file=node.cert_file, key_file=wrong_key.key_file)
+    with pytest.raises(ConfigError) as err:
+        raft_tls(_raft(mixed, ca.cert_file))
+    assert err.value.key == "cluster.raft.tls.cert_file"
+
+
+class _Relay:
+    """A TCP relay on loopback that keeps a copy of every byte it forwards (the wire)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.wire = bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        a, _ = self.listener.accept()
+        b = socket.create_connection(("127.0.0.1", self.target))
+        for src, dst in ((a, b), (b, a)):
+            threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                self.wire += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+
+@pytest.mark.parametrize("tls_on", [True, False])
+def test_the_wire_carries_no_plaintext(pki, tls_on) -> None:
+    """The same message through a relay: in the TLS transport's bytes the secret does not appear;
+    through pysyncobj's plain TcpConnection it does (so the check can fail)."""
+    ca, node = pki
+    tls = raft_tls(_raft(node, ca.cert_file))
+    poller = createPoller("select")
+    port = free_port()
+    received: list = []
+
+    def on_new(conn) -> None:
+        conn.setOnMessageReceivedCallback(received.append)
+
+    if tls_on:
+        server = TLSServer(poller, "127.0.0.1", port, on_new, tls=tls)
+        client = TLSConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
+    else:
+        server = TcpServer(poller, "127.0.0.1", port, on_new)
+        client = TcpConnection(poller, timeout=10.0)
+    server.bind()
+    relay = _Relay(port)
+    secret = b"order-4711-card-4242424242424242" * 4
+    try:
+        client.connect("127.0.0.1", relay.port)
+        client.send({"entries": [secret]})
+        assert _pump(poller, lambda: received)
+        assert received == [{"entries": [secret]}]
+        found = secret[:32] in bytes(relay.wire) or secret[:32] in _inflated(relay.wire)
+        assert found is not tls_on
+    finally:
+        client.disconnect()
+        server.unbind()
+
+
+def _inflated(wire: bytearray) -> bytes:
+    """pysyncobj compresses each frame: the plain wire's frames, decompressed."""
+    out, buf = b"", bytes(wire)
+    while len(buf) >= 4:
+        (n,) = struct.unpack("i", buf[:4])
+        try:
+            out += zlib.decompress(buf[4 : 4 + n])
+        except zlib.error:
+            break
+        buf = buf[4 + n :]
+    return out
