@@ -154,6 +154,7 @@ class TCPListener:
         self.flusher = flusher
         self.max_connections = max_connections
         self.connections: set[MQTTConnection] = set()
+        self._forget = self.connections.discard  # every connection's on_close: one bound method, not one each
         self.fd_budget: FdBudget | None = None  # made at start(), under the process's final fd limit
         if sock is not None:  # bound already (by the arbiter: one socket per worker, SO_REUSEPORT)
             self._server = _ConnectionServer(sock, self._handle)
@@ -201,7 +202,7 @@ class TCPListener:
                 return
         conn = MQTTConnection(self.broker, stream, self.settings, self.flusher, self.name,
                               over_limit=verdict != SERVE or len(self.connections) >= self.max_connections)
-        conn.on_close = self.connections.discard
+        conn.on_close = self._forget
         self.connections.add(conn)
         conn.run()  # returns when the connection ends or parks; on_close tells the listener it ended
 
