@@ -12,7 +12,9 @@ number with the budget costs nothing per connection.
 * from ``hard_stop`` (the last few descriptors, only reached while many refusals wait for their
   CONNECT): closed at once, without a CONNACK.
 
-Refusals are logged as one warning line per listener every ``LOG_EVERY`` seconds with their count.
+Refusals (``connection_refused_fd_limit``) and accepts that failed for want of a descriptor
+(``accept_failed_fd_limit``: the listener then pauses accepting) are each logged as one warning line
+per listener every ``LOG_EVERY`` seconds, with their count.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ class FdBudget:
         self.limit = nofile_limit() if limit is None else limit
         self.budget = self.limit - max(RESERVE_MIN, self.limit // RESERVE_DIVISOR)
         self.hard_stop = self.limit - CLOSE_AT_ONCE
-        self._pending = 0  # refusals since the last log line
-        self._logged_at = -LOG_EVERY
+        self._pending = [0, 0]  # refusals, failed accepts since their last log line
+        self._logged_at = [-LOG_EVERY, -LOG_EVERY]
 
     def verdict(self, fd: int) -> int:
         """SERVE, REFUSE or CLOSE the socket numbered ``fd`` (refusals are counted for the log)."""
@@ -77,13 +79,20 @@ class FdBudget:
         self.note_refusal(fd)
         return CLOSE if fd >= self.hard_stop else REFUSE
 
-    def note_refusal(self, fd: int = -1) -> None:
-        """Count one refused client (``fd`` -1: the accept itself failed); log at most every LOG_EVERY s."""
-        self._pending += 1
+    def note_refusal(self, fd: int) -> None:
+        """Count one client refused on descriptor ``fd``; log at most every LOG_EVERY s."""
+        self._pending[0] += 1
+        self._log(0, "connection_refused_fd_limit", {"refused": self._pending[0], "fd": fd})
+
+    def note_accept_failed(self) -> None:
+        """Count one accept that failed for want of a descriptor; log at most every LOG_EVERY s."""
+        self._pending[1] += 1
+        self._log(1, "accept_failed_fd_limit", {"failed": self._pending[1]})
+
+    def _log(self, kind: int, event: str, figures: dict) -> None:
         now = time.monotonic()
-        if now - self._logged_at >= LOG_EVERY:
-            log.warning("connection_refused_fd_limit", extra={
-                "listener": self.listener, "pid": os.getpid(), "refused": self._pending, "fd": fd, "fd_limit": self.limit,
-                "fd_budget": self.budget})  # fmt: skip
-            self._logged_at = now
-            self._pending = 0
+        if now - self._logged_at[kind] >= LOG_EVERY:
+            log.warning(event, extra={"listener": self.listener, "pid": os.getpid(), **figures,
+                                      "fd_limit": self.limit, "fd_budget": self.budget})  # fmt: skip
+            self._logged_at[kind] = now
+            self._pending[kind] = 0

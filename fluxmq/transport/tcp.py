@@ -125,7 +125,7 @@ class _ConnectionServer(StreamServer):
                 raise
         # Out of descriptors (the budget's reserve spent): one log line instead of gevent's
         # traceback per retry, and a pause before the next accept; connections held are untouched.
-        self.fd_budget.note_refusal()
+        self.fd_budget.note_accept_failed()
         self.stop_accepting()
         gevent.spawn_later(ACCEPT_PAUSE, self._resume_accepting)
         return None
