@@ -9,7 +9,7 @@ CONNACK read: no unbounded accept storm), then waits for the driver's ``ping`` (
 connection, then every PINGRESP read) and ``close``.
 
 The broker's memory is read at five points: before any connection, right after the last CONNACK,
-parked (``--park`` s later), right after every PINGRESP, and after idling ``--park`` s again. It is
+parked (``--park`` s later), right after every PINGRESP, and after idling ``--idle`` s. It is
 summed over the broker's process tree (arbiter + workers) in three measures from
 ``/proc/PID/smaps_rollup``: RSS, PSS (shared pages divided among the processes sharing them, so the
 workers' shared LMDB ownership map and the forked code pages are counted once) and USS (private
@@ -208,7 +208,7 @@ def drive(args: argparse.Namespace) -> int:
         print(f"PINGRESP {pongs} of {held}", flush=True)
         time.sleep(1.0)
         points.append(("after_ping", measure(broker.pid)))
-        time.sleep(args.park)
+        time.sleep(args.idle)
         points.append(("idle_again", measure(broker.pid)))
         base = points[0][1]
         print(
@@ -260,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-connections", type=int, default=19_000, help="per worker listener")
     p.add_argument("--window", type=int, default=500, help="CONNECTs in flight per generator")
     p.add_argument("--park", type=float, default=7.0, help="seconds to idle (more than the 5 s park_after)")
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=12.0,
+        help="seconds after the PINGRESPs to the last point (more than the node's 10 s heap-trim check)",
+    )
     p.add_argument("--broker", choices=("fluxmq", "mosquitto"), default="fluxmq")
     p.add_argument("--timeout", type=float, default=900.0)
     args = p.parse_args(argv)
