@@ -21,9 +21,11 @@ nodes it used are added to its report. Helpers import as ``from tests.conftest i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -218,6 +220,11 @@ class RunningNode:
         return f"<RunningNode pid={self.pid} mqtt={self.mqtt_port} health={self.health_port}>"
 
 
+def _limit_nofile(limit: int) -> None:
+    """In the node's child process before exec: at most ``limit`` file descriptors."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 class NodeFactory:
     """Starts nodes under ``base_dir`` (one sub-directory each) and stops them on ``close()``."""
 
@@ -227,11 +234,12 @@ class NodeFactory:
 
     def __call__(self, overrides: Mapping[str, Any] | None = None, config_text: str | None = None,
                  *, wait_ready: bool = True, env: Mapping[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> RunningNode:
+                 args: tuple[str, ...] = (), nofile: int | None = None) -> RunningNode:
         """Write a config, start ``fluxmq-node --config`` with it and (by default) wait until ready.
 
         ``env`` adds environment variables (the test process's ``FLUXMQ_*`` ones are dropped);
-        ``args`` are extra command line arguments.
+        ``args`` are extra command line arguments; ``nofile`` sets the node's RLIMIT_NOFILE (soft and
+        hard, inherited by its workers).
         """
         node_dir = self.base_dir / f"node{len(self.nodes)}"
         data_dir = node_dir / "data"
@@ -262,7 +270,8 @@ class NodeFactory:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fluxmq.node.cli", "--config", str(config_path), *args],
                 cwd=REPO_ROOT, env=child_env, stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=subprocess.STDOUT, start_new_session=True)  # own group: kill() reaches the worker
+                stderr=subprocess.STDOUT, start_new_session=True,  # own group: kill() reaches the worker
+                preexec_fn=None if nofile is None else functools.partial(_limit_nofile, nofile))
         node = RunningNode(process, config, config_path, data_dir, log_path)
         self.nodes.append(node)
         if wait_ready:

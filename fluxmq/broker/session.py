@@ -105,7 +105,7 @@ class Session:
     trusted = False  # a client (the router's read filter applies); broker-internal targets say True
 
     __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
-                 "queue", "queue_bytes", "queue_qos0", "inbound_qos2", "send_quota", "will", "timer",
+                 "queue", "queue_bytes", "queue_qos0", "_inbound_qos2", "send_quota", "will", "timer",
                  "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",
                  "reread", "validity", "validity_drops", "on_room", "dropped")
 
@@ -124,7 +124,9 @@ class Session:
         # Packet ids in flight from an earlier connection that this one has not been resent yet:
         # a client that reconnects with a smaller Receive Maximum gets them as its window frees.
         self.held: deque | tuple = ()
-        self.inbound_qos2: set[int] = set()  # QoS 2 ids received, PUBREC sent, PUBREL pending
+        # QoS 2 ids received, PUBREC sent, PUBREL pending: made at first use (``inbound_qos2``), as
+        # an empty set is 216 bytes and most clients never publish at QoS 2
+        self._inbound_qos2: set[int] | None = None
         self.send_quota = limits.max_inflight
         self.will: Will | None = None
         self.timer = None  # pending will-delay or session-expiry timer
@@ -473,6 +475,18 @@ class Session:
         """The connection ended; state stays for a persistent session."""
         self.delivery = None
 
+    @property
+    def inbound_qos2(self) -> set[int]:
+        """The inbound QoS 2 packet ids awaiting PUBREL (the set is made at first use)."""
+        ids = self._inbound_qos2
+        if ids is None:
+            ids = self._inbound_qos2 = set()
+        return ids
+
+    @inbound_qos2.setter
+    def inbound_qos2(self, ids: set[int]) -> None:
+        self._inbound_qos2 = ids
+
     def clear_state(self) -> None:
         """Forget inflight, queue and QoS 2 ids (clean start or end of session)."""
         self.inflight.clear()
@@ -480,7 +494,8 @@ class Session:
         self.queue = _NO_QUEUE
         self.queue_bytes = 0
         self.queue_qos0 = 0
-        self.inbound_qos2.clear()
+        if self._inbound_qos2:
+            self._inbound_qos2.clear()
         self.reread = None
 
     def on_writable(self) -> None:

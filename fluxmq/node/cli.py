@@ -121,12 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # e.g. a log file that cannot be opened, an exposed admin API
         print(str(exc), file=sys.stderr)  # alone: a node that refuses to start says only why
         return EXIT_CONFIG_ERROR
-    log_start(config, path)
+    from fluxmq.transport.fdlimit import raise_nofile_limit
+
+    fd_limit, _ = raise_nofile_limit()  # a worker holds a descriptor per client: take what the system allows
+    log_start(config, path, fd_limit)
     app.run()  # exits the process with the arbiter's status
     return 0
 
 
-def log_start(config, path: str | None) -> None:
+def log_start(config, path: str | None, fd_limit: int = -1) -> None:
     """The node's first log line (its config and where its data lives), then one line per notice."""
     import logging
 
@@ -134,7 +137,7 @@ def log_start(config, path: str | None) -> None:
     storage = config.storage
     data = os.path.abspath(storage.path) if storage.type == "lmdb" else "memory (not kept across restarts)"
     log.info("node_starting", extra={"version": fluxmq.__version__, "config": path or "built-in defaults",
-                                     "storage": storage.type, "data": data})
+                                     "storage": storage.type, "data": data, "fd_limit": fd_limit})
     for notice in config.notices:
         log.warning("config_not_implemented", extra={"detail": notice})
 

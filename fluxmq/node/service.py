@@ -24,6 +24,7 @@ from fluxmq.coap.dtls import CoapDTLSListener, server_context
 from fluxmq.coap.listener import CoapUDPListener
 from fluxmq.config import SCHEMA, parse_addr
 from fluxmq.log import setup_logging
+from fluxmq.node.heap_trim import HeapTrim
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.storage import Storage, open_storage
@@ -278,6 +279,7 @@ class BrokerService:
         self.reload_hooks: list[Callable[[Any], set[str]]] = []
         self._effective = _flat(config)  # the values in force (reload updates the applied ones)
         self._started = False
+        self.heap_trim: HeapTrim | None = None
 
     def start(self) -> None:
         """Start the broker and its listeners; returns once they accept connections."""
@@ -334,6 +336,8 @@ class BrokerService:
             listener.start()
             self.listeners.append(listener)
         self._start_coap(cfg)
+        self.heap_trim = HeapTrim(self.broker.stats)  # gives back what connection bursts leave in the heap
+        self.heap_trim.start()
         self.sys_topics = self._sys_topics(cfg.broker.sys_interval)
         self.sys_topics.start()
         configs = bridges_from_config(cfg)  # ConfigError (unreadable password) before any link opens
@@ -459,6 +463,8 @@ class BrokerService:
             self.coap.stop()
         if self.sys_topics is not None:
             self.sys_topics.stop()
+        if self.heap_trim is not None:
+            self.heap_trim.stop()
         if self.bridges is not None:
             self.bridges.stop()
         if self.broker.queues is not None:

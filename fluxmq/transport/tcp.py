@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 
@@ -13,6 +14,8 @@ from fluxmq.broker.broker import Broker
 from fluxmq.protocol.connection import MQTTConnection
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
+
+from .fdlimit import CLOSE, SERVE, FdBudget
 
 log = logging.getLogger("fluxmq.transport")
 
@@ -100,12 +103,36 @@ class SocketStream:
             pass
 
 
+#: seconds a listener stops accepting after an accept failed for want of a file descriptor
+ACCEPT_PAUSE = 0.5
+
+
 class _ConnectionServer(StreamServer):
     """A StreamServer that leaves closing to the connection: a parked connection outlives the
     greenlet that accepted it (StreamServer would close the socket when its handler returns)."""
 
+    #: set by the listener: counts and logs an accept that failed for want of a descriptor
+    fd_budget: FdBudget | None = None
+
     def do_close(self, sock, *args) -> None:
         pass
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or self.fd_budget is None:
+                raise
+        # Out of descriptors (the budget's reserve spent): one log line instead of gevent's
+        # traceback per retry, and a pause before the next accept; connections held are untouched.
+        self.fd_budget.note_accept_failed()
+        self.stop_accepting()
+        gevent.spawn_later(ACCEPT_PAUSE, self._resume_accepting)
+        return None
+
+    def _resume_accepting(self) -> None:
+        if self.started and not self.closed:
+            self.start_accepting()
 
 
 class TCPListener:
@@ -127,6 +154,8 @@ class TCPListener:
         self.flusher = flusher
         self.max_connections = max_connections
         self.connections: set[MQTTConnection] = set()
+        self._forget = self.connections.discard  # every connection's on_close: one bound method, not one each
+        self.fd_budget: FdBudget | None = None  # made at start(), under the process's final fd limit
         if sock is not None:  # bound already (by the arbiter: one socket per worker, SO_REUSEPORT)
             self._server = _ConnectionServer(sock, self._handle)
         else:
@@ -139,6 +168,11 @@ class TCPListener:
 
     def start(self) -> None:
         """Bind and start accepting (raises OSError when the address is in use)."""
+        self.fd_budget = self._server.fd_budget = FdBudget(self.name)
+        if self.max_connections > self.fd_budget.budget:
+            log.warning("max_connections_above_fd_limit", extra={
+                "listener": self.name, "max_connections": self.max_connections,
+                "fd_limit": self.fd_budget.limit, "fd_budget": self.fd_budget.budget})  # fmt: skip
         self._server.start()
         log.info("listening", extra={"listener": self.name, "addr": "{}:{}".format(*self.address)})
 
@@ -146,6 +180,10 @@ class TCPListener:
         self._server.close()
 
     def _handle(self, sock, address) -> None:
+        verdict = self.fd_budget.verdict(sock.fileno())
+        if verdict == CLOSE:
+            sock.close()  # the process's last descriptors: no room even to read a CONNECT
+            return
         auth = self.broker.auth
         gate = auth.connect_gate if auth is not None else None
         if gate is not None and not gate(address[0]):
@@ -163,8 +201,8 @@ class TCPListener:
             if stream is None:
                 return
         conn = MQTTConnection(self.broker, stream, self.settings, self.flusher, self.name,
-                              over_limit=len(self.connections) >= self.max_connections)
-        conn.on_close = self.connections.discard
+                              over_limit=verdict != SERVE or len(self.connections) >= self.max_connections)
+        conn.on_close = self._forget
         self.connections.add(conn)
         conn.run()  # returns when the connection ends or parks; on_close tells the listener it ended
 

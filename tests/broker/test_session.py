@@ -326,3 +326,19 @@ def test_queued_messages_move_on_as_soon_as_the_output_has_room():
         s.deliver(msg(topic, qos=0), 0, False, None)
     assert [t for t, *_ in d.sent] == list("abcdef")
     assert not s.queue and not stats.drops
+
+
+def test_idle_session_carries_no_qos2_id_set_until_one_is_used():
+    """A set costs 216 bytes even empty: an idle client's session (most of 50,000 held connections)
+    has none until an inbound QoS 2 id arrives, and clearing state does not make one."""
+    import gc
+
+    s, _ = make()
+    s.clear_state()
+    assert not any(isinstance(o, set) for o in gc.get_referents(s))
+    assert 5 not in s.inbound_qos2
+    s.inbound_qos2.add(5)
+    assert 5 in s.inbound_qos2
+    assert any(isinstance(o, set) for o in gc.get_referents(s))
+    s.clear_state()
+    assert not s.inbound_qos2

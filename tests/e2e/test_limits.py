@@ -279,6 +279,61 @@ def test_max_connections_per_listener(factory: NodeFactory) -> None:
     node.stop()
 
 
+#: RLIMIT_NOFILE of the node in the fd-limit tests: a few dozen descriptors for the node's own
+#: work (listeners, storage, HTTP, the workers' links), the rest for clients
+FD_LIMIT = 160
+
+
+def _try_connect(node: RunningNode) -> RawClient | None:
+    """A connected client, or None when the broker refused it (CONNACK 3 or a close, never silence)."""
+    raw = RawClient.to(node, 4)
+    try:
+        ack = raw.connect(unique("fd"))
+    except ConnectionClosed:
+        ack = None
+    if ack is not None and ack.reason_code == 0:
+        return raw
+    assert ack is None or ack.reason_code == 3, ack
+    raw.close()
+    return None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fd_limit_refuses_new_clients_and_keeps_serving(node_factory: NodeFactory, workers: int) -> None:
+    """A worker near its file-descriptor limit refuses new clients at once (CONNACK "server
+    unavailable", or a close) and logs it, never leaving them unanswered or crashing; the clients it
+    holds keep being served, and a freed descriptor takes a client again."""
+    node = node_factory({"storage.type": "memory", "server.workers": workers}, nofile=FD_LIMIT)
+    held: list[RawClient] = []
+    refused = 0
+    try:
+        for _ in range(FD_LIMIT * workers + 50):  # bounded: more than the workers' descriptors hold
+            raw = _try_connect(node)
+            if raw is None:
+                refused += 1
+                if refused == 10:
+                    break
+            else:
+                held.append(raw)
+        assert refused == 10, f"{len(held)} held, {refused} refused"
+        assert len(held) >= (FD_LIMIT - 60) * workers // 2
+        for raw in held:
+            raw.send(c.Pingreq())
+        for raw in held:
+            raw.expect(c.Pingresp)
+        for raw in held[10:]:
+            raw.close()
+        del held[10:]
+        assert wait_until(lambda: (raw := _try_connect(node)) is not None and (held.append(raw) or True))
+        assert node.process.poll() is None
+        log = node.log_text()
+        assert "event=connection_refused_fd_limit" in log
+        assert "Traceback" not in log
+    finally:
+        for raw in held:
+            raw.close()
+
+
 # -- slow consumers -------------------------------------------------------------------------------------
 
 def flood(node: RunningNode, topic: str, count: int, payload: int = 200) -> None:
