@@ -2,8 +2,10 @@
 
 No sockets and no codec: a Broker with one subscriber (``t/#``, window 100) whose Delivery only
 records packet ids. Each turn publishes (as client "pub", like a PUBLISH from a connection) ``--per`` QoS 1 messages, commits, acknowledges as many of
-the oldest in flight (the queue refills the window) and commits again, with 900 messages waiting
-in the queue as under ``mqttload``'s 1,000-message window. ``memory``: a clean session over the
+the oldest in flight (the queue refills the window) and commits again, with ``--queued`` (900)
+messages waiting in the queue as under ``mqttload``'s 1,000-message window; ``--queued 0`` measures
+the path of a client that keeps up (each message sent at once, as in the ``mqttload`` runs, whose
+subscriber's queue is empty most of the time). ``memory``: a clean session over the
 memory backend; ``lmdb``: a persistent session over LMDBStorage (``sync: batch`` behaviour, no
 fsync) in a temporary directory. Prints the CPU time (``time.process_time``) per message, the
 minimum over ``--rounds`` rounds: steadier than end-to-end rates on a shared machine, and the
@@ -12,6 +14,7 @@ difference between the two is what the store costs per message.
 Usage::
 
     .venv/bin/python -m bench.persist_micro --rounds 4
+    .venv/bin/python -m bench.persist_micro --rounds 4 --queued 0
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class _Delivery:
         pass
 
 
-def run(kind: str, turns: int, per: int) -> float:
+def run(kind: str, turns: int, per: int, queued: int = 900) -> float:
     """CPU microseconds per message for one round."""
     tmp = tempfile.mkdtemp(prefix="persist-micro-")
     try:
@@ -71,7 +74,7 @@ def run(kind: str, turns: int, per: int) -> float:
         broker.attach(session, d, 100)
         broker.subscribe(session, "t/#", 1)
         store.commit()
-        for _ in range(900):
+        for _ in range(queued):
             broker.publish(Message(TOPIC, PAYLOAD, 1, origin="pub"))
         store.commit()
         gc.collect()
@@ -98,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--turns", type=int, default=400)
     p.add_argument("--per", type=int, default=50)
+    p.add_argument("--queued", type=int, default=900, help="messages waiting in the queue (0: each sent at once)")
     args = p.parse_args(argv)
     best: dict[str, float] = {}
     for _ in range(args.rounds):
         for kind in ("memory", "lmdb"):
-            best[kind] = min(best.get(kind, float("inf")), run(kind, args.turns, args.per))
+            best[kind] = min(best.get(kind, float("inf")), run(kind, args.turns, args.per, args.queued))
     for kind, us in best.items():
         print(f"{kind:7} {us:6.2f} us CPU per message (min of {args.rounds} rounds)")
     print(f"store   {best['lmdb'] - best['memory']:6.2f} us per message (lmdb - memory)")

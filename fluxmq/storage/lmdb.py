@@ -583,6 +583,22 @@ class LMDBStorage(Storage):
         if not self.has_pending:
             self._wake()
 
+    def put_sent_entry(self, client_id: str, packet_id: int, seq: int, entry: bytes) -> None:
+        # queue_append + put_sent in one call: the path of every message sent at once
+        state = self._sent.get(client_id) or self._sent_state(client_id)
+        batch = self._batch
+        batch.ops[QUEUE][state.prefix + _SEQ.pack(seq)] = entry
+        bucket = packet_id >> 4
+        slots = state.slots.get(bucket)
+        if slots is None:
+            slots = state.slots[bucket] = r.sent_slots()
+        slots[packet_id & 15] = (seq + 1) << 1
+        state.dirty.add(bucket)
+        batch.sent_dirty.add(state)
+        self.op_count += 2
+        if not self.has_pending:
+            self._wake()
+
     def release_inflight(self, client_id: str, packet_id: int) -> None:
         state = self._sent.get(client_id)
         v = state.get(packet_id) if state is not None else 0

@@ -2,7 +2,7 @@
 
 It offers the deque subset ``Session`` uses (``append``, ``popleft``, ``[0]``, ``len``, ``clear``)
 plus ``evict_qos0``, and ``take`` / ``put_in_flight`` for a PersistentSession whose QoS 1/2
-messages in flight stay in the queue's seq space (``Storage.put_sent``). Items are ``(message,
+messages in flight stay in the queue's seq space (``Storage.put_sent``, ``put_sent_entry``). Items are ``(message,
 qos, retain, subscription_ids)`` tuples like the memory queue's. Memory per offline session: a few
 integers and the seqs of queued QoS 0 entries (rare: QoS 0 is only queued while an online client
 is congested).
@@ -75,7 +75,10 @@ class DiskQueue:
     def append(self, item: tuple) -> int:
         """Store an item at the tail; returns its encoded size."""
         message, qos, retain, subscription_ids = item
-        return self.append_entry(r.encode_entry(message, qos, retain, subscription_ids), item)
+        entry = None if subscription_ids else r.plain_entry(message, qos, retain)
+        if entry is None:
+            entry = r.encode_entry(message, qos, retain, subscription_ids)
+        return self.append_entry(entry, item)
 
     def append_entry(self, entry: bytes, item: tuple | None = None) -> int:
         """Store an already encoded entry (``records.encode_entry``, framing checked with
@@ -124,9 +127,9 @@ class DiskQueue:
             seq = min(end, seq + batch)
         return out
 
-    def put_in_flight(self, item: tuple) -> int:
-        """Store a message sent at once (in flight, not queued) in the seq space; returns its seq,
-        which the caller names with ``Storage.put_sent``."""
+    def put_in_flight(self, item: tuple, packet_id: int) -> int:
+        """Store a message sent at once (in flight, not queued) in the seq space, named by
+        ``packet_id`` (``Storage.put_sent_entry``); returns its seq."""
         message, qos, retain, subscription_ids = item
         seq = self.next
         self.next = seq + 1
@@ -135,7 +138,10 @@ class DiskQueue:
             # only with an empty queue)
         else:
             self.first = self.next
-        self._store.queue_append(self._cid, seq, r.encode_entry(message, qos, retain, subscription_ids))
+        entry = None if subscription_ids else r.plain_entry(message, qos, retain)
+        if entry is None:
+            entry = r.encode_entry(message, qos, retain, subscription_ids)
+        self._store.put_sent_entry(self._cid, packet_id, seq, entry)
         return seq
 
     def cache_tail(self, on: bool) -> None:
