@@ -553,12 +553,12 @@ class PersistentSession(Session):
             return
         pid = Session._send_new(self, d, message, qos, retain, subscription_ids)
         if pid:
-            self.queue.put_in_flight((message, qos, retain, subscription_ids), pid)
+            self.queue.put_in_flight(message, qos, retain, subscription_ids, pid)
 
     def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> int:
         pid = Session._send_new(self, d, message, qos, retain, subscription_ids)
         if pid:
-            self.queue.put_in_flight((message, qos, retain, subscription_ids), pid)
+            self.queue.put_in_flight(message, qos, retain, subscription_ids, pid)
         return pid
 
     def on_puback(self, packet_id: int, reason_code: int = 0) -> bool:

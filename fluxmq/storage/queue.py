@@ -127,10 +127,9 @@ class DiskQueue:
             seq = min(end, seq + batch)
         return out
 
-    def put_in_flight(self, item: tuple, packet_id: int) -> int:
+    def put_in_flight(self, message, qos: int, retain: bool, subscription_ids, packet_id: int) -> int:
         """Store a message sent at once (in flight, not queued) in the seq space, named by
         ``packet_id`` (``Storage.put_sent_entry``); returns its seq."""
-        message, qos, retain, subscription_ids = item
         seq = self.next
         self.next = seq + 1
         if self.count:
