@@ -586,13 +586,17 @@ class PersistentSession(Session):
         store = self.store
         cid = self.client_id
         while not d.is_congested():
-            head = queue.peek()
-            if head is None:
-                return
-            seq, (message, qos, retain, sub_ids), _ = head
-            if qos and len(inflight) >= self.send_quota:
-                return
-            queue.drop_head(head)
+            if len(inflight) < self.send_quota:
+                head = queue.pop_head()
+                if head is None:
+                    return
+                seq, (message, qos, retain, sub_ids), _ = head
+            else:  # the window is full: only a QoS 0 head can go
+                head = queue.peek()
+                if head is None or head[1][1]:
+                    return
+                queue.drop_head(head)
+                seq, (message, qos, retain, sub_ids), _ = head
             self.queue_bytes = queue.bytes
             if message.expires_at is not None and message.expired():
                 store.queue_pop(cid, seq)

@@ -643,13 +643,14 @@ class LMDBStorage(Storage):
         self._put(INBOUND, r.pid_key(r.client_prefix(client_id), packet_id), None)
 
     def queue_append(self, client_id: str, seq: int, entry: bytes) -> None:
-        self._batch.ops[QUEUE][self._prefix(client_id) + _SEQ.pack(seq)] = entry
+        prefix = self._prefixes.get(client_id) or self._prefix(client_id)
+        self._batch.ops[QUEUE][prefix + _SEQ.pack(seq)] = entry
         self.op_count += 1
         if not self.has_pending:
             self._wake()
 
     def queue_pop(self, client_id: str, seq: int) -> None:
-        key = self._prefix(client_id) + _SEQ.pack(seq)
+        key = (self._prefixes.get(client_id) or self._prefix(client_id)) + _SEQ.pack(seq)
         ops = self._batch.ops[QUEUE]
         if ops.get(key) is not None:
             # Appended in this batch (a seq is written once, and a failed batch merged under this

@@ -235,6 +235,29 @@ class DiskQueue:
         if self.count <= 0:
             self._reset()
 
+    def pop_head(self) -> tuple | None:
+        """``peek`` then ``drop_head`` in one call (a session's pump with room in its window): the
+        head's (seq, item, size), removed from the queue, or None when it is empty."""
+        head = self._head
+        mem = self._mem
+        if head is None and mem and not self._ahead and self.count and 0 <= self._mem_from <= self.first:
+            # the common case of an online queue: the head is the oldest in-memory entry (peek's rule)
+            seq, item, size = head = mem.popleft()
+            self._mem_bytes -= size
+            _MemUse.used -= size
+            self.first = seq + 1
+            if item[1] == 0 and self._qos0 and self._qos0[0] == seq:
+                self._qos0.popleft()
+            self.bytes -= size
+            self.count -= 1
+            if self.count <= 0:
+                self._reset()
+            return head
+        head = self.peek()
+        if head is not None:
+            self.drop_head(head)
+        return head
+
     def popleft(self) -> tuple:
         """Remove and return the head item, deleting its entry."""
         item, seq = self.take()

@@ -261,3 +261,22 @@ def test_every_delivery_shape_sent_at_once_is_stored_once_and_restored_exactly(n
         (props_entry,) = [e for e in s.inflight.values() if e.message.topic == "t/props"]
         assert 3500 < props_entry.message.remaining_expiry() <= 3600
     node.storage.abort()
+
+
+def test_a_qos0_message_queued_behind_the_window_goes_out_while_the_window_is_full(node: Node) -> None:
+    # pump with a full window sends only a QoS 0 head (the peek branch); with room it pops the head
+    s, d = _online(node, 1)
+    node.broker.publish(r_msg(b"a"))  # sent at once, the window is full
+    node.broker.publish(r_msg(b"b"))  # queued
+    node.broker.publish(r_msg(b"c", qos=0))  # queued behind b (the queue is not empty)
+    node.broker.publish(r_msg(b"d"))
+    node.storage.commit()
+    assert [t[1] for t in d.sent] == [1] and len(s.queue) == 3
+    assert s.on_puback(d.sent[0][3])  # b goes out (window full again), then c (QoS 0), not d
+    assert [t[1] for t in d.sent] == [1, 1, 0] and len(s.queue) == 1
+    node.storage.commit()
+    assert s.on_puback(d.sent[1][3])
+    assert [t[1] for t in d.sent] == [1, 1, 0, 1] and not s.queue
+    assert s.on_puback(d.sent[3][3])
+    node.storage.commit()
+    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
