@@ -57,6 +57,11 @@ def per_cpu(res: dict[str, str]) -> float:
     return float(res["rate"]) * 100.0 / cpu
 
 
+def cpu_us(res: dict[str, str]) -> float:
+    """Broker CPU microseconds per delivery (the worker's CPU share over the rate)."""
+    return float(res["broker_cpu"].rstrip("%")) / 100.0 / max(float(res["rate"]), 1.0) * 1e6
+
+
 def run_one(name: str, args: argparse.Namespace) -> dict[str, str]:
     sets, extra = CONFIGS[name]
     node = FluxmqNode(cpus=args.broker_cpus or None, sets=sets + list(args.set))
@@ -116,15 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"mqttload QoS 1, 1 -> 1, 100 in flight, 64-byte payloads, {args.count} msgs or {args.duration:g} s; "
              f"broker on CPU {args.broker_cpus}, generator on CPU {args.gen_cpus}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "| repeat | in-memory QoS 1 (deliveries/s) | broker CPU | other | persistent LMDB batch "
-             "(deliveries/s) | broker CPU | other | ratio | ratio per broker CPU-s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| repeat | in-memory QoS 1 (deliveries/s) | broker CPU | us/delivery | other | persistent LMDB "
+             "batch (deliveries/s) | broker CPU | us/delivery | other | ratio | ratio per broker CPU-s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run, got, ratio, cpu_ratio in rows:
         m, d = got["memory"], got["lmdb"]
-        lines.append(f"| {run} | {float(m['rate']):,.0f} | {m['broker_cpu']} | {m['other_cpu']} | "
-                     f"{float(d['rate']):,.0f} | {d['broker_cpu']} | {d['other_cpu']} | {ratio:.0%} | "
-                     f"{cpu_ratio:.0%} |")
-    lines.append(f"| median | | | | | | | **{statistics.median(ratios):.0%}** | "
+        lines.append(f"| {run} | {float(m['rate']):,.0f} | {m['broker_cpu']} | {cpu_us(m):.1f} | {m['other_cpu']} | "
+                     f"{float(d['rate']):,.0f} | {d['broker_cpu']} | {cpu_us(d):.1f} | {d['other_cpu']} | "
+                     f"{ratio:.0%} | {cpu_ratio:.0%} |")
+    lines.append(f"| median | | | | | | | | | **{statistics.median(ratios):.0%}** | "
                  f"**{statistics.median(cpu_ratios):.0%}** |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -521,8 +521,7 @@ class Broker:
             session.inflight[e.packet_id] = entry
             if store is not None:
                 # Written once, in the queue's seq space, named by its packet id (schema 3).
-                seq = session.queue.put_in_flight((e.message, e.qos, e.retain, e.subscription_ids))
-                store.put_sent(cid, e.packet_id, seq)
+                session.queue.put_in_flight(e.message, e.qos, e.retain, e.subscription_ids, e.packet_id)
                 if e.released:
                     store.release_inflight(cid, e.packet_id)
         session._next_pid = state.next_packet_id if 1 <= state.next_packet_id <= 65535 else 1

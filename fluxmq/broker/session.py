@@ -557,12 +557,35 @@ class PersistentSession(Session):
         self.queue_bytes = self.queue.bytes  # mirrors the DiskQueue's count for metrics and admin
         self.inbound_qos2 = _DurableIds(store, client_id)
 
+    def deliver(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
+        # Session.deliver, whose common case here (online, QoS 1/2, nothing queued, room in the
+        # window and the output) goes straight to the send: the disk queue's count is read as an
+        # attribute, not through DiskQueue.__bool__. Every other case is Session.deliver's.
+        d = self.delivery
+        if (d is None or not qos or self.queue.count or len(self.inflight) >= self.send_quota
+                or d.is_congested()):
+            Session.deliver(self, message, qos, retain, subscription_ids)
+            return
+        pid = Session._send_new(self, d, message, qos, retain, subscription_ids)
+        if pid:
+            self.queue.put_in_flight(message, qos, retain, subscription_ids, pid)
+
     def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> int:
         pid = Session._send_new(self, d, message, qos, retain, subscription_ids)
         if pid:
-            seq = self.queue.put_in_flight((message, qos, retain, subscription_ids))
-            self.store.put_sent(self.client_id, pid, seq)
+            self.queue.put_in_flight(message, qos, retain, subscription_ids, pid)
         return pid
+
+    def on_puback(self, packet_id: int, reason_code: int = 0) -> bool:
+        # Session.on_puback for an untracked message, with the store's delete inlined (see deliver)
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry.qos != 1 or isinstance(entry.message, TrackedMessage):
+            return Session.on_puback(self, packet_id, reason_code)
+        del self.inflight[packet_id]
+        self.store.delete_inflight(self.client_id, packet_id)  # before pump() may reuse the id
+        if self.queue.count or self.held:
+            self.pump()
+        return True
 
     def pump(self) -> None:
         """Session.pump over the disk queue: a QoS 1/2 entry sent stays where it is, in flight."""
@@ -572,19 +595,23 @@ class PersistentSession(Session):
         if self.held:
             self._resend_held(d)
         queue = self.queue
-        if not queue:
+        if not queue.count:
             return
         inflight = self.inflight
         store = self.store
         cid = self.client_id
         while not d.is_congested():
-            head = queue.peek()
-            if head is None:
-                return
-            seq, (message, qos, retain, sub_ids), _ = head
-            if qos and len(inflight) >= self.send_quota:
-                return
-            queue.drop_head(head)
+            if len(inflight) < self.send_quota:
+                head = queue.pop_head()
+                if head is None:
+                    return
+                seq, (message, qos, retain, sub_ids), _ = head
+            else:  # the window is full: only a QoS 0 head can go
+                head = queue.peek()
+                if head is None or head[1][1]:
+                    return
+                queue.drop_head(head)
+                seq, (message, qos, retain, sub_ids), _ = head
             self.queue_bytes = queue.bytes
             if message.expires_at is not None and message.expired():
                 store.queue_pop(cid, seq)

@@ -166,6 +166,11 @@ class Storage:
         """An outbound QoS 1/2 PUBLISH awaiting its acknowledgement whose message is the queue entry
         at ``seq`` (written by ``queue_append``): it stays there, and ``delete_inflight`` deletes it."""
 
+    def put_sent_entry(self, client_id: str, packet_id: int, seq: int, entry: bytes) -> None:
+        """``queue_append`` then ``put_sent``: a message sent at once, stored and named in one call."""
+        self.queue_append(client_id, seq, entry)
+        self.put_sent(client_id, packet_id, seq)
+
     def release_inflight(self, client_id: str, packet_id: int) -> None:
         """Outbound QoS 2: PUBREC received, PUBREL sent; resend PUBREL after a restart."""
 

@@ -583,6 +583,22 @@ class LMDBStorage(Storage):
         if not self.has_pending:
             self._wake()
 
+    def put_sent_entry(self, client_id: str, packet_id: int, seq: int, entry: bytes) -> None:
+        # queue_append + put_sent in one call: the path of every message sent at once
+        state = self._sent.get(client_id) or self._sent_state(client_id)
+        batch = self._batch
+        batch.ops[QUEUE][state.prefix + _SEQ.pack(seq)] = entry
+        bucket = packet_id >> 4
+        slots = state.slots.get(bucket)
+        if slots is None:
+            slots = state.slots[bucket] = r.sent_slots()
+        slots[packet_id & 15] = (seq + 1) << 1
+        state.dirty.add(bucket)
+        batch.sent_dirty.add(state)
+        self.op_count += 2
+        if not self.has_pending:
+            self._wake()
+
     def release_inflight(self, client_id: str, packet_id: int) -> None:
         state = self._sent.get(client_id)
         v = state.get(packet_id) if state is not None else 0
@@ -627,13 +643,14 @@ class LMDBStorage(Storage):
         self._put(INBOUND, r.pid_key(r.client_prefix(client_id), packet_id), None)
 
     def queue_append(self, client_id: str, seq: int, entry: bytes) -> None:
-        self._batch.ops[QUEUE][self._prefix(client_id) + _SEQ.pack(seq)] = entry
+        prefix = self._prefixes.get(client_id) or self._prefix(client_id)
+        self._batch.ops[QUEUE][prefix + _SEQ.pack(seq)] = entry
         self.op_count += 1
         if not self.has_pending:
             self._wake()
 
     def queue_pop(self, client_id: str, seq: int) -> None:
-        key = self._prefix(client_id) + _SEQ.pack(seq)
+        key = (self._prefixes.get(client_id) or self._prefix(client_id)) + _SEQ.pack(seq)
         ops = self._batch.ops[QUEUE]
         if ops.get(key) is not None:
             # Appended in this batch (a seq is written once, and a failed batch merged under this

@@ -2,7 +2,7 @@
 
 It offers the deque subset ``Session`` uses (``append``, ``popleft``, ``[0]``, ``len``, ``clear``)
 plus ``evict_qos0``, and ``take`` / ``put_in_flight`` for a PersistentSession whose QoS 1/2
-messages in flight stay in the queue's seq space (``Storage.put_sent``). Items are ``(message,
+messages in flight stay in the queue's seq space (``Storage.put_sent``, ``put_sent_entry``). Items are ``(message,
 qos, retain, subscription_ids)`` tuples like the memory queue's. Memory per offline session: a few
 integers and the seqs of queued QoS 0 entries (rare: QoS 0 is only queued while an online client
 is congested).
@@ -75,7 +75,10 @@ class DiskQueue:
     def append(self, item: tuple) -> int:
         """Store an item at the tail; returns its encoded size."""
         message, qos, retain, subscription_ids = item
-        return self.append_entry(r.encode_entry(message, qos, retain, subscription_ids), item)
+        entry = None if subscription_ids else r.plain_entry(message, qos, retain)
+        if entry is None:
+            entry = r.encode_entry(message, qos, retain, subscription_ids)
+        return self.append_entry(entry, item)
 
     def append_entry(self, entry: bytes, item: tuple | None = None) -> int:
         """Store an already encoded entry (``records.encode_entry``, framing checked with
@@ -124,10 +127,9 @@ class DiskQueue:
             seq = min(end, seq + batch)
         return out
 
-    def put_in_flight(self, item: tuple) -> int:
-        """Store a message sent at once (in flight, not queued) in the seq space; returns its seq,
-        which the caller names with ``Storage.put_sent``."""
-        message, qos, retain, subscription_ids = item
+    def put_in_flight(self, message, qos: int, retain: bool, subscription_ids, packet_id: int) -> int:
+        """Store a message sent at once (in flight, not queued) in the seq space, named by
+        ``packet_id`` (``Storage.put_sent_entry``); returns its seq."""
         seq = self.next
         self.next = seq + 1
         if self.count:
@@ -135,7 +137,10 @@ class DiskQueue:
             # only with an empty queue)
         else:
             self.first = self.next
-        self._store.queue_append(self._cid, seq, r.encode_entry(message, qos, retain, subscription_ids))
+        entry = None if subscription_ids else r.plain_entry(message, qos, retain)
+        if entry is None:
+            entry = r.encode_entry(message, qos, retain, subscription_ids)
+        self._store.put_sent_entry(self._cid, packet_id, seq, entry)
         return seq
 
     def cache_tail(self, on: bool) -> None:
@@ -229,6 +234,29 @@ class DiskQueue:
         self.count -= 1
         if self.count <= 0:
             self._reset()
+
+    def pop_head(self) -> tuple | None:
+        """``peek`` then ``drop_head`` in one call (a session's pump with room in its window): the
+        head's (seq, item, size), removed from the queue, or None when it is empty."""
+        head = self._head
+        mem = self._mem
+        if head is None and mem and not self._ahead and self.count and 0 <= self._mem_from <= self.first:
+            # the common case of an online queue: the head is the oldest in-memory entry (peek's rule)
+            seq, item, size = head = mem.popleft()
+            self._mem_bytes -= size
+            _MemUse.used -= size
+            self.first = seq + 1
+            if item[1] == 0 and self._qos0 and self._qos0[0] == seq:
+                self._qos0.popleft()
+            self.bytes -= size
+            self.count -= 1
+            if self.count <= 0:
+                self._reset()
+            return head
+        head = self.peek()
+        if head is not None:
+            self.drop_head(head)
+        return head
 
     def popleft(self) -> tuple:
         """Remove and return the head item, deleting its entry."""

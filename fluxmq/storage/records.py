@@ -26,6 +26,7 @@ import time
 from array import array
 from typing import Any
 
+from fluxmq._core import entry as _entry
 from fluxmq.errors import StorageError
 
 FORMAT = 1
@@ -50,6 +51,10 @@ _K_INT, _K_STR, _K_BYTES, _K_PAIRS, _K_INTS = range(5)
 CACHE_KEY = "storage.v1"
 # keys of cached queue/inflight entries, by delivery QoS then retain flag
 _ENTRY_CACHE_KEYS = tuple((("storage.entry", q, False), ("storage.entry", q, True)) for q in range(3))
+_entry.configure(_PLAIN_HEADS, _ENTRY_CACHE_KEYS)
+#: ``plain_entry(message, qos, retain)``: ``encode_entry`` without subscription ids or release, in
+#: Cython; None when the message has properties or an expiry (then call ``encode_entry``)
+plain_entry = _entry.plain_entry
 
 
 class RecordError(StorageError):
@@ -220,6 +225,9 @@ def encode_entry(message, qos: int, retain: bool, subscription_ids, released: bo
     Without subscription ids the entry is cached in ``message.wire_cache`` per (QoS, retain), so a
     fan-out to many persistent sessions encodes it once."""
     if not subscription_ids and not released:
+        entry = plain_entry(message, qos, retain)  # cached, or a plain message (Cython)
+        if entry is not None:
+            return entry
         key = _ENTRY_CACHE_KEYS[qos][1 if retain else 0]
         cache = message.wire_cache
         if cache is None:

@@ -218,3 +218,65 @@ def test_an_online_queue_longer_than_its_memory_part_drains_in_order_once(node: 
     assert got == [f"m{i:02d}".encode() for i in range(30)]
     assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
     assert q._MemUse.used == used_before  # the process-wide count of cached bytes is given back
+
+
+def test_every_delivery_shape_sent_at_once_is_stored_once_and_restored_exactly(node: Node) -> None:
+    """The send-at-once path (``put_sent_entry``, entries of plain messages encoded by
+    ``_core.entry``): plain messages with and without an origin, a retained delivery, properties
+    with an expiry and subscription identifiers each leave one queue entry, and come back after
+    a restart with every field."""
+    import time
+
+    a, da = _connect(node, 10)
+    node.broker.subscribe(a, "t/#", 2)
+    b, db = node.broker.open_session("sub-ids", False, EXPIRY_NEVER, None)[0], RecordingDelivery()
+    node.broker.attach(b, db, 10)
+    node.broker.subscribe(b, "t/#", 1, subscription_id=7, retain_as_published=True)
+    node.storage.commit()
+    shapes = [
+        Message("t/plain", b"p0", 1),
+        Message("t/origin", b"p1", 2, origin="pub-ü"),
+        Message("t/retained", b"p2", 1, retain=True, origin="pub"),
+        Message("t/props", b"p3", 1, properties={0x03: "text/plain", 0x26: [("k", "v")]},
+                expires_at=time.monotonic() + 3600),
+    ]
+    for m in shapes:
+        node.broker.publish(m)
+    node.storage.commit()
+    assert len(da.sent) == len(db.sent) == 4 and len(a.inflight) == len(b.inflight) == 4
+    assert _entries(node, QUEUE) == 8  # one entry per delivery, nothing else
+    # The entry of a plain message without subscription ids is encoded once, for every such session.
+    assert isinstance(shapes[0].wire_cache[("storage.entry", 1, False)], bytes)
+    expect = {cid: {pid: (e.message.topic, e.message.payload, e.message.origin, e.message.properties,
+                          e.qos, e.retain, e.subscription_ids)
+                    for pid, e in s.inflight.items()} for cid, s in (("sub", a), ("sub-ids", b))}
+    assert expect["sub-ids"][db.sent[0][3]][6] == (7,)
+    node = node.restart()
+    for cid in ("sub", "sub-ids"):
+        s = node.broker.sessions[cid]
+        got = {pid: (e.message.topic, e.message.payload, e.message.origin, e.message.properties,
+                     e.qos, e.retain, e.subscription_ids)
+               for pid, e in s.inflight.items()}
+        assert got == expect[cid]
+        (props_entry,) = [e for e in s.inflight.values() if e.message.topic == "t/props"]
+        assert 3500 < props_entry.message.remaining_expiry() <= 3600
+    node.storage.abort()
+
+
+def test_a_qos0_message_queued_behind_the_window_goes_out_while_the_window_is_full(node: Node) -> None:
+    # pump with a full window sends only a QoS 0 head (the peek branch); with room it pops the head
+    s, d = _online(node, 1)
+    node.broker.publish(r_msg(b"a"))  # sent at once, the window is full
+    node.broker.publish(r_msg(b"b"))  # queued
+    node.broker.publish(r_msg(b"c", qos=0))  # queued behind b (the queue is not empty)
+    node.broker.publish(r_msg(b"d"))
+    node.storage.commit()
+    assert [t[1] for t in d.sent] == [1] and len(s.queue) == 3
+    assert s.on_puback(d.sent[0][3])  # b goes out (window full again), then c (QoS 0), not d
+    assert [t[1] for t in d.sent] == [1, 1, 0] and len(s.queue) == 1
+    node.storage.commit()
+    assert s.on_puback(d.sent[1][3])
+    assert [t[1] for t in d.sent] == [1, 1, 0, 1] and not s.queue
+    assert s.on_puback(d.sent[3][3])
+    node.storage.commit()
+    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
