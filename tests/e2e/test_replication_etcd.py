@@ -24,7 +24,14 @@ from paho.mqtt.properties import Properties
 
 from tests.cluster.conftest import etcd_server  # noqa: F401 (fixture)
 from tests.conftest import HOST, REPO_ROOT, free_port
-from tests.e2e.test_replication import QUEUE, _leader_kill_run, client5, raft_status, wait_all_know_leader
+from tests.e2e.test_replication import (
+    QUEUE,
+    _leader_kill_run,
+    _restart,
+    client5,
+    raft_status,
+    wait_all_know_leader,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -172,6 +179,30 @@ def test_a_node_outside_the_agreed_members_refuses_with_the_reason(node_factory,
     assert "not one of the Raft members agreed in etcd" in raft_status(late)["forming"]
     ((rc, props),) = publish_outcomes(late, "late", [b"x"])
     assert rc.is_failure and "holds no replica" in props.ReasonString, (str(rc), props)
+
+
+def test_a_majority_restarted_forms_its_group_from_the_recorded_members(node_factory, etcd_server) -> None:  # noqa: F811
+    """The members are recorded in etcd once: two of the three restarted form the group again
+    without the third (a recomputation from the live nodes would have needed all three)."""
+    cluster = EtcdRaftCluster(node_factory, etcd_server.endpoint)
+    nodes = [cluster.node(i, wait_ready=False) for i in range(3)]
+    for n in nodes:
+        n.wait_ready()
+    leader = wait_all_know_leader(nodes)
+    before = publish_outcomes(nodes[leader], "before", [b"a%d" % i for i in range(20)])
+    assert all(o is not None and not o[0].is_failure for o in before)
+    for n in nodes:
+        n.stop()
+    back = [_restart(node_factory, nodes[i]) for i in (0, 1)]
+    leader = wait_all_know_leader(back)
+    for n in back:
+        assert raft_status(n)["peers"] == sorted(n.raft_addr for n in nodes)
+    after = publish_outcomes(back[1 - leader], "after", [b"b%d" % i for i in range(20)])
+    assert all(o is not None and not o[0].is_failure for o in after), [str(o and o[0]) for o in after][:3]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and [queue_count(n) for n in back] != [40, 40]:
+        time.sleep(0.1)
+    assert [queue_count(n) for n in back] == [40, 40]
 
 
 def test_leader_kill_on_etcd_membership_loses_no_acknowledged_message(node_factory, etcd_server) -> None:  # noqa: F811
