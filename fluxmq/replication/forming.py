@@ -135,7 +135,11 @@ class FormingRaft:
 
     def run(self, agree) -> None:
         """Try ``agree() -> (members or None, why)`` every AGREE_INTERVAL in a greenlet until the
-        members are known, then ``form`` the groups."""
+        members are known, then ``form`` the groups. Without a replicated queue there is nothing to
+        form, and nothing is recorded (a set agreed for no queue could not hold the ones added later)."""
+        if not any(c.replication.enabled for c in self.queue_configs):
+            self.waiting = "no queue with replication.enabled: no Raft group to form"
+            return
         self._runner = gevent.spawn(self._agree_loop, agree)
 
     def _agree_loop(self, agree) -> None:
