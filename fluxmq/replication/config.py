@@ -96,7 +96,13 @@ def replication_problems(config) -> list[ConfigError]:
             # Members come from etcd at run time: check the plan against as many placeholders as
             # the group will have (replication_factor above it is refused now, not at formation).
             names, count = expected_members(config)
-            port = parse_addr(raft_addr(config))[1]
+            host, port = parse_addr(raft_addr(config))
+            if host in ("0.0.0.0", "::", ""):
+                return [ConfigError("cluster.raft.bind_addr", "an address the other nodes can dial",
+                                    origin("cluster.raft.bind_addr"),
+                                    problem=f"{raft_addr(config)} is announced in etcd as this node's Raft address "
+                                            "(derived from cluster.transport.bind_addr when not set): set "
+                                            "cluster.raft.bind_addr to this node's own host:port")]
             raft = with_members(raft, f"member-0:{port}", [f"member-{i}:{port}" for i in range(max(count, 1))])
         try:
             plan(raft, [QueueConfig.from_dict(item) for item in items], origin)
