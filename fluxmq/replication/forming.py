@@ -242,6 +242,7 @@ class FormingRaft:
                 "peers": sorted((self.members or {}).values()),
                 "leader": None,
                 "leader_mqtt": None,
+                "lag": {},
                 "delivering": False,
                 "applied": 0,
                 "forming": forming,

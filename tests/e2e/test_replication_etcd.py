@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -130,6 +131,11 @@ def test_a_group_forms_from_etcd_membership_and_a_sync_publish_is_acked_after_th
     st = raft_status(nodes[0])
     assert "waiting for 3 nodes with a Raft address in etcd" in st["forming"], st
     assert st["delivering"] is False and st["leader"] is None
+    # /cluster/status and /metrics say so too
+    (group,) = nodes[0].http_get("/cluster/status")[1]["raft_groups"]
+    assert group["forming"] == st["forming"] and group["lag"] == {}
+    with urllib.request.urlopen(f"http://{HOST}:{nodes[0].health_port}/metrics", timeout=5) as resp:
+        assert 'fluxmq_raft_is_leader{group="default"} 0.0' in resp.read().decode()
     ((rc, props),) = publish_outcomes(nodes[0], "early", [b"early"])
     assert rc.is_failure and rc.value == 0x97, str(rc)
     assert "its Raft group is not formed yet" in props.ReasonString, props.ReasonString
