@@ -170,12 +170,16 @@ class FormingRaft:
         mine = members.get(self.node_id)
         if mine is not None and mine != self.self_addr:
             # The recorded set names another address for this node: binding ours would split the group.
-            self.waiting = (
+            why = (
                 f"etcd records this node's Raft address as {mine}, but it is {self.self_addr} "
                 "(cluster.raft.bind_addr): restore it, or delete the raft/members key with every "
                 "node stopped"
             )
-            log.error("raft_member_address_changed", extra={"recorded": mine, "configured": self.self_addr})
+            if why != self.waiting:
+                log.error(
+                    "raft_member_address_changed", extra={"recorded": mine, "configured": self.self_addr}
+                )
+            self.waiting = why
             return
         self.members = dict(members)
         listed = ", ".join(f"{n}={a}" for n, a in sorted(members.items()))

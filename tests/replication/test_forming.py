@@ -41,3 +41,25 @@ def test_until_agreed_a_replicated_queue_refuses_with_what_it_waits_for() -> Non
     assert held.done and isinstance(held.outcome, QueueRefused)
     assert f.status()[0]["forming"] == "waiting for node3 to register"
     f.stop()
+
+
+def test_a_recorded_address_other_than_ours_keeps_the_node_out_with_the_reason() -> None:
+    f = forming([QueueConfig("orders", replication=ReplicationConfig(True, "default", "sync", 3, 2, 5.0))])
+    qlog = f.log_factory("orders", SimpleNamespace(), None)
+    f.form({"n1": "127.0.0.1:9999", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"})
+    assert f.members is None and f.service is None
+    assert "etcd records this node's Raft address as 127.0.0.1:9999, but it is 127.0.0.1:7100" in f.waiting
+    with pytest.raises(QueueRefused, match="127.0.0.1:9999"):
+        qlog.append_one(SimpleNamespace())
+
+
+def test_a_node_outside_the_agreed_set_refuses_as_holding_no_replica() -> None:
+    f = forming([QueueConfig("orders", replication=ReplicationConfig(True, "default", "sync", 3, 2, 5.0))])
+    qlog = f.log_factory("orders", SimpleNamespace(), None)
+    f.form({"n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300", "n4": "127.0.0.1:7400"})
+    with pytest.raises(QueueRefused, match=r"holds no replica: it is not one of the Raft members") as info:
+        qlog.append_one(SimpleNamespace())
+    assert info.value.reason_code == 0x80
+    later = f.log_factory("orders.dlq", SimpleNamespace(), None)  # made after: refused the same way
+    with pytest.raises(QueueRefused, match="holds no replica"):
+        later.append_one(SimpleNamespace())
