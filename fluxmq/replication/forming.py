@@ -33,6 +33,8 @@ log = logging.getLogger("fluxmq.replication")
 
 #: pause between two attempts to agree on the members (each reads one etcd key)
 AGREE_INTERVAL = 0.5
+#: pause before starting the groups again after a failed start (the Raft port taken)
+START_RETRY = 2.0
 #: consumer registrations/settlements kept for a group not formed yet (past it the oldest go)
 MAX_KEPT_OPS = 10000
 
@@ -145,6 +147,7 @@ class FormingRaft:
     def _agree_loop(self, agree) -> None:
         logged = ""
         while self.members is None:
+            pause = AGREE_INTERVAL
             try:
                 members, why = agree()
             except ClusterError as exc:
@@ -152,18 +155,22 @@ class FormingRaft:
             if members is not None:
                 try:
                     self.form(members)
-                except Exception as exc:  # a plan the agreed set cannot hold: trying again will not help
-                    log.exception("raft_group_not_formed")
-                    self.waiting = f"forming the group failed: {exc}"
-                    return
-                if self.members is not None:
-                    return
-                why = self.waiting  # form() said why not
+                except Exception as exc:
+                    # e.g. the Raft port taken (pysyncobj's BindError): the node stays up, refusing
+                    # with the reason, and tries again (a static-peer node would not have started)
+                    why = f"starting the Raft group failed ({type(exc).__name__}: {exc}); trying again"
+                    if why != logged:
+                        log.exception("raft_group_not_started")
+                    pause = START_RETRY
+                else:
+                    if self.members is not None:
+                        return
+                    why = self.waiting  # form() said why not
             self.waiting = why
             if why != logged:
                 logged = why
                 log.info("raft_members_pending", extra={"why": why})
-            gevent.sleep(AGREE_INTERVAL)
+            gevent.sleep(pause)
 
     def form(self, members: dict[str, str]) -> None:
         """Build and start the groups from the agreed ``members`` (node id -> Raft address)."""
@@ -181,9 +188,9 @@ class FormingRaft:
                 )
             self.waiting = why
             return
-        self.members = dict(members)
         listed = ", ".join(f"{n}={a}" for n, a in sorted(members.items()))
         if mine is None:
+            self.members = dict(members)
             reason = (
                 f"this node ({self.node_id}) holds no replica: it is not one of the Raft members agreed in "
                 f"etcd ({listed})"
@@ -204,7 +211,7 @@ class FormingRaft:
         )
         if self.manager is not None:
             service.attach(self.manager)
-        kept = self.pending.ops
+        held: dict[str, object] = {}  # queue name -> its group, for the queues this node holds
         for name, qlog in self._logs.items():
             base = name[:-4] if name not in self.configs and name.endswith(".dlq") else name
             plan = service.queue_plans.get(base)
@@ -214,17 +221,28 @@ class FormingRaft:
                     code=0x80,
                 )
                 continue
-            group = service.groups[plan.key]
-            qlog.group = group
-            group.logs[name] = qlog
-            for op in kept:
-                if op[1] == name:
-                    group.stage(op)
+            group = held[name] = service.groups[plan.key]
+            group.logs[name] = qlog  # before the start: the journal replayed at start applies to it
+        try:
+            service.start()  # binds the Raft ports (yields while it retries): writes still refused
+        except BaseException:
+            service.stop()
+            raise
+        manager = self.manager
+        for name, group in held.items():
+            self._logs[name].group = group
+            q = manager.queues.get(name) if manager is not None else None
+            if q is not None:
+                manager.kick_soon(q)  # a claim applied during the start found the queue refusing
+        for op in self.pending.ops:
+            group = held.get(op[1])
+            if group is not None:
+                group.stage(op)
         self._logs.clear()
         self.pending.ops = []
         self.service = service
+        self.members = dict(members)
         log.info("raft_members_formed", extra={"members": listed, "groups": ",".join(service.groups)})
-        service.start()
 
     # -- as RaftService --------------------------------------------------------------------------
 

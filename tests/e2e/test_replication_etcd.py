@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -139,7 +140,24 @@ def test_a_group_forms_from_etcd_membership_and_a_sync_publish_is_acked_after_th
     ((rc, props),) = publish_outcomes(nodes[0], "early", [b"early"])
     assert rc.is_failure and rc.value == 0x97, str(rc)
     assert "its Raft group is not formed yet" in props.ReasonString, props.ReasonString
-    nodes.append(cluster.node(2))
+    # The third node completes the set; node 0's Raft port is taken meanwhile: it stays up, refuses
+    # with the reason and starts its group once the port is free again.
+    host, port = nodes[0].raft_addr.rsplit(":", 1)
+    squatter = socket.socket()
+    squatter.bind((host, int(port)))
+    squatter.listen()
+    try:
+        nodes.append(cluster.node(2))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "starting the Raft group failed" not in str(
+            raft_status(nodes[0])
+        ):
+            time.sleep(0.1)
+        assert "starting the Raft group failed" in raft_status(nodes[0])["forming"], raft_status(nodes[0])
+        ((rc, props),) = publish_outcomes(nodes[0], "port-taken", [b"x"])
+        assert rc.is_failure and "starting the Raft group failed" in props.ReasonString
+    finally:
+        squatter.close()
     leader = wait_all_know_leader(nodes)
     addrs = sorted(n.raft_addr for n in nodes)
     for n in nodes:
