@@ -100,14 +100,17 @@ def test_no_etcd_means_no_etcd_membership(tmp_path, cluster: str) -> None:
 
 
 def test_a_wildcard_raft_address_is_refused_since_the_others_could_not_dial_it(tmp_path) -> None:
-    text = """
+    text = (
+        """
 cluster:
   enabled: true
   node_id: a
   transport: {bind_addr: "0.0.0.0:7948"}
   etcd: {endpoints: ["http://127.0.0.1:2379"]}
   raft: {enabled: true}
-""" + EDA
+"""
+        + EDA
+    )
     problems = replication_problems(config(tmp_path, text))
     assert problems and "cluster.raft.bind_addr" in str(problems[0]) and "0.0.0.0:7100" in str(problems[0])
     assert "\n" not in str(problems[0])
