@@ -125,7 +125,7 @@ class StaticHealth:
 class ClusterNode:
     """The transport, the peers, the metadata plane (etcd) and their wiring to one broker."""
 
-    def __init__(self, settings: ClusterSettings, broker, config=None) -> None:
+    def __init__(self, settings: ClusterSettings, broker, config=None, announce: dict[str, str] | None = None) -> None:
         init_grpc_for_gevent()
         from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
         from .peers import ClusterPeers
@@ -155,15 +155,17 @@ class ClusterNode:
         if config is not None and uses_etcd(config):
             from .metadata.plane import MetadataPlane
 
-            self.plane = MetadataPlane.from_config(config, broker, publish=broker.publish_will_message)
+            self.plane = MetadataPlane.from_config(config, broker, publish=broker.publish_will_message,
+                                                   announce=announce)
             self.plane.attach_transport(self.transport)
             self.peers.sessions = ClusterSessions(self.plane.meta, self.transport.call)
             self.health = self.plane.health
         self._started = False
 
     @classmethod
-    def from_config(cls, config, broker) -> ClusterNode:
-        """From a loaded Config; ConfigError (one line) when the cluster settings cannot work."""
+    def from_config(cls, config, broker, announce: dict[str, str] | None = None) -> ClusterNode:
+        """From a loaded Config; ConfigError (one line) when the cluster settings cannot work.
+        ``announce``: more addresses this node's etcd registration carries (its Raft address)."""
         from .config import cluster_settings
         from .metadata.config import cluster_config_problems
 
@@ -172,7 +174,7 @@ class ClusterNode:
             problems = cluster_config_problems(config)
             if problems:
                 raise problems[0]
-        return cls(settings, broker, config)
+        return cls(settings, broker, config, announce)
 
     def start(self) -> None:
         """Transport, then etcd (membership, ownership of the restored sessions, wills held back by

@@ -810,9 +810,15 @@ KEYS: tuple[Key, ...] = (
         "Start the Raft groups that replicate durable queues whose replication.enabled is true "
         "(docs/replication.rst); a replicated queue with this off is a config error."),
     Key("cluster.raft.bind_addr", Addr(), "127.0.0.1:7100",
-        "host:port of this node's member of the default group; the peers dial it as written."),
+        "host:port of this node's member of the default group; the peers dial it as written. Not set "
+        "and the members come from etcd: cluster.transport.bind_addr's host, port 7100."),
     Key("cluster.raft.peers", StrList(), [],
-        "host:port of every member of the default group (this node's may be listed too)."),
+        "host:port of every member of the default group (this node's may be listed too); [] with etcd: "
+        "each node announces its bind_addr in etcd and the members are agreed there (docs/replication.rst)."),
+    Key("cluster.raft.expected_members", Int(0, 15), 0,
+        "Members from etcd (no peers): how many nodes form the Raft group, the first by node id once "
+        "that many are live; 0 = the nodes named in cluster.etcd.initial_cluster, else the largest "
+        "replication_factor. Agreed once and kept in etcd."),
     Key("cluster.raft.auto_provision_groups", Bool(), True,
         "A queue naming a group not in cluster.raft.groups gets one on derived ports (bind_addr's and "
         "the peers' ports + n); false makes it a config error."),

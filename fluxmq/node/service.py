@@ -360,11 +360,19 @@ class BrokerService:
         if not cfg.cluster.enabled:
             return
         from fluxmq.cluster.node import ClusterNode
+        from fluxmq.replication.config import etcd_membership, expected_members, raft_addr
 
-        node = ClusterNode.from_config(cfg, self.broker)  # ConfigError (one line) before anything binds
+        members = etcd_membership(cfg)
+        announce = {"raft": raft_addr(cfg)} if members else None  # the others learn our Raft address
+        node = ClusterNode.from_config(cfg, self.broker, announce)  # ConfigError (one line) before anything binds
         self.broker.settings.node_id = node.node_id
         node.start()
         self.cluster = node
+        if members and node.plane is not None and hasattr(self.raft, "run"):
+            from fluxmq.cluster.metadata.raft_members import RaftMembers
+
+            names, count = expected_members(cfg)
+            self.raft.run(RaftMembers(node.plane.meta, names, count).agree)
 
     @property
     def cluster_health(self):
@@ -394,11 +402,22 @@ class BrokerService:
         if cfg.cluster.raft.enabled:
             from fluxmq.queues.config import QueueConfig
             from fluxmq.replication import RaftService
+            from fluxmq.replication.config import etcd_membership, raft_addr
             from fluxmq.replication.service import advertised_mqtt_addr
 
-            raft = self.raft = RaftService(cfg.cluster.raft, [QueueConfig.from_dict(item) for item in items],
-                                           os.path.join(cfg.storage.path, "raft"), storage.queue_log(), cfg.origin,
-                                           mqtt_addr=advertised_mqtt_addr(cfg))
+            configs = [QueueConfig.from_dict(item) for item in items]
+            data_dir = os.path.join(cfg.storage.path, "raft")
+            if etcd_membership(cfg):
+                # The members come from etcd once the cluster agrees on them (_start_cluster):
+                # until then the replicated queues refuse appends with the reason.
+                from fluxmq.replication.forming import FormingRaft
+
+                raft = self.raft = FormingRaft(cfg.cluster.raft, configs, data_dir, storage.queue_log(), cfg.origin,
+                                               mqtt_addr=advertised_mqtt_addr(cfg), node_id=cfg.cluster.node_id,
+                                               self_addr=raft_addr(cfg))
+            else:
+                raft = self.raft = RaftService(cfg.cluster.raft, configs, data_dir, storage.queue_log(), cfg.origin,
+                                               mqtt_addr=advertised_mqtt_addr(cfg))
 
         def make(broker: Broker):
             from fluxmq.queues import QueueManager

@@ -274,8 +274,10 @@ def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(node_fac
     assert 0x83 in producer.refusals and len(producer.moves) >= 2, (producer.refusals[:5], producer.moves)
 
 
-def _leader_kill_run(node_factory, write_policy: str, total: int) -> Producer:
-    nodes = start_cluster(node_factory, write_policy=write_policy)
+def _leader_kill_run(node_factory, write_policy: str, total: int, start=start_cluster) -> Producer:
+    """``start(node_factory, write_policy=...)`` -> three ready nodes (static peers by default; the
+    etcd-membership variant is tests/e2e/test_replication_etcd.py)."""
+    nodes = start(node_factory, write_policy=write_policy)
     leader = wait_leader(nodes)
     survivors = [i for i in range(3) if i != leader]
     consumers = {i: Consumer(nodes[i], f"cons{i}") for i in range(3)}

@@ -111,16 +111,20 @@ class Membership:
     """``/nodes/{node_id}`` under the node lease, and a watched view of every live node."""
 
     def __init__(self, client: EtcdClient, prefix: str, node_id: str, transport_addr: str,
-                 state_file: Path | None = None) -> None:
+                 state_file: Path | None = None, announce: dict[str, str] | None = None) -> None:
         self.client = client
         self.prefix = prefix + "nodes/"
         self.node_id = node_id
         self.transport_addr = transport_addr
+        # More addresses the record carries (``{"raft": host:port}``): what the others learn of this
+        # node from etcd besides its transport (``announced``).
+        self.announce = dict(announce or {})
         self.state_file = state_file  # the lease of our last registration, to tell a restart from a twin
         self.started_at = time.time()
         self.registered = False
         self._callbacks: list[Callable[[dict[str, str]], None]] = []
         self._members: dict[str, str] = {}
+        self._announced: dict[str, dict] = {}  # node id -> its record's announced addresses
         # Nodes seen live since this node started that went without saying they leave (killed, cut
         # off): health counts them as unreachable peers. A graceful stop marks its record "leaving".
         self._lost: dict[str, str] = {}
@@ -137,7 +141,7 @@ class Membership:
         process holds this node id. A registration left by this node's previous run (its lease is
         the one recorded in ``state_file``) is revoked first, so a restart need not wait for the TTL."""
         record = json.dumps({"addr": self.transport_addr, "started_at": self.started_at, "pid": os.getpid(),
-                             "host": socket.gethostname(), "lease": lease_id}).encode()
+                             "host": socket.gethostname(), "lease": lease_id, **self.announce}).encode()
         for _ in range(3):
             ok, responses = self.client.txn([cmp_create(self.key, 0)], [op_put(self.key, record, lease_id)],
                                             [op_get(self.key)])
@@ -224,6 +228,7 @@ class Membership:
         node = key[len(self.prefix):]
         if kv is None:
             addr = self._members.pop(node, None)
+            self._announced.pop(node, None)
             if addr is None:
                 return
             if not (old is not None and _leaving(old["value"])) and node != self.node_id:
@@ -237,6 +242,7 @@ class Membership:
             self._lost.pop(node, None)
             if record.get("leaving"):
                 return  # the delete follows; it is not reported as lost
+            self._announced[node] = {k: v for k, v in record.items() if isinstance(v, str)}
             if self._members.get(node) == addr:
                 return
             self._members[node] = addr
@@ -250,6 +256,11 @@ class Membership:
 
     def members(self) -> dict[str, str]:
         return dict(self._members)
+
+    def announced(self, name: str) -> dict[str, str]:
+        """Live node id -> the address it announces as ``name`` (e.g. ``raft``); nodes without one
+        are left out."""
+        return {node: rec[name] for node, rec in self._announced.items() if rec.get(name) and node in self._members}
 
     def lost(self) -> dict[str, str]:
         """Nodes seen live since this node started that went without leaving (node id -> addr)."""

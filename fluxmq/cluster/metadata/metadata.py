@@ -2,7 +2,8 @@
 
 Keys under ``prefix`` (default ``/fluxmq/``)::
 
-    nodes/{node_id}            {"addr", "started_at", "pid", "host", "lease"}   under the node lease
+    nodes/{node_id}            {"addr", "started_at", "pid", "host", "lease", "raft"?} under the node lease
+    raft/members               the Raft group's initial members, agreed once     (raft_members.py)
     sessions/{client}/owner    node id                                         under the owner's lease
     election/leader            node id                                         under the leader's lease
     retained/{topic}           retained message or a reference to its owner    (replicated.py)
@@ -36,15 +37,17 @@ class ClusterMetadata:
     """Membership, session ownership and leader election of this node, in etcd."""
 
     def __init__(self, etcd_config, node_id: str, transport_addr: str, prefix: str | None = None,
-                 state_dir: str | Path | None = None) -> None:
+                 state_dir: str | Path | None = None, announce: dict[str, str] | None = None) -> None:
         """``etcd_config``: EtcdSettings, a loaded Config or its ``cluster.etcd`` section; ``prefix``
         defaults to ``cluster.etcd.prefix``; ``state_dir`` (where the node records its last lease)
-        defaults to the etcd data dir's parent (the node passes ``storage.path``)."""
+        defaults to the etcd data dir's parent (the node passes ``storage.path``); ``announce``: more
+        addresses of this node its registration carries (``{"raft": host:port}``)."""
         if not node_id:
             raise ClusterError("cluster.node_id: required when cluster.enabled is true")
         self.settings = etcd_config if isinstance(etcd_config, EtcdSettings) else EtcdSettings.from_config(etcd_config)
         self.node_id = node_id
         self.transport_addr = transport_addr
+        self.announce = dict(announce or {})
         prefix = prefix or self.settings.prefix
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         if state_dir is None:
@@ -76,7 +79,8 @@ class ClusterMetadata:
             self._wait_for_etcd(s.start_timeout)
             self.lease = lease = NodeLease(self.client, s.lease_ttl)
             lease.grant()
-            self.membership = Membership(self.client, self.prefix, self.node_id, self.transport_addr, self.state_file)
+            self.membership = Membership(self.client, self.prefix, self.node_id, self.transport_addr, self.state_file,
+                                         self.announce)
             self.membership.register(lease.id)
             self.ownership = SessionOwnership(self.client, self.prefix, self.node_id, lambda: lease.id)
             self.election = LeaderElection(self.client, self.prefix, self.node_id, lambda: lease.id,
@@ -161,6 +165,10 @@ class ClusterMetadata:
     def lost_members(self) -> dict[str, str]:
         """Nodes seen live since this node started that went without leaving (killed, cut off)."""
         return self.membership.lost() if self.membership is not None else {}
+
+    def announced(self, name: str) -> dict[str, str]:
+        """Live node id -> the address it announces as ``name`` (``raft``)."""
+        return self.membership.announced(name) if self.membership is not None else {}
 
     def on_members(self, callback: Callable[[dict[str, str]], None]) -> None:
         self.membership.on_members(callback)

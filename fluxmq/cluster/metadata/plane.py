@@ -30,9 +30,10 @@ class MetadataPlane:
                  state_dir: str | Path | None = None, prefix: str | None = None,
                  fetch: Callable[[str, str], bytes] | None = None,
                  peer_state: Callable[[], dict[str, dict]] | None = None,
-                 publish: Callable[[Message], object] | None = None) -> None:
+                 publish: Callable[[Message], object] | None = None,
+                 announce: dict[str, str] | None = None) -> None:
         self.meta = ClusterMetadata(settings, node_id, transport_addr, prefix=prefix or settings.prefix,
-                                    state_dir=state_dir)
+                                    state_dir=state_dir, announce=announce)
         self.retained = RetainedReplica(self.meta, broker, settings.hybrid_retained_size_threshold,
                                         fetch or _no_fetch)
         self.wills = WillRegistry(self.meta, publish or broker.publish)

@@ -1,0 +1,94 @@
+"""RaftMembers: the initial members of the Raft group, agreed once through etcd.
+
+pysyncobj needs the same initial peer set on every node. Without static ``cluster.raft.peers`` each
+node announces its Raft address in its ``nodes/{node_id}`` record (``announce={"raft": ...}``) and
+the set is written once to ``raft/members`` (no lease: it outlives every node, like the Raft
+journals) by the first node that sees it complete, with a compare-and-swap on the key's creation;
+every other node, and every later start, reads that key. So:
+
+- with ``names`` (the members of ``cluster.etcd.initial_cluster``) the set is exactly those nodes,
+  written once all of them are live with a Raft address;
+- with a ``count`` (``cluster.raft.expected_members``, or the largest replication_factor) it is the
+  first ``count`` live nodes by node id, whoever writes it first; a node that starts later reads
+  the set and is not in it;
+- a node that restarts while the others are down still finds its group (the key is there), so a
+  majority that comes back forms the group again without waiting for the rest.
+
+Value: ``{"members": {node_id: "host:port"}, "by": node_id, "at": unix time}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from .client import cmp_create, op_get, op_put, range_kvs
+
+__all__ = ["RaftMembers"]
+
+log = logging.getLogger("fluxmq.cluster.raft_members")
+
+
+class RaftMembers:
+    """One node's view of ``{prefix}raft/members`` (``agree`` is one attempt; the caller repeats it)."""
+
+    def __init__(self, meta, names: list[str] | None = None, count: int = 0) -> None:
+        self.meta = meta  # ClusterMetadata, started
+        self.names = sorted(set(names or []))
+        self.count = count if not self.names else len(self.names)
+
+    @property
+    def key(self) -> str:
+        return self.meta.prefix + "raft/members"
+
+    def recorded(self) -> dict[str, str] | None:
+        """The agreed members (node id -> Raft address), or None while nothing is recorded."""
+        kv = self.meta.client.get(self.key)
+        return None if kv is None else _members(kv["value"])
+
+    def agree(self) -> tuple[dict[str, str] | None, str]:
+        """(members, "") once agreed, else (None, what it waits for). Raises ClusterError when etcd
+        does not answer."""
+        found = self.recorded()
+        if found == {}:
+            return None, f"{self.key} in etcd holds no member set; delete the key to agree on one again"
+        if found is not None:
+            return found, ""
+        live = self.meta.announced("raft")
+        if self.names:
+            missing = [n for n in self.names if n not in live]
+            if missing:
+                return None, (
+                    f"waiting for {', '.join(missing)} (cluster.etcd.initial_cluster) to register "
+                    f"a Raft address in etcd; live with one: {', '.join(sorted(live)) or 'none'}"
+                )
+            chosen = {n: live[n] for n in self.names}
+        else:
+            if len(live) < self.count:
+                return None, (
+                    f"waiting for {self.count} nodes with a Raft address in etcd "
+                    f"(cluster.raft.expected_members); live: {', '.join(sorted(live)) or 'none'}"
+                )
+            chosen = {n: live[n] for n in sorted(live)[: self.count]}
+        value = json.dumps({"members": chosen, "by": self.meta.node_id, "at": time.time()}).encode()
+        ok, responses = self.meta.client.txn(
+            [cmp_create(self.key, 0)], [op_put(self.key, value)], [op_get(self.key)]
+        )
+        if ok:
+            log.info(
+                "raft_members_recorded", extra={"members": ",".join(f"{n}={a}" for n, a in chosen.items())}
+            )
+            return chosen, ""
+        kvs = range_kvs(responses[0]) if responses else []
+        if kvs:
+            return _members(kvs[0]["value"]), ""  # another node was first: its set holds
+        return None, "the Raft member record changed meanwhile; trying again"
+
+
+def _members(value: bytes) -> dict[str, str]:
+    try:
+        members = json.loads(value)["members"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return {str(k): str(v) for k, v in members.items()} if isinstance(members, dict) else {}

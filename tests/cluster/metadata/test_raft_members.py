@@ -1,0 +1,57 @@
+"""The Raft group's initial members, agreed once through etcd (fluxmq/cluster/metadata/raft_members.py),
+on the session's real etcd."""
+
+from __future__ import annotations
+
+from fluxmq.cluster.metadata.raft_members import RaftMembers
+from tests.cluster.metadata.conftest import wait_for
+
+
+def node(meta_factory, node_id: str, raft: str):
+    meta = meta_factory(node_id, start=False)
+    meta.announce = {"raft": raft}
+    meta.start()
+    return meta
+
+
+def test_the_registration_carries_the_raft_address(meta_factory) -> None:
+    a = node(meta_factory, "a", "127.0.0.1:7100")
+    meta_factory("b")  # announces nothing
+    assert wait_for(lambda: set(a.members()) == {"a", "b"})
+    assert a.announced("raft") == {"a": "127.0.0.1:7100"}
+
+
+def test_named_members_are_agreed_once_all_are_live_and_the_same_on_every_node(meta_factory) -> None:
+    names = ["n1", "n2", "n3"]
+    n1 = node(meta_factory, "n1", "127.0.0.1:7100")
+    node(meta_factory, "n2", "127.0.0.1:7200")
+    members, why = RaftMembers(n1, names).agree()
+    assert members is None and "waiting for n3 (cluster.etcd.initial_cluster)" in why
+    assert RaftMembers(n1, names).recorded() is None  # nothing written while incomplete
+    n3 = node(meta_factory, "n3", "127.0.0.1:7300")
+    node(meta_factory, "extra", "127.0.0.1:7400")  # not named: never a member
+    want = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    assert wait_for(lambda: RaftMembers(n3, names).agree()[0] == want)
+    assert RaftMembers(n1, names).agree() == (want, "")
+
+
+def test_a_count_takes_the_first_nodes_by_id_and_a_later_node_reads_the_recorded_set(meta_factory) -> None:
+    b = node(meta_factory, "b", "127.0.0.1:7200")
+    members, why = RaftMembers(b, count=2).agree()
+    assert members is None and "waiting for 2 nodes" in why
+    node(meta_factory, "c", "127.0.0.1:7300")
+    assert wait_for(lambda: RaftMembers(b, count=2).agree()[0] is not None)
+    want = {"b": "127.0.0.1:7200", "c": "127.0.0.1:7300"}
+    assert RaftMembers(b, count=2).recorded() == want
+    # "a" sorts first but came after the set was recorded: the record holds, on every node.
+    a = node(meta_factory, "a", "127.0.0.1:7100")
+    assert wait_for(lambda: len(a.members()) == 3)
+    assert RaftMembers(a, count=2).agree() == (want, "")
+
+
+def test_the_record_outlives_the_nodes(meta_factory) -> None:
+    x = node(meta_factory, "x", "127.0.0.1:7100")
+    assert RaftMembers(x, count=1).agree() == ({"x": "127.0.0.1:7100"}, "")
+    x.stop()
+    y = node(meta_factory, "y", "127.0.0.1:7200")
+    assert RaftMembers(y, count=1).agree() == ({"x": "127.0.0.1:7100"}, "")
