@@ -20,7 +20,7 @@ import logging
 import time
 
 from .config import STREAM
-from .delivery import user_property
+from .delivery import build_delivery, user_property
 
 log = logging.getLogger("fluxmq.queues")
 
@@ -301,8 +301,8 @@ class ConsumerGroup:
         count = (counts.get(offset) or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts
                                         else 0)) + 1
         p = Pending(member, now + queue.config.visibility_timeout, count, part, offset)
-        if not member.session.send_tracked(queue.delivery_message(record, self.name, count, self._on_puback, p, (),
-                                                                  self.group_pair, self.group_bytes)):
+        if not member.session.send_tracked(build_delivery(record, queue.name, self.name, count, self._on_puback, p, (),
+                                                          self.group_pair, self.group_bytes)):
             return False
         counts[offset] = count
         if offset >= self.mark:

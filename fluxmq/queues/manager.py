@@ -53,7 +53,6 @@ class Queue:
         self.groups: dict[str, ConsumerGroup] = {}
         self.stats: Counter = Counter()
         self._key_at = len(PREFIX) + len(self.name) + 1
-        self._queue_pair = ("queue", self.name)  # a delivery's user property, made once
         # retention.compact: key -> offset of its newest record (rebuilt from the log at start)
         self.newest: dict[str, int] | None = {} if config.retention.compact else None
 
@@ -64,8 +63,7 @@ class Queue:
 
     def delivery_message(self, record, group: str, count: int, settle, ticket, extra=(), group_pair=None,
                          group_bytes=None) -> Message:
-        return build_delivery(record, self.name, group, count, settle, ticket, extra, group_pair, self._queue_pair,
-                              group_bytes)
+        return build_delivery(record, self.name, group, count, settle, ticket, extra, group_pair, group_bytes)
 
     def record_key(self, message: Message) -> str:
         """Partition and compaction key: user property ``partition-key``, else the routing key."""
