@@ -227,7 +227,10 @@ class ConsumerGroup:
                 self._pop(from_ready)
                 parked.append(offset)
                 continue
-            self._pop(from_ready)
+            if from_ready:  # _pop, inline (once per delivery)
+                self.queued.discard(heapq.heappop(ready))
+            else:
+                self.cursor = offset + 1
             if not self._deliver(member, offset, record, now, part):
                 parked.append(offset)
                 break
@@ -366,14 +369,19 @@ class ConsumerGroup:
             return
         offset = ticket.offset
         queue = self.queue
-        if self.pending.get(offset) is not ticket or ticket.member.session is not session:
+        pending = self.pending
+        member = ticket.member
+        if pending.get(offset) is not ticket or member.session is not session:
             queue.manager.kick_soon(queue)  # a window slot freed
             return
-        if ticket.member.auto_ack:
+        if member.auto_ack:
             if reason_code >= 0x80:
                 self.nack(offset, "puback reason code")
-            else:  # the ack, inline; its progress is written at the end of the turn
-                self._release(offset)
+            else:  # the ack, inline (as _release); its progress is written at the end of the turn
+                del pending[offset]
+                member.pending -= 1
+                if ticket.part >= 0:
+                    self._unhold(ticket)
                 queue.stats["acked"] += 1
                 self.settle(offset, defer=True)
         queue.manager.kick_soon(queue)

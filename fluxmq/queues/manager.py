@@ -262,7 +262,10 @@ class QueueManager:
         if origin is not None:
             # The origin's PUBACK acknowledges the append: a failed commit must abandon it.
             self.storage.note_stake(origin.client_id)
-        self.kick_soon(q)
+        self._kicked.add(q)  # kick_soon, inline (once per message)
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            gevent.get_hub().loop.run_callback(self._run_kicked)
         return q.log.held_ack() or 1
 
     def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int,

@@ -244,7 +244,8 @@ class LMDBQueueLog(QueueLogStore):
         self.db = db
 
     def append(self, queue: str, offset: int, record: bytes) -> None:
-        self.storage._put(self.db, log_key(queue, offset), record)
+        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)  # log_key, inline (once per message)
+        self.storage._put(self.db, prefix + _OFF.pack(offset), record)
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         offsets = range(from_offset, from_offset + n)
