@@ -308,9 +308,10 @@ class LMDBQueueLog(QueueLogStore):
         return out
 
     def truncate(self, queue: str, offsets) -> None:
-        put = self.storage._put
+        put, db, pack = self.storage._put, self.db, _OFF.pack
+        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)  # log_key, inline (once per record)
         for off in offsets:
-            put(self.db, log_key(queue, off), None)
+            put(db, prefix + pack(off), None)
 
     def put_applied(self, group: str, index: int) -> None:
         self.storage._put(self.db, b"R" + group.encode(), _U64.pack(index))
