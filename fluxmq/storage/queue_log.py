@@ -308,10 +308,17 @@ class LMDBQueueLog(QueueLogStore):
         return out
 
     def truncate(self, queue: str, offsets) -> None:
-        put, db, pack = self.storage._put, self.db, _OFF.pack
-        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)  # log_key, inline (once per record)
-        for off in offsets:
-            put(db, prefix + pack(off), None)
+        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)
+        pack = _OFF.pack
+        keys = [prefix + pack(off) for off in offsets]
+        if not keys:
+            return
+        # The storage's _put for the first (it wakes the commit), the others straight into the same
+        # batch: a chunk of deletes is one dict update, not a Python call per record.
+        storage = self.storage
+        storage._put(self.db, keys[0], None)
+        storage._batch.ops[self.db].update(dict.fromkeys(keys))
+        storage.op_count += len(keys) - 1
 
     def put_applied(self, group: str, index: int) -> None:
         self.storage._put(self.db, b"R" + group.encode(), _U64.pack(index))
