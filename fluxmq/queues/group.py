@@ -276,14 +276,17 @@ class ConsumerGroup:
             m = members[0]
             return m if m.pending < m.max_inflight and (m.levels is None or filter_matches(m.levels, key)) else None
         fallback = None
+        rr = self._rr
         for i in range(n):
-            m = members[(self._rr + i) % n]
-            if not m.has_room() or not filter_matches(m.levels, key):
+            m = members[(rr + i) % n]
+            # has_room() and filter_matches(), inline: asked of up to every member per delivery
+            if (m.pending >= m.max_inflight or not m.session.can_take_tracked()
+                    or (m.levels is not None and not filter_matches(m.levels, key))):
                 continue
             if m is avoid and n > 1:
                 fallback = m
                 continue
-            self._rr = (self._rr + i + 1) % n
+            self._rr = (rr + i + 1) % n
             return m
         return fallback
 
