@@ -13,7 +13,7 @@ record-wide user properties, encoded once by the codec) and appends the per-deli
 Pure functions of their arguments: no I/O, nothing imported from fluxmq.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy
 
@@ -106,7 +106,6 @@ cdef bytes _finish(const char* head, Py_ssize_t head_len, const char* pre, Py_ss
     cdef Py_ssize_t total = 1 + _varint_len(remaining) + remaining
     cdef bytes out = PyBytes_FromStringAndSize_NULL(NULL, total)
     cdef char* p = PyBytes_AS_STRING(out)
-    cdef char* mid
     p[0] = <char>0x32
     p = _varint(p + 1, remaining)
     if plain:  # ``head`` is the topic: its length, it, and packet id 1
@@ -135,8 +134,8 @@ cdef bytes _finish(const char* head, Py_ssize_t head_len, const char* pre, Py_ss
     return out
 
 
-def plain_delivery(str topic, str queue, unsigned long long offset, bytes group, unsigned long long count,
-                   bytes extra, bytes payload) -> bytes:
+def plain_delivery(str topic not None, str queue not None, unsigned long long offset, bytes group not None,
+                   unsigned long long count, bytes extra not None, bytes payload not None) -> bytes:
     """The PUBLISH of a delivery of a record without properties of its own: ``topic``, then the user
     properties message-id ``{queue}:{offset}``, queue, offset, ``group`` (an encoded group-id user
     property), delivery-count ``count``, ``extra`` (encoded user properties), then ``payload``."""
@@ -148,8 +147,8 @@ def plain_delivery(str topic, str queue, unsigned long long offset, bytes group,
     return _finish(t, tlen, NULL, 0, group, count, extra, payload, q, qlen, offset, True)
 
 
-def record_delivery(bytes head, bytes props, bytes group, unsigned long long count, bytes extra,
-                    bytes payload) -> bytes:
+def record_delivery(bytes head not None, bytes props not None, bytes group not None, unsigned long long count,
+                    bytes extra not None, bytes payload not None) -> bytes:
     """The PUBLISH of a delivery from its record's prebuilt ``head`` (topic and packet id) and
     ``props`` (its property block), with ``group``, delivery-count ``count`` and ``extra`` appended."""
     return _finish(PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head), PyBytes_AS_STRING(props),

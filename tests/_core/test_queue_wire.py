@@ -90,3 +90,15 @@ def test_record_delivery_appends_to_the_records_prebuilt_parts(props, size: int)
 def test_a_topic_over_65535_bytes_is_refused() -> None:
     with pytest.raises(ValueError):
         plain_delivery("t" * 65_536, "q", 1, b"", 1, b"", b"")
+
+
+@pytest.mark.parametrize("at", range(7))
+def test_none_for_any_argument_is_a_type_error_not_a_crash(at: int) -> None:
+    args = ["t", "q", 1, b"", 1, b"", b""]
+    args[at] = None
+    with pytest.raises(TypeError):
+        plain_delivery(*args)
+    rargs = [b"\x00\x01t\x00\x01", b"", b"", 1, b"", b""]
+    rargs[min(at, 5)] = None
+    with pytest.raises(TypeError):
+        record_delivery(*rargs)
