@@ -41,8 +41,6 @@ RELOADABLE_LIMITS = frozenset({"broker.max_queued_messages", "broker.max_queued_
 
 #: sessions (and retained messages) restored between two yields to the hub: about 10 ms of work
 RESTORE_SLICE = 500
-#: a store with this many sessions and retained messages is frozen out of the cyclic collector
-FREEZE_ABOVE = 10_000
 
 
 def load_and_restore(storage: Storage, broker: Broker) -> None:
@@ -53,21 +51,21 @@ def load_and_restore(storage: Storage, broker: Broker) -> None:
     # garbage and holds the GIL (and so the hub) for hundreds of milliseconds each time.
     was_enabled = gc.isenabled()
     gc.disable()
-    large = False
     try:
         if storage.durable:
             state = gevent.get_hub().threadpool.apply(storage.load)
         else:
             state = storage.load()
-        large = len(state.sessions) + len(state.retained) >= FREEZE_ABOVE
         broker.restore(state, pause=_yield_to_hub, slice_size=RESTORE_SLICE)
         del state
     finally:
-        if large:
-            # What start-up built lives as long as its sessions: out of the collector's generations
-            # (still freed by reference counting when a session ends), so neither re-enabling the
-            # collector nor a later full collection walks it while the hub waits.
-            gc.freeze()
+        # What start-up built (modules, classes, the restored store) lives as long as the node or its
+        # sessions: out of the collector's generations (still freed by reference counting), so neither
+        # re-enabling the collector nor a later full collection walks it while the hub waits. Even with
+        # an empty store a full collection of the node walks ~20 ms of objects, and messages that live
+        # a while (a durable queue's in-flight window) trigger one every ~10,000 messages: frozen,
+        # 1 ms (bench/RESULTS.md, "Queue hot path, fourth pass").
+        gc.freeze()
         if was_enabled:
             gc.enable()
 

@@ -4,6 +4,7 @@ settlement (``$queue/{name}/$ack|$nack|$reject``) names what it settles."""
 from __future__ import annotations
 
 from fluxmq._core.codec import encode_publish
+from fluxmq._core.queue_wire import plain_delivery, record_delivery
 from fluxmq.broker.message import USER_PROPERTY, WIRE_V5_QOS1, Message, TrackedMessage
 
 ACK, NACK, REJECT = "$ack", "$nack", "$reject"
@@ -33,40 +34,25 @@ def user_property(name: str, value: str) -> bytes:
     return b"\x26" + len(n).to_bytes(2, "big") + n + len(v).to_bytes(2, "big") + v
 
 
-#: delivery-count values, the common ones made once: as pairs, and encoded
-_COUNTS = tuple(("delivery-count", str(n)) for n in range(16))
-_COUNT_BYTES = tuple(user_property(*pair) for pair in _COUNTS)
-_VARINT1 = tuple(bytes((n,)) for n in range(128))
-_QUEUE_PAIRS: dict[str, bytes] = {}  # queue name -> its encoded ("queue", name) user property
-
-
-def _varint(n: int) -> bytes:
-    if n < 128:
-        return _VARINT1[n]
-    out = bytearray()
-    while True:
-        n, byte = n >> 7, n & 0x7F
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
 class Delivery(TrackedMessage):
-    """A durable queue's delivery. Its 5.0 PUBLISH is made from the record's encoding (made once
-    per record: topic, payload, its own properties, message-id, queue, offset) with only the
-    per-delivery user properties appended (group-id, delivery-count, a stream's position): no
-    property dict per delivery. ``properties`` is built only when something asks for it (a
-    consumer with topic aliases, whose PUBLISH the connection encodes itself)."""
+    """A durable queue's delivery. Its 5.0 PUBLISH is made in one buffer (``fluxmq._core.queue_wire``:
+    the record's topic, payload and own properties, then message-id, queue, offset, group-id,
+    delivery-count and a stream's position as user properties): no property dict per delivery.
+    ``properties`` is built only when something asks for it (a consumer with topic aliases, whose
+    PUBLISH the connection encodes itself)."""
 
-    __slots__ = ("_record", "_group_pair", "_count_pair", "_extra")
+    __slots__ = ("_record", "_group_pair", "_count", "_extra")
 
     @property
     def properties(self) -> dict | None:
-        props = _PROPERTIES.__get__(self)
+        try:
+            props = _PROPERTIES.__get__(self)
+        except AttributeError:  # never set (build_delivery leaves it): made from the record below
+            props = None
         if props is None and self._record is not None:
             message = self._record.message
             user = [*((message.properties or {}).get(USER_PROPERTY) or ()), *_common_pairs(self._record),
-                    self._group_pair, self._count_pair, *self._extra]
+                    self._group_pair, ("delivery-count", str(self._count)), *self._extra]
             props = dict(message.properties) if message.properties else {}
             props.pop(USER_PROPERTY, None)
             props[USER_PROPERTY] = user  # last, as in the prebuilt encoding
@@ -87,25 +73,11 @@ def _common_pairs(record) -> tuple:
     return (("message-id", record.queue_name + ":" + offset), ("queue", record.queue_name), ("offset", offset))
 
 
-def _record_wire(record, queue: str) -> tuple[bytes, bytes]:
-    """(topic and packet id, properties) of the record's deliveries before the per-delivery
-    user properties: encoded once per record (bytes: nothing for the cyclic collector)."""
+def _record_wire(record) -> tuple[bytes, bytes]:
+    """(topic and packet id, properties) of the deliveries of a record with properties of its own,
+    before the per-delivery user properties: encoded by the codec once per record."""
     message = record.message
-    record.queue_name = queue
-    if not message.properties:  # the common record: the encoding made here, not by the codec
-        topic = message.topic.encode()
-        offset = str(record.offset).encode()
-        mid = queue.encode() + b":" + offset
-        qp = _QUEUE_PAIRS.get(queue)
-        if qp is None:
-            qp = user_property("queue", queue)
-            if len(_QUEUE_PAIRS) < 4096:
-                _QUEUE_PAIRS[queue] = qp
-        wire = record.wire = (len(topic).to_bytes(2, "big") + topic + b"\x00\x01",
-                              b"".join((b"\x26\x00\x0amessage-id", len(mid).to_bytes(2, "big"), mid, qp,
-                                        b"\x26\x00\x06offset", len(offset).to_bytes(2, "big"), offset)))
-        return wire
-    props = dict(message.properties) if message.properties else {}
+    props = dict(message.properties)
     # The user properties last, so that a delivery's own follow them in the encoding.
     props[USER_PROPERTY] = [*(props.pop(USER_PROPERTY, None) or ()), *_common_pairs(record)]
     data = encode_publish(message.topic, message.payload, 1, False, False, 1, props, 5)
@@ -128,43 +100,37 @@ def _record_wire(record, queue: str) -> tuple[bytes, bytes]:
 
 
 def build_delivery(record, queue: str, group: str, count: int, settle, ticket, extra=(),
-                   group_pair=None, queue_pair=None, group_bytes: bytes | None = None) -> TrackedMessage:
+                   group_pair=None, group_bytes: bytes | None = None) -> TrackedMessage:
     """The PUBLISH a consumer gets: the original topic, payload and properties, plus the user
     properties message-id, queue, offset, group-id and delivery-count (and ``extra`` pairs).
     ``group_pair``: the caller's prebuilt ("group-id", group); ``group_bytes`` its encoding."""
-    wire = record.wire
-    if wire is None:
-        wire = _record_wire(record, queue)
     if group_pair is None:
         group_pair = ("group-id", group)
     if group_bytes is None:
         group_bytes = user_property(*group_pair)
-    if count < 16:
-        count_pair = _COUNTS[count]
-        props = wire[1] + group_bytes + _COUNT_BYTES[count]
-    else:
-        count_pair = ("delivery-count", str(count))
-        props = wire[1] + group_bytes + user_property(*count_pair)
-    if extra:
-        props += b"".join(user_property(k, v) for k, v in extra)
+    extra_bytes = b"".join([user_property(k, v) for k, v in extra]) if extra else b""
     message = record.message
-    head, payload = wire[0], message.payload
-    plen = len(props)
-    pvar = _varint(plen)
+    payload = message.payload
+    record.queue_name = queue
+    if message.properties:
+        wire = record.wire
+        if wire is None:
+            wire = _record_wire(record)
+        data = record_delivery(wire[0], wire[1], group_bytes, count, extra_bytes, payload)
+    else:
+        data = plain_delivery(message.topic, queue, record.offset, group_bytes, count, extra_bytes, payload)
     d = _new(Delivery)
     d.topic = message.topic
     d.payload = payload
     d.qos = 1
     d.retain = False
-    _PROPERTIES.__set__(d, None)
     d.expires_at = None
     d.origin = None
-    d.wire_cache = {WIRE_V5_QOS1: b"".join((b"\x32", _varint(len(head) + len(pvar) + plen + len(payload)), head, pvar,
-                                            props, payload))}
+    d.wire_cache = {WIRE_V5_QOS1: data}
     d.settle = settle
     d.ticket = ticket
     d._record = record
     d._group_pair = group_pair
-    d._count_pair = count_pair
+    d._count = count
     d._extra = extra
     return d

@@ -20,7 +20,7 @@ import logging
 import time
 
 from .config import STREAM
-from .delivery import user_property
+from .delivery import build_delivery, user_property
 
 log = logging.getLogger("fluxmq.queues")
 
@@ -227,7 +227,10 @@ class ConsumerGroup:
                 self._pop(from_ready)
                 parked.append(offset)
                 continue
-            self._pop(from_ready)
+            if from_ready:  # _pop, inline (once per delivery)
+                self.queued.discard(heapq.heappop(ready))
+            else:
+                self.cursor = offset + 1
             if not self._deliver(member, offset, record, now, part):
                 parked.append(offset)
                 break
@@ -273,14 +276,17 @@ class ConsumerGroup:
             m = members[0]
             return m if m.pending < m.max_inflight and (m.levels is None or filter_matches(m.levels, key)) else None
         fallback = None
+        rr = self._rr
         for i in range(n):
-            m = members[(self._rr + i) % n]
-            if not m.has_room() or not filter_matches(m.levels, key):
+            m = members[(rr + i) % n]
+            # has_room() and filter_matches(), inline: asked of up to every member per delivery
+            if (m.pending >= m.max_inflight or not m.session.can_take_tracked()
+                    or (m.levels is not None and not filter_matches(m.levels, key))):
                 continue
             if m is avoid and n > 1:
                 fallback = m
                 continue
-            self._rr = (self._rr + i + 1) % n
+            self._rr = (rr + i + 1) % n
             return m
         return fallback
 
@@ -301,8 +307,8 @@ class ConsumerGroup:
         count = (counts.get(offset) or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts
                                         else 0)) + 1
         p = Pending(member, now + queue.config.visibility_timeout, count, part, offset)
-        if not member.session.send_tracked(queue.delivery_message(record, self.name, count, self._on_puback, p, (),
-                                                                  self.group_pair, self.group_bytes)):
+        if not member.session.send_tracked(build_delivery(record, queue.name, self.name, count, self._on_puback, p, (),
+                                                          self.group_pair, self.group_bytes)):
             return False
         counts[offset] = count
         if offset >= self.mark:
@@ -366,14 +372,19 @@ class ConsumerGroup:
             return
         offset = ticket.offset
         queue = self.queue
-        if self.pending.get(offset) is not ticket or ticket.member.session is not session:
+        pending = self.pending
+        member = ticket.member
+        if pending.get(offset) is not ticket or member.session is not session:
             queue.manager.kick_soon(queue)  # a window slot freed
             return
-        if ticket.member.auto_ack:
+        if member.auto_ack:
             if reason_code >= 0x80:
                 self.nack(offset, "puback reason code")
-            else:  # the ack, inline; its progress is written at the end of the turn
-                self._release(offset)
+            else:  # the ack, inline (as _release); its progress is written at the end of the turn
+                del pending[offset]
+                member.pending -= 1
+                if ticket.part >= 0:
+                    self._unhold(ticket)
                 queue.stats["acked"] += 1
                 self.settle(offset, defer=True)
         queue.manager.kick_soon(queue)

@@ -244,7 +244,8 @@ class LMDBQueueLog(QueueLogStore):
         self.db = db
 
     def append(self, queue: str, offset: int, record: bytes) -> None:
-        self.storage._put(self.db, log_key(queue, offset), record)
+        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)  # log_key, inline (once per message)
+        self.storage._put(self.db, prefix + _OFF.pack(offset), record)
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         offsets = range(from_offset, from_offset + n)
@@ -307,9 +308,17 @@ class LMDBQueueLog(QueueLogStore):
         return out
 
     def truncate(self, queue: str, offsets) -> None:
-        put = self.storage._put
-        for off in offsets:
-            put(self.db, log_key(queue, off), None)
+        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)
+        pack = _OFF.pack
+        keys = [prefix + pack(off) for off in offsets]
+        if not keys:
+            return
+        # The storage's _put for the first (it wakes the commit), the others straight into the same
+        # batch: a chunk of deletes is one dict update, not a Python call per record.
+        storage = self.storage
+        storage._put(self.db, keys[0], None)
+        storage._batch.ops[self.db].update(dict.fromkeys(keys))
+        storage.op_count += len(keys) - 1
 
     def put_applied(self, group: str, index: int) -> None:
         self.storage._put(self.db, b"R" + group.encode(), _U64.pack(index))

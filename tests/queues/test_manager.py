@@ -79,3 +79,11 @@ def test_the_timer_ends_when_its_store_is_closed_first(tmp_path: Path, caplog) -
     assert timer.dead
     assert queues._timer is None
     assert not [r for r in caplog.records if r.msg == "queue_tick_failed"]
+
+
+def test_queue_counters_count_and_read_unknown_names_as_0_without_listing_them(broker) -> None:
+    broker.publish(Message("$queue/s", b"x", 1))
+    q = broker.queues.queues["s"]
+    assert q.stats["appended"] == 1
+    assert q.stats["dead_lettered"] == 0  # never counted: 0, and not listed as a counter
+    assert broker.queues.describe("s")[0]["counters"] == {"appended": 1}
