@@ -60,8 +60,16 @@ cdef class PublishRelay:
         cdef Publish pub
         cdef int qos, version, tq, qown, max_qos, pid
         cdef long long max_size
-        cdef Py_ssize_t ack_at, n, n_acked, size
+        cdef Py_ssize_t ack_at = 0, n, n_acked, size
         cdef bint sampled
+        # The broker's counters of this call, added to BrokerStats once at the end (nothing reads
+        # them meanwhile: the call never switches greenlets).
+        cdef long long recv_n[2]
+        cdef long long recv_b[2]
+        cdef long long sent_n[2]
+        cdef long long sent_b[2]
+        cdef long long recv_base[2]
+        cdef str topic, last_topic = None
         if not self.enabled or i >= count:
             return i
         broker = conn.broker
@@ -83,146 +91,170 @@ cdef class PublishRelay:
         store = broker._store
         stats = broker.stats
         received = stats.received_qos
-        received_bytes = stats.received_bytes_qos
-        sent = stats.sent_qos
-        sent_bytes = stats.sent_bytes_qos
         router = broker.router
         routes = router._routes
         trie = router.trie
         client_id = conn.client_id
         conn_class = self.conn_class
         session_class = self.session_class
-        while i < count:
-            p = packets[i]
-            if type(p) is not Publish:
-                return i
-            pub = <Publish>p
-            qos = pub.qos
-            if qos > 1 or qos > max_qos or pub.retain or pub.properties:
-                return i
-            topic = pub.topic
-            if PyUnicode_GET_LENGTH(topic) == 0 or PyUnicode_READ_CHAR(topic, 0) == 36:  # "$"
-                return i
-            payload = pub.payload
-            size = len(payload)
-            if size > max_size:
-                return i
-            if allowed is not None and allowed.get(topic) != 0:
-                return i
-            route = None
-            if trie.generation == router._generation:
-                route = routes.get(topic)
-            if route is None:
-                route = router.route(topic)
-            if route.groups:
-                return i
-            ops_before = None
-            if store is not None and qos:
-                if store.refusing:
-                    return i
-                ops_before = store.op_count
-            # -- Broker.publish --
-            received[qos] += 1
-            received_bytes[qos] += size
-            sampled = not (received[qos] & self.sample_mask)
-            started = perf_counter() if sampled else 0.0
-            out = conn.out
-            ack_at = PyByteArray_GET_SIZE(out)
-            message = None
-            enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
-            n = n_acked = 0
-            for target in route.targets:
-                session, tq, qown, rap, sub_ids = <tuple>target
-                if session is origin:
-                    if qown < 0:
-                        continue  # No Local [MQTT-3.8.3-3]
-                    tq = qown
-                if qos < tq:
-                    tq = qos
-                n += 1
-                if tq:
-                    sent[tq] += 1
-                    sent_bytes[tq] += size
-                    n_acked += 1
-                # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
-                d = session.delivery
-                if (d is not None and type(d) is conn_class and type(session) is session_class
-                        and not session.queue and not d.closed):
-                    dout = d.out
-                    if PyByteArray_GET_SIZE(dout) <= d._high:
-                        data = None
-                        if d.version == 5:
-                            if d._aliases_out is None and sub_ids is None:
-                                if tq:
-                                    if enc5_1 is None:
-                                        enc5_1 = encode_publish(topic, payload, 1, False, False, 1, None, 5)
-                                    data = enc5_1
-                                else:
-                                    if enc5_0 is None:
-                                        enc5_0 = encode_publish(topic, payload, 0, False, False, 0, None, 5)
-                                    data = enc5_0
-                                limit = d._client_max_packet
-                                if limit and len(data) > limit:
-                                    data = None  # dropped for this client: the Python path counts it
-                        elif tq:
-                            if enc4_1 is None:
-                                enc4_1 = encode_publish(topic, payload, 1, False, False, 1, None, 4)
-                            data = enc4_1
-                        else:
-                            if enc4_0 is None:
-                                enc4_0 = encode_publish(topic, payload, 0, False, False, 0, None, 4)
-                            data = enc4_0
-                        if data is not None:
-                            if tq == 0:
-                                dout += data
-                                d._npk += 1
-                                if not d._dirty:
-                                    d._dirty = True
-                                    d.flusher.mark(d)
-                                continue
-                            inflight = session.inflight
-                            if len(inflight) < session.send_quota:
-                                pid = session._next_pid
-                                while pid in inflight:
-                                    pid = pid + 1 if pid < 65535 else 1
-                                session._next_pid = pid + 1 if pid < 65535 else 1
-                                if message is None:
-                                    message = self.message_class(topic, payload, qos, False, None, None,
-                                                                 client_id)
-                                append_publish(dout, <bytes>data, pid, False)
-                                inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
-                                d._npk += 1
-                                if not d._dirty:
-                                    d._dirty = True
-                                    d.flusher.mark(d)
-                                continue
-                if message is None:
-                    message = self.message_class(topic, payload, qos, False, None, None, client_id)
-                session.deliver(message, tq, False, sub_ids)
-            if n > n_acked:
-                sent[0] += n - n_acked
-                sent_bytes[0] += (n - n_acked) * size
-            if ops_before is not None and store.op_count != ops_before:
-                store.note_stake(client_id)  # the PUBACK acknowledges what this publish stored
-            if sampled:
-                broker._observe_latency(started)
-            self.served += 1
-            i += 1
-            if qos:
-                # -- the PUBACK, ahead of what routing wrote to this client's own output --
-                pid = pub.packet_id
-                if n == 0 and version == 5:
-                    ack = conn._ack5_bytes(self.puback_class, pid, 0x10)  # no matching subscribers
+        last_route = None
+        recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
+        sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
+        recv_base[0] = received[0]
+        recv_base[1] = received[1]
+        try:
+            while i < count:
+                p = packets[i]
+                if type(p) is not Publish:
+                    break
+                pub = <Publish>p
+                qos = pub.qos
+                if qos > 1 or qos > max_qos or pub.retain or pub.properties:
+                    break
+                topic = pub.topic
+                if PyUnicode_GET_LENGTH(topic) == 0 or PyUnicode_READ_CHAR(topic, 0) == 36:  # "$"
+                    break
+                payload = pub.payload
+                size = len(payload)
+                if size > max_size:
+                    break
+                if last_topic is not None and topic == last_topic:
+                    route = last_route  # a run of one topic (subscriptions cannot change within this call)
                 else:
-                    ack = bytes((0x40, 2, pid >> 8, pid & 0xFF))
-                if ack_at >= PyByteArray_GET_SIZE(out) or conn.closed:
-                    out += ack
-                else:
-                    out[ack_at:ack_at] = ack
-                conn._npk += 1
-                if not conn._dirty:
-                    conn._dirty = True
-                    conn.flusher.mark(conn)
-            if conn.closed:
-                return i
+                    if allowed is not None and allowed.get(topic) != 0:
+                        break
+                    route = None
+                    if trie.generation == router._generation:
+                        route = routes.get(topic)
+                    if route is None:
+                        route = router.route(topic)
+                    if route.groups:
+                        break
+                    last_topic = topic
+                    last_route = route
+                ops_before = None
+                if store is not None and qos:
+                    if store.refusing:
+                        break
+                    ops_before = store.op_count
+                # -- Broker.publish --
+                recv_n[qos] += 1
+                recv_b[qos] += size
+                sampled = not ((recv_base[qos] + recv_n[qos]) & self.sample_mask)
+                started = perf_counter() if sampled else 0.0
+                if qos:
+                    out = conn.out
+                    ack_at = PyByteArray_GET_SIZE(out)
+                message = None
+                enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
+                n = n_acked = 0
+                for target in route.targets:
+                    session, tq, qown, rap, sub_ids = <tuple>target
+                    if session is origin:
+                        if qown < 0:
+                            continue  # No Local [MQTT-3.8.3-3]
+                        tq = qown
+                    if qos < tq:
+                        tq = qos
+                    n += 1
+                    if tq:
+                        n_acked += 1
+                    # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
+                    d = session.delivery
+                    if (d is not None and type(d) is conn_class and type(session) is session_class
+                            and not session.queue and not d.closed):
+                        dout = d.out
+                        if PyByteArray_GET_SIZE(dout) <= d._high:
+                            data = None
+                            if d.version == 5:
+                                if d._aliases_out is None and sub_ids is None:
+                                    if tq:
+                                        if enc5_1 is None:
+                                            enc5_1 = encode_publish(topic, payload, 1, False, False, 1, None, 5)
+                                        data = enc5_1
+                                    else:
+                                        if enc5_0 is None:
+                                            enc5_0 = encode_publish(topic, payload, 0, False, False, 0, None, 5)
+                                        data = enc5_0
+                                    limit = d._client_max_packet
+                                    if limit and len(data) > limit:
+                                        data = None  # dropped for this client: the Python path counts it
+                            elif tq:
+                                if enc4_1 is None:
+                                    enc4_1 = encode_publish(topic, payload, 1, False, False, 1, None, 4)
+                                data = enc4_1
+                            else:
+                                if enc4_0 is None:
+                                    enc4_0 = encode_publish(topic, payload, 0, False, False, 0, None, 4)
+                                data = enc4_0
+                            if data is not None:
+                                if tq == 0:
+                                    dout += data
+                                    d._npk += 1
+                                    if not d._dirty:
+                                        d._dirty = True
+                                        d.flusher.mark(d)
+                                    continue
+                                inflight = session.inflight
+                                if len(inflight) < session.send_quota:
+                                    pid = session._next_pid
+                                    while pid in inflight:
+                                        pid = pid + 1 if pid < 65535 else 1
+                                    session._next_pid = pid + 1 if pid < 65535 else 1
+                                    if message is None:
+                                        message = self.message_class(topic, payload, qos, False, None, None,
+                                                                     client_id)
+                                    append_publish(dout, <bytes>data, pid, False)
+                                    inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
+                                    d._npk += 1
+                                    if not d._dirty:
+                                        d._dirty = True
+                                        d.flusher.mark(d)
+                                    continue
+                    if message is None:
+                        message = self.message_class(topic, payload, qos, False, None, None, client_id)
+                    session.deliver(message, tq, False, sub_ids)
+                sent_n[0] += n - n_acked
+                sent_b[0] += (n - n_acked) * size
+                sent_n[1] += n_acked
+                sent_b[1] += n_acked * size
+                if ops_before is not None and store.op_count != ops_before:
+                    store.note_stake(client_id)  # the PUBACK acknowledges what this publish stored
+                if sampled:
+                    broker._observe_latency(started)
+                self.served += 1
+                i += 1
+                if qos:
+                    # -- the PUBACK, ahead of what routing wrote to this client's own output --
+                    pid = pub.packet_id
+                    if n == 0 and version == 5:
+                        ack = conn._ack5_bytes(self.puback_class, pid, 0x10)  # no matching subscribers
+                    else:
+                        ack = bytes((0x40, 2, pid >> 8, pid & 0xFF))
+                    if ack_at >= PyByteArray_GET_SIZE(out) or conn.closed:
+                        out += ack
+                    else:
+                        out[ack_at:ack_at] = ack
+                    conn._npk += 1
+                    if not conn._dirty:
+                        conn._dirty = True
+                        conn.flusher.mark(conn)
+                if conn.closed:
+                    break
+        finally:
+            if recv_n[0] or recv_n[1]:
+                received_bytes = stats.received_bytes_qos
+                received[0] += recv_n[0]
+                received[1] += recv_n[1]
+                received_bytes[0] += recv_b[0]
+                received_bytes[1] += recv_b[1]
+            if sent_n[0] or sent_n[1]:
+                sent = stats.sent_qos
+                sent_bytes = stats.sent_bytes_qos
+                if sent_n[0]:
+                    sent[0] += sent_n[0]
+                    sent_bytes[0] += sent_b[0]
+                if sent_n[1]:
+                    sent[1] += sent_n[1]
+                    sent_bytes[1] += sent_b[1]
         return i
