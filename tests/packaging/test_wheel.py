@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BUILD_TIMEOUT = 600.0
 INSTALL_TIMEOUT = 600.0
 START_TIMEOUT = 60.0
-CORE_MODULES = ("codec", "trie", "entry", "queue_wire")
+CORE_MODULES = ("codec", "trie", "entry", "queue_wire", "relay")
 
 
 def run(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:

@@ -1,0 +1,260 @@
+# cython: language_level=3
+"""The fast path of a connected client's PUBLISH: route it and write it into subscribers' output.
+
+``PublishRelay.serve(conn, packets, start)`` handles the decoded packets of one read, from
+``start``, while they are PUBLISHes of the common shape, and returns the index of the first packet
+it leaves to the caller (``len(packets)`` when none): the caller runs its Python handler for that
+packet and calls ``serve`` again after it. For each PUBLISH it does in one C call what the MQTT
+connection's ``_on_publish``, ``Broker.publish``, ``Session.deliver`` and the connection's
+``send_publish`` do, with the same effects, so a packet it declines is handled exactly as before.
+
+Declined (left to the Python path), before any effect: QoS 2, retained, 5.0 properties (aliases,
+expiry, user properties...), an empty topic or one starting with ``$`` (``$SYS``, ``$queue``,
+``$share`` is a filter only), a payload over ``max_message_size``, QoS over ``max_qos``, a client
+policy without a fast allowance for the topic, a storage that is refusing writes, a route with
+shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
+Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
+a plain ``Session`` attached to an MQTT connection that is open, under its output allowance, with
+an empty session queue, and (5.0) without outbound topic aliases, subscription identifiers or a
+maximum packet size the PUBLISH exceeds; QoS 1 targets also need room in their window.
+
+This module holds no I/O and imports nothing above ``_core``; it reads and writes the attributes
+the broker and protocol layers document for this path (``docs/architecture.rst``, *Publish fast
+path*), and is handed the classes it recognises by its caller.
+"""
+
+from cpython.bytearray cimport PyByteArray_GET_SIZE
+from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
+
+from time import perf_counter
+
+from fluxmq._core.codec cimport Publish, append_publish, encode_publish
+
+
+cdef class PublishRelay:
+    """Serves the common PUBLISH in C (see the module docstring)."""
+
+    cdef object conn_class
+    cdef object session_class
+    cdef object message_class
+    cdef object inflight_class
+    cdef object puback_class
+    cdef long sample_mask
+    cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
+    cdef public bint enabled
+
+    def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
+                 long sample_mask):
+        self.conn_class = conn_class
+        self.session_class = session_class
+        self.message_class = message_class
+        self.inflight_class = inflight_class
+        self.puback_class = puback_class
+        self.sample_mask = sample_mask
+        self.served = 0
+        self.enabled = True
+
+    cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
+        """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
+        cdef Py_ssize_t i = start, count = len(packets)
+        cdef Publish pub
+        cdef int qos, version, tq, qown, max_qos, pid
+        cdef long long max_size
+        cdef Py_ssize_t ack_at = 0, n, n_acked, size
+        cdef bint sampled
+        # The broker's counters of this call, added to BrokerStats once at the end (nothing reads
+        # them meanwhile: the call never switches greenlets).
+        cdef long long recv_n[2]
+        cdef long long recv_b[2]
+        cdef long long sent_n[2]
+        cdef long long sent_b[2]
+        cdef long long recv_base[2]
+        cdef str topic, last_topic = None
+        if not self.enabled or i >= count:
+            return i
+        broker = conn.broker
+        if broker.peers is not None or broker._on_published is not None or broker._on_delivered is not None:
+            return i
+        origin = conn.session
+        if origin is None or conn.closed:
+            return i
+        version = conn.version
+        settings = conn.settings
+        max_qos = settings.max_qos
+        max_size = settings.max_message_size
+        policy = conn._policy
+        allowed = None
+        if policy is not None:
+            allowed = policy.fast
+            if allowed is None:
+                return i
+        store = broker._store
+        stats = broker.stats
+        received = stats.received_qos
+        router = broker.router
+        routes = router._routes
+        trie = router.trie
+        client_id = conn.client_id
+        conn_class = self.conn_class
+        session_class = self.session_class
+        last_route = None
+        recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
+        sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
+        recv_base[0] = received[0]
+        recv_base[1] = received[1]
+        try:
+            while i < count:
+                p = packets[i]
+                if type(p) is not Publish:
+                    break
+                pub = <Publish>p
+                qos = pub.qos
+                if qos > 1 or qos > max_qos or pub.retain or pub.properties:
+                    break
+                topic = pub.topic
+                if PyUnicode_GET_LENGTH(topic) == 0 or PyUnicode_READ_CHAR(topic, 0) == 36:  # "$"
+                    break
+                payload = pub.payload
+                size = len(payload)
+                if size > max_size:
+                    break
+                if last_topic is not None and topic == last_topic:
+                    route = last_route  # a run of one topic (subscriptions cannot change within this call)
+                else:
+                    if allowed is not None and allowed.get(topic) != 0:
+                        break
+                    route = None
+                    if trie.generation == router._generation:
+                        route = routes.get(topic)
+                    if route is None:
+                        route = router.route(topic)
+                    if route.groups:
+                        break
+                    last_topic = topic
+                    last_route = route
+                ops_before = None
+                if store is not None and qos:
+                    if store.refusing:
+                        break
+                    ops_before = store.op_count
+                # -- Broker.publish --
+                recv_n[qos] += 1
+                recv_b[qos] += size
+                sampled = not ((recv_base[qos] + recv_n[qos]) & self.sample_mask)
+                started = perf_counter() if sampled else 0.0
+                if qos:
+                    out = conn.out
+                    ack_at = PyByteArray_GET_SIZE(out)
+                message = None
+                enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
+                n = n_acked = 0
+                for target in route.targets:
+                    session, tq, qown, rap, sub_ids = <tuple>target
+                    if session is origin:
+                        if qown < 0:
+                            continue  # No Local [MQTT-3.8.3-3]
+                        tq = qown
+                    if qos < tq:
+                        tq = qos
+                    n += 1
+                    if tq:
+                        n_acked += 1
+                    # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
+                    d = session.delivery
+                    if (d is not None and type(d) is conn_class and type(session) is session_class
+                            and not session.queue and not d.closed):
+                        dout = d.out
+                        if PyByteArray_GET_SIZE(dout) <= d._high:
+                            data = None
+                            if d.version == 5:
+                                if d._aliases_out is None and sub_ids is None:
+                                    if tq:
+                                        if enc5_1 is None:
+                                            enc5_1 = encode_publish(topic, payload, 1, False, False, 1, None, 5)
+                                        data = enc5_1
+                                    else:
+                                        if enc5_0 is None:
+                                            enc5_0 = encode_publish(topic, payload, 0, False, False, 0, None, 5)
+                                        data = enc5_0
+                                    limit = d._client_max_packet
+                                    if limit and len(data) > limit:
+                                        data = None  # dropped for this client: the Python path counts it
+                            elif tq:
+                                if enc4_1 is None:
+                                    enc4_1 = encode_publish(topic, payload, 1, False, False, 1, None, 4)
+                                data = enc4_1
+                            else:
+                                if enc4_0 is None:
+                                    enc4_0 = encode_publish(topic, payload, 0, False, False, 0, None, 4)
+                                data = enc4_0
+                            if data is not None:
+                                if tq == 0:
+                                    dout += data
+                                    d._npk += 1
+                                    if not d._dirty:
+                                        d._dirty = True
+                                        d.flusher.mark(d)
+                                    continue
+                                inflight = session.inflight
+                                if len(inflight) < session.send_quota:
+                                    pid = session._next_pid
+                                    while pid in inflight:
+                                        pid = pid + 1 if pid < 65535 else 1
+                                    session._next_pid = pid + 1 if pid < 65535 else 1
+                                    if message is None:
+                                        message = self.message_class(topic, payload, qos, False, None, None,
+                                                                     client_id)
+                                    append_publish(dout, <bytes>data, pid, False)
+                                    inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
+                                    d._npk += 1
+                                    if not d._dirty:
+                                        d._dirty = True
+                                        d.flusher.mark(d)
+                                    continue
+                    if message is None:
+                        message = self.message_class(topic, payload, qos, False, None, None, client_id)
+                    session.deliver(message, tq, False, sub_ids)
+                sent_n[0] += n - n_acked
+                sent_b[0] += (n - n_acked) * size
+                sent_n[1] += n_acked
+                sent_b[1] += n_acked * size
+                if ops_before is not None and store.op_count != ops_before:
+                    store.note_stake(client_id)  # the PUBACK acknowledges what this publish stored
+                if sampled:
+                    broker._observe_latency(started)
+                self.served += 1
+                i += 1
+                if qos:
+                    # -- the PUBACK, ahead of what routing wrote to this client's own output --
+                    pid = pub.packet_id
+                    if n == 0 and version == 5:
+                        ack = conn._ack5_bytes(self.puback_class, pid, 0x10)  # no matching subscribers
+                    else:
+                        ack = bytes((0x40, 2, pid >> 8, pid & 0xFF))
+                    if ack_at >= PyByteArray_GET_SIZE(out) or conn.closed:
+                        out += ack
+                    else:
+                        out[ack_at:ack_at] = ack
+                    conn._npk += 1
+                    if not conn._dirty:
+                        conn._dirty = True
+                        conn.flusher.mark(conn)
+                if conn.closed:
+                    break
+        finally:
+            if recv_n[0] or recv_n[1]:
+                received_bytes = stats.received_bytes_qos
+                received[0] += recv_n[0]
+                received[1] += recv_n[1]
+                received_bytes[0] += recv_b[0]
+                received_bytes[1] += recv_b[1]
+            if sent_n[0] or sent_n[1]:
+                sent = stats.sent_qos
+                sent_bytes = stats.sent_bytes_qos
+                if sent_n[0]:
+                    sent[0] += sent_n[0]
+                    sent_bytes[0] += sent_b[0]
+                if sent_n[1]:
+                    sent[1] += sent_n[1]
+                    sent_bytes[1] += sent_b[1]
+        return i

@@ -1,0 +1,284 @@
+"""The C fast path of the common PUBLISH (``fluxmq._core.relay``) against the Python handlers.
+
+Each scenario runs twice on a fresh broker: once with the fast path (``RELAY.enabled``) and once
+with every packet going through ``MQTTConnection._on_publish``. Both runs must put the same bytes
+on every client's socket and leave the same counters; ``RELAY.served`` says which path handled each
+PUBLISH, so a case the fast path must cover fails if it fell back, and a case it must leave to the
+Python path fails if it did not. A mis-routed, mis-encoded or mis-acknowledged message changes the
+bytes some client reads.
+"""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+from gevent import socket
+
+from fluxmq._core import codec as c
+from fluxmq.broker.broker import Broker, BrokerSettings
+from fluxmq.broker.message import Message
+from fluxmq.broker.session import EXPIRY_NEVER
+from fluxmq.protocol import connection as connection_module
+from fluxmq.protocol.connection import RELAY, MQTTConnection
+from fluxmq.protocol.flush import FlushScheduler
+from fluxmq.protocol.settings import ProtocolSettings
+from fluxmq.storage.memory import MemoryStorage
+from fluxmq.transport.tcp import SocketStream
+
+MARK = "relay/mark"  # every client subscribes; the publisher's last packet: all has been read once it arrives
+
+
+def encode(packet, version: int) -> bytes:
+    return c.encode(packet, version)
+
+
+class Net:
+    """A broker (memory storage) and clients attached over socket pairs, each served by its reader."""
+
+    def __init__(self, settings: ProtocolSettings | None = None) -> None:
+        storage = MemoryStorage()
+        self.broker = Broker(BrokerSettings(), storage)
+        self.broker.restore(storage.load())
+        self.flusher = FlushScheduler(storage)
+        self.settings = settings or ProtocolSettings(park_after=0)
+        self.clients: dict[str, tuple[MQTTConnection, object, socket.socket]] = {}
+
+    def client(self, client_id: str, version: int = 4, quota: int = 100):
+        server_side, client_side = socket.socketpair()
+        conn = MQTTConnection(
+            self.broker, SocketStream(server_side, ("127.0.0.1", 1)), self.settings, self.flusher
+        )
+        conn.decoder.version = version
+        session, _ = self.broker.open_session(client_id, True, EXPIRY_NEVER)
+        conn.version = version
+        conn.client_id = client_id
+        conn.session = session
+        self.broker.attach(session, conn, quota)
+        self.broker.subscribe(session, MARK, 0)
+        self.clients[client_id] = (conn, gevent.spawn(conn.run), client_side)
+        return conn
+
+    def subscribe(self, client_id: str, filter: str, qos: int, **kw) -> None:
+        self.broker.subscribe(self.clients[client_id][0].session, filter, qos, **kw)
+
+    def send(self, client_id: str, packets: list) -> None:
+        """Send ``packets`` (then the mark) in one write: they are decoded by one ``feed``."""
+        conn, _, sock = self.clients[client_id]
+        data = b"".join(encode(p, conn.version) for p in packets) + encode(
+            c.Publish(MARK, b"end"), conn.version
+        )
+        sock.sendall(data)
+
+    def read_all(self) -> dict[str, bytes]:
+        """What each client read up to (and without) the mark."""
+        got = {}
+        for cid, (conn, _, sock) in self.clients.items():
+            mark = encode(c.Publish(MARK, b"end"), conn.version)
+            data = b""
+            with gevent.Timeout(10):
+                while not data.endswith(mark):
+                    chunk = sock.recv(65536)
+                    assert chunk, f"{cid}: closed"
+                    data += chunk
+            got[cid] = data[: -len(mark)]
+        return got
+
+    def counters(self) -> dict:
+        st = self.broker.stats
+        return {
+            "received": list(st.received_qos),
+            "received_bytes": list(st.received_bytes_qos),
+            "sent": list(st.sent_qos),
+            "sent_bytes": list(st.sent_bytes_qos),
+            "drops": dict(st.drops),
+            "retained": len(self.broker.retained),
+            "inflight": {cid: sorted(conn.session.inflight) for cid, (conn, _, _) in self.clients.items()},
+            "queued": {cid: len(conn.session.queue) for cid, (conn, _, _) in self.clients.items()},
+        }
+
+    def close(self) -> None:
+        for _conn, reader, sock in self.clients.values():
+            sock.close()
+            reader.join(timeout=5)
+
+
+def run_both(scenario) -> tuple[dict, dict, int]:
+    """Run ``scenario(net)`` with the fast path and without; returns (bytes read, counters) of each
+    and how many PUBLISHes the fast path served in the first run (the marks not counted)."""
+    results = []
+    served = 0
+    for enabled in (True, False):
+        RELAY.enabled = enabled
+        try:
+            net = Net()
+            before = RELAY.served
+            publishes = scenario(net)
+            got = net.read_all()
+            if enabled:
+                served = RELAY.served - before - publishes
+            results.append((got, net.counters()))
+            net.close()
+        finally:
+            RELAY.enabled = True
+    (fast_got, fast_counters), (slow_got, slow_counters) = results
+    assert fast_got == slow_got
+    assert fast_counters == slow_counters
+    return fast_got, fast_counters, served
+
+
+def test_qos0_to_exact_and_wildcard_subscribers_is_served_in_c() -> None:
+    def scenario(net: Net) -> int:
+        net.client("pub")
+        net.client("exact")
+        net.client("wild")
+        net.client("other")
+        net.subscribe("exact", "a/b", 0)
+        net.subscribe("wild", "a/#", 0)
+        net.subscribe("other", "x/y", 0)  # must get nothing
+        net.send("pub", [c.Publish("a/b", b"one"), c.Publish("a/c", b"two"), c.Publish("z", b"none")])
+        return 1  # the mark
+
+    got, counters, served = run_both(scenario)
+    assert served == 3
+    assert got["exact"] == encode(c.Publish("a/b", b"one"), 4)
+    assert got["wild"] == encode(c.Publish("a/b", b"one"), 4) + encode(c.Publish("a/c", b"two"), 4)
+    assert got["other"] == b""
+    assert counters["sent"][0] == 3 + 4  # and the mark to four clients
+
+
+def test_qos1_publish_acks_first_and_downgrades_per_subscription() -> None:
+    def scenario(net: Net) -> int:
+        net.client("pub")
+        net.client("q1")
+        net.client("q0")
+        net.subscribe("q1", "t", 1)
+        net.subscribe("q0", "t", 0)
+        net.subscribe("pub", "t", 1)  # its own message comes after its PUBACK
+        net.send(
+            "pub",
+            [
+                c.Publish("t", b"m1", qos=1, packet_id=7),
+                c.Publish("t", b"m2", qos=0),
+                c.Publish("t", b"m3", qos=1, packet_id=8),
+            ],
+        )
+        return 1
+
+    got, counters, served = run_both(scenario)
+    assert served == 3
+    assert got["q1"] == (
+        encode(c.Publish("t", b"m1", qos=1, packet_id=1), 4)
+        + encode(c.Publish("t", b"m2"), 4)
+        + encode(c.Publish("t", b"m3", qos=1, packet_id=2), 4)
+    )
+    assert got["q0"] == encode(c.Publish("t", b"m1"), 4) + encode(c.Publish("t", b"m2"), 4) + encode(
+        c.Publish("t", b"m3"), 4
+    )
+    assert got["pub"] == (
+        encode(c.Puback(7), 4)
+        + encode(c.Publish("t", b"m1", qos=1, packet_id=1), 4)
+        + encode(c.Publish("t", b"m2"), 4)
+        + encode(c.Puback(8), 4)
+        + encode(c.Publish("t", b"m3", qos=1, packet_id=2), 4)
+    )
+    assert counters["inflight"]["q1"] == [1, 2]
+
+
+def test_mqtt5_no_local_and_no_subscribers_reason() -> None:
+    def scenario(net: Net) -> int:
+        net.client("pub", version=5)
+        net.client("sub5", version=5)
+        net.subscribe("pub", "t", 1, no_local=True)
+        net.subscribe("sub5", "t", 1)
+        net.send(
+            "pub", [c.Publish("t", b"m", qos=1, packet_id=3), c.Publish("nobody", b"m", qos=1, packet_id=4)]
+        )
+        return 1
+
+    got, _counters, served = run_both(scenario)
+    assert served == 2
+    assert got["sub5"] == encode(c.Publish("t", b"m", qos=1, packet_id=1), 5)
+    # its own message is not sent back [MQTT-3.8.3-3]; no subscribers: 0x10 [MQTT 5.0 3.4.2.1]
+    acks = c.Decoder(version=5).feed(got["pub"])
+    assert [(a.type, a.packet_id, a.reason_code) for a in acks] == [(c.PUBACK, 3, 0), (c.PUBACK, 4, 0x10)]
+
+
+def test_cases_left_to_the_python_path() -> None:
+    def scenario(net: Net) -> int:
+        net.client("pub")
+        net.client("sub")
+        net.subscribe("sub", "#", 1)
+        net.subscribe("sub", "$share/g/s", 0)
+        net.send(
+            "pub",
+            [
+                c.Publish("r", b"retained", retain=True),  # retained store
+                c.Publish("q2", b"x", qos=2, packet_id=9),  # QoS 2
+                c.Publish("$SYS/x", b"x"),  # refused: $SYS belongs to the broker
+                c.Publish("s", b"shared"),  # a shared group
+            ],
+        )
+        return 1
+
+    got, counters, served = run_both(scenario)
+    assert served == 0
+    assert counters["retained"] == 1
+    assert encode(c.Publish("s", b"shared"), 4) in got["sub"]
+
+
+def test_per_target_fallback_subscription_id_and_queued_session() -> None:
+    def scenario(net: Net) -> int:
+        net.client("pub")
+        net.client("ids", version=5)
+        queued = net.client("queued")
+        net.client("fast")
+        net.subscribe("ids", "t", 0, subscription_id=5)  # 5.0 subscription identifier: Python per target
+        net.subscribe("queued", "t", 1)
+        net.subscribe("fast", "t", 0)
+        # A message waiting in the session queue: the new one must go behind it (Python per target).
+        queued.session._enqueue(Message("t", b"waiting", 1), 1, False, None)
+        net.send("pub", [c.Publish("t", b"m", qos=1, packet_id=2)])
+        return 1
+
+    got, _counters, served = run_both(scenario)
+    assert served == 1
+    assert got["fast"] == encode(c.Publish("t", b"m"), 4)
+    assert got["ids"] == encode(c.Publish("t", b"m", properties={c.SUBSCRIPTION_IDENTIFIER: [5]}), 5)
+    assert got["queued"] == (
+        encode(c.Publish("t", b"waiting", qos=1, packet_id=1), 4)
+        + encode(c.Publish("t", b"m", qos=1, packet_id=2), 4)
+    )
+
+
+def test_fast_path_serves_a_read_that_mixes_packets() -> None:
+    """PUBLISHes around a SUBSCRIBE in one read: the SUBSCRIBE takes effect between them."""
+
+    def scenario(net: Net) -> int:
+        net.client("pub")
+        net.client("sub")
+        net.send(
+            "pub",
+            [
+                c.Publish("t", b"before"),
+                c.Subscribe(1, [c.Subscription("t", 0)]),
+                c.Publish("t", b"after"),
+                c.Pingreq(),
+                c.Publish("t", b"again"),
+            ],
+        )
+        return 1
+
+    got, _counters, served = run_both(scenario)
+    assert served == 3
+    assert got["pub"] == (
+        encode(c.Suback(1, [0]), 4)
+        + encode(c.Publish("t", b"after"), 4)
+        + b"\xd0\x00"
+        + encode(c.Publish("t", b"again"), 4)
+    )
+
+
+@pytest.fixture(autouse=True)
+def _relay_on():
+    yield
+    connection_module.RELAY.enabled = True
