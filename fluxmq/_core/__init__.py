@@ -1,5 +1,6 @@
-"""Cython hot paths of fluxmq: the sans-IO MQTT codec, the write buffer, the topic tries and a durable
-queue delivery's PUBLISH (queue_wire).
+"""Cython hot paths of fluxmq: the sans-IO MQTT codec (codec), the topic tries (trie), the common
+PUBLISH from decode to the subscribers' output (relay), a persistent session's stored entry (entry)
+and a durable queue delivery's PUBLISH (queue_wire).
 
 These modules import nothing from fluxmq except ``fluxmq.errors``.
 """
