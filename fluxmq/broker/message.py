@@ -80,7 +80,7 @@ class Message:
 
 
 #: ``wire_cache`` key of a message's MQTT 5.0 QoS 1, non-retained PUBLISH with no per-connection
-#: properties (protocol/connection.py: 8 + qos * 2 + retain): a sender that builds that encoding
+#: properties (protocol/outbound.py: 8 + qos * 2 + retain): a sender that builds that encoding
 #: itself (a durable queue's delivery) puts it there.
 WIRE_V5_QOS1 = 10
 
