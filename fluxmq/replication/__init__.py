@@ -6,7 +6,10 @@ writes, applied to the local queue log store on every replica. Imported only whe
 - ``group``: ``RaftGroup``, one pysyncobj node driven from a greenlet, the per-turn entry, the
   held acknowledgements and the state machine;
 - ``service``: ``RaftService``, the groups planned from the configuration and the log factory the
-  queue manager asks for each queue's log.
+  queue manager asks for each queue's log;
+- ``distribution``: ``ReplicatedGroup``, consumers on every replica (``distribution_mode``
+  forward: the leader decides, a delivery to another node's member is a lease command);
+- ``lease``: ``LeaseTable``, the delivery leases of ``distribution_mode: replicate``.
 """
 
 from __future__ import annotations
