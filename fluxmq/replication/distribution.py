@@ -176,6 +176,38 @@ class ReplicatedGroup(ConsumerGroup):
             changed = True
         return changed
 
+    def _deliver(self, member: Member, offset: int, record, now: float, part: int = -1) -> bool:
+        """A work-queue delivery to a member on another node is only a lease command: the same
+        bookkeeping as ``ConsumerGroup._deliver`` (count, pending, partition holders, the mark),
+        without encoding a PUBLISH this node would never send (its node builds its own)."""
+        session = member.session
+        if self.stream or session.__class__ is not RemoteSession:
+            return super()._deliver(member, offset, record, now, part)
+        if not session.alive:
+            return False
+        counts = self.counts
+        count = (
+            counts.get(offset)
+            or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts else 0)
+        ) + 1
+        session.raft.stage_lease(session.queue, session.group, session.node, session.key, offset, count)
+        counts[offset] = count
+        if offset >= self.mark:
+            self.mark = offset + 1
+        if count != 1 or (self.stored_counts and offset in self.stored_counts):
+            self._count_dirty.add(offset)
+        if self.avoid:
+            self.avoid.pop(offset, None)
+        self.pending[offset] = Pending(
+            member, now + self.queue.config.visibility_timeout, count, part, offset
+        )
+        if part >= 0:
+            holders = self.holders.setdefault(part, {})
+            holders[member] = holders.get(member, 0) + 1
+        member.pending += 1
+        self.queue.stats["delivered"] += 1
+        return True
+
     # -- deliveries of leases (the member's node) --------------------------------------------------
 
     def deliver_leased(self, key: str, offsets, counts) -> list[int]:

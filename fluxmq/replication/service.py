@@ -241,7 +241,10 @@ class RaftService:
                         group.stage(("b", q.name, g.name, me, ev[4], back))
                         if ev[4] not in g.local:  # a member of an earlier run of this node
                             qlog.register(g.name, ev[4], None)
-                else:
+                elif not deciding:
+                    # this node's delivery of those offsets is stale; never on the leader, whose
+                    # state is the decision itself (a lease applied late must not drop the
+                    # delivery it made since, to a member of its own)
                     g.moved(ev[5])
             elif kind == "settled":
                 if deciding:
