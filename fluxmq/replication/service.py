@@ -167,10 +167,6 @@ class RaftService:
         self.manager = manager
 
     def start(self) -> None:
-        if self.raft.distribution_mode and not self.distribution:
-            log.warning("raft_distribution_mode_not_implemented", extra={
-                "distribution_mode": self.raft.distribution_mode,
-                "effect": "only the Raft leader of a group delivers its queues, to consumers connected to it"})
         for group in self.groups.values():
             group.start()
         if self.distribution:
