@@ -15,6 +15,12 @@ QoS 1 PUBLISHes with ``--window`` unacknowledged, PUBACKs per second. Latency: `
 paced for ``--seconds``, publish -> PUBACK, p50/p99. Every node shares the machine's two cores.
 
     .venv/bin/python -m bench.raft_queue --count 20000 --rate 1000 --seconds 5
+
+``--distribution``: node CPU per delivered message for ``cluster.raft.distribution_mode`` forward
+and replicate, the producer on the leader and an auto-ack consumer on each follower (and, for
+reference, forward with one consumer on the leader: nothing crosses nodes but the log):
+
+    .venv/bin/python -m bench.raft_queue --distribution --count 20000
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ if __package__ in (None, ""):
     __package__ = "bench"  # noqa: A001
 
 from bench.persist import _frame  # noqa: E402
-from bench.queues import _utf8, connect5  # noqa: E402
+from bench.queues import _utf8, connect5, subscribe5  # noqa: E402
 from tests.conftest import NodeFactory, free_port  # noqa: E402
 
 
@@ -117,16 +123,131 @@ def _status(node) -> dict:
     return node.http_get("/cluster/raft")[1]["groups"][0]
 
 
+def _consumer(port: int, name: str):
+    s = connect5(port, name)
+    subscribe5(s, "$queue/bench", [("consumer-group", "g"), ("auto-ack", "true")])
+    s.setblocking(False)
+    return s
+
+
+def consume(producer_port: int, consumer_ports: list[int], count: int, window: int) -> dict:
+    """``count`` QoS 1 publishes (``window`` unacknowledged) to the producer's node, auto-ack
+    consumers (one per port, group ``g``) PUBACK each delivery; returns when all are delivered."""
+    pub = connect5(producer_port, f"bench-rq-p-{os.getpid()}-{time.monotonic_ns()}")
+    pub.setblocking(False)
+    subs = [_consumer(p, f"bench-rq-c{i}-{os.getpid()}-{time.monotonic_ns()}") for i, p in enumerate(consumer_ports)]
+    sel = selectors.DefaultSelector()
+    sel.register(pub, selectors.EVENT_READ, bytearray())
+    for c in subs:
+        sel.register(c, selectors.EVENT_READ, bytearray())
+    head = _utf8("$queue/bench/k")
+    payload = b"p" * 64
+    sent = acked = delivered = 0
+    per: dict[int, int] = {}
+    t0 = time.perf_counter()
+    while delivered < count and time.perf_counter() < t0 + 300:
+        if sent < count and sent - acked < window:
+            n = min(200, count - sent, window - (sent - acked))
+            pub.sendall(b"".join(_frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
+                                 for k in range(n)))
+            sent += n
+        for key, _ in sel.select(timeout=0.02):
+            sock, buf = key.fileobj, key.data
+            try:
+                data = sock.recv(262144)
+            except BlockingIOError:
+                continue
+            if not data:
+                raise RuntimeError("connection closed")
+            buf += data
+            acks = []
+            for first, body in _parse(buf):
+                if sock is pub and first >> 4 == 4:
+                    acked += 1
+                elif sock is not pub and first >> 4 == 3:
+                    tlen = struct.unpack_from(">H", body)[0]
+                    acks.append(_frame(0x40, body[2 + tlen:4 + tlen]))
+                    delivered += 1
+                    per[sock.fileno()] = per.get(sock.fileno(), 0) + 1
+            if acks:
+                sock.sendall(b"".join(acks))
+    elapsed = time.perf_counter() - t0
+    for c in [pub, *subs]:
+        c.close()
+    return {"delivered": delivered, "acked": acked, "rate": round(delivered / elapsed),
+            "per_consumer": sorted(per.values())}
+
+
+def distribution_cpu(factory, mode: str, count: int, window: int, where: str) -> dict:
+    """Three nodes with ``distribution_mode: mode``; the producer on the leader and one auto-ack
+    consumer on each follower (``where`` followers) or one on the leader (``where`` leader): the
+    node CPU (utime + stime of the three nodes' processes, /proc) per message delivered."""
+    from bench import procinfo
+
+    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    text = """
+cluster:
+  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}, distribution_mode: {mode}}}
+queues:
+  - name: bench
+    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
+"""
+    nodes = [factory(config_text=text.format(me=p, peers=json.dumps(peers), mode=mode), wait_ready=False)
+             for p in peers]
+    try:
+        for n in nodes:
+            n.wait_ready()
+        deadline = time.monotonic() + 20
+        leader = None
+        while leader is None and time.monotonic() < deadline:
+            leader = next((n for n in nodes if _status(n)["delivering"]), None)
+            time.sleep(0.1)
+        while time.monotonic() < deadline and not all(_status(n)["leader"] for n in nodes):
+            time.sleep(0.1)
+        followers = [n for n in nodes if n is not leader]
+        ports = [n.mqtt_port for n in followers] if where == "followers" else [leader.mqtt_port]
+        consume(leader.mqtt_port, ports, 500, window)  # warm up (imports, caches)
+        pids = [n.pid for n in nodes]
+        before = procinfo.tree_cpu_s(pids)
+        per_node_before = [procinfo.tree_cpu_s([n.pid]) for n in nodes]
+        out = consume(leader.mqtt_port, ports, count, window)
+        cpu = procinfo.tree_cpu_s(pids) - before
+        per_node = [round((procinfo.tree_cpu_s([n.pid]) - b) / count * 1e6, 1) for n, b in zip(nodes, per_node_before,
+                                                                                               strict=True)]
+        out.update(cpu_us_per_msg=round(cpu / count * 1e6, 1),
+                   cpu_us_per_msg_leader=per_node[nodes.index(leader)],
+                   cpu_us_per_msg_followers=[v for n, v in zip(nodes, per_node, strict=True) if n is not leader],
+                   entries_applied=_status(leader)["entries_applied"])
+        return out
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--window", type=int, default=100)
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--distribution", action="store_true",
+                    help="node CPU per delivered message for each distribution_mode (consumers on followers)")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-raft-"))
     factory = NodeFactory(base)
     results = {}
+    if args.distribution:
+        try:
+            results["forward, consumer on the leader"] = distribution_cpu(factory, "forward", args.count,
+                                                                          args.window, "leader")
+            for mode in ("forward", "replicate"):
+                results[f"{mode}, consumers on the followers"] = distribution_cpu(factory, mode, args.count,
+                                                                                  args.window, "followers")
+        finally:
+            factory.close()
+            shutil.rmtree(base, ignore_errors=True)
+        print(json.dumps(results, indent=1))
+        return 0
     try:
         local = factory(config_text="queues:\n  - name: bench\n")
         results["local"] = {"throughput": produce(local.mqtt_port, args.count, args.window),

@@ -826,9 +826,10 @@ KEYS: tuple[Key, ...] = (
         "A publish to a replicated queue on a follower: forward it to the leader (acknowledged once "
         "committed), reject it (5.0 PUBACK 0x83 with a leader user property; 3.1.1 disconnect), or "
         "local (acknowledged at once, not durable across nodes)."),
-    Key("cluster.raft.distribution_mode", Enum("replicate", "forward"), "replicate",
-        "How deliveries reach consumers on other nodes. Not implemented yet: only the group's leader "
-        "delivers, to consumers connected to it (a warning at start says so)."),
+    Key("cluster.raft.distribution_mode", Enum("replicate", "forward"), "forward",
+        "How a replicated queue reaches consumers on any replica: forward (the leader decides who gets "
+        "what; a delivery to a member on another node is a lease in the Raft log, delivered by that node "
+        "from its replica) or replicate (docs/replication.rst). Settlements are replicated either way."),
     Key("cluster.raft.groups", GroupsMap(RAFT_GROUP), {},
         "Replication groups: {name: {bind_addr, peers}}; 'default' overrides bind_addr/peers above."),
     Key("cluster.raft.compaction_entries", Int(2), 5000,

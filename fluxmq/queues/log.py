@@ -39,6 +39,9 @@ class QueueLog:
     #: False while this node must not deliver from the log nor apply retention to it (a replicated
     #: log on a node that is not its group's leader: fluxmq.replication)
     delivering = True
+    #: the consumer-group class of the queue (None: ``fluxmq.queues.group.ConsumerGroup``); a
+    #: replicated log whose deliveries reach consumers on other nodes gives its own
+    group_class = None
 
     def held_ack(self):
         """What the publisher's (or settler's) ack of this loop turn waits for beyond the local

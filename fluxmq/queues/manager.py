@@ -60,6 +60,8 @@ class Queue:
         self.config = config
         self.name = config.name
         self.log = qlog
+        # a replicated log may deliver through a group class of its own (fluxmq.replication)
+        self.group_class = qlog.group_class or ConsumerGroup
         self.groups: dict[str, ConsumerGroup] = {}
         self.stats = QueueCounters()
         self._key_at = len(PREFIX) + len(self.name) + 1
@@ -188,7 +190,7 @@ class QueueManager:
         for name, stored in self.store.load_queues().items():
             q = self._make(name, self.log_factory(name, self.store, stored))
             for gname, g in stored.groups.items():
-                q.groups[gname] = ConsumerGroup(q, gname, g.floor, set(g.settled), getattr(g, "mark", 0),
+                q.groups[gname] = q.group_class(q, gname, g.floor, set(g.settled), getattr(g, "mark", 0),
                                                 getattr(g, "counts", None))
         for name in self.configs:
             self.queue(name, create=True)
@@ -300,7 +302,7 @@ class QueueManager:
         if group is None:
             if len(q.groups) >= MAX_GROUPS_PER_QUEUE:
                 raise QueueRefused(f"queue {name} has {MAX_GROUPS_PER_QUEUE} consumer groups already", 0x97)
-            group = q.groups[group_name] = ConsumerGroup(q, group_name)
+            group = q.groups[group_name] = q.group_class(q, group_name)
             # A new group starts at the oldest record still stored and remembers that durably.
             group.floor = group.cursor = q.log.first
             q.log.commit(group_name, group.floor)

@@ -85,8 +85,12 @@ class RaftGroup:
 
     def __init__(self, name: str, self_addr: str, peers: list[str], data_dir: str, store, write_policy: str,
                  on_applied=None, on_delivering=None, password: str = "", mqtt_addr: str = "",
-                 compaction_entries: int = 5000, tls=None) -> None:
+                 compaction_entries: int = 5000, tls=None, distribution: str = "") -> None:
         self.tls = tls  # cluster.raft.tls: fluxmq.replication.tls_transport.RaftTLS, or None (plain TCP)
+        # "forward": consumers on every replica, the leader deciding (distribution.py); "": the
+        # leader delivers to its own consumers only
+        self.distribution = distribution
+        self.incarnation = os.urandom(6).hex()  # this run of the node, in its member registrations
         self.compaction_entries = compaction_entries  # log entries kept before a snapshot replaces them
         self.password = password or None  # cluster.raft.password: pysyncobj's encrypted transport
         self.name = name
@@ -109,6 +113,7 @@ class RaftGroup:
         self._hold: HeldAck | None = None
         self._scheduled = False
         self._claimed_term = -1
+        self._reset_marks: dict = {}
         self._running = False
         self._driver = None
         self.stats = {"entries_submitted": 0, "entries_applied": 0, "entries_refused": 0, "acks_timed_out": 0,
@@ -261,6 +266,10 @@ class RaftGroup:
         log.info("raft_state_changed", extra={"group": self.name, "old": old, "new": new})
 
     def _claim(self, term: int) -> None:
+        if self._node is not None:
+            # what pysyncobj set for every member on becoming leader (not an answer): ``answering``
+            # counts a member only once it has really answered this leadership
+            self._reset_marks = dict(self._node._SyncObj__lastResponseTime)
         if self.is_leader() and self._node.raftCurrentTerm == term:
             self._node.apply([("o", self.self_addr, term, self.mqtt_addr)], callback=lambda res, err: self._claim_done(term, err))
 
@@ -303,6 +312,31 @@ class RaftGroup:
             ops[-1][2].append(blob)  # one batch per queue per entry
             return
         self.stage(("a", queue, [blob]))
+
+    def stage_lease(self, queue: str, group: str, node: str, key: str, offset: int, count: int) -> None:
+        """A delivery the leader hands a member on ``node`` (distribution_mode forward): one
+        ``l`` command per member and turn, its offsets and delivery counts batched."""
+        ops = self._ops
+        if ops:
+            last = ops[-1]
+            if last[0] == "l" and last[1] == queue and last[2] == group and last[3] == node and last[4] == key:
+                last[5].append(offset)
+                last[6].append(count)
+                return
+        self.stage(("l", queue, group, node, key, [offset], [count]))
+
+    def answering(self, within: float) -> set[str]:
+        """This node and the members that answered it within ``within`` seconds (the leader's
+        view; a follower hears only from the leader)."""
+        node = self._node
+        if node is None:
+            return {self.self_addr}
+        cutoff = time.monotonic() - within
+        answered = node._SyncObj__lastResponseTime  # read, never written (as ``delivering``)
+        reset = self._reset_marks
+        out = {getattr(n, "id", str(n)) for n, t in answered.items() if t > cutoff and reset.get(n) != t}
+        out.add(self.self_addr)
+        return out
 
     def turn_hold(self, timeout: float) -> HeldAck:
         """The HeldAck of the next entry: resolved when it is committed, refused on a failure or
@@ -372,11 +406,20 @@ class RaftGroup:
 
     def _apply(self, ops: list, index: int):
         if index <= self.applied:
-            # applied and committed before a restart (replayed from the journal); only the MQTT
-            # addresses the claims announce are kept in memory, so they are learned again
+            # applied and committed before a restart (replayed from the journal); only what is
+            # kept in memory is learned again: the MQTT addresses the claims announce, and the
+            # members nodes registered (distribution_mode forward)
             for op in ops:
                 if op[0] == "o" and len(op) > 3 and op[3]:
                     self.mqtt_of[op[1]] = op[3]
+                elif op[0] == "m":
+                    qlog = self.logs.get(op[1])
+                    if qlog is not None:
+                        qlog.apply_member(*op[2:])
+                elif op[0] != "o":
+                    qlog = self.logs.get(op[1])
+                    if qlog is not None and qlog.leased:
+                        qlog.apply_lease(op, False)
             return True
         touched = set()
         for op in ops:
@@ -392,6 +435,9 @@ class RaftGroup:
             if qlog is None:
                 log.warning("raft_op_for_unknown_queue", extra={"group": self.name, "queue": op[1], "op": kind})
                 continue
+            if qlog.leased and qlog.apply_lease(op, True):
+                touched.add(qlog)
+                continue
             if kind == "a":
                 qlog.apply_append(op[2])
             elif kind == "c":
@@ -402,6 +448,15 @@ class RaftGroup:
                 qlog.apply_delete(op[2])
             elif kind == "g":
                 qlog.apply_forget(op[2])
+            elif kind == "k":
+                qlog.apply_counts(op[2], op[3], op[4])
+            elif kind == "m":
+                qlog.apply_member(*op[2:])
+            elif qlog.events is not None:
+                # distribution_mode forward (distribution.py): leases ("l"), given back ("b"), a
+                # nack or reject from another node ("n"): no state of their own, acted on by the
+                # node they concern once applied (after the appends they name)
+                qlog.events.append(op)
             touched.add(qlog)
         self.applied = index
         self.store.put_applied(self.name, index)

@@ -17,6 +17,8 @@ from fluxmq.errors import QueueRefused
 from fluxmq.queues.log import QueueLog, Record
 from fluxmq.storage.queue_log import encode_record
 
+from .lease import LeaseTable
+
 
 class ReplicatedQueueLog(QueueLog):
     """The log of one replicated queue (see the module docstring)."""
@@ -37,12 +39,78 @@ class ReplicatedQueueLog(QueueLog):
         self._truncating = 0  # highest ``below`` of a truncate staged and not yet applied
         self._truncate_retry = 0.0
         self.stream = stream  # a stream's group floor is a cursor (it may move back)
+        # Delivery counts as replicated (``record_deliveries`` is a command too): group -> mark,
+        # group -> {offset: count where not 1}; a new leader's groups count on from them.
+        self.marks: dict[str, int] = {}
+        self.counts: dict[str, dict[int, int]] = {}
+        if stored is not None:
+            for gname, g in stored.groups.items():
+                self.marks[gname] = getattr(g, "mark", 0)
+                self.counts[gname] = dict(getattr(g, "counts", None) or {})
+        # distribution_mode forward (fluxmq.replication.distribution): the members every node
+        # registered, group -> {(node, key): (incarnation, key filter, max_inflight, auto_ack)},
+        # and what this entry changed that the broker acts on (leases, settlements from elsewhere)
+        self.registered: dict[str, dict[tuple[str, str], tuple]] = {}
+        self.events: list | None = None
+        distribution = getattr(group, "distribution", "")
+        if distribution:
+            from .distribution import ReplicatedGroup
+
+            self.events = []
+            self.group_class = ReplicatedGroup
+        # distribution_mode replicate, a work queue (lease.py): every replica's lease tables, the
+        # end of the log and the log time as the Raft log built them (rebuilt at a restart from
+        # the snapshot and the entries after it, not from the store, so every replica agrees)
+        self.leased = distribution == "replicate" and not stream
+        self.leases: dict[str, LeaseTable] = {}
+        self.log_next = 0
+        self.clock = 0.0
 
     # -- the queue-log interface (writes become commands) ----------------------------------------
 
     @property
     def delivering(self) -> bool:  # type: ignore[override]
+        if self.leased:  # every replica delivers what it leased, while it hears a leader
+            return self.group.leader() is not None
         return self.group.delivering
+
+    def leasable(self, group: str, now: float) -> bool:
+        table = self.leases.get(group)
+        return table is not None and table.leasable(self.log_next, now)
+
+    def apply_lease(self, op: tuple, live: bool) -> bool:
+        """The lease side of one applied command (every replica, replayed ones too); True when
+        the command was the lease table's own (a request, a release)."""
+        kind = op[0]
+        if kind == "a":
+            self.log_next += len(op[2])
+            return False
+        if kind == "c":  # ("c", queue, group, floor, settled, unsettled)
+            table = self.leases.get(op[2])
+            if table is None:
+                table = self.leases[op[2]] = LeaseTable(op[3])
+            elif op[3] > table.next:
+                table.next = op[3]
+            if op[4] is not None:
+                table.settled(op[4])
+            return False
+        if kind == "q":  # ("q", queue, group, node, want, wall time, visibility_timeout)
+            if op[5] > self.clock:
+                self.clock = op[5]
+            table = self.leases.get(op[2])
+            offsets, counts = ([], []) if table is None else table.grant(op[3], op[4], self.clock, self.log_next,
+                                                                          op[6])
+            if live and self.events is not None:
+                self.events.append(("granted", op[2], op[3], offsets, counts))
+            return True
+        if kind == "n":  # ("n", queue, group, node, offset, reason, reject, due)
+            table = self.leases.get(op[2])
+            if table is not None:
+                table.release(op[3], op[4], op[7])
+            return True
+        if kind == "g":
+            self.leases.pop(op[2], None)
+        return False
 
     def held_ack(self):
         if self.config.mode != "sync":
@@ -82,6 +150,22 @@ class ReplicatedQueueLog(QueueLog):
     def forget_group(self, group: str) -> None:
         self.group.stage(("g", self.name, group))
 
+    def register(self, group: str, key: str, member) -> None:
+        """This node's member ``key`` joined (``member``) or left (None) ``group``: a command, so
+        the leader of any term knows it (distribution_mode forward)."""
+        g = self.group
+        if member is None:
+            self.group.stage(("m", self.name, group, g.self_addr, g.incarnation, key, "", 0, False))
+            return
+        rest = member.filter[len("$queue/") + len(self.name):]
+        self.group.stage(("m", self.name, group, g.self_addr, g.incarnation, key, rest[1:], member.max_inflight,
+                          member.auto_ack))
+
+    def record_deliveries(self, group: str, mark: int | None, counts: dict[int, int | None]) -> None:
+        """Delivery counts are part of the replicated progress: a command like a commit, so a
+        leader elected after a failover counts on (``delivery-count``, ``retry.max_retries``)."""
+        self.group.stage(("k", self.name, group, mark, counts))
+
     # -- applied on every replica, in Raft log order ---------------------------------------------
 
     def apply_append(self, blobs: list[bytes]) -> None:
@@ -104,12 +188,23 @@ class ReplicatedQueueLog(QueueLog):
             prog = self.progress[group] = [floor, set()]
             QueueLog.commit(self, group, floor)
         store = self.store
+        events = self.events
         if settled is not None:
             if settled >= prog[0] and settled not in prog[1]:
                 prog[1].add(settled)
                 store.settle(self.name, group, settled, True)
+                if events is not None:
+                    events.append(("settled", group, (settled,)))
             floor = prog[0] if floor < prog[0] else floor
+            if self.leased and settled == prog[0]:
+                floor = settled + 1  # replicate: no node writes the floor, it follows the settlements
         if floor > prog[0] or (self.stream and floor != prog[0] and settled is None):
+            if events is not None and floor > prog[0] and not self.stream:
+                # offsets the floor passes that were not recorded settled: settled (on the node
+                # that computed this floor)
+                passed = tuple(off for off in range(prog[0], floor) if off not in prog[1])
+                if passed:
+                    events.append(("settled", group, passed))
             prog[0] = floor
             gone = sorted(off for off in prog[1] if off < floor)
             for off in gone:
@@ -132,6 +227,36 @@ class ReplicatedQueueLog(QueueLog):
     def apply_forget(self, group: str) -> None:
         QueueLog.forget_group(self, group)
         self.progress.pop(group, None)
+        self.marks.pop(group, None)
+        self.counts.pop(group, None)
+        self.registered.pop(group, None)
+
+    def apply_counts(self, group: str, mark: int | None, counts: dict) -> None:
+        QueueLog.record_deliveries(self, group, mark, counts)
+        if mark is not None:
+            self.marks[group] = mark
+        mine = self.counts.setdefault(group, {})
+        for off, n in counts.items():
+            if n is None:
+                mine.pop(off, None)
+            else:
+                mine[off] = n
+
+    def apply_member(self, group: str, node: str, incarnation: str, key: str, key_filter: str, max_inflight: int,
+                     auto_ack: bool) -> None:
+        """A member on ``node`` joined (``max_inflight`` > 0) or left a group (forward mode). A
+        node's first registration of a new incarnation (it restarted) drops what the old one
+        registered: those consumers' connections ended with it."""
+        for regs in self.registered.values():
+            for k in [k for k, v in regs.items() if k[0] == node and v[0] != incarnation]:
+                del regs[k]
+        regs = self.registered.setdefault(group, {})
+        if max_inflight > 0:
+            regs[(node, key)] = (incarnation, key_filter, max_inflight, auto_ack)
+        else:
+            regs.pop((node, key), None)
+        if self.events is not None:
+            self.events.append(("members", group))
 
 
 def refused(reason: str, code: int = 0x80, leader: str | None = None) -> QueueRefused:

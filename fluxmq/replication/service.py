@@ -19,9 +19,12 @@ import logging
 import os
 from dataclasses import dataclass
 
+import gevent
+
 from fluxmq.config.values import parse_addr
 from fluxmq.errors import ConfigError
 
+from .distribution import NODE_SILENCE, RECONCILE, ReplicatedGroup
 from .group import RaftGroup
 from .log import ReplicatedQueueLog, refused
 
@@ -121,6 +124,10 @@ class RaftService:
         self.configs = {c.name: c for c in queue_configs}
         self.store = store
         self.plans, self.queue_plans = plan(raft, queue_configs, origin)
+        # distribution_mode: "forward" delivers to consumers on every replica (distribution.py)
+        # distribution_mode: consumers on every replica, "forward" (the leader decides) or
+        # "replicate" (each node delivers what it leased), distribution.py and lease.py
+        self.distribution = raft.distribution_mode or ""
         self.groups: dict[str, RaftGroup] = {}
         from .tls_transport import raft_tls
 
@@ -130,9 +137,11 @@ class RaftService:
                                                  raft.write_policy, on_applied=self._applied,
                                                  on_delivering=self._took_over,
                                                  password=getattr(raft, "password", ""), mqtt_addr=mqtt_addr,
-                                                 compaction_entries=raft.compaction_entries, tls=tls)
+                                                 compaction_entries=raft.compaction_entries, tls=tls,
+                                                 distribution=self.distribution)
             group.on_unknown = self._unknown_queue
         self.manager = None
+        self._reconciler = None
 
     # -- the queue manager's log factory ---------------------------------------------------------
 
@@ -161,14 +170,15 @@ class RaftService:
         self.manager = manager
 
     def start(self) -> None:
-        if self.raft.distribution_mode:
-            log.warning("raft_distribution_mode_not_implemented", extra={
-                "distribution_mode": self.raft.distribution_mode,
-                "effect": "only the Raft leader of a group delivers its queues, to consumers connected to it"})
         for group in self.groups.values():
             group.start()
+        if self.distribution:
+            self._reconciler = gevent.spawn(self._reconcile_loop)
 
     def stop(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.kill(block=False)
+            self._reconciler = None
         for group in self.groups.values():
             group.stop()
 
@@ -194,30 +204,147 @@ class RaftService:
         if len(qlog.progress) > len(q.groups):
             # A group registered through another node: known here too, so retention on the
             # leader never deletes what it has not settled.
-            from fluxmq.queues.group import ConsumerGroup
-
             for gname, (floor, settled) in qlog.progress.items():
                 if gname not in q.groups:
-                    q.groups[gname] = ConsumerGroup(q, gname, floor, set(settled))
+                    q.groups[gname] = q.group_class(q, gname, floor, set(settled), qlog.marks.get(gname, 0),
+                                                    qlog.counts.get(gname))
+        if qlog.events:
+            events, qlog.events = qlog.events, []
+            self._distribute(q, qlog, events)
         if qlog.delivering:
             manager.kick_soon(q)
 
-    def _took_over(self, group: RaftGroup) -> None:
-        """This node became the group's delivering leader: its consumer groups restart from the
-        replicated progress (what the previous leader delivered and nobody settled is delivered again)."""
+    # -- distribution_mode forward (distribution.py) ---------------------------------------------
+
+    def _distribute(self, q, qlog, events) -> None:
+        """Act on what an applied entry says to this node: deliver its leases, release what was
+        settled or leased elsewhere, apply other nodes' nacks and members (the forward leader)."""
+        group = qlog.group
+        me = group.self_addr
+        deciding = qlog.delivering and not qlog.leased  # the forward leader
+        members_changed = False
+        for ev in events:
+            kind = ev[0]
+            g = q.groups.get(ev[2]) if kind in ("l", "b", "n") else q.groups.get(ev[1])
+            if g is None or not hasattr(g, "deliver_leased"):
+                continue
+            if kind == "granted":  # ("granted", group, node, offsets, counts): replicate
+                if ev[2] == me:
+                    g.granted(ev[3], ev[4])
+                else:
+                    g.moved(ev[3])
+            elif kind == "l":  # ("l", queue, group, node, key, offsets, counts): forward
+                if ev[3] == me:
+                    back = g.deliver_leased(ev[4], ev[5], ev[6])
+                    if back and group.leader() is not None:
+                        group.stage(("b", q.name, g.name, me, ev[4], back))
+                        if ev[4] not in g.local:  # a member of an earlier run of this node
+                            qlog.register(g.name, ev[4], None)
+                elif not deciding:
+                    # this node's delivery of those offsets is stale; never on the leader, whose
+                    # state is the decision itself (a lease applied late must not drop the
+                    # delivery it made since, to a member of its own)
+                    g.moved(ev[5])
+            elif kind == "settled":
+                if deciding:
+                    g.settled_elsewhere(ev[2])
+                else:
+                    for off in ev[2]:
+                        g._drop_local(off)
+            elif kind == "b":  # ("b", queue, group, node, key, offsets)
+                if deciding:
+                    g.given_back(ev[3], ev[4], ev[5])
+            elif kind == "n":  # ("n", queue, group, node, offset, reason, reject, due)
+                if deciding:
+                    g.remote_nack(ev[3], ev[4], ev[5], ev[6])
+            elif kind == "members":
+                members_changed = True
+        if deciding:
+            if members_changed:
+                alive = group.answering(NODE_SILENCE)
+                for gname, g in q.groups.items():
+                    if hasattr(g, "sync_remote"):
+                        g.sync_remote(qlog.registered.get(gname, {}), alive, me, group)
+            if qlog.stream:
+                for gname, g in q.groups.items():
+                    prog = qlog.progress.get(gname)
+                    if prog is not None and hasattr(g, "cursor_elsewhere"):
+                        g.cursor_elsewhere(prog[0])
+        else:
+            for gname, g in q.groups.items():
+                prog = qlog.progress.get(gname)
+                if prog is not None and hasattr(g, "follow"):
+                    g.follow(prog)
+
+    def _reconcile_loop(self) -> None:
+        while True:
+            gevent.sleep(RECONCILE)
+            try:
+                self._reconcile()
+            except Exception:
+                log.exception("raft_reconcile_failed")
+
+    def _reconcile(self) -> None:
+        """Every RECONCILE seconds: what the log says of this node's members is made true again (a
+        registration lost in an election, one of an earlier run), and the leader's remote members
+        follow who answers it (a silent node's members leave; what they held goes to others)."""
         manager = self.manager
         if manager is None:
             return
-        from fluxmq.queues.group import ConsumerGroup
+        for group in self.groups.values():
+            if group.leader() is None:
+                continue
+            me, inc = group.self_addr, group.incarnation
+            delivering = group.delivering
+            alive = group.answering(NODE_SILENCE) if delivering else None
+            for name, qlog in group.logs.items():
+                q = manager.queues.get(name)
+                if q is None or qlog.events is None:
+                    continue
+                for gname, regs in qlog.registered.items():
+                    g = q.groups.get(gname)
+                    local = getattr(g, "local", {})
+                    for (node, key), reg in list(regs.items()):
+                        if node == me and (key not in local or reg[0] != inc):
+                            qlog.register(gname, key, None)
+                for gname, g in q.groups.items():
+                    if not hasattr(g, "local"):
+                        continue
+                    if g.leased:  # replicate: ask for leases that expired or came due meanwhile
+                        if g.members and qlog.delivering:
+                            manager.kick_soon(q)
+                            g.ask()
+                        continue
+                    regs = qlog.registered.get(gname, {})
+                    for key, m in g.local.items():
+                        reg = regs.get((me, key))
+                        if reg is None or reg[0] != inc or reg[2] != m.max_inflight:
+                            qlog.register(gname, key, m)
+                    if delivering and g.sync_remote(regs, alive, me, group):
+                        manager.kick_soon(q)
 
+    def _took_over(self, group: RaftGroup) -> None:
+        """This node became the group's delivering leader: its consumer groups restart from the
+        replicated progress (what the previous leader delivered and nobody settled is delivered
+        again) and the replicated delivery counts."""
+        manager = self.manager
+        if manager is None:
+            return
         for name, qlog in group.logs.items():
             q = manager.queues.get(name)
             if q is None:
                 continue
+            if qlog.leased:
+                continue  # replicate: each node delivers its own leases, whoever leads
+            alive = group.answering(NODE_SILENCE) if qlog.events is not None else None
             for gname, (floor, settled) in qlog.progress.items():
                 old = q.groups.get(gname)
-                fresh = ConsumerGroup(q, gname, floor, set(settled))
-                if old is not None:
+                fresh = q.group_class(q, gname, floor, set(settled), qlog.marks.get(gname, 0),
+                                      qlog.counts.get(gname))
+                if isinstance(fresh, ReplicatedGroup):
+                    fresh.take_over(old)
+                    fresh.sync_remote(qlog.registered.get(gname, {}), alive, group.self_addr, group)
+                elif old is not None:
                     # Deliveries of an earlier leadership are forgotten (their acks find nothing and
                     # the records go out again: at least once), so no count goes negative.
                     old.pending.clear()
@@ -239,6 +366,8 @@ class _NotHeldLog(ReplicatedQueueLog):
 
         QueueLog.__init__(self, name, store)
         self.progress = {}
+        self.marks, self.counts, self.registered, self.events = {}, {}, {}, None
+        self.leased, self.leases, self.log_next, self.clock = False, {}, 0, 0.0
         self._truncating = 0
         self._truncate_retry = 0.0
         self.stream = False

@@ -9,7 +9,8 @@ pysyncobj its own ``serializer``/``deserializer`` (``RaftGroup.start``):
 - ``write(path, group, raft_data)`` (on compaction, in the hub, consistent with the applied index
   because entries are applied in the same thread): a header (format, the applied Raft index, the
   two log entries and cluster pysyncobj keeps, the delivery owner and the announced MQTT addresses,
-  each queue's first/next/count/bytes and every consumer group's floor and settled offsets), then
+  each queue's first/next/count/bytes, every consumer group's floor, settled offsets and delivery
+  counts, and the members each node registered), then
   the records of every queue of the group, in chunks. So the dump carries the queue-log state a
   replica lacks, not only a marker: a replica that missed compacted entries gets the records
   themselves.
@@ -42,7 +43,13 @@ def write(path: str, group, raft_data) -> None:
     queues = {}
     for name, qlog in group.logs.items():
         queues[name] = {"first": qlog.first, "next": qlog.next, "count": qlog.count, "bytes": qlog.bytes,
-                        "progress": {g: (floor, sorted(settled)) for g, (floor, settled) in qlog.progress.items()}}
+                        "progress": {g: (floor, sorted(settled)) for g, (floor, settled) in qlog.progress.items()},
+                        # replicated delivery counts and member registrations (distribution_mode forward)
+                        "marks": dict(qlog.marks), "counts": {g: dict(c) for g, c in qlog.counts.items()},
+                        "registered": {g: dict(r) for g, r in qlog.registered.items()},
+                        # delivery leases (distribution_mode replicate)
+                        "leases": {g: t.dump() for g, t in qlog.leases.items()}, "log_next": qlog.log_next,
+                        "clock": qlog.clock}
     header = {"format": FORMAT, "index": raft_data[0][1], "raft": tuple(raft_data), "owner": group.owner,
               "mqtt_of": dict(group.mqtt_of), "queues": queues}
     records = 0
@@ -73,6 +80,15 @@ def read(path: str, group) -> tuple:
             raise ValueError(f"Raft snapshot {path}: unknown format {header.get('format')!r}")
         index = header["index"]
         group.mqtt_of.update(header["mqtt_of"])
+        for name, meta in header["queues"].items():  # in memory only: learned from every dump read
+            qlog = group.logs.get(name)
+            if qlog is not None and "registered" in meta:
+                qlog.registered = {g: dict(r) for g, r in meta["registered"].items()}
+            if qlog is not None and "leases" in meta:
+                from .lease import LeaseTable
+
+                qlog.leases = {g: LeaseTable.load(t) for g, t in meta["leases"].items()}
+                qlog.log_next, qlog.clock = meta["log_next"], meta["clock"]
         if index > group.applied:
             _install(f, header, group)
     return header["raft"]
@@ -104,6 +120,13 @@ def _install(f, header: dict, group) -> None:
             store.put_group(name, gname, floor)
             for off in settled:
                 store.settle(name, gname, off, True)
+        qlog.marks, qlog.counts = dict(meta.get("marks", {})), {g: dict(c) for g, c in meta.get("counts", {}).items()}
+        for gname, mark in qlog.marks.items():
+            store.put_mark(name, gname, mark)
+        for gname, counts in qlog.counts.items():
+            for off, n in counts.items():
+                store.put_count(name, gname, off, n)
+        qlog.registered = {g: dict(r) for g, r in meta.get("registered", {}).items()}
         qlog._truncating = 0
         logs[name] = qlog
     records = 0

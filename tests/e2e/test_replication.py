@@ -111,6 +111,7 @@ class Consumer:
         # that published again after losing its connection appends a second record of a payload
         self.received_ids: list[tuple[str, float]] = []
         self.acked_ids: dict[str, float] = {}
+        self.failed: set[bytes] = set()  # payloads whose $ack was refused: settled or not, unknown
         self._id_of: dict[int, str] = {}
         self._ack_of: dict[int, bytes] = {}
         self._early: dict[int, object] = {}
@@ -156,6 +157,8 @@ class Consumer:
             record = self._id_of.pop(mid)
             if not reason_code.is_failure and reason_code.value == 0:
                 self.acked[payload] = self.acked_ids[record] = time.monotonic()
+            elif reason_code.is_failure:
+                self.failed.add(payload)
 
     def stop(self) -> None:
         self.client.loop_stop()
@@ -262,22 +265,36 @@ class Producer:
         self.client.disconnect()
 
 
-def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory) -> None:
-    _leader_kill_run(node_factory, "forward", 10000)
+DISTRIBUTION_MODES = ["forward", "replicate"]
 
 
-def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(node_factory) -> None:
+def _mode(distribution: str) -> str:
+    return f"    distribution_mode: {distribution}\n"
+
+
+@pytest.mark.timeout(360)  # 10,000 messages on a shared machine; the run's own deadline is bounded
+@pytest.mark.parametrize("distribution", DISTRIBUTION_MODES)
+def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory, distribution: str) -> None:
+    _leader_kill_run(node_factory, "forward", 10000, distribution)
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("distribution", DISTRIBUTION_MODES)
+def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(node_factory, distribution: str) -> None:
     """write_policy reject: the producer starts on a follower, is refused with the leader's MQTT
     address, moves there; the leader is killed mid-stream, the producer reconnects to a survivor
     and is sent on to the new leader. No acknowledged message is lost."""
-    producer = _leader_kill_run(node_factory, "reject", 10000)
+    producer = _leader_kill_run(node_factory, "reject", 10000, distribution)
     assert 0x83 in producer.refusals and len(producer.moves) >= 2, (producer.refusals[:5], producer.moves)
 
 
-def _leader_kill_run(node_factory, write_policy: str, total: int, start=start_cluster) -> Producer:
-    """``start(node_factory, write_policy=...)`` -> three ready nodes (static peers by default; the
-    etcd-membership variant is tests/e2e/test_replication_etcd.py)."""
-    nodes = start(node_factory, write_policy=write_policy)
+def _leader_kill_run(node_factory, write_policy: str, total: int, distribution: str = "forward",
+                     start=start_cluster) -> Producer:
+    """Consumers on every node (the followers' receive from their replicas); the leader is killed
+    with half the messages acknowledged; consumers on the survivors settle everything.
+    ``start(node_factory, write_policy=..., raft_extra=...)`` -> three ready nodes (static peers by
+    default; the etcd-membership variant is tests/e2e/test_replication_etcd.py)."""
+    nodes = start(node_factory, write_policy=write_policy, raft_extra=_mode(distribution))
     leader = wait_leader(nodes)
     survivors = [i for i in range(3) if i != leader]
     consumers = {i: Consumer(nodes[i], f"cons{i}") for i in range(3)}
@@ -318,9 +335,13 @@ def _leader_kill_run(node_factory, write_policy: str, total: int, start=start_cl
             return out
 
         # A message the killed node delivered may be settled without its consumer seeing the
-        # $ack's PUBACK (the node died after the commit): it counts as settled, not lost.
+        # $ack's PUBACK (the node died after the commit): it counts as settled, not lost. So does
+        # one whose $ack was refused in the election (committed or not: if not, it comes again).
         with consumers[leader].lock:
             unconfirmed = {p for p, _ in consumers[leader].received}
+        for c in consumers.values():
+            with c.lock:
+                unconfirmed |= c.failed
         while time.monotonic() < deadline and not producer.acked <= set(acked_times()) | unconfirmed:
             time.sleep(0.1)
         time.sleep(1.0)  # room for a wrong redelivery to show up
@@ -329,6 +350,17 @@ def _leader_kill_run(node_factory, write_policy: str, total: int, start=start_cl
         assert not unsettled, (f"consumers could not settle {len(unsettled)}: {unsettled[:5]}; received "
                                f"{ {i: len(c.received) for i, c in consumers.items()} }; "
                                f"{[raft_status(nodes[i]) for i in survivors]}")
+        # and the replicated progress agrees: on the survivors the group settled every record. A
+        # record whose payload was published twice (a producer that moved) may be held by a
+        # delivery lost in the failover until its visibility_timeout (30 s) sends it again: wait
+        # that long at most, whatever is left of the run's deadline
+        floor_deadline = max(deadline, time.monotonic() + 45)
+        while time.monotonic() < floor_deadline:
+            states = [raft_status(nodes[i])["queues"][QUEUE] for i in survivors]
+            if all(st["groups"].get("g") == st["next"] for st in states):
+                break
+            time.sleep(0.1)
+        assert all(st["groups"].get("g") == st["next"] for st in states), states
         # Nothing a consumer had acknowledged (its $ack PUBACKed) is delivered again afterwards
         # (by record: a payload published twice is two records).
         ids_acked: dict[str, float] = {}
@@ -340,6 +372,12 @@ def _leader_kill_run(node_factory, write_policy: str, total: int, start=start_cl
                  if r in ids_acked and t > ids_acked[r]]
         assert not again, f"{len(again)} deliveries after the message's ack, e.g. {again[:3]}"
         assert new_leader in survivors
+        # consumers on followers took part, before the kill and after it
+        assert all(consumers[i].received for i in range(3)), {i: len(c.received) for i, c in consumers.items()}
+        old_follower = [i for i in survivors if i != new_leader][0]
+        with consumers[old_follower].lock:
+            late = [t for _, t in consumers[old_follower].received if t > killed_at]
+        assert late, "the consumer on the follower received nothing after the failover"
     finally:
         producer.stop()
         for i, c in consumers.items():
@@ -748,7 +786,7 @@ def test_local_policy_acknowledges_on_a_follower_before_any_replica_has_it(node_
     nodes). Healthy, the entry still reaches every replica; with the leader and the other follower
     stopped, the follower that still believes in its leader acknowledges what nobody stores."""
     nodes = start_cluster(node_factory, write_policy="local")
-    leader = wait_leader(nodes)
+    leader = wait_all_know_leader(nodes)  # a follower that knows no leader refuses
     follower = (leader + 1) % 3
     assert _publish_acked(nodes[follower], "local-ok", 3, b"l") == 3
     deadline = time.monotonic() + 10
@@ -872,3 +910,131 @@ def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory)
         time.sleep(0.05)
     c.loop_stop()
     assert got[:10] == [str(i) for i in range(10)], got
+
+
+def _group_floors(nodes, group: str = "g") -> list:
+    return [((raft_status(n) or {}).get("queues", {}).get(QUEUE, {}).get("groups") or {}).get(group) for n in nodes]
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTION_MODES)
+def test_consumers_on_followers_receive_and_each_message_is_settled_once(node_factory, distribution: str) -> None:
+    """Consumers only on the two followers: each gets deliveries from its own node's replica,
+    no message goes to two consumers (nothing fails, so nothing is delivered twice), and the
+    group's replicated progress on every replica says everything is settled."""
+    total = 400
+    nodes = start_cluster(node_factory, raft_extra=_mode(distribution))
+    leader = wait_all_know_leader(nodes)
+    followers = [i for i in range(3) if i != leader]
+    consumers = {i: Consumer(nodes[i], f"f-cons{i}") for i in followers}
+    try:
+        assert _publish_acked(nodes[leader], "to-followers", total, b"f") == total
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            acked = sum(len(c.acked_ids) for c in consumers.values())
+            if acked >= total and _group_floors(nodes) == [total] * 3:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)  # room for a wrong second delivery to show up
+        ids = [r for c in consumers.values() for r, _ in list(c.received_ids)]
+        assert len(ids) == total and len(set(ids)) == total, (len(ids), len(set(ids)), [raft_status(n) for n in nodes], [n.http_get("/queues")[1] if False else None for n in nodes])
+        assert all(len(c.received) > 0 for c in consumers.values()), {i: len(c.received) for i, c in consumers.items()}
+        assert _group_floors(nodes) == [total] * 3
+    finally:
+        for c in consumers.values():
+            c.stop()
+
+
+class _Holder:
+    """A 5.0 member of group ``g`` that records its deliveries' user properties and settles
+    only when told."""
+
+    def __init__(self, node, name: str) -> None:
+        self.got: list[dict] = []
+        self.lock = threading.Lock()
+        self.client = c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        c.on_message = self._on_message
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.connect(node.host, node.mqtt_port)
+        c.loop_start()
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.UserProperty = [("consumer-group", "g")]
+        c.subscribe(f"$queue/{QUEUE}", qos=1, properties=props)
+        assert subscribed.wait(10)
+
+    def _on_message(self, cl, u, m) -> None:
+        with self.lock:
+            self.got.append(dict(m.properties.UserProperty))
+
+    def wait_for(self, n: int, timeout: float = 20.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.got) >= n:
+                    return list(self.got)
+            time.sleep(0.05)
+        with self.lock:
+            return list(self.got)
+
+    def nack(self, message_id: str) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("message-id", message_id), ("group-id", "g")]
+        self.client.publish(f"$queue/{QUEUE}/$nack", b"", qos=1, properties=props).wait_for_publish(10)
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+
+
+def test_a_nack_on_a_follower_redelivers_and_the_count_survives_a_leader_kill(node_factory) -> None:
+    """forward: a consumer on a follower nacks; the message comes again with delivery-count 2. It
+    holds that delivery unsettled; the leader is killed; the new leader delivers it with count 3
+    (the counts are replicated, not the delivering node's own)."""
+    nodes = start_cluster(node_factory, raft_extra=_mode("forward"))
+    leader = wait_all_know_leader(nodes)
+    follower = (leader + 1) % 3
+    holder = _Holder(nodes[follower], "nacker")
+    wait_for = holder.wait_for
+    try:
+        assert _publish_acked(nodes[leader], "nack-prod", 1, b"n") == 1
+        first = wait_for(1)
+        assert first and first[0]["delivery-count"] == "1", first
+        holder.nack(first[0]["message-id"])
+        second = wait_for(2)  # after the default backoff (1 s)
+        assert len(second) == 2 and second[1]["delivery-count"] == "2", second
+        assert second[1]["message-id"] == first[0]["message-id"]
+        nodes[leader].kill()
+        third = wait_for(3, 30.0)  # the new leader delivers the unsettled message again
+        assert len(third) >= 3 and third[2]["message-id"] == first[0]["message-id"], third
+        assert third[2]["delivery-count"] == "3", third
+    finally:
+        holder.stop()
+
+
+def test_replicate_a_lease_of_a_killed_node_expires_and_the_count_goes_on(node_factory) -> None:
+    """replicate: a consumer on follower A nacks; A leases the message again and delivers it with
+    delivery-count 2, and holds it. A is killed: its lease expires (visibility_timeout, in log
+    time), node B leases the message and its consumer gets it with count 3."""
+    nodes = start_cluster(node_factory, queue_extra="    visibility_timeout: 8s\n", raft_extra=_mode("replicate"))
+    leader = wait_all_know_leader(nodes)
+    a, b = [i for i in range(3) if i != leader]
+    x = _Holder(nodes[a], "x-on-a")
+    y = None
+    try:
+        assert _publish_acked(nodes[leader], "lease-prod", 1, b"n") == 1
+        first = x.wait_for(1)
+        assert first and first[0]["delivery-count"] == "1", first
+        x.nack(first[0]["message-id"])
+        second = x.wait_for(2)  # after the default backoff (1 s), leased to A again
+        assert len(second) == 2 and second[1]["delivery-count"] == "2", second
+        assert second[1]["message-id"] == first[0]["message-id"]
+        y = _Holder(nodes[b], "y-on-b")
+        time.sleep(1.0)
+        assert not y.got  # A's lease holds: B delivers nothing meanwhile
+        nodes[a].kill()
+        third = y.wait_for(1, 30.0)
+        assert third and third[0]["message-id"] == first[0]["message-id"], third
+        assert third[0]["delivery-count"] == "3", third
+    finally:
+        x.stop()
+        if y is not None:
+            y.stop()

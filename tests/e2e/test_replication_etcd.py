@@ -52,8 +52,9 @@ queues:
 class EtcdRaftCluster:
     """Nodes on the shared etcd under one prefix, Raft on, no static peers."""
 
-    def __init__(self, node_factory, endpoint: str, write_policy: str = "forward") -> None:
+    def __init__(self, node_factory, endpoint: str, write_policy: str = "forward", raft_extra: str = "") -> None:
         self.factory = node_factory
+        self.raft_extra = raft_extra
         self.endpoint = endpoint
         self.prefix = f"/t-{uuid.uuid4().hex[:8]}/"
         self.write_policy = write_policy
@@ -74,7 +75,7 @@ cluster:
     enabled: true
     bind_addr: "{raft}"
     write_policy: {self.write_policy}
-""" + EDA_QUEUE.format(name=QUEUE)
+{self.raft_extra}""" + EDA_QUEUE.format(name=QUEUE)
         node = self.factory(config_text=text, wait_ready=wait_ready)
         node.raft_addr = raft
         return node
@@ -83,8 +84,8 @@ cluster:
 def etcd_start(endpoint: str):
     """A ``start`` for ``_leader_kill_run``: three ready nodes whose group forms from etcd."""
 
-    def start(node_factory, write_policy: str = "forward") -> list:
-        cluster = EtcdRaftCluster(node_factory, endpoint, write_policy)
+    def start(node_factory, write_policy: str = "forward", raft_extra: str = "") -> list:
+        cluster = EtcdRaftCluster(node_factory, endpoint, write_policy, raft_extra)
         nodes = [cluster.node(i, wait_ready=False) for i in range(3)]
         for n in nodes:
             n.wait_ready()

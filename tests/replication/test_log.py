@@ -49,3 +49,28 @@ def _msg(payload: bytes):
     from fluxmq.broker.message import Message
 
     return Message("$queue/q", payload, 1, False)
+
+
+def test_delivery_counts_are_commands_applied_on_every_replica() -> None:
+    group = _Group()
+    qlog = ReplicatedQueueLog("q", MemoryQueueLog(), group, ReplicationConfig(True))
+    qlog.record_deliveries("g", 5, {2: 3})
+    assert group.staged == [("k", "q", "g", 5, {2: 3})]  # staged, not written locally
+    assert qlog.marks == {} and qlog.counts == {}
+    qlog.apply_counts("g", 5, {2: 3})
+    qlog.apply_counts("g", None, {2: None, 4: 2})
+    assert qlog.marks == {"g": 5} and qlog.counts == {"g": {4: 2}}
+
+
+def test_a_restarted_node_s_first_registration_drops_those_of_its_earlier_run() -> None:
+    group = _Group()
+    group.distribution = "forward"
+    qlog = ReplicatedQueueLog("q", MemoryQueueLog(), group, ReplicationConfig(True))
+    qlog.apply_member("g", "n1", "run1", "a\x00$queue/q", "", 10, False)
+    qlog.apply_member("h", "n1", "run1", "b\x00$queue/q", "", 10, False)
+    qlog.apply_member("g", "n2", "run7", "c\x00$queue/q", "k/#", 5, True)
+    qlog.apply_member("g", "n1", "run2", "d\x00$queue/q", "", 10, False)
+    assert qlog.registered == {"g": {("n2", "c\x00$queue/q"): ("run7", "k/#", 5, True),
+                                     ("n1", "d\x00$queue/q"): ("run2", "", 10, False)}, "h": {}}
+    qlog.apply_member("g", "n2", "run7", "c\x00$queue/q", "", 0, False)  # left
+    assert list(qlog.registered["g"]) == [("n1", "d\x00$queue/q")]
