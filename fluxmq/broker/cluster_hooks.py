@@ -1,0 +1,367 @@
+"""What the cluster asks of the broker: peers and their interest in local filters, messages from
+peers, and sessions moving between nodes (claim, export, import, adopt, drop, release) (``Broker``
+mixin)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import gevent
+from gevent.event import Event
+
+from fluxmq.errors import ServerUnavailable
+
+from .message import Message, TrackedMessage
+from .prefixes import BRIDGE_SESSION_PREFIX
+from .session import Inflight, PersistentSession, Session, Subscription, Will
+from .session_state import (
+    InflightState,
+    QueuedState,
+    SessionState,
+    SessionStateError,
+    SubscriptionState,
+    decode_session_state,
+    encode_session_state,
+    queued_item,
+)
+
+log = logging.getLogger("fluxmq.broker")
+
+
+class ClusterHooks:
+    """The broker's side of the cluster (``fluxmq.broker.peers``)."""
+
+    def set_peers(self, peers) -> None:
+        """Install (or with None remove) the node's ``Peers``; installing replays ``interest_added``
+        for every filter held already (restored sessions)."""
+        self.peers = peers
+        if peers is not None:
+            for filter in list(self._interest):
+                peers.interest_added(filter)
+
+    def interest_filters(self) -> list[str]:
+        """Every filter with at least one local subscription (a peer's snapshot of this node)."""
+        return list(self._interest)
+
+    def _interest_up(self, filter: str) -> None:
+        n = self._interest.get(filter, 0)
+        self._interest[filter] = n + 1
+        if n == 0 and self.peers is not None:
+            self.peers.interest_added(filter)
+
+    def _interest_down(self, filter: str) -> None:
+        n = self._interest.get(filter, 0)
+        if n > 1:
+            self._interest[filter] = n - 1
+        elif n == 1:
+            del self._interest[filter]
+            if self.peers is not None:
+                self.peers.interest_removed(filter)
+
+    def _claim_session(self, peers, client_id: str, clean_start: bool) -> None:
+        """Own ``client_id`` cluster-wide before its session is opened here; import what the
+        previous owner handed over."""
+        pending = self._claiming.get(client_id)
+        if pending is not None:
+            pending.wait(self.claim_wait)  # another connection of this id is claiming it here
+        done = self._claiming[client_id] = Event()
+        try:
+            state = peers.claim_session(client_id, clean_start)
+            self._drop_exported(client_id)  # the client id lives here now
+            if state:
+                self._take_in(client_id, state, clean_start)
+        finally:
+            # The claim ends once this loop turn is over, so open_session and the connection's
+            # attach run first: an export asked for meanwhile waits and then sees the attached session.
+            gevent.get_hub().loop.run_callback(self._claimed, client_id, done)
+
+    def _claimed(self, client_id: str, done: Event) -> None:
+        if self._claiming.get(client_id) is done:
+            del self._claiming[client_id]
+        done.set()
+
+    def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> None:
+        """The state another node handed over to a connecting client: resumed, or discarded when
+        the session ends with the move (Clean Start, or a session that lasted as long as its
+        connection; as on a local takeover, the will of a connection still open then goes now)."""
+        try:
+            state = decode_session_state(blob, raw_queue=True)
+            if state.client_id != client_id:
+                raise SessionStateError(f"state of {state.client_id!r} handed over for {client_id!r}")
+        except SessionStateError as exc:
+            log.error("session_state_refused", extra={"client_id": client_id, "error": str(exc),
+                                                      "effect": "the client starts a new session"})
+            return
+        if clean_start or state.expiry_interval == 0:
+            log.info("session_moved_discarded", extra={"client_id": client_id, "clean_start": clean_start})
+            if state.will is not None and state.connected:
+                self._publish_will(Will(*state.will))
+            return
+        self._import_state(state)
+
+    def export_session(self, client_id: str) -> bytes | None:
+        """Hand the session of ``client_id`` to another node: its connection is closed first (5.0
+        DISCONNECT 0x8E, 3.x a plain close), no will is published, the session leaves the router,
+        the session table and the storage, and its complete state is returned encoded
+        (``session_state``). None when this node holds no such session. Ownership is not released
+        here: the taking node moves it (``Peers.claim_session``).
+
+        The same state is returned again when asked again within ``exported_keep`` seconds (the
+        first reply was lost: this node is still the registered owner). Raises ServerUnavailable
+        when a connection here is still claiming ``client_id`` after ``claim_wait`` seconds."""
+        pending = self._claiming.get(client_id)
+        if pending is not None:
+            # A connection here is claiming it: hand over what it gets, once it has it.
+            if not pending.wait(self.claim_wait):
+                raise ServerUnavailable(f"a connection of {client_id!r} is still claiming it here")
+        session = self.sessions.get(client_id)
+        exported = self._exported
+        now = time.monotonic()
+        self._prune_exported(now)
+        if session is None:
+            again = exported.get(client_id)
+            if again is not None:
+                # Asked again while still the registered owner: the first reply never arrived.
+                log.warning("session_export_repeated", extra={"client_id": client_id})
+                return again[1]
+            return None
+        hand_over = self.hand_overs.get(session)
+        if hand_over is not None and hand_over.ending:
+            return None  # ended already; its shared hand-over finishes here
+        blob = encode_session_state(self._take_out(session))
+        self._drop_exported(client_id)
+        exported[client_id] = (now, blob)
+        self._exported_bytes += len(blob)
+        self._prune_exported(now)
+        log.info("session_exported", extra={"client_id": client_id, "bytes": len(blob)})
+        return blob
+
+    def _prune_exported(self, now: float) -> None:
+        """Oldest first: drop the copies past ``exported_keep`` or over the count and byte bounds."""
+        exported = self._exported
+        while exported:
+            first = next(iter(exported))
+            if (now - exported[first][0] < self.exported_keep and len(exported) <= self.exported_max
+                    and self._exported_bytes <= self.exported_max_bytes):
+                break
+            self._drop_exported(first)
+
+    def _drop_exported(self, client_id: str) -> None:
+        kept = self._exported.pop(client_id, None)
+        if kept is not None:
+            self._exported_bytes -= len(kept[1])
+
+    def _take_out(self, session: Session) -> SessionState:
+        """Detach, snapshot and forget ``session`` (its connection closed with 0x8E, no will)."""
+        self._stop_hand_over(session)
+        self._cancel_timer(session)
+        old = session.delivery
+        if old is not None:
+            session.detach()
+            self.connected -= 1
+            if self.queues is not None:
+                self.queues.session_gone(session)  # durable-queue deliveries stay on this node
+        state = self._snapshot(session, old is not None)
+        if session.will is not None and self.shared_wills is not None:
+            self.shared_wills.will_set(session.client_id, None, 0)  # the taking node records it as its own
+        session.will = None
+        if old is not None:
+            old.close(0x8E, "session taken over")
+        self._forget_session(session, release=False)
+        return state
+
+    @staticmethod
+    def _snapshot(session: Session, connected: bool) -> SessionState:
+        """The complete state of ``session`` (see ``session_state.SessionState``)."""
+        subs = [SubscriptionState(s.filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
+                                  s.subscription_id, s.share_group) for s in session.subscriptions.values()]
+        inflight = [InflightState(pid, e.message, e.qos, e.retain,
+                                  tuple(e.subscription_ids) if e.subscription_ids else None, e.released)
+                    for pid, e in session.inflight.items()
+                    if e.message.__class__ is not TrackedMessage]  # a durable queue's, redelivered here
+        queued: list
+        if isinstance(session, PersistentSession):
+            queued = session.queue.encoded_entries()  # as stored: passed on without decoding
+        else:
+            queued = [QueuedState(m, qos, retain, tuple(ids) if ids else None)
+                      for m, qos, retain, ids in session.queue]
+        will = (session.will.message, session.will.delay) if session.will is not None else None
+        return SessionState(session.client_id, session.username, session.expiry_interval,
+                            0.0 if connected else session.disconnected_at, connected, session._next_pid,
+                            subs, inflight, sorted(session.inbound_qos2), queued, will)
+
+    def import_session(self, client_id: str, state: bytes) -> Session:
+        """Rebuild a session another node exported (``export_session``), offline, as it was there:
+        a PersistentSession written through to the storage when it has an expiry and the storage is
+        durable, its subscriptions in the router, its will and expiry timers armed. A session of
+        ``client_id`` held here is replaced (its connection closed, no will). Raises
+        SessionStateError when ``state`` is not a valid state of ``client_id``."""
+        decoded = decode_session_state(state, raw_queue=True)
+        if decoded.client_id != client_id:
+            raise SessionStateError(f"state of {decoded.client_id!r} handed over for {client_id!r}")
+        session = self._import_state(decoded)
+        self._drop_exported(client_id)
+        return session
+
+    def _import_state(self, state: SessionState) -> Session:
+        """Build the session of ``state`` here (raises SessionStateError, changing nothing, when
+        an encoded queue entry is damaged)."""
+        cid = state.client_id
+        expiry = state.expiry_interval if cid.startswith(BRIDGE_SESSION_PREFIX) else self.capped_expiry(
+            state.expiry_interval)
+        store = self._store if expiry > 0 else None
+        queued = state.queued
+        if store is None:  # a memory queue holds messages: decode the entries passed on as stored
+            queued = [queued_item(item) for item in queued]
+        old = self.sessions.get(cid)
+        if old is not None:
+            self._take_out(old)
+        if store is not None:
+            session = PersistentSession(cid, self.persistent_limits, self.stats, store)
+        else:
+            session = Session(cid, self.limits, self.stats)
+        now = time.time()
+        session.expiry_interval = expiry
+        session.persistent = expiry > 0
+        session.username = state.username
+        session.disconnected_at = state.disconnected_at or now
+        if store is not None:
+            store.put_session(cid, expiry, session.disconnected_at, state.username)
+        for s in state.subscriptions:
+            sub = Subscription(session, s.filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
+                               s.subscription_id, s.share_group)
+            if self.router.add(sub):
+                self._interest_up(s.filter)  # the peers hear of a filter new to this node
+            session.subscriptions[s.filter] = sub
+            if store is not None:
+                store.put_subscription(cid, s.filter, s.qos, s.no_local, s.retain_as_published,
+                                       s.retain_handling, s.subscription_id)
+        for e in state.inflight:
+            entry = Inflight(e.message, e.qos, e.retain, e.subscription_ids)
+            entry.released = e.released
+            session.inflight[e.packet_id] = entry
+            if store is not None:
+                # Written once, in the queue's seq space, named by its packet id (schema 3).
+                session.queue.put_in_flight(e.message, e.qos, e.retain, e.subscription_ids, e.packet_id)
+                if e.released:
+                    store.release_inflight(cid, e.packet_id)
+        session._next_pid = state.next_packet_id if 1 <= state.next_packet_id <= 65535 else 1
+        for pid in state.inbound_qos2:
+            session.inbound_qos2.add(pid)  # written through for a PersistentSession
+        # Queued messages are taken whatever this node's queue bounds: they were accepted already.
+        if queued:
+            if isinstance(session, PersistentSession):
+                disk = session.queue
+                for q in queued:
+                    if isinstance(q, bytes):
+                        disk.append_entry(q)
+                    else:
+                        disk.append((q.message, q.qos, q.retain, q.subscription_ids))
+                session.queue_bytes = disk.bytes
+            else:
+                session.queue = queue = deque()
+                for q in queued:
+                    queue.append((q.message, q.qos, q.retain, q.subscription_ids))
+                    session.queue_bytes += len(q.message.payload) + len(q.message.topic)
+                    if q.qos == 0:
+                        session.queue_qos0 += 1
+        if state.will is not None:
+            session.will = Will(*state.will)
+            if store is not None:
+                store.put_will(cid, session.will.message, session.will.delay)
+            if self.shared_wills is not None:
+                self.shared_wills.will_set(cid, session.will.message, session.will.delay)
+        self.sessions[cid] = session
+        self._arm_timer_remaining(session, max(0.0, now - session.disconnected_at))
+        log.info("session_imported", extra={"client_id": cid, "subscriptions": len(session.subscriptions),
+                                            "inflight": len(session.inflight), "queued": len(queued)})
+        return session
+
+    @staticmethod
+    def _release(peers, client_id: str) -> None:
+        try:
+            peers.release_session(client_id)
+        except Exception as exc:  # the owner key goes with this node's lease anyway
+            log.warning("session_release_failed", extra={"client_id": client_id, "error": str(exc)})
+
+    def publish_from_peer(self, message: Message, shared_groups: tuple[str, ...] = (), match_local: bool = True) -> int:
+        """Deliver a message another node forwarded: to the matching local subscriptions (unless
+        ``match_local`` is False) and to one local member of each ``$share/{group}/{filter}`` of
+        ``shared_groups`` (the sender gave those groups' message to this node). Never forwarded
+        again; a retained message is not stored here (retained state is replicated apart). Returns
+        deliveries."""
+        stats = self.stats
+        route = self.router.route(message.topic)
+        store = self._store
+        if store is not None and store.refusing and message.qos and self._would_store(message, route):
+            stats.dropped("storage_full")
+            return 0
+        n = 0
+        msg_qos = message.qos
+        retain = message.retain
+        size = len(message.payload)
+        if match_local:
+            sent_qos = stats.sent_qos
+            sent_bytes = stats.sent_bytes_qos
+            for session, qos, _qos_own, rap, sub_ids in route.targets:
+                if msg_qos < qos:
+                    qos = msg_qos
+                session.deliver(message, qos, rap and retain, sub_ids)
+                sent_qos[qos] += 1
+                sent_bytes[qos] += size
+                n += 1
+            if self._on_delivered is not None:
+                self._report_deliveries(message, route.targets, None)
+        if shared_groups and route.groups:
+            groups = [g for g in route.groups if f"$share/{g.name}/{g.filter}" in shared_groups]
+            if groups:
+                n += self._publish_shared(message, groups)
+        return n
+
+    def adopt_session(self, client_id: str) -> bool:
+        """Take the session of ``client_id`` over from the node that owns it, with no connection:
+        that node is stopping and hands its sessions to the others. Claimed as for a connecting
+        client (``Peers.claim_session``, may block this greenlet), kept offline here with its
+        timers armed. True when a session of ``client_id`` is here now; raises ServerUnavailable
+        when ownership cannot be established."""
+        peers = self.peers
+        if peers is None or client_id in self.sessions:
+            return client_id in self.sessions
+        self._claim_session(peers, client_id, False)
+        if client_id in self.sessions:
+            return True
+        self._release(peers, client_id)  # nothing was handed over: do not keep an empty claim
+        return False
+
+    def drop_session(self, client_id: str) -> bool:
+        """Forget the session of ``client_id`` here, without its will and without releasing its
+        ownership: another node owns the client id now, so the copy here is stale (a restored
+        session taken over elsewhere while this node was down). False when there is none."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return False
+        self._stop_hand_over(session)
+        self._cancel_timer(session)
+        old = session.delivery
+        if old is not None:
+            session.detach()
+            self.connected -= 1
+            if self.queues is not None:
+                self.queues.session_gone(session)
+        session.will = None
+        if isinstance(session, PersistentSession):
+            session.store.delete_will(client_id)
+        if old is not None:
+            old.close(0x8E, "session taken over")
+        self._forget_session(session, release=False)
+        return True
+
+    def release_sessions(self) -> None:
+        """Give up the ownership of every client id held here (the last step of a graceful stop,
+        after the drain in which other nodes could still take sessions over)."""
+        peers = self.peers
+        if peers is not None:
+            for client_id in list(self.sessions):
+                self._release(peers, client_id)
