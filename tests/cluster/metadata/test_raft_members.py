@@ -25,6 +25,7 @@ def test_named_members_are_agreed_once_all_are_live_and_the_same_on_every_node(m
     names = ["n1", "n2", "n3"]
     n1 = node(meta_factory, "n1", "127.0.0.1:7100")
     node(meta_factory, "n2", "127.0.0.1:7200")
+    assert wait_for(lambda: len(n1.members()) == 2)  # n1's watch has seen n2 (else it waits for both)
     members, why = RaftMembers(n1, names).agree()
     assert members is None and "waiting for n3 (cluster.etcd.initial_cluster)" in why
     assert RaftMembers(n1, names).recorded() is None  # nothing written while incomplete
