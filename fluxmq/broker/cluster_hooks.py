@@ -60,7 +60,7 @@ class ClusterHooks:
             if self.peers is not None:
                 self.peers.interest_removed(filter)
 
-    def _claim_session(self, peers, client_id: str, clean_start: bool) -> None:
+    def _claim_session(self, peers, client_id: str, clean_start: bool, only_from: str | None = None) -> None:
         """Own ``client_id`` cluster-wide before its session is opened here; import what the
         previous owner handed over."""
         pending = self._claiming.get(client_id)
@@ -68,7 +68,8 @@ class ClusterHooks:
             pending.wait(self.claim_wait)  # another connection of this id is claiming it here
         done = self._claiming[client_id] = Event()
         try:
-            state = peers.claim_session(client_id, clean_start)
+            state = (peers.claim_session(client_id, clean_start) if only_from is None
+                     else peers.claim_session(client_id, clean_start, only_from))
             self._drop_exported(client_id)  # the client id lives here now
             if state:
                 self._take_in(client_id, state, clean_start)
@@ -320,16 +321,17 @@ class ClusterHooks:
                 n += self._publish_shared(message, groups)
         return n
 
-    def adopt_session(self, client_id: str) -> bool:
+    def adopt_session(self, client_id: str, from_node: str | None = None) -> bool:
         """Take the session of ``client_id`` over from the node that owns it, with no connection:
         that node is stopping and hands its sessions to the others. Claimed as for a connecting
         client (``Peers.claim_session``, may block this greenlet), kept offline here with its
         timers armed. True when a session of ``client_id`` is here now; raises ServerUnavailable
-        when ownership cannot be established."""
+        when ownership cannot be established or, with ``from_node``, when a node other than the
+        stopping one owns it now (its client reconnected there: taking it would close that client)."""
         peers = self.peers
         if peers is None or client_id in self.sessions:
             return client_id in self.sessions
-        self._claim_session(peers, client_id, False)
+        self._claim_session(peers, client_id, False, from_node)
         if client_id in self.sessions:
             return True
         self._release(peers, client_id)  # nothing was handed over: do not keep an empty claim

@@ -46,10 +46,12 @@ class Peers(Protocol):
         """Queue ``message`` (published here) for every peer with matching interest; return the
         shared groups of ``groups`` (the local router's match) that this node serves itself."""
 
-    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
+    def claim_session(self, client_id: str, clean_start: bool, only_from: str | None = None) -> bytes | None:
         """Own ``client_id`` cluster-wide (may block this greenlet). Returns the encoded session state
         the previous owner handed over, or None. Raises ``fluxmq.errors.ServerUnavailable`` when
-        ownership cannot be established (no quorum, the previous owner does not answer)."""
+        ownership cannot be established (no quorum, the previous owner does not answer) or, with
+        ``only_from``, when another node than ``only_from`` owns it (an adoption never takes a
+        session from a node its client lives on)."""
 
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (its session ended here, or the node stops)."""

@@ -102,8 +102,10 @@ class ClusterSessions:
         except Exception as exc:
             raise ServerUnavailable(f"ownership of {client_id!r} cannot be established: {exc}") from exc
 
-    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
-        """Own ``client_id``; returns the state its previous owner handed over, or None."""
+    def claim_session(self, client_id: str, clean_start: bool, only_from: str | None = None) -> bytes | None:
+        """Own ``client_id``; returns the state its previous owner handed over, or None. With
+        ``only_from`` (an adoption asked by that stopping node) the session is taken from that node
+        only: owned by any other, the claim is refused (its client lives there now)."""
         state = self.kept.pop(client_id, None)
         take_from: str | None = None
         try:
@@ -111,6 +113,8 @@ class ClusterSessions:
                 owner = self._acquire(client_id, take_from)
                 if owner is None:
                     return state
+                if only_from is not None and owner != only_from:
+                    raise ServerUnavailable(f"{client_id!r} moved to node {owner}: not adopted from {only_from}")
                 try:
                     reply = self.call(owner, TAKEOVER_KIND, client_id.encode(), self.timeout)
                 except Exception as exc:

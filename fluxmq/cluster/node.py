@@ -276,7 +276,7 @@ class ClusterNode:
         if self.draining or not self._started:
             raise ServerUnavailable(f"node {self.node_id} is stopping")
         client_id = bytes(payload).decode()
-        adopted = self.broker.adopt_session(client_id)
+        adopted = self.broker.adopt_session(client_id, from_node)
         log.info("session_adopted", extra={"client_id": client_id, "from_node": from_node, "adopted": adopted})
         return b"1" if adopted else b""
 

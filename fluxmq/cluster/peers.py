@@ -168,9 +168,9 @@ class ClusterPeers:
 
     sessions = None
 
-    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
+    def claim_session(self, client_id: str, clean_start: bool, only_from: str | None = None) -> bytes | None:
         sessions = self.sessions
-        return sessions.claim_session(client_id, clean_start) if sessions is not None else None
+        return sessions.claim_session(client_id, clean_start, only_from) if sessions is not None else None
 
     def release_session(self, client_id: str) -> None:
         sessions = self.sessions

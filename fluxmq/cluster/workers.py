@@ -163,8 +163,8 @@ class WorkerPeers(ClusterPeers):
                     link.enqueue(Outgoing(blob, (), False, message.expires_at))
         return local
 
-    def claim_session(self, client_id: str, clean_start: bool) -> bytes | None:
-        return self.sessions.claim_session(client_id, clean_start)
+    def claim_session(self, client_id: str, clean_start: bool, only_from: str | None = None) -> bytes | None:
+        return self.sessions.claim_session(client_id, clean_start, only_from)
 
     def release_session(self, client_id: str) -> None:
         self.sessions.release_session(client_id)

@@ -233,3 +233,21 @@ def test_a_lost_takeover_reply_loses_nothing(cluster: Cluster) -> None:
     assert present and set(new.subscriptions) == {"t"}
     assert d.sent == [("t", 1, False, 1, True, None)]
     assert cluster.registry.owners["c1"] == "B"
+
+
+def test_an_adoption_takes_the_session_only_from_the_stopping_node(cluster: Cluster) -> None:
+    """A stopping node (A) asks C to adopt its sessions; a client that reconnected to B meanwhile
+    took its session over from A. C must not take it from B (that would close the live client with
+    0x8E and leave the session on a node it is not connected to): the adoption is refused."""
+    a, b, c = cluster.node("A"), cluster.node("B"), cluster.node("C")
+    connect(a, "c1")
+    live, d, present = connect(b, "c1")  # the client came back on B first
+    assert present and cluster.registry.owners["c1"] == "B"
+    from fluxmq.errors import ServerUnavailable
+
+    with pytest.raises(ServerUnavailable):
+        c.adopt_session("c1", from_node="A")
+    assert cluster.registry.owners["c1"] == "B" and d.closed_with is None and "c1" not in c.sessions
+    # From the node that does own it, the adoption goes through.
+    assert c.adopt_session("c1", from_node="B")
+    assert cluster.registry.owners["c1"] == "C"

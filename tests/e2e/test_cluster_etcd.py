@@ -375,7 +375,7 @@ def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster
     assert cluster.owner(mover) == "e1"
     m = raw5(e1, mover, clean_start=True)  # Session Expiry 0: the session ends with this connection
     m.disconnect()
-    assert wait_for(lambda: cluster.owner(mover) is None, timeout=10)
+    assert wait_for(lambda: cluster.owner(mover) is None, timeout=10), cluster.owner(mover)
     m = raw5(back, mover, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 600})
     assert not m.connack.session_present
     m.disconnect()

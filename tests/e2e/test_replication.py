@@ -461,8 +461,13 @@ def test_minority_refuses_appends_and_never_acknowledges_them(node_factory) -> N
 
 def test_reject_policy_refuses_on_a_follower_naming_the_leader(node_factory) -> None:
     nodes = start_cluster(node_factory, write_policy="reject")
-    leader = wait_leader(nodes)
+    leader = wait_all_know_leader(nodes)
     follower = (leader + 1) % 3
+    # A follower that does not know the leader yet refuses with 0x97 (no leader): wait (bounded)
+    # until it has applied the leader's claim, which carries the MQTT address it names.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (raft_status(nodes[follower]) or {}).get("leader_mqtt"):
+        time.sleep(0.1)
     c = client5(nodes[follower], "rejected")
     got: list = []
     done = threading.Event()
