@@ -275,8 +275,9 @@ class RaftService:
                     g.cursor_elsewhere(prog[0])
                 elif prog[0] > g.floor:
                     # the replicated floor passed the leader's own (settlements at the floor
-                    # move it, log.py): the group follows, never to sit below it for good
-                    g.follow(prog)
+                    # move it, log.py): settled here too (windows, partition holders), never to
+                    # sit below it for good
+                    g.settled_elsewhere(range(g.floor, prog[0]))
         else:
             for gname, g in q.groups.items():
                 prog = qlog.progress.get(gname)
