@@ -369,12 +369,12 @@ class ReplicatedGroup(ConsumerGroup):
     # -- a follower's settlements ----------------------------------------------------------------
 
     def nack(self, offset: int, reason: str = "") -> bool:
-        if self.stream or self.leased or self.queue.log.delivering:
+        if self.stream or self.leased or self.queue.log.deciding:
             return super().nack(offset, reason)
         return self._forward(offset, reason, False)
 
     def reject(self, offset: int, reason: str = "") -> bool:
-        if self.stream or self.leased or self.queue.log.delivering:
+        if self.stream or self.leased or self.queue.log.deciding:
             return super().reject(offset, reason)
         return self._forward(offset, reason, True)
 
@@ -491,7 +491,7 @@ class ReplicatedGroup(ConsumerGroup):
         return len(expired)
 
     def settle(self, offset: int, defer: bool = False) -> None:
-        if self.queue.log.delivering and not self.leased:
+        if self.queue.log.deciding:
             super().settle(offset, defer)
             return
         # A follower keeps no settled state of its own (an ack whose commit was refused in an
@@ -505,4 +505,4 @@ class ReplicatedGroup(ConsumerGroup):
     def write_progress(self, floor_only: bool = False) -> None:
         # A follower's settlements above the floor are written at once: its tick does not run
         # (it does not deliver), and the leader waits for them to release the records.
-        super().write_progress(floor_only and self.queue.log.delivering and not self.leased)
+        super().write_progress(floor_only and self.queue.log.deciding)

@@ -45,6 +45,12 @@ class StandInGroup:
 
     name = "-"
     delivering = False
+    owner = None  # no claim: this node decides nothing (ReplicatedQueueLog.deciding)
+    self_addr = ""
+    incarnation = ""  # no member registrations (the reconcile loop makes them once formed)
+
+    def leader(self) -> None:
+        return None
 
     def __init__(self, reason, code: int = 0x97, keep: bool = False) -> None:
         self.reason = reason  # () -> str
@@ -119,7 +125,15 @@ class FormingRaft:
             return _local_log(name, store, stored)
         group = self.outside or self.pending
         qlog = ReplicatedQueueLog(
-            name, store, group, config.replication, stored, config.type == "stream" and plan_name == name
+            name,
+            store,
+            group,
+            config.replication,
+            stored,
+            config.type == "stream" and plan_name == name,
+            # the stand-in knows no distribution_mode: without it the queue's groups would stay
+            # plain leader-only groups after forming (consumers on followers never served)
+            getattr(self.raft, "distribution_mode", "") or "",
         )
         if group is self.pending:
             self._logs[name] = qlog

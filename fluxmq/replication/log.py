@@ -23,7 +23,8 @@ from .lease import LeaseTable
 class ReplicatedQueueLog(QueueLog):
     """The log of one replicated queue (see the module docstring)."""
 
-    def __init__(self, name: str, store, group, config, stored=None, stream: bool = False) -> None:
+    def __init__(self, name: str, store, group, config, stored=None, stream: bool = False,
+                 distribution: str | None = None) -> None:
         if stored is None:
             super().__init__(name, store)
         else:
@@ -52,7 +53,10 @@ class ReplicatedQueueLog(QueueLog):
         # and what this entry changed that the broker acts on (leases, settlements from elsewhere)
         self.registered: dict[str, dict[tuple[str, str], tuple]] = {}
         self.events: list | None = None
-        distribution = getattr(group, "distribution", "")
+        if distribution is None:
+            # ``distribution`` is given where the log is made before its group (etcd membership,
+            # forming.py: a stand-in group first, which knows no distribution_mode)
+            distribution = getattr(group, "distribution", "")
         if distribution:
             from .distribution import ReplicatedGroup
 
@@ -73,6 +77,15 @@ class ReplicatedQueueLog(QueueLog):
         if self.leased:  # every replica delivers what it leased, while it hears a leader
             return self.group.leader() is not None
         return self.group.delivering
+
+    @property
+    def deciding(self) -> bool:
+        """distribution_mode forward: this node's consumer groups hold the leader's decisions (its
+        claim is the last one applied). Not ``delivering``, which also needs a majority's answer
+        within DELIVERY_LEASE and so flickers on a loaded leader: a leader that took a settlement
+        or a late lease for a follower's meanwhile dropped the record from its group without
+        settling or delivering it again (its floor stuck there for good)."""
+        return not self.leased and self.group.owner == self.group.self_addr
 
     def leasable(self, group: str, now: float) -> bool:
         table = self.leases.get(group)
@@ -154,6 +167,8 @@ class ReplicatedQueueLog(QueueLog):
         """This node's member ``key`` joined (``member``) or left (None) ``group``: a command, so
         the leader of any term knows it (distribution_mode forward)."""
         g = self.group
+        if not getattr(g, "incarnation", ""):
+            return  # no Raft group yet (forming.py): registered by the reconcile loop once formed
         if member is None:
             self.group.stage(("m", self.name, group, g.self_addr, g.incarnation, key, "", 0, False))
             return
@@ -211,12 +226,16 @@ class ReplicatedQueueLog(QueueLog):
                 prog[1].discard(off)
                 store.settle(self.name, group, off, False)
             store.put_group(self.name, group, floor)
-            # a settled offset the floor just reached moves the floor on (as ConsumerGroup.settle does)
+        if not self.stream and prog[0] in prog[1]:
+            # a settled offset at the floor moves the floor on (as ConsumerGroup.settle does),
+            # also when the settlement itself is at the floor (a member on another node acked it):
+            # the replicated floor never rests on a settled record, whatever the leader's group
+            # missed (a leader rebuilt from such a floor would never pass it nor deliver it)
             while prog[0] in prog[1]:
                 prog[1].discard(prog[0])
                 store.settle(self.name, group, prog[0], False)
                 prog[0] += 1
-                store.put_group(self.name, group, prog[0])
+            store.put_group(self.name, group, prog[0])
 
     def apply_truncate(self, below: int) -> None:
         QueueLog.truncate(self, below, max(0, below - self.first))

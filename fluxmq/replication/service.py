@@ -221,7 +221,9 @@ class RaftService:
         settled or leased elsewhere, apply other nodes' nacks and members (the forward leader)."""
         group = qlog.group
         me = group.self_addr
-        deciding = qlog.delivering and not qlog.leased  # the forward leader
+        # the forward leader: by its claim, not ``delivering`` (which flickers on a loaded leader:
+        # a settlement taken as a follower's dropped the record from the leader's group for good)
+        deciding = qlog.deciding
         members_changed = False
         for ev in events:
             kind = ev[0]
@@ -265,11 +267,17 @@ class RaftService:
                 for gname, g in q.groups.items():
                     if hasattr(g, "sync_remote"):
                         g.sync_remote(qlog.registered.get(gname, {}), alive, me, group)
-            if qlog.stream:
-                for gname, g in q.groups.items():
-                    prog = qlog.progress.get(gname)
-                    if prog is not None and hasattr(g, "cursor_elsewhere"):
-                        g.cursor_elsewhere(prog[0])
+            for gname, g in q.groups.items():
+                prog = qlog.progress.get(gname)
+                if prog is None or not hasattr(g, "cursor_elsewhere"):
+                    continue
+                if qlog.stream:
+                    g.cursor_elsewhere(prog[0])
+                elif prog[0] > g.floor:
+                    # the replicated floor passed the leader's own (settlements at the floor
+                    # move it, log.py): settled here too (windows, partition holders), never to
+                    # sit below it for good
+                    g.settled_elsewhere(range(g.floor, prog[0]))
         else:
             for gname, g in q.groups.items():
                 prog = qlog.progress.get(gname)
@@ -374,6 +382,10 @@ class _NotHeldLog(ReplicatedQueueLog):
 
     @property
     def delivering(self) -> bool:  # type: ignore[override]
+        return False
+
+    @property
+    def deciding(self) -> bool:  # type: ignore[override]
         return False
 
     def held_ack(self):

@@ -63,3 +63,21 @@ def test_a_node_outside_the_agreed_set_refuses_as_holding_no_replica() -> None:
     later = f.log_factory("orders.dlq", SimpleNamespace(), None)  # made after: refused the same way
     with pytest.raises(QueueRefused, match="holds no replica"):
         later.append_one(SimpleNamespace())
+
+
+@pytest.mark.parametrize("mode", ["forward", "replicate"])
+def test_a_log_made_before_forming_distributes_as_configured(mode) -> None:
+    """The queues are made at start, before etcd agreed on the members (a stand-in group, which
+    knows no distribution_mode): their logs still get the mode's consumer groups, registrations
+    and events. Without them the formed group served only the leader's own consumers (seen: the
+    consumer on a follower received nothing in a whole leader-kill run)."""
+    from fluxmq.replication.distribution import ReplicatedGroup
+
+    f = forming([QueueConfig("orders", replication=ReplicationConfig(True, "default", "sync", 3, 2, 5.0))])
+    f.raft.distribution_mode = mode
+    qlog = f.log_factory("orders", SimpleNamespace(), None)
+    assert qlog.group_class is ReplicatedGroup and qlog.events == []
+    assert qlog.leased is (mode == "replicate") and qlog.deciding is False
+    qlog.register("g", "c1\x00$queue/orders", None)  # no group yet: the reconcile loop registers it later
+    assert qlog.delivering is False
+    f.stop()

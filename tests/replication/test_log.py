@@ -74,3 +74,19 @@ def test_a_restarted_node_s_first_registration_drops_those_of_its_earlier_run() 
                                      ("n1", "d\x00$queue/q"): ("run2", "", 10, False)}, "h": {}}
     qlog.apply_member("g", "n2", "run7", "c\x00$queue/q", "", 0, False)  # left
     assert list(qlog.registered["g"]) == [("n1", "d\x00$queue/q")]
+
+
+def test_a_settlement_of_the_floor_itself_moves_the_floor() -> None:
+    """A member on another node settles the record at the floor (``("c", g, 0, off)``): the
+    replicated floor passes it at once, without waiting for the leader's own floor. Otherwise a
+    leader whose group missed that settlement (its event applied while it did not deliver) keeps
+    committing the old floor, and every later leader rebuilds a group whose floor sits on a
+    settled record: never passed, never delivered again (seen: floor stuck for good after a
+    leader kill)."""
+    qlog = ReplicatedQueueLog("q", MemoryQueueLog(), _Group(), ReplicationConfig(True))
+    qlog.apply_commit("g", 0, None, ())
+    qlog.apply_commit("g", 0, 1, ())
+    qlog.apply_commit("g", 0, 0, ())
+    assert qlog.progress["g"] == [2, set()]
+    qlog.apply_commit("g", 1, None, ())  # the leader's older floor changes nothing
+    assert qlog.progress["g"] == [2, set()]
