@@ -112,6 +112,9 @@ class Broker(SessionLifecycle, SharedHandOvers, ClusterHooks, Publishing, Subscr
         # Client ids whose open_session is claiming ownership cluster-wide (set_peers only): an
         # export waits for the claim to finish, and the claim's own session ends release nothing.
         self._claiming: dict[str, Event] = {}
+        # client ids whose session ended while a claim of them was open here: released when the
+        # claim closes if no session of theirs is here then (see _claimed)
+        self._ended_while_claiming: set[str] = set()
         # Seconds an export waits for a claim of the same client id in progress here (shorter than
         # the takeover RPC's timeout, so the caller never gives up on a state it is being sent).
         self.claim_wait = 2.0

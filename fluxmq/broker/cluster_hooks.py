@@ -81,6 +81,14 @@ class ClusterHooks:
     def _claimed(self, client_id: str, done: Event) -> None:
         if self._claiming.get(client_id) is done:
             del self._claiming[client_id]
+            if client_id in self._ended_while_claiming:
+                # A session of this id ended during the claim (a Clean Start's old copy, or the
+                # new session itself when its client disconnected within the claim's turn): with
+                # none left here, nothing will release the id later, so it is released now.
+                self._ended_while_claiming.discard(client_id)
+                peers = self.peers
+                if peers is not None and client_id not in self.sessions:
+                    self._release(peers, client_id)
         done.set()
 
     def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> None:

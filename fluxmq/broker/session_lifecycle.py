@@ -252,8 +252,11 @@ class SessionLifecycle:
             if self.auth is not None:
                 self.auth.forget(session.client_id)
             peers = self.peers
-            if peers is not None and release and session.client_id not in self._claiming:
-                self._release(peers, session.client_id)
+            if peers is not None and release:
+                if session.client_id not in self._claiming:
+                    self._release(peers, session.client_id)
+                else:  # decided when the claim closes (_claimed): a new session may follow
+                    self._ended_while_claiming.add(session.client_id)
 
     # -- wills -----------------------------------------------------------------------------------
 

@@ -251,3 +251,23 @@ def test_an_adoption_takes_the_session_only_from_the_stopping_node(cluster: Clus
     # From the node that does own it, the adoption goes through.
     assert c.adopt_session("c1", from_node="B")
     assert cluster.registry.owners["c1"] == "C"
+
+
+def test_a_session_that_ends_in_the_turn_of_its_claim_releases_its_client_id(cluster: Cluster) -> None:
+    """A client that connects with Session Expiry 0 and disconnects before the loop turn of its
+    claim is over (its DISCONNECT already read when the CONNACK went out) ends its session while
+    the claim is still open; the client id must be released once the claim closes, not stay owned
+    by this node for good."""
+    a = cluster.node("A")
+    connect(a, "c1")  # an offline copy would be replaced by Clean Start: the id is owned here
+    s, d, _ = connect(a, "c1")
+    a.close_session(s, d, publish_will=False)
+    gevent.sleep(0)
+    assert "c1" not in cluster.registry.owners or cluster.registry.owners["c1"] == "A"
+    session, _ = a.open_session("c1", True, 0)  # the claim's turn is not over yet
+    d2 = RecordingDelivery()
+    a.attach(session, d2, 100)
+    a.close_session(session, d2, publish_will=False)  # ends now: expiry 0
+    gevent.sleep(0.01)  # the turn ends, the claim closes
+    assert "c1" not in a.sessions
+    assert "c1" not in cluster.registry.owners, cluster.registry.owners
