@@ -88,7 +88,7 @@ class ClusterHooks:
                 self._ended_while_claiming.discard(client_id)
                 peers = self.peers
                 if peers is not None and client_id not in self.sessions:
-                    self._release(peers, client_id)
+                    gevent.spawn(self._release_if_unused, peers, client_id)  # a callback may not block
         done.set()
 
     def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> None:
@@ -287,6 +287,11 @@ class ClusterHooks:
         log.info("session_imported", extra={"client_id": cid, "subscriptions": len(session.subscriptions),
                                             "inflight": len(session.inflight), "queued": len(queued)})
         return session
+
+    def _release_if_unused(self, peers, client_id: str) -> None:
+        """Release ``client_id`` unless a session or a claim of it appeared here meanwhile."""
+        if client_id not in self.sessions and client_id not in self._claiming:
+            self._release(peers, client_id)
 
     @staticmethod
     def _release(peers, client_id: str) -> None:
