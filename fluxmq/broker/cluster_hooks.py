@@ -166,12 +166,7 @@ class ClusterHooks:
         """Detach, snapshot and forget ``session`` (its connection closed with 0x8E, no will)."""
         self._stop_hand_over(session)
         self._cancel_timer(session)
-        old = session.delivery
-        if old is not None:
-            session.detach()
-            self.connected -= 1
-            if self.queues is not None:
-                self.queues.session_gone(session)  # durable-queue deliveries stay on this node
+        old = self._unplug(session)  # durable-queue deliveries stay on this node
         state = self._snapshot(session, old is not None)
         if session.will is not None and self.shared_wills is not None:
             self.shared_wills.will_set(session.client_id, None, 0)  # the taking node records it as its own
@@ -359,12 +354,7 @@ class ClusterHooks:
             return False
         self._stop_hand_over(session)
         self._cancel_timer(session)
-        old = session.delivery
-        if old is not None:
-            session.detach()
-            self.connected -= 1
-            if self.queues is not None:
-                self.queues.session_gone(session)
+        old = self._unplug(session)
         session.will = None
         if isinstance(session, PersistentSession):
             session.store.delete_will(client_id)

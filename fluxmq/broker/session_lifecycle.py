@@ -65,12 +65,8 @@ class SessionLifecycle:
             # A session with expiry 0 (3.x clean session) ends with its network connection, so a
             # takeover does not resume it [MQTT-3.1.2-6].
             ended = clean_start or session.expiry_interval == 0 or ending
-            old = session.delivery
+            old = self._unplug(session)
             if old is not None:
-                session.detach()
-                self.connected -= 1
-                if self.queues is not None:
-                    self.queues.session_gone(session)
                 old_will = session.will
                 session.will = None
                 old.close(0x8E, "session taken over")
@@ -141,14 +137,22 @@ class SessionLifecycle:
         if self.queues is not None and self.queues.resumable:
             self.queues.session_attached(session)
 
+    def _unplug(self, session: Session) -> Delivery | None:
+        """Take ``session`` off its connection, if it has one (counted, and its durable-queue
+        deliveries handed to other members); returns that connection."""
+        old = session.delivery
+        if old is not None:
+            session.detach()
+            self.connected -= 1
+            if self.queues is not None:
+                self.queues.session_gone(session)
+        return old
+
     def close_session(self, session: Session, delivery: Delivery, publish_will: bool) -> None:
         """The connection of ``session`` ended (``publish_will`` False after a normal DISCONNECT)."""
         if session.delivery is not delivery:
             return  # taken over: the new connection owns the session now
-        session.detach()
-        self.connected -= 1
-        if self.queues is not None:
-            self.queues.session_gone(session)  # its queue deliveries go to other members
+        self._unplug(session)  # its queue deliveries go to other members
         session.disconnected_at = time.time()
         will = session.will if publish_will else None
         if will is None and session.will is not None and self.shared_wills is not None:
