@@ -55,6 +55,8 @@ SLOW_TICK = 0.05
 MAX_IN_FLIGHT = 2
 #: an entry without an answer for this long no longer holds the next ones back
 IN_FLIGHT_PATIENCE = 1.0
+#: pause between two chunks of a snapshot being written (snapshot.CHUNK records, ~0.3-1 ms each)
+SNAPSHOT_PAUSE = 0.001
 #: what a serializeChecker returns (pysyncobj.config.SERIALIZER_STATE)
 _NOT_SERIALIZING, _SERIALIZING, _SUCCESS, _FAILED = 0, 1, 2, 3
 
@@ -219,8 +221,11 @@ class RaftGroup:
         state = _FAILED
         try:
             for _ in writing.steps():
-                # between two chunks the hub runs what is ready (publishes; the Raft ticks, which
-                # wait for an idle loop too: gevent.sleep(0) here would keep them from ticking)
+                # Between two chunks: a pause (the dump is not urgent: the node's CPU goes to
+                # publishes first, and a node sharing cores with others leaves them some), then
+                # whatever is ready runs first (publishes, and the Raft ticks, which wait for an
+                # idle loop too: gevent.sleep(0) alone would keep them from ticking).
+                gevent.sleep(SNAPSHOT_PAUSE)
                 gevent.idle()
             if self.stats["snapshots_installed"] != installed:
                 # the leader's dump was installed meanwhile: it is newer than this one, keep it

@@ -13,8 +13,8 @@ pysyncobj its own ``serializer``/``deserializer`` (``RaftGroup.start``):
   registered), then the records of every queue of the group, in chunks. So the dump carries the
   queue-log state a replica lacks, not only a marker: a replica that missed compacted entries gets
   the records themselves. The records are read from a view of the store taken with the header and
-  written a chunk at a time, the hub running between two (``RaftGroup`` drives it and tells
-  pysyncobj when it is complete): a snapshot of tens of thousands of records once held the hub,
+  written a chunk at a time, the hub running between two (``RaftGroup._write_snapshot`` drives it,
+  pausing between chunks, and tells pysyncobj when it is complete): a snapshot of tens of thousands of records once held the hub,
   and every publish of the node, for ~2 ms per 1,000 records (bench/RESULTS.md).
 - ``read(path, group)`` (at start, and when a dump from the leader is complete): when the dump is
   ahead of what this replica applied, its queue state replaces the local one (records, groups,
