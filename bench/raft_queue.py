@@ -33,8 +33,10 @@ reference, forward with one consumer on the leader: nothing crosses nodes but th
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import selectors
 import shutil
 import struct
@@ -158,11 +160,38 @@ def measured(nodes, fn, *args) -> dict:
     pids = [n.pid for n in nodes]
     snaps = [_snapshots(n) for n in nodes]
     before = procinfo.tree_cpu_s(pids)
+    started = time.time()
     out = fn(*args)
     cpu = procinfo.tree_cpu_s(pids) - before
     out["node_cpu_us_per_msg"] = round(cpu / max(1, out["acked"]) * 1e6, 1)
     if snaps[0] is not None:
         out["snapshots_written"] = max(_snapshots(n) - b for n, b in zip(nodes, snaps, strict=True))
+        # when (seconds from the phase's start) each node began and ended a snapshot, and the ticks
+        # that held a node's hub over 50 ms (raft_tick_slow, logged at most every 10 s): lined up
+        # with the slow episodes above
+        out["node_events"] = [ev for i, n in enumerate(nodes) for ev in _events(n, i, started)]
+    return out
+
+
+_EVENT = re.compile(r"^(\S+Z) \S+ \S+ event=(raft_snapshot_written|raft_tick_slow) .*?"
+                    r"(?:took_s=([0-9.]+)|held_hub_s=([0-9.]+))")
+
+
+def _events(node, i: int, since: float) -> list[dict]:
+    out = []
+    try:
+        text = node.log_path.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        m = _EVENT.match(line)
+        if not m:
+            continue
+        at = datetime.datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+        if at < since:
+            continue
+        took = float(m[3] or m[4])
+        out.append({"node": i, "event": m[2], "from_s": round(at - took - since, 3), "to_s": round(at - since, 3)})
     return out
 
 

@@ -55,7 +55,8 @@ SLOW_TICK = 0.05
 MAX_IN_FLIGHT = 2
 #: an entry without an answer for this long no longer holds the next ones back
 IN_FLIGHT_PATIENCE = 1.0
-#: pause between two chunks of a snapshot being written (snapshot.CHUNK records, ~0.3-1 ms each)
+#: shortest pause between two chunks of a snapshot being written (snapshot.CHUNK records, ~0.3-1 ms
+#: each; the pause is twice the chunk's time)
 SNAPSHOT_PAUSE = 0.001
 #: what a serializeChecker returns (pysyncobj.config.SERIALIZER_STATE)
 _NOT_SERIALIZING, _SERIALIZING, _SUCCESS, _FAILED = 0, 1, 2, 3
@@ -220,13 +221,17 @@ class RaftGroup:
         installed = self.stats["snapshots_installed"]
         state = _FAILED
         try:
+            clock = time.perf_counter
+            started = clock()
             for _ in writing.steps():
-                # Between two chunks: a pause (the dump is not urgent: the node's CPU goes to
-                # publishes first, and a node sharing cores with others leaves them some), then
-                # whatever is ready runs first (publishes, and the Raft ticks, which wait for an
-                # idle loop too: gevent.sleep(0) alone would keep them from ticking).
-                gevent.sleep(SNAPSHOT_PAUSE)
+                # Between two chunks: a pause twice as long as the chunk took (at least
+                # SNAPSHOT_PAUSE: the dump is not urgent, it takes at most a third of the hub, less
+                # when the machine is busy and a chunk takes longer), then whatever is ready runs
+                # first (publishes, and the Raft ticks, which wait for an idle loop too:
+                # gevent.sleep(0) alone would keep them from ticking).
+                gevent.sleep(max(SNAPSHOT_PAUSE, 2 * (clock() - started)))
                 gevent.idle()
+                started = clock()
             if self.stats["snapshots_installed"] != installed:
                 # the leader's dump was installed meanwhile: it is newer than this one, keep it
                 writing.discard()
