@@ -14,8 +14,9 @@ pysyncobj its own ``serializer``/``deserializer`` (``RaftGroup.start``):
   queue-log state a replica lacks, not only a marker: a replica that missed compacted entries gets
   the records themselves. The records are read from a view of the store taken with the header and
   written a chunk at a time, the hub running between two (``RaftGroup._write_snapshot`` drives it,
-  pausing between chunks, and tells pysyncobj when it is complete): a snapshot of tens of thousands of records once held the hub,
-  and every publish of the node, for ~2 ms per 1,000 records (bench/RESULTS.md).
+  pausing between chunks, and tells pysyncobj when it is complete). Written in one go, a snapshot
+  of tens of thousands of records held the hub, and every publish of the node, ~1-3 ms per 1,000
+  records (bench/RESULTS.md).
 - ``read(path, group)`` (at start, and when a dump from the leader is complete): when the dump is
   ahead of what this replica applied, its queue state replaces the local one (records, groups,
   applied index, in one storage batch); otherwise (the node's own dump at restart) nothing is
@@ -56,13 +57,14 @@ class Writing:
         queues = {}
         for name, qlog in group.logs.items():
             queues[name] = {"first": qlog.first, "next": qlog.next, "count": qlog.count, "bytes": qlog.bytes,
-                            "progress": {g: (floor, sorted(settled)) for g, (floor, settled) in qlog.progress.items()},
+                            "progress": {g: (floor, sorted(settled))
+                                         for g, (floor, settled) in qlog.progress.items()},
                             # replicated delivery counts and member registrations (distribution_mode forward)
                             "marks": dict(qlog.marks), "counts": {g: dict(c) for g, c in qlog.counts.items()},
                             "registered": {g: dict(r) for g, r in qlog.registered.items()},
                             # delivery leases (distribution_mode replicate)
-                            "leases": {g: t.dump() for g, t in qlog.leases.items()}, "log_next": qlog.log_next,
-                            "clock": qlog.clock}
+                            "leases": {g: t.dump() for g, t in qlog.leases.items()},
+                            "log_next": qlog.log_next, "clock": qlog.clock}
         header = {"format": FORMAT, "index": raft_data[0][1], "raft": tuple(raft_data), "owner": group.owner,
                   "mqtt_of": dict(group.mqtt_of), "queues": queues}
         self.index = header["index"]
@@ -100,7 +102,8 @@ class Writing:
         os.replace(self.part, self.path)
         group = self.group
         group.stats["snapshots_written"] += 1
-        log.info("raft_snapshot_written", extra={"group": group.name, "index": self.index, "records": self.records,
+        log.info("raft_snapshot_written", extra={"group": group.name, "index": self.index,
+                                                 "records": self.records,
                                                  "took_s": round(time.perf_counter() - self.started, 3)})
 
     def discard(self) -> None:
