@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-raft-snapshot-"))
     storage = LMDBStorage(base / "data", map_size=1 << 30)
     me = f"127.0.0.1:{free_port()}"
-    group = RaftGroup("default", me, [me], str(base / "raft"), storage.queue_log(), "forward", compaction_entries=20)
+    group = RaftGroup(
+        "default", me, [me], str(base / "raft"), storage.queue_log(), "forward", compaction_entries=20
+    )
     group.logs["q"] = ReplicatedQueueLog("q", group.store, group, ReplicationConfig(True))
     group.start()
     gevent.get_hub().threadpool.apply(int)  # made (and its modules imported) before, as in a node
@@ -78,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         storage.close()
         shutil.rmtree(base, ignore_errors=True)
     gaps.sort(key=lambda g: -g[0])
-    print(json.dumps({"records": group.logs["q"].count, "snapshots": group.stats["snapshots_written"],
-                      "longest_gaps_cpu_ms": [[round(g * 1000, 1), writing] for g, writing in gaps[:5]]}))
+    print(
+        json.dumps(
+            {
+                "records": group.logs["q"].count,
+                "snapshots": group.stats["snapshots_written"],
+                "longest_gaps_cpu_ms": [[round(g * 1000, 1), writing] for g, writing in gaps[:5]],
+            }
+        )
+    )
     return 0
 
 
@@ -88,6 +97,9 @@ if __name__ == "__main__":
     import sys
 
     if __package__ in (None, ""):
-        sys.path.insert(0, os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or
-                        os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        sys.path.insert(
+            0,
+            os.environ.get("PYTHONPATH", "").split(os.pathsep)[0]
+            or os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
     raise SystemExit(main())
