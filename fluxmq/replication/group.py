@@ -60,6 +60,11 @@ MAX_IN_FLIGHT = 2
 IN_FLIGHT_PATIENCE = 1.0
 #: what ``_apply`` returns for an entry whose settlements were refused as stale (``STALE``)
 STALE = "stale"
+#: shortest pause between two chunks of a snapshot being written (snapshot.CHUNK records, ~0.3-1 ms
+#: each; the pause is twice the chunk's time)
+SNAPSHOT_PAUSE = 0.001
+#: what a serializeChecker returns (pysyncobj.config.SERIALIZER_STATE)
+_NOT_SERIALIZING, _SERIALIZING, _SUCCESS, _FAILED = 0, 1, 2, 3
 
 
 def _make_node_class():
@@ -137,6 +142,10 @@ class RaftGroup:
         self.journal = journal
         self.dump = os.path.join(data_dir, f"raft-{name}.snapshot")
         self._node = None
+        # log compaction (snapshot.Writing): the dump being written by a greenlet, and what
+        # _snapshot_progress tells pysyncobj
+        self._snapshot_writer = None
+        self._snapshot_state = _NOT_SERIALIZING
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -157,10 +166,11 @@ class RaftGroup:
             connectionRetryTime=0.5, leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT, commandsWaitLeader=False,
             journalFile=self.journal, pollerType="select", maxBindRetries=20, bindRetryTime=0.25,
             # Snapshots of our own (fluxmq.replication.snapshot): the queue state, not the pickled
-            # object; taken every compaction_entries entries (never on a timer: a snapshot copies the
-            # retained records in the hub).
+            # object; taken every compaction_entries entries (never on a timer: a snapshot copies
+            # every retained record), written by a greenlet a chunk at a time (_begin_snapshot).
             logCompactionMinEntries=self.compaction_entries, logCompactionMinTime=10 ** 12,
-            fullDumpFile=self.dump, serializer=self._write_snapshot, deserializer=self._read_snapshot,
+            fullDumpFile=self.dump, serializer=self._begin_snapshot, serializeChecker=self._snapshot_progress,
+            deserializer=self._read_snapshot,
             dynamicMembershipChange=False,
             # the member listens on its address as configured (pysyncobj binds 0.0.0.0 without this)
             bindAddress=self.self_addr,
@@ -182,6 +192,9 @@ class RaftGroup:
         if self._driver is not None:
             self._driver.kill(block=True, timeout=2)
             self._driver = None
+        if self._snapshot_writer is not None:
+            self._snapshot_writer.kill(block=True, timeout=2)  # the partial dump is removed
+            self._snapshot_writer = None
         node = self._node
         if node is not None:
             try:
@@ -193,12 +206,75 @@ class RaftGroup:
             held.resolve(refused("the node is stopping", 0x80))
         self._holds = []
 
-    def _write_snapshot(self, path: str, raft_data) -> None:
+    def _begin_snapshot(self, path: str, raft_data) -> None:
+        """pysyncobj's serializer, called by its log compaction in the hub at the applied index:
+        the dump's header and a view of the records are taken now (snapshot.Writing), the records
+        are written by a greenlet a chunk at a time, and ``_snapshot_progress`` (pysyncobj's
+        serializeChecker) says SERIALIZING until the dump is complete, then SUCCESS (pysyncobj then
+        drops the entries before it; meanwhile it sends no dump to a replica).
+
+        pysyncobj renames ``path`` onto the dump as soon as this returns. Nothing is written at
+        ``path`` (the dump is written to a file of its own and moved onto the dump when complete,
+        so a crash meanwhile leaves the previous dump whole): that rename fails, and pysyncobj
+        ignores its failure when a serializeChecker is given. A dump being sent to a replica
+        when this begins is sent whole, from the file it was opened on."""
         try:
-            snapshot.write(path, self, raft_data)
+            os.unlink(path)  # a leftover would be renamed onto the dump
+        except FileNotFoundError:
+            pass
+        try:
+            writing = snapshot.Writing(self.dump, self, raft_data)
         except Exception:
+            self._snapshot_state = _FAILED
             log.exception("raft_snapshot_write_failed", extra={"group": self.name})
             raise
+        self._snapshot_state = _SERIALIZING
+        self._snapshot_writer = gevent.spawn(self._write_snapshot, writing)
+
+    def _write_snapshot(self, writing) -> None:
+        installed = self.stats["snapshots_installed"]
+        state = _FAILED
+        try:
+            clock = time.perf_counter
+            started = clock()
+            for _ in writing.steps():
+                # Between two chunks: a pause twice as long as the chunk took (at least
+                # SNAPSHOT_PAUSE: the dump is not urgent, it takes at most a third of the hub, less
+                # when the machine is busy and a chunk takes longer), then whatever is ready runs
+                # first (publishes, and the Raft ticks, which wait for an idle loop too:
+                # gevent.sleep(0) alone would keep them from ticking).
+                gevent.sleep(max(SNAPSHOT_PAUSE, 2 * (clock() - started)))
+                gevent.idle()
+                started = clock()
+            if self.stats["snapshots_installed"] != installed:
+                # the leader's dump was installed meanwhile: it is newer than this one, keep it
+                writing.discard()
+                log.info("raft_snapshot_superseded", extra={"group": self.name, "index": writing.index})
+            else:
+                writing.finish(lambda fd: gevent.get_hub().threadpool.apply(os.fsync, (fd,)))
+                state = _SUCCESS
+        except gevent.GreenletExit:
+            writing.discard()
+            raise
+        except Exception:
+            log.exception("raft_snapshot_write_failed", extra={"group": self.name})
+            writing.discard()
+        finally:
+            self._snapshot_state = state
+            if self._snapshot_writer is gevent.getcurrent():
+                self._snapshot_writer = None
+
+    def _snapshot_progress(self) -> int:
+        """pysyncobj's serializeChecker: SUCCESS or FAILED once when the dump being written ends."""
+        state = self._snapshot_state
+        if state in (_SUCCESS, _FAILED):
+            self._snapshot_state = _NOT_SERIALIZING
+        return state
+
+    @property
+    def snapshot_writing(self) -> bool:
+        """A dump is being written (its records a chunk at a time)."""
+        return self._snapshot_state == _SERIALIZING
 
     def _read_snapshot(self, path: str) -> tuple:
         try:

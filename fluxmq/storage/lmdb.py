@@ -177,6 +177,31 @@ class _Batch:
 _MISSING = object()
 
 
+class _View:
+    """``db`` as it was when the view was taken: an LMDB read transaction (MVCC: the commits made
+    after it do not show) under a copy of the operations buffered then (the pending batch over the
+    one being written, as ``_read_many`` reads them). Read it in the hub only; ``close`` it."""
+
+    __slots__ = ("_txn", "_over")
+
+    def __init__(self, txn, over: dict) -> None:
+        self._txn = txn
+        self._over = over
+
+    def read_many(self, keys: list[bytes]) -> list:
+        over, get = self._over, self._txn.get
+        out = []
+        for key in keys:
+            value = over.get(key, _MISSING)
+            out.append(get(key) if value is _MISSING else value)
+        return out
+
+    def close(self) -> None:
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            txn.abort()
+
+
 class _Sent:
     """One client's packet ids in flight as queue entries (schema 3 ``sent`` records)."""
 
@@ -717,6 +742,13 @@ class LMDBStorage(Storage):
             if txn is not None:
                 txn.abort()
         return out
+
+    def _view(self, db: int) -> _View:
+        """A reader of ``db`` as it is now, which later writes do not change (see ``_View``)."""
+        pending = self._batch.ops[db]
+        over = dict(self._writing.ops[db]) if self._writing is not None else {}
+        over.update(pending)
+        return _View(self.env.begin(db=self._dbs[db]), over)
 
     # -- commit ------------------------------------------------------------------------------------
 

@@ -171,3 +171,28 @@ def test_a_plain_records_one_pack_encoding_is_the_general_one() -> None:
         assert blob == struct.pack("<Bd", 1, 7.5) + r.encode_message(general)
         assert decode_record(blob) == (7.5, (message.topic, message.payload, message.qos, message.retain, None, None,
                                              message.origin))
+
+
+def test_a_view_reads_the_records_as_they_were_when_it_was_taken(tmp_path: Path) -> None:
+    """QueueLogStore.view (a Raft snapshot written in slices): committed, being-written and pending
+    records as they were; later appends, truncations and commits do not show."""
+    s = LMDBStorage(tmp_path / "d", map_size=64 * MiB)
+    qlog = s.queue_log()
+    for off in range(4):
+        qlog.append("orders", off, b"r%d" % off)
+    s.commit()  # 0-3 in LMDB
+    qlog.append("orders", 4, b"r4")
+    batch = s.take_batch()  # 4 in the batch being written
+    qlog.append("orders", 5, b"r5")  # 5 pending
+    qlog.truncate("orders", [0])  # a pending delete
+    view = qlog.view(["orders"])
+    try:
+        s.write_taken(batch)
+        qlog.truncate("orders", range(1, 6))
+        qlog.append("orders", 6, b"r6")
+        s.commit()
+        assert qlog.read("orders", 0, 10) == [(6, b"r6")]
+        assert view.read("orders", 0, 10) == [(off, b"r%d" % off) for off in range(1, 6)]
+    finally:
+        view.close()
+        s.close()
