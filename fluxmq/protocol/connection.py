@@ -70,8 +70,12 @@ YIELD_EVERY = 128 * 1024
 _YIELD_SLEEP = 1e-6
 
 # client.disconnected reasons of a close from the broker side, by reason code (docs/webhooks.rst).
-_CLOSE_REASONS = {0x8E: "session_taken_over", 0x8B: "server_shutdown", 0x98: "administrative_action",
-                  0x97: "quota_exceeded"}
+_CLOSE_REASONS = {
+    0x8E: "session_taken_over",
+    0x8B: "server_shutdown",
+    0x98: "administrative_action",
+    0x97: "quota_exceeded",
+}
 
 
 # Bytes _drain hands the socket per write: a reading client completes one quickly.
@@ -101,16 +105,65 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
 
     # Slots, not a __dict__: an idle connection's memory is a target (<= 6 KB per client).
     # Add new attributes here.
-    __slots__ = ("broker", "stream", "settings", "flusher", "listener", "peer", "over_limit", "decoder", "out",
-                 "version", "session", "client_id", "keepalive", "closed", "_torn_down", "_dirty", "_writer",
-                 "_aliases_out", "_alias_max_out", "_auth_method", "_auth_exchange", "_pending_connect",
-                 "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
-                 "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__",
-                 "_policy", "_npk", "close_reason", "_announced", "_progress_at", "_by_timer", "_timer",
-                 "_timer_at", "_period", "_wait_from", "_reader", "_connect_until")
+    __slots__ = (
+        "broker",
+        "stream",
+        "settings",
+        "flusher",
+        "listener",
+        "peer",
+        "over_limit",
+        "decoder",
+        "out",
+        "version",
+        "session",
+        "client_id",
+        "keepalive",
+        "closed",
+        "_torn_down",
+        "_dirty",
+        "_writer",
+        "_aliases_out",
+        "_alias_max_out",
+        "_auth_method",
+        "_auth_exchange",
+        "_pending_connect",
+        "_want_writable",
+        "_publish_will",
+        "_client_max_packet",
+        "_problem_info",
+        "_aliases_in",
+        "_high",
+        "_keepalive_limit",
+        "_can_park",
+        "_parking",
+        "_parked",
+        "_idle_spent",
+        "on_close",
+        "__weakref__",
+        "_policy",
+        "_npk",
+        "close_reason",
+        "_announced",
+        "_progress_at",
+        "_by_timer",
+        "_timer",
+        "_timer_at",
+        "_period",
+        "_wait_from",
+        "_reader",
+        "_connect_until",
+    )
 
-    def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
-                 over_limit: bool = False) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        stream,
+        settings: ProtocolSettings,
+        flusher,
+        listener: str = "tcp",
+        over_limit: bool = False,
+    ) -> None:
         self.broker = broker
         self.stream = stream
         self.settings = settings
@@ -133,7 +186,8 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         self._client_max_packet = 0  # 5.0 Maximum Packet Size of the client; 0 = protocol maximum
         self._problem_info = True  # 5.0 Request Problem Information
         self._aliases_in: dict[int, str] | None = None  # 5.0 inbound topic aliases, made on first use
-        self._aliases_out: dict[str, int] | None = None  # 5.0 outbound: topic -> alias, when the client allows them
+        # 5.0 outbound: topic -> alias, when the client allows them
+        self._aliases_out: dict[str, int] | None = None
         self._alias_max_out = 0  # the client's Topic Alias Maximum
         self._auth_method: str | None = None  # 5.0 enhanced authentication method of this connection
         self._auth_exchange = None  # the exchange in progress (CONNECT or re-authentication)
@@ -214,8 +268,13 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
                 else:
                     self._wait_from = loop_now()
                     try:
-                        if (hub_reads is not None and stream.drained and hub_reads.enabled
-                                and self.session is not None and (self._idle_spent or not self._parking)):
+                        if (
+                            hub_reads is not None
+                            and stream.drained
+                            and hub_reads.enabled
+                            and self.session is not None
+                            and (self._idle_spent or not self._parking)
+                        ):
                             # The kernel had nothing more and this is not the try to park: wait
                             # for input on the watcher. Its hub callback serves what the relay
                             # covers without switching here; anything else is handed over.
@@ -235,7 +294,8 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
                         if self._parking and self._park():
                             parked = True
                             return
-                        if self._parking and self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
+                        if self._parking and self._idle_spent == 0.0:
+                            # the try right after CONNECT found input buffered
                             self._set_deadline(self._idle_timeout())
                             continue
                         raise
@@ -271,12 +331,23 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
                             break
                         packet = packets[i]
                         i += 1
-                        if self.session is None and packet.type != c.CONNECT and (
-                                packet.type != c.AUTH or self._pending_connect is None):
+                        if (
+                            self.session is None
+                            and packet.type != c.CONNECT
+                            and (packet.type != c.AUTH or self._pending_connect is None)
+                        ):
                             # The first packet must be CONNECT [MQTT-3.1.0-1]; before CONNACK only
                             # AUTH may follow it [MQTT-3.1.2-33] (a DISCONNECT just closes).
                             if packet.type != c.DISCONNECT:  # anything else is hostile or broken: one line
-                                log.info("protocol_error", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": "0x82", "reason": f"packet type {packet.type} before CONNACK"})
+                                log.info(
+                                    "protocol_error",
+                                    extra={
+                                        "peer": self.peer,
+                                        "client_id": self.client_id,
+                                        "reason_code": "0x82",
+                                        "reason": f"packet type {packet.type} before CONNACK",
+                                    },
+                                )
                             raise _Close()
                         handler = handlers[packet.type]
                         if handler is None:
@@ -374,12 +445,23 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             log.info("connect_timeout", extra={"peer": self.peer})
             return
         # Keep alive x1.5 passed with nothing received [MQTT-3.1.2-24]; the will is published.
-        log.info("keepalive_timeout", extra={"peer": self.peer, "client_id": self.client_id, "keepalive": self.keepalive})
+        log.info(
+            "keepalive_timeout",
+            extra={"peer": self.peer, "client_id": self.client_id, "keepalive": self.keepalive},
+        )
         self._note_close("keepalive_timeout")
         self._send_disconnect(0x8D, "keep alive timeout")
 
     def _on_protocol_error(self, exc: MQTTError, data=b"") -> None:
-        log.info("protocol_error", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(exc.reason_code), "reason": exc.reason})
+        log.info(
+            "protocol_error",
+            extra={
+                "peer": self.peer,
+                "client_id": self.client_id,
+                "reason_code": hex(exc.reason_code),
+                "reason": exc.reason,
+            },
+        )
         self._note_close("protocol_error")
         if self.session is None:
             if exc.reason_code == 0x84:
@@ -407,8 +489,15 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             self._announced = None
             events = self.broker.events
             if events is not None:
-                events.client_disconnected(self.client_id, announced[0], self.peer, self.version, self.close_reason,
-                                           will, time.monotonic() - announced[1])
+                events.client_disconnected(
+                    self.client_id,
+                    announced[0],
+                    self.peer,
+                    self.version,
+                    self.close_reason,
+                    will,
+                    time.monotonic() - announced[1],
+                )
         if self.out and self._writer is None:
             try:
                 self.flusher.ensure_committed(self)  # the bytes may acknowledge state of this turn
@@ -572,7 +661,15 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         False when it was closed already."""
         if self.closed:
             return False
-        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
+        log.info(
+            "server_close",
+            extra={
+                "peer": self.peer,
+                "client_id": self.client_id,
+                "reason_code": hex(reason_code),
+                "reason": reason,
+            },
+        )
         self._note_close(_CLOSE_REASONS.get(reason_code, "server_close"))
         self._send_disconnect(reason_code, reason)
         self.closed = True
@@ -622,7 +719,8 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL)
             if expiry is not None:
                 if self.session.expiry_interval == 0 and expiry != 0:
-                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")  # MQTT 5.0 3.14.2.2.2
+                    # MQTT 5.0 3.14.2.2.2
+                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")
                 self.session.expiry_interval = self.broker.capped_expiry(expiry)
                 self.session.persistent = expiry > 0
         self.closed = True

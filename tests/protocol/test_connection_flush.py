@@ -53,8 +53,9 @@ def serve(broker: Broker, flusher: FlushScheduler, client_id: str):
     """A connected client (as after CONNACK) served by its own reader greenlet; returns the
     connection, its reader and the client's socket."""
     server_side, client_side = socket.socketpair()
-    conn = MQTTConnection(broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(park_after=0),
-                          flusher)
+    conn = MQTTConnection(
+        broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(park_after=0), flusher
+    )
     session, _ = broker.open_session(client_id, True, EXPIRY_NEVER)
     conn.version = 4
     conn.client_id = client_id
@@ -115,7 +116,7 @@ def test_connections_ready_in_one_turn_are_written_once_by_the_last_reader(broke
         for i, (_, _, client) in enumerate(pubs):
             client.sendall(publish_packet(f"t/{i}", b"m%d" % i))
         got = read_exactly(sub_client, 3 * 9)
-        assert sorted(got[i * 9 + 7:i * 9 + 9] for i in range(3)) == [b"m0", b"m1", b"m2"]
+        assert sorted(got[i * 9 + 7 : i * 9 + 9] for i in range(3)) == [b"m0", b"m1", b"m2"]
         # The three deliveries left in one flush, from a reader greenlet: the turn's last one.
         assert len(flusher.runs) == 1
         ran_in, conns = flusher.runs[0]
