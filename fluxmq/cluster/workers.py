@@ -44,6 +44,7 @@ from .config import cluster_settings
 from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
 from .node import init_grpc_for_gevent
 from .peers import ClusterPeers
+from .queues import RemoteQueues
 
 log = logging.getLogger("fluxmq.cluster.workers")
 
@@ -199,7 +200,13 @@ class WorkerNode:
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
         self.transport.handle("stats", self._serve_stats)
         self.transport.handle("retained.snapshot", self._serve_retained)
+        # durable queues: each has one owning worker, the others reach it (fluxmq.cluster.queues)
+        self.queues = RemoteQueues(broker, self.transport, self.node_id, self.epoch)
         self._started = False
+
+    def attach_queues(self, manager) -> None:
+        """``manager`` (this worker's QueueManager) reaches the queues other workers own."""
+        self.queues.attach(manager)
 
     def start(self) -> None:
         path = self.context.socket_path(self.context.index)
@@ -215,6 +222,9 @@ class WorkerNode:
             log.info("restored_session_dropped", extra={"client_id": client_id, "reason": "owned by another worker"})
         self.broker.set_peers(self.peers)
         self.transport.set_peers(self.settings.peers)
+        if self.broker.queues is not None:
+            self.attach_queues(self.broker.queues)
+        self.queues.start()
         self._started = True
         self._sync = gevent.spawn(self._sync_retained)
         log.info("worker_joined", extra={"node_id": self.node_id, "workers": self.context.count,
@@ -225,6 +235,7 @@ class WorkerNode:
             return
         self._started = False
         self._sync.kill(block=False)
+        self.queues.stop()
         if self.broker.peers is self.peers:
             self.broker.release_sessions()
             self.broker.set_peers(None)

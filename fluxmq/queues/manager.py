@@ -170,8 +170,14 @@ class QueueManager:
     """Every queue of the node (see the module docstring)."""
 
     def __init__(self, storage, configs: list[QueueConfig] | None = None, auto_create: bool = True,
-                 stats=None, log_factory=None) -> None:
+                 stats=None, log_factory=None, placement=None) -> None:
         self.storage = storage
+        # Several workers (``server.workers`` > 1): a ``fluxmq.queues.placement.QueuePlacement``;
+        # this manager holds only the queues it owns, and ``remote`` (set by the workers' cluster,
+        # ``fluxmq.cluster.queues.RemoteQueues``) carries what concerns the others to their owners.
+        self.placement = placement
+        self.remote = None
+        self.stranded: dict[str, int] = {}  # queue -> records in this shard owned by another worker
         self.store = storage.queue_log()
         # log_factory(name, store, stored or None) -> QueueLog: a replicated log for the queues a
         # replication group holds (fluxmq.replication), else the local one.
@@ -188,12 +194,20 @@ class QueueManager:
         self._timer = None
         self._closing = False
         for name, stored in self.store.load_queues().items():
+            if not self.owns(name):
+                # Stored when the node ran another number of workers: another worker owns the queue
+                # now. Left unread in this shard (never served twice); see docs/cluster.rst.
+                self.stranded[name] = stored.count
+                log.warning("queue_stranded", extra={"queue": name, "records": stored.count,
+                                                     "owner": f"w{placement.owner(name)}"})
+                continue
             q = self._make(name, self.log_factory(name, self.store, stored))
             for gname, g in stored.groups.items():
                 q.groups[gname] = q.group_class(q, gname, g.floor, set(g.settled), getattr(g, "mark", 0),
                                                 getattr(g, "counts", None))
         for name in self.configs:
-            self.queue(name, create=True)
+            if self.owns(name):
+                self.queue(name, create=True)
         for q in self.queues.values():
             if q.newest is not None:
                 q.rebuild_compaction()
@@ -201,6 +215,18 @@ class QueueManager:
                                          "records": sum(q.log.count for q in self.queues.values())})
 
     # -- queues ----------------------------------------------------------------------------------
+
+    def owns(self, name: str) -> bool:
+        """True when this process holds queue ``name`` (always, unless queues are spread over workers)."""
+        placement = self.placement
+        return placement is None or placement.owns(name)
+
+    def _elsewhere(self):
+        """The carrier to the queues this worker does not own (QueueRefused while it is not set up)."""
+        remote = self.remote
+        if remote is None:
+            raise QueueRefused("the worker owning this queue is not reachable yet", 0x80)
+        return remote
 
     def _make(self, name: str, qlog: QueueLog | None = None) -> Queue:
         config = self.configs.get(name) or QueueConfig(name)
@@ -265,6 +291,9 @@ class QueueManager:
         Returns 1 when it was taken; raises QueueRefused (0x90 no such queue, 0x97 full)."""
         rest = message.topic[len(PREFIX):]
         name, _, key = rest.partition("/")
+        if self.placement is not None and not self.placement.owns(name):
+            # Another worker owns it: a HeldAck resolved once the owner stored it (or refused).
+            return self._elsewhere().publish(name, message, origin)
         if key in SETTLE_ACTIONS:
             return self._settle(name, key, message, origin)
         if self.storage.refusing:
@@ -292,10 +321,15 @@ class QueueManager:
                                0x83)
         if not valid_queue_name(name):
             raise QueueRefused(f"invalid queue name {name!r}", 0x8F)
-        q = self._queue_for(name, 0x8F)
         props = user_properties(user_props)
         group_name = props.get("consumer-group") or session.client_id
         auto_ack = version != 5 or props.get("auto-ack", "").lower() == "true"
+        if self.placement is not None and not self.placement.owns(name):
+            # A member of the owner's group, delivered through this worker (raises QueueRefused).
+            self._elsewhere().subscribe(session, filter, qos, user_props, version)
+            self._store_member(session, filter, group_name, auto_ack, rejoin)
+            return 1
+        q = self._queue_for(name, 0x8F)
         start = props.get("stream-offset") if q.config.type == STREAM else None
         position = self._stream_position(q, start) if start else None
         group = q.groups.get(group_name)
@@ -320,17 +354,22 @@ class QueueManager:
         member = Member(session, filter, key_filter, auto_ack, max_inflight, group)
         group.add(member)
         mine.append(member)
-        if not rejoin and getattr(session, "persistent", False):
-            cid = session.client_id
-            self.store.put_member(cid, filter, group_name, auto_ack)
-            self.storage.note_stake(cid)  # the SUBACK acknowledges the stored membership
-            self._stored_members.add(cid)
+        self._store_member(session, filter, group_name, auto_ack, rejoin)
         session.on_room = self._on_room
         log.info("queue_member_joined", extra={"queue": name, "group": group_name,
                                                "client_id": session.client_id, "auto_ack": auto_ack})
         self.kick(q)
         self._ensure_timer()
         return 1
+
+    def _store_member(self, session, filter: str, group_name: str, auto_ack: bool, rejoin: bool) -> None:
+        """A persistent session's membership is stored (with its session, in this worker's shard),
+        so it survives a restart of the node."""
+        if not rejoin and getattr(session, "persistent", False):
+            cid = session.client_id
+            self.store.put_member(cid, filter, group_name, auto_ack)
+            self.storage.note_stake(cid)  # the SUBACK acknowledges the stored membership
+            self._stored_members.add(cid)
 
     @staticmethod
     def _stream_position(q: Queue, start: str) -> int:
@@ -349,6 +388,11 @@ class QueueManager:
         raise QueueRefused(f"stream-offset {start!r}: expected first, last, next, an offset or timestamp=<ms>", 0x83)
 
     def unsubscribe(self, session, filter: str) -> bool:
+        remote = self.remote
+        if remote is not None and remote.unsubscribe(session, filter):
+            if session.client_id in self._stored_members:
+                self.store.delete_member(session.client_id, filter)
+            return True
         mine = self.members.get(session)
         if not mine:
             return False
@@ -367,7 +411,9 @@ class QueueManager:
         """The session's connection ended: its memberships end and what it held is redelivered.
         A persistent session's memberships come back when it resumes (``session_attached``)."""
         mine = self.members.pop(session, None)
-        if not mine:
+        remote = self.remote
+        elsewhere = remote.session_gone(session) if remote is not None else None
+        if not mine and not elsewhere:
             return
         session.on_room = None
         # What it held goes back to its groups (below): not resent from the session's in-flight
@@ -375,8 +421,10 @@ class QueueManager:
         inflight = session.inflight
         for pid in [pid for pid, e in inflight.items() if isinstance(e.message, TrackedMessage)]:
             del inflight[pid]
+        mine = mine or []
         if session.expiry_interval:
-            self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine]
+            self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine] + list(
+                elsewhere or ())
         for m in mine:
             self._leave(m)
 
