@@ -304,7 +304,8 @@ class WorkerNode:
     def _local_values(self) -> dict[str, str]:
         from fluxmq.broker.sys_topics import SysTopics
 
-        return SysTopics(self.broker, 0).values()
+        topics = SysTopics(self.broker, 0)
+        return {**topics.values(), **topics.queue_values()}
 
     def _serve_stats(self, from_node: str, payload: bytes) -> bytes:
         return json.dumps(self._local_values()).encode()
@@ -397,6 +398,51 @@ class WorkerNode:
 
         self.transport.handle("admin.sessions", serve_sessions)
         admin.other_sessions = other_sessions
+
+        # Durable queues: each is on its owning worker (fluxmq.cluster.queues); a request about one
+        # is answered there, and the list is every worker's.
+        actions = {"get": admin.get_queue, "peek": admin.peek_queue, "purge": admin.purge_queue,
+                   "replay": admin.replay_queue}
+
+        def serve_queue(_from: str, payload: bytes) -> bytes:
+            name, action, query_string = json.loads(payload)
+            try:
+                status, body = actions[action]({"QUERY_STRING": query_string}, [name])
+            except HTTPError as exc:
+                status, body = exc.status, {"error": exc.message}
+            return json.dumps([status, body]).encode()
+
+        def queue_elsewhere(name: str, action: str, query_string: str):
+            manager = self.broker.queues
+            placement = manager.placement if manager is not None else None
+            if placement is None or placement.owns(name):
+                return None
+            owner = f"w{placement.owner(name)}"
+            try:
+                reply = self.transport.call(owner, "admin.queue", json.dumps([name, action, query_string]).encode(),
+                                            30.0)
+            except Exception as exc:
+                raise HTTPError(503, f"worker {owner} owning queue {name!r} does not answer: {exc}") from None
+            status, body = json.loads(reply)
+            return status, body
+
+        def serve_queues(_from: str, _payload: bytes) -> bytes:
+            manager = self.broker.queues
+            return json.dumps(manager.describe() if manager is not None else []).encode()
+
+        def other_queues() -> list:
+            out = []
+            for node in self.transport.reachable():
+                try:
+                    out.append(json.loads(self.transport.call(node, "admin.queues", b"", 5.0)))
+                except Exception as exc:
+                    raise HTTPError(503, f"worker {node} does not answer: {exc}") from None
+            return out
+
+        self.transport.handle("admin.queue", serve_queue)
+        self.transport.handle("admin.queues", serve_queues)
+        admin.queue_elsewhere = queue_elsewhere
+        admin.other_queues = other_queues
 
     def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
         """This worker's $SYS figures turned into the node's: summed over the workers that answer."""

@@ -23,7 +23,7 @@ from tests.conftest import NodeFactory
 from tests.e2e.mqtt5raw import Paho5, props, unique
 from tests.e2e.test_http_bridge import http_request
 from tests.e2e.test_queues import Paho311, nothing_more, receive, settle, user_props
-from tests.e2e.test_workers import MAX_TRIES, on_worker, start, wait_crossing
+from tests.e2e.test_workers import MAX_TRIES, metrics, on_worker, start, wait_crossing
 
 pytestmark = pytest.mark.e2e
 
@@ -389,5 +389,16 @@ def test_http_bridge_publish_and_admin_queues_from_either_worker(node) -> None:
             )
             assert status == 200, body
             assert body["name"] == name and body["counters"]["appended"] == 6, body
+            status, _, body = http_request(
+                node, "GET", "/queues", port=node.admin_port, headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            assert status == 200 and [q["name"] for q in body["queues"]].count(name) == 1, body
+            text = metrics(node)
+            assert f'fluxmq_queue_appended_total{{queue="{name}"}} 6.0' in text
     finally:
         c.disconnect()
+    # $SYS: the owner's figures on a subscriber of either worker
+    for w in ("w0", "w1"):
+        with on_worker(node, w, "sys") as s:
+            s.subscribe(f"$SYS/broker/queues/{name}/appended", 0)
+            assert s.get(WAIT).payload == b"6"
