@@ -45,6 +45,11 @@ class ClusterHooks:
         """Every filter with at least one local subscription (a peer's snapshot of this node)."""
         return list(self._interest)
 
+    def hold_interest(self, filter: str) -> None:
+        """A subscription that is not a session's (a durable queue's capture) wants the publishes
+        ``filter`` matches on the peers too."""
+        self._interest_up(filter)
+
     def _interest_up(self, filter: str) -> None:
         n = self._interest.get(filter, 0)
         self._interest[filter] = n + 1

@@ -437,7 +437,8 @@ class BrokerService:
             if raft is not None:
                 raft.attach(manager)
             manager.restore_members(broker.sessions)  # persistent sessions' memberships
-            manager.install_captures(broker.router)
+            # several workers: only a queue's owner captures; the others forward it what matches
+            manager.install_captures(broker.router, broker.hold_interest if placement is not None else None)
             manager.start()
             return manager
 

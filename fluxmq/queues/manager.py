@@ -255,9 +255,13 @@ class QueueManager:
             q = self.queue(name, create=True)
         return q
 
-    def install_captures(self, router) -> int:
+    def install_captures(self, router, interest=None) -> int:
         """Route the ordinary publishes each queue's ``topics`` list matches into the queue
-        (capture.py); returns the filters installed. Raises ConfigError for a bad filter."""
+        (capture.py); returns the filters installed. Raises ConfigError for a bad filter.
+
+        ``interest(filter)`` (``Broker.hold_interest``) makes the filter this process's interest for
+        its peers: with several workers, only the owner of a queue captures, and the other workers
+        forward it the publishes its capture filters match (the cluster's ordinary routing)."""
         from fluxmq._core.trie import validate_filter
         from fluxmq.broker.session import Subscription
         from fluxmq.errors import ConfigError, TopicFilterInvalid
@@ -278,6 +282,8 @@ class QueueManager:
                     raise ConfigError(f"queues[{q.name}].topics", "ordinary topic filters",
                                       problem=f"{f!r}: a queue captures ordinary topics, not $queue/")
                 router.add(Subscription(target, f, 2))
+                if interest is not None:
+                    interest(f)
                 n += 1
         return n
 

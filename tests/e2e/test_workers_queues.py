@@ -29,13 +29,16 @@ pytestmark = pytest.mark.e2e
 
 WAIT = 10.0
 STREAM = "wq-events"
-TOKEN = "wq-admin-token"  # configured below; its owner is worked out by the tests
+TOKEN = "wq-admin-token"
+CAPTURE = "wq-audit"  # captures wqcap/#  # configured below; its owner is worked out by the tests
 
 QUEUES_YAML = f"""
 queues:
   - name: {STREAM}
     type: stream
     auto_commit_interval: 1h
+  - name: {CAPTURE}
+    topics: ["wqcap/#"]
 """
 
 
@@ -437,3 +440,19 @@ def test_kill_9_of_a_consumers_worker_redelivers_what_it_held(tmp_path) -> None:
         assert node.stop() == 0
     finally:
         factory.close()
+
+
+def test_capture_of_ordinary_publishes_on_the_worker_that_does_not_own_the_queue(node) -> None:
+    """Only the owner captures; the other worker forwards it what its capture filters match."""
+    owner = f"w{owner_index(CAPTURE, 2)}"
+    away = other(owner)
+    c = consumer_on(node, away, f"$queue/{CAPTURE}", unique("cap"), auto_ack=True)
+    try:
+        topic = f"wqcap/{unique('t')}"
+        produce(node, away, topic, [b"c1", b"c2", b"c3"])
+        produce(node, owner, topic, [b"c4"])
+        got = receive(c, 4)
+        assert [m.payload for m in got] == [b"c1", b"c2", b"c3", b"c4"] and {m.topic for m in got} == {topic}
+        assert nothing_more(c)  # captured once, not once per worker
+    finally:
+        c.disconnect()
