@@ -232,6 +232,61 @@ class RemoteQueues:
         if self._loop is not None:
             self._loop.kill(block=False)
             self._loop = None
+        if self._moving is not None:
+            self._moving.kill(block=False)
+            self._moving = None
+
+    _moving = None
+
+    def move_stranded(self) -> None:
+        """The queues of this worker's shard that another worker owns (the worker count changed
+        since they were stored): their unsettled records go to the owner, each batch deleted here
+        once the owner has stored it (a crash in between: moved twice, at least once)."""
+        manager = self.broker.queues
+        if manager is not None and manager.stranded and self._moving is None:
+            self._moving = gevent.spawn(self._move, manager)
+
+    def _move(self, manager) -> None:
+        for name in list(manager.stranded):
+            owner = self._owner(name)
+            moved = 0
+            while name in manager.stranded:
+                records = manager.take_stranded(name)
+                if not records:
+                    manager.drop_stranded(name, [])
+                    break
+                results: list = []
+                done = AsyncResult()
+
+                def collect(result, results=results, done=done, n=len(records)) -> None:
+                    results.append(result)
+                    if len(results) == n:
+                        done.set()
+
+                link = self._link(owner)
+                for rec in records:
+                    link.submit(["m", self.epoch, name], encode_message(rec.message), collect, bounded=False)
+                done.wait(CALL_TIMEOUT * 2)
+                failed = [r for r in results if _refusal(r) is not None]
+                if failed or len(results) < len(records):
+                    log.info(
+                        "queue_move_waiting",
+                        extra={
+                            "queue": name,
+                            "owner": owner,
+                            "error": (failed or [{}])[0].get("err", "no answer"),
+                        },
+                    )
+                    gevent.sleep(1.0)  # the owner is not up yet: again (the same records)
+                    continue
+                manager.drop_stranded(name, records)
+                moved += len(records)
+                try:
+                    self.broker.wait_committed()
+                except StorageError:
+                    pass
+            log.info("queue_moved", extra={"queue": name, "owner": owner, "records": moved})
+        self._moving = None
 
     def _owner(self, name: str) -> str:
         return f"w{self.placement.owner(name)}"
@@ -329,7 +384,7 @@ class RemoteQueues:
         for header, blob in _decode_ops(payload):
             try:
                 result = self._apply(from_node, header, blob)
-                if header[0] == "p":
+                if header[0] in ("p", "m"):
                     stored.append(len(results))
                 results.append({"ok": result})
             except QueueRefused as exc:
@@ -366,6 +421,11 @@ class RemoteQueues:
             if error is not None:
                 raise error if isinstance(error, QueueRefused) else QueueRefused(str(error), 0x80)
             return 1
+        if kind == "m":
+            topic, body, qos, retain, props, expires_at, origin = decode_message(blob)
+            return manager.adopt_record(
+                header[2], Message(topic, body, qos, retain, props, expires_at, origin)
+            )
         if kind == "a":
             _k, _e, client_id, queue, group, offset, reason_code = header
             session = self.members.get((node, client_id))

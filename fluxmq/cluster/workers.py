@@ -225,6 +225,7 @@ class WorkerNode:
         if self.broker.queues is not None:
             self.attach_queues(self.broker.queues)
         self.queues.start()
+        self.queues.move_stranded()
         self._started = True
         self._sync = gevent.spawn(self._sync_retained)
         log.info("worker_joined", extra={"node_id": self.node_id, "workers": self.context.count,

@@ -177,7 +177,10 @@ class QueueManager:
         # ``fluxmq.cluster.queues.RemoteQueues``) carries what concerns the others to their owners.
         self.placement = placement
         self.remote = None
-        self.stranded: dict[str, int] = {}  # queue -> records in this shard owned by another worker
+        # queue -> its stored state, for the queues of this shard another worker owns (the worker
+        # count changed): their unsettled records move to the owner (take_stranded, drop_stranded)
+        self.stranded: dict[str, object] = {}
+        self._stranded_logs: dict[str, QueueLog] = {}
         self.store = storage.queue_log()
         # log_factory(name, store, stored or None) -> QueueLog: a replicated log for the queues a
         # replication group holds (fluxmq.replication), else the local one.
@@ -197,7 +200,7 @@ class QueueManager:
             if not self.owns(name):
                 # Stored when the node ran another number of workers: another worker owns the queue
                 # now. Left unread in this shard (never served twice); see docs/cluster.rst.
-                self.stranded[name] = stored.count
+                self.stranded[name] = stored
                 log.warning("queue_stranded", extra={"queue": name, "records": stored.count,
                                                      "owner": f"w{placement.owner(name)}"})
                 continue
@@ -286,6 +289,55 @@ class QueueManager:
                     interest(f)
                 n += 1
         return n
+
+    # -- a worker count change: queues of this shard owned by another worker ------------------------
+
+    def take_stranded(self, name: str, limit: int = 256) -> list:
+        """Up to ``limit`` records of stranded queue ``name`` still to move to its owner, oldest
+        first: those some group has not settled (every record of a stream, or of a queue without
+        groups). Records every group settled are deleted on the way. [] when nothing is left."""
+        stored = self.stranded[name]
+        qlog = self._stranded_logs.get(name)
+        if qlog is None:
+            qlog = self._stranded_logs[name] = _local_log(name, self.store, stored)
+        groups = list(stored.groups.values())
+        config = self.configs.get(name)
+        keep_all = not groups or (config is not None and config.type == STREAM)
+        out: list = []
+        at = qlog.first
+        while at < qlog.next and len(out) < limit:
+            chunk = qlog.read(at, limit)
+            if not chunk:
+                at += limit
+                continue
+            for rec in chunk:
+                off = rec.offset
+                if keep_all or any(off >= g.floor and off not in g.settled for g in groups):
+                    if len(out) < limit:
+                        out.append(rec)
+                else:
+                    qlog.delete(off)  # settled by every group: nothing to move
+            at = chunk[-1].offset + 1
+        return out
+
+    def drop_stranded(self, name: str, records) -> None:
+        """``records`` of stranded queue ``name`` are stored by its owner now: deleted here (with
+        the queue's groups once it is empty)."""
+        qlog = self._stranded_logs[name]
+        for rec in records:
+            qlog.delete(rec.offset)
+        if qlog.count <= 0:
+            for group in self.stranded[name].groups:
+                qlog.forget_group(group)
+            del self.stranded[name]
+            del self._stranded_logs[name]
+
+    def adopt_record(self, name: str, message: Message) -> int:
+        """A record of queue ``name`` (owned here) moved from another worker's shard: appended."""
+        q = self._queue_for(name, 0x90)
+        q.append(message)
+        self.kick_soon(q)
+        return 1
 
     def storage_refusing(self) -> bool:
         return bool(getattr(self.storage, "refusing", False))

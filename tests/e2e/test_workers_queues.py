@@ -456,3 +456,39 @@ def test_capture_of_ordinary_publishes_on_the_worker_that_does_not_own_the_queue
         assert nothing_more(c)  # captured once, not once per worker
     finally:
         c.disconnect()
+
+
+def test_going_from_one_worker_to_two_moves_each_queue_to_its_owner(tmp_path) -> None:
+    """A queue stored by one worker and owned by the other after the change: its unsettled
+    records move to the owner at start (stored there before they leave the old shard); what its
+    groups settled is not delivered again."""
+    from tests.e2e.mqtt5raw import paho5
+
+    factory = NodeFactory(tmp_path)
+    try:
+        one = factory({"storage.type": "lmdb"})
+        name = queue_on("w1")
+        with paho5(one, unique("p")) as pub:
+            for i in range(5):
+                pub.publish(f"$queue/{name}", f"m{i}".encode(), 1)
+        c = paho5(one, unique("c"))
+        join(c, f"$queue/{name}", "g")
+        got = receive(c, 5)
+        for m in got[:2]:
+            settle(c, name, "$ack", m)
+        time.sleep(0.3)
+        c.disconnect()
+        assert one.stop() == 0
+        node = start(factory, {"storage.type": "lmdb", "storage.path": str(one.data_dir)})
+        c = consumer_on(node, "w0", f"$queue/{name}", "g")
+        try:
+            rest = receive(c, 3, timeout=20.0)
+            assert sorted(m.payload for m in rest) == sorted(m.payload for m in got[2:])
+            assert nothing_more(c)
+            for m in rest:
+                settle(c, name, "$ack", m)
+        finally:
+            c.disconnect()
+        assert "queue_stranded" in node.log_text()
+    finally:
+        factory.close()
