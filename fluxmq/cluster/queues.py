@@ -358,7 +358,10 @@ class RemoteQueues:
     def _settled(self, session, reason_code: int, ticket) -> None:
         """The client's PUBACK of a delivery from another worker's queue: to the owner."""
         owner, queue, group, offset = ticket
-        self._link(owner).submit(["a", self.epoch, session.client_id, queue, group, offset, reason_code])
+        # bounded by the client's window (never refused: a lost PUBACK would hold a window slot)
+        self._link(owner).submit(
+            ["a", self.epoch, session.client_id, queue, group, offset, reason_code], bounded=False
+        )
 
     def _serve_deliveries(self, from_node: str, payload: bytes) -> bytes:
         """Deliveries from an owner to this worker's clients; per delivery True (sent) or False."""
