@@ -44,6 +44,7 @@ from gevent.event import AsyncResult
 from fluxmq.broker.held import HeldAck, wait_held
 from fluxmq.broker.message import USER_PROPERTY, Message, TrackedMessage
 from fluxmq.errors import QueueRefused, StorageError
+from fluxmq.queues.remote import RemoteMemberSession
 from fluxmq.storage.records import decode_message, encode_message
 
 log = logging.getLogger("fluxmq.cluster.queues")
@@ -160,25 +161,21 @@ class OpLink:
             self._sender = None
 
 
-class WorkerMemberSession:
+class WorkerMemberSession(RemoteMemberSession):
     """The session side of a member connected to another worker, as the owner's groups see it:
-    ``send_tracked`` sends the delivery to that worker (``RemoteQueues._deliver``)."""
+    ``send_tracked`` sends the delivery to that worker (``RemoteQueues._deliver``). One per client
+    of that worker: the manager keeps its memberships as a local session's."""
 
-    persistent = False
-    expiry_interval = 0
-    delivery = None
+    __slots__ = ("rq", "epoch", "outstanding", "inflight", "on_room", "blocked_until", "filters")
 
     def __init__(self, rq: RemoteQueues, node: str, epoch: int, client_id: str, send_quota: int) -> None:
+        super().__init__(node, client_id, send_quota)
         self.rq = rq
-        self.node = node
         self.epoch = epoch
-        self.client_id = client_id
-        self.send_quota = send_quota
         self.outstanding: dict[tuple[str, str, int], tuple] = {}  # (queue, group, offset) -> (settle, ticket)
         self.inflight: dict = {}  # the manager's session_gone looks (nothing of it is here)
         self.on_room = None
         self.blocked_until = 0.0
-        self.alive = True
         self.filters: dict[str, tuple] = {}  # filter -> (qos, user properties, version) as joined
 
     def can_take_tracked(self) -> bool:
