@@ -41,8 +41,9 @@ from collections import deque
 import gevent
 from gevent.event import AsyncResult
 
+from fluxmq._core.codec import Decoder
 from fluxmq.broker.held import HeldAck, wait_held
-from fluxmq.broker.message import USER_PROPERTY, Message, TrackedMessage
+from fluxmq.broker.message import WIRE_V5_QOS1, Message, TrackedMessage
 from fluxmq.errors import QueueRefused, StorageError
 from fluxmq.queues.remote import RemoteMemberSession
 from fluxmq.storage.records import decode_message, encode_message
@@ -68,26 +69,63 @@ _LEN = struct.Struct(">I")
 
 
 def _encode_ops(ops) -> bytes:
+    """A batch of ops: their headers as one JSON list, then each op's blob length-prefixed."""
+    headers = []
     out = bytearray()
     for header, blob in ops:
-        h = json.dumps(header, separators=(",", ":")).encode()
-        out += _LEN.pack(len(h))
-        out += h
+        headers.append(header)
         out += _LEN.pack(len(blob))
         out += blob
-    return bytes(out)
+    h = json.dumps(headers, separators=(",", ":")).encode()
+    return _LEN.pack(len(h)) + h + out
 
 
 def _decode_ops(data: bytes):
-    i, n = 0, len(data)
-    while i < n:
-        (hl,) = _LEN.unpack_from(data, i)
-        header = json.loads(data[i + 4 : i + 4 + hl])
-        i += 4 + hl
+    (hl,) = _LEN.unpack_from(data, 0)
+    headers = json.loads(data[4 : 4 + hl])
+    i = 4 + hl
+    for header in headers:
         (bl,) = _LEN.unpack_from(data, i)
-        blob = data[i + 4 : i + 4 + bl]
+        yield header, data[i + 4 : i + 4 + bl]
         i += 4 + bl
-        yield header, blob
+
+
+class ForwardedDelivery(TrackedMessage):
+    """A delivery of another worker's queue, as its owner encoded it for MQTT 5.0 (the PUBLISH a
+    5.0 consumer gets as it is; a 3.1.1 one gets topic and payload): its ``properties`` are decoded
+    from that encoding only when something asks for them (a consumer with topic aliases)."""
+
+    __slots__ = ()
+
+    @property
+    def properties(self) -> dict | None:
+        try:
+            return _PROPERTIES.__get__(self)
+        except AttributeError:
+            props = Decoder(0, 5).feed(self.wire_cache[WIRE_V5_QOS1])[0].properties or None
+            _PROPERTIES.__set__(self, props)
+            return props
+
+    @properties.setter
+    def properties(self, value) -> None:
+        _PROPERTIES.__set__(self, value)
+
+
+_PROPERTIES = Message.__dict__["properties"]
+
+
+def forwarded_delivery(topic: str, data: bytes, payload_len: int, settle, ticket) -> ForwardedDelivery:
+    d = object.__new__(ForwardedDelivery)
+    d.topic = topic
+    d.payload = data[len(data) - payload_len :] if payload_len else b""
+    d.qos = 1
+    d.retain = False
+    d.expires_at = None
+    d.origin = None
+    d.wire_cache = {WIRE_V5_QOS1: data}
+    d.settle = settle
+    d.ticket = ticket
+    return d
 
 
 def _refusal(result) -> QueueRefused | None:
@@ -365,14 +403,15 @@ class RemoteQueues:
         sessions = self.broker.sessions
         results = []
         for header, blob in _decode_ops(payload):
-            _kind, client_id, queue, group, offset = header
+            _kind, client_id, queue, group, offset, topic, payload_len = header
             session = sessions.get(client_id)
             mine = self.joined.get(session) if session is not None else None
             if not mine or not any(v[0] == from_node for v in mine.values()):
                 results.append(False)
                 continue
-            topic, body, _qos, _retain, props, _exp, _origin = decode_message(blob)
-            message = TrackedMessage(topic, body, props, self._settled, (from_node, queue, group, offset))
+            message = forwarded_delivery(
+                topic, blob, payload_len, self._settled, (from_node, queue, group, offset)
+            )
             results.append(bool(session.send_tracked(message)))
         return json.dumps(results).encode()
 
@@ -523,20 +562,19 @@ class RemoteQueues:
 
     def _deliver(self, session: WorkerMemberSession, message) -> int:
         """Send one delivery of the owner's group to the member's worker."""
-        props = message.properties or {}
-        user = dict(props.get(USER_PROPERTY) or ())
-        queue, group, offset = user.get("queue", ""), user.get("group-id", ""), int(user.get("offset", "-1"))
+        queue, group, offset = message.identity()  # a fluxmq.queues.delivery.Delivery
         link = self.deliver_links.get(session.node)
         if link is None:
             link = self.deliver_links[session.node] = OpLink(self.transport, session.node, DELIVER_KIND)
-        blob = encode_message(Message(message.topic, message.payload, 1, False, props))
+        data = message.wire_cache[WIRE_V5_QOS1]  # its 5.0 PUBLISH, made once by build_delivery
         key = (queue, group, offset)
 
         def done(result, session=session, key=key) -> None:
             if result is not True:
                 self._given_back(session, key, result)
 
-        if not link.submit(["d", session.client_id, queue, group, offset], blob, done):
+        header = ["d", session.client_id, queue, group, offset, message.topic, len(message.payload)]
+        if not link.submit(header, data, done):
             return 0
         session.outstanding[key] = (message.settle, message.ticket)
         return 1
