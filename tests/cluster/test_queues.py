@@ -32,3 +32,52 @@ def test_a_forwarded_delivery_is_the_owners_encoding_with_properties_read_from_i
         forwarded_delivery("t", encode_publish("t", b"", 1, False, False, 1, None, 5), 0, None, ()).payload
         == b""
     )
+
+
+class _StuckTransport:
+    """A peer that never answers (the owner hung): what a worker queues for it stays queued."""
+
+    def __init__(self) -> None:
+        import gevent.event
+
+        self.release = gevent.event.Event()
+        self.calls = 0
+
+    def call(self, node, kind, payload, timeout):
+        self.calls += 1
+        self.release.wait()
+        raise ConnectionError("gone")
+
+    def handle(self, kind, fn) -> None:
+        pass
+
+
+def test_what_waits_for_an_owner_is_bounded_and_a_publish_past_the_bound_is_refused(monkeypatch) -> None:
+    import gevent
+    import pytest
+
+    from fluxmq.broker.held import HeldAck
+    from fluxmq.broker.message import Message
+    from fluxmq.cluster import queues as cq
+    from fluxmq.errors import QueueRefused
+    from fluxmq.queues.placement import QueuePlacement, owner_index
+
+    monkeypatch.setattr(cq, "MAX_OPS", 50)
+    transport = _StuckTransport()
+    rq = cq.RemoteQueues(None, transport, "w0", 1)
+    rq.placement = QueuePlacement(0, 2)
+    name = next(f"q{i}" for i in range(100) if owner_index(f"q{i}", 2) == 1)
+    held = [rq.publish(name, Message(f"$queue/{name}", b"x", 1))]
+    gevent.sleep(0)  # its call is in flight (and never answered)
+    held += [rq.publish(name, Message(f"$queue/{name}", b"x", 1)) for _ in range(50)]  # up to the bound
+    assert transport.calls == 1
+    assert all(h.__class__ is HeldAck and not h.done for h in held)
+    with pytest.raises(QueueRefused) as err:
+        rq.publish(name, Message(f"$queue/{name}", b"x", 1))
+    assert err.value.reason_code == 0x97
+    transport.release.set()  # the owner's socket breaks: every waiting publish is refused, none acknowledged
+    deadline = 50
+    while not all(h.done for h in held) and deadline:
+        gevent.sleep(0.01)
+        deadline -= 1
+    assert all(isinstance(h.outcome, QueueRefused) and h.outcome.reason_code == 0x80 for h in held)
