@@ -509,6 +509,24 @@ class QueueManager:
             self._stored_members.discard(client_id)
             self.store.delete_members(client_id)
 
+    def take_memberships(self, client_id: str) -> list[tuple]:
+        """The memberships of ``client_id``'s offline session, which moves to another worker or
+        node: forgotten here, stored ones included. [(filter, group, auto_ack)]."""
+        saved = self.resumable.pop(client_id, None) or []
+        if client_id in self._stored_members:
+            self._stored_members.discard(client_id)
+            self.store.delete_members(client_id)
+        return saved
+
+    def adopt_memberships(self, session, members) -> None:
+        """A session moved here with its memberships (``take_memberships`` where it was): it
+        rejoins them when its client attaches, and a persistent one's are stored here."""
+        self.resumable[session.client_id] = list(members)
+        if getattr(session, "persistent", False):
+            for filter, group, auto_ack in members:
+                self.store.put_member(session.client_id, filter, group, auto_ack)
+            self._stored_members.add(session.client_id)
+
     def restore_members(self, sessions: dict) -> int:
         """At start, after the broker restored its sessions: each persistent session is a member
         of the groups it was in again (it rejoins them when it connects, without a SUBSCRIBE).
