@@ -278,7 +278,7 @@ class BrokerCollector(Collector):
         counters = {name: CounterMetricFamily(f"fluxmq_raft_{name}", f"Raft {name.replace('_', ' ')}.",
                                               labels=["group"])
                     for name in ("entries_submitted", "entries_applied", "entries_refused", "acks_timed_out",
-                                 "snapshots_written", "snapshots_installed")}
+                                 "snapshots_written", "snapshots_installed", "settlements_stale")}
         log_len = GaugeMetricFamily("fluxmq_raft_log_entries", "Raft log entries kept since the last snapshot.",
                                     labels=["group"])
         for g in groups:

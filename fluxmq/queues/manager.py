@@ -581,7 +581,7 @@ class QueueManager:
             if origin is not None:
                 self.storage.note_stake(origin.client_id)
             self.kick_soon(q)
-            return q.log.held_ack() or 1
+            return q.log.held_settlement() or 1
         return 0
 
     # -- dispatch --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ pysyncobj its own ``serializer``/``deserializer`` (``RaftGroup.start``):
 
 - ``write(path, group, raft_data)`` (on compaction, in the hub, consistent with the applied index
   because entries are applied in the same thread): a header (format, the applied Raft index, the
-  two log entries and cluster pysyncobj keeps, the delivery owner and the announced MQTT addresses,
+  two log entries and cluster pysyncobj keeps, the delivery owner and epoch, the announced MQTT addresses,
   each queue's first/next/count/bytes, every consumer group's floor, settled offsets and delivery
   counts, and the members each node registered), then
   the records of every queue of the group, in chunks. So the dump carries the queue-log state a
@@ -51,7 +51,7 @@ def write(path: str, group, raft_data) -> None:
                         "leases": {g: t.dump() for g, t in qlog.leases.items()}, "log_next": qlog.log_next,
                         "clock": qlog.clock}
     header = {"format": FORMAT, "index": raft_data[0][1], "raft": tuple(raft_data), "owner": group.owner,
-              "mqtt_of": dict(group.mqtt_of), "queues": queues}
+              "epoch": group.epoch, "mqtt_of": dict(group.mqtt_of), "queues": queues}
     records = 0
     with open(path, "wb") as f:
         pickle.dump(header, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -80,6 +80,9 @@ def read(path: str, group) -> tuple:
             raise ValueError(f"Raft snapshot {path}: unknown format {header.get('format')!r}")
         index = header["index"]
         group.mqtt_of.update(header["mqtt_of"])
+        # in memory, as the claims of the entries after the dump set it when replayed (a dump
+        # written before the epoch existed: 0, as a replica that never applied a claim)
+        group.epoch = header.get("epoch", 0)
         for name, meta in header["queues"].items():  # in memory only: learned from every dump read
             qlog = group.logs.get(name)
             if qlog is not None and "registered" in meta:
@@ -143,6 +146,10 @@ def _install(f, header: dict, group) -> None:
     group.owner = header["owner"]
     group.applied = header["index"]
     store.put_applied(group.name, group.applied)
+    if group.owner != group.self_addr and getattr(group, "on_superseded", None) is not None:
+        # the entries it missed may hold another node's claim: its deliveries are void as when
+        # it applies one (RaftGroup.epoch)
+        group.on_superseded(group)
     group.stats["snapshots_installed"] += 1
     log.info("raft_snapshot_installed", extra={"group": group.name, "index": group.applied, "records": records,
                                                "took_s": round(time.perf_counter() - started, 3)})
