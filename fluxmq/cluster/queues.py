@@ -145,10 +145,13 @@ class OpLink:
         self.ops: deque = deque()  # (header, blob, callback or None)
         self.bytes = 0
         self._sender = None
+        self.refused = 0  # ops refused at the bounds (MAX_OPS, MAX_OP_BYTES)
+        self.failed = 0  # ops whose call failed (the other worker down, restarting or hung)
 
     def submit(self, header: list, blob: bytes = b"", callback=None, bounded: bool = True) -> bool:
         """Queue one op; False (nothing queued) when the bounds are reached and ``bounded``."""
         if bounded and (len(self.ops) >= MAX_OPS or self.bytes + len(blob) > MAX_OP_BYTES):
+            self.refused += 1
             return False
         self.ops.append((header, blob, callback))
         self.bytes += len(blob)
@@ -186,6 +189,7 @@ class OpLink:
                         "queue_ops_not_delivered",
                         extra={"peer": self.node, "ops": len(batch), "error": str(exc)},
                     )
+                    self.failed += len(batch)
                     results = [{"err": f"worker {self.node} is not reachable: {exc}", "code": 0x80}] * len(
                         batch
                     )
@@ -611,6 +615,21 @@ class RemoteQueues:
                 group._push_ready(offset)
         session.blocked_until = time.monotonic() + BACK_OFF
         manager.kick_soon(q)
+
+    def state(self) -> dict[str, dict]:
+        """Per other worker: ops waiting for it and refused or failed so far (this worker's side),
+        and its clients that are members of this worker's queues (the owner's side)."""
+        out: dict[str, dict] = {}
+        for node in set(self.links) | set(self.deliver_links) | {k[0] for k in self.members}:
+            ops, deliveries = self.links.get(node), self.deliver_links.get(node)
+            out[node] = {
+                "ops_waiting": len(ops.ops) if ops is not None else 0,
+                "ops_refused": ops.refused if ops is not None else 0,
+                "ops_failed": ops.failed if ops is not None else 0,
+                "deliveries_failed": deliveries.failed if deliveries is not None else 0,
+                "remote_members": sum(1 for k in self.members if k[0] == node),
+            }
+        return out
 
     # -- liveness ----------------------------------------------------------------------------------
 

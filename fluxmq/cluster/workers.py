@@ -289,6 +289,10 @@ class WorkerNode:
     def peer_state(self) -> dict[str, dict]:
         return self.transport.peer_state()
 
+    def queue_state(self) -> dict[str, dict]:
+        """Durable queues across workers, per other worker (``/metrics``): ``RemoteQueues.state``."""
+        return self.queues.state()
+
     def received(self) -> dict[str, int]:
         """What the other workers sent here (``/metrics``, as ``ClusterNode.received``)."""
         p = self.peers

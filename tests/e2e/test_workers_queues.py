@@ -360,6 +360,14 @@ def test_kill_9_of_the_owning_worker_loses_nothing_acknowledged(tmp_path) -> Non
                 pass
         c.disconnect()
         assert acked <= got, sorted(acked - got)[:10]
+        # what w1 could not hand to the owner while it was down is counted (scrapes land on either
+        # worker: the figures are the node's)
+        failed = [
+            line
+            for line in metrics(node).splitlines()
+            if line.startswith('fluxmq_worker_queue_ops_failed_total{peer="w0"}')
+        ]
+        assert failed and float(failed[0].split()[-1]) > 0, failed
         assert node.stop() == 0
     finally:
         factory.close()
