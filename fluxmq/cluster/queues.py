@@ -365,12 +365,25 @@ class RemoteQueues:
             version,
             session.send_quota or 0,
         ]
-        result = self._link(owner).request(header)
-        refused = _refusal(result)
+        props = dict(user_props or ())
+        group = props.get("consumer-group") or session.client_id
+        auto_ack = version != 5 or props.get("auto-ack", "").lower() == "true"
+        # Registered before the owner answers: its first deliveries may arrive ahead of its answer.
+        mine = self.joined.setdefault(session, {})
+        before = mine.get(filter)
+        mine[filter] = (owner, group, auto_ack, qos, user_props, version)
+        try:
+            refused = _refusal(self._link(owner).request(header))
+        except QueueRefused as exc:
+            refused = exc
         if refused is not None:
+            if before is not None:
+                mine[filter] = before
+            else:
+                mine.pop(filter, None)
+                if not mine and self.joined.get(session) is mine:
+                    del self.joined[session]
             raise refused
-        group, auto_ack = result["ok"]
-        self.joined.setdefault(session, {})[filter] = (owner, group, auto_ack, qos, user_props, version)
         return 1
 
     def unsubscribe(self, session, filter: str) -> bool:
@@ -613,6 +626,11 @@ class RemoteQueues:
                 group._release(offset)
                 group.avoid[offset] = p.member
                 group._push_ready(offset)
+                # never reached the client: not a delivery (its count goes back)
+                n = group.counts.get(offset, 0)
+                if n > 0:
+                    group.counts[offset] = n - 1
+                    group._count_dirty.add(offset)
         session.blocked_until = time.monotonic() + BACK_OFF
         manager.kick_soon(q)
 
