@@ -607,6 +607,8 @@ class PersistentSession(Session):
                     return
                 seq, (message, qos, retain, sub_ids), _ = head
             else:  # the window is full: only a QoS 0 head can go
+                if not queue.qos0:
+                    return  # none queued (the head is not read: a later pop_head takes it in one step)
                 head = queue.peek()
                 if head is None or head[1][1]:
                     return

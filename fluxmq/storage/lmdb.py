@@ -48,7 +48,6 @@ import sys
 import time
 from array import array
 from collections.abc import Callable
-from itertools import accumulate
 from pathlib import Path
 
 import lmdb
@@ -939,17 +938,16 @@ class LMDBStorage(Storage):
 
     @staticmethod
     def _put_segments(queue_ops: dict, prefix: bytes, first: int, entries: list) -> None:
-        """``entries`` (seqs ``first``..) as ``queue`` records of at most SEGMENT_BYTES each (an
-        entry above that alone): small enough for LMDB to keep them in its leaf pages, whose headers
-        it checks, instead of overflow pages."""
-        ends = list(accumulate(map(len, entries)))
-        i, n, base = 0, len(entries), 0
-        while i < n:
-            j = max(i + 1, bisect.bisect_right(ends, base + SEGMENT_BYTES, i))
-            part = entries[i:j]
-            queue_ops[prefix + _SEQ.pack(first + i)] = part[0] if len(part) == 1 else r.encode_segment(part)
-            base = ends[j - 1]
-            i = j
+        """``entries`` (seqs ``first``..) as ``queue`` records of about SEGMENT_BYTES at most (split
+        by count at the mean entry size): small enough for LMDB to keep them in its leaf pages, whose
+        headers it checks, instead of overflow pages."""
+        lens = array("I", map(len, entries))
+        n = len(entries)
+        per = max(1, SEGMENT_BYTES * n // max(1, sum(lens)))
+        for i in range(0, n, per):
+            part = entries[i:i + per]
+            queue_ops[prefix + _SEQ.pack(first + i)] = (part[0] if len(part) == 1
+                                                        else r.segment(lens[i:i + per], part))
 
     def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
         """Write a batch from ``take_batch`` and finish it (hub). ``run(fn, args)`` runs the write

@@ -347,6 +347,14 @@ def encode_segment(entries: list) -> bytes:
     return _SEG.pack(SEGMENT, len(entries)) + lens.tobytes() + b"".join(entries)
 
 
+def segment(lens: array, entries: list) -> bytes:
+    """``encode_segment`` with the entries' lengths given (``array("I")``)."""
+    if _SWAP:
+        lens = array("I", lens)
+        lens.byteswap()
+    return _SEG.pack(SEGMENT, len(entries)) + lens.tobytes() + b"".join(entries)
+
+
 def record_span(buf) -> int:
     """How many seqs a ``queue`` record holds: 1 for a single entry (schema 3), else its count."""
     if buf[0] != SEGMENT:
