@@ -8,10 +8,13 @@ Layout (named sub-databases; keys in ``records``)::
     subscriptions  client_id NUL filter -> options
     inflight       client_id NUL u16 packet id -> entry (outbound QoS 1/2 awaiting PUBACK/PUBCOMP)
     inbound_qos2   client_id NUL u16 packet id -> b"" (inbound QoS 2 awaiting PUBREL)
-    queue          client_id NUL u64 seq -> entry (offline queue, in order; schema 3: also the
-                   entries of QoS 1/2 messages in flight, named by ``sent``)
+    queue          client_id NUL u64 seq -> entry (schema 3), or a segment: the entries of seqs
+                   seq.. that one commit stored (schema 4; records.encode_segment). The offline
+                   queue in order, and the entries of QoS 1/2 messages in flight, named by ``sent``
     sent           client_id NUL u16 (packet id // 16) -> 16 slots: the queue seq each packet id
                    in flight carries, and its QoS 2 released flag (schema 3; records.encode_sent)
+    done           client_id NUL -> the client's queue seqs that are done (acknowledged or taken
+                   out): a floor and ranges above it (schema 4; records.encode_done)
     retained       topic -> message
     wills          client_id -> delay + message
     queues         durable queue logs, consumer-group progress, delivery counts (schema 3) and
@@ -20,12 +23,15 @@ Layout (named sub-databases; keys in ``records``)::
 Writes are buffered per key (the last operation on a key wins) and applied in one write
 transaction by ``commit``.
 
-Outbound QoS 1/2 of a persistent session (schema 3): each message is written once, as a queue
-entry, and deleted once, at its PUBACK/PUBCOMP. Sending it (from the queue, or at once when the
-queue is empty) only sets its packet id's slot in a ``sent`` record, which the commit writes once
-per 16 packet ids however many messages the batch sent; a queue entry deleted in the batch that
-wrote it (a PUBACK within the same commit) touches LMDB not at all. The ``inflight`` records of
-schema 2 (a full copy per packet id) are still read and deleted, no longer written.
+Outbound QoS 1/2 of a persistent session: each message is a queue entry. Sending it (from the
+queue, or at once when the queue is empty) only sets its packet id's slot in a ``sent`` record,
+which the commit writes once per 16 packet ids however many messages the batch sent (schema 3).
+Schema 4: the entries a client stored since the last commit are written as one record (segments
+of about SEGMENT_BYTES), and an entry acknowledged or taken out of the queue is marked in the
+client's ``done`` record, written once per commit, instead of deleted; a record goes (``_trim``)
+once all of its seqs are done. An entry done before its first commit is never written. The
+``inflight`` records of schema 2 (a full copy per packet id) are still read and deleted, no
+longer written; the one-entry records of schema 3 read as records of one entry.
 Nothing outside ``fluxmq.storage`` touches LMDB.
 
 Durability (``storage.sync``): ``always`` opens the environment with synchronous commits and the
