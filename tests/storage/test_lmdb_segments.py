@@ -161,6 +161,35 @@ def test_acknowledgements_in_any_order_restore_exactly_after_a_kill(node: Node, 
     assert not s.inflight and not s.queue
 
 
+def test_new_entries_after_a_restart_go_above_the_acknowledged_tail_of_a_segment(node: Node) -> None:
+    # One segment m0..m9; m5..m9 acknowledged (the tail), m0..m4 still in flight at the kill. The
+    # entries stored after the restart must not take the seqs of m5..m9 (their record is still
+    # there): a second restart would bring the acknowledged m5..m9 back, or lose the new ones.
+    s, d = _online(node, 20)
+    for i in range(10):
+        node.broker.publish(Message("t/x", f"m{i}".encode(), 1))
+    node.storage.commit()
+    pids = [t[3] for t in d.sent]
+    for pid in pids[5:]:
+        assert s.on_puback(pid)
+    node.storage.commit()
+    node = node.restart()
+    s, d = _connect(node, 20)
+    for i in range(3):
+        node.broker.publish(Message("t/x", f"new{i}".encode(), 1))
+    node.storage.commit()
+    node = node.restart()
+    s = node.broker.sessions["sub"]
+    expect = [b"m0", b"m1", b"m2", b"m3", b"m4", b"new0", b"new1", b"new2"]
+    assert sorted(e.message.payload for e in s.inflight.values()) == expect
+    s, d = _connect(node, 20)
+    _ack_all(s, d)
+    node.storage.commit()
+    assert _records(node) == 0
+    node = node.restart()
+    assert not node.broker.sessions["sub"].inflight and not node.broker.sessions["sub"].queue
+
+
 def test_a_message_never_acknowledged_does_not_keep_the_records_after_it(node: Node) -> None:
     s, d = _online(node, 5)
     node.broker.publish(Message("t/x", b"stuck", 1))
