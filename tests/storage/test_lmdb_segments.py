@@ -246,6 +246,29 @@ def test_a_schema_3_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
     node.storage.abort()
 
 
+def test_entries_are_readable_while_their_batch_is_written_and_after_it_failed(tmp_path: Path) -> None:
+    """``sync: always`` writes a batch in a thread while the hub goes on: the entries of a taken
+    batch are read from it until it is committed; a failed batch keeps them readable until its retry
+    commits."""
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    st = LMDBStorage(tmp_path / "d", map_size=8 << 20)
+    st.put_session("c", 60, 0.0, None)
+    for seq in range(5):
+        st.queue_append("c", seq, b"\x01e%d" % seq)
+    batch = st.take_batch()
+    st.queue_append("c", 5, b"\x01e5")  # staged after the take: the next batch
+    assert st.queue_read("c", range(7)) == [b"\x01e%d" % i for i in range(6)] + [None]
+    st.batch_done(batch, ok=False)  # as if the write failed: kept, merged under the pending ops
+    assert st.queue_read("c", range(6)) == [b"\x01e%d" % i for i in range(6)]
+    st.commit()
+    assert st.queue_read("c", range(7)) == [b"\x01e%d" % i for i in range(6)] + [None]
+    st.close()
+    st = LMDBStorage(tmp_path / "d", map_size=8 << 20)
+    assert st.load().sessions["c"].queue.count == 6
+    st.close()
+
+
 def test_segment_and_done_records_round_trip() -> None:
     entries = [b"\x01abc", b"\x01", b"\x01" + b"z" * 300]
     seg = r.encode_segment(entries)
