@@ -811,9 +811,9 @@ class LMDBStorage(Storage):
                 start = end = -1
                 entries: list = []
                 for i in missing:
-                    seq = out_seq = seqs[i]
+                    seq = seqs[i]
                     if not start <= seq < end:
-                        start, entries = _record_at(cur, prefix, out_seq)
+                        start, entries = _record_at(cur, prefix, seq)
                         end = start + len(entries)
                     if start <= seq < end:
                         out[i] = bytes(entries[seq - start])
