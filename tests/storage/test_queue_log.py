@@ -64,7 +64,7 @@ def test_a_schema_1_store_is_upgraded_at_open(tmp_path: Path) -> None:
     s = LMDBStorage(path, map_size=64 * MiB)
     with s.env.begin() as txn:
         meta = s.env.open_db(b"meta", txn=txn, create=False)
-        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 3
+        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 4
     assert "keep" in s.load().sessions  # what the old store held is still there
     s.queue_log().append("q", 0, encode_record(1.0, Message("$queue/q", b"x", 1)))
     s.commit()
@@ -152,7 +152,7 @@ def test_a_schema_2_store_is_upgraded_and_its_queues_load(tmp_path: Path) -> Non
     s = LMDBStorage(path, map_size=64 * MiB)
     with s.env.begin() as txn:
         meta = s.env.open_db(b"meta", txn=txn, create=False)
-        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 3
+        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 4
     q = s.queue_log().load_queues()["jobs"]
     assert (q.first, q.next, q.count) == (0, 3, 3)
     g = q.groups["w"]
