@@ -26,6 +26,7 @@ from fluxmq.broker.held import HeldAck
 from fluxmq.errors import ClusterError
 
 from .config import with_members
+from .group import MemberChangeRefused
 from .log import ReplicatedQueueLog, refused
 from .service import RaftService
 
@@ -108,6 +109,7 @@ class FormingRaft:
         self.manager = None
         self._logs: dict[str, ReplicatedQueueLog] = {}
         self._runner: gevent.Greenlet | None = None
+        self.record = None  # the RaftMembers of raft/members in etcd (set by the node), for change_member
 
     # -- the queue manager's log factory (as RaftService's) ------------------------------------
 
@@ -266,6 +268,23 @@ class FormingRaft:
             self._runner = None
         if self.service is not None:
             self.service.stop()
+
+    def change_member(self, group: str, action: str, addr: str) -> list[str]:
+        """As ``RaftService.change_member``; once committed, the member set recorded in etcd
+        (``raft/members``) is changed the same way, so every node started later forms with it."""
+        if self.service is None:
+            raise MemberChangeRefused(503, f"the Raft group is not formed on this node ({self.waiting})")
+        members = self.service.change_member(group, action, addr)
+        if group == "default" and self.record is not None:
+            try:
+                self.members = self.record.change(action, addr)
+            except ClusterError as exc:
+                raise MemberChangeRefused(
+                    503,
+                    f"the change is committed (members: {', '.join(members)}) but raft/members in etcd was "
+                    f"not updated ({exc}): make the same request again",
+                ) from None
+        return members
 
     def status(self) -> list[dict]:
         if self.service is not None:
