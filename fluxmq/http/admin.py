@@ -397,9 +397,18 @@ class AdminAPI:
             doc = json.loads(read_body(environ, 4096) or b"null")
         except ValueError:
             raise HTTPError(400, "the body is not JSON") from None
-        if not isinstance(doc, dict) or set(doc) != {"addr"} or not isinstance(doc["addr"], str):
-            raise HTTPError(400, 'the body must be {"addr": "host:port"} (the new member\'s Raft address)')
-        return self._change_raft_member(args[0], "add", doc["addr"])
+        if (
+            not isinstance(doc, dict)
+            or "addr" not in doc
+            or not set(doc) <= {"addr", "node_id"}
+            or not all(isinstance(v, str) for v in doc.values())
+        ):
+            raise HTTPError(
+                400,
+                'the body must be {"addr": "host:port"} (the new member\'s Raft address), with an optional '
+                '"node_id" (its key in the member set recorded in etcd)',
+            )
+        return self._change_raft_member(args[0], "add", doc["addr"], doc.get("node_id", ""))
 
     def remove_raft_member(self, environ: dict, args: list[str]) -> tuple:
         """``DELETE /cluster/raft/groups/{group}/members/{addr}``: remove a member (a dead node's
@@ -409,14 +418,14 @@ class AdminAPI:
             raise HTTPError(404, "not found")
         return self._change_raft_member(parts[0], "remove", parts[2])
 
-    def _change_raft_member(self, group: str, action: str, addr: str) -> tuple:
+    def _change_raft_member(self, group: str, action: str, addr: str, node_id: str = "") -> tuple:
         raft = getattr(self.service, "raft", None)
         if raft is None or not hasattr(raft, "change_member"):
             raise HTTPError(404, "Raft is not enabled on this node (cluster.raft.enabled)")
         from fluxmq.replication.group import MemberChangeRefused
 
         try:
-            members = raft.change_member(group, action, addr)
+            members = raft.change_member(group, action, addr, node_id)
         except MemberChangeRefused as exc:
             body: dict[str, Any] = {"error": str(exc)}
             if exc.leader is not None:

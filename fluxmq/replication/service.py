@@ -192,10 +192,12 @@ class RaftService:
     def status(self) -> list[dict]:
         return [g.status() for g in self.groups.values()]
 
-    def change_member(self, group: str, action: str, addr: str, timeout: float = MEMBER_CHANGE_TIMEOUT) -> list[str]:
+    def change_member(self, group: str, action: str, addr: str, node_id: str = "",
+                      timeout: float = MEMBER_CHANGE_TIMEOUT) -> list[str]:
         """Add or remove (``action``) the member at ``addr`` of the Raft group ``group``, on this
         node, its leader; waits (this greenlet) until the change is committed and returns the
-        members then. Raises ``MemberChangeRefused`` (with the admin API's status) otherwise."""
+        members then. Raises ``MemberChangeRefused`` (with the admin API's status) otherwise.
+        (``node_id``: used by ``FormingRaft``, for the record in etcd.)"""
         g = self.groups.get(group)
         if g is None:
             raise MemberChangeRefused(404, f"no Raft group {group!r} on this node (groups: {', '.join(self.groups)})")
