@@ -21,9 +21,25 @@ ENV = {"FLUXMQ_ADMIN_TOKEN": TOKEN}
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 
+_SPEC = None
+
+
 def _admin(node, method: str, path: str, doc: dict | None = None) -> tuple[int, dict]:
+    """One admin request; its response is checked against fluxmq/http/openapi.yaml."""
+    global _SPEC
+    from openapi_core import OpenAPI
+    from openapi_core.testing import MockRequest, MockResponse
+
+    from fluxmq.http.admin import SPEC_PATH
+
+    if _SPEC is None:
+        _SPEC = OpenAPI.from_file_path(str(SPEC_PATH))
     body = json.dumps(doc).encode() if doc is not None else None
-    status, _, answer = http_request(node, method, path, body, AUTH, port=node.admin_port)
+    status, headers, answer = http_request(node, method, path, body, AUTH, port=node.admin_port)
+    _SPEC.validate_response(
+        MockRequest("http://127.0.0.1:8082", method.lower(), path, headers=AUTH),
+        MockResponse(json.dumps(answer).encode(), status, headers, headers["content-type"]),
+    )
     return status, answer
 
 
