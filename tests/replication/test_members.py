@@ -14,11 +14,19 @@ from fluxmq.storage.queue_log import MemoryQueueLog
 from tests.conftest import free_port
 
 
-@pytest.fixture
-def groups(tmp_path):
+@pytest.fixture(params=["plain", "mtls"])
+def groups(request, tmp_path):
+    tls = None
+    if request.param == "mtls":  # the TLS transport's addNode/dropNode (tls_transport.py)
+        from fluxmq.replication.tls_transport import raft_tls
+        from tests.certs import CertAuthority
+        from tests.replication.test_tls_transport import _raft
+
+        ca = CertAuthority(tmp_path / "pki")
+        tls = raft_tls(_raft(ca.issue_node("n", hosts=("127.0.0.1",)), ca.cert_file))
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     out = [
-        RaftGroup("default", a, addrs, str(tmp_path / f"n{i}"), MemoryQueueLog(), "forward")
+        RaftGroup("default", a, addrs, str(tmp_path / f"n{i}"), MemoryQueueLog(), "forward", tls=tls)
         for i, a in enumerate(addrs)
     ]
     for g in out:
@@ -70,6 +78,11 @@ def test_one_change_at_a_time_and_each_refusal_says_why(groups) -> None:
     leader.change_member("add", follower.self_addr, again.set)
     assert again.get(timeout=10) is None
     assert leader.peers == sorted(g.self_addr for g in groups)
+    # the member removed and added again gets the log again: the entry that added it included
+    target = leader.status()["commit_index"]
+    with gevent.Timeout(10):
+        while follower.status()["commit_index"] < target:
+            gevent.sleep(0.05)
 
 
 def test_an_add_with_nothing_answering_at_the_address_is_refused(groups, tmp_path) -> None:
