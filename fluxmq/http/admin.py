@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ from fluxmq._core.trie import validate_filter
 from fluxmq.broker.session import EXPIRY_NEVER, Session
 from fluxmq.config import parse_addr
 from fluxmq.errors import ConfigError, StorageError, TopicFilterInvalid
-from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query
+from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query, read_body
 from fluxmq.http.dashboard import PREFIX as DASHBOARD_PREFIX
 from fluxmq.http.dashboard import DashboardFiles
 from fluxmq.http.health import cluster_status_body, raft_groups
@@ -213,6 +214,8 @@ class AdminAPI:
             ("POST", "queues/*/replay", self.replay_queue),
             ("GET", "queues/*", self.get_queue),
             ("GET", "cluster/status", self.cluster_status),
+            ("POST", "cluster/raft/groups/*/members", self.add_raft_member),
+            ("DELETE", "cluster/raft/groups/*", self.remove_raft_member),  # {group}/members/{addr}
         ]
         self.dashboard = DashboardFiles()
         self.monitor = TopicMonitor()
@@ -386,6 +389,51 @@ class AdminAPI:
         if groups is not None:
             body["raft_groups"] = groups  # each Raft group: leader, term, commit index, lag (issue 12)
         return code, body
+
+    def add_raft_member(self, environ: dict, args: list[str]) -> tuple:
+        """Add the member ``{"addr": "host:port"}`` (its Raft address) to a Raft group; answered
+        once the change is committed. Only on the group's leader (409 naming it elsewhere)."""
+        try:
+            doc = json.loads(read_body(environ, 4096) or b"null")
+        except ValueError:
+            raise HTTPError(400, "the body is not JSON") from None
+        if (
+            not isinstance(doc, dict)
+            or "addr" not in doc
+            or not set(doc) <= {"addr", "node_id"}
+            or not all(isinstance(v, str) for v in doc.values())
+        ):
+            raise HTTPError(
+                400,
+                'the body must be {"addr": "host:port"} (the new member\'s Raft address), with an optional '
+                '"node_id" (its key in the member set recorded in etcd)',
+            )
+        return self._change_raft_member(args[0], "add", doc["addr"], doc.get("node_id", ""))
+
+    def remove_raft_member(self, environ: dict, args: list[str]) -> tuple:
+        """``DELETE /cluster/raft/groups/{group}/members/{addr}``: remove a member (a dead node's
+        address) from a Raft group, answered once the change is committed."""
+        parts = args[0].split("/")
+        if len(parts) != 3 or parts[1] != "members" or not parts[2]:
+            raise HTTPError(404, "not found")
+        return self._change_raft_member(parts[0], "remove", parts[2])
+
+    def _change_raft_member(self, group: str, action: str, addr: str, node_id: str = "") -> tuple:
+        raft = getattr(self.service, "raft", None)
+        if raft is None or not hasattr(raft, "change_member"):
+            raise HTTPError(404, "Raft is not enabled on this node (cluster.raft.enabled)")
+        from fluxmq.replication.group import MemberChangeRefused
+
+        try:
+            members = raft.change_member(group, action, addr, node_id)
+        except MemberChangeRefused as exc:
+            body: dict[str, Any] = {"error": str(exc)}
+            if exc.leader is not None:
+                body["leader"] = exc.leader
+            return exc.status, body
+        log.info("admin_raft_member_changed", extra={"group": group, "action": action, "addr": addr,
+                                                      "members": ",".join(members)})
+        return 200, {"group": group, "members": members}
 
     def list_sessions(self, environ: dict, args: list[str]) -> tuple:
         """Sessions by client id, one page: ``after`` (a cursor: the last client id of the previous

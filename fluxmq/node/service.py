@@ -370,7 +370,9 @@ class BrokerService:
             from fluxmq.cluster.metadata.raft_members import RaftMembers
 
             names, count = expected_members(cfg)
-            self.raft.run(RaftMembers(node.plane.meta, names, count).agree)
+            record = RaftMembers(node.plane.meta, names, count)
+            self.raft.record = record  # member changes at run time are written to it (admin API)
+            self.raft.run(record.agree)
 
     @property
     def cluster_health(self):

@@ -26,6 +26,7 @@ from fluxmq.broker.held import HeldAck
 from fluxmq.errors import ClusterError
 
 from .config import with_members
+from .group import MemberChangeRefused
 from .log import ReplicatedQueueLog, refused
 from .service import RaftService
 
@@ -108,6 +109,7 @@ class FormingRaft:
         self.manager = None
         self._logs: dict[str, ReplicatedQueueLog] = {}
         self._runner: gevent.Greenlet | None = None
+        self.record = None  # the RaftMembers of raft/members in etcd (set by the node), for change_member
 
     # -- the queue manager's log factory (as RaftService's) ------------------------------------
 
@@ -266,6 +268,40 @@ class FormingRaft:
             self._runner = None
         if self.service is not None:
             self.service.stop()
+
+    def change_member(self, group: str, action: str, addr: str, node_id: str = "") -> list[str]:
+        """As ``RaftService.change_member``; once committed, the member set recorded in etcd
+        (``raft/members``) is changed the same way (``node_id``: the new member's key there), so
+        every node started later forms with it. A change committed whose record failed is
+        recorded by the same request made again."""
+        if self.service is None:
+            raise MemberChangeRefused(503, f"the Raft group is not formed on this node ({self.waiting})")
+        g = self.service.groups.get(group)
+        record = self.record if group == "default" else None
+        if g is not None and record is not None:
+            try:
+                recorded = set((record.recorded() or {}).values())
+            except ClusterError as exc:
+                raise MemberChangeRefused(503, f"etcd: {exc}") from None
+            if (action == "add" and addr in g.peers and addr not in recorded) or (
+                action == "remove" and addr not in g.peers and addr in recorded
+            ):
+                self._record(record, action, addr, node_id, g.peers)  # committed before, not recorded
+                return g.peers
+        members = self.service.change_member(group, action, addr)
+        if record is not None:
+            self._record(record, action, addr, node_id, members)
+        return members
+
+    def _record(self, record, action: str, addr: str, node_id: str, members: list[str]) -> None:
+        try:
+            self.members = record.change(action, addr, node_id)
+        except ClusterError as exc:
+            raise MemberChangeRefused(
+                503,
+                f"the change is committed (members: {', '.join(members)}) but raft/members in etcd was "
+                f"not updated ({exc}): make the same request again",
+            ) from None
 
     def status(self) -> list[dict]:
         if self.service is not None:

@@ -90,6 +90,17 @@ def _make_node_class():
 _NODE_CLASS = None
 
 
+class MemberChangeRefused(Exception):
+    """A member change that cannot be made here now: ``status`` is the HTTP status the admin API
+    answers (409 not the leader, naming it in ``leader``, or a change in progress; 404 not a
+    member; 503 no leader or no quorum)."""
+
+    def __init__(self, status: int, message: str, leader: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.leader = leader
+
+
 class RaftGroup:
     """One Raft group of this node (see the module docstring)."""
 
@@ -105,7 +116,10 @@ class RaftGroup:
         self.password = password or None  # cluster.raft.password: pysyncobj's encrypted transport
         self.name = name
         self.self_addr = self_addr
-        self.peers = sorted(set(peers) | {self_addr})
+        # the members this node starts with (cluster.raft.peers, or the set agreed in etcd); the
+        # members now are pysyncobj's (``peers``): changed at run time by ``change_member``
+        self.configured = sorted(set(peers) | {self_addr})
+        self._changing: int | None = None  # the term of the member change waiting for its commit
         self.store = store  # QueueLogStore
         self.write_policy = write_policy
         self.logs: dict[str, object] = {}  # queue name -> ReplicatedQueueLog
@@ -171,7 +185,9 @@ class RaftGroup:
             logCompactionMinEntries=self.compaction_entries, logCompactionMinTime=10 ** 12,
             fullDumpFile=self.dump, serializer=self._begin_snapshot, serializeChecker=self._snapshot_progress,
             deserializer=self._read_snapshot,
-            dynamicMembershipChange=False,
+            # members added and removed at run time through the log (change_member); the journal's
+            # format is the same, and a restart applies the changes its journal holds again
+            dynamicMembershipChange=True,
             # the member listens on its address as configured (pysyncobj binds 0.0.0.0 without this)
             bindAddress=self.self_addr,
             onStateChanged=self._state_changed, password=self.password)
@@ -180,7 +196,7 @@ class RaftGroup:
             from .tls_transport import transport_class
 
             transport = transport_class(self.tls)
-        self._node = _NODE_CLASS(self, self.self_addr, [p for p in self.peers if p != self.self_addr], conf,
+        self._node = _NODE_CLASS(self, self.self_addr, [p for p in self.configured if p != self.self_addr], conf,
                                  transport)
         self._running = True
         self._driver = gevent.spawn(self._drive)
@@ -314,6 +330,67 @@ class RaftGroup:
         return self._node is not None and self._node._isLeader()
 
     @property
+    def peers(self) -> list[str]:
+        """The group's members now (this node included), as pysyncobj has them: the configured
+        ones, changed by the member changes in the log (applied when appended, as Raft does)."""
+        node = self._node
+        if node is None:
+            return self.configured
+        return sorted({self.self_addr} | {getattr(n, "id", str(n)) for n in node._SyncObj__otherNodes})
+
+    # -- member changes (the admin API) ----------------------------------------------------------
+
+    def change_member(self, action: str, addr: str, done) -> None:
+        """Add (``action`` "add") or remove ("remove") the member at ``addr``: one Raft entry,
+        appended on this node, the leader; ``done(error)`` is called once it is committed (error
+        None) or failed. Raises ``MemberChangeRefused`` when it cannot be made here now. One change
+        at a time: the next is refused until this one is committed (pysyncobj does not check it)."""
+        node = self._node
+        if node is None:
+            raise MemberChangeRefused(503, f"Raft group {self.name} is not running")
+        if not node._isLeader():
+            leader = self.leader()
+            if leader is None:
+                raise MemberChangeRefused(503, f"Raft group {self.name} has no leader now (an election, or no "
+                                               "quorum); try again")
+            raise MemberChangeRefused(409, f"this node is not the Raft leader of group {self.name}: ask the "
+                                           f"leader, {leader} (its admin API)", leader=leader)
+        term = node.raftCurrentTerm
+        if self._changing == term:
+            raise MemberChangeRefused(409, f"a member change of group {self.name} is in progress (not committed "
+                                           "yet): one change at a time")
+        members = self.peers
+        if action == "add" and addr in members:
+            raise MemberChangeRefused(409, f"{addr} is a member of group {self.name} already")
+        if action == "remove":
+            if addr not in members:
+                raise MemberChangeRefused(404, f"{addr} is not a member of group {self.name} "
+                                               f"(members: {', '.join(members)})")
+            if addr == self.self_addr:
+                raise MemberChangeRefused(409, f"{addr} is the leader of group {self.name}, which cannot remove "
+                                               "itself: stop it (another member is elected), then remove it there")
+        if not node.hasQuorum:
+            raise MemberChangeRefused(503, f"Raft group {self.name} has no quorum: a change could not be committed")
+        self._changing = term
+
+        def committed(res, err) -> None:
+            if self._changing == term:
+                self._changing = None
+            if err:
+                log.warning("raft_member_change_failed", extra={"group": self.name, "action": action,
+                                                                 "addr": addr, "error": _FAIL.get(err, err)})
+                done(f"the change was not committed ({_FAIL.get(err, err)})")
+            else:
+                log.info("raft_member_changed", extra={"group": self.name, "action": action, "addr": addr,
+                                                       "members": ",".join(self.peers)})
+                done(None)
+
+        if action == "add":
+            node.addNodeToCluster(addr, callback=committed)
+        else:
+            node.removeNodeFromCluster(addr, callback=committed)
+
+    @property
     def delivering(self) -> bool:
         """True when this node delivers the group's queues: the leader, once its claim is applied,
         while a majority answered it within DELIVERY_LEASE (a leader lease: a partitioned leader
@@ -321,7 +398,8 @@ class RaftGroup:
         at once and an ack confirmed by the new leader is not followed by a delivery from the old)."""
         if self.owner != self.self_addr or not self.is_leader():
             return False
-        need = len(self.peers) // 2  # answers from other members that make a majority with this one
+        # answers from other members that make a majority with this one (the members now)
+        need = (len(self._node._SyncObj__otherNodes) + 1) // 2
         if not need:
             return True
         # pysyncobj keeps each member's last answer (monotonic time) privately; read, never written.

@@ -20,15 +20,21 @@ import os
 from dataclasses import dataclass
 
 import gevent
+import gevent.event
+import gevent.socket
 
 from fluxmq.config.values import parse_addr
 from fluxmq.errors import ConfigError
 
 from .distribution import NODE_SILENCE, RECONCILE, ReplicatedGroup
-from .group import RaftGroup
+from .group import MemberChangeRefused, RaftGroup
 from .log import ReplicatedQueueLog, refused
 
 log = logging.getLogger("fluxmq.replication")
+
+
+#: how long the admin API waits for a member change to be committed
+MEMBER_CHANGE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,42 @@ class RaftService:
 
     def status(self) -> list[dict]:
         return [g.status() for g in self.groups.values()]
+
+    def change_member(self, group: str, action: str, addr: str, node_id: str = "",
+                      timeout: float = MEMBER_CHANGE_TIMEOUT) -> list[str]:
+        """Add or remove (``action``) the member at ``addr`` of the Raft group ``group``, on this
+        node, its leader; waits (this greenlet) until the change is committed and returns the
+        members then. Raises ``MemberChangeRefused`` (with the admin API's status) otherwise.
+        (``node_id``: used by ``FormingRaft``, for the record in etcd.)"""
+        g = self.groups.get(group)
+        if g is None:
+            raise MemberChangeRefused(404, f"no Raft group {group!r} on this node (groups: {', '.join(self.groups)})")
+        if action not in ("add", "remove"):
+            raise MemberChangeRefused(400, f"unknown member change {action!r}")
+        try:
+            host, port = parse_addr(addr)
+        except (ValueError, ConfigError) as exc:
+            raise MemberChangeRefused(400, f"addr {addr!r} is not host:port ({exc})") from None
+        if not host or not port:
+            raise MemberChangeRefused(400, f"addr {addr!r} is not host:port")
+        if action == "add" and addr not in g.peers:
+            # Added, the member counts in the majority at once (the entry itself needs it): with
+            # nothing there, a group with a dead member would have no majority left.
+            try:
+                gevent.socket.create_connection((host, port), timeout=2.0).close()
+            except OSError as exc:
+                raise MemberChangeRefused(409, f"nothing answers at {addr} ({exc}): start the new member "
+                                               "first (docs/replication.rst, Changing members)") from None
+        result = gevent.event.AsyncResult()
+        g.change_member(action, addr, result.set)
+        try:
+            error = result.get(timeout=timeout)
+        except gevent.Timeout:
+            raise MemberChangeRefused(504, f"the change was not committed within {timeout:.0f}s (is a majority of "
+                                           f"group {group} up?); it may still be: see GET /cluster/raft") from None
+        if error is not None:
+            raise MemberChangeRefused(503, f"Raft group {group}: {error}")
+        return g.peers
 
     # -- callbacks from the groups ---------------------------------------------------------------
 

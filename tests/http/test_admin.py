@@ -356,7 +356,9 @@ def test_every_route_is_documented(spec, app) -> None:
     documented = {(path, method.upper()) for path, item in paths.items()
                   for method in item if method in ("get", "post", "delete", "put", "patch")}
     routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}")
-               .replace("queues/*", "queues/{name}"), method) for method, pattern, _ in app._routes}
+               .replace("queues/*", "queues/{name}").replace("groups/*/members", "groups/{group}/members")
+               # DELETE groups/* takes {group}/members/{addr} (one * per pattern)
+               .replace("groups/*", "groups/{group}/members/{addr}"), method) for method, pattern, _ in app._routes}
     served_before_dispatch = {("/openapi.yaml", "GET"), ("/monitor", "GET"), ("/dashboard/{file}", "GET")}
     assert routes | served_before_dispatch == documented
 

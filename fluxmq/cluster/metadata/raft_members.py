@@ -15,6 +15,9 @@ every other node, and every later start, reads that key. So:
   majority that comes back forms the group again without waiting for the rest.
 
 Value: ``{"members": {node_id: "host:port"}, "by": node_id, "at": unix time}``.
+
+A member change made at run time (the admin API, ``RaftGroup.change_member``) is written here by
+the leader once it is committed (``change``), so a node started later forms with the new set.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import json
 import logging
 import time
 
-from .client import cmp_create, op_get, op_put, range_kvs
+from fluxmq.errors import ClusterError
+
+from .client import cmp_create, cmp_mod, op_get, op_put, range_kvs
 
 __all__ = ["RaftMembers"]
 
@@ -84,6 +89,38 @@ class RaftMembers:
         if kvs:
             return _members(kvs[0]["value"]), ""  # another node was first: its set holds
         return None, "the Raft member record changed meanwhile; trying again"
+
+    def change(self, action: str, addr: str, node_id: str = "") -> dict[str, str]:
+        """Add (``action`` "add") the member at Raft address ``addr``, keyed by ``node_id`` (else
+        the node id that announces ``addr`` in etcd, else ``addr`` itself), or remove ("remove")
+        the member at ``addr``: a compare-and-swap on the record, repeated while it races another
+        writer. Returns the members recorded. Idempotent. Raises ClusterError."""
+        for _ in range(5):
+            kv = self.meta.client.get(self.key)
+            if kv is None:
+                raise ClusterError(f"{self.key} holds no member set to change")
+            members = _members(kv["value"])
+            if action == "add":
+                if not node_id:
+                    node_id = next((n for n, a in self.meta.announced("raft").items() if a == addr), addr)
+                for n in [n for n, a in members.items() if a == addr and n != node_id]:
+                    del members[n]
+                members[node_id] = addr
+            else:
+                members = {n: a for n, a in members.items() if a != addr}
+            value = json.dumps({"members": members, "by": self.meta.node_id, "at": time.time()}).encode()
+            ok, _ = self.meta.client.txn([cmp_mod(self.key, kv["mod_revision"])], [op_put(self.key, value)])
+            if ok:
+                log.info(
+                    "raft_members_changed",
+                    extra={
+                        "action": action,
+                        "addr": addr,
+                        "members": ",".join(f"{n}={a}" for n, a in members.items()),
+                    },
+                )
+                return members
+        raise ClusterError(f"{self.key} kept changing under this node; try again")
 
 
 def _members(value: bytes) -> dict[str, str]:

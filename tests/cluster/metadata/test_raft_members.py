@@ -56,3 +56,24 @@ def test_the_record_outlives_the_nodes(meta_factory) -> None:
     x.stop()
     y = node(meta_factory, "y", "127.0.0.1:7200")
     assert RaftMembers(y, count=1).agree() == ({"x": "127.0.0.1:7100"}, "")
+
+
+def test_a_member_change_rewrites_the_record_and_is_idempotent(meta_factory) -> None:
+    b = node(meta_factory, "b", "127.0.0.1:7200")
+    node(meta_factory, "c", "127.0.0.1:7300")
+    assert wait_for(lambda: RaftMembers(b, count=2).agree()[0] is not None)
+    d = node(meta_factory, "d", "127.0.0.1:7400")  # announces its Raft address: its id is found
+    assert wait_for(lambda: "d" in b.announced("raft"))
+    record = RaftMembers(b, count=2)
+    want = {"b": "127.0.0.1:7200", "c": "127.0.0.1:7300", "d": "127.0.0.1:7400"}
+    assert record.change("add", "127.0.0.1:7400") == want
+    assert record.change("add", "127.0.0.1:7400") == want  # made again: the same
+    assert record.change("remove", "127.0.0.1:7300") == {"b": "127.0.0.1:7200", "d": "127.0.0.1:7400"}
+    assert record.change("remove", "127.0.0.1:7300") == {"b": "127.0.0.1:7200", "d": "127.0.0.1:7400"}
+    # an address nobody announces, with the node id given (a member started with static peers)
+    assert record.change("add", "127.0.0.1:7500", "e")["e"] == "127.0.0.1:7500"
+    assert RaftMembers(d, count=2).agree()[0] == {
+        "b": "127.0.0.1:7200",
+        "d": "127.0.0.1:7400",
+        "e": "127.0.0.1:7500",
+    }
