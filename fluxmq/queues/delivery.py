@@ -39,9 +39,14 @@ class Delivery(TrackedMessage):
     the record's topic, payload and own properties, then message-id, queue, offset, group-id,
     delivery-count and a stream's position as user properties): no property dict per delivery.
     ``properties`` is built only when something asks for it (a consumer with topic aliases, whose
-    PUBLISH the connection encodes itself)."""
+    PUBLISH the connection encodes itself).
 
-    __slots__ = ("_record", "_group_pair", "_count", "_extra")
+    A work queue's delivery is also its group's pending entry and its own ticket (``ticket`` None):
+    ``member``, ``deadline``, ``attempt`` (its delivery count), ``part`` and ``offset`` are those of
+    ``group.Pending``, set by the group that sends it. One object per delivery, where there were
+    three (the delivery, its ``Pending`` and the session's ``Inflight``)."""
+
+    __slots__ = ("_record", "_group_pair", "attempt", "_extra", "member", "deadline", "part", "offset")
 
     @property
     def properties(self) -> dict | None:
@@ -52,7 +57,7 @@ class Delivery(TrackedMessage):
         if props is None and self._record is not None:
             message = self._record.message
             user = [*((message.properties or {}).get(USER_PROPERTY) or ()), *_common_pairs(self._record),
-                    self._group_pair, ("delivery-count", str(self._count)), *self._extra]
+                    self._group_pair, ("delivery-count", str(self.attempt)), *self._extra]
             props = dict(message.properties) if message.properties else {}
             props.pop(USER_PROPERTY, None)
             props[USER_PROPERTY] = user  # last, as in the prebuilt encoding
@@ -131,6 +136,6 @@ def build_delivery(record, queue: str, group: str, count: int, settle, ticket, e
     d.ticket = ticket
     d._record = record
     d._group_pair = group_pair
-    d._count = count
+    d.attempt = count
     d._extra = extra
     return d

@@ -65,7 +65,8 @@ class Member:
 
 
 class Pending:
-    """A delivered, unsettled record; also the delivery's ticket (its PUBACK names it)."""
+    """A delivered, unsettled record; also the delivery's ticket (its PUBACK names it). A local work
+    queue delivery (``delivery.Delivery``) carries these attributes itself and is used in its place."""
 
     __slots__ = ("member", "deadline", "attempt", "part", "offset")
 
@@ -86,6 +87,7 @@ class ConsumerGroup:
         self.name = name
         self.group_pair = ("group-id", name)  # a delivery's user property, made once
         self.group_bytes = user_property(*self.group_pair)  # and encoded
+        self._settle = self._on_puback  # a delivery's settle: bound once, not per delivery
         # A stream group reads the log in order from its cursor; an ack commits the cursor (no
         # pending list, no redelivery); the log keeps its records (retention limits only).
         self.stream = queue.config.type == STREAM
@@ -306,9 +308,14 @@ class ConsumerGroup:
         # Deliveries so far (>= 1 when known; before this run: what the store says, see _prior_count).
         count = (counts.get(offset) or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts
                                         else 0)) + 1
-        p = Pending(member, now + queue.config.visibility_timeout, count, part, offset)
-        if not member.session.send_tracked(build_delivery(record, queue.name, self.name, count, self._on_puback, p, (),
-                                                          self.group_pair, self.group_bytes)):
+        # The delivery is its own pending entry and ticket (delivery.Delivery): no Pending beside it.
+        p = build_delivery(record, queue.name, self.name, count, self._settle, None, (), self.group_pair,
+                           self.group_bytes)
+        p.member = member
+        p.deadline = now + queue.config.visibility_timeout
+        p.part = part
+        p.offset = offset
+        if not member.session.send_tracked(p):
             return False
         counts[offset] = count
         if offset >= self.mark:

@@ -283,3 +283,22 @@ def test_stream_offset_next_starts_after_what_is_stored(tmp_path: Path) -> None:
     end_of_turn()
     assert [(m.payload, up(m)["x-stream-offset"]) for _, m in d.sent] == [(b"new", "3")]
     storage.close()
+
+
+def test_a_delivery_is_its_own_pending_and_in_flight_entry(tmp_path: Path) -> None:
+    """One object per work-queue delivery: the group's pending entry and the session's in-flight
+    entry are the delivered message itself, and its PUBACK (auto-ack) settles it through them."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    try:
+        session, d = member(broker, "c1", "$queue/jobs/#", "g", auto_ack=True)
+        broker.publish(Message("$queue/jobs/a", b"x", 1))
+        end_of_turn()
+        (pid, delivered), = d.sent
+        group = broker.queues.queue("jobs").groups["g"]
+        assert group.pending[0] is delivered
+        assert session.inflight[pid] is delivered
+        assert (delivered.member.session, delivered.offset, delivered.attempt) == (session, 0, 1)
+        assert session.on_puback(pid, 0)
+        assert not group.pending and not session.inflight and group.floor == 1
+    finally:
+        storage.close()
