@@ -9,9 +9,10 @@ connection's ``_on_publish``, ``Broker.publish``, ``Session.deliver`` and the co
 ``send_publish`` do, with the same effects, so a packet it declines is handled exactly as before.
 
 Declined (left to the Python path), before any effect: QoS 2, retained, 5.0 properties (aliases,
-expiry, user properties...), an empty topic or one starting with ``$`` (``$SYS``, ``$queue``,
-``$share`` is a filter only), a payload over ``max_message_size``, QoS over ``max_qos``, a client
-policy without a fast allowance for the topic, a storage that is refusing writes, a route with
+expiry, user properties...), an empty topic or one starting with ``$`` (``$SYS``, ``$share`` is a
+filter only) other than a QoS 1 append to a durable queue (``$queue/...``, handed to the broker's
+``queues.append_relayed``, which appends or declines before any effect), a payload over
+``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
 shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
 a plain ``Session`` attached to an MQTT connection that is open, under its output allowance, with
@@ -89,6 +90,10 @@ cdef class PublishRelay:
             if allowed is None:
                 return i
         store = broker._store
+        # A durable queue's common append (``QueueManager.append_relayed``): it appends, or declines
+        # before any effect; None until the node made its queues (the Python path makes them).
+        queues = broker.queues
+        queue_append = queues.append_relayed if queues is not None else None
         stats = broker.stats
         received = stats.received_qos
         router = broker.router
@@ -112,12 +117,34 @@ cdef class PublishRelay:
                 if qos > 1 or qos > max_qos or pub.retain or pub.properties:
                     break
                 topic = pub.topic
-                if PyUnicode_GET_LENGTH(topic) == 0 or PyUnicode_READ_CHAR(topic, 0) == 36:  # "$"
+                if PyUnicode_GET_LENGTH(topic) == 0:
                     break
                 payload = pub.payload
                 size = len(payload)
                 if size > max_size:
                     break
+                if PyUnicode_READ_CHAR(topic, 0) == 36:  # "$": only a durable queue's append is served here
+                    if queue_append is None or qos != 1 or not topic.startswith("$queue/"):
+                        break
+                    if allowed is not None and allowed.get(topic) != 0:
+                        break
+                    if not queue_append(topic, payload, client_id):
+                        break  # declined before any effect: the Python path serves (or refuses) it
+                    # -- Broker.publish's counts; the PUBACK (nothing was written to this client meanwhile) --
+                    recv_n[1] += 1
+                    recv_b[1] += size
+                    self.served += 1
+                    i += 1
+                    pid = pub.packet_id
+                    out = conn.out
+                    out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
+                    conn._npk += 1
+                    if not conn._dirty:
+                        conn._dirty = True
+                        conn.flusher.mark(conn)
+                    if conn.closed:
+                        break
+                    continue
                 if last_topic is not None and topic == last_topic:
                     route = last_route  # a run of one topic (subscriptions cannot change within this call)
                 else:

@@ -280,6 +280,34 @@ class QueueManager:
             gevent.get_hub().loop.run_callback(self._run_kicked)
         return q.log.held_ack() or 1
 
+    def append_relayed(self, topic: str, payload: bytes, client_id: str) -> bool:
+        """``publish`` of the common append, for the C fast path of a PUBLISH (``_core.relay``): a
+        QoS 1 PUBLISH without properties to ``$queue/{name}[/{key}]`` of a local queue that takes
+        it. True when appended (the caller counts it and acknowledges it after the turn's commit,
+        like ``publish``); False, before any effect, for everything else (a settlement, an unknown
+        queue, storage or queue limits, a replicated log): the full path serves or refuses it."""
+        name, _, key = topic[7:].partition("/")  # len(PREFIX)
+        if key and key[0] == "$" and key in SETTLE_ACTIONS:
+            return False
+        q = self.queues.get(name)
+        if q is None or q.log.__class__ is not QueueLog or self.storage.refusing:
+            return False
+        limits = q.config.limits
+        if (limits.max_depth and q.log.count >= limits.max_depth) or (
+                limits.max_message_size and len(payload) > limits.max_message_size):
+            return False
+        rec = q.log.append_one(Message(topic, payload, 1, False, None, None, client_id))
+        q.stats["appended"] += 1
+        if q.newest is not None:
+            q._compact(rec)
+        # The origin's PUBACK acknowledges the append: a failed commit must abandon it.
+        self.storage.note_stake(client_id)
+        self._kicked.add(q)  # kick_soon, inline
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            gevent.get_hub().loop.run_callback(self._run_kicked)
+        return True
+
     def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int,
                   rejoin: bool = False) -> int:
         """Join a consumer group; returns the granted QoS (1). Raises QueueRefused (0x83 QoS 0,

@@ -102,9 +102,10 @@ class Net:
             reader.join(timeout=5)
 
 
-def run_both(scenario) -> tuple[dict, dict, int]:
+def run_both(scenario, states=None, state=None) -> tuple[dict, dict, int]:
     """Run ``scenario(net)`` with the fast path and without; returns (bytes read, counters) of each
-    and how many PUBLISHes the fast path served in the first run (the marks not counted)."""
+    and how many PUBLISHes the fast path served in the first run (the marks not counted).
+    ``state(net)``, when given, is appended to ``states`` after each run."""
     results = []
     served = 0
     for enabled in (True, False):
@@ -117,6 +118,8 @@ def run_both(scenario) -> tuple[dict, dict, int]:
             if enabled:
                 served = RELAY.served - before - publishes
             results.append((got, net.counters()))
+            if state is not None:
+                states.append(state(net))
             net.close()
         finally:
             RELAY.enabled = True
@@ -276,6 +279,54 @@ def test_fast_path_serves_a_read_that_mixes_packets() -> None:
         + b"\xd0\x00"
         + encode(c.Publish("t", b"again"), 4)
     )
+
+
+def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> None:
+    """A QoS 1 append to an existing local queue is appended by the fast path
+    (``QueueManager.append_relayed``); a settlement, an unknown queue, a full queue, QoS 0 and
+    QoS 2 go to the Python path. Same bytes (acks, deliveries) and counters either way."""
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import LimitsConfig, QueueConfig
+
+    logs = []
+
+    def scenario(net: Net) -> int:
+        net.broker.queues = QueueManager(
+            net.broker.storage, [QueueConfig("jobs"), QueueConfig("full", limits=LimitsConfig(max_depth=1))]
+        )
+        net.client("pub", version=5)  # (no consumer: its deliveries would follow the mark)
+        settle = {c.USER_PROPERTY: [("message-id", "jobs:99"), ("group-id", "g")]}
+        net.send(
+            "pub",
+            [
+                c.Publish("$queue/jobs/a", b"1", qos=1, packet_id=1),  # fast
+                c.Publish("$queue/jobs", b"2", qos=1, packet_id=2),  # fast
+                c.Publish("$queue/jobs/$ack", b"", qos=1, packet_id=3, properties=settle),  # properties
+                c.Publish("$queue/jobs/$nack", b"", qos=1, packet_id=4),  # a settlement
+                c.Publish("$queue/new/a", b"3", qos=1, packet_id=5),  # not a queue yet: auto-created
+                c.Publish("$queue/full/a", b"4", qos=1, packet_id=6),  # fast (room for one)
+                c.Publish("$queue/full/a", b"5", qos=1, packet_id=7),  # full: refused (0x97)
+                c.Publish("$queue/jobs/b", b"6", qos=0),  # QoS 0
+                c.Publish("$queue/jobs/c", b"7", qos=2, packet_id=8),  # QoS 2
+                c.Publish("$queue/jobs/d", b"8", qos=1, packet_id=9),  # fast
+            ],
+        )
+        return 1
+
+    def appended(net: Net) -> dict:
+        return {name: [(r.message.topic, r.message.payload, r.message.qos, r.message.origin)
+                       for r in q.log.read(0, 10)] for name, q in net.broker.queues.queues.items()}
+
+    got, counters, served = run_both(scenario, logs, appended)
+    assert served == 4
+    assert logs[0] == logs[1]
+    assert [p for _t, p, _q, _o in logs[0]["jobs"]] == [b"1", b"2", b"6", b"7", b"8"]
+    assert logs[0]["jobs"][0] == ("$queue/jobs/a", b"1", 1, "pub")
+    assert len(logs[0]["full"]) == len(logs[0]["new"]) == 1
+    acks = [p for p in c.Decoder(version=5).feed(got["pub"]) if p.type == c.PUBACK]
+    assert [(a.packet_id, a.reason_code) for a in acks] == [
+        (1, 0), (2, 0), (3, 0x10), (4, 0x10), (5, 0), (6, 0), (7, 0x97), (9, 0)
+    ]
 
 
 @pytest.fixture(autouse=True)
