@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from fluxmq.broker.message import Message
-from fluxmq.storage.queue_log import QueueLogStore, decode_record, encode_record
+from fluxmq.storage.queue_log import QueueLogStore, decode_record, encode_plain_record, encode_record
 
 #: records read at once when a group's cursor leaves the cache
 READ_AHEAD = 64
@@ -19,18 +19,27 @@ READ_AHEAD = 64
 CACHE_RECORDS = 4096
 
 
-class Record:
-    """One stored message of a queue."""
+class Record(Message):
+    """One stored message of a queue: the message itself (``message`` is the record), with its
+    offset, append time and stored size. One object per record, not a record holding a message."""
 
-    __slots__ = ("offset", "timestamp", "message", "size", "wire", "queue_name")
+    __slots__ = ("offset", "timestamp", "size", "wire", "queue_name")
 
     def __init__(self, offset: int, timestamp: float, message: Message, size: int) -> None:
+        Message.__init__(self, message.topic, message.payload, message.qos, message.retain, message.properties,
+                         message.expires_at, message.origin)
         self.offset = offset
         self.timestamp = timestamp  # wall clock, seconds
-        self.message = message
         self.size = size
         self.wire = None  # its deliveries' PUBLISH before the per-delivery properties (delivery.py)
         self.queue_name = ""
+
+    @property
+    def message(self) -> Record:
+        return self
+
+
+_new = object.__new__
 
 
 class QueueLog:
@@ -93,6 +102,38 @@ class QueueLog:
         cache[offset] = rec
         cache.pop(offset - CACHE_RECORDS, None)  # O(1) eviction of what the window left behind
         if len(cache) > 2 * CACHE_RECORDS:  # read-ahead of old offsets: bounded all the same
+            cache.clear()
+            cache[offset] = rec
+        return rec
+
+    def append_plain(self, topic: str, payload: bytes, origin: str) -> Record:
+        """``append_one`` of a QoS 1 message without properties or expiry from client ``origin``
+        (the relayed PUBLISH): the record is made and encoded (as ``encode_record``) directly."""
+        now = time.time()
+        blob = encode_plain_record(now, topic.encode(), origin.encode() if origin else b"", payload)
+        offset = self.next
+        self.next = offset + 1
+        self.store.append(self.name, offset, blob)
+        rec = _new(Record)  # Record.__init__ without a Message to copy from
+        rec.topic = topic
+        rec.payload = payload
+        rec.qos = 1
+        rec.retain = False
+        rec.properties = None
+        rec.expires_at = None
+        rec.origin = origin
+        rec.wire_cache = None
+        rec.offset = offset
+        rec.timestamp = now
+        rec.size = size = len(blob)
+        rec.wire = None
+        rec.queue_name = ""
+        self.count += 1
+        self.bytes += size
+        cache = self._cache
+        cache[offset] = rec
+        cache.pop(offset - CACHE_RECORDS, None)
+        if len(cache) > 2 * CACHE_RECORDS:
             cache.clear()
             cache[offset] = rec
         return rec

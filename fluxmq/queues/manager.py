@@ -296,7 +296,7 @@ class QueueManager:
         if (limits.max_depth and q.log.count >= limits.max_depth) or (
                 limits.max_message_size and len(payload) > limits.max_message_size):
             return False
-        rec = q.log.append_one(Message(topic, payload, 1, False, None, None, client_id))
+        rec = q.log.append_plain(topic, payload, client_id)
         q.stats["appended"] += 1
         if q.newest is not None:
             q._compact(rec)

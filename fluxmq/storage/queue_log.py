@@ -57,6 +57,13 @@ def encode_record(timestamp: float, message) -> bytes:
                                   len(payload)), topic, origin, payload))
 
 
+def encode_plain_record(timestamp: float, topic: bytes, origin: bytes, payload: bytes) -> bytes:
+    """``encode_record`` of a QoS 1, non-retained message without properties or expiry, from its
+    encoded topic and origin (b"": none): the relayed append's, without a Message to look at."""
+    return b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin),
+                                  0, len(payload)), topic, origin, payload))
+
+
 def decode_record(buf) -> tuple[float, tuple]:
     """(timestamp, message fields) of a record from ``encode_record``."""
     if len(buf) < _TS.size or buf[0] != RECORD_FORMAT:

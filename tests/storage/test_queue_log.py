@@ -12,7 +12,7 @@ import lmdb
 from fluxmq.broker.message import Message
 from fluxmq.storage import records as r
 from fluxmq.storage.lmdb import SCHEMA_VERSION, LMDBStorage
-from fluxmq.storage.queue_log import StoredMember, decode_record, encode_record
+from fluxmq.storage.queue_log import StoredMember, decode_record, encode_plain_record, encode_record
 
 MiB = 1 << 20
 
@@ -171,3 +171,13 @@ def test_a_plain_records_one_pack_encoding_is_the_general_one() -> None:
         assert blob == struct.pack("<Bd", 1, 7.5) + r.encode_message(general)
         assert decode_record(blob) == (7.5, (message.topic, message.payload, message.qos, message.retain, None, None,
                                              message.origin))
+
+
+def test_the_relayed_appends_encoding_is_the_general_one() -> None:
+    """encode_plain_record (the relayed append: QoS 1, no properties, from encoded topic and
+    origin) writes the bytes encode_record writes for the same message."""
+    for topic, payload, origin in (("$queue/q/k", b"x" * 70, "client-1"), ("$queue/q", b"", None), ("$queue/é", b"p", "")):
+        message = Message(topic, payload, 1, origin=origin)
+        blob = encode_plain_record(7.5, topic.encode(), origin.encode() if origin else b"", payload)
+        assert blob == encode_record(7.5, message)
+        assert decode_record(blob) == (7.5, (topic, payload, 1, False, None, None, origin or None))
