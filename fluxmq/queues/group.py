@@ -26,6 +26,9 @@ log = logging.getLogger("fluxmq.queues")
 
 #: records a dispatch looks at per call, so one call never holds the hub long
 DISPATCH_BUDGET = 1024
+#: dispatch's run of new records to a group's only member (``_deliver_run``); off: the general loop
+#: only (tests compare the two)
+RUN_FAST_PATH = True
 #: PUBACK settlements above a group's floor left for the tick's write before the end of a turn
 #: writes them anyway
 UNWRITTEN_MAX = 4096
@@ -182,6 +185,10 @@ class ConsumerGroup:
         settled = self.settled
         filtered = any(m.levels is not None for m in members)
         mark = self.mark
+        if (not ready and not stream and partitions <= 1 and not ttl and not filtered and len(members) == 1
+                and not self.avoid and not self.stored_counts and self.cursor >= self.loaded_mark
+                and self.__class__ is ConsumerGroup and RUN_FAST_PATH):
+            budget -= self._deliver_run(members[0], budget, now)
         blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
             budget -= 1
@@ -241,6 +248,59 @@ class ConsumerGroup:
         if self.mark != mark or self._count_dirty:
             self._save_counts(mark)
         return budget <= 0
+
+    def _deliver_run(self, member: Member, budget: int, now: float) -> int:
+        """``dispatch``'s common case: new records from the cursor to a work queue's only member, as
+        ``_pick`` and ``_deliver`` would deliver them when there is no ready list, partition, key
+        filter, TTL, member to avoid or count from before a restart (each delivery's count is 1).
+        Stops at the member's window, the budget, the log's end, or a send the session refuses
+        (that record is left at the cursor for the general loop). Returns the records looked at."""
+        queue = self.queue
+        qlog = queue.log
+        session = member.session
+        pending = self.pending
+        settled = self.settled
+        counts = self.counts
+        cursor = offset = self.cursor
+        stop = min(qlog.next, cursor + budget, cursor + member.max_inflight - member.pending)
+        name = queue.name
+        group = self.name
+        settle = self._settle
+        group_pair = self.group_pair
+        group_bytes = self.group_bytes
+        deadline = now + queue.config.visibility_timeout
+        get = qlog.get
+        sent = 0
+        last = -1
+        while offset < stop:
+            if offset in pending or offset < self.floor or offset in settled:
+                offset += 1
+                continue
+            record = get(offset)
+            if record is None:  # deleted by retention or compaction meanwhile
+                self.cursor = offset = offset + 1
+                self.settle(offset - 1)
+                continue
+            count = counts.get(offset, 0) + 1
+            d = build_delivery(record, name, group, count, settle, None, (), group_pair, group_bytes)
+            d.member = member
+            d.deadline = deadline
+            d.part = -1
+            d.offset = offset
+            if not session.send_tracked(d):
+                break
+            counts[offset] = count
+            pending[offset] = d
+            sent += 1
+            last = offset
+            offset += 1
+        self.cursor = offset
+        if sent:
+            member.pending += sent
+            queue.stats["delivered"] += sent
+            if last >= self.mark:
+                self.mark = last + 1
+        return offset - cursor
 
     def _pop(self, from_ready: bool) -> None:
         if from_ready:
