@@ -409,6 +409,13 @@ class Session:
         entry = self.inflight.get(packet_id)
         if entry is None or entry.qos != 1:
             return False
+        if isinstance(entry, TrackedMessage):  # its own in-flight entry (send_tracked): the common case
+            del self.inflight[packet_id]  # never stored with the session: nothing to delete
+            if self.queue or self.held:
+                self.pump()
+            ticket = entry.ticket
+            entry.settle(self, reason_code, entry if ticket is None else ticket)
+            return True
         message = entry.message
         tracked = isinstance(message, TrackedMessage)  # (a durable queue's delivery class derives from it)
         if tracked:

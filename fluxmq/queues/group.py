@@ -91,6 +91,9 @@ class ConsumerGroup:
         self.group_pair = ("group-id", name)  # a delivery's user property, made once
         self.group_bytes = user_property(*self.group_pair)  # and encoded
         self._settle = self._on_puback  # a delivery's settle: bound once, not per delivery
+        # Not a subclass (a replicated group overrides settle and _deliver): the inlined common cases
+        # of dispatch and of a PUBACK's settlement apply.
+        self._plain = self.__class__ is ConsumerGroup
         # A stream group reads the log in order from its cursor; an ack commits the cursor (no
         # pending list, no redelivery); the log keeps its records (retention limits only).
         self.stream = queue.config.type == STREAM
@@ -187,7 +190,7 @@ class ConsumerGroup:
         mark = self.mark
         if (not ready and not stream and partitions <= 1 and not ttl and not filtered and len(members) == 1
                 and not self.avoid and not self.stored_counts and self.cursor >= self.loaded_mark
-                and self.__class__ is ConsumerGroup and RUN_FAST_PATH):
+                and self._plain and RUN_FAST_PATH):
             budget -= self._deliver_run(members[0], budget, now)
         blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
@@ -453,7 +456,14 @@ class ConsumerGroup:
                 if ticket.part >= 0:
                     self._unhold(ticket)
                 queue.stats["acked"] += 1
-                self.settle(offset, defer=True)
+                if (offset == self.floor and self._plain and not self.settled and not self.stored_counts
+                        and not self.avoid):
+                    # settle(offset, defer=True), inline for the in-order ack (once per message)
+                    self.counts.pop(offset, None)
+                    self.floor = offset + 1
+                    self.progress_dirty = True
+                else:
+                    self.settle(offset, defer=True)
         queue.manager.kick_soon(queue)
 
     def _release(self, offset: int) -> Pending | None:
