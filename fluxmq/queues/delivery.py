@@ -114,7 +114,7 @@ def build_delivery(record, queue: str, group: str, count: int, settle, ticket, e
     if group_bytes is None:
         group_bytes = user_property(*group_pair)
     extra_bytes = b"".join([user_property(k, v) for k, v in extra]) if extra else b""
-    message = record.message
+    message = record  # a queue record is its message (log.Record)
     payload = message.payload
     record.queue_name = queue
     if message.properties:
@@ -138,4 +138,33 @@ def build_delivery(record, queue: str, group: str, count: int, settle, ticket, e
     d._group_pair = group_pair
     d.attempt = count
     d._extra = extra
+    return d
+
+
+def work_delivery(record, queue: str, count: int, settle, group_pair, group_bytes: bytes, member, deadline: float,
+                  offset: int) -> Delivery:
+    """``build_delivery`` of a work queue's record without properties of its own (the common
+    case), with the group's pending attributes set (``part`` -1: not partitioned): one call per
+    delivery of a group's run (``ConsumerGroup._deliver_run``). A record with properties goes
+    through ``build_delivery``."""
+    payload = record.payload
+    record.queue_name = queue
+    d = _new(Delivery)
+    d.topic = topic = record.topic
+    d.payload = payload
+    d.qos = 1
+    d.retain = False
+    d.expires_at = None
+    d.origin = None
+    d.wire_cache = {WIRE_V5_QOS1: plain_delivery(topic, queue, offset, group_bytes, count, b"", payload)}
+    d.settle = settle
+    d.ticket = None
+    d._record = record
+    d._group_pair = group_pair
+    d.attempt = count
+    d._extra = ()
+    d.member = member
+    d.deadline = deadline
+    d.part = -1
+    d.offset = offset
     return d

@@ -20,7 +20,7 @@ import logging
 import time
 
 from .config import STREAM
-from .delivery import build_delivery, user_property
+from .delivery import build_delivery, user_property, work_delivery
 
 log = logging.getLogger("fluxmq.queues")
 
@@ -285,11 +285,14 @@ class ConsumerGroup:
                 self.settle(offset - 1)
                 continue
             count = counts.get(offset, 0) + 1
-            d = build_delivery(record, name, group, count, settle, None, (), group_pair, group_bytes)
-            d.member = member
-            d.deadline = deadline
-            d.part = -1
-            d.offset = offset
+            if record.properties:
+                d = build_delivery(record, name, group, count, settle, None, (), group_pair, group_bytes)
+                d.member = member
+                d.deadline = deadline
+                d.part = -1
+                d.offset = offset
+            else:
+                d = work_delivery(record, name, count, settle, group_pair, group_bytes, member, deadline, offset)
             if not session.send_tracked(d):
                 break
             counts[offset] = count

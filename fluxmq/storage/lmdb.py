@@ -809,8 +809,8 @@ class LMDBStorage(Storage):
                         # along instead of seeking each key (about half the cost).
                         cur = txn.cursor(handle)
                         at, seek, delete = cur.key, cur.set_key, cur.delete
-                        for k, v in ops.items():
-                            if v is None and (at() == k or seek(k)):
+                        for k in [k for k, v in ops.items() if v is None]:
+                            if at() == k or seek(k):
                                 delete()
                 if batch.gc is not None:  # after the ops: it may delete a gc mark they wrote
                     batch.gc_done = self._gc_chunk(txn, *batch.gc)

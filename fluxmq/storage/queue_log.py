@@ -252,7 +252,12 @@ class LMDBQueueLog(QueueLogStore):
 
     def append(self, queue: str, offset: int, record: bytes) -> None:
         prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)  # log_key, inline (once per message)
-        self.storage._put(self.db, prefix + _OFF.pack(offset), record)
+        storage = self.storage
+        if storage.has_pending:  # storage._put, inline (once per message): the commit is woken already
+            storage._batch.ops[self.db][prefix + _OFF.pack(offset)] = record
+            storage.op_count += 1
+        else:
+            storage._put(self.db, prefix + _OFF.pack(offset), record)
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         offsets = range(from_offset, from_offset + n)
