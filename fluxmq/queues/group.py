@@ -467,7 +467,11 @@ class ConsumerGroup:
                     self.progress_dirty = True
                 else:
                     self.settle(offset, defer=True)
-        queue.manager.kick_soon(queue)
+        manager = queue.manager
+        if manager._kick_scheduled:  # kick_soon, inline (once per PUBACK)
+            manager._kicked.add(queue)
+        else:
+            manager.kick_soon(queue)
 
     def _release(self, offset: int) -> Pending | None:
         p = self.pending.pop(offset, None)

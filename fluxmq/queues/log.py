@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from fluxmq.broker.message import Message
-from fluxmq.storage.queue_log import QueueLogStore, decode_record, encode_plain_record, encode_record
+from fluxmq.storage.queue_log import QueueLogStore, decode_record, encode_record
 
 #: records read at once when a group's cursor leaves the cache
 READ_AHEAD = 64
@@ -110,10 +110,10 @@ class QueueLog:
         """``append_one`` of a QoS 1 message without properties or expiry from client ``origin``
         (the relayed PUBLISH): the record is made and encoded (as ``encode_record``) directly."""
         now = time.time()
-        blob = encode_plain_record(now, topic.encode(), origin.encode() if origin else b"", payload)
         offset = self.next
         self.next = offset + 1
-        self.store.append(self.name, offset, blob)
+        size = self.store.append_plain(self.name, offset, now, topic.encode(), origin.encode() if origin else b"",
+                                       payload)
         rec = _new(Record)  # Record.__init__ without a Message to copy from
         rec.topic = topic
         rec.payload = payload
@@ -125,7 +125,7 @@ class QueueLog:
         rec.wire_cache = None
         rec.offset = offset
         rec.timestamp = now
-        rec.size = size = len(blob)
+        rec.size = size
         rec.wire = None
         rec.queue_name = ""
         self.count += 1

@@ -145,6 +145,13 @@ class QueueLogStore:
     def append(self, queue: str, offset: int, record: bytes) -> None:
         raise NotImplementedError
 
+    def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
+                     payload: bytes) -> int:
+        """``append`` of ``encode_plain_record(timestamp, topic, origin, payload)``; returns its size."""
+        record = encode_plain_record(timestamp, topic, origin, payload)
+        self.append(queue, offset, record)
+        return len(record)
+
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         """Up to ``n`` records at offsets ``from_offset``.. (missing ones skipped), pending writes included."""
         raise NotImplementedError
@@ -258,6 +265,20 @@ class LMDBQueueLog(QueueLogStore):
             storage.op_count += 1
         else:
             storage._put(self.db, prefix + _OFF.pack(offset), record)
+
+    def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
+                     payload: bytes) -> int:
+        # encode_plain_record and append, inline (once per relayed message)
+        record = b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic),
+                                        len(origin), 0, len(payload)), topic, origin, payload))
+        key = (_LOG_PREFIXES.get(queue) or log_prefix(queue)) + _OFF.pack(offset)
+        storage = self.storage
+        if storage.has_pending:
+            storage._batch.ops[self.db][key] = record
+            storage.op_count += 1
+        else:
+            storage._put(self.db, key, record)
+        return len(record)
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         offsets = range(from_offset, from_offset + n)

@@ -181,3 +181,23 @@ def test_the_relayed_appends_encoding_is_the_general_one() -> None:
         blob = encode_plain_record(7.5, topic.encode(), origin.encode() if origin else b"", payload)
         assert blob == encode_record(7.5, message)
         assert decode_record(blob) == (7.5, (topic, payload, 1, False, None, None, origin or None))
+
+
+def test_append_plain_stores_the_plain_encoding(tmp_path: Path) -> None:
+    """LMDBQueueLog.append_plain (encoding and put in one call) stores what encode_plain_record
+    makes, before and after the batch is woken, and returns its size; so does the generic one."""
+    from fluxmq.storage.queue_log import MemoryQueueLog
+
+    storage = LMDBStorage(tmp_path / "s", map_size=16 << 20)
+    try:
+        store = storage.queue_log()
+        want = [encode_plain_record(1.5, b"$queue/q/a", b"c1", b"x"), encode_plain_record(2.5, b"$queue/q", b"", b"")]
+        assert store.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", b"x") == len(want[0])
+        assert store.append_plain("q", 1, 2.5, b"$queue/q", b"", b"") == len(want[1])
+        storage.commit()
+        assert store.read("q", 0, 2) == [(0, want[0]), (1, want[1])]
+        memory = MemoryQueueLog()
+        assert memory.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", b"x") == len(want[0])
+        assert memory.read("q", 0, 1) == [(0, want[0])]
+    finally:
+        storage.close()
