@@ -11,7 +11,7 @@ connection's ``_on_publish``, ``Broker.publish``, ``Session.deliver`` and the co
 Declined (left to the Python path), before any effect: QoS 2, retained, 5.0 properties (aliases,
 expiry, user properties...), an empty topic or one starting with ``$`` (``$SYS``, ``$share`` is a
 filter only) other than a QoS 1 append to a durable queue (``$queue/...``, handed to the broker's
-``queues.append_relayed``, which appends or declines before any effect), a payload over
+``queues.append_relayed`` a run at a time, which appends or declines before any effect), a payload over
 ``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
 shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
@@ -61,7 +61,7 @@ cdef class PublishRelay:
         cdef Publish pub
         cdef int qos, version, tq, qown, max_qos, pid
         cdef long long max_size
-        cdef Py_ssize_t ack_at = 0, n, n_acked, size
+        cdef Py_ssize_t ack_at = 0, n, n_acked, size, j, k
         cdef bint sampled
         # The broker's counters of this call, added to BrokerStats once at the end (nothing reads
         # them meanwhile: the call never switches greenlets).
@@ -90,8 +90,9 @@ cdef class PublishRelay:
             if allowed is None:
                 return i
         store = broker._store
-        # A durable queue's common append (``QueueManager.append_relayed``): it appends, or declines
-        # before any effect; None until the node made its queues (the Python path makes them).
+        # A durable queue's common append (``QueueManager.append_relayed``: a run of payloads to one
+        # topic, of which it appends the first n, or declines before any effect with 0); None until
+        # the node made its queues (the Python path makes them).
         queues = broker.queues
         queue_append = queues.append_relayed if queues is not None else None
         stats = broker.stats
@@ -128,21 +129,37 @@ cdef class PublishRelay:
                         break
                     if allowed is not None and allowed.get(topic) != 0:
                         break
-                    if not queue_append(topic, payload, client_id):
+                    # The run of such PUBLISHes to this topic in this read: appended in one call.
+                    payloads = [payload]
+                    j = i + 1
+                    while j < count:
+                        p = packets[j]
+                        if type(p) is not Publish:
+                            break
+                        pub = <Publish>p
+                        if (pub.qos != 1 or pub.retain or pub.properties or pub.topic != topic
+                                or len(pub.payload) > max_size):
+                            break
+                        payloads.append(pub.payload)
+                        j += 1
+                    n = queue_append(topic, payloads, client_id)  # appends the first n (0: declined)
+                    if n <= 0:
                         break  # declined before any effect: the Python path serves (or refuses) it
-                    # -- Broker.publish's counts; the PUBACK (nothing was written to this client meanwhile) --
-                    recv_n[1] += 1
-                    recv_b[1] += size
-                    self.served += 1
-                    i += 1
-                    pid = pub.packet_id
+                    # -- Broker.publish's counts; the PUBACKs (nothing was written to this client meanwhile) --
                     out = conn.out
-                    out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
-                    conn._npk += 1
+                    for k in range(n):
+                        pub = <Publish>packets[i + k]
+                        recv_b[1] += len(pub.payload)
+                        pid = pub.packet_id
+                        out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
+                    recv_n[1] += n
+                    self.served += n
+                    i += n
+                    conn._npk += n
                     if not conn._dirty:
                         conn._dirty = True
                         conn.flusher.mark(conn)
-                    if conn.closed:
+                    if conn.closed or n < len(payloads):
                         break
                     continue
                 if last_topic is not None and topic == last_topic:

@@ -106,37 +106,43 @@ class QueueLog:
             cache[offset] = rec
         return rec
 
-    def append_plain(self, topic: str, payload: bytes, origin: str) -> Record:
-        """``append_one`` of a QoS 1 message without properties or expiry from client ``origin``
-        (the relayed PUBLISH): the record is made and encoded (as ``encode_record``) directly."""
+    def append_plain(self, topic: str, payloads: list[bytes], origin: str) -> list[Record]:
+        """``append`` of QoS 1 messages to one topic without properties or expiry from client
+        ``origin`` (a run of relayed PUBLISHes): the records are made and encoded (as
+        ``encode_record``) directly, and stored in one call."""
         now = time.time()
-        offset = self.next
-        self.next = offset + 1
-        size = self.store.append_plain(self.name, offset, now, topic.encode(), origin.encode() if origin else b"",
-                                       payload)
-        rec = _new(Record)  # Record.__init__ without a Message to copy from
-        rec.topic = topic
-        rec.payload = payload
-        rec.qos = 1
-        rec.retain = False
-        rec.properties = None
-        rec.expires_at = None
-        rec.origin = origin
-        rec.wire_cache = None
-        rec.offset = offset
-        rec.timestamp = now
-        rec.size = size
-        rec.wire = None
-        rec.queue_name = ""
-        self.count += 1
-        self.bytes += size
+        first = self.next
+        self.next = first + len(payloads)
+        sizes = self.store.append_plain(self.name, first, now, topic.encode(), origin.encode() if origin else b"",
+                                        payloads)
         cache = self._cache
-        cache[offset] = rec
-        cache.pop(offset - CACHE_RECORDS, None)
+        out = []
+        offset = first
+        for payload, size in zip(payloads, sizes, strict=True):
+            rec = _new(Record)  # Record.__init__ without a Message to copy from
+            rec.topic = topic
+            rec.payload = payload
+            rec.qos = 1
+            rec.retain = False
+            rec.properties = None
+            rec.expires_at = None
+            rec.origin = origin
+            rec.wire_cache = None
+            rec.offset = offset
+            rec.timestamp = now
+            rec.size = size
+            rec.wire = None
+            rec.queue_name = ""
+            cache[offset] = rec
+            cache.pop(offset - CACHE_RECORDS, None)
+            out.append(rec)
+            offset += 1
+        self.count += len(payloads)
+        self.bytes += sum(sizes)
         if len(cache) > 2 * CACHE_RECORDS:
             cache.clear()
-            cache[offset] = rec
-        return rec
+            cache.update((rec.offset, rec) for rec in out[-CACHE_RECORDS:])
+        return out
 
     def _remember(self, rec: Record) -> None:
         cache = self._cache

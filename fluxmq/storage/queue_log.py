@@ -146,11 +146,15 @@ class QueueLogStore:
         raise NotImplementedError
 
     def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
-                     payload: bytes) -> int:
-        """``append`` of ``encode_plain_record(timestamp, topic, origin, payload)``; returns its size."""
-        record = encode_plain_record(timestamp, topic, origin, payload)
-        self.append(queue, offset, record)
-        return len(record)
+                     payloads: list[bytes]) -> list[int]:
+        """``append`` of ``encode_plain_record(timestamp, topic, origin, payload)`` for each payload,
+        at ``offset`` and on; returns their sizes."""
+        sizes = []
+        for i, payload in enumerate(payloads):
+            record = encode_plain_record(timestamp, topic, origin, payload)
+            self.append(queue, offset + i, record)
+            sizes.append(len(record))
+        return sizes
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         """Up to ``n`` records at offsets ``from_offset``.. (missing ones skipped), pending writes included."""
@@ -267,18 +271,22 @@ class LMDBQueueLog(QueueLogStore):
             storage._put(self.db, prefix + _OFF.pack(offset), record)
 
     def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
-                     payload: bytes) -> int:
-        # encode_plain_record and append, inline (once per relayed message)
-        record = b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic),
-                                        len(origin), 0, len(payload)), topic, origin, payload))
-        key = (_LOG_PREFIXES.get(queue) or log_prefix(queue)) + _OFF.pack(offset)
+                     payloads: list[bytes]) -> list[int]:
+        # encode_plain_record and append per payload, inline; one batch update for the run
+        head = _TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin), 0, 0)
+        head = head[:-4]  # the payload length last: per record
+        mid = topic + origin
+        pack_len = _U32.pack
+        records = [b"".join((head, pack_len(len(p)), mid, p)) for p in payloads]
+        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)
+        pack = _OFF.pack
+        keys = [prefix + pack(off) for off in range(offset, offset + len(records))]
         storage = self.storage
-        if storage.has_pending:
-            storage._batch.ops[self.db][key] = record
-            storage.op_count += 1
-        else:
-            storage._put(self.db, key, record)
-        return len(record)
+        storage._put(self.db, keys[0], records[0])  # wakes the commit when it is the batch's first
+        if len(records) > 1:
+            storage._batch.ops[self.db].update(zip(keys[1:], records[1:], strict=True))
+            storage.op_count += len(records) - 1
+        return [len(rec) for rec in records]
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         offsets = range(from_offset, from_offset + n)

@@ -308,7 +308,9 @@ def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> 
                 c.Publish("$queue/full/a", b"5", qos=1, packet_id=7),  # full: refused (0x97)
                 c.Publish("$queue/jobs/b", b"6", qos=0),  # QoS 0
                 c.Publish("$queue/jobs/c", b"7", qos=2, packet_id=8),  # QoS 2
-                c.Publish("$queue/jobs/d", b"8", qos=1, packet_id=9),  # fast
+                c.Publish("$queue/jobs/d", b"8", qos=1, packet_id=9),  # fast: a run of three
+                c.Publish("$queue/jobs/d", b"9", qos=1, packet_id=10),
+                c.Publish("$queue/jobs/d", b"10", qos=1, packet_id=11),
             ],
         )
         return 1
@@ -318,14 +320,14 @@ def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> 
                        for r in q.log.read(0, 10)] for name, q in net.broker.queues.queues.items()}
 
     got, counters, served = run_both(scenario, logs, appended)
-    assert served == 4
+    assert served == 6
     assert logs[0] == logs[1]
-    assert [p for _t, p, _q, _o in logs[0]["jobs"]] == [b"1", b"2", b"6", b"7", b"8"]
+    assert [p for _t, p, _q, _o in logs[0]["jobs"]] == [b"1", b"2", b"6", b"7", b"8", b"9", b"10"]
     assert logs[0]["jobs"][0] == ("$queue/jobs/a", b"1", 1, "pub")
     assert len(logs[0]["full"]) == len(logs[0]["new"]) == 1
     acks = [p for p in c.Decoder(version=5).feed(got["pub"]) if p.type == c.PUBACK]
     assert [(a.packet_id, a.reason_code) for a in acks] == [
-        (1, 0), (2, 0), (3, 0x10), (4, 0x10), (5, 0), (6, 0), (7, 0x97), (9, 0)
+        (1, 0), (2, 0), (3, 0x10), (4, 0x10), (5, 0), (6, 0), (7, 0x97), (9, 0), (10, 0), (11, 0)
     ]
 
 

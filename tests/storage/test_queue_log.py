@@ -191,13 +191,15 @@ def test_append_plain_stores_the_plain_encoding(tmp_path: Path) -> None:
     storage = LMDBStorage(tmp_path / "s", map_size=16 << 20)
     try:
         store = storage.queue_log()
-        want = [encode_plain_record(1.5, b"$queue/q/a", b"c1", b"x"), encode_plain_record(2.5, b"$queue/q", b"", b"")]
-        assert store.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", b"x") == len(want[0])
-        assert store.append_plain("q", 1, 2.5, b"$queue/q", b"", b"") == len(want[1])
+        want = [encode_plain_record(1.5, b"$queue/q/a", b"c1", p) for p in (b"x", b"", b"y" * 300)]
+        want.append(encode_plain_record(2.5, b"$queue/q", b"", b""))
+        assert store.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", [b"x", b"", b"y" * 300]) == [len(w) for w in want[:3]]
+        assert store.append_plain("q", 3, 2.5, b"$queue/q", b"", [b""]) == [len(want[3])]
+        assert storage.op_count and storage.has_pending
         storage.commit()
-        assert store.read("q", 0, 2) == [(0, want[0]), (1, want[1])]
+        assert store.read("q", 0, 4) == list(enumerate(want))
         memory = MemoryQueueLog()
-        assert memory.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", b"x") == len(want[0])
-        assert memory.read("q", 0, 1) == [(0, want[0])]
+        assert memory.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", [b"x", b""]) == [len(w) for w in want[:2]]
+        assert memory.read("q", 0, 2) == [(0, want[0]), (1, want[1])]
     finally:
         storage.close()
