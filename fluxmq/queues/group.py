@@ -188,10 +188,9 @@ class ConsumerGroup:
         settled = self.settled
         filtered = any(m.levels is not None for m in members)
         mark = self.mark
-        if (not ready and not stream and partitions <= 1 and not ttl and not filtered and len(members) == 1
-                and not self.avoid and not self.stored_counts and self.cursor >= self.loaded_mark
-                and self._plain and RUN_FAST_PATH):
-            budget -= self._deliver_run(members[0], budget, now)
+        if (not ready and not stream and partitions <= 1 and not ttl and not filtered and not self.avoid
+                and not self.stored_counts and self.cursor >= self.loaded_mark and self._plain and RUN_FAST_PATH):
+            budget -= self._deliver_run(members, budget, now)
         blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
             budget -= 1
@@ -252,20 +251,28 @@ class ConsumerGroup:
             self._save_counts(mark)
         return budget <= 0
 
-    def _deliver_run(self, member: Member, budget: int, now: float) -> int:
-        """``dispatch``'s common case: new records from the cursor to a work queue's only member, as
+    def _deliver_run(self, members: list[Member], budget: int, now: float) -> int:
+        """``dispatch``'s common case: new records from the cursor to a work queue's members, as
         ``_pick`` and ``_deliver`` would deliver them when there is no ready list, partition, key
-        filter, TTL, member to avoid or count from before a restart (each delivery's count is 1).
-        Stops at the member's window, the budget, the log's end, or a send the session refuses
-        (that record is left at the cursor for the general loop). Returns the records looked at."""
+        filter, TTL, member to avoid or count from before a restart (each delivery's count is 1):
+        the only member, or the members in turn, those with room. Stops at the members' windows,
+        the budget, the log's end, or a send a session refuses (that record is left at the cursor
+        for the general loop). Returns the records looked at."""
         queue = self.queue
         qlog = queue.log
-        session = member.session
         pending = self.pending
         settled = self.settled
         counts = self.counts
         cursor = offset = self.cursor
-        stop = min(qlog.next, cursor + budget, cursor + member.max_inflight - member.pending)
+        n = len(members)
+        if n == 1:
+            only = members[0]
+            session = only.session
+            stop = min(qlog.next, cursor + budget, cursor + only.max_inflight - only.pending)
+        else:
+            only = session = None
+            stop = min(qlog.next, cursor + budget)
+        rr = self._rr
         name = queue.name
         group = self.name
         settle = self._settle
@@ -284,6 +291,16 @@ class ConsumerGroup:
                 self.cursor = offset = offset + 1
                 self.settle(offset - 1)
                 continue
+            if only is None:  # _pick, inline: the next member in turn with room
+                for i in range(n):
+                    member = members[(rr + i) % n]
+                    if member.pending < member.max_inflight and member.session.can_take_tracked():
+                        break
+                else:
+                    break
+                session = member.session
+            else:
+                member = only
             count = counts.get(offset, 0) + 1
             if record.properties:
                 d = build_delivery(record, name, group, count, settle, None, (), group_pair, group_bytes)
@@ -295,6 +312,9 @@ class ConsumerGroup:
                 d = work_delivery(record, name, count, settle, group_pair, group_bytes, member, deadline, offset)
             if not session.send_tracked(d):
                 break
+            if only is None:
+                rr = (rr + i + 1) % n
+                member.pending += 1
             counts[offset] = count
             pending[offset] = d
             sent += 1
@@ -302,7 +322,9 @@ class ConsumerGroup:
             offset += 1
         self.cursor = offset
         if sent:
-            member.pending += sent
+            self._rr = rr
+            if only is not None:
+                only.pending += sent
             queue.stats["delivered"] += sent
             if last >= self.mark:
                 self.mark = last + 1

@@ -304,38 +304,42 @@ def test_a_delivery_is_its_own_pending_and_in_flight_entry(tmp_path: Path) -> No
         storage.close()
 
 
-def _run_scenario(path: Path) -> list:
-    """One member with a window of 3: records 0..5 appended, record 1 deleted (compaction-like)
-    before any dispatch, record 4 settled above the floor by a restart's progress; what it gets."""
-    storage, broker = node(path, [QueueConfig("jobs", max_inflight=3)])
+def _run_scenario(path: Path, members: int) -> list:
+    """Members with a window of 2 each: records 0..8 appended, record 1 deleted (compaction-like)
+    before any dispatch, record 4 settled above the floor by a restart's progress; what each gets,
+    before and after one settles one."""
+    storage, broker = node(path, [QueueConfig("jobs", max_inflight=2)])
     try:
         q = broker.queues.queue("jobs")
-        for i in range(6):
+        for i in range(9):
             broker.publish(Message(f"$queue/jobs/k{i}", f"m{i}".encode(), 1))
         q.log.delete(1)
-        session, d = member(broker, "c1", "$queue/jobs/#", "g")
+        sessions = [member(broker, f"c{i}", "$queue/jobs/#", "g") for i in range(members)]
         group = q.groups["g"]
         group.settled.add(4)
         end_of_turn()
-        got = [(pid, m.payload, up(m)["delivery-count"], up(m)["message-id"]) for pid, m in d.sent]
-        assert settle(broker, "jobs", "$ack", d.sent[0][1]) == 1  # room for one more
+
+        def got() -> list:
+            return [[(pid, m.payload, up(m)["delivery-count"], up(m)["message-id"]) for pid, m in d.sent]
+                    for _, d in sessions]
+
+        before = got()
+        assert settle(broker, "jobs", "$ack", sessions[-1][1].sent[0][1]) == 1  # room for one more
         end_of_turn()
-        got += [(pid, m.payload, up(m)["delivery-count"], up(m)["message-id"]) for pid, m in d.sent[len(got):]]
-        return got + [(group.cursor, group.floor, sorted(group.settled), sorted(group.pending), group.mark,
-                       member_pending(group), q.stats["delivered"])]
+        return [before, got(), group.cursor, group.floor, sorted(group.settled), sorted(group.pending), group.mark,
+                [m.pending for m in group.members], q.stats["delivered"], group._rr]
     finally:
         storage.close()
 
 
-def member_pending(group) -> list[int]:
-    return [m.pending for m in group.members]
-
-
-def test_the_run_from_the_cursor_delivers_what_the_general_loop_does(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("members", [1, 2, 3])
+def test_the_run_from_the_cursor_delivers_what_the_general_loop_does(tmp_path: Path, monkeypatch, members) -> None:
     from fluxmq.queues import group as group_module
 
-    fast = _run_scenario(tmp_path / "fast")
+    fast = _run_scenario(tmp_path / "fast", members)
     monkeypatch.setattr(group_module, "RUN_FAST_PATH", False)
-    general = _run_scenario(tmp_path / "general")
+    general = _run_scenario(tmp_path / "general", members)
     assert fast == general
-    assert [m[1] for m in fast[:-1]] == [b"m0", b"m2", b"m3", b"m5"]
+    delivered = [p for each in fast[1] for _, p, _, _ in each]
+    assert len(delivered) == len(set(delivered)) == 2 * members + 1  # every window full, then one more
+    assert b"m1" not in delivered  # deleted before any dispatch
