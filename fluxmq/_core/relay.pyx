@@ -2,8 +2,9 @@
 """The fast path of a connected client's PUBLISH: route it and write it into subscribers' output.
 
 ``PublishRelay.serve(conn, packets, start)`` handles the decoded packets of one read, from
-``start``, while they are PUBLISHes of the common shape, and returns the index of the first packet
-it leaves to the caller (``len(packets)`` when none): the caller runs its Python handler for that
+``start``, while they are PUBLISHes of the common shape (or PUBACKs of tracked deliveries, a
+durable queue's, settled through their sender as ``Session.on_puback`` does), and returns the index
+of the first packet it leaves to the caller (``len(packets)`` when none): the caller runs its Python handler for that
 packet and calls ``serve`` again after it. For each PUBLISH it does in one C call what the MQTT
 connection's ``_on_publish``, ``Broker.publish``, ``Session.deliver`` and the connection's
 ``send_publish`` do, with the same effects, so a packet it declines is handled exactly as before.
@@ -29,7 +30,7 @@ from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 
 from time import perf_counter
 
-from fluxmq._core.codec cimport Publish, append_publish, encode_publish
+from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
 
 
 cdef class PublishRelay:
@@ -40,20 +41,51 @@ cdef class PublishRelay:
     cdef object message_class
     cdef object inflight_class
     cdef object puback_class
+    cdef object tracked_class
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public bint enabled
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
-                 long sample_mask):
+                 long sample_mask, tracked_class=None):
         self.conn_class = conn_class
         self.session_class = session_class
         self.message_class = message_class
         self.inflight_class = inflight_class
         self.puback_class = puback_class
+        self.tracked_class = tracked_class
         self.sample_mask = sample_mask
         self.served = 0
         self.enabled = True
+
+    cdef Py_ssize_t _settle_tracked(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
+        """A run of PUBACKs of tracked deliveries (a durable queue's, ``TrackedMessage``): what the
+        connection's ``_on_puback`` and ``Session.on_puback`` do for them (the entry leaves the
+        window, then its sender's ``settle`` is called), for a plain ``Session`` with nothing queued
+        or held. Stops at the first PUBACK of anything else, which the Python path serves."""
+        cdef Puback ack
+        cdef bint v5
+        tracked = self.tracked_class
+        session = conn.session
+        if tracked is None or session is None or conn.closed or type(session) is not self.session_class:
+            return i
+        inflight = session.inflight
+        v5 = conn.version == 5
+        while i < count:
+            p = packets[i]
+            if type(p) is not Puback:
+                break
+            ack = <Puback>p
+            entry = inflight.get(ack.packet_id)
+            if entry is None or not isinstance(entry, tracked) or session.queue or session.held:
+                break
+            del inflight[ack.packet_id]
+            ticket = entry.ticket
+            entry.settle(session, ack.reason_code if v5 else 0, entry if ticket is None else ticket)
+            i += 1
+            if conn.closed or conn.session is not session:
+                break
+        return i
 
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
@@ -73,6 +105,8 @@ cdef class PublishRelay:
         cdef str topic, last_topic = None
         if not self.enabled or i >= count:
             return i
+        if type(packets[i]) is Puback:
+            return self._settle_tracked(conn, packets, i, count)
         broker = conn.broker
         if broker.peers is not None or broker._on_published is not None or broker._on_delivered is not None:
             return i

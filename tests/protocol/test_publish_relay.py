@@ -335,3 +335,57 @@ def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> 
 def _relay_on():
     yield
     connection_module.RELAY.enabled = True
+
+
+def test_pubacks_of_queue_deliveries_are_settled_in_c() -> None:
+    """A consumer's PUBACKs of durable-queue deliveries (auto-ack) are settled by the fast path
+    (no Python ``_on_puback``); a PUBACK of an ordinary QoS 1 delivery in the same read goes to the
+    Python path. Either way the group ends in the same state and the consumer reads the same."""
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import QueueConfig
+
+    python_acks = []
+    original = connection_module._HANDLERS[c.PUBACK]
+
+    def counted(conn, p):
+        python_acks.append(p.packet_id)
+        original(conn, p)
+
+    outcomes = []
+    connection_module._HANDLERS[c.PUBACK] = counted  # the connection's handler table
+    try:
+        for enabled in (True, False):
+            RELAY.enabled = enabled
+            python_acks.clear()
+            net = Net()
+            try:
+                net.broker.queues = QueueManager(net.broker.storage, [QueueConfig("jobs")])
+                cons = net.client("cons", version=5)
+                net.subscribe("cons", "$queue/jobs", 1,
+                              user_properties=[("consumer-group", "g"), ("auto-ack", "true")])
+                net.subscribe("cons", "plain", 1)
+                for i in range(3):
+                    net.broker.publish(Message("$queue/jobs", f"q{i}".encode(), 1))
+                net.broker.publish(Message("plain", b"p", 1))
+                sock = net.clients["cons"][2]
+                decoder = c.Decoder(version=5)
+                got = []
+                with gevent.Timeout(10):  # the end of the turn: the dispatch, then the flush
+                    while len([p for p in got if p.type == c.PUBLISH and p.topic != MARK]) < 4:
+                        got += decoder.feed(sock.recv(65536))
+                delivered = {p.topic: p.packet_id for p in got if p.type == c.PUBLISH and p.topic != MARK}
+                pids = [p.packet_id for p in got if p.type == c.PUBLISH and p.topic != MARK]
+                net.send("cons", [c.Puback(pid) for pid in pids])
+                data = net.read_all()["cons"]
+                group = net.broker.queues.queue("jobs").groups["g"]
+                outcomes.append((group.floor, sorted(group.pending), sorted(cons.session.inflight), data,
+                                 sorted(python_acks), delivered["plain"], sorted(pids)))
+            finally:
+                net.close()
+    finally:
+        RELAY.enabled = True
+        connection_module._HANDLERS[c.PUBACK] = original
+    fast, slow = outcomes
+    assert fast[:4] == slow[:4] == (3, [], [], b"")
+    assert slow[4] == slow[6] == [1, 2, 3, 4]  # every PUBACK through the Python handler
+    assert fast[4] == [fast[5]]  # only the ordinary delivery's
