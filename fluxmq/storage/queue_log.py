@@ -29,6 +29,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from fluxmq._core.queue_wire import offset_keys, plain_records
+
 from . import records as r
 
 _TS = struct.Struct("<Bd")
@@ -272,15 +274,11 @@ class LMDBQueueLog(QueueLogStore):
 
     def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
                      payloads: list[bytes]) -> list[int]:
-        # encode_plain_record and append per payload, inline; one batch update for the run
+        # encode_plain_record per payload and log_key per offset (built in C, _core.queue_wire),
+        # one batch update for the run
         head = _TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin), 0, 0)
-        head = head[:-4]  # the payload length last: per record
-        mid = topic + origin
-        pack_len = _U32.pack
-        records = [b"".join((head, pack_len(len(p)), mid, p)) for p in payloads]
-        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)
-        pack = _OFF.pack
-        keys = [prefix + pack(off) for off in range(offset, offset + len(records))]
+        records = plain_records(head[:-4], topic + origin, payloads)  # the payload length: per record
+        keys = offset_keys(_LOG_PREFIXES.get(queue) or log_prefix(queue), offset, len(records))
         storage = self.storage
         storage._put(self.db, keys[0], records[0])  # wakes the commit when it is the batch's first
         if len(records) > 1:
@@ -350,8 +348,11 @@ class LMDBQueueLog(QueueLogStore):
 
     def truncate(self, queue: str, offsets) -> None:
         prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)
-        pack = _OFF.pack
-        keys = [prefix + pack(off) for off in offsets]
+        if offsets.__class__ is range and offsets.step == 1:  # retention's chunk: keys built in C
+            keys = offset_keys(prefix, offsets.start, len(offsets))
+        else:
+            pack = _OFF.pack
+            keys = [prefix + pack(off) for off in offsets]
         if not keys:
             return
         # The storage's _put for the first (it wakes the commit), the others straight into the same
