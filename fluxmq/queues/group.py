@@ -316,6 +316,8 @@ class ConsumerGroup:
                 rr = (rr + i + 1) % n
                 member.pending += 1
             counts[offset] = count
+            if count != 1:  # (never: what lies past the cursor was not delivered in this run)
+                self._count_dirty.add(offset)
             pending[offset] = d
             sent += 1
             last = offset
