@@ -10,6 +10,13 @@ Real ``fluxmq-node`` processes (tests.conftest.NodeFactory, ``storage.type: lmdb
 ``raft-follower``
     the same, the producer on a follower (``write_policy: forward``: pysyncobj forwards to the leader).
 
+Each phase also gives the node CPU per PUBACKed message (utime + stime of the nodes' processes from
+/proc, all nodes together: the figure to compare on a shared machine) and the Raft snapshots written
+meanwhile (log compaction, every ``compaction_entries`` entries; the default 5,000 falls in one of
+the phases); the paced phase gives the PUBACKs over 10 ms as episodes (messages sent less than
+50 ms apart): one stall of the node shows as one episode of many messages, a busy machine as many
+short ones.
+
 One raw MQTT 5.0 producer, no consumer (replication changes the publish path). Throughput: ``--count``
 QoS 1 PUBLISHes with ``--window`` unacknowledged, PUBACKs per second. Latency: ``--rate`` msg/s
 paced for ``--seconds``, publish -> PUBACK, p50/p99. Every node shares the machine's two cores.
@@ -26,8 +33,10 @@ reference, forward with one consumer on the leader: nothing crosses nodes but th
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import selectors
 import shutil
 import struct
@@ -73,6 +82,7 @@ def produce(port: int, count: int, window: int, rate: float = 0.0, seconds: floa
     payload = b"p" * 64
     sent_at: dict[int, float] = {}
     lat: list[float] = []
+    trace: list[tuple[float, float]] = []  # (sent, seconds from t0; latency) of each PUBACKed message
     failed = 0
     sent = acked = 0
     buf = bytearray()
@@ -108,7 +118,9 @@ def produce(port: int, count: int, window: int, rate: float = 0.0, seconds: floa
                     failed += 1
                 else:
                     acked += 1
-                    lat.append(got - sent_at.pop(pid, got))
+                    at = sent_at.pop(pid, got)
+                    lat.append(got - at)
+                    trace.append((at - t0, got - at))
     elapsed = time.perf_counter() - t0
     s.close()
     lat.sort()
@@ -116,7 +128,78 @@ def produce(port: int, count: int, window: int, rate: float = 0.0, seconds: floa
     if lat:
         out["p50_ms"] = round(lat[len(lat) // 2] * 1000, 2)
         out["p99_ms"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 2)
+        out["max_ms"] = round(lat[-1] * 1000, 2)
+    if rate:
+        out.update(stalls(trace))
     return out
+
+
+def stalls(trace: list[tuple[float, float]], over: float = 0.010, gap: float = 0.05) -> dict:
+    """The PUBACKs slower than ``over``: how many, and the worst episodes (messages sent less than
+    ``gap`` apart): one long stall shows as one episode of many messages, noise as many small ones."""
+    episodes: list[list] = []  # [first sent, last sent, worst latency, messages]
+    for sent, latency in trace:
+        if latency <= over:
+            continue
+        if episodes and sent - episodes[-1][1] < gap:
+            ep = episodes[-1]
+            ep[1], ep[2], ep[3] = sent, max(ep[2], latency), ep[3] + 1
+        else:
+            episodes.append([sent, sent, latency, 1])
+    worst = sorted(episodes, key=lambda ep: -ep[2])[:3]
+    return {f"over_{round(over * 1000)}ms": sum(ep[3] for ep in episodes), "episodes": len(episodes),
+            "worst": [{"at_s": round(ep[0], 3), "for_ms": round((ep[1] - ep[0]) * 1000), "max_ms": round(ep[2] * 1000, 1),
+                       "msgs": ep[3]} for ep in worst]}
+
+
+def measured(nodes, fn, *args) -> dict:
+    """``fn(*args)`` (a produce), with the node CPU (utime + stime of every node's process tree,
+    /proc) per PUBACKed message and the Raft snapshots written meanwhile."""
+    from bench import procinfo
+
+    pids = [n.pid for n in nodes]
+    snaps = [_snapshots(n) for n in nodes]
+    before = procinfo.tree_cpu_s(pids)
+    started = time.time()
+    out = fn(*args)
+    cpu = procinfo.tree_cpu_s(pids) - before
+    out["node_cpu_us_per_msg"] = round(cpu / max(1, out["acked"]) * 1e6, 1)
+    if snaps[0] is not None:
+        out["snapshots_written"] = max(_snapshots(n) - b for n, b in zip(nodes, snaps, strict=True))
+        # when (seconds from the phase's start) each node began and ended a snapshot, and the ticks
+        # that held a node's hub over 50 ms (raft_tick_slow, logged at most every 10 s): lined up
+        # with the slow episodes above
+        out["node_events"] = [ev for i, n in enumerate(nodes) for ev in _events(n, i, started)]
+    return out
+
+
+_EVENT = re.compile(r"^(\S+Z) \S+ \S+ event=(raft_snapshot_written|raft_tick_slow) .*?"
+                    r"(?:took_s=([0-9.]+)|held_hub_s=([0-9.]+))")
+
+
+def _events(node, i: int, since: float) -> list[dict]:
+    out = []
+    try:
+        text = node.log_path.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        m = _EVENT.match(line)
+        if not m:
+            continue
+        at = datetime.datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+        if at < since:
+            continue
+        took = float(m[3] or m[4])
+        out.append({"node": i, "event": m[2], "from_s": round(at - took - since, 3), "to_s": round(at - since, 3)})
+    return out
+
+
+def _snapshots(node) -> int | None:
+    try:
+        return _status(node)["snapshots_written"]
+    except Exception:
+        return None
 
 
 def _status(node) -> dict:
@@ -250,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         local = factory(config_text="queues:\n  - name: bench\n")
-        results["local"] = {"throughput": produce(local.mqtt_port, args.count, args.window),
-                            "paced": produce(local.mqtt_port, 0, args.window, args.rate, args.seconds)}
+        results["local"] = {"throughput": measured([local], produce, local.mqtt_port, args.count, args.window),
+                            "paced": measured([local], produce, local.mqtt_port, 0, args.window, args.rate,
+                                              args.seconds)}
         local.stop()
         peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
         text = """
@@ -271,8 +355,9 @@ queues:
             time.sleep(0.1)
         follower = next(n for n in nodes if n is not leader)
         for name, node in (("raft-leader", leader), ("raft-follower", follower)):
-            results[name] = {"throughput": produce(node.mqtt_port, args.count, args.window),
-                             "paced": produce(node.mqtt_port, 0, args.window, args.rate, args.seconds)}
+            results[name] = {"throughput": measured(nodes, produce, node.mqtt_port, args.count, args.window),
+                             "paced": measured(nodes, produce, node.mqtt_port, 0, args.window, args.rate,
+                                               args.seconds)}
         results["entries_applied"] = _status(leader)["entries_applied"]
     finally:
         factory.close()

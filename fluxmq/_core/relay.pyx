@@ -62,13 +62,15 @@ cdef class PublishRelay:
         """A run of PUBACKs of tracked deliveries (a durable queue's, ``TrackedMessage``): what the
         connection's ``_on_puback`` and ``Session.on_puback`` do for them (the entry leaves the
         window, then its sender's ``settle`` is called), for a plain ``Session`` with nothing queued
-        or held. Stops at the first PUBACK of anything else, which the Python path serves."""
+        or held, on a broker without peers. Stops at the first PUBACK of anything else, which the
+        Python path serves."""
         cdef Puback ack
         cdef bint v5
         tracked = self.tracked_class
         session = conn.session
-        if tracked is None or session is None or conn.closed or type(session) is not self.session_class:
-            return i
+        if (tracked is None or session is None or conn.closed or type(session) is not self.session_class
+                or conn.broker.peers is not None):
+            return i  # (with peers, as for a PUBLISH: the Python path, in the reader greenlet)
         inflight = session.inflight
         v5 = conn.version == 5
         while i < count:

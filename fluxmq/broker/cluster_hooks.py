@@ -11,7 +11,7 @@ from collections import deque
 import gevent
 from gevent.event import Event
 
-from fluxmq.errors import ServerUnavailable
+from fluxmq.errors import QueueRefused, ServerUnavailable
 
 from .message import Message, TrackedMessage
 from .prefixes import BRIDGE_SESSION_PREFIX
@@ -44,6 +44,11 @@ class ClusterHooks:
     def interest_filters(self) -> list[str]:
         """Every filter with at least one local subscription (a peer's snapshot of this node)."""
         return list(self._interest)
+
+    def hold_interest(self, filter: str) -> None:
+        """A subscription that is not a session's (a durable queue's capture) wants the publishes
+        ``filter`` matches on the peers too."""
+        self._interest_up(filter)
 
     def _interest_up(self, filter: str) -> None:
         n = self._interest.get(filter, 0)
@@ -168,6 +173,8 @@ class ClusterHooks:
         self._cancel_timer(session)
         old = self._unplug(session)  # durable-queue deliveries stay on this node
         state = self._snapshot(session, old is not None)
+        if self.queues is not None and session.expiry_interval:
+            state.queue_members = self.queues.take_memberships(session.client_id)  # they move with it
         if session.will is not None and self.shared_wills is not None:
             self.shared_wills.will_set(session.client_id, None, 0)  # the taking node records it as its own
         session.will = None
@@ -278,6 +285,11 @@ class ClusterHooks:
             if self.shared_wills is not None:
                 self.shared_wills.will_set(cid, session.will.message, session.will.delay)
         self.sessions[cid] = session
+        if state.queue_members and expiry > 0:
+            try:
+                self._queue_manager().adopt_memberships(session, state.queue_members)
+            except QueueRefused as exc:  # no durable queues on this node
+                log.warning("queue_memberships_dropped", extra={"client_id": cid, "reason": str(exc)})
         self._arm_timer_remaining(session, max(0.0, now - session.disconnected_at))
         log.info("session_imported", extra={"client_id": cid, "subscriptions": len(session.subscriptions),
                                             "inflight": len(session.inflight), "queued": len(queued)})

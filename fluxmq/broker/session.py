@@ -579,6 +579,17 @@ class PersistentSession(Session):
         # window and the output) goes straight to the send: the disk queue's count is read as an
         # attribute, not through DiskQueue.__bool__. Every other case is Session.deliver's.
         d = self.delivery
+        if d is not None and qos:
+            queue = self.queue
+            if queue.count:
+                # Session.deliver's queueing branch (the common case of a client behind its window)
+                # without DiskQueue.__bool__ / __len__ frames, and without a pump call that could
+                # only return (the window full, nothing held, no QoS 0 queued)
+                self._enqueue(message, qos, retain, subscription_ids)
+                if (queue.count > 1 and (len(self.inflight) < self.send_quota or queue.qos0 or self.held)
+                        and not d.is_congested()):
+                    self.pump()
+                return
         if (d is None or not qos or self.queue.count or len(self.inflight) >= self.send_quota
                 or d.is_congested()):
             Session.deliver(self, message, qos, retain, subscription_ids)
@@ -624,6 +635,8 @@ class PersistentSession(Session):
                     return
                 seq, (message, qos, retain, sub_ids), _ = head
             else:  # the window is full: only a QoS 0 head can go
+                if not queue.qos0:
+                    return  # none queued (the head is not read: a later pop_head takes it in one step)
                 head = queue.peek()
                 if head is None or head[1][1]:
                     return

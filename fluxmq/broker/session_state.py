@@ -16,8 +16,10 @@ Layout (integers little-endian)::
     | u32 n_inbound  { u16 packet_id }
     | u32 n_queued   { u32 len | entry }
     | [u32 len | will message]
+    | [u32 n_queue_members { str16 filter | str16 group | u8 auto_ack }]
 
-``flags``: bit 0 has username, bit 1 has will, bit 2 a connection was attached at export.
+``flags``: bit 0 has username, bit 1 has will, bit 2 a connection was attached at export, bit 3
+has durable-queue memberships (a persistent session's, rejoined when its client attaches).
 ``options``: bit 0 No Local, bit 1 Retain As Published, bits 2-3 Retain Handling. ``str16+1``: a
 u16 length plus one (0 = None) then UTF-8. A reader refuses a version it does not know and any
 trailing or missing byte.
@@ -41,7 +43,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _SUB = struct.Struct("<BBI")
 
-_F_USERNAME, _F_WILL, _F_CONNECTED = 1, 2, 4
+_F_USERNAME, _F_WILL, _F_CONNECTED, _F_QUEUES = 1, 2, 4, 8
 
 
 class SessionStateError(FluxMQError):
@@ -100,6 +102,8 @@ class SessionState:
     # persistent session's queue stores it: passed through without decoding (``raw_queue``)
     queued: list[QueuedState | bytes] = field(default_factory=list)
     will: tuple[Message, int] | None = None  # (message, delay)
+    # durable-queue memberships (filter, consumer group, auto-ack) it rejoins when it attaches
+    queue_members: list[tuple[str, str, bool]] = field(default_factory=list)
 
 
 def _str16(text: str) -> bytes:
@@ -118,6 +122,8 @@ def encode_session_state(state: SessionState) -> bytes:
         flags |= _F_WILL
     if state.connected:
         flags |= _F_CONNECTED
+    if state.queue_members:
+        flags |= _F_QUEUES
     will_delay = state.will[1] if state.will is not None else 0
     out = [_HEAD.pack(MAGIC, VERSION, flags, state.expiry_interval, state.disconnected_at,
                       state.next_packet_id, will_delay), _str16(state.client_id)]
@@ -152,6 +158,10 @@ def encode_session_state(state: SessionState) -> bytes:
         blob = r.encode_message(state.will[0])
         out.append(_U32.pack(len(blob)))
         out.append(blob)
+    if state.queue_members:
+        out.append(_U32.pack(len(state.queue_members)))
+        for filter, group, auto_ack in state.queue_members:
+            out.append(_str16(filter) + _str16(group) + (b"\x01" if auto_ack else b"\x00"))
     return b"".join(out)
 
 
@@ -253,6 +263,10 @@ def _decode(buf, raw_queue: bool) -> SessionState:
             queued.append(QueuedState(_message(fields), qos, retain, ids))
     if flags & _F_WILL:
         state.will = (_message(r.decode_message(bytes(rd.take(rd.u32())))), will_delay)
+    if flags & _F_QUEUES:
+        for _ in range(rd.count(5)):
+            filter, group = rd.str16(), rd.str16()
+            state.queue_members.append((filter, group, bool(rd.take(1)[0])))
     if rd.i != len(rd.buf):
         raise SessionStateError("session state has trailing bytes")
     return state

@@ -62,10 +62,10 @@ class SysTopics:
         return out
 
     def publish_once(self) -> None:
-        values = self.values()
-        if self.totals is not None:
+        values = {**self.values(), **self.queue_values()}
+        if self.totals is not None:  # several workers: each queue's figures come from its owner
             values = self.totals(values)
-        for suffix, text in {**values, **self.queue_values()}.items():
+        for suffix, text in values.items():
             self.broker.publish(Message(f"$SYS/broker/{suffix}", text.encode(), 0, True))
 
     def start(self) -> None:

@@ -44,6 +44,7 @@ from .config import cluster_settings
 from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
 from .node import init_grpc_for_gevent
 from .peers import ClusterPeers
+from .queues import RemoteQueues
 
 log = logging.getLogger("fluxmq.cluster.workers")
 
@@ -199,7 +200,13 @@ class WorkerNode:
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
         self.transport.handle("stats", self._serve_stats)
         self.transport.handle("retained.snapshot", self._serve_retained)
+        # durable queues: each has one owning worker, the others reach it (fluxmq.cluster.queues)
+        self.queues = RemoteQueues(broker, self.transport, self.node_id, self.epoch)
         self._started = False
+
+    def attach_queues(self, manager) -> None:
+        """``manager`` (this worker's QueueManager) reaches the queues other workers own."""
+        self.queues.attach(manager)
 
     def start(self) -> None:
         path = self.context.socket_path(self.context.index)
@@ -215,6 +222,10 @@ class WorkerNode:
             log.info("restored_session_dropped", extra={"client_id": client_id, "reason": "owned by another worker"})
         self.broker.set_peers(self.peers)
         self.transport.set_peers(self.settings.peers)
+        if self.broker.queues is not None:
+            self.attach_queues(self.broker.queues)
+        self.queues.start()
+        self.queues.move_stranded()
         self._started = True
         self._sync = gevent.spawn(self._sync_retained)
         log.info("worker_joined", extra={"node_id": self.node_id, "workers": self.context.count,
@@ -225,6 +236,7 @@ class WorkerNode:
             return
         self._started = False
         self._sync.kill(block=False)
+        self.queues.stop()
         if self.broker.peers is self.peers:
             self.broker.release_sessions()
             self.broker.set_peers(None)
@@ -277,6 +289,10 @@ class WorkerNode:
     def peer_state(self) -> dict[str, dict]:
         return self.transport.peer_state()
 
+    def queue_state(self) -> dict[str, dict]:
+        """Durable queues across workers, per other worker (``/metrics``): ``RemoteQueues.state``."""
+        return self.queues.state()
+
     def received(self) -> dict[str, int]:
         """What the other workers sent here (``/metrics``, as ``ClusterNode.received``)."""
         p = self.peers
@@ -293,7 +309,8 @@ class WorkerNode:
     def _local_values(self) -> dict[str, str]:
         from fluxmq.broker.sys_topics import SysTopics
 
-        return SysTopics(self.broker, 0).values()
+        topics = SysTopics(self.broker, 0)
+        return {**topics.values(), **topics.queue_values()}
 
     def _serve_stats(self, from_node: str, payload: bytes) -> bytes:
         return json.dumps(self._local_values()).encode()
@@ -386,6 +403,51 @@ class WorkerNode:
 
         self.transport.handle("admin.sessions", serve_sessions)
         admin.other_sessions = other_sessions
+
+        # Durable queues: each is on its owning worker (fluxmq.cluster.queues); a request about one
+        # is answered there, and the list is every worker's.
+        actions = {"get": admin.get_queue, "peek": admin.peek_queue, "purge": admin.purge_queue,
+                   "replay": admin.replay_queue}
+
+        def serve_queue(_from: str, payload: bytes) -> bytes:
+            name, action, query_string = json.loads(payload)
+            try:
+                status, body = actions[action]({"QUERY_STRING": query_string}, [name])
+            except HTTPError as exc:
+                status, body = exc.status, {"error": exc.message}
+            return json.dumps([status, body]).encode()
+
+        def queue_elsewhere(name: str, action: str, query_string: str):
+            manager = self.broker.queues
+            placement = manager.placement if manager is not None else None
+            if placement is None or placement.owns(name):
+                return None
+            owner = f"w{placement.owner(name)}"
+            try:
+                reply = self.transport.call(owner, "admin.queue", json.dumps([name, action, query_string]).encode(),
+                                            30.0)
+            except Exception as exc:
+                raise HTTPError(503, f"worker {owner} owning queue {name!r} does not answer: {exc}") from None
+            status, body = json.loads(reply)
+            return status, body
+
+        def serve_queues(_from: str, _payload: bytes) -> bytes:
+            manager = self.broker.queues
+            return json.dumps(manager.describe() if manager is not None else []).encode()
+
+        def other_queues() -> list:
+            out = []
+            for node in self.transport.reachable():
+                try:
+                    out.append(json.loads(self.transport.call(node, "admin.queues", b"", 5.0)))
+                except Exception as exc:
+                    raise HTTPError(503, f"worker {node} does not answer: {exc}") from None
+            return out
+
+        self.transport.handle("admin.queue", serve_queue)
+        self.transport.handle("admin.queues", serve_queues)
+        admin.queue_elsewhere = queue_elsewhere
+        admin.other_queues = other_queues
 
     def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
         """This worker's $SYS figures turned into the node's: summed over the workers that answer."""

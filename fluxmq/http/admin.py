@@ -531,6 +531,17 @@ class AdminAPI:
 
     # -- durable queues ----------------------------------------------------------------------------
 
+    # Several workers: ``queue_elsewhere(name, action, query_string)`` answers a request about a
+    # queue another worker owns ((status, body), from that worker; None when it is this worker's),
+    # and ``other_queues()`` gives the other workers' ``describe()`` lists (``fluxmq.cluster.workers``).
+    queue_elsewhere = None
+    other_queues = None
+
+    def _queue_elsewhere(self, environ: dict, name: str, action: str):
+        if self.queue_elsewhere is None:
+            return None
+        return self.queue_elsewhere(name, action, environ.get("QUERY_STRING", ""))
+
     def _queues(self, name: str | None = None) -> Any:
         manager = self.broker.queues
         if manager is None or (name is not None and name not in manager.queues):
@@ -542,12 +553,21 @@ class AdminAPI:
     def list_queues(self, environ: dict, args: list[str]) -> tuple:
         _only(query(environ), set())
         manager = self._queues()
-        return 200, {"queues": manager.describe() if manager is not None else []}
+        queues = manager.describe() if manager is not None else []
+        if self.other_queues is not None:  # each queue is on one worker: the lists are disjoint
+            queues = sorted(queues + [q for other in self.other_queues() for q in other], key=lambda q: q["name"])
+        return 200, {"queues": queues}
 
     def get_queue(self, environ: dict, args: list[str]) -> tuple:
+        elsewhere = self._queue_elsewhere(environ, args[0], "get")
+        if elsewhere is not None:
+            return elsewhere
         return 200, self._queues(args[0]).describe(args[0])[0]
 
     def peek_queue(self, environ: dict, args: list[str]) -> tuple:
+        elsewhere = self._queue_elsewhere(environ, args[0], "peek")
+        if elsewhere is not None:
+            return elsewhere
         params = query(environ)
         _only(params, {"limit", "offset"})
         limit, _ = _limit(params)
@@ -565,6 +585,9 @@ class AdminAPI:
         return 200, {"queue": args[0], "messages": out}
 
     def purge_queue(self, environ: dict, args: list[str]) -> tuple:
+        elsewhere = self._queue_elsewhere(environ, args[0], "purge")
+        if elsewhere is not None:
+            return elsewhere
         n = self._queues(args[0]).purge(args[0])
         try:
             self.broker.wait_committed()
@@ -573,6 +596,9 @@ class AdminAPI:
         return 200, {"queue": args[0], "purged": n}
 
     def replay_queue(self, environ: dict, args: list[str]) -> tuple:
+        elsewhere = self._queue_elsewhere(environ, args[0], "replay")
+        if elsewhere is not None:
+            return elsewhere
         params = query(environ)
         _only(params, {"limit"})
         limit, _ = _limit(params)

@@ -78,6 +78,9 @@ class BrokerCollector(Collector):
         cluster = getattr(self.service, "cluster", None)
         if cluster is not None:
             yield from self._cluster_peers(cluster.peer_state())
+            queue_state = getattr(cluster, "queue_state", None)  # several workers
+            if queue_state is not None:
+                yield from self._worker_queues(queue_state())
             received = cluster.received()
             yield CounterMetricFamily("fluxmq_cluster_received_batches", "Batches from peers applied here.",
                                       value=received["batches"])
@@ -104,6 +107,32 @@ class BrokerCollector(Collector):
                 yield CounterMetricFamily("fluxmq_cluster_will_claims_lost",
                                           "Wills this node did not publish: another node had published them.",
                                           value=f["will_claims_lost"])
+
+    @staticmethod
+    def _worker_queues(peers: dict) -> Iterator[Metric]:
+        """Durable queues across workers (fluxmq.cluster.queues), per other worker."""
+        waiting = GaugeMetricFamily("fluxmq_worker_queue_ops_waiting",
+                                    "Queue operations (appends, settlements, ...) waiting for the owning worker.",
+                                    labels=["peer"])
+        refused = CounterMetricFamily("fluxmq_worker_queue_ops_refused",
+                                      "Queue operations refused: too many waiting for the owning worker.",
+                                      labels=["peer"])
+        failed = CounterMetricFamily("fluxmq_worker_queue_ops_failed",
+                                     "Queue operations the owning worker did not answer (down, restarting).",
+                                     labels=["peer"])
+        deliveries = CounterMetricFamily("fluxmq_worker_queue_deliveries_failed",
+                                         "Deliveries to a member's worker that did not answer (redelivered).",
+                                         labels=["peer"])
+        members = GaugeMetricFamily("fluxmq_worker_queue_remote_members",
+                                    "The other worker's clients that are members of this worker's queues.",
+                                    labels=["peer"])
+        for name, st in sorted(peers.items()):
+            waiting.add_metric([name], st["ops_waiting"])
+            refused.add_metric([name], st["ops_refused"])
+            failed.add_metric([name], st["ops_failed"])
+            deliveries.add_metric([name], st["deliveries_failed"])
+            members.add_metric([name], st["remote_members"])
+        yield from (waiting, refused, failed, deliveries, members)
 
     @staticmethod
     def _cluster_peers(peers: dict) -> Iterator[Metric]:
@@ -278,7 +307,7 @@ class BrokerCollector(Collector):
         counters = {name: CounterMetricFamily(f"fluxmq_raft_{name}", f"Raft {name.replace('_', ' ')}.",
                                               labels=["group"])
                     for name in ("entries_submitted", "entries_applied", "entries_refused", "acks_timed_out",
-                                 "snapshots_written", "snapshots_installed")}
+                                 "snapshots_written", "snapshots_installed", "settlements_stale")}
         log_len = GaugeMetricFamily("fluxmq_raft_log_entries", "Raft log entries kept since the last snapshot.",
                                     labels=["group"])
         for g in groups:

@@ -421,12 +421,24 @@ class BrokerService:
             from fluxmq.queues import QueueManager
             from fluxmq.queues.config import QueueConfig
 
-            manager = QueueManager(storage, [QueueConfig.from_dict(item) for item in items], auto_create,
-                                   log_factory=raft.log_factory if raft is not None else None)
+            configs = [QueueConfig.from_dict(item) for item in items]
+            placement = None
+            workers = self.workers
+            if workers is not None and workers.count > 1:
+                from fluxmq.queues.placement import QueuePlacement
+
+                # Each queue lives on one worker (its owner); the others reach it through the
+                # workers' cluster (fluxmq.cluster.queues, set up by WorkerNode).
+                placement = QueuePlacement(workers.index, workers.count, configs)
+            manager = QueueManager(storage, configs, auto_create,
+                                   log_factory=raft.log_factory if raft is not None else None, placement=placement)
+            if self.cluster is not None and hasattr(self.cluster, "attach_queues"):
+                self.cluster.attach_queues(manager)
             if raft is not None:
                 raft.attach(manager)
             manager.restore_members(broker.sessions)  # persistent sessions' memberships
-            manager.install_captures(broker.router)
+            # several workers: only a queue's owner captures; the others forward it what matches
+            manager.install_captures(broker.router, broker.hold_interest if placement is not None else None)
             manager.start()
             return manager
 

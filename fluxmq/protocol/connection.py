@@ -18,7 +18,10 @@ instead of a socket timeout, which would cost a gevent ``Timeout`` set up and to
 A stream with ``recv_nowait(n)`` (plain TCP) lets a parked connection answer PINGREQs from the hub,
 without waking a greenlet. A stream with a ``drained`` attribute (plain TCP: the last ``recv`` emptied
 the kernel's buffer) lets the turn's last reader write the turn's output before it waits
-(``FlushScheduler.flush_now``) instead of leaving it to the flush callback.
+(``FlushScheduler.flush_now``) instead of leaving it to the flush callback. With both (plain TCP),
+a connected reader waits for input on an I/O watcher whose hub callback serves a read the relay
+covers wholly, without switching to the reader greenlet (``_on_input``): a lone message costs no
+greenlet switch.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 import gevent
 
 from fluxmq._core import codec as c
-from fluxmq._core.codec import Decoder, encode
+from fluxmq._core.codec import Decoder, Pingreq, encode
 from fluxmq._core.relay import PublishRelay
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message, TrackedMessage
@@ -67,8 +70,12 @@ YIELD_EVERY = 128 * 1024
 _YIELD_SLEEP = 1e-6
 
 # client.disconnected reasons of a close from the broker side, by reason code (docs/webhooks.rst).
-_CLOSE_REASONS = {0x8E: "session_taken_over", 0x8B: "server_shutdown", 0x98: "administrative_action",
-                  0x97: "quota_exceeded"}
+_CLOSE_REASONS = {
+    0x8E: "session_taken_over",
+    0x8B: "server_shutdown",
+    0x98: "administrative_action",
+    0x97: "quota_exceeded",
+}
 
 
 # Bytes _drain hands the socket per write: a reading client completes one quickly.
@@ -98,16 +105,65 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
 
     # Slots, not a __dict__: an idle connection's memory is a target (<= 6 KB per client).
     # Add new attributes here.
-    __slots__ = ("broker", "stream", "settings", "flusher", "listener", "peer", "over_limit", "decoder", "out",
-                 "version", "session", "client_id", "keepalive", "closed", "_torn_down", "_dirty", "_writer",
-                 "_aliases_out", "_alias_max_out", "_auth_method", "_auth_exchange", "_pending_connect",
-                 "_want_writable", "_publish_will", "_client_max_packet", "_problem_info", "_aliases_in", "_high",
-                 "_keepalive_limit", "_can_park", "_parking", "_parked", "_idle_spent", "on_close", "__weakref__",
-                 "_policy", "_npk", "close_reason", "_announced", "_progress_at", "_by_timer", "_timer",
-                 "_timer_at", "_period", "_wait_from", "_reader", "_connect_until")
+    __slots__ = (
+        "broker",
+        "stream",
+        "settings",
+        "flusher",
+        "listener",
+        "peer",
+        "over_limit",
+        "decoder",
+        "out",
+        "version",
+        "session",
+        "client_id",
+        "keepalive",
+        "closed",
+        "_torn_down",
+        "_dirty",
+        "_writer",
+        "_aliases_out",
+        "_alias_max_out",
+        "_auth_method",
+        "_auth_exchange",
+        "_pending_connect",
+        "_want_writable",
+        "_publish_will",
+        "_client_max_packet",
+        "_problem_info",
+        "_aliases_in",
+        "_high",
+        "_keepalive_limit",
+        "_can_park",
+        "_parking",
+        "_parked",
+        "_idle_spent",
+        "on_close",
+        "__weakref__",
+        "_policy",
+        "_npk",
+        "close_reason",
+        "_announced",
+        "_progress_at",
+        "_by_timer",
+        "_timer",
+        "_timer_at",
+        "_period",
+        "_wait_from",
+        "_reader",
+        "_connect_until",
+    )
 
-    def __init__(self, broker: Broker, stream, settings: ProtocolSettings, flusher, listener: str = "tcp",
-                 over_limit: bool = False) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        stream,
+        settings: ProtocolSettings,
+        flusher,
+        listener: str = "tcp",
+        over_limit: bool = False,
+    ) -> None:
         self.broker = broker
         self.stream = stream
         self.settings = settings
@@ -130,7 +186,8 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         self._client_max_packet = 0  # 5.0 Maximum Packet Size of the client; 0 = protocol maximum
         self._problem_info = True  # 5.0 Request Problem Information
         self._aliases_in: dict[int, str] | None = None  # 5.0 inbound topic aliases, made on first use
-        self._aliases_out: dict[str, int] | None = None  # 5.0 outbound: topic -> alias, when the client allows them
+        # 5.0 outbound: topic -> alias, when the client allows them
+        self._aliases_out: dict[str, int] | None = None
         self._alias_max_out = 0  # the client's Topic Alias Maximum
         self._auth_method: str | None = None  # 5.0 enhanced authentication method of this connection
         self._auth_exchange = None  # the exchange in progress (CONNECT or re-authentication)
@@ -178,13 +235,18 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         budget = YIELD_EVERY  # input bytes left before the next yield to the hub
         connect_deadline = 0.0
         by_timer = self._by_timer
-        loop = gevent.get_hub().loop
+        hub = gevent.get_hub()
+        loop = hub.loop
         loop_now = loop.now
         flusher = self.flusher
         # Streams that know whether their last recv emptied the kernel's buffer (plain TCP): after
         # such a read the next recv waits, so the turn's output can leave now (see below). A TLS or
         # WebSocket stream may hold or find more input without waiting; it keeps the flush callback.
         knows_drained = hasattr(stream, "drained")
+        # Plain TCP with deadlines on the timer: once connected, an empty kernel buffer is waited
+        # for by an I/O watcher whose hub callback serves relay-covered input itself (_on_input).
+        hub_reads = HUB_READS if by_timer and hasattr(stream, "recv_nowait") else None
+        watcher = None  # that watcher, made at the first such wait; closed when run() returns
         self._reader = gevent.getcurrent()
         if self.session is None:
             if self.settings.connect_timeout:
@@ -199,19 +261,41 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             self._set_deadline(timeout)
         try:
             while not self.closed:
+                packets = None
                 if first is not None:
                     data = first
                     first = None
                 else:
                     self._wait_from = loop_now()
                     try:
-                        data = stream.recv(65536)
+                        if (
+                            hub_reads is not None
+                            and stream.drained
+                            and hub_reads.enabled
+                            and self.session is not None
+                            and (self._idle_spent or not self._parking)
+                        ):
+                            # The kernel had nothing more and this is not the try to park: wait
+                            # for input on the watcher. Its hub callback serves what the relay
+                            # covers without switching here; anything else is handed over.
+                            if watcher is None:
+                                watcher = loop.io(stream.fileno(), 1)
+                            watcher.start(self._on_input, loop)
+                            try:
+                                data = hub.switch()
+                            finally:
+                                watcher.stop()
+                            if type(data) is tuple:
+                                data, packets, i, bad = data
+                        else:
+                            data = stream.recv(65536)
                     except (TimeoutError, BlockingIOError):
                         self._wait_from = 0.0
                         if self._parking and self._park():
                             parked = True
                             return
-                        if self._parking and self._idle_spent == 0.0:  # the try right after CONNECT found input buffered
+                        if self._parking and self._idle_spent == 0.0:
+                            # the try right after CONNECT found input buffered
                             self._set_deadline(self._idle_timeout())
                             continue
                         raise
@@ -219,23 +303,26 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
                 if not data:
                     break
                 n = len(data)
-                stats.bytes_received += n
-                if connect_deadline and self.session is None and not by_timer:
-                    # The whole CONNECT (and its AUTH exchange) must arrive within connect_timeout,
-                    # not each piece: a client trickling bytes is closed like a silent one.
-                    stream.settimeout(max(0.001, connect_deadline - time.monotonic()))
-                bad = None
                 try:
-                    try:
-                        packets = self.decoder.feed(data)
-                    except MQTTError as exc:
-                        # Packets completed before the bad one in this read are still served,
-                        # then the connection closes with the error's reason code.
-                        packets = list(getattr(exc, "packets", None) or ())
-                        bad = exc
-                    stats.messages_received += len(packets)
+                    if packets is None:
+                        stats.bytes_received += n
+                        if connect_deadline and self.session is None and not by_timer:
+                            # The whole CONNECT (and its AUTH exchange) must arrive within
+                            # connect_timeout, not each piece: a client trickling bytes is closed
+                            # like a silent one.
+                            stream.settimeout(max(0.001, connect_deadline - time.monotonic()))
+                        bad = None
+                        try:
+                            packets = self.decoder.feed(data)
+                        except MQTTError as exc:
+                            # Packets completed before the bad one in this read are still served,
+                            # then the connection closes with the error's reason code.
+                            packets = list(getattr(exc, "packets", None) or ())
+                            bad = exc
+                        stats.messages_received += len(packets)
+                        i = 0
+                    # else: handed over by _on_input, which counted the read and served packets[:i]
                     count = len(packets)
-                    i = 0
                     while i < count:
                         # The common PUBLISH is routed and delivered in C (_core.relay); it stops
                         # at the first packet it does not cover, which the handler below serves.
@@ -244,12 +331,23 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
                             break
                         packet = packets[i]
                         i += 1
-                        if self.session is None and packet.type != c.CONNECT and (
-                                packet.type != c.AUTH or self._pending_connect is None):
+                        if (
+                            self.session is None
+                            and packet.type != c.CONNECT
+                            and (packet.type != c.AUTH or self._pending_connect is None)
+                        ):
                             # The first packet must be CONNECT [MQTT-3.1.0-1]; before CONNACK only
                             # AUTH may follow it [MQTT-3.1.2-33] (a DISCONNECT just closes).
                             if packet.type != c.DISCONNECT:  # anything else is hostile or broken: one line
-                                log.info("protocol_error", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": "0x82", "reason": f"packet type {packet.type} before CONNACK"})
+                                log.info(
+                                    "protocol_error",
+                                    extra={
+                                        "peer": self.peer,
+                                        "client_id": self.client_id,
+                                        "reason_code": "0x82",
+                                        "reason": f"packet type {packet.type} before CONNACK",
+                                    },
+                                )
                             raise _Close()
                         handler = handlers[packet.type]
                         if handler is None:
@@ -284,21 +382,86 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         finally:
             self._wait_from = 0.0
             self._reader = None
+            if watcher is not None:
+                watcher.close()
             self._disarm()
             if not parked:
                 self._teardown()
+
+    def _on_input(self, loop) -> None:
+        """Hub callback of the input watcher a connected reader waits on (see ``run``).
+
+        One non-blocking read per call, so a busy client gets no more of a loop turn than any other
+        watcher. When every packet it completes is a PUBLISH the relay serves (or a PINGREQ), the
+        read is served here, in the hub, and the reader greenlet stays asleep: a lone message costs
+        no greenlet switch. Otherwise the reader is switched to with what is left: the read
+        (``data, packets, i, bad`` from packet ``i`` on, or the raw bytes, or b"" at end of stream).
+        The read deadlines stay on the connection's timer; serving a read restarts the wait.
+        """
+        stream = self.stream
+        try:
+            data = stream.recv_nowait(65536)
+        except BlockingIOError:
+            return  # a spurious wake-up
+        except OSError:
+            data = b""  # reset: the reader tears down
+        if not data or self.closed:
+            self._reader.switch(data)
+            return
+        stats = self.broker.stats
+        stats.bytes_received += len(data)
+        i = 0
+        bad = None
+        try:
+            try:
+                packets = self.decoder.feed(data)
+            except MQTTError as exc:
+                packets = list(getattr(exc, "packets", None) or ())
+                bad = exc  # the reader serves the packets before it, then closes
+            count = len(packets)
+            stats.messages_received += count
+            while i < count and bad is None:
+                i = RELAY.serve(self, packets, i)
+                if i >= count or self.closed or type(packets[i]) is not Pingreq:
+                    break
+                self._write(_PINGRESP)
+                i += 1
+        except Exception as exc:
+            # What the read loop would have met serving this read: raised in the reader, which
+            # ends the connection as there (an error must not escape into the hub's loop).
+            self._reader.throw(exc)
+            return
+        if i < count or self.closed or bad is not None:
+            self._reader.switch((data, packets, i, bad))
+            return
+        HUB_READS.served += 1
+        self._wait_from = loop.now()  # a new wait: keep alive counts from here
+        flusher = self.flusher
+        if stream.drained and flusher.scheduled and not loop.pendingcnt:
+            flusher.flush_now()  # the turn's last reader writes the turn's output (see run)
 
     def _on_timeout(self) -> None:
         if self.session is None:
             log.info("connect_timeout", extra={"peer": self.peer})
             return
         # Keep alive x1.5 passed with nothing received [MQTT-3.1.2-24]; the will is published.
-        log.info("keepalive_timeout", extra={"peer": self.peer, "client_id": self.client_id, "keepalive": self.keepalive})
+        log.info(
+            "keepalive_timeout",
+            extra={"peer": self.peer, "client_id": self.client_id, "keepalive": self.keepalive},
+        )
         self._note_close("keepalive_timeout")
         self._send_disconnect(0x8D, "keep alive timeout")
 
     def _on_protocol_error(self, exc: MQTTError, data=b"") -> None:
-        log.info("protocol_error", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(exc.reason_code), "reason": exc.reason})
+        log.info(
+            "protocol_error",
+            extra={
+                "peer": self.peer,
+                "client_id": self.client_id,
+                "reason_code": hex(exc.reason_code),
+                "reason": exc.reason,
+            },
+        )
         self._note_close("protocol_error")
         if self.session is None:
             if exc.reason_code == 0x84:
@@ -326,8 +489,15 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             self._announced = None
             events = self.broker.events
             if events is not None:
-                events.client_disconnected(self.client_id, announced[0], self.peer, self.version, self.close_reason,
-                                           will, time.monotonic() - announced[1])
+                events.client_disconnected(
+                    self.client_id,
+                    announced[0],
+                    self.peer,
+                    self.version,
+                    self.close_reason,
+                    will,
+                    time.monotonic() - announced[1],
+                )
         if self.out and self._writer is None:
             try:
                 self.flusher.ensure_committed(self)  # the bytes may acknowledge state of this turn
@@ -491,7 +661,15 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         False when it was closed already."""
         if self.closed:
             return False
-        log.info("server_close", extra={"peer": self.peer, "client_id": self.client_id, "reason_code": hex(reason_code), "reason": reason})
+        log.info(
+            "server_close",
+            extra={
+                "peer": self.peer,
+                "client_id": self.client_id,
+                "reason_code": hex(reason_code),
+                "reason": reason,
+            },
+        )
         self._note_close(_CLOSE_REASONS.get(reason_code, "server_close"))
         self._send_disconnect(reason_code, reason)
         self.closed = True
@@ -541,7 +719,8 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL)
             if expiry is not None:
                 if self.session.expiry_interval == 0 and expiry != 0:
-                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")  # MQTT 5.0 3.14.2.2.2
+                    # MQTT 5.0 3.14.2.2.2
+                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")
                 self.session.expiry_interval = self.broker.capped_expiry(expiry)
                 self.session.persistent = expiry > 0
         self.closed = True
@@ -569,3 +748,16 @@ for _type, _handler in (
 # process. ``RELAY.enabled = False`` sends every packet through the handlers above (tests compare
 # the two paths); ``RELAY.served`` counts the PUBLISHes it handled.
 RELAY = PublishRelay(MQTTConnection, Session, Message, Inflight, c.Puback, LATENCY_SAMPLE_MASK, TrackedMessage)
+
+
+class _HubReads:
+    """The switch and the counter of reads served in the hub (``MQTTConnection._on_input``)."""
+
+    __slots__ = ("enabled", "served")
+
+    def __init__(self) -> None:
+        self.enabled = True  # False: a connected reader waits in its greenlet (tests compare the two)
+        self.served = 0  # reads served wholly in the hub, without switching to the reader
+
+
+HUB_READS = _HubReads()

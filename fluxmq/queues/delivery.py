@@ -68,6 +68,11 @@ class Delivery(TrackedMessage):
     def properties(self, value) -> None:
         _PROPERTIES.__set__(self, value)
 
+    def identity(self) -> tuple[str, str, int]:
+        """(queue, group, offset) of this delivery."""
+        record = self._record
+        return record.queue_name, self._group_pair[1], record.offset
+
 
 _PROPERTIES = Message.__dict__["properties"]  # the slot behind Delivery.properties
 _new = object.__new__

@@ -57,6 +57,12 @@ class QueueLog:
         commit: a ``fluxmq.broker.held.HeldAck`` (replicated, ``mode: sync``), or None."""
         return None
 
+    def held_settlement(self):
+        """What a consumer's ``$ack`` (``$nack``, ``$reject``) of this loop turn waits for beyond
+        the local commit: as ``held_ack``, and a replicated log may refuse it on its own (a
+        settlement of a delivery a new leader has forgotten)."""
+        return self.held_ack()
+
     def __init__(self, name: str, store: QueueLogStore, first: int = 0, next: int = 0, count: int = 0,
                  size: int = 0) -> None:
         self.name = name

@@ -170,8 +170,17 @@ class QueueManager:
     """Every queue of the node (see the module docstring)."""
 
     def __init__(self, storage, configs: list[QueueConfig] | None = None, auto_create: bool = True,
-                 stats=None, log_factory=None) -> None:
+                 stats=None, log_factory=None, placement=None) -> None:
         self.storage = storage
+        # Several workers (``server.workers`` > 1): a ``fluxmq.queues.placement.QueuePlacement``;
+        # this manager holds only the queues it owns, and ``remote`` (set by the workers' cluster,
+        # ``fluxmq.cluster.queues.RemoteQueues``) carries what concerns the others to their owners.
+        self.placement = placement
+        self.remote = None
+        # queue -> its stored state, for the queues of this shard another worker owns (the worker
+        # count changed): their unsettled records move to the owner (take_stranded, drop_stranded)
+        self.stranded: dict[str, object] = {}
+        self._stranded_logs: dict[str, QueueLog] = {}
         self.store = storage.queue_log()
         # log_factory(name, store, stored or None) -> QueueLog: a replicated log for the queues a
         # replication group holds (fluxmq.replication), else the local one.
@@ -188,12 +197,20 @@ class QueueManager:
         self._timer = None
         self._closing = False
         for name, stored in self.store.load_queues().items():
+            if not self.owns(name):
+                # Stored when the node ran another number of workers: another worker owns the queue
+                # now. Left unread in this shard (never served twice); see docs/cluster.rst.
+                self.stranded[name] = stored
+                log.warning("queue_stranded", extra={"queue": name, "records": stored.count,
+                                                     "owner": f"w{placement.owner(name)}"})
+                continue
             q = self._make(name, self.log_factory(name, self.store, stored))
             for gname, g in stored.groups.items():
                 q.groups[gname] = q.group_class(q, gname, g.floor, set(g.settled), getattr(g, "mark", 0),
                                                 getattr(g, "counts", None))
         for name in self.configs:
-            self.queue(name, create=True)
+            if self.owns(name):
+                self.queue(name, create=True)
         for q in self.queues.values():
             if q.newest is not None:
                 q.rebuild_compaction()
@@ -201,6 +218,18 @@ class QueueManager:
                                          "records": sum(q.log.count for q in self.queues.values())})
 
     # -- queues ----------------------------------------------------------------------------------
+
+    def owns(self, name: str) -> bool:
+        """True when this process holds queue ``name`` (always, unless queues are spread over workers)."""
+        placement = self.placement
+        return placement is None or placement.owns(name)
+
+    def _elsewhere(self):
+        """The carrier to the queues this worker does not own (QueueRefused while it is not set up)."""
+        remote = self.remote
+        if remote is None:
+            raise QueueRefused("the worker owning this queue is not reachable yet", 0x80)
+        return remote
 
     def _make(self, name: str, qlog: QueueLog | None = None) -> Queue:
         config = self.configs.get(name) or QueueConfig(name)
@@ -229,9 +258,13 @@ class QueueManager:
             q = self.queue(name, create=True)
         return q
 
-    def install_captures(self, router) -> int:
+    def install_captures(self, router, interest=None) -> int:
         """Route the ordinary publishes each queue's ``topics`` list matches into the queue
-        (capture.py); returns the filters installed. Raises ConfigError for a bad filter."""
+        (capture.py); returns the filters installed. Raises ConfigError for a bad filter.
+
+        ``interest(filter)`` (``Broker.hold_interest``) makes the filter this process's interest for
+        its peers: with several workers, only the owner of a queue captures, and the other workers
+        forward it the publishes its capture filters match (the cluster's ordinary routing)."""
         from fluxmq._core.trie import validate_filter
         from fluxmq.broker.session import Subscription
         from fluxmq.errors import ConfigError, TopicFilterInvalid
@@ -252,8 +285,59 @@ class QueueManager:
                     raise ConfigError(f"queues[{q.name}].topics", "ordinary topic filters",
                                       problem=f"{f!r}: a queue captures ordinary topics, not $queue/")
                 router.add(Subscription(target, f, 2))
+                if interest is not None:
+                    interest(f)
                 n += 1
         return n
+
+    # -- a worker count change: queues of this shard owned by another worker ------------------------
+
+    def take_stranded(self, name: str, limit: int = 256) -> list:
+        """Up to ``limit`` records of stranded queue ``name`` still to move to its owner, oldest
+        first: those some group has not settled (every record of a stream, or of a queue without
+        groups). Records every group settled are deleted on the way. [] when nothing is left."""
+        stored = self.stranded[name]
+        qlog = self._stranded_logs.get(name)
+        if qlog is None:
+            qlog = self._stranded_logs[name] = _local_log(name, self.store, stored)
+        groups = list(stored.groups.values())
+        config = self.configs.get(name)
+        keep_all = not groups or (config is not None and config.type == STREAM)
+        out: list = []
+        at = qlog.first
+        while at < qlog.next and len(out) < limit:
+            chunk = qlog.read(at, limit)
+            if not chunk:
+                at += limit
+                continue
+            for rec in chunk:
+                off = rec.offset
+                if keep_all or any(off >= g.floor and off not in g.settled for g in groups):
+                    if len(out) < limit:
+                        out.append(rec)
+                else:
+                    qlog.delete(off)  # settled by every group: nothing to move
+            at = chunk[-1].offset + 1
+        return out
+
+    def drop_stranded(self, name: str, records) -> None:
+        """``records`` of stranded queue ``name`` are stored by its owner now: deleted here (with
+        the queue's groups once it is empty)."""
+        qlog = self._stranded_logs[name]
+        for rec in records:
+            qlog.delete(rec.offset)
+        if qlog.count <= 0:
+            for group in self.stranded[name].groups:
+                qlog.forget_group(group)
+            del self.stranded[name]
+            del self._stranded_logs[name]
+
+    def adopt_record(self, name: str, message: Message) -> int:
+        """A record of queue ``name`` (owned here) moved from another worker's shard: appended."""
+        q = self._queue_for(name, 0x90)
+        q.append(message)
+        self.kick_soon(q)
+        return 1
 
     def storage_refusing(self) -> bool:
         return bool(getattr(self.storage, "refusing", False))
@@ -265,6 +349,9 @@ class QueueManager:
         Returns 1 when it was taken; raises QueueRefused (0x90 no such queue, 0x97 full)."""
         rest = message.topic[len(PREFIX):]
         name, _, key = rest.partition("/")
+        if self.placement is not None and not self.placement.owns(name):
+            # Another worker owns it: a HeldAck resolved once the owner stored it (or refused).
+            return self._elsewhere().publish(name, message, origin)
         if key in SETTLE_ACTIONS:
             return self._settle(name, key, message, origin)
         if self.storage.refusing:
@@ -286,10 +373,13 @@ class QueueManager:
         queue, from client ``client_id``. Appends the first n payloads it takes and returns n (the
         caller counts and acknowledges them; the acks leave after the turn's commit, as with
         ``publish``); 0, before any effect, for what the full path must serve or refuse (a
-        settlement, an unknown queue, a replicated log, storage full, a queue limit at the first)."""
+        settlement, a queue another worker owns, an unknown queue, a replicated log, storage full,
+        a queue limit at the first)."""
         name, _, key = topic[7:].partition("/")  # len(PREFIX)
         if key and key[0] == "$" and key in SETTLE_ACTIONS:
             return 0
+        if self.placement is not None and not self.placement.owns(name):
+            return 0  # another worker owns it (publish forwards it)
         q = self.queues.get(name)
         if q is None or q.log.__class__ is not QueueLog or self.storage.refusing:
             return 0
@@ -329,10 +419,15 @@ class QueueManager:
                                0x83)
         if not valid_queue_name(name):
             raise QueueRefused(f"invalid queue name {name!r}", 0x8F)
-        q = self._queue_for(name, 0x8F)
         props = user_properties(user_props)
         group_name = props.get("consumer-group") or session.client_id
         auto_ack = version != 5 or props.get("auto-ack", "").lower() == "true"
+        if self.placement is not None and not self.placement.owns(name):
+            # A member of the owner's group, delivered through this worker (raises QueueRefused).
+            self._elsewhere().subscribe(session, filter, qos, user_props, version)
+            self._store_member(session, filter, group_name, auto_ack, rejoin)
+            return 1
+        q = self._queue_for(name, 0x8F)
         start = props.get("stream-offset") if q.config.type == STREAM else None
         position = self._stream_position(q, start) if start else None
         group = q.groups.get(group_name)
@@ -357,17 +452,22 @@ class QueueManager:
         member = Member(session, filter, key_filter, auto_ack, max_inflight, group)
         group.add(member)
         mine.append(member)
-        if not rejoin and getattr(session, "persistent", False):
-            cid = session.client_id
-            self.store.put_member(cid, filter, group_name, auto_ack)
-            self.storage.note_stake(cid)  # the SUBACK acknowledges the stored membership
-            self._stored_members.add(cid)
+        self._store_member(session, filter, group_name, auto_ack, rejoin)
         session.on_room = self._on_room
         log.info("queue_member_joined", extra={"queue": name, "group": group_name,
                                                "client_id": session.client_id, "auto_ack": auto_ack})
         self.kick(q)
         self._ensure_timer()
         return 1
+
+    def _store_member(self, session, filter: str, group_name: str, auto_ack: bool, rejoin: bool) -> None:
+        """A persistent session's membership is stored (with its session, in this worker's shard),
+        so it survives a restart of the node."""
+        if not rejoin and getattr(session, "persistent", False):
+            cid = session.client_id
+            self.store.put_member(cid, filter, group_name, auto_ack)
+            self.storage.note_stake(cid)  # the SUBACK acknowledges the stored membership
+            self._stored_members.add(cid)
 
     @staticmethod
     def _stream_position(q: Queue, start: str) -> int:
@@ -386,6 +486,11 @@ class QueueManager:
         raise QueueRefused(f"stream-offset {start!r}: expected first, last, next, an offset or timestamp=<ms>", 0x83)
 
     def unsubscribe(self, session, filter: str) -> bool:
+        remote = self.remote
+        if remote is not None and remote.unsubscribe(session, filter):
+            if session.client_id in self._stored_members:
+                self.store.delete_member(session.client_id, filter)
+            return True
         mine = self.members.get(session)
         if not mine:
             return False
@@ -404,7 +509,9 @@ class QueueManager:
         """The session's connection ended: its memberships end and what it held is redelivered.
         A persistent session's memberships come back when it resumes (``session_attached``)."""
         mine = self.members.pop(session, None)
-        if not mine:
+        remote = self.remote
+        elsewhere = remote.session_gone(session) if remote is not None else None
+        if not mine and not elsewhere:
             return
         session.on_room = None
         # What it held goes back to its groups (below): not resent from the session's in-flight
@@ -412,8 +519,10 @@ class QueueManager:
         inflight = session.inflight
         for pid in [pid for pid, e in inflight.items() if isinstance(e.message, TrackedMessage)]:
             del inflight[pid]
+        mine = mine or []
         if session.expiry_interval:
-            self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine]
+            self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine] + list(
+                elsewhere or ())
         for m in mine:
             self._leave(m)
 
@@ -439,6 +548,24 @@ class QueueManager:
         if client_id in self._stored_members:
             self._stored_members.discard(client_id)
             self.store.delete_members(client_id)
+
+    def take_memberships(self, client_id: str) -> list[tuple]:
+        """The memberships of ``client_id``'s offline session, which moves to another worker or
+        node: forgotten here, stored ones included. [(filter, group, auto_ack)]."""
+        saved = self.resumable.pop(client_id, None) or []
+        if client_id in self._stored_members:
+            self._stored_members.discard(client_id)
+            self.store.delete_members(client_id)
+        return saved
+
+    def adopt_memberships(self, session, members) -> None:
+        """A session moved here with its memberships (``take_memberships`` where it was): it
+        rejoins them when its client attaches, and a persistent one's are stored here."""
+        self.resumable[session.client_id] = list(members)
+        if getattr(session, "persistent", False):
+            for filter, group, auto_ack in members:
+                self.store.put_member(session.client_id, filter, group, auto_ack)
+            self._stored_members.add(session.client_id)
 
     def restore_members(self, sessions: dict) -> int:
         """At start, after the broker restored its sessions: each persistent session is a member
@@ -494,7 +621,7 @@ class QueueManager:
             if origin is not None:
                 self.storage.note_stake(origin.client_id)
             self.kick_soon(q)
-            return q.log.held_ack() or 1
+            return q.log.held_settlement() or 1
         return 0
 
     # -- dispatch --------------------------------------------------------------------------------

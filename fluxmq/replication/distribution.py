@@ -34,6 +34,7 @@ import logging
 import time
 
 from fluxmq.queues.group import ConsumerGroup, Member, Pending
+from fluxmq.queues.remote import RemoteMemberSession
 
 log = logging.getLogger("fluxmq.replication")
 
@@ -49,27 +50,21 @@ def member_key(member: Member) -> str:
     return f"{member.session.client_id}\x00{member.filter}"
 
 
-class RemoteSession:
+class RemoteSession(RemoteMemberSession):
     """The session side of a member connected to another node, as the delivering leader sees it:
     a delivery to it is a lease command in the group's next Raft entry."""
 
-    __slots__ = ("raft", "node", "key", "key_filter", "queue", "group", "send_quota", "client_id", "alive")
+    __slots__ = ("raft", "key", "key_filter", "queue", "group")
 
     def __init__(
         self, raft, node: str, key: str, key_filter: str, queue: str, group: str, window: int
     ) -> None:
+        super().__init__(node, key.split("\x00", 1)[0], window)
         self.raft = raft  # RaftGroup
-        self.node = node
         self.key = key
         self.key_filter = key_filter
         self.queue = queue
         self.group = group
-        self.send_quota = window
-        self.client_id = key.split("\x00", 1)[0]
-        self.alive = True
-
-    def can_take_tracked(self) -> bool:
-        return self.alive
 
     def send_tracked(self, message) -> int:
         if not self.alive:

@@ -71,7 +71,7 @@ class StandInGroup:
     def stage_append(self, queue: str, blob: bytes) -> None:
         self.check_writable(queue)
 
-    def turn_hold(self, timeout: float) -> HeldAck:
+    def turn_hold(self, timeout: float, settlement: bool = False) -> HeldAck:
         held = HeldAck()
         held.resolve(refused(self.reason(), self.code))
         return held
@@ -288,6 +288,7 @@ class FormingRaft:
                 "acks_timed_out": 0,
                 "snapshots_written": 0,
                 "snapshots_installed": 0,
+                "settlements_stale": 0,
                 "queues": {},
             }
         ]

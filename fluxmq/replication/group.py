@@ -10,7 +10,10 @@ truncations, deletes, a group's removal) is one Raft entry (``stage`` -> ``_subm
 the turn): the appends of one turn travel as one batch. A ``claim`` entry makes the current leader
 the node that delivers (``delivering``); when it is applied on the leader, every entry before it is
 applied too, so the leader delivers from a complete replica and rebuilds its consumer groups from
-the replicated progress.
+the replicated progress. The claim's index is the delivery ``epoch``: what a node staged before a
+claim about a delivery (a settlement, a lease, a give-back, a nack) changes nothing when applied
+after it, and its $ack is refused, so a confirmed $ack is never followed by the new owner's
+delivery of the record again.
 
 State. pysyncobj does not own the queue state: every replica applies committed entries to its local
 queue log store (LMDB), with the Raft index applied in the same commit (``put_applied``), so a
@@ -55,6 +58,13 @@ SLOW_TICK = 0.05
 MAX_IN_FLIGHT = 2
 #: an entry without an answer for this long no longer holds the next ones back
 IN_FLIGHT_PATIENCE = 1.0
+#: what ``_apply`` returns for an entry whose settlements were refused as stale (``STALE``)
+STALE = "stale"
+#: shortest pause between two chunks of a snapshot being written (snapshot.CHUNK records, ~0.3-1 ms
+#: each; the pause is twice the chunk's time)
+SNAPSHOT_PAUSE = 0.001
+#: what a serializeChecker returns (pysyncobj.config.SERIALIZER_STATE)
+_NOT_SERIALIZING, _SERIALIZING, _SUCCESS, _FAILED = 0, 1, 2, 3
 
 
 def _make_node_class():
@@ -101,6 +111,14 @@ class RaftGroup:
         self.logs: dict[str, object] = {}  # queue name -> ReplicatedQueueLog
         self.applied = store.applied_index(name)
         self.owner: str | None = None  # node whose claim was applied last
+        # The delivery epoch: the Raft index of the claim applied last (the same on every replica).
+        # Every staged batch starts with an ("e", epoch) marker of the epoch it was staged in; a
+        # settlement, lease, give-back or nack staged before a claim and applied after it is stale:
+        # it concerns a delivery the new owner has forgotten (and may have made again), so it
+        # changes nothing and the $ack that made it is refused, never confirmed.
+        self.epoch = 0
+        self._ops_epoch: int | None = None  # the epoch of the marker last staged into _ops
+        self.on_superseded = None  # (group) -> None: another node's claim was applied here
         self.mqtt_addr = mqtt_addr  # where MQTT clients reach this node (announced in its claims)
         self.mqtt_of: dict[str, str] = {}  # Raft address -> MQTT address, from the claims applied
         self.on_applied = on_applied  # (queue log) -> None: kick deliveries
@@ -111,18 +129,23 @@ class RaftGroup:
         self._in_flight: dict[int, float] = {}  # entries submitted -> when, until their callback
         self._seq = 0
         self._hold: HeldAck | None = None
+        self._settle_hold: HeldAck | None = None  # the $acks' hold of the next entry (held apart)
         self._scheduled = False
         self._claimed_term = -1
         self._reset_marks: dict = {}
         self._running = False
         self._driver = None
         self.stats = {"entries_submitted": 0, "entries_applied": 0, "entries_refused": 0, "acks_timed_out": 0,
-                      "snapshots_written": 0, "snapshots_installed": 0}
+                      "snapshots_written": 0, "snapshots_installed": 0, "settlements_stale": 0}
         journal = os.path.join(data_dir, f"raft-{name}.journal")
         os.makedirs(data_dir, exist_ok=True)
         self.journal = journal
         self.dump = os.path.join(data_dir, f"raft-{name}.snapshot")
         self._node = None
+        # log compaction (snapshot.Writing): the dump being written by a greenlet, and what
+        # _snapshot_progress tells pysyncobj
+        self._snapshot_writer = None
+        self._snapshot_state = _NOT_SERIALIZING
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -143,10 +166,11 @@ class RaftGroup:
             connectionRetryTime=0.5, leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT, commandsWaitLeader=False,
             journalFile=self.journal, pollerType="select", maxBindRetries=20, bindRetryTime=0.25,
             # Snapshots of our own (fluxmq.replication.snapshot): the queue state, not the pickled
-            # object; taken every compaction_entries entries (never on a timer: a snapshot copies the
-            # retained records in the hub).
+            # object; taken every compaction_entries entries (never on a timer: a snapshot copies
+            # every retained record), written by a greenlet a chunk at a time (_begin_snapshot).
             logCompactionMinEntries=self.compaction_entries, logCompactionMinTime=10 ** 12,
-            fullDumpFile=self.dump, serializer=self._write_snapshot, deserializer=self._read_snapshot,
+            fullDumpFile=self.dump, serializer=self._begin_snapshot, serializeChecker=self._snapshot_progress,
+            deserializer=self._read_snapshot,
             dynamicMembershipChange=False,
             # the member listens on its address as configured (pysyncobj binds 0.0.0.0 without this)
             bindAddress=self.self_addr,
@@ -168,23 +192,89 @@ class RaftGroup:
         if self._driver is not None:
             self._driver.kill(block=True, timeout=2)
             self._driver = None
+        if self._snapshot_writer is not None:
+            self._snapshot_writer.kill(block=True, timeout=2)  # the partial dump is removed
+            self._snapshot_writer = None
         node = self._node
         if node is not None:
             try:
                 node._doDestroy()
             except Exception:
                 log.exception("raft_group_stop_failed", extra={"group": self.name})
-        for held, timer in self._holds:
+        for held, timer, _settlement in self._holds:
             timer.stop()
             held.resolve(refused("the node is stopping", 0x80))
         self._holds = []
 
-    def _write_snapshot(self, path: str, raft_data) -> None:
+    def _begin_snapshot(self, path: str, raft_data) -> None:
+        """pysyncobj's serializer, called by its log compaction in the hub at the applied index:
+        the dump's header and a view of the records are taken now (snapshot.Writing), the records
+        are written by a greenlet a chunk at a time, and ``_snapshot_progress`` (pysyncobj's
+        serializeChecker) says SERIALIZING until the dump is complete, then SUCCESS (pysyncobj then
+        drops the entries before it; meanwhile it sends no dump to a replica).
+
+        pysyncobj renames ``path`` onto the dump as soon as this returns. Nothing is written at
+        ``path`` (the dump is written to a file of its own and moved onto the dump when complete,
+        so a crash meanwhile leaves the previous dump whole): that rename fails, and pysyncobj
+        ignores its failure when a serializeChecker is given. A dump being sent to a replica
+        when this begins is sent whole, from the file it was opened on."""
         try:
-            snapshot.write(path, self, raft_data)
+            os.unlink(path)  # a leftover would be renamed onto the dump
+        except FileNotFoundError:
+            pass
+        try:
+            writing = snapshot.Writing(self.dump, self, raft_data)
         except Exception:
+            self._snapshot_state = _FAILED
             log.exception("raft_snapshot_write_failed", extra={"group": self.name})
             raise
+        self._snapshot_state = _SERIALIZING
+        self._snapshot_writer = gevent.spawn(self._write_snapshot, writing)
+
+    def _write_snapshot(self, writing) -> None:
+        installed = self.stats["snapshots_installed"]
+        state = _FAILED
+        try:
+            clock = time.perf_counter
+            started = clock()
+            for _ in writing.steps():
+                # Between two chunks: a pause twice as long as the chunk took (at least
+                # SNAPSHOT_PAUSE: the dump is not urgent, it takes at most a third of the hub, less
+                # when the machine is busy and a chunk takes longer), then whatever is ready runs
+                # first (publishes, and the Raft ticks, which wait for an idle loop too:
+                # gevent.sleep(0) alone would keep them from ticking).
+                gevent.sleep(max(SNAPSHOT_PAUSE, 2 * (clock() - started)))
+                gevent.idle()
+                started = clock()
+            if self.stats["snapshots_installed"] != installed:
+                # the leader's dump was installed meanwhile: it is newer than this one, keep it
+                writing.discard()
+                log.info("raft_snapshot_superseded", extra={"group": self.name, "index": writing.index})
+            else:
+                writing.finish(lambda fd: gevent.get_hub().threadpool.apply(os.fsync, (fd,)))
+                state = _SUCCESS
+        except gevent.GreenletExit:
+            writing.discard()
+            raise
+        except Exception:
+            log.exception("raft_snapshot_write_failed", extra={"group": self.name})
+            writing.discard()
+        finally:
+            self._snapshot_state = state
+            if self._snapshot_writer is gevent.getcurrent():
+                self._snapshot_writer = None
+
+    def _snapshot_progress(self) -> int:
+        """pysyncobj's serializeChecker: SUCCESS or FAILED once when the dump being written ends."""
+        state = self._snapshot_state
+        if state in (_SUCCESS, _FAILED):
+            self._snapshot_state = _NOT_SERIALIZING
+        return state
+
+    @property
+    def snapshot_writing(self) -> bool:
+        """A dump is being written (its records a chunk at a time)."""
+        return self._snapshot_state == _SERIALIZING
 
     def _read_snapshot(self, path: str) -> tuple:
         try:
@@ -300,7 +390,14 @@ class RaftGroup:
                               f"{leader}, its MQTT address not known yet)", 0x83)
             raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name}", 0x83, mqtt)
 
+    def _mark_epoch(self) -> None:
+        """The marker of the epoch the next staged operations belong to (see ``epoch``)."""
+        self._ops_epoch = self.epoch
+        self._ops.append(("e", self.epoch))
+
     def stage(self, op: tuple) -> None:
+        if self._ops_epoch != self.epoch:
+            self._mark_epoch()
         self._ops.append(op)
         if not self._scheduled:
             self._scheduled = True
@@ -308,7 +405,9 @@ class RaftGroup:
 
     def stage_append(self, queue: str, blob: bytes) -> None:
         ops = self._ops
-        if ops and ops[-1][0] == "a" and ops[-1][1] == queue:
+        if self._ops_epoch != self.epoch:
+            self._mark_epoch()
+        elif ops[-1][0] == "a" and ops[-1][1] == queue:
             ops[-1][2].append(blob)  # one batch per queue per entry
             return
         self.stage(("a", queue, [blob]))
@@ -317,7 +416,9 @@ class RaftGroup:
         """A delivery the leader hands a member on ``node`` (distribution_mode forward): one
         ``l`` command per member and turn, its offsets and delivery counts batched."""
         ops = self._ops
-        if ops:
+        if self._ops_epoch != self.epoch:
+            self._mark_epoch()
+        else:
             last = ops[-1]
             if last[0] == "l" and last[1] == queue and last[2] == group and last[3] == node and last[4] == key:
                 last[5].append(offset)
@@ -338,15 +439,21 @@ class RaftGroup:
         out.add(self.self_addr)
         return out
 
-    def turn_hold(self, timeout: float) -> HeldAck:
-        """The HeldAck of the next entry: resolved when it is committed, refused on a failure or
-        after ``timeout`` (counted from now)."""
-        held = self._hold
+    def turn_hold(self, timeout: float, settlement: bool = False) -> HeldAck:
+        """The HeldAck of the next entry: resolved when it is committed (and applied here),
+        refused on a failure or after ``timeout`` (counted from now). ``settlement``: the hold of
+        the $acks, refused also when the entry's settlements were stale (``epoch``); the other
+        writes of the entry (appends) are not refused for that."""
+        held = self._settle_hold if settlement else self._hold
         if held is None:
-            held = self._hold = HeldAck()
+            held = HeldAck()
+            if settlement:
+                self._settle_hold = held
+            else:
+                self._hold = held
             timer = gevent.get_hub().loop.timer(timeout)
             timer.start(self._timed_out, held, timeout)
-            self._holds.append((held, timer))
+            self._holds.append((held, timer, settlement))
             if not self._scheduled:
                 self._scheduled = True
                 gevent.get_hub().loop.run_callback(self._submit)
@@ -360,8 +467,8 @@ class RaftGroup:
         if not self._ops:
             # Held for nothing staged (an ack of what was settled already): nothing to wait for.
             holds, self._holds = self._holds, []
-            self._hold = None
-            for held, timer in holds:
+            self._hold = self._settle_hold = None
+            for held, timer, _settlement in holds:
                 timer.stop()
                 held.resolve(None)
             return
@@ -369,10 +476,11 @@ class RaftGroup:
         if len(self._in_flight) >= MAX_IN_FLIGHT and now - min(self._in_flight.values()) < IN_FLIGHT_PATIENCE:
             return  # _done submits them
         ops, self._ops = self._ops, []
+        self._ops_epoch = None  # the next batch starts with its own marker
         holds, self._holds = self._holds, []
-        self._hold = None
+        self._hold = self._settle_hold = None
         if self.write_policy == "local" and not self.is_leader():
-            for held, timer in holds:
+            for held, timer, _settlement in holds:
                 timer.stop()
                 held.resolve(None)  # write_policy local: acknowledged before replication (not durable)
             holds = []
@@ -380,19 +488,23 @@ class RaftGroup:
         self._seq += 1
         seq = self._seq
         self._in_flight[seq] = now
-        self._node.apply(ops, callback=lambda res, err: self._done(seq, holds, err))
+        self._node.apply(ops, callback=lambda res, err: self._done(seq, holds, err, res))
 
-    def _done(self, seq: int, holds, err) -> None:
+    def _done(self, seq: int, holds, err, res=None) -> None:
         self._in_flight.pop(seq, None)
+        stale = None
         if err:
             self.stats["entries_refused"] += 1
             error = refused(f"Raft group {self.name}: the append was not replicated ({_FAIL.get(err, err)})", 0x80)
         else:
             error = None
-        for held, timer in holds:
+            if res == STALE:
+                stale = refused(f"Raft group {self.name}: a new leader took over delivery before this "
+                                "settlement was applied; the message will be delivered again", 0x80)
+        for held, timer, settlement in holds:
             timer.stop()
             timer.close()
-            held.resolve(error)
+            held.resolve(stale if settlement and stale is not None else error)
         if self._ops and not self._scheduled:
             self._scheduled = True
             gevent.get_hub().loop.run_callback(self._submit)
@@ -410,8 +522,12 @@ class RaftGroup:
             # kept in memory is learned again: the MQTT addresses the claims announce, and the
             # members nodes registered (distribution_mode forward)
             for op in ops:
-                if op[0] == "o" and len(op) > 3 and op[3]:
-                    self.mqtt_of[op[1]] = op[3]
+                if op[0] == "o":
+                    self.epoch = index
+                    if len(op) > 3 and op[3]:
+                        self.mqtt_of[op[1]] = op[3]
+                elif op[0] == "e":
+                    continue
                 elif op[0] == "m":
                     qlog = self.logs.get(op[1])
                     if qlog is not None:
@@ -422,12 +538,17 @@ class RaftGroup:
                         qlog.apply_lease(op, False)
             return True
         touched = set()
+        stale = False  # the operations that follow were staged before the claim applied last
+        result = True
         for op in ops:
             kind = op[0]
+            if kind == "e":
+                stale = op[1] < self.epoch
+                continue
             if kind == "o":
                 if len(op) > 3 and op[3]:
                     self.mqtt_of[op[1]] = op[3]
-                self._apply_claim(op[1])
+                self._apply_claim(op[1], index)
                 continue
             qlog = self.logs.get(op[1])
             if qlog is None and self.on_unknown is not None:
@@ -438,6 +559,16 @@ class RaftGroup:
             if qlog.leased and qlog.apply_lease(op, True):
                 touched.add(qlog)
                 continue
+            if stale and kind in _DELIVERY_OPS and not qlog.leased and not qlog.stream:
+                # of a delivery made before the claim applied last: the new owner rebuilt its
+                # groups without it (and may have delivered the record again); a settlement of
+                # it would confirm an $ack of a record that is out again
+                if kind == "c" and (op[4] is not None or op[3] > qlog.progress.get(op[2], (op[3],))[0]):
+                    result = STALE
+                    self.stats["settlements_stale"] += 1
+                    continue
+                if kind != "c":
+                    continue
             if kind == "a":
                 qlog.apply_append(op[2])
             elif kind == "c":
@@ -464,16 +595,24 @@ class RaftGroup:
         if self.on_applied is not None:
             for qlog in touched:
                 self.on_applied(qlog)
-        return True
+        return result
 
-    def _apply_claim(self, node: str) -> None:
+    def _apply_claim(self, node: str, index: int) -> None:
         before = self.owner
         self.owner = node
-        if node == self.self_addr and self.on_delivering is not None:
-            self.on_delivering(self)
+        self.epoch = index  # before the callbacks: what they stage belongs to the new epoch
+        if node == self.self_addr:
+            if self.on_delivering is not None:
+                self.on_delivering(self)
+        elif self.on_superseded is not None:
+            self.on_superseded(self)
         if before != node:
             log.info("raft_delivery_owner", extra={"group": self.name, "owner": node})
 
+
+#: operations about a delivery (distribution_mode forward and the leader-only default): a
+#: settlement, a lease to a member on another node, a lease given back, a nack from another node
+_DELIVERY_OPS = frozenset("clbn")
 
 _FAIL = {1: "queue full", 2: "no leader", 3: "discarded", 4: "not leader", 5: "leader changed", 6: "denied",
          7: "unknown outcome"}

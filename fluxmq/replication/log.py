@@ -130,6 +130,14 @@ class ReplicatedQueueLog(QueueLog):
             return None
         return self.group.turn_hold(self.config.ack_timeout)
 
+    def held_settlement(self):
+        """The $ack's hold: refused also when its settlement arrives stale (a claim was applied
+        since it was staged, RaftGroup.epoch), so a confirmed $ack is never followed by another
+        delivery of the record."""
+        if self.config.mode != "sync":
+            return None
+        return self.group.turn_hold(self.config.ack_timeout, True)
+
     def append(self, messages, now: float | None = None) -> list[Record]:
         return [self.append_one(m) for m in messages]
 

@@ -140,6 +140,7 @@ class RaftService:
                                                  compaction_entries=raft.compaction_entries, tls=tls,
                                                  distribution=self.distribution)
             group.on_unknown = self._unknown_queue
+            group.on_superseded = self._superseded
         self.manager = None
         self._reconciler = None
 
@@ -331,10 +332,34 @@ class RaftService:
                     if delivering and g.sync_remote(regs, alive, me, group):
                         manager.kick_soon(q)
 
+    def _superseded(self, group: RaftGroup) -> None:
+        """Another node's claim was applied here: this node's deliveries of the group's work
+        queues were made before it (as a follower, or as the leader it no longer is) and the new
+        owner has forgotten them (it delivers those records again). They are dropped, so a
+        consumer's $ack of one finds nothing and is never confirmed; one staged before the claim
+        is refused when applied (RaftGroup.epoch)."""
+        manager = self.manager
+        if manager is None:
+            return
+        for name, qlog in group.logs.items():
+            q = manager.queues.get(name)
+            if q is None or qlog.leased:
+                continue  # replicate: the leases belong to nodes, whoever leads
+            dropped = False
+            for g in q.groups.values():
+                if g.stream or not g.pending:
+                    continue  # a stream's cursor commits stay at least once (docs/replication.rst)
+                for off in list(g.pending):
+                    g._release(off)
+                dropped = True
+            if dropped:
+                manager.kick_soon(q)
+
     def _took_over(self, group: RaftGroup) -> None:
         """This node became the group's delivering leader: its consumer groups restart from the
         replicated progress (what the previous leader delivered and nobody settled is delivered
-        again) and the replicated delivery counts."""
+        again, at once: a settlement of it staged before the claim is stale when applied,
+        RaftGroup.epoch) and the replicated delivery counts."""
         manager = self.manager
         if manager is None:
             return

@@ -8,10 +8,13 @@ Layout (named sub-databases; keys in ``records``)::
     subscriptions  client_id NUL filter -> options
     inflight       client_id NUL u16 packet id -> entry (outbound QoS 1/2 awaiting PUBACK/PUBCOMP)
     inbound_qos2   client_id NUL u16 packet id -> b"" (inbound QoS 2 awaiting PUBREL)
-    queue          client_id NUL u64 seq -> entry (offline queue, in order; schema 3: also the
-                   entries of QoS 1/2 messages in flight, named by ``sent``)
+    queue          client_id NUL u64 seq -> entry (schema 3), or a segment: the entries of seqs
+                   seq.. that one commit stored (schema 4; records.encode_segment). The offline
+                   queue in order, and the entries of QoS 1/2 messages in flight, named by ``sent``
     sent           client_id NUL u16 (packet id // 16) -> 16 slots: the queue seq each packet id
                    in flight carries, and its QoS 2 released flag (schema 3; records.encode_sent)
+    done           client_id NUL -> the client's queue seqs that are done (acknowledged or taken
+                   out): a floor and ranges above it (schema 4; records.encode_done)
     retained       topic -> message
     wills          client_id -> delay + message
     queues         durable queue logs, consumer-group progress, delivery counts (schema 3) and
@@ -20,12 +23,15 @@ Layout (named sub-databases; keys in ``records``)::
 Writes are buffered per key (the last operation on a key wins) and applied in one write
 transaction by ``commit``.
 
-Outbound QoS 1/2 of a persistent session (schema 3): each message is written once, as a queue
-entry, and deleted once, at its PUBACK/PUBCOMP. Sending it (from the queue, or at once when the
-queue is empty) only sets its packet id's slot in a ``sent`` record, which the commit writes once
-per 16 packet ids however many messages the batch sent; a queue entry deleted in the batch that
-wrote it (a PUBACK within the same commit) touches LMDB not at all. The ``inflight`` records of
-schema 2 (a full copy per packet id) are still read and deleted, no longer written.
+Outbound QoS 1/2 of a persistent session: each message is a queue entry. Sending it (from the
+queue, or at once when the queue is empty) only sets its packet id's slot in a ``sent`` record,
+which the commit writes once per 16 packet ids however many messages the batch sent (schema 3).
+Schema 4: the entries a client stored since the last commit are written as one record (segments
+of about SEGMENT_BYTES), and an entry acknowledged or taken out of the queue is marked in the
+client's ``done`` record, written once per commit, instead of deleted; a record goes (``_trim``)
+once all of its seqs are done. An entry done before its first commit is never written. The
+``inflight`` records of schema 2 (a full copy per packet id) are still read and deleted, no
+longer written; the one-entry records of schema 3 read as records of one entry.
 Nothing outside ``fluxmq.storage`` touches LMDB.
 
 Durability (``storage.sync``): ``always`` opens the environment with synchronous commits and the
@@ -37,6 +43,7 @@ committed: the pages are in the kernel's page cache), ``batch`` adding an ``env.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import logging
@@ -62,20 +69,25 @@ MAGIC = b"fluxmq-storage"
 #: 2 added the ``queues`` sub-database (durable queues); 3 added ``sent`` (outbound QoS 1/2 in flight
 #: as queue entries, see above) and record kinds in ``queues`` (delivery counts, group memberships:
 #: queue_log.py), which an older build would misread. An older store is upgraded at open (_migrate).
-SCHEMA_VERSION = 3
+#: 4 writes a session's queue entries of one commit as one ``queue`` record (a segment) and marks
+#: acknowledged ones in its ``done`` record instead of deleting each; schema 3 records read as they are.
+SCHEMA_VERSION = 4
 
 DB_NAMES = (b"meta", b"sessions", b"subscriptions", b"inflight", b"inbound_qos2", b"queue", b"retained", b"wills",
-            b"queues", b"sent")
-META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS, QUEUES, SENT = range(len(DB_NAMES))
+            b"queues", b"sent", b"done")
+META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS, QUEUES, SENT, DONE = range(len(DB_NAMES))
 # Sub-databases added by each schema version (an older store gets them at open: _migrate).
-_ADDED_IN = {2: (b"queues",), 3: (b"sent",)}  # 3 also: new keys in ``queues``, nothing to convert there
+# 3 also: new keys in ``queues``; 4 also: segments in ``queue``; nothing to convert for either.
+_ADDED_IN = {2: (b"queues",), 3: (b"sent",), 4: (b"done",)}
 # Sub-databases whose keys do not start with a client id (Batch.clients skips them).
 _SHARED_DBS = (META, RETAINED, QUEUES)
 # Sub-databases whose keys start with client_id NUL: a session's end deletes by prefix there.
 # Queues are deleted apart, a chunk per commit (see _gc_queue): 100,000 entries take ~0.1 s.
-_CLIENT_DBS = (SUBS, INFLIGHT, INBOUND, SENT)
-_STATE_DBS = (INFLIGHT, INBOUND, SENT)
+_CLIENT_DBS = (SUBS, INFLIGHT, INBOUND, SENT, DONE)
+_STATE_DBS = (INFLIGHT, INBOUND, SENT, DONE)
 _GC_PREFIX = b"gc\x00"
+#: bytes of entries in one ``queue`` segment (LMDB keeps a value up to about 2 KB in its leaf page)
+SEGMENT_BYTES = 1536
 #: queue entries of ended sessions deleted per commit (~1 ms)
 GC_CHUNK = 1000
 
@@ -123,7 +135,7 @@ class _Batch:
     """Operations buffered since the last commit: per sub-database ``key -> value`` (None = delete),
     plus prefix deletes applied before them."""
 
-    __slots__ = ("ops", "prefix_deletes", "gc", "gc_done", "callbacks", "stakes", "sent_dirty")
+    __slots__ = ("ops", "prefix_deletes", "gc", "gc_done", "callbacks", "stakes", "sent_dirty", "trims", "logs")
 
     def __init__(self) -> None:
         self.ops: list[dict[bytes, bytes | None]] = [{} for _ in DB_NAMES]
@@ -135,6 +147,9 @@ class _Batch:
         # clients whose ``sent`` records changed since the last take_batch: written as ops there,
         # once per record however many of its packet ids changed
         self.sent_dirty: set[_Sent] = set()
+        # client prefix -> (floor, done ranges) at take_batch: queue records all done are deleted
+        self.trims: dict[bytes, tuple[int, list]] = {}
+        self.logs: list[_Sent] = []  # clients whose segments this batch writes (their ``unwritten``)
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.ops) + len(self.prefix_deletes)
@@ -154,6 +169,8 @@ class _Batch:
         self.callbacks = newer.callbacks
         self.stakes |= newer.stakes
         self.sent_dirty = newer.sent_dirty
+        self.trims.update(newer.trims)
+        self.logs.extend(newer.logs)
         self.gc = None
         self.gc_done = False
 
@@ -177,10 +194,39 @@ class _Batch:
 _MISSING = object()
 
 
-class _Sent:
-    """One client's packet ids in flight as queue entries (schema 3 ``sent`` records)."""
+class _View:
+    """``db`` as it was when the view was taken: an LMDB read transaction (MVCC: the commits made
+    after it do not show) under a copy of the operations buffered then (the pending batch over the
+    one being written, as ``_read_many`` reads them). Read it in the hub only; ``close`` it."""
 
-    __slots__ = ("client_id", "prefix", "slots", "dirty", "disk")
+    __slots__ = ("_txn", "_over")
+
+    def __init__(self, txn, over: dict) -> None:
+        self._txn = txn
+        self._over = over
+
+    def read_many(self, keys: list[bytes]) -> list:
+        over, get = self._over, self._txn.get
+        out = []
+        for key in keys:
+            value = over.get(key, _MISSING)
+            out.append(get(key) if value is _MISSING else value)
+        return out
+
+    def close(self) -> None:
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            txn.abort()
+
+
+class _Sent:
+    """One client's queue seq space in the store: packet ids in flight as queue entries (``sent``
+    records, schema 3), the entries stored since the last take_batch (written as one ``queue``
+    record per client per commit, schema 4) and the seqs that are done (acknowledged or popped:
+    every seq below ``floor`` and in ``ranges``; the ``done`` record, schema 4)."""
+
+    __slots__ = ("client_id", "prefix", "slots", "dirty", "disk", "staged", "staged_first", "closed",
+                 "unwritten", "floor", "ranges", "end", "done_dirty")
 
     def __init__(self, client_id: str, prefix: bytes) -> None:
         self.client_id = client_id
@@ -189,6 +235,14 @@ class _Sent:
         self.slots: dict[int, array] = {}
         self.dirty: set[int] = set()  # buckets changed since the last take_batch
         self.disk: set[int] = set()  # buckets with a record on disk (or in a batch already taken)
+        self.staged: list[bytes] = []  # entries of seqs staged_first.. since the last take_batch
+        self.staged_first = 0
+        self.closed: list[tuple[int, list]] = []  # earlier staged runs of this batch (a seq gap)
+        self.unwritten: list[tuple] = []  # (batch, first seq, entries) taken, not yet committed
+        self.floor = -1  # every seq below is done (-1: set by the first seq staged)
+        self.ranges: list[tuple[int, int]] = []  # done [start, end) above floor; sorted, apart
+        self.end = 0  # above the highest seq staged
+        self.done_dirty = True  # the ``done`` record is to be written by the next take_batch
 
     def get(self, packet_id: int) -> int:
         """The slot of ``packet_id`` (0 when it is not in flight as a queue entry)."""
@@ -202,6 +256,96 @@ class _Sent:
             slots = self.slots[bucket] = r.sent_slots()
         slots[packet_id & 15] = value
         self.dirty.add(bucket)
+
+    def stage(self, seq: int, entry: bytes) -> None:
+        """An entry stored at ``seq`` (the path of the hot callers, when it does not extend
+        ``staged``: the first of a batch, or after a gap)."""
+        staged = self.staged
+        if staged:
+            if seq == self.staged_first + len(staged):
+                staged.append(entry)
+                self.end = seq + 1
+                return
+            self.closed.append((self.staged_first, staged))
+            staged = self.staged = []
+        if self.floor < 0 or (self.floor >= self.end and not self.ranges and seq > self.floor):
+            self.floor = seq  # nothing live: the seqs below were never stored or are all done
+            self.done_dirty = True
+        self.staged_first = seq
+        staged.append(entry)
+        self.end = max(self.end, seq + 1)
+
+    def done(self, seq: int) -> None:
+        """Mark ``seq`` done (its entry acknowledged or popped)."""
+        self.done_dirty = True
+        f = self.floor
+        ranges = self.ranges
+        if seq == f:
+            f += 1
+            if ranges and ranges[0][0] == f:
+                f = ranges.pop(0)[1]
+            self.floor = f
+            return
+        if seq < f:
+            return
+        i = bisect.bisect_right(ranges, (seq, _BIG))
+        if i and ranges[i - 1][1] > seq:
+            return  # already done
+        joins_left = i and ranges[i - 1][1] == seq
+        joins_right = i < len(ranges) and ranges[i][0] == seq + 1
+        if joins_left and joins_right:
+            ranges[i - 1] = (ranges[i - 1][0], ranges[i][1])
+            del ranges[i]
+        elif joins_left:
+            ranges[i - 1] = (ranges[i - 1][0], seq + 1)
+        elif joins_right:
+            ranges[i] = (seq, ranges[i][1])
+        else:
+            ranges.insert(i, (seq, seq + 1))
+
+    def is_done(self, seq: int) -> bool:
+        if seq < self.floor:
+            return True
+        ranges = self.ranges
+        if not ranges:
+            return False
+        i = bisect.bisect_right(ranges, (seq, _BIG))
+        return bool(i) and ranges[i - 1][1] > seq
+
+
+    def unwritten_entry(self, seq: int):
+        """The entry of ``seq`` if it is staged or in a batch not yet committed, else None."""
+        staged = self.staged
+        if staged and 0 <= seq - self.staged_first < len(staged):
+            return staged[seq - self.staged_first]
+        for first, entries in self.closed:
+            if 0 <= seq - first < len(entries):
+                return entries[seq - first]
+        for _batch, first, entries in self.unwritten:
+            if 0 <= seq - first < len(entries):
+                return entries[seq - first]
+        return None
+
+    def forget(self) -> None:
+        self.slots.clear()
+        self.dirty.clear()
+        self.disk.clear()
+        self.staged = []
+        self.closed = []
+        self.ranges = []
+        self.done_dirty = False
+
+
+_BIG = 1 << 64
+
+
+def _covered(floor: int, ranges: list, start: int, end: int) -> bool:
+    """Every seq of ``[start, end)`` is below ``floor`` or in one of the done ``ranges``."""
+    start = max(start, floor)
+    if start >= end:
+        return True
+    i = bisect.bisect_right(ranges, (start, _BIG))
+    return bool(i) and ranges[i - 1][1] >= end
 
 
 #: free disk space below which a failed commit is reported as a full disk
@@ -518,9 +662,7 @@ class LMDBStorage(Storage):
         # emptied object then finds nothing to write.
         state = self._sent.pop(client_id, None)
         if state is not None:
-            state.slots.clear()
-            state.dirty.clear()
-            state.disk.clear()
+            state.forget()
 
     def _gc_queue(self, client_id: str, end: int) -> None:
         """Mark the client's queue entries below ``end`` as garbage: recorded durably now, deleted a
@@ -587,7 +729,12 @@ class LMDBStorage(Storage):
         # queue_append + put_sent in one call: the path of every message sent at once
         state = self._sent.get(client_id) or self._sent_state(client_id)
         batch = self._batch
-        batch.ops[QUEUE][state.prefix + _SEQ.pack(seq)] = entry
+        staged = state.staged
+        if staged and seq == state.staged_first + len(staged):
+            staged.append(entry)
+            state.end = seq + 1
+        else:
+            state.stage(seq, entry)
         bucket = packet_id >> 4
         slots = state.slots.get(bucket)
         if slots is None:
@@ -622,14 +769,13 @@ class LMDBStorage(Storage):
             if v:
                 slots[packet_id & 15] = 0
                 state.dirty.add(packet_id >> 4)
-                batch = self._batch
-                batch.sent_dirty.add(state)
-                key = state.prefix + _SEQ.pack((v >> 1) - 1)
-                ops = batch.ops[QUEUE]
-                if ops.get(key) is not None:
-                    del ops[key]  # written in this batch: see queue_pop
+                self._batch.sent_dirty.add(state)
+                seq = (v >> 1) - 1
+                if seq == state.floor and not state.ranges:  # acknowledged in order: done.floor + 1
+                    state.floor = seq + 1
+                    state.done_dirty = True
                 else:
-                    ops[key] = None
+                    state.done(seq)
                 self.op_count += 1
                 if not self.has_pending:
                     self._wake()
@@ -643,28 +789,60 @@ class LMDBStorage(Storage):
         self._put(INBOUND, r.pid_key(r.client_prefix(client_id), packet_id), None)
 
     def queue_append(self, client_id: str, seq: int, entry: bytes) -> None:
-        prefix = self._prefixes.get(client_id) or self._prefix(client_id)
-        self._batch.ops[QUEUE][prefix + _SEQ.pack(seq)] = entry
+        state = self._sent.get(client_id) or self._sent_state(client_id)
+        staged = state.staged
+        if staged and seq == state.staged_first + len(staged):
+            staged.append(entry)
+            state.end = seq + 1
+        else:
+            state.stage(seq, entry)
+        self._batch.sent_dirty.add(state)
         self.op_count += 1
         if not self.has_pending:
             self._wake()
 
     def queue_pop(self, client_id: str, seq: int) -> None:
-        key = (self._prefixes.get(client_id) or self._prefix(client_id)) + _SEQ.pack(seq)
-        ops = self._batch.ops[QUEUE]
-        if ops.get(key) is not None:
-            # Appended in this batch (a seq is written once, and a failed batch merged under this
-            # one was never applied): the entry never reached LMDB, so neither goes the delete.
-            del ops[key]
-        else:
-            ops[key] = None
+        # Not a delete: the seq is marked done, and its record goes when all of its seqs are done.
+        state = self._sent.get(client_id)
+        if state is None:  # no entry stored since start (cannot happen for a live seq)
+            self._put(QUEUE, r.seq_key(self._prefix(client_id), seq), None)
+            return
+        state.done(seq)
+        self._batch.sent_dirty.add(state)
         self.op_count += 1
         if not self.has_pending:
             self._wake()
 
     def queue_read(self, client_id: str, seqs) -> list:
-        prefix = r.client_prefix(client_id)
-        return self._read_many(QUEUE, [r.seq_key(prefix, s) for s in seqs])
+        """The entries at ``seqs`` (None where there is none, or it is done)."""
+        state = self._sent.get(client_id)
+        out: list = []
+        missing: list[int] = []
+        for i, seq in enumerate(seqs):
+            if state is not None:
+                if state.is_done(seq):
+                    out.append(None)
+                    continue
+                entry = state.unwritten_entry(seq)
+                if entry is not None:
+                    out.append(entry)
+                    continue
+            out.append(None)
+            missing.append(i)
+        if missing:
+            prefix = self._prefix(client_id)
+            with self.env.begin(db=self._dbs[QUEUE]) as txn:
+                cur = txn.cursor()
+                start = end = -1
+                entries: list = []
+                for i in missing:
+                    seq = seqs[i]
+                    if not start <= seq < end:
+                        start, entries = _record_at(cur, prefix, seq)
+                        end = start + len(entries)
+                    if start <= seq < end:
+                        out[i] = bytes(entries[seq - start])
+        return out
 
     def put_retained(self, topic: str, message) -> None:
         self._put(RETAINED, topic.encode(), r.encode_message(message))
@@ -718,6 +896,13 @@ class LMDBStorage(Storage):
                 txn.abort()
         return out
 
+    def _view(self, db: int) -> _View:
+        """A reader of ``db`` as it is now, which later writes do not change (see ``_View``)."""
+        pending = self._batch.ops[db]
+        over = dict(self._writing.ops[db]) if self._writing is not None else {}
+        over.update(pending)
+        return _View(self.env.begin(db=self._dbs[db]), over)
+
     # -- commit ------------------------------------------------------------------------------------
 
     def take_batch(self) -> _Batch | None:
@@ -734,10 +919,42 @@ class LMDBStorage(Storage):
         return batch
 
     def _write_sent(self, batch: _Batch) -> None:
-        """Turn the batch's changed ``sent`` records into operations (hub, at take_batch)."""
+        """Turn the batch's changed ``sent`` records, staged entries and done marks into operations
+        (hub, at take_batch): per client one ``queue`` record of the entries stored since the last
+        batch (those already done left out), and its ``done`` record."""
         ops = batch.ops[SENT]
+        queue_ops = batch.ops[QUEUE]
+        done_ops = batch.ops[DONE]
         free = r.SENT_SLOTS
         for state in batch.sent_dirty:
+            if self._sent.get(state.client_id) is not state:
+                continue  # its session ended (or was cleared) after it changed: nothing to write
+            if state.staged:
+                runs = state.closed
+                runs.append((state.staged_first, state.staged))
+                state.staged = []
+                state.closed = []
+                floor = state.floor
+                added = False
+                for first, entries in runs:
+                    if first < floor:  # acknowledged before its first commit: never written
+                        if first + len(entries) <= floor:
+                            continue
+                        entries = entries[floor - first:]
+                        first = floor
+                    if len(entries) == 1:
+                        queue_ops[state.prefix + _SEQ.pack(first)] = entries[0]
+                    else:
+                        self._put_segments(queue_ops, state.prefix, first, entries)
+                    if not added:
+                        batch.logs.append(state)
+                        added = True
+                    state.unwritten.append((batch, first, entries))
+            if state.done_dirty:
+                state.done_dirty = False
+                ranges = list(state.ranges)
+                done_ops[state.prefix] = r.encode_done(state.floor, ranges)
+                batch.trims[state.prefix] = (state.floor, ranges)
             buckets, disk = state.slots, state.disk
             for bucket in state.dirty:
                 key = r.sent_key(state.prefix, bucket)
@@ -752,9 +969,23 @@ class LMDBStorage(Storage):
                     ops[key] = None
                     disk.discard(bucket)
             state.dirty.clear()
-            if not buckets and not disk and self._sent.get(state.client_id) is state:
-                del self._sent[state.client_id]
+            if (not buckets and not disk and not state.unwritten and not state.ranges
+                    and state.floor >= state.end):
+                del self._sent[state.client_id]  # nothing live: the next entry starts a new state
         batch.sent_dirty = set()
+
+    @staticmethod
+    def _put_segments(queue_ops: dict, prefix: bytes, first: int, entries: list) -> None:
+        """``entries`` (seqs ``first``..) as ``queue`` records of about SEGMENT_BYTES at most (split
+        by count at the mean entry size): small enough for LMDB to keep them in its leaf pages, whose
+        headers it checks, instead of overflow pages."""
+        lens = array("I", map(len, entries))
+        n = len(entries)
+        per = max(1, SEGMENT_BYTES * n // max(1, sum(lens)))
+        for i in range(0, n, per):
+            part = entries[i:i + per]
+            queue_ops[prefix + _SEQ.pack(first + i)] = (part[0] if len(part) == 1
+                                                        else r.segment(lens[i:i + per], part))
 
     def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
         """Write a batch from ``take_batch`` and finish it (hub). ``run(fn, args)`` runs the write
@@ -812,6 +1043,8 @@ class LMDBStorage(Storage):
                         for k in [k for k, v in ops.items() if v is None]:
                             if at() == k or seek(k):
                                 delete()
+                if batch.trims:
+                    self._trim(txn, batch.trims)
                 if batch.gc is not None:  # after the ops: it may delete a gc mark they wrote
                     batch.gc_done = self._gc_chunk(txn, *batch.gc)
         except lmdb.MapFullError:
@@ -830,6 +1063,33 @@ class LMDBStorage(Storage):
         except StorageError as exc:
             return exc
         return None
+
+    def _trim(self, txn, trims: dict[bytes, tuple[int, list]]) -> None:
+        """Delete the ``queue`` records whose seqs are all done (a client's records are in seq
+        order and apart: from its first one up to the first with a live seq; with done ranges
+        above the floor, on up to the end of the last range)."""
+        cur = txn.cursor(self._dbs[QUEUE])
+        for prefix, (floor, ranges) in trims.items():
+            limit = ranges[-1][1] if ranges else floor
+            if not cur.set_range(prefix):
+                continue
+            n = len(prefix)
+            while True:
+                key = cur.key()
+                if not key.startswith(prefix):
+                    break
+                start = r.key_seq(key[n:])
+                if start >= limit:
+                    break
+                try:
+                    span = r.record_span(cur.value())
+                except r.RecordError:
+                    span = 1
+                if _covered(floor, ranges, start, start + span):
+                    if not cur.delete():
+                        break
+                elif start + span > limit or not cur.next():
+                    break
 
     def _gc_chunk(self, txn, client_id: str, end: int) -> bool:
         """Delete up to GC_CHUNK garbage queue entries of ``client_id``; True when none is left."""
@@ -855,6 +1115,10 @@ class LMDBStorage(Storage):
         A failed batch goes back under the pending operations, so the next commit retries it."""
         if self._writing is batch:
             self._writing = None
+        if ok:  # its segments are on disk now: reads find them there
+            for state in batch.logs:
+                state.unwritten = [u for u in state.unwritten if u[0] is not batch]
+            batch.logs = []
         callbacks = batch.callbacks
         batch.callbacks = []
         if ok:
@@ -982,8 +1246,9 @@ class LMDBStorage(Storage):
                                 apply(s, suffix, value)
                         except (r.RecordError, ValueError, struct.error, UnicodeDecodeError):
                             bad += 1
-                sent_seqs = self._load_sent(txn, sessions)
-                self._load_queues(txn, sessions, sent_seqs)
+                done = self._load_done(txn)
+                sent_seqs = self._load_sent(txn, sessions, done)
+                self._load_queues(txn, sessions, sent_seqs, done)
                 for cid, s in sessions.items():  # an empty queue starts above its garbage
                     floor = self._gc.get(cid, 0)
                     if not s.queue.count and s.queue.next < floor:
@@ -1002,11 +1267,23 @@ class LMDBStorage(Storage):
                                           "used": _fmt_size(self.used_bytes())})
         return state
 
-    def _load_sent(self, txn, sessions: dict[str, StoredSession]) -> dict[str, set[int]]:
+    def _load_done(self, txn) -> dict[str, tuple[int, list]]:
+        """Each client's ``done`` record (schema 4): client id -> (floor, done ranges)."""
+        done: dict[str, tuple[int, list]] = {}
+        for key, value in txn.cursor(self._dbs[DONE]):
+            try:
+                cid, _ = r.split_key(key)
+                done[cid] = r.decode_done(value)
+            except (r.RecordError, ValueError, struct.error, UnicodeDecodeError):
+                log.error("storage_bad_records", extra={"path": str(self.path), "db": "done", "skipped": 1})
+        return done
+
+    def _load_sent(self, txn, sessions: dict[str, StoredSession],
+                   done: dict[str, tuple[int, list]]) -> dict[str, set[int]]:
         """Packet ids in flight as queue entries: into each session's ``inflight``, and into
         ``_sent``; returns the seqs they hold per client (they are not queued)."""
         seqs: dict[str, set[int]] = {}
-        queue = self._dbs[QUEUE]
+        cur = txn.cursor(self._dbs[QUEUE])
         for key, value in txn.cursor(self._dbs[SENT]):
             try:
                 cid, suffix = r.split_key(key)
@@ -1020,6 +1297,7 @@ class LMDBStorage(Storage):
                 continue
             prefix = r.client_prefix(cid)
             floor = self._gc.get(cid, 0)
+            d_floor, d_ranges = done.get(cid, (0, []))
             state = self._sent_state(cid)
             dropped = False
             for i in range(r.SENT_SLOTS):
@@ -1027,7 +1305,11 @@ class LMDBStorage(Storage):
                 if not v:
                     continue
                 seq = (v >> 1) - 1
-                entry = txn.get(r.seq_key(prefix, seq), db=queue) if seq >= floor else None
+                entry = None
+                if seq >= floor and not _covered(d_floor, d_ranges, seq, seq + 1):
+                    start, entries = _record_at(cur, prefix, seq)
+                    if start <= seq < start + len(entries):
+                        entry = entries[seq - start]
                 try:
                     fields = r.decode_entry(entry) if entry is not None else None
                 except (r.RecordError, ValueError, struct.error, UnicodeDecodeError):
@@ -1049,42 +1331,98 @@ class LMDBStorage(Storage):
                 self._batch.sent_dirty.add(state)
         return seqs
 
-    def _load_queues(self, txn, sessions: dict[str, StoredSession], sent_seqs: dict[str, set[int]]) -> None:
-        # 100k entries: compare raw prefixes, read one byte of each value, decode nothing.
+    def _load_queues(self, txn, sessions: dict[str, StoredSession], sent_seqs: dict[str, set[int]],
+                     done: dict[str, tuple[int, list]]) -> None:
+        """Index the queues (count, bytes, QoS 0 seqs) from the ``queue`` records, leaving out the
+        done seqs, garbage and entries in flight; each client's done marks are rebuilt from what is
+        live (every seq between two live ones is done), which also upgrades a schema 3 store."""
+        # 100k entries: compare raw prefixes, read one byte of each entry, decode nothing.
         prefix = b""
         q = None
+        cid = ""
         sent: set[int] | None = None
+        floor = 0
+        d_floor, d_ranges = 0, []
+        live_first = -1
+        live_last = -1
+        gaps: list[tuple[int, int]] = []
+
+        def finish() -> None:
+            if q is None:
+                return
+            top = max(d_floor, d_ranges[-1][1] if d_ranges else 0)
+            if live_first < 0:
+                self._sent.pop(cid, None)
+                if q.next < top:  # new entries go above every seq the done record names
+                    q.first = q.next = top
+                return
+            if top > live_last + 1:  # done seqs above the last live one: new entries go above them
+                gaps.append((live_last + 1, top))
+                q.next = max(q.next, top)
+                if not q.count:
+                    q.first = q.next
+            state = self._sent_state(cid)
+            state.floor = live_first
+            state.ranges = gaps
+            state.end = max(live_last + 1, top)
+            state.done_dirty = False  # the record on disk names the same live seqs
+            self._batch.sent_dirty.discard(state)
+
         cursor = txn.cursor(self._dbs[QUEUE])
         for key, value in cursor.iternext(keys=True, values=True):
             if not key.startswith(prefix) or not prefix:
+                finish()
                 cid, _ = r.split_key(key)
                 prefix = r.client_prefix(cid)
                 s = sessions.get(cid)
                 q = s.queue if s is not None else None
                 floor = self._gc.get(cid, 0)
                 sent = sent_seqs.get(cid)
+                d_floor, d_ranges = done.get(cid, (0, []))
+                live_first = live_last = -1
+                gaps = []
                 if q is not None:
                     q.first = q.next = floor
             if q is None:
                 continue
-            seq = r.key_seq(key[len(prefix):])
-            if seq < floor:
-                continue  # garbage of an ended session, still being deleted
-            if sent is not None and seq in sent:
-                # in flight, not queued; a new entry goes above it
-                q.next = max(q.next, seq + 1)
-                if seq >= q.first and q.count:
-                    q.skip.add(seq)
-                elif not q.count:
-                    q.first = seq + 1
+            start = r.key_seq(key[len(prefix):])
+            try:
+                entries = r.record_entries(value)
+            except r.RecordError:
+                log.error("storage_bad_records", extra={"path": str(self.path), "db": "queue", "skipped": 1})
                 continue
-            if not q.count:
-                q.first = seq
-            q.next = seq + 1
-            q.count += 1
-            q.bytes += len(value)
-            if value[1:2] == b"\x00":
-                q.qos0.append(seq)
+            for seq, entry in enumerate(entries, start):
+                if seq < floor:
+                    continue  # garbage of an ended session, still being deleted
+                if seq < d_floor or (d_ranges and _covered(d_floor, d_ranges, seq, seq + 1)):
+                    continue  # done (acknowledged or popped)
+                if live_last >= 0 and seq > live_last + 1:
+                    gaps.append((live_last + 1, seq))
+                if live_first < 0:
+                    live_first = seq
+                live_last = seq
+                if sent is not None and seq in sent:
+                    # in flight, not queued; a new entry goes above it
+                    q.next = max(q.next, seq + 1)
+                    if seq >= q.first and q.count:
+                        q.skip.add(seq)
+                    elif not q.count:
+                        q.first = seq + 1
+                    continue
+                if not q.count:
+                    q.first = seq
+                q.next = seq + 1
+                q.count += 1
+                q.bytes += len(entry)
+                if entry[1] == 0:
+                    q.qos0.append(seq)
+        finish()
+        for cid, s in sessions.items():  # a client without queue records: above its done marks
+            d = done.get(cid)
+            if d is not None and cid not in self._sent:
+                top = max(d[0], d[1][-1][1] if d[1] else 0)
+                if s.queue.next < top and not s.queue.count:
+                    s.queue.first = s.queue.next = top
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -1138,6 +1476,24 @@ class LMDBStorage(Storage):
         finally:
             self.env.close()
             self._unlock()
+
+
+def _record_at(cur, prefix: bytes, seq: int) -> tuple[int, list]:
+    """(first seq, entries) of the ``queue`` record holding ``seq`` of the client with ``prefix``
+    ((-1, []) when there is none); ``cur`` is a cursor on ``queue``."""
+    key = prefix + _SEQ.pack(seq)
+    if cur.set_range(key) and cur.key() == key:
+        value = cur.value()
+    elif (cur.prev() if cur.key() else cur.last()) and cur.key().startswith(prefix):
+        value = cur.value()
+    else:
+        return -1, []
+    start = r.key_seq(cur.key()[len(prefix):])
+    try:
+        entries = r.record_entries(value)
+    except r.RecordError:
+        return -1, []
+    return start, entries
 
 
 def _load_sub(s: StoredSession, suffix: bytes, value) -> None:

@@ -24,6 +24,7 @@ from . import records as r
 from .base import Storage, StoredQueue
 
 log = logging.getLogger("fluxmq.storage")
+plain_entry = r.plain_entry
 
 READ_AHEAD = 32
 #: newest entries an online session's queue also keeps in memory (as appended; they are on disk too)
@@ -41,7 +42,7 @@ class _MemUse:
 class DiskQueue:
     """The on-disk queue of one client id (see the module docstring)."""
 
-    __slots__ = ("_store", "_cid", "_factory", "first", "next", "count", "bytes", "_qos0", "_ahead",
+    __slots__ = ("_store", "_cid", "_factory", "first", "next", "count", "bytes", "qos0", "_ahead",
                  "_head", "_skip", "_mem", "_mem_from", "_mem_bytes", "_caching")
 
     def __init__(self, store: Storage, client_id: str, message_factory: Callable,
@@ -56,7 +57,7 @@ class DiskQueue:
         self.next = index.next
         self.count = index.count
         self.bytes = index.bytes  # encoded bytes of the queued entries
-        self._qos0: deque[int] = deque(index.qos0)
+        self.qos0: deque[int] = deque(index.qos0)  # every queued QoS 0 seq (and maybe a few gone)
         self._ahead: deque[tuple[int, bytes]] = deque()  # (seq, entry) read but not yet popped
         self._head = None  # (seq, item, size) of the head, decoded once
         self._skip = set(index.skip)  # seqs in [first, next) whose entries are in flight, not queued
@@ -75,10 +76,28 @@ class DiskQueue:
     def append(self, item: tuple) -> int:
         """Store an item at the tail; returns its encoded size."""
         message, qos, retain, subscription_ids = item
-        entry = None if subscription_ids else r.plain_entry(message, qos, retain)
+        entry = None if subscription_ids else plain_entry(message, qos, retain)
         if entry is None:
             entry = r.encode_entry(message, qos, retain, subscription_ids)
-        return self.append_entry(entry, item)
+        if not self._caching or self._mem_from < 0 or len(self._mem) >= MEM_ENTRIES:
+            return self.append_entry(entry, item)
+        # append_entry's path for an online queue whose in-memory tail has room (one call less)
+        seq = self.next
+        self.next = seq + 1
+        self._store.queue_append(self._cid, seq, entry)
+        size = len(entry)
+        if not self.count:
+            self.first = seq
+        self.count += 1
+        self.bytes += size
+        if not qos:
+            self.qos0.append(seq)
+        self._mem.append((seq, item, size))
+        self._mem_bytes += size
+        _MemUse.used += size
+        if self._mem_bytes > MEM_BYTES or _MemUse.used > MEM_TOTAL:
+            self._trim_mem()
+        return size
 
     def append_entry(self, entry: bytes, item: tuple | None = None) -> int:
         """Store an already encoded entry (``records.encode_entry``, framing checked with
@@ -94,7 +113,7 @@ class DiskQueue:
         self.count += 1
         self.bytes += size
         if qos == 0:
-            self._qos0.append(seq)
+            self.qos0.append(seq)
         if self._caching:
             if item is None:
                 fields, q, retain, ids, _ = r.decode_entry(entry)
@@ -105,15 +124,20 @@ class DiskQueue:
             mem.append((seq, item, size))
             self._mem_bytes += size
             _MemUse.used += size
-            while mem and (len(mem) > MEM_ENTRIES or self._mem_bytes > MEM_BYTES or _MemUse.used > MEM_TOTAL):
-                old, _, old_size = mem.popleft()  # read from the store again when its turn comes
-                self._mem_bytes -= old_size
-                _MemUse.used -= old_size
-                self._mem_from = old + 1
-                head = self._head
-                if head is not None and head[0] == old:
-                    self._head = None
+            self._trim_mem()
         return size
+
+    def _trim_mem(self) -> None:
+        """Keep the in-memory tail within MEM_ENTRIES, MEM_BYTES and the process's MEM_TOTAL."""
+        mem = self._mem
+        while mem and (len(mem) > MEM_ENTRIES or self._mem_bytes > MEM_BYTES or _MemUse.used > MEM_TOTAL):
+            old, _, old_size = mem.popleft()  # read from the store again when its turn comes
+            self._mem_bytes -= old_size
+            _MemUse.used -= old_size
+            self._mem_from = old + 1
+            head = self._head
+            if head is not None and head[0] == old:
+                self._head = None
 
     def encoded_entries(self, batch: int = 1024) -> list[bytes]:
         """Every queued entry as stored, head first (a session handed over to another node)."""
@@ -137,7 +161,7 @@ class DiskQueue:
             # only with an empty queue)
         else:
             self.first = self.next
-        entry = None if subscription_ids else r.plain_entry(message, qos, retain)
+        entry = None if subscription_ids else plain_entry(message, qos, retain)
         if entry is None:
             entry = r.encode_entry(message, qos, retain, subscription_ids)
         self._store.put_sent_entry(self._cid, packet_id, seq, entry)
@@ -189,7 +213,7 @@ class DiskQueue:
         self.count = 0
         self.bytes = 0
         self.first = self.next
-        self._qos0.clear()
+        self.qos0.clear()
         self._ahead.clear()
         self._head = None
         self._skip.clear()
@@ -228,8 +252,8 @@ class DiskQueue:
             self._mem_bytes -= size
             _MemUse.used -= size
         self.first = seq + 1  # everything up to the head is gone
-        if item[1] == 0 and self._qos0 and self._qos0[0] == seq:
-            self._qos0.popleft()
+        if item[1] == 0 and self.qos0 and self.qos0[0] == seq:
+            self.qos0.popleft()
         self.bytes -= size
         self.count -= 1
         if self.count <= 0:
@@ -246,8 +270,8 @@ class DiskQueue:
             self._mem_bytes -= size
             _MemUse.used -= size
             self.first = seq + 1
-            if item[1] == 0 and self._qos0 and self._qos0[0] == seq:
-                self._qos0.popleft()
+            if item[1] == 0 and self.qos0 and self.qos0[0] == seq:
+                self.qos0.popleft()
             self.bytes -= size
             self.count -= 1
             if self.count <= 0:
@@ -290,8 +314,8 @@ class DiskQueue:
 
     def evict_qos0(self) -> bool:
         """Delete the oldest queued QoS 0 entry; False when there is none."""
-        while self._qos0:
-            seq = self._qos0.popleft()
+        while self.qos0:
+            seq = self.qos0.popleft()
             size = self._unlink(seq)
             if size is None:
                 found = self._store.queue_read(self._cid, [seq])[0]

@@ -162,6 +162,12 @@ class QueueLogStore:
         """Up to ``n`` records at offsets ``from_offset``.. (missing ones skipped), pending writes included."""
         raise NotImplementedError
 
+    def view(self, queues) -> QueueLogView:
+        """The records of ``queues`` as they are now, for reading while writes go on (a Raft
+        snapshot written in slices, fluxmq.replication.snapshot): appends, truncations and deletes
+        made after this do not show. ``close()`` it when done."""
+        raise NotImplementedError
+
     def put_group(self, queue: str, group: str, floor: int) -> None:
         """A group exists and has settled every offset below ``floor``."""
         raise NotImplementedError
@@ -213,6 +219,41 @@ class QueueLogStore:
         return []
 
 
+class QueueLogView:
+    """What ``QueueLogStore.view`` returns."""
+
+    def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
+        """Up to ``n`` records at offsets ``from_offset``.. as they were when the view was taken."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _MemoryView(QueueLogView):
+    def __init__(self, logs: dict[str, dict[int, bytes]]) -> None:
+        self.logs = logs
+
+    def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
+        log = self.logs.get(queue, {})
+        return [(off, log[off]) for off in range(from_offset, from_offset + n) if off in log]
+
+
+class _LMDBView(QueueLogView):
+    def __init__(self, view) -> None:
+        self.view = view  # fluxmq.storage.lmdb._View of the queues sub-database
+
+    def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
+        prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)
+        pack = _OFF.pack
+        offsets = range(from_offset, from_offset + n)
+        values = self.view.read_many([prefix + pack(off) for off in offsets])
+        return [(off, bytes(v)) for off, v in zip(offsets, values, strict=True) if v is not None]
+
+    def close(self) -> None:
+        self.view.close()
+
+
 class MemoryQueueLog(QueueLogStore):
     """Queue logs in the process only (``storage.type: memory``)."""
 
@@ -239,6 +280,10 @@ class MemoryQueueLog(QueueLogStore):
             if rec is not None:
                 out.append((off, rec))
         return out
+
+    def view(self, queues) -> QueueLogView:
+        logs = self.logs
+        return _MemoryView({q: dict(logs[q]) for q in queues if q in logs})  # records are immutable
 
     def put_group(self, queue: str, group: str, floor: int) -> None:
         pass
@@ -290,6 +335,9 @@ class LMDBQueueLog(QueueLogStore):
         offsets = range(from_offset, from_offset + n)
         values = self.storage._read_many(self.db, [log_key(queue, off) for off in offsets])
         return [(off, bytes(v)) for off, v in zip(offsets, values, strict=True) if v is not None]
+
+    def view(self, queues) -> QueueLogView:
+        return _LMDBView(self.storage._view(self.db))
 
     def put_group(self, queue: str, group: str, floor: int) -> None:
         self.storage._put(self.db, group_key(queue, group), _U64.pack(floor))

@@ -330,6 +330,85 @@ def decode_sent(buf) -> array:
     return slots
 
 
+# -- segments and done marks: a session's queue entries, one record per commit (schema 4) --------
+
+#: first byte of a segment (an entry's first byte is its FORMAT, 1): the entries a session stored in
+#: one commit, seqs ``key seq .. key seq + count - 1``
+SEGMENT = 0x81
+_SEG = struct.Struct("<BI")  # SEGMENT, count; then count x u32 entry lengths, then the entries
+_DONE = struct.Struct("<BQI")  # version, floor, number of ranges; then ranges as u64 pairs
+
+
+def encode_segment(entries: list) -> bytes:
+    """``SEGMENT | u32 count | count x u32 length | entries`` (lengths little-endian)."""
+    lens = array("I", map(len, entries))
+    if _SWAP:
+        lens.byteswap()
+    return _SEG.pack(SEGMENT, len(entries)) + lens.tobytes() + b"".join(entries)
+
+
+def segment(lens: array, entries: list) -> bytes:
+    """``encode_segment`` with the entries' lengths given (``array("I")``)."""
+    if _SWAP:
+        lens = array("I", lens)
+        lens.byteswap()
+    return _SEG.pack(SEGMENT, len(entries)) + lens.tobytes() + b"".join(entries)
+
+
+def record_span(buf) -> int:
+    """How many seqs a ``queue`` record holds: 1 for a single entry (schema 3), else its count."""
+    if buf[0] != SEGMENT:
+        return 1
+    if len(buf) < _SEG.size:
+        raise RecordError("queue segment is truncated")
+    return _SEG.unpack_from(buf, 0)[1]
+
+
+def record_entries(buf) -> list:
+    """The entries of a ``queue`` record (a single entry or a segment), as memoryviews of ``buf``."""
+    view = memoryview(buf)
+    if not buf or buf[0] != SEGMENT:
+        return [view]
+    n = record_span(buf)
+    i = _SEG.size
+    end = i + 4 * n
+    if len(buf) < end:
+        raise RecordError("queue segment is truncated")
+    lens = array("I")
+    lens.frombytes(bytes(view[i:end]))
+    if _SWAP:
+        lens.byteswap()
+    out = []
+    for size in lens:
+        out.append(view[end:end + size])
+        end += size
+    if end != len(buf):
+        raise RecordError("queue segment length does not match its header")
+    return out
+
+
+def encode_done(floor: int, ranges: list) -> bytes:
+    """A session's done queue seqs: every seq below ``floor`` and in each ``[start, end)`` range."""
+    flat = array("Q", [x for rng in ranges for x in rng])
+    if _SWAP:
+        flat.byteswap()
+    return _DONE.pack(FORMAT, floor, len(ranges)) + flat.tobytes()
+
+
+def decode_done(buf) -> tuple[int, list]:
+    _check_version(buf, "done")
+    if len(buf) < _DONE.size:
+        raise RecordError("done record is truncated")
+    _, floor, n = _DONE.unpack_from(buf, 0)
+    if len(buf) != _DONE.size + 16 * n:
+        raise RecordError("done record has the wrong length")
+    flat = array("Q")
+    flat.frombytes(bytes(buf[_DONE.size:]))
+    if _SWAP:
+        flat.byteswap()
+    return floor, [(flat[i], flat[i + 1]) for i in range(0, 2 * n, 2)]
+
+
 # -- sessions, subscriptions, wills ----------------------------------------------------------------
 
 def encode_session(expiry: int, disconnected_at: float, username: str | None) -> bytes:

@@ -69,7 +69,8 @@ def states(draw) -> SessionState:
     return SessionState(draw(text), draw(st.none() | text), draw(st.integers(0, 0xFFFFFFFF)),
                         draw(st.sampled_from([0.0, time.time() - 5])), draw(st.booleans()), draw(u16),
                         draw(st.lists(subscriptions, max_size=5)), inflight,
-                        sorted(draw(st.sets(u16, max_size=5))), queued, will)
+                        sorted(draw(st.sets(u16, max_size=5))), queued, will,
+                        draw(st.lists(st.tuples(text, text, st.booleans()), max_size=3)))
 
 
 def same_message(a: Message, b: Message) -> None:
@@ -99,6 +100,7 @@ def assert_same(a: SessionState, b: SessionState) -> None:
     if a.will is not None:
         same_message(a.will[0], b.will[0])
         assert a.will[1] == b.will[1]
+    assert a.queue_members == b.queue_members
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -119,7 +121,8 @@ def full_state() -> SessionState:
         [3, 4],
         [QueuedState(Message("a/3", b"q", 2, False, props), 2, False, (7,)),
          QueuedState(Message("a/4", b"", 0, False, None), 0, False, None)],
-        (Message("will/t", b"bye", 1, True, {MESSAGE_EXPIRY_INTERVAL: 30, **props}), 10))
+        (Message("will/t", b"bye", 1, True, {MESSAGE_EXPIRY_INTERVAL: 30, **props}), 10),
+        [("$queue/orders/#", "billing", False), ("$queue/q", "q-é", True)])
 
 
 def test_a_full_state_round_trips() -> None:

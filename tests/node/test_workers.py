@@ -36,6 +36,15 @@ def test_several_workers_on_a_cluster_node_are_refused_by_check(capsys) -> None:
     assert "server.workers" in capsys.readouterr().err
 
 
+def test_several_workers_with_raft_replicated_queues_are_refused_by_check(capsys) -> None:
+    """Each worker would run the node's Raft member on the one Raft address; durable queues are
+    shared between workers by ownership instead (docs/cluster.rst)."""
+    code = main(["--check", "--set", "server.workers=2", "--set", "cluster.raft.enabled=true"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "server.workers" in err and "cluster.raft.enabled" in err
+
+
 def test_worker_zero_keeps_the_storage_path_the_others_get_a_shard_each() -> None:
     assert shard_path("/data/fluxmq", 0) == "/data/fluxmq"
     assert shard_path("/data/fluxmq/", 1) == "/data/fluxmq-w1"

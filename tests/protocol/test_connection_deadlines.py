@@ -12,6 +12,7 @@ from __future__ import annotations
 import gevent
 
 from fluxmq._core import codec as c
+from fluxmq.protocol.connection import HUB_READS
 from tests.transport.harness import (
     WAIT,
     InProcessListener,
@@ -114,3 +115,28 @@ def test_parked_then_woken_subscriber_gets_its_queued_messages() -> None:
         assert pongs == 1 or (pongs == 0 and isinstance(sub.recv(), c.Pingresp))
         assert got == [b"m%d" % i for i in range(6)]
         assert wait_parked(server)
+
+
+def test_input_served_in_the_hub_keeps_the_client_alive_and_silence_still_closes_it() -> None:
+    """A connected reader waits on a watcher whose hub callback serves relay-covered PUBLISHes
+    without waking the reader greenlet; each read so served restarts the keep-alive wait: QoS 0
+    PUBLISHes spread over more than the 1.5 s allowance (keep alive 1) keep the client connected
+    [MQTT-3.1.2-23], and once it goes silent it is closed [MQTT-3.1.2-24]."""
+    with InProcessListener(park_after=0.0) as server:
+        client = peer(server, version=5)
+        client.send(c.Connect(client_id="ka-hub", keepalive=1, protocol_version=5))
+        assert client.expect(c.Connack).reason_code == 0
+        conn = the_connection(server, "ka-hub")
+        client.send(c.Pingreq())
+        client.expect(c.Pingresp)
+        before = HUB_READS.served
+        started = gevent.get_hub().loop.now()
+        while gevent.get_hub().loop.now() - started < 3.0:
+            client.send(c.Publish("ka/hub", b"alive"))
+            gevent.sleep(0.25)  # pacing the client, well inside the keep alive; nothing is asserted on time
+        assert HUB_READS.served - before >= 10  # served in the hub, not by the reader
+        assert not conn.closed
+        client.send(c.Pingreq())
+        client.expect(c.Pingresp)
+        assert client.wait_closed(timeout=20)
+        assert [(type(p), p.reason_code) for p in client.packets] == [(c.Disconnect, 0x8D)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gevent
+import greenlet
 import pytest
 from gevent import socket
 
@@ -52,8 +53,9 @@ def serve(broker: Broker, flusher: FlushScheduler, client_id: str):
     """A connected client (as after CONNACK) served by its own reader greenlet; returns the
     connection, its reader and the client's socket."""
     server_side, client_side = socket.socketpair()
-    conn = MQTTConnection(broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(park_after=0),
-                          flusher)
+    conn = MQTTConnection(
+        broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(park_after=0), flusher
+    )
     session, _ = broker.open_session(client_id, True, EXPIRY_NEVER)
     conn.version = 4
     conn.client_id = client_id
@@ -114,7 +116,7 @@ def test_connections_ready_in_one_turn_are_written_once_by_the_last_reader(broke
         for i, (_, _, client) in enumerate(pubs):
             client.sendall(publish_packet(f"t/{i}", b"m%d" % i))
         got = read_exactly(sub_client, 3 * 9)
-        assert sorted(got[i * 9 + 7:i * 9 + 9] for i in range(3)) == [b"m0", b"m1", b"m2"]
+        assert sorted(got[i * 9 + 7 : i * 9 + 9] for i in range(3)) == [b"m0", b"m1", b"m2"]
         # The three deliveries left in one flush, from a reader greenlet: the turn's last one.
         assert len(flusher.runs) == 1
         ran_in, conns = flusher.runs[0]
@@ -125,3 +127,76 @@ def test_connections_ready_in_one_turn_are_written_once_by_the_last_reader(broke
             client.close()
         sub_client.close()
         gevent.joinall([reader for _, reader, _ in pubs] + [sub_reader], timeout=5)
+
+
+def test_a_lone_message_to_a_waiting_reader_is_served_in_the_hub_without_waking_it(broker: Broker) -> None:
+    """Once a connected reader has emptied its socket it waits on a watcher whose hub callback
+    reads, relays and writes a lone PUBLISH itself: one flush, run by the hub, carrying the
+    delivery and the PUBACK, and no switch into the reader greenlet. A packet the relay does not
+    cover (SUBSCRIBE) is handed to the reader, which answers it."""
+    flusher = RecordingFlusher(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 1)
+    for client in (pub_client, sub_client):  # a first exchange: each reader empties its socket
+        client.sendall(b"\xc0\x00")
+        assert read_exactly(client, 2) == b"\xd0\x00"
+    flusher.runs.clear()
+    switched_to = []
+
+    def trace(event, args):
+        if event in ("switch", "throw"):
+            switched_to.append(args[1])
+
+    old = greenlet.settrace(trace)
+    try:
+        pub_client.sendall(publish_packet("t", b"lone", qos=1, pid=7))
+        assert read_exactly(pub_client, 4) == b"\x40\x02\x00\x07"
+        got = read_exactly(sub_client, 11)
+        assert got[0] == 0x32 and got.endswith(b"lone")
+        assert pub_reader not in switched_to
+        assert len(flusher.runs) == 1
+        ran_in, conns = flusher.runs[0]
+        assert ran_in is gevent.get_hub()
+        assert set(conns) == {sub, pub}
+        pub_client.sendall(b"\x82\x06\x00\x01\x00\x01u\x00")  # SUBSCRIBE 1 to "u": the reader's
+        assert read_exactly(pub_client, 5) == b"\x90\x03\x00\x01\x00"
+        assert pub_reader in switched_to
+    finally:
+        greenlet.settrace(old)
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)
+
+
+def test_an_unexpected_error_in_the_hub_callback_ends_the_connection_as_in_its_reader(broker: Broker) -> None:
+    """An error the hub callback meets (here a decoder that fails) is raised in the reader
+    greenlet, which logs it and closes the connection as if its own recv had read the input; the
+    hub and the other connections carry on."""
+
+    class FailingDecoder:
+        def feed(self, data):
+            raise RuntimeError("decoder broke")
+
+        def __len__(self) -> int:
+            return 0
+
+    flusher = RecordingFlusher(broker.storage)
+    conn, reader, client = serve(broker, flusher, "broken")
+    other, other_reader, other_client = serve(broker, flusher, "other")
+    try:
+        for c in (client, other_client):
+            c.sendall(b"\xc0\x00")
+            assert read_exactly(c, 2) == b"\xd0\x00"
+        conn.decoder = FailingDecoder()
+        client.sendall(publish_packet("t", b"x"))
+        reader.join(timeout=10)
+        assert reader.dead and conn.closed
+        with gevent.Timeout(10):
+            assert client.recv(10) == b""
+        other_client.sendall(b"\xc0\x00")
+        assert read_exactly(other_client, 2) == b"\xd0\x00"
+    finally:
+        for c in (client, other_client):
+            c.close()
+        gevent.joinall([reader, other_reader], timeout=5)

@@ -1,11 +1,13 @@
 """The C fast path of the common PUBLISH (``fluxmq._core.relay``) against the Python handlers.
 
-Each scenario runs twice on a fresh broker: once with the fast path (``RELAY.enabled``) and once
-with every packet going through ``MQTTConnection._on_publish``. Both runs must put the same bytes
-on every client's socket and leave the same counters; ``RELAY.served`` says which path handled each
-PUBLISH, so a case the fast path must cover fails if it fell back, and a case it must leave to the
-Python path fails if it did not. A mis-routed, mis-encoded or mis-acknowledged message changes the
-bytes some client reads.
+Each scenario runs three times on a fresh broker: with the fast path served from the hub's I/O
+callback (``HUB_READS.enabled``: a connected reader waits on a watcher whose callback relays what it
+reads), with the fast path run by the reader greenlet, and with every packet going through
+``MQTTConnection._on_publish``. All runs must put the same bytes on every client's socket and leave
+the same counters; ``RELAY.served`` says which path handled each PUBLISH, so a case the fast path
+must cover fails if it fell back, and a case it must leave to the Python path fails if it did not;
+``HUB_READS.served`` says whether the hub callback served the read or handed it to the reader. A
+mis-routed, mis-encoded or mis-acknowledged message changes the bytes some client reads.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER
 from fluxmq.protocol import connection as connection_module
-from fluxmq.protocol.connection import RELAY, MQTTConnection
+from fluxmq.protocol.connection import HUB_READS, RELAY, MQTTConnection
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.storage.memory import MemoryStorage
@@ -56,6 +58,11 @@ class Net:
         self.broker.attach(session, conn, quota)
         self.broker.subscribe(session, MARK, 0)
         self.clients[client_id] = (conn, gevent.spawn(conn.run), client_side)
+        # A first exchange, so the reader has emptied its socket and waits for input (on the hub's
+        # watcher when HUB_READS is on) before the scenario sends.
+        client_side.sendall(encode(c.Pingreq(), version))
+        with gevent.Timeout(10):
+            assert client_side.recv(2) == b"\xd0\x00"
         return conn
 
     def subscribe(self, client_id: str, filter: str, qos: int, **kw) -> None:
@@ -102,30 +109,40 @@ class Net:
             reader.join(timeout=5)
 
 
-def run_both(scenario, states=None, state=None) -> tuple[dict, dict, int]:
-    """Run ``scenario(net)`` with the fast path and without; returns (bytes read, counters) of each
-    and how many PUBLISHes the fast path served in the first run (the marks not counted).
-    ``state(net)``, when given, is appended to ``states`` after each run."""
+def run_both(scenario, hub_reads: int | None = None, states=None, state=None) -> tuple[dict, dict, int]:
+    """Run ``scenario(net)`` with the fast path from the hub, with it from the reader and without
+    it; returns (bytes read, counters) of the first and how many PUBLISHes the fast path served in
+    it (the marks not counted). ``hub_reads``: how many reads the hub callback must have served
+    whole in the first run (the others hand every read to the reader). ``state(net)``, when given,
+    is appended to ``states`` after each run."""
     results = []
-    served = 0
-    for enabled in (True, False):
-        RELAY.enabled = enabled
+    served = hub_served = 0
+    for relay, hub in ((True, True), (True, False), (False, False)):
+        RELAY.enabled = relay
+        HUB_READS.enabled = hub
         try:
             net = Net()
-            before = RELAY.served
+            before, hub_before = RELAY.served, HUB_READS.served
             publishes = scenario(net)
             got = net.read_all()
-            if enabled:
+            if hub:
                 served = RELAY.served - before - publishes
+                hub_served = HUB_READS.served - hub_before
+            else:
+                assert HUB_READS.served == hub_before
             results.append((got, net.counters()))
             if state is not None:
                 states.append(state(net))
             net.close()
         finally:
             RELAY.enabled = True
-    (fast_got, fast_counters), (slow_got, slow_counters) = results
-    assert fast_got == slow_got
-    assert fast_counters == slow_counters
+            HUB_READS.enabled = True
+    (fast_got, fast_counters), *others = results
+    for got, counters in others:
+        assert fast_got == got
+        assert fast_counters == counters
+    if hub_reads is not None:
+        assert hub_served == hub_reads
     return fast_got, fast_counters, served
 
 
@@ -141,7 +158,7 @@ def test_qos0_to_exact_and_wildcard_subscribers_is_served_in_c() -> None:
         net.send("pub", [c.Publish("a/b", b"one"), c.Publish("a/c", b"two"), c.Publish("z", b"none")])
         return 1  # the mark
 
-    got, counters, served = run_both(scenario)
+    got, counters, served = run_both(scenario, hub_reads=1)
     assert served == 3
     assert got["exact"] == encode(c.Publish("a/b", b"one"), 4)
     assert got["wild"] == encode(c.Publish("a/b", b"one"), 4) + encode(c.Publish("a/c", b"two"), 4)
@@ -167,7 +184,7 @@ def test_qos1_publish_acks_first_and_downgrades_per_subscription() -> None:
         )
         return 1
 
-    got, counters, served = run_both(scenario)
+    got, counters, served = run_both(scenario, hub_reads=1)
     assert served == 3
     assert got["q1"] == (
         encode(c.Publish("t", b"m1", qos=1, packet_id=1), 4)
@@ -198,7 +215,7 @@ def test_mqtt5_no_local_and_no_subscribers_reason() -> None:
         )
         return 1
 
-    got, _counters, served = run_both(scenario)
+    got, _counters, served = run_both(scenario, hub_reads=1)
     assert served == 2
     assert got["sub5"] == encode(c.Publish("t", b"m", qos=1, packet_id=1), 5)
     # its own message is not sent back [MQTT-3.8.3-3]; no subscribers: 0x10 [MQTT 5.0 3.4.2.1]
@@ -223,7 +240,7 @@ def test_cases_left_to_the_python_path() -> None:
         )
         return 1
 
-    got, counters, served = run_both(scenario)
+    got, counters, served = run_both(scenario, hub_reads=0)
     assert served == 0
     assert counters["retained"] == 1
     assert encode(c.Publish("s", b"shared"), 4) in got["sub"]
@@ -243,7 +260,7 @@ def test_per_target_fallback_subscription_id_and_queued_session() -> None:
         net.send("pub", [c.Publish("t", b"m", qos=1, packet_id=2)])
         return 1
 
-    got, _counters, served = run_both(scenario)
+    got, _counters, served = run_both(scenario, hub_reads=1)
     assert served == 1
     assert got["fast"] == encode(c.Publish("t", b"m"), 4)
     assert got["ids"] == encode(c.Publish("t", b"m", properties={c.SUBSCRIPTION_IDENTIFIER: [5]}), 5)
@@ -271,7 +288,7 @@ def test_fast_path_serves_a_read_that_mixes_packets() -> None:
         )
         return 1
 
-    got, _counters, served = run_both(scenario)
+    got, _counters, served = run_both(scenario, hub_reads=0)
     assert served == 3
     assert got["pub"] == (
         encode(c.Suback(1, [0]), 4)
@@ -319,9 +336,9 @@ def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> 
         return {name: [(r.message.topic, r.message.payload, r.message.qos, r.message.origin)
                        for r in q.log.read(0, 10)] for name, q in net.broker.queues.queues.items()}
 
-    got, counters, served = run_both(scenario, logs, appended)
+    got, counters, served = run_both(scenario, states=logs, state=appended)
     assert served == 6
-    assert logs[0] == logs[1]
+    assert logs[0] == logs[1] == logs[2]
     assert [p for _t, p, _q, _o in logs[0]["jobs"]] == [b"1", b"2", b"6", b"7", b"8", b"9", b"10"]
     assert logs[0]["jobs"][0] == ("$queue/jobs/a", b"1", 1, "pub")
     assert len(logs[0]["full"]) == len(logs[0]["new"]) == 1
@@ -331,10 +348,55 @@ def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> 
     ]
 
 
+def test_pingreqs_between_publishes_are_answered_in_the_hub() -> None:
+    def scenario(net: Net) -> int:
+        net.client("pub")
+        net.client("sub")
+        net.subscribe("sub", "t", 0)
+        net.send("pub", [c.Publish("t", b"1"), c.Pingreq(), c.Pingreq(), c.Publish("t", b"2")])
+        return 1
+
+    got, _counters, served = run_both(scenario, hub_reads=1)
+    assert served == 2
+    assert got["pub"] == b"\xd0\x00\xd0\x00"
+    assert got["sub"] == encode(c.Publish("t", b"1"), 4) + encode(c.Publish("t", b"2"), 4)
+
+
+@pytest.mark.parametrize("relay,hub", [(True, True), (True, False), (False, False)])
+def test_a_malformed_packet_after_publishes_serves_them_then_closes(relay: bool, hub: bool) -> None:
+    """The PUBLISHes decoded before a malformed packet in the same read are delivered, then the
+    publisher's connection closes, whichever path read it [MQTT-4.8.0-1]."""
+    RELAY.enabled = relay
+    HUB_READS.enabled = hub
+    net = Net()
+    try:
+        net.client("pub")
+        net.client("sub")
+        net.subscribe("sub", "t", 0)
+        _, reader, sock = net.clients["pub"]
+        # A PUBLISH whose topic holds a wildcard: malformed for a PUBLISH [MQTT-3.3.2-2].
+        bad = bytes((0x30, 5, 0, 3)) + b"t/#"
+        sock.sendall(encode(c.Publish("t", b"one"), 4) + encode(c.Publish("t", b"two"), 4) + bad)
+        reader.join(timeout=10)
+        assert reader.dead
+        with gevent.Timeout(10):
+            assert sock.recv(100) == b""  # closed, nothing written to it
+        _, _, sub_sock = net.clients["sub"]
+        want = encode(c.Publish("t", b"one"), 4) + encode(c.Publish("t", b"two"), 4)
+        got = b""
+        with gevent.Timeout(10):
+            while len(got) < len(want):
+                got += sub_sock.recv(100)
+        assert got == want
+    finally:
+        net.close()
+
+
 @pytest.fixture(autouse=True)
 def _relay_on():
     yield
     connection_module.RELAY.enabled = True
+    connection_module.HUB_READS.enabled = True
 
 
 def test_pubacks_of_queue_deliveries_are_settled_in_c() -> None:

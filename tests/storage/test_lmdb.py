@@ -395,17 +395,19 @@ def test_a_long_queue_is_deleted_a_chunk_per_commit(st: LMDBStorage, monkeypatch
     stall); a new queue of the same client starts above the garbage, so it never loses an entry."""
     import fluxmq.storage.lmdb as mod
 
-    monkeypatch.setattr(mod, "GC_CHUNK", 100)
+    monkeypatch.setattr(mod, "GC_CHUNK", 5)  # records (schema 4: segments of a commit's entries)
     st.put_session("c", 10, 0.0, None)
     for i in range(1000):
         st.queue_append("c", i, _entry(f"old/{i}"))
     st.commit()
+    records = _queue_keys(st)
+    assert records > 10
     wakes = []
     st.on_pending = lambda: wakes.append(1)
     st.delete_session("c", 1000)
     assert st.queue_floor("c") == 1000
     st.commit()
-    assert 0 < _queue_keys(st) < 1000 and wakes  # one chunk gone, the next commit asked for
+    assert 0 < _queue_keys(st) == records - 5 and wakes  # one chunk gone, the next commit asked for
     # A new session of the same client meanwhile: its entries start at the floor.
     st.put_session("c", 10, 0.0, None)
     st.queue_append("c", 1000, _entry("new/0"))
@@ -427,10 +429,11 @@ def test_a_long_queue_is_deleted_a_chunk_per_commit(st: LMDBStorage, monkeypatch
 def test_an_empty_new_queue_starts_above_the_garbage_after_a_restart(st: LMDBStorage, monkeypatch) -> None:
     import fluxmq.storage.lmdb as mod
 
-    monkeypatch.setattr(mod, "GC_CHUNK", 10)
+    monkeypatch.setattr(mod, "GC_CHUNK", 1)  # records (the 100 entries are a few segments)
     for i in range(100):
         st.queue_append("c", i, _entry("old"))
     st.commit()
+    assert _queue_keys(st) > 1
     st.clear_session_state("c", 100)
     st.put_session("c", 10, 0.0, None)
     st.commit()

@@ -14,7 +14,7 @@ import pytest
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, PersistentSession
 from fluxmq.storage import records as r
-from fluxmq.storage.lmdb import INFLIGHT, QUEUE, SCHEMA_VERSION, SENT
+from fluxmq.storage.lmdb import DONE, INFLIGHT, QUEUE, SCHEMA_VERSION, SENT
 from tests.broker.test_session import RecordingDelivery
 from tests.storage.test_broker_restore import Node
 
@@ -56,6 +56,20 @@ def _entries(node: Node, db: int) -> int:
         return txn.stat(node.storage._dbs[db])["entries"]
 
 
+def _live(node: Node) -> int:
+    """Entries in the ``queue`` records that the ``done`` records do not mark done (schema 4)."""
+    with node.storage.env.begin() as txn:
+        done = {bytes(k): r.decode_done(v) for k, v in txn.cursor(node.storage._dbs[DONE])}
+        n = 0
+        for key, value in txn.cursor(node.storage._dbs[QUEUE]):
+            prefix = bytes(key).partition(b"\x00")[0] + b"\x00"
+            floor, ranges = done.get(prefix, (0, []))
+            start = r.key_seq(bytes(key)[len(prefix):])
+            for seq in range(start, start + r.record_span(value)):
+                n += seq >= floor and not any(a <= seq < b for a, b in ranges)
+        return n
+
+
 def test_a_puback_in_the_batch_that_stored_the_message_writes_nothing(node: Node) -> None:
     s, d = _online(node, 1)
     node.broker.publish(r_msg(b"direct"))  # sent at once (window 1)
@@ -79,18 +93,19 @@ def test_a_queued_message_sent_later_is_not_written_again(node: Node) -> None:
     node.broker.publish(r_msg(b"one"))
     node.broker.publish(r_msg(b"two"))
     node.storage.commit()
-    assert _entries(node, QUEUE) == 2  # each message once, in flight or queued
+    assert _live(node) == 2  # each message once, in flight or queued
     pid_one = d.sent[-1][3]
     assert s.on_puback(pid_one)
     pid_two = d.sent[-1][3]
     batch = node.storage.take_batch()
-    # The PUBACK deletes "one"; sending "two" from the queue only names its packet id in a sent
+    # The PUBACK marks "one" done in the session's done record (schema 4: no delete; the record of
+    # both goes when both are done); sending "two" from the queue only names its packet id in a sent
     # record: no inflight copy of it, and its queue entry stays where it is.
-    assert list(batch.ops[QUEUE].values()) == [None]
+    assert batch.ops[QUEUE] == {} and len(batch.ops[DONE]) == 1
     assert batch.ops[INFLIGHT] == {}
     assert len(batch.ops[SENT]) == 1 and all(v is not None for v in batch.ops[SENT].values())
     node.storage.write_taken(batch)
-    assert _entries(node, QUEUE) == 1
+    assert _live(node) == 1
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert list(s.inflight) == [pid_two] and s.inflight[pid_two].message.payload == b"two"
@@ -155,7 +170,7 @@ def test_a_schema_2_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
     node = Node(path)
     with node.storage.env.begin() as txn:
         meta = node.storage.env.open_db(b"meta", txn=txn, create=False)
-        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 3
+        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 4
     s = node.broker.sessions["sub"]
     assert {pid: (e.message.payload, e.qos, e.released) for pid, e in s.inflight.items()} == {
         1: (b"m0", 1, False), 2: (b"m1", 2, True)}
@@ -244,7 +259,8 @@ def test_every_delivery_shape_sent_at_once_is_stored_once_and_restored_exactly(n
         node.broker.publish(m)
     node.storage.commit()
     assert len(da.sent) == len(db.sent) == 4 and len(a.inflight) == len(b.inflight) == 4
-    assert _entries(node, QUEUE) == 8  # one entry per delivery, nothing else
+    assert _live(node) == 8  # one entry per delivery, nothing else
+    assert _entries(node, QUEUE) == 2  # schema 4: one record per session per commit
     # The entry of a plain message without subscription ids is encoded once, for every such session.
     assert isinstance(shapes[0].wire_cache[("storage.entry", 1, False)], bytes)
     expect = {cid: {pid: (e.message.topic, e.message.payload, e.message.origin, e.message.properties,

@@ -64,7 +64,7 @@ def test_a_schema_1_store_is_upgraded_at_open(tmp_path: Path) -> None:
     s = LMDBStorage(path, map_size=64 * MiB)
     with s.env.begin() as txn:
         meta = s.env.open_db(b"meta", txn=txn, create=False)
-        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 3
+        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 4
     assert "keep" in s.load().sessions  # what the old store held is still there
     s.queue_log().append("q", 0, encode_record(1.0, Message("$queue/q", b"x", 1)))
     s.commit()
@@ -152,7 +152,7 @@ def test_a_schema_2_store_is_upgraded_and_its_queues_load(tmp_path: Path) -> Non
     s = LMDBStorage(path, map_size=64 * MiB)
     with s.env.begin() as txn:
         meta = s.env.open_db(b"meta", txn=txn, create=False)
-        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 3
+        assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 4
     q = s.queue_log().load_queues()["jobs"]
     assert (q.first, q.next, q.count) == (0, 3, 3)
     g = q.groups["w"]
@@ -203,3 +203,28 @@ def test_append_plain_stores_the_plain_encoding(tmp_path: Path) -> None:
         assert memory.read("q", 0, 2) == [(0, want[0]), (1, want[1])]
     finally:
         storage.close()
+
+
+def test_a_view_reads_the_records_as_they_were_when_it_was_taken(tmp_path: Path) -> None:
+    """QueueLogStore.view (a Raft snapshot written in slices): committed, being-written and pending
+    records as they were; later appends, truncations and commits do not show."""
+    s = LMDBStorage(tmp_path / "d", map_size=64 * MiB)
+    qlog = s.queue_log()
+    for off in range(4):
+        qlog.append("orders", off, b"r%d" % off)
+    s.commit()  # 0-3 in LMDB
+    qlog.append("orders", 4, b"r4")
+    batch = s.take_batch()  # 4 in the batch being written
+    qlog.append("orders", 5, b"r5")  # 5 pending
+    qlog.truncate("orders", [0])  # a pending delete
+    view = qlog.view(["orders"])
+    try:
+        s.write_taken(batch)
+        qlog.truncate("orders", range(1, 6))
+        qlog.append("orders", 6, b"r6")
+        s.commit()
+        assert qlog.read("orders", 0, 10) == [(6, b"r6")]
+        assert view.read("orders", 0, 10) == [(off, b"r%d" % off) for off in range(1, 6)]
+    finally:
+        view.close()
+        s.close()

@@ -1,0 +1,83 @@
+"""fluxmq/cluster/queues.py pieces that need no second worker: the ops' framing and a delivery
+forwarded as its owner encoded it."""
+
+from __future__ import annotations
+
+from fluxmq._core.codec import USER_PROPERTY, Decoder, encode_publish
+from fluxmq.broker.message import WIRE_V5_QOS1
+from fluxmq.cluster.queues import _decode_ops, _encode_ops, forwarded_delivery
+
+
+def test_ops_keep_their_order_headers_and_blobs() -> None:
+    ops = [
+        (["p", 1, "c1"], b"\x00\x01blob"),
+        (["a", 1, "c1", "q", "g", 7, 0], b""),
+        (["d", "x"], b"z" * 70000),
+    ]
+    assert list(_decode_ops(_encode_ops(ops))) == ops
+
+
+def test_a_forwarded_delivery_is_the_owners_encoding_with_properties_read_from_it() -> None:
+    props = {
+        USER_PROPERTY: [("message-id", "q:3"), ("group-id", "g"), ("delivery-count", "2")],
+        0x03: "text/plain",
+    }
+    data = encode_publish("$queue/q/k", b"payload!", 1, False, False, 1, props, 5)
+    d = forwarded_delivery("$queue/q/k", data, 8, None, ("w0", "q", "g", 3))
+    assert d.payload == b"payload!" and d.topic == "$queue/q/k" and d.qos == 1
+    assert d.wire_cache[WIRE_V5_QOS1] is data  # sent to a 5.0 consumer as it is
+    assert d.properties == Decoder(0, 5).feed(data)[0].properties  # decoded only when asked
+    assert dict(d.properties[USER_PROPERTY])["delivery-count"] == "2"
+    assert (
+        forwarded_delivery("t", encode_publish("t", b"", 1, False, False, 1, None, 5), 0, None, ()).payload
+        == b""
+    )
+
+
+class _StuckTransport:
+    """A peer that never answers (the owner hung): what a worker queues for it stays queued."""
+
+    def __init__(self) -> None:
+        import gevent.event
+
+        self.release = gevent.event.Event()
+        self.calls = 0
+
+    def call(self, node, kind, payload, timeout):
+        self.calls += 1
+        self.release.wait()
+        raise ConnectionError("gone")
+
+    def handle(self, kind, fn) -> None:
+        pass
+
+
+def test_what_waits_for_an_owner_is_bounded_and_a_publish_past_the_bound_is_refused(monkeypatch) -> None:
+    import gevent
+    import pytest
+
+    from fluxmq.broker.held import HeldAck
+    from fluxmq.broker.message import Message
+    from fluxmq.cluster import queues as cq
+    from fluxmq.errors import QueueRefused
+    from fluxmq.queues.placement import QueuePlacement, owner_index
+
+    monkeypatch.setattr(cq, "MAX_OPS", 50)
+    transport = _StuckTransport()
+    rq = cq.RemoteQueues(None, transport, "w0", 1)
+    rq.placement = QueuePlacement(0, 2)
+    name = next(f"q{i}" for i in range(100) if owner_index(f"q{i}", 2) == 1)
+    held = [rq.publish(name, Message(f"$queue/{name}", b"x", 1))]
+    gevent.sleep(0)  # its call is in flight (and never answered)
+    held += [rq.publish(name, Message(f"$queue/{name}", b"x", 1)) for _ in range(50)]  # up to the bound
+    assert transport.calls == 1
+    assert all(h.__class__ is HeldAck and not h.done for h in held)
+    with pytest.raises(QueueRefused) as err:
+        rq.publish(name, Message(f"$queue/{name}", b"x", 1))
+    assert err.value.reason_code == 0x97
+    transport.release.set()  # the owner's socket breaks: every waiting publish is refused, none acknowledged
+    deadline = 50
+    while not all(h.done for h in held) and deadline:
+        gevent.sleep(0.01)
+        deadline -= 1
+    assert all(isinstance(h.outcome, QueueRefused) and h.outcome.reason_code == 0x80 for h in held)

@@ -1,0 +1,86 @@
+"""Which worker owns a durable queue (``fluxmq.queues.placement``)."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+
+from fluxmq.queues.config import DLQConfig, QueueConfig
+from fluxmq.queues.placement import QueuePlacement, owner_index
+
+
+def test_the_owner_is_the_crc32_of_the_name_over_the_worker_count() -> None:
+    for name in ("orders", "a", "events-2", "x" * 200):
+        assert owner_index(name, 3) == zlib.crc32(name.encode()) % 3
+        assert owner_index(name, 1) == 0
+    spread = {owner_index(f"q{i}", 4) for i in range(100)}
+    assert spread == {0, 1, 2, 3}
+
+
+def test_a_dead_letter_queue_lives_with_its_queue() -> None:
+    for name in ("orders", "billing", "q17"):
+        assert owner_index(name + ".dlq", 5) == owner_index(name, 5)
+    assert owner_index(".dlq", 5) == zlib.crc32(b".dlq") % 5  # a name that is only the suffix
+
+
+def test_a_configured_dlq_topic_follows_its_source_queue() -> None:
+    configs = [QueueConfig("orders", dlq=DLQConfig(topic="$queue/graveyard"))]
+    placements = [QueuePlacement(i, 4, configs) for i in range(4)]
+    owners = [p for p in placements if p.owns("orders")]
+    assert len(owners) == 1 and owners[0].owns("graveyard")
+    assert owners[0].owner("graveyard") == owner_index("orders", 4)
+    assert sum(p.owns("other") for p in placements) == 1  # every name has exactly one owner
+
+
+def test_one_worker_owns_everything() -> None:
+    p = QueuePlacement(0, 1)
+    assert p.owns("anything") and p.owns("x.dlq")
+
+
+def _name_on(index: int, count: int, prefix: str = "q") -> str:
+    return next(f"{prefix}{i}" for i in range(1000) if owner_index(f"{prefix}{i}", count) == index)
+
+
+def test_a_manager_holds_only_the_queues_its_worker_owns(tmp_path) -> None:
+    """Configured queues are made by their owner only; a publish to another worker's queue with no
+    carrier to it is refused (0x80), never appended here; a stored queue another worker owns now
+    (the worker count changed) is stranded: not served, its unsettled records handed out in
+    batches and deleted once the owner has them."""
+    from fluxmq.broker.message import Message
+    from fluxmq.errors import QueueRefused
+    from fluxmq.queues import QueueManager
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    mine, theirs = _name_on(0, 2), _name_on(1, 2)
+    storage = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    try:
+        one = QueueManager(storage, [QueueConfig(mine), QueueConfig(theirs)])  # one worker: both
+        for i in range(5):
+            one.publish(Message(f"$queue/{theirs}", f"m{i}".encode(), 1))
+        group = one.queues[theirs].groups.setdefault(
+            "g", one.queues[theirs].group_class(one.queues[theirs], "g")
+        )
+        group.floor = group.cursor = 0
+        group.settle(0)
+        group.settle(2)  # every group settled 0 and 2: they do not move
+        storage.commit()
+        one.stop()
+
+        two = QueueManager(storage, [QueueConfig(mine), QueueConfig(theirs)], placement=QueuePlacement(0, 2))
+        assert set(two.queues) == {mine} and set(two.stranded) == {theirs}
+        with pytest.raises(QueueRefused) as err:
+            two.publish(Message(f"$queue/{theirs}", b"x", 1))
+        assert err.value.reason_code == 0x80
+        first = two.take_stranded(theirs, limit=2)
+        assert [r.message.payload for r in first] == [b"m1", b"m3"]
+        two.drop_stranded(theirs, first)
+        rest = two.take_stranded(theirs, limit=2)
+        assert [r.message.payload for r in rest] == [b"m4"]
+        two.drop_stranded(theirs, rest)
+        assert theirs not in two.stranded  # empty: forgotten with its groups
+        storage.commit()
+        three = QueueManager(storage, [QueueConfig(mine)], placement=QueuePlacement(0, 2))
+        assert three.stranded == {}  # nothing of it is left in this shard
+    finally:
+        storage.close()

@@ -1,0 +1,95 @@
+"""What a replica applies across a change of delivery owner (fluxmq/replication/group.py): the
+delivery epoch, on a RaftGroup that is not started (its entries are given to ``_apply`` as
+pysyncobj would, in log order) and the memory queue-log store."""
+
+from __future__ import annotations
+
+from fluxmq.broker.message import Message
+from fluxmq.errors import QueueRefused
+from fluxmq.queues.config import ReplicationConfig
+from fluxmq.replication.group import STALE, RaftGroup
+from fluxmq.replication.log import ReplicatedQueueLog
+from fluxmq.storage.queue_log import MemoryQueueLog, encode_record
+
+
+def _group(tmp_path) -> tuple[RaftGroup, ReplicatedQueueLog]:
+    store = MemoryQueueLog()
+    group = RaftGroup("default", "n1", ["n2", "n3"], str(tmp_path), store, "forward", distribution="forward")
+    group._scheduled = True  # nothing is submitted: the test reads what is staged
+    qlog = group.logs["q"] = ReplicatedQueueLog("q", store, group, ReplicationConfig(True))
+    blobs = [encode_record(1.0, Message("$queue/q", b"m%d" % i, 1)) for i in range(3)]
+    assert group._apply([("e", 0), ("a", "q", blobs), ("c", "q", "g", 0, None, ())], 1) is True
+    return group, qlog
+
+
+def test_a_settlement_staged_before_a_claim_and_applied_after_it_changes_nothing(tmp_path) -> None:
+    """An $ack of a delivery made before another node's claim, committed after it: the new owner
+    rebuilt its groups without it and may have handed the record out again, so the settlement
+    is refused (its hold is refused, never confirmed) and the record stays unsettled; the same
+    settlement staged after the claim is applied."""
+    group, qlog = _group(tmp_path)
+    superseded = []
+    group.on_superseded = superseded.append
+    assert group._apply([("o", "n2", 2, "")], 2) is True  # n2's claim
+    assert (group.epoch, group.owner, superseded) == (2, "n2", [group])
+    assert group._apply([("e", 0), ("c", "q", "g", 0, 1, ())], 3) == STALE
+    assert group._apply([("e", 0), ("c", "q", "g", 1, None, ())], 4) == STALE  # a floor move, too
+    assert qlog.progress["g"] == [0, set()]
+    assert group._apply([("e", 0), ("c", "q", "g", 0, None, ())], 5) is True  # registers nothing new
+    assert group._apply([("e", 2), ("c", "q", "g", 0, 1, ())], 6) is True
+    assert qlog.progress["g"] == [0, {1}]
+
+
+def test_a_lease_give_back_or_nack_of_an_earlier_epoch_is_not_acted_on(tmp_path) -> None:
+    group, qlog = _group(tmp_path)
+    group._apply([("o", "n2", 2, "")], 2)
+    qlog.events.clear()
+    stale = [
+        ("e", 0),
+        ("l", "q", "g", "n3", "k", [0], [1]),
+        ("b", "q", "g", "n3", "k", [1]),
+        ("n", "q", "g", "n3", 2, "", False),
+    ]
+    group._apply(stale, 3)
+    assert qlog.events == []
+    group._apply([("e", 2), ("l", "q", "g", "n3", "k", [0], [1])], 4)
+    assert qlog.events == [("l", "q", "g", "n3", "k", [0], [1])]
+
+
+def test_every_staged_batch_names_the_epoch_it_was_staged_in(tmp_path) -> None:
+    group, qlog = _group(tmp_path)
+    qlog.commit("g", 0, 1)
+    group.stage_append("q", b"x")
+    group._apply([("o", "n2", 2, "")], 2)  # applied between two stagings of one batch
+    qlog.commit("g", 0, 2)
+    group.stage_append("q", b"y")
+    assert group._ops == [
+        ("e", 0),
+        ("c", "q", "g", 0, 1, ()),
+        ("a", "q", [b"x"]),
+        ("e", 2),
+        ("c", "q", "g", 0, 2, ()),
+        ("a", "q", [b"y"]),
+    ]
+
+
+def test_a_stale_entry_refuses_the_acks_held_for_it_and_not_the_appends(tmp_path) -> None:
+    group, qlog = _group(tmp_path)
+    append = qlog.held_ack()
+    ack = qlog.held_settlement()
+    assert append is not ack
+    holds, group._holds = group._holds, []
+    group._done(1, holds, None, STALE)
+    assert append.done and append.outcome is None
+    assert ack.done and isinstance(ack.outcome, QueueRefused)
+    assert "a new leader took over delivery" in str(ack.outcome)
+
+
+def test_the_epoch_is_learned_again_from_the_claims_replayed_at_a_restart(tmp_path) -> None:
+    group, qlog = _group(tmp_path)
+    group.applied = 10  # what the store had applied before the restart
+    group.epoch = 0
+    group._apply([("o", "n3", 4, "h:1883")], 7)
+    assert group.epoch == 7 and group.mqtt_of["n3"] == "h:1883"
+    group._apply([("e", 3), ("c", "q", "g", 0, 1, ())], 8)  # replayed: applied before, untouched
+    assert qlog.progress["g"] == [0, set()]
