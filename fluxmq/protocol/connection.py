@@ -747,7 +747,9 @@ for _type, _handler in (
 # The C fast path of the common PUBLISH (fluxmq._core.relay), shared by every connection of the
 # process. ``RELAY.enabled = False`` sends every packet through the handlers above (tests compare
 # the two paths); ``RELAY.served`` counts the PUBLISHes it handled.
-RELAY = PublishRelay(MQTTConnection, Session, Message, Inflight, c.Puback, LATENCY_SAMPLE_MASK, TrackedMessage)
+RELAY = PublishRelay(
+    MQTTConnection, Session, Message, Inflight, c.Puback, LATENCY_SAMPLE_MASK, TrackedMessage
+)
 
 
 class _HubReads:

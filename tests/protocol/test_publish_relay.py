@@ -333,8 +333,13 @@ def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> 
         return 1
 
     def appended(net: Net) -> dict:
-        return {name: [(r.message.topic, r.message.payload, r.message.qos, r.message.origin)
-                       for r in q.log.read(0, 10)] for name, q in net.broker.queues.queues.items()}
+        return {
+            name: [
+                (r.message.topic, r.message.payload, r.message.qos, r.message.origin)
+                for r in q.log.read(0, 10)
+            ]
+            for name, q in net.broker.queues.queues.items()
+        }
 
     got, counters, served = run_both(scenario, states=logs, state=appended)
     assert served == 6
@@ -344,7 +349,16 @@ def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> 
     assert len(logs[0]["full"]) == len(logs[0]["new"]) == 1
     acks = [p for p in c.Decoder(version=5).feed(got["pub"]) if p.type == c.PUBACK]
     assert [(a.packet_id, a.reason_code) for a in acks] == [
-        (1, 0), (2, 0), (3, 0x10), (4, 0x10), (5, 0), (6, 0), (7, 0x97), (9, 0), (10, 0), (11, 0)
+        (1, 0),
+        (2, 0),
+        (3, 0x10),
+        (4, 0x10),
+        (5, 0),
+        (6, 0),
+        (7, 0x97),
+        (9, 0),
+        (10, 0),
+        (11, 0),
     ]
 
 
@@ -423,8 +437,9 @@ def test_pubacks_of_queue_deliveries_are_settled_in_c() -> None:
             try:
                 net.broker.queues = QueueManager(net.broker.storage, [QueueConfig("jobs")])
                 cons = net.client("cons", version=5)
-                net.subscribe("cons", "$queue/jobs", 1,
-                              user_properties=[("consumer-group", "g"), ("auto-ack", "true")])
+                net.subscribe(
+                    "cons", "$queue/jobs", 1, user_properties=[("consumer-group", "g"), ("auto-ack", "true")]
+                )
                 net.subscribe("cons", "plain", 1)
                 for i in range(3):
                     net.broker.publish(Message("$queue/jobs", f"q{i}".encode(), 1))
@@ -440,8 +455,17 @@ def test_pubacks_of_queue_deliveries_are_settled_in_c() -> None:
                 net.send("cons", [c.Puback(pid) for pid in pids])
                 data = net.read_all()["cons"]
                 group = net.broker.queues.queue("jobs").groups["g"]
-                outcomes.append((group.floor, sorted(group.pending), sorted(cons.session.inflight), data,
-                                 sorted(python_acks), delivered["plain"], sorted(pids)))
+                outcomes.append(
+                    (
+                        group.floor,
+                        sorted(group.pending),
+                        sorted(cons.session.inflight),
+                        data,
+                        sorted(python_acks),
+                        delivered["plain"],
+                        sorted(pids),
+                    )
+                )
             finally:
                 net.close()
     finally:
