@@ -10,6 +10,9 @@ id is 1 and the DUP flag clear (the connection patches both with ``codec.append_
 ``plain_delivery`` is the common record (no properties of its own); ``record_delivery`` takes the
 record's prebuilt head (topic, packet id) and property block (its own properties and the three
 record-wide user properties, encoded once by the codec) and appends the per-delivery ones.
+
+``plain_records`` and ``offset_keys`` build a run of appended records and their keys, one
+allocation each (the byte layouts are ``fluxmq.storage.queue_log``'s, which hands in their parts).
 Pure functions of their arguments: no I/O, nothing imported from fluxmq.
 """
 
@@ -153,3 +156,59 @@ def record_delivery(bytes head not None, bytes props not None, bytes group not N
     ``props`` (its property block), with ``group``, delivery-count ``count`` and ``extra`` appended."""
     return _finish(PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head), PyBytes_AS_STRING(props),
                    PyBytes_GET_SIZE(props), group, count, extra, payload, NULL, 0, 0, False)
+
+
+def plain_records(bytes head, bytes mid, list payloads):
+    """``head + u32le(len(payload)) + mid + payload`` for each payload (a list of ``bytes``): the
+    stored records of a run of plain appends (``storage.queue_log`` makes ``head`` and ``mid``:
+    the record and message header up to the payload length, then the topic and origin). One
+    allocation and copies per record."""
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head), mn = PyBytes_GET_SIZE(mid), pn
+    cdef const char* h = PyBytes_AS_STRING(head)
+    cdef const char* m = PyBytes_AS_STRING(mid)
+    cdef list out = []
+    cdef bytes rec, payload
+    cdef char* p
+    cdef unsigned long long length
+    for obj in payloads:
+        payload = <bytes?>obj
+        pn = PyBytes_GET_SIZE(payload)
+        if pn > 0xFFFFFFFF:
+            raise ValueError("payload over 4 GiB")
+        length = <unsigned long long>pn
+        rec = PyBytes_FromStringAndSize_NULL(NULL, hn + 4 + mn + pn)
+        p = PyBytes_AS_STRING(rec)
+        memcpy(p, h, hn)
+        p += hn
+        p[0] = <char>(length & 0xFF)
+        p[1] = <char>((length >> 8) & 0xFF)
+        p[2] = <char>((length >> 16) & 0xFF)
+        p[3] = <char>((length >> 24) & 0xFF)
+        p += 4
+        memcpy(p, m, mn)
+        p += mn
+        memcpy(p, PyBytes_AS_STRING(payload), pn)
+        out.append(rec)
+    return out
+
+
+def offset_keys(bytes prefix, unsigned long long first, Py_ssize_t n):
+    """``prefix + u64be(offset)`` for ``offset`` in ``first .. first + n - 1`` (a queue log's keys,
+    laid out by ``storage.queue_log``)."""
+    cdef Py_ssize_t pn = PyBytes_GET_SIZE(prefix), i
+    cdef const char* src = PyBytes_AS_STRING(prefix)
+    cdef list out = []
+    cdef bytes key
+    cdef char* p
+    cdef unsigned long long off
+    cdef int b
+    for i in range(n):
+        off = first + <unsigned long long>i
+        key = PyBytes_FromStringAndSize_NULL(NULL, pn + 8)
+        p = PyBytes_AS_STRING(key)
+        memcpy(p, src, pn)
+        p += pn
+        for b in range(8):
+            p[7 - b] = <char>((off >> (8 * b)) & 0xFF)
+        out.append(key)
+    return out

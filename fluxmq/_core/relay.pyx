@@ -2,16 +2,18 @@
 """The fast path of a connected client's PUBLISH: route it and write it into subscribers' output.
 
 ``PublishRelay.serve(conn, packets, start)`` handles the decoded packets of one read, from
-``start``, while they are PUBLISHes of the common shape, and returns the index of the first packet
-it leaves to the caller (``len(packets)`` when none): the caller runs its Python handler for that
+``start``, while they are PUBLISHes of the common shape (or PUBACKs of tracked deliveries, a
+durable queue's, settled through their sender as ``Session.on_puback`` does), and returns the index
+of the first packet it leaves to the caller (``len(packets)`` when none): the caller runs its Python handler for that
 packet and calls ``serve`` again after it. For each PUBLISH it does in one C call what the MQTT
 connection's ``_on_publish``, ``Broker.publish``, ``Session.deliver`` and the connection's
 ``send_publish`` do, with the same effects, so a packet it declines is handled exactly as before.
 
 Declined (left to the Python path), before any effect: QoS 2, retained, 5.0 properties (aliases,
-expiry, user properties...), an empty topic or one starting with ``$`` (``$SYS``, ``$queue``,
-``$share`` is a filter only), a payload over ``max_message_size``, QoS over ``max_qos``, a client
-policy without a fast allowance for the topic, a storage that is refusing writes, a route with
+expiry, user properties...), an empty topic or one starting with ``$`` (``$SYS``, ``$share`` is a
+filter only) other than a QoS 1 append to a durable queue (``$queue/...``, handed to the broker's
+``queues.append_relayed`` a run at a time, which appends or declines before any effect), a payload over
+``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
 shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
 a plain ``Session`` attached to an MQTT connection that is open, under its output allowance, with
@@ -28,7 +30,7 @@ from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 
 from time import perf_counter
 
-from fluxmq._core.codec cimport Publish, append_publish, encode_publish
+from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
 
 
 cdef class PublishRelay:
@@ -39,20 +41,53 @@ cdef class PublishRelay:
     cdef object message_class
     cdef object inflight_class
     cdef object puback_class
+    cdef object tracked_class
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public bint enabled
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
-                 long sample_mask):
+                 long sample_mask, tracked_class=None):
         self.conn_class = conn_class
         self.session_class = session_class
         self.message_class = message_class
         self.inflight_class = inflight_class
         self.puback_class = puback_class
+        self.tracked_class = tracked_class
         self.sample_mask = sample_mask
         self.served = 0
         self.enabled = True
+
+    cdef Py_ssize_t _settle_tracked(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
+        """A run of PUBACKs of tracked deliveries (a durable queue's, ``TrackedMessage``): what the
+        connection's ``_on_puback`` and ``Session.on_puback`` do for them (the entry leaves the
+        window, then its sender's ``settle`` is called), for a plain ``Session`` with nothing queued
+        or held, on a broker without peers. Stops at the first PUBACK of anything else, which the
+        Python path serves."""
+        cdef Puback ack
+        cdef bint v5
+        tracked = self.tracked_class
+        session = conn.session
+        if (tracked is None or session is None or conn.closed or type(session) is not self.session_class
+                or conn.broker.peers is not None):
+            return i  # (with peers, as for a PUBLISH: the Python path, in the reader greenlet)
+        inflight = session.inflight
+        v5 = conn.version == 5
+        while i < count:
+            p = packets[i]
+            if type(p) is not Puback:
+                break
+            ack = <Puback>p
+            entry = inflight.get(ack.packet_id)
+            if entry is None or not isinstance(entry, tracked) or session.queue or session.held:
+                break
+            del inflight[ack.packet_id]
+            ticket = entry.ticket
+            entry.settle(session, ack.reason_code if v5 else 0, entry if ticket is None else ticket)
+            i += 1
+            if conn.closed or conn.session is not session:
+                break
+        return i
 
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
@@ -60,7 +95,7 @@ cdef class PublishRelay:
         cdef Publish pub
         cdef int qos, version, tq, qown, max_qos, pid
         cdef long long max_size
-        cdef Py_ssize_t ack_at = 0, n, n_acked, size
+        cdef Py_ssize_t ack_at = 0, n, n_acked, size, j, k
         cdef bint sampled
         # The broker's counters of this call, added to BrokerStats once at the end (nothing reads
         # them meanwhile: the call never switches greenlets).
@@ -72,6 +107,8 @@ cdef class PublishRelay:
         cdef str topic, last_topic = None
         if not self.enabled or i >= count:
             return i
+        if type(packets[i]) is Puback:
+            return self._settle_tracked(conn, packets, i, count)
         broker = conn.broker
         if broker.peers is not None or broker._on_published is not None or broker._on_delivered is not None:
             return i
@@ -89,6 +126,11 @@ cdef class PublishRelay:
             if allowed is None:
                 return i
         store = broker._store
+        # A durable queue's common append (``QueueManager.append_relayed``: a run of payloads to one
+        # topic, of which it appends the first n, or declines before any effect with 0); None until
+        # the node made its queues (the Python path makes them).
+        queues = broker.queues
+        queue_append = queues.append_relayed if queues is not None else None
         stats = broker.stats
         received = stats.received_qos
         router = broker.router
@@ -112,12 +154,50 @@ cdef class PublishRelay:
                 if qos > 1 or qos > max_qos or pub.retain or pub.properties:
                     break
                 topic = pub.topic
-                if PyUnicode_GET_LENGTH(topic) == 0 or PyUnicode_READ_CHAR(topic, 0) == 36:  # "$"
+                if PyUnicode_GET_LENGTH(topic) == 0:
                     break
                 payload = pub.payload
                 size = len(payload)
                 if size > max_size:
                     break
+                if PyUnicode_READ_CHAR(topic, 0) == 36:  # "$": only a durable queue's append is served here
+                    if queue_append is None or qos != 1 or not topic.startswith("$queue/"):
+                        break
+                    if allowed is not None and allowed.get(topic) != 0:
+                        break
+                    # The run of such PUBLISHes to this topic in this read: appended in one call.
+                    payloads = [payload]
+                    j = i + 1
+                    while j < count:
+                        p = packets[j]
+                        if type(p) is not Publish:
+                            break
+                        pub = <Publish>p
+                        if (pub.qos != 1 or pub.retain or pub.properties or pub.topic != topic
+                                or len(pub.payload) > max_size):
+                            break
+                        payloads.append(pub.payload)
+                        j += 1
+                    n = queue_append(topic, payloads, client_id)  # appends the first n (0: declined)
+                    if n <= 0:
+                        break  # declined before any effect: the Python path serves (or refuses) it
+                    # -- Broker.publish's counts; the PUBACKs (nothing was written to this client meanwhile) --
+                    out = conn.out
+                    for k in range(n):
+                        pub = <Publish>packets[i + k]
+                        recv_b[1] += len(pub.payload)
+                        pid = pub.packet_id
+                        out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
+                    recv_n[1] += n
+                    self.served += n
+                    i += n
+                    conn._npk += n
+                    if not conn._dirty:
+                        conn._dirty = True
+                        conn.flusher.mark(conn)
+                    if conn.closed or n < len(payloads):
+                        break
+                    continue
                 if last_topic is not None and topic == last_topic:
                     route = last_route  # a run of one topic (subscriptions cannot change within this call)
                 else:

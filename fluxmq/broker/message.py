@@ -87,10 +87,22 @@ WIRE_V5_QOS1 = 10
 
 class TrackedMessage(Message):
     """A delivery whose settlement its sender tracks (a durable queue's): ``settle(session,
-    reason_code, ticket)`` is called when the client's PUBACK for it arrives. Sent with
-    ``Session.send_tracked``: never queued or stored with the session."""
+    reason_code, ticket)`` is called when the client's PUBACK for it arrives (``ticket`` None: the
+    message is its own ticket, and ``settle`` gets the message). Sent with
+    ``Session.send_tracked``: never queued or stored with the session.
+
+    A tracked message is its own entry in ``Session.inflight`` (it has the attributes of
+    ``session.Inflight``: ``message`` is itself, QoS 1, no subscription ids, never released), so a
+    delivery allocates no entry object beside it."""
 
     __slots__ = ("settle", "ticket")
+
+    subscription_ids = None
+    released = False
+
+    @property
+    def message(self) -> TrackedMessage:
+        return self
 
     def __init__(self, topic: str, payload: bytes, properties: dict | None, settle, ticket) -> None:
         Message.__init__(self, topic, payload, 1, False, properties)

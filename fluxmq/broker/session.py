@@ -216,9 +216,18 @@ class Session:
         queue's delivery): only when the client's window and output have room, never queued or
         stored with the session. Returns its packet id, 0 when the client cannot take it now."""
         d = self.delivery
-        if d is None or self.queue or self.held or len(self.inflight) >= self.send_quota or d.is_congested():
+        inflight = self.inflight
+        if d is None or self.queue or self.held or len(inflight) >= self.send_quota or d.is_congested():
             return 0
-        return Session._send_new(self, d, message, 1, False, None)
+        pid = self._next_pid  # _alloc_packet_id, inline (once per delivery)
+        while pid in inflight:
+            pid = pid + 1 if pid < 65535 else 1
+        self._next_pid = pid + 1 if pid < 65535 else 1
+        if d.send_publish(message, 1, False, pid, False, None):
+            inflight[pid] = message  # its own in-flight entry (TrackedMessage): not stored, no Inflight
+            return pid
+        self._drop("packet_too_large")  # too large for this client (5.0 Maximum Packet Size)
+        return 0
 
     def can_take_tracked(self) -> bool:
         """True when ``send_tracked`` would send now."""
@@ -400,6 +409,13 @@ class Session:
         entry = self.inflight.get(packet_id)
         if entry is None or entry.qos != 1:
             return False
+        if isinstance(entry, TrackedMessage):  # its own in-flight entry (send_tracked): the common case
+            del self.inflight[packet_id]  # never stored with the session: nothing to delete
+            if self.queue or self.held:
+                self.pump()
+            ticket = entry.ticket
+            entry.settle(self, reason_code, entry if ticket is None else ticket)
+            return True
         message = entry.message
         tracked = isinstance(message, TrackedMessage)  # (a durable queue's delivery class derives from it)
         if tracked:
@@ -409,7 +425,8 @@ class Session:
         if self.queue or self.held:
             self.pump()
         if tracked:
-            message.settle(self, reason_code, message.ticket)
+            ticket = message.ticket
+            message.settle(self, reason_code, message if ticket is None else ticket)
         return True
 
     def on_pubrec(self, packet_id: int, reason_code: int = 0) -> bool:

@@ -593,7 +593,8 @@ class RemoteQueues:
         header = ["d", session.client_id, queue, group, offset, message.topic, len(message.payload)]
         if not link.submit(header, data, done):
             return 0
-        session.outstanding[key] = (message.settle, message.ticket)
+        ticket = message.ticket  # None: a work queue's delivery is its own ticket (queues.delivery)
+        session.outstanding[key] = (message.settle, message if ticket is None else ticket)
         return 1
 
     def _given_back(self, session: WorkerMemberSession, key: tuple, result) -> None:

@@ -35,7 +35,7 @@ from fluxmq._core import codec as c
 from fluxmq._core.codec import Decoder, Pingreq, encode
 from fluxmq._core.relay import PublishRelay
 from fluxmq.broker.broker import Broker
-from fluxmq.broker.message import Message
+from fluxmq.broker.message import Message, TrackedMessage
 from fluxmq.broker.session import Inflight, Session
 from fluxmq.broker.stats import LATENCY_SAMPLE_MASK
 from fluxmq.errors import MQTTError, ProtocolError, StorageError
@@ -747,7 +747,9 @@ for _type, _handler in (
 # The C fast path of the common PUBLISH (fluxmq._core.relay), shared by every connection of the
 # process. ``RELAY.enabled = False`` sends every packet through the handlers above (tests compare
 # the two paths); ``RELAY.served`` counts the PUBLISHes it handled.
-RELAY = PublishRelay(MQTTConnection, Session, Message, Inflight, c.Puback, LATENCY_SAMPLE_MASK)
+RELAY = PublishRelay(
+    MQTTConnection, Session, Message, Inflight, c.Puback, LATENCY_SAMPLE_MASK, TrackedMessage
+)
 
 
 class _HubReads:

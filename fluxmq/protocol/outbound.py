@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fluxmq._core import codec as c
 from fluxmq._core.codec import append_publish, encode, encode_publish
-from fluxmq.broker.message import Message
+from fluxmq.broker.message import WIRE_V5_QOS1, Message
 
 # Reason strings of the acknowledgement reason codes the broker sends.
 _ACK_REASONS = {
@@ -31,6 +31,19 @@ class Outbound:
                      subscription_ids) -> bool:
         # The session asked is_congested() first, which is True once closed.
         if self.version == 5:
+            cache = message.wire_cache
+            if (cache is not None and qos == 1 and not retain and subscription_ids is None
+                    and self._aliases_out is None and message.expires_at is None):
+                # _publish_bytes_v5's common shape with its encoding made already (a durable
+                # queue's delivery brings it): no lookup of anything else
+                data = cache.get(WIRE_V5_QOS1)
+                if data is not None and (not self._client_max_packet or len(data) <= self._client_max_packet):
+                    append_publish(self.out, data, packet_id, dup)
+                    self._npk += 1
+                    if not self._dirty:
+                        self._dirty = True
+                        self.flusher.mark(self)
+                    return True
             data = self._publish_bytes_v5(message, qos, retain, subscription_ids)
             if data is None:
                 return False

@@ -39,9 +39,14 @@ class Delivery(TrackedMessage):
     the record's topic, payload and own properties, then message-id, queue, offset, group-id,
     delivery-count and a stream's position as user properties): no property dict per delivery.
     ``properties`` is built only when something asks for it (a consumer with topic aliases, whose
-    PUBLISH the connection encodes itself)."""
+    PUBLISH the connection encodes itself).
 
-    __slots__ = ("_record", "_group_pair", "_count", "_extra")
+    A work queue's delivery is also its group's pending entry and its own ticket (``ticket`` None):
+    ``member``, ``deadline``, ``attempt`` (its delivery count), ``part`` and ``offset`` are those of
+    ``group.Pending``, set by the group that sends it. One object per delivery, where there were
+    three (the delivery, its ``Pending`` and the session's ``Inflight``)."""
+
+    __slots__ = ("_record", "_group_pair", "attempt", "_extra", "member", "deadline", "part", "offset")
 
     @property
     def properties(self) -> dict | None:
@@ -52,7 +57,7 @@ class Delivery(TrackedMessage):
         if props is None and self._record is not None:
             message = self._record.message
             user = [*((message.properties or {}).get(USER_PROPERTY) or ()), *_common_pairs(self._record),
-                    self._group_pair, ("delivery-count", str(self._count)), *self._extra]
+                    self._group_pair, ("delivery-count", str(self.attempt)), *self._extra]
             props = dict(message.properties) if message.properties else {}
             props.pop(USER_PROPERTY, None)
             props[USER_PROPERTY] = user  # last, as in the prebuilt encoding
@@ -114,7 +119,7 @@ def build_delivery(record, queue: str, group: str, count: int, settle, ticket, e
     if group_bytes is None:
         group_bytes = user_property(*group_pair)
     extra_bytes = b"".join([user_property(k, v) for k, v in extra]) if extra else b""
-    message = record.message
+    message = record  # a queue record is its message (log.Record)
     payload = message.payload
     record.queue_name = queue
     if message.properties:
@@ -136,6 +141,35 @@ def build_delivery(record, queue: str, group: str, count: int, settle, ticket, e
     d.ticket = ticket
     d._record = record
     d._group_pair = group_pair
-    d._count = count
+    d.attempt = count
     d._extra = extra
+    return d
+
+
+def work_delivery(record, queue: str, count: int, settle, group_pair, group_bytes: bytes, member, deadline: float,
+                  offset: int) -> Delivery:
+    """``build_delivery`` of a work queue's record without properties of its own (the common
+    case), with the group's pending attributes set (``part`` -1: not partitioned): one call per
+    delivery of a group's run (``ConsumerGroup._deliver_run``). A record with properties goes
+    through ``build_delivery``."""
+    payload = record.payload
+    record.queue_name = queue
+    d = _new(Delivery)
+    d.topic = topic = record.topic
+    d.payload = payload
+    d.qos = 1
+    d.retain = False
+    d.expires_at = None
+    d.origin = None
+    d.wire_cache = {WIRE_V5_QOS1: plain_delivery(topic, queue, offset, group_bytes, count, b"", payload)}
+    d.settle = settle
+    d.ticket = None
+    d._record = record
+    d._group_pair = group_pair
+    d.attempt = count
+    d._extra = ()
+    d.member = member
+    d.deadline = deadline
+    d.part = -1
+    d.offset = offset
     return d

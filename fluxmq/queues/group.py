@@ -20,12 +20,15 @@ import logging
 import time
 
 from .config import STREAM
-from .delivery import build_delivery, user_property
+from .delivery import build_delivery, user_property, work_delivery
 
 log = logging.getLogger("fluxmq.queues")
 
 #: records a dispatch looks at per call, so one call never holds the hub long
 DISPATCH_BUDGET = 1024
+#: dispatch's run of new records to a group's only member (``_deliver_run``); off: the general loop
+#: only (tests compare the two)
+RUN_FAST_PATH = True
 #: PUBACK settlements above a group's floor left for the tick's write before the end of a turn
 #: writes them anyway
 UNWRITTEN_MAX = 4096
@@ -65,7 +68,8 @@ class Member:
 
 
 class Pending:
-    """A delivered, unsettled record; also the delivery's ticket (its PUBACK names it)."""
+    """A delivered, unsettled record; also the delivery's ticket (its PUBACK names it). A local work
+    queue delivery (``delivery.Delivery``) carries these attributes itself and is used in its place."""
 
     __slots__ = ("member", "deadline", "attempt", "part", "offset")
 
@@ -86,6 +90,10 @@ class ConsumerGroup:
         self.name = name
         self.group_pair = ("group-id", name)  # a delivery's user property, made once
         self.group_bytes = user_property(*self.group_pair)  # and encoded
+        self._settle = self._on_puback  # a delivery's settle: bound once, not per delivery
+        # Not a subclass (a replicated group overrides settle and _deliver): the inlined common cases
+        # of dispatch and of a PUBACK's settlement apply.
+        self._plain = self.__class__ is ConsumerGroup
         # A stream group reads the log in order from its cursor; an ack commits the cursor (no
         # pending list, no redelivery); the log keeps its records (retention limits only).
         self.stream = queue.config.type == STREAM
@@ -180,6 +188,9 @@ class ConsumerGroup:
         settled = self.settled
         filtered = any(m.levels is not None for m in members)
         mark = self.mark
+        if (not ready and not stream and partitions <= 1 and not ttl and not filtered and not self.avoid
+                and not self.stored_counts and self.cursor >= self.loaded_mark and self._plain and RUN_FAST_PATH):
+            budget -= self._deliver_run(members, budget, now)
         blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
             budget -= 1
@@ -239,6 +250,87 @@ class ConsumerGroup:
         if self.mark != mark or self._count_dirty:
             self._save_counts(mark)
         return budget <= 0
+
+    def _deliver_run(self, members: list[Member], budget: int, now: float) -> int:
+        """``dispatch``'s common case: new records from the cursor to a work queue's members, as
+        ``_pick`` and ``_deliver`` would deliver them when there is no ready list, partition, key
+        filter, TTL, member to avoid or count from before a restart (each delivery's count is 1):
+        the only member, or the members in turn, those with room. Stops at the members' windows,
+        the budget, the log's end, or a send a session refuses (that record is left at the cursor
+        for the general loop). Returns the records looked at."""
+        queue = self.queue
+        qlog = queue.log
+        pending = self.pending
+        settled = self.settled
+        counts = self.counts
+        cursor = offset = self.cursor
+        n = len(members)
+        if n == 1:
+            only = members[0]
+            session = only.session
+            stop = min(qlog.next, cursor + budget, cursor + only.max_inflight - only.pending)
+        else:
+            only = session = None
+            stop = min(qlog.next, cursor + budget)
+        rr = self._rr
+        name = queue.name
+        group = self.name
+        settle = self._settle
+        group_pair = self.group_pair
+        group_bytes = self.group_bytes
+        deadline = now + queue.config.visibility_timeout
+        get = qlog.get
+        sent = 0
+        last = -1
+        while offset < stop:
+            if offset in pending or offset < self.floor or offset in settled:
+                offset += 1
+                continue
+            record = get(offset)
+            if record is None:  # deleted by retention or compaction meanwhile
+                self.cursor = offset = offset + 1
+                self.settle(offset - 1)
+                continue
+            if only is None:  # _pick, inline: the next member in turn with room
+                for i in range(n):
+                    member = members[(rr + i) % n]
+                    if member.pending < member.max_inflight and member.session.can_take_tracked():
+                        break
+                else:
+                    break
+                session = member.session
+            else:
+                member = only
+            count = counts.get(offset, 0) + 1
+            if record.properties:
+                d = build_delivery(record, name, group, count, settle, None, (), group_pair, group_bytes)
+                d.member = member
+                d.deadline = deadline
+                d.part = -1
+                d.offset = offset
+            else:
+                d = work_delivery(record, name, count, settle, group_pair, group_bytes, member, deadline, offset)
+            if not session.send_tracked(d):
+                break
+            if only is None:
+                rr = (rr + i + 1) % n
+                member.pending += 1
+            counts[offset] = count
+            if count != 1:  # (never: what lies past the cursor was not delivered in this run)
+                self._count_dirty.add(offset)
+            pending[offset] = d
+            sent += 1
+            last = offset
+            offset += 1
+        self.cursor = offset
+        if sent:
+            self._rr = rr
+            if only is not None:
+                only.pending += sent
+            queue.stats["delivered"] += sent
+            if last >= self.mark:
+                self.mark = last + 1
+        return offset - cursor
 
     def _pop(self, from_ready: bool) -> None:
         if from_ready:
@@ -306,9 +398,14 @@ class ConsumerGroup:
         # Deliveries so far (>= 1 when known; before this run: what the store says, see _prior_count).
         count = (counts.get(offset) or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts
                                         else 0)) + 1
-        p = Pending(member, now + queue.config.visibility_timeout, count, part, offset)
-        if not member.session.send_tracked(build_delivery(record, queue.name, self.name, count, self._on_puback, p, (),
-                                                          self.group_pair, self.group_bytes)):
+        # The delivery is its own pending entry and ticket (delivery.Delivery): no Pending beside it.
+        p = build_delivery(record, queue.name, self.name, count, self._settle, None, (), self.group_pair,
+                           self.group_bytes)
+        p.member = member
+        p.deadline = now + queue.config.visibility_timeout
+        p.part = part
+        p.offset = offset
+        if not member.session.send_tracked(p):
             return False
         counts[offset] = count
         if offset >= self.mark:
@@ -386,8 +483,19 @@ class ConsumerGroup:
                 if ticket.part >= 0:
                     self._unhold(ticket)
                 queue.stats["acked"] += 1
-                self.settle(offset, defer=True)
-        queue.manager.kick_soon(queue)
+                if (offset == self.floor and self._plain and not self.settled and not self.stored_counts
+                        and not self.avoid):
+                    # settle(offset, defer=True), inline for the in-order ack (once per message)
+                    self.counts.pop(offset, None)
+                    self.floor = offset + 1
+                    self.progress_dirty = True
+                else:
+                    self.settle(offset, defer=True)
+        manager = queue.manager
+        if manager._kick_scheduled:  # kick_soon, inline (once per PUBACK)
+            manager._kicked.add(queue)
+        else:
+            manager.kick_soon(queue)
 
     def _release(self, offset: int) -> Pending | None:
         p = self.pending.pop(offset, None)

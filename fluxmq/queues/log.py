@@ -19,18 +19,27 @@ READ_AHEAD = 64
 CACHE_RECORDS = 4096
 
 
-class Record:
-    """One stored message of a queue."""
+class Record(Message):
+    """One stored message of a queue: the message itself (``message`` is the record), with its
+    offset, append time and stored size. One object per record, not a record holding a message."""
 
-    __slots__ = ("offset", "timestamp", "message", "size", "wire", "queue_name")
+    __slots__ = ("offset", "timestamp", "size", "wire", "queue_name")
 
     def __init__(self, offset: int, timestamp: float, message: Message, size: int) -> None:
+        Message.__init__(self, message.topic, message.payload, message.qos, message.retain, message.properties,
+                         message.expires_at, message.origin)
         self.offset = offset
         self.timestamp = timestamp  # wall clock, seconds
-        self.message = message
         self.size = size
         self.wire = None  # its deliveries' PUBLISH before the per-delivery properties (delivery.py)
         self.queue_name = ""
+
+    @property
+    def message(self) -> Record:
+        return self
+
+
+_new = object.__new__
 
 
 class QueueLog:
@@ -102,6 +111,44 @@ class QueueLog:
             cache.clear()
             cache[offset] = rec
         return rec
+
+    def append_plain(self, topic: str, payloads: list[bytes], origin: str) -> list[Record]:
+        """``append`` of QoS 1 messages to one topic without properties or expiry from client
+        ``origin`` (a run of relayed PUBLISHes): the records are made and encoded (as
+        ``encode_record``) directly, and stored in one call."""
+        now = time.time()
+        first = self.next
+        self.next = first + len(payloads)
+        sizes = self.store.append_plain(self.name, first, now, topic.encode(), origin.encode() if origin else b"",
+                                        payloads)
+        cache = self._cache
+        out = []
+        offset = first
+        for payload, size in zip(payloads, sizes, strict=True):
+            rec = _new(Record)  # Record.__init__ without a Message to copy from
+            rec.topic = topic
+            rec.payload = payload
+            rec.qos = 1
+            rec.retain = False
+            rec.properties = None
+            rec.expires_at = None
+            rec.origin = origin
+            rec.wire_cache = None
+            rec.offset = offset
+            rec.timestamp = now
+            rec.size = size
+            rec.wire = None
+            rec.queue_name = ""
+            cache[offset] = rec
+            cache.pop(offset - CACHE_RECORDS, None)
+            out.append(rec)
+            offset += 1
+        self.count += len(payloads)
+        self.bytes += sum(sizes)
+        if len(cache) > 2 * CACHE_RECORDS:
+            cache.clear()
+            cache.update((rec.offset, rec) for rec in out[-CACHE_RECORDS:])
+        return out
 
     def _remember(self, rec: Record) -> None:
         cache = self._cache

@@ -367,6 +367,46 @@ class QueueManager:
             gevent.get_hub().loop.run_callback(self._run_kicked)
         return q.log.held_ack() or 1
 
+    def append_relayed(self, topic: str, payloads: list[bytes], client_id: str) -> int:
+        """``publish`` of the common append, for the C fast path of a PUBLISH (``_core.relay``): a
+        run of QoS 1 PUBLISHes without properties to one ``$queue/{name}[/{key}]`` topic of a local
+        queue, from client ``client_id``. Appends the first n payloads it takes and returns n (the
+        caller counts and acknowledges them; the acks leave after the turn's commit, as with
+        ``publish``); 0, before any effect, for what the full path must serve or refuse (a
+        settlement, a queue another worker owns, an unknown queue, a replicated log, storage full,
+        a queue limit at the first)."""
+        name, _, key = topic[7:].partition("/")  # len(PREFIX)
+        if key and key[0] == "$" and key in SETTLE_ACTIONS:
+            return 0
+        if self.placement is not None and not self.placement.owns(name):
+            return 0  # another worker owns it (publish forwards it)
+        q = self.queues.get(name)
+        if q is None or q.log.__class__ is not QueueLog or self.storage.refusing:
+            return 0
+        limits = q.config.limits
+        n = len(payloads)
+        if limits.max_depth:
+            n = min(n, limits.max_depth - q.log.count)
+        if limits.max_message_size:
+            for i in range(n):
+                if len(payloads[i]) > limits.max_message_size:
+                    n = i
+                    break
+        if n <= 0:
+            return 0
+        records = q.log.append_plain(topic, payloads if n == len(payloads) else payloads[:n], client_id)
+        q.stats["appended"] += n
+        if q.newest is not None:
+            for rec in records:
+                q._compact(rec)
+        # The origin's PUBACKs acknowledge the appends: a failed commit must abandon them.
+        self.storage.note_stake(client_id)
+        self._kicked.add(q)  # kick_soon, inline
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            gevent.get_hub().loop.run_callback(self._run_kicked)
+        return n
+
     def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int,
                   rejoin: bool = False) -> int:
         """Join a consumer group; returns the granted QoS (1). Raises QueueRefused (0x83 QoS 0,

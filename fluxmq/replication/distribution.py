@@ -70,7 +70,9 @@ class RemoteSession(RemoteMemberSession):
         if not self.alive:
             return 0
         ticket = message.ticket
-        if isinstance(ticket, Pending):
+        if ticket is None:  # a work queue's delivery is its own ticket (fluxmq.queues.delivery)
+            ticket = message
+        if not isinstance(ticket, tuple):  # a Pending, or a delivery with its attributes
             self.raft.stage_lease(self.queue, self.group, self.node, self.key, ticket.offset, ticket.attempt)
         else:  # a stream's (offset, 0)
             self.raft.stage_lease(self.queue, self.group, self.node, self.key, ticket[0], 1)

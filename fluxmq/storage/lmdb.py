@@ -1040,8 +1040,8 @@ class LMDBStorage(Storage):
                         # along instead of seeking each key (about half the cost).
                         cur = txn.cursor(handle)
                         at, seek, delete = cur.key, cur.set_key, cur.delete
-                        for k, v in ops.items():
-                            if v is None and (at() == k or seek(k)):
+                        for k in [k for k, v in ops.items() if v is None]:
+                            if at() == k or seek(k):
                                 delete()
                 if batch.trims:
                     self._trim(txn, batch.trims)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from fluxmq._core.queue_wire import offset_keys, plain_records
+
 from . import records as r
 
 _TS = struct.Struct("<Bd")
@@ -55,6 +57,13 @@ def encode_record(timestamp: float, message) -> bytes:
     flags = message.qos | (4 if message.retain else 0) | (16 if origin else 0)
     return b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, flags, 0.0, len(topic), len(origin), 0,
                                   len(payload)), topic, origin, payload))
+
+
+def encode_plain_record(timestamp: float, topic: bytes, origin: bytes, payload: bytes) -> bytes:
+    """``encode_record`` of a QoS 1, non-retained message without properties or expiry, from its
+    encoded topic and origin (b"": none): the relayed append's, without a Message to look at."""
+    return b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin),
+                                  0, len(payload)), topic, origin, payload))
 
 
 def decode_record(buf) -> tuple[float, tuple]:
@@ -137,6 +146,17 @@ class QueueLogStore:
 
     def append(self, queue: str, offset: int, record: bytes) -> None:
         raise NotImplementedError
+
+    def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
+                     payloads: list[bytes]) -> list[int]:
+        """``append`` of ``encode_plain_record(timestamp, topic, origin, payload)`` for each payload,
+        at ``offset`` and on; returns their sizes."""
+        sizes = []
+        for i, payload in enumerate(payloads):
+            record = encode_plain_record(timestamp, topic, origin, payload)
+            self.append(queue, offset + i, record)
+            sizes.append(len(record))
+        return sizes
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         """Up to ``n`` records at offsets ``from_offset``.. (missing ones skipped), pending writes included."""
@@ -290,7 +310,26 @@ class LMDBQueueLog(QueueLogStore):
 
     def append(self, queue: str, offset: int, record: bytes) -> None:
         prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)  # log_key, inline (once per message)
-        self.storage._put(self.db, prefix + _OFF.pack(offset), record)
+        storage = self.storage
+        if storage.has_pending:  # storage._put, inline (once per message): the commit is woken already
+            storage._batch.ops[self.db][prefix + _OFF.pack(offset)] = record
+            storage.op_count += 1
+        else:
+            storage._put(self.db, prefix + _OFF.pack(offset), record)
+
+    def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
+                     payloads: list[bytes]) -> list[int]:
+        # encode_plain_record per payload and log_key per offset (built in C, _core.queue_wire),
+        # one batch update for the run
+        head = _TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin), 0, 0)
+        records = plain_records(head[:-4], topic + origin, payloads)  # the payload length: per record
+        keys = offset_keys(_LOG_PREFIXES.get(queue) or log_prefix(queue), offset, len(records))
+        storage = self.storage
+        storage._put(self.db, keys[0], records[0])  # wakes the commit when it is the batch's first
+        if len(records) > 1:
+            storage._batch.ops[self.db].update(zip(keys[1:], records[1:], strict=True))
+            storage.op_count += len(records) - 1
+        return [len(rec) for rec in records]
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         offsets = range(from_offset, from_offset + n)
@@ -357,8 +396,11 @@ class LMDBQueueLog(QueueLogStore):
 
     def truncate(self, queue: str, offsets) -> None:
         prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)
-        pack = _OFF.pack
-        keys = [prefix + pack(off) for off in offsets]
+        if offsets.__class__ is range and offsets.step == 1:  # retention's chunk: keys built in C
+            keys = offset_keys(prefix, offsets.start, len(offsets))
+        else:
+            pack = _OFF.pack
+            keys = [prefix + pack(off) for off in offsets]
         if not keys:
             return
         # The storage's _put for the first (it wakes the commit), the others straight into the same

@@ -102,3 +102,25 @@ def test_none_for_any_argument_is_a_type_error_not_a_crash(at: int) -> None:
     rargs[min(at, 5)] = None
     with pytest.raises(TypeError):
         record_delivery(*rargs)
+
+
+@given(st.binary(max_size=40), st.binary(max_size=40), st.lists(st.binary(max_size=300), max_size=20))
+def test_plain_records_are_head_length_mid_payload(head, mid, payloads) -> None:
+    from fluxmq._core.queue_wire import plain_records
+
+    want = [head + len(p).to_bytes(4, "little") + mid + p for p in payloads]
+    assert plain_records(head, mid, payloads) == want
+
+
+@given(st.binary(max_size=40), st.integers(0, 2**64 - 1000), st.integers(0, 50))
+def test_offset_keys_are_prefix_and_big_endian_offsets(prefix, first, n) -> None:
+    from fluxmq._core.queue_wire import offset_keys
+
+    assert offset_keys(prefix, first, n) == [prefix + (first + i).to_bytes(8, "big") for i in range(n)]
+
+
+def test_plain_records_refuse_what_is_not_bytes() -> None:
+    from fluxmq._core.queue_wire import plain_records
+
+    with pytest.raises(TypeError):
+        plain_records(b"h", b"m", ["text"])

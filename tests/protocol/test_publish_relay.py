@@ -109,11 +109,12 @@ class Net:
             reader.join(timeout=5)
 
 
-def run_both(scenario, hub_reads: int | None = None) -> tuple[dict, dict, int]:
+def run_both(scenario, hub_reads: int | None = None, states=None, state=None) -> tuple[dict, dict, int]:
     """Run ``scenario(net)`` with the fast path from the hub, with it from the reader and without
     it; returns (bytes read, counters) of the first and how many PUBLISHes the fast path served in
     it (the marks not counted). ``hub_reads``: how many reads the hub callback must have served
-    whole in the first run (the others hand every read to the reader)."""
+    whole in the first run (the others hand every read to the reader). ``state(net)``, when given,
+    is appended to ``states`` after each run."""
     results = []
     served = hub_served = 0
     for relay, hub in ((True, True), (True, False), (False, False)):
@@ -130,6 +131,8 @@ def run_both(scenario, hub_reads: int | None = None) -> tuple[dict, dict, int]:
             else:
                 assert HUB_READS.served == hub_before
             results.append((got, net.counters()))
+            if state is not None:
+                states.append(state(net))
             net.close()
         finally:
             RELAY.enabled = True
@@ -295,6 +298,70 @@ def test_fast_path_serves_a_read_that_mixes_packets() -> None:
     )
 
 
+def test_durable_queue_appends_are_served_in_c_and_the_rest_left_to_python() -> None:
+    """A QoS 1 append to an existing local queue is appended by the fast path
+    (``QueueManager.append_relayed``); a settlement, an unknown queue, a full queue, QoS 0 and
+    QoS 2 go to the Python path. Same bytes (acks, deliveries) and counters either way."""
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import LimitsConfig, QueueConfig
+
+    logs = []
+
+    def scenario(net: Net) -> int:
+        net.broker.queues = QueueManager(
+            net.broker.storage, [QueueConfig("jobs"), QueueConfig("full", limits=LimitsConfig(max_depth=1))]
+        )
+        net.client("pub", version=5)  # (no consumer: its deliveries would follow the mark)
+        settle = {c.USER_PROPERTY: [("message-id", "jobs:99"), ("group-id", "g")]}
+        net.send(
+            "pub",
+            [
+                c.Publish("$queue/jobs/a", b"1", qos=1, packet_id=1),  # fast
+                c.Publish("$queue/jobs", b"2", qos=1, packet_id=2),  # fast
+                c.Publish("$queue/jobs/$ack", b"", qos=1, packet_id=3, properties=settle),  # properties
+                c.Publish("$queue/jobs/$nack", b"", qos=1, packet_id=4),  # a settlement
+                c.Publish("$queue/new/a", b"3", qos=1, packet_id=5),  # not a queue yet: auto-created
+                c.Publish("$queue/full/a", b"4", qos=1, packet_id=6),  # fast (room for one)
+                c.Publish("$queue/full/a", b"5", qos=1, packet_id=7),  # full: refused (0x97)
+                c.Publish("$queue/jobs/b", b"6", qos=0),  # QoS 0
+                c.Publish("$queue/jobs/c", b"7", qos=2, packet_id=8),  # QoS 2
+                c.Publish("$queue/jobs/d", b"8", qos=1, packet_id=9),  # fast: a run of three
+                c.Publish("$queue/jobs/d", b"9", qos=1, packet_id=10),
+                c.Publish("$queue/jobs/d", b"10", qos=1, packet_id=11),
+            ],
+        )
+        return 1
+
+    def appended(net: Net) -> dict:
+        return {
+            name: [
+                (r.message.topic, r.message.payload, r.message.qos, r.message.origin)
+                for r in q.log.read(0, 10)
+            ]
+            for name, q in net.broker.queues.queues.items()
+        }
+
+    got, counters, served = run_both(scenario, states=logs, state=appended)
+    assert served == 6
+    assert logs[0] == logs[1] == logs[2]
+    assert [p for _t, p, _q, _o in logs[0]["jobs"]] == [b"1", b"2", b"6", b"7", b"8", b"9", b"10"]
+    assert logs[0]["jobs"][0] == ("$queue/jobs/a", b"1", 1, "pub")
+    assert len(logs[0]["full"]) == len(logs[0]["new"]) == 1
+    acks = [p for p in c.Decoder(version=5).feed(got["pub"]) if p.type == c.PUBACK]
+    assert [(a.packet_id, a.reason_code) for a in acks] == [
+        (1, 0),
+        (2, 0),
+        (3, 0x10),
+        (4, 0x10),
+        (5, 0),
+        (6, 0),
+        (7, 0x97),
+        (9, 0),
+        (10, 0),
+        (11, 0),
+    ]
+
+
 def test_pingreqs_between_publishes_are_answered_in_the_hub() -> None:
     def scenario(net: Net) -> int:
         net.client("pub")
@@ -344,3 +411,67 @@ def _relay_on():
     yield
     connection_module.RELAY.enabled = True
     connection_module.HUB_READS.enabled = True
+
+
+def test_pubacks_of_queue_deliveries_are_settled_in_c() -> None:
+    """A consumer's PUBACKs of durable-queue deliveries (auto-ack) are settled by the fast path
+    (no Python ``_on_puback``); a PUBACK of an ordinary QoS 1 delivery in the same read goes to the
+    Python path. Either way the group ends in the same state and the consumer reads the same."""
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import QueueConfig
+
+    python_acks = []
+    original = connection_module._HANDLERS[c.PUBACK]
+
+    def counted(conn, p):
+        python_acks.append(p.packet_id)
+        original(conn, p)
+
+    outcomes = []
+    connection_module._HANDLERS[c.PUBACK] = counted  # the connection's handler table
+    try:
+        for enabled in (True, False):
+            RELAY.enabled = enabled
+            python_acks.clear()
+            net = Net()
+            try:
+                net.broker.queues = QueueManager(net.broker.storage, [QueueConfig("jobs")])
+                cons = net.client("cons", version=5)
+                net.subscribe(
+                    "cons", "$queue/jobs", 1, user_properties=[("consumer-group", "g"), ("auto-ack", "true")]
+                )
+                net.subscribe("cons", "plain", 1)
+                for i in range(3):
+                    net.broker.publish(Message("$queue/jobs", f"q{i}".encode(), 1))
+                net.broker.publish(Message("plain", b"p", 1))
+                sock = net.clients["cons"][2]
+                decoder = c.Decoder(version=5)
+                got = []
+                with gevent.Timeout(10):  # the end of the turn: the dispatch, then the flush
+                    while len([p for p in got if p.type == c.PUBLISH and p.topic != MARK]) < 4:
+                        got += decoder.feed(sock.recv(65536))
+                delivered = {p.topic: p.packet_id for p in got if p.type == c.PUBLISH and p.topic != MARK}
+                pids = [p.packet_id for p in got if p.type == c.PUBLISH and p.topic != MARK]
+                net.send("cons", [c.Puback(pid) for pid in pids])
+                data = net.read_all()["cons"]
+                group = net.broker.queues.queue("jobs").groups["g"]
+                outcomes.append(
+                    (
+                        group.floor,
+                        sorted(group.pending),
+                        sorted(cons.session.inflight),
+                        data,
+                        sorted(python_acks),
+                        delivered["plain"],
+                        sorted(pids),
+                    )
+                )
+            finally:
+                net.close()
+    finally:
+        RELAY.enabled = True
+        connection_module._HANDLERS[c.PUBACK] = original
+    fast, slow = outcomes
+    assert fast[:4] == slow[:4] == (3, [], [], b"")
+    assert slow[4] == slow[6] == [1, 2, 3, 4]  # every PUBACK through the Python handler
+    assert fast[4] == [fast[5]]  # only the ordinary delivery's

@@ -26,3 +26,19 @@ def test_the_prebuilt_publish_is_the_codecs_encoding_of_its_properties(props, co
     for delivery in (d, again):
         assert delivery.wire_cache[WIRE_V5_QOS1] == encode_publish(delivery.topic, delivery.payload, 1, False, False, 1,
                                                                    delivery.properties, 5)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("size", [0, 200, 20000])
+def test_a_work_delivery_is_the_general_build_with_its_pending_attributes(count, size) -> None:
+    from fluxmq.queues.delivery import user_property, work_delivery
+
+    record = Record(77, 1.0, Message("$queue/q/k", b"y" * size, 1), 10)
+    general = build_delivery(record, "q", "g", count, None, None, (), ("group-id", "g"))
+    member = object()
+    d = work_delivery(record, "q", count, None, ("group-id", "g"), user_property("group-id", "g"), member, 5.0, 77)
+    assert d.wire_cache == general.wire_cache
+    assert d.properties == general.properties
+    assert (d.topic, d.payload, d.qos, d.retain, d.ticket, d.attempt) == (general.topic, general.payload, 1, False,
+                                                                          None, count)
+    assert (d.member, d.deadline, d.part, d.offset) == (member, 5.0, -1, 77)

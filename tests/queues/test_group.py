@@ -283,3 +283,63 @@ def test_stream_offset_next_starts_after_what_is_stored(tmp_path: Path) -> None:
     end_of_turn()
     assert [(m.payload, up(m)["x-stream-offset"]) for _, m in d.sent] == [(b"new", "3")]
     storage.close()
+
+
+def test_a_delivery_is_its_own_pending_and_in_flight_entry(tmp_path: Path) -> None:
+    """One object per work-queue delivery: the group's pending entry and the session's in-flight
+    entry are the delivered message itself, and its PUBACK (auto-ack) settles it through them."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("jobs")])
+    try:
+        session, d = member(broker, "c1", "$queue/jobs/#", "g", auto_ack=True)
+        broker.publish(Message("$queue/jobs/a", b"x", 1))
+        end_of_turn()
+        (pid, delivered), = d.sent
+        group = broker.queues.queue("jobs").groups["g"]
+        assert group.pending[0] is delivered
+        assert session.inflight[pid] is delivered
+        assert (delivered.member.session, delivered.offset, delivered.attempt) == (session, 0, 1)
+        assert session.on_puback(pid, 0)
+        assert not group.pending and not session.inflight and group.floor == 1
+    finally:
+        storage.close()
+
+
+def _run_scenario(path: Path, members: int) -> list:
+    """Members with a window of 2 each: records 0..8 appended, record 1 deleted (compaction-like)
+    before any dispatch, record 4 settled above the floor by a restart's progress; what each gets,
+    before and after one settles one."""
+    storage, broker = node(path, [QueueConfig("jobs", max_inflight=2)])
+    try:
+        q = broker.queues.queue("jobs")
+        for i in range(9):
+            broker.publish(Message(f"$queue/jobs/k{i}", f"m{i}".encode(), 1))
+        q.log.delete(1)
+        sessions = [member(broker, f"c{i}", "$queue/jobs/#", "g") for i in range(members)]
+        group = q.groups["g"]
+        group.settled.add(4)
+        end_of_turn()
+
+        def got() -> list:
+            return [[(pid, m.payload, up(m)["delivery-count"], up(m)["message-id"]) for pid, m in d.sent]
+                    for _, d in sessions]
+
+        before = got()
+        assert settle(broker, "jobs", "$ack", sessions[-1][1].sent[0][1]) == 1  # room for one more
+        end_of_turn()
+        return [before, got(), group.cursor, group.floor, sorted(group.settled), sorted(group.pending), group.mark,
+                [m.pending for m in group.members], q.stats["delivered"], group._rr]
+    finally:
+        storage.close()
+
+
+@pytest.mark.parametrize("members", [1, 2, 3])
+def test_the_run_from_the_cursor_delivers_what_the_general_loop_does(tmp_path: Path, monkeypatch, members) -> None:
+    from fluxmq.queues import group as group_module
+
+    fast = _run_scenario(tmp_path / "fast", members)
+    monkeypatch.setattr(group_module, "RUN_FAST_PATH", False)
+    general = _run_scenario(tmp_path / "general", members)
+    assert fast == general
+    delivered = [p for each in fast[1] for _, p, _, _ in each]
+    assert len(delivered) == len(set(delivered)) == 2 * members + 1  # every window full, then one more
+    assert b"m1" not in delivered  # deleted before any dispatch

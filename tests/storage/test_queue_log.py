@@ -12,7 +12,7 @@ import lmdb
 from fluxmq.broker.message import Message
 from fluxmq.storage import records as r
 from fluxmq.storage.lmdb import SCHEMA_VERSION, LMDBStorage
-from fluxmq.storage.queue_log import StoredMember, decode_record, encode_record
+from fluxmq.storage.queue_log import StoredMember, decode_record, encode_plain_record, encode_record
 
 MiB = 1 << 20
 
@@ -171,6 +171,38 @@ def test_a_plain_records_one_pack_encoding_is_the_general_one() -> None:
         assert blob == struct.pack("<Bd", 1, 7.5) + r.encode_message(general)
         assert decode_record(blob) == (7.5, (message.topic, message.payload, message.qos, message.retain, None, None,
                                              message.origin))
+
+
+def test_the_relayed_appends_encoding_is_the_general_one() -> None:
+    """encode_plain_record (the relayed append: QoS 1, no properties, from encoded topic and
+    origin) writes the bytes encode_record writes for the same message."""
+    for topic, payload, origin in (("$queue/q/k", b"x" * 70, "client-1"), ("$queue/q", b"", None), ("$queue/é", b"p", "")):
+        message = Message(topic, payload, 1, origin=origin)
+        blob = encode_plain_record(7.5, topic.encode(), origin.encode() if origin else b"", payload)
+        assert blob == encode_record(7.5, message)
+        assert decode_record(blob) == (7.5, (topic, payload, 1, False, None, None, origin or None))
+
+
+def test_append_plain_stores_the_plain_encoding(tmp_path: Path) -> None:
+    """LMDBQueueLog.append_plain (encoding and put in one call) stores what encode_plain_record
+    makes, before and after the batch is woken, and returns its size; so does the generic one."""
+    from fluxmq.storage.queue_log import MemoryQueueLog
+
+    storage = LMDBStorage(tmp_path / "s", map_size=16 << 20)
+    try:
+        store = storage.queue_log()
+        want = [encode_plain_record(1.5, b"$queue/q/a", b"c1", p) for p in (b"x", b"", b"y" * 300)]
+        want.append(encode_plain_record(2.5, b"$queue/q", b"", b""))
+        assert store.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", [b"x", b"", b"y" * 300]) == [len(w) for w in want[:3]]
+        assert store.append_plain("q", 3, 2.5, b"$queue/q", b"", [b""]) == [len(want[3])]
+        assert storage.op_count and storage.has_pending
+        storage.commit()
+        assert store.read("q", 0, 4) == list(enumerate(want))
+        memory = MemoryQueueLog()
+        assert memory.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", [b"x", b""]) == [len(w) for w in want[:2]]
+        assert memory.read("q", 0, 2) == [(0, want[0]), (1, want[1])]
+    finally:
+        storage.close()
 
 
 def test_a_view_reads_the_records_as_they_were_when_it_was_taken(tmp_path: Path) -> None:
