@@ -142,9 +142,14 @@ def start_node(path: Path, worker_timeout: float, wait: float) -> dict:
     work.mkdir()
     health = free_port()
     config = {
-        "server": {"tcp": {"plain": {"addr": f"127.0.0.1:{free_port()}"}}, "websocket": {"plain": {"addr": ""}},
-                   "http": {"plain": {"addr": ""}}, "admin": {"addr": ""},
-                   "health_addr": f"127.0.0.1:{health}", "worker_timeout": f"{worker_timeout}s"},
+        "server": {
+            "tcp": {"plain": {"addr": f"127.0.0.1:{free_port()}"}},
+            "websocket": {"plain": {"addr": ""}},
+            "http": {"plain": {"addr": ""}},
+            "admin": {"addr": ""},
+            "health_addr": f"127.0.0.1:{health}",
+            "worker_timeout": f"{worker_timeout}s",
+        },
         "storage": {"path": str(path), "map_size": "8GiB"},
     }
     cfg = work / "fluxmq.json"  # YAML is a superset of JSON
@@ -154,8 +159,14 @@ def start_node(path: Path, worker_timeout: float, wait: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(repo), PYTHONUNBUFFERED="1")
     started = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fluxmq.node.cli", "--config", str(cfg)], cwd=repo,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(cfg)],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     ready_after = None
     try:
         while time.monotonic() - started < wait and proc.poll() is None:
@@ -175,8 +186,12 @@ def start_node(path: Path, worker_timeout: float, wait: float) -> dict:
             proc.kill()
             proc.wait()
     text = log.read_text(errors="replace")
-    return {"ready_after": ready_after, "worker_restarts": text.count("WORKER TIMEOUT") + text.count("worker_timeout"),
-            "booted": text.count("Booting worker"), "log": str(log)}
+    return {
+        "ready_after": ready_after,
+        "worker_restarts": text.count("WORKER TIMEOUT") + text.count("worker_timeout"),
+        "booted": text.count("Booting worker"),
+        "log": str(log),
+    }
 
 
 def main() -> None:
@@ -221,8 +236,12 @@ def main() -> None:
     if args.node:
         res = start_node(args.path, args.worker_timeout, args.node_wait)
         ready = f"{res['ready_after']:.1f} s" if res["ready_after"] is not None else "never"
-        rows.append((f"node start, worker timeout {args.worker_timeout:g} s",
-                     f"ready after {ready}, workers booted {res['booted']}, timeouts {res['worker_restarts']}"))
+        rows.append(
+            (
+                f"node start, worker timeout {args.worker_timeout:g} s",
+                f"ready after {ready}, workers booted {res['booted']}, timeouts {res['worker_restarts']}",
+            )
+        )
     print(f"store: {args.sessions:,} sessions, {args.messages:,} queued messages of {args.payload} B")
     print("| step | figure |\n|---|---|")
     for name, value in rows:

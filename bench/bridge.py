@@ -100,19 +100,32 @@ def publish(port: int, count: int, qos: int) -> float:
         while acked < count:
             n = min(WINDOW - (sent - acked), count - sent)
             if n > 0:
-                sock.sendall(b"".join(c.encode_publish("bench/m", payload, 1, False, False, (sent + k) % 65535 + 1,
-                                                       None, 4) for k in range(n)))
+                sock.sendall(
+                    b"".join(
+                        c.encode_publish("bench/m", payload, 1, False, False, (sent + k) % 65535 + 1, None, 4)
+                        for k in range(n)
+                    )
+                )
                 sent += n
             acked += sum(1 for p in decoder.feed(sock.recv(65536)) if type(p) is c.Puback)
     sock.close()
     return start
 
 
-def run_once(qos: int, storage: str, version: str, count: int, timeout: float, cpus: tuple[str | None, str | None]) -> dict:
+def run_once(
+    qos: int, storage: str, version: str, count: int, timeout: float, cpus: tuple[str | None, str | None]
+) -> dict:
     mosq = Mosquitto(cpus=cpus[1]).start()
-    bridge = [{"name": "bench", "address": f"127.0.0.1:{mosq.port}", "protocol_version": version,
-               "max_queued_messages": 1_000_000, "reconnect": {"initial": 0.1, "max": 0.5},
-               "topics": [{"pattern": "bench/#", "direction": "out", "qos": qos}]}]
+    bridge = [
+        {
+            "name": "bench",
+            "address": f"127.0.0.1:{mosq.port}",
+            "protocol_version": version,
+            "max_queued_messages": 1_000_000,
+            "reconnect": {"initial": 0.1, "max": 0.5},
+            "topics": [{"pattern": "bench/#", "direction": "out", "qos": qos}],
+        }
+    ]
     node = FluxmqNode(cpus=cpus[0], sets=[f"bridges={json.dumps(bridge)}", f"storage.type={storage}"]).start()
     try:
         sub = Subscriber(mosq.port, count, timeout)
@@ -145,12 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| scenario | forwarded (msg/s, median of {args.runs}) | runs | received / sent |")
     print("|---|---:|---|---|")
     for name, (qos, storage, version) in SCENARIOS.items():
-        results = [run_once(qos, storage, version, args.count, args.timeout, (args.broker_cpus, args.peer_cpus))
-                   for _ in range(args.runs)]
+        results = [
+            run_once(qos, storage, version, args.count, args.timeout, (args.broker_cpus, args.peer_cpus))
+            for _ in range(args.runs)
+        ]
         rates = [r["rate"] for r in results]
         received = min(r["received"] for r in results)
-        print(f"| {name} | {statistics.median(rates):,.0f} | {', '.join(f'{r:,.0f}' for r in rates)} "
-              f"| {received:,} / {args.count:,} |", flush=True)
+        print(
+            f"| {name} | {statistics.median(rates):,.0f} | {', '.join(f'{r:,.0f}' for r in rates)} "
+            f"| {received:,} / {args.count:,} |",
+            flush=True,
+        )
     return 0
 
 

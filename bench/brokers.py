@@ -232,7 +232,7 @@ def other_listener_keys(python: str | None = None) -> list[str]:
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{path}.{k}" if path else str(k))
-        elif (path.endswith(".addr") and node and path not in ("server.tcp.plain.addr",)):
+        elif path.endswith(".addr") and node and path not in ("server.tcp.plain.addr",):
             found.append(path)
 
     walk((YAML(typ="safe", pure=True).load(p.stdout) or {}).get("server", {}), "server")

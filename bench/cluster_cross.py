@@ -47,10 +47,28 @@ def start_etcd(workdir: Path) -> tuple[subprocess.Popen, str]:
     client, peer = free_port(), free_port()
     url, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
     proc = subprocess.Popen(
-        [shutil.which("etcd") or "etcd", "--name", "bench", "--data-dir", str(workdir / "etcd"),
-         "--listen-client-urls", url, "--advertise-client-urls", url, "--listen-peer-urls", purl,
-         "--initial-advertise-peer-urls", purl, "--initial-cluster", f"bench={purl}", "--log-level", "error"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            shutil.which("etcd") or "etcd",
+            "--name",
+            "bench",
+            "--data-dir",
+            str(workdir / "etcd"),
+            "--listen-client-urls",
+            url,
+            "--advertise-client-urls",
+            url,
+            "--listen-peer-urls",
+            purl,
+            "--initial-advertise-peer-urls",
+            purl,
+            "--initial-cluster",
+            f"bench={purl}",
+            "--log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -79,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qos", default="0,1")
     p.add_argument("--window", type=int, default=1000, help="loadgen --window (deliveries in flight)")
     p.add_argument("--sets", nargs="*", default=[], help="extra --set k=v for both nodes")
-    p.add_argument("--etcd", action="store_true",
-                   help="peers from etcd membership (a private etcd is started) instead of static peers")
+    p.add_argument(
+        "--etcd",
+        action="store_true",
+        help="peers from etcd membership (a private etcd is started) instead of static peers",
+    )
     args = p.parse_args(argv)
     ports = {"b1": free_port(), "b2": free_port()}
     peers = ",".join(f"{n}=127.0.0.1:{port}" for n, port in ports.items())
@@ -94,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             membership = [f"cluster.transport.peers={peers}"]
         for name in ports:
-            sets = ["cluster.enabled=true", f"cluster.node_id={name}",
-                    f"cluster.transport.bind_addr=127.0.0.1:{ports[name]}", *membership, *args.sets]
+            sets = [
+                "cluster.enabled=true",
+                f"cluster.node_id={name}",
+                f"cluster.transport.bind_addr=127.0.0.1:{ports[name]}",
+                *membership,
+                *args.sets,
+            ]
             nodes.append(FluxmqNode(sets=sets).start())
         for node in nodes:
             wait_peers(node)
@@ -103,28 +129,63 @@ def main(argv: list[str] | None = None) -> int:
         pids = ["--pid", str(a.pid), "--pid", str(b.pid)]  # broker_cpu: both nodes' process trees
         summary = []
         for qos in args.qos.split(","):
-            common = ["--mode", "throughput", "--port", str(a.port), "--pubs", "1", "--subs", "1", "--qos", qos,
-                      "--duration", str(args.duration), "--procs", "1", "--window", str(args.window), *pids]
+            common = [
+                "--mode",
+                "throughput",
+                "--port",
+                str(a.port),
+                "--pubs",
+                "1",
+                "--subs",
+                "1",
+                "--qos",
+                qos,
+                "--duration",
+                str(args.duration),
+                "--procs",
+                "1",
+                "--window",
+                str(args.window),
+                *pids,
+            ]
             same = loadgen(*common, "--label", f"same-node-q{qos}")
             cross = loadgen(*common, "--sub-port", str(b.port), "--label", f"cross-node-q{qos}")
             ratio = float(cross["rate"]) / float(same["rate"])
-            summary.append(f"QoS {qos} 1->1: same-node {float(same['rate']):,.0f}/s (brokers' CPU "
-                           f"{same['broker_cpu']}), cross-node {float(cross['rate']):,.0f}/s (brokers' CPU "
-                           f"{cross['broker_cpu']}), ratio {ratio:.2f}, lost {cross.get('lost')}")
-        lat = ["--mode", "latency", "--port", str(a.port), "--rate", str(args.rate),
-               "--duration", str(args.duration), "--procs", "1"]
+            summary.append(
+                f"QoS {qos} 1->1: same-node {float(same['rate']):,.0f}/s (brokers' CPU "
+                f"{same['broker_cpu']}), cross-node {float(cross['rate']):,.0f}/s (brokers' CPU "
+                f"{cross['broker_cpu']}), ratio {ratio:.2f}, lost {cross.get('lost')}"
+            )
+        lat = [
+            "--mode",
+            "latency",
+            "--port",
+            str(a.port),
+            "--rate",
+            str(args.rate),
+            "--duration",
+            str(args.duration),
+            "--procs",
+            "1",
+        ]
         same = loadgen(*lat, "--label", "same-node-latency")
         cross = loadgen(*lat, "--sub-port", str(b.port), "--label", "cross-node-latency")
         for name, r in (("same-node", same), ("cross-node", cross)):
-            summary.append(f"latency at {args.rate:.0f} msg/s, {name}: p50 {r.get('p50_ms', r.get('p50'))} ms, "
-                           f"p99 {r.get('p99_ms', r.get('p99'))} ms")
+            summary.append(
+                f"latency at {args.rate:.0f} msg/s, {name}: p50 {r.get('p50_ms', r.get('p50'))} ms, "
+                f"p99 {r.get('p99_ms', r.get('p99'))} ms"
+            )
         with urllib.request.urlopen(f"http://127.0.0.1:{a.health_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        found = dict(re.findall(r'^fluxmq_cluster_peer_(forwarded_\w+?)(?:_total)?\{peer="b2"\} (\S+)$', text, re.M))
+        found = dict(
+            re.findall(r'^fluxmq_cluster_peer_(forwarded_\w+?)(?:_total)?\{peer="b2"\} (\S+)$', text, re.M)
+        )
         if found:
             batches, messages = float(found["forwarded_batches"]), float(found["forwarded_messages"])
-            summary.append(f"b1 -> b2: {messages:,.0f} messages in {batches:,.0f} batches "
-                           f"({messages / max(batches, 1):.1f} per batch)")
+            summary.append(
+                f"b1 -> b2: {messages:,.0f} messages in {batches:,.0f} batches "
+                f"({messages / max(batches, 1):.1f} per batch)"
+            )
         print("\n".join(summary))
     finally:
         for node in nodes:

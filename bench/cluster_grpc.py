@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, FLUXMQ_BENCH_GRPC_SERVER="1")
-    server = subprocess.Popen([sys.executable, "-m", "bench.cluster_grpc", "--serve", str(port)],
-                              stdout=subprocess.PIPE, env=env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.cluster_grpc", "--serve", str(port)], stdout=subprocess.PIPE, env=env
+    )
     try:
         assert server.stdout.readline().strip() == b"ready"
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     window = args.window if mode == "stream" else 1
                     msgs, batches, rtts = run_stream(stub, size, args.seconds, blob, window)
-                print(f"{mode:<12}{size:>6}{msgs / args.seconds:>12.0f}{batches / args.seconds:>11.0f}"
-                      f"{_pct(rtts, 0.5):>12.2f}{_pct(rtts, 0.99):>12.2f}", flush=True)
+                print(
+                    f"{mode:<12}{size:>6}{msgs / args.seconds:>12.0f}{batches / args.seconds:>11.0f}"
+                    f"{_pct(rtts, 0.5):>12.2f}{_pct(rtts, 0.99):>12.2f}",
+                    flush=True,
+                )
         channel.close()
     finally:
         server.kill()

@@ -51,11 +51,28 @@ def _start_etcd(tmp: Path) -> tuple[subprocess.Popen, str]:
     client, peer = _free_port(), _free_port()
     endpoint = f"http://127.0.0.1:{client}"
     proc = subprocess.Popen(
-        [shutil.which("etcd"), "--name", "bench", "--data-dir", str(tmp / "data"), "--listen-client-urls", endpoint,
-         "--advertise-client-urls", endpoint, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}", "--initial-cluster",
-         f"bench=http://127.0.0.1:{peer}", "--log-level", "error"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            shutil.which("etcd"),
+            "--name",
+            "bench",
+            "--data-dir",
+            str(tmp / "data"),
+            "--listen-client-urls",
+            endpoint,
+            "--advertise-client-urls",
+            endpoint,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"bench=http://127.0.0.1:{peer}",
+            "--log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(200):
         try:
             urllib.request.urlopen(endpoint + "/health", timeout=1).read()
@@ -67,8 +84,13 @@ def _start_etcd(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 
 def _meta(endpoint: str, node: str, tmp: Path, ttl: float = 10.0) -> ClusterMetadata:
-    meta = ClusterMetadata(EtcdSettings(endpoints=[endpoint], lease_ttl=ttl), node, "127.0.0.1:1", prefix="/bench/",
-                           state_dir=tmp / node)
+    meta = ClusterMetadata(
+        EtcdSettings(endpoints=[endpoint], lease_ttl=ttl),
+        node,
+        "127.0.0.1:1",
+        prefix="/bench/",
+        state_dir=tmp / node,
+    )
     meta.start()
     return meta
 
@@ -130,8 +152,11 @@ def main() -> None:
             writer, reader = EtcdClient([endpoint]), EtcdClient([endpoint])
             sent: dict[str, float] = {}
             delays: list[float] = []
-            mirror = PrefixMirror(reader, "/bench/watch/",
-                                  lambda k, kv, old: kv is not None and delays.append(time.perf_counter() - sent[k]))
+            mirror = PrefixMirror(
+                reader,
+                "/bench/watch/",
+                lambda k, kv, old: kv is not None and delays.append(time.perf_counter() - sent[k]),
+            )
             mirror.start()
             for i in range(n):
                 key = f"/bench/watch/{i}"
@@ -148,8 +173,10 @@ def main() -> None:
             host, port = endpoint.rsplit("//", 1)[1].split(":")
             plain = etcd3gw.client(host=host, port=int(port))
             theirs = _max_gap(lambda: [plain.get("/bench/watch/1") for _ in range(n)])
-            print(f"\nlongest hub pause during {n} gets: EtcdClient (gevent sockets) {ours:.1f} ms, "
-                  f"plain etcd3gw (blocking sockets, unpatched) {theirs:.1f} ms")
+            print(
+                f"\nlongest hub pause during {n} gets: EtcdClient (gevent sockets) {ours:.1f} ms, "
+                f"plain etcd3gw (blocking sockets, unpatched) {theirs:.1f} ms"
+            )
             a.stop()
             b.stop()
 
@@ -157,7 +184,9 @@ def main() -> None:
             dead = _meta(endpoint, "dead", tmp, ttl=2)
             leader = _meta(endpoint, "leader", tmp, ttl=2)
             wills_dead = WillRegistry(dead, lambda m: None)
-            wills_leader = WillRegistry(leader, lambda m: published.append(time.perf_counter()), sweep_interval=0.1)
+            wills_leader = WillRegistry(
+                leader, lambda m: published.append(time.perf_counter()), sweep_interval=0.1
+            )
             wills_dead.start()
             wills_leader.start()
             wills_dead.put("dev", Message("will/dev", b"bye", 1, False))
@@ -170,8 +199,10 @@ def main() -> None:
             while not published and time.monotonic() < deadline:
                 gevent.sleep(0.01)
             if published:
-                print(f"node death -> its will published by the leader: {(published[0] - killed) * 1000:.0f} ms "
-                      "(lease TTL 2 s)")
+                print(
+                    f"node death -> its will published by the leader: {(published[0] - killed) * 1000:.0f} ms "
+                    "(lease TTL 2 s)"
+                )
             wills_leader.stop()
             leader.stop()
         finally:

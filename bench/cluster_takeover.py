@@ -95,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     nodes: list[FluxmqNode] = []
     try:
         for name in ("t1", "t2"):
-            sets = ["storage.type=lmdb", "cluster.enabled=true", f"cluster.node_id={name}",
-                    f"cluster.transport.bind_addr=127.0.0.1:{free_port()}", f"cluster.etcd.endpoints={endpoint}",
-                    "cluster.etcd.prefix=/bench/"]
+            sets = [
+                "storage.type=lmdb",
+                "cluster.enabled=true",
+                f"cluster.node_id={name}",
+                f"cluster.transport.bind_addr=127.0.0.1:{free_port()}",
+                f"cluster.etcd.endpoints={endpoint}",
+                "cluster.etcd.prefix=/bench/",
+            ]
             nodes.append(FluxmqNode(sets=sets).start())
         for node in nodes:
             wait_peers(node)
@@ -141,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                 cl = again
         cl.close()
         for row, vals in (("cross-node takeover", moves), ("same-node reconnect", same)):
-            print(f"{row}: n={len(vals)} p50 {pct(vals, 0.5):.2f} ms, p99 {pct(vals, 0.99):.2f} ms, "
-                  f"max {max(vals) * 1000:.2f} ms, mean {statistics.mean(vals) * 1000:.2f} ms "
-                  f"(queued per move: {args.queued})")
+            print(
+                f"{row}: n={len(vals)} p50 {pct(vals, 0.5):.2f} ms, p99 {pct(vals, 0.99):.2f} ms, "
+                f"max {max(vals) * 1000:.2f} ms, mean {statistics.mean(vals) * 1000:.2f} ms "
+                f"(queued per move: {args.queued})"
+            )
     finally:
         for node in nodes:
             node.cleanup()

@@ -66,9 +66,17 @@ class Subscriber(threading.Thread):
 
 def datagrams(count: int, size: int) -> list[bytes]:
     """``count`` NON POSTs, each with its own message id (the bridge de-duplicates repeated ids)."""
-    template = codec.CoapMessage(codec.NON, codec.POST, 0, b"", [
-        *((codec.URI_PATH, part.encode()) for part in TOPIC.split("/")),
-        (codec.NO_RESPONSE, codec.encode_uint(2))], b"x" * size)
+    template = codec.CoapMessage(
+        codec.NON,
+        codec.POST,
+        0,
+        b"",
+        [
+            *((codec.URI_PATH, part.encode()) for part in TOPIC.split("/")),
+            (codec.NO_RESPONSE, codec.encode_uint(2)),
+        ],
+        b"x" * size,
+    )
     base = bytearray(codec.serialize(template))
     out = []
     for i in range(count):
@@ -80,8 +88,9 @@ def datagrams(count: int, size: int) -> list[bytes]:
 
 def run_once(args: argparse.Namespace, subscribers: int) -> dict[str, float]:
     coap_port = free_port()
-    node = FluxmqNode(cpus=args.broker_cpus, sets=[f"server.coap.plain.addr=127.0.0.1:{coap_port}",
-                                                   "limits.publish_rate=0"])
+    node = FluxmqNode(
+        cpus=args.broker_cpus, sets=[f"server.coap.plain.addr=127.0.0.1:{coap_port}", "limits.publish_rate=0"]
+    )
     with node:
         node.start()
         subs = [Subscriber(node.port, i) for i in range(subscribers)]
@@ -130,8 +139,12 @@ def run_once(args: argparse.Namespace, subscribers: int) -> dict[str, float]:
         for s in subs:
             s.sock.close()
     elapsed = max(last, send_done) - started
-    return {"sent_per_s": sent / (send_done - started), "deliveries_per_s": total / elapsed,
-            "publishes_per_s": total / subscribers / elapsed, "lost": 1 - total / expected if expected else 0.0}
+    return {
+        "sent_per_s": sent / (send_done - started),
+        "deliveries_per_s": total / elapsed,
+        "publishes_per_s": total / subscribers / elapsed,
+        "lost": 1 - total / expected if expected else 0.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.subscribers:
         runs = [run_once(args, n) for _ in range(args.runs)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"| {n} | {args.size} | {med['sent_per_s']:,.0f} | {med['publishes_per_s']:,.0f} | "
-              f"{med['deliveries_per_s']:,.0f} | {med['lost']:.1%} |", flush=True)
+        print(
+            f"| {n} | {args.size} | {med['sent_per_s']:,.0f} | {med['publishes_per_s']:,.0f} | "
+            f"{med['deliveries_per_s']:,.0f} | {med['lost']:.1%} |",
+            flush=True,
+        )
     return 0
 
 

@@ -49,8 +49,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5, help="time per measurement")
     args = parser.parse_args()
 
-    print(f"{'case':<22}{'decode/s':>14}{'encode/s':>14}{'encode()/s':>14}"
-          f"{'append/s':>14}")
+    print(f"{'case':<22}{'decode/s':>14}{'encode/s':>14}{'encode()/s':>14}{'append/s':>14}")
     for name, qos, packet_id, version in CASES:
         packet = encode_publish(TOPIC, PAYLOAD, qos, False, False, packet_id, None, version)
         stream = packet * BATCH

@@ -82,43 +82,88 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
         Scenario(
-            "qos0", "QoS 0, 1 publisher -> 1 subscriber",
+            "qos0",
+            "QoS 0, 1 publisher -> 1 subscriber",
             ["--mode", "throughput", "--qos", "0", "--count", "500000", "--duration", "5"],
             ["--mode", "throughput", "--qos", "0", "--count", "100000", "--duration", "2"],
-            [_tp("QoS 0, 1 publisher -> 1 subscriber")], 60,
+            [_tp("QoS 0, 1 publisher -> 1 subscriber")],
+            60,
         ),
         Scenario(
-            "qos1", "QoS 1, 1 -> 1, 100 in flight",
-            ["--mode", "throughput", "--qos", "1", "--inflight", "100", "--count", "250000", "--duration", "5"],
-            ["--mode", "throughput", "--qos", "1", "--inflight", "100", "--count", "50000", "--duration", "2"],
-            [_tp("QoS 1, 1 -> 1, 100 in flight")], 60,
+            "qos1",
+            "QoS 1, 1 -> 1, 100 in flight",
+            [
+                "--mode",
+                "throughput",
+                "--qos",
+                "1",
+                "--inflight",
+                "100",
+                "--count",
+                "250000",
+                "--duration",
+                "5",
+            ],
+            [
+                "--mode",
+                "throughput",
+                "--qos",
+                "1",
+                "--inflight",
+                "100",
+                "--count",
+                "50000",
+                "--duration",
+                "2",
+            ],
+            [_tp("QoS 1, 1 -> 1, 100 in flight")],
+            60,
         ),
         Scenario(
-            "fanout", "fan-out 1 -> 100, QoS 0",
+            "fanout",
+            "fan-out 1 -> 100, QoS 0",
             ["--mode", "fanout", "--subs", "100", "--count", "10000", "--duration", "5"],
             ["--mode", "fanout", "--subs", "100", "--count", "2000", "--duration", "2"],
-            [_tp("fan-out 1 -> 100, QoS 0")], 60,
+            [_tp("fan-out 1 -> 100, QoS 0")],
+            60,
         ),
         Scenario(
-            "fanin", "fan-in 100 -> 1 (wildcard), QoS 0",
+            "fanin",
+            "fan-in 100 -> 1 (wildcard), QoS 0",
             ["--mode", "fanin", "--pubs", "100", "--count", "500000", "--duration", "5"],
             ["--mode", "fanin", "--pubs", "100", "--count", "100000", "--duration", "2"],
-            [_tp("fan-in 100 -> 1 (wildcard), QoS 0")], 60,
+            [_tp("fan-in 100 -> 1 (wildcard), QoS 0")],
+            60,
         ),
         Scenario(
-            "idle", "10,000 idle connections",
+            "idle",
+            "10,000 idle connections",
             ["--mode", "conn", "--conns", "10000", "--concurrency", "200", "--hold", "1"],
             ["--mode", "conn", "--conns", "10000", "--concurrency", "200", "--hold", "0.5"],
             [
-                Metric("per_conn_bytes", "10,000 idle connections, broker memory per connection", "B",
-                       False, "<= 6 KB (6,144 B)", "abs:6144"),
-                Metric("conn_rate", "connect rate (10,000 connections, 200 in progress)", "conn/s",
-                       True, ">= 5,000/s", "abs:5000"),
+                Metric(
+                    "per_conn_bytes",
+                    "10,000 idle connections, broker memory per connection",
+                    "B",
+                    False,
+                    "<= 6 KB (6,144 B)",
+                    "abs:6144",
+                ),
+                Metric(
+                    "conn_rate",
+                    "connect rate (10,000 connections, 200 in progress)",
+                    "conn/s",
+                    True,
+                    ">= 5,000/s",
+                    "abs:5000",
+                ),
             ],
-            90, needs_nofile=10_000 + 100,
+            90,
+            needs_nofile=10_000 + 100,
         ),  # fmt: skip
         Scenario(
-            "latency", "latency at 1,000 msg/s",
+            "latency",
+            "latency at 1,000 msg/s",
             ["--mode", "latency", "--rate", "1000", "--duration", "5"],
             ["--mode", "latency", "--rate", "1000", "--duration", "2"],
             [
@@ -128,22 +173,65 @@ SCENARIOS: dict[str, Scenario] = {
             60,
         ),
         Scenario(
-            "hold50k", "50,000 connections held",
+            "hold50k",
+            "50,000 connections held",
             ["--mode", "conn", "--conns", str(HOLD_CONNS), "--concurrency", "500", "--hold", "2"],
             ["--mode", "conn", "--conns", str(HOLD_CONNS), "--concurrency", "500", "--hold", "1"],
-            [Metric("alive", "50,000 connections held (answering PINGREQ)", "conns", True,
-                    ">= 50,000", f"abs:{HOLD_CONNS}")],
-            240, needs_nofile=HOLD_CONNS + 100,
+            [
+                Metric(
+                    "alive",
+                    "50,000 connections held (answering PINGREQ)",
+                    "conns",
+                    True,
+                    ">= 50,000",
+                    f"abs:{HOLD_CONNS}",
+                )
+            ],
+            240,
+            needs_nofile=HOLD_CONNS + 100,
         ),  # fmt: skip
         Scenario(
-            "qos1lmdb", "persistent QoS 1 (LMDB), 1 -> 1, 100 in flight",
-            ["--mode", "throughput", "--qos", "1", "--inflight", "100", "--count", "250000", "--duration", "5",
-             "--persistent"],
-            ["--mode", "throughput", "--qos", "1", "--inflight", "100", "--count", "50000", "--duration", "2",
-             "--persistent"],
-            [Metric("rate", "persistent QoS 1 (LMDB), 1 -> 1, 100 in flight", "deliveries/s", True,
-                    ">= 3/4 of fluxmq in-memory QoS 1", "frac_of:0.75:qos1:rate")],
-            90, brokers=("fluxmq",), fluxmq_sets=["storage.type=lmdb", "storage.sync=batch"],
+            "qos1lmdb",
+            "persistent QoS 1 (LMDB), 1 -> 1, 100 in flight",
+            [
+                "--mode",
+                "throughput",
+                "--qos",
+                "1",
+                "--inflight",
+                "100",
+                "--count",
+                "250000",
+                "--duration",
+                "5",
+                "--persistent",
+            ],
+            [
+                "--mode",
+                "throughput",
+                "--qos",
+                "1",
+                "--inflight",
+                "100",
+                "--count",
+                "50000",
+                "--duration",
+                "2",
+                "--persistent",
+            ],
+            [
+                Metric(
+                    "rate",
+                    "persistent QoS 1 (LMDB), 1 -> 1, 100 in flight",
+                    "deliveries/s",
+                    True,
+                    ">= 3/4 of fluxmq in-memory QoS 1",
+                    "frac_of:0.75:qos1:rate",
+                )
+            ],
+            90,
+            brokers=("fluxmq",),
+            fluxmq_sets=["storage.type=lmdb", "storage.sync=batch"],
         ),  # fmt: skip
     ]
 }
@@ -316,7 +404,14 @@ def per_cpu_values(runs: list[dict[str, Any]]) -> list[float]:
     out = []
     for r in runs:
         rate, cpu = _num(r.get("rate")), _num(r.get("broker_cpu"))
-        if not r.get("error") and rate and cpu and cpu > 0 and "deliveries" in r and r.get("mode") != "latency":
+        if (
+            not r.get("error")
+            and rate
+            and cpu
+            and cpu > 0
+            and "deliveries" in r
+            and r.get("mode") != "latency"
+        ):
             out.append(rate * 100.0 / cpu)
     return out
 
@@ -351,8 +446,11 @@ def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, di
         f"({meta['generator']}); 64-byte payloads; {'quick: ' if args.quick else ''}median of {args.runs} "
         f"run(s); a fresh broker per run, brokers alternating; deliveries per second end to end with loss "
         f"and duplicates checked per publisher"
-        + (f"; each run waited up to {args.wait_quiet:.0f} s for other load <= {args.quiet_cpus} CPU"
-           if args.wait_quiet else ""),
+        + (
+            f"; each run waited up to {args.wait_quiet:.0f} s for other load <= {args.quiet_cpus} CPU"
+            if args.wait_quiet
+            else ""
+        ),
         f"- git: {meta.get('git', '?')}; command: `{meta['command']}`",
         "",
         f"| scenario | {mname} | {fname} | fluxmq / Mosquitto | target | met | notes |",
@@ -432,26 +530,56 @@ def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, di
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="bench/compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", action="append", default=[], choices=sorted(SCENARIOS),
-                   help=f"run only this scenario (repeatable; default: {' '.join(DEFAULT_SCENARIOS)})")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        choices=sorted(SCENARIOS),
+        help=f"run only this scenario (repeatable; default: {' '.join(DEFAULT_SCENARIOS)})",
+    )
     p.add_argument("--quick", action="store_true", help="1 run per scenario and broker, fewer messages")
     p.add_argument("--runs", type=int, default=None, help="runs per scenario and broker (default 3, quick 1)")
     p.add_argument("--brokers", default="mosquitto,fluxmq", help="comma list of mosquitto, fluxmq")
     p.add_argument("--broker-cpus", default="1", help="taskset CPU list for the broker ('' = no pinning)")
     p.add_argument("--gen-cpus", default="0", help="taskset CPU list for the generator ('' = no pinning)")
-    p.add_argument("--no-pin", action="store_true", help="do not pin (same as --broker-cpus '' --gen-cpus '')")
-    p.add_argument("--generator", choices=("loadgen", "mqttload"), default="loadgen",
-                   help="bench/loadgen.py (default) or the C tool shared/tools/mqttload.c (cross-check)")
-    p.add_argument("--mqttload", default=None, help="path of a built mqttload (default: build it into bench/out)")
+    p.add_argument(
+        "--no-pin", action="store_true", help="do not pin (same as --broker-cpus '' --gen-cpus '')"
+    )
+    p.add_argument(
+        "--generator",
+        choices=("loadgen", "mqttload"),
+        default="loadgen",
+        help="bench/loadgen.py (default) or the C tool shared/tools/mqttload.c (cross-check)",
+    )
+    p.add_argument(
+        "--mqttload", default=None, help="path of a built mqttload (default: build it into bench/out)"
+    )
     p.add_argument("--reader", default="python", choices=("python", "codec"), help="loadgen's parser")
-    p.add_argument("--procs", type=int, default=0, help="loadgen worker processes (default: one per pinned CPU)")
-    p.add_argument("--fluxmq-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra --set for fluxmq-node (repeatable)")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="before each run wait up to SECONDS for the machine to be idle (other work below "
-                        "--quiet-cpus); figures on a shared machine are noisy")
-    p.add_argument("--quiet-cpus", type=float, default=0.25, metavar="N",
-                   help="CPUs' worth of other load that counts as quiet (default 0.25)")
+    p.add_argument(
+        "--procs", type=int, default=0, help="loadgen worker processes (default: one per pinned CPU)"
+    )
+    p.add_argument(
+        "--fluxmq-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra --set for fluxmq-node (repeatable)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run wait up to SECONDS for the machine to be idle (other work below "
+        "--quiet-cpus); figures on a shared machine are noisy",
+    )
+    p.add_argument(
+        "--quiet-cpus",
+        type=float,
+        default=0.25,
+        metavar="N",
+        help="CPUs' worth of other load that counts as quiet (default 0.25)",
+    )
     p.add_argument("--out", default=str(OUT_DIR), help="directory for compare-<timestamp>.md/.json/.log")
     return p  # fmt: skip
 
@@ -539,7 +667,9 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr, flush=True)  # fmt: skip
     meta["loadavg_end"] = procinfo.machine_info()["loadavg"]
     report = render(args, meta, results, versions)
-    report += f"\nTotal time {time.monotonic() - t_start:.0f} s. Generator and broker logs: `{log_path.name}`.\n"
+    report += (
+        f"\nTotal time {time.monotonic() - t_start:.0f} s. Generator and broker logs: `{log_path.name}`.\n"
+    )
     md = out_dir / f"compare-{stamp}.md"
     md.write_text(report)
     (out_dir / f"compare-{stamp}.json").write_text(

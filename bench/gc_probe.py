@@ -80,8 +80,10 @@ def cycles(counts: list[int]) -> None:
             gc.set_debug(0)
             del gc.garbage[:]
             gc.enable()
-            print(f"{name} {n} messages: the collector found {found} objects ({found / n:.4f} per message); "
-                  f"types {kinds.most_common(6)}")
+            print(
+                f"{name} {n} messages: the collector found {found} objects ({found / n:.4f} per message); "
+                f"types {kinds.most_common(6)}"
+            )
 
 
 def cpu(mode: str, count: int = 30_000) -> None:
@@ -105,8 +107,10 @@ def cpu(mode: str, count: int = 30_000) -> None:
         t = time.process_time()
         pubsub_run(count)
         ps.append((time.process_time() - t) / count * 1e6)
-    print(f"{mode:7s} queue {q:.2f} us/msg  pubsub {min(ps):.2f} us/msg  collections {spent[1]}, "
-          f"{spent[0] * 1e6 / (6 * count):.3f} us/msg over the 6 x {count:,} messages")
+    print(
+        f"{mode:7s} queue {q:.2f} us/msg  pubsub {min(ps):.2f} us/msg  collections {spent[1]}, "
+        f"{spent[0] * 1e6 / (6 * count):.3f} us/msg over the 6 x {count:,} messages"
+    )
 
 
 def rss(g0: int) -> None:
@@ -124,7 +128,9 @@ def rss(g0: int) -> None:
         pubsub_run(20_000)
         n += 40_000
         if n % 400_000 == 0:
-            print(f"  {time.monotonic() - t0:5.1f} s, {n:,} messages: RSS {now()} MiB, gc count {gc.get_count()}")
+            print(
+                f"  {time.monotonic() - t0:5.1f} s, {n:,} messages: RSS {now()} MiB, gc count {gc.get_count()}"
+            )
 
 
 def main(argv: list[str]) -> int:

@@ -42,9 +42,15 @@ def build_broker(count: int):
 
 
 def wsgi_get(app, path: str, query: str = "") -> tuple[str, int]:
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": query, "RAW_URI": path +
-               (f"?{query}" if query else ""), "HTTP_HOST": "127.0.0.1", "wsgi.input": io.BytesIO(b""),
-               "HTTP_AUTHORIZATION": "Bearer bench"}
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "RAW_URI": path + (f"?{query}" if query else ""),
+        "HTTP_HOST": "127.0.0.1",
+        "wsgi.input": io.BytesIO(b""),
+        "HTTP_AUTHORIZATION": "Bearer bench",
+    }
     seen = {}
 
     def start_response(status, headers, exc_info=None):
@@ -96,8 +102,10 @@ def bench_http(count: int) -> None:
     registry = make_registry(service)
     cases = [
         ("admin GET /sessions?limit=100", lambda: wsgi_get(admin, "/sessions", "limit=100")),
-        ("admin GET /sessions?connected=false&limit=1000",
-         lambda: wsgi_get(admin, "/sessions", "connected=false&limit=1000")),
+        (
+            "admin GET /sessions?connected=false&limit=1000",
+            lambda: wsgi_get(admin, "/sessions", "connected=false&limit=1000"),
+        ),
         ("admin GET /subscriptions?limit=100", lambda: wsgi_get(admin, "/subscriptions", "limit=100")),
         ("admin GET /stats", lambda: wsgi_get(admin, "/stats")),
         ("GET /metrics (collect + encode)", lambda: generate_latest(registry)),
@@ -114,8 +122,15 @@ def bench_log(records: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "fluxmq.log")
-        cfg = SimpleNamespace(level="info", format="text", file=path, max_size_mb=1024, max_backups=1,
-                              compress=False, throttling=SimpleNamespace(enabled=False, rate=1.0, burst=1))
+        cfg = SimpleNamespace(
+            level="info",
+            format="text",
+            file=path,
+            max_size_mb=1024,
+            max_backups=1,
+            compress=False,
+            throttling=SimpleNamespace(enabled=False, rate=1.0, burst=1),
+        )
         setup_logging(cfg)
         log = logging.getLogger("fluxmq.bench")
         per_turn = 100  # records logged per loop turn, as a busy worker would
@@ -133,13 +148,19 @@ def bench_log(records: int) -> None:
         elapsed = time.perf_counter() - started
         with open(path, "rb") as f:
             lines = sum(1 for _ in f)
-        print(f"log: {records:,} records to a file in {elapsed:.2f} s = {records / elapsed:,.0f} records/s "
-              f"({lines:,} lines written)")
+        print(
+            f"log: {records:,} records to a file in {elapsed:.2f} s = {records / elapsed:,.0f} records/s "
+            f"({lines:,} lines written)"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=0, help="measure admin and /metrics with this many sessions")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sessions", type=int, default=0, help="measure admin and /metrics with this many sessions"
+    )
     parser.add_argument("--log", type=int, default=0, help="measure logging this many records to a file")
     args = parser.parse_args()
     if args.sessions:

@@ -861,8 +861,6 @@ class Worker:
         }
 
 
-
-
 # ---------------------------------------------------------------------- driver
 
 
@@ -1060,7 +1058,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--host", default=d.host, help="broker address, must be in 127.0.0.0/8")
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--sub-port", type=int, default=0, help="subscribers connect to this port (another cluster node)")
+    p.add_argument(
+        "--sub-port", type=int, default=0, help="subscribers connect to this port (another cluster node)"
+    )
     p.add_argument("--pubs", type=int, default=-1, help="publishers (throughput, fanin)")
     p.add_argument("--subs", type=int, default=-1, help="subscribers (throughput, fanout, latency)")
     p.add_argument("--topics", type=int, default=-1, help="topics (throughput; default = pubs)")
@@ -1069,7 +1069,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=d.duration, help="max seconds of publishing")
     p.add_argument("--size", type=int, default=d.size, help="payload bytes, >= 16")
     p.add_argument("--qos", type=int, default=d.qos, choices=(0, 1))
-    p.add_argument("--inflight", type=int, default=d.inflight, help="QoS 1: max unacked PUBLISH per publisher")
+    p.add_argument(
+        "--inflight", type=int, default=d.inflight, help="QoS 1: max unacked PUBLISH per publisher"
+    )
     p.add_argument("--window", type=int, default=d.window, help="cap on deliveries in flight (0 = flood)")
     p.add_argument("--batch", type=int, default=d.batch, help="publisher write batch in bytes")
     p.add_argument("--rate", type=float, default=d.rate, help="latency mode: msgs/s")
@@ -1083,9 +1085,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="topic prefix (default loadgen/<pid>)")
     p.add_argument("--label", default=d.label, help="copied into the RESULT line")
     p.add_argument("--procs", type=int, default=0, help="worker processes (default: one per usable CPU)")
-    p.add_argument("--reader", default=d.reader, choices=("python", "codec"),
-                   help="stream parser: pure Python with a fast path (default) or fluxmq's Cython codec")
-    p.add_argument("--persistent", action="store_true", help="connect with clean session 0 (persistent sessions)")
+    p.add_argument(
+        "--reader",
+        default=d.reader,
+        choices=("python", "codec"),
+        help="stream parser: pure Python with a fast path (default) or fluxmq's Cython codec",
+    )
+    p.add_argument(
+        "--persistent", action="store_true", help="connect with clean session 0 (persistent sessions)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -48,8 +48,9 @@ class _TreeNode(FluxmqNode):
     def command(self) -> list[str]:
         # Through the module, not the venv's console script: the tree on PYTHONPATH is what runs.
         cmd = super().command()
-        return [sys.executable, "-c", "import sys; from fluxmq.node.cli import main; sys.exit(main())"] + \
-            cmd[cmd.index("--config"):]
+        return [sys.executable, "-c", "import sys; from fluxmq.node.cli import main; sys.exit(main())"] + cmd[
+            cmd.index("--config") :
+        ]
 
 
 def run_once(broker, args: argparse.Namespace) -> dict:
@@ -92,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker-cpus", default="1")
     ap.add_argument("--gen-cpus", default="0")
     ap.add_argument("--mosquitto", action="store_true")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                    help="before each run wait up to this long for other load below a quarter of a CPU")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run wait up to this long for other load below a quarter of a CPU",
+    )
     ap.add_argument("--idle", type=float, default=2.0, help="seconds of idle CPU measured before each run")
     args = ap.parse_args(argv)
     trees = [(name, Path(path).resolve()) for name, _, path in (t.partition("=") for t in args.tree)]
@@ -113,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             load = open("/proc/loadavg").read().split()[0]
             res = run_once(broker, args)
             table[name].append(res)
-            print(f"round {rnd} {name}: p50 {res.get('p50_ms')} ms p99 {res.get('p99_ms')} ms "
-                  f"cpu {res.get('cpu_us_per_msg')} us/msg (user {res.get('user_us_per_msg')}, sys {res.get('sys_us_per_msg')}) (load {load}{busy}, {time.strftime('%H:%M:%S')})",
-                  flush=True)
+            print(
+                f"round {rnd} {name}: p50 {res.get('p50_ms')} ms p99 {res.get('p99_ms')} ms "
+                f"cpu {res.get('cpu_us_per_msg')} us/msg (user {res.get('user_us_per_msg')}, sys {res.get('sys_us_per_msg')}) (load {load}{busy}, {time.strftime('%H:%M:%S')})",
+                flush=True,
+            )
     print("\n| build | p50 ms (median) | p99 ms (median) | broker CPU us/msg (median) | user | sys |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in names:
@@ -124,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         def med(key: str, rows: list[dict] = rows) -> str:
             vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
             return f"{statistics.median(vals):.3f}" if vals else "-"
-        print(f"| {name} | {med('p50_ms')} | {med('p99_ms')} | {med('cpu_us_per_msg')} | "
-              f"{med('user_us_per_msg')} | {med('sys_us_per_msg')} |")
+
+        print(
+            f"| {name} | {med('p50_ms')} | {med('p99_ms')} | {med('cpu_us_per_msg')} | "
+            f"{med('user_us_per_msg')} | {med('sys_us_per_msg')} |"
+        )
     return 0
 
 

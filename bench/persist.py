@@ -77,6 +77,7 @@ def run_online(node: FluxmqNode, args: argparse.Namespace) -> float:
 
 # -- offline scenario: a tiny raw MQTT 3.1.1 client ------------------------------------------------
 
+
 def _frame(ptype: int, body: bytes) -> bytes:
     n, rl = len(body), b""
     while True:
@@ -90,8 +91,12 @@ def _connect(port: int, cid: str, clean: bool) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=60)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     c = cid.encode()
-    s.sendall(_frame(0x10, b"\x00\x04MQTT\x04" + bytes([2 if clean else 0]) + b"\x00\x3c"
-                     + struct.pack(">H", len(c)) + c))
+    s.sendall(
+        _frame(
+            0x10,
+            b"\x00\x04MQTT\x04" + bytes([2 if clean else 0]) + b"\x00\x3c" + struct.pack(">H", len(c)) + c,
+        )
+    )
     ack = s.recv(4)
     if ack[:2] != b"\x20\x02" or ack[3] != 0:
         raise RuntimeError(f"CONNACK {ack!r}")
@@ -114,8 +119,8 @@ def _packets(s: socket.socket, buf: bytearray):
                 else:
                     break
                 if len(buf) >= i + n:
-                    first, body = buf[0], bytes(buf[i:i + n])
-                    del buf[:i + n]
+                    first, body = buf[0], bytes(buf[i : i + n])
+                    del buf[: i + n]
                     yield first, body
                     continue
             break
@@ -148,8 +153,11 @@ def run_offline(node: FluxmqNode, count: int, size: int = 64) -> tuple[float, fl
     while acked < count:
         if sent < count and sent - acked < window:
             n = min(200, count - sent, window - (sent - acked))
-            pub.sendall(b"".join(_frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + payload)
-                                 for k in range(n)))
+            pub.sendall(
+                b"".join(
+                    _frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + payload) for k in range(n)
+                )
+            )
             sent += n
             continue
         first, _ = next(packets)
@@ -168,7 +176,7 @@ def run_offline(node: FluxmqNode, count: int, size: int = 64) -> tuple[float, fl
         if first >> 4 != 3:
             continue
         tlen = struct.unpack_from(">H", body)[0]
-        acks.append(b"\x40\x02" + body[2 + tlen:4 + tlen])
+        acks.append(b"\x40\x02" + body[2 + tlen : 4 + tlen])
         got += 1
         if len(acks) >= 50 or got == count:
             sub.sendall(b"".join(acks))
@@ -198,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in range(args.runs):
         for name in configs:
             for scenario in scenarios:
-                node = FluxmqNode(cpus=args.broker_cpus if shutil.which("taskset") else None,
-                                  sets=CONFIGS[name] + ["storage.max_queued_messages=1000000"])
+                node = FluxmqNode(
+                    cpus=args.broker_cpus if shutil.which("taskset") else None,
+                    sets=CONFIGS[name] + ["storage.max_queued_messages=1000000"],
+                )
                 node.start(timeout=60)
                 try:
                     if scenario == "online":
@@ -210,17 +220,25 @@ def main(argv: list[str] | None = None) -> int:
                         fill, drain = run_offline(node, offline_count)
                         results.setdefault((name, "fill"), []).append(fill)
                         results.setdefault((name, "drain"), []).append(drain)
-                        print(f"run {run + 1} {name:12} offline fill {fill:8.0f}/s drain {drain:8.0f}/s",
-                              file=sys.stderr)
+                        print(
+                            f"run {run + 1} {name:12} offline fill {fill:8.0f}/s drain {drain:8.0f}/s",
+                            file=sys.stderr,
+                        )
                 finally:
                     node.cleanup()
-    cols = [("online", "online 1->1 (deliveries/s)"), ("fill", f"offline fill, {offline_count} msgs (PUBACKs/s)"),
-            ("drain", "offline drain (deliveries/s)")]
+    cols = [
+        ("online", "online 1->1 (deliveries/s)"),
+        ("fill", f"offline fill, {offline_count} msgs (PUBACKs/s)"),
+        ("drain", "offline drain (deliveries/s)"),
+    ]
     cols = [c for c in cols if any((n, c[0]) in results for n in configs)]
-    lines = [f"Persistent QoS 1, 64-byte payloads, median of {args.runs} run(s), "
-             f"broker on CPU {args.broker_cpus}, generator on CPU {args.gen_cpus}.", "",
-             "| storage | " + " | ".join(t for _, t in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = [
+        f"Persistent QoS 1, 64-byte payloads, median of {args.runs} run(s), "
+        f"broker on CPU {args.broker_cpus}, generator on CPU {args.gen_cpus}.",
+        "",
+        "| storage | " + " | ".join(t for _, t in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for name in configs:
         cells = []
         for key, _ in cols:

@@ -66,7 +66,9 @@ def run(kind: str, turns: int, per: int, queued: int = 900) -> float:
     """CPU microseconds per message for one round."""
     tmp = tempfile.mkdtemp(prefix="persist-micro-")
     try:
-        store = MemoryStorage() if kind == "memory" else LMDBStorage(tmp + "/d", map_size=1 << 30, verify=False)
+        store = (
+            MemoryStorage() if kind == "memory" else LMDBStorage(tmp + "/d", map_size=1 << 30, verify=False)
+        )
         broker = Broker(BrokerSettings(), store)
         broker.restore(store.load())
         persistent = kind != "memory"
@@ -105,7 +107,9 @@ def store_ops(rounds: int, per: int = 100) -> dict[str, float]:
     try:
         store = LMDBStorage(tmp + "/d", map_size=1 << 30, verify=False)
         entry = b"y" * 110  # about the entry of a 64-byte message on a short topic
-        spent = dict.fromkeys(("put_sent_entry", "commit of the puts", "delete_inflight", "commit of the deletes"), 0.0)
+        spent = dict.fromkeys(
+            ("put_sent_entry", "commit of the puts", "delete_inflight", "commit of the deletes"), 0.0
+        )
         steps = list(spent)
         for k in range(rounds):
             base = k * per
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--turns", type=int, default=400)
     p.add_argument("--per", type=int, default=50)
-    p.add_argument("--queued", type=int, default=900, help="messages waiting in the queue (0: each sent at once)")
+    p.add_argument(
+        "--queued", type=int, default=900, help="messages waiting in the queue (0: each sent at once)"
+    )
     p.add_argument("--store-ops", action="store_true", help="time the store's steps alone (see store_ops)")
     args = p.parse_args(argv)
     if args.store_ops:

@@ -46,8 +46,10 @@ REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
 CONFIGS = {
     "memory": (["storage.type=memory"], []),
-    "lmdb": (["storage.type=lmdb", "storage.sync=batch", "storage.max_queued_messages=1000000"],
-             ["--persistent"]),
+    "lmdb": (
+        ["storage.type=lmdb", "storage.sync=batch", "storage.max_queued_messages=1000000"],
+        ["--persistent"],
+    ),
 }
 
 
@@ -71,9 +73,29 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, str]:
         pids = procinfo.tree(node.pid)
         broker_pid = pids[-1] if pids else node.pid
         pin = ["taskset", "-c", args.gen_cpus] if args.gen_cpus and shutil.which("taskset") else []
-        cmd = pin + [args.mqttload, "--mode", "throughput", "--qos", "1", "--inflight", "100",
-                     "--count", str(args.count), "--duration", str(args.duration), "--host", "127.0.0.1",
-                     "--port", str(node.port), "--pid", str(broker_pid), "--label", name, "--timeout", "90"]
+        cmd = pin + [
+            args.mqttload,
+            "--mode",
+            "throughput",
+            "--qos",
+            "1",
+            "--inflight",
+            "100",
+            "--count",
+            str(args.count),
+            "--duration",
+            str(args.duration),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(node.port),
+            "--pid",
+            str(broker_pid),
+            "--label",
+            name,
+            "--timeout",
+            "90",
+        ]
         p = subprocess.run(cmd + extra, cwd=REPO, capture_output=True, text=True, timeout=150)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
@@ -93,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5)
     p.add_argument("--broker-cpus", default="1")
     p.add_argument("--gen-cpus", default="0")
-    p.add_argument("--mqttload", default=None, help="path of a built mqttload (default: build into bench/out)")
+    p.add_argument(
+        "--mqttload", default=None, help="path of a built mqttload (default: build into bench/out)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra fluxmq-node --set")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="before each run wait up to SECONDS for other load below --quiet-cpus")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run wait up to SECONDS for other load below --quiet-cpus",
+    )
     p.add_argument("--quiet-cpus", type=float, default=0.5)
     args = p.parse_args(argv)
     args.mqttload = ensure_mqttload(args.mqttload)
@@ -111,26 +140,37 @@ def main(argv: list[str] | None = None) -> int:
                 procinfo.wait_quiet(args.quiet_cpus, args.wait_quiet)
             res = run_one(name, args)
             got[name] = res
-            print(f"run {run + 1} {name:6} rate {res['rate']:>8} broker_cpu {res['broker_cpu']:>5} "
-                  f"other_cpu {res['other_cpu']:>5}", file=sys.stderr, flush=True)
+            print(
+                f"run {run + 1} {name:6} rate {res['rate']:>8} broker_cpu {res['broker_cpu']:>5} "
+                f"other_cpu {res['other_cpu']:>5}",
+                file=sys.stderr,
+                flush=True,
+            )
         ratio = float(got["lmdb"]["rate"]) / float(got["memory"]["rate"])
         ratios.append(ratio)
         cpu_ratio = per_cpu(got["lmdb"]) / per_cpu(got["memory"])
         cpu_ratios.append(cpu_ratio)
         rows.append((run + 1, got, ratio, cpu_ratio))
-    lines = [f"mqttload QoS 1, 1 -> 1, 100 in flight, 64-byte payloads, {args.count} msgs or {args.duration:g} s; "
-             f"broker on CPU {args.broker_cpus}, generator on CPU {args.gen_cpus}; "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "| repeat | in-memory QoS 1 (deliveries/s) | broker CPU | us/delivery | other | persistent LMDB "
-             "batch (deliveries/s) | broker CPU | us/delivery | other | ratio | ratio per broker CPU-s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"mqttload QoS 1, 1 -> 1, 100 in flight, 64-byte payloads, {args.count} msgs or {args.duration:g} s; "
+        f"broker on CPU {args.broker_cpus}, generator on CPU {args.gen_cpus}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| repeat | in-memory QoS 1 (deliveries/s) | broker CPU | us/delivery | other | persistent LMDB "
+        "batch (deliveries/s) | broker CPU | us/delivery | other | ratio | ratio per broker CPU-s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for run, got, ratio, cpu_ratio in rows:
         m, d = got["memory"], got["lmdb"]
-        lines.append(f"| {run} | {float(m['rate']):,.0f} | {m['broker_cpu']} | {cpu_us(m):.1f} | {m['other_cpu']} | "
-                     f"{float(d['rate']):,.0f} | {d['broker_cpu']} | {cpu_us(d):.1f} | {d['other_cpu']} | "
-                     f"{ratio:.0%} | {cpu_ratio:.0%} |")
-    lines.append(f"| median | | | | | | | | | **{statistics.median(ratios):.0%}** | "
-                 f"**{statistics.median(cpu_ratios):.0%}** |")
+        lines.append(
+            f"| {run} | {float(m['rate']):,.0f} | {m['broker_cpu']} | {cpu_us(m):.1f} | {m['other_cpu']} | "
+            f"{float(d['rate']):,.0f} | {d['broker_cpu']} | {cpu_us(d):.1f} | {d['other_cpu']} | "
+            f"{ratio:.0%} | {cpu_ratio:.0%} |"
+        )
+    lines.append(
+        f"| median | | | | | | | | | **{statistics.median(ratios):.0%}** | "
+        f"**{statistics.median(cpu_ratios):.0%}** |"
+    )
     table = "\n".join(lines) + "\n"
     print(table)
     OUT_DIR.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,9 @@ class Consumer:
         if cache is None:
             cache = message.wire_cache = {}
         if cache.get(V5_QOS1) is None:
-            cache[V5_QOS1] = encode_publish(message.topic, message.payload, qos, retain, False, 1,
-                                            message.properties or None, 5)
+            cache[V5_QOS1] = encode_publish(
+                message.topic, message.payload, qos, retain, False, 1, message.properties or None, 5
+            )
         self.pids.append(packet_id)
         return True
 
@@ -74,8 +75,12 @@ def run(count: int, batch: int, consumers: int = 1, relayed: bool = False) -> di
                 session, _ = broker.open_session(f"c{i}", True, 0)
                 consumer = Consumer()
                 broker.attach(session, consumer, 1000)
-                broker.subscribe(session, "$queue/bench/#", 1,
-                                 user_properties=[("consumer-group", "g"), ("auto-ack", "true")])
+                broker.subscribe(
+                    session,
+                    "$queue/bench/#",
+                    1,
+                    user_properties=[("consumer-group", "g"), ("auto-ack", "true")],
+                )
                 members.append((session, consumer))
             payload = b"p" * 64
             t = dict.fromkeys(("publish", "dispatch", "puback", "commit", "tick"), 0.0)
@@ -123,14 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=50_000)
     p.add_argument("--batch", type=int, default=200)
     p.add_argument("--consumers", type=int, default=1, help="members of the group (auto-ack)")
-    p.add_argument("--relayed", action="store_true",
-                   help="append as the node's C fast path does (QueueManager.append_relayed), not by Broker.publish")
+    p.add_argument(
+        "--relayed",
+        action="store_true",
+        help="append as the node's C fast path does (QueueManager.append_relayed), not by Broker.publish",
+    )
     args = p.parse_args(argv)
     results = [run(args.count, args.batch, args.consumers, args.relayed) for _ in range(args.runs)]
     best = min(results, key=lambda r: sum(r.values()))
     totals = sorted(sum(r.values()) for r in results)
-    print(" ".join(f"{k} {v:.2f}" for k, v in best.items()) + f"  total {sum(best.values()):.2f} us/msg "
-          f"(best of {args.runs}; all: {', '.join(f'{x:.1f}' for x in totals)})")
+    print(
+        " ".join(f"{k} {v:.2f}" for k, v in best.items()) + f"  total {sum(best.values()):.2f} us/msg "
+        f"(best of {args.runs}; all: {', '.join(f'{x:.1f}' for x in totals)})"
+    )
     return 0
 
 

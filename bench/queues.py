@@ -79,8 +79,9 @@ def subscribe5(s: socket.socket, filter: str, user: list[tuple[str, str]]) -> No
         raise RuntimeError(f"SUBACK {body!r}")
 
 
-def run_once(port: int, topic: str, filter: str, consumers: int, count: int, window: int,
-             group: bool) -> float:
+def run_once(
+    port: int, topic: str, filter: str, consumers: int, count: int, window: int, group: bool
+) -> float:
     user = [("consumer-group", "g"), ("auto-ack", "true")] if group else []
     subs = []
     for i in range(consumers):
@@ -104,8 +105,12 @@ def run_once(port: int, topic: str, filter: str, consumers: int, count: int, win
             raise RuntimeError(f"timed out: {delivered} of {count} delivered")
         if sent < count and sent - acked < window:
             n = min(200, count - sent, window - (sent - acked))
-            pub.sendall(b"".join(_frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
-                                 for k in range(n)))
+            pub.sendall(
+                b"".join(
+                    _frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
+                    for k in range(n)
+                )
+            )
             sent += n
         for key, _ in sel.select(timeout=0.05):
             sock = key.fileobj
@@ -132,13 +137,13 @@ def run_once(port: int, topic: str, filter: str, consumers: int, count: int, win
                 if len(buf) < i + n:
                     break
                 first = buf[0]
-                body = bytes(buf[i:i + n])
-                del buf[:i + n]
+                body = bytes(buf[i : i + n])
+                del buf[: i + n]
                 if role == "pub" and first >> 4 == 4:
                     acked += 1
                 elif role == "sub" and first >> 4 == 3:
                     tlen = struct.unpack_from(">H", body)[0]
-                    acks.append(b"\x40\x02" + body[2 + tlen:4 + tlen])
+                    acks.append(b"\x40\x02" + body[2 + tlen : 4 + tlen])
                     delivered += 1
             if acks:
                 sock.setblocking(True)
@@ -163,16 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.gen_cpus and shutil.which("taskset"):
         os.sched_setaffinity(0, {int(c) for c in args.gen_cpus.split(",")})
     scenarios = [("pubsub", "bench/q", "bench/q", 1, False)]
-    scenarios += [(f"queue/{n}", "$queue/bench", "$queue/bench/#", int(n), True) for n in args.consumers.split(",")]
+    scenarios += [
+        (f"queue/{n}", "$queue/bench", "$queue/bench/#", int(n), True) for n in args.consumers.split(",")
+    ]
     results: dict[str, list[float]] = {name: [] for name, *_ in scenarios}
     cpu: dict[str, list[float]] = {name: [] for name, *_ in scenarios}  # the node's CPU us per message
     for _ in range(args.runs):
         for name, topic, filter, n, group in scenarios:
             # The same window for both: 1,000 in flight per subscriber (broker.max_inflight) and per
             # queue consumer (the queue's max_inflight).
-            node = FluxmqNode(cpus=args.broker_cpus, max_inflight=1000,
-                              sets=["storage.type=lmdb", f"storage.sync={args.sync}",
-                                    'queues=[{"name": "bench", "max_inflight": 1000}]'])
+            node = FluxmqNode(
+                cpus=args.broker_cpus,
+                max_inflight=1000,
+                sets=[
+                    "storage.type=lmdb",
+                    f"storage.sync={args.sync}",
+                    'queues=[{"name": "bench", "max_inflight": 1000}]',
+                ],
+            )
             node.start()
             try:
                 pids = [node.proc.pid]
@@ -185,14 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(results["pubsub"])
     # Each run's queue rates against the pub/sub rate of the same run (measured seconds apart):
     # steadier than the ratio of the medians when the machine's load changes between runs.
-    print(f"| scenario (storage.sync={args.sync}, {args.count:,} msgs, median of {args.runs}) | msg/s "
-          "| vs QoS 1 pub/sub | per run vs its pub/sub (median; min-max) |")
+    print(
+        f"| scenario (storage.sync={args.sync}, {args.count:,} msgs, median of {args.runs}) | msg/s "
+        "| vs QoS 1 pub/sub | per run vs its pub/sub (median; min-max) |"
+    )
     print("|---|---:|---:|---:|")
     for name, rates in results.items():
         med = statistics.median(rates)
         ratios = [r / p for r, p in zip(rates, results["pubsub"], strict=True)]
-        print(f"| {name} | {med:,.0f} | {med / base:.2f} | {statistics.median(ratios):.2f}; "
-              f"{min(ratios):.2f}-{max(ratios):.2f} |")
+        print(
+            f"| {name} | {med:,.0f} | {med / base:.2f} | {statistics.median(ratios):.2f}; "
+            f"{min(ratios):.2f}-{max(ratios):.2f} |"
+        )
     # The node's CPU time per message (user + system, every process of the node): what the rate
     # would be bound by on a core of its own, less sensitive to other load than the rates.
     base_cpu = statistics.median(cpu["pubsub"])
@@ -203,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(values)
         print(f"| {name} | {med:.1f}; {min(values):.1f}-{max(values):.1f} | {base_cpu / med:.2f} |")
     return 0
-
 
 
 if __name__ == "__main__":

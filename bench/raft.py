@@ -56,9 +56,15 @@ def node_main(args) -> None:
             self.messages += len(batch)
             return self.applied
 
-    conf = SyncObjConf(appendEntriesPeriod=args.aep, autoTickPeriod=args.atp, raftMinTimeout=max(0.4, args.aep * 4),
-                       raftMaxTimeout=max(1.4, args.aep * 8), connectionTimeout=max(3.5, args.aep * 10),
-                       appendEntriesUseBatch=bool(args.ubatch), dynamicMembershipChange=False)
+    conf = SyncObjConf(
+        appendEntriesPeriod=args.aep,
+        autoTickPeriod=args.atp,
+        raftMinTimeout=max(0.4, args.aep * 4),
+        raftMaxTimeout=max(1.4, args.aep * 8),
+        connectionTimeout=max(3.5, args.aep * 10),
+        appendEntriesUseBatch=bool(args.ubatch),
+        dynamicMembershipChange=False,
+    )
     me = args.node
     others = [p for p in args.peers.split(",") if p != me]
     obj = Log(me, others, conf)
@@ -159,11 +165,36 @@ def main() -> None:
         return
     ports = free_ports(3)
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    base = [sys.executable, "-m", "bench.raft", "--mode", args.mode, "--aep", str(args.aep), "--atp", str(args.atp),
-            "--batch", str(args.batch), "--ubatch", str(args.ubatch), "--window", str(args.window),
-            "--seconds", str(args.seconds), "--peers", peers]
-    procs = [subprocess.Popen(base + ["--node", f"127.0.0.1:{p}"], stdout=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) for p in ports]
+    base = [
+        sys.executable,
+        "-m",
+        "bench.raft",
+        "--mode",
+        args.mode,
+        "--aep",
+        str(args.aep),
+        "--atp",
+        str(args.atp),
+        "--batch",
+        str(args.batch),
+        "--ubatch",
+        str(args.ubatch),
+        "--window",
+        str(args.window),
+        "--seconds",
+        str(args.seconds),
+        "--peers",
+        peers,
+    ]
+    procs = [
+        subprocess.Popen(
+            base + ["--node", f"127.0.0.1:{p}"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        for p in ports
+    ]
     try:
         for p in procs:
             try:

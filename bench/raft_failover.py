@@ -58,9 +58,15 @@ def restart(factory: NodeFactory, node: RunningNode) -> RunningNode:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-                                   cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
     factory.nodes.append(again)
     again.wait_ready()
@@ -130,7 +136,9 @@ queues:
   - name: bench
     replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
 """
-        nodes = [factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers]
+        nodes = [
+            factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers
+        ]
         for n in nodes:
             n.wait_ready()
         for _ in range(args.kills):
@@ -144,8 +152,17 @@ queues:
     pauses.sort()
     # nearest rank: with 10 kills the p99 is the longest pause
     p99 = pauses[min(len(pauses), math.ceil(0.99 * len(pauses))) - 1]
-    print(json.dumps({"kills": len(pauses), "p50_s": round(pauses[len(pauses) // 2], 3), "p99_s": round(p99, 3),
-                      "max_s": round(pauses[-1], 3), "all": [round(p, 3) for p in pauses]}))
+    print(
+        json.dumps(
+            {
+                "kills": len(pauses),
+                "p50_s": round(pauses[len(pauses) // 2], 3),
+                "p99_s": round(p99, 3),
+                "max_s": round(pauses[-1], 3),
+                "all": [round(p, 3) for p in pauses],
+            }
+        )
+    )
     return 0
 
 

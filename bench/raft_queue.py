@@ -68,8 +68,8 @@ def _parse(buf: bytearray):
             return
         if len(buf) < i + n:
             return
-        first, body = buf[0], bytes(buf[i:i + n])
-        del buf[:i + n]
+        first, body = buf[0], bytes(buf[i : i + n])
+        del buf[: i + n]
         yield first, body
 
 
@@ -147,9 +147,19 @@ def stalls(trace: list[tuple[float, float]], over: float = 0.010, gap: float = 0
         else:
             episodes.append([sent, sent, latency, 1])
     worst = sorted(episodes, key=lambda ep: -ep[2])[:3]
-    return {f"over_{round(over * 1000)}ms": sum(ep[3] for ep in episodes), "episodes": len(episodes),
-            "worst": [{"at_s": round(ep[0], 3), "for_ms": round((ep[1] - ep[0]) * 1000), "max_ms": round(ep[2] * 1000, 1),
-                       "msgs": ep[3]} for ep in worst]}
+    return {
+        f"over_{round(over * 1000)}ms": sum(ep[3] for ep in episodes),
+        "episodes": len(episodes),
+        "worst": [
+            {
+                "at_s": round(ep[0], 3),
+                "for_ms": round((ep[1] - ep[0]) * 1000),
+                "max_ms": round(ep[2] * 1000, 1),
+                "msgs": ep[3],
+            }
+            for ep in worst
+        ],
+    }
 
 
 def measured(nodes, fn, *args) -> dict:
@@ -173,8 +183,10 @@ def measured(nodes, fn, *args) -> dict:
     return out
 
 
-_EVENT = re.compile(r"^(\S+Z) \S+ \S+ event=(raft_snapshot_written|raft_tick_slow) .*?"
-                    r"(?:took_s=([0-9.]+)|held_hub_s=([0-9.]+))")
+_EVENT = re.compile(
+    r"^(\S+Z) \S+ \S+ event=(raft_snapshot_written|raft_tick_slow) .*?"
+    r"(?:took_s=([0-9.]+)|held_hub_s=([0-9.]+))"
+)
 
 
 def _events(node, i: int, since: float) -> list[dict]:
@@ -187,11 +199,15 @@ def _events(node, i: int, since: float) -> list[dict]:
         m = _EVENT.match(line)
         if not m:
             continue
-        at = datetime.datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+        at = (
+            datetime.datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+        )
         if at < since:
             continue
         took = float(m[3] or m[4])
-        out.append({"node": i, "event": m[2], "from_s": round(at - took - since, 3), "to_s": round(at - since, 3)})
+        out.append(
+            {"node": i, "event": m[2], "from_s": round(at - took - since, 3), "to_s": round(at - since, 3)}
+        )
     return out
 
 
@@ -218,7 +234,10 @@ def consume(producer_port: int, consumer_ports: list[int], count: int, window: i
     consumers (one per port, group ``g``) PUBACK each delivery; returns when all are delivered."""
     pub = connect5(producer_port, f"bench-rq-p-{os.getpid()}-{time.monotonic_ns()}")
     pub.setblocking(False)
-    subs = [_consumer(p, f"bench-rq-c{i}-{os.getpid()}-{time.monotonic_ns()}") for i, p in enumerate(consumer_ports)]
+    subs = [
+        _consumer(p, f"bench-rq-c{i}-{os.getpid()}-{time.monotonic_ns()}")
+        for i, p in enumerate(consumer_ports)
+    ]
     sel = selectors.DefaultSelector()
     sel.register(pub, selectors.EVENT_READ, bytearray())
     for c in subs:
@@ -231,8 +250,12 @@ def consume(producer_port: int, consumer_ports: list[int], count: int, window: i
     while delivered < count and time.perf_counter() < t0 + 300:
         if sent < count and sent - acked < window:
             n = min(200, count - sent, window - (sent - acked))
-            pub.sendall(b"".join(_frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
-                                 for k in range(n)))
+            pub.sendall(
+                b"".join(
+                    _frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
+                    for k in range(n)
+                )
+            )
             sent += n
         for key, _ in sel.select(timeout=0.02):
             sock, buf = key.fileobj, key.data
@@ -249,7 +272,7 @@ def consume(producer_port: int, consumer_ports: list[int], count: int, window: i
                     acked += 1
                 elif sock is not pub and first >> 4 == 3:
                     tlen = struct.unpack_from(">H", body)[0]
-                    acks.append(_frame(0x40, body[2 + tlen:4 + tlen]))
+                    acks.append(_frame(0x40, body[2 + tlen : 4 + tlen]))
                     delivered += 1
                     per[sock.fileno()] = per.get(sock.fileno(), 0) + 1
             if acks:
@@ -257,8 +280,12 @@ def consume(producer_port: int, consumer_ports: list[int], count: int, window: i
     elapsed = time.perf_counter() - t0
     for c in [pub, *subs]:
         c.close()
-    return {"delivered": delivered, "acked": acked, "rate": round(delivered / elapsed),
-            "per_consumer": sorted(per.values())}
+    return {
+        "delivered": delivered,
+        "acked": acked,
+        "rate": round(delivered / elapsed),
+        "per_consumer": sorted(per.values()),
+    }
 
 
 def distribution_cpu(factory, mode: str, count: int, window: int, where: str) -> dict:
@@ -275,8 +302,10 @@ queues:
   - name: bench
     replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
 """
-    nodes = [factory(config_text=text.format(me=p, peers=json.dumps(peers), mode=mode), wait_ready=False)
-             for p in peers]
+    nodes = [
+        factory(config_text=text.format(me=p, peers=json.dumps(peers), mode=mode), wait_ready=False)
+        for p in peers
+    ]
     try:
         for n in nodes:
             n.wait_ready()
@@ -295,12 +324,16 @@ queues:
         per_node_before = [procinfo.tree_cpu_s([n.pid]) for n in nodes]
         out = consume(leader.mqtt_port, ports, count, window)
         cpu = procinfo.tree_cpu_s(pids) - before
-        per_node = [round((procinfo.tree_cpu_s([n.pid]) - b) / count * 1e6, 1) for n, b in zip(nodes, per_node_before,
-                                                                                               strict=True)]
-        out.update(cpu_us_per_msg=round(cpu / count * 1e6, 1),
-                   cpu_us_per_msg_leader=per_node[nodes.index(leader)],
-                   cpu_us_per_msg_followers=[v for n, v in zip(nodes, per_node, strict=True) if n is not leader],
-                   entries_applied=_status(leader)["entries_applied"])
+        per_node = [
+            round((procinfo.tree_cpu_s([n.pid]) - b) / count * 1e6, 1)
+            for n, b in zip(nodes, per_node_before, strict=True)
+        ]
+        out.update(
+            cpu_us_per_msg=round(cpu / count * 1e6, 1),
+            cpu_us_per_msg_leader=per_node[nodes.index(leader)],
+            cpu_us_per_msg_followers=[v for n, v in zip(nodes, per_node, strict=True) if n is not leader],
+            entries_applied=_status(leader)["entries_applied"],
+        )
         return out
     finally:
         for n in nodes:
@@ -313,19 +346,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=100)
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--distribution", action="store_true",
-                    help="node CPU per delivered message for each distribution_mode (consumers on followers)")
+    ap.add_argument(
+        "--distribution",
+        action="store_true",
+        help="node CPU per delivered message for each distribution_mode (consumers on followers)",
+    )
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-raft-"))
     factory = NodeFactory(base)
     results = {}
     if args.distribution:
         try:
-            results["forward, consumer on the leader"] = distribution_cpu(factory, "forward", args.count,
-                                                                          args.window, "leader")
+            results["forward, consumer on the leader"] = distribution_cpu(
+                factory, "forward", args.count, args.window, "leader"
+            )
             for mode in ("forward", "replicate"):
-                results[f"{mode}, consumers on the followers"] = distribution_cpu(factory, mode, args.count,
-                                                                                  args.window, "followers")
+                results[f"{mode}, consumers on the followers"] = distribution_cpu(
+                    factory, mode, args.count, args.window, "followers"
+                )
         finally:
             factory.close()
             shutil.rmtree(base, ignore_errors=True)
@@ -333,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         local = factory(config_text="queues:\n  - name: bench\n")
-        results["local"] = {"throughput": measured([local], produce, local.mqtt_port, args.count, args.window),
-                            "paced": measured([local], produce, local.mqtt_port, 0, args.window, args.rate,
-                                              args.seconds)}
+        results["local"] = {
+            "throughput": measured([local], produce, local.mqtt_port, args.count, args.window),
+            "paced": measured([local], produce, local.mqtt_port, 0, args.window, args.rate, args.seconds),
+        }
         local.stop()
         peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
         text = """
@@ -345,7 +384,9 @@ queues:
   - name: bench
     replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
 """
-        nodes = [factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers]
+        nodes = [
+            factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers
+        ]
         for n in nodes:
             n.wait_ready()
         deadline = time.monotonic() + 20
@@ -355,9 +396,10 @@ queues:
             time.sleep(0.1)
         follower = next(n for n in nodes if n is not leader)
         for name, node in (("raft-leader", leader), ("raft-follower", follower)):
-            results[name] = {"throughput": measured(nodes, produce, node.mqtt_port, args.count, args.window),
-                             "paced": measured(nodes, produce, node.mqtt_port, 0, args.window, args.rate,
-                                               args.seconds)}
+            results[name] = {
+                "throughput": measured(nodes, produce, node.mqtt_port, args.count, args.window),
+                "paced": measured(nodes, produce, node.mqtt_port, 0, args.window, args.rate, args.seconds),
+            }
         results["entries_applied"] = _status(leader)["entries_applied"]
     finally:
         factory.close()

@@ -42,13 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {}
     try:
         me = f"127.0.0.1:{free_port()}"
-        node = factory(config_text=f"""
+        node = factory(
+            config_text=f"""
 cluster:
   raft: {{enabled: true, bind_addr: "{me}", peers: ["{me}"], compaction_entries: {args.compaction_entries}}}
 queues:
   - name: bench
     replication: {{enabled: true, mode: sync, replication_factor: 1, min_in_sync_replicas: 1}}
-""")
+"""
+        )
         time.sleep(1)
         out["produce"] = produce(node.mqtt_port, args.count, 100)
         out["entries"] = node.http_get("/cluster/raft")[1]["groups"][0]["applied"]
@@ -59,18 +61,28 @@ queues:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
         env["PYTHONPATH"] = str(REPO_ROOT)
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-                                       cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
         factory.nodes.append(again)
         again.wait_ready(60)
         out["ready_after_s"] = round(time.monotonic() - started, 2)
         time.sleep(3)
-        out["snapshots"] = [line.split(" event=")[1] for line in node.log_text().splitlines()
-                            if "raft_snapshot_written" in line][-3:]
-        out["slow_ticks"] = [line.split(" event=")[1] for line in again.log_text().splitlines()
-                             if "raft_tick_slow" in line]
+        out["snapshots"] = [
+            line.split(" event=")[1]
+            for line in node.log_text().splitlines()
+            if "raft_snapshot_written" in line
+        ][-3:]
+        out["slow_ticks"] = [
+            line.split(" event=")[1] for line in again.log_text().splitlines() if "raft_tick_slow" in line
+        ]
     finally:
         factory.close()
         shutil.rmtree(base, ignore_errors=True)

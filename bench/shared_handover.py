@@ -60,8 +60,9 @@ class StallMeter:
 
 def run(scenario: str, messages: int, payload: int, path: Path) -> dict:
     storage = LMDBStorage(path, map_size=4 << 30)
-    broker = Broker(BrokerSettings(persistent_max_queued_messages=messages,
-                                   persistent_max_queued_bytes=1 << 31), storage)
+    broker = Broker(
+        BrokerSettings(persistent_max_queued_messages=messages, persistent_max_queued_bytes=1 << 31), storage
+    )
     FlushScheduler(storage)  # commits each loop turn's writes, as in the node
     a, _ = broker.open_session("a", False, 3600)
     da = RecordingDelivery()
@@ -103,10 +104,18 @@ def run(scenario: str, messages: int, payload: int, path: Path) -> dict:
     storage.close()
     assert left == expect_left, (left, expect_left)
     assert moved == messages - expect_left, moved
-    return {"scenario": scenario, "messages": messages, "moved": moved, "left_with_a": left,
-            "close_session_ms": round(in_call * 1000, 1), "hand_over_ms": round(done * 1000, 1),
-            "longest_stall_ms": round(stall * 1000, 1), "longest_stall_cpu_ms": round(stall_cpu * 1000, 1),
-            "turns": getattr(hand_over, "turns", 1), "largest_step": getattr(hand_over, "largest_step", messages)}
+    return {
+        "scenario": scenario,
+        "messages": messages,
+        "moved": moved,
+        "left_with_a": left,
+        "close_session_ms": round(in_call * 1000, 1),
+        "hand_over_ms": round(done * 1000, 1),
+        "longest_stall_ms": round(stall * 1000, 1),
+        "longest_stall_cpu_ms": round(stall_cpu * 1000, 1),
+        "turns": getattr(hand_over, "turns", 1),
+        "largest_step": getattr(hand_over, "largest_step", messages),
+    }
 
 
 def main() -> None:

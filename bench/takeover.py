@@ -88,12 +88,20 @@ def main() -> None:
             total_ms.append((t2 - t0) * 1e3)
             commit_ms.append((t3 - t2) * 1e3)
             src, dst = dst, src
-        print(f"store={args.store} takeovers={args.takeovers} queued={args.queued} payload={args.payload} "
-              f"state={size} bytes")
-        for name, values in (("export+encode", export_ms), ("decode+import", import_ms),
-                             ("takeover (local part)", total_ms), ("commit of both stores", commit_ms)):
-            print(f"  {name:24s} p50 {statistics.median(values):7.3f} ms   p99 {pct(values, 99):7.3f} ms"
-                  f"   max {max(values):7.3f} ms")
+        print(
+            f"store={args.store} takeovers={args.takeovers} queued={args.queued} payload={args.payload} "
+            f"state={size} bytes"
+        )
+        for name, values in (
+            ("export+encode", export_ms),
+            ("decode+import", import_ms),
+            ("takeover (local part)", total_ms),
+            ("commit of both stores", commit_ms),
+        ):
+            print(
+                f"  {name:24s} p50 {statistics.median(values):7.3f} ms   p99 {pct(values, 99):7.3f} ms"
+                f"   max {max(values):7.3f} ms"
+            )
         for storage in (sa, sb):
             if storage is not None:
                 storage.close()

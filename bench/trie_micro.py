@@ -82,18 +82,21 @@ def main() -> None:
         walk_only.add(f, key, key)
 
     hot = [topic_for(d, d) for d in range(0, n, max(1, n // 1000))][:1000]  # fits the cache
-    distinct = [topic_for(d, m) for m in range(3) for d in range(n)] * 2   # 3n topics > cache size
-    distinct += [f"other/{i}/x" for i in range(n)]                          # matched only by '#'
+    distinct = [topic_for(d, m) for m in range(3) for d in range(n)] * 2  # 3n topics > cache size
+    distinct += [f"other/{i}/x" for i in range(n)]  # matched only by '#'
     sample = [len(trie.match(t).subscribers) + len(trie.match(t).groups) for t in distinct[: 3 * n]]
 
     def batch(match: Callable[[str], object], topics: list[str]) -> Callable[[], None]:
         def run() -> None:
             for t in topics:
                 match(t)
+
         return run
 
-    print(f"subscriptions: {len(trie)} entries, {trie.node_count()} nodes; "
-          f"mean matches per topic {sum(sample) / len(sample):.1f}")
+    print(
+        f"subscriptions: {len(trie)} entries, {trie.node_count()} nodes; "
+        f"mean matches per topic {sum(sample) / len(sample):.1f}"
+    )
     print(f"{'operation':<42}{'ops/s':>14}{'us/op':>10}")
 
     def show(name: str, ops: float) -> None:
@@ -111,8 +114,10 @@ def main() -> None:
     show("match, walk only, no subscriber", rate(batch(empty.match, no_sub), args.seconds, len(no_sub)))
     show("validate_topic", rate(batch(validate_topic, chunk), args.seconds, len(chunk)))
 
-    churn = [(f"site/{i % SITES}/dev/{i}/+" if i % 2 else f"$share/g/site/+/dev/{i}/#", f"new-{i}")
-             for i in range(n)]
+    churn = [
+        (f"site/{i % SITES}/dev/{i}/+" if i % 2 else f"$share/g/site/+/dev/{i}/#", f"new-{i}")
+        for i in range(n)
+    ]
 
     def subscribe_all() -> None:
         for f, key in churn:
@@ -139,13 +144,19 @@ def main() -> None:
     for d in range(n):
         for m in range(3):
             retained.set(topic_for(d, m), d)
-    show("retained set (replace existing)", rate(
-        batch(lambda t: retained.set(t, 0), distinct[:3 * n]), args.seconds, 3 * n))
+    show(
+        "retained set (replace existing)",
+        rate(batch(lambda t: retained.set(t, 0), distinct[: 3 * n]), args.seconds, 3 * n),
+    )
     one_site = "site/7/dev/+/temp"
-    show(f"retained match {one_site!r} ({len(retained.match(one_site))} hits)",
-         rate(lambda: retained.match(one_site), args.seconds))
-    show(f"retained match 'site/7/#' ({len(retained.match('site/7/#'))} hits)",
-         rate(lambda: retained.match("site/7/#"), args.seconds))
+    show(
+        f"retained match {one_site!r} ({len(retained.match(one_site))} hits)",
+        rate(lambda: retained.match(one_site), args.seconds),
+    )
+    show(
+        f"retained match 'site/7/#' ({len(retained.match('site/7/#'))} hits)",
+        rate(lambda: retained.match("site/7/#"), args.seconds),
+    )
 
 
 if __name__ == "__main__":

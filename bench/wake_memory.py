@@ -40,8 +40,23 @@ def with_node(tree: str, n: int, wake: str) -> None:
     try:
         worker = procinfo.tree(node.pid)[-1]
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "bench.wake_memory", str(n), str(node.port),
-                        str(worker), wake], cwd=here, check=True, timeout=600)
+        subprocess.run(
+            [
+                "taskset",
+                "-c",
+                "0",
+                sys.executable,
+                "-m",
+                "bench.wake_memory",
+                str(n),
+                str(node.port),
+                str(worker),
+                wake,
+            ],
+            cwd=here,
+            check=True,
+            timeout=600,
+        )
     finally:
         node.cleanup()
 
@@ -59,8 +74,9 @@ def main() -> None:
     for i in range(n):
         sock = socket.create_connection(("127.0.0.1", port))
         cid = b"wake%06d" % i
-        sock.sendall(bytes([0x10, 12 + len(cid)]) + b"\x00\x04MQTT\x04\x02\x00\x3c"
-                     + len(cid).to_bytes(2, "big") + cid)
+        sock.sendall(
+            bytes([0x10, 12 + len(cid)]) + b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+        )
         socks.append(sock)
     for sock in socks:
         assert sock.recv(4)[:1] == b"\x20"

@@ -54,12 +54,17 @@ def scenarios(refused_url: str, silent_url: str) -> dict[str, tuple[list[str], f
     """name -> (--set options of the node, seconds of warm-up traffic and wait before the measured run)."""
     return {
         "no webhooks": ([], 0.0),
-        "endpoint wants client.* only": (endpoint_set(silent_url, ["client.connected", "client.disconnected"]), 0.0),
+        "endpoint wants client.* only": (
+            endpoint_set(silent_url, ["client.connected", "client.disconnected"]),
+            0.0,
+        ),
         "dead endpoint (refused), every event": (endpoint_set(refused_url, ["*"]), 0.0),
         # The worst case: a silent endpoint with a 30 s timeout, so its breaker stays closed for the
         # whole run: every message makes two events and the full queue drops the oldest each time.
         "dead endpoint (silent), every event, breaker still closed": (
-            endpoint_set(silent_url, ["*"], timeout="30s"), 0.0),
+            endpoint_set(silent_url, ["*"], timeout="30s"),
+            0.0,
+        ),
         # The same endpoint (2 s timeout) once its breaker opened during a warm-up.
         "dead endpoint (silent), every event, breaker open": (endpoint_set(silent_url, ["*"]), 3.0),
     }
@@ -81,12 +86,38 @@ def webhook_counters(node: FluxmqNode) -> dict[str, float]:
 
 def loadgen(node: FluxmqNode, args: argparse.Namespace, count: int) -> dict[str, str]:
     pin = ["taskset", "-c", args.gen_cpus] if args.gen_cpus and shutil.which("taskset") else []
-    cmd = pin + [sys.executable, "-m", "bench.loadgen", "--mode", "throughput", "--pubs", "1", "--subs", "1",
-                 "--qos", "0", "--count", str(count), "--duration", str(args.duration),
-                 "--timeout", str(args.duration + 30), "--port", str(node.port), "--procs", "1",
-                 "--pid", str(node.pid)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = pin + [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--mode",
+        "throughput",
+        "--pubs",
+        "1",
+        "--subs",
+        "1",
+        "--qos",
+        "0",
+        "--count",
+        str(count),
+        "--duration",
+        str(args.duration),
+        "--timeout",
+        str(args.duration + 30),
+        "--port",
+        str(node.port),
+        "--procs",
+        "1",
+        "--pid",
+        str(node.pid),
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=args.duration + 60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
     if line is None:
         raise RuntimeError(f"loadgen gave no RESULT: {out.stderr[-2000:]}")
@@ -137,8 +168,14 @@ def micro(rounds: int, n: int) -> int:
     broker.subscribe(session, "bench/#", 0)
 
     def sink(events, url: str = "http://127.0.0.1:9/", open_breaker: bool = False) -> WebhookDispatcher:
-        endpoint = EndpointSettings("rx", url, frozenset(events), retry=RetryPolicy(1, 0.0, 0.0, 1.0),
-                                    failure_threshold=1, reset_timeout=3600.0)
+        endpoint = EndpointSettings(
+            "rx",
+            url,
+            frozenset(events),
+            retry=RetryPolicy(1, 0.0, 0.0, 1.0),
+            failure_threshold=1,
+            reset_timeout=3600.0,
+        )
         d = WebhookDispatcher(WebhookSettings((endpoint,), queue_size=10000), "bench")
         d.on_wants_changed = lambda: broker.set_events(d)
         d.accepting = True  # no workers: the queue stays full, the worst case for producing events
@@ -167,8 +204,10 @@ def micro(rounds: int, n: int) -> int:
                 broker.publish(message)
             results[name].append((time.process_time() - started) / n * 1e6)
     base = statistics.median(results["no webhooks"])
-    print(f"\nBroker.publish, QoS 0 to 1 subscriber, CPU us per publish, median of {rounds} rounds of {n:,} "
-          f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
+    print(
+        f"\nBroker.publish, QoS 0 to 1 subscriber, CPU us per publish, median of {rounds} rounds of {n:,} "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+    )
     print("| sink | us per publish | vs none | rounds |")
     print("|---|---:|---:|---|")
     for name, values in results.items():
@@ -193,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     silent.bind(("127.0.0.1", 0))
     silent.listen(4096)  # never accepted: connections sit in the backlog, requests get no answer
     try:
-        table = scenarios(f"http://127.0.0.1:{free_port()}/hook", f"http://127.0.0.1:{silent.getsockname()[1]}/hook")
+        table = scenarios(
+            f"http://127.0.0.1:{free_port()}/hook", f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        )
         rates: dict[str, list[float]] = {name: [] for name in table}
         per_cpu: dict[str, list[float]] = {name: [] for name in table}
         counters: dict[str, dict[str, float]] = {}
@@ -210,10 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         silent.close()
     base = statistics.median(rates["no webhooks"] or [1.0])
     base_cpu = statistics.median(per_cpu["no webhooks"] or [1.0])
-    print(f"\nQoS 0, 1 publisher -> 1 subscriber, {args.count:,} messages, median of {args.runs} "
-          f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
-    print("| scenario | deliveries/s (median) | vs none | per broker CPU-s (median) | vs none | runs (deliveries/s) "
-          "| webhook counters at the end (last run) |")
+    print(
+        f"\nQoS 0, 1 publisher -> 1 subscriber, {args.count:,} messages, median of {args.runs} "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+    )
+    print(
+        "| scenario | deliveries/s (median) | vs none | per broker CPU-s (median) | vs none | runs (deliveries/s) "
+        "| webhook counters at the end (last run) |"
+    )
     print("|---|---:|---:|---:|---:|---|---|")
     for name, values in rates.items():
         if not values:
@@ -221,16 +266,24 @@ def main(argv: list[str] | None = None) -> int:
             continue
         med = statistics.median(values)
         seen = counters.get(name, {})
-        shown = ", ".join(f"{k.split('{')[0].removeprefix('fluxmq_webhook_')}"
-                          f"{'[' + k.split('reason=')[1].rstrip('}').strip(chr(34)) + ']' if 'reason=' in k else ''}"
-                          f"={v:,.0f}" for k, v in seen.items()
-                          if v and "created" not in k and "breaker_state" not in k) or "-"
+        shown = (
+            ", ".join(
+                f"{k.split('{')[0].removeprefix('fluxmq_webhook_')}"
+                f"{'[' + k.split('reason=')[1].rstrip('}').strip(chr(34)) + ']' if 'reason=' in k else ''}"
+                f"={v:,.0f}"
+                for k, v in seen.items()
+                if v and "created" not in k and "breaker_state" not in k
+            )
+            or "-"
+        )
         state = next((v for k, v in seen.items() if "breaker_state" in k), None)
         if state is not None:
             shown += f", breaker={('closed', 'half-open', 'open')[int(state)]}"
         med_cpu = statistics.median(per_cpu[name])
-        print(f"| {name} | {med:,.0f} | {med / base:.2f}x | {med_cpu:,.0f} | {med_cpu / base_cpu:.2f}x "
-              f"| {', '.join(f'{v:,.0f}' for v in values)} | {shown} |")
+        print(
+            f"| {name} | {med:,.0f} | {med / base:.2f}x | {med_cpu:,.0f} | {med_cpu / base_cpu:.2f}x "
+            f"| {', '.join(f'{v:,.0f}' for v in values)} | {shown} |"
+        )
     return 0
 
 

@@ -52,8 +52,19 @@ def tree_cpu(pid: int) -> float:
 
 def run_once(mqttload: str, port: int, mode: str, window: int, gen_cpus: str) -> dict[str, str]:
     pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
-    cmd = [*pin, mqttload, *MODES[mode], "--host", "127.0.0.1", "--port", str(port), "--window", str(window),
-           "--timeout", "60"]
+    cmd = [
+        *pin,
+        mqttload,
+        *MODES[mode],
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--window",
+        str(window),
+        "--timeout",
+        "60",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=90).stdout
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), "RESULT error=no_result")
     return dict(kv.partition("=")[::2] for kv in line.split()[1:])
@@ -70,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-cpus", default="0")
     p.add_argument("--set", action="append", default=[], help="extra --set for the node")
     args = p.parse_args(argv)
-    print("| workers | scenario | deliveries/s (runs) | median | broker CPU us/delivery (median) | cores used | load avg |")
+    print(
+        "| workers | scenario | deliveries/s (runs) | median | broker CPU us/delivery (median) | cores used | load avg |"
+    )
     print("|---:|---|---|---:|---:|---:|---|")
     for workers in [int(w) for w in args.workers.split(",")]:
         node = FluxmqNode(cpus=args.broker_cpus or None, sets=[f"server.workers={workers}", *args.set])
@@ -91,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
                     del t0
                 med_rate = statistics.median(rates)
                 med_cost = statistics.median(costs) if costs else 0.0
-                print(f"| {workers} | {mode} | {', '.join(f'{r:,.0f}' for r in rates)} | {med_rate:,.0f} | "
-                      f"{med_cost:.2f} | {med_rate * med_cost / 1e6:.2f} | {load} |", flush=True)
+                print(
+                    f"| {workers} | {mode} | {', '.join(f'{r:,.0f}' for r in rates)} | {med_rate:,.0f} | "
+                    f"{med_cost:.2f} | {med_rate * med_cost / 1e6:.2f} | {load} |",
+                    flush=True,
+                )
         finally:
             node.stop()
     return 0

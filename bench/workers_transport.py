@@ -97,8 +97,12 @@ def serve(kind: str, addr: str) -> None:
 
 
 def _batch(seq: int, size: int, blob: bytes) -> pb.Batch:
-    return pb.Batch(sender="bench", epoch=1, seq=seq,
-                    items=[pb.Item(message=blob, match_local=True, expiry_ms=-1) for _ in range(size)])
+    return pb.Batch(
+        sender="bench",
+        epoch=1,
+        seq=seq,
+        items=[pb.Item(message=blob, match_local=True, expiry_ms=-1) for _ in range(size)],
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -198,22 +202,29 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    transports = [("grpc-tcp", "grpc", f"127.0.0.1:{port}"),
-                  ("grpc-unix", "grpc", f"unix:{tmp}/g.sock"),
-                  ("raw-unix", "raw", f"{tmp}/r.sock")]
+    transports = [
+        ("grpc-tcp", "grpc", f"127.0.0.1:{port}"),
+        ("grpc-unix", "grpc", f"unix:{tmp}/g.sock"),
+        ("raw-unix", "raw", f"{tmp}/r.sock"),
+    ]
     blob = encode_message(Message("bench/topic/1", b"x" * 64, 1, False, {0x26: [("k", "v")]}))
     print(f"{'transport':<12}{'batch':>6}{'msg/s':>12}{'rtt p50 ms':>12}{'rtt p99 ms':>12}")
     env = dict(os.environ, FLUXMQ_BENCH_WT_SERVER="1")
     for name, kind, addr in transports:
-        server = subprocess.Popen([sys.executable, "-m", "bench.workers_transport", "--serve", kind, addr],
-                                  stdout=subprocess.PIPE, env=env)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "bench.workers_transport", "--serve", kind, addr],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
         try:
             assert server.stdout.readline().strip() == b"ready"
             for size in [int(b) for b in args.batches.split(",")]:
                 run = run_raw if kind == "raw" else run_grpc
                 n, rtts = run(addr, size, args.seconds, blob, args.window)
-                print(f"{name:<12}{size:>6}{n / args.seconds:>12,.0f}{_pct(rtts, 0.5):>12.3f}{_pct(rtts, 0.99):>12.3f}",
-                      flush=True)
+                print(
+                    f"{name:<12}{size:>6}{n / args.seconds:>12,.0f}{_pct(rtts, 0.5):>12.3f}{_pct(rtts, 0.99):>12.3f}",
+                    flush=True,
+                )
         finally:
             server.terminate()
             server.wait(5)

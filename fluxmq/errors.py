@@ -100,8 +100,16 @@ class ConfigError(FluxMQError):
     value (an unknown key, a YAML syntax error); ``expected`` is still kept for callers.
     """
 
-    def __init__(self, key: str, expected: str, source: str = "", line: int | None = None,
-                 got: object = None, *, problem: str | None = None) -> None:
+    def __init__(
+        self,
+        key: str,
+        expected: str,
+        source: str = "",
+        line: int | None = None,
+        got: object = None,
+        *,
+        problem: str | None = None,
+    ) -> None:
         self.key = key
         self.expected = expected
         self.source = source
@@ -122,7 +130,9 @@ class ConfigErrors(ConfigError):
 
     def __init__(self, errors: list[ConfigError]) -> None:
         first = errors[0]
-        super().__init__(first.key, first.expected, first.source, first.line, first.got, problem=first.problem)
+        super().__init__(
+            first.key, first.expected, first.source, first.line, first.got, problem=first.problem
+        )
         self.errors = list(errors)
         self.args = ("\n".join(str(e) for e in self.errors),)
 

@@ -62,12 +62,20 @@ ROOT_LOGGER = "fluxmq"
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
 
-LEVELS = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-          "warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
-    "message", "asctime", "taskName",
+    "message",
+    "asctime",
+    "taskName",
 }
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]|[\x00-\x1f\x7f]')
 _JSON_CORE = ("ts", "level", "logger", "msg")
@@ -176,6 +184,7 @@ def _running_hub() -> Any:
 def _in_background(fn: Callable[[], None], delay: float = 0.0) -> Callable[[], None]:
     """Run ``fn`` on a native thread (gzip would otherwise stall the gevent hub) after ``delay``
     seconds; return a waiter."""
+
     def job() -> None:
         if delay > 0:
             time.sleep(delay)  # a native thread (the hub's threadpool under gevent): blocks nobody
@@ -288,9 +297,18 @@ class RotatingFile(TurnBatching, logging.handlers.RotatingFileHandler):
     process has moved to the new file. Records are written once per loop turn (``TurnBatching``).
     """
 
-    def __init__(self, filename: str, max_bytes: int, backups: int, compress: bool = True,
-                 encoding: str = "utf-8", *, check_interval: float = CHECK_INTERVAL,
-                 compress_delay: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        filename: str,
+        max_bytes: int,
+        backups: int,
+        compress: bool = True,
+        encoding: str = "utf-8",
+        *,
+        check_interval: float = CHECK_INTERVAL,
+        compress_delay: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(filename, mode="a", maxBytes=max_bytes, backupCount=backups, encoding=encoding)
         self.compress = compress
         self.check_interval = check_interval
@@ -403,8 +421,9 @@ class ThrottlingHandler(logging.Handler):
     counts still pending. ``clock`` (seconds, monotonic) is injectable for tests.
     """
 
-    def __init__(self, target: logging.Handler, rate: float, burst: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, target: logging.Handler, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__()
         self.target = target
         self.rate = float(rate)
@@ -453,8 +472,9 @@ class ThrottlingHandler(logging.Handler):
         super().close()
 
 
-def setup_logging(log: Any, *, stream: TextIO | None = None,
-                  clock: Callable[[], float] | None = None) -> logging.Handler:
+def setup_logging(
+    log: Any, *, stream: TextIO | None = None, clock: Callable[[], float] | None = None
+) -> logging.Handler:
     """Configure the ``fluxmq`` logger from the ``log`` config section; return the installed handler.
 
     ``log`` is ``cfg.log`` (``level``, ``format``, ``file``, ``max_size_mb``, ``max_backups``,
@@ -472,18 +492,30 @@ def setup_logging(log: Any, *, stream: TextIO | None = None,
         try:
             parent = os.path.dirname(os.path.abspath(log.file))
             os.makedirs(parent, exist_ok=True)
-            target = RotatingFile(log.file, max_bytes=int(log.max_size_mb) * 1024 * 1024,
-                                  backups=int(log.max_backups), compress=bool(log.compress))
+            target = RotatingFile(
+                log.file,
+                max_bytes=int(log.max_size_mb) * 1024 * 1024,
+                backups=int(log.max_backups),
+                compress=bool(log.compress),
+            )
         except OSError as exc:
-            raise ConfigError("log.file", "a writable file", log.file,
-                              problem=f"cannot open the log file: {exc.strerror or exc}") from None
+            raise ConfigError(
+                "log.file",
+                "a writable file",
+                log.file,
+                problem=f"cannot open the log file: {exc.strerror or exc}",
+            ) from None
     else:
         target = BatchedStream(stream if stream is not None else sys.stderr)
     target.setFormatter(formatter)
     handler = target
     if log.throttling.enabled:
-        handler = ThrottlingHandler(target, log.throttling.rate, log.throttling.burst,
-                                    clock=clock if clock is not None else time.monotonic)
+        handler = ThrottlingHandler(
+            target,
+            log.throttling.rate,
+            log.throttling.burst,
+            clock=clock if clock is not None else time.monotonic,
+        )
     handler._fluxmq_setup = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(effective_level(log))

@@ -102,8 +102,9 @@ class RunningNode:
 
     host = HOST
 
-    def __init__(self, process: subprocess.Popen, config: dict, config_path: Path, data_dir: Path,
-                 log_path: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen, config: dict, config_path: Path, data_dir: Path, log_path: Path
+    ) -> None:
         self.process = process
         self.config = config
         self.config_path = config_path
@@ -174,8 +175,9 @@ class RunningNode:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise NodeStartError(f"node exited with {self.process.returncode} before ready; "
-                                     f"log tail:\n{self.log_tail()}")
+                raise NodeStartError(
+                    f"node exited with {self.process.returncode} before ready; log tail:\n{self.log_tail()}"
+                )
             if self.is_ready():
                 return
             time.sleep(0.05)
@@ -232,9 +234,16 @@ class NodeFactory:
         self.base_dir = base_dir
         self.nodes: list[RunningNode] = []
 
-    def __call__(self, overrides: Mapping[str, Any] | None = None, config_text: str | None = None,
-                 *, wait_ready: bool = True, env: Mapping[str, str] | None = None,
-                 args: tuple[str, ...] = (), nofile: int | None = None) -> RunningNode:
+    def __call__(
+        self,
+        overrides: Mapping[str, Any] | None = None,
+        config_text: str | None = None,
+        *,
+        wait_ready: bool = True,
+        env: Mapping[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        nofile: int | None = None,
+    ) -> RunningNode:
         """Write a config, start ``fluxmq-node --config`` with it and (by default) wait until ready.
 
         ``env`` adds environment variables (the test process's ``FLUXMQ_*`` ones are dropped);
@@ -245,11 +254,13 @@ class NodeFactory:
         data_dir = node_dir / "data"
         data_dir.mkdir(parents=True)
         config: dict = {
-            "server": {"tcp": {"plain": {"addr": f"{HOST}:{free_port()}"}},
-                       "websocket": {"plain": {"addr": ""}},  # on by default (:8083); tests opt in
-                       "http": {"plain": {"addr": f"{HOST}:{free_port()}"}},  # HTTP bridge (default :8080)
-                       "admin": {"addr": f"{HOST}:{free_port()}"},  # admin API (default 127.0.0.1:8082)
-                       "health_addr": f"{HOST}:{free_port()}"},
+            "server": {
+                "tcp": {"plain": {"addr": f"{HOST}:{free_port()}"}},
+                "websocket": {"plain": {"addr": ""}},  # on by default (:8083); tests opt in
+                "http": {"plain": {"addr": f"{HOST}:{free_port()}"}},  # HTTP bridge (default :8080)
+                "admin": {"addr": f"{HOST}:{free_port()}"},  # admin API (default 127.0.0.1:8082)
+                "health_addr": f"{HOST}:{free_port()}",
+            },
             "storage": {"path": str(data_dir)},
         }
         if config_text:
@@ -262,16 +273,23 @@ class NodeFactory:
         config_path.write_text(out.getvalue())
 
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
-        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+        )
         child_env["PYTHONUNBUFFERED"] = "1"
         child_env.update(env or {})
         log_path = node_dir / "node.log"
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fluxmq.node.cli", "--config", str(config_path), *args],
-                cwd=REPO_ROOT, env=child_env, stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=subprocess.STDOUT, start_new_session=True,  # own group: kill() reaches the worker
-                preexec_fn=None if nofile is None else functools.partial(_limit_nofile, nofile))
+                cwd=REPO_ROOT,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own group: kill() reaches the worker
+                preexec_fn=None if nofile is None else functools.partial(_limit_nofile, nofile),
+            )
         node = RunningNode(process, config, config_path, data_dir, log_path)
         self.nodes.append(node)
         if wait_ready:

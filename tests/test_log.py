@@ -25,7 +25,8 @@ from fluxmq.log import (
 )
 
 TEXT_LINE = re.compile(
-    r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<level>[A-Z]+) (?P<logger>\S+) (?P<rest>.*)")
+    r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<level>[A-Z]+) (?P<logger>\S+) (?P<rest>.*)"
+)
 
 
 class FakeClock:
@@ -59,8 +60,7 @@ def log_section(*overrides: str):
 def test_text_line_format() -> None:
     out = io.StringIO()
     setup_logging(log_section(), stream=out)
-    logging.getLogger("fluxmq.broker").info(
-        "connect", extra={"client_id": "abc", "peer": "127.0.0.1:5555"})
+    logging.getLogger("fluxmq.broker").info("connect", extra={"client_id": "abc", "peer": "127.0.0.1:5555"})
     line = out.getvalue()
     assert line.endswith("\n") and line.count("\n") == 1
     m = TEXT_LINE.fullmatch(line.rstrip("\n"))
@@ -70,9 +70,9 @@ def test_text_line_format() -> None:
 
 
 def test_text_quotes_values_that_need_it() -> None:
-    assert format_fields({"a": "x y", "b": "", "c": 'q"', "d": None, "e": True, "f": 1.5, "g": "k=v",
-                          "h": "line\nbreak"}) == (
-        'a="x y" b="" c="q\\"" d=null e=true f=1.5 g="k=v" h="line\\nbreak"')
+    assert format_fields(
+        {"a": "x y", "b": "", "c": 'q"', "d": None, "e": True, "f": 1.5, "g": "k=v", "h": "line\nbreak"}
+    ) == ('a="x y" b="" c="q\\"" d=null e=true f=1.5 g="k=v" h="line\\nbreak"')
 
 
 def test_text_message_with_args_and_traceback() -> None:
@@ -122,6 +122,7 @@ def test_json_field_named_like_a_core_key_does_not_replace_it() -> None:
 
 def test_level_filters_and_disabled_calls_do_not_format() -> None:
     """Cheap when disabled: a field of a filtered-out call is never turned into text."""
+
     class Counted:
         calls = 0
 
@@ -163,7 +164,10 @@ def test_setup_twice_replaces_the_handler_and_stops_propagation() -> None:
 
 # -- rotation ---------------------------------------------------------------------------------------
 
-def write_lines(handler: logging.Handler, count: int, formatter: logging.Formatter | None = None) -> list[str]:
+
+def write_lines(
+    handler: logging.Handler, count: int, formatter: logging.Formatter | None = None
+) -> list[str]:
     handler.setFormatter(formatter or logging.Formatter("%(message)s"))
     messages = [f"line {i:04d} " + "x" * 40 for i in range(count)]
     for message in messages:
@@ -184,7 +188,7 @@ def test_rotation_keeps_max_backups_gzipped(tmp_path: Path) -> None:
         with gzip.open(tmp_path / f"fluxmq.log.{i}.gz", "rt", encoding="utf-8") as f:
             kept += f.read().splitlines()
     kept += path.read_text(encoding="utf-8").splitlines()
-    assert kept == messages[-len(kept):]
+    assert kept == messages[-len(kept) :]
     assert path.stat().st_size <= 500
     assert len(kept) < len(messages)  # older lines went with the dropped backups
 
@@ -198,7 +202,7 @@ def test_rotation_without_compression(tmp_path: Path) -> None:
     kept = []
     for name in ("plain.log.2", "plain.log.1", "plain.log"):
         kept += (tmp_path / name).read_text(encoding="utf-8").splitlines()
-    assert kept == messages[-len(kept):]
+    assert kept == messages[-len(kept) :]
 
 
 def test_zero_backups_truncates(tmp_path: Path) -> None:
@@ -208,13 +212,20 @@ def test_zero_backups_truncates(tmp_path: Path) -> None:
     handler.close()
     assert [p.name for p in tmp_path.iterdir()] == ["t.log"]
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert 0 < len(lines) < len(messages) and lines == messages[-len(lines):]
+    assert 0 < len(lines) < len(messages) and lines == messages[-len(lines) :]
 
 
 def test_setup_logging_to_file(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "fluxmq.log"
-    handler = setup_logging(log_section(f"log.file={path}", "log.max_size_mb=3", "log.max_backups=2",
-                                        "log.compress=false", "log.format=json"))
+    handler = setup_logging(
+        log_section(
+            f"log.file={path}",
+            "log.max_size_mb=3",
+            "log.max_backups=2",
+            "log.compress=false",
+            "log.format=json",
+        )
+    )
     assert isinstance(handler, ThrottlingHandler)
     target = handler.target
     assert isinstance(target, RotatingFile)
@@ -234,10 +245,12 @@ def test_unwritable_log_file_is_a_config_error(tmp_path: Path) -> None:
 
 # -- throttling -------------------------------------------------------------------------------------
 
+
 def throttled(rate: float, burst: int) -> tuple[io.StringIO, FakeClock]:
     out, clock = io.StringIO(), FakeClock()
-    setup_logging(log_section(f"log.throttling.rate={rate}", f"log.throttling.burst={burst}"),
-                  stream=out, clock=clock)
+    setup_logging(
+        log_section(f"log.throttling.rate={rate}", f"log.throttling.burst={burst}"), stream=out, clock=clock
+    )
     return out, clock
 
 
@@ -312,7 +325,11 @@ def test_throttling_handler_wraps_any_target() -> None:
     handler.handle(record)
     handler.handle(record)
     assert [line.split(" ", 3)[3] for line in out.getvalue().splitlines()] == [
-        "event=e", "event=e", "event=log_throttled suppressed=3 rate=2.0 burst=2", "event=e"]
+        "event=e",
+        "event=e",
+        "event=log_throttled suppressed=3 rate=2.0 burst=2",
+        "event=e",
+    ]
 
 
 def test_a_file_rotated_by_another_process_is_reopened(tmp_path: Path) -> None:
@@ -336,6 +353,7 @@ def test_background_compression_under_gevent(tmp_path: Path) -> None:
     """With gevent's monkey patching the gzip runs on the hub's native threadpool and still completes."""
     import subprocess
     import sys
+
     script = (
         "from gevent import monkey; monkey.patch_all()\n"
         "import logging, sys\n"
@@ -355,16 +373,20 @@ def test_background_compression_under_gevent(tmp_path: Path) -> None:
 
 # -- cost per record (issue 17 item 6) -------------------------------------------------------------
 
+
 def test_a_record_costs_no_stat_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The handler stat'ed the path (three times) and asked the file position for every record; now
     it looks at the path once per check_interval and counts the size itself."""
     now = [0.0]
-    handler = RotatingFile(str(tmp_path / "f.log"), max_bytes=10**6, backups=1, compress=False,
-                           clock=lambda: now[0])
+    handler = RotatingFile(
+        str(tmp_path / "f.log"), max_bytes=10**6, backups=1, compress=False, clock=lambda: now[0]
+    )
     calls = []
     for name in ("stat", "fstat", "lstat"):
         real = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(
+            os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        )
     write_lines(handler, 1000)
     assert calls == []
     now[0] += 1.0
@@ -376,8 +398,9 @@ def test_a_record_costs_no_stat_of_the_file(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_size_is_counted_across_turns_and_rotation_still_happens(tmp_path: Path) -> None:
-    handler = RotatingFile(str(tmp_path / "r.log"), max_bytes=1000, backups=1, compress=False,
-                           clock=lambda: 0.0)
+    handler = RotatingFile(
+        str(tmp_path / "r.log"), max_bytes=1000, backups=1, compress=False, clock=lambda: 0.0
+    )
     write_lines(handler, 100)
     handler.close()
     assert (tmp_path / "r.log.1").exists() and (tmp_path / "r.log").stat().st_size <= 1000
@@ -410,11 +433,21 @@ def test_records_are_written_once_per_loop_turn_in_a_gevent_worker(tmp_path: Pat
     in one write when the turn ends; a WARNING or worse is written at once (with what came before)."""
     import subprocess
     import sys
+
     path = tmp_path / "b.log"
-    out = subprocess.run([sys.executable, "-c", BATCH_SCRIPT, str(path)], check=True, timeout=60,
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", BATCH_SCRIPT, str(path)],
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     sizes = dict(line.rsplit(" ", 1) for line in out.splitlines())
     hundred = sum(len(f"line {i}\n") for i in range(100))
-    assert sizes == {"after 100 infos": "0", "after a warning": str(hundred + len("now\n")),
-                     "after 1 info": str(hundred + len("now\n")),
-                     "next turn": str(hundred + len("now\n") + len("tail\n"))}, out
+    assert sizes == {
+        "after 100 infos": "0",
+        "after a warning": str(hundred + len("now\n")),
+        "after 1 info": str(hundred + len("now\n")),
+        "next turn": str(hundred + len("now\n") + len("tail\n")),
+    }, out

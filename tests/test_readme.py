@@ -12,7 +12,8 @@ README = Path(__file__).resolve().parent.parent / "README.rst"
 def test_readme_config_table_is_current():
     text = README.read_text(encoding="utf-8")
     assert readme_with_table(text, SCHEMA.readme_table()) == text, (
-        "README.rst's key table is stale: run python -m fluxmq.config.schema --update-readme README.rst")
+        "README.rst's key table is stale: run python -m fluxmq.config.schema --update-readme README.rst"
+    )
 
 
 def test_readme_names_the_two_setup_commands():

@@ -17,7 +17,9 @@ class SharedGroup:
 class Match:
     subscribers: list[Any]
     groups: list[SharedGroup]
-    def __init__(self, subscribers: list[Any] | None = None, groups: list[SharedGroup] | None = None) -> None: ...
+    def __init__(
+        self, subscribers: list[Any] | None = None, groups: list[SharedGroup] | None = None
+    ) -> None: ...
 
 class SubscriptionTrie:
     @property

@@ -82,32 +82,52 @@ class AclFile:
             rest = rest.strip()
             if keyword == "user":
                 if not rest:
-                    raise ConfigError(CONFIG_KEY, "user NAME", source, number, problem="user line without a name")
+                    raise ConfigError(
+                        CONFIG_KEY, "user NAME", source, number, problem="user line without a name"
+                    )
                 section = acl.users.setdefault(rest, [])
                 continue
             if keyword not in ("topic", "pattern"):
-                raise ConfigError(CONFIG_KEY, "an ACL line", source, number,
-                                  problem=f"unknown keyword {keyword!r} (user, topic or pattern)")
+                raise ConfigError(
+                    CONFIG_KEY,
+                    "an ACL line",
+                    source,
+                    number,
+                    problem=f"unknown keyword {keyword!r} (user, topic or pattern)",
+                )
             first, _, after = rest.partition(" ")
             after = after.strip()
             if first in _ACCESS and after:
                 access, filter = _ACCESS[first], after
             elif first in _ACCESS:
                 # Mosquitto would read "topic read" as a topic named "read": almost surely a mistake.
-                raise ConfigError(CONFIG_KEY, "a topic filter", source, number,
-                                  problem=f"{keyword} {first} without a topic")
+                raise ConfigError(
+                    CONFIG_KEY, "a topic filter", source, number, problem=f"{keyword} {first} without a topic"
+                )
             elif not first:
-                raise ConfigError(CONFIG_KEY, "a topic filter", source, number, problem=f"{keyword} without a topic")
+                raise ConfigError(
+                    CONFIG_KEY, "a topic filter", source, number, problem=f"{keyword} without a topic"
+                )
             elif after:
-                raise ConfigError(CONFIG_KEY, "read, write, readwrite or deny", source, number,
-                                  problem=f"invalid access type {first!r}")
+                raise ConfigError(
+                    CONFIG_KEY,
+                    "read, write, readwrite or deny",
+                    source,
+                    number,
+                    problem=f"invalid access type {first!r}",
+                )
             else:
                 access, filter = READWRITE, first
             try:
                 validate_filter(filter)
             except MQTTError as exc:
-                raise ConfigError(CONFIG_KEY, "a valid topic filter", source, number,
-                                  problem=f"invalid topic filter {filter!r}: {exc.reason}") from None
+                raise ConfigError(
+                    CONFIG_KEY,
+                    "a valid topic filter",
+                    source,
+                    number,
+                    problem=f"invalid topic filter {filter!r}: {exc.reason}",
+                ) from None
             rule = AclRule(filter, access, keyword == "pattern", number)
             if keyword == "pattern":
                 acl.patterns.append(rule)
@@ -122,7 +142,9 @@ class AclFile:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(CONFIG_KEY, "a readable ACL file", path, problem=f"cannot read {path}: {reason}") from None
+            raise ConfigError(
+                CONFIG_KEY, "a readable ACL file", path, problem=f"cannot read {path}: {reason}"
+            ) from None
         return cls.parse(text, path)
 
     def rules_for(self, client_id: str, username: str | None) -> list[tuple[int, int, str]]:
@@ -130,7 +152,9 @@ class AclFile:
         own = self.users.get(username, ()) if username is not None else self.anonymous
         rules = [(_USER_TIER, r.access, r.filter) for r in own]
         if self.patterns:
-            dangerous = any(ch in client_id for ch in "+#") or (username is not None and any(ch in username for ch in "+#"))
+            dangerous = any(ch in client_id for ch in "+#") or (
+                username is not None and any(ch in username for ch in "+#")
+            )
             for r in self.patterns:
                 if "%u" in r.filter and username is None:
                     continue  # Mosquitto skips %u patterns for anonymous clients

@@ -75,15 +75,20 @@ def _tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("auth.http.ca_file", "a readable PEM CA bundle", got=f"{ca_file} ({_one_line(exc)})") from None
+        raise ConfigError(
+            "auth.http.ca_file", "a readable PEM CA bundle", got=f"{ca_file} ({_one_line(exc)})"
+        ) from None
     if key_file and not cert_file:
         raise ConfigError("auth.http.key_file", "set together with auth.http.cert_file", got=key_file)
     if cert_file:
         try:
             context.load_cert_chain(cert_file, key_file or None)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("auth.http.cert_file", "a PEM client certificate with its key (or auth.http.key_file)",
-                              got=f"{cert_file} ({_one_line(exc)})") from None
+            raise ConfigError(
+                "auth.http.cert_file",
+                "a PEM client certificate with its key (or auth.http.key_file)",
+                got=f"{cert_file} ({_one_line(exc)})",
+            ) from None
     return context
 
 
@@ -130,9 +135,18 @@ class DecisionCache:
 class HTTPCallout:
     """Asks an HTTP service whether a client may connect (and, with ``acl``, publish or subscribe)."""
 
-    def __init__(self, url: str, timeout: float = 2.0, cache_ttl: float = 60.0, negative_ttl: float = 5.0,
-                 cache_size: int = 10000, acl: bool = False, ca_file: str = "", cert_file: str = "",
-                 key_file: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 2.0,
+        cache_ttl: float = 60.0,
+        negative_ttl: float = 5.0,
+        cache_size: int = 10000,
+        acl: bool = False,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+    ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("auth.http.url", "an http:// or https:// URL", got=url)
@@ -141,15 +155,26 @@ class HTTPCallout:
         if self._https:
             self._tls = _tls_context(ca_file, cert_file, key_file)
         elif ca_file or cert_file or key_file:
-            key = "auth.http.ca_file" if ca_file else "auth.http.cert_file" if cert_file else "auth.http.key_file"
+            key = (
+                "auth.http.ca_file"
+                if ca_file
+                else "auth.http.cert_file"
+                if cert_file
+                else "auth.http.key_file"
+            )
             raise ConfigError(key, "an https:// auth.http.url (it would be ignored)", got=url)
         # Logged without any user:password part of the URL.
         where = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
         self.url = f"{parts.scheme}://{where}{parts.path}" if parts.username or parts.password else url
         if sends_in_clear(url):
-            log.warning("auth_http_cleartext", extra={
-                "key": "auth.http.url", "host": where,
-                "problem": "passwords are sent to the authentication service in clear; use https://"})
+            log.warning(
+                "auth_http_cleartext",
+                extra={
+                    "key": "auth.http.url",
+                    "host": where,
+                    "problem": "passwords are sent to the authentication service in clear; use https://",
+                },
+            )
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -208,8 +233,10 @@ class HTTPCallout:
         except Exception as exc:  # any failure refuses (fail closed)
             self.errors += 1
             if self._log_gate.allow(type(exc).__name__):
-                log.warning("auth_http_failed", extra={"url": self.url, "action": doc.get("action"),
-                                                       "error": _one_line(exc)})
+                log.warning(
+                    "auth_http_failed",
+                    extra={"url": self.url, "action": doc.get("action"), "error": _one_line(exc)},
+                )
         finally:
             del self._pending[key]
             result.set(decision)  # waiters get an answer even if this greenlet is killed
@@ -219,14 +246,17 @@ class HTTPCallout:
 
     def _new_connection(self) -> http.client.HTTPConnection:
         if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout, context=self._tls)
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeout, context=self._tls
+            )
         return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
 
     def _post(self, conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
         reusable = False
         try:
-            conn.request("POST", self._path, body, {"Content-Type": "application/json",
-                                                   "Accept": "application/json"})
+            conn.request(
+                "POST", self._path, body, {"Content-Type": "application/json", "Accept": "application/json"}
+            )
             resp = conn.getresponse()
             data = resp.read(65536)
             reusable = not resp.will_close
@@ -252,8 +282,10 @@ class HTTPCallout:
                 try:
                     status, data = self._post(self._new_connection(), body)
                 except ssl.SSLCertVerificationError as exc:
-                    raise CalloutError(f"{type(exc).__name__}: {exc} (auth.http.ca_file names the CA that "
-                                       "signed the service's certificate)") from None
+                    raise CalloutError(
+                        f"{type(exc).__name__}: {exc} (auth.http.ca_file names the CA that "
+                        "signed the service's certificate)"
+                    ) from None
                 except (OSError, http.client.HTTPException) as exc:
                     raise CalloutError(f"{type(exc).__name__}: {exc}") from None
         if status in (401, 403):

@@ -92,12 +92,26 @@ class ConnectRateLimiter:
 class PublishLimits:
     """Per-client caps shared by every connection (plain settings; 0 means no limit)."""
 
-    __slots__ = ("publish_rate", "publish_burst", "publish_bytes_rate", "publish_bytes_burst",
-                 "max_subscriptions", "max_topic_levels", "max_topic_length")
+    __slots__ = (
+        "publish_rate",
+        "publish_burst",
+        "publish_bytes_rate",
+        "publish_bytes_burst",
+        "max_subscriptions",
+        "max_topic_levels",
+        "max_topic_length",
+    )
 
-    def __init__(self, publish_rate: float = 0.0, publish_burst: int = 0, publish_bytes_rate: int = 0,
-                 publish_bytes_burst: int = 0, max_subscriptions: int = 0, max_topic_levels: int = 0,
-                 max_topic_length: int = 0) -> None:
+    def __init__(
+        self,
+        publish_rate: float = 0.0,
+        publish_burst: int = 0,
+        publish_bytes_rate: int = 0,
+        publish_bytes_burst: int = 0,
+        max_subscriptions: int = 0,
+        max_topic_levels: int = 0,
+        max_topic_length: int = 0,
+    ) -> None:
         self.publish_rate = publish_rate
         self.publish_burst = publish_burst or max(1, int(publish_rate))
         self.publish_bytes_rate = publish_bytes_rate
@@ -109,7 +123,9 @@ class PublishLimits:
     @property
     def any_publish_check(self) -> bool:
         """True when some per-PUBLISH check (rate, bytes, topic caps) is configured."""
-        return bool(self.publish_rate or self.publish_bytes_rate or self.max_topic_levels or self.max_topic_length)
+        return bool(
+            self.publish_rate or self.publish_bytes_rate or self.max_topic_levels or self.max_topic_length
+        )
 
     @property
     def active(self) -> bool:

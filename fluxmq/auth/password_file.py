@@ -79,8 +79,12 @@ class PasswordHash:
         return f"$7${self.iterations}${salt}${digest}"
 
 
-def hash_password(password: bytes | str, algorithm: str = SHA512_PBKDF2, iterations: int = DEFAULT_ITERATIONS,
-                  salt: bytes | None = None) -> str:
+def hash_password(
+    password: bytes | str,
+    algorithm: str = SHA512_PBKDF2,
+    iterations: int = DEFAULT_ITERATIONS,
+    salt: bytes | None = None,
+) -> str:
     """A hash string as ``mosquitto_passwd`` writes it (``-H sha512`` or ``-H sha512-pbkdf2``)."""
     if isinstance(password, str):
         password = password.encode("utf-8")
@@ -122,14 +126,20 @@ class PasswordFile:
                 continue
             user, sep, value = line.rstrip("\r\n").partition(":")
             if not sep or not user:
-                raise ConfigError(CONFIG_KEY, "username:hash lines", source, number,
-                                  problem="expected username:hash (as mosquitto_passwd writes)")
+                raise ConfigError(
+                    CONFIG_KEY,
+                    "username:hash lines",
+                    source,
+                    number,
+                    problem="expected username:hash (as mosquitto_passwd writes)",
+                )
             if strict:
                 try:
                     pf._parsed[user] = PasswordHash.parse(value)
                 except ValueError as exc:
-                    raise ConfigError(CONFIG_KEY, "a $6$ or $7$ hash", source, number,
-                                      problem=f"user {user!r}: {exc}") from None
+                    raise ConfigError(
+                        CONFIG_KEY, "a $6$ or $7$ hash", source, number, problem=f"user {user!r}: {exc}"
+                    ) from None
             if user not in pf._hashes:
                 pf._lines.append(("user", user))
             pf._hashes[user] = value
@@ -143,8 +153,9 @@ class PasswordFile:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(CONFIG_KEY, "a readable password file", path,
-                              problem=f"cannot read {path}: {reason}") from None
+            raise ConfigError(
+                CONFIG_KEY, "a readable password file", path, problem=f"cannot read {path}: {reason}"
+            ) from None
         return cls.parse(text, path, strict)
 
     # -- checks ------------------------------------------------------------------------------------
@@ -185,8 +196,13 @@ class PasswordFile:
 
     # -- changes -----------------------------------------------------------------------------------
 
-    def set(self, username: str, password: bytes | str, algorithm: str = SHA512_PBKDF2,
-            iterations: int = DEFAULT_ITERATIONS) -> None:
+    def set(
+        self,
+        username: str,
+        password: bytes | str,
+        algorithm: str = SHA512_PBKDF2,
+        iterations: int = DEFAULT_ITERATIONS,
+    ) -> None:
         """Add ``username`` or replace its password (a new salt every time)."""
         check_username(username)
         value = hash_password(password, algorithm, iterations)
@@ -324,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             pf = PasswordFile(path)
         else:
             if not os.path.exists(path):
-                raise ValueError(f"Unable to open password file {path}: it does not exist (use -c to create it).")
+                raise ValueError(
+                    f"Unable to open password file {path}: it does not exist (use -c to create it)."
+                )
             pf = PasswordFile.load(path, strict=False)
         if args.delete:
             if not pf.delete(username):

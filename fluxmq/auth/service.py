@@ -60,16 +60,44 @@ _THREADPOOL_ITERATIONS = 2000
 class AuthSettings:
     """The plain settings of an ``AuthService`` (no config objects: the node maps its keys)."""
 
-    __slots__ = ("password_file", "acl_file", "allow_anonymous", "http_url", "http_timeout", "http_acl",
-                 "http_cache_ttl", "http_cache_negative_ttl", "http_cache_size", "connect_rate",
-                 "connect_burst", "limits", "bind_client_ids", "http_ca_file", "http_cert_file", "http_key_file")
+    __slots__ = (
+        "password_file",
+        "acl_file",
+        "allow_anonymous",
+        "http_url",
+        "http_timeout",
+        "http_acl",
+        "http_cache_ttl",
+        "http_cache_negative_ttl",
+        "http_cache_size",
+        "connect_rate",
+        "connect_burst",
+        "limits",
+        "bind_client_ids",
+        "http_ca_file",
+        "http_cert_file",
+        "http_key_file",
+    )
 
-    def __init__(self, password_file: str = "", acl_file: str = "", allow_anonymous: bool | None = None,
-                 http_url: str = "", http_timeout: float = 2.0, http_acl: bool = False,
-                 http_cache_ttl: float = 60.0, http_cache_negative_ttl: float = 5.0,
-                 http_cache_size: int = 10000, connect_rate: float = 0.0, connect_burst: int = 0,
-                 limits: PublishLimits | None = None, bind_client_ids: bool | None = None,
-                 http_ca_file: str = "", http_cert_file: str = "", http_key_file: str = "") -> None:
+    def __init__(
+        self,
+        password_file: str = "",
+        acl_file: str = "",
+        allow_anonymous: bool | None = None,
+        http_url: str = "",
+        http_timeout: float = 2.0,
+        http_acl: bool = False,
+        http_cache_ttl: float = 60.0,
+        http_cache_negative_ttl: float = 5.0,
+        http_cache_size: int = 10000,
+        connect_rate: float = 0.0,
+        connect_burst: int = 0,
+        limits: PublishLimits | None = None,
+        bind_client_ids: bool | None = None,
+        http_ca_file: str = "",
+        http_cert_file: str = "",
+        http_key_file: str = "",
+    ) -> None:
         self.password_file = password_file
         self.acl_file = acl_file
         # None: allow anonymous clients only when no authentication source is configured.
@@ -93,8 +121,14 @@ class AuthSettings:
     @property
     def configured(self) -> bool:
         """False when these settings ask for nothing (the broker then runs without an AuthService)."""
-        return bool(self.password_file or self.acl_file or self.http_url or self.allow_anonymous is False
-                    or self.connect_rate > 0 or self.limits.active)
+        return bool(
+            self.password_file
+            or self.acl_file
+            or self.http_url
+            or self.allow_anonymous is False
+            or self.connect_rate > 0
+            or self.limits.active
+        )
 
 
 class AuthResult:
@@ -132,24 +166,44 @@ class AuthService:
         self.acl = AclFile.load(settings.acl_file) if settings.acl_file else None
         self.http = None
         if settings.http_url:
-            self.http = HTTPCallout(settings.http_url, settings.http_timeout, settings.http_cache_ttl,
-                                    settings.http_cache_negative_ttl, settings.http_cache_size, settings.http_acl,
-                                    settings.http_ca_file, settings.http_cert_file, settings.http_key_file)
+            self.http = HTTPCallout(
+                settings.http_url,
+                settings.http_timeout,
+                settings.http_cache_ttl,
+                settings.http_cache_negative_ttl,
+                settings.http_cache_size,
+                settings.http_acl,
+                settings.http_ca_file,
+                settings.http_cert_file,
+                settings.http_key_file,
+            )
         self.limits = settings.limits
-        self.connect_limiter = (ConnectRateLimiter(settings.connect_rate, settings.connect_burst or
-                                                   max(1, int(settings.connect_rate)))
-                                if settings.connect_rate > 0 else None)
+        self.connect_limiter = (
+            ConnectRateLimiter(
+                settings.connect_rate, settings.connect_burst or max(1, int(settings.connect_rate))
+            )
+            if settings.connect_rate > 0
+            else None
+        )
         allow = settings.allow_anonymous
         self.allow_anonymous = (self.passwords is None and self.http is None) if allow is None else allow
         bind = settings.bind_client_ids
-        self.binds_client_ids = (self.passwords is not None or self.http is not None) if bind is None else bind
+        self.binds_client_ids = (
+            (self.passwords is not None or self.http is not None) if bind is None else bind
+        )
         self.log_gate = LogGate(60.0)
         self.generation = 0  # bumps when the rules change (reload): policies pick up the new ACL
         self._policies: weakref.WeakSet[ClientPolicy] = weakref.WeakSet()  # live ones, refreshed on reload
         self.on_rules_changed: Callable[[], None] | None = None  # the broker drops its cached routes
         self._acls: dict[str, tuple[str | None, ClientAcl]] = {}
-        self.counters = {"auth_failed": 0, "publish_denied": 0, "subscribe_denied": 0, "rate_limited": 0,
-                         "connect_rate_limited": 0, "quota_exceeded": 0}
+        self.counters = {
+            "auth_failed": 0,
+            "publish_denied": 0,
+            "subscribe_denied": 0,
+            "rate_limited": 0,
+            "connect_rate_limited": 0,
+            "quota_exceeded": 0,
+        }
 
     # -- what is configured ------------------------------------------------------------------------
 
@@ -162,8 +216,12 @@ class AuthService:
     def reads_user_names(self) -> bool:
         """True when a user name can change an answer (a password file, an HTTP service, an ACL
         file, or anonymous clients refused); False with limits alone, which apply to everyone."""
-        return (self.passwords is not None or self.http is not None or self.acl is not None
-                or not self.allow_anonymous)
+        return (
+            self.passwords is not None
+            or self.http is not None
+            or self.acl is not None
+            or not self.allow_anonymous
+        )
 
     @property
     def per_client(self) -> bool:
@@ -185,16 +243,22 @@ class AuthService:
 
     # -- authentication ----------------------------------------------------------------------------
 
-    def authenticate(self, client_id: str, username: str | None, password: bytes | None, peer: str) -> AuthResult:
+    def authenticate(
+        self, client_id: str, username: str | None, password: bytes | None, peer: str
+    ) -> AuthResult:
         """May this client connect? Logs a refusal with the peer address (never the password)."""
         result = self._authenticate(client_id, username, password, peer)
         if not result.ok:
             self.counters["auth_failed"] += 1
-            log.info("authentication_failed", extra={"peer": peer, "client_id": client_id, "user": username,
-                                                     "reason": result.reason})
+            log.info(
+                "authentication_failed",
+                extra={"peer": peer, "client_id": client_id, "user": username, "reason": result.reason},
+            )
         return result
 
-    def _authenticate(self, client_id: str, username: str | None, password: bytes | None, peer: str) -> AuthResult:
+    def _authenticate(
+        self, client_id: str, username: str | None, password: bytes | None, peer: str
+    ) -> AuthResult:
         if username is None:
             if self.allow_anonymous:
                 return ACCEPTED
@@ -343,8 +407,22 @@ class AuthService:
 class ClientPolicy:
     """What one connection may do: ACL decisions (cached per topic) and its own rate buckets."""
 
-    __slots__ = ("service", "client_id", "username", "peer", "acl", "generation", "http_acl", "msg_bucket",
-                 "byte_bucket", "topic_caps", "max_subscriptions", "_topics", "fast", "__weakref__")
+    __slots__ = (
+        "service",
+        "client_id",
+        "username",
+        "peer",
+        "acl",
+        "generation",
+        "http_acl",
+        "msg_bucket",
+        "byte_bucket",
+        "topic_caps",
+        "max_subscriptions",
+        "_topics",
+        "fast",
+        "__weakref__",
+    )
 
     def __init__(self, service: AuthService, client_id: str, username: str | None, peer: str = "") -> None:
         self.service = service
@@ -355,16 +433,24 @@ class ClientPolicy:
         self.generation = service.generation
         self.http_acl = service.http if service.http is not None and service.http.acl else None
         limits = service.limits
-        self.msg_bucket = TokenBucket(limits.publish_rate, limits.publish_burst) if limits.publish_rate else None
-        self.byte_bucket = (TokenBucket(limits.publish_bytes_rate, limits.publish_bytes_burst)
-                            if limits.publish_bytes_rate else None)
+        self.msg_bucket = (
+            TokenBucket(limits.publish_rate, limits.publish_burst) if limits.publish_rate else None
+        )
+        self.byte_bucket = (
+            TokenBucket(limits.publish_bytes_rate, limits.publish_bytes_burst)
+            if limits.publish_bytes_rate
+            else None
+        )
         self.topic_caps = limits if (limits.max_topic_levels or limits.max_topic_length) else None
         self.max_subscriptions = limits.max_subscriptions
         self._topics: dict[str, int] = {}  # topic -> 0 or the refusal of its caps and ACL file rules
         # The same dict when that is all a PUBLISH needs (no rate, no HTTP ACL): the protocol layer
         # then skips the call for a topic already allowed. The service clears it when rules change.
-        self.fast = self._topics if self.msg_bucket is None and self.byte_bucket is None and self.http_acl is None \
+        self.fast = (
+            self._topics
+            if self.msg_bucket is None and self.byte_bucket is None and self.http_acl is None
             else None
+        )
         if self.acl is not None or self.http_acl is not None:
             # A reload can change its answers. Without either (topic caps and rates only) nothing it
             # caches depends on the files, and every connection is spared the registration.
@@ -401,24 +487,39 @@ class ClientPolicy:
             code = self._topic_code(topic)
         if code:
             if code == QUOTA_EXCEEDED:
-                self.service.note("topic_cap", self.client_id, peer=self.peer, topic=topic[:200],
-                                  reason=self.topic_caps.topic_problem(topic))
+                self.service.note(
+                    "topic_cap",
+                    self.client_id,
+                    peer=self.peer,
+                    topic=topic[:200],
+                    reason=self.topic_caps.topic_problem(topic),
+                )
             else:
-                self.service.note("publish_denied", self.client_id, peer=self.peer, user=self.username, topic=topic)
+                self.service.note(
+                    "publish_denied", self.client_id, peer=self.peer, user=self.username, topic=topic
+                )
             return code
         bucket = self.msg_bucket
         if bucket is not None and not bucket.take():
-            self.service.note("rate_limited", self.client_id, peer=self.peer, limit="limits.publish_rate",
-                              rate=bucket.rate)
+            self.service.note(
+                "rate_limited", self.client_id, peer=self.peer, limit="limits.publish_rate", rate=bucket.rate
+            )
             return MESSAGE_RATE_TOO_HIGH
         bucket = self.byte_bucket
         if bucket is not None and not bucket.spend(size):
-            self.service.note("rate_limited", self.client_id, peer=self.peer, limit="limits.publish_bytes_rate",
-                              rate=bucket.rate)
+            self.service.note(
+                "rate_limited",
+                self.client_id,
+                peer=self.peer,
+                limit="limits.publish_bytes_rate",
+                rate=bucket.rate,
+            )
             return MESSAGE_RATE_TOO_HIGH
         http = self.http_acl
         if http is not None and not http.authorize(self.client_id, self.username, "publish", topic):
-            self.service.note("publish_denied", self.client_id, peer=self.peer, user=self.username, topic=topic)
+            self.service.note(
+                "publish_denied", self.client_id, peer=self.peer, user=self.username, topic=topic
+            )
             return NOT_AUTHORIZED
         return 0
 
@@ -435,19 +536,26 @@ class ClientPolicy:
         if caps is not None:
             problem = caps.topic_problem(filter)
             if problem is not None:
-                self.service.note("topic_cap", self.client_id, peer=self.peer, filter=filter[:200], reason=problem)
+                self.service.note(
+                    "topic_cap", self.client_id, peer=self.peer, filter=filter[:200], reason=problem
+                )
                 return QUOTA_EXCEEDED
         if self.max_subscriptions and count_after > self.max_subscriptions:
-            self.service.note("subscription_quota", self.client_id, peer=self.peer,
-                              max_subscriptions=self.max_subscriptions)
+            self.service.note(
+                "subscription_quota", self.client_id, peer=self.peer, max_subscriptions=self.max_subscriptions
+            )
             return QUOTA_EXCEEDED
         acl = self.acl
         if acl is not None and not acl.can_subscribe(filter):
-            self.service.note("subscribe_denied", self.client_id, peer=self.peer, user=self.username, filter=filter)
+            self.service.note(
+                "subscribe_denied", self.client_id, peer=self.peer, user=self.username, filter=filter
+            )
             return NOT_AUTHORIZED
         http = self.http_acl
         if http is not None and not http.authorize(self.client_id, self.username, "subscribe", filter):
-            self.service.note("subscribe_denied", self.client_id, peer=self.peer, user=self.username, filter=filter)
+            self.service.note(
+                "subscribe_denied", self.client_id, peer=self.peer, user=self.username, filter=filter
+            )
             return NOT_AUTHORIZED
         return 0
 
@@ -458,7 +566,9 @@ class ClientPolicy:
         if caps is not None:
             problem = caps.topic_problem(topic)
             if problem is not None:
-                self.service.note("topic_cap", self.client_id, peer=self.peer, will_topic=topic[:200], reason=problem)
+                self.service.note(
+                    "topic_cap", self.client_id, peer=self.peer, will_topic=topic[:200], reason=problem
+                )
                 return False
         acl = self.acl
         if acl is not None and not acl.can_write(topic):

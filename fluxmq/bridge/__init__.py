@@ -19,13 +19,28 @@ __all__ = ["BridgeConfig", "BridgeLink", "BridgeStatus", "Bridges", "bridges_fro
 class Bridges:
     """Every configured bridge of a node, with their status publisher."""
 
-    def __init__(self, configs: list[BridgeConfig], broker: Broker, flusher=None, node_id: str = "",
-                 status_interval: float = 10.0, max_packet_size: int = 2 << 20) -> None:
+    def __init__(
+        self,
+        configs: list[BridgeConfig],
+        broker: Broker,
+        flusher=None,
+        node_id: str = "",
+        status_interval: float = 10.0,
+        max_packet_size: int = 2 << 20,
+    ) -> None:
         self.links: list[BridgeLink] = []
         self.status = BridgeStatus(broker, self.links, status_interval)
         for cfg in configs:
-            self.links.append(BridgeLink(cfg, broker, flusher, node_id, on_change=self.status.changed,
-                                         max_packet_size=max_packet_size))
+            self.links.append(
+                BridgeLink(
+                    cfg,
+                    broker,
+                    flusher,
+                    node_id,
+                    on_change=self.status.changed,
+                    max_packet_size=max_packet_size,
+                )
+            )
 
     def start(self) -> None:
         for link in self.links:

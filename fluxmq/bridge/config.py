@@ -48,10 +48,10 @@ class TopicRoute:
         return self.direction in ("out", "both")
 
     def to_local(self, remote_topic: str) -> str:
-        return self.local_prefix + remote_topic[len(self.remote_prefix):]
+        return self.local_prefix + remote_topic[len(self.remote_prefix) :]
 
     def to_remote(self, local_topic: str) -> str:
-        return self.remote_prefix + local_topic[len(self.local_prefix):]
+        return self.remote_prefix + local_topic[len(self.local_prefix) :]
 
 
 @dataclass
@@ -94,16 +94,22 @@ def _password(item: dict, where: str) -> bytes | None:
     if env_name:
         value = os.environ.get(env_name)
         if value is None:
-            raise ConfigError(f"{where}.password_env", "a set environment variable",
-                              problem=f"environment variable {env_name} is not set")
+            raise ConfigError(
+                f"{where}.password_env",
+                "a set environment variable",
+                problem=f"environment variable {env_name} is not set",
+            )
         return value.encode()
     if path:
         try:
             with open(path, "rb") as f:
                 return f.read().rstrip(b"\r\n")
         except OSError as exc:
-            raise ConfigError(f"{where}.password_file", "a readable file",
-                              problem=f"cannot read {path}: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"{where}.password_file",
+                "a readable file",
+                problem=f"cannot read {path}: {exc.strerror or exc}",
+            ) from None
     return None
 
 
@@ -129,16 +135,34 @@ def bridges_from_config(config) -> list[BridgeConfig]:
         where = f"bridges[{i}]"
         host, port = parse_addr(item["address"])
         name = item["name"]
-        out.append(BridgeConfig(
-            name=name, host=host or "127.0.0.1", port=port, protocol_version=item.get("protocol_version", "5.0"),
-            client_id=item.get("client_id") or f"fluxmq-bridge-{name}", clean_start=item.get("clean_start", False),
-            topics=tuple(TopicRoute(**t) for t in item.get("topics") or ()), **_common(item, where)))
+        out.append(
+            BridgeConfig(
+                name=name,
+                host=host or "127.0.0.1",
+                port=port,
+                protocol_version=item.get("protocol_version", "5.0"),
+                client_id=item.get("client_id") or f"fluxmq-bridge-{name}",
+                clean_start=item.get("clean_start", False),
+                topics=tuple(TopicRoute(**t) for t in item.get("topics") or ()),
+                **_common(item, where),
+            )
+        )
     for i, item in enumerate(config.get("cluster.routes") or []):
         where = f"cluster.routes[{i}]"
         name = item.get("name") or f"{item['host']}:{item['port']}"
-        out.append(BridgeConfig(
-            name=name, host=item["host"], port=item["port"], protocol_version="5.0", client_id=item["node_id"],
-            clean_start=False, topics=(TopicRoute("#", "out", 2),), mesh=True, **_common(item, where)))
+        out.append(
+            BridgeConfig(
+                name=name,
+                host=item["host"],
+                port=item["port"],
+                protocol_version="5.0",
+                client_id=item["node_id"],
+                clean_start=False,
+                topics=(TopicRoute("#", "out", 2),),
+                mesh=True,
+                **_common(item, where),
+            )
+        )
     seen: set[str] = set()
     for b in out:
         if b.name in seen:

@@ -63,8 +63,15 @@ class BridgeLink:
 
     listener = "bridge"
 
-    def __init__(self, config: BridgeConfig, broker: Broker, flusher=None, node_id: str = "",
-                 on_change=None, max_packet_size: int = 2 << 20) -> None:
+    def __init__(
+        self,
+        config: BridgeConfig,
+        broker: Broker,
+        flusher=None,
+        node_id: str = "",
+        on_change=None,
+        max_packet_size: int = 2 << 20,
+    ) -> None:
         self.config = config
         # The largest packet taken from the peer (broker.max_packet_size): memory stays bounded
         # whatever the peer sends; a 5.0 peer is told in CONNECT and never sends more.
@@ -101,9 +108,11 @@ class BridgeLink:
         # Bounded by the bridge's own message count, and by the node's byte bound for such a queue
         # (storage.max_queued_bytes on disk, broker.max_queued_bytes in memory).
         node_limits = broker.persistent_limits if broker.storage.durable else broker.limits
-        self._limits = SessionLimits(max_inflight=broker.settings.max_inflight,
-                                     max_queued_messages=config.max_queued_messages,
-                                     max_queued_bytes=node_limits.max_queued_bytes)
+        self._limits = SessionLimits(
+            max_inflight=broker.settings.max_inflight,
+            max_queued_messages=config.max_queued_messages,
+            max_queued_bytes=node_limits.max_queued_bytes,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -121,15 +130,22 @@ class BridgeLink:
     def _open_session(self):
         # Never expires (not even under broker.max_session_expiry): what waits for the peer stays
         # as long as the bridge is configured.
-        session, _ = self.broker.open_session(self.config.local_client_id, False, EXPIRY_NEVER,
-                                              limits=self._limits, capped=False)
+        session, _ = self.broker.open_session(
+            self.config.local_client_id, False, EXPIRY_NEVER, limits=self._limits, capped=False
+        )
         session.validity = self.config.message_validity
         # The outbound patterns: No Local keeps what came in over this link from going back
         # [MQTT-3.8.3-3]; Retain As Published keeps the retain flag; Retain Handling 1 sends the
         # retained messages once, when the subscription is new, not at every restart.
         for route in self._out_routes:
-            self.broker.subscribe(session, route.local_filter, route.qos, no_local=True,
-                                  retain_as_published=True, retain_handling=1)
+            self.broker.subscribe(
+                session,
+                route.local_filter,
+                route.qos,
+                no_local=True,
+                retain_as_published=True,
+                retain_handling=1,
+            )
         self.session = session
         return session
 
@@ -155,8 +171,10 @@ class BridgeLink:
                 delay = cfg.reconnect_initial  # it was up: start the backoff again
             except (OSError, FluxMQError, ValueError, ssl.SSLError) as exc:
                 self.counters.errors += 1
-                log.warning("bridge_link_failed", extra={"bridge": cfg.name, "peer": self.peer,
-                                                         "error": str(exc) or type(exc).__name__})
+                log.warning(
+                    "bridge_link_failed",
+                    extra={"bridge": cfg.name, "peer": self.peer, "error": str(exc) or type(exc).__name__},
+                )
                 self.last_error = str(exc) or type(exc).__name__
             except Exception as exc:  # a bug must not end the link for the life of the node
                 self.counters.errors += 1
@@ -180,10 +198,20 @@ class BridgeLink:
         props = {}
         if self.version == 5:
             # A persistent session at the peer: what it queued for us survives our outage.
-            props = {0x11: 0 if cfg.clean_start else EXPIRY_NEVER, 0x21: RECEIVE_MAXIMUM,
-                     0x27: self.max_packet_size}
-        connect = c.Connect(cfg.client_id, cfg.clean_start, int(cfg.keepalive), self.version,
-                            username=cfg.username or None, password=cfg.password, properties=props or None)
+            props = {
+                0x11: 0 if cfg.clean_start else EXPIRY_NEVER,
+                0x21: RECEIVE_MAXIMUM,
+                0x27: self.max_packet_size,
+            }
+        connect = c.Connect(
+            cfg.client_id,
+            cfg.clean_start,
+            int(cfg.keepalive),
+            self.version,
+            username=cfg.username or None,
+            password=cfg.password,
+            properties=props or None,
+        )
         sock.sendall(c.encode(connect, self.version))
         connack, rest = self._read_connack(sock, decoder)
         if connack.reason_code != 0:
@@ -198,8 +226,10 @@ class BridgeLink:
         rest = self._subscribe_remote(sock, decoder, rest)
         self.broker.attach(session, self, send_quota)
         self._set_state(CONNECTED)
-        log.info("bridge_connected", extra={"bridge": cfg.name, "peer": self.peer,
-                                            "session_present": connack.session_present})
+        log.info(
+            "bridge_connected",
+            extra={"bridge": cfg.name, "peer": self.peer, "session_present": connack.session_present},
+        )
         pinger = gevent.spawn(self._ping_loop) if cfg.keepalive > 0 else None
         try:
             for packet in rest:
@@ -248,8 +278,12 @@ class BridgeLink:
         PUBLISHes the peer sends meanwhile are handled in order; returns the packets after SUBACK."""
         if not self._in_routes:
             return rest
-        subs = [c.Subscription(r.remote_filter, r.qos, no_local=self.version == 5,
-                               retain_as_published=self.version == 5) for r in self._in_routes]
+        subs = [
+            c.Subscription(
+                r.remote_filter, r.qos, no_local=self.version == 5, retain_as_published=self.version == 5
+            )
+            for r in self._in_routes
+        ]
         inflight = self.session.inflight
         pid = next(i for i in range(1, 65536) if i not in inflight)
         self._queue(c.encode(c.Subscribe(pid, subs), self.version))
@@ -261,8 +295,9 @@ class BridgeLink:
                 if type(packet) is c.Suback:
                     refused = [code for code in packet.reason_codes if code >= 0x80]
                     if refused:
-                        log.warning("bridge_subscribe_refused", extra={"bridge": self.config.name,
-                                                                       "codes": refused})
+                        log.warning(
+                            "bridge_subscribe_refused", extra={"bridge": self.config.name, "codes": refused}
+                        )
                     return pending
                 self._handle(packet)
             sock.settimeout(max(0.1, deadline - time.monotonic()))
@@ -356,8 +391,9 @@ class BridgeLink:
 
     # -- Delivery (called by the broker; never blocks) ---------------------------------------------
 
-    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
-                     subscription_ids) -> bool:
+    def send_publish(
+        self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool, subscription_ids
+    ) -> bool:
         props = message.properties
         if props and self.config.mesh and _has_marker(props, ROUTE_MARKER):
             # A cluster peer's message: that peer sends it to every node itself (no relays, no loops).
@@ -382,7 +418,9 @@ class BridgeLink:
                 out_props[MESSAGE_EXPIRY_INTERVAL] = max(1, left)
         else:
             self._remember_sent(topic, message.payload)
-        self._queue(c.encode_publish(topic, message.payload, qos, retain, dup, packet_id, out_props, self.version))
+        self._queue(
+            c.encode_publish(topic, message.payload, qos, retain, dup, packet_id, out_props, self.version)
+        )
         self.counters.forwarded_out += 1
         return True
 
@@ -461,8 +499,11 @@ class BridgeLink:
                 # The peer caps by our subscription's QoS already; a peer that does not is capped here.
                 mqos = qos if qos <= cap else cap
                 props = packet.properties
-                message = (Message.from_publish_properties(topic, packet.payload, mqos, packet.retain, props)
-                           if props else Message(topic, packet.payload, mqos, packet.retain))
+                message = (
+                    Message.from_publish_properties(topic, packet.payload, mqos, packet.retain, props)
+                    if props
+                    else Message(topic, packet.payload, mqos, packet.retain)
+                )
                 # Raises QuotaExceeded when the store is full: no ack goes out and the link drops,
                 # so the peer sends it again later.
                 self.broker.publish(message, origin=session)
@@ -514,12 +555,20 @@ class BridgeLink:
         cfg = self.config
         s = self.session
         return {
-            "name": cfg.name, "peer": self.peer, "client_id": cfg.client_id, "state": self.state,
-            "since": round(self.since, 3), "protocol_version": cfg.protocol_version, "mesh": cfg.mesh,
-            "tls": cfg.tls is not None, "queued": self.queued(),
-            "forwarded_out": self.counters.forwarded_out, "forwarded_in": self.counters.forwarded_in,
+            "name": cfg.name,
+            "peer": self.peer,
+            "client_id": cfg.client_id,
+            "state": self.state,
+            "since": round(self.since, 3),
+            "protocol_version": cfg.protocol_version,
+            "mesh": cfg.mesh,
+            "tls": cfg.tls is not None,
+            "queued": self.queued(),
+            "forwarded_out": self.counters.forwarded_out,
+            "forwarded_in": self.counters.forwarded_in,
             "dropped_validity": s.validity_drops if s is not None else 0,
-            "dropped_loop": self.counters.dropped_loop, "connects": self.counters.connects,
+            "dropped_loop": self.counters.dropped_loop,
+            "connects": self.counters.connects,
             "last_error": self.last_error,
         }
 

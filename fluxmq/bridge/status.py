@@ -53,14 +53,24 @@ class BridgeStatus:
         down = [link.config.name for link in self.links if link.state != CONNECTED]
         if not down:
             return True, ""
-        return True, f"{len(self.links) - len(down)}/{len(self.links)} bridges connected; down: {', '.join(down)}"
+        return (
+            True,
+            f"{len(self.links) - len(down)}/{len(self.links)} bridges connected; down: {', '.join(down)}",
+        )
 
     def values(self) -> dict[str, bytes]:
-        nodes = [{k: snap[k] for k in ("name", "peer", "client_id", "state", "since")}
-                 for snap in (link.snapshot() for link in self.links)]
-        sync = {link.config.name: {k: v for k, v in link.snapshot().items()
-                                   if k in ("queued", "forwarded_out", "forwarded_in", "dropped_validity")}
-                for link in self.links}
+        nodes = [
+            {k: snap[k] for k in ("name", "peer", "client_id", "state", "since")}
+            for snap in (link.snapshot() for link in self.links)
+        ]
+        sync = {
+            link.config.name: {
+                k: v
+                for k, v in link.snapshot().items()
+                if k in ("queued", "forwarded_out", "forwarded_in", "dropped_validity")
+            }
+            for link in self.links
+        }
         return {
             "status": overall(self.links).encode(),
             "nodes": json.dumps(nodes, separators=(",", ":")).encode(),

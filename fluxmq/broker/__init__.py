@@ -5,4 +5,13 @@ from .delivery import Delivery
 from .message import Message
 from .session import Session, Subscription, Will
 
-__all__ = ["Broker", "BrokerSettings", "Delivery", "Message", "Session", "SubscribeResult", "Subscription", "Will"]
+__all__ = [
+    "Broker",
+    "BrokerSettings",
+    "Delivery",
+    "Message",
+    "Session",
+    "SubscribeResult",
+    "Subscription",
+    "Will",
+]

@@ -48,8 +48,14 @@ class AuthStep:
 
     __slots__ = ("outcome", "data", "reason", "reason_code", "username")
 
-    def __init__(self, outcome: str, data: bytes | None = None, reason: str = "",
-                 reason_code: int = NOT_AUTHORIZED, username: str | None = None) -> None:
+    def __init__(
+        self,
+        outcome: str,
+        data: bytes | None = None,
+        reason: str = "",
+        reason_code: int = NOT_AUTHORIZED,
+        username: str | None = None,
+    ) -> None:
         self.outcome = outcome
         self.data = data
         self.reason = reason
@@ -123,8 +129,9 @@ class ScramCredential:
         self.server_key = server_key
 
     @classmethod
-    def from_password(cls, password: str, salt: bytes | None = None,
-                      iterations: int = DEFAULT_ITERATIONS) -> ScramCredential:
+    def from_password(
+        cls, password: str, salt: bytes | None = None, iterations: int = DEFAULT_ITERATIONS
+    ) -> ScramCredential:
         """Derive the stored form of ``password`` (random 16-byte salt unless given)."""
         salt = os.urandom(16) if salt is None else salt
         salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
@@ -133,7 +140,9 @@ class ScramCredential:
 
     def line(self, username: str) -> str:
         """The credentials-file line of this credential."""
-        return ":".join((username, str(self.iterations), _b64(self.salt), _b64(self.stored_key), _b64(self.server_key)))
+        return ":".join(
+            (username, str(self.iterations), _b64(self.salt), _b64(self.stored_key), _b64(self.server_key))
+        )
 
 
 def parse_credentials(text: str, source: str = "<credentials>") -> dict[str, ScramCredential]:
@@ -151,8 +160,13 @@ def parse_credentials(text: str, source: str = "<credentials>") -> dict[str, Scr
             if cred.iterations < 1 or len(cred.stored_key) != 32 or len(cred.server_key) != 32:
                 raise ValueError("iterations must be positive and keys 32 bytes")
         except ValueError as exc:
-            raise ConfigError("auth.enhanced.credentials_file", "user:iterations:salt:stored_key:server_key lines",
-                              source, lineno, problem=f"bad SCRAM credential line: {exc}") from None
+            raise ConfigError(
+                "auth.enhanced.credentials_file",
+                "user:iterations:salt:stored_key:server_key lines",
+                source,
+                lineno,
+                problem=f"bad SCRAM credential line: {exc}",
+            ) from None
         out[parts[0]] = cred
     return out
 
@@ -164,7 +178,7 @@ def _saslname(name: str) -> str | None:
     while i < len(name):
         ch = name[i]
         if ch == "=":
-            code = name[i + 1:i + 3]
+            code = name[i + 1 : i + 3]
             if code == "2C":
                 out.append(",")
             elif code == "3D":
@@ -194,8 +208,18 @@ def _attributes(message: str) -> dict[str, str]:
 class _ScramExchange:
     """The server side of one SCRAM-SHA-256 exchange: client-first, then client-final."""
 
-    __slots__ = ("_auth", "_expect_user", "_state", "_user", "_cred", "_known", "_nonce", "_gs2",
-                 "_first_bare", "_server_first")
+    __slots__ = (
+        "_auth",
+        "_expect_user",
+        "_state",
+        "_user",
+        "_cred",
+        "_known",
+        "_nonce",
+        "_gs2",
+        "_first_bare",
+        "_server_first",
+    )
 
     def __init__(self, auth: ScramSha256Authenticator, expect_user: str | None) -> None:
         self._auth = auth
@@ -233,7 +257,9 @@ class _ScramExchange:
         if not user:
             return AuthStep.failure("malformed SCRAM user name")
         if self._expect_user is not None and user != self._expect_user:
-            return AuthStep.failure("SCRAM user differs from the connection's user", BAD_USER_NAME_OR_PASSWORD)
+            return AuthStep.failure(
+                "SCRAM user differs from the connection's user", BAD_USER_NAME_OR_PASSWORD
+            )
         cred = self._auth.lookup(user)
         # An unknown user goes through the same exchange with a made-up credential and fails at the
         # end, so a client cannot tell which names exist.
@@ -281,8 +307,11 @@ class ScramSha256Authenticator:
 
     method = SCRAM_SHA_256
 
-    def __init__(self, credentials: Mapping[str, ScramCredential] | Callable[[str], ScramCredential | None],
-                 server_nonce: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        credentials: Mapping[str, ScramCredential] | Callable[[str], ScramCredential | None],
+        server_nonce: Callable[[], str] | None = None,
+    ) -> None:
         self._credentials = credentials
         self._decoy_key = os.urandom(32)
         # The server's part of the nonce; injectable so the RFC 7677 test vector can be replayed.
@@ -295,8 +324,12 @@ class ScramSha256Authenticator:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except OSError as exc:
-            raise ConfigError("auth.enhanced.credentials_file", "a readable SCRAM credentials file", path,
-                              problem=f"cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(
+                "auth.enhanced.credentials_file",
+                "a readable SCRAM credentials file",
+                path,
+                problem=f"cannot read {path}: {exc.strerror}",
+            ) from None
         return cls(parse_credentials(text, path))
 
     def lookup(self, username: str) -> ScramCredential | None:
@@ -356,10 +389,13 @@ def authenticators_from_config(method: str, credentials_file: str) -> dict[str, 
         return {}
     if method == SCRAM_SHA_256:
         if not credentials_file:
-            raise ConfigError("auth.enhanced.credentials_file", "a SCRAM credentials file when auth.enhanced.method "
-                              "is SCRAM-SHA-256", got=credentials_file)
+            raise ConfigError(
+                "auth.enhanced.credentials_file",
+                "a SCRAM credentials file when auth.enhanced.method is SCRAM-SHA-256",
+                got=credentials_file,
+            )
         return {method: ScramSha256Authenticator.from_file(credentials_file)}
-    raise ConfigError("auth.enhanced.method", "SCRAM-SHA-256 or \"\"", got=method)
+    raise ConfigError("auth.enhanced.method", 'SCRAM-SHA-256 or ""', got=method)
 
 
 def main(argv: list[str] | None = None) -> int:

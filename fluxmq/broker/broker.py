@@ -41,17 +41,38 @@ log = logging.getLogger("fluxmq.broker")
 class BrokerSettings:
     """The broker's knobs, taken from the ``broker`` config section."""
 
-    __slots__ = ("max_inflight", "max_queued_messages", "max_queued_bytes", "queue_overflow",
-                 "max_retained_messages", "shared_subscription_strategy", "max_qos", "retain_available",
-                 "node_id", "persistent_max_queued_messages", "persistent_max_queued_bytes",
-                 "max_sessions", "max_session_expiry")
+    __slots__ = (
+        "max_inflight",
+        "max_queued_messages",
+        "max_queued_bytes",
+        "queue_overflow",
+        "max_retained_messages",
+        "shared_subscription_strategy",
+        "max_qos",
+        "retain_available",
+        "node_id",
+        "persistent_max_queued_messages",
+        "persistent_max_queued_bytes",
+        "max_sessions",
+        "max_session_expiry",
+    )
 
-    def __init__(self, max_inflight: int = 100, max_queued_messages: int = 1000,
-                 max_queued_bytes: int = 16 << 20, queue_overflow: str = "drop_new",
-                 max_retained_messages: int = 10000, shared_subscription_strategy: str = "round_robin",
-                 max_qos: int = 2, retain_available: bool = True, node_id: str = "single-node",
-                 persistent_max_queued_messages: int = 100000, persistent_max_queued_bytes: int = 100 << 20,
-                 max_sessions: int = 0, max_session_expiry: int = 0) -> None:
+    def __init__(
+        self,
+        max_inflight: int = 100,
+        max_queued_messages: int = 1000,
+        max_queued_bytes: int = 16 << 20,
+        queue_overflow: str = "drop_new",
+        max_retained_messages: int = 10000,
+        shared_subscription_strategy: str = "round_robin",
+        max_qos: int = 2,
+        retain_available: bool = True,
+        node_id: str = "single-node",
+        persistent_max_queued_messages: int = 100000,
+        persistent_max_queued_bytes: int = 100 << 20,
+        max_sessions: int = 0,
+        max_session_expiry: int = 0,
+    ) -> None:
         self.max_inflight = max_inflight
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
@@ -78,9 +99,12 @@ class Broker(SessionLifecycle, SharedHandOvers, ClusterHooks, Publishing, Subscr
         self.settings = settings or BrokerSettings()
         s = self.settings
         self.stats = BrokerStats()
-        self.limits = SessionLimits(s.max_inflight, s.max_queued_messages, s.max_queued_bytes, s.queue_overflow)
-        self.persistent_limits = SessionLimits(s.max_inflight, s.persistent_max_queued_messages,
-                                               s.persistent_max_queued_bytes, DROP_NEW)
+        self.limits = SessionLimits(
+            s.max_inflight, s.max_queued_messages, s.max_queued_bytes, s.queue_overflow
+        )
+        self.persistent_limits = SessionLimits(
+            s.max_inflight, s.persistent_max_queued_messages, s.persistent_max_queued_bytes, DROP_NEW
+        )
         # Persistent sessions are written through to a durable storage; with the memory backend
         # (durable False) every session is a plain in-memory Session.
         self.storage = storage if storage is not None else MemoryStorage()

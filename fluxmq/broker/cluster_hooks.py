@@ -73,8 +73,11 @@ class ClusterHooks:
             pending.wait(self.claim_wait)  # another connection of this id is claiming it here
         done = self._claiming[client_id] = Event()
         try:
-            state = (peers.claim_session(client_id, clean_start) if only_from is None
-                     else peers.claim_session(client_id, clean_start, only_from))
+            state = (
+                peers.claim_session(client_id, clean_start)
+                if only_from is None
+                else peers.claim_session(client_id, clean_start, only_from)
+            )
             self._drop_exported(client_id)  # the client id lives here now
             if state:
                 self._take_in(client_id, state, clean_start)
@@ -105,8 +108,14 @@ class ClusterHooks:
             if state.client_id != client_id:
                 raise SessionStateError(f"state of {state.client_id!r} handed over for {client_id!r}")
         except SessionStateError as exc:
-            log.error("session_state_refused", extra={"client_id": client_id, "error": str(exc),
-                                                      "effect": "the client starts a new session"})
+            log.error(
+                "session_state_refused",
+                extra={
+                    "client_id": client_id,
+                    "error": str(exc),
+                    "effect": "the client starts a new session",
+                },
+            )
             return
         if clean_start or state.expiry_interval == 0:
             log.info("session_moved_discarded", extra={"client_id": client_id, "clean_start": clean_start})
@@ -157,8 +166,11 @@ class ClusterHooks:
         exported = self._exported
         while exported:
             first = next(iter(exported))
-            if (now - exported[first][0] < self.exported_keep and len(exported) <= self.exported_max
-                    and self._exported_bytes <= self.exported_max_bytes):
+            if (
+                now - exported[first][0] < self.exported_keep
+                and len(exported) <= self.exported_max
+                and self._exported_bytes <= self.exported_max_bytes
+            ):
                 break
             self._drop_exported(first)
 
@@ -186,22 +198,52 @@ class ClusterHooks:
     @staticmethod
     def _snapshot(session: Session, connected: bool) -> SessionState:
         """The complete state of ``session`` (see ``session_state.SessionState``)."""
-        subs = [SubscriptionState(s.filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
-                                  s.subscription_id, s.share_group) for s in session.subscriptions.values()]
-        inflight = [InflightState(pid, e.message, e.qos, e.retain,
-                                  tuple(e.subscription_ids) if e.subscription_ids else None, e.released)
-                    for pid, e in session.inflight.items()
-                    if e.message.__class__ is not TrackedMessage]  # a durable queue's, redelivered here
+        subs = [
+            SubscriptionState(
+                s.filter,
+                s.qos,
+                s.no_local,
+                s.retain_as_published,
+                s.retain_handling,
+                s.subscription_id,
+                s.share_group,
+            )
+            for s in session.subscriptions.values()
+        ]
+        inflight = [
+            InflightState(
+                pid,
+                e.message,
+                e.qos,
+                e.retain,
+                tuple(e.subscription_ids) if e.subscription_ids else None,
+                e.released,
+            )
+            for pid, e in session.inflight.items()
+            if e.message.__class__ is not TrackedMessage
+        ]  # a durable queue's, redelivered here
         queued: list
         if isinstance(session, PersistentSession):
             queued = session.queue.encoded_entries()  # as stored: passed on without decoding
         else:
-            queued = [QueuedState(m, qos, retain, tuple(ids) if ids else None)
-                      for m, qos, retain, ids in session.queue]
+            queued = [
+                QueuedState(m, qos, retain, tuple(ids) if ids else None)
+                for m, qos, retain, ids in session.queue
+            ]
         will = (session.will.message, session.will.delay) if session.will is not None else None
-        return SessionState(session.client_id, session.username, session.expiry_interval,
-                            0.0 if connected else session.disconnected_at, connected, session._next_pid,
-                            subs, inflight, sorted(session.inbound_qos2), queued, will)
+        return SessionState(
+            session.client_id,
+            session.username,
+            session.expiry_interval,
+            0.0 if connected else session.disconnected_at,
+            connected,
+            session._next_pid,
+            subs,
+            inflight,
+            sorted(session.inbound_qos2),
+            queued,
+            will,
+        )
 
     def import_session(self, client_id: str, state: bytes) -> Session:
         """Rebuild a session another node exported (``export_session``), offline, as it was there:
@@ -220,8 +262,11 @@ class ClusterHooks:
         """Build the session of ``state`` here (raises SessionStateError, changing nothing, when
         an encoded queue entry is damaged)."""
         cid = state.client_id
-        expiry = state.expiry_interval if cid.startswith(BRIDGE_SESSION_PREFIX) else self.capped_expiry(
-            state.expiry_interval)
+        expiry = (
+            state.expiry_interval
+            if cid.startswith(BRIDGE_SESSION_PREFIX)
+            else self.capped_expiry(state.expiry_interval)
+        )
         store = self._store if expiry > 0 else None
         queued = state.queued
         if store is None:  # a memory queue holds messages: decode the entries passed on as stored
@@ -241,14 +286,29 @@ class ClusterHooks:
         if store is not None:
             store.put_session(cid, expiry, session.disconnected_at, state.username)
         for s in state.subscriptions:
-            sub = Subscription(session, s.filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
-                               s.subscription_id, s.share_group)
+            sub = Subscription(
+                session,
+                s.filter,
+                s.qos,
+                s.no_local,
+                s.retain_as_published,
+                s.retain_handling,
+                s.subscription_id,
+                s.share_group,
+            )
             if self.router.add(sub):
                 self._interest_up(s.filter)  # the peers hear of a filter new to this node
             session.subscriptions[s.filter] = sub
             if store is not None:
-                store.put_subscription(cid, s.filter, s.qos, s.no_local, s.retain_as_published,
-                                       s.retain_handling, s.subscription_id)
+                store.put_subscription(
+                    cid,
+                    s.filter,
+                    s.qos,
+                    s.no_local,
+                    s.retain_as_published,
+                    s.retain_handling,
+                    s.subscription_id,
+                )
         for e in state.inflight:
             entry = Inflight(e.message, e.qos, e.retain, e.subscription_ids)
             entry.released = e.released
@@ -291,8 +351,15 @@ class ClusterHooks:
             except QueueRefused as exc:  # no durable queues on this node
                 log.warning("queue_memberships_dropped", extra={"client_id": cid, "reason": str(exc)})
         self._arm_timer_remaining(session, max(0.0, now - session.disconnected_at))
-        log.info("session_imported", extra={"client_id": cid, "subscriptions": len(session.subscriptions),
-                                            "inflight": len(session.inflight), "queued": len(queued)})
+        log.info(
+            "session_imported",
+            extra={
+                "client_id": cid,
+                "subscriptions": len(session.subscriptions),
+                "inflight": len(session.inflight),
+                "queued": len(queued),
+            },
+        )
         return session
 
     def _release_if_unused(self, peers, client_id: str) -> None:
@@ -307,7 +374,9 @@ class ClusterHooks:
         except Exception as exc:  # the owner key goes with this node's lease anyway
             log.warning("session_release_failed", extra={"client_id": client_id, "error": str(exc)})
 
-    def publish_from_peer(self, message: Message, shared_groups: tuple[str, ...] = (), match_local: bool = True) -> int:
+    def publish_from_peer(
+        self, message: Message, shared_groups: tuple[str, ...] = (), match_local: bool = True
+    ) -> int:
         """Deliver a message another node forwarded: to the matching local subscriptions (unless
         ``match_local`` is False) and to one local member of each ``$share/{group}/{filter}`` of
         ``shared_groups`` (the sender gave those groups' message to this node). Never forwarded

@@ -20,8 +20,15 @@ class Delivery(Protocol):
     #: until the connection's teardown detaches it
     closed: bool
 
-    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
-                     subscription_ids: tuple[int, ...] | None) -> bool:
+    def send_publish(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        packet_id: int,
+        dup: bool,
+        subscription_ids: tuple[int, ...] | None,
+    ) -> bool:
         """Queue a PUBLISH for the client; False if it can never take it (over the client's maximum
         packet size): the message is dropped for this client. Callers ask ``is_congested`` first.
         Never blocks, never switches greenlets."""

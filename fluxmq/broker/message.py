@@ -16,7 +16,13 @@ TOPIC_ALIAS = 0x23
 USER_PROPERTY = 0x26
 
 # Properties that are forwarded from PUBLISH to subscribers unchanged [MQTT-3.3.2-*].
-FORWARDED_PROPERTIES = (PAYLOAD_FORMAT_INDICATOR, CONTENT_TYPE, RESPONSE_TOPIC, CORRELATION_DATA, USER_PROPERTY)
+FORWARDED_PROPERTIES = (
+    PAYLOAD_FORMAT_INDICATOR,
+    CONTENT_TYPE,
+    RESPONSE_TOPIC,
+    CORRELATION_DATA,
+    USER_PROPERTY,
+)
 
 
 class Message:
@@ -30,9 +36,16 @@ class Message:
 
     __slots__ = ("topic", "payload", "qos", "retain", "properties", "expires_at", "origin", "wire_cache")
 
-    def __init__(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
-                 properties: dict | None = None, expires_at: float | None = None,
-                 origin: str | None = None) -> None:
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        properties: dict | None = None,
+        expires_at: float | None = None,
+        origin: str | None = None,
+    ) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
@@ -43,8 +56,15 @@ class Message:
         self.wire_cache = None
 
     @classmethod
-    def from_publish_properties(cls, topic: str, payload: bytes, qos: int, retain: bool,
-                                properties: dict | None, origin: str | None = None) -> Message:
+    def from_publish_properties(
+        cls,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: dict | None,
+        origin: str | None = None,
+    ) -> Message:
         """Build a message from a PUBLISH's properties: keep the forwardable ones, turn expiry into a deadline."""
         expires_at = None
         fwd = None
@@ -70,13 +90,17 @@ class Message:
 
     def copy(self, **changes) -> Message:
         """A copy with some fields changed (the wire cache is not copied)."""
-        m = Message(self.topic, self.payload, self.qos, self.retain, self.properties, self.expires_at, self.origin)
+        m = Message(
+            self.topic, self.payload, self.qos, self.retain, self.properties, self.expires_at, self.origin
+        )
         for k, v in changes.items():
             setattr(m, k, v)
         return m
 
     def __repr__(self) -> str:
-        return f"Message(topic={self.topic!r}, qos={self.qos}, retain={self.retain}, {len(self.payload)} bytes)"
+        return (
+            f"Message(topic={self.topic!r}, qos={self.qos}, retain={self.retain}, {len(self.payload)} bytes)"
+        )
 
 
 #: ``wire_cache`` key of a message's MQTT 5.0 QoS 1, non-retained PUBLISH with no per-connection

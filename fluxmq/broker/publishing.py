@@ -108,8 +108,13 @@ class Publishing:
                 if qos_own < 0:
                     continue
                 qos = qos_own
-            on_delivered(message, session.client_id, session.username, msg_qos if msg_qos < qos else qos,
-                         rap and message.retain)
+            on_delivered(
+                message,
+                session.client_id,
+                session.username,
+                msg_qos if msg_qos < qos else qos,
+                rap and message.retain,
+            )
 
     def _observe_latency(self, started: float) -> None:
         # Deliveries only filled output buffers; the FlushScheduler's hub callback (registered by
@@ -121,9 +126,14 @@ class Publishing:
         n = self.stats.drops.get("storage_full", 0)
         if not self._qos0_refusal_logged or n % 10000 == 0:
             self._qos0_refusal_logged = True
-            log.warning("publish_refused_storage_full", extra={
-                "qos": 0, "dropped_storage_full": n,
-                "effect": "retained QoS 0 messages are dropped while the storage is full"})
+            log.warning(
+                "publish_refused_storage_full",
+                extra={
+                    "qos": 0,
+                    "dropped_storage_full": n,
+                    "effect": "retained QoS 0 messages are dropped while the storage is full",
+                },
+            )
 
     def wait_committed(self, timeout: float | None = 30.0) -> None:
         """Block this greenlet until every operation recorded so far (e.g. by the ``publish`` just

@@ -19,8 +19,9 @@ log = logging.getLogger("fluxmq.broker")
 class StoreRestore:
     """``Broker.restore``."""
 
-    def restore(self, state: StoredState, pause: Callable[[], None] | None = None,
-                slice_size: int = 2000) -> None:
+    def restore(
+        self, state: StoredState, pause: Callable[[], None] | None = None, slice_size: int = 2000
+    ) -> None:
         """Rebuild what the storage loaded at start, before any client connects.
 
         ``pause`` is called after every ``slice_size`` sessions or retained messages (the node
@@ -59,8 +60,11 @@ class StoreRestore:
                 will = Will(Message(*fields), delay)
             # broker.max_session_expiry applies to sessions stored before it was set or lowered too
             # (a bridge's outbound store excepted: it lives as long as the bridge is configured).
-            expiry = (rec.expiry_interval if cid.startswith(BRIDGE_SESSION_PREFIX)
-                      else self.capped_expiry(rec.expiry_interval))
+            expiry = (
+                rec.expiry_interval
+                if cid.startswith(BRIDGE_SESSION_PREFIX)
+                else self.capped_expiry(rec.expiry_interval)
+            )
             if expiry == 0 or (expiry != EXPIRY_NEVER and elapsed >= expiry):
                 if will is not None:
                     due.append((cid, will))  # the session ended during the downtime: its will goes now
@@ -74,7 +78,9 @@ class StoreRestore:
                 store.put_session(cid, expiry, gone_at, rec.username)
             for filter, qos, no_local, rap, rh, sub_id in rec.subscriptions:
                 shared = parse_shared(filter)
-                sub = Subscription(session, filter, qos, no_local, rap, rh, sub_id, shared[0] if shared else None)
+                sub = Subscription(
+                    session, filter, qos, no_local, rap, rh, sub_id, shared[0] if shared else None
+                )
                 if self.router.add(sub):
                     self._interest_up(filter)
                 session.subscriptions[filter] = sub
@@ -106,5 +112,11 @@ class StoreRestore:
         if limit and len(self.sessions) > limit:
             # Stored sessions are kept (their messages were acknowledged); only new ids wait for room.
             log.warning("sessions_over_limit", extra={"sessions": len(self.sessions), "max_sessions": limit})
-        log.info("restored", extra={"sessions": len(self.sessions), "retained": len(self.retained),
-                                    "wills_published": len(due)})
+        log.info(
+            "restored",
+            extra={
+                "sessions": len(self.sessions),
+                "retained": len(self.retained),
+                "wills_published": len(due),
+            },
+        )

@@ -48,7 +48,14 @@ class RetainedStore:
         if self.max_messages and len(self._trie) >= self.max_messages and self._trie.get(topic) is None:
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
-                log.warning("retained_store_full", extra={"refused": self.refused, "max_retained_messages": self.max_messages, "topic": topic})
+                log.warning(
+                    "retained_store_full",
+                    extra={
+                        "refused": self.refused,
+                        "max_retained_messages": self.max_messages,
+                        "topic": topic,
+                    },
+                )
             return False
         stored = message.copy(retain=True)
         self._trie.set(topic, stored)

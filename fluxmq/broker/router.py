@@ -49,8 +49,9 @@ def _aggregate(subscriptions: list) -> list:
             agg[2] = True
         if s.subscription_id:
             agg[3].append(s.subscription_id)
-    return [(session, a[0], a[1], a[2], tuple(sorted(set(a[3]))) or None)
-            for session, a in by_session.items()]
+    return [
+        (session, a[0], a[1], a[2], tuple(sorted(set(a[3]))) or None) for session, a in by_session.items()
+    ]
 
 
 class Router:
@@ -99,7 +100,9 @@ class Router:
         """Drop every cached route (the read rules changed)."""
         self._generation = -1
 
-    def pick_member(self, group, exclude: Session | None = None, topic: str | None = None) -> Subscription | None:
+    def pick_member(
+        self, group, exclude: Session | None = None, topic: str | None = None
+    ) -> Subscription | None:
         """Choose the member of a shared group that gets one message.
 
         Members that are online and not congested are preferred (offline or full members are
@@ -117,8 +120,11 @@ class Router:
         if not members:
             return None
         online = [m for m in members if m.session.delivery is not None and not m.session.delivery.closed]
-        ready = [m for m in online if not m.session.delivery.is_congested()
-                 and len(m.session.inflight) < m.session.send_quota]
+        ready = [
+            m
+            for m in online
+            if not m.session.delivery.is_congested() and len(m.session.inflight) < m.session.send_quota
+        ]
         pool = ready or online or [m for m in members if m.session.delivery is None] or members
         strategy = self.shared_strategy
         if strategy == RANDOM:

@@ -49,8 +49,13 @@ class SessionLimits:
 
     __slots__ = ("max_inflight", "max_queued_messages", "max_queued_bytes", "queue_overflow")
 
-    def __init__(self, max_inflight: int = 100, max_queued_messages: int = 1000,
-                 max_queued_bytes: int = 16 << 20, queue_overflow: str = DROP_NEW) -> None:
+    def __init__(
+        self,
+        max_inflight: int = 100,
+        max_queued_messages: int = 1000,
+        max_queued_bytes: int = 16 << 20,
+        queue_overflow: str = DROP_NEW,
+    ) -> None:
         self.max_inflight = max_inflight
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
@@ -60,12 +65,28 @@ class SessionLimits:
 class Subscription:
     """One subscription of a session: the value stored in the subscription trie."""
 
-    __slots__ = ("session", "filter", "qos", "no_local", "retain_as_published", "retain_handling",
-                 "subscription_id", "share_group")
+    __slots__ = (
+        "session",
+        "filter",
+        "qos",
+        "no_local",
+        "retain_as_published",
+        "retain_handling",
+        "subscription_id",
+        "share_group",
+    )
 
-    def __init__(self, session: Session, filter: str, qos: int, no_local: bool = False,
-                 retain_as_published: bool = False, retain_handling: int = 0,
-                 subscription_id: int = 0, share_group: str | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        filter: str,
+        qos: int,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = 0,
+        subscription_id: int = 0,
+        share_group: str | None = None,
+    ) -> None:
         self.session = session
         self.filter = filter  # as the client wrote it, $share/... included
         self.qos = qos
@@ -104,10 +125,33 @@ class Session:
 
     trusted = False  # a client (the router's read filter applies); broker-internal targets say True
 
-    __slots__ = ("client_id", "persistent", "expiry_interval", "subscriptions", "delivery", "inflight",
-                 "queue", "queue_bytes", "queue_qos0", "_inbound_qos2", "send_quota", "will", "timer",
-                 "_next_pid", "_limits", "_stats", "connected_since", "disconnected_at", "username", "held",
-                 "reread", "validity", "validity_drops", "on_room", "dropped")
+    __slots__ = (
+        "client_id",
+        "persistent",
+        "expiry_interval",
+        "subscriptions",
+        "delivery",
+        "inflight",
+        "queue",
+        "queue_bytes",
+        "queue_qos0",
+        "_inbound_qos2",
+        "send_quota",
+        "will",
+        "timer",
+        "_next_pid",
+        "_limits",
+        "_stats",
+        "connected_since",
+        "disconnected_at",
+        "username",
+        "held",
+        "reread",
+        "validity",
+        "validity_drops",
+        "on_room",
+        "dropped",
+    )
 
     def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats) -> None:
         self.client_id = client_id
@@ -232,8 +276,13 @@ class Session:
     def can_take_tracked(self) -> bool:
         """True when ``send_tracked`` would send now."""
         d = self.delivery
-        return (d is not None and not self.queue and not self.held and len(self.inflight) < self.send_quota
-                and not d.is_congested())
+        return (
+            d is not None
+            and not self.queue
+            and not self.held
+            and len(self.inflight) < self.send_quota
+            and not d.is_congested()
+        )
 
     def _alloc_packet_id(self) -> int:
         pid = self._next_pid
@@ -482,7 +531,9 @@ class Session:
                 continue  # acknowledged or handed over meanwhile
             if entry.released:
                 d.send_pubrel(pid)
-            elif not d.send_publish(entry.message, entry.qos, entry.retain, pid, True, entry.subscription_ids):
+            elif not d.send_publish(
+                entry.message, entry.qos, entry.retain, pid, True, entry.subscription_ids
+            ):
                 self._forget_inflight(pid)
                 self._drop("packet_too_large")
         if not held:
@@ -524,8 +575,10 @@ class Session:
 
     def __repr__(self) -> str:
         state = "online" if self.delivery is not None else "offline"
-        return (f"Session({self.client_id!r}, {state}, subs={len(self.subscriptions)}, "
-                f"inflight={len(self.inflight)}, queued={len(self.queue)})")
+        return (
+            f"Session({self.client_id!r}, {state}, subs={len(self.subscriptions)}, "
+            f"inflight={len(self.inflight)}, queued={len(self.queue)})"
+        )
 
 
 class _DurableIds(set):
@@ -565,8 +618,14 @@ class PersistentSession(Session):
 
     __slots__ = ("store",)
 
-    def __init__(self, client_id: str, limits: SessionLimits, stats: BrokerStats, store: Storage,
-                 queue_index: StoredQueue | None = None) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        limits: SessionLimits,
+        stats: BrokerStats,
+        store: Storage,
+        queue_index: StoredQueue | None = None,
+    ) -> None:
         super().__init__(client_id, limits, stats)
         self.store = store
         self.persistent = True
@@ -586,12 +645,20 @@ class PersistentSession(Session):
                 # without DiskQueue.__bool__ / __len__ frames, and without a pump call that could
                 # only return (the window full, nothing held, no QoS 0 queued)
                 self._enqueue(message, qos, retain, subscription_ids)
-                if (queue.count > 1 and (len(self.inflight) < self.send_quota or queue.qos0 or self.held)
-                        and not d.is_congested()):
+                if (
+                    queue.count > 1
+                    and (len(self.inflight) < self.send_quota or queue.qos0 or self.held)
+                    and not d.is_congested()
+                ):
                     self.pump()
                 return
-        if (d is None or not qos or self.queue.count or len(self.inflight) >= self.send_quota
-                or d.is_congested()):
+        if (
+            d is None
+            or not qos
+            or self.queue.count
+            or len(self.inflight) >= self.send_quota
+            or d.is_congested()
+        ):
             Session.deliver(self, message, qos, retain, subscription_ids)
             return
         pid = Session._send_new(self, d, message, qos, retain, subscription_ids)

@@ -22,9 +22,16 @@ class SessionLifecycle:
 
     # -- sessions --------------------------------------------------------------------------------
 
-    def open_session(self, client_id: str, clean_start: bool, expiry_interval: int,
-                     will: Will | None = None, username: str | None = None,
-                     limits: SessionLimits | None = None, capped: bool = True) -> tuple[Session, bool]:
+    def open_session(
+        self,
+        client_id: str,
+        clean_start: bool,
+        expiry_interval: int,
+        will: Will | None = None,
+        username: str | None = None,
+        limits: SessionLimits | None = None,
+        capped: bool = True,
+    ) -> tuple[Session, bool]:
         """Find or create the session of ``client_id`` for a new connection; returns (session, present).
 
         An existing connection with the same client id is closed first (takeover, 5.0 reason 0x8E)
@@ -51,8 +58,14 @@ class SessionLifecycle:
         ending = hand_over is not None and hand_over.ending
         limit = self.settings.max_sessions
         if session is None and limit and len(self.sessions) >= limit:
-            log.warning("session_refused", extra={"client_id": client_id, "sessions": len(self.sessions),
-                                                  "reason": "broker.max_sessions"})
+            log.warning(
+                "session_refused",
+                extra={
+                    "client_id": client_id,
+                    "sessions": len(self.sessions),
+                    "reason": "broker.max_sessions",
+                },
+            )
             raise QuotaExceeded(f"session limit reached (broker.max_sessions {limit})")
         if capped:
             expiry_interval = self.capped_expiry(expiry_interval)
@@ -89,7 +102,9 @@ class SessionLifecycle:
         present = session is not None
         if session is None:
             if self._store is not None and expiry_interval > 0:
-                session = PersistentSession(client_id, limits or self.persistent_limits, self.stats, self._store)
+                session = PersistentSession(
+                    client_id, limits or self.persistent_limits, self.stats, self._store
+                )
             else:
                 session = Session(client_id, limits or self.limits, self.stats)
             self.sessions[client_id] = session
@@ -110,8 +125,9 @@ class SessionLifecycle:
         session.username = username
         shared_wills = self.shared_wills
         if shared_wills is not None:
-            shared_wills.will_set(client_id, will.message if will is not None else None,
-                                  will.delay if will is not None else 0)
+            shared_wills.will_set(
+                client_id, will.message if will is not None else None, will.delay if will is not None else 0
+            )
         if isinstance(session, PersistentSession):
             store = session.store
             store.put_session(client_id, expiry_interval, 0.0, username)
@@ -170,8 +186,9 @@ class SessionLifecycle:
             else:
                 session.will = will
         if isinstance(session, PersistentSession):
-            session.store.put_session(session.client_id, session.expiry_interval, session.disconnected_at,
-                                      session.username)
+            session.store.put_session(
+                session.client_id, session.expiry_interval, session.disconnected_at, session.username
+            )
             if session.will is None:
                 session.store.delete_will(session.client_id)
         self._arm_timer(session)
@@ -233,7 +250,9 @@ class SessionLifecycle:
                 # Recorded as ending (expiry 0, will already published or discarded by the caller):
                 # after a crash the restore deletes it instead of resuming it.
                 store = session.store
-                store.put_session(session.client_id, 0, session.disconnected_at or time.time(), session.username)
+                store.put_session(
+                    session.client_id, 0, session.disconnected_at or time.time(), session.username
+                )
                 store.delete_will(session.client_id)
             return  # _hand_over_rest ends it
         self._forget_session(session)
@@ -278,7 +297,9 @@ class SessionLifecycle:
         (a will handed over with a session that ends on arrival; the sender dropped its record)."""
         shared_wills = self.shared_wills
         if client_id is not None and shared_wills is not None and not shared_wills.will_claim(client_id):
-            log.info("will_not_published", extra={"client_id": client_id, "reason": "not this node's any more"})
+            log.info(
+                "will_not_published", extra={"client_id": client_id, "reason": "not this node's any more"}
+            )
             return False
         self.publish_will_message(will.message)
         return True

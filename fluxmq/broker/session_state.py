@@ -125,13 +125,27 @@ def encode_session_state(state: SessionState) -> bytes:
     if state.queue_members:
         flags |= _F_QUEUES
     will_delay = state.will[1] if state.will is not None else 0
-    out = [_HEAD.pack(MAGIC, VERSION, flags, state.expiry_interval, state.disconnected_at,
-                      state.next_packet_id, will_delay), _str16(state.client_id)]
+    out = [
+        _HEAD.pack(
+            MAGIC,
+            VERSION,
+            flags,
+            state.expiry_interval,
+            state.disconnected_at,
+            state.next_packet_id,
+            will_delay,
+        ),
+        _str16(state.client_id),
+    ]
     if state.username is not None:
         out.append(_str16(state.username))
     out.append(_U32.pack(len(state.subscriptions)))
     for sub in state.subscriptions:
-        options = (1 if sub.no_local else 0) | (2 if sub.retain_as_published else 0) | ((sub.retain_handling & 3) << 2)
+        options = (
+            (1 if sub.no_local else 0)
+            | (2 if sub.retain_as_published else 0)
+            | ((sub.retain_handling & 3) << 2)
+        )
         out.append(_str16(sub.filter))
         out.append(_SUB.pack(sub.qos, options, sub.subscription_id))
         if sub.share_group is None:
@@ -177,7 +191,7 @@ class _Reader:
         if n < 0 or i + n > len(self.buf):
             raise SessionStateError("session state is truncated")
         self.i = i + n
-        return self.buf[i:i + n]
+        return self.buf[i : i + n]
 
     def unpack(self, st: struct.Struct) -> tuple:
         return st.unpack(self.take(st.size))
@@ -236,8 +250,13 @@ def _decode(buf, raw_queue: bool) -> SessionState:
         raise SessionStateError("not a session state")
     if version != VERSION:
         raise SessionStateError(f"session state has version {version}, this build reads {VERSION}")
-    state = SessionState(rd.str16(), expiry_interval=expiry, disconnected_at=disconnected_at,
-                         connected=bool(flags & _F_CONNECTED), next_packet_id=next_pid)
+    state = SessionState(
+        rd.str16(),
+        expiry_interval=expiry,
+        disconnected_at=disconnected_at,
+        connected=bool(flags & _F_CONNECTED),
+        next_packet_id=next_pid,
+    )
     if flags & _F_USERNAME:
         state.username = rd.str16()
     for _ in range(rd.count(2 + _SUB.size + 2)):
@@ -245,8 +264,11 @@ def _decode(buf, raw_queue: bool) -> SessionState:
         qos, options, sub_id = rd.unpack(_SUB)
         glen = rd.u16()
         group = bytes(rd.take(glen - 1)).decode() if glen else None
-        state.subscriptions.append(SubscriptionState(filter, qos, bool(options & 1), bool(options & 2),
-                                                     (options >> 2) & 3, sub_id, group))
+        state.subscriptions.append(
+            SubscriptionState(
+                filter, qos, bool(options & 1), bool(options & 2), (options >> 2) & 3, sub_id, group
+            )
+        )
     for _ in range(rd.count(6)):
         pid = rd.u16()
         fields, qos, retain, ids, released = r.decode_entry(bytes(rd.take(rd.u32())))

@@ -95,7 +95,9 @@ class SharedHandOvers:
             if taken is not None:
                 message, member = taken
                 ids = (member.subscription_id,) if member.subscription_id else None
-                member.session.deliver(message, message.qos if message.qos < member.qos else member.qos, False, ids)
+                member.session.deliver(
+                    message, message.qos if message.qos < member.qos else member.qos, False, ids
+                )
                 hand_over.moved += 1
             if n == budget:
                 done = False
@@ -109,7 +111,9 @@ class SharedHandOvers:
         session = hand_over.session
         try:
             while True:
-                gevent.sleep(HAND_OVER_PAUSE)  # the rest of the loop turn (I/O, commits, timers) runs between chunks
+                gevent.sleep(
+                    HAND_OVER_PAUSE
+                )  # the rest of the loop turn (I/O, commits, timers) runs between chunks
                 if hand_over.stopped:
                     return
                 if self._hand_over_step(hand_over, self.hand_over_chunk):
@@ -134,6 +138,12 @@ class SharedHandOvers:
     @staticmethod
     def _handed_over(hand_over: SharedHandOver) -> None:
         if hand_over.moved:
-            log.info("shared_handed_over", extra={"client_id": hand_over.session.client_id,
-                                                  "messages": hand_over.moved, "turns": hand_over.turns,
-                                                  "complete": not hand_over.stopped})
+            log.info(
+                "shared_handed_over",
+                extra={
+                    "client_id": hand_over.session.client_id,
+                    "messages": hand_over.moved,
+                    "turns": hand_over.turns,
+                    "complete": not hand_over.stopped,
+                },
+            )

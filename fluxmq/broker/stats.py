@@ -9,8 +9,7 @@ from bisect import bisect_left
 # flushed (a power of two minus one: the check is one bit-and on a counter the broker keeps anyway).
 LATENCY_SAMPLE_MASK = 63
 # Upper bounds (seconds) of the publish-to-delivery latency histogram; a last bucket is +Inf.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5)
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class OutputBudget:
@@ -58,10 +57,22 @@ class BrokerStats:
     received by the broker and delivered to subscribers.
     """
 
-    __slots__ = ("started", "messages_received", "messages_sent", "bytes_received", "bytes_sent",
-                 "connections_total", "drops",
-                 "received_qos", "received_bytes_qos", "sent_qos", "sent_bytes_qos",
-                 "latency_counts", "latency_sum", "output_budget")
+    __slots__ = (
+        "started",
+        "messages_received",
+        "messages_sent",
+        "bytes_received",
+        "bytes_sent",
+        "connections_total",
+        "drops",
+        "received_qos",
+        "received_bytes_qos",
+        "sent_qos",
+        "sent_bytes_qos",
+        "latency_counts",
+        "latency_sum",
+        "output_budget",
+    )
 
     def __init__(self) -> None:
         self.started = time.time()

@@ -23,9 +23,17 @@ class SubscribeResult:
 class Subscriptions:
     """``Broker.subscribe``, ``deliver_retained`` and ``unsubscribe``."""
 
-    def subscribe(self, session: Session, filter: str, qos: int, no_local: bool = False,
-                  retain_as_published: bool = False, retain_handling: int = 0,
-                  subscription_id: int = 0, user_properties: list | None = None) -> SubscribeResult:
+    def subscribe(
+        self,
+        session: Session,
+        filter: str,
+        qos: int,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = 0,
+        subscription_id: int = 0,
+        user_properties: list | None = None,
+    ) -> SubscribeResult:
         """Add or replace a subscription [MQTT-3.8.4-3]; raises TopicFilterInvalid for a bad filter.
 
         A ``$queue/{name}[/{filter}]`` filter joins a durable queue's consumer group instead (its
@@ -37,18 +45,43 @@ class Subscriptions:
             return SubscribeResult(granted, [], None)
         granted = min(qos, self.settings.max_qos)
         shared = parse_shared(filter)
-        sub = Subscription(session, filter, granted, no_local, retain_as_published, retain_handling,
-                           subscription_id, shared[0] if shared else None)
+        sub = Subscription(
+            session,
+            filter,
+            granted,
+            no_local,
+            retain_as_published,
+            retain_handling,
+            subscription_id,
+            shared[0] if shared else None,
+        )
         is_new = self.router.add(sub)
         session.subscriptions[filter] = sub
         events = self.events
         if events is not None:
-            events.subscription_created(session.client_id, session.username, filter, granted, qos, no_local,
-                                        retain_as_published, retain_handling, subscription_id,
-                                        shared[0] if shared else None, not is_new)
+            events.subscription_created(
+                session.client_id,
+                session.username,
+                filter,
+                granted,
+                qos,
+                no_local,
+                retain_as_published,
+                retain_handling,
+                subscription_id,
+                shared[0] if shared else None,
+                not is_new,
+            )
         if isinstance(session, PersistentSession):
-            session.store.put_subscription(session.client_id, filter, granted, no_local, retain_as_published,
-                                           retain_handling, subscription_id)
+            session.store.put_subscription(
+                session.client_id,
+                filter,
+                granted,
+                no_local,
+                retain_as_published,
+                retain_handling,
+                subscription_id,
+            )
         retained: list = []
         # Retained messages are never sent for a shared subscription; Retain Handling 1 sends them
         # only for a new subscription, 2 never [MQTT-3.3.1-9, -10, -11].
@@ -57,7 +90,9 @@ class Subscriptions:
             auth = self.auth
             if retained and auth is not None and auth.checks_reads:
                 # A retained message the subscriber may not read is never sent (auth.acl_file).
-                retained = [m for m in retained if auth.can_read(session.client_id, session.username, m.topic)]
+                retained = [
+                    m for m in retained if auth.can_read(session.client_id, session.username, m.topic)
+                ]
         if is_new:
             # Last: with peers, a filter new to this node may wait here (bounded) until the reachable
             # peers know it, so publishes made after the SUBACK on any node reach this subscriber.

@@ -36,7 +36,9 @@ class Outgoing:
 
     __slots__ = ("blob", "groups", "match_local", "expires_at")
 
-    def __init__(self, blob: bytes, groups: tuple[str, ...], match_local: bool, expires_at: float | None) -> None:
+    def __init__(
+        self, blob: bytes, groups: tuple[str, ...], match_local: bool, expires_at: float | None
+    ) -> None:
         self.blob = blob
         self.groups = groups
         self.match_local = match_local
@@ -47,8 +49,15 @@ def outgoing(message: Message, groups: tuple[str, ...], match_local: bool) -> Ou
     return Outgoing(encode_message(message), groups, match_local, message.expires_at)
 
 
-def build_batch(sender: str, epoch: int, seq: int, entries: list[Outgoing], interest=(),
-                snapshot: bool = False, now: float | None = None) -> tuple[pb.Batch, int]:
+def build_batch(
+    sender: str,
+    epoch: int,
+    seq: int,
+    entries: list[Outgoing],
+    interest=(),
+    snapshot: bool = False,
+    now: float | None = None,
+) -> tuple[pb.Batch, int]:
     """The Batch of ``entries`` (those expired by now are left out); returns (batch, expired)."""
     if now is None:
         now = time.monotonic()
@@ -71,8 +80,15 @@ def build_batch(sender: str, epoch: int, seq: int, entries: list[Outgoing], inte
             parts.append(data)
         parts.append(e.blob)
     changes = [pb.InterestChange(filter=f, added=added) for f, added in interest]
-    return pb.Batch(sender=sender, epoch=epoch, seq=seq, snapshot=snapshot, interest=changes,
-                    items=b"".join(parts), count=len(entries) - expired), expired
+    return pb.Batch(
+        sender=sender,
+        epoch=epoch,
+        seq=seq,
+        snapshot=snapshot,
+        interest=changes,
+        items=b"".join(parts),
+        count=len(entries) - expired,
+    ), expired
 
 
 def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Message, tuple[str, ...], bool]]:
@@ -92,15 +108,18 @@ def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Messag
                 names = []
                 for _ in range(ngroups):
                     k = glen(data, i)[0]
-                    names.append(data[i + 2:i + 2 + k].decode())
+                    names.append(data[i + 2 : i + 2 + k].decode())
                     i += 2 + k
                 groups = tuple(names)
             if i + n > end:
                 raise BatchError("item runs past the end of the batch")
-            topic, payload, qos, retain, props, _expires, origin = decode_message(data[i:i + n])
+            topic, payload, qos, retain, props, _expires, origin = decode_message(data[i : i + n])
             i += n
-            yield (Message(topic, payload, qos, retain, props, None if ms < 0 else now + ms / 1000.0, origin),
-                   groups, bool(flags & MATCH_LOCAL))
+            yield (
+                Message(topic, payload, qos, retain, props, None if ms < 0 else now + ms / 1000.0, origin),
+                groups,
+                bool(flags & MATCH_LOCAL),
+            )
     except (struct.error, UnicodeDecodeError, ValueError, RecordError) as exc:
         if isinstance(exc, BatchError):
             raise

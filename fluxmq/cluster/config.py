@@ -51,31 +51,56 @@ def cluster_settings(config) -> ClusterSettings:
     c, t = config.cluster, config.cluster.transport
     peers = dict(t.peers)  # (node_id, addr) pairs
     if c.enabled and not c.node_id:
-        raise ConfigError("cluster.node_id", "a node id unique in the cluster", _origin(config, "cluster.node_id"),
-                          problem="is required when cluster.enabled is true")
+        raise ConfigError(
+            "cluster.node_id",
+            "a node id unique in the cluster",
+            _origin(config, "cluster.node_id"),
+            problem="is required when cluster.enabled is true",
+        )
     if c.enabled and config.get("cluster.routes"):
-        raise ConfigError("cluster.routes", "no routes while cluster.enabled is true", _origin(config, "cluster.routes"),
-                          problem="mirrors every topic to nodes the cluster already routes to (each message would "
-                                  "arrive once per path); with cluster.enabled use bridges for brokers outside "
-                                  "the cluster")
+        raise ConfigError(
+            "cluster.routes",
+            "no routes while cluster.enabled is true",
+            _origin(config, "cluster.routes"),
+            problem="mirrors every topic to nodes the cluster already routes to (each message would "
+            "arrive once per path); with cluster.enabled use bridges for brokers outside "
+            "the cluster",
+        )
     for node_id, addr in peers.items():
         try:
             host, port = parse_addr(addr)
         except ValueError:
             host, port = "", 0
         if not host or host == "0.0.0.0" or not port:
-            raise ConfigError(f"cluster.transport.peers.{node_id}", "host:port of the peer's cluster.transport.bind_addr",
-                              _origin(config, "cluster.transport.peers"), got=addr)
+            raise ConfigError(
+                f"cluster.transport.peers.{node_id}",
+                "host:port of the peer's cluster.transport.bind_addr",
+                _origin(config, "cluster.transport.peers"),
+                got=addr,
+            )
     if t.tls_enabled:
         for leaf in ("cert_file", "key_file", "ca_file"):
             path = getattr(t, leaf)
             if not path or not os.access(path, os.R_OK):
-                raise ConfigError(f"cluster.transport.{leaf}", "a readable PEM file (cluster.transport.tls_enabled is true)",
-                                  _origin(config, f"cluster.transport.{leaf}"), got=path)
+                raise ConfigError(
+                    f"cluster.transport.{leaf}",
+                    "a readable PEM file (cluster.transport.tls_enabled is true)",
+                    _origin(config, f"cluster.transport.{leaf}"),
+                    got=path,
+                )
     transport = TransportSettings(
-        bind_addr=t.bind_addr, peers=peers, batch_max_size=t.route_batch_max_size,
-        batch_max_delay=t.route_batch_max_delay, batches_in_flight=t.route_batch_flush_workers,
-        publish_timeout=t.route_publish_timeout, interest_sync_timeout=t.interest_sync_timeout,
-        max_queued_messages=t.max_queued_messages, max_queued_bytes=t.max_queued_bytes,
-        tls_enabled=t.tls_enabled, cert_file=t.cert_file, key_file=t.key_file, ca_file=t.ca_file)
+        bind_addr=t.bind_addr,
+        peers=peers,
+        batch_max_size=t.route_batch_max_size,
+        batch_max_delay=t.route_batch_max_delay,
+        batches_in_flight=t.route_batch_flush_workers,
+        publish_timeout=t.route_publish_timeout,
+        interest_sync_timeout=t.interest_sync_timeout,
+        max_queued_messages=t.max_queued_messages,
+        max_queued_bytes=t.max_queued_bytes,
+        tls_enabled=t.tls_enabled,
+        cert_file=t.cert_file,
+        key_file=t.key_file,
+        ca_file=t.ca_file,
+    )
     return ClusterSettings(c.enabled, c.node_id, transport)

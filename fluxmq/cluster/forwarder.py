@@ -64,8 +64,17 @@ class LinkStats:
 class PeerLink:
     """The data channel to one peer (see the module docstring)."""
 
-    def __init__(self, node_id: str, addr: str, local_id: str, epoch: int, settings, channel: grpc.Channel,
-                 local_filters, on_ack=None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        addr: str,
+        local_id: str,
+        epoch: int,
+        settings,
+        channel: grpc.Channel,
+        local_filters,
+        on_ack=None,
+    ) -> None:
         from .proto import cluster_pb2_grpc as pb_grpc
 
         self.node_id = node_id
@@ -137,10 +146,19 @@ class PeerLink:
 
     def state(self) -> dict:
         st = self.stats
-        return {"addr": self.addr, "reachable": self.connected, "queued": len(self.queue),
-                "queued_bytes": self.queued_bytes, "in_flight": len(self.unacked),
-                "forwarded_batches": st.batches, "forwarded_messages": st.messages, "failures": st.failures,
-                "dropped": st.dropped, "expired": st.expired, "resent": st.resent}
+        return {
+            "addr": self.addr,
+            "reachable": self.connected,
+            "queued": len(self.queue),
+            "queued_bytes": self.queued_bytes,
+            "in_flight": len(self.unacked),
+            "forwarded_batches": st.batches,
+            "forwarded_messages": st.messages,
+            "failures": st.failures,
+            "dropped": st.dropped,
+            "expired": st.expired,
+            "resent": st.resent,
+        }
 
     def close(self) -> None:
         self._running = False
@@ -199,8 +217,12 @@ class PeerLink:
             self.stats.resent += 1
         self.interest.clear()
         snapshot = sorted(self._local_filters())
-        self._send(build_batch(self.local_id, self.epoch, self._next_seq(), [],
-                               [(f, True) for f in snapshot], snapshot=True)[0], 0)
+        self._send(
+            build_batch(
+                self.local_id, self.epoch, self._next_seq(), [], [(f, True) for f in snapshot], snapshot=True
+            )[0],
+            0,
+        )
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -264,8 +286,14 @@ class PeerLink:
             return
         _batch, sent, _n, _iv = next(iter(self.unacked.values()))
         if time.monotonic() - sent > self.settings.publish_timeout:
-            log.warning("peer_ack_timeout", extra={"peer": self.node_id, "in_flight": len(self.unacked),
-                                                   "timeout": self.settings.publish_timeout})
+            log.warning(
+                "peer_ack_timeout",
+                extra={
+                    "peer": self.node_id,
+                    "in_flight": len(self.unacked),
+                    "timeout": self.settings.publish_timeout,
+                },
+            )
             self.stats.failures += 1
             self._break_stream()
 
@@ -293,8 +321,10 @@ class PeerLink:
                     self.connected = True
                     self._down_logged = False
                     self.stats.connects += 1
-                    log.info("peer_connected", extra={"peer": self.node_id, "addr": self.addr,
-                                                      "resent": len(self.unacked) - 1})
+                    log.info(
+                        "peer_connected",
+                        extra={"peer": self.node_id, "addr": self.addr, "resent": len(self.unacked) - 1},
+                    )
                 entry = self.unacked.pop(ack.seq, None)
                 if entry is not None:
                     _batch, _sent, n, iv = entry
@@ -319,9 +349,16 @@ class PeerLink:
                 # One warning per outage; the reconnect attempts while the peer stays away are debug.
                 level = logging.DEBUG if self._down_logged and not self.connected else logging.WARNING
                 self._down_logged = True
-                log.log(level, "peer_stream_failed", extra={"peer": self.node_id, "addr": self.addr,
-                                                            "code": getattr(code, "name", str(code)),
-                                                            "queued": len(self.queue)})
+                log.log(
+                    level,
+                    "peer_stream_failed",
+                    extra={
+                        "peer": self.node_id,
+                        "addr": self.addr,
+                        "code": getattr(code, "name", str(code)),
+                        "queued": len(self.queue),
+                    },
+                )
         except Exception:
             log.exception("peer_stream_error", extra={"peer": self.node_id})
         if call is self._call:

@@ -40,8 +40,15 @@ TAKEOVER_KIND = "session.takeover"
 #: seconds the answering node waits for the commit that removes the session from its store
 COMMIT_TIMEOUT = 2.0
 
-__all__ = ["TAKEOVER_KIND", "ClusterSessions", "SessionState", "SessionStateError", "decode_session_state",
-           "encode_session_state", "takeover_handler"]
+__all__ = [
+    "TAKEOVER_KIND",
+    "ClusterSessions",
+    "SessionState",
+    "SessionStateError",
+    "decode_session_state",
+    "encode_session_state",
+    "takeover_handler",
+]
 
 
 def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
@@ -52,7 +59,9 @@ def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
         try:
             client_id = bytes(payload).decode()
         except UnicodeDecodeError:
-            log.warning("takeover_refused", extra={"from_node": from_node, "reason": "client id is not UTF-8"})
+            log.warning(
+                "takeover_refused", extra={"from_node": from_node, "reason": "client id is not UTF-8"}
+            )
             return b""
         state = broker.export_session(client_id)  # ServerUnavailable goes back as the call's error
         if state:
@@ -61,10 +70,18 @@ def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
             try:
                 broker.wait_committed(COMMIT_TIMEOUT)
             except StorageError as exc:
-                log.error("takeover_commit_failed", extra={"client_id": client_id, "error": str(exc),
-                                                           "effect": "a restart here may restore a stale copy"})
-        log.info("takeover_served", extra={"from_node": from_node, "client_id": client_id,
-                                           "bytes": len(state) if state else 0})
+                log.error(
+                    "takeover_commit_failed",
+                    extra={
+                        "client_id": client_id,
+                        "error": str(exc),
+                        "effect": "a restart here may restore a stale copy",
+                    },
+                )
+        log.info(
+            "takeover_served",
+            extra={"from_node": from_node, "client_id": client_id, "bytes": len(state) if state else 0},
+        )
         return state or b""
 
     return handle
@@ -80,8 +97,14 @@ class ClusterSessions:
     or of the owner to answer raises ServerUnavailable (CONNACK 0x88; the client retries).
     """
 
-    def __init__(self, ownership, call: Callable[[str, str, bytes, float], bytes], timeout: float = 5.0,
-                 max_moves: int = 3, max_kept: int = 10000) -> None:
+    def __init__(
+        self,
+        ownership,
+        call: Callable[[str, str, bytes, float], bytes],
+        timeout: float = 5.0,
+        max_moves: int = 3,
+        max_kept: int = 10000,
+    ) -> None:
         self.ownership = ownership
         self.call = call
         self.timeout = timeout
@@ -114,14 +137,20 @@ class ClusterSessions:
                 if owner is None:
                     return state
                 if only_from is not None and owner != only_from:
-                    raise ServerUnavailable(f"{client_id!r} moved to node {owner}: not adopted from {only_from}")
+                    raise ServerUnavailable(
+                        f"{client_id!r} moved to node {owner}: not adopted from {only_from}"
+                    )
                 try:
                     reply = self.call(owner, TAKEOVER_KIND, client_id.encode(), self.timeout)
                 except Exception as exc:
-                    raise ServerUnavailable(f"node {owner} owning {client_id!r} does not answer: {exc}") from exc
+                    raise ServerUnavailable(
+                        f"node {owner} owning {client_id!r} does not answer: {exc}"
+                    ) from exc
                 if reply:
                     if state is not None:
-                        log.warning("takeover_state_replaced", extra={"client_id": client_id, "from_node": owner})
+                        log.warning(
+                            "takeover_state_replaced", extra={"client_id": client_id, "from_node": owner}
+                        )
                     state = bytes(reply)
                 take_from = owner
             raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
@@ -137,8 +166,10 @@ class ClusterSessions:
             dropped = next(iter(kept))
             del kept[dropped]
             log.warning("takeover_state_dropped", extra={"client_id": dropped, "reason": "max_kept"})
-        log.warning("takeover_state_kept", extra={"client_id": client_id,
-                                                  "effect": "returned to the client's next claim on this node"})
+        log.warning(
+            "takeover_state_kept",
+            extra={"client_id": client_id, "effect": "returned to the client's next claim on this node"},
+        )
 
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (the registry deletes it only if this node owns it)."""

@@ -92,8 +92,14 @@ class SharedWillsHook:
         try:
             return self.registry.claim(client_id)
         except Exception as exc:
-            log.warning("will_claim_failed", extra={"client_id": client_id, "error": str(exc),
-                                                    "effect": "published (etcd did not answer)"})
+            log.warning(
+                "will_claim_failed",
+                extra={
+                    "client_id": client_id,
+                    "error": str(exc),
+                    "effect": "published (etcd did not answer)",
+                },
+            )
             return True
 
 
@@ -112,20 +118,42 @@ class StaticHealth:
 
     def status(self, sessions: int) -> dict:
         node = self.node
-        members = [{"node_id": node.node_id, "addr": node.settings.transport.bind_addr, "self": True,
-                    "live": True, "reachable": True, "leader": False}]
+        members = [
+            {
+                "node_id": node.node_id,
+                "addr": node.settings.transport.bind_addr,
+                "self": True,
+                "live": True,
+                "reachable": True,
+                "leader": False,
+            }
+        ]
         for peer, state in sorted(node.transport.peer_state().items()):
-            members.append({"node_id": peer, "addr": node.transport.links[peer].addr if peer in node.transport.links
-                            else "", "self": False, "live": bool(state.get("reachable")),
-                            "reachable": bool(state.get("reachable")), "leader": False})
-        return {"node_id": node.node_id, "is_leader": False, "cluster_mode": True, "sessions": sessions,
-                "members": members}
+            members.append(
+                {
+                    "node_id": peer,
+                    "addr": node.transport.links[peer].addr if peer in node.transport.links else "",
+                    "self": False,
+                    "live": bool(state.get("reachable")),
+                    "reachable": bool(state.get("reachable")),
+                    "leader": False,
+                }
+            )
+        return {
+            "node_id": node.node_id,
+            "is_leader": False,
+            "cluster_mode": True,
+            "sessions": sessions,
+            "members": members,
+        }
 
 
 class ClusterNode:
     """The transport, the peers, the metadata plane (etcd) and their wiring to one broker."""
 
-    def __init__(self, settings: ClusterSettings, broker, config=None, announce: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: ClusterSettings, broker, config=None, announce: dict[str, str] | None = None
+    ) -> None:
         init_grpc_for_gevent()
         from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
         from .peers import ClusterPeers
@@ -137,11 +165,22 @@ class ClusterNode:
         # The incarnation: a restarted node's sequence ids start again under a new epoch.
         self.epoch = time.time_ns()
         t = settings.transport
-        self.peers = ClusterPeers(settings.node_id, broker, None, broker.settings.shared_subscription_strategy,
-                                  t.interest_sync_timeout)
-        self.transport = ClusterTransport(settings.node_id, self.epoch, t, self.peers.apply_batch,
-                                          broker.interest_filters, on_ack=self.peers.on_ack,
-                                          on_peer_removed=self.peers.peer_removed)
+        self.peers = ClusterPeers(
+            settings.node_id,
+            broker,
+            None,
+            broker.settings.shared_subscription_strategy,
+            t.interest_sync_timeout,
+        )
+        self.transport = ClusterTransport(
+            settings.node_id,
+            self.epoch,
+            t,
+            self.peers.apply_batch,
+            broker.interest_filters,
+            on_ack=self.peers.on_ack,
+            on_peer_removed=self.peers.peer_removed,
+        )
         self.peers.transport = self.transport
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
         self.transport.handle(ADOPT_KIND, self._adopt)
@@ -155,8 +194,9 @@ class ClusterNode:
         if config is not None and uses_etcd(config):
             from .metadata.plane import MetadataPlane
 
-            self.plane = MetadataPlane.from_config(config, broker, publish=broker.publish_will_message,
-                                                   announce=announce)
+            self.plane = MetadataPlane.from_config(
+                config, broker, publish=broker.publish_will_message, announce=announce
+            )
             self.plane.attach_transport(self.transport)
             self.peers.sessions = ClusterSessions(self.plane.meta, self.transport.call)
             self.health = self.plane.health
@@ -185,16 +225,23 @@ class ClusterNode:
         try:
             if plane is not None:
                 if self.settings.transport.peers:
-                    log.warning("static_peers_ignored", extra={"reason": "etcd is configured: the peers are its members"})
+                    log.warning(
+                        "static_peers_ignored",
+                        extra={"reason": "etcd is configured: the peers are its members"},
+                    )
                 plane.start()
                 plane.meta.on_sessions_lost = self._sessions_lost
                 self._own_restored_sessions()
                 self.broker.shared_wills = SharedWillsHook(plane.wills)
             else:
-                log.warning("cluster_without_etcd", extra={
-                    "peers": ",".join(sorted(self.settings.transport.peers)) or "-",
-                    "effect": "static peers: publishes are routed, but sessions, retained messages and wills "
-                              "are not shared (set cluster.etcd.endpoints or initial_cluster for that)"})
+                log.warning(
+                    "cluster_without_etcd",
+                    extra={
+                        "peers": ",".join(sorted(self.settings.transport.peers)) or "-",
+                        "effect": "static peers: publishes are routed, but sessions, retained messages and wills "
+                        "are not shared (set cluster.etcd.endpoints or initial_cluster for that)",
+                    },
+                )
                 self.transport.set_peers(self.settings.transport.peers)
             self.broker.set_peers(self.peers)
             if self.broker.restored_wills:
@@ -214,8 +261,14 @@ class ClusterNode:
             self.transport.stop(0)
             raise
         self._started = True
-        log.info("cluster_node_started", extra={"node_id": self.node_id, "etcd": plane is not None,
-                                                "peers": ",".join(sorted(self.transport.links)) or "-"})
+        log.info(
+            "cluster_node_started",
+            extra={
+                "node_id": self.node_id,
+                "etcd": plane is not None,
+                "peers": ",".join(sorted(self.transport.links)) or "-",
+            },
+        )
 
     def _publish_restored_wills(self, wait: float) -> None:
         """The wills the restore found due go once the peers told us their interest (bounded by
@@ -224,7 +277,8 @@ class ClusterNode:
         while time.monotonic() < deadline:
             links = self.transport.links
             if all(node in self.peers.snapshots_from for node in links if links[node].connected) and all(
-                    link.connected for link in links.values()):
+                link.connected for link in links.values()
+            ):
                 break
             gevent.sleep(0.05)
         try:
@@ -249,8 +303,10 @@ class ClusterNode:
                 continue
             if owner is not None and owner != self.node_id:
                 self._drop_stale(client_id)
-                log.warning("restored_session_dropped", extra={"client_id": client_id, "owner": owner,
-                                                               "reason": "another node owns it now"})
+                log.warning(
+                    "restored_session_dropped",
+                    extra={"client_id": client_id, "owner": owner, "reason": "another node owns it now"},
+                )
         for filter in held - set(self.broker.interest_filters()):
             self.transport.interest_changed(filter, False)  # the peers are not installed yet: tell the links
 
@@ -277,7 +333,9 @@ class ClusterNode:
             raise ServerUnavailable(f"node {self.node_id} is stopping")
         client_id = bytes(payload).decode()
         adopted = self.broker.adopt_session(client_id, from_node)
-        log.info("session_adopted", extra={"client_id": client_id, "from_node": from_node, "adopted": adopted})
+        log.info(
+            "session_adopted", extra={"client_id": client_id, "from_node": from_node, "adopted": adopted}
+        )
         return b"1" if adopted else b""
 
     def _hand_out(self, deadline: float) -> None:
@@ -296,12 +354,16 @@ class ClusterNode:
                     return  # moved meanwhile (its client reconnected elsewhere), or out of time
                 peer = peers[(i + attempt) % len(peers)]
                 try:
-                    self.transport.call(peer, ADOPT_KIND, client_id.encode(),
-                                        max(0.1, min(5.0, deadline - time.monotonic())))
+                    self.transport.call(
+                        peer, ADOPT_KIND, client_id.encode(), max(0.1, min(5.0, deadline - time.monotonic()))
+                    )
                 except Exception as exc:
                     if "is stopping" in str(exc):
                         self._stopping_peers.add(peer)
-                    log.info("session_adopt_refused", extra={"client_id": client_id, "peer": peer, "error": str(exc)})
+                    log.info(
+                        "session_adopt_refused",
+                        extra={"client_id": client_id, "peer": peer, "error": str(exc)},
+                    )
                     continue
                 self.adopted_out += 1
                 return
@@ -325,8 +387,11 @@ class ClusterNode:
         self._hand_out(deadline)
         # Ends early when every session moved, or when no peer that is not stopping itself answers
         # (the whole cluster is stopping: nobody is left to take them).
-        while (self.broker.sessions and time.monotonic() < deadline
-               and set(self.transport.reachable()) - self._stopping_peers):
+        while (
+            self.broker.sessions
+            and time.monotonic() < deadline
+            and set(self.transport.reachable()) - self._stopping_peers
+        ):
             gevent.sleep(0.05)
         left = len(self.broker.sessions)
         log.info("cluster_drained", extra={"sessions_left": left})
@@ -359,8 +424,12 @@ class ClusterNode:
         """What the peers sent here: batches and messages applied, retried batches skipped,
         damaged batches."""
         p = self.peers
-        return {"batches": p.received_batches, "messages": p.received_messages,
-                "duplicates": p.duplicate_batches, "bad": p.bad_batches}
+        return {
+            "batches": p.received_batches,
+            "messages": p.received_messages,
+            "duplicates": p.duplicate_batches,
+            "bad": p.bad_batches,
+        }
 
     def figures(self) -> dict[str, int]:
         """Cluster-wide duties of this node for /metrics: leadership, sessions handed to peers at a
@@ -368,10 +437,13 @@ class ClusterNode:
         claims lost (published elsewhere)."""
         plane = self.plane
         wills = plane.wills if plane is not None else None
-        return {"leader": int(plane is not None and plane.meta.is_leader), "adopted_out": self.adopted_out,
-                "stale_dropped": self.stale_sessions_dropped,
-                "wills_for_dead": wills.published if wills is not None else 0,
-                "will_claims_lost": wills.lost_races if wills is not None else 0}
+        return {
+            "leader": int(plane is not None and plane.meta.is_leader),
+            "adopted_out": self.adopted_out,
+            "stale_dropped": self.stale_sessions_dropped,
+            "wills_for_dead": wills.published if wills is not None else 0,
+            "will_claims_lost": wills.lost_races if wills is not None else 0,
+        }
 
     def readiness(self) -> tuple[bool, str]:
         """(up, details) for /ready: the ``cluster`` check (etcd and peer reachability)."""

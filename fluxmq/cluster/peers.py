@@ -49,7 +49,12 @@ def group_ready(group) -> bool:
     first choice)."""
     for m in group.members.values():
         d = m.session.delivery
-        if d is not None and not d.closed and not d.is_congested() and len(m.session.inflight) < m.session.send_quota:
+        if (
+            d is not None
+            and not d.closed
+            and not d.is_congested()
+            and len(m.session.inflight) < m.session.send_quota
+        ):
             return True
     return False
 
@@ -57,8 +62,14 @@ def group_ready(group) -> bool:
 class ClusterPeers:
     """Implements ``fluxmq.broker.peers.Peers`` over a ``ClusterTransport``."""
 
-    def __init__(self, node_id: str, broker, transport, strategy: str = "round_robin",
-                 interest_sync_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        broker,
+        transport,
+        strategy: str = "round_robin",
+        interest_sync_timeout: float = 2.0,
+    ) -> None:
         self.node_id = node_id
         self.broker = broker
         self.transport = transport
@@ -214,8 +225,16 @@ class ClusterPeers:
         except BatchError as exc:
             # Never crash the stream on bad input: the rest of this batch is lost (logged, counted).
             self.bad_batches += 1
-            log.warning("bad_forwarded_batch", extra={"peer": sender, "seq": batch.seq, "error": str(exc),
-                                                      "applied": n, "count": batch.count})
+            log.warning(
+                "bad_forwarded_batch",
+                extra={
+                    "peer": sender,
+                    "seq": batch.seq,
+                    "error": str(exc),
+                    "applied": n,
+                    "count": batch.count,
+                },
+            )
         self._applied[sender] = (batch.epoch, batch.seq)
         self.received_batches += 1
         self.received_messages += n

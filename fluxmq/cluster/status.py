@@ -41,13 +41,25 @@ class ClusterTopics:
         up, _details = node.health.check()
         members = node.health.status(0).get("members", [])
         states = node.transport.peer_state()
-        peers = [{"node_id": m["node_id"], "addr": m["addr"], "live": m["live"], "reachable": m["reachable"],
-                  "leader": m["leader"]} for m in members if not m["self"]]
+        peers = [
+            {
+                "node_id": m["node_id"],
+                "addr": m["addr"],
+                "live": m["live"],
+                "reachable": m["reachable"],
+                "leader": m["leader"],
+            }
+            for m in members
+            if not m["self"]
+        ]
         reachable = sum(1 for p in peers if p["reachable"])
         status = "ok" if reachable == len(peers) else "degraded" if reachable else "down"
         if not up:
             status = "down"
-        sync = {peer: {k: v for k, v in state.items() if k in SYNC_FIELDS} for peer, state in sorted(states.items())}
+        sync = {
+            peer: {k: v for k, v in state.items() if k in SYNC_FIELDS}
+            for peer, state in sorted(states.items())
+        }
         if self.bridges is not None:
             bridge = self.bridges.values()
             extra = bridge["status"].decode()
@@ -55,8 +67,11 @@ class ClusterTopics:
                 status = "degraded"
             peers.extend(json.loads(bridge["nodes"]))
             sync.update(json.loads(bridge["sync"]))
-        return {"status": status.encode(), "nodes": json.dumps(peers, separators=(",", ":")).encode(),
-                "sync": json.dumps(sync, separators=(",", ":")).encode()}
+        return {
+            "status": status.encode(),
+            "nodes": json.dumps(peers, separators=(",", ":")).encode(),
+            "sync": json.dumps(sync, separators=(",", ":")).encode(),
+        }
 
     def publish(self) -> None:
         for suffix, payload in self.values().items():

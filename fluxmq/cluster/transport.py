@@ -82,9 +82,16 @@ class _Servicer(pb_grpc.ClusterTransportServicer):
 class ClusterTransport:
     """The node's gRPC server and its links to the peers (``set_peers``)."""
 
-    def __init__(self, node_id: str, epoch: int, settings, on_batch: Callable[[pb.Batch], pb.BatchAck],
-                 local_filters: Callable[[], object], on_ack=None,
-                 on_peer_removed: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        epoch: int,
+        settings,
+        on_batch: Callable[[pb.Batch], pb.BatchAck],
+        local_filters: Callable[[], object],
+        on_ack=None,
+        on_peer_removed: Callable[[str], None] | None = None,
+    ) -> None:
         self.node_id = node_id
         self.epoch = epoch
         self.settings = settings
@@ -103,23 +110,28 @@ class ClusterTransport:
 
     def start(self) -> None:
         s = self.settings
-        self.server = server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_WORKERS),
-                                           options=SERVER_OPTIONS)
+        self.server = server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=SERVER_WORKERS), options=SERVER_OPTIONS
+        )
         pb_grpc.add_ClusterTransportServicer_to_server(_Servicer(self), server)
         if s.tls_enabled:
             key, cert, ca = _read(s.key_file), _read(s.cert_file), _read(s.ca_file)
-            server_creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                                       require_client_auth=True)
+            server_creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=True
+            )
             self.port = server.add_secure_port(s.bind_addr, server_creds)
-            self._channel_credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                                                     certificate_chain=cert)
+            self._channel_credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=key, certificate_chain=cert
+            )
         else:
             self.port = server.add_insecure_port(s.bind_addr)
         if not self.port:
             raise OSError(f"cluster.transport.bind_addr {s.bind_addr}: cannot listen")
         server.start()
-        log.info("cluster_transport_listening", extra={"addr": s.bind_addr, "port": self.port,
-                                                        "tls": s.tls_enabled, "node_id": self.node_id})
+        log.info(
+            "cluster_transport_listening",
+            extra={"addr": s.bind_addr, "port": self.port, "tls": s.tls_enabled, "node_id": self.node_id},
+        )
 
     def stop(self, timeout: float = 1.0) -> None:
         """Send what is queued to reachable peers (within ``timeout``), then close everything."""
@@ -146,8 +158,16 @@ class ClusterTransport:
                 # Each link numbers its batches from 1 under an epoch of its own: a peer removed and
                 # added again (membership) must not see the new link's batches as retries of the old.
                 epoch = self._next_epoch = max(self._next_epoch + 1, time.time_ns())
-                self.links[node_id] = PeerLink(node_id, addr, self.node_id, epoch, self.settings,
-                                               self._channel(addr), self.local_filters, self.on_ack)
+                self.links[node_id] = PeerLink(
+                    node_id,
+                    addr,
+                    self.node_id,
+                    epoch,
+                    self.settings,
+                    self._channel(addr),
+                    self.local_filters,
+                    self.on_ack,
+                )
                 log.info("peer_added", extra={"peer": node_id, "addr": addr})
 
     def _remove(self, node_id: str) -> None:
@@ -206,7 +226,9 @@ class ClusterTransport:
         if link is None:
             raise PeerUnavailable(f"no peer {node_id!r} in the cluster")
         try:
-            reply = link.stub.Call(pb.CallRequest(sender=self.node_id, kind=kind, payload=payload), timeout=timeout)
+            reply = link.stub.Call(
+                pb.CallRequest(sender=self.node_id, kind=kind, payload=payload), timeout=timeout
+            )
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             raise PeerUnavailable(f"peer {node_id} ({link.addr}): {getattr(code, 'name', code)}") from None

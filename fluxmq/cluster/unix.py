@@ -92,10 +92,12 @@ class FrameReader:
                 if n > MAX_FRAME:
                     raise EOFError(f"frame of {n} bytes")
                 if len(buf) >= 4 + n:
-                    frame = bytes(buf[4:4 + n])
-                    del buf[:4 + n]
+                    frame = bytes(buf[4 : 4 + n])
+                    del buf[: 4 + n]
                     return frame
-            chunk = self.sock.recv(max(65536, 4 + (HEADER.unpack_from(buf)[0] if len(buf) >= 4 else 0) - len(buf)))
+            chunk = self.sock.recv(
+                max(65536, 4 + (HEADER.unpack_from(buf)[0] if len(buf) >= 4 else 0) - len(buf))
+            )
             if not chunk:
                 raise EOFError("connection closed")
             buf += chunk
@@ -220,7 +222,9 @@ class UnixTransport(ClusterTransport):
         self.server = StreamServer(listener, self._serve)
         self.server.start()
         self.port = 1
-        log.info("cluster_transport_listening", extra={"addr": self.settings.bind_addr, "node_id": self.node_id})
+        log.info(
+            "cluster_transport_listening", extra={"addr": self.settings.bind_addr, "node_id": self.node_id}
+        )
 
     def stop(self, timeout: float = 1.0) -> None:
         deadline = time.monotonic() + timeout  # one flush deadline for all peers (as ClusterTransport)

@@ -74,8 +74,9 @@ class LocalOwnership:
 
     def __init__(self, path: str, node_id: str) -> None:
         os.makedirs(path, exist_ok=True)
-        self.env = lmdb.open(path, map_size=OWNERS_MAP_SIZE, sync=False, metasync=False, readahead=False,
-                             max_dbs=0)
+        self.env = lmdb.open(
+            path, map_size=OWNERS_MAP_SIZE, sync=False, metasync=False, readahead=False, max_dbs=0
+        )
         self.node_id = node_id
         self.pid = os.getpid()
         self.value = f"{node_id} {self.pid}".encode()
@@ -187,13 +188,29 @@ class WorkerNode:
         self.epoch = __import__("time").time_ns()
         base = cluster_settings(config).transport  # batching and queue bounds: cluster.transport.*
         self.settings = settings = dataclasses.replace(
-            base, bind_addr="unix:" + context.socket_path(context.index), tls_enabled=False,
-            peers={f"w{i}": "unix:" + context.socket_path(i) for i in range(context.count) if i != context.index})
-        self.peers = WorkerPeers(self.node_id, _WorkerBroker(broker), None,
-                                 broker.settings.shared_subscription_strategy, settings.interest_sync_timeout)
-        self.transport = Transport(self.node_id, self.epoch, settings, self.peers.apply_batch,
-                                          broker.interest_filters, on_ack=self.peers.on_ack,
-                                          on_peer_removed=self.peers.peer_removed)
+            base,
+            bind_addr="unix:" + context.socket_path(context.index),
+            tls_enabled=False,
+            peers={
+                f"w{i}": "unix:" + context.socket_path(i) for i in range(context.count) if i != context.index
+            },
+        )
+        self.peers = WorkerPeers(
+            self.node_id,
+            _WorkerBroker(broker),
+            None,
+            broker.settings.shared_subscription_strategy,
+            settings.interest_sync_timeout,
+        )
+        self.transport = Transport(
+            self.node_id,
+            self.epoch,
+            settings,
+            self.peers.apply_batch,
+            broker.interest_filters,
+            on_ack=self.peers.on_ack,
+            on_peer_removed=self.peers.peer_removed,
+        )
         self.peers.transport = self.transport
         self.ownership = LocalOwnership(os.path.join(context.run_dir, "owners"), self.node_id)
         self.peers.sessions = ClusterSessions(self.ownership, self.transport.call)
@@ -219,7 +236,10 @@ class WorkerNode:
         for client_id in stale:
             # Taken over by another worker while this one was down: that copy is the live one.
             self.broker.export_session(client_id)
-            log.info("restored_session_dropped", extra={"client_id": client_id, "reason": "owned by another worker"})
+            log.info(
+                "restored_session_dropped",
+                extra={"client_id": client_id, "reason": "owned by another worker"},
+            )
         self.broker.set_peers(self.peers)
         self.transport.set_peers(self.settings.peers)
         if self.broker.queues is not None:
@@ -228,8 +248,10 @@ class WorkerNode:
         self.queues.move_stranded()
         self._started = True
         self._sync = gevent.spawn(self._sync_retained)
-        log.info("worker_joined", extra={"node_id": self.node_id, "workers": self.context.count,
-                                         "restored_dropped": len(stale)})
+        log.info(
+            "worker_joined",
+            extra={"node_id": self.node_id, "workers": self.context.count, "restored_dropped": len(stale)},
+        )
 
     def stop(self, timeout: float = 1.0) -> None:
         if not self._started:
@@ -278,7 +300,9 @@ class WorkerNode:
             added = i = 0
             while i + 4 <= len(data):
                 (n,) = _LEN.unpack_from(data, i)
-                topic, payload, qos, _retain, props, expires_at, origin = decode_message(data[i + 4:i + 4 + n])
+                topic, payload, qos, _retain, props, expires_at, origin = decode_message(
+                    data[i + 4 : i + 4 + n]
+                )
                 i += 4 + n
                 if retained.get(topic) is None:
                     retained.store(Message(topic, payload, qos, True, props, expires_at, origin))
@@ -296,8 +320,12 @@ class WorkerNode:
     def received(self) -> dict[str, int]:
         """What the other workers sent here (``/metrics``, as ``ClusterNode.received``)."""
         p = self.peers
-        return {"batches": p.received_batches, "messages": p.received_messages,
-                "duplicates": p.duplicate_batches, "bad": p.bad_batches}
+        return {
+            "batches": p.received_batches,
+            "messages": p.received_messages,
+            "duplicates": p.duplicate_batches,
+            "bad": p.bad_batches,
+        }
 
     def readiness(self) -> tuple[bool, str]:
         links = self.transport.links
@@ -337,6 +365,7 @@ class WorkerNode:
         """The admin API answers for the node: ``/stats`` sums the workers' figures (``"admin.stats"``
         call, ``AdminAPI.other_stats``); ``GET /sessions/{id}`` and ``POST /sessions/{id}/disconnect``
         are answered by the worker that owns the client id (``"admin.session"`` call)."""
+
         def serve(_from: str, _payload: bytes) -> bytes:
             return json.dumps(admin.local_stats()[1]).encode()
 
@@ -359,8 +388,9 @@ class WorkerNode:
             if owner is None or owner == self.node_id:
                 return None
             try:
-                status, body = json.loads(self.transport.call(owner, "admin.session",
-                                                              json.dumps([client_id, action]).encode(), 5.0))
+                status, body = json.loads(
+                    self.transport.call(owner, "admin.session", json.dumps([client_id, action]).encode(), 5.0)
+                )
             except Exception as exc:
                 raise HTTPError(503, f"worker {owner} holding {client_id!r} does not answer: {exc}") from None
             return status, body
@@ -377,8 +407,10 @@ class WorkerNode:
                 try:
                     self.transport.call(node, "retained.delete", topic.encode(), STATS_TIMEOUT)
                 except Exception as exc:
-                    log.warning("retained_delete_not_forwarded", extra={"peer": node, "topic": topic,
-                                                                        "error": str(exc)})
+                    log.warning(
+                        "retained_delete_not_forwarded",
+                        extra={"peer": node, "topic": topic, "error": str(exc)},
+                    )
 
         self.transport.handle("retained.delete", serve_delete)
         admin.retained_deleted = delete_everywhere
@@ -406,8 +438,12 @@ class WorkerNode:
 
         # Durable queues: each is on its owning worker (fluxmq.cluster.queues); a request about one
         # is answered there, and the list is every worker's.
-        actions = {"get": admin.get_queue, "peek": admin.peek_queue, "purge": admin.purge_queue,
-                   "replay": admin.replay_queue}
+        actions = {
+            "get": admin.get_queue,
+            "peek": admin.peek_queue,
+            "purge": admin.purge_queue,
+            "replay": admin.replay_queue,
+        }
 
         def serve_queue(_from: str, payload: bytes) -> bytes:
             name, action, query_string = json.loads(payload)
@@ -424,8 +460,9 @@ class WorkerNode:
                 return None
             owner = f"w{placement.owner(name)}"
             try:
-                reply = self.transport.call(owner, "admin.queue", json.dumps([name, action, query_string]).encode(),
-                                            30.0)
+                reply = self.transport.call(
+                    owner, "admin.queue", json.dumps([name, action, query_string]).encode(), 30.0
+                )
             except Exception as exc:
                 raise HTTPError(503, f"worker {owner} owning queue {name!r} does not answer: {exc}") from None
             status, body = json.loads(reply)

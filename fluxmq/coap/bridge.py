@@ -91,9 +91,11 @@ _FALSE = frozenset({"", "0", "false", "no", "off"})
 _PENDING = object()  # an exchange whose answer waits for a commit
 _RECOMPUTE = object()  # an exchange whose answer was too large to cache (a GET: safe to answer again)
 
-WELL_KNOWN_CORE = (b'</mqtt/publish>;rt="mqtt.publish";title="POST /mqtt/publish/{topic}",'
-                   b'</health>;rt="health";ct=0,'
-                   b'</>;rt="mqtt.topic";obs;title="GET|POST /{topic}, GET Observe on a filter"')
+WELL_KNOWN_CORE = (
+    b'</mqtt/publish>;rt="mqtt.publish";title="POST /mqtt/publish/{topic}",'
+    b'</health>;rt="health";ct=0,'
+    b'</>;rt="mqtt.topic";obs;title="GET|POST /{topic}, GET Observe on a filter"'
+)
 
 
 class Transport(Protocol):
@@ -108,14 +110,32 @@ class Transport(Protocol):
 class CoapSettings:
     """The bridge's knobs (``server.coap.*``, ``broker.max_message_size``, ``limits.publish_*``)."""
 
-    __slots__ = ("max_message_size", "observe_queue_size", "max_observations", "max_observations_per_peer",
-                 "block_size", "max_reassembly_bytes", "request_rate", "request_burst", "ack_timeout",
-                 "max_retransmit")
+    __slots__ = (
+        "max_message_size",
+        "observe_queue_size",
+        "max_observations",
+        "max_observations_per_peer",
+        "block_size",
+        "max_reassembly_bytes",
+        "request_rate",
+        "request_burst",
+        "ack_timeout",
+        "max_retransmit",
+    )
 
-    def __init__(self, max_message_size: int = 1 << 20, observe_queue_size: int = 100,
-                 max_observations: int = 10000, max_observations_per_peer: int = 16, block_size: int = 1024,
-                 max_reassembly_bytes: int = 1 << 20, request_rate: float = 0.0, request_burst: int = 0,
-                 ack_timeout: float = ACK_TIMEOUT, max_retransmit: int = MAX_RETRANSMIT) -> None:
+    def __init__(
+        self,
+        max_message_size: int = 1 << 20,
+        observe_queue_size: int = 100,
+        max_observations: int = 10000,
+        max_observations_per_peer: int = 16,
+        block_size: int = 1024,
+        max_reassembly_bytes: int = 1 << 20,
+        request_rate: float = 0.0,
+        request_burst: int = 0,
+        ack_timeout: float = ACK_TIMEOUT,
+        max_retransmit: int = MAX_RETRANSMIT,
+    ) -> None:
         self.max_message_size = max_message_size
         self.observe_queue_size = observe_queue_size
         self.max_observations = max_observations
@@ -130,9 +150,16 @@ class CoapSettings:
     @classmethod
     def from_config(cls, config: Any) -> CoapSettings:
         c = config.server.coap
-        return cls(config.broker.max_message_size, c.observe_queue_size, c.max_observations,
-                   c.max_observations_per_peer, c.block_size, c.max_reassembly_bytes,
-                   config.limits.publish_rate, config.limits.publish_burst)
+        return cls(
+            config.broker.max_message_size,
+            c.observe_queue_size,
+            c.max_observations,
+            c.max_observations_per_peer,
+            c.block_size,
+            c.max_reassembly_bytes,
+            config.limits.publish_rate,
+            config.limits.publish_burst,
+        )
 
 
 class CoapRefusal(Exception):
@@ -149,8 +176,15 @@ class Request:
 
     __slots__ = ("msg", "peer", "transport", "identity", "size", "verified", "key")
 
-    def __init__(self, msg: CoapMessage, peer: Any, transport: Transport, identity: str | None, size: int,
-                 verified: bool = False) -> None:
+    def __init__(
+        self,
+        msg: CoapMessage,
+        peer: Any,
+        transport: Transport,
+        identity: str | None,
+        size: int,
+        verified: bool = False,
+    ) -> None:
         self.msg = msg
         self.peer = peer
         self.transport = transport
@@ -167,8 +201,17 @@ class Observation:
     version = 0  # not an MQTT connection
     listener = "coap_observe"
 
-    def __init__(self, bridge: CoapBridge, key: tuple, peer: Any, transport: Transport, token: bytes,
-                 filter: str, client_id: str, budget: int | None) -> None:
+    def __init__(
+        self,
+        bridge: CoapBridge,
+        key: tuple,
+        peer: Any,
+        transport: Transport,
+        token: bytes,
+        filter: str,
+        client_id: str,
+        budget: int | None,
+    ) -> None:
         self.bridge = bridge
         self.key = key
         self.peer = peer
@@ -192,8 +235,15 @@ class Observation:
 
     # Delivery interface (called by the broker)
 
-    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
-                     subscription_ids: tuple[int, ...] | None) -> bool:
+    def send_publish(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        packet_id: int,
+        dup: bool,
+        subscription_ids: tuple[int, ...] | None,
+    ) -> bool:
         if self.closed:
             return False
         queue = self.queue
@@ -232,7 +282,9 @@ class CoapBridge:
     def __init__(self, broker: Broker, settings: CoapSettings | None = None) -> None:
         self.broker = broker
         self.settings = settings or CoapSettings()
-        self.exchanges: OrderedDict[tuple, list] = OrderedDict()  # (transport, peer, mid) -> [expires, answer]
+        self.exchanges: OrderedDict[tuple, list] = (
+            OrderedDict()
+        )  # (transport, peer, mid) -> [expires, answer]
         self.observations: dict[tuple, Observation] = {}  # (transport, peer, token) -> observation
         self.observers_per_peer: dict[tuple, int] = {}
         self.notification_mids: OrderedDict[tuple, Observation] = OrderedDict()  # (transport, peer, mid)
@@ -269,9 +321,13 @@ class CoapBridge:
         new.max_message_size = self.settings.max_message_size  # as the MQTT listeners: fixed at start
         self.settings = new
         self.rates.clear()
-        return {"server.coap.observe_queue_size", "server.coap.max_observations",
-                "server.coap.max_observations_per_peer", "server.coap.block_size",
-                "server.coap.max_reassembly_bytes"}
+        return {
+            "server.coap.observe_queue_size",
+            "server.coap.max_observations",
+            "server.coap.max_observations_per_peer",
+            "server.coap.block_size",
+            "server.coap.max_reassembly_bytes",
+        }
 
     # -- metrics helpers -------------------------------------------------------------------------
 
@@ -284,8 +340,14 @@ class CoapBridge:
 
     # -- datagrams in ----------------------------------------------------------------------------
 
-    def datagram(self, data: bytes, peer: Any, transport: Transport, identity: str | None = None,
-                 verified: bool = False) -> None:
+    def datagram(
+        self,
+        data: bytes,
+        peer: Any,
+        transport: Transport,
+        identity: str | None = None,
+        verified: bool = False,
+    ) -> None:
         """One datagram from ``peer``; never raises (a bad one is counted and dropped). ``identity``
         is the DTLS user name, if any; ``verified`` says the peer's address is proven (DTLS)."""
         try:
@@ -376,8 +438,13 @@ class CoapBridge:
 
     # -- answers ---------------------------------------------------------------------------------
 
-    def _answer(self, req: Request, response_code: int, payload: bytes = b"",
-                options: list[tuple[int, bytes]] | None = None) -> None:
+    def _answer(
+        self,
+        req: Request,
+        response_code: int,
+        payload: bytes = b"",
+        options: list[tuple[int, bytes]] | None = None,
+    ) -> None:
         """Send the response to ``req`` (piggybacked on the ACK of a CON, a NON for a NON) and
         cache it for retransmissions. Payloads of unverified peers are cut to the amplification budget."""
         msg = req.msg
@@ -394,7 +461,9 @@ class CoapBridge:
         if msg.mtype == codec.CON:
             response = CoapMessage(codec.ACK, response_code, msg.mid, msg.token, options or [], payload)
         else:
-            response = CoapMessage(codec.NON, response_code, self.next_mid(), msg.token, options or [], payload)
+            response = CoapMessage(
+                codec.NON, response_code, self.next_mid(), msg.token, options or [], payload
+            )
         data = codec.serialize(response)
         budget = self._budget(req)
         if budget is not None and len(data) > budget and payload and response_code >= codec.BAD_REQUEST:
@@ -409,8 +478,9 @@ class CoapBridge:
     def _budget(self, req: Request) -> int | None:
         return None if req.verified else AMPLIFICATION_FACTOR * req.size
 
-    def _answer_body(self, req: Request, response_code: int, body: bytes, options: list[tuple[int, bytes]],
-                     path_key: str) -> None:
+    def _answer_body(
+        self, req: Request, response_code: int, body: bytes, options: list[tuple[int, bytes]], path_key: str
+    ) -> None:
         """A 2.05 with ``body``: whole when it fits, else its first (or asked-for) Block2 block."""
         msg = req.msg
         num, szx = 0, None
@@ -433,9 +503,12 @@ class CoapBridge:
         if num == 0:
             self._keep_representation(req.key, path_key, body)
         more = start + block < len(body)
-        options = [*options, (codec.BLOCK2, codec.encode_block(num, more, szx)),
-                   (codec.SIZE2, codec.encode_uint(len(body)))]
-        self._answer(req, response_code, body[start:start + block], options)
+        options = [
+            *options,
+            (codec.BLOCK2, codec.encode_block(num, more, szx)),
+            (codec.SIZE2, codec.encode_uint(len(body))),
+        ]
+        self._answer(req, response_code, body[start : start + block], options)
 
     def _block_limit(self, req: Request, options: list[tuple[int, bytes]], szx: int | None) -> int:
         """The largest body this answer may carry in one datagram."""
@@ -465,8 +538,10 @@ class CoapBridge:
         self.representation_bytes += len(body)
         while len(reps) > MAX_REPRESENTATIONS_PER_PEER:
             self.representation_bytes -= len(reps.popitem(last=False)[1])
-        while (self.representation_bytes > MAX_REPRESENTATION_BYTES or len(self.representations) > MAX_RATE_ADDRESSES) \
-                and len(self.representations) > 1:
+        while (
+            self.representation_bytes > MAX_REPRESENTATION_BYTES
+            or len(self.representations) > MAX_RATE_ADDRESSES
+        ) and len(self.representations) > 1:
             _, dropped = self.representations.popitem(last=False)
             self.representation_bytes -= sum(len(b) for b in dropped.values())
 
@@ -482,8 +557,13 @@ class CoapBridge:
         if path == [".well-known", "core"]:
             if method != codec.GET:
                 raise CoapRefusal(codec.METHOD_NOT_ALLOWED)
-            self._answer_body(req, codec.CONTENT, WELL_KNOWN_CORE, [(codec.CONTENT_FORMAT, codec.encode_uint(40))],
-                              "/.well-known/core")
+            self._answer_body(
+                req,
+                codec.CONTENT,
+                WELL_KNOWN_CORE,
+                [(codec.CONTENT_FORMAT, codec.encode_uint(40))],
+                "/.well-known/core",
+            )
             return
         if path == ["health"]:
             if method != codec.GET:
@@ -552,8 +632,10 @@ class CoapBridge:
         if auth is not None:
             refused = auth.check_publish(client_id, username, topic)
             if refused:
-                raise CoapRefusal(codec.FORBIDDEN if refused == 0x87 else codec.BAD_REQUEST,
-                                  "not authorized" if refused == 0x87 else "topic over limits.max_topic_*")
+                raise CoapRefusal(
+                    codec.FORBIDDEN if refused == 0x87 else codec.BAD_REQUEST,
+                    "not authorized" if refused == 0x87 else "topic over limits.max_topic_*",
+                )
         qos_text = params.get("qos", "0")
         if qos_text not in ("0", "1", "2"):
             raise CoapRefusal(codec.BAD_REQUEST, "qos must be 0, 1 or 2")
@@ -582,8 +664,9 @@ class CoapBridge:
         try:
             result = broker.publish(message)
         except QueueRefused as exc:  # $queue/...: no such queue (auto_create off) or the queue is full
-            raise CoapRefusal(codec.NOT_FOUND if exc.reason_code == 0x90 else codec.SERVICE_UNAVAILABLE,
-                              exc.reason) from None
+            raise CoapRefusal(
+                codec.NOT_FOUND if exc.reason_code == 0x90 else codec.SERVICE_UNAVAILABLE, exc.reason
+            ) from None
         except QuotaExceeded:
             raise CoapRefusal(codec.SERVICE_UNAVAILABLE, "storage full: not accepted") from None
         options = self._block1_echo(msg)
@@ -675,8 +758,11 @@ class CoapBridge:
             self._observe(req, path, client_id, username)
             return
         block2 = msg.option(codec.BLOCK2)
-        if block2 is not None and codec.decode_block(block2)[0] > 0 and \
-                self._representation(req.key, path) is not None:
+        if (
+            block2 is not None
+            and codec.decode_block(block2)[0] > 0
+            and self._representation(req.key, path) is not None
+        ):
             # a later block of a body this peer was sent the first block of (a notification included)
             self._answer_body(req, codec.CONTENT, b"", [], path)
             return
@@ -699,18 +785,23 @@ class CoapBridge:
         if old is not None:  # re-registration (RFC 7641 §4.1): replace the old one
             self.end_observation(old, "re-registered")
         settings = self.settings
-        if len(self.observations) >= settings.max_observations or \
-                self.observers_per_peer.get(req.key, 0) >= settings.max_observations_per_peer:
+        if (
+            len(self.observations) >= settings.max_observations
+            or self.observers_per_peer.get(req.key, 0) >= settings.max_observations_per_peer
+        ):
             raise CoapRefusal(codec.SERVICE_UNAVAILABLE, "too many observations")
         observer_id = OBSERVER_PREFIX + uuid.uuid4().hex
         if auth is not None:
             refused = auth.check_subscribe(observer_id, username, path)
             if refused:
                 auth.forget(observer_id)
-                raise CoapRefusal(codec.FORBIDDEN if refused == 0x87 else codec.BAD_REQUEST,
-                                  "not authorized to observe" if refused == 0x87 else "filter over limits")
-        obs = Observation(self, req.key, req.peer, req.transport, req.msg.token, path, observer_id,
-                          self._budget(req))
+                raise CoapRefusal(
+                    codec.FORBIDDEN if refused == 0x87 else codec.BAD_REQUEST,
+                    "not authorized to observe" if refused == 0x87 else "filter over limits",
+                )
+        obs = Observation(
+            self, req.key, req.peer, req.transport, req.msg.token, path, observer_id, self._budget(req)
+        )
         try:
             session, _ = broker.open_session(observer_id, True, 0, None, username)
         except QuotaExceeded as exc:
@@ -729,7 +820,9 @@ class CoapBridge:
             raise CoapRefusal(codec.BAD_REQUEST, f"invalid topic filter: {exc.reason}") from None
         except QueueRefused as exc:  # queue deliveries must be acknowledged, which Observe cannot do
             self.end_observation(obs, "durable queue")
-            raise CoapRefusal(codec.BAD_REQUEST, f"durable queues are consumed over MQTT: {exc.reason}") from None
+            raise CoapRefusal(
+                codec.BAD_REQUEST, f"durable queues are consumed over MQTT: {exc.reason}"
+            ) from None
         self._answer(req, codec.CONTENT, b"", [(codec.OBSERVE, codec.encode_uint(obs.seq))])
         if result.retained:
             broker.deliver_retained(session, result)
@@ -759,8 +852,9 @@ class CoapBridge:
         auth = self.broker.auth
         if auth is not None:
             auth.forget(obs.client_id)
-        log.debug("coap_observe_end", extra={"client_id": obs.client_id, "reason": reason,
-                                             "dropped": obs.dropped})
+        log.debug(
+            "coap_observe_end", extra={"client_id": obs.client_id, "reason": reason, "dropped": obs.dropped}
+        )
 
     # -- notifications ---------------------------------------------------------------------------
 
@@ -798,18 +892,28 @@ class CoapBridge:
             # registration gets one small notification (and its retransmissions), not a stream.
             confirmable = obs.since_con + 1 >= CON_EVERY or obs.pending_con is not None or not obs.proven
             mid = self.next_mid()
-            options = [(codec.OBSERVE, codec.encode_uint(obs.seq)), *_format_options(message),
-                       (codec.TOPIC, message.topic.encode("utf-8"))]
+            options = [
+                (codec.OBSERVE, codec.encode_uint(obs.seq)),
+                *_format_options(message),
+                (codec.TOPIC, message.topic.encode("utf-8")),
+            ]
             body = message.payload
-            limit = self.settings.block_size if obs.budget is None else max(16, obs.budget - 16 - len(message.topic))
+            limit = (
+                self.settings.block_size
+                if obs.budget is None
+                else max(16, obs.budget - 16 - len(message.topic))
+            )
             if len(body) > limit:
                 szx = max(0, min(6, limit.bit_length() - 5))
                 self._keep_representation(obs.key, obs.filter, body)
-                options += [(codec.BLOCK2, codec.encode_block(0, True, szx)),
-                            (codec.SIZE2, codec.encode_uint(len(body)))]
-                body = body[:codec.block_size(szx)]
-            note = CoapMessage(codec.CON if confirmable else codec.NON, codec.CONTENT, mid, obs.token,
-                               options, body)
+                options += [
+                    (codec.BLOCK2, codec.encode_block(0, True, szx)),
+                    (codec.SIZE2, codec.encode_uint(len(body))),
+                ]
+                body = body[: codec.block_size(szx)]
+            note = CoapMessage(
+                codec.CON if confirmable else codec.NON, codec.CONTENT, mid, obs.token, options, body
+            )
             data = codec.serialize(note)
             nkey = (*obs.key, mid)
             mids = self.notification_mids
@@ -819,8 +923,11 @@ class CoapBridge:
             if confirmable:
                 obs.since_con = 0
                 pending = obs.pending_con
-                retries, timeout = (pending[2], pending[4]) if pending is not None else \
-                    (0, self.settings.ack_timeout * (1 + (ACK_RANDOM_FACTOR - 1) * _jitter()))
+                retries, timeout = (
+                    (pending[2], pending[4])
+                    if pending is not None
+                    else (0, self.settings.ack_timeout * (1 + (ACK_RANDOM_FACTOR - 1) * _jitter()))
+                )
                 obs.pending_con = [mid, data, retries, time.monotonic() + timeout, timeout]
                 self.awaiting_ack.add(obs)
             else:
@@ -881,4 +988,3 @@ def _format_options(message: Message) -> list[tuple[int, bytes]]:
 
 def _jitter() -> float:
     return int.from_bytes(os.urandom(1), "big") / 255
-

@@ -83,9 +83,29 @@ NO_RESPONSE = 258  # RFC 7967 (elective)
 TOPIC = 65000
 
 # What this server understands; an unknown critical option in a request gets 4.02 (§5.4.1).
-KNOWN_OPTIONS = frozenset({IF_MATCH, URI_HOST, ETAG, IF_NONE_MATCH, OBSERVE, URI_PORT, LOCATION_PATH,
-                           URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY, ACCEPT, LOCATION_QUERY, BLOCK2,
-                           BLOCK1, SIZE2, SIZE1, NO_RESPONSE, TOPIC})
+KNOWN_OPTIONS = frozenset(
+    {
+        IF_MATCH,
+        URI_HOST,
+        ETAG,
+        IF_NONE_MATCH,
+        OBSERVE,
+        URI_PORT,
+        LOCATION_PATH,
+        URI_PATH,
+        CONTENT_FORMAT,
+        MAX_AGE,
+        URI_QUERY,
+        ACCEPT,
+        LOCATION_QUERY,
+        BLOCK2,
+        BLOCK1,
+        SIZE2,
+        SIZE1,
+        NO_RESPONSE,
+        TOPIC,
+    }
+)
 
 # Content-Format registry entries (§12.3 and later registrations) <-> MQTT 5.0 Content Type strings.
 CONTENT_FORMATS: dict[int, str] = {
@@ -116,8 +136,15 @@ class CoapMessage:
 
     __slots__ = ("mtype", "code", "mid", "token", "options", "payload")
 
-    def __init__(self, mtype: int, code: int, mid: int, token: bytes = b"",
-                 options: list[tuple[int, bytes]] | None = None, payload: bytes = b"") -> None:
+    def __init__(
+        self,
+        mtype: int,
+        code: int,
+        mid: int,
+        token: bytes = b"",
+        options: list[tuple[int, bytes]] | None = None,
+        payload: bytes = b"",
+    ) -> None:
         self.mtype = mtype
         self.code = code
         self.mid = mid
@@ -126,8 +153,10 @@ class CoapMessage:
         self.payload = payload
 
     def __repr__(self) -> str:
-        return (f"CoapMessage({TYPE_NAMES[self.mtype]}, {code_text(self.code)}, mid={self.mid}, "
-                f"token={self.token.hex()}, options={self.options}, payload={len(self.payload)}B)")
+        return (
+            f"CoapMessage({TYPE_NAMES[self.mtype]}, {code_text(self.code)}, mid={self.mid}, "
+            f"token={self.token.hex()}, options={self.options}, payload={len(self.payload)}B)"
+        )
 
     @property
     def is_request(self) -> bool:
@@ -210,7 +239,6 @@ def block_size(szx: int) -> int:
     return 1 << (szx + 4)
 
 
-
 def _extended(nibble: int, data, pos: int, n: int, what: str) -> tuple[int, int]:
     """An option delta or length nibble of 13 or 14 with its 1- or 2-byte extension (RFC 7252
     3.1); returns the value and the position after the extension."""
@@ -221,6 +249,7 @@ def _extended(nibble: int, data, pos: int, n: int, what: str) -> tuple[int, int]
     if pos + 2 > n:
         raise MalformedDatagram(f"truncated option {what}")
     return ((data[pos] << 8) | data[pos + 1]) + 269, pos + 2
+
 
 def parse(data: bytes) -> CoapMessage:
     """One datagram -> ``CoapMessage``; ``MalformedDatagram`` for anything not well formed (§3)."""
@@ -290,7 +319,9 @@ def serialize(msg: CoapMessage) -> bytes:
     token = msg.token
     if len(token) > 8:
         raise ValueError("a token is at most 8 bytes")
-    out = bytearray((VERSION << 6 | msg.mtype << 4 | len(token), msg.code, msg.mid >> 8 & 0xFF, msg.mid & 0xFF))
+    out = bytearray(
+        (VERSION << 6 | msg.mtype << 4 | len(token), msg.code, msg.mid >> 8 & 0xFF, msg.mid & 0xFF)
+    )
     out += token
     previous = 0
     options = msg.options

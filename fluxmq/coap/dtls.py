@@ -87,8 +87,9 @@ def _load_key(path: str) -> Any:
 
     with open(path, "rb") as f:
         key = serialization.load_pem_private_key(f.read(), None)
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return pk.ECC.from_DER(der)
     if isinstance(key, rsa.RSAPrivateKey):
@@ -106,14 +107,20 @@ def _load_chain(path: str) -> list:
     return [CRT.from_DER(c.public_bytes(serialization.Encoding.DER)) for c in certs]
 
 
-def server_context(section: Any, key_prefix: str, require_client_cert: bool = False) -> tuple[Any, PSKStore | None]:
+def server_context(
+    section: Any, key_prefix: str, require_client_cert: bool = False
+) -> tuple[Any, PSKStore | None]:
     """The Mbed TLS server context of a DTLS listener section (``cert_file``, ``key_file``,
     ``ca_file``, ``client_auth``, ``psk_file``); ConfigError naming the key for a bad setting."""
     try:
         from mbedtls import tls
     except ImportError:
-        raise ConfigError(f"{key_prefix}.addr", "", got=section.addr,
-                          problem="DTLS needs python-mbedtls: pip install 'fluxmq[coap-dtls]'") from None
+        raise ConfigError(
+            f"{key_prefix}.addr",
+            "",
+            got=section.addr,
+            problem="DTLS needs python-mbedtls: pip install 'fluxmq[coap-dtls]'",
+        ) from None
     psk = PSKStore(load_psk_file(section.psk_file, f"{key_prefix}.psk_file")) if section.psk_file else None
     kwargs: dict[str, Any] = {"lowest_supported_version": tls.DTLSVersion.DTLSv1_2}
     if section.cert_file or section.key_file:
@@ -122,10 +129,16 @@ def server_context(section: Any, key_prefix: str, require_client_cert: bool = Fa
         try:
             kwargs["certificate_chain"] = (_load_chain(section.cert_file), _load_key(section.key_file))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{key_prefix}.cert_file", "", got=section.cert_file, problem=str(exc)) from None
+            raise ConfigError(
+                f"{key_prefix}.cert_file", "", got=section.cert_file, problem=str(exc)
+            ) from None
     elif psk is None:
-        raise ConfigError(f"{key_prefix}.addr", "", got=section.addr,
-                          problem="a DTLS listener needs cert_file/key_file or psk_file")
+        raise ConfigError(
+            f"{key_prefix}.addr",
+            "",
+            got=section.addr,
+            problem="a DTLS listener needs cert_file/key_file or psk_file",
+        )
     client_auth = section.client_auth or ("require" if section.ca_file else "none")
     if require_client_cert:
         client_auth = "require"
@@ -157,8 +170,9 @@ class _Peer:
 class CoapDTLSListener:
     """Serves ``bridge`` over DTLS on a UDP address (the transport named ``name``)."""
 
-    def __init__(self, name: str, host: str, port: int, bridge: CoapBridge, context: Any,
-                 psk: PSKStore | None) -> None:
+    def __init__(
+        self, name: str, host: str, port: int, bridge: CoapBridge, context: Any, psk: PSKStore | None
+    ) -> None:
         self.name = name
         self.host = host
         self.port = port
@@ -178,8 +192,10 @@ class CoapDTLSListener:
         self.port = sock.getsockname()[1]
         self.sock = sock
         self._greenlets = [gevent.spawn(self._serve), gevent.spawn(self._expire_idle)]
-        log.info("listener_started", extra={"listener": self.name, "addr": f"{self.host}:{self.port}",
-                                            "transport": "dtls"})
+        log.info(
+            "listener_started",
+            extra={"listener": self.name, "addr": f"{self.host}:{self.port}", "transport": "dtls"},
+        )
 
     def stop(self) -> None:
         sock, self.sock = self.sock, None
@@ -257,7 +273,9 @@ class CoapDTLSListener:
             self._flush(buffer, peer)  # the alert
             self.peers.pop(peer, None)
             self.handshakes_failed += 1
-            log.info("dtls_handshake_failed", extra={"listener": self.name, "peer": str(peer), "error": str(exc)})
+            log.info(
+                "dtls_handshake_failed", extra={"listener": self.name, "peer": str(peer), "error": str(exc)}
+            )
             return
         finally:
             if psk is not None and psk.last_identity is not None:

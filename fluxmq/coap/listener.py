@@ -49,8 +49,10 @@ class CoapUDPListener:
         self.port = sock.getsockname()[1]
         self.sock = sock
         self._reader = gevent.spawn(self._serve)
-        log.info("listener_started", extra={"listener": self.name, "addr": f"{self.host}:{self.port}",
-                                            "transport": "udp"})
+        log.info(
+            "listener_started",
+            extra={"listener": self.name, "addr": f"{self.host}:{self.port}", "transport": "udp"},
+        )
 
     def _serve(self) -> None:
         sock = self.sock

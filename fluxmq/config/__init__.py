@@ -36,9 +36,16 @@ __all__ = [
 ]
 
 _WHERE = {
-    "Config": "loader", "Section": "loader", "load_config": "loader",
-    "SCHEMA": "schema", "Key": "schema", "Schema": "schema",
-    "parse_addr": "values", "parse_bool": "values", "parse_duration": "values", "parse_size": "values",
+    "Config": "loader",
+    "Section": "loader",
+    "load_config": "loader",
+    "SCHEMA": "schema",
+    "Key": "schema",
+    "Schema": "schema",
+    "parse_addr": "values",
+    "parse_bool": "values",
+    "parse_duration": "values",
+    "parse_size": "values",
 }
 
 

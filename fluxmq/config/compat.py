@@ -47,7 +47,9 @@ def not_implemented(dotted: str) -> bool:
     parts = dotted.split(".")
     for pattern in NOT_IMPLEMENTED:
         want = pattern.split(".")
-        if len(parts) >= len(want) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, want, strict=False)):
+        if len(parts) >= len(want) and all(
+            fnmatch.fnmatchcase(p, w) for p, w in zip(parts, want, strict=False)
+        ):
             return True
     return False
 

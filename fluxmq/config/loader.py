@@ -88,8 +88,10 @@ class Section:
 
     def to_dict(self) -> dict[str, Any]:
         """The effective values as plain nested dicts."""
-        return {name: value.to_dict() if isinstance(value, Section) else value
-                for name, value in self._children.items()}
+        return {
+            name: value.to_dict() if isinstance(value, Section) else value
+            for name, value in self._children.items()
+        }
 
 
 class Config(Section):
@@ -97,8 +99,13 @@ class Config(Section):
 
     __slots__ = ("_origins", "_schema", "_notices")
 
-    def __init__(self, values: Mapping[str, Any], origins: Mapping[str, str], schema: Schema = SCHEMA,
-                 notices: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        values: Mapping[str, Any],
+        origins: Mapping[str, str],
+        schema: Schema = SCHEMA,
+        notices: Sequence[str] = (),
+    ) -> None:
         root: dict[str, Any] = {}
         for dotted, value in values.items():
             node = root
@@ -137,8 +144,10 @@ class Config(Section):
 
 def _sections(name: str, tree: dict[str, Any]) -> dict[str, Any]:
     prefix = f"{name}." if name else ""
-    return {part: Section(prefix + part, _sections(prefix + part, child)) if isinstance(child, dict) else child
-            for part, child in tree.items()}
+    return {
+        part: Section(prefix + part, _sections(prefix + part, child)) if isinstance(child, dict) else child
+        for part, child in tree.items()
+    }
 
 
 class _Problems:
@@ -155,8 +164,14 @@ class _Problems:
         self.errors.append(exc)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-                overrides: Sequence[str] = (), *, schema: Schema = SCHEMA, all_errors: bool = False) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    schema: Schema = SCHEMA,
+    all_errors: bool = False,
+) -> Config:
     """Merge defaults < YAML file ``path`` < ``env`` (default ``os.environ``) < ``--set`` overrides.
 
     ``overrides`` are ``"key=value"`` strings whose values are read as YAML scalars. Raises
@@ -181,37 +196,59 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
 
 # -- the file ---------------------------------------------------------------------------------------
 
-def _apply_file(schema: Schema, path: str, values: dict[str, Any], origins: dict[str, str],
-                problems: _Problems) -> None:
+
+def _apply_file(
+    schema: Schema, path: str, values: dict[str, Any], origins: dict[str, str], problems: _Problems
+) -> None:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
-        raise ConfigError("config file", "a readable YAML file", path,
-                          problem=f"cannot read the file: {exc.strerror or exc}") from None
+        raise ConfigError(
+            "config file",
+            "a readable YAML file",
+            path,
+            problem=f"cannot read the file: {exc.strerror or exc}",
+        ) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError("config file", "UTF-8 YAML", path,
-                          problem=f"not UTF-8 text (byte {exc.start})") from None
+        raise ConfigError(
+            "config file", "UTF-8 YAML", path, problem=f"not UTF-8 text (byte {exc.start})"
+        ) from None
     try:
         data = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         what = "; ".join(p for p in (exc.problem, exc.context) if p) or "invalid YAML"
-        raise ConfigError("yaml syntax", "valid YAML", path, line, problem=f"YAML syntax error: {what}") from None
+        raise ConfigError(
+            "yaml syntax", "valid YAML", path, line, problem=f"YAML syntax error: {what}"
+        ) from None
     except YAMLError as exc:
-        raise ConfigError("yaml syntax", "valid YAML", path,
-                          problem=f"YAML syntax error: {_one_line(str(exc))}") from None
+        raise ConfigError(
+            "yaml syntax", "valid YAML", path, problem=f"YAML syntax error: {_one_line(str(exc))}"
+        ) from None
     if data is None:
         return
     if not isinstance(data, Mapping):
-        raise ConfigError("(top level)", "a mapping of sections", path, 1,
-                          problem=f"expected a mapping of sections, got {_describe(data)}")
+        raise ConfigError(
+            "(top level)",
+            "a mapping of sections",
+            path,
+            1,
+            problem=f"expected a mapping of sections, got {_describe(data)}",
+        )
     _walk(schema, data, "", path, values, origins, problems)
 
 
-def _walk(schema: Schema, mapping: Mapping[Any, Any], prefix: str, path: str,
-          values: dict[str, Any], origins: dict[str, str], problems: _Problems) -> None:
+def _walk(
+    schema: Schema,
+    mapping: Mapping[Any, Any],
+    prefix: str,
+    path: str,
+    values: dict[str, Any],
+    origins: dict[str, str],
+    problems: _Problems,
+) -> None:
     for name, value in mapping.items():
         try:
             _walk_item(schema, name, value, _line_of(mapping, name), prefix, path, values, origins, problems)
@@ -219,21 +256,37 @@ def _walk(schema: Schema, mapping: Mapping[Any, Any], prefix: str, path: str,
             problems.error(exc)
 
 
-def _walk_item(schema: Schema, name: Any, value: Any, line: int | None, prefix: str, path: str,
-               values: dict[str, Any], origins: dict[str, str], problems: _Problems) -> None:
+def _walk_item(
+    schema: Schema,
+    name: Any,
+    value: Any,
+    line: int | None,
+    prefix: str,
+    path: str,
+    values: dict[str, Any],
+    origins: dict[str, str],
+    problems: _Problems,
+) -> None:
     dotted = f"{prefix}{name}"
     if not isinstance(name, str):
         raise ConfigError(dotted, "a known key", path, line, problem=_unknown(schema, dotted))
     key = schema.keys.get(dotted)
     if key is not None:
         if key.secret:
-            raise ConfigError(dotted, "no value in the file", path, line,
-                              problem=f"is a secret and may only be set from the environment ({key.env})")
+            raise ConfigError(
+                dotted,
+                "no value in the file",
+                path,
+                line,
+                problem=f"is a secret and may only be set from the environment ({key.env})",
+            )
         raw = plain_scalar(value)
         alias = compat.VALUE_ALIASES.get(dotted, {}).get(raw) if isinstance(raw, str) else None
         if alias is not None:
-            problems.notices.append(f"{dotted} ({_where(path, line)}): {raw!r} is read as {alias!r} "
-                                    f"(fluxmq's implementation of it)")
+            problems.notices.append(
+                f"{dotted} ({_where(path, line)}): {raw!r} is read as {alias!r} "
+                f"(fluxmq's implementation of it)"
+            )
             raw = alias
         values[dotted] = _convert(key, key.type.from_yaml, raw, path, line)
         origins[dotted] = _where(path, line)
@@ -241,12 +294,19 @@ def _walk_item(schema: Schema, name: Any, value: Any, line: int | None, prefix: 
         if value is None:  # a section whose keys are all commented out
             return
         if not isinstance(value, Mapping):
-            raise ConfigError(dotted, f"a mapping of {dotted}.* keys", path, line,
-                              problem=f"expected a mapping of {dotted}.* keys, got {_describe(value)}")
+            raise ConfigError(
+                dotted,
+                f"a mapping of {dotted}.* keys",
+                path,
+                line,
+                problem=f"expected a mapping of {dotted}.* keys, got {_describe(value)}",
+            )
         _walk(schema, value, dotted + ".", path, values, origins, problems)
     elif compat.not_implemented(dotted):
-        problems.notices.append(f"{dotted} ({_where(path, line)}): documented by the reference but not "
-                                "implemented yet in fluxmq; ignored")
+        problems.notices.append(
+            f"{dotted} ({_where(path, line)}): documented by the reference but not "
+            "implemented yet in fluxmq; ignored"
+        )
     else:
         raise ConfigError(dotted, "a known key", path, line, problem=_unknown(schema, dotted))
 
@@ -265,8 +325,14 @@ def _line_of(mapping: Mapping[Any, Any], name: object) -> int | None:
 
 # -- the environment --------------------------------------------------------------------------------
 
-def _apply_env(schema: Schema, env: Mapping[str, str], values: dict[str, Any], origins: dict[str, str],
-               problems: _Problems) -> None:
+
+def _apply_env(
+    schema: Schema,
+    env: Mapping[str, str],
+    values: dict[str, Any],
+    origins: dict[str, str],
+    problems: _Problems,
+) -> None:
     # Sorted, so FLUXMQ_DEBUG (an alias of log.debug) comes before FLUXMQ_LOG_DEBUG, which then wins.
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX):
@@ -282,9 +348,13 @@ def _apply_env(schema: Schema, env: Mapping[str, str], values: dict[str, Any], o
                     continue
                 near = schema.suggest_env(name)
                 hint = f"did you mean {near}? " if near else ""
-                raise ConfigError(name, "a known FLUXMQ_ variable", "env",
-                                  problem=f"no config key maps to this variable; {hint}to pass it on purpose, "
-                                          f"list it in {compat.ENV_IGNORE} (comma-separated, PREFIX* allowed)")
+                raise ConfigError(
+                    name,
+                    "a known FLUXMQ_ variable",
+                    "env",
+                    problem=f"no config key maps to this variable; {hint}to pass it on purpose, "
+                    f"list it in {compat.ENV_IGNORE} (comma-separated, PREFIX* allowed)",
+                )
             values[key.name] = _convert(key, key.type.from_text, env[name], source, None)
             origins[key.name] = source
         except ConfigError as exc:
@@ -296,8 +366,13 @@ def _apply_env(schema: Schema, env: Mapping[str, str], values: dict[str, Any], o
 _SCALAR = YAML(typ="safe", pure=True)
 
 
-def _apply_overrides(schema: Schema, overrides: Sequence[str], values: dict[str, Any],
-                     origins: dict[str, str], problems: _Problems) -> None:
+def _apply_overrides(
+    schema: Schema,
+    overrides: Sequence[str],
+    values: dict[str, Any],
+    origins: dict[str, str],
+    problems: _Problems,
+) -> None:
     if isinstance(overrides, str):  # a lone "k=v" would otherwise be read character by character
         overrides = (overrides,)
     for item in overrides:
@@ -316,12 +391,17 @@ def _apply_override(schema: Schema, item: str, values: dict[str, Any], origins: 
     key = schema.keys.get(name)
     if key is None:
         if name in schema.sections:
-            raise ConfigError(name, "a key", CLI_SOURCE,
-                              problem=f"is a section; set one of its keys ({name}.<key>=value)")
+            raise ConfigError(
+                name, "a key", CLI_SOURCE, problem=f"is a section; set one of its keys ({name}.<key>=value)"
+            )
         raise ConfigError(name, "a known key", CLI_SOURCE, problem=_unknown(schema, name))
     if key.secret:
-        raise ConfigError(name, "no value on the command line", CLI_SOURCE,
-                          problem=f"is a secret and may only be set from the environment ({key.env})")
+        raise ConfigError(
+            name,
+            "no value on the command line",
+            CLI_SOURCE,
+            problem=f"is a secret and may only be set from the environment ({key.env})",
+        )
     values[name] = _convert(key, lambda raw, key=key: _cli_value(key, raw), raw, CLI_SOURCE, None)
     origins[name] = CLI_SOURCE
 
@@ -346,20 +426,33 @@ def _cli_value(key: Key, raw: str) -> Any:
 
 # -- errors -----------------------------------------------------------------------------------------
 
+
 def _convert(key: Key, parse: Callable[[Any], Any], raw: Any, source: str, line: int | None) -> Any:
     if raw is None:
-        raise ConfigError(key.name, key.type.expected, source, line,
-                          problem=f"has no value; expected {key.type.expected}")
+        raise ConfigError(
+            key.name, key.type.expected, source, line, problem=f"has no value; expected {key.type.expected}"
+        )
     try:
         return parse(raw)
     except ItemError as exc:
         # A fault inside a list of mappings: name the item's path and line, not only the key's.
-        raise ConfigError(f"{key.name}{exc.path}", key.type.expected, source,
-                          exc.line if exc.line is not None else line, problem=exc.problem) from None
+        raise ConfigError(
+            f"{key.name}{exc.path}",
+            key.type.expected,
+            source,
+            exc.line if exc.line is not None else line,
+            problem=exc.problem,
+        ) from None
     except ValueError as exc:
         detail = f" ({exc})" if str(exc) else ""
-        raise ConfigError(key.name, key.type.expected, source, line, got=raw,
-                          problem=f"expected {key.type.expected}{detail}, got {_describe(raw)}") from None
+        raise ConfigError(
+            key.name,
+            key.type.expected,
+            source,
+            line,
+            got=raw,
+            problem=f"expected {key.type.expected}{detail}, got {_describe(raw)}",
+        ) from None
 
 
 def _unknown(schema: Schema, dotted: str) -> str:

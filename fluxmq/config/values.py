@@ -50,8 +50,14 @@ _UNSIGNED = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(e[+-]?\d+)?", re.IGNORECASE)
 
 _SIZE_UNITS = {
     "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
 
@@ -130,9 +136,9 @@ def parse_addr(text: str) -> tuple[str, int]:
         raise ValueError("empty address")
     if s.startswith("["):
         end = s.find("]")
-        if end < 0 or s[end + 1:end + 2] != ":":
+        if end < 0 or s[end + 1 : end + 2] != ":":
             raise ValueError("IPv6 address must be written [host]:port")
-        host, port_text = s[1:end], s[end + 2:]
+        host, port_text = s[1:end], s[end + 2 :]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
@@ -233,7 +239,8 @@ class Int(ValueType):
 
     def _check(self, value: int) -> int:
         if (self.minimum is not None and value < self.minimum) or (
-                self.maximum is not None and value > self.maximum):
+            self.maximum is not None and value > self.maximum
+        ):
             raise ValueError("")
         return value
 
@@ -241,8 +248,9 @@ class Int(ValueType):
 class Float(ValueType):
     """A finite number (integers accepted); ``minimum`` inclusive unless ``exclusive_minimum``."""
 
-    def __init__(self, minimum: float | None = None, maximum: float | None = None,
-                 exclusive_minimum: bool = False) -> None:
+    def __init__(
+        self, minimum: float | None = None, maximum: float | None = None, exclusive_minimum: bool = False
+    ) -> None:
         self.minimum = minimum
         self.maximum = maximum
         self.exclusive_minimum = exclusive_minimum
@@ -266,7 +274,8 @@ class Float(ValueType):
         if not math.isfinite(value):
             raise ValueError("")
         if self.minimum is not None and (
-                value < self.minimum or (self.exclusive_minimum and value == self.minimum)):
+            value < self.minimum or (self.exclusive_minimum and value == self.minimum)
+        ):
             raise ValueError("")
         if self.maximum is not None and value > self.maximum:
             raise ValueError("")
@@ -372,7 +381,8 @@ class Addr(ValueType):
         self.allow_empty = allow_empty
         self.summary = 'address or ""' if allow_empty else "address"
         self.expected = 'an address such as ":1883", "127.0.0.1:1883", "[::1]:1883"' + (
-            ' or "" (disabled)' if allow_empty else "")
+            ' or "" (disabled)' if allow_empty else ""
+        )
 
     def from_yaml(self, value: object) -> str:
         if not isinstance(value, str):
@@ -461,7 +471,9 @@ class Url(ValueType):
     def __init__(self, *schemes: str) -> None:
         self.schemes = schemes or ("http", "https")
         self.summary = "URL"
-        self.expected = " or ".join(f"an {s}:// URL" if s[0] in "aeiouh" else f"a {s}:// URL" for s in self.schemes)
+        self.expected = " or ".join(
+            f"an {s}:// URL" if s[0] in "aeiouh" else f"a {s}:// URL" for s in self.schemes
+        )
 
     def from_yaml(self, value: object) -> str:
         from urllib.parse import urlsplit
@@ -480,6 +492,7 @@ class Url(ValueType):
 
 
 # -- structured values (lists of mappings, e.g. ``bridges``) ------------------------------------------
+
 
 class ItemError(ValueError):
     """A fault inside a structured value: ``path`` (``[0].topics[1].qos``) and the YAML ``line``
@@ -521,8 +534,9 @@ class Field:
 
     __slots__ = ("type", "default", "required", "doc", "refuse")
 
-    def __init__(self, type: ValueType, default: object = None, required: bool = False, doc: str = "",
-                 refuse: str = "") -> None:
+    def __init__(
+        self, type: ValueType, default: object = None, required: bool = False, doc: str = "", refuse: str = ""
+    ) -> None:
         self.type = type
         self.default = default
         self.required = required
@@ -618,8 +632,11 @@ class FieldsList(ValueType):
                 name = parsed.get(self.unique)
                 if name in seen:
                     line = _yaml_line(item, self.unique, False) or _yaml_line(value, i, True)
-                    raise ItemError(f"{path}[{i}].{self.unique}", line,
-                                    f"duplicate {self.unique} {name!r} (also item [{seen[name]}])")
+                    raise ItemError(
+                        f"{path}[{i}].{self.unique}",
+                        line,
+                        f"duplicate {self.unique} {name!r} (also item [{seen[name]}])",
+                    )
                 seen[name] = i
             items.append(parsed)
         return items

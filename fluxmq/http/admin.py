@@ -57,9 +57,11 @@ MAX_LIMIT = 100000
 _AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="fluxmq-admin"'}
 # Methods that change state: a browser can send these cross-origin without a preflight (a form POST).
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-NO_TOKEN_MESSAGE = (f"state-changing calls need an admin token: set server.admin.token_file (a file "
-                    f"holding the token; generate one with: python -c 'import secrets; "
-                    f"print(secrets.token_urlsafe(32))') or {TOKEN_ENV}")
+NO_TOKEN_MESSAGE = (
+    f"state-changing calls need an admin token: set server.admin.token_file (a file "
+    f"holding the token; generate one with: python -c 'import secrets; "
+    f"print(secrets.token_urlsafe(32))') or {TOKEN_ENV}"
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -78,8 +80,12 @@ def check_admin_exposure(addr: str, token: str | None) -> None:
         return
     host, _ = parse_addr(addr)
     if not is_loopback(host):
-        raise ConfigError("server.admin.addr", f"a loopback address (127.0.0.1, [::1], localhost) unless "
-                          f"server.admin.token_file or {TOKEN_ENV} is set", got=addr)
+        raise ConfigError(
+            "server.admin.addr",
+            f"a loopback address (127.0.0.1, [::1], localhost) unless "
+            f"server.admin.token_file or {TOKEN_ENV} is set",
+            got=addr,
+        )
 
 
 def read_token_file(path: str) -> str:
@@ -88,11 +94,19 @@ def read_token_file(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             token = f.readline().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("server.admin.token_file", "a readable file holding the admin token",
-                          got=path, problem=f"cannot read {path!r}: {exc}") from None
+        raise ConfigError(
+            "server.admin.token_file",
+            "a readable file holding the admin token",
+            got=path,
+            problem=f"cannot read {path!r}: {exc}",
+        ) from None
     if not token:
-        raise ConfigError("server.admin.token_file", "a file whose first line is the admin token",
-                          got=path, problem=f"{path!r} holds no token on its first line")
+        raise ConfigError(
+            "server.admin.token_file",
+            "a file whose first line is the admin token",
+            got=path,
+            problem=f"{path!r} holds no token on its first line",
+        )
     return token
 
 
@@ -150,26 +164,45 @@ def session_summary(session: Session) -> dict[str, Any]:
         "inflight": len(session.inflight),
         "queue_depth": len(session.queue),
         "queue_bytes": session.queue_bytes,
-        "dropped": getattr(session, "dropped", 0),  # messages dropped for this client (queue full, offline QoS 0, ...)
+        "dropped": getattr(
+            session, "dropped", 0
+        ),  # messages dropped for this client (queue full, offline QoS 0, ...)
     }
 
 
 def subscription_json(client_id: str, sub: Any) -> dict[str, Any]:
-    return {"client_id": client_id, "filter": sub.filter, "qos": sub.qos, "no_local": sub.no_local,
-            "retain_as_published": sub.retain_as_published, "retain_handling": sub.retain_handling,
-            "subscription_id": sub.subscription_id or None, "share_group": sub.share_group}
+    return {
+        "client_id": client_id,
+        "filter": sub.filter,
+        "qos": sub.qos,
+        "no_local": sub.no_local,
+        "retain_as_published": sub.retain_as_published,
+        "retain_handling": sub.retain_handling,
+        "subscription_id": sub.subscription_id or None,
+        "share_group": sub.share_group,
+    }
 
 
 def session_detail(session: Session) -> dict[str, Any]:
     """One session as shown by ``GET /sessions/{client_id}``."""
     body = session_summary(session)
     body["subscriptions"] = [subscription_json(session.client_id, s) for s in session.subscriptions.values()]
-    body["inflight"] = [{"packet_id": pid, "topic": e.message.topic, "qos": e.qos, "released": e.released}
-                        for pid, e in sorted(session.inflight.items())]
+    body["inflight"] = [
+        {"packet_id": pid, "topic": e.message.topic, "qos": e.qos, "released": e.released}
+        for pid, e in sorted(session.inflight.items())
+    ]
     body["inflight_count"] = len(session.inflight)
     will = session.will
-    body["will"] = None if will is None else {"topic": will.message.topic, "qos": will.message.qos,
-                                              "retain": will.message.retain, "delay": will.delay}
+    body["will"] = (
+        None
+        if will is None
+        else {
+            "topic": will.message.topic,
+            "qos": will.message.qos,
+            "retain": will.message.retain,
+            "delay": will.delay,
+        }
+    )
     return body
 
 
@@ -179,6 +212,7 @@ def _limit(params: dict[str, list[str]]) -> tuple[int, int]:
         if not text.isdigit() or int(text) > maximum:
             raise HTTPError(400, f"{name} must be an integer 0..{maximum}")
         return int(text)
+
     return number("limit", DEFAULT_LIMIT, MAX_LIMIT), number("offset", 0, 1 << 62)
 
 
@@ -189,10 +223,19 @@ class AdminAPI:
     ``reload()`` re-reads the configuration and returns what it applied (raises ``ConfigError``).
     """
 
-    def __init__(self, service: Any, token: str | None, reload: Callable[[], dict] | None = None,
-                 bridge: Any = None, allowed_hosts: Iterable[str] = (), addr: str = "") -> None:
+    def __init__(
+        self,
+        service: Any,
+        token: str | None,
+        reload: Callable[[], dict] | None = None,
+        bridge: Any = None,
+        allowed_hosts: Iterable[str] = (),
+        addr: str = "",
+    ) -> None:
         self.service = service
-        self.addr = addr  # the address served (a reload cannot move it: it may not drop the token off loopback)
+        self.addr = (
+            addr  # the address served (a reload cannot move it: it may not drop the token off loopback)
+        )
         self.bridge = bridge
         self._token = token.encode() if token else None
         self._reload = reload
@@ -251,8 +294,12 @@ class AdminAPI:
             if segments[0] == DASHBOARD_PREFIX:  # public static files: the page asks for the token
                 return self.dashboard(environ, start_response, segments)
             if segments == [""] and environ.get("REQUEST_METHOD", "GET").upper() in ("GET", "HEAD"):
-                return json_response(start_response, 302, {"dashboard": f"/{DASHBOARD_PREFIX}/"},
-                                     {"Location": f"/{DASHBOARD_PREFIX}/"})
+                return json_response(
+                    start_response,
+                    302,
+                    {"dashboard": f"/{DASHBOARD_PREFIX}/"},
+                    {"Location": f"/{DASHBOARD_PREFIX}/"},
+                )
             self._authenticate(environ)
             if segments == ["openapi.yaml"]:
                 return self._spec(environ, start_response)
@@ -268,9 +315,14 @@ class AdminAPI:
         rebinding) or, on a state-changing request, a foreign ``Origin`` (cross-site POST)."""
         host = environ.get("HTTP_HOST")
         if host is not None and not host_allowed(host, self.allowed_hosts):
-            log.warning("admin_host_refused", extra={"host": host[:200], "peer": environ.get("REMOTE_ADDR", "")})
-            raise HTTPError(421, f"Host {host[:200]!r} is not an address of this API (an IP address, localhost "
-                                 "or a name in server.admin.allowed_hosts)")
+            log.warning(
+                "admin_host_refused", extra={"host": host[:200], "peer": environ.get("REMOTE_ADDR", "")}
+            )
+            raise HTTPError(
+                421,
+                f"Host {host[:200]!r} is not an address of this API (an IP address, localhost "
+                "or a name in server.admin.allowed_hosts)",
+            )
         method = environ.get("REQUEST_METHOD", "GET").upper()
         if method not in STATE_CHANGING:
             return
@@ -278,7 +330,10 @@ class AdminAPI:
         if origin is not None:
             _, _, origin_host = origin.partition("://")
             if origin_host.lower() != (host or "").lower():
-                log.warning("admin_origin_refused", extra={"origin": origin[:200], "peer": environ.get("REMOTE_ADDR", "")})
+                log.warning(
+                    "admin_origin_refused",
+                    extra={"origin": origin[:200], "peer": environ.get("REMOTE_ADDR", "")},
+                )
                 raise HTTPError(403, f"cross-origin request from {origin[:200]!r} refused")
         if self._token is None:
             raise HTTPError(403, NO_TOKEN_MESSAGE)
@@ -343,22 +398,35 @@ class AdminAPI:
     def local_stats(self) -> tuple:
         broker = self.broker
         st = broker.stats
-        by_listener = {str(listener.name): len(listener.connections)
-                       for listener in getattr(self.service, "listeners", ())}
+        by_listener = {
+            str(listener.name): len(listener.connections)
+            for listener in getattr(self.service, "listeners", ())
+        }
         if self.bridge is not None:
             by_listener["http_sse"] = len(self.bridge.streams)
-        queued, queued_bytes, inflight, _ = session_totals(broker.sessions)  # in slices: the hub keeps running
+        queued, queued_bytes, inflight, _ = session_totals(
+            broker.sessions
+        )  # in slices: the hub keeps running
         sessions = len(broker.sessions)
         return 200, {
             "version": __version__,
             "uptime_seconds": st.uptime(),
-            "connections": {"current": broker.connected, "total": st.connections_total, "by_listener": by_listener},
-            "sessions": {"total": sessions, "connected": broker.connected,
-                         "offline": max(0, sessions - broker.connected)},
+            "connections": {
+                "current": broker.connected,
+                "total": st.connections_total,
+                "by_listener": by_listener,
+            },
+            "sessions": {
+                "total": sessions,
+                "connected": broker.connected,
+                "offline": max(0, sessions - broker.connected),
+            },
             "subscriptions": broker.subscription_count(),
             "retained_messages": len(broker.retained),
             "messages": {
-                "received": st.publish_received, "sent": st.publish_sent, "dropped": st.dropped_total,
+                "received": st.publish_received,
+                "sent": st.publish_sent,
+                "dropped": st.dropped_total,
                 "received_by_qos": dict(zip("012", st.received_qos, strict=True)),
                 "sent_by_qos": dict(zip("012", st.sent_qos, strict=True)),
                 "dropped_by_reason": dict(sorted(st.drops.items())),
@@ -431,8 +499,10 @@ class AdminAPI:
             if exc.leader is not None:
                 body["leader"] = exc.leader
             return exc.status, body
-        log.info("admin_raft_member_changed", extra={"group": group, "action": action, "addr": addr,
-                                                      "members": ",".join(members)})
+        log.info(
+            "admin_raft_member_changed",
+            extra={"group": group, "action": action, "addr": addr, "members": ",".join(members)},
+        )
         return 200, {"group": group, "members": members}
 
     def list_sessions(self, environ: dict, args: list[str]) -> tuple:
@@ -459,7 +529,7 @@ class AdminAPI:
                 total += other_total
                 rows.extend(other_rows)
             rows.sort(key=lambda row: row["client_id"])
-            rows = rows[offset:offset + limit + 1]
+            rows = rows[offset : offset + limit + 1]
         body: dict[str, Any] = {"total": total, "sessions": rows[:limit]}
         if limit and len(rows) > limit:
             body["next"] = rows[limit - 1]["client_id"]
@@ -473,8 +543,10 @@ class AdminAPI:
         """(total, this worker's sessions ordered by client id) for ``GET /sessions``."""
         keep = None
         if connected is not None:
+
             def keep(session: Session) -> bool:
                 return (session.delivery is not None) == connected
+
         return sorted_sessions(self.broker.sessions, keep, after)
 
     def _session(self, client_id: str) -> Session:
@@ -520,13 +592,14 @@ class AdminAPI:
         if client_id is not None:
             session = self._session(client_id)
             subs = [subscription_json(session.client_id, sub) for sub in session.subscriptions.values()]
-            return 200, {"total": len(subs), "subscriptions": subs[offset:offset + limit]}
+            return 200, {"total": len(subs), "subscriptions": subs[offset : offset + limit]}
         count = [0]
 
         def keep(session: Session) -> bool:
             n = len(session.subscriptions)
             count[0] += n
             return n > 0
+
         _, ordered = sorted_sessions(self.broker.sessions, keep)
         out: list[dict[str, Any]] = []
         skip = offset
@@ -539,7 +612,7 @@ class AdminAPI:
             if skip >= len(subs):
                 skip -= len(subs)
                 continue
-            for sub in list(subs.values())[skip:skip + limit - len(out)]:
+            for sub in list(subs.values())[skip : skip + limit - len(out)]:
                 out.append(subscription_json(session.client_id, sub))
             skip = 0
         return 200, {"total": count[0], "subscriptions": out}
@@ -555,7 +628,7 @@ class AdminAPI:
         except TopicFilterInvalid as exc:
             raise HTTPError(400, f"invalid topic filter: {exc.reason}") from None
         messages.sort(key=lambda m: m.topic)
-        page = [_retained_json(m) for m in messages[offset:offset + limit]]
+        page = [_retained_json(m) for m in messages[offset : offset + limit]]
         return 200, {"total": len(messages), "messages": page}
 
     def get_retained(self, environ: dict, args: list[str]) -> tuple:
@@ -603,7 +676,9 @@ class AdminAPI:
         manager = self._queues()
         queues = manager.describe() if manager is not None else []
         if self.other_queues is not None:  # each queue is on one worker: the lists are disjoint
-            queues = sorted(queues + [q for other in self.other_queues() for q in other], key=lambda q: q["name"])
+            queues = sorted(
+                queues + [q for other in self.other_queues() for q in other], key=lambda q: q["name"]
+            )
         return 200, {"queues": queues}
 
     def get_queue(self, environ: dict, args: list[str]) -> tuple:
@@ -665,8 +740,13 @@ class AdminAPI:
             result = self._reload()
         except ConfigError as exc:
             raise HTTPError(400, str(exc)) from None
-        log.info("admin_reload", extra={"applied": ",".join(result.get("applied", [])),
-                                        "seconds": round(time.monotonic() - started, 3)})
+        log.info(
+            "admin_reload",
+            extra={
+                "applied": ",".join(result.get("applied", [])),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
         return 200, {"status": "reloaded", **result}
 
 
@@ -687,8 +767,13 @@ def storage_json(storage: Any) -> dict[str, Any]:
         used = storage.used_bytes()
     except Exception:  # a closed or failed environment: /stats must still answer
         used = None
-    return {"type": "lmdb", "sync": getattr(storage, "sync_mode", None), "used_bytes": used,
-            "map_size": getattr(storage, "map_size", None), "refusing": bool(storage.refusing)}
+    return {
+        "type": "lmdb",
+        "sync": getattr(storage, "sync_mode", None),
+        "used_bytes": used,
+        "map_size": getattr(storage, "map_size", None),
+        "refusing": bool(storage.refusing),
+    }
 
 
 def _retained_json(message: Any) -> dict[str, Any]:
@@ -704,12 +789,12 @@ def _match(pattern: str, segments: list[str]) -> list[str] | None:
     if "*" not in parts:
         return [] if parts == segments else None
     star = parts.index("*")
-    head, tail = parts[:star], parts[star + 1:]
+    head, tail = parts[:star], parts[star + 1 :]
     if len(segments) < len(head) + len(tail) + 1:
         return None
-    if segments[:len(head)] != head or (tail and segments[-len(tail):] != tail):
+    if segments[: len(head)] != head or (tail and segments[-len(tail) :] != tail):
         return None
-    middle = segments[len(head):len(segments) - len(tail)]
+    middle = segments[len(head) : len(segments) - len(tail)]
     value = "/".join(middle)
     return [value] if value else None
 

@@ -111,12 +111,24 @@ def json_handler(fn: Callable[[dict], tuple]) -> Callable[[dict], tuple]:
 class BridgeSettings:
     """The bridge's knobs (``server.http.plain`` and ``broker.max_message_size``); reloadable."""
 
-    __slots__ = ("max_body_size", "max_message_size", "sse_heartbeat", "sse_queue_size", "max_streams",
-                 "max_streams_per_user")
+    __slots__ = (
+        "max_body_size",
+        "max_message_size",
+        "sse_heartbeat",
+        "sse_queue_size",
+        "max_streams",
+        "max_streams_per_user",
+    )
 
-    def __init__(self, max_body_size: int = 1 << 20, max_message_size: int = 1 << 20,
-                 sse_heartbeat: float = 15.0, sse_queue_size: int = 1000, max_streams: int = 1000,
-                 max_streams_per_user: int = 100) -> None:
+    def __init__(
+        self,
+        max_body_size: int = 1 << 20,
+        max_message_size: int = 1 << 20,
+        sse_heartbeat: float = 15.0,
+        sse_queue_size: int = 1000,
+        max_streams: int = 1000,
+        max_streams_per_user: int = 100,
+    ) -> None:
         self.max_body_size = max_body_size
         self.max_message_size = max_message_size
         self.sse_heartbeat = sse_heartbeat
@@ -127,11 +139,18 @@ class BridgeSettings:
     @classmethod
     def from_config(cls, config: Any) -> BridgeSettings:
         plain = config.server.http.plain
-        return cls(plain.max_body_size, config.broker.max_message_size, plain.sse_heartbeat,
-                   plain.sse_queue_size, plain.max_streams, plain.max_streams_per_user)
+        return cls(
+            plain.max_body_size,
+            config.broker.max_message_size,
+            plain.sse_heartbeat,
+            plain.sse_queue_size,
+            plain.max_streams,
+            plain.max_streams_per_user,
+        )
 
 
 # -- request helpers (the admin API uses them too) -------------------------------------------------
+
 
 def path_text(raw: str) -> str:
     """A WSGI path string (UTF-8 bytes carried as latin-1, PEP 3333) as the text the client meant."""
@@ -275,8 +294,13 @@ def message_json(message: Message, retain: bool | None = None) -> dict[str, Any]
     except UnicodeDecodeError:
         encoding = "base64"
         payload = base64.b64encode(message.payload).decode("ascii")
-    body: dict[str, Any] = {"topic": message.topic, "payload": payload, "payload_encoding": encoding,
-                            "qos": message.qos, "retain": message.retain if retain is None else retain}
+    body: dict[str, Any] = {
+        "topic": message.topic,
+        "payload": payload,
+        "payload_encoding": encoding,
+        "qos": message.qos,
+        "retain": message.retain if retain is None else retain,
+    }
     rendered: dict[str, Any] = {}
     for pid, value in props.items():
         if pid == PAYLOAD_FORMAT_INDICATOR:
@@ -286,8 +310,9 @@ def message_json(message: Message, retain: bool | None = None) -> dict[str, Any]
         elif pid == RESPONSE_TOPIC:
             rendered["response_topic"] = value
         elif pid == CORRELATION_DATA:
-            rendered["correlation_data"] = (value.decode("utf-8") if encoding == "utf8"
-                                            else base64.b64encode(value).decode("ascii"))
+            rendered["correlation_data"] = (
+                value.decode("utf-8") if encoding == "utf8" else base64.b64encode(value).decode("ascii")
+            )
         elif pid == USER_PROPERTY:
             rendered["user_properties"] = [[k, v] for k, v in value]
     expiry = message.remaining_expiry()
@@ -300,6 +325,7 @@ def message_json(message: Message, retain: bool | None = None) -> dict[str, Any]
 
 # -- SSE -----------------------------------------------------------------------------------------
 
+
 class SSEStream:
     """One ``/subscribe`` stream: the ``Delivery`` of its session, with a bounded queue (drop oldest)."""
 
@@ -307,7 +333,9 @@ class SSEStream:
 
     listener = "http_sse"
 
-    def __init__(self, client_id: str, queue_size: int, broker: Broker, peer: str = "", owner: str = "") -> None:
+    def __init__(
+        self, client_id: str, queue_size: int, broker: Broker, peer: str = "", owner: str = ""
+    ) -> None:
         self.client_id = client_id
         self.peer = peer
         self.owner = owner  # what max_streams_per_user counts by: "user:NAME" or "addr:IP"
@@ -321,8 +349,15 @@ class SSEStream:
 
     # Delivery interface (called by the broker; never blocks, never switches greenlets)
 
-    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
-                     subscription_ids: tuple[int, ...] | None) -> bool:
+    def send_publish(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        packet_id: int,
+        dup: bool,
+        subscription_ids: tuple[int, ...] | None,
+    ) -> bool:
         if self.closed:
             return False
         queue = self.queue
@@ -391,6 +426,7 @@ class _StreamBody:
 
 # -- the app -------------------------------------------------------------------------------------
 
+
 class HTTPBridge:
     """The bridge WSGI app over one broker (``app`` is the WSGI callable)."""
 
@@ -425,8 +461,12 @@ class HTTPBridge:
         new.max_message_size = self.settings.max_message_size
         new.max_streams = self.settings.max_streams
         self.settings = new
-        return {"server.http.plain.max_body_size", "server.http.plain.sse_heartbeat",
-                "server.http.plain.sse_queue_size", "server.http.plain.max_streams_per_user"}
+        return {
+            "server.http.plain.max_body_size",
+            "server.http.plain.sse_heartbeat",
+            "server.http.plain.sse_queue_size",
+            "server.http.plain.max_streams_per_user",
+        }
 
     def pool_size(self, request_slots: int) -> int:
         """Greenlets a bridge listener needs: one per possible stream, plus ``request_slots``
@@ -443,10 +483,12 @@ class HTTPBridge:
             result = handler(environ)
             self._count(endpoint, result[0])
             return result
+
         return counted
 
-    def _mounted(self, endpoint: str, methods: tuple[str, ...],
-                 handler: Callable[[dict, str], tuple]) -> Callable[[dict, Callable], list[bytes]]:
+    def _mounted(
+        self, endpoint: str, methods: tuple[str, ...], handler: Callable[[dict, str], tuple]
+    ) -> Callable[[dict, Callable], list[bytes]]:
         """A WSGI app for ``/{endpoint}/{topic...}`` calling ``handler(environ, topic)``."""
         prefix = f"/{endpoint}/"
 
@@ -456,7 +498,7 @@ class HTTPBridge:
                 if method not in methods:
                     raise HTTPError(405, f"method {method} not allowed", {"Allow": ", ".join(methods)})
                 path = path_text(environ.get("PATH_INFO") or "")
-                topic = path[len(prefix):] if path.startswith(prefix) else ""
+                topic = path[len(prefix) :] if path.startswith(prefix) else ""
                 if not topic:
                     raise HTTPError(400, f"no topic after {prefix}")
                 result = handler(environ, topic)
@@ -476,11 +518,18 @@ class HTTPBridge:
         if REFUSE_ANONYMOUS in environ:
             # Nothing is configured that could verify a user name (see ExposedBridge).
             if environ.get("HTTP_AUTHORIZATION"):
-                raise HTTPError(401, "user names cannot be verified on a network listener without "
-                                "auth.password_file or auth.http.url (or set auth.allow_anonymous: true)",
-                                _CHALLENGE)
-            raise HTTPError(401, "anonymous clients are refused on a network listener: set "
-                            "auth.allow_anonymous: true, or auth.password_file or auth.http.url", _CHALLENGE)
+                raise HTTPError(
+                    401,
+                    "user names cannot be verified on a network listener without "
+                    "auth.password_file or auth.http.url (or set auth.allow_anonymous: true)",
+                    _CHALLENGE,
+                )
+            raise HTTPError(
+                401,
+                "anonymous clients are refused on a network listener: set "
+                "auth.allow_anonymous: true, or auth.password_file or auth.http.url",
+                _CHALLENGE,
+            )
         auth = self.broker.auth
         if auth is None or not auth.reads_user_names:
             return None  # nothing asks who the client is (limits alone): credentials are ignored
@@ -508,12 +557,18 @@ class HTTPBridge:
         if auth is not None:
             code = auth.check_publish(HTTP_CLIENT_ID, username, topic)
             if code:
-                raise HTTPError(403 if code == 0x87 else 400, f"not authorized to publish to {topic!r}"
-                                if code == 0x87 else f"topic {topic!r} is over limits.max_topic_*")
+                raise HTTPError(
+                    403 if code == 0x87 else 400,
+                    f"not authorized to publish to {topic!r}"
+                    if code == 0x87
+                    else f"topic {topic!r} is over limits.max_topic_*",
+                )
 
     def _route(self, topic: str, payload: bytes, qos: int, retain: bool, props: dict | None) -> tuple:
         if len(payload) > self.settings.max_message_size:
-            raise HTTPError(413, f"payload over broker.max_message_size ({self.settings.max_message_size} bytes)")
+            raise HTTPError(
+                413, f"payload over broker.max_message_size ({self.settings.max_message_size} bytes)"
+            )
         if retain and not self.broker.settings.retain_available:
             raise HTTPError(400, "retained messages are not available")
         if props:
@@ -537,8 +592,13 @@ class HTTPBridge:
             self.broker.wait_committed()  # 200 only once what it stored is committed, like a PUBACK
         except StorageError:
             raise HTTPError(503, "storage error: the message was not committed") from None
-        return 200, {"status": "published", "topic": topic, "qos": qos, "retain": retain,
-                     "deliveries": deliveries}
+        return 200, {
+            "status": "published",
+            "topic": topic,
+            "qos": qos,
+            "retain": retain,
+            "deliveries": deliveries,
+        }
 
     def _publish_json(self, environ: dict) -> tuple:
         """POST /publish: a JSON message."""
@@ -628,12 +688,19 @@ class HTTPBridge:
             self._count("subscribe", err.status)
             return json_response(start_response, *err.response())
         self._count("subscribe", 200)
-        start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
-                                  ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "text/event-stream; charset=utf-8"),
+                ("Cache-Control", "no-cache"),
+                ("X-Accel-Buffering", "no"),
+            ],
+        )
         return body
 
-    def _open_stream(self, filters: list[str], peer: str = "", username: str | None = None,
-                     owner: str = "") -> _StreamBody:
+    def _open_stream(
+        self, filters: list[str], peer: str = "", username: str | None = None, owner: str = ""
+    ) -> _StreamBody:
         broker = self.broker
         settings = self.settings
         client_id = SSE_CLIENT_PREFIX + uuid.uuid4().hex
@@ -643,8 +710,12 @@ class HTTPBridge:
                 for f in filters:
                     code = auth.check_subscribe(client_id, username, f)
                     if code:
-                        raise HTTPError(403 if code == 0x87 else 400, f"not authorized to subscribe to {f!r}"
-                                        if code == 0x87 else f"filter {f!r} is over limits.max_topic_*")
+                        raise HTTPError(
+                            403 if code == 0x87 else 400,
+                            f"not authorized to subscribe to {f!r}"
+                            if code == 0x87
+                            else f"filter {f!r} is over limits.max_topic_*",
+                        )
             # Checked after the ACL (which may wait on the HTTP service) and taken without a greenlet
             # switch in between, so concurrent requests cannot overshoot the bounds.
             self._check_stream_bounds(owner)
@@ -681,12 +752,19 @@ class HTTPBridge:
         settings = self.settings
         retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         if len(self.streams) >= settings.max_streams:
-            raise HTTPError(429, f"too many streams: server.http.plain.max_streams ({settings.max_streams}) "
-                                 "are open", retry)
+            raise HTTPError(
+                429,
+                f"too many streams: server.http.plain.max_streams ({settings.max_streams}) are open",
+                retry,
+            )
         if self.stream_owners.get(owner, 0) >= settings.max_streams_per_user:
-            raise HTTPError(429, f"too many streams for {owner.partition(':')[2]!r}: "
-                                 f"server.http.plain.max_streams_per_user ({settings.max_streams_per_user})"
-                                 " are open", retry)
+            raise HTTPError(
+                429,
+                f"too many streams for {owner.partition(':')[2]!r}: "
+                f"server.http.plain.max_streams_per_user ({settings.max_streams_per_user})"
+                " are open",
+                retry,
+            )
 
     def _end_stream(self, stream: SSEStream, session: Any) -> None:
         if stream not in self.streams:

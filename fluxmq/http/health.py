@@ -75,8 +75,19 @@ def raft_groups(service: Any) -> list[dict[str, Any]] | None:
     groups = source() if source is not None else []
     if not groups:
         return None
-    keys = ("name", "peers", "leader", "leader_mqtt", "term", "commit_index", "applied", "has_quorum", "delivering",
-            "lag", "forming")
+    keys = (
+        "name",
+        "peers",
+        "leader",
+        "leader_mqtt",
+        "term",
+        "commit_index",
+        "applied",
+        "has_quorum",
+        "delivering",
+        "lag",
+        "forming",
+    )
     return [{k: g.get(k) for k in keys} for g in groups]
 
 

@@ -49,7 +49,9 @@ class BrokerCollector(Collector):
         return []  # collected on demand; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily("fluxmq_build_info", "fluxmq version (value is always 1).", labels=["version"])
+        info = GaugeMetricFamily(
+            "fluxmq_build_info", "fluxmq version (value is always 1).", labels=["version"]
+        )
         info.add_metric([__version__], 1)
         yield info
         broker = getattr(self.service, "broker", None)
@@ -82,50 +84,79 @@ class BrokerCollector(Collector):
             if queue_state is not None:
                 yield from self._worker_queues(queue_state())
             received = cluster.received()
-            yield CounterMetricFamily("fluxmq_cluster_received_batches", "Batches from peers applied here.",
-                                      value=received["batches"])
-            yield CounterMetricFamily("fluxmq_cluster_received_messages", "Messages from peers routed here.",
-                                      value=received["messages"])
-            yield CounterMetricFamily("fluxmq_cluster_duplicate_batches",
-                                      "Retried batches from peers skipped (applied already).",
-                                      value=received["duplicates"])
-            yield CounterMetricFamily("fluxmq_cluster_bad_batches", "Damaged batches from peers (logged).",
-                                      value=received["bad"])
+            yield CounterMetricFamily(
+                "fluxmq_cluster_received_batches",
+                "Batches from peers applied here.",
+                value=received["batches"],
+            )
+            yield CounterMetricFamily(
+                "fluxmq_cluster_received_messages",
+                "Messages from peers routed here.",
+                value=received["messages"],
+            )
+            yield CounterMetricFamily(
+                "fluxmq_cluster_duplicate_batches",
+                "Retried batches from peers skipped (applied already).",
+                value=received["duplicates"],
+            )
+            yield CounterMetricFamily(
+                "fluxmq_cluster_bad_batches", "Damaged batches from peers (logged).", value=received["bad"]
+            )
             figures = getattr(cluster, "figures", None)
             if figures is not None:
                 f = figures()
-                yield GaugeMetricFamily("fluxmq_cluster_is_leader", "1 while this node leads (etcd election).",
-                                        value=f["leader"])
-                yield CounterMetricFamily("fluxmq_cluster_sessions_handed_out",
-                                          "Sessions handed to peers during a graceful stop.", value=f["adopted_out"])
-                yield CounterMetricFamily("fluxmq_cluster_stale_sessions_dropped",
-                                          "Restored sessions dropped at start: another node owned them.",
-                                          value=f["stale_dropped"])
-                yield CounterMetricFamily("fluxmq_cluster_wills_published_for_dead_nodes",
-                                          "Wills of dead nodes' clients this node published as leader.",
-                                          value=f["wills_for_dead"])
-                yield CounterMetricFamily("fluxmq_cluster_will_claims_lost",
-                                          "Wills this node did not publish: another node had published them.",
-                                          value=f["will_claims_lost"])
+                yield GaugeMetricFamily(
+                    "fluxmq_cluster_is_leader", "1 while this node leads (etcd election).", value=f["leader"]
+                )
+                yield CounterMetricFamily(
+                    "fluxmq_cluster_sessions_handed_out",
+                    "Sessions handed to peers during a graceful stop.",
+                    value=f["adopted_out"],
+                )
+                yield CounterMetricFamily(
+                    "fluxmq_cluster_stale_sessions_dropped",
+                    "Restored sessions dropped at start: another node owned them.",
+                    value=f["stale_dropped"],
+                )
+                yield CounterMetricFamily(
+                    "fluxmq_cluster_wills_published_for_dead_nodes",
+                    "Wills of dead nodes' clients this node published as leader.",
+                    value=f["wills_for_dead"],
+                )
+                yield CounterMetricFamily(
+                    "fluxmq_cluster_will_claims_lost",
+                    "Wills this node did not publish: another node had published them.",
+                    value=f["will_claims_lost"],
+                )
 
     @staticmethod
     def _worker_queues(peers: dict) -> Iterator[Metric]:
         """Durable queues across workers (fluxmq.cluster.queues), per other worker."""
-        waiting = GaugeMetricFamily("fluxmq_worker_queue_ops_waiting",
-                                    "Queue operations (appends, settlements, ...) waiting for the owning worker.",
-                                    labels=["peer"])
-        refused = CounterMetricFamily("fluxmq_worker_queue_ops_refused",
-                                      "Queue operations refused: too many waiting for the owning worker.",
-                                      labels=["peer"])
-        failed = CounterMetricFamily("fluxmq_worker_queue_ops_failed",
-                                     "Queue operations the owning worker did not answer (down, restarting).",
-                                     labels=["peer"])
-        deliveries = CounterMetricFamily("fluxmq_worker_queue_deliveries_failed",
-                                         "Deliveries to a member's worker that did not answer (redelivered).",
-                                         labels=["peer"])
-        members = GaugeMetricFamily("fluxmq_worker_queue_remote_members",
-                                    "The other worker's clients that are members of this worker's queues.",
-                                    labels=["peer"])
+        waiting = GaugeMetricFamily(
+            "fluxmq_worker_queue_ops_waiting",
+            "Queue operations (appends, settlements, ...) waiting for the owning worker.",
+            labels=["peer"],
+        )
+        refused = CounterMetricFamily(
+            "fluxmq_worker_queue_ops_refused",
+            "Queue operations refused: too many waiting for the owning worker.",
+            labels=["peer"],
+        )
+        failed = CounterMetricFamily(
+            "fluxmq_worker_queue_ops_failed",
+            "Queue operations the owning worker did not answer (down, restarting).",
+            labels=["peer"],
+        )
+        deliveries = CounterMetricFamily(
+            "fluxmq_worker_queue_deliveries_failed",
+            "Deliveries to a member's worker that did not answer (redelivered).",
+            labels=["peer"],
+        )
+        members = GaugeMetricFamily(
+            "fluxmq_worker_queue_remote_members",
+            "The other worker's clients that are members of this worker's queues.",
+            labels=["peer"],
+        )
         for name, st in sorted(peers.items()):
             waiting.add_metric([name], st["ops_waiting"])
             refused.add_metric([name], st["ops_refused"])
@@ -137,18 +168,28 @@ class BrokerCollector(Collector):
     @staticmethod
     def _cluster_peers(peers: dict) -> Iterator[Metric]:
         """Per peer of the cluster's data plane (fluxmq.cluster): docs/cluster.rst."""
-        up = GaugeMetricFamily("fluxmq_cluster_peer_reachable", "1 while the stream to the peer is answered.",
-                               labels=["peer"])
-        queued = GaugeMetricFamily("fluxmq_cluster_peer_queued_messages", "Messages waiting for the peer.",
-                                   labels=["peer"])
-        batches = CounterMetricFamily("fluxmq_cluster_peer_forwarded_batches",
-                                      "Batches the peer acknowledged.", labels=["peer"])
-        messages = CounterMetricFamily("fluxmq_cluster_peer_forwarded_messages",
-                                       "Messages in the batches the peer acknowledged.", labels=["peer"])
-        failures = CounterMetricFamily("fluxmq_cluster_peer_failures",
-                                       "Streams to the peer that broke or could not open.", labels=["peer"])
-        dropped = CounterMetricFamily("fluxmq_cluster_peer_dropped",
-                                      "Messages for the peer dropped by its full queue.", labels=["peer"])
+        up = GaugeMetricFamily(
+            "fluxmq_cluster_peer_reachable", "1 while the stream to the peer is answered.", labels=["peer"]
+        )
+        queued = GaugeMetricFamily(
+            "fluxmq_cluster_peer_queued_messages", "Messages waiting for the peer.", labels=["peer"]
+        )
+        batches = CounterMetricFamily(
+            "fluxmq_cluster_peer_forwarded_batches", "Batches the peer acknowledged.", labels=["peer"]
+        )
+        messages = CounterMetricFamily(
+            "fluxmq_cluster_peer_forwarded_messages",
+            "Messages in the batches the peer acknowledged.",
+            labels=["peer"],
+        )
+        failures = CounterMetricFamily(
+            "fluxmq_cluster_peer_failures",
+            "Streams to the peer that broke or could not open.",
+            labels=["peer"],
+        )
+        dropped = CounterMetricFamily(
+            "fluxmq_cluster_peer_dropped", "Messages for the peer dropped by its full queue.", labels=["peer"]
+        )
         for name, st in sorted(peers.items()):
             up.add_metric([name], 1 if st["reachable"] else 0)
             queued.add_metric([name], st["queued"])
@@ -161,14 +202,22 @@ class BrokerCollector(Collector):
     @staticmethod
     def _bridges(bridges: Any) -> Iterator[Metric]:
         """Per MQTT bridge / cluster route (``bridge`` label = its name)."""
-        up = GaugeMetricFamily("fluxmq_bridge_connected", "1 while the bridge is connected to its peer.",
-                               labels=["bridge"])
-        queued = GaugeMetricFamily("fluxmq_bridge_queued_messages",
-                                   "Outbound messages held for the peer (queued and in flight).", labels=["bridge"])
-        fwd = CounterMetricFamily("fluxmq_bridge_forwarded", "Messages forwarded, by direction.",
-                                  labels=["bridge", "direction"])
-        dropped = CounterMetricFamily("fluxmq_bridge_dropped", "Messages dropped, by reason (validity, loop).",
-                                      labels=["bridge", "reason"])
+        up = GaugeMetricFamily(
+            "fluxmq_bridge_connected", "1 while the bridge is connected to its peer.", labels=["bridge"]
+        )
+        queued = GaugeMetricFamily(
+            "fluxmq_bridge_queued_messages",
+            "Outbound messages held for the peer (queued and in flight).",
+            labels=["bridge"],
+        )
+        fwd = CounterMetricFamily(
+            "fluxmq_bridge_forwarded", "Messages forwarded, by direction.", labels=["bridge", "direction"]
+        )
+        dropped = CounterMetricFamily(
+            "fluxmq_bridge_dropped",
+            "Messages dropped, by reason (validity, loop).",
+            labels=["bridge", "reason"],
+        )
         for link in bridges.links:
             snap = link.snapshot()
             name = snap["name"]
@@ -182,13 +231,17 @@ class BrokerCollector(Collector):
 
     def _connections(self, broker: Any) -> Iterator[Metric]:
         st = broker.stats
-        yield GaugeMetricFamily("fluxmq_clients_connected",
-                                "Clients connected now (MQTT connections and HTTP subscribe streams).",
-                                value=broker.connected)
-        yield CounterMetricFamily("fluxmq_connections", "Client connections accepted since start.",
-                                  value=st.connections_total)
-        by_listener = GaugeMetricFamily("fluxmq_listener_connections",
-                                        "Open connections per listener.", labels=["listener"])
+        yield GaugeMetricFamily(
+            "fluxmq_clients_connected",
+            "Clients connected now (MQTT connections and HTTP subscribe streams).",
+            value=broker.connected,
+        )
+        yield CounterMetricFamily(
+            "fluxmq_connections", "Client connections accepted since start.", value=st.connections_total
+        )
+        by_listener = GaugeMetricFamily(
+            "fluxmq_listener_connections", "Open connections per listener.", labels=["listener"]
+        )
         for listener in getattr(self.service, "listeners", ()):
             by_listener.add_metric([str(listener.name)], len(listener.connections))
         if self.bridge is not None:
@@ -198,46 +251,84 @@ class BrokerCollector(Collector):
     @staticmethod
     def _traffic(st: Any) -> Iterator[Metric]:
         for name, doc, values in (
-            ("fluxmq_messages_received", "Application messages published to the broker, by QoS.", st.received_qos),
-            ("fluxmq_messages_sent", "Application messages delivered to subscribers, by delivered QoS.", st.sent_qos),
-            ("fluxmq_message_bytes_received", "Payload bytes of messages published to the broker, by QoS.",
-             st.received_bytes_qos),
-            ("fluxmq_message_bytes_sent", "Payload bytes of messages delivered to subscribers, by delivered QoS.",
-             st.sent_bytes_qos),
+            (
+                "fluxmq_messages_received",
+                "Application messages published to the broker, by QoS.",
+                st.received_qos,
+            ),
+            (
+                "fluxmq_messages_sent",
+                "Application messages delivered to subscribers, by delivered QoS.",
+                st.sent_qos,
+            ),
+            (
+                "fluxmq_message_bytes_received",
+                "Payload bytes of messages published to the broker, by QoS.",
+                st.received_bytes_qos,
+            ),
+            (
+                "fluxmq_message_bytes_sent",
+                "Payload bytes of messages delivered to subscribers, by delivered QoS.",
+                st.sent_bytes_qos,
+            ),
         ):
             family = CounterMetricFamily(name, doc, labels=["qos"])
             for qos, value in zip(QOS_LABELS, values, strict=True):
                 family.add_metric([qos], value)
             yield family
-        yield CounterMetricFamily("fluxmq_packets_received", "MQTT packets received.", value=st.messages_received)
-        yield CounterMetricFamily("fluxmq_network_bytes_received", "Bytes read from MQTT connections.",
-                                  value=st.bytes_received)
-        yield CounterMetricFamily("fluxmq_network_bytes_sent", "Bytes written to MQTT connections.",
-                                  value=st.bytes_sent)
-        dropped = CounterMetricFamily("fluxmq_messages_dropped", "Messages dropped, by reason.", labels=["reason"])
+        yield CounterMetricFamily(
+            "fluxmq_packets_received", "MQTT packets received.", value=st.messages_received
+        )
+        yield CounterMetricFamily(
+            "fluxmq_network_bytes_received", "Bytes read from MQTT connections.", value=st.bytes_received
+        )
+        yield CounterMetricFamily(
+            "fluxmq_network_bytes_sent", "Bytes written to MQTT connections.", value=st.bytes_sent
+        )
+        dropped = CounterMetricFamily(
+            "fluxmq_messages_dropped", "Messages dropped, by reason.", labels=["reason"]
+        )
         for reason, value in sorted(st.drops.items()):
             dropped.add_metric([reason], value)
         yield dropped
         budget = st.output_budget
-        yield GaugeMetricFamily("fluxmq_output_budget_bytes", "broker.output_memory_limit: pending output "
-                                "connections may hold beyond their base allowance.", value=budget.limit)
-        yield GaugeMetricFamily("fluxmq_output_budget_used_bytes", "Output budget granted to connections now.",
-                                value=budget.in_use)
-        yield GaugeMetricFamily("fluxmq_output_budget_peak_bytes", "Most output budget granted at once.",
-                                value=budget.peak)
-        yield CounterMetricFamily("fluxmq_output_budget_grants", "Allowance grows granted to reading clients.",
-                                  value=budget.grants)
-        yield CounterMetricFamily("fluxmq_output_budget_refusals",
-                                  "Allowance grows refused: the budget or the client's share was full.",
-                                  value=budget.refusals)
-        yield GaugeMetricFamily("fluxmq_uptime_seconds", "Seconds since the broker started.", value=st.uptime())
+        yield GaugeMetricFamily(
+            "fluxmq_output_budget_bytes",
+            "broker.output_memory_limit: pending output connections may hold beyond their base allowance.",
+            value=budget.limit,
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_output_budget_used_bytes",
+            "Output budget granted to connections now.",
+            value=budget.in_use,
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_output_budget_peak_bytes", "Most output budget granted at once.", value=budget.peak
+        )
+        yield CounterMetricFamily(
+            "fluxmq_output_budget_grants", "Allowance grows granted to reading clients.", value=budget.grants
+        )
+        yield CounterMetricFamily(
+            "fluxmq_output_budget_refusals",
+            "Allowance grows refused: the budget or the client's share was full.",
+            value=budget.refusals,
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_uptime_seconds", "Seconds since the broker started.", value=st.uptime()
+        )
 
     def _state(self, broker: Any) -> Iterator[Metric]:
-        yield GaugeMetricFamily("fluxmq_retained_messages", "Retained messages stored.", value=len(broker.retained))
-        yield CounterMetricFamily("fluxmq_retained_refused", "New retained topics refused at the cap.",
-                                  value=broker.retained.refused)
-        yield GaugeMetricFamily("fluxmq_subscriptions", "Subscriptions (shared ones included).",
-                                value=broker.subscription_count())
+        yield GaugeMetricFamily(
+            "fluxmq_retained_messages", "Retained messages stored.", value=len(broker.retained)
+        )
+        yield CounterMetricFamily(
+            "fluxmq_retained_refused",
+            "New retained topics refused at the cap.",
+            value=broker.retained.refused,
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_subscriptions", "Subscriptions (shared ones included).", value=broker.subscription_count()
+        )
         sessions = broker.sessions
         online = broker.connected
         by_state = GaugeMetricFamily("fluxmq_sessions", "Sessions held, by state.", labels=["state"])
@@ -246,12 +337,18 @@ class BrokerCollector(Collector):
         yield by_state
         # Summed in slices that yield to the hub: a scrape never stalls clients for the whole walk.
         queued, queued_bytes, inflight, deepest = session_totals(sessions)
-        yield GaugeMetricFamily("fluxmq_session_queue_messages", "Messages waiting in session queues.", value=queued)
-        yield GaugeMetricFamily("fluxmq_session_queue_bytes", "Bytes waiting in session queues.", value=queued_bytes)
-        yield GaugeMetricFamily("fluxmq_session_queue_max_messages", "Depth of the longest session queue.",
-                                value=deepest)
-        yield GaugeMetricFamily("fluxmq_inflight_messages", "Outbound QoS 1/2 messages awaiting acknowledgement.",
-                                value=inflight)
+        yield GaugeMetricFamily(
+            "fluxmq_session_queue_messages", "Messages waiting in session queues.", value=queued
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_session_queue_bytes", "Bytes waiting in session queues.", value=queued_bytes
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_session_queue_max_messages", "Depth of the longest session queue.", value=deepest
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_inflight_messages", "Outbound QoS 1/2 messages awaiting acknowledgement.", value=inflight
+        )
 
     @staticmethod
     def _latency(st: Any) -> Metric:
@@ -263,22 +360,44 @@ class BrokerCollector(Collector):
         return HistogramMetricFamily(
             "fluxmq_delivery_latency_seconds",
             f"Publish-to-delivery latency (routing, encoding, socket write), sampled 1 in {LATENCY_SAMPLE_MASK + 1} "
-            "publishes.", buckets=buckets, sum_value=st.latency_sum)
+            "publishes.",
+            buckets=buckets,
+            sum_value=st.latency_sum,
+        )
 
     #: per-queue counters exported (QueueManager.describe "counters")
-    QUEUE_COUNTERS = ("appended", "delivered", "acked", "nacked", "rejected", "dead_lettered", "expired",
-                      "timed_out", "retention_dropped", "capture_refused")
+    QUEUE_COUNTERS = (
+        "appended",
+        "delivered",
+        "acked",
+        "nacked",
+        "rejected",
+        "dead_lettered",
+        "expired",
+        "timed_out",
+        "retention_dropped",
+        "capture_refused",
+    )
 
     @classmethod
     def _queues(cls, manager: Any) -> Iterator[Metric]:
         described = manager.describe()
-        depth = GaugeMetricFamily("fluxmq_queue_depth", "Records stored in a durable queue.", labels=["queue"])
+        depth = GaugeMetricFamily(
+            "fluxmq_queue_depth", "Records stored in a durable queue.", labels=["queue"]
+        )
         size = GaugeMetricFamily("fluxmq_queue_bytes", "Bytes stored in a durable queue.", labels=["queue"])
-        consumers = GaugeMetricFamily("fluxmq_queue_consumers", "Consumers of a durable queue.", labels=["queue"])
-        lag = GaugeMetricFamily("fluxmq_queue_group_lag", "Records a consumer group has not settled.",
-                                labels=["queue", "group"])
-        counters = {name: CounterMetricFamily(f"fluxmq_queue_{name}", f"Durable queue records {name}.",
-                                              labels=["queue"]) for name in cls.QUEUE_COUNTERS}
+        consumers = GaugeMetricFamily(
+            "fluxmq_queue_consumers", "Consumers of a durable queue.", labels=["queue"]
+        )
+        lag = GaugeMetricFamily(
+            "fluxmq_queue_group_lag", "Records a consumer group has not settled.", labels=["queue", "group"]
+        )
+        counters = {
+            name: CounterMetricFamily(
+                f"fluxmq_queue_{name}", f"Durable queue records {name}.", labels=["queue"]
+            )
+            for name in cls.QUEUE_COUNTERS
+        }
         for q in described:
             depth.add_metric([q["name"]], q["depth"])
             size.add_metric([q["name"]], q["bytes"])
@@ -296,20 +415,38 @@ class BrokerCollector(Collector):
     @staticmethod
     def _raft(groups: list[dict]) -> Iterator[Metric]:
         """Raft groups of replicated queues (the same figures as GET /cluster/raft)."""
-        leader = GaugeMetricFamily("fluxmq_raft_is_leader", "1 when this node leads (and delivers) the group.",
-                                   labels=["group"])
+        leader = GaugeMetricFamily(
+            "fluxmq_raft_is_leader", "1 when this node leads (and delivers) the group.", labels=["group"]
+        )
         term = GaugeMetricFamily("fluxmq_raft_term", "Current Raft term of the group.", labels=["group"])
-        commit = GaugeMetricFamily("fluxmq_raft_commit_index", "Raft commit index of the group.", labels=["group"])
-        applied = GaugeMetricFamily("fluxmq_raft_applied_index", "Raft index applied to the queue store.",
-                                    labels=["group"])
-        lag = GaugeMetricFamily("fluxmq_raft_replica_lag", "Entries a replica is behind the commit index (leader only).",
-                                labels=["group", "replica"])
-        counters = {name: CounterMetricFamily(f"fluxmq_raft_{name}", f"Raft {name.replace('_', ' ')}.",
-                                              labels=["group"])
-                    for name in ("entries_submitted", "entries_applied", "entries_refused", "acks_timed_out",
-                                 "snapshots_written", "snapshots_installed", "settlements_stale")}
-        log_len = GaugeMetricFamily("fluxmq_raft_log_entries", "Raft log entries kept since the last snapshot.",
-                                    labels=["group"])
+        commit = GaugeMetricFamily(
+            "fluxmq_raft_commit_index", "Raft commit index of the group.", labels=["group"]
+        )
+        applied = GaugeMetricFamily(
+            "fluxmq_raft_applied_index", "Raft index applied to the queue store.", labels=["group"]
+        )
+        lag = GaugeMetricFamily(
+            "fluxmq_raft_replica_lag",
+            "Entries a replica is behind the commit index (leader only).",
+            labels=["group", "replica"],
+        )
+        counters = {
+            name: CounterMetricFamily(
+                f"fluxmq_raft_{name}", f"Raft {name.replace('_', ' ')}.", labels=["group"]
+            )
+            for name in (
+                "entries_submitted",
+                "entries_applied",
+                "entries_refused",
+                "acks_timed_out",
+                "snapshots_written",
+                "snapshots_installed",
+                "settlements_stale",
+            )
+        }
+        log_len = GaugeMetricFamily(
+            "fluxmq_raft_log_entries", "Raft log entries kept since the last snapshot.", labels=["group"]
+        )
         for g in groups:
             name = g["name"]
             leader.add_metric([name], 1 if g["delivering"] else 0)
@@ -331,31 +468,44 @@ class BrokerCollector(Collector):
 
     @staticmethod
     def _http(bridge: Any) -> Iterator[Metric]:
-        requests = CounterMetricFamily("fluxmq_http_requests", "HTTP bridge requests, by endpoint and status.",
-                                       labels=["endpoint", "code"])
+        requests = CounterMetricFamily(
+            "fluxmq_http_requests",
+            "HTTP bridge requests, by endpoint and status.",
+            labels=["endpoint", "code"],
+        )
         for (endpoint, code), value in sorted(bridge.requests.items()):
             requests.add_metric([endpoint, str(code)], value)
         yield requests
-        yield GaugeMetricFamily("fluxmq_sse_queue_messages", "Messages waiting in HTTP subscribe stream queues.",
-                                value=bridge.queued())
-
+        yield GaugeMetricFamily(
+            "fluxmq_sse_queue_messages",
+            "Messages waiting in HTTP subscribe stream queues.",
+            value=bridge.queued(),
+        )
 
     @staticmethod
     def _webhooks(webhooks: Any) -> Iterator[Metric]:
-        sent = CounterMetricFamily("fluxmq_webhook_sent", "Webhook events an endpoint accepted (2xx).",
-                                   labels=["endpoint"])
-        failed = CounterMetricFamily("fluxmq_webhook_failed", "Webhook events given up after their last attempt.",
-                                     labels=["endpoint"])
-        retried = CounterMetricFamily("fluxmq_webhook_retried", "Webhook attempts after the first.",
-                                      labels=["endpoint"])
-        dropped = CounterMetricFamily("fluxmq_webhook_dropped",
-                                      "Webhook events dropped unsent: queue_full, breaker_open or shutdown.",
-                                      labels=["endpoint", "reason"])
-        state = GaugeMetricFamily("fluxmq_webhook_breaker_state",
-                                  "Circuit breaker of each endpoint: 0 closed, 1 half-open, 2 open.",
-                                  labels=["endpoint"])
-        opened = CounterMetricFamily("fluxmq_webhook_breaker_opened", "Times each endpoint's breaker opened.",
-                                     labels=["endpoint"])
+        sent = CounterMetricFamily(
+            "fluxmq_webhook_sent", "Webhook events an endpoint accepted (2xx).", labels=["endpoint"]
+        )
+        failed = CounterMetricFamily(
+            "fluxmq_webhook_failed", "Webhook events given up after their last attempt.", labels=["endpoint"]
+        )
+        retried = CounterMetricFamily(
+            "fluxmq_webhook_retried", "Webhook attempts after the first.", labels=["endpoint"]
+        )
+        dropped = CounterMetricFamily(
+            "fluxmq_webhook_dropped",
+            "Webhook events dropped unsent: queue_full, breaker_open or shutdown.",
+            labels=["endpoint", "reason"],
+        )
+        state = GaugeMetricFamily(
+            "fluxmq_webhook_breaker_state",
+            "Circuit breaker of each endpoint: 0 closed, 1 half-open, 2 open.",
+            labels=["endpoint"],
+        )
+        opened = CounterMetricFamily(
+            "fluxmq_webhook_breaker_opened", "Times each endpoint's breaker opened.", labels=["endpoint"]
+        )
         for endpoint in webhooks.endpoints:
             name = [endpoint.name]
             sent.add_metric(name, endpoint.sent)
@@ -366,31 +516,43 @@ class BrokerCollector(Collector):
             state.add_metric(name, endpoint.breaker.level)
             opened.add_metric(name, endpoint.breaker.opened)
         yield from (sent, failed, retried, dropped, state, opened)
-        yield GaugeMetricFamily("fluxmq_webhook_queue_events", "Webhook events waiting to be sent.",
-                                value=len(webhooks.queue))
+        yield GaugeMetricFamily(
+            "fluxmq_webhook_queue_events", "Webhook events waiting to be sent.", value=len(webhooks.queue)
+        )
 
     @staticmethod
     def _coap(coap: Any) -> Iterator[Metric]:
         """The CoAP bridge (``fluxmq.coap.bridge.CoapBridge``): plain counters read at scrape time."""
-        responses = CounterMetricFamily("fluxmq_coap_responses", "CoAP responses sent, by code (e.g. 2.04).",
-                                        labels=["code"])
+        responses = CounterMetricFamily(
+            "fluxmq_coap_responses", "CoAP responses sent, by code (e.g. 2.04).", labels=["code"]
+        )
         for code, value in sorted(coap.responses.items()):
             responses.add_metric([f"{code >> 5}.{code & 31:02d}"], value)
         yield responses
-        dropped = CounterMetricFamily("fluxmq_coap_dropped_datagrams", "CoAP datagrams dropped, by reason.",
-                                      labels=["reason"])
+        dropped = CounterMetricFamily(
+            "fluxmq_coap_dropped_datagrams", "CoAP datagrams dropped, by reason.", labels=["reason"]
+        )
         for reason, value in sorted(coap.dropped.items()):
             dropped.add_metric([reason], value)
         yield dropped
-        yield CounterMetricFamily("fluxmq_coap_retransmissions",
-                                  "Duplicate CoAP requests answered from the exchange cache, and CON "
-                                  "notifications resent.", value=coap.retransmissions)
-        yield GaugeMetricFamily("fluxmq_coap_observations", "CoAP observations open now.",
-                                value=len(coap.observations))
-        yield CounterMetricFamily("fluxmq_coap_observations_opened", "CoAP observations opened since start.",
-                                  value=coap.observations_total)
-        yield GaugeMetricFamily("fluxmq_coap_queue_messages", "Notifications waiting in observation queues.",
-                                value=sum(len(o.queue) for o in coap.observations.values()))
+        yield CounterMetricFamily(
+            "fluxmq_coap_retransmissions",
+            "Duplicate CoAP requests answered from the exchange cache, and CON notifications resent.",
+            value=coap.retransmissions,
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_coap_observations", "CoAP observations open now.", value=len(coap.observations)
+        )
+        yield CounterMetricFamily(
+            "fluxmq_coap_observations_opened",
+            "CoAP observations opened since start.",
+            value=coap.observations_total,
+        )
+        yield GaugeMetricFamily(
+            "fluxmq_coap_queue_messages",
+            "Notifications waiting in observation queues.",
+            value=sum(len(o.queue) for o in coap.observations.values()),
+        )
 
 
 def make_registry(service: Any, bridge: Any = None) -> CollectorRegistry:
@@ -408,11 +570,17 @@ def make_metrics_app(registry: CollectorRegistry) -> Callable[[dict, Callable], 
 
     def app(environ: dict, start_response: Callable) -> list[bytes]:
         if environ.get("PATH_INFO") != "/metrics":
-            return json_response(start_response, 404, {"error": "not found", "path": environ.get("PATH_INFO")})
+            return json_response(
+                start_response, 404, {"error": "not found", "path": environ.get("PATH_INFO")}
+            )
         method = environ.get("REQUEST_METHOD", "GET").upper()
         if method not in ("GET", "HEAD"):
-            return json_response(start_response, 405, {"error": "method not allowed", "method": method,
-                                                       "path": "/metrics"}, {"Allow": "GET, HEAD"})
+            return json_response(
+                start_response,
+                405,
+                {"error": "method not allowed", "method": method, "path": "/metrics"},
+                {"Allow": "GET, HEAD"},
+            )
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         data = encoder(registry)
         start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(data)))])
@@ -426,8 +594,14 @@ def make_metrics_app(registry: CollectorRegistry) -> Callable[[dict, Callable], 
 #: families whose value is the same on every worker (the local one is kept, not summed)
 SAME_ON_EVERY_WORKER = frozenset({"fluxmq_build_info", "fluxmq_retained_messages", "python_info"})
 #: families whose node value is the largest worker value
-LARGEST = frozenset({"fluxmq_uptime_seconds", "fluxmq_session_queue_max_messages",
-                     "fluxmq_output_budget_peak_bytes", "process_max_fds"})
+LARGEST = frozenset(
+    {
+        "fluxmq_uptime_seconds",
+        "fluxmq_session_queue_max_messages",
+        "fluxmq_output_budget_peak_bytes",
+        "process_max_fds",
+    }
+)
 #: families whose node value is the smallest worker value
 SMALLEST = frozenset({"process_start_time_seconds"})
 
@@ -435,8 +609,10 @@ SMALLEST = frozenset({"process_start_time_seconds"})
 def families_to_json(registry: Any) -> list:
     """Every family of ``registry`` as plain lists (name, type, doc, samples): what a worker sends
     another one that serves a scrape."""
-    return [[m.name, m.type, m.documentation, [[s.name, s.labels, s.value] for s in m.samples]]
-            for m in registry.collect()]
+    return [
+        [m.name, m.type, m.documentation, [[s.name, s.labels, s.value] for s in m.samples]]
+        for m in registry.collect()
+    ]
 
 
 class NodeTotalsRegistry:
@@ -481,6 +657,8 @@ class NodeTotalsRegistry:
             for (sname, labels), value in values[name].items():
                 merged.add_sample(sname, dict(labels), value)
             yield merged
-        yield GaugeMetricFamily("fluxmq_workers_answering",
-                                "Worker processes whose figures this scrape sums (server.workers).",
-                                value=answering)
+        yield GaugeMetricFamily(
+            "fluxmq_workers_answering",
+            "Worker processes whose figures this scrape sums (server.workers).",
+            value=answering,
+        )

@@ -102,18 +102,26 @@ class TopicMonitor:
             if retained not in ("true", "false"):
                 raise HTTPError(400, "retained must be true or false")
             if len(self.streams) >= self.max_streams:
-                raise HTTPError(429, f"too many monitor streams ({self.max_streams}) are open",
-                                {"Retry-After": "5"})
+                raise HTTPError(
+                    429, f"too many monitor streams ({self.max_streams}) are open", {"Retry-After": "5"}
+                )
             peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
             body = self.open(broker, filters, peer, retained == "true", environ.get("gunicorn.socket"))
         except HTTPError as err:
             return json_response(start_response, *err.response())
-        start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
-                                  ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")])
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "text/event-stream; charset=utf-8"),
+                ("Cache-Control", "no-store"),
+                ("X-Accel-Buffering", "no"),
+            ],
+        )
         return body
 
-    def open(self, broker: Any, filters: list[str], peer: str, with_retained: bool,
-             sock: Any = None) -> _MonitorBody:
+    def open(
+        self, broker: Any, filters: list[str], peer: str, with_retained: bool, sock: Any = None
+    ) -> _MonitorBody:
         """A stream subscribed to ``filters`` (QoS 0); retained messages first when asked. ``sock``:
         the client's connection, watched so the stream ends as soon as the client goes."""
         client_id = CLIENT_PREFIX + uuid.uuid4().hex
@@ -130,7 +138,9 @@ class TopicMonitor:
             for result in results:
                 if result.retained:
                     broker.deliver_retained(session, result)
-        log.info("admin_monitor_open", extra={"client_id": client_id, "peer": peer, "filters": ",".join(filters)})
+        log.info(
+            "admin_monitor_open", extra={"client_id": client_id, "peer": peer, "filters": ",".join(filters)}
+        )
         return _MonitorBody(self, stream, session, sock)
 
     def end(self, stream: MonitorStream, session: Any) -> None:

@@ -16,8 +16,9 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 JSONHandler = Callable[[dict], tuple]  # (status, body) or (status, body, headers)
 
 
-def json_response(start_response: Callable, status: int, body: Any,
-                  headers: Mapping[str, str] | None = None) -> list[bytes]:
+def json_response(
+    start_response: Callable, status: int, body: Any, headers: Mapping[str, str] | None = None
+) -> list[bytes]:
     """Start a response with ``status`` and return ``body`` serialised as JSON."""
     data = json.dumps(body).encode()
     phrase = HTTPStatus(status).phrase
@@ -60,9 +61,12 @@ class Router:
             methods, handler = route
             method = environ.get("REQUEST_METHOD", "GET").upper()
             if method not in methods:
-                return json_response(start_response, 405,
-                                     {"error": "method not allowed", "method": method, "path": path},
-                                     {"Allow": ", ".join(methods)})
+                return json_response(
+                    start_response,
+                    405,
+                    {"error": "method not allowed", "method": method, "path": path},
+                    {"Allow": ", ".join(methods)},
+                )
             result = handler(environ)
             return json_response(start_response, result[0], result[1], result[2] if len(result) > 2 else None)
         for prefix, app in self._mounts:

@@ -31,7 +31,7 @@ def slices(items: list, size: int = SLICE) -> Iterator[list]:
     for start in range(0, len(items), size):
         if start:
             gevent.sleep(0)
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def session_totals(sessions: dict) -> tuple[int, int, int, int]:
@@ -48,8 +48,9 @@ def session_totals(sessions: dict) -> tuple[int, int, int, int]:
     return queued, queued_bytes, inflight, deepest
 
 
-def sorted_sessions(sessions: dict, keep: Callable[[Any], bool] | None = None,
-                    after: str | None = None) -> tuple[int, Iterator[Any]]:
+def sorted_sessions(
+    sessions: dict, keep: Callable[[Any], bool] | None = None, after: str | None = None
+) -> tuple[int, Iterator[Any]]:
     """(how many sessions ``keep`` accepts, an iterator over those after ``after`` by client id).
 
     ``keep(session)`` filters (None: all). Only the slices are sorted here; the iterator merges the

@@ -95,8 +95,12 @@ def _https_handshake(config: Any, surface: str) -> TLSHandshake | None:
     if surface not in ("http_tls", "http_mtls"):
         return None
     section = "server.http." + surface.partition("_")[2]
-    context = server_context(section, config.get(section), lambda leaf: config.origin(f"{section}.{leaf}"),
-                             require_client_cert=surface == "http_mtls")
+    context = server_context(
+        section,
+        config.get(section),
+        lambda leaf: config.origin(f"{section}.{leaf}"),
+        require_client_cert=surface == "http_mtls",
+    )
     return TLSHandshake(context, config.server.connect_timeout, surface)
 
 
@@ -113,8 +117,9 @@ class _Starting:
 
 
 def _starting_app(environ: dict, start_response: Callable) -> list[bytes]:
-    return json_response(start_response, 503, {"error": "the node is starting: its store is loading"},
-                         {"Retry-After": "1"})
+    return json_response(
+        start_response, 503, {"error": "the node is starting: its store is loading"}, {"Retry-After": "1"}
+    )
 
 
 class NodeLogger(glogging.Logger):
@@ -162,7 +167,9 @@ class NodeArbiter(Arbiter):
         self.handle_term()
 
     def _ignore(self, name: str) -> None:
-        log.warning("signal_ignored", extra={"signal": name, "reason": "the node runs server.workers workers"})
+        log.warning(
+            "signal_ignored", extra={"signal": name, "reason": "the node runs server.workers workers"}
+        )
 
     def handle_hup(self) -> None:
         log.info("reload_requested", extra={"signal": "SIGHUP"})
@@ -188,10 +195,15 @@ class NodeArbiter(Arbiter):
 class NodeApplication(BaseApplication):
     """The gunicorn application of one node: settings from the fluxmq Config, one BrokerWorker."""
 
-    def __init__(self, config: Any, service_factory: Callable[[Any], Any] | None = None,
-                 config_loader: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        service_factory: Callable[[Any], Any] | None = None,
+        config_loader: Callable[[], Any] | None = None,
+    ) -> None:
         if service_factory is None:
             from fluxmq.node.service import BrokerService
+
             service_factory = BrokerService
         self.node_config = config
         self.service_factory = service_factory
@@ -200,6 +212,7 @@ class NodeApplication(BaseApplication):
         self.admin_token = admin_token(config, os.environ)
         check_admin_exposure(config.server.admin.addr, self.admin_token)
         from fluxmq.node.service import anonymous_exposure, warn_anonymous_exposure
+
         warn_anonymous_exposure(config)  # the node starts; those listeners refuse anonymous clients
         self.exposed = set(anonymous_exposure(config))
         self.surfaces = http_surfaces(config)
@@ -211,6 +224,7 @@ class NodeApplication(BaseApplication):
         self._private_dir: str | None = None
         self._owner_pid = os.getpid()
         from fluxmq.node.workers import check_workers
+
         self.workers = check_workers(config)  # ConfigError: several workers on a cluster node
         self.run_dir: str | None = None  # several workers: their Unix sockets and ownership table
         self.worker_sockets: dict = {}  # several workers: MQTT section -> one socket per worker index
@@ -257,8 +271,12 @@ class NodeApplication(BaseApplication):
             return None
         from fluxmq.node.workers import WorkerContext
 
-        return WorkerContext(index, self.workers, self.run_dir,
-                             {section: socks[index] for section, socks in self.worker_sockets.items()})
+        return WorkerContext(
+            index,
+            self.workers,
+            self.run_dir,
+            {section: socks[index] for section, socks in self.worker_sockets.items()},
+        )
 
     def prepare_workers(self) -> None:
         """Several workers: the run directory and the MQTT sockets, made by the arbiter before it
@@ -268,8 +286,9 @@ class NodeApplication(BaseApplication):
         from fluxmq.node.service import MQTT_LISTENERS
         from fluxmq.node.workers import bind_mqtt, make_run_dir
 
-        self.worker_sockets = bind_mqtt(self.node_config, [section for _, section in MQTT_LISTENERS],
-                                        self.workers)
+        self.worker_sockets = bind_mqtt(
+            self.node_config, [section for _, section in MQTT_LISTENERS], self.workers
+        )
         self.run_dir = make_run_dir()
 
     def load(self) -> Callable:
@@ -299,8 +318,14 @@ class NodeApplication(BaseApplication):
                 section = "server.http." + (name.partition("_")[2] or "plain")
                 apps.append(bridge.exposed() if f"{section}.addr" in self.exposed else bridge)
             else:
-                admin = AdminAPI(service, self.admin_token, lambda: self.reload_node(service), bridge,
-                                 config.server.admin.allowed_hosts, config.server.admin.addr)
+                admin = AdminAPI(
+                    service,
+                    self.admin_token,
+                    lambda: self.reload_node(service),
+                    bridge,
+                    config.server.admin.allowed_hosts,
+                    config.server.admin.addr,
+                )
                 # SIGHUP and POST /reload re-read the token file: rotation without a restart
                 service.reload_hooks.append(admin.reload_hook)
                 join = getattr(service.cluster, "admin_totals", None)  # several workers: node /stats
@@ -313,6 +338,7 @@ class NodeApplication(BaseApplication):
         """The apps served while the worker loads the store (before ``make_wsgi_apps``): health
         says alive (``/health`` 200) and not ready (``/ready`` 503, storage "loading"), the other
         surfaces answer 503 with ``Retry-After``."""
+
         def health() -> Callable:
             app = make_health_app(_Starting())
             app.mount("/metrics", _starting_app)

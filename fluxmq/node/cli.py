@@ -36,27 +36,46 @@ exit status: 0 clean stop (or --check passed), 2 invalid configuration or usage,
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fluxmq-node`` (every flag documented in ``--help``)."""
     parser = argparse.ArgumentParser(
-        prog="fluxmq-node", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="fluxmq-node",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
-        "--config", "-c", metavar="PATH",
+        "--config",
+        "-c",
+        metavar="PATH",
         help="YAML configuration file (default: $FLUXMQ_CONFIG if set, else the built-in defaults; "
-             "see conf/fluxmq.yaml for every key)")
+        "see conf/fluxmq.yaml for every key)",
+    )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         type=_key_value,
         help="override one configuration key, e.g. --set server.tcp.plain.addr=:1884; repeatable; "
-             "wins over the environment and the file")
+        "wins over the environment and the file",
+    )
     parser.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="validate the configuration and load the files it names (password, ACL and credentials "
-             "files, certificates, keys); print the effective configuration as YAML and exit 0, or "
-             "every problem, one line each, and exit 2")
+        "files, certificates, keys); print the effective configuration as YAML and exit 0, or "
+        "every problem, one line each, and exit 2",
+    )
     parser.add_argument(
-        "--print-config", action="store_true",
-        help="print the default configuration, every key commented, and exit (a starting point for --config)")
-    parser.add_argument("--version", action="version", version=f"fluxmq-node {fluxmq.__version__}",
-                        help="print the version and exit")
+        "--print-config",
+        action="store_true",
+        help="print the default configuration, every key commented, and exit (a starting point for --config)",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"fluxmq-node {fluxmq.__version__}",
+        help="print the version and exit",
+    )
     return parser
 
 
@@ -136,8 +155,16 @@ def log_start(config, path: str | None, fd_limit: int = -1) -> None:
     log = logging.getLogger("fluxmq.node")
     storage = config.storage
     data = os.path.abspath(storage.path) if storage.type == "lmdb" else "memory (not kept across restarts)"
-    log.info("node_starting", extra={"version": fluxmq.__version__, "config": path or "built-in defaults",
-                                     "storage": storage.type, "data": data, "fd_limit": fd_limit})
+    log.info(
+        "node_starting",
+        extra={
+            "version": fluxmq.__version__,
+            "config": path or "built-in defaults",
+            "storage": storage.type,
+            "data": data,
+            "fd_limit": fd_limit,
+        },
+    )
     for notice in config.notices:
         log.warning("config_not_implemented", extra={"detail": notice})
 

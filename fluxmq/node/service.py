@@ -36,7 +36,9 @@ from fluxmq.webhook import WebhookDispatcher, WebhookSettings
 log = logging.getLogger("fluxmq.node")
 
 # broker.* keys of the shared SessionLimits: every session reads them per message, so they apply at once.
-RELOADABLE_LIMITS = frozenset({"broker.max_queued_messages", "broker.max_queued_bytes", "broker.queue_overflow"})
+RELOADABLE_LIMITS = frozenset(
+    {"broker.max_queued_messages", "broker.max_queued_bytes", "broker.queue_overflow"}
+)
 
 
 #: sessions (and retained messages) restored between two yields to the hub: about 10 ms of work
@@ -117,8 +119,9 @@ def protocol_settings(config, listener, refuse_anonymous: bool = False) -> Proto
         max_topic_alias=b.max_topic_alias,
         topic_alias_policy=b.topic_alias_policy,
         response_information=b.response_information,
-        authenticators=authenticators_from_config(config.auth.enhanced.method,
-                                                  config.auth.enhanced.credentials_file),
+        authenticators=authenticators_from_config(
+            config.auth.enhanced.method, config.auth.enhanced.credentials_file
+        ),
         refuse_anonymous=refuse_anonymous,
     )
 
@@ -135,8 +138,13 @@ MQTT_LISTENERS = (
 
 # Listeners a client reaches without an MQTT or HTTP user name (every MQTT and HTTP bridge listener
 # but the mTLS ones, whose certificate identifies the client).
-ANONYMOUS_SURFACES = (*(section for name, section in MQTT_LISTENERS if name != "mtls"),
-                      "server.http.plain", "server.http.tls", "server.coap.plain", "server.coap.dtls")
+ANONYMOUS_SURFACES = (
+    *(section for name, section in MQTT_LISTENERS if name != "mtls"),
+    "server.http.plain",
+    "server.http.tls",
+    "server.coap.plain",
+    "server.coap.dtls",
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -173,27 +181,41 @@ def anonymous_exposure(config) -> list[str]:
 
 
 # What an operator sets to let clients in on a network listener (the warning, --check, the refusals).
-ANONYMOUS_FIX = ("set auth.allow_anonymous: true to accept them, or auth.password_file "
-                 "or auth.http.url to check user names")
+ANONYMOUS_FIX = (
+    "set auth.allow_anonymous: true to accept them, or auth.password_file "
+    "or auth.http.url to check user names"
+)
 
 
 def anonymous_exposure_warnings(config) -> list[str]:
     """One line per ``anonymous_exposure`` listener (``--check`` prints them as warnings)."""
-    return [f"{key}: {config.get(key)!r} is a network address: anonymous clients are refused there "
-            f"(Mosquitto 2's default); {ANONYMOUS_FIX}" for key in anonymous_exposure(config)]
+    return [
+        f"{key}: {config.get(key)!r} is a network address: anonymous clients are refused there "
+        f"(Mosquitto 2's default); {ANONYMOUS_FIX}"
+        for key in anonymous_exposure(config)
+    ]
 
 
 def warn_anonymous_exposure(config) -> None:
     """At start: one warning log line per listener that refuses anonymous clients (not an error)."""
     for key in anonymous_exposure(config):
-        log.warning("anonymous_refused_on_network_listener",
-                    extra={"listener": _LISTENER_NAMES.get(key.removesuffix(".addr"), key), "key": key,
-                           "addr": config.get(key), "fix": ANONYMOUS_FIX})
+        log.warning(
+            "anonymous_refused_on_network_listener",
+            extra={
+                "listener": _LISTENER_NAMES.get(key.removesuffix(".addr"), key),
+                "key": key,
+                "addr": config.get(key),
+                "fix": ANONYMOUS_FIX,
+            },
+        )
 
 
 # The listener names the logs use for each anonymous surface.
-_LISTENER_NAMES = {**{section: name for name, section in MQTT_LISTENERS},
-                   "server.http.plain": "http", "server.http.tls": "http_tls"}
+_LISTENER_NAMES = {
+    **{section: name for name, section in MQTT_LISTENERS},
+    "server.http.plain": "http",
+    "server.http.tls": "http_tls",
+}
 
 
 def stream_factory(config, name: str, section: str):
@@ -232,9 +254,14 @@ def auth_settings(config) -> AuthSettings:
         http_key_file=h.key_file,
         connect_rate=lim.connect_rate,
         connect_burst=lim.connect_burst,
-        limits=PublishLimits(publish_rate=lim.publish_rate, publish_burst=lim.publish_burst,
-                             publish_bytes_rate=lim.publish_bytes_rate, max_subscriptions=lim.max_subscriptions,
-                             max_topic_levels=lim.max_topic_levels, max_topic_length=lim.max_topic_length),
+        limits=PublishLimits(
+            publish_rate=lim.publish_rate,
+            publish_burst=lim.publish_burst,
+            publish_bytes_rate=lim.publish_bytes_rate,
+            max_subscriptions=lim.max_subscriptions,
+            max_topic_levels=lim.max_topic_levels,
+            max_topic_length=lim.max_topic_length,
+        ),
     )
 
 
@@ -321,16 +348,27 @@ class BrokerService:
         else:
             self._start_cluster(cfg)
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
-        enabled = [(name, section, lc, stream_factory(cfg, name, section))
-                   for name, section, lc in enabled if lc.addr]
+        enabled = [
+            (name, section, lc, stream_factory(cfg, name, section))
+            for name, section, lc in enabled
+            if lc.addr
+        ]
         exposed = anonymous_exposure(cfg)
         for name, section, lc, factory in enabled:  # every TLS setting was checked before the first bind
             host, port = parse_addr(lc.addr)
             settings = protocol_settings(cfg, lc, refuse_anonymous=f"{section}.addr" in exposed)
             sock = workers.sockets.get(section) if workers is not None else None
-            listener = TCPListener(name, host, port, self.broker, settings, flusher,
-                                   max_connections=lc.max_connections, stream_factory=factory,
-                                   sock=_gevent_socket(sock) if sock is not None else None)
+            listener = TCPListener(
+                name,
+                host,
+                port,
+                self.broker,
+                settings,
+                flusher,
+                max_connections=lc.max_connections,
+                stream_factory=factory,
+                sock=_gevent_socket(sock) if sock is not None else None,
+            )
             listener.start()
             self.listeners.append(listener)
         self._start_coap(cfg)
@@ -342,8 +380,13 @@ class BrokerService:
         if configs and self.workers is not None and self.workers.index != 0:
             configs = []  # several workers: worker 0 runs the bridges (one link per remote, one client id)
         if configs:
-            self.bridges = Bridges(configs, self.broker, flusher, status_interval=cfg.broker.sys_interval,
-                                   max_packet_size=cfg.broker.max_packet_size)
+            self.bridges = Bridges(
+                configs,
+                self.broker,
+                flusher,
+                status_interval=cfg.broker.sys_interval,
+                max_packet_size=cfg.broker.max_packet_size,
+            )
             topics = getattr(self.cluster, "topics", None)
             if topics is not None:  # one publisher of $SYS/broker/cluster/*: the cluster's, bridges merged in
                 topics.bridges = self.bridges.status
@@ -362,7 +405,9 @@ class BrokerService:
 
         members = etcd_membership(cfg)
         announce = {"raft": raft_addr(cfg)} if members else None  # the others learn our Raft address
-        node = ClusterNode.from_config(cfg, self.broker, announce)  # ConfigError (one line) before anything binds
+        node = ClusterNode.from_config(
+            cfg, self.broker, announce
+        )  # ConfigError (one line) before anything binds
         self.broker.settings.node_id = node.node_id
         node.start()
         self.cluster = node
@@ -412,12 +457,25 @@ class BrokerService:
                 # until then the replicated queues refuse appends with the reason.
                 from fluxmq.replication.forming import FormingRaft
 
-                raft = self.raft = FormingRaft(cfg.cluster.raft, configs, data_dir, storage.queue_log(), cfg.origin,
-                                               mqtt_addr=advertised_mqtt_addr(cfg), node_id=cfg.cluster.node_id,
-                                               self_addr=raft_addr(cfg))
+                raft = self.raft = FormingRaft(
+                    cfg.cluster.raft,
+                    configs,
+                    data_dir,
+                    storage.queue_log(),
+                    cfg.origin,
+                    mqtt_addr=advertised_mqtt_addr(cfg),
+                    node_id=cfg.cluster.node_id,
+                    self_addr=raft_addr(cfg),
+                )
             else:
-                raft = self.raft = RaftService(cfg.cluster.raft, configs, data_dir, storage.queue_log(), cfg.origin,
-                                               mqtt_addr=advertised_mqtt_addr(cfg))
+                raft = self.raft = RaftService(
+                    cfg.cluster.raft,
+                    configs,
+                    data_dir,
+                    storage.queue_log(),
+                    cfg.origin,
+                    mqtt_addr=advertised_mqtt_addr(cfg),
+                )
 
         def make(broker: Broker):
             from fluxmq.queues import QueueManager
@@ -432,8 +490,13 @@ class BrokerService:
                 # Each queue lives on one worker (its owner); the others reach it through the
                 # workers' cluster (fluxmq.cluster.queues, set up by WorkerNode).
                 placement = QueuePlacement(workers.index, workers.count, configs)
-            manager = QueueManager(storage, configs, auto_create,
-                                   log_factory=raft.log_factory if raft is not None else None, placement=placement)
+            manager = QueueManager(
+                storage,
+                configs,
+                auto_create,
+                log_factory=raft.log_factory if raft is not None else None,
+                placement=placement,
+            )
             if self.cluster is not None and hasattr(self.cluster, "attach_queues"):
                 self.cluster.attach_queues(manager)
             if raft is not None:
@@ -463,9 +526,17 @@ class BrokerService:
         if self.workers is not None and self.workers.index != 0:
             return  # several workers: worker 0 serves CoAP (UDP ports are not shared); routes reach all
         # DTLS settings are checked (ConfigError naming the key) before anything binds
-        secure = [(name, getattr(coap, name), server_context(getattr(coap, name), f"server.coap.{name}",
-                                                             require_client_cert=name == "mdtls"))
-                  for name in ("dtls", "mdtls") if getattr(coap, name).addr]
+        secure = [
+            (
+                name,
+                getattr(coap, name),
+                server_context(
+                    getattr(coap, name), f"server.coap.{name}", require_client_cert=name == "mdtls"
+                ),
+            )
+            for name in ("dtls", "mdtls")
+            if getattr(coap, name).addr
+        ]
         self.coap = bridge = CoapBridge(self.broker, CoapSettings.from_config(cfg))
         bridge.start()
         self.reload_hooks.append(bridge.reload)
@@ -506,7 +577,9 @@ class BrokerService:
         for listener in self.listeners:
             left = max(0.0, deadline - time.monotonic())
             if not listener.wait_closed(left):
-                log.warning("shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)})
+                log.warning(
+                    "shutdown_timeout", extra={"listener": listener.name, "open": len(listener.connections)}
+                )
         self._started = False
         if self.cluster is not None:
             # The clients closed above reconnect to other nodes, which take their sessions over from
@@ -515,7 +588,11 @@ class BrokerService:
             flush = min(1.0, max(0.0, deadline - time.monotonic()))
             drain = getattr(self.cluster, "drain", None)  # several workers: no drain (one node stops)
             if drain is not None:
-                drain(min(self.config.cluster.drain_timeout, max(0.0, deadline - time.monotonic() - flush - 0.5)))
+                drain(
+                    min(
+                        self.config.cluster.drain_timeout, max(0.0, deadline - time.monotonic() - flush - 0.5)
+                    )
+                )
             self.cluster.stop(min(1.0, max(0.0, deadline - time.monotonic())))
         if self.webhooks is not None:
             self.broker.set_events(None)  # the disconnects of the shutdown are queued already
@@ -528,7 +605,9 @@ class BrokerService:
         if self.webhooks is not None:
             # After the storage is closed (nothing acknowledged waits on HTTP endpoints), within what
             # is left of the stop budget.
-            self.webhooks.stop(min(self.webhooks.settings.shutdown_timeout, max(0.0, deadline - time.monotonic())))
+            self.webhooks.stop(
+                min(self.webhooks.settings.shutdown_timeout, max(0.0, deadline - time.monotonic()))
+            )
         log.info("stopped", extra={"sessions": self.broker.session_count()})
 
     def is_ready(self) -> dict[str, tuple[bool, str]]:
@@ -581,10 +660,18 @@ class BrokerService:
             applied |= hook(config) & changed
         for key in applied:
             self._effective[key] = new[key]
-        result = {"changed": sorted(changed), "applied": sorted(applied),
-                  "restart_required": sorted(changed - applied)}
-        log.info("config_reloaded", extra={"applied": ",".join(result["applied"]) or "-",
-                                           "restart_required": ",".join(result["restart_required"]) or "-"})
+        result = {
+            "changed": sorted(changed),
+            "applied": sorted(applied),
+            "restart_required": sorted(changed - applied),
+        }
+        log.info(
+            "config_reloaded",
+            extra={
+                "applied": ",".join(result["applied"]) or "-",
+                "restart_required": ",".join(result["restart_required"]) or "-",
+            },
+        )
         return result
 
     def session_count(self) -> int:

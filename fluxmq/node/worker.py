@@ -110,7 +110,9 @@ class BrokerWorker(GeventWorker):
         # One WSGI app per bound socket (health, HTTP bridge, admin), in bind order.
         self.wsgi_apps = app.make_wsgi_apps(service)
         log.info("broker_started", extra={"pid": os.getpid()})
-        log.info("listeners", extra={"at": listener_urls(service, getattr(app, "surfaces", ()), self.sockets)})
+        log.info(
+            "listeners", extra={"at": listener_urls(service, getattr(app, "surfaces", ()), self.sockets)}
+        )
 
     def _dispatch(self, environ: dict, start_response):
         """gunicorn's WSGI entry: the app of the socket the request's connection was accepted on."""
@@ -171,7 +173,9 @@ class BrokerWorker(GeventWorker):
             gevent.sleep(POLL_INTERVAL)
         budget = QUICK_STOP_TIMEOUT if self._quick else self.app.stop_budget
         deadline = time.monotonic() + budget
-        log.info("broker_stopping", extra={"pid": os.getpid(), "timeout": round(budget, 3), "quick": self._quick})
+        log.info(
+            "broker_stopping", extra={"pid": os.getpid(), "timeout": round(budget, 3), "quick": self._quick}
+        )
         for server in servers:
             server.close()  # stop accepting HTTP; in-flight requests continue
         try:
@@ -193,10 +197,14 @@ class BrokerWorker(GeventWorker):
         for sock, app, handshake in zip(self.sockets, apps, handshakes, strict=True):
             sock.setblocking(1)
             # The bridge's pool has a slot per possible SSE stream on top (HTTPBridge.pool_size).
-            pool_size = app.pool_size(self.worker_connections) if hasattr(app, "pool_size") else \
-                self.worker_connections
-            server = StreamServer(sock, handle=partial(self._serve, app, handshake, sock),
-                                  spawn=Pool(pool_size))
+            pool_size = (
+                app.pool_size(self.worker_connections)
+                if hasattr(app, "pool_size")
+                else self.worker_connections
+            )
+            server = StreamServer(
+                sock, handle=partial(self._serve, app, handshake, sock), spawn=Pool(pool_size)
+            )
             server.start()
             servers.append(server)
         return servers

@@ -43,12 +43,20 @@ def check_workers(config) -> int:
 
     n = worker_count(config)
     if n > 1 and config.cluster.enabled:
-        raise ConfigError("server.workers", "1 while cluster.enabled is true (several workers on a cluster "
-                          "node are not built yet)", config.origin("server.workers"), got=config.server.workers)
+        raise ConfigError(
+            "server.workers",
+            "1 while cluster.enabled is true (several workers on a cluster node are not built yet)",
+            config.origin("server.workers"),
+            got=config.server.workers,
+        )
     if n > 1 and config.cluster.raft.enabled:
-        raise ConfigError("server.workers", "1 while cluster.raft.enabled is true (Raft-replicated queues on "
-                          "several workers are not built: each worker would run the node's Raft member)",
-                          config.origin("server.workers"), got=config.server.workers)
+        raise ConfigError(
+            "server.workers",
+            "1 while cluster.raft.enabled is true (Raft-replicated queues on "
+            "several workers are not built: each worker would run the node's Raft member)",
+            config.origin("server.workers"),
+            got=config.server.workers,
+        )
     return n
 
 

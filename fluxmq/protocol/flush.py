@@ -34,8 +34,17 @@ class FlushScheduler:
     """Collects dirty connections and flushes them once per loop turn: from a hub callback, or from
     the turn's last reader (``flush_now``)."""
 
-    __slots__ = ("_dirty", "scheduled", "_callback", "_loop", "storage", "_always", "_write_lock", "_pool",
-                 "_retry")
+    __slots__ = (
+        "_dirty",
+        "scheduled",
+        "_callback",
+        "_loop",
+        "storage",
+        "_always",
+        "_write_lock",
+        "_pool",
+        "_retry",
+    )
 
     def __init__(self, storage=None) -> None:
         self._dirty: list = []

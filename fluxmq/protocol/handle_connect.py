@@ -48,8 +48,11 @@ class HandleConnect:
         props = p.properties if version == 5 else None
 
         if self.over_limit or not broker.accepting:
-            self._refuse(RC_SERVER_UNAVAILABLE, 0x97 if self.over_limit else 0x88,
-                         "connection limit reached" if self.over_limit else "server shutting down")
+            self._refuse(
+                RC_SERVER_UNAVAILABLE,
+                0x97 if self.over_limit else 0x88,
+                "connection limit reached" if self.over_limit else "server shutting down",
+            )
             return
         if version == 3 and not 1 <= len(client_id) <= 23:
             self._refuse(RC_ID_REJECTED, 0x85, "MQTT 3.1 client identifiers have 1 to 23 characters")
@@ -112,13 +115,20 @@ class HandleConnect:
                     # A will's expiry counts from its publication, not from CONNECT (MQTT 5.0
                     # 3.1.3.2.4): the broker turns the interval into a deadline when it publishes it.
                     message.expires_at = None
-                    message.properties = {**(message.properties or {}), c.MESSAGE_EXPIRY_INTERVAL: wp[c.MESSAGE_EXPIRY_INTERVAL]}
+                    message.properties = {
+                        **(message.properties or {}),
+                        c.MESSAGE_EXPIRY_INTERVAL: wp[c.MESSAGE_EXPIRY_INTERVAL],
+                    }
             else:
                 message = Message(w.topic, w.payload, w.qos, w.retain, None, None, client_id)
             will = Will(message, delay)
 
         pending = (p, will, expiry, send_quota, assigned)
-        if settings.refuse_anonymous and authenticator is None and getattr(self.stream, "cert_username", None) is None:
+        if (
+            settings.refuse_anonymous
+            and authenticator is None
+            and getattr(self.stream, "cert_username", None) is None
+        ):
             self._refuse_unidentified(p.username)
             return
         auth = broker.auth
@@ -126,8 +136,13 @@ class HandleConnect:
             # User name and password (a verified client certificate or an enhanced authentication
             # method authenticates the client instead).
             result = auth.authenticate(client_id, p.username, p.password, self.peer)
-            self._emit_auth(result.ok, p.username, "anonymous" if p.username is None else "password",
-                            result.reason, result.reason_code if version == 5 else result.return_code)
+            self._emit_auth(
+                result.ok,
+                p.username,
+                "anonymous" if p.username is None else "password",
+                result.reason,
+                result.reason_code if version == 5 else result.return_code,
+            )
             if not result.ok:
                 self._refuse(result.return_code, result.reason_code, result.reason)
                 return
@@ -152,8 +167,9 @@ class HandleConnect:
         client_id = self.client_id
         keepalive = p.keepalive
         server_keepalive = None
-        if settings.max_keepalive and (keepalive > settings.max_keepalive
-                                       or (keepalive == 0 and not settings.allow_zero_keepalive)):
+        if settings.max_keepalive and (
+            keepalive > settings.max_keepalive or (keepalive == 0 and not settings.allow_zero_keepalive)
+        ):
             keepalive = settings.max_keepalive
             server_keepalive = keepalive
         self.keepalive = keepalive
@@ -226,13 +242,32 @@ class HandleConnect:
             timeout = 0.0
         self._connect_until = 0.0
         self._set_deadline(timeout)
-        log.debug("connect", extra={"peer": self.peer, "client_id": client_id, "version": version, "clean_start": p.clean_start, "keepalive": keepalive, "present": present})
+        log.debug(
+            "connect",
+            extra={
+                "peer": self.peer,
+                "client_id": client_id,
+                "version": version,
+                "clean_start": p.clean_start,
+                "keepalive": keepalive,
+                "present": present,
+            },
+        )
         broker.attach(session, self, send_quota)
         events = broker.events
         if events is not None:
             self._announced = (username, time.monotonic())
-            events.client_connected(client_id, username, self.peer, version, p.clean_start, keepalive, present,
-                                    session.expiry_interval, self.listener)
+            events.client_connected(
+                client_id,
+                username,
+                self.peer,
+                version,
+                p.clean_start,
+                keepalive,
+                present,
+                session.expiry_interval,
+                self.listener,
+            )
 
     def _auth_step(self, step) -> None:
         """Answer one step of an enhanced authentication exchange (at CONNECT or re-authentication)."""
@@ -257,9 +292,17 @@ class HandleConnect:
                 log.info("reauthenticated", extra={"client_id": self.client_id, "user": step.username})
                 self._write(encode(c.Auth(0x00, props), 5))
             return
-        log.info("authentication_failed", extra={"peer": self.peer, "client_id": self.client_id, "method": method, "reason": step.reason})
-        self._emit_auth(False, self.session.username if self.session is not None else self._pending_connect[0].username,
-                        method, step.reason or "authentication failed", step.reason_code or 0x87)
+        log.info(
+            "authentication_failed",
+            extra={"peer": self.peer, "client_id": self.client_id, "method": method, "reason": step.reason},
+        )
+        self._emit_auth(
+            False,
+            self.session.username if self.session is not None else self._pending_connect[0].username,
+            method,
+            step.reason or "authentication failed",
+            step.reason_code or 0x87,
+        )
         if self.session is None:
             self._pending_connect = None
             self._refuse(0, step.reason_code, step.reason)
@@ -271,15 +314,27 @@ class HandleConnect:
         """CONNECT on a listener that refuses anonymous clients (``ProtocolSettings.refuse_anonymous``):
         nothing is configured that could verify a user name, so one is no credential either."""
         if username is None:
-            reason = ("anonymous clients are refused on a network listener: set auth.allow_anonymous: true, "
-                      "or auth.password_file or auth.http.url")
+            reason = (
+                "anonymous clients are refused on a network listener: set auth.allow_anonymous: true, "
+                "or auth.password_file or auth.http.url"
+            )
         else:
-            reason = ("user names cannot be verified on a network listener without auth.password_file or "
-                      "auth.http.url (or set auth.allow_anonymous: true)")
+            reason = (
+                "user names cannot be verified on a network listener without auth.password_file or "
+                "auth.http.url (or set auth.allow_anonymous: true)"
+            )
         self._refuse(RC_NOT_AUTHORIZED, 0x87, reason)
 
     def _refuse(self, rc_v3: int, rc_v5: int, reason: str) -> None:
-        log.info("connect_refused", extra={"peer": self.peer, "client_id": self.client_id, "code": hex(rc_v5 if self.version == 5 else rc_v3), "reason": reason})
+        log.info(
+            "connect_refused",
+            extra={
+                "peer": self.peer,
+                "client_id": self.client_id,
+                "code": hex(rc_v5 if self.version == 5 else rc_v3),
+                "reason": reason,
+            },
+        )
         if self.version == 5:
             self._write_v5(c.Connack(False, rc_v5, {c.REASON_STRING: reason}))  # [MQTT-3.2.2-19]
         else:
@@ -304,11 +359,15 @@ class HandleConnect:
             raise ProtocolError(f"unexpected AUTH reason code 0x{code:02X}")
         self._auth_step(self._auth_exchange.step(props.get(c.AUTHENTICATION_DATA)))
 
-    def _emit_auth(self, ok: bool, username: str | None, method: str, reason: str = "", reason_code: int = 0) -> None:
+    def _emit_auth(
+        self, ok: bool, username: str | None, method: str, reason: str = "", reason_code: int = 0
+    ) -> None:
         events = self.broker.events
         if events is None:
             return
         if ok:
             events.auth_success(self.client_id, username, self.peer, self.version, method)
         else:
-            events.auth_failure(self.client_id, username, self.peer, self.version, method, reason, reason_code)
+            events.auth_failure(
+                self.client_id, username, self.peer, self.version, method, reason, reason_code
+            )

@@ -62,8 +62,9 @@ class HandlePublish:
                 refused = policy.check_publish(topic, len(p.payload))
                 if refused:
                     if refused == 0x87 and self.broker.events is not None:
-                        self.broker.events.publish_denied(self.client_id, session.username, self.peer, topic, qos,
-                                                          p.retain, refused)
+                        self.broker.events.publish_denied(
+                            self.client_id, session.username, self.peer, topic, qos, p.retain, refused
+                        )
                     self._refuse_publish(p, qos, refused)
                     return
         if qos > settings.max_qos:
@@ -75,7 +76,15 @@ class HandlePublish:
         if len(p.payload) > settings.max_message_size:
             accepted, reason = False, 0x97
             self.broker.stats.dropped("message_too_large")
-            log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "size": len(p.payload), "max_message_size": settings.max_message_size})
+            log.info(
+                "publish_refused",
+                extra={
+                    "client_id": self.client_id,
+                    "topic": topic,
+                    "size": len(p.payload),
+                    "max_message_size": settings.max_message_size,
+                },
+            )
         elif topic[0] == "$" and (topic == "$SYS" or topic.startswith("$SYS/")):
             accepted, reason = False, 0x87  # $SYS belongs to the broker
         elif props and props.get(c.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(p.payload):
@@ -90,10 +99,14 @@ class HandlePublish:
                     if props:
                         self._route(topic, p, props)
                     else:  # the common shape, without _route's frame
-                        self.broker.publish(Message(topic, p.payload, 0, p.retain, None, None, self.client_id),
-                                            session)
+                        self.broker.publish(
+                            Message(topic, p.payload, 0, p.retain, None, None, self.client_id), session
+                        )
                 except QueueRefused as exc:  # no ack to carry it: logged
-                    log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": str(exc)})
+                    log.info(
+                        "publish_refused",
+                        extra={"client_id": self.client_id, "topic": topic, "reason": str(exc)},
+                    )
             return
         pid = p.packet_id
         # The ack's reason code needs routing first, but the ack goes ahead of whatever routing
@@ -107,8 +120,9 @@ class HandlePublish:
                     if props:
                         routed = self._route(topic, p, props)
                     else:
-                        routed = self.broker.publish(Message(topic, p.payload, 1, p.retain, None, None, self.client_id),
-                                                     session)
+                        routed = self.broker.publish(
+                            Message(topic, p.payload, 1, p.retain, None, None, self.client_id), session
+                        )
                     if routed.__class__ is HeldAck:  # a replicated queue: the ack waits for the quorum
                         routed.add(partial(self._held_ack, pid, 1, topic))
                         return
@@ -197,7 +211,9 @@ class HandlePublish:
     def _refuse_unstorable(self, topic: str) -> int:
         """The storage is full and this QoS 1/2 message would be stored: 5.0 gets reason 0x97 (quota
         exceeded); 3.x has no negative ack, so the connection closes without one."""
-        log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": "storage full"})
+        log.info(
+            "publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": "storage full"}
+        )
         if self.version != 5:
             raise _Close()
         return 0x97
@@ -213,7 +229,9 @@ class HandlePublish:
     def _route(self, topic: str, p, props) -> int:
         """Publish the PUBLISH's message; returns the number of deliveries."""
         if props:
-            message = Message.from_publish_properties(topic, p.payload, p.qos, p.retain, props, self.client_id)
+            message = Message.from_publish_properties(
+                topic, p.payload, p.qos, p.retain, props, self.client_id
+            )
         else:
             message = Message(topic, p.payload, p.qos, p.retain, None, None, self.client_id)
         return self.broker.publish(message, self.session)

@@ -42,8 +42,9 @@ class HandleSubscribe:
                 code = policy.check_subscribe(s.filter, len(subs) + (s.filter not in subs))
                 if code:
                     if code == 0x87 and broker.events is not None:
-                        broker.events.subscribe_denied(self.client_id, session.username, self.peer, s.filter,
-                                                       s.qos, code)
+                        broker.events.subscribe_denied(
+                            self.client_id, session.username, self.peer, s.filter, s.qos, code
+                        )
                     # 0x87 (ACL) or 0x97 (quota); 3.x has only 0x80 [MQTT-3.9.3-2]
                     codes.append(code if v5 else 0x80)
                     denied.append(s.filter)
@@ -51,18 +52,30 @@ class HandleSubscribe:
             try:
                 if v5 and s.no_local and s.filter.startswith("$share/"):
                     raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
-                result = broker.subscribe(session, s.filter, s.qos, s.no_local if v5 else False,
-                                          s.retain_as_published if v5 else False,
-                                          s.retain_handling if v5 else 0, sub_id,
-                                          p.properties.get(c.USER_PROPERTY) if v5 and p.properties else None)
+                result = broker.subscribe(
+                    session,
+                    s.filter,
+                    s.qos,
+                    s.no_local if v5 else False,
+                    s.retain_as_published if v5 else False,
+                    s.retain_handling if v5 else 0,
+                    sub_id,
+                    p.properties.get(c.USER_PROPERTY) if v5 and p.properties else None,
+                )
             except QueueRefused as exc:
                 # 3.x has only 0x80 [MQTT-3.9.3-2]
-                log.info("subscribe_refused", extra={"client_id": self.client_id, "filter": s.filter, "reason": exc.reason})
+                log.info(
+                    "subscribe_refused",
+                    extra={"client_id": self.client_id, "filter": s.filter, "reason": exc.reason},
+                )
                 codes.append(exc.reason_code if v5 else 0x80)
                 queue_refusals.append(exc.reason)
                 continue
             except TopicFilterInvalid:
-                log.info("subscribe_refused", extra={"client_id": self.client_id, "filter": s.filter, "reason": "invalid_filter"})
+                log.info(
+                    "subscribe_refused",
+                    extra={"client_id": self.client_id, "filter": s.filter, "reason": "invalid_filter"},
+                )
                 codes.append(0x8F if v5 else 0x80)
                 refused.append(s.filter)
                 continue

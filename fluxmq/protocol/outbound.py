@@ -27,13 +27,20 @@ class Outbound:
 
     __slots__ = ()
 
-    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool,
-                     subscription_ids) -> bool:
+    def send_publish(
+        self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool, subscription_ids
+    ) -> bool:
         # The session asked is_congested() first, which is True once closed.
         if self.version == 5:
             cache = message.wire_cache
-            if (cache is not None and qos == 1 and not retain and subscription_ids is None
-                    and self._aliases_out is None and message.expires_at is None):
+            if (
+                cache is not None
+                and qos == 1
+                and not retain
+                and subscription_ids is None
+                and self._aliases_out is None
+                and message.expires_at is None
+            ):
                 # _publish_bytes_v5's common shape with its encoding made already (a durable
                 # queue's delivery brings it): no lookup of anything else
                 data = cache.get(WIRE_V5_QOS1)
@@ -51,13 +58,16 @@ class Outbound:
             key = qos * 2 + retain
             cache = message.wire_cache
             if cache is None:  # the first delivery of this message: encode, no lookup
-                data = encode_publish(message.topic, message.payload, qos, retain, False, 1 if qos else 0, None, 4)
+                data = encode_publish(
+                    message.topic, message.payload, qos, retain, False, 1 if qos else 0, None, 4
+                )
                 message.wire_cache = {key: data}
             else:
                 data = cache.get(key)
                 if data is None:
-                    data = cache[key] = encode_publish(message.topic, message.payload, qos, retain, False,
-                                                       1 if qos else 0, None, 4)
+                    data = cache[key] = encode_publish(
+                        message.topic, message.payload, qos, retain, False, 1 if qos else 0, None, 4
+                    )
         if qos:
             append_publish(self.out, data, packet_id, dup)
         else:
@@ -99,8 +109,9 @@ class Outbound:
                     topic = ""  # the client maps the alias to the topic it last carried (MQTT 5.0 3.3.2.3.4)
             if len(cache) >= 32 and not isinstance(key, int):
                 cache.clear()  # expiry and alias shapes vary per delivery: keep the cache bounded
-            data = cache[key] = encode_publish(topic, message.payload, qos, retain, False,
-                                               1 if qos else 0, props or None, 5)
+            data = cache[key] = encode_publish(
+                topic, message.payload, qos, retain, False, 1 if qos else 0, props or None, 5
+            )
         if self._client_max_packet and len(data) > self._client_max_packet:
             return None  # dropped for this client only [MQTT-3.1.2-27, -28]
         if alias:

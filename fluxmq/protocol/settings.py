@@ -6,18 +6,48 @@ from __future__ import annotations
 class ProtocolSettings:
     """Limits and timeouts every MQTT connection of a listener applies."""
 
-    __slots__ = ("max_packet_size", "max_message_size", "connect_timeout", "read_timeout", "write_timeout",
-                 "close_timeout", "max_keepalive", "allow_zero_keepalive", "write_buffer_high", "max_qos",
-                 "retain_available", "max_inflight", "max_topic_alias", "park_after", "topic_alias_policy",
-                 "response_information", "authenticators", "refuse_anonymous")
+    __slots__ = (
+        "max_packet_size",
+        "max_message_size",
+        "connect_timeout",
+        "read_timeout",
+        "write_timeout",
+        "close_timeout",
+        "max_keepalive",
+        "allow_zero_keepalive",
+        "write_buffer_high",
+        "max_qos",
+        "retain_available",
+        "max_inflight",
+        "max_topic_alias",
+        "park_after",
+        "topic_alias_policy",
+        "response_information",
+        "authenticators",
+        "refuse_anonymous",
+    )
 
-    def __init__(self, max_packet_size: int = 2 << 20, max_message_size: int = 1 << 20,
-                 connect_timeout: float = 10.0, read_timeout: float = 0.0, write_timeout: float = 60.0,
-                 close_timeout: float = 2.0, max_keepalive: int = 65535, allow_zero_keepalive: bool = True,
-                 write_buffer_high: int = 1 << 20, max_qos: int = 2, retain_available: bool = True,
-                 max_inflight: int = 100, max_topic_alias: int = 0, park_after: float = 5.0,
-                 topic_alias_policy: str = "none", response_information: str = "",
-                 authenticators: dict | None = None, refuse_anonymous: bool = False) -> None:
+    def __init__(
+        self,
+        max_packet_size: int = 2 << 20,
+        max_message_size: int = 1 << 20,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 0.0,
+        write_timeout: float = 60.0,
+        close_timeout: float = 2.0,
+        max_keepalive: int = 65535,
+        allow_zero_keepalive: bool = True,
+        write_buffer_high: int = 1 << 20,
+        max_qos: int = 2,
+        retain_available: bool = True,
+        max_inflight: int = 100,
+        max_topic_alias: int = 0,
+        park_after: float = 5.0,
+        topic_alias_policy: str = "none",
+        response_information: str = "",
+        authenticators: dict | None = None,
+        refuse_anonymous: bool = False,
+    ) -> None:
         self.max_packet_size = max_packet_size
         self.max_message_size = max_message_size
         self.connect_timeout = connect_timeout

@@ -72,18 +72,25 @@ class QueueConfig:
     def dlq_queue(self) -> str:
         """Name of the dead-letter queue (``dlq.topic`` without ``$queue/``)."""
         topic = self.dlq.topic or f"$queue/{self.name}.dlq"
-        return topic[len("$queue/"):].split("/", 1)[0] if topic.startswith("$queue/") else topic
+        return topic[len("$queue/") :].split("/", 1)[0] if topic.startswith("$queue/") else topic
 
     @classmethod
     def from_dict(cls, item: dict) -> QueueConfig:
         """From one parsed ``queues:`` item (fluxmq.config.schema QUEUE_ITEM: every field present)."""
         return cls(
-            name=item["name"], topics=list(item.get("topics", ())), type=item["type"], partitions=item["partitions"],
-            max_inflight=item["max_inflight"], visibility_timeout=item["visibility_timeout"],
+            name=item["name"],
+            topics=list(item.get("topics", ())),
+            type=item["type"],
+            partitions=item["partitions"],
+            max_inflight=item["max_inflight"],
+            visibility_timeout=item["visibility_timeout"],
             auto_commit_interval=item["auto_commit_interval"],
-            retention=RetentionConfig(**item["retention"]), limits=LimitsConfig(**item["limits"]),
-            retry=RetryConfig(**item["retry"]), dlq=DLQConfig(**item["dlq"]),
-            replication=ReplicationConfig(**item.get("replication") or {}))
+            retention=RetentionConfig(**item["retention"]),
+            limits=LimitsConfig(**item["limits"]),
+            retry=RetryConfig(**item["retry"]),
+            dlq=DLQConfig(**item["dlq"]),
+            replication=ReplicationConfig(**item.get("replication") or {}),
+        )
 
 
 def valid_queue_name(name: str) -> bool:

@@ -56,8 +56,13 @@ class Delivery(TrackedMessage):
             props = None
         if props is None and self._record is not None:
             message = self._record.message
-            user = [*((message.properties or {}).get(USER_PROPERTY) or ()), *_common_pairs(self._record),
-                    self._group_pair, ("delivery-count", str(self.attempt)), *self._extra]
+            user = [
+                *((message.properties or {}).get(USER_PROPERTY) or ()),
+                *_common_pairs(self._record),
+                self._group_pair,
+                ("delivery-count", str(self.attempt)),
+                *self._extra,
+            ]
             props = dict(message.properties) if message.properties else {}
             props.pop(USER_PROPERTY, None)
             props[USER_PROPERTY] = user  # last, as in the prebuilt encoding
@@ -80,7 +85,11 @@ _new = object.__new__
 
 def _common_pairs(record) -> tuple:
     offset = str(record.offset)
-    return (("message-id", record.queue_name + ":" + offset), ("queue", record.queue_name), ("offset", offset))
+    return (
+        ("message-id", record.queue_name + ":" + offset),
+        ("queue", record.queue_name),
+        ("offset", offset),
+    )
 
 
 def _record_wire(record) -> tuple[bytes, bytes]:
@@ -96,7 +105,7 @@ def _record_wire(record) -> tuple[bytes, bytes]:
     while data[i] & 0x80:
         i += 1
     start = i + 1
-    topic_end = start + 2 + int.from_bytes(data[start:start + 2], "big") + 2  # with the packet id
+    topic_end = start + 2 + int.from_bytes(data[start : start + 2], "big") + 2  # with the packet id
     j, plen, shift = topic_end, 0, 0
     while True:
         byte = data[j]
@@ -105,12 +114,21 @@ def _record_wire(record) -> tuple[bytes, bytes]:
         if not byte & 0x80:
             break
         shift += 7
-    wire = record.wire = (data[start:topic_end], data[j:j + plen])  # the payload is the message's
+    wire = record.wire = (data[start:topic_end], data[j : j + plen])  # the payload is the message's
     return wire
 
 
-def build_delivery(record, queue: str, group: str, count: int, settle, ticket, extra=(),
-                   group_pair=None, group_bytes: bytes | None = None) -> TrackedMessage:
+def build_delivery(
+    record,
+    queue: str,
+    group: str,
+    count: int,
+    settle,
+    ticket,
+    extra=(),
+    group_pair=None,
+    group_bytes: bytes | None = None,
+) -> TrackedMessage:
     """The PUBLISH a consumer gets: the original topic, payload and properties, plus the user
     properties message-id, queue, offset, group-id and delivery-count (and ``extra`` pairs).
     ``group_pair``: the caller's prebuilt ("group-id", group); ``group_bytes`` its encoding."""
@@ -146,8 +164,17 @@ def build_delivery(record, queue: str, group: str, count: int, settle, ticket, e
     return d
 
 
-def work_delivery(record, queue: str, count: int, settle, group_pair, group_bytes: bytes, member, deadline: float,
-                  offset: int) -> Delivery:
+def work_delivery(
+    record,
+    queue: str,
+    count: int,
+    settle,
+    group_pair,
+    group_bytes: bytes,
+    member,
+    deadline: float,
+    offset: int,
+) -> Delivery:
     """``build_delivery`` of a work queue's record without properties of its own (the common
     case), with the group's pending attributes set (``part`` -1: not partitioned): one call per
     delivery of a group's run (``ConsumerGroup._deliver_run``). A record with properties goes

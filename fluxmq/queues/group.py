@@ -54,7 +54,9 @@ class Member:
 
     __slots__ = ("session", "filter", "levels", "auto_ack", "max_inflight", "pending", "group")
 
-    def __init__(self, session, filter: str, key_filter: str, auto_ack: bool, max_inflight: int, group) -> None:
+    def __init__(
+        self, session, filter: str, key_filter: str, auto_ack: bool, max_inflight: int, group
+    ) -> None:
         self.session = session
         self.filter = filter  # as subscribed ($queue/name/...)
         self.levels = None if key_filter in ("", "#") else key_filter.split("/")
@@ -73,7 +75,9 @@ class Pending:
 
     __slots__ = ("member", "deadline", "attempt", "part", "offset")
 
-    def __init__(self, member: Member, deadline: float, attempt: int, part: int = -1, offset: int = -1) -> None:
+    def __init__(
+        self, member: Member, deadline: float, attempt: int, part: int = -1, offset: int = -1
+    ) -> None:
         self.member = member
         self.deadline = deadline  # monotonic: redelivered after it (visibility_timeout)
         self.attempt = attempt
@@ -84,8 +88,15 @@ class Pending:
 class ConsumerGroup:
     """One consumer group of a queue (see the module docstring)."""
 
-    def __init__(self, queue, name: str, floor: int = 0, settled: set[int] | None = None, mark: int = 0,
-                 counts: dict[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        queue,
+        name: str,
+        floor: int = 0,
+        settled: set[int] | None = None,
+        mark: int = 0,
+        counts: dict[int, int] | None = None,
+    ) -> None:
         self.queue = queue
         self.name = name
         self.group_pair = ("group-id", name)  # a delivery's user property, made once
@@ -188,8 +199,18 @@ class ConsumerGroup:
         settled = self.settled
         filtered = any(m.levels is not None for m in members)
         mark = self.mark
-        if (not ready and not stream and partitions <= 1 and not ttl and not filtered and not self.avoid
-                and not self.stored_counts and self.cursor >= self.loaded_mark and self._plain and RUN_FAST_PATH):
+        if (
+            not ready
+            and not stream
+            and partitions <= 1
+            and not ttl
+            and not filtered
+            and not self.avoid
+            and not self.stored_counts
+            and self.cursor >= self.loaded_mark
+            and self._plain
+            and RUN_FAST_PATH
+        ):
             budget -= self._deliver_run(members, budget, now)
         blocked: set[int] = set()  # partitions whose next record waits: later ones wait too
         while budget > 0:
@@ -309,7 +330,9 @@ class ConsumerGroup:
                 d.part = -1
                 d.offset = offset
             else:
-                d = work_delivery(record, name, count, settle, group_pair, group_bytes, member, deadline, offset)
+                d = work_delivery(
+                    record, name, count, settle, group_pair, group_bytes, member, deadline, offset
+                )
             if not session.send_tracked(d):
                 break
             if only is None:
@@ -366,14 +389,21 @@ class ConsumerGroup:
         n = len(members)
         if n == 1:  # the common single consumer: no rotation (its session is asked by the send)
             m = members[0]
-            return m if m.pending < m.max_inflight and (m.levels is None or filter_matches(m.levels, key)) else None
+            return (
+                m
+                if m.pending < m.max_inflight and (m.levels is None or filter_matches(m.levels, key))
+                else None
+            )
         fallback = None
         rr = self._rr
         for i in range(n):
             m = members[(rr + i) % n]
             # has_room() and filter_matches(), inline: asked of up to every member per delivery
-            if (m.pending >= m.max_inflight or not m.session.can_take_tracked()
-                    or (m.levels is not None and not filter_matches(m.levels, key))):
+            if (
+                m.pending >= m.max_inflight
+                or not m.session.can_take_tracked()
+                or (m.levels is not None and not filter_matches(m.levels, key))
+            ):
                 continue
             if m is avoid and n > 1:
                 fallback = m
@@ -384,9 +414,16 @@ class ConsumerGroup:
 
     def _deliver(self, member: Member, offset: int, record, now: float, part: int = -1) -> bool:
         if self.stream:
-            message = self.queue.delivery_message(record, self.name, 1, self._on_puback, (offset, 0), (
-                ("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))),
-                self.group_pair, self.group_bytes)
+            message = self.queue.delivery_message(
+                record,
+                self.name,
+                1,
+                self._on_puback,
+                (offset, 0),
+                (("x-stream-offset", str(offset)), ("x-stream-timestamp", str(int(record.timestamp * 1000)))),
+                self.group_pair,
+                self.group_bytes,
+            )
             if not member.session.send_tracked(message):
                 return False
             self.sent[offset] = member
@@ -396,11 +433,14 @@ class ConsumerGroup:
         queue = self.queue
         counts = self.counts
         # Deliveries so far (>= 1 when known; before this run: what the store says, see _prior_count).
-        count = (counts.get(offset) or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts
-                                        else 0)) + 1
+        count = (
+            counts.get(offset)
+            or (self._prior_count(offset) if offset < self.loaded_mark or self.stored_counts else 0)
+        ) + 1
         # The delivery is its own pending entry and ticket (delivery.Delivery): no Pending beside it.
-        p = build_delivery(record, queue.name, self.name, count, self._settle, None, (), self.group_pair,
-                           self.group_bytes)
+        p = build_delivery(
+            record, queue.name, self.name, count, self._settle, None, (), self.group_pair, self.group_bytes
+        )
         p.member = member
         p.deadline = now + queue.config.visibility_timeout
         p.part = part
@@ -483,8 +523,13 @@ class ConsumerGroup:
                 if ticket.part >= 0:
                     self._unhold(ticket)
                 queue.stats["acked"] += 1
-                if (offset == self.floor and self._plain and not self.settled and not self.stored_counts
-                        and not self.avoid):
+                if (
+                    offset == self.floor
+                    and self._plain
+                    and not self.settled
+                    and not self.stored_counts
+                    and not self.avoid
+                ):
                     # settle(offset, defer=True), inline for the in-order ack (once per message)
                     self.counts.pop(offset, None)
                     self.floor = offset + 1

@@ -26,8 +26,16 @@ class Record(Message):
     __slots__ = ("offset", "timestamp", "size", "wire", "queue_name")
 
     def __init__(self, offset: int, timestamp: float, message: Message, size: int) -> None:
-        Message.__init__(self, message.topic, message.payload, message.qos, message.retain, message.properties,
-                         message.expires_at, message.origin)
+        Message.__init__(
+            self,
+            message.topic,
+            message.payload,
+            message.qos,
+            message.retain,
+            message.properties,
+            message.expires_at,
+            message.origin,
+        )
         self.offset = offset
         self.timestamp = timestamp  # wall clock, seconds
         self.size = size
@@ -63,8 +71,9 @@ class QueueLog:
         settlement of a delivery a new leader has forgotten)."""
         return self.held_ack()
 
-    def __init__(self, name: str, store: QueueLogStore, first: int = 0, next: int = 0, count: int = 0,
-                 size: int = 0) -> None:
+    def __init__(
+        self, name: str, store: QueueLogStore, first: int = 0, next: int = 0, count: int = 0, size: int = 0
+    ) -> None:
         self.name = name
         self.store = store
         self.first = first  # lowest offset that may be present
@@ -119,8 +128,9 @@ class QueueLog:
         now = time.time()
         first = self.next
         self.next = first + len(payloads)
-        sizes = self.store.append_plain(self.name, first, now, topic.encode(), origin.encode() if origin else b"",
-                                        payloads)
+        sizes = self.store.append_plain(
+            self.name, first, now, topic.encode(), origin.encode() if origin else b"", payloads
+        )
         cache = self._cache
         out = []
         offset = first

@@ -71,10 +71,11 @@ class Queue:
     def routing_key(self, topic: str) -> str:
         """``$queue/{name}/{routing key}`` -> routing key ("" for ``$queue/{name}``); a captured
         ordinary publish's routing key is its topic."""
-        return topic[self._key_at:] if topic.startswith(PREFIX) else topic
+        return topic[self._key_at :] if topic.startswith(PREFIX) else topic
 
-    def delivery_message(self, record, group: str, count: int, settle, ticket, extra=(), group_pair=None,
-                         group_bytes=None) -> Message:
+    def delivery_message(
+        self, record, group: str, count: int, settle, ticket, extra=(), group_pair=None, group_bytes=None
+    ) -> Message:
         return build_delivery(record, self.name, group, count, settle, ticket, extra, group_pair, group_bytes)
 
     def record_key(self, message: Message) -> str:
@@ -114,8 +115,15 @@ class Queue:
             raise QueueRefused(f"message over limits.max_message_size of queue {self.name}", 0x97)
         stored = message
         if message.qos != 1 or message.retain:  # kept as a QoS 1, non-retained message
-            stored = Message(message.topic, message.payload, 1, False, message.properties, message.expires_at,
-                             message.origin)
+            stored = Message(
+                message.topic,
+                message.payload,
+                1,
+                False,
+                message.properties,
+                message.expires_at,
+                message.origin,
+            )
         rec = self.log.append_one(stored)
         self.stats["appended"] += 1
         if self.newest is not None:
@@ -144,8 +152,15 @@ class Queue:
         cfg = self.config
         if not cfg.dlq.enabled:
             self.stats["dropped_no_dlq"] += 1
-            log.warning("queue_message_dropped", extra={"queue": self.name, "offset": record.offset,
-                                                         "reason": reason, "why": "dlq.enabled is false"})
+            log.warning(
+                "queue_message_dropped",
+                extra={
+                    "queue": self.name,
+                    "offset": record.offset,
+                    "reason": reason,
+                    "why": "dlq.enabled is false",
+                },
+            )
             return True
         manager = self.manager
         if manager.storage_refusing():
@@ -153,7 +168,11 @@ class Queue:
         message = record.message
         props = dict(message.properties) if message.properties else {}
         user = list(props.get(USER_PROPERTY, ()))
-        user += [("x-death-reason", reason), ("x-delivery-count", str(count)), ("x-original-topic", message.topic)]
+        user += [
+            ("x-death-reason", reason),
+            ("x-delivery-count", str(count)),
+            ("x-original-topic", message.topic),
+        ]
         props[USER_PROPERTY] = user
         dlq = manager.queue(cfg.dlq_queue, create=True)
         try:
@@ -169,8 +188,15 @@ class Queue:
 class QueueManager:
     """Every queue of the node (see the module docstring)."""
 
-    def __init__(self, storage, configs: list[QueueConfig] | None = None, auto_create: bool = True,
-                 stats=None, log_factory=None, placement=None) -> None:
+    def __init__(
+        self,
+        storage,
+        configs: list[QueueConfig] | None = None,
+        auto_create: bool = True,
+        stats=None,
+        log_factory=None,
+        placement=None,
+    ) -> None:
         self.storage = storage
         # Several workers (``server.workers`` > 1): a ``fluxmq.queues.placement.QueuePlacement``;
         # this manager holds only the queues it owns, and ``remote`` (set by the workers' cluster,
@@ -201,21 +227,26 @@ class QueueManager:
                 # Stored when the node ran another number of workers: another worker owns the queue
                 # now. Left unread in this shard (never served twice); see docs/cluster.rst.
                 self.stranded[name] = stored
-                log.warning("queue_stranded", extra={"queue": name, "records": stored.count,
-                                                     "owner": f"w{placement.owner(name)}"})
+                log.warning(
+                    "queue_stranded",
+                    extra={"queue": name, "records": stored.count, "owner": f"w{placement.owner(name)}"},
+                )
                 continue
             q = self._make(name, self.log_factory(name, self.store, stored))
             for gname, g in stored.groups.items():
-                q.groups[gname] = q.group_class(q, gname, g.floor, set(g.settled), getattr(g, "mark", 0),
-                                                getattr(g, "counts", None))
+                q.groups[gname] = q.group_class(
+                    q, gname, g.floor, set(g.settled), getattr(g, "mark", 0), getattr(g, "counts", None)
+                )
         for name in self.configs:
             if self.owns(name):
                 self.queue(name, create=True)
         for q in self.queues.values():
             if q.newest is not None:
                 q.rebuild_compaction()
-        log.info("queues_loaded", extra={"queues": len(self.queues),
-                                         "records": sum(q.log.count for q in self.queues.values())})
+        log.info(
+            "queues_loaded",
+            extra={"queues": len(self.queues), "records": sum(q.log.count for q in self.queues.values())},
+        )
 
     # -- queues ----------------------------------------------------------------------------------
 
@@ -252,8 +283,10 @@ class QueueManager:
             if not self.auto_create and not name.endswith(".dlq"):
                 raise QueueRefused(f"no queue {name!r} (queue_manager.auto_create is off)", refuse_code)
             if len(self.queues) - len(self.configs) >= MAX_AUTO_QUEUES:
-                log.warning("queue_refused", extra={"queue": name, "reason": "auto-created queue limit",
-                                                    "limit": MAX_AUTO_QUEUES})
+                log.warning(
+                    "queue_refused",
+                    extra={"queue": name, "reason": "auto-created queue limit", "limit": MAX_AUTO_QUEUES},
+                )
                 raise QueueRefused(f"too many queues ({MAX_AUTO_QUEUES} auto-created)", 0x97)
             q = self.queue(name, create=True)
         return q
@@ -280,10 +313,15 @@ class QueueManager:
                 try:
                     validate_filter(f)
                 except TopicFilterInvalid as exc:
-                    raise ConfigError(f"queues[{q.name}].topics", "topic filters", problem=f"{f!r}: {exc}") from None
+                    raise ConfigError(
+                        f"queues[{q.name}].topics", "topic filters", problem=f"{f!r}: {exc}"
+                    ) from None
                 if f.startswith("$queue/"):
-                    raise ConfigError(f"queues[{q.name}].topics", "ordinary topic filters",
-                                      problem=f"{f!r}: a queue captures ordinary topics, not $queue/")
+                    raise ConfigError(
+                        f"queues[{q.name}].topics",
+                        "ordinary topic filters",
+                        problem=f"{f!r}: a queue captures ordinary topics, not $queue/",
+                    )
                 router.add(Subscription(target, f, 2))
                 if interest is not None:
                     interest(f)
@@ -347,7 +385,7 @@ class QueueManager:
     def publish(self, message: Message, origin=None) -> int:
         """A PUBLISH to ``$queue/...``: a settlement (``.../$ack|$nack|$reject``) or an append.
         Returns 1 when it was taken; raises QueueRefused (0x90 no such queue, 0x97 full)."""
-        rest = message.topic[len(PREFIX):]
+        rest = message.topic[len(PREFIX) :]
         name, _, key = rest.partition("/")
         if self.placement is not None and not self.placement.owns(name):
             # Another worker owns it: a HeldAck resolved once the owner stored it (or refused).
@@ -407,16 +445,18 @@ class QueueManager:
             gevent.get_hub().loop.run_callback(self._run_kicked)
         return n
 
-    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int,
-                  rejoin: bool = False) -> int:
+    def subscribe(
+        self, session, filter: str, qos: int, user_props: list | None, version: int, rejoin: bool = False
+    ) -> int:
         """Join a consumer group; returns the granted QoS (1). Raises QueueRefused (0x83 QoS 0,
         0x8F no such queue). A persistent session's membership is stored (``rejoin``: it is
         already), so it survives a restart of the node."""
-        rest = filter[len(PREFIX):]
+        rest = filter[len(PREFIX) :]
         name, _, key_filter = rest.partition("/")
         if qos == 0:
-            raise QueueRefused("a durable queue needs a QoS 1 or 2 subscription (deliveries are acknowledged)",
-                               0x83)
+            raise QueueRefused(
+                "a durable queue needs a QoS 1 or 2 subscription (deliveries are acknowledged)", 0x83
+            )
         if not valid_queue_name(name):
             raise QueueRefused(f"invalid queue name {name!r}", 0x8F)
         props = user_properties(user_props)
@@ -454,8 +494,10 @@ class QueueManager:
         mine.append(member)
         self._store_member(session, filter, group_name, auto_ack, rejoin)
         session.on_room = self._on_room
-        log.info("queue_member_joined", extra={"queue": name, "group": group_name,
-                                               "client_id": session.client_id, "auto_ack": auto_ack})
+        log.info(
+            "queue_member_joined",
+            extra={"queue": name, "group": group_name, "client_id": session.client_id, "auto_ack": auto_ack},
+        )
         self.kick(q)
         self._ensure_timer()
         return 1
@@ -483,7 +525,9 @@ class QueueManager:
             return int(start)
         if start.startswith("timestamp=") and start[10:].isdigit():
             return q.offset_at(int(start[10:]))
-        raise QueueRefused(f"stream-offset {start!r}: expected first, last, next, an offset or timestamp=<ms>", 0x83)
+        raise QueueRefused(
+            f"stream-offset {start!r}: expected first, last, next, an offset or timestamp=<ms>", 0x83
+        )
 
     def unsubscribe(self, session, filter: str) -> bool:
         remote = self.remote
@@ -522,7 +566,8 @@ class QueueManager:
         mine = mine or []
         if session.expiry_interval:
             self.resumable[session.client_id] = [(m.filter, m.group.name, m.auto_ack) for m in mine] + list(
-                elsewhere or ())
+                elsewhere or ()
+            )
         for m in mine:
             self._leave(m)
 
@@ -536,8 +581,10 @@ class QueueManager:
             try:
                 self.subscribe(session, filter, 1, user, 5, rejoin=True)
             except QueueRefused as exc:  # the queue is gone (auto_create off, no longer configured)
-                log.warning("queue_member_not_rejoined", extra={"client_id": session.client_id,
-                                                                "filter": filter, "reason": str(exc)})
+                log.warning(
+                    "queue_member_not_rejoined",
+                    extra={"client_id": session.client_id, "filter": filter, "reason": str(exc)},
+                )
                 if session.client_id in self._stored_members:
                     self.store.delete_member(session.client_id, filter)
 
@@ -632,7 +679,11 @@ class QueueManager:
             return
         more = False
         for group in q.groups.values():
-            if group.members and (group.ready or group.retry or group.cursor < q.log.next) and group.dispatch():
+            if (
+                group.members
+                and (group.ready or group.retry or group.cursor < q.log.next)
+                and group.dispatch()
+            ):
                 more = True
         if more:
             self._kicked.add(q)
@@ -732,15 +783,23 @@ class QueueManager:
             if name is not None and q.name != name:
                 continue
             oldest = q.log.get(q.log.first) if q.log.count else None
-            out.append({
-                "name": q.name, "type": q.config.type, "depth": q.log.count, "bytes": q.log.bytes,
-                "first_offset": q.log.first, "next_offset": q.log.next,
-                "oldest_age": round(now - oldest.timestamp, 3) if oldest is not None else 0.0,
-                "consumers": sum(len(g.members) for g in q.groups.values()),
-                "groups": {name: {"lag": g.lag(), "pending": len(g.pending), "members": len(g.members)}
-                           for name, g in q.groups.items()},
-                "counters": dict(q.stats),
-            })
+            out.append(
+                {
+                    "name": q.name,
+                    "type": q.config.type,
+                    "depth": q.log.count,
+                    "bytes": q.log.bytes,
+                    "first_offset": q.log.first,
+                    "next_offset": q.log.next,
+                    "oldest_age": round(now - oldest.timestamp, 3) if oldest is not None else 0.0,
+                    "consumers": sum(len(g.members) for g in q.groups.values()),
+                    "groups": {
+                        name: {"lag": g.lag(), "pending": len(g.pending), "members": len(g.members)}
+                        for name, g in q.groups.items()
+                    },
+                    "counters": dict(q.stats),
+                }
+            )
         return out
 
     def peek(self, name: str, offset: int | None, limit: int) -> list:
@@ -751,7 +810,7 @@ class QueueManager:
         out = []
         while at < qlog.next and len(out) < limit:
             chunk = qlog.read(at, min(256, limit - len(out)) + 16)
-            out.extend(chunk[:limit - len(out)])
+            out.extend(chunk[: limit - len(out)])
             at = chunk[-1].offset + 1 if chunk else at + 256
         return out
 
@@ -803,13 +862,17 @@ class QueueManager:
                 original = dict(user).get("x-original-topic")
                 if original is None:
                     continue
-                kept = [(k, v) for k, v in user if k not in ("x-death-reason", "x-delivery-count", "x-original-topic")]
+                kept = [
+                    (k, v)
+                    for k, v in user
+                    if k not in ("x-death-reason", "x-delivery-count", "x-original-topic")
+                ]
                 if kept:
                     props[USER_PROPERTY] = kept
                 else:
                     props.pop(USER_PROPERTY, None)
                 if original.startswith(PREFIX):
-                    target = original[len(PREFIX):].split("/", 1)[0]
+                    target = original[len(PREFIX) :].split("/", 1)[0]
                 else:  # a captured publish: back to the queue the DLQ belongs to
                     target = name[:-4] if name.endswith(".dlq") else name
                 tq = self.queue(target, create=True)

@@ -77,6 +77,12 @@ def apply_retention(q) -> int:
                     g._release(off)
                     g.settle(off)
         q.stats["retention_dropped"] += forced
-        log.warning("queue_retention_dropped", extra={"queue": q.name, "records": forced,
-                                                       "reason": "a retention limit forced out unsettled records"})
+        log.warning(
+            "queue_retention_dropped",
+            extra={
+                "queue": q.name,
+                "records": forced,
+                "reason": "a retention limit forced out unsettled records",
+            },
+        )
     return n

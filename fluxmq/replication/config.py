@@ -40,8 +40,11 @@ def expected_members(config) -> tuple[list[str], int]:
         names = [part.split("=", 1)[0].strip() for part in c.etcd.initial_cluster.split(",") if "=" in part]
         if names and not c.etcd.endpoints:
             return sorted(set(names)), len(set(names))
-        factors = [(item.get("replication") or {}).get("replication_factor", 1) for item in config.queues
-                   if (item.get("replication") or {}).get("enabled")]
+        factors = [
+            (item.get("replication") or {}).get("replication_factor", 1)
+            for item in config.queues
+            if (item.get("replication") or {}).get("enabled")
+        ]
         count = max(factors, default=1)
     return [], count
 
@@ -76,20 +79,37 @@ def replication_problems(config) -> list[ConfigError]:
     replicated = [item for item in items if (item.get("replication") or {}).get("enabled")]
     if not raft.enabled:
         for item in replicated:
-            problems.append(ConfigError(
-                f"queues[{item['name']}].replication.enabled", "cluster.raft.enabled: true", origin("queues"),
-                problem=f"queue {item['name']!r} asks for replication but cluster.raft.enabled is false "
-                        f"({origin('cluster.raft.enabled')}); enable Raft or remove replication.enabled"))
+            problems.append(
+                ConfigError(
+                    f"queues[{item['name']}].replication.enabled",
+                    "cluster.raft.enabled: true",
+                    origin("queues"),
+                    problem=f"queue {item['name']!r} asks for replication but cluster.raft.enabled is false "
+                    f"({origin('cluster.raft.enabled')}); enable Raft or remove replication.enabled",
+                )
+            )
         return problems
     if config.storage.type != "lmdb":
-        problems.append(ConfigError("cluster.raft.enabled", "storage.type: lmdb", origin("cluster.raft.enabled"),
-                                    problem="Raft replication applies its log to the lmdb queue store; "
-                                            f"storage.type is {config.storage.type!r} ({origin('storage.type')})"))
+        problems.append(
+            ConfigError(
+                "cluster.raft.enabled",
+                "storage.type: lmdb",
+                origin("cluster.raft.enabled"),
+                problem="Raft replication applies its log to the lmdb queue store; "
+                f"storage.type is {config.storage.type!r} ({origin('storage.type')})",
+            )
+        )
     for item in replicated:
         if item["retention"]["compact"]:
-            problems.append(ConfigError(f"queues[{item['name']}].retention.compact", "false with replication",
-                                        origin("queues"), problem="compaction of a replicated queue is not "
-                                        "implemented yet (replication.enabled and retention.compact)"))
+            problems.append(
+                ConfigError(
+                    f"queues[{item['name']}].retention.compact",
+                    "false with replication",
+                    origin("queues"),
+                    problem="compaction of a replicated queue is not "
+                    "implemented yet (replication.enabled and retention.compact)",
+                )
+            )
     if raft.tls.enabled:
         from .tls_transport import raft_tls
 
@@ -106,12 +126,19 @@ def replication_problems(config) -> list[ConfigError]:
             names, count = expected_members(config)
             host, port = parse_addr(raft_addr(config))
             if host in ("0.0.0.0", "::", ""):
-                return [ConfigError("cluster.raft.bind_addr", "an address the other nodes can dial",
-                                    origin("cluster.raft.bind_addr"),
-                                    problem=f"{raft_addr(config)} is announced in etcd as this node's Raft address "
-                                            "(derived from cluster.transport.bind_addr when not set): set "
-                                            "cluster.raft.bind_addr to this node's own host:port")]
-            raft = with_members(raft, f"member-0:{port}", [f"member-{i}:{port}" for i in range(max(count, 1))])
+                return [
+                    ConfigError(
+                        "cluster.raft.bind_addr",
+                        "an address the other nodes can dial",
+                        origin("cluster.raft.bind_addr"),
+                        problem=f"{raft_addr(config)} is announced in etcd as this node's Raft address "
+                        "(derived from cluster.transport.bind_addr when not set): set "
+                        "cluster.raft.bind_addr to this node's own host:port",
+                    )
+                ]
+            raft = with_members(
+                raft, f"member-0:{port}", [f"member-{i}:{port}" for i in range(max(count, 1))]
+            )
         try:
             plan(raft, [QueueConfig.from_dict(item) for item in items], origin)
         except ConfigError as exc:

@@ -104,9 +104,22 @@ class MemberChangeRefused(Exception):
 class RaftGroup:
     """One Raft group of this node (see the module docstring)."""
 
-    def __init__(self, name: str, self_addr: str, peers: list[str], data_dir: str, store, write_policy: str,
-                 on_applied=None, on_delivering=None, password: str = "", mqtt_addr: str = "",
-                 compaction_entries: int = 5000, tls=None, distribution: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        self_addr: str,
+        peers: list[str],
+        data_dir: str,
+        store,
+        write_policy: str,
+        on_applied=None,
+        on_delivering=None,
+        password: str = "",
+        mqtt_addr: str = "",
+        compaction_entries: int = 5000,
+        tls=None,
+        distribution: str = "",
+    ) -> None:
         self.tls = tls  # cluster.raft.tls: fluxmq.replication.tls_transport.RaftTLS, or None (plain TCP)
         # "forward": consumers on every replica, the leader deciding (distribution.py); "": the
         # leader delivers to its own consumers only
@@ -149,8 +162,15 @@ class RaftGroup:
         self._reset_marks: dict = {}
         self._running = False
         self._driver = None
-        self.stats = {"entries_submitted": 0, "entries_applied": 0, "entries_refused": 0, "acks_timed_out": 0,
-                      "snapshots_written": 0, "snapshots_installed": 0, "settlements_stale": 0}
+        self.stats = {
+            "entries_submitted": 0,
+            "entries_applied": 0,
+            "entries_refused": 0,
+            "acks_timed_out": 0,
+            "snapshots_written": 0,
+            "snapshots_installed": 0,
+            "settlements_stale": 0,
+        }
         journal = os.path.join(data_dir, f"raft-{name}.journal")
         os.makedirs(data_dir, exist_ok=True)
         self.journal = journal
@@ -175,33 +195,55 @@ class RaftGroup:
         if _NODE_CLASS is None:
             _NODE_CLASS = _make_node_class()
         conf = SyncObjConf(
-            autoTick=False, appendEntriesUseBatch=False, appendEntriesPeriod=APPEND_ENTRIES_PERIOD,
-            raftMinTimeout=RAFT_MIN_TIMEOUT, raftMaxTimeout=RAFT_MAX_TIMEOUT, connectionTimeout=CONNECTION_TIMEOUT,
-            connectionRetryTime=0.5, leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT, commandsWaitLeader=False,
-            journalFile=self.journal, pollerType="select", maxBindRetries=20, bindRetryTime=0.25,
+            autoTick=False,
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=APPEND_ENTRIES_PERIOD,
+            raftMinTimeout=RAFT_MIN_TIMEOUT,
+            raftMaxTimeout=RAFT_MAX_TIMEOUT,
+            connectionTimeout=CONNECTION_TIMEOUT,
+            connectionRetryTime=0.5,
+            leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT,
+            commandsWaitLeader=False,
+            journalFile=self.journal,
+            pollerType="select",
+            maxBindRetries=20,
+            bindRetryTime=0.25,
             # Snapshots of our own (fluxmq.replication.snapshot): the queue state, not the pickled
             # object; taken every compaction_entries entries (never on a timer: a snapshot copies
             # every retained record), written by a greenlet a chunk at a time (_begin_snapshot).
-            logCompactionMinEntries=self.compaction_entries, logCompactionMinTime=10 ** 12,
-            fullDumpFile=self.dump, serializer=self._begin_snapshot, serializeChecker=self._snapshot_progress,
+            logCompactionMinEntries=self.compaction_entries,
+            logCompactionMinTime=10**12,
+            fullDumpFile=self.dump,
+            serializer=self._begin_snapshot,
+            serializeChecker=self._snapshot_progress,
             deserializer=self._read_snapshot,
             # members added and removed at run time through the log (change_member); the journal's
             # format is the same, and a restart applies the changes its journal holds again
             dynamicMembershipChange=True,
             # the member listens on its address as configured (pysyncobj binds 0.0.0.0 without this)
             bindAddress=self.self_addr,
-            onStateChanged=self._state_changed, password=self.password)
+            onStateChanged=self._state_changed,
+            password=self.password,
+        )
         transport = None
         if self.tls is not None:
             from .tls_transport import transport_class
 
             transport = transport_class(self.tls)
-        self._node = _NODE_CLASS(self, self.self_addr, [p for p in self.configured if p != self.self_addr], conf,
-                                 transport)
+        self._node = _NODE_CLASS(
+            self, self.self_addr, [p for p in self.configured if p != self.self_addr], conf, transport
+        )
         self._running = True
         self._driver = gevent.spawn(self._drive)
-        log.info("raft_group_started", extra={"group": self.name, "self": self.self_addr, "peers": ",".join(self.peers),
-                                              "applied": self.applied})
+        log.info(
+            "raft_group_started",
+            extra={
+                "group": self.name,
+                "self": self.self_addr,
+                "peers": ",".join(self.peers),
+                "applied": self.applied,
+            },
+        )
 
     def stop(self) -> None:
         self._running = False
@@ -315,8 +357,10 @@ class RaftGroup:
             took = clock() - started - TICK_WAIT
             if took > SLOW_TICK and started - logged > 10.0:
                 logged = started
-                log.warning("raft_tick_slow", extra={"group": self.name, "held_hub_s": round(took, 3),
-                                                     "applied": self.applied})
+                log.warning(
+                    "raft_tick_slow",
+                    extra={"group": self.name, "held_hub_s": round(took, 3), "applied": self.applied},
+                )
             gevent.idle()  # between ticks the other greenlets run, even when packets keep coming
 
     # -- state -----------------------------------------------------------------------------------
@@ -351,38 +395,61 @@ class RaftGroup:
         if not node._isLeader():
             leader = self.leader()
             if leader is None:
-                raise MemberChangeRefused(503, f"Raft group {self.name} has no leader now (an election, or no "
-                                               "quorum); try again")
-            raise MemberChangeRefused(409, f"this node is not the Raft leader of group {self.name}: ask the "
-                                           f"leader, {leader} (its admin API)", leader=leader)
+                raise MemberChangeRefused(
+                    503, f"Raft group {self.name} has no leader now (an election, or no quorum); try again"
+                )
+            raise MemberChangeRefused(
+                409,
+                f"this node is not the Raft leader of group {self.name}: ask the "
+                f"leader, {leader} (its admin API)",
+                leader=leader,
+            )
         term = node.raftCurrentTerm
         if self._changing == term:
-            raise MemberChangeRefused(409, f"a member change of group {self.name} is in progress (not committed "
-                                           "yet): one change at a time")
+            raise MemberChangeRefused(
+                409,
+                f"a member change of group {self.name} is in progress (not committed "
+                "yet): one change at a time",
+            )
         members = self.peers
         if action == "add" and addr in members:
             raise MemberChangeRefused(409, f"{addr} is a member of group {self.name} already")
         if action == "remove":
             if addr not in members:
-                raise MemberChangeRefused(404, f"{addr} is not a member of group {self.name} "
-                                               f"(members: {', '.join(members)})")
+                raise MemberChangeRefused(
+                    404, f"{addr} is not a member of group {self.name} (members: {', '.join(members)})"
+                )
             if addr == self.self_addr:
-                raise MemberChangeRefused(409, f"{addr} is the leader of group {self.name}, which cannot remove "
-                                               "itself: stop it (another member is elected), then remove it there")
+                raise MemberChangeRefused(
+                    409,
+                    f"{addr} is the leader of group {self.name}, which cannot remove "
+                    "itself: stop it (another member is elected), then remove it there",
+                )
         if not node.hasQuorum:
-            raise MemberChangeRefused(503, f"Raft group {self.name} has no quorum: a change could not be committed")
+            raise MemberChangeRefused(
+                503, f"Raft group {self.name} has no quorum: a change could not be committed"
+            )
         self._changing = term
 
         def committed(res, err) -> None:
             if self._changing == term:
                 self._changing = None
             if err:
-                log.warning("raft_member_change_failed", extra={"group": self.name, "action": action,
-                                                                 "addr": addr, "error": _FAIL.get(err, err)})
+                log.warning(
+                    "raft_member_change_failed",
+                    extra={"group": self.name, "action": action, "addr": addr, "error": _FAIL.get(err, err)},
+                )
                 done(f"the change was not committed ({_FAIL.get(err, err)})")
             else:
-                log.info("raft_member_changed", extra={"group": self.name, "action": action, "addr": addr,
-                                                       "members": ",".join(self.peers)})
+                log.info(
+                    "raft_member_changed",
+                    extra={
+                        "group": self.name,
+                        "action": action,
+                        "addr": addr,
+                        "members": ",".join(self.peers),
+                    },
+                )
                 done(None)
 
         if action == "add":
@@ -410,18 +477,41 @@ class RaftGroup:
     def status(self) -> dict:
         node = self._node
         leader = self.leader()
-        out = {"name": self.name, "self": self.self_addr, "peers": self.peers, "leader": leader,
-               "leader_mqtt": self.mqtt_of.get(leader) if leader else None,
-               "delivering": self.delivering, "applied": self.applied, **self.stats,
-               "queues": {name: {"first": q.first, "next": q.next, "count": q.count, "bytes": q.bytes,
-                                 "groups": {g: p[0] for g, p in q.progress.items()}}
-                          for name, q in self.logs.items()}}
+        out = {
+            "name": self.name,
+            "self": self.self_addr,
+            "peers": self.peers,
+            "leader": leader,
+            "leader_mqtt": self.mqtt_of.get(leader) if leader else None,
+            "delivering": self.delivering,
+            "applied": self.applied,
+            **self.stats,
+            "queues": {
+                name: {
+                    "first": q.first,
+                    "next": q.next,
+                    "count": q.count,
+                    "bytes": q.bytes,
+                    "groups": {g: p[0] for g, p in q.progress.items()},
+                }
+                for name, q in self.logs.items()
+            },
+        }
         if node is not None:
             st = node.getStatus()
-            out.update(term=st["raft_term"], commit_index=st["commit_idx"], has_quorum=st["has_quorum"],
-                       log_len=st["log_len"],
-                       lag={k[len("match_idx_server_"):]: st["commit_idx"] - v for k, v in st.items()
-                            if k.startswith("match_idx_server_")} if self.is_leader() else {})
+            out.update(
+                term=st["raft_term"],
+                commit_index=st["commit_idx"],
+                has_quorum=st["has_quorum"],
+                log_len=st["log_len"],
+                lag={
+                    k[len("match_idx_server_") :]: st["commit_idx"] - v
+                    for k, v in st.items()
+                    if k.startswith("match_idx_server_")
+                }
+                if self.is_leader()
+                else {},
+            )
         return out
 
     def _state_changed(self, old: int, new: int) -> None:
@@ -439,7 +529,10 @@ class RaftGroup:
             # counts a member only once it has really answered this leadership
             self._reset_marks = dict(self._node._SyncObj__lastResponseTime)
         if self.is_leader() and self._node.raftCurrentTerm == term:
-            self._node.apply([("o", self.self_addr, term, self.mqtt_addr)], callback=lambda res, err: self._claim_done(term, err))
+            self._node.apply(
+                [("o", self.self_addr, term, self.mqtt_addr)],
+                callback=lambda res, err: self._claim_done(term, err),
+            )
 
     def _claim_done(self, term: int, err) -> None:
         if err:
@@ -460,12 +553,17 @@ class RaftGroup:
             return
         leader = self.leader()
         if leader is None:
-            raise refused(f"queue {queue}: Raft group {self.name} has no leader (no quorum or an election)", 0x97)
+            raise refused(
+                f"queue {queue}: Raft group {self.name} has no leader (no quorum or an election)", 0x97
+            )
         if self.write_policy == "reject":
             mqtt = self.mqtt_of.get(leader)
             if mqtt is None:  # its claim is not applied here yet (just elected): retry shortly
-                raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name} (leader "
-                              f"{leader}, its MQTT address not known yet)", 0x83)
+                raise refused(
+                    f"queue {queue}: this node is not the Raft leader of group {self.name} (leader "
+                    f"{leader}, its MQTT address not known yet)",
+                    0x83,
+                )
             raise refused(f"queue {queue}: this node is not the Raft leader of group {self.name}", 0x83, mqtt)
 
     def _mark_epoch(self) -> None:
@@ -498,7 +596,13 @@ class RaftGroup:
             self._mark_epoch()
         else:
             last = ops[-1]
-            if last[0] == "l" and last[1] == queue and last[2] == group and last[3] == node and last[4] == key:
+            if (
+                last[0] == "l"
+                and last[1] == queue
+                and last[2] == group
+                and last[3] == node
+                and last[4] == key
+            ):
                 last[5].append(offset)
                 last[6].append(count)
                 return
@@ -573,12 +677,17 @@ class RaftGroup:
         stale = None
         if err:
             self.stats["entries_refused"] += 1
-            error = refused(f"Raft group {self.name}: the append was not replicated ({_FAIL.get(err, err)})", 0x80)
+            error = refused(
+                f"Raft group {self.name}: the append was not replicated ({_FAIL.get(err, err)})", 0x80
+            )
         else:
             error = None
             if res == STALE:
-                stale = refused(f"Raft group {self.name}: a new leader took over delivery before this "
-                                "settlement was applied; the message will be delivered again", 0x80)
+                stale = refused(
+                    f"Raft group {self.name}: a new leader took over delivery before this "
+                    "settlement was applied; the message will be delivered again",
+                    0x80,
+                )
         for held, timer, settlement in holds:
             timer.stop()
             timer.close()
@@ -590,7 +699,9 @@ class RaftGroup:
     def _timed_out(self, held: HeldAck, timeout: float) -> None:
         if not held.done:
             self.stats["acks_timed_out"] += 1
-            held.resolve(refused(f"Raft group {self.name}: not replicated within ack_timeout ({timeout}s)", 0x80))
+            held.resolve(
+                refused(f"Raft group {self.name}: not replicated within ack_timeout ({timeout}s)", 0x80)
+            )
 
     # -- apply (every replica, in log order) -----------------------------------------------------
 
@@ -632,7 +743,9 @@ class RaftGroup:
             if qlog is None and self.on_unknown is not None:
                 qlog = self.on_unknown(op[1])  # made on another node first (a DLQ): made here too
             if qlog is None:
-                log.warning("raft_op_for_unknown_queue", extra={"group": self.name, "queue": op[1], "op": kind})
+                log.warning(
+                    "raft_op_for_unknown_queue", extra={"group": self.name, "queue": op[1], "op": kind}
+                )
                 continue
             if qlog.leased and qlog.apply_lease(op, True):
                 touched.add(qlog)
@@ -692,5 +805,12 @@ class RaftGroup:
 #: settlement, a lease to a member on another node, a lease given back, a nack from another node
 _DELIVERY_OPS = frozenset("clbn")
 
-_FAIL = {1: "queue full", 2: "no leader", 3: "discarded", 4: "not leader", 5: "leader changed", 6: "denied",
-         7: "unknown outcome"}
+_FAIL = {
+    1: "queue full",
+    2: "no leader",
+    3: "discarded",
+    4: "not leader",
+    5: "leader changed",
+    6: "denied",
+    7: "unknown outcome",
+}

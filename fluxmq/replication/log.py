@@ -23,8 +23,16 @@ from .lease import LeaseTable
 class ReplicatedQueueLog(QueueLog):
     """The log of one replicated queue (see the module docstring)."""
 
-    def __init__(self, name: str, store, group, config, stored=None, stream: bool = False,
-                 distribution: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        store,
+        group,
+        config,
+        stored=None,
+        stream: bool = False,
+        distribution: str | None = None,
+    ) -> None:
         if stored is None:
             super().__init__(name, store)
         else:
@@ -111,8 +119,9 @@ class ReplicatedQueueLog(QueueLog):
             if op[5] > self.clock:
                 self.clock = op[5]
             table = self.leases.get(op[2])
-            offsets, counts = ([], []) if table is None else table.grant(op[3], op[4], self.clock, self.log_next,
-                                                                          op[6])
+            offsets, counts = (
+                ([], []) if table is None else table.grant(op[3], op[4], self.clock, self.log_next, op[6])
+            )
             if live and self.events is not None:
                 self.events.append(("granted", op[2], op[3], offsets, counts))
             return True
@@ -180,9 +189,20 @@ class ReplicatedQueueLog(QueueLog):
         if member is None:
             self.group.stage(("m", self.name, group, g.self_addr, g.incarnation, key, "", 0, False))
             return
-        rest = member.filter[len("$queue/") + len(self.name):]
-        self.group.stage(("m", self.name, group, g.self_addr, g.incarnation, key, rest[1:], member.max_inflight,
-                          member.auto_ack))
+        rest = member.filter[len("$queue/") + len(self.name) :]
+        self.group.stage(
+            (
+                "m",
+                self.name,
+                group,
+                g.self_addr,
+                g.incarnation,
+                key,
+                rest[1:],
+                member.max_inflight,
+                member.auto_ack,
+            )
+        )
 
     def record_deliveries(self, group: str, mark: int | None, counts: dict[int, int | None]) -> None:
         """Delivery counts are part of the replicated progress: a command like a commit, so a
@@ -269,8 +289,16 @@ class ReplicatedQueueLog(QueueLog):
             else:
                 mine[off] = n
 
-    def apply_member(self, group: str, node: str, incarnation: str, key: str, key_filter: str, max_inflight: int,
-                     auto_ack: bool) -> None:
+    def apply_member(
+        self,
+        group: str,
+        node: str,
+        incarnation: str,
+        key: str,
+        key_filter: str,
+        max_inflight: int,
+        auto_ack: bool,
+    ) -> None:
         """A member on ``node`` joined (``max_inflight`` > 0) or left a group (forward mode). A
         node's first registration of a new incarnation (it restarted) drops what the old one
         registered: those consumers' connections ended with it."""

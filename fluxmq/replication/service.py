@@ -56,7 +56,9 @@ def _pick(queue: str, members: tuple[str, ...], n: int) -> tuple[str, ...]:
     return tuple(sorted(ranked[:n]))
 
 
-def plan(raft, queue_configs, origin=lambda key: "") -> tuple[dict[str, GroupPlan], dict[str, GroupPlan | None]]:
+def plan(
+    raft, queue_configs, origin=lambda key: ""
+) -> tuple[dict[str, GroupPlan], dict[str, GroupPlan | None]]:
     """(groups this node is a member of, queue name -> its group plan, None when not held here).
 
     Raises ConfigError naming the key for an impossible request."""
@@ -76,9 +78,13 @@ def plan(raft, queue_configs, origin=lambda key: "") -> tuple[dict[str, GroupPla
     wanted = sorted({c.replication.group for c in replicated} - set(groups))
     for n, name in enumerate(wanted, 1):
         if not raft.auto_provision_groups:
-            raise ConfigError("queues", "a replication.group listed in cluster.raft.groups", origin("queues"),
-                              problem=f"queue replication.group {name!r} is not in cluster.raft.groups and "
-                                      "cluster.raft.auto_provision_groups is false")
+            raise ConfigError(
+                "queues",
+                "a replication.group listed in cluster.raft.groups",
+                origin("queues"),
+                problem=f"queue replication.group {name!r} is not in cluster.raft.groups and "
+                "cluster.raft.auto_provision_groups is false",
+            )
         self_addr, members = groups["default"]
         groups[name] = (_shift(self_addr, n), tuple(_shift(m, n) for m in members))
     shift = len(wanted) + 1
@@ -89,19 +95,30 @@ def plan(raft, queue_configs, origin=lambda key: "") -> tuple[dict[str, GroupPla
         r = c.replication
         self_addr, members = groups[r.group]
         if r.replication_factor > len(members):
-            raise ConfigError(f"queues[{c.name}].replication.replication_factor", "at most the group's members",
-                              origin("queues"), problem=f"replication_factor {r.replication_factor} but group "
-                              f"{r.group!r} has {len(members)} members ({', '.join(members)})")
+            raise ConfigError(
+                f"queues[{c.name}].replication.replication_factor",
+                "at most the group's members",
+                origin("queues"),
+                problem=f"replication_factor {r.replication_factor} but group "
+                f"{r.group!r} has {len(members)} members ({', '.join(members)})",
+            )
         majority = r.replication_factor // 2 + 1
         if r.min_in_sync_replicas > r.replication_factor:
-            raise ConfigError(f"queues[{c.name}].replication.min_in_sync_replicas", "at most replication_factor",
-                              origin("queues"), got=r.min_in_sync_replicas)
+            raise ConfigError(
+                f"queues[{c.name}].replication.min_in_sync_replicas",
+                "at most replication_factor",
+                origin("queues"),
+                got=r.min_in_sync_replicas,
+            )
         if r.min_in_sync_replicas > majority:
-            raise ConfigError(f"queues[{c.name}].replication.min_in_sync_replicas",
-                              f"at most {majority} (the Raft majority of replication_factor {r.replication_factor})",
-                              origin("queues"), problem=f"min_in_sync_replicas {r.min_in_sync_replicas} is above "
-                              f"the Raft majority {majority}: waiting for more than a majority is not implemented "
-                              "yet")
+            raise ConfigError(
+                f"queues[{c.name}].replication.min_in_sync_replicas",
+                f"at most {majority} (the Raft majority of replication_factor {r.replication_factor})",
+                origin("queues"),
+                problem=f"min_in_sync_replicas {r.min_in_sync_replicas} is above "
+                f"the Raft majority {majority}: waiting for more than a majority is not implemented "
+                "yet",
+            )
         if r.replication_factor == len(members):
             key, mine, picked = r.group, self_addr, members
         else:
@@ -125,7 +142,9 @@ def plan(raft, queue_configs, origin=lambda key: "") -> tuple[dict[str, GroupPla
 class RaftService:
     """Builds and drives the node's Raft groups; gives the queue manager its replicated logs."""
 
-    def __init__(self, raft, queue_configs, data_dir: str, store, origin=lambda key: "", mqtt_addr: str = "") -> None:
+    def __init__(
+        self, raft, queue_configs, data_dir: str, store, origin=lambda key: "", mqtt_addr: str = ""
+    ) -> None:
         self.raft = raft
         self.configs = {c.name: c for c in queue_configs}
         self.store = store
@@ -139,12 +158,21 @@ class RaftService:
 
         tls = raft_tls(raft, origin)  # cluster.raft.tls: one set of contexts for every group
         for key, p in self.plans.items():
-            group = self.groups[key] = RaftGroup(key, p.self_addr, list(p.members), data_dir, store,
-                                                 raft.write_policy, on_applied=self._applied,
-                                                 on_delivering=self._took_over,
-                                                 password=getattr(raft, "password", ""), mqtt_addr=mqtt_addr,
-                                                 compaction_entries=raft.compaction_entries, tls=tls,
-                                                 distribution=self.distribution)
+            group = self.groups[key] = RaftGroup(
+                key,
+                p.self_addr,
+                list(p.members),
+                data_dir,
+                store,
+                raft.write_policy,
+                on_applied=self._applied,
+                on_delivering=self._took_over,
+                password=getattr(raft, "password", ""),
+                mqtt_addr=mqtt_addr,
+                compaction_entries=raft.compaction_entries,
+                tls=tls,
+                distribution=self.distribution,
+            )
             group.on_unknown = self._unknown_queue
             group.on_superseded = self._superseded
         self.manager = None
@@ -168,8 +196,9 @@ class RaftService:
         if p is None:
             return _NotHeldLog(name, store, stored)
         group = self.groups[p.key]
-        qlog = ReplicatedQueueLog(name, store, group, config.replication, stored,
-                                  config.type == "stream" and plan_name == name)
+        qlog = ReplicatedQueueLog(
+            name, store, group, config.replication, stored, config.type == "stream" and plan_name == name
+        )
         group.logs[name] = qlog
         return qlog
 
@@ -192,15 +221,18 @@ class RaftService:
     def status(self) -> list[dict]:
         return [g.status() for g in self.groups.values()]
 
-    def change_member(self, group: str, action: str, addr: str, node_id: str = "",
-                      timeout: float = MEMBER_CHANGE_TIMEOUT) -> list[str]:
+    def change_member(
+        self, group: str, action: str, addr: str, node_id: str = "", timeout: float = MEMBER_CHANGE_TIMEOUT
+    ) -> list[str]:
         """Add or remove (``action``) the member at ``addr`` of the Raft group ``group``, on this
         node, its leader; waits (this greenlet) until the change is committed and returns the
         members then. Raises ``MemberChangeRefused`` (with the admin API's status) otherwise.
         (``node_id``: used by ``FormingRaft``, for the record in etcd.)"""
         g = self.groups.get(group)
         if g is None:
-            raise MemberChangeRefused(404, f"no Raft group {group!r} on this node (groups: {', '.join(self.groups)})")
+            raise MemberChangeRefused(
+                404, f"no Raft group {group!r} on this node (groups: {', '.join(self.groups)})"
+            )
         if action not in ("add", "remove"):
             raise MemberChangeRefused(400, f"unknown member change {action!r}")
         try:
@@ -215,15 +247,21 @@ class RaftService:
             try:
                 gevent.socket.create_connection((host, port), timeout=2.0).close()
             except OSError as exc:
-                raise MemberChangeRefused(409, f"nothing answers at {addr} ({exc}): start the new member "
-                                               "first (docs/replication.rst, Changing members)") from None
+                raise MemberChangeRefused(
+                    409,
+                    f"nothing answers at {addr} ({exc}): start the new member "
+                    "first (docs/replication.rst, Changing members)",
+                ) from None
         result = gevent.event.AsyncResult()
         g.change_member(action, addr, result.set)
         try:
             error = result.get(timeout=timeout)
         except gevent.Timeout:
-            raise MemberChangeRefused(504, f"the change was not committed within {timeout:.0f}s (is a majority of "
-                                           f"group {group} up?); it may still be: see GET /cluster/raft") from None
+            raise MemberChangeRefused(
+                504,
+                f"the change was not committed within {timeout:.0f}s (is a majority of "
+                f"group {group} up?); it may still be: see GET /cluster/raft",
+            ) from None
         if error is not None:
             raise MemberChangeRefused(503, f"Raft group {group}: {error}")
         return g.peers
@@ -249,8 +287,9 @@ class RaftService:
             # leader never deletes what it has not settled.
             for gname, (floor, settled) in qlog.progress.items():
                 if gname not in q.groups:
-                    q.groups[gname] = q.group_class(q, gname, floor, set(settled), qlog.marks.get(gname, 0),
-                                                    qlog.counts.get(gname))
+                    q.groups[gname] = q.group_class(
+                        q, gname, floor, set(settled), qlog.marks.get(gname, 0), qlog.counts.get(gname)
+                    )
         if qlog.events:
             events, qlog.events = qlog.events, []
             self._distribute(q, qlog, events)
@@ -414,8 +453,9 @@ class RaftService:
             alive = group.answering(NODE_SILENCE) if qlog.events is not None else None
             for gname, (floor, settled) in qlog.progress.items():
                 old = q.groups.get(gname)
-                fresh = q.group_class(q, gname, floor, set(settled), qlog.marks.get(gname, 0),
-                                      qlog.counts.get(gname))
+                fresh = q.group_class(
+                    q, gname, floor, set(settled), qlog.marks.get(gname, 0), qlog.counts.get(gname)
+                )
                 if isinstance(fresh, ReplicatedGroup):
                     fresh.take_over(old)
                     fresh.sync_remote(qlog.registered.get(gname, {}), alive, group.self_addr, group)

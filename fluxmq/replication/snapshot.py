@@ -56,17 +56,30 @@ class Writing:
         self.records = 0
         queues = {}
         for name, qlog in group.logs.items():
-            queues[name] = {"first": qlog.first, "next": qlog.next, "count": qlog.count, "bytes": qlog.bytes,
-                            "progress": {g: (floor, sorted(settled))
-                                         for g, (floor, settled) in qlog.progress.items()},
-                            # replicated delivery counts and member registrations (distribution_mode forward)
-                            "marks": dict(qlog.marks), "counts": {g: dict(c) for g, c in qlog.counts.items()},
-                            "registered": {g: dict(r) for g, r in qlog.registered.items()},
-                            # delivery leases (distribution_mode replicate)
-                            "leases": {g: t.dump() for g, t in qlog.leases.items()},
-                            "log_next": qlog.log_next, "clock": qlog.clock}
-        header = {"format": FORMAT, "index": raft_data[0][1], "raft": tuple(raft_data), "owner": group.owner,
-                  "epoch": group.epoch, "mqtt_of": dict(group.mqtt_of), "queues": queues}
+            queues[name] = {
+                "first": qlog.first,
+                "next": qlog.next,
+                "count": qlog.count,
+                "bytes": qlog.bytes,
+                "progress": {g: (floor, sorted(settled)) for g, (floor, settled) in qlog.progress.items()},
+                # replicated delivery counts and member registrations (distribution_mode forward)
+                "marks": dict(qlog.marks),
+                "counts": {g: dict(c) for g, c in qlog.counts.items()},
+                "registered": {g: dict(r) for g, r in qlog.registered.items()},
+                # delivery leases (distribution_mode replicate)
+                "leases": {g: t.dump() for g, t in qlog.leases.items()},
+                "log_next": qlog.log_next,
+                "clock": qlog.clock,
+            }
+        header = {
+            "format": FORMAT,
+            "index": raft_data[0][1],
+            "raft": tuple(raft_data),
+            "owner": group.owner,
+            "epoch": group.epoch,
+            "mqtt_of": dict(group.mqtt_of),
+            "queues": queues,
+        }
         self.index = header["index"]
         self._ranges = [(name, qlog.first, qlog.next) for name, qlog in group.logs.items()]
         self._view = group.store.view(list(group.logs))
@@ -102,9 +115,15 @@ class Writing:
         os.replace(self.part, self.path)
         group = self.group
         group.stats["snapshots_written"] += 1
-        log.info("raft_snapshot_written", extra={"group": group.name, "index": self.index,
-                                                 "records": self.records,
-                                                 "took_s": round(time.perf_counter() - self.started, 3)})
+        log.info(
+            "raft_snapshot_written",
+            extra={
+                "group": group.name,
+                "index": self.index,
+                "records": self.records,
+                "took_s": round(time.perf_counter() - self.started, 3),
+            },
+        )
 
     def discard(self) -> None:
         """Give up: the partial file is removed, ``path`` keeps the previous dump."""
@@ -161,14 +180,22 @@ def _install(f, header: dict, group) -> None:
         for gname in list(qlog.progress):
             store.delete_group(name, gname)
         qlog._cache.clear()
-        qlog.first, qlog.next, qlog.count, qlog.bytes = meta["first"], meta["next"], meta["count"], meta["bytes"]
+        qlog.first, qlog.next, qlog.count, qlog.bytes = (
+            meta["first"],
+            meta["next"],
+            meta["count"],
+            meta["bytes"],
+        )
         qlog.progress = {}
         for gname, (floor, settled) in meta["progress"].items():
             qlog.progress[gname] = [floor, set(settled)]
             store.put_group(name, gname, floor)
             for off in settled:
                 store.settle(name, gname, off, True)
-        qlog.marks, qlog.counts = dict(meta.get("marks", {})), {g: dict(c) for g, c in meta.get("counts", {}).items()}
+        qlog.marks, qlog.counts = (
+            dict(meta.get("marks", {})),
+            {g: dict(c) for g, c in meta.get("counts", {}).items()},
+        )
         for gname, mark in qlog.marks.items():
             store.put_mark(name, gname, mark)
         for gname, counts in qlog.counts.items():
@@ -196,8 +223,15 @@ def _install(f, header: dict, group) -> None:
         # it applies one (RaftGroup.epoch)
         group.on_superseded(group)
     group.stats["snapshots_installed"] += 1
-    log.info("raft_snapshot_installed", extra={"group": group.name, "index": group.applied, "records": records,
-                                               "took_s": round(time.perf_counter() - started, 3)})
+    log.info(
+        "raft_snapshot_installed",
+        extra={
+            "group": group.name,
+            "index": group.applied,
+            "records": records,
+            "took_s": round(time.perf_counter() - started, 3),
+        },
+    )
     if group.on_applied is not None:
         for qlog in logs.values():
             group.on_applied(qlog)

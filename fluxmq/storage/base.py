@@ -133,8 +133,9 @@ class Storage:
 
     # -- sessions ----------------------------------------------------------------------------------
 
-    def put_session(self, client_id: str, expiry_interval: int, disconnected_at: float,
-                    username: str | None) -> None:
+    def put_session(
+        self, client_id: str, expiry_interval: int, disconnected_at: float, username: str | None
+    ) -> None:
         """Create or update a persistent session's record (``disconnected_at`` 0 while online)."""
 
     def delete_session(self, client_id: str, queue_next: int = 0) -> None:
@@ -149,8 +150,16 @@ class Storage:
         """The first seq a new queue of ``client_id`` may use."""
         return 0
 
-    def put_subscription(self, client_id: str, filter: str, qos: int, no_local: bool,
-                         retain_as_published: bool, retain_handling: int, subscription_id: int) -> None:
+    def put_subscription(
+        self,
+        client_id: str,
+        filter: str,
+        qos: int,
+        no_local: bool,
+        retain_as_published: bool,
+        retain_handling: int,
+        subscription_id: int,
+    ) -> None:
         """Create or replace a subscription with all its options."""
 
     def delete_subscription(self, client_id: str, filter: str) -> None:
@@ -158,8 +167,9 @@ class Storage:
 
     # -- QoS 1/2 state -----------------------------------------------------------------------------
 
-    def put_inflight(self, client_id: str, packet_id: int, message: Any, qos: int, retain: bool,
-                     subscription_ids) -> None:
+    def put_inflight(
+        self, client_id: str, packet_id: int, message: Any, qos: int, retain: bool, subscription_ids
+    ) -> None:
         """An outbound QoS 1/2 PUBLISH awaiting its acknowledgement."""
 
     def put_sent(self, client_id: str, packet_id: int, seq: int) -> None:

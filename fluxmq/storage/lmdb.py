@@ -73,8 +73,19 @@ MAGIC = b"fluxmq-storage"
 #: acknowledged ones in its ``done`` record instead of deleting each; schema 3 records read as they are.
 SCHEMA_VERSION = 4
 
-DB_NAMES = (b"meta", b"sessions", b"subscriptions", b"inflight", b"inbound_qos2", b"queue", b"retained", b"wills",
-            b"queues", b"sent", b"done")
+DB_NAMES = (
+    b"meta",
+    b"sessions",
+    b"subscriptions",
+    b"inflight",
+    b"inbound_qos2",
+    b"queue",
+    b"retained",
+    b"wills",
+    b"queues",
+    b"sent",
+    b"done",
+)
 META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS, QUEUES, SENT, DONE = range(len(DB_NAMES))
 # Sub-databases added by each schema version (an older store gets them at open: _migrate).
 # 3 also: new keys in ``queues``; 4 also: segments in ``queue``; nothing to convert for either.
@@ -135,7 +146,17 @@ class _Batch:
     """Operations buffered since the last commit: per sub-database ``key -> value`` (None = delete),
     plus prefix deletes applied before them."""
 
-    __slots__ = ("ops", "prefix_deletes", "gc", "gc_done", "callbacks", "stakes", "sent_dirty", "trims", "logs")
+    __slots__ = (
+        "ops",
+        "prefix_deletes",
+        "gc",
+        "gc_done",
+        "callbacks",
+        "stakes",
+        "sent_dirty",
+        "trims",
+        "logs",
+    )
 
     def __init__(self) -> None:
         self.ops: list[dict[bytes, bytes | None]] = [{} for _ in DB_NAMES]
@@ -225,8 +246,21 @@ class _Sent:
     record per client per commit, schema 4) and the seqs that are done (acknowledged or popped:
     every seq below ``floor`` and in ``ranges``; the ``done`` record, schema 4)."""
 
-    __slots__ = ("client_id", "prefix", "slots", "dirty", "disk", "staged", "staged_first", "closed",
-                 "unwritten", "floor", "ranges", "end", "done_dirty")
+    __slots__ = (
+        "client_id",
+        "prefix",
+        "slots",
+        "dirty",
+        "disk",
+        "staged",
+        "staged_first",
+        "closed",
+        "unwritten",
+        "floor",
+        "ranges",
+        "end",
+        "done_dirty",
+    )
 
     def __init__(self, client_id: str, prefix: bytes) -> None:
         self.client_id = client_id
@@ -312,7 +346,6 @@ class _Sent:
         i = bisect.bisect_right(ranges, (seq, _BIG))
         return bool(i) and ranges[i - 1][1] > seq
 
-
     def unwritten_entry(self, seq: int):
         """The entry of ``seq`` if it is staged or in a batch not yet committed, else None."""
         staged = self.staged
@@ -374,8 +407,14 @@ class LMDBStorage(Storage):
 
     durable = True
 
-    def __init__(self, path: str | os.PathLike, map_size: int = 1 << 30, sync: str = "batch",
-                 sync_interval: float = 1.0, verify: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        map_size: int = 1 << 30,
+        sync: str = "batch",
+        sync_interval: float = 1.0,
+        verify: bool = True,
+    ) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"storage sync mode {sync!r}")
         self.path = Path(path)
@@ -431,20 +470,33 @@ class LMDBStorage(Storage):
         self._lock_exclusively()
         data = path / "data.mdb"
         if data.exists() and data.stat().st_size == 0:
-            raise StorageError(f"{self._where()}: data.mdb is empty (damaged); refusing to use it, "
-                               "move it away to start with an empty store")
+            raise StorageError(
+                f"{self._where()}: data.mdb is empty (damaged); refusing to use it, "
+                "move it away to start with an empty store"
+            )
         if self.verify and data.exists():
             self._verify_in_child()
         durable = self.sync_mode == "always"
         try:
-            return lmdb.open(str(path), map_size=self.map_size + self.headroom, max_dbs=len(DB_NAMES) + 2,
-                             subdir=True, sync=durable, metasync=durable, readahead=False,
-                             meminit=False, max_spare_txns=2)
+            return lmdb.open(
+                str(path),
+                map_size=self.map_size + self.headroom,
+                max_dbs=len(DB_NAMES) + 2,
+                subdir=True,
+                sync=durable,
+                metasync=durable,
+                readahead=False,
+                meminit=False,
+                max_spare_txns=2,
+            )
         except lmdb.InvalidError:
-            raise StorageError(f"{self._where()}: data.mdb is not an LMDB file (damaged or foreign); "
-                               "refusing to use it") from None
+            raise StorageError(
+                f"{self._where()}: data.mdb is not an LMDB file (damaged or foreign); refusing to use it"
+            ) from None
         except lmdb.VersionMismatchError:
-            raise StorageError(f"{self._where()}: data.mdb was written by an incompatible LMDB version") from None
+            raise StorageError(
+                f"{self._where()}: data.mdb was written by an incompatible LMDB version"
+            ) from None
         except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError):
             raise StorageError(f"{self._where()}: data.mdb is damaged; refusing to use it") from None
         except lmdb.Error as exc:
@@ -452,14 +504,22 @@ class LMDBStorage(Storage):
 
     def _verify_in_child(self) -> None:
         try:
-            done = subprocess.run([sys.executable, "-c", _VERIFY, str(self.path)], capture_output=True,
-                                  text=True, timeout=VERIFY_TIMEOUT, stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                [sys.executable, "-c", _VERIFY, str(self.path)],
+                capture_output=True,
+                text=True,
+                timeout=VERIFY_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
-            raise StorageError(f"{self._where()}: reading the store took over {VERIFY_TIMEOUT:.0f}s; "
-                               "refusing to use it") from None
+            raise StorageError(
+                f"{self._where()}: reading the store took over {VERIFY_TIMEOUT:.0f}s; refusing to use it"
+            ) from None
         if done.returncode < 0:
-            raise StorageError(f"{self._where()}: data.mdb is damaged (LMDB crashed reading it, signal "
-                               f"{-done.returncode}); refusing to use it")
+            raise StorageError(
+                f"{self._where()}: data.mdb is damaged (LMDB crashed reading it, signal "
+                f"{-done.returncode}); refusing to use it"
+            )
         # A clean error (not an LMDB file, damaged page): the open and load below report it precisely.
 
     def _lock_exclusively(self) -> None:
@@ -473,7 +533,9 @@ class LMDBStorage(Storage):
             lock.seek(0)
             holder = lock.read().strip() or "?"
             lock.close()
-            raise StorageError(f"{self._where()} is in use by another fluxmq process (pid {holder})") from None
+            raise StorageError(
+                f"{self._where()} is in use by another fluxmq process (pid {holder})"
+            ) from None
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
@@ -492,27 +554,37 @@ class LMDBStorage(Storage):
                 names = [bytes(k) for k, _ in txn.cursor()]
                 if b"meta" not in names:
                     if names:
-                        raise StorageError(f"{self._where()}: holds an LMDB environment that is not a fluxmq "
-                                           f"store (no meta record; found {len(names)} other keys); "
-                                           "refusing to use it")
+                        raise StorageError(
+                            f"{self._where()}: holds an LMDB environment that is not a fluxmq "
+                            f"store (no meta record; found {len(names)} other keys); "
+                            "refusing to use it"
+                        )
                     dbs = [env.open_db(name, txn=txn) for name in DB_NAMES]
                     txn.put(b"magic", MAGIC, db=dbs[META])
                     txn.put(b"schema_version", _U32.pack(SCHEMA_VERSION), db=dbs[META])
                     txn.put(b"created", _F64.pack(time.time()), db=dbs[META])
-                    log.info("storage_created", extra={"path": str(self.path), "schema_version": SCHEMA_VERSION})
+                    log.info(
+                        "storage_created", extra={"path": str(self.path), "schema_version": SCHEMA_VERSION}
+                    )
                     return dbs
                 meta = env.open_db(b"meta", txn=txn, create=False)
                 magic = txn.get(b"magic", db=meta)
                 if magic != MAGIC:
-                    raise StorageError(f"{self._where()}: the LMDB environment is not a fluxmq store "
-                                       f"(magic {magic!r}); refusing to use it")
+                    raise StorageError(
+                        f"{self._where()}: the LMDB environment is not a fluxmq store "
+                        f"(magic {magic!r}); refusing to use it"
+                    )
                 raw = txn.get(b"schema_version", db=meta)
                 version = _U32.unpack(raw)[0] if raw and len(raw) == 4 else None
                 if version is None:
-                    raise StorageError(f"{self._where()}: the store has no valid schema_version; refusing to use it")
+                    raise StorageError(
+                        f"{self._where()}: the store has no valid schema_version; refusing to use it"
+                    )
                 if version > SCHEMA_VERSION:
-                    raise StorageError(f"{self._where()}: written by a newer fluxmq (schema version {version}, "
-                                       f"this build reads up to {SCHEMA_VERSION}); refusing to use it")
+                    raise StorageError(
+                        f"{self._where()}: written by a newer fluxmq (schema version {version}, "
+                        f"this build reads up to {SCHEMA_VERSION}); refusing to use it"
+                    )
                 if version < SCHEMA_VERSION:
                     self._migrate(txn, meta, version, names)
                 return [env.open_db(name, txn=txn) for name in DB_NAMES]
@@ -520,8 +592,14 @@ class LMDBStorage(Storage):
             env.close()
             self._unlock()
             raise
-        except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
-                lmdb.BadValsizeError, lmdb.IncompatibleError):
+        except (
+            lmdb.CorruptedError,
+            lmdb.PageNotFoundError,
+            lmdb.PanicError,
+            lmdb.InvalidError,
+            lmdb.BadValsizeError,
+            lmdb.IncompatibleError,
+        ):
             env.close()
             self._unlock()
             raise StorageError(f"{self._where()}: data.mdb is damaged; refusing to use it") from None
@@ -539,8 +617,10 @@ class LMDBStorage(Storage):
                 if name not in names:
                     self.env.open_db(name, txn=txn)
         txn.put(b"schema_version", _U32.pack(SCHEMA_VERSION), db=meta)
-        log.warning("storage_upgraded", extra={"path": str(self.path), "from_version": version,
-                                               "to_version": SCHEMA_VERSION})
+        log.warning(
+            "storage_upgraded",
+            extra={"path": str(self.path), "from_version": version, "to_version": SCHEMA_VERSION},
+        )
 
     # -- usage and the refusal flag ----------------------------------------------------------------
 
@@ -564,15 +644,24 @@ class LMDBStorage(Storage):
             # new stored messages until usage drops (deletes free pages), and say what to raise.
             self._grow_map(used + self.headroom)
             raise_to = -(-used * 3 // 2 // MiB) * MiB
-            log.error("storage_over_map_size", extra={
-                "path": str(self.path), "used": _fmt_size(used), "map_size": _fmt_size(self.map_size),
-                "key": "storage.map_size", "raise_to": raise_to,
-                "effect": f"new stored messages are refused; raise storage.map_size to {_fmt_size(raise_to)} "
-                          "or more, or delete stored data"})
+            log.error(
+                "storage_over_map_size",
+                extra={
+                    "path": str(self.path),
+                    "used": _fmt_size(used),
+                    "map_size": _fmt_size(self.map_size),
+                    "key": "storage.map_size",
+                    "raise_to": raise_to,
+                    "effect": f"new stored messages are refused; raise storage.map_size to {_fmt_size(raise_to)} "
+                    "or more, or delete stored data",
+                },
+            )
             self._set_refusing(True, f"the stored data ({_fmt_size(used)}) is over storage.map_size")
             return
         if used >= self.map_size:
-            self._set_refusing(True, f"storage.map_size {_fmt_size(self.map_size)} reached ({_fmt_size(used)} used)")
+            self._set_refusing(
+                True, f"storage.map_size {_fmt_size(self.map_size)} reached ({_fmt_size(used)} used)"
+            )
         elif self.refusing and used < self.map_size * 0.9 and self.failed is None and not self._failures:
             self._set_refusing(False, "")
 
@@ -586,8 +675,15 @@ class LMDBStorage(Storage):
         except lmdb.Error as exc:
             log.error("storage_map_grow_failed", extra={"path": str(self.path), "error": str(exc)})
             return False
-        log.warning("storage_map_grown", extra={"path": str(self.path), "from": _fmt_size(current),
-                                                "to": _fmt_size(size), "map_size": _fmt_size(self.map_size)})
+        log.warning(
+            "storage_map_grown",
+            extra={
+                "path": str(self.path),
+                "from": _fmt_size(current),
+                "to": _fmt_size(size),
+                "map_size": _fmt_size(self.map_size),
+            },
+        )
         return True
 
     def _grow_for(self, batch: _Batch) -> bool:
@@ -609,8 +705,14 @@ class LMDBStorage(Storage):
             return
         self.refusing = on
         if on:
-            log.error("storage_full", extra={"path": str(self.path), "reason": why,
-                                             "effect": "new stored messages are refused (0x97)"})
+            log.error(
+                "storage_full",
+                extra={
+                    "path": str(self.path),
+                    "reason": why,
+                    "effect": "new stored messages are refused (0x97)",
+                },
+            )
         else:
             log.warning("storage_space_available", extra={"path": str(self.path)})
 
@@ -640,8 +742,9 @@ class LMDBStorage(Storage):
             if cb is not None:
                 cb()
 
-    def put_session(self, client_id: str, expiry_interval: int, disconnected_at: float,
-                    username: str | None) -> None:
+    def put_session(
+        self, client_id: str, expiry_interval: int, disconnected_at: float, username: str | None
+    ) -> None:
         self._put(SESSIONS, client_id.encode(), r.encode_session(expiry_interval, disconnected_at, username))
 
     def delete_session(self, client_id: str, queue_next: int = 0) -> None:
@@ -683,18 +786,33 @@ class LMDBStorage(Storage):
         """The first seq a new queue of ``client_id`` may use (above any garbage still on disk)."""
         return self._gc.get(client_id, 0)
 
-    def put_subscription(self, client_id: str, filter: str, qos: int, no_local: bool,
-                         retain_as_published: bool, retain_handling: int, subscription_id: int) -> None:
-        self._put(SUBS, r.client_prefix(client_id) + filter.encode(),
-                  r.encode_subscription(qos, no_local, retain_as_published, retain_handling, subscription_id))
+    def put_subscription(
+        self,
+        client_id: str,
+        filter: str,
+        qos: int,
+        no_local: bool,
+        retain_as_published: bool,
+        retain_handling: int,
+        subscription_id: int,
+    ) -> None:
+        self._put(
+            SUBS,
+            r.client_prefix(client_id) + filter.encode(),
+            r.encode_subscription(qos, no_local, retain_as_published, retain_handling, subscription_id),
+        )
 
     def delete_subscription(self, client_id: str, filter: str) -> None:
         self._put(SUBS, r.client_prefix(client_id) + filter.encode(), None)
 
-    def put_inflight(self, client_id: str, packet_id: int, message, qos: int, retain: bool,
-                     subscription_ids) -> None:
-        self._put(INFLIGHT, r.pid_key(r.client_prefix(client_id), packet_id),
-                  r.encode_entry(message, qos, retain, subscription_ids))
+    def put_inflight(
+        self, client_id: str, packet_id: int, message, qos: int, retain: bool, subscription_ids
+    ) -> None:
+        self._put(
+            INFLIGHT,
+            r.pid_key(r.client_prefix(client_id), packet_id),
+            r.encode_entry(message, qos, retain, subscription_ids),
+        )
 
     # The next methods run once or twice per message of a persistent session: they inline _put.
 
@@ -940,7 +1058,7 @@ class LMDBStorage(Storage):
                     if first < floor:  # acknowledged before its first commit: never written
                         if first + len(entries) <= floor:
                             continue
-                        entries = entries[floor - first:]
+                        entries = entries[floor - first :]
                         first = floor
                     if len(entries) == 1:
                         queue_ops[state.prefix + _SEQ.pack(first)] = entries[0]
@@ -969,8 +1087,13 @@ class LMDBStorage(Storage):
                     ops[key] = None
                     disk.discard(bucket)
             state.dirty.clear()
-            if (not buckets and not disk and not state.unwritten and not state.ranges
-                    and state.floor >= state.end):
+            if (
+                not buckets
+                and not disk
+                and not state.unwritten
+                and not state.ranges
+                and state.floor >= state.end
+            ):
                 del self._sent[state.client_id]  # nothing live: the next entry starts a new state
         batch.sent_dirty = set()
 
@@ -983,9 +1106,10 @@ class LMDBStorage(Storage):
         n = len(entries)
         per = max(1, SEGMENT_BYTES * n // max(1, sum(lens)))
         for i in range(0, n, per):
-            part = entries[i:i + per]
-            queue_ops[prefix + _SEQ.pack(first + i)] = (part[0] if len(part) == 1
-                                                        else r.segment(lens[i:i + per], part))
+            part = entries[i : i + per]
+            queue_ops[prefix + _SEQ.pack(first + i)] = (
+                part[0] if len(part) == 1 else r.segment(lens[i : i + per], part)
+            )
 
     def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
         """Write a batch from ``take_batch`` and finish it (hub). ``run(fn, args)`` runs the write
@@ -1123,7 +1247,9 @@ class LMDBStorage(Storage):
         batch.callbacks = []
         if ok:
             if self._failures:
-                log.warning("storage_commit_recovered", extra={"path": str(self.path), "failures": self._failures})
+                log.warning(
+                    "storage_commit_recovered", extra={"path": str(self.path), "failures": self._failures}
+                )
                 self._failures = 0
                 self.last_error = None
             if batch.gc is not None:
@@ -1164,9 +1290,16 @@ class LMDBStorage(Storage):
         self._failures += 1
         delay = min(RETRY_MAX, RETRY_FIRST * (1 << min(self._failures - 1, 16)))
         self._retry_at = time.monotonic() + delay
-        log.error("storage_commit_failed", extra={"path": str(self.path), "error": str(exc),
-                                                  "failures": self._failures, "retry_in": delay,
-                                                  "pending": len(self._batch)})
+        log.error(
+            "storage_commit_failed",
+            extra={
+                "path": str(self.path),
+                "error": str(exc),
+                "failures": self._failures,
+                "retry_in": delay,
+                "pending": len(self._batch),
+            },
+        )
         self._set_refusing(True, str(exc))
 
     def retry_due(self) -> bool:
@@ -1222,7 +1355,7 @@ class LMDBStorage(Storage):
                     for key, value in cur:
                         if not key.startswith(_GC_PREFIX):
                             break
-                        self._gc[bytes(key[len(_GC_PREFIX):]).decode()] = _SEQ.unpack(value)[0]
+                        self._gc[bytes(key[len(_GC_PREFIX) :]).decode()] = _SEQ.unpack(value)[0]
                 for key, value in txn.cursor(dbs[SESSIONS]):
                     try:
                         expiry, disconnected_at, username = r.decode_session(value)
@@ -1231,8 +1364,12 @@ class LMDBStorage(Storage):
                         continue
                     cid = key.decode()
                     sessions[cid] = StoredSession(cid, expiry, disconnected_at, username)
-                for db, apply in ((SUBS, _load_sub), (INFLIGHT, _load_inflight), (INBOUND, _load_inbound),
-                                  (WILLS, None)):
+                for db, apply in (
+                    (SUBS, _load_sub),
+                    (INFLIGHT, _load_inflight),
+                    (INBOUND, _load_inbound),
+                    (WILLS, None),
+                ):
                     for key, value in txn.cursor(dbs[db]):
                         try:
                             if db == WILLS:
@@ -1259,12 +1396,20 @@ class LMDBStorage(Storage):
                     except (r.RecordError, ValueError, struct.error, UnicodeDecodeError):
                         bad += 1
         except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadValsizeError):
-            raise StorageError(f"{self._where()}: data.mdb is damaged (reading it failed); refusing to use it") from None
+            raise StorageError(
+                f"{self._where()}: data.mdb is damaged (reading it failed); refusing to use it"
+            ) from None
         if bad:
             log.error("storage_bad_records", extra={"path": str(self.path), "skipped": bad})
-        log.info("storage_loaded", extra={"sessions": len(sessions), "retained": len(state.retained),
-                                          "queued": sum(s.queue.count for s in sessions.values()),
-                                          "used": _fmt_size(self.used_bytes())})
+        log.info(
+            "storage_loaded",
+            extra={
+                "sessions": len(sessions),
+                "retained": len(state.retained),
+                "queued": sum(s.queue.count for s in sessions.values()),
+                "used": _fmt_size(self.used_bytes()),
+            },
+        )
         return state
 
     def _load_done(self, txn) -> dict[str, tuple[int, list]]:
@@ -1278,8 +1423,9 @@ class LMDBStorage(Storage):
                 log.error("storage_bad_records", extra={"path": str(self.path), "db": "done", "skipped": 1})
         return done
 
-    def _load_sent(self, txn, sessions: dict[str, StoredSession],
-                   done: dict[str, tuple[int, list]]) -> dict[str, set[int]]:
+    def _load_sent(
+        self, txn, sessions: dict[str, StoredSession], done: dict[str, tuple[int, list]]
+    ) -> dict[str, set[int]]:
         """Packet ids in flight as queue entries: into each session's ``inflight``, and into
         ``_sent``; returns the seqs they hold per client (they are not queued)."""
         seqs: dict[str, set[int]] = {}
@@ -1331,8 +1477,13 @@ class LMDBStorage(Storage):
                 self._batch.sent_dirty.add(state)
         return seqs
 
-    def _load_queues(self, txn, sessions: dict[str, StoredSession], sent_seqs: dict[str, set[int]],
-                     done: dict[str, tuple[int, list]]) -> None:
+    def _load_queues(
+        self,
+        txn,
+        sessions: dict[str, StoredSession],
+        sent_seqs: dict[str, set[int]],
+        done: dict[str, tuple[int, list]],
+    ) -> None:
         """Index the queues (count, bytes, QoS 0 seqs) from the ``queue`` records, leaving out the
         done seqs, garbage and entries in flight; each client's done marks are rebuilt from what is
         live (every seq between two live ones is done), which also upgrades a schema 3 store."""
@@ -1385,7 +1536,7 @@ class LMDBStorage(Storage):
                     q.first = q.next = floor
             if q is None:
                 continue
-            start = r.key_seq(key[len(prefix):])
+            start = r.key_seq(key[len(prefix) :])
             try:
                 entries = r.record_entries(value)
             except r.RecordError:
@@ -1488,7 +1639,7 @@ def _record_at(cur, prefix: bytes, seq: int) -> tuple[int, list]:
         value = cur.value()
     else:
         return -1, []
-    start = r.key_seq(cur.key()[len(prefix):])
+    start = r.key_seq(cur.key()[len(prefix) :])
     try:
         entries = r.record_entries(value)
     except r.RecordError:

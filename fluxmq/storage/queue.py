@@ -42,11 +42,27 @@ class _MemUse:
 class DiskQueue:
     """The on-disk queue of one client id (see the module docstring)."""
 
-    __slots__ = ("_store", "_cid", "_factory", "first", "next", "count", "bytes", "qos0", "_ahead",
-                 "_head", "_skip", "_mem", "_mem_from", "_mem_bytes", "_caching")
+    __slots__ = (
+        "_store",
+        "_cid",
+        "_factory",
+        "first",
+        "next",
+        "count",
+        "bytes",
+        "qos0",
+        "_ahead",
+        "_head",
+        "_skip",
+        "_mem",
+        "_mem_from",
+        "_mem_bytes",
+        "_caching",
+    )
 
-    def __init__(self, store: Storage, client_id: str, message_factory: Callable,
-                 index: StoredQueue | None = None) -> None:
+    def __init__(
+        self, store: Storage, client_id: str, message_factory: Callable, index: StoredQueue | None = None
+    ) -> None:
         self._store = store
         self._cid = client_id
         self._factory = message_factory

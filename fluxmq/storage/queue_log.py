@@ -55,15 +55,39 @@ def encode_record(timestamp: float, message) -> bytes:
     origin = message.origin.encode() if message.origin else b""
     payload = message.payload
     flags = message.qos | (4 if message.retain else 0) | (16 if origin else 0)
-    return b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, flags, 0.0, len(topic), len(origin), 0,
-                                  len(payload)), topic, origin, payload))
+    return b"".join(
+        (
+            _TS_MSG.pack(
+                RECORD_FORMAT, timestamp, r.FORMAT, flags, 0.0, len(topic), len(origin), 0, len(payload)
+            ),
+            topic,
+            origin,
+            payload,
+        )
+    )
 
 
 def encode_plain_record(timestamp: float, topic: bytes, origin: bytes, payload: bytes) -> bytes:
     """``encode_record`` of a QoS 1, non-retained message without properties or expiry, from its
     encoded topic and origin (b"": none): the relayed append's, without a Message to look at."""
-    return b"".join((_TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin),
-                                  0, len(payload)), topic, origin, payload))
+    return b"".join(
+        (
+            _TS_MSG.pack(
+                RECORD_FORMAT,
+                timestamp,
+                r.FORMAT,
+                17 if origin else 1,
+                0.0,
+                len(topic),
+                len(origin),
+                0,
+                len(payload),
+            ),
+            topic,
+            origin,
+            payload,
+        )
+    )
 
 
 def decode_record(buf) -> tuple[float, tuple]:
@@ -71,7 +95,7 @@ def decode_record(buf) -> tuple[float, tuple]:
     if len(buf) < _TS.size or buf[0] != RECORD_FORMAT:
         raise r.RecordError("queue record is truncated or has an unknown format version")
     _, ts = _TS.unpack_from(buf, 0)
-    return ts, r.decode_message(bytes(buf[_TS.size:]))
+    return ts, r.decode_message(bytes(buf[_TS.size :]))
 
 
 _LOG_PREFIXES: dict[str, bytes] = {}
@@ -147,8 +171,9 @@ class QueueLogStore:
     def append(self, queue: str, offset: int, record: bytes) -> None:
         raise NotImplementedError
 
-    def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
-                     payloads: list[bytes]) -> list[int]:
+    def append_plain(
+        self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes, payloads: list[bytes]
+    ) -> list[int]:
         """``append`` of ``encode_plain_record(timestamp, topic, origin, payload)`` for each payload,
         at ``offset`` and on; returns their sizes."""
         sizes = []
@@ -317,11 +342,14 @@ class LMDBQueueLog(QueueLogStore):
         else:
             storage._put(self.db, prefix + _OFF.pack(offset), record)
 
-    def append_plain(self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes,
-                     payloads: list[bytes]) -> list[int]:
+    def append_plain(
+        self, queue: str, offset: int, timestamp: float, topic: bytes, origin: bytes, payloads: list[bytes]
+    ) -> list[int]:
         # encode_plain_record per payload and log_key per offset (built in C, _core.queue_wire),
         # one batch update for the run
-        head = _TS_MSG.pack(RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin), 0, 0)
+        head = _TS_MSG.pack(
+            RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin), 0, 0
+        )
         records = plain_records(head[:-4], topic + origin, payloads)  # the payload length: per record
         keys = offset_keys(_LOG_PREFIXES.get(queue) or log_prefix(queue), offset, len(records))
         storage = self.storage
@@ -363,8 +391,11 @@ class LMDBQueueLog(QueueLogStore):
         self.storage._put(self.db, mark_key(queue, group), _U64.pack(mark))
 
     def put_count(self, queue: str, group: str, offset: int, count: int | None) -> None:
-        self.storage._put(self.db, count_prefix(queue, group) + _OFF.pack(offset),
-                          None if count is None else _U32.pack(min(count, 0xFFFFFFFF)))
+        self.storage._put(
+            self.db,
+            count_prefix(queue, group) + _OFF.pack(offset),
+            None if count is None else _U32.pack(min(count, 0xFFFFFFFF)),
+        )
 
     def put_member(self, client_id: str, filter: str, group: str, auto_ack: bool) -> None:
         value = bytes((MEMBER_FORMAT, _AUTO_ACK if auto_ack else 0)) + group.encode()
@@ -390,8 +421,11 @@ class LMDBQueueLog(QueueLogStore):
                 cid, _, filter = bytes(key[1:]).partition(b"\x00")
                 if len(value) < 2 or value[0] != MEMBER_FORMAT:
                     continue
-                out.append(StoredMember(cid.decode(), filter.decode(), bytes(value[2:]).decode(),
-                                        bool(value[1] & _AUTO_ACK)))
+                out.append(
+                    StoredMember(
+                        cid.decode(), filter.decode(), bytes(value[2:]).decode(), bool(value[1] & _AUTO_ACK)
+                    )
+                )
         return out
 
     def truncate(self, queue: str, offsets) -> None:

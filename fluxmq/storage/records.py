@@ -36,8 +36,13 @@ _MSG = struct.Struct("<BBdHHII")
 _ENTRY = struct.Struct("<BBBH")  # version, delivery qos, flags (retain, released), n subscription ids
 # _ENTRY then _MSG for a message without properties or expiry: the constant part up to the topic
 # length, by delivery QoS, delivery retain and message flags; then the lengths
-_PLAIN_HEADS = tuple(tuple(tuple(_ENTRY.pack(FORMAT, q, r, 0) + struct.pack("<BBd", FORMAT, f, 0.0) for f in range(32))
-                           for r in range(2)) for q in range(3))
+_PLAIN_HEADS = tuple(
+    tuple(
+        tuple(_ENTRY.pack(FORMAT, q, r, 0) + struct.pack("<BBd", FORMAT, f, 0.0) for f in range(32))
+        for r in range(2)
+    )
+    for q in range(3)
+)
 _PLAIN_LENS = struct.Struct("<HH4xI")  # topic, origin, properties (0) and payload lengths
 _SESSION = struct.Struct("<BIdBH")  # version, expiry, disconnected_at (wall), flags, username length
 _SUB = struct.Struct("<BBBBBI")  # version, qos, no_local, retain_as_published, retain_handling, sub id
@@ -68,6 +73,7 @@ def _check_version(buf, what: str) -> None:
 
 
 # -- keys ------------------------------------------------------------------------------------------
+
 
 def client_prefix(client_id: str) -> bytes:
     """Key prefix of everything one client owns (client ids and filters never contain U+0000)."""
@@ -101,6 +107,7 @@ def key_pid(suffix: bytes) -> int:
 
 
 # -- properties ------------------------------------------------------------------------------------
+
 
 def _encode_properties(props: dict) -> bytes:
     out = bytearray()
@@ -139,7 +146,7 @@ def _decode_properties(buf) -> dict:
             i += 4
         elif kind in (_K_STR, _K_BYTES):
             n = u32(buf, i)[0]
-            data = bytes(buf[i + 4:i + 4 + n])
+            data = bytes(buf[i + 4 : i + 4 + n])
             props[pid] = data.decode() if kind == _K_STR else data
             i += 4 + n
         elif kind == _K_INTS:
@@ -152,10 +159,10 @@ def _decode_properties(buf) -> dict:
             pairs = []
             for _ in range(n):
                 kn = u32(buf, i)[0]
-                k = bytes(buf[i + 4:i + 4 + kn]).decode()
+                k = bytes(buf[i + 4 : i + 4 + kn]).decode()
                 i += 4 + kn
                 vn = u32(buf, i)[0]
-                v = bytes(buf[i + 4:i + 4 + vn]).decode()
+                v = bytes(buf[i + 4 : i + 4 + vn]).decode()
                 i += 4 + vn
                 pairs.append((k, v))
             props[pid] = pairs
@@ -167,6 +174,7 @@ def _decode_properties(buf) -> dict:
 
 
 # -- messages --------------------------------------------------------------------------------------
+
 
 def encode_message(message) -> bytes:
     """The blob of a message-like object (``topic payload qos retain properties expires_at origin``).
@@ -188,8 +196,15 @@ def encode_message(message) -> bytes:
     if message.expires_at is not None:
         flags |= 8
         expires = time.time() + (message.expires_at - time.monotonic())
-    blob = b"".join((_MSG.pack(FORMAT, flags, expires, len(topic), len(origin), len(props), len(payload)),
-                     topic, origin, props, payload))
+    blob = b"".join(
+        (
+            _MSG.pack(FORMAT, flags, expires, len(topic), len(origin), len(props), len(payload)),
+            topic,
+            origin,
+            props,
+            payload,
+        )
+    )
     if cache is None:
         message.wire_cache = {CACHE_KEY: blob}
     else:
@@ -206,18 +221,19 @@ def decode_message(buf, offset: int = 0) -> tuple:
     i = offset + _MSG.size
     if i + tlen + olen + plen + paylen != len(buf):
         raise RecordError("message record length does not match its header")
-    topic = bytes(buf[i:i + tlen]).decode()
+    topic = bytes(buf[i : i + tlen]).decode()
     i += tlen
-    origin = bytes(buf[i:i + olen]).decode() if flags & 16 else None
+    origin = bytes(buf[i : i + olen]).decode() if flags & 16 else None
     i += olen
-    props = _decode_properties(buf[i:i + plen]) if plen else None
+    props = _decode_properties(buf[i : i + plen]) if plen else None
     i += plen
-    payload = bytes(buf[i:i + paylen])
+    payload = bytes(buf[i : i + paylen])
     expires_at = time.monotonic() + (expires - time.time()) if flags & 8 else None
     return topic, payload, flags & 3, bool(flags & 4), props, expires_at, origin
 
 
 # -- queue and inflight entries --------------------------------------------------------------------
+
 
 def encode_entry(message, qos: int, retain: bool, subscription_ids, released: bool = False) -> bytes:
     """A delivery of a message to one session: its QoS, retain flag and subscription ids.
@@ -248,8 +264,15 @@ def encode_entry(message, qos: int, retain: bool, subscription_ids, released: bo
                 flags |= 16
             else:
                 origin = b""
-            entry = b"".join((_PLAIN_HEADS[qos][1 if retain else 0][flags],
-                              _PLAIN_LENS.pack(len(topic), len(origin), len(payload)), topic, origin, payload))
+            entry = b"".join(
+                (
+                    _PLAIN_HEADS[qos][1 if retain else 0][flags],
+                    _PLAIN_LENS.pack(len(topic), len(origin), len(payload)),
+                    topic,
+                    origin,
+                    payload,
+                )
+            )
         cache[key] = entry
         return entry
     ids = subscription_ids or ()
@@ -380,7 +403,7 @@ def record_entries(buf) -> list:
         lens.byteswap()
     out = []
     for size in lens:
-        out.append(view[end:end + size])
+        out.append(view[end : end + size])
         end += size
     if end != len(buf):
         raise RecordError("queue segment length does not match its header")
@@ -403,13 +426,14 @@ def decode_done(buf) -> tuple[int, list]:
     if len(buf) != _DONE.size + 16 * n:
         raise RecordError("done record has the wrong length")
     flat = array("Q")
-    flat.frombytes(bytes(buf[_DONE.size:]))
+    flat.frombytes(bytes(buf[_DONE.size :]))
     if _SWAP:
         flat.byteswap()
     return floor, [(flat[i], flat[i + 1]) for i in range(0, 2 * n, 2)]
 
 
 # -- sessions, subscriptions, wills ----------------------------------------------------------------
+
 
 def encode_session(expiry: int, disconnected_at: float, username: str | None) -> bytes:
     user = username.encode() if username is not None else b""
@@ -420,12 +444,13 @@ def decode_session(buf) -> tuple[int, float, str | None]:
     """(expiry_interval, disconnected_at wall time or 0 when it was online, username)."""
     _check_version(buf, "session")
     _, expiry, disconnected_at, flags, ulen = _SESSION.unpack_from(buf, 0)
-    user = bytes(buf[_SESSION.size:_SESSION.size + ulen]).decode() if flags & 1 else None
+    user = bytes(buf[_SESSION.size : _SESSION.size + ulen]).decode() if flags & 1 else None
     return expiry, disconnected_at, user
 
 
-def encode_subscription(qos: int, no_local: bool, retain_as_published: bool, retain_handling: int,
-                        subscription_id: int) -> bytes:
+def encode_subscription(
+    qos: int, no_local: bool, retain_as_published: bool, retain_handling: int, subscription_id: int
+) -> bytes:
     return _SUB.pack(FORMAT, qos, int(no_local), int(retain_as_published), retain_handling, subscription_id)
 
 
@@ -444,4 +469,4 @@ def decode_will(buf) -> tuple[tuple, int]:
     """(message_fields, delay)."""
     _check_version(buf, "will")
     _, delay = _WILL.unpack_from(buf, 0)
-    return decode_message(memoryview(buf)[_WILL.size:]), delay
+    return decode_message(memoryview(buf)[_WILL.size :]), delay

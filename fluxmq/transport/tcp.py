@@ -33,7 +33,9 @@ class SocketStream:
         self.raw = sock._sock  # the OS socket, non-blocking: used for sends that must never switch
         host, port = address[:2]
         self.peer = f"{host}:{port}"
-        self.drained = False  # the last recv took less than asked: the kernel had nothing more (read by the connection)
+        self.drained = (
+            False  # the last recv took less than asked: the kernel had nothing more (read by the connection)
+        )
 
     def recv(self, n: int) -> bytes:
         sock = self.sock
@@ -144,9 +146,19 @@ class TCPListener:
     listening socket bound already (``host``/``port`` are then only for logs).
     """
 
-    def __init__(self, name: str, host: str, port: int, broker: Broker, settings: ProtocolSettings,
-                 flusher: FlushScheduler, max_connections: int = 10000, backlog: int = 1024,
-                 stream_factory=None, sock=None) -> None:
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        broker: Broker,
+        settings: ProtocolSettings,
+        flusher: FlushScheduler,
+        max_connections: int = 10000,
+        backlog: int = 1024,
+        stream_factory=None,
+        sock=None,
+    ) -> None:
         self.name = name
         self.stream_factory = stream_factory
         self.broker = broker
@@ -200,8 +212,14 @@ class TCPListener:
             stream = self.stream_factory(sock, address)
             if stream is None:
                 return
-        conn = MQTTConnection(self.broker, stream, self.settings, self.flusher, self.name,
-                              over_limit=verdict != SERVE or len(self.connections) >= self.max_connections)
+        conn = MQTTConnection(
+            self.broker,
+            stream,
+            self.settings,
+            self.flusher,
+            self.name,
+            over_limit=verdict != SERVE or len(self.connections) >= self.max_connections,
+        )
         conn.on_close = self._forget
         self.connections.add(conn)
         conn.run()  # returns when the connection ends or parks; on_close tells the listener it ended

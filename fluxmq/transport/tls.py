@@ -85,10 +85,15 @@ TLS12_SUITES = {
     "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
 }
 
-TLS13_SUITES = frozenset({
-    "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
-    "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256",
-})
+TLS13_SUITES = frozenset(
+    {
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_CHACHA20_POLY1305_SHA256",
+        "TLS_AES_128_CCM_SHA256",
+        "TLS_AES_128_CCM_8_SHA256",
+    }
+)
 
 
 def effective_client_auth(client_auth: str, ca_file: str) -> str:
@@ -107,21 +112,32 @@ def _origin(source: str | Origin) -> Origin:
 
 def _readable(section: str, leaf: str, path: str, source: Origin, what: str) -> None:
     if not path:
-        raise ConfigError(f"{section}.{leaf}", what, source(leaf),
-                          problem=f"is empty; expected {what} (the listener is enabled by {section}.addr)")
+        raise ConfigError(
+            f"{section}.{leaf}",
+            what,
+            source(leaf),
+            problem=f"is empty; expected {what} (the listener is enabled by {section}.addr)",
+        )
     try:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as exc:
-        raise ConfigError(f"{section}.{leaf}", what, source(leaf), got=path,
-                          problem=f"cannot read {path!r}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"{section}.{leaf}",
+            what,
+            source(leaf),
+            got=path,
+            problem=f"cannot read {path!r}: {exc.strerror or exc}",
+        ) from None
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
     return exc.reason or exc.strerror or str(exc) or type(exc).__name__
 
 
-def server_context(section: str, cfg, source: str | Origin = "", require_client_cert: bool = False) -> ssl.SSLContext:
+def server_context(
+    section: str, cfg, source: str | Origin = "", require_client_cert: bool = False
+) -> ssl.SSLContext:
     """A server SSLContext from the TLS keys of listener ``section`` (e.g. ``server.tcp.tls``).
 
     ``cfg`` is that config section (or any object with the same attributes); ``source`` names where
@@ -140,32 +156,50 @@ def server_context(section: str, cfg, source: str | Origin = "", require_client_
     try:
         ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
     except ssl.SSLError as exc:
-        raise ConfigError(f"{section}.cert_file", "a PEM certificate matching key_file", source("cert_file"),
-                          got=cfg.cert_file,
-                          problem=f"cannot load {cfg.cert_file!r} with key {cfg.key_file!r}: "
-                                  f"{_ssl_reason(exc)}") from None
+        raise ConfigError(
+            f"{section}.cert_file",
+            "a PEM certificate matching key_file",
+            source("cert_file"),
+            got=cfg.cert_file,
+            problem=f"cannot load {cfg.cert_file!r} with key {cfg.key_file!r}: {_ssl_reason(exc)}",
+        ) from None
 
     mode = effective_client_auth(cfg.client_auth, cfg.ca_file)
     if require_client_cert and mode not in ("require", "require_any"):
-        raise ConfigError(f"{section}.client_auth", "require or require_any (with ca_file)", source("client_auth"),
-                          got=cfg.client_auth,
-                          problem=f"an mTLS listener must require client certificates; got mode {mode!r}"
-                                  + ("" if cfg.ca_file else " and no ca_file"))
+        raise ConfigError(
+            f"{section}.client_auth",
+            "require or require_any (with ca_file)",
+            source("client_auth"),
+            got=cfg.client_auth,
+            problem=f"an mTLS listener must require client certificates; got mode {mode!r}"
+            + ("" if cfg.ca_file else " and no ca_file"),
+        )
     if mode in ("require_any", "verify_if_given", "require") and not cfg.ca_file:
-        raise ConfigError(f"{section}.ca_file", "a CA file", source("ca_file"),
-                          problem=f"client_auth {mode} needs ca_file (Python's ssl verifies every client "
-                                  "certificate it accepts)")
+        raise ConfigError(
+            f"{section}.ca_file",
+            "a CA file",
+            source("ca_file"),
+            problem=f"client_auth {mode} needs ca_file (Python's ssl verifies every client "
+            "certificate it accepts)",
+        )
     if mode == "request" and not cfg.ca_file:
-        log.warning("tls_client_auth_request_without_ca",
-                    extra={"listener": section, "detail": "no certificate is asked for (acts as none)"})
+        log.warning(
+            "tls_client_auth_request_without_ca",
+            extra={"listener": section, "detail": "no certificate is asked for (acts as none)"},
+        )
         mode = "none"
     if mode != "none":
         _readable(section, "ca_file", cfg.ca_file, source, "a readable PEM CA file")
         try:
             ctx.load_verify_locations(cafile=cfg.ca_file)
         except ssl.SSLError as exc:
-            raise ConfigError(f"{section}.ca_file", "PEM CA certificates", source("ca_file"), got=cfg.ca_file,
-                              problem=f"cannot load {cfg.ca_file!r}: {_ssl_reason(exc)}") from None
+            raise ConfigError(
+                f"{section}.ca_file",
+                "PEM CA certificates",
+                source("ca_file"),
+                got=cfg.ca_file,
+                problem=f"cannot load {cfg.ca_file!r}: {_ssl_reason(exc)}",
+            ) from None
         ctx.verify_mode = ssl.CERT_REQUIRED if mode in ("require", "require_any") else ssl.CERT_OPTIONAL
     else:
         ctx.verify_mode = ssl.CERT_NONE
@@ -187,19 +221,34 @@ def _set_cipher_suites(ctx: ssl.SSLContext, section: str, names: list[str], sour
         try:
             probe.set_ciphers(openssl + ":@SECLEVEL=0")
         except ssl.SSLError:
-            raise ConfigError(f"{section}.cipher_suites", "TLS 1.2 cipher suite names", source("cipher_suites"), got=name,
-                              problem=f"unknown cipher suite {name!r}") from None
+            raise ConfigError(
+                f"{section}.cipher_suites",
+                "TLS 1.2 cipher suite names",
+                source("cipher_suites"),
+                got=name,
+                problem=f"unknown cipher suite {name!r}",
+            ) from None
         openssl_names.append(openssl)
     if ignored:
-        log.warning("tls13_cipher_suites_ignored",
-                    extra={"listener": section, "suites": ",".join(ignored),
-                           "detail": "Python cannot configure TLS 1.3 suites; OpenSSL's defaults apply"})
+        log.warning(
+            "tls13_cipher_suites_ignored",
+            extra={
+                "listener": section,
+                "suites": ",".join(ignored),
+                "detail": "Python cannot configure TLS 1.3 suites; OpenSSL's defaults apply",
+            },
+        )
     if openssl_names:
         try:
             ctx.set_ciphers(":".join(openssl_names))
         except ssl.SSLError:
-            raise ConfigError(f"{section}.cipher_suites", "TLS 1.2 cipher suite names", source("cipher_suites"), got=names,
-                              problem="none of the cipher suites is allowed by OpenSSL's security level") from None
+            raise ConfigError(
+                f"{section}.cipher_suites",
+                "TLS 1.2 cipher suite names",
+                source("cipher_suites"),
+                got=names,
+                problem="none of the cipher suites is allowed by OpenSSL's security level",
+            ) from None
 
 
 def _cert_common_name(cert: dict | None) -> str | None:
@@ -301,16 +350,22 @@ class TLSHandshake:
     line (``tls_handshake_failed`` with the OpenSSL reason), the socket is closed and None returned.
     """
 
-    def __init__(self, context: ssl.SSLContext, timeout: float | None, listener: str,
-                 use_cert_cn_as_username: bool = False) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        timeout: float | None,
+        listener: str,
+        use_cert_cn_as_username: bool = False,
+    ) -> None:
         self.context = context
         self.timeout = timeout or None
         self.listener = listener
         self.use_cert_cn_as_username = use_cert_cn_as_username
 
     @classmethod
-    def from_config(cls, section: str, cfg, timeout: float | None, listener: str,
-                    source: str | Origin = "") -> TLSHandshake:
+    def from_config(
+        cls, section: str, cfg, timeout: float | None, listener: str, source: str | Origin = ""
+    ) -> TLSHandshake:
         """The handshake of listener ``section`` from its config keys (``*.mtls`` must verify clients)."""
         context = server_context(section, cfg, source, require_client_cert=section.endswith(".mtls"))
         return cls(context, timeout, listener, cfg.use_cert_cn_as_username)
@@ -328,8 +383,10 @@ class TLSHandshake:
                 username = _cert_common_name(ssock.getpeercert())
             return TLSStream(ssock, peer, username)
         except (OSError, TimeoutError, ValueError) as exc:
-            log.info("tls_handshake_failed", extra={"listener": self.listener, "peer": peer,
-                                                    "error": _handshake_error(exc)})
+            log.info(
+                "tls_handshake_failed",
+                extra={"listener": self.listener, "peer": peer, "error": _handshake_error(exc)},
+            )
             for s in (ssock, sock):
                 if s is not None:
                     try:

@@ -105,8 +105,14 @@ class WebSocketUpgrade:
     is one log line (``ws_handshake_refused`` / ``ws_handshake_failed``) and returns None.
     """
 
-    def __init__(self, path: str, allowed_origins: list[str] | tuple[str, ...], timeout: float | None,
-                 listener: str, inner=None) -> None:
+    def __init__(
+        self,
+        path: str,
+        allowed_origins: list[str] | tuple[str, ...],
+        timeout: float | None,
+        listener: str,
+        inner=None,
+    ) -> None:
         self.path = path
         self.origins = OriginPolicy(allowed_origins)
         self.timeout = timeout or None
@@ -114,12 +120,14 @@ class WebSocketUpgrade:
         self.inner = inner
 
     @classmethod
-    def from_config(cls, section: str, cfg, timeout: float | None, listener: str, source=None,
-                    inner=None) -> WebSocketUpgrade:
+    def from_config(
+        cls, section: str, cfg, timeout: float | None, listener: str, source=None, inner=None
+    ) -> WebSocketUpgrade:
         """The upgrade of listener ``section`` from its ``path`` and ``allowed_origins`` keys."""
         if not cfg.path.startswith("/"):
-            raise ConfigError(f"{section}.path", 'a path starting with "/"', source("path") if source else "",
-                              got=cfg.path)
+            raise ConfigError(
+                f"{section}.path", 'a path starting with "/"', source("path") if source else "", got=cfg.path
+            )
         return cls(cfg.path, list(cfg.allowed_origins), timeout, listener, inner)
 
     def __call__(self, sock, address) -> WebSocketStream | None:
@@ -135,11 +143,23 @@ class WebSocketUpgrade:
             if upgraded is not None:
                 return upgraded
         except (OSError, TimeoutError, ValueError) as exc:  # ValueError: undecodable request bytes
-            reason = "timeout" if isinstance(exc, TimeoutError) else (" ".join(str(exc).split()) or type(exc).__name__)
-            log.info("ws_handshake_failed", extra={"listener": self.listener, "peer": stream.peer, "error": reason})
+            reason = (
+                "timeout"
+                if isinstance(exc, TimeoutError)
+                else (" ".join(str(exc).split()) or type(exc).__name__)
+            )
+            log.info(
+                "ws_handshake_failed", extra={"listener": self.listener, "peer": stream.peer, "error": reason}
+            )
         except Exception as exc:  # a request wsproto/h11 chokes on must not print a traceback per client
-            log.info("ws_handshake_failed", extra={"listener": self.listener, "peer": stream.peer,
-                                                   "error": f"{type(exc).__name__}: {exc}"})
+            log.info(
+                "ws_handshake_failed",
+                extra={
+                    "listener": self.listener,
+                    "peer": stream.peer,
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
+            )
             log.debug("ws_handshake_failed_traceback", exc_info=True)
         stream.close()
         return None
@@ -158,10 +178,10 @@ class WebSocketUpgrade:
             if not data:
                 raise ConnectionResetError("closed during the websocket handshake")
             head += data
-        trailing = bytes(head[end + 4:])
+        trailing = bytes(head[end + 4 :])
         ws = WSConnection(ConnectionType.SERVER)
         try:
-            ws.receive_data(bytes(head[:end + 4]))
+            ws.receive_data(bytes(head[: end + 4]))
             request = next((e for e in ws.events() if isinstance(e, Request)), None)
             if request is None:
                 raise _Refused(400, "not an HTTP request")
@@ -193,17 +213,29 @@ class WebSocketUpgrade:
         raise _Refused(400, "no mqtt subprotocol offered")
 
     def _reject(self, stream, ws: WSConnection, status: int, reason: str) -> None:
-        log.info("ws_handshake_refused", extra={"listener": self.listener, "peer": stream.peer, "status": status,
-                                                "reason": reason})
+        log.info(
+            "ws_handshake_refused",
+            extra={"listener": self.listener, "peer": stream.peer, "status": status, "reason": reason},
+        )
         body = f"{reason}\n".encode()
         try:
-            data = ws.send(RejectConnection(status_code=status, has_body=True, headers=[
-                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close")]))
+            data = ws.send(
+                RejectConnection(
+                    status_code=status,
+                    has_body=True,
+                    headers=[
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                )
+            )
             data += ws.send(RejectData(data=body, body_finished=True))
         except (LocalProtocolError, h11.LocalProtocolError):  # too broken a request for wsproto to answer
-            data = (f"HTTP/1.1 {status} Refused\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+            data = (
+                f"HTTP/1.1 {status} Refused\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            ).encode() + body
         try:
             stream.send_all(data, self.timeout)
         except (OSError, TimeoutError):
@@ -213,8 +245,9 @@ class WebSocketUpgrade:
 class WebSocketStream:
     """The MQTTConnection stream over an upgraded WebSocket (see the module docstring)."""
 
-    def __init__(self, inner, ws: WSConnection, trailing: bytes = b"",
-                 control_timeout: float = CONTROL_TIMEOUT) -> None:
+    def __init__(
+        self, inner, ws: WSConnection, trailing: bytes = b"", control_timeout: float = CONTROL_TIMEOUT
+    ) -> None:
         self.inner = inner
         self.ws = ws
         self.peer = inner.peer
@@ -329,7 +362,7 @@ class WebSocketStream:
         owed = self._owed
         if not due:
             return [owed]
-        payload = data[done:done + due]
+        payload = data[done : done + due]
         if not owed:
             return [payload]
         if due <= _CONCAT_LIMIT:

@@ -8,5 +8,14 @@ from .dispatcher import WebhookDispatcher, WebhookEvent
 from .endpoint import SIGNATURE_HEADER, CircuitBreaker, Endpoint, signature
 from .settings import EndpointSettings, RetryPolicy, WebhookSettings
 
-__all__ = ["SIGNATURE_HEADER", "CircuitBreaker", "Endpoint", "EndpointSettings", "RetryPolicy",
-           "WebhookDispatcher", "WebhookEvent", "WebhookSettings", "signature"]
+__all__ = [
+    "SIGNATURE_HEADER",
+    "CircuitBreaker",
+    "Endpoint",
+    "EndpointSettings",
+    "RetryPolicy",
+    "WebhookDispatcher",
+    "WebhookEvent",
+    "WebhookSettings",
+    "signature",
+]

@@ -70,9 +70,16 @@ class WebhookEvent:
         return event_id(self.seq)
 
     def envelope(self, broker_id: str) -> dict:
-        stamp = datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        return {"event_type": self.type, "event_id": self.id, "timestamp": stamp, "broker_id": broker_id,
-                "data": self.data}
+        stamp = (
+            datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        )
+        return {
+            "event_type": self.type,
+            "event_id": self.id,
+            "timestamp": stamp,
+            "broker_id": broker_id,
+            "data": self.data,
+        }
 
     def body(self, broker_id: str) -> bytes:
         return json.dumps(self.envelope(broker_id), separators=(",", ":")).encode("utf-8")
@@ -136,8 +143,9 @@ class WebhookDispatcher(EventSink):
         old = self._reopen_timers.pop(endpoint.name, None)
         if old is not None:
             old.kill(block=False)
-        self._reopen_timers[endpoint.name] = gevent.spawn_later(endpoint.breaker.reset_timeout,
-                                                                 self._breaker_pause_over, endpoint)
+        self._reopen_timers[endpoint.name] = gevent.spawn_later(
+            endpoint.breaker.reset_timeout, self._breaker_pause_over, endpoint
+        )
 
     def _breaker_pause_over(self, endpoint: Endpoint) -> None:
         """The endpoint gets events again; the first one is the half-open trial."""
@@ -151,8 +159,14 @@ class WebhookDispatcher(EventSink):
     def start(self) -> None:
         self.accepting = True
         self._workers = [gevent.spawn(self._work) for _ in range(self.settings.workers)]
-        log.info("webhook_started", extra={"endpoints": ",".join(e.name for e in self.endpoints),
-                                           "workers": self.settings.workers, "queue_size": self.settings.queue_size})
+        log.info(
+            "webhook_started",
+            extra={
+                "endpoints": ",".join(e.name for e in self.endpoints),
+                "workers": self.settings.workers,
+                "queue_size": self.settings.queue_size,
+            },
+        )
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking events; send what is queued for up to ``timeout`` seconds (default
@@ -203,14 +217,22 @@ class WebhookDispatcher(EventSink):
 
     def _log_drop(self, endpoint: Endpoint) -> None:
         if endpoint.log_gate.allow("queue_full"):
-            log.warning("webhook_queue_full", extra={"endpoint": endpoint.name, "queue_size": self._queue_size,
-                                                     "dropped": endpoint.full_drops,
-                                                     "policy": self.settings.drop_policy})
+            log.warning(
+                "webhook_queue_full",
+                extra={
+                    "endpoint": endpoint.name,
+                    "queue_size": self._queue_size,
+                    "dropped": endpoint.full_drops,
+                    "policy": self.settings.drop_policy,
+                },
+            )
 
     def pending(self) -> list[tuple[str, WebhookEvent]]:
         """What waits in the queue: (endpoint name, event) pairs, oldest first (for tests and debugging)."""
-        return [(endpoint.name, WebhookEvent(event_type, seq, at, make_data(*args)))
-                for endpoint, event_type, seq, at, make_data, args in self.queue]
+        return [
+            (endpoint.name, WebhookEvent(event_type, seq, at, make_data(*args)))
+            for endpoint, event_type, seq, at, make_data, args in self.queue
+        ]
 
     # -- workers ------------------------------------------------------------------------------------
 
@@ -238,7 +260,9 @@ class WebhookDispatcher(EventSink):
             finally:
                 self._busy -= 1
 
-    def _deliver(self, endpoint: Endpoint, event_type: str, seq: int, at: float, make_data, args: tuple) -> None:
+    def _deliver(
+        self, endpoint: Endpoint, event_type: str, seq: int, at: float, make_data, args: tuple
+    ) -> None:
         retry = endpoint.settings.retry
         breaker = endpoint.breaker
         attempt = 0
@@ -258,16 +282,29 @@ class WebhookDispatcher(EventSink):
             except EndpointError as exc:
                 if breaker.failure():
                     self._breaker_opened(endpoint)
-                    log.warning("webhook_breaker_open", extra={"endpoint": endpoint.name, "url": endpoint.url,
-                                                               "failures": breaker.failures,
-                                                               "reset_timeout": breaker.reset_timeout,
-                                                               "error": str(exc)})
+                    log.warning(
+                        "webhook_breaker_open",
+                        extra={
+                            "endpoint": endpoint.name,
+                            "url": endpoint.url,
+                            "failures": breaker.failures,
+                            "reset_timeout": breaker.reset_timeout,
+                            "error": str(exc),
+                        },
+                    )
                 if attempt >= retry.max_attempts:
                     endpoint.failed += 1
                     if endpoint.log_gate.allow("failed"):
-                        log.warning("webhook_failed", extra={"endpoint": endpoint.name, "url": endpoint.url,
-                                                             "event_type": event_type, "attempts": attempt,
-                                                             "error": str(exc)})
+                        log.warning(
+                            "webhook_failed",
+                            extra={
+                                "endpoint": endpoint.name,
+                                "url": endpoint.url,
+                                "event_type": event_type,
+                                "attempts": attempt,
+                                "error": str(exc),
+                            },
+                        )
                     return
                 endpoint.retried += 1
                 gevent.sleep(retry.pause(attempt))
@@ -322,60 +359,140 @@ class WebhookDispatcher(EventSink):
         self._emit_message("message.retained", message.topic, _retained_data, (message, cleared))
 
     def message_published(self, message, username, deliveries) -> None:
-        self._emit_message("message.published", message.topic,
-                           _published_with_payload if self.settings.include_payload else _published_data,
-                           (message, username, deliveries))
+        self._emit_message(
+            "message.published",
+            message.topic,
+            _published_with_payload if self.settings.include_payload else _published_data,
+            (message, username, deliveries),
+        )
 
     def message_delivered(self, message, client_id, username, qos, retain) -> None:
-        self._emit_message("message.delivered", message.topic, _delivered_data,
-                           (message, client_id, username, qos, retain))
+        self._emit_message(
+            "message.delivered", message.topic, _delivered_data, (message, client_id, username, qos, retain)
+        )
 
 
 # -- event data (made on a worker from the arguments the hook queued; docs/webhooks.rst) -------------
 
-def _connected_data(client_id, username, peer, protocol_version, clean_start, keepalive, session_present,
-                    session_expiry, listener) -> dict:
-    return {"client_id": client_id, "username": username, "peer": peer, "protocol_version": _version(protocol_version),
-            "clean_start": clean_start, "keepalive": keepalive, "session_present": session_present,
-            "session_expiry": session_expiry, "listener": listener}
+
+def _connected_data(
+    client_id,
+    username,
+    peer,
+    protocol_version,
+    clean_start,
+    keepalive,
+    session_present,
+    session_expiry,
+    listener,
+) -> dict:
+    return {
+        "client_id": client_id,
+        "username": username,
+        "peer": peer,
+        "protocol_version": _version(protocol_version),
+        "clean_start": clean_start,
+        "keepalive": keepalive,
+        "session_present": session_present,
+        "session_expiry": session_expiry,
+        "listener": listener,
+    }
 
 
-def _disconnected_data(client_id, username, peer, protocol_version, reason, will_published, connected_seconds) -> dict:
-    return {"client_id": client_id, "username": username, "peer": peer, "protocol_version": _version(protocol_version),
-            "reason": reason, "will_published": will_published, "connected_seconds": round(connected_seconds, 3)}
+def _disconnected_data(
+    client_id, username, peer, protocol_version, reason, will_published, connected_seconds
+) -> dict:
+    return {
+        "client_id": client_id,
+        "username": username,
+        "peer": peer,
+        "protocol_version": _version(protocol_version),
+        "reason": reason,
+        "will_published": will_published,
+        "connected_seconds": round(connected_seconds, 3),
+    }
 
 
 def _auth_success_data(client_id, username, peer, protocol_version, method) -> dict:
-    return {"client_id": client_id, "username": username, "peer": peer, "protocol_version": _version(protocol_version),
-            "method": method}
+    return {
+        "client_id": client_id,
+        "username": username,
+        "peer": peer,
+        "protocol_version": _version(protocol_version),
+        "method": method,
+    }
 
 
 def _auth_failure_data(client_id, username, peer, protocol_version, method, reason, reason_code) -> dict:
-    return {"client_id": client_id, "username": username, "peer": peer, "protocol_version": _version(protocol_version),
-            "method": method, "reason": reason, "reason_code": reason_code}
+    return {
+        "client_id": client_id,
+        "username": username,
+        "peer": peer,
+        "protocol_version": _version(protocol_version),
+        "method": method,
+        "reason": reason,
+        "reason_code": reason_code,
+    }
 
 
 def _publish_denied_data(client_id, username, peer, topic, qos, retain, reason_code) -> dict:
-    return {"client_id": client_id, "username": username, "peer": peer, "topic": topic, "qos": qos, "retain": retain,
-            "reason_code": reason_code}
+    return {
+        "client_id": client_id,
+        "username": username,
+        "peer": peer,
+        "topic": topic,
+        "qos": qos,
+        "retain": retain,
+        "reason_code": reason_code,
+    }
 
 
 def _subscribe_denied_data(client_id, username, peer, filter, qos, reason_code) -> dict:
-    return {"client_id": client_id, "username": username, "peer": peer, "filter": filter, "qos": qos,
-            "reason_code": reason_code}
+    return {
+        "client_id": client_id,
+        "username": username,
+        "peer": peer,
+        "filter": filter,
+        "qos": qos,
+        "reason_code": reason_code,
+    }
 
 
 def _takeover_data(client_id, username, previous_username, resumed) -> dict:
-    return {"client_id": client_id, "username": username, "previous_username": previous_username,
-            "session_resumed": resumed}
+    return {
+        "client_id": client_id,
+        "username": username,
+        "previous_username": previous_username,
+        "session_resumed": resumed,
+    }
 
 
-def _subscription_created_data(client_id, username, filter, qos, requested_qos, no_local, retain_as_published,
-                               retain_handling, subscription_id, share_group, replaced) -> dict:
-    return {"client_id": client_id, "username": username, "filter": filter, "qos": qos,
-            "requested_qos": requested_qos, "no_local": no_local, "retain_as_published": retain_as_published,
-            "retain_handling": retain_handling, "subscription_id": subscription_id, "share_group": share_group,
-            "replaced": replaced}
+def _subscription_created_data(
+    client_id,
+    username,
+    filter,
+    qos,
+    requested_qos,
+    no_local,
+    retain_as_published,
+    retain_handling,
+    subscription_id,
+    share_group,
+    replaced,
+) -> dict:
+    return {
+        "client_id": client_id,
+        "username": username,
+        "filter": filter,
+        "qos": qos,
+        "requested_qos": requested_qos,
+        "no_local": no_local,
+        "retain_as_published": retain_as_published,
+        "retain_handling": retain_handling,
+        "subscription_id": subscription_id,
+        "share_group": share_group,
+        "replaced": replaced,
+    }
 
 
 def _subscription_removed_data(client_id, username, filter) -> dict:
@@ -383,13 +500,25 @@ def _subscription_removed_data(client_id, username, filter) -> dict:
 
 
 def _retained_data(message, cleared) -> dict:
-    return {"client_id": message.origin, "topic": message.topic, "qos": message.qos,
-            "payload_size": len(message.payload), "cleared": cleared}
+    return {
+        "client_id": message.origin,
+        "topic": message.topic,
+        "qos": message.qos,
+        "payload_size": len(message.payload),
+        "cleared": cleared,
+    }
 
 
 def _published_data(message, username, deliveries) -> dict:
-    return {"client_id": message.origin, "username": username, "topic": message.topic, "qos": message.qos,
-            "retain": message.retain, "payload_size": len(message.payload), "deliveries": deliveries}
+    return {
+        "client_id": message.origin,
+        "username": username,
+        "topic": message.topic,
+        "qos": message.qos,
+        "retain": message.retain,
+        "payload_size": len(message.payload),
+        "deliveries": deliveries,
+    }
 
 
 def _published_with_payload(message, username, deliveries) -> dict:
@@ -399,5 +528,12 @@ def _published_with_payload(message, username, deliveries) -> dict:
 
 
 def _delivered_data(message, client_id, username, qos, retain) -> dict:
-    return {"client_id": client_id, "username": username, "publisher": message.origin, "topic": message.topic,
-            "qos": qos, "retain": retain, "payload_size": len(message.payload)}
+    return {
+        "client_id": client_id,
+        "username": username,
+        "publisher": message.origin,
+        "topic": message.topic,
+        "qos": qos,
+        "retain": retain,
+        "payload_size": len(message.payload),
+    }

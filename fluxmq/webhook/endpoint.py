@@ -149,8 +149,11 @@ class Endpoint:
         self.breaker = CircuitBreaker(settings.failure_threshold, settings.reset_timeout)
         self._pool: list[http.client.HTTPConnection] = []
         self._pool_size = pool_size
-        self._base_headers = {"Content-Type": "application/json", "User-Agent": f"fluxmq/{__version__}",
-                              **settings.headers}
+        self._base_headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"fluxmq/{__version__}",
+            **settings.headers,
+        }
         self.log_gate = LogGate(60.0)
         # Counters read by /metrics.
         self.sent = 0  # events the endpoint accepted (2xx)
@@ -163,7 +166,11 @@ class Endpoint:
     @property
     def dropped(self) -> dict[str, int]:
         """Events dropped unsent, by reason (the ``reason`` label on /metrics)."""
-        return {"queue_full": self.full_drops, "breaker_open": self.breaker_drops, "shutdown": self.shutdown_drops}
+        return {
+            "queue_full": self.full_drops,
+            "breaker_open": self.breaker_drops,
+            "shutdown": self.shutdown_drops,
+        }
 
     def post(self, body: bytes, event_type: str, event_id: str) -> None:
         """One attempt; raises EndpointError unless the endpoint answers 2xx within its timeout."""
@@ -190,7 +197,9 @@ class Endpoint:
 
     def _new_connection(self) -> http.client.HTTPConnection:
         if self._https:
-            return _GeventHTTPSConnection(self._host, self._port, timeout=self.settings.timeout, context=self._tls)
+            return _GeventHTTPSConnection(
+                self._host, self._port, timeout=self.settings.timeout, context=self._tls
+            )
         return _GeventHTTPConnection(self._host, self._port, timeout=self.settings.timeout)
 
     def _request(self, conn: http.client.HTTPConnection, body: bytes, headers: dict) -> int:

@@ -86,21 +86,53 @@ SPEC_PROPERTIES: dict[int, tuple[str, set]] = {
     0x23: ("u16nz", {PUBLISH}),
     0x24: ("bool", {CONNACK}),
     0x25: ("bool", {CONNACK}),
-    0x26: ("pairs", {CONNECT, CONNACK, PUBLISH, WILL, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE,
-                     SUBACK, UNSUBSCRIBE, UNSUBACK, DISCONNECT, AUTH}),
+    0x26: (
+        "pairs",
+        {
+            CONNECT,
+            CONNACK,
+            PUBLISH,
+            WILL,
+            PUBACK,
+            PUBREC,
+            PUBREL,
+            PUBCOMP,
+            SUBSCRIBE,
+            SUBACK,
+            UNSUBSCRIBE,
+            UNSUBACK,
+            DISCONNECT,
+            AUTH,
+        },
+    ),
     0x27: ("u32nz", {CONNECT, CONNACK}),
     0x28: ("bool", {CONNACK}),
     0x29: ("bool", {CONNACK}),
     0x2A: ("bool", {CONNACK}),
 }
-PROPERTY_KINDS = (WILL, CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE,
-                  SUBACK, UNSUBSCRIBE, UNSUBACK, DISCONNECT, AUTH)
+PROPERTY_KINDS = (
+    WILL,
+    CONNECT,
+    CONNACK,
+    PUBLISH,
+    PUBACK,
+    PUBREC,
+    PUBREL,
+    PUBCOMP,
+    SUBSCRIBE,
+    SUBACK,
+    UNSUBSCRIBE,
+    UNSUBACK,
+    DISCONNECT,
+    AUTH,
+)
 
 # -- strategies ------------------------------------------------------------------------------
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=10)
-TOPIC = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00+#"),
-                min_size=1, max_size=12)
+TOPIC = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00+#"), min_size=1, max_size=12
+)
 BINARY = st.binary(max_size=16)
 PACKET_ID = st.integers(1, 0xFFFF)
 VALUES = {
@@ -124,8 +156,9 @@ def properties(draw, kind) -> dict:
     for pid in chosen:
         value_kind = SPEC_PROPERTIES[pid][0]
         if value_kind == "subid":
-            props[pid] = draw(st.lists(st.integers(1, 268_435_455), min_size=1,
-                                       max_size=3 if kind == PUBLISH else 1))
+            props[pid] = draw(
+                st.lists(st.integers(1, 268_435_455), min_size=1, max_size=3 if kind == PUBLISH else 1)
+            )
         else:
             props[pid] = draw(VALUES[value_kind])
     return props
@@ -143,12 +176,23 @@ def connects(draw, version) -> Connect:
         password = None  # 3.1.1 MQTT-3.1.2-22
     will = None
     if draw(st.booleans()):
-        will = Will(draw(TOPIC), draw(BINARY), draw(st.integers(0, 2)), draw(st.booleans()),
-                    draw(props_for(WILL, version)))
-    return Connect(client_id=draw(TEXT), clean_start=draw(st.booleans()),
-                   keepalive=draw(st.integers(0, 0xFFFF)), protocol_version=version,
-                   username=username, password=password, will=will,
-                   properties=draw(props_for(CONNECT, version)))
+        will = Will(
+            draw(TOPIC),
+            draw(BINARY),
+            draw(st.integers(0, 2)),
+            draw(st.booleans()),
+            draw(props_for(WILL, version)),
+        )
+    return Connect(
+        client_id=draw(TEXT),
+        clean_start=draw(st.booleans()),
+        keepalive=draw(st.integers(0, 0xFFFF)),
+        protocol_version=version,
+        username=username,
+        password=password,
+        will=will,
+        properties=draw(props_for(CONNECT, version)),
+    )
 
 
 @st.composite
@@ -158,8 +202,15 @@ def publishes(draw, version) -> Publish:
     topic = draw(TOPIC)
     if version == 5 and codec.TOPIC_ALIAS in props and draw(st.booleans()):
         topic = ""  # resolved by the protocol layer from the alias
-    return Publish(topic, draw(st.binary(max_size=64)), qos, draw(st.booleans()),
-                   draw(st.booleans()) if qos else False, draw(PACKET_ID) if qos else 0, props)
+    return Publish(
+        topic,
+        draw(st.binary(max_size=64)),
+        qos,
+        draw(st.booleans()),
+        draw(st.booleans()) if qos else False,
+        draw(PACKET_ID) if qos else 0,
+        props,
+    )
 
 
 def publish_acks(cls, version):
@@ -172,8 +223,15 @@ def subscribes(draw, version) -> Subscribe:
     subs = []
     for _ in range(draw(st.integers(1, 3))):
         if version == 5:
-            subs.append(Subscription(draw(TEXT), draw(st.integers(0, 2)), draw(st.booleans()),
-                                     draw(st.booleans()), draw(st.integers(0, 2))))
+            subs.append(
+                Subscription(
+                    draw(TEXT),
+                    draw(st.integers(0, 2)),
+                    draw(st.booleans()),
+                    draw(st.booleans()),
+                    draw(st.integers(0, 2)),
+                )
+            )
         else:
             subs.append(Subscription(draw(TEXT), draw(st.integers(0, 2))))
     return Subscribe(draw(PACKET_ID), subs, draw(props_for(SUBSCRIBE, version)))
@@ -185,8 +243,12 @@ def packet_strategies(version) -> dict:
     reason = st.integers(0, 255) if version == 5 else st.just(0)
     strategies = {
         CONNECT: connects(version),
-        CONNACK: st.builds(Connack, st.booleans() if version >= 4 else st.just(False),
-                           st.integers(0, 255), props_for(CONNACK, version)),
+        CONNACK: st.builds(
+            Connack,
+            st.booleans() if version >= 4 else st.just(False),
+            st.integers(0, 255),
+            props_for(CONNACK, version),
+        ),
         PUBLISH: publishes(version),
         PUBACK: publish_acks(Puback, version),
         PUBREC: publish_acks(Pubrec, version),
@@ -194,10 +256,12 @@ def packet_strategies(version) -> dict:
         PUBCOMP: publish_acks(Pubcomp, version),
         SUBSCRIBE: subscribes(version),
         SUBACK: st.builds(Suback, PACKET_ID, codes, props_for(SUBACK, version)),
-        UNSUBSCRIBE: st.builds(Unsubscribe, PACKET_ID, st.lists(TEXT, min_size=1, max_size=3),
-                               props_for(UNSUBSCRIBE, version)),
-        UNSUBACK: st.builds(Unsuback, PACKET_ID, codes if version == 5 else st.none(),
-                            props_for(UNSUBACK, version)),
+        UNSUBSCRIBE: st.builds(
+            Unsubscribe, PACKET_ID, st.lists(TEXT, min_size=1, max_size=3), props_for(UNSUBSCRIBE, version)
+        ),
+        UNSUBACK: st.builds(
+            Unsuback, PACKET_ID, codes if version == 5 else st.none(), props_for(UNSUBACK, version)
+        ),
         PINGREQ: st.builds(Pingreq),
         PINGRESP: st.builds(Pingresp),
         DISCONNECT: st.builds(Disconnect, reason, props_for(DISCONNECT, version)),
@@ -261,18 +325,25 @@ def test_any_split_of_a_stream_gives_the_same_packets(version, data):
 
 def test_byte_at_a_time_and_whole_stream_agree():
     """The degenerate splits: one byte per feed, and everything at once (pending buffer path)."""
-    packets = [Connect("c", protocol_version=5), Publish("a/b", b"x" * 300, 1, packet_id=9),
-               Puback(9), Pingreq(), Subscribe(3, [Subscription("a/#", 1)]), Disconnect(0x04)]
+    packets = [
+        Connect("c", protocol_version=5),
+        Publish("a/b", b"x" * 300, 1, packet_id=9),
+        Puback(9),
+        Pingreq(),
+        Subscribe(3, [Subscription("a/#", 1)]),
+        Disconnect(0x04),
+    ]
     stream = b"".join(encode(p, 5) for p in packets)
     decoder = Decoder()
     got = []
     for i in range(len(stream)):
-        got.extend(decoder.feed(stream[i:i + 1]))
+        got.extend(decoder.feed(stream[i : i + 1]))
     assert got == packets
     assert Decoder().feed(stream) == packets
 
 
 # -- decoder behaviour ------------------------------------------------------------------------
+
 
 def test_version_defaults_to_311_rules_before_connect():
     """Before a CONNECT, 5.0-only shapes are not accepted: a 3-byte PUBACK is malformed in 3.1.1."""
@@ -322,17 +393,25 @@ def test_empty_feed_returns_nothing():
     assert Decoder().feed(b"") == []
 
 
-@pytest.mark.parametrize(("length", "header"), [
-    (0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"), (16_383, b"\xff\x7f"),
-    (16_384, b"\x80\x80\x01"), (2_097_151, b"\xff\xff\x7f"), (2_097_152, b"\x80\x80\x80\x01"),
-])
+@pytest.mark.parametrize(
+    ("length", "header"),
+    [
+        (0, b"\x00"),
+        (127, b"\x7f"),
+        (128, b"\x80\x01"),
+        (16_383, b"\xff\x7f"),
+        (16_384, b"\x80\x80\x01"),
+        (2_097_151, b"\xff\xff\x7f"),
+        (2_097_152, b"\x80\x80\x80\x01"),
+    ],
+)
 def test_remaining_length_encoding_matches_spec_table(length, header):
     """MQTT 5.0 table 1-1 (Variable Byte Integer sizes): the encoder uses the minimum bytes."""
     if length == 0:
         encoded = encode(Pingreq(), 4)
     else:
         encoded = encode_publish("t", b"\xaa" * (length - 3), 0, False, False, 0, None, 4)
-    assert encoded[1:1 + len(header)] == header
+    assert encoded[1 : 1 + len(header)] == header
     assert len(encoded) == 1 + len(header) + length
     assert len(Decoder().feed(encoded)) == 1
 
@@ -352,7 +431,7 @@ MOSQUITTO_PUB_CONNECTS = {
     3: "102700064d514973647003ce001e00057075622d310003772f74000362796500047573657200027077",
     4: "102500044d51545404ce001e00057075622d310003772f74000362796500047573657200027077",
     5: "103600044d51545405ce001e0f110000003c2600016b00017621001400057075622d31000003772f7400036279"
-       "6500047573657200027077",
+    "6500047573657200027077",
 }
 
 
@@ -371,24 +450,72 @@ def test_known_connect_vectors_from_mosquitto_pub(version):
 
 # -- packet classes ---------------------------------------------------------------------------
 
+
 def test_constants_match_the_spec():
     assert (codec.MQTT31, codec.MQTT311, codec.MQTT5) == (3, 4, 5)
-    assert [CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, SUBACK,
-            UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH] == list(range(1, 16))
-    classes = [Connect, Connack, Publish, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Suback,
-               Unsubscribe, Unsuback, Pingreq, Pingresp, Disconnect, Auth]
+    assert [
+        CONNECT,
+        CONNACK,
+        PUBLISH,
+        PUBACK,
+        PUBREC,
+        PUBREL,
+        PUBCOMP,
+        SUBSCRIBE,
+        SUBACK,
+        UNSUBSCRIBE,
+        UNSUBACK,
+        PINGREQ,
+        PINGRESP,
+        DISCONNECT,
+        AUTH,
+    ] == list(range(1, 16))
+    classes = [
+        Connect,
+        Connack,
+        Publish,
+        Puback,
+        Pubrec,
+        Pubrel,
+        Pubcomp,
+        Subscribe,
+        Suback,
+        Unsubscribe,
+        Unsuback,
+        Pingreq,
+        Pingresp,
+        Disconnect,
+        Auth,
+    ]
     assert [cls.type for cls in classes] == list(range(1, 16))
     names = {
-        "PAYLOAD_FORMAT_INDICATOR": 0x01, "MESSAGE_EXPIRY_INTERVAL": 0x02, "CONTENT_TYPE": 0x03,
-        "RESPONSE_TOPIC": 0x08, "CORRELATION_DATA": 0x09, "SUBSCRIPTION_IDENTIFIER": 0x0B,
-        "SESSION_EXPIRY_INTERVAL": 0x11, "ASSIGNED_CLIENT_IDENTIFIER": 0x12, "SERVER_KEEP_ALIVE": 0x13,
-        "AUTHENTICATION_METHOD": 0x15, "AUTHENTICATION_DATA": 0x16,
-        "REQUEST_PROBLEM_INFORMATION": 0x17, "WILL_DELAY_INTERVAL": 0x18,
-        "REQUEST_RESPONSE_INFORMATION": 0x19, "RESPONSE_INFORMATION": 0x1A, "SERVER_REFERENCE": 0x1C,
-        "REASON_STRING": 0x1F, "RECEIVE_MAXIMUM": 0x21, "TOPIC_ALIAS_MAXIMUM": 0x22, "TOPIC_ALIAS": 0x23,
-        "MAXIMUM_QOS": 0x24, "RETAIN_AVAILABLE": 0x25, "USER_PROPERTY": 0x26,
-        "MAXIMUM_PACKET_SIZE": 0x27, "WILDCARD_SUBSCRIPTION_AVAILABLE": 0x28,
-        "SUBSCRIPTION_IDENTIFIER_AVAILABLE": 0x29, "SHARED_SUBSCRIPTION_AVAILABLE": 0x2A,
+        "PAYLOAD_FORMAT_INDICATOR": 0x01,
+        "MESSAGE_EXPIRY_INTERVAL": 0x02,
+        "CONTENT_TYPE": 0x03,
+        "RESPONSE_TOPIC": 0x08,
+        "CORRELATION_DATA": 0x09,
+        "SUBSCRIPTION_IDENTIFIER": 0x0B,
+        "SESSION_EXPIRY_INTERVAL": 0x11,
+        "ASSIGNED_CLIENT_IDENTIFIER": 0x12,
+        "SERVER_KEEP_ALIVE": 0x13,
+        "AUTHENTICATION_METHOD": 0x15,
+        "AUTHENTICATION_DATA": 0x16,
+        "REQUEST_PROBLEM_INFORMATION": 0x17,
+        "WILL_DELAY_INTERVAL": 0x18,
+        "REQUEST_RESPONSE_INFORMATION": 0x19,
+        "RESPONSE_INFORMATION": 0x1A,
+        "SERVER_REFERENCE": 0x1C,
+        "REASON_STRING": 0x1F,
+        "RECEIVE_MAXIMUM": 0x21,
+        "TOPIC_ALIAS_MAXIMUM": 0x22,
+        "TOPIC_ALIAS": 0x23,
+        "MAXIMUM_QOS": 0x24,
+        "RETAIN_AVAILABLE": 0x25,
+        "USER_PROPERTY": 0x26,
+        "MAXIMUM_PACKET_SIZE": 0x27,
+        "WILDCARD_SUBSCRIPTION_AVAILABLE": 0x28,
+        "SUBSCRIPTION_IDENTIFIER_AVAILABLE": 0x29,
+        "SHARED_SUBSCRIPTION_AVAILABLE": 0x2A,
     }
     assert {name: getattr(codec, name) for name in names} == names
     assert set(names.values()) == set(SPEC_PROPERTIES)
@@ -396,13 +523,26 @@ def test_constants_match_the_spec():
 
 def test_constructor_defaults_follow_the_contract():
     connect = Connect()
-    assert (connect.client_id, connect.clean_start, connect.keepalive, connect.protocol_version,
-            connect.protocol_name, connect.username, connect.password, connect.will,
-            connect.properties) == ("", True, 60, 4, "MQTT", None, None, None, {})
+    assert (
+        connect.client_id,
+        connect.clean_start,
+        connect.keepalive,
+        connect.protocol_version,
+        connect.protocol_name,
+        connect.username,
+        connect.password,
+        connect.will,
+        connect.properties,
+    ) == ("", True, 60, 4, "MQTT", None, None, None, {})
     assert Connect(protocol_version=3).protocol_name == "MQIsdp"
     publish = Publish("t")
     assert (publish.payload, publish.qos, publish.retain, publish.dup, publish.packet_id) == (
-        b"", 0, False, False, 0)
+        b"",
+        0,
+        False,
+        False,
+        0,
+    )
     sub = Subscription("f")
     assert (sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling) == (0, False, False, 0)
     assert Unsuback(1).reason_codes is None
@@ -438,17 +578,20 @@ def test_public_attributes_are_writable_and_typed():
 def test_publish_accepts_bytes_like_payload():
     assert Publish("t", bytearray(b"ab")).payload == b"ab"
     assert encode_publish("t", memoryview(b"cd"), 0, False, False, 0, None, 4) == encode(
-        Publish("t", b"cd"), 4)
+        Publish("t", b"cd"), 4
+    )
 
 
 # -- encoder --------------------------------------------------------------------------------
+
 
 @FAST
 @given(version=st.sampled_from(VERSIONS), data=st.data())
 def test_encode_publish_equals_generic_encode(version, data):
     p = data.draw(publishes(version))
-    assert encode_publish(p.topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, p.properties,
-                          version) == encode(p, version)
+    assert encode_publish(
+        p.topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, p.properties, version
+    ) == encode(p, version)
 
 
 @FAST
@@ -465,8 +608,9 @@ def test_append_publish_patches_packet_id_and_dup(version, data, packet_id, dup)
     want_id = packet_id if p.qos else 0
     assert first == Publish(p.topic, p.payload, p.qos, p.retain, dup and p.qos > 0, want_id, p.properties)
     assert second.packet_id == ((packet_id ^ 1 or 1) if p.qos else 0) and not second.dup
-    assert bytes(out[6:6 + len(template)]) == encode_publish(
-        p.topic, p.payload, p.qos, p.retain, dup and p.qos > 0, want_id, p.properties, version)
+    assert bytes(out[6 : 6 + len(template)]) == encode_publish(
+        p.topic, p.payload, p.qos, p.retain, dup and p.qos > 0, want_id, p.properties, version
+    )
 
 
 def test_append_publish_rejects_non_publish_and_bad_ids():
@@ -479,25 +623,28 @@ def test_append_publish_rejects_non_publish_and_bad_ids():
         append_publish(bytearray(), template[:5], 1, False)
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: encode_publish("t", b"", 3, False, False, 1, None, 4),
-    lambda: encode_publish("t", b"", 0, False, True, 0, None, 4),
-    lambda: encode_publish("a\x00b", b"", 0, False, False, 0, None, 4),
-    lambda: encode_publish("t" * 65536, b"", 0, False, False, 0, None, 4),
-    lambda: encode(Pingreq(), 6),
-    lambda: encode(Puback(1), 6),
-    lambda: encode(Puback(70000), 4),
-    lambda: encode(Auth(), 4),
-    lambda: encode(Connect(password=b"p", protocol_version=4), 4),
-    lambda: encode(Subscribe(1, []), 4),
-    lambda: encode(Unsubscribe(1, []), 5),
-    lambda: encode(Subscribe(1, [Subscription("a", retain_handling=3)]), 5),
-    lambda: encode(Publish("t", properties={0x11: 5}), 5),
-    lambda: encode(Publish("t", properties={0x7F: 5}), 5),
-    lambda: encode(Publish("t", properties={0x01: 256}), 5),
-    lambda: encode(Subscribe(1, [Subscription("a")], {0x0B: [1, 2]}), 5),
-    lambda: encode(Connack(properties={0x12: b"not str"}), 5),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: encode_publish("t", b"", 3, False, False, 1, None, 4),
+        lambda: encode_publish("t", b"", 0, False, True, 0, None, 4),
+        lambda: encode_publish("a\x00b", b"", 0, False, False, 0, None, 4),
+        lambda: encode_publish("t" * 65536, b"", 0, False, False, 0, None, 4),
+        lambda: encode(Pingreq(), 6),
+        lambda: encode(Puback(1), 6),
+        lambda: encode(Puback(70000), 4),
+        lambda: encode(Auth(), 4),
+        lambda: encode(Connect(password=b"p", protocol_version=4), 4),
+        lambda: encode(Subscribe(1, []), 4),
+        lambda: encode(Unsubscribe(1, []), 5),
+        lambda: encode(Subscribe(1, [Subscription("a", retain_handling=3)]), 5),
+        lambda: encode(Publish("t", properties={0x11: 5}), 5),
+        lambda: encode(Publish("t", properties={0x7F: 5}), 5),
+        lambda: encode(Publish("t", properties={0x01: 256}), 5),
+        lambda: encode(Subscribe(1, [Subscription("a")], {0x0B: [1, 2]}), 5),
+        lambda: encode(Connack(properties={0x12: b"not str"}), 5),
+    ],
+)
 def test_encoder_refuses_what_the_decoder_would_reject(bad):
     with pytest.raises((ValueError, TypeError, OverflowError)):
         bad()
@@ -523,8 +670,17 @@ def test_5_0_short_forms_of_acks_disconnect_and_auth():
 @pytest.mark.parametrize("kind", PROPERTY_KINDS)
 def test_property_table_of_the_encoder_matches_the_spec(kind):
     """Every property is accepted exactly where section 2.2.2.2 allows it (and Will Properties)."""
-    samples = {"bool": 1, "u16": 7, "u16nz": 7, "u32": 7, "u32nz": 7, "str": "s", "bin": b"b",
-               "pairs": [("k", "v")], "subid": [7]}
+    samples = {
+        "bool": 1,
+        "u16": 7,
+        "u16nz": 7,
+        "u32": 7,
+        "u32nz": 7,
+        "str": "s",
+        "bin": b"b",
+        "pairs": [("k", "v")],
+        "subid": [7],
+    }
     for pid, (value_kind, kinds) in SPEC_PROPERTIES.items():
         packet = packet_with_properties(kind, {pid: samples[value_kind]})
         if kind in kinds:
@@ -579,7 +735,7 @@ def test_properties_interoperate_with_paho(props):
     header = 2
     while encoded[header - 1] & 0x80:  # Remaining Length continuation bytes
         header += 1
-    block = encoded[header + 3:]  # after the fixed header and the topic "t" (3 bytes)
+    block = encoded[header + 3 :]  # after the fixed header and the topic "t" (3 bytes)
     theirs, _ = Properties(PacketTypes.PUBLISH).unpack(block)
     for pid, value in props.items():
         name = theirs.getNameFromIdent(pid).replace(" ", "")
@@ -593,6 +749,7 @@ def test_properties_interoperate_with_paho(props):
 
 
 # -- interop with real clients ---------------------------------------------------------------
+
 
 class OneConnectionPeer:
     """Accepts one client on 127.0.0.1 and talks to it only through the codec under test."""
@@ -633,8 +790,9 @@ def peer():
     p.close()
 
 
-mosquitto_clients = pytest.mark.skipif(shutil.which("mosquitto_pub") is None,
-                                       reason="mosquitto-clients not installed")
+mosquitto_clients = pytest.mark.skipif(
+    shutil.which("mosquitto_pub") is None, reason="mosquitto-clients not installed"
+)
 MOSQUITTO_VERSIONS = {3: "mqttv31", 4: "mqttv311", 5: "mqttv5"}
 
 
@@ -642,32 +800,82 @@ MOSQUITTO_VERSIONS = {3: "mqttv31", 4: "mqttv311", 5: "mqttv5"}
 @pytest.mark.parametrize("version", VERSIONS)
 def test_mosquitto_pub_session_decodes_and_accepts_our_replies(peer, version):
     """mosquitto_pub's CONNECT/PUBLISH/DISCONNECT decode; it accepts our CONNACK and PUBACK."""
-    args = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(peer.port), "-V", MOSQUITTO_VERSIONS[version],
-            "-i", "interop-pub", "-k", "30", "-q", "1", "-r", "-t", "interop/\u00e9t\u00e9",
-            "-m", "hello", "-u", "user", "-P", "secret", "--will-topic", "will/t",
-            "--will-payload", "gone", "--will-qos", "2", "--will-retain"]
+    args = [
+        "mosquitto_pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(peer.port),
+        "-V",
+        MOSQUITTO_VERSIONS[version],
+        "-i",
+        "interop-pub",
+        "-k",
+        "30",
+        "-q",
+        "1",
+        "-r",
+        "-t",
+        "interop/\u00e9t\u00e9",
+        "-m",
+        "hello",
+        "-u",
+        "user",
+        "-P",
+        "secret",
+        "--will-topic",
+        "will/t",
+        "--will-payload",
+        "gone",
+        "--will-qos",
+        "2",
+        "--will-retain",
+    ]
     if version == 5:
-        args += ["-D", "connect", "user-property", "k", "v", "-D", "publish", "content-type", "text/plain",
-                 "-D", "publish", "message-expiry-interval", "99"]
+        args += [
+            "-D",
+            "connect",
+            "user-property",
+            "k",
+            "v",
+            "-D",
+            "publish",
+            "content-type",
+            "text/plain",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            "99",
+        ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         peer.accept()
         connect = peer.receive()
         assert isinstance(connect, Connect)
-        assert (connect.protocol_version, connect.protocol_name) == (version, "MQIsdp" if version == 3 else "MQTT")
+        assert (connect.protocol_version, connect.protocol_name) == (
+            version,
+            "MQIsdp" if version == 3 else "MQTT",
+        )
         assert (connect.client_id, connect.keepalive, connect.username, connect.password) == (
-            "interop-pub", 30, "user", b"secret")
+            "interop-pub",
+            30,
+            "user",
+            b"secret",
+        )
         assert connect.will == Will("will/t", b"gone", 2, True)
         if version == 5:
             assert connect.properties[codec.USER_PROPERTY] == [("k", "v")]
         peer.send(Connack(False, 0), version)
         publish = peer.receive()
         assert (publish.topic, publish.payload, publish.qos, publish.retain) == (
-            "interop/\u00e9t\u00e9", b"hello", 1, True)
+            "interop/\u00e9t\u00e9",
+            b"hello",
+            1,
+            True,
+        )
         assert publish.packet_id > 0
         if version == 5:
-            assert publish.properties == {codec.CONTENT_TYPE: "text/plain",
-                                          codec.MESSAGE_EXPIRY_INTERVAL: 99}
+            assert publish.properties == {codec.CONTENT_TYPE: "text/plain", codec.MESSAGE_EXPIRY_INTERVAL: 99}
         peer.send(Puback(publish.packet_id), version)
         assert isinstance(peer.receive(), Disconnect)
         assert proc.wait(timeout=20) == 0, proc.stderr.read()
@@ -680,8 +888,26 @@ def test_mosquitto_pub_session_decodes_and_accepts_our_replies(peer, version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_mosquitto_sub_receives_our_publish(peer, version):
     """mosquitto_sub's SUBSCRIBE decodes; it prints the PUBLISH we encode and acknowledges it."""
-    args = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(peer.port), "-V", MOSQUITTO_VERSIONS[version],
-            "-i", "interop-sub", "-q", "2", "-t", "a/#", "-t", "b/+", "-C", "1", "-v"]
+    args = [
+        "mosquitto_sub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(peer.port),
+        "-V",
+        MOSQUITTO_VERSIONS[version],
+        "-i",
+        "interop-sub",
+        "-q",
+        "2",
+        "-t",
+        "a/#",
+        "-t",
+        "b/+",
+        "-C",
+        "1",
+        "-v",
+    ]
     if version == 5:
         args += ["-D", "subscribe", "subscription-identifier", "42"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -695,8 +921,10 @@ def test_mosquitto_sub_receives_our_publish(peer, version):
         if version == 5:
             assert subscribe.properties == {codec.SUBSCRIPTION_IDENTIFIER: [42]}
         peer.send(Suback(subscribe.packet_id, [2, 2]), version)
-        peer.send(Publish("a/b/c", b"from fluxmq", 1, packet_id=77,
-                          properties={codec.USER_PROPERTY: [("x", "y")]}), version)
+        peer.send(
+            Publish("a/b/c", b"from fluxmq", 1, packet_id=77, properties={codec.USER_PROPERTY: [("x", "y")]}),
+            version,
+        )
         assert peer.receive() == Puback(77)
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
@@ -718,8 +946,11 @@ def test_paho_client_session_round_trips_through_the_codec(peer, version):
     v5 = version == 5
     events: dict[str, object] = {}
     done = {name: threading.Event() for name in ("connect", "subscribe", "message", "unsubscribe")}
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-interop",
-                         protocol={3: mqtt.MQTTv31, 4: mqtt.MQTTv311, 5: mqtt.MQTTv5}[version])
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id="paho-interop",
+        protocol={3: mqtt.MQTTv31, 4: mqtt.MQTTv311, 5: mqtt.MQTTv5}[version],
+    )
     client.username_pw_set("alice", "pw")
     will_props = None
     if v5:
@@ -729,8 +960,11 @@ def test_paho_client_session_round_trips_through_the_codec(peer, version):
     client.will_set("will/topic", b"bye", 1, True, properties=will_props)
 
     def on_connect(_c, _u, flags, reason_code, properties):
-        events["connack"] = (flags.session_present, reason_code.value,
-                             getattr(properties, "AssignedClientIdentifier", None))
+        events["connack"] = (
+            flags.session_present,
+            reason_code.value,
+            getattr(properties, "AssignedClientIdentifier", None),
+        )
         done["connect"].set()
 
     def on_subscribe(_c, _u, mid, reason_codes, _p):
@@ -738,8 +972,13 @@ def test_paho_client_session_round_trips_through_the_codec(peer, version):
         done["subscribe"].set()
 
     def on_message(_c, _u, msg):
-        events["message"] = (msg.topic, msg.payload, msg.qos, msg.retain,
-                             getattr(msg.properties, "UserProperty", None) if v5 else None)
+        events["message"] = (
+            msg.topic,
+            msg.payload,
+            msg.qos,
+            msg.retain,
+            getattr(msg.properties, "UserProperty", None) if v5 else None,
+        )
         done["message"].set()
 
     def on_unsubscribe(_c, _u, mid, _rc, _p):
@@ -760,10 +999,15 @@ def test_paho_client_session_round_trips_through_the_codec(peer, version):
     try:
         peer.accept()
         connect = peer.receive()
-        assert (connect.client_id, connect.keepalive, connect.protocol_version) == ("paho-interop", 45, version)
+        assert (connect.client_id, connect.keepalive, connect.protocol_version) == (
+            "paho-interop",
+            45,
+            version,
+        )
         assert (connect.username, connect.password) == ("alice", b"pw")
-        assert connect.will == Will("will/topic", b"bye", 1, True,
-                                    {0x18: 10, 0x26: [("w", "1")]} if v5 else None)
+        assert connect.will == Will(
+            "will/topic", b"bye", 1, True, {0x18: 10, 0x26: [("w", "1")]} if v5 else None
+        )
         if v5:
             assert connect.properties == {0x11: 3600, 0x21: 20}
         peer.send(Connack(version >= 4, 0, {0x12: "assigned-id", 0x21: 10} if v5 else None), version)
@@ -773,9 +1017,13 @@ def test_paho_client_session_round_trips_through_the_codec(peer, version):
         if v5:
             sub_props = Properties(PacketTypes.SUBSCRIBE)
             sub_props.SubscriptionIdentifier = 5
-            client.subscribe([("x/+", SubscribeOptions(1, noLocal=True, retainAsPublished=True,
-                                                       retainHandling=2)),
-                              ("y/#", SubscribeOptions(2))], properties=sub_props)
+            client.subscribe(
+                [
+                    ("x/+", SubscribeOptions(1, noLocal=True, retainAsPublished=True, retainHandling=2)),
+                    ("y/#", SubscribeOptions(2)),
+                ],
+                properties=sub_props,
+            )
         else:
             client.subscribe([("x/+", 1), ("y/#", 2)])
         subscribe = peer.receive()
@@ -786,14 +1034,29 @@ def test_paho_client_session_round_trips_through_the_codec(peer, version):
         assert done["subscribe"].wait(20)
         assert events["suback"] == (subscribe.packet_id, [1, 2])
 
-        peer.send(Publish("x/1", b"\x00\x01payload", 2, True, False, 300,
-                          {0x26: [("a", "b"), ("a", "c")], 0x0B: [5]} if v5 else None), version)
+        peer.send(
+            Publish(
+                "x/1",
+                b"\x00\x01payload",
+                2,
+                True,
+                False,
+                300,
+                {0x26: [("a", "b"), ("a", "c")], 0x0B: [5]} if v5 else None,
+            ),
+            version,
+        )
         assert peer.receive() == Pubrec(300)
         peer.send(Pubrel(300), version)
         assert peer.receive() == Pubcomp(300)
         assert done["message"].wait(20)
-        assert events["message"] == ("x/1", b"\x00\x01payload", 2, True,
-                                     [("a", "b"), ("a", "c")] if v5 else None)
+        assert events["message"] == (
+            "x/1",
+            b"\x00\x01payload",
+            2,
+            True,
+            [("a", "b"), ("a", "c")] if v5 else None,
+        )
 
         pub_props = None
         if v5:

@@ -75,16 +75,25 @@ def prop(pid: int, value: bytes) -> bytes:
     return bytes([pid]) + value
 
 
-def connect_v(level: int = 4, flags: int = 0x02, tail: bytes = s(b"cid"), name: bytes | None = None,
-              props: bytes = b"") -> bytes:
+def connect_v(
+    level: int = 4, flags: int = 0x02, tail: bytes = s(b"cid"), name: bytes | None = None, props: bytes = b""
+) -> bytes:
     if name is None:
         name = b"MQIsdp" if level == 3 else b"MQTT"
     return frame(0x10, s(name) + bytes([level, flags]) + b"\x00\x3c" + props + tail)
 
 
-SAMPLE_VALUE = {"bool": b"\x01", "u16": b"\x00\x07", "u16nz": b"\x00\x07", "u32": b"\x00\x00\x00\x07",
-                "u32nz": b"\x00\x00\x00\x07", "subid": b"\x07", "str": s(b"x"), "bin": s(b"x"),
-                "pairs": s(b"k") + s(b"v")}
+SAMPLE_VALUE = {
+    "bool": b"\x01",
+    "u16": b"\x00\x07",
+    "u16nz": b"\x00\x07",
+    "u32": b"\x00\x00\x00\x07",
+    "u32nz": b"\x00\x00\x00\x07",
+    "subid": b"\x07",
+    "str": s(b"x"),
+    "bin": s(b"x"),
+    "pairs": s(b"k") + s(b"v"),
+}
 
 
 def with_properties(kind, props: bytes) -> bytes:
@@ -119,11 +128,12 @@ def rejects(data: bytes, error: type[Exception], version: int = 4, **kwargs) -> 
     decoder = Decoder(version=version, **kwargs)
     with pytest.raises(error):
         for i in range(len(data)):
-            decoder.feed(data[i:i + 1])
+            decoder.feed(data[i : i + 1])
     return info.value
 
 
 # -- fixed header -----------------------------------------------------------------------------
+
 
 def test_remaining_length_of_more_than_four_bytes_is_malformed():
     """MQTT 5.0 1.5.5 / 3.1.1 2.2.3: the Remaining Length is at most four bytes."""
@@ -147,10 +157,17 @@ def test_packet_type_15_is_reserved_before_5_0(version):
     assert len(Decoder(version=5).feed(b"\xf0\x00")) == 1
 
 
-@pytest.mark.parametrize(("name", "first"), [
-    ("PUBREL", 0x60), ("PUBREL", 0x63), ("SUBSCRIBE", 0x80), ("SUBSCRIBE", 0x83),
-    ("UNSUBSCRIBE", 0xA0), ("UNSUBSCRIBE", 0xA6),
-])
+@pytest.mark.parametrize(
+    ("name", "first"),
+    [
+        ("PUBREL", 0x60),
+        ("PUBREL", 0x63),
+        ("SUBSCRIBE", 0x80),
+        ("SUBSCRIBE", 0x83),
+        ("UNSUBSCRIBE", 0xA0),
+        ("UNSUBSCRIBE", 0xA6),
+    ],
+)
 def test_pubrel_subscribe_unsubscribe_need_flags_0010(name, first):
     """MQTT-3.6.1-1, MQTT-3.8.1-1, MQTT-3.10.1-1: the reserved flags are 0,0,1,0."""
     rejects(bytes([first]) + b"\x00", MalformedPacket)
@@ -194,34 +211,41 @@ def test_packet_too_large_is_raised_from_the_fixed_header_alone():
 
 # -- body length --------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("version", "data"), [
-    (4, frame(0x30, b"\x00\x09abc")),                     # topic longer than the packet
-    (4, frame(0x32, s(b"t") + b"\x00")),                  # packet id cut short
-    (5, frame(0x30, s(b"t"))),                            # property length missing
-    (5, frame(0x30, s(b"t") + b"\x05\x01")),              # property length beyond the packet
-    (5, frame(0x30, s(b"t") + b"\x02\x02\x00")),          # four-byte property cut short
-    (4, connect_v(4, 0x02, b"\x00")),                     # client id length cut short
-    (4, frame(0x20, b"\x00")),                            # CONNACK without return code
-    (4, frame(0x40, b"\x00")),                            # PUBACK without packet id
-    (5, frame(0x82, b"\x00\x01\x00" + s(b"a"))),          # subscription options missing
-])
+
+@pytest.mark.parametrize(
+    ("version", "data"),
+    [
+        (4, frame(0x30, b"\x00\x09abc")),  # topic longer than the packet
+        (4, frame(0x32, s(b"t") + b"\x00")),  # packet id cut short
+        (5, frame(0x30, s(b"t"))),  # property length missing
+        (5, frame(0x30, s(b"t") + b"\x05\x01")),  # property length beyond the packet
+        (5, frame(0x30, s(b"t") + b"\x02\x02\x00")),  # four-byte property cut short
+        (4, connect_v(4, 0x02, b"\x00")),  # client id length cut short
+        (4, frame(0x20, b"\x00")),  # CONNACK without return code
+        (4, frame(0x40, b"\x00")),  # PUBACK without packet id
+        (5, frame(0x82, b"\x00\x01\x00" + s(b"a"))),  # subscription options missing
+    ],
+)
 def test_body_shorter_than_its_fields_is_malformed(version, data):
     """MQTT 5.0 2.1.4 / 1.5: fields must fit in the Remaining Length."""
     rejects(data, MalformedPacket, version=version)
 
 
-@pytest.mark.parametrize(("version", "data"), [
-    (4, frame(0xC0, b"\x00")),                              # PINGREQ with a body
-    (4, frame(0xD0, b"\x00")),                              # PINGRESP with a body
-    (4, frame(0x40, b"\x00\x01\x00")),                      # 3.1.1 PUBACK of 3 bytes
-    (4, frame(0xB0, b"\x00\x01\x00")),                      # 3.1.1 UNSUBACK with codes
-    (4, frame(0xE0, b"\x00")),                              # 3.1.1 DISCONNECT with a body
-    (4, frame(0x20, b"\x00\x00\x00")),                      # CONNACK of 3 bytes in 3.1.1
-    (4, connect_v(4, 0x02, s(b"cid") + b"\x00")),           # CONNECT with a stray byte
-    (5, frame(0x40, b"\x00\x01\x10\x00\x00")),              # PUBACK with bytes after the properties
-    (5, frame(0xE0, b"\x00\x00\x00")),                      # DISCONNECT with bytes after the properties
-    (5, frame(0x20, b"\x00\x00\x00\x00")),                  # CONNACK with bytes after the properties
-])
+@pytest.mark.parametrize(
+    ("version", "data"),
+    [
+        (4, frame(0xC0, b"\x00")),  # PINGREQ with a body
+        (4, frame(0xD0, b"\x00")),  # PINGRESP with a body
+        (4, frame(0x40, b"\x00\x01\x00")),  # 3.1.1 PUBACK of 3 bytes
+        (4, frame(0xB0, b"\x00\x01\x00")),  # 3.1.1 UNSUBACK with codes
+        (4, frame(0xE0, b"\x00")),  # 3.1.1 DISCONNECT with a body
+        (4, frame(0x20, b"\x00\x00\x00")),  # CONNACK of 3 bytes in 3.1.1
+        (4, connect_v(4, 0x02, s(b"cid") + b"\x00")),  # CONNECT with a stray byte
+        (5, frame(0x40, b"\x00\x01\x10\x00\x00")),  # PUBACK with bytes after the properties
+        (5, frame(0xE0, b"\x00\x00\x00")),  # DISCONNECT with bytes after the properties
+        (5, frame(0x20, b"\x00\x00\x00\x00")),  # CONNACK with bytes after the properties
+    ],
+)
 def test_bytes_left_over_inside_a_packet_are_malformed(version, data):
     """MQTT 5.0 2.1.4: the Remaining Length is exactly the variable header plus payload."""
     rejects(data, MalformedPacket, version=version)
@@ -245,8 +269,7 @@ def test_ill_formed_utf8_is_malformed(bad, where):
     rejects(data, MalformedPacket, version=5 if where == "user_property" else 4)
 
 
-@pytest.mark.parametrize("where", ["topic", "client_id", "username", "will_topic", "filter",
-                                   "reason_string"])
+@pytest.mark.parametrize("where", ["topic", "client_id", "username", "will_topic", "filter", "reason_string"])
 def test_null_character_in_a_string_is_malformed(where):
     """MQTT-1.5.4-2 (3.1.1 MQTT-1.5.3-2): a UTF-8 string must not include U+0000."""
     data = {
@@ -300,16 +323,20 @@ def test_wildcard_or_empty_will_topic_is_invalid():
 
 # -- packet identifiers --------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("version", "data"), [
-    (4, frame(0x32, s(b"t") + b"\x00\x00")),
-    (5, frame(0x34, s(b"t") + b"\x00\x00\x00")),
-    (4, frame(0x82, b"\x00\x00" + s(b"a") + b"\x00")),
-    (4, frame(0xA2, b"\x00\x00" + s(b"a"))),
-    (4, frame(0x40, b"\x00\x00")),
-    (5, frame(0x62, b"\x00\x00")),
-    (4, frame(0x90, b"\x00\x00\x00")),
-    (4, frame(0xB0, b"\x00\x00")),
-])
+
+@pytest.mark.parametrize(
+    ("version", "data"),
+    [
+        (4, frame(0x32, s(b"t") + b"\x00\x00")),
+        (5, frame(0x34, s(b"t") + b"\x00\x00\x00")),
+        (4, frame(0x82, b"\x00\x00" + s(b"a") + b"\x00")),
+        (4, frame(0xA2, b"\x00\x00" + s(b"a"))),
+        (4, frame(0x40, b"\x00\x00")),
+        (5, frame(0x62, b"\x00\x00")),
+        (4, frame(0x90, b"\x00\x00\x00")),
+        (4, frame(0xB0, b"\x00\x00")),
+    ],
+)
 def test_packet_identifier_zero_is_a_protocol_error(version, data):
     """MQTT-2.2.1-3: SUBSCRIBE, UNSUBSCRIBE and QoS>0 PUBLISH need a non-zero Packet Identifier
     (and the acknowledgements echo one, so 0 is never valid there either)."""
@@ -318,6 +345,7 @@ def test_packet_identifier_zero_is_a_protocol_error(version, data):
 
 
 # -- SUBSCRIBE / UNSUBSCRIBE -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("version", [4, 5])
 def test_subscribe_without_subscriptions_is_a_protocol_error(version):
@@ -356,6 +384,7 @@ def test_subscription_qos_3():
 
 # -- CONNECT ---------------------------------------------------------------------------------
 
+
 def test_connect_reserved_flag_is_malformed():
     """MQTT-3.1.2-3: the reserved flag in the CONNECT flags must be 0."""
     rejects(connect_v(4, 0x03), MalformedPacket, version=0)
@@ -383,10 +412,19 @@ def test_password_without_username_is_malformed_in_3_1_1():
     assert (connect.username, connect.password) == (None, b"pw")
 
 
-@pytest.mark.parametrize(("name", "level"), [
-    (b"MQTT", 6), (b"MQTT", 2), (b"MQTT", 0x84), (b"MQTT", 3), (b"MQIsdp", 4), (b"MQIsdp", 5),
-    (b"HTTP", 4), (b"", 4),
-])
+@pytest.mark.parametrize(
+    ("name", "level"),
+    [
+        (b"MQTT", 6),
+        (b"MQTT", 2),
+        (b"MQTT", 0x84),
+        (b"MQTT", 3),
+        (b"MQIsdp", 4),
+        (b"MQIsdp", 5),
+        (b"HTTP", 4),
+        (b"", 4),
+    ],
+)
 def test_unknown_protocol_name_or_level_is_unsupported(name, level):
     """MQTT-3.1.2-1 and MQTT-3.1.2-2: reply 0x84 (3.1.1 return code 1) to an unknown name/level."""
     err = rejects(connect_v(level, 0x02, name=name), UnsupportedProtocolVersion, version=0)
@@ -407,10 +445,27 @@ def test_connack_reserved_flags_are_malformed():
 
 # -- properties -----------------------------------------------------------------------------
 
-NOT_ALLOWED = [(pid, kind) for pid, (_, kinds) in SPEC_PROPERTIES.items()
-               for kind in (WILL, CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
-                            SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, DISCONNECT, AUTH)
-               if kind not in kinds]
+NOT_ALLOWED = [
+    (pid, kind)
+    for pid, (_, kinds) in SPEC_PROPERTIES.items()
+    for kind in (
+        WILL,
+        CONNECT,
+        CONNACK,
+        PUBLISH,
+        PUBACK,
+        PUBREC,
+        PUBREL,
+        PUBCOMP,
+        SUBSCRIBE,
+        SUBACK,
+        UNSUBSCRIBE,
+        UNSUBACK,
+        DISCONNECT,
+        AUTH,
+    )
+    if kind not in kinds
+]
 ALLOWED = [(pid, kind) for pid, (_, kinds) in SPEC_PROPERTIES.items() for kind in kinds]
 
 
@@ -431,8 +486,9 @@ def test_property_allowed_in_the_packet_type_decodes(pid, kind):
     assert props == {pid: expected}
 
 
-SINGLE_USE = [(pid, sorted(kinds, key=str)[0]) for pid, (_, kinds) in SPEC_PROPERTIES.items()
-              if pid != 0x26] + [(0x0B, SUBSCRIBE)]
+SINGLE_USE = [
+    (pid, sorted(kinds, key=str)[0]) for pid, (_, kinds) in SPEC_PROPERTIES.items() if pid != 0x26
+] + [(0x0B, SUBSCRIBE)]
 
 
 @pytest.mark.parametrize(("pid", "kind"), SINGLE_USE)
@@ -448,28 +504,41 @@ def test_duplicated_single_use_property_is_a_protocol_error(pid, kind):
 def test_user_properties_and_publish_subscription_ids_may_repeat_in_order():
     """MQTT 5.0 3.3.2.3.7 / 3.3.2.3.8: user properties keep order and duplicates; PUBLISH may carry
     several Subscription Identifiers."""
-    data = frame(0x30, s(b"t") + block(prop(0x26, s(b"a") + s(b"1")), prop(0x0B, b"\x02"),
-                                       prop(0x26, s(b"a") + s(b"1")), prop(0x26, s(b"b") + s(b"2")),
-                                       prop(0x0B, b"\x80\x01")))
+    data = frame(
+        0x30,
+        s(b"t")
+        + block(
+            prop(0x26, s(b"a") + s(b"1")),
+            prop(0x0B, b"\x02"),
+            prop(0x26, s(b"a") + s(b"1")),
+            prop(0x26, s(b"b") + s(b"2")),
+            prop(0x0B, b"\x80\x01"),
+        ),
+    )
     assert Decoder(version=5).feed(data)[0].properties == {
-        0x26: [("a", "1"), ("a", "1"), ("b", "2")], 0x0B: [2, 128]}
+        0x26: [("a", "1"), ("a", "1"), ("b", "2")],
+        0x0B: [2, 128],
+    }
 
 
-@pytest.mark.parametrize(("pid", "kind", "value"), [
-    (0x0B, PUBLISH, b"\x00"),            # Subscription Identifier 0 (3.3.2.3.8)
-    (0x0B, SUBSCRIBE, b"\x00"),          # (3.8.2.1.2)
-    (0x21, CONNECT, b"\x00\x00"),        # Receive Maximum 0 (3.1.2.11.3)
-    (0x27, CONNACK, b"\x00\x00\x00\x00"),  # Maximum Packet Size 0 (3.2.2.3.6)
-    (0x23, PUBLISH, b"\x00\x00"),        # Topic Alias 0 (3.3.2.3.4)
-    (0x17, CONNECT, b"\x02"),            # Request Problem Information not 0/1 (3.1.2.11.7)
-    (0x19, CONNECT, b"\x02"),            # Request Response Information not 0/1 (3.1.2.11.6)
-    (0x24, CONNACK, b"\x02"),            # Maximum QoS not 0/1 (3.2.2.3.4)
-    (0x25, CONNACK, b"\x02"),            # Retain Available not 0/1 (3.2.2.3.5)
-    (0x01, PUBLISH, b"\x02"),            # Payload Format Indicator not 0/1 (3.3.2.3.2)
-    (0x28, CONNACK, b"\x05"),
-    (0x29, CONNACK, b"\x05"),
-    (0x2A, CONNACK, b"\x05"),
-])
+@pytest.mark.parametrize(
+    ("pid", "kind", "value"),
+    [
+        (0x0B, PUBLISH, b"\x00"),  # Subscription Identifier 0 (3.3.2.3.8)
+        (0x0B, SUBSCRIBE, b"\x00"),  # (3.8.2.1.2)
+        (0x21, CONNECT, b"\x00\x00"),  # Receive Maximum 0 (3.1.2.11.3)
+        (0x27, CONNACK, b"\x00\x00\x00\x00"),  # Maximum Packet Size 0 (3.2.2.3.6)
+        (0x23, PUBLISH, b"\x00\x00"),  # Topic Alias 0 (3.3.2.3.4)
+        (0x17, CONNECT, b"\x02"),  # Request Problem Information not 0/1 (3.1.2.11.7)
+        (0x19, CONNECT, b"\x02"),  # Request Response Information not 0/1 (3.1.2.11.6)
+        (0x24, CONNACK, b"\x02"),  # Maximum QoS not 0/1 (3.2.2.3.4)
+        (0x25, CONNACK, b"\x02"),  # Retain Available not 0/1 (3.2.2.3.5)
+        (0x01, PUBLISH, b"\x02"),  # Payload Format Indicator not 0/1 (3.3.2.3.2)
+        (0x28, CONNACK, b"\x05"),
+        (0x29, CONNACK, b"\x05"),
+        (0x2A, CONNACK, b"\x05"),
+    ],
+)
 def test_property_values_outside_their_range_are_protocol_errors(pid, kind, value):
     """The property definitions make these values a Protocol Error."""
     with pytest.raises(ProtocolError):
@@ -491,8 +560,28 @@ def test_subscription_identifier_longer_than_four_bytes_is_malformed():
 
 # -- fuzzing ---------------------------------------------------------------------------------
 
-FIRST_BYTES = [0x10, 0x20, 0x30, 0x31, 0x32, 0x35, 0x3B, 0x3C, 0x40, 0x50, 0x62, 0x70, 0x82, 0x90,
-               0xA2, 0xB0, 0xC0, 0xD0, 0xE0, 0xF0]
+FIRST_BYTES = [
+    0x10,
+    0x20,
+    0x30,
+    0x31,
+    0x32,
+    0x35,
+    0x3B,
+    0x3C,
+    0x40,
+    0x50,
+    0x62,
+    0x70,
+    0x82,
+    0x90,
+    0xA2,
+    0xB0,
+    0xC0,
+    0xD0,
+    0xE0,
+    0xF0,
+]
 FRAMES = st.builds(frame, st.sampled_from(FIRST_BYTES), st.binary(max_size=48))
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -517,8 +606,11 @@ def check_only_mqtt_errors(data: bytes, version: int, max_packet_size: int = 0) 
 
 
 @FUZZ
-@given(data=st.binary(max_size=256), version=st.sampled_from([0, 3, 4, 5]),
-       max_packet_size=st.sampled_from([0, 40]))
+@given(
+    data=st.binary(max_size=256),
+    version=st.sampled_from([0, 3, 4, 5]),
+    max_packet_size=st.sampled_from([0, 40]),
+)
 def test_random_bytes_raise_only_mqtt_errors(data, version, max_packet_size):
     """No IndexError, UnicodeDecodeError, crash or hang on arbitrary input."""
     check_only_mqtt_errors(data, version, max_packet_size)

@@ -68,42 +68,71 @@ def test_empty_levels_are_distinct_topics() -> None:
     assert trie.get("a/") == "a/"
 
 
-@pytest.mark.parametrize(("topic_filter", "expected"), [
-    ("sport/tennis/player1/#", ["sport/tennis/player1", "sport/tennis/player1/ranking",
-                                "sport/tennis/player1/score/wimbledon"]),
-    ("sport/#", ["sport", "sport/tennis/player1", "sport/tennis/player1/ranking",
-                 "sport/tennis/player1/score/wimbledon", "sport/tennis/player2"]),
-    ("sport/tennis/+", ["sport/tennis/player1", "sport/tennis/player2"]),
-    ("sport/+", []),
-    ("+/tennis/#", ["sport/tennis/player1", "sport/tennis/player1/ranking",
-                    "sport/tennis/player1/score/wimbledon", "sport/tennis/player2"]),
-    ("+", ["sport"]),
-    ("sport", ["sport"]),
-    ("sport/tennis/player1/score/wimbledon", ["sport/tennis/player1/score/wimbledon"]),
-    ("sport/tennis/player3", []),
-])
+@pytest.mark.parametrize(
+    ("topic_filter", "expected"),
+    [
+        (
+            "sport/tennis/player1/#",
+            ["sport/tennis/player1", "sport/tennis/player1/ranking", "sport/tennis/player1/score/wimbledon"],
+        ),
+        (
+            "sport/#",
+            [
+                "sport",
+                "sport/tennis/player1",
+                "sport/tennis/player1/ranking",
+                "sport/tennis/player1/score/wimbledon",
+                "sport/tennis/player2",
+            ],
+        ),
+        ("sport/tennis/+", ["sport/tennis/player1", "sport/tennis/player2"]),
+        ("sport/+", []),
+        (
+            "+/tennis/#",
+            [
+                "sport/tennis/player1",
+                "sport/tennis/player1/ranking",
+                "sport/tennis/player1/score/wimbledon",
+                "sport/tennis/player2",
+            ],
+        ),
+        ("+", ["sport"]),
+        ("sport", ["sport"]),
+        ("sport/tennis/player1/score/wimbledon", ["sport/tennis/player1/score/wimbledon"]),
+        ("sport/tennis/player3", []),
+    ],
+)
 def test_match_spec_examples_mqtt_4_7_1(topic_filter: str, expected: list[str]) -> None:
     """MQTT-4.7.1-2 ('#' includes the parent level) and MQTT-4.7.1-3 ('+' is exactly one level)."""
     trie = RetainedTrie()
-    for topic in ["sport", "sport/tennis/player1", "sport/tennis/player1/ranking",
-                  "sport/tennis/player1/score/wimbledon", "sport/tennis/player2"]:
+    for topic in [
+        "sport",
+        "sport/tennis/player1",
+        "sport/tennis/player1/ranking",
+        "sport/tennis/player1/score/wimbledon",
+        "sport/tennis/player2",
+    ]:
         trie.set(topic, topic)
     assert retained(trie, topic_filter) == sorted(expected)
 
 
-@pytest.mark.parametrize(("topic_filter", "expected"), [
-    ("#", ["a", "a/$b"]),
-    ("+", ["a"]),
-    ("+/+", ["a/$b"]),
-    ("+/#", ["a", "a/$b"]),
-    ("$SYS/#", ["$SYS", "$SYS/load"]),
-    ("$SYS/+", ["$SYS/load"]),
-    ("$+/x", []),
-    ("$/x", ["$/x"]),
-    ("$/+", ["$/x"]),
-])
+@pytest.mark.parametrize(
+    ("topic_filter", "expected"),
+    [
+        ("#", ["a", "a/$b"]),
+        ("+", ["a"]),
+        ("+/+", ["a/$b"]),
+        ("+/#", ["a", "a/$b"]),
+        ("$SYS/#", ["$SYS", "$SYS/load"]),
+        ("$SYS/+", ["$SYS/load"]),
+        ("$+/x", []),
+        ("$/x", ["$/x"]),
+        ("$/+", ["$/x"]),
+    ],
+)
 def test_dollar_topics_not_matched_by_leading_wildcards_mqtt_4_7_2_1(
-        topic_filter: str, expected: list[str]) -> None:
+    topic_filter: str, expected: list[str]
+) -> None:
     """MQTT-4.7.2-1: retained '$' topics are not returned for filters starting with '+' or '#'."""
     trie = RetainedTrie()
     for topic in ["$SYS", "$SYS/load", "a", "a/$b", "$/x"]:
@@ -176,7 +205,9 @@ def test_deep_topic_match() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(TOPICS, max_size=30), st.lists(TOPICS, max_size=10), st.lists(FILTERS, min_size=1, max_size=10))
+@given(
+    st.lists(TOPICS, max_size=30), st.lists(TOPICS, max_size=10), st.lists(FILTERS, min_size=1, max_size=10)
+)
 def test_match_agrees_with_scan(topics: list[str], deleted: list[str], filters: list[str]) -> None:
     trie = RetainedTrie()
     model = {}

@@ -15,7 +15,7 @@ def reference_filter_valid(f: str) -> bool:
     if not f or "\0" in f or "\ud800" in f or len(f.encode("utf-8", "surrogatepass")) > 65535:
         return False
     if f.startswith("$share/"):
-        group, sep, inner = f[len("$share/"):].partition("/")
+        group, sep, inner = f[len("$share/") :].partition("/")
         if not sep or not group or "+" in group or "#" in group or not inner:
             return False
         f = inner
@@ -29,11 +29,13 @@ def reference_filter_valid(f: str) -> bool:
 
 
 def reference_topic_valid(t: str) -> bool:
-    return (bool(t) and not any(c in t for c in "+#\0\ud800")
-            and len(t.encode("utf-8", "surrogatepass")) <= 65535)
+    return (
+        bool(t) and not any(c in t for c in "+#\0\ud800") and len(t.encode("utf-8", "surrogatepass")) <= 65535
+    )
 
 
 # -- topic names ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("topic", ["a", "/", "a//b", "/a", "a/", "$SYS/broker/load", "ü/ß/水", "a b/c"])
 def test_valid_topic_names(topic: str) -> None:
@@ -90,10 +92,30 @@ def test_errors_carry_mqtt5_reason_codes() -> None:
 
 # -- topic filters ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("f", [
-    "#", "+", "a/#", "+/+", "/+", "+/", "a//#", "sport/+/player1", "+/tennis/#", "$SYS/#", "a", "/",
-    "$share", "$sharex/a", "$share/g/#", "$share/g/a/+/b", "$share/g//", "$share/g/$share/h/x",
-])
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        "#",
+        "+",
+        "a/#",
+        "+/+",
+        "/+",
+        "+/",
+        "a//#",
+        "sport/+/player1",
+        "+/tennis/#",
+        "$SYS/#",
+        "a",
+        "/",
+        "$share",
+        "$sharex/a",
+        "$share/g/#",
+        "$share/g/a/+/b",
+        "$share/g//",
+        "$share/g/$share/h/x",
+    ],
+)
 def test_valid_filters(f: str) -> None:
     validate_filter(f)
 
@@ -137,7 +159,9 @@ def test_shared_filter_needs_share_name_mqtt_4_8_2_1() -> None:
         validate_filter("$share//a/b")
 
 
-@pytest.mark.parametrize("f", ["$share/g", "$share/", "$share/g+/a", "$share/g#/a", "$share/+/a", "$share/g/"])
+@pytest.mark.parametrize(
+    "f", ["$share/g", "$share/", "$share/g+/a", "$share/g#/a", "$share/+/a", "$share/g/"]
+)
 def test_shared_filter_share_name_rules_mqtt_4_8_2_2(f: str) -> None:
     """MQTT-4.8.2-2: the share name has no '/', '+' or '#' and is followed by '/' and a topic filter."""
     with pytest.raises(TopicFilterInvalid, match="4.8.2-2"):

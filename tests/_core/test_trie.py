@@ -74,20 +74,24 @@ def test_spec_examples_mqtt_4_7_1(topic_filter: str, topic: str, expected: bool)
     assert (trie.match(topic).subscribers == ["v"]) is expected  # ...and so does the trie
 
 
-@pytest.mark.parametrize(("topic_filter", "topic", "expected"), [
-    ("#", "$SYS/broker/clients", False),
-    ("+/monitor/Clients", "$SYS/monitor/Clients", False),
-    ("+", "$SYS", False),
-    ("+/#", "$SYS/x", False),
-    ("$SYS/#", "$SYS/monitor/Clients", True),
-    ("$SYS/#", "$SYS", True),
-    ("$SYS/monitor/+", "$SYS/monitor/Clients", True),
-    ("$/+", "$/a", True),
-    ("a/+", "a/$x", True),  # only a '$' in the first character of the topic is special
-    ("a/#", "a/$x/y", True),
-])
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "expected"),
+    [
+        ("#", "$SYS/broker/clients", False),
+        ("+/monitor/Clients", "$SYS/monitor/Clients", False),
+        ("+", "$SYS", False),
+        ("+/#", "$SYS/x", False),
+        ("$SYS/#", "$SYS/monitor/Clients", True),
+        ("$SYS/#", "$SYS", True),
+        ("$SYS/monitor/+", "$SYS/monitor/Clients", True),
+        ("$/+", "$/a", True),
+        ("a/+", "a/$x", True),  # only a '$' in the first character of the topic is special
+        ("a/#", "a/$x/y", True),
+    ],
+)
 def test_dollar_topics_not_matched_by_leading_wildcards_mqtt_4_7_2_1(
-        topic_filter: str, topic: str, expected: bool) -> None:
+    topic_filter: str, topic: str, expected: bool
+) -> None:
     """MQTT-4.7.2-1: filters starting with '#' or '+' do not match topic names starting with '$'."""
     trie = SubscriptionTrie()
     trie.add(topic_filter, "k", "v")
@@ -235,6 +239,7 @@ def test_match_with_more_levels_than_the_small_stack() -> None:
 
 # -- shared subscriptions ---------------------------------------------------------------------------
 
+
 def test_shared_subscription_is_stored_in_a_group_mqtt_4_8_2() -> None:
     trie = SubscriptionTrie()
     assert trie.add("$share/workers/jobs/+", "c1", "v1") is True
@@ -246,7 +251,11 @@ def test_shared_subscription_is_stored_in_a_group_mqtt_4_8_2() -> None:
     group = match.groups[0]
     assert isinstance(group, SharedGroup)
     assert (group.name, group.filter, group.members, group.cursor) == (
-        "workers", "jobs/+", {"c1": "v1", "c2": "v2b"}, 0)
+        "workers",
+        "jobs/+",
+        {"c1": "v1", "c2": "v2b"},
+        0,
+    )
     assert len(trie) == 2
     assert trie.match("other/42").groups == []
 
@@ -307,6 +316,7 @@ def test_shared_filter_dollar_rule_applies_to_inner_filter() -> None:
 
 
 # -- cache and generation ---------------------------------------------------------------------------
+
 
 def test_cache_invalidated_by_add_and_remove() -> None:
     trie = SubscriptionTrie()
@@ -398,8 +408,11 @@ def test_shared_groups_agree_with_reference(subscriptions: list[tuple[str, str, 
     for name, f, key in subscriptions:
         trie.add(f"$share/{name}/{f}", key, f"{name}:{key}")
         groups.setdefault((name, f), {})[key] = f"{name}:{key}"
-    expected = Counter((name, f, tuple(sorted(members.items())))
-                       for (name, f), members in groups.items() if reference_match(f, topic))
+    expected = Counter(
+        (name, f, tuple(sorted(members.items())))
+        for (name, f), members in groups.items()
+        if reference_match(f, topic)
+    )
     match = trie.match(topic)
     assert group_view(match) == expected
     assert match.subscribers == []
@@ -439,10 +452,16 @@ class SubscriptionModel(RuleBasedStateMachine):
     @rule(topic=TOPICS)
     def match(self, topic: str) -> None:
         result = self.trie.match(topic)
-        plain = Counter(v for (f, _k), v in self.entries.items()
-                        if not f.startswith("$share/") and reference_match(f, topic))
-        shared = Counter(v for (f, _k), v in self.entries.items()
-                         if f.startswith("$share/") and reference_match(f[len("$share/g/"):], topic))
+        plain = Counter(
+            v
+            for (f, _k), v in self.entries.items()
+            if not f.startswith("$share/") and reference_match(f, topic)
+        )
+        shared = Counter(
+            v
+            for (f, _k), v in self.entries.items()
+            if f.startswith("$share/") and reference_match(f[len("$share/g/") :], topic)
+        )
         assert Counter(result.subscribers) == plain
         assert Counter(v for g in result.groups for v in g.members.values()) == shared
 

@@ -38,12 +38,22 @@ def acl() -> A.AclFile:
 
 
 def test_parse_sections(acl: A.AclFile) -> None:
-    assert [(r.filter, r.access) for r in acl.anonymous] == [("public/#", A.READ), ("$SYS/broker/uptime", A.READ)]
+    assert [(r.filter, r.access) for r in acl.anonymous] == [
+        ("public/#", A.READ),
+        ("$SYS/broker/uptime", A.READ),
+    ]
     assert [(r.filter, r.access) for r in acl.users["alice"]] == [
-        ("sensors/#", A.READWRITE), ("sensors/secret", A.DENY), ("alerts", A.WRITE), ("spaced topic/x", A.READ)]
+        ("sensors/#", A.READWRITE),
+        ("sensors/secret", A.DENY),
+        ("alerts", A.WRITE),
+        ("spaced topic/x", A.READ),
+    ]
     assert [(r.filter, r.access) for r in acl.users["bob"]] == [("test/+/data", A.READWRITE)]
     assert [(r.filter, r.access, r.line) for r in acl.patterns] == [
-        ("devices/%c/#", A.READWRITE, 14), ("users/%u/inbox", A.READ, 15), ("devices/%c/locked", A.DENY, 16)]
+        ("devices/%c/#", A.READWRITE, 14),
+        ("users/%u/inbox", A.READ, 15),
+        ("devices/%c/locked", A.DENY, 16),
+    ]
 
 
 def test_anonymous_section(acl: A.AclFile) -> None:
@@ -77,8 +87,10 @@ def test_default_deny_for_a_user_without_rules(acl: A.AclFile) -> None:
 
 
 def test_user_rule_allows_before_a_pattern_denies() -> None:
-    f = A.AclFile.parse("user u\ntopic readwrite devices/c1/locked\npattern readwrite devices/%c/#\n"
-                        "pattern deny devices/%c/locked\n")
+    f = A.AclFile.parse(
+        "user u\ntopic readwrite devices/c1/locked\npattern readwrite devices/%c/#\n"
+        "pattern deny devices/%c/locked\n"
+    )
     assert f.for_client("c1", "u").can_write("devices/c1/locked")
     assert not f.for_client("c1", "v").can_write("devices/c1/locked")
     assert f.for_client("c1", "v").can_write("devices/c1/open")
@@ -131,15 +143,18 @@ def test_cache_is_bounded(monkeypatch) -> None:
         assert len(c._read) <= 10
 
 
-@pytest.mark.parametrize("text, line, needle", [
-    ("user\n", 1, "user line without a name"),
-    ("topic\n", 1, "without a topic"),
-    ("topic read\n", 1, "without a topic"),
-    ("# x\ntopic rw a/b\n", 2, "invalid access type 'rw'"),
-    ("topic read a/#/b\n", 1, "invalid topic filter"),
-    ("\n\npattern read a/b+\n", 3, "invalid topic filter"),
-    ("users alice\n", 1, "unknown keyword 'users'"),
-])
+@pytest.mark.parametrize(
+    "text, line, needle",
+    [
+        ("user\n", 1, "user line without a name"),
+        ("topic\n", 1, "without a topic"),
+        ("topic read\n", 1, "without a topic"),
+        ("# x\ntopic rw a/b\n", 2, "invalid access type 'rw'"),
+        ("topic read a/#/b\n", 1, "invalid topic filter"),
+        ("\n\npattern read a/b+\n", 3, "invalid topic filter"),
+        ("users alice\n", 1, "unknown keyword 'users'"),
+    ],
+)
 def test_bad_line_is_one_config_error(tmp_path: Path, text: str, line: int, needle: str) -> None:
     path = tmp_path / "acl"
     path.write_text(text)
@@ -155,6 +170,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 # -- the trie against a naive scan ------------------------------------------------------------------
+
 
 def _matches(filter: str, topic: str) -> bool:
     """MQTT filter matching, levels literal (what mosquitto_topic_matches_sub does)."""
@@ -183,13 +199,25 @@ def _naive(rules: list[tuple[int, int, str]], topic: str, access: int) -> bool:
 
 
 _levels = st.sampled_from(["a", "b", "c", "$SYS", "+", "#", ""])
-_filters = st.lists(_levels, min_size=1, max_size=4).map("/".join).filter(
-    lambda f: all(lv != "#" or i == len(f.split("/")) - 1 for i, lv in enumerate(f.split("/")))
-    and "$SYS" not in f.split("/")[1:])
-_topics = st.lists(st.sampled_from(["a", "b", "c", "$SYS", "x", ""]), min_size=1, max_size=5).map("/".join).filter(
-    lambda t: "$SYS" not in t.split("/")[1:])
-_rules = st.lists(st.tuples(st.integers(0, 1), st.sampled_from([A.DENY, A.READ, A.WRITE, A.READWRITE]), _filters),
-                  max_size=8)
+_filters = (
+    st.lists(_levels, min_size=1, max_size=4)
+    .map("/".join)
+    .filter(
+        lambda f: (
+            all(lv != "#" or i == len(f.split("/")) - 1 for i, lv in enumerate(f.split("/")))
+            and "$SYS" not in f.split("/")[1:]
+        )
+    )
+)
+_topics = (
+    st.lists(st.sampled_from(["a", "b", "c", "$SYS", "x", ""]), min_size=1, max_size=5)
+    .map("/".join)
+    .filter(lambda t: "$SYS" not in t.split("/")[1:])
+)
+_rules = st.lists(
+    st.tuples(st.integers(0, 1), st.sampled_from([A.DENY, A.READ, A.WRITE, A.READWRITE]), _filters),
+    max_size=8,
+)
 
 
 @settings(max_examples=400, deadline=None)

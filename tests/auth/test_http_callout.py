@@ -26,8 +26,14 @@ class AuthServer:
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[dict] = []
         self.delay = 0.0
-        self.decide = lambda doc: (200, {"result": "allow" if doc.get("password") == "good" or
-                                         doc.get("topic", "").startswith("ok/") else "deny"})
+        self.decide = lambda doc: (
+            200,
+            {
+                "result": "allow"
+                if doc.get("password") == "good" or doc.get("topic", "").startswith("ok/")
+                else "deny"
+            },
+        )
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,11 +82,22 @@ def test_allow_and_deny(server: AuthServer) -> None:
     assert call.authenticate("c1", "alice", b"good", "10.0.0.1:5") == ALLOW
     assert call.authenticate("c1", "alice", b"bad", "10.0.0.1:5") == DENY
     doc = server.requests[0]
-    assert doc == {"action": "connect", "clientid": "c1", "username": "alice", "peer": "10.0.0.1:5",
-                   "password": "good", "password_encoding": "utf8"}
+    assert doc == {
+        "action": "connect",
+        "clientid": "c1",
+        "username": "alice",
+        "peer": "10.0.0.1:5",
+        "password": "good",
+        "password_encoding": "utf8",
+    }
     assert call.authorize("c1", "alice", "publish", "ok/x")
     assert not call.authorize("c1", "alice", "subscribe", "no/x")
-    assert server.requests[-1] == {"action": "subscribe", "clientid": "c1", "username": "alice", "topic": "no/x"}
+    assert server.requests[-1] == {
+        "action": "subscribe",
+        "clientid": "c1",
+        "username": "alice",
+        "topic": "no/x",
+    }
 
 
 def test_binary_password_travels_as_base64(server: AuthServer) -> None:
@@ -88,10 +105,17 @@ def test_binary_password_travels_as_base64(server: AuthServer) -> None:
     assert server.requests[0]["password"] == "/wA=" and server.requests[0]["password_encoding"] == "base64"
 
 
-@pytest.mark.parametrize("status, body, expected", [
-    (401, {}, DENY), (403, b"", DENY), (500, {"result": "allow"}, ERROR), (200, b"not json", ERROR),
-    (200, {"result": "maybe"}, ERROR), (200, ["allow"], ERROR),
-])
+@pytest.mark.parametrize(
+    "status, body, expected",
+    [
+        (401, {}, DENY),
+        (403, b"", DENY),
+        (500, {"result": "allow"}, ERROR),
+        (200, b"not json", ERROR),
+        (200, {"result": "maybe"}, ERROR),
+        (200, ["allow"], ERROR),
+    ],
+)
 def test_statuses_and_bodies(server: AuthServer, status: int, body, expected: str) -> None:
     server.decide = lambda doc: (status, body)
     call = HTTPCallout(server.url)
@@ -170,19 +194,22 @@ def test_bad_url_is_a_config_error() -> None:
         HTTPCallout("ftp://x/")
 
 
-@pytest.mark.parametrize("url, clear", [
-    ("http://auth.example.com/check", True),
-    ("http://10.0.0.5:8080/auth", True),
-    ("http://user:pw@192.168.1.2/auth", True),
-    ("http://[2001:db8::1]/auth", True),
-    ("http://127.0.0.1:8080/auth", False),
-    ("http://127.8.9.10/auth", False),
-    ("http://[::1]:9000/auth", False),
-    ("http://localhost/auth", False),
-    ("http://LOCALHOST:81/auth", False),
-    ("http://auth.localhost/auth", False),
-    ("https://auth.example.com/check", False),
-])
+@pytest.mark.parametrize(
+    "url, clear",
+    [
+        ("http://auth.example.com/check", True),
+        ("http://10.0.0.5:8080/auth", True),
+        ("http://user:pw@192.168.1.2/auth", True),
+        ("http://[2001:db8::1]/auth", True),
+        ("http://127.0.0.1:8080/auth", False),
+        ("http://127.8.9.10/auth", False),
+        ("http://[::1]:9000/auth", False),
+        ("http://localhost/auth", False),
+        ("http://LOCALHOST:81/auth", False),
+        ("http://auth.localhost/auth", False),
+        ("https://auth.example.com/check", False),
+    ],
+)
 def test_plain_http_to_another_host_sends_passwords_in_clear(url: str, clear: bool) -> None:
     assert sends_in_clear(url) is clear
 
@@ -237,10 +264,14 @@ def test_client_certificate_for_a_service_that_requires_one(pki) -> None:
     ca, _, client = pki
     server = AuthServer(_server_context(pki, require_client_cert=True))
     try:
-        with_cert = HTTPCallout(server.url, ca_file=ca.cert_file, cert_file=client.cert_file,
-                                key_file=client.key_file)
+        with_cert = HTTPCallout(
+            server.url, ca_file=ca.cert_file, cert_file=client.cert_file, key_file=client.key_file
+        )
         assert with_cert.authenticate("c", "u", b"good", "p") == ALLOW
-        assert HTTPCallout(server.url, ca_file=ca.cert_file, timeout=2.0).authenticate("c", "u", b"good", "p") == ERROR
+        assert (
+            HTTPCallout(server.url, ca_file=ca.cert_file, timeout=2.0).authenticate("c", "u", b"good", "p")
+            == ERROR
+        )
     finally:
         server.close()
 

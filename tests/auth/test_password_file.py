@@ -18,7 +18,9 @@ from fluxmq.errors import ConfigError
 from tests.conftest import free_port
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+)
 needs_mosquitto_passwd = pytest.mark.skipif(MOSQUITTO_PASSWD is None, reason="mosquitto_passwd not installed")
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto not installed")
 
@@ -75,7 +77,9 @@ def test_mosquitto_broker_accepts_a_file_written_by_fluxmq_passwd(tmp_path: Path
     # As root, mosquitto would drop to its own user, which cannot read the test's private tmp dir.
     user = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(f"{user}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {path}\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -126,15 +130,18 @@ def test_hash_password_matches_the_format_and_verifies() -> None:
     assert pw.hash_password("x", iterations=1000).startswith("$7$1000$")
 
 
-@pytest.mark.parametrize("line, needle", [
-    ("alice", "expected username:hash"),
-    (":$7$101$MDEy$MDEy", "expected username:hash"),
-    ("alice:plaintext", "not a $6$ or $7$"),
-    ("alice:$7$abc$MDEy$MDEy", "bad iteration count"),
-    ("alice:$7$0$MDEy$MDEy", "bad iteration count"),
-    ("alice:$6$not base64!$MDEy", "base64"),
-    ("alice:$5$MDEy$MDEy", "not a $6$ or $7$"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("alice", "expected username:hash"),
+        (":$7$101$MDEy$MDEy", "expected username:hash"),
+        ("alice:plaintext", "not a $6$ or $7$"),
+        ("alice:$7$abc$MDEy$MDEy", "bad iteration count"),
+        ("alice:$7$0$MDEy$MDEy", "bad iteration count"),
+        ("alice:$6$not base64!$MDEy", "base64"),
+        ("alice:$5$MDEy$MDEy", "not a $6$ or $7$"),
+    ],
+)
 def test_bad_line_is_one_config_error_with_file_and_line(tmp_path: Path, line: str, needle: str) -> None:
     path = tmp_path / "pw"
     good = pw.hash_password("p")
@@ -204,10 +211,18 @@ def test_cli_update_hashes_a_plain_text_file(tmp_path: Path) -> None:
     assert pf.hash_of("bob") == keep  # already hashed: untouched
 
 
-@pytest.mark.parametrize("args", [
-    [], ["-b", "f", "u"], ["-c", "-D", "f", "u"], ["-U"], ["-b", "f", "a:b", "p"], ["-H", "md5", "f", "u"],
-    ["-I", "0", "-b", "f", "u", "p"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["-b", "f", "u"],
+        ["-c", "-D", "f", "u"],
+        ["-U"],
+        ["-b", "f", "a:b", "p"],
+        ["-H", "md5", "f", "u"],
+        ["-I", "0", "-b", "f", "u", "p"],
+    ],
+)
 def test_cli_usage_errors_exit_1(tmp_path: Path, monkeypatch, args: list[str]) -> None:
     monkeypatch.chdir(tmp_path)
     assert pw.main(args) == 1

@@ -19,8 +19,10 @@ def files(tmp_path: Path) -> tuple[str, str]:
     pw = tmp_path / "passwd"
     pw.write_text(f"alice:{hash_password('wonder')}\nbob:{hash_password('builder', 'sha512')}\n")
     acl = tmp_path / "acl"
-    acl.write_text("topic read public/#\nuser alice\ntopic readwrite a/#\ntopic deny a/secret\n"
-                   "pattern write clients/%c/#\n")
+    acl.write_text(
+        "topic read public/#\nuser alice\ntopic readwrite a/#\ntopic deny a/secret\n"
+        "pattern write clients/%c/#\n"
+    )
     return str(pw), str(acl)
 
 
@@ -62,7 +64,9 @@ def test_allow_anonymous_explicit(files) -> None:
 
 
 def test_policy_checks(files) -> None:
-    svc = AuthService(AuthSettings(acl_file=files[1], limits=PublishLimits(max_subscriptions=2, max_topic_levels=3)))
+    svc = AuthService(
+        AuthSettings(acl_file=files[1], limits=PublishLimits(max_subscriptions=2, max_topic_levels=3))
+    )
     pol = svc.policy("c1", "alice", "p")
     assert pol is not None
     assert pol.check_publish("a/b", 10) == 0

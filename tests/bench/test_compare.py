@@ -51,7 +51,9 @@ def test_notes_report_loss_duplicates_errors_and_noise() -> None:
 
 
 def test_render_shows_medians_and_ratio() -> None:
-    args = argparse.Namespace(broker_cpus="1", gen_cpus="0", quick=False, runs=3, wait_quiet=0, quiet_cpus=0.25)
+    args = argparse.Namespace(
+        broker_cpus="1", gen_cpus="0", quick=False, runs=3, wait_quiet=0, quiet_cpus=0.25
+    )
     meta = {"started": "t", "nproc": "2", "cpu": "c", "kernel": "k", "loadavg": "0", "generator": "g",
             "command": "bench/compare"}  # fmt: skip
     results = {"qos0": {"mosquitto": [_run(100), _run(300), _run(200)],

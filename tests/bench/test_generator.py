@@ -216,4 +216,6 @@ def test_cli_prints_a_result_line(mosquitto: Mosquitto) -> None:
     assert p.returncode == 0, p.stderr
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     res = loadgen.parse_result_line(line)
-    assert res["label"] == "cli" and res["msgs"] == "500" and res["deliveries"] == "500" and res["lost"] == "0"
+    assert (
+        res["label"] == "cli" and res["msgs"] == "500" and res["deliveries"] == "500" and res["lost"] == "0"
+    )

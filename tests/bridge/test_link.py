@@ -46,8 +46,9 @@ def test_backoff_doubles_up_to_the_maximum(monkeypatch):
 
 def test_snapshot_and_status_never_show_the_password():
     broker = Broker()
-    cfg = BridgeConfig("b", "127.0.0.1", 1, username="u", password=b"hunter2",
-                       topics=(TopicRoute("a/#", "out", 1),))
+    cfg = BridgeConfig(
+        "b", "127.0.0.1", 1, username="u", password=b"hunter2", topics=(TopicRoute("a/#", "out", 1),)
+    )
     link = BridgeLink(cfg, broker)
     link._open_session()
     status = BridgeStatus(broker, [link])
@@ -68,13 +69,13 @@ def test_messages_queue_in_the_bridge_session_while_the_peer_is_away():
     assert link.queued() == 3 and broker.stats.drops["queue_full"] == 2
 
 
-
-
 def test_mesh_link_never_relays_a_peer_message_and_settles_it_locally():
     """Cluster routes: a message carrying the route marker came from a peer; it is not forwarded,
     and its QoS 1 in-flight entry is settled here so the window does not fill."""
     broker = Broker()
-    cfg = BridgeConfig("m", "127.0.0.1", 1, client_id="node-a", mesh=True, topics=(TopicRoute("#", "out", 2),))
+    cfg = BridgeConfig(
+        "m", "127.0.0.1", 1, client_id="node-a", mesh=True, topics=(TopicRoute("#", "out", 2),)
+    )
     link = BridgeLink(cfg, broker)
     session = link._open_session()
     link._sock = object()  # pretend connected: output goes to link.out
@@ -93,8 +94,13 @@ def test_mesh_link_never_relays_a_peer_message_and_settles_it_locally():
 @pytest.mark.parametrize("version", ["3.1.1", "5.0"])
 def test_prefixes_are_swapped_on_the_way_out(version):
     broker = Broker()
-    cfg = BridgeConfig("p", "127.0.0.1", 1, protocol_version=version,
-                       topics=(TopicRoute("s/#", "out", 0, "edge/", "cloud/"),))
+    cfg = BridgeConfig(
+        "p",
+        "127.0.0.1",
+        1,
+        protocol_version=version,
+        topics=(TopicRoute("s/#", "out", 0, "edge/", "cloud/"),),
+    )
     link = BridgeLink(cfg, broker)
     session = link._open_session()
     link._sock = object()

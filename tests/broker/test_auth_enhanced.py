@@ -18,8 +18,10 @@ RFC_CLIENT_NONCE = "rOprNGfwEbeRWgbNEkqO"
 RFC_SERVER_NONCE = "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
 RFC_CLIENT_FIRST = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
 RFC_SERVER_FIRST = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
-RFC_CLIENT_FINAL = (b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
-                    b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+RFC_CLIENT_FINAL = (
+    b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+    b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+)
 RFC_SERVER_FINAL = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
 
 
@@ -45,8 +47,9 @@ def test_client_reproduces_rfc7677_exchange() -> None:
     assert not client.verify(b"v=" + base64.b64encode(b"x" * 32))
 
 
-def run_exchange(auth: ae.ScramSha256Authenticator, user: str, password: str,
-                 expect_user: str | None = None) -> ae.AuthStep:
+def run_exchange(
+    auth: ae.ScramSha256Authenticator, user: str, password: str, expect_user: str | None = None
+) -> ae.AuthStep:
     client = ae.ScramClient(user, password)
     ex = auth.start("cid", expect_user)
     step = ex.step(client.first())
@@ -60,8 +63,12 @@ def run_exchange(auth: ae.ScramSha256Authenticator, user: str, password: str,
 
 @pytest.fixture
 def auth() -> ae.ScramSha256Authenticator:
-    return ae.ScramSha256Authenticator({"alice": ae.ScramCredential.from_password("secret", iterations=64),
-                                        "a,b=c": ae.ScramCredential.from_password("pw", iterations=64)})
+    return ae.ScramSha256Authenticator(
+        {
+            "alice": ae.ScramCredential.from_password("secret", iterations=64),
+            "a,b=c": ae.ScramCredential.from_password("pw", iterations=64),
+        }
+    )
 
 
 def test_right_password_succeeds_with_the_user_name(auth) -> None:
@@ -91,8 +98,18 @@ def test_expected_user_must_match(auth) -> None:
     assert step.outcome == ae.FAILURE
 
 
-@pytest.mark.parametrize("message", [b"p=tls-unique,,n=alice,r=abc", b"n,a=admin,n=alice,r=abc", b"n,,r=abc",
-                                     b"n,,n=alice,r=", b"n,,n=al=zzice,r=x", b"garbage", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"p=tls-unique,,n=alice,r=abc",
+        b"n,a=admin,n=alice,r=abc",
+        b"n,,r=abc",
+        b"n,,n=alice,r=",
+        b"n,,n=al=zzice,r=x",
+        b"garbage",
+        b"\xff\xfe",
+    ],
+)
 def test_malformed_client_first_fails(auth, message: bytes) -> None:
     assert auth.start("cid", None).step(message).outcome == ae.FAILURE
 
@@ -113,8 +130,15 @@ def test_credentials_file_round_trip(tmp_path) -> None:
     assert run_exchange(auth, "user:with:colons", "pw").outcome == ae.SUCCESS
 
 
-@pytest.mark.parametrize("line", ["alice:4096:abc", "alice:x:AAAA:AAAA:AAAA", "alice:4096:AAAA:AAAA:AAAA",
-                                  ":4096:AAAA:" + "A" * 44 + ":" + "A" * 44])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "alice:4096:abc",
+        "alice:x:AAAA:AAAA:AAAA",
+        "alice:4096:AAAA:AAAA:AAAA",
+        ":4096:AAAA:" + "A" * 44 + ":" + "A" * 44,
+    ],
+)
 def test_bad_credentials_line_is_a_config_error_naming_the_line(tmp_path, line: str) -> None:
     path = tmp_path / "scram"
     path.write_text(f"# first\n{line}\n")

@@ -24,8 +24,11 @@ def broker_with(tmp_path: Path, bind: bool | None) -> Broker:
     acl = tmp_path / "acl"
     acl.write_text(ACL)
     broker = Broker()
-    broker.set_auth(AuthService(AuthSettings(password_file=str(pw), acl_file=str(acl), allow_anonymous=True,
-                                             bind_client_ids=bind)))
+    broker.set_auth(
+        AuthService(
+            AuthSettings(password_file=str(pw), acl_file=str(acl), allow_anonymous=True, bind_client_ids=bind)
+        )
+    )
     return broker
 
 

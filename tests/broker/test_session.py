@@ -243,6 +243,7 @@ def test_expired_queued_message_is_not_delivered():
 
 # -- message validity (a bridge's message_validity) ---------------------------------------------------
 
+
 def test_validity_drops_queued_messages_older_than_it_and_counts_them(monkeypatch):
     """Issue 14: a queued message older than message_validity when its turn comes is dropped and counted."""
     import fluxmq.broker.session as session_module

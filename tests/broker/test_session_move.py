@@ -74,8 +74,9 @@ class Node:
         if self.storage is not None:
             self.storage.commit()
 
-    def connect(self, cid: str, clean: bool = False, expiry: int = 3600, will: Will | None = None,
-                quota: int = 100) -> tuple[Session, RecordingDelivery, bool]:
+    def connect(
+        self, cid: str, clean: bool = False, expiry: int = 3600, will: Will | None = None, quota: int = 100
+    ) -> tuple[Session, RecordingDelivery, bool]:
         session, present = self.broker.open_session(cid, clean, expiry, will)
         d = RecordingDelivery()
         self.broker.attach(session, d, quota)
@@ -130,20 +131,29 @@ def check_moved(new: Session, d: RecordingDelivery) -> None:
     """What a client reconnecting to the new node gets: in-flight resent with DUP, the PUBREL, then
     every queued message once, with their subscription ids."""
     assert set(new.inbound_qos2) == {77}
-    subs = {f: (s.qos, s.no_local, s.retain_as_published, s.retain_handling, s.subscription_id, s.share_group)
-            for f, s in new.subscriptions.items()}
+    subs = {
+        f: (s.qos, s.no_local, s.retain_as_published, s.retain_handling, s.subscription_id, s.share_group)
+        for f, s in new.subscriptions.items()
+    }
     assert subs == {"a/#": (2, True, True, 2, 7, None), "$share/g/b/+": (1, False, False, 0, 9, "g")}
     assert d.pubrels == [2]
     assert d.sent[:2] == [("a/1", 1, False, 1, True, (7,)), ("a/3", 2, True, 3, True, (7,))]
     assert [(t, q, dup, ids) for t, q, _r, _p, dup, ids in d.sent[2:]] == [
-        ("a/q0", 1, False, (7,)), ("a/q1", 2, False, (7,)), ("a/q2", 1, False, (7,)),
-        ("a/q3", 2, False, (7,)), ("a/q4", 1, False, (7,)), ("b/x", 1, False, (9,))]
+        ("a/q0", 1, False, (7,)),
+        ("a/q1", 2, False, (7,)),
+        ("a/q2", 1, False, (7,)),
+        ("a/q3", 2, False, (7,)),
+        ("a/q4", 1, False, (7,)),
+        ("b/x", 1, False, (9,)),
+    ]
     assert new.inflight[1].message.properties == PROPS
     assert new.inflight[2].message.properties == PROPS and new.inflight[2].released
 
 
 @pytest.mark.parametrize("durable_a, durable_b", [(True, False), (False, True), (True, True)])
-def test_session_moves_with_everything_and_the_old_connection_closes_0x8E(cluster, durable_a, durable_b) -> None:
+def test_session_moves_with_everything_and_the_old_connection_closes_0x8E(
+    cluster, durable_a, durable_b
+) -> None:
     a, b = cluster("A", durable_a), cluster("B", durable_b)
     watcher, wd, _ = a.connect("watcher", clean=True, expiry=0)
     a.broker.subscribe(watcher, "will/#", 1)

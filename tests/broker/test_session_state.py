@@ -37,45 +37,88 @@ text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 u16 = st.integers(1, 0xFFFF)
 sub_ids = st.none() | st.lists(st.integers(1, 268_435_455), min_size=1, max_size=3).map(tuple)
 
-properties = st.none() | st.fixed_dictionaries({}, optional={
-    PAYLOAD_FORMAT_INDICATOR: st.integers(0, 1),
-    CONTENT_TYPE: text,
-    RESPONSE_TOPIC: text,
-    CORRELATION_DATA: st.binary(max_size=20),
-    USER_PROPERTY: st.lists(st.tuples(text, text), min_size=1, max_size=3),
-    MESSAGE_EXPIRY_INTERVAL: st.integers(0, 0xFFFFFFFF),  # a will keeps it in its properties
-}).map(lambda d: d or None)
+properties = st.none() | st.fixed_dictionaries(
+    {},
+    optional={
+        PAYLOAD_FORMAT_INDICATOR: st.integers(0, 1),
+        CONTENT_TYPE: text,
+        RESPONSE_TOPIC: text,
+        CORRELATION_DATA: st.binary(max_size=20),
+        USER_PROPERTY: st.lists(st.tuples(text, text), min_size=1, max_size=3),
+        MESSAGE_EXPIRY_INTERVAL: st.integers(0, 0xFFFFFFFF),  # a will keeps it in its properties
+    },
+).map(lambda d: d or None)
 
 
 @st.composite
 def messages(draw) -> Message:
     expiry = draw(st.none() | st.floats(-100, 1e6))
-    return Message(draw(text.filter(bool)), draw(st.binary(max_size=64)), draw(st.integers(0, 2)), draw(st.booleans()),
-                   draw(properties), None if expiry is None else time.monotonic() + expiry,
-                   draw(st.none() | text.filter(bool)))
+    return Message(
+        draw(text.filter(bool)),
+        draw(st.binary(max_size=64)),
+        draw(st.integers(0, 2)),
+        draw(st.booleans()),
+        draw(properties),
+        None if expiry is None else time.monotonic() + expiry,
+        draw(st.none() | text.filter(bool)),
+    )
 
 
-subscriptions = st.builds(SubscriptionState, text.filter(bool), st.integers(0, 2), st.booleans(), st.booleans(),
-                          st.integers(0, 2), st.integers(0, 268_435_455), st.none() | text.filter(bool))
+subscriptions = st.builds(
+    SubscriptionState,
+    text.filter(bool),
+    st.integers(0, 2),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2),
+    st.integers(0, 268_435_455),
+    st.none() | text.filter(bool),
+)
 
 
 @st.composite
 def states(draw) -> SessionState:
     pids = draw(st.lists(u16, unique=True, max_size=5))
-    inflight = [InflightState(pid, draw(messages()), draw(st.integers(1, 2)), draw(st.booleans()), draw(sub_ids),
-                              draw(st.booleans())) for pid in pids]
-    queued = draw(st.lists(st.builds(QueuedState, messages(), st.integers(0, 2), st.booleans(), sub_ids), max_size=5))
+    inflight = [
+        InflightState(
+            pid,
+            draw(messages()),
+            draw(st.integers(1, 2)),
+            draw(st.booleans()),
+            draw(sub_ids),
+            draw(st.booleans()),
+        )
+        for pid in pids
+    ]
+    queued = draw(
+        st.lists(st.builds(QueuedState, messages(), st.integers(0, 2), st.booleans(), sub_ids), max_size=5)
+    )
     will = draw(st.none() | st.tuples(messages(), st.integers(0, 0xFFFFFFFF)))
-    return SessionState(draw(text), draw(st.none() | text), draw(st.integers(0, 0xFFFFFFFF)),
-                        draw(st.sampled_from([0.0, time.time() - 5])), draw(st.booleans()), draw(u16),
-                        draw(st.lists(subscriptions, max_size=5)), inflight,
-                        sorted(draw(st.sets(u16, max_size=5))), queued, will,
-                        draw(st.lists(st.tuples(text, text, st.booleans()), max_size=3)))
+    return SessionState(
+        draw(text),
+        draw(st.none() | text),
+        draw(st.integers(0, 0xFFFFFFFF)),
+        draw(st.sampled_from([0.0, time.time() - 5])),
+        draw(st.booleans()),
+        draw(u16),
+        draw(st.lists(subscriptions, max_size=5)),
+        inflight,
+        sorted(draw(st.sets(u16, max_size=5))),
+        queued,
+        will,
+        draw(st.lists(st.tuples(text, text, st.booleans()), max_size=3)),
+    )
 
 
 def same_message(a: Message, b: Message) -> None:
-    assert (a.topic, a.payload, a.qos, a.retain, a.properties, a.origin) == \
-        (b.topic, b.payload, b.qos, b.retain, b.properties, b.origin)
+    assert (a.topic, a.payload, a.qos, a.retain, a.properties, a.origin) == (
+        b.topic,
+        b.payload,
+        b.qos,
+        b.retain,
+        b.properties,
+        b.origin,
+    )
     if a.expires_at is None:
         assert b.expires_at is None
     else:  # stored as wall-clock time, read back as a monotonic deadline
@@ -83,14 +126,25 @@ def same_message(a: Message, b: Message) -> None:
 
 
 def assert_same(a: SessionState, b: SessionState) -> None:
-    assert (a.client_id, a.username, a.expiry_interval, a.disconnected_at, a.connected, a.next_packet_id) == \
-        (b.client_id, b.username, b.expiry_interval, b.disconnected_at, b.connected, b.next_packet_id)
+    assert (a.client_id, a.username, a.expiry_interval, a.disconnected_at, a.connected, a.next_packet_id) == (
+        b.client_id,
+        b.username,
+        b.expiry_interval,
+        b.disconnected_at,
+        b.connected,
+        b.next_packet_id,
+    )
     assert a.subscriptions == b.subscriptions
     assert a.inbound_qos2 == b.inbound_qos2
     assert len(a.inflight) == len(b.inflight)
     for x, y in zip(a.inflight, b.inflight, strict=True):
-        assert (x.packet_id, x.qos, x.retain, x.subscription_ids, x.released) == \
-            (y.packet_id, y.qos, y.retain, y.subscription_ids, y.released)
+        assert (x.packet_id, x.qos, x.retain, x.subscription_ids, x.released) == (
+            y.packet_id,
+            y.qos,
+            y.retain,
+            y.subscription_ids,
+            y.released,
+        )
         same_message(x.message, y.message)
     assert len(a.queued) == len(b.queued)
     for x, y in zip(a.queued, b.queued, strict=True):
@@ -110,19 +164,38 @@ def test_every_field_survives_a_round_trip(state: SessionState) -> None:
 
 
 def full_state() -> SessionState:
-    props = {CONTENT_TYPE: "text/plain", USER_PROPERTY: [("k", "v"), ("k", "w")], CORRELATION_DATA: b"\x00\x01",
-             RESPONSE_TOPIC: "r/1", PAYLOAD_FORMAT_INDICATOR: 1}
+    props = {
+        CONTENT_TYPE: "text/plain",
+        USER_PROPERTY: [("k", "v"), ("k", "w")],
+        CORRELATION_DATA: b"\x00\x01",
+        RESPONSE_TOPIC: "r/1",
+        PAYLOAD_FORMAT_INDICATOR: 1,
+    }
     return SessionState(
-        "cid-é", "alice", 3600, 0.0, True, 42,
-        [SubscriptionState("a/+", 2, True, True, 2, 7, None),
-         SubscriptionState("$share/g1/b/#", 1, False, False, 1, 9, "g1")],
-        [InflightState(5, Message("a/1", b"p5", 2, False, props, time.monotonic() + 60), 2, False, (7,), True),
-         InflightState(6, Message("a/2", b"p6", 1, True, props), 1, True, (7, 9), False)],
+        "cid-é",
+        "alice",
+        3600,
+        0.0,
+        True,
+        42,
+        [
+            SubscriptionState("a/+", 2, True, True, 2, 7, None),
+            SubscriptionState("$share/g1/b/#", 1, False, False, 1, 9, "g1"),
+        ],
+        [
+            InflightState(
+                5, Message("a/1", b"p5", 2, False, props, time.monotonic() + 60), 2, False, (7,), True
+            ),
+            InflightState(6, Message("a/2", b"p6", 1, True, props), 1, True, (7, 9), False),
+        ],
         [3, 4],
-        [QueuedState(Message("a/3", b"q", 2, False, props), 2, False, (7,)),
-         QueuedState(Message("a/4", b"", 0, False, None), 0, False, None)],
+        [
+            QueuedState(Message("a/3", b"q", 2, False, props), 2, False, (7,)),
+            QueuedState(Message("a/4", b"", 0, False, None), 0, False, None),
+        ],
         (Message("will/t", b"bye", 1, True, {MESSAGE_EXPIRY_INTERVAL: 30, **props}), 10),
-        [("$queue/orders/#", "billing", False), ("$queue/q", "q-é", True)])
+        [("$queue/orders/#", "billing", False), ("$queue/q", "q-é", True)],
+    )
 
 
 def test_a_full_state_round_trips() -> None:
@@ -155,7 +228,7 @@ def test_every_truncation_is_refused() -> None:
 def test_damaged_bytes_raise_only_session_state_error(noise: bytes, at: int, patch: bytes) -> None:
     blob = bytearray(encode_session_state(full_state()))
     at %= len(blob)
-    blob[at:at + len(patch)] = patch
+    blob[at : at + len(patch)] = patch
     for data in (bytes(blob), MAGIC + struct.pack("<B", VERSION) + noise):
         try:
             decode_session_state(data)
@@ -168,8 +241,12 @@ def test_damaged_bytes_raise_only_session_state_error(noise: bytes, at: int, pat
 def test_queued_entries_pass_through_as_stored_with_raw_queue(state: SessionState) -> None:
     """A persistent session's queue is handed on as its stored entries: encoded as they are, read back
     as bytes (framing checked), and the same messages once decoded."""
-    raw = SessionState(**{**state.__dict__, "queued": [
-        r.encode_entry(q.message, q.qos, q.retain, q.subscription_ids) for q in state.queued]})
+    raw = SessionState(
+        **{
+            **state.__dict__,
+            "queued": [r.encode_entry(q.message, q.qos, q.retain, q.subscription_ids) for q in state.queued],
+        }
+    )
     blob = encode_session_state(raw)
     assert blob == encode_session_state(state)
     back = decode_session_state(blob, raw_queue=True)

@@ -24,7 +24,9 @@ def node(tmp_path: Path):
     n.storage.abort()
 
 
-def online(broker: Broker, client_id: str, expiry: int = 0, quota: int = 10) -> tuple[Session, RecordingDelivery]:
+def online(
+    broker: Broker, client_id: str, expiry: int = 0, quota: int = 10
+) -> tuple[Session, RecordingDelivery]:
     session, _ = broker.open_session(client_id, True, expiry)
     d = RecordingDelivery()
     broker.attach(session, d, quota)
@@ -162,7 +164,9 @@ def test_messages_that_stay_are_not_rewritten(node: Node, monkeypatch) -> None:
     writes = []
     for op in ("queue_append", "queue_pop"):
         real = getattr(node.storage, op)
-        monkeypatch.setattr(node.storage, op, lambda *args, _real=real, _op=op: (writes.append(_op), _real(*args)))
+        monkeypatch.setattr(
+            node.storage, op, lambda *args, _real=real, _op=op: (writes.append(_op), _real(*args))
+        )
     broker.close_session(a, da, publish_will=False)
     if hasattr(broker, "hand_overs"):
         wait_hand_over_done(broker, a)

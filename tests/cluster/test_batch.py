@@ -19,8 +19,10 @@ def test_expiry_travels_as_time_remaining() -> None:
 
 
 def test_framing_keeps_groups_and_flags_and_refuses_a_damaged_batch() -> None:
-    entries = [Outgoing(encode_message(Message("a", b"1", 0)), ("$share/g/a", "$share/h/#"), False, None),
-               Outgoing(encode_message(Message("b", b"2", 2, True)), (), True, None)]
+    entries = [
+        Outgoing(encode_message(Message("a", b"1", 0)), ("$share/g/a", "$share/h/#"), False, None),
+        Outgoing(encode_message(Message("b", b"2", 2, True)), (), True, None),
+    ]
     data = build_batch("n1", 1, 1, entries)[0].items
     got = [(m.topic, m.payload, m.qos, m.retain, g, ml) for m, g, ml in decode_items(data)]
     assert got == [("a", b"1", 0, False, ("$share/g/a", "$share/h/#"), False), ("b", b"2", 2, True, (), True)]

@@ -18,9 +18,12 @@ def load(tmp_path: Path, text: str):
 
 
 def test_transport_keys_are_read(tmp_path: Path) -> None:
-    cfg = load(tmp_path, "cluster:\n  enabled: true\n  node_id: a\n  transport:\n"
-                         "    bind_addr: 127.0.0.1:7000\n    peers:\n      a: 127.0.0.1:7000\n      b: 127.0.0.1:7001\n"
-                         "    route_batch_max_size: 64\n    route_batch_max_delay: 2ms\n")
+    cfg = load(
+        tmp_path,
+        "cluster:\n  enabled: true\n  node_id: a\n  transport:\n"
+        "    bind_addr: 127.0.0.1:7000\n    peers:\n      a: 127.0.0.1:7000\n      b: 127.0.0.1:7001\n"
+        "    route_batch_max_size: 64\n    route_batch_max_delay: 2ms\n",
+    )
     s = cluster_settings(cfg)
     assert s.enabled and s.node_id == "a"
     t = s.transport
@@ -43,12 +46,16 @@ def test_unknown_transport_key_is_refused(tmp_path: Path) -> None:
 
 def test_bad_peer_address_is_refused_at_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load(tmp_path, "cluster:\n  enabled: true\n  node_id: a\n  transport:\n    peers:\n      b: nowhere\n")
+        load(
+            tmp_path, "cluster:\n  enabled: true\n  node_id: a\n  transport:\n    peers:\n      b: nowhere\n"
+        )
     assert "cluster.transport.peers" in str(info.value) and "nowhere" in str(info.value)
 
 
 def test_a_wildcard_peer_address_names_the_peer(tmp_path: Path) -> None:
-    cfg = load(tmp_path, "cluster:\n  enabled: true\n  node_id: a\n  transport:\n    peers:\n      b: 0.0.0.0:7000\n")
+    cfg = load(
+        tmp_path, "cluster:\n  enabled: true\n  node_id: a\n  transport:\n    peers:\n      b: 0.0.0.0:7000\n"
+    )
     with pytest.raises(ConfigError, match=r"cluster\.transport\.peers\.b"):
         cluster_settings(cfg)
 
@@ -59,8 +66,11 @@ def test_peers_from_the_environment() -> None:
 
 
 def test_tls_needs_readable_files(tmp_path: Path) -> None:
-    cfg = load(tmp_path, "cluster:\n  enabled: true\n  node_id: a\n  transport:\n    tls_enabled: true\n"
-                         f"    cert_file: {tmp_path}/missing.crt\n")
+    cfg = load(
+        tmp_path,
+        "cluster:\n  enabled: true\n  node_id: a\n  transport:\n    tls_enabled: true\n"
+        f"    cert_file: {tmp_path}/missing.crt\n",
+    )
     with pytest.raises(ConfigError, match=r"cluster\.transport\.cert_file"):
         cluster_settings(cfg)
 
@@ -77,8 +87,11 @@ def test_check_reports_a_missing_node_id(tmp_path: Path, capsys) -> None:
 def test_routes_beside_the_grpc_cluster_are_refused(tmp_path: Path) -> None:
     """cluster.routes mirrors every topic to its peers; the gRPC cluster routes between the same nodes
     too, so a message would reach a subscriber once per path. Refused at start, with the key named."""
-    cfg = load(tmp_path, "cluster:\n  enabled: true\n  node_id: a\n"
-                         "  routes:\n    - {name: b, host: 127.0.0.1, port: 1884, node_id: b}\n")
+    cfg = load(
+        tmp_path,
+        "cluster:\n  enabled: true\n  node_id: a\n"
+        "  routes:\n    - {name: b, host: 127.0.0.1, port: 1884, node_id: b}\n",
+    )
     with pytest.raises(ConfigError) as info:
         cluster_settings(cfg)
     msg = str(info.value)

@@ -81,6 +81,7 @@ class Network:
                 self.lose_replies -= 1
                 raise ConnectionError("reply lost")
             return reply
+
         return call
 
 

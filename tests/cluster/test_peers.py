@@ -58,7 +58,9 @@ def online(broker: Broker, client_id: str):
     return session, delivery
 
 
-def batch(sender: str, epoch: int, seq: int, messages=(), interest=(), snapshot=False, groups=(), match_local=True):
+def batch(
+    sender: str, epoch: int, seq: int, messages=(), interest=(), snapshot=False, groups=(), match_local=True
+):
     entries = [Outgoing(encode_message(m), tuple(groups), match_local, m.expires_at) for m in messages]
     return build_batch(sender, epoch, seq, entries, interest, snapshot)[0]
 

@@ -23,16 +23,42 @@ class _Health:
         return True, "" if self.reachable else "0/1 peers reachable"
 
     def status(self, sessions: int) -> dict:
-        return {"members": [
-            {"node_id": "n1", "addr": "127.0.0.1:1", "self": True, "live": True, "reachable": True, "leader": True},
-            {"node_id": "n2", "addr": "127.0.0.1:2", "self": False, "live": True, "reachable": self.reachable,
-             "leader": False}]}
+        return {
+            "members": [
+                {
+                    "node_id": "n1",
+                    "addr": "127.0.0.1:1",
+                    "self": True,
+                    "live": True,
+                    "reachable": True,
+                    "leader": True,
+                },
+                {
+                    "node_id": "n2",
+                    "addr": "127.0.0.1:2",
+                    "self": False,
+                    "live": True,
+                    "reachable": self.reachable,
+                    "leader": False,
+                },
+            ]
+        }
 
 
 class _Transport:
     def peer_state(self) -> dict:
-        return {"n2": {"addr": "127.0.0.1:2", "reachable": True, "queued": 3, "forwarded_batches": 2,
-                       "forwarded_messages": 7, "failures": 0, "dropped": 1, "in_flight": 0}}
+        return {
+            "n2": {
+                "addr": "127.0.0.1:2",
+                "reachable": True,
+                "queued": 3,
+                "forwarded_batches": 2,
+                "forwarded_messages": 7,
+                "failures": 0,
+                "dropped": 1,
+                "in_flight": 0,
+            }
+        }
 
 
 class _Node:
@@ -43,7 +69,10 @@ class _Node:
 
 
 def _topics(broker: Broker) -> dict[str, bytes]:
-    return {suffix: broker.retained.get(f"$SYS/broker/cluster/{suffix}").payload for suffix in ("status", "nodes", "sync")}
+    return {
+        suffix: broker.retained.get(f"$SYS/broker/cluster/{suffix}").payload
+        for suffix in ("status", "nodes", "sync")
+    }
 
 
 def test_status_nodes_and_sync_come_from_the_peers():
@@ -51,10 +80,12 @@ def test_status_nodes_and_sync_come_from_the_peers():
     ClusterTopics(_Node(broker)).publish()
     got = _topics(broker)
     assert got["status"] == b"ok"
-    assert json.loads(got["nodes"]) == [{"node_id": "n2", "addr": "127.0.0.1:2", "live": True, "reachable": True,
-                                         "leader": False}]
-    assert json.loads(got["sync"]) == {"n2": {"queued": 3, "forwarded_batches": 2, "forwarded_messages": 7,
-                                              "failures": 0, "dropped": 1}}
+    assert json.loads(got["nodes"]) == [
+        {"node_id": "n2", "addr": "127.0.0.1:2", "live": True, "reachable": True, "leader": False}
+    ]
+    assert json.loads(got["sync"]) == {
+        "n2": {"queued": 3, "forwarded_batches": 2, "forwarded_messages": 7, "failures": 0, "dropped": 1}
+    }
     ClusterTopics(_Node(broker, reachable=False)).publish()
     assert _topics(broker)["status"] == b"down"
 

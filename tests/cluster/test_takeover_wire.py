@@ -27,7 +27,11 @@ from tests.cluster.test_handover import Network, NodePeers, Ownership, Registry
 from tests.transport.harness import HOST, MQTTPeer, SocketTransport, tcp_connect
 
 WAIT = 10.0
-PROPS = {c.CONTENT_TYPE: "text/plain", c.USER_PROPERTY: [("k", "v1"), ("k", "v2")], c.CORRELATION_DATA: b"\x01"}
+PROPS = {
+    c.CONTENT_TYPE: "text/plain",
+    c.USER_PROPERTY: [("k", "v1"), ("k", "v2")],
+    c.CORRELATION_DATA: b"\x01",
+}
 
 
 class InProcessNode:
@@ -38,7 +42,9 @@ class InProcessNode:
             self.broker.restore(self.storage.load())
         self.broker.set_peers(NodePeers(Ownership(registry, name), network.caller(name), timeout=5.0))
         network.handle(name, TAKEOVER_KIND, takeover_handler(self.broker))
-        self.listener = TCPListener(name, HOST, 0, self.broker, ProtocolSettings(), FlushScheduler(self.storage))
+        self.listener = TCPListener(
+            name, HOST, 0, self.broker, ProtocolSettings(), FlushScheduler(self.storage)
+        )
         self.listener.start()
         self.port = self.listener.address[1]
 
@@ -55,7 +61,10 @@ class InProcessNode:
 @pytest.fixture
 def nodes(tmp_path: Path):
     registry, network = Registry(), Network()
-    made = [InProcessNode("A", registry, network, tmp_path / "a"), InProcessNode("B", registry, network, None)]
+    made = [
+        InProcessNode("A", registry, network, tmp_path / "a"),
+        InProcessNode("B", registry, network, None),
+    ]
     yield made
     for node in made:
         node.stop()
@@ -115,8 +124,11 @@ def test_takeover_over_tcp_delivers_exactly_what_qos_allows(nodes) -> None:
     for i in range(5):
         publish_qos1(pub, 10 + i, f"a/q{i}", f"q{i}".encode(), PROPS)
     first = [old.expect(c.Publish) for _ in range(3)]  # Receive Maximum 3: the rest is queued
-    assert [(p.topic, p.qos, p.packet_id, p.dup) for p in first] == [("a/1", 1, 1, False), ("a/2", 2, 2, False),
-                                                                     ("b/3", 1, 3, False)]
+    assert [(p.topic, p.qos, p.packet_id, p.dup) for p in first] == [
+        ("a/1", 1, 1, False),
+        ("a/2", 2, 2, False),
+        ("b/3", 1, 3, False),
+    ]
     old.send(c.Pubrec(2))  # outbound QoS 2 PUBREC'd ...
     assert old.expect(c.Pubrel).packet_id == 2  # ... PUBREL sent, PUBCOMP never comes
     old.send(c.Publish("in/x", b"inbound", 2, packet_id=50, properties=PROPS))  # inbound QoS 2 ...
@@ -142,12 +154,17 @@ def test_takeover_over_tcp_delivers_exactly_what_qos_allows(nodes) -> None:
     pub_b, _ = client(b, "pub-b")
     publish_qos1(pub_b, 1, "b/sentinel", b"end")
     packets = collect_until(new, "b/sentinel")
-    assert [(type(p).__name__, p.packet_id) for p in packets[:3]] == [("Publish", 1), ("Pubrel", 2), ("Publish", 3)]
+    assert [(type(p).__name__, p.packet_id) for p in packets[:3]] == [
+        ("Publish", 1),
+        ("Pubrel", 2),
+        ("Publish", 3),
+    ]
     assert received(packets[0]) == ("a/1", b"one", 1, True, [7], PROPS)
     assert received(packets[2]) == ("b/3", b"three", 1, True, [9], {})
     rest = [received(p) for p in packets[3:]]
-    assert rest == [(f"a/q{i}", f"q{i}".encode(), 1, False, [7], PROPS) for i in range(5)] + \
-        [("b/sentinel", b"end", 1, False, [9], {})]
+    assert rest == [(f"a/q{i}", f"q{i}".encode(), 1, False, [7], PROPS) for i in range(5)] + [
+        ("b/sentinel", b"end", 1, False, [9], {})
+    ]
     assert len({p.packet_id for p in packets if isinstance(p, c.Publish)}) == len(rest) + 2  # no id reused
 
     # The resent inbound QoS 2 (as if its PUBREC was lost) is acknowledged, not routed again.

@@ -50,8 +50,13 @@ def main() -> int:
         received.append((batch.sender, batch.seq, [c.filter for c in batch.interest], batch.snapshot))
         return pb.BatchAck(seq=batch.seq)
 
-    a = ClusterTransport("a", 1, TransportSettings(bind_addr=peers["a"], max_queued_messages=3),
-                         lambda batch: pb.BatchAck(seq=batch.seq), lambda: ["x/#"])
+    a = ClusterTransport(
+        "a",
+        1,
+        TransportSettings(bind_addr=peers["a"], max_queued_messages=3),
+        lambda batch: pb.BatchAck(seq=batch.seq),
+        lambda: ["x/#"],
+    )
     b = ClusterTransport("b", 1, TransportSettings(bind_addr=peers["b"]), on_batch_b, lambda: [])
     out: dict = {}
     a.start()
@@ -68,8 +73,11 @@ def main() -> int:
     out["snapshot"] = [r for r in received if r[3]][:1]
     out["echo"] = a.call("b", "echo", b"hi", timeout=5).decode()
     errors = {}
-    for name, args in {"unknown_kind": ("b", "nope", b""), "handler_error": ("b", "boom", b""),
-                       "unknown_peer": ("zz", "echo", b"")}.items():
+    for name, args in {
+        "unknown_kind": ("b", "nope", b""),
+        "handler_error": ("b", "boom", b""),
+        "unknown_peer": ("zz", "echo", b""),
+    }.items():
         try:
             a.call(*args, timeout=5)
             errors[name] = None
@@ -119,10 +127,13 @@ def readded_peer() -> list[str]:
     broker.attach(session, delivery, 100)
     broker.subscribe(session, "t", 0)
     receiver = ClusterPeers("b", broker, None)
-    b = ClusterTransport("b", 5, TransportSettings(bind_addr=peers["b"]), receiver.apply_batch, broker.interest_filters)
+    b = ClusterTransport(
+        "b", 5, TransportSettings(bind_addr=peers["b"]), receiver.apply_batch, broker.interest_filters
+    )
     receiver.transport = b
-    a = ClusterTransport("a", 5, TransportSettings(bind_addr=peers["a"]), lambda batch: pb.BatchAck(seq=batch.seq),
-                         lambda: [])
+    a = ClusterTransport(
+        "a", 5, TransportSettings(bind_addr=peers["a"]), lambda batch: pb.BatchAck(seq=batch.seq), lambda: []
+    )
     a.start()
     b.start()
     a.set_peers(peers)
@@ -165,8 +176,13 @@ def slow_ack() -> dict:
         return receiver.apply_batch(batch)
 
     b = ClusterTransport("b", 5, TransportSettings(bind_addr=peers["b"]), on_batch, broker.interest_filters)
-    a = ClusterTransport("a", 5, TransportSettings(bind_addr=peers["a"], publish_timeout=0.5),
-                         lambda batch: pb.BatchAck(seq=batch.seq), lambda: [])
+    a = ClusterTransport(
+        "a",
+        5,
+        TransportSettings(bind_addr=peers["a"], publish_timeout=0.5),
+        lambda batch: pb.BatchAck(seq=batch.seq),
+        lambda: [],
+    )
     a.start()
     b.start()
     a.set_peers(peers)
@@ -177,8 +193,12 @@ def slow_ack() -> dict:
     state = a.peer_state()["b"]
     a.stop(0.1)
     b.stop(0.1)
-    return {"delivered": len(delivery.sent), "duplicates_skipped": receiver.duplicate_batches,
-            "resent": state["resent"], "failures": state["failures"]}
+    return {
+        "delivered": len(delivery.sent),
+        "duplicates_skipped": receiver.duplicate_batches,
+        "resent": state["resent"],
+        "failures": state["failures"],
+    }
 
 
 if __name__ == "__main__":

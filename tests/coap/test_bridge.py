@@ -48,8 +48,16 @@ class RecordingTransport:
         return out
 
 
-def req(mtype: int, method: int, mid: int, path: str, query: tuple[str, ...] = (), payload: bytes = b"",
-        token: bytes = b"t1", extra: tuple[tuple[int, bytes], ...] = ()) -> bytes:
+def req(
+    mtype: int,
+    method: int,
+    mid: int,
+    path: str,
+    query: tuple[str, ...] = (),
+    payload: bytes = b"",
+    token: bytes = b"t1",
+    extra: tuple[tuple[int, bytes], ...] = (),
+) -> bytes:
     options = [(codec.URI_PATH, p.encode()) for p in path.split("/")] if path else []
     options += [(codec.URI_QUERY, q.encode()) for q in query]
     return codec.serialize(CoapMessage(mtype, method, mid, token, options + list(extra), payload))
@@ -69,6 +77,7 @@ def settle() -> None:
 
 
 # -- acknowledged means stored ------------------------------------------------------------------------
+
 
 def test_qos1_publish_is_answered_only_after_the_commit_holding_it(tmp_path: Path) -> None:
     """A 2.04 for a QoS 1 publish leaves after the LMDB commit that holds the (retained) message."""
@@ -145,6 +154,7 @@ def test_duplicate_con_while_waiting_for_the_commit_is_answered_once(tmp_path: P
 
 # -- observe -----------------------------------------------------------------------------------------
 
+
 def observe(b: CoapBridge, t: RecordingTransport, path: str, token: bytes = b"ob", mid: int = 100) -> None:
     b.datagram(req(codec.CON, codec.GET, mid, path, token=token, extra=((codec.OBSERVE, b""),)), PEER, t)
     (first,) = t.take()
@@ -187,7 +197,9 @@ def test_rst_and_observe_1_end_the_observation_and_its_session(bridge: CoapBridg
     notes = {n.token: n for n in t.take()}
     bridge.datagram(codec.empty(codec.RST, notes[b"a"].mid), PEER, t)  # RFC 7641 §3.6
     assert len(bridge.observations) == 1
-    bridge.datagram(req(codec.CON, codec.GET, 102, "s/2", token=b"b", extra=((codec.OBSERVE, b"\x01"),)), PEER, t)
+    bridge.datagram(
+        req(codec.CON, codec.GET, 102, "s/2", token=b"b", extra=((codec.OBSERVE, b"\x01"),)), PEER, t
+    )
     assert bridge.observations == {} and bridge.broker.session_count() == 0
     assert [m.code for m in t.take()] == [codec.NOT_FOUND]  # answered as a plain GET (nothing retained)
 
@@ -241,6 +253,7 @@ def test_a_slow_observer_queue_drops_the_oldest() -> None:
 
 # -- abuse -------------------------------------------------------------------------------------------
 
+
 def test_unverified_answers_stay_within_the_amplification_bound(bridge: CoapBridge) -> None:
     bridge.broker.publish(Message("big", b"z" * 5000, 0, True))
     t = RecordingTransport()
@@ -254,7 +267,9 @@ def test_unverified_answers_stay_within_the_amplification_bound(bridge: CoapBrid
     mid = 2
     while more:
         t.sent.clear()
-        data = req(codec.CON, codec.GET, mid, "big", extra=((codec.BLOCK2, codec.encode_block(num + 1, False, szx)),))
+        data = req(
+            codec.CON, codec.GET, mid, "big", extra=((codec.BLOCK2, codec.encode_block(num + 1, False, szx)),)
+        )
         bridge.datagram(data, PEER, t)
         ((sent, _),) = t.sent
         assert len(sent) <= 3 * len(data)
@@ -279,14 +294,44 @@ def test_block1_reassembly_is_bounded_per_peer() -> None:
     b = CoapBridge(Broker(BrokerSettings()), CoapSettings(max_reassembly_bytes=2048))
     t = RecordingTransport()
     for num in range(2):  # two 1 KiB blocks are held
-        b.datagram(req(codec.CON, codec.POST, num, "r", payload=b"x" * 1024,
-                       extra=((codec.BLOCK1, codec.encode_block(num, True, 6)),)), PEER, t)
-    b.datagram(req(codec.CON, codec.POST, 5, "r", payload=b"x" * 1024,
-                   extra=((codec.BLOCK1, codec.encode_block(2, True, 6)),)), PEER, t)
+        b.datagram(
+            req(
+                codec.CON,
+                codec.POST,
+                num,
+                "r",
+                payload=b"x" * 1024,
+                extra=((codec.BLOCK1, codec.encode_block(num, True, 6)),),
+            ),
+            PEER,
+            t,
+        )
+    b.datagram(
+        req(
+            codec.CON,
+            codec.POST,
+            5,
+            "r",
+            payload=b"x" * 1024,
+            extra=((codec.BLOCK1, codec.encode_block(2, True, 6)),),
+        ),
+        PEER,
+        t,
+    )
     assert [m.code for m in t.messages()] == [codec.CONTINUE, codec.CONTINUE, codec.REQUEST_ENTITY_TOO_LARGE]
     assert b.reassembly[("test", PEER)] == {}
-    b.datagram(req(codec.CON, codec.POST, 6, "r", payload=b"x" * 10,
-                   extra=((codec.BLOCK1, codec.encode_block(3, False, 6)),)), PEER, t)
+    b.datagram(
+        req(
+            codec.CON,
+            codec.POST,
+            6,
+            "r",
+            payload=b"x" * 10,
+            extra=((codec.BLOCK1, codec.encode_block(3, False, 6)),),
+        ),
+        PEER,
+        t,
+    )
     assert t.messages()[-1].code == codec.REQUEST_ENTITY_INCOMPLETE  # RFC 7959 §2.9.2
 
 
@@ -303,7 +348,9 @@ def test_no_response_suppresses_the_2_xx_of_a_non_request(bridge: CoapBridge) ->
     t = RecordingTransport()
     quiet = ((codec.NO_RESPONSE, b"\x02"),)
     bridge.datagram(req(codec.NON, codec.POST, 1, "nr/a", payload=b"x", extra=quiet), PEER, t)
-    bridge.datagram(req(codec.NON, codec.POST, 2, "nr/+", payload=b"x", extra=quiet), PEER, t)  # 4.00 still sent
+    bridge.datagram(
+        req(codec.NON, codec.POST, 2, "nr/+", payload=b"x", extra=quiet), PEER, t
+    )  # 4.00 still sent
     assert [m.code for m in t.messages()] == [codec.BAD_REQUEST]
     assert bridge.broker.stats.received_qos[0] == 1
 
@@ -313,16 +360,55 @@ _BRIDGE.broker.publish(Message("f/r", b"r" * 300, 0, True))
 
 
 def _fuzz_request() -> st.SearchStrategy[bytes]:
-    option = st.tuples(st.sampled_from([codec.URI_PATH, codec.URI_QUERY, codec.OBSERVE, codec.BLOCK1,
-                                        codec.BLOCK2, codec.SIZE1, codec.CONTENT_FORMAT, codec.NO_RESPONSE,
-                                        codec.ACCEPT, 2049, 2048]),
-                       st.one_of(st.sampled_from([b"f", b"r", b"+", b"#", b"qos=1", b"retain=true", b"", b"\x00",
-                                                  b"\x06", b"\x0e", b"mqtt", b"publish", b"health", b"$SYS"]),
-                                 st.binary(max_size=4)))
-    return st.builds(lambda mtype, method, mid, token, options, payload: codec.serialize(
-        CoapMessage(mtype, method, mid, token, options, payload)),
-        st.integers(0, 3), st.sampled_from([0, 1, 2, 3, 4, 5, 69, 68]), st.integers(0, 0xFFFF),
-        st.binary(max_size=8), st.lists(option, max_size=6), st.binary(max_size=200))
+    option = st.tuples(
+        st.sampled_from(
+            [
+                codec.URI_PATH,
+                codec.URI_QUERY,
+                codec.OBSERVE,
+                codec.BLOCK1,
+                codec.BLOCK2,
+                codec.SIZE1,
+                codec.CONTENT_FORMAT,
+                codec.NO_RESPONSE,
+                codec.ACCEPT,
+                2049,
+                2048,
+            ]
+        ),
+        st.one_of(
+            st.sampled_from(
+                [
+                    b"f",
+                    b"r",
+                    b"+",
+                    b"#",
+                    b"qos=1",
+                    b"retain=true",
+                    b"",
+                    b"\x00",
+                    b"\x06",
+                    b"\x0e",
+                    b"mqtt",
+                    b"publish",
+                    b"health",
+                    b"$SYS",
+                ]
+            ),
+            st.binary(max_size=4),
+        ),
+    )
+    return st.builds(
+        lambda mtype, method, mid, token, options, payload: codec.serialize(
+            CoapMessage(mtype, method, mid, token, options, payload)
+        ),
+        st.integers(0, 3),
+        st.sampled_from([0, 1, 2, 3, 4, 5, 69, 68]),
+        st.integers(0, 0xFFFF),
+        st.binary(max_size=8),
+        st.lists(option, max_size=6),
+        st.binary(max_size=200),
+    )
 
 
 @settings(max_examples=1500, deadline=None)
@@ -353,7 +439,9 @@ def test_deregistering_a_filter_observation_is_answered_2_05(bridge: CoapBridge)
     """RFC 7641 §3.6: GET with Observe=1 ends the observation; on a filter there is nothing to read."""
     t = RecordingTransport()
     observe(bridge, t, "f/+/x", b"fl")
-    bridge.datagram(req(codec.CON, codec.GET, 7, "f/+/x", token=b"fl", extra=((codec.OBSERVE, b"\x01"),)), PEER, t)
+    bridge.datagram(
+        req(codec.CON, codec.GET, 7, "f/+/x", token=b"fl", extra=((codec.OBSERVE, b"\x01"),)), PEER, t
+    )
     (answer,) = t.take()
     assert answer.code == codec.CONTENT and answer.option(codec.OBSERVE) is None
     assert bridge.observations == {}
@@ -383,13 +471,22 @@ def test_an_authenticated_observer_gets_notifications_at_once() -> None:
     b.start()
     t = RecordingTransport()
     try:
-        b.datagram(req(codec.CON, codec.GET, 1, "v/1", token=b"v", extra=((codec.OBSERVE, b""),)), PEER, t,
-                   identity="dev", verified=True)
+        b.datagram(
+            req(codec.CON, codec.GET, 1, "v/1", token=b"v", extra=((codec.OBSERVE, b""),)),
+            PEER,
+            t,
+            identity="dev",
+            verified=True,
+        )
         t.take()
         for i in range(3):
             b.broker.publish(Message("v/1", b"%d" % i))
         settle()
-        assert [(n.mtype, n.payload) for n in t.take()] == [(codec.NON, b"0"), (codec.NON, b"1"), (codec.NON, b"2")]
+        assert [(n.mtype, n.payload) for n in t.take()] == [
+            (codec.NON, b"0"),
+            (codec.NON, b"1"),
+            (codec.NON, b"2"),
+        ]
     finally:
         b.stop()
 

@@ -12,8 +12,14 @@ from fluxmq.errors import ConfigError
 
 
 def section(**keys: str) -> SimpleNamespace:
-    base = {"addr": "127.0.0.1:5684", "cert_file": "", "key_file": "", "ca_file": "", "client_auth": "",
-            "psk_file": ""}
+    base = {
+        "addr": "127.0.0.1:5684",
+        "cert_file": "",
+        "key_file": "",
+        "ca_file": "",
+        "client_auth": "",
+        "psk_file": "",
+    }
     base.update(keys)
     return SimpleNamespace(**base)
 
@@ -46,8 +52,10 @@ def test_mdtls_needs_a_ca_file(tmp_path: Path) -> None:
 
 def test_missing_certificate_file_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="server.coap.dtls.cert_file"):
-        server_context(section(cert_file=str(tmp_path / "none.crt"), key_file=str(tmp_path / "none.key")),
-                       "server.coap.dtls")
+        server_context(
+            section(cert_file=str(tmp_path / "none.crt"), key_file=str(tmp_path / "none.key")),
+            "server.coap.dtls",
+        )
 
 
 def test_psk_store_remembers_the_identity_looked_up() -> None:
@@ -84,14 +92,21 @@ def test_random_datagrams_leave_the_dtls_listener_serving(tmp_path: Path) -> Non
 
     def client() -> None:
         try:
-            conf = tls.DTLSConfiguration(pre_shared_key=("dev", bytes.fromhex("00112233445566778899aabbccddeeff")),
-                                         validate_certificates=False)
-            sock = tls.ClientContext(conf).wrap_socket(socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
-                                                       server_hostname=None)
+            conf = tls.DTLSConfiguration(
+                pre_shared_key=("dev", bytes.fromhex("00112233445566778899aabbccddeeff")),
+                validate_certificates=False,
+            )
+            sock = tls.ClientContext(conf).wrap_socket(
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM), server_hostname=None
+            )
             sock.settimeout(10)
             sock.connect(("127.0.0.1", listener.port))
             sock.do_handshake()
-            sock.send(codec.serialize(codec.CoapMessage(codec.CON, codec.GET, 1, b"t", [(codec.URI_PATH, b"health")])))
+            sock.send(
+                codec.serialize(
+                    codec.CoapMessage(codec.CON, codec.GET, 1, b"t", [(codec.URI_PATH, b"health")])
+                )
+            )
             result.append(codec.parse(sock.recv(4096)).payload)
             sock.close()
         except Exception as exc:  # reported by the assertion below

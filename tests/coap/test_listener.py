@@ -24,8 +24,10 @@ def test_a_flood_of_queued_datagrams_lets_the_hub_run_between_batches() -> None:
     try:
         count = 1000
         for mid in range(count):  # queued in the kernel before the reader runs at all
-            sender.sendto(codec.serialize(CoapMessage(codec.NON, codec.POST, mid, b"", [(codec.URI_PATH, b"f")],
-                                                      b"x")), ("127.0.0.1", listener.port))
+            sender.sendto(
+                codec.serialize(CoapMessage(codec.NON, codec.POST, mid, b"", [(codec.URI_PATH, b"f")], b"x")),
+                ("127.0.0.1", listener.port),
+            )
         seen_by_other_greenlet: list[int] = []
 
         def other() -> None:

@@ -112,6 +112,7 @@ def write(tmp_path: Path):
         path = tmp_path / "fluxmq.yaml"
         path.write_text(text, encoding="utf-8")
         return path
+
     return _write
 
 
@@ -138,10 +139,17 @@ def test_reference_config_loads_with_not_implemented_notices(write) -> None:
     assert f"{path}:" in notices  # each notice names where it was written
 
 
-@pytest.mark.parametrize("spelling, level", [
-    ("trace", TRACE), ("debug", logging.DEBUG), ("info", logging.INFO), ("warn", logging.WARNING),
-    ("warning", logging.WARNING), ("error", logging.ERROR),
-])
+@pytest.mark.parametrize(
+    "spelling, level",
+    [
+        ("trace", TRACE),
+        ("debug", logging.DEBUG),
+        ("info", logging.INFO),
+        ("warn", logging.WARNING),
+        ("warning", logging.WARNING),
+        ("error", logging.ERROR),
+    ],
+)
 def test_log_level_spellings(write, spelling: str, level: int) -> None:
     cfg = load_config(write(f"log:\n  level: {spelling}\n"), env={})
     assert effective_level(cfg.log) == level
@@ -155,14 +163,17 @@ def test_log_level_other_spelling_is_one_line_with_accepted_values(write) -> Non
         assert accepted in message
 
 
-@pytest.mark.parametrize("text, env, level", [
-    ("log:\n  level: error\n  debug: true\n", {}, logging.DEBUG),
-    ("log:\n  level: error\n  trace: true\n", {}, TRACE),
-    ("log:\n  level: error\n  debug: true\n  trace: true\n", {}, TRACE),
-    ("log:\n  level: error\n", {"FLUXMQ_DEBUG": "true"}, logging.DEBUG),
-    ("log:\n  level: error\n", {"FLUXMQ_TRACE": "true"}, TRACE),
-    ("log:\n  level: error\n", {"FLUXMQ_DEBUG": "false"}, logging.ERROR),
-])
+@pytest.mark.parametrize(
+    "text, env, level",
+    [
+        ("log:\n  level: error\n  debug: true\n", {}, logging.DEBUG),
+        ("log:\n  level: error\n  trace: true\n", {}, TRACE),
+        ("log:\n  level: error\n  debug: true\n  trace: true\n", {}, TRACE),
+        ("log:\n  level: error\n", {"FLUXMQ_DEBUG": "true"}, logging.DEBUG),
+        ("log:\n  level: error\n", {"FLUXMQ_TRACE": "true"}, TRACE),
+        ("log:\n  level: error\n", {"FLUXMQ_DEBUG": "false"}, logging.ERROR),
+    ],
+)
 def test_debug_and_trace_are_hard_overrides(write, text: str, env: dict[str, str], level: int) -> None:
     cfg = load_config(write(text), env=env)
     assert effective_level(cfg.log) == level
@@ -183,10 +194,17 @@ def test_fluxmq_debug_that_is_not_a_boolean_names_the_variable() -> None:
     assert "FLUXMQ_DEBUG" in str(info.value) and "true" in str(info.value)
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ('"60s"', 60.0), ('"168h"', 168 * 3600.0), ('"1m30s"', 90.0), ('"500ms"', 0.5), ("1h30m", 5400.0),
-    ("10", 10.0),
-])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ('"60s"', 60.0),
+        ('"168h"', 168 * 3600.0),
+        ('"1m30s"', 90.0),
+        ('"500ms"', 0.5),
+        ("1h30m", 5400.0),
+        ("10", 10.0),
+    ],
+)
 def test_go_durations(write, text: str, seconds: float) -> None:
     cfg = load_config(write(f"server:\n  connect_timeout: {text}\n"), env={})
     assert cfg.server.connect_timeout == pytest.approx(seconds)
@@ -204,10 +222,19 @@ def test_sizes_as_plain_integers(write) -> None:
     assert cfg.broker.max_queued_bytes == 2097152
 
 
-@pytest.mark.parametrize("spelling, value", [
-    ("true", True), ("false", False), ("True", True), ("FALSE", False), ("yes", True), ("no", False),
-    ("on", True), ("off", False),
-])
+@pytest.mark.parametrize(
+    "spelling, value",
+    [
+        ("true", True),
+        ("false", False),
+        ("True", True),
+        ("FALSE", False),
+        ("yes", True),
+        ("no", False),
+        ("on", True),
+        ("off", False),
+    ],
+)
 def test_yaml_booleans(write, spelling: str, value: bool) -> None:
     # go-yaml v3 decodes YAML 1.1's yes/no/on/off into a bool field; ruamel (YAML 1.2) reads them as text.
     cfg = load_config(write(f"log:\n  compress: {spelling}\n"), env={})
@@ -229,9 +256,12 @@ def test_unknown_fluxmq_variable_is_an_error_naming_it() -> None:
 
 def test_env_ignore_lets_unrelated_fluxmq_variables_pass() -> None:
     # e.g. Kubernetes injects FLUXMQ_SERVICE_HOST, FLUXMQ_PORT_1883_TCP... for a Service named fluxmq.
-    env = {"FLUXMQ_ENV_IGNORE": "FLUXMQ_SERVICE_HOST, FLUXMQ_PORT*",
-           "FLUXMQ_SERVICE_HOST": "10.0.0.1", "FLUXMQ_PORT": "tcp://10.0.0.1:1883",
-           "FLUXMQ_PORT_1883_TCP_ADDR": "10.0.0.1"}
+    env = {
+        "FLUXMQ_ENV_IGNORE": "FLUXMQ_SERVICE_HOST, FLUXMQ_PORT*",
+        "FLUXMQ_SERVICE_HOST": "10.0.0.1",
+        "FLUXMQ_PORT": "tcp://10.0.0.1:1883",
+        "FLUXMQ_PORT_1883_TCP_ADDR": "10.0.0.1",
+    }
     cfg = load_config(env=env)
     assert cfg.server.tcp.plain.addr  # loaded
     with pytest.raises(ConfigError, match="FLUXMQ_SERVCE_HOST"):

@@ -61,7 +61,10 @@ def test_issue_keys_have_their_defaults() -> None:
 def test_enums_offer_the_documented_choices() -> None:
     assert SCHEMA.keys["broker.queue_overflow"].type.choices == ("drop_new", "drop_oldest", "disconnect")
     assert SCHEMA.keys["broker.shared_subscription_strategy"].type.choices == (
-        "round_robin", "random", "least_inflight")
+        "round_robin",
+        "random",
+        "least_inflight",
+    )
     assert SCHEMA.keys["storage.type"].type.choices == ("memory", "lmdb")
     assert SCHEMA.keys["log.level"].type.choices == ("trace", "debug", "info", "warn", "warning", "error")
     assert SCHEMA.keys["log.format"].type.choices == ("text", "json")
@@ -88,7 +91,8 @@ def test_conf_file_gives_exactly_the_defaults_and_names_every_key() -> None:
 
 def test_conf_file_is_the_generated_one() -> None:
     assert CONF.read_text(encoding="utf-8") == SCHEMA.yaml(), (
-        "regenerate: python -m fluxmq.config.schema --yaml > conf/fluxmq.yaml")
+        "regenerate: python -m fluxmq.config.schema --yaml > conf/fluxmq.yaml"
+    )
 
 
 def test_conf_file_comments_every_key() -> None:
@@ -101,12 +105,18 @@ def test_conf_file_comments_every_key() -> None:
 
 def test_rst_reference_is_current() -> None:
     assert RST.read_text(encoding="utf-8") == SCHEMA.rst(), (
-        "regenerate: python -m fluxmq.config.schema --rst > docs/config-keys.rst")
+        "regenerate: python -m fluxmq.config.schema --rst > docs/config-keys.rst"
+    )
 
 
 def test_rst_entry_point_prints_the_reference() -> None:
-    out = subprocess.run([sys.executable, "-W", "error", "-m", "fluxmq.config.schema", "--rst"],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "fluxmq.config.schema", "--rst"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     assert out.stderr == ""
     assert out.stdout == RST.read_text(encoding="utf-8")
     for key in KEYS:
@@ -115,8 +125,13 @@ def test_rst_entry_point_prints_the_reference() -> None:
 
 
 def test_yaml_entry_point_prints_the_conf_file() -> None:
-    out = subprocess.run([sys.executable, "-m", "fluxmq.config.schema", "--yaml"],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "fluxmq.config.schema", "--yaml"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     assert out.stdout == CONF.read_text(encoding="utf-8")
 
 
@@ -143,17 +158,20 @@ def test_adding_a_key_is_one_line() -> None:
     assert "``broker.new_limit``" in schema.rst()
 
 
-@pytest.mark.parametrize(("keys", "problem"), [
-    ([Key("a.b_c", Int(), 1, "x"), Key("a_b.c", Int(), 1, "y")], "both map to FLUXMQ_A_B_C"),
-    ([Key("a.b", Int(), 1, "x"), Key("a.b.c", Int(), 1, "y")], "both a key and a section"),
-    ([Key("a.b", Int(), 1, "x"), Key("a.b", Int(), 2, "y")], "duplicate key"),
-    ([Key("a.b", Int(1), 0, "x")], "default of a.b"),
-    ([Key("a.get", Int(), 1, "x")], "reserved name"),
-    ([Key("A.b", Int(), 1, "x")], "bad key name"),
-    ([Key("toplevel", Int(), 1, "x")], "bad key name"),
-    ([Key("config.x", Str(), "", "x"), Key("config", Str(), "", "y")], "bad key name"),
-    ([Key("admin.token", Str(), "", "x", secret=True)], "allow-list"),
-])
+@pytest.mark.parametrize(
+    ("keys", "problem"),
+    [
+        ([Key("a.b_c", Int(), 1, "x"), Key("a_b.c", Int(), 1, "y")], "both map to FLUXMQ_A_B_C"),
+        ([Key("a.b", Int(), 1, "x"), Key("a.b.c", Int(), 1, "y")], "both a key and a section"),
+        ([Key("a.b", Int(), 1, "x"), Key("a.b", Int(), 2, "y")], "duplicate key"),
+        ([Key("a.b", Int(1), 0, "x")], "default of a.b"),
+        ([Key("a.get", Int(), 1, "x")], "reserved name"),
+        ([Key("A.b", Int(), 1, "x")], "bad key name"),
+        ([Key("toplevel", Int(), 1, "x")], "bad key name"),
+        ([Key("config.x", Str(), "", "x"), Key("config", Str(), "", "y")], "bad key name"),
+        ([Key("admin.token", Str(), "", "x", secret=True)], "allow-list"),
+    ],
+)
 def test_schema_refuses_inconsistent_keys(keys: list[Key], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         Schema(keys)
@@ -164,12 +182,18 @@ def test_env_names_are_unambiguous_despite_underscores() -> None:
     schema = Schema([Key("a.b_c", Int(), 1, "x"), Key("a.d", Int(), 2, "y")])
     assert schema.env["FLUXMQ_A_B_C"].name == "a.b_c"
     assert SCHEMA.env["FLUXMQ_SERVER_TCP_PLAIN_MAX_CONNECTIONS"].name == "server.tcp.plain.max_connections"
-    assert SCHEMA.env["FLUXMQ_BROKER_SHARED_SUBSCRIPTION_STRATEGY"].name == "broker.shared_subscription_strategy"
+    assert (
+        SCHEMA.env["FLUXMQ_BROKER_SHARED_SUBSCRIPTION_STRATEGY"].name == "broker.shared_subscription_strategy"
+    )
 
 
 def test_secret_keys_appear_in_the_generated_files_without_values() -> None:
-    schema = Schema([Key("auth.db_password", Str(), "", "Password of the auth database.", secret=True),
-                     Key("auth.enabled", Bool(), False, "Check passwords.")])
+    schema = Schema(
+        [
+            Key("auth.db_password", Str(), "", "Password of the auth database.", secret=True),
+            Key("auth.enabled", Bool(), False, "Check passwords."),
+        ]
+    )
     yaml = schema.yaml()
     assert "db_password:" not in yaml.replace("# db_password:", "")
     assert "FLUXMQ_AUTH_DB_PASSWORD" in yaml

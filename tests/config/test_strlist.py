@@ -18,22 +18,28 @@ def test_from_yaml_takes_a_list_of_non_empty_strings() -> None:
             t.from_yaml(bad)
 
 
-@pytest.mark.parametrize(("text", "items"), [
-    ("", []),
-    ("[]", []),
-    ("a", ["a"]),
-    ("a, b,", ["a", "b"]),
-    ('["https://x.example", \'y\']', ["https://x.example", "y"]),
-])
+@pytest.mark.parametrize(
+    ("text", "items"),
+    [
+        ("", []),
+        ("[]", []),
+        ("a", ["a"]),
+        ("a, b,", ["a", "b"]),
+        ("[\"https://x.example\", 'y']", ["https://x.example", "y"]),
+    ],
+)
 def test_from_text_reads_comma_separated_or_a_flow_list(text: str, items: list[str]) -> None:
     assert StrList().from_text(text) == items
 
 
 def test_list_keys_from_file_env_and_set(tmp_path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("server:\n  websocket:\n    plain:\n      allowed_origins: [\"https://a.example\"]\n")
-    cfg = load_config(str(path), env={"FLUXMQ_SERVER_TCP_TLS_CIPHER_SUITES": "X1, X2"},
-                      overrides=["server.websocket.tls.allowed_origins=[p, q]"])
+    path.write_text('server:\n  websocket:\n    plain:\n      allowed_origins: ["https://a.example"]\n')
+    cfg = load_config(
+        str(path),
+        env={"FLUXMQ_SERVER_TCP_TLS_CIPHER_SUITES": "X1, X2"},
+        overrides=["server.websocket.tls.allowed_origins=[p, q]"],
+    )
     assert cfg.server.websocket.plain.allowed_origins == ["https://a.example"]
     assert cfg.server.tcp.tls.cipher_suites == ["X1", "X2"]
     assert cfg.server.websocket.tls.allowed_origins == ["p", "q"]

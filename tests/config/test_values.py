@@ -22,20 +22,44 @@ from fluxmq.config.values import (
 )
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("250ms", 0.25), ("10s", 10.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0),
-    ("1h30m15s", 5415.0), ("1.5s", 1.5), ("500us", 0.0005), ("0s", 0.0), ("0", 0.0),
-    ("10", 10.0), ("2.5", 2.5), (" 3s ", 3.0), ("1m0.5s", 60.5),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("10s", 10.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("1h30m15s", 5415.0),
+        ("1.5s", 1.5),
+        ("500us", 0.0005),
+        ("0s", 0.0),
+        ("0", 0.0),
+        ("10", 10.0),
+        ("2.5", 2.5),
+        (" 3s ", 3.0),
+        ("1m0.5s", 60.5),
+    ],
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize(("text", "reason"), [
-    ("10 parsecs", "parsecs"), ("ten seconds", "unknown duration unit"), ("1h30", "missing unit"),
-    ("-1s", "negative"), ("-5", "negative"), ("", "empty"), ("1e999", "finite"), ("s", "unit"),
-    ("1d", "unknown duration unit 'd'"), ("1 h", "unit"),
-])
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("10 parsecs", "parsecs"),
+        ("ten seconds", "unknown duration unit"),
+        ("1h30", "missing unit"),
+        ("-1s", "negative"),
+        ("-5", "negative"),
+        ("", "empty"),
+        ("1e999", "finite"),
+        ("s", "unit"),
+        ("1d", "unknown duration unit 'd'"),
+        ("1 h", "unit"),
+    ],
+)
 def test_parse_duration_refuses(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_duration(text)
@@ -46,54 +70,118 @@ def test_duration_parts_add_up(h: int, m: int, s: int, ms: int) -> None:
     assert parse_duration(f"{h}h{m}m{s}s{ms}ms") == pytest.approx(h * 3600 + m * 60 + s + ms / 1000)
 
 
-@pytest.mark.parametrize(("text", "size"), [
-    ("64KiB", 65536), ("1MiB", 1048576), ("1GiB", 1 << 30), ("10MB", 10_000_000), ("1KB", 1000),
-    ("512B", 512), ("1024", 1024), ("0", 0), ("1.5KiB", 1536), ("16mib", 16 << 20), ("2 MiB", 2 << 20),
-    ("1TiB", 1 << 40),
-])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("64KiB", 65536),
+        ("1MiB", 1048576),
+        ("1GiB", 1 << 30),
+        ("10MB", 10_000_000),
+        ("1KB", 1000),
+        ("512B", 512),
+        ("1024", 1024),
+        ("0", 0),
+        ("1.5KiB", 1536),
+        ("16mib", 16 << 20),
+        ("2 MiB", 2 << 20),
+        ("1TiB", 1 << 40),
+    ],
+)
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize(("text", "reason"), [
-    ("-1", "negative"), ("-1MiB", "negative"), ("10 parsecs", "unknown size unit"), ("lots", "not a size"),
-    ("1.1B", "whole number"), ("", "not a size"), ("MiB", "not a size"), ("1Mi", "unknown size unit"),
-])
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("-1", "negative"),
+        ("-1MiB", "negative"),
+        ("10 parsecs", "unknown size unit"),
+        ("lots", "not a size"),
+        ("1.1B", "whole number"),
+        ("", "not a size"),
+        ("MiB", "not a size"),
+        ("1Mi", "unknown size unit"),
+    ],
+)
 def test_parse_size_refuses(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_size(text)
 
 
-@given(st.integers(0, 1 << 20), st.sampled_from([("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30),
-                                                   ("KB", 10**3), ("MB", 10**6), ("GB", 10**9), ("", 1)]))
+@given(
+    st.integers(0, 1 << 20),
+    st.sampled_from(
+        [
+            ("KiB", 1 << 10),
+            ("MiB", 1 << 20),
+            ("GiB", 1 << 30),
+            ("KB", 10**3),
+            ("MB", 10**6),
+            ("GB", 10**9),
+            ("", 1),
+        ]
+    ),
+)
 def test_size_units_scale(n: int, unit: tuple[str, int]) -> None:
     assert parse_size(f"{n}{unit[0]}") == n * unit[1]
 
 
-@pytest.mark.parametrize(("text", "addr"), [
-    (":1883", ("0.0.0.0", 1883)), ("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:1883", ("::1", 1883)),
-    ("[::]:8081", ("::", 8081)), ("localhost:1883", ("localhost", 1883)),
-    ("broker-1.example.com:65535", ("broker-1.example.com", 65535)), ("0.0.0.0:1", ("0.0.0.0", 1)),
-])
+@pytest.mark.parametrize(
+    ("text", "addr"),
+    [
+        (":1883", ("0.0.0.0", 1883)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::1]:1883", ("::1", 1883)),
+        ("[::]:8081", ("::", 8081)),
+        ("localhost:1883", ("localhost", 1883)),
+        ("broker-1.example.com:65535", ("broker-1.example.com", 65535)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+    ],
+)
 def test_parse_addr(text: str, addr: tuple[str, int]) -> None:
     assert parse_addr(text) == addr
 
 
-@pytest.mark.parametrize(("text", "reason"), [
-    (":65536", "out of range"), (":99999", "out of range"), ("1883", "missing :port"), ("", "empty"),
-    ("host:", "bad port"), ("host:abc", "bad port"), (":-1", "bad port"), ("::1:1883", r"\[host\]:port"),
-    ("[::1]", r"\[host\]:port"), ("[nonsense]:1", "bad IPv6"), ("256.0.0.1:1", "bad host"),
-    ("bad_host:1", "bad host"), ("-a.b:1", "bad host"), ("a b:1", "bad host"),
-])
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (":65536", "out of range"),
+        (":99999", "out of range"),
+        ("1883", "missing :port"),
+        ("", "empty"),
+        ("host:", "bad port"),
+        ("host:abc", "bad port"),
+        (":-1", "bad port"),
+        ("::1:1883", r"\[host\]:port"),
+        ("[::1]", r"\[host\]:port"),
+        ("[nonsense]:1", "bad IPv6"),
+        ("256.0.0.1:1", "bad host"),
+        ("bad_host:1", "bad host"),
+        ("-a.b:1", "bad host"),
+        ("a b:1", "bad host"),
+    ],
+)
 def test_parse_addr_refuses(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_addr(text)
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True),
-    ("false", False), ("False", False), ("0", False), ("no", False), ("NO", False),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("Yes", True),
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        ("no", False),
+        ("NO", False),
+    ],
+)
 def test_parse_bool_text(text: str, value: bool) -> None:
     assert parse_bool(text) is value
 

@@ -46,21 +46,35 @@ def test_endpoints_are_typed_with_defaults(tmp_path: Path) -> None:
     audit, everything = cfg.webhook.endpoints
     assert audit["events"] == ["client.connected", "client.disconnected"]
     assert audit["headers"] == {"X-Env": "prod"}
-    assert audit["retry"] == {"max_attempts": 5, "initial_interval": 0.25, "max_interval": None, "multiplier": None}
+    assert audit["retry"] == {
+        "max_attempts": 5,
+        "initial_interval": 0.25,
+        "max_interval": None,
+        "multiplier": None,
+    }
     assert audit["timeout"] is None  # not set: webhook.defaults.timeout applies
     assert everything["events"] == ["*"] and everything["topic_filters"] == [] and everything["retry"] is None
 
 
-@pytest.mark.parametrize("bad, key, line, words", [
-    ("    - name: c\n      url: ftp://x\n", "webhook.endpoints[2].url", 15, "http:// URL"),
-    ("      events: [client.bogus]\n", "webhook.endpoints[1].events", 14, "unknown event type 'client.bogus'"),
-    ("      retry: {max_attempts: 0}\n", "webhook.endpoints[1].retry.max_attempts", 14, "integer 1..100"),
-    ("      colour: red\n", "webhook.endpoints[1].colour", 14, "unknown field"),
-    ("      headers: {X-A: 1}\n", "webhook.endpoints[1].headers", 14, "must be strings"),
-    ("      secret: hunter2\n", "webhook.endpoints[1].secret", 14, "not written in the config file"),
-])
-def test_an_item_error_names_the_field_file_and_line(tmp_path: Path, bad: str, key: str, line: int,
-                                                     words: str) -> None:
+@pytest.mark.parametrize(
+    "bad, key, line, words",
+    [
+        ("    - name: c\n      url: ftp://x\n", "webhook.endpoints[2].url", 15, "http:// URL"),
+        (
+            "      events: [client.bogus]\n",
+            "webhook.endpoints[1].events",
+            14,
+            "unknown event type 'client.bogus'",
+        ),
+        ("      retry: {max_attempts: 0}\n", "webhook.endpoints[1].retry.max_attempts", 14, "integer 1..100"),
+        ("      colour: red\n", "webhook.endpoints[1].colour", 14, "unknown field"),
+        ("      headers: {X-A: 1}\n", "webhook.endpoints[1].headers", 14, "must be strings"),
+        ("      secret: hunter2\n", "webhook.endpoints[1].secret", 14, "not written in the config file"),
+    ],
+)
+def test_an_item_error_names_the_field_file_and_line(
+    tmp_path: Path, bad: str, key: str, line: int, words: str
+) -> None:
     err = error(tmp_path, ENDPOINTS + bad)
     assert err.key == key
     assert err.line == line

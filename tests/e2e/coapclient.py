@@ -29,8 +29,15 @@ class CoapTestClient:
     def run(self, coro: Any, timeout: float = WAIT) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def request(self, method: str, uri: str, payload: bytes = b"", content_format: int | None = None,
-                mtype: Any = None, timeout: float = WAIT) -> aiocoap.Message:
+    def request(
+        self,
+        method: str,
+        uri: str,
+        payload: bytes = b"",
+        content_format: int | None = None,
+        mtype: Any = None,
+        timeout: float = WAIT,
+    ) -> aiocoap.Message:
         async def go() -> aiocoap.Message:
             msg = Message(code=getattr(aiocoap, method), uri=uri, payload=payload)
             if mtype is not None:
@@ -38,6 +45,7 @@ class CoapTestClient:
             if content_format is not None:
                 msg.opt.content_format = content_format
             return await self.context.request(msg).response
+
         return self.run(go(), timeout)
 
     def observe(self, uri: str) -> Observer:
@@ -97,4 +105,5 @@ class Observer:
     def cancel(self) -> None:
         def do_cancel() -> None:
             self.request.observation.cancel()
+
         self.client.loop.call_soon_threadsafe(do_cancel)

@@ -30,15 +30,32 @@ class Refused(AssertionError):
 class PahoTransportClient:
     """A paho 2.x client with a loop thread, a message queue and bounded waits."""
 
-    def __init__(self, client_id: str, transport: str = "tcp", path: str = "/mqtt", ca_file: str | None = None,
-                 cert=None, protocol: int = mqtt.MQTTv311, headers: dict | None = None) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-                                  transport=transport, reconnect_on_failure=False)
+    def __init__(
+        self,
+        client_id: str,
+        transport: str = "tcp",
+        path: str = "/mqtt",
+        ca_file: str | None = None,
+        cert=None,
+        protocol: int = mqtt.MQTTv311,
+        headers: dict | None = None,
+    ) -> None:
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            transport=transport,
+            reconnect_on_failure=False,
+        )
         if transport == "websockets":
             self.client.ws_set_options(path=path, headers=headers)
         if ca_file is not None:
-            self.client.tls_set(ca_certs=ca_file, certfile=cert.cert_file if cert else None,
-                                keyfile=cert.key_file if cert else None, cert_reqs=ssl.CERT_REQUIRED)
+            self.client.tls_set(
+                ca_certs=ca_file,
+                certfile=cert.cert_file if cert else None,
+                keyfile=cert.key_file if cert else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
         self.messages: queue.Queue = queue.Queue()
         self.reason_code = None
         self._connack = threading.Event()

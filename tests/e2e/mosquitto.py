@@ -16,7 +16,9 @@ from tests.conftest import free_port
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+)
 
 
 class Mosquitto:
@@ -38,15 +40,18 @@ class Mosquitto:
             "autosave_interval 1\n"
             "max_queued_messages 100000\n"
             f"log_dest file {self.log}\n"
-            "log_type all\n"
+            "log_type all\n" + ("user root\n" if os.geteuid() == 0 else "") + extra
             # As root Mosquitto drops to user "mosquitto", which cannot read the test's 0700 temp dirs.
-            + ("user root\n" if os.geteuid() == 0 else "")
-            + extra)
+        )
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Mosquitto:
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -54,13 +54,23 @@ class Raw5(RawClient):
         super().__init__(node.host, node.mqtt_port, version, timeout)
         self.connack: Any = None
 
-    def connect(self, client_id: str = "", clean_start: bool = True, keepalive: int = 60,
-                properties: dict | None = None, will: Any = None, username: str | None = None,
-                password: bytes | None = None) -> Any:
+    def connect(
+        self,
+        client_id: str = "",
+        clean_start: bool = True,
+        keepalive: int = 60,
+        properties: dict | None = None,
+        will: Any = None,
+        username: str | None = None,
+        password: bytes | None = None,
+    ) -> Any:
         """Send CONNECT and return the broker's answer (CONNACK, or AUTH during enhanced auth)."""
         self.client_id = client_id
-        self.send(c.Connect(client_id, clean_start, keepalive, self.version, None, username, password, will,
-                            properties))
+        self.send(
+            c.Connect(
+                client_id, clean_start, keepalive, self.version, None, username, password, will, properties
+            )
+        )
         packet = self.recv()
         if isinstance(packet, c.Connack):
             self.connack = packet
@@ -72,8 +82,15 @@ class Raw5(RawClient):
         self.send(c.Subscribe(packet_id, items, properties))
         return self.wait_for(lambda p: isinstance(p, c.Suback) and p.packet_id == packet_id)
 
-    def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False,
-                packet_id: int = 0, properties: dict | None = None) -> Any:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes = b"",
+        qos: int = 0,
+        retain: bool = False,
+        packet_id: int = 0,
+        properties: dict | None = None,
+    ) -> Any:
         """PUBLISH; for QoS 1 returns the PUBACK, for QoS 2 the PUBREC (the exchange is not finished)."""
         self.send(c.Publish(topic, payload, qos, retain, False, packet_id, properties))
         if qos == 1:
@@ -136,8 +153,12 @@ class Paho5:
     """A paho-mqtt 2.x MQTTv5 client on its own loop thread; bounded waits, no automatic reconnect."""
 
     def __init__(self, node: Any, client_id: str = "", clean_start: bool = True, keepalive: int = 60) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=False,
+        )
         self.node = node
         self.clean_start = clean_start
         self.keepalive = keepalive
@@ -174,14 +195,25 @@ class Paho5:
 
     def connect(self, properties: Properties | None = None, timeout: float = WAIT) -> tuple:
         """Connect and wait for the CONNACK; returns (reason code, session present, properties)."""
-        self.client.connect(self.node.host, self.node.mqtt_port, self.keepalive, clean_start=self.clean_start,
-                            properties=properties)
+        self.client.connect(
+            self.node.host,
+            self.node.mqtt_port,
+            self.keepalive,
+            clean_start=self.clean_start,
+            properties=properties,
+        )
         self.client.loop_start()
         assert self._connected.wait(timeout), "no CONNACK within the bound"
         return self.connack
 
-    def subscribe(self, topic: str, qos: int = 0, options: SubscribeOptions | None = None,
-                  properties: Properties | None = None, timeout: float = WAIT) -> list:
+    def subscribe(
+        self,
+        topic: str,
+        qos: int = 0,
+        options: SubscribeOptions | None = None,
+        properties: Properties | None = None,
+        timeout: float = WAIT,
+    ) -> list:
         """Subscribe and wait for the SUBACK; returns its reason codes."""
         if options is None:
             options = SubscribeOptions(qos=qos)
@@ -195,8 +227,15 @@ class Paho5:
                 self._cond.wait(left)
             return self._subacks.pop(mid)
 
-    def publish(self, topic: str, payload: bytes | str = b"", qos: int = 0, retain: bool = False,
-                properties: Properties | None = None, timeout: float = WAIT) -> Any:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str = b"",
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+        timeout: float = WAIT,
+    ) -> Any:
         """Publish and, for QoS 1/2, wait until the broker acknowledged it; returns the MQTTMessageInfo."""
         info = self.client.publish(topic, payload, qos, retain, properties)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
@@ -224,7 +263,9 @@ class Paho5:
     def wait_disconnected(self, timeout: float = WAIT) -> bool:
         return self._disconnected.wait(timeout)
 
-    def disconnect(self, reason_code: int = 0, properties: Properties | None = None, timeout: float = WAIT) -> None:
+    def disconnect(
+        self, reason_code: int = 0, properties: Properties | None = None, timeout: float = WAIT
+    ) -> None:
         """DISCONNECT with ``reason_code``; waits until the loop thread ended."""
         if not self._disconnected.is_set() and self._connected.is_set():
             self.client.disconnect(ReasonCode(PacketTypes.DISCONNECT, identifier=reason_code), properties)
@@ -248,8 +289,13 @@ class Paho5:
         self.disconnect()
 
 
-def paho5(node: Any, client_id: str = "", properties: Properties | None = None, clean_start: bool = True,
-          keepalive: int = 60) -> Paho5:
+def paho5(
+    node: Any,
+    client_id: str = "",
+    properties: Properties | None = None,
+    clean_start: bool = True,
+    keepalive: int = 60,
+) -> Paho5:
     """A connected Paho5 client (CONNACK accepted)."""
     client = Paho5(node, client_id, clean_start, keepalive)
     rc, _, _ = client.connect(properties)

@@ -68,13 +68,21 @@ class RawClient:
     def send_bytes(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def connect(self, client_id: str, clean: bool = True, keepalive: int = 60, will: Any = None,
-                properties: dict | None = None, username: str | None = None,
-                password: bytes | None = None) -> Any:
+    def connect(
+        self,
+        client_id: str,
+        clean: bool = True,
+        keepalive: int = 60,
+        will: Any = None,
+        properties: dict | None = None,
+        username: str | None = None,
+        password: bytes | None = None,
+    ) -> Any:
         """Send CONNECT and return the CONNACK (whatever its return code)."""
         self.client_id = client_id
-        self.send(c.Connect(client_id, clean, keepalive, self.version, None, username, password, will,
-                            properties))
+        self.send(
+            c.Connect(client_id, clean, keepalive, self.version, None, username, password, will, properties)
+        )
         return self.expect(c.Connack)
 
     def subscribe(self, packet_id: int, *filters: tuple[str, int], properties: dict | None = None) -> Any:
@@ -82,8 +90,16 @@ class RawClient:
         self.send(c.Subscribe(packet_id, [c.Subscription(f, q) for f, q in filters], properties))
         return self.wait_for(lambda p: isinstance(p, c.Suback) and p.packet_id == packet_id)
 
-    def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False,
-                packet_id: int = 0, dup: bool = False, properties: dict | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes = b"",
+        qos: int = 0,
+        retain: bool = False,
+        packet_id: int = 0,
+        dup: bool = False,
+        properties: dict | None = None,
+    ) -> None:
         self.send(c.Publish(topic, payload, qos, retain, dup, packet_id, properties))
 
     def publish_qos1(self, topic: str, payload: bytes, packet_id: int, retain: bool = False) -> None:
@@ -221,8 +237,15 @@ class RawClient:
         self.close()
 
 
-def raw_connected(node: Any, client_id: str, version: int = 4, clean: bool = True, keepalive: int = 60,
-                  will: Any = None, properties: dict | None = None) -> RawClient:
+def raw_connected(
+    node: Any,
+    client_id: str,
+    version: int = 4,
+    clean: bool = True,
+    keepalive: int = 60,
+    will: Any = None,
+    properties: dict | None = None,
+) -> RawClient:
     """A RawClient whose CONNECT was accepted."""
     client = RawClient.to(node, version)
     connack = client.connect(client_id, clean, keepalive, will, properties)
@@ -240,12 +263,23 @@ def end_session(node: Any, client_id: str) -> None:
 class PahoClient:
     """A paho-mqtt 2.x client driven by its own loop thread, with bounded waits and a message queue."""
 
-    def __init__(self, node: Any, client_id: str, protocol: int = mqtt.MQTTv311, clean_session: bool = True,
-                 keepalive: int = 60) -> None:
+    def __init__(
+        self,
+        node: Any,
+        client_id: str,
+        protocol: int = mqtt.MQTTv311,
+        clean_session: bool = True,
+        keepalive: int = 60,
+    ) -> None:
         kwargs = {} if protocol == mqtt.MQTTv5 else {"clean_session": clean_session}
         # reconnect_on_failure=False: a client the broker closed must stay closed.
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-                                  reconnect_on_failure=False, **kwargs)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            reconnect_on_failure=False,
+            **kwargs,
+        )
         self.node = node
         self.protocol = protocol
         self.clean = clean_session
@@ -286,8 +320,9 @@ class PahoClient:
     def set_will(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         self.client.will_set(topic, payload, qos, retain)
 
-    def connect(self, timeout: float = WAIT, clean_start: bool | None = None,
-                properties: Properties | None = None) -> tuple[ReasonCode, bool]:
+    def connect(
+        self, timeout: float = WAIT, clean_start: bool | None = None, properties: Properties | None = None
+    ) -> tuple[ReasonCode, bool]:
         """Connect and wait for the CONNACK; returns (reason code, session present)."""
         kwargs: dict = {}
         if self.protocol == mqtt.MQTTv5:
@@ -316,8 +351,15 @@ class PahoClient:
     def unsubscribe(self, topic: str) -> None:
         self.client.unsubscribe(topic)
 
-    def publish(self, topic: str, payload: bytes | str = b"", qos: int = 0, retain: bool = False,
-                timeout: float = WAIT, properties: Properties | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str = b"",
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float = WAIT,
+        properties: Properties | None = None,
+    ) -> None:
         """Publish and, for QoS 1/2, wait until the broker acknowledged it (PUBACK / PUBCOMP)."""
         info = self.client.publish(topic, payload, qos, retain, properties)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
@@ -373,8 +415,9 @@ class PahoClient:
         self.disconnect()
 
 
-def paho_connected(node: Any, client_id: str, protocol: int = mqtt.MQTTv311, clean_session: bool = True,
-                   keepalive: int = 60) -> PahoClient:
+def paho_connected(
+    node: Any, client_id: str, protocol: int = mqtt.MQTTv311, clean_session: bool = True, keepalive: int = 60
+) -> PahoClient:
     """A connected PahoClient (CONNACK accepted)."""
     client = PahoClient(node, client_id, protocol, clean_session, keepalive)
     rc, _ = client.connect()

@@ -37,7 +37,9 @@ def test_ack_comes_first_with_several_self_deliveries_in_one_read(node, version:
         order = []
         while len(order) < 40:
             packet = client.recv()
-            order.append(("ack", packet.packet_id) if isinstance(packet, c.Puback) else ("msg", packet.payload))
+            order.append(
+                ("ack", packet.packet_id) if isinstance(packet, c.Puback) else ("msg", packet.payload)
+            )
         expected = []
         for i in range(20):
             expected += [("ack", i + 1), ("msg", b"%d" % i)]

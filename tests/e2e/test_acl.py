@@ -55,14 +55,21 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def node(tmp_path_factory: pytest.TempPathFactory, files) -> Iterator[RunningNode]:
     factory = NodeFactory(tmp_path_factory.mktemp("node"))
     try:
-        yield factory({"auth.password_file": str(files[0]), "auth.acl_file": str(files[1]),
-                       "auth.allow_anonymous": True, "storage.type": "memory"})
+        yield factory(
+            {
+                "auth.password_file": str(files[0]),
+                "auth.acl_file": str(files[1]),
+                "auth.allow_anonymous": True,
+                "storage.type": "memory",
+            }
+        )
     finally:
         factory.close()
 
 
-def client(node: RunningNode, user: str | None = None, version: int = 4, client_id: str | None = None,
-           will=None) -> RawClient:
+def client(
+    node: RunningNode, user: str | None = None, version: int = 4, client_id: str | None = None, will=None
+) -> RawClient:
     raw = RawClient.to(node, version)
     password = (user + "-pw").encode() if user else None
     connack = raw.connect(client_id or unique(user or "anon"), username=user, password=password, will=will)
@@ -137,7 +144,9 @@ def test_deliveries_follow_the_subscribers_read_rules(node) -> None:
         bob.publish("shared/open", b"for all", 0)
         bob.publish("shared/end", b"sentinel", 0)
         before, _ = alice.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == "shared/end")
-        assert [(p.topic, p.payload) for p in before if isinstance(p, c.Publish)] == [("shared/open", b"for all")]
+        assert [(p.topic, p.payload) for p in before if isinstance(p, c.Publish)] == [
+            ("shared/open", b"for all")
+        ]
 
 
 def test_retained_messages_filtered_by_read_rules(node) -> None:
@@ -169,7 +178,11 @@ def test_patterns_substitute_client_id_and_user(node) -> None:
 
 def test_default_deny_for_an_authenticated_user_without_rules(node) -> None:
     with client(node, "carol") as carol:
-        assert carol.subscribe(1, ("test/#", 0), ("#", 0), ("inbox/carol/x", 0)).reason_codes == [0x80, 0x80, 0]
+        assert carol.subscribe(1, ("test/#", 0), ("#", 0), ("inbox/carol/x", 0)).reason_codes == [
+            0x80,
+            0x80,
+            0,
+        ]
         with client(node) as anon:
             assert anon.subscribe(1, ("test/#", 0)).reason_codes == [0]
             carol.publish("test/from-carol", b"x", 0)
@@ -178,14 +191,22 @@ def test_default_deny_for_an_authenticated_user_without_rules(node) -> None:
 
 def test_will_on_a_denied_topic_refuses_the_connect(node) -> None:
     with RawClient.to(node, 4) as raw:
-        ack = raw.connect(unique("w"), username="alice", password=b"alice-pw", will=c.Will("shared/x", b"bye"))
+        ack = raw.connect(
+            unique("w"), username="alice", password=b"alice-pw", will=c.Will("shared/x", b"bye")
+        )
         assert ack.reason_code == 5
     with RawClient.to(node, 5) as raw:
-        ack = raw.connect(unique("w"), username="alice", password=b"alice-pw", will=c.Will("shared/x", b"bye"))
+        ack = raw.connect(
+            unique("w"), username="alice", password=b"alice-pw", will=c.Will("shared/x", b"bye")
+        )
         assert ack.reason_code == 0x87
     with RawClient.to(node, 4) as raw:
-        assert raw.connect(unique("w"), username="alice", password=b"alice-pw",
-                           will=c.Will("shared/in", b"bye")).reason_code == 0
+        assert (
+            raw.connect(
+                unique("w"), username="alice", password=b"alice-pw", will=c.Will("shared/in", b"bye")
+            ).reason_code
+            == 0
+        )
 
 
 def test_sys_topics_readable_as_the_file_says(node) -> None:
@@ -201,7 +222,9 @@ def test_reload_applies_new_rules_to_live_subscriptions(node, files) -> None:
         assert alice.subscribe(1, ("reload/#", 0)).reason_codes == [0]
         pub.publish(topic, b"before", 0)
         assert alice.wait_for(lambda p: isinstance(p, c.Publish)).payload == b"before"
-        acl.write_text(ACL.replace("topic readwrite reload/#", f"topic readwrite reload/#\ntopic deny {topic}"))
+        acl.write_text(
+            ACL.replace("topic readwrite reload/#", f"topic readwrite reload/#\ntopic deny {topic}")
+        )
         try:
             node.process.send_signal(signal.SIGHUP)
             assert wait_until(lambda: node.log_text().count("auth_files_reloaded") >= 1)
@@ -230,8 +253,15 @@ def test_bad_acl_file_stops_the_node_with_one_line(tmp_path: Path) -> None:
 
 # -- the HTTP bridge applies the same checks ----------------------------------------------------------
 
-def bridge(node: RunningNode, method: str, path: str, user: str | None = None, password: str | None = None,
-         body: bytes | None = None) -> tuple[int, dict, bytes]:
+
+def bridge(
+    node: RunningNode,
+    method: str,
+    path: str,
+    user: str | None = None,
+    password: str | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict, bytes]:
     headers = {}
     if user is not None:
         token = base64.b64encode(f"{user}:{password or user + '-pw'}".encode()).decode()

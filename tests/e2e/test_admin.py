@@ -48,8 +48,14 @@ def admin_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode
         factory.close()
 
 
-def admin(spec: OpenAPI, node: RunningNode, method: str, path: str, headers: dict | None = AUTH,
-          validate: bool = True) -> tuple[int, Any]:
+def admin(
+    spec: OpenAPI,
+    node: RunningNode,
+    method: str,
+    path: str,
+    headers: dict | None = AUTH,
+    validate: bool = True,
+) -> tuple[int, Any]:
     """One admin request; its response is checked against the spec."""
     status, resp_headers, body = http_request(node, method, path, headers=headers, port=node.admin_port)
     if validate:
@@ -57,9 +63,10 @@ def admin(spec: OpenAPI, node: RunningNode, method: str, path: str, headers: dic
         args = dict(part.split("=", 1) for part in query.split("&") if part)
         data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
         # the spec names the default address as its server: validate as if the node listened there
-        spec.validate_response(SpecRequest("http://127.0.0.1:8082", method, target, args=args,
-                                           headers=headers),
-                               SpecResponse(data, status, resp_headers, resp_headers["content-type"]))
+        spec.validate_response(
+            SpecRequest("http://127.0.0.1:8082", method, target, args=args, headers=headers),
+            SpecResponse(data, status, resp_headers, resp_headers["content-type"]),
+        )
     return status, body
 
 
@@ -80,11 +87,15 @@ def rewrite_config(node: RunningNode, **dotted: Any) -> None:
 
 # -- authentication --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("headers", [None, {"Authorization": "Bearer nope"}], ids=["missing", "wrong"])
-@pytest.mark.parametrize(("method", "path"), [("GET", "/stats"), ("GET", "/sessions"),
-                                              ("POST", "/reload"), ("DELETE", "/retained/x")])
-def test_admin_answers_401_without_the_token(spec, admin_node: RunningNode, headers, method: str,
-                                             path: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/stats"), ("GET", "/sessions"), ("POST", "/reload"), ("DELETE", "/retained/x")],
+)
+def test_admin_answers_401_without_the_token(
+    spec, admin_node: RunningNode, headers, method: str, path: str
+) -> None:
     status, body = admin(spec, admin_node, method, path, headers=headers)
     assert status == 401
     assert body == {"error": "a valid bearer token is required"}
@@ -93,7 +104,9 @@ def test_admin_answers_401_without_the_token(spec, admin_node: RunningNode, head
 def test_admin_refuses_what_a_browser_tricked_by_another_site_sends(spec, admin_node: RunningNode) -> None:
     """A cross-site form POST carries the attacker's Origin; DNS rebinding carries the attacker's name
     as Host. Both are refused even with the right token (issue 17 item 11)."""
-    status, body = admin(spec, admin_node, "POST", "/reload", headers={**AUTH, "Origin": "http://evil.example"})
+    status, body = admin(
+        spec, admin_node, "POST", "/reload", headers={**AUTH, "Origin": "http://evil.example"}
+    )
     assert status == 403 and "cross-origin" in body["error"]
     status, body = admin(spec, admin_node, "GET", "/stats", headers={**AUTH, "Host": "evil.example"})
     assert status == 421
@@ -141,6 +154,7 @@ def test_stats_with_the_token(spec, admin_node: RunningNode) -> None:
 
 # -- sessions --------------------------------------------------------------------------------------
 
+
 def test_list_inspect_and_disconnect_a_client(spec, admin_node: RunningNode) -> None:
     cid = unique("admin/dev")  # a slash in the id: percent-encoded in the path
     will_topic = f"wills/{unique('w')}"
@@ -170,7 +184,9 @@ def test_list_inspect_and_disconnect_a_client(spec, admin_node: RunningNode) -> 
             assert watcher.get(WAIT).payload == b"gone"  # a server-side close publishes the will
         finally:
             client.stop()
-    assert wait_until(lambda: admin(spec, admin_node, "GET", "/sessions/" + quote(cid, safe=""))[0] == 404, WAIT)
+    assert wait_until(
+        lambda: admin(spec, admin_node, "GET", "/sessions/" + quote(cid, safe=""))[0] == 404, WAIT
+    )
 
 
 def test_disconnect_unknown_or_offline(spec, admin_node: RunningNode) -> None:
@@ -179,7 +195,9 @@ def test_disconnect_unknown_or_offline(spec, admin_node: RunningNode) -> None:
     client = paho_connected(admin_node, cid, clean_session=False)
     client.disconnect()
     # the client's side is done before the broker has read its DISCONNECT: wait for the broker's
-    assert wait_until(lambda: admin(spec, admin_node, "GET", f"/sessions/{cid}")[1]["connected"] is False, WAIT)
+    assert wait_until(
+        lambda: admin(spec, admin_node, "GET", f"/sessions/{cid}")[1]["connected"] is False, WAIT
+    )
     assert admin(spec, admin_node, "POST", f"/sessions/{cid}/disconnect")[0] == 409
     status, detail = admin(spec, admin_node, "GET", f"/sessions/{cid}")
     # a 3.1.1 clean session 0 session expires after broker.max_session_expiry (default 7 days)
@@ -187,6 +205,7 @@ def test_disconnect_unknown_or_offline(spec, admin_node: RunningNode) -> None:
 
 
 # -- retained --------------------------------------------------------------------------------------
+
 
 def test_list_and_delete_retained(spec, admin_node: RunningNode) -> None:
     base = unique("ret")
@@ -205,11 +224,13 @@ def test_list_and_delete_retained(spec, admin_node: RunningNode) -> None:
 
 # -- reload ----------------------------------------------------------------------------------------
 
+
 def test_admin_reload_applies_runtime_keys_and_lists_the_rest(spec, node_factory: NodeFactory) -> None:
     n = node_factory(env={"FLUXMQ_ADMIN_TOKEN": TOKEN})
     assert admin(spec, n, "POST", "/reload")[1]["changed"] == []
-    rewrite_config(n, log__level="debug", broker__max_queued_messages=5,
-                   server__tcp__plain__max_connections=77)
+    rewrite_config(
+        n, log__level="debug", broker__max_queued_messages=5, server__tcp__plain__max_connections=77
+    )
     status, body = admin(spec, n, "POST", "/reload")
     assert status == 200
     assert body["changed"] == ["broker.max_queued_messages", "log.level", "server.tcp.plain.max_connections"]
@@ -264,6 +285,7 @@ def test_sighup_with_a_bad_file_keeps_running(node_factory: NodeFactory) -> None
 
 # -- exposure and listeners ------------------------------------------------------------------------
 
+
 def test_non_loopback_admin_without_token_refuses_to_start(node_factory: NodeFactory) -> None:
     n = node_factory({"server.admin.addr": f":{free_port()}"}, wait_ready=False)
     assert n.wait(30) == 2
@@ -273,8 +295,10 @@ def test_non_loopback_admin_without_token_refuses_to_start(node_factory: NodeFac
 
 def test_admin_and_bridge_on_one_port_refuses_to_start(node_factory: NodeFactory) -> None:
     port = free_port()
-    n = node_factory({"server.admin.addr": f"127.0.0.1:{port}", "server.http.plain.addr": f"127.0.0.1:{port}"},
-                     wait_ready=False)
+    n = node_factory(
+        {"server.admin.addr": f"127.0.0.1:{port}", "server.http.plain.addr": f"127.0.0.1:{port}"},
+        wait_ready=False,
+    )
     assert n.wait(30) == 2
     assert "server.admin.addr" in n.log_text() and "server.http.plain.addr" in n.log_text()
 

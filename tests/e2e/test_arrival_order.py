@@ -34,9 +34,13 @@ def test_subscribe_sent_just_before_a_publish_from_another_client_gets_the_messa
                 publisher.send(c.Publish(topic, b"m%d" % i, 0, False, False, 0, None))
                 subscriber.wait_for(lambda p: isinstance(p, c.Suback))
                 publisher.publish(topic, b"sentinel", 0)
-                before, _ = subscriber.collect_until(lambda p: isinstance(p, c.Publish) and p.payload == b"sentinel")
+                before, _ = subscriber.collect_until(
+                    lambda p: isinstance(p, c.Publish) and p.payload == b"sentinel"
+                )
                 if not any(isinstance(p, c.Publish) and p.payload == b"m%d" % i for p in before):
                     missed.append(i)
     finally:
         publisher.close()
-    assert not missed, f"B missed the message published right after its SUBSCRIBE in rounds {missed} of {ROUNDS}"
+    assert not missed, (
+        f"B missed the message published right after its SUBSCRIBE in rounds {missed} of {ROUNDS}"
+    )

@@ -30,8 +30,13 @@ MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 
 def fluxmq_passwd(*args: str) -> None:
     """Run the fluxmq-passwd command (as a module of this interpreter, like the installed script)."""
-    subprocess.run([sys.executable, "-m", "fluxmq.auth.password_file", *args], check=True, cwd=REPO_ROOT,
-                   capture_output=True, timeout=30)
+    subprocess.run(
+        [sys.executable, "-m", "fluxmq.auth.password_file", *args],
+        check=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=30,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,9 @@ def pwfile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if MOSQUITTO_PASSWD is None:
         pytest.skip("mosquitto_passwd not installed (scripts/test installs the mosquitto package)")
     subprocess.run([MOSQUITTO_PASSWD, "-c", "-b", str(path), "alice", "wonderland"], check=True, timeout=30)
-    subprocess.run([MOSQUITTO_PASSWD, "-H", "sha512", "-b", str(path), "bob", "builder"], check=True, timeout=30)
+    subprocess.run(
+        [MOSQUITTO_PASSWD, "-H", "sha512", "-b", str(path), "bob", "builder"], check=True, timeout=30
+    )
     fluxmq_passwd("-b", str(path), "carol", "c4r0l")
     return path
 
@@ -60,7 +67,9 @@ def connack(node: RunningNode, version: int, username: str | None, password: byt
 
 
 @pytest.mark.parametrize("version", [4, 5])
-@pytest.mark.parametrize("user, password", [("alice", b"wonderland"), ("bob", b"builder"), ("carol", b"c4r0l")])
+@pytest.mark.parametrize(
+    "user, password", [("alice", b"wonderland"), ("bob", b"builder"), ("carol", b"c4r0l")]
+)
 def test_users_of_a_mosquitto_passwd_file_connect(node, version: int, user: str, password: bytes) -> None:
     """$7$ (mosquitto_passwd's default), $6$ (-H sha512) and fluxmq-passwd's $7$ all verify."""
     assert connack(node, version, user, password) == 0
@@ -128,6 +137,7 @@ def test_bad_password_file_stops_the_node_with_one_line(tmp_path: Path) -> None:
 
 # -- HTTP callout -----------------------------------------------------------------------------------
 
+
 class AuthService:
     """The auth service the node calls: alice/good may connect; topics under ok/ are allowed."""
 
@@ -180,8 +190,18 @@ def http_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AuthSe
     svc = AuthService()
     factory = NodeFactory(tmp_path_factory.mktemp("httpauth"))
     try:
-        yield svc, factory({"auth.http.url": svc.url, "auth.http.acl": True, "auth.http.timeout": "1s",
-                            "auth.http.cache_negative_ttl": "60s", "storage.type": "memory"})
+        yield (
+            svc,
+            factory(
+                {
+                    "auth.http.url": svc.url,
+                    "auth.http.acl": True,
+                    "auth.http.timeout": "1s",
+                    "auth.http.cache_negative_ttl": "60s",
+                    "storage.type": "memory",
+                }
+            ),
+        )
     finally:
         factory.close()
         svc.close()
@@ -219,7 +239,9 @@ def test_http_acl_asked_once_per_topic_not_per_publish(http_auth) -> None:
         before = svc.count("publish")
         for i in range(1, 201):
             pub.publish(topic, b"%d" % i, 1, packet_id=i)
-        acks = [pub.wait_for(lambda p, i=i: isinstance(p, c.Puback) and p.packet_id == i) for i in range(1, 201)]
+        acks = [
+            pub.wait_for(lambda p, i=i: isinstance(p, c.Puback) and p.packet_id == i) for i in range(1, 201)
+        ]
         assert all(a.reason_code == 0 for a in acks)
         assert svc.count("publish") == before + 1
         got = [sub.wait_for(lambda p: isinstance(p, c.Publish)) for _ in range(200)]
@@ -248,8 +270,13 @@ def test_http_callout_timeout_fails_closed(tmp_path: Path) -> None:
     silent.listen(16)
     factory = NodeFactory(tmp_path)
     try:
-        node = factory({"auth.http.url": f"http://127.0.0.1:{silent.getsockname()[1]}/",
-                        "auth.http.timeout": "300ms", "storage.type": "memory"})
+        node = factory(
+            {
+                "auth.http.url": f"http://127.0.0.1:{silent.getsockname()[1]}/",
+                "auth.http.timeout": "300ms",
+                "storage.type": "memory",
+            }
+        )
         started = time.monotonic()
         assert connack(node, 4, "alice", b"good") == 5
         assert time.monotonic() - started < 10  # refused, not hung (bound generous on a shared machine)
@@ -269,7 +296,9 @@ def test_https_callout_verified_with_auth_http_ca_file(node_factory: NodeFactory
     svc = AuthService(tls)
     try:
         assert svc.url.startswith("https://127.0.0.1:")
-        node = node_factory({"auth.http.url": svc.url, "auth.http.ca_file": ca.cert_file, "storage.type": "memory"})
+        node = node_factory(
+            {"auth.http.url": svc.url, "auth.http.ca_file": ca.cert_file, "storage.type": "memory"}
+        )
         assert connack(node, 4, "alice", b"good") == 0
         assert connack(node, 5, "alice", b"bad") == 0x86
         assert svc.count("connect") == 2

@@ -46,10 +46,15 @@ def mesh(tmp_path_factory):
         for name in NAMES:
             routes = "\n".join(
                 f"    - {{host: 127.0.0.1, port: {ports[peer]}, node_id: node-{name}, message_validity: 30s, "
-                f"reconnect: {{initial: 0.2s, max: 1s}}}}" for peer in NAMES if peer != name)
-            nodes[name] = factory(overrides={"server.tcp.plain.addr": f"127.0.0.1:{ports[name]}"},
-                                  env={"FLUXMQ_ADMIN_TOKEN": TOKEN},
-                                  config_text=f"cluster:\n  routes:\n{routes}\nbroker:\n  sys_interval: 1s\n")
+                f"reconnect: {{initial: 0.2s, max: 1s}}}}"
+                for peer in NAMES
+                if peer != name
+            )
+            nodes[name] = factory(
+                overrides={"server.tcp.plain.addr": f"127.0.0.1:{ports[name]}"},
+                env={"FLUXMQ_ADMIN_TOKEN": TOKEN},
+                config_text=f"cluster:\n  routes:\n{routes}\nbroker:\n  sys_interval: 1s\n",
+            )
         for node in nodes.values():
             wait_status(node, "ok", 30)
         yield nodes
@@ -86,17 +91,21 @@ def test_status_topics_ok(mesh):
     assert all(n["state"] == "connected" and n["client_id"] == "node-a" for n in nodes)
     sync = json.loads(got["sync"])
     assert set(sync) == {f"127.0.0.1:{mesh[p].mqtt_port}" for p in ("b", "c")}
-    assert all({"queued", "forwarded_out", "forwarded_in", "dropped_validity"} <= set(v) for v in sync.values())
+    assert all(
+        {"queued", "forwarded_out", "forwarded_in", "dropped_validity"} <= set(v) for v in sync.values()
+    )
 
 
 def test_admin_and_metrics_show_the_routes(mesh):
     """The same data on the admin API (GET /bridges) and /metrics; no credentials in either."""
     node = mesh["a"]
-    status, _, body = http_request(node, "GET", "/bridges", headers={"Authorization": f"Bearer {TOKEN}"},
-                                   port=node.admin_port)
+    status, _, body = http_request(
+        node, "GET", "/bridges", headers={"Authorization": f"Bearer {TOKEN}"}, port=node.admin_port
+    )
     assert status == 200 and body["status"] == "ok", body
     assert sorted(b["name"] for b in body["bridges"]) == sorted(
-        f"127.0.0.1:{mesh[p].mqtt_port}" for p in ("b", "c"))
+        f"127.0.0.1:{mesh[p].mqtt_port}" for p in ("b", "c")
+    )
     assert all(b["state"] == "connected" and b["mesh"] for b in body["bridges"])
     samples = scrape(node)
     for p in ("b", "c"):

@@ -28,13 +28,18 @@ WAIT = 15.0
 V5 = mqtt.MQTTv5
 
 
-def bridge_yaml(port: int, name: str = "cloud", version: str = "5.0", extra: str = "", topics: str = "") -> str:
-    topics = topics or """
+def bridge_yaml(
+    port: int, name: str = "cloud", version: str = "5.0", extra: str = "", topics: str = ""
+) -> str:
+    topics = (
+        topics
+        or """
       - {pattern: "out/#", direction: out, qos: 2, local_prefix: "edge/", remote_prefix: "cloud/"}
       - {pattern: "in/#", direction: in, qos: 2, local_prefix: "edge/", remote_prefix: "cloud/"}
       - {pattern: "both/#", direction: both, qos: 2, local_prefix: "edge/", remote_prefix: "cloud/"}
       - {pattern: "capped/#", direction: both, qos: 0, local_prefix: "edge/", remote_prefix: "cloud/"}
 """
+    )
     return f"""
 bridges:
   - name: {name}
@@ -105,7 +110,10 @@ def edge(cloud, tmp_path_factory):
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_out_direction_with_prefixes(edge, cloud, qos):
     """A local publish on edge/out/... reaches Mosquitto as cloud/out/... at its QoS."""
-    with client(cloud.port, f"remote-sub-out{qos}") as remote, client(edge.mqtt_port, f"local-pub-out{qos}") as local:
+    with (
+        client(cloud.port, f"remote-sub-out{qos}") as remote,
+        client(edge.mqtt_port, f"local-pub-out{qos}") as local,
+    ):
         remote.subscribe("cloud/out/#", 2)
         local.publish(f"edge/out/q{qos}", f"hello {qos}".encode(), qos)
         m = remote.get(WAIT)
@@ -116,7 +124,10 @@ def test_out_direction_with_prefixes(edge, cloud, qos):
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_in_direction_with_prefixes(edge, cloud, qos):
     """A publish at Mosquitto on cloud/in/... reaches local subscribers as edge/in/... at its QoS."""
-    with client(edge.mqtt_port, f"local-sub-in{qos}") as local, client(cloud.port, f"remote-pub-in{qos}") as remote:
+    with (
+        client(edge.mqtt_port, f"local-sub-in{qos}") as local,
+        client(cloud.port, f"remote-pub-in{qos}") as remote,
+    ):
         local.subscribe("edge/in/#", 2)
         remote.publish(f"cloud/in/q{qos}", f"hi {qos}".encode(), qos)
         m = local.get(WAIT)
@@ -190,8 +201,12 @@ class PersistentSubscriber:
         self.connect()
 
     def connect(self) -> None:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=V5,
-                        reconnect_on_failure=False)
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=V5,
+            reconnect_on_failure=False,
+        )
         ready = threading.Event()
         c.on_message = lambda cl, u, msg: self.messages.put((msg.topic, msg.payload, msg.qos))
         c.on_subscribe = lambda *a: ready.set()
@@ -304,18 +319,26 @@ def test_tls_to_mosquitto_verified(node_factory, tmp_path):
     server = ca.issue_server("localhost", ("localhost", "127.0.0.1"))
     other = CertAuthority(tmp_path / "other", "another CA")
     tls_port = free_port()
-    cloud = Mosquitto(tmp_path / "cloud", extra=(
-        f"listener {tls_port} 127.0.0.1\n"
-        f"cafile {ca.cert_file}\ncertfile {server.cert_file}\nkeyfile {server.key_file}\n"))
+    cloud = Mosquitto(
+        tmp_path / "cloud",
+        extra=(
+            f"listener {tls_port} 127.0.0.1\n"
+            f"cafile {ca.cert_file}\ncertfile {server.cert_file}\nkeyfile {server.key_file}\n"
+        ),
+    )
     cloud.start()
     try:
-        good = node_factory(config_text=bridge_yaml(tls_port, "tls", extra=f"    tls: {{ca_file: {ca.cert_file}}}"))
+        good = node_factory(
+            config_text=bridge_yaml(tls_port, "tls", extra=f"    tls: {{ca_file: {ca.cert_file}}}")
+        )
         wait_status(good, "ok")
         with client(cloud.port, "tls-sub") as remote, client(good.mqtt_port, "tls-pub") as local:
             remote.subscribe("cloud/out/#", 1)
             local.publish("edge/out/tls", b"secret", 1)
             assert remote.get(WAIT).payload == b"secret"
-        bad = node_factory(config_text=bridge_yaml(tls_port, "tls2", extra=f"    tls: {{ca_file: {other.cert_file}}}"))
+        bad = node_factory(
+            config_text=bridge_yaml(tls_port, "tls2", extra=f"    tls: {{ca_file: {other.cert_file}}}")
+        )
         time.sleep(1.0)
         status, body = bad.http_get("/ready")
         assert status == 200 and body["mode"] == "degraded", body
@@ -384,8 +407,11 @@ def test_node_killed_nothing_acknowledged_is_lost(node_factory, tmp_path):
 def test_311_link_both_directions_no_echo(node_factory, cloud):
     """A 3.1.1 peer has no No Local: Mosquitto sends the bridge's own publishes back on its
     both-direction subscription, and the echo check drops them (counted as loop drops)."""
-    edge = node_factory(config_text=bridge_yaml(cloud.port, "v311", version="3.1.1").replace(
-        "local_prefix: \"edge/\"", "local_prefix: \"e311/\""))
+    edge = node_factory(
+        config_text=bridge_yaml(cloud.port, "v311", version="3.1.1").replace(
+            'local_prefix: "edge/"', 'local_prefix: "e311/"'
+        )
+    )
     wait_status(edge, "ok")
     with client(edge.mqtt_port, "l311", mqtt.MQTTv311) as local, client(cloud.port, "r311") as remote:
         local.subscribe("e311/both/#", 1)
@@ -401,8 +427,12 @@ def test_311_link_both_directions_no_echo(node_factory, cloud):
 def test_peer_respects_our_maximum_packet_size(node_factory, cloud):
     """A 5.0 link announces broker.max_packet_size: Mosquitto never sends a bigger packet (it drops
     that message for the bridge), so a peer cannot make the link buffer more than the bound."""
-    edge = node_factory(config_text=bridge_yaml(cloud.port, "small").replace(
-        "local_prefix: \"edge/\"", "local_prefix: \"small/\"") + "  max_packet_size: 1024\n")
+    edge = node_factory(
+        config_text=bridge_yaml(cloud.port, "small").replace(
+            'local_prefix: "edge/"', 'local_prefix: "small/"'
+        )
+        + "  max_packet_size: 1024\n"
+    )
     wait_status(edge, "ok")
     with client(edge.mqtt_port, "small-sub") as local, client(cloud.port, "small-pub") as remote:
         local.subscribe("small/in/#", 1)

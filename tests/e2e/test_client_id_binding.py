@@ -53,8 +53,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def auth_overrides(files: tuple[Path, Path], **extra: object) -> dict:
-    return {"auth.password_file": str(files[0]), "auth.acl_file": str(files[1]),
-            "auth.allow_anonymous": True, **extra}
+    return {
+        "auth.password_file": str(files[0]),
+        "auth.acl_file": str(files[1]),
+        "auth.allow_anonymous": True,
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +75,21 @@ def bound(tmp_path_factory: pytest.TempPathFactory, files) -> Iterator[RunningNo
 def unbound(tmp_path_factory: pytest.TempPathFactory, files) -> Iterator[RunningNode]:
     factory = NodeFactory(tmp_path_factory.mktemp("unbound"))
     try:
-        yield factory(auth_overrides(files, **{"storage.type": "memory",
-                                               "auth.bind_client_id_to_username": False}))
+        yield factory(
+            auth_overrides(files, **{"storage.type": "memory", "auth.bind_client_id_to_username": False})
+        )
     finally:
         factory.close()
 
 
-def connect(node: RunningNode, cid: str, user: str | None, version: int = 4, clean: bool = False,
-            properties: dict | None = None) -> tuple[RawClient, object]:
+def connect(
+    node: RunningNode,
+    cid: str,
+    user: str | None,
+    version: int = 4,
+    clean: bool = False,
+    properties: dict | None = None,
+) -> tuple[RawClient, object]:
     raw = RawClient.to(node, version)
     if version == 5 and properties is None:
         properties = SESSION_EXPIRY
@@ -128,6 +139,7 @@ def dropped_not_authorized(node: RunningNode) -> float:
 
 
 # -- bound (default) ------------------------------------------------------------------------------
+
 
 def test_another_user_resuming_is_refused_with_return_code_5_for_3_1_1(bound) -> None:
     cid = alice_with_queue(bound)
@@ -189,6 +201,7 @@ def test_the_same_user_still_takes_over(bound) -> None:
 
 # -- unbound --------------------------------------------------------------------------------------
 
+
 def test_unbound_resume_by_another_user_delivers_only_what_that_user_may_read(unbound) -> None:
     """Queued and in-flight messages of alice's session are re-checked against bob's read rules."""
     cid = unique("shared-id")
@@ -212,7 +225,8 @@ def test_unbound_resume_by_another_user_delivers_only_what_that_user_may_read(un
 
 
 def test_unbound_resume_after_a_restart_still_rechecks_what_the_old_owner_queued(
-        node_factory: NodeFactory, files) -> None:
+    node_factory: NodeFactory, files
+) -> None:
     """bob resumes alice's stored session with Receive Maximum 1, takes one message, and the node
     restarts: what is left of alice's queue is still checked against bob's read rules."""
     overrides = auth_overrides(files, **{"storage.type": "lmdb", "auth.bind_client_id_to_username": False})

@@ -37,7 +37,8 @@ def _consume(client: RawClient, received: set[bytes], done: threading.Event) -> 
 
 
 def test_qos1_routed_while_the_subscriber_is_being_kicked_reaches_it_on_reconnect(
-        node_factory: NodeFactory) -> None:
+    node_factory: NodeFactory,
+) -> None:
     node = node_factory({"storage.sync": "always"}, env={"FLUXMQ_ADMIN_TOKEN": TOKEN})
     cid, topic = unique("kicked"), unique("t")
     subscriber = raw_connected(node, cid, clean=False)
@@ -53,11 +54,20 @@ def test_qos1_routed_while_the_subscriber_is_being_kicked_reaches_it_on_reconnec
     acked = 0
     kicked = False
     for start in range(0, MESSAGES, batch):
-        publisher.send(*(c.Publish(topic, b"%d" % i, 1, False, False, i % 65535 + 1, None)
-                         for i in range(start, start + batch)))
+        publisher.send(
+            *(
+                c.Publish(topic, b"%d" % i, 1, False, False, i % 65535 + 1, None)
+                for i in range(start, start + batch)
+            )
+        )
         if start >= MESSAGES // 3 and not kicked:
-            status, _, _ = http_request(node, "POST", f"/sessions/{quote(cid, safe='')}/disconnect",
-                                        headers={"Authorization": f"Bearer {TOKEN}"}, port=node.admin_port)
+            status, _, _ = http_request(
+                node,
+                "POST",
+                f"/sessions/{quote(cid, safe='')}/disconnect",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                port=node.admin_port,
+            )
             assert status == 200
             kicked = True
     while acked < MESSAGES:

@@ -183,8 +183,11 @@ def test_disabled_cluster_loads_no_grpc(cluster3, node_factory) -> None:
 
 def test_killed_peer_does_not_stall_local_delivery_and_its_drops_are_counted(node_factory) -> None:
     # small batches: what was in flight when k2 died (kept for a resend) is at most 4 x 10 messages
-    n1, n2 = start_cluster(node_factory, ["k1", "k2"], {"cluster.transport.max_queued_messages": 50,
-                                                        "cluster.transport.route_batch_max_size": 10})
+    n1, n2 = start_cluster(
+        node_factory,
+        ["k1", "k2"],
+        {"cluster.transport.max_queued_messages": 50, "cluster.transport.route_batch_max_size": 10},
+    )
     topic = unique("cx/kill")
     with paho5(n2, unique("remote")) as remote:
         remote.subscribe(topic, 1)  # n1 now forwards this topic to n2
@@ -218,14 +221,20 @@ def test_nodes_talk_over_mutual_tls_and_refuse_a_foreign_certificate(node_factor
     ports = {n: free_port() for n in names}
 
     def tls(cert, ca_file) -> dict:
-        return {"cluster.transport.tls_enabled": True, "cluster.transport.cert_file": cert.cert_file,
-                "cluster.transport.key_file": cert.key_file, "cluster.transport.ca_file": ca_file}
+        return {
+            "cluster.transport.tls_enabled": True,
+            "cluster.transport.cert_file": cert.cert_file,
+            "cluster.transport.key_file": cert.key_file,
+            "cluster.transport.ca_file": ca_file,
+        }
 
     t1 = node_factory(cluster_overrides(names[:2], ports, "t1", tls(ca.issue_node("t1"), ca.cert_file)))
     t2 = node_factory(cluster_overrides(names[:2], ports, "t2", tls(ca.issue_node("t2"), ca.cert_file)))
     wait_peers([t1, t2], 1)
     # signed by another CA, but trusting ours: t1 refuses its client certificate
-    intruder = node_factory(cluster_overrides(names, ports, "intruder", tls(other.issue_node("intruder"), ca.cert_file)))
+    intruder = node_factory(
+        cluster_overrides(names, ports, "intruder", tls(other.issue_node("intruder"), ca.cert_file))
+    )
     topic = unique("cx/tls")
     with paho5(t2, unique("sub")) as sub, paho5(t1, unique("pub")) as pub:
         sub.subscribe(topic, 1)
@@ -251,9 +260,15 @@ def restart(factory: NodeFactory, node: RunningNode) -> RunningNode:
     env["PYTHONPATH"] = str(REPO_ROOT)
     log_path = node.log_path.with_name("node-restarted.log")
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-                                   cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
     factory.nodes.append(again)
     again.wait_ready()
@@ -318,16 +333,32 @@ def test_a_stopped_peer_does_not_stall_local_delivery_and_catches_up_when_it_res
     assert far == got  # nothing dropped: the queue bound (2,000) held it all
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_sub") is None or shutil.which("stdbuf") is None,
-                    reason="mosquitto-clients (and coreutils stdbuf) needed")
+@pytest.mark.skipif(
+    shutil.which("mosquitto_sub") is None or shutil.which("stdbuf") is None,
+    reason="mosquitto-clients (and coreutils stdbuf) needed",
+)
 @pytest.mark.parametrize("sub_version,pub_version", [("mqttv311", "mqttv5"), ("mqttv5", "mqttv311")])
-def test_mosquitto_sub_on_one_node_gets_mosquitto_pub_on_another(cluster3, sub_version: str, pub_version: str) -> None:
+def test_mosquitto_sub_on_one_node_gets_mosquitto_pub_on_another(
+    cluster3, sub_version: str, pub_version: str
+) -> None:
     """The issue's quick start across nodes: ``mosquitto_sub`` on node 2, ``mosquitto_pub`` on node 3."""
     from tests.e2e.test_mosquitto_clients import WAIT_SECONDS, Subscriber, mosquitto_pub
 
     topic = unique("cx/mosq")
-    sub = Subscriber(cluster3[1], "-V", sub_version, "-t", f"{topic}/#", "-v", "-q", "2", "-C", "1",
-                     "-W", str(WAIT_SECONDS))
+    sub = Subscriber(
+        cluster3[1],
+        "-V",
+        sub_version,
+        "-t",
+        f"{topic}/#",
+        "-v",
+        "-q",
+        "2",
+        "-C",
+        "1",
+        "-W",
+        str(WAIT_SECONDS),
+    )
     sub.wait_subscribed()
     mosquitto_pub(cluster3[2], "-V", pub_version, "-t", f"{topic}/x", "-m", "across nodes", "-q", "2")
     assert sub.finish() == [f"{topic}/x across nodes"]

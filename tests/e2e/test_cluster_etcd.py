@@ -49,7 +49,9 @@ def wait_for(predicate, timeout: float = 20.0, step: float = 0.05) -> bool:
 class Cluster:
     """Nodes on one etcd: the config of each is kept, so a node can be started again with its data."""
 
-    def __init__(self, factory: NodeFactory, base: Path, endpoint: str, prefix: str, names: list[str]) -> None:
+    def __init__(
+        self, factory: NodeFactory, base: Path, endpoint: str, prefix: str, names: list[str]
+    ) -> None:
         self.factory = factory
         self.configs = {}
         for name in names:
@@ -80,8 +82,11 @@ class Cluster:
     def owner(self, client_id: str) -> str | None:
         """The node etcd names as the owner of ``client_id`` (read with etcd's JSON gateway)."""
         key = base64.b64encode(f"{self.prefix}sessions/{client_id}/owner".encode()).decode()
-        req = urllib.request.Request(f"{self.endpoint}/v3/kv/range", data=json.dumps({"key": key}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.endpoint}/v3/kv/range",
+            data=json.dumps({"key": key}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:
             kvs = json.loads(resp.read()).get("kvs", [])
         return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
@@ -114,6 +119,7 @@ def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
 
 
 # -- routing with etcd membership -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_cross_node_qos_with_etcd_membership(cluster, qos: int) -> None:
@@ -153,9 +159,13 @@ def test_sys_cluster_topics_name_the_real_members(cluster) -> None:
         sub.subscribe("$SYS/broker/cluster/#", 0)
         got = {}
         deadline = time.monotonic() + WAIT  # published at every change, checked every 2 s
+
         def settled() -> bool:
-            return (len(got) == 3 and got["status"] == b"ok"
-                    and all(n["reachable"] for n in json.loads(got["nodes"])))
+            return (
+                len(got) == 3
+                and got["status"] == b"ok"
+                and all(n["reachable"] for n in json.loads(got["nodes"]))
+            )
 
         while not settled() and time.monotonic() < deadline:
             m = sub.get(WAIT)
@@ -168,6 +178,7 @@ def test_sys_cluster_topics_name_the_real_members(cluster) -> None:
 
 
 # -- takeover ---------------------------------------------------------------------------------------
+
 
 def test_takeover_moves_inflight_and_queued_messages_exactly(cluster) -> None:
     """Client on e1 with Receive Maximum 2 and, at the move: QoS 2 p0 received and PUBREC'd (PUBREL
@@ -203,7 +214,9 @@ def test_takeover_moves_inflight_and_queued_messages_exactly(cluster) -> None:
         pubrel = [p for p in again if isinstance(p, c.Pubrel)]
         resent = [p for p in again if isinstance(p, c.Publish)]
         assert [p.packet_id for p in pubrel] == [first[0].packet_id], again
-        assert [(p.payload, p.qos, p.dup, p.packet_id) for p in resent] == [(b"p1", 1, True, first[1].packet_id)]
+        assert [(p.payload, p.qos, p.dup, p.packet_id) for p in resent] == [
+            (b"p1", 1, True, first[1].packet_id)
+        ]
         b.send(c.Pubcomp(first[0].packet_id), c.Puback(first[1].packet_id), c.Pubrel(7))
         got, completed = [], []
         while len(got) < 8 or not completed:
@@ -269,6 +282,7 @@ def test_two_nodes_racing_for_one_client_id_end_with_one_owner(cluster) -> None:
 
 # -- retained and wills -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [100, 20000])
 def test_retained_set_on_one_node_reaches_new_subscribers_on_the_others(cluster, size: int) -> None:
     """Small (replicated through etcd) and large (over the 1 KiB threshold: fetched from its owner)."""
@@ -278,6 +292,7 @@ def test_retained_set_on_one_node_reaches_new_subscribers_on_the_others(cluster,
     with paho5(e1, unique("pub")) as pub:
         pub.publish(topic, payload, 1, retain=True)
     for name in ("e2", "e3"):
+
         def arrived(name=name) -> bool:
             with paho5(cluster.nodes[name], unique("late")) as sub:
                 sub.subscribe(topic, 1)
@@ -287,6 +302,7 @@ def test_retained_set_on_one_node_reaches_new_subscribers_on_the_others(cluster,
                     return False
                 assert m.retain and m.payload == payload
                 return True
+
         assert wait_for(arrived, timeout=15, step=0.1), name
 
 
@@ -310,6 +326,7 @@ def test_will_published_once_cluster_wide(cluster, size: int) -> None:
 
 # -- a node killed, restarted; a node stopped gracefully --------------------------------------------
 
+
 def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster) -> None:
     e1, e2, e3 = (cluster.nodes[n] for n in ("e1", "e2", "e3"))
     keeper, willer = unique("keeper"), unique("willer")
@@ -327,14 +344,24 @@ def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster
     with paho5(e2, unique("wsub")) as wsub:
         wsub.subscribe(will_topic, 1)
         # persistent, so e3's store holds the will too and its restore finds it due
-        w = raw5(e3, willer, will=c.Will(will_topic, b"e3 died", 1), clean_start=False,
-                 properties={c.SESSION_EXPIRY_INTERVAL: 600})  # stays connected until the kill
+        w = raw5(
+            e3,
+            willer,
+            will=c.Will(will_topic, b"e3 died", 1),
+            clean_start=False,
+            properties={c.SESSION_EXPIRY_INTERVAL: 600},
+        )  # stays connected until the kill
         time.sleep(0.5)  # the will is recorded in etcd
         e3.kill()
         w.close()
         for node in (e1, e2):
-            assert wait_for(lambda node=node: node.http_get("/ready")[1].get("checks", {}).get("cluster") ==
-                            {"status": "up", "details": "1/2 peers reachable"}, timeout=20), node.http_get("/ready")
+            assert wait_for(
+                lambda node=node: (
+                    node.http_get("/ready")[1].get("checks", {}).get("cluster")
+                    == {"status": "up", "details": "1/2 peers reachable"}
+                ),
+                timeout=20,
+            ), node.http_get("/ready")
             assert node.http_get("/ready")[0] == 200
         assert wsub.get(WAIT).payload == b"e3 died"  # the leader published the dead node's will
         # e1 and e2 keep routing among themselves
@@ -390,9 +417,13 @@ def test_will_due_at_a_quick_restart_reaches_the_other_nodes_once(cluster) -> No
     topic = unique("ex/quick")
     with paho5(e1, unique("qsub")) as sub:
         sub.subscribe(topic, 1)
-        w = raw5(cluster.nodes["e2"], unique("quick"), clean_start=False,
-                 will=c.Will(topic, b"gone", 1, False, {c.WILL_DELAY_INTERVAL: 1}),
-                 properties={c.SESSION_EXPIRY_INTERVAL: 600})
+        w = raw5(
+            cluster.nodes["e2"],
+            unique("quick"),
+            clean_start=False,
+            will=c.Will(topic, b"gone", 1, False, {c.WILL_DELAY_INTERVAL: 1}),
+            properties={c.SESSION_EXPIRY_INTERVAL: 600},
+        )
         time.sleep(0.5)  # the will is recorded in etcd and in e2's store
         cluster.nodes["e2"].kill()
         w.close()
@@ -456,6 +487,7 @@ def test_sigterm_hands_sessions_to_the_nodes_clients_reconnect_to(cluster) -> No
 
 
 # -- etcd restarted under two nodes -----------------------------------------------------------------
+
 
 def test_etcd_restart_under_the_nodes(tmp_path) -> None:
     etcd = start_etcd(tmp_path, "restart")

@@ -83,8 +83,16 @@ class RawCoap:
         self.sock.close()
 
 
-def request(mtype: int, method: int, mid: int, path: str, query: tuple[str, ...] = (), payload: bytes = b"",
-            token: bytes = b"tk", extra: tuple[tuple[int, bytes], ...] = ()) -> CoapMessage:
+def request(
+    mtype: int,
+    method: int,
+    mid: int,
+    path: str,
+    query: tuple[str, ...] = (),
+    payload: bytes = b"",
+    token: bytes = b"tk",
+    extra: tuple[tuple[int, bytes], ...] = (),
+) -> CoapMessage:
     options = [(codec.URI_PATH, p.encode()) for p in path.split("/")]
     options += [(codec.URI_QUERY, q.encode()) for q in query]
     return CoapMessage(mtype, method, mid, token, options + list(extra), payload)
@@ -92,9 +100,11 @@ def request(mtype: int, method: int, mid: int, path: str, query: tuple[str, ...]
 
 # -- publish ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("qos", [0, 1, 2])
-def test_post_publish_reaches_an_mqtt_subscriber_at_each_qos(node: RunningNode, client: CoapTestClient,
-                                                              qos: int) -> None:
+def test_post_publish_reaches_an_mqtt_subscriber_at_each_qos(
+    node: RunningNode, client: CoapTestClient, qos: int
+) -> None:
     topic = f"coap/{unique('pub')}/temp"
     with paho_connected(node, unique("sub")) as sub:
         sub.subscribe(topic, 2)
@@ -106,7 +116,9 @@ def test_post_publish_reaches_an_mqtt_subscriber_at_each_qos(node: RunningNode, 
 
 def test_put_on_a_topic_path_retains_and_get_reads_it(node: RunningNode, client: CoapTestClient) -> None:
     topic = f"coap/{unique('ret')}/state"
-    resp = client.request("PUT", coap_uri(node, f"{topic}?qos=1&retain=true"), b'{"on":true}', content_format=50)
+    resp = client.request(
+        "PUT", coap_uri(node, f"{topic}?qos=1&retain=true"), b'{"on":true}', content_format=50
+    )
     assert resp.code == aiocoap.CHANGED
     got = client.request("GET", coap_uri(node, topic))
     assert got.code == aiocoap.CONTENT and got.payload == b'{"on":true}'
@@ -131,7 +143,9 @@ def test_well_known_core_and_health(node: RunningNode, client: CoapTestClient) -
     """RFC 6690 §4: GET /.well-known/core answers application/link-format (40)."""
     core = client.request("GET", coap_uri(node, ".well-known/core"))
     assert core.code == aiocoap.CONTENT and core.opt.content_format == 40
-    links = aiocoap.util.linkformat.parse(core.payload.decode()) if hasattr(aiocoap.util, "linkformat") else None
+    links = (
+        aiocoap.util.linkformat.parse(core.payload.decode()) if hasattr(aiocoap.util, "linkformat") else None
+    )
     text = core.payload.decode()
     assert "</mqtt/publish>" in text and "obs" in text
     if links is not None:
@@ -142,8 +156,10 @@ def test_well_known_core_and_health(node: RunningNode, client: CoapTestClient) -
 
 # -- observe ---------------------------------------------------------------------------------------
 
-def test_observe_gets_100_publishes_in_order_and_stops_after_cancel(node: RunningNode,
-                                                                     client: CoapTestClient) -> None:
+
+def test_observe_gets_100_publishes_in_order_and_stops_after_cancel(
+    node: RunningNode, client: CoapTestClient
+) -> None:
     """RFC 7641 §3.2/§4.4: notifications in order with increasing Observe numbers; the client's
     cancel ends the observation on the server (its session is removed)."""
     topic = f"coap/{unique('obs')}/level"
@@ -164,8 +180,13 @@ def test_observe_gets_100_publishes_in_order_and_stops_after_cancel(node: Runnin
         assert numbers == sorted(numbers) and len(set(numbers)) == 100
         observer.cancel()
         # aiocoap cancels lazily: the next notification is answered with RST (RFC 7641 §3.6)
-        assert wait_until(lambda: (pub.publish(topic, b"after", 0) or True)
-                          and metric(node, "fluxmq_coap_observations") < opened, WAIT)
+        assert wait_until(
+            lambda: (
+                (pub.publish(topic, b"after", 0) or True)
+                and metric(node, "fluxmq_coap_observations") < opened
+            ),
+            WAIT,
+        )
 
 
 def test_observe_a_filter_with_plus_and_hash(node: RunningNode, client: CoapTestClient) -> None:
@@ -184,6 +205,7 @@ def test_observe_a_filter_with_plus_and_hash(node: RunningNode, client: CoapTest
 
 # -- block-wise --------------------------------------------------------------------------------------
 
+
 def test_block1_publish_of_64_kib_and_block2_read(node: RunningNode, client: CoapTestClient) -> None:
     """RFC 7959: aiocoap sends the 64 KiB body in Block1 blocks and reads it back in Block2 blocks."""
     topic = f"coap/{unique('big')}"
@@ -198,14 +220,20 @@ def test_block1_publish_of_64_kib_and_block2_read(node: RunningNode, client: Coa
 
 
 def test_block1_over_the_message_size_is_4_13(node_factory: NodeFactory) -> None:
-    node = node_factory({"server.coap.plain.addr": f"127.0.0.1:{free_port()}", "broker.max_message_size": 4096,
-                         "storage.type": "memory"})
+    node = node_factory(
+        {
+            "server.coap.plain.addr": f"127.0.0.1:{free_port()}",
+            "broker.max_message_size": 4096,
+            "storage.type": "memory",
+        }
+    )
     with CoapTestClient() as c:
         resp = c.request("POST", coap_uri(node, "big/x"), b"x" * 10000, timeout=30)
         assert resp.code == aiocoap.REQUEST_ENTITY_TOO_LARGE
 
 
 # -- raw datagrams ---------------------------------------------------------------------------------
+
 
 def test_con_retransmission_with_the_same_message_id_publishes_once(node: RunningNode) -> None:
     """RFC 7252 §4.5: a duplicate CON (same message id from the same endpoint) is processed once;
@@ -242,7 +270,9 @@ def test_unknown_critical_option_is_4_02_and_elective_is_ignored(node: RunningNo
         raw.close()
 
 
-def test_unverified_response_is_bounded_by_the_request_size(node: RunningNode, client: CoapTestClient) -> None:
+def test_unverified_response_is_bounded_by_the_request_size(
+    node: RunningNode, client: CoapTestClient
+) -> None:
     """Amplification (RFC 7252 §11.3): a small anonymous GET of a large retained message gets a
     first Block2 block no larger than 3x the request."""
     topic = f"coap/{unique('amp')}"
@@ -272,8 +302,9 @@ def test_malformed_datagrams_are_counted_and_a_bad_con_gets_rst(node: RunningNod
     assert metric(node, "fluxmq_coap_dropped_datagrams_total", 'reason="malformed"') == before + 1
 
 
-def test_socket_fuzz_of_10000_random_datagrams_keeps_the_node_serving(node: RunningNode,
-                                                                       client: CoapTestClient) -> None:
+def test_socket_fuzz_of_10000_random_datagrams_keeps_the_node_serving(
+    node: RunningNode, client: CoapTestClient
+) -> None:
     rng = random.Random(1307)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     addr = ("127.0.0.1", coap_port(node))
@@ -320,8 +351,15 @@ def auth_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]
     (d / "acl").write_text(ACL)
     factory = NodeFactory(d)
     try:
-        yield factory({"server.coap.plain.addr": f"127.0.0.1:{free_port()}", "auth.password_file": str(d / "passwd"),
-                       "auth.acl_file": str(d / "acl"), "auth.allow_anonymous": False, "storage.type": "memory"})
+        yield factory(
+            {
+                "server.coap.plain.addr": f"127.0.0.1:{free_port()}",
+                "auth.password_file": str(d / "passwd"),
+                "auth.acl_file": str(d / "acl"),
+                "auth.allow_anonymous": False,
+                "storage.type": "memory",
+            }
+        )
     finally:
         factory.close()
 
@@ -330,8 +368,10 @@ def test_auth_refusals_are_4_01_and_acl_refusals_4_03(auth_node: RunningNode, cl
     node = auth_node
     good = "username=alice&password=alice-pw"
     assert client.request("POST", coap_uri(node, "alice/x"), b"1").code == aiocoap.UNAUTHORIZED
-    assert client.request("POST", coap_uri(node, "alice/x?username=alice&password=no"), b"1").code == \
-        aiocoap.UNAUTHORIZED
+    assert (
+        client.request("POST", coap_uri(node, "alice/x?username=alice&password=no"), b"1").code
+        == aiocoap.UNAUTHORIZED
+    )
     assert client.request("POST", coap_uri(node, f"alice/x?{good}"), b"1").code == aiocoap.CHANGED
     assert client.request("POST", coap_uri(node, f"shared/x?{good}"), b"1").code == aiocoap.FORBIDDEN
     assert client.request("GET", coap_uri(node, f"other/x?{good}")).code == aiocoap.FORBIDDEN
@@ -369,8 +409,9 @@ def test_a_2_04_for_qos1_survives_sigkill(node_factory: NodeFactory) -> None:
     finally:
         raw.close()
     node.kill()  # SIGKILL: nothing gets to flush or close
-    again = node_factory({"storage.path": str(node.data_dir),
-                          "server.coap.plain.addr": f"127.0.0.1:{free_port()}"})
+    again = node_factory(
+        {"storage.path": str(node.data_dir), "server.coap.plain.addr": f"127.0.0.1:{free_port()}"}
+    )
     with CoapTestClient() as c:
         for i in (0, 25, 49):
             got = c.request("GET", coap_uri(again, f"kept/{i}"))

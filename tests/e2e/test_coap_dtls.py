@@ -40,13 +40,17 @@ class DTLSCoap:
 
     def __init__(self, port: int, timeout: float = WAIT, **conf) -> None:
         context = tls.ClientContext(tls.DTLSConfiguration(**conf))
-        self.sock = context.wrap_socket(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), server_hostname="localhost")
+        self.sock = context.wrap_socket(
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM), server_hostname="localhost"
+        )
         self.sock.settimeout(timeout)
         self.sock.connect(("127.0.0.1", port))
         self.sock.do_handshake()
         self.mid = 0
 
-    def request(self, method: int, path: str, query: tuple[str, ...] = (), payload: bytes = b"") -> CoapMessage:
+    def request(
+        self, method: int, path: str, query: tuple[str, ...] = (), payload: bytes = b""
+    ) -> CoapMessage:
         self.mid += 1
         options = [(codec.URI_PATH, p.encode()) for p in path.split("/")]
         options += [(codec.URI_QUERY, q.encode()) for q in query]
@@ -72,21 +76,32 @@ def node(tmp_path_factory: pytest.TempPathFactory, pki) -> Iterator[RunningNode]
     server = ca.issue_server()
     factory = NodeFactory(tmp_path_factory.mktemp("node"))
     try:
-        yield factory({
-            "server.coap.dtls.addr": f"127.0.0.1:{free_port()}",
-            "server.coap.dtls.psk_file": str(d / "psk"),
-            "server.coap.dtls.cert_file": server.cert_file, "server.coap.dtls.key_file": server.key_file,
-            "server.coap.mdtls.addr": f"127.0.0.1:{free_port()}",
-            "server.coap.mdtls.cert_file": server.cert_file, "server.coap.mdtls.key_file": server.key_file,
-            "server.coap.mdtls.ca_file": ca.cert_file,
-            "auth.acl_file": str(d / "acl"), "auth.allow_anonymous": True, "storage.type": "memory"})
+        yield factory(
+            {
+                "server.coap.dtls.addr": f"127.0.0.1:{free_port()}",
+                "server.coap.dtls.psk_file": str(d / "psk"),
+                "server.coap.dtls.cert_file": server.cert_file,
+                "server.coap.dtls.key_file": server.key_file,
+                "server.coap.mdtls.addr": f"127.0.0.1:{free_port()}",
+                "server.coap.mdtls.cert_file": server.cert_file,
+                "server.coap.mdtls.key_file": server.key_file,
+                "server.coap.mdtls.ca_file": ca.cert_file,
+                "auth.acl_file": str(d / "acl"),
+                "auth.allow_anonymous": True,
+                "storage.type": "memory",
+            }
+        )
     finally:
         factory.close()
 
 
 def test_psk_client_publishes_as_its_identity(node: RunningNode) -> None:
-    client = DTLSCoap(port_of(node, "dtls"), pre_shared_key=PSK, validate_certificates=False,
-                      ciphers=[c for c in tls.ciphers_available() if c.startswith("TLS-PSK-")])
+    client = DTLSCoap(
+        port_of(node, "dtls"),
+        pre_shared_key=PSK,
+        validate_certificates=False,
+        ciphers=[c for c in tls.ciphers_available() if c.startswith("TLS-PSK-")],
+    )
     try:
         with paho_connected(node, unique("sub")) as sub:
             sub.subscribe("sensors/7/t", 1)
@@ -115,8 +130,11 @@ def test_mdtls_client_certificate_cn_is_the_user_name(node: RunningNode, pki) ->
     issued = ca.issue_client("device-9")
     trust = tls.TrustStore([x509.CRT.from_file(ca.cert_file)])
     key = load_key(issued.key_file)
-    client = DTLSCoap(port_of(node, "mdtls"), trust_store=trust,
-                      certificate_chain=([x509.CRT.from_file(issued.cert_file)], key))
+    client = DTLSCoap(
+        port_of(node, "mdtls"),
+        trust_store=trust,
+        certificate_chain=([x509.CRT.from_file(issued.cert_file)], key),
+    )
     try:
         with paho_connected(node, unique("sub")) as sub:
             sub.subscribe("devices/9/#", 0)
@@ -130,12 +148,19 @@ def test_mdtls_client_certificate_cn_is_the_user_name(node: RunningNode, pki) ->
 def test_mdtls_refuses_a_client_without_a_certificate(node: RunningNode, pki) -> None:
     ca, _ = pki
     with pytest.raises((TLSError, OSError)):
-        DTLSCoap(port_of(node, "mdtls"), timeout=2.0, trust_store=tls.TrustStore([x509.CRT.from_file(ca.cert_file)]))
+        DTLSCoap(
+            port_of(node, "mdtls"),
+            timeout=2.0,
+            trust_store=tls.TrustStore([x509.CRT.from_file(ca.cert_file)]),
+        )
 
 
 def load_key(path: str) -> pk.ECC:
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_pem_private_key(Path(path).read_bytes(), None)
-    return pk.ECC.from_DER(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
+    return pk.ECC.from_DER(
+        key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )

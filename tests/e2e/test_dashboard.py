@@ -39,9 +39,18 @@ TOKEN = "dashboard-e2e-token"
 WAIT = 15.0  # every browser wait is bounded by this
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--window-size=1280,800")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,800",
+)
 DOCS_SCREENSHOT = REPO_ROOT / "docs" / "dashboard.png"
 
 
@@ -56,8 +65,10 @@ def dashboard_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
 
 def start_browser(profile: Path):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("chromium and chromium-driver are not installed (scripts/test installs them: "
-                    "apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "chromium and chromium-driver are not installed (scripts/test installs them: "
+            "apt-get install chromium chromium-driver)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
@@ -81,17 +92,25 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
 
 def viewport(driver, width: int, height: int, mobile: bool = False) -> None:
     """Exactly ``width`` x ``height`` CSS pixels at scale 1, so screenshots have that size."""
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile},
+    )
 
 
 def wait_for(driver, condition: Callable, what: str, timeout: float = WAIT):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(condition, what)
+    return WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    ).until(condition, what)
 
 
 def visible(driver, css: str, what: str = ""):
-    return wait_for(driver, ec.visibility_of_element_located((By.CSS_SELECTOR, css)), what or f"{css} visible")
+    return wait_for(
+        driver, ec.visibility_of_element_located((By.CSS_SELECTOR, css)), what or f"{css} visible"
+    )
 
 
 def text_of(driver, css: str) -> str:
@@ -124,8 +143,13 @@ def screenshot(driver, path: Path) -> Path:
 
 
 def monitor_sessions(node: RunningNode) -> list[str]:
-    _, _, body = http_request(node, "GET", "/sessions?connected=true", headers={"Authorization": f"Bearer {TOKEN}"},
-                              port=node.admin_port)
+    _, _, body = http_request(
+        node,
+        "GET",
+        "/sessions?connected=true",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        port=node.admin_port,
+    )
     return [s["client_id"] for s in body["sessions"] if s["client_id"].startswith("admin-monitor-")]
 
 
@@ -170,22 +194,39 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         visible(driver, "#app", "the dashboard after sign-in")
         assert driver.execute_script("return sessionStorage.getItem('fluxmq.admin.token')") == TOKEN
         wait_for(driver, lambda d: text_of(d, "#stat-connections") not in ("", "–"), "connections shown")
-        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-in polyline"), "the in chart drawn")
+        wait_for(
+            driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-in polyline"), "the in chart drawn"
+        )
         wait_for(driver, lambda d: text_of(d, "#rate-in") not in ("–", "0.0"), "messages in per second")
         assert text_of(driver, "#stat-sync") == "batch"
         assert "lmdb" in text_of(driver, "#stat-storage-detail")
         assert text_of(driver, "#stat-memory").endswith("MiB")
         # a few more samples so the charts show a line, not a dot
-        wait_for(driver, lambda d: d.execute_script(
-            "return document.querySelector('#chart-in polyline').getAttribute('points').split(' ').length") >= 4,
-            "four samples in the chart")
+        wait_for(
+            driver,
+            lambda d: (
+                d.execute_script(
+                    "return document.querySelector('#chart-in polyline').getAttribute('points').split(' ').length"
+                )
+                >= 4
+            ),
+            "four samples in the chart",
+        )
         overview = screenshot(driver, tmp_path / "dashboard-overview-1280x800.png")
         assert png_size(overview) == (1280, 800)
         if os.environ.get("FLUXMQ_UPDATE_DOCS") == "1":
             # the docs show a chart with some history: 20 more seconds of samples
-            wait_for(driver, lambda d: d.execute_script(
-                "return document.querySelector('#chart-in polyline').getAttribute('points').split(' ').length") >= 12,
-                "twelve samples in the chart", timeout=60)
+            wait_for(
+                driver,
+                lambda d: (
+                    d.execute_script(
+                        "return document.querySelector('#chart-in polyline').getAttribute('points').split(' ').length"
+                    )
+                    >= 12
+                ),
+                "twelve samples in the chart",
+                timeout=60,
+            )
             overview = screenshot(driver, tmp_path / "dashboard-overview-1280x800.png")
             DOCS_SCREENSHOT.write_bytes(overview.read_bytes())
             print(f"docs screenshot updated: {DOCS_SCREENSHOT}")
@@ -202,14 +243,21 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         watched = paho_connected(node, client_id, protocol=mqtt.MQTTv5)
         watched.subscribe("dash/alerts/#", qos=1)
         row_css = f'#clients-body tr[data-client="{client_id}"]'
-        wait_for(driver, lambda d: "connected" in d.find_element(By.CSS_SELECTOR, row_css).text,
-                 "the paho client's row, connected")
-        assert [r.get_attribute("data-client") for r in driver.find_elements(By.CSS_SELECTOR, "#clients-body tr")] \
-            == [client_id]
+        wait_for(
+            driver,
+            lambda d: "connected" in d.find_element(By.CSS_SELECTOR, row_css).text,
+            "the paho client's row, connected",
+        )
+        assert [
+            r.get_attribute("data-client") for r in driver.find_elements(By.CSS_SELECTOR, "#clients-body tr")
+        ] == [client_id]
         driver.find_element(By.CSS_SELECTOR, f"{row_css} button.client-id").click()
         detail = visible(driver, "#client-detail", "the session detail")
-        wait_for(driver, lambda d: "dash/alerts/#" in d.find_element(By.ID, "client-detail").text,
-                 "its subscription in the detail")
+        wait_for(
+            driver,
+            lambda d: "dash/alerts/#" in d.find_element(By.ID, "client-detail").text,
+            "its subscription in the detail",
+        )
         assert "MQTT 5.0" in detail.text
         search.clear()
         screenshot(driver, tmp_path / "dashboard-clients-1280x800.png")
@@ -219,8 +267,13 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
 
         # subscriptions by filter
         tab(driver, "subscriptions")
-        wait_for(driver, lambda d: any(r.text.startswith("dash/alerts/#") for r in
-                                       d.find_elements(By.CSS_SELECTOR, "#subs-body tr")), "the filter listed")
+        wait_for(
+            driver,
+            lambda d: any(
+                r.text.startswith("dash/alerts/#") for r in d.find_elements(By.CSS_SELECTOR, "#subs-body tr")
+            ),
+            "the filter listed",
+        )
 
         # Disconnect: confirm, and the client sees the server's DISCONNECT (0x98 administrative action)
         tab(driver, "clients")
@@ -236,10 +289,22 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         monitor_filter.clear()
         monitor_filter.send_keys("dash/monitor/#")
         driver.find_element(By.ID, "monitor-toggle").click()
-        wait_for(driver, lambda d: text_of(d, "#monitor-state") == "watching dash/monitor/#", "the monitor open")
+        wait_for(
+            driver, lambda d: text_of(d, "#monitor-state") == "watching dash/monitor/#", "the monitor open"
+        )
         publisher.publish("dash/monitor/door", "opened at 07:15", qos=1)
-        row = wait_for(driver, lambda d: next((r for r in d.find_elements(By.CSS_SELECTOR, "#monitor-body tr.monitor-row")
-                                               if "dash/monitor/door" in r.text), None), "the publish in the monitor")
+        row = wait_for(
+            driver,
+            lambda d: next(
+                (
+                    r
+                    for r in d.find_elements(By.CSS_SELECTOR, "#monitor-body tr.monitor-row")
+                    if "dash/monitor/door" in r.text
+                ),
+                None,
+            ),
+            "the publish in the monitor",
+        )
         assert row.find_element(By.CSS_SELECTOR, "td.payload-cell").text == "opened at 07:15"
         screenshot(driver, tmp_path / "dashboard-monitor-1280x800.png")
         driver.find_element(By.ID, "monitor-toggle").click()  # stop: the stream and its session end
@@ -254,16 +319,29 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         retained_filter.clear()
         retained_filter.send_keys("dash/retained/#")
         retained_filter.submit()
-        greeting = visible(driver, '#retained-list button[data-topic="dash/retained/greeting"]', "the retained topic")
+        greeting = visible(
+            driver, '#retained-list button[data-topic="dash/retained/greeting"]', "the retained topic"
+        )
         assert "2 of 2" == text_of(driver, "#retained-count")
         greeting.click()
         wait_for(driver, lambda d: text_of(d, "#retained-payload") == "héllo wörld", "the payload as text")
         driver.find_element(By.ID, "view-hex").click()
-        wait_for(driver, lambda d: text_of(d, "#retained-payload").startswith(
-            "00000000  68 c3 a9 6c 6c 6f 20 77 c3 b6 72 6c 64"), "the payload as hex")
+        wait_for(
+            driver,
+            lambda d: text_of(d, "#retained-payload").startswith(
+                "00000000  68 c3 a9 6c 6c 6f 20 77 c3 b6 72 6c 64"
+            ),
+            "the payload as hex",
+        )
         driver.find_element(By.CSS_SELECTOR, '#retained-list button[data-topic="dash/retained/blob"]').click()
-        wait_for(driver, lambda d: text_of(d, "#retained-payload").startswith("00000000  00 01 68 69 ff")
-                 and text_of(d, "#retained-payload").endswith("..hi."), "the binary payload as hex")
+        wait_for(
+            driver,
+            lambda d: (
+                text_of(d, "#retained-payload").startswith("00000000  00 01 68 69 ff")
+                and text_of(d, "#retained-payload").endswith("..hi.")
+            ),
+            "the binary payload as hex",
+        )
         assert "binary" in text_of(driver, "#retained-meta")
         screenshot(driver, tmp_path / "dashboard-retained-1280x800.png")
 
@@ -273,8 +351,12 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         wait_for(driver, lambda d: "single-node" in text_of(d, "#cluster-status"), "the cluster status")
         # no script error and nothing the page's Content-Security-Policy refused (the session of
         # the disconnected client is a 404 the page expects, a network entry)
-        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"
-                  and (entry["source"] != "network" or "Content Security Policy" in entry["message"])]
+        errors = [
+            entry
+            for entry in driver.get_log("browser")
+            if entry["level"] == "SEVERE"
+            and (entry["source"] != "network" or "Content Security Policy" in entry["message"])
+        ]
         assert errors == [], errors
     finally:
         traffic.close()
@@ -317,12 +399,21 @@ def test_the_page_and_the_api_share_one_origin(dashboard_node: RunningNode) -> N
     auth = {"Authorization": f"Bearer {TOKEN}", "Host": own}
     status, headers, _ = http_request(node, "GET", "/dashboard/", headers={"Host": own}, port=node.admin_port)
     assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
-    status, _, body = http_request(node, "POST", "/sessions/nobody/disconnect",
-                                   headers={**auth, "Origin": f"http://{own}"}, port=node.admin_port)
+    status, _, body = http_request(
+        node,
+        "POST",
+        "/sessions/nobody/disconnect",
+        headers={**auth, "Origin": f"http://{own}"},
+        port=node.admin_port,
+    )
     assert status == 404, body  # past the guards: the session is simply unknown
-    status, _, body = http_request(node, "POST", "/sessions/nobody/disconnect",
-                                   headers={**auth, "Origin": f"http://127.0.0.1:{node.admin_port + 1}"},
-                                   port=node.admin_port)
+    status, _, body = http_request(
+        node,
+        "POST",
+        "/sessions/nobody/disconnect",
+        headers={**auth, "Origin": f"http://127.0.0.1:{node.admin_port + 1}"},
+        port=node.admin_port,
+    )
     assert status == 403 and "cross-origin" in body["error"]
 
 
@@ -330,8 +421,13 @@ def test_head_and_conditional_requests_over_the_real_server(dashboard_node: Runn
     node = dashboard_node
     status, headers, body = http_request(node, "GET", "/dashboard/dashboard.js", port=node.admin_port)
     assert status == 200 and headers["content-type"] == "text/javascript; charset=utf-8" and body
-    status, again, body = http_request(node, "GET", "/dashboard/dashboard.js",
-                                       headers={"If-None-Match": headers["etag"]}, port=node.admin_port)
+    status, again, body = http_request(
+        node,
+        "GET",
+        "/dashboard/dashboard.js",
+        headers={"If-None-Match": headers["etag"]},
+        port=node.admin_port,
+    )
     assert status == 304 and body == b""
     status, _, _ = http_request(node, "GET", "/dashboard/..%2F__init__.py", port=node.admin_port)
     assert status == 404

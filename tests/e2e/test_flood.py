@@ -57,8 +57,9 @@ def test_qos0_flood_does_not_starve_others_or_the_worker_heartbeat(node_factory:
         while flooder.is_alive() and round_trips < 10_000:
             pid = pid % 65535 + 1
             client.publish(topic, b"ping", 1, packet_id=pid)
-            client.wait_for(lambda p, pid=pid: isinstance(p, c.Puback) and p.packet_id == pid,
-                            ROUND_TRIP_DEADLINE)
+            client.wait_for(
+                lambda p, pid=pid: isinstance(p, c.Puback) and p.packet_id == pid, ROUND_TRIP_DEADLINE
+            )
             echo = client.wait_for(lambda p: isinstance(p, c.Publish), ROUND_TRIP_DEADLINE)
             assert echo.payload == b"ping"
             client.ack(echo)
@@ -71,4 +72,3 @@ def test_qos0_flood_does_not_starve_others_or_the_worker_heartbeat(node_factory:
     assert sent[0] > 0
     assert node.worker_pids() == workers, "the worker was restarted during the flood"
     assert "WORKER TIMEOUT" not in node.log_text()
-

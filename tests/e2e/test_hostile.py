@@ -40,8 +40,13 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     factory = NodeFactory(tmp_path_factory.mktemp("hostile"))
     try:
-        yield factory({"storage.type": "memory", "server.connect_timeout": "1s",
-                       "server.tcp.plain.max_connections": HALF_OPEN + 1000})
+        yield factory(
+            {
+                "storage.type": "memory",
+                "server.connect_timeout": "1s",
+                "server.tcp.plain.max_connections": HALF_OPEN + 1000,
+            }
+        )
     finally:
         factory.close()
 

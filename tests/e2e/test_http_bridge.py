@@ -29,8 +29,14 @@ pytestmark = pytest.mark.e2e
 WAIT = 10.0
 
 
-def http_request(node: RunningNode, method: str, path: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, port: int | None = None) -> tuple[int, dict, Any]:
+def http_request(
+    node: RunningNode,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    port: int | None = None,
+) -> tuple[int, dict, Any]:
     """One request on a fresh connection -> (status, headers, decoded JSON body or raw bytes)."""
     conn = http.client.HTTPConnection(node.host, port or node.http_port, timeout=WAIT)
     try:
@@ -46,8 +52,9 @@ def http_request(node: RunningNode, method: str, path: str, body: bytes | None =
 
 
 def publish_json(node: RunningNode, doc: dict) -> tuple[int, Any]:
-    status, _, body = http_request(node, "POST", "/publish", json.dumps(doc).encode(),
-                                   {"Content-Type": "application/json"})
+    status, _, body = http_request(
+        node, "POST", "/publish", json.dumps(doc).encode(), {"Content-Type": "application/json"}
+    )
     return status, body
 
 
@@ -92,6 +99,7 @@ class SSEReader:
 
 # -- HTTP -> MQTT ----------------------------------------------------------------------------------
 
+
 def test_http_post_reaches_an_mqtt_subscriber(node: RunningNode) -> None:
     topic = f"bridge/{unique('in')}/temp"
     with paho_connected(node, unique("sub")) as sub:
@@ -106,10 +114,19 @@ def test_http_properties_reach_an_mqtt5_subscriber(node: RunningNode) -> None:
     topic = f"bridge/{unique('props')}"
     with paho_connected(node, unique("sub5"), protocol=mqtt.MQTTv5) as sub:
         sub.subscribe(topic, 0)
-        status, _ = publish_json(node, {
-            "topic": topic, "payload": base64.b64encode(b"\x00\xff").decode(), "payload_encoding": "base64",
-            "properties": {"content_type": "application/octet-stream", "response_topic": "replies/1",
-                           "user_properties": [["trace", "a1"], ["trace", "b2"]]}})
+        status, _ = publish_json(
+            node,
+            {
+                "topic": topic,
+                "payload": base64.b64encode(b"\x00\xff").decode(),
+                "payload_encoding": "base64",
+                "properties": {
+                    "content_type": "application/octet-stream",
+                    "response_topic": "replies/1",
+                    "user_properties": [["trace", "a1"], ["trace", "b2"]],
+                },
+            },
+        )
         assert status == 200
         msg = sub.get(WAIT)
         assert msg.payload == b"\x00\xff"
@@ -124,8 +141,13 @@ def test_raw_topic_post_is_retained_for_later_subscribers(node: RunningNode) -> 
     assert status == 200 and body["retain"] is True
     status, _, stored = http_request(node, "GET", f"/retained/{quote(topic)}")
     assert status == 200
-    assert stored == {"topic": topic, "payload": base64.b64encode(b"\xfe\x01").decode(),
-                      "payload_encoding": "base64", "qos": 1, "retain": True}
+    assert stored == {
+        "topic": topic,
+        "payload": base64.b64encode(b"\xfe\x01").decode(),
+        "payload_encoding": "base64",
+        "qos": 1,
+        "retain": True,
+    }
     with paho_connected(node, unique("late")) as sub:
         sub.subscribe(topic, 1)
         msg = sub.get(WAIT)
@@ -135,6 +157,7 @@ def test_raw_topic_post_is_retained_for_later_subscribers(node: RunningNode) -> 
 
 # -- MQTT -> SSE -----------------------------------------------------------------------------------
 
+
 def test_mqtt_publish_reaches_an_sse_stream(node: RunningNode) -> None:
     base = f"bridge/{unique('sse')}"
     stream = SSEReader(node, f"{base}/#")
@@ -142,8 +165,10 @@ def test_mqtt_publish_reaches_an_sse_stream(node: RunningNode) -> None:
         with paho_connected(node, unique("pub")) as pub:
             pub.publish(f"{base}/a", b"hello", qos=1)
             pub.publish(f"{base}/b", b"\x80\x81", qos=0)
-        assert stream.event() == ("message", {"topic": f"{base}/a", "payload": "hello",
-                                              "payload_encoding": "utf8", "qos": 1, "retain": False})
+        assert stream.event() == (
+            "message",
+            {"topic": f"{base}/a", "payload": "hello", "payload_encoding": "utf8", "qos": 1, "retain": False},
+        )
         name, data = stream.event()
         assert name == "message" and base64.b64decode(data["payload"]) == b"\x80\x81"
     finally:
@@ -198,6 +223,7 @@ def test_graceful_stop_ends_sse_streams(node_factory: NodeFactory) -> None:
 
 # -- bounds (issue 17 item 10) ---------------------------------------------------------------------
 
+
 def open_raw_streams(node: RunningNode, count: int, deadline: float) -> list[socket.socket]:
     """``count`` idle ``GET /subscribe`` requests on raw sockets (their answers are not read here)."""
     socks = []
@@ -250,8 +276,13 @@ def test_publishes_are_served_with_every_stream_slot_taken(node_factory: NodeFac
 
 
 def test_streams_past_the_total_bound_get_429_and_publishes_are_served(node_factory: NodeFactory) -> None:
-    n = node_factory({"server.http.plain.max_streams": 20, "server.http.plain.max_streams_per_user": 1000,
-                      "server.http.plain.sse_heartbeat": "200ms"})
+    n = node_factory(
+        {
+            "server.http.plain.max_streams": 20,
+            "server.http.plain.max_streams_per_user": 1000,
+            "server.http.plain.sse_heartbeat": "200ms",
+        }
+    )
     socks = open_raw_streams(n, 25, time.monotonic() + 30)
     try:
         statuses = [status_of(s) for s in socks]
@@ -263,20 +294,25 @@ def test_streams_past_the_total_bound_get_429_and_publishes_are_served(node_fact
     finally:
         for sock in socks:
             sock.close()
+
     # a gone client's stream ends at its next heartbeat and frees its slot
     def accepted() -> bool:
         (sock,) = open_raw_streams(n, 1, time.monotonic() + WAIT)
         with sock:
             return status_of(sock) == 200
+
     assert wait_until(accepted, WAIT), n.log_tail()
 
 
 def test_deeply_nested_json_is_400(node: RunningNode) -> None:
-    status, _, body = http_request(node, "POST", "/publish", b"[" * 100_000, {"Content-Type": "application/json"})
+    status, _, body = http_request(
+        node, "POST", "/publish", b"[" * 100_000, {"Content-Type": "application/json"}
+    )
     assert status == 400 and "nested" in body["error"]
 
 
 # -- errors ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small_body_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
@@ -288,22 +324,26 @@ def small_body_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         factory.close()
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status"), [
-    ("POST", "/publish", b"{bad json", 400),
-    ("POST", "/publish", b'{"topic": "a/#"}', 400),
-    ("POST", "/publish", b'{"topic": "t", "payload": "x", "payload_encoding": "rot13"}', 400),
-    ("POST", "/publish", b'{"topic": "t", "qos": 7}', 400),
-    ("POST", "/publish", b'{"topic": "$SYS/x"}', 403),
-    ("POST", "/publish", b'{"topic": "t", "payload": "' + b"x" * 2048 + b'"}', 413),
-    ("POST", "/topics/t", b"x" * 1025, 413),
-    ("POST", "/topics/t?qos=9", b"x", 400),
-    ("GET", "/publish", None, 405),
-    ("GET", "/retained/never/set", None, 404),
-    ("GET", "/subscribe", None, 400),
-    ("GET", "/nothing", None, 404),
-])
-def test_errors_are_json_with_a_message(small_body_node: RunningNode, method: str, path: str,
-                                        body: bytes | None, status: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/publish", b"{bad json", 400),
+        ("POST", "/publish", b'{"topic": "a/#"}', 400),
+        ("POST", "/publish", b'{"topic": "t", "payload": "x", "payload_encoding": "rot13"}', 400),
+        ("POST", "/publish", b'{"topic": "t", "qos": 7}', 400),
+        ("POST", "/publish", b'{"topic": "$SYS/x"}', 403),
+        ("POST", "/publish", b'{"topic": "t", "payload": "' + b"x" * 2048 + b'"}', 413),
+        ("POST", "/topics/t", b"x" * 1025, 413),
+        ("POST", "/topics/t?qos=9", b"x", 400),
+        ("GET", "/publish", None, 405),
+        ("GET", "/retained/never/set", None, 404),
+        ("GET", "/subscribe", None, 400),
+        ("GET", "/nothing", None, 404),
+    ],
+)
+def test_errors_are_json_with_a_message(
+    small_body_node: RunningNode, method: str, path: str, body: bytes | None, status: int
+) -> None:
     got, headers, payload = http_request(small_body_node, method, path, body)
     assert got == status
     assert headers["content-type"] == "application/json"
@@ -334,17 +374,24 @@ def test_bridge_can_be_turned_off(node_factory: NodeFactory) -> None:
 
 # -- HTTPS -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
-def https_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningNode, CertAuthority, Issued]]:
+def https_node(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RunningNode, CertAuthority, Issued]]:
     """A node with the bridge on plain HTTP, TLS and mTLS, and the test CA with a client certificate."""
     ca = CertAuthority(tmp_path_factory.mktemp("pki"))
     server = ca.issue_server("localhost")
     factory = NodeFactory(tmp_path_factory.mktemp("https"))
     overrides: dict[str, Any] = {}
     for mode in ("tls", "mtls"):
-        overrides.update({f"server.http.{mode}.addr": f"127.0.0.1:{free_port()}",
-                          f"server.http.{mode}.cert_file": server.cert_file,
-                          f"server.http.{mode}.key_file": server.key_file})
+        overrides.update(
+            {
+                f"server.http.{mode}.addr": f"127.0.0.1:{free_port()}",
+                f"server.http.{mode}.cert_file": server.cert_file,
+                f"server.http.{mode}.key_file": server.key_file,
+            }
+        )
     overrides["server.http.mtls.ca_file"] = ca.cert_file
     try:
         yield factory(overrides), ca, ca.issue_client("http-device")
@@ -352,8 +399,9 @@ def https_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runni
         factory.close()
 
 
-def https_post(node: RunningNode, mode: str, path: str, body: bytes, ca: CertAuthority,
-               cert: Issued | None = None) -> tuple[int, Any]:
+def https_post(
+    node: RunningNode, mode: str, path: str, body: bytes, ca: CertAuthority, cert: Issued | None = None
+) -> tuple[int, Any]:
     port = int(node.config["server"]["http"][mode]["addr"].rpartition(":")[2])
     ctx = ssl.create_default_context(cafile=ca.cert_file)
     if cert is not None:
@@ -372,8 +420,9 @@ def test_https_publish_reaches_an_mqtt_subscriber(https_node) -> None:
     topic = f"bridge/{unique('tls')}"
     with paho_connected(n, unique("sub")) as sub:
         sub.subscribe(topic, 1)
-        status, body = https_post(n, "tls", "/publish", json.dumps({"topic": topic, "payload": "sealed",
-                                                                     "qos": 1}).encode(), ca)
+        status, body = https_post(
+            n, "tls", "/publish", json.dumps({"topic": topic, "payload": "sealed", "qos": 1}).encode(), ca
+        )
         assert status == 200 and body["deliveries"] == 1
         assert sub.get(WAIT).payload == b"sealed"
     # the plain listener is still there, and serves the same broker

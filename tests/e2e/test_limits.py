@@ -31,10 +31,18 @@ def factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeFactory]:
 def node(factory: NodeFactory) -> RunningNode:
     """Per-client limits: 20 PUBLISH/s (burst 20), 4 KiB/s payload (burst 8 KiB), 3 subscriptions,
     4 topic levels, 40-byte topics; CONNECT within 1 s."""
-    return factory({"storage.type": "memory", "server.connect_timeout": "1s",
-                    "limits.publish_rate": 20, "limits.publish_burst": 20,
-                    "limits.publish_bytes_rate": 4096, "limits.max_subscriptions": 3,
-                    "limits.max_topic_levels": 4, "limits.max_topic_length": 40})
+    return factory(
+        {
+            "storage.type": "memory",
+            "server.connect_timeout": "1s",
+            "limits.publish_rate": 20,
+            "limits.publish_burst": 20,
+            "limits.publish_bytes_rate": 4096,
+            "limits.max_subscriptions": 3,
+            "limits.max_topic_levels": 4,
+            "limits.max_topic_length": 40,
+        }
+    )
 
 
 def connected(node: RunningNode, version: int = 4, client_id: str | None = None) -> RawClient:
@@ -48,6 +56,7 @@ def log_lines(node: RunningNode, event: str, needle: str) -> list[str]:
 
 
 # -- CONNECT deadline -------------------------------------------------------------------------------
+
 
 def test_silent_socket_closed_after_connect_timeout(node) -> None:
     with socket.create_connection((node.host, node.mqtt_port)) as s:
@@ -85,6 +94,7 @@ def test_trickled_connect_is_closed_at_the_deadline_not_per_byte(node) -> None:
 
 
 # -- publish rate and bytes ---------------------------------------------------------------------------
+
 
 def test_publish_rate_disconnects_3_1_1_client(node) -> None:
     cid = unique("fast311")
@@ -131,14 +141,23 @@ def test_a_client_within_its_rate_is_served(node) -> None:
     with connected(node, 5) as raw:
         for i in range(1, 11):
             raw.publish("rate/ok", b"fine", 1, packet_id=i)
-            assert raw.wait_for(lambda p, i=i: isinstance(p, c.Puback) and p.packet_id == i).reason_code in (0, 0x10)
+            assert raw.wait_for(lambda p, i=i: isinstance(p, c.Puback) and p.packet_id == i).reason_code in (
+                0,
+                0x10,
+            )
 
 
 # -- subscriptions and topic caps -----------------------------------------------------------------------
 
+
 def test_subscription_count_3_1_1_gets_0x80(node) -> None:
     with connected(node, 4) as raw:
-        assert raw.subscribe(1, ("s/1", 0), ("s/2", 0), ("s/3", 0), ("s/4", 0)).reason_codes == [0, 0, 0, 0x80]
+        assert raw.subscribe(1, ("s/1", 0), ("s/2", 0), ("s/3", 0), ("s/4", 0)).reason_codes == [
+            0,
+            0,
+            0,
+            0x80,
+        ]
         assert raw.subscribe(2, ("s/2", 1)).reason_codes == [1]  # replacing one is not a new one
         raw.send(c.Unsubscribe(3, ["s/1"]))
         raw.wait_for(lambda p: isinstance(p, c.Unsuback))
@@ -168,7 +187,11 @@ def test_topic_caps_on_publish(node) -> None:
 
 def test_topic_caps_on_subscribe(node) -> None:
     with connected(node, 5) as raw:
-        assert raw.subscribe(1, ("a/b/c/#", 0), ("a/b/c/d/#", 0), ("x" * 41, 0)).reason_codes == [0, 0x97, 0x97]
+        assert raw.subscribe(1, ("a/b/c/#", 0), ("a/b/c/d/#", 0), ("x" * 41, 0)).reason_codes == [
+            0,
+            0x97,
+            0x97,
+        ]
     with connected(node, 4) as raw:
         assert raw.subscribe(1, ("a/+/+/+/+", 0)).reason_codes == [0x80]
 
@@ -210,7 +233,9 @@ def test_default_topic_level_cap_on_publish_3_1_1(default_node) -> None:
 
 def test_default_topic_level_cap_on_subscribe(default_node) -> None:
     with connected(default_node, 5) as raw:
-        ack = raw.subscribe(1, (AT_CAP, 0), (OVER_CAP, 0), ("/".join(["+"] * 129), 0), ("/".join(["+"] * 127) + "/#", 0))
+        ack = raw.subscribe(
+            1, (AT_CAP, 0), (OVER_CAP, 0), ("/".join(["+"] * 129), 0), ("/".join(["+"] * 127) + "/#", 0)
+        )
         assert ack.reason_codes == [0, 0x97, 0x97, 0]
     with connected(default_node, 4) as raw:
         assert raw.subscribe(1, (AT_CAP, 1), (OVER_CAP, 1)).reason_codes == [1, 0x80]
@@ -234,8 +259,12 @@ def test_default_topic_level_cap_on_the_http_bridge(default_node) -> None:
     def post(topic: str) -> int:
         conn = http.client.HTTPConnection(default_node.host, default_node.http_port, timeout=10)
         try:
-            conn.request("POST", "/publish", json.dumps({"topic": topic, "payload": "x"}),
-                         {"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/publish",
+                json.dumps({"topic": topic, "payload": "x"}),
+                {"Content-Type": "application/json"},
+            )
             return conn.getresponse().status
         finally:
             conn.close()
@@ -245,6 +274,7 @@ def test_default_topic_level_cap_on_the_http_bridge(default_node) -> None:
 
 
 # -- connections: per-IP rate and per-listener maximum ----------------------------------------------------
+
 
 def test_connect_rate_per_ip(factory: NodeFactory) -> None:
     node = factory({"storage.type": "memory", "limits.connect_rate": 0.05, "limits.connect_burst": 5})
@@ -336,6 +366,7 @@ def test_fd_limit_refuses_new_clients_and_keeps_serving(node_factory: NodeFactor
 
 # -- slow consumers -------------------------------------------------------------------------------------
 
+
 def flood(node: RunningNode, topic: str, count: int, payload: int = 200) -> None:
     """Publish ``count`` QoS 1 messages (payload = sequence number, padded) and wait for every PUBACK:
     the publisher is never held up by a stalled subscriber."""
@@ -365,8 +396,14 @@ def drain(raw: RawClient, expect: int) -> list[int]:
 def test_stalled_subscriber_has_a_bounded_queue(factory: NodeFactory, policy: str) -> None:
     """A QoS 1 subscriber that stops acknowledging holds 10 in flight plus a queue of 20; of 300
     messages the rest are dropped by the policy, while another subscriber gets all 300."""
-    node = factory({"storage.type": "memory", "broker.max_inflight": 10, "broker.max_queued_messages": 20,
-                    "broker.queue_overflow": policy})
+    node = factory(
+        {
+            "storage.type": "memory",
+            "broker.max_inflight": 10,
+            "broker.max_queued_messages": 20,
+            "broker.queue_overflow": policy,
+        }
+    )
     topic = unique("stall")
     slow = connected(node, 4)
     assert slow.subscribe(1, (topic, 1)).reason_codes == [1]
@@ -383,8 +420,15 @@ def test_stalled_subscriber_has_a_bounded_queue(factory: NodeFactory, policy: st
 
 
 def test_stalled_subscriber_queue_bounded_in_bytes(factory: NodeFactory) -> None:
-    node = factory({"storage.type": "memory", "broker.max_inflight": 5, "broker.max_queued_messages": 1000,
-                    "broker.max_queued_bytes": "4KiB", "broker.queue_overflow": "drop_new"})
+    node = factory(
+        {
+            "storage.type": "memory",
+            "broker.max_inflight": 5,
+            "broker.max_queued_messages": 1000,
+            "broker.max_queued_bytes": "4KiB",
+            "broker.queue_overflow": "drop_new",
+        }
+    )
     topic = unique("bytes")
     slow = connected(node, 4)
     slow.subscribe(1, (topic, 1))
@@ -396,8 +440,14 @@ def test_stalled_subscriber_queue_bounded_in_bytes(factory: NodeFactory) -> None
 
 
 def test_stalled_subscriber_disconnected_by_policy(factory: NodeFactory) -> None:
-    node = factory({"storage.type": "memory", "broker.max_inflight": 5, "broker.max_queued_messages": 10,
-                    "broker.queue_overflow": "disconnect"})
+    node = factory(
+        {
+            "storage.type": "memory",
+            "broker.max_inflight": 5,
+            "broker.max_queued_messages": 10,
+            "broker.queue_overflow": "disconnect",
+        }
+    )
     topic = unique("disc")
     slow = connected(node, 5)
     slow.subscribe(1, (topic, 1))

@@ -52,6 +52,7 @@ def assert_still_serving(node, good) -> None:
 
 # -- byte builders ---------------------------------------------------------------------------------
 
+
 def rl(n: int) -> bytes:
     """Remaining Length as a variable byte integer."""
     out = bytearray()
@@ -67,8 +68,9 @@ def s(raw: bytes) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
-def publish_raw(topic: bytes, payload: bytes = b"x", first: int = 0x30, pid: bytes = b"",
-                props: bytes | None = None) -> bytes:
+def publish_raw(
+    topic: bytes, payload: bytes = b"x", first: int = 0x30, pid: bytes = b"", props: bytes | None = None
+) -> bytes:
     body = s(topic) + pid + (props if props is not None else b"") + payload
     return bytes((first,)) + rl(len(body)) + body
 
@@ -86,8 +88,10 @@ def _pub(topic: bytes, payload: bytes = b"x", first: int = 0x30, pid: bytes = b"
 
 AFTER_CONNECT = {
     "remaining_length_5_bytes_MQTT_1_5_5": (lambda v: b"\x30\xff\xff\xff\xff\x7f", 0x81),
-    "reserved_flags_subscribe_MQTT_3_8_1_1": (lambda v: b"\x80\x06\x00\x01\x00\x01a\x00" if v != 5
-                                              else b"\x80\x07\x00\x01\x00\x00\x01a\x00", 0x81),
+    "reserved_flags_subscribe_MQTT_3_8_1_1": (
+        lambda v: b"\x80\x06\x00\x01\x00\x01a\x00" if v != 5 else b"\x80\x07\x00\x01\x00\x00\x01a\x00",
+        0x81,
+    ),
     "reserved_flags_pubrel_MQTT_2_2_2_2": (lambda v: b"\x60\x02\x00\x01", 0x81),
     "reserved_flags_pingreq_MQTT_2_2_2_2": (lambda v: b"\xc1\x00", 0x81),
     "publish_qos_3_MQTT_3_3_1_4": (_pub(b"a/b", first=0x36, pid=b"\x00\x01"), 0x81),
@@ -98,32 +102,48 @@ AFTER_CONNECT = {
     "wildcard_hash_in_publish_topic_MQTT_3_3_2_2": (_pub(b"a/#"), 0x90),
     "empty_publish_topic_MQTT_4_7_3_1": (_pub(b""), 0x82),
     "qos0_publish_with_dup_MQTT_3_3_1_2": (_pub(b"a/b", first=0x38), 0x81),
-    "unsubscribe_without_filters_MQTT_3_10_3_2": (lambda v: b"\xa2\x02\x00\x01" if v != 5
-                                                  else b"\xa2\x03\x00\x01\x00", 0x82),
+    "unsubscribe_without_filters_MQTT_3_10_3_2": (
+        lambda v: b"\xa2\x02\x00\x01" if v != 5 else b"\xa2\x03\x00\x01\x00",
+        0x82,
+    ),
     "qos1_publish_packet_id_0_MQTT_2_3_1_1": (_pub(b"a/b", first=0x32, pid=b"\x00\x00"), 0x82),
-    "subscribe_without_filters_MQTT_3_8_3_3": (lambda v: b"\x82\x02\x00\x01" if v != 5
-                                               else b"\x82\x03\x00\x01\x00", 0x82),
+    "subscribe_without_filters_MQTT_3_8_3_3": (
+        lambda v: b"\x82\x02\x00\x01" if v != 5 else b"\x82\x03\x00\x01\x00",
+        0x82,
+    ),
     # 3.1.1: malformed [MQTT-3.8.3-4]; 5.0 calls Maximum QoS 3 a Protocol Error (0x82, see V5_REASON)
-    "subscribe_qos_3_MQTT_3_8_3_4": (lambda v: b"\x82\x06\x00\x01\x00\x01a\x03" if v != 5
-                                     else b"\x82\x07\x00\x01\x00\x00\x01a\x03", 0x81),
+    "subscribe_qos_3_MQTT_3_8_3_4": (
+        lambda v: b"\x82\x06\x00\x01\x00\x01a\x03" if v != 5 else b"\x82\x07\x00\x01\x00\x00\x01a\x03",
+        0x81,
+    ),
     "topic_length_beyond_packet": (lambda v: b"\x30\x03\x00\x10a", 0x81),
     "oversize_packet": (_pub(b"a/b", b"y" * (MAX_PACKET + 100)), 0x95),
     "oversize_remaining_length_only": (lambda v: b"\x30" + rl(MAX_PACKET * 10), 0x95),
     "second_connect_MQTT_3_1_0_2": (lambda v: c.encode(c.Connect(unique("again"), True, 60, v), v), 0x82),
     "garbage_bytes": (lambda v: b"\x00\x00garbage garbage garbage", 0x81),
-    "server_only_packet_connack": (lambda v: b"\x20\x02\x00\x00" if v != 5 else b"\x20\x03\x00\x00\x00", 0x82),
-    "server_only_packet_suback": (lambda v: b"\x90\x03\x00\x01\x00" if v != 5 else b"\x90\x04\x00\x01\x00\x00",
-                                  0x82),
+    "server_only_packet_connack": (
+        lambda v: b"\x20\x02\x00\x00" if v != 5 else b"\x20\x03\x00\x00\x00",
+        0x82,
+    ),
+    "server_only_packet_suback": (
+        lambda v: b"\x90\x03\x00\x01\x00" if v != 5 else b"\x90\x04\x00\x01\x00\x00",
+        0x82,
+    ),
 }
 
 # 5.0 reason codes where a 5.0 packet breaks a rule of its own (the 3.1.1 bytes above do not apply).
 V5_ONLY = {
-    "unknown_property_in_publish_MQTT_2_2_2_2": (lambda v: publish_raw(b"a/b", b"x", props=b"\x02\x7f\x00"), 0x81),
+    "unknown_property_in_publish_MQTT_2_2_2_2": (
+        lambda v: publish_raw(b"a/b", b"x", props=b"\x02\x7f\x00"),
+        0x81,
+    ),
     "topic_alias_0_MQTT_3_3_2_8": (lambda v: publish_raw(b"a/b", b"x", props=b"\x03\x23\x00\x00"), 0x94),
     "subscribe_retain_handling_3": (lambda v: b"\x82\x07\x00\x01\x00\x00\x01a\x30", 0x82),
     "subscribe_options_reserved_bits_MQTT_3_8_3_5": (lambda v: b"\x82\x07\x00\x01\x00\x00\x01a\xc0", 0x81),
     "no_local_on_shared_subscription_MQTT_3_8_3_4": (
-        lambda v: b"\x82\x10\x00\x01\x00\x00\x0a$share/g/a\x04", 0x82),
+        lambda v: b"\x82\x10\x00\x01\x00\x00\x0a$share/g/a\x04",
+        0x82,
+    ),
 }
 
 # Where 5.0 names a different reason than the one listed for both versions.

@@ -59,21 +59,31 @@ def test_metrics_parse_and_counters_move_with_mqtt_traffic(node_factory: NodeFac
         assert sample(during, "fluxmq_listener_connections", listener="tcp") == 2
         assert sample(during, "fluxmq_subscriptions") >= 1
     after = scrape(n)
-    grew = {name: sample(after, name, **labels) - sample(before, name, **labels) for name, labels in [
-        ("fluxmq_messages_received_total", {"qos": "1"}),
-        ("fluxmq_messages_sent_total", {"qos": "1"}),
-        ("fluxmq_message_bytes_received_total", {"qos": "1"}),
-        ("fluxmq_message_bytes_sent_total", {"qos": "1"}),
-        ("fluxmq_connections_total", {}),
-    ]}
-    assert grew == {"fluxmq_messages_received_total": count, "fluxmq_messages_sent_total": count,
-                    "fluxmq_message_bytes_received_total": 4 * count, "fluxmq_message_bytes_sent_total": 4 * count,
-                    "fluxmq_connections_total": 2}
-    assert sample(after, "fluxmq_network_bytes_received_total") > sample(before, "fluxmq_network_bytes_received_total")
+    grew = {
+        name: sample(after, name, **labels) - sample(before, name, **labels)
+        for name, labels in [
+            ("fluxmq_messages_received_total", {"qos": "1"}),
+            ("fluxmq_messages_sent_total", {"qos": "1"}),
+            ("fluxmq_message_bytes_received_total", {"qos": "1"}),
+            ("fluxmq_message_bytes_sent_total", {"qos": "1"}),
+            ("fluxmq_connections_total", {}),
+        ]
+    }
+    assert grew == {
+        "fluxmq_messages_received_total": count,
+        "fluxmq_messages_sent_total": count,
+        "fluxmq_message_bytes_received_total": 4 * count,
+        "fluxmq_message_bytes_sent_total": 4 * count,
+        "fluxmq_connections_total": 2,
+    }
+    assert sample(after, "fluxmq_network_bytes_received_total") > sample(
+        before, "fluxmq_network_bytes_received_total"
+    )
     assert sample(after, "fluxmq_packets_received_total") > sample(before, "fluxmq_packets_received_total")
     assert sample(after, "fluxmq_delivery_latency_seconds_count") >= 1
-    assert sample(after, "fluxmq_delivery_latency_seconds_bucket", le="+Inf") == \
-        sample(after, "fluxmq_delivery_latency_seconds_count")
+    assert sample(after, "fluxmq_delivery_latency_seconds_bucket", le="+Inf") == sample(
+        after, "fluxmq_delivery_latency_seconds_count"
+    )
     assert sample(after, "fluxmq_retained_messages") > 0  # the $SYS topics
     assert sample(after, "process_resident_memory_bytes") > 0
     assert sample(after, "process_cpu_seconds_total") > 0
@@ -98,8 +108,14 @@ def test_http_bridge_traffic_and_sse_streams_are_counted(node_factory: NodeFacto
 
 def test_health_endpoints_keep_reference_shapes_next_to_metrics(node: RunningNode) -> None:
     assert node.http_get("/health") == (200, {"status": "healthy"})
-    assert node.http_get("/ready") == (200, {"status": "ready", "mode": "nominal",
-                                             "checks": {"broker": {"status": "up"}, "storage": {"status": "up"}}})
+    assert node.http_get("/ready") == (
+        200,
+        {
+            "status": "ready",
+            "mode": "nominal",
+            "checks": {"broker": {"status": "up"}, "storage": {"status": "up"}},
+        },
+    )
     status, body = node.http_get("/cluster/status")
     assert status == 200
     assert list(body) == ["node_id", "is_leader", "cluster_mode", "sessions"]

@@ -15,8 +15,10 @@ from tests.e2e.mqttraw import paho_connected, unique
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("mosquitto_sub") is None or shutil.which("stdbuf") is None,
-                       reason="mosquitto-clients (and coreutils stdbuf) needed"),
+    pytest.mark.skipif(
+        shutil.which("mosquitto_sub") is None or shutil.which("stdbuf") is None,
+        reason="mosquitto-clients (and coreutils stdbuf) needed",
+    ),
 ]
 
 WAIT_SECONDS = 15  # mosquitto_sub -W: its own bound on the whole exchange
@@ -57,8 +59,12 @@ class Subscriber:
 
 
 def mosquitto_pub(node, *args: str) -> None:
-    result = subprocess.run(["mosquitto_pub", "-h", node.host, "-p", str(node.mqtt_port), *args],
-                            capture_output=True, text=True, timeout=WAIT_SECONDS)
+    result = subprocess.run(
+        ["mosquitto_pub", "-h", node.host, "-p", str(node.mqtt_port), *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_SECONDS,
+    )
     assert result.returncode == 0, result
 
 
@@ -72,12 +78,14 @@ def test_mosquitto_sub_receives_mosquitto_pub_qos2(node, version: str) -> None:
     assert sub.finish() == ["a/b hi"]
 
 
-@pytest.mark.parametrize("sub_version,pub_version", [("mqttv311", "mqttv5"), ("mqttv5", "mqttv31"),
-                                                     ("mqttv31", "mqttv311")])
+@pytest.mark.parametrize(
+    "sub_version,pub_version", [("mqttv311", "mqttv5"), ("mqttv5", "mqttv31"), ("mqttv31", "mqttv311")]
+)
 def test_mosquitto_across_versions(node, sub_version: str, pub_version: str) -> None:
     topic = unique("mixed")
-    sub = Subscriber(node, "-V", sub_version, "-t", f"{topic}/#", "-v", "-q", "1", "-C", "1",
-                     "-W", str(WAIT_SECONDS))
+    sub = Subscriber(
+        node, "-V", sub_version, "-t", f"{topic}/#", "-v", "-q", "1", "-C", "1", "-W", str(WAIT_SECONDS)
+    )
     sub.wait_subscribed()
     mosquitto_pub(node, "-V", pub_version, "-t", f"{topic}/x", "-m", "across", "-q", "1")
     assert sub.finish() == [f"{topic}/x across"]
@@ -106,8 +114,22 @@ def test_mosquitto_pub_v5_user_property_reaches_paho_v5(node) -> None:
     sub = paho_connected(node, unique("paho5-sub"), protocol=mqtt.MQTTv5)
     try:
         sub.subscribe(topic, 1)
-        mosquitto_pub(node, "-V", "5", "-t", topic, "-m", "with props", "-q", "1",
-                      "-D", "publish", "user-property", "a", "b")
+        mosquitto_pub(
+            node,
+            "-V",
+            "5",
+            "-t",
+            topic,
+            "-m",
+            "with props",
+            "-q",
+            "1",
+            "-D",
+            "publish",
+            "user-property",
+            "a",
+            "b",
+        )
         msg = sub.get()
         assert msg.payload == b"with props"
         assert msg.properties.UserProperty == [("a", "b")]

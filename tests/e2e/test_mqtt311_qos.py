@@ -23,7 +23,9 @@ def node(request, tmp_path_factory):
 
 @pytest.mark.parametrize("pub_qos", [0, 1, 2])
 @pytest.mark.parametrize("sub_qos", [0, 1, 2])
-def test_delivered_qos_is_min_of_publish_and_subscription_MQTT_3_8_4_6(node, pub_qos: int, sub_qos: int) -> None:
+def test_delivered_qos_is_min_of_publish_and_subscription_MQTT_3_8_4_6(
+    node, pub_qos: int, sub_qos: int
+) -> None:
     """paho publisher and subscriber: the message arrives once at min(publish QoS, granted QoS) [MQTT-3.8.4-6]."""
     topic = unique(f"qos/{pub_qos}{sub_qos}")
     sentinel = unique("qos/sentinel")
@@ -174,8 +176,13 @@ def test_outbound_qos1_resent_with_dup_on_reconnect_MQTT_4_4_0_1(node) -> None:
         sub = RawClient.to(node)
         assert sub.connect(cid, clean=False) == c.Connack(True, 0)
         again = sub.expect(c.Publish)
-        assert (again.packet_id, again.dup, again.qos, again.payload, again.topic) == \
-            (first.packet_id, True, 1, b"unacked", topic)
+        assert (again.packet_id, again.dup, again.qos, again.payload, again.topic) == (
+            first.packet_id,
+            True,
+            1,
+            b"unacked",
+            topic,
+        )
         sub.send(c.Puback(again.packet_id))
         # acknowledged now: a third connection gets nothing resent (a ping answers first)
         sub.drop()

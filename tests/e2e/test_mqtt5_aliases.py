@@ -36,8 +36,12 @@ def test_inbound_alias_is_set_then_used_MQTT_3_3_2_12(node) -> None:
         pub.publish(topic + "/b", b"3", properties={ALIAS: 7})  # re-mapped
         pub.publish("", b"4", 1, packet_id=1, properties={ALIAS: 7})
         got = [sub.expect(c.Publish) for _ in range(4)]
-        assert [(p.topic, p.payload) for p in got] == [(topic + "/a", b"1"), (topic + "/a", b"2"),
-                                                        (topic + "/b", b"3"), (topic + "/b", b"4")]
+        assert [(p.topic, p.payload) for p in got] == [
+            (topic + "/a", b"1"),
+            (topic + "/a", b"2"),
+            (topic + "/b", b"3"),
+            (topic + "/b", b"4"),
+        ]
         assert all(ALIAS not in p.properties for p in got)
     finally:
         sub.disconnect()
@@ -150,10 +154,16 @@ def test_each_connection_has_its_own_aliases(node) -> None:
         a.subscribe(1, (base + "/#", 1))
         b.subscribe(1, (base + "/#", 1))
         send_topics(node, [base + "/x", base + "/y", base + "/x"])
-        assert receive(a, 3) == [(base + "/x", 1, base + "/x"), (base + "/y", 1, base + "/y"),
-                                 (base + "/x", 1, base + "/x")]
-        assert receive(b, 3) == [(base + "/x", 1, base + "/x"), (base + "/y", 2, base + "/y"),
-                                 ("", 1, base + "/x")]
+        assert receive(a, 3) == [
+            (base + "/x", 1, base + "/x"),
+            (base + "/y", 1, base + "/y"),
+            (base + "/x", 1, base + "/x"),
+        ]
+        assert receive(b, 3) == [
+            (base + "/x", 1, base + "/x"),
+            (base + "/y", 2, base + "/y"),
+            ("", 1, base + "/x"),
+        ]
     finally:
         a.disconnect()
         b.disconnect()

@@ -50,7 +50,9 @@ def test_versions_exchange_messages_and_3_1_1_subscribers_get_no_properties(node
     try:
         for client in (sub31, sub311, sub5):
             client.subscribe(1, (topic, 1))
-        pub5.publish(topic, b"from5", 1, properties=props(UserProperty=[("k", "v")], ContentType="text/plain"))
+        pub5.publish(
+            topic, b"from5", 1, properties=props(UserProperty=[("k", "v")], ContentType="text/plain")
+        )
         pub311.publish(topic, b"from311", 1)
         for client in (sub31, sub311):
             got = [client.expect(c.Publish) for _ in range(2)]
@@ -228,17 +230,29 @@ def zero_property_connect(client_id: str, prop: int) -> bytes:
     size = 2 if prop == c.RECEIVE_MAXIMUM else 4
     props_bytes = bytes([prop]) + b"\0" * size
     cid = client_id.encode()
-    body = (b"\x00\x04MQTT\x05\x02\x00\x3c" + bytes([len(props_bytes)]) + props_bytes
-            + len(cid).to_bytes(2, "big") + cid)
+    body = (
+        b"\x00\x04MQTT\x05\x02\x00\x3c"
+        + bytes([len(props_bytes)])
+        + props_bytes
+        + len(cid).to_bytes(2, "big")
+        + cid
+    )
     return bytes([0x10, len(body)]) + body
 
 
 def test_paho_mqttv5_connects_with_properties(node) -> None:
     client = Paho5(node, unique("pconn"))
     try:
-        rc, present, p = client.connect(props(PacketTypes.CONNECT, SessionExpiryInterval=30, ReceiveMaximum=10,
-                                              MaximumPacketSize=100000, TopicAliasMaximum=0,
-                                              UserProperty=[("x", "y")]))
+        rc, present, p = client.connect(
+            props(
+                PacketTypes.CONNECT,
+                SessionExpiryInterval=30,
+                ReceiveMaximum=10,
+                MaximumPacketSize=100000,
+                TopicAliasMaximum=0,
+                UserProperty=[("x", "y")],
+            )
+        )
         assert rc == 0 and present is False
         assert p.ReceiveMaximum == 100 and p.SharedSubscriptionAvailable == 1
     finally:

@@ -18,10 +18,16 @@ USER, PASSWORD = "alice", "correct horse"
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     creds = tmp_path_factory.mktemp("scram") / "scram.txt"
-    creds.write_text("# test users\n" + ScramCredential.from_password(PASSWORD).line(USER) + "\n"
-                     + ScramCredential.from_password("pw2").line("bob") + "\n")
-    with module_node(tmp_path_factory, {"auth.enhanced.method": METHOD,
-                                        "auth.enhanced.credentials_file": str(creds)}) as n:
+    creds.write_text(
+        "# test users\n"
+        + ScramCredential.from_password(PASSWORD).line(USER)
+        + "\n"
+        + ScramCredential.from_password("pw2").line("bob")
+        + "\n"
+    )
+    with module_node(
+        tmp_path_factory, {"auth.enhanced.method": METHOD, "auth.enhanced.credentials_file": str(creds)}
+    ) as n:
         yield n
 
 
@@ -32,15 +38,22 @@ def auth_props(data: bytes | None = None, method: str = METHOD) -> dict:
     return p
 
 
-def scram_connect(node, user: str = USER, password: str = PASSWORD, client_id: str | None = None,
-                  username: str | None = None) -> tuple[Raw5, object, ScramClient]:
+def scram_connect(
+    node,
+    user: str = USER,
+    password: str = PASSWORD,
+    client_id: str | None = None,
+    username: str | None = None,
+) -> tuple[Raw5, object, ScramClient]:
     """Run the SCRAM exchange of a CONNECT; returns (client, the final packet, the SCRAM client)."""
     client = Raw5(node)
     scram = ScramClient(user, password)
     first = client.connect(client_id or unique("ea"), properties=auth_props(scram.first()), username=username)
     if not isinstance(first, c.Auth):
         return client, first, scram
-    assert first.reason_code == 0x18 and first.properties[c.AUTHENTICATION_METHOD] == METHOD  # [MQTT-4.12.0-2]
+    assert (
+        first.reason_code == 0x18 and first.properties[c.AUTHENTICATION_METHOD] == METHOD
+    )  # [MQTT-4.12.0-2]
     client.send(c.Auth(0x18, auth_props(scram.final(first.properties[c.AUTHENTICATION_DATA]))))
     return client, client.recv(), scram
 
@@ -72,8 +85,9 @@ def test_bad_credentials_get_connack_0x86_and_close_MQTT_4_12_0_4(node, user: st
 
 def test_connect_username_must_match_the_scram_user(node) -> None:
     client = Raw5(node)
-    reply = client.connect(unique("ea-user"), properties=auth_props(ScramClient(USER, PASSWORD).first()),
-                           username="bob")
+    reply = client.connect(
+        unique("ea-user"), properties=auth_props(ScramClient(USER, PASSWORD).first()), username="bob"
+    )
     assert isinstance(reply, c.Connack) and reply.reason_code == 0x86
     assert client.wait_closed() == []
 

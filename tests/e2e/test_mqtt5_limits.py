@@ -36,8 +36,14 @@ def test_connack_announces_every_limit_MQTT_3_2_2_9(node) -> None:
     client = raw5(node, unique("lim-connack"), keepalive=60)
     try:
         p = client.connack.properties
-        assert (p[c.MAXIMUM_QOS], p[c.RETAIN_AVAILABLE], p[c.TOPIC_ALIAS_MAXIMUM], p[c.RECEIVE_MAXIMUM],
-                p[c.MAXIMUM_PACKET_SIZE], p[c.SERVER_KEEP_ALIVE]) == (1, 0, 2, 2, 1024, 30)
+        assert (
+            p[c.MAXIMUM_QOS],
+            p[c.RETAIN_AVAILABLE],
+            p[c.TOPIC_ALIAS_MAXIMUM],
+            p[c.RECEIVE_MAXIMUM],
+            p[c.MAXIMUM_PACKET_SIZE],
+            p[c.SERVER_KEEP_ALIVE],
+        ) == (1, 0, 2, 2, 1024, 30)
     finally:
         client.disconnect()
 
@@ -80,7 +86,9 @@ def test_retained_publish_is_0x9A(node) -> None:
     assert disconnect_of(client.wait_closed()).reason_code == 0x9A
 
 
-@pytest.mark.parametrize("will, code", [(c.Will("lim/w", b"x", 2, False), 0x9B), (c.Will("lim/w", b"x", 0, True), 0x9A)])
+@pytest.mark.parametrize(
+    "will, code", [(c.Will("lim/w", b"x", 2, False), 0x9B), (c.Will("lim/w", b"x", 0, True), 0x9A)]
+)
 def test_will_over_the_limits_is_refused_at_connect_MQTT_3_2_2_12(node, will, code: int) -> None:
     """A will with QoS 2 gets CONNACK 0x9B [MQTT-3.2.2-12]; a retained will gets 0x9A [MQTT-3.2.2-13]."""
     client = Raw5(node)

@@ -15,8 +15,10 @@ from tests.e2e.mqtt5raw import module_node, raw5, unique
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("mosquitto_sub") is None or shutil.which("stdbuf") is None,
-                       reason="mosquitto-clients and coreutils stdbuf are needed"),
+    pytest.mark.skipif(
+        shutil.which("mosquitto_sub") is None or shutil.which("stdbuf") is None,
+        reason="mosquitto-clients and coreutils stdbuf are needed",
+    ),
 ]
 
 BOUND = 15  # seconds: every mosquitto client run is bounded by this (-W, or the subprocess timeout)
@@ -30,8 +32,12 @@ def node(tmp_path_factory):
 
 def pub(node, *args: str) -> None:
     """Run ``mosquitto_pub -V 5`` with ``args``; it must succeed."""
-    result = subprocess.run(["mosquitto_pub", "-V", "5", "-h", node.host, "-p", str(node.mqtt_port), *args],
-                            capture_output=True, text=True, timeout=BOUND)
+    result = subprocess.run(
+        ["mosquitto_pub", "-V", "5", "-h", node.host, "-p", str(node.mqtt_port), *args],
+        capture_output=True,
+        text=True,
+        timeout=BOUND,
+    )
     assert result.returncode == 0, result.stderr + result.stdout
 
 
@@ -39,8 +45,21 @@ class Sub:
     """``mosquitto_sub -V 5 -d`` in the background: the debug lines say when the SUBACK came."""
 
     def __init__(self, node, *args: str) -> None:
-        cmd = ["stdbuf", "-oL", "mosquitto_sub", "-V", "5", "-h", node.host, "-p", str(node.mqtt_port), "-d",
-               "-W", str(BOUND), *args]
+        cmd = [
+            "stdbuf",
+            "-oL",
+            "mosquitto_sub",
+            "-V",
+            "5",
+            "-h",
+            node.host,
+            "-p",
+            str(node.mqtt_port),
+            "-d",
+            "-W",
+            str(BOUND),
+            *args,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._subscribed = threading.Event()
@@ -74,21 +93,56 @@ def test_mosquitto_pub_properties_reach_a_5_0_subscriber(node) -> None:
     sub = raw5(node, unique("mq-props-sub"))
     try:
         sub.subscribe(1, (topic, 1))
-        pub(node, "-t", topic, "-m", "hello", "-q", "1",
-            "-D", "publish", "user-property", "a", "b",
-            "-D", "publish", "user-property", "a", "c",
-            "-D", "publish", "content-type", "text/plain",
-            "-D", "publish", "response-topic", "reply/here",
-            "-D", "publish", "correlation-data", "corr-7",
-            "-D", "publish", "payload-format-indicator", "1",
-            "-D", "publish", "message-expiry-interval", "120")
+        pub(
+            node,
+            "-t",
+            topic,
+            "-m",
+            "hello",
+            "-q",
+            "1",
+            "-D",
+            "publish",
+            "user-property",
+            "a",
+            "b",
+            "-D",
+            "publish",
+            "user-property",
+            "a",
+            "c",
+            "-D",
+            "publish",
+            "content-type",
+            "text/plain",
+            "-D",
+            "publish",
+            "response-topic",
+            "reply/here",
+            "-D",
+            "publish",
+            "correlation-data",
+            "corr-7",
+            "-D",
+            "publish",
+            "payload-format-indicator",
+            "1",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            "120",
+        )
         got = sub.expect(c.Publish)
         sub.ack(got)
         p = got.properties
         assert got.payload == b"hello"
         assert p[c.USER_PROPERTY] == [("a", "b"), ("a", "c")]
-        assert (p[c.CONTENT_TYPE], p[c.RESPONSE_TOPIC], p[c.CORRELATION_DATA], p[c.PAYLOAD_FORMAT_INDICATOR]) == (
-            "text/plain", "reply/here", b"corr-7", 1)
+        assert (
+            p[c.CONTENT_TYPE],
+            p[c.RESPONSE_TOPIC],
+            p[c.CORRELATION_DATA],
+            p[c.PAYLOAD_FORMAT_INDICATOR],
+        ) == ("text/plain", "reply/here", b"corr-7", 1)
         assert 119 <= p[c.MESSAGE_EXPIRY_INTERVAL] <= 120
     finally:
         sub.disconnect()
@@ -100,9 +154,20 @@ def test_mosquitto_sub_prints_the_properties(node) -> None:
     sub = Sub(node, "-t", topic, "-C", "1", "-F", "%t|%p|%P|%C|%R|%D|%F|%E")
     client = raw5(node, unique("mq-subprops-pub"))
     try:
-        client.publish(topic, b"body", 1, packet_id=1, properties={
-            c.USER_PROPERTY: [("k", "v1"), ("k", "v2")], c.CONTENT_TYPE: "ct", c.RESPONSE_TOPIC: "rt",
-            c.CORRELATION_DATA: b"cd", c.PAYLOAD_FORMAT_INDICATOR: 1, c.MESSAGE_EXPIRY_INTERVAL: 300})
+        client.publish(
+            topic,
+            b"body",
+            1,
+            packet_id=1,
+            properties={
+                c.USER_PROPERTY: [("k", "v1"), ("k", "v2")],
+                c.CONTENT_TYPE: "ct",
+                c.RESPONSE_TOPIC: "rt",
+                c.CORRELATION_DATA: b"cd",
+                c.PAYLOAD_FORMAT_INDICATOR: 1,
+                c.MESSAGE_EXPIRY_INTERVAL: 300,
+            },
+        )
     finally:
         client.disconnect()
     (line,) = sub.output()
@@ -134,9 +199,29 @@ def test_mosquitto_pub_topic_alias(node) -> None:
     sub = raw5(node, unique("mq-alias-sub"))
     try:
         sub.subscribe(1, (topic, 0))
-        subprocess.run(["mosquitto_pub", "-V", "5", "-h", node.host, "-p", str(node.mqtt_port), "-t", topic,
-                        "-l", "-D", "publish", "topic-alias", "1"],
-                       input="one\ntwo\nthree\n", capture_output=True, text=True, timeout=BOUND, check=True)
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-V",
+                "5",
+                "-h",
+                node.host,
+                "-p",
+                str(node.mqtt_port),
+                "-t",
+                topic,
+                "-l",
+                "-D",
+                "publish",
+                "topic-alias",
+                "1",
+            ],
+            input="one\ntwo\nthree\n",
+            capture_output=True,
+            text=True,
+            timeout=BOUND,
+            check=True,
+        )
         got = [sub.expect(c.Publish) for _ in range(3)]
         assert [(p.topic, p.payload) for p in got] == [(topic, b"one"), (topic, b"two"), (topic, b"three")]
         assert all(c.TOPIC_ALIAS not in p.properties for p in got)
@@ -155,8 +240,19 @@ def test_mosquitto_sub_receives_with_outbound_topic_aliases(node) -> None:
     """
     base = unique("mq/outalias")
     topics = [base + "/1", base + "/2", base + "/3"]
-    sub = Sub(node, "-t", base + "/#", "-C", str(len(topics)), "-F", "%t|%A|%p",
-              "-D", "connect", "topic-alias-maximum", "2")
+    sub = Sub(
+        node,
+        "-t",
+        base + "/#",
+        "-C",
+        str(len(topics)),
+        "-F",
+        "%t|%A|%p",
+        "-D",
+        "connect",
+        "topic-alias-maximum",
+        "2",
+    )
     client = raw5(node, unique("mq-outalias-pub"))
     try:
         for i, topic in enumerate(topics, 1):
@@ -175,7 +271,33 @@ def test_mosquitto_session_expiry_and_offline_delivery(node) -> None:
     pub(node, "-t", topic, "-m", "online", "-q", "1")
     assert first.output() == ["online"]
     pub(node, "-t", topic, "-m", "while-away", "-q", "1")
-    again = subprocess.run(["mosquitto_sub", "-V", "5", "-h", node.host, "-p", str(node.mqtt_port), "-t", topic,
-                            "-q", "1", "-i", cid, "-c", "-x", "0", "-C", "1", "-W", str(BOUND), "-F", "%p"],
-                           capture_output=True, text=True, timeout=BOUND + 5)
+    again = subprocess.run(
+        [
+            "mosquitto_sub",
+            "-V",
+            "5",
+            "-h",
+            node.host,
+            "-p",
+            str(node.mqtt_port),
+            "-t",
+            topic,
+            "-q",
+            "1",
+            "-i",
+            cid,
+            "-c",
+            "-x",
+            "0",
+            "-C",
+            "1",
+            "-W",
+            str(BOUND),
+            "-F",
+            "%p",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BOUND + 5,
+    )
     assert again.returncode == 0 and again.stdout.split() == ["while-away"], again.stdout + again.stderr

@@ -206,13 +206,16 @@ def test_connack_reason_string_left_out_when_too_big_MQTT_3_2_2_19(node) -> None
     """A refusing CONNACK keeps its reason code but drops the reason string when the client's Maximum
     Packet Size is too small for it [MQTT-3.2.2-19]."""
     client = Raw5(node)
-    connack = client.connect(unique("rc-small"), properties={c.AUTHENTICATION_METHOD: "X-UNKNOWN",
-                                                             c.MAXIMUM_PACKET_SIZE: 8})
+    connack = client.connect(
+        unique("rc-small"), properties={c.AUTHENTICATION_METHOD: "X-UNKNOWN", c.MAXIMUM_PACKET_SIZE: 8}
+    )
     assert (connack.reason_code, connack.properties) == (0x8C, {})
     client.close()
 
 
-def test_reason_strings_on_disconnect_and_connack_follow_request_problem_information_MQTT_3_1_2_29(node) -> None:
+def test_reason_strings_on_disconnect_and_connack_follow_request_problem_information_MQTT_3_1_2_29(
+    node,
+) -> None:
     """Request Problem Information 0 allows a Reason String on CONNACK and DISCONNECT only
     [MQTT-3.1.2-29]; fluxmq keeps it on a refusing CONNACK (the client has nothing else to learn the
     reason from) and leaves it off its DISCONNECT, as the client asked (docs/conformance.rst)."""
@@ -222,6 +225,8 @@ def test_reason_strings_on_disconnect_and_connack_follow_request_problem_informa
     disconnect = disconnect_of(client.wait_closed())
     assert disconnect.reason_code == 0x82 and c.REASON_STRING not in disconnect.properties
     refused = Raw5(node)
-    connack = refused.connect(unique("rpi0-connack"), properties={**quiet, c.AUTHENTICATION_METHOD: "X-UNKNOWN"})
+    connack = refused.connect(
+        unique("rpi0-connack"), properties={**quiet, c.AUTHENTICATION_METHOD: "X-UNKNOWN"}
+    )
     assert connack.reason_code == 0x8C and c.REASON_STRING in connack.properties
     assert refused.wait_closed() == []

@@ -81,16 +81,31 @@ def test_request_response_between_paho_clients(node) -> None:
         reply_topic = f"{base}/answers"
         requester.subscribe(reply_topic, 1)
         responder.subscribe(service, 1)
-        requester.publish(service, b"2+2", 1, properties=props(ResponseTopic=reply_topic, CorrelationData=b"req-1",
-                                                              ContentType="text/plain",
-                                                              UserProperty=[("trace", "t1"), ("trace", "t2")]))
+        requester.publish(
+            service,
+            b"2+2",
+            1,
+            properties=props(
+                ResponseTopic=reply_topic,
+                CorrelationData=b"req-1",
+                ContentType="text/plain",
+                UserProperty=[("trace", "t1"), ("trace", "t2")],
+            ),
+        )
         request = responder.get()
         assert (request.payload, request.properties.ResponseTopic, request.properties.CorrelationData) == (
-            b"2+2", reply_topic, b"req-1")
+            b"2+2",
+            reply_topic,
+            b"req-1",
+        )
         assert request.properties.UserProperty == [("trace", "t1"), ("trace", "t2")]
         assert request.properties.ContentType == "text/plain"
-        responder.publish(request.properties.ResponseTopic, b"4", 1,
-                          properties=props(CorrelationData=request.properties.CorrelationData))
+        responder.publish(
+            request.properties.ResponseTopic,
+            b"4",
+            1,
+            properties=props(CorrelationData=request.properties.CorrelationData),
+        )
         reply = requester.get()
         assert (reply.topic, reply.payload, reply.properties.CorrelationData) == (reply_topic, b"4", b"req-1")
     finally:
@@ -104,10 +119,15 @@ def test_paho_payload_format_indicator_and_content_type(node) -> None:
     pub = paho5(node, unique("rr-ppub"))
     try:
         sub.subscribe(topic, 0)
-        pub.publish(topic, "grüße".encode(), 1, properties=props(PayloadFormatIndicator=1, ContentType="text/plain"))
+        pub.publish(
+            topic, "grüße".encode(), 1, properties=props(PayloadFormatIndicator=1, ContentType="text/plain")
+        )
         msg = sub.get()
         assert (msg.payload.decode(), msg.properties.PayloadFormatIndicator, msg.properties.ContentType) == (
-            "grüße", 1, "text/plain")
+            "grüße",
+            1,
+            "text/plain",
+        )
     finally:
         sub.disconnect()
         pub.disconnect()

@@ -185,8 +185,7 @@ def test_persistent_member_hands_its_stored_queue_to_an_online_member(node) -> N
     group = unique("g")
     topic = unique("sh/pqueue")
     cid = unique("pq-a")
-    a = raw5(node, cid, clean_start=False,
-             properties={c.SESSION_EXPIRY_INTERVAL: 300, c.RECEIVE_MAXIMUM: 1})
+    a = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 300, c.RECEIVE_MAXIMUM: 1})
     a.subscribe(1, (f"$share/{group}/{topic}", 1))
     publish_all(node, topic, [b"p1", b"p2", b"p3"])
     assert [p.payload for p in drain(a, ack=False)] == [b"p1"]

@@ -185,8 +185,11 @@ def test_paho_subscription_options_and_identifiers(node) -> None:
     pub.publish(topic + "/r", b"old", 1, retain=True, packet_id=1)
     client = paho5(node, unique("so-paho"))
     try:
-        client.subscribe(topic + "/r", options=SubscribeOptions(qos=1, retainHandling=2, retainAsPublished=True),
-                         properties=props(PacketTypes.SUBSCRIBE, SubscriptionIdentifier=5))
+        client.subscribe(
+            topic + "/r",
+            options=SubscribeOptions(qos=1, retainHandling=2, retainAsPublished=True),
+            properties=props(PacketTypes.SUBSCRIBE, SubscriptionIdentifier=5),
+        )
         client.subscribe(topic + "/own", options=SubscribeOptions(qos=1, noLocal=True))
         client.publish(topic + "/own", b"self", 1)
         pub.publish(topic + "/r", b"new", 1, retain=True, packet_id=2)

@@ -61,7 +61,9 @@ def test_paho_disconnect_with_will_message_0x04(node) -> None:
     topic = unique("will/paho")
     watch = watcher(node, topic)
     client = Paho5(node, unique("w-paho"))
-    client.client.will_set(topic, b"paho-will", 1, False, props(PacketTypes.WILLMESSAGE, ContentType="text/plain"))
+    client.client.will_set(
+        topic, b"paho-will", 1, False, props(PacketTypes.WILLMESSAGE, ContentType="text/plain")
+    )
     client.connect()
     try:
         client.disconnect(0x04)
@@ -78,9 +80,14 @@ def test_will_properties_are_forwarded_MQTT_3_1_3(node) -> None:
     topic = unique("will/props")
     watch = watcher(node, topic)
     try:
-        wp = {c.PAYLOAD_FORMAT_INDICATOR: 1, c.CONTENT_TYPE: "application/json", c.RESPONSE_TOPIC: "r/t",
-              c.CORRELATION_DATA: b"\x01\x02", c.USER_PROPERTY: [("a", "1"), ("a", "2"), ("b", "x")],
-              c.WILL_DELAY_INTERVAL: 0}
+        wp = {
+            c.PAYLOAD_FORMAT_INDICATOR: 1,
+            c.CONTENT_TYPE: "application/json",
+            c.RESPONSE_TOPIC: "r/t",
+            c.CORRELATION_DATA: b"\x01\x02",
+            c.USER_PROPERTY: [("a", "1"), ("a", "2"), ("b", "x")],
+            c.WILL_DELAY_INTERVAL: 0,
+        }
         client = raw5(node, unique("w-props"), will=c.Will(topic, b'{"x":1}', 1, False, wp))
         client.close()
         got = watch.expect(c.Publish)
@@ -97,8 +104,12 @@ def test_will_delay_then_published(node) -> None:
     topic = unique("will/delay")
     watch = watcher(node, topic)
     try:
-        client = raw5(node, unique("w-delay"), will=will(topic, properties={c.WILL_DELAY_INTERVAL: 1}),
-                      properties={c.SESSION_EXPIRY_INTERVAL: 60})
+        client = raw5(
+            node,
+            unique("w-delay"),
+            will=will(topic, properties={c.WILL_DELAY_INTERVAL: 1}),
+            properties={c.SESSION_EXPIRY_INTERVAL: 60},
+        )
         client.close()
         started = time.monotonic()
         got = watch.expect(c.Publish)
@@ -114,8 +125,13 @@ def test_reconnect_within_the_delay_cancels_the_will_MQTT_3_1_2_26(node) -> None
     cid = unique("w-cancel")
     watch = watcher(node, topic)
     try:
-        client = raw5(node, cid, clean_start=False, will=will(topic, properties={c.WILL_DELAY_INTERVAL: 2}),
-                      properties={c.SESSION_EXPIRY_INTERVAL: 60})
+        client = raw5(
+            node,
+            cid,
+            clean_start=False,
+            will=will(topic, properties={c.WILL_DELAY_INTERVAL: 2}),
+            properties={c.SESSION_EXPIRY_INTERVAL: 60},
+        )
         client.close()
         again = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 60})
         assert again.connack.session_present
@@ -131,8 +147,12 @@ def test_will_published_when_the_session_ends_before_the_delay_MQTT_3_1_2_8(node
     topic = unique("will/min")
     watch = watcher(node, topic)
     try:
-        client = raw5(node, unique("w-min"), will=will(topic, properties={c.WILL_DELAY_INTERVAL: 60}),
-                      properties={c.SESSION_EXPIRY_INTERVAL: 1})
+        client = raw5(
+            node,
+            unique("w-min"),
+            will=will(topic, properties={c.WILL_DELAY_INTERVAL: 60}),
+            properties={c.SESSION_EXPIRY_INTERVAL: 1},
+        )
         client.close()
         got = watch.expect(c.Publish)
         assert got.topic == topic
@@ -172,7 +192,9 @@ def test_will_message_expiry_counts_from_publication(node) -> None:
 def test_will_payload_not_utf8_is_refused_with_0x99(node) -> None:
     """A will whose Payload Format Indicator says UTF-8 but whose payload is not: CONNACK 0x99."""
     client = Raw5(node)
-    connack = client.connect(unique("w-99"), will=c.Will("w/t", b"\xff", 0, False, {c.PAYLOAD_FORMAT_INDICATOR: 1}))
+    connack = client.connect(
+        unique("w-99"), will=c.Will("w/t", b"\xff", 0, False, {c.PAYLOAD_FORMAT_INDICATOR: 1})
+    )
     assert connack.reason_code == 0x99
     assert client.wait_closed() == []
 
@@ -218,8 +240,13 @@ def test_clean_start_takeover_of_a_continuing_session_publishes_the_will_MQTT_3_
     cid = unique("w-restart")
     watch = watcher(node, topic)
     try:
-        first = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 60},
-                     will=will(topic, properties={c.WILL_DELAY_INTERVAL: 30}))
+        first = raw5(
+            node,
+            cid,
+            clean_start=False,
+            properties={c.SESSION_EXPIRY_INTERVAL: 60},
+            will=will(topic, properties={c.WILL_DELAY_INTERVAL: 30}),
+        )
         second = raw5(node, cid, clean_start=True)
         assert not second.connack.session_present
         first.wait_closed()

@@ -32,10 +32,15 @@ NOT_AUTHORIZED = 0x87  # MQTT 5.0 CONNACK reason code 0x87 (3.2.2.2)
 
 def exposed_node(node_factory: NodeFactory, **overrides: object) -> RunningNode:
     """A node whose MQTT TCP listener and HTTP bridge are on every interface, its WebSocket on loopback."""
-    return node_factory({"server.tcp.plain.addr": f"0.0.0.0:{free_port()}",
-                         "server.http.plain.addr": f"0.0.0.0:{free_port()}",
-                         "server.websocket.plain.addr": f"127.0.0.1:{free_port()}",
-                         "storage.type": "memory", **overrides})
+    return node_factory(
+        {
+            "server.tcp.plain.addr": f"0.0.0.0:{free_port()}",
+            "server.http.plain.addr": f"0.0.0.0:{free_port()}",
+            "server.websocket.plain.addr": f"127.0.0.1:{free_port()}",
+            "storage.type": "memory",
+            **overrides,
+        }
+    )
 
 
 def connack(node: RunningNode, version: int, username: str | None = None, password: bytes | None = None):
@@ -47,7 +52,9 @@ def bridge_publish(node: RunningNode, credentials: tuple[str, str] | None = None
     headers = {"Content-Type": "application/json"}
     if credentials is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
-    return http_request(node, "POST", "/publish", json.dumps({"topic": "anon/t", "payload": "x"}).encode(), headers)
+    return http_request(
+        node, "POST", "/publish", json.dumps({"topic": "anon/t", "payload": "x"}).encode(), headers
+    )
 
 
 def ws_anonymous_accepted(node: RunningNode) -> bool:
@@ -103,8 +110,13 @@ def test_allow_anonymous_true_opens_a_network_listener(node_factory: NodeFactory
 def test_password_file_users_connect_on_a_network_listener(node_factory: NodeFactory, tmp_path: Path) -> None:
     """With a password file the usual rules hold: its users connect, anonymous is refused (``auto``)."""
     pwfile = tmp_path / "passwd"
-    subprocess.run([sys.executable, "-m", "fluxmq.auth.password_file", "-c", "-b", str(pwfile), "alice", "s3cret"],
-                   check=True, cwd=REPO_ROOT, capture_output=True, timeout=30)
+    subprocess.run(
+        [sys.executable, "-m", "fluxmq.auth.password_file", "-c", "-b", str(pwfile), "alice", "s3cret"],
+        check=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=30,
+    )
     n = exposed_node(node_factory, **{"auth.password_file": str(pwfile)})
     assert warnings_of(n) == []
     assert connack(n, 4, "alice", b"s3cret").reason_code == 0
@@ -115,7 +127,9 @@ def test_password_file_users_connect_on_a_network_listener(node_factory: NodeFac
     assert n.stop() == 0
 
 
-def test_enhanced_authentication_connects_on_a_network_listener(node_factory: NodeFactory, tmp_path: Path) -> None:
+def test_enhanced_authentication_connects_on_a_network_listener(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
     """A SCRAM-SHA-256 exchange (MQTT 5.0 4.12) authenticates the client: the refusal is for CONNECTs
     nothing authenticates."""
     from fluxmq.broker.auth_enhanced import ScramCredential
@@ -123,7 +137,9 @@ def test_enhanced_authentication_connects_on_a_network_listener(node_factory: No
 
     creds = tmp_path / "scram.txt"
     creds.write_text(ScramCredential.from_password(PASSWORD).line(USER) + "\n")
-    n = exposed_node(node_factory, **{"auth.enhanced.method": METHOD, "auth.enhanced.credentials_file": str(creds)})
+    n = exposed_node(
+        node_factory, **{"auth.enhanced.method": METHOD, "auth.enhanced.credentials_file": str(creds)}
+    )
     client, answer, _ = scram_connect(n)
     try:
         assert isinstance(answer, c.Connack) and answer.reason_code == 0, answer

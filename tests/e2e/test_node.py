@@ -63,6 +63,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
 
 # -- reference 003 -----------------------------------------------------------------------------
 
+
 def test_health_is_reference_shape(node: RunningNode) -> None:
     assert node.http_get("/health") == (200, {"status": "healthy"})
 
@@ -70,8 +71,11 @@ def test_health_is_reference_shape(node: RunningNode) -> None:
 def test_ready_is_reference_single_node_shape(node: RunningNode) -> None:
     status, body = node.http_get("/ready")
     assert status == 200
-    assert body == {"status": "ready", "mode": "nominal",
-                    "checks": {"broker": {"status": "up"}, "storage": {"status": "up"}}}
+    assert body == {
+        "status": "ready",
+        "mode": "nominal",
+        "checks": {"broker": {"status": "up"}, "storage": {"status": "up"}},
+    }
 
 
 def test_cluster_status_is_reference_single_node_shape(node: RunningNode) -> None:
@@ -119,6 +123,7 @@ def test_health_disabled_serves_mqtt_and_no_health_port(node_factory: NodeFactor
 
 # -- shutdown ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_gracefully_closing_clients(node_factory: NodeFactory, sig: int) -> None:
     n = node_factory({"server.shutdown_timeout": f"{SHUTDOWN_TIMEOUT:g}s"})
@@ -134,6 +139,7 @@ def test_signal_stops_gracefully_closing_clients(node_factory: NodeFactory, sig:
 
 
 # -- supervision -------------------------------------------------------------------------------
+
 
 def test_killed_worker_is_restarted_and_serves_mqtt(node_factory: NodeFactory) -> None:
     n = node_factory()
@@ -180,15 +186,25 @@ def test_signals_that_would_start_a_second_worker_are_ignored(node_factory: Node
 
 # -- start-up failures -------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "key", "line"), [
-    ("server:\n  shutdown_timeout: 5s\n  bogus_key: 1\n", "server.bogus_key", 3),
-    ("log:\n  level: info\nserver:\n  shutdown_timeout: soon\n", "server.shutdown_timeout", 4),
-], ids=["unknown-key", "bad-value"])
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("server:\n  shutdown_timeout: 5s\n  bogus_key: 1\n", "server.bogus_key", 3),
+        ("log:\n  level: info\nserver:\n  shutdown_timeout: soon\n", "server.shutdown_timeout", 4),
+    ],
+    ids=["unknown-key", "bad-value"],
+)
 def test_bad_config_exits_2_with_one_stderr_line(tmp_path, text: str, key: str, line: int) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
-    result = subprocess.run([sys.executable, "-m", "fluxmq.node.cli", "--config", str(bad)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "fluxmq.node.cli", "--config", str(bad)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -213,7 +229,8 @@ def test_mqtt_port_in_use_exits_nonzero_with_clear_line(node_factory: NodeFactor
 
 
 def test_first_log_line_names_the_data_directory_and_one_line_names_every_listener(
-        node_factory: NodeFactory) -> None:
+    node_factory: NodeFactory,
+) -> None:
     """Issue 15: the node says where its data lives on its first line, and where each listener is on one."""
     n = node_factory({"server.websocket.plain.addr": f"127.0.0.1:{_free_port()}"})
     lines = n.log_text().splitlines()
@@ -221,9 +238,13 @@ def test_first_log_line_names_the_data_directory_and_one_line_names_every_listen
     summary = [line for line in lines if "event=listeners" in line]
     assert len(summary) == 1, lines
     cfg = n.config["server"]
-    for url in (f"mqtt://{cfg['tcp']['plain']['addr']}", f"ws://{cfg['websocket']['plain']['addr']}/mqtt",
-                f"http://{cfg['health_addr']}", f"http://{cfg['http']['plain']['addr']}",
-                f"http://{cfg['admin']['addr']}"):
+    for url in (
+        f"mqtt://{cfg['tcp']['plain']['addr']}",
+        f"ws://{cfg['websocket']['plain']['addr']}/mqtt",
+        f"http://{cfg['health_addr']}",
+        f"http://{cfg['http']['plain']['addr']}",
+        f"http://{cfg['admin']['addr']}",
+    ):
         assert url in summary[0], (url, summary[0])
 
 
@@ -249,15 +270,28 @@ def test_a_config_copied_from_the_reference_documents_starts(node_factory: NodeF
     server = ca.issue_server()
     ports = {name: _free_port() for name in ("plain", "tls", "mtls", "ws", "http", "health")}
     text = REFERENCE_CONFIG
-    for name, port in (("1883", ports["plain"]), ("8883", ports["tls"]), ("8884", ports["mtls"]),
-                       ("8083", ports["ws"]), ("8080", ports["http"]), ("8081", ports["health"])):
+    for name, port in (
+        ("1883", ports["plain"]),
+        ("8883", ports["tls"]),
+        ("8884", ports["mtls"]),
+        ("8083", ports["ws"]),
+        ("8080", ports["http"]),
+        ("8081", ports["health"]),
+    ):
         text = text.replace(f'":{name}"', f'":{port}"')
-    text = (text.replace("/path/to/server.crt", server.cert_file).replace("/path/to/server.key", server.key_file)
-            .replace("/path/to/ca.crt", ca.cert_file))
+    text = (
+        text.replace("/path/to/server.crt", server.cert_file)
+        .replace("/path/to/server.key", server.key_file)
+        .replace("/path/to/ca.crt", ca.cert_file)
+    )
     # The cluster section (a one-node cluster with its own etcd member): free loopback ports and a
     # data directory of the test's own instead of the reference's 0.0.0.0:2379/2380/7948 and /tmp.
-    for old, new in (("0.0.0.0:2380", f"127.0.0.1:{_free_port()}"), ("0.0.0.0:2379", f"127.0.0.1:{_free_port()}"),
-                     ("0.0.0.0:7948", f"127.0.0.1:{_free_port()}"), ("/tmp/fluxmq/etcd", str(tmp_path / "etcd"))):
+    for old, new in (
+        ("0.0.0.0:2380", f"127.0.0.1:{_free_port()}"),
+        ("0.0.0.0:2379", f"127.0.0.1:{_free_port()}"),
+        ("0.0.0.0:7948", f"127.0.0.1:{_free_port()}"),
+        ("/tmp/fluxmq/etcd", str(tmp_path / "etcd")),
+    ):
         text = text.replace(old, new)
     n = node_factory(config_text=text)
     assert n.config["server"]["tcp"]["plain"]["addr"] == f":{ports['plain']}"
@@ -268,10 +302,22 @@ def test_a_config_copied_from_the_reference_documents_starts(node_factory: NodeF
     status, body = n.http_get("/cluster/status")
     assert (status, body["cluster_mode"], body["node_id"]) == (200, True, "broker-1")
     warned = [line for line in log_text.splitlines() if "anonymous_refused_on_network_listener" in line]
-    assert sorted(key for line in warned for key in ("server.tcp.plain.addr", "server.tcp.tls.addr",
-                                                     "server.websocket.plain.addr", "server.http.plain.addr")
-                  if key in line) == ["server.http.plain.addr", "server.tcp.plain.addr", "server.tcp.tls.addr",
-                                      "server.websocket.plain.addr"], warned
+    assert sorted(
+        key
+        for line in warned
+        for key in (
+            "server.tcp.plain.addr",
+            "server.tcp.tls.addr",
+            "server.websocket.plain.addr",
+            "server.http.plain.addr",
+        )
+        if key in line
+    ) == [
+        "server.http.plain.addr",
+        "server.tcp.plain.addr",
+        "server.tcp.tls.addr",
+        "server.websocket.plain.addr",
+    ], warned
     assert len(warned) == 4 and all("auth.allow_anonymous: true" in line for line in warned), warned
     with RawClient("127.0.0.1", ports["plain"], version=5) as client:  # connect to loopback only
         refused = client.connect("reference-config")

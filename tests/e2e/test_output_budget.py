@@ -65,7 +65,9 @@ def test_reading_subscriber_gets_every_qos0_message_of_a_fan_in(node) -> None:
         for _ in range(PER_PUBLISHER // 1000):
             pub.sock.sendall(burst)
 
-    senders = [threading.Thread(target=publish, args=(p, packets[i]), daemon=True) for i, p in enumerate(publishers)]
+    senders = [
+        threading.Thread(target=publish, args=(p, packets[i]), daemon=True) for i, p in enumerate(publishers)
+    ]
     for s in senders:
         s.start()
     for s in senders:
@@ -74,9 +76,14 @@ def test_reading_subscriber_gets_every_qos0_message_of_a_fan_in(node) -> None:
     stop.set()
     reader.join(5)
     with urllib.request.urlopen(f"http://{node.host}:{node.health_port}/metrics", timeout=10) as resp:
-        drops = [line for line in resp.read().decode().splitlines() if line.startswith(("fluxmq_messages_dropped", "fluxmq_output_budget"))]
+        drops = [
+            line
+            for line in resp.read().decode().splitlines()
+            if line.startswith(("fluxmq_messages_dropped", "fluxmq_output_budget"))
+        ]
     for p in publishers:
         p.sock.close()
     sub.sock.close()
     assert received_bytes == expected * packet_size, (
-        f"received {received_bytes // packet_size} of {expected} QoS 0 messages; {sorted(drops)}")
+        f"received {received_bytes // packet_size} of {expected} QoS 0 messages; {sorted(drops)}"
+    )

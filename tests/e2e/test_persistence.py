@@ -105,7 +105,9 @@ def test_acknowledged_messages_survive_sigkill(node_factory: NodeFactory, sync: 
         q1 = [p for p in got if p.startswith(b"q1-")]
         q2 = [p for p in got if p.startswith(b"q2-")]
         assert set(q1) == {f"q1-{i}".encode() for i in range(N_QOS1)}, f"v5={v5}: QoS 1 lost"
-        assert sorted(q2) == sorted(f"q2-{i}".encode() for i in range(N_QOS2)), f"v5={v5}: QoS 2 not exactly once"
+        assert sorted(q2) == sorted(f"q2-{i}".encode() for i in range(N_QOS2)), (
+            f"v5={v5}: QoS 2 not exactly once"
+        )
     viewer = PahoClient(again, unique("viewer"), protocol=mqtt.MQTTv5)
     viewer.connect()
     viewer.subscribe("kept/retained", 1)
@@ -115,6 +117,7 @@ def test_acknowledged_messages_survive_sigkill(node_factory: NodeFactory, sync: 
 
 
 # -- bad storage: one clear line, a non-zero exit, no restart loop ---------------------------------
+
 
 def _boot_fails(node_factory: NodeFactory, data: Path, expect: str, **overrides: str) -> None:
     node = node_factory({"storage.path": str(data), **overrides}, wait_ready=False)
@@ -156,8 +159,9 @@ def test_foreign_lmdb_directory_stops_the_node(node_factory: NodeFactory, tmp_pa
     _boot_fails(node_factory, data, "not a fluxmq store")
 
 
-def test_data_larger_than_map_size_starts_refusing_and_names_the_key(node_factory: NodeFactory,
-                                                                     tmp_path: Path) -> None:
+def test_data_larger_than_map_size_starts_refusing_and_names_the_key(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
     """A store over ``storage.map_size`` (filled by clients, or the key lowered) must not keep the
     node from starting: it starts, serves, refuses new stored messages (5.0: 0x97) and logs which
     key to raise and to what. Before: "does not fit storage.map_size" and the node halted."""
@@ -191,8 +195,9 @@ def test_data_larger_than_map_size_starts_refusing_and_names_the_key(node_factor
     sub.stop()
 
 
-def test_a_store_slower_to_load_than_the_worker_timeout_starts_once(node_factory: NodeFactory,
-                                                                  tmp_path: Path) -> None:
+def test_a_store_slower_to_load_than_the_worker_timeout_starts_once(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
     """Start-up loads and restores a large store without starving the arbiter's heartbeat: with
     ``server.worker_timeout`` 1s and a store whose load and restore take longer than that, the
     worker boots once and the node gets ready. Before: load and restore ran in the hub, the
@@ -201,8 +206,10 @@ def test_a_store_slower_to_load_than_the_worker_timeout_starts_once(node_factory
 
     data = tmp_path / "store"
     build(data, 50_000, 500_000, 64)
-    node = node_factory({"storage.path": str(data), "storage.map_size": "2GiB",
-                         "server.worker_timeout": "1s"}, wait_ready=False)
+    node = node_factory(
+        {"storage.path": str(data), "storage.map_size": "2GiB", "server.worker_timeout": "1s"},
+        wait_ready=False,
+    )
     # While it loads, the node answers its probes: alive, not ready.
     seen_loading = seen_alive = False
     deadline = time.monotonic() + 120
@@ -266,7 +273,9 @@ def test_map_size_reached_refuses_with_quota_exceeded(node_factory: NodeFactory)
     sub.stop()
     pub = PahoClient(node, unique("filler"), protocol=mqtt.MQTTv5)
     refused = []
-    pub.client.on_publish = lambda client, userdata, mid, rc, props: refused.append(rc) if rc.value == 0x97 else None
+    pub.client.on_publish = lambda client, userdata, mid, rc, props: (
+        refused.append(rc) if rc.value == 0x97 else None
+    )
     pub.connect()
     payload = b"x" * 60_000
     for i in range(400):
@@ -295,6 +304,7 @@ def test_map_size_reached_refuses_with_quota_exceeded(node_factory: NodeFactory)
 
 
 # -- memory stays bounded ---------------------------------------------------------------------------
+
 
 def _rss_kib(pid: int) -> dict[str, int]:
     out = {}
@@ -330,7 +340,9 @@ def test_100k_queued_messages_do_not_live_in_memory(node_factory: NodeFactory) -
         while acked < n:
             if sent < n and sent - acked < window:
                 batch = min(500, n - sent)
-                s.sendall(b"".join(_publish_frame(b"mem/t", payload, (sent + k) % 65535 + 1) for k in range(batch)))
+                s.sendall(
+                    b"".join(_publish_frame(b"mem/t", payload, (sent + k) % 65535 + 1) for k in range(batch))
+                )
                 sent += batch
                 continue
             chunk = s.recv(65536)
@@ -354,6 +366,7 @@ def test_100k_queued_messages_do_not_live_in_memory(node_factory: NodeFactory) -
 
 
 # -- a commit that fails (a full disk) --------------------------------------------------------------
+
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
@@ -390,8 +403,9 @@ def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
         return False
 
 
-def test_a_failed_commit_is_retried_and_spares_clients_with_nothing_at_stake(node_factory: NodeFactory,
-                                                                            tiny_disk: Path) -> None:
+def test_a_failed_commit_is_retried_and_spares_clients_with_nothing_at_stake(
+    node_factory: NodeFactory, tiny_disk: Path
+) -> None:
     """A full disk fails the commit of a retained QoS 1 message (issue 17 item 3). Its publisher
     gets no PUBACK and is disconnected (5.0: 0x97); a clean QoS 0 subscriber that received the
     message in the same turn keeps its connection. Once disk space is freed the kept batch commits,

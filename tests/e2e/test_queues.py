@@ -120,8 +120,12 @@ class Paho311:
     """A paho 3.1.1 client (auto PUBACK after on_message) with bounded waits."""
 
     def __init__(self, node, client_id: str) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
         self.messages: stdqueue.Queue = stdqueue.Queue()
         self._subacks: dict[int, list] = {}
         self._cond = threading.Condition()
@@ -473,8 +477,10 @@ def test_a_resumed_session_rejoins_its_group(node) -> None:
     first.connect(props(PacketTypes.CONNECT, SessionExpiryInterval=300))
     p = props(PacketTypes.SUBSCRIBE)
     p.UserProperty = [("consumer-group", "resumers"), ("auto-ack", "true")]
-    assert [int(rc.value) for rc in first.subscribe("$queue/resumeq/#", options=SubscribeOptions(qos=1),
-                                                    properties=p)] == [1]
+    assert [
+        int(rc.value)
+        for rc in first.subscribe("$queue/resumeq/#", options=SubscribeOptions(qos=1), properties=p)
+    ] == [1]
     first.disconnect()
     publish(node, "$queue/resumeq/a", [b"while away"])
     again = Paho5(node, cid, clean_start=False)

@@ -22,8 +22,10 @@ def join(node, name: str, group: str, client_id: str = "", **kw):
     c5 = paho5(node, client_id or unique("ops"), **kw)
     p = props(PacketTypes.SUBSCRIBE)
     p.UserProperty = [("consumer-group", group)]
-    return c5, [int(rc.value) for rc in c5.subscribe(f"$queue/{name}/#", options=SubscribeOptions(qos=1),
-                                                      properties=p)]
+    return c5, [
+        int(rc.value)
+        for rc in c5.subscribe(f"$queue/{name}/#", options=SubscribeOptions(qos=1), properties=p)
+    ]
 
 
 def test_http_bridge_appends_and_metrics_and_sys_count(node_factory) -> None:
@@ -67,8 +69,10 @@ def test_http_bridge_appends_and_metrics_and_sys_count(node_factory) -> None:
 
 def test_acl_write_to_append_and_ack_read_to_consume(node_factory, tmp_path) -> None:
     acl = tmp_path / "acl"
-    acl.write_text("user producer\ntopic write $queue/jobs/#\n\n"
-                   "user worker\ntopic read $queue/jobs/#\ntopic write $queue/jobs/$ack\n")
+    acl.write_text(
+        "user producer\ntopic write $queue/jobs/#\n\n"
+        "user worker\ntopic read $queue/jobs/#\ntopic write $queue/jobs/$ack\n"
+    )
     pw = tmp_path / "passwd"
     from fluxmq.auth.password_file import hash_password
 

@@ -47,7 +47,9 @@ def persistent(node, cid: str) -> Paho5:
 def join(c5: Paho5, filter: str, **user: str) -> None:
     p = props(PacketTypes.SUBSCRIBE)
     p.UserProperty = [(k.replace("_", "-"), v) for k, v in user.items()]
-    assert [int(rc.value) for rc in c5.subscribe(filter, options=SubscribeOptions(qos=1), properties=p)] == [1]
+    assert [int(rc.value) for rc in c5.subscribe(filter, options=SubscribeOptions(qos=1), properties=p)] == [
+        1
+    ]
 
 
 def publish(node, topic: str, *payloads: bytes) -> None:
@@ -57,8 +59,9 @@ def publish(node, topic: str, *payloads: bytes) -> None:
 
 
 def group_state(node, queue: str, group: str) -> dict:
-    status, _, body = http_request(node, "GET", f"/queues/{queue}", headers={"Authorization": f"Bearer {TOKEN}"},
-                                   port=node.admin_port)
+    status, _, body = http_request(
+        node, "GET", f"/queues/{queue}", headers={"Authorization": f"Bearer {TOKEN}"}, port=node.admin_port
+    )
     assert status == 200, body
     return body["groups"].get(group, {})
 
@@ -176,7 +179,10 @@ def test_the_delivery_count_and_max_retries_go_on_across_restarts(node_factory) 
         c5.publish("$queue/poison/$nack", b"", 1, properties=p)
         dead = dlq.get()  # the third delivery was the last: max_retries counts across restarts
         assert dead.payload == b"bad"
-        assert user_props(dead)["x-delivery-count"] == "3" and user_props(dead)["x-death-reason"] == "max-retries"
+        assert (
+            user_props(dead)["x-delivery-count"] == "3"
+            and user_props(dead)["x-death-reason"] == "max-retries"
+        )
         assert nothing_more(c5, 0.5) is None
     finally:
         c5.disconnect()

@@ -25,8 +25,9 @@ from tests.conftest import free_port
 QUEUE = "work"
 
 
-def _raft_config(bind: str, peers: list[str], write_policy: str = "forward", queue_extra: str = "",
-                 raft_extra: str = "") -> str:
+def _raft_config(
+    bind: str, peers: list[str], write_policy: str = "forward", queue_extra: str = "", raft_extra: str = ""
+) -> str:
     return f"""
 cluster:
   raft:
@@ -47,10 +48,16 @@ queues:
 """
 
 
-def start_cluster(node_factory, write_policy: str = "forward", queue_extra: str = "", raft_extra: str = "") -> list:
+def start_cluster(
+    node_factory, write_policy: str = "forward", queue_extra: str = "", raft_extra: str = ""
+) -> list:
     peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    nodes = [node_factory(config_text=_raft_config(peers[i], peers, write_policy, queue_extra, raft_extra),
-                          wait_ready=False) for i in range(3)]
+    nodes = [
+        node_factory(
+            config_text=_raft_config(peers[i], peers, write_policy, queue_extra, raft_extra), wait_ready=False
+        )
+        for i in range(3)
+    ]
     for n in nodes:
         n.wait_ready()
     for n, addr in zip(nodes, peers, strict=True):
@@ -191,8 +198,9 @@ class Producer:
         self.client = self._connect(node.host, node.mqtt_port)
 
     def _connect(self, host: str, port: int) -> mqtt.Client:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.name}-{len(self.moves)}",
-                        protocol=mqtt.MQTTv5)
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.name}-{len(self.moves)}", protocol=mqtt.MQTTv5
+        )
         c.max_inflight_messages_set(200)
         c.on_publish = self._on_publish
         c.on_disconnect = self._on_disconnect
@@ -235,7 +243,7 @@ class Producer:
         old, self.lost = self.client, False
         old.loop_stop()
         targets = [target] if target else []
-        targets += self.fallback[len(self.moves) % len(self.fallback):] + self.fallback
+        targets += self.fallback[len(self.moves) % len(self.fallback) :] + self.fallback
         for host, port in targets:
             self.moves.append((host, port))
             try:
@@ -280,7 +288,9 @@ def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory, dist
 
 @pytest.mark.timeout(360)
 @pytest.mark.parametrize("distribution", DISTRIBUTION_MODES)
-def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(node_factory, distribution: str) -> None:
+def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(
+    node_factory, distribution: str
+) -> None:
     """write_policy reject: the producer starts on a follower, is refused with the leader's MQTT
     address, moves there; the leader is killed mid-stream, the producer reconnects to a survivor
     and is sent on to the new leader. No acknowledged message is lost."""
@@ -288,8 +298,9 @@ def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(node_fac
     assert 0x83 in producer.refusals and len(producer.moves) >= 2, (producer.refusals[:5], producer.moves)
 
 
-def _leader_kill_run(node_factory, write_policy: str, total: int, distribution: str = "forward",
-                     start=start_cluster) -> Producer:
+def _leader_kill_run(
+    node_factory, write_policy: str, total: int, distribution: str = "forward", start=start_cluster
+) -> Producer:
     """Consumers on every node (the followers' receive from their replicas); the leader is killed
     with half the messages acknowledged; consumers on the survivors settle everything.
     ``start(node_factory, write_policy=..., raft_extra=...)`` -> three ready nodes (static peers by
@@ -298,8 +309,13 @@ def _leader_kill_run(node_factory, write_policy: str, total: int, distribution: 
     leader = wait_leader(nodes)
     survivors = [i for i in range(3) if i != leader]
     consumers = {i: Consumer(nodes[i], f"cons{i}") for i in range(3)}
-    producer = Producer(nodes[survivors[0]], "prod", total, follow=write_policy == "reject",
-                        fallback=[(nodes[i].host, nodes[i].mqtt_port) for i in survivors])
+    producer = Producer(
+        nodes[survivors[0]],
+        "prod",
+        total,
+        follow=write_policy == "reject",
+        fallback=[(nodes[i].host, nodes[i].mqtt_port) for i in survivors],
+    )
     killed_at = None
     deadline = time.monotonic() + 40 + total / 100
     try:
@@ -323,7 +339,10 @@ def _leader_kill_run(node_factory, write_policy: str, total: int, distribution: 
                 break
             time.sleep(0.1)
         missing = producer.acked - delivered
-        assert not missing, f"{len(missing)} acknowledged messages never delivered, e.g. {sorted(missing)[:5]}"
+        assert not missing, (
+            f"{len(missing)} acknowledged messages never delivered, e.g. {sorted(missing)[:5]}"
+        )
+
         # Consumers ack everything they get: wait (bounded) until every message is settled, so
         # the check below also covers the redeliveries of the failover.
         def acked_times() -> dict[bytes, float]:
@@ -347,9 +366,11 @@ def _leader_kill_run(node_factory, write_policy: str, total: int, distribution: 
         time.sleep(1.0)  # room for a wrong redelivery to show up
         acked_at = acked_times()
         unsettled = sorted(producer.acked - set(acked_at) - unconfirmed)
-        assert not unsettled, (f"consumers could not settle {len(unsettled)}: {unsettled[:5]}; received "
-                               f"{ {i: len(c.received) for i, c in consumers.items()} }; "
-                               f"{[raft_status(nodes[i]) for i in survivors]}")
+        assert not unsettled, (
+            f"consumers could not settle {len(unsettled)}: {unsettled[:5]}; received "
+            f"{ {i: len(c.received) for i, c in consumers.items()} }; "
+            f"{[raft_status(nodes[i]) for i in survivors]}"
+        )
         # and the replicated progress agrees: on the survivors the group settled every record. A
         # record whose payload was published twice (a producer that moved) may be held by a
         # delivery lost in the failover until its visibility_timeout (30 s) sends it again: wait
@@ -371,15 +392,22 @@ def _leader_kill_run(node_factory, write_policy: str, total: int, distribution: 
                 for r, t in c.acked_ids.items():
                     if r not in ids_acked or t < ids_acked[r][0]:
                         ids_acked[r] = (t, i)
-        again = [(r, i, round(t - killed_at, 3), ids_acked[r][1], round(ids_acked[r][0] - killed_at, 3))
-                 for i, c in consumers.items() for r, t in list(c.received_ids)
-                 if r in ids_acked and t > ids_acked[r][0]]
-        assert not again, (f"{len(again)} deliveries after the message's ack (record, receiving consumer, "
-                           f"received s after the kill, acking consumer, acked s after the kill; leader was "
-                           f"{leader}, new {new_leader}), e.g. {again[:5]}")
+        again = [
+            (r, i, round(t - killed_at, 3), ids_acked[r][1], round(ids_acked[r][0] - killed_at, 3))
+            for i, c in consumers.items()
+            for r, t in list(c.received_ids)
+            if r in ids_acked and t > ids_acked[r][0]
+        ]
+        assert not again, (
+            f"{len(again)} deliveries after the message's ack (record, receiving consumer, "
+            f"received s after the kill, acking consumer, acked s after the kill; leader was "
+            f"{leader}, new {new_leader}), e.g. {again[:5]}"
+        )
         assert new_leader in survivors
         # consumers on followers took part, before the kill and after it
-        assert all(consumers[i].received for i in range(3)), {i: len(c.received) for i, c in consumers.items()}
+        assert all(consumers[i].received for i in range(3)), {
+            i: len(c.received) for i, c in consumers.items()
+        }
         old_follower = [i for i in survivors if i != new_leader][0]
         with consumers[old_follower].lock:
             late = [t for _, t in consumers[old_follower].received if t > killed_at]
@@ -509,10 +537,16 @@ def test_reject_policy_refuses_on_a_follower_naming_the_leader(node_factory) -> 
     assert not acked
 
 
-@pytest.mark.parametrize("text, key", [
-    ("queues:\n  - name: q\n    replication:\n      enabled: true\n", "queues[q].replication.enabled"),
-    ("cluster:\n  raft:\n    enabled: true\n    tls:\n      enabled: true\n", "cluster.raft.tls.cert_file"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("queues:\n  - name: q\n    replication:\n      enabled: true\n", "queues[q].replication.enabled"),
+        (
+            "cluster:\n  raft:\n    enabled: true\n    tls:\n      enabled: true\n",
+            "cluster.raft.tls.cert_file",
+        ),
+    ],
+)
 def test_config_errors_name_the_key_and_the_file(node_factory, text: str, key: str) -> None:
     node = node_factory(config_text=text, wait_ready=False)
     assert node.wait(20) not in (None, 0)
@@ -531,9 +565,15 @@ def _restart(node_factory, node):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-                                   cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
     again.raft_addr = node.raft_addr
     node_factory.nodes.append(again)
@@ -629,8 +669,14 @@ def test_an_http_publish_to_a_replicated_queue_answers_after_the_quorum(node_fac
 def test_a_peer_without_the_raft_password_cannot_join(node_factory) -> None:
     peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     secrets = ["right", "right", "wrong"]
-    nodes = [node_factory(config_text=_raft_config(peers[i], peers), wait_ready=False,
-                          env={"FLUXMQ_CLUSTER_RAFT_PASSWORD": secrets[i]}) for i in range(3)]
+    nodes = [
+        node_factory(
+            config_text=_raft_config(peers[i], peers),
+            wait_ready=False,
+            env={"FLUXMQ_CLUSTER_RAFT_PASSWORD": secrets[i]},
+        )
+        for i in range(3)
+    ]
     for n in nodes:
         n.wait_ready()
     leader = wait_leader(nodes, among=[0, 1])
@@ -718,7 +764,9 @@ def _queue_records(data_dir) -> dict:
     try:
         with env.begin() as txn:
             db = env.open_db(b"queues", txn=txn, create=False)
-            return {bytes(k): bytes(v) for k, v in txn.cursor(db) if bytes(k)[:1] not in (b"R", b"D", b"C", b"M")}
+            return {
+                bytes(k): bytes(v) for k, v in txn.cursor(db) if bytes(k)[:1] not in (b"R", b"D", b"C", b"M")
+            }
     finally:
         env.close()
 
@@ -749,8 +797,10 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         states = [raft_status(n) for n in nodes]
-        if all(st is not None for st in states) and len({json.dumps(st["queues"], sort_keys=True)
-                                                            for st in states}) == 1:
+        if (
+            all(st is not None for st in states)
+            and len({json.dumps(st["queues"], sort_keys=True) for st in states}) == 1
+        ):
             break
         time.sleep(0.2)
     back = raft_status(nodes[follower])
@@ -760,8 +810,9 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
     assert sample(scrape(nodes[follower]), "fluxmq_raft_snapshots_installed_total", group="default") >= 1
     assert sample(scrape(nodes[leader]), "fluxmq_raft_log_entries", group="default") <= 2 * keep + 5
     queues = [st["queues"][QUEUE] for st in states]
-    assert queues[0] == queues[1] == queues[2] and queues[0]["next"] == 175 and queues[0]["groups"] == {"g": 50}, \
-        queues
+    assert (
+        queues[0] == queues[1] == queues[2] and queues[0]["next"] == 175 and queues[0]["groups"] == {"g": 50}
+    ), queues
     # The stores themselves: the same records and settlements on every replica.
     for n in nodes:
         n.stop()
@@ -855,8 +906,10 @@ def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory)
     """A stream group's cursor is replicated, a seek back included (a work queue's floor only
     rises; a stream's may move back), so a reader on the next leader resumes where the group was
     moved to, not where it had read up to."""
-    extra = ("  - name: events\n    type: stream\n    auto_commit_interval: 1h\n"
-             "    replication: {enabled: true, mode: sync, ack_timeout: 10s}\n")
+    extra = (
+        "  - name: events\n    type: stream\n    auto_commit_interval: 1h\n"
+        "    replication: {enabled: true, mode: sync, ack_timeout: 10s}\n"
+    )
     nodes = start_cluster(node_factory, queue_extra=extra)
     leader = wait_leader(nodes)
     follower = nodes[(leader + 1) % 3]
@@ -892,8 +945,11 @@ def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory)
         return c, got
 
     def cursors() -> list:
-        return [(raft_status(n) or {}).get("queues", {}).get("events", {}).get("groups", {}).get("r")
-                for n in nodes if n.returncode is None]
+        return [
+            (raft_status(n) or {}).get("queues", {}).get("events", {}).get("groups", {}).get("r")
+            for n in nodes
+            if n.returncode is None
+        ]
 
     def wait_cursors(value: int) -> list:
         deadline = time.monotonic() + 10
@@ -924,11 +980,16 @@ def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory)
 
 
 def _group_floors(nodes, group: str = "g") -> list:
-    return [((raft_status(n) or {}).get("queues", {}).get(QUEUE, {}).get("groups") or {}).get(group) for n in nodes]
+    return [
+        ((raft_status(n) or {}).get("queues", {}).get(QUEUE, {}).get("groups") or {}).get(group)
+        for n in nodes
+    ]
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTION_MODES)
-def test_consumers_on_followers_receive_and_each_message_is_settled_once(node_factory, distribution: str) -> None:
+def test_consumers_on_followers_receive_and_each_message_is_settled_once(
+    node_factory, distribution: str
+) -> None:
     """Consumers only on the two followers: each gets deliveries from its own node's replica,
     no message goes to two consumers (nothing fails, so nothing is delivered twice), and the
     group's replicated progress on every replica says everything is settled."""
@@ -947,8 +1008,15 @@ def test_consumers_on_followers_receive_and_each_message_is_settled_once(node_fa
             time.sleep(0.1)
         time.sleep(1.0)  # room for a wrong second delivery to show up
         ids = [r for c in consumers.values() for r, _ in list(c.received_ids)]
-        assert len(ids) == total and len(set(ids)) == total, (len(ids), len(set(ids)), [raft_status(n) for n in nodes], [n.http_get("/queues")[1] if False else None for n in nodes])
-        assert all(len(c.received) > 0 for c in consumers.values()), {i: len(c.received) for i, c in consumers.items()}
+        assert len(ids) == total and len(set(ids)) == total, (
+            len(ids),
+            len(set(ids)),
+            [raft_status(n) for n in nodes],
+            [n.http_get("/queues")[1] if False else None for n in nodes],
+        )
+        assert all(len(c.received) > 0 for c in consumers.values()), {
+            i: len(c.received) for i, c in consumers.items()
+        }
         assert _group_floors(nodes) == [total] * 3
     finally:
         for c in consumers.values():
@@ -1041,7 +1109,9 @@ def test_replicate_a_lease_of_a_killed_node_expires_and_the_count_goes_on(node_f
     """replicate: a consumer on follower A nacks; A leases the message again and delivers it with
     delivery-count 2, and holds it. A is killed: its lease expires (visibility_timeout, in log
     time), node B leases the message and its consumer gets it with count 3."""
-    nodes = start_cluster(node_factory, queue_extra="    visibility_timeout: 8s\n", raft_extra=_mode("replicate"))
+    nodes = start_cluster(
+        node_factory, queue_extra="    visibility_timeout: 8s\n", raft_extra=_mode("replicate")
+    )
     leader = wait_all_know_leader(nodes)
     a, b = [i for i in range(3) if i != leader]
     x = _Holder(nodes[a], "x-on-a")
@@ -1068,7 +1138,8 @@ def test_replicate_a_lease_of_a_killed_node_expires_and_the_count_goes_on(node_f
 
 
 def test_an_ack_of_a_delivery_made_before_a_failover_is_not_confirmed_once_the_record_went_out_again(
-        node_factory) -> None:
+    node_factory,
+) -> None:
     """forward: Y, on the leader, holds a message unsettled; the leader is stopped (SIGSTOP) and the
     new leader hands the message to its own consumer X (whose client is not reading yet). The old
     leader comes back as a follower and applies the new claim; only then does Y send its $ack.
@@ -1114,8 +1185,10 @@ def test_an_ack_of_a_delivery_made_before_a_failover_is_not_confirmed_once_the_r
         # an ack whose PUBACK said success is never followed by another delivery of the record:
         # Y's is answered, not confirmed (0x10: the old leader dropped that delivery at the claim)
         assert code is not None, "no PUBACK for Y's $ack"
-        assert code != 0, (f"Y's $ack was confirmed at {acked_at:.3f} and the message was delivered "
-                           f"again afterwards: {again}")
+        assert code != 0, (
+            f"Y's $ack was confirmed at {acked_at:.3f} and the message was delivered "
+            f"again afterwards: {again}"
+        )
     finally:
         y.stop()
         for x in xs.values():

@@ -52,7 +52,9 @@ queues:
 class EtcdRaftCluster:
     """Nodes on the shared etcd under one prefix, Raft on, no static peers."""
 
-    def __init__(self, node_factory, endpoint: str, write_policy: str = "forward", raft_extra: str = "") -> None:
+    def __init__(
+        self, node_factory, endpoint: str, write_policy: str = "forward", raft_extra: str = ""
+    ) -> None:
         self.factory = node_factory
         self.raft_extra = raft_extra
         self.endpoint = endpoint

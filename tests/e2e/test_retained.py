@@ -101,8 +101,9 @@ def test_retain_0_does_not_touch_retained_MQTT_3_3_1_12(node, publisher) -> None
 
 
 @pytest.mark.parametrize("msg_qos,sub_qos", [(2, 1), (2, 0), (1, 0), (0, 2), (1, 2)])
-def test_retained_delivered_at_min_of_message_and_subscription_qos_MQTT_3_8_4_6(node, publisher, msg_qos: int,
-                                                                                 sub_qos: int) -> None:
+def test_retained_delivered_at_min_of_message_and_subscription_qos_MQTT_3_8_4_6(
+    node, publisher, msg_qos: int, sub_qos: int
+) -> None:
     """The retained message goes out at min(its QoS, the granted QoS) [MQTT-3.8.4-6]."""
     topic = unique(f"ret/cap{msg_qos}{sub_qos}")
     if msg_qos == 2:

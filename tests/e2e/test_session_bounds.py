@@ -55,8 +55,13 @@ def test_new_client_id_past_max_sessions_is_refused_existing_ids_reconnect(node_
 
 
 def admin_session(node, cid: str) -> tuple[int, dict]:
-    status, _, body = http_request(node, "GET", f"/sessions/{quote(cid, safe='')}",
-                                   headers={"Authorization": f"Bearer {TOKEN}"}, port=node.admin_port)
+    status, _, body = http_request(
+        node,
+        "GET",
+        f"/sessions/{quote(cid, safe='')}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        port=node.admin_port,
+    )
     return status, body
 
 

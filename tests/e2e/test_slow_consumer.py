@@ -93,8 +93,14 @@ def small_queues(request, tmp_path_factory):
     (persistent sessions queue in ``storage.max_queued_messages`` under lmdb)."""
     factory = NodeFactory(tmp_path_factory.mktemp("smallq"))
     try:
-        yield factory({"storage.type": request.param, "broker.max_inflight": 10,
-                       "broker.max_queued_messages": 50, "storage.max_queued_messages": 50})
+        yield factory(
+            {
+                "storage.type": request.param,
+                "broker.max_inflight": 10,
+                "broker.max_queued_messages": 50,
+                "storage.max_queued_messages": 50,
+            }
+        )
     finally:
         factory.close()
 

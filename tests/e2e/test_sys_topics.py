@@ -13,9 +13,19 @@ from tests.e2e.mqttraw import paho_connected, raw_connected, unique
 
 pytestmark = pytest.mark.e2e
 
-EXPECTED = ("version", "uptime", "clients/connected", "clients/total", "messages/received", "messages/sent",
-            "publish/messages/received", "publish/messages/sent", "bytes/received", "bytes/sent",
-            "subscriptions/count")
+EXPECTED = (
+    "version",
+    "uptime",
+    "clients/connected",
+    "clients/total",
+    "messages/received",
+    "messages/sent",
+    "publish/messages/received",
+    "publish/messages/sent",
+    "bytes/received",
+    "bytes/sent",
+    "subscriptions/count",
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,21 @@ def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
     ca = CertAuthority(d, "fluxmq e2e CA")
     foreign = CertAuthority(d, "someone else's CA")
-    return {"ca": ca, "server": ca.issue_server("localhost"), "device": ca.issue_client("device-1"),
-            "foreign_ca": foreign, "intruder": foreign.issue_client("intruder")}
+    return {
+        "ca": ca,
+        "server": ca.issue_server("localhost"),
+        "device": ca.issue_client("device-1"),
+        "foreign_ca": foreign,
+        "intruder": foreign.issue_client("intruder"),
+    }
 
 
 def tls_overrides(section: str, pki, **extra) -> dict:
-    out = {f"{section}.addr": f"{HOST}:{free_port()}", f"{section}.cert_file": pki["server"].cert_file,
-           f"{section}.key_file": pki["server"].key_file}
+    out = {
+        f"{section}.addr": f"{HOST}:{free_port()}",
+        f"{section}.cert_file": pki["server"].cert_file,
+        f"{section}.key_file": pki["server"].key_file,
+    }
     out.update({f"{section}.{k}": v for k, v in extra.items()})
     return out
 
@@ -31,8 +39,10 @@ def tls_overrides(section: str, pki, **extra) -> dict:
 def test_tls_client_with_the_test_ca_exchanges_messages_with_a_tcp_client(node_factory, pki) -> None:
     node = node_factory(tls_overrides("server.tcp.tls", pki))
     tls_port = port_of(node.config["server"]["tcp"]["tls"]["addr"])
-    with PahoTransportClient("tls-sub", ca_file=pki["ca"].cert_file) as tls_client, \
-            PahoTransportClient("tcp-pub") as tcp_client:
+    with (
+        PahoTransportClient("tls-sub", ca_file=pki["ca"].cert_file) as tls_client,
+        PahoTransportClient("tcp-pub") as tcp_client,
+    ):
         tls_client.connect(tls_port)
         tcp_client.connect(node.mqtt_port)
         tls_client.subscribe("e2e/tls/#", 1)
@@ -53,8 +63,10 @@ def test_mtls_refuses_clients_without_a_valid_certificate_and_keeps_serving(node
     ca_file = pki["ca"].cert_file
     assert refused(mtls_port, "no-cert", ca_file=ca_file)
     assert refused(mtls_port, "foreign-cert", ca_file=ca_file, cert=pki["intruder"])
-    with PahoTransportClient("device-1", ca_file=ca_file, cert=pki["device"]) as device, \
-            PahoTransportClient("tcp-sub") as tcp_client:
+    with (
+        PahoTransportClient("device-1", ca_file=ca_file, cert=pki["device"]) as device,
+        PahoTransportClient("tcp-sub") as tcp_client,
+    ):
         device.connect(mtls_port)
         tcp_client.connect(node.mqtt_port)
         tcp_client.subscribe("e2e/mtls", 1)
@@ -73,8 +85,10 @@ def test_wss_and_tls_listeners_share_one_node(node_factory, pki) -> None:
     node = node_factory(overrides)
     tls_port = port_of(node.config["server"]["tcp"]["tls"]["addr"])
     wss_port = port_of(node.config["server"]["websocket"]["tls"]["addr"])
-    with PahoTransportClient("over-wss", transport="websockets", ca_file=pki["ca"].cert_file) as wss, \
-            PahoTransportClient("over-tls", ca_file=pki["ca"].cert_file) as tls:
+    with (
+        PahoTransportClient("over-wss", transport="websockets", ca_file=pki["ca"].cert_file) as wss,
+        PahoTransportClient("over-tls", ca_file=pki["ca"].cert_file) as tls,
+    ):
         wss.connect(wss_port)
         tls.connect(tls_port)
         wss.subscribe("e2e/mix", 0)
@@ -82,10 +96,13 @@ def test_wss_and_tls_listeners_share_one_node(node_factory, pki) -> None:
         assert wss.get().payload == b"tls to wss"
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("cert_file", "/nonexistent/server.crt"),
-    ("key_file", "/nonexistent/server.key"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("cert_file", "/nonexistent/server.crt"),
+        ("key_file", "/nonexistent/server.key"),
+    ],
+)
 def test_bad_certificate_path_stops_the_node_with_one_line(node_factory, pki, key: str, value: str) -> None:
     overrides = tls_overrides("server.tcp.tls", pki)
     overrides[f"server.tcp.tls.{key}"] = value

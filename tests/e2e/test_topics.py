@@ -84,8 +84,9 @@ def test_sys_topics_matched_by_sys_filter_not_by_hash_MQTT_4_7_2_1(node) -> None
         sub.disconnect()
 
 
-@pytest.mark.parametrize("bad", ["", "a/#/b", "a/b#", "a+/b", "+a", "#/", "a/+b/c", "$share/g+/t", "$share//t",
-                                 "$share/g"])
+@pytest.mark.parametrize(
+    "bad", ["", "a/#/b", "a/b#", "a+/b", "+a", "#/", "a/+b/c", "$share/g+/t", "$share//t", "$share/g"]
+)
 def test_invalid_filter_gets_suback_0x80_MQTT_4_7_1_2(node, bad: str) -> None:
     """An invalid filter (the empty one included [MQTT-4.7.3-1]) is refused with SUBACK 0x80 while the valid
     one beside it is granted; the connection stays usable [MQTT-4.7.1-2, -3, MQTT-3.8.4-5, MQTT-3.9.3-1]."""

@@ -35,18 +35,52 @@ topic readwrite wh/#
 
 # Every event type and the fields its data must carry (none of them null in this scenario).
 FIELDS = {
-    "client.connected": {"client_id", "username", "peer", "protocol_version", "clean_start", "keepalive",
-                         "session_present", "session_expiry", "listener"},
-    "client.disconnected": {"client_id", "username", "peer", "protocol_version", "reason", "will_published",
-                            "connected_seconds"},
+    "client.connected": {
+        "client_id",
+        "username",
+        "peer",
+        "protocol_version",
+        "clean_start",
+        "keepalive",
+        "session_present",
+        "session_expiry",
+        "listener",
+    },
+    "client.disconnected": {
+        "client_id",
+        "username",
+        "peer",
+        "protocol_version",
+        "reason",
+        "will_published",
+        "connected_seconds",
+    },
     "client.session_takeover": {"client_id", "username", "previous_username", "session_resumed"},
-    "message.published": {"client_id", "username", "topic", "qos", "retain", "payload_size", "deliveries",
-                          "payload"},
+    "message.published": {
+        "client_id",
+        "username",
+        "topic",
+        "qos",
+        "retain",
+        "payload_size",
+        "deliveries",
+        "payload",
+    },
     "message.delivered": {"client_id", "username", "publisher", "topic", "qos", "retain", "payload_size"},
     "message.retained": {"client_id", "topic", "qos", "payload_size", "cleared"},
-    "subscription.created": {"client_id", "username", "filter", "qos", "requested_qos", "no_local",
-                             "retain_as_published", "retain_handling", "subscription_id", "share_group",
-                             "replaced"},
+    "subscription.created": {
+        "client_id",
+        "username",
+        "filter",
+        "qos",
+        "requested_qos",
+        "no_local",
+        "retain_as_published",
+        "retain_handling",
+        "subscription_id",
+        "share_group",
+        "replaced",
+    },
     "subscription.removed": {"client_id", "username", "filter"},
     "auth.success": {"client_id", "username", "peer", "protocol_version", "method"},
     "auth.failure": {"client_id", "username", "peer", "protocol_version", "method", "reason", "reason_code"},
@@ -97,11 +131,19 @@ def login(node, user: str, client_id: str, version: int = 5, password: str | Non
     return raw
 
 
-def test_every_event_type_arrives_with_every_field(node_factory: NodeFactory, receiver: ThreadReceiver,
-                                                   auth_files) -> None:
+def test_every_event_type_arrives_with_every_field(
+    node_factory: NodeFactory, receiver: ThreadReceiver, auth_files
+) -> None:
     pw, acl = auth_files
-    node = node_factory({"auth.password_file": str(pw), "auth.acl_file": str(acl), "storage.type": "memory",
-                         "broker.sys_interval": "0s"}, webhook_yaml(receiver.url))
+    node = node_factory(
+        {
+            "auth.password_file": str(pw),
+            "auth.acl_file": str(acl),
+            "storage.type": "memory",
+            "broker.sys_interval": "0s",
+        },
+        webhook_yaml(receiver.url),
+    )
     alice_id, bob_id = unique("alice"), unique("bob")
     bad = RawClient.to(node, 5)
     assert bad.connect(unique("mallory"), username="alice", password=b"wrong").reason_code == 0x86
@@ -127,9 +169,13 @@ def test_every_event_type_arrives_with_every_field(node_factory: NodeFactory, re
     def seen() -> set[str]:
         return {e["event_type"] for e in receiver.events()}
 
-    assert wait_until(lambda: set(FIELDS) <= seen() and sum(
-        1 for e in receiver.events() if e["event_type"] == "message.retained") == 2, timeout=15), \
-        sorted(set(FIELDS) - seen())
+    assert wait_until(
+        lambda: (
+            set(FIELDS) <= seen()
+            and sum(1 for e in receiver.events() if e["event_type"] == "message.retained") == 2
+        ),
+        timeout=15,
+    ), sorted(set(FIELDS) - seen())
     events = receiver.events()
     for event in events:
         assert set(event) == {"event_type", "event_id", "timestamp", "broker_id", "data"}
@@ -139,8 +185,11 @@ def test_every_event_type_arrives_with_every_field(node_factory: NodeFactory, re
     for event in events:
         by_type.setdefault(event["event_type"], []).append(event["data"])
     for event_type, fields in FIELDS.items():
-        data = next(d for d in by_type[event_type] if d.get("client_id") in (alice_id, bob_id)
-                    or event_type in ("auth.failure",))
+        data = next(
+            d
+            for d in by_type[event_type]
+            if d.get("client_id") in (alice_id, bob_id) or event_type in ("auth.failure",)
+        )
         assert set(data) == fields, event_type
         if event_type == "client.session_takeover":
             data = {**data, "share_group": None}
@@ -196,8 +245,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def test_a_dead_endpoint_is_counted_and_mqtt_goes_on(node_factory: NodeFactory) -> None:
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: every attempt is refused
-    extra = "  queue_size: 5\n  defaults:\n    retry: {max_attempts: 2, initial_interval: 10ms}\n" \
-            "    circuit_breaker: {failure_threshold: 3, reset_timeout: 1h}\n"
+    extra = (
+        "  queue_size: 5\n  defaults:\n    retry: {max_attempts: 2, initial_interval: 10ms}\n"
+        "    circuit_breaker: {failure_threshold: 3, reset_timeout: 1h}\n"
+    )
     node = node_factory({"storage.type": "memory", "broker.sys_interval": "0s"}, webhook_yaml(dead, extra))
     sub = RawClient.to(node, 4)
     sub.connect(unique("sub"))
@@ -216,8 +267,11 @@ def test_a_dead_endpoint_is_counted_and_mqtt_goes_on(node_factory: NodeFactory) 
     def counted() -> bool:
         nonlocal text
         text = scrape(node)
-        return metric(text, "fluxmq_webhook_breaker_state", endpoint="rx") == 2 and metric(
-            text, "fluxmq_webhook_dropped_total", endpoint="rx", reason="queue_full") > 0
+        return (
+            metric(text, "fluxmq_webhook_breaker_state", endpoint="rx") == 2
+            and metric(text, "fluxmq_webhook_dropped_total", endpoint="rx", reason="queue_full") > 0
+        )
+
     assert wait_until(counted, timeout=15), text
     assert metric(text, "fluxmq_webhook_failed_total", endpoint="rx") >= 1
     assert metric(text, "fluxmq_webhook_retried_total", endpoint="rx") >= 1
@@ -228,8 +282,9 @@ def test_a_dead_endpoint_is_counted_and_mqtt_goes_on(node_factory: NodeFactory) 
 
 def test_the_queue_drains_when_the_node_stops(node_factory: NodeFactory, receiver: ThreadReceiver) -> None:
     yaml = webhook_yaml(receiver.url, "  shutdown_timeout: 10s\n")
-    node = node_factory({"storage.type": "memory", "broker.sys_interval": "0s", "server.shutdown_timeout": "15s"},
-                        yaml)
+    node = node_factory(
+        {"storage.type": "memory", "broker.sys_interval": "0s", "server.shutdown_timeout": "15s"}, yaml
+    )
     ids = [unique("drain") for _ in range(20)]
     clients = []
     for cid in ids:
@@ -237,8 +292,11 @@ def test_the_queue_drains_when_the_node_stops(node_factory: NodeFactory, receive
         raw.connect(cid)
         clients.append(raw)
     assert node.stop() == 0
-    gone = {e["data"]["client_id"]: e["data"]["reason"] for e in receiver.events()
-            if e["event_type"] == "client.disconnected"}
+    gone = {
+        e["data"]["client_id"]: e["data"]["reason"]
+        for e in receiver.events()
+        if e["event_type"] == "client.disconnected"
+    }
     assert set(ids) <= set(gone)  # the shutdown's own disconnects were sent before the node exited
     assert {gone[cid] for cid in ids} == {"server_shutdown"}
     for raw in clients:

@@ -32,8 +32,10 @@ def ws_node(node_factory, **extra):
 @pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5])
 def test_paho_websocket_client_exchanges_messages_with_a_tcp_client(node_factory, protocol: int) -> None:
     node, ws_port = ws_node(node_factory)
-    with PahoTransportClient("ws-sub", transport="websockets", protocol=protocol) as ws_client, \
-            PahoTransportClient("tcp-peer", protocol=protocol) as tcp_client:
+    with (
+        PahoTransportClient("ws-sub", transport="websockets", protocol=protocol) as ws_client,
+        PahoTransportClient("tcp-peer", protocol=protocol) as tcp_client,
+    ):
         ws_client.connect(ws_port)
         tcp_client.connect(node.mqtt_port)
         ws_client.subscribe("e2e/ws/#", 1)
@@ -92,10 +94,17 @@ def test_upgrade_refusals_and_a_raw_mqtt_exchange(node_factory) -> None:
 def test_paho_wss_client_exchanges_messages_with_a_tcp_client(node_factory, pki) -> None:
     ca, server = pki
     addr = f"{HOST}:{free_port()}"
-    node = node_factory({"server.websocket.tls.addr": addr, "server.websocket.tls.cert_file": server.cert_file,
-                         "server.websocket.tls.key_file": server.key_file})
-    with PahoTransportClient("wss-sub", transport="websockets", ca_file=ca.cert_file) as wss_client, \
-            PahoTransportClient("tcp-pub") as tcp_client:
+    node = node_factory(
+        {
+            "server.websocket.tls.addr": addr,
+            "server.websocket.tls.cert_file": server.cert_file,
+            "server.websocket.tls.key_file": server.key_file,
+        }
+    )
+    with (
+        PahoTransportClient("wss-sub", transport="websockets", ca_file=ca.cert_file) as wss_client,
+        PahoTransportClient("tcp-pub") as tcp_client,
+    ):
         wss_client.connect(port_of(addr))
         tcp_client.connect(node.mqtt_port)
         wss_client.subscribe("e2e/wss/#", 2)

@@ -140,8 +140,11 @@ def test_will_of_a_client_on_one_worker_reaches_the_other(node2) -> None:
 def test_shared_group_with_members_on_both_workers_gets_each_message_once(node2) -> None:
     topic = unique("xw/shared")
     n = 300
-    with on_worker(node2, "w0", "m") as m0, on_worker(node2, "w1", "m") as m1, \
-            on_worker(node2, "w0", "pub") as pub:
+    with (
+        on_worker(node2, "w0", "m") as m0,
+        on_worker(node2, "w1", "m") as m1,
+        on_worker(node2, "w0", "pub") as pub,
+    ):
         for m in (m0, m1):
             m.subscribe(f"$share/g/{topic}", 1)
         time.sleep(0.2)
@@ -228,8 +231,7 @@ def admin_stats(node: RunningNode) -> dict:
 
 
 def test_sys_totals_metrics_and_admin_stats_count_the_clients_of_both_workers(node2) -> None:
-    with on_worker(node2, "w0", "a") as a, on_worker(node2, "w1", "b") as b, \
-            on_worker(node2, "w1", "b"):
+    with on_worker(node2, "w0", "a") as a, on_worker(node2, "w1", "b") as b, on_worker(node2, "w1", "b"):
         # The probe of on_worker disconnected its misplaced clients; these three stay connected.
         a.subscribe("$SYS/broker/clients/connected", 0)
         deadline = time.monotonic() + WAIT
@@ -401,7 +403,9 @@ def test_a_port_in_use_stops_the_node_with_one_line_and_status_3(node_factory) -
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        node = node_factory({"server.workers": 2, "server.tcp.plain.addr": f"127.0.0.1:{port}"}, wait_ready=False)
+        node = node_factory(
+            {"server.workers": 2, "server.tcp.plain.addr": f"127.0.0.1:{port}"}, wait_ready=False
+        )
         assert node.wait(20) == 3
     assert f"server.tcp.plain.addr 127.0.0.1:{port}: Address already in use" in node.log_text()
 
@@ -445,7 +449,9 @@ def test_admin_lists_finds_and_disconnects_sessions_of_either_worker(tmp_path) -
 
     factory = NodeFactory(tmp_path)
     try:
-        node = factory({"server.workers": 2, "broker.sys_interval": "1s"}, env={"FLUXMQ_ADMIN_TOKEN": "t0ken"})
+        node = factory(
+            {"server.workers": 2, "broker.sys_interval": "1s"}, env={"FLUXMQ_ADMIN_TOKEN": "t0ken"}
+        )
         wait_crossing(node)
         base = f"http://{node.host}:{node.admin_port}"
         auth = {"Authorization": "Bearer t0ken"}
@@ -463,11 +469,14 @@ def test_admin_lists_finds_and_disconnects_sessions_of_either_worker(tmp_path) -
         for client in clients.values():
             cid = client.client._client_id.decode()
             for _ in range(6):  # each request lands on either worker
-                get = urllib.request.Request(f"{base}/sessions/{cid}", headers={"Authorization": "Bearer t0ken"})
+                get = urllib.request.Request(
+                    f"{base}/sessions/{cid}", headers={"Authorization": "Bearer t0ken"}
+                )
                 with urllib.request.urlopen(get, timeout=5) as resp:
                     assert resp.status == 200 and json.loads(resp.read())["client_id"] == cid
-            req = urllib.request.Request(f"{base}/sessions/{cid}/disconnect", method="POST",
-                                         headers={"Authorization": "Bearer t0ken"})
+            req = urllib.request.Request(
+                f"{base}/sessions/{cid}/disconnect", method="POST", headers={"Authorization": "Bearer t0ken"}
+            )
             with urllib.request.urlopen(req, timeout=5) as resp:
                 assert json.loads(resp.read()) == {"client_id": cid, "disconnected": True}
             assert client.wait_disconnected(WAIT)
@@ -481,7 +490,9 @@ def test_admin_delete_of_a_retained_message_deletes_it_on_every_worker(tmp_path)
 
     factory = NodeFactory(tmp_path)
     try:
-        node = factory({"server.workers": 2, "broker.sys_interval": "1s"}, env={"FLUXMQ_ADMIN_TOKEN": "t0ken"})
+        node = factory(
+            {"server.workers": 2, "broker.sys_interval": "1s"}, env={"FLUXMQ_ADMIN_TOKEN": "t0ken"}
+        )
         wait_crossing(node)
         topic = unique("xw/del")
         with on_worker(node, "w0", "pub") as pub:
@@ -491,8 +502,11 @@ def test_admin_delete_of_a_retained_message_deletes_it_on_every_worker(tmp_path)
         deadline = time.monotonic() + WAIT
         while True:  # until both workers hold it (two GETs in a row may land on either)
             try:
-                if all(urllib.request.urlopen(urllib.request.Request(base, headers=auth), timeout=5).status == 200
-                       for _ in range(4)):
+                if all(
+                    urllib.request.urlopen(urllib.request.Request(base, headers=auth), timeout=5).status
+                    == 200
+                    for _ in range(4)
+                ):
                     break
             except urllib.error.HTTPError:
                 assert time.monotonic() < deadline

@@ -34,8 +34,12 @@ _BATCHABLE = {c.PUBLISH, c.PUBACK, c.PUBREC, c.PUBREL, c.PUBCOMP, c.SUBSCRIBE, c
 # 5.0 properties a client may put on a PUBLISH (Topic Alias and Subscription Identifier left out: the
 # broker closes on a bad alias, and clients may not send subscription ids)
 _PUBLISH_PROPS = [
-    {}, {c.PAYLOAD_FORMAT_INDICATOR: 1}, {c.MESSAGE_EXPIRY_INTERVAL: 60}, {c.CONTENT_TYPE: "text/plain"},
-    {c.RESPONSE_TOPIC: "fuzz/reply", c.CORRELATION_DATA: b"\x01\x02"}, {c.USER_PROPERTY: [("k", "v"), ("k", "w")]},
+    {},
+    {c.PAYLOAD_FORMAT_INDICATOR: 1},
+    {c.MESSAGE_EXPIRY_INTERVAL: 60},
+    {c.CONTENT_TYPE: "text/plain"},
+    {c.RESPONSE_TOPIC: "fuzz/reply", c.CORRELATION_DATA: b"\x01\x02"},
+    {c.USER_PROPERTY: [("k", "v"), ("k", "w")]},
 ]
 
 
@@ -45,9 +49,18 @@ def corpus(version: int) -> list[bytes]:
     packets: list = []
     for qos in (0, 1, 2):
         for topic in ("fuzz/a", "fuzz/b/c", "fuzz/" + "x" * 40, "fuzz/ü/€", "fuzz/a/b/c/d/e/f"):
-            for props in (_PUBLISH_PROPS if v5 else [None]):
-                packets.append(c.Publish(topic, b"payload-" + topic.encode()[:8], qos, qos == 1, False,
-                                         7 if qos else 0, props or None))
+            for props in _PUBLISH_PROPS if v5 else [None]:
+                packets.append(
+                    c.Publish(
+                        topic,
+                        b"payload-" + topic.encode()[:8],
+                        qos,
+                        qos == 1,
+                        False,
+                        7 if qos else 0,
+                        props or None,
+                    )
+                )
     for cls in (c.Puback, c.Pubrec, c.Pubrel, c.Pubcomp):
         packets.append(cls(7, 0x10 if v5 and cls is c.Puback else 0, {c.REASON_STRING: "r"} if v5 else None))
     for filters in (["fuzz/#"], ["fuzz/+/c", "fuzz/a"], ["$share/g/fuzz/a"], ["fuzz/" + "y" * 30 + "/#"]):
@@ -102,12 +115,14 @@ def mutate(rng: random.Random, data: bytes, other: bytes) -> bytes:
         elif op < 0.70 and len(buf) > 1:
             del buf[pos]
         elif op < 0.78:
-            del buf[rng.randint(1, len(buf)):]  # truncated
+            del buf[rng.randint(1, len(buf)) :]  # truncated
         elif op < 0.86:
-            buf[rng.randrange(len(buf)):] = other[rng.randrange(max(1, len(other))):]  # splice
+            buf[rng.randrange(len(buf)) :] = other[rng.randrange(max(1, len(other))) :]  # splice
         elif op < 0.93:
             # a remaining length from small to the 4-byte maximum (268,435,455), body unchanged
-            length = rng.choice((0, 1, 127, 128, 16383, 16384, 2097151, 2097152, 268435455, rng.randrange(1 << 28)))
+            length = rng.choice(
+                (0, 1, 127, 128, 16383, 16384, 2097151, 2097152, 268435455, rng.randrange(1 << 28))
+            )
             body = buf[2:] if len(buf) > 2 else b""
             buf[:] = bytes([buf[0]]) + _varint(length) + body
         else:
@@ -158,8 +173,16 @@ class FuzzStats:
 class SocketFuzzer:
     """Drives ``threads`` workers until ``inputs`` inputs were sent or ``deadline`` (monotonic) passed."""
 
-    def __init__(self, port: int, inputs: int, seed: int = 1, batch: int = 120, threads: int = 4,
-                 read_timeout: float = 10.0, host: str = HOST) -> None:
+    def __init__(
+        self,
+        port: int,
+        inputs: int,
+        seed: int = 1,
+        batch: int = 120,
+        threads: int = 4,
+        read_timeout: float = 10.0,
+        host: str = HOST,
+    ) -> None:
         self.host = host
         self.port = port
         self.target = inputs
@@ -182,8 +205,10 @@ class SocketFuzzer:
         return ok, bad
 
     def run(self, deadline: float) -> FuzzStats:
-        workers = [threading.Thread(target=self._worker, args=(i, deadline), daemon=True)
-                   for i in range(self.threads)]
+        workers = [
+            threading.Thread(target=self._worker, args=(i, deadline), daemon=True)
+            for i in range(self.threads)
+        ]
         for w in workers:
             w.start()
         for w in workers:
@@ -203,8 +228,11 @@ class SocketFuzzer:
                 elif kind < 0.06:
                     version = rng.choice((4, 5))
                     head = connect_packet(version, f"f{index}-{n}", rng)
-                    self._session(head + bytes([0x30]) + _varint(rng.randrange(1 << 28, 1 << 28 | 1)) + b"x" * 64,
-                                  huge_length=1, extra=1)
+                    self._session(
+                        head + bytes([0x30]) + _varint(rng.randrange(1 << 28, 1 << 28 | 1)) + b"x" * 64,
+                        huge_length=1,
+                        extra=1,
+                    )
                 elif kind < 0.14:
                     version = rng.choice((3, 4, 5))
                     good = connect_packet(version, f"f{index}-{n}", rng)
@@ -222,7 +250,9 @@ class SocketFuzzer:
                         whole = rng.choice(ok)
                         tail = whole[: rng.randint(1, max(1, len(whole) - 1))]  # truncated at the end
                     data = connect_packet(version, f"f{index}-{n}", rng) + b"".join(body) + tail
-                    self._session(data, batched=count, terminal=1 if tail else 0, extra=count + (1 if tail else 0))
+                    self._session(
+                        data, batched=count, terminal=1 if tail else 0, extra=count + (1 if tail else 0)
+                    )
             except Exception as exc:  # a fuzzer bug or a broker that stopped answering: report it
                 with self.stats.lock:
                     self.stats.errors.append(repr(exc))
@@ -252,7 +282,9 @@ class SocketFuzzer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--inputs", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
@@ -262,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     fuzzer = SocketFuzzer(args.port, args.inputs, args.seed, threads=args.threads)
     started = time.monotonic()
     stats = fuzzer.run(started + args.duration)
-    print(f"inputs={stats.inputs} connections={stats.connections} batched={stats.batched} "
-          f"terminal={stats.terminal} random={stats.random_only} huge={stats.huge_length} "
-          f"read_timeouts={stats.read_timeouts} errors={stats.errors} secs={time.monotonic() - started:.1f}")
+    print(
+        f"inputs={stats.inputs} connections={stats.connections} batched={stats.batched} "
+        f"terminal={stats.terminal} random={stats.random_only} huge={stats.huge_length} "
+        f"read_timeouts={stats.read_timeouts} errors={stats.errors} secs={time.monotonic() - started:.1f}"
+    )
     return 1 if stats.errors or stats.read_timeouts else 0
 
 

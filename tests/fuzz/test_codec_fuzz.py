@@ -69,16 +69,19 @@ def mutated(draw, version_strategy=VERSIONS, with_connect: bool = False):
         elif op == "delete" and len(data) > 1:
             del data[pos]
         elif op == "truncate":
-            del data[max(1, pos):]
+            del data[max(1, pos) :]
         elif op == "length":
-            data[pos:pos + 1] = varint(draw(st.integers(0, 268_435_455)))
+            data[pos : pos + 1] = varint(draw(st.integers(0, 268_435_455)))
     prefix = c.encode(draw(connects(version)), version) if with_connect else b""
     return version, prefix, bytes(data)
 
 
 @FUZZ
-@given(data=st.binary(max_size=512), cuts=st.lists(st.integers(0, 512), max_size=4),
-       version=st.sampled_from([0, 3, 4, 5]))
+@given(
+    data=st.binary(max_size=512),
+    cuts=st.lists(st.integers(0, 512), max_size=4),
+    version=st.sampled_from([0, 3, 4, 5]),
+)
 def test_random_bytes_in_any_pieces_raise_only_mqtt_errors(data, cuts, version) -> None:
     whole = feed_in_pieces(data, [], version)
     assert feed_in_pieces(data, cuts, version) == whole  # the split never changes the outcome
@@ -92,8 +95,12 @@ def test_mutated_streams_in_any_pieces_raise_only_mqtt_errors(case, cuts) -> Non
 
 
 @FUZZ
-@given(ptype=st.integers(0, 15), flags=st.integers(0, 15), length=st.integers(1025, 268_435_455),
-       version=st.sampled_from([0, 4, 5]))
+@given(
+    ptype=st.integers(0, 15),
+    flags=st.integers(0, 15),
+    length=st.integers(1025, 268_435_455),
+    version=st.sampled_from([0, 4, 5]),
+)
 def test_huge_remaining_length_refused_from_the_fixed_header(ptype, flags, length, version) -> None:
     """With a maximum packet size, a larger announced packet fails on its header alone (or the
     header is malformed): the body is never waited for, so no memory is held for it."""
@@ -114,6 +121,7 @@ def test_oversized_packet_refused_before_its_body() -> None:
 
 
 # -- through the protocol state machine ---------------------------------------------------------------
+
 
 class MemoryStream:
     """The stream interface MQTTConnection uses, over a list of chunks to read and a byte sink."""

@@ -42,22 +42,32 @@ def spec() -> OpenAPI:
     return OpenAPI.from_file_path(str(SPEC_PATH))  # also validates the document itself
 
 
-def call(spec: OpenAPI, app, method: str, path: str, query: str = "", headers: dict | None = AUTH,
-         validate: bool = True):
+def call(
+    spec: OpenAPI,
+    app,
+    method: str,
+    path: str,
+    query: str = "",
+    headers: dict | None = AUTH,
+    validate: bool = True,
+):
     """One request; the response is checked against the spec for its path, method and status."""
     resp = wsgi_call(app, method, path, query=query, headers=headers)
     data = b"".join(resp.body)
     if validate:
         args = dict(part.split("=", 1) for part in query.split("&") if part)
-        request = SpecRequest("http://127.0.0.1:8082", method, quote(path, safe="/"), args=args,
-                              headers=headers)
-        spec.validate_response(request, SpecResponse(data, resp.status, resp.headers,
-                                                     resp.headers["Content-Type"]))
+        request = SpecRequest(
+            "http://127.0.0.1:8082", method, quote(path, safe="/"), args=args, headers=headers
+        )
+        spec.validate_response(
+            request, SpecResponse(data, resp.status, resp.headers, resp.headers["Content-Type"])
+        )
     return resp.status, resp.headers, data
 
 
 def json_call(spec, app, method, path, query="", headers=AUTH, validate=True):
     import json
+
     status, resp_headers, data = call(spec, app, method, path, query, headers, validate)
     return status, resp_headers, json.loads(data)
 
@@ -77,6 +87,7 @@ def app(broker: Broker, reloads: list) -> AdminAPI:
     def reload() -> dict:
         reloads.append(1)
         return {"changed": ["log.level"], "applied": ["log.level"], "restart_required": []}
+
     return AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, reload)
 
 
@@ -90,9 +101,12 @@ def online(broker: Broker, client_id: str) -> tuple:
 
 # -- authentication --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("headers", [None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                                     {"Authorization": f"Basic {TOKEN}"}],
-                         ids=["none", "wrong", "no-scheme", "basic"])
+
+@pytest.mark.parametrize(
+    "headers",
+    [None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}],
+    ids=["none", "wrong", "no-scheme", "basic"],
+)
 @pytest.mark.parametrize("path", ["/stats", "/sessions", "/retained", "/subscriptions"])
 def test_without_the_token_every_endpoint_is_401(spec, app, path: str, headers) -> None:
     status, resp_headers, body = json_call(spec, app, "GET", path, headers=headers)
@@ -125,8 +139,12 @@ def test_state_changing_call_with_a_foreign_origin_is_403(spec, app, reloads, or
 
 
 def test_same_origin_and_reads_with_an_origin_pass(spec, app, reloads) -> None:
-    assert json_call(spec, app, "POST", "/reload",
-                     headers={**AUTH, "Origin": "http://127.0.0.1", "Host": "127.0.0.1"})[0] == 200
+    assert (
+        json_call(
+            spec, app, "POST", "/reload", headers={**AUTH, "Origin": "http://127.0.0.1", "Host": "127.0.0.1"}
+        )[0]
+        == 200
+    )
     assert json_call(spec, app, "GET", "/stats", headers={**AUTH, "Origin": "http://evil.example"})[0] == 200
 
 
@@ -137,8 +155,18 @@ def test_a_host_that_is_not_an_address_is_421(spec, app, host: str) -> None:
     assert status == 421 and "server.admin.allowed_hosts" in body["error"]
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8082", "[::1]:8082", "localhost:8082", "LOCALHOST",
-                                  "10.1.2.3:8082", "admin.internal:8082"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "127.0.0.1:8082",
+        "[::1]:8082",
+        "localhost:8082",
+        "LOCALHOST",
+        "10.1.2.3:8082",
+        "admin.internal:8082",
+    ],
+)
 def test_addresses_localhost_and_allowed_names_pass(spec, broker, host: str) -> None:
     app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, allowed_hosts=["admin.internal"])
     assert json_call(spec, app, "GET", "/stats", headers={**AUTH, "Host": host})[0] == 200
@@ -152,7 +180,9 @@ def test_set_token_rotates(spec, app) -> None:
 
 def test_a_reload_cannot_drop_the_token_of_an_exposed_api(broker) -> None:
     app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, addr="0.0.0.0:8082")
-    tokenless = SimpleNamespace(server=SimpleNamespace(admin=SimpleNamespace(token_file="", allowed_hosts=[])))
+    tokenless = SimpleNamespace(
+        server=SimpleNamespace(admin=SimpleNamespace(token_file="", allowed_hosts=[]))
+    )
     with pytest.raises(ConfigError, match="server.admin.addr"):
         app.reload_hook(tokenless)
     assert app._token == TOKEN.encode()
@@ -177,6 +207,7 @@ def test_admin_token_from_file_or_environment(tmp_path) -> None:
 
 # -- stats -----------------------------------------------------------------------------------------
 
+
 def test_stats(spec, app, broker) -> None:
     session, _ = online(broker, "c1")
     broker.subscribe(session, "a/#", 1)
@@ -190,13 +221,19 @@ def test_stats(spec, app, broker) -> None:
     assert body["messages"]["sent_by_qos"] == {"0": 0, "1": 1, "2": 0}
     assert body["queues"]["inflight"] == 1
     assert body["memory"]["rss_bytes"] > 0
-    assert body["storage"] == {"type": "memory", "sync": None, "used_bytes": None, "map_size": None,
-                               "refusing": False}
+    assert body["storage"] == {
+        "type": "memory",
+        "sync": None,
+        "used_bytes": None,
+        "map_size": None,
+        "refusing": False,
+    }
 
 
 def test_stats_name_the_lmdb_store_its_size_and_sync_mode(spec, tmp_path) -> None:
     """The dashboard's overview shows storage size and sync mode: /stats carries them."""
     from fluxmq.storage.lmdb import LMDBStorage
+
     storage = LMDBStorage(tmp_path / "data", map_size=64 << 20, sync="none")
     try:
         storage.load()
@@ -218,6 +255,7 @@ def test_cluster_status_is_the_health_listeners(spec, app, broker) -> None:
 
 
 # -- sessions --------------------------------------------------------------------------------------
+
 
 def test_list_and_filter_sessions(spec, app, broker) -> None:
     online(broker, "b-online")
@@ -280,6 +318,7 @@ def test_wrong_method_is_405_with_allow(spec, app) -> None:
 
 # -- subscriptions ---------------------------------------------------------------------------------
 
+
 def test_list_subscriptions(spec, app, broker) -> None:
     s1, _ = online(broker, "one")
     s2, _ = online(broker, "two")
@@ -288,9 +327,16 @@ def test_list_subscriptions(spec, app, broker) -> None:
     status, _, body = json_call(spec, app, "GET", "/subscriptions")
     assert status == 200 and body["total"] == 2
     assert [(s["client_id"], s["filter"]) for s in body["subscriptions"]] == [("one", "a"), ("two", "b/+")]
-    assert body["subscriptions"][1] == {"client_id": "two", "filter": "b/+", "qos": 1, "no_local": True,
-                                        "retain_as_published": True, "retain_handling": 2,
-                                        "subscription_id": None, "share_group": None}
+    assert body["subscriptions"][1] == {
+        "client_id": "two",
+        "filter": "b/+",
+        "qos": 1,
+        "no_local": True,
+        "retain_as_published": True,
+        "retain_handling": 2,
+        "subscription_id": None,
+        "share_group": None,
+    }
     _, _, mine = json_call(spec, app, "GET", "/subscriptions", query="client_id=one")
     assert mine["total"] == 1
     assert json_call(spec, app, "GET", "/subscriptions", query="client_id=nobody")[0] == 404
@@ -298,13 +344,20 @@ def test_list_subscriptions(spec, app, broker) -> None:
 
 # -- retained --------------------------------------------------------------------------------------
 
+
 def test_list_get_delete_retained(spec, app, broker) -> None:
     for topic, payload in (("t/b", b"2"), ("t/a", b"\xff"), ("u", b"3")):
         broker.publish(Message(topic, payload, 1, retain=True))
     status, _, body = json_call(spec, app, "GET", "/retained", query="filter=t/%2B")
     assert status == 200 and body["total"] == 2
-    assert body["messages"][0] == {"topic": "t/a", "payload": "/w==", "payload_encoding": "base64", "qos": 1,
-                                   "retain": True, "size": 1}
+    assert body["messages"][0] == {
+        "topic": "t/a",
+        "payload": "/w==",
+        "payload_encoding": "base64",
+        "qos": 1,
+        "retain": True,
+        "size": 1,
+    }
     assert json_call(spec, app, "GET", "/retained")[2]["total"] == 3
     status, _, one = json_call(spec, app, "GET", "/retained/u")
     assert status == 200 and one["payload"] == "3"
@@ -330,16 +383,22 @@ def test_retained_bad_filter_is_400(spec, app) -> None:
 
 # -- reload and the spec ---------------------------------------------------------------------------
 
+
 def test_reload(spec, app, reloads) -> None:
     status, _, body = json_call(spec, app, "POST", "/reload")
     assert status == 200 and reloads == [1]
-    assert body == {"status": "reloaded", "changed": ["log.level"], "applied": ["log.level"],
-                    "restart_required": []}
+    assert body == {
+        "status": "reloaded",
+        "changed": ["log.level"],
+        "applied": ["log.level"],
+        "restart_required": [],
+    }
 
 
 def test_reload_config_error_is_400(spec, broker) -> None:
     def reload() -> dict:
         raise ConfigError("log.level", "one of debug, info", "/etc/fluxmq.yaml", 3, "loud")
+
     app = AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN, reload)
     status, _, body = json_call(spec, app, "POST", "/reload")
     assert status == 400 and "log.level (/etc/fluxmq.yaml:3)" in body["error"]
@@ -353,12 +412,25 @@ def test_spec_is_served(spec, app) -> None:
 
 def test_every_route_is_documented(spec, app) -> None:
     paths = YAML(typ="safe", pure=True).load(SPEC_PATH.read_text())["paths"]
-    documented = {(path, method.upper()) for path, item in paths.items()
-                  for method in item if method in ("get", "post", "delete", "put", "patch")}
-    routes = {("/" + pattern.replace("sessions/*", "sessions/{client_id}").replace("retained/*", "retained/{topic}")
-               .replace("queues/*", "queues/{name}").replace("groups/*/members", "groups/{group}/members")
-               # DELETE groups/* takes {group}/members/{addr} (one * per pattern)
-               .replace("groups/*", "groups/{group}/members/{addr}"), method) for method, pattern, _ in app._routes}
+    documented = {
+        (path, method.upper())
+        for path, item in paths.items()
+        for method in item
+        if method in ("get", "post", "delete", "put", "patch")
+    }
+    routes = {
+        (
+            "/"
+            + pattern.replace("sessions/*", "sessions/{client_id}")
+            .replace("retained/*", "retained/{topic}")
+            .replace("queues/*", "queues/{name}")
+            .replace("groups/*/members", "groups/{group}/members")
+            # DELETE groups/* takes {group}/members/{addr} (one * per pattern)
+            .replace("groups/*", "groups/{group}/members/{addr}"),
+            method,
+        )
+        for method, pattern, _ in app._routes
+    }
     served_before_dispatch = {("/openapi.yaml", "GET"), ("/monitor", "GET"), ("/dashboard/{file}", "GET")}
     assert routes | served_before_dispatch == documented
 
@@ -371,10 +443,20 @@ def test_not_running_broker_is_503(spec) -> None:
 
 # -- exposure --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("host", "loopback"), [
-    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
-    ("0.0.0.0", False), ("::", False), ("10.0.0.1", False), ("example.com", False),
-])
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.1", False),
+        ("example.com", False),
+    ],
+)
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
@@ -429,8 +511,9 @@ def hub_turns_during(fn) -> tuple[int, object]:
 def test_walking_every_session_lets_other_greenlets_run(spec, app, many, path: str) -> None:
     """Sorting or summing 100,000 sessions held the hub 15-220 ms (bench/RESULTS.md): every client
     waited. The walk now yields between slices."""
-    turns, (status, _, _) = hub_turns_during(lambda: json_call(spec, app, "GET", path, query="limit=10"
-                                                               if path != "/stats" else ""))
+    turns, (status, _, _) = hub_turns_during(
+        lambda: json_call(spec, app, "GET", path, query="limit=10" if path != "/stats" else "")
+    )
     assert status == 200
     assert turns >= 3, f"{path} over {MANY} sessions let other greenlets run {turns} times"
 
@@ -455,7 +538,9 @@ def test_subscription_pages_span_sessions(spec, app, broker, many) -> None:
     for offset, limit in ((0, 3), (1, 2), (7, 50), (len(everything) - 2, 10)):
         _, _, body = json_call(spec, app, "GET", "/subscriptions", query=f"limit={limit}&offset={offset}")
         assert body["total"] == len(everything)
-        assert [(s["client_id"], s["filter"]) for s in body["subscriptions"]] == everything[offset:offset + limit]
+        assert [(s["client_id"], s["filter"]) for s in body["subscriptions"]] == everything[
+            offset : offset + limit
+        ]
 
 
 def test_delete_retained_answers_after_the_delete_is_committed(spec, tmp_path) -> None:
@@ -484,8 +569,14 @@ def test_bridges_lists_links_with_state_and_counters(spec: OpenAPI, broker: Brok
     from fluxmq.bridge import Bridges
     from fluxmq.bridge.config import BridgeConfig, TopicRoute
 
-    bridges = Bridges([BridgeConfig("cloud", "127.0.0.1", 1, password=b"pw-never-shown",
-                                    topics=(TopicRoute("a/#", "out", 1),))], broker)
+    bridges = Bridges(
+        [
+            BridgeConfig(
+                "cloud", "127.0.0.1", 1, password=b"pw-never-shown", topics=(TopicRoute("a/#", "out", 1),)
+            )
+        ],
+        broker,
+    )
     bridges.links[0]._open_session()
     app = AdminAPI(SimpleNamespace(broker=broker, listeners=[], bridges=bridges), TOKEN)
     status, _, body = json_call(spec, app, "GET", "/bridges")
@@ -493,11 +584,14 @@ def test_bridges_lists_links_with_state_and_counters(spec: OpenAPI, broker: Brok
     [entry] = body["bridges"]
     assert (entry["name"], entry["state"], entry["queued"]) == ("cloud", "down", 0)
     assert "pw-never-shown" not in repr(body)
-    status, _, body = json_call(spec, AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN), "GET", "/bridges")
+    status, _, body = json_call(
+        spec, AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN), "GET", "/bridges"
+    )
     assert (status, body) == (200, {"status": "ok", "bridges": []})
 
 
 # -- durable queues (issue 10) ---------------------------------------------------------------------
+
 
 def _queue_broker(broker: Broker):
     from fluxmq.broker.message import USER_PROPERTY
@@ -506,8 +600,14 @@ def _queue_broker(broker: Broker):
     broker.queues = QueueManager(broker.storage)
     for i in range(3):
         broker.publish(Message(f"$queue/orders/eu/{i}", f"o{i}".encode(), 1))
-    dead = {USER_PROPERTY: [("x-death-reason", "rejected"), ("x-delivery-count", "1"),
-                            ("x-original-topic", "$queue/orders/eu/9"), ("k", "v")]}
+    dead = {
+        USER_PROPERTY: [
+            ("x-death-reason", "rejected"),
+            ("x-delivery-count", "1"),
+            ("x-original-topic", "$queue/orders/eu/9"),
+            ("k", "v"),
+        ]
+    }
     broker.publish(Message("$queue/orders.dlq", b"o9", 1, properties=dead))
     return broker.queues
 
@@ -524,7 +624,8 @@ def test_queues_list_peek_purge_and_replay(spec, app, broker) -> None:
     assert status == 200 and one["next_offset"] == 3
     status, _, peek = json_call(spec, app, "GET", "/queues/orders/messages", "offset=1&limit=1")
     assert status == 200 and [(m["offset"], m["payload"], m["topic"]) for m in peek["messages"]] == [
-        (1, "o1", "$queue/orders/eu/1")]
+        (1, "o1", "$queue/orders/eu/1")
+    ]
 
     status, _, replay = json_call(spec, app, "POST", "/queues/orders.dlq/replay")
     assert status == 200 and replay["replayed"] == 1

@@ -37,13 +37,25 @@ class Response:
         return json.loads(data)
 
 
-def wsgi_call(app, method: str, path: str, body: bytes = b"", query: str = "",
-              headers: dict[str, str] | None = None, chunked: bool = False,
-              remote_addr: str = "127.0.0.1") -> Response:
+def wsgi_call(
+    app,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    query: str = "",
+    headers: dict[str, str] | None = None,
+    chunked: bool = False,
+    remote_addr: str = "127.0.0.1",
+) -> Response:
     """Call a WSGI app as a server would; ``path`` is the decoded path (UTF-8 text)."""
-    environ: dict = {"REQUEST_METHOD": method, "PATH_INFO": path.encode("utf-8").decode("latin-1"),
-                     "QUERY_STRING": query, "wsgi.input": io.BytesIO(body), "REMOTE_ADDR": remote_addr,
-                     "RAW_URI": quote(path, safe="/%") + (f"?{query}" if query else "")}
+    environ: dict = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path.encode("utf-8").decode("latin-1"),
+        "QUERY_STRING": query,
+        "wsgi.input": io.BytesIO(body),
+        "REMOTE_ADDR": remote_addr,
+        "RAW_URI": quote(path, safe="/%") + (f"?{query}" if query else ""),
+    }
     if not chunked:
         environ["CONTENT_LENGTH"] = str(len(body))
     for name, value in (headers or {}).items():
@@ -104,8 +116,10 @@ def broker() -> Broker:
 
 @pytest.fixture
 def bridge(broker: Broker) -> HTTPBridge:
-    return HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
-                                             sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    return HTTPBridge(
+        broker,
+        BridgeSettings(max_body_size=1024, max_message_size=512, sse_heartbeat=HEARTBEAT, sse_queue_size=100),
+    )
 
 
 def subscribe(bridge: HTTPBridge, *filters: str, remote_addr: str = "127.0.0.1") -> Stream:
@@ -115,24 +129,36 @@ def subscribe(bridge: HTTPBridge, *filters: str, remote_addr: str = "127.0.0.1")
 
 # -- POST /publish ---------------------------------------------------------------------------------
 
+
 def test_publish_json_reaches_a_subscriber(bridge: HTTPBridge) -> None:
     stream = subscribe(bridge, "sensors/+/temp")
     resp = publish_json(bridge, {"topic": "sensors/k1/temp", "payload": "21.5", "qos": 1})
     assert resp.status == 200
-    assert resp.json() == {"status": "published", "topic": "sensors/k1/temp", "qos": 1, "retain": False,
-                           "deliveries": 1}
+    assert resp.json() == {
+        "status": "published",
+        "topic": "sensors/k1/temp",
+        "qos": 1,
+        "retain": False,
+        "deliveries": 1,
+    }
     [(name, data)] = stream.events(1)
     assert name == "message"
-    assert data == {"topic": "sensors/k1/temp", "payload": "21.5", "payload_encoding": "utf8", "qos": 1,
-                    "retain": False}
+    assert data == {
+        "topic": "sensors/k1/temp",
+        "payload": "21.5",
+        "payload_encoding": "utf8",
+        "qos": 1,
+        "retain": False,
+    }
     stream.close()
 
 
 def test_publish_base64_payload_and_binary_event(bridge: HTTPBridge) -> None:
     stream = subscribe(bridge, "bin")
     raw = bytes(range(256))
-    resp = publish_json(bridge, {"topic": "bin", "payload": base64.b64encode(raw).decode(),
-                                 "payload_encoding": "base64"})
+    resp = publish_json(
+        bridge, {"topic": "bin", "payload": base64.b64encode(raw).decode(), "payload_encoding": "base64"}
+    )
     assert resp.status == 200
     [(_, data)] = stream.events(1)
     assert data["payload_encoding"] == "base64"
@@ -142,9 +168,14 @@ def test_publish_base64_payload_and_binary_event(bridge: HTTPBridge) -> None:
 
 def test_publish_properties_are_forwarded_in_order(bridge: HTTPBridge, broker: Broker) -> None:
     stream = subscribe(bridge, "req")
-    props = {"content_type": "application/json", "response_topic": "resp/1", "correlation_data": "abc",
-             "payload_format_indicator": 1, "message_expiry_interval": 600,
-             "user_properties": [["b", "2"], ["a", "1"], ["b", "3"]]}
+    props = {
+        "content_type": "application/json",
+        "response_topic": "resp/1",
+        "correlation_data": "abc",
+        "payload_format_indicator": 1,
+        "message_expiry_interval": 600,
+        "user_properties": [["b", "2"], ["a", "1"], ["b", "3"]],
+    }
     assert publish_json(bridge, {"topic": "req", "payload": "{}", "properties": props}).status == 200
     [(_, data)] = stream.events(1)
     got = data["properties"]
@@ -158,42 +189,49 @@ def test_publish_properties_are_forwarded_in_order(bridge: HTTPBridge, broker: B
 
 
 def test_user_properties_as_an_object(bridge: HTTPBridge, broker: Broker) -> None:
-    resp = publish_json(bridge, {"topic": "t", "payload": "x", "retain": True,
-                                 "properties": {"user_properties": {"k": "v"}}})
+    resp = publish_json(
+        bridge, {"topic": "t", "payload": "x", "retain": True, "properties": {"user_properties": {"k": "v"}}}
+    )
     assert resp.status == 200
     stored = broker.retained.get("t")
     assert stored.properties[USER_PROPERTY] == [("k", "v")]
 
 
-@pytest.mark.parametrize(("doc", "fragment"), [
-    ({"payload": "x"}, "topic is required"),
-    ({"topic": "a/#"}, "invalid topic name"),
-    ({"topic": "a/+/b"}, "invalid topic name"),
-    ({"topic": ""}, "invalid topic name"),
-    ({"topic": 5}, "topic must be a string"),
-    ({"topic": "t", "payload_encoding": "hex"}, "payload_encoding"),
-    ({"topic": "t", "payload": "***", "payload_encoding": "base64"}, "not valid base64"),
-    ({"topic": "t", "payload": 5}, "payload must be a string"),
-    ({"topic": "t", "qos": 3}, "qos must be 0, 1 or 2"),
-    ({"topic": "t", "qos": "1"}, "qos must be 0, 1 or 2"),
-    ({"topic": "t", "qos": True}, "qos must be 0, 1 or 2"),
-    ({"topic": "t", "retain": "yes"}, "retain must be true or false"),
-    ({"topic": "t", "extra": 1}, "unknown field 'extra'"),
-    ({"topic": "t", "properties": {"topic_alias": 1}}, "unknown property"),
-    ({"topic": "t", "properties": []}, "properties must be an object"),
-    ({"topic": "t", "properties": {"response_topic": "r/#"}}, "response_topic"),
-    ({"topic": "t", "properties": {"message_expiry_interval": -1}}, "message_expiry_interval"),
-    ({"topic": "t", "properties": {"user_properties": [["a"]]}}, "user_properties"),
-    ({"topic": "t", "properties": {"user_properties": {"a": 1}}}, "user_properties"),
-], ids=lambda v: v if isinstance(v, str) else None)
-def test_publish_rejects_bad_requests_with_400(bridge: HTTPBridge, broker: Broker, doc: dict, fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    [
+        ({"payload": "x"}, "topic is required"),
+        ({"topic": "a/#"}, "invalid topic name"),
+        ({"topic": "a/+/b"}, "invalid topic name"),
+        ({"topic": ""}, "invalid topic name"),
+        ({"topic": 5}, "topic must be a string"),
+        ({"topic": "t", "payload_encoding": "hex"}, "payload_encoding"),
+        ({"topic": "t", "payload": "***", "payload_encoding": "base64"}, "not valid base64"),
+        ({"topic": "t", "payload": 5}, "payload must be a string"),
+        ({"topic": "t", "qos": 3}, "qos must be 0, 1 or 2"),
+        ({"topic": "t", "qos": "1"}, "qos must be 0, 1 or 2"),
+        ({"topic": "t", "qos": True}, "qos must be 0, 1 or 2"),
+        ({"topic": "t", "retain": "yes"}, "retain must be true or false"),
+        ({"topic": "t", "extra": 1}, "unknown field 'extra'"),
+        ({"topic": "t", "properties": {"topic_alias": 1}}, "unknown property"),
+        ({"topic": "t", "properties": []}, "properties must be an object"),
+        ({"topic": "t", "properties": {"response_topic": "r/#"}}, "response_topic"),
+        ({"topic": "t", "properties": {"message_expiry_interval": -1}}, "message_expiry_interval"),
+        ({"topic": "t", "properties": {"user_properties": [["a"]]}}, "user_properties"),
+        ({"topic": "t", "properties": {"user_properties": {"a": 1}}}, "user_properties"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_publish_rejects_bad_requests_with_400(
+    bridge: HTTPBridge, broker: Broker, doc: dict, fragment: str
+) -> None:
     resp = publish_json(bridge, doc)
     assert resp.status == 400
     assert fragment in resp.json()["error"]
     assert broker.stats.publish_received == 0
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b"[1, 2]", b"\"topic\"", b""])
+@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b"[1, 2]", b'"topic"', b""])
 def test_publish_body_must_be_a_json_object(bridge: HTTPBridge, body: bytes) -> None:
     resp = wsgi_call(bridge, "POST", "/publish", body)
     assert resp.status == 400
@@ -246,6 +284,7 @@ def test_publish_needs_post(bridge: HTTPBridge) -> None:
 
 # -- POST /topics/{topic} --------------------------------------------------------------------------
 
+
 def test_raw_publish_with_query_options_is_retained(bridge: HTTPBridge, broker: Broker) -> None:
     stream = subscribe(bridge, "home/#")
     resp = wsgi_call(bridge, "POST", "/topics/home/kitchen/light", b"\xff\x01on", query="qos=2&retain=true")
@@ -273,16 +312,19 @@ def test_raw_publish_empty_retained_body_clears_it(bridge: HTTPBridge, broker: B
     assert broker.retained.get("r") is None
 
 
-@pytest.mark.parametrize(("path", "query", "status"), [
-    ("/topics/t", "qos=5", 400),
-    ("/topics/t", "qos=x", 400),
-    ("/topics/t", "retain=maybe", 400),
-    ("/topics/t", "qos=1&qos=2", 400),
-    ("/topics/t", "color=red", 400),
-    ("/topics/", "", 400),
-    ("/topics/a/#", "", 400),
-    ("/topics/$SYS/x", "", 403),
-])
+@pytest.mark.parametrize(
+    ("path", "query", "status"),
+    [
+        ("/topics/t", "qos=5", 400),
+        ("/topics/t", "qos=x", 400),
+        ("/topics/t", "retain=maybe", 400),
+        ("/topics/t", "qos=1&qos=2", 400),
+        ("/topics/t", "color=red", 400),
+        ("/topics/", "", 400),
+        ("/topics/a/#", "", 400),
+        ("/topics/$SYS/x", "", 403),
+    ],
+)
 def test_raw_publish_errors(bridge: HTTPBridge, path: str, query: str, status: int) -> None:
     resp = wsgi_call(bridge, "POST", path, b"x", query=query)
     assert resp.status == status
@@ -297,12 +339,19 @@ def test_raw_publish_needs_post(bridge: HTTPBridge) -> None:
 
 # -- GET /retained/{topic} -------------------------------------------------------------------------
 
+
 def test_get_retained_message(bridge: HTTPBridge, broker: Broker) -> None:
     broker.publish(Message("dev/1/state", b"up", 1, True, {CONTENT_TYPE: "text/plain"}))
     resp = wsgi_call(bridge, "GET", "/retained/dev/1/state")
     assert resp.status == 200
-    assert resp.json() == {"topic": "dev/1/state", "payload": "up", "payload_encoding": "utf8", "qos": 1,
-                           "retain": True, "properties": {"content_type": "text/plain"}}
+    assert resp.json() == {
+        "topic": "dev/1/state",
+        "payload": "up",
+        "payload_encoding": "utf8",
+        "qos": 1,
+        "retain": True,
+        "properties": {"content_type": "text/plain"},
+    }
 
 
 def test_get_retained_missing_and_invalid(bridge: HTTPBridge) -> None:
@@ -317,6 +366,7 @@ def test_unknown_path_is_404(bridge: HTTPBridge) -> None:
 
 
 # -- GET /subscribe (server-sent events) -----------------------------------------------------------
+
 
 def test_subscribe_sends_retained_first_with_retain_set(bridge: HTTPBridge, broker: Broker) -> None:
     """Retained messages go to a new subscription with the retain flag set [MQTT-3.3.1-8];
@@ -389,14 +439,19 @@ def test_shutdown_closes_streams(bridge: HTTPBridge, broker: Broker) -> None:
     stream.close()
 
 
-@pytest.mark.parametrize(("query", "fragment"), [
-    ("", "at least one filter"),
-    ("filter=a/%23/b", "invalid topic filter"),
-    ("filter=ok&filter=bad%23", "invalid topic filter"),
-    ("topic=a", "unknown parameter"),
-    ("filter=%24queue/orders/%23", "durable queues are consumed over MQTT"),
-])
-def test_subscribe_errors_leave_no_session(bridge: HTTPBridge, broker: Broker, query: str, fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        ("", "at least one filter"),
+        ("filter=a/%23/b", "invalid topic filter"),
+        ("filter=ok&filter=bad%23", "invalid topic filter"),
+        ("topic=a", "unknown parameter"),
+        ("filter=%24queue/orders/%23", "durable queues are consumed over MQTT"),
+    ],
+)
+def test_subscribe_errors_leave_no_session(
+    bridge: HTTPBridge, broker: Broker, query: str, fragment: str
+) -> None:
     resp = wsgi_call(bridge, "GET", "/subscribe", query=query)
     assert resp.status == 400
     assert fragment in resp.json()["error"]
@@ -419,8 +474,9 @@ def test_reload_applies_bridge_keys_but_keeps_max_message_size(broker: Broker) -
     from fluxmq.config import load_config
 
     bridge = HTTPBridge(broker, BridgeSettings(max_body_size=10, max_message_size=100))
-    cfg = load_config(None, env={}, overrides=["server.http.plain.max_body_size=2KiB",
-                                               "broker.max_message_size=5000"])
+    cfg = load_config(
+        None, env={}, overrides=["server.http.plain.max_body_size=2KiB", "broker.max_message_size=5000"]
+    )
     applied = bridge.reload(cfg)
     assert "server.http.plain.max_body_size" in applied and "broker.max_message_size" not in applied
     assert bridge.settings.max_body_size == 2048
@@ -433,8 +489,10 @@ def test_publish_refused_with_503_when_the_store_is_full(tmp_path) -> None:
 
     store = LMDBStorage(tmp_path / "data")
     broker = Broker(BrokerSettings(), storage=store)
-    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
-                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    bridge = HTTPBridge(
+        broker,
+        BridgeSettings(max_body_size=1024, max_message_size=512, sse_heartbeat=HEARTBEAT, sse_queue_size=100),
+    )
     try:
         store.refusing = True  # the state a StorageFull commit leaves the store in
         resp = publish_json(bridge, {"topic": "kept", "payload": "x", "qos": 1, "retain": True})
@@ -448,8 +506,10 @@ def test_publish_refused_with_503_when_the_store_is_full(tmp_path) -> None:
 def test_subscribe_past_broker_max_sessions_is_503_not_a_crash() -> None:
     """An SSE stream is a broker session: past broker.max_sessions it is refused with a clear 503."""
     broker = Broker(BrokerSettings(max_sessions=1))
-    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
-                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    bridge = HTTPBridge(
+        broker,
+        BridgeSettings(max_body_size=1024, max_message_size=512, sse_heartbeat=HEARTBEAT, sse_queue_size=100),
+    )
     stream = subscribe(bridge, "a/#")
     resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=b")
     assert resp.status == 503 and "max_sessions" in resp.json()["error"]
@@ -466,23 +526,33 @@ def test_topic_cap_alone_leaves_authorization_headers_alone(bridge: HTTPBridge, 
 
     broker.set_auth(AuthService(AuthSettings(limits=PublishLimits(max_topic_levels=128))))
     for header in ("Bearer some-token", "Basic not-base64!", "Basic " + base64.b64encode(b"u:p").decode()):
-        resp = wsgi_call(bridge, "POST", "/publish", json.dumps({"topic": "a/b"}).encode(),
-                         headers={"Authorization": header})
+        resp = wsgi_call(
+            bridge,
+            "POST",
+            "/publish",
+            json.dumps({"topic": "a/b"}).encode(),
+            headers={"Authorization": header},
+        )
         assert resp.status == 200, (header, resp.json())
     over = publish_json(bridge, {"topic": "/" * 128})
     assert over.status == 400
 
 
-def test_exposed_bridge_refuses_every_request_and_the_same_bridge_elsewhere_does_not(bridge: HTTPBridge,
-                                                                                     broker: Broker) -> None:
+def test_exposed_bridge_refuses_every_request_and_the_same_bridge_elsewhere_does_not(
+    bridge: HTTPBridge, broker: Broker
+) -> None:
     """``HTTPBridge.exposed()`` (a network listener with nothing to check user names, issue 17 item
     11): 401 with the Basic challenge and an error naming auth.allow_anonymous, with or without
     credentials, on every endpoint; the bridge as served on a loopback listener still answers."""
     exposed = bridge.exposed()
     basic = {"Authorization": "Basic " + base64.b64encode(b"mallory:x").decode()}
-    for method, path, query, headers in (("POST", "/publish", "", None), ("POST", "/publish", "", basic),
-                                         ("POST", "/topics/a/b", "", None), ("GET", "/retained/a/b", "", None),
-                                         ("GET", "/subscribe", "filter=a/%23", None)):
+    for method, path, query, headers in (
+        ("POST", "/publish", "", None),
+        ("POST", "/publish", "", basic),
+        ("POST", "/topics/a/b", "", None),
+        ("GET", "/retained/a/b", "", None),
+        ("GET", "/subscribe", "filter=a/%23", None),
+    ):
         body = json.dumps({"topic": "a/b"}).encode() if path == "/publish" else b"x"
         resp = wsgi_call(exposed, method, path, body, query=query, headers=headers)
         assert resp.status == 401, (path, resp.status)
@@ -495,8 +565,11 @@ def test_exposed_bridge_refuses_every_request_and_the_same_bridge_elsewhere_does
 
 # -- bounds (issue 17 item 10) ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"topic": "a", "properties": ' + b'{"a": ' * 50_000,
-                                  b"[" * 100_000 + b"]" * 100_000])
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"topic": "a", "properties": ' + b'{"a": ' * 50_000, b"[" * 100_000 + b"]" * 100_000],
+)
 def test_deeply_nested_json_is_400(broker: Broker, body: bytes) -> None:
     """The JSON parser recurses per nesting level: past the interpreter's limit that must be a 400."""
     bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1 << 20))
@@ -506,7 +579,9 @@ def test_deeply_nested_json_is_400(broker: Broker, body: bytes) -> None:
 
 
 def test_streams_past_max_streams_get_429_with_retry_after(broker: Broker) -> None:
-    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=3, max_streams_per_user=100))
+    bridge = HTTPBridge(
+        broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=3, max_streams_per_user=100)
+    )
     streams = [subscribe(bridge, "a", remote_addr=f"10.0.0.{i}") for i in range(3)]
     resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=a", remote_addr="10.0.0.9")
     assert resp.status == 429
@@ -523,7 +598,9 @@ def test_streams_past_max_streams_get_429_with_retry_after(broker: Broker) -> No
 
 
 def test_streams_per_user_are_bounded_by_user_name_or_address(broker: Broker) -> None:
-    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=100, max_streams_per_user=2))
+    bridge = HTTPBridge(
+        broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=100, max_streams_per_user=2)
+    )
     mine = [subscribe(bridge, "a", remote_addr="10.0.0.1") for _ in range(2)]
     resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=a", remote_addr="10.0.0.1")
     assert resp.status == 429 and "server.http.plain.max_streams_per_user" in resp.json()["error"]
@@ -534,7 +611,9 @@ def test_streams_per_user_are_bounded_by_user_name_or_address(broker: Broker) ->
 
 
 def test_refused_stream_releases_its_slot(broker: Broker) -> None:
-    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=1, max_streams_per_user=1))
+    bridge = HTTPBridge(
+        broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=1, max_streams_per_user=1)
+    )
     assert wsgi_call(bridge, "GET", "/subscribe", query="filter=" + quote("a/#/b", safe="")).status == 400
     subscribe(bridge, "a").close()  # the bad filter's slot did not stay taken
 
@@ -546,9 +625,11 @@ def test_bridge_pool_leaves_room_for_requests_beside_the_streams(broker: Broker)
 
 # -- compiled ACLs (issue 17 item 9) ---------------------------------------------------------------
 
+
 def test_streams_refused_by_the_acl_leave_no_compiled_acl(broker: Broker, tmp_path) -> None:
     """Each stream is its own client id: a refused one must drop the ACL compiled for it."""
     from fluxmq.auth.service import AuthService, AuthSettings
+
     acl = tmp_path / "acl"
     acl.write_text("topic read open/#\n")
     auth = AuthService(AuthSettings(acl_file=str(acl), allow_anonymous=True))
@@ -564,28 +645,55 @@ def test_streams_refused_by_the_acl_leave_no_compiled_acl(broker: Broker, tmp_pa
     assert len(auth._acls) == 0
 
 
-def test_streams_per_user_name_and_refusals_at_the_bound_leave_no_compiled_acl(broker: Broker, tmp_path) -> None:
+def test_streams_per_user_name_and_refusals_at_the_bound_leave_no_compiled_acl(
+    broker: Broker, tmp_path
+) -> None:
     from fluxmq.auth.password_file import hash_password
     from fluxmq.auth.service import AuthService, AuthSettings
+
     passwd = tmp_path / "passwd"
     passwd.write_text(f"alice:{hash_password('a-pw')}\nbob:{hash_password('b-pw')}\n")
     acl = tmp_path / "acl"
     acl.write_text("pattern read open/#\n")
     auth = AuthService(AuthSettings(password_file=str(passwd), acl_file=str(acl)))
     broker.set_auth(auth)
-    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=10, max_streams_per_user=1))
+    bridge = HTTPBridge(
+        broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=10, max_streams_per_user=1)
+    )
 
     def basic(user: str, password: str) -> dict[str, str]:
         return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
-    alice = Stream(wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("alice", "a-pw"),
-                             remote_addr="10.0.0.1"))
+    alice = Stream(
+        wsgi_call(
+            bridge,
+            "GET",
+            "/subscribe",
+            query="filter=open%2Fx",
+            headers=basic("alice", "a-pw"),
+            remote_addr="10.0.0.1",
+        )
+    )
     for _ in range(20):  # alice from another address is still alice
-        resp = wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("alice", "a-pw"),
-                         remote_addr="10.0.0.2")
+        resp = wsgi_call(
+            bridge,
+            "GET",
+            "/subscribe",
+            query="filter=open%2Fx",
+            headers=basic("alice", "a-pw"),
+            remote_addr="10.0.0.2",
+        )
         assert resp.status == 429 and "'alice'" in resp.json()["error"]
-    bob = Stream(wsgi_call(bridge, "GET", "/subscribe", query="filter=open%2Fx", headers=basic("bob", "b-pw"),
-                           remote_addr="10.0.0.1"))
+    bob = Stream(
+        wsgi_call(
+            bridge,
+            "GET",
+            "/subscribe",
+            query="filter=open%2Fx",
+            headers=basic("bob", "b-pw"),
+            remote_addr="10.0.0.1",
+        )
+    )
     assert set(auth._acls) == {alice.client_id, bob.client_id}
     alice.close()
     bob.close()
@@ -607,8 +715,10 @@ def test_publish_answers_only_after_the_message_is_committed(tmp_path, sync: str
     store = LMDBStorage(tmp_path / "data", sync=sync)
     FlushScheduler(store)
     broker = Broker(BrokerSettings(), storage=store)
-    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
-                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    bridge = HTTPBridge(
+        broker,
+        BridgeSettings(max_body_size=1024, max_message_size=512, sse_heartbeat=HEARTBEAT, sse_queue_size=100),
+    )
     try:
         resp = publish_json(bridge, {"topic": "kept", "payload": "x", "qos": 1, "retain": True})
         assert resp.status == 200
@@ -624,8 +734,10 @@ def test_publish_answers_503_when_its_commit_fails(tmp_path) -> None:
     store = FailingStorage(tmp_path / "data")
     FlushScheduler(store)
     broker = Broker(BrokerSettings(), storage=store)
-    bridge = HTTPBridge(broker, BridgeSettings(max_body_size=1024, max_message_size=512,
-                                               sse_heartbeat=HEARTBEAT, sse_queue_size=100))
+    bridge = HTTPBridge(
+        broker,
+        BridgeSettings(max_body_size=1024, max_message_size=512, sse_heartbeat=HEARTBEAT, sse_queue_size=100),
+    )
     try:
         store.fail = 1
         resp = publish_json(bridge, {"topic": "kept", "payload": "x", "qos": 1, "retain": True})
@@ -651,7 +763,9 @@ def test_a_closed_stream_counts_its_qos0_drops_as_offline_not_too_large(broker: 
     assert not stream.queue
 
 
-def test_publish_to_a_queue_appends_and_refusals_have_their_status(bridge: HTTPBridge, broker: Broker) -> None:
+def test_publish_to_a_queue_appends_and_refusals_have_their_status(
+    bridge: HTTPBridge, broker: Broker
+) -> None:
     resp = publish_json(bridge, {"topic": "$queue/orders/1", "payload": "x", "qos": 1})
     assert resp.status == 404  # no queue manager on this broker: like auto_create off
     from fluxmq.queues import QueueManager

@@ -28,13 +28,18 @@ def get(app, path: str, headers: dict | None = None, method: str = "GET"):
     return resp.status, resp.headers, b"".join(resp.body)
 
 
-@pytest.mark.parametrize(("path", "file", "content_type"), [
-    ("/dashboard/", "index.html", "text/html; charset=utf-8"),
-    ("/dashboard/index.html", "index.html", "text/html; charset=utf-8"),
-    ("/dashboard/dashboard.js", "dashboard.js", "text/javascript; charset=utf-8"),
-    ("/dashboard/dashboard.css", "dashboard.css", "text/css; charset=utf-8"),
-])
-def test_files_are_public_with_their_type_and_revalidated(app, path: str, file: str, content_type: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "file", "content_type"),
+    [
+        ("/dashboard/", "index.html", "text/html; charset=utf-8"),
+        ("/dashboard/index.html", "index.html", "text/html; charset=utf-8"),
+        ("/dashboard/dashboard.js", "dashboard.js", "text/javascript; charset=utf-8"),
+        ("/dashboard/dashboard.css", "dashboard.css", "text/css; charset=utf-8"),
+    ],
+)
+def test_files_are_public_with_their_type_and_revalidated(
+    app, path: str, file: str, content_type: str
+) -> None:
     """No token: the files hold no data (the page asks the API with the token)."""
     status, headers, body = get(app, path)
     assert status == 200
@@ -65,11 +70,21 @@ def test_bare_paths_redirect_to_the_page(app) -> None:
     assert status == 302 and headers["Location"] == "/dashboard/"
 
 
-@pytest.mark.parametrize("path", [
-    "/dashboard/../admin.py", "/dashboard/%2E%2E/admin.py", "/dashboard/..%2Fadmin.py",
-    "/dashboard/static/index.html", "/dashboard/index.html/x", "/dashboard/__init__.py",
-    "/dashboard/%2Fetc%2Fpasswd", "/dashboard/nope.js", "/dashboard//index.html", "/dashboard/.",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/dashboard/../admin.py",
+        "/dashboard/%2E%2E/admin.py",
+        "/dashboard/..%2Fadmin.py",
+        "/dashboard/static/index.html",
+        "/dashboard/index.html/x",
+        "/dashboard/__init__.py",
+        "/dashboard/%2Fetc%2Fpasswd",
+        "/dashboard/nope.js",
+        "/dashboard//index.html",
+        "/dashboard/.",
+    ],
+)
 def test_only_shipped_files_are_served(app, path: str) -> None:
     """No directory traversal: a request names an entry of the file table or gets 404."""
     status, _, body = get_raw(app, path)
@@ -81,14 +96,21 @@ def get_raw(app, raw: str):
     import io
     from urllib.parse import unquote
     from wsgiref.util import setup_testing_defaults
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": unquote(raw), "RAW_URI": raw, "QUERY_STRING": "",
-               "wsgi.input": io.BytesIO()}
+
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": unquote(raw),
+        "RAW_URI": raw,
+        "QUERY_STRING": "",
+        "wsgi.input": io.BytesIO(),
+    }
     setup_testing_defaults(environ)
     seen = {}
 
     def start_response(status, headers, exc_info=None):
         seen["status"] = int(status.split()[0])
         seen["headers"] = dict(headers)
+
     body = b"".join(app(environ, start_response))
     return seen["status"], seen["headers"], body
 

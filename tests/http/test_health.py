@@ -59,8 +59,11 @@ def test_ready_single_node_nominal() -> None:
     status, headers, body = call(make_health_app(StubSource(UP)), "/ready")
     assert status == 200
     assert headers["Content-Type"] == "application/json"
-    assert body == {"status": "ready", "mode": "nominal",
-                    "checks": {"broker": {"status": "up"}, "storage": {"status": "up"}}}
+    assert body == {
+        "status": "ready",
+        "mode": "nominal",
+        "checks": {"broker": {"status": "up"}, "storage": {"status": "up"}},
+    }
     assert list(body) == ["status", "mode", "checks"]
 
 
@@ -68,9 +71,11 @@ def test_ready_not_ready_names_first_failing_component() -> None:
     source = StubSource({"broker": (True, ""), "storage": (False, "lmdb: closed")})
     status, _, body = call(make_health_app(source), "/ready")
     assert status == 503
-    assert body == {"status": "not_ready", "details": "storage unavailable",
-                    "checks": {"broker": {"status": "up"},
-                               "storage": {"status": "down", "details": "lmdb: closed"}}}
+    assert body == {
+        "status": "not_ready",
+        "details": "storage unavailable",
+        "checks": {"broker": {"status": "up"}, "storage": {"status": "down", "details": "lmdb: closed"}},
+    }
     assert "mode" not in body
 
 
@@ -86,9 +91,15 @@ def test_ready_cluster_up_with_details_is_degraded() -> None:
     source = StubSource({**UP, "cluster": (True, "1/2 peers reachable")})
     status, _, body = call(make_health_app(source), "/ready")
     assert status == 200
-    assert body == {"status": "ready", "mode": "degraded",
-                    "checks": {"broker": {"status": "up"}, "storage": {"status": "up"},
-                               "cluster": {"status": "up", "details": "1/2 peers reachable"}}}
+    assert body == {
+        "status": "ready",
+        "mode": "degraded",
+        "checks": {
+            "broker": {"status": "up"},
+            "storage": {"status": "up"},
+            "cluster": {"status": "up", "details": "1/2 peers reachable"},
+        },
+    }
 
 
 def test_ready_cluster_all_up_is_nominal_with_cluster_check() -> None:
@@ -111,8 +122,7 @@ def test_cluster_status_single_node(sessions: int) -> None:
     status, headers, body = call(make_health_app(StubSource(UP, sessions)), "/cluster/status")
     assert status == 200
     assert headers["Content-Type"] == "application/json"
-    assert body == {"node_id": "single-node", "is_leader": False, "cluster_mode": False,
-                    "sessions": sessions}
+    assert body == {"node_id": "single-node", "is_leader": False, "cluster_mode": False, "sessions": sessions}
 
 
 @pytest.mark.parametrize("path", ["/", "/healthz", "/ready/", "/cluster", "/metrics"])

@@ -64,15 +64,25 @@ def app(broker: Broker, bridge: HTTPBridge):
 def test_output_parses_with_the_expected_types(app) -> None:
     families = scrape(app)
     expected = {
-        "fluxmq_clients_connected": "gauge", "fluxmq_connections": "counter",
-        "fluxmq_listener_connections": "gauge", "fluxmq_messages_received": "counter",
-        "fluxmq_messages_sent": "counter", "fluxmq_message_bytes_received": "counter",
-        "fluxmq_message_bytes_sent": "counter", "fluxmq_messages_dropped": "counter",
-        "fluxmq_retained_messages": "gauge", "fluxmq_subscriptions": "gauge", "fluxmq_sessions": "gauge",
-        "fluxmq_session_queue_messages": "gauge", "fluxmq_inflight_messages": "gauge",
-        "fluxmq_delivery_latency_seconds": "histogram", "fluxmq_http_requests": "counter",
-        "fluxmq_sse_queue_messages": "gauge", "fluxmq_build_info": "gauge",
-        "process_cpu_seconds": "counter", "process_resident_memory_bytes": "gauge",
+        "fluxmq_clients_connected": "gauge",
+        "fluxmq_connections": "counter",
+        "fluxmq_listener_connections": "gauge",
+        "fluxmq_messages_received": "counter",
+        "fluxmq_messages_sent": "counter",
+        "fluxmq_message_bytes_received": "counter",
+        "fluxmq_message_bytes_sent": "counter",
+        "fluxmq_messages_dropped": "counter",
+        "fluxmq_retained_messages": "gauge",
+        "fluxmq_subscriptions": "gauge",
+        "fluxmq_sessions": "gauge",
+        "fluxmq_session_queue_messages": "gauge",
+        "fluxmq_inflight_messages": "gauge",
+        "fluxmq_delivery_latency_seconds": "histogram",
+        "fluxmq_http_requests": "counter",
+        "fluxmq_sse_queue_messages": "gauge",
+        "fluxmq_build_info": "gauge",
+        "process_cpu_seconds": "counter",
+        "process_resident_memory_bytes": "gauge",
     }
     for name, kind in expected.items():
         assert families[name]["type"] == kind, name
@@ -87,8 +97,10 @@ def test_counters_follow_traffic(app, broker: Broker, bridge: HTTPBridge) -> Non
     broker.publish(Message("m/2", b"xy", 0))
     broker.publish(Message("other", b"zzz", 2, retain=True))
     after = scrape(app)
-    assert value(after, "fluxmq_messages_received", "fluxmq_messages_received_total", qos="1") == \
-        value(before, "fluxmq_messages_received", "fluxmq_messages_received_total", qos="1") + 1
+    assert (
+        value(after, "fluxmq_messages_received", "fluxmq_messages_received_total", qos="1")
+        == value(before, "fluxmq_messages_received", "fluxmq_messages_received_total", qos="1") + 1
+    )
     assert value(after, "fluxmq_messages_received", "fluxmq_messages_received_total", qos="2") == 1
     assert value(after, "fluxmq_message_bytes_received", "fluxmq_message_bytes_received_total", qos="1") == 4
     # the stream subscribes at QoS 0, so both deliveries are QoS 0 and 6 payload bytes
@@ -101,8 +113,10 @@ def test_counters_follow_traffic(app, broker: Broker, bridge: HTTPBridge) -> Non
     assert value(after, "fluxmq_sessions", state="connected") == 1
     assert value(after, "fluxmq_listener_connections", listener="http_sse") == 1
     assert value(after, "fluxmq_sse_queue_messages") == 2
-    assert value(after, "fluxmq_http_requests", "fluxmq_http_requests_total", endpoint="subscribe",
-                 code="200") == 1
+    assert (
+        value(after, "fluxmq_http_requests", "fluxmq_http_requests_total", endpoint="subscribe", code="200")
+        == 1
+    )
     stream.close()
     assert value(scrape(app), "fluxmq_clients_connected") == 0
 
@@ -112,7 +126,10 @@ def test_drops_by_reason(app, broker: Broker, bridge: HTTPBridge) -> None:
     for _ in range(5):
         broker.publish(Message("d", b"."))
     families = scrape(app)
-    assert value(families, "fluxmq_messages_dropped", "fluxmq_messages_dropped_total", reason="sse_queue_full") == 3
+    assert (
+        value(families, "fluxmq_messages_dropped", "fluxmq_messages_dropped_total", reason="sse_queue_full")
+        == 3
+    )
     stream.close()
 
 
@@ -139,8 +156,10 @@ def test_latency_histogram_is_sampled(app, broker: Broker, bridge: HTTPBridge) -
     families = scrape(app)
     count = value(families, "fluxmq_delivery_latency_seconds", "fluxmq_delivery_latency_seconds_count")
     assert count == 2
-    buckets = [value(families, "fluxmq_delivery_latency_seconds", "fluxmq_delivery_latency_seconds_bucket",
-                     le=le) for le in [*map(repr, LATENCY_BUCKETS), "+Inf"]]
+    buckets = [
+        value(families, "fluxmq_delivery_latency_seconds", "fluxmq_delivery_latency_seconds_bucket", le=le)
+        for le in [*map(repr, LATENCY_BUCKETS), "+Inf"]
+    ]
     assert buckets == sorted(buckets) and buckets[-1] == count  # cumulative, +Inf is the count
     assert value(families, "fluxmq_delivery_latency_seconds", "fluxmq_delivery_latency_seconds_sum") > 0
     stream.close()
@@ -154,7 +173,9 @@ def test_before_the_broker_starts_only_build_info() -> None:
 
 
 def test_openmetrics_when_asked(app) -> None:
-    resp = wsgi_call(app, "GET", "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    resp = wsgi_call(
+        app, "GET", "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
     assert b"".join(resp.body).rstrip().endswith(b"# EOF")

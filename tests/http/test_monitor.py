@@ -71,10 +71,26 @@ def test_published_messages_arrive_and_closing_ends_the_session(app, broker) -> 
     broker.publish(Message("other", b"x", 0))
     broker.publish(Message("sensors/k2/temp", b"\xff\x00", 0))
     assert events.take(2) == [
-        ("message", {"topic": "sensors/k1/temp", "payload": "21.5", "payload_encoding": "utf8", "qos": 1,
-                     "retain": False}),
-        ("message", {"topic": "sensors/k2/temp", "payload": "/wA=", "payload_encoding": "base64", "qos": 0,
-                     "retain": False}),
+        (
+            "message",
+            {
+                "topic": "sensors/k1/temp",
+                "payload": "21.5",
+                "payload_encoding": "utf8",
+                "qos": 1,
+                "retain": False,
+            },
+        ),
+        (
+            "message",
+            {
+                "topic": "sensors/k2/temp",
+                "payload": "/wA=",
+                "payload_encoding": "base64",
+                "qos": 0,
+                "retain": False,
+            },
+        ),
     ]
     events.close()
     assert events.client_id not in broker.sessions and broker.connected == 0
@@ -84,8 +100,9 @@ def test_published_messages_arrive_and_closing_ends_the_session(app, broker) -> 
 def test_retained_first_only_when_asked(app, broker) -> None:
     broker.publish(Message("a/1", b"kept", 0, retain=True))
     with_retained = Events(monitor(app, "filter=a/%23&retained=true"))
-    assert with_retained.take(1) == [("message", {"topic": "a/1", "payload": "kept", "payload_encoding": "utf8",
-                                                  "qos": 0, "retain": True})]
+    assert with_retained.take(1) == [
+        ("message", {"topic": "a/1", "payload": "kept", "payload_encoding": "utf8", "qos": 0, "retain": True})
+    ]
     without = Events(monitor(app, "filter=a/%23"))
     broker.publish(Message("a/2", b"live", 0))
     assert without.take(1)[0][1]["topic"] == "a/2"
@@ -101,10 +118,16 @@ def test_a_kicked_monitor_gets_a_close_event(app, broker) -> None:
     assert events.client_id not in broker.sessions
 
 
-@pytest.mark.parametrize(("query", "status"), [
-    ("", 400), ("filter=a/%23/b", 400), ("filter=a&nope=1", 400), ("filter=a&retained=maybe", 400),
-    ("&".join(["filter=a"] * 9), 400),
-])
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("", 400),
+        ("filter=a/%23/b", 400),
+        ("filter=a&nope=1", 400),
+        ("filter=a&retained=maybe", 400),
+        ("&".join(["filter=a"] * 9), 400),
+    ],
+)
 def test_bad_requests_are_400_and_leave_no_session(app, broker, query: str, status: int) -> None:
     resp = monitor(app, query)
     assert resp.status == status, b"".join(resp.body)
@@ -157,13 +180,20 @@ def test_a_client_that_goes_away_ends_its_stream_at_once(app, broker) -> None:
 
 def wsgi_call_with_socket(app, query: str, sock) -> Response:
     """A monitor request whose environ carries the client connection, as gunicorn's does."""
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/monitor", "RAW_URI": f"/monitor?{query}",
-               "QUERY_STRING": query, "wsgi.input": io.BytesIO(), "HTTP_AUTHORIZATION": AUTH["Authorization"],
-               "gunicorn.socket": sock}
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/monitor",
+        "RAW_URI": f"/monitor?{query}",
+        "QUERY_STRING": query,
+        "wsgi.input": io.BytesIO(),
+        "HTTP_AUTHORIZATION": AUTH["Authorization"],
+        "gunicorn.socket": sock,
+    }
     setup_testing_defaults(environ)
     seen: dict = {}
 
     def start_response(status: str, headers: list, exc_info=None) -> None:
         seen["status"], seen["headers"] = int(status.split()[0]), dict(headers)
+
     body = app(environ, start_response)
     return Response(seen["status"], seen["headers"], body)

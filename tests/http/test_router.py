@@ -25,6 +25,7 @@ def text_app(text: str):
     def app(environ: dict, start_response) -> list[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [f"{text} {environ['PATH_INFO']}".encode()]
+
     return app
 
 

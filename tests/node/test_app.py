@@ -13,12 +13,15 @@ from fluxmq.node.service import anonymous_exposure
 from fluxmq.node.worker import BrokerWorker
 
 
-@pytest.mark.parametrize(("addr", "bind"), [
-    (":8081", "0.0.0.0:8081"),
-    ("127.0.0.1:9000", "127.0.0.1:9000"),
-    ("[::1]:8081", "[::1]:8081"),
-    ("localhost:80", "localhost:80"),
-])
+@pytest.mark.parametrize(
+    ("addr", "bind"),
+    [
+        (":8081", "0.0.0.0:8081"),
+        ("127.0.0.1:9000", "127.0.0.1:9000"),
+        ("[::1]:8081", "[::1]:8081"),
+        ("localhost:80", "localhost:80"),
+    ],
+)
 def test_gunicorn_bind(addr: str, bind: str) -> None:
     assert gunicorn_bind(addr) == bind
 
@@ -32,8 +35,9 @@ def test_stop_margins_fit_inside_shutdown_timeout(timeout: float) -> None:
 
 
 def test_application_settings_from_config() -> None:
-    cfg = load_config(None, env={}, overrides=["server.health_addr=127.0.0.1:9181",
-                                               "server.shutdown_timeout=2.5s"])
+    cfg = load_config(
+        None, env={}, overrides=["server.health_addr=127.0.0.1:9181", "server.shutdown_timeout=2.5s"]
+    )
     app = NodeApplication(cfg)
     assert app.cfg.address[0] == ("127.0.0.1", 9181)
     assert app.cfg.workers == 1
@@ -47,12 +51,15 @@ def test_application_settings_from_config() -> None:
 
 
 def test_health_disabled_binds_private_unix_socket() -> None:
-    cfg = load_config(None, env={}, overrides=["server.health_enabled=false", "server.http.plain.addr=",
-                                               "server.admin.addr="])
+    cfg = load_config(
+        None,
+        env={},
+        overrides=["server.health_enabled=false", "server.http.plain.addr=", "server.admin.addr="],
+    )
     app = NodeApplication(cfg)
     (bind,) = app.cfg.bind
     assert bind.startswith("unix:")
-    path = bind[len("unix:"):]
+    path = bind[len("unix:") :]
     directory = os.path.dirname(path)
     assert os.path.isdir(directory)
     assert oct(os.stat(directory).st_mode & 0o777) == oct(0o700)
@@ -60,6 +67,7 @@ def test_health_disabled_binds_private_unix_socket() -> None:
 
 
 # -- safe by default (issue 17 item 11) ------------------------------------------------------------
+
 
 def test_every_default_listener_binds_loopback() -> None:
     """As Mosquitto 2: with no configuration nothing is reachable from the network."""
@@ -72,8 +80,15 @@ def test_every_default_listener_binds_loopback() -> None:
     NodeApplication(cfg)  # the quick start (scripts/run, conf/fluxmq.yaml) starts
 
 
-@pytest.mark.parametrize("key", ["server.tcp.plain.addr", "server.websocket.plain.addr",
-                                 "server.http.plain.addr", "server.coap.plain.addr"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "server.tcp.plain.addr",
+        "server.websocket.plain.addr",
+        "server.http.plain.addr",
+        "server.coap.plain.addr",
+    ],
+)
 @pytest.mark.parametrize("addr", [":1", "0.0.0.0:1", "192.168.1.5:1", "broker.example:1"])
 def test_anonymous_listener_on_the_network_starts_with_a_warning(key: str, addr: str, caplog) -> None:
     """As Mosquitto 2: the node starts and that listener refuses anonymous clients (a config copied
@@ -88,8 +103,10 @@ def test_anonymous_listener_on_the_network_starts_with_a_warning(key: str, addr:
     assert fields["key"] == key and fields["addr"] == addr and "auth.allow_anonymous: true" in fields["fix"]
 
 
-@pytest.mark.parametrize("opened_by", ["auth.allow_anonymous=true", "auth.allow_anonymous=false",
-                                       "auth.http.url=http://127.0.0.1:1/auth"])
+@pytest.mark.parametrize(
+    "opened_by",
+    ["auth.allow_anonymous=true", "auth.allow_anonymous=false", "auth.http.url=http://127.0.0.1:1/auth"],
+)
 def test_network_listener_starts_when_anonymous_is_decided(opened_by: str) -> None:
     cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=:1", opened_by])
     assert anonymous_exposure(cfg) == []
@@ -99,15 +116,26 @@ def test_psk_only_dtls_coap_listener_is_not_anonymous(tmp_path) -> None:
     """Every DTLS client of a PSK-only listener has an identity; with a certificate it may have none."""
     psk = tmp_path / "psk"
     psk.write_text("dev:00ff\n")
-    cfg = load_config(None, env={}, overrides=["server.coap.dtls.addr=:1", f"server.coap.dtls.psk_file={psk}"])
+    cfg = load_config(
+        None, env={}, overrides=["server.coap.dtls.addr=:1", f"server.coap.dtls.psk_file={psk}"]
+    )
     assert anonymous_exposure(cfg) == []
-    cfg = load_config(None, env={}, overrides=["server.coap.dtls.addr=:1", f"server.coap.dtls.psk_file={psk}",
-                                               "server.coap.dtls.cert_file=/x.crt"])
+    cfg = load_config(
+        None,
+        env={},
+        overrides=[
+            "server.coap.dtls.addr=:1",
+            f"server.coap.dtls.psk_file={psk}",
+            "server.coap.dtls.cert_file=/x.crt",
+        ],
+    )
     assert anonymous_exposure(cfg) == ["server.coap.dtls.addr"]
 
 
 def test_loopback_listeners_stay_anonymous() -> None:
-    cfg = load_config(None, env={}, overrides=["server.tcp.plain.addr=[::1]:1", "server.http.plain.addr=localhost:2"])
+    cfg = load_config(
+        None, env={}, overrides=["server.tcp.plain.addr=[::1]:1", "server.http.plain.addr=localhost:2"]
+    )
     assert anonymous_exposure(cfg) == []
 
 
@@ -123,9 +151,15 @@ def test_starting_apps_say_alive_not_ready_and_503_elsewhere() -> None:
 
     from tests.http.test_bridge import wsgi_call
 
-    cfg = load_config(None, env={}, overrides=["server.health_addr=127.0.0.1:9181",
-                                               "server.http.plain.addr=127.0.0.1:9180",
-                                               "server.admin.addr=127.0.0.1:9182"])
+    cfg = load_config(
+        None,
+        env={},
+        overrides=[
+            "server.health_addr=127.0.0.1:9181",
+            "server.http.plain.addr=127.0.0.1:9180",
+            "server.admin.addr=127.0.0.1:9182",
+        ],
+    )
     app = NodeApplication(cfg)
     names = [name for name, _ in app.surfaces]
     apps = dict(zip(names, app.make_starting_apps(), strict=True))

@@ -55,8 +55,7 @@ def test_check_without_config_prints_defaults(capsys: pytest.CaptureFixture) -> 
 
 def test_check_precedence_cli_over_env_over_file(tmp_path, monkeypatch, capsys) -> None:
     conf = tmp_path / "node.yaml"
-    conf.write_text("server:\n  health_addr: 127.0.0.1:7001\n  connect_timeout: 3s\n"
-                    "  shutdown_timeout: 4s\n")
+    conf.write_text("server:\n  health_addr: 127.0.0.1:7001\n  connect_timeout: 3s\n  shutdown_timeout: 4s\n")
     monkeypatch.setenv("FLUXMQ_SERVER_HEALTH_ADDR", "127.0.0.1:7002")
     monkeypatch.setenv("FLUXMQ_SERVER_SHUTDOWN_TIMEOUT", "5s")
     effective = check(capsys, "--config", str(conf), "--set", "server.health_addr=127.0.0.1:7003")
@@ -76,8 +75,9 @@ def test_config_path_from_fluxmq_config_env(tmp_path, monkeypatch, capsys) -> No
 
 
 def test_repeated_set(capsys: pytest.CaptureFixture) -> None:
-    effective = check(capsys, "--set", "server.health_addr=127.0.0.1:7020",
-                      "--set", "server.health_enabled=false")
+    effective = check(
+        capsys, "--set", "server.health_addr=127.0.0.1:7020", "--set", "server.health_enabled=false"
+    )
     assert effective["server"]["health_addr"] == "127.0.0.1:7020"
     assert effective["server"]["health_enabled"] is False
 
@@ -112,8 +112,13 @@ def test_set_without_equals_is_usage_error(capsys: pytest.CaptureFixture) -> Non
 
 
 def test_module_entry_point_runs_main() -> None:
-    result = subprocess.run([sys.executable, "-m", "fluxmq.node.cli", "--version"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "fluxmq.node.cli", "--version"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0
     assert result.stdout.strip() == f"fluxmq-node {fluxmq.__version__}"
 
@@ -121,6 +126,7 @@ def test_module_entry_point_runs_main() -> None:
 def _secret_str_keys() -> list:
     from fluxmq.config import SCHEMA
     from fluxmq.config.values import Str
+
     keys = [key for key in SCHEMA.keys.values() if key.secret and isinstance(key.type, Str)]
     return keys or [pytest.param(None, marks=pytest.mark.skip(reason="no secret string key declared yet"))]
 
@@ -135,6 +141,7 @@ def test_check_redacts_secrets(key, monkeypatch, capsys) -> None:
 
 
 # -- --check reads the files the configuration names; --print-config ---------------------------------
+
 
 def test_check_reports_every_problem_one_line_each(tmp_path, capsys) -> None:
     from tests.certs import CertAuthority
@@ -159,7 +166,8 @@ def test_check_reports_every_problem_one_line_each(tmp_path, capsys) -> None:
         "      addr: 127.0.0.1:0\n"
         f"      cert_file: {server.cert_file}\n"
         f"      key_file: {other.key_file}\n"  # not the key of cert_file
-        f"      ca_file: {ca.cert_file}\n")
+        f"      ca_file: {ca.cert_file}\n"
+    )
     assert main(["--check", "--config", str(conf)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -187,10 +195,17 @@ def test_check_passes_with_good_files(tmp_path, capsys) -> None:
     server = CertAuthority(tmp_path / "ca").issue_server()
     passwd = tmp_path / "passwd"
     passwd.write_text(f"alice:{hash_password('pw', iterations=1000)}\n")
-    effective = check(capsys, "--set", f"auth.password_file={passwd}",
-                      "--set", "server.tcp.tls.addr=127.0.0.1:0",
-                      "--set", f"server.tcp.tls.cert_file={server.cert_file}",
-                      "--set", f"server.tcp.tls.key_file={server.key_file}")
+    effective = check(
+        capsys,
+        "--set",
+        f"auth.password_file={passwd}",
+        "--set",
+        "server.tcp.tls.addr=127.0.0.1:0",
+        "--set",
+        f"server.tcp.tls.cert_file={server.cert_file}",
+        "--set",
+        f"server.tcp.tls.key_file={server.key_file}",
+    )
     assert effective["auth"]["password_file"] == str(passwd)
 
 
@@ -241,10 +256,22 @@ def test_check_warns_of_anonymous_exposure_and_passes(capsys) -> None:
 
 def test_check_reports_anonymous_exposure_with_the_other_problems(tmp_path, capsys) -> None:
     """--check lists the problems the node would stop on, and the exposure warning with them."""
-    assert main(["--check", "--set", "server.tcp.plain.addr=:0",
-                 "--set", f"auth.acl_file={tmp_path / 'absent-acl'}"]) == 2
+    assert (
+        main(
+            [
+                "--check",
+                "--set",
+                "server.tcp.plain.addr=:0",
+                "--set",
+                f"auth.acl_file={tmp_path / 'absent-acl'}",
+            ]
+        )
+        == 2
+    )
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2, lines
-    assert any(line.startswith("warning: ") and "server.tcp.plain.addr" in line and "anonymous" in line
-               for line in lines)
+    assert any(
+        line.startswith("warning: ") and "server.tcp.plain.addr" in line and "anonymous" in line
+        for line in lines
+    )
     assert any("auth.acl_file" in line for line in lines)

@@ -30,8 +30,17 @@ def test_auto_is_the_cores_this_process_may_use() -> None:
 
 
 def test_several_workers_on_a_cluster_node_are_refused_by_check(capsys) -> None:
-    code = main(["--check", "--set", "server.workers=2", "--set", "cluster.enabled=true",
-                 "--set", "cluster.node_id=a"])
+    code = main(
+        [
+            "--check",
+            "--set",
+            "server.workers=2",
+            "--set",
+            "cluster.enabled=true",
+            "--set",
+            "cluster.node_id=a",
+        ]
+    )
     assert code == 2
     assert "server.workers" in capsys.readouterr().err
 

@@ -49,8 +49,11 @@ def fluxmq_version() -> str:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment of a user's shell: no FLUXMQ_ variables, nothing pointing at the source tree."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FLUXMQ_") and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FLUXMQ_") and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
     env.update(extra)
     return env
 
@@ -59,8 +62,20 @@ def clean_env(**extra: str) -> dict[str, str]:
 def dist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """scripts/wheel --sdist, with this interpreter: the repaired wheel and the sdist."""
     out = tmp_path_factory.mktemp("dist")
-    result = run(["bash", str(REPO_ROOT / "scripts" / "wheel"), "--sdist", "--python", sys.executable,
-                  "--out", str(out)], cwd=REPO_ROOT, env=clean_env(), timeout=BUILD_TIMEOUT)
+    result = run(
+        [
+            "bash",
+            str(REPO_ROOT / "scripts" / "wheel"),
+            "--sdist",
+            "--python",
+            sys.executable,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        env=clean_env(),
+        timeout=BUILD_TIMEOUT,
+    )
     wheel = Path(result.stdout.strip().splitlines()[-1])
     assert wheel.parent == out and wheel.exists(), result.stdout
     sdists = list(out.glob("fluxmq-*.tar.gz"))
@@ -72,7 +87,9 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv (pip only), outside the source tree."""
     where = tmp_path_factory.mktemp("venv") / "venv"
-    run([sys.executable, "-m", "venv", str(where)], cwd=where.parent, env=clean_env(), timeout=INSTALL_TIMEOUT)
+    run(
+        [sys.executable, "-m", "venv", str(where)], cwd=where.parent, env=clean_env(), timeout=INSTALL_TIMEOUT
+    )
     return where
 
 
@@ -80,7 +97,9 @@ def test_wheel_is_manylinux_and_carries_what_the_node_needs(dist: dict[str, Path
     wheel = dist["wheel"]
     tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
     assert wheel.name.startswith(f"fluxmq-{fluxmq_version()}-{tag}-{tag}-"), wheel.name
-    assert re.search(r"-manylinux[_0-9]*_[a-z0-9_]+(\.manylinux[_0-9]*_[a-z0-9_]+)*\.whl$", wheel.name), wheel.name
+    assert re.search(r"-manylinux[_0-9]*_[a-z0-9_]+(\.manylinux[_0-9]*_[a-z0-9_]+)*\.whl$", wheel.name), (
+        wheel.name
+    )
     names = zipfile.ZipFile(wheel).namelist()
     for module in CORE_MODULES:
         assert any(re.fullmatch(rf"fluxmq/_core/{module}\.cpython-.*\.so", n) for n in names), module
@@ -88,27 +107,50 @@ def test_wheel_is_manylinux_and_carries_what_the_node_needs(dist: dict[str, Path
     assert "fluxmq/__main__.py" in names
     assert not [n for n in names if n.endswith(".c")], "generated C sources do not belong in the wheel"
     # Every static asset of the source tree (the dashboard's, once merged) ships in the wheel.
-    static = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "fluxmq").glob("**/static/**/*")
-                    if p.is_file() and "__pycache__" not in p.parts)
+    static = sorted(
+        p.relative_to(REPO_ROOT).as_posix()
+        for p in (REPO_ROOT / "fluxmq").glob("**/static/**/*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
     assert [s for s in static if s not in names] == []
 
 
 def test_wheel_installs_without_a_compiler_and_the_node_serves_mqtt(
-        dist: dict[str, Path], venv: Path, tmp_path: Path) -> None:
+    dist: dict[str, Path], venv: Path, tmp_path: Path
+) -> None:
     bin_dir = venv / "bin"
     # No compiler: CC points nowhere, and fluxmq must come from its binary wheel. A pure-Python
     # dependency published only as an sdist (pysyncobj) still installs; one that needed a compiler
     # would fail here.
     env = clean_env(CC="/bin/false", CXX="/bin/false")
-    run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--only-binary=fluxmq", "--prefer-binary",
-         str(dist["wheel"])],
-        cwd=tmp_path, env=env, timeout=INSTALL_TIMEOUT)
+    run(
+        [
+            str(bin_dir / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--only-binary=fluxmq",
+            "--prefer-binary",
+            str(dist["wheel"]),
+        ],
+        cwd=tmp_path,
+        env=env,
+        timeout=INSTALL_TIMEOUT,
+    )
 
     workdir = tmp_path / "work"
     workdir.mkdir()
-    where = run([str(bin_dir / "python"), "-c",
-                 "import fluxmq, fluxmq._core.codec as c; print(fluxmq.__file__); print(c.__file__)"],
-                cwd=workdir, env=env, timeout=60).stdout.split()
+    where = run(
+        [
+            str(bin_dir / "python"),
+            "-c",
+            "import fluxmq, fluxmq._core.codec as c; print(fluxmq.__file__); print(c.__file__)",
+        ],
+        cwd=workdir,
+        env=env,
+        timeout=60,
+    ).stdout.split()
     assert all(path.startswith(str(venv)) for path in where), where  # the venv's copy, not the source tree
 
     version = run([str(bin_dir / "python"), "-m", "fluxmq", "--version"], cwd=workdir, env=env, timeout=60)
@@ -116,21 +158,41 @@ def test_wheel_installs_without_a_compiler_and_the_node_serves_mqtt(
     printed = run([str(bin_dir / "fluxmq-node"), "--print-config"], cwd=workdir, env=env, timeout=60).stdout
     assert printed == (REPO_ROOT / "conf" / "fluxmq.yaml").read_text(encoding="utf-8")
 
-    run([str(bin_dir / "fluxmq-passwd"), "-c", "-b", "passwd", "alice", "s3cret"], cwd=workdir, env=env, timeout=60)
+    run(
+        [str(bin_dir / "fluxmq-passwd"), "-c", "-b", "passwd", "alice", "s3cret"],
+        cwd=workdir,
+        env=env,
+        timeout=60,
+    )
     assert (workdir / "passwd").read_text().startswith("alice:$7$")
 
     ports = {name: free_port() for name in ("mqtt", "health", "http", "ws", "admin")}
-    argv = [str(bin_dir / "fluxmq-node"),
-            "--set", f"server.tcp.plain.addr={HOST}:{ports['mqtt']}",
-            "--set", f"server.health_addr={HOST}:{ports['health']}",
-            "--set", f"server.http.plain.addr={HOST}:{ports['http']}",
-            "--set", f"server.websocket.plain.addr={HOST}:{ports['ws']}",
-            "--set", f"server.admin.addr={HOST}:{ports['admin']}",
-            "--set", "auth.password_file=passwd"]
+    argv = [
+        str(bin_dir / "fluxmq-node"),
+        "--set",
+        f"server.tcp.plain.addr={HOST}:{ports['mqtt']}",
+        "--set",
+        f"server.health_addr={HOST}:{ports['health']}",
+        "--set",
+        f"server.http.plain.addr={HOST}:{ports['http']}",
+        "--set",
+        f"server.websocket.plain.addr={HOST}:{ports['ws']}",
+        "--set",
+        f"server.admin.addr={HOST}:{ports['admin']}",
+        "--set",
+        "auth.password_file=passwd",
+    ]
     log_path = tmp_path / "node.log"
     with open(log_path, "wb") as log_file:
-        node = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        node = subprocess.Popen(
+            argv,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while "event=listeners" not in log_path.read_text(errors="replace"):
@@ -141,9 +203,13 @@ def test_wheel_installs_without_a_compiler_and_the_node_serves_mqtt(
         assert "event=node_starting" in lines[0] and f"data={workdir / 'data'}" in lines[0], lines[0]
         assert (workdir / "data").is_dir()
         listeners = next(line for line in lines if "event=listeners" in line)
-        for url in (f"mqtt://{HOST}:{ports['mqtt']}", f"ws://{HOST}:{ports['ws']}/mqtt",
-                    f"http://{HOST}:{ports['health']}", f"http://{HOST}:{ports['http']}",
-                    f"http://{HOST}:{ports['admin']}"):
+        for url in (
+            f"mqtt://{HOST}:{ports['mqtt']}",
+            f"ws://{HOST}:{ports['ws']}/mqtt",
+            f"http://{HOST}:{ports['health']}",
+            f"http://{HOST}:{ports['http']}",
+            f"http://{HOST}:{ports['admin']}",
+        ):
             assert url in listeners, (url, listeners)
         assert "Traceback" not in log_path.read_text()
         assert mqtt_roundtrip(ports["mqtt"], "alice", "s3cret") == b"from the wheel"
@@ -162,13 +228,29 @@ def test_sdist_install_compiles_the_core(dist: dict[str, Path], venv: Path, tmp_
     python = venv / "bin" / "python"
     env = clean_env()
     # pip builds it in an isolated environment with the build requirements pyproject.toml names.
-    run([str(python), "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", "--no-cache-dir",
-         str(dist["sdist"])], cwd=tmp_path, env=env, timeout=BUILD_TIMEOUT)
-    probe = ("import importlib, sys\n"
-             "for name in sys.argv[1:]:\n"
-             "    m = importlib.import_module('fluxmq._core.' + name)\n"
-             "    assert m.__file__.endswith('.so'), m.__file__\n"
-             "    print(m.__file__)\n")
+    run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--force-reinstall",
+            "--no-deps",
+            "--no-cache-dir",
+            str(dist["sdist"]),
+        ],
+        cwd=tmp_path,
+        env=env,
+        timeout=BUILD_TIMEOUT,
+    )
+    probe = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    m = importlib.import_module('fluxmq._core.' + name)\n"
+        "    assert m.__file__.endswith('.so'), m.__file__\n"
+        "    print(m.__file__)\n"
+    )
     out = run([str(python), "-c", probe, *CORE_MODULES], cwd=tmp_path, env=env, timeout=60).stdout.split()
     assert len(out) == len(CORE_MODULES) and all(p.startswith(str(venv)) for p in out), out
 

@@ -34,13 +34,20 @@ def broker(tmp_path: Path):
     storage.close()
 
 
-def attached_connection(broker: Broker, client_id: str, closed: bool = False,
-                        ) -> tuple[MQTTConnection, PersistentSession, socket.socket]:
+def attached_connection(
+    broker: Broker,
+    client_id: str,
+    closed: bool = False,
+) -> tuple[MQTTConnection, PersistentSession, socket.socket]:
     """A connection whose CONNECT was accepted (as ``_accept`` leaves it), and the client's socket;
     ``closed``: the connection was closed before the session was attached (a kick right after CONNACK)."""
     server_side, client_side = socket.socketpair()
-    conn = MQTTConnection(broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(),
-                          FlushScheduler(broker.storage))
+    conn = MQTTConnection(
+        broker,
+        SocketStream(server_side, ("127.0.0.1", 1)),
+        ProtocolSettings(),
+        FlushScheduler(broker.storage),
+    )
     session, _ = broker.open_session(client_id, False, EXPIRY_NEVER)
     conn.version = 4
     conn.client_id = client_id

@@ -209,8 +209,6 @@ def test_after_commit_waits_for_the_batch_holding_the_operations(tmp_path: Path,
     st.close()
 
 
-
-
 def test_ensure_committed_during_a_failure_holds_back_only_connections_with_a_stake(tmp_path: Path) -> None:
     """Paths that write a socket outside the flush (a slow client's drain, a close) ask
     ``ensure_committed(conn)``: while a failed batch waits for its retry, only a connection whose

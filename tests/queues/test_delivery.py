@@ -18,14 +18,17 @@ from fluxmq.queues.log import Record
 def test_the_prebuilt_publish_is_the_codecs_encoding_of_its_properties(props, count, extra, size) -> None:
     record = Record(12345, 1.0, Message("$queue/q/k/é", b"x" * size, 1, False, props), 10)
     d = build_delivery(record, "q", "g", count, None, None, extra, ("group-id", "g"))
-    again = build_delivery(record, "q", "g", count, None, None, extra, ("group-id", "g"))  # the record's cached part
+    again = build_delivery(
+        record, "q", "g", count, None, None, extra, ("group-id", "g")
+    )  # the record's cached part
     user = dict(d.properties[USER_PROPERTY])
     assert user["message-id"] == "q:12345" and user["offset"] == "12345" and user["queue"] == "q"
     assert user["group-id"] == "g" and user["delivery-count"] == str(count)
     assert all(user[k] == v for k, v in extra)
     for delivery in (d, again):
-        assert delivery.wire_cache[WIRE_V5_QOS1] == encode_publish(delivery.topic, delivery.payload, 1, False, False, 1,
-                                                                   delivery.properties, 5)
+        assert delivery.wire_cache[WIRE_V5_QOS1] == encode_publish(
+            delivery.topic, delivery.payload, 1, False, False, 1, delivery.properties, 5
+        )
 
 
 @pytest.mark.parametrize("count", [1, 3])
@@ -36,9 +39,17 @@ def test_a_work_delivery_is_the_general_build_with_its_pending_attributes(count,
     record = Record(77, 1.0, Message("$queue/q/k", b"y" * size, 1), 10)
     general = build_delivery(record, "q", "g", count, None, None, (), ("group-id", "g"))
     member = object()
-    d = work_delivery(record, "q", count, None, ("group-id", "g"), user_property("group-id", "g"), member, 5.0, 77)
+    d = work_delivery(
+        record, "q", count, None, ("group-id", "g"), user_property("group-id", "g"), member, 5.0, 77
+    )
     assert d.wire_cache == general.wire_cache
     assert d.properties == general.properties
-    assert (d.topic, d.payload, d.qos, d.retain, d.ticket, d.attempt) == (general.topic, general.payload, 1, False,
-                                                                          None, count)
+    assert (d.topic, d.payload, d.qos, d.retain, d.ticket, d.attempt) == (
+        general.topic,
+        general.payload,
+        1,
+        False,
+        None,
+        count,
+    )
     assert (d.member, d.deadline, d.part, d.offset) == (member, 5.0, -1, 77)

@@ -77,7 +77,7 @@ def test_a_failed_dlq_append_keeps_the_message_and_is_retried(tmp_path: Path) ->
     broker.publish(Message("$queue/jobs/a", b"poison", 1))
     end_of_turn()
     storage.commit()
-    (_, delivered), = d.sent
+    ((_, delivered),) = d.sent
     storage.refusing = True  # the store is full: the DLQ append cannot be stored
     assert settle(broker, "jobs", "$reject", delivered) == 1
     group = broker.queues.queues["jobs"].groups["g"]
@@ -167,7 +167,9 @@ def test_a_consumers_receive_maximum_bounds_its_unsettled_deliveries(tmp_path: P
     session, _ = broker.open_session("c1", True, 0)
     d = Delivery()
     broker.attach(session, d, 2)
-    broker.subscribe(session, "$queue/jobs", 1, user_properties=[("consumer-group", "g"), ("auto-ack", "true")])
+    broker.subscribe(
+        session, "$queue/jobs", 1, user_properties=[("consumer-group", "g"), ("auto-ack", "true")]
+    )
     for i in range(5):
         broker.publish(Message("$queue/jobs", b"%d" % i, 1))
     end_of_turn()
@@ -181,8 +183,10 @@ def test_a_consumers_receive_maximum_bounds_its_unsettled_deliveries(tmp_path: P
 def test_unsettled_work_is_kept_until_every_group_settled_it_unless_a_limit_forces_it(tmp_path: Path) -> None:
     from fluxmq.queues.config import RetentionConfig
 
-    storage, broker = node(tmp_path / "d", [QueueConfig("kept"), QueueConfig("capped", retention=RetentionConfig(
-        max_length_messages=2))])
+    storage, broker = node(
+        tmp_path / "d",
+        [QueueConfig("kept"), QueueConfig("capped", retention=RetentionConfig(max_length_messages=2))],
+    )
     _, fast = member(broker, "c1", "$queue/kept", "fast", auto_ack=True)
     member(broker, "c2", "$queue/kept", "slow")  # never settles
     for i in range(5):
@@ -220,7 +224,9 @@ def test_a_stream_group_commits_what_was_acknowledged_every_auto_commit_interval
     storage.close()
 
 
-def test_a_resumed_persistent_consumer_gets_what_it_held_from_its_group_not_a_stale_resend(tmp_path: Path) -> None:
+def test_a_resumed_persistent_consumer_gets_what_it_held_from_its_group_not_a_stale_resend(
+    tmp_path: Path,
+) -> None:
     """A persistent consumer that disconnects with an unsettled delivery: the delivery goes back
     to its group and comes again (count 2) when it reconnects; the session does not also resend
     the old one from its in-flight window, and its PUBACKs write nothing for them."""
@@ -242,7 +248,9 @@ def test_a_resumed_persistent_consumer_gets_what_it_held_from_its_group_not_a_st
     assert [(m.payload, up(m)["delivery-count"]) for _, m in d2.sent] == [(b"held", "2")]
     storage.commit()
     session.on_puback(d2.sent[0][0], 0)
-    assert not [k for k in storage._batch.ops[INFLIGHT] if k.startswith(b"p1\x00")]  # no in-flight delete written
+    assert not [
+        k for k in storage._batch.ops[INFLIGHT] if k.startswith(b"p1\x00")
+    ]  # no in-flight delete written
     storage.close()
 
 
@@ -276,7 +284,9 @@ def test_stream_offset_next_starts_after_what_is_stored(tmp_path: Path) -> None:
     session, _ = broker.open_session("c1", True, 0)
     d = Delivery()
     broker.attach(session, d, 100)
-    broker.subscribe(session, "$queue/events", 1, user_properties=[("consumer-group", "g"), ("stream-offset", "next")])
+    broker.subscribe(
+        session, "$queue/events", 1, user_properties=[("consumer-group", "g"), ("stream-offset", "next")]
+    )
     end_of_turn()
     assert d.sent == []
     broker.publish(Message("$queue/events", b"new", 1))
@@ -293,7 +303,7 @@ def test_a_delivery_is_its_own_pending_and_in_flight_entry(tmp_path: Path) -> No
         session, d = member(broker, "c1", "$queue/jobs/#", "g", auto_ack=True)
         broker.publish(Message("$queue/jobs/a", b"x", 1))
         end_of_turn()
-        (pid, delivered), = d.sent
+        ((pid, delivered),) = d.sent
         group = broker.queues.queue("jobs").groups["g"]
         assert group.pending[0] is delivered
         assert session.inflight[pid] is delivered
@@ -320,20 +330,34 @@ def _run_scenario(path: Path, members: int) -> list:
         end_of_turn()
 
         def got() -> list:
-            return [[(pid, m.payload, up(m)["delivery-count"], up(m)["message-id"]) for pid, m in d.sent]
-                    for _, d in sessions]
+            return [
+                [(pid, m.payload, up(m)["delivery-count"], up(m)["message-id"]) for pid, m in d.sent]
+                for _, d in sessions
+            ]
 
         before = got()
         assert settle(broker, "jobs", "$ack", sessions[-1][1].sent[0][1]) == 1  # room for one more
         end_of_turn()
-        return [before, got(), group.cursor, group.floor, sorted(group.settled), sorted(group.pending), group.mark,
-                [m.pending for m in group.members], q.stats["delivered"], group._rr]
+        return [
+            before,
+            got(),
+            group.cursor,
+            group.floor,
+            sorted(group.settled),
+            sorted(group.pending),
+            group.mark,
+            [m.pending for m in group.members],
+            q.stats["delivered"],
+            group._rr,
+        ]
     finally:
         storage.close()
 
 
 @pytest.mark.parametrize("members", [1, 2, 3])
-def test_the_run_from_the_cursor_delivers_what_the_general_loop_does(tmp_path: Path, monkeypatch, members) -> None:
+def test_the_run_from_the_cursor_delivers_what_the_general_loop_does(
+    tmp_path: Path, monkeypatch, members
+) -> None:
     from fluxmq.queues import group as group_module
 
     fast = _run_scenario(tmp_path / "fast", members)

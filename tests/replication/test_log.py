@@ -70,8 +70,13 @@ def test_a_restarted_node_s_first_registration_drops_those_of_its_earlier_run() 
     qlog.apply_member("h", "n1", "run1", "b\x00$queue/q", "", 10, False)
     qlog.apply_member("g", "n2", "run7", "c\x00$queue/q", "k/#", 5, True)
     qlog.apply_member("g", "n1", "run2", "d\x00$queue/q", "", 10, False)
-    assert qlog.registered == {"g": {("n2", "c\x00$queue/q"): ("run7", "k/#", 5, True),
-                                     ("n1", "d\x00$queue/q"): ("run2", "", 10, False)}, "h": {}}
+    assert qlog.registered == {
+        "g": {
+            ("n2", "c\x00$queue/q"): ("run7", "k/#", 5, True),
+            ("n1", "d\x00$queue/q"): ("run2", "", 10, False),
+        },
+        "h": {},
+    }
     qlog.apply_member("g", "n2", "run7", "c\x00$queue/q", "", 0, False)  # left
     assert list(qlog.registered["g"]) == [("n1", "d\x00$queue/q")]
 

@@ -14,8 +14,14 @@ PEERS = ["127.0.0.1:7100", "127.0.0.1:7200", "127.0.0.1:7300", "127.0.0.1:7400",
 
 
 def raft(me: str = PEERS[0], peers=PEERS, groups=None, auto: bool = True):
-    return SimpleNamespace(bind_addr=me, peers=list(peers), groups=groups or {}, auto_provision_groups=auto,
-                           write_policy="forward", distribution_mode="replicate")
+    return SimpleNamespace(
+        bind_addr=me,
+        peers=list(peers),
+        groups=groups or {},
+        auto_provision_groups=auto,
+        write_policy="forward",
+        distribution_mode="replicate",
+    )
 
 
 def queue(name: str, rf: int = 3, isr: int = 2, group: str = "default") -> QueueConfig:
@@ -58,8 +64,13 @@ def test_a_group_not_listed_is_provisioned_on_shifted_ports_or_refused() -> None
 
 
 def test_a_declared_group_is_used_as_written() -> None:
-    declared = [{"name": "g1", "bind_addr": "127.0.0.1:9001", "peers": ["127.0.0.1:9001", "127.0.0.1:9002",
-                                                                          "127.0.0.1:9003"]}]
+    declared = [
+        {
+            "name": "g1",
+            "bind_addr": "127.0.0.1:9001",
+            "peers": ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"],
+        }
+    ]
     groups, queues = plan(raft(groups=declared), [queue("orders", group="g1")])
     assert queues["orders"].key == "g1" and queues["orders"].self_addr == "127.0.0.1:9001"
     assert set(groups) == {"g1"}

@@ -210,7 +210,8 @@ def test_retained_messages_with_properties_are_served_after_a_restart(node: Node
     node = node.restart()
     found = node.broker.retained.match("#")
     assert [(m.topic, m.payload, m.properties) for m in found] == [
-        ("r/a", b"kept", {0x03: "text/plain", 0x26: [("k", "v")]})]
+        ("r/a", b"kept", {0x03: "text/plain", 0x26: [("k", "v")]})
+    ]
     assert node.broker.retained.match("$SYS/#") == []
 
 
@@ -309,7 +310,9 @@ def test_a_qos1_publish_stored_for_others_stakes_its_publisher(node: Node) -> No
 
 
 @pytest.mark.parametrize("sync", ["none", "batch", "always"])
-def test_wait_committed_returns_once_the_batch_holding_the_message_is_committed(tmp_path: Path, sync: str) -> None:
+def test_wait_committed_returns_once_the_batch_holding_the_message_is_committed(
+    tmp_path: Path, sync: str
+) -> None:
     """The after-commit hook of the front ends without a connection (HTTP bridge, admin API)."""
     import gevent
 

@@ -79,6 +79,7 @@ def test_session_with_subscriptions_inflight_inbound_queue_and_will_survives(st:
 
 def _entry(topic: str, qos: int = 1) -> bytes:
     from fluxmq.storage import records as r
+
     return r.encode_entry(msg(topic, b"payload", qos), qos, False, None)
 
 
@@ -174,6 +175,7 @@ def test_last_alive_is_recorded(st: LMDBStorage) -> None:
 
 # -- bad directories: one clear line, never a wipe ---------------------------------------------------
 
+
 def test_foreign_lmdb_environment_is_refused(tmp_path: Path) -> None:
     env = lmdb.open(str(tmp_path), max_dbs=2)
     with env.begin(write=True) as txn:
@@ -229,7 +231,9 @@ def test_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
         LMDBStorage(path)
 
 
-def test_stored_data_larger_than_map_size_still_opens_refusing_and_names_the_key(tmp_path: Path, caplog) -> None:
+def test_stored_data_larger_than_map_size_still_opens_refusing_and_names_the_key(
+    tmp_path: Path, caplog
+) -> None:
     """A store over ``storage.map_size`` (the map filled at run time, or the key lowered) opens
     anyway: the node starts and serves what it holds, refuses new stored messages and logs which key
     to raise and to what. Before: StorageError at start, i.e. a node that cannot start."""

@@ -64,7 +64,7 @@ def _live(node: Node) -> int:
         for key, value in txn.cursor(node.storage._dbs[QUEUE]):
             prefix = bytes(key).partition(b"\x00")[0] + b"\x00"
             floor, ranges = done.get(prefix, (0, []))
-            start = r.key_seq(bytes(key)[len(prefix):])
+            start = r.key_seq(bytes(key)[len(prefix) :])
             for seq in range(start, start + r.record_span(value)):
                 n += seq >= floor and not any(a <= seq < b for a, b in ranges)
         return n
@@ -140,7 +140,9 @@ def test_in_flight_and_queued_messages_restore_exactly_with_their_packet_ids(nod
     s, d = _connect(node, 5)
     assert d.pubrels == sorted(released)
     resent = [(t[3], t[4]) for t in d.sent]
-    assert all(dup for _, dup in resent) and sorted(p for p, _ in resent) == sorted(set(expect_inflight) - released)
+    assert all(dup for _, dup in resent) and sorted(p for p, _ in resent) == sorted(
+        set(expect_inflight) - released
+    )
     done = 0
     while s.inflight and done < 100:  # acknowledge everything, the queue following the window
         done += 1
@@ -152,7 +154,7 @@ def test_in_flight_and_queued_messages_restore_exactly_with_their_packet_ids(nod
         else:
             assert s.on_pubrec(pid) and s.on_pubcomp(pid)
     node.storage.commit()
-    payloads = d.sent[len(resent):]
+    payloads = d.sent[len(resent) :]
     assert [t[0] for t in payloads] == ["t/x"] * 13 and not any(t[4] for t in payloads)
     assert not s.inflight and not s.queue
     node = node.restart()
@@ -173,7 +175,9 @@ def test_a_schema_2_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
         assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 4
     s = node.broker.sessions["sub"]
     assert {pid: (e.message.payload, e.qos, e.released) for pid, e in s.inflight.items()} == {
-        1: (b"m0", 1, False), 2: (b"m1", 2, True)}
+        1: (b"m0", 1, False),
+        2: (b"m1", 2, True),
+    }
     assert len(s.queue) == 4
     s, d = _connect(node, 2)
     assert d.sent == [("t/a", 1, False, 1, True, None)] and d.pubrels == [2]
@@ -252,8 +256,13 @@ def test_every_delivery_shape_sent_at_once_is_stored_once_and_restored_exactly(n
         Message("t/plain", b"p0", 1),
         Message("t/origin", b"p1", 2, origin="pub-ü"),
         Message("t/retained", b"p2", 1, retain=True, origin="pub"),
-        Message("t/props", b"p3", 1, properties={0x03: "text/plain", 0x26: [("k", "v")]},
-                expires_at=time.monotonic() + 3600),
+        Message(
+            "t/props",
+            b"p3",
+            1,
+            properties={0x03: "text/plain", 0x26: [("k", "v")]},
+            expires_at=time.monotonic() + 3600,
+        ),
     ]
     for m in shapes:
         node.broker.publish(m)
@@ -263,16 +272,37 @@ def test_every_delivery_shape_sent_at_once_is_stored_once_and_restored_exactly(n
     assert _entries(node, QUEUE) == 2  # schema 4: one record per session per commit
     # The entry of a plain message without subscription ids is encoded once, for every such session.
     assert isinstance(shapes[0].wire_cache[("storage.entry", 1, False)], bytes)
-    expect = {cid: {pid: (e.message.topic, e.message.payload, e.message.origin, e.message.properties,
-                          e.qos, e.retain, e.subscription_ids)
-                    for pid, e in s.inflight.items()} for cid, s in (("sub", a), ("sub-ids", b))}
+    expect = {
+        cid: {
+            pid: (
+                e.message.topic,
+                e.message.payload,
+                e.message.origin,
+                e.message.properties,
+                e.qos,
+                e.retain,
+                e.subscription_ids,
+            )
+            for pid, e in s.inflight.items()
+        }
+        for cid, s in (("sub", a), ("sub-ids", b))
+    }
     assert expect["sub-ids"][db.sent[0][3]][6] == (7,)
     node = node.restart()
     for cid in ("sub", "sub-ids"):
         s = node.broker.sessions[cid]
-        got = {pid: (e.message.topic, e.message.payload, e.message.origin, e.message.properties,
-                     e.qos, e.retain, e.subscription_ids)
-               for pid, e in s.inflight.items()}
+        got = {
+            pid: (
+                e.message.topic,
+                e.message.payload,
+                e.message.origin,
+                e.message.properties,
+                e.qos,
+                e.retain,
+                e.subscription_ids,
+            )
+            for pid, e in s.inflight.items()
+        }
         assert got == expect[cid]
         (props_entry,) = [e for e in s.inflight.values() if e.message.topic == "t/props"]
         assert 3500 < props_entry.message.remaining_expiry() <= 3600

@@ -16,7 +16,16 @@ from fluxmq.storage.queue_log import StoredMember, decode_record, encode_plain_r
 
 MiB = 1 << 20
 
-V1_DBS = (b"meta", b"sessions", b"subscriptions", b"inflight", b"inbound_qos2", b"queue", b"retained", b"wills")
+V1_DBS = (
+    b"meta",
+    b"sessions",
+    b"subscriptions",
+    b"inflight",
+    b"inbound_qos2",
+    b"queue",
+    b"retained",
+    b"wills",
+)
 
 
 def test_records_and_group_progress_survive_a_reopen(tmp_path: Path) -> None:
@@ -143,8 +152,11 @@ def test_a_schema_2_store_is_upgraded_and_its_queues_load(tmp_path: Path) -> Non
         txn.put(b"magic", b"fluxmq-storage", db=dbs[b"meta"])
         txn.put(b"schema_version", struct.pack("<I", 2), db=dbs[b"meta"])
         for off in range(3):
-            txn.put(b"Ljobs\x00" + struct.pack(">Q", off),
-                    encode_record(5.0, Message("$queue/jobs", b"j%d" % off, 1)), db=dbs[b"queues"])
+            txn.put(
+                b"Ljobs\x00" + struct.pack(">Q", off),
+                encode_record(5.0, Message("$queue/jobs", b"j%d" % off, 1)),
+                db=dbs[b"queues"],
+            )
         txn.put(b"Gjobs\x00w", struct.pack("<Q", 1), db=dbs[b"queues"])
         txn.put(b"Ajobs\x00w\x00" + struct.pack(">Q", 2), b"", db=dbs[b"queues"])
     env.close()
@@ -164,19 +176,28 @@ def test_a_schema_2_store_is_upgraded_and_its_queues_load(tmp_path: Path) -> Non
 def test_a_plain_records_one_pack_encoding_is_the_general_one() -> None:
     """encode_record's shortcut (no properties, no expiry) writes the bytes the general encoder
     writes, with and without an origin, so records read back the same."""
-    for message in (Message("$queue/q/k", b"x" * 70, 1, origin="client-1"), Message("$queue/q", b"", 1),
-                    Message("t", b"p", 0, True)):
+    for message in (
+        Message("$queue/q/k", b"x" * 70, 1, origin="client-1"),
+        Message("$queue/q", b"", 1),
+        Message("t", b"p", 0, True),
+    ):
         general = Message(message.topic, message.payload, message.qos, message.retain, origin=message.origin)
         blob = encode_record(7.5, message)
         assert blob == struct.pack("<Bd", 1, 7.5) + r.encode_message(general)
-        assert decode_record(blob) == (7.5, (message.topic, message.payload, message.qos, message.retain, None, None,
-                                             message.origin))
+        assert decode_record(blob) == (
+            7.5,
+            (message.topic, message.payload, message.qos, message.retain, None, None, message.origin),
+        )
 
 
 def test_the_relayed_appends_encoding_is_the_general_one() -> None:
     """encode_plain_record (the relayed append: QoS 1, no properties, from encoded topic and
     origin) writes the bytes encode_record writes for the same message."""
-    for topic, payload, origin in (("$queue/q/k", b"x" * 70, "client-1"), ("$queue/q", b"", None), ("$queue/é", b"p", "")):
+    for topic, payload, origin in (
+        ("$queue/q/k", b"x" * 70, "client-1"),
+        ("$queue/q", b"", None),
+        ("$queue/é", b"p", ""),
+    ):
         message = Message(topic, payload, 1, origin=origin)
         blob = encode_plain_record(7.5, topic.encode(), origin.encode() if origin else b"", payload)
         assert blob == encode_record(7.5, message)
@@ -193,13 +214,17 @@ def test_append_plain_stores_the_plain_encoding(tmp_path: Path) -> None:
         store = storage.queue_log()
         want = [encode_plain_record(1.5, b"$queue/q/a", b"c1", p) for p in (b"x", b"", b"y" * 300)]
         want.append(encode_plain_record(2.5, b"$queue/q", b"", b""))
-        assert store.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", [b"x", b"", b"y" * 300]) == [len(w) for w in want[:3]]
+        assert store.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", [b"x", b"", b"y" * 300]) == [
+            len(w) for w in want[:3]
+        ]
         assert store.append_plain("q", 3, 2.5, b"$queue/q", b"", [b""]) == [len(want[3])]
         assert storage.op_count and storage.has_pending
         storage.commit()
         assert store.read("q", 0, 4) == list(enumerate(want))
         memory = MemoryQueueLog()
-        assert memory.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", [b"x", b""]) == [len(w) for w in want[:2]]
+        assert memory.append_plain("q", 0, 1.5, b"$queue/q/a", b"c1", [b"x", b""]) == [
+            len(w) for w in want[:2]
+        ]
         assert memory.read("q", 0, 2) == [(0, want[0]), (1, want[1])]
     finally:
         storage.close()

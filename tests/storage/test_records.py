@@ -11,8 +11,13 @@ from fluxmq.storage import records as r
 
 
 def _props() -> dict:
-    return {0x01: 1, 0x03: "text/plain", 0x08: "reply/here", 0x09: b"\x00corr\xff",
-            0x26: [("k", "v"), ("k", "v2"), ("ü", "")]}
+    return {
+        0x01: 1,
+        0x03: "text/plain",
+        0x08: "reply/here",
+        0x09: b"\x00corr\xff",
+        0x26: [("k", "v"), ("k", "v2"), ("ü", "")],
+    }
 
 
 def test_message_round_trip_keeps_every_field() -> None:
@@ -84,9 +89,12 @@ def test_entries_of_plain_messages_match_the_general_encoding() -> None:
     for qos in (0, 1, 2):
         for retain in (False, True):
             for origin in (None, "client-\u00e9"):
-                fast = r.encode_entry(Message("a/b", b"p" * 70, qos, not retain, origin=origin), qos, retain, None)
+                fast = r.encode_entry(
+                    Message("a/b", b"p" * 70, qos, not retain, origin=origin), qos, retain, None
+                )
                 general = r._ENTRY.pack(r.FORMAT, qos, int(retain), 0) + r.encode_message(
-                    Message("a/b", b"p" * 70, qos, not retain, origin=origin))
+                    Message("a/b", b"p" * 70, qos, not retain, origin=origin)
+                )
                 assert fast == general
                 fields, q, ret, ids, released = r.decode_entry(fast)
                 assert fields == ("a/b", b"p" * 70, qos, not retain, None, None, origin)

@@ -50,8 +50,9 @@ class InProcessListener:
     def __init__(self, stream_factory=None, **settings: object) -> None:
         self.broker = Broker(BrokerSettings())
         self.settings = ProtocolSettings(**settings)
-        self.listener = TCPListener("test", HOST, 0, self.broker, self.settings, FlushScheduler(),
-                                    stream_factory=stream_factory)
+        self.listener = TCPListener(
+            "test", HOST, 0, self.broker, self.settings, FlushScheduler(), stream_factory=stream_factory
+        )
         self.listener.start()
         self.port = self.listener.address[1]
 
@@ -115,8 +116,14 @@ class SocketTransport:
 class WSClient:
     """A WebSocket client driven with wsproto over a gevent (TLS) socket."""
 
-    def __init__(self, port: int, path: str = "/mqtt", subprotocols: tuple[str, ...] = ("mqtt",),
-                 origin: str | None = None, sock=None) -> None:
+    def __init__(
+        self,
+        port: int,
+        path: str = "/mqtt",
+        subprotocols: tuple[str, ...] = ("mqtt",),
+        origin: str | None = None,
+        sock=None,
+    ) -> None:
         self.sock = sock if sock is not None else tcp_connect(port)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.path = path
@@ -132,8 +139,13 @@ class WSClient:
     def handshake(self, timeout: float = WAIT):
         """Send the upgrade request; returns AcceptConnection or RejectConnection."""
         headers = [(b"origin", self.origin.encode())] if self.origin else []
-        self.sock.sendall(self.ws.send(Request(host="localhost", target=self.path,
-                                               subprotocols=self.subprotocols, extra_headers=headers)))
+        self.sock.sendall(
+            self.ws.send(
+                Request(
+                    host="localhost", target=self.path, subprotocols=self.subprotocols, extra_headers=headers
+                )
+            )
+        )
         with gevent.Timeout(timeout, AssertionError("no handshake answer")):
             while True:
                 data = self.sock.recv(65536)
@@ -166,7 +178,7 @@ class WSClient:
             return
         out = bytearray()
         for i in range(0, len(data), frame_size):
-            chunk = data[i:i + frame_size]
+            chunk = data[i : i + frame_size]
             out += self.ws.send(BytesMessage(data=chunk, message_finished=i + frame_size >= len(data)))
         self.sock.sendall(bytes(out))
 
@@ -246,7 +258,9 @@ class MQTTPeer:
         return packet
 
     def connect(self, client_id: str, username: str | None = None):
-        self.send(c.Connect(client_id=client_id, keepalive=60, protocol_version=self.version, username=username))
+        self.send(
+            c.Connect(client_id=client_id, keepalive=60, protocol_version=self.version, username=username)
+        )
         connack = self.expect(c.Connack)
         assert connack.reason_code == 0, connack
         return connack
@@ -263,15 +277,25 @@ class MQTTPeer:
         return False
 
 
-__all__ = ["HOST", "WAIT", "InProcessListener", "MQTTPeer", "Pong", "SocketTransport", "WSClient",
-           "tcp_connect", "tls_connect"]
+__all__ = [
+    "HOST",
+    "WAIT",
+    "InProcessListener",
+    "MQTTPeer",
+    "Pong",
+    "SocketTransport",
+    "WSClient",
+    "tcp_connect",
+    "tls_connect",
+]
 
 
 def wait_parked(server: InProcessListener, timeout: float = WAIT) -> bool:
     """True once every connection of ``server`` is parked (its greenlet ended, a watcher waits)."""
     with gevent.Timeout(timeout, False):
         while not server.listener.connections or any(
-                getattr(conn, "_parked", None) is None for conn in server.listener.connections):
+            getattr(conn, "_parked", None) is None for conn in server.listener.connections
+        ):
             gevent.sleep(0.01)
         return True
     return False

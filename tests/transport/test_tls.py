@@ -37,13 +37,26 @@ def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
     ca = CertAuthority(d, "fluxmq test CA")
     foreign = CertAuthority(d, "foreign CA")
-    return SimpleNamespace(ca=ca, server=ca.issue_server("localhost"), alice=ca.issue_client("alice"),
-                           bob=ca.issue_client("bob"), foreign=foreign, mallory=foreign.issue_client("mallory"))
+    return SimpleNamespace(
+        ca=ca,
+        server=ca.issue_server("localhost"),
+        alice=ca.issue_client("alice"),
+        bob=ca.issue_client("bob"),
+        foreign=foreign,
+        mallory=foreign.issue_client("mallory"),
+    )
 
 
 def tls_cfg(pki, **over):
-    cfg = dict(cert_file=pki.server.cert_file, key_file=pki.server.key_file, ca_file="", client_auth="",
-               min_version="TLS1.2", cipher_suites=[], use_cert_cn_as_username=False)
+    cfg = dict(
+        cert_file=pki.server.cert_file,
+        key_file=pki.server.key_file,
+        ca_file="",
+        client_auth="",
+        min_version="TLS1.2",
+        cipher_suites=[],
+        use_cert_cn_as_username=False,
+    )
     cfg.update(over)
     return SimpleNamespace(**cfg)
 
@@ -72,18 +85,32 @@ def refused(port: int, pki, cert=None, ca_file: str | None = "default") -> bool:
 
 # -- SSLContext from config -------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("mode", "ca", "effective"), [
-    ("", "", "none"), ("", "ca.pem", "require"), ("none", "ca.pem", "none"),
-    ("request", "", "request"), ("verify_if_given", "ca.pem", "verify_if_given"),
-])
+
+@pytest.mark.parametrize(
+    ("mode", "ca", "effective"),
+    [
+        ("", "", "none"),
+        ("", "ca.pem", "require"),
+        ("none", "ca.pem", "none"),
+        ("request", "", "request"),
+        ("verify_if_given", "ca.pem", "verify_if_given"),
+    ],
+)
 def test_effective_client_auth(mode: str, ca: str, effective: str) -> None:
     assert effective_client_auth(mode, ca) == effective
 
 
-@pytest.mark.parametrize(("mode", "verify"), [
-    ("none", ssl.CERT_NONE), ("request", ssl.CERT_OPTIONAL), ("verify_if_given", ssl.CERT_OPTIONAL),
-    ("require_any", ssl.CERT_REQUIRED), ("require", ssl.CERT_REQUIRED), ("", ssl.CERT_REQUIRED),
-])
+@pytest.mark.parametrize(
+    ("mode", "verify"),
+    [
+        ("none", ssl.CERT_NONE),
+        ("request", ssl.CERT_OPTIONAL),
+        ("verify_if_given", ssl.CERT_OPTIONAL),
+        ("require_any", ssl.CERT_REQUIRED),
+        ("require", ssl.CERT_REQUIRED),
+        ("", ssl.CERT_REQUIRED),
+    ],
+)
 def test_client_auth_modes_map_to_verify_modes(pki, mode: str, verify: int) -> None:
     ctx = server_context("s", tls_cfg(pki, ca_file=pki.ca.cert_file, client_auth=mode))
     assert ctx.verify_mode == verify
@@ -111,13 +138,16 @@ def test_mtls_listener_must_require_client_certificates(pki) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED
 
 
-@pytest.mark.parametrize(("over", "key", "text"), [
-    ({"cert_file": ""}, "cert_file", "is empty"),
-    ({"cert_file": "/nonexistent/server.crt"}, "cert_file", "No such file"),
-    ({"key_file": "/nonexistent/server.key"}, "key_file", "No such file"),
-    ({"ca_file": "/nonexistent/ca.crt"}, "ca_file", "No such file"),
-    ({"cipher_suites": ["TLS_NOT_A_SUITE"]}, "cipher_suites", "unknown cipher suite"),
-])
+@pytest.mark.parametrize(
+    ("over", "key", "text"),
+    [
+        ({"cert_file": ""}, "cert_file", "is empty"),
+        ({"cert_file": "/nonexistent/server.crt"}, "cert_file", "No such file"),
+        ({"key_file": "/nonexistent/server.key"}, "key_file", "No such file"),
+        ({"ca_file": "/nonexistent/ca.crt"}, "ca_file", "No such file"),
+        ({"cipher_suites": ["TLS_NOT_A_SUITE"]}, "cipher_suites", "unknown cipher suite"),
+    ],
+)
 def test_bad_tls_config_is_one_line_naming_the_key(pki, over: dict, key: str, text: str) -> None:
     with pytest.raises(ConfigError) as err:
         server_context("server.tcp.tls", tls_cfg(pki, **over), source="conf.yaml")
@@ -143,8 +173,12 @@ def test_a_file_that_is_not_pem(pki, tmp_path) -> None:
 
 
 def test_cipher_suites_by_go_and_openssl_names(pki) -> None:
-    ctx = server_context("s", tls_cfg(pki, cipher_suites=[
-        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"]))
+    ctx = server_context(
+        "s",
+        tls_cfg(
+            pki, cipher_suites=["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"]
+        ),
+    )
     tls12 = {s["name"] for s in ctx.get_ciphers() if s["protocol"] == "TLSv1.2"}
     assert tls12 == {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"}
 
@@ -166,6 +200,7 @@ def test_tls13_only_server_refuses_a_tls12_client(pki) -> None:
         ctx = ssl.create_default_context(cafile=pki.ca.cert_file)
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         from gevent import ssl as gssl
+
         gctx = gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         gctx.load_verify_locations(pki.ca.cert_file)
         gctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -175,6 +210,7 @@ def test_tls13_only_server_refuses_a_tls12_client(pki) -> None:
 
 
 # -- TLS listener ---------------------------------------------------------------------------------
+
 
 def test_tls_client_with_the_test_ca_exchanges_messages(pki) -> None:
     with tls_server(pki) as s:
@@ -204,8 +240,12 @@ def test_failed_handshakes_are_one_log_line_and_the_listener_keeps_serving(pki, 
     failed = [r for r in caplog.records if r.msg == "tls_handshake_failed"]
     assert len(failed) == 2
     assert all(r.exc_info is None and r.listener == "tls" and r.error for r in failed)
-    assert failed[0].error in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_MESSAGE", "RECORD_LAYER_FAILURE"), \
-        failed[0].error
+    assert failed[0].error in (
+        "WRONG_VERSION_NUMBER",
+        "HTTP_REQUEST",
+        "UNEXPECTED_MESSAGE",
+        "RECORD_LAYER_FAILURE",
+    ), failed[0].error
 
 
 def test_handshake_deadline(pki, caplog) -> None:
@@ -237,6 +277,7 @@ def test_large_messages_to_a_slow_tls_reader_arrive_intact(pki) -> None:
 
 
 # -- mTLS -------------------------------------------------------------------------------------------
+
 
 def test_mtls_refuses_no_certificate_and_a_foreign_ca_and_keeps_serving(pki, caplog) -> None:
     caplog.set_level(logging.INFO, "fluxmq.transport")
@@ -281,6 +322,7 @@ def test_without_the_option_the_connect_username_stays(pki) -> None:
 
 # -- WebSocket over TLS -----------------------------------------------------------------------------
 
+
 def test_wss_carries_mqtt_and_the_certificate_username(pki) -> None:
     ctx = server_context("server.websocket.tls", tls_cfg(pki, ca_file=pki.ca.cert_file))
     upgrade = WebSocketUpgrade("/mqtt", [], 5.0, "wss", inner=TLSHandshake(ctx, 5.0, "wss", True))
@@ -299,6 +341,7 @@ def test_wss_carries_mqtt_and_the_certificate_username(pki) -> None:
 
 
 # -- the TLS stream's write contract on a real SSL object ----------------------------------------------
+
 
 def test_refused_writes_retried_with_more_bytes_lose_and_repeat_nothing(pki) -> None:
     """OpenSSL may send part of a write it reports as refused (want-write, so send_nowait returns 0);

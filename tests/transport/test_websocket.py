@@ -56,6 +56,7 @@ def connected(port: int, client_id: str, **kw) -> tuple[WSClient, MQTTPeer]:
 
 # -- the upgrade ------------------------------------------------------------------------------------
 
+
 def test_upgrade_accepts_mqtt_subprotocol_and_echoes_it(server) -> None:
     """MQTT-6.0.0-3: the server selects "mqtt" when the client offers it."""
     ws = WSClient(server.port, subprotocols=("chat", "mqtt"))
@@ -139,31 +140,39 @@ def test_origin_refused_with_403_and_allowed_origin_accepted() -> None:
         bad = WSClient(s.port, origin="https://evil.example.net")
         event = bad.handshake()
         assert isinstance(event, RejectConnection) and event.status_code == 403
-        for origin in ("https://app.example.com", "HTTPS://APP.EXAMPLE.COM", "https://a.b.example.org:8443",
-                       None):
+        for origin in (
+            "https://app.example.com",
+            "HTTPS://APP.EXAMPLE.COM",
+            "https://a.b.example.org:8443",
+            None,
+        ):
             ws = WSClient(s.port, origin=origin)
             assert isinstance(ws.handshake(), AcceptConnection), origin
             MQTTPeer(ws).connect(f"origin-{origin}")
 
 
-@pytest.mark.parametrize(("allowed", "origin", "ok"), [
-    ([], "https://anything.test", True),
-    (["*"], "https://anything.test", True),
-    (["https://a.test"], None, True),  # not a browser: no Origin header
-    (["https://a.test"], "", True),
-    (["https://a.test"], "https://a.test/", True),
-    (["https://a.test"], "http://a.test", False),
-    (["https://a.test"], "https://a.test.evil", False),
-    (["*.a.test"], "https://x.a.test", True),
-    (["*.a.test"], "https://a.test", True),
-    (["*.a.test"], "https://xa.test", False),
-    (["*.a.test"], "null", False),
-])
+@pytest.mark.parametrize(
+    ("allowed", "origin", "ok"),
+    [
+        ([], "https://anything.test", True),
+        (["*"], "https://anything.test", True),
+        (["https://a.test"], None, True),  # not a browser: no Origin header
+        (["https://a.test"], "", True),
+        (["https://a.test"], "https://a.test/", True),
+        (["https://a.test"], "http://a.test", False),
+        (["https://a.test"], "https://a.test.evil", False),
+        (["*.a.test"], "https://x.a.test", True),
+        (["*.a.test"], "https://a.test", True),
+        (["*.a.test"], "https://xa.test", False),
+        (["*.a.test"], "null", False),
+    ],
+)
 def test_origin_policy(allowed: list[str], origin: str | None, ok: bool) -> None:
     assert OriginPolicy(allowed).allows(origin) is ok
 
 
 # -- MQTT over frames -------------------------------------------------------------------------------
+
 
 def test_publish_between_two_websocket_clients(server) -> None:
     sub_ws, sub = connected(server.port, "sub")
@@ -194,8 +203,13 @@ def test_packet_split_across_frames(server) -> None:
 def test_several_packets_in_one_frame(server) -> None:
     ws = WSClient(server.port)
     ws.handshake()
-    packets = [c.Connect(client_id="batch", keepalive=30), c.Subscribe(1, [c.Subscription("b/+", 0)]),
-               c.Publish("b/1", b"one"), c.Publish("b/2", b"two"), c.Pingreq()]
+    packets = [
+        c.Connect(client_id="batch", keepalive=30),
+        c.Subscribe(1, [c.Subscription("b/+", 0)]),
+        c.Publish("b/1", b"one"),
+        c.Publish("b/2", b"two"),
+        c.Pingreq(),
+    ]
     ws.send(b"".join(c.encode(p, 4) for p in packets))
     peer = MQTTPeer(ws)
     peer.expect(c.Connack)
@@ -317,6 +331,7 @@ def test_large_messages_to_a_slow_reader_arrive_intact(server) -> None:
 
 # -- the stream's write bookkeeping over inner streams that take chosen amounts ----------------------
 
+
 class ScriptedInner:
     """An inner stream whose ``send_nowait`` takes at most ``budget`` bytes (TCP: any prefix; with
     ``all_or_nothing``, TLS: the whole buffer or nothing, and after a refusal the next write must
@@ -332,8 +347,9 @@ class ScriptedInner:
 
     def _check_retry(self, data) -> None:
         if self.refused is not None:
-            assert bytes(data[:len(self.refused)]) == self.refused and len(data) >= len(self.refused), \
+            assert bytes(data[: len(self.refused)]) == self.refused and len(data) >= len(self.refused), (
                 "a refused TLS write was not retried with the same bytes"
+            )
             self.refused = None
 
     def send_nowait(self, data) -> int:
@@ -382,10 +398,10 @@ def decode_server_frames(wire: bytes) -> tuple[bytes, list]:
 
 
 op = st.one_of(
-    st.tuples(st.just("data"), st.integers(1, 140000)),   # the connection buffers more output
+    st.tuples(st.just("data"), st.integers(1, 140000)),  # the connection buffers more output
     st.tuples(st.just("flush"), st.integers(0, 200000)),  # a send_nowait with that much room
-    st.tuples(st.just("drain"), st.just(0)),              # the writer greenlet's send_all
-    st.tuples(st.just("ping"), st.integers(0, 125)),      # the client pings (the reader answers)
+    st.tuples(st.just("drain"), st.just(0)),  # the writer greenlet's send_all
+    st.tuples(st.just("ping"), st.integers(0, 125)),  # the client pings (the reader answers)
 )
 
 

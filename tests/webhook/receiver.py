@@ -75,7 +75,9 @@ class ThreadReceiver(Recorder):
         super().__init__()
         self.server = make_server("127.0.0.1", 0, self, server_class=_ThreadingServer, handler_class=_Quiet)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def close(self) -> None:

@@ -32,8 +32,15 @@ def receiver() -> Iterator[GeventReceiver]:
 
 
 def dispatcher(url: str, start: bool = True, **kwargs) -> WebhookDispatcher:
-    endpoint = dict(name="rx", url=url, events=ALL, timeout=2.0,
-                    retry=RetryPolicy(1, 0.01, 0.01, 1.0), failure_threshold=100, reset_timeout=60.0)
+    endpoint = dict(
+        name="rx",
+        url=url,
+        events=ALL,
+        timeout=2.0,
+        retry=RetryPolicy(1, 0.01, 0.01, 1.0),
+        failure_threshold=100,
+        reset_timeout=60.0,
+    )
     endpoint.update(kwargs.pop("endpoint", {}))
     d = WebhookDispatcher(WebhookSettings((EndpointSettings(**endpoint),), **kwargs), "node-a")
     if start:
@@ -138,9 +145,15 @@ def test_an_open_breaker_turns_the_per_message_hooks_off(receiver: GeventReceive
     the broker's per-message slots go back to None, and come back after reset_timeout."""
     receiver.statuses = [500]
     broker = Broker()
-    d = dispatcher(receiver.url, workers=1, endpoint={
-        "events": frozenset({"message.published", "message.delivered"}), "failure_threshold": 1,
-        "reset_timeout": 0.3})
+    d = dispatcher(
+        receiver.url,
+        workers=1,
+        endpoint={
+            "events": frozenset({"message.published", "message.delivered"}),
+            "failure_threshold": 1,
+            "reset_timeout": 0.3,
+        },
+    )
     d.on_wants_changed = lambda: broker.set_events(d)
     broker.set_events(d)
     try:
@@ -239,8 +252,11 @@ def test_shutdown_is_bounded_and_counts_what_is_left() -> None:
 
 
 def test_topic_filters_choose_message_events(receiver: GeventReceiver) -> None:
-    d = dispatcher(receiver.url, include_payload=True,
-                   endpoint={"events": frozenset({"message.published"}), "topic_filters": ("a/+", "b/#")})
+    d = dispatcher(
+        receiver.url,
+        include_payload=True,
+        endpoint={"events": frozenset({"message.published"}), "topic_filters": ("a/+", "b/#")},
+    )
     try:
         assert d.wants_published and not d.wants_delivered
         for topic in ("a/1", "c/1", "b/x/y", "$SYS/x", "a/1/2"):
@@ -258,7 +274,9 @@ def test_topic_filters_choose_message_events(receiver: GeventReceiver) -> None:
 def test_broker_per_message_hooks_stay_empty_unless_wanted(receiver: GeventReceiver) -> None:
     broker = Broker()
     assert broker.events is None and broker._on_published is None and broker._on_delivered is None
-    d = dispatcher(receiver.url, start=False, endpoint={"events": frozenset({"client.connected", "message.retained"})})
+    d = dispatcher(
+        receiver.url, start=False, endpoint={"events": frozenset({"client.connected", "message.retained"})}
+    )
     broker.set_events(d)
     assert broker.events is d and broker._on_published is None and broker._on_delivered is None
     broker.publish(Message("t", b"x"))

@@ -19,9 +19,12 @@ def settings(tmp_path: Path, endpoints: str, extra: str = "") -> WebhookSettings
 
 
 def test_defaults_fill_what_an_endpoint_leaves_out(tmp_path: Path) -> None:
-    s = settings(tmp_path, "    - {name: a, url: 'http://127.0.0.1:1/', retry: {max_attempts: 7}}\n",
-                 "  defaults:\n    timeout: 2s\n    retry: {initial_interval: 100ms}\n"
-                 "    circuit_breaker: {failure_threshold: 3, reset_timeout: 10s}\n")
+    s = settings(
+        tmp_path,
+        "    - {name: a, url: 'http://127.0.0.1:1/', retry: {max_attempts: 7}}\n",
+        "  defaults:\n    timeout: 2s\n    retry: {initial_interval: 100ms}\n"
+        "    circuit_breaker: {failure_threshold: 3, reset_timeout: 10s}\n",
+    )
     (a,) = s.endpoints
     assert a.timeout == 2.0 and a.events == frozenset(WEBHOOK_EVENTS) and a.topic_filters == ("#",)
     assert a.retry == RetryPolicy(7, 0.1, 30.0, 2.0)
@@ -46,22 +49,44 @@ def test_secret_from_a_file(tmp_path: Path) -> None:
     assert s.endpoints[0].secret == b"k3y"
 
 
-@pytest.mark.parametrize("endpoints, key, words", [
-    ("    - {name: a, url: 'http://h/'}\n    - {name: a, url: 'http://h/2'}\n", "webhook.endpoints[1].name",
-     "a name no other endpoint has"),
-    ("    - {name: a, url: 'http://h/', topic_filters: ['a/#/b']}\n", "webhook.endpoints[0].topic_filters",
-     "'a/#/b'"),
-    ("    - {name: a, url: 'http://h/', topic_filters: ['$share/g/a']}\n", "webhook.endpoints[0].topic_filters",
-     "without $share"),
-    ("    - {name: a, url: 'http://h/', secret_file: '/nonexistent/key'}\n", "webhook.endpoints[0].secret_file",
-     "readable file"),
-    ("    - {name: a, url: 'http://h/', secret_env: FLUXMQ_TEST_WH_KEY, secret_file: '/k'}\n",
-     "webhook.endpoints[0].secret_file", "not both"),
-    ("    - {name: a, url: 'http://h/', secret_env: FLUXMQ_TEST_WH_UNSET}\n", "webhook.endpoints[0].secret_env",
-     "non-empty environment variable"),
-])
-def test_bad_endpoints_are_config_errors(tmp_path: Path, endpoints: str, key: str, words: str,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "endpoints, key, words",
+    [
+        (
+            "    - {name: a, url: 'http://h/'}\n    - {name: a, url: 'http://h/2'}\n",
+            "webhook.endpoints[1].name",
+            "a name no other endpoint has",
+        ),
+        (
+            "    - {name: a, url: 'http://h/', topic_filters: ['a/#/b']}\n",
+            "webhook.endpoints[0].topic_filters",
+            "'a/#/b'",
+        ),
+        (
+            "    - {name: a, url: 'http://h/', topic_filters: ['$share/g/a']}\n",
+            "webhook.endpoints[0].topic_filters",
+            "without $share",
+        ),
+        (
+            "    - {name: a, url: 'http://h/', secret_file: '/nonexistent/key'}\n",
+            "webhook.endpoints[0].secret_file",
+            "readable file",
+        ),
+        (
+            "    - {name: a, url: 'http://h/', secret_env: FLUXMQ_TEST_WH_KEY, secret_file: '/k'}\n",
+            "webhook.endpoints[0].secret_file",
+            "not both",
+        ),
+        (
+            "    - {name: a, url: 'http://h/', secret_env: FLUXMQ_TEST_WH_UNSET}\n",
+            "webhook.endpoints[0].secret_env",
+            "non-empty environment variable",
+        ),
+    ],
+)
+def test_bad_endpoints_are_config_errors(
+    tmp_path: Path, endpoints: str, key: str, words: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FLUXMQ_TEST_WH_KEY", "k")
     with pytest.raises(ConfigError) as info:
         settings(tmp_path, endpoints)

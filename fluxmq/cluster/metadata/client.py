@@ -70,6 +70,7 @@ def _range_end_b64(prefix: str) -> str:
 
 # -- gevent sockets under urllib3 -------------------------------------------------------------------
 
+
 def _gevent_conn(conn: HTTPConnection):
     try:
         sock = gevent.socket.create_connection((conn._dns_host, conn.port), conn.timeout, conn.source_address)
@@ -139,19 +140,31 @@ def gevent_session(ca_file: str = "", cert_file: str = "", key_file: str = "") -
 
 # -- the client -------------------------------------------------------------------------------------
 
+
 def _kv(raw: dict) -> dict:
     """A gateway KeyValue (base64, int64 as strings) -> key str, value bytes, revisions and lease int."""
-    return {"key": unb64(raw.get("key")).decode(errors="replace"), "value": unb64(raw.get("value")),
-            "create_revision": int(raw.get("create_revision", 0)), "mod_revision": int(raw.get("mod_revision", 0)),
-            "version": int(raw.get("version", 0)), "lease": int(raw.get("lease", 0))}
+    return {
+        "key": unb64(raw.get("key")).decode(errors="replace"),
+        "value": unb64(raw.get("value")),
+        "create_revision": int(raw.get("create_revision", 0)),
+        "mod_revision": int(raw.get("mod_revision", 0)),
+        "version": int(raw.get("version", 0)),
+        "lease": int(raw.get("lease", 0)),
+    }
 
 
 class EtcdClient:
     """Unary etcd v3 calls (range, put, delete, txn, leases) over etcd3gw; every method may block the
     calling greenlet (never the hub) and raises ClusterError."""
 
-    def __init__(self, endpoints: list[str], timeout: float = 5.0, ca_file: str = "", cert_file: str = "",
-                 key_file: str = "") -> None:
+    def __init__(
+        self,
+        endpoints: list[str],
+        timeout: float = 5.0,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+    ) -> None:
         if not endpoints:
             raise ClusterError("etcd: no endpoint to connect to")
         self.endpoints = list(endpoints)
@@ -161,8 +174,14 @@ class EtcdClient:
         for url in self.endpoints:
             scheme, _, rest = url.partition("://")
             host, _, port = rest.rstrip("/").rpartition(":")
-            client = Etcd3Client(host=host.strip("[]"), port=int(port), protocol=scheme, timeout=timeout,
-                                 api_path=API_PATH, session=self.session)
+            client = Etcd3Client(
+                host=host.strip("[]"),
+                port=int(port),
+                protocol=scheme,
+                timeout=timeout,
+                api_path=API_PATH,
+                session=self.session,
+            )
             self._clients.append(client)
         self._current = 0
         self.calls = 0
@@ -194,8 +213,10 @@ class EtcdClient:
             self._current = (self._current + 1) % len(self._clients)
             pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
             if time.monotonic() + pause >= deadline:
-                raise ClusterError(f"etcd unreachable at {', '.join(self.endpoints)} for {budget:g}s "
-                                   f"({path}): {_detail(error)}") from error
+                raise ClusterError(
+                    f"etcd unreachable at {', '.join(self.endpoints)} for {budget:g}s "
+                    f"({path}): {_detail(error)}"
+                ) from error
             attempt += 1
             self.retries += 1
             gevent.sleep(pause)
@@ -226,8 +247,9 @@ class EtcdClient:
             body["range_end"] = _range_end_b64(key)
         return int(self.post("kv/deleterange", body).get("deleted", 0))
 
-    def txn(self, compare: list[dict], success: list[dict], failure: list[dict] | None = None
-            ) -> tuple[bool, list[dict]]:
+    def txn(
+        self, compare: list[dict], success: list[dict], failure: list[dict] | None = None
+    ) -> tuple[bool, list[dict]]:
         """One transaction: (succeeded, responses of the branch that ran)."""
         reply = self.post("kv/txn", {"compare": compare, "success": success, "failure": failure or []})
         return bool(reply.get("succeeded", False)), reply.get("responses", [])
@@ -253,8 +275,9 @@ class EtcdClient:
         """Open a streamed ``/v3/watch`` on the current endpoint (PrefixMirror reads it)."""
         client = self._clients[self._current]
         try:
-            return self.session.post(client.get_url("watch"), json=body, stream=True,
-                                     timeout=(self.timeout, read_timeout))
+            return self.session.post(
+                client.get_url("watch"), json=body, stream=True, timeout=(self.timeout, read_timeout)
+            )
         except requests.RequestException:
             self._current = (self._current + 1) % len(self._clients)
             raise
@@ -270,6 +293,7 @@ def _detail(exc: BaseException) -> str:
 
 
 # -- compare / operation builders for txn ----------------------------------------------------------
+
 
 def cmp_create(key: str, revision: int) -> dict:
     """The key's create_revision equals ``revision`` (0: the key does not exist)."""
@@ -306,6 +330,7 @@ def range_kvs(response: dict) -> list[dict]:
 
 # -- watching a prefix ------------------------------------------------------------------------------
 
+
 class PrefixMirror:
     """A local copy of every key under ``prefix``, kept current by a watch in one greenlet.
 
@@ -316,8 +341,14 @@ class PrefixMirror:
     for each put (``kv`` set) or delete (``kv`` None); ``old`` is the previous value it knew.
     """
 
-    def __init__(self, client: EtcdClient, prefix: str, on_change: Callable[[str, dict | None, dict | None], None],
-                 read_timeout: float = 30.0, name: str = "") -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        prefix: str,
+        on_change: Callable[[str, dict | None, dict | None], None],
+        read_timeout: float = 30.0,
+        name: str = "",
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.on_change = on_change
@@ -389,8 +420,14 @@ class PrefixMirror:
                 self.connected = False
 
     def _stream(self) -> None:
-        body = {"create_request": {"key": b64(self.prefix), "range_end": _range_end_b64(self.prefix),
-                                   "start_revision": str(self.revision + 1), "prev_kv": True}}
+        body = {
+            "create_request": {
+                "key": b64(self.prefix),
+                "range_end": _range_end_b64(self.prefix),
+                "start_revision": str(self.revision + 1),
+                "prev_kv": True,
+            }
+        }
         self._response = response = self.client.watch_stream(body, self.read_timeout)
         try:
             if response.status_code != 200:

@@ -37,13 +37,24 @@ class EtcdSettings:
         """From a loaded Config (``config.cluster.etcd``) or that section itself."""
         section = config.cluster.etcd if hasattr(config, "cluster") else config
         tls = section.tls
-        return cls(binary=section.binary, data_dir=section.data_dir, bind_addr=section.bind_addr,
-                   client_addr=section.client_addr, initial_cluster=section.initial_cluster,
-                   bootstrap=section.bootstrap, endpoints=list(section.endpoints), prefix=section.prefix,
-                   hybrid_retained_size_threshold=section.hybrid_retained_size_threshold,
-                   lease_ttl=section.lease_ttl, request_timeout=section.request_timeout,
-                   start_timeout=section.start_timeout, tls_enabled=tls.enabled, tls_ca_file=tls.ca_file,
-                   tls_cert_file=tls.cert_file, tls_key_file=tls.key_file)
+        return cls(
+            binary=section.binary,
+            data_dir=section.data_dir,
+            bind_addr=section.bind_addr,
+            client_addr=section.client_addr,
+            initial_cluster=section.initial_cluster,
+            bootstrap=section.bootstrap,
+            endpoints=list(section.endpoints),
+            prefix=section.prefix,
+            hybrid_retained_size_threshold=section.hybrid_retained_size_threshold,
+            lease_ttl=section.lease_ttl,
+            request_timeout=section.request_timeout,
+            start_timeout=section.start_timeout,
+            tls_enabled=tls.enabled,
+            tls_ca_file=tls.ca_file,
+            tls_cert_file=tls.cert_file,
+            tls_key_file=tls.key_file,
+        )
 
     @property
     def scheme(self) -> str:
@@ -82,19 +93,34 @@ def cluster_config_problems(config) -> list[ConfigError]:
     problems = []
     node_id = config.cluster.node_id
     if not node_id:
-        problems.append(ConfigError("cluster.node_id", "a node id unique in the cluster", config.origin("cluster.node_id"),
-                                    problem="is required when cluster.enabled is true"))
+        problems.append(
+            ConfigError(
+                "cluster.node_id",
+                "a node id unique in the cluster",
+                config.origin("cluster.node_id"),
+                problem="is required when cluster.enabled is true",
+            )
+        )
     etcd = config.cluster.etcd
     if not etcd.endpoints:
         names = [part.split("=", 1)[0] for part in etcd.initial_cluster.split(",") if part]
         if node_id and names and node_id not in names:
-            problems.append(ConfigError(
-                "cluster.etcd.initial_cluster", f"a member named {node_id!r} (cluster.node_id)",
-                config.origin("cluster.etcd.initial_cluster"),
-                problem=f"lists {', '.join(names)} but not this node ({node_id!r}, its cluster.node_id)"))
+            problems.append(
+                ConfigError(
+                    "cluster.etcd.initial_cluster",
+                    f"a member named {node_id!r} (cluster.node_id)",
+                    config.origin("cluster.etcd.initial_cluster"),
+                    problem=f"lists {', '.join(names)} but not this node ({node_id!r}, its cluster.node_id)",
+                )
+            )
         if etcd.tls.enabled and not (etcd.tls.cert_file and etcd.tls.key_file):
-            problems.append(ConfigError("cluster.etcd.tls.cert_file", "a certificate and key file",
-                                        config.origin("cluster.etcd.tls.enabled"),
-                                        problem="and key_file are required for the node's etcd member when "
-                                                "cluster.etcd.tls.enabled is true"))
+            problems.append(
+                ConfigError(
+                    "cluster.etcd.tls.cert_file",
+                    "a certificate and key file",
+                    config.origin("cluster.etcd.tls.enabled"),
+                    problem="and key_file are required for the node's etcd member when "
+                    "cluster.etcd.tls.enabled is true",
+                )
+            )
     return problems

@@ -20,8 +20,14 @@ log = logging.getLogger("fluxmq.cluster.election")
 
 
 class LeaderElection:
-    def __init__(self, client: EtcdClient, prefix: str, node_id: str, lease: Callable[[], int],
-                 lease_alive: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        prefix: str,
+        node_id: str,
+        lease: Callable[[], int],
+        lease_alive: Callable[[], bool],
+    ) -> None:
         self.client = client
         self.prefix = prefix + "election/"
         self.key = self.prefix + "leader"

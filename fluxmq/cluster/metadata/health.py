@@ -34,7 +34,11 @@ class ClusterHealth:
                 continue
             live = node in members
             reachable = live if states is None else bool(states.get(node, {}).get("reachable"))
-            peers[node] = {"addr": members.get(node) or lost.get(node, ""), "live": live, "reachable": reachable}
+            peers[node] = {
+                "addr": members.get(node) or lost.get(node, ""),
+                "live": live,
+                "reachable": reachable,
+            }
         return peers
 
     def check(self) -> tuple[bool, str]:
@@ -54,10 +58,31 @@ class ClusterHealth:
     def status(self, sessions: int) -> dict[str, Any]:
         """The body of ``/cluster/status``: reference 003's four fields, then the members."""
         leader = getattr(self.meta.election, "leader", None) if self.meta.election is not None else None
-        members = [{"node_id": self.meta.node_id, "addr": self.meta.transport_addr, "self": True,
-                    "live": self.meta.ready[0], "reachable": True, "leader": leader == self.meta.node_id}]
+        members = [
+            {
+                "node_id": self.meta.node_id,
+                "addr": self.meta.transport_addr,
+                "self": True,
+                "live": self.meta.ready[0],
+                "reachable": True,
+                "leader": leader == self.meta.node_id,
+            }
+        ]
         for node, peer in self._peers().items():
-            members.append({"node_id": node, "addr": peer["addr"], "self": False, "live": peer["live"],
-                            "reachable": peer["reachable"], "leader": leader == node})
-        return {"node_id": self.meta.node_id, "is_leader": self.meta.is_leader, "cluster_mode": True,
-                "sessions": sessions, "members": members}
+            members.append(
+                {
+                    "node_id": node,
+                    "addr": peer["addr"],
+                    "self": False,
+                    "live": peer["live"],
+                    "reachable": peer["reachable"],
+                    "leader": leader == node,
+                }
+            )
+        return {
+            "node_id": self.meta.node_id,
+            "is_leader": self.meta.is_leader,
+            "cluster_mode": True,
+            "sessions": sessions,
+            "members": members,
+        }

@@ -69,32 +69,74 @@ class EtcdMember:
         s = self.settings
         binary = s.etcd_binary()
         if not binary:
-            raise ClusterError("cluster.etcd.binary: etcd not found on PATH; install Debian's etcd-server "
-                               "or set cluster.etcd.binary")
+            raise ClusterError(
+                "cluster.etcd.binary: etcd not found on PATH; install Debian's etcd-server "
+                "or set cluster.etcd.binary"
+            )
         scheme = s.scheme
         peer_listen = _url(scheme, s.bind_addr)
         client_listen = _url(scheme, s.client_addr)
-        advertise_client = _url(scheme, f"{connect_host(parse_addr(s.client_addr)[0])}:{parse_addr(s.client_addr)[1]}")
+        advertise_client = _url(
+            scheme, f"{connect_host(parse_addr(s.client_addr)[0])}:{parse_addr(s.client_addr)[1]}"
+        )
         initial = s.initial_cluster or f"{self.name}={peer_listen}"
         members = dict(part.split("=", 1) for part in initial.split(",") if "=" in part)
         if self.name not in members:
-            raise ClusterError(f"cluster.etcd.initial_cluster: {initial!r} has no member named {self.name!r} "
-                               "(the node id); list this node as node_id=http://host:port")
-        args = [binary, "--name", self.name, "--data-dir", str(self.data_dir),
-                "--listen-peer-urls", peer_listen, "--initial-advertise-peer-urls", members[self.name],
-                "--listen-client-urls", client_listen, "--advertise-client-urls", advertise_client,
-                "--initial-cluster", initial, "--initial-cluster-token", "fluxmq",
-                "--initial-cluster-state", "new" if s.bootstrap else "existing",
-                "--log-level", "warn", "--logger", "zap",
-                # Every retained change, claim and registration is a revision: keep one hour of history (a
-                # watch that falls further behind reads its keys again), not all of it.
-                "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"]
+            raise ClusterError(
+                f"cluster.etcd.initial_cluster: {initial!r} has no member named {self.name!r} "
+                "(the node id); list this node as node_id=http://host:port"
+            )
+        args = [
+            binary,
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-peer-urls",
+            peer_listen,
+            "--initial-advertise-peer-urls",
+            members[self.name],
+            "--listen-client-urls",
+            client_listen,
+            "--advertise-client-urls",
+            advertise_client,
+            "--initial-cluster",
+            initial,
+            "--initial-cluster-token",
+            "fluxmq",
+            "--initial-cluster-state",
+            "new" if s.bootstrap else "existing",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
+            # Every retained change, claim and registration is a revision: keep one hour of history (a
+            # watch that falls further behind reads its keys again), not all of it.
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "1h",
+        ]
         if s.tls_enabled:
-            args += ["--cert-file", s.tls_cert_file, "--key-file", s.tls_key_file,
-                     "--peer-cert-file", s.tls_cert_file, "--peer-key-file", s.tls_key_file]
+            args += [
+                "--cert-file",
+                s.tls_cert_file,
+                "--key-file",
+                s.tls_key_file,
+                "--peer-cert-file",
+                s.tls_cert_file,
+                "--peer-key-file",
+                s.tls_key_file,
+            ]
             if s.tls_ca_file:
-                args += ["--trusted-ca-file", s.tls_ca_file, "--client-cert-auth",
-                         "--peer-trusted-ca-file", s.tls_ca_file, "--peer-client-cert-auth"]
+                args += [
+                    "--trusted-ca-file",
+                    s.tls_ca_file,
+                    "--client-cert-auth",
+                    "--peer-trusted-ca-file",
+                    s.tls_ca_file,
+                    "--peer-client-cert-auth",
+                ]
         return args
 
     def start(self) -> None:
@@ -107,11 +149,23 @@ class EtcdMember:
     def _spawn(self) -> None:
         args = self.command()
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            self.proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
         self.pid_file.write_text(f"{self.proc.pid}\n")
-        log.info("etcd_member_started", extra={"pid": self.proc.pid, "member": self.name,
-                                               "client": self.settings.client_addr, "log": str(self.log_path)})
+        log.info(
+            "etcd_member_started",
+            extra={
+                "pid": self.proc.pid,
+                "member": self.name,
+                "client": self.settings.client_addr,
+                "log": str(self.log_path),
+            },
+        )
 
     def _supervise(self) -> None:
         pause = RESTART_BACKOFF[0]
@@ -124,8 +178,16 @@ class EtcdMember:
             self.restarts += 1
             if time.monotonic() - started >= STABLE_RUN:
                 pause = RESTART_BACKOFF[0]
-            log.warning("etcd_member_died", extra={"pid": proc.pid, "code": code, "restart_in": pause,
-                                                   "restarts": self.restarts, "log": str(self.log_path)})
+            log.warning(
+                "etcd_member_died",
+                extra={
+                    "pid": proc.pid,
+                    "code": code,
+                    "restart_in": pause,
+                    "restarts": self.restarts,
+                    "log": str(self.log_path),
+                },
+            )
             gevent.sleep(pause)
             pause = min(pause * 2, RESTART_BACKOFF[1])
             if self._stopping:

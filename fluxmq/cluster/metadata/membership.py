@@ -110,8 +110,15 @@ class NodeLease:
 class Membership:
     """``/nodes/{node_id}`` under the node lease, and a watched view of every live node."""
 
-    def __init__(self, client: EtcdClient, prefix: str, node_id: str, transport_addr: str,
-                 state_file: Path | None = None, announce: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        prefix: str,
+        node_id: str,
+        transport_addr: str,
+        state_file: Path | None = None,
+        announce: dict[str, str] | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix + "nodes/"
         self.node_id = node_id
@@ -140,11 +147,20 @@ class Membership:
         """Put ``/nodes/{node_id}`` under ``lease_id``; ClusterError (one line) when another live
         process holds this node id. A registration left by this node's previous run (its lease is
         the one recorded in ``state_file``) is revoked first, so a restart need not wait for the TTL."""
-        record = json.dumps({"addr": self.transport_addr, "started_at": self.started_at, "pid": os.getpid(),
-                             "host": socket.gethostname(), "lease": lease_id, **self.announce}).encode()
+        record = json.dumps(
+            {
+                "addr": self.transport_addr,
+                "started_at": self.started_at,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "lease": lease_id,
+                **self.announce,
+            }
+        ).encode()
         for _ in range(3):
-            ok, responses = self.client.txn([cmp_create(self.key, 0)], [op_put(self.key, record, lease_id)],
-                                            [op_get(self.key)])
+            ok, responses = self.client.txn(
+                [cmp_create(self.key, 0)], [op_put(self.key, record, lease_id)], [op_get(self.key)]
+            )
             if ok:
                 self.registered = True
                 self._record, self._lease_id = record, lease_id
@@ -159,7 +175,10 @@ class Membership:
                 self.registered = True
                 return
             if current["lease"] and current["lease"] == self._previous_lease():
-                log.warning("previous_registration_revoked", extra={"node_id": self.node_id, "lease": current["lease"]})
+                log.warning(
+                    "previous_registration_revoked",
+                    extra={"node_id": self.node_id, "lease": current["lease"]},
+                )
                 self.client.lease_revoke(current["lease"])
                 continue
             try:
@@ -169,7 +188,8 @@ class Membership:
             raise ClusterError(
                 f"cluster.node_id: {self.node_id!r} is already live in the cluster (registered by pid "
                 f"{other.get('pid', '?')} on {other.get('host', '?')}, transport {other.get('addr', '?')}); "
-                "give this node another node_id, or stop the other one")
+                "give this node another node_id, or stop the other one"
+            )
         raise ClusterError(f"cluster.node_id: could not register {self.node_id!r} in etcd (it kept changing)")
 
     def read_state(self) -> dict:
@@ -219,13 +239,15 @@ class Membership:
         record = json.loads(self._record)
         record["leaving"] = True
         try:
-            self.client.txn([cmp_value(self.key, self._record)],
-                            [op_put(self.key, json.dumps(record).encode(), self._lease_id)])
+            self.client.txn(
+                [cmp_value(self.key, self._record)],
+                [op_put(self.key, json.dumps(record).encode(), self._lease_id)],
+            )
         except ClusterError as exc:
             log.warning("leave_not_marked", extra={"error": str(exc)})
 
     def _changed(self, key: str, kv: dict | None, old: dict | None) -> None:
-        node = key[len(self.prefix):]
+        node = key[len(self.prefix) :]
         if kv is None:
             addr = self._members.pop(node, None)
             self._announced.pop(node, None)
@@ -260,7 +282,11 @@ class Membership:
     def announced(self, name: str) -> dict[str, str]:
         """Live node id -> the address it announces as ``name`` (e.g. ``raft``); nodes without one
         are left out."""
-        return {node: rec[name] for node, rec in self._announced.items() if rec.get(name) and node in self._members}
+        return {
+            node: rec[name]
+            for node, rec in self._announced.items()
+            if rec.get(name) and node in self._members
+        }
 
     def lost(self) -> dict[str, str]:
         """Nodes seen live since this node started that went without leaving (node id -> addr)."""

@@ -36,15 +36,24 @@ log = logging.getLogger("fluxmq.cluster.metadata")
 class ClusterMetadata:
     """Membership, session ownership and leader election of this node, in etcd."""
 
-    def __init__(self, etcd_config, node_id: str, transport_addr: str, prefix: str | None = None,
-                 state_dir: str | Path | None = None, announce: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        etcd_config,
+        node_id: str,
+        transport_addr: str,
+        prefix: str | None = None,
+        state_dir: str | Path | None = None,
+        announce: dict[str, str] | None = None,
+    ) -> None:
         """``etcd_config``: EtcdSettings, a loaded Config or its ``cluster.etcd`` section; ``prefix``
         defaults to ``cluster.etcd.prefix``; ``state_dir`` (where the node records its last lease)
         defaults to the etcd data dir's parent (the node passes ``storage.path``); ``announce``: more
         addresses of this node its registration carries (``{"raft": host:port}``)."""
         if not node_id:
             raise ClusterError("cluster.node_id: required when cluster.enabled is true")
-        self.settings = etcd_config if isinstance(etcd_config, EtcdSettings) else EtcdSettings.from_config(etcd_config)
+        self.settings = (
+            etcd_config if isinstance(etcd_config, EtcdSettings) else EtcdSettings.from_config(etcd_config)
+        )
         self.node_id = node_id
         self.transport_addr = transport_addr
         self.announce = dict(announce or {})
@@ -74,17 +83,20 @@ class ClusterMetadata:
                 self.member = EtcdMember(s, self.node_id)
                 self._status = "etcd member starting"
                 self.member.start()
-            self.client = EtcdClient(s.client_endpoints(), s.request_timeout, s.tls_ca_file,
-                                     s.tls_cert_file, s.tls_key_file)
+            self.client = EtcdClient(
+                s.client_endpoints(), s.request_timeout, s.tls_ca_file, s.tls_cert_file, s.tls_key_file
+            )
             self._wait_for_etcd(s.start_timeout)
             self.lease = lease = NodeLease(self.client, s.lease_ttl)
             lease.grant()
-            self.membership = Membership(self.client, self.prefix, self.node_id, self.transport_addr, self.state_file,
-                                         self.announce)
+            self.membership = Membership(
+                self.client, self.prefix, self.node_id, self.transport_addr, self.state_file, self.announce
+            )
             self.membership.register(lease.id)
             self.ownership = SessionOwnership(self.client, self.prefix, self.node_id, lambda: lease.id)
-            self.election = LeaderElection(self.client, self.prefix, self.node_id, lambda: lease.id,
-                                           lambda: lease.alive)
+            self.election = LeaderElection(
+                self.client, self.prefix, self.node_id, lambda: lease.id, lambda: lease.alive
+            )
             lease.on_lost = self._lease_lost
             lease.on_replaced = self._lease_replaced
             lease.start()
@@ -95,8 +107,10 @@ class ClusterMetadata:
             raise
         self._started = True
         self._status = ""
-        log.info("cluster_metadata_started", extra={"node_id": self.node_id, "lease": lease.id,
-                                                    "endpoints": ",".join(self.client.endpoints)})
+        log.info(
+            "cluster_metadata_started",
+            extra={"node_id": self.node_id, "lease": lease.id, "endpoints": ",".join(self.client.endpoints)},
+        )
 
     def _wait_for_etcd(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -78,7 +78,9 @@ class SessionOwnership:
     def release(self, client_id: str) -> bool:
         """Delete the owner key only if this node owns it; True when it did."""
         self.owned.discard(client_id)
-        ok, _ = self.client.txn([cmp_value(self.key(client_id), self.node_id)], [op_delete(self.key(client_id))])
+        ok, _ = self.client.txn(
+            [cmp_value(self.key(client_id), self.node_id)], [op_delete(self.key(client_id))]
+        )
         return ok
 
     def owned_by(self, client_id: str) -> str | None:

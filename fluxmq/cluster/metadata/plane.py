@@ -26,16 +26,30 @@ def _no_fetch(node_id: str, topic: str) -> bytes:
 class MetadataPlane:
     """ClusterMetadata + RetainedReplica + WillRegistry + ClusterHealth of one node."""
 
-    def __init__(self, settings: EtcdSettings, node_id: str, transport_addr: str, broker,
-                 state_dir: str | Path | None = None, prefix: str | None = None,
-                 fetch: Callable[[str, str], bytes] | None = None,
-                 peer_state: Callable[[], dict[str, dict]] | None = None,
-                 publish: Callable[[Message], object] | None = None,
-                 announce: dict[str, str] | None = None) -> None:
-        self.meta = ClusterMetadata(settings, node_id, transport_addr, prefix=prefix or settings.prefix,
-                                    state_dir=state_dir, announce=announce)
-        self.retained = RetainedReplica(self.meta, broker, settings.hybrid_retained_size_threshold,
-                                        fetch or _no_fetch)
+    def __init__(
+        self,
+        settings: EtcdSettings,
+        node_id: str,
+        transport_addr: str,
+        broker,
+        state_dir: str | Path | None = None,
+        prefix: str | None = None,
+        fetch: Callable[[str, str], bytes] | None = None,
+        peer_state: Callable[[], dict[str, dict]] | None = None,
+        publish: Callable[[Message], object] | None = None,
+        announce: dict[str, str] | None = None,
+    ) -> None:
+        self.meta = ClusterMetadata(
+            settings,
+            node_id,
+            transport_addr,
+            prefix=prefix or settings.prefix,
+            state_dir=state_dir,
+            announce=announce,
+        )
+        self.retained = RetainedReplica(
+            self.meta, broker, settings.hybrid_retained_size_threshold, fetch or _no_fetch
+        )
         self.wills = WillRegistry(self.meta, publish or broker.publish)
         self.health = ClusterHealth(self.meta, peer_state)
         self._started: list = []
@@ -45,17 +59,26 @@ class MetadataPlane:
     def from_config(cls, config, broker, **hooks) -> MetadataPlane:
         """From ``cluster.node_id``, ``cluster.transport.bind_addr`` and ``cluster.etcd.*``; the node's
         restart record is kept in ``storage.path``."""
-        return cls(EtcdSettings.from_config(config), config.cluster.node_id, config.cluster.transport.bind_addr,
-                   broker, state_dir=config.storage.path, **hooks)
+        return cls(
+            EtcdSettings.from_config(config),
+            config.cluster.node_id,
+            config.cluster.transport.bind_addr,
+            broker,
+            state_dir=config.storage.path,
+            **hooks,
+        )
 
     def attach_transport(self, transport, fetch_timeout: float = 5.0) -> None:
         """Wire the inter-node transport (CLUSTER.md's interface): large retained payloads are fetched
         with ``transport.call(node, "retained.fetch", topic)`` and served by ``handle``; the cluster
         check reads ``peer_state()``; the transport's peers follow etcd membership (``set_peers``,
         this node excluded; peers lost without leaving are kept). Call before or after ``start``."""
-        self.retained.fetch = lambda node, topic: transport.call(node, "retained.fetch", topic.encode(),
-                                                                 fetch_timeout)
-        transport.handle("retained.fetch", lambda from_node, payload: self.retained.serve_fetch(payload.decode()))
+        self.retained.fetch = lambda node, topic: transport.call(
+            node, "retained.fetch", topic.encode(), fetch_timeout
+        )
+        transport.handle(
+            "retained.fetch", lambda from_node, payload: self.retained.serve_fetch(payload.decode())
+        )
         self.health.peer_state = transport.peer_state
         me = self.meta.node_id
 

@@ -50,7 +50,12 @@ MAX_WILL_BYTES = 1 << 20
 
 def encode_entry(node_id: str, message: Message, inline: bool = True, **extra) -> bytes:
     record = encode_message(message if inline else message.copy(payload=b""))
-    body = {"node": node_id, "size": len(message.payload), "msg": base64.b64encode(record).decode("ascii"), **extra}
+    body = {
+        "node": node_id,
+        "size": len(message.payload),
+        "msg": base64.b64encode(record).decode("ascii"),
+        **extra,
+    }
     if not inline:
         body["ref"] = True
     return json.dumps(body, separators=(",", ":")).encode()
@@ -96,7 +101,9 @@ class RetainedReplica:
         self._mirror = mirror = PrefixMirror(self.meta.client, self.prefix, self._changed, name="retained")
         mirror.start()
         membership = self.meta.membership
-        self._joined = bool(membership.read_state().get("retained_joined")) if membership is not None else False
+        self._joined = (
+            bool(membership.read_state().get("retained_joined")) if membership is not None else False
+        )
         for topic, message in list(self.store.items()):
             if topic.startswith("$") or self.prefix + topic in mirror.items:
                 continue
@@ -142,7 +149,9 @@ class RetainedReplica:
                     self._write(topic, message)
                 except ClusterError as exc:
                     self.write_failures += 1
-                    log.warning("retained_write_failed", extra={"topic": topic, "error": str(exc), "retry_in": pause})
+                    log.warning(
+                        "retained_write_failed", extra={"topic": topic, "error": str(exc), "retry_in": pause}
+                    )
                     gevent.sleep(pause)
                     pause = min(pause * 2, 5.0)
                     continue
@@ -179,7 +188,7 @@ class RetainedReplica:
         return writing is None or writing[0] != topic or self._pending[topic] is not writing[1]
 
     def _changed(self, key: str, kv: dict | None, old: dict | None) -> None:
-        topic = key[len(self.prefix):]
+        topic = key[len(self.prefix) :]
         if kv is None:
             if not self._newer_local(topic):
                 self.store.apply_replicated(topic, None)
@@ -246,7 +255,9 @@ class WillRegistry:
         self.lost_races = 0
 
     def start(self) -> None:
-        self._mirror = PrefixMirror(self.meta.client, self.prefix, lambda k, kv, old: self._wake.set(), name="wills")
+        self._mirror = PrefixMirror(
+            self.meta.client, self.prefix, lambda k, kv, old: self._wake.set(), name="wills"
+        )
         self._mirror.start()
         for key, kv in self._mirror.items.items():  # ours from before a restart: still ours to claim
             try:
@@ -254,7 +265,7 @@ class WillRegistry:
             except ValueError:
                 continue
             if body.get("node") == self.node_id:
-                self._mine[key[len(self.prefix):]] = kv["value"]
+                self._mine[key[len(self.prefix) :]] = kv["value"]
         self.meta.on_members(lambda members: self._wake.set())
         self.meta.on_leadership(lambda leader: self._wake.set())
         self._sweeper = gevent.spawn(self._sweep_loop)
@@ -286,7 +297,9 @@ class WillRegistry:
         value = self._mine.pop(client_id, None)
         if value is None:
             return False
-        ok, _ = self.meta.client.txn([cmp_value(self.key(client_id), value)], [op_delete(self.key(client_id))])
+        ok, _ = self.meta.client.txn(
+            [cmp_value(self.key(client_id), value)], [op_delete(self.key(client_id))]
+        )
         return ok
 
     def claim(self, client_id: str) -> bool:
@@ -299,7 +312,9 @@ class WillRegistry:
         value = self._mine.pop(client_id, None)
         if value is None:
             return False
-        ok, _ = self.meta.client.txn([cmp_value(self.key(client_id), value)], [op_delete(self.key(client_id))])
+        ok, _ = self.meta.client.txn(
+            [cmp_value(self.key(client_id), value)], [op_delete(self.key(client_id))]
+        )
         if not ok:
             self.lost_races += 1
         return ok
@@ -338,8 +353,14 @@ class WillRegistry:
             if not ok:
                 self.lost_races += 1
                 continue
-            log.info("will_published_for_dead_node", extra={"node": body.get("node"), "client_id": key[len(self.prefix):],
-                                                           "topic": message.topic})
+            log.info(
+                "will_published_for_dead_node",
+                extra={
+                    "node": body.get("node"),
+                    "client_id": key[len(self.prefix) :],
+                    "topic": message.topic,
+                },
+            )
             self.published += 1
             done += 1
             try:

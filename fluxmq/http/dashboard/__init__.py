@@ -32,8 +32,11 @@ CONTENT_TYPES = {
 }
 # 'self' only: the page may load its own files and call its own origin (the admin API), nothing else.
 SECURITY_HEADERS = [
-    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
     ("Referrer-Policy", "no-referrer"),
@@ -79,17 +82,27 @@ class DashboardFiles:
         name = segments[1] if len(segments) == 2 else None
         static = self.files.get(name or INDEX) if name is not None else None
         if static is None:
-            return _respond(start_response, 404, [("Content-Type", "text/plain; charset=utf-8")], b"not found\n")
+            return _respond(
+                start_response, 404, [("Content-Type", "text/plain; charset=utf-8")], b"not found\n"
+            )
         headers = [("ETag", static.etag), ("Cache-Control", "no-cache"), *SECURITY_HEADERS]
         if static.etag in (environ.get("HTTP_IF_NONE_MATCH") or ""):
             return _respond(start_response, 304, headers, b"")
         headers.append(("Content-Type", static.content_type))
-        return _respond(start_response, 200, headers, b"" if method == "HEAD" else static.data,
-                        len(static.data))
+        return _respond(
+            start_response, 200, headers, b"" if method == "HEAD" else static.data, len(static.data)
+        )
 
 
-def _respond(start_response: Callable, status: int, headers: list[tuple[str, str]], body: bytes,
-             length: int | None = None) -> list[bytes]:
-    start_response(f"{status} {HTTPStatus(status).phrase}",
-                   [*headers, ("Content-Length", str(len(body) if length is None else length))])
+def _respond(
+    start_response: Callable,
+    status: int,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    length: int | None = None,
+) -> list[bytes]:
+    start_response(
+        f"{status} {HTTPStatus(status).phrase}",
+        [*headers, ("Content-Length", str(len(body) if length is None else length))],
+    )
     return [body]

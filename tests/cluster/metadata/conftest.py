@@ -38,12 +38,27 @@ def crash(meta: ClusterMetadata) -> None:
 def meta_factory(etcd_server, etcd_prefix, tmp_path):
     made: list[ClusterMetadata] = []
 
-    def make(node_id: str, ttl: float = SHORT_TTL, start: bool = True, endpoint: str | None = None,
-             state_dir=None, prefix: str | None = None) -> ClusterMetadata:
-        settings = EtcdSettings(endpoints=[endpoint or etcd_server.endpoint], lease_ttl=ttl, request_timeout=3.0,
-                                start_timeout=10.0)
-        meta = ClusterMetadata(settings, node_id, f"127.0.0.1:{7000 + len(made)}", prefix=prefix or etcd_prefix,
-                               state_dir=state_dir or tmp_path / f"state-{node_id}-{len(made)}")
+    def make(
+        node_id: str,
+        ttl: float = SHORT_TTL,
+        start: bool = True,
+        endpoint: str | None = None,
+        state_dir=None,
+        prefix: str | None = None,
+    ) -> ClusterMetadata:
+        settings = EtcdSettings(
+            endpoints=[endpoint or etcd_server.endpoint],
+            lease_ttl=ttl,
+            request_timeout=3.0,
+            start_timeout=10.0,
+        )
+        meta = ClusterMetadata(
+            settings,
+            node_id,
+            f"127.0.0.1:{7000 + len(made)}",
+            prefix=prefix or etcd_prefix,
+            state_dir=state_dir or tmp_path / f"state-{node_id}-{len(made)}",
+        )
         made.append(meta)
         if start:
             meta.start()

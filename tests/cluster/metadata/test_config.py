@@ -25,7 +25,9 @@ def test_defaults_bind_loopback_and_run_a_member(tmp_path):
 
 
 def test_every_key_is_read(tmp_path):
-    cfg = _load(tmp_path, """
+    cfg = _load(
+        tmp_path,
+        """
 cluster:
   etcd:
     binary: /usr/bin/etcd
@@ -40,23 +42,36 @@ cluster:
     request_timeout: 2s
     start_timeout: 30s
     tls: {enabled: true, ca_file: ca.pem, cert_file: c.pem, key_file: k.pem}
-""")
+""",
+    )
     s = EtcdSettings.from_config(cfg)
     assert s.initial_cluster == "broker-1=http://10.0.0.1:2380,broker-2=http://10.0.0.2:2380"
-    assert (s.bootstrap, s.endpoints, s.hybrid_retained_size_threshold) == (False, ["https://10.0.0.9:2379"], 4096)
+    assert (s.bootstrap, s.endpoints, s.hybrid_retained_size_threshold) == (
+        False,
+        ["https://10.0.0.9:2379"],
+        4096,
+    )
     assert (s.lease_ttl, s.request_timeout, s.start_timeout) == (5.0, 2.0, 30.0)
-    assert (s.tls_enabled, s.tls_ca_file, s.tls_cert_file, s.tls_key_file) == (True, "ca.pem", "c.pem", "k.pem")
+    assert (s.tls_enabled, s.tls_ca_file, s.tls_cert_file, s.tls_key_file) == (
+        True,
+        "ca.pem",
+        "c.pem",
+        "k.pem",
+    )
     assert not s.supervised
     assert s.client_endpoints() == ["https://10.0.0.9:2379"]
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    ("cluster: {etcd: {initial_cluster: 'broker-1:2380'}}", "cluster.etcd.initial_cluster"),
-    ("cluster: {etcd: {endpoints: ['10.0.0.1:2379']}}", "cluster.etcd.endpoints"),
-    ("cluster: {etcd: {lease_ttl: 1s}}", "cluster.etcd.lease_ttl"),
-    ("cluster: {etcd: {bind_addr: 'nowhere'}}", "cluster.etcd.bind_addr"),
-    ("cluster: {etcd: {bootstrapp: true}}", "cluster.etcd.bootstrapp"),
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("cluster: {etcd: {initial_cluster: 'broker-1:2380'}}", "cluster.etcd.initial_cluster"),
+        ("cluster: {etcd: {endpoints: ['10.0.0.1:2379']}}", "cluster.etcd.endpoints"),
+        ("cluster: {etcd: {lease_ttl: 1s}}", "cluster.etcd.lease_ttl"),
+        ("cluster: {etcd: {bind_addr: 'nowhere'}}", "cluster.etcd.bind_addr"),
+        ("cluster: {etcd: {bootstrapp: true}}", "cluster.etcd.bootstrapp"),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text + "\n")
@@ -67,29 +82,37 @@ def test_a_bad_value_is_one_line_naming_the_key(tmp_path, text, key):
 def test_check_reports_cluster_values_that_cannot_work_together(tmp_path):
     from fluxmq.cluster.metadata.config import cluster_config_problems
 
-    cfg = _load(tmp_path, """
+    cfg = _load(
+        tmp_path,
+        """
 cluster:
   enabled: true
   etcd:
     initial_cluster: "node1=http://127.0.0.1:2380"
     tls: {enabled: true}
-""")
+""",
+    )
     lines = [str(p) for p in cluster_config_problems(cfg)]
     path = tmp_path / "fluxmq.yaml"
     assert lines == [
         "config error: cluster.node_id (default): is required when cluster.enabled is true",
         f"config error: cluster.etcd.tls.cert_file ({path}:6): and key_file are required for the node's etcd "
-        "member when cluster.etcd.tls.enabled is true"]
-    cfg = _load(tmp_path, """
+        "member when cluster.etcd.tls.enabled is true",
+    ]
+    cfg = _load(
+        tmp_path,
+        """
 cluster:
   enabled: true
   node_id: node4
   etcd:
     initial_cluster: "node1=http://127.0.0.1:2380,node2=http://127.0.0.1:2382"
-""")
+""",
+    )
     assert [str(p) for p in cluster_config_problems(cfg)] == [
         f"config error: cluster.etcd.initial_cluster ({path}:6): lists node1, node2 but not this node ('node4', "
-        "its cluster.node_id)"]
+        "its cluster.node_id)"
+    ]
     assert cluster_config_problems(_load(tmp_path, "cluster: {node_id: ''}\n")) == []  # clustering off
 
 
@@ -99,4 +122,7 @@ def test_node_check_prints_the_cluster_problem(tmp_path, capsys):
     conf = tmp_path / "node.yaml"
     conf.write_text("cluster:\n  enabled: true\n")
     assert main(["--check", "--config", str(conf)]) == 2
-    assert "config error: cluster.node_id (default): is required when cluster.enabled is true" in capsys.readouterr().err
+    assert (
+        "config error: cluster.node_id (default): is required when cluster.enabled is true"
+        in capsys.readouterr().err
+    )

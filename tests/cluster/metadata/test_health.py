@@ -19,9 +19,14 @@ def test_ready_is_503_until_the_node_is_registered_in_etcd(meta_factory):
     assert body["checks"]["cluster"]["status"] == "down"
     meta.start()
     status, _, body = call(app, "/ready")
-    assert (status, body) == (200, {"status": "ready", "mode": "nominal",
-                                    "checks": {"broker": {"status": "up"}, "storage": {"status": "up"},
-                                               "cluster": {"status": "up"}}})
+    assert (status, body) == (
+        200,
+        {
+            "status": "ready",
+            "mode": "nominal",
+            "checks": {"broker": {"status": "up"}, "storage": {"status": "up"}, "cluster": {"status": "up"}},
+        },
+    )
 
 
 def test_ready_is_degraded_with_one_of_two_peers_reachable(meta_factory):
@@ -31,9 +36,18 @@ def test_ready_is_degraded_with_one_of_two_peers_reachable(meta_factory):
     app = make_health_app(StubSource(UP), ClusterHealth(a, lambda: reachable))
     assert wait_for(lambda: set(a.members()) == {"a", "b", "c"})
     status, _, body = call(app, "/ready")
-    assert (status, body) == (200, {"status": "ready", "mode": "degraded",
-                                    "checks": {"broker": {"status": "up"}, "storage": {"status": "up"},
-                                               "cluster": {"status": "up", "details": "1/2 peers reachable"}}})
+    assert (status, body) == (
+        200,
+        {
+            "status": "ready",
+            "mode": "degraded",
+            "checks": {
+                "broker": {"status": "up"},
+                "storage": {"status": "up"},
+                "cluster": {"status": "up", "details": "1/2 peers reachable"},
+            },
+        },
+    )
     reachable["c"]["reachable"] = True
     assert call(app, "/ready")[2]["mode"] == "nominal"
 
@@ -51,14 +65,35 @@ def test_without_a_transport_a_peer_that_left_etcd_counts_as_unreachable(meta_fa
 def test_cluster_status_names_the_node_the_leader_and_the_members(meta_factory):
     a, b = meta_factory("a"), meta_factory("b")
     assert wait_for(lambda: set(a.members()) == {"a", "b"} and a.is_leader)
-    app_a = make_health_app(StubSource(UP, sessions=128), ClusterHealth(a, lambda: {"b": {"reachable": False}}))
+    app_a = make_health_app(
+        StubSource(UP, sessions=128), ClusterHealth(a, lambda: {"b": {"reachable": False}})
+    )
     status, _, body = call(app_a, "/cluster/status")
     assert status == 200
     assert {k: body[k] for k in ("node_id", "is_leader", "cluster_mode", "sessions")} == {
-        "node_id": "a", "is_leader": True, "cluster_mode": True, "sessions": 128}
+        "node_id": "a",
+        "is_leader": True,
+        "cluster_mode": True,
+        "sessions": 128,
+    }
     assert body["members"] == [
-        {"node_id": "a", "addr": a.transport_addr, "self": True, "live": True, "reachable": True, "leader": True},
-        {"node_id": "b", "addr": b.transport_addr, "self": False, "live": True, "reachable": False, "leader": False}]
+        {
+            "node_id": "a",
+            "addr": a.transport_addr,
+            "self": True,
+            "live": True,
+            "reachable": True,
+            "leader": True,
+        },
+        {
+            "node_id": "b",
+            "addr": b.transport_addr,
+            "self": False,
+            "live": True,
+            "reachable": False,
+            "leader": False,
+        },
+    ]
     body_b = call(make_health_app(StubSource(UP), ClusterHealth(b)), "/cluster/status")[2]
     assert (body_b["node_id"], body_b["is_leader"]) == ("b", False)
 
@@ -84,8 +119,14 @@ def test_the_admin_api_answers_the_same_cluster_status(meta_factory):
     a = meta_factory("a")
     assert wait_for(lambda: a.is_leader)
     service = SimpleNamespace(broker=Broker(), listeners=[], cluster_health=ClusterHealth(a))
-    status, _, body = json_call(OpenAPI.from_file_path(str(SPEC_PATH)), AdminAPI(service, TOKEN), "GET",
-                                "/cluster/status")
+    status, _, body = json_call(
+        OpenAPI.from_file_path(str(SPEC_PATH)), AdminAPI(service, TOKEN), "GET", "/cluster/status"
+    )
     assert status == 200
-    assert (body["node_id"], body["is_leader"], body["cluster_mode"], body["sessions"]) == ("a", True, True, 0)
+    assert (body["node_id"], body["is_leader"], body["cluster_mode"], body["sessions"]) == (
+        "a",
+        True,
+        True,
+        0,
+    )
     assert [m["node_id"] for m in body["members"]] == ["a"]

@@ -20,9 +20,18 @@ from tests.conftest import HOST, free_port
 def _members(tmp_path: Path, count: int) -> list[EtcdMember]:
     ports = [(free_port(), free_port()) for _ in range(count)]
     initial = ",".join(f"m{i}=http://{HOST}:{peer}" for i, (peer, _) in enumerate(ports))
-    return [EtcdMember(EtcdSettings(data_dir=str(tmp_path / f"m{i}" / "etcd"), bind_addr=f"{HOST}:{peer}",
-                                    client_addr=f"{HOST}:{client}", initial_cluster=initial), f"m{i}")
-            for i, (peer, client) in enumerate(ports)]
+    return [
+        EtcdMember(
+            EtcdSettings(
+                data_dir=str(tmp_path / f"m{i}" / "etcd"),
+                bind_addr=f"{HOST}:{peer}",
+                client_addr=f"{HOST}:{client}",
+                initial_cluster=initial,
+            ),
+            f"m{i}",
+        )
+        for i, (peer, client) in enumerate(ports)
+    ]
 
 
 def _answers(client: EtcdClient) -> bool:
@@ -89,8 +98,13 @@ def test_a_member_left_by_a_killed_node_is_stopped_at_the_next_start(tmp_path):
 def test_a_node_keeps_its_sessions_when_its_member_is_killed_and_restarted(tmp_path):
     from fluxmq.cluster.metadata import ClusterMetadata
 
-    settings = EtcdSettings(data_dir=str(tmp_path / "etcd"), bind_addr=f"{HOST}:{free_port()}",
-                            client_addr=f"{HOST}:{free_port()}", lease_ttl=10, start_timeout=30)
+    settings = EtcdSettings(
+        data_dir=str(tmp_path / "etcd"),
+        bind_addr=f"{HOST}:{free_port()}",
+        client_addr=f"{HOST}:{free_port()}",
+        lease_ttl=10,
+        start_timeout=30,
+    )
     meta = ClusterMetadata(settings, "solo", "127.0.0.1:1", state_dir=tmp_path)
     meta.start()
     member_pids = []
@@ -99,7 +113,9 @@ def test_a_node_keeps_its_sessions_when_its_member_is_killed_and_restarted(tmp_p
         first = meta.member.pid
         member_pids.append(first)
         os.kill(first, signal.SIGKILL)
-        assert wait_for(lambda: meta.member.restarts == 1 and meta.member.pid not in (None, first), timeout=20)
+        assert wait_for(
+            lambda: meta.member.restarts == 1 and meta.member.pid not in (None, first), timeout=20
+        )
         member_pids.append(meta.member.pid)
 
         def owned() -> bool:

@@ -75,12 +75,19 @@ meta.stop()
 def test_a_second_process_with_a_live_node_id_exits_with_one_line(etcd_server, etcd_prefix, tmp_path):
     root = Path(__file__).parents[3]
     args = [sys.executable, "-c", HOLDER, etcd_server.endpoint, etcd_prefix]
-    first = subprocess.Popen([*args, str(tmp_path / "one")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             cwd=root, text=True)
+    first = subprocess.Popen(
+        [*args, str(tmp_path / "one")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=root, text=True
+    )
     try:
         assert first.stdout.readline().strip() == "started"
-        second = subprocess.run([*args, str(tmp_path / "two")], stdin=subprocess.DEVNULL, capture_output=True,
-                                cwd=root, text=True, timeout=60)
+        second = subprocess.run(
+            [*args, str(tmp_path / "two")],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd=root,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode != 0
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1, second.stderr
@@ -120,11 +127,17 @@ def test_an_etcd_that_never_answers_stops_the_start_with_one_line(tmp_path):
     from tests.conftest import HOST, free_port
 
     endpoint = f"http://{HOST}:{free_port()}"
-    meta = ClusterMetadata(EtcdSettings(endpoints=[endpoint], start_timeout=1, request_timeout=0.3), "a", "x:1",
-                           state_dir=tmp_path)
+    meta = ClusterMetadata(
+        EtcdSettings(endpoints=[endpoint], start_timeout=1, request_timeout=0.3),
+        "a",
+        "x:1",
+        state_dir=tmp_path,
+    )
     with pytest.raises(ClusterError) as info:
         meta.start()
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"etcd not ready within 1s (cluster.etcd.start_timeout): etcd unreachable at {endpoint}")
+    assert message.startswith(
+        f"etcd not ready within 1s (cluster.etcd.start_timeout): etcd unreachable at {endpoint}"
+    )
     assert meta.ready == (False, "cluster metadata not started")

@@ -64,9 +64,26 @@ meta.stop()
 def test_racing_processes_end_with_exactly_one_owner_each_time(etcd_server, etcd_prefix, tmp_path):
     rounds, nodes = 30, ["p0", "p1", "p2"]
     start_at = time.time() + 4.0  # after every process imported and registered
-    procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, etcd_server.endpoint, etcd_prefix, node, str(rounds),
-                               str(start_at), str(tmp_path / node)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              cwd=Path(__file__).parents[3], text=True) for node in nodes]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CONTENDER,
+                etcd_server.endpoint,
+                etcd_prefix,
+                node,
+                str(rounds),
+                str(start_at),
+                str(tmp_path / node),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).parents[3],
+            text=True,
+        )
+        for node in nodes
+    ]
     try:
         results = {}
         for node, proc in zip(nodes, procs, strict=True):

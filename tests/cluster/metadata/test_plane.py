@@ -37,15 +37,19 @@ class LoopbackTransport:
         return {node: {"reachable": node in self.reachable} for node in self.peers}
 
 
-def test_a_plane_with_a_transport_fetches_large_payloads_and_follows_membership(etcd_server, etcd_prefix, tmp_path):
+def test_a_plane_with_a_transport_fetches_large_payloads_and_follows_membership(
+    etcd_server, etcd_prefix, tmp_path
+):
     planes, transports, brokers = {}, {}, {}
-    settings = EtcdSettings(endpoints=[etcd_server.endpoint], lease_ttl=2, prefix=etcd_prefix,
-                            hybrid_retained_size_threshold=16)
+    settings = EtcdSettings(
+        endpoints=[etcd_server.endpoint], lease_ttl=2, prefix=etcd_prefix, hybrid_retained_size_threshold=16
+    )
     try:
         for node in ("a", "b"):
             brokers[node] = Broker(BrokerSettings())
-            planes[node] = MetadataPlane(settings, node, f"127.0.0.1:79{len(planes)}0", brokers[node],
-                                         state_dir=tmp_path / node)
+            planes[node] = MetadataPlane(
+                settings, node, f"127.0.0.1:79{len(planes)}0", brokers[node], state_dir=tmp_path / node
+            )
             transports[node] = LoopbackTransport(node)
             planes[node].attach_transport(transports[node])
             planes[node].start()

@@ -128,7 +128,9 @@ def test_the_wills_of_a_dead_node_are_published_once_by_the_leader(meta_factory)
         topics = sorted(m.topic for m in published["b"] + published["c"])
         assert topics == [f"will/{i}" for i in range(5)]
         assert published["a"] == []
-        assert metas["b"].client.range(metas["b"].prefix + "wills/", prefix=True)[1][0]["key"].endswith("/other")
+        assert (
+            metas["b"].client.range(metas["b"].prefix + "wills/", prefix=True)[1][0]["key"].endswith("/other")
+        )
     finally:
         for registry in registries.values():
             registry.stop()

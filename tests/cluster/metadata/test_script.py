@@ -13,7 +13,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[3]
-PORTS = (1884, 1885, 1886, 8181, 8182, 8183, 2379, 2380, 2381, 2382, 2383, 2384, 7948, 7949, 7950, 7100, 7200, 7300)
+PORTS = (
+    1884,
+    1885,
+    1886,
+    8181,
+    8182,
+    8183,
+    2379,
+    2380,
+    2381,
+    2382,
+    2383,
+    2384,
+    7948,
+    7949,
+    7950,
+    7100,
+    7200,
+    7300,
+)
 
 
 def _busy(port: int) -> bool:
@@ -23,8 +42,14 @@ def _busy(port: int) -> bool:
 
 def _cluster(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "NODE_PYTHON": sys.executable}
-    return subprocess.run([str(ROOT / "scripts" / "cluster"), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(ROOT / "scripts" / "cluster"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _pids() -> list[int]:
@@ -53,13 +78,20 @@ def test_up_starts_three_nodes_that_share_retained_messages_and_down_stops_them(
         status = _cluster("status").stdout
         assert status.count('"cluster_mode": true') == 3
         assert status.count('"is_leader": true') == 1
-        subprocess.run(["mosquitto_pub", "-p", "1885", "-t", "script/r", "-m", "from node2", "-r", "-q", "1"],
-                       check=True, timeout=10)
+        subprocess.run(
+            ["mosquitto_pub", "-p", "1885", "-t", "script/r", "-m", "from node2", "-r", "-q", "1"],
+            check=True,
+            timeout=10,
+        )
         # Set on node2, read on node1 through etcd: replication is asynchronous (the publisher's
         # PUBACK does not wait for etcd), so a subscriber may come before it; ask again, bounded.
         for _ in range(10):
-            got = subprocess.run(["mosquitto_sub", "-p", "1884", "-t", "script/#", "-v", "-C", "1", "-W", "2"],
-                                 capture_output=True, text=True, timeout=15)
+            got = subprocess.run(
+                ["mosquitto_sub", "-p", "1884", "-t", "script/#", "-v", "-C", "1", "-W", "2"],
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
             if got.stdout.strip():
                 break
         assert got.stdout.strip() == "script/r from node2"

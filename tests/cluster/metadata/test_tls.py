@@ -30,20 +30,33 @@ def _server_and_client(ca: CertAuthority) -> Issued:
 
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "etcd")]))
-            .issuer_name(ca.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
-            .sign(ca.key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "etcd")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+            ),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
     cert_file, key_file = ca.directory / "etcd.crt", ca.directory / "etcd.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    Path(key_file).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
+    Path(key_file).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return Issued(str(cert_file), str(key_file), "etcd")
 
 
@@ -56,11 +69,35 @@ def tls_etcd(tmp_path):
     peer = f"http://{HOST}:{peer_port}"
     log = open(tmp_path / "etcd.log", "wb")
     proc = subprocess.Popen(
-        [shutil.which("etcd"), "--name", "tls", "--data-dir", str(tmp_path / "data"),
-         "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
-         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"tls={peer}",
-         "--cert-file", server.cert_file, "--key-file", server.key_file, "--trusted-ca-file", ca.cert_file,
-         "--client-cert-auth", "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+        [
+            shutil.which("etcd"),
+            "--name",
+            "tls",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--listen-client-urls",
+            endpoint,
+            "--advertise-client-urls",
+            endpoint,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"tls={peer}",
+            "--cert-file",
+            server.cert_file,
+            "--key-file",
+            server.key_file,
+            "--trusted-ca-file",
+            ca.cert_file,
+            "--client-cert-auth",
+            "--log-level",
+            "warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         yield ca, endpoint
     finally:
@@ -76,8 +113,9 @@ def tls_etcd(tmp_path):
 def test_the_metadata_plane_runs_over_tls_with_a_client_certificate(tls_etcd, tmp_path):
     ca, endpoint = tls_etcd
     cert = ca.issue_client("node-a")
-    client = EtcdClient([endpoint], timeout=2.0, ca_file=ca.cert_file, cert_file=cert.cert_file,
-                        key_file=cert.key_file)
+    client = EtcdClient(
+        [endpoint], timeout=2.0, ca_file=ca.cert_file, cert_file=cert.cert_file, key_file=cert.key_file
+    )
 
     def answers() -> bool:
         try:
@@ -87,8 +125,14 @@ def test_the_metadata_plane_runs_over_tls_with_a_client_certificate(tls_etcd, tm
             return False
 
     assert wait_for(answers, timeout=20)
-    settings = EtcdSettings(endpoints=[endpoint], lease_ttl=2, tls_enabled=True, tls_ca_file=ca.cert_file,
-                            tls_cert_file=cert.cert_file, tls_key_file=cert.key_file)
+    settings = EtcdSettings(
+        endpoints=[endpoint],
+        lease_ttl=2,
+        tls_enabled=True,
+        tls_ca_file=ca.cert_file,
+        tls_cert_file=cert.cert_file,
+        tls_key_file=cert.key_file,
+    )
     meta = ClusterMetadata(settings, "a", "127.0.0.1:1", prefix="/tls/", state_dir=tmp_path / "a")
     meta.start()
     try:
@@ -98,7 +142,9 @@ def test_the_metadata_plane_runs_over_tls_with_a_client_certificate(tls_etcd, tm
     finally:
         meta.stop()
 
-    anonymous = EtcdClient([endpoint], timeout=1.0, ca_file=ca.cert_file)  # verifies etcd, shows no certificate
+    anonymous = EtcdClient(
+        [endpoint], timeout=1.0, ca_file=ca.cert_file
+    )  # verifies etcd, shows no certificate
     with pytest.raises(ClusterError):
         anonymous.get("/tls/nodes/a")
     stranger = EtcdClient([endpoint], timeout=1.0, cert_file=cert.cert_file, key_file=cert.key_file)

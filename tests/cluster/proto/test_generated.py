@@ -11,7 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 PROTO = ROOT / "fluxmq/cluster/proto/cluster.proto"
 #: what the checked-in files carry above protoc's output (ruff skips generated code by it)
-LINT_HEADER = "# ruff: noqa\n# (generated: the line above is added after protoc; see cluster.proto's header)\n"
+LINT_HEADER = (
+    "# ruff: noqa\n# (generated: the line above is added after protoc; see cluster.proto's header)\n"
+)
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
