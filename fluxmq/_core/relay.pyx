@@ -12,7 +12,8 @@ connection's ``_on_publish``, ``Broker.publish``, ``Session.deliver`` and the co
 Declined (left to the Python path), before any effect: QoS 2, retained, 5.0 properties (aliases,
 expiry, user properties...), an empty topic or one starting with ``$`` (``$SYS``, ``$share`` is a
 filter only) other than a QoS 1 append to a durable queue (``$queue/...``, handed to the broker's
-``queues.append_relayed`` a run at a time, which appends or declines before any effect), a payload over
+``queues.append_relayed`` a run at a time, which appends or declines before any effect; a replicated
+queue's PUBACKs are held until the Raft commit, through ``conn.hold_acks``), a payload over
 ``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
 shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
@@ -178,23 +179,35 @@ cdef class PublishRelay:
                             break
                         payloads.append(pub.payload)
                         j += 1
-                    n = queue_append(topic, payloads, client_id)  # appends the first n (0: declined)
-                    if n <= 0:
-                        break  # declined before any effect: the Python path serves (or refuses) it
-                    # -- Broker.publish's counts; the PUBACKs (nothing was written to this client meanwhile) --
-                    out = conn.out
-                    for k in range(n):
-                        pub = <Publish>packets[i + k]
-                        recv_b[1] += len(pub.payload)
-                        pid = pub.packet_id
-                        out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
+                    taken = queue_append(topic, payloads, client_id)  # appends the first n (0: declined)
+                    if type(taken) is tuple:
+                        # a replicated log's (n, held): the PUBACKs wait for the Raft commit,
+                        # written (or refused) by the connection once ``held`` is resolved
+                        n = taken[0]
+                        pids = []
+                        for k in range(n):
+                            pub = <Publish>packets[i + k]
+                            recv_b[1] += len(pub.payload)
+                            pids.append(pub.packet_id)
+                        conn.hold_acks(taken[1], pids, topic)
+                    else:
+                        n = taken
+                        if n <= 0:
+                            break  # declined before any effect: the Python path serves (or refuses) it
+                        # -- Broker.publish's counts; the PUBACKs (nothing was written to this client meanwhile) --
+                        out = conn.out
+                        for k in range(n):
+                            pub = <Publish>packets[i + k]
+                            recv_b[1] += len(pub.payload)
+                            pid = pub.packet_id
+                            out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
+                        conn._npk += n
+                        if not conn._dirty:
+                            conn._dirty = True
+                            conn.flusher.mark(conn)
                     recv_n[1] += n
                     self.served += n
                     i += n
-                    conn._npk += n
-                    if not conn._dirty:
-                        conn._dirty = True
-                        conn.flusher.mark(conn)
                     if conn.closed or n < len(payloads):
                         break
                     continue

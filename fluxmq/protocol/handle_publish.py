@@ -164,6 +164,23 @@ class HandlePublish:
         else:
             self._write_at(ack_at, bytes((0x50, 2, pid >> 8, pid & 0xFF)))
 
+    def hold_acks(self, held, pids: list[int], topic: str) -> None:
+        """The PUBACKs of a run of QoS 1 PUBLISHes to ``topic`` that the C fast path appended to a
+        replicated queue (``_core.relay``): written together once ``held`` (a HeldAck) is resolved
+        as acknowledged, else each refused as ``_held_ack`` refuses one."""
+        held.add(partial(self._held_acks, pids, topic))
+
+    def _held_acks(self, pids: list[int], topic: str, error) -> None:
+        if self.closed:
+            return
+        if error is None:
+            # success without properties: the 4-byte form in 3.1.1 and 5.0 alike (as the relay writes)
+            self._write(b"".join([bytes((0x40, 2, pid >> 8, pid & 0xFF)) for pid in pids]))
+            self._npk += len(pids) - 1  # packets written (one counted by _write)
+            return
+        for pid in pids:
+            self._held_ack(pid, 1, topic, error)  # a 3.1.1 publisher is disconnected at the first
+
     def _held_ack(self, pid: int, qos: int, topic: str, error) -> None:
         """The outcome of a held PUBACK/PUBREC (``fluxmq.broker.held``): the ack, or a refusal that
         is never an ack (5.0: the reason code and string; 3.1.1 has no negative ack: disconnected)."""

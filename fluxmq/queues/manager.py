@@ -411,15 +411,20 @@ class QueueManager:
         queue, from client ``client_id``. Appends the first n payloads it takes and returns n (the
         caller counts and acknowledges them; the acks leave after the turn's commit, as with
         ``publish``); 0, before any effect, for what the full path must serve or refuse (a
-        settlement, a queue another worker owns, an unknown queue, a replicated log, storage full,
-        a queue limit at the first)."""
+        settlement, a queue another worker owns, an unknown queue, storage full, a queue limit at
+        the first, a replicated log's group refusing writes now, a compacted replicated queue). A
+        replicated log's sync appends return ``(n, held)``: the PUBACKs wait for ``held`` (a
+        HeldAck resolved at the Raft commit), which the caller hands to the connection."""
         name, _, key = topic[7:].partition("/")  # len(PREFIX)
         if key and key[0] == "$" and key in SETTLE_ACTIONS:
             return 0
         if self.placement is not None and not self.placement.owns(name):
             return 0  # another worker owns it (publish forwards it)
         q = self.queues.get(name)
-        if q is None or q.log.__class__ is not QueueLog or self.storage.refusing:
+        if q is None or self.storage.refusing:
+            return 0
+        replicated = q.log.__class__ is not QueueLog
+        if replicated and (q.newest is not None or not hasattr(q.log, "append_relayed")):
             return 0
         limits = q.config.limits
         n = len(payloads)
@@ -432,6 +437,23 @@ class QueueManager:
                     break
         if n <= 0:
             return 0
+        if replicated:
+            # a replicated log (fluxmq.replication): staged into this turn's Raft entry; the
+            # PUBACKs wait for its commit (the hold), a refusal of the group declines (the full path
+            # refuses it)
+            try:
+                held = q.log.append_relayed(
+                    topic, payloads if n == len(payloads) else payloads[:n], client_id
+                )
+            except QueueRefused:
+                return 0
+            q.stats["appended"] += n
+            self.storage.note_stake(client_id)
+            self._kicked.add(q)
+            if not self._kick_scheduled:
+                self._kick_scheduled = True
+                gevent.get_hub().loop.run_callback(self._run_kicked)
+            return n if held is None else (n, held)
         records = q.log.append_plain(topic, payloads if n == len(payloads) else payloads[:n], client_id)
         q.stats["appended"] += n
         if q.newest is not None:

@@ -170,6 +170,7 @@ class RaftGroup:
             "snapshots_written": 0,
             "snapshots_installed": 0,
             "settlements_stale": 0,
+            "appends_relayed": 0,  # appends staged by the C fast path of a PUBLISH (append_relayed)
         }
         journal = os.path.join(data_dir, f"raft-{name}.journal")
         os.makedirs(data_dir, exist_ok=True)
@@ -587,6 +588,14 @@ class RaftGroup:
             ops[-1][2].append(blob)  # one batch per queue per entry
             return
         self.stage(("a", queue, [blob]))
+
+    def stage_appends(self, queue: str, blobs: list[bytes]) -> None:
+        """``stage_append`` of a run of records (the relayed appends of one read)."""
+        ops = self._ops
+        if self._ops_epoch == self.epoch and ops[-1][0] == "a" and ops[-1][1] == queue:
+            ops[-1][2].extend(blobs)
+            return
+        self.stage(("a", queue, list(blobs)))
 
     def stage_lease(self, queue: str, group: str, node: str, key: str, offset: int, count: int) -> None:
         """A delivery the leader hands a member on ``node`` (distribution_mode forward): one

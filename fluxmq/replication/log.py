@@ -15,7 +15,7 @@ import time
 
 from fluxmq.errors import QueueRefused
 from fluxmq.queues.log import QueueLog, Record
-from fluxmq.storage.queue_log import encode_record
+from fluxmq.storage.queue_log import encode_plain_records, encode_record
 
 from .lease import LeaseTable
 
@@ -158,6 +158,21 @@ class ReplicatedQueueLog(QueueLog):
         # The offset is assigned when the entry is applied (the same on every replica).
         return Record(-1, now, message, len(blob))
 
+    def append_relayed(self, topic: str, payloads: list[bytes], origin: str):
+        """``append`` of a run of plain QoS 1 payloads to ``topic`` from client ``origin``, for the
+        C fast path of a PUBLISH (``QueueManager.append_relayed``): the records are encoded in one
+        C call and staged into this turn's entry together; returns the PUBACKs' hold (None: mode
+        async, acknowledged after the local commit). Raises QueueRefused before any effect when
+        the group refuses writes now (``check_writable``)."""
+        group = self.group
+        group.check_writable(self.name)
+        records = encode_plain_records(
+            time.time(), topic.encode(), origin.encode() if origin else b"", payloads
+        )
+        group.stage_appends(self.name, records)
+        group.stats["appends_relayed"] += len(records)
+        return self.held_ack()
+
     def commit(self, group: str, floor: int, settled: int | None = None, unsettled=()) -> None:
         self.group.stage(("c", self.name, group, floor, settled, tuple(unsettled)))
 
@@ -212,14 +227,10 @@ class ReplicatedQueueLog(QueueLog):
     # -- applied on every replica, in Raft log order ---------------------------------------------
 
     def apply_append(self, blobs: list[bytes]) -> None:
-        store = self.store
-        offset = self.next
-        for blob in blobs:
-            store.append(self.name, offset, blob)
-            self.count += 1
-            self.bytes += len(blob)
-            offset += 1
-        self.next = offset
+        self.store.append_records(self.name, self.next, blobs)  # one batch update for the entry's run
+        self.count += len(blobs)
+        self.bytes += sum(map(len, blobs))
+        self.next += len(blobs)
 
     def apply_commit(self, group: str, floor: int, settled, unsettled) -> None:
         """Merge a group's progress: settled offsets only accumulate and a work queue's floor only

@@ -67,6 +67,14 @@ def encode_record(timestamp: float, message) -> bytes:
     )
 
 
+def encode_plain_records(timestamp: float, topic: bytes, origin: bytes, payloads: list[bytes]) -> list[bytes]:
+    """``encode_plain_record`` of each payload (built in C, ``_core.queue_wire.plain_records``)."""
+    head = _TS_MSG.pack(
+        RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin), 0, 0
+    )
+    return plain_records(head[:-4], topic + origin, payloads)  # the payload length: per record
+
+
 def encode_plain_record(timestamp: float, topic: bytes, origin: bytes, payload: bytes) -> bytes:
     """``encode_record`` of a QoS 1, non-retained message without properties or expiry, from its
     encoded topic and origin (b"": none): the relayed append's, without a Message to look at."""
@@ -182,6 +190,11 @@ class QueueLogStore:
             self.append(queue, offset + i, record)
             sizes.append(len(record))
         return sizes
+
+    def append_records(self, queue: str, offset: int, records: list[bytes]) -> None:
+        """``append`` of each record, at ``offset`` and on (a replicated entry's batch)."""
+        for i, record in enumerate(records):
+            self.append(queue, offset + i, record)
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         """Up to ``n`` records at offsets ``from_offset``.. (missing ones skipped), pending writes included."""
@@ -347,17 +360,19 @@ class LMDBQueueLog(QueueLogStore):
     ) -> list[int]:
         # encode_plain_record per payload and log_key per offset (built in C, _core.queue_wire),
         # one batch update for the run
-        head = _TS_MSG.pack(
-            RECORD_FORMAT, timestamp, r.FORMAT, 17 if origin else 1, 0.0, len(topic), len(origin), 0, 0
-        )
-        records = plain_records(head[:-4], topic + origin, payloads)  # the payload length: per record
+        records = encode_plain_records(timestamp, topic, origin, payloads)
+        self.append_records(queue, offset, records)
+        return [len(rec) for rec in records]
+
+    def append_records(self, queue: str, offset: int, records: list[bytes]) -> None:
+        if not records:
+            return
         keys = offset_keys(_LOG_PREFIXES.get(queue) or log_prefix(queue), offset, len(records))
         storage = self.storage
         storage._put(self.db, keys[0], records[0])  # wakes the commit when it is the batch's first
         if len(records) > 1:
             storage._batch.ops[self.db].update(zip(keys[1:], records[1:], strict=True))
             storage.op_count += len(records) - 1
-        return [len(rec) for rec in records]
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         offsets = range(from_offset, from_offset + n)

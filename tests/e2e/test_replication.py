@@ -615,6 +615,41 @@ def test_a_replica_killed_and_restarted_catches_up_without_applying_twice(node_f
     assert queues[0] == queues[1] == queues[2] and queues[0]["next"] == 600, queues
 
 
+def test_plain_appends_take_the_c_fast_path_on_the_leader_and_a_follower_acked_after_commit(
+    node_factory,
+) -> None:
+    """A QoS 1 PUBLISH without properties to a replicated queue is staged by the C fast path
+    (``_core.relay`` -> ``QueueManager.append_relayed`` -> ``ReplicatedQueueLog.append_relayed``,
+    counted in the group's ``appends_relayed``), on the leader and on a follower (forwarded), and
+    its PUBACK still waits for the commit: every acknowledged record is on every replica and is
+    delivered."""
+    nodes = start_cluster(node_factory)
+    leader = wait_leader(nodes)
+    follower = (leader + 1) % 3
+    assert _publish_acked(nodes[leader], "fast-leader", 300, b"l") == 300
+    assert _publish_acked(nodes[follower], "fast-follower", 300, b"f") == 300
+    # most of them (a PUBLISH read together with the CONNECT goes the Python path, as it may)
+    assert raft_status(nodes[leader]).get("appends_relayed", 0) >= 250
+    assert raft_status(nodes[follower]).get("appends_relayed", 0) >= 250
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = [raft_status(n) for n in nodes]
+        if all(st is not None and st["queues"][QUEUE]["next"] == 600 for st in states):
+            break
+        time.sleep(0.1)
+    assert [st["queues"][QUEUE]["next"] for st in states] == [600] * 3, states
+    consumer = Consumer(nodes[leader], "fast-consumer")
+    try:
+        deadline = time.monotonic() + 30
+        while len(consumer.received) < 600 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with consumer.lock:
+            got = sorted(p for p, _ in consumer.received)
+    finally:
+        consumer.stop()
+    assert got == sorted([b"l%d" % i for i in range(300)] + [b"f%d" % i for i in range(300)])
+
+
 def test_a_rejected_message_reaches_the_replicated_dlq_on_every_replica(node_factory) -> None:
     nodes = start_cluster(node_factory)
     leader = wait_leader(nodes)
