@@ -59,6 +59,9 @@ def _members_config(tmp_path: Path, count: int) -> list[dict]:
             "cluster.etcd.bind_addr": f"{HOST}:{peer}",
             "cluster.etcd.client_addr": f"{HOST}:{client}",
             "cluster.etcd.initial_cluster": initial,
+            # its own data across restarts: a node started again is the same node (its state file
+            # names its last lease, which it revokes instead of waiting for the TTL)
+            "storage.path": str(tmp_path / f"data-n{i}"),
         }
         for i, (peer, client) in enumerate(ports)
     ]
