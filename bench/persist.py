@@ -103,27 +103,31 @@ def _connect(port: int, cid: str, clean: bool) -> socket.socket:
     return s
 
 
+def _complete(buf: bytearray):
+    """Yield (first byte, body) of every complete packet in ``buf``, removing each; stop at the
+    first incomplete one (what is left stays in ``buf``)."""
+    while len(buf) >= 2:
+        mult, n, i = 1, 0, 1
+        while i < len(buf):
+            b = buf[i]
+            n += (b & 0x7F) * mult
+            mult *= 128
+            i += 1
+            if not b & 0x80:
+                break
+        else:
+            return
+        if len(buf) < i + n:
+            return
+        first, body = buf[0], bytes(buf[i : i + n])
+        del buf[: i + n]
+        yield first, body
+
+
 def _packets(s: socket.socket, buf: bytearray):
     """Yield (first byte, body) of every complete packet, reading more as needed."""
     while True:
-        while True:
-            if len(buf) >= 2:
-                mult, n, i = 1, 0, 1
-                while i < len(buf):
-                    b = buf[i]
-                    n += (b & 0x7F) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 0x80:
-                        break
-                else:
-                    break
-                if len(buf) >= i + n:
-                    first, body = buf[0], bytes(buf[i : i + n])
-                    del buf[: i + n]
-                    yield first, body
-                    continue
-            break
+        yield from _complete(buf)
         data = s.recv(262144)
         if not data:
             raise RuntimeError("connection closed")

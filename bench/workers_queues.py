@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script
 
 from bench import procinfo  # noqa: E402
 from bench.brokers import FluxmqNode  # noqa: E402
-from bench.persist import _frame, _packets  # noqa: E402
+from bench.persist import _complete, _frame, _packets  # noqa: E402
 from bench.queues import _utf8, connect5, subscribe5  # noqa: E402
 
 OWNER = f"w{zlib.crc32(b'bench') % 2}"
@@ -115,22 +115,7 @@ def run_once(pub, sub, count: int, window: int) -> float:
                 raise RuntimeError("connection closed")
             buf += data
             acks = []
-            while len(buf) >= 2:
-                mult, n, i = 1, 0, 1
-                while i < len(buf):
-                    b = buf[i]
-                    n += (b & 0x7F) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 0x80:
-                        break
-                else:
-                    break
-                if len(buf) < i + n:
-                    break
-                first = buf[0]
-                body = bytes(buf[i : i + n])
-                del buf[: i + n]
+            for first, body in _complete(buf):
                 if role == "pub" and first >> 4 == 4:
                     if len(body) > 2 and body[2] >= 0x80:
                         raise RuntimeError(f"PUBACK refused: {body!r}")
