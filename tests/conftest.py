@@ -25,6 +25,7 @@ import functools
 import io
 import json
 import os
+import random
 import resource
 import signal
 import socket
@@ -50,12 +51,41 @@ LOG_TAIL_LINES = 60
 _HANDED_OUT: set[int] = set()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close).
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
 
-    A port is never handed out twice in one test session: the kernel may return the same free
-    port to two calls in a row, and a node's MQTT, health, bridge and admin ports must differ.
+
+# Ports are handed out below the kernel's ephemeral range: a port taken from that range (bind to
+# port 0) is free only until the next outgoing connection, so a node restarted on its old port
+# after a kill could find it taken as the local port of some client's or peer's connection
+# ("Address already in use" in the queue-restart and Raft snapshot tests under load).
+_EPHEMERAL_LOW = _ephemeral_range()[0]
+_PICK = random.Random(os.getpid() ^ time.monotonic_ns())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago and that no outgoing connection can take.
+
+    Drawn at random from 20000 up to the start of the kernel's ephemeral port range and checked by
+    binding it (bind to port 0 instead when that range is too small). A port is never handed out
+    twice in one test session: a node's MQTT, health, bridge and admin ports must differ.
     """
+    low, high = 20000, _EPHEMERAL_LOW - 1
+    for _ in range(2000 if high - low >= 1000 else 0):
+        port = _PICK.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((HOST, 0))
