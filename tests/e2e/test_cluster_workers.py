@@ -1,0 +1,230 @@
+"""Two clustered nodes of two workers each (``server.workers: 2`` with ``cluster.enabled``, issue 16):
+each worker is an etcd member under its node's name (``c1/w0``, ``c1/w1``, ...), the workers of one
+node reach each other over Unix sockets and the other node's over gRPC, and the nodes act as two
+nodes to the outside (``/cluster/status``).
+
+The two nodes share the session's etcd (``etcd_server``) under a key prefix of this module and are
+shared by its tests (each uses its own topics and client ids). Clients are placed on a chosen worker
+with ``on_worker`` (``$SYS/broker/worker`` names the member a client is connected to).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from fluxmq._core import codec as c
+from tests.cluster.conftest import etcd_server  # noqa: F401 (fixture)
+from tests.conftest import HOST, NodeFactory, RunningNode, free_port
+from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
+from tests.e2e.test_workers import on_worker
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 10.0
+NODES = ("c1", "c2")
+WORKERS = ("w0", "w1")
+
+
+def wait_for(predicate, timeout: float = 30.0, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def two_free_ports() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 a moment ago (worker i's gRPC port is p + i)."""
+    for _ in range(200):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, p + 1))
+            except OSError:
+                continue
+        return p
+    raise AssertionError("no two consecutive free ports")
+
+
+def owner(endpoint: str, prefix: str, client_id: str) -> str | None:
+    """The member etcd names as the owner of ``client_id``."""
+    key = base64.b64encode(f"{prefix}sessions/{client_id}/owner".encode()).decode()
+    req = urllib.request.Request(
+        f"{endpoint}/v3/kv/range",
+        data=json.dumps({"key": key}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        kvs = json.loads(resp.read()).get("kvs", [])
+    return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+
+
+def whole(node: RunningNode) -> bool:
+    """/cluster/status (from whichever worker answers) lists both nodes once, each reachable with
+    both its workers."""
+    status, body = node.http_get("/cluster/status")
+    members = body.get("members", [])
+    return (
+        status == 200
+        and sorted(m["node_id"] for m in members) == list(NODES)
+        and all(m["reachable"] and len(m.get("workers", [])) == 2 for m in members)
+    )
+
+
+@pytest.fixture(scope="module")
+def nodes(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
+    base = tmp_path_factory.mktemp("cworkers")
+    factory = NodeFactory(base)
+    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+    started: dict[str, RunningNode] = {}
+    try:
+        for name in NODES:
+            started[name] = factory(
+                {
+                    "server.workers": 2,
+                    "broker.sys_interval": "1s",
+                    "cluster.enabled": True,
+                    "cluster.node_id": name,
+                    "cluster.transport.bind_addr": f"{HOST}:{two_free_ports()}",
+                    "cluster.etcd.endpoints": [etcd_server.endpoint],
+                    "cluster.etcd.prefix": prefix,
+                    "cluster.etcd.lease_ttl": "3s",
+                }
+            )
+        for node in started.values():
+            # a few answers in a row: /cluster/status comes from whichever worker accepts
+            assert wait_for(lambda node=node: all(whole(node) for _ in range(4))), node.http_get(
+                "/cluster/status"
+            )
+        yield started, etcd_server.endpoint, prefix
+    finally:
+        factory.close()
+
+
+def test_cluster_status_shows_each_node_once(nodes) -> None:
+    started, _endpoint, _prefix = nodes
+    leaders = set()
+    for name, node in started.items():
+        for _ in range(6):  # answered by either worker
+            status, body = node.http_get("/cluster/status")
+            assert status == 200
+            assert body["node_id"] == name and body["cluster_mode"] is True
+            members = {m["node_id"]: m for m in body["members"]}
+            assert sorted(members) == list(NODES)
+            assert members[name]["self"] is True
+            assert sorted(w["worker_id"] for w in members[name]["workers"]) == [f"{name}/w0", f"{name}/w1"]
+            leaders |= {m["node_id"] for m in body["members"] if m["leader"]}
+            assert node.http_get("/ready")[0] == 200
+    assert len(leaders) == 1  # one leader in the cluster, named by its node
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_publishers_on_each_worker_reach_subscribers_on_the_other_node(nodes, qos: int) -> None:
+    """Each worker of one node publishes; a subscriber on each worker of the other node gets all of
+    it, in each publisher's order, both ways."""
+    started, _endpoint, _prefix = nodes
+    for src, dst in (("c1", "c2"), ("c2", "c1")):
+        topic = unique(f"cw/{src}")
+        subs = [on_worker(started[dst], f"{dst}/{w}", "sub") for w in WORKERS]
+        pubs = [on_worker(started[src], f"{src}/{w}", "pub") for w in WORKERS]
+        try:
+            for s in subs:
+                assert s.subscribe(topic, 1)[0].value == 1
+            for p, w in zip(pubs, WORKERS, strict=True):
+                for i in range(10):
+                    p.publish(topic, f"{w}-{i}".encode(), qos)
+            expected = sorted(f"{w}-{i}".encode() for w in WORKERS for i in range(10))
+            for s in subs:
+                got = [s.get(WAIT) for _ in range(20)]
+                assert sorted(m.payload for m in got) == expected
+                for w in WORKERS:  # one publisher's messages keep their order
+                    mine = [m.payload for m in got if m.payload.startswith(w.encode())]
+                    assert mine == [f"{w}-{i}".encode() for i in range(10)]
+                assert {m.qos for m in got} == {qos}
+        finally:
+            for client in subs + pubs:
+                client.disconnect()
+
+
+def test_takeover_from_a_worker_of_one_node_to_a_worker_of_the_other_keeps_the_session(nodes) -> None:
+    """A persistent session on a worker of c1 with a message in flight (QoS 1, not acknowledged) and
+    three queued behind it (Receive Maximum 1): its client connects to c2 while still connected to
+    c1. The c1 connection gets DISCONNECT 0x8E, c2 answers session present, sends the in-flight
+    message again with DUP and then the queued ones, each once, in order; etcd names a worker of c2
+    as the owner, and a publish on c1 afterwards reaches the session on c2."""
+    started, endpoint, prefix = nodes
+    c1, c2 = started["c1"], started["c2"]
+    cid, topic = unique("mover"), unique("cw/move")
+    props = {c.SESSION_EXPIRY_INTERVAL: 300, c.RECEIVE_MAXIMUM: 1}
+    a = raw5(c1, cid, clean_start=False, properties=props)
+    assert a.subscribe(1, (topic, 1)).reason_codes == [1]
+    first_owner = owner(endpoint, prefix, cid)
+    assert first_owner in ("c1/w0", "c1/w1")
+    with paho5(c2, unique("pub")) as pub:
+        for i in range(4):
+            pub.publish(topic, f"p{i}".encode(), 1)
+    held = a.expect(c.Publish)
+    assert held.payload == b"p0"  # not acknowledged: in flight at the move
+
+    b = Raw5(c2)
+    connack = b.connect(cid, clean_start=False, properties=props)
+    assert connack.reason_code == 0 and connack.session_present
+    gone = a.wait_closed()
+    assert any(isinstance(p, c.Disconnect) and p.reason_code == 0x8E for p in gone), gone
+    again = b.expect(c.Publish)
+    assert (again.payload, again.dup, again.packet_id) == (b"p0", True, held.packet_id)
+    b.ack(again)
+    got = []
+    for _ in range(3):
+        p = b.expect(c.Publish)
+        got.append(p.payload)
+        b.ack(p)
+    assert got == [b"p1", b"p2", b"p3"]
+    assert owner(endpoint, prefix, cid) in ("c2/w0", "c2/w1")
+    with on_worker(c1, "c1/w1" if first_owner == "c1/w0" else "c1/w0", "pub") as pub:
+        pub.publish(topic, b"after", 1)
+    p = b.expect(c.Publish)
+    assert p.payload == b"after"
+    b.ack(p)
+    b.disconnect()
+
+
+def test_shared_group_over_the_workers_of_both_nodes_gets_each_message_once(nodes) -> None:
+    started, _endpoint, _prefix = nodes
+    topic = unique("cw/shared")
+    n = 200
+    members = [on_worker(started[node], f"{node}/{w}", "m") for node in NODES for w in WORKERS]
+    pub = on_worker(started["c1"], "c1/w1", "pub")
+    try:
+        for m in members:
+            assert m.subscribe(f"$share/g/{topic}", 1)[0].value == 1
+        time.sleep(0.5)  # the group's members on the other node are announced (interest) meanwhile
+        for i in range(n):
+            pub.publish(topic, str(i).encode(), 1)
+        got: list[bytes] = []
+        per_member = [0] * len(members)
+        deadline = time.monotonic() + WAIT
+        while len(got) < n and time.monotonic() < deadline:
+            for k, m in enumerate(members):
+                while not m.messages.empty():
+                    got.append(m.messages.get_nowait().payload)
+                    per_member[k] += 1
+            time.sleep(0.05)
+        time.sleep(0.5)
+        for k, m in enumerate(members):
+            while not m.messages.empty():
+                got.append(m.messages.get_nowait().payload)
+                per_member[k] += 1
+    finally:
+        for client in [*members, pub]:
+            client.disconnect()
+    assert sorted(got, key=int) == [str(i).encode() for i in range(n)]  # each once
+    assert all(per_member), per_member  # every member, on every worker of both nodes, got some
