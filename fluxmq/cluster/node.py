@@ -152,13 +152,35 @@ class ClusterNode:
     """The transport, the peers, the metadata plane (etcd) and their wiring to one broker."""
 
     def __init__(
-        self, settings: ClusterSettings, broker, config=None, announce: dict[str, str] | None = None
+        self,
+        settings: ClusterSettings,
+        broker,
+        config=None,
+        announce: dict[str, str] | None = None,
+        worker=None,
     ) -> None:
+        """``worker`` (``fluxmq.cluster.workers.WorkerMember``): this process is one of the node's
+        workers, a member of the cluster of its own (``n1/w0``) that reaches the node's other workers
+        over Unix sockets (docs/cluster.rst, "Several workers on a cluster node")."""
         init_grpc_for_gevent()
         from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
         from .peers import ClusterPeers
         from .transport import ClusterTransport
 
+        transport_class = ClusterTransport
+        extra: dict = {}
+        if worker is not None:
+            import dataclasses
+
+            from .unix import NodeWorkersTransport
+
+            settings = dataclasses.replace(
+                settings,
+                node_id=worker.member_id,
+                transport=dataclasses.replace(settings.transport, bind_addr=worker.grpc_addr),
+            )
+            transport_class = NodeWorkersTransport
+            extra = {"unix_addr": worker.unix_addr, "local_peers": worker.local_peers}
         self.settings = settings
         self.node_id = settings.node_id
         self.broker = broker
@@ -172,7 +194,7 @@ class ClusterNode:
             broker.settings.shared_subscription_strategy,
             t.interest_sync_timeout,
         )
-        self.transport = ClusterTransport(
+        self.transport = transport_class(
             settings.node_id,
             self.epoch,
             t,
@@ -180,6 +202,7 @@ class ClusterNode:
             broker.interest_filters,
             on_ack=self.peers.on_ack,
             on_peer_removed=self.peers.peer_removed,
+            **extra,
         )
         self.peers.transport = self.transport
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
@@ -195,7 +218,7 @@ class ClusterNode:
             from .metadata.plane import MetadataPlane
 
             self.plane = MetadataPlane.from_config(
-                config, broker, publish=broker.publish_will_message, announce=announce
+                config, broker, worker=worker, publish=broker.publish_will_message, announce=announce
             )
             self.plane.attach_transport(self.transport)
             self.peers.sessions = ClusterSessions(self.plane.meta, self.transport.call)
@@ -203,9 +226,10 @@ class ClusterNode:
         self._started = False
 
     @classmethod
-    def from_config(cls, config, broker, announce: dict[str, str] | None = None) -> ClusterNode:
+    def from_config(cls, config, broker, announce: dict[str, str] | None = None, worker=None) -> ClusterNode:
         """From a loaded Config; ConfigError (one line) when the cluster settings cannot work.
-        ``announce``: more addresses this node's etcd registration carries (its Raft address)."""
+        ``announce``: more addresses this node's etcd registration carries (its Raft address);
+        ``worker``: this process is one of the node's workers (``__init__``)."""
         from .config import cluster_settings
         from .metadata.config import cluster_config_problems
 
@@ -214,7 +238,7 @@ class ClusterNode:
             problems = cluster_config_problems(config)
             if problems:
                 raise problems[0]
-        return cls(settings, broker, config, announce)
+        return cls(settings, broker, config, announce, worker)
 
     def start(self) -> None:
         """Transport, then etcd (membership, ownership of the restored sessions, wills held back by
