@@ -279,6 +279,11 @@ class NodeWorkersTransport(ClusterTransport):
     ``ClusterPeers`` cannot tell which carries a link. ``local_peers`` (the node's other workers,
     member id -> ``unix:`` address) are always peers; ``set_peers`` (etcd membership) adds the rest."""
 
+    # gRPC sets SO_REUSEPORT by default: a worker whose port (bind_addr's + index) another process
+    # holds would share it silently (half of that peer's streams answered by a stranger); without
+    # it the bind fails and the worker stops with one line.
+    server_options = [*ClusterTransport.server_options, ("grpc.so_reuseport", 0)]
+
     def __init__(self, *args, unix_addr: str, local_peers: dict[str, str], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.unix_addr = unix_addr
@@ -287,7 +292,15 @@ class NodeWorkersTransport(ClusterTransport):
 
     def start(self) -> None:
         self.unix_server = _unix_server(self, self.unix_addr)
-        super().start()
+        try:
+            super().start()
+        except OSError as exc:
+            self.unix_server.stop(timeout=0)
+            self.unix_server = None
+            raise OSError(
+                f"{exc} (this worker's port: the port of cluster.transport.bind_addr plus its index; "
+                "keep the ports after it free for the node's other workers)"
+            ) from None
 
     def stop(self, timeout: float = 1.0) -> None:
         super().stop(timeout)

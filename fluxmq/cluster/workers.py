@@ -213,6 +213,26 @@ class WorkerPeers(ClusterPeers):
         self.sessions.release_session(client_id)
 
 
+class _NodeHealth:
+    """The cluster check and ``/cluster/status`` of a worker of a cluster node: the ``ClusterHealth``
+    of its member, with ``sessions`` the node's (this worker's plus the others' ``clients/total``)."""
+
+    def __init__(self, health, worker) -> None:
+        self._health = health
+        self._worker = worker
+
+    def check(self) -> tuple[bool, str]:
+        return self._health.check()
+
+    def status(self, sessions: int) -> dict:
+        for figures in self._worker.gather().values():
+            try:
+                sessions += int(figures.get("clients/total", 0))
+            except ValueError:
+                pass
+        return self._health.status(sessions)
+
+
 class WorkerNode:
     """One worker's membership in the node's local cluster: transport, peers, ownership, totals."""
 
@@ -291,7 +311,7 @@ class WorkerNode:
 
     @property
     def health(self):
-        return self.node.health if self.node is not None else None
+        return _NodeHealth(self.node.health, self) if self.node is not None else None
 
     @property
     def topics(self):

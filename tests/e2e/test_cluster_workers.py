@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import time
 import urllib.request
@@ -110,7 +111,12 @@ def nodes(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
 
 
 def test_cluster_status_shows_each_node_once(nodes) -> None:
+    """Whichever worker answers: each node once with its workers, the node's id, its leadership
+    and its sessions (both workers')."""
     started, _endpoint, _prefix = nodes
+    with on_worker(started["c1"], "c1/w0", "held"), on_worker(started["c1"], "c1/w1", "held"):
+        for _ in range(6):
+            assert started["c1"].http_get("/cluster/status")[1]["sessions"] >= 2
     leaders = set()
     for name, node in started.items():
         for _ in range(6):  # answered by either worker
@@ -228,3 +234,58 @@ def test_shared_group_over_the_workers_of_both_nodes_gets_each_message_once(node
             client.disconnect()
     assert sorted(got, key=int) == [str(i).encode() for i in range(n)]  # each once
     assert all(per_member), per_member  # every member, on every worker of both nodes, got some
+
+
+def test_one_node_of_two_workers_runs_its_own_etcd_member(node_factory, tmp_path) -> None:
+    """No ``cluster.etcd.endpoints``: worker 0 runs the node's etcd member (named after the node),
+    worker 1 is its client; a SIGTERM stops the node and the member."""
+    etcd_client, etcd_peer = free_port(), free_port()
+    node = node_factory(
+        {
+            "server.workers": 2,
+            "cluster.enabled": True,
+            "cluster.node_id": "s1",
+            "cluster.transport.bind_addr": f"{HOST}:{two_free_ports()}",
+            "cluster.etcd.data_dir": str(tmp_path / "etcd"),
+            "cluster.etcd.client_addr": f"{HOST}:{etcd_client}",
+            "cluster.etcd.bind_addr": f"{HOST}:{etcd_peer}",
+            "cluster.etcd.lease_ttl": "3s",
+        }
+    )
+
+    def alone() -> bool:
+        body = node.http_get("/cluster/status")[1]
+        members = body.get("members", [])
+        return [m["node_id"] for m in members] == ["s1"] and [
+            w["worker_id"] for w in members[0]["workers"] if w["reachable"]
+        ] == ["s1/w0", "s1/w1"]
+
+    assert wait_for(lambda: all(alone() for _ in range(4))), node.http_get("/cluster/status")
+    member_pid = int((tmp_path / "etcd.pid").read_text())
+    assert node.stop() == 0
+    assert wait_for(lambda: not os.path.exists(f"/proc/{member_pid}"), 15.0)
+
+
+def test_a_worker_whose_port_is_taken_stops_the_node_with_one_line(node_factory, etcd_server) -> None:  # noqa: F811
+    """Worker 1 listens on bind_addr's port + 1: held by another process, the node stops (never a
+    port shared with a stranger through SO_REUSEPORT)."""
+    port = two_free_ports()
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((HOST, port + 1))
+        holder.listen(1)
+        node = node_factory(
+            {
+                "server.workers": 2,
+                "cluster.enabled": True,
+                "cluster.node_id": "p1",
+                "cluster.transport.bind_addr": f"{HOST}:{port}",
+                "cluster.etcd.endpoints": [etcd_server.endpoint],
+                "cluster.etcd.prefix": f"/t-{uuid.uuid4().hex[:8]}/",
+            },
+            wait_ready=False,
+        )
+        code = node.wait(30.0)
+    assert code is not None and code != 0, node.log_tail()
+    assert f"{HOST}:{port + 1}" in node.log_text() and "plus its index" in node.log_text()
