@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import time
 import urllib.request
@@ -24,7 +25,7 @@ from fluxmq._core import codec as c
 from tests.cluster.conftest import etcd_server  # noqa: F401 (fixture)
 from tests.conftest import HOST, NodeFactory, RunningNode, free_port
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
-from tests.e2e.test_workers import on_worker
+from tests.e2e.test_workers import on_worker, worker_of
 
 pytestmark = pytest.mark.e2e
 
@@ -98,6 +99,7 @@ def nodes(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
                     "cluster.etcd.endpoints": [etcd_server.endpoint],
                     "cluster.etcd.prefix": prefix,
                     "cluster.etcd.lease_ttl": "3s",
+                    "storage.type": "lmdb",
                 }
             )
         for node in started.values():
@@ -234,6 +236,77 @@ def test_shared_group_over_the_workers_of_both_nodes_gets_each_message_once(node
             client.disconnect()
     assert sorted(got, key=int) == [str(i).encode() for i in range(n)]  # each once
     assert all(per_member), per_member  # every member, on every worker of both nodes, got some
+
+
+def test_retained_set_on_one_worker_reaches_new_subscribers_on_every_worker(nodes) -> None:
+    """Retained messages go through etcd for every member (the workers' own retained forwarding is
+    off on a cluster node)."""
+    started, _endpoint, _prefix = nodes
+    topic = unique("cw/retained")
+    with on_worker(started["c1"], "c1/w0", "pub") as pub:
+        pub.publish(topic, b"kept", 1, retain=True)
+    for node in NODES:
+        for w in WORKERS:
+
+            def seen(node=node, w=w) -> bool:
+                with on_worker(started[node], f"{node}/{w}", "sub") as sub:
+                    sub.subscribe(topic, 1)
+                    try:
+                        msg = sub.get(0.5)
+                    except AssertionError:
+                        return False
+                    return (msg.payload, msg.retain) == (b"kept", True)
+
+            assert wait_for(seen, WAIT), f"retained message not seen on {node}/{w}"
+
+
+def test_kill_9_of_a_worker_it_comes_back_as_the_same_member_with_its_sessions(nodes) -> None:
+    """kill -9 of c2/w1 holding a persistent session: the arbiter restarts it under its index, it
+    registers again as c2/w1 (its previous registration revoked), owns the restored session again,
+    and gets what c1 published for the session meanwhile (queued on c1's link to it)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    started, endpoint, prefix = nodes
+    c1, c2 = started["c1"], started["c2"]
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 300
+    topic = unique("cw/kill")
+    for _ in range(60):
+        cid = unique("persist")
+        s = paho5(c2, cid, props, clean_start=False)
+        if worker_of(s) == "c2/w1":
+            break
+        s.disconnect()
+    else:
+        raise AssertionError("no connection landed on c2/w1")
+    assert s.subscribe(topic, 1)[0].value == 1
+    s.subscribe("$SYS/broker/worker/pid", 0)
+    pid = int(s.get(WAIT).payload)
+    s.client.unsubscribe("$SYS/broker/worker/pid")
+    time.sleep(0.2)
+    s.disconnect()
+    assert owner(endpoint, prefix, cid) == "c2/w1"
+    assert pid in c2.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    with on_worker(c1, "c1/w0", "pub") as pub:
+        for i in range(3):
+            pub.publish(topic, f"during{i}".encode(), 1)
+    assert wait_for(lambda: pid not in c2.worker_pids() and len(c2.worker_pids()) == 2)
+    for node in (c1, c2):
+        assert wait_for(lambda node=node: all(whole(node) for _ in range(4))), node.http_get(
+            "/cluster/status"
+        )
+    assert wait_for(
+        lambda: owner(endpoint, prefix, cid) == "c2/w1", WAIT
+    )  # the restored session, owned again
+    back = paho5(c2, cid, props, clean_start=False)
+    try:
+        assert back.connack[1] is True  # session present
+        got = [back.get(WAIT).payload for _ in range(3)]
+    finally:
+        back.disconnect()
+    assert got == [f"during{i}".encode() for i in range(3)]
 
 
 def test_one_node_of_two_workers_runs_its_own_etcd_member(node_factory, tmp_path) -> None:
