@@ -49,8 +49,10 @@ class ClusterHealth:
 
     @property
     def grouped(self) -> bool:
-        """True when this node's members are its workers (``n1/w0``): the node is reported once."""
-        return "/" in self.meta.node_id
+        """True when some node's members are its workers (``n1/w0``): each node is reported once
+        (a one-worker node in such a cluster too). A cluster of one-worker nodes keeps the flat list."""
+        meta = self.meta
+        return any("/" in m for m in (meta.node_id, *meta.members(), *meta.lost_members()))
 
     def _nodes(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """The other nodes (node -> addr, live, reachable, workers) and this node's other workers
