@@ -362,12 +362,14 @@ class ClusterNode:
         )
         return b"1" if adopted else b""
 
-    def _hand_out(self, deadline: float) -> None:
-        """Ask the reachable peers (round robin, a few at once) to take every session still here
-        over, so a client that comes back later finds its session on a live node."""
+    def _hand_out(self, deadline: float, client_ids: list[str]) -> None:
+        """Ask the reachable peers (round robin, a few at once) to take these sessions over, so a
+        client that comes back later finds its session on a live node. The other nodes are asked
+        before the other workers of this node (they stop with it, as a rule)."""
         from gevent.pool import Pool
 
-        peers = sorted(self.transport.reachable())
+        mine = self.node_id.partition("/")[0] + "/" if "/" in self.node_id else None
+        peers = sorted(self.transport.reachable(), key=lambda n: (mine is not None and n.startswith(mine), n))
         if not peers:
             return
         pool = Pool(ADOPT_CONCURRENCY)
@@ -392,7 +394,7 @@ class ClusterNode:
                 self.adopted_out += 1
                 return
 
-        for i, client_id in enumerate(list(self.broker.sessions)):
+        for i, client_id in enumerate(client_ids):
             if time.monotonic() >= deadline:
                 break
             pool.spawn(hand, i, client_id)
@@ -408,15 +410,22 @@ class ClusterNode:
         if self.plane is None or timeout <= 0 or not self.transport.reachable():
             return len(self.broker.sessions)
         deadline = time.monotonic() + timeout
-        self._hand_out(deadline)
+        tried: set[str] = set()
         # Ends early when every session moved, or when no peer that is not stopping itself answers
-        # (the whole cluster is stopping: nobody is left to take them).
+        # (the whole cluster is stopping: nobody is left to take them). A session that arrived
+        # meanwhile (an adoption this node had begun before it stopped: the workers of one node
+        # stop together) is handed out in turn.
         while (
             self.broker.sessions
             and time.monotonic() < deadline
             and set(self.transport.reachable()) - self._stopping_peers
         ):
-            gevent.sleep(0.05)
+            new = [client_id for client_id in self.broker.sessions if client_id not in tried]
+            if new:
+                tried.update(new)
+                self._hand_out(deadline, new)
+            else:
+                gevent.sleep(0.05)
         left = len(self.broker.sessions)
         log.info("cluster_drained", extra={"sessions_left": left})
         return left

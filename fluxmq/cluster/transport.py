@@ -74,6 +74,8 @@ class _Servicer(pb_grpc.ClusterTransportServicer):
             return pb.CallReply(error=f"no handler for {request.kind!r} on {self.transport.node_id}")
         try:
             return pb.CallReply(payload=fn(request.sender, request.payload))
+        except ServerUnavailable as exc:  # an answer (stopping, claiming): the caller logs it
+            return pb.CallReply(error=f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             log.exception("call_handler_failed", extra={"kind": request.kind, "from": request.sender})
             return pb.CallReply(error=f"{type(exc).__name__}: {exc}")

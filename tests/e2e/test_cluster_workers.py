@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -307,6 +308,52 @@ def test_kill_9_of_a_worker_it_comes_back_as_the_same_member_with_its_sessions(n
     finally:
         back.disconnect()
     assert got == [f"during{i}".encode() for i in range(3)]
+
+
+def persistent_on(node: RunningNode, worker: str, topic: str):
+    """A client id whose persistent session (expiry 300 s, subscribed to ``topic`` at QoS 1) is held
+    by ``worker``, offline."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 300
+    for _ in range(60):
+        cid = unique("sleeper")
+        s = paho5(node, cid, props, clean_start=False)
+        if worker_of(s) == worker:
+            assert s.subscribe(topic, 1)[0].value == 1
+            s.disconnect()
+            return cid, props
+        s.disconnect()
+    raise AssertionError(f"no connection landed on {worker}")
+
+
+def test_sigterm_of_a_node_hands_the_sessions_of_both_its_workers_to_the_other_node(nodes) -> None:
+    """SIGTERM c1 (the module's last test: c1 stays down): each worker drains as a node does, its
+    offline sessions go to c2 (c1's own workers are stopping and refuse them), and their clients
+    resume them on c2 with what was published meanwhile."""
+    started, endpoint, prefix = nodes
+    c1, c2 = started["c1"], started["c2"]
+    topic = unique("cw/drain")
+    sleepers = [persistent_on(c1, f"c1/{w}", topic) for w in WORKERS]
+    with paho5(c2, unique("pub")) as pub:
+        for i in range(3):
+            pub.publish(topic, f"d{i}".encode(), 1)
+    time.sleep(0.3)
+    c1.process.send_signal(signal.SIGTERM)
+    assert c1.wait(30) == 0, c1.log_tail()
+    drained = re.findall(r"event=cluster_drained sessions_left=(\d+)", c1.log_text())
+    assert drained == ["0", "0"], c1.log_tail()  # every session of both workers handed to c2
+    for cid, props in sleepers:
+        assert owner(endpoint, prefix, cid) in ("c2/w0", "c2/w1")
+        back = paho5(c2, cid, props, clean_start=False)
+        try:
+            assert back.connack[1] is True  # session present
+            got = [back.get(WAIT).payload for _ in range(3)]
+        finally:
+            back.disconnect()
+        assert got == [f"d{i}".encode() for i in range(3)]
 
 
 def test_one_node_of_two_workers_runs_its_own_etcd_member(node_factory, tmp_path) -> None:
