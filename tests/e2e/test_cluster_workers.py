@@ -133,6 +133,12 @@ def test_cluster_status_shows_each_node_once(nodes) -> None:
             leaders |= {m["node_id"] for m in body["members"] if m["leader"]}
             assert node.http_get("/ready")[0] == 200
     assert len(leaders) == 1  # one leader in the cluster, named by its node
+    url = f"http://{HOST}:{started['c1'].health_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        metrics = resp.read().decode()
+    # per member, summed over c1's workers (both reach both of c2's)
+    assert 'fluxmq_cluster_peer_reachable{peer="c2/w0"} 2.0' in metrics, metrics
+    assert 'fluxmq_cluster_peer_reachable{peer="c2/w1"} 2.0' in metrics
 
 
 @pytest.mark.parametrize("qos", [0, 1])
