@@ -152,13 +152,35 @@ class ClusterNode:
     """The transport, the peers, the metadata plane (etcd) and their wiring to one broker."""
 
     def __init__(
-        self, settings: ClusterSettings, broker, config=None, announce: dict[str, str] | None = None
+        self,
+        settings: ClusterSettings,
+        broker,
+        config=None,
+        announce: dict[str, str] | None = None,
+        worker=None,
     ) -> None:
+        """``worker`` (``fluxmq.cluster.workers.WorkerMember``): this process is one of the node's
+        workers, a member of the cluster of its own (``n1/w0``) that reaches the node's other workers
+        over Unix sockets (docs/cluster.rst, "Several workers on a cluster node")."""
         init_grpc_for_gevent()
         from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
         from .peers import ClusterPeers
         from .transport import ClusterTransport
 
+        transport_class = ClusterTransport
+        extra: dict = {}
+        if worker is not None:
+            import dataclasses
+
+            from .unix import NodeWorkersTransport
+
+            settings = dataclasses.replace(
+                settings,
+                node_id=worker.member_id,
+                transport=dataclasses.replace(settings.transport, bind_addr=worker.grpc_addr),
+            )
+            transport_class = NodeWorkersTransport
+            extra = {"unix_addr": worker.unix_addr, "local_peers": worker.local_peers}
         self.settings = settings
         self.node_id = settings.node_id
         self.broker = broker
@@ -172,7 +194,7 @@ class ClusterNode:
             broker.settings.shared_subscription_strategy,
             t.interest_sync_timeout,
         )
-        self.transport = ClusterTransport(
+        self.transport = transport_class(
             settings.node_id,
             self.epoch,
             t,
@@ -180,6 +202,7 @@ class ClusterNode:
             broker.interest_filters,
             on_ack=self.peers.on_ack,
             on_peer_removed=self.peers.peer_removed,
+            **extra,
         )
         self.peers.transport = self.transport
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
@@ -195,7 +218,7 @@ class ClusterNode:
             from .metadata.plane import MetadataPlane
 
             self.plane = MetadataPlane.from_config(
-                config, broker, publish=broker.publish_will_message, announce=announce
+                config, broker, worker=worker, publish=broker.publish_will_message, announce=announce
             )
             self.plane.attach_transport(self.transport)
             self.peers.sessions = ClusterSessions(self.plane.meta, self.transport.call)
@@ -203,9 +226,10 @@ class ClusterNode:
         self._started = False
 
     @classmethod
-    def from_config(cls, config, broker, announce: dict[str, str] | None = None) -> ClusterNode:
+    def from_config(cls, config, broker, announce: dict[str, str] | None = None, worker=None) -> ClusterNode:
         """From a loaded Config; ConfigError (one line) when the cluster settings cannot work.
-        ``announce``: more addresses this node's etcd registration carries (its Raft address)."""
+        ``announce``: more addresses this node's etcd registration carries (its Raft address);
+        ``worker``: this process is one of the node's workers (``__init__``)."""
         from .config import cluster_settings
         from .metadata.config import cluster_config_problems
 
@@ -214,7 +238,7 @@ class ClusterNode:
             problems = cluster_config_problems(config)
             if problems:
                 raise problems[0]
-        return cls(settings, broker, config, announce)
+        return cls(settings, broker, config, announce, worker)
 
     def start(self) -> None:
         """Transport, then etcd (membership, ownership of the restored sessions, wills held back by
@@ -338,12 +362,14 @@ class ClusterNode:
         )
         return b"1" if adopted else b""
 
-    def _hand_out(self, deadline: float) -> None:
-        """Ask the reachable peers (round robin, a few at once) to take every session still here
-        over, so a client that comes back later finds its session on a live node."""
+    def _hand_out(self, deadline: float, client_ids: list[str]) -> None:
+        """Ask the reachable peers (round robin, a few at once) to take these sessions over, so a
+        client that comes back later finds its session on a live node. The other nodes are asked
+        before the other workers of this node (they stop with it, as a rule)."""
         from gevent.pool import Pool
 
-        peers = sorted(self.transport.reachable())
+        mine = self.node_id.partition("/")[0] + "/" if "/" in self.node_id else None
+        peers = sorted(self.transport.reachable(), key=lambda n: (mine is not None and n.startswith(mine), n))
         if not peers:
             return
         pool = Pool(ADOPT_CONCURRENCY)
@@ -368,7 +394,7 @@ class ClusterNode:
                 self.adopted_out += 1
                 return
 
-        for i, client_id in enumerate(list(self.broker.sessions)):
+        for i, client_id in enumerate(client_ids):
             if time.monotonic() >= deadline:
                 break
             pool.spawn(hand, i, client_id)
@@ -384,15 +410,22 @@ class ClusterNode:
         if self.plane is None or timeout <= 0 or not self.transport.reachable():
             return len(self.broker.sessions)
         deadline = time.monotonic() + timeout
-        self._hand_out(deadline)
+        tried: set[str] = set()
         # Ends early when every session moved, or when no peer that is not stopping itself answers
-        # (the whole cluster is stopping: nobody is left to take them).
+        # (the whole cluster is stopping: nobody is left to take them). A session that arrived
+        # meanwhile (an adoption this node had begun before it stopped: the workers of one node
+        # stop together) is handed out in turn.
         while (
             self.broker.sessions
             and time.monotonic() < deadline
             and set(self.transport.reachable()) - self._stopping_peers
         ):
-            gevent.sleep(0.05)
+            new = [client_id for client_id in self.broker.sessions if client_id not in tried]
+            if new:
+                tried.update(new)
+                self._hand_out(deadline, new)
+            else:
+                gevent.sleep(0.05)
         left = len(self.broker.sessions)
         log.info("cluster_drained", extra={"sessions_left": left})
         return left

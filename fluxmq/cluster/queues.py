@@ -241,7 +241,9 @@ class RemoteQueues:
     worker does not own (``QueueManager.remote``), and the owner's handling of the other workers'
     ops (see the module docstring)."""
 
-    def __init__(self, broker, transport, node_id: str, epoch: int) -> None:
+    def __init__(self, broker, transport, node_id: str, epoch: int, member=None) -> None:
+        """``member(index)``: the member id of worker ``index`` (``w{i}``; ``n1/w{i}`` on a cluster node)."""
+        self.member = member or (lambda index: f"w{index}")
         self.broker = broker
         self.transport = transport
         self.node_id = node_id
@@ -328,7 +330,7 @@ class RemoteQueues:
         self._moving = None
 
     def _owner(self, name: str) -> str:
-        return f"w{self.placement.owner(name)}"
+        return self.member(self.placement.owner(name))
 
     def _link(self, node: str) -> OpLink:
         link = self.links.get(node)

@@ -74,6 +74,8 @@ class _Servicer(pb_grpc.ClusterTransportServicer):
             return pb.CallReply(error=f"no handler for {request.kind!r} on {self.transport.node_id}")
         try:
             return pb.CallReply(payload=fn(request.sender, request.payload))
+        except ServerUnavailable as exc:  # an answer (stopping, claiming): the caller logs it
+            return pb.CallReply(error=f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             log.exception("call_handler_failed", extra={"kind": request.kind, "from": request.sender})
             return pb.CallReply(error=f"{type(exc).__name__}: {exc}")
@@ -81,6 +83,8 @@ class _Servicer(pb_grpc.ClusterTransportServicer):
 
 class ClusterTransport:
     """The node's gRPC server and its links to the peers (``set_peers``)."""
+
+    server_options = SERVER_OPTIONS
 
     def __init__(
         self,
@@ -111,7 +115,7 @@ class ClusterTransport:
     def start(self) -> None:
         s = self.settings
         self.server = server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=SERVER_WORKERS), options=SERVER_OPTIONS
+            futures.ThreadPoolExecutor(max_workers=SERVER_WORKERS), options=self.server_options
         )
         pb_grpc.add_ClusterTransportServicer_to_server(_Servicer(self), server)
         if s.tls_enabled:
@@ -119,12 +123,16 @@ class ClusterTransport:
             server_creds = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca, require_client_auth=True
             )
-            self.port = server.add_secure_port(s.bind_addr, server_creds)
+            add = lambda: server.add_secure_port(s.bind_addr, server_creds)  # noqa: E731
             self._channel_credentials = grpc.ssl_channel_credentials(
                 root_certificates=ca, private_key=key, certificate_chain=cert
             )
         else:
-            self.port = server.add_insecure_port(s.bind_addr)
+            add = lambda: server.add_insecure_port(s.bind_addr)  # noqa: E731
+        try:
+            self.port = add()
+        except RuntimeError:  # grpcio >= 1.60 raises where older ones returned port 0
+            self.port = 0
         if not self.port:
             raise OSError(f"cluster.transport.bind_addr {s.bind_addr}: cannot listen")
         server.start()

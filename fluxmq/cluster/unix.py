@@ -210,17 +210,7 @@ class UnixTransport(ClusterTransport):
     addresses are ``unix:/path``; no TLS: the run directory is private to the node)."""
 
     def start(self) -> None:
-        path = _path(self.settings.bind_addr)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(64)
-        self._servicer = _Servicer(self)
-        self.server = StreamServer(listener, self._serve)
-        self.server.start()
+        self.server = _unix_server(self, self.settings.bind_addr)
         self.port = 1
         log.info(
             "cluster_transport_listening", extra={"addr": self.settings.bind_addr, "node_id": self.node_id}
@@ -239,7 +229,20 @@ class UnixTransport(ClusterTransport):
     def _channel(self, addr: str) -> UnixChannel:
         return UnixChannel(addr)
 
-    def _serve(self, sock, _address) -> None:
+
+def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
+    """A started server of ``transport``'s service on the Unix socket ``addr``."""
+    path = _path(addr)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    servicer = _Servicer(transport)
+
+    def serve(sock, _address) -> None:
         try:
             method = _recv_exact(sock, 1)
             if method == ROUTE:
@@ -252,14 +255,65 @@ class UnixTransport(ClusterTransport):
                         except (EOFError, OSError):
                             return
 
-                for ack in self._servicer.Route(batches(), None):
+                for ack in servicer.Route(batches(), None):
                     write_frame(sock, ack.SerializeToString())
             elif method == CALL:
                 request = pb.CallRequest.FromString(read_frame(sock))
-                write_frame(sock, self._servicer.Call(request, None).SerializeToString())
+                write_frame(sock, servicer.Call(request, None).SerializeToString())
         except (EOFError, OSError):
             pass
         except Exception:
             log.exception("unix_transport_error")
         finally:
             sock.close()
+
+    server = StreamServer(listener, serve)
+    server.start()
+    return server
+
+
+class NodeWorkersTransport(ClusterTransport):
+    """A clustered node's worker (``server.workers`` > 1 with ``cluster.enabled``): the gRPC server
+    and channels of ``ClusterTransport`` for the other nodes' members, and a Unix socket (``unix_addr``)
+    for the members of its own node, whose peer addresses are ``unix:/path``. ``PeerLink`` and
+    ``ClusterPeers`` cannot tell which carries a link. ``local_peers`` (the node's other workers,
+    member id -> ``unix:`` address) are always peers; ``set_peers`` (etcd membership) adds the rest."""
+
+    # gRPC sets SO_REUSEPORT by default: a worker whose port (bind_addr's + index) another process
+    # holds would share it silently (half of that peer's streams answered by a stranger); without
+    # it the bind fails and the worker stops with one line.
+    server_options = [*ClusterTransport.server_options, ("grpc.so_reuseport", 0)]
+
+    def __init__(self, *args, unix_addr: str, local_peers: dict[str, str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.unix_addr = unix_addr
+        self.local_peers = dict(local_peers)
+        self.unix_server: StreamServer | None = None
+
+    def start(self) -> None:
+        self.unix_server = _unix_server(self, self.unix_addr)
+        try:
+            super().start()
+        except OSError as exc:
+            self.unix_server.stop(timeout=0)
+            self.unix_server = None
+            raise OSError(
+                f"{exc} (this worker's port: the port of cluster.transport.bind_addr plus its index; "
+                "keep the ports after it free for the node's other workers)"
+            ) from None
+
+    def stop(self, timeout: float = 1.0) -> None:
+        super().stop(timeout)
+        if self.unix_server is not None:
+            self.unix_server.stop(timeout=0.2)
+            self.unix_server = None
+
+    def set_peers(self, peers: dict[str, str]) -> None:
+        super().set_peers({**peers, **self.local_peers})
+
+    def local(self) -> list[str]:
+        """The node's other workers that answer (member ids)."""
+        return [n for n in self.local_peers if n in self.links and self.links[n].connected]
+
+    def _channel(self, addr: str):
+        return UnixChannel(addr) if addr.startswith("unix:") else super()._channel(addr)

@@ -69,6 +69,47 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerMember:
+    """Worker ``index`` of a cluster node as a member of the cluster (docs/cluster.rst, "Several
+    workers on a cluster node"): member ``{node}/w{index}``, gRPC on the port of
+    ``cluster.transport.bind_addr`` plus ``index``, the node's other workers over their Unix sockets,
+    its restart record in its storage shard, and etcd: worker 0 runs the supervised member (when
+    there is one), the others are its clients."""
+
+    member_id: str
+    grpc_addr: str
+    unix_addr: str
+    local_peers: dict
+    state_dir: str
+    etcd: object  # fluxmq.cluster.metadata.config.EtcdSettings
+
+    @classmethod
+    def of(cls, config, context, state_dir: str) -> WorkerMember:
+        """From the loaded Config and the worker's ``WorkerContext`` (``state_dir``: its shard)."""
+        from fluxmq.config import parse_addr
+
+        from .metadata.config import EtcdSettings
+
+        host, port = parse_addr(config.cluster.transport.bind_addr)
+        shown = f"[{host}]" if ":" in host else host
+        etcd = EtcdSettings.from_config(config)
+        if etcd.supervised and context.index != 0:
+            etcd = dataclasses.replace(etcd, endpoints=etcd.client_endpoints())  # worker 0's member
+        return cls(
+            member_id=context.node_id,
+            grpc_addr=f"{shown}:{port + context.index}",
+            unix_addr="unix:" + context.socket_path(context.index),
+            local_peers={
+                context.member(i): "unix:" + context.socket_path(i)
+                for i in range(context.count)
+                if i != context.index
+            },
+            state_dir=state_dir,
+            etcd=etcd,
+        )
+
+
 class LocalOwnership:
     """The ownership registry of ``ClusterSessions`` for the workers of one host (no etcd)."""
 
@@ -172,27 +213,69 @@ class WorkerPeers(ClusterPeers):
         self.sessions.release_session(client_id)
 
 
+class _NodeHealth:
+    """The cluster check and ``/cluster/status`` of a worker of a cluster node: the ``ClusterHealth``
+    of its member, with ``sessions`` the node's (this worker's plus the others' ``clients/total``)."""
+
+    def __init__(self, health, worker) -> None:
+        self._health = health
+        self._worker = worker
+
+    def check(self) -> tuple[bool, str]:
+        return self._health.check()
+
+    def status(self, sessions: int) -> dict:
+        for figures in self._worker.gather().values():
+            try:
+                sessions += int(figures.get("clients/total", 0))
+            except ValueError:
+                pass
+        return self._health.status(sessions)
+
+
 class WorkerNode:
     """One worker's membership in the node's local cluster: transport, peers, ownership, totals."""
 
-    def __init__(self, context, broker, config) -> None:
+    def __init__(self, context, broker, config, node=None) -> None:
+        """``node``: the ``ClusterNode`` of this worker on a cluster node (``cluster.enabled``): its
+        transport, peers and etcd ownership are the ones used here (the worker is member
+        ``n1/w{i}`` of the cluster; docs/cluster.rst, "Several workers on a cluster node")."""
+        self.context = context
+        self.node_id = context.node_id
+        self.broker = broker
+        self.node = node
+        self._started = False
+        self._sync = None
+        if node is not None:
+            self.epoch = node.epoch
+            self.settings = node.settings.transport
+            self.peers = node.peers
+            self.transport = node.transport
+            self.ownership = node.plane.meta  # etcd owns the client ids (owned_by for the admin API)
+        else:
+            self._local_cluster(context, broker, config)
+        self.transport.handle("stats", self._serve_stats)
+        # durable queues: each has one owning worker, the others reach it (fluxmq.cluster.queues)
+        self.queues = RemoteQueues(broker, self.transport, self.node_id, self.epoch, context.member)
+
+    def _local_cluster(self, context, broker, config) -> None:
+        """The node's workers as a cluster of their own (no ``cluster.enabled``)."""
         if config.server.workers_transport == "grpc":
             init_grpc_for_gevent()
             from .transport import ClusterTransport as Transport
         else:
             from .unix import UnixTransport as Transport
 
-        self.context = context
-        self.node_id = context.node_id
-        self.broker = broker
-        self.epoch = __import__("time").time_ns()
+        self.epoch = time.time_ns()
         base = cluster_settings(config).transport  # batching and queue bounds: cluster.transport.*
         self.settings = settings = dataclasses.replace(
             base,
             bind_addr="unix:" + context.socket_path(context.index),
             tls_enabled=False,
             peers={
-                f"w{i}": "unix:" + context.socket_path(i) for i in range(context.count) if i != context.index
+                context.member(i): "unix:" + context.socket_path(i)
+                for i in range(context.count)
+                if i != context.index
             },
         )
         self.peers = WorkerPeers(
@@ -215,39 +298,75 @@ class WorkerNode:
         self.ownership = LocalOwnership(os.path.join(context.run_dir, "owners"), self.node_id)
         self.peers.sessions = ClusterSessions(self.ownership, self.transport.call)
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
-        self.transport.handle("stats", self._serve_stats)
         self.transport.handle("retained.snapshot", self._serve_retained)
-        # durable queues: each has one owning worker, the others reach it (fluxmq.cluster.queues)
-        self.queues = RemoteQueues(broker, self.transport, self.node_id, self.epoch)
-        self._started = False
+
+    def local(self) -> list[str]:
+        """The node's other workers that answer (member ids): what the node's totals, the admin API
+        and the retained deletes ask (never the other nodes' members)."""
+        if self.node is not None:
+            return self.transport.local()
+        return self.transport.reachable()
+
+    # -- as the cluster node (cluster.enabled): what the service, health and metrics read ----------
+
+    @property
+    def health(self):
+        return _NodeHealth(self.node.health, self) if self.node is not None else None
+
+    @property
+    def topics(self):
+        return self.node.topics if self.node is not None else None
+
+    @property
+    def draining(self) -> bool:
+        return self.node.draining if self.node is not None else False
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if self.node is not None:
+            self.node.draining = value
+
+    def __getattr__(self, name: str):
+        # drain, figures (cluster.enabled only): the ClusterNode's
+        if name in ("drain", "figures") and self.__dict__.get("node") is not None:
+            return getattr(self.__dict__["node"], name)
+        raise AttributeError(name)
 
     def attach_queues(self, manager) -> None:
         """``manager`` (this worker's QueueManager) reaches the queues other workers own."""
         self.queues.attach(manager)
 
     def start(self) -> None:
-        path = self.context.socket_path(self.context.index)
-        try:
-            os.unlink(path)  # left by a worker killed before it could remove it
-        except FileNotFoundError:
-            pass
-        self.transport.start()
-        stale = self.ownership.adopt(list(self.broker.sessions))
-        for client_id in stale:
-            # Taken over by another worker while this one was down: that copy is the live one.
-            self.broker.export_session(client_id)
-            log.info(
-                "restored_session_dropped",
-                extra={"client_id": client_id, "reason": "owned by another worker"},
-            )
-        self.broker.set_peers(self.peers)
-        self.transport.set_peers(self.settings.peers)
+        if self.node is not None:
+            # The cluster node: transport (gRPC and the node's Unix socket), etcd membership,
+            # ownership of the restored sessions, peers into the broker. Retained messages and
+            # wills go through etcd, so nothing of the workers' own retained sharing runs.
+            self.node.start()
+            stale: list[str] = []
+        else:
+            path = self.context.socket_path(self.context.index)
+            try:
+                os.unlink(path)  # left by a worker killed before it could remove it
+            except FileNotFoundError:
+                pass
+            self.transport.start()
+            stale = self.ownership.adopt(list(self.broker.sessions))
+            for client_id in stale:
+                # Taken over by another worker while this one was down: that copy is the live one.
+                self.broker.export_session(client_id)
+                log.info(
+                    "restored_session_dropped",
+                    extra={"client_id": client_id, "reason": "owned by another worker"},
+                )
+            self.broker.set_peers(self.peers)
+            self.transport.set_peers(self.settings.peers)
         if self.broker.queues is not None:
             self.attach_queues(self.broker.queues)
         self.queues.start()
         self.queues.move_stranded()
         self._started = True
-        self._sync = gevent.spawn(self._sync_retained)
+        if self.node is None:
+            self._sync = gevent.spawn(self._sync_retained)
         log.info(
             "worker_joined",
             extra={"node_id": self.node_id, "workers": self.context.count, "restored_dropped": len(stale)},
@@ -257,8 +376,11 @@ class WorkerNode:
         if not self._started:
             return
         self._started = False
-        self._sync.kill(block=False)
         self.queues.stop()
+        if self.node is not None:
+            self.node.stop(timeout)
+            return
+        self._sync.kill(block=False)
         if self.broker.peers is self.peers:
             self.broker.release_sessions()
             self.broker.set_peers(None)
@@ -290,7 +412,7 @@ class WorkerNode:
         deadline = time.monotonic() + RETAINED_SYNC_WAIT
         while not self.transport.reachable() and time.monotonic() < deadline:
             gevent.sleep(0.1)
-        for node in self.transport.reachable():
+        for node in self.transport.reachable():  # (no cluster: every peer is a worker of this node)
             try:
                 data = self.transport.call(node, "retained.snapshot", b"", RETAINED_SYNC_WAIT)
             except Exception as exc:
@@ -328,6 +450,8 @@ class WorkerNode:
         }
 
     def readiness(self) -> tuple[bool, str]:
+        if self.node is not None:
+            return self.node.readiness()
         links = self.transport.links
         up = len(self.transport.reachable())
         return True, "" if up == len(links) else f"{up}/{len(links)} other workers reachable"
@@ -346,7 +470,7 @@ class WorkerNode:
     def gather(self, kind: str = "stats") -> dict[str, dict]:
         """node_id -> the figures each other reachable worker answered with."""
         out = {}
-        for node in self.transport.reachable():
+        for node in self.local():
             try:
                 out[node] = json.loads(self.transport.call(node, kind, b"", STATS_TIMEOUT))
             except Exception as exc:
@@ -385,8 +509,12 @@ class WorkerNode:
 
         def elsewhere(client_id: str, action: str):
             owner = self.ownership.owned_by(client_id)
-            if owner is None or owner == self.node_id:
-                return None
+            if (
+                owner is None
+                or owner == self.node_id
+                or owner.rpartition("/")[0] != self.node_id.rpartition("/")[0]
+            ):
+                return None  # here, nowhere, or on another node (answered here as on any cluster node)
             try:
                 status, body = json.loads(
                     self.transport.call(owner, "admin.session", json.dumps([client_id, action]).encode(), 5.0)
@@ -403,7 +531,7 @@ class WorkerNode:
             return b""
 
         def delete_everywhere(topic: str) -> None:
-            for node in self.transport.reachable():
+            for node in self.local():
                 try:
                     self.transport.call(node, "retained.delete", topic.encode(), STATS_TIMEOUT)
                 except Exception as exc:
@@ -426,7 +554,7 @@ class WorkerNode:
         def other_sessions(connected, after, n: int) -> list:
             out = []
             request = json.dumps([connected, after, n]).encode()
-            for node in self.transport.reachable():
+            for node in self.local():
                 try:
                     out.append(json.loads(self.transport.call(node, "admin.sessions", request, 5.0)))
                 except Exception as exc:
@@ -458,7 +586,7 @@ class WorkerNode:
             placement = manager.placement if manager is not None else None
             if placement is None or placement.owns(name):
                 return None
-            owner = f"w{placement.owner(name)}"
+            owner = self.context.member(placement.owner(name))
             try:
                 reply = self.transport.call(
                     owner, "admin.queue", json.dumps([name, action, query_string]).encode(), 30.0
@@ -474,7 +602,7 @@ class WorkerNode:
 
         def other_queues() -> list:
             out = []
-            for node in self.transport.reachable():
+            for node in self.local():
                 try:
                     out.append(json.loads(self.transport.call(node, "admin.queues", b"", 5.0)))
                 except Exception as exc:

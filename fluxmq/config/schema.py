@@ -924,7 +924,8 @@ KEYS: tuple[Key, ...] = (
         Workers(),
         1,
         'Worker processes of this node, acting as one broker (docs/cluster.rst "Several workers"); '
-        '"auto" = the number of cores. They share every port; each worker owns a storage shard.',
+        '"auto" = the number of cores. They share every port; each worker owns a storage shard. '
+        "With cluster.enabled each worker is an etcd member {node_id}/w{i} (not with cluster.raft.enabled).",
     ),
     Key(
         "server.workers_transport",
@@ -1284,7 +1285,8 @@ KEYS: tuple[Key, ...] = (
         "cluster.transport.bind_addr",
         Addr(),
         "127.0.0.1:7948",
-        "gRPC listener other nodes connect to (they learn it from etcd membership or their static peers).",
+        "gRPC listener other nodes connect to (they learn it from etcd membership or their static peers); "
+        "with server.workers N, worker i listens on this port + i.",
     ),
     Key(
         "cluster.transport.peers",

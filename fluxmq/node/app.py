@@ -225,7 +225,7 @@ class NodeApplication(BaseApplication):
         self._owner_pid = os.getpid()
         from fluxmq.node.workers import check_workers
 
-        self.workers = check_workers(config)  # ConfigError: several workers on a cluster node
+        self.workers = check_workers(config)  # ConfigError: several workers with Raft or static peers
         self.run_dir: str | None = None  # several workers: their Unix sockets and ownership table
         self.worker_sockets: dict = {}  # several workers: MQTT section -> one socket per worker index
         super().__init__(prog="fluxmq-node")
@@ -276,6 +276,7 @@ class NodeApplication(BaseApplication):
             self.workers,
             self.run_dir,
             {section: socks[index] for section, socks in self.worker_sockets.items()},
+            self.node_config.cluster.node_id if self.node_config.cluster.enabled else "",
         )
 
     def prepare_workers(self) -> None:

@@ -425,10 +425,19 @@ class BrokerService:
         return getattr(self.cluster, "health", None)  # several workers: no etcd, no cluster check
 
     def _start_workers(self, cfg, workers) -> None:
-        """Several workers: this one joins the others as a member of the node's local cluster."""
-        from fluxmq.cluster.workers import WorkerNode
+        """Several workers: this one joins the others as a member of the node's local cluster and,
+        with ``cluster.enabled``, as member ``{node_id}/w{index}`` of the cluster (etcd)."""
+        from fluxmq.cluster.workers import WorkerMember, WorkerNode
 
-        self.cluster = WorkerNode(workers, self.broker, cfg)
+        node = None
+        if cfg.cluster.enabled:
+            from fluxmq.cluster.node import ClusterNode
+            from fluxmq.node.workers import shard_path
+
+            member = WorkerMember.of(cfg, workers, shard_path(cfg.storage.path, workers.index))
+            node = ClusterNode.from_config(cfg, self.broker, worker=member)  # ConfigError: one line
+            self.broker.settings.node_id = node.node_id
+        self.cluster = WorkerNode(workers, self.broker, cfg, node)
         self.cluster.start()
 
     def _sys_topics(self, interval: float) -> SysTopics:

@@ -42,14 +42,17 @@ def check_workers(config) -> int:
     from fluxmq.errors import ConfigError
 
     n = worker_count(config)
-    if n > 1 and config.cluster.enabled:
+    c = config.cluster
+    if n > 1 and c.enabled and c.transport.peers and not (c.etcd.endpoints or c.etcd.initial_cluster):
+        # Each worker is a member of the cluster (n1/w0, n1/w1): only etcd tells the others about them.
         raise ConfigError(
             "server.workers",
-            "1 while cluster.enabled is true (several workers on a cluster node are not built yet)",
+            "1 while cluster.transport.peers is set without etcd (several workers on a cluster node "
+            "register in etcd: set cluster.etcd.endpoints or initial_cluster)",
             config.origin("server.workers"),
             got=config.server.workers,
         )
-    if n > 1 and config.cluster.raft.enabled:
+    if n > 1 and c.raft.enabled:
         raise ConfigError(
             "server.workers",
             "1 while cluster.raft.enabled is true (Raft-replicated queues on "
@@ -62,17 +65,23 @@ def check_workers(config) -> int:
 
 @dataclass
 class WorkerContext:
-    """What one worker gets from the arbiter: its index, the worker count, the run directory and its
-    own socket of each MQTT listener (section -> listening socket)."""
+    """What one worker gets from the arbiter: its index, the worker count, the run directory, its
+    own socket of each MQTT listener (section -> listening socket) and, on a cluster node, the node's
+    id."""
 
     index: int
     count: int
     run_dir: str
     sockets: dict[str, socket.socket] = field(default_factory=dict)
+    node_name: str = ""  # cluster.node_id on a cluster node: the workers are members n1/w0, n1/w1, ...
 
     @property
     def node_id(self) -> str:
-        return worker_id(self.index)
+        return self.member(self.index)
+
+    def member(self, index: int) -> str:
+        """The member id of worker ``index``: ``w{index}``, or ``{node}/w{index}`` on a cluster node."""
+        return f"{self.node_name}/{worker_id(index)}" if self.node_name else worker_id(index)
 
     def socket_path(self, index: int) -> str:
         return os.path.join(self.run_dir, f"w{index}.sock")

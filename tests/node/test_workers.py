@@ -29,7 +29,8 @@ def test_auto_is_the_cores_this_process_may_use() -> None:
     assert worker_count(load_config(None, env={}, overrides=("server.workers=3",))) == 3
 
 
-def test_several_workers_on_a_cluster_node_are_refused_by_check(capsys) -> None:
+def test_several_workers_on_a_cluster_node_with_etcd_pass_check(capsys) -> None:
+    """Each worker is an etcd member of its own (docs/cluster.rst, "Several workers on a cluster node")."""
     code = main(
         [
             "--check",
@@ -41,8 +42,27 @@ def test_several_workers_on_a_cluster_node_are_refused_by_check(capsys) -> None:
             "cluster.node_id=a",
         ]
     )
+    assert code == 0, capsys.readouterr().err
+
+
+def test_several_workers_on_a_cluster_node_with_static_peers_only_are_refused_by_check(capsys) -> None:
+    """Without etcd nothing tells the other nodes about the workers (members a/w0, a/w1)."""
+    code = main(
+        [
+            "--check",
+            "--set",
+            "server.workers=2",
+            "--set",
+            "cluster.enabled=true",
+            "--set",
+            "cluster.node_id=a",
+            "--set",
+            'cluster.transport.peers={"b": "127.0.0.1:7949"}',
+        ]
+    )
     assert code == 2
-    assert "server.workers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "server.workers" in err and "without etcd" in err
 
 
 def test_several_workers_with_raft_replicated_queues_are_refused_by_check(capsys) -> None:

@@ -44,11 +44,13 @@ class ClusterMetadata:
         prefix: str | None = None,
         state_dir: str | Path | None = None,
         announce: dict[str, str] | None = None,
+        member_name: str | None = None,
     ) -> None:
         """``etcd_config``: EtcdSettings, a loaded Config or its ``cluster.etcd`` section; ``prefix``
         defaults to ``cluster.etcd.prefix``; ``state_dir`` (where the node records its last lease)
         defaults to the etcd data dir's parent (the node passes ``storage.path``); ``announce``: more
-        addresses of this node its registration carries (``{"raft": host:port}``)."""
+        addresses of this node its registration carries (``{"raft": host:port}``); ``member_name``: the
+        supervised etcd member's name when it is not ``node_id`` (a worker ``n1/w0`` runs member ``n1``)."""
         if not node_id:
             raise ClusterError("cluster.node_id: required when cluster.enabled is true")
         self.settings = (
@@ -61,7 +63,8 @@ class ClusterMetadata:
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         if state_dir is None:
             state_dir = Path(self.settings.data_dir).absolute().parent
-        self.state_file = Path(state_dir) / f"cluster-node-{node_id}.json"
+        self.state_file = Path(state_dir) / f"cluster-node-{node_id.replace('/', '-')}.json"
+        self.member_name = member_name or node_id
         self.member: EtcdMember | None = None
         self.client: EtcdClient | None = None
         self.lease: NodeLease | None = None
@@ -80,7 +83,7 @@ class ClusterMetadata:
         s = self.settings
         try:
             if s.supervised:
-                self.member = EtcdMember(s, self.node_id)
+                self.member = EtcdMember(s, self.member_name)
                 self._status = "etcd member starting"
                 self.member.start()
             self.client = EtcdClient(

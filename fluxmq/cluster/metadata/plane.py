@@ -38,6 +38,7 @@ class MetadataPlane:
         peer_state: Callable[[], dict[str, dict]] | None = None,
         publish: Callable[[Message], object] | None = None,
         announce: dict[str, str] | None = None,
+        member_name: str | None = None,
     ) -> None:
         self.meta = ClusterMetadata(
             settings,
@@ -46,6 +47,7 @@ class MetadataPlane:
             prefix=prefix or settings.prefix,
             state_dir=state_dir,
             announce=announce,
+            member_name=member_name,
         )
         self.retained = RetainedReplica(
             self.meta, broker, settings.hybrid_retained_size_threshold, fetch or _no_fetch
@@ -56,9 +58,20 @@ class MetadataPlane:
         self._follow_members: Callable[[dict[str, str]], None] | None = None
 
     @classmethod
-    def from_config(cls, config, broker, **hooks) -> MetadataPlane:
+    def from_config(cls, config, broker, worker=None, **hooks) -> MetadataPlane:
         """From ``cluster.node_id``, ``cluster.transport.bind_addr`` and ``cluster.etcd.*``; the node's
-        restart record is kept in ``storage.path``."""
+        restart record is kept in ``storage.path``. ``worker`` (``fluxmq.cluster.workers.WorkerMember``,
+        several workers): this worker's member id, address, storage shard and etcd settings instead."""
+        if worker is not None:
+            return cls(
+                worker.etcd,
+                worker.member_id,
+                worker.grpc_addr,
+                broker,
+                state_dir=worker.state_dir,
+                member_name=config.cluster.node_id,
+                **hooks,
+            )
         return cls(
             EtcdSettings.from_config(config),
             config.cluster.node_id,

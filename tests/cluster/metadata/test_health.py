@@ -130,3 +130,33 @@ def test_the_admin_api_answers_the_same_cluster_status(meta_factory):
         0,
     )
     assert [m["node_id"] for m in body["members"]] == ["a"]
+
+
+def test_a_node_whose_members_are_its_workers_is_reported_once(meta_factory):
+    """Node a runs two workers (members a/w0, a/w1), node b one: /cluster/status lists nodes a and b
+    once each, from a worker of a and from b alike; the check counts nodes, and this node's own
+    workers apart (docs/cluster.rst, "Several workers on a cluster node")."""
+    a0, a1, b = meta_factory("a/w0"), meta_factory("a/w1"), meta_factory("b")
+    assert wait_for(lambda: all(set(m.members()) == {"a/w0", "a/w1", "b"} for m in (a0, a1, b)))
+    assert wait_for(lambda: b.election.leader is not None and a0.election.leader == b.election.leader)
+    leader_node = b.election.leader.partition("/")[0]
+    states = {"a/w1": {"reachable": True}, "b": {"reachable": False}}
+    status, _, body = call(
+        make_health_app(StubSource(UP, sessions=3), ClusterHealth(a0, lambda: states)), "/cluster/status"
+    )
+    assert status == 200
+    assert (body["node_id"], body["sessions"], body["is_leader"]) == ("a", 3, leader_node == "a")
+    assert [(m["node_id"], m["self"], m["reachable"], m["leader"]) for m in body["members"]] == [
+        ("a", True, True, leader_node == "a"),
+        ("b", False, False, leader_node == "b"),
+    ]
+    assert [(w["worker_id"], w["addr"]) for w in body["members"][0]["workers"]] == [
+        ("a/w0", a0.transport_addr),
+        ("a/w1", a1.transport_addr),
+    ]
+    assert ClusterHealth(a0, lambda: states).check() == (True, "0/1 peers reachable")
+    states["a/w1"]["reachable"], states["b"]["reachable"] = False, True
+    assert ClusterHealth(a0, lambda: states).check() == (True, "0/1 other workers of this node reachable")
+    body_b = call(make_health_app(StubSource(UP), ClusterHealth(b)), "/cluster/status")[2]
+    assert [(m["node_id"], len(m["workers"])) for m in body_b["members"]] == [("b", 1), ("a", 2)]
+    assert body_b["node_id"] == "b"
