@@ -32,7 +32,7 @@ from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 from time import perf_counter
 
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
-from fluxmq._core.entry import plain_entry
+from fluxmq._core.entry cimport fields_entry
 
 
 cdef class PublishRelay:
@@ -269,7 +269,7 @@ cdef class PublishRelay:
                     out = conn.out
                     ack_at = PyByteArray_GET_SIZE(out)
                 message = None
-                enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
+                enc4_0 = enc4_1 = enc5_0 = enc5_1 = entry1 = None
                 n = n_acked = 0
                 for target in route.targets:
                     session, tq, qown, rap, sub_ids = <tuple>target
@@ -334,13 +334,12 @@ cdef class PublishRelay:
                                     if message is None:
                                         message = self.message_class(topic, payload, qos, False, None, None,
                                                                      client_id)
-                                    entry = None
                                     if durable:
-                                        # the stored entry (None: not plain; the Python path encodes it)
-                                        entry = plain_entry(message, 1, False) if sub_ids is None else None
-                                        if entry is None:
-                                            session.deliver(message, tq, False, sub_ids)
+                                        if sub_ids is not None:
+                                            session.deliver(message, tq, False, sub_ids)  # (encodes the ids)
                                             continue
+                                        if entry1 is None:  # the stored entry (records.plain_entry's bytes)
+                                            entry1 = fields_entry(topic, client_id, payload, qos, False, 1, False)
                                     pid = session._next_pid
                                     while pid in inflight:
                                         pid = pid + 1 if pid < 65535 else 1
@@ -353,7 +352,7 @@ cdef class PublishRelay:
                                         seq = queue.next
                                         queue.next = seq + 1
                                         queue.first = seq + 1
-                                        put_sent_entry(session.client_id, pid, seq, entry)
+                                        put_sent_entry(session.client_id, pid, seq, entry1)
                                     d._npk += 1
                                     if not d._dirty:
                                         d._dirty = True

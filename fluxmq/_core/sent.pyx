@@ -17,8 +17,9 @@ below ``floor`` and in the sorted, apart ``[start, end)`` ``ranges``).
 ``SentTable(store, prefix_of)``: ``states`` (client id -> SentState) and the record methods the store
 binds as its own (``put_sent_entry``, ``put_sent``, ``queue_append``, ``queue_pop``,
 ``delete_inflight``, ``release_inflight``): each changes the state, adds it to
-``store._batch.sent_dirty``, adds to ``store.op_count`` and calls ``store._wake()`` when nothing was
-pending, as the Python methods did; what is not a queue entry falls back to the store's
+``dirty`` (the store keeps it its pending batch's ``sent_dirty``), adds to the store's ``op_count``
+and calls ``store._wake()`` when nothing was pending (checked once after the store resets
+``woken``, which it does whenever it clears ``has_pending``), as the Python methods did; what is not a queue entry falls back to the store's
 ``_queue_pop_record`` / ``_delete_inflight_record`` / ``_release_inflight_record``.
 
 No I/O and no fluxmq imports.
@@ -178,12 +179,20 @@ cdef class SentTable:
     """The store's SentStates and its per-message record methods (see the module docstring)."""
 
     cdef public dict states
+    #: the pending batch's ``sent_dirty`` (the store sets it whenever it starts a batch)
+    cdef public set dirty
+    #: False until the first change since the store last cleared ``has_pending`` (it resets it)
+    cdef public bint woken
     cdef object store
+    cdef dict attrs  # the store's instance attributes (``op_count``)
     cdef object prefix_of
 
     def __init__(self, store, prefix_of):
         self.states = {}
+        self.dirty = set()
+        self.woken = False
         self.store = store
+        self.attrs = store.__dict__
         self.prefix_of = prefix_of
 
     cpdef SentState state(self, str client_id):
@@ -195,11 +204,16 @@ cdef class SentTable:
         return <SentState>st
 
     cdef inline int _changed(self, SentState st, int ops) except -1:
-        store = self.store
-        store._batch.sent_dirty.add(st)
-        store.op_count += ops
-        if not store.has_pending:
-            store._wake()
+        # store._batch.sent_dirty.add(st); store.op_count += ops; wake the store when nothing was
+        # pending, on C fields and the store's attribute dict (no attribute lookups)
+        cdef dict attrs = self.attrs
+        self.dirty.add(st)
+        attrs["op_count"] = <object>attrs["op_count"] + ops
+        if not self.woken:
+            self.woken = True
+            store = self.store
+            if not store.has_pending:
+                store._wake()
         return 0
 
     def put_sent_entry(self, str client_id, int packet_id, long long seq, entry):

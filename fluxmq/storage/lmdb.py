@@ -315,8 +315,11 @@ class LMDBStorage(Storage):
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
         self._prefixes: dict[str, bytes] = {}  # client id -> records.client_prefix (bounded)
+        self.op_count = 0  # (instance attributes: the table updates op_count in this object's dict)
+        self.has_pending = False
         # client id -> its queue seq space (only clients that have entries or packet ids in it)
         table = self._table = SentTable(self, self._prefix)
+        table.dirty = self._batch.sent_dirty
         self._sent: dict[str, _Sent] = table.states
         # The record methods that run once or twice per message of a persistent session: the C
         # ones, bound on the instance (the methods of the same names below only forward to them).
@@ -852,6 +855,8 @@ class LMDBStorage(Storage):
             return None
         batch, self._batch = self._batch, _Batch()
         self.has_pending = False
+        self._table.dirty = self._batch.sent_dirty
+        self._table.woken = False
         if batch.sent_dirty:
             self._write_sent(batch)
         if self._gc:
@@ -1087,6 +1092,7 @@ class LMDBStorage(Storage):
             error = self.last_error or StorageError(f"{self._where()}: commit failed")
             batch.merge_newer(self._batch)
             self._batch = batch
+            self._table.dirty = batch.sent_dirty
             if not self.has_pending:
                 self.has_pending = True  # not _wake: the FlushScheduler retries after the back-off
         for callback in callbacks:
