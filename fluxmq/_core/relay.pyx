@@ -33,6 +33,7 @@ from time import perf_counter
 
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
 from fluxmq._core.entry cimport fields_entry
+from fluxmq._core.sent cimport SentTable
 
 
 cdef class PublishRelay:
@@ -77,10 +78,17 @@ cdef class PublishRelay:
         session = conn.session
         if session is None or conn.closed or conn.broker.peers is not None:
             return i  # (with peers, as for a PUBLISH: the Python path, in the reader greenlet)
+        cdef SentTable table = None
         durable = self.persistent_class is not None and type(session) is self.persistent_class
+        if durable:
+            found = getattr(session.store, "sent_table", None)
+            if type(found) is SentTable:
+                table = <SentTable>found
+            else:
+                durable = False  # (a store without one: the Python path)
         if not durable and (tracked is None or type(session) is not self.session_class):
             return i
-        inflight = session.inflight
+        cdef dict inflight = session.inflight
         inflight_class = self.inflight_class
         v5 = conn.version == 5
         while i < count:
@@ -96,7 +104,7 @@ cdef class PublishRelay:
                 if entry.qos != 1 or (tracked is not None and isinstance(entry.message, tracked)):
                     break
                 del inflight[pid]
-                session.store.delete_inflight(session.client_id, pid)  # before pump() may reuse the id
+                table.acked(session.client_id, pid)  # store.delete_inflight, before pump() may reuse the id
                 if session.queue.count or session.held:
                     session.pump()
             elif tracked is not None and isinstance(entry, tracked):
@@ -166,8 +174,13 @@ cdef class PublishRelay:
         persistent_class = self.persistent_class
         if persistent_class is None:
             persistent_class = session_class  # (never matched: the session_class test comes first)
-        put_sent_entry = store.put_sent_entry if store is not None and store.durable else None
-        if put_sent_entry is None:
+        # the store's per-message record methods in C (an LMDB store's ``sent_table``; None: none)
+        cdef SentTable table = None
+        if store is not None:
+            found = getattr(store, "sent_table", None)
+            if type(found) is SentTable:
+                table = <SentTable>found
+        if table is None:
             persistent_class = session_class
         staked = False
         last_route = None
@@ -352,7 +365,7 @@ cdef class PublishRelay:
                                         seq = queue.next
                                         queue.next = seq + 1
                                         queue.first = seq + 1
-                                        put_sent_entry(session.client_id, pid, seq, entry1)
+                                        table.sent_entry(session.client_id, pid, seq, entry1)
                                     d._npk += 1
                                     if not d._dirty:
                                         d._dirty = True

@@ -43,20 +43,6 @@ def configure(new_slots):
 cdef class SentState:
     """One client's queue seq space in the store (see the module docstring)."""
 
-    cdef public str client_id
-    cdef public bytes prefix
-    cdef public dict slots
-    cdef public set dirty
-    cdef public set disk
-    cdef public list staged
-    cdef public long long staged_first
-    cdef public list closed
-    cdef public list unwritten
-    cdef public long long floor
-    cdef public list ranges
-    cdef public long long end
-    cdef public bint done_dirty
-
     def __init__(self, str client_id, bytes prefix):
         self.client_id = client_id
         self.prefix = prefix
@@ -178,15 +164,6 @@ cdef class SentState:
 cdef class SentTable:
     """The store's SentStates and its per-message record methods (see the module docstring)."""
 
-    cdef public dict states
-    #: the pending batch's ``sent_dirty`` (the store sets it whenever it starts a batch)
-    cdef public set dirty
-    #: False until the first change since the store last cleared ``has_pending`` (it resets it)
-    cdef public bint woken
-    cdef object store
-    cdef dict attrs  # the store's instance attributes (``op_count``)
-    cdef object prefix_of
-
     def __init__(self, store, prefix_of):
         self.states = {}
         self.dirty = set()
@@ -203,7 +180,7 @@ cdef class SentTable:
             self.states[client_id] = st
         return <SentState>st
 
-    cdef inline int _changed(self, SentState st, int ops) except -1:
+    cdef int _changed(self, SentState st, int ops) except -1:
         # store._batch.sent_dirty.add(st); store.op_count += ops; wake the store when nothing was
         # pending, on C fields and the store's attribute dict (no attribute lookups)
         cdef dict attrs = self.attrs
@@ -218,10 +195,14 @@ cdef class SentTable:
 
     def put_sent_entry(self, str client_id, int packet_id, long long seq, entry):
         """``queue_append`` and ``put_sent`` in one call: a message sent at once."""
+        self.sent_entry(client_id, packet_id, seq, entry)
+
+    cdef int sent_entry(self, str client_id, int packet_id, long long seq, object entry) except -1:
         cdef SentState st = self.state(client_id)
         st.stage(seq, entry)
         st.set(packet_id, <unsigned long long>(seq + 1) << 1)
         self._changed(st, 2)
+        return 0
 
     def put_sent(self, str client_id, int packet_id, long long seq):
         cdef SentState st = self.state(client_id)
@@ -243,6 +224,10 @@ cdef class SentTable:
         self._changed(<SentState>st, 1)
 
     def delete_inflight(self, str client_id, int packet_id):
+        self.acked(client_id, packet_id)
+
+    cdef int acked(self, str client_id, int packet_id) except -1:
+        """``delete_inflight``: the packet id's entry is done (acknowledged)."""
         cdef SentState st
         cdef unsigned long long v = 0
         cdef long long seq
@@ -259,8 +244,9 @@ cdef class SentTable:
                 else:
                     st.done(seq)
                 self._changed(st, 1)
-                return
+                return 0
         self.store._delete_inflight_record(client_id, packet_id)  # a schema 2 record
+        return 0
 
     def release_inflight(self, str client_id, int packet_id):
         cdef SentState st

@@ -318,7 +318,7 @@ class LMDBStorage(Storage):
         self.op_count = 0  # (instance attributes: the table updates op_count in this object's dict)
         self.has_pending = False
         # client id -> its queue seq space (only clients that have entries or packet ids in it)
-        table = self._table = SentTable(self, self._prefix)
+        table = self._table = self.sent_table = SentTable(self, self._prefix)  # (the relay calls it in C)
         table.dirty = self._batch.sent_dirty
         self._sent: dict[str, _Sent] = table.states
         # The record methods that run once or twice per message of a persistent session: the C
