@@ -17,9 +17,13 @@ queue's PUBACKs are held until the Raft commit, through ``conn.hold_acks``), a p
 ``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
 shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
-a plain ``Session`` attached to an MQTT connection that is open, under its output allowance, with
-an empty session queue, and (5.0) without outbound topic aliases, subscription identifiers or a
-maximum packet size the PUBLISH exceeds; QoS 1 targets also need room in their window.
+a plain ``Session`` (or a ``PersistentSession`` over a store with a ``sent_table``) attached to an
+MQTT connection that is open, under its output allowance, with an empty session queue, and (5.0)
+without outbound topic aliases, subscription identifiers or a maximum packet size the PUBLISH
+exceeds; QoS 1 targets also need room in their window. A persistent session's QoS 1 delivery is
+stored as ``PersistentSession.deliver`` stores it (its entry at the disk queue's next seq, in flight
+under its packet id: ``SentTable.sent_entry``), committed with the turn before anything leaves; its
+PUBACK is settled here too (``SentTable.acked``, then ``pump`` when something waits).
 
 This module holds no I/O and imports nothing above ``_core``; it reads and writes the attributes
 the broker and protocol layers document for this path (``docs/architecture.rst``, *Publish fast
