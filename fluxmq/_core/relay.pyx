@@ -110,7 +110,7 @@ cdef class PublishRelay:
                 del inflight[pid]
                 table.acked(session.client_id, pid)  # store.delete_inflight, before pump() may reuse the id
                 if session.queue.count or session.held:
-                    session.pump()
+                    self._pump(session, inflight, table)
             elif tracked is not None and isinstance(entry, tracked):
                 if (session.queue.count if durable else session.queue) or session.held:
                     break
@@ -123,6 +123,61 @@ cdef class PublishRelay:
             if conn.closed or conn.session is not session:
                 break
         return i
+
+    cdef int _pump(self, session, dict inflight, SentTable table) except -1:
+        """``PersistentSession.pump`` after a PUBACK freed the window: its common case in C (an
+        attached 3.x connection under its output allowance, nothing held, no re-check of read
+        permissions; heads that ``DiskQueue.pop_plain`` gives: QoS 1 kept in memory, not retained,
+        no subscription ids or expiry), each sent as ``Session._send_new`` and recorded as
+        ``store.put_sent``; whatever else is left (or congestion) goes to ``session.pump()``."""
+        cdef int pid
+        cdef long long quota
+        d = session.delivery
+        queue = session.queue
+        if (session.held or d is None or type(d) is not self.conn_class or d.closed or d.version == 5
+                or session.reread is not None):
+            session.pump()
+            return 0
+        quota = session.send_quota
+        cid = session.client_id
+        while queue.count:
+            dout = d.out
+            if PyByteArray_GET_SIZE(dout) > d._high:
+                session.pump()  # is_congested: the allowance may grow, or the client waits for room
+                return 0
+            if len(inflight) >= quota:
+                if queue.qos0:
+                    session.pump()  # a QoS 0 head may go with the window full
+                return 0
+            head = queue.pop_plain()
+            if head is None:
+                session.pump()  # a head pump handles otherwise (read from the store, QoS 0, ...)
+                return 0
+            seq, item, _ = <tuple>head
+            message = (<tuple>item)[0]
+            session.queue_bytes = queue.bytes
+            pid = session._next_pid
+            while pid in inflight:
+                pid = pid + 1 if pid < 65535 else 1
+            session._next_pid = pid + 1 if pid < 65535 else 1
+            # -- MQTTConnection.send_publish (3.x), its encoding cached on the message as there --
+            cache = message.wire_cache
+            data = None
+            if cache is None:
+                data = encode_publish(message.topic, message.payload, 1, False, False, 1, None, 4)
+                message.wire_cache = {2: data}
+            else:
+                data = cache.get(2)
+                if data is None:
+                    data = cache[2] = encode_publish(message.topic, message.payload, 1, False, False, 1, None, 4)
+            append_publish(dout, <bytes>data, pid, False)
+            d._npk += 1
+            if not d._dirty:
+                d._dirty = True
+                d.flusher.mark(d)
+            inflight[pid] = self.inflight_class(message, 1, False, None)
+            table.sent(cid, pid, seq)  # store.put_sent
+        return 0
 
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""

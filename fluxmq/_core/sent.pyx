@@ -205,9 +205,13 @@ cdef class SentTable:
         return 0
 
     def put_sent(self, str client_id, int packet_id, long long seq):
+        self.sent(client_id, packet_id, seq)
+
+    cdef int sent(self, str client_id, int packet_id, long long seq) except -1:
         cdef SentState st = self.state(client_id)
         st.set(packet_id, <unsigned long long>(seq + 1) << 1)
         self._changed(st, 1)
+        return 0
 
     def queue_append(self, str client_id, long long seq, entry):
         cdef SentState st = self.state(client_id)
