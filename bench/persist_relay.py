@@ -67,7 +67,9 @@ def run(kind: str, turns: int, per: int, queued: int = 0) -> float:
         store = (
             MemoryStorage() if kind == "memory" else LMDBStorage(tmp + "/d", map_size=1 << 30, verify=False)
         )
-        broker = Broker(BrokerSettings(max_queued_messages=1 << 20, persistent_max_queued_messages=1 << 20), store)
+        broker = Broker(
+            BrokerSettings(max_queued_messages=1 << 20, persistent_max_queued_messages=1 << 20), store
+        )
         broker.restore(store.load())
         flusher = FlushScheduler(store)
         settings = ProtocolSettings(park_after=0)
@@ -75,7 +77,10 @@ def run(kind: str, turns: int, per: int, queued: int = 0) -> float:
         ends = {}
         sessions = {}
         readers = []
-        for cid, clean, expiry in (("pub", True, 0), ("sub", not persistent, 0xFFFFFFFF if persistent else 0)):
+        for cid, clean, expiry in (
+            ("pub", True, 0),
+            ("sub", not persistent, 0xFFFFFFFF if persistent else 0),
+        ):
             server, client = socket.socketpair()
             conn = MQTTConnection(broker, SocketStream(server, ("127.0.0.1", 1)), settings, flusher)
             conn.decoder.version = conn.version = 4
