@@ -72,13 +72,26 @@ def plain_entry(object message, int qos, bint retain):
     payload = message.payload
     if not PyBytes_CheckExact(payload):
         return None
+    cdef bytes out = fields_entry(message.topic, message.origin, <bytes>payload, message.qos, message.retain,
+                                  qos, r)
+    if cache is None:
+        message.wire_cache = {key: out}
+    else:
+        cache[key] = out
+    return out
+
+
+cdef bytes fields_entry(str topic_obj, object origin_obj, bytes payload, int msg_qos, bint msg_retain,
+                        int qos, bint retain):
+    """``plain_entry`` of a message given by its fields (``origin_obj``: str or None), not cached:
+    the C relay's, which has them at hand (``qos`` 0..2 is the caller's to check)."""
     cdef Py_ssize_t tlen, olen = 0, plen = PyBytes_GET_SIZE(payload)
-    cdef const char* topic = PyUnicode_AsUTF8AndSize(message.topic, &tlen)
+    cdef const char* topic = PyUnicode_AsUTF8AndSize(topic_obj, &tlen)
     cdef const char* origin = NULL
-    cdef int flags = (<int>message.qos) & 3
-    if message.retain:
+    cdef int flags = msg_qos & 3
+    cdef int r = 1 if retain else 0
+    if msg_retain:
         flags |= 4
-    origin_obj = message.origin
     if origin_obj:
         origin = PyUnicode_AsUTF8AndSize(origin_obj, &olen)
         flags |= 16
@@ -101,8 +114,4 @@ def plain_entry(object message, int qos, bint retain):
         memcpy(p, origin, olen)
         p += olen
     memcpy(p, PyBytes_AS_STRING(payload), plen)
-    if cache is None:
-        message.wire_cache = {key: out}
-    else:
-        cache[key] = out
     return out

@@ -17,9 +17,13 @@ queue's PUBACKs are held until the Raft commit, through ``conn.hold_acks``), a p
 ``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
 shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
-a plain ``Session`` attached to an MQTT connection that is open, under its output allowance, with
-an empty session queue, and (5.0) without outbound topic aliases, subscription identifiers or a
-maximum packet size the PUBLISH exceeds; QoS 1 targets also need room in their window.
+a plain ``Session`` (or a ``PersistentSession`` over a store with a ``sent_table``) attached to an
+MQTT connection that is open, under its output allowance, with an empty session queue, and (5.0)
+without outbound topic aliases, subscription identifiers or a maximum packet size the PUBLISH
+exceeds; QoS 1 targets also need room in their window. A persistent session's QoS 1 delivery is
+stored as ``PersistentSession.deliver`` stores it (its entry at the disk queue's next seq, in flight
+under its packet id: ``SentTable.sent_entry``), committed with the turn before anything leaves; its
+PUBACK is settled here too (``SentTable.acked``, then ``pump`` when something waits).
 
 This module holds no I/O and imports nothing above ``_core``; it reads and writes the attributes
 the broker and protocol layers document for this path (``docs/architecture.rst``, *Publish fast
@@ -32,6 +36,8 @@ from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 from time import perf_counter
 
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
+from fluxmq._core.entry cimport fields_entry
+from fluxmq._core.sent cimport SentTable
 
 
 cdef class PublishRelay:
@@ -43,52 +49,135 @@ cdef class PublishRelay:
     cdef object inflight_class
     cdef object puback_class
     cdef object tracked_class
+    cdef object persistent_class
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public bint enabled
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
-                 long sample_mask, tracked_class=None):
+                 long sample_mask, tracked_class=None, persistent_class=None):
         self.conn_class = conn_class
         self.session_class = session_class
         self.message_class = message_class
         self.inflight_class = inflight_class
         self.puback_class = puback_class
         self.tracked_class = tracked_class
+        self.persistent_class = persistent_class
         self.sample_mask = sample_mask
         self.served = 0
         self.enabled = True
 
-    cdef Py_ssize_t _settle_tracked(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
-        """A run of PUBACKs of tracked deliveries (a durable queue's, ``TrackedMessage``): what the
-        connection's ``_on_puback`` and ``Session.on_puback`` do for them (the entry leaves the
-        window, then its sender's ``settle`` is called), for a plain ``Session`` with nothing queued
-        or held, on a broker without peers. Stops at the first PUBACK of anything else, which the
-        Python path serves."""
+    cdef Py_ssize_t _settle_acks(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
+        """A run of PUBACKs the fast path settles: of tracked deliveries (a durable queue's,
+        ``TrackedMessage``) what the connection's ``_on_puback`` and ``Session.on_puback`` do for
+        them (the entry leaves the window, then its sender's ``settle`` is called), for a plain or
+        persistent session with nothing queued or held; and, for a persistent session, of its own
+        QoS 1 deliveries what ``PersistentSession.on_puback`` does (the entry leaves the window, the
+        store marks its queue entry done, and ``pump`` sends what waits), on a broker without peers.
+        Stops at the first PUBACK of anything else, which the Python path serves."""
         cdef Puback ack
-        cdef bint v5
+        cdef bint v5, durable
+        cdef int pid
         tracked = self.tracked_class
         session = conn.session
-        if (tracked is None or session is None or conn.closed or type(session) is not self.session_class
-                or conn.broker.peers is not None):
+        if session is None or conn.closed or conn.broker.peers is not None:
             return i  # (with peers, as for a PUBLISH: the Python path, in the reader greenlet)
-        inflight = session.inflight
+        cdef SentTable table = None
+        durable = self.persistent_class is not None and type(session) is self.persistent_class
+        if durable:
+            found = getattr(session.store, "sent_table", None)
+            if type(found) is SentTable:
+                table = <SentTable>found
+            else:
+                durable = False  # (a store without one: the Python path)
+        if not durable and (tracked is None or type(session) is not self.session_class):
+            return i
+        cdef dict inflight = session.inflight
+        inflight_class = self.inflight_class
         v5 = conn.version == 5
         while i < count:
             p = packets[i]
             if type(p) is not Puback:
                 break
             ack = <Puback>p
-            entry = inflight.get(ack.packet_id)
-            if entry is None or not isinstance(entry, tracked) or session.queue or session.held:
+            pid = ack.packet_id
+            entry = inflight.get(pid)
+            if entry is None:
                 break
-            del inflight[ack.packet_id]
-            ticket = entry.ticket
-            entry.settle(session, ack.reason_code if v5 else 0, entry if ticket is None else ticket)
+            if durable and type(entry) is inflight_class:
+                if entry.qos != 1 or (tracked is not None and isinstance(entry.message, tracked)):
+                    break
+                del inflight[pid]
+                table.acked(session.client_id, pid)  # store.delete_inflight, before pump() may reuse the id
+                if session.queue.count or session.held:
+                    self._pump(session, inflight, table)
+            elif tracked is not None and isinstance(entry, tracked):
+                if (session.queue.count if durable else session.queue) or session.held:
+                    break
+                del inflight[pid]
+                ticket = entry.ticket
+                entry.settle(session, ack.reason_code if v5 else 0, entry if ticket is None else ticket)
+            else:
+                break
             i += 1
             if conn.closed or conn.session is not session:
                 break
         return i
+
+    cdef int _pump(self, session, dict inflight, SentTable table) except -1:
+        """``PersistentSession.pump`` after a PUBACK freed the window: its common case in C (an
+        attached 3.x connection under its output allowance, nothing held, no re-check of read
+        permissions; heads that ``DiskQueue.pop_plain`` gives: QoS 1 kept in memory, not retained,
+        no subscription ids or expiry), each sent as ``Session._send_new`` and recorded as
+        ``store.put_sent``; whatever else is left (or congestion) goes to ``session.pump()``."""
+        cdef int pid
+        cdef long long quota
+        d = session.delivery
+        queue = session.queue
+        if (session.held or d is None or type(d) is not self.conn_class or d.closed or d.version == 5
+                or session.reread is not None):
+            session.pump()
+            return 0
+        quota = session.send_quota
+        cid = session.client_id
+        while queue.count:
+            dout = d.out
+            if PyByteArray_GET_SIZE(dout) > d._high:
+                session.pump()  # is_congested: the allowance may grow, or the client waits for room
+                return 0
+            if len(inflight) >= quota:
+                if queue.qos0:
+                    session.pump()  # a QoS 0 head may go with the window full
+                return 0
+            head = queue.pop_plain()
+            if head is None:
+                session.pump()  # a head pump handles otherwise (read from the store, QoS 0, ...)
+                return 0
+            seq, item, _ = <tuple>head
+            message = (<tuple>item)[0]
+            session.queue_bytes = queue.bytes
+            pid = session._next_pid
+            while pid in inflight:
+                pid = pid + 1 if pid < 65535 else 1
+            session._next_pid = pid + 1 if pid < 65535 else 1
+            # -- MQTTConnection.send_publish (3.x), its encoding cached on the message as there --
+            cache = message.wire_cache
+            data = None
+            if cache is None:
+                data = encode_publish(message.topic, message.payload, 1, False, False, 1, None, 4)
+                message.wire_cache = {2: data}
+            else:
+                data = cache.get(2)
+                if data is None:
+                    data = cache[2] = encode_publish(message.topic, message.payload, 1, False, False, 1, None, 4)
+            append_publish(dout, <bytes>data, pid, False)
+            d._npk += 1
+            if not d._dirty:
+                d._dirty = True
+                d.flusher.mark(d)
+            inflight[pid] = self.inflight_class(message, 1, False, None)
+            table.sent(cid, pid, seq)  # store.put_sent
+        return 0
 
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
@@ -97,7 +186,8 @@ cdef class PublishRelay:
         cdef int qos, version, tq, qown, max_qos, pid
         cdef long long max_size
         cdef Py_ssize_t ack_at = 0, n, n_acked, size, j, k
-        cdef bint sampled
+        cdef bint sampled, durable, ready, staked
+        cdef long long seq
         # The broker's counters of this call, added to BrokerStats once at the end (nothing reads
         # them meanwhile: the call never switches greenlets).
         cdef long long recv_n[2]
@@ -109,7 +199,7 @@ cdef class PublishRelay:
         if not self.enabled or i >= count:
             return i
         if type(packets[i]) is Puback:
-            return self._settle_tracked(conn, packets, i, count)
+            return self._settle_acks(conn, packets, i, count)
         broker = conn.broker
         if broker.peers is not None or broker._on_published is not None or broker._on_delivered is not None:
             return i
@@ -140,6 +230,18 @@ cdef class PublishRelay:
         client_id = conn.client_id
         conn_class = self.conn_class
         session_class = self.session_class
+        persistent_class = self.persistent_class
+        if persistent_class is None:
+            persistent_class = session_class  # (never matched: the session_class test comes first)
+        # the store's per-message record methods in C (an LMDB store's ``sent_table``; None: none)
+        cdef SentTable table = None
+        if store is not None:
+            found = getattr(store, "sent_table", None)
+            if type(found) is SentTable:
+                table = <SentTable>found
+        if table is None:
+            persistent_class = session_class
+        staked = False
         last_route = None
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
@@ -239,7 +341,7 @@ cdef class PublishRelay:
                     out = conn.out
                     ack_at = PyByteArray_GET_SIZE(out)
                 message = None
-                enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
+                enc4_0 = enc4_1 = enc5_0 = enc5_1 = entry1 = None
                 n = n_acked = 0
                 for target in route.targets:
                     session, tq, qown, rap, sub_ids = <tuple>target
@@ -254,8 +356,19 @@ cdef class PublishRelay:
                         n_acked += 1
                     # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
                     d = session.delivery
-                    if (d is not None and type(d) is conn_class and type(session) is session_class
-                            and not session.queue and not d.closed):
+                    durable = False
+                    if d is None or type(d) is not conn_class or d.closed:
+                        ready = False
+                    elif type(session) is session_class:
+                        ready = not session.queue
+                    elif type(session) is persistent_class and session.store is store:
+                        # a persistent session: its disk queue must be empty too (then a QoS 1
+                        # delivery is stored as an in-flight queue entry, as put_in_flight does)
+                        durable = True
+                        ready = not session.queue.count
+                    else:
+                        ready = False
+                    if ready:
                         dout = d.out
                         if PyByteArray_GET_SIZE(dout) <= d._high:
                             data = None
@@ -290,15 +403,28 @@ cdef class PublishRelay:
                                     continue
                                 inflight = session.inflight
                                 if len(inflight) < session.send_quota:
+                                    if message is None:
+                                        message = self.message_class(topic, payload, qos, False, None, None,
+                                                                     client_id)
+                                    if durable:
+                                        if sub_ids is not None:
+                                            session.deliver(message, tq, False, sub_ids)  # (encodes the ids)
+                                            continue
+                                        if entry1 is None:  # the stored entry (records.plain_entry's bytes)
+                                            entry1 = fields_entry(topic, client_id, payload, qos, False, 1, False)
                                     pid = session._next_pid
                                     while pid in inflight:
                                         pid = pid + 1 if pid < 65535 else 1
                                     session._next_pid = pid + 1 if pid < 65535 else 1
-                                    if message is None:
-                                        message = self.message_class(topic, payload, qos, False, None, None,
-                                                                     client_id)
                                     append_publish(dout, <bytes>data, pid, False)
                                     inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
+                                    if durable:
+                                        # -- DiskQueue.put_in_flight (the queue is empty) --
+                                        queue = session.queue
+                                        seq = queue.next
+                                        queue.next = seq + 1
+                                        queue.first = seq + 1
+                                        table.sent_entry(session.client_id, pid, seq, entry1)
                                     d._npk += 1
                                     if not d._dirty:
                                         d._dirty = True
@@ -312,7 +438,7 @@ cdef class PublishRelay:
                 sent_n[1] += n_acked
                 sent_b[1] += n_acked * size
                 if ops_before is not None and store.op_count != ops_before:
-                    store.note_stake(client_id)  # the PUBACK acknowledges what this publish stored
+                    staked = True  # the PUBACK acknowledges what this publish stored (noted at the end)
                 if sampled:
                     broker._observe_latency(started)
                 self.served += 1
@@ -335,6 +461,8 @@ cdef class PublishRelay:
                 if conn.closed:
                     break
         finally:
+            if staked:
+                store.note_stake(client_id)  # once per call: nothing commits within it
             if recv_n[0] or recv_n[1]:
                 received_bytes = stats.received_bytes_qos
                 received[0] += recv_n[0]

@@ -36,7 +36,7 @@ from fluxmq._core.codec import Decoder, Pingreq, encode
 from fluxmq._core.relay import PublishRelay
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message, TrackedMessage
-from fluxmq.broker.session import Inflight, Session
+from fluxmq.broker.session import Inflight, PersistentSession, Session
 from fluxmq.broker.stats import LATENCY_SAMPLE_MASK
 from fluxmq.errors import MQTTError, ProtocolError, StorageError
 
@@ -748,7 +748,14 @@ for _type, _handler in (
 # process. ``RELAY.enabled = False`` sends every packet through the handlers above (tests compare
 # the two paths); ``RELAY.served`` counts the PUBLISHes it handled.
 RELAY = PublishRelay(
-    MQTTConnection, Session, Message, Inflight, c.Puback, LATENCY_SAMPLE_MASK, TrackedMessage
+    MQTTConnection,
+    Session,
+    Message,
+    Inflight,
+    c.Puback,
+    LATENCY_SAMPLE_MASK,
+    TrackedMessage,
+    PersistentSession,
 )
 
 

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import lmdb
 
+from fluxmq._core.sent import SentState, SentTable
 from fluxmq.errors import StorageError
 
 from . import records as r
@@ -240,133 +241,12 @@ class _View:
             txn.abort()
 
 
-class _Sent:
-    """One client's queue seq space in the store: packet ids in flight as queue entries (``sent``
-    records, schema 3), the entries stored since the last take_batch (written as one ``queue``
-    record per client per commit, schema 4) and the seqs that are done (acknowledged or popped:
-    every seq below ``floor`` and in ``ranges``; the ``done`` record, schema 4)."""
-
-    __slots__ = (
-        "client_id",
-        "prefix",
-        "slots",
-        "dirty",
-        "disk",
-        "staged",
-        "staged_first",
-        "closed",
-        "unwritten",
-        "floor",
-        "ranges",
-        "end",
-        "done_dirty",
-    )
-
-    def __init__(self, client_id: str, prefix: bytes) -> None:
-        self.client_id = client_id
-        self.prefix = prefix
-        # bucket (packet id // 16) -> records.sent_slots: 0, or (seq + 1) << 1 | released
-        self.slots: dict[int, array] = {}
-        self.dirty: set[int] = set()  # buckets changed since the last take_batch
-        self.disk: set[int] = set()  # buckets with a record on disk (or in a batch already taken)
-        self.staged: list[bytes] = []  # entries of seqs staged_first.. since the last take_batch
-        self.staged_first = 0
-        self.closed: list[tuple[int, list]] = []  # earlier staged runs of this batch (a seq gap)
-        self.unwritten: list[tuple] = []  # (batch, first seq, entries) taken, not yet committed
-        self.floor = -1  # every seq below is done (-1: set by the first seq staged)
-        self.ranges: list[tuple[int, int]] = []  # done [start, end) above floor; sorted, apart
-        self.end = 0  # above the highest seq staged
-        self.done_dirty = True  # the ``done`` record is to be written by the next take_batch
-
-    def get(self, packet_id: int) -> int:
-        """The slot of ``packet_id`` (0 when it is not in flight as a queue entry)."""
-        slots = self.slots.get(packet_id >> 4)
-        return slots[packet_id & 15] if slots is not None else 0
-
-    def set(self, packet_id: int, value: int) -> None:
-        bucket = packet_id >> 4
-        slots = self.slots.get(bucket)
-        if slots is None:
-            slots = self.slots[bucket] = r.sent_slots()
-        slots[packet_id & 15] = value
-        self.dirty.add(bucket)
-
-    def stage(self, seq: int, entry: bytes) -> None:
-        """An entry stored at ``seq`` (the path of the hot callers, when it does not extend
-        ``staged``: the first of a batch, or after a gap)."""
-        staged = self.staged
-        if staged:
-            if seq == self.staged_first + len(staged):
-                staged.append(entry)
-                self.end = seq + 1
-                return
-            self.closed.append((self.staged_first, staged))
-            staged = self.staged = []
-        if self.floor < 0 or (self.floor >= self.end and not self.ranges and seq > self.floor):
-            self.floor = seq  # nothing live: the seqs below were never stored or are all done
-            self.done_dirty = True
-        self.staged_first = seq
-        staged.append(entry)
-        self.end = max(self.end, seq + 1)
-
-    def done(self, seq: int) -> None:
-        """Mark ``seq`` done (its entry acknowledged or popped)."""
-        self.done_dirty = True
-        f = self.floor
-        ranges = self.ranges
-        if seq == f:
-            f += 1
-            if ranges and ranges[0][0] == f:
-                f = ranges.pop(0)[1]
-            self.floor = f
-            return
-        if seq < f:
-            return
-        i = bisect.bisect_right(ranges, (seq, _BIG))
-        if i and ranges[i - 1][1] > seq:
-            return  # already done
-        joins_left = i and ranges[i - 1][1] == seq
-        joins_right = i < len(ranges) and ranges[i][0] == seq + 1
-        if joins_left and joins_right:
-            ranges[i - 1] = (ranges[i - 1][0], ranges[i][1])
-            del ranges[i]
-        elif joins_left:
-            ranges[i - 1] = (ranges[i - 1][0], seq + 1)
-        elif joins_right:
-            ranges[i] = (seq, ranges[i][1])
-        else:
-            ranges.insert(i, (seq, seq + 1))
-
-    def is_done(self, seq: int) -> bool:
-        if seq < self.floor:
-            return True
-        ranges = self.ranges
-        if not ranges:
-            return False
-        i = bisect.bisect_right(ranges, (seq, _BIG))
-        return bool(i) and ranges[i - 1][1] > seq
-
-    def unwritten_entry(self, seq: int):
-        """The entry of ``seq`` if it is staged or in a batch not yet committed, else None."""
-        staged = self.staged
-        if staged and 0 <= seq - self.staged_first < len(staged):
-            return staged[seq - self.staged_first]
-        for first, entries in self.closed:
-            if 0 <= seq - first < len(entries):
-                return entries[seq - first]
-        for _batch, first, entries in self.unwritten:
-            if 0 <= seq - first < len(entries):
-                return entries[seq - first]
-        return None
-
-    def forget(self) -> None:
-        self.slots.clear()
-        self.dirty.clear()
-        self.disk.clear()
-        self.staged = []
-        self.closed = []
-        self.ranges = []
-        self.done_dirty = False
+#: One client's queue seq space in the store: packet ids in flight as queue entries (``sent``
+#: records, schema 3), the entries stored since the last take_batch (written as one ``queue``
+#: record per client per commit, schema 4) and the seqs that are done (acknowledged or popped:
+#: every seq below ``floor`` and in ``ranges``; the ``done`` record, schema 4). In C
+#: (``fluxmq._core.sent``): its per-message operations run without a Python frame.
+_Sent = SentState
 
 
 _BIG = 1 << 64
@@ -434,9 +314,21 @@ class LMDBStorage(Storage):
         self._batch = _Batch()
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
-        # client id -> its packet ids in flight as queue entries (only clients that have some)
-        self._sent: dict[str, _Sent] = {}
         self._prefixes: dict[str, bytes] = {}  # client id -> records.client_prefix (bounded)
+        self.op_count = 0  # (instance attributes: the table updates op_count in this object's dict)
+        self.has_pending = False
+        # client id -> its queue seq space (only clients that have entries or packet ids in it)
+        table = self._table = self.sent_table = SentTable(self, self._prefix)  # (the relay calls it in C)
+        table.dirty = self._batch.sent_dirty
+        self._sent: dict[str, _Sent] = table.states
+        # The record methods that run once or twice per message of a persistent session: the C
+        # ones, bound on the instance (the methods of the same names below only forward to them).
+        self.put_sent = table.put_sent
+        self.put_sent_entry = table.put_sent_entry
+        self.release_inflight = table.release_inflight
+        self.delete_inflight = table.delete_inflight
+        self.queue_append = table.queue_append
+        self.queue_pop = table.queue_pop
         self._background = None
         self._closing = False
         self._syncing = False
@@ -814,8 +706,6 @@ class LMDBStorage(Storage):
             r.encode_entry(message, qos, retain, subscription_ids),
         )
 
-    # The next methods run once or twice per message of a persistent session: they inline _put.
-
     def _prefix(self, client_id: str) -> bytes:
         prefix = self._prefixes.get(client_id)
         if prefix is None:
@@ -825,111 +715,47 @@ class LMDBStorage(Storage):
         return prefix
 
     def _sent_state(self, client_id: str) -> _Sent:
-        state = self._sent.get(client_id)
-        if state is None:
-            state = self._sent[client_id] = _Sent(client_id, self._prefix(client_id))
-        return state
+        return self._table.state(client_id)
+
+    # The per-message record methods: __init__ binds the C ones (fluxmq._core.sent.SentTable) on
+    # the instance; these forward to them, and the table falls back to the _*_record methods for
+    # what is not in a client's seq space.
 
     def put_sent(self, client_id: str, packet_id: int, seq: int) -> None:
-        state = self._sent.get(client_id) or self._sent_state(client_id)
-        bucket = packet_id >> 4
-        slots = state.slots.get(bucket)
-        if slots is None:
-            slots = state.slots[bucket] = r.sent_slots()
-        slots[packet_id & 15] = (seq + 1) << 1
-        state.dirty.add(bucket)
-        self._batch.sent_dirty.add(state)
-        self.op_count += 1
-        if not self.has_pending:
-            self._wake()
+        self._table.put_sent(client_id, packet_id, seq)
 
     def put_sent_entry(self, client_id: str, packet_id: int, seq: int, entry: bytes) -> None:
-        # queue_append + put_sent in one call: the path of every message sent at once
-        state = self._sent.get(client_id) or self._sent_state(client_id)
-        batch = self._batch
-        staged = state.staged
-        if staged and seq == state.staged_first + len(staged):
-            staged.append(entry)
-            state.end = seq + 1
-        else:
-            state.stage(seq, entry)
-        bucket = packet_id >> 4
-        slots = state.slots.get(bucket)
-        if slots is None:
-            slots = state.slots[bucket] = r.sent_slots()
-        slots[packet_id & 15] = (seq + 1) << 1
-        state.dirty.add(bucket)
-        batch.sent_dirty.add(state)
-        self.op_count += 2
-        if not self.has_pending:
-            self._wake()
+        self._table.put_sent_entry(client_id, packet_id, seq, entry)
 
     def release_inflight(self, client_id: str, packet_id: int) -> None:
-        state = self._sent.get(client_id)
-        v = state.get(packet_id) if state is not None else 0
-        if v:
-            state.set(packet_id, v | 1)
-            self._batch.sent_dirty.add(state)
-            self.op_count += 1
-            if not self.has_pending:
-                self._wake()
-            return
+        self._table.release_inflight(client_id, packet_id)
+
+    def delete_inflight(self, client_id: str, packet_id: int) -> None:
+        self._table.delete_inflight(client_id, packet_id)
+
+    def queue_append(self, client_id: str, seq: int, entry: bytes) -> None:
+        self._table.queue_append(client_id, seq, entry)
+
+    def queue_pop(self, client_id: str, seq: int) -> None:
+        self._table.queue_pop(client_id, seq)
+
+    def _release_inflight_record(self, client_id: str, packet_id: int) -> None:
         key = r.pid_key(r.client_prefix(client_id), packet_id)  # a schema 2 record
         value = self._read(INFLIGHT, key)
         if value is not None:
             self._put(INFLIGHT, key, r.mark_released(value))
 
-    def delete_inflight(self, client_id: str, packet_id: int) -> None:
-        state = self._sent.get(client_id)
-        if state is not None:
-            slots = state.slots.get(packet_id >> 4)
-            v = slots[packet_id & 15] if slots is not None else 0
-            if v:
-                slots[packet_id & 15] = 0
-                state.dirty.add(packet_id >> 4)
-                self._batch.sent_dirty.add(state)
-                seq = (v >> 1) - 1
-                if seq == state.floor and not state.ranges:  # acknowledged in order: done.floor + 1
-                    state.floor = seq + 1
-                    state.done_dirty = True
-                else:
-                    state.done(seq)
-                self.op_count += 1
-                if not self.has_pending:
-                    self._wake()
-                return
+    def _delete_inflight_record(self, client_id: str, packet_id: int) -> None:
         self._put(INFLIGHT, r.pid_key(r.client_prefix(client_id), packet_id), None)
+
+    def _queue_pop_record(self, client_id: str, seq: int) -> None:
+        self._put(QUEUE, r.seq_key(self._prefix(client_id), seq), None)
 
     def put_inbound_qos2(self, client_id: str, packet_id: int) -> None:
         self._put(INBOUND, r.pid_key(r.client_prefix(client_id), packet_id), b"")
 
     def delete_inbound_qos2(self, client_id: str, packet_id: int) -> None:
         self._put(INBOUND, r.pid_key(r.client_prefix(client_id), packet_id), None)
-
-    def queue_append(self, client_id: str, seq: int, entry: bytes) -> None:
-        state = self._sent.get(client_id) or self._sent_state(client_id)
-        staged = state.staged
-        if staged and seq == state.staged_first + len(staged):
-            staged.append(entry)
-            state.end = seq + 1
-        else:
-            state.stage(seq, entry)
-        self._batch.sent_dirty.add(state)
-        self.op_count += 1
-        if not self.has_pending:
-            self._wake()
-
-    def queue_pop(self, client_id: str, seq: int) -> None:
-        # Not a delete: the seq is marked done, and its record goes when all of its seqs are done.
-        state = self._sent.get(client_id)
-        if state is None:  # no entry stored since start (cannot happen for a live seq)
-            self._put(QUEUE, r.seq_key(self._prefix(client_id), seq), None)
-            return
-        state.done(seq)
-        self._batch.sent_dirty.add(state)
-        self.op_count += 1
-        if not self.has_pending:
-            self._wake()
 
     def queue_read(self, client_id: str, seqs) -> list:
         """The entries at ``seqs`` (None where there is none, or it is done)."""
@@ -1029,6 +855,8 @@ class LMDBStorage(Storage):
             return None
         batch, self._batch = self._batch, _Batch()
         self.has_pending = False
+        self._table.dirty = self._batch.sent_dirty
+        self._table.woken = False
         if batch.sent_dirty:
             self._write_sent(batch)
         if self._gc:
@@ -1264,6 +1092,7 @@ class LMDBStorage(Storage):
             error = self.last_error or StorageError(f"{self._where()}: commit failed")
             batch.merge_newer(self._batch)
             self._batch = batch
+            self._table.dirty = batch.sent_dirty
             if not self.has_pending:
                 self.has_pending = True  # not _wake: the FlushScheduler retries after the back-off
         for callback in callbacks:

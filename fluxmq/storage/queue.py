@@ -298,6 +298,29 @@ class DiskQueue:
             self.drop_head(head)
         return head
 
+    def pop_plain(self) -> tuple | None:
+        """``pop_head`` for the C relay (``PersistentSession.pump``'s common case, which it does in
+        C): the head's (seq, item, size), removed, when the head is kept in memory and is a QoS 1
+        message not retained, without subscription ids or an expiry; else None, the queue untouched
+        (the caller leaves the rest to ``pump``)."""
+        head = self._head
+        mem = self._mem
+        if head is None and mem and not self._ahead and self.count and 0 <= self._mem_from <= self.first:
+            seq, item, size = head = mem[0]
+            message, qos, retain, ids = item
+            if qos != 1 or retain or ids is not None or message.expires_at is not None:
+                return None
+            mem.popleft()  # pop_head's fast path, for a QoS 1 head (never in qos0)
+            self._mem_bytes -= size
+            _MemUse.used -= size
+            self.first = seq + 1
+            self.bytes -= size
+            self.count -= 1
+            if self.count <= 0:
+                self._reset()
+            return head
+        return None
+
     def popleft(self) -> tuple:
         """Remove and return the head item, deleting its entry."""
         item, seq = self.take()

@@ -27,6 +27,7 @@ from array import array
 from typing import Any
 
 from fluxmq._core import entry as _entry
+from fluxmq._core import sent as _sent
 from fluxmq.errors import StorageError
 
 FORMAT = 1
@@ -332,6 +333,9 @@ def sent_slots() -> array:
     """The in-memory form of one ``sent`` record: SENT_SLOTS u64, 0 = free, else
     ``(seq + 1) << 1 | released``."""
     return array("Q", bytes(8 * SENT_SLOTS))
+
+
+_sent.configure(sent_slots)
 
 
 def encode_sent(slots: array) -> bytes:

@@ -492,3 +492,77 @@ def test_in_flight_and_queued_messages_come_back_exact_after_sigkill(node_factor
     assert sub.expect(c.Publish).payload == b"marker"  # nothing else was left
     marker.close()
     sub.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_out_of_order_acks_then_sigkill_nothing_acknowledged_lost_or_back(
+    node_factory: NodeFactory, seed: int
+) -> None:
+    """A 3.1.1 persistent subscriber (window 20) acknowledges random subsets of its window in random
+    order over several rounds while the publisher keeps publishing, each round closed by a PINGREQ
+    (its PINGRESP leaves only after the commit of the acks before it); then SIGKILL. After the
+    restart it gets exactly what was in flight (DUP, same ids) and then every unacknowledged
+    message in order: nothing the publisher had PUBACKed is lost, nothing the subscriber
+    acknowledged comes back. (The common deliveries and PUBACKs here are the C relay's.)"""
+    import random
+
+    rnd = random.Random(seed)
+    node = node_factory({"broker.max_inflight": 20, "storage.sync": "batch"})
+    topic = unique("ooo")
+    sub = raw_connected(node, f"ooo-sub-{seed}", clean=False)
+    sub.subscribe(1, (topic, 1))
+    pub = raw_connected(node, unique("pub"))
+    published = 0
+
+    def publish(n: int) -> None:
+        nonlocal published
+        pub.send(*[c.Publish(topic, b"m%04d" % (published + i), qos=1, packet_id=1 + i) for i in range(n)])
+        for _ in range(n):
+            pub.expect(c.Puback)  # acknowledged: stored
+        published += n
+
+    publish(60)
+    in_flight = {}
+    for p in [sub.expect(c.Publish) for _ in range(20)]:
+        in_flight[p.packet_id] = p.payload
+    acked: set[bytes] = set()
+    for _ in range(6):
+        take = rnd.sample(sorted(in_flight), rnd.randint(1, len(in_flight)))
+        sub.send(*[c.Puback(pid) for pid in take], c.Pingreq())
+        for pid in take:
+            acked.add(in_flight.pop(pid))
+        got, _ = sub.collect_until(lambda p: p.type == c.PINGRESP)
+        for p in got:
+            assert p.type == c.PUBLISH and not p.dup
+            in_flight[p.packet_id] = p.payload
+        publish(rnd.randint(0, 15))
+    assert len(in_flight) == 20
+    node.kill()
+    sub.close()
+    pub.close()
+
+    again = node_factory({"storage.path": str(node.data_dir), "broker.max_inflight": 20})
+    sub = RawClient.to(again)
+    assert sub.connect(f"ooo-sub-{seed}", clean=False).session_present
+    resent = [sub.expect(c.Publish) for _ in range(20)]
+    assert {p.packet_id: p.payload for p in resent} == in_flight
+    assert all(p.dup for p in resent)
+    for p in resent:
+        sub.send(c.Puback(p.packet_id))
+    rest = []
+    expected_rest = [
+        b"m%04d" % i
+        for i in range(published)
+        if b"m%04d" % i not in acked and b"m%04d" % i not in in_flight.values()
+    ]
+    while len(rest) < len(expected_rest):
+        p = sub.expect(c.Publish)
+        rest.append(p.payload)
+        sub.send(c.Puback(p.packet_id))
+    assert rest == expected_rest
+    assert not acked & set(rest) and not acked & set(in_flight.values())
+    marker = raw_connected(again, unique("marker"))
+    marker.publish_qos1(topic, b"marker", 1)
+    assert sub.expect(c.Publish).payload == b"marker"  # nothing else was left
+    marker.close()
+    sub.close()

@@ -24,6 +24,7 @@ from fluxmq.protocol import connection as connection_module
 from fluxmq.protocol.connection import HUB_READS, RELAY, MQTTConnection
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
+from fluxmq.storage.lmdb import LMDBStorage
 from fluxmq.storage.memory import MemoryStorage
 from fluxmq.transport.tcp import SocketStream
 
@@ -37,21 +38,29 @@ def encode(packet, version: int) -> bytes:
 class Net:
     """A broker (memory storage) and clients attached over socket pairs, each served by its reader."""
 
-    def __init__(self, settings: ProtocolSettings | None = None) -> None:
-        storage = MemoryStorage()
+    def __init__(self, settings: ProtocolSettings | None = None, storage=None) -> None:
+        storage = storage if storage is not None else MemoryStorage()
+        self.storage = storage
         self.broker = Broker(BrokerSettings(), storage)
         self.broker.restore(storage.load())
         self.flusher = FlushScheduler(storage)
         self.settings = settings or ProtocolSettings(park_after=0)
         self.clients: dict[str, tuple[MQTTConnection, object, socket.socket]] = {}
 
-    def client(self, client_id: str, version: int = 4, quota: int = 100):
+    def client(
+        self,
+        client_id: str,
+        version: int = 4,
+        quota: int = 100,
+        clean: bool = True,
+        expiry: int = EXPIRY_NEVER,
+    ):
         server_side, client_side = socket.socketpair()
         conn = MQTTConnection(
             self.broker, SocketStream(server_side, ("127.0.0.1", 1)), self.settings, self.flusher
         )
         conn.decoder.version = version
-        session, _ = self.broker.open_session(client_id, True, EXPIRY_NEVER)
+        session, _ = self.broker.open_session(client_id, clean, expiry)
         conn.version = version
         conn.client_id = client_id
         conn.session = session
@@ -475,3 +484,157 @@ def test_pubacks_of_queue_deliveries_are_settled_in_c() -> None:
     assert fast[:4] == slow[:4] == (3, [], [], b"")
     assert slow[4] == slow[6] == [1, 2, 3, 4]  # every PUBACK through the Python handler
     assert fast[4] == [fast[5]]  # only the ordinary delivery's
+
+
+def _read_phase(net: Net, decoders: dict, want: dict) -> dict:
+    """Read each client's socket until it has ``(marks, publishes)`` more MARK and other PUBLISH
+    packets (``want[cid]``); returns what each read, raw bytes (a persistent session's window and
+    queue hold marks back until acknowledgements free it, so a phase names what must arrive)."""
+    got = {}
+    for cid, (marks, publishes) in want.items():
+        _conn, _, sock = net.clients[cid]
+        decoder = decoders[cid]
+        data = b""
+        m = k = 0
+        with gevent.Timeout(10):
+            while m < marks or k < publishes:
+                chunk = sock.recv(65536)
+                assert chunk, f"{cid}: closed"
+                data += chunk
+                for p in decoder.feed(chunk):
+                    if p.type == c.PUBLISH:
+                        if p.topic == MARK:
+                            m += 1
+                        else:
+                            k += 1
+        assert (m, k) == (marks, publishes), cid
+        got[cid] = data
+    return got
+
+
+def _publishes(data: bytes, version: int) -> list:
+    return [p for p in c.Decoder(version=version).feed(data) if p.type == c.PUBLISH and p.topic != MARK]
+
+
+def test_persistent_sessions_qos1_deliveries_and_pubacks_are_served_in_c(tmp_path) -> None:
+    """Persistent subscribers (3.1.1 clean session 0 and 5.0, over LMDB): a QoS 1 delivery sent at
+    once is written to the client and stored as an in-flight queue entry by the fast path (no
+    Python ``PersistentSession.deliver``), and the client's PUBACK of it is settled there (no Python
+    ``_on_puback``); one behind a full window is queued by the Python path, and the PUBACK that frees
+    the window sends it on (``pump``). Every run puts the same bytes on every socket, leaves the same
+    counters and, after a commit and a reopen, the same stored sessions."""
+    from fluxmq.broker.session import PersistentSession
+
+    python_acks = []
+    python_delivers = []
+    original_ack = connection_module._HANDLERS[c.PUBACK]
+    original_deliver = PersistentSession.deliver
+
+    def counted_ack(conn, p):
+        python_acks.append((conn.client_id, p.packet_id))
+        original_ack(conn, p)
+
+    def counted_deliver(session, message, *args):
+        python_delivers.append((session.client_id, message.payload))
+        original_deliver(session, message, *args)
+
+    # (sender, packets, what each client reads then: (marks, other PUBLISHes))
+    phases = [
+        (
+            "pub",
+            [c.Publish("t", b"m%d" % i, qos=1, packet_id=10 + i) for i in range(5)]
+            + [c.Publish("t", b"zero"), c.Publish("z", b"q0", qos=1, packet_id=30)],
+            # dur (window 3) and dur5 (window 2) queue the rest, the mark too
+            {"pub": (1, 0), "mem": (1, 6), "dur": (0, 3), "dur5": (0, 2)},
+        ),
+        ("dur", [c.Puback(1), c.Puback(2)], {"dur": (2, 4), "mem": (1, 0), "pub": (1, 0)}),
+        ("dur5", [c.Puback(2), c.Puback(1)], {"dur5": (0, 2), "mem": (1, 0), "dur": (1, 0)}),
+        ("mem", [c.Puback(pid) for pid in range(1, 6)], {"mem": (1, 0), "dur": (1, 0), "pub": (2, 0)}),
+        ("dur", [c.Puback(3), c.Puback(4), c.Puback(5)], {"dur": (1, 0), "mem": (1, 0), "pub": (1, 0)}),
+        ("dur5", [c.Puback(3), c.Puback(4)], {"dur5": (6, 2), "mem": (1, 0), "dur": (1, 0), "pub": (1, 0)}),
+        (
+            "pub",
+            [c.Publish("t", b"late%d" % i, qos=1, packet_id=40 + i) for i in range(2)],
+            {"pub": (1, 0), "mem": (1, 2), "dur": (1, 2), "dur5": (0, 1)},  # dur5: late1 queued
+        ),
+    ]
+    outcomes = []
+    connection_module._HANDLERS[c.PUBACK] = counted_ack
+    PersistentSession.deliver = counted_deliver
+    try:
+        for n, (relay, hub) in enumerate(((True, True), (True, False), (False, False))):
+            RELAY.enabled = relay
+            HUB_READS.enabled = hub
+            python_acks.clear()
+            python_delivers.clear()
+            path = tmp_path / f"run{n}"
+            store = LMDBStorage(path, map_size=16 << 20, verify=False)
+            net = Net(storage=store)
+            try:
+                net.client("pub")
+                net.client("dur", quota=3, clean=False)
+                net.client("dur5", version=5, quota=2, clean=False)
+                net.client("mem", expiry=0)  # a session that is not stored
+                for cid in ("dur", "dur5", "mem"):
+                    net.subscribe(cid, "t", 1)
+                net.subscribe("dur", "z", 0)
+                decoders = {cid: c.Decoder(version=conn.version) for cid, (conn, _, _) in net.clients.items()}
+                got = []
+                for sender, packets, want in phases:
+                    net.send(sender, packets)
+                    got.append(_read_phase(net, decoders, want))
+                counters = net.counters()
+                acks, delivers = sorted(python_acks), sorted(python_delivers)
+            finally:
+                net.close()
+            store.commit()
+            store.close()
+            again = LMDBStorage(path, map_size=16 << 20, verify=False)
+            try:
+                loaded = again.load()
+                stored = {
+                    cid: (sorted(s.inflight.items()), s.queue.first, s.queue.next, s.queue.count)
+                    for cid, s in loaded.sessions.items()
+                }
+                entries = {
+                    cid: again.queue_read(cid, range(s.queue.first, s.queue.next))
+                    for cid, s in loaded.sessions.items()
+                }
+            finally:
+                again.close()
+            outcomes.append((got, counters, stored, entries, acks, delivers))
+    finally:
+        RELAY.enabled = True
+        HUB_READS.enabled = True
+        connection_module._HANDLERS[c.PUBACK] = original_ack
+        PersistentSession.deliver = original_deliver
+    fast, reader, slow = outcomes
+    for other in (reader, slow):
+        assert fast[:4] == other[:4]
+    got = fast[0]
+    assert _publishes(got[0]["dur"], 4) == [
+        c.Publish("t", b"m%d" % i, qos=1, packet_id=i + 1) for i in range(3)
+    ]
+    assert _publishes(got[1]["dur"], 4) == [
+        c.Publish("t", b"m3", qos=1, packet_id=4),
+        c.Publish("t", b"m4", qos=1, packet_id=5),
+        c.Publish("t", b"zero"),
+        c.Publish("z", b"q0"),
+    ]
+    assert _publishes(got[6]["dur"], 4) == [
+        c.Publish("t", b"late%d" % i, qos=1, packet_id=i + 6) for i in range(2)
+    ]
+    assert _publishes(got[6]["dur5"], 5) == [c.Publish("t", b"late0", qos=1, packet_id=6)]
+    stored = fast[2]
+    assert [pid for pid, _ in stored["dur"][0]] == [6, 7]  # the late ones, unacknowledged
+    assert [pid for pid, _ in stored["dur5"][0]] == [5, 6]
+    assert stored["dur5"][3] == 2  # late1 and a mark queued
+    # without the fast path every PUBACK and every delivery goes through Python
+    assert len(slow[4]) == 5 + 4 + 5
+    assert len({d for d in slow[5] if d[1] != b"end"}) == 9 + 8
+    # with it: the PUBACKs of persistent sessions are settled in C (the in-memory session's are not)
+    assert [cid for cid, _ in fast[4]] == ["mem"] * 5 == [cid for cid, _ in reader[4]]
+    # and only deliveries that meet a full window or a queue (Python: queued) leave the fast path
+    sent_at_once = {("dur", b"m0"), ("dur", b"m1"), ("dur", b"m2"), ("dur5", b"m0"), ("dur5", b"m1")}
+    sent_at_once |= {("dur", b"late0"), ("dur", b"late1"), ("dur5", b"late0")}
+    assert not sent_at_once & set(fast[5])

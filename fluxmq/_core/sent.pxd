@@ -1,0 +1,39 @@
+# The C interface of fluxmq._core.sent (the relay calls SentTable's record methods directly).
+
+cdef class SentState:
+    cdef public str client_id
+    cdef public bytes prefix
+    cdef public dict slots
+    cdef public set dirty
+    cdef public set disk
+    cdef public list staged
+    cdef public long long staged_first
+    cdef public list closed
+    cdef public list unwritten
+    cdef public long long floor
+    cdef public list ranges
+    cdef public long long end
+    cdef public bint done_dirty
+
+    cpdef unsigned long long get(self, int packet_id)
+    cpdef set(self, int packet_id, unsigned long long value)
+    cpdef stage(self, long long seq, object entry)
+    cpdef done(self, long long seq)
+    cpdef bint is_done(self, long long seq)
+
+
+cdef class SentTable:
+    cdef public dict states
+    # the pending batch's ``sent_dirty`` (the store sets it whenever it starts a batch)
+    cdef public set dirty
+    # False until the first change since the store last cleared ``has_pending`` (it resets it)
+    cdef public bint woken
+    cdef object store
+    cdef dict attrs  # the store's instance attributes (``op_count``)
+    cdef object prefix_of
+
+    cpdef SentState state(self, str client_id)
+    cdef int _changed(self, SentState st, int ops) except -1
+    cdef int sent_entry(self, str client_id, int packet_id, long long seq, object entry) except -1
+    cdef int acked(self, str client_id, int packet_id) except -1
+    cdef int sent(self, str client_id, int packet_id, long long seq) except -1

@@ -1,0 +1,266 @@
+# cython: language_level=3
+"""The LMDB store's per-message bookkeeping of persistent sessions' queue seq spaces, in C.
+
+``fluxmq.storage.lmdb`` owns the records and their keys (``docs/storage.rst``) and writes them at
+each commit (``LMDBStorage._write_sent``, in Python, once per commit); this module only keeps, per
+client, what those records are made from, and does the operations that run once or twice per
+message of a persistent session (``SentTable``: an entry stored, a packet id in flight as a queue
+entry, an entry acknowledged or popped) without a Python frame:
+
+``SentState`` (one client): ``slots`` (bucket = packet id // 16 -> ``array("Q")`` of 16 slots, 0 =
+free, else ``(seq + 1) << 1 | released``; made by the factory given to ``configure``), the buckets
+changed since the last commit (``dirty``) and those with a record on disk (``disk``), the entries
+stored since the last commit (``staged`` from ``staged_first``, earlier runs of the same batch in
+``closed``), the batches taken but not yet committed (``unwritten``), and the done seqs (every seq
+below ``floor`` and in the sorted, apart ``[start, end)`` ``ranges``).
+
+``SentTable(store, prefix_of)``: ``states`` (client id -> SentState) and the record methods the store
+binds as its own (``put_sent_entry``, ``put_sent``, ``queue_append``, ``queue_pop``,
+``delete_inflight``, ``release_inflight``): each changes the state, adds it to
+``dirty`` (the store keeps it its pending batch's ``sent_dirty``), adds to the store's ``op_count``
+and calls ``store._wake()`` when nothing was pending (checked once after the store resets
+``woken``, which it does whenever it clears ``has_pending``), as the Python methods did; what is not a queue entry falls back to the store's
+``_queue_pop_record`` / ``_delete_inflight_record`` / ``_release_inflight_record``.
+
+No I/O and no fluxmq imports.
+"""
+
+from cpython cimport array
+
+from bisect import bisect_right
+
+cdef object _new_slots = None  # records.sent_slots (configure)
+cdef object _BIG = 1 << 64
+
+
+def configure(new_slots):
+    """Set the factory of one ``sent`` record's slots (``records.sent_slots``); called once at import
+    by ``fluxmq.storage.records``."""
+    global _new_slots
+    _new_slots = new_slots
+
+
+cdef class SentState:
+    """One client's queue seq space in the store (see the module docstring)."""
+
+    def __init__(self, str client_id, bytes prefix):
+        self.client_id = client_id
+        self.prefix = prefix
+        self.slots = {}
+        self.dirty = set()
+        self.disk = set()
+        self.staged = []
+        self.staged_first = 0
+        self.closed = []
+        self.unwritten = []
+        self.floor = -1  # every seq below is done (-1: set by the first seq staged)
+        self.ranges = []
+        self.end = 0  # above the highest seq staged
+        self.done_dirty = True  # the ``done`` record is to be written by the next take_batch
+
+    cpdef unsigned long long get(self, int packet_id):
+        """The slot of ``packet_id`` (0 when it is not in flight as a queue entry)."""
+        cdef array.array slots = self.slots.get(packet_id >> 4)
+        if slots is None:
+            return 0
+        return slots.data.as_ulonglongs[packet_id & 15]
+
+    cpdef set(self, int packet_id, unsigned long long value):
+        cdef int bucket = packet_id >> 4
+        cdef array.array slots = self.slots.get(bucket)
+        if slots is None:
+            slots = _new_slots()
+            self.slots[bucket] = slots
+        slots.data.as_ulonglongs[packet_id & 15] = value
+        self.dirty.add(bucket)
+
+    cpdef stage(self, long long seq, object entry):
+        """An entry stored at ``seq``."""
+        cdef list staged = self.staged
+        cdef Py_ssize_t n = len(staged)
+        if n:
+            if seq == self.staged_first + n:
+                staged.append(entry)
+                self.end = seq + 1
+                return
+            self.closed.append((self.staged_first, staged))
+            staged = self.staged = []
+        if self.floor < 0 or (self.floor >= self.end and not self.ranges and seq > self.floor):
+            self.floor = seq  # nothing live: the seqs below were never stored or are all done
+            self.done_dirty = True
+        self.staged_first = seq
+        staged.append(entry)
+        if seq + 1 > self.end:
+            self.end = seq + 1
+
+    cpdef done(self, long long seq):
+        """Mark ``seq`` done (its entry acknowledged or popped)."""
+        cdef long long f = self.floor
+        cdef list ranges = self.ranges
+        cdef Py_ssize_t i, n
+        cdef bint joins_left, joins_right
+        self.done_dirty = True
+        if seq == f:
+            f += 1
+            if ranges and ranges[0][0] == f:
+                f = ranges.pop(0)[1]
+            self.floor = f
+            return
+        if seq < f:
+            return
+        i = bisect_right(ranges, (seq, _BIG))
+        n = len(ranges)
+        if i and ranges[i - 1][1] > seq:
+            return  # already done
+        joins_left = i > 0 and ranges[i - 1][1] == seq
+        joins_right = i < n and ranges[i][0] == seq + 1
+        if joins_left and joins_right:
+            ranges[i - 1] = (ranges[i - 1][0], ranges[i][1])
+            del ranges[i]
+        elif joins_left:
+            ranges[i - 1] = (ranges[i - 1][0], seq + 1)
+        elif joins_right:
+            ranges[i] = (seq, ranges[i][1])
+        else:
+            ranges.insert(i, (seq, seq + 1))
+
+    cpdef bint is_done(self, long long seq):
+        cdef Py_ssize_t i
+        if seq < self.floor:
+            return True
+        ranges = self.ranges
+        if not ranges:
+            return False
+        i = bisect_right(ranges, (seq, _BIG))
+        return i > 0 and ranges[i - 1][1] > seq
+
+    def unwritten_entry(self, long long seq):
+        """The entry of ``seq`` if it is staged or in a batch not yet committed, else None."""
+        cdef long long first
+        staged = self.staged
+        if staged and 0 <= seq - self.staged_first < len(staged):
+            return staged[seq - self.staged_first]
+        for first, entries in self.closed:
+            if 0 <= seq - first < len(entries):
+                return entries[seq - first]
+        for _batch, first, entries in self.unwritten:
+            if 0 <= seq - first < len(entries):
+                return entries[seq - first]
+        return None
+
+    def forget(self):
+        self.slots.clear()
+        self.dirty.clear()
+        self.disk.clear()
+        self.staged = []
+        self.closed = []
+        self.ranges = []
+        self.done_dirty = False
+
+    def __repr__(self):
+        return f"SentState({self.client_id!r}, floor={self.floor}, ranges={len(self.ranges)}, end={self.end})"
+
+
+cdef class SentTable:
+    """The store's SentStates and its per-message record methods (see the module docstring)."""
+
+    def __init__(self, store, prefix_of):
+        self.states = {}
+        self.dirty = set()
+        self.woken = False
+        self.store = store
+        self.attrs = store.__dict__
+        self.prefix_of = prefix_of
+
+    cpdef SentState state(self, str client_id):
+        """The client's state, made when it has none."""
+        st = self.states.get(client_id)
+        if st is None:
+            st = SentState(client_id, self.prefix_of(client_id))
+            self.states[client_id] = st
+        return <SentState>st
+
+    cdef int _changed(self, SentState st, int ops) except -1:
+        # store._batch.sent_dirty.add(st); store.op_count += ops; wake the store when nothing was
+        # pending, on C fields and the store's attribute dict (no attribute lookups)
+        cdef dict attrs = self.attrs
+        self.dirty.add(st)
+        attrs["op_count"] = <object>attrs["op_count"] + ops
+        if not self.woken:
+            self.woken = True
+            store = self.store
+            if not store.has_pending:
+                store._wake()
+        return 0
+
+    def put_sent_entry(self, str client_id, int packet_id, long long seq, entry):
+        """``queue_append`` and ``put_sent`` in one call: a message sent at once."""
+        self.sent_entry(client_id, packet_id, seq, entry)
+
+    cdef int sent_entry(self, str client_id, int packet_id, long long seq, object entry) except -1:
+        cdef SentState st = self.state(client_id)
+        st.stage(seq, entry)
+        st.set(packet_id, <unsigned long long>(seq + 1) << 1)
+        self._changed(st, 2)
+        return 0
+
+    def put_sent(self, str client_id, int packet_id, long long seq):
+        self.sent(client_id, packet_id, seq)
+
+    cdef int sent(self, str client_id, int packet_id, long long seq) except -1:
+        cdef SentState st = self.state(client_id)
+        st.set(packet_id, <unsigned long long>(seq + 1) << 1)
+        self._changed(st, 1)
+        return 0
+
+    def queue_append(self, str client_id, long long seq, entry):
+        cdef SentState st = self.state(client_id)
+        st.stage(seq, entry)
+        self._changed(st, 1)
+
+    def queue_pop(self, str client_id, long long seq):
+        # Not a delete: the seq is marked done, and its record goes when all of its seqs are done.
+        st = self.states.get(client_id)
+        if st is None:  # no entry stored since start (cannot happen for a live seq)
+            self.store._queue_pop_record(client_id, seq)
+            return
+        (<SentState>st).done(seq)
+        self._changed(<SentState>st, 1)
+
+    def delete_inflight(self, str client_id, int packet_id):
+        self.acked(client_id, packet_id)
+
+    cdef int acked(self, str client_id, int packet_id) except -1:
+        """``delete_inflight``: the packet id's entry is done (acknowledged)."""
+        cdef SentState st
+        cdef unsigned long long v = 0
+        cdef long long seq
+        found = self.states.get(client_id)
+        if found is not None:
+            st = <SentState>found
+            v = st.get(packet_id)
+            if v:
+                st.set(packet_id, 0)
+                seq = <long long>(v >> 1) - 1
+                if seq == st.floor and not st.ranges:  # acknowledged in order: done.floor + 1
+                    st.floor = seq + 1
+                    st.done_dirty = True
+                else:
+                    st.done(seq)
+                self._changed(st, 1)
+                return 0
+        self.store._delete_inflight_record(client_id, packet_id)  # a schema 2 record
+        return 0
+
+    def release_inflight(self, str client_id, int packet_id):
+        cdef SentState st
+        cdef unsigned long long v = 0
+        found = self.states.get(client_id)
+        if found is not None:
+            st = <SentState>found
+            v = st.get(packet_id)
+            if v:
+                st.set(packet_id, v | 1)
+                self._changed(st, 1)
+                return
+        self.store._release_inflight_record(client_id, packet_id)  # a schema 2 record
