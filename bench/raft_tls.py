@@ -13,7 +13,7 @@ rates are noisy; CPU per message much less so. The modes run in turn, ``--rounds
 
 ``--micro`` measures the transport alone, in this process: ``--frames`` frames of ``--frame-bytes``
 (a Raft entry's size: about 100 replicated messages of 64-byte payload) sent from a dialled
-connection to an accepted one over loopback, pysyncobj's TcpConnection vs TLSConnection (and each
+connection to an accepted one over loopback, pysyncobj's TcpConnection vs RaftConnection (and each
 with the password), driven by pysyncobj's select poller; process CPU time per frame covers both
 ends (encrypt and decrypt, pickling and zlib included).
 
@@ -124,7 +124,7 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
     from pysyncobj.tcp_connection import TcpConnection
     from pysyncobj.tcp_server import TcpServer
 
-    from fluxmq.replication.tls_transport import TLSConnection, TLSServer, raft_tls
+    from fluxmq.replication.transport import RaftConnection, RaftServer, raft_tls
 
     poller = createPoller("select")
     port = free_port()
@@ -155,8 +155,8 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
             },
         )
         tls = raft_tls(type("R", (), {"tls": tls_cfg, "password": ""}))
-        server = TLSServer(poller, "127.0.0.1", port, on_new, BUF, BUF, tls=tls)
-        client = TLSConnection(
+        server = RaftServer(poller, "127.0.0.1", port, on_new, BUF, BUF, tls=tls)
+        client = RaftConnection(
             poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF, tls=tls, server_hostname="127.0.0.1"
         )
     else:
@@ -197,10 +197,10 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
 
 def handshakes(count: int, base: Path) -> dict:
     """CPU time (this process: both ends) of ``count`` TLS handshakes between a dialled
-    TLSConnection and a TLSServer, pysyncobj's select poller driving them."""
+    RaftConnection and a RaftServer, pysyncobj's select poller driving them."""
     from pysyncobj.poller import createPoller
 
-    from fluxmq.replication.tls_transport import TLSConnection, TLSServer, raft_tls
+    from fluxmq.replication.transport import RaftConnection, RaftServer, raft_tls
 
     ca = CertAuthority(base / "hs-pki")
     cert = ca.issue_node("n", hosts=("127.0.0.1",))
@@ -222,11 +222,11 @@ def handshakes(count: int, base: Path) -> dict:
     poller = createPoller("select")
     port = free_port()
     accepted: list = []
-    server = TLSServer(poller, "127.0.0.1", port, accepted.append, tls=tls)
+    server = RaftServer(poller, "127.0.0.1", port, accepted.append, tls=tls)
     server.bind()
     times = []
     for _ in range(count):
-        conn = TLSConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
+        conn = RaftConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
         up: list = []
         conn.setOnConnectedCallback(lambda up=up: up.append(1))
         t0 = time.process_time()

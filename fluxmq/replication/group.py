@@ -120,7 +120,7 @@ class RaftGroup:
         tls=None,
         distribution: str = "",
     ) -> None:
-        self.tls = tls  # cluster.raft.tls: fluxmq.replication.tls_transport.RaftTLS, or None (plain TCP)
+        self.tls = tls  # cluster.raft.tls: fluxmq.replication.transport.RaftTLS, or None (plain TCP)
         # "forward": consumers on every replica, the leader deciding (distribution.py); "": the
         # leader delivers to its own consumers only
         self.distribution = distribution
@@ -228,7 +228,7 @@ class RaftGroup:
         )
         transport = None
         if self.tls is not None:
-            from .tls_transport import transport_class
+            from .transport import transport_class
 
             transport = transport_class(self.tls)
         self._node = _NODE_CLASS(

@@ -1,5 +1,5 @@
-"""The Raft TLS transport (fluxmq/replication/tls_transport.py) in one process: a TLSServer and a
-dialling TLSConnection on real loopback sockets, driven by pysyncobj's own select poller."""
+"""The Raft TLS transport (fluxmq/replication/transport.py) in one process: a RaftServer and a
+dialling RaftConnection on real loopback sockets, driven by pysyncobj's own select poller."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import TcpServer
 
 from fluxmq.errors import ConfigError
-from fluxmq.replication.tls_transport import RaftTLS, TLSConnection, TLSServer, raft_tls
+from fluxmq.replication.transport import RaftConnection, RaftServer, RaftTLS, raft_tls
 from tests.certs import CertAuthority
 from tests.conftest import free_port
 
@@ -62,9 +62,9 @@ def _pair(tls_server: RaftTLS, tls_client: RaftTLS):
         accepted.append(conn)
         conn.setOnMessageReceivedCallback(received.append)
 
-    server = TLSServer(poller, "127.0.0.1", port, on_new, tls=tls_server)
+    server = RaftServer(poller, "127.0.0.1", port, on_new, tls=tls_server)
     server.bind()
-    client = TLSConnection(poller, timeout=10.0, tls=tls_client, server_hostname="127.0.0.1")
+    client = RaftConnection(poller, timeout=10.0, tls=tls_client, server_hostname="127.0.0.1")
     connected: list = []
     replies: list = []
     client.setOnConnectedCallback(lambda: connected.append(True))
@@ -186,8 +186,8 @@ def test_the_wire_carries_no_plaintext(pki, tls_on) -> None:
         conn.setOnMessageReceivedCallback(received.append)
 
     if tls_on:
-        server = TLSServer(poller, "127.0.0.1", port, on_new, tls=tls)
-        client = TLSConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
+        server = RaftServer(poller, "127.0.0.1", port, on_new, tls=tls)
+        client = RaftConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
     else:
         server = TcpServer(poller, "127.0.0.1", port, on_new)
         client = TcpConnection(poller, timeout=10.0)

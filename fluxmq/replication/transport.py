@@ -1,8 +1,8 @@
 """TLS and mutual TLS for the Raft transport (``cluster.raft.tls.*``), inside pysyncobj's own poller.
 
 pysyncobj's ``TCPTransport`` makes its connections with ``TcpConnection`` and its listener with
-``TcpServer``: plain TCP, and every frame is unpickled. ``TLSTransport`` is that transport with both
-replaced (``TLSConnection``, ``TLSServer``); everything else (which side dials, the first message
+``TcpServer``: plain TCP, and every frame is unpickled. ``RaftTransport`` is that transport with both
+replaced (``RaftConnection``, ``RaftServer``); everything else (which side dials, the first message
 naming the sender's Raft address, reconnects, pysyncobj's optional password layer) is pysyncobj's.
 
 How it stays off the hub's back. The sockets stay non-blocking and are polled by pysyncobj's poller
@@ -42,7 +42,7 @@ from fluxmq.errors import ConfigError
 
 log = logging.getLogger("fluxmq.replication")
 
-__all__ = ["RaftTLS", "TLSConnection", "TLSServer", "TLSTransport", "raft_tls"]
+__all__ = ["RaftTLS", "RaftConnection", "RaftServer", "RaftTransport", "raft_tls"]
 
 SECTION = "cluster.raft.tls"
 #: plaintext handed to the SSLObject per write: one TLS record at most (16 KiB)
@@ -147,7 +147,7 @@ def _log_failure(peer: str, side: str, reason: str) -> None:
         log.warning("raft_tls_handshake_failed", extra={"peer": peer, "side": side, "reason": reason})
 
 
-class TLSConnection:
+class RaftConnection:
     """pysyncobj's ``TcpConnection`` (same interface, same framing) over TLS."""
 
     def __init__(
@@ -194,7 +194,7 @@ class TLSConnection:
         self._last_read = monotonic()
         self._started = self._last_read
         self.peer = peer
-        if sock is not None:  # accepted by TLSServer: the handshake is the client's to start
+        if sock is not None:  # accepted by RaftServer: the handshake is the client's to start
             self._fd = sock.fileno()
             self._state = CONNECTION_STATE.CONNECTED
             self._apply_keepalive()
@@ -492,8 +492,8 @@ class TLSConnection:
         return message
 
 
-class TLSServer:
-    """pysyncobj's ``TcpServer`` accepting ``TLSConnection``s."""
+class RaftServer:
+    """pysyncobj's ``TcpServer`` accepting ``RaftConnection``s."""
 
     def __init__(
         self,
@@ -560,7 +560,7 @@ class TLSServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._recv_size)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setblocking(False)
-                conn = TLSConnection(
+                conn = RaftConnection(
                     self._poller,
                     sock=sock,
                     timeout=self._timeout,
@@ -575,7 +575,7 @@ class TLSServer:
             self.unbind()
 
 
-class TLSTransport(TCPTransport):
+class RaftTransport(TCPTransport):
     """pysyncobj's ``TCPTransport`` whose connections and listener speak TLS (``tls``)."""
 
     def __init__(self, syncObj, selfNode, otherNodes, tls: RaftTLS):  # noqa: N803
@@ -586,7 +586,7 @@ class TLSTransport(TCPTransport):
         conf = self._syncObj.conf
         addr = conf.bindAddress or self._selfNode.address
         host, port = addr.rsplit(":", 1)
-        self._server = TLSServer(
+        self._server = RaftServer(
             self._syncObj._poller,
             globalDnsResolver().resolve(host),
             port,
@@ -603,7 +603,7 @@ class TLSTransport(TCPTransport):
         self._nodeAddrToNode[node.address] = node
         if self._shouldConnect(node):
             conf = self._syncObj.conf
-            conn = TLSConnection(
+            conn = RaftConnection(
                 self._syncObj._poller,
                 timeout=conf.connectionTimeout,
                 sendBufferSize=conf.sendBufferSize,
@@ -629,4 +629,4 @@ class TLSTransport(TCPTransport):
 
 def transport_class(tls: RaftTLS):
     """The ``transportClass`` argument of ``SyncObj`` for ``tls``."""
-    return functools.partial(TLSTransport, tls=tls)
+    return functools.partial(RaftTransport, tls=tls)
