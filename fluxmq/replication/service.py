@@ -172,6 +172,7 @@ class RaftService:
                 compaction_entries=raft.compaction_entries,
                 tls=tls,
                 distribution=self.distribution,
+                compression=raft.compression,
             )
             group.on_unknown = self._unknown_queue
             group.on_superseded = self._superseded
