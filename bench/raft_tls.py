@@ -13,8 +13,9 @@ rates are noisy; CPU per message much less so. The modes run in turn, ``--rounds
 
 ``--micro`` measures the transport alone, in this process: ``--frames`` frames of ``--frame-bytes``
 (a Raft entry's size: about 100 replicated messages of 64-byte payload) sent from a dialled
-connection to an accepted one over loopback, pysyncobj's TcpConnection vs RaftConnection (and each
-with the password), driven by pysyncobj's select poller; process CPU time per frame covers both
+connection to an accepted one over loopback: pysyncobj's TcpConnection (``pysyncobj``), ours plain
+(``plain``, what a node runs without TLS) and over TLS, each also with the password, driven by
+pysyncobj's select poller; process CPU time per frame covers both
 ends (encrypt and decrypt, pickling and zlib included).
 
     .venv/bin/python -m bench.raft_tls --micro --frames 3000 --frame-bytes 12000
@@ -159,9 +160,12 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
         client = RaftConnection(
             poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF, tls=tls, server_hostname="127.0.0.1"
         )
-    else:
+    elif kind.startswith("pysyncobj"):  # pysyncobj's own (plain TCP before 2026-12-05)
         server = TcpServer(poller, "127.0.0.1", port, on_new, BUF, BUF)
         client = TcpConnection(poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF)
+    else:  # plain TCP on the connection of ours (cluster.raft.tls off)
+        server = RaftServer(poller, "127.0.0.1", port, on_new, BUF, BUF, tls=None)
+        client = RaftConnection(poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF, tls=None)
     client.encryptor = encryptor
     server.bind()
     up: list = []
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handshakes", type=int, default=0, help="measure N TLS handshakes instead")
     ap.add_argument("--frames", type=int, default=3000)
     ap.add_argument("--frame-bytes", type=int, default=12000)
-    ap.add_argument("--kinds", default="plain,tls,password,tls+password")
+    ap.add_argument("--kinds", default="pysyncobj,plain,tls,pysyncobj+password,password,tls+password")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-raft-tls-"))
     try:
