@@ -13,8 +13,9 @@ rates are noisy; CPU per message much less so. The modes run in turn, ``--rounds
 
 ``--micro`` measures the transport alone, in this process: ``--frames`` frames of ``--frame-bytes``
 (a Raft entry's size: about 100 replicated messages of 64-byte payload) sent from a dialled
-connection to an accepted one over loopback, pysyncobj's TcpConnection vs TLSConnection (and each
-with the password), driven by pysyncobj's select poller; process CPU time per frame covers both
+connection to an accepted one over loopback: pysyncobj's TcpConnection (``pysyncobj``), ours plain
+(``plain``, what a node runs without TLS) and over TLS, each also with the password, driven by
+pysyncobj's select poller; process CPU time per frame covers both
 ends (encrypt and decrypt, pickling and zlib included).
 
     .venv/bin/python -m bench.raft_tls --micro --frames 3000 --frame-bytes 12000
@@ -124,7 +125,7 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
     from pysyncobj.tcp_connection import TcpConnection
     from pysyncobj.tcp_server import TcpServer
 
-    from fluxmq.replication.tls_transport import TLSConnection, TLSServer, raft_tls
+    from fluxmq.replication.transport import RaftConnection, RaftServer, raft_tls
 
     poller = createPoller("select")
     port = free_port()
@@ -155,13 +156,16 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
             },
         )
         tls = raft_tls(type("R", (), {"tls": tls_cfg, "password": ""}))
-        server = TLSServer(poller, "127.0.0.1", port, on_new, BUF, BUF, tls=tls)
-        client = TLSConnection(
+        server = RaftServer(poller, "127.0.0.1", port, on_new, BUF, BUF, tls=tls)
+        client = RaftConnection(
             poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF, tls=tls, server_hostname="127.0.0.1"
         )
-    else:
+    elif kind.startswith("pysyncobj"):  # pysyncobj's own (plain TCP before 2026-12-05)
         server = TcpServer(poller, "127.0.0.1", port, on_new, BUF, BUF)
         client = TcpConnection(poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF)
+    else:  # plain TCP on the connection of ours (cluster.raft.tls off)
+        server = RaftServer(poller, "127.0.0.1", port, on_new, BUF, BUF, tls=None)
+        client = RaftConnection(poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF, tls=None)
     client.encryptor = encryptor
     server.bind()
     up: list = []
@@ -197,10 +201,10 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
 
 def handshakes(count: int, base: Path) -> dict:
     """CPU time (this process: both ends) of ``count`` TLS handshakes between a dialled
-    TLSConnection and a TLSServer, pysyncobj's select poller driving them."""
+    RaftConnection and a RaftServer, pysyncobj's select poller driving them."""
     from pysyncobj.poller import createPoller
 
-    from fluxmq.replication.tls_transport import TLSConnection, TLSServer, raft_tls
+    from fluxmq.replication.transport import RaftConnection, RaftServer, raft_tls
 
     ca = CertAuthority(base / "hs-pki")
     cert = ca.issue_node("n", hosts=("127.0.0.1",))
@@ -222,11 +226,11 @@ def handshakes(count: int, base: Path) -> dict:
     poller = createPoller("select")
     port = free_port()
     accepted: list = []
-    server = TLSServer(poller, "127.0.0.1", port, accepted.append, tls=tls)
+    server = RaftServer(poller, "127.0.0.1", port, accepted.append, tls=tls)
     server.bind()
     times = []
     for _ in range(count):
-        conn = TLSConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
+        conn = RaftConnection(poller, timeout=10.0, tls=tls, server_hostname="127.0.0.1")
         up: list = []
         conn.setOnConnectedCallback(lambda up=up: up.append(1))
         t0 = time.process_time()
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handshakes", type=int, default=0, help="measure N TLS handshakes instead")
     ap.add_argument("--frames", type=int, default=3000)
     ap.add_argument("--frame-bytes", type=int, default=12000)
-    ap.add_argument("--kinds", default="plain,tls,password,tls+password")
+    ap.add_argument("--kinds", default="pysyncobj,plain,tls,pysyncobj+password,password,tls+password")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="bench-raft-tls-"))
     try:

@@ -1515,6 +1515,14 @@ KEYS: tuple[Key, ...] = (
         "snapshot is sent it (docs/replication.rst).",
     ),
     Key(
+        "cluster.raft.compression",
+        Int(0, 9),
+        0,
+        "zlib level of the Raft frames this node sends (every peer reads any level): 0 = stored, the "
+        "bytes as they are, the least CPU (members on a LAN); 1-9 = fewer bytes for more CPU per "
+        "entry on every member (slow links between members; docs/replication.rst).",
+    ),
+    Key(
         "cluster.raft.advertise_mqtt_addr",
         Str(),
         "",

@@ -7,8 +7,8 @@ writes, applied to the local queue log store on every replica. Imported only whe
   held acknowledgements and the state machine;
 - ``service``: ``RaftService``, the groups planned from the configuration and the log factory the
   queue manager asks for each queue's log;
-- ``tls_transport``: ``TLSTransport``, pysyncobj's TCP transport over TLS / mutual TLS
-  (``cluster.raft.tls``), and ``raft_tls``, its contexts from the configuration;
+- ``transport``: ``RaftTransport``, pysyncobj's TCP transport over connections of ours, plain TCP
+  or TLS / mutual TLS (``cluster.raft.tls``), and ``raft_tls``, its contexts from the configuration;
 - ``distribution``: ``ReplicatedGroup``, consumers on every replica (``distribution_mode``
   forward: the leader decides, a delivery to another node's member is a lease command);
 - ``lease``: ``LeaseTable``, the delivery leases of ``distribution_mode: replicate``.

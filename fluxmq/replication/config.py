@@ -111,7 +111,7 @@ def replication_problems(config) -> list[ConfigError]:
                 )
             )
     if raft.tls.enabled:
-        from .tls_transport import raft_tls
+        from .transport import raft_tls
 
         try:
             raft_tls(raft, origin, warn=False)  # the files are read and the contexts built as at start

@@ -154,7 +154,7 @@ class RaftService:
         # "replicate" (each node delivers what it leased), distribution.py and lease.py
         self.distribution = raft.distribution_mode or ""
         self.groups: dict[str, RaftGroup] = {}
-        from .tls_transport import raft_tls
+        from .transport import raft_tls
 
         tls = raft_tls(raft, origin)  # cluster.raft.tls: one set of contexts for every group
         for key, p in self.plans.items():
@@ -172,6 +172,7 @@ class RaftService:
                 compaction_entries=raft.compaction_entries,
                 tls=tls,
                 distribution=self.distribution,
+                compression=raft.compression,
             )
             group.on_unknown = self._unknown_queue
             group.on_superseded = self._superseded

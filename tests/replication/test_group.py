@@ -93,3 +93,67 @@ def test_the_epoch_is_learned_again_from_the_claims_replayed_at_a_restart(tmp_pa
     assert group.epoch == 7 and group.mqtt_of["n3"] == "h:1883"
     group._apply([("e", 3), ("c", "q", "g", 0, 1, ())], 8)  # replayed: applied before, untouched
     assert qlog.progress["g"] == [0, set()]
+
+
+def _run_one_member_group(tmp_path, store, me: str, messages=(), until: int = 0) -> RaftGroup:
+    """A one-member group at ``me`` on ``tmp_path`` elected, its claim applied, ``messages``
+    appended to queue q and committed, everything applied (at least up to index ``until``: a
+    claim replayed from the journal makes it the owner before the entries after it are applied);
+    stopped before it returns."""
+    import gevent
+
+    group = RaftGroup("default", me, [me], str(tmp_path), store, "forward")
+    qlog = group.logs["q"] = ReplicatedQueueLog("q", store, group, ReplicationConfig(True))
+    group.start()
+    try:
+        with gevent.Timeout(20):
+            while group.owner != me:
+                gevent.sleep(0.01)
+            for m in messages:
+                qlog.append_one(m)
+            if messages:
+                held = qlog.held_ack()
+                while not held.done:
+                    gevent.sleep(0.01)
+                assert held.outcome is None
+            while group.applied < max(until, group._node.raftCommitIndex):
+                gevent.sleep(0.01)
+    finally:
+        group.stop()
+    return group
+
+
+def test_commands_are_pickled_with_protocol_5_and_protocol_2_ones_still_replay(tmp_path) -> None:
+    """pysyncobj's @replicated pickles a command with protocol 2, where each record (bytes) is a
+    latin-1 text to encode, and decode on every replica: ~90 + 80 us per entry of 200 records
+    (bench/RESULTS.md). The group submits its entries pickled with protocol 5; a journal written
+    before (protocol 2 commands) is replayed as it was."""
+    import pickle
+
+    import pysyncobj.pickle as pysyncobj_pickle
+    from pysyncobj.journal import createJournal
+
+    from tests.conftest import free_port
+
+    me = f"127.0.0.1:{free_port()}"
+    messages = [Message("$queue/q", b"m%d" % i, 1) for i in range(3)]
+    first_store = MemoryQueueLog()
+    group = _run_one_member_group(tmp_path, first_store, me, messages)
+    written = first_store.read("q", 0, 10)
+    assert len(written) == 3
+    journal = createJournal(group.journal)
+    entries = [journal[i] for i in range(len(journal))]
+    ours = [(cmd, idx, term) for cmd, idx, term in entries if cmd[:1] == b"\x00"]  # REGULAR
+    assert ours and all(cmd[1:3] == b"\x80\x05" for cmd, _, _ in ours)  # pickle protocol 5
+    # the same journal as the previous version wrote it: every command pickled with protocol 2
+    first = entries.index(ours[0])
+    journal.deleteEntriesFrom(first)  # a position in the journal
+    for cmd, idx, term in entries[first:]:
+        if cmd[:1] == b"\x00":
+            cmd = b"\x00" + pysyncobj_pickle.dumps(pickle.loads(cmd[1:]))
+            assert cmd[1:3] == b"\x80\x02"
+        journal.add(cmd, idx, term)
+    journal._destroy()
+    store = MemoryQueueLog()  # nothing applied: the restart replays the whole journal
+    _run_one_member_group(tmp_path, store, me, until=entries[-1][1])
+    assert store.read("q", 0, 10) == written

@@ -17,10 +17,10 @@ from tests.conftest import free_port
 @pytest.fixture(params=["plain", "mtls"])
 def groups(request, tmp_path):
     tls = None
-    if request.param == "mtls":  # the TLS transport's addNode/dropNode (tls_transport.py)
-        from fluxmq.replication.tls_transport import raft_tls
+    if request.param == "mtls":  # the TLS transport's addNode/dropNode (transport.py)
+        from fluxmq.replication.transport import raft_tls
         from tests.certs import CertAuthority
-        from tests.replication.test_tls_transport import _raft
+        from tests.replication.test_transport import _raft
 
         ca = CertAuthority(tmp_path / "pki")
         tls = raft_tls(_raft(ca.issue_node("n", hosts=("127.0.0.1",)), ca.cert_file))
