@@ -94,7 +94,9 @@ cdef class PublishRelay:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
         cdef Py_ssize_t i = start, count = len(packets)
         cdef Publish pub
-        cdef int qos, version, tq, qown, max_qos, pid
+        cdef int qos, version, tq, qown, pid
+        cdef int max_qos = -1  # read on the first QoS 1 PUBLISH (a QoS 0 one is within any maximum)
+        cdef bint have_store = False, have_queues = False
         cdef long long max_size
         cdef Py_ssize_t ack_at = 0, n, n_acked, size, j, k
         cdef bint sampled
@@ -118,7 +120,6 @@ cdef class PublishRelay:
             return i
         version = conn.version
         settings = conn.settings
-        max_qos = settings.max_qos
         max_size = settings.max_message_size
         policy = conn._policy
         allowed = None
@@ -126,18 +127,14 @@ cdef class PublishRelay:
             allowed = policy.fast
             if allowed is None:
                 return i
-        store = broker._store
-        # A durable queue's common append (``QueueManager.append_relayed``: a run of payloads to one
-        # topic, of which it appends the first n, or declines before any effect with 0); None until
-        # the node made its queues (the Python path makes them).
-        queues = broker.queues
-        queue_append = queues.append_relayed if queues is not None else None
+        # Read when first needed (the storage for QoS 1, the queues for a "$" topic, the client id
+        # for a Message or a stake): a lone QoS 0 message reads none of them.
+        store = queue_append = client_id = None
         stats = broker.stats
         received = stats.received_qos
         router = broker.router
         routes = router._routes
         trie = router.trie
-        client_id = conn.client_id
         conn_class = self.conn_class
         session_class = self.session_class
         last_route = None
@@ -152,8 +149,13 @@ cdef class PublishRelay:
                     break
                 pub = <Publish>p
                 qos = pub.qos
-                if qos > 1 or qos > max_qos or pub.retain or pub.properties:
+                if qos > 1 or pub.retain or pub.properties:
                     break
+                if qos:
+                    if max_qos < 0:
+                        max_qos = settings.max_qos
+                    if qos > max_qos:
+                        break
                 topic = pub.topic
                 if PyUnicode_GET_LENGTH(topic) == 0:
                     break
@@ -162,6 +164,15 @@ cdef class PublishRelay:
                 if size > max_size:
                     break
                 if PyUnicode_READ_CHAR(topic, 0) == 36:  # "$": only a durable queue's append is served here
+                    if not have_queues:
+                        # A durable queue's common append (``QueueManager.append_relayed``: a run of
+                        # payloads to one topic, of which it appends the first n, or declines before
+                        # any effect with 0); None until the node made its queues (the Python path
+                        # makes them).
+                        have_queues = True
+                        queues = broker.queues
+                        queue_append = queues.append_relayed if queues is not None else None
+                        client_id = conn.client_id
                     if queue_append is None or qos != 1 or not topic.startswith("$queue/"):
                         break
                     if allowed is not None and allowed.get(topic) != 0:
@@ -226,6 +237,10 @@ cdef class PublishRelay:
                     last_topic = topic
                     last_route = route
                 ops_before = None
+                if qos and not have_store:
+                    have_store = True
+                    store = broker._store
+                    client_id = conn.client_id
                 if store is not None and qos:
                     if store.refusing:
                         break
@@ -296,7 +311,7 @@ cdef class PublishRelay:
                                     session._next_pid = pid + 1 if pid < 65535 else 1
                                     if message is None:
                                         message = self.message_class(topic, payload, qos, False, None, None,
-                                                                     client_id)
+                                                                     client_id)  # read with the store (QoS 1)
                                     append_publish(dout, <bytes>data, pid, False)
                                     inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
                                     d._npk += 1
@@ -305,6 +320,8 @@ cdef class PublishRelay:
                                         d.flusher.mark(d)
                                     continue
                     if message is None:
+                        if client_id is None:
+                            client_id = conn.client_id
                         message = self.message_class(topic, payload, qos, False, None, None, client_id)
                     session.deliver(message, tq, False, sub_ids)
                 sent_n[0] += n - n_acked
