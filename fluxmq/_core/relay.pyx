@@ -46,6 +46,17 @@ cdef class PublishRelay:
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public bint enabled
+    # The last broker served and the objects it holds for its whole life (Broker.stats and its
+    # per-QoS count lists, Broker.router, Router._routes, Router.trie: made in their __init__ and
+    # never replaced), read once per broker instead of once per call.
+    cdef object _broker
+    cdef list _received
+    cdef list _received_bytes
+    cdef list _sent
+    cdef list _sent_bytes
+    cdef object _router
+    cdef dict _routes
+    cdef object _trie
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None):
@@ -58,6 +69,21 @@ cdef class PublishRelay:
         self.sample_mask = sample_mask
         self.served = 0
         self.enabled = True
+        self._broker = None
+
+    cdef int _adopt(self, broker) except -1:
+        """Read the per-broker objects of ``broker`` (see ``_broker``)."""
+        stats = broker.stats
+        router = broker.router
+        self._received = stats.received_qos
+        self._received_bytes = stats.received_bytes_qos
+        self._sent = stats.sent_qos
+        self._sent_bytes = stats.sent_bytes_qos
+        self._router = router
+        self._routes = router._routes
+        self._trie = router.trie
+        self._broker = broker
+        return 0
 
     cdef Py_ssize_t _settle_tracked(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
         """A run of PUBACKs of tracked deliveries (a durable queue's, ``TrackedMessage``): what the
@@ -130,11 +156,12 @@ cdef class PublishRelay:
         # Read when first needed (the storage for QoS 1, the queues for a "$" topic, the client id
         # for a Message or a stake): a lone QoS 0 message reads none of them.
         store = queue_append = client_id = None
-        stats = broker.stats
-        received = stats.received_qos
-        router = broker.router
-        routes = router._routes
-        trie = router.trie
+        if broker is not self._broker:
+            self._adopt(broker)
+        received = self._received
+        router = self._router
+        routes = self._routes
+        trie = self._trie
         conn_class = self.conn_class
         session_class = self.session_class
         last_route = None
@@ -353,14 +380,14 @@ cdef class PublishRelay:
                     break
         finally:
             if recv_n[0] or recv_n[1]:
-                received_bytes = stats.received_bytes_qos
+                received_bytes = self._received_bytes
                 received[0] += recv_n[0]
                 received[1] += recv_n[1]
                 received_bytes[0] += recv_b[0]
                 received_bytes[1] += recv_b[1]
             if sent_n[0] or sent_n[1]:
-                sent = stats.sent_qos
-                sent_bytes = stats.sent_bytes_qos
+                sent = self._sent
+                sent_bytes = self._sent_bytes
                 if sent_n[0]:
                     sent[0] += sent_n[0]
                     sent_bytes[0] += sent_b[0]
