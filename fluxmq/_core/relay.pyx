@@ -40,6 +40,14 @@ from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 
 
+cdef inline SentTable _sent_table(store):
+    """A store's ``sent_table`` when it is one (an LMDB store), else None: the Python path."""
+    found = getattr(store, "sent_table", None)
+    if type(found) is SentTable:
+        return <SentTable>found
+    return None
+
+
 cdef class PublishRelay:
     """Serves the common PUBLISH in C (see the module docstring)."""
 
@@ -53,6 +61,17 @@ cdef class PublishRelay:
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public bint enabled
+    # The last broker served and the objects it holds for its whole life (Broker.stats and its
+    # per-QoS count lists, Broker.router, Router._routes, Router.trie: made in their __init__ and
+    # never replaced), read once per broker instead of once per call.
+    cdef object _broker
+    cdef list _received
+    cdef list _received_bytes
+    cdef list _sent
+    cdef list _sent_bytes
+    cdef object _router
+    cdef dict _routes
+    cdef object _trie
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None, persistent_class=None):
@@ -66,6 +85,21 @@ cdef class PublishRelay:
         self.sample_mask = sample_mask
         self.served = 0
         self.enabled = True
+        self._broker = None
+
+    cdef int _adopt(self, broker) except -1:
+        """Read the per-broker objects of ``broker`` (see ``_broker``)."""
+        stats = broker.stats
+        router = broker.router
+        self._received = stats.received_qos
+        self._received_bytes = stats.received_bytes_qos
+        self._sent = stats.sent_qos
+        self._sent_bytes = stats.sent_bytes_qos
+        self._router = router
+        self._routes = router._routes
+        self._trie = router.trie
+        self._broker = broker
+        return 0
 
     cdef Py_ssize_t _settle_acks(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
         """A run of PUBACKs the fast path settles: of tracked deliveries (a durable queue's,
@@ -183,7 +217,9 @@ cdef class PublishRelay:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
         cdef Py_ssize_t i = start, count = len(packets)
         cdef Publish pub
-        cdef int qos, version, tq, qown, max_qos, pid
+        cdef int qos, version, tq, qown, pid
+        cdef int max_qos = -1  # read on the first QoS 1 PUBLISH (a QoS 0 one is within any maximum)
+        cdef bint have_store = False, have_queues = False
         cdef long long max_size
         cdef Py_ssize_t ack_at = 0, n, n_acked, size, j, k
         cdef bint sampled, durable, ready, staked
@@ -208,7 +244,6 @@ cdef class PublishRelay:
             return i
         version = conn.version
         settings = conn.settings
-        max_qos = settings.max_qos
         max_size = settings.max_message_size
         policy = conn._policy
         allowed = None
@@ -216,31 +251,23 @@ cdef class PublishRelay:
             allowed = policy.fast
             if allowed is None:
                 return i
-        store = broker._store
-        # A durable queue's common append (``QueueManager.append_relayed``: a run of payloads to one
-        # topic, of which it appends the first n, or declines before any effect with 0); None until
-        # the node made its queues (the Python path makes them).
-        queues = broker.queues
-        queue_append = queues.append_relayed if queues is not None else None
-        stats = broker.stats
-        received = stats.received_qos
-        router = broker.router
-        routes = router._routes
-        trie = router.trie
-        client_id = conn.client_id
+        # Read when first needed (the storage for QoS 1, the queues for a "$" topic, the client id
+        # for a Message or a stake): a lone QoS 0 message reads none of them.
+        store = queue_append = client_id = None
+        if broker is not self._broker:
+            self._adopt(broker)
+        received = self._received
+        router = self._router
+        routes = self._routes
+        trie = self._trie
         conn_class = self.conn_class
         session_class = self.session_class
         persistent_class = self.persistent_class
         if persistent_class is None:
             persistent_class = session_class  # (never matched: the session_class test comes first)
-        # the store's per-message record methods in C (an LMDB store's ``sent_table``; None: none)
+        # the store's per-message record methods in C (an LMDB store's ``sent_table``; None: none),
+        # read with the store
         cdef SentTable table = None
-        if store is not None:
-            found = getattr(store, "sent_table", None)
-            if type(found) is SentTable:
-                table = <SentTable>found
-        if table is None:
-            persistent_class = session_class
         staked = False
         last_route = None
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
@@ -254,8 +281,13 @@ cdef class PublishRelay:
                     break
                 pub = <Publish>p
                 qos = pub.qos
-                if qos > 1 or qos > max_qos or pub.retain or pub.properties:
+                if qos > 1 or pub.retain or pub.properties:
                     break
+                if qos:
+                    if max_qos < 0:
+                        max_qos = settings.max_qos
+                    if qos > max_qos:
+                        break
                 topic = pub.topic
                 if PyUnicode_GET_LENGTH(topic) == 0:
                     break
@@ -264,6 +296,15 @@ cdef class PublishRelay:
                 if size > max_size:
                     break
                 if PyUnicode_READ_CHAR(topic, 0) == 36:  # "$": only a durable queue's append is served here
+                    if not have_queues:
+                        # A durable queue's common append (``QueueManager.append_relayed``: a run of
+                        # payloads to one topic, of which it appends the first n, or declines before
+                        # any effect with 0); None until the node made its queues (the Python path
+                        # makes them).
+                        have_queues = True
+                        queues = broker.queues
+                        queue_append = queues.append_relayed if queues is not None else None
+                        client_id = conn.client_id
                     if queue_append is None or qos != 1 or not topic.startswith("$queue/"):
                         break
                     if allowed is not None and allowed.get(topic) != 0:
@@ -328,6 +369,11 @@ cdef class PublishRelay:
                     last_topic = topic
                     last_route = route
                 ops_before = None
+                if qos and not have_store:
+                    have_store = True
+                    store = broker._store
+                    client_id = conn.client_id
+                    table = _sent_table(store)
                 if store is not None and qos:
                     if store.refusing:
                         break
@@ -361,11 +407,19 @@ cdef class PublishRelay:
                         ready = False
                     elif type(session) is session_class:
                         ready = not session.queue
-                    elif type(session) is persistent_class and session.store is store:
-                        # a persistent session: its disk queue must be empty too (then a QoS 1
-                        # delivery is stored as an in-flight queue entry, as put_in_flight does)
-                        durable = True
-                        ready = not session.queue.count
+                    elif type(session) is persistent_class:
+                        if not have_store:  # (a QoS 0 message: the store only for the session test)
+                            have_store = True
+                            store = broker._store
+                            client_id = conn.client_id
+                            table = _sent_table(store)
+                        if table is not None and session.store is store:
+                            # a persistent session: its disk queue must be empty too (then a QoS 1
+                            # delivery is stored as an in-flight queue entry, as put_in_flight does)
+                            durable = True
+                            ready = not session.queue.count
+                        else:
+                            ready = False
                     else:
                         ready = False
                     if ready:
@@ -431,6 +485,8 @@ cdef class PublishRelay:
                                         d.flusher.mark(d)
                                     continue
                     if message is None:
+                        if client_id is None:
+                            client_id = conn.client_id
                         message = self.message_class(topic, payload, qos, False, None, None, client_id)
                     session.deliver(message, tq, False, sub_ids)
                 sent_n[0] += n - n_acked
@@ -464,14 +520,14 @@ cdef class PublishRelay:
             if staked:
                 store.note_stake(client_id)  # once per call: nothing commits within it
             if recv_n[0] or recv_n[1]:
-                received_bytes = stats.received_bytes_qos
+                received_bytes = self._received_bytes
                 received[0] += recv_n[0]
                 received[1] += recv_n[1]
                 received_bytes[0] += recv_b[0]
                 received_bytes[1] += recv_b[1]
             if sent_n[0] or sent_n[1]:
-                sent = stats.sent_qos
-                sent_bytes = stats.sent_bytes_qos
+                sent = self._sent
+                sent_bytes = self._sent_bytes
                 if sent_n[0]:
                     sent[0] += sent_n[0]
                     sent_bytes[0] += sent_b[0]

@@ -412,6 +412,11 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         stats.bytes_received += len(data)
         i = 0
         bad = None
+        # Deliveries and acks of this read only queue their connections: release() below writes
+        # them (the turn's last reader) or schedules the flush, instead of a flush callback made
+        # by the first mark and cancelled here.
+        flusher = self.flusher
+        flusher.holding = True
         try:
             try:
                 packets = self.decoder.feed(data)
@@ -429,16 +434,18 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         except Exception as exc:
             # What the read loop would have met serving this read: raised in the reader, which
             # ends the connection as there (an error must not escape into the hub's loop).
+            flusher.release(False)
             self._reader.throw(exc)
             return
         if i < count or self.closed or bad is not None:
+            flusher.release(False)
             self._reader.switch((data, packets, i, bad))
             return
+        # The turn's last reader (its socket drained, no other watcher pending) writes the turn's
+        # output now (see run); otherwise the flush callback does, after the others' input.
+        flusher.release(stream.drained and not loop.pendingcnt)
         HUB_READS.served += 1
         self._wait_from = loop.now()  # a new wait: keep alive counts from here
-        flusher = self.flusher
-        if stream.drained and flusher.scheduled and not loop.pendingcnt:
-            flusher.flush_now()  # the turn's last reader writes the turn's output (see run)
 
     def _on_timeout(self) -> None:
         if self.session is None:

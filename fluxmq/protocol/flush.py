@@ -44,6 +44,7 @@ class FlushScheduler:
         "_write_lock",
         "_pool",
         "_retry",
+        "holding",
     )
 
     def __init__(self, storage=None) -> None:
@@ -58,6 +59,9 @@ class FlushScheduler:
         self._write_lock = None
         self._pool = None
         self._retry = None  # greenlet that re-runs the flush when a failed commit may be retried
+        # True while a hub callback serves a read (MQTTConnection._on_input): marks only queue the
+        # connection, and the callback's ``release`` writes the batch or schedules the flush.
+        self.holding = False
         if self.storage is not None:
             self.storage.on_pending = self._wake
             if getattr(self.storage, "sync_mode", "") == "always":
@@ -68,14 +72,14 @@ class FlushScheduler:
     def mark(self, conn) -> None:
         """Queue ``conn`` for the next flush (the caller guards against marking twice)."""
         self._dirty.append(conn)
-        if not self.scheduled:
+        if not self.scheduled and not self.holding:
             self.scheduled = True
             self._callback = self._loop.run_callback(self._flush)
 
     def _wake(self) -> None:
         """The storage buffered the first operation of a batch: commit it this turn even if no
         connection is dirty (a timer, a will, an HTTP publish)."""
-        if not self.scheduled:
+        if not self.scheduled and not self.holding:  # held: release() commits it
             self.scheduled = True
             self._callback = self._loop.run_callback(self._flush)
 
@@ -93,6 +97,28 @@ class FlushScheduler:
                 self._flush()
             except Exception:  # another connection's trouble must not end the calling reader
                 log.exception("flush_failed", extra={"peer": "-"})
+
+    def release(self, last: bool) -> None:
+        """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
+        callback is the loop turn's last ready watcher and its client's socket is drained), write
+        the turn's output now, as ``flush_now`` does; else leave it to the flush callback, scheduled
+        here if the held marks did not schedule it. A lone message served in the hub so costs no
+        loop callback made and cancelled."""
+        self.holding = False
+        st = self.storage
+        wanted = self._dirty or (st is not None and st.has_pending)
+        if last:
+            if wanted or self.scheduled:
+                callback = self._callback
+                if callback is not None:
+                    callback.stop()
+                try:
+                    self._flush()
+                except Exception:  # another connection's trouble must not end the hub's callback
+                    log.exception("flush_failed", extra={"peer": "-"})
+        elif wanted and not self.scheduled:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
 
     def _flush(self) -> None:
         self.scheduled = False

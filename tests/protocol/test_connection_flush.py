@@ -200,3 +200,51 @@ def test_an_unexpected_error_in_the_hub_callback_ends_the_connection_as_in_its_r
         for c in (client, other_client):
             c.close()
         gevent.joinall([reader, other_reader], timeout=5)
+
+
+class _CountingLoop:
+    """The hub's loop, counting the callbacks scheduled through it (everything else passes)."""
+
+    def __init__(self, loop) -> None:
+        self._loop = loop
+        self.callbacks = 0
+
+    def run_callback(self, func, *args):
+        self.callbacks += 1
+        return self._loop.run_callback(func, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._loop, name)
+
+
+def test_a_lone_message_served_in_the_hub_schedules_no_flush_callback(broker: Broker) -> None:
+    """The hub callback holds the flusher while it serves a read: the delivery and the PUBACK only
+    queue their connections, and the callback writes them itself as the turn's last reader; no
+    loop callback is made for the flush (and cancelled). Input handed to the reader (a SUBSCRIBE
+    after a PUBLISH in one read) still gets the delivery and both acks out."""
+    flusher = RecordingFlusher(broker.storage)
+    counting = flusher._loop = _CountingLoop(flusher._loop)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 1)
+    for client in (pub_client, sub_client):  # a first exchange: each reader empties its socket
+        client.sendall(b"\xc0\x00")
+        assert read_exactly(client, 2) == b"\xd0\x00"
+    flusher.runs.clear()
+    counting.callbacks = 0
+    try:
+        pub_client.sendall(publish_packet("t", b"lone", qos=1, pid=7))
+        assert read_exactly(pub_client, 4) == b"\x40\x02\x00\x07"
+        got = read_exactly(sub_client, 11)
+        assert got[0] == 0x32 and got.endswith(b"lone")
+        assert len(flusher.runs) == 1 and flusher.runs[0][0] is gevent.get_hub()
+        assert counting.callbacks == 0
+        # PUBLISH + SUBSCRIBE in one read: the hub serves the PUBLISH, the reader the SUBSCRIBE.
+        pub_client.sendall(publish_packet("t", b"next", qos=1, pid=8) + b"\x82\x06\x00\x09\x00\x01u\x00")
+        assert read_exactly(pub_client, 4 + 5) == b"\x40\x02\x00\x08" + b"\x90\x03\x00\x09\x00"
+        got = read_exactly(sub_client, 11)
+        assert got[0] == 0x32 and got.endswith(b"next")
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)

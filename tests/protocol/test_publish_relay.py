@@ -638,3 +638,28 @@ def test_persistent_sessions_qos1_deliveries_and_pubacks_are_served_in_c(tmp_pat
     sent_at_once = {("dur", b"m0"), ("dur", b"m1"), ("dur", b"m2"), ("dur5", b"m0"), ("dur5", b"m1")}
     sent_at_once |= {("dur", b"late0"), ("dur", b"late1"), ("dur5", b"late0")}
     assert not sent_at_once & set(fast[5])
+
+
+def test_brokers_served_in_turn_each_get_their_own_routes_and_counters() -> None:
+    """The relay reads a broker's counters, router and route cache once per broker: PUBLISHes to
+    two brokers in one process, in turn, are routed by each one's subscriptions and counted in each
+    one's stats (a relay that kept the first broker's objects would route and count the second's
+    PUBLISHes in the first)."""
+    a, b = Net(), Net()
+    try:
+        for net, name in ((a, "a"), (b, "b")):
+            net.client("pub")
+            net.client("sub")
+            net.subscribe("sub", f"t/{name}", 0)
+        served = RELAY.served
+        for net, name in ((a, "a"), (b, "b"), (a, "a")):
+            net.send("pub", [c.Publish(f"t/{name}", name.encode())])
+            got = net.read_all()
+            assert got["sub"] == encode(c.Publish(f"t/{name}", name.encode()), 4)
+        assert RELAY.served - served == 6  # three PUBLISHes and three marks, all by the relay
+        # a: 2 PUBLISHes + 2 marks received, to 1 + 2 (mark to both) clients each; b: half that
+        assert a.broker.stats.received_qos[0] == 4 and b.broker.stats.received_qos[0] == 2
+        assert a.broker.stats.sent_qos[0] == 2 + 2 * 2 and b.broker.stats.sent_qos[0] == 1 + 2
+    finally:
+        a.close()
+        b.close()
