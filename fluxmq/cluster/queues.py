@@ -130,8 +130,20 @@ def forwarded_delivery(topic: str, data: bytes, payload_len: int, settle, ticket
 
 def _refusal(result) -> QueueRefused | None:
     if isinstance(result, dict) and "err" in result:
-        return QueueRefused(result["err"], result.get("code", 0x80))
+        exc = QueueRefused(result["err"], result.get("code", 0x80))
+        if result.get("user"):  # e.g. a replicated queue's ``leader`` under write_policy reject
+            exc.user_properties = [tuple(p) for p in result["user"]]
+        return exc
     return None
+
+
+def _refused(exc: QueueRefused) -> dict:
+    """The owner's refusal as an op result (its user properties go with it)."""
+    out = {"err": str(exc), "code": exc.reason_code}
+    user = getattr(exc, "user_properties", None)
+    if user:
+        out["user"] = [list(p) for p in user]
+    return out
 
 
 class OpLink:
@@ -446,7 +458,7 @@ class RemoteQueues:
                     stored.append(len(results))
                 results.append({"ok": result})
             except QueueRefused as exc:
-                results.append({"err": str(exc), "code": exc.reason_code})
+                results.append(_refused(exc))
             except Exception as exc:
                 log.exception("queue_op_failed", extra={"peer": from_node, "op": header[0]})
                 results.append({"err": f"{type(exc).__name__}: {exc}", "code": 0x80})

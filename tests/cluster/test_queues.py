@@ -81,3 +81,53 @@ def test_what_waits_for_an_owner_is_bounded_and_a_publish_past_the_bound_is_refu
         gevent.sleep(0.01)
         deadline -= 1
     assert all(isinstance(h.outcome, QueueRefused) and h.outcome.reason_code == 0x80 for h in held)
+
+
+class _Loopback:
+    """The workers' transport between two RemoteQueues of one process: a call runs the other's handler."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, dict] = {}
+
+    def of(self, node: str):
+        outer = self
+
+        class _Side:
+            def handle(self, kind, fn) -> None:
+                outer.handlers.setdefault(node, {})[kind] = fn
+
+            def call(self, to, kind, payload, timeout):
+                return outer.handlers[to][kind](node, payload)
+
+        return _Side()
+
+
+def test_a_refusal_of_the_owner_keeps_its_user_properties() -> None:
+    """write_policy reject on a node of several workers: the owner (worker 0, the node's Raft member)
+    refuses with the leader's MQTT address as a user property; the PUBACK of worker 1 carries it too
+    (docs/replication.rst, "Several workers on a node")."""
+    from fluxmq.broker.message import Message
+    from fluxmq.queues.placement import QueuePlacement, owner_index
+    from fluxmq.replication.log import refused
+
+    class _Manager:
+        def publish(self, message, session):
+            raise refused("queue q: this node is a follower", 0x83, leader="127.0.0.1:1884")
+
+    class _Broker:
+        queues = None
+
+        def _queue_manager(self):
+            return _Manager()
+
+    from fluxmq.broker.held import wait_held
+    from fluxmq.cluster.queues import RemoteQueues
+
+    loop = _Loopback()
+    RemoteQueues(_Broker(), loop.of("w0"), "w0", 1)
+    worker = RemoteQueues(None, loop.of("w1"), "w1", 1)
+    worker.placement = QueuePlacement(1, 2)
+    name = next(f"q{i}" for i in range(100) if owner_index(f"q{i}", 2) == 0)
+    error = wait_held(worker.publish(name, Message(f"$queue/{name}", b"x", 1)), timeout=5)
+    assert error.reason_code == 0x83 and "follower" in str(error)
+    assert error.user_properties == [("leader", "127.0.0.1:1884")]
