@@ -2,8 +2,8 @@
 workers each on the session's etcd, Raft members from etcd. Worker 0 of each node is the node's
 Raft member and owns the replicated queue; worker 1 reaches it over the node's Unix socket
 (docs/replication.rst, "Several workers on a node"). ``distribution_mode: replicate``: with
-``forward`` the leader-kill run saw, in about 1 run of 4, an ``$ack`` confirmed and its record
-delivered again right after the failover (the race docs/replication.rst lists as not fixed).
+``forward`` the leader-kill run saw an ``$ack`` confirmed and its record delivered again right
+after the failover in 1 run of 8 (the race docs/replication.rst lists as not fixed).
 
 Clients are placed on a chosen worker: etcd names the member owning a client id's session
 (``n1/w1``), a client on the wrong one is closed and another tried. The nodes are shared by the
