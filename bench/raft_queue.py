@@ -28,6 +28,11 @@ and replicate, the producer on the leader and an auto-ack consumer on each follo
 reference, forward with one consumer on the leader: nothing crosses nodes but the log):
 
     .venv/bin/python -m bench.raft_queue --distribution --count 20000
+
+``--workers``: three nodes of ``server.workers: 2`` (static peers, no etcd), the producer on worker 0
+(the node's Raft member) then on worker 1 of the leader node (appends forwarded to worker 0):
+
+    .venv/bin/python -m bench.raft_queue --workers --count 20000
 """
 
 from __future__ import annotations
@@ -73,8 +78,14 @@ def _parse(buf: bytearray):
         yield first, body
 
 
-def produce(port: int, count: int, window: int, rate: float = 0.0, seconds: float = 0.0) -> dict:
-    s = connect5(port, f"bench-raft-{os.getpid()}-{time.monotonic_ns()}")
+def produce(
+    port: int, count: int, window: int, rate: float = 0.0, seconds: float = 0.0, worker: str = ""
+) -> dict:
+    s = (
+        on_worker(port, worker)
+        if worker
+        else connect5(port, f"bench-raft-{os.getpid()}-{time.monotonic_ns()}")
+    )
     s.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(s, selectors.EVENT_READ)
@@ -132,6 +143,40 @@ def produce(port: int, count: int, window: int, rate: float = 0.0, seconds: floa
     if rate:
         out.update(stalls(trace))
     return out
+
+
+def on_worker(port: int, worker: str, tries: int = 40):
+    """A connection that landed on ``worker`` (``$SYS/broker/worker``, retained) of a node of several
+    workers; the others are closed."""
+    from bench.queues import _packets
+
+    topic = b"$SYS/broker/worker"
+    for _ in range(tries):
+        s = connect5(port, f"bench-raft-{os.getpid()}-{time.monotonic_ns()}")
+        s.sendall(_frame(0x82, struct.pack(">HB", 1, 0) + _utf8(topic.decode()) + b"\x00"))
+        buf = bytearray()
+        got = ""
+        for first, body in _packets(s, buf):
+            if first >> 4 != 3:
+                continue
+            tlen = struct.unpack_from(">H", body)[0]
+            if body[2 : 2 + tlen] != topic:
+                continue
+            i, plen, mult = 2 + tlen, 0, 1
+            while True:  # the properties' length (a variable byte integer)
+                b = body[i]
+                i += 1
+                plen += (b & 0x7F) * mult
+                mult *= 128
+                if not b & 0x80:
+                    break
+            got = body[i + plen :].decode()
+            break
+        if got == worker:
+            s.sendall(_frame(0xA2, struct.pack(">HB", 2, 0) + _utf8(topic.decode())))  # UNSUBSCRIBE
+            return s
+        s.close()
+    raise RuntimeError(f"no connection landed on {worker} in {tries} tries")
 
 
 def stalls(trace: list[tuple[float, float]], over: float = 0.010, gap: float = 0.05) -> dict:
@@ -340,12 +385,56 @@ queues:
             n.stop()
 
 
+def workers_cpu(factory, count: int, window: int) -> dict:
+    """Three nodes of two workers (static peers, no etcd): the producer on worker 0 (the node's Raft
+    member, owning the queue) and on worker 1 (each append forwarded to worker 0 over the node's
+    Unix socket) of the leader node; node CPU per PUBACKed message, all nodes' processes."""
+    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    text = """
+server: {{workers: 2}}
+storage: {{type: lmdb}}
+cluster:
+  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}}}
+queues:
+  - name: bench
+    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
+"""
+    nodes = [factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers]
+    try:
+        for n in nodes:
+            n.wait_ready()
+        deadline = time.monotonic() + 30
+        leader = None
+        while leader is None and time.monotonic() < deadline:
+            leader = next((n for n in nodes if (_status_or_none(n) or {}).get("delivering")), None)
+            time.sleep(0.1)
+        produce(leader.mqtt_port, 2000, window, worker="w1")  # warm up (imports, the workers' links)
+        return {
+            w: measured(nodes, produce, leader.mqtt_port, count, window, 0.0, 0.0, w) for w in ("w0", "w1")
+        }
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def _status_or_none(node) -> dict | None:
+    try:
+        return _status(node)
+    except Exception:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--window", type=int, default=100)
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument(
+        "--workers",
+        action="store_true",
+        help="three nodes of two workers: the producer on the Raft worker (w0) and on the other (w1)",
+    )
     ap.add_argument(
         "--distribution",
         action="store_true",
@@ -355,6 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-raft-"))
     factory = NodeFactory(base)
     results = {}
+    if args.workers:
+        try:
+            results = workers_cpu(factory, args.count, args.window)
+        finally:
+            factory.close()
+            shutil.rmtree(base, ignore_errors=True)
+        print(json.dumps(results, indent=1))
+        return 0
     if args.distribution:
         try:
             results["forward, consumer on the leader"] = distribution_cpu(

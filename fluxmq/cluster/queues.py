@@ -130,8 +130,20 @@ def forwarded_delivery(topic: str, data: bytes, payload_len: int, settle, ticket
 
 def _refusal(result) -> QueueRefused | None:
     if isinstance(result, dict) and "err" in result:
-        return QueueRefused(result["err"], result.get("code", 0x80))
+        exc = QueueRefused(result["err"], result.get("code", 0x80))
+        if result.get("user"):  # e.g. a replicated queue's ``leader`` under write_policy reject
+            exc.user_properties = [tuple(p) for p in result["user"]]
+        return exc
     return None
+
+
+def _refused(exc: QueueRefused) -> dict:
+    """The owner's refusal as an op result (its user properties go with it)."""
+    out = {"err": str(exc), "code": exc.reason_code}
+    user = getattr(exc, "user_properties", None)
+    if user:
+        out["user"] = [list(p) for p in user]
+    return out
 
 
 class OpLink:
@@ -439,17 +451,27 @@ class RemoteQueues:
     def _serve_ops(self, from_node: str, payload: bytes) -> bytes:
         results = []
         stored = []  # indexes of results an acknowledgement must wait for (the commit)
+        held = []  # (index, HeldAck): replicated queues' appends and settlements (the quorum)
         for header, blob in _decode_ops(payload):
             try:
                 result = self._apply(from_node, header, blob)
                 if header[0] in ("p", "m"):
                     stored.append(len(results))
+                if result.__class__ is HeldAck:
+                    held.append((len(results), result))
+                    result = 1
                 results.append({"ok": result})
             except QueueRefused as exc:
-                results.append({"err": str(exc), "code": exc.reason_code})
+                results.append(_refused(exc))
             except Exception as exc:
                 log.exception("queue_op_failed", extra={"peer": from_node, "op": header[0]})
                 results.append({"err": f"{type(exc).__name__}: {exc}", "code": 0x80})
+        for i, h in held:
+            error = wait_held(h)
+            if error is not None:
+                if not isinstance(error, QueueRefused):
+                    error = QueueRefused(str(error), 0x80)
+                results[i] = _refused(error)
         if stored:
             try:
                 self.broker.wait_committed()  # acknowledged means stored
@@ -475,10 +497,9 @@ class RemoteQueues:
             client_id = header[2]
             session = self.members.get((node, client_id)) if client_id else None
             result = manager.publish(Message(topic, body, qos, retain, props, expires_at, origin), session)
-            error = wait_held(result)
-            if error is not None:
-                raise error if isinstance(error, QueueRefused) else QueueRefused(str(error), 0x80)
-            return 1
+            # a replicated queue's HeldAck: waited for with the batch's others (_serve_ops), so
+            # the appends of one batch travel in one Raft entry, not one entry (and commit) each
+            return result if result.__class__ is HeldAck else 1
         if kind == "m":
             topic, body, qos, retain, props, expires_at, origin = decode_message(blob)
             return manager.adopt_record(

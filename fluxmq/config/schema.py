@@ -925,7 +925,8 @@ KEYS: tuple[Key, ...] = (
         1,
         'Worker processes of this node, acting as one broker (docs/cluster.rst "Several workers"); '
         '"auto" = the number of cores. They share every port; each worker owns a storage shard. '
-        "With cluster.enabled each worker is an etcd member {node_id}/w{i} (not with cluster.raft.enabled).",
+        "With cluster.enabled each worker is an etcd member {node_id}/w{i}; with cluster.raft.enabled "
+        "worker 0 is the node's Raft member and owns the replicated queues.",
     ),
     Key(
         "server.workers_transport",

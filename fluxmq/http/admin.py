@@ -488,12 +488,14 @@ class AdminAPI:
 
     def _change_raft_member(self, group: str, action: str, addr: str, node_id: str = "") -> tuple:
         raft = getattr(self.service, "raft", None)
-        if raft is None or not hasattr(raft, "change_member"):
+        # several workers: worker 0 runs the node's Raft member, the others ask it
+        change = getattr(raft, "change_member", None) or getattr(self.service, "raft_member_change", None)
+        if change is None:
             raise HTTPError(404, "Raft is not enabled on this node (cluster.raft.enabled)")
         from fluxmq.replication.group import MemberChangeRefused
 
         try:
-            members = raft.change_member(group, action, addr, node_id)
+            members = change(group, action, addr, node_id)
         except MemberChangeRefused as exc:
             body: dict[str, Any] = {"error": str(exc)}
             if exc.leader is not None:

@@ -41,6 +41,12 @@ RELOADABLE_LIMITS = frozenset(
 )
 
 
+#: the call to worker 0 (the node's Raft member) for its groups' status (several workers)
+RAFT_STATUS_KIND = "raft.status"
+#: ... and for a member change (admin API); answered once committed (MEMBER_CHANGE_TIMEOUT, 10 s)
+RAFT_MEMBER_KIND = "raft.member"
+MEMBER_CALL_TIMEOUT = 15.0
+
 #: sessions (and retained messages) restored between two yields to the hub: about 10 ms of work
 RESTORE_SLICE = 500
 
@@ -401,7 +407,7 @@ class BrokerService:
         if not cfg.cluster.enabled:
             return
         from fluxmq.cluster.node import ClusterNode
-        from fluxmq.replication.config import etcd_membership, expected_members, raft_addr
+        from fluxmq.replication.config import etcd_membership, raft_addr
 
         members = etcd_membership(cfg)
         announce = {"raft": raft_addr(cfg)} if members else None  # the others learn our Raft address
@@ -412,12 +418,7 @@ class BrokerService:
         node.start()
         self.cluster = node
         if members and node.plane is not None and hasattr(self.raft, "run"):
-            from fluxmq.cluster.metadata.raft_members import RaftMembers
-
-            names, count = expected_members(cfg)
-            record = RaftMembers(node.plane.meta, names, count)
-            self.raft.record = record  # member changes at run time are written to it (admin API)
-            self.raft.run(record.agree)
+            self._agree_raft_members(cfg, node)
 
     @property
     def cluster_health(self):
@@ -430,15 +431,91 @@ class BrokerService:
         from fluxmq.cluster.workers import WorkerMember, WorkerNode
 
         node = None
+        members = False
         if cfg.cluster.enabled:
             from fluxmq.cluster.node import ClusterNode
             from fluxmq.node.workers import shard_path
+            from fluxmq.replication.config import etcd_membership, raft_addr
 
             member = WorkerMember.of(cfg, workers, shard_path(cfg.storage.path, workers.index))
-            node = ClusterNode.from_config(cfg, self.broker, worker=member)  # ConfigError: one line
+            # The node's Raft member is worker 0 (docs/replication.rst, "Several workers on a node"):
+            # only it announces a Raft address (the member set is keyed by node: RaftMembers).
+            members = self.raft is not None and etcd_membership(cfg)
+            announce = {"raft": raft_addr(cfg)} if members else None
+            node = ClusterNode.from_config(cfg, self.broker, announce, worker=member)  # ConfigError: one line
             self.broker.settings.node_id = node.node_id
         self.cluster = WorkerNode(workers, self.broker, cfg, node)
+        if cfg.cluster.raft.enabled:
+            self._share_raft(workers)
         self.cluster.start()
+        if members and node.plane is not None and hasattr(self.raft, "run"):
+            self._agree_raft_members(cfg, node)
+
+    def _share_raft(self, workers) -> None:
+        """Several workers: worker 0 answers the others' ``/cluster/raft`` and admin member changes
+        (they run no Raft)."""
+        import json
+
+        from fluxmq.queues.placement import RAFT_WORKER
+        from fluxmq.replication.group import MemberChangeRefused
+
+        transport = self.cluster.transport
+        if workers.index == RAFT_WORKER:
+
+            def serve_change(_from: str, payload: bytes) -> bytes:
+                group, action, addr, node_id = json.loads(payload)
+                try:
+                    return json.dumps(
+                        {"members": self.raft.change_member(group, action, addr, node_id)}
+                    ).encode()
+                except MemberChangeRefused as exc:
+                    return json.dumps(
+                        {"status": exc.status, "error": str(exc), "leader": exc.leader}
+                    ).encode()
+
+            transport.handle(RAFT_STATUS_KIND, lambda _from, _p: json.dumps(self.raft_status()).encode())
+            transport.handle(RAFT_MEMBER_KIND, serve_change)
+            return
+        raft_worker = workers.member(RAFT_WORKER)
+
+        def status() -> list[dict]:
+            try:
+                reply = transport.call(raft_worker, RAFT_STATUS_KIND, b"", 5.0)
+            except Exception as exc:
+                log.info("raft_status_not_answered", extra={"error": str(exc)})
+                return []
+            return json.loads(reply)
+
+        def change(group: str, action: str, addr: str, node_id: str = "") -> list[str]:
+            payload = json.dumps([group, action, addr, node_id]).encode()
+            try:
+                reply = json.loads(
+                    transport.call(raft_worker, RAFT_MEMBER_KIND, payload, MEMBER_CALL_TIMEOUT)
+                )
+            except Exception as exc:
+                raise MemberChangeRefused(
+                    503, f"worker {raft_worker} (the node's Raft member): {exc}"
+                ) from None
+            if "members" in reply:
+                return reply["members"]
+            raise MemberChangeRefused(reply["status"], reply["error"], reply.get("leader"))
+
+        self._raft_status_elsewhere = status
+        self.raft_member_change = change
+
+    _raft_status_elsewhere = None
+    #: several workers, on a worker other than 0: ``change_member`` made by worker 0 (admin API)
+    raft_member_change = None
+
+    def _agree_raft_members(self, cfg, node) -> None:
+        """Members from etcd: agree on them (``fluxmq.cluster.metadata.raft_members``), then form."""
+        from fluxmq.cluster.metadata.raft_members import RaftMembers
+        from fluxmq.replication.config import expected_members
+
+        names, count = expected_members(cfg)
+        record = RaftMembers(node.plane.meta, names, count)
+        self.raft.record = record  # member changes at run time are written to it (admin API)
+        self.raft.run(record.agree)
 
     def _sys_topics(self, interval: float) -> SysTopics:
         totals = getattr(self.cluster, "sys_totals", None)  # several workers: the node's totals
@@ -453,7 +530,10 @@ class BrokerService:
 
         check_replication(cfg)  # a replicated queue with Raft off is an error, never a local queue
         raft = None
-        if cfg.cluster.raft.enabled:
+        workers = self.workers
+        # Several workers: the node's Raft groups run in worker 0 alone, which owns every
+        # replicated queue (fluxmq.queues.placement); the others reach them as any other owner.
+        if cfg.cluster.raft.enabled and (workers is None or workers.index == 0):
             from fluxmq.queues.config import QueueConfig
             from fluxmq.replication import RaftService
             from fluxmq.replication.config import etcd_membership, raft_addr
@@ -526,7 +606,11 @@ class BrokerService:
 
     def raft_status(self) -> list[dict]:
         """Each Raft group of this node (leader, term, commit index, lag); [] when Raft is off."""
-        return self.raft.status() if self.raft is not None else []
+        if self.raft is not None:
+            return self.raft.status()
+        if self._raft_status_elsewhere is not None:  # several workers: worker 0's
+            return self._raft_status_elsewhere()
+        return []
 
     def _start_coap(self, cfg) -> None:
         coap = cfg.server.coap

@@ -52,14 +52,6 @@ def check_workers(config) -> int:
             config.origin("server.workers"),
             got=config.server.workers,
         )
-    if n > 1 and c.raft.enabled:
-        raise ConfigError(
-            "server.workers",
-            "1 while cluster.raft.enabled is true (Raft-replicated queues on "
-            "several workers are not built: each worker would run the node's Raft member)",
-            config.origin("server.workers"),
-            got=config.server.workers,
-        )
     return n
 
 

@@ -567,8 +567,9 @@ class ConsumerGroup:
         self.cursor = self.floor = offset
         self.queue.log.commit(self.name, offset)
 
-    def ack(self, offset: int) -> bool:
-        """Settle a delivered record; False when it is not pending (already settled, unknown)."""
+    def ack(self, offset: int, session=None) -> bool:
+        """Settle a delivered record; False when it is not pending (already settled, unknown).
+        ``session``: who acks (``$ack``); a replicated group checks it holds the record."""
         if self.stream:
             return self.commit(offset + 1) or offset < self.floor
         if self._release(offset) is None:

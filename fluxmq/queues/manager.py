@@ -679,7 +679,7 @@ class QueueManager:
             return 0
         reason = props.get("reason", "")
         if action == ACK:
-            done = group.ack(offset)
+            done = group.ack(offset, origin)
         elif action == NACK:
             done = group.nack(offset, reason)
         elif action == REJECT:

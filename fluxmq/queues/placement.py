@@ -6,6 +6,10 @@ hash of the queue's name over the worker count (CRC-32, the same on every worker
 with the same count). A dead-letter queue lives with the queue it belongs to (its records are
 appended by that queue's groups): ``{name}.dlq`` and a configured ``dlq.topic`` are placed by the
 name of their source queue.
+
+A queue replicated through Raft (``replication.enabled``) is placed on **worker 0**, the node's Raft
+member (docs/replication.rst, "Several workers on a node"): the node's Raft groups run there alone,
+and the other workers reach its replicated queues as they reach any other owner.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import zlib
 
 DLQ_SUFFIX = ".dlq"
+#: the worker that runs the node's Raft groups and so owns every replicated queue
+RAFT_WORKER = 0
 
 
 def owner_index(name: str, count: int) -> int:
@@ -32,13 +38,21 @@ class QueuePlacement:
         self.index = index
         self.count = count
         self.dlq_of: dict[str, str] = {}
+        self.replicated: set[str] = set()  # on RAFT_WORKER
         for c in configs:
             dlq = c.dlq_queue
             if dlq != c.name + DLQ_SUFFIX:
                 self.dlq_of[dlq] = c.name
+            if c.replication.enabled:
+                self.replicated.add(c.name)
 
     def owner(self, name: str) -> int:
-        return owner_index(self.dlq_of.get(name, name), self.count)
+        source = self.dlq_of.get(name, name)
+        if self.replicated:
+            base = source[: -len(DLQ_SUFFIX)] if source.endswith(DLQ_SUFFIX) else source
+            if source in self.replicated or base in self.replicated:
+                return RAFT_WORKER
+        return owner_index(source, self.count)
 
     def owns(self, name: str) -> bool:
         return self.count <= 1 or self.owner(name) == self.index

@@ -434,6 +434,18 @@ class ReplicatedGroup(ConsumerGroup):
             self._push_ready(off)
         self.queue.manager.kick_soon(self.queue)
 
+    def ack(self, offset: int, session=None) -> bool:
+        """An ``$ack`` settles a record only for the member holding it (as an auto-ack PUBACK):
+        after a takeover the new leader hands out again what nobody settled, maybe to another
+        member, and the ack of the earlier delivery, staged after the claim, must not settle the
+        new one (it was confirmed, then the record reached the other member). Without a session
+        (an ack from no client) it settles by offset."""
+        if session is not None and not self.stream:
+            p = self.pending.get(offset)
+            if p is not None and p.member.session is not session:
+                return False
+        return super().ack(offset, session)
+
     def _release(self, offset: int):
         p = super()._release(offset)
         if p is not None and self.leased:

@@ -298,18 +298,39 @@ def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(
     assert 0x83 in producer.refusals and len(producer.moves) >= 2, (producer.refusals[:5], producer.moves)
 
 
+def _one_consumer(node, i: int) -> list:
+    return [Consumer(node, f"cons{i}")]
+
+
 def _leader_kill_run(
-    node_factory, write_policy: str, total: int, distribution: str = "forward", start=start_cluster
+    node_factory,
+    write_policy: str,
+    total: int,
+    distribution: str = "forward",
+    start=start_cluster,
+    consumers_on=_one_consumer,
+    producer_class=None,
 ) -> Producer:
     """Consumers on every node (the followers' receive from their replicas); the leader is killed
     with half the messages acknowledged; consumers on the survivors settle everything.
     ``start(node_factory, write_policy=..., raft_extra=...)`` -> three ready nodes (static peers by
-    default; the etcd-membership variant is tests/e2e/test_replication_etcd.py)."""
+    default; the etcd-membership variant is tests/e2e/test_replication_etcd.py);
+    ``consumers_on(node, i)`` -> the consumers of node ``i``; ``producer_class``: Producer's
+    signature (several workers: tests/e2e/test_replication_workers.py places them on a worker)."""
     nodes = start(node_factory, write_policy=write_policy, raft_extra=_mode(distribution))
     leader = wait_leader(nodes)
     survivors = [i for i in range(3) if i != leader]
-    consumers = {i: Consumer(nodes[i], f"cons{i}") for i in range(3)}
-    producer = Producer(
+    on_node = {i: consumers_on(nodes[i], i) for i in range(3)}
+    consumers = {(i, j): c for i, cs in on_node.items() for j, c in enumerate(cs)}
+
+    def received_on(i: int) -> list:
+        out = []
+        for c in on_node[i]:
+            with c.lock:
+                out += c.received
+        return out
+
+    producer = (producer_class or Producer)(
         nodes[survivors[0]],
         "prod",
         total,
@@ -323,7 +344,8 @@ def _leader_kill_run(
             producer.pump()
             if killed_at is None and len(producer.acked) >= total // 2:
                 nodes[leader].kill()  # kill -9 the leader's arbiter and worker
-                consumers[leader].stop()
+                for c in on_node[leader]:
+                    c.stop()
                 killed_at = time.monotonic()
             time.sleep(0.005)
         assert killed_at is not None, "the leader was never killed"
@@ -356,8 +378,7 @@ def _leader_kill_run(
         # A message the killed node delivered may be settled without its consumer seeing the
         # $ack's PUBACK (the node died after the commit): it counts as settled, not lost. So does
         # one whose $ack was refused in the election (committed or not: if not, it comes again).
-        with consumers[leader].lock:
-            unconfirmed = {p for p, _ in consumers[leader].received}
+        unconfirmed = {p for p, _ in received_on(leader)}
         for c in consumers.values():
             with c.lock:
                 unconfirmed |= c.failed
@@ -405,16 +426,13 @@ def _leader_kill_run(
         )
         assert new_leader in survivors
         # consumers on followers took part, before the kill and after it
-        assert all(consumers[i].received for i in range(3)), {
-            i: len(c.received) for i, c in consumers.items()
-        }
+        assert all(received_on(i) for i in range(3)), {i: len(c.received) for i, c in consumers.items()}
         old_follower = [i for i in survivors if i != new_leader][0]
-        with consumers[old_follower].lock:
-            late = [t for _, t in consumers[old_follower].received if t > killed_at]
+        late = [t for _, t in received_on(old_follower) if t > killed_at]
         assert late, "the consumer on the follower received nothing after the failover"
     finally:
         producer.stop()
-        for i, c in consumers.items():
+        for (i, _j), c in consumers.items():
             if i != leader:
                 c.stop()
     return producer

@@ -33,6 +33,21 @@ def test_a_configured_dlq_topic_follows_its_source_queue() -> None:
     assert sum(p.owns("other") for p in placements) == 1  # every name has exactly one owner
 
 
+def test_a_replicated_queue_and_its_dlqs_live_on_the_raft_worker() -> None:
+    """Worker 0 runs the node's Raft member: every replicated queue is its own (docs/replication.rst,
+    "Several workers on a node"); plain queues stay placed by CRC-32."""
+    from fluxmq.queues.config import ReplicationConfig
+
+    rep = ReplicationConfig(enabled=True)
+    name = _name_on(1, 2, "r")  # CRC-32 alone would put it on worker 1
+    configs = [QueueConfig(name, replication=rep, dlq=DLQConfig(topic="$queue/rgrave")), QueueConfig("plain")]
+    placements = [QueuePlacement(i, 2, configs) for i in range(2)]
+    for p in placements:
+        assert p.owner(name) == 0 and p.owner(name + ".dlq") == 0 and p.owner("rgrave") == 0
+        assert p.owner("plain") == owner_index("plain", 2)
+    assert placements[0].owns(name) and not placements[1].owns(name)
+
+
 def test_one_worker_owns_everything() -> None:
     p = QueuePlacement(0, 1)
     assert p.owns("anything") and p.owns("x.dlq")

@@ -84,3 +84,45 @@ def test_an_ack_on_a_leader_whose_delivery_lease_lapsed_moves_its_floor(tmp_path
     raft.delivering = False
     assert g.ack(0)
     assert g.floor == 1
+
+
+class _Local:
+    """A local consumer's session as the group sees it (its deliveries are taken as sent)."""
+
+    alive = True
+    send_quota = 10
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.got: list[int] = []
+
+    def can_take_tracked(self) -> bool:
+        return True
+
+    def send_tracked(self, message) -> int:
+        self.got.append(message.identity()[2] if hasattr(message, "identity") else message.offset)
+        return 1
+
+
+def test_an_ack_by_a_consumer_that_does_not_hold_the_record_settles_nothing(tmp_path) -> None:
+    """After a takeover the new leader hands out again what nobody settled, maybe to another
+    member than the one that had it from the old leadership; that one's ``$ack``, staged after the
+    claim, named the record by offset only and settled the other member's delivery: confirmed, and
+    then the record reached the other member (seen on nodes of two workers, the two consumers of
+    the new leader's node; tests/e2e/test_replication_workers.py). An ack settles a record only for
+    the member holding it, as an auto-ack PUBACK already does."""
+    from fluxmq.queues.group import Member
+
+    raft, q, qlog, g = _leader_with_a_remote_member(tmp_path)
+    fresh = q.groups["g"] = ReplicatedGroup(q, "g", 3)  # a new leadership from the floor past 0..2
+    qlog.apply_append([encode_record(1.0, Message("$queue/q", b"n%d" % i, 1)) for i in range(2)])
+    a, b = _Local("a"), _Local("b")
+    for s in (a, b):
+        fresh.add(Member(s, "$queue/q", "", False, 10, fresh))
+    fresh.dispatch()
+    held = {o: p.member.session for o, p in fresh.pending.items()}
+    assert sorted(held) == [3, 4] and {held[3], held[4]} == {a, b}
+    other = a if held[3] is b else b
+    assert not fresh.ack(3, other) and 3 in fresh.pending  # not its delivery: nothing settled
+    assert fresh.ack(3, held[3]) and 3 not in fresh.pending
+    assert fresh.ack(4)  # no session named (an ack from the node itself): by offset, as before

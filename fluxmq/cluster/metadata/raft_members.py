@@ -29,6 +29,7 @@ import time
 from fluxmq.errors import ClusterError
 
 from .client import cmp_create, cmp_mod, op_get, op_put, range_kvs
+from .health import node_of
 
 __all__ = ["RaftMembers"]
 
@@ -52,6 +53,12 @@ class RaftMembers:
         kv = self.meta.client.get(self.key)
         return None if kv is None else _members(kv["value"])
 
+    def _announced(self) -> dict[str, str]:
+        """Live node id -> its Raft address. A node of several workers announces it from worker 0
+        (member ``n1/w0``), its Raft member: the set is keyed by node all the same, so a node can
+        go from one worker to several without a member change."""
+        return {node_of(member): addr for member, addr in self.meta.announced("raft").items()}
+
     def agree(self) -> tuple[dict[str, str] | None, str]:
         """(members, "") once agreed, else (None, what it waits for). Raises ClusterError when etcd
         does not answer."""
@@ -60,7 +67,7 @@ class RaftMembers:
             return None, f"{self.key} in etcd holds no member set; delete the key to agree on one again"
         if found is not None:
             return found, ""
-        live = self.meta.announced("raft")
+        live = self._announced()
         if self.names:
             missing = [n for n in self.names if n not in live]
             if missing:
@@ -102,7 +109,7 @@ class RaftMembers:
             members = _members(kv["value"])
             if action == "add":
                 if not node_id:
-                    node_id = next((n for n, a in self.meta.announced("raft").items() if a == addr), addr)
+                    node_id = next((n for n, a in self._announced().items() if a == addr), addr)
                 for n in [n for n, a in members.items() if a == addr and n != node_id]:
                     del members[n]
                 members[node_id] = addr

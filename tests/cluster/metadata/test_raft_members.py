@@ -77,3 +77,14 @@ def test_a_member_change_rewrites_the_record_and_is_idempotent(meta_factory) -> 
         "d": "127.0.0.1:7400",
         "e": "127.0.0.1:7500",
     }
+
+
+def test_a_node_of_several_workers_is_a_member_by_its_node_id(meta_factory) -> None:
+    """Worker 0 (member n1/w0) announces the node's Raft address: the set names the node (n1),
+    as with one worker (docs/replication.rst, "Several workers on a node")."""
+    n1 = node(meta_factory, "n1/w0", "127.0.0.1:7100")
+    meta_factory("n1/w1")  # the node's other worker runs no Raft: announces nothing
+    node(meta_factory, "n2", "127.0.0.1:7200")
+    assert wait_for(lambda: len(n1.members()) == 3)
+    want = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200"}
+    assert wait_for(lambda: RaftMembers(n1, ["n1", "n2"]).agree()[0] == want)
