@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import struct
 import time
 
 import gevent
 import grpc
+from gevent import socket  # cooperative whether or not the process is monkey-patched
 from gevent.server import StreamServer
 
 from .proto import cluster_pb2 as pb
