@@ -30,6 +30,7 @@ from cpython.bytearray cimport PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 
+from libc.string cimport memcmp
 from time import perf_counter
 
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
@@ -194,7 +195,7 @@ cdef class PublishRelay:
         cdef long long recv_base[2]
         cdef str topic, last_topic = None
         cdef bint full
-        last_nodes = None
+        last_fqs = fqs = None
         if not self.enabled or i >= count:
             return i
         if type(packets[i]) is Puback:
@@ -313,7 +314,7 @@ cdef class PublishRelay:
                     continue
                 if last_topic is not None and topic == last_topic:
                     route = last_route  # a run of one topic (subscriptions cannot change within this call)
-                    nodes = last_nodes
+                    fqs = last_fqs
                 else:
                     if allowed is not None and allowed.get(topic) != 0:
                         break
@@ -324,26 +325,36 @@ cdef class PublishRelay:
                         route = router.route(topic)
                     if route.groups:
                         break
-                    nodes = None
+                    fqs = None
                     if peers is not None:
                         nodes = fwd_routes.get(topic, _MISS)
                         if nodes is _MISS:
                             nodes = peers.relay_route(topic)
                         if nodes is None:
                             break  # Peers.forward decides (shared groups on a peer)
+                        if nodes:
+                            # the queues of the links to them (links cannot change within this call)
+                            fqs = []
+                            for node in <tuple>nodes:
+                                link = fwd_links.get(node)
+                                if link is not None:
+                                    fq = link.forward_queue
+                                    if type(fq) is not ForwardQueue:
+                                        fqs = None
+                                        break
+                                    fqs.append(fq)
+                            if fqs is None:
+                                break
                     last_topic = topic
                     last_route = route
-                    last_nodes = nodes
-                if nodes:
+                    last_fqs = fqs
+                if fqs:
                     # every peer link it goes to must take it (else the Python path counts the drop)
                     full = False
-                    for node in <tuple>nodes:
-                        link = fwd_links.get(node)
-                        if link is not None:
-                            fq = link.forward_queue
-                            if type(fq) is not ForwardQueue or (<ForwardQueue>fq).full():
-                                full = True
-                                break
+                    for fq in <list>fqs:
+                        if (<ForwardQueue>fq).full():
+                            full = True
+                            break
                     if full:
                         break
                 ops_before = None
@@ -360,12 +371,10 @@ cdef class PublishRelay:
                     out = conn.out
                     ack_at = PyByteArray_GET_SIZE(out)
                 n = self._fan_out(route.targets, topic, payload, qos, origin, client_id, &n_acked)
-                if nodes:
+                if fqs:
                     # -- Peers.forward: queued once per peer with matching interest --
-                    for node in <tuple>nodes:
-                        link = fwd_links.get(node)
-                        if link is not None:
-                            (<ForwardQueue>link.forward_queue).append_plain(topic, client_id, qos, payload)
+                    for fq in <list>fqs:
+                        (<ForwardQueue>fq).append_plain(topic, client_id, qos, payload)
                 sent_n[0] += n - n_acked
                 sent_b[0] += (n - n_acked) * size
                 sent_n[1] += n_acked
@@ -423,7 +432,8 @@ cdef class PublishRelay:
         cdef int qos
         cdef long long sent_n[2]
         cdef long long sent_b[2]
-        cdef str topic, last_topic = None
+        cdef str topic = None, origin_id = None
+        cdef Py_ssize_t last_t = -1, last_tlen = 0, last_o = -1, last_olen = -1
         if not self.enabled or i >= end or broker._on_delivered is not None:
             return (i, 0)
         store = broker._store
@@ -441,23 +451,29 @@ cdef class PublishRelay:
                 qos = <int>f[0]
                 if qos and store is not None and store.refusing:
                     break  # publish_from_peer decides (drops what it would store)
-                try:
-                    topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
-                    origin_id = (PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL)
-                                 if f[4] >= 0 else None)
-                except UnicodeDecodeError:
-                    break  # damaged: the Python path reports it
-                payload = PyBytes_FromStringAndSize(<const char*>p + f[5], f[6])
-                if last_topic is not None and topic == last_topic:
-                    route = last_route
-                else:
+                # a run of one publisher's messages: the same topic and origin bytes as the last item
+                if last_t < 0 or f[2] != last_tlen or memcmp(p + f[1], p + last_t, f[2]) != 0:
+                    try:
+                        topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
+                    except UnicodeDecodeError:
+                        break  # damaged: the Python path reports it
                     route = None
                     if trie.generation == router._generation:
                         route = routes.get(topic)
                     if route is None:
                         route = router.route(topic)
-                    last_topic = topic
                     last_route = route
+                    last_t = f[1]
+                    last_tlen = f[2]
+                route = last_route
+                if f[4] != last_olen or (f[4] > 0 and memcmp(p + f[3], p + last_o, f[4]) != 0):
+                    try:
+                        origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL) if f[4] >= 0 else None
+                    except UnicodeDecodeError:
+                        break
+                    last_o = f[3]
+                    last_olen = f[4]
+                payload = PyBytes_FromStringAndSize(<const char*>p + f[5], f[6])
                 n = self._fan_out(route.targets, topic, payload, qos, None, origin_id, &n_acked)
                 sent_n[0] += n - n_acked
                 sent_b[0] += (n - n_acked) * f[6]
