@@ -107,6 +107,7 @@ class PeerLink:
         self.interest_version = 0  # changes made so far
         self.acked_interest = 0  # changes the peer has applied
         self.seq = 0
+        self.taken = 0  # messages taken from the queue into batches so far
         self.unacked: OrderedDict[int, tuple[pb.Batch, float, int, int]] = OrderedDict()
         self.stats = LinkStats()
         self.connected = False  # the current stream has been answered (an ack arrived)
@@ -202,6 +203,22 @@ class PeerLink:
         while (self.queued or self.unacked) and self.connected and time.monotonic() < deadline:
             gevent.sleep(0.01)
         return not self.queued and not self.unacked
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (bounded) until every message queued so far is acknowledged (applied by the peer);
+        what is queued meanwhile is not waited for. False: timeout, or the peer is unreachable."""
+        target = self.taken + self.queued  # the messages queued now are taken by then
+        deadline = time.monotonic() + timeout
+        carried = None  # the last batch that may hold one of them
+        while self.connected:
+            if carried is None and self.taken >= target:
+                carried = self.seq
+            if carried is not None and (not self.unacked or next(iter(self.unacked)) > carried):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(0.002)
+        return False
 
     # -- the sender greenlet -------------------------------------------------------------------
 
@@ -312,6 +329,7 @@ class PeerLink:
                 size += len(entry.blob)
         fq.queued -= n
         fq.queued_bytes -= size
+        self.taken += n
         interest, self.interest = self.interest, []
         batch, expired = build_batch(self.local_id, self.epoch, self._next_seq(), entries, interest)
         self.stats.expired += expired
