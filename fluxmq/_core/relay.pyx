@@ -15,7 +15,11 @@ filter only) other than a QoS 1 append to a durable queue (``$queue/...``, hande
 ``queues.append_relayed`` a run at a time, which appends or declines before any effect; a replicated
 queue's PUBACKs are held until the Raft commit, through ``conn.hold_acks``), a payload over
 ``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
-shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
+shared groups, a broker with message observers (webhooks). With peers (a cluster, several
+workers) a message is also queued for each peer with matching interest (``peers.relay_route``), in
+C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
+``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
+``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same fan-out.
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
 a plain ``Session`` attached to an MQTT connection that is open, under its output allowance, with
 an empty session queue, and (5.0) without outbound topic aliases, subscription identifiers or a
