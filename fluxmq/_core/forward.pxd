@@ -7,7 +7,9 @@ cdef class ForwardRun:
 
 
 cdef class ForwardQueue:
-    cdef public bytearray tail
+    cdef char* buf  # the tail: framed items not yet sealed into ``runs``
+    cdef Py_ssize_t size
+    cdef Py_ssize_t capacity
     cdef public Py_ssize_t tail_count
     cdef public Py_ssize_t queued
     cdef public Py_ssize_t queued_bytes

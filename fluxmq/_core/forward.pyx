@@ -19,8 +19,8 @@ queue (entries and tail), so the one bound (``max_messages``, ``max_bytes``) cov
 No I/O and no fluxmq imports.
 """
 
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t
 from libc.string cimport memcpy, memset
@@ -73,7 +73,8 @@ cdef class ForwardQueue:
 
     def __init__(self, runs, Py_ssize_t max_messages, Py_ssize_t max_bytes, Py_ssize_t run_messages,
                  Py_ssize_t run_bytes, wake=None):
-        self.tail = bytearray()
+        self.buf = NULL
+        self.size = self.capacity = 0
         self.tail_count = 0
         self.queued = 0
         self.queued_bytes = 0
@@ -83,6 +84,14 @@ cdef class ForwardQueue:
         self.run_messages = max(1, run_messages)
         self.run_bytes = run_bytes
         self.wake = wake
+
+    def __dealloc__(self):
+        PyMem_Free(self.buf)
+
+    @property
+    def tail(self):
+        """The framed items not sealed yet (a copy)."""
+        return PyBytes_FromStringAndSize(self.buf, self.size) if self.size else b""
 
     def has_room(self):
         """False when the link's queue is at its bound (what the relay checks before any effect)."""
@@ -105,10 +114,18 @@ cdef class ForwardQueue:
         if tlen > 0xFFFF or olen > 0xFFFF or plen > 0xFFFFFFFF - MSG_HEAD - tlen - olen:
             raise OverflowError("forwarded message field too long for its length prefix")
         cdef Py_ssize_t blob = MSG_HEAD + tlen + olen + plen
-        cdef bytearray tail = self.tail
-        cdef Py_ssize_t at = PyByteArray_GET_SIZE(tail)
-        PyByteArray_Resize(tail, at + ITEM_HEAD + blob)
-        cdef uint8_t* p = <uint8_t*>PyByteArray_AS_STRING(tail) + at
+        cdef Py_ssize_t at = self.size, need = at + ITEM_HEAD + blob, cap
+        cdef char* grown
+        if need > self.capacity:
+            # kept across seals: after the first runs the tail is written without reallocating
+            cap = max(need, 2 * self.capacity, 4096)
+            grown = <char*>PyMem_Realloc(self.buf, cap)
+            if grown is NULL:
+                raise MemoryError()
+            self.buf = grown
+            self.capacity = cap
+        self.size = need
+        cdef uint8_t* p = <uint8_t*>self.buf + at
         _le32(p, blob)
         memset(p + 4, 0xFF, 8)  # i64 -1: no expiry
         p[12] = MATCH_LOCAL
@@ -132,7 +149,7 @@ cdef class ForwardQueue:
         first = self.queued == 0
         self.queued += 1
         self.queued_bytes += ITEM_HEAD + blob
-        if self.tail_count >= self.run_messages or PyByteArray_GET_SIZE(tail) >= self.run_bytes:
+        if self.tail_count >= self.run_messages or self.size >= self.run_bytes:
             self.seal()
         if first and self.wake is not None:
             self.wake()
@@ -142,8 +159,8 @@ cdef class ForwardQueue:
         """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty)."""
         if self.tail_count == 0:
             return
-        run = ForwardRun(bytes(self.tail), self.tail_count)
-        PyByteArray_Resize(self.tail, 0)
+        run = ForwardRun(PyBytes_FromStringAndSize(self.buf, self.size), self.tail_count)
+        self.size = 0
         self.tail_count = 0
         self.runs.append(run)
 
