@@ -15,7 +15,12 @@ filter only) other than a QoS 1 append to a durable queue (``$queue/...``, hande
 ``queues.append_relayed`` a run at a time, which appends or declines before any effect; a replicated
 queue's PUBACKs are held until the Raft commit, through ``conn.hold_acks``), a payload over
 ``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
-shared groups, a broker with peers (cluster, several workers) or message observers (webhooks).
+shared groups, a broker with message observers (webhooks). With peers (a cluster, several
+workers) a message is also queued for each peer with matching interest (``peers.relay_route``), in
+C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
+``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
+``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
+fan-out (``_fan_out``: a plain session's delivery in C, any other through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
 a plain ``Session`` (or a ``PersistentSession`` over a store with a ``sent_table``) attached to an
 MQTT connection that is open, under its output allowance, with an empty session queue, and (5.0)
@@ -31,13 +36,19 @@ path*), and is handed the classes it recognises by its caller.
 """
 
 from cpython.bytearray cimport PyByteArray_GET_SIZE
-from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
+
+from libc.string cimport memcmp
 
 from time import perf_counter
 
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
+from fluxmq._core.forward cimport ForwardQueue, plain_item
+
+cdef object _MISS = object()
 
 
 cdef inline SentTable _sent_table(store):
@@ -60,6 +71,7 @@ cdef class PublishRelay:
     cdef object persistent_class
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
+    cdef public long long forwarded  # messages from peers delivered here (deliver_items)
     cdef public bint enabled
     # The last broker served and the objects it holds for its whole life (Broker.stats and its
     # per-QoS count lists, Broker.router, Router._routes, Router.trie: made in their __init__ and
@@ -84,6 +96,7 @@ cdef class PublishRelay:
         self.persistent_class = persistent_class
         self.sample_mask = sample_mask
         self.served = 0
+        self.forwarded = 0
         self.enabled = True
         self._broker = None
 
@@ -213,6 +226,87 @@ cdef class PublishRelay:
             table.sent(cid, pid, seq)  # store.put_sent
         return 0
 
+    cdef Py_ssize_t _fan_out(self, targets, str topic, bytes payload, int qos, origin, origin_id,
+                             Py_ssize_t* acked) except -1:
+        """``Broker.publish``'s loop over the route's targets (``Session.deliver`` +
+        ``MQTTConnection.send_publish`` written in C where nothing special applies): returns the
+        deliveries, ``acked`` the QoS 1 ones among them. ``origin`` is the publishing session (No
+        Local), None for a message from a peer; ``origin_id`` the message's origin."""
+        cdef int tq, qown, pid
+        cdef Py_ssize_t n = 0, n_acked = 0
+        conn_class = self.conn_class
+        session_class = self.session_class
+        message = None
+        enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
+        for target in targets:
+            session, tq, qown, rap, sub_ids = <tuple>target
+            if session is origin:
+                if qown < 0:
+                    continue  # No Local [MQTT-3.8.3-3]
+                tq = qown
+            if qos < tq:
+                tq = qos
+            n += 1
+            if tq:
+                n_acked += 1
+            # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
+            d = session.delivery
+            if (d is not None and type(d) is conn_class and type(session) is session_class
+                    and not session.queue and not d.closed):
+                dout = d.out
+                if PyByteArray_GET_SIZE(dout) <= d._high:
+                    data = None
+                    if d.version == 5:
+                        if d._aliases_out is None and sub_ids is None:
+                            if tq:
+                                if enc5_1 is None:
+                                    enc5_1 = encode_publish(topic, payload, 1, False, False, 1, None, 5)
+                                data = enc5_1
+                            else:
+                                if enc5_0 is None:
+                                    enc5_0 = encode_publish(topic, payload, 0, False, False, 0, None, 5)
+                                data = enc5_0
+                            limit = d._client_max_packet
+                            if limit and len(data) > limit:
+                                data = None  # dropped for this client: the Python path counts it
+                    elif tq:
+                        if enc4_1 is None:
+                            enc4_1 = encode_publish(topic, payload, 1, False, False, 1, None, 4)
+                        data = enc4_1
+                    else:
+                        if enc4_0 is None:
+                            enc4_0 = encode_publish(topic, payload, 0, False, False, 0, None, 4)
+                        data = enc4_0
+                    if data is not None:
+                        if tq == 0:
+                            dout += data
+                            d._npk += 1
+                            if not d._dirty:
+                                d._dirty = True
+                                d.flusher.mark(d)
+                            continue
+                        inflight = session.inflight
+                        if len(inflight) < session.send_quota:
+                            pid = session._next_pid
+                            while pid in inflight:
+                                pid = pid + 1 if pid < 65535 else 1
+                            session._next_pid = pid + 1 if pid < 65535 else 1
+                            if message is None:
+                                message = self.message_class(topic, payload, qos, False, None, None,
+                                                             origin_id)
+                            append_publish(dout, <bytes>data, pid, False)
+                            inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
+                            d._npk += 1
+                            if not d._dirty:
+                                d._dirty = True
+                                d.flusher.mark(d)
+                            continue
+            if message is None:
+                message = self.message_class(topic, payload, qos, False, None, None, origin_id)
+            session.deliver(message, tq, False, sub_ids)
+        acked[0] = n_acked
+        return n
+
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
         cdef Py_ssize_t i = start, count = len(packets)
@@ -232,13 +326,26 @@ cdef class PublishRelay:
         cdef long long sent_b[2]
         cdef long long recv_base[2]
         cdef str topic, last_topic = None
+        cdef bint full
+        last_fqs = fqs = None
         if not self.enabled or i >= count:
             return i
         if type(packets[i]) is Puback:
             return self._settle_acks(conn, packets, i, count)
         broker = conn.broker
-        if broker.peers is not None or broker._on_published is not None or broker._on_delivered is not None:
+        if broker._on_published is not None or broker._on_delivered is not None:
             return i
+        # With peers (a cluster, or the other workers of this node): ``relay_routes`` maps a topic to
+        # the ids of the peers with matching interest (None: ``Peers.forward`` must decide, e.g. a
+        # peer holds a matching shared group), filled by ``relay_route(topic)``; the plain message
+        # is appended to each such peer link's ``forward_queue`` (a ForwardQueue) in C.
+        peers = broker.peers
+        fwd_routes = fwd_links = None
+        if peers is not None:
+            fwd_routes = getattr(peers, "relay_routes", None)
+            if fwd_routes is None:
+                return i
+            fwd_links = peers.relay_links
         origin = conn.session
         if origin is None or conn.closed:
             return i
@@ -305,7 +412,7 @@ cdef class PublishRelay:
                         queues = broker.queues
                         queue_append = queues.append_relayed if queues is not None else None
                         client_id = conn.client_id
-                    if queue_append is None or qos != 1 or not topic.startswith("$queue/"):
+                    if queue_append is None or peers is not None or qos != 1 or not topic.startswith("$queue/"):
                         break
                     if allowed is not None and allowed.get(topic) != 0:
                         break
@@ -356,6 +463,7 @@ cdef class PublishRelay:
                     continue
                 if last_topic is not None and topic == last_topic:
                     route = last_route  # a run of one topic (subscriptions cannot change within this call)
+                    fqs = last_fqs
                 else:
                     if allowed is not None and allowed.get(topic) != 0:
                         break
@@ -366,8 +474,38 @@ cdef class PublishRelay:
                         route = router.route(topic)
                     if route.groups:
                         break
+                    fqs = None
+                    if peers is not None:
+                        nodes = fwd_routes.get(topic, _MISS)
+                        if nodes is _MISS:
+                            nodes = peers.relay_route(topic)
+                        if nodes is None:
+                            break  # Peers.forward decides (shared groups on a peer)
+                        if nodes:
+                            # the queues of the links to them (links cannot change within this call)
+                            fqs = []
+                            for node in <tuple>nodes:
+                                link = fwd_links.get(node)
+                                if link is not None:
+                                    fq = link.forward_queue
+                                    if type(fq) is not ForwardQueue:
+                                        fqs = None
+                                        break
+                                    fqs.append(fq)
+                            if fqs is None:
+                                break
                     last_topic = topic
                     last_route = route
+                    last_fqs = fqs
+                if fqs:
+                    # every peer link it goes to must take it (else the Python path counts the drop)
+                    full = False
+                    for fq in <list>fqs:
+                        if (<ForwardQueue>fq).full():
+                            full = True
+                            break
+                    if full:
+                        break
                 ops_before = None
                 if qos and not have_store:
                     have_store = True
@@ -489,6 +627,12 @@ cdef class PublishRelay:
                             client_id = conn.client_id
                         message = self.message_class(topic, payload, qos, False, None, None, client_id)
                     session.deliver(message, tq, False, sub_ids)
+                if fqs:
+                    # -- Peers.forward: queued once per peer with matching interest --
+                    if client_id is None:
+                        client_id = conn.client_id
+                    for fq in <list>fqs:
+                        (<ForwardQueue>fq).append_plain(topic, client_id, qos, payload)
                 sent_n[0] += n - n_acked
                 sent_b[0] += (n - n_acked) * size
                 sent_n[1] += n_acked
@@ -535,3 +679,77 @@ cdef class PublishRelay:
                     sent[1] += sent_n[1]
                     sent_bytes[1] += sent_b[1]
         return i
+
+    cpdef tuple deliver_items(self, broker, bytes data, Py_ssize_t start):
+        """What ``Broker.publish_from_peer`` does for each plain item (``fluxmq._core.forward``) of
+        a peer's ``Batch.items`` from byte ``start``, through the same fan-out as ``serve``; stops at
+        the first item that is not plain (the Python path decodes and delivers it) and returns
+        (its offset, items delivered here). Declines everything, before any effect, while the
+        broker has delivery observers or when the fast path is off."""
+        cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt, n, n_acked, done = 0
+        cdef Py_ssize_t f[7]
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef int qos
+        cdef long long sent_n[2]
+        cdef long long sent_b[2]
+        cdef str topic = None, origin_id = None
+        cdef Py_ssize_t last_t = -1, last_tlen = 0, last_o = -1, last_olen = -1
+        if not self.enabled or i >= end or broker._on_delivered is not None:
+            return (i, 0)
+        store = broker._store
+        stats = broker.stats
+        router = broker.router
+        routes = router._routes
+        trie = router.trie
+        last_route = None
+        sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
+        try:
+            while i < end:
+                nxt = plain_item(p, i, end, f)
+                if nxt < 0:
+                    break
+                qos = <int>f[0]
+                if qos and store is not None and store.refusing:
+                    break  # publish_from_peer decides (drops what it would store)
+                # a run of one publisher's messages: the same topic and origin bytes as the last item
+                if last_t < 0 or f[2] != last_tlen or memcmp(p + f[1], p + last_t, f[2]) != 0:
+                    try:
+                        topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
+                    except UnicodeDecodeError:
+                        break  # damaged: the Python path reports it
+                    route = None
+                    if trie.generation == router._generation:
+                        route = routes.get(topic)
+                    if route is None:
+                        route = router.route(topic)
+                    last_route = route
+                    last_t = f[1]
+                    last_tlen = f[2]
+                route = last_route
+                if f[4] != last_olen or (f[4] > 0 and memcmp(p + f[3], p + last_o, f[4]) != 0):
+                    try:
+                        origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL) if f[4] >= 0 else None
+                    except UnicodeDecodeError:
+                        break
+                    last_o = f[3]
+                    last_olen = f[4]
+                payload = PyBytes_FromStringAndSize(<const char*>p + f[5], f[6])
+                n = self._fan_out(route.targets, topic, payload, qos, None, origin_id, &n_acked)
+                sent_n[0] += n - n_acked
+                sent_b[0] += (n - n_acked) * f[6]
+                sent_n[1] += n_acked
+                sent_b[1] += n_acked * f[6]
+                done += 1
+                i = nxt
+        finally:
+            if sent_n[0] or sent_n[1]:
+                sent = stats.sent_qos
+                sent_bytes = stats.sent_bytes_qos
+                if sent_n[0]:
+                    sent[0] += sent_n[0]
+                    sent_bytes[0] += sent_b[0]
+                if sent_n[1]:
+                    sent[1] += sent_n[1]
+                    sent_bytes[1] += sent_b[1]
+        self.forwarded += done
+        return (i, done)

@@ -374,6 +374,20 @@ class ClusterHooks:
         except Exception as exc:  # the owner key goes with this node's lease anyway
             log.warning("session_release_failed", extra={"client_id": client_id, "error": str(exc)})
 
+    #: the C fast path of a PUBLISH (``fluxmq._core.relay.PublishRelay``), set by the node that
+    #: runs the MQTT listeners: it also delivers the plain messages peers forward
+    relay = None
+
+    def publish_relayed_from_peer(self, items: bytes, start: int) -> tuple[int, int]:
+        """``publish_from_peer`` for the plain messages of a peer's batch items (framed as
+        ``fluxmq.cluster.batch`` does; ``fluxmq._core.forward``) from byte ``start``, in C through
+        the relay's fan-out; returns (the offset of the first item left to ``publish_from_peer``,
+        messages delivered). Without a relay: ``(start, 0)``."""
+        relay = self.relay
+        if relay is None:
+            return start, 0
+        return relay.deliver_items(self, items, start)
+
     def publish_from_peer(
         self, message: Message, shared_groups: tuple[str, ...] = (), match_local: bool = True
     ) -> int:

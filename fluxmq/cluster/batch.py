@@ -7,7 +7,9 @@ message forwarded to several peers is encoded once. Its Message Expiry travels a
 
 Items are framed back to back in ``Batch.items`` (layout in cluster.proto): a repeated protobuf
 message would make an object per message on both sides, which cost more than the rest of the
-receiving path together.
+receiving path together. The C relay appends the items of plain messages (``fluxmq._core.forward``:
+no expiry, no groups, no properties, QoS 0/1, not retained) to a link's queue itself, as
+``ForwardRun`` entries of ready items, byte for byte what this module frames for them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import struct
 import time
 from collections.abc import Iterator
 
+from fluxmq._core.forward import ForwardRun
 from fluxmq.broker.message import Message
 from fluxmq.storage.records import RecordError, decode_message, encode_message
 
@@ -53,7 +56,7 @@ def build_batch(
     sender: str,
     epoch: int,
     seq: int,
-    entries: list[Outgoing],
+    entries: list[Outgoing | ForwardRun],
     interest=(),
     snapshot: bool = False,
     now: float | None = None,
@@ -63,8 +66,14 @@ def build_batch(
         now = time.monotonic()
     parts: list[bytes] = []
     expired = 0
+    count = 0
     pack = _HEAD.pack
     for e in entries:
+        if type(e) is ForwardRun:
+            parts.append(e.data)  # items framed already (the relay's)
+            count += e.count
+            continue
+        count += 1
         if e.expires_at is None:
             ms = NO_EXPIRY
         else:
@@ -87,7 +96,7 @@ def build_batch(
         snapshot=snapshot,
         interest=changes,
         items=b"".join(parts),
-        count=len(entries) - expired,
+        count=count - expired,
     ), expired
 
 
@@ -96,31 +105,37 @@ def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Messag
     counted from ``now``. Raises BatchError on a damaged frame (the items before it were yielded)."""
     if now is None:
         now = time.monotonic()
-    unpack = _HEAD.unpack_from
-    glen = _GLEN.unpack_from
     i, end = 0, len(data)
+    while i < end:
+        message, groups, match_local, i = decode_item(data, i, now)
+        yield message, groups, match_local
+
+
+def decode_item(data: bytes, i: int, now: float) -> tuple[Message, tuple[str, ...], bool, int]:
+    """(message, shared groups, match_local, offset of the next item) of the item at byte ``i``;
+    raises BatchError when it is damaged."""
     try:
-        while i < end:
-            n, ms, flags, ngroups = unpack(data, i)
-            i += 14
-            groups: tuple[str, ...] = ()
-            if ngroups:
-                names = []
-                for _ in range(ngroups):
-                    k = glen(data, i)[0]
-                    names.append(data[i + 2 : i + 2 + k].decode())
-                    i += 2 + k
-                groups = tuple(names)
-            if i + n > end:
-                raise BatchError("item runs past the end of the batch")
-            topic, payload, qos, retain, props, _expires, origin = decode_message(data[i : i + n])
-            i += n
-            yield (
-                Message(topic, payload, qos, retain, props, None if ms < 0 else now + ms / 1000.0, origin),
-                groups,
-                bool(flags & MATCH_LOCAL),
-            )
+        n, ms, flags, ngroups = _HEAD.unpack_from(data, i)
+        i += 14
+        groups: tuple[str, ...] = ()
+        if ngroups:
+            names = []
+            for _ in range(ngroups):
+                k = _GLEN.unpack_from(data, i)[0]
+                names.append(data[i + 2 : i + 2 + k].decode())
+                i += 2 + k
+            groups = tuple(names)
+        if i + n > len(data):
+            raise BatchError("item runs past the end of the batch")
+        topic, payload, qos, retain, props, _expires, origin = decode_message(data[i : i + n])
+        i += n
     except (struct.error, UnicodeDecodeError, ValueError, RecordError) as exc:
         if isinstance(exc, BatchError):
             raise
         raise BatchError(f"damaged item at byte {i}: {exc}") from None
+    return (
+        Message(topic, payload, qos, retain, props, None if ms < 0 else now + ms / 1000.0, origin),
+        groups,
+        bool(flags & MATCH_LOCAL),
+        i,
+    )

@@ -7,6 +7,11 @@ batch by its sequence id once it has applied it.
 * **Bounded.** Messages wait in a per-peer queue bounded by ``max_queued_messages`` and
   ``max_queued_bytes``; past either, a new message to that peer is dropped and counted. Enqueueing
   never blocks, so a dead or slow peer never stalls local delivery.
+* **Two writers, one queue.** ``enqueue`` (``ClusterPeers.forward``, the Python path) queues an
+  ``Outgoing``; the C relay appends plain messages to ``forward_queue`` (a
+  ``fluxmq._core.forward.ForwardQueue``: framed items, sealed into the queue as ``ForwardRun``
+  entries before anything else is queued and before a batch is taken), so order is kept and one
+  bound counts both.
 * **Batching.** The sender greenlet sends what is queued at the end of the loop turn when no batch
   is in flight (low latency at low rates); while batches are in flight, a batch smaller than
   ``batch_max_size`` fills until they are acknowledged or its oldest message has waited
@@ -31,6 +36,8 @@ import gevent
 import grpc
 from gevent.event import Event
 from gevent.queue import Queue
+
+from fluxmq._core.forward import ForwardQueue, ForwardRun
 
 from .batch import Outgoing, build_batch
 from .proto import cluster_pb2 as pb
@@ -86,12 +93,21 @@ class PeerLink:
         self.stub = pb_grpc.ClusterTransportStub(channel)
         self._local_filters = local_filters  # () -> iterable of this node's filters (the snapshot)
         self._on_ack = on_ack  # (node_id, BatchAck) -> None
-        self.queue: deque[Outgoing] = deque()
-        self.queued_bytes = 0
+        self.queue: deque[Outgoing | ForwardRun] = deque()
+        # what is queued (entries and the relay's tail): counts, bounds, the relay's appends
+        self.forward_queue = ForwardQueue(
+            self.queue,
+            settings.max_queued_messages,
+            settings.max_queued_bytes,
+            settings.batch_max_size,
+            BATCH_MAX_BYTES,
+            self._queued_first,
+        )
         self.interest: list[tuple[str, bool]] = []  # changes not sent yet (only while a stream is open)
         self.interest_version = 0  # changes made so far
         self.acked_interest = 0  # changes the peer has applied
         self.seq = 0
+        self.taken = 0  # messages taken from the queue into batches so far
         self.unacked: OrderedDict[int, tuple[pb.Batch, float, int, int]] = OrderedDict()
         self.stats = LinkStats()
         self.connected = False  # the current stream has been answered (an ack arrived)
@@ -109,17 +125,31 @@ class PeerLink:
 
     def enqueue(self, entry: Outgoing) -> bool:
         """Queue a message for the peer; False (counted) when the queue is full."""
-        s = self.settings
-        if len(self.queue) >= s.max_queued_messages or self.queued_bytes >= s.max_queued_bytes:
+        fq = self.forward_queue
+        if not fq.has_room():
             self.stats.dropped += 1
             return False
-        if not self.queue:
-            self._first_at = time.monotonic()
+        fq.seal()  # what the relay queued before this message goes before it
+        first = not fq.queued
         self.queue.append(entry)
-        self.queued_bytes += len(entry.blob)
-        if not self._wake.is_set():
+        fq.queued += 1
+        fq.queued_bytes += len(entry.blob)
+        if first:
+            self._queued_first()
+        elif not self._wake.is_set():
             self._wake.set()
         return True
+
+    def _queued_first(self) -> None:
+        """A message was queued into an empty queue (by ``enqueue`` or the relay)."""
+        self._first_at = time.monotonic()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting to be sent."""
+        return self.forward_queue.queued
 
     def interest_changed(self, filter: str, added: bool) -> int | None:
         """Record an interest change; returns the version to wait for, or None when no stream is open
@@ -149,8 +179,8 @@ class PeerLink:
         return {
             "addr": self.addr,
             "reachable": self.connected,
-            "queued": len(self.queue),
-            "queued_bytes": self.queued_bytes,
+            "queued": self.forward_queue.queued,
+            "queued_bytes": self.forward_queue.queued_bytes,
             "in_flight": len(self.unacked),
             "forwarded_batches": st.batches,
             "forwarded_messages": st.messages,
@@ -170,9 +200,25 @@ class PeerLink:
     def flush(self, timeout: float) -> bool:
         """Wait (bounded) until the queue is empty and every batch acknowledged (graceful stop)."""
         deadline = time.monotonic() + timeout
-        while (self.queue or self.unacked) and self.connected and time.monotonic() < deadline:
+        while (self.queued or self.unacked) and self.connected and time.monotonic() < deadline:
             gevent.sleep(0.01)
-        return not self.queue and not self.unacked
+        return not self.queued and not self.unacked
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (bounded) until every message queued so far is acknowledged (applied by the peer);
+        what is queued meanwhile is not waited for. False: timeout, or the peer is unreachable."""
+        target = self.taken + self.queued  # the messages queued now are taken by then
+        deadline = time.monotonic() + timeout
+        carried = None  # the last batch that may hold one of them
+        while self.connected:
+            if carried is None and self.taken >= target:
+                carried = self.seq
+            if carried is not None and (not self.unacked or next(iter(self.unacked)) > carried):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(0.002)
+        return False
 
     # -- the sender greenlet -------------------------------------------------------------------
 
@@ -244,7 +290,8 @@ class PeerLink:
             self._room.clear()
             self._room.wait(CHECK_INTERVAL)
             return
-        if not self.queue and not self.interest:
+        fq = self.forward_queue
+        if not fq.queued and not self.interest:
             self._wake.clear()
             return
         gevent.sleep(0)  # the rest of this loop turn's publishes join the batch
@@ -258,7 +305,7 @@ class PeerLink:
             # A batch is in flight: this one fills until it is full, the in-flight ones are
             # acknowledged, or its oldest message has waited batch_max_delay.
             deadline = self._first_at + s.batch_max_delay
-            while self.unacked and len(self.queue) < s.batch_max_size and self._call is not None:
+            while self.unacked and fq.queued < s.batch_max_size and self._call is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -266,19 +313,28 @@ class PeerLink:
                 self._room.wait(left)
             if self._call is None:
                 return
+        fq.seal()
         entries = []
-        size = 0
+        n = size = 0
         queue = self.queue
-        while queue and len(entries) < s.batch_max_size and (not entries or size < BATCH_MAX_BYTES):
+        # (a run of the relay's holds at most batch_max_size messages: a batch at most about twice)
+        while queue and n < s.batch_max_size and (not entries or size < BATCH_MAX_BYTES):
             entry = queue.popleft()
             entries.append(entry)
-            size += len(entry.blob)
-        self.queued_bytes -= size
+            if type(entry) is ForwardRun:
+                n += entry.count
+                size += len(entry.data)
+            else:
+                n += 1
+                size += len(entry.blob)
+        fq.queued -= n
+        fq.queued_bytes -= size
+        self.taken += n
         interest, self.interest = self.interest, []
         batch, expired = build_batch(self.local_id, self.epoch, self._next_seq(), entries, interest)
         self.stats.expired += expired
-        self._send(batch, len(entries) - expired)
-        if not self.queue and not self.interest:
+        self._send(batch, n - expired)
+        if not fq.queued and not self.interest:
             self._wake.clear()
 
     def _check_ack_age(self) -> None:
@@ -356,7 +412,7 @@ class PeerLink:
                         "peer": self.node_id,
                         "addr": self.addr,
                         "code": getattr(code, "name", str(code)),
-                        "queued": len(self.queue),
+                        "queued": self.queued,
                     },
                 )
         except Exception:

@@ -39,6 +39,8 @@ log = logging.getLogger("fluxmq.cluster.handover")
 TAKEOVER_KIND = "session.takeover"
 #: seconds the answering node waits for the commit that removes the session from its store
 COMMIT_TIMEOUT = 2.0
+#: seconds a claiming node waits for the owner to apply what it forwarded there before the claim
+DRAIN_TIMEOUT = 0.5
 
 __all__ = [
     "TAKEOVER_KIND",
@@ -104,9 +106,13 @@ class ClusterSessions:
         timeout: float = 5.0,
         max_moves: int = 3,
         max_kept: int = 10000,
+        drain: Callable[[str, float], object] | None = None,
     ) -> None:
         self.ownership = ownership
         self.call = call
+        # (node_id, timeout): wait until what this node forwarded to ``node_id`` so far is applied
+        # there, so the state it hands over holds the messages published here before the claim
+        self.drain = drain
         self.timeout = timeout
         self.max_moves = max_moves
         # States handed over to a claim that then failed (the registry refused or moved on): the
@@ -140,6 +146,8 @@ class ClusterSessions:
                     raise ServerUnavailable(
                         f"{client_id!r} moved to node {owner}: not adopted from {only_from}"
                     )
+                if self.drain is not None:
+                    self.drain(owner, DRAIN_TIMEOUT)
                 try:
                     reply = self.call(owner, TAKEOVER_KIND, client_id.encode(), self.timeout)
                 except Exception as exc:

@@ -221,7 +221,9 @@ class ClusterNode:
                 config, broker, worker=worker, publish=broker.publish_will_message, announce=announce
             )
             self.plane.attach_transport(self.transport)
-            self.peers.sessions = ClusterSessions(self.plane.meta, self.transport.call)
+            self.peers.sessions = ClusterSessions(
+                self.plane.meta, self.transport.call, drain=self.transport.drain
+            )
             self.health = self.plane.health
         self._started = False
 

@@ -11,8 +11,14 @@
   node picks one node (``broker.shared_subscription_strategy`` over the nodes, preferring those with
   an online, non-full member); the chosen node then picks its local member. So each message of a
   group is delivered once in the cluster, not once per node.
+* **The C relay.** A plain PUBLISH (``fluxmq._core.relay``: QoS 0/1, no properties, not retained,
+  no shared groups here or on a peer) is forwarded by the relay itself, with what ``forward``
+  would do for it: ``relay_route(topic)`` (cached in ``relay_routes``, emptied on every interest
+  change) names the peers with matching interest, and the relay appends the message to each one's
+  link queue (``PeerLink.forward_queue``). Anything else comes through ``forward``.
 * **Receiving.** ``apply_batch`` applies a peer's batch: its interest changes, then each message
-  through ``Broker.publish_from_peer`` (delivered locally, never forwarded again). A batch whose
+  through ``Broker.publish_from_peer`` (delivered locally, never forwarded again); the plain ones
+  go through the relay's fan-out (``Broker.publish_relayed_from_peer``), the others are decoded. A batch whose
   sequence id was applied already (a retry after a broken stream) is acknowledged and skipped.
 
 QoS across nodes: the publisher's PUBACK (PUBREC) means what it means on one node (routed, and
@@ -30,7 +36,7 @@ import gevent
 
 from fluxmq.storage.records import encode_message
 
-from .batch import BatchError, Outgoing, decode_items
+from .batch import BatchError, Outgoing, decode_item
 from .interest import RemoteInterest
 from .proto import cluster_pb2 as pb
 
@@ -99,6 +105,24 @@ class ClusterPeers:
         self.transport.interest_changed(filter, False)
 
     # -- Peers: forwarding ---------------------------------------------------------------------
+
+    @property
+    def relay_routes(self) -> dict:
+        """topic -> ids of the peers a plain message to it goes to (None: ``forward`` decides); the
+        C relay reads it, and calls ``relay_route`` for a topic it lacks."""
+        return self.remote.plain_routes
+
+    @property
+    def relay_links(self) -> dict:
+        """node id -> its link (``PeerLink``, whose ``forward_queue`` the relay appends to)."""
+        return self.transport.links
+
+    def relay_route(self, topic: str) -> tuple[str, ...] | None:
+        """What ``forward`` does with a plain message to ``topic``: the peers it is queued for, or
+        None when only ``forward`` can decide (a ``$`` topic, shared groups on a peer)."""
+        if topic.startswith("$"):
+            return None
+        return self.remote.plain(topic)
 
     def forward(self, message, groups: list) -> list:
         topic = message.topic
@@ -210,8 +234,22 @@ class ClusterPeers:
         busy: list[str] = []
         broker = self.broker
         n = 0
+        items = batch.items
+        i, end = 0, len(items)
+        now = time.monotonic()
+        relayed = broker.publish_relayed_from_peer
         try:
-            for message, groups, match_local in decode_items(batch.items):
+            while i < end:
+                try:
+                    i, k = relayed(items, i)  # the plain messages from i on, in C
+                except Exception:
+                    log.exception("forwarded_publish_failed", extra={"peer": sender, "at": i})
+                    self.bad_batches += 1
+                    break  # where it stopped is unknown: the rest of this batch is lost (logged)
+                n += k
+                if i >= end:
+                    break
+                message, groups, match_local, i = decode_item(items, i, now)
                 n += 1
                 if groups:
                     for g in broker.router.route(message.topic).groups:

@@ -193,6 +193,12 @@ class ClusterTransport:
             return grpc.secure_channel(addr, self._channel_credentials, options=CHANNEL_OPTIONS)
         return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
+    def drain(self, node_id: str, timeout: float) -> bool:
+        """Wait (bounded) until the messages queued for ``node_id`` so far are acknowledged, i.e.
+        applied there (a takeover asks for the state after them); True at once when none are."""
+        link = self.links.get(node_id)
+        return link is None or link.drain(timeout)
+
     def reachable(self) -> list[str]:
         return [n for n, link in self.links.items() if link.connected]
 

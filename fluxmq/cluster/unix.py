@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import struct
 import time
 
 import gevent
 import grpc
+from gevent import socket  # cooperative whether or not the process is monkey-patched
 from gevent.server import StreamServer
 
 from .proto import cluster_pb2 as pb
@@ -36,6 +36,8 @@ ROUTE = b"R"
 CALL = b"C"
 #: largest frame accepted (as the gRPC transport's message limit)
 MAX_FRAME = 512 << 20
+#: bytes asked of one ``recv_into``
+CHUNK = 65536
 
 
 class UnixRpcError(grpc.RpcError):
@@ -75,32 +77,54 @@ def read_frame(sock) -> bytes:
 
 
 class FrameReader:
-    """Frames from a socket, read in chunks of up to 64 KiB: a burst of acknowledgements, or a batch
-    with its header, costs one ``recv`` rather than two per frame."""
+    """Frames from a socket, read with ``recv_into`` in chunks of up to 64 KiB into one buffer that
+    is kept: a burst of acknowledgements, or a batch with its header, costs one ``recv`` rather than
+    two per frame, and a frame is copied once (out of the buffer). A growing ``bytearray`` with
+    reads appended and frames deleted from its front cost ~20 KB of ``realloc`` copying per
+    forwarded message at batches of ~35 KB (callgrind)."""
 
-    __slots__ = ("sock", "buf")
+    __slots__ = ("sock", "buf", "start", "end")
 
     def __init__(self, sock) -> None:
         self.sock = sock
-        self.buf = bytearray()
+        self.buf = bytearray(CHUNK * 2)
+        self.start = 0  # the unread bytes are buf[start:end]
+        self.end = 0
 
     def read(self) -> bytes:
-        buf = self.buf
         while True:
-            if len(buf) >= 4:
-                (n,) = HEADER.unpack_from(buf)
+            start, end = self.start, self.end
+            have = end - start
+            if have >= 4:
+                (n,) = HEADER.unpack_from(self.buf, start)
                 if n > MAX_FRAME:
                     raise EOFError(f"frame of {n} bytes")
-                if len(buf) >= 4 + n:
-                    frame = bytes(buf[4 : 4 + n])
-                    del buf[: 4 + n]
-                    return frame
-            chunk = self.sock.recv(
-                max(65536, 4 + (HEADER.unpack_from(buf)[0] if len(buf) >= 4 else 0) - len(buf))
-            )
-            if not chunk:
+                if have >= 4 + n:
+                    self.start = start + 4 + n
+                    with memoryview(self.buf) as view:
+                        return bytes(view[start + 4 : start + 4 + n])
+                want = 4 + n
+            else:
+                want = 4
+            buf = self.buf
+            need = max(CHUNK, want - have)  # what the next read may bring
+            if end + need > len(buf):
+                # move what is unread to the front, and grow the buffer if a frame needs it
+                size = max(len(buf), have + need)
+                if len(buf) > 16 * CHUNK and have + need < len(buf) // 4:
+                    size = max(2 * CHUNK, have + need)  # a large frame went: give its room back
+                if size != len(buf):
+                    grown = bytearray(size)
+                    grown[:have] = buf[start:end]
+                    self.buf = buf = grown
+                else:
+                    buf[:have] = buf[start:end]
+                self.start, self.end = start, end = 0, have
+            with memoryview(buf) as view:
+                got = self.sock.recv_into(view[end : end + need])
+            if not got:
                 raise EOFError("connection closed")
-            buf += chunk
+            self.end = end + got
 
 
 def write_frame(sock, data: bytes) -> None:

@@ -296,7 +296,7 @@ class WorkerNode:
         )
         self.peers.transport = self.transport
         self.ownership = LocalOwnership(os.path.join(context.run_dir, "owners"), self.node_id)
-        self.peers.sessions = ClusterSessions(self.ownership, self.transport.call)
+        self.peers.sessions = ClusterSessions(self.ownership, self.transport.call, drain=self.transport.drain)
         self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
         self.transport.handle("retained.snapshot", self._serve_retained)
 

@@ -25,6 +25,7 @@ from fluxmq.coap.listener import CoapUDPListener
 from fluxmq.config import SCHEMA, parse_addr
 from fluxmq.log import setup_logging
 from fluxmq.node.heap_trim import HeapTrim
+from fluxmq.protocol.connection import RELAY
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.storage import Storage, open_storage
@@ -330,6 +331,7 @@ class BrokerService:
         else:
             self.storage = storage = open_storage(cfg)
         self.broker = Broker(broker_settings(cfg), storage)
+        self.broker.relay = RELAY  # the C fast path also delivers what peers forward
         self.broker.stats.output_budget.limit = cfg.broker.output_memory_limit
         self.broker.set_auth(auth)
         self.flusher = flusher = FlushScheduler(storage)

@@ -1,0 +1,117 @@
+"""Instructions per message of the relay's paths, local and forwarded between two workers, in one
+process (no scheduling, no other load): for callgrind, the figure that does not move with the
+machine's load.
+
+Two brokers, each with its real ``WorkerNode`` (Unix-socket transport, ``PeerLink``,
+``WorkerPeers``), clients on socket pairs served by ``MQTTConnection`` as in the node; one
+publisher sends ``count`` QoS 0 PUBLISHes (64-byte payloads, in bursts of 100 per write) to one
+subscriber on the same worker (``local``) or on the other (``forwarded``); the script returns when
+the subscriber has read them all. Run it twice with two counts under callgrind and divide the
+difference in instructions by the difference in messages::
+
+    for n in 2000 12000; do valgrind --tool=callgrind --callgrind-out-file=/tmp/ci.$n \\
+        .venv/bin/python -m bench.relay_workers_instr forwarded $n; done
+    callgrind_annotate /tmp/ci.2000 | head -3; callgrind_annotate /tmp/ci.12000 | head -3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+import gevent
+from gevent import socket
+
+from fluxmq._core import codec as c
+from fluxmq.broker.broker import Broker, BrokerSettings
+from fluxmq.broker.session import EXPIRY_NEVER
+from fluxmq.cluster.workers import WorkerNode
+from fluxmq.config.loader import load_config
+from fluxmq.node.workers import WorkerContext
+from fluxmq.protocol.connection import RELAY, MQTTConnection
+from fluxmq.protocol.flush import FlushScheduler
+from fluxmq.protocol.settings import ProtocolSettings
+from fluxmq.storage.memory import MemoryStorage
+from fluxmq.transport.tcp import SocketStream
+
+
+@dataclasses.dataclass
+class _Context(WorkerContext):
+    sockets_dir: str = ""
+
+    def socket_path(self, index: int) -> str:
+        return os.path.join(self.sockets_dir, f"w{index}.sock")
+
+
+def _broker():
+    storage = MemoryStorage()
+    broker = Broker(BrokerSettings(), storage)
+    broker.restore(storage.load())
+    broker.relay = RELAY
+    return broker, FlushScheduler(storage)
+
+
+def _client(broker, flusher, client_id: str):
+    server, client = socket.socketpair()
+    conn = MQTTConnection(
+        broker, SocketStream(server, ("127.0.0.1", 1)), ProtocolSettings(park_after=0), flusher
+    )
+    conn.decoder.version = conn.version = 4
+    session, _ = broker.open_session(client_id, True, EXPIRY_NEVER)
+    conn.client_id, conn.session = client_id, session
+    broker.attach(session, conn, 100)
+    gevent.spawn(conn.run)
+    return conn, client
+
+
+def main(argv: list[str]) -> int:
+    mode, count = argv[0], int(argv[1])
+    tmp = tempfile.mkdtemp(prefix="relay-instr-")
+    brokers = [_broker(), _broker()]
+    nodes = []
+    if mode == "forwarded":
+        config = load_config(env={}, overrides=["server.workers=2"])
+        for i, (broker, _f) in enumerate(brokers):
+            run = os.path.join(tmp, f"run{i}")
+            os.makedirs(run)
+            nodes.append(WorkerNode(_Context(i, 2, run, sockets_dir=tmp), broker, config))
+        for node in nodes:
+            node.start()
+        deadline = time.monotonic() + 60
+        while not all(n.transport.reachable() for n in nodes) and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+    sub_at = brokers[1] if mode == "forwarded" else brokers[0]
+    sub_conn, sub_sock = _client(*sub_at, "sub")
+    sub_at[0].subscribe(sub_conn.session, "in/#", 0)
+    _pub_conn, pub_sock = _client(*brokers[0], "pub")
+    one = c.encode(c.Publish("in/1", b"x" * 64), 4)
+    want = len(c.encode(c.Publish("in/1", b"x" * 64), 4)) * count
+    got = 0
+
+    def read() -> None:
+        nonlocal got
+        while got < want:
+            data = sub_sock.recv(1 << 20)
+            if not data:
+                return
+            got += len(data)
+
+    reader = gevent.spawn(read)
+    sent = 0
+    while sent < count:
+        n = min(100, count - sent)
+        pub_sock.sendall(one * n)
+        sent += n
+        gevent.sleep(0)
+    reader.join(timeout=120)
+    for node in nodes:
+        node.stop(0.5)
+    print(f"{mode} {count} read={got} want={want} relay_served={RELAY.served} forwarded={RELAY.forwarded}")
+    return 0 if got == want else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

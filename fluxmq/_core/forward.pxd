@@ -1,0 +1,31 @@
+# C-level declarations of the forwarded-message framing, so the relay appends to a peer's queue in C.
+
+
+cdef class ForwardRun:
+    cdef public bytes data
+    cdef public Py_ssize_t count
+
+
+cdef class ForwardQueue:
+    cdef char* buf  # the tail: framed items not yet sealed into ``runs``
+    cdef Py_ssize_t size
+    cdef Py_ssize_t capacity
+    cdef public Py_ssize_t tail_count
+    cdef public Py_ssize_t queued
+    cdef public Py_ssize_t queued_bytes
+    cdef public Py_ssize_t max_messages
+    cdef public Py_ssize_t max_bytes
+    cdef public Py_ssize_t run_messages
+    cdef public Py_ssize_t run_bytes
+    cdef public object runs
+    cdef public object wake
+
+    cdef inline bint full(self):
+        return self.queued >= self.max_messages or self.queued_bytes >= self.max_bytes
+
+    cdef int append_plain(self, str topic, str origin, int qos, bytes payload) except -1
+    cpdef seal(self)
+
+
+cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
+                           Py_ssize_t* fields) noexcept

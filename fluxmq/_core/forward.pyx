@@ -1,0 +1,200 @@
+# cython: language_level=3
+"""The plain forwarded message in C: appended to a peer's queue by the relay, read back by the receiver.
+
+A message forwarded to a peer travels in ``Batch.items`` as an item (``fluxmq.cluster.batch`` owns
+that framing: ``u32 blob length | i64 expiry ms remaining (-1 none) | u8 flags (1 = match local) |
+u8 group count``, then the groups, then the blob) whose blob is ``fluxmq.storage.records``'s message
+record (``u8 format 1 | u8 flags (QoS | 4 retain | 8 expiry | 16 origin) | f64 expiry | u16 topic |
+u16 origin | u32 properties | u32 payload`` lengths, little-endian, then topic, origin, properties,
+payload). This module writes and reads only the *plain* item: no expiry, matched locally, no
+shared groups, QoS 0 or 1, not retained, no properties; byte for byte what ``build_batch`` frames
+for ``encode_message`` of such a message (tests/_core/test_forward.py checks both directions).
+
+``ForwardQueue`` is the tail of one peer link's queue (``fluxmq.cluster.forwarder.PeerLink``): the
+relay appends plain items to ``tail``; the link moves the tail into its deque of entries as a
+``ForwardRun`` (``seal``) before it queues anything else and before it takes a batch, so messages
+keep their order whichever path queued them. ``queued`` / ``queued_bytes`` count the link's whole
+queue (entries and tail), so the one bound (``max_messages``, ``max_bytes``) covers both paths.
+
+No I/O and no fluxmq imports.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdint cimport uint8_t
+from libc.string cimport memcpy, memset
+
+#: bytes of an item's head and of a message record's head
+DEF ITEM_HEAD = 14
+DEF MSG_HEAD = 22
+DEF FORMAT = 1
+DEF MATCH_LOCAL = 1
+
+
+cdef inline void _le16(uint8_t* p, Py_ssize_t v) noexcept:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+
+
+cdef inline void _le32(uint8_t* p, Py_ssize_t v) noexcept:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = (v >> 24) & 0xFF
+
+
+cdef inline Py_ssize_t _rd16(const unsigned char* p) noexcept:
+    return p[0] | (p[1] << 8)
+
+
+cdef inline Py_ssize_t _rd32(const unsigned char* p) noexcept:
+    return <Py_ssize_t>(<unsigned int>p[0] | (<unsigned int>p[1] << 8) | (<unsigned int>p[2] << 16)
+                        | (<unsigned int>p[3] << 24))
+
+
+cdef class ForwardRun:
+    """Plain items the relay appended, moved into a link's queue as one entry (``count`` messages)."""
+
+    def __init__(self, bytes data, Py_ssize_t count):
+        self.data = data
+        self.count = count
+
+    def __repr__(self):
+        return f"ForwardRun(count={self.count}, bytes={len(self.data)})"
+
+
+cdef class ForwardQueue:
+    """The tail of a peer link's queue that the relay appends to (see the module docstring).
+
+    ``runs``: the link's deque of entries, where ``seal`` puts the tail (also by itself once the
+    tail holds ``run_messages`` messages or ``run_bytes`` bytes, so a batch stays bounded);
+    ``wake()``: called when a message is queued into an empty queue (the link's sender starts)."""
+
+    def __init__(self, runs, Py_ssize_t max_messages, Py_ssize_t max_bytes, Py_ssize_t run_messages,
+                 Py_ssize_t run_bytes, wake=None):
+        self.buf = NULL
+        self.size = self.capacity = 0
+        self.tail_count = 0
+        self.queued = 0
+        self.queued_bytes = 0
+        self.runs = runs
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.run_messages = max(1, run_messages)
+        self.run_bytes = run_bytes
+        self.wake = wake
+
+    def __dealloc__(self):
+        PyMem_Free(self.buf)
+
+    @property
+    def tail(self):
+        """The framed items not sealed yet (a copy)."""
+        return PyBytes_FromStringAndSize(self.buf, self.size) if self.size else b""
+
+    def has_room(self):
+        """False when the link's queue is at its bound (what the relay checks before any effect)."""
+        return not self.full()
+
+    def append(self, str topic, str origin, int qos, bytes payload):
+        """``append_plain`` from Python (tests)."""
+        self.append_plain(topic, origin, qos, payload)
+
+    cdef int append_plain(self, str topic, str origin, int qos, bytes payload) except -1:
+        """Queue the plain item of a message (``origin``: the publisher's client id, "" or None for
+        none). The caller checked ``full()`` first."""
+        cdef Py_ssize_t tlen, olen = 0, plen = PyBytes_GET_SIZE(payload)
+        cdef const char* t = PyUnicode_AsUTF8AndSize(topic, &tlen)
+        cdef const char* o = NULL
+        cdef int flags = qos & 3
+        if origin:
+            o = PyUnicode_AsUTF8AndSize(origin, &olen)
+            flags |= 16
+        if tlen > 0xFFFF or olen > 0xFFFF or plen > 0xFFFFFFFF - MSG_HEAD - tlen - olen:
+            raise OverflowError("forwarded message field too long for its length prefix")
+        cdef Py_ssize_t blob = MSG_HEAD + tlen + olen + plen
+        cdef Py_ssize_t at = self.size, need = at + ITEM_HEAD + blob, cap
+        cdef char* grown
+        if need > self.capacity:
+            # kept across seals: after the first runs the tail is written without reallocating
+            cap = max(need, 2 * self.capacity, 4096)
+            grown = <char*>PyMem_Realloc(self.buf, cap)
+            if grown is NULL:
+                raise MemoryError()
+            self.buf = grown
+            self.capacity = cap
+        self.size = need
+        cdef uint8_t* p = <uint8_t*>self.buf + at
+        _le32(p, blob)
+        memset(p + 4, 0xFF, 8)  # i64 -1: no expiry
+        p[12] = MATCH_LOCAL
+        p[13] = 0  # no shared groups
+        p += ITEM_HEAD
+        p[0] = FORMAT
+        p[1] = flags
+        memset(p + 2, 0, 8)  # f64 0.0: no expiry
+        _le16(p + 10, tlen)
+        _le16(p + 12, olen)
+        _le32(p + 14, 0)  # no properties
+        _le32(p + 18, plen)
+        p += MSG_HEAD
+        memcpy(p, t, tlen)
+        p += tlen
+        if olen:
+            memcpy(p, o, olen)
+            p += olen
+        memcpy(p, PyBytes_AS_STRING(payload), plen)
+        self.tail_count += 1
+        first = self.queued == 0
+        self.queued += 1
+        self.queued_bytes += ITEM_HEAD + blob
+        if self.tail_count >= self.run_messages or self.size >= self.run_bytes:
+            self.seal()
+        if first and self.wake is not None:
+            self.wake()
+        return 0
+
+    cpdef seal(self):
+        """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty)."""
+        if self.tail_count == 0:
+            return
+        run = ForwardRun(PyBytes_FromStringAndSize(self.buf, self.size), self.tail_count)
+        self.size = 0
+        self.tail_count = 0
+        self.runs.append(run)
+
+
+cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
+                           Py_ssize_t* fields) noexcept:
+    """The end offset of the plain item at ``p[i:]``, filling ``fields`` with (QoS, topic offset,
+    topic length, origin offset, origin length or -1 for none, payload offset, payload length);
+    -1 when it is not a plain item (or is damaged): the Python path decodes it (or reports it)."""
+    if end - i < ITEM_HEAD + MSG_HEAD:
+        return -1
+    cdef Py_ssize_t blob = _rd32(p + i)
+    cdef const unsigned char* h = p + i + 4
+    cdef int k
+    for k in range(8):
+        if h[k] != 0xFF:
+            return -1  # an expiry: the remaining time is recomputed in Python
+    if p[i + 12] != MATCH_LOCAL or p[i + 13] != 0:
+        return -1
+    cdef Py_ssize_t b = i + ITEM_HEAD
+    if blob < MSG_HEAD or blob > end - b or p[b] != FORMAT:
+        return -1
+    cdef int flags = p[b + 1]
+    if (flags & 3) > 1 or flags & (4 | 8):
+        return -1
+    cdef Py_ssize_t tlen = _rd16(p + b + 10), olen = _rd16(p + b + 12)
+    cdef Py_ssize_t plen = _rd32(p + b + 14), paylen = _rd32(p + b + 18)
+    if plen != 0 or tlen == 0 or MSG_HEAD + tlen + olen + paylen != blob:
+        return -1
+    fields[0] = flags & 3
+    fields[1] = b + MSG_HEAD
+    fields[2] = tlen
+    fields[3] = b + MSG_HEAD + tlen
+    fields[4] = olen if flags & 16 else -1
+    fields[5] = b + MSG_HEAD + tlen + olen
+    fields[6] = paylen
+    return b + blob

@@ -1,0 +1,67 @@
+"""The plain forwarded item written in C (``fluxmq._core.forward``) is byte for byte what the
+cluster's Python framing (``cluster.batch.build_batch`` of ``storage.records.encode_message``)
+writes for the same message, and the queue keeps its count, bound and order."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+
+from fluxmq._core.forward import ForwardQueue, ForwardRun
+from fluxmq.broker.message import Message
+from fluxmq.cluster.batch import Outgoing, build_batch, decode_items
+from fluxmq.storage.records import encode_message
+
+
+def python_items(*messages: Message) -> bytes:
+    entries = [Outgoing(encode_message(m), (), True, None) for m in messages]
+    return build_batch("w0", 1, 1, entries)[0].items
+
+
+@pytest.mark.parametrize(
+    "topic,origin,qos,payload",
+    [
+        ("a/b", "pub", 0, b"x"),
+        ("t", "c" * 300, 1, b"\x00" * 70000),
+        ("ünï/cødé", "", 1, b""),
+        ("t", None, 0, b"p"),
+    ],
+)
+def test_plain_item_is_what_the_python_framing_writes(topic, origin, qos, payload) -> None:
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 100, 1 << 30, 100, 1 << 30)
+    fq.append(topic, origin, qos, payload)
+    assert bytes(fq.tail) == python_items(Message(topic, payload, qos, False, None, None, origin))
+    [(m, groups, match_local)] = list(decode_items(bytes(fq.tail)))
+    assert (m.topic, m.payload, m.qos, m.origin or None, groups, match_local) == (
+        topic,
+        payload,
+        qos,
+        origin or None,
+        (),
+        True,
+    )
+
+
+def test_queue_seals_runs_counts_and_bounds_and_wakes_once() -> None:
+    runs: deque = deque()
+    woken = []
+    fq = ForwardQueue(runs, 5, 1 << 20, 2, 1 << 20, lambda: woken.append(1))
+    for i in range(3):
+        fq.append("t", "p", 0, str(i).encode())
+    assert woken == [1]  # only when the first message went into an empty queue
+    assert [type(r) for r in runs] == [ForwardRun] and runs[0].count == 2  # sealed at run_messages
+    assert fq.tail_count == 1 and fq.queued == 3 and fq.has_room()
+    fq.seal()
+    assert [r.count for r in runs] == [2, 1] and fq.tail_count == 0 and bytes(fq.tail) == b""
+    assert fq.queued_bytes == sum(len(r.data) for r in runs)
+    data = b"".join(r.data for r in runs)
+    assert [m.payload for m, _g, _l in decode_items(data)] == [b"0", b"1", b"2"]
+    fq.append("t", "p", 0, b"3")
+    fq.append("t", "p", 0, b"4")
+    assert not fq.has_room()  # at max_messages: the relay leaves the next one to the Python path
+    batch, expired = build_batch(
+        "w0", 1, 1, [*runs, Outgoing(encode_message(Message("u", b"5")), (), True, None)]
+    )
+    assert expired == 0 and batch.count == 6  # runs of 2, 1 and 2, then the Outgoing

@@ -1,0 +1,280 @@
+"""The C fast path (``fluxmq._core.relay``) across two workers: what ``test_publish_relay`` checks on
+one broker, with the subscribers spread over two workers of one node.
+
+Each worker is a real broker with its real ``WorkerNode`` (``fluxmq.cluster.workers``: ``WorkerPeers``,
+``PeerLink``, the Unix-socket transport, the ownership table) in this process; clients are attached
+over socket pairs and served by their readers, as in ``test_publish_relay``. Every scenario runs
+with the fast path from the hub, from the reader, and off (every PUBLISH through
+``MQTTConnection._on_publish``, ``ClusterPeers.forward``, ``decode_items`` and
+``publish_from_peer``): each client must read the same bytes and each worker keep the same
+counters. ``RELAY.served`` and ``RELAY.forwarded`` say which path handled the PUBLISHes on the
+publishing worker and the forwarded messages on the receiving one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import gevent
+import pytest
+
+from fluxmq._core import codec as c
+from fluxmq.broker.message import Message
+from fluxmq.cluster.workers import WorkerNode
+from fluxmq.config.loader import load_config
+from fluxmq.node.workers import WorkerContext
+from fluxmq.protocol.connection import HUB_READS, RELAY
+from tests.protocol.test_publish_relay import Net, encode
+
+
+@dataclasses.dataclass
+class Context(WorkerContext):
+    """A worker's context whose sockets are in a directory shared by both workers while its
+    ownership table is its own (one LMDB environment may be open once per process)."""
+
+    sockets_dir: str = ""
+
+    def socket_path(self, index: int) -> str:
+        return os.path.join(self.sockets_dir, f"w{index}.sock")
+
+
+class Workers:
+    """Two workers (``w0``, ``w1``) of one node, each a ``Net``, linked by their WorkerNodes."""
+
+    def __init__(self, tmp) -> None:
+        config = load_config(env={}, overrides=["server.workers=2"])
+        self.nets = [Net(), Net()]
+        self.nodes = []
+        sockets = tmp / "sockets"
+        sockets.mkdir(exist_ok=True)
+        for i, net in enumerate(self.nets):
+            net.broker.relay = RELAY
+            run = tmp / f"run{i}"
+            run.mkdir(exist_ok=True)
+            self.nodes.append(
+                WorkerNode(Context(i, 2, str(run), sockets_dir=str(sockets)), net.broker, config)
+            )
+        for node in self.nodes:
+            node.start()
+        deadline = time.monotonic() + 10
+        while not all(n.transport.reachable() for n in self.nodes):
+            assert time.monotonic() < deadline, "the workers' links did not come up"
+            gevent.sleep(0.01)
+        self.where: dict[str, int] = {}
+
+    def client(self, client_id: str, worker: int, version: int = 4):
+        self.where[client_id] = worker
+        return self.nets[worker].client(client_id, version)
+
+    def subscribe(self, client_id: str, filter: str, qos: int, **kw) -> None:
+        self.nets[self.where[client_id]].subscribe(client_id, filter, qos, **kw)
+
+    def send(self, client_id: str, packets: list) -> None:
+        self.nets[self.where[client_id]].send(client_id, packets)
+
+    def read_all(self) -> dict[str, bytes]:
+        got = {}
+        for net in self.nets:
+            got.update(net.read_all())
+        return got
+
+    def counters(self) -> list[dict]:
+        return [net.counters() for net in self.nets]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop(0.5)
+        for net in self.nets:
+            net.close()
+
+
+def run_three(tmp_path, scenario) -> tuple[list[dict], list, int, int]:
+    """``scenario(workers)`` with the fast path from the hub, from the reader, and off; then reads
+    what every client got up to the next mark (a scenario that reads itself returns its reads).
+    Returns the reads and the counters of the first run, and how many PUBLISHes the relay served
+    and how many forwarded messages it delivered in it (marks included)."""
+    results = []
+    served = forwarded = 0
+    for n, (relay, hub) in enumerate(((True, True), (True, False), (False, False))):
+        RELAY.enabled = relay
+        HUB_READS.enabled = hub
+        tmp = tmp_path / f"run{n}"
+        tmp.mkdir()
+        workers = Workers(tmp)
+        try:
+            before, fwd_before = RELAY.served, RELAY.forwarded
+            got = scenario(workers) or [workers.read_all()]
+            if n == 0:
+                served, forwarded = RELAY.served - before, RELAY.forwarded - fwd_before
+            else:
+                assert n == 1 or (RELAY.served, RELAY.forwarded) == (before, fwd_before)
+            results.append((got, workers.counters()))
+        finally:
+            workers.close()
+            RELAY.enabled = True
+            HUB_READS.enabled = True
+    (first_got, first_counters), *others = results
+    for got, counters in others:
+        assert got == first_got
+        assert counters == first_counters
+    return first_got, first_counters, served, forwarded
+
+
+@pytest.fixture(autouse=True)
+def _relay_on():
+    yield
+    RELAY.enabled = True
+    HUB_READS.enabled = True
+
+
+def test_fan_out_to_both_workers_is_forwarded_and_delivered_in_c(tmp_path) -> None:
+    def scenario(w: Workers) -> None:
+        w.client("pub", 0)
+        w.client("local", 0)
+        w.client("remote", 1)
+        w.client("remote5", 1, version=5)
+        w.client("wild", 1)
+        w.client("other", 1)
+        w.subscribe("local", "a/b", 1)
+        w.subscribe("remote", "a/b", 1)
+        w.subscribe("remote5", "a/+", 1)
+        w.subscribe("wild", "a/#", 0)
+        w.subscribe("other", "x/y", 0)  # must get nothing
+        w.send(
+            "pub",
+            [
+                c.Publish("a/b", b"one"),
+                c.Publish("a/b", b"two", qos=1, packet_id=5),
+                c.Publish("a/c", b"three", qos=1, packet_id=6),
+                c.Publish("z", b"none"),
+            ],
+        )
+
+    [got], counters, served, forwarded = run_three(tmp_path, scenario)
+    assert served == 5  # and the mark
+    # w1 wants a/b, a/c and the mark (not z): each forwarded once, however many subscribers there
+    assert forwarded == 4
+    assert got["local"] == encode(c.Publish("a/b", b"one"), 4) + encode(
+        c.Publish("a/b", b"two", qos=1, packet_id=1), 4
+    )
+    assert got["remote"] == got["local"]
+    assert got["remote5"] == (
+        encode(c.Publish("a/b", b"one"), 5)
+        + encode(c.Publish("a/b", b"two", qos=1, packet_id=1), 5)
+        + encode(c.Publish("a/c", b"three", qos=1, packet_id=2), 5)
+    )
+    assert got["wild"] == (
+        encode(c.Publish("a/b", b"one"), 4)
+        + encode(c.Publish("a/b", b"two"), 4)
+        + encode(c.Publish("a/c", b"three"), 4)
+    )
+    assert got["other"] == b""
+    assert got["pub"] == encode(c.Puback(5), 4) + encode(c.Puback(6), 4)
+    assert counters[0]["received"] == [3, 2, 0] and counters[1]["received"] == [0, 0, 0]
+    assert counters[1]["inflight"]["remote5"] == [1, 2]
+
+
+def test_fan_in_from_both_workers_reaches_one_subscriber_in_order(tmp_path) -> None:
+    def scenario(w: Workers) -> list[dict]:
+        w.client("sub", 0)
+        w.client("near", 0)
+        w.client("far", 1)
+        w.subscribe("sub", "in/#", 1)
+        w.send(
+            "far", [c.Publish(f"in/{i}", f"far{i}".encode(), qos=i % 2, packet_id=i + 1) for i in range(20)]
+        )
+        first = w.read_all()
+        w.send(
+            "near", [c.Publish(f"in/{i}", f"near{i}".encode(), qos=i % 2, packet_id=i + 1) for i in range(20)]
+        )
+        return [first, w.read_all()]
+
+    (first, second), _counters, served, forwarded = run_three(tmp_path, scenario)
+    assert served == 42
+    assert forwarded == 21 + 1  # far's 20 and its mark; near's mark to far's worker
+
+    def want(name: str, first_pid: int) -> bytes:
+        return b"".join(
+            encode(
+                c.Publish(
+                    f"in/{i}", f"{name}{i}".encode(), qos=i % 2, packet_id=first_pid + i // 2 if i % 2 else 0
+                ),
+                4,
+            )
+            for i in range(20)
+        )
+
+    assert first["sub"] == want("far", 1)
+    assert second["sub"] == want("near", 11)
+
+
+def test_what_the_fast_path_leaves_keeps_its_place_between_workers(tmp_path) -> None:
+    """Retained, QoS 2, 5.0 properties, a shared group with a member on the other worker and a
+    message expiry go through ``ClusterPeers.forward`` and ``publish_from_peer``; the plain
+    PUBLISHes around them in the same read still go through C on both sides, and the subscriber
+    on the other worker reads all of them in the order they were published."""
+
+    def scenario(w: Workers) -> None:
+        w.client("pub", 0, version=5)
+        w.client("sub", 1, version=5)
+        w.client("member", 1)
+        w.subscribe("sub", "t/#", 2)
+        w.subscribe("member", "$share/g/s/#", 0)
+        w.send(
+            "pub",
+            [
+                c.Publish("t/1", b"plain"),
+                c.Publish("t/r", b"retained", retain=True),
+                c.Publish("t/2", b"plain"),
+                c.Publish("t/q2", b"x", qos=2, packet_id=9),
+                c.Publish("t/3", b"plain", qos=1, packet_id=10),
+                c.Publish("t/p", b"props", properties={c.USER_PROPERTY: [("k", "v")]}),
+                c.Publish("t/e", b"expiry", properties={c.MESSAGE_EXPIRY_INTERVAL: 60}),
+                c.Publish("s/x", b"shared"),
+                c.Publish("t/4", b"plain"),
+            ],
+        )
+
+    [got], counters, served, forwarded = run_three(tmp_path, scenario)
+    assert served == 4 + 1
+    assert forwarded == 4 + 1
+    packets = c.Decoder(version=5).feed(got["sub"])
+    assert [(p.topic, p.payload) for p in packets if p.type == c.PUBLISH] == [
+        ("t/1", b"plain"),
+        ("t/r", b"retained"),
+        ("t/2", b"plain"),
+        ("t/q2", b"x"),
+        ("t/3", b"plain"),
+        ("t/p", b"props"),
+        ("t/e", b"expiry"),
+        ("t/4", b"plain"),
+    ]
+    assert got["member"] == encode(c.Publish("s/x", b"shared"), 4)
+    assert counters[1]["retained"] == 1  # every worker keeps every retained message
+
+
+def test_per_target_fallback_on_the_receiving_worker(tmp_path) -> None:
+    """On the receiving worker a target the fast path cannot write (a subscription identifier, a
+    session with messages queued) goes through ``Session.deliver`` per target, as on one broker."""
+
+    def scenario(w: Workers) -> None:
+        w.client("pub", 0)
+        w.client("ids", 1, version=5)
+        queued = w.client("queued", 1)
+        w.client("fast", 1)
+        w.subscribe("ids", "t", 0, subscription_id=5)
+        w.subscribe("queued", "t", 1)
+        w.subscribe("fast", "t", 0)
+        queued.session._enqueue(Message("t", b"waiting", 1), 1, False, None)
+        w.send("pub", [c.Publish("t", b"m", qos=1, packet_id=2)])
+
+    [got], _counters, served, forwarded = run_three(tmp_path, scenario)
+    assert served == 2 and forwarded == 2
+    assert got["fast"] == encode(c.Publish("t", b"m"), 4)
+    assert got["ids"] == encode(c.Publish("t", b"m", properties={c.SUBSCRIPTION_IDENTIFIER: [5]}), 5)
+    assert got["queued"] == (
+        encode(c.Publish("t", b"waiting", qos=1, packet_id=1), 4)
+        + encode(c.Publish("t", b"m", qos=1, packet_id=2), 4)
+    )
