@@ -86,6 +86,9 @@ def _make_node_class():
             else:
                 super().__init__(self_addr, peers, conf, transportClass=transport_class)
             self._apply_id = self._methodToID[self._getFuncName("apply")]
+            notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+            if notifier is not None:
+                notifier.notify = _no_wakeup  # commands are taken at once (_applyCommand)
 
         @replicated
         def apply(self, ops):
@@ -98,7 +101,22 @@ def _make_node_class():
             command = pickle.dumps((self._apply_id, (ops,)), COMMAND_PICKLE)
             self._applyCommand(command, callback, _COMMAND_TYPE.REGULAR)
 
+        def _applyCommand(self, command, callback, commandType=None):  # noqa: N802
+            """Every command (ours, a member change, one a follower forwards to this leader) is
+            taken at once: appended and sent (the leader: append_entries to every follower; a
+            follower: apply_command to the leader) in this hub turn, not at the driver's next
+            tick, which pysyncobj would wake through its pipe. What the tick does with its queued
+            commands, done sooner: nothing of a tick is half done while the driver waits in its
+            poll (or handles a message there), so the log and the sends stay in order."""
+            super()._applyCommand(command, callback, commandType)
+            self._checkCommandsToApply()
+
     return _RaftNode
+
+
+def _no_wakeup() -> None:
+    """pysyncobj's pipe notifier, silenced: it woke the tick for a command queued (see
+    ``_RaftNode._applyCommand``); a write and a read of the pipe, and a tick, per entry."""
 
 
 _NODE_CLASS = None
@@ -376,7 +394,10 @@ class RaftGroup:
                     "raft_tick_slow",
                     extra={"group": self.name, "held_hub_s": round(took, 3), "applied": self.applied},
                 )
-            gevent.idle()  # between ticks the other greenlets run, even when packets keep coming
+            # Between ticks the other greenlets ready now run, even when packets keep coming; then
+            # the next tick at once: an answer the poll just read advances the commit index and
+            # applies the entry (the held PUBACKs resolved) without waiting for an idle loop.
+            gevent.sleep(0)
 
     # -- state -----------------------------------------------------------------------------------
 
