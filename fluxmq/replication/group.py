@@ -59,6 +59,9 @@ SLOW_TICK = 0.05
 MAX_IN_FLIGHT = 2
 #: an entry without an answer for this long no longer holds the next ones back
 IN_FLIGHT_PATIENCE = 1.0
+#: how long the leader's new commit index waits for the next entry's append_entries, which carries
+#: it, before it is sent alone (``_RaftNode._apply_entries``); bench/RESULTS.md
+COMMIT_NOTICE_DELAY = 0.002
 #: what ``_apply`` returns for an entry whose settlements were refused as stale (``STALE``)
 STALE = "stale"
 #: shortest pause between two chunks of a snapshot being written (snapshot.CHUNK records, ~0.3-1 ms
@@ -86,6 +89,41 @@ def _make_node_class():
             else:
                 super().__init__(self_addr, peers, conf, transportClass=transport_class)
             self._apply_id = self._methodToID[self._getFuncName("apply")]
+            notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+            if notifier is not None:
+                notifier.notify = _no_wakeup  # commands are taken at once (_applyCommand)
+            self._commit_told = 0  # the commit index the last append_entries carried
+            self._forwarded = 0  # the last entry a follower forwarded (its producer waits for it)
+            self._commit_timer = None
+            self._SyncObj__applyLogEntries = self._apply_entries  # the tick's, looked up on self
+            self._SyncObj__sendAppendEntries = self._send_entries
+
+        def _send_entries(self) -> None:
+            self._commit_told = self.raftCommitIndex
+            SyncObj._SyncObj__sendAppendEntries(self)
+
+        def _apply_entries(self) -> bool:
+            """pysyncobj's ``__applyLogEntries`` (the tick applies the committed entries), whose
+            answer "send append_entries now" (the leader's new commit index, to the followers) waits
+            COMMIT_NOTICE_DELAY for the next entry, whose append_entries carries it: at a steady
+            rate the followers no longer read, and answer, an append_entries of nothing per entry.
+            Sent at once when a follower forwarded one of the entries: its producer's PUBACK waits
+            for the follower to apply it."""
+            before = self.raftLastApplied
+            if not SyncObj._SyncObj__applyLogEntries(self):
+                return False
+            if not self._isLeader() or before < self._forwarded:
+                return True
+            if self._commit_timer is None:
+                self._commit_timer = gevent.get_hub().loop.timer(COMMIT_NOTICE_DELAY)
+                self._commit_timer.start(self._send_commit)
+            return False
+
+        def _send_commit(self) -> None:
+            self._commit_timer.close()
+            self._commit_timer = None
+            if self._group._running and self._isLeader() and self._commit_told < self.raftCommitIndex:
+                self._send_entries()
 
         @replicated
         def apply(self, ops):
@@ -98,7 +136,24 @@ def _make_node_class():
             command = pickle.dumps((self._apply_id, (ops,)), COMMAND_PICKLE)
             self._applyCommand(command, callback, _COMMAND_TYPE.REGULAR)
 
+        def _applyCommand(self, command, callback, commandType=None):  # noqa: N802
+            """Every command (ours, a member change, one a follower forwards to this leader) is
+            taken at once: appended and sent (the leader: append_entries to every follower; a
+            follower: apply_command to the leader) in this hub turn, not at the driver's next
+            tick, which pysyncobj would wake through its pipe. What the tick does with its queued
+            commands, done sooner: nothing of a tick is half done while the driver waits in its
+            poll (or handles a message there), so the log and the sends stay in order."""
+            super()._applyCommand(command, callback, commandType)
+            self._checkCommandsToApply()
+            if callback.__class__ is tuple and self._isLeader():  # (follower, request id)
+                self._forwarded = self._SyncObj__getCurrentLogIndex()
+
     return _RaftNode
+
+
+def _no_wakeup() -> None:
+    """pysyncobj's pipe notifier, silenced: it woke the tick for a command queued (see
+    ``_RaftNode._applyCommand``); a write and a read of the pipe, and a tick, per entry."""
 
 
 _NODE_CLASS = None
@@ -376,7 +431,10 @@ class RaftGroup:
                     "raft_tick_slow",
                     extra={"group": self.name, "held_hub_s": round(took, 3), "applied": self.applied},
                 )
-            gevent.idle()  # between ticks the other greenlets run, even when packets keep coming
+            # Between ticks the other greenlets ready now run, even when packets keep coming; then
+            # the next tick at once: an answer the poll just read advances the commit index and
+            # applies the entry (the held PUBACKs resolved) without waiting for an idle loop.
+            gevent.sleep(0)
 
     # -- state -----------------------------------------------------------------------------------
 

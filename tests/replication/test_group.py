@@ -157,3 +157,50 @@ def test_commands_are_pickled_with_protocol_5_and_protocol_2_ones_still_replay(t
     store = MemoryQueueLog()  # nothing applied: the restart replays the whole journal
     _run_one_member_group(tmp_path, store, me, until=entries[-1][1])
     assert store.read("q", 0, 10) == written
+
+
+def test_an_entry_is_appended_and_sent_to_the_followers_in_the_turn_it_is_submitted(tmp_path) -> None:
+    """The leader appends a submitted entry to its log and sends it to every follower at once, in
+    the same hub turn (not at its driver's next tick, which pysyncobj would wake through a pipe):
+    before this greenlet yields, the log holds it and the next index pysyncobj keeps for each
+    follower is past it; then every replica applies it."""
+    import gevent
+
+    from tests.conftest import free_port
+
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    groups = []
+    for i, me in enumerate(addrs):
+        store = MemoryQueueLog()
+        group = RaftGroup("default", me, addrs, str(tmp_path / f"n{i}"), store, "forward")
+        group.logs["q"] = ReplicatedQueueLog("q", store, group, ReplicationConfig(True))
+        groups.append(group)
+    for group in groups:
+        group.start()
+    try:
+        with gevent.Timeout(30):
+            leader = None
+            while leader is None:
+                gevent.sleep(0.02)
+                leader = next((g for g in groups if g.delivering), None)
+            followers = [a for a in addrs if a != leader.self_addr]
+            while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
+                gevent.sleep(0.02)
+            node = leader._node
+            before = node.getStatus()["log_len"]
+            blob = encode_record(1.0, Message("$queue/q", b"m", 1))
+            outcome = []
+            node.submit([("e", leader.epoch), ("a", "q", [blob])], lambda res, err: outcome.append(err))
+            status = node.getStatus()  # no yield since the submit: no tick ran
+            assert status["log_len"] == before + 1
+            last = max(int(status[f"next_node_idx_server_{a}"]) for a in followers)
+            assert all(int(status[f"next_node_idx_server_{a}"]) == last for a in followers)
+            assert last > node.raftLastApplied + 1  # sent past what is applied: the new entry
+            while not outcome:
+                gevent.sleep(0.01)
+            assert outcome == [0]
+            while not all(len(g.store.read("q", 0, 10)) == 1 for g in groups):
+                gevent.sleep(0.01)
+    finally:
+        for group in groups:
+            group.stop()
