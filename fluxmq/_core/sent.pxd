@@ -1,3 +1,5 @@
+from cpython cimport array
+
 # The C interface of fluxmq._core.sent (the relay calls SentTable's record methods directly).
 
 cdef class SentState:
@@ -14,12 +16,24 @@ cdef class SentState:
     cdef public list ranges
     cdef public long long end
     cdef public bint done_dirty
+    # the set ``SentTable._changed`` last added this state to (the pending batch's ``sent_dirty``;
+    # None: not in one), so a state changed again in the same batch costs no set insertion
+    cdef public object in_dirty
+    # the two buckets of ``slots`` used last (-1: none): a send and an acknowledgement take turns
+    # at two buckets, so most packet ids are found without a dict lookup (``uncache`` when a
+    # bucket leaves ``slots``)
+    cdef int c0_bucket, c1_bucket
+    cdef array.array c0_slots, c1_slots
+    cdef bint c_next
+
+    cdef array.array _bucket(self, int bucket, bint make)
 
     cpdef unsigned long long get(self, int packet_id)
     cpdef set(self, int packet_id, unsigned long long value)
     cpdef stage(self, long long seq, object entry)
     cpdef done(self, long long seq)
     cpdef bint is_done(self, long long seq)
+    cpdef uncache(self)
 
 
 cdef class SentTable:

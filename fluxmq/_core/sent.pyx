@@ -57,20 +57,46 @@ cdef class SentState:
         self.ranges = []
         self.end = 0  # above the highest seq staged
         self.done_dirty = True  # the ``done`` record is to be written by the next take_batch
+        self.in_dirty = None
+        self.c0_bucket = self.c1_bucket = -1
+
+    cdef array.array _bucket(self, int bucket, bint make):
+        # slots[bucket] through the two-bucket cache (None when absent and not ``make``)
+        cdef array.array slots
+        if bucket == self.c0_bucket:
+            return self.c0_slots
+        if bucket == self.c1_bucket:
+            return self.c1_slots
+        slots = self.slots.get(bucket)
+        if slots is None:
+            if not make:
+                return None
+            slots = _new_slots()
+            self.slots[bucket] = slots
+        if self.c_next:
+            self.c1_bucket = bucket
+            self.c1_slots = slots
+        else:
+            self.c0_bucket = bucket
+            self.c0_slots = slots
+        self.c_next = not self.c_next
+        return slots
+
+    cpdef uncache(self):
+        """Forget the cached buckets (a bucket left ``slots``)."""
+        self.c0_bucket = self.c1_bucket = -1
+        self.c0_slots = self.c1_slots = None
 
     cpdef unsigned long long get(self, int packet_id):
         """The slot of ``packet_id`` (0 when it is not in flight as a queue entry)."""
-        cdef array.array slots = self.slots.get(packet_id >> 4)
+        cdef array.array slots = self._bucket(packet_id >> 4, False)
         if slots is None:
             return 0
         return slots.data.as_ulonglongs[packet_id & 15]
 
     cpdef set(self, int packet_id, unsigned long long value):
         cdef int bucket = packet_id >> 4
-        cdef array.array slots = self.slots.get(bucket)
-        if slots is None:
-            slots = _new_slots()
-            self.slots[bucket] = slots
+        cdef array.array slots = self._bucket(bucket, True)
         slots.data.as_ulonglongs[packet_id & 15] = value
         self.dirty.add(bucket)
 
@@ -149,6 +175,7 @@ cdef class SentState:
         return None
 
     def forget(self):
+        self.uncache()
         self.slots.clear()
         self.dirty.clear()
         self.disk.clear()
@@ -184,7 +211,10 @@ cdef class SentTable:
         # store._batch.sent_dirty.add(st); store.op_count += ops; wake the store when nothing was
         # pending, on C fields and the store's attribute dict (no attribute lookups)
         cdef dict attrs = self.attrs
-        self.dirty.add(st)
+        cdef set dirty = self.dirty
+        if st.in_dirty is not dirty:
+            dirty.add(st)
+            st.in_dirty = dirty
         attrs["op_count"] = <object>attrs["op_count"] + ops
         if not self.woken:
             self.woken = True

@@ -911,6 +911,7 @@ class LMDBStorage(Storage):
                     continue
                 if slots is not None:
                     del buckets[bucket]
+                    state.uncache()
                 if bucket in disk:
                     ops[key] = None
                     disk.discard(bucket)
@@ -1347,6 +1348,7 @@ class LMDBStorage(Storage):
             state.end = max(live_last + 1, top)
             state.done_dirty = False  # the record on disk names the same live seqs
             self._batch.sent_dirty.discard(state)
+            state.in_dirty = None
 
         cursor = txn.cursor(self._dbs[QUEUE])
         for key, value in cursor.iternext(keys=True, values=True):
