@@ -25,6 +25,7 @@ cdef class SentState:
     cdef int c0_bucket, c1_bucket
     cdef array.array c0_slots, c1_slots
     cdef bint c_next
+    cdef bint c0_dirty, c1_dirty  # the cached bucket is in ``dirty`` (``clean`` resets)
 
     cdef array.array _bucket(self, int bucket, bint make)
 
@@ -34,6 +35,7 @@ cdef class SentState:
     cpdef done(self, long long seq)
     cpdef bint is_done(self, long long seq)
     cpdef uncache(self)
+    cpdef clean(self)
 
 
 cdef class SentTable:

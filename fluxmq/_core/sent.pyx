@@ -40,6 +40,36 @@ def configure(new_slots):
     _new_slots = new_slots
 
 
+cdef array.array _U32 = array.array("I")
+
+
+def free_slots(array.array slots):
+    """How many of a ``sent`` record's slots (``array("Q")``) are free (0)."""
+    cdef Py_ssize_t i, n = 0
+    cdef unsigned long long *p = slots.data.as_ulonglongs
+    if slots.ob_descr.typecode != b"Q"[0]:
+        raise TypeError("slots must be an array('Q')")
+    for i in range(len(slots)):
+        if not p[i]:
+            n += 1
+    return n
+
+
+def lengths(list items):
+    """``(array("I", map(len, items)), sum of the lengths)``."""
+    cdef Py_ssize_t i, n = len(items), size, total = 0
+    cdef array.array out = array.clone(_U32, n, False)
+    cdef unsigned int *p = out.data.as_uints
+    for i in range(n):
+        item = items[i]
+        size = len(<bytes>item) if type(item) is bytes else len(item)
+        if size > 0xFFFFFFFF:
+            raise OverflowError("entry too large")
+        p[i] = <unsigned int>size
+        total += size
+    return out, total
+
+
 cdef class SentState:
     """One client's queue seq space in the store (see the module docstring)."""
 
@@ -76,9 +106,11 @@ cdef class SentState:
         if self.c_next:
             self.c1_bucket = bucket
             self.c1_slots = slots
+            self.c1_dirty = False
         else:
             self.c0_bucket = bucket
             self.c0_slots = slots
+            self.c0_dirty = False
         self.c_next = not self.c_next
         return slots
 
@@ -86,6 +118,12 @@ cdef class SentState:
         """Forget the cached buckets (a bucket left ``slots``)."""
         self.c0_bucket = self.c1_bucket = -1
         self.c0_slots = self.c1_slots = None
+        self.c0_dirty = self.c1_dirty = False
+
+    cpdef clean(self):
+        """``dirty.clear()`` (the commit wrote the changed buckets)."""
+        self.dirty.clear()
+        self.c0_dirty = self.c1_dirty = False
 
     cpdef unsigned long long get(self, int packet_id):
         """The slot of ``packet_id`` (0 when it is not in flight as a queue entry)."""
@@ -98,7 +136,13 @@ cdef class SentState:
         cdef int bucket = packet_id >> 4
         cdef array.array slots = self._bucket(bucket, True)
         slots.data.as_ulonglongs[packet_id & 15] = value
-        self.dirty.add(bucket)
+        if bucket == self.c0_bucket:
+            if not self.c0_dirty:
+                self.dirty.add(bucket)
+                self.c0_dirty = True
+        elif not self.c1_dirty:
+            self.dirty.add(bucket)
+            self.c1_dirty = True
 
     cpdef stage(self, long long seq, object entry):
         """An entry stored at ``seq``."""

@@ -52,13 +52,14 @@ import struct
 import subprocess
 import sys
 import time
-from array import array
 from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
 
 from fluxmq._core.sent import SentState, SentTable
+from fluxmq._core.sent import free_slots as _free_slots
+from fluxmq._core.sent import lengths as _lengths
 from fluxmq.errors import StorageError
 
 from . import records as r
@@ -905,7 +906,7 @@ class LMDBStorage(Storage):
             for bucket in state.dirty:
                 key = r.sent_key(state.prefix, bucket)
                 slots = buckets.get(bucket)
-                if slots is not None and slots.count(0) != free:
+                if slots is not None and _free_slots(slots) != free:
                     ops[key] = r.encode_sent(slots)
                     disk.add(bucket)
                     continue
@@ -915,7 +916,7 @@ class LMDBStorage(Storage):
                 if bucket in disk:
                     ops[key] = None
                     disk.discard(bucket)
-            state.dirty.clear()
+            state.clean()
             if (
                 not buckets
                 and not disk
@@ -931,9 +932,9 @@ class LMDBStorage(Storage):
         """``entries`` (seqs ``first``..) as ``queue`` records of about SEGMENT_BYTES at most (split
         by count at the mean entry size): small enough for LMDB to keep them in its leaf pages, whose
         headers it checks, instead of overflow pages."""
-        lens = array("I", map(len, entries))
+        lens, size = _lengths(entries)
         n = len(entries)
-        per = max(1, SEGMENT_BYTES * n // max(1, sum(lens)))
+        per = max(1, SEGMENT_BYTES * n // max(1, size))
         for i in range(0, n, per):
             part = entries[i : i + per]
             queue_ops[prefix + _SEQ.pack(first + i)] = (
@@ -1302,6 +1303,7 @@ class LMDBStorage(Storage):
                 state.set(pid, v)
             state.disk.add(bucket)
             state.dirty.discard(bucket)
+            state.uncache()  # (its flag of the bucket in ``dirty``)
             if dropped:  # written by the next commit (load runs in a thread: no wake-up from here)
                 state.dirty.add(bucket)
                 self._batch.sent_dirty.add(state)
