@@ -242,6 +242,7 @@ cdef class PublishRelay:
         if table is None:
             persistent_class = session_class
         staked = False
+        cdef long long table_ops_before = 0
         last_route = None
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
@@ -331,7 +332,11 @@ cdef class PublishRelay:
                 if store is not None and qos:
                     if store.refusing:
                         break
-                    ops_before = store.op_count
+                    if table is not None:  # (op_count = direct_ops + table.ops: no property frame)
+                        ops_before = store.direct_ops
+                        table_ops_before = table.ops
+                    else:
+                        ops_before = store.op_count
                 # -- Broker.publish --
                 recv_n[qos] += 1
                 recv_b[qos] += size
@@ -437,7 +442,10 @@ cdef class PublishRelay:
                 sent_b[0] += (n - n_acked) * size
                 sent_n[1] += n_acked
                 sent_b[1] += n_acked * size
-                if ops_before is not None and store.op_count != ops_before:
+                if ops_before is not None and (
+                    (store.direct_ops != ops_before or table.ops != table_ops_before) if table is not None
+                    else store.op_count != ops_before
+                ):
                     staked = True  # the PUBACK acknowledges what this publish stored (noted at the end)
                 if sampled:
                     broker._observe_latency(started)

@@ -45,7 +45,8 @@ cdef class SentTable:
     # False until the first change since the store last cleared ``has_pending`` (it resets it)
     cdef public bint woken
     cdef object store
-    cdef dict attrs  # the store's instance attributes (``op_count``)
+    # operations recorded by the table (the store's ``op_count`` adds them to its own)
+    cdef public long long ops
     cdef object prefix_of
 
     cpdef SentState state(self, str client_id)

@@ -17,7 +17,7 @@ below ``floor`` and in the sorted, apart ``[start, end)`` ``ranges``).
 ``SentTable(store, prefix_of)``: ``states`` (client id -> SentState) and the record methods the store
 binds as its own (``put_sent_entry``, ``put_sent``, ``queue_append``, ``queue_pop``,
 ``delete_inflight``, ``release_inflight``): each changes the state, adds it to
-``dirty`` (the store keeps it its pending batch's ``sent_dirty``), adds to the store's ``op_count``
+``dirty`` (the store keeps it its pending batch's ``sent_dirty``), counts its operations (``ops``, which the store's ``op_count`` includes)
 and calls ``store._wake()`` when nothing was pending (checked once after the store resets
 ``woken``, which it does whenever it clears ``has_pending``), as the Python methods did; what is not a queue entry falls back to the store's
 ``_queue_pop_record`` / ``_delete_inflight_record`` / ``_release_inflight_record``.
@@ -240,7 +240,7 @@ cdef class SentTable:
         self.dirty = set()
         self.woken = False
         self.store = store
-        self.attrs = store.__dict__
+        self.ops = 0
         self.prefix_of = prefix_of
 
     cpdef SentState state(self, str client_id):
@@ -252,14 +252,13 @@ cdef class SentTable:
         return <SentState>st
 
     cdef int _changed(self, SentState st, int ops) except -1:
-        # store._batch.sent_dirty.add(st); store.op_count += ops; wake the store when nothing was
-        # pending, on C fields and the store's attribute dict (no attribute lookups)
-        cdef dict attrs = self.attrs
+        # store._batch.sent_dirty.add(st); store.op_count += ops (counted here: the store adds
+        # ``ops``); wake the store when nothing was pending; on C fields (no attribute lookups)
         cdef set dirty = self.dirty
         if st.in_dirty is not dirty:
             dirty.add(st)
             st.in_dirty = dirty
-        attrs["op_count"] = <object>attrs["op_count"] + ops
+        self.ops += ops
         if not self.woken:
             self.woken = True
             store = self.store

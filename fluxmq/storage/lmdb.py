@@ -316,7 +316,9 @@ class LMDBStorage(Storage):
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
         self._prefixes: dict[str, bytes] = {}  # client id -> records.client_prefix (bounded)
-        self.op_count = 0  # (instance attributes: the table updates op_count in this object's dict)
+        # operations recorded by this object's own methods; ``op_count`` adds the table's (``ops``,
+        # a C field: the relay reads both, without the property's frame)
+        self.direct_ops = 0
         self.has_pending = False
         # client id -> its queue seq space (only clients that have entries or packet ids in it)
         table = self._table = self.sent_table = SentTable(self, self._prefix)  # (the relay calls it in C)
@@ -611,9 +613,17 @@ class LMDBStorage(Storage):
 
     # -- buffering (hub only; never does I/O) ------------------------------------------------------
 
+    @property
+    def op_count(self) -> int:
+        return self.direct_ops + self._table.ops
+
+    @op_count.setter
+    def op_count(self, value: int) -> None:
+        self.direct_ops = value - self._table.ops
+
     def _put(self, db: int, key: bytes, value: bytes | None) -> None:
         self._batch.ops[db][key] = value
-        self.op_count += 1
+        self.direct_ops += 1
         if not self.has_pending:
             self.has_pending = True
             cb = self.on_pending
@@ -628,7 +638,7 @@ class LMDBStorage(Storage):
                 for key in [k for k in ops if k.startswith(prefix)]:
                     del ops[key]
             batch.prefix_deletes.append((db, prefix))
-        self.op_count += 1
+        self.direct_ops += 1
         if not self.has_pending:
             self.has_pending = True
             cb = self.on_pending

@@ -38,7 +38,7 @@ def test_done_marks_match_a_set_in_any_order(seed: int) -> None:
 
 
 class _Store:
-    """What the table touches of a store: op_count and has_pending in its dict, _wake."""
+    """What the table touches of a store: has_pending, _wake."""
 
     def __init__(self) -> None:
         self.op_count = 0
@@ -59,7 +59,7 @@ def test_table_records_mark_dirty_count_ops_and_wake_once_per_batch() -> None:
     table.put_sent("a", 2, 1)
     table.delete_inflight("a", 1)
     state = table.states["a"]
-    assert batch == {state} and store.op_count == 5 and store.wakes == 1
+    assert batch == {state} and table.ops == 5 and store.wakes == 1
     assert state.get(1) == 0 and state.get(2) == (1 + 1) << 1
     assert state.floor == 1 and state.staged == [b"e0", b"e1"]
     # the store took the batch: a new set, has_pending cleared, woken reset
