@@ -95,6 +95,10 @@ cdef class PublishRelay:
         cdef dict inflight = session.inflight
         inflight_class = self.inflight_class
         v5 = conn.version == 5
+        client_id = queue = None
+        if durable:  # (the same for the whole run: it stops when the connection's session changes)
+            client_id = session.client_id
+            queue = session.queue
         while i < count:
             p = packets[i]
             if type(p) is not Puback:
@@ -108,8 +112,8 @@ cdef class PublishRelay:
                 if entry.qos != 1 or (tracked is not None and isinstance(entry.message, tracked)):
                     break
                 del inflight[pid]
-                table.acked(session.client_id, pid)  # store.delete_inflight, before pump() may reuse the id
-                if session.queue.count or session.held:
+                table.acked(client_id, pid)  # store.delete_inflight, before pump() may reuse the id
+                if queue.count or session.held:
                     self._pump(session, inflight, table)
             elif tracked is not None and isinstance(entry, tracked):
                 if (session.queue.count if durable else session.queue) or session.held:
@@ -370,7 +374,8 @@ cdef class PublishRelay:
                         # a persistent session: its disk queue must be empty too (then a QoS 1
                         # delivery is stored as an in-flight queue entry, as put_in_flight does)
                         durable = True
-                        ready = not session.queue.count
+                        queue = session.queue
+                        ready = not queue.count
                     else:
                         ready = False
                     if ready:
@@ -425,7 +430,6 @@ cdef class PublishRelay:
                                     inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
                                     if durable:
                                         # -- DiskQueue.put_in_flight (the queue is empty) --
-                                        queue = session.queue
                                         seq = queue.next
                                         queue.next = seq + 1
                                         queue.first = seq + 1
