@@ -47,9 +47,14 @@ cdef class SentTable:
     cdef object store
     # operations recorded by the table (the store's ``op_count`` adds them to its own)
     cdef public long long ops
+    # the state ``state`` returned last and its client id (the same str object: the session's)
+    cdef str last_id
+    cdef SentState last_state
     cdef object prefix_of
 
     cpdef SentState state(self, str client_id)
+    cpdef SentState drop(self, str client_id)
+    cdef SentState _found(self, str client_id)
     cdef int _changed(self, SentState st, int ops) except -1
     cdef int sent_entry(self, str client_id, int packet_id, long long seq, object entry) except -1
     cdef int acked(self, str client_id, int packet_id) except -1

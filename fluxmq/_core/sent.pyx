@@ -243,13 +243,31 @@ cdef class SentTable:
         self.ops = 0
         self.prefix_of = prefix_of
 
+    cdef SentState _found(self, str client_id):
+        # states.get(client_id), the last one found first (by identity of the id)
+        if client_id is self.last_id:
+            return self.last_state
+        st = self.states.get(client_id)
+        if st is None:
+            return None
+        self.last_id = client_id
+        self.last_state = <SentState>st
+        return <SentState>st
+
     cpdef SentState state(self, str client_id):
         """The client's state, made when it has none."""
-        st = self.states.get(client_id)
+        cdef SentState st = self._found(client_id)
         if st is None:
             st = SentState(client_id, self.prefix_of(client_id))
             self.states[client_id] = st
-        return <SentState>st
+        return st
+
+    cpdef SentState drop(self, str client_id):
+        """Remove the client's state from ``states`` (every removal goes through here: the last
+        one found is remembered); returns it, or None."""
+        self.last_id = None
+        self.last_state = None
+        return self.states.pop(client_id, None)
 
     cdef int _changed(self, SentState st, int ops) except -1:
         # store._batch.sent_dirty.add(st); store.op_count += ops (counted here: the store adds
@@ -293,7 +311,7 @@ cdef class SentTable:
 
     def queue_pop(self, str client_id, long long seq):
         # Not a delete: the seq is marked done, and its record goes when all of its seqs are done.
-        st = self.states.get(client_id)
+        st = self._found(client_id)
         if st is None:  # no entry stored since start (cannot happen for a live seq)
             self.store._queue_pop_record(client_id, seq)
             return
@@ -308,7 +326,7 @@ cdef class SentTable:
         cdef SentState st
         cdef unsigned long long v = 0
         cdef long long seq
-        found = self.states.get(client_id)
+        found = self._found(client_id)
         if found is not None:
             st = <SentState>found
             v = st.get(packet_id)
@@ -328,7 +346,7 @@ cdef class SentTable:
     def release_inflight(self, str client_id, int packet_id):
         cdef SentState st
         cdef unsigned long long v = 0
-        found = self.states.get(client_id)
+        found = self._found(client_id)
         if found is not None:
             st = <SentState>found
             v = st.get(packet_id)

@@ -666,7 +666,7 @@ class LMDBStorage(Storage):
     def _forget_sent(self, client_id: str) -> None:
         # The prefix delete removes the client's ``sent`` records; a batch still naming the
         # emptied object then finds nothing to write.
-        state = self._sent.pop(client_id, None)
+        state = self._table.drop(client_id)
         if state is not None:
             state.forget()
 
@@ -934,7 +934,7 @@ class LMDBStorage(Storage):
                 and not state.ranges
                 and state.floor >= state.end
             ):
-                del self._sent[state.client_id]  # nothing live: the next entry starts a new state
+                self._table.drop(state.client_id)  # nothing live: the next entry starts a new state
         batch.sent_dirty = set()
 
     @staticmethod
@@ -1345,7 +1345,7 @@ class LMDBStorage(Storage):
                 return
             top = max(d_floor, d_ranges[-1][1] if d_ranges else 0)
             if live_first < 0:
-                self._sent.pop(cid, None)
+                self._table.drop(cid)
                 if q.next < top:  # new entries go above every seq the done record names
                     q.first = q.next = top
                 return
