@@ -142,6 +142,10 @@ cdef class PublishRelay:
         cdef dict inflight = session.inflight
         inflight_class = self.inflight_class
         v5 = conn.version == 5
+        client_id = queue = None
+        if durable:  # (the same for the whole run: it stops when the connection's session changes)
+            client_id = session.client_id
+            queue = session.queue
         while i < count:
             p = packets[i]
             if type(p) is not Puback:
@@ -155,8 +159,8 @@ cdef class PublishRelay:
                 if entry.qos != 1 or (tracked is not None and isinstance(entry.message, tracked)):
                     break
                 del inflight[pid]
-                table.acked(session.client_id, pid)  # store.delete_inflight, before pump() may reuse the id
-                if session.queue.count or session.held:
+                table.acked(client_id, pid)  # store.delete_inflight, before pump() may reuse the id
+                if queue.count or session.held:
                     self._pump(session, inflight, table)
             elif tracked is not None and isinstance(entry, tracked):
                 if (session.queue.count if durable else session.queue) or session.held:
@@ -376,6 +380,7 @@ cdef class PublishRelay:
         # read with the store
         cdef SentTable table = None
         staked = False
+        cdef long long table_ops_before = 0
         last_route = None
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
@@ -515,7 +520,11 @@ cdef class PublishRelay:
                 if store is not None and qos:
                     if store.refusing:
                         break
-                    ops_before = store.op_count
+                    if table is not None:  # (op_count = direct_ops + table.ops: no property frame)
+                        ops_before = store.direct_ops
+                        table_ops_before = table.ops
+                    else:
+                        ops_before = store.op_count
                 # -- Broker.publish --
                 recv_n[qos] += 1
                 recv_b[qos] += size
@@ -555,7 +564,8 @@ cdef class PublishRelay:
                             # a persistent session: its disk queue must be empty too (then a QoS 1
                             # delivery is stored as an in-flight queue entry, as put_in_flight does)
                             durable = True
-                            ready = not session.queue.count
+                            queue = session.queue
+                            ready = not queue.count
                         else:
                             ready = False
                     else:
@@ -612,7 +622,6 @@ cdef class PublishRelay:
                                     inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
                                     if durable:
                                         # -- DiskQueue.put_in_flight (the queue is empty) --
-                                        queue = session.queue
                                         seq = queue.next
                                         queue.next = seq + 1
                                         queue.first = seq + 1
@@ -637,7 +646,10 @@ cdef class PublishRelay:
                 sent_b[0] += (n - n_acked) * size
                 sent_n[1] += n_acked
                 sent_b[1] += n_acked * size
-                if ops_before is not None and store.op_count != ops_before:
+                if ops_before is not None and (
+                    (store.direct_ops != ops_before or table.ops != table_ops_before) if table is not None
+                    else store.op_count != ops_before
+                ):
                     staked = True  # the PUBACK acknowledges what this publish stored (noted at the end)
                 if sampled:
                     broker._observe_latency(started)

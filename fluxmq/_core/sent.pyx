@@ -17,7 +17,7 @@ below ``floor`` and in the sorted, apart ``[start, end)`` ``ranges``).
 ``SentTable(store, prefix_of)``: ``states`` (client id -> SentState) and the record methods the store
 binds as its own (``put_sent_entry``, ``put_sent``, ``queue_append``, ``queue_pop``,
 ``delete_inflight``, ``release_inflight``): each changes the state, adds it to
-``dirty`` (the store keeps it its pending batch's ``sent_dirty``), adds to the store's ``op_count``
+``dirty`` (the store keeps it its pending batch's ``sent_dirty``), counts its operations (``ops``, which the store's ``op_count`` includes)
 and calls ``store._wake()`` when nothing was pending (checked once after the store resets
 ``woken``, which it does whenever it clears ``has_pending``), as the Python methods did; what is not a queue entry falls back to the store's
 ``_queue_pop_record`` / ``_delete_inflight_record`` / ``_release_inflight_record``.
@@ -40,6 +40,36 @@ def configure(new_slots):
     _new_slots = new_slots
 
 
+cdef array.array _U32 = array.array("I")
+
+
+def free_slots(array.array slots):
+    """How many of a ``sent`` record's slots (``array("Q")``) are free (0)."""
+    cdef Py_ssize_t i, n = 0
+    cdef unsigned long long *p = slots.data.as_ulonglongs
+    if slots.ob_descr.typecode != b"Q"[0]:
+        raise TypeError("slots must be an array('Q')")
+    for i in range(len(slots)):
+        if not p[i]:
+            n += 1
+    return n
+
+
+def lengths(list items):
+    """``(array("I", map(len, items)), sum of the lengths)``."""
+    cdef Py_ssize_t i, n = len(items), size, total = 0
+    cdef array.array out = array.clone(_U32, n, False)
+    cdef unsigned int *p = out.data.as_uints
+    for i in range(n):
+        item = items[i]
+        size = len(<bytes>item) if type(item) is bytes else len(item)
+        if size > 0xFFFFFFFF:
+            raise OverflowError("entry too large")
+        p[i] = <unsigned int>size
+        total += size
+    return out, total
+
+
 cdef class SentState:
     """One client's queue seq space in the store (see the module docstring)."""
 
@@ -57,22 +87,62 @@ cdef class SentState:
         self.ranges = []
         self.end = 0  # above the highest seq staged
         self.done_dirty = True  # the ``done`` record is to be written by the next take_batch
+        self.in_dirty = None
+        self.c0_bucket = self.c1_bucket = -1
+
+    cdef array.array _bucket(self, int bucket, bint make):
+        # slots[bucket] through the two-bucket cache (None when absent and not ``make``)
+        cdef array.array slots
+        if bucket == self.c0_bucket:
+            return self.c0_slots
+        if bucket == self.c1_bucket:
+            return self.c1_slots
+        slots = self.slots.get(bucket)
+        if slots is None:
+            if not make:
+                return None
+            slots = _new_slots()
+            self.slots[bucket] = slots
+        if self.c_next:
+            self.c1_bucket = bucket
+            self.c1_slots = slots
+            self.c1_dirty = False
+        else:
+            self.c0_bucket = bucket
+            self.c0_slots = slots
+            self.c0_dirty = False
+        self.c_next = not self.c_next
+        return slots
+
+    cpdef uncache(self):
+        """Forget the cached buckets (a bucket left ``slots``)."""
+        self.c0_bucket = self.c1_bucket = -1
+        self.c0_slots = self.c1_slots = None
+        self.c0_dirty = self.c1_dirty = False
+
+    cpdef clean(self):
+        """``dirty.clear()`` (the commit wrote the changed buckets)."""
+        self.dirty.clear()
+        self.c0_dirty = self.c1_dirty = False
 
     cpdef unsigned long long get(self, int packet_id):
         """The slot of ``packet_id`` (0 when it is not in flight as a queue entry)."""
-        cdef array.array slots = self.slots.get(packet_id >> 4)
+        cdef array.array slots = self._bucket(packet_id >> 4, False)
         if slots is None:
             return 0
         return slots.data.as_ulonglongs[packet_id & 15]
 
     cpdef set(self, int packet_id, unsigned long long value):
         cdef int bucket = packet_id >> 4
-        cdef array.array slots = self.slots.get(bucket)
-        if slots is None:
-            slots = _new_slots()
-            self.slots[bucket] = slots
+        cdef array.array slots = self._bucket(bucket, True)
         slots.data.as_ulonglongs[packet_id & 15] = value
-        self.dirty.add(bucket)
+        if bucket == self.c0_bucket:
+            if not self.c0_dirty:
+                self.dirty.add(bucket)
+                self.c0_dirty = True
+        elif not self.c1_dirty:
+            self.dirty.add(bucket)
+            self.c1_dirty = True
 
     cpdef stage(self, long long seq, object entry):
         """An entry stored at ``seq``."""
@@ -149,6 +219,7 @@ cdef class SentState:
         return None
 
     def forget(self):
+        self.uncache()
         self.slots.clear()
         self.dirty.clear()
         self.disk.clear()
@@ -169,23 +240,43 @@ cdef class SentTable:
         self.dirty = set()
         self.woken = False
         self.store = store
-        self.attrs = store.__dict__
+        self.ops = 0
         self.prefix_of = prefix_of
+
+    cdef SentState _found(self, str client_id):
+        # states.get(client_id), the last one found first (by identity of the id)
+        if client_id is self.last_id:
+            return self.last_state
+        st = self.states.get(client_id)
+        if st is None:
+            return None
+        self.last_id = client_id
+        self.last_state = <SentState>st
+        return <SentState>st
 
     cpdef SentState state(self, str client_id):
         """The client's state, made when it has none."""
-        st = self.states.get(client_id)
+        cdef SentState st = self._found(client_id)
         if st is None:
             st = SentState(client_id, self.prefix_of(client_id))
             self.states[client_id] = st
-        return <SentState>st
+        return st
+
+    cpdef SentState drop(self, str client_id):
+        """Remove the client's state from ``states`` (every removal goes through here: the last
+        one found is remembered); returns it, or None."""
+        self.last_id = None
+        self.last_state = None
+        return self.states.pop(client_id, None)
 
     cdef int _changed(self, SentState st, int ops) except -1:
-        # store._batch.sent_dirty.add(st); store.op_count += ops; wake the store when nothing was
-        # pending, on C fields and the store's attribute dict (no attribute lookups)
-        cdef dict attrs = self.attrs
-        self.dirty.add(st)
-        attrs["op_count"] = <object>attrs["op_count"] + ops
+        # store._batch.sent_dirty.add(st); store.op_count += ops (counted here: the store adds
+        # ``ops``); wake the store when nothing was pending; on C fields (no attribute lookups)
+        cdef set dirty = self.dirty
+        if st.in_dirty is not dirty:
+            dirty.add(st)
+            st.in_dirty = dirty
+        self.ops += ops
         if not self.woken:
             self.woken = True
             store = self.store
@@ -220,7 +311,7 @@ cdef class SentTable:
 
     def queue_pop(self, str client_id, long long seq):
         # Not a delete: the seq is marked done, and its record goes when all of its seqs are done.
-        st = self.states.get(client_id)
+        st = self._found(client_id)
         if st is None:  # no entry stored since start (cannot happen for a live seq)
             self.store._queue_pop_record(client_id, seq)
             return
@@ -235,7 +326,7 @@ cdef class SentTable:
         cdef SentState st
         cdef unsigned long long v = 0
         cdef long long seq
-        found = self.states.get(client_id)
+        found = self._found(client_id)
         if found is not None:
             st = <SentState>found
             v = st.get(packet_id)
@@ -255,7 +346,7 @@ cdef class SentTable:
     def release_inflight(self, str client_id, int packet_id):
         cdef SentState st
         cdef unsigned long long v = 0
-        found = self.states.get(client_id)
+        found = self._found(client_id)
         if found is not None:
             st = <SentState>found
             v = st.get(packet_id)

@@ -52,13 +52,14 @@ import struct
 import subprocess
 import sys
 import time
-from array import array
 from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
 
 from fluxmq._core.sent import SentState, SentTable
+from fluxmq._core.sent import free_slots as _free_slots
+from fluxmq._core.sent import lengths as _lengths
 from fluxmq.errors import StorageError
 
 from . import records as r
@@ -315,7 +316,9 @@ class LMDBStorage(Storage):
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
         self._prefixes: dict[str, bytes] = {}  # client id -> records.client_prefix (bounded)
-        self.op_count = 0  # (instance attributes: the table updates op_count in this object's dict)
+        # operations recorded by this object's own methods; ``op_count`` adds the table's (``ops``,
+        # a C field: the relay reads both, without the property's frame)
+        self.direct_ops = 0
         self.has_pending = False
         # client id -> its queue seq space (only clients that have entries or packet ids in it)
         table = self._table = self.sent_table = SentTable(self, self._prefix)  # (the relay calls it in C)
@@ -610,9 +613,17 @@ class LMDBStorage(Storage):
 
     # -- buffering (hub only; never does I/O) ------------------------------------------------------
 
+    @property
+    def op_count(self) -> int:
+        return self.direct_ops + self._table.ops
+
+    @op_count.setter
+    def op_count(self, value: int) -> None:
+        self.direct_ops = value - self._table.ops
+
     def _put(self, db: int, key: bytes, value: bytes | None) -> None:
         self._batch.ops[db][key] = value
-        self.op_count += 1
+        self.direct_ops += 1
         if not self.has_pending:
             self.has_pending = True
             cb = self.on_pending
@@ -627,7 +638,7 @@ class LMDBStorage(Storage):
                 for key in [k for k in ops if k.startswith(prefix)]:
                     del ops[key]
             batch.prefix_deletes.append((db, prefix))
-        self.op_count += 1
+        self.direct_ops += 1
         if not self.has_pending:
             self.has_pending = True
             cb = self.on_pending
@@ -655,7 +666,7 @@ class LMDBStorage(Storage):
     def _forget_sent(self, client_id: str) -> None:
         # The prefix delete removes the client's ``sent`` records; a batch still naming the
         # emptied object then finds nothing to write.
-        state = self._sent.pop(client_id, None)
+        state = self._table.drop(client_id)
         if state is not None:
             state.forget()
 
@@ -905,16 +916,17 @@ class LMDBStorage(Storage):
             for bucket in state.dirty:
                 key = r.sent_key(state.prefix, bucket)
                 slots = buckets.get(bucket)
-                if slots is not None and slots.count(0) != free:
+                if slots is not None and _free_slots(slots) != free:
                     ops[key] = r.encode_sent(slots)
                     disk.add(bucket)
                     continue
                 if slots is not None:
                     del buckets[bucket]
+                    state.uncache()
                 if bucket in disk:
                     ops[key] = None
                     disk.discard(bucket)
-            state.dirty.clear()
+            state.clean()
             if (
                 not buckets
                 and not disk
@@ -922,7 +934,7 @@ class LMDBStorage(Storage):
                 and not state.ranges
                 and state.floor >= state.end
             ):
-                del self._sent[state.client_id]  # nothing live: the next entry starts a new state
+                self._table.drop(state.client_id)  # nothing live: the next entry starts a new state
         batch.sent_dirty = set()
 
     @staticmethod
@@ -930,9 +942,9 @@ class LMDBStorage(Storage):
         """``entries`` (seqs ``first``..) as ``queue`` records of about SEGMENT_BYTES at most (split
         by count at the mean entry size): small enough for LMDB to keep them in its leaf pages, whose
         headers it checks, instead of overflow pages."""
-        lens = array("I", map(len, entries))
+        lens, size = _lengths(entries)
         n = len(entries)
-        per = max(1, SEGMENT_BYTES * n // max(1, sum(lens)))
+        per = max(1, SEGMENT_BYTES * n // max(1, size))
         for i in range(0, n, per):
             part = entries[i : i + per]
             queue_ops[prefix + _SEQ.pack(first + i)] = (
@@ -1301,6 +1313,7 @@ class LMDBStorage(Storage):
                 state.set(pid, v)
             state.disk.add(bucket)
             state.dirty.discard(bucket)
+            state.uncache()  # (its flag of the bucket in ``dirty``)
             if dropped:  # written by the next commit (load runs in a thread: no wake-up from here)
                 state.dirty.add(bucket)
                 self._batch.sent_dirty.add(state)
@@ -1332,7 +1345,7 @@ class LMDBStorage(Storage):
                 return
             top = max(d_floor, d_ranges[-1][1] if d_ranges else 0)
             if live_first < 0:
-                self._sent.pop(cid, None)
+                self._table.drop(cid)
                 if q.next < top:  # new entries go above every seq the done record names
                     q.first = q.next = top
                 return
@@ -1347,6 +1360,7 @@ class LMDBStorage(Storage):
             state.end = max(live_last + 1, top)
             state.done_dirty = False  # the record on disk names the same live seqs
             self._batch.sent_dirty.discard(state)
+            state.in_dirty = None
 
         cursor = txn.cursor(self._dbs[QUEUE])
         for key, value in cursor.iternext(keys=True, values=True):

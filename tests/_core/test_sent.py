@@ -38,7 +38,7 @@ def test_done_marks_match_a_set_in_any_order(seed: int) -> None:
 
 
 class _Store:
-    """What the table touches of a store: op_count and has_pending in its dict, _wake."""
+    """What the table touches of a store: has_pending, _wake."""
 
     def __init__(self) -> None:
         self.op_count = 0
@@ -59,7 +59,7 @@ def test_table_records_mark_dirty_count_ops_and_wake_once_per_batch() -> None:
     table.put_sent("a", 2, 1)
     table.delete_inflight("a", 1)
     state = table.states["a"]
-    assert batch == {state} and store.op_count == 5 and store.wakes == 1
+    assert batch == {state} and table.ops == 5 and store.wakes == 1
     assert state.get(1) == 0 and state.get(2) == (1 + 1) << 1
     assert state.floor == 1 and state.staged == [b"e0", b"e1"]
     # the store took the batch: a new set, has_pending cleared, woken reset
@@ -68,3 +68,32 @@ def test_table_records_mark_dirty_count_ops_and_wake_once_per_batch() -> None:
     table.woken = False
     table.delete_inflight("a", 2)
     assert table.dirty == {state} and store.wakes == 2 and state.floor == 2
+
+
+def test_a_bucket_changed_again_after_a_commit_is_dirty_again() -> None:
+    st = SentState("c", b"c\x00")
+    st.set(1, 4)
+    st.set(2, 6)
+    st.set(40, 8)  # another bucket (a send and an acknowledgement take turns at two)
+    assert st.dirty == {0, 2}
+    st.clean()  # the commit wrote them
+    assert st.dirty == set()
+    st.set(3, 10)
+    st.set(41, 0)
+    assert st.dirty == {0, 2} and st.get(3) == 10 and st.get(40) == 8 and st.get(41) == 0
+    st.set(100, 2)  # a third bucket takes a cached one's place
+    st.clean()
+    st.set(1, 0)
+    assert st.dirty == {0} and st.slots[0][1] == 0
+
+
+def test_free_slots_and_lengths() -> None:
+    from array import array
+
+    from fluxmq._core.sent import free_slots, lengths
+
+    slots = array("Q", bytes(128))
+    slots[3] = 5
+    assert free_slots(slots) == 15
+    lens, total = lengths([b"ab", b"", b"xyz", bytearray(b"q")])
+    assert list(lens) == [2, 0, 3, 1] and lens.typecode == "I" and total == 6

@@ -663,3 +663,32 @@ def test_brokers_served_in_turn_each_get_their_own_routes_and_counters() -> None
     finally:
         a.close()
         b.close()
+
+
+def test_a_qos1_publish_stored_only_as_a_persistent_delivery_stakes_its_puback(tmp_path) -> None:
+    """The publisher's PUBACK acknowledges a message stored for a persistent subscriber (sent at
+    once by the fast path, recorded by the store's C table, not its own methods): the publisher is
+    noted as a stake of the commit, so the PUBACK leaves only after it."""
+    store = LMDBStorage(tmp_path / "data", map_size=16 << 20, verify=False)
+    stakes = []
+    note = store.note_stake
+
+    def noted(client_id: str) -> None:
+        stakes.append(client_id)
+        note(client_id)
+
+    store.note_stake = noted
+    net = Net(storage=store)
+    try:
+        net.client("pub")
+        net.client("dur", quota=10, clean=False)
+        net.subscribe("dur", "t", 1)
+        stakes.clear()
+        decoders = {cid: c.Decoder(version=conn.version) for cid, (conn, _, _) in net.clients.items()}
+        net.send("pub", [c.Publish("t", b"m", qos=1, packet_id=7)])
+        got = _read_phase(net, decoders, {"pub": (1, 0), "dur": (1, 1)})
+        assert _publishes(got["dur"], 4) == [c.Publish("t", b"m", qos=1, packet_id=1)]
+        assert stakes == ["pub"]
+    finally:
+        net.close()
+        store.close()

@@ -279,3 +279,39 @@ def test_segment_and_done_records_round_trip() -> None:
     assert r.decode_done(r.encode_done(7, [(9, 12), (20, 21)])) == (7, [(9, 12), (20, 21)])
     with pytest.raises(r.RecordError):
         r.decode_done(r.encode_done(7, [(9, 12)])[:-1])
+
+
+def test_a_packet_id_reused_after_its_sent_record_was_deleted_is_restored(node: Node) -> None:
+    # The store caches the slots of the buckets it used last: a bucket whose record a commit
+    # deletes (its 16 packet ids all acknowledged) must not take a packet id in memory only when
+    # the ids come round to it again.
+    s, d = _online(node, 20)
+    for i in range(17):  # packet ids 1..17: the first sent record (ids 0..15) and the second
+        node.broker.publish(Message("t/x", f"m{i}".encode(), 1))
+    node.storage.commit()
+    for pid in range(1, 16):
+        assert s.on_puback(pid)
+    node.storage.commit()
+    assert _records(node, SENT) == 1  # 16 and 17 still in flight
+    s._next_pid = 1  # as after 65,535 deliveries
+    node.broker.publish(Message("t/x", b"again", 1))
+    node.storage.commit()
+    node = node.restart()
+    s = node.broker.sessions["sub"]
+    assert sorted(e.message.payload for e in s.inflight.values()) == [b"again", b"m15", b"m16"]
+
+
+def test_a_session_with_nothing_live_between_commits_keeps_storing(node: Node) -> None:
+    # Its seq space is dropped when all of it is done (the table remembers the state it found
+    # last: a dropped one must not take the next entries).
+    s, d = _online(node, 20)
+    for turn in range(3):
+        node.broker.publish(Message("t/x", f"m{turn}".encode(), 1))
+        node.storage.commit()
+        if turn < 2:
+            _ack_all(s, d)
+            node.storage.commit()
+            assert "sub" not in node.storage._sent
+    node = node.restart()
+    s = node.broker.sessions["sub"]
+    assert [e.message.payload for e in s.inflight.values()] == [b"m2"]
