@@ -56,6 +56,9 @@ def wait_held(result, timeout: float = 30.0) -> Exception | None:
     done = AsyncResult()
     result.add(done.set)
     try:
-        return done.get(timeout=timeout)
+        error = done.get(timeout=timeout)
     except Exception:  # gevent.Timeout
         return TimeoutError(f"not replicated within {timeout}s")
+    if error is not None and getattr(error, "reason_code", 0x80) < 0x80:
+        return None  # acknowledged with a success code (0x10: a settlement that found nothing)
+    return error

@@ -1,13 +1,14 @@
 """Raft-replicated queues on nodes of several workers (issues 12 and 16): three real nodes of two
 workers each on the session's etcd, Raft members from etcd. Worker 0 of each node is the node's
 Raft member and owns the replicated queue; worker 1 reaches it over the node's Unix socket
-(docs/replication.rst, "Several workers on a node"). ``distribution_mode: replicate``: with
-``forward`` the leader-kill run saw an ``$ack`` confirmed and its record delivered again right
-after the failover in 1 run of 8 (the race docs/replication.rst lists as not fixed).
+(docs/replication.rst, "Several workers on a node"). ``distribution_mode: replicate`` (``cluster``)
+and ``forward`` (``forward_cluster``: the failover ``$ack`` test and the leader kill; the leader
+kill saw an ``$ack`` from worker 1 of a follower confirmed and its record delivered again in 1 run
+of 8 until worker 1 passed on worker 0's answer to an ``$ack`` that found nothing to settle).
 
 Clients are placed on a chosen worker: etcd names the member owning a client id's session
-(``n1/w1``), a client on the wrong one is closed and another tried. The nodes are shared by the
-module's tests, the last of which kills a node.
+(``n1/w1``), a client on the wrong one is closed and another tried. Each mode's nodes are shared
+by the module's tests that use it, the last of which kills a node.
 """
 
 from __future__ import annotations
