@@ -290,8 +290,19 @@ def test_an_ack_from_worker_1_of_a_follower_of_a_delivery_made_before_a_failover
     Y's node has applied the new claim, Y sends its $ack. Its PUBACK must not say success unless
     no delivery of the record follows it. Before the fix worker 0 answered worker 1 with success
     for an $ack that found nothing (the follower dropped Y's delivery at the claim): Y's $ack was
-    confirmed (0x00), then the record reached X (the race of the leader-kill run)."""
-    c = forward_cluster
+    confirmed (0x00), then the record reached X (the race of the leader-kill run). A round whose
+    redelivery went to Y itself before its $ack (which then settles it, rightly confirmed) does
+    not show the race: another round is run (at most ROUNDS)."""
+    for _ in range(ROUNDS):
+        if _failover_ack_round(forward_cluster):
+            return
+
+
+ROUNDS = 3
+
+
+def _failover_ack_round(c: Cluster) -> bool:
+    """One round of the test above; True when the redelivery went to X (the race could show)."""
     nodes = c.nodes
     old = wait_all_know_leader(nodes)
     survivors = [i for i in range(3) if i != old]
@@ -345,9 +356,11 @@ def test_an_ack_from_worker_1_of_a_follower_of_a_delivery_made_before_a_failover
             time.sleep(3.0)  # a delivery that would follow the confirmed ack has time to arrive
             later = [g for g in again() if g["at"] >= acked_at]
             assert not later, f"Y's $ack was confirmed and the message was delivered again: {later}"
+        to_y_before = [g for g in y.wait_for(0, 0)[1:] if g["at"] < acked_at]
         for x in xs:  # leave the group settled for the module's last test
             for g in x.wait_for(0, 0):
                 x.ack(g["message-id"])
+        return not to_y_before
     finally:
         y.stop()
         for x in xs:
