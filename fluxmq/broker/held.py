@@ -4,8 +4,9 @@ A layer above the broker (a replicated durable queue) returns one from ``Broker.
 delivery count when the publisher's PUBACK/PUBREC may only leave once the message is stored on other
 nodes. The protocol layer registers what to do with the outcome; the upper layer resolves it once:
 ``None`` (acknowledge) or a ``QueueRefused`` (a 5.0 negative ack with its reason string and user
-properties; a 3.1.1 publisher, which has no negative ack, is disconnected). Never acknowledged on a
-failure or a timeout.
+properties; a 3.1.1 publisher, which has no negative ack, is disconnected). One whose reason code is
+below 0x80 is an acknowledgement with that code (0x10: a settlement another worker's queue took
+without effect, answered as a local one is). Never acknowledged on a failure or a timeout.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def wait_held(result, timeout: float = 30.0) -> Exception | None:
     done = AsyncResult()
     result.add(done.set)
     try:
-        return done.get(timeout=timeout)
+        error = done.get(timeout=timeout)
     except Exception:  # gevent.Timeout
         return TimeoutError(f"not replicated within {timeout}s")
+    if error is not None and getattr(error, "reason_code", 0x80) < 0x80:
+        return None  # acknowledged with a success code (0x10: a settlement that found nothing)
+    return error

@@ -128,6 +128,10 @@ def forwarded_delivery(topic: str, data: bytes, payload_len: int, settle, ticket
     return d
 
 
+#: the owner's answer to a publish it took without effect (a settlement that found nothing)
+NOT_ROUTED = {"ok": 0}
+
+
 def _refusal(result) -> QueueRefused | None:
     if isinstance(result, dict) and "err" in result:
         exc = QueueRefused(result["err"], result.get("code", 0x80))
@@ -357,6 +361,11 @@ class RemoteQueues:
         held = HeldAck()
 
         def done(result) -> None:
+            if result == NOT_ROUTED:
+                # the owner's settlement found nothing to settle: answered as a local one is (5.0:
+                # 0x10), never as a confirmed $ack (HeldAck: a code below 0x80 is an ack)
+                held.resolve(QueueRefused(f"queue {name}: no delivery of that message to settle here", 0x10))
+                return
             held.resolve(_refusal(result))
 
         client_id = origin.client_id if origin is not None else ""
@@ -498,8 +507,11 @@ class RemoteQueues:
             session = self.members.get((node, client_id)) if client_id else None
             result = manager.publish(Message(topic, body, qos, retain, props, expires_at, origin), session)
             # a replicated queue's HeldAck: waited for with the batch's others (_serve_ops), so
-            # the appends of one batch travel in one Raft entry, not one entry (and commit) each
-            return result if result.__class__ is HeldAck else 1
+            # the appends of one batch travel in one Raft entry, not one entry (and commit) each.
+            # 0: a settlement that found no delivery to settle (settled already, or dropped when a
+            # new Raft leader's claim was applied, which delivers the record again): never answered
+            # as a success, or worker 1's $ack would be confirmed and its record come back
+            return result if result.__class__ is HeldAck else (1 if result else 0)
         if kind == "m":
             topic, body, qos, retain, props, expires_at, origin = decode_message(blob)
             return manager.adopt_record(

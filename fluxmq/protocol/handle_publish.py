@@ -187,15 +187,17 @@ class HandlePublish:
         if self.closed:
             return
         kind = c.Puback if qos == 1 else c.Pubrec
-        if error is None:
+        code = 0 if error is None else getattr(error, "reason_code", 0x80)
+        if code < 0x80:
+            # acknowledged; a success code other than 0 comes as a QueueRefused (0x10: a settlement
+            # another worker answered as finding no delivery to settle, as a local one is)
             if self.version == 5:
-                self._write(self._ack5_bytes(kind, pid, 0))
+                self._write(self._ack5_bytes(kind, pid, code))
             else:
                 self._write(bytes((0x40 if qos == 1 else 0x50, 2, pid >> 8, pid & 0xFF)))
             return
         if qos == 2 and self.session is not None:
             self.session.inbound_qos2.discard(pid)
-        code = getattr(error, "reason_code", 0x80)
         log.info("publish_refused", extra={"client_id": self.client_id, "topic": topic, "reason": str(error)})
         if self.version != 5:
             self._note_close("publish_refused")

@@ -1,13 +1,14 @@
 """Raft-replicated queues on nodes of several workers (issues 12 and 16): three real nodes of two
 workers each on the session's etcd, Raft members from etcd. Worker 0 of each node is the node's
 Raft member and owns the replicated queue; worker 1 reaches it over the node's Unix socket
-(docs/replication.rst, "Several workers on a node"). ``distribution_mode: replicate``: with
-``forward`` the leader-kill run saw an ``$ack`` confirmed and its record delivered again right
-after the failover in 1 run of 8 (the race docs/replication.rst lists as not fixed).
+(docs/replication.rst, "Several workers on a node"). ``distribution_mode: replicate`` (``cluster``)
+and ``forward`` (``forward_cluster``: the failover ``$ack`` test and the leader kill; the leader
+kill saw an ``$ack`` from worker 1 of a follower confirmed and its record delivered again in 1 run
+of 8 until worker 1 passed on worker 0's answer to an ``$ack`` that found nothing to settle).
 
 Clients are placed on a chosen worker: etcd names the member owning a client id's session
-(``n1/w1``), a client on the wrong one is closed and another tried. The nodes are shared by the
-module's tests, the last of which kills a node.
+(``n1/w1``), a client on the wrong one is closed and another tried. Each mode's nodes are shared
+by the module's tests that use it, the last of which kills a node.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ from tests.e2e.test_replication import (
     QUEUE,
     Consumer,
     Producer,
+    _continue_workers,
+    _Holder,
     _leader_kill_run,
+    _publish_acked,
+    _stop_workers,
     raft_status,
     wait_all_know_leader,
+    wait_leader,
 )
 from tests.e2e.test_workers import on_worker
 
@@ -47,7 +53,7 @@ cluster:
     enabled: true
     bind_addr: "{raft}"
     write_policy: forward
-    distribution_mode: replicate
+    distribution_mode: {mode}
 queues:
   - name: {queue}
     replication:
@@ -60,9 +66,10 @@ queues:
 
 
 class Cluster:
-    def __init__(self, factory: NodeFactory, endpoint: str) -> None:
+    def __init__(self, factory: NodeFactory, endpoint: str, mode: str = "replicate") -> None:
         self.factory = factory
         self.endpoint = endpoint
+        self.mode = mode
         self.prefix = f"/t-{uuid.uuid4().hex[:8]}/"
         self.nodes = []
 
@@ -80,7 +87,7 @@ class Cluster:
                     "cluster.etcd.lease_ttl": "3s",
                     "storage.type": "lmdb",
                 },
-                config_text=RAFT.format(raft=f"{HOST}:{free_port()}", queue=QUEUE),
+                config_text=RAFT.format(raft=f"{HOST}:{free_port()}", queue=QUEUE, mode=self.mode),
                 wait_ready=False,
                 env={"FLUXMQ_ADMIN_TOKEN": TOKEN},
             )
@@ -120,6 +127,17 @@ class Cluster:
 def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
     factory = NodeFactory(tmp_path_factory.mktemp("rworkers"))
     c = Cluster(factory, etcd_server.endpoint)
+    try:
+        c.start()
+        yield c
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def forward_cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
+    factory = NodeFactory(tmp_path_factory.mktemp("rworkers-fwd"))
+    c = Cluster(factory, etcd_server.endpoint, "forward")
     try:
         c.start()
         yield c
@@ -251,10 +269,111 @@ def test_kill_9_of_a_raft_worker_it_is_restarted_catches_up_and_its_node_serves_
         consumer.stop()
 
 
+class Holder(_Holder):
+    """``_Holder`` that notes when each delivery arrived and leaves the group when stopped."""
+
+    def _on_message(self, cl, u, m) -> None:
+        with self.lock:
+            self.got.append({**dict(m.properties.UserProperty), "at": time.monotonic()})
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_an_ack_from_worker_1_of_a_follower_of_a_delivery_made_before_a_failover_is_not_confirmed(
+    forward_cluster,
+) -> None:
+    """forward: Y, on worker 1 of a follower, holds a message the leader leased to its node; the
+    leader's workers are stopped (SIGSTOP) and a new leader takes over delivery, the records nobody
+    settled going out again (to X, members on both survivors that do not read yet, or to Y). Once
+    Y's node has applied the new claim, Y sends its $ack. Its PUBACK must not say success unless
+    no delivery of the record follows it. Before the fix worker 0 answered worker 1 with success
+    for an $ack that found nothing (the follower dropped Y's delivery at the claim): Y's $ack was
+    confirmed (0x00), then the record reached X (the race of the leader-kill run). A round whose
+    redelivery went to Y itself before its $ack (which then settles it, rightly confirmed) does
+    not show the race: another round is run (at most ROUNDS)."""
+    for _ in range(ROUNDS):
+        if _failover_ack_round(forward_cluster):
+            return
+
+
+ROUNDS = 3
+
+
+def _failover_ack_round(c: Cluster) -> bool:
+    """One round of the test above; True when the redelivery went to X (the race could show)."""
+    nodes = c.nodes
+    old = wait_all_know_leader(nodes)
+    survivors = [i for i in range(3) if i != old]
+    f = survivors[0]
+    y = c.placed(
+        lambda: Holder(nodes[f], f"y-{uuid.uuid4().hex[:6]}"),
+        nodes[f],
+        "w1",
+        client_id_of=lambda h: h.client._client_id.decode(),
+    )
+    xs = []
+    try:
+        assert _publish_acked(nodes[old], f"w-{uuid.uuid4().hex[:6]}", 1, b"w") == 1
+        first = y.wait_for(1)
+        assert first, "Y (worker 1 of a follower) got nothing"
+        message_id = first[0]["message-id"]
+        for i in survivors:  # whichever leads next has a member of its own
+            x = Holder(nodes[i], f"x-{i}-{uuid.uuid4().hex[:6]}")
+            x.client.loop_stop()  # not reading: what is sent to it waits in its socket
+            xs.append(x)
+        time.sleep(2.0)  # their registrations are applied everywhere (worker 1's: at a reconcile)
+        _stop_workers(nodes[old])
+        try:
+            new = wait_leader(nodes, among=survivors)
+            new_st = raft_status(nodes[new])
+        finally:
+            _continue_workers(nodes[old])
+        deadline = time.monotonic() + 20
+        st = None
+        while time.monotonic() < deadline:  # Y's node has applied the new claim
+            st = raft_status(nodes[f])
+            if st is not None and st["leader"] == new_st["self"] and st["applied"] >= new_st["applied"]:
+                break
+            time.sleep(0.05)
+        assert st is not None and st["leader"] == new_st["self"], (st, new_st)
+        code = y.ack(message_id)
+        acked_at = time.monotonic()
+        assert code is not None, "no PUBACK for Y's $ack"
+        for x in xs:
+            x.client.loop_start()
+
+        def again() -> list[dict]:
+            out = [g for x in xs for g in x.wait_for(0, 0) if g["message-id"] == message_id]
+            return out + [g for g in y.wait_for(0, 0)[1:] if g["message-id"] == message_id]
+
+        if code != 0:
+            # not confirmed: the record comes again (at least once)
+            assert wait_for(lambda: again(), timeout=15), "the unsettled message never came again"
+        else:
+            # confirmed: only if Y settled the new leader's own delivery of it (one it got before)
+            time.sleep(3.0)  # a delivery that would follow the confirmed ack has time to arrive
+            later = [g for g in again() if g["at"] >= acked_at]
+            assert not later, f"Y's $ack was confirmed and the message was delivered again: {later}"
+        to_y_before = [g for g in y.wait_for(0, 0)[1:] if g["at"] < acked_at]
+        for x in xs:  # leave the group settled for the module's last test
+            for g in x.wait_for(0, 0):
+                x.ack(g["message-id"])
+        return not to_y_before
+    finally:
+        y.stop()
+        for x in xs:
+            x.stop()
+
+
 @pytest.mark.timeout(400)
-def test_kill_9_of_the_leader_node_mid_stream_loses_nothing_acknowledged(cluster) -> None:
+@pytest.mark.parametrize("mode", ["replicate", "forward"])
+def test_kill_9_of_the_leader_node_mid_stream_loses_nothing_acknowledged(request, mode: str) -> None:
     """tests/e2e/test_replication.py's leader-kill run with the producer on worker 1 of a follower
-    and a consumer on each worker of every node; the leader node's arbiter and workers are killed."""
+    and a consumer on each worker of every node; the leader node's arbiter and workers are killed.
+    Each mode has its own three nodes (the module's last tests: each kills a node)."""
+    cluster = request.getfixturevalue("cluster" if mode == "replicate" else "forward_cluster")
 
     def start(_factory, write_policy: str = "forward", raft_extra: str = "") -> list:
         return cluster.nodes
@@ -266,7 +385,7 @@ def test_kill_9_of_the_leader_node_mid_stream_loses_nothing_acknowledged(cluster
         return cluster.producer(node, "w1", b"m", total, **kwargs)
 
     _leader_kill_run(
-        None, "forward", 3000, start=start, consumers_on=consumers_on, producer_class=producer_class
+        None, "forward", 3000, mode, start=start, consumers_on=consumers_on, producer_class=producer_class
     )
     # the survivors' /cluster/raft, from whichever worker answers, names one group
     assert all(json.dumps(raft_status(n)) for n in cluster.nodes if n.returncode is None)

@@ -137,6 +137,39 @@ def test_work_queue_producer_and_consumer_meet_across_workers_ack(node, owner, p
             again.disconnect()
 
 
+def settle_code(client: Paho5, name: str, action: str, msg) -> int:
+    """``settle`` and return its PUBACK's reason code."""
+    codes: list[int] = []
+    client.client.on_publish = lambda cl, u, mid, rc, p: codes.append(rc.value)
+    try:
+        settle(client, name, action, msg)
+        deadline = time.monotonic() + WAIT
+        while not codes and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        client.client.on_publish = None
+    assert codes, f"no PUBACK for the {action}"
+    return codes[0]
+
+
+@pytest.mark.parametrize("consuming", ["w0", "w1"])
+def test_an_ack_that_finds_no_delivery_is_not_confirmed_from_either_worker(node, consuming) -> None:
+    """A ``$ack`` of a delivery the owner no longer holds (here settled already; after a Raft
+    failover, dropped at the new leader's claim, which delivers the record again) gets 0x10, as on
+    the owning worker, never 0x00: worker 1 answered its client with success whatever the owner's
+    settlement found, so a replicated queue's consumer on worker 1 saw its $ack confirmed and the
+    record delivered again (docs/replication.rst, "Several workers on a node")."""
+    name = queue_on("w0")
+    c = consumer_on(node, consuming, f"$queue/{name}", "g")
+    try:
+        produce(node, "w0", f"$queue/{name}", [b"once"])
+        (m,) = receive(c, 1)
+        assert settle_code(c, name, "$ack", m) == 0
+        assert settle_code(c, name, "$ack", m) == 0x10
+    finally:
+        c.disconnect()
+
+
 def test_auto_ack_311_and_50_consumers_on_the_other_worker(node) -> None:
     name = queue_on("w0")
     m311 = None
