@@ -84,6 +84,8 @@ cdef class PublishRelay:
     cdef object _router
     cdef dict _routes
     cdef object _trie
+    cdef object _store  # Broker._store (None: no durable storage)
+    cdef SentTable _table  # its ``sent_table`` (an LMDB store's; None: persistent sessions in Python)
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None, persistent_class=None):
@@ -111,6 +113,8 @@ cdef class PublishRelay:
         self._router = router
         self._routes = router._routes
         self._trie = router.trie
+        store = self._store = broker._store
+        self._table = _sent_table(store) if store is not None else None
         self._broker = broker
         return 0
 
@@ -231,17 +235,26 @@ cdef class PublishRelay:
         return 0
 
     cdef Py_ssize_t _fan_out(self, targets, str topic, bytes payload, int qos, origin, origin_id,
-                             Py_ssize_t* acked) except -1:
+                             bint persist, Py_ssize_t* acked) except -1:
         """``Broker.publish``'s loop over the route's targets (``Session.deliver`` +
         ``MQTTConnection.send_publish`` written in C where nothing special applies): returns the
         deliveries, ``acked`` the QoS 1 ones among them. ``origin`` is the publishing session (No
-        Local), None for a message from a peer; ``origin_id`` the message's origin."""
+        Local), None for a message from a peer; ``origin_id`` the message's origin. With
+        ``persist`` (and the adopted broker's store has a ``sent_table``) a persistent session's
+        QoS 1 delivery is stored here too (``serve``: the publisher's PUBACK follows the commit);
+        without, a persistent session gets ``session.deliver``."""
         cdef int tq, qown, pid
         cdef Py_ssize_t n = 0, n_acked = 0
+        cdef bint durable, ready
+        cdef long long seq
+        cdef SentTable table = self._table if persist else None
+        store = self._store
         conn_class = self.conn_class
         session_class = self.session_class
+        persistent_class = self.persistent_class if table is not None else None
         message = None
-        enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
+        enc4_0 = enc4_1 = enc5_0 = enc5_1 = entry1 = None
+        n = n_acked = 0
         for target in targets:
             session, tq, qown, rap, sub_ids = <tuple>target
             if session is origin:
@@ -255,8 +268,20 @@ cdef class PublishRelay:
                 n_acked += 1
             # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
             d = session.delivery
-            if (d is not None and type(d) is conn_class and type(session) is session_class
-                    and not session.queue and not d.closed):
+            durable = False
+            if d is None or type(d) is not conn_class or d.closed:
+                ready = False
+            elif type(session) is session_class:
+                ready = not session.queue
+            elif type(session) is persistent_class and session.store is store:
+                # a persistent session: its disk queue must be empty too (then a QoS 1
+                # delivery is stored as an in-flight queue entry, as put_in_flight does)
+                durable = True
+                queue = session.queue
+                ready = not queue.count
+            else:
+                ready = False
+            if ready:
                 dout = d.out
                 if PyByteArray_GET_SIZE(dout) <= d._high:
                     data = None
@@ -291,15 +316,27 @@ cdef class PublishRelay:
                             continue
                         inflight = session.inflight
                         if len(inflight) < session.send_quota:
+                            if message is None:
+                                message = self.message_class(topic, payload, qos, False, None, None,
+                                                             origin_id)
+                            if durable:
+                                if sub_ids is not None:
+                                    session.deliver(message, tq, False, sub_ids)  # (encodes the ids)
+                                    continue
+                                if entry1 is None:  # the stored entry (records.plain_entry's bytes)
+                                    entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
                             pid = session._next_pid
                             while pid in inflight:
                                 pid = pid + 1 if pid < 65535 else 1
                             session._next_pid = pid + 1 if pid < 65535 else 1
-                            if message is None:
-                                message = self.message_class(topic, payload, qos, False, None, None,
-                                                             origin_id)
                             append_publish(dout, <bytes>data, pid, False)
                             inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
+                            if durable:
+                                # -- DiskQueue.put_in_flight (the queue is empty) --
+                                seq = queue.next
+                                queue.next = seq + 1
+                                queue.first = seq + 1
+                                table.sent_entry(session.client_id, pid, seq, entry1)
                             d._npk += 1
                             if not d._dirty:
                                 d._dirty = True
@@ -315,13 +352,12 @@ cdef class PublishRelay:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
         cdef Py_ssize_t i = start, count = len(packets)
         cdef Publish pub
-        cdef int qos, version, tq, qown, pid
+        cdef int qos, version, pid
         cdef int max_qos = -1  # read on the first QoS 1 PUBLISH (a QoS 0 one is within any maximum)
-        cdef bint have_store = False, have_queues = False
+        cdef bint have_queues = False
         cdef long long max_size
         cdef Py_ssize_t ack_at = 0, n, n_acked, size, j, k
-        cdef bint sampled, durable, ready, staked
-        cdef long long seq
+        cdef bint sampled, staked
         # The broker's counters of this call, added to BrokerStats once at the end (nothing reads
         # them meanwhile: the call never switches greenlets).
         cdef long long recv_n[2]
@@ -362,23 +398,17 @@ cdef class PublishRelay:
             allowed = policy.fast
             if allowed is None:
                 return i
-        # Read when first needed (the storage for QoS 1, the queues for a "$" topic, the client id
-        # for a Message or a stake): a lone QoS 0 message reads none of them.
-        store = queue_append = client_id = None
+        # The queues are read when first needed (for a "$" topic): a lone message does not.
+        queue_append = None
+        client_id = conn.client_id
         if broker is not self._broker:
             self._adopt(broker)
+        store = self._store
+        cdef SentTable table = self._table
         received = self._received
         router = self._router
         routes = self._routes
         trie = self._trie
-        conn_class = self.conn_class
-        session_class = self.session_class
-        persistent_class = self.persistent_class
-        if persistent_class is None:
-            persistent_class = session_class  # (never matched: the session_class test comes first)
-        # the store's per-message record methods in C (an LMDB store's ``sent_table``; None: none),
-        # read with the store
-        cdef SentTable table = None
         staked = False
         cdef long long table_ops_before = 0
         last_route = None
@@ -416,7 +446,6 @@ cdef class PublishRelay:
                         have_queues = True
                         queues = broker.queues
                         queue_append = queues.append_relayed if queues is not None else None
-                        client_id = conn.client_id
                     if queue_append is None or peers is not None or qos != 1 or not topic.startswith("$queue/"):
                         break
                     if allowed is not None and allowed.get(topic) != 0:
@@ -512,11 +541,6 @@ cdef class PublishRelay:
                     if full:
                         break
                 ops_before = None
-                if qos and not have_store:
-                    have_store = True
-                    store = broker._store
-                    client_id = conn.client_id
-                    table = _sent_table(store)
                 if store is not None and qos:
                     if store.refusing:
                         break
@@ -533,113 +557,9 @@ cdef class PublishRelay:
                 if qos:
                     out = conn.out
                     ack_at = PyByteArray_GET_SIZE(out)
-                message = None
-                enc4_0 = enc4_1 = enc5_0 = enc5_1 = entry1 = None
-                n = n_acked = 0
-                for target in route.targets:
-                    session, tq, qown, rap, sub_ids = <tuple>target
-                    if session is origin:
-                        if qown < 0:
-                            continue  # No Local [MQTT-3.8.3-3]
-                        tq = qown
-                    if qos < tq:
-                        tq = qos
-                    n += 1
-                    if tq:
-                        n_acked += 1
-                    # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
-                    d = session.delivery
-                    durable = False
-                    if d is None or type(d) is not conn_class or d.closed:
-                        ready = False
-                    elif type(session) is session_class:
-                        ready = not session.queue
-                    elif type(session) is persistent_class:
-                        if not have_store:  # (a QoS 0 message: the store only for the session test)
-                            have_store = True
-                            store = broker._store
-                            client_id = conn.client_id
-                            table = _sent_table(store)
-                        if table is not None and session.store is store:
-                            # a persistent session: its disk queue must be empty too (then a QoS 1
-                            # delivery is stored as an in-flight queue entry, as put_in_flight does)
-                            durable = True
-                            queue = session.queue
-                            ready = not queue.count
-                        else:
-                            ready = False
-                    else:
-                        ready = False
-                    if ready:
-                        dout = d.out
-                        if PyByteArray_GET_SIZE(dout) <= d._high:
-                            data = None
-                            if d.version == 5:
-                                if d._aliases_out is None and sub_ids is None:
-                                    if tq:
-                                        if enc5_1 is None:
-                                            enc5_1 = encode_publish(topic, payload, 1, False, False, 1, None, 5)
-                                        data = enc5_1
-                                    else:
-                                        if enc5_0 is None:
-                                            enc5_0 = encode_publish(topic, payload, 0, False, False, 0, None, 5)
-                                        data = enc5_0
-                                    limit = d._client_max_packet
-                                    if limit and len(data) > limit:
-                                        data = None  # dropped for this client: the Python path counts it
-                            elif tq:
-                                if enc4_1 is None:
-                                    enc4_1 = encode_publish(topic, payload, 1, False, False, 1, None, 4)
-                                data = enc4_1
-                            else:
-                                if enc4_0 is None:
-                                    enc4_0 = encode_publish(topic, payload, 0, False, False, 0, None, 4)
-                                data = enc4_0
-                            if data is not None:
-                                if tq == 0:
-                                    dout += data
-                                    d._npk += 1
-                                    if not d._dirty:
-                                        d._dirty = True
-                                        d.flusher.mark(d)
-                                    continue
-                                inflight = session.inflight
-                                if len(inflight) < session.send_quota:
-                                    if message is None:
-                                        message = self.message_class(topic, payload, qos, False, None, None,
-                                                                     client_id)
-                                    if durable:
-                                        if sub_ids is not None:
-                                            session.deliver(message, tq, False, sub_ids)  # (encodes the ids)
-                                            continue
-                                        if entry1 is None:  # the stored entry (records.plain_entry's bytes)
-                                            entry1 = fields_entry(topic, client_id, payload, qos, False, 1, False)
-                                    pid = session._next_pid
-                                    while pid in inflight:
-                                        pid = pid + 1 if pid < 65535 else 1
-                                    session._next_pid = pid + 1 if pid < 65535 else 1
-                                    append_publish(dout, <bytes>data, pid, False)
-                                    inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
-                                    if durable:
-                                        # -- DiskQueue.put_in_flight (the queue is empty) --
-                                        seq = queue.next
-                                        queue.next = seq + 1
-                                        queue.first = seq + 1
-                                        table.sent_entry(session.client_id, pid, seq, entry1)
-                                    d._npk += 1
-                                    if not d._dirty:
-                                        d._dirty = True
-                                        d.flusher.mark(d)
-                                    continue
-                    if message is None:
-                        if client_id is None:
-                            client_id = conn.client_id
-                        message = self.message_class(topic, payload, qos, False, None, None, client_id)
-                    session.deliver(message, tq, False, sub_ids)
+                n = self._fan_out(route.targets, topic, payload, qos, origin, client_id, True, &n_acked)
                 if fqs:
                     # -- Peers.forward: queued once per peer with matching interest --
-                    if client_id is None:
-                        client_id = conn.client_id
                     for fq in <list>fqs:
                         (<ForwardQueue>fq).append_plain(topic, client_id, qos, payload)
                 sent_n[0] += n - n_acked
@@ -708,11 +628,12 @@ cdef class PublishRelay:
         cdef Py_ssize_t last_t = -1, last_tlen = 0, last_o = -1, last_olen = -1
         if not self.enabled or i >= end or broker._on_delivered is not None:
             return (i, 0)
-        store = broker._store
-        stats = broker.stats
-        router = broker.router
-        routes = router._routes
-        trie = router.trie
+        if broker is not self._broker:
+            self._adopt(broker)
+        store = self._store
+        router = self._router
+        routes = self._routes
+        trie = self._trie
         last_route = None
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
         try:
@@ -746,7 +667,7 @@ cdef class PublishRelay:
                     last_o = f[3]
                     last_olen = f[4]
                 payload = PyBytes_FromStringAndSize(<const char*>p + f[5], f[6])
-                n = self._fan_out(route.targets, topic, payload, qos, None, origin_id, &n_acked)
+                n = self._fan_out(route.targets, topic, payload, qos, None, origin_id, False, &n_acked)
                 sent_n[0] += n - n_acked
                 sent_b[0] += (n - n_acked) * f[6]
                 sent_n[1] += n_acked
@@ -755,8 +676,8 @@ cdef class PublishRelay:
                 i = nxt
         finally:
             if sent_n[0] or sent_n[1]:
-                sent = stats.sent_qos
-                sent_bytes = stats.sent_bytes_qos
+                sent = self._sent
+                sent_bytes = self._sent_bytes
                 if sent_n[0]:
                     sent[0] += sent_n[0]
                     sent_bytes[0] += sent_b[0]
