@@ -20,7 +20,7 @@ workers) a message is also queued for each peer with matching interest (``peers.
 C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
 ``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
-fan-out (``_fan_out``: a plain session's delivery in C, any other through ``session.deliver``).
+fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
 a plain ``Session`` (or a ``PersistentSession`` over a store with a ``sent_table``) attached to an
 MQTT connection that is open, under its output allowance, with an empty session queue, and (5.0)
