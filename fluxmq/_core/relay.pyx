@@ -118,6 +118,19 @@ cdef class PublishRelay:
         self._broker = broker
         return 0
 
+    cdef int _count_sent(self, long long* n, long long* b) except -1:
+        """Add a call's deliveries per QoS (``n``) and their bytes (``b``) to the adopted broker's
+        BrokerStats, once per call."""
+        sent = self._sent
+        sent_bytes = self._sent_bytes
+        if n[0]:
+            sent[0] += n[0]
+            sent_bytes[0] += b[0]
+        if n[1]:
+            sent[1] += n[1]
+            sent_bytes[1] += b[1]
+        return 0
+
     cdef Py_ssize_t _settle_acks(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
         """A run of PUBACKs the fast path settles: of tracked deliveries (a durable queue's,
         ``TrackedMessage``) what the connection's ``_on_puback`` and ``Session.on_puback`` do for
@@ -602,14 +615,7 @@ cdef class PublishRelay:
                 received_bytes[0] += recv_b[0]
                 received_bytes[1] += recv_b[1]
             if sent_n[0] or sent_n[1]:
-                sent = self._sent
-                sent_bytes = self._sent_bytes
-                if sent_n[0]:
-                    sent[0] += sent_n[0]
-                    sent_bytes[0] += sent_b[0]
-                if sent_n[1]:
-                    sent[1] += sent_n[1]
-                    sent_bytes[1] += sent_b[1]
+                self._count_sent(sent_n, sent_b)
         return i
 
     cpdef tuple deliver_items(self, broker, bytes data, Py_ssize_t start):
@@ -676,13 +682,6 @@ cdef class PublishRelay:
                 i = nxt
         finally:
             if sent_n[0] or sent_n[1]:
-                sent = self._sent
-                sent_bytes = self._sent_bytes
-                if sent_n[0]:
-                    sent[0] += sent_n[0]
-                    sent_bytes[0] += sent_b[0]
-                if sent_n[1]:
-                    sent[1] += sent_n[1]
-                    sent_bytes[1] += sent_b[1]
+                self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
