@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 med_cost = statistics.median(costs) if costs else 0.0
                 print(
                     f"| {workers} | {mode} | {', '.join(f'{r:,.0f}' for r in rates)} | {med_rate:,.0f} | "
-                    f"{med_cost:.2f} | {med_rate * med_cost / 1e6:.2f} | {load} |",
+                    f"{med_cost:.3f} | {med_rate * med_cost / 1e6:.2f} | {load} |",
                     flush=True,
                 )
         finally:
