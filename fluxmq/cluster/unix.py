@@ -152,10 +152,19 @@ def write_raw_batch(sock, batch: RawBatch) -> None:
         parts.append(b"".join(batch.parts))
     else:
         parts += batch.parts
-    sent = sock.sendmsg(parts)
-    if sent < total:  # the socket's buffer took a part: the rest in one piece
-        with memoryview(b"".join(parts)) as view:
-            sock.sendall(view[sent:])
+    while True:
+        sent = sock.sendmsg(parts)  # (waits for room in the socket's buffer if it has none)
+        total -= sent
+        if total <= 0:
+            return
+        # the buffer took part of it (a batch larger than the socket's buffer): the rest, as it is
+        i = 0
+        while sent >= len(parts[i]):
+            sent -= len(parts[i])
+            i += 1
+        parts = parts[i:]
+        if sent:
+            parts[0] = memoryview(parts[0])[sent:]
 
 
 def read_batch(frame: bytes):
