@@ -28,7 +28,10 @@ without outbound topic aliases, subscription identifiers or a maximum packet siz
 exceeds; QoS 1 targets also need room in their window. A persistent session's QoS 1 delivery is
 stored as ``PersistentSession.deliver`` stores it (its entry at the disk queue's next seq, in flight
 under its packet id: ``SentTable.sent_entry``), committed with the turn before anything leaves; its
-PUBACK is settled here too (``SentTable.acked``, then ``pump`` when something waits).
+PUBACK is settled here too (``SentTable.acked``, then ``pump`` when something waits). A plain QoS 1
+delivery to a persistent session behind its full window (or its queue) is queued here as
+``PersistentSession.deliver`` queues it (``_queue_plain``: ``QueueCore.append_plain`` on the disk
+queue's C fields), within the session's bounds; the rest of that path stays in Python.
 
 This module holds no I/O and imports nothing above ``_core``; it reads and writes the attributes
 the broker and protocol layers document for this path (``docs/architecture.rst``, *Publish fast
@@ -46,6 +49,7 @@ from time import perf_counter
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
+from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
 
 cdef object _MISS = object()
@@ -159,10 +163,14 @@ cdef class PublishRelay:
         cdef dict inflight = session.inflight
         inflight_class = self.inflight_class
         v5 = conn.version == 5
-        client_id = queue = None
+        cdef QueueCore queue = None
+        client_id = None
         if durable:  # (the same for the whole run: it stops when the connection's session changes)
             client_id = session.client_id
-            queue = session.queue
+            found = session.queue
+            if not isinstance(found, QueueCore):
+                return i
+            queue = <QueueCore>found
         while i < count:
             p = packets[i]
             if type(p) is not Puback:
@@ -200,12 +208,14 @@ cdef class PublishRelay:
         ``store.put_sent``; whatever else is left (or congestion) goes to ``session.pump()``."""
         cdef int pid
         cdef long long quota
+        cdef QueueCore queue
         d = session.delivery
-        queue = session.queue
+        found = session.queue
         if (session.held or d is None or type(d) is not self.conn_class or d.closed or d.version == 5
-                or session.reread is not None):
+                or session.reread is not None or not isinstance(found, QueueCore)):
             session.pump()
             return 0
+        queue = <QueueCore>found
         quota = session.send_quota
         cid = session.client_id
         while queue.count:
@@ -289,9 +299,13 @@ cdef class PublishRelay:
             elif type(session) is persistent_class and session.store is store:
                 # a persistent session: its disk queue must be empty too (then a QoS 1
                 # delivery is stored as an in-flight queue entry, as put_in_flight does)
-                durable = True
                 queue = session.queue
-                ready = not queue.count
+                if isinstance(queue, QueueCore):
+                    durable = True
+                    dq = <QueueCore>queue
+                    ready = not dq.count
+                else:
+                    ready = False
             else:
                 ready = False
             if ready:
@@ -346,9 +360,9 @@ cdef class PublishRelay:
                             inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
                             if durable:
                                 # -- DiskQueue.put_in_flight (the queue is empty) --
-                                seq = queue.next
-                                queue.next = seq + 1
-                                queue.first = seq + 1
+                                seq = dq.next
+                                dq.next = seq + 1
+                                dq.first = seq + 1
                                 table.sent_entry(session.client_id, pid, seq, entry1)
                             d._npk += 1
                             if not d._dirty:
@@ -357,9 +371,46 @@ cdef class PublishRelay:
                             continue
             if message is None:
                 message = self.message_class(topic, payload, qos, False, None, None, origin_id)
+            if durable and tq == 1 and sub_ids is None:
+                # -- PersistentSession.deliver's queueing behind a full window, when plain --
+                if entry1 is None:
+                    entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
+                if self._queue_plain(session, dq, d, message, entry1,
+                                     len(payload) + len(topic) + 40, table):
+                    continue
             session.deliver(message, tq, False, sub_ids)
         acked[0] = n_acked
         return n
+
+    cdef int _queue_plain(self, session, QueueCore queue, d, message, bytes entry, Py_ssize_t size,
+                          SentTable table) except -1:
+        """What ``PersistentSession.deliver`` does with a plain QoS 1 delivery (``entry`` encoded,
+        ``size`` as ``_enqueue`` counts it) that cannot be sent now, in C, for an attached open 3.x
+        or 5.0 connection: ``_enqueue`` (within the session's bounds, no validity, storage not
+        refusing: ``serve`` checked it) -> ``DiskQueue.append`` (``QueueCore.append_plain``: an
+        online queue with room in its in-memory tail), then the pump that follows when the window
+        has room (``_pump``). Returns 1 when done; 0, nothing done, for the Python path: an empty
+        queue with room in the window or output over its mark (``Session.deliver`` asks
+        ``is_congested``), a full queue (drop or eviction), anything ``append_plain`` declines."""
+        cdef bint over
+        if d is None or type(d) is not self.conn_class or d.closed:
+            return 0
+        inflight = session.inflight
+        quota = session.send_quota
+        over = PyByteArray_GET_SIZE(d.out) > d._high
+        if not queue.count and (over or len(inflight) < quota):
+            return 0
+        if queue.max_count < 0 or queue.count >= queue.max_count or queue.bytes + size > queue.max_bytes:
+            return 0
+        if session.validity:
+            return 0
+        if not queue.append_plain((message, 1, False, None), entry, table):
+            return 0
+        session.queue_bytes = queue.bytes
+        if queue.count > 1 and (len(inflight) < quota or queue.qos0 or session.held):
+            if not over or not d.is_congested():
+                self._pump(session, inflight, table)
+        return 1
 
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""

@@ -305,9 +305,14 @@ cdef class SentTable:
         return 0
 
     def queue_append(self, str client_id, long long seq, entry):
+        self.appended(client_id, seq, entry)
+
+    cdef int appended(self, str client_id, long long seq, object entry) except -1:
+        """``queue_append``: an entry stored at ``seq`` (queued)."""
         cdef SentState st = self.state(client_id)
         st.stage(seq, entry)
         self._changed(st, 1)
+        return 0
 
     def queue_pop(self, str client_id, long long seq):
         # Not a delete: the seq is marked done, and its record goes when all of its seqs are done.
