@@ -58,8 +58,6 @@ from pathlib import Path
 import lmdb
 
 from fluxmq._core.sent import SentState, SentTable
-from fluxmq._core.sent import free_slots as _free_slots
-from fluxmq._core.sent import lengths as _lengths
 from fluxmq.errors import StorageError
 
 from . import records as r
@@ -878,78 +876,15 @@ class LMDBStorage(Storage):
     def _write_sent(self, batch: _Batch) -> None:
         """Turn the batch's changed ``sent`` records, staged entries and done marks into operations
         (hub, at take_batch): per client one ``queue`` record of the entries stored since the last
-        batch (those already done left out), and its ``done`` record."""
-        ops = batch.ops[SENT]
-        queue_ops = batch.ops[QUEUE]
-        done_ops = batch.ops[DONE]
-        free = r.SENT_SLOTS
-        for state in batch.sent_dirty:
-            if self._sent.get(state.client_id) is not state:
-                continue  # its session ended (or was cleared) after it changed: nothing to write
-            if state.staged:
-                runs = state.closed
-                runs.append((state.staged_first, state.staged))
-                state.staged = []
-                state.closed = []
-                floor = state.floor
-                added = False
-                for first, entries in runs:
-                    if first < floor:  # acknowledged before its first commit: never written
-                        if first + len(entries) <= floor:
-                            continue
-                        entries = entries[floor - first :]
-                        first = floor
-                    if len(entries) == 1:
-                        queue_ops[state.prefix + _SEQ.pack(first)] = entries[0]
-                    else:
-                        self._put_segments(queue_ops, state.prefix, first, entries)
-                    if not added:
-                        batch.logs.append(state)
-                        added = True
-                    state.unwritten.append((batch, first, entries))
-            if state.done_dirty:
-                state.done_dirty = False
-                ranges = list(state.ranges)
-                done_ops[state.prefix] = r.encode_done(state.floor, ranges)
-                batch.trims[state.prefix] = (state.floor, ranges)
-            buckets, disk = state.slots, state.disk
-            for bucket in state.dirty:
-                key = r.sent_key(state.prefix, bucket)
-                slots = buckets.get(bucket)
-                if slots is not None and _free_slots(slots) != free:
-                    ops[key] = r.encode_sent(slots)
-                    disk.add(bucket)
-                    continue
-                if slots is not None:
-                    del buckets[bucket]
-                    state.uncache()
-                if bucket in disk:
-                    ops[key] = None
-                    disk.discard(bucket)
-            state.clean()
-            if (
-                not buckets
-                and not disk
-                and not state.unwritten
-                and not state.ranges
-                and state.floor >= state.end
-            ):
-                self._table.drop(state.client_id)  # nothing live: the next entry starts a new state
+        batch (segments of about SEGMENT_BYTES, small enough for LMDB to keep them in its leaf
+        pages, whose headers it checks, instead of overflow pages; those already done left out),
+        its ``done`` record and its changed ``sent`` records. In C (``SentTable.take_ops``), the
+        records laid out as ``records`` defines them."""
+        ops = batch.ops
+        self._table.take_ops(
+            batch.sent_dirty, ops[QUEUE], ops[SENT], ops[DONE], batch.trims, batch.logs, batch, SEGMENT_BYTES
+        )
         batch.sent_dirty = set()
-
-    @staticmethod
-    def _put_segments(queue_ops: dict, prefix: bytes, first: int, entries: list) -> None:
-        """``entries`` (seqs ``first``..) as ``queue`` records of about SEGMENT_BYTES at most (split
-        by count at the mean entry size): small enough for LMDB to keep them in its leaf pages, whose
-        headers it checks, instead of overflow pages."""
-        lens, size = _lengths(entries)
-        n = len(entries)
-        per = max(1, SEGMENT_BYTES * n // max(1, size))
-        for i in range(0, n, per):
-            part = entries[i : i + per]
-            queue_ops[prefix + _SEQ.pack(first + i)] = (
-                part[0] if len(part) == 1 else r.segment(lens[i : i + per], part)
-            )
 
     def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
         """Write a batch from ``take_batch`` and finish it (hub). ``run(fn, args)`` runs the write
