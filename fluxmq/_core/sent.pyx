@@ -28,7 +28,7 @@ No I/O and no fluxmq imports.
 from cpython cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from bisect import bisect_right
 
@@ -173,6 +173,69 @@ def lengths(list items):
         p[i] = <unsigned int>size
         total += size
     return out, total
+
+
+cdef bint _covered(long long floor, list ranges, long long start, long long end) except -1:
+    """Every seq of ``[start, end)`` is below ``floor`` or in one of the sorted, apart done
+    ``ranges`` (``[start, end)`` tuples)."""
+    cdef Py_ssize_t lo = 0, hi = len(ranges), mid
+    if start < floor:
+        start = floor
+    if start >= end:
+        return True
+    while lo < hi:  # bisect_right(ranges, (start, BIG)): the first range starting above start
+        mid = (lo + hi) >> 1
+        if <long long>(<tuple>ranges[mid])[0] > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo > 0 and <long long>(<tuple>ranges[lo - 1])[1] >= end
+
+
+def trim(cur, dict trims):
+    """``LMDBStorage._trim`` over the ``queue`` cursor ``cur`` (a write transaction's): for each
+    client prefix of ``trims`` (-> its done ``(floor, ranges)``), delete its ``queue`` records whose
+    seqs are all done: a client's records are in seq order and apart, so the walk goes from its
+    first one up to the first with a live seq (with done ranges above the floor, on up to the end
+    of the last range). A record's span is read from its first bytes (a segment: its count; else
+    one entry), its seq from its key (``records.seq_key``)."""
+    cdef Py_ssize_t n, vlen
+    cdef long long floor, limit, start, span
+    cdef const unsigned char* v
+    cdef const unsigned char* k
+    cdef int i
+    set_range = cur.set_range
+    item = cur.item
+    delete = cur.delete
+    step = cur.next
+    for prefix, bounds in trims.items():
+        floor = (<tuple>bounds)[0]
+        ranges = <list>(<tuple>bounds)[1]
+        limit = <long long>(<tuple>ranges[len(ranges) - 1])[1] if ranges else floor
+        if not set_range(prefix):
+            continue
+        n = PyBytes_GET_SIZE(<bytes>prefix)
+        while True:
+            key, value = <tuple>item()
+            if (PyBytes_GET_SIZE(<bytes>key) != n + 8
+                    or memcmp(PyBytes_AS_STRING(<bytes>key), PyBytes_AS_STRING(<bytes>prefix), n) != 0):
+                break  # another client's (or not a seq key)
+            k = <const unsigned char*>PyBytes_AS_STRING(<bytes>key) + n
+            start = 0
+            for i in range(8):
+                start = (start << 8) | k[i]
+            if start >= limit:
+                break
+            vlen = PyBytes_GET_SIZE(<bytes>value)
+            v = <const unsigned char*>PyBytes_AS_STRING(<bytes>value)
+            span = 1
+            if vlen >= 5 and v[0] == _SEGMENT:
+                span = v[1] | (v[2] << 8) | (v[3] << 16) | (<long long>v[4] << 24)
+            if _covered(floor, ranges, start, start + span):
+                if not delete():
+                    break
+            elif start + span > limit or not step():
+                break
 
 
 cdef class SentState:

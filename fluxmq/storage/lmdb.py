@@ -58,6 +58,7 @@ from pathlib import Path
 import lmdb
 
 from fluxmq._core.sent import SentState, SentTable
+from fluxmq._core.sent import trim as _trim_queue
 from fluxmq.errors import StorageError
 
 from . import records as r
@@ -966,29 +967,8 @@ class LMDBStorage(Storage):
     def _trim(self, txn, trims: dict[bytes, tuple[int, list]]) -> None:
         """Delete the ``queue`` records whose seqs are all done (a client's records are in seq
         order and apart: from its first one up to the first with a live seq; with done ranges
-        above the floor, on up to the end of the last range)."""
-        cur = txn.cursor(self._dbs[QUEUE])
-        for prefix, (floor, ranges) in trims.items():
-            limit = ranges[-1][1] if ranges else floor
-            if not cur.set_range(prefix):
-                continue
-            n = len(prefix)
-            while True:
-                key = cur.key()
-                if not key.startswith(prefix):
-                    break
-                start = r.key_seq(key[n:])
-                if start >= limit:
-                    break
-                try:
-                    span = r.record_span(cur.value())
-                except r.RecordError:
-                    span = 1
-                if _covered(floor, ranges, start, start + span):
-                    if not cur.delete():
-                        break
-                elif start + span > limit or not cur.next():
-                    break
+        above the floor, on up to the end of the last range). In C (``_core.sent.trim``)."""
+        _trim_queue(txn.cursor(self._dbs[QUEUE]), trims)
 
     def _gc_chunk(self, txn, client_id: str, end: int) -> bool:
         """Delete up to GC_CHUNK garbage queue entries of ``client_id``; True when none is left."""
