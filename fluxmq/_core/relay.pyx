@@ -52,6 +52,8 @@ from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
 
+from fluxmq.errors import ForwardedItemFailed
+
 cdef object _MISS = object()
 
 
@@ -674,8 +676,10 @@ cdef class PublishRelay:
         a peer's ``Batch.items`` from byte ``start``, through the same fan-out as ``serve``; stops at
         the first item that is not plain (the Python path decodes and delivers it) and returns
         (its offset, items delivered here). Declines everything, before any effect, while the
-        broker has delivery observers or when the fast path is off."""
-        cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt, n, n_acked, done = 0
+        broker has delivery observers or when the fast path is off. An item whose delivery raises
+        raises ``ForwardedItemFailed`` (its offsets, the items delivered before it), so the caller
+        skips only that item."""
+        cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt = start, n, n_acked, done = 0
         cdef Py_ssize_t f[7]
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef int qos
@@ -731,6 +735,10 @@ cdef class PublishRelay:
                 sent_b[1] += n_acked * f[6]
                 done += 1
                 i = nxt
+        except Exception as exc:
+            # the item at i failed (its deliveries before the fault stand): the caller skips it
+            self.forwarded += done
+            raise ForwardedItemFailed(i, nxt, done) from exc
         finally:
             if sent_n[0] or sent_n[1]:
                 self._count_sent(sent_n, sent_b)

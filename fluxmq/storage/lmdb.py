@@ -264,6 +264,10 @@ def _covered(floor: int, ranges: list, start: int, end: int) -> bool:
 #: free disk space below which a failed commit is reported as a full disk
 DISK_LOW = 16 << 20
 MiB = 1 << 20
+#: the usage (``env.info()``) is read after at most this many commits, every commit near map_size
+USAGE_EVERY = 64
+#: the least growth per commit assumed when spacing those reads (pages a small commit may add)
+USAGE_STEP = 64 << 10
 
 
 def _free_bytes(path: Path) -> int:
@@ -306,6 +310,10 @@ class LMDBStorage(Storage):
         # stored messages are refused until space is freed.
         self.headroom = max(8 << 20, map_size // 16)
         self.refusing = False
+        # the usage is read again after _usage_span commits (_check_usage sets it: _note_usage)
+        self._usage_used = 0
+        self._usage_span = 1
+        self._usage_commits = 0
         self.failed: str | None = None
         self.last_error: StorageError | None = None  # of the latest failed commit, until one succeeds
         self._failures = 0  # consecutive failed commits (their batch is kept and retried)
@@ -533,6 +541,7 @@ class LMDBStorage(Storage):
 
     def _check_usage(self, at_start: bool = False) -> None:
         used = self.used_bytes()
+        self._note_usage(used)
         if at_start and used >= self.map_size:
             # The node must start and serve what it holds: open with room above the data, refuse
             # new stored messages until usage drops (deletes free pages), and say what to raise.
@@ -559,6 +568,18 @@ class LMDBStorage(Storage):
         elif self.refusing and used < self.map_size * 0.9 and self.failed is None and not self._failures:
             self._set_refusing(False, "")
 
+    def _note_usage(self, used: int) -> None:
+        """When to read the usage next (``batch_done`` counts the commits; every commit while
+        refusing): after the commits that could fill a quarter of the room left below map_size at
+        the growth per commit seen since the last read (at least USAGE_STEP), at most USAGE_EVERY;
+        so every commit near map_size, and the refusal comes before a steady load passes map_size
+        by more than a quarter of what was left (the headroom takes it)."""
+        grown = max(used - self._usage_used, 0) // max(self._usage_commits, 1)
+        self._usage_used = used
+        self._usage_commits = 0
+        span = (self.map_size - used) // (4 * max(grown, USAGE_STEP))
+        self._usage_span = min(max(span, 1), USAGE_EVERY)
+
     def _grow_map(self, size: int) -> bool:
         """Resize the LMDB map to ``size`` (hub, no transaction open); False when it cannot grow."""
         current = self.env.info()["map_size"]
@@ -569,6 +590,7 @@ class LMDBStorage(Storage):
         except lmdb.Error as exc:
             log.error("storage_map_grow_failed", extra={"path": str(self.path), "error": str(exc)})
             return False
+        self._usage_span = 0  # a batch overflowed the headroom: the usage is read after it
         log.warning(
             "storage_map_grown",
             extra={
@@ -1013,7 +1035,9 @@ class LMDBStorage(Storage):
                     del self._gc[cid]
             if self._gc and not self.has_pending:
                 self._wake()  # the next chunk of garbage goes with the next commit
-            self._check_usage()
+            self._usage_commits += 1
+            if self._usage_commits >= self._usage_span or self.refusing:
+                self._check_usage()
             error = None
         else:
             error = self.last_error or StorageError(f"{self._where()}: commit failed")
