@@ -460,8 +460,10 @@ cdef class SentTable:
         runs kept in ``unwritten`` with ``batch`` until it is written, the client added to
         ``logs``), its ``done`` record and its trim bounds (``trims``) when its done marks changed,
         and its changed ``sent`` records (deleted when all free). A state whose session ended (not
-        in ``states``) is skipped; one with nothing live left is dropped."""
+        in ``states``) is skipped; one with nothing live left is dropped. Returns True when some
+        client's done marks now cover every seq it stored (all of its records can go)."""
         cdef SentState state
+        cdef bint emptied = False
         cdef long long floor, first
         cdef bint added
         cdef array.array slots
@@ -501,6 +503,8 @@ cdef class SentTable:
                 ranges = list(state.ranges)
                 done_ops[prefix] = _done_record(state.floor, ranges)
                 trims[prefix] = (state.floor, ranges)
+                if not ranges and state.floor >= state.end:
+                    emptied = True
             buckets = state.slots
             disk = state.disk
             for bucket in state.dirty:
@@ -525,6 +529,7 @@ cdef class SentTable:
             if (not buckets and not disk and not state.unwritten and not state.ranges
                     and state.floor >= state.end):
                 self.drop(state.client_id)  # nothing live: the next entry starts a new state
+        return emptied
 
     def put_sent_entry(self, str client_id, int packet_id, long long seq, entry):
         """``queue_append`` and ``put_sent`` in one call: a message sent at once."""

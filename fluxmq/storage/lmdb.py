@@ -102,6 +102,11 @@ _GC_PREFIX = b"gc\x00"
 SEGMENT_BYTES = 1536
 #: queue entries of ended sessions deleted per commit (~1 ms)
 GC_CHUNK = 1000
+#: commits between two trims of the ``queue`` records all of whose seqs are done, while their
+#: sessions keep live entries (a session whose entries are all done is trimmed by the same commit).
+#: A trim dirties the leftmost leaf pages of ``queue`` and LMDB's free list: each costs a page
+#: write (``pwrite``) at the commit, once per loop turn under a steady flow when done each time.
+TRIM_EVERY = 16
 
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
@@ -323,6 +328,10 @@ class LMDBStorage(Storage):
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
         self._prefixes: dict[str, bytes] = {}  # client id -> records.client_prefix (bounded)
+        # client prefix -> its done (floor, ranges) for the next trim (_write_sent), and the
+        # commits taken since the last one
+        self._trims: dict[bytes, tuple[int, list]] = {}
+        self._takes = 0
         # operations recorded by this object's own methods; ``op_count`` adds the table's (``ops``,
         # a C field: the relay reads both, without the property's frame)
         self.direct_ops = 0
@@ -690,6 +699,7 @@ class LMDBStorage(Storage):
         state = self._table.drop(client_id)
         if state is not None:
             state.forget()
+            self._trims.pop(state.prefix, None)  # (its records go by prefix or as garbage)
 
     def _gc_queue(self, client_id: str, end: int) -> None:
         """Mark the client's queue entries below ``end`` as garbage: recorded durably now, deleted a
@@ -904,10 +914,19 @@ class LMDBStorage(Storage):
         its ``done`` record and its changed ``sent`` records. In C (``SentTable.take_ops``), the
         records laid out as ``records`` defines them."""
         ops = batch.ops
-        self._table.take_ops(
-            batch.sent_dirty, ops[QUEUE], ops[SENT], ops[DONE], batch.trims, batch.logs, batch, SEGMENT_BYTES
+        trims = self._trims  # (the latest done marks of each client: they only grow)
+        emptied = self._table.take_ops(
+            batch.sent_dirty, ops[QUEUE], ops[SENT], ops[DONE], trims, batch.logs, batch, SEGMENT_BYTES
         )
         batch.sent_dirty = set()
+        self._takes += 1
+        if trims and (emptied or self._takes >= TRIM_EVERY):
+            # All-done records go with this commit: every TRIM_EVERY commits, or at once when a
+            # client's entries are all done. Until then they stay, marked done in the ``done``
+            # record (a restart skips them; the next trim after it deletes them).
+            batch.trims = trims
+            self._trims = {}
+            self._takes = 0
 
     def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
         """Write a batch from ``take_batch`` and finish it (hub). ``run(fn, args)`` runs the write
