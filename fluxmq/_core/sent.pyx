@@ -33,6 +33,7 @@ from libc.string cimport memcmp, memcpy
 from bisect import bisect_right
 
 cdef object _new_slots = None  # records.sent_slots (configure)
+cdef array.array _SLOTS_TEMPLATE = None  # what it returns (all free)
 cdef object _BIG = 1 << 64
 cdef int _FORMAT = -1  # records.FORMAT (configure): the first byte of a sent and a done record
 cdef int _SEGMENT = 0  # records.SEGMENT: the first byte of a segment
@@ -43,8 +44,9 @@ def configure(new_slots, int fmt=-1, int segment=0, int slots=16):
     """Set the factory of one ``sent`` record's slots (``records.sent_slots``) and the constants of
     the records ``SentTable.take_ops`` writes (``records.FORMAT``, ``SEGMENT``, ``SENT_SLOTS``);
     called once at import by ``fluxmq.storage.records``, which owns their layout."""
-    global _new_slots, _FORMAT, _SEGMENT, _SLOTS
+    global _new_slots, _SLOTS_TEMPLATE, _FORMAT, _SEGMENT, _SLOTS
     _new_slots = new_slots
+    _SLOTS_TEMPLATE = new_slots()  # (a new bucket's slots: a copy of it, made in C)
     _FORMAT = fmt
     _SEGMENT = segment
     _SLOTS = slots
@@ -269,7 +271,7 @@ cdef class SentState:
         if slots is None:
             if not make:
                 return None
-            slots = _new_slots()
+            slots = array.copy(_SLOTS_TEMPLATE)  # records.sent_slots()
             self.slots[bucket] = slots
         if self.c_next:
             self.c1_bucket = bucket
