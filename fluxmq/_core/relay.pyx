@@ -166,6 +166,7 @@ cdef class PublishRelay:
         inflight_class = self.inflight_class
         v5 = conn.version == 5
         cdef QueueCore queue = None
+        cdef bint pump = False
         client_id = None
         if durable:  # (the same for the whole run: it stops when the connection's session changes)
             client_id = session.client_id
@@ -187,9 +188,12 @@ cdef class PublishRelay:
                     break
                 del inflight[pid]
                 table.acked(client_id, pid)  # store.delete_inflight, before pump() may reuse the id
-                if queue.count or session.held:
-                    self._pump(session, inflight, table)
+                pump = True  # once the run's PUBACKs are settled (the window they free, at once)
             elif tracked is not None and isinstance(entry, tracked):
+                if pump:
+                    pump = False
+                    if queue.count or session.held:
+                        self._pump(session, inflight, table)
                 if (session.queue.count if durable else session.queue) or session.held:
                     break
                 del inflight[pid]
@@ -200,16 +204,21 @@ cdef class PublishRelay:
             i += 1
             if conn.closed or conn.session is not session:
                 break
+        if pump and (queue.count or session.held):
+            self._pump(session, inflight, table)
         return i
 
     cdef int _pump(self, session, dict inflight, SentTable table) except -1:
-        """``PersistentSession.pump`` after a PUBACK freed the window: its common case in C (an
+        """``PersistentSession.pump`` after a run of PUBACKs freed the window: its common case in C (an
         attached 3.x connection under its output allowance, nothing held, no re-check of read
         permissions; heads that ``DiskQueue.pop_plain`` gives: QoS 1 kept in memory, not retained,
         no subscription ids or expiry), each sent as ``Session._send_new`` and recorded as
-        ``store.put_sent``; whatever else is left (or congestion) goes to ``session.pump()``."""
+        ``store.put_sent`` (the session's and connection's counters written once per call);
+        whatever else is left (or congestion) goes to ``session.pump()``."""
         cdef int pid
-        cdef long long quota
+        cdef long long quota, npk
+        cdef Py_ssize_t high
+        cdef bint rest
         cdef QueueCore queue
         d = session.delivery
         found = session.queue
@@ -220,26 +229,27 @@ cdef class PublishRelay:
         queue = <QueueCore>found
         quota = session.send_quota
         cid = session.client_id
+        inflight_class = self.inflight_class
+        dout = d.out
+        high = d._high
+        pid = session._next_pid
+        npk = 0
+        rest = False  # what is left goes to session.pump()
         while queue.count:
-            dout = d.out
-            if PyByteArray_GET_SIZE(dout) > d._high:
-                session.pump()  # is_congested: the allowance may grow, or the client waits for room
-                return 0
+            if PyByteArray_GET_SIZE(dout) > high:
+                rest = True  # is_congested: the allowance may grow, or the client waits for room
+                break
             if len(inflight) >= quota:
-                if queue.qos0:
-                    session.pump()  # a QoS 0 head may go with the window full
-                return 0
+                rest = queue.qos0  # a QoS 0 head may go with the window full
+                break
             head = queue.pop_plain()
             if head is None:
-                session.pump()  # a head pump handles otherwise (read from the store, QoS 0, ...)
-                return 0
+                rest = True  # a head pump handles otherwise (read from the store, QoS 0, ...)
+                break
             seq, item, _ = <tuple>head
             message = (<tuple>item)[0]
-            session.queue_bytes = queue.bytes
-            pid = session._next_pid
             while pid in inflight:
                 pid = pid + 1 if pid < 65535 else 1
-            session._next_pid = pid + 1 if pid < 65535 else 1
             # -- MQTTConnection.send_publish (3.x), its encoding cached on the message as there --
             cache = message.wire_cache
             data = None
@@ -251,12 +261,20 @@ cdef class PublishRelay:
                 if data is None:
                     data = cache[2] = encode_publish(message.topic, message.payload, 1, False, False, 1, None, 4)
             append_publish(dout, <bytes>data, pid, False)
-            d._npk += 1
+            npk += 1
+            inflight[pid] = inflight_class(message, 1, False, None)
+            table.sent(cid, pid, seq)  # store.put_sent
+            pid = pid + 1 if pid < 65535 else 1
+        # what Session._send_new and the connection's send record per message, once per run
+        if npk:
+            session._next_pid = pid
+            session.queue_bytes = queue.bytes
+            d._npk += npk
             if not d._dirty:
                 d._dirty = True
                 d.flusher.mark(d)
-            inflight[pid] = self.inflight_class(message, 1, False, None)
-            table.sent(cid, pid, seq)  # store.put_sent
+        if rest:
+            session.pump()
         return 0
 
     cdef Py_ssize_t _fan_out(self, targets, str topic, bytes payload, int qos, origin, origin_id,
