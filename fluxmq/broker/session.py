@@ -647,8 +647,9 @@ class PersistentSession(Session):
     def _bound_queue(self, limits: SessionLimits) -> None:
         # The relay queues a plain QoS 1 message behind a full window in C (_core/relay.pyx) within
         # these bounds, which ``_enqueue`` checks here.
-        self.queue.max_count = limits.max_queued_messages
-        self.queue.max_bytes = limits.max_queued_bytes
+        # (C fields: a bound past 2**62 is as good as none)
+        self.queue.max_count = min(limits.max_queued_messages, 1 << 62)
+        self.queue.max_bytes = min(limits.max_queued_bytes, 1 << 62)
 
     def deliver(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
         # Session.deliver, whose common case here (online, QoS 1/2, nothing queued, room in the

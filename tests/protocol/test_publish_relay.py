@@ -757,3 +757,20 @@ def test_a_qos1_publish_stored_only_as_a_persistent_delivery_stakes_its_puback(t
     finally:
         net.close()
         store.close()
+
+
+def test_a_persistent_session_takes_queue_bounds_past_what_the_c_fields_hold(tmp_path) -> None:
+    """The relay reads a persistent session's queue bounds from C fields of its disk queue: a bound
+    too large for them (a configuration's "as good as none") is kept as the largest they hold."""
+    from fluxmq.broker.session import SessionLimits
+
+    store = LMDBStorage(tmp_path / "d", map_size=16 << 20, verify=False)
+    net = Net(storage=store)
+    try:
+        dur = net.client("dur", clean=False)
+        dur.session.limits = SessionLimits(max_queued_messages=10**30, max_queued_bytes=10**30)
+        assert dur.session.queue.max_count == dur.session.queue.max_bytes == 1 << 62
+        assert dur.session.limits.max_queued_messages == 10**30
+    finally:
+        net.close()
+        store.close()
