@@ -28,7 +28,8 @@ without outbound topic aliases, subscription identifiers or a maximum packet siz
 exceeds; QoS 1 targets also need room in their window. A persistent session's QoS 1 delivery is
 stored as ``PersistentSession.deliver`` stores it (its entry at the disk queue's next seq, in flight
 under its packet id: ``SentTable.sent_entry``), committed with the turn before anything leaves; its
-PUBACK is settled here too (``SentTable.acked``, then ``pump`` when something waits). A plain QoS 1
+PUBACK is settled here too (``SentTable.acked``; then, once per run of PUBACKs, the pump when
+something waits). A plain QoS 1
 delivery to a persistent session behind its full window (or its queue) is queued here as
 ``PersistentSession.deliver`` queues it (``_queue_plain``: ``QueueCore.append_plain`` on the disk
 queue's C fields), within the session's bounds; the rest of that path stays in Python.
