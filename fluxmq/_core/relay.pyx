@@ -292,6 +292,7 @@ cdef class PublishRelay:
         cdef bint durable, ready
         cdef long long seq
         cdef SentTable table = self._table if persist else None
+        cdef QueueCore dq = None  # a persistent target's disk queue
         store = self._store
         conn_class = self.conn_class
         session_class = self.session_class
