@@ -148,6 +148,18 @@ class MalformedDatagram(FluxMQError):
     """A UDP datagram that is not a well-formed CoAP message (RFC 7252 §3); counted and dropped."""
 
 
+class ForwardedItemFailed(FluxMQError):
+    """The C relay's delivery of one item of a peer's batch raised (the error is ``__cause__``):
+    ``start`` and ``end`` are that item's byte offsets in ``Batch.items``, ``delivered`` the items
+    delivered before it in the same call. The caller goes on at ``end``: only that item is lost."""
+
+    def __init__(self, start: int, end: int, delivered: int) -> None:
+        super().__init__(f"forwarded item at byte {start} failed")
+        self.start = start
+        self.end = end
+        self.delivered = delivered
+
+
 class ClusterError(FluxMQError):
     """The cluster metadata plane (etcd) cannot serve a request, or forbids this node from starting
     (its node id is already live); the message is one line saying which and why."""

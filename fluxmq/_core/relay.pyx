@@ -28,7 +28,11 @@ without outbound topic aliases, subscription identifiers or a maximum packet siz
 exceeds; QoS 1 targets also need room in their window. A persistent session's QoS 1 delivery is
 stored as ``PersistentSession.deliver`` stores it (its entry at the disk queue's next seq, in flight
 under its packet id: ``SentTable.sent_entry``), committed with the turn before anything leaves; its
-PUBACK is settled here too (``SentTable.acked``, then ``pump`` when something waits).
+PUBACK is settled here too (``SentTable.acked``; then, once per run of PUBACKs, the pump when
+something waits). A plain QoS 1
+delivery to a persistent session behind its full window (or its queue) is queued here as
+``PersistentSession.deliver`` queues it (``_queue_plain``: ``QueueCore.append_plain`` on the disk
+queue's C fields), within the session's bounds; the rest of that path stays in Python.
 
 This module holds no I/O and imports nothing above ``_core``; it reads and writes the attributes
 the broker and protocol layers document for this path (``docs/architecture.rst``, *Publish fast
@@ -46,7 +50,10 @@ from time import perf_counter
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
+from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
+
+from fluxmq.errors import ForwardedItemFailed
 
 cdef object _MISS = object()
 
@@ -159,10 +166,15 @@ cdef class PublishRelay:
         cdef dict inflight = session.inflight
         inflight_class = self.inflight_class
         v5 = conn.version == 5
-        client_id = queue = None
+        cdef QueueCore queue = None
+        cdef bint pump = False
+        client_id = None
         if durable:  # (the same for the whole run: it stops when the connection's session changes)
             client_id = session.client_id
-            queue = session.queue
+            found = session.queue
+            if not isinstance(found, QueueCore):
+                return i
+            queue = <QueueCore>found
         while i < count:
             p = packets[i]
             if type(p) is not Puback:
@@ -177,9 +189,12 @@ cdef class PublishRelay:
                     break
                 del inflight[pid]
                 table.acked(client_id, pid)  # store.delete_inflight, before pump() may reuse the id
-                if queue.count or session.held:
-                    self._pump(session, inflight, table)
+                pump = True  # once the run's PUBACKs are settled (the window they free, at once)
             elif tracked is not None and isinstance(entry, tracked):
+                if pump:
+                    pump = False
+                    if queue.count or session.held:
+                        self._pump(session, inflight, table)
                 if (session.queue.count if durable else session.queue) or session.held:
                     break
                 del inflight[pid]
@@ -190,44 +205,52 @@ cdef class PublishRelay:
             i += 1
             if conn.closed or conn.session is not session:
                 break
+        if pump and (queue.count or session.held):
+            self._pump(session, inflight, table)
         return i
 
     cdef int _pump(self, session, dict inflight, SentTable table) except -1:
-        """``PersistentSession.pump`` after a PUBACK freed the window: its common case in C (an
+        """``PersistentSession.pump`` after a run of PUBACKs freed the window: its common case in C (an
         attached 3.x connection under its output allowance, nothing held, no re-check of read
         permissions; heads that ``DiskQueue.pop_plain`` gives: QoS 1 kept in memory, not retained,
         no subscription ids or expiry), each sent as ``Session._send_new`` and recorded as
-        ``store.put_sent``; whatever else is left (or congestion) goes to ``session.pump()``."""
+        ``store.put_sent`` (the session's and connection's counters written once per call);
+        whatever else is left (or congestion) goes to ``session.pump()``."""
         cdef int pid
-        cdef long long quota
+        cdef long long quota, npk
+        cdef Py_ssize_t high
+        cdef bint rest
+        cdef QueueCore queue
         d = session.delivery
-        queue = session.queue
+        found = session.queue
         if (session.held or d is None or type(d) is not self.conn_class or d.closed or d.version == 5
-                or session.reread is not None):
+                or session.reread is not None or not isinstance(found, QueueCore)):
             session.pump()
             return 0
+        queue = <QueueCore>found
         quota = session.send_quota
         cid = session.client_id
+        inflight_class = self.inflight_class
+        dout = d.out
+        high = d._high
+        pid = session._next_pid
+        npk = 0
+        rest = False  # what is left goes to session.pump()
         while queue.count:
-            dout = d.out
-            if PyByteArray_GET_SIZE(dout) > d._high:
-                session.pump()  # is_congested: the allowance may grow, or the client waits for room
-                return 0
+            if PyByteArray_GET_SIZE(dout) > high:
+                rest = True  # is_congested: the allowance may grow, or the client waits for room
+                break
             if len(inflight) >= quota:
-                if queue.qos0:
-                    session.pump()  # a QoS 0 head may go with the window full
-                return 0
+                rest = queue.qos0  # a QoS 0 head may go with the window full
+                break
             head = queue.pop_plain()
             if head is None:
-                session.pump()  # a head pump handles otherwise (read from the store, QoS 0, ...)
-                return 0
+                rest = True  # a head pump handles otherwise (read from the store, QoS 0, ...)
+                break
             seq, item, _ = <tuple>head
             message = (<tuple>item)[0]
-            session.queue_bytes = queue.bytes
-            pid = session._next_pid
             while pid in inflight:
                 pid = pid + 1 if pid < 65535 else 1
-            session._next_pid = pid + 1 if pid < 65535 else 1
             # -- MQTTConnection.send_publish (3.x), its encoding cached on the message as there --
             cache = message.wire_cache
             data = None
@@ -239,12 +262,20 @@ cdef class PublishRelay:
                 if data is None:
                     data = cache[2] = encode_publish(message.topic, message.payload, 1, False, False, 1, None, 4)
             append_publish(dout, <bytes>data, pid, False)
-            d._npk += 1
+            npk += 1
+            inflight[pid] = inflight_class(message, 1, False, None)
+            table.sent(cid, pid, seq)  # store.put_sent
+            pid = pid + 1 if pid < 65535 else 1
+        # what Session._send_new and the connection's send record per message, once per run
+        if npk:
+            session._next_pid = pid
+            session.queue_bytes = queue.bytes
+            d._npk += npk
             if not d._dirty:
                 d._dirty = True
                 d.flusher.mark(d)
-            inflight[pid] = self.inflight_class(message, 1, False, None)
-            table.sent(cid, pid, seq)  # store.put_sent
+        if rest:
+            session.pump()
         return 0
 
     cdef Py_ssize_t _fan_out(self, targets, str topic, bytes payload, int qos, origin, origin_id,
@@ -261,6 +292,7 @@ cdef class PublishRelay:
         cdef bint durable, ready
         cdef long long seq
         cdef SentTable table = self._table if persist else None
+        cdef QueueCore dq = None  # a persistent target's disk queue
         store = self._store
         conn_class = self.conn_class
         session_class = self.session_class
@@ -289,9 +321,13 @@ cdef class PublishRelay:
             elif type(session) is persistent_class and session.store is store:
                 # a persistent session: its disk queue must be empty too (then a QoS 1
                 # delivery is stored as an in-flight queue entry, as put_in_flight does)
-                durable = True
                 queue = session.queue
-                ready = not queue.count
+                if isinstance(queue, QueueCore):
+                    durable = True
+                    dq = <QueueCore>queue
+                    ready = not dq.count
+                else:
+                    ready = False
             else:
                 ready = False
             if ready:
@@ -346,9 +382,9 @@ cdef class PublishRelay:
                             inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
                             if durable:
                                 # -- DiskQueue.put_in_flight (the queue is empty) --
-                                seq = queue.next
-                                queue.next = seq + 1
-                                queue.first = seq + 1
+                                seq = dq.next
+                                dq.next = seq + 1
+                                dq.first = seq + 1
                                 table.sent_entry(session.client_id, pid, seq, entry1)
                             d._npk += 1
                             if not d._dirty:
@@ -357,9 +393,46 @@ cdef class PublishRelay:
                             continue
             if message is None:
                 message = self.message_class(topic, payload, qos, False, None, None, origin_id)
+            if durable and tq == 1 and sub_ids is None:
+                # -- PersistentSession.deliver's queueing behind a full window, when plain --
+                if entry1 is None:
+                    entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
+                if self._queue_plain(session, dq, d, message, entry1,
+                                     len(payload) + len(topic) + 40, table):
+                    continue
             session.deliver(message, tq, False, sub_ids)
         acked[0] = n_acked
         return n
+
+    cdef int _queue_plain(self, session, QueueCore queue, d, message, bytes entry, Py_ssize_t size,
+                          SentTable table) except -1:
+        """What ``PersistentSession.deliver`` does with a plain QoS 1 delivery (``entry`` encoded,
+        ``size`` as ``_enqueue`` counts it) that cannot be sent now, in C, for an attached open 3.x
+        or 5.0 connection: ``_enqueue`` (within the session's bounds, no validity, storage not
+        refusing: ``serve`` checked it) -> ``DiskQueue.append`` (``QueueCore.append_plain``: an
+        online queue with room in its in-memory tail), then the pump that follows when the window
+        has room (``_pump``). Returns 1 when done; 0, nothing done, for the Python path: an empty
+        queue with room in the window or output over its mark (``Session.deliver`` asks
+        ``is_congested``), a full queue (drop or eviction), anything ``append_plain`` declines."""
+        cdef bint over
+        if d is None or type(d) is not self.conn_class or d.closed:
+            return 0
+        inflight = session.inflight
+        quota = session.send_quota
+        over = PyByteArray_GET_SIZE(d.out) > d._high
+        if not queue.count and (over or len(inflight) < quota):
+            return 0
+        if queue.max_count < 0 or queue.count >= queue.max_count or queue.bytes + size > queue.max_bytes:
+            return 0
+        if session.validity:
+            return 0
+        if not queue.append_plain((message, 1, False, None), entry, table):
+            return 0
+        session.queue_bytes = queue.bytes
+        if queue.count > 1 and (len(inflight) < quota or queue.qos0 or session.held):
+            if not over or not d.is_congested():
+                self._pump(session, inflight, table)
+        return 1
 
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
         """Handle ``packets[start:]`` while the fast path covers them; the index of the first left."""
@@ -627,8 +700,10 @@ cdef class PublishRelay:
         a peer's ``Batch.items`` from byte ``start``, through the same fan-out as ``serve``; stops at
         the first item that is not plain (the Python path decodes and delivers it) and returns
         (its offset, items delivered here). Declines everything, before any effect, while the
-        broker has delivery observers or when the fast path is off."""
-        cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt, n, n_acked, done = 0
+        broker has delivery observers or when the fast path is off. An item whose delivery raises
+        raises ``ForwardedItemFailed`` (its offsets, the items delivered before it), so the caller
+        skips only that item."""
+        cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt = start, n, n_acked, done = 0
         cdef Py_ssize_t f[7]
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef int qos
@@ -684,6 +759,10 @@ cdef class PublishRelay:
                 sent_b[1] += n_acked * f[6]
                 done += 1
                 i = nxt
+        except Exception as exc:
+            # the item at i failed (its deliveries before the fault stand): the caller skips it
+            self.forwarded += done
+            raise ForwardedItemFailed(i, nxt, done) from exc
         finally:
             if sent_n[0] or sent_n[1]:
                 self._count_sent(sent_n, sent_b)

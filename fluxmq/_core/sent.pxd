@@ -59,3 +59,4 @@ cdef class SentTable:
     cdef int sent_entry(self, str client_id, int packet_id, long long seq, object entry) except -1
     cdef int acked(self, str client_id, int packet_id) except -1
     cdef int sent(self, str client_id, int packet_id, long long seq) except -1
+    cdef int appended(self, str client_id, long long seq, object entry) except -1

@@ -26,18 +26,125 @@ No I/O and no fluxmq imports.
 """
 
 from cpython cimport array
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t
+from libc.string cimport memcmp, memcpy
 
 from bisect import bisect_right
 
 cdef object _new_slots = None  # records.sent_slots (configure)
+cdef array.array _SLOTS_TEMPLATE = None  # what it returns (all free)
 cdef object _BIG = 1 << 64
+cdef int _FORMAT = -1  # records.FORMAT (configure): the first byte of a sent and a done record
+cdef int _SEGMENT = 0  # records.SEGMENT: the first byte of a segment
+cdef int _SLOTS = 16  # records.SENT_SLOTS
 
 
-def configure(new_slots):
-    """Set the factory of one ``sent`` record's slots (``records.sent_slots``); called once at import
-    by ``fluxmq.storage.records``."""
-    global _new_slots
+def configure(new_slots, int fmt=-1, int segment=0, int slots=16):
+    """Set the factory of one ``sent`` record's slots (``records.sent_slots``) and the constants of
+    the records ``SentTable.take_ops`` writes (``records.FORMAT``, ``SEGMENT``, ``SENT_SLOTS``);
+    called once at import by ``fluxmq.storage.records``, which owns their layout."""
+    global _new_slots, _SLOTS_TEMPLATE, _FORMAT, _SEGMENT, _SLOTS
     _new_slots = new_slots
+    _SLOTS_TEMPLATE = new_slots()  # (a new bucket's slots: a copy of it, made in C)
+    _FORMAT = fmt
+    _SEGMENT = segment
+    _SLOTS = slots
+
+
+# -- the records of a commit, byte for byte as fluxmq.storage.records lays them out ---------------
+# (tests/_core/test_sent.py checks them against records.py's encoders)
+
+cdef inline void _le(uint8_t* p, unsigned long long v, int n):
+    cdef int i
+    for i in range(n):
+        p[i] = (v >> (8 * i)) & 0xFF
+
+
+cdef bytes _key(bytes prefix, unsigned long long v, int n):
+    """``prefix`` + ``v`` big-endian in ``n`` bytes (``records.seq_key``: 8, ``sent_key``: 2)."""
+    cdef Py_ssize_t k = PyBytes_GET_SIZE(prefix)
+    cdef int i
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, k + n)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(prefix), k)
+    for i in range(n):
+        p[k + n - 1 - i] = (v >> (8 * i)) & 0xFF
+    return out
+
+
+cdef bytes _segment(list entries, Py_ssize_t i, Py_ssize_t j, Py_ssize_t total):
+    """``records.segment``: ``SEGMENT | u32 count | count x u32 length | entries`` of
+    ``entries[i:j]`` (bytes, ``total`` bytes together), little-endian."""
+    cdef Py_ssize_t n = j - i, k, size, at
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 5 + 4 * n + total)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    cdef bytes e
+    p[0] = _SEGMENT
+    _le(p + 1, n, 4)
+    at = 5 + 4 * n
+    for k in range(n):
+        e = <bytes>entries[i + k]
+        size = PyBytes_GET_SIZE(e)
+        _le(p + 5 + 4 * k, size, 4)
+        memcpy(p + at, PyBytes_AS_STRING(e), size)
+        at += size
+    return out
+
+
+cdef bytes _sent_record(array.array slots):
+    """``records.encode_sent``: ``FORMAT | SENT_SLOTS x u64`` little-endian."""
+    cdef Py_ssize_t k, n = len(slots)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 1 + 8 * n)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    cdef unsigned long long* v = slots.data.as_ulonglongs
+    p[0] = _FORMAT
+    for k in range(n):
+        _le(p + 1 + 8 * k, v[k], 8)
+    return out
+
+
+cdef bytes _done_record(long long floor, list ranges):
+    """``records.encode_done``: ``FORMAT | u64 floor | u32 n | n x (u64 start, u64 end)``."""
+    cdef Py_ssize_t k, n = len(ranges)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 13 + 16 * n)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    p[0] = _FORMAT
+    _le(p + 1, <unsigned long long>floor, 8)
+    _le(p + 9, n, 4)
+    for k in range(n):
+        rng = <tuple>ranges[k]
+        _le(p + 13 + 16 * k, <unsigned long long>rng[0], 8)
+        _le(p + 21 + 16 * k, <unsigned long long>rng[1], 8)
+    return out
+
+
+cdef Py_ssize_t _put_segments(dict queue_ops, bytes prefix, long long first, list entries,
+                              Py_ssize_t segment_bytes) except -1:
+    """``entries`` (seqs ``first``..) as ``queue`` records of about ``segment_bytes`` at most (split
+    by count at the mean entry size), a lone entry as itself (``LMDBStorage`` documents why)."""
+    cdef Py_ssize_t n = len(entries), i, j, k, per, size = 0, part
+    for k in range(n):
+        e = entries[k]
+        if type(e) is not bytes:
+            entries[k] = e = bytes(e)
+        size += PyBytes_GET_SIZE(<bytes>e)
+    per = segment_bytes * n // (size if size > 0 else 1)
+    if per < 1:
+        per = 1
+    i = 0
+    while i < n:
+        j = i + per if i + per < n else n
+        key = _key(prefix, <unsigned long long>(first + i), 8)
+        if j - i == 1:
+            queue_ops[key] = entries[i]
+        else:
+            part = 0
+            for k in range(i, j):
+                part += PyBytes_GET_SIZE(<bytes>entries[k])
+            queue_ops[key] = _segment(entries, i, j, part)
+        i = j
+    return 0
 
 
 cdef array.array _U32 = array.array("I")
@@ -68,6 +175,69 @@ def lengths(list items):
         p[i] = <unsigned int>size
         total += size
     return out, total
+
+
+cdef bint _covered(long long floor, list ranges, long long start, long long end) except -1:
+    """Every seq of ``[start, end)`` is below ``floor`` or in one of the sorted, apart done
+    ``ranges`` (``[start, end)`` tuples)."""
+    cdef Py_ssize_t lo = 0, hi = len(ranges), mid
+    if start < floor:
+        start = floor
+    if start >= end:
+        return True
+    while lo < hi:  # bisect_right(ranges, (start, BIG)): the first range starting above start
+        mid = (lo + hi) >> 1
+        if <long long>(<tuple>ranges[mid])[0] > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo > 0 and <long long>(<tuple>ranges[lo - 1])[1] >= end
+
+
+def trim(cur, dict trims):
+    """``LMDBStorage._trim`` over the ``queue`` cursor ``cur`` (a write transaction's): for each
+    client prefix of ``trims`` (-> its done ``(floor, ranges)``), delete its ``queue`` records whose
+    seqs are all done: a client's records are in seq order and apart, so the walk goes from its
+    first one up to the first with a live seq (with done ranges above the floor, on up to the end
+    of the last range). A record's span is read from its first bytes (a segment: its count; else
+    one entry), its seq from its key (``records.seq_key``)."""
+    cdef Py_ssize_t n, vlen
+    cdef long long floor, limit, start, span
+    cdef const unsigned char* v
+    cdef const unsigned char* k
+    cdef int i
+    set_range = cur.set_range
+    item = cur.item
+    delete = cur.delete
+    step = cur.next
+    for prefix, bounds in trims.items():
+        floor = (<tuple>bounds)[0]
+        ranges = <list>(<tuple>bounds)[1]
+        limit = <long long>(<tuple>ranges[len(ranges) - 1])[1] if ranges else floor
+        if not set_range(prefix):
+            continue
+        n = PyBytes_GET_SIZE(<bytes>prefix)
+        while True:
+            key, value = <tuple>item()
+            if (PyBytes_GET_SIZE(<bytes>key) != n + 8
+                    or memcmp(PyBytes_AS_STRING(<bytes>key), PyBytes_AS_STRING(<bytes>prefix), n) != 0):
+                break  # another client's (or not a seq key)
+            k = <const unsigned char*>PyBytes_AS_STRING(<bytes>key) + n
+            start = 0
+            for i in range(8):
+                start = (start << 8) | k[i]
+            if start >= limit:
+                break
+            vlen = PyBytes_GET_SIZE(<bytes>value)
+            v = <const unsigned char*>PyBytes_AS_STRING(<bytes>value)
+            span = 1
+            if vlen >= 5 and v[0] == _SEGMENT:
+                span = v[1] | (v[2] << 8) | (v[3] << 16) | (<long long>v[4] << 24)
+            if _covered(floor, ranges, start, start + span):
+                if not delete():
+                    break
+            elif start + span > limit or not step():
+                break
 
 
 cdef class SentState:
@@ -101,7 +271,7 @@ cdef class SentState:
         if slots is None:
             if not make:
                 return None
-            slots = _new_slots()
+            slots = array.copy(_SLOTS_TEMPLATE)  # records.sent_slots()
             self.slots[bucket] = slots
         if self.c_next:
             self.c1_bucket = bucket
@@ -284,6 +454,85 @@ cdef class SentTable:
                 store._wake()
         return 0
 
+    def take_ops(self, set changed, dict queue_ops, dict sent_ops, dict done_ops, dict trims,
+                 list logs, batch, Py_ssize_t segment_bytes):
+        """``LMDBStorage._write_sent``: the changed states' records as operations of ``batch``
+        (at take_batch): per client the ``queue`` records of the entries stored since the last batch
+        (segments of about ``segment_bytes``; those done before their first commit left out, their
+        runs kept in ``unwritten`` with ``batch`` until it is written, the client added to
+        ``logs``), its ``done`` record and its trim bounds (``trims``) when its done marks changed,
+        and its changed ``sent`` records (deleted when all free). A state whose session ended (not
+        in ``states``) is skipped; one with nothing live left is dropped. Returns True when some
+        client's done marks now cover every seq it stored (all of its records can go)."""
+        cdef SentState state
+        cdef bint emptied = False
+        cdef long long floor, first
+        cdef bint added
+        cdef array.array slots
+        cdef Py_ssize_t k, free
+        cdef dict states = self.states
+        for obj in changed:
+            state = <SentState>obj
+            if states.get(state.client_id) is not state:
+                continue  # its session ended (or was cleared) after it changed: nothing to write
+            prefix = state.prefix
+            if state.staged:
+                runs = state.closed
+                runs.append((state.staged_first, state.staged))
+                state.staged = []
+                state.closed = []
+                floor = state.floor
+                added = False
+                for run in runs:
+                    first = (<tuple>run)[0]
+                    entries = <list>(<tuple>run)[1]
+                    if first < floor:  # acknowledged before its first commit: never written
+                        if first + len(entries) <= floor:
+                            continue
+                        entries = entries[floor - first:]
+                        first = floor
+                    if len(entries) == 1:
+                        e = entries[0]
+                        queue_ops[_key(prefix, <unsigned long long>first, 8)] = e if type(e) is bytes else bytes(e)
+                    else:
+                        _put_segments(queue_ops, prefix, first, entries, segment_bytes)
+                    if not added:
+                        logs.append(state)
+                        added = True
+                    state.unwritten.append((batch, first, entries))
+            if state.done_dirty:
+                state.done_dirty = False
+                ranges = list(state.ranges)
+                done_ops[prefix] = _done_record(state.floor, ranges)
+                trims[prefix] = (state.floor, ranges)
+                if not ranges and state.floor >= state.end:
+                    emptied = True
+            buckets = state.slots
+            disk = state.disk
+            for bucket in state.dirty:
+                key = _key(prefix, <unsigned long long>bucket, 2)
+                found = buckets.get(bucket)
+                if found is not None:
+                    slots = <array.array>found
+                    free = 0
+                    for k in range(len(slots)):
+                        if not slots.data.as_ulonglongs[k]:
+                            free += 1
+                    if free != _SLOTS:
+                        sent_ops[key] = _sent_record(slots)
+                        disk.add(bucket)
+                        continue
+                    del buckets[bucket]
+                    state.uncache()
+                if bucket in disk:
+                    sent_ops[key] = None
+                    disk.discard(bucket)
+            state.clean()
+            if (not buckets and not disk and not state.unwritten and not state.ranges
+                    and state.floor >= state.end):
+                self.drop(state.client_id)  # nothing live: the next entry starts a new state
+        return emptied
+
     def put_sent_entry(self, str client_id, int packet_id, long long seq, entry):
         """``queue_append`` and ``put_sent`` in one call: a message sent at once."""
         self.sent_entry(client_id, packet_id, seq, entry)
@@ -305,9 +554,14 @@ cdef class SentTable:
         return 0
 
     def queue_append(self, str client_id, long long seq, entry):
+        self.appended(client_id, seq, entry)
+
+    cdef int appended(self, str client_id, long long seq, object entry) except -1:
+        """``queue_append``: an entry stored at ``seq`` (queued)."""
         cdef SentState st = self.state(client_id)
         st.stage(seq, entry)
         self._changed(st, 1)
+        return 0
 
     def queue_pop(self, str client_id, long long seq):
         # Not a delete: the seq is marked done, and its record goes when all of its seqs are done.

@@ -62,3 +62,12 @@ def wait_held(result, timeout: float = 30.0) -> Exception | None:
     if error is not None and getattr(error, "reason_code", 0x80) < 0x80:
         return None  # acknowledged with a success code (0x10: a settlement that found nothing)
     return error
+
+
+def settled_nothing(result) -> bool:
+    """For the result of ``Broker.publish`` of a settlement (``prefixes.is_settlement``), once
+    ``wait_held`` returned None: True when it settled nothing (0; a HeldAck another worker answered
+    with 0x10), which the front ends without a PUBACK code answer apart from success."""
+    if result.__class__ is HeldAck:
+        return getattr(result.outcome, "reason_code", 0) == 0x10
+    return not result

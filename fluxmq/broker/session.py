@@ -631,7 +631,25 @@ class PersistentSession(Session):
         self.persistent = True
         self.queue = DiskQueue(store, client_id, Message, queue_index)
         self.queue_bytes = self.queue.bytes  # mirrors the DiskQueue's count for metrics and admin
+        self._bound_queue(limits)
         self.inbound_qos2 = _DurableIds(store, client_id)
+
+    @property
+    def limits(self) -> SessionLimits:
+        """The queue bounds of this session (kept on its DiskQueue too, for the C relay)."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: SessionLimits) -> None:
+        self._limits = limits
+        self._bound_queue(limits)
+
+    def _bound_queue(self, limits: SessionLimits) -> None:
+        # The relay queues a plain QoS 1 message behind a full window in C (_core/relay.pyx) within
+        # these bounds, which ``_enqueue`` checks here.
+        # (C fields: a bound past 2**62 is as good as none)
+        self.queue.max_count = min(limits.max_queued_messages, 1 << 62)
+        self.queue.max_bytes = min(limits.max_queued_bytes, 1 << 62)
 
     def deliver(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
         # Session.deliver, whose common case here (online, QoS 1/2, nothing queued, room in the

@@ -457,13 +457,14 @@ class ClusterNode:
 
     def received(self) -> dict[str, int]:
         """What the peers sent here: batches and messages applied, retried batches skipped,
-        damaged batches."""
+        damaged batches, messages whose delivery here raised."""
         p = self.peers
         return {
             "batches": p.received_batches,
             "messages": p.received_messages,
             "duplicates": p.duplicate_batches,
             "bad": p.bad_batches,
+            "failed": p.failed_messages,
         }
 
     def figures(self) -> dict[str, int]:

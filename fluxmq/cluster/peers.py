@@ -19,7 +19,9 @@
 * **Receiving.** ``apply_batch`` applies a peer's batch: its interest changes, then each message
   through ``Broker.publish_from_peer`` (delivered locally, never forwarded again); the plain ones
   go through the relay's fan-out (``Broker.publish_relayed_from_peer``), the others are decoded. A batch whose
-  sequence id was applied already (a retry after a broken stream) is acknowledged and skipped.
+  sequence id was applied already (a retry after a broken stream) is acknowledged and skipped. A
+  message whose delivery raises (either path) is skipped alone, logged and counted
+  (``failed_messages``); only a damaged batch (``BatchError``) loses the rest of it.
 
 QoS across nodes: the publisher's PUBACK (PUBREC) means what it means on one node (routed, and
 stored for local persistent sessions) plus *queued for every peer with matching interest*; it does
@@ -34,6 +36,7 @@ import time
 
 import gevent
 
+from fluxmq.errors import ForwardedItemFailed
 from fluxmq.storage.records import encode_message
 
 from .batch import BatchError, FramedBatch, Outgoing, decode_item
@@ -91,6 +94,7 @@ class ClusterPeers:
         self.received_messages = 0
         self.duplicate_batches = 0
         self.bad_batches = 0
+        self.failed_messages = 0  # forwarded messages whose local delivery raised (each logged)
 
     # -- Peers: interest -------------------------------------------------------------------------
 
@@ -242,10 +246,21 @@ class ClusterPeers:
             while i < end:
                 try:
                     i, k = relayed(items, i)  # the plain messages from i on, in C
-                except Exception:
+                except ForwardedItemFailed as exc:
+                    # one message's delivery raised: only it is skipped (logged, counted), as below
+                    log.error(
+                        "forwarded_publish_failed",
+                        exc_info=exc.__cause__,
+                        extra={"peer": sender, "seq": batch.seq, "at": exc.start},
+                    )
+                    self.failed_messages += 1
+                    n += exc.delivered + 1
+                    i = exc.end
+                    continue
+                except Exception:  # before any item (the relay's setup): nothing is known delivered
                     log.exception("forwarded_publish_failed", extra={"peer": sender, "at": i})
                     self.bad_batches += 1
-                    break  # where it stopped is unknown: the rest of this batch is lost (logged)
+                    break
                 n += k
                 if i >= end:
                     break
@@ -260,6 +275,7 @@ class ClusterPeers:
                     broker.publish_from_peer(message, groups, match_local)
                 except Exception:
                     log.exception("forwarded_publish_failed", extra={"peer": sender, "topic": message.topic})
+                    self.failed_messages += 1
         except BatchError as exc:
             # Never crash the stream on bad input: the rest of this batch is lost (logged, counted).
             self.bad_batches += 1

@@ -44,6 +44,7 @@ from gevent.event import AsyncResult
 from fluxmq._core.codec import Decoder
 from fluxmq.broker.held import HeldAck, wait_held
 from fluxmq.broker.message import WIRE_V5_QOS1, Message, TrackedMessage
+from fluxmq.broker.prefixes import is_settlement
 from fluxmq.errors import QueueRefused, StorageError
 from fluxmq.queues.remote import RemoteMemberSession
 from fluxmq.storage.records import decode_message, encode_message
@@ -505,6 +506,12 @@ class RemoteQueues:
             topic, body, qos, retain, props, expires_at, origin = decode_message(blob)
             client_id = header[2]
             session = self.members.get((node, client_id)) if client_id else None
+            if session is None and client_id and is_settlement(topic):
+                # a client no member here (it left, or its worker's members were dropped: what they
+                # held went to others): its settlement is a client's, which settles only a delivery
+                # its member holds (ReplicatedGroup.ack), never one "from no client", by offset
+                session = RemoteMemberSession(node, client_id, 0)
+                session.alive = False
             result = manager.publish(Message(topic, body, qos, retain, props, expires_at, origin), session)
             # a replicated queue's HeldAck: waited for with the batch's others (_serve_ops), so
             # the appends of one batch travel in one Raft entry, not one entry (and commit) each.

@@ -47,6 +47,10 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC sets SO_REUSEPORT by default: a port another process holds with it (another node given
+    # the same port, a multi-worker node's MQTT listener) would be shared silently, half of the
+    # peers' streams answered by a stranger; without it the bind fails and the node stops with one line.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -134,7 +138,10 @@ class ClusterTransport:
         except RuntimeError:  # grpcio >= 1.60 raises where older ones returned port 0
             self.port = 0
         if not self.port:
-            raise OSError(f"cluster.transport.bind_addr {s.bind_addr}: cannot listen")
+            raise OSError(
+                f"cluster.transport.bind_addr {s.bind_addr}: cannot listen (the port is in use, or the "
+                "host is not an address of this machine)"
+            )
         server.start()
         log.info(
             "cluster_transport_listening",

@@ -358,10 +358,8 @@ class NodeWorkersTransport(ClusterTransport):
     ``ClusterPeers`` cannot tell which carries a link. ``local_peers`` (the node's other workers,
     member id -> ``unix:`` address) are always peers; ``set_peers`` (etcd membership) adds the rest."""
 
-    # gRPC sets SO_REUSEPORT by default: a worker whose port (bind_addr's + index) another process
-    # holds would share it silently (half of that peer's streams answered by a stranger); without
-    # it the bind fails and the worker stops with one line.
-    server_options = [*ClusterTransport.server_options, ("grpc.so_reuseport", 0)]
+    # (without SO_REUSEPORT, as every node's: a worker whose port, bind_addr's + index, another
+    # process holds fails to start with one line instead of sharing it)
 
     def __init__(self, *args, unix_addr: str, local_peers: dict[str, str], **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -449,6 +449,7 @@ class WorkerNode:
             "messages": p.received_messages,
             "duplicates": p.duplicate_batches,
             "bad": p.bad_batches,
+            "failed": p.failed_messages,
         }
 
     def readiness(self) -> tuple[bool, str]:

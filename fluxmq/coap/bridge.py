@@ -4,6 +4,8 @@ Routes (``/a/b`` is the Uri-Path ``a``, ``b``)::
 
     POST|PUT /mqtt/publish/{topic...}  or  /{topic...}   publish the payload -> 2.04 Changed
              ?qos=0|1|2&retain=true&client_id=..&username=..&password=..
+             $queue/{name}/$ack|$nack|$reject: ?message_id=..&group_id=.. name the delivery;
+             4.04 when it settled nothing
     GET      /{topic...}                                 the retained message -> 2.05, or 4.04
     GET      /{topic or filter...} with Observe=0        observe (RFC 7641): one notification per publish
     GET      /.well-known/core                           RFC 6690 link format
@@ -52,8 +54,9 @@ from gevent.pool import Pool
 
 from fluxmq.auth.limits import TokenBucket
 from fluxmq.broker.broker import Broker
-from fluxmq.broker.held import wait_held
-from fluxmq.broker.message import CONTENT_TYPE, Message
+from fluxmq.broker.held import settled_nothing, wait_held
+from fluxmq.broker.message import CONTENT_TYPE, USER_PROPERTY, Message
+from fluxmq.broker.prefixes import is_settlement
 from fluxmq.errors import (
     MalformedDatagram,
     QueueRefused,
@@ -85,7 +88,9 @@ MAX_REPRESENTATION_BYTES = 64 << 20  # all those snapshots together (least recen
 OBSERVE_MAX = 1 << 24
 CLIENT_ID = "coap-bridge"  # the client id requests are checked as when they give none
 OBSERVER_PREFIX = "coap-obs-"
-QUERY_KEYS = frozenset({"qos", "retain", "client_id", "username", "password"})
+QUERY_KEYS = frozenset({"qos", "retain", "client_id", "username", "password", "message_id", "group_id"})
+#: query parameters of a settlement (``$queue/{name}/$ack`` ...) -> the user properties naming its delivery
+SETTLE_KEYS = (("message_id", "message-id"), ("group_id", "group-id"))
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 _PENDING = object()  # an exchange whose answer waits for a commit
@@ -655,10 +660,19 @@ class CoapBridge:
             if content_type is None:
                 raise CoapRefusal(codec.UNSUPPORTED_CONTENT_FORMAT)
             props = {CONTENT_TYPE: content_type}
+        settles = is_settlement(topic)
+        named = [(prop, params[key]) for key, prop in SETTLE_KEYS if key in params]
+        if named:
+            if not settles:
+                raise CoapRefusal(
+                    codec.BAD_REQUEST,
+                    "message_id and group_id name the delivery a $queue/{name}/$ack settles",
+                )
+            props = {**(props or {}), USER_PROPERTY: named}
         payload = self._reassemble(req, topic)
         if payload is None:
             return  # 2.31 Continue sent: more blocks to come
-        if qos and self.commit_waiters.full():
+        if (qos or settles) and self.commit_waiters.full():
             raise CoapRefusal(codec.SERVICE_UNAVAILABLE, "too many publishes waiting for storage")
         message = Message(topic, payload, qos, retain, props)
         try:
@@ -670,16 +684,23 @@ class CoapBridge:
         except QuotaExceeded:
             raise CoapRefusal(codec.SERVICE_UNAVAILABLE, "storage full: not accepted") from None
         options = self._block1_echo(msg)
-        if qos == 0:
+        if qos == 0 and not settles:
             self._answer(req, codec.CHANGED, b"", options)
         else:
-            # Acknowledged means stored: answer after the commit holding the message (see the module docs).
-            self.commit_waiters.spawn(self._answer_after_commit, req, options, result)
+            # Acknowledged means stored: answer after the commit holding the message (see the module
+            # docs); a settlement, at any QoS, once its outcome is known (another worker's too).
+            self.commit_waiters.spawn(self._answer_after_commit, req, options, result, settles)
 
-    def _answer_after_commit(self, req: Request, options: list[tuple[int, bytes]], result=None) -> None:
+    def _answer_after_commit(
+        self, req: Request, options: list[tuple[int, bytes]], result=None, settles: bool = False
+    ) -> None:
         held = wait_held(result)  # a replicated queue: acknowledged once the quorum has it
         if held is not None:
             self._answer(req, codec.SERVICE_UNAVAILABLE, f"not replicated: {held}".encode()[:200])
+            return
+        if settles and settled_nothing(result):
+            # MQTT 5.0 answers 0x10: never a 2.04 the client would take as settled
+            self._answer(req, codec.NOT_FOUND, b"no delivery of that message to settle")
             return
         try:
             self.broker.wait_committed()

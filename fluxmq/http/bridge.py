@@ -54,7 +54,7 @@ from urllib.parse import parse_qs
 from gevent.event import Event
 
 from fluxmq.broker.broker import Broker
-from fluxmq.broker.held import wait_held
+from fluxmq.broker.held import settled_nothing, wait_held
 from fluxmq.broker.message import (
     CONTENT_TYPE,
     CORRELATION_DATA,
@@ -64,6 +64,7 @@ from fluxmq.broker.message import (
     USER_PROPERTY,
     Message,
 )
+from fluxmq.broker.prefixes import is_settlement
 from fluxmq.errors import QueueRefused, QuotaExceeded, StorageError, TopicFilterInvalid, TopicNameInvalid
 from fluxmq.http.router import Router, json_response
 
@@ -586,6 +587,13 @@ class HTTPBridge:
         held = wait_held(deliveries)  # a replicated queue: 200 only once the quorum has it
         if held is not None:
             raise HTTPError(503, f"not replicated: {held}")
+        if topic[0] == "$" and is_settlement(topic) and settled_nothing(deliveries):
+            # MQTT 5.0 answers 0x10: never a success the client would take as settled
+            raise HTTPError(
+                409,
+                "no delivery of that message to settle: settled already, delivered to another "
+                "consumer since, or an unknown message-id or group-id",
+            )
         if deliveries.__class__ is not int:
             deliveries = 1
         try:

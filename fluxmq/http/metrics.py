@@ -102,6 +102,11 @@ class BrokerCollector(Collector):
             yield CounterMetricFamily(
                 "fluxmq_cluster_bad_batches", "Damaged batches from peers (logged).", value=received["bad"]
             )
+            yield CounterMetricFamily(
+                "fluxmq_cluster_failed_messages",
+                "Messages from peers whose delivery here raised (logged; the rest of their batch is delivered).",
+                value=received.get("failed", 0),
+            )
             figures = getattr(cluster, "figures", None)
             if figures is not None:
                 f = figures()

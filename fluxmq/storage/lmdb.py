@@ -58,8 +58,7 @@ from pathlib import Path
 import lmdb
 
 from fluxmq._core.sent import SentState, SentTable
-from fluxmq._core.sent import free_slots as _free_slots
-from fluxmq._core.sent import lengths as _lengths
+from fluxmq._core.sent import trim as _trim_queue
 from fluxmq.errors import StorageError
 
 from . import records as r
@@ -103,6 +102,11 @@ _GC_PREFIX = b"gc\x00"
 SEGMENT_BYTES = 1536
 #: queue entries of ended sessions deleted per commit (~1 ms)
 GC_CHUNK = 1000
+#: commits between two trims of the ``queue`` records all of whose seqs are done, while their
+#: sessions keep live entries (a session whose entries are all done is trimmed by the same commit).
+#: A trim dirties the leftmost leaf pages of ``queue`` and LMDB's free list: each costs a page
+#: write (``pwrite``) at the commit, once per loop turn under a steady flow when done each time.
+TRIM_EVERY = 16
 
 _F64 = struct.Struct("<d")
 _U32 = struct.Struct("<I")
@@ -265,6 +269,10 @@ def _covered(floor: int, ranges: list, start: int, end: int) -> bool:
 #: free disk space below which a failed commit is reported as a full disk
 DISK_LOW = 16 << 20
 MiB = 1 << 20
+#: the usage (``env.info()``) is read after at most this many commits, every commit near map_size
+USAGE_EVERY = 64
+#: the least growth per commit assumed when spacing those reads (pages a small commit may add)
+USAGE_STEP = 64 << 10
 
 
 def _free_bytes(path: Path) -> int:
@@ -307,6 +315,10 @@ class LMDBStorage(Storage):
         # stored messages are refused until space is freed.
         self.headroom = max(8 << 20, map_size // 16)
         self.refusing = False
+        # the usage is read again after _usage_span commits (_check_usage sets it: _note_usage)
+        self._usage_used = 0
+        self._usage_span = 1
+        self._usage_commits = 0
         self.failed: str | None = None
         self.last_error: StorageError | None = None  # of the latest failed commit, until one succeeds
         self._failures = 0  # consecutive failed commits (their batch is kept and retried)
@@ -316,6 +328,10 @@ class LMDBStorage(Storage):
         self._writing: _Batch | None = None  # batch being written by write_batch in a thread
         self._gc: dict[str, int] = {}  # client id -> queue seqs below this are garbage, being deleted
         self._prefixes: dict[str, bytes] = {}  # client id -> records.client_prefix (bounded)
+        # client prefix -> its done (floor, ranges) for the next trim (_write_sent), and the
+        # commits taken since the last one
+        self._trims: dict[bytes, tuple[int, list]] = {}
+        self._takes = 0
         # operations recorded by this object's own methods; ``op_count`` adds the table's (``ops``,
         # a C field: the relay reads both, without the property's frame)
         self.direct_ops = 0
@@ -534,6 +550,7 @@ class LMDBStorage(Storage):
 
     def _check_usage(self, at_start: bool = False) -> None:
         used = self.used_bytes()
+        self._note_usage(used)
         if at_start and used >= self.map_size:
             # The node must start and serve what it holds: open with room above the data, refuse
             # new stored messages until usage drops (deletes free pages), and say what to raise.
@@ -560,6 +577,18 @@ class LMDBStorage(Storage):
         elif self.refusing and used < self.map_size * 0.9 and self.failed is None and not self._failures:
             self._set_refusing(False, "")
 
+    def _note_usage(self, used: int) -> None:
+        """When to read the usage next (``batch_done`` counts the commits; every commit while
+        refusing): after the commits that could fill a quarter of the room left below map_size at
+        the growth per commit seen since the last read (at least USAGE_STEP), at most USAGE_EVERY;
+        so every commit near map_size, and the refusal comes before a steady load passes map_size
+        by more than a quarter of what was left (the headroom takes it)."""
+        grown = max(used - self._usage_used, 0) // max(self._usage_commits, 1)
+        self._usage_used = used
+        self._usage_commits = 0
+        span = (self.map_size - used) // (4 * max(grown, USAGE_STEP))
+        self._usage_span = min(max(span, 1), USAGE_EVERY)
+
     def _grow_map(self, size: int) -> bool:
         """Resize the LMDB map to ``size`` (hub, no transaction open); False when it cannot grow."""
         current = self.env.info()["map_size"]
@@ -570,6 +599,7 @@ class LMDBStorage(Storage):
         except lmdb.Error as exc:
             log.error("storage_map_grow_failed", extra={"path": str(self.path), "error": str(exc)})
             return False
+        self._usage_span = 0  # a batch overflowed the headroom: the usage is read after it
         log.warning(
             "storage_map_grown",
             extra={
@@ -669,6 +699,7 @@ class LMDBStorage(Storage):
         state = self._table.drop(client_id)
         if state is not None:
             state.forget()
+            self._trims.pop(state.prefix, None)  # (its records go by prefix or as garbage)
 
     def _gc_queue(self, client_id: str, end: int) -> None:
         """Mark the client's queue entries below ``end`` as garbage: recorded durably now, deleted a
@@ -878,78 +909,24 @@ class LMDBStorage(Storage):
     def _write_sent(self, batch: _Batch) -> None:
         """Turn the batch's changed ``sent`` records, staged entries and done marks into operations
         (hub, at take_batch): per client one ``queue`` record of the entries stored since the last
-        batch (those already done left out), and its ``done`` record."""
-        ops = batch.ops[SENT]
-        queue_ops = batch.ops[QUEUE]
-        done_ops = batch.ops[DONE]
-        free = r.SENT_SLOTS
-        for state in batch.sent_dirty:
-            if self._sent.get(state.client_id) is not state:
-                continue  # its session ended (or was cleared) after it changed: nothing to write
-            if state.staged:
-                runs = state.closed
-                runs.append((state.staged_first, state.staged))
-                state.staged = []
-                state.closed = []
-                floor = state.floor
-                added = False
-                for first, entries in runs:
-                    if first < floor:  # acknowledged before its first commit: never written
-                        if first + len(entries) <= floor:
-                            continue
-                        entries = entries[floor - first :]
-                        first = floor
-                    if len(entries) == 1:
-                        queue_ops[state.prefix + _SEQ.pack(first)] = entries[0]
-                    else:
-                        self._put_segments(queue_ops, state.prefix, first, entries)
-                    if not added:
-                        batch.logs.append(state)
-                        added = True
-                    state.unwritten.append((batch, first, entries))
-            if state.done_dirty:
-                state.done_dirty = False
-                ranges = list(state.ranges)
-                done_ops[state.prefix] = r.encode_done(state.floor, ranges)
-                batch.trims[state.prefix] = (state.floor, ranges)
-            buckets, disk = state.slots, state.disk
-            for bucket in state.dirty:
-                key = r.sent_key(state.prefix, bucket)
-                slots = buckets.get(bucket)
-                if slots is not None and _free_slots(slots) != free:
-                    ops[key] = r.encode_sent(slots)
-                    disk.add(bucket)
-                    continue
-                if slots is not None:
-                    del buckets[bucket]
-                    state.uncache()
-                if bucket in disk:
-                    ops[key] = None
-                    disk.discard(bucket)
-            state.clean()
-            if (
-                not buckets
-                and not disk
-                and not state.unwritten
-                and not state.ranges
-                and state.floor >= state.end
-            ):
-                self._table.drop(state.client_id)  # nothing live: the next entry starts a new state
+        batch (segments of about SEGMENT_BYTES, small enough for LMDB to keep them in its leaf
+        pages, whose headers it checks, instead of overflow pages; those already done left out),
+        its ``done`` record and its changed ``sent`` records. In C (``SentTable.take_ops``), the
+        records laid out as ``records`` defines them."""
+        ops = batch.ops
+        trims = self._trims  # (the latest done marks of each client: they only grow)
+        emptied = self._table.take_ops(
+            batch.sent_dirty, ops[QUEUE], ops[SENT], ops[DONE], trims, batch.logs, batch, SEGMENT_BYTES
+        )
         batch.sent_dirty = set()
-
-    @staticmethod
-    def _put_segments(queue_ops: dict, prefix: bytes, first: int, entries: list) -> None:
-        """``entries`` (seqs ``first``..) as ``queue`` records of about SEGMENT_BYTES at most (split
-        by count at the mean entry size): small enough for LMDB to keep them in its leaf pages, whose
-        headers it checks, instead of overflow pages."""
-        lens, size = _lengths(entries)
-        n = len(entries)
-        per = max(1, SEGMENT_BYTES * n // max(1, size))
-        for i in range(0, n, per):
-            part = entries[i : i + per]
-            queue_ops[prefix + _SEQ.pack(first + i)] = (
-                part[0] if len(part) == 1 else r.segment(lens[i : i + per], part)
-            )
+        self._takes += 1
+        if trims and (emptied or self._takes >= TRIM_EVERY):
+            # All-done records go with this commit: every TRIM_EVERY commits, or at once when a
+            # client's entries are all done. Until then they stay, marked done in the ``done``
+            # record (a restart skips them; the next trim after it deletes them).
+            batch.trims = trims
+            self._trims = {}
+            self._takes = 0
 
     def write_taken(self, batch: _Batch, run: Callable | None = None) -> None:
         """Write a batch from ``take_batch`` and finish it (hub). ``run(fn, args)`` runs the write
@@ -1031,29 +1008,8 @@ class LMDBStorage(Storage):
     def _trim(self, txn, trims: dict[bytes, tuple[int, list]]) -> None:
         """Delete the ``queue`` records whose seqs are all done (a client's records are in seq
         order and apart: from its first one up to the first with a live seq; with done ranges
-        above the floor, on up to the end of the last range)."""
-        cur = txn.cursor(self._dbs[QUEUE])
-        for prefix, (floor, ranges) in trims.items():
-            limit = ranges[-1][1] if ranges else floor
-            if not cur.set_range(prefix):
-                continue
-            n = len(prefix)
-            while True:
-                key = cur.key()
-                if not key.startswith(prefix):
-                    break
-                start = r.key_seq(key[n:])
-                if start >= limit:
-                    break
-                try:
-                    span = r.record_span(cur.value())
-                except r.RecordError:
-                    span = 1
-                if _covered(floor, ranges, start, start + span):
-                    if not cur.delete():
-                        break
-                elif start + span > limit or not cur.next():
-                    break
+        above the floor, on up to the end of the last range). In C (``_core.sent.trim``)."""
+        _trim_queue(txn.cursor(self._dbs[QUEUE]), trims)
 
     def _gc_chunk(self, txn, client_id: str, end: int) -> bool:
         """Delete up to GC_CHUNK garbage queue entries of ``client_id``; True when none is left."""
@@ -1098,7 +1054,9 @@ class LMDBStorage(Storage):
                     del self._gc[cid]
             if self._gc and not self.has_pending:
                 self._wake()  # the next chunk of garbage goes with the next commit
-            self._check_usage()
+            self._usage_commits += 1
+            if self._usage_commits >= self._usage_span or self.refusing:
+                self._check_usage()
             error = None
         else:
             error = self.last_error or StorageError(f"{self._where()}: commit failed")

@@ -20,6 +20,9 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
+from fluxmq._core import dqueue as _dq
+from fluxmq._core.dqueue import QueueCore
+
 from . import records as r
 from .base import Storage, StoredQueue
 
@@ -33,32 +36,17 @@ MEM_BYTES = 256 << 10
 MEM_TOTAL = 64 << 20
 
 
-class _MemUse:
-    """Encoded bytes of the entries every DiskQueue of the process keeps in memory."""
+#: Encoded bytes of the entries every DiskQueue of the process keeps in memory (``used``; a C
+#: field, which the relay's appends and pops update too).
+_MemUse = _dq.MEM_USE
+_dq.configure(MEM_ENTRIES, MEM_BYTES, MEM_TOTAL)
 
-    used = 0
 
+class DiskQueue(QueueCore):
+    """The on-disk queue of one client id (see the module docstring). Its fields are C fields
+    (``fluxmq._core.dqueue.QueueCore``), as is ``pop_plain``."""
 
-class DiskQueue:
-    """The on-disk queue of one client id (see the module docstring)."""
-
-    __slots__ = (
-        "_store",
-        "_cid",
-        "_factory",
-        "first",
-        "next",
-        "count",
-        "bytes",
-        "qos0",
-        "_ahead",
-        "_head",
-        "_skip",
-        "_mem",
-        "_mem_from",
-        "_mem_bytes",
-        "_caching",
-    )
+    __slots__ = ()
 
     def __init__(
         self, store: Storage, client_id: str, message_factory: Callable, index: StoredQueue | None = None
@@ -297,29 +285,6 @@ class DiskQueue:
         if head is not None:
             self.drop_head(head)
         return head
-
-    def pop_plain(self) -> tuple | None:
-        """``pop_head`` for the C relay (``PersistentSession.pump``'s common case, which it does in
-        C): the head's (seq, item, size), removed, when the head is kept in memory and is a QoS 1
-        message not retained, without subscription ids or an expiry; else None, the queue untouched
-        (the caller leaves the rest to ``pump``)."""
-        head = self._head
-        mem = self._mem
-        if head is None and mem and not self._ahead and self.count and 0 <= self._mem_from <= self.first:
-            seq, item, size = head = mem[0]
-            message, qos, retain, ids = item
-            if qos != 1 or retain or ids is not None or message.expires_at is not None:
-                return None
-            mem.popleft()  # pop_head's fast path, for a QoS 1 head (never in qos0)
-            self._mem_bytes -= size
-            _MemUse.used -= size
-            self.first = seq + 1
-            self.bytes -= size
-            self.count -= 1
-            if self.count <= 0:
-                self._reset()
-            return head
-        return None
 
     def popleft(self) -> tuple:
         """Remove and return the head item, deleting its entry."""

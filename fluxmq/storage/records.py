@@ -335,9 +335,6 @@ def sent_slots() -> array:
     return array("Q", bytes(8 * SENT_SLOTS))
 
 
-_sent.configure(sent_slots)
-
-
 def encode_sent(slots: array) -> bytes:
     """``u8 version | SENT_SLOTS x u64 little-endian`` (see ``sent_slots``)."""
     if _SWAP:
@@ -364,6 +361,9 @@ def decode_sent(buf) -> array:
 SEGMENT = 0x81
 _SEG = struct.Struct("<BI")  # SEGMENT, count; then count x u32 entry lengths, then the entries
 _DONE = struct.Struct("<BQI")  # version, floor, number of ranges; then ranges as u64 pairs
+
+# The C commit (``_core.sent.SentTable.take_ops``) writes sent, segment and done records as laid out here.
+_sent.configure(sent_slots, FORMAT, SEGMENT, SENT_SLOTS)
 
 
 def encode_segment(entries: list) -> bytes:

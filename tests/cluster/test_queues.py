@@ -187,3 +187,39 @@ def test_the_owner_applies_a_whole_batch_before_waiting_for_its_quorum() -> None
     assert [wait_held(h, timeout=10) for h in pending] == [None, None, None]
     committer.join(10)
     assert seen == [3]  # all three staged before the first commit
+
+
+def test_an_ack_from_a_client_of_another_worker_that_is_no_member_here_settles_no_members_delivery(
+    tmp_path,
+) -> None:
+    """A ``$ack`` from a client of worker 1 reaches the owner (worker 0) as an op naming its client;
+    when that client is no member there any more (it left, or its worker was not heard from and its
+    members were dropped: what they held went to other members), the owner settled it as an ack
+    "from no client", by offset: a replicated queue's record held by another member was settled
+    and the $ack confirmed (0x00), where the same $ack on worker 0 gets 0x10 (an ack settles a
+    record only for the member holding it, ``ReplicatedGroup.ack``). It settles nothing now."""
+    from fluxmq.broker.message import Message
+    from fluxmq.cluster.queues import RemoteQueues
+    from fluxmq.storage.records import encode_message
+    from tests.replication.test_distribution import _leader_with_a_remote_member
+
+    raft, q, qlog, g = _leader_with_a_remote_member(tmp_path)
+    raft.turn_hold = lambda timeout, settlement: None  # the settlement's hold: committed at once here
+    manager = q.manager
+
+    class _Broker:
+        queues = manager
+
+        def _queue_manager(self):
+            return manager
+
+    loop = _Loopback()
+    owner = RemoteQueues(_Broker(), loop.of("w0"), "w0", 1)
+    ack = Message(
+        "$queue/q/$ack", b"", 1, properties={USER_PROPERTY: [("message-id", "q:1"), ("group-id", "g")]}
+    )
+    assert owner._apply("w1", ["p", 7, "gone-client"], encode_message(ack)) == 0
+    assert 1 in g.pending and not g.is_settled(1)  # still the other member's delivery
+    # an ack from no client (the HTTP bridge on worker 1: no client id) still settles by offset
+    assert owner._apply("w1", ["p", 7, ""], encode_message(ack)) == 1
+    assert 1 not in g.pending

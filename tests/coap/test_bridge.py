@@ -509,3 +509,49 @@ def test_queue_topics_append_or_are_refused_with_a_code(bridge: CoapBridge) -> N
     settle()
     (answer,) = t.take()
     assert answer.code == codec.BAD_REQUEST and not bridge.observations
+
+
+def test_a_settlement_that_settles_nothing_is_4_04_never_2_04(tmp_path: Path) -> None:
+    """``$queue/{name}/$ack`` (``$nack``, ``$reject``; ``message_id`` and ``group_id`` in the query
+    name the delivery): 2.04 when it settled it, 4.04 when it settled nothing (settled already,
+    unknown, not named), at QoS 0 too, as an MQTT 5.0 PUBACK says 0x10 and never 0x00. Before:
+    2.04 either way (and the bridge could not name a delivery: every settlement settled nothing)."""
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import QueueConfig
+    from tests.queues.test_group import end_of_turn, member, up
+
+    store = LMDBStorage(tmp_path / "data", map_size=64 * MiB)
+    FlushScheduler(store)
+    broker = Broker(BrokerSettings(), store)
+    broker.queues = QueueManager(store, [QueueConfig("w")])
+    b = CoapBridge(broker, CoapSettings())
+    b.start()
+    t = RecordingTransport()
+    mids = iter(range(1, 100))
+
+    def answer(path: str, *query: str) -> CoapMessage:
+        mid = next(mids)
+        b.datagram(req(codec.CON, codec.POST, mid, path, query), PEER, t)
+        for _ in range(200):
+            got = [m for m in t.messages() if m.mid == mid]
+            if got:
+                return got[0]
+            gevent.sleep(0.01)
+        raise AssertionError(f"no answer to {path} {query}")
+
+    try:
+        _, consumer = member(broker, "c", "$queue/w/#", "g")
+        broker.publish(Message("$queue/w", b"job", 1))
+        end_of_turn()
+        props = up(consumer.sent[-1][1])
+        named = (f"message_id={props['message-id']}", f"group_id={props['group-id']}")
+        assert answer("$queue/w/$ack", "qos=1", *named).code == codec.CHANGED
+        again = answer("$queue/w/$ack", "qos=1", *named)
+        assert again.code == codec.NOT_FOUND and b"settle" in again.payload
+        assert answer("$queue/w/$nack", "qos=1", "message_id=w:99", "group_id=g").code == codec.NOT_FOUND
+        assert answer("$queue/w/$reject", "message_id=w:99", "group_id=g").code == codec.NOT_FOUND  # QoS 0
+        assert answer("$queue/w/$ack", "qos=1").code == codec.NOT_FOUND  # names nothing
+        assert answer("plain/topic", "message_id=w:0").code == codec.BAD_REQUEST
+    finally:
+        b.stop()
+        store.close()

@@ -362,3 +362,34 @@ def test_mosquitto_sub_on_one_node_gets_mosquitto_pub_on_another(
     sub.wait_subscribed()
     mosquitto_pub(cluster3[2], "-V", pub_version, "-t", f"{topic}/x", "-m", "across nodes", "-q", "2")
     assert sub.finish() == [f"{topic}/x across nodes"]
+
+
+def test_a_one_worker_node_whose_cluster_port_is_taken_stops_with_one_line(node_factory) -> None:
+    """gRPC sets SO_REUSEPORT on its listening socket by default: a one-worker node whose
+    ``cluster.transport.bind_addr`` another process holds with SO_REUSEPORT (another node on the
+    machine given the same port, a multi-worker node's MQTT port) shared it silently, and half of
+    the peers' streams went to that stranger. The node stops with one line naming the key."""
+    import socket
+
+    port = free_port()
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((HOST, port))
+        holder.listen(1)
+        node = node_factory(
+            {
+                "server.workers": 1,
+                "cluster.enabled": True,
+                "cluster.node_id": "solo",
+                "cluster.transport.bind_addr": f"{HOST}:{port}",
+                "cluster.transport.peers": {"solo": f"{HOST}:{port}"},
+            },
+            wait_ready=False,
+        )
+        code = node.wait(30.0)
+    assert code is not None and code != 0, node.log_tail()
+    lines = [
+        line for line in node.log_text().splitlines() if f"cluster.transport.bind_addr {HOST}:{port}" in line
+    ]
+    assert lines and "cannot listen" in lines[0], node.log_tail()

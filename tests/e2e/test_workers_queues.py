@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fluxmq.queues.placement import owner_index
-from tests.conftest import NodeFactory
+from tests.conftest import NodeFactory, free_port
 from tests.e2e.mqtt5raw import Paho5, props, unique
 from tests.e2e.test_http_bridge import http_request
 from tests.e2e.test_queues import Paho311, nothing_more, receive, settle, user_props
@@ -96,7 +96,12 @@ def node(tmp_path_factory):
     factory = NodeFactory(tmp_path_factory.mktemp("wq"))
     try:
         node = factory(
-            {"server.workers": 2, "broker.sys_interval": "1s", "storage.type": "lmdb"},
+            {
+                "server.workers": 2,
+                "broker.sys_interval": "1s",
+                "storage.type": "lmdb",
+                "server.coap.plain.addr": f"127.0.0.1:{free_port()}",  # on worker 0 only
+            },
             config_text=QUEUES_YAML,
             env={"FLUXMQ_ADMIN_TOKEN": TOKEN},
         )
@@ -166,6 +171,50 @@ def test_an_ack_that_finds_no_delivery_is_not_confirmed_from_either_worker(node,
         (m,) = receive(c, 1)
         assert settle_code(c, name, "$ack", m) == 0
         assert settle_code(c, name, "$ack", m) == 0x10
+    finally:
+        c.disconnect()
+
+
+@pytest.mark.parametrize("owner", ["w0", "w1"])
+def test_http_and_coap_settlements_that_settle_nothing_are_refused_from_either_worker(node, owner) -> None:
+    """An HTTP or CoAP ``$ack`` of a delivery the owner no longer holds (settled already) is refused
+    (HTTP 409, CoAP 4.04), whichever worker takes it (CoAP runs on worker 0; HTTP requests land on
+    either), as an MQTT 5.0 consumer gets 0x10: both answered success before, so the client took
+    the record as settled while it would be delivered again."""
+    import json
+
+    from tests.e2e.coapclient import CoapTestClient
+    from tests.e2e.test_coap import coap_uri
+
+    name = queue_on(owner)
+    c = consumer_on(node, other(owner), f"$queue/{name}", "g")  # connected throughout: it holds both
+
+    def http_ack(p: dict) -> tuple[int, object]:
+        doc = {
+            "topic": f"$queue/{name}/$ack",
+            "qos": 1,
+            "properties": {"user_properties": {"message-id": p["message-id"], "group-id": p["group-id"]}},
+        }
+        status, _, body = http_request(
+            node, "POST", "/publish", json.dumps(doc).encode(), {"Content-Type": "application/json"}
+        )
+        return status, body
+
+    try:
+        produce(node, "w0", f"$queue/{name}", [b"by-http", b"by-coap"])
+        got = {m.payload: user_props(m) for m in receive(c, 2)}
+        assert http_ack(got[b"by-http"])[0] == 200
+        for _ in range(6):  # fresh connections: either worker takes them
+            status, body = http_ack(got[b"by-http"])
+            assert status == 409 and "settle" in body["error"], body
+        p = got[b"by-coap"]
+        query = f"qos=1&message_id={p['message-id']}&group_id={p['group-id']}"
+        with CoapTestClient() as coap:
+            uri = coap_uri(node, f"$queue/{name}/$ack?{query}")
+            assert str(coap.request("POST", uri).code) == "2.04 Changed"
+            again = coap.request("POST", uri)
+            assert str(again.code) == "4.04 Not Found" and b"settle" in again.payload
+        assert nothing_more(c, 1.0)  # both settled: neither comes back
     finally:
         c.disconnect()
 

@@ -777,3 +777,45 @@ def test_publish_to_a_queue_appends_and_refusals_have_their_status(
     assert broker.queues.queues["orders"].log.count == 1
     resp = publish_json(bridge, {"topic": "$queue/orders/2", "payload": "y", "qos": 1})
     assert resp.status == 503 and "full" in resp.json()["error"]
+
+
+def test_a_settlement_that_settles_nothing_is_409_never_200(tmp_path) -> None:
+    """``$queue/{name}/$ack`` (``$nack``, ``$reject``) through the bridge: 200 when it settled the
+    delivery, 409 with a reason when it settled nothing (settled already, an unknown offset or
+    group), as an MQTT 5.0 PUBACK says 0x10 and never 0x00. Before: 200 either way, so a client
+    could not tell its settlement had no effect (its record is delivered again)."""
+    from fluxmq.protocol.flush import FlushScheduler
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import QueueConfig
+    from fluxmq.storage.lmdb import LMDBStorage
+    from tests.queues.test_group import end_of_turn, member, up
+
+    store = LMDBStorage(tmp_path / "data", map_size=64 << 20)
+    FlushScheduler(store)
+    broker = Broker(BrokerSettings(), storage=store)
+    broker.queues = QueueManager(store, [QueueConfig("w")])
+    bridge = HTTPBridge(
+        broker,
+        BridgeSettings(max_body_size=1024, max_message_size=512, sse_heartbeat=HEARTBEAT, sse_queue_size=100),
+    )
+    try:
+        _, consumer = member(broker, "c", "$queue/w/#", "g")
+        assert publish_json(bridge, {"topic": "$queue/w", "payload": "job", "qos": 1}).status == 200
+        end_of_turn()
+        props = up(consumer.sent[-1][1])
+
+        def settle(action: str, message_id: str, qos: int = 1) -> Response:
+            user = {"message-id": message_id, "group-id": props["group-id"]}
+            doc = {"topic": f"$queue/w/{action}", "qos": qos, "properties": {"user_properties": user}}
+            return publish_json(bridge, doc)
+
+        assert settle("$ack", props["message-id"]).status == 200
+        again = settle("$ack", props["message-id"])
+        assert again.status == 409 and "settle" in again.json()["error"]
+        assert settle("$nack", "w:99").status == 409
+        assert settle("$reject", "w:99", qos=0).status == 409
+        raw = wsgi_call(bridge, "POST", "/topics/$queue/w/$ack", b"")
+        assert raw.status == 409  # no message-id at all
+        assert bridge.requests[("publish", 409)] >= 1
+    finally:
+        store.close()

@@ -520,8 +520,9 @@ def test_persistent_sessions_qos1_deliveries_and_pubacks_are_served_in_c(tmp_pat
     """Persistent subscribers (3.1.1 clean session 0 and 5.0, over LMDB): a QoS 1 delivery sent at
     once is written to the client and stored as an in-flight queue entry by the fast path (no
     Python ``PersistentSession.deliver``), and the client's PUBACK of it is settled there (no Python
-    ``_on_puback``); one behind a full window is queued by the Python path, and the PUBACK that frees
-    the window sends it on (``pump``). Every run puts the same bytes on every socket, leaves the same
+    ``_on_puback``); one behind a full window or a queue is queued there too (``QueueCore
+    .append_plain``: only QoS 0 deliveries take the Python path), and the PUBACK that frees the
+    window sends it on (``pump``). Every run puts the same bytes on every socket, leaves the same
     counters and, after a commit and a reopen, the same stored sessions."""
     from fluxmq.broker.session import PersistentSession
 
@@ -638,6 +639,70 @@ def test_persistent_sessions_qos1_deliveries_and_pubacks_are_served_in_c(tmp_pat
     sent_at_once = {("dur", b"m0"), ("dur", b"m1"), ("dur", b"m2"), ("dur5", b"m0"), ("dur5", b"m1")}
     sent_at_once |= {("dur", b"late0"), ("dur", b"late1"), ("dur5", b"late0")}
     assert not sent_at_once & set(fast[5])
+    # the QoS 1 ones queued behind a window are queued in C as well: Python sees QoS 0 only
+    assert {payload for _, payload in fast[5]} == {b"end", b"zero", b"q0"}
+    assert {("dur", b"m3"), ("dur", b"m4"), ("dur5", b"m2"), ("dur5", b"late1")} <= set(slow[5])
+
+
+def test_a_persistent_queue_at_its_bound_is_left_to_the_python_path(tmp_path) -> None:
+    """A persistent subscriber (window 1, queue bound 2 messages): of five QoS 1 messages in one
+    read the first is sent at once, the next two are queued in C and the last two meet the full
+    queue, which the Python path handles (dropped, counted as ``queue_full``, as is a QoS 0 mark). The bytes every
+    client reads, the counters and the stored state after a reopen are those of the Python path."""
+    from fluxmq.broker.session import PersistentSession, SessionLimits
+
+    python_delivers = []
+    original_deliver = PersistentSession.deliver
+
+    def counted_deliver(session, message, *args):
+        if session.client_id == "dur":
+            python_delivers.append(message.payload)
+        original_deliver(session, message, *args)
+
+    outcomes = []
+    PersistentSession.deliver = counted_deliver
+    try:
+        for n, relay in enumerate((True, False)):
+            RELAY.enabled = relay
+            python_delivers.clear()
+            path = tmp_path / f"run{n}"
+            store = LMDBStorage(path, map_size=16 << 20, verify=False)
+            net = Net(storage=store)
+            try:
+                net.client("pub")
+                dur = net.client("dur", quota=1, clean=False)
+                dur.session.limits = SessionLimits(max_inflight=1, max_queued_messages=2)
+                net.subscribe("dur", "t", 1)
+                decoders = {cid: c.Decoder(version=4) for cid in net.clients}
+                got = []
+                net.send("pub", [c.Publish("t", b"m%d" % i, qos=1, packet_id=10 + i) for i in range(5)])
+                got.append(_read_phase(net, decoders, {"pub": (1, 0), "dur": (0, 1)}))
+                for pid, marks in ((1, 0), (2, 2)):  # (the marks queued behind m2 follow it)
+                    net.send("dur", [c.Puback(pid)])
+                    got.append(_read_phase(net, decoders, {"dur": (marks, 1), "pub": (1, 0)}))
+                counters = net.counters()
+                delivers = list(python_delivers)
+            finally:
+                net.close()
+            store.commit()
+            store.close()
+            again = LMDBStorage(path, map_size=16 << 20, verify=False)
+            try:
+                s = again.load().sessions["dur"]
+                stored = (sorted(s.inflight.items()), s.queue.first, s.queue.next, s.queue.count)
+            finally:
+                again.close()
+            outcomes.append((got, counters, stored, delivers))
+    finally:
+        RELAY.enabled = True
+        PersistentSession.deliver = original_deliver
+    fast, slow = outcomes
+    assert fast[:3] == slow[:3]
+    assert [p.payload for phase in fast[0] for p in _publishes(phase["dur"], 4)] == [b"m0", b"m1", b"m2"]
+    assert fast[1]["drops"].get("queue_full") == 3  # m3, m4 and the first mark
+    # the full queue's and the marks that met a queue (the last one, sent at once, is served in C)
+    assert fast[3] == [b"m3", b"m4", b"end", b"end"]
+    assert slow[3] == [b"m%d" % i for i in range(5)] + [b"end"] * 3
 
 
 def test_brokers_served_in_turn_each_get_their_own_routes_and_counters() -> None:
@@ -689,6 +754,23 @@ def test_a_qos1_publish_stored_only_as_a_persistent_delivery_stakes_its_puback(t
         got = _read_phase(net, decoders, {"pub": (1, 0), "dur": (1, 1)})
         assert _publishes(got["dur"], 4) == [c.Publish("t", b"m", qos=1, packet_id=1)]
         assert stakes == ["pub"]
+    finally:
+        net.close()
+        store.close()
+
+
+def test_a_persistent_session_takes_queue_bounds_past_what_the_c_fields_hold(tmp_path) -> None:
+    """The relay reads a persistent session's queue bounds from C fields of its disk queue: a bound
+    too large for them (a configuration's "as good as none") is kept as the largest they hold."""
+    from fluxmq.broker.session import SessionLimits
+
+    store = LMDBStorage(tmp_path / "d", map_size=16 << 20, verify=False)
+    net = Net(storage=store)
+    try:
+        dur = net.client("dur", clean=False)
+        dur.session.limits = SessionLimits(max_queued_messages=10**30, max_queued_bytes=10**30)
+        assert dur.session.queue.max_count == dur.session.queue.max_bytes == 1 << 62
+        assert dur.session.limits.max_queued_messages == 10**30
     finally:
         net.close()
         store.close()

@@ -273,6 +273,45 @@ def test_map_size_reached_at_run_time_refuses_then_recovers(tmp_path: Path, capl
     s.close()
 
 
+class _CountingEnv:
+    """The store's LMDB environment, counting ``info()`` (what reading the usage costs)."""
+
+    def __init__(self, env) -> None:
+        self.env = env
+        self.info_calls = 0
+
+    def info(self):
+        self.info_calls += 1
+        return self.env.info()
+
+    def __getattr__(self, name: str):
+        return getattr(self.env, name)
+
+
+def test_usage_is_read_rarely_far_from_map_size_and_at_every_commit_near_it(tmp_path: Path) -> None:
+    """Reading the usage (``env.info()``, about 7,000 instructions) ran after every commit: far from
+    ``storage.map_size`` it runs once per many commits now, and at every commit once the rate seen
+    could fill what is left; the refusal still comes before the data passes map_size by more than a
+    quarter of it."""
+    s = LMDBStorage(tmp_path / "far", map_size=64 * MiB)
+    env = s.env = _CountingEnv(s.env)
+    for i in range(256):
+        s.queue_append("c", i, b"x" * 200)
+        s.commit()
+    s.env = env.env
+    s.close()
+    assert env.info_calls <= 16
+    s = LMDBStorage(tmp_path / "near", map_size=2 * MiB)
+    i = 0
+    while not s.refusing:
+        s.queue_append("c", i, b"x" * 50_000)
+        s.commit()
+        i += 1
+        assert i < 200, "never refused"
+    assert s.used_bytes() < 2 * MiB + 2 * MiB // 4
+    s.close()
+
+
 def test_a_batch_beyond_the_headroom_grows_the_map_and_commits(tmp_path: Path) -> None:
     """A real MapFullError: one batch larger than map_size + headroom. The map grows to take it
     (space on disk permitting), so nothing recorded is thrown away; new stored messages are then

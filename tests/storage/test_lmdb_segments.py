@@ -17,7 +17,7 @@ import pytest
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER
 from fluxmq.storage import records as r
-from fluxmq.storage.lmdb import DONE, QUEUE, SCHEMA_VERSION, SENT
+from fluxmq.storage.lmdb import DONE, QUEUE, SCHEMA_VERSION, SENT, TRIM_EVERY
 from tests.broker.test_session import RecordingDelivery
 from tests.storage.test_broker_restore import Node
 
@@ -202,7 +202,9 @@ def test_a_message_never_acknowledged_does_not_keep_the_records_after_it(node: N
         for pid in [p for p in s.inflight if p != stuck]:
             assert s.on_puback(pid)
         node.storage.commit()
-    assert _records(node) <= 3  # the stuck one's segment and at most the newest
+        # the stuck one's segment, the newest, and the all-done ones of the commits since the
+        # last trim (every TRIM_EVERY commits): bounded, however long the stuck one stays
+        assert _records(node) <= 3 + TRIM_EVERY
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert [e.message.payload for e in s.inflight.values()] == [b"stuck"] and not s.queue
@@ -315,3 +317,33 @@ def test_a_session_with_nothing_live_between_commits_keeps_storing(node: Node) -
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert [e.message.payload for e in s.inflight.values()] == [b"m2"]
+
+
+def test_all_done_records_go_every_trim_every_commits_or_when_the_session_has_none_live(node: Node) -> None:
+    """A session that keeps live entries (one never acknowledged) leaves its all-done records for
+    up to TRIM_EVERY commits (a trim dirties the queue's leftmost pages: a page write per commit),
+    then one commit deletes them all; a restart in between brings none of them back. Once every
+    entry of the session is done, that commit deletes its records at once."""
+    s, d = _online(node, 10)
+    node.broker.publish(Message("t/x", b"stuck", 1))
+    node.storage.commit()
+    stuck = d.sent[0][3]
+    counts = []
+    for turn in range(TRIM_EVERY + 2):
+        node.broker.publish(Message("t/x", f"t{turn}".encode(), 1))
+        for pid in [p for p in s.inflight if p != stuck]:
+            assert s.on_puback(pid)  # (done before its first commit: never written)
+        node.broker.publish(Message("t/x", f"u{turn}".encode(), 1))
+        node.storage.commit()  # writes u{turn}
+        counts.append(_records(node))
+    assert max(counts) > 3  # all-done records were left between trims
+    assert min(counts[TRIM_EVERY - 2 :]) <= 2  # and a trim took them: the stuck one and the newest
+    node = node.restart()
+    s = node.broker.sessions["sub"]
+    assert sorted(e.message.payload for e in s.inflight.values()) == sorted(
+        [b"stuck", f"u{TRIM_EVERY + 1}".encode()]
+    )
+    s, d = _connect(node, 10)
+    _ack_all(s, d)
+    node.storage.commit()
+    assert _records(node) == 0  # nothing live: gone with the same commit
