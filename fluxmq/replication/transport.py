@@ -51,7 +51,7 @@ from fluxmq.errors import ConfigError
 
 log = logging.getLogger("fluxmq.replication")
 
-__all__ = ["RaftTLS", "RaftConnection", "RaftServer", "RaftTransport", "raft_tls"]
+__all__ = ["HubPoller", "RaftTLS", "RaftConnection", "RaftServer", "RaftTransport", "raft_tls"]
 
 SECTION = "cluster.raft.tls"
 #: plaintext handed to the SSLObject per write: one TLS record at most (16 KiB)
@@ -63,6 +63,8 @@ LOG_EVERY = 30.0
 
 #: pickle protocol of the frames written (pickle.loads reads any: pysyncobj's nodes read them)
 FRAME_PICKLE = 5
+#: bytes asked of the socket per recv; a read that returns fewer emptied the kernel's buffer
+READ_SIZE = 65536
 
 _EAGAIN = (socket.errno.EAGAIN, socket.errno.EWOULDBLOCK)
 _failures_logged: dict[tuple[str, str], float] = {}
@@ -168,6 +170,69 @@ def encode_frame(conn, message, level: int) -> bytes:
     if conn.encryptor:
         data = conn.encryptor.encrypt_at_time(data, int(monotonic()))
     return struct.pack("i", len(data)) + data
+
+
+class HubPoller:
+    """pysyncobj's poller (``subscribe`` / ``unsubscribe`` / ``poll``) on persistent I/O watchers
+    of the gevent hub: one per socket, made when pysyncobj subscribes it and changed only when the
+    events it waits for change (a send that did not go out whole adds writability).
+
+    A watcher's callback runs in the hub: it hands the event to the connection (which reads and
+    hands each whole message to pysyncobj) and then calls ``on_turn``, the rest of what a tick did
+    after its poll (the group's ``_RaftNode.turn``: the leader's commit index from the answers just
+    read, the committed entries applied, their holds resolved). So an answer is read, committed
+    and acknowledged in the hub turn that read it: no driver greenlet to wake, no watcher made,
+    started and closed per wait (gevent's ``select`` makes them at every call), no ``select`` of
+    the fds first. ``poll`` waits for nothing: the group's driver ticks on a timer for pysyncobj's
+    timeouts (elections, heartbeats, reconnects)."""
+
+    def __init__(self, on_turn=None) -> None:
+        import gevent
+
+        self._loop = gevent.get_hub().loop
+        self.on_turn = on_turn
+        self.watchers: dict[int, object] = {}  # fd -> its watcher
+        self._callbacks: dict[int, object] = {}  # fd -> pysyncobj's callback(fd, event mask)
+
+    def subscribe(self, descr, callback, eventMask) -> None:  # noqa: N803
+        events = 1 if eventMask & POLL_EVENT_TYPE.READ else 0  # libev's READ
+        if eventMask & POLL_EVENT_TYPE.WRITE:
+            events |= 2  # libev's WRITE
+        self._callbacks[descr] = callback
+        watcher = self.watchers.get(descr)
+        if watcher is not None:
+            if watcher.events == events:
+                return
+            watcher.stop()
+            watcher.close()
+        watcher = self.watchers[descr] = self._loop.io(descr, events)
+        watcher.start(self._on_event, descr, pass_events=True)
+
+    def unsubscribe(self, descr) -> None:
+        self._callbacks.pop(descr, None)
+        watcher = self.watchers.pop(descr, None)
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
+
+    def poll(self, timeout) -> None:
+        """Nothing to wait for: the watchers' callbacks serve the sockets as they become ready."""
+
+    def close(self) -> None:
+        for descr in list(self.watchers):
+            self.unsubscribe(descr)
+
+    def _on_event(self, revents: int, descr: int) -> None:
+        callback = self._callbacks.get(descr)
+        if callback is None:
+            return
+        try:
+            # libev reports an error as readable and writable: the read or the send meets it
+            callback(descr, revents & (POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE))
+            if self.on_turn is not None:
+                self.on_turn()
+        except Exception:  # never into the hub's loop: the tick's handler would have logged it too
+            log.exception("raft_io_failed", extra={"fd": descr})
 
 
 class RaftConnection:
@@ -368,8 +433,9 @@ class RaftConnection:
             return
         if self._timed_out():
             return
-        if self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self.disconnect()
+        connecting = self._state == CONNECTION_STATE.CONNECTING
+        if connecting and self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.disconnect()  # the connect failed (once connected, a recv or send meets an error)
             return
         if self._tls is None:
             self._on_plain_event(event)
@@ -422,15 +488,18 @@ class RaftConnection:
         """Socket bytes into the incoming BIO (plain TCP: the read buffer); True when the peer
         closed."""
         put = self._read.extend if self._tls is None else self._in.write
+        recv = self._sock.recv
         while True:
             try:
-                data = self._sock.recv(self._recv_size)
+                data = recv(READ_SIZE)
             except OSError as exc:
                 return exc.errno not in _EAGAIN
             if not data:
                 return True
             put(data)
             self._last_read = monotonic()
+            if len(data) < READ_SIZE:
+                return False  # the kernel's buffer is empty: the next recv would only say so
 
     def _handshake(self) -> bool:
         """Advance the handshake; False when the connection is gone."""
@@ -641,10 +710,14 @@ class RaftTransport(TCPTransport):
     """pysyncobj's ``TCPTransport`` whose connections and listener are ours: TLS with ``tls``, else
     plain TCP; frames compressed at zlib level ``compression`` (cluster.raft.compression)."""
 
-    def __init__(self, syncObj, selfNode, otherNodes, tls: RaftTLS | None, compression: int = 0):  # noqa: N803
+    def __init__(self, syncObj, selfNode, otherNodes, tls: RaftTLS | None, compression: int = 0, poller=None):  # noqa: N803
         # before TCPTransport.__init__: it adds the nodes and makes the server
         self._tls = tls
         self._level = compression
+        if poller is not None:
+            # made by SyncObj just before this (nothing subscribed yet): every connection and the
+            # listener subscribe to this one instead
+            syncObj._poller = poller
         super().__init__(syncObj, selfNode, otherNodes)
 
     def _createServer(self):  # noqa: N802
@@ -694,6 +767,7 @@ class RaftTransport(TCPTransport):
                 conn.check_handshake_deadline()
 
 
-def transport_class(tls: RaftTLS | None, compression: int = 0):
-    """The ``transportClass`` argument of ``SyncObj`` for ``tls`` (None: plain TCP)."""
-    return functools.partial(RaftTransport, tls=tls, compression=compression)
+def transport_class(tls: RaftTLS | None, compression: int = 0, poller=None):
+    """The ``transportClass`` argument of ``SyncObj`` for ``tls`` (None: plain TCP); ``poller``
+    (a ``HubPoller``) replaces the SyncObj's own."""
+    return functools.partial(RaftTransport, tls=tls, compression=compression, poller=poller)

@@ -204,3 +204,57 @@ def test_an_entry_is_appended_and_sent_to_the_followers_in_the_turn_it_is_submit
     finally:
         for group in groups:
             group.stop()
+
+
+def _three_groups(tmp_path) -> list[RaftGroup]:
+    from tests.conftest import free_port
+
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    groups = []
+    for i, me in enumerate(addrs):
+        store = MemoryQueueLog()
+        group = RaftGroup("default", me, addrs, str(tmp_path / f"n{i}"), store, "forward")
+        group.logs["q"] = ReplicatedQueueLog("q", store, group, ReplicationConfig(True))
+        groups.append(group)
+    return groups
+
+
+def test_answers_are_read_committed_and_applied_in_the_hub_turn_without_a_tick(tmp_path) -> None:
+    """The Raft sockets are watched by persistent hub watchers whose callbacks read a message and
+    do what a tick did after its poll (the leader's commit index from the followers' answers, the
+    committed entries applied, the holds resolved) in the same hub turn. With no driver ticking
+    at all, an entry is still sent, answered, committed, acknowledged and applied on every
+    replica; and the watchers that served it are the ones made when the connections were (none
+    made per wait)."""
+    import gevent
+
+    groups = _three_groups(tmp_path)
+    for group in groups:
+        group.start()
+    try:
+        with gevent.Timeout(30):
+            leader = None
+            while leader is None:
+                gevent.sleep(0.02)
+                leader = next((g for g in groups if g.delivering), None)
+            while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
+                gevent.sleep(0.02)
+            while not all(g.applied == leader.applied for g in groups):
+                gevent.sleep(0.02)
+            for group in groups:  # no tick from here on: only the hub's watchers and timers
+                group._driver.kill()
+            watchers = [dict(g._node._poller.watchers) for g in groups]
+            assert all(watchers)
+            qlog = leader.logs["q"]
+            for round_ in range(3):
+                qlog.append_one(Message("$queue/q", b"m%d" % round_, 1))
+                held = qlog.held_ack()
+                while not held.done:
+                    gevent.sleep(0.005)
+                assert held.outcome is None
+            while not all(len(g.store.read("q", 0, 10)) == 3 for g in groups):
+                gevent.sleep(0.01)
+            assert [dict(g._node._poller.watchers) for g in groups] == watchers
+    finally:
+        for group in groups:
+            group.stop()
