@@ -163,13 +163,47 @@ def _log_failure(peer: str, side: str, reason: str) -> None:
 
 def encode_frame(conn, message, level: int) -> bytes:
     """pysyncobj's frame of ``message`` (its connection key and password layer included), pickled
-    with FRAME_PICKLE and compressed at zlib ``level``."""
+    with FRAME_PICKLE and compressed at zlib ``level`` (0: ``_stored``)."""
     if conn.sendRandKey:
         message = (conn.sendRandKey, message)
-    data = zlib.compress(pickle.dumps(message, FRAME_PICKLE), level)
+    data = pickle.dumps(message, FRAME_PICKLE)
     if conn.encryptor:
+        data = zlib.compress(data, level) if level else b"".join(_stored(data))
         data = conn.encryptor.encrypt_at_time(data, int(monotonic()))
-    return struct.pack("i", len(data)) + data
+        return struct.pack("i", len(data)) + data
+    if level:
+        data = zlib.compress(data, level)
+        return struct.pack("i", len(data)) + data
+    parts = _stored(data)
+    parts[0] = struct.pack("i", sum(map(len, parts))) + parts[0]
+    return b"".join(parts)
+
+
+_BLOCK = 0xFFFF  # the longest stored block of a deflate stream
+
+
+def _stored(data) -> list:
+    """The pieces of a zlib stream of ``data`` in stored deflate blocks (what zlib writes at level
+    0), written without zlib's compressor: that one allocates ~256 KiB of state per call, paged in
+    afresh each time (~80 us a frame against ~2; bench/RESULTS.md). Any zlib reader reads it."""
+    n = len(data)
+    adler = struct.pack(">I", zlib.adler32(data))
+    if n <= _BLOCK:
+        return [b"\x78\x01" + struct.pack("<BHH", 1, n, n ^ 0xFFFF), data, adler]
+    view = memoryview(data)
+    parts = [b"\x78\x01"]
+    for start in range(0, n, _BLOCK):
+        block = view[start : start + _BLOCK]
+        size = len(block)
+        parts.append(struct.pack("<BHH", start + _BLOCK >= n, size, size ^ 0xFFFF))
+        parts.append(block)
+    parts.append(adler)
+    return parts
+
+
+#: the frame encoded last (message, compression level, frame): pysyncobj builds an equal message
+#: for each follower at the same index, sent one after the other; encoded once (no password layer)
+_last_frame: list = [None, -1, b""]
 
 
 class HubPoller:
@@ -344,15 +378,35 @@ class RaftConnection:
         return True
 
     def send(self, message):
-        frame = encode_frame(self, message, self._level)
+        if self.sendRandKey or self.encryptor:
+            frame = encode_frame(self, message, self._level)
+        else:
+            last = _last_frame
+            if last[1] == self._level and last[0] == message:
+                frame = last[2]  # the same message to another follower
+            else:
+                frame = encode_frame(self, message, self._level)
+                last[0], last[1], last[2] = message, self._level, frame
         if not self._secure:
             self._pending += frame
             return
         if self._timed_out():
             return
         if self._tls is None:
-            self._wire += frame
-            self._flush()
+            if self._wire or self._sock is None:
+                self._wire += frame
+                self._flush()
+                return
+            try:  # straight from the frame: nothing waits before it
+                sent = self._sock.send(frame)
+            except OSError as exc:
+                if exc.errno not in _EAGAIN:
+                    self.disconnect()
+                    return
+                sent = 0
+            if sent < len(frame):
+                self._wire += memoryview(frame)[sent:]
+                self._subscribe(write=True)
         elif self._encrypt(frame):
             self._flush()
 
