@@ -201,6 +201,29 @@ def _stored(data) -> list:
     return parts
 
 
+def _inflate(data: bytes):
+    """The bytes of the zlib stream ``data``: a stream of one stored block (ours at compression
+    0) by its header and Adler-32, a view of ``data`` (zlib's decompressor allocates its state and
+    a 32 KiB window per call); any other by zlib. A stream that does not check raises."""
+    n = len(data) - 11
+    if n >= 0 and data[0] == 0x78 and data[1] == 0x01 and data[2] == 1:
+        size, check = struct.unpack_from("<HH", data, 3)
+        if size == n and size ^ check == 0xFFFF:
+            body = memoryview(data)[7 : 7 + n]
+            if zlib.adler32(body) != struct.unpack_from(">I", data, 7 + n)[0]:
+                raise zlib.error("incorrect data check")
+            return body
+    return zlib.decompress(data)
+
+
+def _loads(data):
+    """pysyncobj's ``loads`` (which retries a Python 2 pickle), reading a view without a copy."""
+    try:
+        return pickle.loads(data)
+    except Exception:
+        return pysyncobj_pickle.loads(bytes(data))
+
+
 #: the frame encoded last (message, compression level, frame): pysyncobj builds an equal message
 #: for each follower at the same index, sent one after the other; encoded once (no password layer)
 _last_frame: list = [None, -1, b""]
@@ -662,7 +685,7 @@ class RaftConnection:
                     raise ValueError("replayed")
                 self.recvLastTimestamp = stamp
                 data = self.encryptor.decrypt(data)
-            message = pysyncobj_pickle.loads(zlib.decompress(data))
+            message = _loads(_inflate(data))
             if self.recvRandKey:
                 key, message = message
                 if key != self.recvRandKey:

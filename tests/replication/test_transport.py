@@ -368,3 +368,56 @@ def test_a_message_sent_to_several_peers_is_encoded_once(monkeypatch) -> None:
             c.disconnect()
         for s in servers:
             s.unbind()
+
+
+def test_a_stored_frame_is_read_without_zlib_s_decompressor_and_a_corrupt_one_ends_the_connection(
+    monkeypatch,
+) -> None:
+    """A frame whose zlib stream is one stored block (ours at compression 0) is read by checking
+    its header and Adler-32 and unpickling the bytes in place (zlib's decompressor allocates its
+    state and window per call); others (a compressed frame, several blocks) are decompressed. A
+    stored frame whose checksum does not match ends the connection, as zlib's error did."""
+    import fluxmq.replication.transport as transport
+
+    decompress = transport.zlib.decompress
+    inflated: list = []
+    monkeypatch.setattr(
+        transport.zlib, "decompress", lambda data: inflated.append(len(data)) or decompress(data)
+    )
+    poller = createPoller("select")
+    port = free_port()
+    accepted: list = []
+    received: list = []
+
+    def on_new(conn) -> None:
+        accepted.append(conn)
+        conn.setOnMessageReceivedCallback(received.append)
+
+    server = RaftServer(poller, "127.0.0.1", port, on_new, tls=None)
+    server.bind()
+    clients = [RaftConnection(poller, timeout=10.0, tls=None, compression=lvl) for lvl in (0, 6)]
+    try:
+        for c in clients:
+            c.connect("127.0.0.1", port)
+        assert _pump(poller, lambda: all(c.state == CONNECTION_STATE.CONNECTED for c in clients))
+        small, large = {"entries": [(b"s" * 300, 1, 1)]}, {"entries": [(b"l" * 70_000, 2, 1)]}
+
+        def len_of(message) -> int:
+            return len(message["entries"][0][0])
+
+        clients[0].send(small)
+        assert _pump(poller, lambda: received == [small])
+        assert inflated == []  # one stored block: not through zlib
+        clients[0].send(large)
+        clients[1].send(small)
+        assert _pump(poller, lambda: len(received) == 3)
+        assert sorted(received[1:], key=len_of) == [small, large] and len(inflated) == 2
+        frame = bytearray(transport.encode_frame(clients[0], small, 0))
+        frame[-1] ^= 0xFF  # its Adler-32
+        clients[0]._sock.sendall(bytes(frame))
+        assert _pump(poller, lambda: any(a.state == CONNECTION_STATE.DISCONNECTED for a in accepted))
+        assert len(received) == 3
+    finally:
+        for c in clients:
+            c.disconnect()
+        server.unbind()
