@@ -258,3 +258,71 @@ def test_answers_are_read_committed_and_applied_in_the_hub_turn_without_a_tick(t
     finally:
         for group in groups:
             group.stop()
+
+
+class _CountingMap:
+    """A journal file's mapping that counts its ``size()`` calls (one fstat(2) each)."""
+
+    def __init__(self, mm) -> None:
+        self.mm = mm
+        self.sizes = 0
+
+    def size(self) -> int:
+        self.sizes += 1
+        return self.mm.size()
+
+    def __len__(self) -> int:
+        return len(self.mm)
+
+    def __getitem__(self, key):
+        return self.mm[key]
+
+    def __setitem__(self, key, value) -> None:
+        self.mm[key] = value
+
+    def resize(self, size: int) -> None:
+        self.mm.resize(size)
+
+    def flush(self) -> None:
+        self.mm.flush()
+
+    def close(self) -> None:
+        self.mm.close()
+
+
+def test_the_leader_applies_its_own_entries_without_unpickling_them_nor_stating_its_journal(
+    tmp_path, monkeypatch
+) -> None:
+    """The leader keeps the operations of the entries it submits and applies those (the same
+    entry, checked by identity in its log) instead of unpickling the command it pickled itself;
+    and its journal appends an entry without asking the file's size (pysyncobj's journal stats
+    the file twice per entry)."""
+    import gevent
+    import pysyncobj.syncobj as syncobj_module
+
+    from tests.conftest import free_port
+
+    me = f"127.0.0.1:{free_port()}"
+    store = MemoryQueueLog()
+    group = RaftGroup("default", me, [me], str(tmp_path), store, "forward")
+    qlog = group.logs["q"] = ReplicatedQueueLog("q", store, group, ReplicationConfig(True))
+    group.start()
+    try:
+        with gevent.Timeout(20):
+            while group.owner != me:
+                gevent.sleep(0.01)
+            journal = group._node._SyncObj__raftLog._FileJournal__journalFile
+            counting = journal._ResizableFile__mm = _CountingMap(journal._ResizableFile__mm)
+            unpickled = []
+            loads = syncobj_module.pickle.loads
+            monkeypatch.setattr(syncobj_module.pickle, "loads", lambda d: unpickled.append(1) or loads(d))
+            for i in range(3):
+                qlog.append_one(Message("$queue/q", b"m%d" % i, 1))
+                held = qlog.held_ack()
+                while not held.done:
+                    gevent.sleep(0.005)
+                assert held.outcome is None
+            assert len(store.read("q", 0, 10)) == 3
+            assert unpickled == [] and counting.sizes == 0
+    finally:
+        group.stop()
