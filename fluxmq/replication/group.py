@@ -66,6 +66,9 @@ IN_FLIGHT_PATIENCE = 1.0
 #: how long the leader's new commit index waits for the next entry's append_entries, which carries
 #: it, before it is sent alone (``_RaftNode._apply_entries``); bench/RESULTS.md
 COMMIT_NOTICE_DELAY = 0.002
+#: committed entries a follower gathers before it applies them (one store commit for all), unless
+#: one of its own (forwarded) entries waits to be applied; the driver's tick applies what is left
+FOLLOWER_APPLY_BATCH = 2
 #: entries of its own a leader keeps to apply without unpickling them (a few are in flight; more
 #: means a leadership was lost with entries never applied: dropped)
 OWN_KEPT = 64
@@ -168,9 +171,17 @@ def _make_node_class():
                         self._SyncObj__raftCommitIndex = new
                         self._SyncObj__raftLog.setRaftCommitIndex(new)
                         self._SyncObj__leaderCommitIndex = new
-            if self._SyncObj__raftCommitIndex > self._SyncObj__raftLastApplied:
-                if self._apply_entries() and self._isLeader():
-                    self._send_entries()  # a follower forwarded one of them: tell it at once
+            unapplied = self._SyncObj__raftCommitIndex - self._SyncObj__raftLastApplied
+            if unapplied <= 0:
+                return
+            if (
+                unapplied < FOLLOWER_APPLY_BATCH
+                and self._SyncObj__raftState != leader_state
+                and not self._SyncObj__commandsWaitingCommit
+            ):
+                return  # a follower: with the next entry's, or at the driver's tick
+            if self._apply_entries() and self._isLeader():
+                self._send_entries()  # a follower forwarded one of them: tell it at once
 
         def _apply_entries(self) -> bool:
             """pysyncobj's ``__applyLogEntries`` (the tick applies the committed entries), whose

@@ -252,7 +252,9 @@ def test_answers_are_read_committed_and_applied_in_the_hub_turn_without_a_tick(t
                 while not held.done:
                     gevent.sleep(0.005)
                 assert held.outcome is None
-            while not all(len(g.store.read("q", 0, 10)) == 3 for g in groups):
+            # every replica applied them (a follower the last one with the next entry, or at its
+            # driver's tick: FOLLOWER_APPLY_BATCH)
+            while not all(len(g.store.read("q", 0, 10)) >= (3 if g is leader else 2) for g in groups):
                 gevent.sleep(0.01)
             assert [dict(g._node._poller.watchers) for g in groups] == watchers
     finally:
@@ -326,3 +328,59 @@ def test_the_leader_applies_its_own_entries_without_unpickling_them_nor_stating_
             assert unpickled == [] and counting.sizes == 0
     finally:
         group.stop()
+
+
+def test_a_follower_applies_committed_entries_two_at_a_time_unless_its_own_entry_waits(tmp_path) -> None:
+    """A follower learns each entry's commit from the next append_entries (or the commit notice)
+    and applies committed entries two at a time: one store commit for both (the driver's tick
+    applies a lone one). An entry a follower forwarded (its producer's PUBACK waits for it) is
+    applied as soon as it is committed. No driver ticks here: only the hub's watchers."""
+    import gevent
+
+    groups = _three_groups(tmp_path)
+    for group in groups:
+        group.start()
+    try:
+        with gevent.Timeout(30):
+            leader = None
+            while leader is None:
+                gevent.sleep(0.02)
+                leader = next((g for g in groups if g.delivering), None)
+            while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
+                gevent.sleep(0.02)
+            while not all(g.applied == leader.applied for g in groups):
+                gevent.sleep(0.02)
+            for group in groups:
+                group._driver.kill()
+            followers = [g for g in groups if g is not leader]
+            batches: dict = {id(g): [] for g in followers}
+            for g in followers:
+                node = g._node
+                apply = node._apply_entries
+
+                def counted(node=node, apply=apply, seen=batches[id(g)]):
+                    seen.append(node.raftCommitIndex - node.raftLastApplied)
+                    return apply()
+
+                node._apply_entries = counted
+            qlog = leader.logs["q"]
+            for round_ in range(6):
+                qlog.append_one(Message("$queue/q", b"m%d" % round_, 1))
+                held = qlog.held_ack()
+                while not held.done:
+                    gevent.sleep(0.005)
+            while not all(g.applied >= leader.applied - 1 for g in followers):
+                gevent.sleep(0.01)
+            assert all(batches[id(g)] and min(batches[id(g)]) >= 2 for g in followers), batches
+            follower = followers[0]
+            before = follower.applied
+            flog = follower.logs["q"]
+            flog.append_one(Message("$queue/q", b"forwarded", 1))
+            held = flog.held_ack()
+            while not held.done:
+                gevent.sleep(0.005)
+            assert held.outcome is None
+            assert follower.applied > before and len(follower.store.read("q", 0, 10)) == 7
+    finally:
+        for group in groups:
+            group.stop()
