@@ -1,9 +1,13 @@
 """RaftGroup: one Raft group (a pysyncobj node) replicating the logs of the queues it holds.
 
-Driving. pysyncobj's own tick thread is not used (``autoTick=False``): a greenlet calls
-``doTick(TICK_WAIT)``, whose socket wait is gevent's (the node process is monkey-patched by the
-gevent worker; otherwise the poller's ``select`` is pointed at ``gevent.select``). So the Raft code
-runs in the hub thread, between other greenlets, and its callbacks may touch the broker directly.
+Driving. pysyncobj's own tick thread is not used (``autoTick=False``), nor its poller: the Raft
+sockets are watched by persistent watchers of the gevent hub (``transport.HubPoller``), whose
+callbacks read a message, hand it to pysyncobj and then do, in the same hub turn, what pysyncobj's
+tick did after its poll (``_RaftNode.turn``: the leader's commit index advanced from the answers
+just read, the committed entries applied, their PUBACKs released). A greenlet ticks every
+TICK_WAIT for pysyncobj's timers only (elections, heartbeats, reconnects, log compaction). So the
+Raft code runs in the hub thread, between other greenlets, and its callbacks may touch the broker
+directly.
 
 Commands. Everything a loop turn writes to the group's queues (appends, settlements, cursor commits,
 truncations, deletes, a group's removal) is one Raft entry (``stage`` -> ``_submit`` at the end of
@@ -33,7 +37,6 @@ import pickle
 import time
 
 import gevent
-from gevent import monkey
 
 from fluxmq.broker.held import HeldAck
 
@@ -42,8 +45,9 @@ from .log import refused
 
 log = logging.getLogger("fluxmq.replication")
 
-#: longest socket wait of one tick (pysyncobj autoTickPeriod); bench/RESULTS.md
-TICK_WAIT = 0.005
+#: period of the driver's tick, pysyncobj's timers (elections, heartbeats, reconnects); messages
+#: are served as they come (``transport.HubPoller``); bench/RESULTS.md
+TICK_WAIT = 0.01
 #: pysyncobj settings chosen by bench/raft.py (bench/RESULTS.md, "Raft replication")
 APPEND_ENTRIES_PERIOD = 0.05
 RAFT_MIN_TIMEOUT = 0.4
@@ -62,6 +66,12 @@ IN_FLIGHT_PATIENCE = 1.0
 #: how long the leader's new commit index waits for the next entry's append_entries, which carries
 #: it, before it is sent alone (``_RaftNode._apply_entries``); bench/RESULTS.md
 COMMIT_NOTICE_DELAY = 0.002
+#: committed entries a follower gathers before it applies them (one store commit for all), unless
+#: one of its own (forwarded) entries waits to be applied; the driver's tick applies what is left
+FOLLOWER_APPLY_BATCH = 2
+#: entries of its own a leader keeps to apply without unpickling them (a few are in flight; more
+#: means a leadership was lost with entries never applied: dropped)
+OWN_KEPT = 64
 #: what ``_apply`` returns for an entry whose settlements were refused as stale (``STALE``)
 STALE = "stale"
 #: shortest pause between two chunks of a snapshot being written (snapshot.CHUNK records, ~0.3-1 ms
@@ -77,7 +87,9 @@ _NOT_SERIALIZING, _SERIALIZING, _SUCCESS, _FAILED = 0, 1, 2, 3
 
 def _make_node_class():
     from pysyncobj import SyncObj, replicated
-    from pysyncobj.syncobj import _COMMAND_TYPE
+    from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+
+    leader_state = _RAFT_STATE.LEADER
 
     class _RaftNode(SyncObj):
         """The pysyncobj object: one replicated method; the state lives in the RaftGroup."""
@@ -95,12 +107,81 @@ def _make_node_class():
             self._commit_told = 0  # the commit index the last append_entries carried
             self._forwarded = 0  # the last entry a follower forwarded (its producer waits for it)
             self._commit_timer = None
+            # index -> (the command as the log holds it, its operations): this leader's entries,
+            # applied from the operations (not unpickled) while the log still holds that command
+            self._own: dict[int, tuple] = {}
             self._SyncObj__applyLogEntries = self._apply_entries  # the tick's, looked up on self
+            _journal_without_stat(self._SyncObj__raftLog)
             self._SyncObj__sendAppendEntries = self._send_entries
 
         def _send_entries(self) -> None:
             self._commit_told = self.raftCommitIndex
+            timer = self._commit_timer
+            if timer is not None:  # this append_entries carries the commit index: no notice to send
+                timer.close()
+                self._commit_timer = None
             SyncObj._SyncObj__sendAppendEntries(self)
+
+        def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802
+            """pysyncobj's handler; a follower's success answer for an entry no longer moves the
+            next index the leader keeps for it back to just past that entry when later entries
+            were sent meanwhile (they are on their way, in order, on the same connection):
+            pysyncobj would send them again with the next one, and the follower replace them in
+            its log. A failure answer (reset) still moves it back (a follower that lacks the
+            entries before, after a reconnect, says so)."""
+            if message["type"] == "next_node_idx" and message["success"] and not message["reset"]:
+                sent = self._SyncObj__raftNextIndex.get(node)
+                SyncObj._SyncObj__onMessageReceived(self, node, message)
+                nxt = self._SyncObj__raftNextIndex
+                if sent is not None and node in nxt and nxt[node] < sent:
+                    nxt[node] = sent
+                    self._group.stats["entries_not_resent"] += 1
+                return
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+        def turn(self) -> None:
+            """What pysyncobj's tick does after its poll, for the messages a hub watcher just read
+            (``transport.HubPoller``): the leader's commit index advanced from its followers'
+            answers (the tick's code), then the committed entries applied (a follower learns the
+            commit index from the append_entries it read), their callbacks run and so the held
+            PUBACKs released, in this hub turn. The rest of the tick (elections, heartbeats,
+            the leader stepping down without a majority, reconnects) is the driver's, on a timer."""
+            if self._SyncObj__raftState == leader_state:
+                commit = self._SyncObj__raftCommitIndex
+                last = self._SyncObj__raftLog[-1][1]
+                if commit < last:
+                    match = self._SyncObj__raftMatchIndex
+                    others = self._SyncObj__otherNodes
+                    majority = (len(others) + 1) / 2
+                    term = self._SyncObj__raftCurrentTerm
+                    get = self._SyncObj__getEntries
+                    idx = new = commit
+                    while idx < last:
+                        idx += 1
+                        count = 1
+                        for node in others:
+                            if match[node] >= idx:
+                                count += 1
+                        if count <= majority:
+                            break
+                        entries = get(idx, 1)
+                        if entries and entries[0][2] == term:  # Raft: only an entry of this term by count
+                            new = idx
+                    if new != commit:
+                        self._SyncObj__raftCommitIndex = new
+                        self._SyncObj__raftLog.setRaftCommitIndex(new)
+                        self._SyncObj__leaderCommitIndex = new
+            unapplied = self._SyncObj__raftCommitIndex - self._SyncObj__raftLastApplied
+            if unapplied <= 0:
+                return
+            if (
+                unapplied < FOLLOWER_APPLY_BATCH
+                and self._SyncObj__raftState != leader_state
+                and not self._SyncObj__commandsWaitingCommit
+            ):
+                return  # a follower: with the next entry's, or at the driver's tick
+            if self._apply_entries() and self._isLeader():
+                self._send_entries()  # a follower forwarded one of them: tell it at once
 
         def _apply_entries(self) -> bool:
             """pysyncobj's ``__applyLogEntries`` (the tick applies the committed entries), whose
@@ -132,9 +213,28 @@ def _make_node_class():
         def submit(self, ops: list, callback) -> None:
             """``apply(ops, callback=callback)``, the command pickled with protocol 5 (see
             COMMAND_PICKLE) as @replicated would pickle it with protocol 2: the same command
-            (pysyncobj's ``loads`` reads either) at a tenth of the cost on every replica."""
+            (pysyncobj's ``loads`` reads either) at a tenth of the cost on every replica. The
+            leader keeps ``ops`` to apply them itself (``_SyncObj__doApplyCommand``)."""
             command = pickle.dumps((self._apply_id, (ops,)), COMMAND_PICKLE)
+            log_ = self._SyncObj__raftLog
+            before = log_[-1][1]
             self._applyCommand(command, callback, _COMMAND_TYPE.REGULAR)
+            last = log_[-1]
+            if last[1] == before + 1 and self._SyncObj__raftState == leader_state:
+                if len(self._own) > OWN_KEPT:  # entries of a lost leadership, never applied
+                    self._own.clear()
+                self._own[last[1]] = (last[0], ops)
+
+        def _SyncObj__doApplyCommand(self, command):  # noqa: N802
+            """pysyncobj's: unpickles the command and calls ``apply``. An entry this node submitted
+            as the leader, still the one the log holds at that index (the same object), is
+            applied from the operations it kept: the unpickling of a command of 100 records
+            (~10 us) saved on the leader."""
+            index = self._SyncObj__raftLastApplied + 1
+            own = self._own.pop(index, None)
+            if own is not None and own[0] is command:
+                return self._group._apply(own[1], index)
+            return SyncObj._SyncObj__doApplyCommand(self, command)
 
         def _applyCommand(self, command, callback, commandType=None):  # noqa: N802
             """Every command (ours, a member change, one a follower forwards to this leader) is
@@ -149,6 +249,27 @@ def _make_node_class():
                 self._forwarded = self._SyncObj__getCurrentLogIndex()
 
     return _RaftNode
+
+
+def _journal_without_stat(journal) -> None:
+    """pysyncobj's file journal appends an entry by writing into its file's mapping, asking the
+    file's size (``mmap.size()``, an fstat) twice per entry to know whether to grow it: the
+    mapping's own length (the whole file is mapped, and grown with it) tells as much. Writes
+    that do not fit go to pysyncobj's write, which grows the file."""
+    file = getattr(journal, "_FileJournal__journalFile", None)
+    if file is None:  # a memory journal
+        return
+    grow = file.write
+
+    def write(offset: int, values: bytes) -> None:
+        mm = file._ResizableFile__mm
+        end = offset + len(values)
+        if end <= len(mm):
+            mm[offset:end] = values
+        else:
+            grow(offset, values)
+
+    file.write = write
 
 
 def _no_wakeup() -> None:
@@ -242,12 +363,15 @@ class RaftGroup:
             "snapshots_installed": 0,
             "settlements_stale": 0,
             "appends_relayed": 0,  # appends staged by the C fast path of a PUBLISH (append_relayed)
+            # a follower's answer came after later entries were sent to it: they were not sent again
+            "entries_not_resent": 0,
         }
         journal = os.path.join(data_dir, f"raft-{name}.journal")
         os.makedirs(data_dir, exist_ok=True)
         self.journal = journal
         self.dump = os.path.join(data_dir, f"raft-{name}.snapshot")
         self._node = None
+        self._poller = None  # transport.HubPoller, made at start
         # log compaction (snapshot.Writing): the dump being written by a greenlet, and what
         # _snapshot_progress tells pysyncobj
         self._snapshot_writer = None
@@ -259,11 +383,6 @@ class RaftGroup:
         global _NODE_CLASS
         from pysyncobj import SyncObjConf
 
-        if not monkey.is_module_patched("select"):
-            import pysyncobj.poller
-            from gevent import select as gevent_select
-
-            pysyncobj.poller.select = gevent_select  # its wait must yield to the hub
         if _NODE_CLASS is None:
             _NODE_CLASS = _make_node_class()
         conf = SyncObjConf(
@@ -297,12 +416,16 @@ class RaftGroup:
             onStateChanged=self._state_changed,
             password=self.password,
         )
-        from .transport import transport_class
+        from .transport import HubPoller, transport_class
 
-        transport = transport_class(self.tls, self.compression)  # connections of ours, plain or TLS
+        # connections of ours, plain or TLS, on watchers of the hub that serve each message and the
+        # tick's work after it in the hub turn that read it (HubPoller; _RaftNode.turn)
+        self._poller = HubPoller()
+        transport = transport_class(self.tls, self.compression, self._poller)
         self._node = _NODE_CLASS(
             self, self.self_addr, [p for p in self.configured if p != self.self_addr], conf, transport
         )
+        self._poller.on_turn = self._node.turn
         self._running = True
         self._driver = gevent.spawn(self._drive)
         log.info(
@@ -329,6 +452,8 @@ class RaftGroup:
                 node._doDestroy()
             except Exception:
                 log.exception("raft_group_stop_failed", extra={"group": self.name})
+        if self._poller is not None:
+            self._poller.close()  # what pysyncobj left subscribed (its pipe notifier's pipe)
         for held, timer, _settlement in self._holds:
             timer.stop()
             held.resolve(refused("the node is stopping", 0x80))
@@ -412,29 +537,28 @@ class RaftGroup:
             raise
 
     def _drive(self) -> None:
+        """pysyncobj's tick every TICK_WAIT, for its timers (elections, heartbeats, the leader
+        stepping down without a majority, reconnects, log compaction); its poll waits for nothing:
+        messages are served by the hub's watchers as they come (``transport.HubPoller``)."""
         node = self._node
         clock = time.perf_counter
         logged = 0.0
         while self._running:
             started = clock()
             try:
-                node.doTick(TICK_WAIT)
+                node.doTick(0)
             except Exception:
                 log.exception("raft_tick_failed", extra={"group": self.name})
-                gevent.sleep(TICK_WAIT)
-            # A tick that held the hub (its socket wait yields; the Python work around it does not):
-            # logged at most every 10 s, with how long and what was applied.
-            took = clock() - started - TICK_WAIT
+            # A tick that held the hub: logged at most every 10 s, with how long and what was
+            # applied.
+            took = clock() - started
             if took > SLOW_TICK and started - logged > 10.0:
                 logged = started
                 log.warning(
                     "raft_tick_slow",
                     extra={"group": self.name, "held_hub_s": round(took, 3), "applied": self.applied},
                 )
-            # Between ticks the other greenlets ready now run, even when packets keep coming; then
-            # the next tick at once: an answer the poll just read advances the commit index and
-            # applies the entry (the held PUBACKs resolved) without waiting for an idle loop.
-            gevent.sleep(0)
+            gevent.sleep(TICK_WAIT)
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from fluxmq.errors import ConfigError
 
 log = logging.getLogger("fluxmq.replication")
 
-__all__ = ["RaftTLS", "RaftConnection", "RaftServer", "RaftTransport", "raft_tls"]
+__all__ = ["HubPoller", "RaftTLS", "RaftConnection", "RaftServer", "RaftTransport", "raft_tls"]
 
 SECTION = "cluster.raft.tls"
 #: plaintext handed to the SSLObject per write: one TLS record at most (16 KiB)
@@ -63,6 +63,8 @@ LOG_EVERY = 30.0
 
 #: pickle protocol of the frames written (pickle.loads reads any: pysyncobj's nodes read them)
 FRAME_PICKLE = 5
+#: bytes asked of the socket per recv; a read that returns fewer emptied the kernel's buffer
+READ_SIZE = 65536
 
 _EAGAIN = (socket.errno.EAGAIN, socket.errno.EWOULDBLOCK)
 _failures_logged: dict[tuple[str, str], float] = {}
@@ -161,13 +163,133 @@ def _log_failure(peer: str, side: str, reason: str) -> None:
 
 def encode_frame(conn, message, level: int) -> bytes:
     """pysyncobj's frame of ``message`` (its connection key and password layer included), pickled
-    with FRAME_PICKLE and compressed at zlib ``level``."""
+    with FRAME_PICKLE and compressed at zlib ``level`` (0: ``_stored``)."""
     if conn.sendRandKey:
         message = (conn.sendRandKey, message)
-    data = zlib.compress(pickle.dumps(message, FRAME_PICKLE), level)
+    data = pickle.dumps(message, FRAME_PICKLE)
     if conn.encryptor:
+        data = zlib.compress(data, level) if level else b"".join(_stored(data))
         data = conn.encryptor.encrypt_at_time(data, int(monotonic()))
-    return struct.pack("i", len(data)) + data
+        return struct.pack("i", len(data)) + data
+    if level:
+        data = zlib.compress(data, level)
+        return struct.pack("i", len(data)) + data
+    parts = _stored(data)
+    parts[0] = struct.pack("i", sum(map(len, parts))) + parts[0]
+    return b"".join(parts)
+
+
+_BLOCK = 0xFFFF  # the longest stored block of a deflate stream
+
+
+def _stored(data) -> list:
+    """The pieces of a zlib stream of ``data`` in stored deflate blocks (what zlib writes at level
+    0), written without zlib's compressor: that one allocates ~256 KiB of state per call, paged in
+    afresh each time (~80 us a frame against ~2; bench/RESULTS.md). Any zlib reader reads it."""
+    n = len(data)
+    adler = struct.pack(">I", zlib.adler32(data))
+    if n <= _BLOCK:
+        return [b"\x78\x01" + struct.pack("<BHH", 1, n, n ^ 0xFFFF), data, adler]
+    view = memoryview(data)
+    parts = [b"\x78\x01"]
+    for start in range(0, n, _BLOCK):
+        block = view[start : start + _BLOCK]
+        size = len(block)
+        parts.append(struct.pack("<BHH", start + _BLOCK >= n, size, size ^ 0xFFFF))
+        parts.append(block)
+    parts.append(adler)
+    return parts
+
+
+def _inflate(data: bytes):
+    """The bytes of the zlib stream ``data``: a stream of one stored block (ours at compression
+    0) by its header and Adler-32, a view of ``data`` (zlib's decompressor allocates its state and
+    a 32 KiB window per call); any other by zlib. A stream that does not check raises."""
+    n = len(data) - 11
+    if n >= 0 and data[0] == 0x78 and data[1] == 0x01 and data[2] == 1:
+        size, check = struct.unpack_from("<HH", data, 3)
+        if size == n and size ^ check == 0xFFFF:
+            body = memoryview(data)[7 : 7 + n]
+            if zlib.adler32(body) != struct.unpack_from(">I", data, 7 + n)[0]:
+                raise zlib.error("incorrect data check")
+            return body
+    return zlib.decompress(data)
+
+
+def _loads(data):
+    """pysyncobj's ``loads`` (which retries a Python 2 pickle), reading a view without a copy."""
+    try:
+        return pickle.loads(data)
+    except Exception:
+        return pysyncobj_pickle.loads(bytes(data))
+
+
+#: the frame encoded last (message, compression level, frame): pysyncobj builds an equal message
+#: for each follower at the same index, sent one after the other; encoded once (no password layer)
+_last_frame: list = [None, -1, b""]
+
+
+class HubPoller:
+    """pysyncobj's poller (``subscribe`` / ``unsubscribe`` / ``poll``) on persistent I/O watchers
+    of the gevent hub: one per socket, made when pysyncobj subscribes it and changed only when the
+    events it waits for change (a send that did not go out whole adds writability).
+
+    A watcher's callback runs in the hub: it hands the event to the connection (which reads and
+    hands each whole message to pysyncobj) and then calls ``on_turn``, the rest of what a tick did
+    after its poll (the group's ``_RaftNode.turn``: the leader's commit index from the answers just
+    read, the committed entries applied, their holds resolved). So an answer is read, committed
+    and acknowledged in the hub turn that read it: no driver greenlet to wake, no watcher made,
+    started and closed per wait (gevent's ``select`` makes them at every call), no ``select`` of
+    the fds first. ``poll`` waits for nothing: the group's driver ticks on a timer for pysyncobj's
+    timeouts (elections, heartbeats, reconnects)."""
+
+    def __init__(self, on_turn=None) -> None:
+        import gevent
+
+        self._loop = gevent.get_hub().loop
+        self.on_turn = on_turn
+        self.watchers: dict[int, object] = {}  # fd -> its watcher
+        self._callbacks: dict[int, object] = {}  # fd -> pysyncobj's callback(fd, event mask)
+
+    def subscribe(self, descr, callback, eventMask) -> None:  # noqa: N803
+        events = 1 if eventMask & POLL_EVENT_TYPE.READ else 0  # libev's READ
+        if eventMask & POLL_EVENT_TYPE.WRITE:
+            events |= 2  # libev's WRITE
+        self._callbacks[descr] = callback
+        watcher = self.watchers.get(descr)
+        if watcher is not None:
+            if watcher.events == events:
+                return
+            watcher.stop()
+            watcher.close()
+        watcher = self.watchers[descr] = self._loop.io(descr, events)
+        watcher.start(self._on_event, descr, pass_events=True)
+
+    def unsubscribe(self, descr) -> None:
+        self._callbacks.pop(descr, None)
+        watcher = self.watchers.pop(descr, None)
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
+
+    def poll(self, timeout) -> None:
+        """Nothing to wait for: the watchers' callbacks serve the sockets as they become ready."""
+
+    def close(self) -> None:
+        for descr in list(self.watchers):
+            self.unsubscribe(descr)
+
+    def _on_event(self, revents: int, descr: int) -> None:
+        callback = self._callbacks.get(descr)
+        if callback is None:
+            return
+        try:
+            # libev reports an error as readable and writable: the read or the send meets it
+            callback(descr, revents & (POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE))
+            if self.on_turn is not None:
+                self.on_turn()
+        except Exception:  # never into the hub's loop: the tick's handler would have logged it too
+            log.exception("raft_io_failed", extra={"fd": descr})
 
 
 class RaftConnection:
@@ -279,15 +401,35 @@ class RaftConnection:
         return True
 
     def send(self, message):
-        frame = encode_frame(self, message, self._level)
+        if self.sendRandKey or self.encryptor:
+            frame = encode_frame(self, message, self._level)
+        else:
+            last = _last_frame
+            if last[1] == self._level and last[0] == message:
+                frame = last[2]  # the same message to another follower
+            else:
+                frame = encode_frame(self, message, self._level)
+                last[0], last[1], last[2] = message, self._level, frame
         if not self._secure:
             self._pending += frame
             return
         if self._timed_out():
             return
         if self._tls is None:
-            self._wire += frame
-            self._flush()
+            if self._wire or self._sock is None:
+                self._wire += frame
+                self._flush()
+                return
+            try:  # straight from the frame: nothing waits before it
+                sent = self._sock.send(frame)
+            except OSError as exc:
+                if exc.errno not in _EAGAIN:
+                    self.disconnect()
+                    return
+                sent = 0
+            if sent < len(frame):
+                self._wire += memoryview(frame)[sent:]
+                self._subscribe(write=True)
         elif self._encrypt(frame):
             self._flush()
 
@@ -368,8 +510,9 @@ class RaftConnection:
             return
         if self._timed_out():
             return
-        if self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self.disconnect()
+        connecting = self._state == CONNECTION_STATE.CONNECTING
+        if connecting and self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.disconnect()  # the connect failed (once connected, a recv or send meets an error)
             return
         if self._tls is None:
             self._on_plain_event(event)
@@ -422,15 +565,18 @@ class RaftConnection:
         """Socket bytes into the incoming BIO (plain TCP: the read buffer); True when the peer
         closed."""
         put = self._read.extend if self._tls is None else self._in.write
+        recv = self._sock.recv
         while True:
             try:
-                data = self._sock.recv(self._recv_size)
+                data = recv(READ_SIZE)
             except OSError as exc:
                 return exc.errno not in _EAGAIN
             if not data:
                 return True
             put(data)
             self._last_read = monotonic()
+            if len(data) < READ_SIZE:
+                return False  # the kernel's buffer is empty: the next recv would only say so
 
     def _handshake(self) -> bool:
         """Advance the handshake; False when the connection is gone."""
@@ -539,7 +685,7 @@ class RaftConnection:
                     raise ValueError("replayed")
                 self.recvLastTimestamp = stamp
                 data = self.encryptor.decrypt(data)
-            message = pysyncobj_pickle.loads(zlib.decompress(data))
+            message = _loads(_inflate(data))
             if self.recvRandKey:
                 key, message = message
                 if key != self.recvRandKey:
@@ -641,10 +787,14 @@ class RaftTransport(TCPTransport):
     """pysyncobj's ``TCPTransport`` whose connections and listener are ours: TLS with ``tls``, else
     plain TCP; frames compressed at zlib level ``compression`` (cluster.raft.compression)."""
 
-    def __init__(self, syncObj, selfNode, otherNodes, tls: RaftTLS | None, compression: int = 0):  # noqa: N803
+    def __init__(self, syncObj, selfNode, otherNodes, tls: RaftTLS | None, compression: int = 0, poller=None):  # noqa: N803
         # before TCPTransport.__init__: it adds the nodes and makes the server
         self._tls = tls
         self._level = compression
+        if poller is not None:
+            # made by SyncObj just before this (nothing subscribed yet): every connection and the
+            # listener subscribe to this one instead
+            syncObj._poller = poller
         super().__init__(syncObj, selfNode, otherNodes)
 
     def _createServer(self):  # noqa: N802
@@ -694,6 +844,7 @@ class RaftTransport(TCPTransport):
                 conn.check_handshake_deadline()
 
 
-def transport_class(tls: RaftTLS | None, compression: int = 0):
-    """The ``transportClass`` argument of ``SyncObj`` for ``tls`` (None: plain TCP)."""
-    return functools.partial(RaftTransport, tls=tls, compression=compression)
+def transport_class(tls: RaftTLS | None, compression: int = 0, poller=None):
+    """The ``transportClass`` argument of ``SyncObj`` for ``tls`` (None: plain TCP); ``poller``
+    (a ``HubPoller``) replaces the SyncObj's own."""
+    return functools.partial(RaftTransport, tls=tls, compression=compression, poller=poller)

@@ -110,7 +110,7 @@ def client5(node, client_id: str) -> mqtt.Client:
 class Consumer:
     """A 5.0 member of group ``g`` that acks every delivery with a QoS 1 ``$ack`` publish."""
 
-    def __init__(self, node, name: str) -> None:
+    def __init__(self, node, name: str, receive_maximum: int | None = None) -> None:
         self.lock = threading.Lock()
         self.received: list[tuple[bytes, float]] = []
         self.acked: dict[bytes, float] = {}  # payload -> when the $ack's PUBACK said success
@@ -128,7 +128,11 @@ class Consumer:
         c.on_publish = self._on_publish
         subscribed = threading.Event()
         c.on_subscribe = lambda *a: subscribed.set()
-        c.connect(node.host, node.mqtt_port, keepalive=30)
+        connect = None
+        if receive_maximum is not None:  # the member's window (min with the queue's max_inflight)
+            connect = Properties(PacketTypes.CONNECT)
+            connect.ReceiveMaximum = receive_maximum
+        c.connect(node.host, node.mqtt_port, keepalive=30, properties=connect)
         c.loop_start()
         props = Properties(PacketTypes.SUBSCRIBE)
         props.UserProperty = [("consumer-group", "g")]

@@ -111,8 +111,10 @@ class Cluster:
             c.stop()
         raise AssertionError(f"no connection landed on {want} in {MAX_TRIES} tries")
 
-    def consumer(self, node, worker: str, prefix: str) -> Consumer:
-        return self.placed(lambda: Consumer(node, f"{prefix}-{uuid.uuid4().hex[:6]}"), node, worker)
+    def consumer(self, node, worker: str, prefix: str, receive_maximum: int | None = None) -> Consumer:
+        return self.placed(
+            lambda: Consumer(node, f"{prefix}-{uuid.uuid4().hex[:6]}", receive_maximum), node, worker
+        )
 
     def producer(self, node, worker: str, prefix: bytes, total: int, **kwargs) -> Producer:
         def make() -> Producer:
@@ -181,7 +183,14 @@ def test_an_append_on_the_other_worker_is_acked_after_the_quorum_and_consumers_o
     nodes = cluster.nodes
     leader = wait_all_know_leader(nodes)
     follower = next(i for i in range(3) if i != leader)
-    consumers = [cluster.consumer(n, w, f"a{i}{w}") for i, n in enumerate(nodes) for w in ("w0", "w1")]
+    # replicate: a node's lease request takes up to its members' room of what is appended when it
+    # is applied, first come first served (lease.py), and the leader's own requests need no hop:
+    # members of a bounded window leave the other nodes' requests their share
+    consumers = [
+        cluster.consumer(n, w, f"a{i}{w}", receive_maximum=10)
+        for i, n in enumerate(nodes)
+        for w in ("w0", "w1")
+    ]
     producer = cluster.producer(nodes[follower], "w1", b"a", 1)
     stopped = [raft_worker_pid(nodes[i]) for i in range(3) if i != follower]
     try:

@@ -204,3 +204,183 @@ def test_an_entry_is_appended_and_sent_to_the_followers_in_the_turn_it_is_submit
     finally:
         for group in groups:
             group.stop()
+
+
+def _three_groups(tmp_path) -> list[RaftGroup]:
+    from tests.conftest import free_port
+
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    groups = []
+    for i, me in enumerate(addrs):
+        store = MemoryQueueLog()
+        group = RaftGroup("default", me, addrs, str(tmp_path / f"n{i}"), store, "forward")
+        group.logs["q"] = ReplicatedQueueLog("q", store, group, ReplicationConfig(True))
+        groups.append(group)
+    return groups
+
+
+def test_answers_are_read_committed_and_applied_in_the_hub_turn_without_a_tick(tmp_path) -> None:
+    """The Raft sockets are watched by persistent hub watchers whose callbacks read a message and
+    do what a tick did after its poll (the leader's commit index from the followers' answers, the
+    committed entries applied, the holds resolved) in the same hub turn. With no driver ticking
+    at all, an entry is still sent, answered, committed, acknowledged and applied on every
+    replica; and the watchers that served it are the ones made when the connections were (none
+    made per wait)."""
+    import gevent
+
+    groups = _three_groups(tmp_path)
+    for group in groups:
+        group.start()
+    try:
+        with gevent.Timeout(30):
+            leader = None
+            while leader is None:
+                gevent.sleep(0.02)
+                leader = next((g for g in groups if g.delivering), None)
+            while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
+                gevent.sleep(0.02)
+            while not all(g.applied == leader.applied for g in groups):
+                gevent.sleep(0.02)
+            for group in groups:  # no tick from here on: only the hub's watchers and timers
+                group._driver.kill()
+            watchers = [dict(g._node._poller.watchers) for g in groups]
+            assert all(watchers)
+            qlog = leader.logs["q"]
+            for round_ in range(3):
+                qlog.append_one(Message("$queue/q", b"m%d" % round_, 1))
+                held = qlog.held_ack()
+                while not held.done:
+                    gevent.sleep(0.005)
+                assert held.outcome is None
+            # every replica applied them (a follower the last one with the next entry, or at its
+            # driver's tick: FOLLOWER_APPLY_BATCH)
+            while not all(len(g.store.read("q", 0, 10)) >= (3 if g is leader else 2) for g in groups):
+                gevent.sleep(0.01)
+            assert [dict(g._node._poller.watchers) for g in groups] == watchers
+    finally:
+        for group in groups:
+            group.stop()
+
+
+class _CountingMap:
+    """A journal file's mapping that counts its ``size()`` calls (one fstat(2) each)."""
+
+    def __init__(self, mm) -> None:
+        self.mm = mm
+        self.sizes = 0
+
+    def size(self) -> int:
+        self.sizes += 1
+        return self.mm.size()
+
+    def __len__(self) -> int:
+        return len(self.mm)
+
+    def __getitem__(self, key):
+        return self.mm[key]
+
+    def __setitem__(self, key, value) -> None:
+        self.mm[key] = value
+
+    def resize(self, size: int) -> None:
+        self.mm.resize(size)
+
+    def flush(self) -> None:
+        self.mm.flush()
+
+    def close(self) -> None:
+        self.mm.close()
+
+
+def test_the_leader_applies_its_own_entries_without_unpickling_them_nor_stating_its_journal(
+    tmp_path, monkeypatch
+) -> None:
+    """The leader keeps the operations of the entries it submits and applies those (the same
+    entry, checked by identity in its log) instead of unpickling the command it pickled itself;
+    and its journal appends an entry without asking the file's size (pysyncobj's journal stats
+    the file twice per entry)."""
+    import gevent
+    import pysyncobj.syncobj as syncobj_module
+
+    from tests.conftest import free_port
+
+    me = f"127.0.0.1:{free_port()}"
+    store = MemoryQueueLog()
+    group = RaftGroup("default", me, [me], str(tmp_path), store, "forward")
+    qlog = group.logs["q"] = ReplicatedQueueLog("q", store, group, ReplicationConfig(True))
+    group.start()
+    try:
+        with gevent.Timeout(20):
+            while group.owner != me:
+                gevent.sleep(0.01)
+            journal = group._node._SyncObj__raftLog._FileJournal__journalFile
+            counting = journal._ResizableFile__mm = _CountingMap(journal._ResizableFile__mm)
+            unpickled = []
+            loads = syncobj_module.pickle.loads
+            monkeypatch.setattr(syncobj_module.pickle, "loads", lambda d: unpickled.append(1) or loads(d))
+            for i in range(3):
+                qlog.append_one(Message("$queue/q", b"m%d" % i, 1))
+                held = qlog.held_ack()
+                while not held.done:
+                    gevent.sleep(0.005)
+                assert held.outcome is None
+            assert len(store.read("q", 0, 10)) == 3
+            assert unpickled == [] and counting.sizes == 0
+    finally:
+        group.stop()
+
+
+def test_a_follower_applies_committed_entries_two_at_a_time_unless_its_own_entry_waits(tmp_path) -> None:
+    """A follower learns each entry's commit from the next append_entries (or the commit notice)
+    and applies committed entries two at a time: one store commit for both (the driver's tick
+    applies a lone one). An entry a follower forwarded (its producer's PUBACK waits for it) is
+    applied as soon as it is committed. No driver ticks here: only the hub's watchers."""
+    import gevent
+
+    groups = _three_groups(tmp_path)
+    for group in groups:
+        group.start()
+    try:
+        with gevent.Timeout(30):
+            leader = None
+            while leader is None:
+                gevent.sleep(0.02)
+                leader = next((g for g in groups if g.delivering), None)
+            while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
+                gevent.sleep(0.02)
+            while not all(g.applied == leader.applied for g in groups):
+                gevent.sleep(0.02)
+            for group in groups:
+                group._driver.kill()
+            followers = [g for g in groups if g is not leader]
+            batches: dict = {id(g): [] for g in followers}
+            for g in followers:
+                node = g._node
+                apply = node._apply_entries
+
+                def counted(node=node, apply=apply, seen=batches[id(g)]):
+                    seen.append(node.raftCommitIndex - node.raftLastApplied)
+                    return apply()
+
+                node._apply_entries = counted
+            qlog = leader.logs["q"]
+            for round_ in range(6):
+                qlog.append_one(Message("$queue/q", b"m%d" % round_, 1))
+                held = qlog.held_ack()
+                while not held.done:
+                    gevent.sleep(0.005)
+            while not all(g.applied >= leader.applied - 1 for g in followers):
+                gevent.sleep(0.01)
+            assert all(batches[id(g)] and min(batches[id(g)]) >= 2 for g in followers), batches
+            follower = followers[0]
+            before = follower.applied
+            flog = follower.logs["q"]
+            flog.append_one(Message("$queue/q", b"forwarded", 1))
+            held = flog.held_ack()
+            while not held.done:
+                gevent.sleep(0.005)
+            assert held.outcome is None
+            assert follower.applied > before and len(follower.store.read("q", 0, 10)) == 7
+    finally:
+        for group in groups:
+            group.stop()

@@ -294,3 +294,130 @@ def test_frames_are_pickled_with_protocol_5_at_the_configured_compression(level)
     finally:
         client.disconnect()
         server.unbind()
+
+
+def test_a_level_0_frame_is_a_stored_stream_written_without_zlib_s_compressor(monkeypatch) -> None:
+    """At compression 0 the frame's zlib stream is written as stored blocks by hand: zlib's
+    compressor, even at level 0, allocates ~256 KiB of state per call (page-faulted in afresh
+    each time: ~80 us per frame; bench/RESULTS.md). pysyncobj's reader (zlib.decompress) reads
+    it, a frame of several stored blocks (over 64 KiB) too."""
+    import fluxmq.replication.transport as transport
+
+    def no_compressor(*args, **kwargs):
+        raise AssertionError("zlib.compress called at level 0")
+
+    monkeypatch.setattr(transport.zlib, "compress", no_compressor)
+    poller = createPoller("select")
+    port = free_port()
+    received: list = []
+
+    def on_new(conn) -> None:
+        conn.setOnMessageReceivedCallback(received.append)
+
+    server = TcpServer(poller, "127.0.0.1", port, on_new)  # pysyncobj's reads ours
+    server.bind()
+    client = RaftConnection(poller, timeout=10.0, tls=None, compression=0)
+    messages = [{"entries": [(b"r" * n, 1, 1)]} for n in (0, 10, 65_000, 65_535, 200_000)]
+    try:
+        client.connect("127.0.0.1", port)
+        assert _pump(poller, lambda: client.state == CONNECTION_STATE.CONNECTED)
+        for m in messages:
+            client.send(m)
+        assert _pump(poller, lambda: len(received) == len(messages))
+        assert received == messages
+    finally:
+        client.disconnect()
+        server.unbind()
+
+
+def test_a_message_sent_to_several_peers_is_encoded_once(monkeypatch) -> None:
+    """pysyncobj sends an entry to each follower as a message of its own, equal for followers at
+    the same index: the frame encoded for the first is sent to the others (no password layer,
+    same compression), and both peers read it."""
+    import fluxmq.replication.transport as transport
+
+    pickled = []
+    dumps = transport.pickle.dumps
+    monkeypatch.setattr(transport.pickle, "dumps", lambda *a, **k: pickled.append(1) or dumps(*a, **k))
+    poller = createPoller("select")
+    ports = [free_port(), free_port()]
+    received: list = []
+
+    def on_new(conn) -> None:
+        conn.setOnMessageReceivedCallback(received.append)
+
+    servers = [RaftServer(poller, "127.0.0.1", p, on_new, tls=None) for p in ports]
+    for s in servers:
+        s.bind()
+    clients = [RaftConnection(poller, timeout=10.0, tls=None) for _ in ports]
+    try:
+        for c, p in zip(clients, ports, strict=True):
+            c.connect("127.0.0.1", p)
+        assert _pump(poller, lambda: all(c.state == CONNECTION_STATE.CONNECTED for c in clients))
+        entry = (b"e" * 5000, 8, 2)
+        pickled.clear()
+        for c in clients:  # as pysyncobj builds them: a dict and a list of entries each
+            c.send({"type": "append_entries", "entries": [entry], "prevLogIdx": 7, "commit_index": 6})
+        assert len(pickled) == 1
+        clients[1].send({"type": "append_entries", "entries": [entry], "prevLogIdx": 6, "commit_index": 6})
+        assert len(pickled) == 2  # another message: encoded
+        assert _pump(poller, lambda: len(received) == 3)
+        assert sorted(m["prevLogIdx"] for m in received) == [6, 7, 7]
+    finally:
+        for c in clients:
+            c.disconnect()
+        for s in servers:
+            s.unbind()
+
+
+def test_a_stored_frame_is_read_without_zlib_s_decompressor_and_a_corrupt_one_ends_the_connection(
+    monkeypatch,
+) -> None:
+    """A frame whose zlib stream is one stored block (ours at compression 0) is read by checking
+    its header and Adler-32 and unpickling the bytes in place (zlib's decompressor allocates its
+    state and window per call); others (a compressed frame, several blocks) are decompressed. A
+    stored frame whose checksum does not match ends the connection, as zlib's error did."""
+    import fluxmq.replication.transport as transport
+
+    decompress = transport.zlib.decompress
+    inflated: list = []
+    monkeypatch.setattr(
+        transport.zlib, "decompress", lambda data: inflated.append(len(data)) or decompress(data)
+    )
+    poller = createPoller("select")
+    port = free_port()
+    accepted: list = []
+    received: list = []
+
+    def on_new(conn) -> None:
+        accepted.append(conn)
+        conn.setOnMessageReceivedCallback(received.append)
+
+    server = RaftServer(poller, "127.0.0.1", port, on_new, tls=None)
+    server.bind()
+    clients = [RaftConnection(poller, timeout=10.0, tls=None, compression=lvl) for lvl in (0, 6)]
+    try:
+        for c in clients:
+            c.connect("127.0.0.1", port)
+        assert _pump(poller, lambda: all(c.state == CONNECTION_STATE.CONNECTED for c in clients))
+        small, large = {"entries": [(b"s" * 300, 1, 1)]}, {"entries": [(b"l" * 70_000, 2, 1)]}
+
+        def len_of(message) -> int:
+            return len(message["entries"][0][0])
+
+        clients[0].send(small)
+        assert _pump(poller, lambda: received == [small])
+        assert inflated == []  # one stored block: not through zlib
+        clients[0].send(large)
+        clients[1].send(small)
+        assert _pump(poller, lambda: len(received) == 3)
+        assert sorted(received[1:], key=len_of) == [small, large] and len(inflated) == 2
+        frame = bytearray(transport.encode_frame(clients[0], small, 0))
+        frame[-1] ^= 0xFF  # its Adler-32
+        clients[0]._sock.sendall(bytes(frame))
+        assert _pump(poller, lambda: any(a.state == CONNECTION_STATE.DISCONNECTED for a in accepted))
+        assert len(received) == 3
+    finally:
+        for c in clients:
+            c.disconnect()
+        server.unbind()
