@@ -3,14 +3,14 @@
 For each worker count a fresh ``fluxmq-node`` (memory storage, ``bench.brokers.FluxmqNode``), then
 ``mqttload`` (``shared/tools/mqttload.c``) fan-out 1 -> 100 and fan-in 100 -> 1 (QoS 0, 64-byte
 payloads), each ``--runs`` times. Besides the generator's rate it reads the CPU time of every
-process of the node (arbiter and workers, ``/proc/<pid>/stat``) around each run: CPU microseconds per
+process of the node (arbiter and workers, ``/proc/<pid>/task/*/schedstat``, in ns) around each run: CPU us per
 delivery show what the cross-worker path costs whatever the other load on a shared machine, and
 ``rate x cpu/delivery`` how many cores the node used.
 
 Usage::
 
     python -m bench.workers_scale --mqttload /path/to/mqttload [--workers 1,2] [--runs 3]
-        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0]
+        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0] [--detail]
 """
 
 from __future__ import annotations
@@ -24,30 +24,44 @@ import time
 
 from bench.brokers import FluxmqNode
 
-TICK = os.sysconf("SC_CLK_TCK")
 MODES = {
     "fanout": ["--mode", "fanout", "--subs", "100", "--count", "10000", "--duration", "5"],
     "fanin": ["--mode", "fanin", "--pubs", "100", "--count", "500000", "--duration", "5"],
 }
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and its children, as /proc says now."""
-    total = 0.0
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its children (the arbiter and its workers)."""
     pids = [pid]
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             pids += [int(p) for p in f.read().split()]
     except OSError:
         pass
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / TICK
-        except OSError:
-            continue
-    return total
+    return pids
+
+
+def proc_cpu(pid: int) -> tuple[float, int]:
+    """CPU seconds of ``pid`` (all its threads: the scheduler's run time in ns, /proc/.../schedstat,
+    rather than /proc/PID/stat's 10 ms ticks, which are coarse for a run of a fraction of a second)
+    and its voluntary context switches (waits: wake-ups of an idle worker)."""
+    ns = waits = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns += int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        waits += int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return ns / 1e9, waits
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its children, as /proc says now."""
+    return sum(proc_cpu(p)[0] for p in tree_pids(pid))
 
 
 def run_once(mqttload: str, port: int, mode: str, window: int, gen_cpus: str) -> dict[str, str]:
@@ -80,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker-cpus", default="0,1")
     p.add_argument("--gen-cpus", default="0")
     p.add_argument("--set", action="append", default=[], help="extra --set for the node")
+    p.add_argument(
+        "--detail",
+        action="store_true",
+        help="per run: each worker's CPU us per delivery and waits (voluntary context switches) per 1,000",
+    )
     args = p.parse_args(argv)
     print(
         "| workers | scenario | deliveries/s (runs) | median | broker CPU us/delivery (median) | cores used | load avg |"
@@ -94,19 +113,31 @@ def main(argv: list[str] | None = None) -> int:
                 rates, costs = [], []
                 load = open("/proc/loadavg").read().split()[0]
                 for _ in range(args.runs):
-                    before, t0 = tree_cpu(node.pid), time.monotonic()
+                    pids = tree_pids(node.pid)
+                    before = {p: proc_cpu(p) for p in pids}
                     result = run_once(args.mqttload, node.port, mode, args.window, args.gen_cpus)
-                    cpu = tree_cpu(node.pid) - before
+                    after = {p: proc_cpu(p) for p in pids}
+                    cpu = sum(after[p][0] - before[p][0] for p in pids)
                     deliveries = int(result.get("deliveries", result.get("received", "0")) or 0)
                     rates.append(float(result.get("rate", "0") or 0))
                     if deliveries:
                         costs.append(cpu / deliveries * 1e6)
-                    del t0
+                        if args.detail:
+                            print(
+                                f"<!-- {workers} {mode}: "
+                                + ", ".join(
+                                    f"pid {p} {(after[p][0] - before[p][0]) / deliveries * 1e6:.3f} us "
+                                    f"{(after[p][1] - before[p][1]) * 1000 / deliveries:.2f} waits"
+                                    for p in pids[1:]
+                                )
+                                + " per delivery / per 1,000 -->",
+                                flush=True,
+                            )
                 med_rate = statistics.median(rates)
                 med_cost = statistics.median(costs) if costs else 0.0
                 print(
                     f"| {workers} | {mode} | {', '.join(f'{r:,.0f}' for r in rates)} | {med_rate:,.0f} | "
-                    f"{med_cost:.2f} | {med_rate * med_cost / 1e6:.2f} | {load} |",
+                    f"{med_cost:.3f} | {med_rate * med_cost / 1e6:.2f} | {load} |",
                     flush=True,
                 )
         finally:

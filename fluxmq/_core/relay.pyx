@@ -453,7 +453,7 @@ cdef class PublishRelay:
         cdef long long recv_base[2]
         cdef str topic, last_topic = None
         cdef bint full
-        last_fqs = fqs = None
+        cdef list fqs = None, last_fqs = None  # (typed: a list's truth is its length, not a call)
         if not self.enabled or i >= count:
             return i
         if type(packets[i]) is Puback:
@@ -643,7 +643,11 @@ cdef class PublishRelay:
                 if qos:
                     out = conn.out
                     ack_at = PyByteArray_GET_SIZE(out)
-                n = self._fan_out(route.targets, topic, payload, qos, origin, client_id, True, &n_acked)
+                targets = route.targets
+                if targets:
+                    n = self._fan_out(targets, topic, payload, qos, origin, client_id, True, &n_acked)
+                else:
+                    n = n_acked = 0  # no local subscriber (a message only forwarded): no fan-out call
                 if fqs:
                     # -- Peers.forward: queued once per peer with matching interest --
                     for fq in <list>fqs:

@@ -52,18 +52,9 @@ def outgoing(message: Message, groups: tuple[str, ...], match_local: bool) -> Ou
     return Outgoing(encode_message(message), groups, match_local, message.expires_at)
 
 
-def build_batch(
-    sender: str,
-    epoch: int,
-    seq: int,
-    entries: list[Outgoing | ForwardRun],
-    interest=(),
-    snapshot: bool = False,
-    now: float | None = None,
-) -> tuple[pb.Batch, int]:
-    """The Batch of ``entries`` (those expired by now are left out); returns (batch, expired)."""
-    if now is None:
-        now = time.monotonic()
+def frame_items(entries: list[Outgoing | ForwardRun], now: float) -> tuple[list[bytes], int, int]:
+    """The framed items of ``entries`` as parts to join or send in order (the relay's runs as they
+    are), the messages among them and how many of them expired by ``now`` (left out)."""
     parts: list[bytes] = []
     expired = 0
     count = 0
@@ -88,6 +79,20 @@ def build_batch(
             parts.append(_GLEN.pack(len(data)))
             parts.append(data)
         parts.append(e.blob)
+    return parts, count, expired
+
+
+def build_batch(
+    sender: str,
+    epoch: int,
+    seq: int,
+    entries: list[Outgoing | ForwardRun],
+    interest=(),
+    snapshot: bool = False,
+    now: float | None = None,
+) -> tuple[pb.Batch, int]:
+    """The Batch of ``entries`` (those expired by now are left out); returns (batch, expired)."""
+    parts, count, expired = frame_items(entries, time.monotonic() if now is None else now)
     changes = [pb.InterestChange(filter=f, added=added) for f, added in interest]
     return pb.Batch(
         sender=sender,
@@ -98,6 +103,57 @@ def build_batch(
         items=b"".join(parts),
         count=count - expired,
     ), expired
+
+
+class RawBatch:
+    """A batch for a transport that carries the items as they are (``UnixChannel``, between the
+    workers of a node): ``head`` is the serialized ``Batch`` without ``items``, ``parts`` the framed
+    items (``frame_items``), written after it as they are. Joining the items, copying them into a
+    protobuf message and serializing it made four copies of every forwarded byte on the sender
+    (and parsing and ``Batch.items`` two more on the receiver)."""
+
+    __slots__ = ("seq", "head", "parts", "size")
+
+    def __init__(self, seq: int, head: bytes, parts: list[bytes]) -> None:
+        self.seq = seq
+        self.head = head
+        self.parts = parts
+        self.size = sum(len(p) for p in parts)
+
+
+def build_raw_batch(
+    sender: str,
+    epoch: int,
+    seq: int,
+    entries: list[Outgoing | ForwardRun],
+    interest=(),
+    snapshot: bool = False,
+    now: float | None = None,
+) -> tuple[RawBatch, int]:
+    """``build_batch`` as a ``RawBatch``; returns (batch, expired)."""
+    parts, count, expired = frame_items(entries, time.monotonic() if now is None else now)
+    changes = [pb.InterestChange(filter=f, added=added) for f, added in interest]
+    head = pb.Batch(
+        sender=sender, epoch=epoch, seq=seq, snapshot=snapshot, interest=changes, count=count - expired
+    )
+    return RawBatch(seq, head.SerializeToString(), parts), expired
+
+
+class FramedBatch:
+    """A received ``RawBatch``: the fields of its head (as ``pb.Batch`` has them) and ``items``, the
+    whole received frame, whose items start at byte ``items_start`` (not copied out of it)."""
+
+    __slots__ = ("sender", "epoch", "seq", "snapshot", "interest", "count", "items", "items_start")
+
+    def __init__(self, head: pb.Batch, items: bytes, items_start: int) -> None:
+        self.sender = head.sender
+        self.epoch = head.epoch
+        self.seq = head.seq
+        self.snapshot = head.snapshot
+        self.interest = head.interest
+        self.count = head.count
+        self.items = items
+        self.items_start = items_start
 
 
 def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Message, tuple[str, ...], bool]]:

@@ -39,7 +39,7 @@ from gevent.queue import Queue
 
 from fluxmq._core.forward import ForwardQueue, ForwardRun
 
-from .batch import Outgoing, build_batch
+from .batch import Outgoing, RawBatch, build_batch, build_raw_batch
 from .proto import cluster_pb2 as pb
 
 log = logging.getLogger("fluxmq.cluster.forwarder")
@@ -91,6 +91,8 @@ class PeerLink:
         self.settings = settings
         self.channel = channel
         self.stub = pb_grpc.ClusterTransportStub(channel)
+        # a channel that writes a RawBatch's items as they are (the Unix socket between workers)
+        self._build = build_raw_batch if getattr(channel, "raw_batches", False) else build_batch
         self._local_filters = local_filters  # () -> iterable of this node's filters (the snapshot)
         self._on_ack = on_ack  # (node_id, BatchAck) -> None
         self.queue: deque[Outgoing | ForwardRun] = deque()
@@ -108,7 +110,7 @@ class PeerLink:
         self.acked_interest = 0  # changes the peer has applied
         self.seq = 0
         self.taken = 0  # messages taken from the queue into batches so far
-        self.unacked: OrderedDict[int, tuple[pb.Batch, float, int, int]] = OrderedDict()
+        self.unacked: OrderedDict[int, tuple[pb.Batch | RawBatch, float, int, int]] = OrderedDict()
         self.stats = LinkStats()
         self.connected = False  # the current stream has been answered (an ack arrived)
         self._call = None
@@ -274,7 +276,7 @@ class PeerLink:
         self.seq += 1
         return self.seq
 
-    def _send(self, batch: pb.Batch, n: int) -> None:
+    def _send(self, batch, n: int) -> None:
         self.unacked[batch.seq] = (batch, time.monotonic(), n, self.interest_version)
         self._out.put(batch)
 
@@ -331,7 +333,7 @@ class PeerLink:
         fq.queued_bytes -= size
         self.taken += n
         interest, self.interest = self.interest, []
-        batch, expired = build_batch(self.local_id, self.epoch, self._next_seq(), entries, interest)
+        batch, expired = self._build(self.local_id, self.epoch, self._next_seq(), entries, interest)
         self.stats.expired += expired
         self._send(batch, n - expired)
         if not fq.queued and not self.interest:

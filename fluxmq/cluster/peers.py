@@ -39,7 +39,7 @@ import gevent
 from fluxmq.errors import ForwardedItemFailed
 from fluxmq.storage.records import encode_message
 
-from .batch import BatchError, Outgoing, decode_item
+from .batch import BatchError, FramedBatch, Outgoing, decode_item
 from .interest import RemoteInterest
 from .proto import cluster_pb2 as pb
 
@@ -238,8 +238,8 @@ class ClusterPeers:
         busy: list[str] = []
         broker = self.broker
         n = 0
-        items = batch.items
-        i, end = 0, len(items)
+        items = batch.items  # (a FramedBatch's: the received frame, its items from items_start on)
+        i, end = batch.items_start if type(batch) is FramedBatch else 0, len(items)
         now = time.monotonic()
         relayed = broker.publish_relayed_from_peer
         try:

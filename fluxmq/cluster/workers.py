@@ -267,9 +267,11 @@ class WorkerNode:
             from .unix import UnixTransport as Transport
 
         self.epoch = time.time_ns()
-        base = cluster_settings(config).transport  # batching and queue bounds: cluster.transport.*
+        base = cluster_settings(config).transport  # queue bounds and batching: cluster.transport.*
         self.settings = settings = dataclasses.replace(
             base,
+            # (between workers a batch is bounded by its own key: larger than between nodes)
+            batch_max_size=config.server.workers_batch_max_size,
             bind_addr="unix:" + context.socket_path(context.index),
             tls_enabled=False,
             peers={

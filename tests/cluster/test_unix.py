@@ -1,0 +1,141 @@
+"""The Unix-socket transport between workers (``fluxmq.cluster.unix``): a ``RawBatch`` is written as
+one frame whose items travel as they are, and read back as a ``FramedBatch`` whose items are the
+received frame from ``items_start`` on; a serialized ``pb.Batch`` frame still reads as one. Real
+Unix socket pairs under gevent."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import gevent
+import pytest
+from gevent import socket
+
+from fluxmq._core.forward import ForwardQueue
+from fluxmq.broker.message import Message
+from fluxmq.cluster.batch import FramedBatch, Outgoing, build_batch, build_raw_batch, decode_items
+from fluxmq.cluster.proto import cluster_pb2 as pb
+from fluxmq.cluster.unix import MAX_PARTS, FrameReader, UnixChannel, read_batch, write_frame, write_raw_batch
+from fluxmq.storage.records import encode_message
+
+
+def relay_runs(count: int, payload: bytes = b"p" * 64, run: int = 100) -> list:
+    """``count`` plain messages appended by the relay's C path, sealed into runs of ``run``."""
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 30, 1 << 40, run, 1 << 40)
+    for i in range(count):
+        fq.append(f"in/{i % 7}", "pub", i % 2, payload + i.to_bytes(4, "big"))
+    fq.seal()
+    return list(runs)
+
+
+def messages(data: bytes, start: int = 0) -> list[tuple]:
+    return [(m.topic, m.payload, m.qos, m.origin, g, ml) for m, g, ml in decode_items(data[start:], now=0.0)]
+
+
+def transfer(write, frames: int = 1) -> list[bytes]:
+    """What ``write(sock)`` sent through a Unix socket pair, read back frame by frame (concurrently:
+    a frame may be larger than the socket's buffer)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader = FrameReader(b)
+    try:
+        got = gevent.spawn(lambda: [reader.read() for _ in range(frames)])
+        write(a)
+        return got.get(timeout=30)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_raw_batch_round_trip_keeps_head_items_and_order() -> None:
+    entries = [
+        *relay_runs(250),
+        Outgoing(encode_message(Message("g/1", b"shared", 1)), ("$share/g/g/#",), False, None),
+        Outgoing(encode_message(Message("e/1", b"exp", 0, expires_at=1000.0)), (), True, 1000.0),
+        *relay_runs(3),
+    ]
+    interest = [("a/#", True), ("b", False)]
+    raw, expired = build_raw_batch("w1", 7, 42, entries, interest, now=990.0)
+    ref, ref_expired = build_batch("w1", 7, 42, entries, interest, now=990.0)
+    assert expired == ref_expired == 0
+    [frame] = transfer(lambda sock: write_raw_batch(sock, raw))
+    got = read_batch(frame)
+    assert type(got) is FramedBatch
+    assert (got.sender, got.epoch, got.seq, got.snapshot, got.count) == ("w1", 7, 42, False, ref.count)
+    assert [(c.filter, c.added) for c in got.interest] == [("a/#", True), ("b", False)]
+    assert got.items is frame  # not copied out of the frame
+    assert frame[got.items_start :] == ref.items  # byte for byte what the protobuf path carries
+    assert messages(got.items, got.items_start) == messages(ref.items)
+
+
+def test_a_raw_batch_larger_than_the_socket_buffer_and_many_parts_arrive_whole() -> None:
+    big = relay_runs(3000, payload=b"x" * 1000)  # ~3 MB: sendmsg writes part of it
+    many = [Outgoing(encode_message(Message(f"t/{i}", b"y", 0)), (), True, None) for i in range(MAX_PARTS)]
+    batches = [build_raw_batch("w0", 1, 1, big)[0], build_raw_batch("w0", 1, 2, many)[0]]
+
+    def write(sock) -> None:
+        for batch in batches:
+            write_raw_batch(sock, batch)
+
+    frames = transfer(write, frames=2)
+    for batch, frame in zip(batches, frames, strict=True):
+        got = read_batch(frame)
+        assert got.seq == batch.seq and frame[got.items_start :] == b"".join(batch.parts)
+    assert len(messages(frames[0], read_batch(frames[0]).items_start)) == 3000
+    assert [m[0] for m in messages(frames[1], read_batch(frames[1]).items_start)] == [
+        f"t/{i}" for i in range(MAX_PARTS)
+    ]
+
+
+def test_a_protobuf_batch_frame_still_reads_as_a_batch() -> None:
+    ref = build_batch("w1", 1, 3, relay_runs(5), [("x/#", True)], snapshot=True)[0]
+    [frame] = transfer(lambda sock: write_frame(sock, ref.SerializeToString()))
+    got = read_batch(frame)
+    assert type(got) is pb.Batch and got == ref
+
+
+@pytest.mark.parametrize("frame", [b"\x00\x00\x00", b"\x00\x00\x00\x00\x09abc"])
+def test_a_damaged_raw_frame_ends_the_stream(frame: bytes) -> None:
+    with pytest.raises(EOFError):
+        read_batch(frame)
+
+
+def test_links_on_a_unix_channel_send_raw_batches() -> None:
+    assert UnixChannel("unix:/nowhere").raw_batches is True
+
+
+def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tmp_path) -> None:
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    got: list = []
+
+    def on_batch(batch):
+        got.append(batch)
+        return pb.BatchAck(seq=batch.seq)
+
+    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(30):
+            while not link.connected:
+                gevent.sleep(0.01)
+            fq = link.forward_queue
+            for i in range(1000):
+                fq.append("t", "pub", 0, i.to_bytes(4, "big"))
+                if i % 97 == 0:
+                    gevent.sleep(0)  # several batches
+            while link.queued or link.unacked:
+                gevent.sleep(0.01)
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+    framed = [b for b in got if b.count]
+    assert framed and all(type(b) is FramedBatch for b in framed)
+    payloads = [m[1] for b in framed for m in messages(b.items, b.items_start)]
+    assert payloads == [i.to_bytes(4, "big") for i in range(1000)]
