@@ -1,0 +1,239 @@
+# cython: language_level=3
+"""The hot state of an MQTT connection as typed C fields, and the lone message's path in C.
+
+``ConnectionCore`` is the C base of ``MQTTConnection`` (``connection.py``): the fields that every
+read and every flush touch (the output buffer and its dirty flag, the packet count, the writer,
+the output allowance, ``closed``, the decoder, the stream, the flusher, the reader greenlet) live
+in the object's C struct, so the two methods here read them without Python's attribute lookup; the
+Python code of the connection and the C relay (``_core.relay``) still see them as attributes.
+
+- ``_on_input(loop)``: the hub callback of the I/O watcher a connected plain-TCP reader waits on
+  (``MQTTConnection.run``): one non-blocking ``recv`` with libc into a process-wide buffer, the
+  decode, the relay, PINGREQs, then ``FlushScheduler.release``. Anything else (a PUBLISH the
+  relay declines, other packets, errors, end of stream) is handed to the reader greenlet, as the
+  Python callback it replaces did (the same arguments, the same order of effects).
+- ``flush_nowait(limit=None)``: the FlushScheduler's write of one connection; plain TCP (a known
+  descriptor) sends with libc's ``send``, other streams through ``stream.send_nowait``.
+
+The descriptor is only set for plain TCP (``SocketStream``) by ``run`` and cleared before the
+socket is closed (``_teardown``, ``_drain``), so a closed socket's number, reused by another
+connection, is never written to. Everything not on the common path calls back into the Python
+methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowance``, ``_writable``,
+``_write``).
+"""
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport EAGAIN, EINTR, errno
+
+from fluxmq._core.codec import Pingreq
+from fluxmq.errors import MQTTError
+from fluxmq.protocol.parking import _PINGRESP
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_recv "recv"(int fd, void* buf, size_t n, int flags)
+    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+
+
+cdef extern from "<errno.h>":
+    int EWOULDBLOCK
+
+
+cdef enum:
+    READ_SIZE = 65536
+
+# One read buffer for the process: reads happen in the hub's thread only, and each is copied into
+# a bytes object of its exact size at once (no 64 KiB object made and shrunk per read).
+cdef char _rbuf[READ_SIZE]
+
+
+cdef object _relay_serve = None
+
+
+def set_relay(relay) -> None:
+    """The process's publish relay (``_core.relay.PublishRelay``), set by ``connection.py``."""
+    global _relay_serve
+    _relay_serve = relay.serve
+
+
+cdef class HubReads:
+    """The switch and the counter of reads served in the hub (``ConnectionCore._on_input``)."""
+
+    cdef public bint enabled  # False: a connected reader waits in its greenlet (tests compare the two)
+    cdef public long long served  # reads served wholly in the hub, without switching to the reader
+
+    def __init__(self):
+        self.enabled = True
+        self.served = 0
+
+
+HUB_READS = HubReads()
+cdef HubReads _hub_reads = HUB_READS
+
+
+cdef class ConnectionCore:
+    """The typed fields of ``MQTTConnection`` (see the module docstring)."""
+
+    cdef public bytearray out  # the output buffer: what the next flush sends
+    cdef public bint _dirty  # queued with the flusher
+    cdef public Py_ssize_t _npk  # packets written since the last flush (counted there)
+    cdef public object _writer  # the greenlet finishing a write the kernel could not take at once
+    cdef public Py_ssize_t _high  # pending output above which the client counts as congested
+    cdef public bint _want_writable
+    cdef public bint closed
+    cdef public object decoder
+    cdef public object stream
+    cdef public object flusher
+    cdef public object _reader  # the greenlet running run(), while it runs
+    cdef public double _wait_from  # loop time the current recv started waiting; 0 when not in recv
+    cdef public object _stats  # Broker.stats (made in the broker's __init__, never replaced)
+    cdef public Py_ssize_t _high_base  # settings.write_buffer_high
+    cdef public int _fd  # the socket's descriptor for libc's recv/send (plain TCP); -1: the stream's methods
+
+    def __cinit__(self, *args, **kwargs):
+        self._fd = -1
+
+    def _on_input(self, loop):
+        """Hub callback of the input watcher a connected reader waits on (see ``run``).
+
+        One non-blocking read per call, so a busy client gets no more of a loop turn than any other
+        watcher. When every packet it completes is a PUBLISH the relay serves (or a PINGREQ), the
+        read is served here, in the hub, and the reader greenlet stays asleep: a lone message costs
+        no greenlet switch. Otherwise the reader is switched to with what is left: the read
+        (``data, packets, i, bad`` from packet ``i`` on, or the raw bytes, or b"" at end of stream).
+        The read deadlines stay on the connection's timer; serving a read restarts the wait.
+        """
+        cdef ssize_t n
+        cdef int err
+        cdef Py_ssize_t i = 0, count = 0
+        cdef bint drained
+        cdef int fd = self._fd
+        stream = self.stream
+        if fd >= 0:
+            while True:
+                n = c_recv(fd, _rbuf, READ_SIZE, MSG_DONTWAIT)
+                if n >= 0:
+                    data = PyBytes_FromStringAndSize(_rbuf, n)
+                    break
+                err = errno
+                if err == EINTR:
+                    continue
+                if err == EAGAIN or err == EWOULDBLOCK:
+                    return  # a spurious wake-up
+                n = 0
+                data = b""  # reset: the reader tears down
+                break
+            drained = n < READ_SIZE
+        else:
+            try:
+                data = stream.recv_nowait(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            n = len(data)
+            drained = stream.drained
+        if n == 0 or self.closed:
+            stream.drained = drained
+            self._reader.switch(data)
+            return
+        stats = self._stats
+        stats.bytes_received += n
+        bad = None
+        # Deliveries and acks of this read only queue their connections: release() below writes
+        # them (the turn's last reader) or schedules the flush, instead of a flush callback made
+        # by the first mark and cancelled here.
+        flusher = self.flusher
+        flusher.holding = True
+        try:
+            try:
+                packets = self.decoder.feed(data)
+            except MQTTError as exc:
+                packets = list(getattr(exc, "packets", None) or ())
+                bad = exc  # the reader serves the packets before it, then closes
+            count = len(packets)
+            stats.messages_received += count
+            while i < count and bad is None:
+                i = _relay_serve(self, packets, i)
+                if i >= count or self.closed or type(packets[i]) is not Pingreq:
+                    break
+                self._write(_PINGRESP)
+                i += 1
+        except Exception as exc:
+            # What the read loop would have met serving this read: raised in the reader, which
+            # ends the connection as there (an error must not escape into the hub's loop).
+            flusher.release(False)
+            stream.drained = drained
+            self._reader.throw(exc)
+            return
+        if i < count or self.closed or bad is not None:
+            flusher.release(False)
+            stream.drained = drained
+            self._reader.switch((data, packets, i, bad))
+            return
+        # The turn's last reader (its socket drained, no other watcher pending) writes the turn's
+        # output now (see run); otherwise the flush callback does, after the others' input. The
+        # stream's ``drained`` is only read by the reader, after a hand-over: not written here.
+        flusher.release(drained and not loop.pendingcnt)
+        _hub_reads.served += 1
+        self._wait_from = loop.now()  # a new wait: keep alive counts from here
+
+    cpdef flush_nowait(self, limit=None):
+        """Send what is buffered without blocking (called from the hub by the FlushScheduler).
+
+        ``limit``: send at most the first ``limit`` bytes (``storage.sync: always``: the rest may
+        acknowledge state not yet durable) and queue the connection for the next flush.
+        """
+        cdef Py_ssize_t size, n
+        cdef int err
+        cdef int fd
+        self._dirty = False
+        out = self.out
+        if self._npk:
+            self._stats.messages_sent += self._npk
+            self._npk = 0
+        size = PyByteArray_GET_SIZE(out)
+        if size == 0 or self._writer is not None:
+            return
+        if limit is not None and limit < size:
+            self._flush_prefix(limit)
+            return
+        fd = self._fd
+        if fd >= 0:
+            while True:
+                n = c_send(fd, PyByteArray_AS_STRING(out), size, MSG_DONTWAIT | MSG_NOSIGNAL)
+                if n >= 0:
+                    break
+                err = errno
+                if err == EINTR:
+                    continue
+                if err == EAGAIN or err == EWOULDBLOCK:
+                    n = 0
+                    break
+                self._send_failed()
+                return
+        else:
+            try:
+                n = self.stream.send_nowait(out)
+            except OSError:
+                self._send_failed()
+                return
+        self._stats.bytes_sent += n
+        if n == size:
+            PyByteArray_Resize(out, 0)
+            if self._high > self._high_base:
+                self._release_allowance()
+        else:
+            del out[:n]
+            self._spawn_drain()
+            return
+        if self._want_writable:
+            self._writable()
+
+    cdef _send_failed(self):
+        PyByteArray_Resize(self.out, 0)
+        self.closed = True
+        self.stream.shutdown()
