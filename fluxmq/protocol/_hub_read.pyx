@@ -26,6 +26,8 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 
+import logging
+
 from fluxmq._core.codec import Pingreq
 from fluxmq.errors import MQTTError
 from fluxmq.protocol.parking import _PINGRESP
@@ -49,6 +51,8 @@ cdef enum:
 # a bytes object of its exact size at once (no 64 KiB object made and shrunk per read).
 cdef char _rbuf[READ_SIZE]
 
+
+_flush_log = logging.getLogger("fluxmq.protocol.flush")
 
 cdef object _relay_serve = None
 
@@ -147,7 +151,11 @@ cdef class ConnectionCore:
         # them (the turn's last reader) or schedules the flush, instead of a flush callback made
         # by the first mark and cancelled here.
         flusher = self.flusher
-        flusher.holding = True
+        cdef FlushCore held = <FlushCore>flusher if isinstance(flusher, FlushCore) else None
+        if held is not None:
+            held.holding = True
+        else:
+            flusher.holding = True
         try:
             try:
                 packets = self.decoder.feed(data)
@@ -177,7 +185,10 @@ cdef class ConnectionCore:
         # The turn's last reader (its socket drained, no other watcher pending) writes the turn's
         # output now (see run); otherwise the flush callback does, after the others' input. The
         # stream's ``drained`` is only read by the reader, after a hand-over: not written here.
-        flusher.release(drained and not loop.pendingcnt)
+        if held is not None:
+            held.release(drained and not loop.pendingcnt)
+        else:
+            flusher.release(drained and not loop.pendingcnt)
         _hub_reads.served += 1
         self._wait_from = loop.now()  # a new wait: keep alive counts from here
 
@@ -237,3 +248,66 @@ cdef class ConnectionCore:
         PyByteArray_Resize(self.out, 0)
         self.closed = True
         self.stream.shutdown()
+
+
+cdef class FlushCore:
+    """The typed fields of ``FlushScheduler`` (``flush.py``) and its per-message methods in C:
+    ``mark``, ``release`` and ``_flush`` without durable storage (with one, ``_flush`` runs the
+    scheduler's Python ``_flush_stored``: the commit, ``sync: always``, failed batches)."""
+
+    cdef public list _dirty  # connections to write at the next flush
+    cdef public bint scheduled  # a flush callback is pending (read by readers: see flush_now)
+    cdef public object _callback  # the loop callback that runs the flush, while one is scheduled
+    cdef public object _loop
+    cdef public object storage  # a durable storage, or None
+    # True while a hub callback serves a read (ConnectionCore._on_input): marks only queue the
+    # connection, and the callback's ``release`` writes the batch or schedules the flush.
+    cdef public bint holding
+
+    cpdef mark(self, conn):
+        """Queue ``conn`` for the next flush (the caller guards against marking twice)."""
+        self._dirty.append(conn)
+        if not self.scheduled and not self.holding:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
+
+    cpdef release(self, bint last):
+        """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
+        callback is the loop turn's last ready watcher and its client's socket is drained), write
+        the turn's output now, as ``flush_now`` does; else leave it to the flush callback, scheduled
+        here if the held marks did not schedule it. A lone message served in the hub so costs no
+        loop callback made and cancelled."""
+        self.holding = False
+        st = self.storage
+        wanted = len(self._dirty) > 0 or (st is not None and st.has_pending)
+        if last:
+            if wanted or self.scheduled:
+                callback = self._callback
+                if callback is not None:
+                    callback.stop()
+                try:
+                    self._flush()
+                except Exception:  # another connection's trouble must not end the hub's callback
+                    _flush_log.exception("flush_failed", extra={"peer": "-"})
+        elif wanted and not self.scheduled:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
+
+    cpdef _flush(self):
+        """Write every dirty connection (after the turn's commit, with a durable storage)."""
+        cdef list dirty
+        self.scheduled = False
+        self._callback = None
+        if self.storage is not None:
+            self._flush_stored()
+            return
+        dirty = self._dirty
+        self._dirty = []
+        for conn in dirty:
+            try:
+                if isinstance(conn, ConnectionCore):
+                    (<ConnectionCore>conn).flush_nowait()
+                else:
+                    conn.flush_nowait()
+            except Exception:  # one broken connection must not stop the others' output
+                _flush_log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})

@@ -1,10 +1,11 @@
 """The lone message's path in C (``fluxmq.protocol._hub_read``): the connection's hot state as typed
-fields of ``ConnectionCore``, the hub callback that reads, relays and releases the flush, and the
-per-connection write with libc on plain TCP.
+fields of ``ConnectionCore`` (and the flusher's of ``FlushCore``), the hub callback that reads,
+relays and releases the flush, the flush without durable storage, and the per-connection write
+with libc on plain TCP.
 
 Behaviour (bytes, order, counters, hand-overs) is covered by ``test_publish_relay.py`` and
 ``test_connection_flush.py`` through every path; these tests pin what is particular to the C path:
-no Python frame of the connection or its stream runs for a lone message, and a connection whose
+no Python frame of the connection, its stream or the flusher runs for a lone message, and a connection whose
 socket is closed never writes to the descriptor number the next socket reuses.
 """
 
@@ -68,14 +69,18 @@ def publish_packet(topic: str, payload: bytes) -> bytes:
 _WATCHED = (
     str(Path(sys.modules[MQTTConnection.__module__].__file__)),
     str(Path(sys.modules[SocketStream.__module__].__file__)),
+    str(Path(sys.modules[FlushScheduler.__module__].__file__)),
 )
 
 
-def test_a_lone_message_runs_no_python_frame_of_the_connection_or_its_stream(broker: Broker) -> None:
+def test_a_lone_message_runs_no_python_frame_of_the_connection_its_stream_or_the_flusher(
+    broker: Broker,
+) -> None:
     """From the watcher's callback to the subscriber's send, a lone PUBLISH runs in C: the read,
-    the decode, the relay and the subscriber's write call no Python function of
-    ``connection.py`` or of the TCP stream (the Python callback, ``recv_nowait``, ``flush_nowait``
-    and ``send_nowait`` did). The message still arrives whole."""
+    the decode, the relay, the flush and the subscriber's write call no Python function of
+    ``connection.py``, of the TCP stream or of ``flush.py`` (the Python callback, ``recv_nowait``,
+    ``mark``, ``release``, ``_flush``, ``flush_nowait`` and ``send_nowait`` did). The message
+    still arrives whole."""
     flusher = FlushScheduler(broker.storage)
     sub, sub_reader, sub_client = serve(broker, flusher, "sub")
     pub, pub_reader, pub_client = serve(broker, flusher, "pub")
