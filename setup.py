@@ -3,7 +3,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-CORE_MODULES = ["codec", "trie", "entry", "queue_wire", "forward", "relay", "sent"]
+CORE_MODULES = ["codec", "trie", "entry", "queue_wire", "forward", "conn_state", "relay", "sent"]
 
 extensions = [
     Extension(f"fluxmq._core.{name}", [f"fluxmq/_core/{name}.pyx"], extra_compile_args=["-O2"])

@@ -1,11 +1,12 @@
 # cython: language_level=3
 """The hot state of an MQTT connection as typed C fields, and the lone message's path in C.
 
-``ConnectionCore`` is the C base of ``MQTTConnection`` (``connection.py``): the fields that every
-read and every flush touch (the output buffer and its dirty flag, the packet count, the writer,
-the output allowance, ``closed``, the decoder, the stream, the flusher, the reader greenlet) live
-in the object's C struct, so the two methods here read them without Python's attribute lookup; the
-Python code of the connection and the C relay (``_core.relay``) still see them as attributes.
+``ConnectionCore`` is the C base of ``MQTTConnection`` (``connection.py``); its own base,
+``_core.conn_state.ConnState``, holds the fields that every read, relay and flush touch (the output
+buffer and its dirty flag, the packet count, the writer, the output allowance, ``closed``, the
+session, version and settings, the decoder, the stream, the flusher, the reader greenlet) in the
+object's C struct, so the methods here and the relay (``_core.relay``) read them without Python's
+attribute lookup; the connection's Python code sees them as attributes.
 
 - ``_on_input(loop)``: the hub callback of the I/O watcher a connected plain-TCP reader waits on
   (``MQTTConnection.run``): one non-blocking ``recv`` with libc into a process-wide buffer, the
@@ -25,6 +26,8 @@ methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowan
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
+
+from fluxmq._core.conn_state cimport ConnState
 
 import logging
 
@@ -78,27 +81,9 @@ HUB_READS = HubReads()
 cdef HubReads _hub_reads = HUB_READS
 
 
-cdef class ConnectionCore:
-    """The typed fields of ``MQTTConnection`` (see the module docstring)."""
-
-    cdef public bytearray out  # the output buffer: what the next flush sends
-    cdef public bint _dirty  # queued with the flusher
-    cdef public Py_ssize_t _npk  # packets written since the last flush (counted there)
-    cdef public object _writer  # the greenlet finishing a write the kernel could not take at once
-    cdef public Py_ssize_t _high  # pending output above which the client counts as congested
-    cdef public bint _want_writable
-    cdef public bint closed
-    cdef public object decoder
-    cdef public object stream
-    cdef public object flusher
-    cdef public object _reader  # the greenlet running run(), while it runs
-    cdef public double _wait_from  # loop time the current recv started waiting; 0 when not in recv
-    cdef public object _stats  # Broker.stats (made in the broker's __init__, never replaced)
-    cdef public Py_ssize_t _high_base  # settings.write_buffer_high
-    cdef public int _fd  # the socket's descriptor for libc's recv/send (plain TCP); -1: the stream's methods
-
-    def __cinit__(self, *args, **kwargs):
-        self._fd = -1
+cdef class ConnectionCore(ConnState):
+    """The C methods of ``MQTTConnection`` on its typed fields (``_core/conn_state.pxd``; see the
+    module docstring)."""
 
     def _on_input(self, loop):
         """Hub callback of the input watcher a connected reader waits on (see ``run``).

@@ -107,26 +107,19 @@ class MQTTConnection(
     """One client connection (any MQTT version on the same listener)."""
 
     # Slots, not a __dict__: an idle connection's memory is a target (<= 6 KB per client).
-    # Add new attributes here (the hot ones of every read and flush are typed C fields of
-    # ConnectionCore, fluxmq/protocol/_hub_read.pyx).
+    # Add new attributes here (the hot ones of every read, relay and flush are typed C fields:
+    # fluxmq/_core/conn_state.pxd).
     __slots__ = (
-        "broker",
-        "settings",
         "listener",
         "peer",
         "over_limit",
-        "version",
-        "session",
-        "client_id",
         "keepalive",
         "_torn_down",
-        "_aliases_out",
         "_alias_max_out",
         "_auth_method",
         "_auth_exchange",
         "_pending_connect",
         "_publish_will",
-        "_client_max_packet",
         "_problem_info",
         "_aliases_in",
         "_keepalive_limit",
@@ -136,7 +129,6 @@ class MQTTConnection(
         "_idle_spent",
         "on_close",
         "__weakref__",
-        "_policy",
         "close_reason",
         "_announced",
         "_progress_at",
