@@ -21,7 +21,8 @@ the kernel's buffer) lets the turn's last reader write the turn's output before 
 (``FlushScheduler.flush_now``) instead of leaving it to the flush callback. With both (plain TCP),
 a connected reader waits for input on an I/O watcher whose hub callback serves a read the relay
 covers wholly, without switching to the reader greenlet (``_on_input``): a lone message costs no
-greenlet switch.
+greenlet switch. That callback and ``flush_nowait`` are C methods of the base class
+``ConnectionCore`` (``_hub_read.pyx``), on the typed fields of ``_core.conn_state.ConnState``.
 """
 
 from __future__ import annotations
