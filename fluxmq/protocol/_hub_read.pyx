@@ -129,8 +129,10 @@ cdef class ConnectionCore(ConnState):
             stream.drained = drained
             self._reader.switch(data)
             return
+        # The read's counters are added after the send (or before a hand-over): nothing reads them
+        # meanwhile, and the lone message's path is shorter by their attribute updates.
         stats = self._stats
-        stats.bytes_received += n
+        count = -1
         bad = None
         # Deliveries and acks of this read only queue their connections: release() below writes
         # them (the turn's last reader) or schedules the flush, instead of a flush callback made
@@ -148,7 +150,6 @@ cdef class ConnectionCore(ConnState):
                 packets = list(getattr(exc, "packets", None) or ())
                 bad = exc  # the reader serves the packets before it, then closes
             count = len(packets)
-            stats.messages_received += count
             while i < count and bad is None:
                 i = _relay_serve(self, packets, i)
                 if i >= count or self.closed or type(packets[i]) is not Pingreq:
@@ -159,11 +160,16 @@ cdef class ConnectionCore(ConnState):
             # What the read loop would have met serving this read: raised in the reader, which
             # ends the connection as there (an error must not escape into the hub's loop).
             flusher.release(False)
+            stats.bytes_received += n
+            if count >= 0:
+                stats.messages_received += count
             stream.drained = drained
             self._reader.throw(exc)
             return
         if i < count or self.closed or bad is not None:
             flusher.release(False)
+            stats.bytes_received += n
+            stats.messages_received += count
             stream.drained = drained
             self._reader.switch((data, packets, i, bad))
             return
@@ -174,6 +180,8 @@ cdef class ConnectionCore(ConnState):
             held.release(drained and not loop.pendingcnt)
         else:
             flusher.release(drained and not loop.pendingcnt)
+        stats.bytes_received += n
+        stats.messages_received += count
         _hub_reads.served += 1
         self._wait_from = loop.now()  # a new wait: keep alive counts from here
 
@@ -184,18 +192,18 @@ cdef class ConnectionCore(ConnState):
         acknowledge state not yet durable) and queue the connection for the next flush.
         """
         cdef Py_ssize_t size, n
+        cdef Py_ssize_t npk = self._npk
         cdef int err
         cdef int fd
         self._dirty = False
         out = self.out
-        if self._npk:
-            self._stats.messages_sent += self._npk
-            self._npk = 0
+        self._npk = 0
         size = PyByteArray_GET_SIZE(out)
-        if size == 0 or self._writer is not None:
-            return
-        if limit is not None and limit < size:
-            self._flush_prefix(limit)
+        if size == 0 or self._writer is not None or (limit is not None and limit < size):
+            if npk:
+                self._stats.messages_sent += npk
+            if size and self._writer is None:
+                self._flush_prefix(limit)
             return
         fd = self._fd
         if fd >= 0:
@@ -209,15 +217,19 @@ cdef class ConnectionCore(ConnState):
                 if err == EAGAIN or err == EWOULDBLOCK:
                     n = 0
                     break
-                self._send_failed()
+                self._send_failed(npk)
                 return
         else:
             try:
                 n = self.stream.send_nowait(out)
             except OSError:
-                self._send_failed()
+                self._send_failed(npk)
                 return
-        self._stats.bytes_sent += n
+        # (counted after the send: the delivery leaves first)
+        stats = self._stats
+        if npk:
+            stats.messages_sent += npk
+        stats.bytes_sent += n
         if n == size:
             PyByteArray_Resize(out, 0)
             if self._high > self._high_base:
@@ -229,7 +241,9 @@ cdef class ConnectionCore(ConnState):
         if self._want_writable:
             self._writable()
 
-    cdef _send_failed(self):
+    cdef _send_failed(self, Py_ssize_t npk):
+        if npk:
+            self._stats.messages_sent += npk
         PyByteArray_Resize(self.out, 0)
         self.closed = True
         self.stream.shutdown()
