@@ -22,7 +22,9 @@ the kernel's buffer) lets the turn's last reader write the turn's output before 
 a connected reader waits for input on an I/O watcher whose hub callback serves a read the relay
 covers wholly, without switching to the reader greenlet (``_on_input``): a lone message costs no
 greenlet switch. That callback and ``flush_nowait`` are C methods of the base class
-``ConnectionCore`` (``_hub_read.pyx``), on the typed fields of ``_core.conn_state.ConnState``.
+``ConnectionCore`` (``_hub_read.pyx``), on the typed fields of ``_core.conn_state.ConnState``; a
+stream with ``plain_socket = True`` (plain TCP: the socket's bytes are the MQTT stream) is read and
+written there with libc on its descriptor, any other through ``recv_nowait`` and ``send_nowait``.
 """
 
 from __future__ import annotations
@@ -232,8 +234,9 @@ class MQTTConnection(
         # Plain TCP with deadlines on the timer: once connected, an empty kernel buffer is waited
         # for by an I/O watcher whose hub callback serves relay-covered input itself (_on_input).
         hub_reads = HUB_READS if by_timer and hasattr(stream, "recv_nowait") else None
-        if hub_reads is not None and self._fd < 0 and not self._torn_down:
-            # plain TCP: the hub callback reads and the flush writes with libc (ConnectionCore)
+        if self._fd < 0 and not self._torn_down and getattr(stream, "plain_socket", False):
+            # the socket's bytes are the stream's: the hub callback reads and the flush writes
+            # with libc on its descriptor (ConnectionCore)
             self._fd = stream.fileno()
         watcher = None  # that watcher, made at the first such wait; closed when run() returns
         self._reader = gevent.getcurrent()

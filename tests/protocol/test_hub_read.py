@@ -144,3 +144,53 @@ def test_a_closed_connection_never_writes_to_the_descriptor_number_the_next_sock
         for a, b in held:
             a.close()
             b.close()
+
+
+class _WrappedStream(SocketStream):
+    """A stream with the plain-TCP interface whose bytes are not the socket's own (as a TLS or
+    WebSocket stream's are not): it must be read and written through its methods."""
+
+    __slots__ = ("reads", "writes")
+    plain_socket = False
+
+    def __init__(self, sock, address) -> None:
+        super().__init__(sock, address)
+        self.reads = self.writes = 0
+
+    def recv_nowait(self, n: int) -> bytes:
+        self.reads += 1
+        return super().recv_nowait(n)
+
+    def send_nowait(self, data) -> int:
+        self.writes += 1
+        return super().send_nowait(data)
+
+
+def test_a_stream_that_is_not_the_plain_socket_is_read_and_written_through_its_methods(
+    broker: Broker,
+) -> None:
+    """Only a stream that says its bytes are the socket's (``plain_socket``: SocketStream) is read
+    and written with libc on its descriptor; any other goes through ``recv_nowait`` and
+    ``send_nowait``, on the same C path (served in the hub, one flush)."""
+    flusher = FlushScheduler(broker.storage)
+    server_side, client = socket.socketpair()
+    stream = _WrappedStream(server_side, ("127.0.0.1", 1))
+    conn = MQTTConnection(broker, stream, ProtocolSettings(park_after=0), flusher)
+    session, _ = broker.open_session("wrapped", True, EXPIRY_NEVER)
+    conn.version = 4
+    conn.client_id = "wrapped"
+    conn.session = session
+    broker.attach(session, conn, 100)
+    broker.subscribe(session, "t", 0)
+    reader = gevent.spawn(conn.run)
+    try:
+        client.sendall(b"\xc0\x00")
+        assert read_exactly(client, 2) == b"\xd0\x00"
+        reads, writes = stream.reads, stream.writes
+        client.sendall(publish_packet("t", b"self"))
+        assert read_exactly(client, 9) == b"\x30\x07\x00\x01tself"
+        assert conn._fd == -1
+        assert stream.reads == reads + 1 and stream.writes == writes + 1
+    finally:
+        client.close()
+        gevent.joinall([reader], timeout=5)
