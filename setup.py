@@ -3,12 +3,16 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-CORE_MODULES = ["codec", "trie", "entry", "queue_wire", "forward", "relay", "sent", "dqueue"]
+CORE_MODULES = ["codec", "trie", "entry", "queue_wire", "forward", "conn_state", "relay", "sent", "dqueue"]
 
 extensions = [
     Extension(f"fluxmq._core.{name}", [f"fluxmq/_core/{name}.pyx"], extra_compile_args=["-O2"])
     for name in CORE_MODULES
 ]
+# The connection's typed hot state and the lone message's read-to-send path (does I/O: not in _core).
+extensions.append(
+    Extension("fluxmq.protocol._hub_read", ["fluxmq/protocol/_hub_read.pyx"], extra_compile_args=["-O2"])
+)
 
 setup(
     ext_modules=cythonize(

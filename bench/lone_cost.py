@@ -10,7 +10,7 @@ Usage (from the repository root)::
 
     python -m bench.lone_cost --tree base=/tmp/base-checkout --tree new=. --rounds 3
 
-A tree is a checkout with its compiled ``fluxmq/_core`` modules; the node runs with that tree first
+A tree is a checkout with its compiled modules (``fluxmq/_core``, ``fluxmq/protocol``); the node runs with that tree first
 on PYTHONPATH. Add ``--mosquitto`` for a Mosquitto run per round beside them.
 """
 

@@ -4,7 +4,8 @@ The latency of a message travelling alone is mostly the broker's work between th
 reports the publisher's bytes and the write of the delivery to the subscriber. This measures it
 from the kernel's side: ``perf record`` of the broker's raw syscall tracepoints while ``bench.loadgen
 --mode latency`` runs, then, per wake-up, the time from the ``epoll_wait`` return to the next send
-(``sendto``/``write``), and from that send's return to the next ``epoll_wait``. Each round starts a
+(``sendto``/``write``), and from that send's return to the next ``epoll_wait``; and the first part
+split at the reads (``critical_split``: to the first read, the reads, from the last read to the send). Each round starts a
 fresh pinned broker per tree given (and Mosquitto with ``--mosquitto``), alternating.
 
 Usage (from the repository root; needs ``perf`` and the right to trace, e.g. root)::
@@ -38,6 +39,7 @@ from bench.lone_cost import _TreeNode  # noqa: E402
 # x86-64 syscall numbers
 _EPOLL_WAIT = {232, 281}  # epoll_wait, epoll_pwait
 _SEND = {1, 44}  # write, sendto
+_RECV = {0, 45}  # read, recvfrom
 _EVENT = re.compile(r"\s(\d+\.\d+):\s+raw_syscalls:sys_(enter|exit):\s+NR (\d+)")
 
 
@@ -63,6 +65,37 @@ def critical_path(script: str) -> tuple[list[float], list[float]]:
             after.append((t - sent) * 1e6)
             sent = None
     return sorted(to_send), sorted(after)
+
+
+def critical_split(script: str) -> tuple[list[float], list[float], list[float]]:
+    """The same path split at the reads, for each wake-up with a read before its send: µs from the
+    ``epoll_wait`` return to the first read's entry (the event loop and the callback's dispatch),
+    from that entry to the last read's return before the send (the reads in the kernel), and from
+    there to the send's entry (decode, route, write)."""
+    to_read: list[float] = []
+    reading: list[float] = []
+    to_send: list[float] = []
+    woke = first = last = None
+    for line in script.splitlines():
+        m = _EVENT.search(line)
+        if not m:
+            continue
+        t, kind, nr = float(m.group(1)), m.group(2), int(m.group(3))
+        if kind == "exit" and nr in _EPOLL_WAIT:
+            woke, first, last = t, None, None
+        elif woke is None:
+            continue
+        elif kind == "enter" and nr in _RECV and first is None:
+            first = t
+        elif kind == "exit" and nr in _RECV:
+            last = t
+        elif kind == "enter" and nr in _SEND:
+            if first is not None and last is not None:
+                to_read.append((first - woke) * 1e6)
+                reading.append((last - first) * 1e6)
+                to_send.append((t - last) * 1e6)
+            woke = None
+    return sorted(to_read), sorted(reading), sorted(to_send)
 
 
 def _q(values: list[float], p: float) -> float:
@@ -97,6 +130,7 @@ def run_once(broker, args: argparse.Namespace) -> dict:
             out.unlink()
         out.parent.rmdir()
     to_send, after = critical_path(script)
+    to_read, reading, read_to_send = critical_split(script)
     lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     res = parse_result_line(lines[-1]) if lines else {}
     return {
@@ -104,6 +138,9 @@ def run_once(broker, args: argparse.Namespace) -> dict:
         "to_send_p50": _q(to_send, 0.5),
         "to_send_p90": _q(to_send, 0.9),
         "after_p50": _q(after, 0.5),
+        "to_read_p50": _q(to_read, 0.5),
+        "reading_p50": _q(reading, 0.5),
+        "read_to_send_p50": _q(read_to_send, 0.5),
         "p50_ms": res.get("p50_ms"),
         "p99_ms": res.get("p99_ms"),
     }
@@ -133,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             r = run_once(broker, args)
             print(
                 f"round {rnd} {name}: wake->send p50 {r['to_send_p50']:.0f} us p90 {r['to_send_p90']:.0f} us, "
-                f"send->next wait p50 {r['after_p50']:.0f} us ({r['n']} sends); latency p50 {r['p50_ms']} ms "
+                f"send->next wait p50 {r['after_p50']:.0f} us ({r['n']} sends); split p50s: wake->read "
+                f"{r['to_read_p50']:.1f}, reads {r['reading_p50']:.1f}, read->send {r['read_to_send_p50']:.1f} us; "
+                f"latency p50 {r['p50_ms']} ms "
                 f"p99 {r['p99_ms']} ms (load {load}, {time.strftime('%H:%M:%S')})",
                 flush=True,
             )

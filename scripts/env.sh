@@ -100,12 +100,12 @@ fluxmq_needs_build() {
     if [ "$want_test" = 1 ] && ! grep -qx "test" "$STAMP"; then
         return 0
     fi
-    if [ -n "$(find "$ROOT/fluxmq/_core" "$ROOT/setup.py" "$ROOT/pyproject.toml" \
+    if [ -n "$(find "$ROOT/fluxmq/_core" "$ROOT/fluxmq/protocol" "$ROOT/setup.py" "$ROOT/pyproject.toml" \
         \( -name '*.pyx' -o -name '*.pxd' -o -name setup.py -o -name pyproject.toml \) \
         -newer "$STAMP" -print -quit)" ]; then
         return 0
     fi
-    for pyx in "$ROOT"/fluxmq/_core/*.pyx; do
+    for pyx in "$ROOT"/fluxmq/_core/*.pyx "$ROOT"/fluxmq/protocol/*.pyx; do
         [ -e "$pyx" ] || continue
         mod="${pyx%.pyx}"
         compgen -G "$mod.*.so" >/dev/null || return 0
@@ -114,12 +114,13 @@ fluxmq_needs_build() {
 }
 
 fluxmq_core_modules() {
-    # The compiled modules setup.py declares, as import names.
+    # The compiled modules setup.py declares (the core's, and the protocol layer's C path), as import names.
     local pyx
-    for pyx in "$ROOT"/fluxmq/_core/*.pyx; do
+    for pyx in "$ROOT"/fluxmq/_core/*.pyx "$ROOT"/fluxmq/protocol/*.pyx; do
         [ -e "$pyx" ] || continue
-        pyx="${pyx##*/}"
-        printf 'fluxmq._core.%s\n' "${pyx%.pyx}"
+        pyx="${pyx#"$ROOT"/}"
+        pyx="${pyx%.pyx}"
+        printf '%s\n' "${pyx//\//.}"
     done
 }
 

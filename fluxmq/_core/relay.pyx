@@ -48,6 +48,7 @@ from libc.string cimport memcmp
 from time import perf_counter
 
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
+from fluxmq._core.conn_state cimport ConnState
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
@@ -96,6 +97,8 @@ cdef class PublishRelay:
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None, persistent_class=None):
+        if not issubclass(conn_class, ConnState):
+            raise TypeError("the relay's connection class must have the typed state of _core.conn_state")
         self.conn_class = conn_class
         self.session_class = session_class
         self.message_class = message_class
@@ -221,18 +224,21 @@ cdef class PublishRelay:
         cdef Py_ssize_t high
         cdef bint rest
         cdef QueueCore queue
+        cdef ConnState dc
         d = session.delivery
         found = session.queue
-        if (session.held or d is None or type(d) is not self.conn_class or d.closed or d.version == 5
+        if (session.held or d is None or type(d) is not self.conn_class or (<ConnState>d).closed
+                or (<ConnState>d).version == 5
                 or session.reread is not None or not isinstance(found, QueueCore)):
             session.pump()
             return 0
         queue = <QueueCore>found
+        dc = <ConnState>d
         quota = session.send_quota
         cid = session.client_id
         inflight_class = self.inflight_class
-        dout = d.out
-        high = d._high
+        dout = dc.out
+        high = dc._high
         pid = session._next_pid
         npk = 0
         rest = False  # what is left goes to session.pump()
@@ -270,10 +276,10 @@ cdef class PublishRelay:
         if npk:
             session._next_pid = pid
             session.queue_bytes = queue.bytes
-            d._npk += npk
-            if not d._dirty:
-                d._dirty = True
-                d.flusher.mark(d)
+            dc._npk += npk
+            if not dc._dirty:
+                dc._dirty = True
+                dc.flusher.mark(d)
         if rest:
             session.pump()
         return 0
@@ -291,6 +297,7 @@ cdef class PublishRelay:
         cdef Py_ssize_t n = 0, n_acked = 0
         cdef bint durable, ready
         cdef long long seq
+        cdef ConnState dc
         cdef SentTable table = self._table if persist else None
         cdef QueueCore dq = None  # a persistent target's disk queue
         store = self._store
@@ -314,7 +321,7 @@ cdef class PublishRelay:
             # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
             d = session.delivery
             durable = False
-            if d is None or type(d) is not conn_class or d.closed:
+            if d is None or type(d) is not conn_class or (<ConnState>d).closed:
                 ready = False
             elif type(session) is session_class:
                 ready = not session.queue
@@ -331,11 +338,12 @@ cdef class PublishRelay:
             else:
                 ready = False
             if ready:
-                dout = d.out
-                if PyByteArray_GET_SIZE(dout) <= d._high:
+                dc = <ConnState>d
+                dout = dc.out
+                if PyByteArray_GET_SIZE(dout) <= dc._high:
                     data = None
-                    if d.version == 5:
-                        if d._aliases_out is None and sub_ids is None:
+                    if dc.version == 5:
+                        if dc._aliases_out is None and sub_ids is None:
                             if tq:
                                 if enc5_1 is None:
                                     enc5_1 = encode_publish(topic, payload, 1, False, False, 1, None, 5)
@@ -344,7 +352,7 @@ cdef class PublishRelay:
                                 if enc5_0 is None:
                                     enc5_0 = encode_publish(topic, payload, 0, False, False, 0, None, 5)
                                 data = enc5_0
-                            limit = d._client_max_packet
+                            limit = dc._client_max_packet
                             if limit and len(data) > limit:
                                 data = None  # dropped for this client: the Python path counts it
                     elif tq:
@@ -358,10 +366,10 @@ cdef class PublishRelay:
                     if data is not None:
                         if tq == 0:
                             dout += data
-                            d._npk += 1
-                            if not d._dirty:
-                                d._dirty = True
-                                d.flusher.mark(d)
+                            dc._npk += 1
+                            if not dc._dirty:
+                                dc._dirty = True
+                                dc.flusher.mark(d)
                             continue
                         inflight = session.inflight
                         if len(inflight) < session.send_quota:
@@ -386,10 +394,10 @@ cdef class PublishRelay:
                                 dq.next = seq + 1
                                 dq.first = seq + 1
                                 table.sent_entry(session.client_id, pid, seq, entry1)
-                            d._npk += 1
-                            if not d._dirty:
-                                d._dirty = True
-                                d.flusher.mark(d)
+                            dc._npk += 1
+                            if not dc._dirty:
+                                dc._dirty = True
+                                dc.flusher.mark(d)
                             continue
             if message is None:
                 message = self.message_class(topic, payload, qos, False, None, None, origin_id)
@@ -415,11 +423,13 @@ cdef class PublishRelay:
         queue with room in the window or output over its mark (``Session.deliver`` asks
         ``is_congested``), a full queue (drop or eviction), anything ``append_plain`` declines."""
         cdef bint over
-        if d is None or type(d) is not self.conn_class or d.closed:
+        cdef ConnState dc
+        if d is None or type(d) is not self.conn_class or (<ConnState>d).closed:
             return 0
+        dc = <ConnState>d
         inflight = session.inflight
         quota = session.send_quota
-        over = PyByteArray_GET_SIZE(d.out) > d._high
+        over = PyByteArray_GET_SIZE(dc.out) > dc._high
         if not queue.count and (over or len(inflight) < quota):
             return 0
         if queue.max_count < 0 or queue.count >= queue.max_count or queue.bytes + size > queue.max_bytes:
@@ -454,11 +464,15 @@ cdef class PublishRelay:
         cdef str topic, last_topic = None
         cdef bint full
         cdef list fqs = None, last_fqs = None  # (typed: a list's truth is its length, not a call)
+        cdef ConnState cs
         if not self.enabled or i >= count:
             return i
         if type(packets[i]) is Puback:
             return self._settle_acks(conn, packets, i, count)
-        broker = conn.broker
+        if not isinstance(conn, ConnState):
+            return i
+        cs = <ConnState>conn
+        broker = cs.broker
         if broker._on_published is not None or broker._on_delivered is not None:
             return i
         # With peers (a cluster, or the other workers of this node): ``relay_routes`` maps a topic to
@@ -472,13 +486,13 @@ cdef class PublishRelay:
             if fwd_routes is None:
                 return i
             fwd_links = peers.relay_links
-        origin = conn.session
-        if origin is None or conn.closed:
+        origin = cs.session
+        if origin is None or cs.closed:
             return i
-        version = conn.version
-        settings = conn.settings
+        version = cs.version
+        settings = cs.settings
         max_size = settings.max_message_size
-        policy = conn._policy
+        policy = cs._policy
         allowed = None
         if policy is not None:
             allowed = policy.fast
@@ -486,7 +500,7 @@ cdef class PublishRelay:
                 return i
         # The queues are read when first needed (for a "$" topic): a lone message does not.
         queue_append = None
-        client_id = conn.client_id
+        client_id = cs.client_id
         if broker is not self._broker:
             self._adopt(broker)
         store = self._store
@@ -565,20 +579,20 @@ cdef class PublishRelay:
                         if n <= 0:
                             break  # declined before any effect: the Python path serves (or refuses) it
                         # -- Broker.publish's counts; the PUBACKs (nothing was written to this client meanwhile) --
-                        out = conn.out
+                        out = cs.out
                         for k in range(n):
                             pub = <Publish>packets[i + k]
                             recv_b[1] += len(pub.payload)
                             pid = pub.packet_id
                             out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
-                        conn._npk += n
-                        if not conn._dirty:
-                            conn._dirty = True
-                            conn.flusher.mark(conn)
+                        cs._npk += n
+                        if not cs._dirty:
+                            cs._dirty = True
+                            cs.flusher.mark(conn)
                     recv_n[1] += n
                     self.served += n
                     i += n
-                    if conn.closed or n < len(payloads):
+                    if cs.closed or n < len(payloads):
                         break
                     continue
                 if last_topic is not None and topic == last_topic:
@@ -641,7 +655,7 @@ cdef class PublishRelay:
                 sampled = not ((recv_base[qos] + recv_n[qos]) & self.sample_mask)
                 started = perf_counter() if sampled else 0.0
                 if qos:
-                    out = conn.out
+                    out = cs.out
                     ack_at = PyByteArray_GET_SIZE(out)
                 targets = route.targets
                 if targets:
@@ -672,15 +686,15 @@ cdef class PublishRelay:
                         ack = conn._ack5_bytes(self.puback_class, pid, 0x10)  # no matching subscribers
                     else:
                         ack = bytes((0x40, 2, pid >> 8, pid & 0xFF))
-                    if ack_at >= PyByteArray_GET_SIZE(out) or conn.closed:
+                    if ack_at >= PyByteArray_GET_SIZE(out) or cs.closed:
                         out += ack
                     else:
                         out[ack_at:ack_at] = ack
-                    conn._npk += 1
-                    if not conn._dirty:
-                        conn._dirty = True
-                        conn.flusher.mark(conn)
-                if conn.closed:
+                    cs._npk += 1
+                    if not cs._dirty:
+                        cs._dirty = True
+                        cs.flusher.mark(conn)
+                if cs.closed:
                     break
         finally:
             if staked:

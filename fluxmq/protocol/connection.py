@@ -21,7 +21,10 @@ the kernel's buffer) lets the turn's last reader write the turn's output before 
 (``FlushScheduler.flush_now``) instead of leaving it to the flush callback. With both (plain TCP),
 a connected reader waits for input on an I/O watcher whose hub callback serves a read the relay
 covers wholly, without switching to the reader greenlet (``_on_input``): a lone message costs no
-greenlet switch.
+greenlet switch. That callback and ``flush_nowait`` are C methods of the base class
+``ConnectionCore`` (``_hub_read.pyx``), on the typed fields of ``_core.conn_state.ConnState``; a
+stream with ``plain_socket = True`` (plain TCP: the socket's bytes are the MQTT stream) is read and
+written there with libc on its descriptor, any other through ``recv_nowait`` and ``send_nowait``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 import gevent
 
 from fluxmq._core import codec as c
-from fluxmq._core.codec import Decoder, Pingreq, encode
+from fluxmq._core.codec import Decoder, encode
 from fluxmq._core.relay import PublishRelay
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message, TrackedMessage
@@ -40,6 +43,7 @@ from fluxmq.broker.session import Inflight, PersistentSession, Session
 from fluxmq.broker.stats import LATENCY_SAMPLE_MASK
 from fluxmq.errors import MQTTError, ProtocolError, StorageError
 
+from ._hub_read import HUB_READS, ConnectionCore, set_relay
 from .close_signal import _Close
 from .deadline import ReadDeadline
 from .handle_connect import (  # noqa: F401 (re-exported: the CONNACK return codes were named here)
@@ -100,40 +104,27 @@ def _connect_level(data) -> int:
     return data[level_at] if level_at < len(data) and name_len in (4, 6) else 0
 
 
-class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, ReadDeadline, Parking):
+class MQTTConnection(
+    ConnectionCore, HandleConnect, HandlePublish, HandleSubscribe, Outbound, ReadDeadline, Parking
+):
     """One client connection (any MQTT version on the same listener)."""
 
     # Slots, not a __dict__: an idle connection's memory is a target (<= 6 KB per client).
-    # Add new attributes here.
+    # Add new attributes here (the hot ones of every read, relay and flush are typed C fields:
+    # fluxmq/_core/conn_state.pxd).
     __slots__ = (
-        "broker",
-        "stream",
-        "settings",
-        "flusher",
         "listener",
         "peer",
         "over_limit",
-        "decoder",
-        "out",
-        "version",
-        "session",
-        "client_id",
         "keepalive",
-        "closed",
         "_torn_down",
-        "_dirty",
-        "_writer",
-        "_aliases_out",
         "_alias_max_out",
         "_auth_method",
         "_auth_exchange",
         "_pending_connect",
-        "_want_writable",
         "_publish_will",
-        "_client_max_packet",
         "_problem_info",
         "_aliases_in",
-        "_high",
         "_keepalive_limit",
         "_can_park",
         "_parking",
@@ -141,8 +132,6 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         "_idle_spent",
         "on_close",
         "__weakref__",
-        "_policy",
-        "_npk",
         "close_reason",
         "_announced",
         "_progress_at",
@@ -150,8 +139,6 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         "_timer",
         "_timer_at",
         "_period",
-        "_wait_from",
-        "_reader",
         "_connect_until",
     )
 
@@ -165,6 +152,7 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         over_limit: bool = False,
     ) -> None:
         self.broker = broker
+        self._stats = broker.stats
         self.stream = stream
         self.settings = settings
         self.flusher = flusher
@@ -194,7 +182,7 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         self._pending_connect = None  # CONNECT state held while its enhanced authentication runs
         # Pending output above which the client counts as congested: write_buffer_high, grown from
         # the node's output budget while the client keeps reading (is_congested), shrunk when drained.
-        self._high = settings.write_buffer_high
+        self._high = self._high_base = settings.write_buffer_high
         self._progress_at = 0.0  # monotonic time the client last took a chunk of a pending write
         self._keepalive_limit = 0.0  # seconds without input before the client is dropped; 0 = none
         self._can_park = hasattr(stream, "has_buffered")
@@ -246,6 +234,10 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
         # Plain TCP with deadlines on the timer: once connected, an empty kernel buffer is waited
         # for by an I/O watcher whose hub callback serves relay-covered input itself (_on_input).
         hub_reads = HUB_READS if by_timer and hasattr(stream, "recv_nowait") else None
+        if self._fd < 0 and not self._torn_down and getattr(stream, "plain_socket", False):
+            # the socket's bytes are the stream's: the hub callback reads and the flush writes
+            # with libc on its descriptor (ConnectionCore)
+            self._fd = stream.fileno()
         watcher = None  # that watcher, made at the first such wait; closed when run() returns
         self._reader = gevent.getcurrent()
         if self.session is None:
@@ -388,65 +380,6 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             if not parked:
                 self._teardown()
 
-    def _on_input(self, loop) -> None:
-        """Hub callback of the input watcher a connected reader waits on (see ``run``).
-
-        One non-blocking read per call, so a busy client gets no more of a loop turn than any other
-        watcher. When every packet it completes is a PUBLISH the relay serves (or a PINGREQ), the
-        read is served here, in the hub, and the reader greenlet stays asleep: a lone message costs
-        no greenlet switch. Otherwise the reader is switched to with what is left: the read
-        (``data, packets, i, bad`` from packet ``i`` on, or the raw bytes, or b"" at end of stream).
-        The read deadlines stay on the connection's timer; serving a read restarts the wait.
-        """
-        stream = self.stream
-        try:
-            data = stream.recv_nowait(65536)
-        except BlockingIOError:
-            return  # a spurious wake-up
-        except OSError:
-            data = b""  # reset: the reader tears down
-        if not data or self.closed:
-            self._reader.switch(data)
-            return
-        stats = self.broker.stats
-        stats.bytes_received += len(data)
-        i = 0
-        bad = None
-        # Deliveries and acks of this read only queue their connections: release() below writes
-        # them (the turn's last reader) or schedules the flush, instead of a flush callback made
-        # by the first mark and cancelled here.
-        flusher = self.flusher
-        flusher.holding = True
-        try:
-            try:
-                packets = self.decoder.feed(data)
-            except MQTTError as exc:
-                packets = list(getattr(exc, "packets", None) or ())
-                bad = exc  # the reader serves the packets before it, then closes
-            count = len(packets)
-            stats.messages_received += count
-            while i < count and bad is None:
-                i = RELAY.serve(self, packets, i)
-                if i >= count or self.closed or type(packets[i]) is not Pingreq:
-                    break
-                self._write(_PINGRESP)
-                i += 1
-        except Exception as exc:
-            # What the read loop would have met serving this read: raised in the reader, which
-            # ends the connection as there (an error must not escape into the hub's loop).
-            flusher.release(False)
-            self._reader.throw(exc)
-            return
-        if i < count or self.closed or bad is not None:
-            flusher.release(False)
-            self._reader.switch((data, packets, i, bad))
-            return
-        # The turn's last reader (its socket drained, no other watcher pending) writes the turn's
-        # output now (see run); otherwise the flush callback does, after the others' input.
-        flusher.release(stream.drained and not loop.pendingcnt)
-        HUB_READS.served += 1
-        self._wait_from = loop.now()  # a new wait: keep alive counts from here
-
     def _on_timeout(self) -> None:
         if self.session is None:
             log.info("connect_timeout", extra={"peer": self.peer})
@@ -513,6 +446,7 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
                 pass
             self.out.clear()
         if self._writer is None:
+            self._fd = -1  # the number may be reused by the next socket: C writes stop here
             self.stream.close()
         if self.on_close is not None:
             self.on_close(self)
@@ -526,40 +460,11 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             self._dirty = True
             self.flusher.mark(self)
 
-    def flush_nowait(self, limit: int | None = None) -> None:
-        """Send what is buffered without blocking (called from the hub by the FlushScheduler).
+    # flush_nowait(limit=None): ConnectionCore's, in C (fluxmq/protocol/_hub_read.pyx).
 
-        ``limit``: send at most the first ``limit`` bytes (``storage.sync: always``: the rest may
-        acknowledge state not yet durable) and queue the connection for the next flush.
-        """
-        self._dirty = False
-        out = self.out
-        if self._npk:
-            self.broker.stats.messages_sent += self._npk
-            self._npk = 0
-        if not out or self._writer is not None:
-            return
-        if limit is not None and limit < len(out):
-            self._flush_prefix(limit)
-            return
-        try:
-            n = self.stream.send_nowait(out)
-        except OSError:
-            out.clear()
-            self.closed = True
-            self.stream.shutdown()
-            return
-        self.broker.stats.bytes_sent += n
-        if n == len(out):
-            out.clear()
-            if self._high > self.settings.write_buffer_high:
-                self._release_allowance()
-        else:
-            del out[:n]
-            self._writer = gevent.spawn(self._drain)
-            return
-        if self._want_writable:
-            self._writable()
+    def _spawn_drain(self) -> None:
+        """The kernel took part of the output: a greenlet writes the rest (``_drain``)."""
+        self._writer = gevent.spawn(self._drain)
 
     def _flush_prefix(self, limit: int) -> None:
         out = self.out
@@ -605,6 +510,7 @@ class MQTTConnection(HandleConnect, HandlePublish, HandleSubscribe, Outbound, Re
             self._writer = None
         self._release_allowance()
         if self._torn_down:
+            self._fd = -1
             self.stream.close()
         elif self.closed:
             self.stream.shutdown()  # wakes the reader, whose teardown closes the socket
@@ -764,16 +670,4 @@ RELAY = PublishRelay(
     TrackedMessage,
     PersistentSession,
 )
-
-
-class _HubReads:
-    """The switch and the counter of reads served in the hub (``MQTTConnection._on_input``)."""
-
-    __slots__ = ("enabled", "served")
-
-    def __init__(self) -> None:
-        self.enabled = True  # False: a connected reader waits in its greenlet (tests compare the two)
-        self.served = 0  # reads served wholly in the hub, without switching to the reader
-
-
-HUB_READS = _HubReads()
+set_relay(RELAY)

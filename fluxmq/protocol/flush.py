@@ -27,24 +27,22 @@ from gevent.lock import Semaphore
 
 from fluxmq.errors import StorageError
 
+from ._hub_read import FlushCore
+
 log = logging.getLogger("fluxmq.protocol.flush")
 
 
-class FlushScheduler:
+class FlushScheduler(FlushCore):
     """Collects dirty connections and flushes them once per loop turn: from a hub callback, or from
     the turn's last reader (``flush_now``)."""
 
+    # _dirty, scheduled, _callback, _loop, storage and holding are typed C fields of FlushCore
+    # (fluxmq/protocol/_hub_read.pyx), which also holds mark, release and the flush without storage.
     __slots__ = (
-        "_dirty",
-        "scheduled",
-        "_callback",
-        "_loop",
-        "storage",
         "_always",
         "_write_lock",
         "_pool",
         "_retry",
-        "holding",
     )
 
     def __init__(self, storage=None) -> None:
@@ -69,13 +67,6 @@ class FlushScheduler:
                 self._write_lock = Semaphore()
                 self._pool = hub.threadpool
 
-    def mark(self, conn) -> None:
-        """Queue ``conn`` for the next flush (the caller guards against marking twice)."""
-        self._dirty.append(conn)
-        if not self.scheduled and not self.holding:
-            self.scheduled = True
-            self._callback = self._loop.run_callback(self._flush)
-
     def _wake(self) -> None:
         """The storage buffered the first operation of a batch: commit it this turn even if no
         connection is dirty (a timer, a will, an HTTP publish)."""
@@ -98,31 +89,11 @@ class FlushScheduler:
             except Exception:  # another connection's trouble must not end the calling reader
                 log.exception("flush_failed", extra={"peer": "-"})
 
-    def release(self, last: bool) -> None:
-        """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
-        callback is the loop turn's last ready watcher and its client's socket is drained), write
-        the turn's output now, as ``flush_now`` does; else leave it to the flush callback, scheduled
-        here if the held marks did not schedule it. A lone message served in the hub so costs no
-        loop callback made and cancelled."""
-        self.holding = False
-        st = self.storage
-        wanted = self._dirty or (st is not None and st.has_pending)
-        if last:
-            if wanted or self.scheduled:
-                callback = self._callback
-                if callback is not None:
-                    callback.stop()
-                try:
-                    self._flush()
-                except Exception:  # another connection's trouble must not end the hub's callback
-                    log.exception("flush_failed", extra={"peer": "-"})
-        elif wanted and not self.scheduled:
-            self.scheduled = True
-            self._callback = self._loop.run_callback(self._flush)
+    # mark(conn), release(last) and _flush(): FlushCore's, in C. _flush runs _flush_stored when a
+    # durable storage takes part.
 
-    def _flush(self) -> None:
-        self.scheduled = False
-        self._callback = None
+    def _flush_stored(self) -> None:
+        """The flush with a durable storage: the turn's commit first (see the module docstring)."""
         st = self.storage
         if st is not None:
             if self._always and self._write_lock.locked():

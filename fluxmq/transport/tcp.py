@@ -27,6 +27,9 @@ class SocketStream:
 
     # The connection bounds recv with its own timer: a TimeoutError thrown into recv's wait is safe.
     deadline_by_caller = True
+    # The socket's bytes are the MQTT stream itself: the connection's C path may recv and send on
+    # its descriptor directly (protocol/_hub_read.pyx). Not so for TLS or WebSocket streams.
+    plain_socket = True
 
     def __init__(self, sock, address) -> None:
         self.sock = sock

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.lone_path import critical_path
+from bench.lone_path import critical_path, critical_split
 
 SCRIPT = """\
      fluxmq-node 14223 [001] 100.000100:  raw_syscalls:sys_exit: NR 232 = 1
@@ -27,3 +27,12 @@ def test_each_send_is_timed_from_the_wake_up_before_it_and_to_the_wait_after_it(
     # a wake-up without a send (a timer) counts nothing; the next wake-up is measured afresh
     assert [round(v) for v in to_send] == [12, 30]
     assert [round(v) for v in after] == [3, 6]
+
+
+def test_the_path_is_split_at_the_reads_between_the_wake_up_and_the_send() -> None:
+    # fluxmq: wake 100.000100, recvfrom 100.000110-100.000115, sendto 100.000130; the timer
+    # wake-up without a send counts nothing; Mosquitto's wake-up had no read before its write
+    to_read, reading, to_send = critical_split(SCRIPT)
+    assert [round(v) for v in to_read] == [10]
+    assert [round(v) for v in reading] == [5]
+    assert [round(v) for v in to_send] == [15]

@@ -1,0 +1,312 @@
+# cython: language_level=3
+"""The hot state of an MQTT connection as typed C fields, and the lone message's path in C.
+
+``ConnectionCore`` is the C base of ``MQTTConnection`` (``connection.py``); its own base,
+``_core.conn_state.ConnState``, holds the fields that every read, relay and flush touch (the output
+buffer and its dirty flag, the packet count, the writer, the output allowance, ``closed``, the
+session, version and settings, the decoder, the stream, the flusher, the reader greenlet) in the
+object's C struct, so the methods here and the relay (``_core.relay``) read them without Python's
+attribute lookup; the connection's Python code sees them as attributes.
+
+- ``_on_input(loop)``: the hub callback of the I/O watcher a connected plain-TCP reader waits on
+  (``MQTTConnection.run``): one non-blocking ``recv`` with libc into a process-wide buffer, the
+  decode, the relay, PINGREQs, then ``FlushScheduler.release``. Anything else (a PUBLISH the
+  relay declines, other packets, errors, end of stream) is handed to the reader greenlet, as the
+  Python callback it replaces did (the same arguments, the same order of effects).
+- ``flush_nowait(limit=None)``: the FlushScheduler's write of one connection; plain TCP (a known
+  descriptor) sends with libc's ``send``, other streams through ``stream.send_nowait``.
+
+The descriptor is only set for plain TCP (``SocketStream``) by ``run`` and cleared before the
+socket is closed (``_teardown``, ``_drain``), so a closed socket's number, reused by another
+connection, is never written to. Everything not on the common path calls back into the Python
+methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowance``, ``_writable``,
+``_write``).
+"""
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport EAGAIN, EINTR, errno
+
+from fluxmq._core.conn_state cimport ConnState
+
+import logging
+
+from fluxmq._core.codec import Pingreq
+from fluxmq.errors import MQTTError
+from fluxmq.protocol.parking import _PINGRESP
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_recv "recv"(int fd, void* buf, size_t n, int flags)
+    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+
+
+cdef extern from "<errno.h>":
+    int EWOULDBLOCK
+
+
+cdef enum:
+    READ_SIZE = 65536
+
+# One read buffer for the process: reads happen in the hub's thread only, and each is copied into
+# a bytes object of its exact size at once (no 64 KiB object made and shrunk per read).
+cdef char _rbuf[READ_SIZE]
+
+
+_flush_log = logging.getLogger("fluxmq.protocol.flush")
+
+cdef object _relay_serve = None
+
+
+def set_relay(relay) -> None:
+    """The process's publish relay (``_core.relay.PublishRelay``), set by ``connection.py``."""
+    global _relay_serve
+    _relay_serve = relay.serve
+
+
+cdef class HubReads:
+    """The switch and the counter of reads served in the hub (``ConnectionCore._on_input``)."""
+
+    cdef public bint enabled  # False: a connected reader waits in its greenlet (tests compare the two)
+    cdef public long long served  # reads served wholly in the hub, without switching to the reader
+
+    def __init__(self):
+        self.enabled = True
+        self.served = 0
+
+
+HUB_READS = HubReads()
+cdef HubReads _hub_reads = HUB_READS
+
+
+cdef class ConnectionCore(ConnState):
+    """The C methods of ``MQTTConnection`` on its typed fields (``_core/conn_state.pxd``; see the
+    module docstring)."""
+
+    def _on_input(self, loop):
+        """Hub callback of the input watcher a connected reader waits on (see ``run``).
+
+        One non-blocking read per call, so a busy client gets no more of a loop turn than any other
+        watcher. When every packet it completes is a PUBLISH the relay serves (or a PINGREQ), the
+        read is served here, in the hub, and the reader greenlet stays asleep: a lone message costs
+        no greenlet switch. Otherwise the reader is switched to with what is left: the read
+        (``data, packets, i, bad`` from packet ``i`` on, or the raw bytes, or b"" at end of stream).
+        The read deadlines stay on the connection's timer; serving a read restarts the wait.
+        """
+        cdef ssize_t n
+        cdef int err
+        cdef Py_ssize_t i = 0, count = 0
+        cdef bint drained
+        cdef int fd = self._fd
+        stream = self.stream
+        if fd >= 0:
+            while True:
+                n = c_recv(fd, _rbuf, READ_SIZE, MSG_DONTWAIT)
+                if n >= 0:
+                    data = PyBytes_FromStringAndSize(_rbuf, n)
+                    break
+                err = errno
+                if err == EINTR:
+                    continue
+                if err == EAGAIN or err == EWOULDBLOCK:
+                    return  # a spurious wake-up
+                n = 0
+                data = b""  # reset: the reader tears down
+                break
+            drained = n < READ_SIZE
+        else:
+            try:
+                data = stream.recv_nowait(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            n = len(data)
+            drained = stream.drained
+        if n == 0 or self.closed:
+            stream.drained = drained
+            self._reader.switch(data)
+            return
+        # The read's counters are added after the send (or before a hand-over): nothing reads them
+        # meanwhile, and the lone message's path is shorter by their attribute updates.
+        stats = self._stats
+        count = -1
+        bad = None
+        # Deliveries and acks of this read only queue their connections: release() below writes
+        # them (the turn's last reader) or schedules the flush, instead of a flush callback made
+        # by the first mark and cancelled here.
+        flusher = self.flusher
+        cdef FlushCore held = <FlushCore>flusher if isinstance(flusher, FlushCore) else None
+        if held is not None:
+            held.holding = True
+        else:
+            flusher.holding = True
+        try:
+            try:
+                packets = self.decoder.feed(data)
+            except MQTTError as exc:
+                packets = list(getattr(exc, "packets", None) or ())
+                bad = exc  # the reader serves the packets before it, then closes
+            count = len(packets)
+            while i < count and bad is None:
+                i = _relay_serve(self, packets, i)
+                if i >= count or self.closed or type(packets[i]) is not Pingreq:
+                    break
+                self._write(_PINGRESP)
+                i += 1
+        except Exception as exc:
+            # What the read loop would have met serving this read: raised in the reader, which
+            # ends the connection as there (an error must not escape into the hub's loop).
+            flusher.release(False)
+            stats.bytes_received += n
+            if count >= 0:
+                stats.messages_received += count
+            stream.drained = drained
+            self._reader.throw(exc)
+            return
+        if i < count or self.closed or bad is not None:
+            flusher.release(False)
+            stats.bytes_received += n
+            stats.messages_received += count
+            stream.drained = drained
+            self._reader.switch((data, packets, i, bad))
+            return
+        # The turn's last reader (its socket drained, no other watcher pending) writes the turn's
+        # output now (see run); otherwise the flush callback does, after the others' input. The
+        # stream's ``drained`` is only read by the reader, after a hand-over: not written here.
+        if held is not None:
+            held.release(drained and not loop.pendingcnt)
+        else:
+            flusher.release(drained and not loop.pendingcnt)
+        stats.bytes_received += n
+        stats.messages_received += count
+        _hub_reads.served += 1
+        self._wait_from = loop.now()  # a new wait: keep alive counts from here
+
+    cpdef flush_nowait(self, limit=None):
+        """Send what is buffered without blocking (called from the hub by the FlushScheduler).
+
+        ``limit``: send at most the first ``limit`` bytes (``storage.sync: always``: the rest may
+        acknowledge state not yet durable) and queue the connection for the next flush.
+        """
+        cdef Py_ssize_t size, n
+        cdef Py_ssize_t npk = self._npk
+        cdef int err
+        cdef int fd
+        self._dirty = False
+        out = self.out
+        self._npk = 0
+        size = PyByteArray_GET_SIZE(out)
+        if size == 0 or self._writer is not None or (limit is not None and limit < size):
+            if npk:
+                self._stats.messages_sent += npk
+            if size and self._writer is None:
+                self._flush_prefix(limit)
+            return
+        fd = self._fd
+        if fd >= 0:
+            while True:
+                n = c_send(fd, PyByteArray_AS_STRING(out), size, MSG_DONTWAIT | MSG_NOSIGNAL)
+                if n >= 0:
+                    break
+                err = errno
+                if err == EINTR:
+                    continue
+                if err == EAGAIN or err == EWOULDBLOCK:
+                    n = 0
+                    break
+                self._send_failed(npk)
+                return
+        else:
+            try:
+                n = self.stream.send_nowait(out)
+            except OSError:
+                self._send_failed(npk)
+                return
+        # (counted after the send: the delivery leaves first)
+        stats = self._stats
+        if npk:
+            stats.messages_sent += npk
+        stats.bytes_sent += n
+        if n == size:
+            PyByteArray_Resize(out, 0)
+            if self._high > self._high_base:
+                self._release_allowance()
+        else:
+            del out[:n]
+            self._spawn_drain()
+            return
+        if self._want_writable:
+            self._writable()
+
+    cdef _send_failed(self, Py_ssize_t npk):
+        if npk:
+            self._stats.messages_sent += npk
+        PyByteArray_Resize(self.out, 0)
+        self.closed = True
+        self.stream.shutdown()
+
+
+cdef class FlushCore:
+    """The typed fields of ``FlushScheduler`` (``flush.py``) and its per-message methods in C:
+    ``mark``, ``release`` and ``_flush`` without durable storage (with one, ``_flush`` runs the
+    scheduler's Python ``_flush_stored``: the commit, ``sync: always``, failed batches)."""
+
+    cdef public list _dirty  # connections to write at the next flush
+    cdef public bint scheduled  # a flush callback is pending (read by readers: see flush_now)
+    cdef public object _callback  # the loop callback that runs the flush, while one is scheduled
+    cdef public object _loop
+    cdef public object storage  # a durable storage, or None
+    # True while a hub callback serves a read (ConnectionCore._on_input): marks only queue the
+    # connection, and the callback's ``release`` writes the batch or schedules the flush.
+    cdef public bint holding
+
+    cpdef mark(self, conn):
+        """Queue ``conn`` for the next flush (the caller guards against marking twice)."""
+        self._dirty.append(conn)
+        if not self.scheduled and not self.holding:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
+
+    cpdef release(self, bint last):
+        """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
+        callback is the loop turn's last ready watcher and its client's socket is drained), write
+        the turn's output now, as ``flush_now`` does; else leave it to the flush callback, scheduled
+        here if the held marks did not schedule it. A lone message served in the hub so costs no
+        loop callback made and cancelled."""
+        self.holding = False
+        st = self.storage
+        wanted = len(self._dirty) > 0 or (st is not None and st.has_pending)
+        if last:
+            if wanted or self.scheduled:
+                callback = self._callback
+                if callback is not None:
+                    callback.stop()
+                try:
+                    self._flush()
+                except Exception:  # another connection's trouble must not end the hub's callback
+                    _flush_log.exception("flush_failed", extra={"peer": "-"})
+        elif wanted and not self.scheduled:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
+
+    cpdef _flush(self):
+        """Write every dirty connection (after the turn's commit, with a durable storage)."""
+        cdef list dirty
+        self.scheduled = False
+        self._callback = None
+        if self.storage is not None:
+            self._flush_stored()
+            return
+        dirty = self._dirty
+        self._dirty = []
+        for conn in dirty:
+            try:
+                if isinstance(conn, ConnectionCore):
+                    (<ConnectionCore>conn).flush_nowait()
+                else:
+                    conn.flush_nowait()
+            except Exception:  # one broken connection must not stop the others' output
+                _flush_log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})

@@ -1,0 +1,196 @@
+"""The lone message's path in C (``fluxmq.protocol._hub_read``): the connection's hot state as typed
+fields of ``ConnectionCore`` (and the flusher's of ``FlushCore``), the hub callback that reads,
+relays and releases the flush, the flush without durable storage, and the per-connection write
+with libc on plain TCP.
+
+Behaviour (bytes, order, counters, hand-overs) is covered by ``test_publish_relay.py`` and
+``test_connection_flush.py`` through every path; these tests pin what is particular to the C path:
+no Python frame of the connection, its stream or the flusher runs for a lone message, and a connection whose
+socket is closed never writes to the descriptor number the next socket reuses.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gevent
+import pytest
+from gevent import socket
+
+from fluxmq.broker.broker import Broker, BrokerSettings
+from fluxmq.broker.session import EXPIRY_NEVER
+from fluxmq.protocol.connection import MQTTConnection
+from fluxmq.protocol.flush import FlushScheduler
+from fluxmq.protocol.settings import ProtocolSettings
+from fluxmq.storage.memory import MemoryStorage
+from fluxmq.transport.tcp import SocketStream
+
+
+@pytest.fixture
+def broker():
+    storage = MemoryStorage()
+    b = Broker(BrokerSettings(), storage)
+    b.restore(storage.load())
+    return b
+
+
+def serve(broker: Broker, flusher: FlushScheduler, client_id: str):
+    """A connected client (as after CONNACK) served by its own reader greenlet; returns the
+    connection, its reader and the client's socket."""
+    server_side, client_side = socket.socketpair()
+    conn = MQTTConnection(
+        broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(park_after=0), flusher
+    )
+    session, _ = broker.open_session(client_id, True, EXPIRY_NEVER)
+    conn.version = 4
+    conn.client_id = client_id
+    conn.session = session
+    broker.attach(session, conn, 100)
+    return conn, gevent.spawn(conn.run), client_side
+
+
+def read_exactly(sock, n: int) -> bytes:
+    data = b""
+    with gevent.Timeout(10):
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "closed"
+            data += chunk
+    return data
+
+
+def publish_packet(topic: str, payload: bytes) -> bytes:
+    t = topic.encode()
+    body = len(t).to_bytes(2, "big") + t + payload
+    return bytes((0x30, len(body))) + body
+
+
+_WATCHED = (
+    str(Path(sys.modules[MQTTConnection.__module__].__file__)),
+    str(Path(sys.modules[SocketStream.__module__].__file__)),
+    str(Path(sys.modules[FlushScheduler.__module__].__file__)),
+)
+
+
+def test_a_lone_message_runs_no_python_frame_of_the_connection_its_stream_or_the_flusher(
+    broker: Broker,
+) -> None:
+    """From the watcher's callback to the subscriber's send, a lone PUBLISH runs in C: the read,
+    the decode, the relay, the flush and the subscriber's write call no Python function of
+    ``connection.py``, of the TCP stream or of ``flush.py`` (the Python callback, ``recv_nowait``,
+    ``mark``, ``release``, ``_flush``, ``flush_nowait`` and ``send_nowait`` did). The message
+    still arrives whole."""
+    flusher = FlushScheduler(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 0)
+    for client in (pub_client, sub_client):  # a first exchange: each reader empties its socket
+        client.sendall(b"\xc0\x00")
+        assert read_exactly(client, 2) == b"\xd0\x00"
+    called = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename in _WATCHED:
+            called.append(frame.f_code.co_name)
+
+    try:
+        sys.setprofile(profile)
+        try:
+            pub_client.sendall(publish_packet("t", b"lone"))
+            got = read_exactly(sub_client, 9)
+        finally:
+            sys.setprofile(None)
+        assert got == b"\x30\x07\x00\x01tlone"
+        assert called == []
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)
+
+
+def test_a_closed_connection_never_writes_to_the_descriptor_number_the_next_socket_reuses(
+    broker: Broker,
+) -> None:
+    """The C write goes to the socket's descriptor number; once the connection has closed its
+    socket, output appended later (a delivery racing the close) must fail as a write to a closed
+    socket, not reach whichever socket the kernel gave that number next."""
+    flusher = FlushScheduler(broker.storage)
+    conn, reader, client = serve(broker, flusher, "gone")
+    client.sendall(b"\xc0\x00")
+    assert read_exactly(client, 2) == b"\xd0\x00"
+    old_fd = conn.stream.fileno()
+    client.close()
+    reader.join(timeout=10)
+    assert reader.dead
+    held = []
+    try:
+        for _ in range(20):  # the next socket given the closed one's number
+            pair = socket.socketpair()
+            held.append(pair)
+            if old_fd in (pair[0].fileno(), pair[1].fileno()):
+                break
+        else:
+            pytest.skip("the kernel did not reuse the descriptor number")
+        reused = pair[0] if pair[0].fileno() == old_fd else pair[1]
+        peer = pair[1] if reused is pair[0] else pair[0]
+        conn.out += b"\xd0\x00"
+        conn.flush_nowait()
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recv(10)
+        assert conn.closed
+    finally:
+        for a, b in held:
+            a.close()
+            b.close()
+
+
+class _WrappedStream(SocketStream):
+    """A stream with the plain-TCP interface whose bytes are not the socket's own (as a TLS or
+    WebSocket stream's are not): it must be read and written through its methods."""
+
+    __slots__ = ("reads", "writes")
+    plain_socket = False
+
+    def __init__(self, sock, address) -> None:
+        super().__init__(sock, address)
+        self.reads = self.writes = 0
+
+    def recv_nowait(self, n: int) -> bytes:
+        self.reads += 1
+        return super().recv_nowait(n)
+
+    def send_nowait(self, data) -> int:
+        self.writes += 1
+        return super().send_nowait(data)
+
+
+def test_a_stream_that_is_not_the_plain_socket_is_read_and_written_through_its_methods(
+    broker: Broker,
+) -> None:
+    """Only a stream that says its bytes are the socket's (``plain_socket``: SocketStream) is read
+    and written with libc on its descriptor; any other goes through ``recv_nowait`` and
+    ``send_nowait``, on the same C path (served in the hub, one flush)."""
+    flusher = FlushScheduler(broker.storage)
+    server_side, client = socket.socketpair()
+    stream = _WrappedStream(server_side, ("127.0.0.1", 1))
+    conn = MQTTConnection(broker, stream, ProtocolSettings(park_after=0), flusher)
+    session, _ = broker.open_session("wrapped", True, EXPIRY_NEVER)
+    conn.version = 4
+    conn.client_id = "wrapped"
+    conn.session = session
+    broker.attach(session, conn, 100)
+    broker.subscribe(session, "t", 0)
+    reader = gevent.spawn(conn.run)
+    try:
+        client.sendall(b"\xc0\x00")
+        assert read_exactly(client, 2) == b"\xd0\x00"
+        reads, writes = stream.reads, stream.writes
+        client.sendall(publish_packet("t", b"self"))
+        assert read_exactly(client, 9) == b"\x30\x07\x00\x01tself"
+        assert conn._fd == -1
+        assert stream.reads == reads + 1 and stream.writes == writes + 1
+    finally:
+        client.close()
+        gevent.joinall([reader], timeout=5)
