@@ -21,6 +21,8 @@ nodes it used are added to its report. Helpers import as ``from tests.conftest i
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import functools
 import io
 import json
@@ -31,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -66,6 +69,34 @@ def _ephemeral_range() -> tuple[int, int]:
 _EPHEMERAL_LOW = _ephemeral_range()[0]
 _PICK = random.Random(os.getpid() ^ time.monotonic_ns())
 
+# Test sessions running at once on one host (several worktrees, a lead's run beside a helper's)
+# draw from the same range: the bind check cannot see a port another session handed out whose node
+# has not bound it yet, so both nodes get it and one fails with "Address already in use" (seen in
+# test_replication's start_cluster under load). A port handed out is reserved for the others by a
+# lock file held while the last RESERVED ports handed out here are (a node binds its ports within
+# its start, long before that many more are handed out; a bound port fails the others' bind check).
+_RESERVATIONS = Path(tempfile.gettempdir()) / "fluxmq-test-ports"
+RESERVED = 256
+_HELD: collections.deque[int] = collections.deque()  # fds of this session's reservations
+
+
+def _reserve(port: int) -> bool:
+    """Reserve ``port`` against the other test sessions of this host; False when one holds it."""
+    try:
+        _RESERVATIONS.mkdir(mode=0o777, exist_ok=True)
+        fd = os.open(_RESERVATIONS / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError:
+        return True  # no shared directory: the bind check alone, as before
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _HELD.append(fd)
+    if len(_HELD) > RESERVED:
+        os.close(_HELD.popleft())  # (closing the file releases its lock)
+    return True
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago and that no outgoing connection can take.
@@ -84,6 +115,8 @@ def free_port() -> int:
                 sock.bind((HOST, port))
             except OSError:
                 continue
+        if not _reserve(port):
+            continue
         _HANDED_OUT.add(port)
         return port
     while True:

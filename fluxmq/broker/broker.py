@@ -157,6 +157,9 @@ class Broker(SessionLifecycle, SharedHandOvers, ClusterHooks, Publishing, Subscr
         # still this node's to publish (publish_restored_wills).
         self.hold_restored_wills = False
         self.restored_wills: list[tuple[str, Will]] = []
+        # peer -> (link epoch, seq) of its last batch whose effects the store holds (restore): a
+        # cluster node skips that batch when the peer retries it after this node's restart.
+        self.restored_peer_batches: dict[str, tuple[int, int]] = {}
 
     def set_events(self, sink: EventSink | None) -> None:
         """Install (or with None remove) the node's event observer."""

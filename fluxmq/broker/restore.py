@@ -35,6 +35,7 @@ class StoreRestore:
         store = self._store
         if store is None:
             return
+        self.restored_peer_batches = dict(state.peer_batches)
         now = time.time()
         n = 0
         for fields in state.retained:

@@ -19,9 +19,11 @@
 * **Receiving.** ``apply_batch`` applies a peer's batch: its interest changes, then each message
   through ``Broker.publish_from_peer`` (delivered locally, never forwarded again); the plain ones
   go through the relay's fan-out (``Broker.publish_relayed_from_peer``), the others are decoded. A batch whose
-  sequence id was applied already (a retry after a broken stream) is acknowledged and skipped. A
-  message whose delivery raises (either path) is skipped alone, logged and counted
-  (``failed_messages``); only a damaged batch (``BatchError``) loses the rest of it.
+  sequence id was applied already (a retry after a broken stream) is acknowledged and skipped; a
+  batch that stored anything is recorded in the same commit (``Broker.peer_batch_applied``), so
+  its retry after this node's kill and restart is skipped too. A message whose delivery raises
+  (either path) is skipped alone, logged and counted (``failed_messages``); only a damaged batch
+  (``BatchError``) loses the rest of it.
 
 QoS across nodes: the publisher's PUBACK (PUBREC) means what it means on one node (routed, and
 stored for local persistent sessions) plus *queued for every peer with matching interest*; it does
@@ -85,7 +87,8 @@ class ClusterPeers:
         self.strategy = strategy
         self.interest_sync_timeout = interest_sync_timeout
         self.remote = RemoteInterest()
-        self._applied: dict[str, tuple[int, int]] = {}  # sender -> (epoch, last applied seq)
+        # sender -> (epoch, last applied seq); from the store at a restart (Broker.peer_batch_applied)
+        self._applied: dict[str, tuple[int, int]] = dict(broker.restored_peer_batches)
         self._cursors: dict[str, int] = {}
         self._busy: dict[tuple[str, str], float] = {}  # (node, group key) -> until (monotonic)
         self._rng = random.Random()
@@ -290,6 +293,7 @@ class ClusterPeers:
                 },
             )
         self._applied[sender] = (batch.epoch, batch.seq)
+        broker.peer_batch_applied(sender, batch.epoch, batch.seq)
         self.received_batches += 1
         self.received_messages += n
         return pb.BatchAck(seq=batch.seq, busy_groups=busy)

@@ -51,6 +51,8 @@ class StoredState:
     sessions: dict[str, StoredSession] = field(default_factory=dict)
     retained: list[tuple] = field(default_factory=list)
     last_alive: float = 0.0  # wall time the previous run was last known alive (0: unknown / new)
+    # cluster peer -> (its link epoch, sequence id) of the last batch from it whose effects are stored
+    peer_batches: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Storage:
@@ -220,3 +222,9 @@ class Storage:
 
     def delete_will(self, client_id: str) -> None:
         """The will was published, cancelled or discarded."""
+
+    # -- cluster -----------------------------------------------------------------------------------
+
+    def put_peer_batch(self, sender: str, epoch: int, seq: int) -> None:
+        """Batch ``seq`` of ``sender``'s link epoch ``epoch`` was applied here: committed with what
+        it stored, so a restarted node skips that batch when the sender retries it."""

@@ -3,7 +3,9 @@
 Layout (named sub-databases; keys in ``records``)::
 
     meta           b"magic" -> MAGIC, b"schema_version" -> u32, b"last_alive" -> f64 wall time,
-                   b"gc" NUL client_id -> u64: that client's queue entries below this seq are garbage
+                   b"gc" NUL client_id -> u64: that client's queue entries below this seq are garbage,
+                   b"peer" NUL node id -> u64 epoch, u64 seq: the last batch from that cluster peer
+                   whose effects are stored (older builds ignore these keys)
     sessions       client_id -> session record
     subscriptions  client_id NUL filter -> options
     inflight       client_id NUL u16 packet id -> entry (outbound QoS 1/2 awaiting PUBACK/PUBCOMP)
@@ -98,6 +100,8 @@ _SHARED_DBS = (META, RETAINED, QUEUES)
 _CLIENT_DBS = (SUBS, INFLIGHT, INBOUND, SENT, DONE)
 _STATE_DBS = (INFLIGHT, INBOUND, SENT, DONE)
 _GC_PREFIX = b"gc\x00"
+_PEER_PREFIX = b"peer\x00"
+_PEER_BATCH = struct.Struct("<QQ")
 #: bytes of entries in one ``queue`` segment (LMDB keeps a value up to about 2 KB in its leaf page)
 SEGMENT_BYTES = 1536
 #: queue entries of ended sessions deleted per commit (~1 ms)
@@ -845,6 +849,9 @@ class LMDBStorage(Storage):
     def touch_alive(self) -> None:
         self._put(META, b"last_alive", _F64.pack(time.time()))
 
+    def put_peer_batch(self, sender: str, epoch: int, seq: int) -> None:
+        self._put(META, _PEER_PREFIX + sender.encode(), _PEER_BATCH.pack(epoch, seq))
+
     def queue_log(self):
         """The durable queues' log store, written through this backend's batch (queue_log.py)."""
         if self._queue_log is None:
@@ -1155,6 +1162,13 @@ class LMDBStorage(Storage):
                         if not key.startswith(_GC_PREFIX):
                             break
                         self._gc[bytes(key[len(_GC_PREFIX) :]).decode()] = _SEQ.unpack(value)[0]
+                if cur.set_range(_PEER_PREFIX):
+                    for key, value in cur:
+                        if not key.startswith(_PEER_PREFIX):
+                            break
+                        if len(value) == _PEER_BATCH.size:
+                            sender = bytes(key[len(_PEER_PREFIX) :]).decode(errors="replace")
+                            state.peer_batches[sender] = _PEER_BATCH.unpack(value)
                 for key, value in txn.cursor(dbs[SESSIONS]):
                     try:
                         expiry, disconnected_at, username = r.decode_session(value)

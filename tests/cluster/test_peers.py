@@ -254,3 +254,47 @@ def test_a_forwarded_message_whose_delivery_raises_is_skipped_and_the_rest_of_th
         assert [r for r in caplog.records if r.getMessage() == "forwarded_publish_failed"]
         if relay is not None:
             assert relay.forwarded >= 4  # served in C, not handed to the Python path
+
+
+def test_a_batch_stored_before_a_kill_is_skipped_when_retried_after_the_restart(tmp_path) -> None:
+    """The receiver is killed after it stored a batch for a persistent session but before its ack
+    reached the sender, which sends that batch again to the restarted node (same sender epoch and
+    sequence id): skipped, so the session holds the message once (a QoS 2 message stays exactly once).
+    A batch whose commit the kill lost is applied again when retried (nothing lost)."""
+    from tests.storage.test_broker_restore import Node
+
+    node = Node(tmp_path / "data")
+    s, d, _ = node.connect("sub", 3600)
+    node.broker.subscribe(s, "t", 2)
+    node.disconnect(s, d)
+    peers = ClusterPeers("n1", node.broker, StandInTransport("n2"))
+    stored = batch("n2", 7, 1, [Message("t", b"1", 2)])
+    lost = batch("n2", 7, 2, [Message("t", b"2", 1)])
+    peers.apply_batch(stored)
+    node.storage.commit()
+    peers.apply_batch(lost)  # its commit never happens: the kill comes first
+    node = node.restart()
+    peers = ClusterPeers("n1", node.broker, StandInTransport("n2"))
+    assert peers.apply_batch(stored).seq == 1  # acknowledged again, not applied
+    assert peers.duplicate_batches == 1
+    assert peers.apply_batch(lost).seq == 2
+    assert peers.duplicate_batches == 1
+    node.storage.commit()
+    s, d, _ = node.connect("sub", 3600)
+    assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 2), ("t", 1)]
+    node.storage.abort()
+
+
+def test_a_batch_that_stores_nothing_costs_no_commit(tmp_path) -> None:
+    """Recording the batch as applied rides on the commit of what it stored: a batch delivered only
+    to clean sessions leaves nothing to commit."""
+    from tests.storage.test_broker_restore import Node
+
+    node = Node(tmp_path / "data")
+    s, _d, _ = node.connect("clean", 0, clean=True)
+    node.broker.subscribe(s, "t", 1)
+    node.storage.commit()
+    peers = ClusterPeers("n1", node.broker, StandInTransport("n2"))
+    peers.apply_batch(batch("n2", 7, 1, [Message("t", b"1", 1)]))
+    assert not node.storage.has_pending
+    node.storage.abort()

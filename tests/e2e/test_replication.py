@@ -703,7 +703,7 @@ def test_an_http_publish_to_a_replicated_queue_answers_after_the_quorum(node_fac
     from tests.e2e.test_http_bridge import publish_json
 
     nodes = start_cluster(node_factory)
-    leader = wait_leader(nodes)
+    leader = wait_all_know_leader(nodes)  # a follower that knows no leader yet answers 503
     follower = nodes[(leader + 1) % 3]
     status, body = publish_json(follower, {"topic": f"$queue/{QUEUE}/k", "payload": "over http", "qos": 1})
     assert status == 200, body
