@@ -388,14 +388,17 @@ class ClusterHooks:
             return start, 0
         return relay.deliver_items(self, items, start)
 
-    def peer_batch_applied(self, sender: str, epoch: int, seq: int) -> None:
+    def peer_batch_applied(self, sender: str, epoch: int, seq: int) -> bool:
         """A peer's batch (``epoch``, ``seq``) was applied: when it stored anything (the store has
         operations pending), record it in the same commit, so that after a kill and restart this
         node skips the batch if the peer sends it again (``restored_peer_batches``). A batch that
-        stored nothing adds no commit."""
+        stored nothing adds no commit. True when the batch awaits a commit (its ack must wait for
+        ``wait_committed``)."""
         store = self._store
         if store is not None and store.has_pending:
             store.put_peer_batch(sender, epoch, seq)
+            return True
+        return False
 
     def publish_from_peer(
         self, message: Message, shared_groups: tuple[str, ...] = (), match_local: bool = True

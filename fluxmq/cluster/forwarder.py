@@ -23,7 +23,8 @@ batch by its sequence id once it has applied it.
   a stream before the peer answered it: while the peer is down, messages wait in the queue.
 * **Interest.** A re-opened stream carries, after the retried batches, a snapshot of this node's
   whole interest set; changes made meanwhile follow as deltas. While no stream is open, changes are
-  not kept (the next snapshot has them).
+  not kept (the next snapshot has them). A new snapshot replaces an unacknowledged earlier one
+  (dropped, not sent again): however long the peer stays down, one snapshot waits in ``unacked``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class PeerLink:
         self.interest_version = 0  # changes made so far
         self.acked_interest = 0  # changes the peer has applied
         self.seq = 0
+        self._snapshot_seq = 0  # the last interest snapshot's sequence id (at most one unacknowledged)
         self.taken = 0  # messages taken from the queue into batches so far
         self.unacked: OrderedDict[int, tuple[pb.Batch | RawBatch, float, int, int]] = OrderedDict()
         self.stats = LinkStats()
@@ -258,17 +260,19 @@ class PeerLink:
         self._call = call = self.stub.Route(requests())
         gevent.spawn(self._read_acks, call)
         # Unacknowledged batches first, in order (the peer skips those it applied), then the whole
-        # interest set: the changes those batches carry are older than it.
+        # interest set: the changes those batches carry are older than it. An unacknowledged earlier
+        # snapshot is dropped, not sent again: the new one holds all of its interest (so a peer down
+        # for long keeps one snapshot here, not one per reconnect).
+        self.unacked.pop(self._snapshot_seq, None)
         for seq, (batch, _sent, n, iv) in list(self.unacked.items()):
             self.unacked[seq] = (batch, time.monotonic(), n, iv)
             out.put(batch)
             self.stats.resent += 1
         self.interest.clear()
         snapshot = sorted(self._local_filters())
+        self._snapshot_seq = seq = self._next_seq()
         self._send(
-            build_batch(
-                self.local_id, self.epoch, self._next_seq(), [], [(f, True) for f in snapshot], snapshot=True
-            )[0],
+            build_batch(self.local_id, self.epoch, seq, [], [(f, True) for f in snapshot], snapshot=True)[0],
             0,
         )
 

@@ -198,7 +198,7 @@ class ClusterNode:
             settings.node_id,
             self.epoch,
             t,
-            self.peers.apply_batch,
+            self.peers.receive,
             broker.interest_filters,
             on_ack=self.peers.on_ack,
             on_peer_removed=self.peers.peer_removed,

@@ -21,7 +21,9 @@
   go through the relay's fan-out (``Broker.publish_relayed_from_peer``), the others are decoded. A batch whose
   sequence id was applied already (a retry after a broken stream) is acknowledged and skipped; a
   batch that stored anything is recorded in the same commit (``Broker.peer_batch_applied``), so
-  its retry after this node's kill and restart is skipped too. A message whose delivery raises
+  its retry after this node's kill and restart is skipped too. The stream's ack of such a batch
+  (``receive``) leaves only after that commit (the turn's group commit), so no acknowledged batch
+  is lost to a kill before it. A message whose delivery raises
   (either path) is skipped alone, logged and counted (``failed_messages``); only a damaged batch
   (``BatchError``) loses the rest of it.
 
@@ -221,13 +223,31 @@ class ClusterPeers:
 
     # -- receiving -----------------------------------------------------------------------------
 
+    def receive(self, batch: pb.Batch) -> pb.BatchAck:
+        """A peer's batch from its stream (the transport's ``on_batch``): applied, and its ack
+        returned once what it stored is committed (the turn's commit, ``Broker.wait_committed``:
+        no commit of its own), so a kill before that commit cannot lose an acknowledged batch (the
+        sender keeps it and sends it again). A batch that stored nothing is acknowledged at once.
+        A retried batch skipped as applied waits for what is pending too (its first copy may be
+        in it). Raises StorageError when that commit fails (the stream ends, the sender retries).
+        Runs in the stream's greenlet, never in the hub."""
+        ack, stored = self._apply(batch)
+        if stored:
+            self.broker.wait_committed()
+        return ack
+
     def apply_batch(self, batch: pb.Batch) -> pb.BatchAck:
-        """Apply one batch from a peer (interest, then messages); idempotent per sequence id."""
+        """Apply one batch from a peer (interest, then messages); idempotent per sequence id. The
+        ack is returned at once (``receive`` waits for the commit of what the batch stored)."""
+        return self._apply(batch)[0]
+
+    def _apply(self, batch: pb.Batch) -> tuple[pb.BatchAck, bool]:
+        """``apply_batch``'s work; also True when the ack must wait for the commit in progress."""
         sender = batch.sender
         last = self._applied.get(sender)
         if last is not None and last[0] == batch.epoch and batch.seq <= last[1]:
             self.duplicate_batches += 1
-            return pb.BatchAck(seq=batch.seq)
+            return pb.BatchAck(seq=batch.seq), True
         remote = self.remote
         if batch.snapshot:
             remote.replace(sender, [c.filter for c in batch.interest if c.added])
@@ -293,7 +313,7 @@ class ClusterPeers:
                 },
             )
         self._applied[sender] = (batch.epoch, batch.seq)
-        broker.peer_batch_applied(sender, batch.epoch, batch.seq)
+        stored = broker.peer_batch_applied(sender, batch.epoch, batch.seq)
         self.received_batches += 1
         self.received_messages += n
-        return pb.BatchAck(seq=batch.seq, busy_groups=busy)
+        return pb.BatchAck(seq=batch.seq, busy_groups=busy), stored

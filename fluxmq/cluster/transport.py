@@ -1,7 +1,8 @@
 """gRPC between the nodes: the server every node runs, one channel and data link per peer, mTLS.
 
 * ``Route`` (a stream per peer, see ``forwarder.PeerLink``) carries batches of forwarded messages
-  and interest changes; ``on_batch(batch) -> BatchAck`` applies each one.
+  and interest changes; ``on_batch(batch) -> BatchAck`` applies each one (``ClusterPeers.receive``:
+  the ack of a batch that stored anything returns after the commit that holds it).
 * ``Call`` is a unary control RPC dispatched by ``kind`` to the handler registered with
   ``handle(kind, fn)``; ``call(node_id, kind, payload, timeout)`` makes one (session takeover,
   retained payload fetch, ...).
@@ -21,7 +22,7 @@ from concurrent import futures
 import gevent
 import grpc
 
-from fluxmq.errors import ServerUnavailable
+from fluxmq.errors import ServerUnavailable, StorageError
 
 from .forwarder import PeerLink
 from .proto import cluster_pb2 as pb
@@ -69,8 +70,13 @@ class _Servicer(pb_grpc.ClusterTransportServicer):
 
     def Route(self, request_iterator, context):  # noqa: N802 (gRPC's name)
         on_batch = self.transport.on_batch
-        for batch in request_iterator:
-            yield on_batch(batch)
+        try:
+            for batch in request_iterator:
+                yield on_batch(batch)  # (ClusterPeers.receive: after the commit of what it stored)
+        except StorageError as exc:
+            # What the batch stored is not committed: no ack; the stream ends and the sender sends
+            # the batch again on its next stream (the store retries its commit meanwhile).
+            log.error("peer_batch_not_committed", extra={"error": str(exc)})
 
     def Call(self, request, context):  # noqa: N802
         fn = self.transport.handlers.get(request.kind)

@@ -291,7 +291,7 @@ class WorkerNode:
             self.node_id,
             self.epoch,
             settings,
-            self.peers.apply_batch,
+            self.peers.receive,
             broker.interest_filters,
             on_ack=self.peers.on_ack,
             on_peer_removed=self.peers.peer_removed,

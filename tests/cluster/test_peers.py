@@ -298,3 +298,56 @@ def test_a_batch_that_stores_nothing_costs_no_commit(tmp_path) -> None:
     peers.apply_batch(batch("n2", 7, 1, [Message("t", b"1", 1)]))
     assert not node.storage.has_pending
     node.storage.abort()
+
+
+def test_the_ack_of_a_batch_that_stored_anything_leaves_only_after_its_commit(tmp_path) -> None:
+    """The receiving stream (the transport's servicer over ``ClusterPeers.receive``, as a node wires
+    it) answers a batch stored for a persistent session only once the commit holding it is done:
+    the sender drops an acknowledged batch, so an ack sent before the commit and a kill between
+    them lost the batch. The ack waits for the turn's commit (none of its own); a batch that stored
+    nothing is acknowledged at once. Real LMDB and broker; here the test makes the turn's commit."""
+    import gevent
+
+    from fluxmq.cluster.transport import _Servicer
+    from tests.storage.test_broker_restore import Node
+
+    class Receiving:  # the transport's side the servicer reads
+        def __init__(self, on_batch) -> None:
+            self.on_batch = on_batch
+
+    node = Node(tmp_path / "data")
+    s, d, _ = node.connect("sub", 3600)
+    node.broker.subscribe(s, "t", 1)
+    c, _dc, _ = node.connect("clean", 0, clean=True)
+    node.broker.subscribe(c, "c", 1)
+    node.disconnect(s, d)
+    peers = ClusterPeers("n1", node.broker, StandInTransport("n2"))
+    batches = [
+        batch("n2", 7, 1, [Message("c", b"0", 1)]),  # only a clean session: nothing stored
+        batch("n2", 7, 2, [Message("t", b"1", 1)]),  # stored for the persistent session
+        batch("n2", 7, 3, [Message("t", b"2", 1)]),
+    ]
+    acks = _Servicer(Receiving(peers.receive)).Route(iter(batches), None)
+    first = gevent.spawn(next, acks)
+    assert first.get(timeout=10).seq == 1  # at once: nothing to commit
+    assert not node.storage.has_pending
+    second = gevent.spawn(next, acks)
+    second.join(0.3)
+    assert not second.ready() and node.storage.has_pending  # stored, not committed: no ack yet
+    node.storage.commit()  # the turn's commit
+    assert second.get(timeout=10).seq == 2
+    third = gevent.spawn(next, acks)
+    third.join(0.3)
+    assert not third.ready()
+    third.kill()
+    node = node.restart()  # killed before the commit: batch 3 was never acknowledged ...
+    peers = ClusterPeers("n1", node.broker, StandInTransport("n2"))
+    acks = _Servicer(Receiving(peers.receive)).Route(iter(batches[1:]), None)  # ... so it comes again
+    retry = gevent.spawn(lambda: [a.seq for a in acks])
+    retry.join(0.3)
+    node.storage.commit()
+    assert retry.get(timeout=10) == [2, 3]
+    assert peers.duplicate_batches == 1  # batch 2 was committed before the kill: skipped
+    s, d, _ = node.connect("sub", 3600)
+    assert [topic for topic, *_ in d.sent] == ["t", "t"]  # each once
+    node.storage.abort()
