@@ -92,6 +92,11 @@ fluxmq_python_packages_missing() {
     if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
         printf '%s\n' gcc
     fi
+    # gcc installed without its recommended packages has no C library headers (stdio.h), and the
+    # build then fails deep in a compile line.
+    if [ ! -e /usr/include/stdio.h ] && command -v dpkg-query >/dev/null 2>&1; then
+        printf '%s\n' libc6-dev
+    fi
 }
 
 fluxmq_needs_build() {
