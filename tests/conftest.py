@@ -21,6 +21,7 @@ nodes it used are added to its report. Helpers import as ``from tests.conftest i
 
 from __future__ import annotations
 
+import atexit
 import collections
 import fcntl
 import functools
@@ -75,26 +76,76 @@ _PICK = random.Random(os.getpid() ^ time.monotonic_ns())
 # test_replication's start_cluster under load). A port handed out is reserved for the others by a
 # lock file held while the last RESERVED ports handed out here are (a node binds its ports within
 # its start, long before that many more are handed out; a bound port fails the others' bind check).
-_RESERVATIONS = Path(tempfile.gettempdir()) / "fluxmq-test-ports"
+# A released reservation's file is removed while its lock is still held (and this session's at its
+# end, and those of a killed session by the next session): the directory holds the files of the
+# reservations held now, not one per port ever handed out. A lock taken on a file removed meanwhile
+# (opened before its holder removed it) reserves nothing: the lock counts only while the path
+# still names the file locked.
+_RESERVATIONS = Path(
+    os.environ.get("FLUXMQ_TEST_PORTS_DIR") or Path(tempfile.gettempdir()) / "fluxmq-test-ports"
+)
 RESERVED = 256
-_HELD: collections.deque[int] = collections.deque()  # fds of this session's reservations
+_HELD: collections.deque[tuple[int, Path]] = collections.deque()  # this session's reservations
+_SWEPT = False
+
+
+def _lock(path: Path, create: bool) -> int | None:
+    """An fd of ``path`` holding its exclusive lock, or None (held elsewhere, or gone)."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            raise FileNotFoundError(path)  # removed (and maybe made again) since it was opened
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(fd: int, path: Path) -> None:
+    """End a reservation: its file removed while its lock is held (no one else holds it), then
+    the lock released with the file."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _release_all() -> None:
+    while _HELD:
+        _release(*_HELD.popleft())
+
+
+def _sweep() -> None:
+    """Remove the files whose lock nobody holds (a session killed before its end left them)."""
+    for path in list(_RESERVATIONS.iterdir()):
+        try:
+            fd = _lock(path, False)
+        except OSError:
+            continue
+        if fd is not None:
+            _release(fd, path)
 
 
 def _reserve(port: int) -> bool:
     """Reserve ``port`` against the other test sessions of this host; False when one holds it."""
+    global _SWEPT
+    path = _RESERVATIONS / str(port)
     try:
-        _RESERVATIONS.mkdir(mode=0o777, exist_ok=True)
-        fd = os.open(_RESERVATIONS / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+        _RESERVATIONS.mkdir(mode=0o777, parents=True, exist_ok=True)
+        if not _SWEPT:
+            _SWEPT = True
+            _sweep()
+            atexit.register(_release_all)
+        fd = _lock(path, True)
     except OSError:
         return True  # no shared directory: the bind check alone, as before
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+    if fd is None:
         return False
-    _HELD.append(fd)
+    _HELD.append((fd, path))
     if len(_HELD) > RESERVED:
-        os.close(_HELD.popleft())  # (closing the file releases its lock)
+        _release(*_HELD.popleft())
     return True
 
 

@@ -32,6 +32,9 @@ cdef inline void _le32(uint8_t* p, Py_ssize_t v):
     p[3] = (v >> 24) & 0xFF
 
 
+#: a u32 length prefix's largest value, as a C constant: the literal 0xFFFFFFFF is a Python int to
+#: Cython, and comparing a length with it boxed the length into a Python integer per call
+cdef Py_ssize_t U32_MAX = 0xFFFFFFFF
 cdef tuple _HEADS = None  # [qos][retain][flags] -> constant header (records.py sets it: configure)
 cdef tuple _KEYS = None  # [qos][retain] -> wire_cache key
 
@@ -97,7 +100,7 @@ cdef bytes fields_entry(str topic_obj, object origin_obj, bytes payload, int msg
         flags |= 16
     cdef bytes head = (<tuple>(<tuple>_HEADS[qos])[r])[flags]
     cdef Py_ssize_t hlen = PyBytes_GET_SIZE(head)
-    if tlen > 0xFFFF or olen > 0xFFFF or plen > 0xFFFFFFFF:
+    if tlen > 0xFFFF or olen > 0xFFFF or plen > U32_MAX:
         raise OverflowError("entry field too long for its length prefix")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, hlen + LENS + tlen + olen + plen)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)

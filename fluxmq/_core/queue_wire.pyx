@@ -26,6 +26,9 @@ cdef extern from "Python.h":
 cdef enum:
     USER_PROPERTY = 0x26
 
+#: a u32 length prefix's largest value, as a C constant: the literal 0xFFFFFFFF is a Python int to
+#: Cython, and comparing a length with it boxed the length into a Python integer per call
+cdef Py_ssize_t U32_MAX = 0xFFFFFFFF
 cdef const char* K_MESSAGE_ID = b"message-id"
 cdef const char* K_QUEUE = b"queue"
 cdef const char* K_OFFSET = b"offset"
@@ -173,7 +176,7 @@ def plain_records(bytes head, bytes mid, list payloads):
     for obj in payloads:
         payload = <bytes?>obj
         pn = PyBytes_GET_SIZE(payload)
-        if pn > 0xFFFFFFFF:
+        if pn > U32_MAX:
             raise ValueError("payload over 4 GiB")
         length = <unsigned long long>pn
         rec = PyBytes_FromStringAndSize_NULL(NULL, hn + 4 + mn + pn)

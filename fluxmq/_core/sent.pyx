@@ -147,6 +147,9 @@ cdef Py_ssize_t _put_segments(dict queue_ops, bytes prefix, long long first, lis
     return 0
 
 
+#: a u32 length prefix's largest value, as a C constant: the literal 0xFFFFFFFF is a Python int to
+#: Cython, and comparing a length with it boxed the length into a Python integer per call
+cdef Py_ssize_t U32_MAX = 0xFFFFFFFF
 cdef array.array _U32 = array.array("I")
 
 
@@ -170,7 +173,7 @@ def lengths(list items):
     for i in range(n):
         item = items[i]
         size = len(<bytes>item) if type(item) is bytes else len(item)
-        if size > 0xFFFFFFFF:
+        if size > U32_MAX:
             raise OverflowError("entry too large")
         p[i] = <unsigned int>size
         total += size

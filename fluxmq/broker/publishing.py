@@ -135,17 +135,28 @@ class Publishing:
                 },
             )
 
+    def when_committed(self) -> AsyncResult | None:
+        """What ``wait_committed`` waits for, without blocking: an ``AsyncResult`` set to None
+        once every operation recorded so far is committed (fsynced under ``storage.sync:
+        always``), or to the error of the commit that failed; None with the memory backend. A
+        caller that goes on recording meanwhile (a peer stream applying its next batches) waits
+        for each result in turn: commits complete in order."""
+        store = self._store
+        if store is None:
+            return None
+        done = AsyncResult()
+        store.after_commit(done.set)  # called at once when nothing is pending: get() does not wait
+        return done
+
     def wait_committed(self, timeout: float | None = 30.0) -> None:
         """Block this greenlet until every operation recorded so far (e.g. by the ``publish`` just
         made) is committed, and fsynced under ``storage.sync: always``: the after-commit point a
         front end without a connection answers at (HTTP bridge, admin API). Returns at once with
         the memory backend or when nothing is pending. Raises StorageError when that commit fails
         or does not finish within ``timeout``. Never call it from the hub."""
-        store = self._store
-        if store is None:
+        done = self.when_committed()
+        if done is None:
             return
-        done = AsyncResult()
-        store.after_commit(done.set)  # called at once when nothing is pending: get() does not wait
         try:
             error = done.get(timeout=timeout)
         except gevent.Timeout:

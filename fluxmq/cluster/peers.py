@@ -23,7 +23,8 @@
   batch that stored anything is recorded in the same commit (``Broker.peer_batch_applied``), so
   its retry after this node's kill and restart is skipped too. The stream's ack of such a batch
   (``receive``) leaves only after that commit (the turn's group commit), so no acknowledged batch
-  is lost to a kill before it. A message whose delivery raises
+  is lost to a kill before it; the stream applies the next batches meanwhile (pipelined, the
+  acks sent in order, each once its own commit is done). A message whose delivery raises
   (either path) is skipped alone, logged and counted (``failed_messages``); only a damaged batch
   (``BatchError``) loses the rest of it.
 
@@ -40,7 +41,7 @@ import time
 
 import gevent
 
-from fluxmq.errors import ForwardedItemFailed
+from fluxmq.errors import ForwardedItemFailed, StorageError
 from fluxmq.storage.records import encode_message
 
 from .batch import BatchError, FramedBatch, Outgoing, decode_item
@@ -70,6 +71,31 @@ def group_ready(group) -> bool:
         ):
             return True
     return False
+
+
+class PendingAck:
+    """The ack of a peer's batch that stored something, to be sent once the commit holding it is
+    done (``get``)."""
+
+    __slots__ = ("ack", "done")
+
+    #: how long a commit may take before the stream gives up on it (as ``Broker.wait_committed``)
+    TIMEOUT = 30.0
+
+    def __init__(self, ack: pb.BatchAck, done) -> None:
+        self.ack = ack
+        self.done = done  # AsyncResult: None once committed, else the commit's error
+
+    def get(self) -> pb.BatchAck:
+        """The ack once its commit is done; raises StorageError when that commit failed or did not
+        finish within TIMEOUT (the stream ends without it, the sender sends the batch again)."""
+        try:
+            error = self.done.get(timeout=self.TIMEOUT)
+        except gevent.Timeout:
+            raise StorageError(f"the commit did not finish within {self.TIMEOUT}s") from None
+        if error is not None:
+            raise StorageError(f"the commit failed: {error}") from None
+        return self.ack
 
 
 class ClusterPeers:
@@ -223,17 +249,20 @@ class ClusterPeers:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def receive(self, batch: pb.Batch) -> pb.BatchAck:
-        """A peer's batch from its stream (the transport's ``on_batch``): applied, and its ack
-        returned once what it stored is committed (the turn's commit, ``Broker.wait_committed``:
-        no commit of its own), so a kill before that commit cannot lose an acknowledged batch (the
-        sender keeps it and sends it again). A batch that stored nothing is acknowledged at once.
-        A retried batch skipped as applied waits for what is pending too (its first copy may be
-        in it). Raises StorageError when that commit fails (the stream ends, the sender retries).
-        Runs in the stream's greenlet, never in the hub."""
+    def receive(self, batch: pb.Batch) -> pb.BatchAck | PendingAck:
+        """A peer's batch from its stream (the transport's ``on_batch``): applied at once; its ack
+        is a ``PendingAck`` to be sent once what it stored is committed (the turn's commit,
+        ``Broker.when_committed``: no commit of its own), so a kill before that commit cannot lose
+        an acknowledged batch (the sender keeps it and sends it again). The stream reads and
+        applies its next batches meanwhile (``transport._Servicer.Route`` sends the acks in order,
+        each once its commit is done). A batch that stored nothing is acknowledged at once (after
+        the acks before it). A retried batch skipped as applied waits for what is pending too (its
+        first copy may be in it). Runs in the stream's greenlet, never in the hub."""
         ack, stored = self._apply(batch)
         if stored:
-            self.broker.wait_committed()
+            done = self.broker.when_committed()
+            if done is not None and not done.ready():  # (ready at once: nothing was pending)
+                return PendingAck(ack, done)
         return ack
 
     def apply_batch(self, batch: pb.Batch) -> pb.BatchAck:

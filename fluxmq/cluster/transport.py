@@ -21,6 +21,7 @@ from concurrent import futures
 
 import gevent
 import grpc
+from gevent.queue import Queue
 
 from fluxmq.errors import ServerUnavailable, StorageError
 
@@ -64,19 +65,55 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+#: batches of one stream applied and not yet acknowledged, at most (the sender's
+#: ``batches_in_flight`` keeps it lower): the reader waits beyond it
+ROUTE_PIPELINE = 64
+_END = object()
+
+
+def _read_batches(request_iterator, on_batch, answers: Queue) -> None:
+    """``Route``'s reader: each batch applied in arrival order, its answer (a ``BatchAck``, a
+    ``PendingAck``, or what the stream raised) queued for the acks."""
+    try:
+        for batch in request_iterator:
+            answers.put(on_batch(batch))
+    except Exception as exc:  # the stream broke (or a batch raised): ends the acks with it
+        answers.put(exc)
+        return
+    answers.put(_END)
+
+
 class _Servicer(pb_grpc.ClusterTransportServicer):
     def __init__(self, transport: ClusterTransport) -> None:
         self.transport = transport
 
     def Route(self, request_iterator, context):  # noqa: N802 (gRPC's name)
+        """The acks of a peer's stream of batches, in order. A reader greenlet applies each batch
+        as it arrives (``on_batch``); an ack that must wait for a commit (a ``PendingAck``: the
+        batch stored something) is sent once that commit is done, and the batches after it are
+        read and applied meanwhile: with ``storage.sync: always`` the stream waits for one fsync
+        at a time, not for one per batch in turn."""
         on_batch = self.transport.on_batch
+        answers: Queue = Queue(ROUTE_PIPELINE)
+        reader = gevent.spawn(_read_batches, request_iterator, on_batch, answers)
         try:
-            for batch in request_iterator:
-                yield on_batch(batch)  # (ClusterPeers.receive: after the commit of what it stored)
+            while True:
+                answer = answers.get()
+                if answer is _END:
+                    return
+                if isinstance(answer, BaseException):
+                    raise answer
+                yield answer if type(answer) is pb.BatchAck else answer.get()
         except StorageError as exc:
-            # What the batch stored is not committed: no ack; the stream ends and the sender sends
-            # the batch again on its next stream (the store retries its commit meanwhile).
+            # What the batch stored is not committed: no ack (nor any after it); the stream ends
+            # and the sender sends the unacknowledged batches again on its next stream (the store
+            # retries its commit meanwhile; those applied already are skipped as applied).
             log.error("peer_batch_not_committed", extra={"error": str(exc)})
+        finally:
+            try:
+                reader.kill(block=False)
+            except RuntimeError:  # an abandoned generator finalized outside any greenlet
+                pass
 
     def Call(self, request, context):  # noqa: N802
         fn = self.transport.handlers.get(request.kind)

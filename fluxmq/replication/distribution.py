@@ -36,6 +36,8 @@ import time
 from fluxmq.queues.group import ConsumerGroup, Member, Pending
 from fluxmq.queues.remote import RemoteMemberSession
 
+from .lease import DEMAND_TTL
+
 log = logging.getLogger("fluxmq.replication")
 
 #: a node the leader has not heard from for this long holds no members (what they held goes
@@ -135,6 +137,9 @@ class ReplicatedGroup(ConsumerGroup):
                 self._release_lease(off, now)
             self.ready.clear()
             self.queued.clear()
+        if self.leased and self.queue.log.delivering:
+            self._asked = 0.0
+            self.ask()  # less room: this node's standing demand goes down (to none without members)
 
     def take_over(self, old: ConsumerGroup | None) -> None:
         """This node's members of ``old`` (an earlier leadership's or a follower's group) become
@@ -398,29 +403,62 @@ class ReplicatedGroup(ConsumerGroup):
         return more
 
     def ask(self) -> None:
-        """Ask for as many leases as this node's members have room for (one request in flight)."""
+        """Ask for as many leases as this node's members have room for (one request in flight).
+        What a request does not get stands as this node's demand (lease.py), served as records
+        are appended: asked again when the room differs from it, when it is half-way to lapsing,
+        or when released or expired leases wait in the table."""
         now = time.monotonic()
-        if now - self._asked < 1.0 or not self.members:
+        if now - self._asked < 1.0:
             return
         room = -len(self.ready)
+        weight = 0
         for m in self.members:
             if m.session.can_take_tracked():
-                room += max(0, m.max_inflight - m.pending)
-        if room <= 0:
-            return
+                free = m.max_inflight - m.pending
+                if free > 0:
+                    room += free
+                    weight += 1
+        room = max(0, room)
         qlog = self.queue.log
-        wall = time.time()
-        if not qlog.leasable(self.name, wall):
+        table = qlog.leases.get(self.name)
+        if table is None:
             return
         raft = qlog.group
+        me = raft.self_addr
+        standing, lapses = table.standing(me, qlog.clock)
+        wall = time.time()
+        if not (
+            room != standing
+            or (standing and qlog.clock >= lapses - DEMAND_TTL / 2)
+            or (room and qlog.leasable(self.name, wall))
+        ):
+            return
         raft.stage(
-            ("q", qlog.name, self.name, raft.self_addr, room, wall, self.queue.config.visibility_timeout)
+            (
+                "q",
+                qlog.name,
+                self.name,
+                me,
+                room,
+                wall,
+                self.queue.config.visibility_timeout,
+                table.given.get(me, 0),
+                weight,
+            )
         )
         self._asked = now
 
-    def granted(self, offsets, counts) -> None:
-        """This node's request was applied: deliver what it was granted."""
-        self._asked = 0.0
+    def granted(self, offsets, counts, answered: bool = True) -> None:
+        """This node's request was applied (``answered``), or appended offsets were granted to its
+        standing demand: deliver what it was granted."""
+        if answered:
+            self._asked = 0.0
+        if not self.members:
+            # its members left before the demand was withdrawn: given back at once, to any node
+            now = time.time()
+            for off in offsets:
+                self._release_lease(off, now)
+            return
         prog = self.queue.log.progress.get(self.name)
         for off, n in zip(offsets, counts, strict=True):
             if prog is not None and (off < prog[0] or off in prog[1]):

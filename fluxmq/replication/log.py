@@ -15,7 +15,7 @@ import time
 
 from fluxmq.errors import QueueRefused
 from fluxmq.queues.log import QueueLog, Record
-from fluxmq.storage.queue_log import encode_plain_records, encode_record
+from fluxmq.storage.queue_log import encode_plain_records, encode_record, record_timestamp
 
 from .lease import LeaseTable
 
@@ -105,6 +105,16 @@ class ReplicatedQueueLog(QueueLog):
         kind = op[0]
         if kind == "a":
             self.log_next += len(op[2])
+            if op[2] and any(t.wants for t in self.leases.values()):
+                # standing demands (lease.py): the appended offsets are granted at once; the
+                # records' wall-clock time moves the log time (lapsing a silent node's demand)
+                ts = record_timestamp(op[2][-1])
+                if ts > self.clock:
+                    self.clock = ts
+                for gname, table in self.leases.items():
+                    for node, (offsets, counts) in table.push(self.log_next, self.clock).items():
+                        if live and self.events is not None:
+                            self.events.append(("granted", gname, node, offsets, counts, False))
             return False
         if kind == "c":  # ("c", queue, group, floor, settled, unsettled)
             table = self.leases.get(op[2])
@@ -115,15 +125,20 @@ class ReplicatedQueueLog(QueueLog):
             if op[4] is not None:
                 table.settled(op[4])
             return False
-        if kind == "q":  # ("q", queue, group, node, want, wall time, visibility_timeout)
+        if kind == "q":
+            # ("q", queue, group, node, want, wall time, visibility_timeout[, seen, weight]): the
+            # last two leave a standing demand (lease.py)
             if op[5] > self.clock:
                 self.clock = op[5]
             table = self.leases.get(op[2])
-            offsets, counts = (
-                ([], []) if table is None else table.grant(op[3], op[4], self.clock, self.log_next, op[6])
-            )
+            if table is None:
+                offsets, counts = [], []
+            elif len(op) > 7:
+                offsets, counts = table.request(op[3], op[4], self.clock, self.log_next, op[6], op[7], op[8])
+            else:
+                offsets, counts = table.grant(op[3], op[4], self.clock, self.log_next, op[6])
             if live and self.events is not None:
-                self.events.append(("granted", op[2], op[3], offsets, counts))
+                self.events.append(("granted", op[2], op[3], offsets, counts, True))
             return True
         if kind == "n":  # ("n", queue, group, node, offset, reason, reject, due)
             table = self.leases.get(op[2])

@@ -313,9 +313,9 @@ class RaftService:
             g = q.groups.get(ev[2]) if kind in ("l", "b", "n") else q.groups.get(ev[1])
             if g is None or not hasattr(g, "deliver_leased"):
                 continue
-            if kind == "granted":  # ("granted", group, node, offsets, counts): replicate
+            if kind == "granted":  # ("granted", group, node, offsets, counts, answered): replicate
                 if ev[2] == me:
-                    g.granted(ev[3], ev[4])
+                    g.granted(ev[3], ev[4], ev[5])
                 else:
                     g.moved(ev[3])
             elif kind == "l":  # ("l", queue, group, node, key, offsets, counts): forward
@@ -401,9 +401,11 @@ class RaftService:
                 for gname, g in q.groups.items():
                     if not hasattr(g, "local"):
                         continue
-                    if g.leased:  # replicate: ask for leases that expired or came due meanwhile
-                        if g.members and qlog.delivering:
-                            manager.kick_soon(q)
+                    if g.leased:  # replicate: ask for leases that expired or came due meanwhile,
+                        # keep this node's standing demand from lapsing (lease.py), withdraw it
+                        if qlog.delivering:
+                            if g.members:
+                                manager.kick_soon(q)
                             g.ask()
                         continue
                     regs = qlog.registered.get(gname, {})

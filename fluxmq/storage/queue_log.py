@@ -98,6 +98,13 @@ def encode_plain_record(timestamp: float, topic: bytes, origin: bytes, payload: 
     )
 
 
+def record_timestamp(buf) -> float:
+    """The append time of a record from ``encode_record`` (0.0 when it is not one)."""
+    if len(buf) < _TS.size or buf[0] != RECORD_FORMAT:
+        return 0.0
+    return _TS.unpack_from(buf, 0)[1]
+
+
 def decode_record(buf) -> tuple[float, tuple]:
     """(timestamp, message fields) of a record from ``encode_record``."""
     if len(buf) < _TS.size or buf[0] != RECORD_FORMAT:

@@ -305,8 +305,12 @@ def test_the_ack_of_a_batch_that_stored_anything_leaves_only_after_its_commit(tm
     it) answers a batch stored for a persistent session only once the commit holding it is done:
     the sender drops an acknowledged batch, so an ack sent before the commit and a kill between
     them lost the batch. The ack waits for the turn's commit (none of its own); a batch that stored
-    nothing is acknowledged at once. Real LMDB and broker; here the test makes the turn's commit."""
+    nothing is acknowledged at once. Meanwhile the stream reads and applies the batches after it
+    (pipelined: it read no further batch until the commit, one fsync wait per stored batch under
+    ``storage.sync: always``), and the acks leave in order, each once its own commit is done.
+    Real LMDB and broker; here the test makes the turn's commits."""
     import gevent
+    from gevent.queue import Queue
 
     from fluxmq.cluster.transport import _Servicer
     from tests.storage.test_broker_restore import Node
@@ -314,6 +318,21 @@ def test_the_ack_of_a_batch_that_stored_anything_leaves_only_after_its_commit(tm
     class Receiving:  # the transport's side the servicer reads
         def __init__(self, on_batch) -> None:
             self.on_batch = on_batch
+
+    def stream(peers, feed: Queue, got: list):
+        def requests():
+            while (b := feed.get()) is not None:
+                yield b
+
+        acks = _Servicer(Receiving(peers.receive)).Route(requests(), None)
+        return gevent.spawn(lambda: [got.append(a.seq) for a in acks])
+
+    def settle(cond) -> bool:
+        for _ in range(200):  # bounded: 2 s
+            if cond():
+                return True
+            gevent.sleep(0.01)
+        return cond()
 
     node = Node(tmp_path / "data")
     s, d, _ = node.connect("sub", 3600)
@@ -325,29 +344,44 @@ def test_the_ack_of_a_batch_that_stored_anything_leaves_only_after_its_commit(tm
     batches = [
         batch("n2", 7, 1, [Message("c", b"0", 1)]),  # only a clean session: nothing stored
         batch("n2", 7, 2, [Message("t", b"1", 1)]),  # stored for the persistent session
-        batch("n2", 7, 3, [Message("t", b"2", 1)]),
+        batch("n2", 7, 3, [Message("c", b"2", 1)]),  # nothing stored, behind a pending ack
+        batch("n2", 7, 4, [Message("t", b"3", 1)]),
+        batch("n2", 7, 5, [Message("t", b"4", 1)]),
     ]
-    acks = _Servicer(Receiving(peers.receive)).Route(iter(batches), None)
-    first = gevent.spawn(next, acks)
-    assert first.get(timeout=10).seq == 1  # at once: nothing to commit
+    feed: Queue = Queue()
+    got: list[int] = []
+    acks = stream(peers, feed, got)
+    feed.put(batches[0])
+    assert settle(lambda: got == [1])  # at once: nothing to commit
     assert not node.storage.has_pending
-    second = gevent.spawn(next, acks)
-    second.join(0.3)
-    assert not second.ready() and node.storage.has_pending  # stored, not committed: no ack yet
+    for b in batches[1:3]:
+        feed.put(b)
+    assert settle(lambda: peers.received_batches == 3)  # applied while 2's commit is pending
+    gevent.sleep(0.3)
+    assert got == [1] and node.storage.has_pending  # stored, not committed: no ack, nor 3's after it
     node.storage.commit()  # the turn's commit
-    assert second.get(timeout=10).seq == 2
-    third = gevent.spawn(next, acks)
-    third.join(0.3)
-    assert not third.ready()
-    third.kill()
-    node = node.restart()  # killed before the commit: batch 3 was never acknowledged ...
+    assert settle(lambda: got == [1, 2, 3])
+    feed.put(batches[3])
+    assert settle(lambda: node.storage.has_pending)
+    node.storage.commit()  # 4's commit ...
+    feed.put(batches[4])
+    assert settle(lambda: peers.received_batches == 5)
+    assert settle(lambda: got == [1, 2, 3, 4])
+    gevent.sleep(0.3)
+    assert got == [1, 2, 3, 4]  # ... not 5's: its ack waits for its own commit
+    acks.kill()
+    node = node.restart()  # killed before that commit: batch 5 was never acknowledged ...
     peers = ClusterPeers("n1", node.broker, StandInTransport("n2"))
-    acks = _Servicer(Receiving(peers.receive)).Route(iter(batches[1:]), None)  # ... so it comes again
-    retry = gevent.spawn(lambda: [a.seq for a in acks])
-    retry.join(0.3)
+    feed, got = Queue(), []
+    acks = stream(peers, feed, got)
+    for b in batches[3:]:
+        feed.put(b)  # ... so it comes again, after 4 (committed: skipped)
+    feed.put(None)
+    assert settle(lambda: peers.received_batches + peers.duplicate_batches == 2)
     node.storage.commit()
-    assert retry.get(timeout=10) == [2, 3]
-    assert peers.duplicate_batches == 1  # batch 2 was committed before the kill: skipped
+    acks.get(timeout=10)
+    assert got == [4, 5]
+    assert peers.duplicate_batches == 1
     s, d, _ = node.connect("sub", 3600)
-    assert [topic for topic, *_ in d.sent] == ["t", "t"]  # each once
+    assert [topic for topic, *_ in d.sent] == ["t", "t", "t"]  # each once
     node.storage.abort()

@@ -1250,3 +1250,33 @@ def test_an_ack_of_a_delivery_made_before_a_failover_is_not_confirmed_once_the_r
         y.stop()
         for x in xs.values():
             x.stop()
+
+
+@pytest.mark.parametrize("on", ["leader", "follower"])
+def test_replicate_spreads_records_over_the_consumers_of_every_node(node_factory, on: str) -> None:
+    """replicate: one consumer on each node, all with room (the queue's window, 100); a stream of
+    appends from a producer on the leader or a follower. Every consumer gets a fair part of the
+    records wherever it is connected: the leader's own lease requests need no network hop, and
+    first come first served gave its consumer nearly every record while it had room."""
+    total = 600
+    nodes = start_cluster(node_factory, raft_extra=_mode("replicate"))
+    leader = wait_all_know_leader(nodes)
+    consumers = [Consumer(nodes[i], f"spread{i}") for i in range(3)]
+    at = leader if on == "leader" else (leader + 1) % 3
+    producer = Producer(nodes[at], f"spread-prod-{on}", total)
+    try:
+        deadline = time.monotonic() + 60
+        while len(producer.acked) < total and time.monotonic() < deadline:
+            producer.pump(20)
+            time.sleep(0.01)
+        assert len(producer.acked) == total, f"{len(producer.acked)} of {total} acknowledged"
+        while time.monotonic() < deadline and sum(len(c.acked) for c in consumers) < total:
+            time.sleep(0.1)
+        got = {i: len(c.received) for i, c in enumerate(consumers)}
+        assert sum(len(c.acked) for c in consumers) == total, got
+        # a fair part is a third; at least half of it on each node (the leader's included)
+        assert min(got.values()) >= total // 6, f"{got} (leader {leader})"
+    finally:
+        producer.stop()
+        for c in consumers:
+            c.stop()

@@ -183,9 +183,8 @@ def test_an_append_on_the_other_worker_is_acked_after_the_quorum_and_consumers_o
     nodes = cluster.nodes
     leader = wait_all_know_leader(nodes)
     follower = next(i for i in range(3) if i != leader)
-    # replicate: a node's lease request takes up to its members' room of what is appended when it
-    # is applied, first come first served (lease.py), and the leader's own requests need no hop:
-    # members of a bounded window leave the other nodes' requests their share
+    # replicate: appends are spread over the nodes' standing demands (lease.py); members of a
+    # bounded window also keep several members of each node busy at once
     consumers = [
         cluster.consumer(n, w, f"a{i}{w}", receive_maximum=10)
         for i, n in enumerate(nodes)

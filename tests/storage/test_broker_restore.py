@@ -356,6 +356,28 @@ def test_wait_committed_with_the_memory_backend_returns_at_once() -> None:
     broker.wait_committed(timeout=0)
 
 
+def test_when_committed_is_set_by_the_commit_holding_what_was_recorded_before_it(tmp_path: Path) -> None:
+    """``when_committed`` is ``wait_committed`` without the wait: a peer stream takes one per stored
+    batch and goes on applying; each is set by the commit that holds what came before it, in
+    order (None with the memory backend)."""
+    store = LMDBStorage(tmp_path / "data", map_size=64 * MiB, sync="always")
+    broker = Broker(BrokerSettings(), store)
+    try:
+        assert broker.when_committed().ready()  # nothing pending: set at once
+        broker.publish(Message("a", b"v", 1, True))
+        first = broker.when_committed()
+        store.commit()
+        broker.publish(Message("b", b"v", 1, True))
+        second = broker.when_committed()
+        assert first.ready() and first.get() is None
+        assert not second.ready()  # the next commit's
+        store.commit()
+        assert second.ready() and second.get() is None
+    finally:
+        store.close()
+    assert Broker(BrokerSettings()).when_committed() is None
+
+
 def test_bridge_outbound_store_survives_a_restart_and_is_never_capped(tmp_path: Path) -> None:
     """Issue 14: a bridge's outbound store ($bridge/NAME) keeps what the peer has not acknowledged
     across a restart, and broker.max_session_expiry never ends it (an ordinary session does end)."""
