@@ -107,8 +107,21 @@ cdef class ForwardQueue:
     cdef int append_plain(self, str topic, str origin, int qos, bytes payload) except -1:
         """Queue the plain item of a message (``origin``: the publisher's client id, "" or None for
         none). The caller checked ``full()`` first."""
-        cdef Py_ssize_t tlen, olen = 0, plen = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t tlen
         cdef const char* t = PyUnicode_AsUTF8AndSize(topic, &tlen)
+        return self.append_raw(t, tlen, origin, qos, PyBytes_AS_STRING(payload),
+                               PyBytes_GET_SIZE(payload))
+
+    def append_bytes(self, bytes topic, str origin, int qos, bytes payload):
+        """``append_raw`` from Python (tests): the topic as its UTF-8 bytes."""
+        self.append_raw(PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic), origin, qos,
+                        PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+    cdef int append_raw(self, const char* t, Py_ssize_t tlen, str origin, int qos,
+                        const char* payload, Py_ssize_t plen) except -1:
+        """``append_plain`` from the topic's UTF-8 bytes and the payload's bytes where they are
+        (the relay's forward-only PUBLISH, framed from the read buffer: no ``Publish``)."""
+        cdef Py_ssize_t olen = 0
         cdef const char* o = NULL
         cdef int flags = qos & 3
         if origin:
@@ -148,7 +161,7 @@ cdef class ForwardQueue:
         if olen:
             memcpy(p, o, olen)
             p += olen
-        memcpy(p, PyBytes_AS_STRING(payload), plen)
+        memcpy(p, payload, plen)
         self.tail_count += 1
         first = self.queued == 0
         self.queued += 1

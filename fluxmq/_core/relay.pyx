@@ -19,6 +19,9 @@ shared groups, a broker with message observers (webhooks). With peers (a cluster
 workers) a message is also queued for each peer with matching interest (``peers.relay_route``), in
 C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
 ``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
+``forward_raw`` runs before the decoder on a read, with peers: the QoS 0 PUBLISHes at its start
+that only leave (no local target) are framed for the peers from the read's bytes, no ``Publish``
+made (what the decoder and ``serve`` would do for them; the rest of the read is theirs).
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
@@ -39,20 +42,21 @@ the broker and protocol layers document for this path (``docs/architecture.rst``
 path*), and is handed the classes it recognises by its caller.
 """
 
-from cpython.bytearray cimport PyByteArray_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 from time import perf_counter
 
-from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
+from fluxmq._core.codec cimport Decoder, Publish, Puback, append_publish, encode_publish
 from fluxmq._core.conn_state cimport ConnState
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
+from libc.string cimport memchr
 
 from fluxmq.errors import ForwardedItemFailed
 
@@ -80,6 +84,8 @@ cdef class PublishRelay:
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public long long forwarded  # messages from peers delivered here (deliver_items)
+    cdef public long long raw_forwarded  # PUBLISHes forward_raw queued for peers without decoding
+    cdef public Py_ssize_t raw_packets  # the PUBLISHes the last forward_raw call consumed
     cdef public bint enabled
     # The last broker served and the objects it holds for its whole life (Broker.stats and its
     # per-QoS count lists, Broker.router, Router._routes, Router.trie: made in their __init__ and
@@ -109,6 +115,8 @@ cdef class PublishRelay:
         self.sample_mask = sample_mask
         self.served = 0
         self.forwarded = 0
+        self.raw_forwarded = 0
+        self.raw_packets = 0
         self.enabled = True
         self._broker = None
 
@@ -708,6 +716,222 @@ cdef class PublishRelay:
             if sent_n[0] or sent_n[1]:
                 self._count_sent(sent_n, sent_b)
         return i
+
+    cpdef Py_ssize_t forward_raw(self, conn, bytes data) except -1:
+        """The forward-only QoS 0 PUBLISHes at the start of a read, straight from its bytes: what
+        ``Decoder.feed`` and ``serve`` do for them, without a ``Publish``, its topic ``str`` (one per
+        run of one topic) or its payload ``bytes``: each is framed for the peers' queues from the
+        read buffer (``ForwardQueue.append_raw``). Returns the bytes consumed (0: none), the
+        PUBLISHes among them in ``raw_packets``; the caller decodes and serves the rest.
+
+        Covered: a broker with peers, a connected, open connection whose decoder holds no partial
+        packet; packets whose first byte is 0x30 (QoS 0, no DUP, not retained), complete in ``data``,
+        within the decoder's maximum packet size and ``max_message_size``, with a non-empty ASCII
+        topic name without wildcards or NUL that does not start with "$", 5.0 without properties,
+        allowed by the client's policy, whose route has no local target and no shared group and
+        whose peers' queues (if any) have room. Anything else stops the run before any effect of
+        that packet, and the decoder and ``serve`` take it from there (and reject it when it is
+        malformed)."""
+        cdef Py_ssize_t pos = 0, size = PyBytes_GET_SIZE(data), length, body, total, tlen, hdr, plen
+        cdef Py_ssize_t npk = 0, k, last_tlen = 0
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef const unsigned char* t
+        cdef const unsigned char* last_t = NULL
+        cdef unsigned int byte
+        cdef unsigned char high
+        cdef int shift, version
+        cdef long long max_size, max_packet
+        cdef long long recv_n = 0, recv_b = 0, recv_base
+        cdef bint sampled, full
+        cdef list fqs = None
+        cdef ConnState cs
+        cdef Decoder decoder
+        cdef str topic
+        cdef Py_ssize_t have, need = 0, j, phase = 1
+        cdef const unsigned char* q
+        cdef bytearray pending
+        cdef bytes joined = None
+        self.raw_packets = 0
+        if not self.enabled or size < 1 or not isinstance(conn, ConnState):
+            return 0
+        cs = <ConnState>conn
+        broker = cs.broker
+        peers = broker.peers
+        if peers is None or broker._on_published is not None or broker._on_delivered is not None:
+            return 0
+        fwd_routes = getattr(peers, "relay_routes", None)
+        if fwd_routes is None or cs.session is None or cs.closed:
+            return 0
+        found = cs.decoder
+        if type(found) is not Decoder:
+            return 0
+        decoder = <Decoder>found
+        version = decoder.version
+        if decoder._failed or version == 0:
+            return 0
+        pending = decoder._pending
+        have = PyByteArray_GET_SIZE(pending)
+        if have:
+            # The decoder holds the start of a packet (a read ended inside it): when ``data``
+            # completes it, that packet is taken from a copy of its bytes (if it is covered; else
+            # the decoder takes the whole read), then the rest of the read from ``data``.
+            q = <const unsigned char*>PyByteArray_AS_STRING(pending)
+            if q[0] != 0x30:
+                return 0
+            length = 0
+            shift = 0
+            j = 1
+            while True:
+                if j >= have + size or shift == 28:
+                    return 0
+                byte = q[j] if j < have else p[j - have]
+                j += 1
+                length |= (<Py_ssize_t>(byte & 0x7F)) << shift
+                if not (byte & 0x80):
+                    break
+                shift += 7
+            need = j + length - have  # the bytes of ``data`` that complete it
+            if need <= 0 or need > size:
+                return 0
+            joined = PyBytes_FromStringAndSize(NULL, have + need)
+            memcpy(PyBytes_AS_STRING(joined), q, have)
+            memcpy(PyBytes_AS_STRING(joined) + have, p, need)
+            phase = 0
+        elif p[0] != 0x30:
+            return 0
+        fwd_links = peers.relay_links
+        max_packet = decoder.max_packet_size
+        max_size = cs.settings.max_message_size
+        policy = cs._policy
+        allowed = None
+        if policy is not None:
+            allowed = policy.fast
+            if allowed is None:
+                return 0
+        client_id = cs.client_id
+        if broker is not self._broker:
+            self._adopt(broker)
+        received = self._received
+        router = self._router
+        routes = self._routes
+        trie = self._trie
+        recv_base = received[0]
+        if phase == 0:
+            p = <const unsigned char*>PyBytes_AS_STRING(joined)
+            size = PyBytes_GET_SIZE(joined)
+        try:
+            while True:
+                while size - pos >= 2 and p[pos] == 0x30:
+                    # -- Decoder._parse: the Remaining Length (a 5th byte or a partial packet: the decoder's) --
+                    length = 0
+                    shift = 0
+                    k = pos + 1
+                    while k < size and shift < 28:
+                        byte = p[k]
+                        k += 1
+                        length |= (<Py_ssize_t>(byte & 0x7F)) << shift
+                        if not (byte & 0x80):
+                            break
+                        shift += 7
+                    else:
+                        break
+                    body = k
+                    total = body - pos + length
+                    if max_packet > 0 and total > max_packet:
+                        break
+                    if size - body < length or length < 2:
+                        break
+                    # -- _decode_publish, QoS 0: topic, (5.0) an empty property length, payload --
+                    tlen = (p[body] << 8) | p[body + 1]
+                    hdr = 2 + tlen
+                    if tlen == 0 or hdr > length:
+                        break
+                    if version == 5:
+                        if hdr >= length or p[body + hdr] != 0:
+                            break  # properties (or truncated): the decoder and serve decide
+                        hdr += 1
+                    plen = length - hdr
+                    if plen > max_size:
+                        break
+                    t = p + body + 2
+                    if last_t == NULL or tlen != last_tlen or memcmp(t, last_t, tlen) != 0:
+                        # a new topic: valid, ASCII (other UTF-8 is checked by the decoder), not "$"
+                        if t[0] == 36 or memchr(t, 0x2B, tlen) != NULL or memchr(t, 0x23, tlen) != NULL \
+                                or memchr(t, 0, tlen) != NULL:
+                            break
+                        high = 0
+                        for k in range(tlen):
+                            high |= t[k]
+                        if high >= 0x80:
+                            break
+                        topic = PyUnicode_DecodeUTF8(<const char*>t, tlen, NULL)
+                        if allowed is not None and allowed.get(topic) != 0:
+                            break
+                        route = None
+                        if trie.generation == router._generation:
+                            route = routes.get(topic)
+                        if route is None:
+                            route = router.route(topic)
+                        if route.groups or route.targets:
+                            break  # shared groups, or a local subscriber: serve (it needs the Publish)
+                        nodes = fwd_routes.get(topic, _MISS)
+                        if nodes is _MISS:
+                            nodes = peers.relay_route(topic)
+                        if nodes is None:
+                            break  # Peers.forward decides (shared groups on a peer)
+                        fqs = None
+                        if nodes:
+                            fqs = []
+                            for node in <tuple>nodes:
+                                link = fwd_links.get(node)
+                                if link is not None:
+                                    fq = link.forward_queue
+                                    if type(fq) is not ForwardQueue:
+                                        fqs = None
+                                        break
+                                    fqs.append(fq)
+                            if fqs is None:
+                                break
+                        last_t = t
+                        last_tlen = tlen
+                    if fqs:
+                        full = False
+                        for fq in fqs:
+                            if (<ForwardQueue>fq).full():
+                                full = True
+                                break
+                        if full:
+                            break
+                    # -- Broker.publish: counted, sampled, queued once per peer with matching interest --
+                    recv_n += 1
+                    recv_b += plen
+                    sampled = not ((recv_base + recv_n) & self.sample_mask)
+                    started = perf_counter() if sampled else 0.0
+                    if fqs:
+                        for fq in fqs:
+                            (<ForwardQueue>fq).append_raw(<const char*>t, tlen, client_id, 0,
+                                                          <const char*>p + body + hdr, plen)
+                    if sampled:
+                        broker._observe_latency(started)
+                    npk += 1
+                    pos = body + length
+                if phase == 1:
+                    break
+                if pos < size:
+                    return 0  # the pending packet is not covered: the decoder takes the whole read
+                PyByteArray_Resize(pending, 0)  # (taken: the decoder starts at the next packet)
+                phase = 1
+                p = <const unsigned char*>PyBytes_AS_STRING(data)
+                size = PyBytes_GET_SIZE(data)
+                pos = need
+        finally:
+            if recv_n:
+                received[0] += recv_n
+                self._received_bytes[0] += recv_b
+                self.served += recv_n
+                self.raw_forwarded += recv_n
+            self.raw_packets = npk
+        return pos
 
     cpdef tuple deliver_items(self, broker, bytes data, Py_ssize_t start):
         """What ``Broker.publish_from_peer`` does for each plain item (``fluxmq._core.forward``) of

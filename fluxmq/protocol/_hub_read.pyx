@@ -58,12 +58,16 @@ cdef char _rbuf[READ_SIZE]
 _flush_log = logging.getLogger("fluxmq.protocol.flush")
 
 cdef object _relay_serve = None
+cdef object _relay_forward = None
+cdef object _relay = None
 
 
 def set_relay(relay) -> None:
     """The process's publish relay (``_core.relay.PublishRelay``), set by ``connection.py``."""
-    global _relay_serve
+    global _relay_serve, _relay_forward, _relay
     _relay_serve = relay.serve
+    _relay_forward = getattr(relay, "forward_raw", None)
+    _relay = relay
 
 
 cdef class HubReads:
@@ -97,7 +101,7 @@ cdef class ConnectionCore(ConnState):
         """
         cdef ssize_t n
         cdef int err
-        cdef Py_ssize_t i = 0, count = 0
+        cdef Py_ssize_t i = 0, count = 0, raw = 0, used = 0
         cdef bint drained
         cdef int fd = self._fd
         stream = self.stream
@@ -143,9 +147,21 @@ cdef class ConnectionCore(ConnState):
             held.holding = True
         else:
             flusher.holding = True
+        raw = 0
         try:
+            used = 0
+            if _relay_forward is not None and self.broker.peers is not None:
+                # forward-only QoS 0 PUBLISHes framed for the peers from the read's bytes (_core.relay)
+                used = _relay_forward(self, data)
+                if used:
+                    raw = _relay.raw_packets
             try:
-                packets = self.decoder.feed(data)
+                if used == 0:
+                    packets = self.decoder.feed(data)
+                elif used < n:
+                    packets = self.decoder.feed(memoryview(data)[used:])
+                else:
+                    packets = []
             except MQTTError as exc:
                 packets = list(getattr(exc, "packets", None) or ())
                 bad = exc  # the reader serves the packets before it, then closes
@@ -161,6 +177,7 @@ cdef class ConnectionCore(ConnState):
             # ends the connection as there (an error must not escape into the hub's loop).
             flusher.release(False)
             stats.bytes_received += n
+            stats.messages_received += raw
             if count >= 0:
                 stats.messages_received += count
             stream.drained = drained
@@ -169,7 +186,7 @@ cdef class ConnectionCore(ConnState):
         if i < count or self.closed or bad is not None:
             flusher.release(False)
             stats.bytes_received += n
-            stats.messages_received += count
+            stats.messages_received += count + raw
             stream.drained = drained
             self._reader.switch((data, packets, i, bad))
             return
@@ -181,7 +198,7 @@ cdef class ConnectionCore(ConnState):
         else:
             flusher.release(drained and not loop.pendingcnt)
         stats.bytes_received += n
-        stats.messages_received += count
+        stats.messages_received += count + raw
         _hub_reads.served += 1
         self._wait_from = loop.now()  # a new wait: keep alive counts from here
 
