@@ -44,7 +44,8 @@ path*), and is handed the classes it recognises by its caller.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
+from cpython.unicode cimport (PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH,
+                              PyUnicode_READ_CHAR)
 
 from libc.string cimport memcmp, memcpy
 
@@ -733,7 +734,8 @@ cdef class PublishRelay:
         that packet, and the decoder and ``serve`` take it from there (and reject it when it is
         malformed)."""
         cdef Py_ssize_t pos = 0, size = PyBytes_GET_SIZE(data), length, body, total, tlen, hdr, plen
-        cdef Py_ssize_t npk = 0, k, last_tlen = 0
+        cdef Py_ssize_t npk = 0, k, last_tlen = 0, olen
+        cdef const char* origin
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef const unsigned char* t
         cdef const unsigned char* last_t = NULL
@@ -809,6 +811,10 @@ cdef class PublishRelay:
             if allowed is None:
                 return 0
         client_id = cs.client_id
+        origin = NULL  # the publisher's client id as the items' origin (none when empty)
+        olen = 0
+        if client_id:
+            origin = PyUnicode_AsUTF8AndSize(client_id, &olen)
         if broker is not self._broker:
             self._adopt(broker)
         received = self._received
@@ -909,7 +915,7 @@ cdef class PublishRelay:
                     started = perf_counter() if sampled else 0.0
                     if fqs:
                         for fq in fqs:
-                            (<ForwardQueue>fq).append_raw(<const char*>t, tlen, client_id, 0,
+                            (<ForwardQueue>fq).append_raw(<const char*>t, tlen, origin, olen, 0,
                                                           <const char*>p + body + hdr, plen)
                     if sampled:
                         broker._observe_latency(started)
