@@ -19,7 +19,8 @@ shared groups, a broker with message observers (webhooks). With peers (a cluster
 workers) a message is also queued for each peer with matching interest (``peers.relay_route``), in
 C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
 ``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
-``forward_raw`` runs before the decoder on a read, with peers: the QoS 0 PUBLISHes at its start
+``forward_raw`` runs before the decoder on a read, with peers: the QoS 0 (and a 3.x client's QoS 1)
+PUBLISHes at its start
 that only leave (no local target) are framed for the peers from the read's bytes, no ``Publish``
 made (what the decoder and ``serve`` would do for them; the rest of the read is theirs).
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
@@ -719,14 +720,16 @@ cdef class PublishRelay:
         return i
 
     cpdef Py_ssize_t forward_raw(self, conn, bytes data) except -1:
-        """The forward-only QoS 0 PUBLISHes at the start of a read, straight from its bytes: what
+        """The forward-only QoS 0 and 1 PUBLISHes at the start of a read, straight from its bytes: what
         ``Decoder.feed`` and ``serve`` do for them, without a ``Publish``, its topic ``str`` (one per
         run of one topic) or its payload ``bytes``: each is framed for the peers' queues from the
         read buffer (``ForwardQueue.append_raw``). Returns the bytes consumed (0: none), the
         PUBLISHes among them in ``raw_packets``; the caller decodes and serves the rest.
 
         Covered: a broker with peers, a connected, open connection whose decoder holds no partial
-        packet; packets whose first byte is 0x30 (QoS 0, no DUP, not retained), complete in ``data``,
+        packet; packets whose first byte is 0x30 (QoS 0, no DUP, not retained) or, from a 3.x
+        client within ``max_qos`` 1 with the storage not refusing writes, 0x32 or 0x3A (QoS 1, not
+        retained; its PUBACK written as ``serve`` writes it), complete in ``data``,
         within the decoder's maximum packet size and ``max_message_size``, with a non-empty ASCII
         topic name without wildcards or NUL that does not start with "$", 5.0 without properties,
         allowed by the client's policy, whose route has no local target and no shared group and
@@ -743,7 +746,14 @@ cdef class PublishRelay:
         cdef unsigned char high
         cdef int shift, version
         cdef long long max_size, max_packet
-        cdef long long recv_n = 0, recv_b = 0, recv_base
+        cdef long long recv_n[2]
+        cdef long long recv_b[2]
+        cdef long long recv_base[2]
+        cdef int qos, pid
+        cdef bint qos1_ok
+        cdef Py_ssize_t at
+        cdef char* w
+        cdef bytearray out = None
         cdef bint sampled, full
         cdef list fqs = None
         cdef ConnState cs
@@ -778,7 +788,7 @@ cdef class PublishRelay:
             # completes it, that packet is taken from a copy of its bytes (if it is covered; else
             # the decoder takes the whole read), then the rest of the read from ``data``.
             q = <const unsigned char*>PyByteArray_AS_STRING(pending)
-            if q[0] != 0x30:
+            if q[0] != 0x30 and q[0] != 0x32 and q[0] != 0x3A:
                 return 0
             length = 0
             shift = 0
@@ -799,7 +809,7 @@ cdef class PublishRelay:
             memcpy(PyBytes_AS_STRING(joined), q, have)
             memcpy(PyBytes_AS_STRING(joined) + have, p, need)
             phase = 0
-        elif p[0] != 0x30:
+        elif p[0] != 0x30 and p[0] != 0x32 and p[0] != 0x3A:
             return 0
         fwd_links = peers.relay_links
         max_packet = decoder.max_packet_size
@@ -821,13 +831,25 @@ cdef class PublishRelay:
         router = self._router
         routes = self._routes
         trie = self._trie
-        recv_base = received[0]
+        recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
+        recv_base[0] = received[0]
+        recv_base[1] = received[1]
+        store = self._store
+        # QoS 1: a 3.x client (a 5.0 PUBACK with no local subscriber carries a reason code: serve's)
+        qos1_ok = version != 5 and cs.settings.max_qos >= 1 and (store is None or not store.refusing)
         if phase == 0:
             p = <const unsigned char*>PyBytes_AS_STRING(joined)
             size = PyBytes_GET_SIZE(joined)
         try:
             while True:
-                while size - pos >= 2 and p[pos] == 0x30:
+                while size - pos >= 2:
+                    byte = p[pos]
+                    if byte == 0x30:
+                        qos = 0
+                    elif (byte == 0x32 or byte == 0x3A) and qos1_ok:
+                        qos = 1
+                    else:
+                        break
                     # -- Decoder._parse: the Remaining Length (a 5th byte or a partial packet: the decoder's) --
                     length = 0
                     shift = 0
@@ -847,11 +869,19 @@ cdef class PublishRelay:
                         break
                     if size - body < length or length < 2:
                         break
-                    # -- _decode_publish, QoS 0: topic, (5.0) an empty property length, payload --
+                    # -- _decode_publish: topic, (QoS 1) packet id, (5.0) an empty property length, payload --
                     tlen = (p[body] << 8) | p[body + 1]
                     hdr = 2 + tlen
                     if tlen == 0 or hdr > length:
                         break
+                    pid = 0
+                    if qos:
+                        if hdr + 2 > length:
+                            break
+                        pid = (p[body + hdr] << 8) | p[body + hdr + 1]
+                        if pid == 0:
+                            break  # the decoder's protocol error
+                        hdr += 2
                     if version == 5:
                         if hdr >= length or p[body + hdr] != 0:
                             break  # properties (or truncated): the decoder and serve decide
@@ -909,16 +939,28 @@ cdef class PublishRelay:
                         if full:
                             break
                     # -- Broker.publish: counted, sampled, queued once per peer with matching interest --
-                    recv_n += 1
-                    recv_b += plen
-                    sampled = not ((recv_base + recv_n) & self.sample_mask)
+                    recv_n[qos] += 1
+                    recv_b[qos] += plen
+                    sampled = not ((recv_base[qos] + recv_n[qos]) & self.sample_mask)
                     started = perf_counter() if sampled else 0.0
                     if fqs:
                         for fq in fqs:
-                            (<ForwardQueue>fq).append_raw(<const char*>t, tlen, origin, olen, 0,
+                            (<ForwardQueue>fq).append_raw(<const char*>t, tlen, origin, olen, qos,
                                                           <const char*>p + body + hdr, plen)
                     if sampled:
                         broker._observe_latency(started)
+                    if qos:
+                        # -- serve's PUBACK (nothing was routed to this client's own output) --
+                        if out is None:
+                            out = cs.out
+                        at = PyByteArray_GET_SIZE(out)
+                        PyByteArray_Resize(out, at + 4)
+                        w = PyByteArray_AS_STRING(out) + at
+                        w[0] = 0x40
+                        w[1] = 2
+                        w[2] = <char>(pid >> 8)
+                        w[3] = <char>(pid & 0xFF)
+                        cs._npk += 1
                     npk += 1
                     pos = body + length
                 if phase == 1:
@@ -931,12 +973,18 @@ cdef class PublishRelay:
                 size = PyBytes_GET_SIZE(data)
                 pos = need
         finally:
-            if recv_n:
-                received[0] += recv_n
-                self._received_bytes[0] += recv_b
-                self.served += recv_n
-                self.raw_forwarded += recv_n
+            if recv_n[0] or recv_n[1]:
+                received_bytes = self._received_bytes
+                received[0] += recv_n[0]
+                received[1] += recv_n[1]
+                received_bytes[0] += recv_b[0]
+                received_bytes[1] += recv_b[1]
+                self.served += recv_n[0] + recv_n[1]
+                self.raw_forwarded += recv_n[0] + recv_n[1]
             self.raw_packets = npk
+            if recv_n[1] and not cs._dirty:
+                cs._dirty = True
+                cs.flusher.mark(conn)  # the PUBACKs
         return pos
 
     cpdef tuple deliver_items(self, broker, bytes data, Py_ssize_t start):

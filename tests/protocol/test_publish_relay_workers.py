@@ -308,8 +308,8 @@ def run_three_raw(tmp_path, scenario) -> tuple[list, list, int]:
 
 
 def test_forward_only_publishes_are_framed_from_the_read_in_order(tmp_path) -> None:
-    """A QoS 0 PUBLISH with nothing local to deliver to is framed for the other worker from the
-    read's bytes; whatever it does not cover in the same read (QoS 1, retained, a local subscriber,
+    """A QoS 0 or 1 PUBLISH with nothing local to deliver to is framed for the other worker from the
+    read's bytes; whatever it does not cover in the same read (retained, a local subscriber,
     5.0 properties, a "$" or non-ASCII topic) goes through the decoder and ``serve`` where it
     stands, and the rest of the read with it: the subscriber on the other worker reads everything in
     the order published, and each worker counts what it counted before."""
@@ -354,8 +354,9 @@ def test_forward_only_publishes_are_framed_from_the_read_in_order(tmp_path) -> N
         return [first, second, [net.broker.stats.messages_received for net in w.nets]]
 
     (first, second, received), counters, raw = run_three_raw(tmp_path, scenario)
-    # the run at the start of each read: t/1 a b, t/2 c (then the QoS 1 one); t/5 h (then properties)
-    assert raw == 4
+    # the run at the start of each read: t/1 a b, t/2 c, q1 (its PUBACK), d (then the local
+    # subscriber's); t/5 h (then properties)
+    assert raw == 6
     packets = c.Decoder(version=4).feed(first["sub"] + second["sub"])
     assert [(p.topic, p.payload) for p in packets] == [
         ("t/1", b"a"),
@@ -384,7 +385,10 @@ def test_a_packet_split_across_reads_is_framed_when_its_end_arrives(tmp_path) ->
     payload): the decoder keeps the start, the next read completes it and the run goes on from
     there; nothing lost, nothing reordered, nothing counted twice."""
     payloads = [bytes([65 + i % 26]) * (i * 37 % 400) for i in range(40)]
-    data = b"".join(encode(c.Publish(f"t/{i % 3}", p), 4) for i, p in enumerate(payloads))
+    data = b"".join(
+        encode(c.Publish(f"t/{i % 3}", p, qos=i % 2, packet_id=i + 1 if i % 2 else 0), 4)
+        for i, p in enumerate(payloads)
+    )
     cuts = [1, 2, 3, 7, 200, 201, 1000, 1003, len(data) - 2]
 
     def scenario(w: Workers) -> list:
@@ -402,20 +406,28 @@ def test_a_packet_split_across_reads_is_framed_when_its_end_arrives(tmp_path) ->
 
     (got, received), _counters, raw = run_three_raw(tmp_path, scenario)
     assert raw == 40
-    assert got["sub"] == data
+    assert got["sub"] == b"".join(encode(c.Publish(f"t/{i % 3}", p), 4) for i, p in enumerate(payloads))
+    assert got["pub"] == b"".join(encode(c.Puback(i + 1), 4) for i in range(1, 40, 2))
     assert received[0] == 40 + 1 + 1  # the PUBLISHes, the mark and the PINGREQ of start-up
 
 
-def test_a_malformed_publish_in_a_forwarded_run_closes_as_before(tmp_path) -> None:
-    """A wildcard in a topic name after forward-only PUBLISHes of the same read: those before it
-    reach the other worker, the connection is closed at it, and nothing after it is routed."""
+@pytest.mark.parametrize(
+    "bad",
+    [
+        raw_publish(b"t/+", b"bad"),  # a wildcard in a topic name
+        b"\x32\x09\x00\x03t/1\x00\x00ab",  # QoS 1 with packet identifier 0
+    ],
+)
+def test_a_malformed_publish_in_a_forwarded_run_closes_as_before(tmp_path, bad) -> None:
+    """A malformed PUBLISH after forward-only PUBLISHes of the same read: those before it reach
+    the other worker, the connection is closed at it, and nothing after it is routed."""
 
     def scenario(w: Workers) -> list:
         w.client("pub", 0)
         w.client("sub", 1)
         w.subscribe("sub", "t/#", 0)
         conn, _, sock = w.nets[0].clients["pub"]
-        sock.sendall(raw_publish(b"t/1", b"a") + raw_publish(b"t/+", b"bad") + raw_publish(b"t/1", b"b"))
+        sock.sendall(raw_publish(b"t/1", b"a") + bad + raw_publish(b"t/1", b"b"))
         with gevent.Timeout(10):
             while not conn.closed:
                 gevent.sleep(0.01)
@@ -425,3 +437,24 @@ def test_a_malformed_publish_in_a_forwarded_run_closes_as_before(tmp_path) -> No
     (got, received), _counters, raw = run_three_raw(tmp_path, scenario)
     assert raw == 1
     assert got["sub"] == encode(c.Publish("t/1", b"a"), 4)
+
+
+def test_a_forwarded_qos1_publish_from_a_5_0_client_is_decoded(tmp_path) -> None:
+    """A 5.0 client's QoS 1 PUBLISH with no local subscriber: its PUBACK carries a reason code
+    (``serve``'s), so it is not framed from the read; the QoS 0 ones before it are."""
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0, version=5)
+        w.client("sub", 1, version=5)
+        w.subscribe("sub", "t/#", 1)
+        w.send(
+            "pub",
+            [c.Publish("t/1", b"a"), c.Publish("t/1", b"b", qos=1, packet_id=7), c.Publish("t/1", b"c")],
+        )
+        return [w.read_all()]
+
+    [got], counters, raw = run_three_raw(tmp_path, scenario)
+    assert raw == 1
+    packets = c.Decoder(version=5).feed(got["sub"])
+    assert [(p.payload, p.qos) for p in packets] == [(b"a", 0), (b"b", 1), (b"c", 0)]
+    assert counters[0]["received"][:2] == [3, 1]
