@@ -45,6 +45,7 @@ path*), and is handed the classes it recognises by its caller.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.pycapsule cimport PyCapsule_New
 from cpython.unicode cimport (PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH,
                               PyUnicode_READ_CHAR)
 
@@ -720,6 +721,11 @@ cdef class PublishRelay:
         return i
 
     cpdef Py_ssize_t forward_raw(self, conn, bytes data) except -1:
+        """``_forward_buf`` on the bytes of ``data`` (the reader greenlet's reads, tests)."""
+        return self._forward_buf(conn, <const unsigned char*>PyBytes_AS_STRING(data),
+                                 PyBytes_GET_SIZE(data))
+
+    cdef Py_ssize_t _forward_buf(self, conn, const unsigned char* p, Py_ssize_t size) except -1:
         """The forward-only QoS 0 and 1 PUBLISHes at the start of a read, straight from its bytes: what
         ``Decoder.feed`` and ``serve`` do for them, without a ``Publish``, its topic ``str`` (one per
         run of one topic) or its payload ``bytes``: each is framed for the peers' queues from the
@@ -736,10 +742,11 @@ cdef class PublishRelay:
         whose peers' queues (if any) have room. Anything else stops the run before any effect of
         that packet, and the decoder and ``serve`` take it from there (and reject it when it is
         malformed)."""
-        cdef Py_ssize_t pos = 0, size = PyBytes_GET_SIZE(data), length, body, total, tlen, hdr, plen
+        cdef Py_ssize_t pos = 0, length, body, total, tlen, hdr, plen
+        cdef const unsigned char* data = p  # the read (p moves to a copy of a pending packet's bytes)
+        cdef Py_ssize_t data_size = size
         cdef Py_ssize_t npk = 0, k, last_tlen = 0, olen
         cdef const char* origin
-        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef const unsigned char* t
         cdef const unsigned char* last_t = NULL
         cdef unsigned int byte
@@ -969,8 +976,8 @@ cdef class PublishRelay:
                     return 0  # the pending packet is not covered: the decoder takes the whole read
                 PyByteArray_Resize(pending, 0)  # (taken: the decoder starts at the next packet)
                 phase = 1
-                p = <const unsigned char*>PyBytes_AS_STRING(data)
-                size = PyBytes_GET_SIZE(data)
+                p = data
+                size = data_size
                 pos = need
         finally:
             if recv_n[0] or recv_n[1]:
@@ -1060,3 +1067,17 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
+
+
+cdef Py_ssize_t _forward_c(object relay, object conn, const unsigned char* p, Py_ssize_t size,
+                           Py_ssize_t* npk) except -1:
+    """``PublishRelay._forward_buf`` for the protocol layer's hub callback, on its read buffer
+    (``FORWARD_C``); ``npk``: the PUBLISHes consumed."""
+    cdef PublishRelay r = <PublishRelay>relay
+    cdef Py_ssize_t used = r._forward_buf(conn, p, size)
+    npk[0] = r.raw_packets
+    return used
+
+
+#: ``_forward_c`` as a capsule (``fluxmq.protocol._hub_read`` calls it without Python's call)
+FORWARD_C = PyCapsule_New(<void*>_forward_c, b"fluxmq._core.relay.forward", NULL)

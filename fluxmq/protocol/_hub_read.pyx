@@ -24,7 +24,8 @@ methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowan
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from fluxmq._core.conn_state cimport ConnState
@@ -32,6 +33,7 @@ from fluxmq._core.conn_state cimport ConnState
 import logging
 
 from fluxmq._core.codec import Pingreq
+from fluxmq._core.relay import FORWARD_C, PublishRelay
 from fluxmq.errors import MQTTError
 from fluxmq.protocol.parking import _PINGRESP
 
@@ -57,17 +59,22 @@ cdef char _rbuf[READ_SIZE]
 
 _flush_log = logging.getLogger("fluxmq.protocol.flush")
 
+ctypedef Py_ssize_t (*forward_fn)(object, object, const unsigned char*, Py_ssize_t,
+                                   Py_ssize_t*) except -1
+
 cdef object _relay_serve = None
-cdef object _relay_forward = None
 cdef object _relay = None
+cdef forward_fn _forward_c = NULL  # the relay's forward-only PUBLISHes from a read (_core.relay.FORWARD_C)
 
 
 def set_relay(relay) -> None:
     """The process's publish relay (``_core.relay.PublishRelay``), set by ``connection.py``."""
-    global _relay_serve, _relay_forward, _relay
+    global _relay_serve, _relay, _forward_c
     _relay_serve = relay.serve
-    _relay_forward = getattr(relay, "forward_raw", None)
     _relay = relay
+    _forward_c = NULL
+    if type(relay) is PublishRelay:
+        _forward_c = <forward_fn>PyCapsule_GetPointer(FORWARD_C, b"fluxmq._core.relay.forward")
 
 
 cdef class HubReads:
@@ -150,11 +157,9 @@ cdef class ConnectionCore(ConnState):
         raw = 0
         try:
             used = 0
-            if _relay_forward is not None and self.broker.peers is not None:
-                # forward-only QoS 0 PUBLISHes framed for the peers from the read's bytes (_core.relay)
-                used = _relay_forward(self, data)
-                if used:
-                    raw = _relay.raw_packets
+            if _forward_c is not NULL and self.broker.peers is not None:
+                # forward-only PUBLISHes framed for the peers from the read's bytes (_core.relay)
+                used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
             try:
                 if used == 0:
                     packets = self.decoder.feed(data)
