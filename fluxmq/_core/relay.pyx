@@ -89,6 +89,11 @@ cdef class PublishRelay:
     cdef public long long forwarded  # messages from peers delivered here (deliver_items)
     cdef public long long raw_forwarded  # PUBLISHes forward_raw queued for peers without decoding
     cdef public Py_ssize_t raw_packets  # the PUBLISHes the last forward_raw call consumed
+    # The UTF-8 bytes of the last topic forward_raw found a local subscriber for, and the trie
+    # generation then: a read starting with it again goes to the decoder at once (e.g. every read
+    # of a publisher whose subscribers are on its own worker), with no topic str or route look-up
+    cdef bytes _local_topic
+    cdef object _local_generation
     cdef public bint enabled
     # The last broker served and the objects it holds for its whole life (Broker.stats and its
     # per-QoS count lists, Broker.router, Router._routes, Router.trie: made in their __init__ and
@@ -120,6 +125,8 @@ cdef class PublishRelay:
         self.forwarded = 0
         self.raw_forwarded = 0
         self.raw_packets = 0
+        self._local_topic = None
+        self._local_generation = None
         self.enabled = True
         self._broker = None
 
@@ -898,6 +905,11 @@ cdef class PublishRelay:
                         break
                     t = p + body + 2
                     if last_t == NULL or tlen != last_tlen or memcmp(t, last_t, tlen) != 0:
+                        local = self._local_topic
+                        if (local is not None and PyBytes_GET_SIZE(local) == tlen
+                                and memcmp(t, PyBytes_AS_STRING(local), tlen) == 0
+                                and trie.generation == self._local_generation):
+                            break  # the topic with a local subscriber again: serve's
                         # a new topic: valid, ASCII (other UTF-8 is checked by the decoder), not "$"
                         if t[0] == 36 or memchr(t, 0x2B, tlen) != NULL or memchr(t, 0x23, tlen) != NULL \
                                 or memchr(t, 0, tlen) != NULL:
@@ -916,7 +928,10 @@ cdef class PublishRelay:
                         if route is None:
                             route = router.route(topic)
                         if route.groups or route.targets:
-                            break  # shared groups, or a local subscriber: serve (it needs the Publish)
+                            # shared groups, or a local subscriber: serve (it needs the Publish)
+                            self._local_topic = PyBytes_FromStringAndSize(<const char*>t, tlen)
+                            self._local_generation = trie.generation
+                            break
                         nodes = fwd_routes.get(topic, _MISS)
                         if nodes is _MISS:
                             nodes = peers.relay_route(topic)

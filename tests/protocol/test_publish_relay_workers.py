@@ -458,3 +458,28 @@ def test_a_forwarded_qos1_publish_from_a_5_0_client_is_decoded(tmp_path) -> None
     packets = c.Decoder(version=5).feed(got["sub"])
     assert [(p.payload, p.qos) for p in packets] == [(b"a", 0), (b"b", 1), (b"c", 0)]
     assert counters[0]["received"][:2] == [3, 1]
+
+
+def test_a_topic_whose_local_subscriber_left_is_framed_from_the_read_again(tmp_path) -> None:
+    """A topic found with a local subscriber goes to the decoder at once on the next reads; once
+    that subscriber unsubscribes (the routes change) its PUBLISHes are framed from the read."""
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0)
+        near = w.client("near", 0)
+        w.client("sub", 1)
+        w.subscribe("near", "t/#", 0)
+        w.subscribe("sub", "t/#", 0)
+        w.send("pub", [c.Publish("t/1", b"a")])
+        first = w.read_all()
+        w.send("pub", [c.Publish("t/1", b"b")])
+        second = w.read_all()
+        w.nets[0].broker.unsubscribe(near.session, "t/#")
+        w.send("pub", [c.Publish("t/1", b"c")])
+        return [first, second, w.read_all()]
+
+    (first, second, third), _counters, raw = run_three_raw(tmp_path, scenario)
+    assert raw == 1
+    assert first["near"] == first["sub"] == encode(c.Publish("t/1", b"a"), 4)
+    assert second["near"] == second["sub"] == encode(c.Publish("t/1", b"b"), 4)
+    assert third["near"] == b"" and third["sub"] == encode(c.Publish("t/1", b"c"), 4)
