@@ -114,7 +114,10 @@ def main(argv: list[str]) -> int:
     reader.join(timeout=120)
     for node in nodes:
         node.stop(0.5)
-    print(f"{mode} {count} read={got} want={want} relay_served={RELAY.served} forwarded={RELAY.forwarded}")
+    print(
+        f"{mode} {count} read={got} want={want} relay_served={RELAY.served} forwarded={RELAY.forwarded}"
+        f" raw_forwarded={getattr(RELAY, 'raw_forwarded', 0)}"
+    )
     return 0 if got == want else 1
 
 

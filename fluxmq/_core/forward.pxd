@@ -24,6 +24,8 @@ cdef class ForwardQueue:
         return self.queued >= self.max_messages or self.queued_bytes >= self.max_bytes
 
     cdef int append_plain(self, str topic, str origin, int qos, bytes payload) except -1
+    cdef int append_raw(self, const char* t, Py_ssize_t tlen, const char* o, Py_ssize_t olen,
+                        int qos, const char* payload, Py_ssize_t plen) except -1
     cpdef seal(self)
 
 

@@ -22,7 +22,7 @@ No I/O and no fluxmq imports.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.stdint cimport uint8_t
+from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
 #: bytes of an item's head and of a message record's head
@@ -107,12 +107,32 @@ cdef class ForwardQueue:
     cdef int append_plain(self, str topic, str origin, int qos, bytes payload) except -1:
         """Queue the plain item of a message (``origin``: the publisher's client id, "" or None for
         none). The caller checked ``full()`` first."""
-        cdef Py_ssize_t tlen, olen = 0, plen = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t tlen, olen = 0
         cdef const char* t = PyUnicode_AsUTF8AndSize(topic, &tlen)
         cdef const char* o = NULL
-        cdef int flags = qos & 3
         if origin:
             o = PyUnicode_AsUTF8AndSize(origin, &olen)
+        return self.append_raw(t, tlen, o, olen, qos, PyBytes_AS_STRING(payload),
+                               PyBytes_GET_SIZE(payload))
+
+    def append_bytes(self, bytes topic, str origin, int qos, bytes payload):
+        """``append_raw`` from Python (tests): the topic as its UTF-8 bytes."""
+        cdef Py_ssize_t olen = 0
+        cdef const char* o = NULL
+        if origin:
+            o = PyUnicode_AsUTF8AndSize(origin, &olen)
+        self.append_raw(PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic), o, olen, qos,
+                        PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+    cdef int append_raw(self, const char* t, Py_ssize_t tlen, const char* o, Py_ssize_t olen,
+                        int qos, const char* payload, Py_ssize_t plen) except -1:
+        """``append_plain`` from the UTF-8 bytes of the topic and of the origin (``o`` NULL: none)
+        and the payload's bytes where they are (the relay's forward-only PUBLISH, framed from the
+        read buffer: no ``Publish``)."""
+        cdef int flags = qos & 3
+        if o is NULL:
+            olen = 0
+        else:
             flags |= 16
         if tlen > 0xFFFF or olen > 0xFFFF or plen > U32_MAX - MSG_HEAD - tlen - olen:
             raise OverflowError("forwarded message field too long for its length prefix")
@@ -148,7 +168,7 @@ cdef class ForwardQueue:
         if olen:
             memcpy(p, o, olen)
             p += olen
-        memcpy(p, PyBytes_AS_STRING(payload), plen)
+        memcpy(p, payload, plen)
         self.tail_count += 1
         first = self.queued == 0
         self.queued += 1
@@ -177,11 +197,10 @@ cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
     if end - i < ITEM_HEAD + MSG_HEAD:
         return -1
     cdef Py_ssize_t blob = _rd32(p + i)
-    cdef const unsigned char* h = p + i + 4
-    cdef int k
-    for k in range(8):
-        if h[k] != 0xFF:
-            return -1  # an expiry: the remaining time is recomputed in Python
+    cdef uint64_t expiry
+    memcpy(&expiry, p + i + 4, 8)
+    if expiry != 0xFFFFFFFFFFFFFFFFULL:
+        return -1  # an expiry: the remaining time is recomputed in Python
     if p[i + 12] != MATCH_LOCAL or p[i + 13] != 0:
         return -1
     cdef Py_ssize_t b = i + ITEM_HEAD

@@ -19,6 +19,10 @@ shared groups, a broker with message observers (webhooks). With peers (a cluster
 workers) a message is also queued for each peer with matching interest (``peers.relay_route``), in
 C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
 ``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
+``forward_raw`` runs before the decoder on a read, with peers: the QoS 0 (and a 3.x client's QoS 1)
+PUBLISHes at its start
+that only leave (no local target) are framed for the peers from the read's bytes, no ``Publish``
+made (what the decoder and ``serve`` would do for them; the rest of the read is theirs).
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
@@ -39,20 +43,23 @@ the broker and protocol layers document for this path (``docs/architecture.rst``
 path*), and is handed the classes it recognises by its caller.
 """
 
-from cpython.bytearray cimport PyByteArray_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
+from cpython.pycapsule cimport PyCapsule_New
+from cpython.unicode cimport (PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH,
+                              PyUnicode_READ_CHAR)
 
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 from time import perf_counter
 
-from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
+from fluxmq._core.codec cimport Decoder, Publish, Puback, append_publish, encode_publish
 from fluxmq._core.conn_state cimport ConnState
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
+from libc.string cimport memchr
 
 from fluxmq.errors import ForwardedItemFailed
 
@@ -80,6 +87,13 @@ cdef class PublishRelay:
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public long long forwarded  # messages from peers delivered here (deliver_items)
+    cdef public long long raw_forwarded  # PUBLISHes forward_raw queued for peers without decoding
+    cdef public Py_ssize_t raw_packets  # the PUBLISHes the last forward_raw call consumed
+    # The UTF-8 bytes of the last topic forward_raw found a local subscriber for, and the trie
+    # generation then: a read starting with it again goes to the decoder at once (e.g. every read
+    # of a publisher whose subscribers are on its own worker), with no topic str or route look-up
+    cdef bytes _local_topic
+    cdef object _local_generation
     cdef public bint enabled
     # The last broker served and the objects it holds for its whole life (Broker.stats and its
     # per-QoS count lists, Broker.router, Router._routes, Router.trie: made in their __init__ and
@@ -109,6 +123,10 @@ cdef class PublishRelay:
         self.sample_mask = sample_mask
         self.served = 0
         self.forwarded = 0
+        self.raw_forwarded = 0
+        self.raw_packets = 0
+        self._local_topic = None
+        self._local_generation = None
         self.enabled = True
         self._broker = None
 
@@ -709,6 +727,288 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         return i
 
+    cpdef Py_ssize_t forward_raw(self, conn, bytes data) except -1:
+        """``_forward_buf`` on the bytes of ``data`` (the reader greenlet's reads, tests)."""
+        return self._forward_buf(conn, <const unsigned char*>PyBytes_AS_STRING(data),
+                                 PyBytes_GET_SIZE(data))
+
+    cdef Py_ssize_t _forward_buf(self, conn, const unsigned char* p, Py_ssize_t size) except -1:
+        """The forward-only QoS 0 and 1 PUBLISHes at the start of a read, straight from its bytes: what
+        ``Decoder.feed`` and ``serve`` do for them, without a ``Publish``, its topic ``str`` (one per
+        run of one topic) or its payload ``bytes``: each is framed for the peers' queues from the
+        read buffer (``ForwardQueue.append_raw``). Returns the bytes consumed (0: none), the
+        PUBLISHes among them in ``raw_packets``; the caller decodes and serves the rest.
+
+        Covered: a broker with peers, a connected, open connection whose decoder holds no partial
+        packet; packets whose first byte is 0x30 (QoS 0, no DUP, not retained) or, from a 3.x
+        client within ``max_qos`` 1 with the storage not refusing writes, 0x32 or 0x3A (QoS 1, not
+        retained; its PUBACK written as ``serve`` writes it), complete in ``data``,
+        within the decoder's maximum packet size and ``max_message_size``, with a non-empty ASCII
+        topic name without wildcards or NUL that does not start with "$", 5.0 without properties,
+        allowed by the client's policy, whose route has no local target and no shared group and
+        whose peers' queues (if any) have room. Anything else stops the run before any effect of
+        that packet, and the decoder and ``serve`` take it from there (and reject it when it is
+        malformed)."""
+        cdef Py_ssize_t pos = 0, length, body, total, tlen, hdr, plen
+        cdef const unsigned char* data = p  # the read (p moves to a copy of a pending packet's bytes)
+        cdef Py_ssize_t data_size = size
+        cdef Py_ssize_t npk = 0, k, last_tlen = 0, olen
+        cdef const char* origin
+        cdef const unsigned char* t
+        cdef const unsigned char* last_t = NULL
+        cdef unsigned int byte
+        cdef unsigned char high
+        cdef int shift, version
+        cdef long long max_size, max_packet
+        cdef long long recv_n[2]
+        cdef long long recv_b[2]
+        cdef long long recv_base[2]
+        cdef int qos, pid
+        cdef bint qos1_ok
+        cdef Py_ssize_t at
+        cdef char* w
+        cdef bytearray out = None
+        cdef bint sampled, full
+        cdef list fqs = None
+        cdef ConnState cs
+        cdef Decoder decoder
+        cdef str topic
+        cdef Py_ssize_t have, need = 0, j, phase = 1
+        cdef const unsigned char* q
+        cdef bytearray pending
+        cdef bytes joined = None
+        self.raw_packets = 0
+        if not self.enabled or size < 1 or not isinstance(conn, ConnState):
+            return 0
+        cs = <ConnState>conn
+        broker = cs.broker
+        peers = broker.peers
+        if peers is None or broker._on_published is not None or broker._on_delivered is not None:
+            return 0
+        fwd_routes = getattr(peers, "relay_routes", None)
+        if fwd_routes is None or cs.session is None or cs.closed:
+            return 0
+        found = cs.decoder
+        if type(found) is not Decoder:
+            return 0
+        decoder = <Decoder>found
+        version = decoder.version
+        if decoder._failed or version == 0:
+            return 0
+        pending = decoder._pending
+        have = PyByteArray_GET_SIZE(pending)
+        if have:
+            # The decoder holds the start of a packet (a read ended inside it): when ``data``
+            # completes it, that packet is taken from a copy of its bytes (if it is covered; else
+            # the decoder takes the whole read), then the rest of the read from ``data``.
+            q = <const unsigned char*>PyByteArray_AS_STRING(pending)
+            if q[0] != 0x30 and q[0] != 0x32 and q[0] != 0x3A:
+                return 0
+            length = 0
+            shift = 0
+            j = 1
+            while True:
+                if j >= have + size or shift == 28:
+                    return 0
+                byte = q[j] if j < have else p[j - have]
+                j += 1
+                length |= (<Py_ssize_t>(byte & 0x7F)) << shift
+                if not (byte & 0x80):
+                    break
+                shift += 7
+            need = j + length - have  # the bytes of ``data`` that complete it
+            if need <= 0 or need > size:
+                return 0
+            joined = PyBytes_FromStringAndSize(NULL, have + need)
+            memcpy(PyBytes_AS_STRING(joined), q, have)
+            memcpy(PyBytes_AS_STRING(joined) + have, p, need)
+            phase = 0
+        elif p[0] != 0x30 and p[0] != 0x32 and p[0] != 0x3A:
+            return 0
+        fwd_links = peers.relay_links
+        max_packet = decoder.max_packet_size
+        max_size = cs.settings.max_message_size
+        policy = cs._policy
+        allowed = None
+        if policy is not None:
+            allowed = policy.fast
+            if allowed is None:
+                return 0
+        client_id = cs.client_id
+        origin = NULL  # the publisher's client id as the items' origin (none when empty)
+        olen = 0
+        if client_id:
+            origin = PyUnicode_AsUTF8AndSize(client_id, &olen)
+        if broker is not self._broker:
+            self._adopt(broker)
+        received = self._received
+        router = self._router
+        routes = self._routes
+        trie = self._trie
+        recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
+        recv_base[0] = received[0]
+        recv_base[1] = received[1]
+        store = self._store
+        # QoS 1: a 3.x client (a 5.0 PUBACK with no local subscriber carries a reason code: serve's)
+        qos1_ok = version != 5 and cs.settings.max_qos >= 1 and (store is None or not store.refusing)
+        if phase == 0:
+            p = <const unsigned char*>PyBytes_AS_STRING(joined)
+            size = PyBytes_GET_SIZE(joined)
+        try:
+            while True:
+                while size - pos >= 2:
+                    byte = p[pos]
+                    if byte == 0x30:
+                        qos = 0
+                    elif (byte == 0x32 or byte == 0x3A) and qos1_ok:
+                        qos = 1
+                    else:
+                        break
+                    # -- Decoder._parse: the Remaining Length (a 5th byte or a partial packet: the decoder's) --
+                    length = 0
+                    shift = 0
+                    k = pos + 1
+                    while k < size and shift < 28:
+                        byte = p[k]
+                        k += 1
+                        length |= (<Py_ssize_t>(byte & 0x7F)) << shift
+                        if not (byte & 0x80):
+                            break
+                        shift += 7
+                    else:
+                        break
+                    body = k
+                    total = body - pos + length
+                    if max_packet > 0 and total > max_packet:
+                        break
+                    if size - body < length or length < 2:
+                        break
+                    # -- _decode_publish: topic, (QoS 1) packet id, (5.0) an empty property length, payload --
+                    tlen = (p[body] << 8) | p[body + 1]
+                    hdr = 2 + tlen
+                    if tlen == 0 or hdr > length:
+                        break
+                    pid = 0
+                    if qos:
+                        if hdr + 2 > length:
+                            break
+                        pid = (p[body + hdr] << 8) | p[body + hdr + 1]
+                        if pid == 0:
+                            break  # the decoder's protocol error
+                        hdr += 2
+                    if version == 5:
+                        if hdr >= length or p[body + hdr] != 0:
+                            break  # properties (or truncated): the decoder and serve decide
+                        hdr += 1
+                    plen = length - hdr
+                    if plen > max_size:
+                        break
+                    t = p + body + 2
+                    if last_t == NULL or tlen != last_tlen or memcmp(t, last_t, tlen) != 0:
+                        local = self._local_topic
+                        if (local is not None and PyBytes_GET_SIZE(local) == tlen
+                                and memcmp(t, PyBytes_AS_STRING(local), tlen) == 0
+                                and trie.generation == self._local_generation):
+                            break  # the topic with a local subscriber again: serve's
+                        # a new topic: valid, ASCII (other UTF-8 is checked by the decoder), not "$"
+                        if t[0] == 36 or memchr(t, 0x2B, tlen) != NULL or memchr(t, 0x23, tlen) != NULL \
+                                or memchr(t, 0, tlen) != NULL:
+                            break
+                        high = 0
+                        for k in range(tlen):
+                            high |= t[k]
+                        if high >= 0x80:
+                            break
+                        topic = PyUnicode_DecodeUTF8(<const char*>t, tlen, NULL)
+                        if allowed is not None and allowed.get(topic) != 0:
+                            break
+                        route = None
+                        if trie.generation == router._generation:
+                            route = routes.get(topic)
+                        if route is None:
+                            route = router.route(topic)
+                        if route.groups or route.targets:
+                            # shared groups, or a local subscriber: serve (it needs the Publish)
+                            self._local_topic = PyBytes_FromStringAndSize(<const char*>t, tlen)
+                            self._local_generation = trie.generation
+                            break
+                        nodes = fwd_routes.get(topic, _MISS)
+                        if nodes is _MISS:
+                            nodes = peers.relay_route(topic)
+                        if nodes is None:
+                            break  # Peers.forward decides (shared groups on a peer)
+                        fqs = None
+                        if nodes:
+                            fqs = []
+                            for node in <tuple>nodes:
+                                link = fwd_links.get(node)
+                                if link is not None:
+                                    fq = link.forward_queue
+                                    if type(fq) is not ForwardQueue:
+                                        fqs = None
+                                        break
+                                    fqs.append(fq)
+                            if fqs is None:
+                                break
+                        last_t = t
+                        last_tlen = tlen
+                    if fqs:
+                        full = False
+                        for fq in fqs:
+                            if (<ForwardQueue>fq).full():
+                                full = True
+                                break
+                        if full:
+                            break
+                    # -- Broker.publish: counted, sampled, queued once per peer with matching interest --
+                    recv_n[qos] += 1
+                    recv_b[qos] += plen
+                    sampled = not ((recv_base[qos] + recv_n[qos]) & self.sample_mask)
+                    started = perf_counter() if sampled else 0.0
+                    if fqs:
+                        for fq in fqs:
+                            (<ForwardQueue>fq).append_raw(<const char*>t, tlen, origin, olen, qos,
+                                                          <const char*>p + body + hdr, plen)
+                    if sampled:
+                        broker._observe_latency(started)
+                    if qos:
+                        # -- serve's PUBACK (nothing was routed to this client's own output) --
+                        if out is None:
+                            out = cs.out
+                        at = PyByteArray_GET_SIZE(out)
+                        PyByteArray_Resize(out, at + 4)
+                        w = PyByteArray_AS_STRING(out) + at
+                        w[0] = 0x40
+                        w[1] = 2
+                        w[2] = <char>(pid >> 8)
+                        w[3] = <char>(pid & 0xFF)
+                        cs._npk += 1
+                    npk += 1
+                    pos = body + length
+                if phase == 1:
+                    break
+                if pos < size:
+                    return 0  # the pending packet is not covered: the decoder takes the whole read
+                PyByteArray_Resize(pending, 0)  # (taken: the decoder starts at the next packet)
+                phase = 1
+                p = data
+                size = data_size
+                pos = need
+        finally:
+            if recv_n[0] or recv_n[1]:
+                received_bytes = self._received_bytes
+                received[0] += recv_n[0]
+                received[1] += recv_n[1]
+                received_bytes[0] += recv_b[0]
+                received_bytes[1] += recv_b[1]
+                self.served += recv_n[0] + recv_n[1]
+                self.raw_forwarded += recv_n[0] + recv_n[1]
+            self.raw_packets = npk
+            if recv_n[1] and not cs._dirty:
+                cs._dirty = True
+                cs.flusher.mark(conn)  # the PUBACKs
+        return pos
+
     cpdef tuple deliver_items(self, broker, bytes data, Py_ssize_t start):
         """What ``Broker.publish_from_peer`` does for each plain item (``fluxmq._core.forward``) of
         a peer's ``Batch.items`` from byte ``start``, through the same fan-out as ``serve``; stops at
@@ -782,3 +1082,17 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
+
+
+cdef Py_ssize_t _forward_c(object relay, object conn, const unsigned char* p, Py_ssize_t size,
+                           Py_ssize_t* npk) except -1:
+    """``PublishRelay._forward_buf`` for the protocol layer's hub callback, on its read buffer
+    (``FORWARD_C``); ``npk``: the PUBLISHes consumed."""
+    cdef PublishRelay r = <PublishRelay>relay
+    cdef Py_ssize_t used = r._forward_buf(conn, p, size)
+    npk[0] = r.raw_packets
+    return used
+
+
+#: ``_forward_c`` as a capsule (``fluxmq.protocol._hub_read`` calls it without Python's call)
+FORWARD_C = PyCapsule_New(<void*>_forward_c, b"fluxmq._core.relay.forward", NULL)

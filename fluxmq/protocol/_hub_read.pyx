@@ -24,7 +24,8 @@ methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowan
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from fluxmq._core.conn_state cimport ConnState
@@ -32,6 +33,7 @@ from fluxmq._core.conn_state cimport ConnState
 import logging
 
 from fluxmq._core.codec import Pingreq
+from fluxmq._core.relay import FORWARD_C, PublishRelay
 from fluxmq.errors import MQTTError
 from fluxmq.protocol.parking import _PINGRESP
 
@@ -57,13 +59,22 @@ cdef char _rbuf[READ_SIZE]
 
 _flush_log = logging.getLogger("fluxmq.protocol.flush")
 
+ctypedef Py_ssize_t (*forward_fn)(object, object, const unsigned char*, Py_ssize_t,
+                                   Py_ssize_t*) except -1
+
 cdef object _relay_serve = None
+cdef object _relay = None
+cdef forward_fn _forward_c = NULL  # the relay's forward-only PUBLISHes from a read (_core.relay.FORWARD_C)
 
 
 def set_relay(relay) -> None:
     """The process's publish relay (``_core.relay.PublishRelay``), set by ``connection.py``."""
-    global _relay_serve
+    global _relay_serve, _relay, _forward_c
     _relay_serve = relay.serve
+    _relay = relay
+    _forward_c = NULL
+    if type(relay) is PublishRelay:
+        _forward_c = <forward_fn>PyCapsule_GetPointer(FORWARD_C, b"fluxmq._core.relay.forward")
 
 
 cdef class HubReads:
@@ -97,7 +108,7 @@ cdef class ConnectionCore(ConnState):
         """
         cdef ssize_t n
         cdef int err
-        cdef Py_ssize_t i = 0, count = 0
+        cdef Py_ssize_t i = 0, count = 0, raw = 0, used = 0
         cdef bint drained
         cdef int fd = self._fd
         stream = self.stream
@@ -143,9 +154,19 @@ cdef class ConnectionCore(ConnState):
             held.holding = True
         else:
             flusher.holding = True
+        raw = 0
         try:
+            used = 0
+            if _forward_c is not NULL and self.broker.peers is not None:
+                # forward-only PUBLISHes framed for the peers from the read's bytes (_core.relay)
+                used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
             try:
-                packets = self.decoder.feed(data)
+                if used == 0:
+                    packets = self.decoder.feed(data)
+                elif used < n:
+                    packets = self.decoder.feed(memoryview(data)[used:])
+                else:
+                    packets = []
             except MQTTError as exc:
                 packets = list(getattr(exc, "packets", None) or ())
                 bad = exc  # the reader serves the packets before it, then closes
@@ -161,6 +182,7 @@ cdef class ConnectionCore(ConnState):
             # ends the connection as there (an error must not escape into the hub's loop).
             flusher.release(False)
             stats.bytes_received += n
+            stats.messages_received += raw
             if count >= 0:
                 stats.messages_received += count
             stream.drained = drained
@@ -169,7 +191,7 @@ cdef class ConnectionCore(ConnState):
         if i < count or self.closed or bad is not None:
             flusher.release(False)
             stats.bytes_received += n
-            stats.messages_received += count
+            stats.messages_received += count + raw
             stream.drained = drained
             self._reader.switch((data, packets, i, bad))
             return
@@ -181,7 +203,7 @@ cdef class ConnectionCore(ConnState):
         else:
             flusher.release(drained and not loop.pendingcnt)
         stats.bytes_received += n
-        stats.messages_received += count
+        stats.messages_received += count + raw
         _hub_reads.served += 1
         self._wait_from = loop.now()  # a new wait: keep alive counts from here
 

@@ -219,6 +219,7 @@ class MQTTConnection(
         stats = self.broker.stats
         handlers = _HANDLERS
         relay_serve = RELAY.serve
+        relay_forward = RELAY.forward_raw
         parked = False
         budget = YIELD_EVERY  # input bytes left before the next yield to the hub
         connect_deadline = 0.0
@@ -304,8 +305,20 @@ class MQTTConnection(
                             # like a silent one.
                             stream.settimeout(max(0.001, connect_deadline - time.monotonic()))
                         bad = None
+                        used = 0
+                        if self.broker.peers is not None and type(data) is bytes and self.session is not None:
+                            # forward-only QoS 0 PUBLISHes framed for the peers from the read's
+                            # bytes, without decoding them (_core.relay); the decoder takes the rest
+                            used = relay_forward(self, data)
+                            if used:
+                                stats.messages_received += RELAY.raw_packets
                         try:
-                            packets = self.decoder.feed(data)
+                            if used == 0:
+                                packets = self.decoder.feed(data)
+                            elif used < n:
+                                packets = self.decoder.feed(memoryview(data)[used:])
+                            else:
+                                packets = []
                         except MQTTError as exc:
                             # Packets completed before the bad one in this read are still served,
                             # then the connection closes with the error's reason code.

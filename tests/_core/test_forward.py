@@ -44,6 +44,18 @@ def test_plain_item_is_what_the_python_framing_writes(topic, origin, qos, payloa
     )
 
 
+@pytest.mark.parametrize("topic,origin,qos,payload", [("a/b", "pub", 0, b"x" * 200), ("t", None, 1, b"")])
+def test_item_from_the_read_buffer_is_the_item_from_objects(topic, origin, qos, payload) -> None:
+    """``append_raw`` (the relay's forward-only PUBLISH: the topic's bytes, the payload where it
+    lies in the read) frames what ``append_plain`` frames from a ``str`` topic and ``bytes``."""
+    runs: deque = deque()
+    woken = []
+    fq = ForwardQueue(runs, 100, 1 << 30, 100, 1 << 30, lambda: woken.append(1))
+    fq.append_bytes(topic.encode(), origin, qos, payload)
+    assert bytes(fq.tail) == python_items(Message(topic, payload, qos, False, None, None, origin))
+    assert fq.queued == 1 and fq.queued_bytes == len(fq.tail) and woken == [1]
+
+
 def test_queue_seals_runs_counts_and_bounds_and_wakes_once() -> None:
     runs: deque = deque()
     woken = []

@@ -278,3 +278,208 @@ def test_per_target_fallback_on_the_receiving_worker(tmp_path) -> None:
         encode(c.Publish("t", b"waiting", qos=1, packet_id=1), 4)
         + encode(c.Publish("t", b"m", qos=1, packet_id=2), 4)
     )
+
+
+def raw_publish(topic: bytes, payload: bytes, version: int = 4) -> bytes:
+    """A QoS 0 PUBLISH written by hand (the encoder refuses a topic with a wildcard)."""
+    body = len(topic).to_bytes(2, "big") + topic + (b"\x00" if version == 5 else b"") + payload
+    n, length = len(body), b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length += bytes((byte | (0x80 if n else 0),))
+        if not n:
+            return b"\x30" + length + body
+
+
+def run_three_raw(tmp_path, scenario) -> tuple[list, list, int]:
+    """``run_three`` with what each run's scenario returns, plus the PUBLISHes the hub run framed
+    for the other worker from the read's bytes (``RELAY.raw_forwarded``)."""
+    raw = []
+
+    def counted(w: Workers):
+        before = RELAY.raw_forwarded
+        got = scenario(w)
+        raw.append(RELAY.raw_forwarded - before)
+        return got
+
+    got, counters, _served, _forwarded = run_three(tmp_path, counted)
+    assert raw[2] == 0  # the fast path off
+    return got, counters, raw[0]
+
+
+def test_forward_only_publishes_are_framed_from_the_read_in_order(tmp_path) -> None:
+    """A QoS 0 or 1 PUBLISH with nothing local to deliver to is framed for the other worker from the
+    read's bytes; whatever it does not cover in the same read (retained, a local subscriber,
+    5.0 properties, a "$" or non-ASCII topic) goes through the decoder and ``serve`` where it
+    stands, and the rest of the read with it: the subscriber on the other worker reads everything in
+    the order published, and each worker counts what it counted before."""
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0)
+        w.client("pub5", 0, version=5)
+        w.client("near", 0)
+        w.client("sub", 1)
+        w.subscribe("near", "l/#", 0)
+        w.subscribe("sub", "t/#", 1)
+        w.subscribe("sub", "l/#", 1)
+        w.send(
+            "pub",
+            [
+                c.Publish("t/1", b"a"),
+                c.Publish("t/1", b"b"),
+                c.Publish("t/2", b"c" * 300),
+                c.Publish("t/1", b"q1", qos=1, packet_id=3),
+                c.Publish("t/1", b"d"),
+                c.Publish("l/1", b"local"),
+                c.Publish("t/1", b"e"),
+                c.Publish("t/1", b"retained", retain=True),
+                c.Publish("t/ü", b"utf8"),
+                c.Publish("t/1", b"f"),
+                c.Publish("nobody", b"dropped"),
+                c.Publish("t/1", b"g"),
+            ],
+        )
+        first = w.read_all()
+        w.send(
+            "pub5",
+            [
+                c.Publish("t/5", b"h"),
+                c.Publish("t/5", b"props", properties={c.USER_PROPERTY: [("k", "v")]}),
+                c.Publish("t/5", b"i"),
+                c.Publish("t/5", b"expiry", properties={c.MESSAGE_EXPIRY_INTERVAL: 60}),
+                c.Publish("t/5", b"j"),
+            ],
+        )
+        second = w.read_all()
+        return [first, second, [net.broker.stats.messages_received for net in w.nets]]
+
+    (first, second, received), counters, raw = run_three_raw(tmp_path, scenario)
+    # the run at the start of each read: t/1 a b, t/2 c, q1 (its PUBACK), d (then the local
+    # subscriber's); t/5 h (then properties)
+    assert raw == 6
+    packets = c.Decoder(version=4).feed(first["sub"] + second["sub"])
+    assert [(p.topic, p.payload) for p in packets] == [
+        ("t/1", b"a"),
+        ("t/1", b"b"),
+        ("t/2", b"c" * 300),
+        ("t/1", b"q1"),
+        ("t/1", b"d"),
+        ("l/1", b"local"),
+        ("t/1", b"e"),
+        ("t/1", b"retained"),
+        ("t/ü", b"utf8"),
+        ("t/1", b"f"),
+        ("t/1", b"g"),
+        ("t/5", b"h"),
+        ("t/5", b"props"),
+        ("t/5", b"i"),
+        ("t/5", b"expiry"),
+        ("t/5", b"j"),
+    ]
+    assert first["near"] == encode(c.Publish("l/1", b"local"), 4)
+    assert counters[0]["received"][0] == 12 - 1 + 5 + 2  # (and the marks)
+
+
+def test_a_packet_split_across_reads_is_framed_when_its_end_arrives(tmp_path) -> None:
+    """Reads that end inside a packet (its fixed header, its Remaining Length, its topic, its
+    payload): the decoder keeps the start, the next read completes it and the run goes on from
+    there; nothing lost, nothing reordered, nothing counted twice."""
+    payloads = [bytes([65 + i % 26]) * (i * 37 % 400) for i in range(40)]
+    data = b"".join(
+        encode(c.Publish(f"t/{i % 3}", p, qos=i % 2, packet_id=i + 1 if i % 2 else 0), 4)
+        for i, p in enumerate(payloads)
+    )
+    cuts = [1, 2, 3, 7, 200, 201, 1000, 1003, len(data) - 2]
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0)
+        w.client("sub", 1)
+        w.subscribe("sub", "t/#", 0)
+        _conn, _, sock = w.nets[0].clients["pub"]
+        at = 0
+        for cut in [*cuts, len(data)]:
+            sock.sendall(data[at:cut])
+            at = cut
+            gevent.sleep(0.02)  # its own read
+        w.send("pub", [])
+        return [w.read_all(), [net.broker.stats.messages_received for net in w.nets]]
+
+    (got, received), _counters, raw = run_three_raw(tmp_path, scenario)
+    assert raw == 40
+    assert got["sub"] == b"".join(encode(c.Publish(f"t/{i % 3}", p), 4) for i, p in enumerate(payloads))
+    assert got["pub"] == b"".join(encode(c.Puback(i + 1), 4) for i in range(1, 40, 2))
+    assert received[0] == 40 + 1 + 1  # the PUBLISHes, the mark and the PINGREQ of start-up
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        raw_publish(b"t/+", b"bad"),  # a wildcard in a topic name
+        b"\x32\x09\x00\x03t/1\x00\x00ab",  # QoS 1 with packet identifier 0
+    ],
+)
+def test_a_malformed_publish_in_a_forwarded_run_closes_as_before(tmp_path, bad) -> None:
+    """A malformed PUBLISH after forward-only PUBLISHes of the same read: those before it reach
+    the other worker, the connection is closed at it, and nothing after it is routed."""
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0)
+        w.client("sub", 1)
+        w.subscribe("sub", "t/#", 0)
+        conn, _, sock = w.nets[0].clients["pub"]
+        sock.sendall(raw_publish(b"t/1", b"a") + bad + raw_publish(b"t/1", b"b"))
+        with gevent.Timeout(10):
+            while not conn.closed:
+                gevent.sleep(0.01)
+        w.nets[1].send("sub", [])  # a mark from the subscriber's own worker ends its read
+        return [w.nets[1].read_all(), [net.broker.stats.messages_received for net in w.nets]]
+
+    (got, received), _counters, raw = run_three_raw(tmp_path, scenario)
+    assert raw == 1
+    assert got["sub"] == encode(c.Publish("t/1", b"a"), 4)
+
+
+def test_a_forwarded_qos1_publish_from_a_5_0_client_is_decoded(tmp_path) -> None:
+    """A 5.0 client's QoS 1 PUBLISH with no local subscriber: its PUBACK carries a reason code
+    (``serve``'s), so it is not framed from the read; the QoS 0 ones before it are."""
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0, version=5)
+        w.client("sub", 1, version=5)
+        w.subscribe("sub", "t/#", 1)
+        w.send(
+            "pub",
+            [c.Publish("t/1", b"a"), c.Publish("t/1", b"b", qos=1, packet_id=7), c.Publish("t/1", b"c")],
+        )
+        return [w.read_all()]
+
+    [got], counters, raw = run_three_raw(tmp_path, scenario)
+    assert raw == 1
+    packets = c.Decoder(version=5).feed(got["sub"])
+    assert [(p.payload, p.qos) for p in packets] == [(b"a", 0), (b"b", 1), (b"c", 0)]
+    assert counters[0]["received"][:2] == [3, 1]
+
+
+def test_a_topic_whose_local_subscriber_left_is_framed_from_the_read_again(tmp_path) -> None:
+    """A topic found with a local subscriber goes to the decoder at once on the next reads; once
+    that subscriber unsubscribes (the routes change) its PUBLISHes are framed from the read."""
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0)
+        near = w.client("near", 0)
+        w.client("sub", 1)
+        w.subscribe("near", "t/#", 0)
+        w.subscribe("sub", "t/#", 0)
+        w.send("pub", [c.Publish("t/1", b"a")])
+        first = w.read_all()
+        w.send("pub", [c.Publish("t/1", b"b")])
+        second = w.read_all()
+        w.nets[0].broker.unsubscribe(near.session, "t/#")
+        w.send("pub", [c.Publish("t/1", b"c")])
+        return [first, second, w.read_all()]
+
+    (first, second, third), _counters, raw = run_three_raw(tmp_path, scenario)
+    assert raw == 1
+    assert first["near"] == first["sub"] == encode(c.Publish("t/1", b"a"), 4)
+    assert second["near"] == second["sub"] == encode(c.Publish("t/1", b"b"), 4)
+    assert third["near"] == b"" and third["sub"] == encode(c.Publish("t/1", b"c"), 4)
