@@ -700,8 +700,9 @@ cdef class PublishRelay:
                 if qos:
                     # -- the PUBACK, ahead of what routing wrote to this client's own output --
                     pid = pub.packet_id
-                    if n == 0 and version == 5:
-                        ack = conn._ack5_bytes(self.puback_class, pid, 0x10)  # no matching subscribers
+                    if n == 0 and version == 5 and not fqs:
+                        # no matching subscribers, here or on a peer it was forwarded to
+                        ack = conn._ack5_bytes(self.puback_class, pid, 0x10)
                     else:
                         ack = bytes((0x40, 2, pid >> 8, pid & 0xFF))
                     if ack_at >= PyByteArray_GET_SIZE(out) or cs.closed:

@@ -46,6 +46,10 @@ class Peers(Protocol):
         """Queue ``message`` (published here) for every peer with matching interest; return the
         shared groups of ``groups`` (the local router's match) that this node serves itself."""
 
+    def matches(self, topic: str) -> bool:
+        """Whether a peer has interest matching ``topic`` (``forward`` would queue a message on it
+        for a peer): a publish that matched nothing here is then not one nobody subscribes to."""
+
     def claim_session(self, client_id: str, clean_start: bool, only_from: str | None = None) -> bytes | None:
         """Own ``client_id`` cluster-wide (may block this greenlet). Returns the encoded session state
         the previous owner handed over, or None. Raises ``fluxmq.errors.ServerUnavailable`` when

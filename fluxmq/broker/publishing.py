@@ -98,6 +98,13 @@ class Publishing:
             self._report_deliveries(message, route.targets, origin)
         return n
 
+    def matched_by_peers(self, topic: str) -> bool:
+        """Whether another node or worker has a subscription matching ``topic``: a publish that
+        matched nothing here but was forwarded is not one "no matching subscribers" (5.0 0x10)
+        may answer. Asked only when nothing matched here."""
+        peers = self.peers
+        return peers is not None and peers.matches(topic)
+
     def _report_deliveries(self, message: Message, targets, origin: Session | None) -> None:
         """message.delivered per subscriber of ``targets`` (walked again only when observed, so the
         fan-out loop above stays as it is)."""

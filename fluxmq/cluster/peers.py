@@ -159,6 +159,12 @@ class ClusterPeers:
             return None
         return self.remote.plain(topic)
 
+    def matches(self, topic: str) -> bool:
+        if topic.startswith("$SYS"):
+            return False
+        nodes, remote_groups = self.remote.match(topic)
+        return bool(nodes or remote_groups)
+
     def forward(self, message, groups: list) -> list:
         topic = message.topic
         if topic.startswith("$SYS"):

@@ -126,7 +126,7 @@ class HandlePublish:
                     if routed.__class__ is HeldAck:  # a replicated queue: the ack waits for the quorum
                         routed.add(partial(self._held_ack, pid, 1, topic))
                         return
-                    if not routed and self.version == 5:
+                    if not routed and self.version == 5 and not self.broker.matched_by_peers(topic):
                         reason = 0x10  # accepted, but nobody subscribes to it
                 except QueueRefused as exc:
                     reason = self._refuse_queue(topic, exc)
@@ -153,7 +153,7 @@ class HandlePublish:
                     if routed.__class__ is HeldAck:  # a replicated queue: the PUBREC waits for the quorum
                         routed.add(partial(self._held_ack, pid, 2, topic))
                         return
-                    if not routed and self.version == 5:
+                    if not routed and self.version == 5 and not self.broker.matched_by_peers(topic):
                         reason = 0x10  # accepted, but nobody subscribes to it
                 except QueueRefused as exc:
                     reason = self._refuse_queue(topic, exc)

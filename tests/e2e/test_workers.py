@@ -18,8 +18,9 @@ import urllib.request
 
 import pytest
 
+from fluxmq._core import codec as c
 from tests.conftest import NodeFactory, RunningNode
-from tests.e2e.mqtt5raw import Paho5, paho5, unique
+from tests.e2e.mqtt5raw import Paho5, Raw5, paho5, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -101,6 +102,51 @@ def test_publish_on_one_worker_reaches_a_subscriber_on_the_other(node2, qos: int
         got = [sub.get(WAIT) for _ in range(20)]
     assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
     assert {m.qos for m in got} == {qos}
+
+
+def raw_on_worker(node: RunningNode, worker: str) -> Raw5:
+    """A raw 5.0 connection on ``worker`` (reads the acknowledgements' reason codes itself)."""
+    for _ in range(MAX_TRIES):
+        raw = Raw5(node)
+        raw.connect(unique("raw"))
+        raw.subscribe(1, (WORKER_TOPIC, 0))
+        where = raw.wait_for(lambda p: isinstance(p, c.Publish) and p.topic == WORKER_TOPIC)
+        if where.payload.decode() == worker:
+            return raw
+        raw.close()
+    raise AssertionError(f"no connection landed on {worker} in {MAX_TRIES} tries")
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_5_0_publish_whose_subscriber_is_on_the_other_worker_is_not_acknowledged_0x10(node2, qos: int) -> None:
+    """0x10 (no matching subscribers) says the server knows nobody subscribes: a publisher whose
+    only subscriber is on the other worker gets success, and 0x10 only when nobody matches."""
+    topic = unique("xw/rc")
+
+    def publish(pub: Raw5, topic: str, pid: int) -> int:
+        ack = pub.publish(topic, f"m{pid}".encode(), qos, False, pid)
+        if qos == 2:
+            pub.send(c.Pubrel(pid))
+            pub.wait_for(lambda p: isinstance(p, c.Pubcomp) and p.packet_id == pid)
+        return ack.reason_code
+
+    with on_worker(node2, "w0", "sub") as sub:
+        sub.subscribe(topic, 1)
+        pub = raw_on_worker(node2, "w1")
+        try:
+            crossed = None
+            for pid in range(1, 101):  # until the subscription's interest reached w1 and a message crossed
+                reason = publish(pub, topic, pid)
+                try:
+                    sub.get(0.2)
+                except AssertionError:
+                    continue
+                crossed = reason
+                break
+            assert crossed == 0, "no message crossed" if crossed is None else f"reason code {crossed:#x}"
+            assert publish(pub, unique("xw/nobody"), 200) == 0x10
+        finally:
+            pub.close()
 
 
 def test_retained_set_on_one_worker_is_seen_from_the_other(node2) -> None:
