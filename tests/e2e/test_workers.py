@@ -118,7 +118,9 @@ def raw_on_worker(node: RunningNode, worker: str) -> Raw5:
 
 
 @pytest.mark.parametrize("qos", [1, 2])
-def test_a_5_0_publish_whose_subscriber_is_on_the_other_worker_is_not_acknowledged_0x10(node2, qos: int) -> None:
+def test_a_5_0_publish_whose_subscriber_is_on_the_other_worker_is_not_acknowledged_0x10(
+    node2, qos: int
+) -> None:
     """0x10 (no matching subscribers) says the server knows nobody subscribes: a publisher whose
     only subscriber is on the other worker gets success, and 0x10 only when nobody matches."""
     topic = unique("xw/rc")
