@@ -23,6 +23,7 @@ method (``R`` a Route stream, ``C`` one Call).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import struct
@@ -356,16 +357,31 @@ class NodeWorkersTransport(ClusterTransport):
     and channels of ``ClusterTransport`` for the other nodes' members, and a Unix socket (``unix_addr``)
     for the members of its own node, whose peer addresses are ``unix:/path``. ``PeerLink`` and
     ``ClusterPeers`` cannot tell which carries a link. ``local_peers`` (the node's other workers,
-    member id -> ``unix:`` address) are always peers; ``set_peers`` (etcd membership) adds the rest."""
+    member id -> ``unix:`` address) are always peers; ``set_peers`` (etcd membership) adds the rest.
+    A link to a worker of this node batches by ``local_batch_max_size``
+    (``server.workers_batch_max_size``), one to another node's member by the settings' bound
+    (``cluster.transport.route_batch_max_size``)."""
 
     # (without SO_REUSEPORT, as every node's: a worker whose port, bind_addr's + index, another
     # process holds fails to start with one line instead of sharing it)
 
-    def __init__(self, *args, unix_addr: str, local_peers: dict[str, str], **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        unix_addr: str,
+        local_peers: dict[str, str],
+        local_batch_max_size: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.unix_addr = unix_addr
         self.local_peers = dict(local_peers)
         self.unix_server: StreamServer | None = None
+        self._local_settings = (
+            self.settings
+            if local_batch_max_size is None
+            else dataclasses.replace(self.settings, batch_max_size=local_batch_max_size)
+        )
 
     def start(self) -> None:
         self.unix_server = _unix_server(self, self.unix_addr)
@@ -394,3 +410,6 @@ class NodeWorkersTransport(ClusterTransport):
 
     def _channel(self, addr: str):
         return UnixChannel(addr) if addr.startswith("unix:") else super()._channel(addr)
+
+    def _link_settings(self, addr: str):
+        return self._local_settings if addr.startswith("unix:") else self.settings
