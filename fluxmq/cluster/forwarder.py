@@ -117,12 +117,19 @@ class PeerLink:
         self.connected = False  # the current stream has been answered (an ack arrived)
         self._call = None
         self._out: Queue | None = None
+        self._write = None  # the stream's own write (Unix channel), or None: batches go through _out
         self._wake = Event()
         self._room = Event()
         self._waiters: list[tuple[int, Event]] = []
         self._running = True
         self._first_at = 0.0  # when the oldest queued message was queued
         self._down_logged = False
+        self._loop = gevent.get_hub().loop
+        # The sender's waits have no timeout of their own (a gevent Timeout made per wait, ~10 Python
+        # calls, was a good part of a batch's fixed cost): this timer wakes it every CHECK_INTERVAL
+        # while a batch is unacknowledged, to look at the oldest one's age.
+        self._watchdog = self._loop.timer(CHECK_INTERVAL, CHECK_INTERVAL, ref=False)
+        self._watchdog.start(self._tick)
         self._greenlet = gevent.spawn(self._run)
 
     # -- called by the forwarding node ------------------------------------------------------------
@@ -196,6 +203,7 @@ class PeerLink:
 
     def close(self) -> None:
         self._running = False
+        self._watchdog.close()
         self._break_stream()
         self._wake.set()
         self._room.set()
@@ -258,6 +266,9 @@ class PeerLink:
                 yield batch
 
         self._call = call = self.stub.Route(requests())
+        # A stream that takes writes from its caller (the Unix channel's) gets each batch from
+        # this greenlet directly; the request iterator then only carries its end.
+        self._write = getattr(call, "write", None)
         gevent.spawn(self._read_acks, call)
         # Unacknowledged batches first, in order (the peer skips those it applied), then the whole
         # interest set: the changes those batches carry are older than it. An unacknowledged earlier
@@ -266,7 +277,7 @@ class PeerLink:
         self.unacked.pop(self._snapshot_seq, None)
         for seq, (batch, _sent, n, iv) in list(self.unacked.items()):
             self.unacked[seq] = (batch, time.monotonic(), n, iv)
-            out.put(batch)
+            self._put(batch)
             self.stats.resent += 1
         self.interest.clear()
         snapshot = sorted(self._local_filters())
@@ -282,11 +293,26 @@ class PeerLink:
 
     def _send(self, batch, n: int) -> None:
         self.unacked[batch.seq] = (batch, time.monotonic(), n, self.interest_version)
-        self._out.put(batch)
+        self._put(batch)
+
+    def _put(self, batch) -> None:
+        """Onto the stream, in order: written now (a stream that takes writes), else queued for
+        its writer."""
+        if self._write is not None:
+            self._write(batch)
+        else:
+            self._out.put(batch)
+
+    def _tick(self) -> None:
+        """The watchdog (every CHECK_INTERVAL, in the hub): while a batch is unacknowledged (or the
+        stream unanswered), wake the sender so that it checks the oldest batch's age."""
+        if self.unacked or not self.connected:
+            self._wake.set()
+            self._room.set()
 
     def _send_some(self) -> None:
         s = self.settings
-        self._wake.wait(CHECK_INTERVAL)
+        self._wake.wait()  # (the watchdog wakes it while a batch's age is to be checked)
         if self._call is None:
             return
         self._check_ack_age()
@@ -294,16 +320,18 @@ class PeerLink:
             # Nothing new goes into a stream the peer has not answered yet (it may be down): the
             # messages stay in the bounded queue, and the retried batches and the snapshot go first.
             self._room.clear()
-            self._room.wait(CHECK_INTERVAL)
+            self._room.wait()
             return
         fq = self.forward_queue
         if not fq.queued and not self.interest:
             self._wake.clear()
             return
-        gevent.sleep(0)  # the rest of this loop turn's publishes join the batch
+        # (No yield here for "the rest of the turn": the wake-up is a loop callback, run after every
+        # read of the turn's I/O phase, so what this turn's readers queued is in the queue already;
+        # a sleep(0) cost two greenlet switches per batch and added nothing to it.)
         while len(self.unacked) >= s.batches_in_flight and self._call is not None:
             self._room.clear()
-            self._room.wait(CHECK_INTERVAL)
+            self._room.wait()
             self._check_ack_age()
         if self._call is None:
             return
@@ -316,7 +344,12 @@ class PeerLink:
                 if left <= 0:
                     break
                 self._room.clear()
-                self._room.wait(left)
+                timer = self._loop.timer(left)  # (a libev timer: no gevent Timeout per batch)
+                timer.start(self._room.set)
+                try:
+                    self._room.wait()
+                finally:
+                    timer.close()
             if self._call is None:
                 return
         fq.seal()
