@@ -139,3 +139,56 @@ def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tm
     assert framed and all(type(b) is FramedBatch for b in framed)
     payloads = [m[1] for b in framed for m in messages(b.items, b.items_start)]
     assert payloads == [i.to_bytes(4, "big") for i in range(1000)]
+
+
+def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None:
+    """A batch's fixed cost between workers: the link's sender writes it itself (no writer greenlet
+    and queue round, no sleep(0) before taking it), the receiver's stream greenlet applies it and the
+    link's acknowledgement reader reads the ack: three greenlets switched to per batch, one each."""
+    import greenlet
+
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    received: list = []
+
+    def on_batch(batch):
+        received.append(batch.count)
+        return pb.BatchAck(seq=batch.seq)
+
+    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    batches = 50
+    me = gevent.getcurrent()
+    hub = gevent.get_hub()
+    woken: list = []
+
+    def trace(event, args) -> None:
+        if event in ("switch", "throw") and args[1] is not hub and args[1] is not me:
+            woken.append(args[1])
+
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(30):
+            while not link.connected:
+                gevent.sleep(0.01)
+            start = link.stats.batches
+            old = greenlet.settrace(trace)
+            try:
+                for i in range(batches):  # one at a time: each is acknowledged before the next
+                    for j in range(3):
+                        link.forward_queue.append("t", "pub", 0, (i * 3 + j).to_bytes(4, "big"))
+                    while link.stats.batches < start + i + 1:
+                        gevent.sleep(0.001)
+            finally:
+                greenlet.settrace(old)
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+    assert received[-batches:] == [3] * batches
+    # (a few more for the link's watchdog, which wakes the sender every 0.5 s while a batch is out)
+    assert len(woken) <= 3 * batches + 6, len(woken) / batches
