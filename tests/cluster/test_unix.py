@@ -192,3 +192,60 @@ def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None
     assert received[-batches:] == [3] * batches
     # (a few more for the link's watchdog, which wakes the sender every 0.5 s while a batch is out)
     assert len(woken) <= 3 * batches + 6, len(woken) / batches
+
+
+def test_while_batches_stream_the_ack_reader_sends_the_next_one(tmp_path) -> None:
+    """Messages queued while a batch is in flight fill the next batch; when the ack leaves nothing in
+    flight, the ack reader takes and writes that batch itself (the sender greenlet, waiting for it
+    to fill, is not switched to per batch), and every message arrives once, in order."""
+    import greenlet
+
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    got: list = []
+
+    def on_batch(batch):
+        if batch.count:
+            got.extend(m[1] for m in messages(batch.items, batch.items_start))
+            gevent.sleep(0.003)  # a receiver busy for a while: the next batch fills meanwhile
+        return pb.BatchAck(seq=batch.seq)
+
+    settings = TransportSettings(bind_addr=addrs["w0"], batch_max_size=4096, batch_max_delay=30.0)
+    sender = UnixTransport("w0", 1, settings, on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    sent = 0
+    woken = 0
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(30):
+            while not link.connected:
+                gevent.sleep(0.01)
+            start = link.stats.batches
+
+            def trace(event, args) -> None:
+                nonlocal woken
+                if event in ("switch", "throw") and args[1] is link._greenlet:
+                    woken += 1
+
+            old = greenlet.settrace(trace)
+            try:
+                while link.stats.batches < start + 40:
+                    for _ in range(5):
+                        link.forward_queue.append("t", "pub", 0, sent.to_bytes(4, "big"))
+                        sent += 1
+                    gevent.sleep(0.0005)
+                while link.queued or link.unacked:
+                    gevent.sleep(0.001)
+            finally:
+                greenlet.settrace(old)
+            batches = link.stats.batches - start
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+    assert got == [i.to_bytes(4, "big") for i in range(sent)]
+    assert woken < batches // 2, (woken, batches)
