@@ -36,6 +36,7 @@ from collections import OrderedDict, deque
 import gevent
 import grpc
 from gevent.event import Event
+from gevent.lock import Semaphore
 from gevent.queue import Queue
 
 from fluxmq._core.forward import ForwardQueue, ForwardRun
@@ -118,7 +119,7 @@ class PeerLink:
         self._call = None
         self._out: Queue | None = None
         self._write = None  # the stream's own write (Unix channel), or None: batches go through _out
-        self._writing = False  # a batch is being written (_put): nothing else may write meanwhile
+        self._write_lock = Semaphore()  # held while a batch is written (_put)
         self._filling = False  # the sender greenlet waits while its next batch fills
         self._wake = Event()
         self._room = Event()
@@ -301,11 +302,11 @@ class PeerLink:
         """Onto the stream, in order: written now (a stream that takes writes), else queued for
         its writer."""
         if self._write is not None:
-            self._writing = True
-            try:
+            # One writer at a time, in the order the batches were taken: the sender greenlet and the
+            # ack reader (_send_from_ack) both write, and a write the socket's buffer cannot take at
+            # once waits for room (another frame must not go in the middle of it).
+            with self._write_lock:
                 self._write(batch)
-            finally:
-                self._writing = False
         else:
             self._out.put(batch)
 
@@ -314,7 +315,7 @@ class PeerLink:
         batch fills (batches in flight) and that batch may go now (nothing left in flight, or it is
         full), take and send it here instead of waking the sender, which stays parked: in steady
         streaming a batch then costs no switch to the sender greenlet and back. False: wake it."""
-        if not self._filling or self._writing or self._write is None or not self.connected:
+        if not self._filling or self._write_lock.locked() or self._write is None or not self.connected:
             return False
         s = self.settings
         fq = self.forward_queue

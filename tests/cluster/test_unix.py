@@ -249,3 +249,48 @@ def test_while_batches_stream_the_ack_reader_sends_the_next_one(tmp_path) -> Non
         receiver.stop(0.5)
     assert got == [i.to_bytes(4, "big") for i in range(sent)]
     assert woken < batches // 2, (woken, batches)
+
+
+def test_two_writers_of_one_link_never_interleave_their_frames(tmp_path) -> None:
+    """The ack reader and the sender greenlet both write a link's batches (``PeerLink._put``): a
+    batch larger than the socket's buffer is written whole before the other writer's frame goes
+    (interleaved frames made the receiver drop whole batches as damaged), in the order taken."""
+    import gevent.event
+
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    got: list = []
+    gate = gevent.event.Event()
+
+    def on_batch(batch):
+        if batch.count:
+            gate.wait(30)  # the receiver reads nothing more until both writes have started
+            got.extend(messages(batch.items, batch.items_start))
+        return pb.BatchAck(seq=batch.seq)
+
+    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(60):
+            while not link.connected:
+                gevent.sleep(0.01)
+            first = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(10, b"a" * 100))[0]
+            second = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(1500, b"b" * 1000))[0]
+            third = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(1500, b"c" * 1000))[0]
+            link._put(first)  # taken by the receiver, which then waits at the gate
+            writers = [gevent.spawn(link._put, second), gevent.spawn(link._put, third)]
+            gevent.sleep(0.05)  # both under way: the second's write waits for room in the socket
+            gate.set()
+            gevent.joinall(writers, timeout=30, raise_error=True)
+            while len(got) < 3010:
+                gevent.sleep(0.01)
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+    assert [p[1][:1] for p in got] == [b"a"] * 10 + [b"b"] * 1500 + [b"c"] * 1500
