@@ -16,7 +16,10 @@ batch by its sequence id once it has applied it.
   is in flight (low latency at low rates); while batches are in flight, a batch smaller than
   ``batch_max_size`` fills until they are acknowledged or its oldest message has waited
   ``batch_max_delay``. At most ``batches_in_flight`` batches are unacknowledged at once; the queue
-  grows (up to its bound) while the window is full.
+  grows (up to its bound) while the window is full. On a stream that takes writes from its caller
+  (the Unix socket between workers) the sender writes each batch itself, and an ack that leaves
+  nothing in flight has the filling batch sent by the ack reader (``_send_from_ack``), the two
+  writers taking turns on ``_write_lock``.
 * **Sequence ids.** Each batch has a sequence id per (link epoch, receiver). A broken stream is
   re-opened with backoff and the unacknowledged batches are sent again, in order; the receiver
   skips those it applied already, so a retried batch is not delivered twice. Nothing new goes into
