@@ -7,7 +7,9 @@ Two brokers, each with its real ``WorkerNode`` (Unix-socket transport, ``PeerLin
 publisher sends ``count`` QoS 0 PUBLISHes (64-byte payloads, in bursts of 100 per write) to one
 subscriber on the same worker (``local``) or on the other (``forwarded``); the script returns when
 the subscriber has read them all. Run it twice with two counts under callgrind and divide the
-difference in instructions by the difference in messages::
+difference in instructions by the difference in messages (``[burst [lockstep]]`` after the count:
+PUBLISHes per write, 100, and with ``lockstep`` each burst is read by the subscriber before the next
+is written, so it crosses as one batch)::
 
     for n in 2000 12000; do valgrind --tool=callgrind --callgrind-out-file=/tmp/ci.$n \\
         .venv/bin/python -m bench.relay_workers_instr forwarded $n; done
@@ -24,6 +26,7 @@ import tempfile
 import time
 
 import gevent
+import gevent.event
 from gevent import socket
 
 from fluxmq._core import codec as c
@@ -70,6 +73,11 @@ def _client(broker, flusher, client_id: str):
 
 def main(argv: list[str]) -> int:
     mode, count = argv[0], int(argv[1])
+    # burst: PUBLISHes per write; with "lockstep" the next burst waits until the subscriber has read
+    # the last one (one batch per burst between the workers: the fixed cost of a batch is the
+    # difference between two burst sizes)
+    burst = int(argv[2]) if len(argv) > 2 else 100
+    lockstep = len(argv) > 3 and argv[3] == "lockstep"
     tmp = tempfile.mkdtemp(prefix="relay-instr-")
     brokers = [_broker(), _broker()]
     nodes = []
@@ -91,14 +99,20 @@ def main(argv: list[str]) -> int:
     one = c.encode(c.Publish("in/1", b"x" * 64), 4)
     want = len(c.encode(c.Publish("in/1", b"x" * 64), 4)) * count
     got = 0
+    size = len(one)
+    target = [want]  # the reader sets ``caught_up`` once it has read this much
+    caught_up = gevent.event.Event()
 
     def read() -> None:
         nonlocal got
         while got < want:
             data = sub_sock.recv(1 << 20)
             if not data:
-                return
+                break
             got += len(data)
+            if got >= target[0]:
+                caught_up.set()
+        caught_up.set()
 
     # What start-up built out of the collector's generations, as the node does (fluxmq.node.service):
     # otherwise a full collection that walks the imports and both brokers lands in one run's count
@@ -107,16 +121,23 @@ def main(argv: list[str]) -> int:
     reader = gevent.spawn(read)
     sent = 0
     while sent < count:
-        n = min(100, count - sent)
+        n = min(burst, count - sent)
+        if lockstep:
+            caught_up.clear()
+            target[0] = (sent + n) * size
         pub_sock.sendall(one * n)
         sent += n
-        gevent.sleep(0)
+        if lockstep:
+            caught_up.wait(60)
+        else:
+            gevent.sleep(0)
     reader.join(timeout=120)
+    batches = sum(link.stats.batches for node in nodes for link in node.transport.links.values())
     for node in nodes:
         node.stop(0.5)
     print(
         f"{mode} {count} read={got} want={want} relay_served={RELAY.served} forwarded={RELAY.forwarded}"
-        f" raw_forwarded={getattr(RELAY, 'raw_forwarded', 0)}"
+        f" raw_forwarded={getattr(RELAY, 'raw_forwarded', 0)} batches={batches}"
     )
     return 0 if got == want else 1
 

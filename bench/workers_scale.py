@@ -10,13 +10,18 @@ delivery show what the cross-worker path costs whatever the other load on a shar
 Usage::
 
     python -m bench.workers_scale --mqttload /path/to/mqttload [--workers 1,2] [--runs 3]
-        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0] [--detail]
+        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0] [--detail] [--perf]
+
+``--perf`` attaches ``perf stat`` to each worker for every run and prints, per worker and per 1,000
+deliveries, its system calls (all, and ``sendto``/``sendmsg``/``recvfrom``/``epoll_wait``/``mremap``
+apart), context switches and page faults: counts that do not depend on the other load of the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +69,51 @@ def tree_cpu(pid: int) -> float:
     return sum(proc_cpu(p)[0] for p in tree_pids(pid))
 
 
+#: what ``--perf`` counts per worker (``perf stat -e``)
+PERF_EVENTS = (
+    "raw_syscalls:sys_enter",
+    "context-switches",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_sendmsg",
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_mremap",
+    "page-faults",
+)
+PERF_NAMES = ("syscalls", "switches", "sendto", "sendmsg", "recvfrom", "epoll_wait", "mremap", "faults")
+
+
+def perf_start(pids: list[int], out: str) -> list[subprocess.Popen]:
+    """``perf stat`` on each of ``pids`` (CSV into ``out.PID``), counting until ``perf_stop``."""
+    procs = []
+    for pid in pids:
+        cmd = ["perf", "stat", "-x,", "-o", f"{out}.{pid}", "-e", ",".join(PERF_EVENTS), "-p", str(pid)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(0.3)  # attached before the run starts
+    return procs
+
+
+def perf_stop(procs: list[subprocess.Popen], pids: list[int], out: str) -> dict[int, dict[str, int]]:
+    """Stop the ``perf stat``s; per pid, the counts by ``PERF_NAMES``."""
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    counts = {}
+    for proc, pid in zip(procs, pids, strict=True):
+        proc.wait(timeout=30)
+        got = {}
+        with open(f"{out}.{pid}") as f:
+            for line in f:
+                fields = line.strip().split(",")
+                if len(fields) > 2 and fields[2] in PERF_EVENTS:
+                    try:
+                        got[PERF_NAMES[PERF_EVENTS.index(fields[2])]] = int(fields[0])
+                    except ValueError:
+                        pass
+        os.unlink(f"{out}.{pid}")
+        counts[pid] = got
+    return counts
+
+
 def run_once(mqttload: str, port: int, mode: str, window: int, gen_cpus: str) -> dict[str, str]:
     pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
     cmd = [
@@ -95,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-cpus", default="0")
     p.add_argument("--set", action="append", default=[], help="extra --set for the node")
     p.add_argument(
+        "--perf",
+        action="store_true",
+        help="per run and worker: system calls and context switches per 1,000 deliveries (perf stat)",
+    )
+    p.add_argument(
         "--detail",
         action="store_true",
         help="per run: each worker's CPU us per delivery and waits (voluntary context switches) per 1,000",
@@ -114,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                 load = open("/proc/loadavg").read().split()[0]
                 for _ in range(args.runs):
                     pids = tree_pids(node.pid)
+                    out = f"/tmp/workers_scale_perf.{os.getpid()}"
+                    perfs = perf_start(pids[1:] or pids, out) if args.perf else []
                     before = {p: proc_cpu(p) for p in pids}
                     result = run_once(args.mqttload, node.port, mode, args.window, args.gen_cpus)
                     after = {p: proc_cpu(p) for p in pids}
+                    counts = perf_stop(perfs, pids[1:] or pids, out) if args.perf else {}
                     cpu = sum(after[p][0] - before[p][0] for p in pids)
                     deliveries = int(result.get("deliveries", result.get("received", "0")) or 0)
                     rates.append(float(result.get("rate", "0") or 0))
@@ -131,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                                     for p in pids[1:]
                                 )
                                 + " per delivery / per 1,000 -->",
+                                flush=True,
+                            )
+                        for pid, got in counts.items():
+                            print(
+                                f"<!-- {workers} {mode}: pid {pid} per 1,000 deliveries: "
+                                + ", ".join(f"{k} {v * 1000 / deliveries:.2f}" for k, v in got.items())
+                                + " -->",
                                 flush=True,
                             )
                 med_rate = statistics.median(rates)

@@ -16,7 +16,10 @@ batch by its sequence id once it has applied it.
   is in flight (low latency at low rates); while batches are in flight, a batch smaller than
   ``batch_max_size`` fills until they are acknowledged or its oldest message has waited
   ``batch_max_delay``. At most ``batches_in_flight`` batches are unacknowledged at once; the queue
-  grows (up to its bound) while the window is full.
+  grows (up to its bound) while the window is full. On a stream that takes writes from its caller
+  (the Unix socket between workers) the sender writes each batch itself, and an ack that leaves
+  nothing in flight has the filling batch sent by the ack reader (``_send_from_ack``), the two
+  writers taking turns on ``_write_lock``.
 * **Sequence ids.** Each batch has a sequence id per (link epoch, receiver). A broken stream is
   re-opened with backoff and the unacknowledged batches are sent again, in order; the receiver
   skips those it applied already, so a retried batch is not delivered twice. Nothing new goes into
@@ -36,6 +39,7 @@ from collections import OrderedDict, deque
 import gevent
 import grpc
 from gevent.event import Event
+from gevent.lock import Semaphore
 from gevent.queue import Queue
 
 from fluxmq._core.forward import ForwardQueue, ForwardRun
@@ -117,12 +121,21 @@ class PeerLink:
         self.connected = False  # the current stream has been answered (an ack arrived)
         self._call = None
         self._out: Queue | None = None
+        self._write = None  # the stream's own write (Unix channel), or None: batches go through _out
+        self._write_lock = Semaphore()  # held while a batch is written (_put)
+        self._filling = False  # the sender greenlet waits while its next batch fills
         self._wake = Event()
         self._room = Event()
         self._waiters: list[tuple[int, Event]] = []
         self._running = True
         self._first_at = 0.0  # when the oldest queued message was queued
         self._down_logged = False
+        self._loop = gevent.get_hub().loop
+        # The sender's waits have no timeout of their own (a gevent Timeout made per wait, ~10 Python
+        # calls, was a good part of a batch's fixed cost): this timer wakes it every CHECK_INTERVAL
+        # while a batch is unacknowledged, to look at the oldest one's age.
+        self._watchdog = self._loop.timer(CHECK_INTERVAL, CHECK_INTERVAL, ref=False)
+        self._watchdog.start(self._tick)
         self._greenlet = gevent.spawn(self._run)
 
     # -- called by the forwarding node ------------------------------------------------------------
@@ -196,6 +209,7 @@ class PeerLink:
 
     def close(self) -> None:
         self._running = False
+        self._watchdog.close()
         self._break_stream()
         self._wake.set()
         self._room.set()
@@ -258,6 +272,9 @@ class PeerLink:
                 yield batch
 
         self._call = call = self.stub.Route(requests())
+        # A stream that takes writes from its caller (the Unix channel's) gets each batch from
+        # this greenlet directly; the request iterator then only carries its end.
+        self._write = getattr(call, "write", None)
         gevent.spawn(self._read_acks, call)
         # Unacknowledged batches first, in order (the peer skips those it applied), then the whole
         # interest set: the changes those batches carry are older than it. An unacknowledged earlier
@@ -266,7 +283,7 @@ class PeerLink:
         self.unacked.pop(self._snapshot_seq, None)
         for seq, (batch, _sent, n, iv) in list(self.unacked.items()):
             self.unacked[seq] = (batch, time.monotonic(), n, iv)
-            out.put(batch)
+            self._put(batch)
             self.stats.resent += 1
         self.interest.clear()
         snapshot = sorted(self._local_filters())
@@ -282,11 +299,46 @@ class PeerLink:
 
     def _send(self, batch, n: int) -> None:
         self.unacked[batch.seq] = (batch, time.monotonic(), n, self.interest_version)
-        self._out.put(batch)
+        self._put(batch)
+
+    def _put(self, batch) -> None:
+        """Onto the stream, in order: written now (a stream that takes writes), else queued for
+        its writer."""
+        if self._write is not None:
+            # One writer at a time, in the order the batches were taken: the sender greenlet and the
+            # ack reader (_send_from_ack) both write, and a write the socket's buffer cannot take at
+            # once waits for room (another frame must not go in the middle of it).
+            with self._write_lock:
+                self._write(batch)
+        else:
+            self._out.put(batch)
+
+    def _send_from_ack(self) -> bool:
+        """Called by the ack reader after an ack: when the sender greenlet waits while its next
+        batch fills (batches in flight) and that batch may go now (nothing left in flight, or it is
+        full), take and send it here instead of waking the sender, which stays parked: in steady
+        streaming a batch then costs no switch to the sender greenlet and back. False: wake it."""
+        if not self._filling or self._write_lock.locked() or self._write is None or not self.connected:
+            return False
+        s = self.settings
+        fq = self.forward_queue
+        if self.unacked and fq.queued < s.batch_max_size:
+            return False  # still filling: the sender greenlet decides (it may be past its delay)
+        if not fq.queued and not self.interest:
+            return False
+        self._take_and_send()
+        return True
+
+    def _tick(self) -> None:
+        """The watchdog (every CHECK_INTERVAL, in the hub): while a batch is unacknowledged (or the
+        stream unanswered), wake the sender so that it checks the oldest batch's age."""
+        if self.unacked or not self.connected:
+            self._wake.set()
+            self._room.set()
 
     def _send_some(self) -> None:
         s = self.settings
-        self._wake.wait(CHECK_INTERVAL)
+        self._wake.wait()  # (the watchdog wakes it while a batch's age is to be checked)
         if self._call is None:
             return
         self._check_ack_age()
@@ -294,31 +346,48 @@ class PeerLink:
             # Nothing new goes into a stream the peer has not answered yet (it may be down): the
             # messages stay in the bounded queue, and the retried batches and the snapshot go first.
             self._room.clear()
-            self._room.wait(CHECK_INTERVAL)
+            self._room.wait()
             return
         fq = self.forward_queue
         if not fq.queued and not self.interest:
             self._wake.clear()
             return
-        gevent.sleep(0)  # the rest of this loop turn's publishes join the batch
+        # (No yield here for "the rest of the turn": the wake-up is a loop callback, run after every
+        # read of the turn's I/O phase, so what this turn's readers queued is in the queue already;
+        # a sleep(0) cost two greenlet switches per batch and added nothing to it.)
         while len(self.unacked) >= s.batches_in_flight and self._call is not None:
             self._room.clear()
-            self._room.wait(CHECK_INTERVAL)
+            self._room.wait()
             self._check_ack_age()
         if self._call is None:
             return
         if s.batch_max_delay > 0:
             # A batch is in flight: this one fills until it is full, the in-flight ones are
-            # acknowledged, or its oldest message has waited batch_max_delay.
-            deadline = self._first_at + s.batch_max_delay
+            # acknowledged, or its oldest message has waited batch_max_delay. (Meanwhile the ack
+            # reader may send it itself: _send_from_ack.)
             while self.unacked and fq.queued < s.batch_max_size and self._call is not None:
-                left = deadline - time.monotonic()
+                left = self._first_at + s.batch_max_delay - time.monotonic()
                 if left <= 0:
                     break
                 self._room.clear()
-                self._room.wait(left)
+                timer = self._loop.timer(left)  # (a libev timer: no gevent Timeout per batch)
+                timer.start(self._room.set)
+                self._filling = True
+                try:
+                    self._room.wait()
+                finally:
+                    self._filling = False
+                    timer.close()
             if self._call is None:
                 return
+            if not fq.queued and not self.interest:
+                return  # the ack reader sent it
+        self._take_and_send()
+
+    def _take_and_send(self) -> None:
+        """Take the next batch from the queue and send it."""
+        s = self.settings
+        fq = self.forward_queue
         fq.seal()
         entries = []
         n = size = 0
@@ -404,7 +473,8 @@ class PeerLink:
                             self._waiters = left
                 if self._on_ack is not None and ack.busy_groups:
                     self._on_ack(self.node_id, ack)
-                self._room.set()
+                if not self._send_from_ack():
+                    self._room.set()
         except grpc.RpcError as exc:
             if call is self._call:
                 code = exc.code() if hasattr(exc, "code") else None

@@ -180,7 +180,11 @@ class ClusterNode:
                 transport=dataclasses.replace(settings.transport, bind_addr=worker.grpc_addr),
             )
             transport_class = NodeWorkersTransport
-            extra = {"unix_addr": worker.unix_addr, "local_peers": worker.local_peers}
+            extra = {
+                "unix_addr": worker.unix_addr,
+                "local_peers": worker.local_peers,
+                "local_batch_max_size": worker.batch_max_size,
+            }
         self.settings = settings
         self.node_id = settings.node_id
         self.broker = broker

@@ -221,12 +221,16 @@ class ClusterTransport:
                     addr,
                     self.node_id,
                     epoch,
-                    self.settings,
+                    self._link_settings(addr),
                     self._channel(addr),
                     self.local_filters,
                     self.on_ack,
                 )
                 log.info("peer_added", extra={"peer": node_id, "addr": addr})
+
+    def _link_settings(self, addr: str):
+        """The settings of a new link to ``addr`` (its batching and queue bounds)."""
+        return self.settings
 
     def _remove(self, node_id: str) -> None:
         link = self.links.pop(node_id, None)

@@ -23,6 +23,7 @@ method (``R`` a Route stream, ``C`` one Call).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import struct
@@ -95,13 +96,16 @@ class FrameReader:
     reads appended and frames deleted from its front cost ~20 KB of ``realloc`` copying per
     forwarded message at batches of ~35 KB (callgrind)."""
 
-    __slots__ = ("sock", "buf", "start", "end")
+    __slots__ = ("sock", "buf", "start", "end", "_wait", "_readable")
 
     def __init__(self, sock) -> None:
         self.sock = sock
         self.buf = bytearray(CHUNK * 2)
         self.start = 0  # the unread bytes are buf[start:end]
         self.end = 0
+        # gevent's wait for the socket to become readable (its own watcher), when it has one
+        self._wait = getattr(sock, "_wait", None)
+        self._readable = getattr(sock, "_read_event", None)
 
     def read(self) -> bytes:
         while True:
@@ -132,6 +136,11 @@ class FrameReader:
                 else:
                     buf[:have] = buf[start:end]
                 self.start, self.end = start, end = 0, have
+            if not have and self._readable is not None:
+                # Nothing buffered: the next frame (a batch's ack, the next batch) has most likely
+                # not arrived, so wait for the socket to be readable first, rather than meet
+                # EAGAIN in gevent's recv_into (an OSError made, raised and caught per frame).
+                self._wait(self._readable)
             with memoryview(buf) as view:
                 got = self.sock.recv_into(view[end : end + need])
             if not got:
@@ -140,7 +149,12 @@ class FrameReader:
 
 
 def write_frame(sock, data: bytes) -> None:
-    sock.sendall(HEADER.pack(len(data)) + data)
+    frame = HEADER.pack(len(data)) + data
+    # One send, which takes a small frame (an acknowledgement) whole; sendall only for the rest
+    # (gevent's sendall is several Python frames more per call).
+    sent = sock.send(frame)
+    if sent < len(frame):
+        sock.sendall(memoryview(frame)[sent:])
 
 
 def write_raw_batch(sock, batch: RawBatch) -> None:
@@ -206,6 +220,7 @@ class _RouteCall:
             self._writer = None
             return
         self._reader = FrameReader(self._sock)
+        self._serialize = serialize
         self._writer = gevent.spawn(self._write, requests, serialize)
 
     def _write(self, requests, serialize) -> None:
@@ -218,6 +233,22 @@ class _RouteCall:
                     write_frame(sock, serialize(request))
         except OSError:
             pass  # the reader sees the broken connection
+
+    def write(self, request) -> None:
+        """Write ``request`` (a batch) on the stream now, in the calling greenlet: ``PeerLink`` on a
+        Unix channel writes its batches itself, in order from its one sender greenlet, instead of
+        handing each to the writer greenlet through the request iterator's queue (two greenlet
+        switches and a queue round per batch). A broken connection is left to the reader."""
+        sock = self._sock
+        if sock is None or self._cancelled:
+            return
+        try:
+            if type(request) is RawBatch:
+                write_raw_batch(sock, request)
+            else:
+                write_frame(sock, self._serialize(request))
+        except OSError:
+            pass
 
     def __iter__(self):
         return self
@@ -356,16 +387,31 @@ class NodeWorkersTransport(ClusterTransport):
     and channels of ``ClusterTransport`` for the other nodes' members, and a Unix socket (``unix_addr``)
     for the members of its own node, whose peer addresses are ``unix:/path``. ``PeerLink`` and
     ``ClusterPeers`` cannot tell which carries a link. ``local_peers`` (the node's other workers,
-    member id -> ``unix:`` address) are always peers; ``set_peers`` (etcd membership) adds the rest."""
+    member id -> ``unix:`` address) are always peers; ``set_peers`` (etcd membership) adds the rest.
+    A link to a worker of this node batches by ``local_batch_max_size``
+    (``server.workers_batch_max_size``), one to another node's member by the settings' bound
+    (``cluster.transport.route_batch_max_size``)."""
 
     # (without SO_REUSEPORT, as every node's: a worker whose port, bind_addr's + index, another
     # process holds fails to start with one line instead of sharing it)
 
-    def __init__(self, *args, unix_addr: str, local_peers: dict[str, str], **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        unix_addr: str,
+        local_peers: dict[str, str],
+        local_batch_max_size: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.unix_addr = unix_addr
         self.local_peers = dict(local_peers)
         self.unix_server: StreamServer | None = None
+        self._local_settings = (
+            self.settings
+            if local_batch_max_size is None
+            else dataclasses.replace(self.settings, batch_max_size=local_batch_max_size)
+        )
 
     def start(self) -> None:
         self.unix_server = _unix_server(self, self.unix_addr)
@@ -394,3 +440,6 @@ class NodeWorkersTransport(ClusterTransport):
 
     def _channel(self, addr: str):
         return UnixChannel(addr) if addr.startswith("unix:") else super()._channel(addr)
+
+    def _link_settings(self, addr: str):
+        return self._local_settings if addr.startswith("unix:") else self.settings

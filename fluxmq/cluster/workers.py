@@ -75,7 +75,9 @@ class WorkerMember:
     workers on a cluster node"): member ``{node}/w{index}``, gRPC on the port of
     ``cluster.transport.bind_addr`` plus ``index``, the node's other workers over their Unix sockets,
     its restart record in its storage shard, and etcd: worker 0 runs the supervised member (when
-    there is one), the others are its clients."""
+    there is one), the others are its clients. Its links to the node's other workers batch by
+    ``server.workers_batch_max_size`` (``batch_max_size``), those to other nodes by
+    ``cluster.transport.route_batch_max_size``."""
 
     member_id: str
     grpc_addr: str
@@ -83,6 +85,7 @@ class WorkerMember:
     local_peers: dict
     state_dir: str
     etcd: object  # fluxmq.cluster.metadata.config.EtcdSettings
+    batch_max_size: int = 2048
 
     @classmethod
     def of(cls, config, context, state_dir: str) -> WorkerMember:
@@ -107,6 +110,7 @@ class WorkerMember:
             },
             state_dir=state_dir,
             etcd=etcd,
+            batch_max_size=config.server.workers_batch_max_size,
         )
 
 

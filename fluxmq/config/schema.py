@@ -940,8 +940,8 @@ KEYS: tuple[Key, ...] = (
         Int(1, 65536),
         2048,
         "Most messages in one batch between the workers of this node (cluster.transport."
-        "route_batch_max_size is the bound between nodes, and between the workers of a node with "
-        "cluster.enabled). A batch costs ~50 us of both workers' CPU whatever it holds; at 256 that "
+        "route_batch_max_size is the bound between nodes; on a node with cluster.enabled this one "
+        "still bounds the batches between its own workers). A batch costs ~50 us of both workers' CPU whatever it holds; at 256 that "
         "was a third of what a forwarded message cost (bench/RESULTS.md).",
     ),
     Key("broker.max_message_size", Size(1), 1048576, "Largest PUBLISH payload accepted, in bytes."),

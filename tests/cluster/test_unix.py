@@ -139,3 +139,158 @@ def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tm
     assert framed and all(type(b) is FramedBatch for b in framed)
     payloads = [m[1] for b in framed for m in messages(b.items, b.items_start)]
     assert payloads == [i.to_bytes(4, "big") for i in range(1000)]
+
+
+def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None:
+    """A batch's fixed cost between workers: the link's sender writes it itself (no writer greenlet
+    and queue round, no sleep(0) before taking it), the receiver's stream greenlet applies it and the
+    link's acknowledgement reader reads the ack: three greenlets switched to per batch, one each."""
+    import greenlet
+
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    received: list = []
+
+    def on_batch(batch):
+        received.append(batch.count)
+        return pb.BatchAck(seq=batch.seq)
+
+    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    batches = 50
+    me = gevent.getcurrent()
+    hub = gevent.get_hub()
+    woken: list = []
+
+    def trace(event, args) -> None:
+        if event in ("switch", "throw") and args[1] is not hub and args[1] is not me:
+            woken.append(args[1])
+
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(30):
+            while not link.connected:
+                gevent.sleep(0.01)
+            start = link.stats.batches
+            old = greenlet.settrace(trace)
+            try:
+                for i in range(batches):  # one at a time: each is acknowledged before the next
+                    for j in range(3):
+                        link.forward_queue.append("t", "pub", 0, (i * 3 + j).to_bytes(4, "big"))
+                    while link.stats.batches < start + i + 1:
+                        gevent.sleep(0.001)
+            finally:
+                greenlet.settrace(old)
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+    assert received[-batches:] == [3] * batches
+    # (a few more for the link's watchdog, which wakes the sender every 0.5 s while a batch is out)
+    assert len(woken) <= 3 * batches + 6, len(woken) / batches
+
+
+def test_while_batches_stream_the_ack_reader_sends_the_next_one(tmp_path) -> None:
+    """Messages queued while a batch is in flight fill the next batch; when the ack leaves nothing in
+    flight, the ack reader takes and writes that batch itself (the sender greenlet, waiting for it
+    to fill, is not switched to per batch), and every message arrives once, in order."""
+    import greenlet
+
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    got: list = []
+
+    def on_batch(batch):
+        if batch.count:
+            got.extend(m[1] for m in messages(batch.items, batch.items_start))
+            gevent.sleep(0.003)  # a receiver busy for a while: the next batch fills meanwhile
+        return pb.BatchAck(seq=batch.seq)
+
+    settings = TransportSettings(bind_addr=addrs["w0"], batch_max_size=4096, batch_max_delay=30.0)
+    sender = UnixTransport("w0", 1, settings, on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    sent = 0
+    woken = 0
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(30):
+            while not link.connected:
+                gevent.sleep(0.01)
+            start = link.stats.batches
+
+            def trace(event, args) -> None:
+                nonlocal woken
+                if event in ("switch", "throw") and args[1] is link._greenlet:
+                    woken += 1
+
+            old = greenlet.settrace(trace)
+            try:
+                while link.stats.batches < start + 40:
+                    for _ in range(5):
+                        link.forward_queue.append("t", "pub", 0, sent.to_bytes(4, "big"))
+                        sent += 1
+                    gevent.sleep(0.0005)
+                while link.queued or link.unacked:
+                    gevent.sleep(0.001)
+            finally:
+                greenlet.settrace(old)
+            batches = link.stats.batches - start
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+    assert got == [i.to_bytes(4, "big") for i in range(sent)]
+    assert woken < batches // 2, (woken, batches)
+
+
+def test_two_writers_of_one_link_never_interleave_their_frames(tmp_path) -> None:
+    """The ack reader and the sender greenlet both write a link's batches (``PeerLink._put``): a
+    batch larger than the socket's buffer is written whole before the other writer's frame goes
+    (interleaved frames made the receiver drop whole batches as damaged), in the order taken."""
+    import gevent.event
+
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    got: list = []
+    gate = gevent.event.Event()
+
+    def on_batch(batch):
+        if batch.count:
+            gate.wait(30)  # the receiver reads nothing more until both writes have started
+            got.extend(messages(batch.items, batch.items_start))
+        return pb.BatchAck(seq=batch.seq)
+
+    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(60):
+            while not link.connected:
+                gevent.sleep(0.01)
+            first = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(10, b"a" * 100))[0]
+            second = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(1500, b"b" * 1000))[0]
+            third = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(1500, b"c" * 1000))[0]
+            link._put(first)  # taken by the receiver, which then waits at the gate
+            writers = [gevent.spawn(link._put, second), gevent.spawn(link._put, third)]
+            gevent.sleep(0.05)  # both under way: the second's write waits for room in the socket
+            gate.set()
+            gevent.joinall(writers, timeout=30, raise_error=True)
+            while len(got) < 3010:
+                gevent.sleep(0.01)
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+    assert [p[1][:1] for p in got] == [b"a"] * 10 + [b"b"] * 1500 + [b"c"] * 1500
