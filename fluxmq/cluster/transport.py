@@ -88,32 +88,42 @@ class _Servicer(pb_grpc.ClusterTransportServicer):
         self.transport = transport
 
     def Route(self, request_iterator, context):  # noqa: N802 (gRPC's name)
-        """The acks of a peer's stream of batches, in order. A reader greenlet applies each batch
-        as it arrives (``on_batch``); an ack that must wait for a commit (a ``PendingAck``: the
-        batch stored something) is sent once that commit is done, and the batches after it are
-        read and applied meanwhile: with ``storage.sync: always`` the stream waits for one fsync
-        at a time, not for one per batch in turn."""
+        """The acks of a peer's stream of batches, in order. While every batch's ack is ready at
+        once (a ``BatchAck``: it stored nothing, the common case between workers) the batches are
+        applied here, one greenlet for the stream. From the first ack that must wait for a commit
+        (a ``PendingAck``: the batch stored something) a reader greenlet reads and applies the
+        rest of the stream while this one sends each ack once its commit is done: with
+        ``storage.sync: always`` the stream waits for one fsync at a time, not for one per batch
+        in turn."""
         on_batch = self.transport.on_batch
-        answers: Queue = Queue(ROUTE_PIPELINE)
-        reader = gevent.spawn(_read_batches, request_iterator, on_batch, answers)
+        reader = None
         try:
-            while True:
-                answer = answers.get()
-                if answer is _END:
-                    return
-                if isinstance(answer, BaseException):
-                    raise answer
-                yield answer if type(answer) is pb.BatchAck else answer.get()
+            for batch in request_iterator:
+                answer = on_batch(batch)
+                if type(answer) is pb.BatchAck:
+                    yield answer
+                    continue
+                answers: Queue = Queue(ROUTE_PIPELINE)
+                reader = gevent.spawn(_read_batches, request_iterator, on_batch, answers)
+                yield answer.get()
+                while True:
+                    answer = answers.get()
+                    if answer is _END:
+                        return
+                    if isinstance(answer, BaseException):
+                        raise answer
+                    yield answer if type(answer) is pb.BatchAck else answer.get()
         except StorageError as exc:
             # What the batch stored is not committed: no ack (nor any after it); the stream ends
             # and the sender sends the unacknowledged batches again on its next stream (the store
             # retries its commit meanwhile; those applied already are skipped as applied).
             log.error("peer_batch_not_committed", extra={"error": str(exc)})
         finally:
-            try:
-                reader.kill(block=False)
-            except RuntimeError:  # an abandoned generator finalized outside any greenlet
-                pass
+            if reader is not None:
+                try:
+                    reader.kill(block=False)
+                except RuntimeError:  # an abandoned generator finalized outside any greenlet
+                    pass
 
     def Call(self, request, context):  # noqa: N802
         fn = self.transport.handlers.get(request.kind)

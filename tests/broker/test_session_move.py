@@ -40,6 +40,9 @@ class LinkPeers:
     def interest_removed(self, filter: str) -> None:
         pass
 
+    def matches(self, topic):
+        return False
+
     def forward(self, message, groups):
         return groups
 

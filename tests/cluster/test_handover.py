@@ -94,6 +94,9 @@ class NodePeers(ClusterSessions):
     def interest_removed(self, filter: str) -> None:
         pass
 
+    def matches(self, topic):
+        return False
+
     def forward(self, message, groups):
         return groups
 

@@ -28,6 +28,9 @@ class RecordingPeers:
     def interest_removed(self, filter: str) -> None:
         self.events.append(("-", filter))
 
+    def matches(self, topic):
+        return False
+
     def forward(self, message, groups):
         self.forwarded.append(message.topic)
         return groups
