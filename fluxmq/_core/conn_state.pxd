@@ -1,5 +1,7 @@
 # The typed state of an MQTT connection that the C paths read and write (see conn_state.pyx).
 
+from fluxmq._core.stats_core cimport StatsCore
+
 
 cdef class ConnState:
     # output (written by the relay and the handlers, sent by the protocol layer's flush)
@@ -26,5 +28,5 @@ cdef class ConnState:
     cdef public object stream
     cdef public object _reader  # the greenlet running run(), while it runs
     cdef public double _wait_from  # loop time the current recv started waiting; 0 when not in recv
-    cdef public object _stats  # Broker.stats (made in the broker's __init__, never replaced)
+    cdef public StatsCore _stats  # Broker.stats (made in the broker's __init__, never replaced)
     cdef public int _fd  # the socket's descriptor for the protocol layer's libc calls; -1: none

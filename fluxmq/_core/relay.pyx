@@ -49,6 +49,7 @@ from time import perf_counter
 
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
 from fluxmq._core.conn_state cimport ConnState
+from fluxmq._core.stats_core cimport QosCounts, StatsCore
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
@@ -85,10 +86,10 @@ cdef class PublishRelay:
     # per-QoS count lists, Broker.router, Router._routes, Router.trie: made in their __init__ and
     # never replaced), read once per broker instead of once per call.
     cdef object _broker
-    cdef list _received
-    cdef list _received_bytes
-    cdef list _sent
-    cdef list _sent_bytes
+    cdef QosCounts _received
+    cdef QosCounts _received_bytes
+    cdef QosCounts _sent
+    cdef QosCounts _sent_bytes
     cdef object _router
     cdef dict _routes
     cdef object _trie
@@ -114,7 +115,7 @@ cdef class PublishRelay:
 
     cdef int _adopt(self, broker) except -1:
         """Read the per-broker objects of ``broker`` (see ``_broker``)."""
-        stats = broker.stats
+        cdef StatsCore stats = broker.stats
         router = broker.router
         self._received = stats.received_qos
         self._received_bytes = stats.received_bytes_qos
@@ -131,14 +132,12 @@ cdef class PublishRelay:
     cdef int _count_sent(self, long long* n, long long* b) except -1:
         """Add a call's deliveries per QoS (``n``) and their bytes (``b``) to the adopted broker's
         BrokerStats, once per call."""
-        sent = self._sent
-        sent_bytes = self._sent_bytes
-        if n[0]:
-            sent[0] += n[0]
-            sent_bytes[0] += b[0]
-        if n[1]:
-            sent[1] += n[1]
-            sent_bytes[1] += b[1]
+        cdef QosCounts sent = self._sent
+        cdef QosCounts sent_bytes = self._sent_bytes
+        sent.v[0] += n[0]
+        sent_bytes.v[0] += b[0]
+        sent.v[1] += n[1]
+        sent_bytes.v[1] += b[1]
         return 0
 
     cdef Py_ssize_t _settle_acks(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
@@ -505,7 +504,7 @@ cdef class PublishRelay:
             self._adopt(broker)
         store = self._store
         cdef SentTable table = self._table
-        received = self._received
+        cdef QosCounts received = self._received
         router = self._router
         routes = self._routes
         trie = self._trie
@@ -514,8 +513,8 @@ cdef class PublishRelay:
         last_route = None
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
-        recv_base[0] = received[0]
-        recv_base[1] = received[1]
+        recv_base[0] = received.v[0]
+        recv_base[1] = received.v[1]
         try:
             while i < count:
                 p = packets[i]
@@ -700,11 +699,10 @@ cdef class PublishRelay:
             if staked:
                 store.note_stake(client_id)  # once per call: nothing commits within it
             if recv_n[0] or recv_n[1]:
-                received_bytes = self._received_bytes
-                received[0] += recv_n[0]
-                received[1] += recv_n[1]
-                received_bytes[0] += recv_b[0]
-                received_bytes[1] += recv_b[1]
+                received.v[0] += recv_n[0]
+                received.v[1] += recv_n[1]
+                self._received_bytes.v[0] += recv_b[0]
+                self._received_bytes.v[1] += recv_b[1]
             if sent_n[0] or sent_n[1]:
                 self._count_sent(sent_n, sent_b)
         return i

@@ -28,6 +28,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from fluxmq._core.conn_state cimport ConnState
+from fluxmq._core.stats_core cimport StatsCore
 
 import logging
 
@@ -131,7 +132,7 @@ cdef class ConnectionCore(ConnState):
             return
         # The read's counters are added after the send (or before a hand-over): nothing reads them
         # meanwhile, and the lone message's path is shorter by their attribute updates.
-        stats = self._stats
+        cdef StatsCore stats = self._stats
         count = -1
         bad = None
         # Deliveries and acks of this read only queue their connections: release() below writes
@@ -226,7 +227,7 @@ cdef class ConnectionCore(ConnState):
                 self._send_failed(npk)
                 return
         # (counted after the send: the delivery leaves first)
-        stats = self._stats
+        cdef StatsCore stats = self._stats
         if npk:
             stats.messages_sent += npk
         stats.bytes_sent += n
