@@ -10,6 +10,7 @@ CORE_MODULES = [
     "queue_wire",
     "forward",
     "stats_core",
+    "broker_core",
     "conn_state",
     "relay",
     "sent",

@@ -50,6 +50,8 @@ from time import perf_counter
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
 from fluxmq._core.conn_state cimport ConnState
 from fluxmq._core.stats_core cimport QosCounts, StatsCore
+from fluxmq._core.broker_core cimport BrokerCore, RouteCore, RouterCore, SessionCore
+from fluxmq._core.trie cimport SubscriptionTrie
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
@@ -90,9 +92,9 @@ cdef class PublishRelay:
     cdef QosCounts _received_bytes
     cdef QosCounts _sent
     cdef QosCounts _sent_bytes
-    cdef object _router
+    cdef RouterCore _router
     cdef dict _routes
-    cdef object _trie
+    cdef SubscriptionTrie _trie
     cdef object _store  # Broker._store (None: no durable storage)
     cdef SentTable _table  # its ``sent_table`` (an LMDB store's; None: persistent sessions in Python)
 
@@ -100,6 +102,9 @@ cdef class PublishRelay:
                  long sample_mask, tracked_class=None, persistent_class=None):
         if not issubclass(conn_class, ConnState):
             raise TypeError("the relay's connection class must have the typed state of _core.conn_state")
+        if not issubclass(session_class, SessionCore) or (
+                persistent_class is not None and not issubclass(persistent_class, SessionCore)):
+            raise TypeError("the relay's session classes must have the typed state of _core.broker_core")
         self.conn_class = conn_class
         self.session_class = session_class
         self.message_class = message_class
@@ -297,6 +302,8 @@ cdef class PublishRelay:
         cdef bint durable, ready
         cdef long long seq
         cdef ConnState dc
+        cdef SessionCore sc
+        cdef dict inflight
         cdef SentTable table = self._table if persist else None
         cdef QueueCore dq = None  # a persistent target's disk queue
         store = self._store
@@ -318,16 +325,18 @@ cdef class PublishRelay:
             if tq:
                 n_acked += 1
             # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
-            d = session.delivery
+            # (a session of the relay's classes is a SessionCore: its fields are read as C fields)
+            sc = <SessionCore>session if isinstance(session, SessionCore) else None
+            d = sc.delivery if sc is not None else session.delivery
             durable = False
             if d is None or type(d) is not conn_class or (<ConnState>d).closed:
                 ready = False
             elif type(session) is session_class:
-                ready = not session.queue
+                ready = not sc.queue
             elif type(session) is persistent_class and session.store is store:
                 # a persistent session: its disk queue must be empty too (then a QoS 1
                 # delivery is stored as an in-flight queue entry, as put_in_flight does)
-                queue = session.queue
+                queue = sc.queue
                 if isinstance(queue, QueueCore):
                     durable = True
                     dq = <QueueCore>queue
@@ -370,8 +379,8 @@ cdef class PublishRelay:
                                 dc._dirty = True
                                 dc.flusher.mark(d)
                             continue
-                        inflight = session.inflight
-                        if len(inflight) < session.send_quota:
+                        inflight = sc.inflight
+                        if len(inflight) < sc.send_quota:
                             if message is None:
                                 message = self.message_class(topic, payload, qos, False, None, None,
                                                              origin_id)
@@ -381,10 +390,10 @@ cdef class PublishRelay:
                                     continue
                                 if entry1 is None:  # the stored entry (records.plain_entry's bytes)
                                     entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
-                            pid = session._next_pid
+                            pid = sc._next_pid
                             while pid in inflight:
                                 pid = pid + 1 if pid < 65535 else 1
-                            session._next_pid = pid + 1 if pid < 65535 else 1
+                            sc._next_pid = pid + 1 if pid < 65535 else 1
                             append_publish(dout, <bytes>data, pid, False)
                             inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
                             if durable:
@@ -464,6 +473,10 @@ cdef class PublishRelay:
         cdef bint full
         cdef list fqs = None, last_fqs = None  # (typed: a list's truth is its length, not a call)
         cdef ConnState cs
+        cdef BrokerCore bc
+        cdef RouterCore router
+        cdef RouteCore route, last_route
+        cdef SubscriptionTrie trie
         if not self.enabled or i >= count:
             return i
         if type(packets[i]) is Puback:
@@ -472,13 +485,16 @@ cdef class PublishRelay:
             return i
         cs = <ConnState>conn
         broker = cs.broker
-        if broker._on_published is not None or broker._on_delivered is not None:
+        if not isinstance(broker, BrokerCore):
+            return i
+        bc = <BrokerCore>broker
+        if bc._on_published is not None or bc._on_delivered is not None:
             return i
         # With peers (a cluster, or the other workers of this node): ``relay_routes`` maps a topic to
         # the ids of the peers with matching interest (None: ``Peers.forward`` must decide, e.g. a
         # peer holds a matching shared group), filled by ``relay_route(topic)``; the plain message
         # is appended to each such peer link's ``forward_queue`` (a ForwardQueue) in C.
-        peers = broker.peers
+        peers = bc.peers
         fwd_routes = fwd_links = None
         if peers is not None:
             fwd_routes = getattr(peers, "relay_routes", None)
@@ -543,7 +559,7 @@ cdef class PublishRelay:
                         # any effect with 0); None until the node made its queues (the Python path
                         # makes them).
                         have_queues = True
-                        queues = broker.queues
+                        queues = bc.queues
                         queue_append = queues.append_relayed if queues is not None else None
                     if queue_append is None or peers is not None or qos != 1 or not topic.startswith("$queue/"):
                         break
@@ -601,7 +617,7 @@ cdef class PublishRelay:
                     if allowed is not None and allowed.get(topic) != 0:
                         break
                     route = None
-                    if trie.generation == router._generation:
+                    if <long long>trie.generation == router._generation:
                         route = routes.get(topic)
                     if route is None:
                         route = router.route(topic)
