@@ -17,6 +17,7 @@ cdef class RouterCore:
     cdef public SubscriptionTrie trie
     cdef public dict _routes  # topic -> Route, valid while _generation == trie.generation
     cdef public long long _generation  # -1: the cache is invalid
+    cdef public long long _epoch  # +1 each time the cache is invalidated without a trie change
 
 
 cdef class RouteCore:

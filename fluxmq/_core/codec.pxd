@@ -135,6 +135,7 @@ cdef class Decoder:
     cdef public Py_ssize_t max_packet_size
     cdef bytearray _pending
     cdef bint _failed
+    cpdef list feed(self, data)
     cdef Py_ssize_t _parse(self, const unsigned char* data, Py_ssize_t size, list out) except -1
     cdef object _decode(self, unsigned int first, const unsigned char* body, Py_ssize_t size)
 

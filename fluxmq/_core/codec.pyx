@@ -961,7 +961,7 @@ cdef class Decoder:
         """Number of buffered bytes that do not yet form a complete packet."""
         return PyByteArray_GET_SIZE(self._pending)
 
-    def feed(self, data) -> list:
+    cpdef list feed(self, data):
         """Buffer ``data`` (bytes-like) and return the list of packets it completes."""
         cdef list out = []
         cdef Py_buffer view

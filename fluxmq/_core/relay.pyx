@@ -39,16 +39,16 @@ the broker and protocol layers document for this path (``docs/architecture.rst``
 path*), and is handed the classes it recognises by its caller.
 """
 
-from cpython.bytearray cimport PyByteArray_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 from time import perf_counter
 
 from fluxmq._core.codec cimport Publish, Puback, append_publish, encode_publish
-from fluxmq._core.conn_state cimport ConnState
+from fluxmq._core.conn_state cimport ConnState, FlushState
 from fluxmq._core.stats_core cimport QosCounts, StatsCore
 from fluxmq._core.broker_core cimport BrokerCore, RouteCore, RouterCore, SessionCore
 from fluxmq._core.trie cimport SubscriptionTrie
@@ -60,6 +60,24 @@ from fluxmq._core.forward cimport ForwardQueue, plain_item
 from fluxmq.errors import ForwardedItemFailed
 
 cdef object _MISS = object()
+
+
+cdef inline int _append(bytearray out, bytes data) except -1:
+    """``out += data`` without the buffer protocol's calls."""
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(out), n = PyBytes_GET_SIZE(data)
+    PyByteArray_Resize(out, old + n)
+    memcpy(PyByteArray_AS_STRING(out) + old, PyBytes_AS_STRING(data), n)
+    return 0
+
+
+cdef inline int _mark(ConnState c, conn) except -1:
+    """``c.flusher.mark(conn)``: a C call for the protocol layer's scheduler (a ``FlushState``)."""
+    f = c.flusher
+    if isinstance(f, FlushState):
+        (<FlushState>f).mark(conn)
+    else:
+        f.mark(conn)
+    return 0
 
 
 cdef inline SentTable _sent_table(store):
@@ -283,7 +301,7 @@ cdef class PublishRelay:
             dc._npk += npk
             if not dc._dirty:
                 dc._dirty = True
-                dc.flusher.mark(d)
+                _mark(dc, d)
         if rest:
             session.pump()
         return 0
@@ -373,11 +391,11 @@ cdef class PublishRelay:
                         data = enc4_0
                     if data is not None:
                         if tq == 0:
-                            dout += data
+                            _append(dout, <bytes>data)
                             dc._npk += 1
                             if not dc._dirty:
                                 dc._dirty = True
-                                dc.flusher.mark(d)
+                                _mark(dc, d)
                             continue
                         inflight = sc.inflight
                         if len(inflight) < sc.send_quota:
@@ -405,7 +423,7 @@ cdef class PublishRelay:
                             dc._npk += 1
                             if not dc._dirty:
                                 dc._dirty = True
-                                dc.flusher.mark(d)
+                                _mark(dc, d)
                             continue
             if message is None:
                 message = self.message_class(topic, payload, qos, False, None, None, origin_id)
@@ -477,6 +495,7 @@ cdef class PublishRelay:
         cdef RouterCore router
         cdef RouteCore route, last_route
         cdef SubscriptionTrie trie
+        cdef long long gen
         if not self.enabled or i >= count:
             return i
         if type(packets[i]) is Puback:
@@ -603,7 +622,7 @@ cdef class PublishRelay:
                         cs._npk += n
                         if not cs._dirty:
                             cs._dirty = True
-                            cs.flusher.mark(conn)
+                            _mark(cs, conn)
                     recv_n[1] += n
                     self.served += n
                     i += n
@@ -617,10 +636,20 @@ cdef class PublishRelay:
                     if allowed is not None and allowed.get(topic) != 0:
                         break
                     route = None
-                    if <long long>trie.generation == router._generation:
-                        route = routes.get(topic)
+                    gen = <long long>trie.generation
+                    if gen == router._generation:
+                        # this publisher's last route, while the router's cache would still give it
+                        if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
+                                and cs._relay_route is not None and topic == cs._relay_topic):
+                            route = <RouteCore>cs._relay_route
+                        else:
+                            route = routes.get(topic)
                     if route is None:
                         route = router.route(topic)
+                    cs._relay_topic = topic
+                    cs._relay_route = route
+                    cs._relay_gen = router._generation
+                    cs._relay_epoch = router._epoch
                     if route.groups:
                         break
                     fqs = None
@@ -708,7 +737,7 @@ cdef class PublishRelay:
                     cs._npk += 1
                     if not cs._dirty:
                         cs._dirty = True
-                        cs.flusher.mark(conn)
+                        _mark(cs, conn)
                 if cs.closed:
                     break
         finally:

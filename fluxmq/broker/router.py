@@ -101,8 +101,9 @@ class Router(RouterCore):
         return route
 
     def invalidate(self) -> None:
-        """Drop every cached route (the read rules changed)."""
+        """Drop every cached route (the read rules changed); a route the relay kept is stale too."""
         self._generation = -1
+        self._epoch += 1
 
     def pick_member(
         self, group, exclude: Session | None = None, topic: str | None = None

@@ -27,7 +27,8 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 
-from fluxmq._core.conn_state cimport ConnState
+from fluxmq._core.codec cimport Decoder
+from fluxmq._core.conn_state cimport ConnState, FlushState
 from fluxmq._core.stats_core cimport StatsCore
 
 import logging
@@ -146,7 +147,11 @@ cdef class ConnectionCore(ConnState):
             flusher.holding = True
         try:
             try:
-                packets = self.decoder.feed(data)
+                decoder = self.decoder
+                if type(decoder) is Decoder:
+                    packets = (<Decoder>decoder).feed(data)
+                else:
+                    packets = decoder.feed(data)
             except MQTTError as exc:
                 packets = list(getattr(exc, "packets", None) or ())
                 bad = exc  # the reader serves the packets before it, then closes
@@ -250,26 +255,11 @@ cdef class ConnectionCore(ConnState):
         self.stream.shutdown()
 
 
-cdef class FlushCore:
-    """The typed fields of ``FlushScheduler`` (``flush.py``) and its per-message methods in C:
-    ``mark``, ``release`` and ``_flush`` without durable storage (with one, ``_flush`` runs the
-    scheduler's Python ``_flush_stored``: the commit, ``sync: always``, failed batches)."""
-
-    cdef public list _dirty  # connections to write at the next flush
-    cdef public bint scheduled  # a flush callback is pending (read by readers: see flush_now)
-    cdef public object _callback  # the loop callback that runs the flush, while one is scheduled
-    cdef public object _loop
-    cdef public object storage  # a durable storage, or None
-    # True while a hub callback serves a read (ConnectionCore._on_input): marks only queue the
-    # connection, and the callback's ``release`` writes the batch or schedules the flush.
-    cdef public bint holding
-
-    cpdef mark(self, conn):
-        """Queue ``conn`` for the next flush (the caller guards against marking twice)."""
-        self._dirty.append(conn)
-        if not self.scheduled and not self.holding:
-            self.scheduled = True
-            self._callback = self._loop.run_callback(self._flush)
+cdef class FlushCore(FlushState):
+    """The per-message methods of ``FlushScheduler`` (``flush.py``) in C, on the typed fields of
+    ``_core.conn_state.FlushState`` (which also holds ``mark``): ``release`` and ``_flush``
+    without durable storage (with one, ``_flush`` runs the scheduler's Python ``_flush_stored``:
+    the commit, ``sync: always``, failed batches)."""
 
     cpdef release(self, bint last):
         """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
