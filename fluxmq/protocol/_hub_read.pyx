@@ -51,6 +51,31 @@ cdef extern from "<errno.h>":
 
 cdef enum:
     READ_SIZE = 65536
+    # An output buffer of at most this many bytes keeps its memory when a send empties it: the next
+    # message of the same size is appended without a realloc (down to 1 byte on the clear, up again
+    # on the append); a larger one is given back (an idle connection holds at most this).
+    KEEP_OUT = 512
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyByteArrayObject:
+        Py_ssize_t ob_alloc  # bytes allocated at ob_bytes
+        char* ob_bytes
+        char* ob_start  # the logical start (a deleted prefix moves it)
+        Py_ssize_t ob_exports
+    void Py_SET_SIZE(object o, Py_ssize_t size)
+
+
+cdef inline int _clear(bytearray out) except -1:
+    """Empty ``out`` (what ``PyByteArray_Resize(out, 0)`` does), keeping a small allocation."""
+    cdef PyByteArrayObject* b = <PyByteArrayObject*>out
+    if b.ob_alloc <= KEEP_OUT and b.ob_exports == 0 and b.ob_bytes != NULL:
+        b.ob_start = b.ob_bytes
+        b.ob_bytes[0] = 0
+        Py_SET_SIZE(out, 0)
+    else:
+        PyByteArray_Resize(out, 0)
+    return 0
 
 # One read buffer for the process: reads happen in the hub's thread only, and each is copied into
 # a bytes object of its exact size at once (no 64 KiB object made and shrunk per read).
@@ -237,7 +262,7 @@ cdef class ConnectionCore(ConnState):
             stats.messages_sent += npk
         stats.bytes_sent += n
         if n == size:
-            PyByteArray_Resize(out, 0)
+            _clear(out)
             if self._high > self._high_base:
                 self._release_allowance()
         else:
