@@ -136,6 +136,7 @@ cdef class Decoder:
     cdef bytearray _pending
     cdef bint _failed
     cpdef list feed(self, data)
+    cdef list feed_buf(self, const unsigned char* buf, Py_ssize_t size)
     cdef Py_ssize_t _parse(self, const unsigned char* data, Py_ssize_t size, list out) except -1
     cdef object _decode(self, unsigned int first, const unsigned char* body, Py_ssize_t size)
 

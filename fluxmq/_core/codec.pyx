@@ -963,8 +963,19 @@ cdef class Decoder:
 
     cpdef list feed(self, data):
         """Buffer ``data`` (bytes-like) and return the list of packets it completes."""
-        cdef list out = []
         cdef Py_buffer view
+        if self._failed:
+            raise MalformedPacket("decoder is unusable after a protocol error")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self.feed_buf(<const unsigned char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef list feed_buf(self, const unsigned char* buf, Py_ssize_t size):
+        """``feed`` of the ``size`` bytes at ``buf`` (a caller's buffer, read only during the call:
+        a tail that does not end a packet is copied into the pending buffer)."""
+        cdef list out = []
         cdef Py_ssize_t used, rest, old
         cdef bytearray pending = self._pending
         if self._failed:
@@ -972,17 +983,15 @@ cdef class Decoder:
         try:
             if PyByteArray_GET_SIZE(pending) == 0:
                 # Nothing pending: parse straight from the caller's buffer, keep only the tail.
-                PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-                try:
-                    used = self._parse(<const unsigned char*>view.buf, view.len, out)
-                    rest = view.len - used
-                    if rest:
-                        PyByteArray_Resize(pending, rest)
-                        memcpy(PyByteArray_AS_STRING(pending), <const char*>view.buf + used, rest)
-                finally:
-                    PyBuffer_Release(&view)
+                used = self._parse(buf, size, out)
+                rest = size - used
+                if rest:
+                    PyByteArray_Resize(pending, rest)
+                    memcpy(PyByteArray_AS_STRING(pending), <const char*>buf + used, rest)
             else:
-                pending += data
+                old = PyByteArray_GET_SIZE(pending)
+                PyByteArray_Resize(pending, old + size)
+                memcpy(PyByteArray_AS_STRING(pending) + old, buf, size)
                 used = self._parse(<const unsigned char*>PyByteArray_AS_STRING(pending),
                                    PyByteArray_GET_SIZE(pending), out)
                 if used:

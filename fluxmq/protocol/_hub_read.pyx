@@ -128,11 +128,11 @@ cdef class ConnectionCore(ConnState):
         cdef bint drained
         cdef int fd = self._fd
         stream = self.stream
+        data = None  # plain TCP: the read stays in _rbuf, made a bytes object only for the reader
         if fd >= 0:
             while True:
                 n = c_recv(fd, _rbuf, READ_SIZE, MSG_DONTWAIT)
                 if n >= 0:
-                    data = PyBytes_FromStringAndSize(_rbuf, n)
                     break
                 err = errno
                 if err == EINTR:
@@ -153,6 +153,8 @@ cdef class ConnectionCore(ConnState):
             n = len(data)
             drained = stream.drained
         if n == 0 or self.closed:
+            if data is None:
+                data = PyBytes_FromStringAndSize(_rbuf, n)
             stream.drained = drained
             self._reader.switch(data)
             return
@@ -173,10 +175,14 @@ cdef class ConnectionCore(ConnState):
         try:
             try:
                 decoder = self.decoder
-                if type(decoder) is Decoder:
-                    packets = (<Decoder>decoder).feed(data)
-                else:
+                if type(decoder) is not Decoder:
+                    if data is None:
+                        data = PyBytes_FromStringAndSize(_rbuf, n)
                     packets = decoder.feed(data)
+                elif data is None:
+                    packets = (<Decoder>decoder).feed_buf(<const unsigned char*>_rbuf, n)
+                else:
+                    packets = (<Decoder>decoder).feed(data)
             except MQTTError as exc:
                 packets = list(getattr(exc, "packets", None) or ())
                 bad = exc  # the reader serves the packets before it, then closes
@@ -202,6 +208,8 @@ cdef class ConnectionCore(ConnState):
             stats.bytes_received += n
             stats.messages_received += count
             stream.drained = drained
+            if data is None:
+                data = PyBytes_FromStringAndSize(_rbuf, n)  # (_rbuf still holds this read)
             self._reader.switch((data, packets, i, bad))
             return
         # The turn's last reader (its socket drained, no other watcher pending) writes the turn's

@@ -238,3 +238,32 @@ def big_publish(topic: str, payload: bytes) -> bytes:
         length += bytes((byte | (0x80 if n else 0),))
         if not n:
             return b"\x30" + length + body
+
+
+def test_packets_split_across_reads_are_decoded_from_the_read_buffer_whole(broker: Broker) -> None:
+    """The hub callback decodes a plain-TCP read straight from its C read buffer (no bytes object
+    unless the reader is handed the read): a packet's tail that a read leaves unfinished is kept by
+    the decoder and completed by the next read; a read the reader is handed (a SUBSCRIBE after a
+    PUBLISH) keeps its bytes."""
+    flusher = FlushScheduler(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 0)
+    try:
+        for client in (pub_client, sub_client):
+            client.sendall(b"\xc0\x00")
+            assert read_exactly(client, 2) == b"\xd0\x00"
+        one, two = publish_packet("t", b"first"), publish_packet("t", b"second")
+        pub_client.sendall(one + two[:4])  # the second packet's first bytes only
+        assert read_exactly(sub_client, len(one)) == one
+        gevent.sleep(0.05)
+        pub_client.sendall(two[4:])
+        assert read_exactly(sub_client, len(two)) == two
+        subscribe = b"\x82\x06\x00\x01\x00\x01u\x00"  # SUBSCRIBE id 1 to "u" at QoS 0
+        pub_client.sendall(publish_packet("t", b"third") + subscribe)
+        assert read_exactly(sub_client, len(publish_packet("t", b"third"))) == publish_packet("t", b"third")
+        assert read_exactly(pub_client, 5) == b"\x90\x03\x00\x01\x00"  # SUBACK from the reader
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)
