@@ -19,7 +19,7 @@ from cpython.bytes cimport (
 )
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from fluxmq.errors import (
     MalformedPacket,
@@ -748,7 +748,7 @@ cdef Connack _decode_connack(const unsigned char* body, Py_ssize_t size, int ver
 
 
 cdef Publish _decode_publish(unsigned int first, const unsigned char* body, Py_ssize_t size,
-                             int version):
+                             int version, Decoder dec=None):
     cdef int qos = (first >> 1) & 3
     cdef Py_ssize_t pos, topic_len
     cdef int packet_id = 0
@@ -762,7 +762,14 @@ cdef Publish _decode_publish(unsigned int first, const unsigned char* body, Py_s
     pos = 2 + topic_len
     if pos > size:
         _truncated()
-    topic = _topic_name(body + 2, topic_len)
+    if (dec is not None and dec._topic_raw is not None and PyBytes_GET_SIZE(dec._topic_raw) == topic_len
+            and memcmp(PyBytes_AS_STRING(dec._topic_raw), body + 2, topic_len) == 0):
+        topic = dec._topic  # the connection's last topic again: checked and decoded then
+    else:
+        topic = _topic_name(body + 2, topic_len)
+        if dec is not None and topic_len:
+            dec._topic = topic
+            dec._topic_raw = PyBytes_FromStringAndSize(<const char*>(body + 2), topic_len)
     if qos:
         if pos + 2 > size:
             _truncated()
@@ -1043,7 +1050,7 @@ cdef class Decoder:
         if version == 0:
             version = 4
         if ptype == T_PUBLISH:
-            return _decode_publish(first, body, size, version)
+            return _decode_publish(first, body, size, version, self)
         if T_PUBACK <= ptype <= T_PUBCOMP:
             return _decode_publish_ack(ptype, body, size, version)
         if ptype == T_CONNECT:
