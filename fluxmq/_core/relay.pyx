@@ -43,6 +43,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 
+from cpython.pycapsule cimport PyCapsule_New
 from libc.string cimport memcmp, memcpy
 
 from time import perf_counter
@@ -825,3 +826,13 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
+
+
+cdef Py_ssize_t _serve_c(object relay, object conn, list packets, Py_ssize_t start) except -1:
+    return (<PublishRelay>relay).serve(conn, packets, start)
+
+
+# ``serve`` as a C function pointer (``Py_ssize_t (*)(object relay, object conn, list packets,
+# Py_ssize_t start) except -1``, ``relay`` a PublishRelay): the protocol layer's hub callback calls
+# it without a Python call's argument handling.
+SERVE_C = PyCapsule_New(<void*>_serve_c, b"fluxmq._core.relay.serve", NULL)

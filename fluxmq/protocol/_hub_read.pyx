@@ -25,6 +25,7 @@ methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowan
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from fluxmq._core.codec cimport Decoder
@@ -34,6 +35,7 @@ from fluxmq._core.stats_core cimport StatsCore
 import logging
 
 from fluxmq._core.codec import Pingreq
+from fluxmq._core.relay import SERVE_C, PublishRelay
 from fluxmq.errors import MQTTError
 from fluxmq.protocol.parking import _PINGRESP
 
@@ -84,13 +86,21 @@ cdef char _rbuf[READ_SIZE]
 
 _flush_log = logging.getLogger("fluxmq.protocol.flush")
 
+ctypedef Py_ssize_t (*serve_fn)(object, object, list, Py_ssize_t) except -1
+
+cdef object _relay = None
 cdef object _relay_serve = None
+cdef serve_fn _serve_c = NULL  # the relay's serve in C (_core.relay.SERVE_C), for a PublishRelay
 
 
 def set_relay(relay) -> None:
     """The process's publish relay (``_core.relay.PublishRelay``), set by ``connection.py``."""
-    global _relay_serve
+    global _relay, _relay_serve, _serve_c
+    _relay = relay
     _relay_serve = relay.serve
+    _serve_c = NULL
+    if type(relay) is PublishRelay:
+        _serve_c = <serve_fn>PyCapsule_GetPointer(SERVE_C, b"fluxmq._core.relay.serve")
 
 
 cdef class HubReads:
@@ -188,7 +198,10 @@ cdef class ConnectionCore(ConnState):
                 bad = exc  # the reader serves the packets before it, then closes
             count = len(packets)
             while i < count and bad is None:
-                i = _relay_serve(self, packets, i)
+                if _serve_c is not NULL:
+                    i = _serve_c(_relay, self, packets, i)
+                else:
+                    i = _relay_serve(self, packets, i)
                 if i >= count or self.closed or type(packets[i]) is not Pingreq:
                     break
                 self._write(_PINGRESP)
