@@ -89,6 +89,8 @@ _flush_log = logging.getLogger("fluxmq.protocol.flush")
 ctypedef Py_ssize_t (*serve_fn)(object, object, list, Py_ssize_t) except -1
 
 cdef object _relay = None
+cdef object _now_loop = None  # the loop whose bound ``now`` is _now
+cdef object _now = None
 cdef object _relay_serve = None
 cdef serve_fn _serve_c = NULL  # the relay's serve in C (_core.relay.SERVE_C), for a PublishRelay
 
@@ -235,7 +237,12 @@ cdef class ConnectionCore(ConnState):
         stats.bytes_received += n
         stats.messages_received += count
         _hub_reads.served += 1
-        self._wait_from = loop.now()  # a new wait: keep alive counts from here
+        # a new wait: keep alive counts from here (the loop's bound ``now``, kept per loop)
+        global _now_loop, _now
+        if loop is not _now_loop:
+            _now = loop.now
+            _now_loop = loop
+        self._wait_from = _now()
 
     cpdef flush_nowait(self, limit=None):
         """Send what is buffered without blocking (called from the hub by the FlushScheduler).
