@@ -25,7 +25,9 @@ methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowan
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.list cimport PyList_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.ref cimport PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from fluxmq._core.codec cimport Decoder
@@ -66,6 +68,23 @@ cdef extern from "Python.h":
         char* ob_start  # the logical start (a deleted prefix moves it)
         Py_ssize_t ob_exports
     void Py_SET_SIZE(object o, Py_ssize_t size)
+
+
+cdef extern from "Python.h":
+    PyObject* PyList_GET_ITEM_RAW "PyList_GET_ITEM"(object lst, Py_ssize_t i)
+    void Py_DECREF_RAW "Py_DECREF"(PyObject* o)
+
+
+cdef inline void _empty(list lst):
+    """``del lst[:]`` keeping the list's item storage (the last item first, each out of the list
+    before its reference is dropped)."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(lst)
+    cdef PyObject* item
+    while n > 0:
+        n -= 1
+        item = PyList_GET_ITEM_RAW(lst, n)
+        Py_SET_SIZE(lst, n)
+        Py_DECREF_RAW(item)
 
 
 cdef inline int _clear(bytearray out) except -1:
@@ -314,6 +333,10 @@ cdef class FlushCore(FlushState):
     without durable storage (with one, ``_flush`` runs the scheduler's Python ``_flush_stored``:
     the commit, ``sync: always``, failed batches)."""
 
+    # the list the last flush emptied, kept with its item storage: the next flush's dirty list
+    # (a new list per flush was an allocation and a free of the list and of its items)
+    cdef list _spare
+
     cpdef release(self, bint last):
         """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
         callback is the loop turn's last ready watcher and its client's socket is drained), write
@@ -345,7 +368,12 @@ cdef class FlushCore(FlushState):
             self._flush_stored()
             return
         dirty = self._dirty
-        self._dirty = []
+        spare = self._spare
+        if spare is not None:
+            self._spare = None
+            self._dirty = spare
+        else:
+            self._dirty = []
         for conn in dirty:
             try:
                 if isinstance(conn, ConnectionCore):
@@ -354,3 +382,6 @@ cdef class FlushCore(FlushState):
                     conn.flush_nowait()
             except Exception:  # one broken connection must not stop the others' output
                 _flush_log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})
+        conn = None
+        _empty(dirty)
+        self._spare = dirty
