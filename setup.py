@@ -3,7 +3,19 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-CORE_MODULES = ["codec", "trie", "entry", "queue_wire", "forward", "conn_state", "relay", "sent", "dqueue"]
+CORE_MODULES = [
+    "codec",
+    "trie",
+    "entry",
+    "queue_wire",
+    "forward",
+    "stats_core",
+    "broker_core",
+    "conn_state",
+    "relay",
+    "sent",
+    "dqueue",
+]
 
 extensions = [
     Extension(f"fluxmq._core.{name}", [f"fluxmq/_core/{name}.pyx"], extra_compile_args=["-O2"])

@@ -19,7 +19,7 @@ from cpython.bytes cimport (
 )
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from fluxmq.errors import (
     MalformedPacket,
@@ -748,7 +748,7 @@ cdef Connack _decode_connack(const unsigned char* body, Py_ssize_t size, int ver
 
 
 cdef Publish _decode_publish(unsigned int first, const unsigned char* body, Py_ssize_t size,
-                             int version):
+                             int version, Decoder dec=None):
     cdef int qos = (first >> 1) & 3
     cdef Py_ssize_t pos, topic_len
     cdef int packet_id = 0
@@ -762,7 +762,14 @@ cdef Publish _decode_publish(unsigned int first, const unsigned char* body, Py_s
     pos = 2 + topic_len
     if pos > size:
         _truncated()
-    topic = _topic_name(body + 2, topic_len)
+    if (dec is not None and dec._topic_raw is not None and PyBytes_GET_SIZE(dec._topic_raw) == topic_len
+            and memcmp(PyBytes_AS_STRING(dec._topic_raw), body + 2, topic_len) == 0):
+        topic = dec._topic  # the connection's last topic again: checked and decoded then
+    else:
+        topic = _topic_name(body + 2, topic_len)
+        if dec is not None and topic_len:
+            dec._topic = topic
+            dec._topic_raw = PyBytes_FromStringAndSize(<const char*>(body + 2), topic_len)
     if qos:
         if pos + 2 > size:
             _truncated()
@@ -961,10 +968,21 @@ cdef class Decoder:
         """Number of buffered bytes that do not yet form a complete packet."""
         return PyByteArray_GET_SIZE(self._pending)
 
-    def feed(self, data) -> list:
+    cpdef list feed(self, data):
         """Buffer ``data`` (bytes-like) and return the list of packets it completes."""
-        cdef list out = []
         cdef Py_buffer view
+        if self._failed:
+            raise MalformedPacket("decoder is unusable after a protocol error")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self.feed_buf(<const unsigned char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef list feed_buf(self, const unsigned char* buf, Py_ssize_t size):
+        """``feed`` of the ``size`` bytes at ``buf`` (a caller's buffer, read only during the call:
+        a tail that does not end a packet is copied into the pending buffer)."""
+        cdef list out = []
         cdef Py_ssize_t used, rest, old
         cdef bytearray pending = self._pending
         if self._failed:
@@ -972,17 +990,15 @@ cdef class Decoder:
         try:
             if PyByteArray_GET_SIZE(pending) == 0:
                 # Nothing pending: parse straight from the caller's buffer, keep only the tail.
-                PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-                try:
-                    used = self._parse(<const unsigned char*>view.buf, view.len, out)
-                    rest = view.len - used
-                    if rest:
-                        PyByteArray_Resize(pending, rest)
-                        memcpy(PyByteArray_AS_STRING(pending), <const char*>view.buf + used, rest)
-                finally:
-                    PyBuffer_Release(&view)
+                used = self._parse(buf, size, out)
+                rest = size - used
+                if rest:
+                    PyByteArray_Resize(pending, rest)
+                    memcpy(PyByteArray_AS_STRING(pending), <const char*>buf + used, rest)
             else:
-                pending += data
+                old = PyByteArray_GET_SIZE(pending)
+                PyByteArray_Resize(pending, old + size)
+                memcpy(PyByteArray_AS_STRING(pending) + old, buf, size)
                 used = self._parse(<const unsigned char*>PyByteArray_AS_STRING(pending),
                                    PyByteArray_GET_SIZE(pending), out)
                 if used:
@@ -1034,7 +1050,7 @@ cdef class Decoder:
         if version == 0:
             version = 4
         if ptype == T_PUBLISH:
-            return _decode_publish(first, body, size, version)
+            return _decode_publish(first, body, size, version, self)
         if T_PUBACK <= ptype <= T_PUBCOMP:
             return _decode_publish_ack(ptype, body, size, version)
         if ptype == T_CONNECT:

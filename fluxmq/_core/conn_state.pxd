@@ -1,5 +1,7 @@
 # The typed state of an MQTT connection that the C paths read and write (see conn_state.pyx).
 
+from fluxmq._core.stats_core cimport StatsCore
+
 
 cdef class ConnState:
     # output (written by the relay and the handlers, sent by the protocol layer's flush)
@@ -21,10 +23,30 @@ cdef class ConnState:
     cdef public object _policy
     cdef public object _aliases_out
     cdef public Py_ssize_t _client_max_packet
+    # the relay's last route of this publisher: a Route, valid while the router's generation and
+    # epoch are still these (a lone publisher's next message skips the route cache's hash)
+    cdef public str _relay_topic
+    cdef public object _relay_route
+    cdef public long long _relay_gen
+    cdef public long long _relay_epoch
     # input (the protocol layer's hub callback)
-    cdef public object decoder
+    cdef public object decoder  # a codec Decoder (fed in C when it is one)
     cdef public object stream
     cdef public object _reader  # the greenlet running run(), while it runs
     cdef public double _wait_from  # loop time the current recv started waiting; 0 when not in recv
-    cdef public object _stats  # Broker.stats (made in the broker's __init__, never replaced)
+    cdef public StatsCore _stats  # Broker.stats (made in the broker's __init__, never replaced)
     cdef public int _fd  # the socket's descriptor for the protocol layer's libc calls; -1: none
+
+
+cdef class FlushState:
+    # the typed fields of the protocol layer's FlushScheduler that a mark touches
+    cdef public list _dirty  # connections to write at the next flush
+    cdef public bint scheduled  # a flush callback is pending (read by readers: see flush_now)
+    cdef public object _callback  # the loop callback that runs the flush, while one is scheduled
+    cdef public object _loop
+    cdef public object storage  # a durable storage, or None
+    # True while a hub callback serves a read: marks only queue the connection, and the callback's
+    # ``release`` writes the batch or schedules the flush.
+    cdef public bint holding
+
+    cpdef mark(self, conn)

@@ -54,7 +54,10 @@ from libc.string cimport memcmp, memcpy
 from time import perf_counter
 
 from fluxmq._core.codec cimport Decoder, Publish, Puback, append_publish, encode_publish
-from fluxmq._core.conn_state cimport ConnState
+from fluxmq._core.conn_state cimport ConnState, FlushState
+from fluxmq._core.stats_core cimport QosCounts, StatsCore
+from fluxmq._core.broker_core cimport BrokerCore, RouteCore, RouterCore, SessionCore
+from fluxmq._core.trie cimport SubscriptionTrie
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
@@ -64,6 +67,24 @@ from libc.string cimport memchr
 from fluxmq.errors import ForwardedItemFailed
 
 cdef object _MISS = object()
+
+
+cdef inline int _append(bytearray out, bytes data) except -1:
+    """``out += data`` without the buffer protocol's calls."""
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(out), n = PyBytes_GET_SIZE(data)
+    PyByteArray_Resize(out, old + n)
+    memcpy(PyByteArray_AS_STRING(out) + old, PyBytes_AS_STRING(data), n)
+    return 0
+
+
+cdef inline int _mark(ConnState c, conn) except -1:
+    """``c.flusher.mark(conn)``: a C call for the protocol layer's scheduler (a ``FlushState``)."""
+    f = c.flusher
+    if isinstance(f, FlushState):
+        (<FlushState>f).mark(conn)
+    else:
+        f.mark(conn)
+    return 0
 
 
 cdef inline SentTable _sent_table(store):
@@ -99,13 +120,13 @@ cdef class PublishRelay:
     # per-QoS count lists, Broker.router, Router._routes, Router.trie: made in their __init__ and
     # never replaced), read once per broker instead of once per call.
     cdef object _broker
-    cdef list _received
-    cdef list _received_bytes
-    cdef list _sent
-    cdef list _sent_bytes
-    cdef object _router
+    cdef QosCounts _received
+    cdef QosCounts _received_bytes
+    cdef QosCounts _sent
+    cdef QosCounts _sent_bytes
+    cdef RouterCore _router
     cdef dict _routes
-    cdef object _trie
+    cdef SubscriptionTrie _trie
     cdef object _store  # Broker._store (None: no durable storage)
     cdef SentTable _table  # its ``sent_table`` (an LMDB store's; None: persistent sessions in Python)
 
@@ -113,6 +134,9 @@ cdef class PublishRelay:
                  long sample_mask, tracked_class=None, persistent_class=None):
         if not issubclass(conn_class, ConnState):
             raise TypeError("the relay's connection class must have the typed state of _core.conn_state")
+        if not issubclass(session_class, SessionCore) or (
+                persistent_class is not None and not issubclass(persistent_class, SessionCore)):
+            raise TypeError("the relay's session classes must have the typed state of _core.broker_core")
         self.conn_class = conn_class
         self.session_class = session_class
         self.message_class = message_class
@@ -132,7 +156,7 @@ cdef class PublishRelay:
 
     cdef int _adopt(self, broker) except -1:
         """Read the per-broker objects of ``broker`` (see ``_broker``)."""
-        stats = broker.stats
+        cdef StatsCore stats = broker.stats
         router = broker.router
         self._received = stats.received_qos
         self._received_bytes = stats.received_bytes_qos
@@ -149,14 +173,12 @@ cdef class PublishRelay:
     cdef int _count_sent(self, long long* n, long long* b) except -1:
         """Add a call's deliveries per QoS (``n``) and their bytes (``b``) to the adopted broker's
         BrokerStats, once per call."""
-        sent = self._sent
-        sent_bytes = self._sent_bytes
-        if n[0]:
-            sent[0] += n[0]
-            sent_bytes[0] += b[0]
-        if n[1]:
-            sent[1] += n[1]
-            sent_bytes[1] += b[1]
+        cdef QosCounts sent = self._sent
+        cdef QosCounts sent_bytes = self._sent_bytes
+        sent.v[0] += n[0]
+        sent_bytes.v[0] += b[0]
+        sent.v[1] += n[1]
+        sent_bytes.v[1] += b[1]
         return 0
 
     cdef Py_ssize_t _settle_acks(self, conn, list packets, Py_ssize_t i, Py_ssize_t count) except -1:
@@ -297,7 +319,7 @@ cdef class PublishRelay:
             dc._npk += npk
             if not dc._dirty:
                 dc._dirty = True
-                dc.flusher.mark(d)
+                _mark(dc, d)
         if rest:
             session.pump()
         return 0
@@ -316,6 +338,8 @@ cdef class PublishRelay:
         cdef bint durable, ready
         cdef long long seq
         cdef ConnState dc
+        cdef SessionCore sc
+        cdef dict inflight
         cdef SentTable table = self._table if persist else None
         cdef QueueCore dq = None  # a persistent target's disk queue
         store = self._store
@@ -337,16 +361,18 @@ cdef class PublishRelay:
             if tq:
                 n_acked += 1
             # -- Session.deliver + MQTTConnection.send_publish, when nothing special applies --
-            d = session.delivery
+            # (a session of the relay's classes is a SessionCore: its fields are read as C fields)
+            sc = <SessionCore>session if isinstance(session, SessionCore) else None
+            d = sc.delivery if sc is not None else session.delivery
             durable = False
             if d is None or type(d) is not conn_class or (<ConnState>d).closed:
                 ready = False
             elif type(session) is session_class:
-                ready = not session.queue
+                ready = not sc.queue
             elif type(session) is persistent_class and session.store is store:
                 # a persistent session: its disk queue must be empty too (then a QoS 1
                 # delivery is stored as an in-flight queue entry, as put_in_flight does)
-                queue = session.queue
+                queue = sc.queue
                 if isinstance(queue, QueueCore):
                     durable = True
                     dq = <QueueCore>queue
@@ -383,14 +409,14 @@ cdef class PublishRelay:
                         data = enc4_0
                     if data is not None:
                         if tq == 0:
-                            dout += data
+                            _append(dout, <bytes>data)
                             dc._npk += 1
                             if not dc._dirty:
                                 dc._dirty = True
-                                dc.flusher.mark(d)
+                                _mark(dc, d)
                             continue
-                        inflight = session.inflight
-                        if len(inflight) < session.send_quota:
+                        inflight = sc.inflight
+                        if len(inflight) < sc.send_quota:
                             if message is None:
                                 message = self.message_class(topic, payload, qos, False, None, None,
                                                              origin_id)
@@ -400,10 +426,10 @@ cdef class PublishRelay:
                                     continue
                                 if entry1 is None:  # the stored entry (records.plain_entry's bytes)
                                     entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
-                            pid = session._next_pid
+                            pid = sc._next_pid
                             while pid in inflight:
                                 pid = pid + 1 if pid < 65535 else 1
-                            session._next_pid = pid + 1 if pid < 65535 else 1
+                            sc._next_pid = pid + 1 if pid < 65535 else 1
                             append_publish(dout, <bytes>data, pid, False)
                             inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
                             if durable:
@@ -415,7 +441,7 @@ cdef class PublishRelay:
                             dc._npk += 1
                             if not dc._dirty:
                                 dc._dirty = True
-                                dc.flusher.mark(d)
+                                _mark(dc, d)
                             continue
             if message is None:
                 message = self.message_class(topic, payload, qos, False, None, None, origin_id)
@@ -483,6 +509,11 @@ cdef class PublishRelay:
         cdef bint full
         cdef list fqs = None, last_fqs = None  # (typed: a list's truth is its length, not a call)
         cdef ConnState cs
+        cdef BrokerCore bc
+        cdef RouterCore router
+        cdef RouteCore route, last_route
+        cdef SubscriptionTrie trie
+        cdef long long gen
         if not self.enabled or i >= count:
             return i
         if type(packets[i]) is Puback:
@@ -491,13 +522,16 @@ cdef class PublishRelay:
             return i
         cs = <ConnState>conn
         broker = cs.broker
-        if broker._on_published is not None or broker._on_delivered is not None:
+        if not isinstance(broker, BrokerCore):
+            return i
+        bc = <BrokerCore>broker
+        if bc._on_published is not None or bc._on_delivered is not None:
             return i
         # With peers (a cluster, or the other workers of this node): ``relay_routes`` maps a topic to
         # the ids of the peers with matching interest (None: ``Peers.forward`` must decide, e.g. a
         # peer holds a matching shared group), filled by ``relay_route(topic)``; the plain message
         # is appended to each such peer link's ``forward_queue`` (a ForwardQueue) in C.
-        peers = broker.peers
+        peers = bc.peers
         fwd_routes = fwd_links = None
         if peers is not None:
             fwd_routes = getattr(peers, "relay_routes", None)
@@ -523,7 +557,7 @@ cdef class PublishRelay:
             self._adopt(broker)
         store = self._store
         cdef SentTable table = self._table
-        received = self._received
+        cdef QosCounts received = self._received
         router = self._router
         routes = self._routes
         trie = self._trie
@@ -532,8 +566,8 @@ cdef class PublishRelay:
         last_route = None
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
-        recv_base[0] = received[0]
-        recv_base[1] = received[1]
+        recv_base[0] = received.v[0]
+        recv_base[1] = received.v[1]
         try:
             while i < count:
                 p = packets[i]
@@ -562,7 +596,7 @@ cdef class PublishRelay:
                         # any effect with 0); None until the node made its queues (the Python path
                         # makes them).
                         have_queues = True
-                        queues = broker.queues
+                        queues = bc.queues
                         queue_append = queues.append_relayed if queues is not None else None
                     if queue_append is None or peers is not None or qos != 1 or not topic.startswith("$queue/"):
                         break
@@ -606,7 +640,7 @@ cdef class PublishRelay:
                         cs._npk += n
                         if not cs._dirty:
                             cs._dirty = True
-                            cs.flusher.mark(conn)
+                            _mark(cs, conn)
                     recv_n[1] += n
                     self.served += n
                     i += n
@@ -620,10 +654,20 @@ cdef class PublishRelay:
                     if allowed is not None and allowed.get(topic) != 0:
                         break
                     route = None
-                    if trie.generation == router._generation:
-                        route = routes.get(topic)
+                    gen = <long long>trie.generation
+                    if gen == router._generation:
+                        # this publisher's last route, while the router's cache would still give it
+                        if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
+                                and cs._relay_route is not None and topic == cs._relay_topic):
+                            route = <RouteCore>cs._relay_route
+                        else:
+                            route = routes.get(topic)
                     if route is None:
                         route = router.route(topic)
+                    cs._relay_topic = topic
+                    cs._relay_route = route
+                    cs._relay_gen = router._generation
+                    cs._relay_epoch = router._epoch
                     if route.groups:
                         break
                     fqs = None
@@ -712,18 +756,17 @@ cdef class PublishRelay:
                     cs._npk += 1
                     if not cs._dirty:
                         cs._dirty = True
-                        cs.flusher.mark(conn)
+                        _mark(cs, conn)
                 if cs.closed:
                     break
         finally:
             if staked:
                 store.note_stake(client_id)  # once per call: nothing commits within it
             if recv_n[0] or recv_n[1]:
-                received_bytes = self._received_bytes
-                received[0] += recv_n[0]
-                received[1] += recv_n[1]
-                received_bytes[0] += recv_b[0]
-                received_bytes[1] += recv_b[1]
+                received.v[0] += recv_n[0]
+                received.v[1] += recv_n[1]
+                self._received_bytes.v[0] += recv_b[0]
+                self._received_bytes.v[1] += recv_b[1]
             if sent_n[0] or sent_n[1]:
                 self._count_sent(sent_n, sent_b)
         return i
@@ -1097,3 +1140,13 @@ cdef Py_ssize_t _forward_c(object relay, object conn, const unsigned char* p, Py
 
 #: ``_forward_c`` as a capsule (``fluxmq.protocol._hub_read`` calls it without Python's call)
 FORWARD_C = PyCapsule_New(<void*>_forward_c, b"fluxmq._core.relay.forward", NULL)
+
+
+cdef Py_ssize_t _serve_c(object relay, object conn, list packets, Py_ssize_t start) except -1:
+    return (<PublishRelay>relay).serve(conn, packets, start)
+
+
+# ``serve`` as a C function pointer (``Py_ssize_t (*)(object relay, object conn, list packets,
+# Py_ssize_t start) except -1``, ``relay`` a PublishRelay): the protocol layer's hub callback calls
+# it without a Python call's argument handling.
+SERVE_C = PyCapsule_New(<void*>_serve_c, b"fluxmq._core.relay.serve", NULL)

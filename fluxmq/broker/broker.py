@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from gevent.event import Event
 
+from fluxmq._core.broker_core import BrokerCore
 from fluxmq.errors import QueueRefused
 from fluxmq.storage.base import Storage
 from fluxmq.storage.memory import MemoryStorage
@@ -92,8 +93,12 @@ class BrokerSettings:
         self.max_session_expiry = max_session_expiry
 
 
-class Broker(SessionLifecycle, SharedHandOvers, ClusterHooks, Publishing, Subscriptions, StoreRestore):
-    """Sessions, routing, retained messages and wills of one node."""
+class Broker(
+    BrokerCore, SessionLifecycle, SharedHandOvers, ClusterHooks, Publishing, Subscriptions, StoreRestore
+):
+    """Sessions, routing, retained messages and wills of one node. The fields the relay reads per
+    message (``stats``, ``router``, ``_store``, ``peers``, ``queues``, ``_on_published``,
+    ``_on_delivered``) are typed fields of ``BrokerCore`` (``fluxmq/_core/broker_core.pyx``)."""
 
     def __init__(self, settings: BrokerSettings | None = None, storage: Storage | None = None) -> None:
         self.settings = settings or BrokerSettings()

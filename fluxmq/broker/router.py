@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from fluxmq._core.broker_core import RouteCore, RouterCore
 from fluxmq._core.trie import SubscriptionTrie
 
 from .session import Session, Subscription
@@ -15,10 +16,11 @@ LEAST_INFLIGHT = "least_inflight"
 _ROUTE_CACHE_MAX = 8192
 
 
-class Route:
-    """Where a topic's messages go: one Target per session, plus shared groups (one member each)."""
+class Route(RouteCore):
+    """Where a topic's messages go: one Target per session, plus shared groups (one member each).
+    Both are typed fields of ``RouteCore`` (``fluxmq/_core/broker_core.pyx``), read by the relay."""
 
-    __slots__ = ("targets", "groups")
+    __slots__ = ()
 
     def __init__(self, targets: list, groups: list) -> None:
         self.targets = targets
@@ -54,8 +56,10 @@ def _aggregate(subscriptions: list) -> list:
     ]
 
 
-class Router:
-    """Matches topics to subscriptions; the broker's per-message routing step."""
+class Router(RouterCore):
+    """Matches topics to subscriptions; the broker's per-message routing step. ``trie``, ``_routes``
+    and ``_generation`` are typed fields of ``RouterCore`` (``fluxmq/_core/broker_core.pyx``), read
+    by the relay."""
 
     def __init__(self, shared_strategy: str = ROUND_ROBIN) -> None:
         # The router caches whole routes per topic; a second cache in the trie would only add an
@@ -97,8 +101,9 @@ class Router:
         return route
 
     def invalidate(self) -> None:
-        """Drop every cached route (the read rules changed)."""
+        """Drop every cached route (the read rules changed); a route the relay kept is stale too."""
         self._generation = -1
+        self._epoch += 1
 
     def pick_member(
         self, group, exclude: Session | None = None, topic: str | None = None

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
+from fluxmq._core.broker_core import SessionCore
 from fluxmq.storage.base import Storage, StoredQueue
 from fluxmq.storage.queue import DiskQueue
 
@@ -120,8 +121,10 @@ class Will:
         self.delay = delay
 
 
-class Session:
-    """State of one client identifier."""
+class Session(SessionCore):
+    """State of one client identifier. ``delivery``, ``queue``, ``inflight``, ``send_quota`` and
+    ``_next_pid`` are typed fields of ``SessionCore`` (``fluxmq/_core/broker_core.pyx``), read and
+    written by the relay."""
 
     trusted = False  # a client (the router's read filter applies); broker-internal targets say True
 
@@ -130,16 +133,11 @@ class Session:
         "persistent",
         "expiry_interval",
         "subscriptions",
-        "delivery",
-        "inflight",
-        "queue",
         "queue_bytes",
         "queue_qos0",
         "_inbound_qos2",
-        "send_quota",
         "will",
         "timer",
-        "_next_pid",
         "_limits",
         "_stats",
         "connected_since",

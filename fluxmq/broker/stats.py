@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 
+from fluxmq._core.stats_core import StatsCore
+
 # One publish in LATENCY_SAMPLE_MASK + 1 is timed from ``Broker.publish`` until its deliveries are
 # flushed (a power of two minus one: the check is one bit-and on a counter the broker keeps anyway).
 LATENCY_SAMPLE_MASK = 63
@@ -49,26 +51,22 @@ class OutputBudget:
         self.in_use -= extra
 
 
-class BrokerStats:
-    """Counters kept as plain attributes (an attribute add is the cheapest thing Python does).
+class BrokerStats(StatsCore):
+    """The broker's counters; exporters ($SYS topics, Prometheus, the admin API) read them, nothing
+    here does I/O.
 
-    Exporters ($SYS topics, Prometheus, the admin API) read them; nothing here does I/O. The
-    ``*_qos`` lists are indexed by QoS (0, 1, 2): application messages and their payload bytes
-    received by the broker and delivered to subscribers.
+    The per-message ones are C integers of ``StatsCore`` (``fluxmq/_core/stats_core.pyx``), added to
+    by the relay and the connection's C read and flush without an ``int`` object per add:
+    ``messages_received``, ``messages_sent``, ``bytes_received``, ``bytes_sent`` (``int``
+    attributes) and the ``*_qos`` counts (``QosCounts``: indexed by QoS 0, 1, 2 like a list of
+    three), application messages and their payload bytes received by the broker and delivered to
+    subscribers. The rest are plain attributes.
     """
 
     __slots__ = (
         "started",
-        "messages_received",
-        "messages_sent",
-        "bytes_received",
-        "bytes_sent",
         "connections_total",
         "drops",
-        "received_qos",
-        "received_bytes_qos",
-        "sent_qos",
-        "sent_bytes_qos",
         "latency_counts",
         "latency_sum",
         "output_budget",
@@ -76,17 +74,8 @@ class BrokerStats:
 
     def __init__(self) -> None:
         self.started = time.time()
-        self.messages_received = 0  # every MQTT packet received
-        self.messages_sent = 0  # every MQTT packet sent
-        self.bytes_received = 0
-        self.bytes_sent = 0
         self.connections_total = 0
         self.drops: dict[str, int] = {}
-        # application messages published to the broker / delivered to clients, by (delivered) QoS
-        self.received_qos = [0, 0, 0]
-        self.received_bytes_qos = [0, 0, 0]
-        self.sent_qos = [0, 0, 0]
-        self.sent_bytes_qos = [0, 0, 0]
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative
         self.latency_sum = 0.0
         self.output_budget = OutputBudget()  # the limit is set from broker.output_memory_limit

@@ -25,15 +25,19 @@ methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowan
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.list cimport PyList_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.ref cimport PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
 
-from fluxmq._core.conn_state cimport ConnState
+from fluxmq._core.codec cimport Decoder
+from fluxmq._core.conn_state cimport ConnState, FlushState
+from fluxmq._core.stats_core cimport StatsCore
 
 import logging
 
 from fluxmq._core.codec import Pingreq
-from fluxmq._core.relay import FORWARD_C, PublishRelay
+from fluxmq._core.relay import FORWARD_C, SERVE_C, PublishRelay
 from fluxmq.errors import MQTTError
 from fluxmq.protocol.parking import _PINGRESP
 
@@ -51,6 +55,48 @@ cdef extern from "<errno.h>":
 
 cdef enum:
     READ_SIZE = 65536
+    # An output buffer of at most this many bytes keeps its memory when a send empties it: the next
+    # message of the same size is appended without a realloc (down to 1 byte on the clear, up again
+    # on the append); a larger one is given back (an idle connection holds at most this).
+    KEEP_OUT = 512
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyByteArrayObject:
+        Py_ssize_t ob_alloc  # bytes allocated at ob_bytes
+        char* ob_bytes
+        char* ob_start  # the logical start (a deleted prefix moves it)
+        Py_ssize_t ob_exports
+    void Py_SET_SIZE(object o, Py_ssize_t size)
+
+
+cdef extern from "Python.h":
+    PyObject* PyList_GET_ITEM_RAW "PyList_GET_ITEM"(object lst, Py_ssize_t i)
+    void Py_DECREF_RAW "Py_DECREF"(PyObject* o)
+
+
+cdef inline void _empty(list lst):
+    """``del lst[:]`` keeping the list's item storage (the last item first, each out of the list
+    before its reference is dropped)."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(lst)
+    cdef PyObject* item
+    while n > 0:
+        n -= 1
+        item = PyList_GET_ITEM_RAW(lst, n)
+        Py_SET_SIZE(lst, n)
+        Py_DECREF_RAW(item)
+
+
+cdef inline int _clear(bytearray out) except -1:
+    """Empty ``out`` (what ``PyByteArray_Resize(out, 0)`` does), keeping a small allocation."""
+    cdef PyByteArrayObject* b = <PyByteArrayObject*>out
+    if b.ob_alloc <= KEEP_OUT and b.ob_exports == 0 and b.ob_bytes != NULL:
+        b.ob_start = b.ob_bytes
+        b.ob_bytes[0] = 0
+        Py_SET_SIZE(out, 0)
+    else:
+        PyByteArray_Resize(out, 0)
+    return 0
 
 # One read buffer for the process: reads happen in the hub's thread only, and each is copied into
 # a bytes object of its exact size at once (no 64 KiB object made and shrunk per read).
@@ -61,19 +107,25 @@ _flush_log = logging.getLogger("fluxmq.protocol.flush")
 
 ctypedef Py_ssize_t (*forward_fn)(object, object, const unsigned char*, Py_ssize_t,
                                    Py_ssize_t*) except -1
+ctypedef Py_ssize_t (*serve_fn)(object, object, list, Py_ssize_t) except -1
 
-cdef object _relay_serve = None
 cdef object _relay = None
+cdef object _now_loop = None  # the loop whose bound ``now`` is _now
+cdef object _now = None
+cdef object _relay_serve = None
+cdef serve_fn _serve_c = NULL  # the relay's serve in C (_core.relay.SERVE_C), for a PublishRelay
 cdef forward_fn _forward_c = NULL  # the relay's forward-only PUBLISHes from a read (_core.relay.FORWARD_C)
 
 
 def set_relay(relay) -> None:
     """The process's publish relay (``_core.relay.PublishRelay``), set by ``connection.py``."""
-    global _relay_serve, _relay, _forward_c
-    _relay_serve = relay.serve
+    global _relay, _relay_serve, _serve_c, _forward_c
     _relay = relay
+    _relay_serve = relay.serve
+    _serve_c = NULL
     _forward_c = NULL
     if type(relay) is PublishRelay:
+        _serve_c = <serve_fn>PyCapsule_GetPointer(SERVE_C, b"fluxmq._core.relay.serve")
         _forward_c = <forward_fn>PyCapsule_GetPointer(FORWARD_C, b"fluxmq._core.relay.forward")
 
 
@@ -112,11 +164,11 @@ cdef class ConnectionCore(ConnState):
         cdef bint drained
         cdef int fd = self._fd
         stream = self.stream
+        data = None  # plain TCP: the read stays in _rbuf, made a bytes object only for the reader
         if fd >= 0:
             while True:
                 n = c_recv(fd, _rbuf, READ_SIZE, MSG_DONTWAIT)
                 if n >= 0:
-                    data = PyBytes_FromStringAndSize(_rbuf, n)
                     break
                 err = errno
                 if err == EINTR:
@@ -137,12 +189,14 @@ cdef class ConnectionCore(ConnState):
             n = len(data)
             drained = stream.drained
         if n == 0 or self.closed:
+            if data is None:
+                data = PyBytes_FromStringAndSize(_rbuf, n)
             stream.drained = drained
             self._reader.switch(data)
             return
         # The read's counters are added after the send (or before a hand-over): nothing reads them
         # meanwhile, and the lone message's path is shorter by their attribute updates.
-        stats = self._stats
+        cdef StatsCore stats = self._stats
         count = -1
         bad = None
         # Deliveries and acks of this read only queue their connections: release() below writes
@@ -159,20 +213,33 @@ cdef class ConnectionCore(ConnState):
             used = 0
             if _forward_c is not NULL and self.broker.peers is not None:
                 # forward-only PUBLISHes framed for the peers from the read's bytes (_core.relay)
-                used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
-            try:
-                if used == 0:
-                    packets = self.decoder.feed(data)
-                elif used < n:
-                    packets = self.decoder.feed(memoryview(data)[used:])
+                if data is None:
+                    used = _forward_c(_relay, self, <const unsigned char*>_rbuf, n, &raw)
                 else:
+                    used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
+            try:
+                decoder = self.decoder
+                if used >= n:
                     packets = []
+                elif type(decoder) is not Decoder:
+                    if data is None:
+                        data = PyBytes_FromStringAndSize(_rbuf, n)
+                    packets = decoder.feed(data if used == 0 else memoryview(data)[used:])
+                elif data is None:
+                    packets = (<Decoder>decoder).feed_buf(<const unsigned char*>_rbuf + used, n - used)
+                elif used == 0:
+                    packets = (<Decoder>decoder).feed(data)
+                else:
+                    packets = (<Decoder>decoder).feed(memoryview(data)[used:])
             except MQTTError as exc:
                 packets = list(getattr(exc, "packets", None) or ())
                 bad = exc  # the reader serves the packets before it, then closes
             count = len(packets)
             while i < count and bad is None:
-                i = _relay_serve(self, packets, i)
+                if _serve_c is not NULL:
+                    i = _serve_c(_relay, self, packets, i)
+                else:
+                    i = _relay_serve(self, packets, i)
                 if i >= count or self.closed or type(packets[i]) is not Pingreq:
                     break
                 self._write(_PINGRESP)
@@ -193,6 +260,8 @@ cdef class ConnectionCore(ConnState):
             stats.bytes_received += n
             stats.messages_received += count + raw
             stream.drained = drained
+            if data is None:
+                data = PyBytes_FromStringAndSize(_rbuf, n)  # (_rbuf still holds this read)
             self._reader.switch((data, packets, i, bad))
             return
         # The turn's last reader (its socket drained, no other watcher pending) writes the turn's
@@ -205,7 +274,12 @@ cdef class ConnectionCore(ConnState):
         stats.bytes_received += n
         stats.messages_received += count + raw
         _hub_reads.served += 1
-        self._wait_from = loop.now()  # a new wait: keep alive counts from here
+        # a new wait: keep alive counts from here (the loop's bound ``now``, kept per loop)
+        global _now_loop, _now
+        if loop is not _now_loop:
+            _now = loop.now
+            _now_loop = loop
+        self._wait_from = _now()
 
     cpdef flush_nowait(self, limit=None):
         """Send what is buffered without blocking (called from the hub by the FlushScheduler).
@@ -248,12 +322,12 @@ cdef class ConnectionCore(ConnState):
                 self._send_failed(npk)
                 return
         # (counted after the send: the delivery leaves first)
-        stats = self._stats
+        cdef StatsCore stats = self._stats
         if npk:
             stats.messages_sent += npk
         stats.bytes_sent += n
         if n == size:
-            PyByteArray_Resize(out, 0)
+            _clear(out)
             if self._high > self._high_base:
                 self._release_allowance()
         else:
@@ -271,26 +345,15 @@ cdef class ConnectionCore(ConnState):
         self.stream.shutdown()
 
 
-cdef class FlushCore:
-    """The typed fields of ``FlushScheduler`` (``flush.py``) and its per-message methods in C:
-    ``mark``, ``release`` and ``_flush`` without durable storage (with one, ``_flush`` runs the
-    scheduler's Python ``_flush_stored``: the commit, ``sync: always``, failed batches)."""
+cdef class FlushCore(FlushState):
+    """The per-message methods of ``FlushScheduler`` (``flush.py``) in C, on the typed fields of
+    ``_core.conn_state.FlushState`` (which also holds ``mark``): ``release`` and ``_flush``
+    without durable storage (with one, ``_flush`` runs the scheduler's Python ``_flush_stored``:
+    the commit, ``sync: always``, failed batches)."""
 
-    cdef public list _dirty  # connections to write at the next flush
-    cdef public bint scheduled  # a flush callback is pending (read by readers: see flush_now)
-    cdef public object _callback  # the loop callback that runs the flush, while one is scheduled
-    cdef public object _loop
-    cdef public object storage  # a durable storage, or None
-    # True while a hub callback serves a read (ConnectionCore._on_input): marks only queue the
-    # connection, and the callback's ``release`` writes the batch or schedules the flush.
-    cdef public bint holding
-
-    cpdef mark(self, conn):
-        """Queue ``conn`` for the next flush (the caller guards against marking twice)."""
-        self._dirty.append(conn)
-        if not self.scheduled and not self.holding:
-            self.scheduled = True
-            self._callback = self._loop.run_callback(self._flush)
+    # the list the last flush emptied, kept with its item storage: the next flush's dirty list
+    # (a new list per flush was an allocation and a free of the list and of its items)
+    cdef list _spare
 
     cpdef release(self, bint last):
         """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
@@ -323,7 +386,12 @@ cdef class FlushCore:
             self._flush_stored()
             return
         dirty = self._dirty
-        self._dirty = []
+        spare = self._spare
+        if spare is not None:
+            self._spare = None
+            self._dirty = spare
+        else:
+            self._dirty = []
         for conn in dirty:
             try:
                 if isinstance(conn, ConnectionCore):
@@ -332,3 +400,6 @@ cdef class FlushCore:
                     conn.flush_nowait()
             except Exception:  # one broken connection must not stop the others' output
                 _flush_log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})
+        conn = None
+        _empty(dirty)
+        self._spare = dirty

@@ -36,8 +36,9 @@ class FlushScheduler(FlushCore):
     """Collects dirty connections and flushes them once per loop turn: from a hub callback, or from
     the turn's last reader (``flush_now``)."""
 
-    # _dirty, scheduled, _callback, _loop, storage and holding are typed C fields of FlushCore
-    # (fluxmq/protocol/_hub_read.pyx), which also holds mark, release and the flush without storage.
+    # _dirty, scheduled, _callback, _loop, storage and holding are typed C fields of FlushState
+    # (fluxmq/_core/conn_state.pyx, which also holds mark), the base of FlushCore
+    # (fluxmq/protocol/_hub_read.pyx: release and the flush without storage).
     __slots__ = (
         "_always",
         "_write_lock",
@@ -89,7 +90,7 @@ class FlushScheduler(FlushCore):
             except Exception:  # another connection's trouble must not end the calling reader
                 log.exception("flush_failed", extra={"peer": "-"})
 
-    # mark(conn), release(last) and _flush(): FlushCore's, in C. _flush runs _flush_stored when a
+    # mark(conn) (FlushState's), release(last) and _flush() (FlushCore's): in C. _flush runs _flush_stored when a
     # durable storage takes part.
 
     def _flush_stored(self) -> None:

@@ -1085,3 +1085,25 @@ def test_paho_client_session_round_trips_through_the_codec(peer, version):
         assert peer.receive() == Disconnect(0x04 if v5 else 0)
     finally:
         client.loop_stop()
+
+
+def test_a_publishers_repeated_topic_shares_its_str_and_other_topics_are_still_checked() -> None:
+    """The decoder keeps the last PUBLISH topic (str and bytes): the next message to the same
+    topic shares the str without the topic's check and decode; any other topic, even of the same
+    length, is decoded and checked as always."""
+    from fluxmq._core.codec import Decoder, Publish, TopicNameInvalid, encode
+
+    dec = Decoder()
+    dec.version = 4
+    a, b, c = dec.feed(b"".join(encode(Publish(t, b"x"), 4) for t in ("s/1", "s/1", "s/2")))
+    assert (a.topic, b.topic, c.topic) == ("s/1", "s/1", "s/2") and a.topic is b.topic
+    (d,) = dec.feed(encode(Publish("s/2", b"y"), 4))
+    assert d.topic is c.topic and d.payload == b"y"
+    (e,) = dec.feed(encode(Publish("é/2", b"z"), 4))
+    assert e.topic == "é/2"
+    with pytest.raises(TopicNameInvalid):
+        Decoder().feed(b"\x30\x05\x00\x03s/1" + b"\x30\x05\x00\x03s/+")
+    dec2 = Decoder()
+    dec2.feed(encode(Publish("s/1", b""), 4))
+    with pytest.raises(TopicNameInvalid):
+        dec2.feed(b"\x30\x05\x00\x03s/#")

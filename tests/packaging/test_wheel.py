@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BUILD_TIMEOUT = 600.0
 INSTALL_TIMEOUT = 600.0
 START_TIMEOUT = 60.0
-CORE_MODULES = ("codec", "trie", "entry", "queue_wire", "conn_state", "relay")
+CORE_MODULES = ("codec", "trie", "entry", "queue_wire", "stats_core", "broker_core", "conn_state", "relay")
 # Compiled modules outside the core (import names): the protocol layer's C path of a lone message.
 OTHER_COMPILED = ("fluxmq.protocol._hub_read",)
 

@@ -194,3 +194,76 @@ def test_a_stream_that_is_not_the_plain_socket_is_read_and_written_through_its_m
     finally:
         client.close()
         gevent.joinall([reader], timeout=5)
+
+
+def test_a_sent_small_output_buffer_keeps_its_memory_and_a_large_one_gives_it_back(broker: Broker) -> None:
+    """A send that empties the output keeps an allocation of at most ``KEEP_OUT`` bytes (the next
+    lone message is appended without a realloc down and up again; ``sys.getsizeof`` of a
+    bytearray counts its allocation) and gives a larger one back; the bytes are whole either way."""
+    flusher = FlushScheduler(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 0)
+    empty = sys.getsizeof(bytearray())
+    try:
+        for client in (pub_client, sub_client):
+            client.sendall(b"\xc0\x00")
+            assert read_exactly(client, 2) == b"\xd0\x00"
+        for payload in (b"lone", b"x" * 100_000, b"two"):
+            pub_client.sendall(
+                publish_packet("t", payload) if len(payload) < 100 else big_publish("t", payload)
+            )
+            got = read_exactly(
+                sub_client, len(publish_packet("t", payload)) if len(payload) < 100 else 100_007
+            )
+            assert got.endswith(b"t" + payload)
+            assert len(sub.out) == 0
+            kept = sys.getsizeof(sub.out) - empty
+            if len(payload) < 100:
+                assert kept >= 9  # the packet's bytes stay allocated
+            else:
+                assert kept <= 1
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)
+
+
+def big_publish(topic: str, payload: bytes) -> bytes:
+    t = topic.encode()
+    body = len(t).to_bytes(2, "big") + t + payload
+    n, length = len(body), b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length += bytes((byte | (0x80 if n else 0),))
+        if not n:
+            return b"\x30" + length + body
+
+
+def test_packets_split_across_reads_are_decoded_from_the_read_buffer_whole(broker: Broker) -> None:
+    """The hub callback decodes a plain-TCP read straight from its C read buffer (no bytes object
+    unless the reader is handed the read): a packet's tail that a read leaves unfinished is kept by
+    the decoder and completed by the next read; a read the reader is handed (a SUBSCRIBE after a
+    PUBLISH) keeps its bytes."""
+    flusher = FlushScheduler(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 0)
+    try:
+        for client in (pub_client, sub_client):
+            client.sendall(b"\xc0\x00")
+            assert read_exactly(client, 2) == b"\xd0\x00"
+        one, two = publish_packet("t", b"first"), publish_packet("t", b"second")
+        pub_client.sendall(one + two[:4])  # the second packet's first bytes only
+        assert read_exactly(sub_client, len(one)) == one
+        gevent.sleep(0.05)
+        pub_client.sendall(two[4:])
+        assert read_exactly(sub_client, len(two)) == two
+        subscribe = b"\x82\x06\x00\x01\x00\x01u\x00"  # SUBSCRIBE id 1 to "u" at QoS 0
+        pub_client.sendall(publish_packet("t", b"third") + subscribe)
+        assert read_exactly(sub_client, len(publish_packet("t", b"third"))) == publish_packet("t", b"third")
+        assert read_exactly(pub_client, 5) == b"\x90\x03\x00\x01\x00"  # SUBACK from the reader
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)

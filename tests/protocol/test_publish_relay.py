@@ -774,3 +774,43 @@ def test_a_persistent_session_takes_queue_bounds_past_what_the_c_fields_hold(tmp
     finally:
         net.close()
         store.close()
+
+
+def test_a_publishers_kept_route_follows_subscription_and_read_rule_changes() -> None:
+    """The relay keeps each publisher's last route (``ConnState._relay_route``) across reads: it
+    must go stale with the router's cache, on a subscription change (the trie's generation) and on
+    a read-rule change (``Router.invalidate``: the router's epoch, even once another publisher's
+    ``route`` renewed the cache), never delivering by an old one."""
+    RELAY.enabled = HUB_READS.enabled = True
+    net = Net()
+    topic = "t/x"
+
+    def lone(payload: bytes) -> dict[str, bytes]:
+        """``pub`` publishes alone (its read holds no mark: its kept route stays ``topic``'s), then
+        ``other`` sends the mark."""
+        served = RELAY.served
+        net.clients["pub"][2].sendall(encode(c.Publish(topic, payload), 4))
+        with gevent.Timeout(10):
+            while RELAY.served == served:
+                gevent.sleep(0.001)
+        net.send("other", [])
+        return net.read_all()
+
+    try:
+        for cid in ("pub", "a", "b", "other"):
+            net.client(cid)
+        net.subscribe("a", "t/x", 0)
+        got = lone(b"1")
+        assert b"1" in got["a"] and got["b"] == b""
+        net.subscribe("b", "t/#", 0)  # a new subscription: a new generation
+        got = lone(b"2")
+        assert b"2" in got["a"] and b"2" in got["b"]
+        # a read rule that hides the topic from "a": the router's cache is invalidated, no trie change
+        net.broker.router.read_filter = lambda session, t: session.client_id != "a" or t != topic
+        net.broker.router.invalidate()
+        net.send("other", [c.Publish("other/topic", b"o")])  # its route() renews the cache first
+        net.read_all()
+        got = lone(b"3")
+        assert b"3" not in got["a"] and b"3" in got["b"]
+    finally:
+        net.close()
