@@ -255,10 +255,20 @@ def ensure_mqttload(path: str | None) -> str:
     return str(out)
 
 
+def placement(args: argparse.Namespace, sc: Scenario) -> tuple[str, str]:
+    """(broker CPUs, generator CPUs) of a scenario's runs: ``--latency-cpus`` puts both on the same
+    CPUs for the latency scenario (no wake-up of the broker's idle vCPU in each sample: see
+    bench/README.rst, "Latency: the two modes"), every other scenario keeps them apart."""
+    if sc.name == "latency" and getattr(args, "latency_cpus", ""):
+        return args.latency_cpus, args.latency_cpus
+    return args.broker_cpus, args.gen_cpus
+
+
 def generator_command(args: argparse.Namespace, sc: Scenario, broker: BrokerProcess, run_args: list[str],
                       label: str) -> list[str]:  # fmt: skip
     """The pinned generator command line for one run."""
-    pin = ["taskset", "-c", args.gen_cpus] if args.gen_cpus else []
+    gen_cpus = placement(args, sc)[1]
+    pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
     # mqttload reads one PID's CPU (the worker, not the idle arbiter); loadgen sums the tree.
     pid = broker.cpu_pid if args.generator == "mqttload" else broker.pid
     common = ["--host", "127.0.0.1", "--port", str(broker.port), "--pid", str(pid), "--label", label,
@@ -271,10 +281,11 @@ def generator_command(args: argparse.Namespace, sc: Scenario, broker: BrokerProc
 
 def start_broker(name: str, args: argparse.Namespace, sc: Scenario) -> BrokerProcess:
     """A fresh, ready broker for one run."""
+    broker_cpus = placement(args, sc)[0]
     if name == "mosquitto":
-        b: BrokerProcess = Mosquitto(cpus=args.broker_cpus)
+        b: BrokerProcess = Mosquitto(cpus=broker_cpus)
     else:
-        b = FluxmqNode(cpus=args.broker_cpus, sets=list(sc.fluxmq_sets) + list(args.fluxmq_set))
+        b = FluxmqNode(cpus=broker_cpus, sets=list(sc.fluxmq_sets) + list(args.fluxmq_set))
     try:
         return b.start(timeout=60)
     except BaseException:
@@ -443,7 +454,8 @@ def render(args: argparse.Namespace, meta: dict[str, str], results: dict[str, di
         f"- machine: {meta['nproc']} CPUs ({meta['cpu']}), {meta['kernel']}; load average at start "
         f"{meta['loadavg']}, at end {meta.get('loadavg_end', '?')}",
         f"- method: broker pinned to CPU {args.broker_cpus or '-'}, generator to CPU {args.gen_cpus or '-'} "
-        f"({meta['generator']}); 64-byte payloads; {'quick: ' if args.quick else ''}median of {args.runs} "
+        + (f"(latency: both on CPU {args.latency_cpus}) " if getattr(args, "latency_cpus", "") else "")
+        + f"({meta['generator']}); 64-byte payloads; {'quick: ' if args.quick else ''}median of {args.runs} "
         f"run(s); a fresh broker per run, brokers alternating; deliveries per second end to end with loss "
         f"and duplicates checked per publisher"
         + (
@@ -546,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-pin", action="store_true", help="do not pin (same as --broker-cpus '' --gen-cpus '')"
     )
     p.add_argument(
+        "--latency-cpus",
+        default="",
+        help="latency scenario only: broker and generator both on these CPUs (one mode, see README)",
+    )
+    p.add_argument(
         "--generator",
         choices=("loadgen", "mqttload"),
         default="loadgen",
@@ -597,16 +614,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the comparison; returns 0 if every run produced figures."""
     args = build_parser().parse_args(argv)
     if args.no_pin:
-        args.broker_cpus = args.gen_cpus = ""
+        args.broker_cpus = args.gen_cpus = args.latency_cpus = ""
     usable = os.sched_getaffinity(0)
-    for opt in ("broker_cpus", "gen_cpus"):
+    for opt in ("broker_cpus", "gen_cpus", "latency_cpus"):
         cpus = getattr(args, opt)
         if cpus and not all(c.isdigit() and int(c) in usable for c in cpus.replace("-", ",").split(",")):
             print(f"compare: CPU {cpus} not usable here; not pinning", file=sys.stderr)
-            args.broker_cpus = args.gen_cpus = ""
-    if (args.broker_cpus or args.gen_cpus) and shutil.which("taskset") is None:
+            args.broker_cpus = args.gen_cpus = args.latency_cpus = ""
+    if (args.broker_cpus or args.gen_cpus or args.latency_cpus) and shutil.which("taskset") is None:
         print("compare: taskset not found; not pinning", file=sys.stderr)
-        args.broker_cpus = args.gen_cpus = ""
+        args.broker_cpus = args.gen_cpus = args.latency_cpus = ""
     args.runs = args.runs or (1 if args.quick else 3)
     if args.generator == "mqttload":
         args.mqttload = ensure_mqttload(args.mqttload)

@@ -98,6 +98,7 @@ class Config:
     procs: int = 0
     reader: str = "python"
     persistent: bool = False
+    trace: str = ""  # latency mode: write "send_ns latency_ns" per delivery to this file
     verbose: bool = False
 
     def finalize(self) -> Config:
@@ -179,12 +180,16 @@ class SeqChecker:
     read by publishers for the end-to-end window); ``lat`` collects latencies in ns, or is None.
     """
 
-    __slots__ = ("exp", "row", "lat", "npubs", "total", "unique", "dups", "gaps", "bad", "other", "last_recv")
+    __slots__ = ("exp", "row", "lat", "sent", "npubs", "total", "unique", "dups", "gaps", "bad", "other",
+                 "last_recv")  # fmt: skip
 
-    def __init__(self, npubs: int, row: Any, lat: list[int] | None = None) -> None:
+    def __init__(
+        self, npubs: int, row: Any, lat: list[int] | None = None, sent: list[int] | None = None
+    ) -> None:
         self.exp = [0] * npubs
         self.row = row
         self.lat = lat
+        self.sent = sent  # with ``lat``: each delivery's send time (ns), for --trace
         self.npubs = npubs
         self.total = self.unique = self.dups = self.gaps = self.bad = self.other = 0
         self.last_recv = 0
@@ -221,6 +226,8 @@ class SeqChecker:
             row[pub] += 1
             if lat is not None:
                 lat.append(now - ts)
+                if self.sent is not None:
+                    self.sent.append(ts)
         self.total += total
         self.unique += unique
         self.dups += dups
@@ -636,6 +643,7 @@ class Worker:
         sh = self.sh
         P, S = cfg.pubs, cfg.subs
         lat: list[int] | None = [] if cfg.mode == "latency" else None
+        lat_sent: list[int] | None = [] if lat is not None and cfg.trace else None
         row = sh.rows[self.wid]
         pubs: list[Conn] = []
         subs: list[Conn] = []
@@ -647,7 +655,7 @@ class Worker:
             pubs.append(c)
         for j in self._mine(S, P):
             c = Conn(SUB, j, self.reader_kind)
-            c.checker = SeqChecker(P, row, lat)
+            c.checker = SeqChecker(P, row, lat, lat_sent)
             subs.append(c)
         self.conns = pubs + subs
         for c in self.conns:  # encoded before any timing
@@ -778,6 +786,7 @@ class Worker:
             "stat0": stat0,
             "stat1": stat1,
             "lat": lat or [],
+            "lat_sent": lat_sent or [],
             "sched_lag": self.max_sched_lag,
             "abort": self.abort_reason,
             "dropped": self.dropped,
@@ -919,6 +928,13 @@ def _pct(sorted_ns: list[int], p: float) -> float:
     return sorted_ns[i] / 1e6
 
 
+def write_trace(path: str, pairs: list[tuple[int, int]]) -> None:
+    """``--trace``: one line per delivery, ``send_ns latency_ns`` (CLOCK_MONOTONIC), in send order, so
+    a slow sample can be set beside what the broker did at that moment (``bench/hub_trace.py``)."""
+    with open(path, "w") as f:
+        f.writelines(f"{ts} {lat}\n" for ts, lat in sorted(pairs))
+
+
 def merge(cfg: Config, parts: list[dict[str, Any]], nw: int) -> dict[str, Any]:
     """Combine the workers' counts into one result dict."""
     errors = [p["error"] for p in parts if "error" in p]
@@ -969,6 +985,11 @@ def merge(cfg: Config, parts: list[dict[str, Any]], nw: int) -> dict[str, Any]:
     res["qos"] = cfg.qos
     lost = expected - unique
     if cfg.mode == "latency":
+        if cfg.trace:
+            write_trace(
+                cfg.trace,
+                [pair for p in parts for pair in zip(p.get("lat_sent", ()), p["lat"], strict=False)],
+            )
         lat = sorted(x for p in parts for x in p["lat"])
         mean = sum(lat) / len(lat) / 1e6 if lat else -1.0
         res.update(
@@ -1094,6 +1115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--persistent", action="store_true", help="connect with clean session 0 (persistent sessions)"
     )
+    p.add_argument(
+        "--trace", default="", help="latency mode: write 'send_ns latency_ns' per delivery to this file"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -1107,7 +1131,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         duration=a.duration, size=a.size, qos=a.qos, inflight=a.inflight, window=a.window, batch=a.batch,
         rate=a.rate, conns=a.conns, concurrency=a.concurrency, hold=a.hold, pids=a.pid, timeout=a.timeout,
         drain=a.drain, settle=a.settle, prefix=a.prefix, label=a.label, procs=a.procs, reader=a.reader,
-        persistent=a.persistent, verbose=a.verbose,
+        persistent=a.persistent, trace=a.trace, verbose=a.verbose,
     )  # fmt: skip
     return cfg.finalize()
 

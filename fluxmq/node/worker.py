@@ -25,6 +25,7 @@ import time
 from functools import partial
 
 import gevent
+import gevent.event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 from gunicorn.arbiter import Arbiter
@@ -32,7 +33,9 @@ from gunicorn.workers.ggevent import GeventWorker
 
 log = logging.getLogger("fluxmq.node")
 
-# How often the run loop looks at ``alive`` and the heartbeat touches its file (seconds).
+# How often the heartbeat touches its file, and the stop looks whether HTTP requests are done (seconds).
+# The run loop does not poll: ``alive = False`` (a signal handler) wakes it (bench/RESULTS.md, "The
+# latency tail: what the hub runs besides messages").
 POLL_INTERVAL = 0.1
 HEARTBEAT_INTERVAL = 1.0
 # Budget for a quick stop (SIGQUIT): clients are closed without waiting for their writes.
@@ -78,6 +81,22 @@ class BrokerWorker(GeventWorker):
 
     service = None
     _quick = False
+    _stopping: gevent.event.Event | None = None
+
+    @property
+    def alive(self) -> bool:
+        """gunicorn's flag: True while the worker serves. Setting it False (the signal handlers, the
+        reloader, gunicorn's own handlers) wakes ``run`` at once, so ``run`` waits on an event instead
+        of waking the hub ten times a second to look at it."""
+        return self._alive
+
+    @alive.setter
+    def alive(self, value: bool) -> None:
+        self._alive = value
+        if not value and self._stopping is not None:
+            self._stopping.set()
+
+    _alive = True
 
     def load_wsgi(self) -> None:
         """Start the broker (gevent is patched, signals are set) and build the WSGI app around it.
@@ -169,8 +188,9 @@ class BrokerWorker(GeventWorker):
     def run(self) -> None:
         """Serve the WSGI app until told to stop, then stop the broker within the budget."""
         servers = self._start_http_servers()
-        while self.alive:
-            gevent.sleep(POLL_INTERVAL)
+        self._stopping = gevent.event.Event()
+        if self.alive:
+            self._stopping.wait()
         budget = QUICK_STOP_TIMEOUT if self._quick else self.app.stop_budget
         deadline = time.monotonic() + budget
         log.info(

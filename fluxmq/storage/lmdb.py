@@ -355,6 +355,11 @@ class LMDBStorage(Storage):
         self._background = None
         self._closing = False
         self._syncing = False
+        # Keys of the stored sessions recorded online (disconnected_at 0): only they read "last
+        # alive" at a restart, so the background tick writes it only while there are some.
+        self._online: set[bytes] = set()
+        # A commit landed since the last fsync: the batch-mode tick has something to sync.
+        self._unsynced = False
         self._lock_file = None
         self._queue_log = None
         self.env = None
@@ -682,10 +687,19 @@ class LMDBStorage(Storage):
     def put_session(
         self, client_id: str, expiry_interval: int, disconnected_at: float, username: str | None
     ) -> None:
-        self._put(SESSIONS, client_id.encode(), r.encode_session(expiry_interval, disconnected_at, username))
+        key = client_id.encode()
+        self._put(SESSIONS, key, r.encode_session(expiry_interval, disconnected_at, username))
+        if disconnected_at:
+            self._online.discard(key)
+        else:
+            # Online from this commit on: it carries a fresh "last alive", so a crash before the next
+            # tick still counts the session gone at most storage.sync_interval before it.
+            self._online.add(key)
+            self.touch_alive()
 
     def delete_session(self, client_id: str, queue_next: int = 0) -> None:
         key = client_id.encode()
+        self._online.discard(key)
         self._put(SESSIONS, key, None)
         self._put(WILLS, key, None)
         self._delete_prefix(_CLIENT_DBS, r.client_prefix(client_id))
@@ -1061,6 +1075,7 @@ class LMDBStorage(Storage):
                     del self._gc[cid]
             if self._gc and not self.has_pending:
                 self._wake()  # the next chunk of garbage goes with the next commit
+            self._unsynced = True
             self._usage_commits += 1
             if self._usage_commits >= self._usage_span or self.refusing:
                 self._check_usage()
@@ -1404,7 +1419,11 @@ class LMDBStorage(Storage):
         return True, ""
 
     def start_background(self) -> None:
-        """Spawn the greenlet that records liveness and (``batch``) fsyncs every ``sync_interval``."""
+        """Spawn the greenlet that records liveness and (``batch``) fsyncs every ``sync_interval``.
+
+        At rest it writes nothing: "last alive" only while a stored session is online (no other
+        record reads it), the fsync only after a commit (bench/RESULTS.md, "The latency tail: what
+        the hub runs besides messages")."""
         import gevent
 
         def run() -> None:
@@ -1413,8 +1432,10 @@ class LMDBStorage(Storage):
                 gevent.sleep(self.sync_interval)
                 if self._closing:
                     return
-                self.touch_alive()
-                if self.sync_mode == "batch":
+                if self._online:
+                    self.touch_alive()
+                if self.sync_mode == "batch" and self._unsynced:
+                    self._unsynced = False
                     self._syncing = True
                     try:
                         pool.apply(self.env.sync, (True,))

@@ -65,3 +65,12 @@ def test_render_shows_medians_and_ratio() -> None:
     assert "LOST 3" in cells[6]
     assert "| Mosquitto 2.0.11 | fluxmq 0.1.0 |" in md
     assert compare.efficiency_rows(results)  # per-CPU table present for throughput rows
+
+
+def test_latency_cpus_put_both_on_one_cpu_for_the_latency_scenario_only() -> None:
+    """``--latency-cpus``: the same placement for both brokers, the latency scenario's alone."""
+    args = compare.build_parser().parse_args(["--latency-cpus", "1"])
+    assert compare.placement(args, SCENARIOS["latency"]) == ("1", "1")
+    assert compare.placement(args, SCENARIOS["fanin"]) == ("1", "0")
+    default = compare.build_parser().parse_args([])
+    assert compare.placement(default, SCENARIOS["latency"]) == ("1", "0")

@@ -203,6 +203,19 @@ def test_latency_mode_collects_one_sample_per_delivery(mosquitto: Mosquitto) -> 
     assert 0 <= res["p50_ms"] <= res["p99_ms"] <= res["max_ms"]
 
 
+def test_latency_trace_writes_each_delivery_in_send_order(mosquitto: Mosquitto, tmp_path) -> None:
+    """``--trace``: ``send_ns latency_ns`` per delivery, what bench/hub_trace.py sets beside the
+    node's own trace."""
+    path = tmp_path / "lat.txt"
+    res = _run(mosquitto, mode="latency", rate=500, count=50, count_set=True, trace=str(path))
+    _assert_complete(res, 50, 50)
+    rows = [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
+    assert len(rows) == 50
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+    assert all(lat > 0 for _, lat in rows)
+    assert max(lat for _, lat in rows) / 1e6 == pytest.approx(res["max_ms"], abs=0.001)
+
+
 def test_conn_mode_opens_pings_and_measures_rss(mosquitto: Mosquitto) -> None:
     res = _run(mosquitto, mode="conn", conns=60, concurrency=16, hold=0.1, settle=0.1)
     assert res["ok"] == 60 and res["alive"] == 60 and res["failed"] == 0, res

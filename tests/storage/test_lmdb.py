@@ -525,3 +525,75 @@ def test_full_disk_refuses_keeps_the_batch_then_recovers(small_disk: Path, caplo
     present = [e is not None for e in s.queue_read("c", seqs)]
     assert present == [False] * (written // 2) + [True] * (written + 1 - written // 2)
     s.close()
+
+
+# -- the background tick (last alive, batch fsync) --------------------------------------------------
+
+
+class _SyncSpy:
+    """The real LMDB environment, counting the background tick's fsyncs."""
+
+    def __init__(self, env) -> None:
+        self._env = env
+        self.syncs = 0
+
+    def sync(self, force: bool = False) -> None:
+        self.syncs += 1
+        self._env.sync(force)
+
+    def __getattr__(self, name: str):
+        return getattr(self._env, name)
+
+
+def _ticks(st: LMDBStorage, n: int = 20) -> None:
+    import gevent
+
+    gevent.sleep(st.sync_interval * n)
+
+
+def test_background_tick_writes_and_syncs_nothing_at_rest(tmp_path: Path) -> None:
+    """A node at rest with no persistent session online does not commit "last alive" nor fsync
+    every storage.sync_interval: nothing at restart would read it, nothing is unsynced."""
+    st = LMDBStorage(tmp_path / "data", map_size=64 * MiB, sync_interval=0.005)
+    st.put_session("gone", 60, 1000.0, None)  # stored, offline
+    st.commit()
+    spy = st.env = _SyncSpy(st.env)
+    st.start_background()
+    try:
+        for _ in range(200):  # bounded: the first tick fsyncs the commit above
+            _ticks(st, 1)
+            if spy.syncs:
+                break
+        synced = spy.syncs
+        assert synced == 1
+        _ticks(st)
+        assert not st.has_pending, "the tick recorded last alive with no session online"
+        assert spy.syncs == synced, "the tick fsynced with nothing committed since the last fsync"
+    finally:
+        st.env = spy._env
+        st.close()
+
+
+def test_background_tick_records_last_alive_while_a_session_is_online(tmp_path: Path) -> None:
+    import time
+
+    st = LMDBStorage(tmp_path / "data", map_size=64 * MiB, sync_interval=0.005)
+    before = time.time()
+    st.put_session("c", 60, 0.0, None)  # online: the same commit carries a fresh last alive
+    st.commit()
+    assert st.load().last_alive >= before
+    st.start_background()
+    try:
+        later = time.time()
+        for _ in range(200):  # bounded: the tick puts last alive while "c" is online
+            _ticks(st, 1)
+            if st.has_pending:
+                break
+        st.commit()
+        assert st.load().last_alive >= later
+        st.put_session("c", 60, time.time(), None)  # offline now: the tick stops writing
+        st.commit()
+        _ticks(st)
+        assert not st.has_pending
+    finally:
+        st.close()
