@@ -679,15 +679,7 @@ cdef class PublishRelay:
                             break  # Peers.forward decides (shared groups on a peer)
                         if nodes:
                             # the queues of the links to them (links cannot change within this call)
-                            fqs = []
-                            for node in <tuple>nodes:
-                                link = fwd_links.get(node)
-                                if link is not None:
-                                    fq = link.forward_queue
-                                    if type(fq) is not ForwardQueue:
-                                        fqs = None
-                                        break
-                                    fqs.append(fq)
+                            fqs = _link_queues(<tuple>nodes, fwd_links)
                             if fqs is None:
                                 break
                     last_topic = topic
@@ -983,15 +975,7 @@ cdef class PublishRelay:
                             break  # Peers.forward decides (shared groups on a peer)
                         fqs = None
                         if nodes:
-                            fqs = []
-                            for node in <tuple>nodes:
-                                link = fwd_links.get(node)
-                                if link is not None:
-                                    fq = link.forward_queue
-                                    if type(fq) is not ForwardQueue:
-                                        fqs = None
-                                        break
-                                    fqs.append(fq)
+                            fqs = _link_queues(<tuple>nodes, fwd_links)
                             if fqs is None:
                                 break
                         last_t = t
@@ -1126,6 +1110,20 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
+
+
+cdef inline object _link_queues(tuple nodes, object links):
+    """The ``ForwardQueue`` of each linked peer of ``nodes`` (a peer without a link is skipped);
+    None when a link queues otherwise (the Python path forwards that message)."""
+    cdef list fqs = []
+    for node in nodes:
+        link = links.get(node)
+        if link is not None:
+            fq = link.forward_queue
+            if type(fq) is not ForwardQueue:
+                return None
+            fqs.append(fq)
+    return fqs
 
 
 cdef Py_ssize_t _forward_c(object relay, object conn, const unsigned char* p, Py_ssize_t size,
