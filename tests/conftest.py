@@ -416,6 +416,19 @@ class NodeFactory:
             node.stop(signal.SIGTERM, STOP_TIMEOUT)
 
 
+def _sigterm_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run ended by SIGTERM (``timeout``, a CI runner) ends as an interrupted one: pytest then
+    tears the fixtures down, so the nodes and etcd members it started (each in its own session,
+    out of reach of the terminal's signals) do not outlive it. Before, they were left running,
+    parented to init, holding CPU and ports."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
 @pytest.fixture
 def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
     """Start nodes with ``node_factory(overrides=None, config_text=None)``; stopped after the test."""
