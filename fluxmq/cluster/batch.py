@@ -92,17 +92,21 @@ def build_batch(
     now: float | None = None,
 ) -> tuple[pb.Batch, int]:
     """The Batch of ``entries`` (those expired by now are left out); returns (batch, expired)."""
+    head, parts, expired = _head_and_items(sender, epoch, seq, entries, interest, snapshot, now)
+    head.items = b"".join(parts)
+    return head, expired
+
+
+def _head_and_items(
+    sender: str, epoch: int, seq: int, entries: list, interest, snapshot: bool, now: float | None
+) -> tuple[pb.Batch, list[bytes], int]:
+    """The ``Batch`` of ``entries`` without its items, the framed items, and how many expired."""
     parts, count, expired = frame_items(entries, time.monotonic() if now is None else now)
     changes = [pb.InterestChange(filter=f, added=added) for f, added in interest]
-    return pb.Batch(
-        sender=sender,
-        epoch=epoch,
-        seq=seq,
-        snapshot=snapshot,
-        interest=changes,
-        items=b"".join(parts),
-        count=count - expired,
-    ), expired
+    head = pb.Batch(
+        sender=sender, epoch=epoch, seq=seq, snapshot=snapshot, interest=changes, count=count - expired
+    )
+    return head, parts, expired
 
 
 class RawBatch:
@@ -131,11 +135,7 @@ def build_raw_batch(
     now: float | None = None,
 ) -> tuple[RawBatch, int]:
     """``build_batch`` as a ``RawBatch``; returns (batch, expired)."""
-    parts, count, expired = frame_items(entries, time.monotonic() if now is None else now)
-    changes = [pb.InterestChange(filter=f, added=added) for f, added in interest]
-    head = pb.Batch(
-        sender=sender, epoch=epoch, seq=seq, snapshot=snapshot, interest=changes, count=count - expired
-    )
+    head, parts, expired = _head_and_items(sender, epoch, seq, entries, interest, snapshot, now)
     return RawBatch(seq, head.SerializeToString(), parts), expired
 
 

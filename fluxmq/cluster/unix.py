@@ -157,6 +157,14 @@ def write_frame(sock, data: bytes) -> None:
         sock.sendall(memoryview(frame)[sent:])
 
 
+def _write_request(sock, request, serialize) -> None:
+    """One request of a Route stream on ``sock``: a ``RawBatch`` as its frame, else serialized."""
+    if type(request) is RawBatch:
+        write_raw_batch(sock, request)
+    else:
+        write_frame(sock, serialize(request))
+
+
 def write_raw_batch(sock, batch: RawBatch) -> None:
     """One frame of ``batch`` (see the module docstring), its parts gathered by one ``sendmsg``."""
     head = batch.head
@@ -227,10 +235,7 @@ class _RouteCall:
         sock = self._sock
         try:
             for request in requests:
-                if type(request) is RawBatch:
-                    write_raw_batch(sock, request)
-                else:
-                    write_frame(sock, serialize(request))
+                _write_request(sock, request, serialize)
         except OSError:
             pass  # the reader sees the broken connection
 
@@ -243,10 +248,7 @@ class _RouteCall:
         if sock is None or self._cancelled:
             return
         try:
-            if type(request) is RawBatch:
-                write_raw_batch(sock, request)
-            else:
-                write_frame(sock, self._serialize(request))
+            _write_request(sock, request, self._serialize)
         except OSError:
             pass
 
