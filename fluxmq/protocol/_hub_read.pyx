@@ -211,8 +211,9 @@ cdef class ConnectionCore(ConnState):
         raw = 0
         try:
             used = 0
-            if _forward_c is not NULL and self.broker.peers is not None:
-                # forward-only PUBLISHes framed for the peers from the read's bytes (_core.relay)
+            if _forward_c is not NULL:
+                # the common PUBLISHes served from the read's bytes (_core.relay: written into
+                # local subscribers' output, framed for the peers), no Publish decoded
                 if data is None:
                     used = _forward_c(_relay, self, <const unsigned char*>_rbuf, n, &raw)
                 else:
