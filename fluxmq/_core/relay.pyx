@@ -875,7 +875,8 @@ cdef class PublishRelay:
         cdef long long sent_n[2]
         cdef long long sent_b[2]
         cdef int qos, pid
-        cdef bint qos1_ok
+        cdef int qos1_ok = -1  # QoS 1 taken here: -1 until the first QoS 1 PUBLISH (then read)
+        cdef QosCounts received, received_bytes
         cdef Py_ssize_t at
         cdef char* w
         cdef bytearray out = None
@@ -965,7 +966,7 @@ cdef class PublishRelay:
         client_id = cs.client_id
         origin = NULL  # the publisher's client id as the items' origin (none when empty)
         olen = 0
-        if client_id and peers is not None:
+        if peers is not None and client_id:
             origin = PyUnicode_AsUTF8AndSize(client_id, &olen)
         if broker is not self._broker:
             self._adopt(broker)
@@ -975,11 +976,8 @@ cdef class PublishRelay:
         trie = self._trie
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
-        recv_base[0] = received[0]
-        recv_base[1] = received[1]
-        store = self._store
-        # QoS 1: a 3.x client (a 5.0 PUBACK with no local subscriber carries a reason code: serve's)
-        qos1_ok = version != 5 and settings.max_qos >= 1 and (store is None or not store.refusing)
+        recv_base[0] = received.v[0]
+        recv_base[1] = received.v[1]
         if phase == 0:
             p = <const unsigned char*>PyBytes_AS_STRING(joined)
             size = PyBytes_GET_SIZE(joined)
@@ -989,7 +987,15 @@ cdef class PublishRelay:
                     byte = p[pos]
                     if byte == 0x30:
                         qos = 0
-                    elif (byte == 0x32 or byte == 0x3A) and qos1_ok:
+                    elif byte == 0x32 or byte == 0x3A:
+                        if qos1_ok < 0:
+                            # a 3.x client (a 5.0 PUBACK with no local subscriber carries a reason
+                            # code: serve's), within its max_qos, the storage not refusing writes
+                            store = self._store
+                            qos1_ok = version != 5 and settings.max_qos >= 1 and (
+                                store is None or not store.refusing)
+                        if not qos1_ok:
+                            break
                         qos = 1
                     else:
                         break
@@ -1151,10 +1157,10 @@ cdef class PublishRelay:
         finally:
             if recv_n[0] or recv_n[1]:
                 received_bytes = self._received_bytes
-                received[0] += recv_n[0]
-                received[1] += recv_n[1]
-                received_bytes[0] += recv_b[0]
-                received_bytes[1] += recv_b[1]
+                received.v[0] += recv_n[0]
+                received.v[1] += recv_n[1]
+                received_bytes.v[0] += recv_b[0]
+                received_bytes.v[1] += recv_b[1]
                 self.served += recv_n[0] + recv_n[1]
                 self.raw_served += recv_n[0] + recv_n[1]
                 if peers is not None:
