@@ -19,10 +19,11 @@ shared groups, a broker with message observers (webhooks). With peers (a cluster
 workers) a message is also queued for each peer with matching interest (``peers.relay_route``), in
 C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
 ``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
-``forward_raw`` runs before the decoder on a read, with peers: the QoS 0 (and a 3.x client's QoS 1)
-PUBLISHes at its start
-that only leave (no local target) are framed for the peers from the read's bytes, no ``Publish``
-made (what the decoder and ``serve`` would do for them; the rest of the read is theirs).
+``forward_raw`` runs before the decoder on a read: the plain QoS 0 PUBLISHes at its start (and a
+3.x client's QoS 1 ones with no local target) are served from the read's bytes, no ``Publish``
+made: each ready local subscriber's frame written into its output (``publish_frame``), each
+interested peer's framed for its queue (what the decoder and ``serve`` would do for them; the rest
+of the read is theirs).
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
