@@ -791,24 +791,24 @@ cdef class PublishRelay:
             session = (<tuple>target)[0]
             if session is origin and <int>(<tuple>target)[2] < 0:
                 continue  # No Local [MQTT-3.8.3-3]: not delivered
-            if not isinstance(session, SessionCore):
+            # (both classes are SessionCore subclasses: checked in __init__)
+            if type(session) is session_class:
+                sc = <SessionCore>session
+                if sc.queue:
+                    return 0
+            elif (self._table is not None and self.persistent_class is not None
+                  and type(session) is self.persistent_class and session.store is self._store):
+                sc = <SessionCore>session
+                queue = sc.queue
+                if not isinstance(queue, QueueCore) or (<QueueCore>queue).count:
+                    return 0
+            else:
                 return 0
-            sc = <SessionCore>session
             d = sc.delivery
             if d is None or type(d) is not conn_class:
                 return 0
             dc = <ConnState>d
             if dc.closed or PyByteArray_GET_SIZE(dc.out) > dc._high:
-                return 0
-            if type(session) is session_class:
-                if sc.queue:
-                    return 0
-            elif (self._table is not None and self.persistent_class is not None
-                  and type(session) is self.persistent_class and session.store is self._store):
-                queue = sc.queue
-                if not isinstance(queue, QueueCore) or (<QueueCore>queue).count:
-                    return 0
-            else:
                 return 0
             if dc.version == 5:
                 if dc._aliases_out is not None or (<tuple>target)[4] is not None:
