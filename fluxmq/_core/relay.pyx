@@ -19,10 +19,11 @@ shared groups, a broker with message observers (webhooks). With peers (a cluster
 workers) a message is also queued for each peer with matching interest (``peers.relay_route``), in
 C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
 ``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
-``forward_raw`` runs before the decoder on a read, with peers: the QoS 0 (and a 3.x client's QoS 1)
-PUBLISHes at its start
-that only leave (no local target) are framed for the peers from the read's bytes, no ``Publish``
-made (what the decoder and ``serve`` would do for them; the rest of the read is theirs).
+``forward_raw`` runs before the decoder on a read: the plain QoS 0 PUBLISHes at its start (and a
+3.x client's QoS 1 ones with no local target) are served from the read's bytes, no ``Publish``
+made: each ready local subscriber's frame written into its output (``publish_frame``), each
+interested peer's framed for its queue (what the decoder and ``serve`` would do for them; the rest
+of the read is theirs).
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
@@ -62,6 +63,7 @@ from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
+from fluxmq._core.publish_frame cimport append_publish_frame
 from libc.string cimport memchr
 
 from fluxmq.errors import ForwardedItemFailed
@@ -75,6 +77,11 @@ cdef inline int _append(bytearray out, bytes data) except -1:
     PyByteArray_Resize(out, old + n)
     memcpy(PyByteArray_AS_STRING(out) + old, PyBytes_AS_STRING(data), n)
     return 0
+
+
+cdef inline Py_ssize_t _frame_size(Py_ssize_t body):
+    """The bytes of a packet whose Remaining Length is ``body``."""
+    return body + (2 if body < 128 else 3 if body < 16384 else 4 if body < 2097152 else 5)
 
 
 cdef inline int _mark(ConnState c, conn) except -1:
@@ -108,11 +115,12 @@ cdef class PublishRelay:
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public long long forwarded  # messages from peers delivered here (deliver_items)
-    cdef public long long raw_forwarded  # PUBLISHes forward_raw queued for peers without decoding
+    cdef public long long raw_forwarded  # PUBLISHes forward_raw consumed on a broker with peers
+    cdef public long long raw_served  # PUBLISHes forward_raw consumed (delivered, forwarded) without decoding
     cdef public Py_ssize_t raw_packets  # the PUBLISHes the last forward_raw call consumed
-    # The UTF-8 bytes of the last topic forward_raw found a local subscriber for, and the trie
-    # generation then: a read starting with it again goes to the decoder at once (e.g. every read
-    # of a publisher whose subscribers are on its own worker), with no topic str or route look-up
+    # The UTF-8 bytes of the last topic forward_raw found shared groups for, and the trie
+    # generation then: a read starting with it again goes to the decoder at once, with no topic
+    # str or route look-up
     cdef bytes _local_topic
     cdef object _local_generation
     cdef public bint enabled
@@ -148,6 +156,7 @@ cdef class PublishRelay:
         self.served = 0
         self.forwarded = 0
         self.raw_forwarded = 0
+        self.raw_served = 0
         self.raw_packets = 0
         self._local_topic = None
         self._local_generation = None
@@ -768,27 +777,92 @@ cdef class PublishRelay:
         return self._forward_buf(conn, <const unsigned char*>PyBytes_AS_STRING(data),
                                  PyBytes_GET_SIZE(data))
 
-    cdef Py_ssize_t _forward_buf(self, conn, const unsigned char* p, Py_ssize_t size) except -1:
-        """The forward-only QoS 0 and 1 PUBLISHes at the start of a read, straight from its bytes: what
-        ``Decoder.feed`` and ``serve`` do for them, without a ``Publish``, its topic ``str`` (one per
-        run of one topic) or its payload ``bytes``: each is framed for the peers' queues from the
-        read buffer (``ForwardQueue.append_raw``). Returns the bytes consumed (0: none), the
-        PUBLISHes among them in ``raw_packets``; the caller decodes and serves the rest.
+    cdef int _raw_ready(self, list targets, origin, Py_ssize_t len4, Py_ssize_t len5) except -1:
+        """1 when every delivery of a QoS 0 message to ``targets`` (a route's, published by the
+        session ``origin``; ``len4``/``len5``: its 3.x and 5.0 frames' sizes) is one ``_fan_out``
+        writes straight into the subscriber's output, as ``_raw_deliver`` then does; 0 (nothing
+        done) when one is not: the decoder and ``serve`` take the message."""
+        cdef ConnState dc
+        cdef SessionCore sc
+        cdef Py_ssize_t limit
+        conn_class = self.conn_class
+        session_class = self.session_class
+        for target in targets:
+            session = (<tuple>target)[0]
+            if session is origin and <int>(<tuple>target)[2] < 0:
+                continue  # No Local [MQTT-3.8.3-3]: not delivered
+            # (both classes are SessionCore subclasses: checked in __init__)
+            if type(session) is session_class:
+                sc = <SessionCore>session
+                if sc.queue:
+                    return 0
+            elif (self._table is not None and self.persistent_class is not None
+                  and type(session) is self.persistent_class and session.store is self._store):
+                sc = <SessionCore>session
+                queue = sc.queue
+                if not isinstance(queue, QueueCore) or (<QueueCore>queue).count:
+                    return 0
+            else:
+                return 0
+            d = sc.delivery
+            if d is None or type(d) is not conn_class:
+                return 0
+            dc = <ConnState>d
+            if dc.closed or PyByteArray_GET_SIZE(dc.out) > dc._high:
+                return 0
+            if dc.version == 5:
+                if dc._aliases_out is not None or (<tuple>target)[4] is not None:
+                    return 0
+                limit = dc._client_max_packet
+                if limit and len5 > limit:
+                    return 0  # dropped for this client: the Python path counts it
+        return 1
 
-        Covered: a broker with peers, a connected, open connection whose decoder holds no partial
-        packet; packets whose first byte is 0x30 (QoS 0, no DUP, not retained) or, from a 3.x
-        client within ``max_qos`` 1 with the storage not refusing writes, 0x32 or 0x3A (QoS 1, not
-        retained; its PUBACK written as ``serve`` writes it), complete in ``data``,
-        within the decoder's maximum packet size and ``max_message_size``, with a non-empty ASCII
-        topic name without wildcards or NUL that does not start with "$", 5.0 without properties,
-        allowed by the client's policy, whose route has no local target and no shared group and
-        whose peers' queues (if any) have room. Anything else stops the run before any effect of
-        that packet, and the decoder and ``serve`` take it from there (and reject it when it is
-        malformed)."""
-        cdef Py_ssize_t pos = 0, length, body, total, tlen, hdr, plen
+    cdef Py_ssize_t _raw_deliver(self, list targets, origin, const unsigned char* t, Py_ssize_t tlen,
+                                 const unsigned char* payload, Py_ssize_t plen) except -1:
+        """``_fan_out`` of a QoS 0 message to ``targets`` that ``_raw_ready`` accepted: each
+        subscriber's frame written into its output from the read's bytes; returns the deliveries."""
+        cdef ConnState dc
+        cdef Py_ssize_t n = 0
+        for target in targets:
+            session = (<tuple>target)[0]
+            if session is origin and <int>(<tuple>target)[2] < 0:
+                continue
+            d = (<SessionCore>session).delivery
+            dc = <ConnState>d
+            append_publish_frame(dc.out, t, tlen, payload, plen, 0, 0, 5 if dc.version == 5 else 4)
+            dc._npk += 1
+            if not dc._dirty:
+                dc._dirty = True
+                _mark(dc, d)
+            n += 1
+        return n
+
+    cdef Py_ssize_t _forward_buf(self, conn, const unsigned char* p, Py_ssize_t size) except -1:
+        """The common QoS 0 (and forward-only QoS 1) PUBLISHes at the start of a read, straight from
+        its bytes: what ``Decoder.feed`` and ``serve`` do for them, without a ``Publish``, its topic
+        ``str`` (one per run of one topic, or the decoder's last one) or its payload ``bytes``. A
+        local subscriber's frame is written into its output from the read buffer
+        (``publish_frame.append_publish_frame``: the same bytes as ``encode_publish``), a peer's
+        framed for its queue (``ForwardQueue.append_raw``). Returns the bytes consumed (0: none),
+        the PUBLISHes among them in ``raw_packets``; the caller decodes and serves the rest.
+
+        Covered: a connected, open connection whose decoder holds no partial packet (or one this
+        read completes), on a broker without message observers; packets whose first byte is 0x30
+        (QoS 0, no DUP, not retained) or, from a 3.x client within ``max_qos`` 1 with the storage
+        not refusing writes, 0x32 or 0x3A (QoS 1, not retained; its PUBACK written as ``serve``
+        writes it) when nothing local subscribes, complete in ``data``, within the decoder's maximum
+        packet size and ``max_message_size``, with a non-empty topic name the decoder accepts
+        (ASCII without wildcards or NUL here, or the decoder's last topic) that does not start with
+        "$", 5.0 without properties, allowed by the client's policy, whose route has no shared group,
+        whose local targets all take the message straight into their output (``_raw_ready``: what
+        ``_fan_out`` writes itself) and whose peers' queues (if any) have room. Anything else stops
+        the run before any effect of that packet, and the decoder and ``serve`` take it from there
+        (and reject it when it is malformed, with the decoder's reason code)."""
+        cdef Py_ssize_t pos = 0, length, body, total, tlen, hdr, plen, n
         cdef const unsigned char* data = p  # the read (p moves to a copy of a pending packet's bytes)
         cdef Py_ssize_t data_size = size
-        cdef Py_ssize_t npk = 0, k, last_tlen = 0, olen
+        cdef Py_ssize_t npk = 0, k, last_tlen = 0, olen, len4
         cdef const char* origin
         cdef const unsigned char* t
         cdef const unsigned char* last_t = NULL
@@ -799,16 +873,26 @@ cdef class PublishRelay:
         cdef long long recv_n[2]
         cdef long long recv_b[2]
         cdef long long recv_base[2]
+        cdef long long sent_n[2]
+        cdef long long sent_b[2]
         cdef int qos, pid
-        cdef bint qos1_ok
+        cdef int qos1_ok = -1  # QoS 1 taken here: -1 until the first QoS 1 PUBLISH (then read)
+        cdef QosCounts received, received_bytes
         cdef Py_ssize_t at
         cdef char* w
         cdef bytearray out = None
         cdef bint sampled, full
         cdef list fqs = None
+        cdef list targets = None
         cdef ConnState cs
+        cdef BrokerCore bc
         cdef Decoder decoder
+        cdef RouterCore router
+        cdef RouteCore route
+        cdef SubscriptionTrie trie
+        cdef long long gen
         cdef str topic
+        cdef bytes raw_topic
         cdef Py_ssize_t have, need = 0, j, phase = 1
         cdef const unsigned char* q
         cdef bytearray pending
@@ -818,11 +902,19 @@ cdef class PublishRelay:
             return 0
         cs = <ConnState>conn
         broker = cs.broker
-        peers = broker.peers
-        if peers is None or broker._on_published is not None or broker._on_delivered is not None:
+        if not isinstance(broker, BrokerCore):
             return 0
-        fwd_routes = getattr(peers, "relay_routes", None)
-        if fwd_routes is None or cs.session is None or cs.closed:
+        bc = <BrokerCore>broker
+        if bc._on_published is not None or bc._on_delivered is not None:
+            return 0
+        peers = bc.peers
+        fwd_routes = fwd_links = None
+        if peers is not None:
+            fwd_routes = getattr(peers, "relay_routes", None)
+            if fwd_routes is None:
+                return 0
+        session = cs.session
+        if session is None or cs.closed:
             return 0
         found = cs.decoder
         if type(found) is not Decoder:
@@ -861,9 +953,11 @@ cdef class PublishRelay:
             phase = 0
         elif p[0] != 0x30 and p[0] != 0x32 and p[0] != 0x3A:
             return 0
-        fwd_links = peers.relay_links
+        if peers is not None:
+            fwd_links = peers.relay_links
         max_packet = decoder.max_packet_size
-        max_size = cs.settings.max_message_size
+        settings = cs.settings
+        max_size = settings.max_message_size
         policy = cs._policy
         allowed = None
         if policy is not None:
@@ -873,7 +967,7 @@ cdef class PublishRelay:
         client_id = cs.client_id
         origin = NULL  # the publisher's client id as the items' origin (none when empty)
         olen = 0
-        if client_id:
+        if peers is not None and client_id:
             origin = PyUnicode_AsUTF8AndSize(client_id, &olen)
         if broker is not self._broker:
             self._adopt(broker)
@@ -882,11 +976,9 @@ cdef class PublishRelay:
         routes = self._routes
         trie = self._trie
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
-        recv_base[0] = received[0]
-        recv_base[1] = received[1]
-        store = self._store
-        # QoS 1: a 3.x client (a 5.0 PUBACK with no local subscriber carries a reason code: serve's)
-        qos1_ok = version != 5 and cs.settings.max_qos >= 1 and (store is None or not store.refusing)
+        sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
+        recv_base[0] = received.v[0]
+        recv_base[1] = received.v[1]
         if phase == 0:
             p = <const unsigned char*>PyBytes_AS_STRING(joined)
             size = PyBytes_GET_SIZE(joined)
@@ -896,7 +988,15 @@ cdef class PublishRelay:
                     byte = p[pos]
                     if byte == 0x30:
                         qos = 0
-                    elif (byte == 0x32 or byte == 0x3A) and qos1_ok:
+                    elif byte == 0x32 or byte == 0x3A:
+                        if qos1_ok < 0:
+                            # a 3.x client (a 5.0 PUBACK with no local subscriber carries a reason
+                            # code: serve's), within its max_qos, the storage not refusing writes
+                            store = self._store
+                            qos1_ok = version != 5 and settings.max_qos >= 1 and (
+                                store is None or not store.refusing)
+                        if not qos1_ok:
+                            break
                         qos = 1
                     else:
                         break
@@ -941,45 +1041,74 @@ cdef class PublishRelay:
                         break
                     t = p + body + 2
                     if last_t == NULL or tlen != last_tlen or memcmp(t, last_t, tlen) != 0:
+                        if t[0] == 36:
+                            break  # "$": serve's (a durable queue) or the Python path's
                         local = self._local_topic
                         if (local is not None and PyBytes_GET_SIZE(local) == tlen
                                 and memcmp(t, PyBytes_AS_STRING(local), tlen) == 0
                                 and trie.generation == self._local_generation):
-                            break  # the topic with a local subscriber again: serve's
-                        # a new topic: valid, ASCII (other UTF-8 is checked by the decoder), not "$"
-                        if t[0] == 36 or memchr(t, 0x2B, tlen) != NULL or memchr(t, 0x23, tlen) != NULL \
-                                or memchr(t, 0, tlen) != NULL:
-                            break
-                        high = 0
-                        for k in range(tlen):
-                            high |= t[k]
-                        if high >= 0x80:
-                            break
-                        topic = PyUnicode_DecodeUTF8(<const char*>t, tlen, NULL)
+                            break  # the topic with shared groups again: serve's
+                        raw_topic = decoder._topic_raw
+                        if (raw_topic is not None and PyBytes_GET_SIZE(raw_topic) == tlen
+                                and memcmp(t, PyBytes_AS_STRING(raw_topic), tlen) == 0):
+                            topic = decoder._topic  # the decoder's last topic: checked and decoded then
+                        else:
+                            # a new topic: valid, ASCII (other UTF-8 is checked by the decoder)
+                            if memchr(t, 0x2B, tlen) != NULL or memchr(t, 0x23, tlen) != NULL \
+                                    or memchr(t, 0, tlen) != NULL:
+                                break
+                            high = 0
+                            for k in range(tlen):
+                                high |= t[k]
+                            if high >= 0x80:
+                                break
+                            topic = PyUnicode_DecodeUTF8(<const char*>t, tlen, NULL)
+                            # (the decoder's cache of its last topic, as _decode_publish sets it)
+                            decoder._topic = topic
+                            decoder._topic_raw = PyBytes_FromStringAndSize(<const char*>t, tlen)
                         if allowed is not None and allowed.get(topic) != 0:
                             break
+                        # -- serve's route look-up (this publisher's last route, or the router's cache) --
                         route = None
-                        if trie.generation == router._generation:
-                            route = routes.get(topic)
+                        gen = <long long>trie.generation
+                        if gen == router._generation:
+                            if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
+                                    and cs._relay_route is not None and topic == cs._relay_topic):
+                                route = <RouteCore>cs._relay_route
+                            else:
+                                route = routes.get(topic)
                         if route is None:
                             route = router.route(topic)
-                        if route.groups or route.targets:
-                            # shared groups, or a local subscriber: serve (it needs the Publish)
+                        cs._relay_topic = topic
+                        cs._relay_route = route
+                        cs._relay_gen = router._generation
+                        cs._relay_epoch = router._epoch
+                        if route.groups:
+                            # shared groups: serve (it needs the Publish)
                             self._local_topic = PyBytes_FromStringAndSize(<const char*>t, tlen)
                             self._local_generation = trie.generation
                             break
-                        nodes = fwd_routes.get(topic, _MISS)
-                        if nodes is _MISS:
-                            nodes = peers.relay_route(topic)
-                        if nodes is None:
-                            break  # Peers.forward decides (shared groups on a peer)
+                        targets = route.targets
                         fqs = None
-                        if nodes:
-                            fqs = _link_queues(<tuple>nodes, fwd_links)
-                            if fqs is None:
-                                break
+                        if peers is not None:
+                            nodes = fwd_routes.get(topic, _MISS)
+                            if nodes is _MISS:
+                                nodes = peers.relay_route(topic)
+                            if nodes is None:
+                                break  # Peers.forward decides (shared groups on a peer)
+                            if nodes:
+                                fqs = _link_queues(<tuple>nodes, fwd_links)
+                                if fqs is None:
+                                    break
                         last_t = t
                         last_tlen = tlen
+                    if targets:
+                        if qos:
+                            break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
+                        # the 3.x and 5.0 frames' sizes (5.0: an empty property block's byte more)
+                        len4 = 2 + tlen + plen
+                        if not self._raw_ready(targets, session, _frame_size(len4), _frame_size(len4 + 1)):
+                            break
                     if fqs:
                         full = False
                         for fq in fqs:
@@ -988,11 +1117,15 @@ cdef class PublishRelay:
                                 break
                         if full:
                             break
-                    # -- Broker.publish: counted, sampled, queued once per peer with matching interest --
+                    # -- Broker.publish: counted, sampled, written to each subscriber, queued per peer --
                     recv_n[qos] += 1
                     recv_b[qos] += plen
                     sampled = not ((recv_base[qos] + recv_n[qos]) & self.sample_mask)
                     started = perf_counter() if sampled else 0.0
+                    if targets:
+                        n = self._raw_deliver(targets, session, t, tlen, p + body + hdr, plen)
+                        sent_n[0] += n
+                        sent_b[0] += n * plen
                     if fqs:
                         for fq in fqs:
                             (<ForwardQueue>fq).append_raw(<const char*>t, tlen, origin, olen, qos,
@@ -1025,12 +1158,16 @@ cdef class PublishRelay:
         finally:
             if recv_n[0] or recv_n[1]:
                 received_bytes = self._received_bytes
-                received[0] += recv_n[0]
-                received[1] += recv_n[1]
-                received_bytes[0] += recv_b[0]
-                received_bytes[1] += recv_b[1]
+                received.v[0] += recv_n[0]
+                received.v[1] += recv_n[1]
+                received_bytes.v[0] += recv_b[0]
+                received_bytes.v[1] += recv_b[1]
                 self.served += recv_n[0] + recv_n[1]
-                self.raw_forwarded += recv_n[0] + recv_n[1]
+                self.raw_served += recv_n[0] + recv_n[1]
+                if peers is not None:
+                    self.raw_forwarded += recv_n[0] + recv_n[1]
+            if sent_n[0]:
+                self._count_sent(sent_n, sent_b)
             self.raw_packets = npk
             if recv_n[1] and not cs._dirty:
                 cs._dirty = True

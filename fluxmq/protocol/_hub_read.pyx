@@ -109,6 +109,7 @@ ctypedef Py_ssize_t (*forward_fn)(object, object, const unsigned char*, Py_ssize
                                    Py_ssize_t*) except -1
 ctypedef Py_ssize_t (*serve_fn)(object, object, list, Py_ssize_t) except -1
 
+cdef list _NO_PACKETS = []  # the packets of a read the relay served whole from its bytes
 cdef object _relay = None
 cdef object _now_loop = None  # the loop whose bound ``now`` is _now
 cdef object _now = None
@@ -211,8 +212,9 @@ cdef class ConnectionCore(ConnState):
         raw = 0
         try:
             used = 0
-            if _forward_c is not NULL and self.broker.peers is not None:
-                # forward-only PUBLISHes framed for the peers from the read's bytes (_core.relay)
+            if _forward_c is not NULL:
+                # the common PUBLISHes served from the read's bytes (_core.relay: written into
+                # local subscribers' output, framed for the peers), no Publish decoded
                 if data is None:
                     used = _forward_c(_relay, self, <const unsigned char*>_rbuf, n, &raw)
                 else:
@@ -220,7 +222,7 @@ cdef class ConnectionCore(ConnState):
             try:
                 decoder = self.decoder
                 if used >= n:
-                    packets = []
+                    packets = _NO_PACKETS  # (the relay took the whole read; never written to)
                 elif type(decoder) is not Decoder:
                     if data is None:
                         data = PyBytes_FromStringAndSize(_rbuf, n)

@@ -306,9 +306,9 @@ class MQTTConnection(
                             stream.settimeout(max(0.001, connect_deadline - time.monotonic()))
                         bad = None
                         used = 0
-                        if self.broker.peers is not None and type(data) is bytes and self.session is not None:
-                            # forward-only QoS 0 PUBLISHes framed for the peers from the read's
-                            # bytes, without decoding them (_core.relay); the decoder takes the rest
+                        if type(data) is bytes and self.session is not None:
+                            # the common QoS 0 PUBLISHes served from the read's bytes, without
+                            # decoding them (_core.relay); the decoder takes the rest
                             used = relay_forward(self, data)
                             if used:
                                 stats.messages_received += RELAY.raw_packets

@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.request
 
+import paho.mqtt.client as mqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -88,6 +89,52 @@ def test_metrics_parse_and_counters_move_with_mqtt_traffic(node_factory: NodeFac
     assert sample(after, "process_resident_memory_bytes") > 0
     assert sample(after, "process_cpu_seconds_total") > 0
     assert wait_until(lambda: sample(scrape(n), "fluxmq_clients_connected") == 0, WAIT)
+
+
+def test_qos0_between_311_and_50_clients_is_delivered_whole_and_counted_exactly(
+    node_factory: NodeFactory,
+) -> None:
+    """QoS 0 from a 3.1.1 and a 5.0 publisher to a 3.1.1 and a 5.0 subscriber (the relay writes
+    these from the read's bytes, each subscriber's frame in its own version): every payload
+    arrives whole and in order, and the per-QoS message and byte counters move by exactly what
+    was published and delivered."""
+    n = node_factory({"broker.sys_interval": "0s"})  # ($SYS publishes would count as received QoS 0)
+    topic = f"metrics/{unique('q0')}"
+    count = 70
+    payloads = [bytes([i % 256]) * (i * 7 % 300) for i in range(count)]
+    before = scrape(n)
+    with (
+        paho_connected(n, unique("s4")) as s4,
+        paho_connected(n, unique("s5"), mqtt.MQTTv5) as s5,
+        paho_connected(n, unique("p4")) as p4,
+        paho_connected(n, unique("p5"), mqtt.MQTTv5) as p5,
+    ):
+        s4.subscribe(f"{topic}/#", 0)
+        s5.subscribe(f"{topic}/#", 0)
+        for i, payload in enumerate(payloads):
+            (p4 if i % 2 else p5).publish(f"{topic}/{i % 2}", payload, qos=0)
+        for sub in (s4, s5):
+            got = [sub.get(WAIT) for _ in range(count)]
+            for parity in (0, 1):
+                assert [m.payload for m in got if m.topic == f"{topic}/{parity}"] == payloads[parity::2]
+            assert all(m.qos == 0 and not m.retain for m in got)
+        after = scrape(n)
+    size = sum(map(len, payloads))
+    grew = {
+        name: sample(after, name, qos="0") - sample(before, name, qos="0")
+        for name in (
+            "fluxmq_messages_received_total",
+            "fluxmq_messages_sent_total",
+            "fluxmq_message_bytes_received_total",
+            "fluxmq_message_bytes_sent_total",
+        )
+    }
+    assert grew == {
+        "fluxmq_messages_received_total": count,
+        "fluxmq_messages_sent_total": 2 * count,
+        "fluxmq_message_bytes_received_total": size,
+        "fluxmq_message_bytes_sent_total": 2 * size,
+    }
 
 
 def test_http_bridge_traffic_and_sse_streams_are_counted(node_factory: NodeFactory) -> None:

@@ -91,6 +91,38 @@ def test_mosquitto_across_versions(node, sub_version: str, pub_version: str) -> 
     assert sub.finish() == [f"{topic}/x across"]
 
 
+def test_mosquitto_sub_311_and_50_get_the_same_qos0_bytes(node, tmp_path) -> None:
+    """QoS 0 from 3.1.1 and 5.0 ``mosquitto_pub`` to a 3.1.1 and a 5.0 ``mosquitto_sub`` (the
+    relay writes each subscriber's frame from the publisher's read buffer, in the subscriber's
+    version): both print the same topics and payload bytes (``%x``: hex), an empty payload, a binary
+    one and one whose frame needs a two-byte Remaining Length included."""
+    topic = unique("q0bytes")
+    payloads = [b"", b"\x00\xff binary", b"y" * 200]
+    args = (
+        "-t",
+        f"{topic}/#",
+        "-F",
+        "%t %x",
+        "-q",
+        "0",
+        "-C",
+        str(2 * len(payloads)),
+        "-W",
+        str(WAIT_SECONDS),
+    )
+    subs = [Subscriber(node, "-V", version, *args) for version in ("mqttv311", "mqttv5")]
+    for sub in subs:
+        sub.wait_subscribed()
+    for pub_version in ("mqttv311", "mqttv5"):
+        for i, payload in enumerate(payloads):
+            path = tmp_path / f"payload{i}"
+            path.write_bytes(payload)
+            mosquitto_pub(node, "-V", pub_version, "-t", f"{topic}/{pub_version}", "-f", str(path))
+    want = [f"{topic}/{v} {p.hex()}".rstrip() for v in ("mqttv311", "mqttv5") for p in payloads]
+    got = [[line.rstrip() for line in sub.finish()] for sub in subs]
+    assert got[0] == got[1] == want
+
+
 def test_mosquitto_retained_then_sub(node) -> None:
     """``mosquitto_pub -r`` then a later ``mosquitto_sub`` gets the retained message; ``-n -r`` clears it."""
     topic = unique("mretained")

@@ -309,8 +309,8 @@ def run_three_raw(tmp_path, scenario) -> tuple[list, list, int]:
 
 def test_forward_only_publishes_are_framed_from_the_read_in_order(tmp_path) -> None:
     """A QoS 0 or 1 PUBLISH with nothing local to deliver to is framed for the other worker from the
-    read's bytes; whatever it does not cover in the same read (retained, a local subscriber,
-    5.0 properties, a "$" or non-ASCII topic) goes through the decoder and ``serve`` where it
+    read's bytes (a plain local subscriber's copy written from them too); whatever it does not
+    cover in the same read (retained, 5.0 properties, a "$" or non-ASCII topic) goes through the decoder and ``serve`` where it
     stands, and the rest of the read with it: the subscriber on the other worker reads everything in
     the order published, and each worker counts what it counted before."""
 
@@ -354,9 +354,10 @@ def test_forward_only_publishes_are_framed_from_the_read_in_order(tmp_path) -> N
         return [first, second, [net.broker.stats.messages_received for net in w.nets]]
 
     (first, second, received), counters, raw = run_three_raw(tmp_path, scenario)
-    # the run at the start of each read: t/1 a b, t/2 c, q1 (its PUBACK), d (then the local
-    # subscriber's); t/5 h (then properties)
-    assert raw == 6
+    # the run at the start of each read: t/1 a b, t/2 c, q1 (its PUBACK), d, l/1 (also written
+    # into the local subscriber's output from the read), e (then the retained one); t/5 h (then
+    # properties)
+    assert raw == 8
     packets = c.Decoder(version=4).feed(first["sub"] + second["sub"])
     assert [(p.topic, p.payload) for p in packets] == [
         ("t/1", b"a"),
@@ -405,7 +406,7 @@ def test_a_packet_split_across_reads_is_framed_when_its_end_arrives(tmp_path) ->
         return [w.read_all(), [net.broker.stats.messages_received for net in w.nets]]
 
     (got, received), _counters, raw = run_three_raw(tmp_path, scenario)
-    assert raw == 40
+    assert raw == 40 + 1  # and the mark (to its local subscribers, written from the read too)
     assert got["sub"] == b"".join(encode(c.Publish(f"t/{i % 3}", p), 4) for i, p in enumerate(payloads))
     assert got["pub"] == b"".join(encode(c.Puback(i + 1), 4) for i in range(1, 40, 2))
     assert received[0] == 40 + 1 + 1  # the PUBLISHes, the mark and the PINGREQ of start-up
@@ -435,7 +436,7 @@ def test_a_malformed_publish_in_a_forwarded_run_closes_as_before(tmp_path, bad) 
         return [w.nets[1].read_all(), [net.broker.stats.messages_received for net in w.nets]]
 
     (got, received), _counters, raw = run_three_raw(tmp_path, scenario)
-    assert raw == 1
+    assert raw == 1 + 1  # and the subscriber's mark (to its own worker's subscribers)
     assert got["sub"] == encode(c.Publish("t/1", b"a"), 4)
 
 
@@ -460,26 +461,26 @@ def test_a_forwarded_qos1_publish_from_a_5_0_client_is_decoded(tmp_path) -> None
     assert counters[0]["received"][:2] == [3, 1]
 
 
-def test_a_topic_whose_local_subscriber_left_is_framed_from_the_read_again(tmp_path) -> None:
-    """A topic found with a local subscriber goes to the decoder at once on the next reads; once
-    that subscriber unsubscribes (the routes change) its PUBLISHes are framed from the read."""
+def test_a_topic_whose_shared_group_left_is_framed_from_the_read_again(tmp_path) -> None:
+    """A topic found with a local shared group goes to the decoder at once on the next reads; once
+    that group's member unsubscribes (the routes change) its PUBLISHes are framed from the read."""
 
     def scenario(w: Workers) -> list:
         w.client("pub", 0)
         near = w.client("near", 0)
         w.client("sub", 1)
-        w.subscribe("near", "t/#", 0)
+        w.subscribe("near", "$share/g/t/#", 0)
         w.subscribe("sub", "t/#", 0)
         w.send("pub", [c.Publish("t/1", b"a")])
         first = w.read_all()
         w.send("pub", [c.Publish("t/1", b"b")])
         second = w.read_all()
-        w.nets[0].broker.unsubscribe(near.session, "t/#")
+        w.nets[0].broker.unsubscribe(near.session, "$share/g/t/#")
         w.send("pub", [c.Publish("t/1", b"c")])
         return [first, second, w.read_all()]
 
     (first, second, third), _counters, raw = run_three_raw(tmp_path, scenario)
-    assert raw == 1
+    assert raw == 1 + 1  # c, and the mark after it (the marks after a and b: the decoder's)
     assert first["near"] == first["sub"] == encode(c.Publish("t/1", b"a"), 4)
     assert second["near"] == second["sub"] == encode(c.Publish("t/1", b"b"), 4)
     assert third["near"] == b"" and third["sub"] == encode(c.Publish("t/1", b"c"), 4)
