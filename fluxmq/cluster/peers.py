@@ -264,27 +264,7 @@ class ClusterPeers:
         each once its commit is done). A batch that stored nothing is acknowledged at once (after
         the acks before it). A retried batch skipped as applied waits for what is pending too (its
         first copy may be in it). Runs in the stream's greenlet, never in the hub."""
-        return self._answer(*self._apply(batch))
-
-    def receive_in_hub(self, batch):
-        """``receive`` for the transport's hub callback (``unix._HubRoute``, between the workers of a
-        node): a ``FramedBatch`` of plain messages without interest changes is applied here, in the
-        hub, through the relay's C path only (what an MQTT connection's hub callback does with a
-        local PUBLISH); returns its answer as ``receive`` does. None: nothing of it was applied (a
-        snapshot, interest changes, a protobuf batch): the stream applies it with ``receive`` in a
-        greenlet. A callable: the relay stopped before the end of the items (an item that is not
-        plain, a full store, delivery observers, no relay); the items before it are delivered, and
-        the callable, called in a greenlet, applies the rest and returns the answer."""
-        if type(batch) is not FramedBatch or batch.snapshot or batch.interest:
-            return None
-        ack, stored = self._apply(batch, True)
-        if ack is None:
-            rest = stored
-            return lambda: self._answer(*rest())
-        return self._answer(ack, stored)
-
-    def _answer(self, ack: pb.BatchAck, stored: bool) -> pb.BatchAck | PendingAck:
-        """``ack``, or a ``PendingAck`` of it when the batch stored something not committed yet."""
+        ack, stored = self._apply(batch)
         if stored:
             done = self.broker.when_committed()
             if done is not None and not done.ready():  # (ready at once: nothing was pending)
@@ -296,11 +276,8 @@ class ClusterPeers:
         ack is returned at once (``receive`` waits for the commit of what the batch stored)."""
         return self._apply(batch)[0]
 
-    def _apply(self, batch: pb.Batch, hub: bool = False) -> tuple[pb.BatchAck | None, bool]:
-        """``apply_batch``'s work; also True when the ack must wait for the commit in progress.
-        With ``hub`` (``receive_in_hub``: no interest changes) only the relay's C path runs: where
-        it stops before the end of the items, (None, a callable that applies the rest, in a
-        greenlet, and returns what this returns) instead."""
+    def _apply(self, batch: pb.Batch) -> tuple[pb.BatchAck, bool]:
+        """``apply_batch``'s work; also True when the ack must wait for the commit in progress."""
         sender = batch.sender
         last = self._applied.get(sender)
         if last is not None and last[0] == batch.epoch and batch.seq <= last[1]:
@@ -316,16 +293,11 @@ class ClusterPeers:
                     remote.add(sender, change.filter)
                 else:
                     remote.remove(sender, change.filter)
-        # (a FramedBatch's items are the received frame, from items_start on)
-        return self._apply_items(batch, batch.items_start if type(batch) is FramedBatch else 0, 0, hub)
-
-    def _apply_items(self, batch: pb.Batch, i: int, n: int, hub: bool = False):
-        """``_apply`` from the item at byte ``i`` on, ``n`` messages applied before it."""
-        sender = batch.sender
         busy: list[str] = []
         broker = self.broker
-        items = batch.items
-        end = len(items)
+        n = 0
+        items = batch.items  # (a FramedBatch's: the received frame, its items from items_start on)
+        i, end = batch.items_start if type(batch) is FramedBatch else 0, len(items)
         now = time.monotonic()
         relayed = broker.publish_relayed_from_peer
         try:
@@ -350,8 +322,6 @@ class ClusterPeers:
                 n += k
                 if i >= end:
                     break
-                if hub:  # the rest in a greenlet (the Python path may block)
-                    return None, lambda i=i, n=n: self._apply_items(batch, i, n)
                 message, groups, match_local, i = decode_item(items, i, now)
                 n += 1
                 if groups:

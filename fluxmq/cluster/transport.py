@@ -152,15 +152,11 @@ class ClusterTransport:
         local_filters: Callable[[], object],
         on_ack=None,
         on_peer_removed: Callable[[str], None] | None = None,
-        on_batch_hub: Callable | None = None,
     ) -> None:
         self.node_id = node_id
         self.epoch = epoch
         self.settings = settings
         self.on_batch = on_batch
-        # ``on_batch`` for a hub callback, for the transports that serve a stream from the hub (the
-        # Unix socket's, ``unix._HubRoute``): see ``ClusterPeers.receive_in_hub``
-        self.on_batch_hub = on_batch_hub
         self.local_filters = local_filters
         self.on_ack = on_ack
         self.on_peer_removed = on_peer_removed

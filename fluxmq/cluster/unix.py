@@ -28,12 +28,10 @@ import logging
 import os
 import struct
 import time
-from collections import deque
 
 import gevent
 import grpc
 from gevent import socket  # cooperative whether or not the process is monkey-patched
-from gevent.event import Event
 from gevent.server import StreamServer
 
 from .batch import FramedBatch, RawBatch
@@ -111,56 +109,43 @@ class FrameReader:
 
     def read(self) -> bytes:
         while True:
-            frame = self.frame()
-            if frame is not None:
-                return frame
-            if self.start == self.end and self._readable is not None:
+            start, end = self.start, self.end
+            have = end - start
+            if have >= 4:
+                (n,) = HEADER.unpack_from(self.buf, start)
+                if n > MAX_FRAME:
+                    raise EOFError(f"frame of {n} bytes")
+                if have >= 4 + n:
+                    self.start = start + 4 + n
+                    with memoryview(self.buf) as view:
+                        return bytes(view[start + 4 : start + 4 + n])
+                want = 4 + n
+            else:
+                want = 4
+            buf = self.buf
+            need = max(CHUNK, want - have)  # what the next read may bring
+            if end + need > len(buf):
+                # move what is unread to the front, and grow the buffer if a frame needs it
+                size = max(len(buf), have + need)
+                if len(buf) > 16 * CHUNK and have + need < len(buf) // 4:
+                    size = max(2 * CHUNK, have + need)  # a large frame went: give its room back
+                if size != len(buf):
+                    grown = bytearray(size)
+                    grown[:have] = buf[start:end]
+                    self.buf = buf = grown
+                else:
+                    buf[:have] = buf[start:end]
+                self.start, self.end = start, end = 0, have
+            if not have and self._readable is not None:
                 # Nothing buffered: the next frame (a batch's ack, the next batch) has most likely
                 # not arrived, so wait for the socket to be readable first, rather than meet
                 # EAGAIN in gevent's recv_into (an OSError made, raised and caught per frame).
                 self._wait(self._readable)
-            self.fill(self.sock.recv_into)
-
-    def frame(self) -> bytes | None:
-        """The next whole frame buffered, or None (the buffer then has room for the next read)."""
-        start, end = self.start, self.end
-        have = end - start
-        if have >= 4:
-            (n,) = HEADER.unpack_from(self.buf, start)
-            if n > MAX_FRAME:
-                raise EOFError(f"frame of {n} bytes")
-            if have >= 4 + n:
-                self.start = start + 4 + n
-                with memoryview(self.buf) as view:
-                    return bytes(view[start + 4 : start + 4 + n])
-            want = 4 + n
-        else:
-            want = 4
-        buf = self.buf
-        need = max(CHUNK, want - have)  # what the next read may bring
-        if end + need > len(buf):
-            # move what is unread to the front, and grow the buffer if a frame needs it
-            size = max(len(buf), have + need)
-            if len(buf) > 16 * CHUNK and have + need < len(buf) // 4:
-                size = max(2 * CHUNK, have + need)  # a large frame went: give its room back
-            if size != len(buf):
-                grown = bytearray(size)
-                grown[:have] = buf[start:end]
-                self.buf = grown
-            else:
-                buf[:have] = buf[start:end]
-            self.start, self.end = 0, have
-        return None
-
-    def fill(self, recv_into) -> None:
-        """One read with ``recv_into`` (after ``frame`` returned None) into the buffer's room; raises
-        EOFError at the end of the stream (and what ``recv_into`` raises)."""
-        end = self.end
-        with memoryview(self.buf) as view:
-            got = recv_into(view[end:])
-        if not got:
-            raise EOFError("connection closed")
-        self.end = end + got
+            with memoryview(buf) as view:
+                got = self.sock.recv_into(view[end : end + need])
+            if not got:
+                raise EOFError("connection closed")
+            self.end = end + got
 
 
 def write_frame(sock, data: bytes) -> None:
@@ -357,187 +342,6 @@ class UnixTransport(ClusterTransport):
         return UnixChannel(addr)
 
 
-#: answers and batches a stream served from the hub holds at most before it stops reading (the
-#: sender's socket then fills and its writes wait): acks waiting for commits, batches waiting for
-#: the greenlet (as ``transport.ROUTE_PIPELINE``)
-HUB_PIPELINE = 64
-#: acknowledgement bytes not yet taken by the socket past which the stream stops reading
-HUB_OUT_MAX = 1 << 20
-
-
-class _HubRoute:
-    """A Route stream served from the hub: an I/O watcher's callback reads what the socket has,
-    applies each whole batch with the transport's ``on_batch_hub`` (``ClusterPeers.receive_in_hub``:
-    the relay's C path, as an MQTT connection's hub callback does) and writes the acknowledgements
-    of the read with one ``send``: a batch costs no greenlet switch on the receiving worker.
-
-    What cannot be applied in the hub (a snapshot, interest changes, an item the relay leaves to the
-    Python path) goes to a greenlet (``_work``) that applies it with ``on_batch``; the batches after
-    it wait for that greenlet, in order, and the stream is served from the hub again once it has
-    caught up. Acknowledgements go in the order of the batches; a ``PendingAck`` (the batch stored
-    something) holds its own and those after it until its commit is done (``rawlink``, no greenlet
-    waits); a failed commit ends the stream without it (the sender sends the batch again). Past
-    ``HUB_PIPELINE`` answers or batches waiting, or ``HUB_OUT_MAX`` unsent acknowledgement bytes,
-    the stream stops reading until they go: a slow receiver fills the socket, and the sender's
-    writes wait (its queue is bounded)."""
-
-    __slots__ = (
-        "sock", "raw", "reader", "on_hub", "on_batch", "answers", "slow", "worker", "out",
-        "ended", "rd", "wr", "reading", "writing", "linked",
-    )  # fmt: skip
-
-    def __init__(self, sock, transport: ClusterTransport) -> None:
-        self.sock = sock
-        self.raw = sock._sock  # the socket itself (non-blocking): no gevent wait from the hub
-        self.reader = FrameReader(sock)
-        self.on_hub = transport.on_batch_hub
-        self.on_batch = transport.on_batch
-        self.answers: deque = deque()  # BatchAck / PendingAck not written yet, in order
-        self.slow: deque = deque()  # for the greenlet, in order: frames, or callables (the rest of one)
-        self.worker = None  # the greenlet applying ``slow``
-        self.out = bytearray()  # acknowledgement frames the socket did not take yet
-        self.ended = Event()
-        loop = gevent.get_hub().loop
-        fd = self.raw.fileno()
-        self.rd = loop.io(fd, 1)
-        self.wr = loop.io(fd, 2)
-        self.reading = self.writing = self.linked = False
-
-    def run(self) -> None:
-        """Serve the stream until it ends (in the connection's greenlet, which waits meanwhile)."""
-        self.reading = True
-        self.rd.start(self._on_readable)
-        try:
-            self.ended.wait()
-        finally:
-            self.rd.close()
-            self.wr.close()
-            worker = self.worker
-            if worker is not None:
-                worker.kill(block=False)
-
-    def _end(self) -> None:
-        self.rd.stop()
-        self.wr.stop()
-        self.reading = False
-        self.ended.set()
-
-    def _on_readable(self) -> None:
-        reader = self.reader
-        try:
-            frame = reader.frame()
-            if frame is None:  # (which made room for the read)
-                reader.fill(self.raw.recv_into)
-                frame = reader.frame()
-            while frame is not None:
-                if self.slow or self.worker is not None:
-                    self.slow.append(frame)  # behind what the greenlet is applying
-                else:
-                    answer = self.on_hub(read_batch(frame))
-                    if answer is None:
-                        self.slow.append(frame)
-                        self.worker = gevent.spawn(self._work)
-                    elif callable(answer):
-                        self.slow.append(answer)
-                        self.worker = gevent.spawn(self._work)
-                    else:
-                        self.answers.append(answer)
-                frame = reader.frame()
-        except BlockingIOError:
-            pass
-        except (EOFError, OSError):
-            self._end()
-            return
-        except Exception:
-            log.exception("unix_transport_error")
-            self._end()
-            return
-        self._answer()
-
-    def _work(self) -> None:
-        """Apply ``slow`` in order with ``on_batch`` (which may block), then leave the stream to the hub."""
-        try:
-            slow = self.slow
-            while slow:
-                item = slow[0]
-                answer = item() if callable(item) else self.on_batch(read_batch(item))
-                slow.popleft()
-                self.answers.append(answer)
-                self._answer()
-        except (EOFError, OSError):
-            self._end()
-        except Exception:
-            log.exception("unix_transport_error")
-            self._end()
-        finally:
-            self.worker = None
-        self._answer()  # (reading again if it stopped)
-
-    def _answer(self) -> None:
-        """Frame the answers that are ready, in order, write them, and read again if reading stopped
-        and what waits is under its bounds."""
-        answers = self.answers
-        if answers:
-            out = self.out
-            while answers:
-                answer = answers[0]
-                if type(answer) is not pb.BatchAck:  # a PendingAck: once its commit is done
-                    done = answer.done
-                    if not done.ready():
-                        if not self.linked:
-                            self.linked = True
-                            done.rawlink(self._committed)
-                        break
-                    if done.value is not None:
-                        log.error("peer_batch_not_committed", extra={"error": str(done.value)})
-                        self._end()
-                        return
-                    answer = answer.ack
-                answers.popleft()
-                data = answer.SerializeToString()
-                out += HEADER.pack(len(data))
-                out += data
-            if out and not self.writing:
-                self._write()
-        if self.ended.is_set():
-            return
-        waiting = len(answers) + len(self.slow)
-        if self.reading:
-            if waiting >= HUB_PIPELINE or len(self.out) > HUB_OUT_MAX:
-                self.reading = False
-                self.rd.stop()
-        elif waiting < HUB_PIPELINE and len(self.out) <= HUB_OUT_MAX:
-            self.reading = True
-            self.rd.start(self._on_readable)
-
-    def _committed(self, _done) -> None:
-        self.linked = False
-        self._answer()
-
-    def _write(self) -> None:
-        out = self.out
-        try:
-            sent = self.raw.send(out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._end()
-            return
-        del out[:sent]
-        if out:
-            if not self.writing:
-                self.writing = True
-                self.wr.start(self._on_writable)
-        elif self.writing:
-            self.writing = False
-            self.wr.stop()
-
-    def _on_writable(self) -> None:
-        self._write()
-        if not self.writing:
-            self._answer()  # (reading again if the unsent bytes stopped it)
-
-
 def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
     """A started server of ``transport``'s service on the Unix socket ``addr``."""
     path = _path(addr)
@@ -553,9 +357,7 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
     def serve(sock, _address) -> None:
         try:
             method = _recv_exact(sock, 1)
-            if method == ROUTE and transport.on_batch_hub is not None:
-                _HubRoute(sock, transport).run()
-            elif method == ROUTE:
+            if method == ROUTE:
                 reader = FrameReader(sock)
 
                 def batches():

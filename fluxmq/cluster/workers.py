@@ -299,7 +299,6 @@ class WorkerNode:
             broker.interest_filters,
             on_ack=self.peers.on_ack,
             on_peer_removed=self.peers.peer_removed,
-            on_batch_hub=self.peers.receive_in_hub,
         )
         self.peers.transport = self.transport
         self.ownership = LocalOwnership(os.path.join(context.run_dir, "owners"), self.node_id)
