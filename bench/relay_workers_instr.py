@@ -5,7 +5,8 @@ machine's load.
 Two brokers, each with its real ``WorkerNode`` (Unix-socket transport, ``PeerLink``,
 ``WorkerPeers``), clients on socket pairs served by ``MQTTConnection`` as in the node; one
 publisher sends ``count`` QoS 0 PUBLISHes (64-byte payloads, in bursts of 100 per write) to one
-subscriber on the same worker (``local``) or on the other (``forwarded``); the script returns when
+subscriber on the same worker (``local``; ``colocated``: the same, with the two workers running, so
+that the publisher's broker has peers) or on the other (``forwarded``); the script returns when
 the subscriber has read them all. Run it twice with two counts under callgrind and divide the
 difference in instructions by the difference in messages (``[burst [lockstep]]`` after the count:
 PUBLISHes per write, 100, and with ``lockstep`` each burst is read by the subscriber before the next
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> int:
     tmp = tempfile.mkdtemp(prefix="relay-instr-")
     brokers = [_broker(), _broker()]
     nodes = []
-    if mode == "forwarded":
+    if mode in ("forwarded", "colocated"):
         config = load_config(env={}, overrides=["server.workers=2"])
         for i, (broker, _f) in enumerate(brokers):
             run = os.path.join(tmp, f"run{i}")
