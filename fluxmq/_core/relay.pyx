@@ -856,23 +856,23 @@ cdef class PublishRelay:
         if not self.enabled or size < 1 or not isinstance(conn, ConnState):
             return 0
         cs = <ConnState>conn
+        found = cs.decoder
+        if type(found) is not Decoder:
+            return 0
+        decoder = <Decoder>found
+        pending = decoder._pending
+        have = PyByteArray_GET_SIZE(pending)
+        if not have and self._serves_first(cs, p, size):
+            return 0  # this publisher's topic again, with a local subscriber: serve's (first: cheap)
         broker = cs.broker
         peers = broker.peers
         if peers is None or broker._on_published is not None or broker._on_delivered is not None:
             return 0
         if cs.session is None or cs.closed:
             return 0
-        found = cs.decoder
-        if type(found) is not Decoder:
-            return 0
-        decoder = <Decoder>found
         version = decoder.version
         if decoder._failed or version == 0:
             return 0
-        pending = decoder._pending
-        have = PyByteArray_GET_SIZE(pending)
-        if not have and self._serves_first(cs, p, size):
-            return 0  # this publisher's topic again, with a local subscriber: serve's
         fwd_routes = getattr(peers, "relay_routes", None)
         if fwd_routes is None:
             return 0
