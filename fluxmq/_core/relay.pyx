@@ -22,7 +22,9 @@ C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as 
 ``forward_raw`` runs before the decoder on a read, with peers: the QoS 0 (and a 3.x client's QoS 1)
 PUBLISHes at its start
 that only leave (no local target) are framed for the peers from the read's bytes, no ``Publish``
-made (what the decoder and ``serve`` would do for them; the rest of the read is theirs).
+made (what the decoder and ``serve`` would do for them; the rest of the read is theirs); a read
+that starts with the topic of the connection's own last route, with a local target, is theirs at
+once (``_serves_first``).
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
