@@ -5,7 +5,9 @@ machine's load.
 Two brokers, each with its real ``WorkerNode`` (Unix-socket transport, ``PeerLink``,
 ``WorkerPeers``), clients on socket pairs served by ``MQTTConnection`` as in the node; one
 publisher sends ``count`` QoS 0 PUBLISHes (64-byte payloads, in bursts of 100 per write) to one
-subscriber on the same worker (``local``) or on the other (``forwarded``); the script returns when
+subscriber on the same worker (``local``; ``colocated``: the same, with the two workers running, so
+that the publisher's broker has peers, and two publishers taking turns by burst, to ``in/1`` and
+``in/2``) or on the other (``forwarded``); the script returns when
 the subscriber has read them all. Run it twice with two counts under callgrind and divide the
 difference in instructions by the difference in messages (``[burst [lockstep]]`` after the count:
 PUBLISHes per write, 100, and with ``lockstep`` each burst is read by the subscriber before the next
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> int:
     tmp = tempfile.mkdtemp(prefix="relay-instr-")
     brokers = [_broker(), _broker()]
     nodes = []
-    if mode == "forwarded":
+    if mode in ("forwarded", "colocated"):
         config = load_config(env={}, overrides=["server.workers=2"])
         for i, (broker, _f) in enumerate(brokers):
             run = os.path.join(tmp, f"run{i}")
@@ -97,6 +99,10 @@ def main(argv: list[str]) -> int:
     sub_at[0].subscribe(sub_conn.session, "in/#", 0)
     _pub_conn, pub_sock = _client(*brokers[0], "pub")
     one = c.encode(c.Publish("in/1", b"x" * 64), 4)
+    # (colocated: a second publisher, to another topic of the same length, every other burst)
+    pubs = [(pub_sock, one)]
+    if mode == "colocated":
+        pubs.append((_client(*brokers[0], "pub2")[1], c.encode(c.Publish("in/2", b"x" * 64), 4)))
     want = len(c.encode(c.Publish("in/1", b"x" * 64), 4)) * count
     got = 0
     size = len(one)
@@ -119,14 +125,16 @@ def main(argv: list[str]) -> int:
     # and not the other's (~1,650 instructions per message of 20,000 when it does).
     gc.freeze()
     reader = gevent.spawn(read)
-    sent = 0
+    sent = bursts = 0
     while sent < count:
         n = min(burst, count - sent)
         if lockstep:
             caught_up.clear()
             target[0] = (sent + n) * size
-        pub_sock.sendall(one * n)
+        sock, packet = pubs[bursts % len(pubs)]
+        sock.sendall(packet * n)
         sent += n
+        bursts += 1
         if lockstep:
             caught_up.wait(60)
         else:

@@ -10,7 +10,11 @@ delivery show what the cross-worker path costs whatever the other load on a shar
 Usage::
 
     python -m bench.workers_scale --mqttload /path/to/mqttload [--workers 1,2] [--runs 3]
-        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0] [--detail] [--perf]
+        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0] [--detail] [--batches] [--perf]
+
+``--detail`` prints per run and worker its CPU per delivery, the time it waited, runnable, for a
+CPU, and its voluntary (waits) and involuntary (preempted) context switches per 1,000 deliveries;
+``--batches`` the batches between the workers and their messages (the node's ``/metrics``).
 
 ``--perf`` attaches ``perf stat`` to each worker for every run and prints, per worker and per 1,000
 deliveries, its system calls (all, and ``sendto``/``sendmsg``/``recvfrom``/``epoll_wait``/``mremap``
@@ -21,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 
 from bench.brokers import FluxmqNode
 
@@ -46,22 +52,39 @@ def tree_pids(pid: int) -> list[int]:
     return pids
 
 
-def proc_cpu(pid: int) -> tuple[float, int]:
+def proc_cpu(pid: int) -> tuple[float, int, int, float]:
     """CPU seconds of ``pid`` (all its threads: the scheduler's run time in ns, /proc/.../schedstat,
-    rather than /proc/PID/stat's 10 ms ticks, which are coarse for a run of a fraction of a second)
-    and its voluntary context switches (waits: wake-ups of an idle worker)."""
-    ns = waits = 0
+    rather than /proc/PID/stat's 10 ms ticks, which are coarse for a run of a fraction of a second),
+    its voluntary context switches (waits: wake-ups of an idle worker), its involuntary ones
+    (preemptions: another process wanted its CPU) and the seconds it waited, runnable, for a CPU
+    (schedstat's second field)."""
+    ns = waits = preempted = queued = 0
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                ns += int(f.read().split()[0])
+                fields = f.read().split()
+                ns += int(fields[0])
+                queued += int(fields[1])
             with open(f"/proc/{pid}/task/{tid}/status") as f:
                 for line in f:
                     if line.startswith("voluntary_ctxt_switches:"):
                         waits += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        preempted += int(line.split()[1])
     except (OSError, ValueError):
         pass
-    return ns / 1e9, waits
+    return ns / 1e9, waits, preempted, queued / 1e9
+
+
+def forwarded(node: FluxmqNode) -> tuple[float, float]:
+    """The batches and messages the node's workers received from each other so far (``/metrics``:
+    ``fluxmq_cluster_received_batches`` and ``_messages``, summed over the workers)."""
+    url = f"http://127.0.0.1:{node.health_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    got = dict.fromkeys(("batches", "messages"), 0.0)
+    for m in re.finditer(r"^fluxmq_cluster_received_(batches|messages)(?:_total)? (\S+)$", text, re.M):
+        got[m.group(1)] = float(m.group(2))
+    return got["batches"], got["messages"]
 
 
 def tree_cpu(pid: int) -> float:
@@ -150,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         help="per run and worker: system calls and context switches per 1,000 deliveries (perf stat)",
     )
     p.add_argument(
+        "--batches",
+        action="store_true",
+        help="per run: the batches between the workers and the messages per batch (the node's /metrics)",
+    )
+    p.add_argument(
         "--detail",
         action="store_true",
         help="per run: each worker's CPU us per delivery and waits (voluntary context switches) per 1,000",
@@ -171,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     pids = tree_pids(node.pid)
                     out = f"/tmp/workers_scale_perf.{os.getpid()}"
                     perfs = perf_start(pids[1:] or pids, out) if args.perf else []
+                    sent = forwarded(node) if args.batches and workers > 1 else (0.0, 0.0)
                     before = {p: proc_cpu(p) for p in pids}
                     result = run_once(args.mqttload, node.port, mode, args.window, args.gen_cpus)
                     after = {p: proc_cpu(p) for p in pids}
@@ -185,10 +214,20 @@ def main(argv: list[str] | None = None) -> int:
                                 f"<!-- {workers} {mode}: "
                                 + ", ".join(
                                     f"pid {p} {(after[p][0] - before[p][0]) / deliveries * 1e6:.3f} us "
-                                    f"{(after[p][1] - before[p][1]) * 1000 / deliveries:.2f} waits"
+                                    f"(waited for a CPU {(after[p][3] - before[p][3]) / deliveries * 1e6:.3f} us) "
+                                    f"{(after[p][1] - before[p][1]) * 1000 / deliveries:.2f} waits "
+                                    f"{(after[p][2] - before[p][2]) * 1000 / deliveries:.2f} preempted"
                                     for p in pids[1:]
                                 )
                                 + " per delivery / per 1,000 -->",
+                                flush=True,
+                            )
+                        if args.batches and workers > 1:
+                            got = forwarded(node)
+                            n, m = got[0] - sent[0], got[1] - sent[1]
+                            print(
+                                f"<!-- {workers} {mode}: {n:,.0f} batches between the workers, {m:,.0f} "
+                                f"messages, {m / n if n else 0:,.0f} per batch -->",
                                 flush=True,
                             )
                         for pid, got in counts.items():

@@ -484,3 +484,54 @@ def test_a_topic_whose_shared_group_left_is_framed_from_the_read_again(tmp_path)
     assert first["near"] == first["sub"] == encode(c.Publish("t/1", b"a"), 4)
     assert second["near"] == second["sub"] == encode(c.Publish("t/1", b"b"), 4)
     assert third["near"] == b"" and third["sub"] == encode(c.Publish("t/1", b"c"), 4)
+
+
+def test_a_publisher_with_a_local_subscriber_skips_the_forward_set_up_after_another_topic(
+    tmp_path, monkeypatch
+) -> None:
+    """Between workers each read of a publisher goes to the raw path first (``forward_raw``). A
+    publisher whose topic has a subscriber on its own worker, read after another publisher's topic
+    came in between, used to pay that path's whole set-up (the peers' tables, the topic's ``str``, the
+    route: ~5,000 instructions) and then be decoded and served, so the tables were looked at twice
+    per read. Now the raw path serves the read itself (one look per read, none in ``serve``); what
+    everyone reads is unchanged."""
+    from fluxmq.cluster.peers import ClusterPeers
+
+    looked: list = []
+    tables = ClusterPeers.relay_routes
+    monkeypatch.setattr(
+        ClusterPeers, "relay_routes", property(lambda self: looked.append(self) or tables.fget(self))
+    )
+    w = Workers(tmp_path)
+    try:
+        w.client("a", 0)
+        w.client("b", 0)
+        w.client("near", 0)
+        w.subscribe("near", "a/#", 0)
+        w.subscribe("near", "b/#", 0)
+
+        def publish(client_id: str, topic: str, payload: bytes, readers: list[str]) -> None:
+            net = w.nets[w.where[client_id]]
+            net.clients[client_id][2].sendall(encode(c.Publish(topic, payload), 4))
+            want = encode(c.Publish(topic, payload), 4)
+            for reader in readers:
+                sock = w.nets[w.where[reader]].clients[reader][2]
+                got = b""
+                with gevent.Timeout(10):
+                    while len(got) < len(want):
+                        got += sock.recv(65536)
+                assert got == want
+
+        peers = w.nodes[0].peers
+        publish("a", "a/1", b"first", ["near"])  # serve's route of a: a/1, with a local target
+        publish("b", "b/1", b"other", ["near"])  # the relay's remembered topic is b/1 now
+        del looked[:]
+        publish("a", "a/1", b"again", ["near"])
+        publish("a", "a/1", b"and again", ["near"])
+        publish("b", "b/1", b"other again", ["near"])  # (b's own route: b/1, local target)
+        # one look at the peers' tables per read: serve's, none before it (the worker's peers have
+        # no interest in these topics; the other worker's broker never runs the relay here, which
+        # would make it the relay's broker: one relay serves both brokers in this process)
+        assert len([p for p in looked if p is peers]) == 3
+    finally:
+        w.close()
