@@ -25,6 +25,7 @@ from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.storage.memory import MemoryStorage
 from fluxmq.transport.tcp import SocketStream
+from tests.protocol.frames import raw_publish
 
 
 @pytest.fixture
@@ -211,7 +212,7 @@ def test_a_sent_small_output_buffer_keeps_its_memory_and_a_large_one_gives_it_ba
             assert read_exactly(client, 2) == b"\xd0\x00"
         for payload in (b"lone", b"x" * 100_000, b"two"):
             pub_client.sendall(
-                publish_packet("t", payload) if len(payload) < 100 else big_publish("t", payload)
+                publish_packet("t", payload) if len(payload) < 100 else raw_publish(b"t", payload)
             )
             got = read_exactly(
                 sub_client, len(publish_packet("t", payload)) if len(payload) < 100 else 100_007
@@ -227,17 +228,6 @@ def test_a_sent_small_output_buffer_keeps_its_memory_and_a_large_one_gives_it_ba
         for client in (pub_client, sub_client):
             client.close()
         gevent.joinall([pub_reader, sub_reader], timeout=5)
-
-
-def big_publish(topic: str, payload: bytes) -> bytes:
-    t = topic.encode()
-    body = len(t).to_bytes(2, "big") + t + payload
-    n, length = len(body), b""
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        length += bytes((byte | (0x80 if n else 0),))
-        if not n:
-            return b"\x30" + length + body
 
 
 def test_packets_split_across_reads_are_decoded_from_the_read_buffer_whole(broker: Broker) -> None:

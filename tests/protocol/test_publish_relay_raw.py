@@ -14,18 +14,8 @@ import pytest
 
 from fluxmq._core import codec as c
 from fluxmq.protocol.connection import HUB_READS, RELAY
+from tests.protocol.frames import raw_publish
 from tests.protocol.test_publish_relay import MARK, Net, encode, run_both
-
-
-def raw_publish(topic: bytes, payload: bytes, version: int = 4) -> bytes:
-    """A QoS 0 PUBLISH written by hand (the encoder refuses a bad topic)."""
-    body = len(topic).to_bytes(2, "big") + topic + (b"\x00" if version == 5 else b"") + payload
-    n, length = len(body), b""
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        length += bytes((byte | (0x80 if n else 0),))
-        if not n:
-            return b"\x30" + length + body
 
 
 def stats(net: Net) -> tuple:

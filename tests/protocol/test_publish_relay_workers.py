@@ -26,6 +26,7 @@ from fluxmq.cluster.workers import WorkerNode
 from fluxmq.config.loader import load_config
 from fluxmq.node.workers import WorkerContext
 from fluxmq.protocol.connection import HUB_READS, RELAY
+from tests.protocol.frames import raw_publish
 from tests.protocol.test_publish_relay import Net, encode
 
 
@@ -278,17 +279,6 @@ def test_per_target_fallback_on_the_receiving_worker(tmp_path) -> None:
         encode(c.Publish("t", b"waiting", qos=1, packet_id=1), 4)
         + encode(c.Publish("t", b"m", qos=1, packet_id=2), 4)
     )
-
-
-def raw_publish(topic: bytes, payload: bytes, version: int = 4) -> bytes:
-    """A QoS 0 PUBLISH written by hand (the encoder refuses a topic with a wildcard)."""
-    body = len(topic).to_bytes(2, "big") + topic + (b"\x00" if version == 5 else b"") + payload
-    n, length = len(body), b""
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        length += bytes((byte | (0x80 if n else 0),))
-        if not n:
-            return b"\x30" + length + body
 
 
 def run_three_raw(tmp_path, scenario) -> tuple[list, list, int]:
