@@ -35,11 +35,7 @@ from fluxmq._core.packets cimport (
     Disconnect,
     Pingreq,
     Pingresp,
-    Puback,
-    Pubcomp,
     Publish,
-    Pubrec,
-    Pubrel,
     Suback,
     Subscribe,
     Subscription,
@@ -47,6 +43,8 @@ from fluxmq._core.packets cimport (
     Unsubscribe,
     Will,
     _PublishAck,
+    new_publish,
+    new_publish_ack,
     type_name,
 )
 from fluxmq._core.properties cimport K_WILL, P_TOPIC_ALIAS, _r_props
@@ -224,7 +222,7 @@ cdef Publish _decode_publish(unsigned int first, const unsigned char* body, Py_s
         props = {}
         if topic_len == 0:
             raise TopicNameInvalid("empty topic name (MQTT-4.7.3-1)")
-    pkt = Publish.__new__(Publish)
+    pkt = new_publish()
     pkt.topic = topic
     pkt.payload = PyBytes_FromStringAndSize(<const char*>(body + pos), size - pos)
     pkt.qos = qos
@@ -246,14 +244,7 @@ cdef _PublishAck _decode_publish_ack(unsigned int ptype, const unsigned char* bo
         _trailing()
     packet_id = (body[0] << 8) | body[1]
     _check_packet_id(packet_id)
-    if ptype == T_PUBACK:
-        pkt = Puback.__new__(Puback)
-    elif ptype == T_PUBREC:
-        pkt = Pubrec.__new__(Pubrec)
-    elif ptype == T_PUBREL:
-        pkt = Pubrel.__new__(Pubrel)
-    else:
-        pkt = Pubcomp.__new__(Pubcomp)
+    pkt = new_publish_ack(ptype)
     pkt.packet_id = packet_id
     if size == 2:
         pkt.properties = {}

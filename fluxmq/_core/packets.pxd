@@ -149,3 +149,8 @@ cdef class Auth(Packet):
     cdef public int reason_code
     cdef public dict properties
     cdef tuple _key(self)
+
+
+# allocators of the per-message packets, for the decoder (see packets.pyx)
+cdef Publish new_publish()
+cdef _PublishAck new_publish_ack(unsigned int ptype)
