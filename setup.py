@@ -4,6 +4,12 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 CORE_MODULES = [
+    # the MQTT codec by concern; codec re-exports them for Python code
+    "wire",
+    "packets",
+    "properties",
+    "decoder",
+    "encoder",
     "codec",
     "trie",
     "entry",

@@ -54,7 +54,9 @@ from libc.string cimport memcmp, memcpy
 
 from time import perf_counter
 
-from fluxmq._core.codec cimport Decoder, Publish, Puback, append_publish, encode_publish
+from fluxmq._core.decoder cimport Decoder
+from fluxmq._core.encoder cimport append_publish, encode_publish
+from fluxmq._core.packets cimport Publish, Puback
 from fluxmq._core.conn_state cimport ConnState, FlushState
 from fluxmq._core.stats_core cimport QosCounts, StatsCore
 from fluxmq._core.broker_core cimport BrokerCore, RouteCore, RouterCore, SessionCore

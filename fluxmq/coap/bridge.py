@@ -45,7 +45,7 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import gevent
@@ -68,13 +68,11 @@ from fluxmq.errors import (
 
 from . import codec
 from .codec import CoapMessage
+from .observation import Observation
+from .settings import ACK_RANDOM_FACTOR, CoapSettings
 
 log = logging.getLogger("fluxmq.coap")
 
-# RFC 7252 §4.8 transmission parameters
-ACK_TIMEOUT = 2.0
-ACK_RANDOM_FACTOR = 1.5
-MAX_RETRANSMIT = 4
 EXCHANGE_LIFETIME = 247.0
 MAX_EXCHANGES = 65536  # de-duplication entries kept (oldest forgotten first)
 MAX_CACHED_RESPONSE = 512  # larger answers (Block2 reads) are re-computed for a duplicate: GET is safe
@@ -112,61 +110,6 @@ class Transport(Protocol):
         """Send one datagram to ``peer``; never raises for a peer that went away."""
 
 
-class CoapSettings:
-    """The bridge's knobs (``server.coap.*``, ``broker.max_message_size``, ``limits.publish_*``)."""
-
-    __slots__ = (
-        "max_message_size",
-        "observe_queue_size",
-        "max_observations",
-        "max_observations_per_peer",
-        "block_size",
-        "max_reassembly_bytes",
-        "request_rate",
-        "request_burst",
-        "ack_timeout",
-        "max_retransmit",
-    )
-
-    def __init__(
-        self,
-        max_message_size: int = 1 << 20,
-        observe_queue_size: int = 100,
-        max_observations: int = 10000,
-        max_observations_per_peer: int = 16,
-        block_size: int = 1024,
-        max_reassembly_bytes: int = 1 << 20,
-        request_rate: float = 0.0,
-        request_burst: int = 0,
-        ack_timeout: float = ACK_TIMEOUT,
-        max_retransmit: int = MAX_RETRANSMIT,
-    ) -> None:
-        self.max_message_size = max_message_size
-        self.observe_queue_size = observe_queue_size
-        self.max_observations = max_observations
-        self.max_observations_per_peer = max_observations_per_peer
-        self.block_size = 1 << (max(16, min(1024, block_size)).bit_length() - 1)  # a Block2 size (RFC 7959)
-        self.max_reassembly_bytes = max_reassembly_bytes
-        self.request_rate = request_rate
-        self.request_burst = request_burst or max(1, int(request_rate))
-        self.ack_timeout = ack_timeout
-        self.max_retransmit = max_retransmit
-
-    @classmethod
-    def from_config(cls, config: Any) -> CoapSettings:
-        c = config.server.coap
-        return cls(
-            config.broker.max_message_size,
-            c.observe_queue_size,
-            c.max_observations,
-            c.max_observations_per_peer,
-            c.block_size,
-            c.max_reassembly_bytes,
-            config.limits.publish_rate,
-            config.limits.publish_burst,
-        )
-
-
 class CoapRefusal(Exception):
     """A request answered with an error ``code`` and a short diagnostic payload (§5.5.2)."""
 
@@ -197,88 +140,6 @@ class Request:
         self.size = size
         self.verified = verified  # DTLS peers proved their address in the handshake
         self.key = (transport.name, peer)
-
-
-class Observation:
-    """One RFC 7641 observation: the ``Delivery`` of its broker session, with a bounded queue (drop
-    oldest), like the HTTP bridge's SSE stream. Never blocks or switches greenlets in ``send_publish``."""
-
-    version = 0  # not an MQTT connection
-    listener = "coap_observe"
-
-    def __init__(
-        self,
-        bridge: CoapBridge,
-        key: tuple,
-        peer: Any,
-        transport: Transport,
-        token: bytes,
-        filter: str,
-        client_id: str,
-        budget: int | None,
-    ) -> None:
-        self.bridge = bridge
-        self.key = key
-        self.peer = peer
-        self.transport = transport
-        self.token = token
-        self.filter = filter
-        self.client_id = client_id
-        self.budget = budget  # the largest notification an unverified observer may get, or None
-        self.proven = budget is None  # the peer has shown it receives at its address (DTLS, login, an ACK)
-        self.session: Any = None
-        self.queue: deque = deque()
-        self.seq = 1
-        self.since_con = 0
-        # the CON in flight: [mid, datagram, retransmissions, next send (monotonic), timeout]
-        self.pending_con: list | None = None
-        self.closed = False  # closing or ended: takes nothing more (the Delivery contract)
-        self.ended = False  # its session is closed and it is out of the bridge's tables
-        self.dropped = 0
-        self.scheduled = False
-        self.end_reason: str | None = None  # set by close(): the notifier ends the observation
-
-    # Delivery interface (called by the broker)
-
-    def send_publish(
-        self,
-        message: Message,
-        qos: int,
-        retain: bool,
-        packet_id: int,
-        dup: bool,
-        subscription_ids: tuple[int, ...] | None,
-    ) -> bool:
-        if self.closed:
-            return False
-        queue = self.queue
-        if len(queue) >= self.bridge.settings.observe_queue_size:
-            queue.popleft()
-            self.dropped += 1
-            self.bridge.broker.stats.dropped("coap_queue_full")
-        queue.append(message)
-        if not self.scheduled:
-            self.scheduled = True
-            self.bridge.schedule(self)
-        return True
-
-    def send_pubrel(self, packet_id: int) -> None:
-        """Never called: observations subscribe at QoS 0."""
-
-    def is_congested(self) -> bool:
-        # The observation's own bounded queue absorbs bursts; a closing one takes nothing more,
-        # which the session counts as an offline drop (as the HTTP bridge's SSE stream).
-        return self.closed
-
-    def close(self, reason_code: int, reason: str = "") -> None:
-        """The broker ends the session (shutdown, admin kick, queue overflow): ended by the notifier,
-        not here, since the broker may be in the middle of routing a message to this session."""
-        if not self.closed:
-            self.closed = True
-            self.end_reason = reason or f"closed by the broker ({reason_code:#x})"
-            if not self.scheduled:
-                self.scheduled = True
-                self.bridge.schedule(self)
 
 
 class CoapBridge:

@@ -19,9 +19,10 @@ from fluxmq.bridge import Bridges, bridges_from_config
 from fluxmq.broker.auth_enhanced import authenticators_from_config
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.sys_topics import SysTopics
-from fluxmq.coap.bridge import CoapBridge, CoapSettings
+from fluxmq.coap.bridge import CoapBridge
 from fluxmq.coap.dtls import CoapDTLSListener, server_context
 from fluxmq.coap.listener import CoapUDPListener
+from fluxmq.coap.settings import CoapSettings
 from fluxmq.config import SCHEMA, parse_addr
 from fluxmq.log import setup_logging
 from fluxmq.node.heap_trim import HeapTrim

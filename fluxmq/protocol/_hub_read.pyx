@@ -30,7 +30,7 @@ from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.ref cimport PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
 
-from fluxmq._core.codec cimport Decoder
+from fluxmq._core.decoder cimport Decoder
 from fluxmq._core.conn_state cimport ConnState, FlushState
 from fluxmq._core.stats_core cimport StatsCore
 

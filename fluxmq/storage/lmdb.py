@@ -1,26 +1,7 @@
 """LMDBStorage: the durable backend, one LMDB environment under ``storage.path``.
 
-Layout (named sub-databases; keys in ``records``)::
-
-    meta           b"magic" -> MAGIC, b"schema_version" -> u32, b"last_alive" -> f64 wall time,
-                   b"gc" NUL client_id -> u64: that client's queue entries below this seq are garbage,
-                   b"peer" NUL node id -> u64 epoch, u64 seq: the last batch from that cluster peer
-                   whose effects are stored (older builds ignore these keys)
-    sessions       client_id -> session record
-    subscriptions  client_id NUL filter -> options
-    inflight       client_id NUL u16 packet id -> entry (outbound QoS 1/2 awaiting PUBACK/PUBCOMP)
-    inbound_qos2   client_id NUL u16 packet id -> b"" (inbound QoS 2 awaiting PUBREL)
-    queue          client_id NUL u64 seq -> entry (schema 3), or a segment: the entries of seqs
-                   seq.. that one commit stored (schema 4; records.encode_segment). The offline
-                   queue in order, and the entries of QoS 1/2 messages in flight, named by ``sent``
-    sent           client_id NUL u16 (packet id // 16) -> 16 slots: the queue seq each packet id
-                   in flight carries, and its QoS 2 released flag (schema 3; records.encode_sent)
-    done           client_id NUL -> the client's queue seqs that are done (acknowledged or taken
-                   out): a floor and ranges above it (schema 4; records.encode_done)
-    retained       topic -> message
-    wills          client_id -> delay + message
-    queues         durable queue logs, consumer-group progress, delivery counts (schema 3) and
-                   persistent sessions' group memberships (schema 3); see queue_log.py
+The sub-databases and their keys are described in ``lmdb_layout``; ``lmdb_env`` opens them and
+``lmdb_batch`` holds the operations buffered between commits.
 
 Writes are buffered per key (the last operation on a key wins) and applied in one write
 transaction by ``commit``.
@@ -47,12 +28,9 @@ from __future__ import annotations
 
 import bisect
 import errno
-import fcntl
 import logging
 import os
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,43 +43,32 @@ from fluxmq.errors import StorageError
 
 from . import records as r
 from .base import Storage, StoredQueue, StoredSession, StoredState
+from .lmdb_batch import _MISSING, _Batch, _View
+from .lmdb_env import lock_directory, make_directory, open_dbs, open_environment, where
+from .lmdb_layout import (
+    _CLIENT_DBS,
+    _F64,
+    _GC_PREFIX,
+    _PEER_BATCH,
+    _PEER_PREFIX,
+    _STATE_DBS,
+    DONE,
+    INBOUND,
+    INFLIGHT,
+    MAGIC,
+    META,
+    QUEUE,
+    QUEUES,
+    RETAINED,
+    SCHEMA_VERSION,
+    SENT,
+    SESSIONS,
+    SUBS,
+    WILLS,
+)
 
 log = logging.getLogger("fluxmq.storage")
 
-MAGIC = b"fluxmq-storage"
-#: 2 added the ``queues`` sub-database (durable queues); 3 added ``sent`` (outbound QoS 1/2 in flight
-#: as queue entries, see above) and record kinds in ``queues`` (delivery counts, group memberships:
-#: queue_log.py), which an older build would misread. An older store is upgraded at open (_migrate).
-#: 4 writes a session's queue entries of one commit as one ``queue`` record (a segment) and marks
-#: acknowledged ones in its ``done`` record instead of deleting each; schema 3 records read as they are.
-SCHEMA_VERSION = 4
-
-DB_NAMES = (
-    b"meta",
-    b"sessions",
-    b"subscriptions",
-    b"inflight",
-    b"inbound_qos2",
-    b"queue",
-    b"retained",
-    b"wills",
-    b"queues",
-    b"sent",
-    b"done",
-)
-META, SESSIONS, SUBS, INFLIGHT, INBOUND, QUEUE, RETAINED, WILLS, QUEUES, SENT, DONE = range(len(DB_NAMES))
-# Sub-databases added by each schema version (an older store gets them at open: _migrate).
-# 3 also: new keys in ``queues``; 4 also: segments in ``queue``; nothing to convert for either.
-_ADDED_IN = {2: (b"queues",), 3: (b"sent",), 4: (b"done",)}
-# Sub-databases whose keys do not start with a client id (Batch.clients skips them).
-_SHARED_DBS = (META, RETAINED, QUEUES)
-# Sub-databases whose keys start with client_id NUL: a session's end deletes by prefix there.
-# Queues are deleted apart, a chunk per commit (see _gc_queue): 100,000 entries take ~0.1 s.
-_CLIENT_DBS = (SUBS, INFLIGHT, INBOUND, SENT, DONE)
-_STATE_DBS = (INFLIGHT, INBOUND, SENT, DONE)
-_GC_PREFIX = b"gc\x00"
-_PEER_PREFIX = b"peer\x00"
-_PEER_BATCH = struct.Struct("<QQ")
 #: bytes of entries in one ``queue`` segment (LMDB keeps a value up to about 2 KB in its leaf page)
 SEGMENT_BYTES = 1536
 #: queue entries of ended sessions deleted per commit (~1 ms)
@@ -112,31 +79,8 @@ GC_CHUNK = 1000
 #: write (``pwrite``) at the commit, once per loop turn under a steady flow when done each time.
 TRIM_EVERY = 16
 
-_F64 = struct.Struct("<d")
-_U32 = struct.Struct("<I")
 _SEQ = struct.Struct(">Q")
 SYNC_MODES = ("always", "batch", "none")
-
-# Run in a child process before an existing store is opened: LMDB has no checksums and can abort()
-# the process on some damaged pages, which in the worker would become a restart loop. The child
-# reads every page of every database (read-only, without the lock file); a crash or error there
-# refuses the directory with one line instead.
-_VERIFY = """
-import sys, lmdb
-env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=64, subdir=True)
-n = 0
-with env.begin(buffers=True) as txn:
-    names = [bytes(k) for k, _ in txn.cursor()]
-    for name in names:
-        try:
-            db = env.open_db(name, txn=txn, create=False)
-        except lmdb.Error:
-            continue
-        for k, v in txn.cursor(db):
-            n += len(v) > -1
-print(n)
-"""
-VERIFY_TIMEOUT = 600.0
 
 
 class StorageFull(StorageError):
@@ -150,104 +94,6 @@ class _MapFull(StorageFull):
 #: back-off between retries of a failed commit (doubles per failure, up to the maximum)
 RETRY_FIRST = 0.05
 RETRY_MAX = 5.0
-
-
-class _Batch:
-    """Operations buffered since the last commit: per sub-database ``key -> value`` (None = delete),
-    plus prefix deletes applied before them."""
-
-    __slots__ = (
-        "ops",
-        "prefix_deletes",
-        "gc",
-        "gc_done",
-        "callbacks",
-        "stakes",
-        "sent_dirty",
-        "trims",
-        "logs",
-    )
-
-    def __init__(self) -> None:
-        self.ops: list[dict[bytes, bytes | None]] = [{} for _ in DB_NAMES]
-        self.prefix_deletes: list[tuple[int, bytes]] = []
-        self.gc: tuple[str, int] | None = None  # (client id, end seq): a chunk of garbage to delete
-        self.gc_done = False
-        self.callbacks: list = []  # after_commit callbacks waiting for this batch
-        self.stakes: set[str] = set()  # note_stake: clients acknowledging ops of others
-        # clients whose ``sent`` records changed since the last take_batch: written as ops there,
-        # once per record however many of its packet ids changed
-        self.sent_dirty: set[_Sent] = set()
-        # client prefix -> (floor, done ranges) at take_batch: queue records all done are deleted
-        self.trims: dict[bytes, tuple[int, list]] = {}
-        self.logs: list[_Sent] = []  # clients whose segments this batch writes (their ``unwritten``)
-
-    def __len__(self) -> int:
-        return sum(len(d) for d in self.ops) + len(self.prefix_deletes)
-
-    def merge_newer(self, newer: _Batch) -> None:
-        """Put ``newer``'s operations on top of this (failed) batch, as if recorded after it: its
-        prefix deletes drop this batch's writes under them, and the last write of a key wins."""
-        for db, prefix in newer.prefix_deletes:
-            ops = self.ops[db]
-            if ops:
-                for key in [k for k in ops if k.startswith(prefix)]:
-                    del ops[key]
-            self.prefix_deletes.append((db, prefix))
-        for mine, theirs in zip(self.ops, newer.ops, strict=True):
-            if theirs:
-                mine.update(theirs)
-        self.callbacks = newer.callbacks
-        self.stakes |= newer.stakes
-        self.sent_dirty = newer.sent_dirty
-        self.trims.update(newer.trims)
-        self.logs.extend(newer.logs)
-        self.gc = None
-        self.gc_done = False
-
-    def size_bytes(self) -> int:
-        return sum(len(k) + (len(v) if v is not None else 0) for ops in self.ops for k, v in ops.items())
-
-    def clients(self) -> set[str]:
-        """Client ids the batch's operations belong to (keys are client_id or client_id NUL ...)."""
-        out = set(self.stakes)
-        for db, ops in enumerate(self.ops):
-            if db in _SHARED_DBS or not ops:
-                continue
-            for key in ops:
-                out.add(key.split(b"\x00", 1)[0].decode(errors="replace"))
-        for _db, prefix in self.prefix_deletes:
-            out.add(prefix.split(b"\x00", 1)[0].decode(errors="replace"))
-        out.update(state.client_id for state in self.sent_dirty)
-        return out
-
-
-_MISSING = object()
-
-
-class _View:
-    """``db`` as it was when the view was taken: an LMDB read transaction (MVCC: the commits made
-    after it do not show) under a copy of the operations buffered then (the pending batch over the
-    one being written, as ``_read_many`` reads them). Read it in the hub only; ``close`` it."""
-
-    __slots__ = ("_txn", "_over")
-
-    def __init__(self, txn, over: dict) -> None:
-        self._txn = txn
-        self._over = over
-
-    def read_many(self, keys: list[bytes]) -> list:
-        over, get = self._over, self._txn.get
-        out = []
-        for key in keys:
-            value = over.get(key, _MISSING)
-            out.append(get(key) if value is _MISSING else value)
-        return out
-
-    def close(self) -> None:
-        txn, self._txn = self._txn, None
-        if txn is not None:
-            txn.abort()
 
 
 #: One client's queue seq space in the store: packet ids in flight as queue entries (``sent``
@@ -364,8 +210,10 @@ class LMDBStorage(Storage):
         self._queue_log = None
         self.env = None
         try:
-            self.env = self._open()
-            self._dbs = self._open_dbs()
+            make_directory(self.path)
+            self._lock_file = lock_directory(self.path)
+            self.env = open_environment(self.path, map_size + self.headroom, sync == "always", verify)
+            self._dbs = open_dbs(self.env, self.path)
             self._psize = self.env.stat()["psize"]
             self._check_usage(at_start=True)
         except BaseException:
@@ -374,173 +222,13 @@ class LMDBStorage(Storage):
             self._unlock()
             raise
 
-    # -- opening -----------------------------------------------------------------------------------
-
     def _where(self) -> str:
-        return f"storage.path {self.path}"
-
-    def _open(self) -> lmdb.Environment:
-        path = self.path
-        if path.exists() and not path.is_dir():
-            raise StorageError(f"{self._where()} is a file, not a data directory; refusing to use it")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"{self._where()}: cannot create the data directory: {exc.strerror}") from None
-        self._lock_exclusively()
-        data = path / "data.mdb"
-        if data.exists() and data.stat().st_size == 0:
-            raise StorageError(
-                f"{self._where()}: data.mdb is empty (damaged); refusing to use it, "
-                "move it away to start with an empty store"
-            )
-        if self.verify and data.exists():
-            self._verify_in_child()
-        durable = self.sync_mode == "always"
-        try:
-            return lmdb.open(
-                str(path),
-                map_size=self.map_size + self.headroom,
-                max_dbs=len(DB_NAMES) + 2,
-                subdir=True,
-                sync=durable,
-                metasync=durable,
-                readahead=False,
-                meminit=False,
-                max_spare_txns=2,
-            )
-        except lmdb.InvalidError:
-            raise StorageError(
-                f"{self._where()}: data.mdb is not an LMDB file (damaged or foreign); refusing to use it"
-            ) from None
-        except lmdb.VersionMismatchError:
-            raise StorageError(
-                f"{self._where()}: data.mdb was written by an incompatible LMDB version"
-            ) from None
-        except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError):
-            raise StorageError(f"{self._where()}: data.mdb is damaged; refusing to use it") from None
-        except lmdb.Error as exc:
-            raise StorageError(f"{self._where()}: cannot open the LMDB environment: {exc}") from None
-
-    def _verify_in_child(self) -> None:
-        try:
-            done = subprocess.run(
-                [sys.executable, "-c", _VERIFY, str(self.path)],
-                capture_output=True,
-                text=True,
-                timeout=VERIFY_TIMEOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise StorageError(
-                f"{self._where()}: reading the store took over {VERIFY_TIMEOUT:.0f}s; refusing to use it"
-            ) from None
-        if done.returncode < 0:
-            raise StorageError(
-                f"{self._where()}: data.mdb is damaged (LMDB crashed reading it, signal "
-                f"{-done.returncode}); refusing to use it"
-            )
-        # A clean error (not an LMDB file, damaged page): the open and load below report it precisely.
-
-    def _lock_exclusively(self) -> None:
-        """One fluxmq process per data directory: a second node on the same path is refused (LMDB
-        itself would let both write). The lock dies with the process, so a killed node's directory
-        is free for its restart."""
-        lock = open(self.path / "fluxmq.lock", "a+")  # noqa: SIM115 - held until close()
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().strip() or "?"
-            lock.close()
-            raise StorageError(
-                f"{self._where()} is in use by another fluxmq process (pid {holder})"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
-        self._lock_file = lock
+        return where(self.path)
 
     def _unlock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
-
-    def _open_dbs(self) -> list:
-        env = self.env
-        try:
-            with env.begin(write=True) as txn:
-                names = [bytes(k) for k, _ in txn.cursor()]
-                if b"meta" not in names:
-                    if names:
-                        raise StorageError(
-                            f"{self._where()}: holds an LMDB environment that is not a fluxmq "
-                            f"store (no meta record; found {len(names)} other keys); "
-                            "refusing to use it"
-                        )
-                    dbs = [env.open_db(name, txn=txn) for name in DB_NAMES]
-                    txn.put(b"magic", MAGIC, db=dbs[META])
-                    txn.put(b"schema_version", _U32.pack(SCHEMA_VERSION), db=dbs[META])
-                    txn.put(b"created", _F64.pack(time.time()), db=dbs[META])
-                    log.info(
-                        "storage_created", extra={"path": str(self.path), "schema_version": SCHEMA_VERSION}
-                    )
-                    return dbs
-                meta = env.open_db(b"meta", txn=txn, create=False)
-                magic = txn.get(b"magic", db=meta)
-                if magic != MAGIC:
-                    raise StorageError(
-                        f"{self._where()}: the LMDB environment is not a fluxmq store "
-                        f"(magic {magic!r}); refusing to use it"
-                    )
-                raw = txn.get(b"schema_version", db=meta)
-                version = _U32.unpack(raw)[0] if raw and len(raw) == 4 else None
-                if version is None:
-                    raise StorageError(
-                        f"{self._where()}: the store has no valid schema_version; refusing to use it"
-                    )
-                if version > SCHEMA_VERSION:
-                    raise StorageError(
-                        f"{self._where()}: written by a newer fluxmq (schema version {version}, "
-                        f"this build reads up to {SCHEMA_VERSION}); refusing to use it"
-                    )
-                if version < SCHEMA_VERSION:
-                    self._migrate(txn, meta, version, names)
-                return [env.open_db(name, txn=txn) for name in DB_NAMES]
-        except StorageError:
-            env.close()
-            self._unlock()
-            raise
-        except (
-            lmdb.CorruptedError,
-            lmdb.PageNotFoundError,
-            lmdb.PanicError,
-            lmdb.InvalidError,
-            lmdb.BadValsizeError,
-            lmdb.IncompatibleError,
-        ):
-            env.close()
-            self._unlock()
-            raise StorageError(f"{self._where()}: data.mdb is damaged; refusing to use it") from None
-        except lmdb.Error as exc:
-            env.close()
-            self._unlock()
-            raise StorageError(f"{self._where()}: cannot read the store: {exc}") from None
-
-    def _migrate(self, txn, meta, version: int, names: list[bytes]) -> None:
-        """Upgrade an older store in the opening transaction: create the sub-databases later
-        versions added (empty) and record the new version. Older builds refuse the result (their
-        "newer schema" check), so the upgrade is logged."""
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            for name in _ADDED_IN.get(step, ()):
-                if name not in names:
-                    self.env.open_db(name, txn=txn)
-        txn.put(b"schema_version", _U32.pack(SCHEMA_VERSION), db=meta)
-        log.warning(
-            "storage_upgraded",
-            extra={"path": str(self.path), "from_version": version, "to_version": SCHEMA_VERSION},
-        )
 
     # -- usage and the refusal flag ----------------------------------------------------------------
 

@@ -286,7 +286,7 @@ class _MemoryView(QueueLogView):
 
 class _LMDBView(QueueLogView):
     def __init__(self, view) -> None:
-        self.view = view  # fluxmq.storage.lmdb._View of the queues sub-database
+        self.view = view  # fluxmq.storage.lmdb_batch._View of the queues sub-database
 
     def read(self, queue: str, from_offset: int, n: int) -> list[tuple[int, bytes]]:
         prefix = _LOG_PREFIXES.get(queue) or log_prefix(queue)

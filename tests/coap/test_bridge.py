@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
 from fluxmq.coap import codec
-from fluxmq.coap.bridge import CON_EVERY, CoapBridge, CoapSettings
+from fluxmq.coap.bridge import CON_EVERY, CoapBridge
 from fluxmq.coap.codec import CoapMessage
+from fluxmq.coap.settings import CoapSettings
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.storage.lmdb import LMDBStorage
 

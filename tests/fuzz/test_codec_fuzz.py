@@ -24,7 +24,7 @@ from fluxmq.errors import MQTTError, PacketTooLarge
 from fluxmq.protocol.connection import MQTTConnection
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
-from tests._core.test_codec import any_packet, connects
+from tests._core.codec_strategies import any_packet, connects
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VERSIONS = st.sampled_from([3, 4, 5])

@@ -13,6 +13,7 @@ marked ``slow``, never skipped. Dependencies come from the configured package in
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import signal
@@ -32,7 +33,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BUILD_TIMEOUT = 600.0
 INSTALL_TIMEOUT = 600.0
 START_TIMEOUT = 60.0
-CORE_MODULES = ("codec", "trie", "entry", "queue_wire", "stats_core", "broker_core", "conn_state", "relay")
+
+
+def setup_core_modules() -> tuple[str, ...]:
+    """The Cython core modules setup.py builds (its CORE_MODULES list): every one must be in the wheel."""
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [
+            "CORE_MODULES"
+        ]:
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError("setup.py has no CORE_MODULES list")
+
+
+CORE_MODULES = setup_core_modules()
 # Compiled modules outside the core (import names): the protocol layer's C path of a lone message.
 OTHER_COMPILED = ("fluxmq.protocol._hub_read",)
 

@@ -1,4 +1,5 @@
-"""The decoder's malformed-packet and protocol-error rules, one test per rule, plus fuzzing.
+"""The decoder's malformed-packet and protocol-error rules, one test per rule, plus fuzzing (the
+property block's rules are in test_properties.py, the UTF-8 string rules in test_wire.py).
 
 Packets here are written byte by byte (not with the encoder under test). Statement numbers are
 MQTT 5.0 unless marked 3.1.1; the error class is the one the spec's reason code calls for
@@ -12,28 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fluxmq._core.codec import (
-    AUTH,
-    CONNACK,
-    CONNECT,
-    DISCONNECT,
-    PUBACK,
-    PUBCOMP,
-    PUBLISH,
-    PUBREC,
-    PUBREL,
-    SUBACK,
-    SUBSCRIBE,
-    UNSUBACK,
-    UNSUBSCRIBE,
-    Connect,
-    Decoder,
-    Packet,
-    Publish,
-    Subscribe,
-    Subscription,
-    encode,
-)
+from fluxmq._core.codec import Connect, Decoder, Packet, Publish, Subscribe, Subscription, encode
 from fluxmq.errors import (
     MalformedPacket,
     MQTTError,
@@ -42,95 +22,8 @@ from fluxmq.errors import (
     TopicNameInvalid,
     UnsupportedProtocolVersion,
 )
-from tests._core.test_codec import SPEC_PROPERTIES, WILL, any_packet
-
-# -- wire builders (independent of the encoder) -----------------------------------------------
-
-
-def vbi(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def s(text: bytes) -> bytes:
-    """A length-prefixed UTF-8 string or binary field."""
-    return len(text).to_bytes(2, "big") + text
-
-
-def frame(first: int, body: bytes) -> bytes:
-    return bytes([first]) + vbi(len(body)) + body
-
-
-def block(*props: bytes) -> bytes:
-    """A property block: its length, then the properties."""
-    data = b"".join(props)
-    return vbi(len(data)) + data
-
-
-def prop(pid: int, value: bytes) -> bytes:
-    return bytes([pid]) + value
-
-
-def connect_v(
-    level: int = 4, flags: int = 0x02, tail: bytes = s(b"cid"), name: bytes | None = None, props: bytes = b""
-) -> bytes:
-    if name is None:
-        name = b"MQIsdp" if level == 3 else b"MQTT"
-    return frame(0x10, s(name) + bytes([level, flags]) + b"\x00\x3c" + props + tail)
-
-
-SAMPLE_VALUE = {
-    "bool": b"\x01",
-    "u16": b"\x00\x07",
-    "u16nz": b"\x00\x07",
-    "u32": b"\x00\x00\x00\x07",
-    "u32nz": b"\x00\x00\x00\x07",
-    "subid": b"\x07",
-    "str": s(b"x"),
-    "bin": s(b"x"),
-    "pairs": s(b"k") + s(b"v"),
-}
-
-
-def with_properties(kind, props: bytes) -> bytes:
-    """A minimal 5.0 packet of ``kind`` whose property block is ``props`` (WILL: the Will Properties)."""
-    builders = {
-        WILL: lambda: connect_v(5, 0x06, b"\x00" + s(b"cid") + props + s(b"w/t") + s(b"msg")),
-        CONNECT: lambda: connect_v(5, 0x02, s(b"cid"), props=props),
-        CONNACK: lambda: frame(0x20, b"\x00\x00" + props),
-        PUBLISH: lambda: frame(0x30, s(b"t") + props + b"payload"),
-        PUBACK: lambda: frame(0x40, b"\x00\x01\x10" + props),
-        PUBREC: lambda: frame(0x50, b"\x00\x01\x10" + props),
-        PUBREL: lambda: frame(0x62, b"\x00\x01\x92" + props),
-        PUBCOMP: lambda: frame(0x70, b"\x00\x01\x92" + props),
-        SUBSCRIBE: lambda: frame(0x82, b"\x00\x01" + props + s(b"a") + b"\x00"),
-        SUBACK: lambda: frame(0x90, b"\x00\x01" + props + b"\x00"),
-        UNSUBSCRIBE: lambda: frame(0xA2, b"\x00\x01" + props + s(b"a")),
-        UNSUBACK: lambda: frame(0xB0, b"\x00\x01" + props + b"\x00"),
-        DISCONNECT: lambda: frame(0xE0, b"\x04" + props),
-        AUTH: lambda: frame(0xF0, b"\x18" + props),
-    }
-    return builders[kind]()
-
-
-def decode5(kind, data: bytes) -> list:
-    return Decoder(version=0 if kind in (CONNECT, WILL) else 5).feed(data)
-
-
-def rejects(data: bytes, error: type[Exception], version: int = 4, **kwargs) -> MQTTError:
-    """Assert the decoder rejects ``data`` with ``error`` (and fed byte by byte too)."""
-    with pytest.raises(error) as info:
-        Decoder(version=version, **kwargs).feed(data)
-    decoder = Decoder(version=version, **kwargs)
-    with pytest.raises(error):
-        for i in range(len(data)):
-            decoder.feed(data[i : i + 1])
-    return info.value
-
+from tests._core.codec_strategies import any_packet
+from tests._core.wire_builders import block, connect_v, frame, prop, rejects, s
 
 # -- fixed header -----------------------------------------------------------------------------
 
@@ -249,44 +142,6 @@ def test_body_shorter_than_its_fields_is_malformed(version, data):
 def test_bytes_left_over_inside_a_packet_are_malformed(version, data):
     """MQTT 5.0 2.1.4: the Remaining Length is exactly the variable header plus payload."""
     rejects(data, MalformedPacket, version=version)
-
-
-# -- UTF-8 strings and topics -------------------------------------------------------------------
-
-BAD_UTF8 = [b"\xff", b"\xc3", b"\xc0\xaf", b"\xed\xa0\x80", b"a\xf4\x90\x80\x80"]
-
-
-@pytest.mark.parametrize("bad", BAD_UTF8)
-@pytest.mark.parametrize("where", ["topic", "client_id", "user_property", "filter"])
-def test_ill_formed_utf8_is_malformed(bad, where):
-    """MQTT-1.5.4-1 (3.1.1 MQTT-1.5.3-1): ill-formed UTF-8, overlongs and surrogates (ED A0 80)."""
-    data = {
-        "topic": frame(0x30, s(bad) + b"p"),
-        "client_id": connect_v(4, 0x02, s(bad)),
-        "user_property": frame(0x30, s(b"t") + block(prop(0x26, s(b"k") + s(bad)))),
-        "filter": frame(0x82, b"\x00\x01" + s(bad) + b"\x00"),
-    }[where]
-    rejects(data, MalformedPacket, version=5 if where == "user_property" else 4)
-
-
-@pytest.mark.parametrize("where", ["topic", "client_id", "username", "will_topic", "filter", "reason_string"])
-def test_null_character_in_a_string_is_malformed(where):
-    """MQTT-1.5.4-2 (3.1.1 MQTT-1.5.3-2): a UTF-8 string must not include U+0000."""
-    data = {
-        "topic": frame(0x30, s(b"a\x00b")),
-        "client_id": connect_v(4, 0x02, s(b"\x00")),
-        "username": connect_v(4, 0x82, s(b"c") + s(b"us\x00er")),
-        "will_topic": connect_v(4, 0x06, s(b"c") + s(b"w\x00") + s(b"")),
-        "filter": frame(0x82, b"\x00\x01" + s(b"a/\x00") + b"\x00"),
-        "reason_string": frame(0x40, b"\x00\x01\x10" + block(prop(0x1F, s(b"\x00")))),
-    }[where]
-    rejects(data, MalformedPacket, version=5 if where == "reason_string" else 4)
-
-
-def test_valid_multibyte_utf8_decodes():
-    """Sanity for the above: multi-byte UTF-8 (including 4-byte) is accepted as is."""
-    topic = "h\u00e9/\u4e2d/\U0001f600"
-    assert Decoder().feed(frame(0x30, s(topic.encode()) + b"x")) == [Publish(topic, b"x")]
 
 
 @pytest.mark.parametrize("topic", [b"a/+", b"#", b"a/#/b", b"+/x", b"sport+"])
@@ -443,122 +298,8 @@ def test_connack_reserved_flags_are_malformed():
     rejects(frame(0x20, b"\x80\x00\x00"), MalformedPacket, version=5)
 
 
-# -- properties -----------------------------------------------------------------------------
-
-NOT_ALLOWED = [
-    (pid, kind)
-    for pid, (_, kinds) in SPEC_PROPERTIES.items()
-    for kind in (
-        WILL,
-        CONNECT,
-        CONNACK,
-        PUBLISH,
-        PUBACK,
-        PUBREC,
-        PUBREL,
-        PUBCOMP,
-        SUBSCRIBE,
-        SUBACK,
-        UNSUBSCRIBE,
-        UNSUBACK,
-        DISCONNECT,
-        AUTH,
-    )
-    if kind not in kinds
-]
-ALLOWED = [(pid, kind) for pid, (_, kinds) in SPEC_PROPERTIES.items() for kind in kinds]
-
-
-@pytest.mark.parametrize(("pid", "kind"), NOT_ALLOWED)
-def test_property_not_allowed_in_the_packet_type_is_malformed(pid, kind):
-    """MQTT 5.0 2.2.2.2: a property outside its packet types (table 2-4) is a Malformed Packet."""
-    with pytest.raises(MalformedPacket):
-        decode5(kind, with_properties(kind, block(prop(pid, SAMPLE_VALUE[SPEC_PROPERTIES[pid][0]]))))
-
-
-@pytest.mark.parametrize(("pid", "kind"), ALLOWED)
-def test_property_allowed_in_the_packet_type_decodes(pid, kind):
-    """The positive half of table 2-4, built byte by byte."""
-    value_kind = SPEC_PROPERTIES[pid][0]
-    packet = decode5(kind, with_properties(kind, block(prop(pid, SAMPLE_VALUE[value_kind]))))[0]
-    props = packet.will.properties if kind == WILL else packet.properties
-    expected = {"str": "x", "bin": b"x", "pairs": [("k", "v")], "subid": [7], "bool": 1}.get(value_kind, 7)
-    assert props == {pid: expected}
-
-
-SINGLE_USE = [
-    (pid, sorted(kinds, key=str)[0]) for pid, (_, kinds) in SPEC_PROPERTIES.items() if pid != 0x26
-] + [(0x0B, SUBSCRIBE)]
-
-
-@pytest.mark.parametrize(("pid", "kind"), SINGLE_USE)
-def test_duplicated_single_use_property_is_a_protocol_error(pid, kind):
-    """MQTT 5.0 3.x.2.x: "It is a Protocol Error to include <property> more than once"."""
-    if pid == 0x0B and kind == PUBLISH:
-        kind = SUBSCRIBE  # only PUBLISH may carry several Subscription Identifiers
-    one = prop(pid, SAMPLE_VALUE[SPEC_PROPERTIES[pid][0]])
-    with pytest.raises(ProtocolError):
-        decode5(kind, with_properties(kind, block(one, one)))
-
-
-def test_user_properties_and_publish_subscription_ids_may_repeat_in_order():
-    """MQTT 5.0 3.3.2.3.7 / 3.3.2.3.8: user properties keep order and duplicates; PUBLISH may carry
-    several Subscription Identifiers."""
-    data = frame(
-        0x30,
-        s(b"t")
-        + block(
-            prop(0x26, s(b"a") + s(b"1")),
-            prop(0x0B, b"\x02"),
-            prop(0x26, s(b"a") + s(b"1")),
-            prop(0x26, s(b"b") + s(b"2")),
-            prop(0x0B, b"\x80\x01"),
-        ),
-    )
-    assert Decoder(version=5).feed(data)[0].properties == {
-        0x26: [("a", "1"), ("a", "1"), ("b", "2")],
-        0x0B: [2, 128],
-    }
-
-
-@pytest.mark.parametrize(
-    ("pid", "kind", "value"),
-    [
-        (0x0B, PUBLISH, b"\x00"),  # Subscription Identifier 0 (3.3.2.3.8)
-        (0x0B, SUBSCRIBE, b"\x00"),  # (3.8.2.1.2)
-        (0x21, CONNECT, b"\x00\x00"),  # Receive Maximum 0 (3.1.2.11.3)
-        (0x27, CONNACK, b"\x00\x00\x00\x00"),  # Maximum Packet Size 0 (3.2.2.3.6)
-        (0x23, PUBLISH, b"\x00\x00"),  # Topic Alias 0 (3.3.2.3.4)
-        (0x17, CONNECT, b"\x02"),  # Request Problem Information not 0/1 (3.1.2.11.7)
-        (0x19, CONNECT, b"\x02"),  # Request Response Information not 0/1 (3.1.2.11.6)
-        (0x24, CONNACK, b"\x02"),  # Maximum QoS not 0/1 (3.2.2.3.4)
-        (0x25, CONNACK, b"\x02"),  # Retain Available not 0/1 (3.2.2.3.5)
-        (0x01, PUBLISH, b"\x02"),  # Payload Format Indicator not 0/1 (3.3.2.3.2)
-        (0x28, CONNACK, b"\x05"),
-        (0x29, CONNACK, b"\x05"),
-        (0x2A, CONNACK, b"\x05"),
-    ],
-)
-def test_property_values_outside_their_range_are_protocol_errors(pid, kind, value):
-    """The property definitions make these values a Protocol Error."""
-    with pytest.raises(ProtocolError):
-        decode5(kind, with_properties(kind, block(prop(pid, value))))
-
-
-def test_unknown_property_identifier_is_malformed():
-    """MQTT 5.0 2.2.2.2: only the identifiers of table 2-4 exist."""
-    for pid in (0x00, 0x04, 0x2B, 0x7F):
-        with pytest.raises(MalformedPacket):
-            decode5(PUBLISH, with_properties(PUBLISH, block(prop(pid, b"\x00"))))
-
-
-def test_subscription_identifier_longer_than_four_bytes_is_malformed():
-    """MQTT 5.0 1.5.5: a Variable Byte Integer is at most four bytes."""
-    with pytest.raises(MalformedPacket):
-        decode5(PUBLISH, with_properties(PUBLISH, block(prop(0x0B, b"\x81\x81\x81\x81\x01"))))
-
-
 # -- fuzzing ---------------------------------------------------------------------------------
+
 
 FIRST_BYTES = [
     0x10,
@@ -582,7 +323,11 @@ FIRST_BYTES = [
     0xE0,
     0xF0,
 ]
+
+
 FRAMES = st.builds(frame, st.sampled_from(FIRST_BYTES), st.binary(max_size=48))
+
+
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

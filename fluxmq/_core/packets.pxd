@@ -1,5 +1,26 @@
-# C-level declarations of the MQTT codec, so other Cython modules can cimport the packet classes
-# and call the PUBLISH encoders without going through Python.
+# C-level declarations of the MQTT packet classes, so other Cython modules can cimport them (and
+# the packet type numbers) and read their fields without going through Python.
+
+
+cdef enum:
+    T_CONNECT = 1
+    T_CONNACK = 2
+    T_PUBLISH = 3
+    T_PUBACK = 4
+    T_PUBREC = 5
+    T_PUBREL = 6
+    T_PUBCOMP = 7
+    T_SUBSCRIBE = 8
+    T_SUBACK = 9
+    T_UNSUBSCRIBE = 10
+    T_UNSUBACK = 11
+    T_PINGREQ = 12
+    T_PINGRESP = 13
+    T_DISCONNECT = 14
+    T_AUTH = 15
+
+
+cdef str type_name(unsigned int ptype)
 
 
 cdef class _Record:
@@ -130,25 +151,6 @@ cdef class Auth(Packet):
     cdef tuple _key(self)
 
 
-cdef class Decoder:
-    cdef public int version
-    cdef public Py_ssize_t max_packet_size
-    cdef bytearray _pending
-    cdef bint _failed
-    # the last PUBLISH topic decoded (its str and its bytes): a publisher's next message to it
-    # shares the str, without the topic's check and decode
-    cdef str _topic
-    cdef bytes _topic_raw
-    cpdef list feed(self, data)
-    cdef list feed_buf(self, const unsigned char* buf, Py_ssize_t size)
-    cdef Py_ssize_t _parse(self, const unsigned char* data, Py_ssize_t size, list out) except -1
-    cdef object _decode(self, unsigned int first, const unsigned char* body, Py_ssize_t size)
-
-
-cpdef bytes encode(Packet packet, int version=*)
-cpdef bytes encode_publish(str topic, object payload, int qos=*, bint retain=*, bint dup=*,
-                           int packet_id=*, dict properties=*, int version=*)
-cpdef append_publish(bytearray out, bytes encoded, int packet_id, bint dup)
-cdef Py_ssize_t publish_id_offset(const unsigned char* src, Py_ssize_t n, int packet_id) except -1
-cdef void copy_publish(unsigned char* dst, const unsigned char* src, Py_ssize_t n, Py_ssize_t offset,
-                       int packet_id, bint dup) noexcept
+# allocators of the per-message packets, for the decoder (see packets.pyx)
+cdef Publish new_publish()
+cdef _PublishAck new_publish_ack(unsigned int ptype)
