@@ -12,6 +12,7 @@ CORE_MODULES = [
     "stats_core",
     "broker_core",
     "conn_state",
+    "publish_frame",
     "relay",
     "sent",
     "dqueue",

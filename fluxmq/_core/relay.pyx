@@ -62,6 +62,7 @@ from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
+from fluxmq._core.publish_frame cimport append_publish_frame, publish_frame_size
 from libc.string cimport memchr
 
 from fluxmq.errors import ForwardedItemFailed
@@ -110,6 +111,8 @@ cdef class PublishRelay:
     cdef public long long forwarded  # messages from peers delivered here (deliver_items)
     cdef public long long raw_forwarded  # PUBLISHes forward_raw queued for peers without decoding
     cdef public Py_ssize_t raw_packets  # the PUBLISHes the last forward_raw call consumed
+    # deliveries _fan_out wrote from the message's topic and payload bytes (no encoded PUBLISH)
+    cdef public long long written_direct
     # The UTF-8 bytes of the last topic forward_raw found a local subscriber for, and the trie
     # generation then: a read starting with it again goes to the decoder at once (e.g. every read
     # of a publisher whose subscribers are on its own worker), with no topic str or route look-up
@@ -149,6 +152,7 @@ cdef class PublishRelay:
         self.forwarded = 0
         self.raw_forwarded = 0
         self.raw_packets = 0
+        self.written_direct = 0
         self._local_topic = None
         self._local_generation = None
         self.enabled = True
@@ -326,15 +330,30 @@ cdef class PublishRelay:
 
     cdef Py_ssize_t _fan_out(self, targets, str topic, bytes payload, int qos, origin, origin_id,
                              bint persist, Py_ssize_t* acked) except -1:
+        """``_fan_out_at`` of a decoded message (``topic`` str, ``payload`` bytes)."""
+        cdef Py_ssize_t tlen
+        cdef const char* t = PyUnicode_AsUTF8AndSize(topic, &tlen)
+        return self._fan_out_at(targets, topic, payload, <const unsigned char*>t, tlen,
+                                <const unsigned char*>PyBytes_AS_STRING(payload),
+                                PyBytes_GET_SIZE(payload), qos, origin, origin_id, persist, acked)
+
+    cdef Py_ssize_t _fan_out_at(self, targets, str topic, bytes payload, const unsigned char* t,
+                                Py_ssize_t tlen, const unsigned char* pp, Py_ssize_t plen, int qos,
+                                origin, origin_id, bint persist, Py_ssize_t* acked) except -1:
         """``Broker.publish``'s loop over the route's targets (``Session.deliver`` +
         ``MQTTConnection.send_publish`` written in C where nothing special applies): returns the
-        deliveries, ``acked`` the QoS 1 ones among them. ``origin`` is the publishing session (No
-        Local), None for a message from a peer; ``origin_id`` the message's origin. With
-        ``persist`` (and the adopted broker's store has a ``sent_table``) a persistent session's
-        QoS 1 delivery is stored here too (``serve``: the publisher's PUBACK follows the commit);
-        without, a persistent session gets ``session.deliver``."""
-        cdef int tq, qown, pid
-        cdef Py_ssize_t n = 0, n_acked = 0
+        deliveries, ``acked`` the QoS 1 ones among them. ``t[:tlen]`` is ``topic``'s UTF-8 and
+        ``pp[:plen]`` the payload, from which a ready target's PUBLISH is written into its output
+        (``append_publish_frame``: no encoded PUBLISH); ``payload`` is their bytes object, or
+        None: made from ``pp`` only when a target needs one (a message object for an in-flight
+        record or the Python path, a stored entry), so a peer's QoS 0 message to ready targets makes
+        none. ``origin`` is the publishing session (No Local), None for a message from a peer;
+        ``origin_id`` the message's origin. With ``persist`` (and the adopted broker's store has a
+        ``sent_table``) a persistent session's QoS 1 delivery is stored here too (``serve``: the
+        publisher's PUBACK follows the commit); without, a persistent session gets
+        ``session.deliver``."""
+        cdef int tq, qown, pid, version
+        cdef Py_ssize_t n = 0, n_acked = 0, limit
         cdef bint durable, ready
         cdef long long seq
         cdef ConnState dc
@@ -347,8 +366,7 @@ cdef class PublishRelay:
         session_class = self.session_class
         persistent_class = self.persistent_class if table is not None else None
         message = None
-        enc4_0 = enc4_1 = enc5_0 = enc5_1 = entry1 = None
-        n = n_acked = 0
+        entry1 = None
         for target in targets:
             session, tq, qown, rap, sub_ids = <tuple>target
             if session is origin:
@@ -385,31 +403,19 @@ cdef class PublishRelay:
                 dc = <ConnState>d
                 dout = dc.out
                 if PyByteArray_GET_SIZE(dout) <= dc._high:
-                    data = None
+                    version = 0  # 0: not written here
                     if dc.version == 5:
                         if dc._aliases_out is None and sub_ids is None:
-                            if tq:
-                                if enc5_1 is None:
-                                    enc5_1 = encode_publish(topic, payload, 1, False, False, 1, None, 5)
-                                data = enc5_1
-                            else:
-                                if enc5_0 is None:
-                                    enc5_0 = encode_publish(topic, payload, 0, False, False, 0, None, 5)
-                                data = enc5_0
                             limit = dc._client_max_packet
-                            if limit and len(data) > limit:
-                                data = None  # dropped for this client: the Python path counts it
-                    elif tq:
-                        if enc4_1 is None:
-                            enc4_1 = encode_publish(topic, payload, 1, False, False, 1, None, 4)
-                        data = enc4_1
+                            # over it: dropped for this client (the Python path counts it)
+                            if not limit or publish_frame_size(tlen, plen, tq, 5) <= limit:
+                                version = 5
                     else:
-                        if enc4_0 is None:
-                            enc4_0 = encode_publish(topic, payload, 0, False, False, 0, None, 4)
-                        data = enc4_0
-                    if data is not None:
+                        version = 4  # (3.1 frames a PUBLISH as 3.1.1 does)
+                    if version:
                         if tq == 0:
-                            _append(dout, <bytes>data)
+                            append_publish_frame(dout, t, tlen, pp, plen, 0, 0, version)
+                            self.written_direct += 1
                             dc._npk += 1
                             if not dc._dirty:
                                 dc._dirty = True
@@ -417,20 +423,24 @@ cdef class PublishRelay:
                             continue
                         inflight = sc.inflight
                         if len(inflight) < sc.send_quota:
+                            if payload is None:
+                                payload = PyBytes_FromStringAndSize(<const char*>pp, plen)
                             if message is None:
-                                message = self.message_class(topic, payload, qos, False, None, None,
-                                                             origin_id)
+                                message = self.message_class(topic, payload, qos, False, None,
+                                                             None, origin_id)
                             if durable:
                                 if sub_ids is not None:
                                     session.deliver(message, tq, False, sub_ids)  # (encodes the ids)
                                     continue
                                 if entry1 is None:  # the stored entry (records.plain_entry's bytes)
-                                    entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
+                                    entry1 = fields_entry(topic, origin_id, payload, qos, False, 1,
+                                                          False)
                             pid = sc._next_pid
                             while pid in inflight:
                                 pid = pid + 1 if pid < 65535 else 1
                             sc._next_pid = pid + 1 if pid < 65535 else 1
-                            append_publish(dout, <bytes>data, pid, False)
+                            append_publish_frame(dout, t, tlen, pp, plen, 1, pid, version)
+                            self.written_direct += 1
                             inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
                             if durable:
                                 # -- DiskQueue.put_in_flight (the queue is empty) --
@@ -443,6 +453,8 @@ cdef class PublishRelay:
                                 dc._dirty = True
                                 _mark(dc, d)
                             continue
+            if payload is None:
+                payload = PyBytes_FromStringAndSize(<const char*>pp, plen)
             if message is None:
                 message = self.message_class(topic, payload, qos, False, None, None, origin_id)
             if durable and tq == 1 and sub_ids is None:
@@ -450,7 +462,7 @@ cdef class PublishRelay:
                 if entry1 is None:
                     entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
                 if self._queue_plain(session, dq, d, message, entry1,
-                                     len(payload) + len(topic) + 40, table):
+                                     plen + len(topic) + 40, table):
                     continue
             session.deliver(message, tq, False, sub_ids)
         acked[0] = n_acked
@@ -1053,6 +1065,8 @@ cdef class PublishRelay:
         cdef long long sent_b[2]
         cdef str topic = None, origin_id = None
         cdef Py_ssize_t last_t = -1, last_tlen = 0, last_o = -1, last_olen = -1
+        cdef RouteCore route
+        cdef list targets = None  # the route's, for a run of one topic
         if not self.enabled or i >= end or broker._on_delivered is not None:
             return (i, 0)
         if broker is not self._broker:
@@ -1061,7 +1075,6 @@ cdef class PublishRelay:
         router = self._router
         routes = self._routes
         trie = self._trie
-        last_route = None
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
         try:
             while i < end:
@@ -1082,10 +1095,9 @@ cdef class PublishRelay:
                         route = routes.get(topic)
                     if route is None:
                         route = router.route(topic)
-                    last_route = route
+                    targets = route.targets
                     last_t = f[1]
                     last_tlen = f[2]
-                route = last_route
                 if f[4] != last_olen or (f[4] > 0 and memcmp(p + f[3], p + last_o, f[4]) != 0):
                     try:
                         origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL) if f[4] >= 0 else None
@@ -1093,8 +1105,9 @@ cdef class PublishRelay:
                         break
                     last_o = f[3]
                     last_olen = f[4]
-                payload = PyBytes_FromStringAndSize(<const char*>p + f[5], f[6])
-                n = self._fan_out(route.targets, topic, payload, qos, None, origin_id, False, &n_acked)
+                # written from the batch's bytes: no payload bytes unless a target needs them
+                n = self._fan_out_at(targets, topic, None, p + f[1], f[2], p + f[5], f[6], qos, None,
+                                     origin_id, False, &n_acked)
                 sent_n[0] += n - n_acked
                 sent_b[0] += (n - n_acked) * f[6]
                 sent_n[1] += n_acked
