@@ -45,6 +45,7 @@ path*), and is handed the classes it recognises by its caller.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_New
 from cpython.unicode cimport (PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH,
                               PyUnicode_READ_CHAR)
@@ -113,6 +114,9 @@ cdef class PublishRelay:
     cdef public Py_ssize_t raw_packets  # the PUBLISHes the last forward_raw call consumed
     # deliveries _fan_out wrote from the message's topic and payload bytes (no encoded PUBLISH)
     cdef public long long written_direct
+    # of the peers' messages, those deliver_items wrote to all their route's targets at once
+    # (_write_direct: no per-target look at the sessions)
+    cdef public long long written_routes
     # The UTF-8 bytes of the last topic forward_raw found a local subscriber for, and the trie
     # generation then: a read starting with it again goes to the decoder at once (e.g. every read
     # of a publisher whose subscribers are on its own worker), with no topic str or route look-up
@@ -153,6 +157,7 @@ cdef class PublishRelay:
         self.raw_forwarded = 0
         self.raw_packets = 0
         self.written_direct = 0
+        self.written_routes = 0
         self._local_topic = None
         self._local_generation = None
         self.enabled = True
@@ -467,6 +472,62 @@ cdef class PublishRelay:
             session.deliver(message, tq, False, sub_ids)
         acked[0] = n_acked
         return n
+
+    cdef list _direct_conns(self, list targets, int qos):
+        """The connections of ``targets`` when a peer's QoS ``qos`` message goes to every one of them
+        as ``_fan_out_at`` writes it from its bytes, whatever the message: each target is a plain
+        ``Session`` with an empty queue, attached to an open connection of the relay's class,
+        delivered at QoS 0, and (5.0) without outbound topic aliases or subscription identifiers.
+        None otherwise (``_fan_out_at`` decides per target). What else it checks depends on the
+        output and the message: ``_write_direct``."""
+        cdef list conns = []
+        cdef int tq
+        cdef SessionCore sc
+        cdef ConnState dc
+        session_class = self.session_class
+        conn_class = self.conn_class
+        for target in targets:
+            tq = (<tuple>target)[1]
+            session = (<tuple>target)[0]
+            if (qos and tq) or type(session) is not session_class:
+                return None
+            sc = <SessionCore>session
+            d = sc.delivery
+            if d is None or type(d) is not conn_class or sc.queue:
+                return None
+            dc = <ConnState>d
+            if dc.closed or (dc.version == 5 and (dc._aliases_out is not None
+                                                  or (<tuple>target)[4] is not None)):
+                return None
+            conns.append(dc)
+        return conns
+
+    cdef bint _write_direct(self, list conns, const unsigned char* t, Py_ssize_t tlen,
+                            const unsigned char* pp, Py_ssize_t plen) except -1:
+        """Write a QoS 0 PUBLISH of ``t[:tlen]`` and ``pp[:plen]`` into each of ``conns``
+        (``_direct_conns``) when every one is within its high-water mark and (5.0) its maximum
+        packet size, as ``_fan_out_at`` would for each; False, nothing written, otherwise."""
+        cdef Py_ssize_t k, n = PyList_GET_SIZE(conns), size5 = -1
+        cdef ConnState dc
+        for k in range(n):
+            dc = <ConnState>PyList_GET_ITEM(conns, k)
+            if PyByteArray_GET_SIZE(dc.out) > dc._high:
+                return False
+            if dc.version == 5 and dc._client_max_packet:
+                if size5 < 0:
+                    size5 = publish_frame_size(tlen, plen, 0, 5)
+                if size5 > dc._client_max_packet:
+                    return False
+        for k in range(n):
+            dc = <ConnState>PyList_GET_ITEM(conns, k)
+            append_publish_frame(dc.out, t, tlen, pp, plen, 0, 0, 5 if dc.version == 5 else 4)
+            dc._npk += 1
+            if not dc._dirty:
+                dc._dirty = True
+                _mark(dc, dc)
+        self.written_direct += n
+        self.written_routes += 1
+        return True
 
     cdef int _queue_plain(self, session, QueueCore queue, d, message, bytes entry, Py_ssize_t size,
                           SentTable table) except -1:
@@ -1067,6 +1128,12 @@ cdef class PublishRelay:
         cdef Py_ssize_t last_t = -1, last_tlen = 0, last_o = -1, last_olen = -1
         cdef RouteCore route
         cdef list targets = None  # the route's, for a run of one topic
+        # the run's targets' connections when every one takes a plain write (_direct_conns) a
+        # message of QoS conns_qos (-1: not looked at in this run); run_off: not for the rest of
+        # the run (an output went over its mark: it stays so within this call)
+        cdef list conns = None
+        cdef int conns_qos = -1
+        cdef bint run_off = False
         if not self.enabled or i >= end or broker._on_delivered is not None:
             return (i, 0)
         if broker is not self._broker:
@@ -1096,6 +1163,8 @@ cdef class PublishRelay:
                     if route is None:
                         route = router.route(topic)
                     targets = route.targets
+                    conns_qos = -1
+                    run_off = False
                     last_t = f[1]
                     last_tlen = f[2]
                 if f[4] != last_olen or (f[4] > 0 and memcmp(p + f[3], p + last_o, f[4]) != 0):
@@ -1105,9 +1174,20 @@ cdef class PublishRelay:
                         break
                     last_o = f[3]
                     last_olen = f[4]
-                # written from the batch's bytes: no payload bytes unless a target needs them
-                n = self._fan_out_at(targets, topic, None, p + f[1], f[2], p + f[5], f[6], qos, None,
-                                     origin_id, False, &n_acked)
+                if conns_qos != qos and not run_off:
+                    conns = self._direct_conns(targets, qos)  # (reads the targets' state now)
+                    conns_qos = qos
+                if conns is not None and self._write_direct(conns, p + f[1], f[2], p + f[5], f[6]):
+                    n = PyList_GET_SIZE(conns)
+                    n_acked = 0
+                else:
+                    # per target, written from the batch's bytes where it can be (no payload bytes
+                    # unless a target needs them)
+                    if conns is not None:
+                        conns = None
+                        run_off = True
+                    n = self._fan_out_at(targets, topic, None, p + f[1], f[2], p + f[5], f[6], qos,
+                                         None, origin_id, False, &n_acked)
                 sent_n[0] += n - n_acked
                 sent_b[0] += (n - n_acked) * f[6]
                 sent_n[1] += n_acked

@@ -354,6 +354,70 @@ def test_forwarded_messages_are_written_from_the_batch_bytes_where_nothing_speci
     assert counters[1]["inflight"] == {cid: [1, 2] for cid in ("s4", "s5", "small5", "high", "dur")}
 
 
+def test_a_run_of_forwarded_messages_is_written_to_all_its_targets_at_once_until_one_is_not_ready(
+    tmp_path,
+) -> None:
+    """While every target of a run of one topic takes the plain write (plain sessions, QoS 0
+    deliveries, nothing queued, outputs within their mark and the message within a 5.0 client's
+    maximum packet size), the receiving worker writes each message to all of them at once
+    (``RELAY.written_routes``); a QoS 1 delivery, a message over a client's maximum packet size or
+    an output over its mark sends that message (and, for the last two, the rest of the run) through
+    the per-target fan-out, where each target that can still be written is (``written_direct``).
+    Every run reads the same bytes and keeps the same counters."""
+    written = []
+
+    def counted(w: Workers, packets: list) -> dict:
+        direct, routes = RELAY.written_direct, RELAY.written_routes
+        w.send("pub", packets)
+        got = w.read_all()
+        written.append((RELAY.written_direct - direct, RELAY.written_routes - routes))
+        return got
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0)
+        a = w.client("a", 1)
+        b5 = w.client("b5", 1, version=5)
+        w.subscribe("a", "r/#", 0)
+        w.subscribe("b5", "r/#", 1)
+        b5._client_max_packet = 60
+        first = counted(
+            w,
+            [
+                c.Publish("r/1", b"m1"),  # all at once
+                c.Publish("r/1", b"m2"),  # all at once
+                c.Publish("r/1", b"m3", qos=1, packet_id=1),  # b5 at QoS 1: per target
+                c.Publish("r/1", b"m4"),  # all at once
+                c.Publish("r/2", b"x" * 100),  # over b5's maximum: per target (b5's dropped)
+                c.Publish("r/2", b"m6"),  # the rest of the run per target
+            ],
+        )  # (then the mark: all at once)
+        a._high = 0  # over its mark once anything waits in its output
+        second = counted(w, [c.Publish("r/3", b"n1"), c.Publish("r/3", b"n2"), c.Publish("r/3", b"n3")])
+        return [first, second]
+
+    (first, second), counters, _served, forwarded = run_three(tmp_path, scenario)
+    assert forwarded == 6 + 1 + 3 + 1
+    # (each phase's direct writes include pub's own mark on w0)
+    fast = [(2 + 2 + 2 + 2 + 1 + 2 + 2 + 1, 4), (2 + 1 + 1 + 1 + 1, 1)]
+    assert written == [*fast, *fast, (0, 0), (0, 0)]  # from the hub, from the reader, off
+    small = [c.Publish("r/1", b"m1"), c.Publish("r/1", b"m2")]
+    assert first["a"] == b"".join(
+        encode(p, 4)
+        for p in [*small, c.Publish("r/1", b"m3"), c.Publish("r/1", b"m4"), c.Publish("r/2", b"x" * 100)]
+        + [c.Publish("r/2", b"m6")]
+    )
+    assert first["b5"] == b"".join(
+        encode(p, 5)
+        for p in [*small, c.Publish("r/1", b"m3", qos=1, packet_id=1), c.Publish("r/1", b"m4")]
+        + [c.Publish("r/2", b"m6")]
+    )
+    n = [c.Publish("r/3", b"n1"), c.Publish("r/3", b"n2"), c.Publish("r/3", b"n3")]
+    assert second["a"] == b"".join(encode(p, 4) for p in n)  # n2, n3 and the mark queued, then sent
+    assert second["b5"] == b"".join(encode(p, 5) for p in n)
+    assert counters[1]["drops"] == {"packet_too_large": 1}
+    assert counters[1]["sent"] == [2 * 5 + 2 * 3 + 2 * 2 + 1, 1, 0]
+
+
 def raw_publish(topic: bytes, payload: bytes, version: int = 4) -> bytes:
     """A QoS 0 PUBLISH written by hand (the encoder refuses a topic with a wildcard)."""
     body = len(topic).to_bytes(2, "big") + topic + (b"\x00" if version == 5 else b"") + payload
