@@ -13,6 +13,7 @@ CORE_MODULES = [
     "broker_core",
     "conn_state",
     "publish_frame",
+    "slots",
     "relay",
     "sent",
     "dqueue",

@@ -6,12 +6,14 @@ send) to a bytearray from a topic and a payload given as pointers (a peer batch'
 bytes): one resize and two copies, no encoded ``bytes`` in between. ``version`` 4 (3.1.1, also for
 3.1) or 5 (then an empty property block). The caller vouches for the topic (a valid UTF-8 topic
 name, as the message it came in passed the decoder or the peer's encoder); what this checks is the
-MQTT limits the frame itself has (topic length, Remaining Length).
+MQTT limits the frame itself has (topic length, Remaining Length). ``publish_frame_bytes`` makes
+the same frame as a bytes object, for a fan-out that copies one frame to many outputs.
 
 No I/O and no fluxmq imports.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcpy
 
 DEF MAX_VBI = 268435455
@@ -33,24 +35,21 @@ cdef Py_ssize_t publish_frame_size(Py_ssize_t tlen, Py_ssize_t plen, int qos, in
     return 5 + body
 
 
-cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssize_t tlen,
-                              const unsigned char* payload, Py_ssize_t plen, int qos, int packet_id,
-                              int version) except -1:
-    """Append the PUBLISH of ``topic[:tlen]`` and ``payload[:plen]`` at ``qos`` (0, 1 or 2; the
-    packet id with QoS 1 and 2) to ``out``; returns the bytes written."""
-    cdef Py_ssize_t body = _body_size(tlen, plen, qos, version), old = PyByteArray_GET_SIZE(out)
-    cdef Py_ssize_t n, v
-    cdef unsigned char* d
-    if tlen > 0xFFFF:
-        raise ValueError("topic longer than 65,535 bytes")
-    if body > MAX_VBI:
-        raise ValueError("packet larger than the MQTT limit of 268,435,455 bytes")
-    n = publish_frame_size(tlen, plen, qos, version)
-    PyByteArray_Resize(out, old + n)
-    d = <unsigned char*>PyByteArray_AS_STRING(out) + old
+cdef Py_ssize_t write_publish_frame(unsigned char* d, const unsigned char* topic, Py_ssize_t tlen,
+                                    const unsigned char* payload, Py_ssize_t plen, int qos,
+                                    int packet_id, int version) noexcept:
+    """Write the PUBLISH at ``d`` (``publish_frame_size`` bytes, checked by the caller); returns
+    the bytes written."""
+    return _write(d, topic, tlen, payload, plen, qos, packet_id, version)
+
+
+cdef inline Py_ssize_t _write(unsigned char* d, const unsigned char* topic, Py_ssize_t tlen,
+                              const unsigned char* payload, Py_ssize_t plen, int qos,
+                              int packet_id, int version) noexcept:
+    cdef Py_ssize_t body = _body_size(tlen, plen, qos, version), v = body
+    cdef unsigned char* start = d
     d[0] = 0x30 | (qos << 1)
     d += 1
-    v = body
     while v >= 128:
         d[0] = (v & 0x7F) | 0x80
         v >>= 7
@@ -69,13 +68,48 @@ cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssiz
         d += 1
     if plen:
         memcpy(d, payload, plen)
-    return n
+    return d + plen - start
+
+
+cdef inline int _check(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) except -1:
+    if tlen > 0xFFFF:
+        raise ValueError("topic longer than 65,535 bytes")
+    if _body_size(tlen, plen, qos, version) > MAX_VBI:
+        raise ValueError("packet larger than the MQTT limit of 268,435,455 bytes")
+    return 0
+
+
+cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssize_t tlen,
+                              const unsigned char* payload, Py_ssize_t plen, int qos, int packet_id,
+                              int version) except -1:
+    """Append the PUBLISH of ``topic[:tlen]`` and ``payload[:plen]`` at ``qos`` (0, 1 or 2; the
+    packet id with QoS 1 and 2) to ``out``; returns the bytes written."""
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(out), n
+    _check(tlen, plen, qos, version)
+    n = publish_frame_size(tlen, plen, qos, version)
+    PyByteArray_Resize(out, old + n)
+    return _write(<unsigned char*>PyByteArray_AS_STRING(out) + old, topic, tlen, payload, plen, qos,
+                  packet_id, version)
+
+
+cdef bytes publish_frame_bytes(const unsigned char* topic, Py_ssize_t tlen,
+                               const unsigned char* payload, Py_ssize_t plen, int qos, int packet_id,
+                               int version):
+    """The PUBLISH ``append_publish_frame`` appends, as a bytes object (a fan-out copies it)."""
+    cdef bytes frame
+    _check(tlen, plen, qos, version)
+    frame = PyBytes_FromStringAndSize(NULL, publish_frame_size(tlen, plen, qos, version))
+    _write(<unsigned char*>PyBytes_AS_STRING(frame), topic, tlen, payload, plen, qos, packet_id,
+           version)
+    return frame
 
 
 def frame(bytes topic, bytes payload, int qos=0, int packet_id=0, int version=4) -> bytes:
-    """``append_publish_frame`` into a new buffer (for tests)."""
-    cdef bytearray out = bytearray()
-    append_publish_frame(out, <const unsigned char*><const char*>topic, len(topic),
-                         <const unsigned char*><const char*>payload, len(payload), qos, packet_id,
-                         version)
-    return bytes(out)
+    """``append_publish_frame`` into a new buffer (for tests; checks ``publish_frame_bytes`` too)."""
+    cdef bytearray out = bytearray(b"-")
+    cdef const unsigned char* t = <const unsigned char*><const char*>topic
+    cdef const unsigned char* p = <const unsigned char*><const char*>payload
+    n = append_publish_frame(out, t, len(topic), p, len(payload), qos, packet_id, version)
+    assert n == len(out) - 1
+    assert publish_frame_bytes(t, len(topic), p, len(payload), qos, packet_id, version) == out[1:]
+    return bytes(out[1:])

@@ -63,12 +63,18 @@ from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
-from fluxmq._core.publish_frame cimport append_publish_frame, publish_frame_size
+from fluxmq._core.publish_frame cimport append_publish_frame, publish_frame_bytes, publish_frame_size
+from fluxmq._core.slots cimport SlotMaker
 from libc.string cimport memchr
 
 from fluxmq.errors import ForwardedItemFailed
 
 cdef object _MISS = object()
+
+#: the slots of the message and in-flight classes the relay is handed, in the order of their
+#: ``__init__`` arguments (``_message``, ``_inflight`` fill them so; tests compare with ``__init__``)
+MESSAGE_SLOTS = ("topic", "payload", "qos", "retain", "properties", "expires_at", "origin", "wire_cache")
+INFLIGHT_SLOTS = ("message", "qos", "retain", "subscription_ids", "released")
 
 
 cdef inline int _append(bytearray out, bytes data) except -1:
@@ -104,6 +110,8 @@ cdef class PublishRelay:
     cdef object session_class
     cdef object message_class
     cdef object inflight_class
+    cdef SlotMaker _message_maker  # None: made by calling message_class
+    cdef SlotMaker _inflight_maker  # None: made by calling inflight_class
     cdef object puback_class
     cdef object tracked_class
     cdef object persistent_class
@@ -148,6 +156,8 @@ cdef class PublishRelay:
         self.session_class = session_class
         self.message_class = message_class
         self.inflight_class = inflight_class
+        self._message_maker = _maker(message_class, MESSAGE_SLOTS)
+        self._inflight_maker = _maker(inflight_class, INFLIGHT_SLOTS)
         self.puback_class = puback_class
         self.tracked_class = tracked_class
         self.persistent_class = persistent_class
@@ -349,7 +359,8 @@ cdef class PublishRelay:
         ``MQTTConnection.send_publish`` written in C where nothing special applies): returns the
         deliveries, ``acked`` the QoS 1 ones among them. ``t[:tlen]`` is ``topic``'s UTF-8 and
         ``pp[:plen]`` the payload, from which a ready target's PUBLISH is written into its output
-        (``append_publish_frame``: no encoded PUBLISH); ``payload`` is their bytes object, or
+        (``_write_publish``: no encoded PUBLISH for a lone target, one per shape for a fan-out);
+        ``payload`` is their bytes object, or
         None: made from ``pp`` only when a target needs one (a message object for an in-flight
         record or the Python path, a stored entry), so a peer's QoS 0 message to ready targets makes
         none. ``origin`` is the publishing session (No Local), None for a message from a peer;
@@ -372,6 +383,7 @@ cdef class PublishRelay:
         persistent_class = self.persistent_class if table is not None else None
         message = None
         entry1 = None
+        shapes = [None, None, None, None] if len(targets) > 1 else None  # (_write_publish)
         for target in targets:
             session, tq, qown, rap, sub_ids = <tuple>target
             if session is origin:
@@ -419,7 +431,7 @@ cdef class PublishRelay:
                         version = 4  # (3.1 frames a PUBLISH as 3.1.1 does)
                     if version:
                         if tq == 0:
-                            append_publish_frame(dout, t, tlen, pp, plen, 0, 0, version)
+                            _write_publish(dout, shapes, t, tlen, pp, plen, 0, 0, version)
                             self.written_direct += 1
                             dc._npk += 1
                             if not dc._dirty:
@@ -431,8 +443,7 @@ cdef class PublishRelay:
                             if payload is None:
                                 payload = PyBytes_FromStringAndSize(<const char*>pp, plen)
                             if message is None:
-                                message = self.message_class(topic, payload, qos, False, None,
-                                                             None, origin_id)
+                                message = self._message(topic, payload, qos, origin_id)
                             if durable:
                                 if sub_ids is not None:
                                     session.deliver(message, tq, False, sub_ids)  # (encodes the ids)
@@ -444,9 +455,9 @@ cdef class PublishRelay:
                             while pid in inflight:
                                 pid = pid + 1 if pid < 65535 else 1
                             sc._next_pid = pid + 1 if pid < 65535 else 1
-                            append_publish_frame(dout, t, tlen, pp, plen, 1, pid, version)
+                            _write_publish(dout, shapes, t, tlen, pp, plen, 1, pid, version)
                             self.written_direct += 1
-                            inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
+                            inflight[pid] = self._inflight(message, tq, sub_ids)
                             if durable:
                                 # -- DiskQueue.put_in_flight (the queue is empty) --
                                 seq = dq.next
@@ -461,7 +472,7 @@ cdef class PublishRelay:
             if payload is None:
                 payload = PyBytes_FromStringAndSize(<const char*>pp, plen)
             if message is None:
-                message = self.message_class(topic, payload, qos, False, None, None, origin_id)
+                message = self._message(topic, payload, qos, origin_id)
             if durable and tq == 1 and sub_ids is None:
                 # -- PersistentSession.deliver's queueing behind a full window, when plain --
                 if entry1 is None:
@@ -472,6 +483,36 @@ cdef class PublishRelay:
             session.deliver(message, tq, False, sub_ids)
         acked[0] = n_acked
         return n
+
+    cdef object _message(self, str topic, bytes payload, int qos, origin_id):
+        """``message_class(topic, payload, qos, False, None, None, origin_id)``, its slots filled in
+        C when the class is the plain one (``SlotMaker``: no ``__init__`` frame)."""
+        cdef SlotMaker mk = self._message_maker
+        if mk is None:
+            return self.message_class(topic, payload, qos, False, None, None, origin_id)
+        m = mk.new()
+        mk.put(m, 0, topic)
+        mk.put(m, 1, payload)
+        mk.put(m, 2, qos)
+        mk.put(m, 3, False)
+        mk.put(m, 4, None)
+        mk.put(m, 5, None)
+        mk.put(m, 6, origin_id)
+        mk.put(m, 7, None)
+        return m
+
+    cdef object _inflight(self, message, int qos, sub_ids):
+        """``inflight_class(message, qos, False, sub_ids)``, as ``_message`` makes a message."""
+        cdef SlotMaker mk = self._inflight_maker
+        if mk is None:
+            return self.inflight_class(message, qos, False, sub_ids)
+        r = mk.new()
+        mk.put(r, 0, message)
+        mk.put(r, 1, qos)
+        mk.put(r, 2, False)
+        mk.put(r, 3, sub_ids)
+        mk.put(r, 4, False)
+        return r
 
     cdef list _direct_conns(self, list targets, int qos):
         """The connections of ``targets`` when a peer's QoS ``qos`` message goes to every one of them
@@ -509,6 +550,7 @@ cdef class PublishRelay:
         packet size, as ``_fan_out_at`` would for each; False, nothing written, otherwise."""
         cdef Py_ssize_t k, n = PyList_GET_SIZE(conns), size5 = -1
         cdef ConnState dc
+        cdef list shapes = [None, None, None, None] if n > 1 else None
         for k in range(n):
             dc = <ConnState>PyList_GET_ITEM(conns, k)
             if PyByteArray_GET_SIZE(dc.out) > dc._high:
@@ -520,7 +562,7 @@ cdef class PublishRelay:
                     return False
         for k in range(n):
             dc = <ConnState>PyList_GET_ITEM(conns, k)
-            append_publish_frame(dc.out, t, tlen, pp, plen, 0, 0, 5 if dc.version == 5 else 4)
+            _write_publish(dc.out, shapes, t, tlen, pp, plen, 0, 0, 5 if dc.version == 5 else 4)
             dc._npk += 1
             if not dc._dirty:
                 dc._dirty = True
@@ -1203,6 +1245,37 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
+
+
+cdef inline int _write_publish(bytearray out, list shapes, const unsigned char* t, Py_ssize_t tlen,
+                              const unsigned char* pp, Py_ssize_t plen, int qos, int pid,
+                              int version) except -1:
+    """Append the PUBLISH of ``t[:tlen]``, ``pp[:plen]`` (QoS ``qos``, packet id ``pid``) to
+    ``out``: straight from those bytes for a lone target (``shapes`` None); for a fan-out from the
+    frame of its shape, made once per message in ``shapes`` ([3.1.1 QoS 0, QoS 1, 5.0 QoS 0, QoS 1])
+    and copied (a frame written per target costs more than a copy)."""
+    cdef Py_ssize_t k
+    if shapes is None:
+        append_publish_frame(out, t, tlen, pp, plen, qos, pid, version)
+        return 0
+    k = (2 if version == 5 else 0) + qos
+    frame = shapes[k]
+    if frame is None:
+        frame = publish_frame_bytes(t, tlen, pp, plen, qos, 1 if qos else 0, version)
+        shapes[k] = frame
+    if qos:
+        append_publish(out, <bytes>frame, pid, False)
+    else:
+        _append(out, <bytes>frame)
+    return 0
+
+
+cdef SlotMaker _maker(cls, tuple names):
+    """A ``SlotMaker`` for ``cls`` when its slots are ``names``; None otherwise (called as is)."""
+    try:
+        return SlotMaker(cls, names)
+    except TypeError:
+        return None
 
 
 cdef inline object _link_queues(tuple nodes, object links):
