@@ -359,7 +359,7 @@ cdef class PublishRelay:
         ``MQTTConnection.send_publish`` written in C where nothing special applies): returns the
         deliveries, ``acked`` the QoS 1 ones among them. ``t[:tlen]`` is ``topic``'s UTF-8 and
         ``pp[:plen]`` the payload, from which a ready target's PUBLISH is written into its output
-        (``_write_publish``: no encoded PUBLISH for a lone target, one per shape for a fan-out);
+        (no encoded PUBLISH for a lone target, one per shape for a fan-out);
         ``payload`` is their bytes object, or
         None: made from ``pp`` only when a target needs one (a message object for an in-flight
         record or the Python path, a stored entry), so a peer's QoS 0 message to ready targets makes
@@ -383,7 +383,11 @@ cdef class PublishRelay:
         persistent_class = self.persistent_class if table is not None else None
         message = None
         entry1 = None
-        shapes = [None, None, None, None] if len(targets) > 1 else None  # (_write_publish)
+        # a lone target's PUBLISH is written from the bytes; a fan-out copies one frame per shape
+        # (3.1.1 / 5.0, QoS 0 / 1), made for the first target of that shape: cheaper than a frame
+        # written per target
+        lone = len(targets) == 1
+        enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
         for target in targets:
             session, tq, qown, rap, sub_ids = <tuple>target
             if session is origin:
@@ -431,7 +435,16 @@ cdef class PublishRelay:
                         version = 4  # (3.1 frames a PUBLISH as 3.1.1 does)
                     if version:
                         if tq == 0:
-                            _write_publish(dout, shapes, t, tlen, pp, plen, 0, 0, version)
+                            if lone:
+                                append_publish_frame(dout, t, tlen, pp, plen, 0, 0, version)
+                            elif version == 5:
+                                if enc5_0 is None:
+                                    enc5_0 = publish_frame_bytes(t, tlen, pp, plen, 0, 0, 5)
+                                _append(dout, <bytes>enc5_0)
+                            else:
+                                if enc4_0 is None:
+                                    enc4_0 = publish_frame_bytes(t, tlen, pp, plen, 0, 0, 4)
+                                _append(dout, <bytes>enc4_0)
                             self.written_direct += 1
                             dc._npk += 1
                             if not dc._dirty:
@@ -455,7 +468,16 @@ cdef class PublishRelay:
                             while pid in inflight:
                                 pid = pid + 1 if pid < 65535 else 1
                             sc._next_pid = pid + 1 if pid < 65535 else 1
-                            _write_publish(dout, shapes, t, tlen, pp, plen, 1, pid, version)
+                            if lone:
+                                append_publish_frame(dout, t, tlen, pp, plen, 1, pid, version)
+                            elif version == 5:
+                                if enc5_1 is None:
+                                    enc5_1 = publish_frame_bytes(t, tlen, pp, plen, 1, 1, 5)
+                                append_publish(dout, <bytes>enc5_1, pid, False)
+                            else:
+                                if enc4_1 is None:
+                                    enc4_1 = publish_frame_bytes(t, tlen, pp, plen, 1, 1, 4)
+                                append_publish(dout, <bytes>enc4_1, pid, False)
                             self.written_direct += 1
                             inflight[pid] = self._inflight(message, tq, sub_ids)
                             if durable:
@@ -550,7 +572,7 @@ cdef class PublishRelay:
         packet size, as ``_fan_out_at`` would for each; False, nothing written, otherwise."""
         cdef Py_ssize_t k, n = PyList_GET_SIZE(conns), size5 = -1
         cdef ConnState dc
-        cdef list shapes = [None, None, None, None] if n > 1 else None
+        cdef bytes enc4 = None, enc5 = None  # a fan-out's frames (as _fan_out_at makes them)
         for k in range(n):
             dc = <ConnState>PyList_GET_ITEM(conns, k)
             if PyByteArray_GET_SIZE(dc.out) > dc._high:
@@ -562,7 +584,16 @@ cdef class PublishRelay:
                     return False
         for k in range(n):
             dc = <ConnState>PyList_GET_ITEM(conns, k)
-            _write_publish(dc.out, shapes, t, tlen, pp, plen, 0, 0, 5 if dc.version == 5 else 4)
+            if n == 1:
+                append_publish_frame(dc.out, t, tlen, pp, plen, 0, 0, 5 if dc.version == 5 else 4)
+            elif dc.version == 5:
+                if enc5 is None:
+                    enc5 = publish_frame_bytes(t, tlen, pp, plen, 0, 0, 5)
+                _append(dc.out, enc5)
+            else:
+                if enc4 is None:
+                    enc4 = publish_frame_bytes(t, tlen, pp, plen, 0, 0, 4)
+                _append(dc.out, enc4)
             dc._npk += 1
             if not dc._dirty:
                 dc._dirty = True
@@ -1245,29 +1276,6 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
-
-
-cdef inline int _write_publish(bytearray out, list shapes, const unsigned char* t, Py_ssize_t tlen,
-                              const unsigned char* pp, Py_ssize_t plen, int qos, int pid,
-                              int version) except -1:
-    """Append the PUBLISH of ``t[:tlen]``, ``pp[:plen]`` (QoS ``qos``, packet id ``pid``) to
-    ``out``: straight from those bytes for a lone target (``shapes`` None); for a fan-out from the
-    frame of its shape, made once per message in ``shapes`` ([3.1.1 QoS 0, QoS 1, 5.0 QoS 0, QoS 1])
-    and copied (a frame written per target costs more than a copy)."""
-    cdef Py_ssize_t k
-    if shapes is None:
-        append_publish_frame(out, t, tlen, pp, plen, qos, pid, version)
-        return 0
-    k = (2 if version == 5 else 0) + qos
-    frame = shapes[k]
-    if frame is None:
-        frame = publish_frame_bytes(t, tlen, pp, plen, qos, 1 if qos else 0, version)
-        shapes[k] = frame
-    if qos:
-        append_publish(out, <bytes>frame, pid, False)
-    else:
-        _append(out, <bytes>frame)
-    return 0
 
 
 cdef SlotMaker _maker(cls, tuple names):
