@@ -24,7 +24,9 @@ PUBLISHes at its start
 that only leave (no local target) are framed for the peers from the read's bytes, no ``Publish``
 made (what the decoder and ``serve`` would do for them; the rest of the read is theirs).
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
-fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
+fan-out (``_fan_out_at``, written from the batch's bytes; a persistent session's delivery there goes
+through ``session.deliver``), or, while every target of a run of one topic takes the plain write,
+to all of them at once (``_write_direct``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
 a plain ``Session`` (or a ``PersistentSession`` over a store with a ``sent_table``) attached to an
 MQTT connection that is open, under its output allowance, with an empty session queue, and (5.0)
