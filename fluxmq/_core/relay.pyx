@@ -1232,6 +1232,9 @@ cdef class PublishRelay:
                         topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
                     except UnicodeDecodeError:
                         break  # damaged: the Python path reports it
+                    if memchr(p + f[1], 0, f[2]) != NULL:
+                        # (the frame is written from these bytes: what encode_publish refuses)
+                        raise ValueError("U+0000 in a forwarded topic (MQTT-1.5.4-2)")
                     route = None
                     if trie.generation == router._generation:
                         route = routes.get(topic)

@@ -418,6 +418,38 @@ def test_a_run_of_forwarded_messages_is_written_to_all_its_targets_at_once_until
     assert counters[1]["sent"] == [2 * 5 + 2 * 3 + 2 * 2 + 1, 1, 0]
 
 
+def test_a_forwarded_topic_with_u0000_is_skipped_not_written(tmp_path) -> None:
+    """A peer's item whose topic holds U+0000 (MQTT-1.5.4-2; no client's PUBLISH passes the decoder
+    with one) is refused as ``encode_publish`` refused it before the frame was written from the
+    batch's bytes: that item fails alone (``ForwardedItemFailed``), the rest is delivered."""
+    from fluxmq.cluster.batch import Outgoing, build_batch
+    from fluxmq.errors import ForwardedItemFailed
+    from fluxmq.storage.records import encode_message
+
+    net = Net()
+    net.broker.relay = RELAY
+    try:
+        net.client("sub")
+        net.subscribe("sub", "#", 0)
+        messages = [Message("a", b"1"), Message("a\x00b", b"2"), Message("c", b"3")]
+        items = build_batch("w0", 1, 1, [Outgoing(encode_message(m), (), True, None) for m in messages])[
+            0
+        ].items
+        with pytest.raises(ForwardedItemFailed) as failed:
+            net.broker.publish_relayed_from_peer(items, 0)
+        assert failed.value.delivered == 1
+        assert net.broker.publish_relayed_from_peer(items, failed.value.end) == (len(items), 1)
+        want = encode(c.Publish("a", b"1"), 4) + encode(c.Publish("c", b"3"), 4)
+        _conn, _, sock = net.clients["sub"]
+        got = b""
+        with gevent.Timeout(10):
+            while len(got) < len(want):
+                got += sock.recv(65536)
+        assert got == want
+    finally:
+        net.close()
+
+
 def raw_publish(topic: bytes, payload: bytes, version: int = 4) -> bytes:
     """A QoS 0 PUBLISH written by hand (the encoder refuses a topic with a wildcard)."""
     body = len(topic).to_bytes(2, "big") + topic + (b"\x00" if version == 5 else b"") + payload
