@@ -19,6 +19,7 @@ CORE_MODULES = [
     "broker_core",
     "conn_state",
     "publish_frame",
+    "slots",
     "relay",
     "sent",
     "dqueue",

@@ -11,7 +11,8 @@ that the publisher's broker has peers, and two publishers taking turns by burst,
 the subscriber has read them all. Run it twice with two counts under callgrind and divide the
 difference in instructions by the difference in messages (``[burst [lockstep]]`` after the count:
 PUBLISHes per write, 100, and with ``lockstep`` each burst is read by the subscriber before the next
-is written, so it crosses as one batch)::
+is written, so it crosses as one batch; ``subs=N`` anywhere after the count: N subscribers, each
+delivery counted, for a fan-out's cost per delivery)::
 
     for n in 2000 12000; do valgrind --tool=callgrind --callgrind-out-file=/tmp/ci.$n \\
         .venv/bin/python -m bench.relay_workers_instr forwarded $n; done
@@ -74,6 +75,10 @@ def _client(broker, flusher, client_id: str):
 
 
 def main(argv: list[str]) -> int:
+    subs = 1
+    for arg in [a for a in argv if a.startswith("subs=")]:
+        subs = int(arg.split("=", 1)[1])
+        argv = [a for a in argv if a != arg]
     mode, count = argv[0], int(argv[1])
     # burst: PUBLISHes per write; with "lockstep" the next burst waits until the subscriber has read
     # the last one (one batch per burst between the workers: the fixed cost of a batch is the
@@ -95,26 +100,31 @@ def main(argv: list[str]) -> int:
         while not all(n.transport.reachable() for n in nodes) and time.monotonic() < deadline:
             gevent.sleep(0.01)
     sub_at = brokers[1] if mode == "forwarded" else brokers[0]
-    sub_conn, sub_sock = _client(*sub_at, "sub")
-    sub_at[0].subscribe(sub_conn.session, "in/#", 0)
+    sub_socks = []
+    for k in range(subs):
+        sub_conn, sub_sock = _client(*sub_at, f"sub{k}" if k else "sub")
+        sub_at[0].subscribe(sub_conn.session, "in/#", 0)
+        sub_socks.append(sub_sock)
     _pub_conn, pub_sock = _client(*brokers[0], "pub")
     one = c.encode(c.Publish("in/1", b"x" * 64), 4)
     # (colocated: a second publisher, to another topic of the same length, every other burst)
     pubs = [(pub_sock, one)]
     if mode == "colocated":
         pubs.append((_client(*brokers[0], "pub2")[1], c.encode(c.Publish("in/2", b"x" * 64), 4)))
-    want = len(c.encode(c.Publish("in/1", b"x" * 64), 4)) * count
+    want = len(c.encode(c.Publish("in/1", b"x" * 64), 4)) * count * subs
     got = 0
-    size = len(one)
-    target = [want]  # the reader sets ``caught_up`` once it has read this much
+    size = len(one) * subs  # read per PUBLISH sent
+    target = [want]  # the readers set ``caught_up`` once they have read this much
     caught_up = gevent.event.Event()
 
-    def read() -> None:
+    def read(sub_sock) -> None:
         nonlocal got
-        while got < want:
+        mine = 0
+        while mine < want // subs:
             data = sub_sock.recv(1 << 20)
             if not data:
                 break
+            mine += len(data)
             got += len(data)
             if got >= target[0]:
                 caught_up.set()
@@ -124,7 +134,7 @@ def main(argv: list[str]) -> int:
     # otherwise a full collection that walks the imports and both brokers lands in one run's count
     # and not the other's (~1,650 instructions per message of 20,000 when it does).
     gc.freeze()
-    reader = gevent.spawn(read)
+    readers = [gevent.spawn(read, sock) for sock in sub_socks]
     sent = bursts = 0
     while sent < count:
         n = min(burst, count - sent)
@@ -139,12 +149,12 @@ def main(argv: list[str]) -> int:
             caught_up.wait(60)
         else:
             gevent.sleep(0)
-    reader.join(timeout=120)
+    gevent.joinall(readers, timeout=120)
     batches = sum(link.stats.batches for node in nodes for link in node.transport.links.values())
     for node in nodes:
         node.stop(0.5)
     print(
-        f"{mode} {count} read={got} want={want} relay_served={RELAY.served} forwarded={RELAY.forwarded}"
+        f"{mode} {count} subs={subs} read={got} want={want} relay_served={RELAY.served} forwarded={RELAY.forwarded}"
         f" raw_forwarded={getattr(RELAY, 'raw_forwarded', 0)} batches={batches}"
     )
     return 0 if got == want else 1

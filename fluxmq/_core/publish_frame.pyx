@@ -1,64 +1,115 @@
 # cython: language_level=3
-"""A PUBLISH packet written straight into an output ``bytearray`` from its topic's and payload's
-bytes (e.g. a read buffer's), without the ``bytes`` of ``codec.encode_publish``.
+"""A PUBLISH written into a subscriber's output straight from the bytes it arrived in.
 
-``append_publish_frame`` writes what ``encode_publish(topic, payload, qos, False, False,
-packet_id, None, version)`` returns, byte for byte: not retained, no DUP, and for 5.0 an empty
-property block. The caller has checked the topic (a valid topic name of at most 65,535 bytes).
+``append_publish_frame`` appends one whole PUBLISH (not retained, not DUP: a delivery's first
+send) to a bytearray from a topic and a payload given as pointers (a peer batch's bytes, a read's
+bytes): one resize and two copies, no encoded ``bytes`` in between. ``version`` 4 (3.1.1, also for
+3.1) or 5 (then an empty property block). The caller vouches for the topic (a valid UTF-8 topic
+name, as the message it came in passed the decoder or the peer's encoder); what this checks is the
+MQTT limits the frame itself has (topic length, Remaining Length). ``publish_frame_bytes`` makes
+the same frame as a bytes object, for a fan-out that copies one frame to many outputs.
+
+No I/O and no fluxmq imports.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcpy
 
+DEF MAX_VBI = 268435455
 
-cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssize_t tlen,
-                              const unsigned char* payload, Py_ssize_t plen, int qos, int packet_id,
-                              int version) except -1:
-    """Append the PUBLISH of ``topic`` (``tlen`` bytes) and ``payload`` (``plen`` bytes) at QoS
-    ``qos`` (0 or 1; ``packet_id`` with QoS 1) for protocol ``version`` (4 or 5: 3.1 and 3.1.1
-    share the frame) to ``out``; returns the bytes written."""
-    cdef Py_ssize_t body = 2 + tlen + plen, head, at, n
-    cdef unsigned char* d
-    if qos:
-        body += 2
-    if version == 5:
-        body += 1  # the empty property block's length
-    if body > 268435455:
-        raise ValueError("packet larger than the MQTT limit of 268,435,455 bytes")
-    head = 2 if body < 128 else 3 if body < 16384 else 4 if body < 2097152 else 5
-    n = head + body
-    at = PyByteArray_GET_SIZE(out)
-    PyByteArray_Resize(out, at + n)
-    d = <unsigned char*>PyByteArray_AS_STRING(out) + at
+
+cdef inline Py_ssize_t _body_size(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) noexcept:
+    return 2 + tlen + (2 if qos else 0) + (1 if version == 5 else 0) + plen
+
+
+cdef Py_ssize_t publish_frame_size(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) noexcept:
+    """The bytes ``append_publish_frame`` writes for these lengths (the Remaining Length unchecked)."""
+    cdef Py_ssize_t body = _body_size(tlen, plen, qos, version)
+    if body < 128:
+        return 2 + body
+    if body < 16384:
+        return 3 + body
+    if body < 2097152:
+        return 4 + body
+    return 5 + body
+
+
+cdef Py_ssize_t write_publish_frame(unsigned char* d, const unsigned char* topic, Py_ssize_t tlen,
+                                    const unsigned char* payload, Py_ssize_t plen, int qos,
+                                    int packet_id, int version) noexcept:
+    """Write the PUBLISH at ``d`` (``publish_frame_size`` bytes, checked by the caller); returns
+    the bytes written."""
+    return _write(d, topic, tlen, payload, plen, qos, packet_id, version)
+
+
+cdef inline Py_ssize_t _write(unsigned char* d, const unsigned char* topic, Py_ssize_t tlen,
+                              const unsigned char* payload, Py_ssize_t plen, int qos,
+                              int packet_id, int version) noexcept:
+    cdef Py_ssize_t body = _body_size(tlen, plen, qos, version), v = body
+    cdef unsigned char* start = d
     d[0] = 0x30 | (qos << 1)
     d += 1
-    while True:  # the Remaining Length
-        if body < 128:
-            d[0] = <unsigned char>body
-            d += 1
-            break
-        d[0] = <unsigned char>((body & 0x7F) | 0x80)
+    while v >= 128:
+        d[0] = (v & 0x7F) | 0x80
+        v >>= 7
         d += 1
-        body >>= 7
-    d[0] = <unsigned char>(tlen >> 8)
-    d[1] = <unsigned char>(tlen & 0xFF)
-    memcpy(d + 2, topic, tlen)
-    d += 2 + tlen
+    d[0] = <unsigned char>v
+    d[1] = (tlen >> 8) & 0xFF
+    d[2] = tlen & 0xFF
+    memcpy(d + 3, topic, tlen)
+    d += 3 + tlen
     if qos:
-        d[0] = <unsigned char>(packet_id >> 8)
-        d[1] = <unsigned char>(packet_id & 0xFF)
+        d[0] = (packet_id >> 8) & 0xFF
+        d[1] = packet_id & 0xFF
         d += 2
     if version == 5:
         d[0] = 0
         d += 1
     if plen:
         memcpy(d, payload, plen)
-    return n
+    return d + plen - start
+
+
+cdef inline int _check(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) except -1:
+    if tlen > 0xFFFF:
+        raise ValueError("topic longer than 65,535 bytes")
+    if _body_size(tlen, plen, qos, version) > MAX_VBI:
+        raise ValueError("packet larger than the MQTT limit of 268,435,455 bytes")
+    return 0
+
+
+cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssize_t tlen,
+                              const unsigned char* payload, Py_ssize_t plen, int qos, int packet_id,
+                              int version) except -1:
+    """Append the PUBLISH of ``topic[:tlen]`` and ``payload[:plen]`` at ``qos`` (0, 1 or 2; the
+    packet id with QoS 1 and 2) to ``out``; returns the bytes written."""
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(out), n
+    _check(tlen, plen, qos, version)
+    n = publish_frame_size(tlen, plen, qos, version)
+    PyByteArray_Resize(out, old + n)
+    return _write(<unsigned char*>PyByteArray_AS_STRING(out) + old, topic, tlen, payload, plen, qos,
+                  packet_id, version)
+
+
+cdef bytes publish_frame_bytes(const unsigned char* topic, Py_ssize_t tlen,
+                               const unsigned char* payload, Py_ssize_t plen, int qos, int packet_id,
+                               int version):
+    """The PUBLISH ``append_publish_frame`` appends, as a bytes object (a fan-out copies it)."""
+    cdef bytes frame
+    _check(tlen, plen, qos, version)
+    frame = PyBytes_FromStringAndSize(NULL, publish_frame_size(tlen, plen, qos, version))
+    _write(<unsigned char*>PyBytes_AS_STRING(frame), topic, tlen, payload, plen, qos, packet_id,
+           version)
+    return frame
 
 
 def frame(bytes topic, bytes payload, int qos=0, int packet_id=0, int version=4) -> bytes:
-    """``append_publish_frame`` into a new buffer, as ``bytes`` (tests compare it with the codec)."""
-    cdef bytearray out = bytearray()
-    append_publish_frame(out, <const unsigned char*><char*>topic, len(topic),
-                         <const unsigned char*><char*>payload, len(payload), qos, packet_id, version)
-    return bytes(out)
+    """``append_publish_frame`` into a new buffer (for tests; checks ``publish_frame_bytes`` too)."""
+    cdef bytearray out = bytearray(b"-")
+    cdef const unsigned char* t = <const unsigned char*><const char*>topic
+    cdef const unsigned char* p = <const unsigned char*><const char*>payload
+    n = append_publish_frame(out, t, len(topic), p, len(payload), qos, packet_id, version)
+    assert n == len(out) - 1
+    assert publish_frame_bytes(t, len(topic), p, len(payload), qos, packet_id, version) == out[1:]
+    return bytes(out[1:])

@@ -25,7 +25,9 @@ made: each ready local subscriber's frame written into its output (``publish_fra
 interested peer's framed for its queue (what the decoder and ``serve`` would do for them; the rest
 of the read is theirs).
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
-fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
+fan-out (``_fan_out_at``, written from the batch's bytes; a persistent session's delivery there goes
+through ``session.deliver``), or, while every target of a run of one topic takes the plain write,
+to all of them at once (``_write_direct``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
 a plain ``Session`` (or a ``PersistentSession`` over a store with a ``sent_table``) attached to an
 MQTT connection that is open, under its output allowance, with an empty session queue, and (5.0)
@@ -46,6 +48,7 @@ path*), and is handed the classes it recognises by its caller.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_New
 from cpython.unicode cimport (PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH,
                               PyUnicode_READ_CHAR)
@@ -65,12 +68,18 @@ from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
-from fluxmq._core.publish_frame cimport append_publish_frame
+from fluxmq._core.publish_frame cimport append_publish_frame, publish_frame_bytes, publish_frame_size
+from fluxmq._core.slots cimport SlotMaker
 from libc.string cimport memchr
 
 from fluxmq.errors import ForwardedItemFailed
 
 cdef object _MISS = object()
+
+#: the slots of the message and in-flight classes the relay is handed, in the order of their
+#: ``__init__`` arguments (``_message``, ``_inflight`` fill them so; tests compare with ``__init__``)
+MESSAGE_SLOTS = ("topic", "payload", "qos", "retain", "properties", "expires_at", "origin", "wire_cache")
+INFLIGHT_SLOTS = ("message", "qos", "retain", "subscription_ids", "released")
 
 
 cdef inline int _append(bytearray out, bytes data) except -1:
@@ -79,11 +88,6 @@ cdef inline int _append(bytearray out, bytes data) except -1:
     PyByteArray_Resize(out, old + n)
     memcpy(PyByteArray_AS_STRING(out) + old, PyBytes_AS_STRING(data), n)
     return 0
-
-
-cdef inline Py_ssize_t _frame_size(Py_ssize_t body):
-    """The bytes of a packet whose Remaining Length is ``body``."""
-    return body + (2 if body < 128 else 3 if body < 16384 else 4 if body < 2097152 else 5)
 
 
 cdef inline int _mark(ConnState c, conn) except -1:
@@ -111,6 +115,8 @@ cdef class PublishRelay:
     cdef object session_class
     cdef object message_class
     cdef object inflight_class
+    cdef SlotMaker _message_maker  # None: made by calling message_class
+    cdef SlotMaker _inflight_maker  # None: made by calling inflight_class
     cdef object puback_class
     cdef object tracked_class
     cdef object persistent_class
@@ -120,6 +126,11 @@ cdef class PublishRelay:
     cdef public long long raw_forwarded  # PUBLISHes forward_raw consumed on a broker with peers
     cdef public long long raw_served  # PUBLISHes forward_raw consumed (delivered, forwarded) without decoding
     cdef public Py_ssize_t raw_packets  # the PUBLISHes the last forward_raw call consumed
+    # deliveries _fan_out wrote from the message's topic and payload bytes (no encoded PUBLISH)
+    cdef public long long written_direct
+    # of the peers' messages, those deliver_items wrote to all their route's targets at once
+    # (_write_direct: no per-target look at the sessions)
+    cdef public long long written_routes
     # The UTF-8 bytes of the last topic forward_raw found shared groups for, and the trie
     # generation then: a read starting with it again goes to the decoder at once, with no topic
     # str or route look-up
@@ -151,6 +162,8 @@ cdef class PublishRelay:
         self.session_class = session_class
         self.message_class = message_class
         self.inflight_class = inflight_class
+        self._message_maker = _maker(message_class, MESSAGE_SLOTS)
+        self._inflight_maker = _maker(inflight_class, INFLIGHT_SLOTS)
         self.puback_class = puback_class
         self.tracked_class = tracked_class
         self.persistent_class = persistent_class
@@ -160,6 +173,8 @@ cdef class PublishRelay:
         self.raw_forwarded = 0
         self.raw_served = 0
         self.raw_packets = 0
+        self.written_direct = 0
+        self.written_routes = 0
         self._local_topic = None
         self._local_generation = None
         self.enabled = True
@@ -337,15 +352,31 @@ cdef class PublishRelay:
 
     cdef Py_ssize_t _fan_out(self, targets, str topic, bytes payload, int qos, origin, origin_id,
                              bint persist, Py_ssize_t* acked) except -1:
+        """``_fan_out_at`` of a decoded message (``topic`` str, ``payload`` bytes)."""
+        cdef Py_ssize_t tlen
+        cdef const char* t = PyUnicode_AsUTF8AndSize(topic, &tlen)
+        return self._fan_out_at(targets, topic, payload, <const unsigned char*>t, tlen,
+                                <const unsigned char*>PyBytes_AS_STRING(payload),
+                                PyBytes_GET_SIZE(payload), qos, origin, origin_id, persist, acked)
+
+    cdef Py_ssize_t _fan_out_at(self, targets, str topic, bytes payload, const unsigned char* t,
+                                Py_ssize_t tlen, const unsigned char* pp, Py_ssize_t plen, int qos,
+                                origin, origin_id, bint persist, Py_ssize_t* acked) except -1:
         """``Broker.publish``'s loop over the route's targets (``Session.deliver`` +
         ``MQTTConnection.send_publish`` written in C where nothing special applies): returns the
-        deliveries, ``acked`` the QoS 1 ones among them. ``origin`` is the publishing session (No
-        Local), None for a message from a peer; ``origin_id`` the message's origin. With
-        ``persist`` (and the adopted broker's store has a ``sent_table``) a persistent session's
-        QoS 1 delivery is stored here too (``serve``: the publisher's PUBACK follows the commit);
-        without, a persistent session gets ``session.deliver``."""
-        cdef int tq, qown, pid
-        cdef Py_ssize_t n = 0, n_acked = 0
+        deliveries, ``acked`` the QoS 1 ones among them. ``t[:tlen]`` is ``topic``'s UTF-8 and
+        ``pp[:plen]`` the payload, from which a ready target's PUBLISH is written into its output
+        (no encoded PUBLISH for a lone target, one per shape for a fan-out);
+        ``payload`` is their bytes object, or
+        None: made from ``pp`` only when a target needs one (a message object for an in-flight
+        record or the Python path, a stored entry), so a peer's QoS 0 message to ready targets makes
+        none. ``origin`` is the publishing session (No Local), None for a message from a peer;
+        ``origin_id`` the message's origin. With ``persist`` (and the adopted broker's store has a
+        ``sent_table``) a persistent session's QoS 1 delivery is stored here too (``serve``: the
+        publisher's PUBACK follows the commit); without, a persistent session gets
+        ``session.deliver``."""
+        cdef int tq, qown, pid, version
+        cdef Py_ssize_t n = 0, n_acked = 0, limit
         cdef bint durable, ready
         cdef long long seq
         cdef ConnState dc
@@ -358,8 +389,12 @@ cdef class PublishRelay:
         session_class = self.session_class
         persistent_class = self.persistent_class if table is not None else None
         message = None
-        enc4_0 = enc4_1 = enc5_0 = enc5_1 = entry1 = None
-        n = n_acked = 0
+        entry1 = None
+        # a lone target's PUBLISH is written from the bytes; a fan-out copies one frame per shape
+        # (3.1.1 / 5.0, QoS 0 / 1), made for the first target of that shape: cheaper than a frame
+        # written per target
+        lone = len(targets) == 1
+        enc4_0 = enc4_1 = enc5_0 = enc5_1 = None
         for target in targets:
             session, tq, qown, rap, sub_ids = <tuple>target
             if session is origin:
@@ -396,31 +431,28 @@ cdef class PublishRelay:
                 dc = <ConnState>d
                 dout = dc.out
                 if PyByteArray_GET_SIZE(dout) <= dc._high:
-                    data = None
+                    version = 0  # 0: not written here
                     if dc.version == 5:
                         if dc._aliases_out is None and sub_ids is None:
-                            if tq:
-                                if enc5_1 is None:
-                                    enc5_1 = encode_publish(topic, payload, 1, False, False, 1, None, 5)
-                                data = enc5_1
-                            else:
-                                if enc5_0 is None:
-                                    enc5_0 = encode_publish(topic, payload, 0, False, False, 0, None, 5)
-                                data = enc5_0
                             limit = dc._client_max_packet
-                            if limit and len(data) > limit:
-                                data = None  # dropped for this client: the Python path counts it
-                    elif tq:
-                        if enc4_1 is None:
-                            enc4_1 = encode_publish(topic, payload, 1, False, False, 1, None, 4)
-                        data = enc4_1
+                            # over it: dropped for this client (the Python path counts it)
+                            if not limit or publish_frame_size(tlen, plen, tq, 5) <= limit:
+                                version = 5
                     else:
-                        if enc4_0 is None:
-                            enc4_0 = encode_publish(topic, payload, 0, False, False, 0, None, 4)
-                        data = enc4_0
-                    if data is not None:
+                        version = 4  # (3.1 frames a PUBLISH as 3.1.1 does)
+                    if version:
                         if tq == 0:
-                            _append(dout, <bytes>data)
+                            if lone:
+                                append_publish_frame(dout, t, tlen, pp, plen, 0, 0, version)
+                            elif version == 5:
+                                if enc5_0 is None:
+                                    enc5_0 = publish_frame_bytes(t, tlen, pp, plen, 0, 0, 5)
+                                _append(dout, <bytes>enc5_0)
+                            else:
+                                if enc4_0 is None:
+                                    enc4_0 = publish_frame_bytes(t, tlen, pp, plen, 0, 0, 4)
+                                _append(dout, <bytes>enc4_0)
+                            self.written_direct += 1
                             dc._npk += 1
                             if not dc._dirty:
                                 dc._dirty = True
@@ -428,21 +460,33 @@ cdef class PublishRelay:
                             continue
                         inflight = sc.inflight
                         if len(inflight) < sc.send_quota:
+                            if payload is None:
+                                payload = PyBytes_FromStringAndSize(<const char*>pp, plen)
                             if message is None:
-                                message = self.message_class(topic, payload, qos, False, None, None,
-                                                             origin_id)
+                                message = self._message(topic, payload, qos, origin_id)
                             if durable:
                                 if sub_ids is not None:
                                     session.deliver(message, tq, False, sub_ids)  # (encodes the ids)
                                     continue
                                 if entry1 is None:  # the stored entry (records.plain_entry's bytes)
-                                    entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
+                                    entry1 = fields_entry(topic, origin_id, payload, qos, False, 1,
+                                                          False)
                             pid = sc._next_pid
                             while pid in inflight:
                                 pid = pid + 1 if pid < 65535 else 1
                             sc._next_pid = pid + 1 if pid < 65535 else 1
-                            append_publish(dout, <bytes>data, pid, False)
-                            inflight[pid] = self.inflight_class(message, tq, False, sub_ids)
+                            if lone:
+                                append_publish_frame(dout, t, tlen, pp, plen, 1, pid, version)
+                            elif version == 5:
+                                if enc5_1 is None:
+                                    enc5_1 = publish_frame_bytes(t, tlen, pp, plen, 1, 1, 5)
+                                append_publish(dout, <bytes>enc5_1, pid, False)
+                            else:
+                                if enc4_1 is None:
+                                    enc4_1 = publish_frame_bytes(t, tlen, pp, plen, 1, 1, 4)
+                                append_publish(dout, <bytes>enc4_1, pid, False)
+                            self.written_direct += 1
+                            inflight[pid] = self._inflight(message, tq, sub_ids)
                             if durable:
                                 # -- DiskQueue.put_in_flight (the queue is empty) --
                                 seq = dq.next
@@ -454,18 +498,116 @@ cdef class PublishRelay:
                                 dc._dirty = True
                                 _mark(dc, d)
                             continue
+            if payload is None:
+                payload = PyBytes_FromStringAndSize(<const char*>pp, plen)
             if message is None:
-                message = self.message_class(topic, payload, qos, False, None, None, origin_id)
+                message = self._message(topic, payload, qos, origin_id)
             if durable and tq == 1 and sub_ids is None:
                 # -- PersistentSession.deliver's queueing behind a full window, when plain --
                 if entry1 is None:
                     entry1 = fields_entry(topic, origin_id, payload, qos, False, 1, False)
                 if self._queue_plain(session, dq, d, message, entry1,
-                                     len(payload) + len(topic) + 40, table):
+                                     plen + len(topic) + 40, table):
                     continue
             session.deliver(message, tq, False, sub_ids)
         acked[0] = n_acked
         return n
+
+    cdef object _message(self, str topic, bytes payload, int qos, origin_id):
+        """``message_class(topic, payload, qos, False, None, None, origin_id)``, its slots filled in
+        C when the class is the plain one (``SlotMaker``: no ``__init__`` frame)."""
+        cdef SlotMaker mk = self._message_maker
+        if mk is None:
+            return self.message_class(topic, payload, qos, False, None, None, origin_id)
+        m = mk.new()
+        mk.put(m, 0, topic)
+        mk.put(m, 1, payload)
+        mk.put(m, 2, qos)
+        mk.put(m, 3, False)
+        mk.put(m, 4, None)
+        mk.put(m, 5, None)
+        mk.put(m, 6, origin_id)
+        mk.put(m, 7, None)
+        return m
+
+    cdef object _inflight(self, message, int qos, sub_ids):
+        """``inflight_class(message, qos, False, sub_ids)``, as ``_message`` makes a message."""
+        cdef SlotMaker mk = self._inflight_maker
+        if mk is None:
+            return self.inflight_class(message, qos, False, sub_ids)
+        r = mk.new()
+        mk.put(r, 0, message)
+        mk.put(r, 1, qos)
+        mk.put(r, 2, False)
+        mk.put(r, 3, sub_ids)
+        mk.put(r, 4, False)
+        return r
+
+    cdef list _direct_conns(self, list targets, int qos):
+        """The connections of ``targets`` when a peer's QoS ``qos`` message goes to every one of them
+        as ``_fan_out_at`` writes it from its bytes, whatever the message: each target is a plain
+        ``Session`` with an empty queue, attached to an open connection of the relay's class,
+        delivered at QoS 0, and (5.0) without outbound topic aliases or subscription identifiers.
+        None otherwise (``_fan_out_at`` decides per target). What else it checks depends on the
+        output and the message: ``_write_direct``."""
+        cdef list conns = []
+        cdef int tq
+        cdef SessionCore sc
+        cdef ConnState dc
+        session_class = self.session_class
+        conn_class = self.conn_class
+        for target in targets:
+            tq = (<tuple>target)[1]
+            session = (<tuple>target)[0]
+            if (qos and tq) or type(session) is not session_class:
+                return None
+            sc = <SessionCore>session
+            d = sc.delivery
+            if d is None or type(d) is not conn_class or sc.queue:
+                return None
+            dc = <ConnState>d
+            if dc.closed or (dc.version == 5 and (dc._aliases_out is not None
+                                                  or (<tuple>target)[4] is not None)):
+                return None
+            conns.append(dc)
+        return conns
+
+    cdef bint _write_direct(self, list conns, const unsigned char* t, Py_ssize_t tlen,
+                            const unsigned char* pp, Py_ssize_t plen) except -1:
+        """Write a QoS 0 PUBLISH of ``t[:tlen]`` and ``pp[:plen]`` into each of ``conns``
+        (``_direct_conns``) when every one is within its high-water mark and (5.0) its maximum
+        packet size, as ``_fan_out_at`` would for each; False, nothing written, otherwise."""
+        cdef Py_ssize_t k, n = PyList_GET_SIZE(conns), size5 = -1
+        cdef ConnState dc
+        cdef bytes enc4 = None, enc5 = None  # a fan-out's frames (as _fan_out_at makes them)
+        for k in range(n):
+            dc = <ConnState>PyList_GET_ITEM(conns, k)
+            if PyByteArray_GET_SIZE(dc.out) > dc._high:
+                return False
+            if dc.version == 5 and dc._client_max_packet:
+                if size5 < 0:
+                    size5 = publish_frame_size(tlen, plen, 0, 5)
+                if size5 > dc._client_max_packet:
+                    return False
+        for k in range(n):
+            dc = <ConnState>PyList_GET_ITEM(conns, k)
+            if n == 1:
+                append_publish_frame(dc.out, t, tlen, pp, plen, 0, 0, 5 if dc.version == 5 else 4)
+            elif dc.version == 5:
+                if enc5 is None:
+                    enc5 = publish_frame_bytes(t, tlen, pp, plen, 0, 0, 5)
+                _append(dc.out, enc5)
+            else:
+                if enc4 is None:
+                    enc4 = publish_frame_bytes(t, tlen, pp, plen, 0, 0, 4)
+                _append(dc.out, enc4)
+            dc._npk += 1
+            if not dc._dirty:
+                dc._dirty = True
+                _mark(dc, dc)
+        self.written_direct += n
+        self.written_routes += 1
+        return True
 
     cdef int _queue_plain(self, session, QueueCore queue, d, message, bytes entry, Py_ssize_t size,
                           SentTable table) except -1:
@@ -864,7 +1006,7 @@ cdef class PublishRelay:
         cdef Py_ssize_t pos = 0, length, body, total, tlen, hdr, plen, n
         cdef const unsigned char* data = p  # the read (p moves to a copy of a pending packet's bytes)
         cdef Py_ssize_t data_size = size
-        cdef Py_ssize_t npk = 0, k, last_tlen = 0, olen, len4
+        cdef Py_ssize_t npk = 0, k, last_tlen = 0, olen
         cdef const char* origin
         cdef const unsigned char* t
         cdef const unsigned char* last_t = NULL
@@ -1108,8 +1250,8 @@ cdef class PublishRelay:
                         if qos:
                             break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
                         # the 3.x and 5.0 frames' sizes (5.0: an empty property block's byte more)
-                        len4 = 2 + tlen + plen
-                        if not self._raw_ready(targets, session, _frame_size(len4), _frame_size(len4 + 1)):
+                        if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 4),
+                                               publish_frame_size(tlen, plen, 0, 5)):
                             break
                     if fqs:
                         full = False
@@ -1192,6 +1334,14 @@ cdef class PublishRelay:
         cdef long long sent_b[2]
         cdef str topic = None, origin_id = None
         cdef Py_ssize_t last_t = -1, last_tlen = 0, last_o = -1, last_olen = -1
+        cdef RouteCore route
+        cdef list targets = None  # the route's, for a run of one topic
+        # the run's targets' connections when every one takes a plain write (_direct_conns) a
+        # message of QoS conns_qos (-1: not looked at in this run); run_off: not for the rest of
+        # the run (an output went over its mark: it stays so within this call)
+        cdef list conns = None
+        cdef int conns_qos = -1
+        cdef bint run_off = False
         if not self.enabled or i >= end or broker._on_delivered is not None:
             return (i, 0)
         if broker is not self._broker:
@@ -1200,7 +1350,6 @@ cdef class PublishRelay:
         router = self._router
         routes = self._routes
         trie = self._trie
-        last_route = None
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
         try:
             while i < end:
@@ -1216,15 +1365,19 @@ cdef class PublishRelay:
                         topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
                     except UnicodeDecodeError:
                         break  # damaged: the Python path reports it
+                    if memchr(p + f[1], 0, f[2]) != NULL:
+                        # (the frame is written from these bytes: what encode_publish refuses)
+                        raise ValueError("U+0000 in a forwarded topic (MQTT-1.5.4-2)")
                     route = None
                     if trie.generation == router._generation:
                         route = routes.get(topic)
                     if route is None:
                         route = router.route(topic)
-                    last_route = route
+                    targets = route.targets
+                    conns_qos = -1
+                    run_off = False
                     last_t = f[1]
                     last_tlen = f[2]
-                route = last_route
                 if f[4] != last_olen or (f[4] > 0 and memcmp(p + f[3], p + last_o, f[4]) != 0):
                     try:
                         origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL) if f[4] >= 0 else None
@@ -1232,8 +1385,20 @@ cdef class PublishRelay:
                         break
                     last_o = f[3]
                     last_olen = f[4]
-                payload = PyBytes_FromStringAndSize(<const char*>p + f[5], f[6])
-                n = self._fan_out(route.targets, topic, payload, qos, None, origin_id, False, &n_acked)
+                if conns_qos != qos and not run_off:
+                    conns = self._direct_conns(targets, qos)  # (reads the targets' state now)
+                    conns_qos = qos
+                if conns is not None and self._write_direct(conns, p + f[1], f[2], p + f[5], f[6]):
+                    n = PyList_GET_SIZE(conns)
+                    n_acked = 0
+                else:
+                    # per target, written from the batch's bytes where it can be (no payload bytes
+                    # unless a target needs them)
+                    if conns is not None:
+                        conns = None
+                        run_off = True
+                    n = self._fan_out_at(targets, topic, None, p + f[1], f[2], p + f[5], f[6], qos,
+                                         None, origin_id, False, &n_acked)
                 sent_n[0] += n - n_acked
                 sent_b[0] += (n - n_acked) * f[6]
                 sent_n[1] += n_acked
@@ -1249,6 +1414,14 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
+
+
+cdef SlotMaker _maker(cls, tuple names):
+    """A ``SlotMaker`` for ``cls`` when its slots are ``names``; None otherwise (called as is)."""
+    try:
+        return SlotMaker(cls, names)
+    except TypeError:
+        return None
 
 
 cdef inline object _link_queues(tuple nodes, object links):

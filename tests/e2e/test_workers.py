@@ -104,10 +104,11 @@ def test_publish_on_one_worker_reaches_a_subscriber_on_the_other(node2, qos: int
     assert {m.qos for m in got} == {qos}
 
 
-def raw_on_worker(node: RunningNode, worker: str) -> Raw5:
-    """A raw 5.0 connection on ``worker`` (reads the acknowledgements' reason codes itself)."""
+def raw_on_worker(node: RunningNode, worker: str, version: int = 5) -> Raw5:
+    """A raw connection (5.0 unless ``version`` says otherwise) on ``worker`` (reads the
+    acknowledgements' reason codes itself)."""
     for _ in range(MAX_TRIES):
-        raw = Raw5(node)
+        raw = Raw5(node, version)
         raw.connect(unique("raw"))
         raw.subscribe(1, (WORKER_TOPIC, 0))
         where = raw.wait_for(lambda p: isinstance(p, c.Publish) and p.topic == WORKER_TOPIC)
@@ -149,6 +150,81 @@ def test_a_5_0_publish_whose_subscriber_is_on_the_other_worker_is_not_acknowledg
             assert publish(pub, unique("xw/nobody"), 200) == 0x10
         finally:
             pub.close()
+
+
+def test_forwarded_messages_reach_3_1_1_and_5_0_subscribers_exactly_and_count_as_sent(node2) -> None:
+    """Messages published on w0 to raw 3.1.1 and 5.0 subscribers on w1 (written there from the
+    workers' batch bytes): each subscriber reads every PUBLISH with its QoS, packet ids and (5.0)
+    an empty property block, and the node's sent counters on /metrics grow by exactly what they
+    were sent, by QoS and bytes."""
+    topic = unique("xw/direct")
+    subs = [raw_on_worker(node2, "w1", 4), raw_on_worker(node2, "w1", 5)]
+    try:
+        for sub in subs:  # no more $SYS/broker/worker republishes: only this test's deliveries
+            sub.send(c.Unsubscribe(2, [WORKER_TOPIC]))
+            sub.wait_for(lambda p: isinstance(p, c.Unsuback))
+            sub.subscribe(3, (f"{topic}/#", 1))
+        with on_worker(node2, "w0", "pub") as pub:
+            for i in range(100):  # until the subscriptions' interest reached w0 and a probe crossed
+                pub.publish(f"{topic}/probe", str(i).encode(), 1)
+                try:
+                    for sub in subs:
+                        sub.publishes_until(f"{topic}/probe", 0.5)
+                except AssertionError:
+                    continue
+                break
+            else:
+                raise AssertionError("no probe crossed")
+            time.sleep(0.3)  # a late probe is delivered (and counted) before ``before``
+            before = sent_counters(node2)
+            for i in range(10):
+                pub.publish(f"{topic}/0", f"a{i}".encode(), 0)
+                pub.publish(f"{topic}/1", f"bb{i}".encode(), 1)
+            pub.publish(f"{topic}/end", b"", 1)
+            got = [
+                [p for p in sub.publishes_until(f"{topic}/end") if p.topic != f"{topic}/probe"]
+                for sub in subs
+            ]
+        after = sent_counters(node2)
+    finally:
+        for sub in subs:
+            sub.close()
+    for version, publishes in zip((4, 5), got, strict=True):
+        assert [(p.topic, p.payload, p.qos) for p in publishes] == [
+            (f"{topic}/{qos}", f"{'a' if qos == 0 else 'bb'}{i}".encode(), qos)
+            for i in range(10)
+            for qos in (0, 1)
+        ], version
+        assert [p.packet_id for p in publishes if p.qos] == list(
+            range(publishes[1].packet_id, publishes[1].packet_id + 10)
+        )
+        assert all(not p.properties for p in publishes)
+    grew = {key: after[key] - before[key] for key in after}
+    assert grew == {
+        ("sent", "0"): 2 * 10,
+        ("sent", "1"): 2 * 11,  # and the sentinel
+        ("bytes", "0"): 2 * 10 * 2,
+        ("bytes", "1"): 2 * 10 * 3,
+    }
+
+
+def sent_counters(node: RunningNode) -> dict:
+    """``fluxmq_messages_sent_total`` and ``fluxmq_message_bytes_sent_total`` by QoS (0, 1), from a
+    scrape that both workers answered (each scrape is served by either; bounded retries)."""
+    for _ in range(30):
+        text = metrics(node)
+        if re.search(r"^fluxmq_workers_answering 2\.0$", text, re.M):
+            found = {}
+            for kind, name in (
+                ("sent", "fluxmq_messages_sent_total"),
+                ("bytes", "fluxmq_message_bytes_sent_total"),
+            ):
+                for qos in ("0", "1"):
+                    m = re.search(rf'^{name}{{qos="{qos}"}} (\S+)$', text, re.M)
+                    assert m, text[:2000]
+                    found[(kind, qos)] = float(m.group(1))
+            return found
+    raise AssertionError("no scrape answered by both workers")
 
 
 def test_retained_set_on_one_worker_is_seen_from_the_other(node2) -> None:

@@ -26,6 +26,7 @@ from fluxmq.cluster.workers import WorkerNode
 from fluxmq.config.loader import load_config
 from fluxmq.node.workers import WorkerContext
 from fluxmq.protocol.connection import HUB_READS, RELAY
+from fluxmq.storage.lmdb import LMDBStorage
 from tests.protocol.frames import raw_publish
 from tests.protocol.test_publish_relay import Net, encode
 
@@ -44,9 +45,13 @@ class Context(WorkerContext):
 class Workers:
     """Two workers (``w0``, ``w1``) of one node, each a ``Net``, linked by their WorkerNodes."""
 
-    def __init__(self, tmp) -> None:
+    def __init__(self, tmp, lmdb: bool = False) -> None:
+        """``lmdb``: each worker stores sessions in its own LMDB store (persistent sessions)."""
         config = load_config(env={}, overrides=["server.workers=2"])
-        self.nets = [Net(), Net()]
+        self.stores = (
+            [LMDBStorage(tmp / f"db{i}", map_size=16 << 20, verify=False) for i in range(2)] if lmdb else []
+        )
+        self.nets = [Net(storage=store) for store in self.stores] or [Net(), Net()]
         self.nodes = []
         sockets = tmp / "sockets"
         sockets.mkdir(exist_ok=True)
@@ -65,9 +70,9 @@ class Workers:
             gevent.sleep(0.01)
         self.where: dict[str, int] = {}
 
-    def client(self, client_id: str, worker: int, version: int = 4):
+    def client(self, client_id: str, worker: int, version: int = 4, **kw):
         self.where[client_id] = worker
-        return self.nets[worker].client(client_id, version)
+        return self.nets[worker].client(client_id, version, **kw)
 
     def subscribe(self, client_id: str, filter: str, qos: int, **kw) -> None:
         self.nets[self.where[client_id]].subscribe(client_id, filter, qos, **kw)
@@ -89,9 +94,11 @@ class Workers:
             node.stop(0.5)
         for net in self.nets:
             net.close()
+        for store in self.stores:
+            store.close()
 
 
-def run_three(tmp_path, scenario) -> tuple[list[dict], list, int, int]:
+def run_three(tmp_path, scenario, lmdb: bool = False) -> tuple[list[dict], list, int, int]:
     """``scenario(workers)`` with the fast path from the hub, from the reader, and off; then reads
     what every client got up to the next mark (a scenario that reads itself returns its reads).
     Returns the reads and the counters of the first run, and how many PUBLISHes the relay served
@@ -103,7 +110,7 @@ def run_three(tmp_path, scenario) -> tuple[list[dict], list, int, int]:
         HUB_READS.enabled = hub
         tmp = tmp_path / f"run{n}"
         tmp.mkdir()
-        workers = Workers(tmp)
+        workers = Workers(tmp, lmdb)
         try:
             before, fwd_before = RELAY.served, RELAY.forwarded
             got = scenario(workers) or [workers.read_all()]
@@ -279,6 +286,170 @@ def test_per_target_fallback_on_the_receiving_worker(tmp_path) -> None:
         encode(c.Publish("t", b"waiting", qos=1, packet_id=1), 4)
         + encode(c.Publish("t", b"m", qos=1, packet_id=2), 4)
     )
+
+
+def test_forwarded_messages_are_written_from_the_batch_bytes_where_nothing_special_applies(
+    tmp_path,
+) -> None:
+    """On the receiving worker a plain forwarded message is written into a ready subscriber's output
+    straight from the batch's bytes (``RELAY.written_direct``: no payload or encoded PUBLISH made),
+    at QoS 0 and 1, to 3.1.1 and 5.0 subscribers; a 5.0 subscriber's maximum packet size is checked
+    against the frame's size (over it: the Python path drops it for that client); a subscriber over
+    its high-water mark (then with messages queued behind it) and a persistent one go through
+    ``Session.deliver``. Each run reads the same bytes and keeps the same counters (sent by QoS and
+    bytes, drops, in-flight ids)."""
+    written = []
+
+    def scenario(w: Workers) -> list:
+        before = RELAY.written_direct
+        w.client("pub", 0, expiry=0)  # (expiry 0: a session that is not stored)
+        w.client("s4", 1, expiry=0)
+        w.client("s5", 1, version=5, expiry=0)
+        small = w.client("small5", 1, version=5, expiry=0)
+        high = w.client("high", 1, expiry=0)
+        w.client("dur", 1, clean=False)
+        for cid in ("s4", "s5", "small5", "high", "dur"):
+            w.subscribe(cid, "t/#", 1)
+        small._client_max_packet = 20  # a 5.0 CONNECT's Maximum Packet Size
+        high._high = 0  # over its mark once anything waits in its output
+        w.send(
+            "pub",
+            [
+                c.Publish("t/a", b"zero"),
+                c.Publish("t/a", b"one", qos=1, packet_id=1),
+                c.Publish("t/b", b"x" * 40),
+                c.Publish("t/b", b"two", qos=1, packet_id=2),
+            ],
+        )
+        got = w.read_all()
+        written.append(RELAY.written_direct - before)
+        return [got]
+
+    [got], counters, served, forwarded = run_three(tmp_path, scenario, lmdb=True)
+    assert served == 5 and forwarded == 5  # the four and the mark, each forwarded once
+    # s4, s5: all four and the mark; small5: all but the 40-byte payload's, and the mark; high: the
+    # first (then queued behind its mark); dur: none (pub's own mark on w0 is the read's raw path's,
+    # ``raw_served``, not a _fan_out write)
+    assert written == [5 + 5 + 4 + 1, 5 + 5 + 4 + 1, 0]
+    q0 = [c.Publish("t/a", b"zero"), c.Publish("t/b", b"x" * 40)]
+
+    def want(version: int, first_pid: int = 1, big: bool = True) -> bytes:
+        return b"".join(
+            encode(p, version)
+            for p in (
+                q0[0],
+                c.Publish("t/a", b"one", qos=1, packet_id=first_pid),
+                *(q0[1:] if big else []),
+                c.Publish("t/b", b"two", qos=1, packet_id=first_pid + 1),
+            )
+        )
+
+    assert got["s4"] == want(4)
+    assert got["s5"] == want(5)
+    assert got["small5"] == want(5, big=False)
+    assert got["high"] == want(4)
+    assert got["dur"] == want(4)
+    # five subscribers of each (small5's dropped one counted as publish_from_peer counts it)
+    assert counters[1]["sent"] == [5 * 3, 5 * 2, 0]
+    assert counters[1]["sent_bytes"] == [5 * (4 + 40 + len(b"end")), 5 * (3 + 3), 0]
+    assert counters[1]["drops"] == {"packet_too_large": 1}
+    assert counters[1]["inflight"] == {cid: [1, 2] for cid in ("s4", "s5", "small5", "high", "dur")}
+
+
+def test_a_run_of_forwarded_messages_is_written_to_all_its_targets_at_once_until_one_is_not_ready(
+    tmp_path,
+) -> None:
+    """While every target of a run of one topic takes the plain write (plain sessions, QoS 0
+    deliveries, nothing queued, outputs within their mark and the message within a 5.0 client's
+    maximum packet size), the receiving worker writes each message to all of them at once
+    (``RELAY.written_routes``); a QoS 1 delivery, a message over a client's maximum packet size or
+    an output over its mark sends that message (and, for the last two, the rest of the run) through
+    the per-target fan-out, where each target that can still be written is (``written_direct``).
+    Every run reads the same bytes and keeps the same counters."""
+    written = []
+
+    def counted(w: Workers, packets: list) -> dict:
+        direct, routes = RELAY.written_direct, RELAY.written_routes
+        w.send("pub", packets)
+        got = w.read_all()
+        written.append((RELAY.written_direct - direct, RELAY.written_routes - routes))
+        return got
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0)
+        a = w.client("a", 1)
+        b5 = w.client("b5", 1, version=5)
+        w.subscribe("a", "r/#", 0)
+        w.subscribe("b5", "r/#", 1)
+        b5._client_max_packet = 60
+        first = counted(
+            w,
+            [
+                c.Publish("r/1", b"m1"),  # all at once
+                c.Publish("r/1", b"m2"),  # all at once
+                c.Publish("r/1", b"m3", qos=1, packet_id=1),  # b5 at QoS 1: per target
+                c.Publish("r/1", b"m4"),  # all at once
+                c.Publish("r/2", b"x" * 100),  # over b5's maximum: per target (b5's dropped)
+                c.Publish("r/2", b"m6"),  # the rest of the run per target
+            ],
+        )  # (then the mark: all at once)
+        a._high = 0  # over its mark once anything waits in its output
+        second = counted(w, [c.Publish("r/3", b"n1"), c.Publish("r/3", b"n2"), c.Publish("r/3", b"n3")])
+        return [first, second]
+
+    (first, second), counters, _served, forwarded = run_three(tmp_path, scenario)
+    assert forwarded == 6 + 1 + 3 + 1
+    # (pub's own mark on w0 is the read's raw path's, ``raw_served``, not a direct write)
+    fast = [(2 + 2 + 2 + 2 + 1 + 2 + 2, 4), (2 + 1 + 1 + 1, 1)]
+    assert written == [*fast, *fast, (0, 0), (0, 0)]  # from the hub, from the reader, off
+    small = [c.Publish("r/1", b"m1"), c.Publish("r/1", b"m2")]
+    assert first["a"] == b"".join(
+        encode(p, 4)
+        for p in [*small, c.Publish("r/1", b"m3"), c.Publish("r/1", b"m4"), c.Publish("r/2", b"x" * 100)]
+        + [c.Publish("r/2", b"m6")]
+    )
+    assert first["b5"] == b"".join(
+        encode(p, 5)
+        for p in [*small, c.Publish("r/1", b"m3", qos=1, packet_id=1), c.Publish("r/1", b"m4")]
+        + [c.Publish("r/2", b"m6")]
+    )
+    n = [c.Publish("r/3", b"n1"), c.Publish("r/3", b"n2"), c.Publish("r/3", b"n3")]
+    assert second["a"] == b"".join(encode(p, 4) for p in n)  # n2, n3 and the mark queued, then sent
+    assert second["b5"] == b"".join(encode(p, 5) for p in n)
+    assert counters[1]["drops"] == {"packet_too_large": 1}
+    assert counters[1]["sent"] == [2 * 5 + 2 * 3 + 2 * 2 + 1, 1, 0]
+
+
+def test_a_forwarded_topic_with_u0000_is_skipped_not_written(tmp_path) -> None:
+    """A peer's item whose topic holds U+0000 (MQTT-1.5.4-2; no client's PUBLISH passes the decoder
+    with one) is refused as ``encode_publish`` refused it before the frame was written from the
+    batch's bytes: that item fails alone (``ForwardedItemFailed``), the rest is delivered."""
+    from fluxmq.cluster.batch import Outgoing, build_batch
+    from fluxmq.errors import ForwardedItemFailed
+    from fluxmq.storage.records import encode_message
+
+    net = Net()
+    net.broker.relay = RELAY
+    try:
+        net.client("sub")
+        net.subscribe("sub", "#", 0)
+        messages = [Message("a", b"1"), Message("a\x00b", b"2"), Message("c", b"3")]
+        items = build_batch("w0", 1, 1, [Outgoing(encode_message(m), (), True, None) for m in messages])[
+            0
+        ].items
+        with pytest.raises(ForwardedItemFailed) as failed:
+            net.broker.publish_relayed_from_peer(items, 0)
+        assert failed.value.delivered == 1
+        assert net.broker.publish_relayed_from_peer(items, failed.value.end) == (len(items), 1)
+        want = encode(c.Publish("a", b"1"), 4) + encode(c.Publish("c", b"3"), 4)
+        _conn, _, sock = net.clients["sub"]
+        got = b""
+        with gevent.Timeout(10):
+            while len(got) < len(want):
+                got += sock.recv(65536)
+        assert got == want
+    finally:
+        net.close()
 
 
 def run_three_raw(tmp_path, scenario) -> tuple[list, list, int]:
