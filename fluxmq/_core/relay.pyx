@@ -23,7 +23,8 @@ C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as 
 3.x client's QoS 1 ones with no local target) are served from the read's bytes, no ``Publish``
 made: each ready local subscriber's frame written into its output (``publish_frame``), each
 interested peer's framed for its queue (what the decoder and ``serve`` would do for them; the rest
-of the read is theirs).
+of the read is theirs). A read it would stop at once on this publisher's own last route
+(``_declines_first``) is left to them before its set-up.
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
@@ -546,7 +547,6 @@ cdef class PublishRelay:
             fwd_routes = getattr(peers, "relay_routes", None)
             if fwd_routes is None:
                 return i
-            fwd_links = peers.relay_links
         origin = cs.session
         if origin is None or cs.closed:
             return i
@@ -687,7 +687,10 @@ cdef class PublishRelay:
                         if nodes is None:
                             break  # Peers.forward decides (shared groups on a peer)
                         if nodes:
-                            # the queues of the links to them (links cannot change within this call)
+                            # the queues of the links to them (links cannot change within this call;
+                            # read only here: a topic with no peer's interest does not need them)
+                            if fwd_links is None:
+                                fwd_links = peers.relay_links
                             fqs = _link_queues(<tuple>nodes, fwd_links)
                             if fqs is None:
                                 break
@@ -838,6 +841,60 @@ cdef class PublishRelay:
             n += 1
         return n
 
+    cdef int _declines_first(self, ConnState cs, Decoder decoder, session, const unsigned char* p,
+                             Py_ssize_t size, int version) except -1:
+        """1 when the read's first PUBLISH (complete in ``p``, a QoS 0 or QoS 1 first byte) is to
+        this publisher's last topic (the decoder's last topic, its route still ``serve``'s and the
+        router's: the same generation and epoch) and ``_forward_buf`` would stop at it before any
+        effect: the route has a shared group, or local targets that a QoS 1 PUBLISH or
+        ``_raw_ready`` (e.g. the subscriber over its output's high-water mark) leave to ``serve``.
+        Decided on the read's bytes and the connection's own route, before the peers' tables, the
+        settings, the policy and the topic's ``str``; 0 when not sure (the full set-up decides)."""
+        cdef Py_ssize_t length = 0, k = 1, tlen, len4
+        cdef long long gen
+        cdef int shift = 0
+        cdef unsigned int byte
+        cdef RouterCore router = self._router
+        cdef RouteCore route
+        cdef bytes raw = decoder._topic_raw
+        cdef str topic = cs._relay_topic
+        cdef list targets
+        if raw is None or topic is None or cs._relay_route is None:
+            return 0
+        gen = <long long>self._trie.generation
+        if cs._relay_gen != gen or gen != router._generation or cs._relay_epoch != router._epoch:
+            return 0
+        while k < size and shift < 28:
+            byte = p[k]
+            k += 1
+            length |= (<Py_ssize_t>(byte & 0x7F)) << shift
+            if not (byte & 0x80):
+                break
+            shift += 7
+        else:
+            return 0
+        if size - k < length or length < 2:
+            return 0
+        tlen = (p[k] << 8) | p[k + 1]
+        if (tlen != PyBytes_GET_SIZE(raw) or 2 + tlen > length
+                or memcmp(p + k + 2, PyBytes_AS_STRING(raw), tlen) != 0 or decoder._topic != topic):
+            return 0
+        route = <RouteCore>cs._relay_route
+        if route.groups:
+            return 1  # serve's (it needs the Publish)
+        targets = route.targets
+        if not targets:
+            return 0
+        if p[0] != 0x30:
+            return 1  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
+        if version == 5:
+            if 3 + tlen > length or p[k + 2 + tlen] != 0:
+                return 0  # (properties, or truncated: the decoder's)
+            len4 = length - 1  # (the empty property block's byte)
+        else:
+            len4 = length
+        return not self._raw_ready(targets, session, _frame_size(len4), _frame_size(len4 + 1))
+
     cdef Py_ssize_t _forward_buf(self, conn, const unsigned char* p, Py_ssize_t size) except -1:
         """The common QoS 0 (and forward-only QoS 1) PUBLISHes at the start of a read, straight from
         its bytes: what ``Decoder.feed`` and ``serve`` do for them, without a ``Publish``, its topic
@@ -907,12 +964,6 @@ cdef class PublishRelay:
         bc = <BrokerCore>broker
         if bc._on_published is not None or bc._on_delivered is not None:
             return 0
-        peers = bc.peers
-        fwd_routes = fwd_links = None
-        if peers is not None:
-            fwd_routes = getattr(peers, "relay_routes", None)
-            if fwd_routes is None:
-                return 0
         session = cs.session
         if session is None or cs.closed:
             return 0
@@ -953,8 +1004,14 @@ cdef class PublishRelay:
             phase = 0
         elif p[0] != 0x30 and p[0] != 0x32 and p[0] != 0x3A:
             return 0
+        elif broker is self._broker and self._declines_first(cs, decoder, session, p, size, version):
+            return 0  # this publisher's last route, not servable here: before the set-up below
+        peers = bc.peers
+        fwd_routes = fwd_links = None
         if peers is not None:
-            fwd_links = peers.relay_links
+            fwd_routes = getattr(peers, "relay_routes", None)
+            if fwd_routes is None:
+                return 0
         max_packet = decoder.max_packet_size
         settings = cs.settings
         max_size = settings.max_message_size
@@ -1097,6 +1154,8 @@ cdef class PublishRelay:
                             if nodes is None:
                                 break  # Peers.forward decides (shared groups on a peer)
                             if nodes:
+                                if fwd_links is None:
+                                    fwd_links = peers.relay_links  # (only for a topic a peer wants)
                                 fqs = _link_queues(<tuple>nodes, fwd_links)
                                 if fqs is None:
                                     break
