@@ -23,8 +23,8 @@ C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as 
 3.x client's QoS 1 ones with no local target) are served from the read's bytes, no ``Publish``
 made: each ready local subscriber's frame written into its output (``publish_frame``), each
 interested peer's framed for its queue (what the decoder and ``serve`` would do for them; the rest
-of the read is theirs). A read it would stop at once on this publisher's own last route
-(``_declines_first``) is left to them before its set-up.
+of the read is theirs). A topic's local targets are checked before the peers' tables: a read
+stopped there (e.g. its subscriber over its output's high-water mark) pays no look at them.
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out``; a persistent session's delivery there goes through ``session.deliver``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
@@ -841,60 +841,6 @@ cdef class PublishRelay:
             n += 1
         return n
 
-    cdef int _declines_first(self, ConnState cs, Decoder decoder, session, const unsigned char* p,
-                             Py_ssize_t size, int version) except -1:
-        """1 when the read's first PUBLISH (complete in ``p``, a QoS 0 or QoS 1 first byte) is to
-        this publisher's last topic (the decoder's last topic, its route still ``serve``'s and the
-        router's: the same generation and epoch) and ``_forward_buf`` would stop at it before any
-        effect: the route has a shared group, or local targets that a QoS 1 PUBLISH or
-        ``_raw_ready`` (e.g. the subscriber over its output's high-water mark) leave to ``serve``.
-        Decided on the read's bytes and the connection's own route, before the peers' tables, the
-        settings, the policy and the topic's ``str``; 0 when not sure (the full set-up decides)."""
-        cdef Py_ssize_t length = 0, k = 1, tlen, len4
-        cdef long long gen
-        cdef int shift = 0
-        cdef unsigned int byte
-        cdef RouterCore router = self._router
-        cdef RouteCore route
-        cdef bytes raw = decoder._topic_raw
-        cdef str topic = cs._relay_topic
-        cdef list targets
-        if raw is None or topic is None or cs._relay_route is None:
-            return 0
-        gen = <long long>self._trie.generation
-        if cs._relay_gen != gen or gen != router._generation or cs._relay_epoch != router._epoch:
-            return 0
-        while k < size and shift < 28:
-            byte = p[k]
-            k += 1
-            length |= (<Py_ssize_t>(byte & 0x7F)) << shift
-            if not (byte & 0x80):
-                break
-            shift += 7
-        else:
-            return 0
-        if size - k < length or length < 2:
-            return 0
-        tlen = (p[k] << 8) | p[k + 1]
-        if (tlen != PyBytes_GET_SIZE(raw) or 2 + tlen > length
-                or memcmp(p + k + 2, PyBytes_AS_STRING(raw), tlen) != 0 or decoder._topic != topic):
-            return 0
-        route = <RouteCore>cs._relay_route
-        if route.groups:
-            return 1  # serve's (it needs the Publish)
-        targets = route.targets
-        if not targets:
-            return 0
-        if p[0] != 0x30:
-            return 1  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
-        if version == 5:
-            if 3 + tlen > length or p[k + 2 + tlen] != 0:
-                return 0  # (properties, or truncated: the decoder's)
-            len4 = length - 1  # (the empty property block's byte)
-        else:
-            len4 = length
-        return not self._raw_ready(targets, session, _frame_size(len4), _frame_size(len4 + 1))
-
     cdef Py_ssize_t _forward_buf(self, conn, const unsigned char* p, Py_ssize_t size) except -1:
         """The common QoS 0 (and forward-only QoS 1) PUBLISHes at the start of a read, straight from
         its bytes: what ``Decoder.feed`` and ``serve`` do for them, without a ``Publish``, its topic
@@ -938,7 +884,7 @@ cdef class PublishRelay:
         cdef Py_ssize_t at
         cdef char* w
         cdef bytearray out = None
-        cdef bint sampled, full
+        cdef bint sampled, full, ready
         cdef list fqs = None
         cdef list targets = None
         cdef ConnState cs
@@ -1004,14 +950,9 @@ cdef class PublishRelay:
             phase = 0
         elif p[0] != 0x30 and p[0] != 0x32 and p[0] != 0x3A:
             return 0
-        elif broker is self._broker and self._declines_first(cs, decoder, session, p, size, version):
-            return 0  # this publisher's last route, not servable here: before the set-up below
+        # (the peers' tables are read in the loop, once a topic's local targets took its message)
         peers = bc.peers
         fwd_routes = fwd_links = None
-        if peers is not None:
-            fwd_routes = getattr(peers, "relay_routes", None)
-            if fwd_routes is None:
-                return 0
         max_packet = decoder.max_packet_size
         settings = cs.settings
         max_size = settings.max_message_size
@@ -1097,6 +1038,7 @@ cdef class PublishRelay:
                     if plen > max_size:
                         break
                     t = p + body + 2
+                    ready = False  # (this packet's local targets take it raw: checked with its route)
                     if last_t == NULL or tlen != last_tlen or memcmp(t, last_t, tlen) != 0:
                         if t[0] == 36:
                             break  # "$": serve's (a durable queue) or the Python path's
@@ -1146,8 +1088,21 @@ cdef class PublishRelay:
                             self._local_generation = trie.generation
                             break
                         targets = route.targets
+                        if targets:
+                            # local targets that cannot take it raw: serve's, decided before the
+                            # peers' tables (a publisher's read that stops here pays no more)
+                            if qos:
+                                break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
+                            len4 = 2 + tlen + plen
+                            if not self._raw_ready(targets, session, _frame_size(len4), _frame_size(len4 + 1)):
+                                break
+                            ready = True
                         fqs = None
                         if peers is not None:
+                            if fwd_routes is None:
+                                fwd_routes = getattr(peers, "relay_routes", None)
+                                if fwd_routes is None:
+                                    break  # (a peers object the relay does not know: its forward decides)
                             nodes = fwd_routes.get(topic, _MISS)
                             if nodes is _MISS:
                                 nodes = peers.relay_route(topic)
@@ -1161,7 +1116,7 @@ cdef class PublishRelay:
                                     break
                         last_t = t
                         last_tlen = tlen
-                    if targets:
+                    if targets and not ready:
                         if qos:
                             break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
                         # the 3.x and 5.0 frames' sizes (5.0: an empty property block's byte more)

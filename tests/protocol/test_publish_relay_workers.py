@@ -547,10 +547,11 @@ def test_a_publisher_with_a_local_subscriber_skips_the_forward_set_up_after_anot
 
 def test_a_read_its_local_subscriber_cannot_take_raw_skips_the_forward_set_up(tmp_path, monkeypatch) -> None:
     """A publisher whose last route has a local subscriber over its output's high-water mark: the raw
-    path would stop at the read's first PUBLISH (``_raw_ready`` says no) and the decoder and ``serve``
-    take it. That is now decided on the read's bytes and the connection's own last route, before the
-    raw path's set-up: one look at the peers' tables per read (``serve``'s), not two. Once the
-    subscriber is below its mark again it gets every message in order. The peers' links are not looked at: no peer wants the topic."""
+    path stops at the read's first PUBLISH (``_raw_ready`` says no) and the decoder and ``serve``
+    take it. The raw path now checks the local targets with the route (the connection's own last
+    one), before the peers' table: one look at that table per read (``serve``'s), not two; and the
+    peers' links are not read at all (no peer wants the topic). Once the subscriber is below its
+    mark again it gets every message in order."""
     from fluxmq.cluster.peers import ClusterPeers
 
     links: list = []
