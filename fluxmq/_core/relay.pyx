@@ -681,7 +681,10 @@ cdef class PublishRelay:
                         break
                     fqs = None
                     if peers is not None:
-                        nodes = fwd_routes.get(topic, _MISS)
+                        if type(fwd_routes) is dict:
+                            nodes = (<dict>fwd_routes).get(topic, _MISS)  # (C's dict look-up)
+                        else:
+                            nodes = fwd_routes.get(topic, _MISS)
                         if nodes is _MISS:
                             nodes = peers.relay_route(topic)
                         if nodes is None:
@@ -1103,7 +1106,10 @@ cdef class PublishRelay:
                                 fwd_routes = getattr(peers, "relay_routes", None)
                                 if fwd_routes is None:
                                     break  # (a peers object the relay does not know: its forward decides)
-                            nodes = fwd_routes.get(topic, _MISS)
+                            if type(fwd_routes) is dict:
+                                nodes = (<dict>fwd_routes).get(topic, _MISS)  # (C's dict look-up)
+                            else:
+                                nodes = fwd_routes.get(topic, _MISS)
                             if nodes is _MISS:
                                 nodes = peers.relay_route(topic)
                             if nodes is None:
