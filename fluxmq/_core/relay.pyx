@@ -23,7 +23,8 @@ C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as 
 3.x client's QoS 1 ones with no local target) are served from the read's bytes, no ``Publish``
 made: each ready local subscriber's frame written into its output (``publish_frame``), each
 interested peer's framed for its queue (what the decoder and ``serve`` would do for them; the rest
-of the read is theirs).
+of the read is theirs). A topic's local targets are checked before the peers' tables: a read
+stopped there (e.g. its subscriber over its output's high-water mark) pays no look at them.
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out_at``, written from the batch's bytes; a persistent session's delivery there goes
 through ``session.deliver``), or, while every target of a run of one topic takes the plain write,
@@ -690,7 +691,6 @@ cdef class PublishRelay:
             fwd_routes = getattr(peers, "relay_routes", None)
             if fwd_routes is None:
                 return i
-            fwd_links = peers.relay_links
         origin = cs.session
         if origin is None or cs.closed:
             return i
@@ -825,13 +825,19 @@ cdef class PublishRelay:
                         break
                     fqs = None
                     if peers is not None:
-                        nodes = fwd_routes.get(topic, _MISS)
+                        if type(fwd_routes) is dict:
+                            nodes = (<dict>fwd_routes).get(topic, _MISS)  # (C's dict look-up)
+                        else:
+                            nodes = fwd_routes.get(topic, _MISS)
                         if nodes is _MISS:
                             nodes = peers.relay_route(topic)
                         if nodes is None:
                             break  # Peers.forward decides (shared groups on a peer)
                         if nodes:
-                            # the queues of the links to them (links cannot change within this call)
+                            # the queues of the links to them (links cannot change within this call;
+                            # read only here: a topic with no peer's interest does not need them)
+                            if fwd_links is None:
+                                fwd_links = peers.relay_links
                             fqs = _link_queues(<tuple>nodes, fwd_links)
                             if fqs is None:
                                 break
@@ -1025,7 +1031,7 @@ cdef class PublishRelay:
         cdef Py_ssize_t at
         cdef char* w
         cdef bytearray out = None
-        cdef bint sampled, full
+        cdef bint sampled, full, ready
         cdef list fqs = None
         cdef list targets = None
         cdef ConnState cs
@@ -1051,12 +1057,6 @@ cdef class PublishRelay:
         bc = <BrokerCore>broker
         if bc._on_published is not None or bc._on_delivered is not None:
             return 0
-        peers = bc.peers
-        fwd_routes = fwd_links = None
-        if peers is not None:
-            fwd_routes = getattr(peers, "relay_routes", None)
-            if fwd_routes is None:
-                return 0
         session = cs.session
         if session is None or cs.closed:
             return 0
@@ -1097,8 +1097,9 @@ cdef class PublishRelay:
             phase = 0
         elif p[0] != 0x30 and p[0] != 0x32 and p[0] != 0x3A:
             return 0
-        if peers is not None:
-            fwd_links = peers.relay_links
+        # (the peers' tables are read in the loop, once a topic's local targets took its message)
+        peers = bc.peers
+        fwd_routes = fwd_links = None
         max_packet = decoder.max_packet_size
         settings = cs.settings
         max_size = settings.max_message_size
@@ -1184,6 +1185,7 @@ cdef class PublishRelay:
                     if plen > max_size:
                         break
                     t = p + body + 2
+                    ready = False  # (this packet's local targets take it raw: checked with its route)
                     if last_t == NULL or tlen != last_tlen or memcmp(t, last_t, tlen) != 0:
                         if t[0] == 36:
                             break  # "$": serve's (a durable queue) or the Python path's
@@ -1233,20 +1235,38 @@ cdef class PublishRelay:
                             self._local_generation = trie.generation
                             break
                         targets = route.targets
+                        if targets:
+                            # local targets that cannot take it raw: serve's, decided before the
+                            # peers' tables (a publisher's read that stops here pays no more)
+                            if qos:
+                                break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
+                            len4 = 2 + tlen + plen
+                            if not self._raw_ready(targets, session, _frame_size(len4), _frame_size(len4 + 1)):
+                                break
+                            ready = True
                         fqs = None
                         if peers is not None:
-                            nodes = fwd_routes.get(topic, _MISS)
+                            if fwd_routes is None:
+                                fwd_routes = getattr(peers, "relay_routes", None)
+                                if fwd_routes is None:
+                                    break  # (a peers object the relay does not know: its forward decides)
+                            if type(fwd_routes) is dict:
+                                nodes = (<dict>fwd_routes).get(topic, _MISS)  # (C's dict look-up)
+                            else:
+                                nodes = fwd_routes.get(topic, _MISS)
                             if nodes is _MISS:
                                 nodes = peers.relay_route(topic)
                             if nodes is None:
                                 break  # Peers.forward decides (shared groups on a peer)
                             if nodes:
+                                if fwd_links is None:
+                                    fwd_links = peers.relay_links  # (only for a topic a peer wants)
                                 fqs = _link_queues(<tuple>nodes, fwd_links)
                                 if fqs is None:
                                     break
                         last_t = t
                         last_tlen = tlen
-                    if targets:
+                    if targets and not ready:
                         if qos:
                             break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
                         # the 3.x and 5.0 frames' sizes (5.0: an empty property block's byte more)

@@ -115,6 +115,10 @@ class ClusterPeers:
         self.strategy = strategy
         self.interest_sync_timeout = interest_sync_timeout
         self.remote = RemoteInterest()
+        #: topic -> ids of the peers a plain message to it goes to (None: ``forward`` decides); the C
+        #: relay reads it on every read it serves, and calls ``relay_route`` for a topic it lacks
+        #: (an attribute, not a property: ``remote.plain_routes`` itself, emptied in place).
+        self.relay_routes: dict = self.remote.plain_routes
         # sender -> (epoch, last applied seq); from the store at a restart (Broker.peer_batch_applied)
         self._applied: dict[str, tuple[int, int]] = dict(broker.restored_peer_batches)
         self._cursors: dict[str, int] = {}
@@ -142,14 +146,9 @@ class ClusterPeers:
     # -- Peers: forwarding ---------------------------------------------------------------------
 
     @property
-    def relay_routes(self) -> dict:
-        """topic -> ids of the peers a plain message to it goes to (None: ``forward`` decides); the
-        C relay reads it, and calls ``relay_route`` for a topic it lacks."""
-        return self.remote.plain_routes
-
-    @property
     def relay_links(self) -> dict:
-        """node id -> its link (``PeerLink``, whose ``forward_queue`` the relay appends to)."""
+        """node id -> its link (``PeerLink``, whose ``forward_queue`` the relay appends to); the
+        relay reads it only for a topic that goes to a peer."""
         return self.transport.links
 
     def relay_route(self, topic: str) -> tuple[str, ...] | None:

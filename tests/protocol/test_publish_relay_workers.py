@@ -647,24 +647,34 @@ def test_a_topic_whose_shared_group_left_is_framed_from_the_read_again(tmp_path)
     assert third["near"] == b"" and third["sub"] == encode(c.Publish("t/1", b"c"), 4)
 
 
-def test_a_publisher_with_a_local_subscriber_skips_the_forward_set_up_after_another_topic(
-    tmp_path, monkeypatch
-) -> None:
+class CountedRoutes(dict):
+    """A peers' ``relay_routes`` that records each topic looked up in it (the relay's ``get``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looked: list[str] = []
+
+    def get(self, topic, default=None):
+        self.looked.append(topic)
+        return super().get(topic, default)
+
+
+def count_looks(peers) -> list[str]:
+    """The topics the relay looks up in ``peers``' table from now on (the table is emptied)."""
+    routes = peers.remote.plain_routes = peers.relay_routes = CountedRoutes()
+    return routes.looked
+
+
+def test_a_publisher_with_a_local_subscriber_skips_the_forward_set_up_after_another_topic(tmp_path) -> None:
     """Between workers each read of a publisher goes to the raw path first (``forward_raw``). A
     publisher whose topic has a subscriber on its own worker, read after another publisher's topic
     came in between, used to pay that path's whole set-up (the peers' tables, the topic's ``str``, the
     route: ~5,000 instructions) and then be decoded and served, so the tables were looked at twice
     per read. Now the raw path serves the read itself (one look per read, none in ``serve``); what
     everyone reads is unchanged."""
-    from fluxmq.cluster.peers import ClusterPeers
-
-    looked: list = []
-    tables = ClusterPeers.relay_routes
-    monkeypatch.setattr(
-        ClusterPeers, "relay_routes", property(lambda self: looked.append(self) or tables.fget(self))
-    )
     w = Workers(tmp_path)
     try:
+        looked = count_looks(w.nodes[0].peers)
         w.client("a", 0)
         w.client("b", 0)
         w.client("near", 0)
@@ -683,16 +693,68 @@ def test_a_publisher_with_a_local_subscriber_skips_the_forward_set_up_after_anot
                         got += sock.recv(65536)
                 assert got == want
 
-        peers = w.nodes[0].peers
         publish("a", "a/1", b"first", ["near"])  # serve's route of a: a/1, with a local target
         publish("b", "b/1", b"other", ["near"])  # the relay's remembered topic is b/1 now
         del looked[:]
         publish("a", "a/1", b"again", ["near"])
         publish("a", "a/1", b"and again", ["near"])
         publish("b", "b/1", b"other again", ["near"])  # (b's own route: b/1, local target)
-        # one look at the peers' tables per read: serve's, none before it (the worker's peers have
-        # no interest in these topics; the other worker's broker never runs the relay here, which
-        # would make it the relay's broker: one relay serves both brokers in this process)
-        assert len([p for p in looked if p is peers]) == 3
+        # one look at the peer's table per read: the raw path's, which serves it (the worker's
+        # peers have no interest in these topics)
+        assert looked == ["a/1", "a/1", "b/1"]
+    finally:
+        w.close()
+
+
+def test_a_read_its_local_subscriber_cannot_take_raw_skips_the_forward_set_up(tmp_path, monkeypatch) -> None:
+    """A publisher whose last route has a local subscriber over its output's high-water mark: the raw
+    path stops at the read's first PUBLISH (``_raw_ready`` says no) and the decoder and ``serve``
+    take it. The raw path now checks the local targets with the route (the connection's own last
+    one), before the peers' table: one look at that table per read (``serve``'s), not two; and the
+    peers' links are not read at all (no peer wants the topic). Once the subscriber is below its
+    mark again it gets every message in order."""
+    from fluxmq.cluster.peers import ClusterPeers
+
+    links: list = []
+    relay_links = ClusterPeers.relay_links
+    monkeypatch.setattr(
+        ClusterPeers, "relay_links", property(lambda self: links.append(self) or relay_links.fget(self))
+    )
+    w = Workers(tmp_path)
+    try:
+        looked = count_looks(w.nodes[0].peers)
+        w.client("a", 0)
+        near = w.client("near", 0)
+        w.subscribe("near", "a/#", 0)
+        pub = w.nets[0].clients["a"][2]
+        sub = w.nets[0].clients["near"][2]
+        sent = [encode(c.Publish("a/1", b"first"), 4)]
+        pub.sendall(sent[0])  # the publisher's route: a/1, with a local target
+        got = b""
+        with gevent.Timeout(10):
+            while len(got) < len(sent[0]):
+                got += sub.recv(65536)
+        high = near._high
+        near._high = -1  # over its high-water mark whatever it holds
+        served = RELAY.raw_served
+        del looked[:]
+        for i in range(3):
+            sent.append(encode(c.Publish("a/1", b"over %d" % i), 4))
+            pub.sendall(sent[-1])
+            with gevent.Timeout(10):
+                while w.nets[0].broker.stats.received_qos[0] < 2 + i:
+                    gevent.sleep(0.01)
+        assert looked == ["a/1"] * 3  # serve's
+        assert RELAY.raw_served == served
+        near._high = high
+        for i in range(2):
+            sent.append(encode(c.Publish("a/1", b"below %d" % i), 4))
+            pub.sendall(sent[-1])
+        want = b"".join(sent)
+        with gevent.Timeout(10):
+            while len(got) < len(want):
+                got += sub.recv(65536)
+        assert got == want
+        assert links == []
     finally:
         w.close()
