@@ -1240,8 +1240,8 @@ cdef class PublishRelay:
                             # peers' tables (a publisher's read that stops here pays no more)
                             if qos:
                                 break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
-                            len4 = 2 + tlen + plen
-                            if not self._raw_ready(targets, session, _frame_size(len4), _frame_size(len4 + 1)):
+                            if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 4),
+                                                   publish_frame_size(tlen, plen, 0, 5)):
                                 break
                             ready = True
                         fqs = None
