@@ -325,10 +325,19 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         publisher.publish("dash/retained/greeting", "héllo wörld".encode(), qos=1, retain=True)
         publisher.publish("dash/retained/blob", b"\x00\x01hi\xff", qos=1, retain=True)
         tab(driver, "retained")
+        # Opening the tab loads the list for its filter ("#"); only once that list is shown can the
+        # next one be told apart (it replaces every item), else the "#" list's button was found and
+        # the filter's list replaced it before the click (StaleElementReferenceException under load).
+        tab_list = wait_for(
+            driver,
+            lambda d: d.find_element(By.CSS_SELECTOR, "#retained-list li"),
+            "the tab's own retained list",
+        )
         retained_filter = driver.find_element(By.ID, "retained-filter")
         retained_filter.clear()
         retained_filter.send_keys("dash/retained/#")
         retained_filter.submit()
+        wait_for(driver, ec.staleness_of(tab_list), "the list for the filter")
         greeting = visible(
             driver, '#retained-list button[data-topic="dash/retained/greeting"]', "the retained topic"
         )
