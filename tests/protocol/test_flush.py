@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gevent
@@ -73,13 +74,32 @@ def run_turns(n: int = 20) -> None:
         gevent.sleep(0.001)
 
 
+WAIT = 60.0  # the bound of every wait below: generous, a loaded machine may stall a commit for long
+
+
+def wait_until(done: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Run loop turns until ``done()``: the event a test waits for, not a number of turns. Under
+    ``sync: always`` a commit runs in the hub's threadpool (with an fsync), which a loaded machine
+    can delay past any fixed number of turns. The test's own assertions then check the state, so a
+    wait that ends at the deadline fails them."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        run_turns(1)
+
+
+def committed(st: LMDBStorage, flusher: FlushScheduler) -> bool:
+    """Nothing pending and no write in progress (``sync: always``: in the threadpool)."""
+    lock = flusher._write_lock
+    return not st.has_pending and not (lock is not None and lock.locked())
+
+
 def test_ack_leaves_only_after_its_state_is_committed(setup) -> None:
     st, flusher, conn = setup
     from fluxmq.broker.message import Message
 
     st.put_retained("a", Message("a", b"1", 1, True))
     conn.write(b"acka;")
-    run_turns()
+    wait_until(lambda: conn.sent)  # the flush that sends the ack (each send records what was committed)
     assert conn.sent == [b"acka;"]
     assert conn.uncommitted_at_send == []
     assert stored_keys(st) == [b"a"]
@@ -96,9 +116,8 @@ def test_bytes_written_during_a_commit_wait_for_the_next_one(setup) -> None:
     # Many greenlets writing while commits (and, for always, fsyncs in the threadpool) run.
     greenlets = [gevent.spawn_later(0.0005 * i, turn, i) for i in range(200)]
     gevent.joinall(greenlets)
-    run_turns(50)
     flusher.ensure_committed()
-    run_turns(5)
+    wait_until(lambda: sum(map(len, conn.sent)) >= sum(len(f"ackt{i};") for i in range(200)))
     assert b"".join(conn.sent) == b"".join(f"ackt{i};".encode() for i in range(200))  # never reordered
     assert conn.uncommitted_at_send == []
     assert len(stored_keys(st)) == 200
@@ -109,7 +128,7 @@ def test_a_batch_with_no_dirty_connection_is_committed_too(setup) -> None:
     from fluxmq.broker.message import Message
 
     st.put_retained("solo", Message("solo", b"1", 1, True))  # e.g. a will published by a timer
-    run_turns()
+    wait_until(lambda: committed(st, flusher))  # sync always: has_pending clears when the write starts
     assert not st.has_pending
     assert stored_keys(st) == [b"solo"]
 
@@ -141,9 +160,8 @@ def test_a_batch_over_the_map_grows_it_and_its_acks_leave(tmp_path: Path, sync: 
     for i in range(120):  # ~12 MiB in one turn: more than the map can take
         st.queue_append("c", i, b"x" * 100_000)
     conn.write(b"ackbig;")
-    deadline = time.monotonic() + 10
-    while not conn.sent and conn.abandoned is None and time.monotonic() < deadline:
-        run_turns(5)  # under sync always the (twice written) batch is fsynced in a thread
+    # under sync always the (twice written) batch is fsynced in a thread
+    wait_until(lambda: conn.sent or conn.abandoned is not None)
     assert conn.sent == [b"ackbig;"] and conn.abandoned is None
     assert st.refusing and not st.has_pending
     st.close()
@@ -181,14 +199,14 @@ def test_a_failed_commit_abandons_only_the_output_that_acknowledges_it(tmp_path:
     st.note_stake("publisher")
     publisher.write(b"ackr;")
     bystander.write(b"qos0-publish;")
-    run_turns()
+    # The failed commit (sync always: in the threadpool) decides each connection's output.
+    wait_until(lambda: all(c.sent or c.abandoned is not None for c in (bystander, owner, publisher)))
     assert bystander.sent == [b"qos0-publish;"] and bystander.abandoned is None
     assert owner.abandoned == (0x97, b"ackconnack;") and owner.sent == []
     assert publisher.abandoned == (0x97, b"ackr;") and publisher.sent == []
-    deadline = time.monotonic() + 5
-    # The retry after the back-off (under sync always has_pending clears when the write starts).
-    while (st.has_pending or st.refusing) and time.monotonic() < deadline:
-        run_turns(5)
+    # The retry after the back-off (under sync always has_pending clears when the write starts;
+    # refusing, when a commit succeeds).
+    wait_until(lambda: not st.has_pending and not st.refusing)
     assert not st.has_pending and not st.refusing
     assert stored_keys(st) == [b"r"]
     st.close()
@@ -204,7 +222,7 @@ def test_after_commit_waits_for_the_batch_holding_the_operations(tmp_path: Path,
     st.put_retained("w", Message("w", b"1", 1, True))
     st.after_commit(lambda exc: seen.append((exc, stored_keys(st))))
     assert seen == []
-    run_turns()
+    wait_until(lambda: seen)
     assert seen == [(None, [b"w"])]
     st.close()
 
