@@ -646,7 +646,7 @@ def test_plain_appends_take_the_c_fast_path_on_the_leader_and_a_follower_acked_a
     its PUBACK still waits for the commit: every acknowledged record is on every replica and is
     delivered."""
     nodes = start_cluster(node_factory)
-    leader = wait_leader(nodes)
+    leader = wait_all_know_leader(nodes)  # the publish goes through a follower
     follower = (leader + 1) % 3
     assert _publish_acked(nodes[leader], "fast-leader", 300, b"l") == 300
     assert _publish_acked(nodes[follower], "fast-follower", 300, b"f") == 300
@@ -674,7 +674,7 @@ def test_plain_appends_take_the_c_fast_path_on_the_leader_and_a_follower_acked_a
 
 def test_a_rejected_message_reaches_the_replicated_dlq_on_every_replica(node_factory) -> None:
     nodes = start_cluster(node_factory)
-    leader = wait_leader(nodes)
+    leader = wait_all_know_leader(nodes)  # the publish goes through a follower
     got = threading.Event()
     ids: list = []
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="rejecter", protocol=mqtt.MQTTv5)
