@@ -927,9 +927,9 @@ cdef class PublishRelay:
         return self._forward_buf(conn, <const unsigned char*>PyBytes_AS_STRING(data),
                                  PyBytes_GET_SIZE(data))
 
-    cdef int _raw_ready(self, list targets, origin, Py_ssize_t len4, Py_ssize_t len5) except -1:
+    cdef int _raw_ready(self, list targets, origin, Py_ssize_t len5) except -1:
         """1 when every delivery of a QoS 0 message to ``targets`` (a route's, published by the
-        session ``origin``; ``len4``/``len5``: its 3.x and 5.0 frames' sizes) is one ``_fan_out``
+        session ``origin``; ``len5``: its 5.0 frame's size, for a client's maximum packet size) is one ``_fan_out``
         writes straight into the subscriber's output, as ``_raw_deliver`` then does; 0 (nothing
         done) when one is not: the decoder and ``serve`` take the message."""
         cdef ConnState dc
@@ -1240,8 +1240,7 @@ cdef class PublishRelay:
                             # peers' tables (a publisher's read that stops here pays no more)
                             if qos:
                                 break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
-                            if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 4),
-                                                   publish_frame_size(tlen, plen, 0, 5)):
+                            if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 5)):
                                 break
                             ready = True
                         fqs = None
@@ -1269,9 +1268,8 @@ cdef class PublishRelay:
                     if targets and not ready:
                         if qos:
                             break  # QoS 1 with a local subscriber: serve's (its PUBACK goes first)
-                        # the 3.x and 5.0 frames' sizes (5.0: an empty property block's byte more)
-                        if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 4),
-                                               publish_frame_size(tlen, plen, 0, 5)):
+                        # (a later message of the run: its targets' outputs may have filled meanwhile)
+                        if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 5)):
                             break
                     if fqs:
                         full = False

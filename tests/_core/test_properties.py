@@ -167,25 +167,7 @@ def test_properties_interoperate_with_paho(props):
 
 
 NOT_ALLOWED = [
-    (pid, kind)
-    for pid, (_, kinds) in SPEC_PROPERTIES.items()
-    for kind in (
-        WILL,
-        CONNECT,
-        CONNACK,
-        PUBLISH,
-        PUBACK,
-        PUBREC,
-        PUBREL,
-        PUBCOMP,
-        SUBSCRIBE,
-        SUBACK,
-        UNSUBSCRIBE,
-        UNSUBACK,
-        DISCONNECT,
-        AUTH,
-    )
-    if kind not in kinds
+    (pid, kind) for pid, (_, kinds) in SPEC_PROPERTIES.items() for kind in PROPERTY_KINDS if kind not in kinds
 ]
 
 
