@@ -147,6 +147,9 @@ class Trace:
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         self.runs: list[tuple[int, int, str]] = []  # (start, end, comm) on the CPU
         self.faults: list[tuple[int, str]] = []
+        # (``--perf full``) the end of each recv and the start of each send, per process name
+        self.recv_end: dict[str, list[int]] = {}
+        self.send_start: dict[str, list[int]] = {}
         cur = start = None
         for line in out.splitlines():
             m = self.LINE.match(line)
@@ -161,6 +164,10 @@ class Trace:
                 cur, start = (nxt.group(1) if nxt else "?"), t
             elif name.startswith("exceptions:page_fault"):
                 self.faults.append((t, comm.strip()))
+            elif name == "raw_syscalls:sys_exit" and rest.startswith("NR 45 "):  # recvfrom
+                self.recv_end.setdefault(comm.strip(), []).append(t)
+            elif name == "raw_syscalls:sys_enter" and rest.startswith("NR 44 "):  # sendto
+                self.send_start.setdefault(comm.strip(), []).append(t)
         self.starts = [r[0] for r in self.runs]
         self.fault_times = [f[0] for f in self.faults]
 
@@ -208,6 +215,19 @@ def analyse_perf(dump: Path, broker: str, period: int) -> list[str]:
     rest = statistics.median(v for k, v in med.items() if k != top)
     lines.append(f"    broker CPU in a clean flight: p50 {pct(bt, 50):.1f} p98 {pct(bt, 98):.1f} us; by index mod {period}: "
                  f"phase {top} median {med[top]:.1f} us, the other phases' median {rest:.1f} us")  # fmt: skip
+    recv, send = tr.recv_end.get(broker, []), tr.send_start.get(broker, [])
+    if recv and send:
+        # the broker's read-to-write time of each sample: its first recv in the flight, the next send
+        gap: dict[int, list[float]] = {}
+        for i, (s, r) in enumerate(samples):
+            k = bisect.bisect_left(recv, s)
+            if k < len(recv) and recv[k] < r:
+                j = bisect.bisect_left(send, recv[k])
+                if j < len(send) and send[j] < r:
+                    gap.setdefault(i % period, []).append((send[j] - recv[k]) / 1000)
+        gm = {k: statistics.median(v) for k, v in gap.items()}
+        lines.append(f"    broker recv -> send: phase {top} median {gm.get(top, float('nan')):.1f} us, "
+                     f"the other phases' median {statistics.median(v for k, v in gm.items() if k != top):.1f} us")  # fmt: skip
     tally: dict[str, int] = {}
     n_top = 0
     for i, v in enumerate(lat):

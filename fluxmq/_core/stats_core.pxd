@@ -21,3 +21,6 @@ cdef class StatsCore:
     cdef public double latency_sum
 
     cpdef observe_delivery_latency(self, double started)
+
+
+cdef double monotonic_s() noexcept nogil  # CLOCK_MONOTONIC, seconds
