@@ -13,7 +13,7 @@ only, no behaviour and no I/O.
 The latency histogram is observed in C (``observe_delivery_latency``, a loop callback the relay and
 ``Broker.publish`` register for 1 publish in 64): a lone message's path runs no Python code, so the
 one sampled message in 64 was the only one to enter the interpreter, whose code and data are cold
-after 64 ms at 1,000 msg/s: ~22 us more before its delivery was written, 1.6 % of the messages, the
+after 64 ms at 1,000 msg/s: ~26 us more before its delivery was written, 1.6 % of the messages, the
 p99 of a one-CPU latency run (bench/RESULTS.md, "The p99 of a lone message").
 """
 

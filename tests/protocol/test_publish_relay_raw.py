@@ -235,7 +235,7 @@ def test_a_sampled_publish_is_observed_without_python_code(monkeypatch, hub: boo
     """1 publish in 64 is timed for the latency histogram. On the relay's paths (the raw one from
     the hub, ``serve`` from the reader) it is observed by ``StatsCore.observe_delivery_latency``,
     a C loop callback: the Python ``Broker._observe_latency`` (whose interpreter code is cold when
-    no other message runs any: ~22 us more for that message, bench/RESULTS.md) is not called, and
+    no other message runs any: ~26 us more for that message, bench/RESULTS.md) is not called, and
     the histogram still counts each sample once, after the delivery was written."""
     calls: list[float] = []
     monkeypatch.setattr(Broker, "_observe_latency", lambda self, started: calls.append(started))
