@@ -49,7 +49,7 @@ from bench import brokers as brokers_mod
 from bench.brokers import FluxmqNode, Mosquitto
 from bench.compare import MQTTLOAD_SRC, OUT_DIR, parse_result_line
 
-#: (anchor in mqttload.c, text inserted after it, or None: DUMP before it); each anchor occurs once
+#: (anchor in mqttload.c, text inserted after it, or None: DUMP / NO_RSS before it); each occurs once
 PATCH = [
     (
         "static long lat_n, lat_cap;\n",
@@ -71,6 +71,8 @@ PATCH = [
         "            if (tr_send && tr_rss_n < 8190) { tr_rss[tr_rss_n++] = now; tr_rss[tr_rss_n++] = now_ns(); }\n",
     ),
     ("    if (cfg.mode == M_LATENCY) {\n        qsort(", None),
+    # MQTTLOAD_NO_RSS: no RSS reads of the broker during the run (they take the generator 70-90 us)
+    ("        if (now - last_rss_check > 200000000ull) {\n", None),
 ]
 DUMP = (
     "    if (cfg.mode == M_LATENCY && tr_send) {\n"
@@ -96,18 +98,25 @@ PERF_EVENTS = {
 OURS = ("mqttload_trace", "fluxmq-node", "mosquitto", "swapper")
 
 
+NO_RSS = '        if (getenv("MQTTLOAD_NO_RSS")) last_rss_check = now;\n'
+
+
 def patched_source(src: str) -> str:
     """mqttload.c with the per-sample dump (raises if an anchor moved)."""
     for anchor, text in PATCH:
         if src.count(anchor) != 1:
             raise SystemExit(f"mqttload.c changed: anchor {anchor!r} found {src.count(anchor)} times")
-        src = src.replace(anchor, DUMP + anchor if text is None else anchor + text)
+        if text is None:
+            text = DUMP if "qsort" in anchor else NO_RSS
+            src = src.replace(anchor, text + anchor)
+        else:
+            src = src.replace(anchor, anchor + text)
     return src
 
 
 def build(src: Path = MQTTLOAD_SRC, out: Path = OUT_DIR / "mqttload_trace") -> str:
-    """Build the traced copy into bench/out/ (again when the shared source is newer)."""
-    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+    """Build the traced copy into bench/out/ (again when the shared source or this file is newer)."""
+    if out.exists() and out.stat().st_mtime >= max(src.stat().st_mtime, Path(__file__).stat().st_mtime):
         return str(out)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     c = out.with_suffix(".c")
@@ -270,7 +279,7 @@ def _preempted(tr: Trace, sample: tuple[int, int], broker: str) -> bool:
 
 
 def run_one(name: str, gen: str, cpu: str, dump: Path, sets: list[str], duration: float, perf: str,
-            tree: str | None) -> dict:  # fmt: skip
+            tree: str | None, no_rss: bool = False) -> dict:  # fmt: skip
     """One latency run against a fresh broker; the generator's RESULT fields."""
     saved = brokers_mod.REPO
     if tree:
@@ -291,9 +300,10 @@ def run_one(name: str, gen: str, cpu: str, dump: Path, sets: list[str], duration
         cmd = ["taskset", "-c", cpu, gen, "--mode", "latency", "--rate", "1000", "--duration", str(duration),
                "--host", "127.0.0.1", "--port", str(b.port), "--pid", str(b.cpu_pid), "--label", name,
                "--timeout", "60"]  # fmt: skip
-        p = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, MQTTLOAD_DUMP=str(dump))
-        )
+        env = dict(os.environ, MQTTLOAD_DUMP=str(dump))
+        if no_rss:
+            env["MQTTLOAD_NO_RSS"] = "1"
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         if rec is not None:
             rec.send_signal(2)
             rec.wait(timeout=60)
@@ -335,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", default=str(MQTTLOAD_SRC), help="mqttload.c (default: ../shared/tools/)")
     ap.add_argument("--perf", choices=sorted(PERF_EVENTS), default="", help="perf record the CPU (DUMP.perf)")
     ap.add_argument("--period", type=int, default=64, help="the index period looked for in the broker's CPU")
+    ap.add_argument("--no-rss", action="store_true", help="the generator reads no broker RSS during the run")
     ap.add_argument("--keep", default=None, help="keep the dumps in this directory")
     ap.add_argument("--analyse", nargs="*", default=None, help="only analyse these dumps (NAME-...txt)")
     args = ap.parse_args(argv)
@@ -351,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             dump = d / f"{name}-{run}-{int(time.time())}.txt"
             kind = "mosquitto" if name == "mosquitto" else "fluxmq"
-            r = run_one(kind, gen, args.cpu, dump, args.sets, args.duration, args.perf, trees.get(name))
+            r = run_one(
+                kind, gen, args.cpu, dump, args.sets, args.duration, args.perf, trees.get(name), args.no_rss
+            )
             print(f"{name} run {run}: p50 {r.get('p50_ms')} p99 {r.get('p99_ms')} ms, other procs "
                   f"{r.get('other_cpu')}", flush=True)  # fmt: skip
             report(dump, broker_comm(kind), bool(args.perf), args.period)
