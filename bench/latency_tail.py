@@ -151,16 +151,15 @@ class Trace:
 
     LINE = re.compile(r"^\s*(.+?)\s+(\d+)\s+\[\d+\]\s+(\d+)\.(\d+):\s+(\S+):\s*(.*)$")
 
-    def __init__(self, perf_file: Path) -> None:
-        out = subprocess.run(["perf", "script", "-i", str(perf_file), "--ns", "-F", "comm,tid,cpu,time,event,trace"],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    def __init__(self, script: str) -> None:
+        """``script``: ``perf script --ns -F comm,tid,cpu,time,event,trace`` output (``load``)."""
         self.runs: list[tuple[int, int, str]] = []  # (start, end, comm) on the CPU
         self.faults: list[tuple[int, str]] = []
         # (``--perf full``) the end of each recv and the start of each send, per process name
         self.recv_end: dict[str, list[int]] = {}
         self.send_start: dict[str, list[int]] = {}
         cur = start = None
-        for line in out.splitlines():
+        for line in script.splitlines():
             m = self.LINE.match(line)
             if not m:
                 continue
@@ -179,6 +178,12 @@ class Trace:
                 self.send_start.setdefault(comm.strip(), []).append(t)
         self.starts = [r[0] for r in self.runs]
         self.fault_times = [f[0] for f in self.faults]
+
+    @classmethod
+    def load(cls, perf_file: Path) -> Trace:
+        out = subprocess.run(["perf", "script", "-i", str(perf_file), "--ns", "-F", "comm,tid,cpu,time,event,trace"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return cls(out)
 
     def flight(self, s: int, r: int) -> list[tuple[int, int, str]]:
         """Who ran on the CPU between ``s`` and ``r``: (from, to, comm), clipped."""
@@ -203,7 +208,7 @@ def broker_comm(name: str) -> str:
 def analyse_perf(dump: Path, broker: str, period: int) -> list[str]:
     """The ``--perf`` lines of one run (see the module docstring)."""
     samples, rss = load(dump)
-    tr = Trace(dump.with_suffix(".perf"))
+    tr = Trace.load(dump.with_suffix(".perf"))
     lat = [(r - s) / 1000 for s, r in samples]
     p99 = pct(sorted(lat), 99)
     clean, own, seqs = [], [], []
