@@ -15,3 +15,12 @@ cdef class StatsCore:
     cdef readonly QosCounts received_bytes_qos
     cdef readonly QosCounts sent_qos
     cdef readonly QosCounts sent_bytes_qos
+    # the sampled publish-to-delivery latency histogram (see stats_core.pyx): per bucket of
+    # LATENCY_BUCKETS and a last +Inf one, not cumulative; the sum in seconds
+    cdef public list latency_counts
+    cdef public double latency_sum
+
+    cpdef observe_delivery_latency(self, double started)
+
+
+cdef double monotonic_s() noexcept nogil  # CLOCK_MONOTONIC, seconds

@@ -4,11 +4,11 @@ its commit (``Broker`` mixin)."""
 from __future__ import annotations
 
 import logging
-from time import perf_counter
 
 import gevent
 from gevent.event import AsyncResult
 
+from fluxmq._core.stats_core import monotonic
 from fluxmq._core.trie import validate_topic
 from fluxmq.errors import QuotaExceeded, StorageError
 
@@ -37,7 +37,7 @@ class Publishing:
         received[msg_qos] += 1
         stats.received_bytes_qos[msg_qos] += size
         # 1 publish in 64 (of each QoS) is timed until its deliveries are flushed (_observe_latency).
-        started = perf_counter() if not received[msg_qos] & LATENCY_SAMPLE_MASK else 0.0
+        started = monotonic() if not received[msg_qos] & LATENCY_SAMPLE_MASK else 0.0
         topic = message.topic
         if topic[0] == "$" and topic.startswith(QUEUE_PREFIX):
             return self._queue_manager().publish(message, origin)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 
-from fluxmq._core.stats_core import StatsCore
+from fluxmq._core.stats_core import LATENCY_BUCKETS, StatsCore
 
 # One publish in LATENCY_SAMPLE_MASK + 1 is timed from ``Broker.publish`` until its deliveries are
 # flushed (a power of two minus one: the check is one bit-and on a counter the broker keeps anyway).
 LATENCY_SAMPLE_MASK = 63
-# Upper bounds (seconds) of the publish-to-delivery latency histogram; a last bucket is +Inf.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# LATENCY_BUCKETS: the upper bounds (seconds) of the publish-to-delivery latency histogram, whose
+# counts (``latency_counts``, a last bucket +Inf) and sum (``latency_sum``) StatsCore keeps and
+# ``observe_delivery_latency`` adds to, in C.
+__all__ = ["LATENCY_BUCKETS", "LATENCY_SAMPLE_MASK", "BrokerStats", "OutputBudget"]
 
 
 class OutputBudget:
@@ -67,8 +68,6 @@ class BrokerStats(StatsCore):
         "started",
         "connections_total",
         "drops",
-        "latency_counts",
-        "latency_sum",
         "output_budget",
     )
 
@@ -76,8 +75,6 @@ class BrokerStats(StatsCore):
         self.started = time.time()
         self.connections_total = 0
         self.drops: dict[str, int] = {}
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative
-        self.latency_sum = 0.0
         self.output_budget = OutputBudget()  # the limit is set from broker.output_memory_limit
 
     def dropped(self, reason: str, n: int = 1) -> None:
@@ -97,12 +94,6 @@ class BrokerStats(StatsCore):
     @property
     def dropped_total(self) -> int:
         return sum(self.drops.values())
-
-    def observe_delivery_latency(self, started: float) -> None:
-        """Record one sampled publish-to-delivery latency; ``started`` is a ``perf_counter()`` value."""
-        elapsed = time.perf_counter() - started
-        self.latency_counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
-        self.latency_sum += elapsed
 
     def uptime(self) -> int:
         return int(time.time() - self.started)

@@ -13,6 +13,8 @@ import gevent
 import pytest
 
 from fluxmq._core import codec as c
+from fluxmq.broker.broker import Broker
+from fluxmq.broker.stats import LATENCY_SAMPLE_MASK
 from fluxmq.protocol.connection import HUB_READS, RELAY
 from tests.protocol.frames import raw_publish
 from tests.protocol.test_publish_relay import MARK, Net, encode, run_both
@@ -226,3 +228,39 @@ def test_a_bad_topic_in_a_raw_run_closes_with_the_decoders_reason(
         ]
     else:
         assert closed == b""
+
+
+@pytest.mark.parametrize("hub", [True, False], ids=["raw-from-hub", "serve-from-reader"])
+def test_a_sampled_publish_is_observed_without_python_code(monkeypatch, hub: bool) -> None:
+    """1 publish in 64 is timed for the latency histogram. On the relay's paths (the raw one from
+    the hub, ``serve`` from the reader) it is observed by ``StatsCore.observe_delivery_latency``,
+    a C loop callback: the Python ``Broker._observe_latency`` (whose interpreter code is cold when
+    no other message runs any: ~26 us more for that message, bench/RESULTS.md) is not called, and
+    the histogram still counts each sample once, after the delivery was written."""
+    calls: list[float] = []
+    monkeypatch.setattr(Broker, "_observe_latency", lambda self, started: calls.append(started))
+    HUB_READS.enabled = hub
+    try:
+        net = Net()
+        net.client("pub")
+        net.client("sub")
+        net.subscribe("sub", "t", 0)
+        st = net.broker.stats
+        before = st.received_qos[0]
+        raw_before, served_before = RELAY.raw_served, RELAY.served
+        n = 2 * (LATENCY_SAMPLE_MASK + 1)
+        net.send("pub", [c.Publish("t", b"%d" % i) for i in range(n)])
+        got = net.read_all()
+        gevent.sleep(0)  # the loop callbacks of the samples
+        assert len(c.Decoder(version=4).feed(got["sub"])) == n
+        if hub:
+            assert RELAY.raw_served - raw_before == n + 1  # and the mark
+        else:
+            assert RELAY.served - served_before == n + 1
+        samples = sum(1 for k in range(before + 1, before + n + 2) if not k & LATENCY_SAMPLE_MASK)
+        assert calls == []
+        assert sum(st.latency_counts) == samples >= 2
+        assert 0 < st.latency_sum < 10
+        net.close()
+    finally:
+        HUB_READS.enabled = True
