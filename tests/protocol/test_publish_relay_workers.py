@@ -758,3 +758,39 @@ def test_a_read_its_local_subscriber_cannot_take_raw_skips_the_forward_set_up(tm
         assert links == []
     finally:
         w.close()
+
+
+def test_the_peers_links_are_read_once_for_every_forwarded_read(tmp_path, monkeypatch) -> None:
+    """Each read whose topic a peer wants needs the peers' links (node -> link, whose queue the
+    relay appends to). ``ClusterPeers.relay_links`` is a Python property (~700 instructions per
+    read); the relay now reads it once per peers object (its transport's dict, changed in place),
+    not once per read. Every forwarded read still reaches the other worker, in order."""
+    from fluxmq.cluster.peers import ClusterPeers
+
+    looks: list = []
+    relay_links = ClusterPeers.relay_links
+    monkeypatch.setattr(
+        ClusterPeers, "relay_links", property(lambda self: looks.append(self) or relay_links.fget(self))
+    )
+    w = Workers(tmp_path)
+    try:
+        w.client("pub", 0)
+        w.client("sub", 1)
+        w.subscribe("sub", "t/#", 0)
+        pub = w.nets[0].clients["pub"][2]
+        sub = w.nets[1].clients["sub"][2]
+        raw = RELAY.raw_forwarded
+        want = b""
+        got = b""
+        for i in range(4):
+            frame = encode(c.Publish(f"t/{i % 2}", b"m%d" % i), 4)
+            want += frame
+            pub.sendall(frame)  # (each its own read: the subscriber gets it before the next)
+            with gevent.Timeout(10):
+                while len(got) < len(want):
+                    got += sub.recv(65536)
+        assert got == want
+        assert RELAY.raw_forwarded - raw == 4
+        assert looks == [w.nodes[0].peers]
+    finally:
+        w.close()
