@@ -92,6 +92,28 @@ cdef inline int _append(bytearray out, bytes data) except -1:
     return 0
 
 
+#: slots of ``deliver_items``' table of the peers' topics (a power of two)
+DEF TOPICS = 64
+
+
+cdef inline Py_ssize_t _topic_slot(const unsigned char* t, Py_ssize_t n) noexcept:
+    """The slot of ``t[:n]`` in ``deliver_items``' topic table (FNV-1a)."""
+    cdef unsigned int h = 2166136261u
+    cdef Py_ssize_t k
+    for k in range(n):
+        h = (h ^ t[k]) * 16777619u
+    return h & (TOPICS - 1)
+
+
+cdef inline bint _ascii(const unsigned char* t, Py_ssize_t n) noexcept:
+    """True when ``t[:n]`` is ASCII (then valid UTF-8)."""
+    cdef unsigned char high = 0
+    cdef Py_ssize_t k
+    for k in range(n):
+        high |= t[k]
+    return high < 0x80
+
+
 cdef inline bint _refused(allowed, topic) except -1:
     """``allowed.get(topic) != 0``: a client policy's verdicts per topic (``ClientPolicy.fast``,
     0 = allowed) do not allow it; read with C's look-up when it is a dict (a method call was
@@ -144,6 +166,9 @@ cdef class PublishRelay:
     # of the peers' messages, those deliver_items wrote to all their route's targets at once
     # (_write_direct: no per-target look at the sessions)
     cdef public long long written_routes
+    # of the runs of one topic deliver_items met, those whose topic str and route came from its
+    # table of the call's topics (met earlier in the same call)
+    cdef public long long topics_reused
     # The UTF-8 bytes of the last topic forward_raw found shared groups for, and the trie
     # generation then: a read starting with it again goes to the decoder at once, with no topic
     # str or route look-up
@@ -164,6 +189,13 @@ cdef class PublishRelay:
     cdef object _store  # Broker._store (None: no durable storage)
     cdef SentTable _table  # its ``sent_table`` (an LMDB store's; None: persistent sessions in Python)
     cdef object _links_peers  # the peers object whose ``relay_links`` is ``_links`` (_peer_links)
+    # deliver_items' table of the peers' topics: slot -> the topic's UTF-8 bytes, its str and its
+    # route (None: empty), filled at the trie generation and router epoch _tc_gen, _tc_epoch
+    cdef list _tc_key
+    cdef list _tc_topic
+    cdef list _tc_route
+    cdef long long _tc_gen
+    cdef long long _tc_epoch
     cdef object _links
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
@@ -204,6 +236,7 @@ cdef class PublishRelay:
         self._sent = stats.sent_qos
         self._sent_bytes = stats.sent_bytes_qos
         self._router = router
+        self._tc_key = None  # (another router: deliver_items' topic table starts again)
         self._routes = router._routes
         self._trie = router.trie
         store = self._store = broker._store
@@ -1366,7 +1399,14 @@ cdef class PublishRelay:
         (its offset, items delivered here). Declines everything, before any effect, while the
         broker has delivery observers or when the fast path is off. An item whose delivery raises
         raises ``ForwardedItemFailed`` (its offsets, the items delivered before it), so the caller
-        skips only that item."""
+        skips only that item.
+
+        A batch holds the runs of many publishers (a fan-in's topics, each met again in the next
+        batches): each topic's ``str`` and route are kept in a small table keyed by the topic's
+        bytes (``TOPICS`` slots, emptied when the trie's generation or the router's epoch moves),
+        so a topic met again costs a hash and a ``memcmp``, not a decode and a dict look-up; an item's
+        origin is checked when it changes but decoded only for a target that needs it (a message
+        object or a stored entry, in ``_fan_out_at``)."""
         cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt = start, n, n_acked, done = 0
         cdef Py_ssize_t f[7]
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
@@ -1374,6 +1414,7 @@ cdef class PublishRelay:
         cdef long long sent_n[2]
         cdef long long sent_b[2]
         cdef str topic = None, origin_id = None
+        cdef bint origin_known = True  # origin_id is the decoded origin of the last item's
         cdef Py_ssize_t last_t = -1, last_tlen = 0, last_o = -1, last_olen = -1
         cdef RouteCore route
         cdef list targets = None  # the route's, for a run of one topic
@@ -1383,13 +1424,19 @@ cdef class PublishRelay:
         cdef list conns = None
         cdef int conns_qos = -1
         cdef bint run_off = False
+        cdef list tc_key
+        cdef bytes key
+        cdef Py_ssize_t slot
+        cdef RouterCore router
+        cdef SubscriptionTrie trie
+        cdef dict routes
         if not self.enabled or i >= end or broker._on_delivered is not None:
             return (i, 0)
         if broker is not self._broker:
             self._adopt(broker)
         store = self._store
         router = self._router
-        cdef dict routes = self._routes  # (typed: its get is C's look-up, not a method call)
+        routes = self._routes  # (typed: its get is C's look-up, not a method call)
         trie = self._trie
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
         try:
@@ -1402,28 +1449,53 @@ cdef class PublishRelay:
                     break  # publish_from_peer decides (drops what it would store)
                 # a run of one publisher's messages: the same topic and origin bytes as the last item
                 if last_t < 0 or f[2] != last_tlen or memcmp(p + f[1], p + last_t, f[2]) != 0:
-                    try:
-                        topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
-                    except UnicodeDecodeError:
-                        break  # damaged: the Python path reports it
-                    if memchr(p + f[1], 0, f[2]) != NULL:
-                        # (the frame is written from these bytes: what encode_publish refuses)
-                        raise ValueError("U+0000 in a forwarded topic (MQTT-1.5.4-2)")
-                    route = None
-                    if trie.generation == router._generation:
-                        route = routes.get(topic)
-                    if route is None:
-                        route = router.route(topic)
+                    slot = _topic_slot(p + f[1], f[2])
+                    tc_key = self._tc_key
+                    if (tc_key is None or <long long>trie.generation != self._tc_gen
+                            or router._epoch != self._tc_epoch):
+                        tc_key = self._tc_key = [None] * TOPICS
+                        self._tc_topic = [None] * TOPICS
+                        self._tc_route = [None] * TOPICS
+                        self._tc_gen = <long long>trie.generation
+                        self._tc_epoch = router._epoch
+                    key = <bytes>PyList_GET_ITEM(tc_key, slot)
+                    if (key is not None and PyBytes_GET_SIZE(key) == f[2]
+                            and memcmp(PyBytes_AS_STRING(key), p + f[1], f[2]) == 0):
+                        topic = <str>PyList_GET_ITEM(self._tc_topic, slot)
+                        route = <RouteCore>PyList_GET_ITEM(self._tc_route, slot)
+                        self.topics_reused += 1
+                    else:
+                        try:
+                            topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
+                        except UnicodeDecodeError:
+                            break  # damaged: the Python path reports it
+                        if memchr(p + f[1], 0, f[2]) != NULL:
+                            # (the frame is written from these bytes: what encode_publish refuses)
+                            raise ValueError("U+0000 in a forwarded topic (MQTT-1.5.4-2)")
+                        route = None
+                        if trie.generation == router._generation:
+                            route = routes.get(topic)
+                        if route is None:
+                            route = router.route(topic)
+                        if <long long>trie.generation == self._tc_gen and router._epoch == self._tc_epoch:
+                            tc_key[slot] = PyBytes_FromStringAndSize(<const char*>p + f[1], f[2])
+                            self._tc_topic[slot] = topic
+                            self._tc_route[slot] = route
                     targets = route.targets
                     conns_qos = -1
                     run_off = False
                     last_t = f[1]
                     last_tlen = f[2]
                 if f[4] != last_olen or (f[4] > 0 and memcmp(p + f[3], p + last_o, f[4]) != 0):
-                    try:
-                        origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL) if f[4] >= 0 else None
-                    except UnicodeDecodeError:
-                        break
+                    # checked now (a damaged origin stops here), decoded when a target needs it
+                    origin_known = f[4] < 0
+                    origin_id = None
+                    if f[4] > 0 and not _ascii(p + f[3], f[4]):
+                        try:
+                            origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL)
+                        except UnicodeDecodeError:
+                            break
+                        origin_known = True
                     last_o = f[3]
                     last_olen = f[4]
                 if conns_qos != qos and not run_off:
@@ -1438,6 +1510,9 @@ cdef class PublishRelay:
                     if conns is not None:
                         conns = None
                         run_off = True
+                    if not origin_known:
+                        origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL)
+                        origin_known = True
                     n = self._fan_out_at(targets, topic, None, p + f[1], f[2], p + f[5], f[6], qos,
                                          None, origin_id, False, &n_acked)
                 sent_n[0] += n - n_acked
