@@ -93,7 +93,7 @@ cdef inline int _append(bytearray out, bytes data) except -1:
 
 
 #: slots of ``deliver_items``' table of the peers' topics (a power of two)
-DEF TOPICS = 64
+DEF TOPICS = 256
 
 
 cdef inline Py_ssize_t _topic_slot(const unsigned char* t, Py_ssize_t n) noexcept:
