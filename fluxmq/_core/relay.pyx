@@ -68,7 +68,8 @@ from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
-from fluxmq._core.publish_frame cimport append_publish_frame, publish_frame_bytes, publish_frame_size
+from fluxmq._core.publish_frame cimport (append_publish_frame, grow_output, publish_frame_bytes,
+                                         publish_frame_size)
 from fluxmq._core.slots cimport SlotMaker
 from libc.string cimport memchr
 
@@ -85,9 +86,42 @@ INFLIGHT_SLOTS = ("message", "qos", "retain", "subscription_ids", "released")
 cdef inline int _append(bytearray out, bytes data) except -1:
     """``out += data`` without the buffer protocol's calls."""
     cdef Py_ssize_t old = PyByteArray_GET_SIZE(out), n = PyBytes_GET_SIZE(data)
-    PyByteArray_Resize(out, old + n)
+    grow_output(out, old + n)
     memcpy(PyByteArray_AS_STRING(out) + old, PyBytes_AS_STRING(data), n)
     return 0
+
+
+#: slots of ``deliver_items``' table of the peers' topics (a power of two)
+DEF TOPICS = 256
+
+
+cdef inline Py_ssize_t _topic_slot(const unsigned char* t, Py_ssize_t n) noexcept:
+    """The slot of ``t[:n]`` in ``deliver_items``' topic table (FNV-1a)."""
+    cdef unsigned int h = 2166136261u
+    cdef Py_ssize_t k
+    for k in range(n):
+        h = (h ^ t[k]) * 16777619u
+    return h & (TOPICS - 1)
+
+
+cdef inline bint _ascii(const unsigned char* t, Py_ssize_t n) noexcept:
+    """True when ``t[:n]`` is ASCII (then valid UTF-8)."""
+    cdef unsigned char high = 0
+    cdef Py_ssize_t k
+    for k in range(n):
+        high |= t[k]
+    return high < 0x80
+
+
+cdef inline bint _refused(allowed, topic) except -1:
+    """``allowed.get(topic) != 0``: a client policy's verdicts per topic (``ClientPolicy.fast``,
+    0 = allowed) do not allow it; read with C's look-up when it is a dict (a method call was
+    ~700 instructions per read)."""
+    if type(allowed) is dict:
+        verdict = (<dict>allowed).get(topic)
+    else:
+        verdict = allowed.get(topic)
+    return verdict != 0
 
 
 cdef inline int _mark(ConnState c, conn) except -1:
@@ -144,6 +178,9 @@ cdef class PublishRelay:
     # of the peers' messages, those deliver_items wrote to all their route's targets at once
     # (_write_direct: no per-target look at the sessions)
     cdef public long long written_routes
+    # of the runs of one topic deliver_items met, those whose topic str and route came from its
+    # table of the call's topics (met earlier in the same call)
+    cdef public long long topics_reused
     # The UTF-8 bytes of the last topic forward_raw found shared groups for, and the trie
     # generation then: a read starting with it again goes to the decoder at once, with no topic
     # str or route look-up
@@ -164,6 +201,15 @@ cdef class PublishRelay:
     cdef object _store  # Broker._store (None: no durable storage)
     cdef SentTable _table  # its ``sent_table`` (an LMDB store's; None: persistent sessions in Python)
     cdef object _observe  # Broker.stats.observe_delivery_latency, bound (a sampled publish's callback)
+    cdef object _links_peers  # the peers object whose ``relay_links`` is ``_links`` (_peer_links)
+    # deliver_items' table of the peers' topics: slot -> the topic's UTF-8 bytes, its str and its
+    # route (None: empty), filled at the trie generation and router epoch _tc_gen, _tc_epoch
+    cdef list _tc_key
+    cdef list _tc_topic
+    cdef list _tc_route
+    cdef long long _tc_gen
+    cdef long long _tc_epoch
+    cdef object _links
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None, persistent_class=None):
@@ -203,6 +249,7 @@ cdef class PublishRelay:
         self._sent = stats.sent_qos
         self._sent_bytes = stats.sent_bytes_qos
         self._router = router
+        self._tc_key = None  # (another router: deliver_items' topic table starts again)
         self._routes = router._routes
         self._trie = router.trie
         store = self._store = broker._store
@@ -726,7 +773,7 @@ cdef class PublishRelay:
         cdef SentTable table = self._table
         cdef QosCounts received = self._received
         router = self._router
-        routes = self._routes
+        cdef dict routes = self._routes  # (typed: its get is C's look-up, not a method call)
         trie = self._trie
         staked = False
         cdef long long table_ops_before = 0
@@ -767,7 +814,7 @@ cdef class PublishRelay:
                         queue_append = queues.append_relayed if queues is not None else None
                     if queue_append is None or peers is not None or qos != 1 or not topic.startswith("$queue/"):
                         break
-                    if allowed is not None and allowed.get(topic) != 0:
+                    if allowed is not None and _refused(allowed, topic):
                         break
                     # The run of such PUBLISHes to this topic in this read: appended in one call.
                     payloads = [payload]
@@ -818,7 +865,7 @@ cdef class PublishRelay:
                     route = last_route  # a run of one topic (subscriptions cannot change within this call)
                     fqs = last_fqs
                 else:
-                    if allowed is not None and allowed.get(topic) != 0:
+                    if allowed is not None and _refused(allowed, topic):
                         break
                     route = None
                     gen = <long long>trie.generation
@@ -851,7 +898,7 @@ cdef class PublishRelay:
                             # the queues of the links to them (links cannot change within this call;
                             # read only here: a topic with no peer's interest does not need them)
                             if fwd_links is None:
-                                fwd_links = peers.relay_links
+                                fwd_links = self._peer_links(peers)
                             fqs = _link_queues(<tuple>nodes, fwd_links)
                             if fqs is None:
                                 break
@@ -935,6 +982,15 @@ cdef class PublishRelay:
             if sent_n[0] or sent_n[1]:
                 self._count_sent(sent_n, sent_b)
         return i
+
+    cdef object _peer_links(self, peers):
+        """``peers.relay_links`` (node id -> link), read once per peers object: it is its transport's
+        dict of links, changed in place (read per read it was a Python property call, ~700
+        instructions per forwarded read)."""
+        if peers is not self._links_peers:
+            self._links = peers.relay_links
+            self._links_peers = peers
+        return self._links
 
     cpdef Py_ssize_t forward_raw(self, conn, bytes data) except -1:
         """``_forward_buf`` on the bytes of ``data`` (the reader greenlet's reads, tests)."""
@@ -1132,7 +1188,7 @@ cdef class PublishRelay:
             self._adopt(broker)
         received = self._received
         router = self._router
-        routes = self._routes
+        cdef dict routes = self._routes  # (typed: its get is C's look-up, not a method call)
         trie = self._trie
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
@@ -1226,7 +1282,7 @@ cdef class PublishRelay:
                             # (the decoder's cache of its last topic, as _decode_publish sets it)
                             decoder._topic = topic
                             decoder._topic_raw = PyBytes_FromStringAndSize(<const char*>t, tlen)
-                        if allowed is not None and allowed.get(topic) != 0:
+                        if allowed is not None and _refused(allowed, topic):
                             break
                         # -- serve's route look-up (this publisher's last route, or the router's cache) --
                         route = None
@@ -1273,7 +1329,7 @@ cdef class PublishRelay:
                                 break  # Peers.forward decides (shared groups on a peer)
                             if nodes:
                                 if fwd_links is None:
-                                    fwd_links = peers.relay_links  # (only for a topic a peer wants)
+                                    fwd_links = self._peer_links(peers)  # (only for a topic a peer wants)
                                 fqs = _link_queues(<tuple>nodes, fwd_links)
                                 if fqs is None:
                                     break
@@ -1357,7 +1413,14 @@ cdef class PublishRelay:
         (its offset, items delivered here). Declines everything, before any effect, while the
         broker has delivery observers or when the fast path is off. An item whose delivery raises
         raises ``ForwardedItemFailed`` (its offsets, the items delivered before it), so the caller
-        skips only that item."""
+        skips only that item.
+
+        A batch holds the runs of many publishers (a fan-in's topics, each met again in the next
+        batches): each topic's ``str`` and route are kept in a small table keyed by the topic's
+        bytes (``TOPICS`` slots, emptied when the trie's generation or the router's epoch moves),
+        so a topic met again costs a hash and a ``memcmp``, not a decode and a dict look-up; an item's
+        origin is checked when it changes but decoded only for a target that needs it (a message
+        object or a stored entry, in ``_fan_out_at``)."""
         cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt = start, n, n_acked, done = 0
         cdef Py_ssize_t f[7]
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
@@ -1365,6 +1428,7 @@ cdef class PublishRelay:
         cdef long long sent_n[2]
         cdef long long sent_b[2]
         cdef str topic = None, origin_id = None
+        cdef bint origin_known = True  # origin_id is the decoded origin of the last item's
         cdef Py_ssize_t last_t = -1, last_tlen = 0, last_o = -1, last_olen = -1
         cdef RouteCore route
         cdef list targets = None  # the route's, for a run of one topic
@@ -1374,13 +1438,19 @@ cdef class PublishRelay:
         cdef list conns = None
         cdef int conns_qos = -1
         cdef bint run_off = False
+        cdef list tc_key
+        cdef bytes key
+        cdef Py_ssize_t slot
+        cdef RouterCore router
+        cdef SubscriptionTrie trie
+        cdef dict routes
         if not self.enabled or i >= end or broker._on_delivered is not None:
             return (i, 0)
         if broker is not self._broker:
             self._adopt(broker)
         store = self._store
         router = self._router
-        routes = self._routes
+        routes = self._routes  # (typed: its get is C's look-up, not a method call)
         trie = self._trie
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
         try:
@@ -1393,28 +1463,53 @@ cdef class PublishRelay:
                     break  # publish_from_peer decides (drops what it would store)
                 # a run of one publisher's messages: the same topic and origin bytes as the last item
                 if last_t < 0 or f[2] != last_tlen or memcmp(p + f[1], p + last_t, f[2]) != 0:
-                    try:
-                        topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
-                    except UnicodeDecodeError:
-                        break  # damaged: the Python path reports it
-                    if memchr(p + f[1], 0, f[2]) != NULL:
-                        # (the frame is written from these bytes: what encode_publish refuses)
-                        raise ValueError("U+0000 in a forwarded topic (MQTT-1.5.4-2)")
-                    route = None
-                    if trie.generation == router._generation:
-                        route = routes.get(topic)
-                    if route is None:
-                        route = router.route(topic)
+                    slot = _topic_slot(p + f[1], f[2])
+                    tc_key = self._tc_key
+                    if (tc_key is None or <long long>trie.generation != self._tc_gen
+                            or router._epoch != self._tc_epoch):
+                        tc_key = self._tc_key = [None] * TOPICS
+                        self._tc_topic = [None] * TOPICS
+                        self._tc_route = [None] * TOPICS
+                        self._tc_gen = <long long>trie.generation
+                        self._tc_epoch = router._epoch
+                    key = <bytes>PyList_GET_ITEM(tc_key, slot)
+                    if (key is not None and PyBytes_GET_SIZE(key) == f[2]
+                            and memcmp(PyBytes_AS_STRING(key), p + f[1], f[2]) == 0):
+                        topic = <str>PyList_GET_ITEM(self._tc_topic, slot)
+                        route = <RouteCore>PyList_GET_ITEM(self._tc_route, slot)
+                        self.topics_reused += 1
+                    else:
+                        try:
+                            topic = PyUnicode_DecodeUTF8(<const char*>p + f[1], f[2], NULL)
+                        except UnicodeDecodeError:
+                            break  # damaged: the Python path reports it
+                        if memchr(p + f[1], 0, f[2]) != NULL:
+                            # (the frame is written from these bytes: what encode_publish refuses)
+                            raise ValueError("U+0000 in a forwarded topic (MQTT-1.5.4-2)")
+                        route = None
+                        if trie.generation == router._generation:
+                            route = routes.get(topic)
+                        if route is None:
+                            route = router.route(topic)
+                        if <long long>trie.generation == self._tc_gen and router._epoch == self._tc_epoch:
+                            tc_key[slot] = PyBytes_FromStringAndSize(<const char*>p + f[1], f[2])
+                            self._tc_topic[slot] = topic
+                            self._tc_route[slot] = route
                     targets = route.targets
                     conns_qos = -1
                     run_off = False
                     last_t = f[1]
                     last_tlen = f[2]
                 if f[4] != last_olen or (f[4] > 0 and memcmp(p + f[3], p + last_o, f[4]) != 0):
-                    try:
-                        origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL) if f[4] >= 0 else None
-                    except UnicodeDecodeError:
-                        break
+                    # checked now (a damaged origin stops here), decoded when a target needs it
+                    origin_known = f[4] < 0
+                    origin_id = None
+                    if f[4] > 0 and not _ascii(p + f[3], f[4]):
+                        try:
+                            origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL)
+                        except UnicodeDecodeError:
+                            break
+                        origin_known = True
                     last_o = f[3]
                     last_olen = f[4]
                 if conns_qos != qos and not run_off:
@@ -1429,6 +1524,9 @@ cdef class PublishRelay:
                     if conns is not None:
                         conns = None
                         run_off = True
+                    if not origin_known:
+                        origin_id = PyUnicode_DecodeUTF8(<const char*>p + f[3], f[4], NULL)
+                        origin_known = True
                     n = self._fan_out_at(targets, topic, None, p + f[1], f[2], p + f[5], f[6], qos,
                                          None, origin_id, False, &n_acked)
                 sent_n[0] += n - n_acked
@@ -1460,8 +1558,9 @@ cdef inline object _link_queues(tuple nodes, object links):
     """The ``ForwardQueue`` of each linked peer of ``nodes`` (a peer without a link is skipped);
     None when a link queues otherwise (the Python path forwards that message)."""
     cdef list fqs = []
+    cdef bint plain = type(links) is dict
     for node in nodes:
-        link = links.get(node)
+        link = (<dict>links).get(node) if plain else links.get(node)  # (C's look-up for a dict)
         if link is not None:
             fq = link.forward_queue
             if type(fq) is not ForwardQueue:

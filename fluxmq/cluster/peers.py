@@ -148,7 +148,8 @@ class ClusterPeers:
     @property
     def relay_links(self) -> dict:
         """node id -> its link (``PeerLink``, whose ``forward_queue`` the relay appends to); the
-        relay reads it only for a topic that goes to a peer."""
+        relay reads it only for a topic that goes to a peer, once per peers object: it must stay
+        the same dict (the transport's, changed in place)."""
         return self.transport.links
 
     def relay_route(self, topic: str) -> tuple[str, ...] | None:

@@ -758,3 +758,115 @@ def test_a_read_its_local_subscriber_cannot_take_raw_skips_the_forward_set_up(tm
         assert links == []
     finally:
         w.close()
+
+
+def test_the_peers_links_are_read_once_for_every_forwarded_read(tmp_path, monkeypatch) -> None:
+    """Each read whose topic a peer wants needs the peers' links (node -> link, whose queue the
+    relay appends to). ``ClusterPeers.relay_links`` is a Python property (~700 instructions per
+    read); the relay now reads it once per peers object (its transport's dict, changed in place),
+    not once per read. Every forwarded read still reaches the other worker, in order."""
+    from fluxmq.cluster.peers import ClusterPeers
+
+    looks: list = []
+    relay_links = ClusterPeers.relay_links
+    monkeypatch.setattr(
+        ClusterPeers, "relay_links", property(lambda self: looks.append(self) or relay_links.fget(self))
+    )
+    w = Workers(tmp_path)
+    try:
+        w.client("pub", 0)
+        w.client("sub", 1)
+        w.subscribe("sub", "t/#", 0)
+        pub = w.nets[0].clients["pub"][2]
+        sub = w.nets[1].clients["sub"][2]
+        raw = RELAY.raw_forwarded
+        want = b""
+        got = b""
+        for i in range(4):
+            frame = encode(c.Publish(f"t/{i % 2}", b"m%d" % i), 4)
+            want += frame
+            pub.sendall(frame)  # (each its own read: the subscriber gets it before the next)
+            with gevent.Timeout(10):
+                while len(got) < len(want):
+                    got += sub.recv(65536)
+        assert got == want
+        assert RELAY.raw_forwarded - raw == 4
+        assert looks == [w.nodes[0].peers]
+    finally:
+        w.close()
+
+
+def test_a_batch_of_interleaved_topics_reuses_each_topics_route_and_decodes_origins_when_needed(
+    tmp_path,
+) -> None:
+    """A fan-in's batch interleaves its publishers' topics. ``deliver_items`` keeps the topics it met
+    in the call (their ``str`` and route, keyed by their bytes), so a topic met again is not decoded
+    and looked up again (``RELAY.topics_reused``); an origin is decoded only for a target that needs
+    a message object (a QoS 1 in-flight record here). What every subscriber gets, and the in-flight
+    records' origins (one not ASCII), are those of the Python path (the relay off)."""
+    from fluxmq.cluster.peers import ClusterPeers
+    from tests.cluster.test_peers import StandInTransport, batch
+
+    spec = [("a/1", "p1", 0), ("b/1", "p2", 0), ("a/1", "p1", 1), ("b/1", "\u00e9t\u00e9", 1)]
+    spec += [("c/1", "p1", 0), ("a/1", "p2", 1), ("b/1", "p2", 0), ("a/1", "", 0)]
+    messages = [Message(t, b"m%d" % i, q, origin=o) for i, (t, o, q) in enumerate(spec)]
+    results = []
+    for relay in (True, False):
+        RELAY.enabled = relay
+        net = Net()
+        net.broker.relay = RELAY
+        try:
+            net.client("all")
+            net.client("q1")
+            net.subscribe("all", "#", 0)
+            net.subscribe("q1", "a/#", 1)
+            net.subscribe("q1", "b/#", 1)
+            peers = ClusterPeers("n1", net.broker, StandInTransport("n2"))
+            reused, forwarded = RELAY.topics_reused, RELAY.forwarded
+            peers.apply_batch(batch("n2", 1, 1, messages))
+            if relay:
+                assert RELAY.forwarded - forwarded == len(messages)  # all in C
+                assert RELAY.topics_reused - reused == 5  # a/1 twice, b/1 twice, a/1 again
+            else:
+                assert RELAY.forwarded == forwarded
+            net.send("all", [])  # (the mark reaches every client)
+            inflight = net.clients["q1"][0].session.inflight
+            origins = [(f.message.topic, f.message.payload, f.message.origin) for f in inflight.values()]
+            results.append((net.read_all(), origins))
+        finally:
+            net.close()
+            RELAY.enabled = True
+    assert results[0] == results[1]
+    got, origins = results[0]
+    assert got["all"] == b"".join(encode(c.Publish(m.topic, m.payload), 4) for m in messages)
+    assert origins == [("a/1", b"m2", "p1"), ("b/1", b"m3", "\u00e9t\u00e9"), ("a/1", b"m5", "p2")]
+
+
+def test_the_peers_topics_table_lasts_across_batches_until_the_subscriptions_change(tmp_path) -> None:
+    """``deliver_items``' table of the peers' topics outlives a batch (a fan-in's batch holds each
+    publisher's run once: the next batch meets the same topics), and is emptied when the
+    subscriptions change: a subscriber added between two batches gets the second one's message."""
+    from fluxmq.cluster.peers import ClusterPeers
+    from tests.cluster.test_peers import StandInTransport, batch
+
+    net = Net()
+    net.broker.relay = RELAY
+    try:
+        net.client("old")
+        net.client("late")
+        net.subscribe("old", "t/#", 0)
+        peers = ClusterPeers("n1", net.broker, StandInTransport("n2"))
+        peers.apply_batch(batch("n2", 1, 1, [Message("t/1", b"1"), Message("t/2", b"2")]))
+        reused = RELAY.topics_reused
+        peers.apply_batch(batch("n2", 1, 2, [Message("t/1", b"3"), Message("t/2", b"4")]))
+        assert RELAY.topics_reused - reused == 2  # both met in the batch before
+        net.subscribe("late", "t/2", 0)
+        reused = RELAY.topics_reused
+        peers.apply_batch(batch("n2", 1, 3, [Message("t/1", b"5"), Message("t/2", b"6")]))
+        assert RELAY.topics_reused == reused  # looked up again: the routes changed
+        net.send("old", [])
+        got = net.read_all()
+        assert got["old"] == b"".join(encode(c.Publish(f"t/{2 - i % 2}", b"%d" % i), 4) for i in range(1, 7))
+        assert got["late"] == encode(c.Publish("t/2", b"6"), 4)
+    finally:
+        net.close()
