@@ -2,7 +2,9 @@
 server.workers=N``) run under callgrind (every process: the arbiter and its forked workers), one
 ``mqttload`` run of ``count`` messages (fan-in 100 -> 1 or fan-out 1 -> 100, window 1,000, the
 generator on CPU 0), then the node stopped and the instruction totals of its processes read from
-the files callgrind writes at exit (``/tmp/wbench/cg.<workers>.<mode>.<count>.<pid>``).
+the files callgrind writes at exit (``<prefix>.<workers>.<mode>.<count>.<pid>``; the prefix is
+``$CG_PREFIX``, default ``/tmp/wbench/cg``: give each concurrent user their own, the tool deletes
+the files of its prefix at start).
 
 Run it for two counts and divide the difference of the totals by the difference of deliveries: the
 node's instructions per delivery, with the real sockets, reads and batches (under callgrind the
@@ -47,8 +49,9 @@ class CallgrindNode(FluxmqNode):
 
 def main(argv: list[str]) -> int:
     workers, mode, count = int(argv[0]), argv[1], int(argv[2])
-    os.makedirs("/tmp/wbench", exist_ok=True)
-    out = f"/tmp/wbench/cg.{workers}.{mode}.{count}"
+    prefix = os.environ.get("CG_PREFIX", "/tmp/wbench/cg")
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    out = f"{prefix}.{workers}.{mode}.{count}"
     for f in glob.glob(out + ".*"):
         os.unlink(f)
     node = CallgrindNode(out, cpus="0,1", sets=[f"server.workers={workers}", *argv[3:]])
