@@ -13,6 +13,7 @@ No I/O and no fluxmq imports.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from fluxmq._core.outbuf cimport out_resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcpy
 
@@ -87,7 +88,7 @@ cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssiz
     cdef Py_ssize_t old = PyByteArray_GET_SIZE(out), n
     _check(tlen, plen, qos, version)
     n = publish_frame_size(tlen, plen, qos, version)
-    PyByteArray_Resize(out, old + n)
+    out_resize(out, old + n)
     return _write(<unsigned char*>PyByteArray_AS_STRING(out) + old, topic, tlen, payload, plen, qos,
                   packet_id, version)
 
