@@ -10,10 +10,11 @@ delivery show what the cross-worker path costs whatever the other load on a shar
 Usage::
 
     python -m bench.workers_scale --mqttload /path/to/mqttload [--workers 1,2] [--runs 3]
-        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0] [--detail] [--batches] [--perf]
+        [--window 1000] [--broker-cpus 0,1] [--gen-cpus 0] [--count N] [--detail] [--batches] [--perf]
 
 ``--detail`` prints per run and worker its CPU per delivery, the time it waited, runnable, for a
-CPU, and its voluntary (waits) and involuntary (preempted) context switches per 1,000 deliveries;
+CPU, its voluntary (waits) and involuntary (preempted) context switches per 1,000 deliveries, and
+its user and system us per delivery (10 ms ticks: take runs of a second of CPU, ``--count``);
 ``--batches`` the batches between the workers and their messages (the node's ``/metrics``).
 
 ``--perf`` attaches ``perf stat`` to each worker for every run and prints, per worker and per 1,000
@@ -87,6 +88,22 @@ def forwarded(node: FluxmqNode) -> tuple[float, float]:
     return got["batches"], got["messages"]
 
 
+def user_sys(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` (all its threads; /proc/.../stat, 10 ms ticks: use runs
+    of a second of CPU or more, ``--count``)."""
+    user = system = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+                user += int(fields[11])
+                system += int(fields[12])
+    except (OSError, ValueError):
+        pass
+    hz = os.sysconf("SC_CLK_TCK")
+    return user / hz, system / hz
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) of ``pid`` and its children, as /proc says now."""
     return sum(proc_cpu(p)[0] for p in tree_pids(pid))
@@ -137,12 +154,18 @@ def perf_stop(procs: list[subprocess.Popen], pids: list[int], out: str) -> dict[
     return counts
 
 
-def run_once(mqttload: str, port: int, mode: str, window: int, gen_cpus: str) -> dict[str, str]:
+def run_once(
+    mqttload: str, port: int, mode: str, window: int, gen_cpus: str, count: int = 0
+) -> dict[str, str]:
     pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
+    load = list(MODES[mode])
+    if count:
+        load[load.index("--count") + 1] = str(count)
+        load[load.index("--duration") + 1] = "30"
     cmd = [
         *pin,
         mqttload,
-        *MODES[mode],
+        *load,
         "--host",
         "127.0.0.1",
         "--port",
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker-cpus", default="0,1")
     p.add_argument("--gen-cpus", default="0")
     p.add_argument("--set", action="append", default=[], help="extra --set for the node")
+    p.add_argument("--count", type=int, default=0, help="messages per run (default: the mode's)")
     p.add_argument(
         "--perf",
         action="store_true",
@@ -201,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                     perfs = perf_start(pids[1:] or pids, out) if args.perf else []
                     sent = forwarded(node) if args.batches and workers > 1 else (0.0, 0.0)
                     before = {p: proc_cpu(p) for p in pids}
-                    result = run_once(args.mqttload, node.port, mode, args.window, args.gen_cpus)
+                    split0 = {p: user_sys(p) for p in pids}
+                    result = run_once(args.mqttload, node.port, mode, args.window, args.gen_cpus, args.count)
                     after = {p: proc_cpu(p) for p in pids}
+                    split1 = {p: user_sys(p) for p in pids}
                     counts = perf_stop(perfs, pids[1:] or pids, out) if args.perf else {}
                     cpu = sum(after[p][0] - before[p][0] for p in pids)
                     deliveries = int(result.get("deliveries", result.get("received", "0")) or 0)
@@ -216,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                                     f"pid {p} {(after[p][0] - before[p][0]) / deliveries * 1e6:.3f} us "
                                     f"(waited for a CPU {(after[p][3] - before[p][3]) / deliveries * 1e6:.3f} us) "
                                     f"{(after[p][1] - before[p][1]) * 1000 / deliveries:.2f} waits "
-                                    f"{(after[p][2] - before[p][2]) * 1000 / deliveries:.2f} preempted"
+                                    f"{(after[p][2] - before[p][2]) * 1000 / deliveries:.2f} preempted, "
+                                    f"user {(split1[p][0] - split0[p][0]) / deliveries * 1e6:.3f} "
+                                    f"sys {(split1[p][1] - split0[p][1]) / deliveries * 1e6:.3f}"
                                     for p in pids[1:]
                                 )
                                 + " per delivery / per 1,000 -->",

@@ -9,6 +9,7 @@ raise ``ValueError`` or ``TypeError``.
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from fluxmq._core.outbuf cimport out_resize
 from cpython.bytes cimport (
     PyBytes_AS_STRING,
     PyBytes_CheckExact,
@@ -379,5 +380,5 @@ cpdef append_publish(bytearray out, bytes encoded, int packet_id, bint dup):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(encoded)
     cdef Py_ssize_t offset = publish_id_offset(src, n, packet_id)
     cdef Py_ssize_t old = PyByteArray_GET_SIZE(out)
-    PyByteArray_Resize(out, old + n)
+    out_resize(out, old + n)
     copy_publish(<unsigned char*>PyByteArray_AS_STRING(out) + old, src, n, offset, packet_id, dup)

@@ -2,8 +2,6 @@
 
 cdef Py_ssize_t publish_frame_size(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) noexcept
 
-cdef int grow_output(bytearray out, Py_ssize_t size) except -1
-
 cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssize_t tlen,
                               const unsigned char* payload, Py_ssize_t plen, int qos, int packet_id,
                               int version) except -1

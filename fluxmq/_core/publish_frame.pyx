@@ -16,41 +16,9 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcpy
 
+from fluxmq._core.outbuf cimport out_resize
+
 DEF MAX_VBI = 268435455
-#: the most ``grow_output`` allocates beyond what is asked (a large output grows by this much)
-DEF GROW_MAX = 1048576
-
-
-cdef extern from "Python.h":
-    ctypedef struct PyByteArrayObject:
-        Py_ssize_t ob_alloc  # bytes allocated at ob_bytes
-        char* ob_bytes
-        char* ob_start  # the logical start (a deleted prefix moves it)
-        Py_ssize_t ob_exports  # buffers exported (a memoryview): no resize while any is
-    void Py_SET_SIZE(object o, Py_ssize_t size)
-
-
-cdef int grow_output(bytearray out, Py_ssize_t size) except -1:
-    """``PyByteArray_Resize(out, size)`` for an output that only grows between its sends: when the
-    allocation is too small, allocate twice ``size`` (at most ``GROW_MAX`` more) at once. CPython
-    grows a bytearray by 1/8 per resize, so a batch of peer messages appended one frame at a time
-    (~600 frames into one subscriber's output) made ~70 reallocs each copying the whole buffer,
-    ~8 copies of every byte; doubling makes ~10 and ~2 copies. The send that empties the output
-    gives a large allocation back (``_hub_read._clear``), so an idle connection keeps none of it."""
-    cdef PyByteArrayObject* b = <PyByteArrayObject*>out
-    cdef Py_ssize_t room = b.ob_alloc - (b.ob_start - b.ob_bytes) - 1  # (one byte: the trailing NUL)
-    cdef Py_ssize_t have = PyByteArray_GET_SIZE(out)
-    if have <= size <= room and b.ob_exports == 0 and b.ob_bytes != NULL:
-        # what PyByteArray_Resize does when the allocation holds it, without its calls
-        Py_SET_SIZE(out, size)
-        b.ob_start[size] = 0
-        return 0
-    if size > room and size > have:
-        # an exact upsize to size + extra, then a "minor downsize" (size >= half of the allocation:
-        # CPython only moves the size then)
-        PyByteArray_Resize(out, size + min(size, GROW_MAX))
-    PyByteArray_Resize(out, size)
-    return 0
 
 
 cdef inline Py_ssize_t _body_size(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) noexcept:
@@ -121,7 +89,7 @@ cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssiz
     cdef Py_ssize_t old = PyByteArray_GET_SIZE(out), n
     _check(tlen, plen, qos, version)
     n = publish_frame_size(tlen, plen, qos, version)
-    grow_output(out, old + n)
+    out_resize(out, old + n)
     return _write(<unsigned char*>PyByteArray_AS_STRING(out) + old, topic, tlen, payload, plen, qos,
                   packet_id, version)
 
@@ -138,11 +106,6 @@ cdef bytes publish_frame_bytes(const unsigned char* topic, Py_ssize_t tlen,
     return frame
 
 
-def grow(bytearray out, Py_ssize_t size):
-    """``grow_output`` from Python (tests)."""
-    grow_output(out, size)
-
-
 def frames_into(bytes topic, bytes payload, Py_ssize_t count):
     """``count`` QoS 0 3.1.1 frames appended to a new bytearray one by one (tests): the bytearray
     and how many different allocation sizes it went through."""
@@ -151,8 +114,8 @@ def frames_into(bytes topic, bytes payload, Py_ssize_t count):
     for k in range(count):
         append_publish_frame(out, <const unsigned char*><const char*>topic, len(topic),
                              <const unsigned char*><const char*>payload, len(payload), 0, 0, 4)
-        if (<PyByteArrayObject*>out).ob_alloc != alloc:
-            alloc = (<PyByteArrayObject*>out).ob_alloc
+        if out.__alloc__() != alloc:
+            alloc = out.__alloc__()
             changes += 1
     return out, changes
 

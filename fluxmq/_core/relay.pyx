@@ -48,6 +48,7 @@ path*), and is handed the classes it recognises by its caller.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from fluxmq._core.outbuf cimport out_resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_New
@@ -68,7 +69,7 @@ from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, plain_item
-from fluxmq._core.publish_frame cimport (append_publish_frame, grow_output, publish_frame_bytes,
+from fluxmq._core.publish_frame cimport (append_publish_frame, publish_frame_bytes,
                                          publish_frame_size)
 from fluxmq._core.slots cimport SlotMaker
 from libc.string cimport memchr
@@ -86,7 +87,7 @@ INFLIGHT_SLOTS = ("message", "qos", "retain", "subscription_ids", "released")
 cdef inline int _append(bytearray out, bytes data) except -1:
     """``out += data`` without the buffer protocol's calls."""
     cdef Py_ssize_t old = PyByteArray_GET_SIZE(out), n = PyBytes_GET_SIZE(data)
-    grow_output(out, old + n)
+    out_resize(out, old + n)
     memcpy(PyByteArray_AS_STRING(out) + old, PyBytes_AS_STRING(data), n)
     return 0
 

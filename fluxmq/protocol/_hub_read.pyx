@@ -209,6 +209,8 @@ cdef class ConnectionCore(ConnState):
             held.holding = True
         else:
             flusher.holding = True
+        callbacks = loop._callbacks
+        cdef Py_ssize_t queued = len(callbacks)  # the loop callbacks before this read's work
         raw = 0
         try:
             used = 0
@@ -267,12 +269,17 @@ cdef class ConnectionCore(ConnState):
             self._reader.switch((data, packets, i, bad))
             return
         # The turn's last reader (its socket drained, no other watcher pending) writes the turn's
-        # output now (see run); otherwise the flush callback does, after the others' input. The
-        # stream's ``drained`` is only read by the reader, after a hand-over: not written here.
+        # output now (see run); otherwise the flush callback does, after the others' input. So it
+        # does when this read queued a loop callback: the wake of a link to another worker (its
+        # first message for a batch), whose batch then leaves before the local subscribers' sends
+        # (the other worker writes its share meanwhile; fewer, fuller sends on both: bench/RESULTS.md,
+        # "wfan"). A lone message for local subscribers only is still written here. The stream's
+        # ``drained`` is only read by the reader, after a hand-over: not written here.
+        cdef bint last = drained and not loop.pendingcnt and len(callbacks) <= queued
         if held is not None:
-            held.release(drained and not loop.pendingcnt)
+            held.release(last)
         else:
-            flusher.release(drained and not loop.pendingcnt)
+            flusher.release(last)
         stats.bytes_received += n
         stats.messages_received += count + raw
         _hub_reads.served += 1

@@ -7,7 +7,9 @@ loop turn however many messages the turn carried, and no greenlet switch per mes
 last reader (a connection about to wait for input when no other watcher is pending in the turn)
 runs that flush itself (``flush_now``) instead: the same batch, written before the switch back to
 the hub and without dispatching the callback, so a lone message goes out in the turn it came in
-with one hop less.
+with one hop less. Unless its read queued a loop callback (the wake of a link to another worker of
+the node, for its first message of a batch): then the callback flushes, after the link has sent the
+batch, so the other worker writes its subscribers' share while this one writes its own.
 
 Group commit: with a durable storage the same callback first commits everything the turn recorded
 (one LMDB transaction), so a PUBACK/PUBREC/SUBACK/CONNACK leaves only after the state it

@@ -39,38 +39,9 @@ def test_a_topic_over_65535_bytes_is_refused() -> None:
         pf.frame(b"t" * 65_536, b"", 0, 0, 4)
 
 
-def test_an_output_grown_frame_by_frame_is_reallocated_a_few_times() -> None:
-    """A batch of peer messages is appended to one subscriber's output one frame at a time. CPython
-    grows a bytearray by 1/8 per resize (~55 reallocations, each copying the whole buffer, for 600
-    frames of 100 bytes); ``grow_output`` doubles it: at most ~log2 of them. The bytes are those
-    appended, and an output that shrank (a send) or was cleared still grows right."""
-    out = bytearray()
-    allocs = set()
-    frame = b"f" * 100
-    for _ in range(600):
-        pf.grow(out, len(out) + len(frame))
-        out[-len(frame) :] = frame
-        allocs.add(out.__alloc__())
-    assert out == frame * 600
-    assert len(allocs) <= 12
-    del out[:1000]  # a partial send: the start moves
-    pf.grow(out, len(out) + 5)
-    out[-5:] = b"tail!"
-    assert out == frame * 590 + b"tail!"
-    pf.grow(out, 3)  # a shrink is a plain resize
-    assert out == b"fff"
-    out.clear()
-    pf.grow(out, 2)
-    assert len(out) == 2
-    with memoryview(out):  # an exported buffer: no resize, as PyByteArray_Resize says
-        with pytest.raises(BufferError):
-            pf.grow(out, 3)
-    assert len(out) == 2
-
-
 def test_append_publish_frame_grows_its_output_geometrically() -> None:
     """``append_publish_frame`` (the relay's writes into a subscriber's output) grows through
-    ``grow_output``: 600 frames appended in a row, few reallocations, the same bytes."""
+    ``outbuf.out_resize``: 600 frames appended in a row, few reallocations, the same bytes."""
     out, allocs = pf.frames_into(b"t/1", b"x" * 80, 600)
     assert out == pf.frame(b"t/1", b"x" * 80) * 600
     assert allocs <= 12

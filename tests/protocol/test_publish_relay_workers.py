@@ -89,6 +89,13 @@ class Workers:
     def counters(self) -> list[dict]:
         return [net.counters() for net in self.nets]
 
+    def wait_acknowledged(self) -> None:
+        """Until every batch between the workers is acknowledged: applied by its receiver."""
+        deadline = time.monotonic() + 10
+        while any(link.unacked for node in self.nodes for link in node.transport.links.values()):
+            assert time.monotonic() < deadline, "a batch between the workers was not acknowledged"
+            gevent.sleep(0.01)
+
     def close(self) -> None:
         for node in self.nodes:
             node.stop(0.5)
@@ -594,7 +601,10 @@ def test_a_malformed_publish_in_a_forwarded_run_closes_as_before(tmp_path, bad) 
             while not conn.closed:
                 gevent.sleep(0.01)
         w.nets[1].send("sub", [])  # a mark from the subscriber's own worker ends its read
-        return [w.nets[1].read_all(), [net.broker.stats.messages_received for net in w.nets]]
+        got = w.nets[1].read_all()
+        # the mark also went to worker 0 (for the closed publisher): the counters once it is applied
+        w.wait_acknowledged()
+        return [got, [net.broker.stats.messages_received for net in w.nets]]
 
     (got, received), _counters, raw = run_three_raw(tmp_path, scenario)
     assert raw == 1 + 1  # and the subscriber's mark (to its own worker's subscribers)

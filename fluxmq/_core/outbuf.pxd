@@ -1,0 +1,57 @@
+# cython: language_level=3
+"""Growing a connection's output buffer (a ``bytearray``) for an append, in doublings.
+
+``PyByteArray_Resize`` allocates an empty buffer's first append exactly, each next one exactly
+again until the buffer is ~720 bytes (an append of more than 1/8 is a "major upsize"), then 1/8
+more per growth: filling one send's worth of ~90-byte PUBLISHes (the flush empties the buffer and
+gives a larger one back, ``_hub_read._clear``) took ~28 reallocs for 70 of them, and realloc,
+free and the copies were ~15 % of a fan-out's user time. ``out_resize`` doubles what the appends
+need instead (6 reallocs for 70) while the buffer is below ``DOUBLE_BELOW``; a larger one (a slow
+reader's backlog) grows as CPython grows it, so a buffer holds at most twice its bytes only while
+it is small. ``DOUBLE_BELOW`` is 256 KiB because a receiving worker writes a whole batch from the
+other worker into one fan-in subscriber's output (~1,650 messages, ~130 KB): with 1/8 growth past
+64 KiB that was ~6 more reallocs copying the whole buffer (xcross, bench/RESULTS.md).
+"""
+
+from cpython.bytearray cimport PyByteArray_GET_SIZE, PyByteArray_Resize
+
+
+cdef extern from "Python.h":
+    ctypedef struct _OutBytes "PyByteArrayObject":
+        Py_ssize_t ob_alloc  # bytes allocated at ob_bytes
+        char* ob_bytes
+        char* ob_start  # the logical start (a deleted prefix moves it)
+        Py_ssize_t ob_exports
+    void _out_set_size "Py_SET_SIZE"(object o, Py_ssize_t size)
+    void* _out_realloc "PyObject_Realloc"(void* p, size_t n)
+
+
+cdef enum:
+    DOUBLE_BELOW = 262144
+
+
+cdef inline int out_resize(bytearray out, Py_ssize_t size) except -1:
+    """``PyByteArray_Resize(out, size)`` for an append (``size`` >= the current size): past the
+    allocation, a buffer below ``DOUBLE_BELOW`` bytes gets ``2 * size`` (the size of the next
+    requests stays above half the allocation, so CPython's own resizes do not shrink it back)."""
+    cdef _OutBytes* b = <_OutBytes*><void*>out
+    cdef char* p
+    if size + 1 <= b.ob_alloc - (b.ob_start - b.ob_bytes) and not b.ob_exports and b.ob_bytes != NULL \
+            and size >= PyByteArray_GET_SIZE(out):
+        # the allocation holds it: what PyByteArray_Resize does then, without its calls
+        _out_set_size(out, size)
+        b.ob_start[size] = 0
+        return 0
+    if size + 1 <= b.ob_alloc - (b.ob_start - b.ob_bytes) or size >= DOUBLE_BELOW \
+            or b.ob_start != b.ob_bytes or b.ob_exports:
+        PyByteArray_Resize(out, size)
+        return 0
+    p = <char*>_out_realloc(b.ob_bytes, <size_t>(2 * size))
+    if p == NULL:
+        raise MemoryError()
+    b.ob_bytes = p
+    b.ob_start = p
+    b.ob_alloc = 2 * size
+    _out_set_size(out, size)
+    p[size] = 0
+    return 0

@@ -1,0 +1,85 @@
+"""``fluxmq._core.outbuf.out_resize``, the growth of a connection's output buffer for an append (used
+by ``encoder.append_publish``, ``publish_frame.append_publish_frame`` and the relay's copies): a
+small buffer doubles, so a send's worth of PUBLISHes costs a few reallocs instead of one per message;
+a large one grows as CPython grows it; the bytes are those of plain appends in every case."""
+
+from __future__ import annotations
+
+import pytest
+
+from fluxmq._core import publish_frame as pf
+from fluxmq._core.encoder import append_publish
+
+FRAME = pf.frame(b"bench/topic/1", b"x" * 64, 0, 0, 4)  # 81 bytes, a fan-out's QoS 0 message
+
+
+def _fill(out: bytearray, count: int) -> list[int]:
+    """Append ``count`` FRAMEs; the allocation after each."""
+    allocs = []
+    for _ in range(count):
+        append_publish(out, FRAME, 0, False)
+        allocs.append(out.__alloc__())
+    return allocs
+
+
+def test_a_send_worth_of_messages_into_an_empty_buffer_takes_a_few_reallocs() -> None:
+    out = bytearray()
+    allocs = _fill(out, 70)
+    assert bytes(out) == FRAME * 70
+    # doubling: 162, 324, 648, ... 10,368 (CPython's own growth: 23 allocations for the same appends)
+    assert len(set(allocs)) <= 7
+    assert allocs[-1] <= 2 * len(out)
+
+
+def test_the_next_appends_keep_the_doubled_allocation() -> None:
+    """CPython shrinks a buffer asked for less than half its allocation: the doubled size must not
+    be undone by the next append through ``PyByteArray_Resize`` (``out += ...``)."""
+    out = bytearray()
+    _fill(out, 3)
+    alloc = out.__alloc__()
+    out += b"\xd0\x00"
+    assert out.__alloc__() == alloc
+    assert bytes(out) == FRAME * 3 + b"\xd0\x00"
+
+
+def test_a_large_buffer_grows_as_cpython_grows_it() -> None:
+    """Past 256 KiB (a reader's backlog) no doubling: at most CPython's 1/8 over what is held."""
+    out = bytearray(b"q" * 270_000)
+    allocs = _fill(out, 500)
+    assert bytes(out) == b"q" * 270_000 + FRAME * 500
+    assert max(a / (270_000 + 81 * (i + 1)) for i, a in enumerate(allocs)) < 1.2
+
+
+def test_a_fan_in_batch_into_one_output_takes_a_few_reallocs() -> None:
+    """A receiving worker appends a whole batch (~1,650 messages, ~130 KB) to one subscriber's
+    output: it still doubles there (CPython's growth: ~40 reallocs, each copying the buffer)."""
+    out = bytearray()
+    allocs = _fill(out, 1_650)
+    assert bytes(out) == FRAME * 1_650
+    assert len(set(allocs)) <= 12
+
+
+def test_an_exported_buffer_refuses_the_append_and_keeps_its_bytes() -> None:
+    """While a memoryview holds the buffer (a send in progress) no resize, as PyByteArray_Resize
+    says, even when the allocation has room (the path that only moves the size)."""
+    out = bytearray()
+    _fill(out, 5)
+    assert out.__alloc__() > len(out) + len(FRAME)  # (and its trailing NUL)
+    with memoryview(out):
+        with pytest.raises(BufferError):
+            append_publish(out, FRAME, 0, False)
+    assert bytes(out) == FRAME * 5
+    append_publish(out, FRAME, 0, False)
+    assert bytes(out) == FRAME * 6
+
+
+def test_a_buffer_with_a_sent_prefix_appends_after_what_is_left() -> None:
+    """After a partial send (``del out[:n]``: the logical start moved) the append is CPython's."""
+    out = bytearray()
+    _fill(out, 10)
+    del out[:100]
+    append_publish(out, FRAME, 0, False)
+    assert bytes(out) == (FRAME * 10)[100:] + FRAME
+    out.clear()
+    _fill(out, 2)
+    assert bytes(out) == FRAME * 2
