@@ -3,8 +3,9 @@
 (``fluxmq/broker/stats.py``).
 
 The counters every message touches (packets and bytes in and out, application messages and their
-payload bytes by QoS) and the sampled publish-to-delivery latency histogram live in the object's C struct: the relay (``_core.relay``) and the protocol
-layer's C read and flush add to them as C integers, without making an ``int`` object per add; Python
+payload bytes by QoS) and the sampled publish-to-delivery latency histogram live in the object's C
+struct: the relay (``_core.relay``) and the protocol layer's C read and flush add to them as C
+integers, without making an ``int`` object per add; Python
 code (the handlers, ``$SYS``, ``/metrics``, the admin API) reads and adds to them as before: the
 four totals are ``int`` attributes, the per-QoS counts are ``QosCounts``, a fixed sequence of three
 that indexes, assigns, iterates and compares like the ``[0, 0, 0]`` lists they replace. Counters
