@@ -669,6 +669,18 @@ class CountedRoutes(dict):
         return super().get(topic, default)
 
 
+def count_link_reads(monkeypatch) -> list:
+    """The ``ClusterPeers`` objects whose ``relay_links`` is read from now on (one entry per read)."""
+    from fluxmq.cluster.peers import ClusterPeers
+
+    reads: list = []
+    relay_links = ClusterPeers.relay_links
+    monkeypatch.setattr(
+        ClusterPeers, "relay_links", property(lambda self: reads.append(self) or relay_links.fget(self))
+    )
+    return reads
+
+
 def count_looks(peers) -> list[str]:
     """The topics the relay looks up in ``peers``' table from now on (the table is emptied)."""
     routes = peers.remote.plain_routes = peers.relay_routes = CountedRoutes()
@@ -723,13 +735,7 @@ def test_a_read_its_local_subscriber_cannot_take_raw_skips_the_forward_set_up(tm
     one), before the peers' table: one look at that table per read (``serve``'s), not two; and the
     peers' links are not read at all (no peer wants the topic). Once the subscriber is below its
     mark again it gets every message in order."""
-    from fluxmq.cluster.peers import ClusterPeers
-
-    links: list = []
-    relay_links = ClusterPeers.relay_links
-    monkeypatch.setattr(
-        ClusterPeers, "relay_links", property(lambda self: links.append(self) or relay_links.fget(self))
-    )
+    links = count_link_reads(monkeypatch)
     w = Workers(tmp_path)
     try:
         looked = count_looks(w.nodes[0].peers)
@@ -775,13 +781,7 @@ def test_the_peers_links_are_read_once_for_every_forwarded_read(tmp_path, monkey
     relay appends to). ``ClusterPeers.relay_links`` is a Python property (~700 instructions per
     read); the relay now reads it once per peers object (its transport's dict, changed in place),
     not once per read. Every forwarded read still reaches the other worker, in order."""
-    from fluxmq.cluster.peers import ClusterPeers
-
-    looks: list = []
-    relay_links = ClusterPeers.relay_links
-    monkeypatch.setattr(
-        ClusterPeers, "relay_links", property(lambda self: looks.append(self) or relay_links.fget(self))
-    )
+    looks = count_link_reads(monkeypatch)
     w = Workers(tmp_path)
     try:
         w.client("pub", 0)
