@@ -16,6 +16,7 @@ from fluxmq._core import codec as c
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.stats import LATENCY_SAMPLE_MASK
 from fluxmq.protocol.connection import HUB_READS, RELAY
+from fluxmq.storage.lmdb import LMDBStorage
 from tests.protocol.frames import raw_publish
 from tests.protocol.test_publish_relay import MARK, Net, encode, run_both
 
@@ -285,10 +286,15 @@ def test_a_sampled_publish_is_observed_without_python_code(monkeypatch, hub: boo
         HUB_READS.enabled = True
 
 
-def test_a_sampled_publish_with_no_subscriber_is_observed_once() -> None:
+@pytest.mark.parametrize("sync", [None, "batch", "always"], ids=["memory", "lmdb-batch", "lmdb-always"])
+def test_a_sampled_publish_with_no_subscriber_is_observed_once(tmp_path, sync: str | None) -> None:
     """A sampled publish that matches nothing marks no connection: noting its sample schedules the
-    flush that observes it, and each sample is counted once."""
-    net = Net()
+    flush that observes it (after the commit, with a durable storage), and each sample is counted
+    once."""
+    store = None
+    if sync is not None:
+        store = LMDBStorage(tmp_path / "data", map_size=16 << 20, sync=sync, verify=False)
+    net = Net(storage=store)
     try:
         net.client("pub")
         st = net.broker.stats
