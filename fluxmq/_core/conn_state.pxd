@@ -38,6 +38,10 @@ cdef class ConnState:
     cdef public int _fd  # the socket's descriptor for the protocol layer's libc calls; -1: none
 
 
+cdef enum:
+    MAX_SAMPLES = 8  # samples a flush holds (more in one loop turn: observed when noted)
+
+
 cdef class FlushState:
     # the typed fields of the protocol layer's FlushScheduler that a mark touches
     cdef public list _dirty  # connections to write at the next flush
@@ -48,5 +52,12 @@ cdef class FlushState:
     # True while a hub callback serves a read: marks only queue the connection, and the callback's
     # ``release`` writes the batch or schedules the flush.
     cdef public bint holding
+    # the sampled publishes (1 in 64) whose deliveries the next flush writes: their ``started``
+    # (``stats_core.monotonic_s``), observed into ``_sample_stats`` after the writes
+    cdef StatsCore _sample_stats
+    cdef double _samples[MAX_SAMPLES]
+    cdef readonly int pending_samples
 
     cpdef mark(self, conn)
+    cdef int note_sample(self, StatsCore stats, double started) except -1
+    cdef int observe_samples(self) except -1

@@ -10,7 +10,9 @@ no behaviour and no I/O.
 
 ``FlushState`` is the C base of the protocol layer's ``FlushCore`` (``FlushScheduler``): the dirty list
 and the flags a ``mark`` reads, and ``mark`` itself, so the relay queues a written connection with
-one C call. The flush (the I/O) stays in the protocol layer.
+one C call; and the relay's sampled publishes (``note_sample``), which the flush observes into the
+latency histogram after its writes (``observe_samples``). The flush (the I/O) stays in the protocol
+layer.
 """
 
 
@@ -31,3 +33,31 @@ cdef class FlushState:
         if not self.scheduled and not self.holding:
             self.scheduled = True
             self._callback = self._loop.run_callback(self._flush)
+
+    cdef int note_sample(self, StatsCore stats, double started) except -1:
+        """A sampled publish (``started``: ``monotonic_s()`` when it was read) whose deliveries
+        are queued: the flush observes it into ``stats``' latency histogram after its writes
+        (``observe_samples``), so the sample covers the socket write with no loop callback of its
+        own and no Python code. Outside a held read, schedules the flush if nothing did (a
+        publish with no local subscriber marks no connection)."""
+        cdef int n = self.pending_samples
+        if n >= MAX_SAMPLES or (n and stats is not self._sample_stats):
+            stats.observe(started)  # (a burst, or another broker's: now, before the write)
+            return 0
+        self._sample_stats = stats
+        self._samples[n] = started
+        self.pending_samples = n + 1
+        if not self.scheduled and not self.holding:
+            self.scheduled = True
+            self._callback = self._loop.run_callback(self._flush)
+        return 0
+
+    cdef int observe_samples(self) except -1:
+        """Observe the noted samples (the flush, after its writes); each once."""
+        cdef int i
+        cdef int n = self.pending_samples
+        cdef StatsCore stats = self._sample_stats
+        self.pending_samples = 0
+        for i in range(n):
+            stats.observe(self._samples[i])
+        return 0

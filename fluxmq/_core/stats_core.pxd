@@ -21,6 +21,7 @@ cdef class StatsCore:
     cdef public double latency_sum
 
     cpdef observe_delivery_latency(self, double started)
+    cdef int observe(self, double started) except -1  # the same, a C call with no override check
 
 
 cdef double monotonic_s() noexcept nogil  # CLOCK_MONOTONIC, seconds

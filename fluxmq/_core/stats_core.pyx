@@ -11,8 +11,9 @@ four totals are ``int`` attributes, the per-QoS counts are ``QosCounts``, a fixe
 that indexes, assigns, iterates and compares like the ``[0, 0, 0]`` lists they replace. Counters
 only, no behaviour and no I/O.
 
-The latency histogram is observed in C (``observe_delivery_latency``, a loop callback the relay and
-``Broker.publish`` register for 1 publish in 64): a lone message's path runs no Python code, so the
+The latency histogram is observed in C (for 1 publish in 64: on the relay's paths by the flush
+scheduler after its writes, ``FlushState.note_sample``; ``Broker.publish`` registers
+``observe_delivery_latency`` as a loop callback): a lone message's path runs no Python code, so the
 one sampled message in 64 was the only one to enter the interpreter, whose code and data are cold
 after 64 ms at 1,000 msg/s: ~26 us more before its delivery was written, 1.6 % of the messages, the
 p99 of a one-CPU latency run (bench/RESULTS.md, "The p99 of a lone message").
@@ -97,6 +98,10 @@ cdef class StatsCore:
     cpdef observe_delivery_latency(self, double started):
         """Record one sampled publish-to-delivery latency; ``started`` is a ``monotonic()`` value
         (the bucket is ``bisect_left(LATENCY_BUCKETS, elapsed)``)."""
+        self.observe(started)
+
+    cdef int observe(self, double started) except -1:
+        """``observe_delivery_latency`` for C callers (the flush scheduler, ``FlushState``)."""
         cdef double elapsed = monotonic_s() - started
         cdef Py_ssize_t k = 0
         while k < N_BUCKETS and _BOUNDS[k] < elapsed:
@@ -104,3 +109,4 @@ cdef class StatsCore:
         counts = self.latency_counts
         counts[k] += 1
         self.latency_sum += elapsed
+        return 0

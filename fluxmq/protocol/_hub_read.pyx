@@ -372,7 +372,7 @@ cdef class FlushCore(FlushState):
         loop callback made and cancelled."""
         self.holding = False
         st = self.storage
-        wanted = len(self._dirty) > 0 or (st is not None and st.has_pending)
+        wanted = len(self._dirty) > 0 or self.pending_samples > 0 or (st is not None and st.has_pending)
         if last:
             if wanted or self.scheduled:
                 callback = self._callback
@@ -387,12 +387,17 @@ cdef class FlushCore(FlushState):
             self._callback = self._loop.run_callback(self._flush)
 
     cpdef _flush(self):
-        """Write every dirty connection (after the turn's commit, with a durable storage)."""
+        """Write every dirty connection (after the turn's commit, with a durable storage), then
+        observe the relay's sampled publishes (``FlushState.note_sample``)."""
         cdef list dirty
         self.scheduled = False
         self._callback = None
         if self.storage is not None:
-            self._flush_stored()
+            try:
+                self._flush_stored()
+            finally:
+                if self.pending_samples:
+                    self.observe_samples()
             return
         dirty = self._dirty
         spare = self._spare
@@ -412,3 +417,5 @@ cdef class FlushCore(FlushState):
         conn = None
         _empty(dirty)
         self._spare = dirty
+        if self.pending_samples:
+            self.observe_samples()  # the relay's sampled publishes, after their writes

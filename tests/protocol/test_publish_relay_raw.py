@@ -16,6 +16,7 @@ from fluxmq._core import codec as c
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.stats import LATENCY_SAMPLE_MASK
 from fluxmq.protocol.connection import HUB_READS, RELAY
+from fluxmq.storage.lmdb import LMDBStorage
 from tests.protocol.frames import raw_publish
 from tests.protocol.test_publish_relay import MARK, Net, encode, run_both
 
@@ -230,18 +231,35 @@ def test_a_bad_topic_in_a_raw_run_closes_with_the_decoders_reason(
         assert closed == b""
 
 
+class RecordingLoop:
+    """A gevent loop that records the functions of the callbacks registered with it."""
+
+    def __init__(self, loop, registered: list) -> None:
+        self._loop = loop
+        self._registered = registered
+
+    def run_callback(self, fn, *args):
+        self._registered.append(fn)
+        return self._loop.run_callback(fn, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._loop, name)
+
+
 @pytest.mark.parametrize("hub", [True, False], ids=["raw-from-hub", "serve-from-reader"])
 def test_a_sampled_publish_is_observed_without_python_code(monkeypatch, hub: bool) -> None:
     """1 publish in 64 is timed for the latency histogram. On the relay's paths (the raw one from
-    the hub, ``serve`` from the reader) it is observed by ``StatsCore.observe_delivery_latency``,
-    a C loop callback: the Python ``Broker._observe_latency`` (whose interpreter code is cold when
-    no other message runs any: ~26 us more for that message, bench/RESULTS.md) is not called, and
-    the histogram still counts each sample once, after the delivery was written."""
+    the hub, ``serve`` from the reader) the flush scheduler observes it in C after its writes: the
+    Python ``Broker._observe_latency`` (whose interpreter code is cold when no other message runs
+    any: ~26 us more for that message, bench/RESULTS.md) is not called, no loop callback is
+    registered for it (~5 us more: its set-up), and the histogram still counts each sample once."""
     calls: list[float] = []
     monkeypatch.setattr(Broker, "_observe_latency", lambda self, started: calls.append(started))
     HUB_READS.enabled = hub
     try:
         net = Net()
+        registered: list = []
+        net.flusher._loop = RecordingLoop(net.flusher._loop, registered)
         net.client("pub")
         net.client("sub")
         net.subscribe("sub", "t", 0)
@@ -259,8 +277,38 @@ def test_a_sampled_publish_is_observed_without_python_code(monkeypatch, hub: boo
             assert RELAY.served - served_before == n + 1
         samples = sum(1 for k in range(before + 1, before + n + 2) if not k & LATENCY_SAMPLE_MASK)
         assert calls == []
+        assert registered and all(fn == net.flusher._flush for fn in registered)  # flushes only
+        assert net.flusher.pending_samples == 0
         assert sum(st.latency_counts) == samples >= 2
         assert 0 < st.latency_sum < 10
         net.close()
     finally:
         HUB_READS.enabled = True
+
+
+@pytest.mark.parametrize("sync", [None, "batch", "always"], ids=["memory", "lmdb-batch", "lmdb-always"])
+def test_a_sampled_publish_with_no_subscriber_is_observed_once(tmp_path, sync: str | None) -> None:
+    """A sampled publish that matches nothing marks no connection: noting its sample schedules the
+    flush that observes it (after the commit, with a durable storage), and each sample is counted
+    once."""
+    store = None
+    if sync is not None:
+        store = LMDBStorage(tmp_path / "data", map_size=16 << 20, sync=sync, verify=False)
+    net = Net(storage=store)
+    try:
+        net.client("pub")
+        st = net.broker.stats
+        before = st.received_qos[0]
+        counted = sum(st.latency_counts)
+        n = 2 * (LATENCY_SAMPLE_MASK + 1)
+        net.send("pub", [c.Publish("nobody", b"%d" % i) for i in range(n)])  # and the mark
+        with gevent.Timeout(10):
+            while st.received_qos[0] - before < n + 1:
+                gevent.sleep(0.001)
+        gevent.sleep(0)  # the flush after the read
+        samples = sum(1 for k in range(before + 1, before + n + 2) if not k & LATENCY_SAMPLE_MASK)
+        assert st.received_qos[0] - before == n + 1
+        assert net.flusher.pending_samples == 0
+        assert sum(st.latency_counts) - counted == samples >= 2
+    finally:
+        net.close()
