@@ -68,7 +68,7 @@ from fluxmq._core.trie cimport SubscriptionTrie
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
-from fluxmq._core.forward cimport ForwardQueue, plain_item
+from fluxmq._core.forward cimport ForwardQueue, LinksVersion, plain_item
 from fluxmq._core.publish_frame cimport (append_publish_frame, publish_frame_bytes,
                                          publish_frame_size)
 from fluxmq._core.slots cimport SlotMaker
@@ -211,6 +211,14 @@ cdef class PublishRelay:
     cdef long long _tc_gen
     cdef long long _tc_epoch
     cdef object _links
+    # The ForwardQueues of the last peers' route the forward path met (_queues): its node ids, the
+    # queues, and the links' version then (None: the peers have no version, nothing is kept)
+    cdef LinksVersion _links_version
+    cdef tuple _fq_nodes
+    cdef list _fq_list
+    cdef long long _fq_version
+    # reads whose peers' queues came from that (a test reads it to see the look-up skipped)
+    cdef public long long queues_reused
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None, persistent_class=None):
@@ -900,7 +908,7 @@ cdef class PublishRelay:
                             # read only here: a topic with no peer's interest does not need them)
                             if fwd_links is None:
                                 fwd_links = self._peer_links(peers)
-                            fqs = _link_queues(<tuple>nodes, fwd_links)
+                            fqs = self._queues(<tuple>nodes, fwd_links)
                             if fqs is None:
                                 break
                     last_topic = topic
@@ -990,8 +998,33 @@ cdef class PublishRelay:
         instructions per forwarded read)."""
         if peers is not self._links_peers:
             self._links = peers.relay_links
+            version = getattr(peers, "relay_links_version", None)
+            self._links_version = version if type(version) is LinksVersion else None
+            self._fq_nodes = None
+            self._fq_list = None
             self._links_peers = peers
         return self._links
+
+    cdef inline object _queues(self, tuple nodes, links):
+        """``_link_queues(nodes, links)``, kept for the next read whose route goes to the same
+        peers while the links' version (``_peer_links``, the peers object's) has not moved: a
+        fan-in read carries a few PUBLISHes, and the list made per read (~650 instructions) was a
+        large share of each. Called after ``_peer_links`` for the same peers."""
+        cdef LinksVersion version = self._links_version
+        if version is None:
+            return _link_queues(nodes, links)
+        if (self._fq_nodes is not None and self._fq_version == version.value
+                and (nodes is self._fq_nodes or nodes == self._fq_nodes)):
+            self.queues_reused += 1
+            return self._fq_list
+        fqs = _link_queues(nodes, links)
+        if fqs is None:
+            self._fq_nodes = None
+            return None
+        self._fq_nodes = nodes
+        self._fq_list = <list>fqs
+        self._fq_version = version.value
+        return fqs
 
     cpdef Py_ssize_t forward_raw(self, conn, bytes data) except -1:
         """``_forward_buf`` on the bytes of ``data`` (the reader greenlet's reads, tests)."""
@@ -1331,7 +1364,7 @@ cdef class PublishRelay:
                             if nodes:
                                 if fwd_links is None:
                                     fwd_links = self._peer_links(peers)  # (only for a topic a peer wants)
-                                fqs = _link_queues(<tuple>nodes, fwd_links)
+                                fqs = self._queues(<tuple>nodes, fwd_links)
                                 if fqs is None:
                                     break
                         last_t = t

@@ -152,6 +152,12 @@ class ClusterPeers:
         the same dict (the transport's, changed in place)."""
         return self.transport.links
 
+    @property
+    def relay_links_version(self):
+        """The transport's ``links_version`` (a ``LinksVersion``, bumped in place whenever its links
+        change), or None: the relay then finds a route's queues on every read."""
+        return getattr(self.transport, "links_version", None)
+
     def relay_route(self, topic: str) -> tuple[str, ...] | None:
         """What ``forward`` does with a plain message to ``topic``: the peers it is queued for, or
         None when only ``forward`` can decide (a ``$`` topic, shared groups on a peer)."""
