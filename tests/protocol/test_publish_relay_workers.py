@@ -935,3 +935,36 @@ def test_a_forwarded_read_reuses_its_routes_peer_queues_until_the_links_change(t
         assert old.forward_queue.queued == 0
     finally:
         w.close()
+
+
+def test_the_peers_routes_table_is_read_once_for_every_forwarded_read(tmp_path, monkeypatch) -> None:
+    """Each forwarded read looks its topic up in the peers' ``relay_routes`` (topic -> the peers'
+    ids). The relay read that attribute on every read (a ``getattr`` with a default, ~180
+    instructions); it now reads it once per peers object (the table is emptied in place on every
+    interest change, never replaced), like ``relay_links``. Every read still arrives."""
+    from fluxmq.cluster.peers import ClusterPeers
+
+    reads: list = []
+
+    def get(self):
+        reads.append(self)
+        return self.__dict__["_relay_routes"]
+
+    def put(self, table) -> None:
+        self.__dict__["_relay_routes"] = table
+
+    monkeypatch.setattr(ClusterPeers, "relay_routes", property(get, put), raising=False)
+    w = Workers(tmp_path)
+    try:
+        w.client("pub", 0)
+        w.client("sub", 1)
+        w.subscribe("sub", "t/#", 0)
+        raw = RELAY.raw_forwarded
+        del reads[:]
+        frames = [encode(c.Publish(f"t/{i % 2}", b"m%d" % i), 4) for i in range(4)]
+        got, want = publish_reads(w, frames, b"", b"")
+        assert got == want
+        assert RELAY.raw_forwarded - raw == 4
+        assert reads == [w.nodes[0].peers]
+    finally:
+        w.close()
