@@ -6,6 +6,10 @@ cdef class ForwardRun:
     cdef public Py_ssize_t count
 
 
+cdef class LinksVersion:
+    cdef public long long value
+
+
 cdef class ForwardQueue:
     cdef char* buf  # the tail: framed items not yet sealed into ``runs``
     cdef Py_ssize_t size

@@ -56,6 +56,22 @@ cdef inline Py_ssize_t _rd32(const unsigned char* p) noexcept:
                         | (<unsigned int>p[3] << 24))
 
 
+cdef class LinksVersion:
+    """A number bumped whenever a transport's links change: a link added or removed, or a link's
+    ``forward_queue`` replaced (``bump``). The relay keeps the queues it found for a peers' route
+    while the number is the one it read then (``PublishRelay._queues``), so a change is seen at
+    the next read."""
+
+    def __init__(self):
+        self.value = 0
+
+    def bump(self):
+        self.value += 1
+
+    def __repr__(self):
+        return f"LinksVersion({self.value})"
+
+
 cdef class ForwardRun:
     """Plain items the relay appended, moved into a link's queue as one entry (``count`` messages)."""
 

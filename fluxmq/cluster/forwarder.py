@@ -101,7 +101,9 @@ class PeerLink:
         self._local_filters = local_filters  # () -> iterable of this node's filters (the snapshot)
         self._on_ack = on_ack  # (node_id, BatchAck) -> None
         self.queue: deque[Outgoing | ForwardRun] = deque()
-        # what is queued (entries and the relay's tail): counts, bounds, the relay's appends
+        # what is queued (entries and the relay's tail): counts, bounds, the relay's appends; never
+        # replaced (the relay keeps a route's queues while the transport's ``links_version`` holds:
+        # whoever replaces it must bump that)
         self.forward_queue = ForwardQueue(
             self.queue,
             settings.max_queued_messages,

@@ -117,7 +117,8 @@ class ClusterPeers:
         self.remote = RemoteInterest()
         #: topic -> ids of the peers a plain message to it goes to (None: ``forward`` decides); the C
         #: relay reads it on every read it serves, and calls ``relay_route`` for a topic it lacks
-        #: (an attribute, not a property: ``remote.plain_routes`` itself, emptied in place).
+        #: (an attribute, not a property: ``remote.plain_routes`` itself, emptied in place; the
+        #: relay reads it once per peers object, so it is never replaced).
         self.relay_routes: dict = self.remote.plain_routes
         # sender -> (epoch, last applied seq); from the store at a restart (Broker.peer_batch_applied)
         self._applied: dict[str, tuple[int, int]] = dict(broker.restored_peer_batches)
@@ -151,6 +152,12 @@ class ClusterPeers:
         relay reads it only for a topic that goes to a peer, once per peers object: it must stay
         the same dict (the transport's, changed in place)."""
         return self.transport.links
+
+    @property
+    def relay_links_version(self):
+        """The transport's ``links_version`` (a ``LinksVersion``, bumped in place whenever its links
+        change), or None: the relay then finds a route's queues on every read."""
+        return getattr(self.transport, "links_version", None)
 
     def relay_route(self, topic: str) -> tuple[str, ...] | None:
         """What ``forward`` does with a plain message to ``topic``: the peers it is queued for, or

@@ -23,6 +23,7 @@ import gevent
 import grpc
 from gevent.queue import Queue
 
+from fluxmq._core.forward import LinksVersion
 from fluxmq.errors import ServerUnavailable, StorageError
 
 from .forwarder import PeerLink
@@ -162,6 +163,9 @@ class ClusterTransport:
         self.on_peer_removed = on_peer_removed
         self.handlers: dict[str, Callable[[str, bytes], bytes]] = {}
         self.links: dict[str, PeerLink] = {}
+        #: bumped whenever ``links`` changes (a link added or removed) or a link's ``forward_queue``
+        #: is replaced: the C relay keeps a route's queues while it stays the same
+        self.links_version = LinksVersion()
         self.server: grpc.Server | None = None
         self.port = 0
         self._channel_credentials = None
@@ -236,6 +240,7 @@ class ClusterTransport:
                     self.local_filters,
                     self.on_ack,
                 )
+                self.links_version.bump()
                 log.info("peer_added", extra={"peer": node_id, "addr": addr})
 
     def _link_settings(self, addr: str):
@@ -246,6 +251,7 @@ class ClusterTransport:
         link = self.links.pop(node_id, None)
         if link is None:
             return
+        self.links_version.bump()
         link.close()
         link.channel.close()
         if self.on_peer_removed is not None:

@@ -880,3 +880,91 @@ def test_the_peers_topics_table_lasts_across_batches_until_the_subscriptions_cha
         assert got["late"] == encode(c.Publish("t/2", b"6"), 4)
     finally:
         net.close()
+
+
+def publish_reads(w: Workers, frames: list[bytes], got: bytes, want: bytes) -> tuple[bytes, bytes]:
+    """Each of ``frames`` sent by ``pub`` (worker 0) as its own read, read back by ``sub`` (worker 1)
+    before the next is sent; returns what ``sub`` read so far and what it should have read."""
+    pub = w.nets[0].clients["pub"][2]
+    sub = w.nets[1].clients["sub"][2]
+    for frame in frames:
+        want += frame
+        pub.sendall(frame)
+        with gevent.Timeout(10):
+            while len(got) < len(want):
+                got += sub.recv(65536)
+    return got, want
+
+
+def test_a_forwarded_read_reuses_its_routes_peer_queues_until_the_links_change(tmp_path) -> None:
+    """A fan-in read carries a few PUBLISHes, and the forward path made the list of the peers' queues
+    (each link's ``forward_queue``) on every read (~650 instructions). The relay now keeps the list
+    of the last peers' route it met while the transport's ``links_version`` is unchanged
+    (``RELAY.queues_reused``). A link removed and added again (a new ``PeerLink``, a new queue)
+    bumps the version: the next read finds the new link's queue, and its message arrives (the old
+    queue's link is closed: a message appended there would never be sent)."""
+    w = Workers(tmp_path)
+    try:
+        w.client("pub", 0)
+        w.client("sub", 1)
+        w.subscribe("sub", "t/#", 0)
+        raw = RELAY.raw_forwarded
+        reused = RELAY.queues_reused
+        frames = [encode(c.Publish(f"t/{i % 2}", b"m%d" % i), 4) for i in range(4)]
+        got, want = publish_reads(w, frames, b"", b"")
+        assert RELAY.raw_forwarded - raw == 4
+        assert RELAY.queues_reused - reused == 3  # the first read made the list; t/0, t/1: one peer
+
+        transport = w.nodes[0].transport
+        addrs = {node: link.addr for node, link in transport.links.items()}
+        (node,) = addrs
+        old = transport.links[node]
+        transport._remove(node)
+        transport.set_peers(addrs)
+        assert transport.links[node] is not old
+        deadline = time.monotonic() + 10
+        while not transport.reachable():
+            assert time.monotonic() < deadline, "the new link did not come up"
+            gevent.sleep(0.01)
+        reused = RELAY.queues_reused
+        frames = [encode(c.Publish(f"t/{i % 2}", b"new %d" % i), 4) for i in range(3)]
+        got, want = publish_reads(w, frames, got, want)
+        assert got == want
+        assert RELAY.raw_forwarded - raw == 7
+        assert RELAY.queues_reused - reused == 2  # the list made again once, for the new link
+        assert old.forward_queue.queued == 0
+    finally:
+        w.close()
+
+
+def test_the_peers_routes_table_is_read_once_for_every_forwarded_read(tmp_path, monkeypatch) -> None:
+    """Each forwarded read looks its topic up in the peers' ``relay_routes`` (topic -> the peers'
+    ids). The relay read that attribute on every read (a ``getattr`` with a default, ~180
+    instructions); it now reads it once per peers object (the table is emptied in place on every
+    interest change, never replaced), like ``relay_links``. Every read still arrives."""
+    from fluxmq.cluster.peers import ClusterPeers
+
+    reads: list = []
+
+    def get(self):
+        reads.append(self)
+        return self.__dict__["_relay_routes"]
+
+    def put(self, table) -> None:
+        self.__dict__["_relay_routes"] = table
+
+    monkeypatch.setattr(ClusterPeers, "relay_routes", property(get, put), raising=False)
+    w = Workers(tmp_path)
+    try:
+        w.client("pub", 0)
+        w.client("sub", 1)
+        w.subscribe("sub", "t/#", 0)
+        raw = RELAY.raw_forwarded
+        del reads[:]
+        frames = [encode(c.Publish(f"t/{i % 2}", b"m%d" % i), 4) for i in range(4)]
+        got, want = publish_reads(w, frames, b"", b"")
+        assert got == want
+        assert RELAY.raw_forwarded - raw == 4
+        assert reads == [w.nodes[0].peers]
+    finally:
+        w.close()
