@@ -59,5 +59,6 @@ cdef class FlushState:
     cdef readonly int pending_samples
 
     cpdef mark(self, conn)
+    cdef int schedule(self) except -1
     cdef int note_sample(self, StatsCore stats, double started) except -1
     cdef int observe_samples(self) except -1

@@ -30,9 +30,15 @@ cdef class FlushState:
         """Queue ``conn`` for the next flush (the caller guards against marking twice): outside a
         held read, the first mark schedules the flush callback (the subclass's ``_flush``)."""
         self._dirty.append(conn)
-        if not self.scheduled and not self.holding:
+        if not self.holding:
+            self.schedule()
+
+    cdef int schedule(self) except -1:
+        """The flush as a loop callback (the subclass's ``_flush``), once until it runs."""
+        if not self.scheduled:
             self.scheduled = True
             self._callback = self._loop.run_callback(self._flush)
+        return 0
 
     cdef int note_sample(self, StatsCore stats, double started) except -1:
         """A sampled publish (``started``: ``monotonic_s()`` when it was read) whose deliveries
@@ -47,9 +53,8 @@ cdef class FlushState:
         self._sample_stats = stats
         self._samples[n] = started
         self.pending_samples = n + 1
-        if not self.scheduled and not self.holding:
-            self.scheduled = True
-            self._callback = self._loop.run_callback(self._flush)
+        if not self.holding:
+            self.schedule()
         return 0
 
     cdef int observe_samples(self) except -1:

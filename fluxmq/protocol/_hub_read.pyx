@@ -382,9 +382,8 @@ cdef class FlushCore(FlushState):
                     self._flush()
                 except Exception:  # another connection's trouble must not end the hub's callback
                     _flush_log.exception("flush_failed", extra={"peer": "-"})
-        elif wanted and not self.scheduled:
-            self.scheduled = True
-            self._callback = self._loop.run_callback(self._flush)
+        elif wanted:
+            self.schedule()
 
     cpdef _flush(self):
         """Write every dirty connection (after the turn's commit, with a durable storage), then
