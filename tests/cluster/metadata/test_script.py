@@ -101,3 +101,51 @@ def test_up_starts_three_nodes_that_share_retained_messages_and_down_stops_them(
             shutil.rmtree(state, ignore_errors=True)
     assert down.returncode == 0, down.stderr
     assert _pids() == []
+
+
+# A stand-in for a node whose etcd member outlives it: the "node" exits on SIGTERM at once, the
+# process it started (same session, as the node's etcd member is) stops 1.5 s after its parent is
+# gone, as a member does on the SIGTERM its worker's death sends it. Both carry the node's config path.
+_SLOW_CHILD_NODE = r"""
+import os, signal, sys, time
+parent = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == parent:
+        time.sleep(0.05)
+    time.sleep(1.5)
+    os._exit(0)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_down_returns_once_what_a_node_started_is_gone():
+    if _pids():
+        pytest.skip("a cluster from scripts/cluster runs on this machine")
+    state = ROOT / "run" / "cluster"
+    ours = not state.exists()
+    state.mkdir(parents=True, exist_ok=True)
+    pid_file = state / "node1.pid"
+    node = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CHILD_NODE, "conf/cluster/node1.yaml"], start_new_session=True
+    )
+    reaper = __import__("threading").Thread(target=node.wait, daemon=True)  # as init reaps a node
+    reaper.start()
+    try:
+        for _ in range(100):  # until the stand-in has started its child
+            if len(_pids()) == 2:
+                break
+            __import__("time").sleep(0.05)
+        assert len(_pids()) == 2
+        pid_file.write_text(f"{node.pid}\n")
+        down = _cluster("down")
+        assert down.returncode == 0, down.stderr
+        assert "node1 stopped" in down.stderr
+        assert _pids() == []
+    finally:
+        for pid in _pids():
+            os.kill(pid, 9)
+        pid_file.unlink(missing_ok=True)
+        if ours:
+            shutil.rmtree(state, ignore_errors=True)
