@@ -69,7 +69,7 @@ from fluxmq._core.trie cimport SubscriptionTrie
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
-from fluxmq._core.forward cimport ForwardQueue, LinksVersion, plain_item
+from fluxmq._core.forward cimport ForwardQueue, LinksVersion, plain_item, same_run_item
 from fluxmq._core.publish_frame cimport (append_publish_frame, publish_frame_bytes,
                                          publish_frame_size, write_publish_frame)
 from fluxmq._core.slots cimport SlotMaker
@@ -1531,7 +1531,6 @@ cdef class PublishRelay:
         target, as after a ``_write_direct`` that declined."""
         cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt = start, n, n_acked, done = 0
         cdef Py_ssize_t f[7]
-        cdef Py_ssize_t g[7]
         # a block of the run's QoS 0 items for _write_block: payload offsets, lengths, item ends
         cdef Py_ssize_t b_pay[BLOCK]
         cdef Py_ssize_t b_len[BLOCK]
@@ -1630,20 +1629,16 @@ cdef class PublishRelay:
                     conns = self._direct_conns(targets, qos)  # (reads the targets' state now)
                     conns_qos = qos
                 if conns is not None and qos == 0 and f[6] <= BLOCK_PAYLOAD:
-                    # this item and the next ones of the run (QoS 0, the same topic and origin
-                    # bytes), written at once
+                    # this item and the next ones of the run (the same item but for the payload:
+                    # QoS 0, the same topic and origin bytes), written at once
                     b_pay[0] = f[5]
                     b_len[0] = f[6]
                     b_end[0] = nxt
                     m = 1
                     while m < BLOCK:
-                        e = plain_item(p, b_end[m - 1], end, g)
-                        # (an item's origin follows its topic: one memcmp compares both)
-                        if (e < 0 or g[0] != 0 or g[6] > BLOCK_PAYLOAD or g[2] != f[2] or g[4] != f[4]
-                                or memcmp(p + g[1], p + f[1], f[2] + (f[4] if f[4] > 0 else 0)) != 0):
+                        e = same_run_item(p, i, b_end[m - 1], end, &b_pay[m], &b_len[m])
+                        if e < 0 or b_len[m] > BLOCK_PAYLOAD:
                             break
-                        b_pay[m] = g[5]
-                        b_len[m] = g[6]
                         b_end[m] = e
                         m += 1
                     k = self._write_block(conns, p + f[1], f[2], p, b_pay, b_len, m)

@@ -989,14 +989,17 @@ def test_a_run_of_forwarded_qos0_messages_is_written_a_block_at_a_time_exactly(t
     messages), checking each message against each output's high-water mark and a 5.0 client's
     maximum packet size as it did one message at a time: a message over the 5.0 subscriber's
     maximum is dropped for it alone and the rest of the run goes per target, as does the rest of a
-    run after an output over its mark (queued behind it, then sent); a new origin starts a new
-    block. Every client reads the same bytes and the broker keeps the same counters as with the
+    run after an output over its mark (queued behind it, then sent); a new origin or an item of
+    another shape (QoS 1) ends a block. Every client reads the same bytes and the broker keeps the same counters as with the
     relay off (every item through ``publish_from_peer``)."""
     from fluxmq.cluster.batch import Outgoing, build_batch
     from fluxmq.storage.records import encode_message
 
     messages = [Message("t/a", b"a%03d" % k, origin="p1") for k in range(150)]  # blocks 64, 64, 22
-    messages += [Message("t/a", b"b%d" % k, origin="p2") for k in range(10)]  # a block of 10
+    # blocks of 5 around a QoS 1 item (to QoS 0 subscriptions: written alone, _write_direct)
+    messages += [Message("t/a", b"b%d" % k, origin="p2") for k in range(5)]
+    messages += [Message("t/a", b"q", qos=1, origin="p2")]
+    messages += [Message("t/a", b"b%d" % k, origin="p2") for k in range(5, 10)]
     messages += [Message("t/c", b"c0"), Message("t/c", b"x" * 80)]  # a block of 1 (then over s5's maximum)
     messages += [Message("t/c", b"c%d" % k) for k in range(2, 5)]  # per target
     messages += [Message("t/b", b"d%d" % k) for k in range(5)]  # a block of 1 (high over its mark)
@@ -1026,7 +1029,7 @@ def test_a_run_of_forwarded_qos0_messages_is_written_a_block_at_a_time_exactly(t
             RELAY.enabled = True
     (got, counters, written), (got_off, counters_off, written_off) = results
     assert got == got_off and counters == counters_off
-    assert written == (3 + 1 + 1 + 1, 150 + 10 + 1 + 1)
+    assert written == (3 + 2 + 1 + 1, 150 + 11 + 1 + 1)
     assert written_off == (0, 0)
     assert got["s4"] == b"".join(encode(c.Publish(m.topic, m.payload), 4) for m in messages)
     assert got["s5"] == b"".join(
