@@ -35,6 +35,3 @@ cdef class ForwardQueue:
 
 cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
                            Py_ssize_t* fields) noexcept
-
-cdef Py_ssize_t same_run_item(const unsigned char* p, Py_ssize_t first, Py_ssize_t i, Py_ssize_t end,
-                              Py_ssize_t* pay, Py_ssize_t* paylen) noexcept

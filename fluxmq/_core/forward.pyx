@@ -23,7 +23,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcpy, memset
 
 #: bytes of an item's head and of a message record's head
 DEF ITEM_HEAD = 14
@@ -236,35 +236,4 @@ cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
     fields[4] = olen if flags & 16 else -1
     fields[5] = b + MSG_HEAD + tlen + olen
     fields[6] = paylen
-    return b + blob
-
-
-cdef inline bint _same28(const unsigned char* a, const unsigned char* b) noexcept:
-    """``a[:28] == b[:28]`` in four loads a side (a ``memcmp`` call cost ~20 instructions more)."""
-    cdef uint64_t x[4]
-    cdef uint64_t y[4]
-    x[3] = y[3] = 0
-    memcpy(x, a, 28)
-    memcpy(y, b, 28)
-    return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0
-
-
-cdef Py_ssize_t same_run_item(const unsigned char* p, Py_ssize_t first, Py_ssize_t i, Py_ssize_t end,
-                              Py_ssize_t* pay, Py_ssize_t* paylen) noexcept:
-    """The end offset of the item at ``p[i:]`` when it is the plain item at ``p[first:]``
-    (``plain_item`` took it) but for its payload: the same heads (expiry, flags, groups, format,
-    the record's flags and its topic, origin and properties lengths: bytes 4-31 of an item), the same
-    topic and origin bytes, and its lengths consistent; its payload's offset and length in ``pay``
-    and ``paylen``. -1 otherwise (``plain_item`` decides). A publisher's run in a batch is such
-    items one after the other: two ``memcmp`` an item instead of ``plain_item``'s field checks."""
-    if end - i < ITEM_HEAD + MSG_HEAD or not _same28(p + i + 4, p + first + 4):
-        return -1
-    cdef Py_ssize_t b = i + ITEM_HEAD, blob = _rd32(p + i), n = _rd32(p + b + 18)
-    cdef Py_ssize_t names = _rd16(p + b + 10) + _rd16(p + b + 12)  # topic and origin bytes
-    if blob > end - b or MSG_HEAD + names + n != blob:
-        return -1
-    if memcmp(p + b + MSG_HEAD, p + first + ITEM_HEAD + MSG_HEAD, names) != 0:
-        return -1
-    pay[0] = b + MSG_HEAD + names
-    paylen[0] = n
     return b + blob

@@ -69,7 +69,7 @@ from fluxmq._core.trie cimport SubscriptionTrie
 from fluxmq._core.entry cimport fields_entry
 from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
-from fluxmq._core.forward cimport ForwardQueue, LinksVersion, plain_item, same_run_item
+from fluxmq._core.forward cimport ForwardQueue, LinksVersion, plain_item
 from fluxmq._core.publish_frame cimport (append_publish_frame, publish_frame_bytes,
                                          publish_frame_size, write_publish_frame)
 from fluxmq._core.slots cimport SlotMaker
@@ -706,6 +706,12 @@ cdef class PublishRelay:
         cdef int version
         cdef ConnState dc
         cdef unsigned char* d
+        # per version (4, 5): the frames' bytes (-1: not counted yet), and where they were first
+        # written (the other outputs of that version copy them from there)
+        cdef Py_ssize_t sizes[2]
+        cdef unsigned char* written[2]
+        sizes[0] = sizes[1] = -1
+        written[0] = written[1] = NULL
         for c in range(n):
             dc = <ConnState>PyList_GET_ITEM(conns, c)
             version = 5 if dc.version == 5 else 4
@@ -724,14 +730,22 @@ cdef class PublishRelay:
         for c in range(n):
             dc = <ConnState>PyList_GET_ITEM(conns, c)
             version = 5 if dc.version == 5 else 4
-            size = 0
-            for j in range(k):
-                size += publish_frame_size(tlen, plen[j], 0, version)
+            if sizes[version - 4] < 0:
+                size = 0
+                for j in range(k):
+                    size += publish_frame_size(tlen, plen[j], 0, version)
+                sizes[version - 4] = size
+            size = sizes[version - 4]
             old = PyByteArray_GET_SIZE(dc.out)
             out_resize(dc.out, old + size)
             d = <unsigned char*>PyByteArray_AS_STRING(dc.out) + old
-            for j in range(k):
-                d += write_publish_frame(d, t, tlen, p + pay[j], plen[j], 0, 0, version)
+            if written[version - 4] != NULL:
+                # (a fan-out: the frames another output of this version got, in one copy)
+                memcpy(d, written[version - 4], size)
+            else:
+                written[version - 4] = d
+                for j in range(k):
+                    d += write_publish_frame(d, t, tlen, p + pay[j], plen[j], 0, 0, version)
             dc._npk += k
             if not dc._dirty:
                 dc._dirty = True
@@ -1531,6 +1545,7 @@ cdef class PublishRelay:
         target, as after a ``_write_direct`` that declined."""
         cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt = start, n, n_acked, done = 0
         cdef Py_ssize_t f[7]
+        cdef Py_ssize_t g[7]
         # a block of the run's QoS 0 items for _write_block: payload offsets, lengths, item ends
         cdef Py_ssize_t b_pay[BLOCK]
         cdef Py_ssize_t b_len[BLOCK]
@@ -1629,16 +1644,20 @@ cdef class PublishRelay:
                     conns = self._direct_conns(targets, qos)  # (reads the targets' state now)
                     conns_qos = qos
                 if conns is not None and qos == 0 and f[6] <= BLOCK_PAYLOAD:
-                    # this item and the next ones of the run (the same item but for the payload:
-                    # QoS 0, the same topic and origin bytes), written at once
+                    # this item and the next ones of the run (QoS 0, the same topic and origin
+                    # bytes), written at once
                     b_pay[0] = f[5]
                     b_len[0] = f[6]
                     b_end[0] = nxt
                     m = 1
                     while m < BLOCK:
-                        e = same_run_item(p, i, b_end[m - 1], end, &b_pay[m], &b_len[m])
-                        if e < 0 or b_len[m] > BLOCK_PAYLOAD:
+                        e = plain_item(p, b_end[m - 1], end, g)
+                        # (an item's origin follows its topic: one memcmp compares both)
+                        if (e < 0 or g[0] != 0 or g[6] > BLOCK_PAYLOAD or g[2] != f[2] or g[4] != f[4]
+                                or memcmp(p + g[1], p + f[1], f[2] + (f[4] if f[4] > 0 else 0)) != 0):
                             break
+                        b_pay[m] = g[5]
+                        b_len[m] = g[6]
                         b_end[m] = e
                         m += 1
                     k = self._write_block(conns, p + f[1], f[2], p, b_pay, b_len, m)

@@ -1012,9 +1012,11 @@ def test_a_run_of_forwarded_qos0_messages_is_written_a_block_at_a_time_exactly(t
         try:
             net.client("pub")
             net.client("s4")
+            net.client("s4b")  # (a second 3.1.1 output: copies s4's frames)
             s5 = net.client("s5", version=5)
             high = net.client("high")
             net.subscribe("s4", "t/#", 0)
+            net.subscribe("s4b", "t/#", 0)
             net.subscribe("s5", "t/#", 0)
             net.subscribe("high", "t/b", 0)
             s5._client_max_packet = 60
@@ -1031,27 +1033,30 @@ def test_a_run_of_forwarded_qos0_messages_is_written_a_block_at_a_time_exactly(t
     assert got == got_off and counters == counters_off
     assert written == (3 + 2 + 1 + 1, 150 + 11 + 1 + 1)
     assert written_off == (0, 0)
-    assert got["s4"] == b"".join(encode(c.Publish(m.topic, m.payload), 4) for m in messages)
+    assert got["s4"] == got["s4b"] == b"".join(encode(c.Publish(m.topic, m.payload), 4) for m in messages)
     assert got["s5"] == b"".join(
         encode(c.Publish(m.topic, m.payload), 5) for m in messages if len(m.payload) < 80
     )
     assert got["high"] == b"".join(encode(c.Publish(m.topic, m.payload), 4) for m in messages[-5:])
     assert counters["drops"] == {"packet_too_large": 1}
-    # (the one dropped for s5 counted as publish_from_peer counts it; the four clients' marks)
-    assert counters["sent"] == [len(messages) * 2 + 5 + 4, 0, 0]
+    # (the one dropped for s5 counted as publish_from_peer counts it; the five clients' marks)
+    assert counters["sent"] == [len(messages) * 3 + 5 + 5, 0, 0]
 
 
 def test_a_forwarded_run_between_two_workers_is_written_in_blocks(tmp_path) -> None:
     """A publisher's run of QoS 0 PUBLISHes on one worker reaches the other worker's 3.1.1 and 5.0
-    subscribers written a block at a time there (``RELAY.written_blocks``), with the same bytes and
-    counters as with the fast path from the reader and off."""
+    subscribers written a block at a time there (``RELAY.written_blocks``; the second 3.1.1 output
+    copies the first's frames), with the same bytes and counters as with the fast path from the
+    reader and off."""
     written = []
 
     def scenario(w: Workers) -> list:
         w.client("pub", 0)
         w.client("s4", 1)
+        w.client("s4b", 1)
         w.client("s5", 1, version=5)
         w.subscribe("s4", "f/#", 0)
+        w.subscribe("s4b", "f/#", 0)
         w.subscribe("s5", "f/#", 0)
         blocks, routes = RELAY.written_blocks, RELAY.written_routes
         w.send("pub", [c.Publish("f/1", b"m%d" % k) for k in range(100)])
@@ -1066,6 +1071,6 @@ def test_a_forwarded_run_between_two_workers_is_written_in_blocks(tmp_path) -> N
         assert 3 <= blocks <= routes and routes == 101
     assert written[2] == (0, 0)
     want = [c.Publish("f/1", b"m%d" % k) for k in range(100)]
-    assert got["s4"] == b"".join(encode(p, 4) for p in want)
+    assert got["s4"] == got["s4b"] == b"".join(encode(p, 4) for p in want)
     assert got["s5"] == b"".join(encode(p, 5) for p in want)
-    assert counters[1]["sent"] == [2 * 100 + 2, 0, 0]  # (and the marks of s4 and s5)
+    assert counters[1]["sent"] == [3 * 100 + 3, 0, 0]  # (and the marks of s4, s4b and s5)
