@@ -14,69 +14,16 @@ No I/O and no fluxmq imports.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.string cimport memcpy
 
 from fluxmq._core.outbuf cimport out_resize
 
 DEF MAX_VBI = 268435455
 
 
-cdef inline Py_ssize_t _body_size(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) noexcept:
-    return 2 + tlen + (2 if qos else 0) + (1 if version == 5 else 0) + plen
-
-
-cdef Py_ssize_t publish_frame_size(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) noexcept:
-    """The bytes ``append_publish_frame`` writes for these lengths (the Remaining Length unchecked)."""
-    cdef Py_ssize_t body = _body_size(tlen, plen, qos, version)
-    if body < 128:
-        return 2 + body
-    if body < 16384:
-        return 3 + body
-    if body < 2097152:
-        return 4 + body
-    return 5 + body
-
-
-cdef Py_ssize_t write_publish_frame(unsigned char* d, const unsigned char* topic, Py_ssize_t tlen,
-                                    const unsigned char* payload, Py_ssize_t plen, int qos,
-                                    int packet_id, int version) noexcept:
-    """Write the PUBLISH at ``d`` (``publish_frame_size`` bytes, checked by the caller); returns
-    the bytes written."""
-    return _write(d, topic, tlen, payload, plen, qos, packet_id, version)
-
-
-cdef inline Py_ssize_t _write(unsigned char* d, const unsigned char* topic, Py_ssize_t tlen,
-                              const unsigned char* payload, Py_ssize_t plen, int qos,
-                              int packet_id, int version) noexcept:
-    cdef Py_ssize_t body = _body_size(tlen, plen, qos, version), v = body
-    cdef unsigned char* start = d
-    d[0] = 0x30 | (qos << 1)
-    d += 1
-    while v >= 128:
-        d[0] = (v & 0x7F) | 0x80
-        v >>= 7
-        d += 1
-    d[0] = <unsigned char>v
-    d[1] = (tlen >> 8) & 0xFF
-    d[2] = tlen & 0xFF
-    memcpy(d + 3, topic, tlen)
-    d += 3 + tlen
-    if qos:
-        d[0] = (packet_id >> 8) & 0xFF
-        d[1] = packet_id & 0xFF
-        d += 2
-    if version == 5:
-        d[0] = 0
-        d += 1
-    if plen:
-        memcpy(d, payload, plen)
-    return d + plen - start
-
-
 cdef inline int _check(Py_ssize_t tlen, Py_ssize_t plen, int qos, int version) except -1:
     if tlen > 0xFFFF:
         raise ValueError("topic longer than 65,535 bytes")
-    if _body_size(tlen, plen, qos, version) > MAX_VBI:
+    if publish_body_size(tlen, plen, qos, version) > MAX_VBI:
         raise ValueError("packet larger than the MQTT limit of 268,435,455 bytes")
     return 0
 
@@ -90,8 +37,8 @@ cdef int append_publish_frame(bytearray out, const unsigned char* topic, Py_ssiz
     _check(tlen, plen, qos, version)
     n = publish_frame_size(tlen, plen, qos, version)
     out_resize(out, old + n)
-    return _write(<unsigned char*>PyByteArray_AS_STRING(out) + old, topic, tlen, payload, plen, qos,
-                  packet_id, version)
+    return write_publish_frame(<unsigned char*>PyByteArray_AS_STRING(out) + old, topic, tlen, payload,
+                               plen, qos, packet_id, version)
 
 
 cdef bytes publish_frame_bytes(const unsigned char* topic, Py_ssize_t tlen,
@@ -101,8 +48,8 @@ cdef bytes publish_frame_bytes(const unsigned char* topic, Py_ssize_t tlen,
     cdef bytes frame
     _check(tlen, plen, qos, version)
     frame = PyBytes_FromStringAndSize(NULL, publish_frame_size(tlen, plen, qos, version))
-    _write(<unsigned char*>PyBytes_AS_STRING(frame), topic, tlen, payload, plen, qos, packet_id,
-           version)
+    write_publish_frame(<unsigned char*>PyBytes_AS_STRING(frame), topic, tlen, payload, plen, qos,
+                        packet_id, version)
     return frame
 
 

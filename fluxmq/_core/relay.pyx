@@ -28,7 +28,8 @@ stopped there (e.g. its subscriber over its output's high-water mark) pays no lo
 ``deliver_items`` is the receiving side: a peer's plain forwarded messages through the same
 fan-out (``_fan_out_at``, written from the batch's bytes; a persistent session's delivery there goes
 through ``session.deliver``), or, while every target of a run of one topic takes the plain write,
-to all of them at once (``_write_direct``).
+to all of them at once (``_write_direct``; a publisher's QoS 0 items up to ``BLOCK`` at a time,
+each output resized once for them: ``_write_block``).
 Per target, the delivery goes through ``session.deliver`` (the Python path) unless the session is
 a plain ``Session`` (or a ``PersistentSession`` over a store with a ``sent_table``) attached to an
 MQTT connection that is open, under its output allowance, with an empty session queue, and (5.0)
@@ -70,7 +71,7 @@ from fluxmq._core.sent cimport SentTable
 from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, LinksVersion, plain_item
 from fluxmq._core.publish_frame cimport (append_publish_frame, publish_frame_bytes,
-                                         publish_frame_size)
+                                         publish_frame_size, write_publish_frame)
 from fluxmq._core.slots cimport SlotMaker
 from libc.string cimport memchr
 
@@ -90,6 +91,13 @@ cdef inline int _append(bytearray out, bytes data) except -1:
     out_resize(out, old + n)
     memcpy(PyByteArray_AS_STRING(out) + old, PyBytes_AS_STRING(data), n)
     return 0
+
+
+#: the most messages of one run ``deliver_items`` writes at once (``_write_block``), and the
+#: largest payload it writes so (a larger one goes through ``_write_direct``, which checks the
+#: frame's limits)
+DEF BLOCK = 64
+DEF BLOCK_PAYLOAD = 1048576
 
 
 #: slots of ``deliver_items``' table of the peers' topics (a power of two)
@@ -179,6 +187,9 @@ cdef class PublishRelay:
     # of the peers' messages, those deliver_items wrote to all their route's targets at once
     # (_write_direct: no per-target look at the sessions)
     cdef public long long written_routes
+    # of those, the writes of several messages of one run at once (_write_block: one resize of
+    # each target's output for up to BLOCK messages)
+    cdef public long long written_blocks
     # of the runs of one topic deliver_items met, those whose topic str and route came from its
     # table of the call's topics (met earlier in the same call)
     cdef public long long topics_reused
@@ -246,6 +257,7 @@ cdef class PublishRelay:
         self.raw_packets = 0
         self.written_direct = 0
         self.written_routes = 0
+        self.written_blocks = 0
         self._local_topic = None
         self._local_generation = None
         self.enabled = True
@@ -681,6 +693,67 @@ cdef class PublishRelay:
         self.written_direct += n
         self.written_routes += 1
         return True
+
+    cdef Py_ssize_t _write_block(self, list conns, const unsigned char* t, Py_ssize_t tlen,
+                                 const unsigned char* p, const Py_ssize_t* pay, const Py_ssize_t* plen,
+                                 Py_ssize_t m) except -1:
+        """``_write_direct`` of ``m`` QoS 0 messages of one topic ``t[:tlen]`` (payloads
+        ``p[pay[j]:pay[j] + plen[j]]``, each at most ``BLOCK_PAYLOAD``) in order, with one resize
+        of each output: message ``j`` is written while every output is within its high-water mark
+        with messages ``0..j-1`` in it and within its (5.0) maximum packet size, as ``_write_direct``
+        checks each message. Returns the messages written (the first ``k``; 0: nothing written)."""
+        cdef Py_ssize_t c, j, n = PyList_GET_SIZE(conns), k = m, size, old, fs
+        cdef int version
+        cdef ConnState dc
+        cdef unsigned char* d
+        # per version (4, 5): the frames' bytes (-1: not counted yet), and where they were first
+        # written (the other outputs of that version copy them from there)
+        cdef Py_ssize_t sizes[2]
+        cdef unsigned char* written[2]
+        sizes[0] = sizes[1] = -1
+        written[0] = written[1] = NULL
+        for c in range(n):
+            dc = <ConnState>PyList_GET_ITEM(conns, c)
+            version = 5 if dc.version == 5 else 4
+            size = PyByteArray_GET_SIZE(dc.out)
+            for j in range(k):
+                if size > dc._high:
+                    k = j
+                    break
+                fs = publish_frame_size(tlen, plen[j], 0, version)
+                if version == 5 and dc._client_max_packet and fs > dc._client_max_packet:
+                    k = j
+                    break
+                size += fs
+        if k == 0:
+            return 0
+        for c in range(n):
+            dc = <ConnState>PyList_GET_ITEM(conns, c)
+            version = 5 if dc.version == 5 else 4
+            if sizes[version - 4] < 0:
+                size = 0
+                for j in range(k):
+                    size += publish_frame_size(tlen, plen[j], 0, version)
+                sizes[version - 4] = size
+            size = sizes[version - 4]
+            old = PyByteArray_GET_SIZE(dc.out)
+            out_resize(dc.out, old + size)
+            d = <unsigned char*>PyByteArray_AS_STRING(dc.out) + old
+            if written[version - 4] != NULL:
+                # (a fan-out: the frames another output of this version got, in one copy)
+                memcpy(d, written[version - 4], size)
+            else:
+                written[version - 4] = d
+                for j in range(k):
+                    d += write_publish_frame(d, t, tlen, p + pay[j], plen[j], 0, 0, version)
+            dc._npk += k
+            if not dc._dirty:
+                dc._dirty = True
+                _mark(dc, dc)
+        self.written_direct += n * k
+        self.written_routes += k
+        self.written_blocks += 1
+        return k
 
     cdef int _queue_plain(self, session, QueueCore queue, d, message, bytes entry, Py_ssize_t size,
                           SentTable table) except -1:
@@ -1465,9 +1538,19 @@ cdef class PublishRelay:
         bytes (``TOPICS`` slots, emptied when the trie's generation or the router's epoch moves),
         so a topic met again costs a hash and a ``memcmp``, not a decode and a dict look-up; an item's
         origin is checked when it changes but decoded only for a target that needs it (a message
-        object or a stored entry, in ``_fan_out_at``)."""
+        object or a stored entry, in ``_fan_out_at``). While the run's targets all take the plain
+        write, its QoS 0 items with the same topic and origin bytes (one publisher's, as a batch
+        holds them) are written up to ``BLOCK`` at a time (``_write_block``); the items a block
+        leaves (an output over its mark, a message over a maximum) are taken again one by one, per
+        target, as after a ``_write_direct`` that declined."""
         cdef Py_ssize_t i = start, end = PyBytes_GET_SIZE(data), nxt = start, n, n_acked, done = 0
         cdef Py_ssize_t f[7]
+        cdef Py_ssize_t g[7]
+        # a block of the run's QoS 0 items for _write_block: payload offsets, lengths, item ends
+        cdef Py_ssize_t b_pay[BLOCK]
+        cdef Py_ssize_t b_len[BLOCK]
+        cdef Py_ssize_t b_end[BLOCK]
+        cdef Py_ssize_t m, k, j, e
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef int qos
         cdef long long sent_n[2]
@@ -1560,6 +1643,37 @@ cdef class PublishRelay:
                 if conns_qos != qos and not run_off:
                     conns = self._direct_conns(targets, qos)  # (reads the targets' state now)
                     conns_qos = qos
+                if conns is not None and qos == 0 and f[6] <= BLOCK_PAYLOAD:
+                    # this item and the next ones of the run (QoS 0, the same topic and origin
+                    # bytes), written at once
+                    b_pay[0] = f[5]
+                    b_len[0] = f[6]
+                    b_end[0] = nxt
+                    m = 1
+                    while m < BLOCK:
+                        e = plain_item(p, b_end[m - 1], end, g)
+                        # (an item's origin follows its topic: one memcmp compares both)
+                        if (e < 0 or g[0] != 0 or g[6] > BLOCK_PAYLOAD or g[2] != f[2] or g[4] != f[4]
+                                or memcmp(p + g[1], p + f[1], f[2] + (f[4] if f[4] > 0 else 0)) != 0):
+                            break
+                        b_pay[m] = g[5]
+                        b_len[m] = g[6]
+                        b_end[m] = e
+                        m += 1
+                    k = self._write_block(conns, p + f[1], f[2], p, b_pay, b_len, m)
+                    if k:
+                        n = PyList_GET_SIZE(conns)
+                        for j in range(k):
+                            sent_b[0] += n * b_len[j]
+                        sent_n[0] += n * k
+                        done += k
+                        i = b_end[k - 1]
+                        if k < m:  # an output over its mark, a message over a maximum: as below
+                            conns = None
+                            run_off = True
+                        continue
+                    conns = None
+                    run_off = True
                 if conns is not None and self._write_direct(conns, p + f[1], f[2], p + f[5], f[6]):
                     n = PyList_GET_SIZE(conns)
                     n_acked = 0

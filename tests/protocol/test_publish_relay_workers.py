@@ -968,3 +968,109 @@ def test_the_peers_routes_table_is_read_once_for_every_forwarded_read(tmp_path, 
         assert reads == [w.nodes[0].peers]
     finally:
         w.close()
+
+
+def _deliver_batch(broker, items: bytes) -> None:
+    """What ``ClusterPeers._apply`` does with a batch's items: the relay's C path while it takes
+    them, the Python path (``decode_item``, ``publish_from_peer``) for each item it leaves."""
+    from fluxmq.cluster.batch import decode_item
+
+    i, end = 0, len(items)
+    while i < end:
+        i, _k = broker.publish_relayed_from_peer(items, i)
+        if i < end:
+            message, groups, match_local, i = decode_item(items, i, time.monotonic())
+            broker.publish_from_peer(message, groups, match_local)
+
+
+def test_a_run_of_forwarded_qos0_messages_is_written_a_block_at_a_time_exactly(tmp_path) -> None:
+    """The receiving worker writes the QoS 0 items of a run (one topic, one origin) to its ready
+    targets a block at a time (``RELAY.written_blocks``: one resize of each output for up to 64
+    messages), checking each message against each output's high-water mark and a 5.0 client's
+    maximum packet size as it did one message at a time: a message over the 5.0 subscriber's
+    maximum is dropped for it alone and the rest of the run goes per target, as does the rest of a
+    run after an output over its mark (queued behind it, then sent); a new origin or an item of
+    another shape (QoS 1) ends a block. Every client reads the same bytes and the broker keeps the same counters as with the
+    relay off (every item through ``publish_from_peer``)."""
+    from fluxmq.cluster.batch import Outgoing, build_batch
+    from fluxmq.storage.records import encode_message
+
+    messages = [Message("t/a", b"a%03d" % k, origin="p1") for k in range(150)]  # blocks 64, 64, 22
+    # blocks of 5 around a QoS 1 item (to QoS 0 subscriptions: written alone, _write_direct)
+    messages += [Message("t/a", b"b%d" % k, origin="p2") for k in range(5)]
+    messages += [Message("t/a", b"q", qos=1, origin="p2")]
+    messages += [Message("t/a", b"b%d" % k, origin="p2") for k in range(5, 10)]
+    messages += [Message("t/c", b"c0"), Message("t/c", b"x" * 80)]  # a block of 1 (then over s5's maximum)
+    messages += [Message("t/c", b"c%d" % k) for k in range(2, 5)]  # per target
+    messages += [Message("t/b", b"d%d" % k) for k in range(5)]  # a block of 1 (high over its mark)
+    items = build_batch("w0", 1, 1, [Outgoing(encode_message(m), (), True, None) for m in messages])[0].items
+    results = []
+    for on in (True, False):
+        RELAY.enabled = on
+        net = Net()
+        net.broker.relay = RELAY
+        try:
+            net.client("pub")
+            net.client("s4")
+            net.client("s4b")  # (a second 3.1.1 output: copies s4's frames)
+            s5 = net.client("s5", version=5)
+            high = net.client("high")
+            net.subscribe("s4", "t/#", 0)
+            net.subscribe("s4b", "t/#", 0)
+            net.subscribe("s5", "t/#", 0)
+            net.subscribe("high", "t/b", 0)
+            s5._client_max_packet = 60
+            high._high = 0  # over its mark once anything waits in its output
+            blocks, routes = RELAY.written_blocks, RELAY.written_routes
+            _deliver_batch(net.broker, items)
+            written = (RELAY.written_blocks - blocks, RELAY.written_routes - routes)
+            net.send("pub", [])
+            results.append((net.read_all(), net.counters(), written))
+        finally:
+            net.close()
+            RELAY.enabled = True
+    (got, counters, written), (got_off, counters_off, written_off) = results
+    assert got == got_off and counters == counters_off
+    assert written == (3 + 2 + 1 + 1, 150 + 11 + 1 + 1)
+    assert written_off == (0, 0)
+    assert got["s4"] == got["s4b"] == b"".join(encode(c.Publish(m.topic, m.payload), 4) for m in messages)
+    assert got["s5"] == b"".join(
+        encode(c.Publish(m.topic, m.payload), 5) for m in messages if len(m.payload) < 80
+    )
+    assert got["high"] == b"".join(encode(c.Publish(m.topic, m.payload), 4) for m in messages[-5:])
+    assert counters["drops"] == {"packet_too_large": 1}
+    # (the one dropped for s5 counted as publish_from_peer counts it; the five clients' marks)
+    assert counters["sent"] == [len(messages) * 3 + 5 + 5, 0, 0]
+
+
+def test_a_forwarded_run_between_two_workers_is_written_in_blocks(tmp_path) -> None:
+    """A publisher's run of QoS 0 PUBLISHes on one worker reaches the other worker's 3.1.1 and 5.0
+    subscribers written a block at a time there (``RELAY.written_blocks``; the second 3.1.1 output
+    copies the first's frames), with the same bytes and counters as with the fast path from the
+    reader and off."""
+    written = []
+
+    def scenario(w: Workers) -> list:
+        w.client("pub", 0)
+        w.client("s4", 1)
+        w.client("s4b", 1)
+        w.client("s5", 1, version=5)
+        w.subscribe("s4", "f/#", 0)
+        w.subscribe("s4b", "f/#", 0)
+        w.subscribe("s5", "f/#", 0)
+        blocks, routes = RELAY.written_blocks, RELAY.written_routes
+        w.send("pub", [c.Publish("f/1", b"m%d" % k) for k in range(100)])
+        got = w.read_all()
+        written.append((RELAY.written_blocks - blocks, RELAY.written_routes - routes))
+        return [got]
+
+    [got], counters, _served, forwarded = run_three(tmp_path, scenario)
+    assert forwarded == 100 + 1
+    # from the hub, from the reader: 100 in blocks of 64 at most (a batch may end inside the run), the mark
+    for blocks, routes in written[:2]:
+        assert 3 <= blocks <= routes and routes == 101
+    assert written[2] == (0, 0)
+    want = [c.Publish("f/1", b"m%d" % k) for k in range(100)]
+    assert got["s4"] == got["s4b"] == b"".join(encode(p, 4) for p in want)
+    assert got["s5"] == b"".join(encode(p, 5) for p in want)
+    assert counters[1]["sent"] == [3 * 100 + 3, 0, 0]  # (and the marks of s4, s4b and s5)
