@@ -1,8 +1,8 @@
 # cython: language_level=3
 """The process's spare output allocation (see ``outbuf.pxd``): one ``PyObject_Malloc`` block of
 ``SPARE_MIN`` to ``SPARE_MAX`` bytes, left by the send that emptied a large output and taken by
-the next output that grows past ``SPARE_FROM`` bytes. Outputs are written in the hub's thread
-only (a worker is one process with one hub), so the spare needs no lock.
+the next output that grows past ``SPARE_FROM`` bytes. Both run with the GIL held and never
+release it (an output is a ``bytearray``), so the spare needs no lock.
 
 No I/O and no fluxmq imports.
 """
