@@ -18,6 +18,7 @@ CORE_MODULES = [
     "stats_core",
     "broker_core",
     "conn_state",
+    "outbuf",
     "publish_frame",
     "slots",
     "relay",

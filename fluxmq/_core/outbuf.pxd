@@ -11,6 +11,16 @@ reader's backlog) grows as CPython grows it, so a buffer holds at most twice its
 it is small. ``DOUBLE_BELOW`` is 256 KiB because a receiving worker writes a whole batch from the
 other worker into one fan-in subscriber's output (~1,650 messages, ~130 KB): with 1/8 growth past
 64 KiB that was ~6 more reallocs copying the whole buffer (xcross, bench/RESULTS.md).
+
+The process's spare (``outbuf.pyx``): the send that empties an output of ``SPARE_MIN`` to
+``SPARE_MAX`` bytes allocated hands its allocation to the process (``spare_keep``: the output is
+left with none) instead of shrinking it to one byte, and the next output that grows past
+``SPARE_FROM`` bytes takes it (``spare_adopt``: one copy of what it holds). A fan-in's subscriber
+fills ~180 KB per send; its allocation was a fresh ``mmap`` each time (glibc maps chunks of
+128 KiB and more, and the shrink to one byte and the next growth are ``mremap`` calls), so nearly
+every byte written landed on a newly faulted page (~22 page faults and ~2 ``mremap`` per 1,000
+deliveries, bench/RESULTS.md "fmem"). One spare per process, at most ``SPARE_MAX``: an idle
+connection keeps nothing.
 """
 
 from cpython.bytearray cimport PyByteArray_GET_SIZE, PyByteArray_Resize
@@ -28,6 +38,13 @@ cdef extern from "Python.h":
 
 cdef enum:
     DOUBLE_BELOW = 262144
+    SPARE_FROM = 32768  # an output growing past this many bytes takes the spare, if it holds them
+    SPARE_MIN = 65536  # an emptied output's allocation kept as the spare: from this many bytes...
+    SPARE_MAX = 1048576  # ... to this many
+
+
+cdef int spare_adopt(bytearray out, Py_ssize_t size) except -1
+cdef int spare_keep(bytearray out) except -1
 
 
 cdef inline int out_resize(bytearray out, Py_ssize_t size) except -1:
@@ -41,6 +58,8 @@ cdef inline int out_resize(bytearray out, Py_ssize_t size) except -1:
         # the allocation holds it: what PyByteArray_Resize does then, without its calls
         _out_set_size(out, size)
         b.ob_start[size] = 0
+        return 0
+    if size >= SPARE_FROM and spare_adopt(out, size):
         return 0
     if size + 1 <= b.ob_alloc - (b.ob_start - b.ob_bytes) or size >= DOUBLE_BELOW \
             or b.ob_start != b.ob_bytes or b.ob_exports:

@@ -31,6 +31,7 @@ from cpython.ref cimport PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from fluxmq._core.decoder cimport Decoder
+from fluxmq._core.outbuf cimport spare_keep
 from fluxmq._core.conn_state cimport ConnState, FlushState
 from fluxmq._core.stats_core cimport StatsCore
 
@@ -88,13 +89,15 @@ cdef inline void _empty(list lst):
 
 
 cdef inline int _clear(bytearray out) except -1:
-    """Empty ``out`` (what ``PyByteArray_Resize(out, 0)`` does), keeping a small allocation."""
+    """Empty ``out`` (what ``PyByteArray_Resize(out, 0)`` does), keeping a small allocation; a large
+    one becomes the process's spare output allocation (``_core/outbuf.pxd``), which the next large
+    output takes, instead of a fresh ``mmap`` faulted in page by page."""
     cdef PyByteArrayObject* b = <PyByteArrayObject*>out
     if b.ob_alloc <= KEEP_OUT and b.ob_exports == 0 and b.ob_bytes != NULL:
         b.ob_start = b.ob_bytes
         b.ob_bytes[0] = 0
         Py_SET_SIZE(out, 0)
-    else:
+    elif not spare_keep(out):
         PyByteArray_Resize(out, 0)
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from fluxmq._core import outbuf
 from fluxmq._core import publish_frame as pf
 from fluxmq._core.encoder import append_publish
 
@@ -83,3 +84,90 @@ def test_a_buffer_with_a_sent_prefix_appends_after_what_is_left() -> None:
     out.clear()
     _fill(out, 2)
     assert bytes(out) == FRAME * 2
+
+
+# The process's spare output allocation (``outbuf.keep`` is what the send that empties an output
+# calls, ``_hub_read._clear``; the adoption is inside ``out_resize``).
+
+
+@pytest.fixture
+def no_spare():
+    outbuf.release()
+    yield
+    outbuf.release()
+
+
+def test_an_emptied_large_output_hands_its_allocation_to_the_next_large_one(no_spare) -> None:
+    """A fan-in's send (~190 KB): the emptied output keeps no allocation; the next output that
+    grows past 32 KiB takes it (no fresh allocation), with the bytes it held copied over."""
+    first = bytearray()
+    _fill(first, 2_300)
+    alloc = first.__alloc__()
+    assert alloc >= 128 * 1024  # (an mmapped chunk in glibc: the case this is for)
+    assert outbuf.keep(first)
+    assert first.__alloc__() == 0 and first == b""
+    assert outbuf.spare_size() == alloc
+    kept, adopted = outbuf.spare_counts()
+    second = bytearray()
+    allocs = _fill(second, 2_300)
+    assert bytes(second) == FRAME * 2_300
+    assert outbuf.spare_size() == 0
+    assert outbuf.spare_counts() == (kept, adopted + 1)
+    assert second.__alloc__() == alloc  # taken when it grew past 32 KiB, and enough for the rest
+    assert max(a for a in allocs if a < alloc) < 128 * 1024  # below that, heap blocks as before
+    # the emptied output appends as a new one
+    _fill(first, 3)
+    assert bytes(first) == FRAME * 3
+
+
+def test_the_spare_is_one_bounded_allocation(no_spare) -> None:
+    """At most one spare, the larger of two; an output over 1 MiB, under 64 KiB or exported is not
+    taken (it is emptied by CPython as before)."""
+    big = bytearray()
+    _fill(big, 2_300)
+    small = bytearray()
+    _fill(small, 1_000)  # ~81 KB
+    assert 64 * 1024 <= small.__alloc__() < big.__alloc__()
+    assert outbuf.keep(big)
+    kept = outbuf.spare_size()
+    assert not outbuf.keep(small)  # a smaller one never replaces it
+    assert outbuf.spare_size() == kept and bytes(small) == FRAME * 1_000
+    huge = bytearray(b"q" * 2_000_000)
+    assert not outbuf.keep(huge) and len(huge) == 2_000_000
+    tiny = bytearray()
+    _fill(tiny, 10)
+    assert not outbuf.keep(tiny)
+    other = bytearray()
+    _fill(other, 5_000)  # took the spare on the way, then grew past it
+    assert outbuf.spare_size() == 0
+    with memoryview(other):
+        assert not outbuf.keep(other)
+    assert bytes(other) == FRAME * 5_000
+    assert outbuf.keep(other)
+    assert outbuf.spare_size() > kept
+
+
+def test_an_output_with_a_sent_prefix_takes_the_spare_with_what_is_left(no_spare) -> None:
+    """A partial send moved the logical start: the adoption copies from there."""
+    donor = bytearray()
+    _fill(donor, 2_300)
+    assert outbuf.keep(donor)
+    out = bytearray()
+    _fill(out, 300)
+    del out[:1_000]
+    _fill(out, 2_000)
+    assert outbuf.spare_size() == 0
+    assert bytes(out) == (FRAME * 300)[1_000:] + FRAME * 2_000
+
+
+def test_an_exported_output_does_not_take_the_spare(no_spare) -> None:
+    donor = bytearray()
+    _fill(donor, 2_300)
+    assert outbuf.keep(donor)
+    out = bytearray()
+    _fill(out, 500)
+    with memoryview(out):
+        with pytest.raises(BufferError):
+            _fill(out, 1_000)
+    assert outbuf.spare_size() > 0
+    assert bytes(out) == FRAME * 500
