@@ -77,3 +77,28 @@ def test_queue_seals_runs_counts_and_bounds_and_wakes_once() -> None:
         "w0", 1, 1, [*runs, Outgoing(encode_message(Message("u", b"5")), (), True, None)]
     )
     assert expired == 0 and batch.count == 6  # runs of 2, 1 and 2, then the Outgoing
+
+
+def test_a_sealed_run_takes_the_tails_bytes_and_the_next_tail_starts_at_its_size() -> None:
+    # the run's data is the bytes the items were written into, shortened (not a copy of a buffer the
+    # queue keeps): the queue holds nothing after a seal, and later appends leave the run alone
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    payloads = [bytes([i % 251]) * (i * 37 % 3000) for i in range(400)]  # grows the tail a few times
+    for i, p in enumerate(payloads[:200]):
+        fq.append(f"t/{i % 3}", "pub", i % 2, p)
+    size = len(fq.tail)
+    assert fq.capacity >= size > 4096
+    fq.seal()
+    assert fq.capacity == 0 and len(runs[0].data) == size
+    first = bytes(runs[0].data)  # (a copy to compare with later)
+    fq.append("t/2", "pub", 0, payloads[200])  # (as the loop below would)
+    assert fq.capacity >= size  # one allocation for a run like the last one: no growing copies
+    for i, p in enumerate(payloads[201:], 201):
+        fq.append(f"t/{i % 3}", "pub", i % 2, p)
+    fq.seal()
+    assert runs[0].data == first
+    got = [(m.topic, m.payload, m.qos) for r in runs for m, _g, _l in decode_items(r.data)]
+    assert got == [(f"t/{i % 3}", p, i % 2) for i, p in enumerate(payloads)]
+    assert fq.queued_bytes == sum(len(r.data) for r in runs)
+    assert hash(runs[1].data) == hash(bytes(runs[1].data))
