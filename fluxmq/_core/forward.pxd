@@ -19,7 +19,7 @@ cdef class ForwardQueue:
     cdef char* buf  # its bytes
     cdef Py_ssize_t size
     cdef readonly Py_ssize_t capacity  # (0: no tail bytes held)
-    cdef Py_ssize_t _keep  # the last run's size: what the next tail is allocated with
+    cdef Py_ssize_t _keep  # the recent runs' size: what the next tail is allocated with (_grow)
     cdef public Py_ssize_t tail_count
     cdef public Py_ssize_t queued
     cdef public Py_ssize_t queued_bytes
