@@ -25,6 +25,9 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyByte
                             _PyBytes_Resize)
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
+
+cdef extern from "Python.h":
+    void Py_SET_SIZE(PyObject* o, Py_ssize_t size)
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -227,7 +230,15 @@ cdef class ForwardQueue:
         # (a batch taken early holds a short run; the next one is as long as before)
         self._keep = n if n > self._keep else self._keep - (self._keep >> 3)
         self.size = self.capacity = self.tail_count = 0
-        if n < PyBytes_GET_SIZE(<object>data):
+        cdef Py_ssize_t cap = PyBytes_GET_SIZE(<object>data)
+        if n >= cap - (cap >> 2):
+            # at most a quarter unused (a steady stream's runs): its length set, the allocation
+            # kept whole (a realloc that shrinks it returns the rest, so the allocator's threshold for
+            # mapping large blocks stays under the next tail's size: each tail was a fresh mapping,
+            # its pages faulted in, and the shrink an mremap)
+            Py_SET_SIZE(data, n)
+            PyBytes_AS_STRING(<object>data)[n] = 0
+        else:
             try:
                 _PyBytes_Resize(&data, n)  # (the only reference: shortened in place by realloc)
             except MemoryError:

@@ -102,3 +102,34 @@ def test_a_sealed_run_takes_the_tails_bytes_and_the_next_tail_starts_at_its_size
     assert got == [(f"t/{i % 3}", p, i % 2) for i, p in enumerate(payloads)]
     assert fq.queued_bytes == sum(len(r.data) for r in runs)
     assert hash(runs[1].data) == hash(bytes(runs[1].data))
+
+
+def test_runs_of_a_nearly_full_tail_and_of_a_short_one_hold_exactly_their_items() -> None:
+    # a run that fills at least three quarters of its tail's bytes keeps the allocation (its length
+    # set); a shorter one is shortened by realloc: both hold exactly their items
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    sent = []
+
+    def append(n: int) -> None:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+
+    append(300)
+    fq.seal()
+    append(1)
+    cap = fq.capacity
+    while len(fq.tail) < cap - cap // 5:  # ~4/5 of the tail's bytes: kept whole
+        append(1)
+    assert len(fq.tail) >= cap - (cap >> 2)
+    fq.seal()
+    append(2)  # a short run in a tail of ~the same size: shortened
+    assert len(fq.tail) < fq.capacity // 4
+    fq.seal()
+    got = [(m.topic, m.qos, m.payload) for r in runs for m, _g, _l in decode_items(r.data)]
+    assert got == sent and fq.queued == len(sent) == sum(r.count for r in runs)
+    assert fq.queued_bytes == sum(len(r.data) for r in runs)
+    for r in runs:
+        assert r.data == bytes(bytearray(r.data)) and hash(r.data) == hash(bytes(bytearray(r.data)))
