@@ -20,6 +20,10 @@ cdef class ForwardQueue:
     cdef Py_ssize_t size
     cdef readonly Py_ssize_t capacity  # (0: no tail bytes held)
     cdef Py_ssize_t _keep  # the recent runs' size: what the next tail is allocated with (_grow)
+    # sealed runs' bytes kept whole (their allocations, ``_spare_cap``), reused for a tail once
+    # nothing else holds them (the link dropped the batch when it was acknowledged)
+    cdef PyObject* _spare[4]
+    cdef Py_ssize_t _spare_cap[4]
     cdef public Py_ssize_t tail_count
     cdef public Py_ssize_t queued
     cdef public Py_ssize_t queued_bytes
@@ -37,6 +41,7 @@ cdef class ForwardQueue:
     cdef int append_raw(self, const char* t, Py_ssize_t tlen, const char* o, Py_ssize_t olen,
                         int qos, const char* payload, Py_ssize_t plen) except -1
     cdef int _grow(self, Py_ssize_t need) except -1
+    cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept
     cpdef seal(self)
 
 

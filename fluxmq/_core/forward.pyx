@@ -28,6 +28,13 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF
 
 cdef extern from "Python.h":
     void Py_SET_SIZE(PyObject* o, Py_ssize_t size)
+    Py_ssize_t Py_REFCNT(PyObject* o)
+    ctypedef struct PyBytesObject:
+        Py_hash_t ob_shash
+
+#: sealed runs' allocations a queue keeps for reuse (``ForwardQueue._spare``): a batch in flight and
+#: one filling hold two; the link allows ``batches_in_flight`` (4 by default)
+DEF SPARES = 4
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -102,6 +109,10 @@ cdef class ForwardQueue:
         self._data = NULL
         self.buf = NULL
         self.size = self.capacity = self._keep = 0
+        cdef int i
+        for i in range(SPARES):
+            self._spare[i] = NULL
+            self._spare_cap[i] = 0
         self.tail_count = 0
         self.queued = 0
         self.queued_bytes = 0
@@ -115,6 +126,10 @@ cdef class ForwardQueue:
     def __dealloc__(self):
         Py_XDECREF(self._data)
         self._data = NULL
+        cdef int i
+        for i in range(SPARES):
+            Py_XDECREF(self._spare[i])
+            self._spare[i] = NULL
 
     @property
     def tail(self):
@@ -203,8 +218,24 @@ cdef class ForwardQueue:
         without growing: a growth copies the items), then twice as large each time (the items copied
         over; the old one kept if that fails)."""
         cdef Py_ssize_t cap
+        cdef PyObject* spare
+        cdef int i
         if self._data is NULL:
             cap = max(need, self._keep + (self._keep >> 2), 4096)
+            for i in range(SPARES):
+                spare = self._spare[i]
+                if spare is NULL or Py_REFCNT(spare) != 1:
+                    continue  # (a run still queued, in a batch in flight, or held elsewhere)
+                self._spare[i] = NULL
+                if cap <= self._spare_cap[i] <= 2 * cap:
+                    # its pages mapped and likely in cache: no allocation, no page faults
+                    Py_SET_SIZE(spare, self._spare_cap[i])
+                    (<PyBytesObject*>spare).ob_shash = -1
+                    self._data = spare  # (its reference moves here)
+                    self.buf = PyBytes_AS_STRING(<object>spare)
+                    self.capacity = self._spare_cap[i]
+                    return 0
+                Py_XDECREF(spare)  # too small, or much larger than the runs now: freed
         else:
             cap = max(need, 2 * self.capacity)
         grown = PyBytes_FromStringAndSize(NULL, cap)
@@ -217,6 +248,18 @@ cdef class ForwardQueue:
         self.capacity = cap
         return 0
 
+    cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept:
+        """Keep a reference to a sealed run's ``bytes`` (its allocation ``cap`` bytes) in a free slot
+        of ``_spare`` (empty, or holding one nothing else holds); none free: not kept."""
+        cdef int i
+        for i in range(SPARES):
+            if self._spare[i] is NULL or Py_REFCNT(self._spare[i]) == 1:
+                Py_XDECREF(self._spare[i])
+                Py_INCREF(<object>data)
+                self._spare[i] = data
+                self._spare_cap[i] = cap
+                return
+
     cpdef seal(self):
         """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty): its
         ``bytes`` shortened to the items, not copied; the next append starts another."""
@@ -228,7 +271,7 @@ cdef class ForwardQueue:
         self.buf = NULL
         # the largest recent run: a larger one at once, a smaller one lowers it by an eighth per seal
         # (a batch taken early holds a short run; the next one is as long as before)
-        self._keep = n if n > self._keep else self._keep - (self._keep >> 3)
+        self._keep = n if n >= self._keep else self._keep - (self._keep >> 3)
         self.size = self.capacity = self.tail_count = 0
         cdef Py_ssize_t cap = PyBytes_GET_SIZE(<object>data)
         if n >= cap - (cap >> 2):
@@ -238,6 +281,7 @@ cdef class ForwardQueue:
             # its pages faulted in, and the shrink an mremap)
             Py_SET_SIZE(data, n)
             PyBytes_AS_STRING(<object>data)[n] = 0
+            self._keep_spare(data, cap)
         else:
             try:
                 _PyBytes_Resize(&data, n)  # (the only reference: shortened in place by realloc)

@@ -133,3 +133,52 @@ def test_runs_of_a_nearly_full_tail_and_of_a_short_one_hold_exactly_their_items(
     assert fq.queued_bytes == sum(len(r.data) for r in runs)
     for r in runs:
         assert r.data == bytes(bytearray(r.data)) and hash(r.data) == hash(bytes(bytearray(r.data)))
+
+
+def test_a_tail_reuses_a_sealed_runs_bytes_once_nothing_else_holds_them() -> None:
+    # a run's bytes (kept whole) is written again for a later tail once the link dropped its batch:
+    # no new allocation, and the tail's items are only the new ones; a run still held is left alone
+    import tracemalloc
+
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    msgs = [(f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16) for i in range(20000)]
+    sent = [0, 0]  # messages appended, bytes sealed (the tail's length without ``tail``'s copy)
+
+    def fill_and_seal(least: int = 0) -> tuple:
+        """A tail of at least ``least`` messages filled to ~4/5 of its bytes (a run kept whole),
+        sealed: the run and its items."""
+        first = sent[0]
+        while True:
+            topic, qos, payload = msgs[sent[0]]
+            sent[0] += 1
+            fq.append(topic, "pub", qos, payload)
+            if sent[0] - first >= least and fq.queued_bytes - sent[1] >= fq.capacity - fq.capacity // 5:
+                break
+        fq.seal()
+        run = runs.pop()
+        sent[1] += len(run.data)
+        return run, msgs[first : sent[0]]
+
+    def items(run) -> list:
+        return [(m.topic, m.qos, m.payload) for m, _g, _l in decode_items(run.data)]
+
+    fill_and_seal(2000)  # (sets the runs' size, ~200 KB: the next tails are allocated at it)
+    held, held_items = fill_and_seal()
+    kept = bytes(bytearray(held.data))
+    other, other_items = fill_and_seal()  # held is not reused while held
+    assert held.data == kept and items(held) == held_items and items(other) == other_items
+    cap = len(held.data)
+    assert cap > 100_000
+    del held, other  # (what the link does once the batches are acknowledged)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        run, run_items = fill_and_seal()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < cap // 4  # (a new tail's bytes would be ~cap)
+    assert items(run) == run_items and run.count == len(run_items)
+    assert hash(run.data) == hash(bytes(bytearray(run.data)))
