@@ -1,5 +1,7 @@
 # C-level declarations of the forwarded-message framing, so the relay appends to a peer's queue in C.
 
+from cpython.object cimport PyObject
+
 
 cdef class ForwardRun:
     cdef public bytes data
@@ -11,9 +13,17 @@ cdef class LinksVersion:
 
 
 cdef class ForwardQueue:
-    cdef char* buf  # the tail: framed items not yet sealed into ``runs``
+    # the tail: framed items not yet sealed into ``runs``, written into a ``bytes`` of ``capacity``
+    # bytes (owned here; NULL: none yet) that ``seal`` hands over as the run's data
+    cdef PyObject* _data
+    cdef char* buf  # its bytes
     cdef Py_ssize_t size
-    cdef Py_ssize_t capacity
+    cdef readonly Py_ssize_t capacity  # (0: no tail bytes held)
+    cdef Py_ssize_t _keep  # the recent runs' size: what the next tail is allocated with (_grow)
+    # sealed runs' bytes kept whole (their allocations, ``_spare_cap``), reused for a tail once
+    # nothing else holds them (the link dropped the batch when it was acknowledged)
+    cdef PyObject* _spare[4]
+    cdef Py_ssize_t _spare_cap[4]
     cdef public Py_ssize_t tail_count
     cdef public Py_ssize_t queued
     cdef public Py_ssize_t queued_bytes
@@ -30,6 +40,8 @@ cdef class ForwardQueue:
     cdef int append_plain(self, str topic, str origin, int qos, bytes payload) except -1
     cdef int append_raw(self, const char* t, Py_ssize_t tlen, const char* o, Py_ssize_t olen,
                         int qos, const char* payload, Py_ssize_t plen) except -1
+    cdef int _grow(self, Py_ssize_t need) except -1
+    cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept
     cpdef seal(self)
 
 

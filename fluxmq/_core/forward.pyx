@@ -13,14 +13,28 @@ for ``encode_message`` of such a message (tests/_core/test_forward.py checks bot
 ``ForwardQueue`` is the tail of one peer link's queue (``fluxmq.cluster.forwarder.PeerLink``): the
 relay appends plain items to ``tail``; the link moves the tail into its deque of entries as a
 ``ForwardRun`` (``seal``) before it queues anything else and before it takes a batch, so messages
-keep their order whichever path queued them. ``queued`` / ``queued_bytes`` count the link's whole
+keep their order whichever path queued them. The tail is written into a ``bytes`` object that
+``seal`` shortens to the items and hands over as the run's data, not copied (a fan-in batch's
+~230 KB were copied once more on the sending worker). ``queued`` / ``queued_bytes`` count the link's whole
 queue (entries and tail), so the one bound (``max_messages``, ``max_bytes``) covers both paths.
 
 No I/O and no fluxmq imports.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+                            _PyBytes_Resize)
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+
+cdef extern from "Python.h":
+    void Py_SET_SIZE(PyObject* o, Py_ssize_t size)
+    Py_ssize_t Py_REFCNT(PyObject* o)
+    ctypedef struct PyBytesObject:
+        Py_hash_t ob_shash
+
+#: sealed runs' allocations a queue keeps for reuse (``ForwardQueue._spare``): a batch in flight and
+#: one filling hold two; the link allows ``batches_in_flight`` (4 by default)
+DEF SPARES = 4
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -92,8 +106,13 @@ cdef class ForwardQueue:
 
     def __init__(self, runs, Py_ssize_t max_messages, Py_ssize_t max_bytes, Py_ssize_t run_messages,
                  Py_ssize_t run_bytes, wake=None):
+        self._data = NULL
         self.buf = NULL
-        self.size = self.capacity = 0
+        self.size = self.capacity = self._keep = 0
+        cdef int i
+        for i in range(SPARES):
+            self._spare[i] = NULL
+            self._spare_cap[i] = 0
         self.tail_count = 0
         self.queued = 0
         self.queued_bytes = 0
@@ -105,7 +124,12 @@ cdef class ForwardQueue:
         self.wake = wake
 
     def __dealloc__(self):
-        PyMem_Free(self.buf)
+        Py_XDECREF(self._data)
+        self._data = NULL
+        cdef int i
+        for i in range(SPARES):
+            Py_XDECREF(self._spare[i])
+            self._spare[i] = NULL
 
     @property
     def tail(self):
@@ -153,17 +177,10 @@ cdef class ForwardQueue:
         if tlen > 0xFFFF or olen > 0xFFFF or plen > U32_MAX - MSG_HEAD - tlen - olen:
             raise OverflowError("forwarded message field too long for its length prefix")
         cdef Py_ssize_t blob = MSG_HEAD + tlen + olen + plen
-        cdef Py_ssize_t at = self.size, need = at + ITEM_HEAD + blob, cap
-        cdef char* grown
+        cdef Py_ssize_t at = self.size, need = at + ITEM_HEAD + blob
         cdef bint first
         if need > self.capacity:
-            # kept across seals: after the first runs the tail is written without reallocating
-            cap = max(need, 2 * self.capacity, 4096)
-            grown = <char*>PyMem_Realloc(self.buf, cap)
-            if grown is NULL:
-                raise MemoryError()
-            self.buf = grown
-            self.capacity = cap
+            self._grow(need)
         self.size = need
         cdef uint8_t* p = <uint8_t*>self.buf + at
         _le32(p, blob)
@@ -195,13 +212,86 @@ cdef class ForwardQueue:
             self.wake()
         return 0
 
+    cdef int _grow(self, Py_ssize_t need) except -1:
+        """A tail's ``bytes`` of at least ``need`` bytes, holding what the tail holds: the first one
+        of a tail a quarter larger than the recent runs (``_keep``; so a stream's runs are written
+        without growing: a growth copies the items), then twice as large each time (the items copied
+        over; the old one kept if that fails)."""
+        cdef Py_ssize_t cap
+        cdef PyObject* spare
+        cdef int i
+        if self._data is NULL:
+            cap = max(need, self._keep + (self._keep >> 2), 4096)
+            for i in range(SPARES):
+                spare = self._spare[i]
+                if spare is NULL or Py_REFCNT(spare) != 1:
+                    continue  # (a run still queued, in a batch in flight, or held elsewhere)
+                self._spare[i] = NULL
+                if cap <= self._spare_cap[i] <= 2 * cap:
+                    # its pages mapped and likely in cache: no allocation, no page faults
+                    Py_SET_SIZE(spare, self._spare_cap[i])
+                    (<PyBytesObject*>spare).ob_shash = -1
+                    self._data = spare  # (its reference moves here)
+                    self.buf = PyBytes_AS_STRING(<object>spare)
+                    self.capacity = self._spare_cap[i]
+                    return 0
+                Py_XDECREF(spare)  # too small, or much larger than the runs now: freed
+        else:
+            cap = max(need, 2 * self.capacity)
+        grown = PyBytes_FromStringAndSize(NULL, cap)
+        if self.size:
+            memcpy(PyBytes_AS_STRING(grown), self.buf, self.size)
+        Py_XDECREF(self._data)
+        Py_INCREF(grown)  # (owned through _data)
+        self._data = <PyObject*>grown
+        self.buf = PyBytes_AS_STRING(grown)
+        self.capacity = cap
+        return 0
+
+    cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept:
+        """Keep a reference to a sealed run's ``bytes`` (its allocation ``cap`` bytes) in a free slot
+        of ``_spare`` (empty, or holding one nothing else holds); none free: not kept."""
+        cdef int i
+        for i in range(SPARES):
+            if self._spare[i] is NULL or Py_REFCNT(self._spare[i]) == 1:
+                Py_XDECREF(self._spare[i])
+                Py_INCREF(<object>data)
+                self._spare[i] = data
+                self._spare_cap[i] = cap
+                return
+
     cpdef seal(self):
-        """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty)."""
+        """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty): its
+        ``bytes`` shortened to the items, not copied; the next append starts another."""
         if self.tail_count == 0:
             return
-        run = ForwardRun(PyBytes_FromStringAndSize(self.buf, self.size), self.tail_count)
-        self.size = 0
-        self.tail_count = 0
+        cdef PyObject* data = self._data
+        cdef Py_ssize_t n = self.size, count = self.tail_count
+        self._data = NULL
+        self.buf = NULL
+        # the largest recent run: a larger one at once, a smaller one lowers it by an eighth per seal
+        # (a batch taken early holds a short run; the next one is as long as before)
+        self._keep = n if n >= self._keep else self._keep - (self._keep >> 3)
+        self.size = self.capacity = self.tail_count = 0
+        cdef Py_ssize_t cap = PyBytes_GET_SIZE(<object>data)
+        if n >= cap - (cap >> 2):
+            # at most a quarter unused (a steady stream's runs): its length set, the allocation
+            # kept whole (a realloc that shrinks it returns the rest, so the allocator's threshold for
+            # mapping large blocks stays under the next tail's size: each tail was a fresh mapping,
+            # its pages faulted in, and the shrink an mremap)
+            Py_SET_SIZE(data, n)
+            PyBytes_AS_STRING(<object>data)[n] = 0
+            self._keep_spare(data, cap)
+        else:
+            try:
+                _PyBytes_Resize(&data, n)  # (the only reference: shortened in place by realloc)
+            except MemoryError:
+                # (freed by the failed resize: its messages are not queued any more)
+                self.queued -= count
+                self.queued_bytes -= n
+                raise
+        run = ForwardRun(<bytes>data, count)
+        Py_XDECREF(data)  # (the run holds it now)
         self.runs.append(run)
 
 

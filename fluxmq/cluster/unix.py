@@ -51,6 +51,11 @@ CHUNK = 65536
 RAW_HEAD = struct.Struct(">IBI")
 #: parts past which a RawBatch is joined before it is sent (sendmsg takes at most IOV_MAX buffers)
 MAX_PARTS = 512
+#: the send buffer asked for a connection's socket (the kernel caps it at net.core.wmem_max): a
+#: batch of a fan-in between workers (~2,000 messages, ~230 KB) did not fit the default (208 KiB),
+#: so nearly every batch was one ``sendmsg`` that took part of it, one that failed with EAGAIN, a
+#: wait for the socket to be writable (a switch to the hub and back) and one for the rest
+SEND_BUFFER = 4 << 20
 
 
 class UnixRpcError(grpc.RpcError):
@@ -205,6 +210,7 @@ def read_batch(frame: bytes):
 def _connect(path: str, method: bytes) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.connect(path)
         sock.sendall(method)
     except OSError as exc:

@@ -77,3 +77,108 @@ def test_queue_seals_runs_counts_and_bounds_and_wakes_once() -> None:
         "w0", 1, 1, [*runs, Outgoing(encode_message(Message("u", b"5")), (), True, None)]
     )
     assert expired == 0 and batch.count == 6  # runs of 2, 1 and 2, then the Outgoing
+
+
+def test_a_sealed_run_takes_the_tails_bytes_and_the_next_tail_starts_at_its_size() -> None:
+    # the run's data is the bytes the items were written into, shortened (not a copy of a buffer the
+    # queue keeps): the queue holds nothing after a seal, and later appends leave the run alone
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    payloads = [bytes([i % 251]) * (i * 37 % 3000) for i in range(400)]  # grows the tail a few times
+    for i, p in enumerate(payloads[:200]):
+        fq.append(f"t/{i % 3}", "pub", i % 2, p)
+    size = len(fq.tail)
+    assert fq.capacity >= size > 4096
+    fq.seal()
+    assert fq.capacity == 0 and len(runs[0].data) == size
+    first = bytes(runs[0].data)  # (a copy to compare with later)
+    fq.append("t/2", "pub", 0, payloads[200])  # (as the loop below would)
+    assert fq.capacity >= size  # one allocation for a run like the last one: no growing copies
+    for i, p in enumerate(payloads[201:], 201):
+        fq.append(f"t/{i % 3}", "pub", i % 2, p)
+    fq.seal()
+    assert runs[0].data == first
+    got = [(m.topic, m.payload, m.qos) for r in runs for m, _g, _l in decode_items(r.data)]
+    assert got == [(f"t/{i % 3}", p, i % 2) for i, p in enumerate(payloads)]
+    assert fq.queued_bytes == sum(len(r.data) for r in runs)
+    assert hash(runs[1].data) == hash(bytes(runs[1].data))
+
+
+def test_runs_of_a_nearly_full_tail_and_of_a_short_one_hold_exactly_their_items() -> None:
+    # a run that fills at least three quarters of its tail's bytes keeps the allocation (its length
+    # set); a shorter one is shortened by realloc: both hold exactly their items
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    sent = []
+
+    def append(n: int) -> None:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+
+    append(300)
+    fq.seal()
+    append(1)
+    cap = fq.capacity
+    while len(fq.tail) < cap - cap // 5:  # ~4/5 of the tail's bytes: kept whole
+        append(1)
+    assert len(fq.tail) >= cap - (cap >> 2)
+    fq.seal()
+    append(2)  # a short run in a tail of ~the same size: shortened
+    assert len(fq.tail) < fq.capacity // 4
+    fq.seal()
+    got = [(m.topic, m.qos, m.payload) for r in runs for m, _g, _l in decode_items(r.data)]
+    assert got == sent and fq.queued == len(sent) == sum(r.count for r in runs)
+    assert fq.queued_bytes == sum(len(r.data) for r in runs)
+    for r in runs:
+        assert r.data == bytes(bytearray(r.data)) and hash(r.data) == hash(bytes(bytearray(r.data)))
+
+
+def test_a_tail_reuses_a_sealed_runs_bytes_once_nothing_else_holds_them() -> None:
+    # a run's bytes (kept whole) is written again for a later tail once the link dropped its batch:
+    # no new allocation, and the tail's items are only the new ones; a run still held is left alone
+    import tracemalloc
+
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    msgs = [(f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16) for i in range(20000)]
+    sent = [0, 0]  # messages appended, bytes sealed (the tail's length without ``tail``'s copy)
+
+    def fill_and_seal(least: int = 0) -> tuple:
+        """A tail of at least ``least`` messages filled to ~4/5 of its bytes (a run kept whole),
+        sealed: the run and its items."""
+        first = sent[0]
+        while True:
+            topic, qos, payload = msgs[sent[0]]
+            sent[0] += 1
+            fq.append(topic, "pub", qos, payload)
+            if sent[0] - first >= least and fq.queued_bytes - sent[1] >= fq.capacity - fq.capacity // 5:
+                break
+        fq.seal()
+        run = runs.pop()
+        sent[1] += len(run.data)
+        return run, msgs[first : sent[0]]
+
+    def items(run) -> list:
+        return [(m.topic, m.qos, m.payload) for m, _g, _l in decode_items(run.data)]
+
+    fill_and_seal(2000)  # (sets the runs' size, ~200 KB: the next tails are allocated at it)
+    held, held_items = fill_and_seal()
+    kept = bytes(bytearray(held.data))
+    other, other_items = fill_and_seal()  # held is not reused while held
+    assert held.data == kept and items(held) == held_items and items(other) == other_items
+    cap = len(held.data)
+    assert cap > 100_000
+    del held, other  # (what the link does once the batches are acknowledged)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        run, run_items = fill_and_seal()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < cap // 4  # (a new tail's bytes would be ~cap)
+    assert items(run) == run_items and run.count == len(run_items)
+    assert hash(run.data) == hash(bytes(bytearray(run.data)))

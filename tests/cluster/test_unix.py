@@ -15,7 +15,16 @@ from fluxmq._core.forward import ForwardQueue
 from fluxmq.broker.message import Message
 from fluxmq.cluster.batch import FramedBatch, Outgoing, build_batch, build_raw_batch, decode_items
 from fluxmq.cluster.proto import cluster_pb2 as pb
-from fluxmq.cluster.unix import MAX_PARTS, FrameReader, UnixChannel, read_batch, write_frame, write_raw_batch
+from fluxmq.cluster.unix import (
+    MAX_PARTS,
+    ROUTE,
+    FrameReader,
+    UnixChannel,
+    _connect,
+    read_batch,
+    write_frame,
+    write_raw_batch,
+)
 from fluxmq.storage.records import encode_message
 
 
@@ -85,6 +94,46 @@ def test_a_raw_batch_larger_than_the_socket_buffer_and_many_parts_arrive_whole()
     assert [m[0] for m in messages(frames[1], read_batch(frames[1]).items_start)] == [
         f"t/{i}" for i in range(MAX_PARTS)
     ]
+
+
+class CountedSends:
+    """A socket whose ``sendmsg`` calls are counted."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.sends: list[int] = []
+
+    def sendmsg(self, parts):
+        sent = self.sock.sendmsg(parts)
+        self.sends.append(sent)
+        return sent
+
+
+def test_a_links_socket_takes_a_fan_in_batch_in_one_send_while_the_peer_is_not_reading(tmp_path) -> None:
+    # ~1,500 messages of 64 bytes: a fan-in batch between workers, more than the default send buffer
+    # (208 KiB) holds; with it, the first sendmsg took part of it and the next one failed with EAGAIN
+    with open("/proc/sys/net/core/wmem_max") as fh:
+        if int(fh.read()) < 1 << 20:
+            pytest.skip("net.core.wmem_max below 1 MiB: the kernel caps the send buffer under a batch")
+    batch = build_raw_batch("w0", 1, 1, relay_runs(2500, run=2500))[0]
+    assert batch.size > 256 << 10
+    path = str(tmp_path / "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    sock = _connect(path, ROUTE)
+    peer, _ = listener.accept()
+    try:
+        counted = CountedSends(sock)
+        with gevent.Timeout(10):  # (without the buffer: the write waits for a reader)
+            write_raw_batch(counted, batch)
+        assert len(counted.sends) == 1
+        assert peer.recv(1) == ROUTE
+        got = read_batch(FrameReader(peer).read())
+        assert got.seq == 1 and got.items[got.items_start :] == b"".join(batch.parts)
+    finally:
+        for s in (sock, peer, listener):
+            s.close()
 
 
 def test_a_protobuf_batch_frame_still_reads_as_a_batch() -> None:
