@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import os
 import re
 import shutil
@@ -310,6 +311,8 @@ def analyse_perf(dump: Path, broker: str, period: int) -> list[str]:
     return lines
 
 
+#: the samples of a run's start (the first 0.2 s at 1,000 msg/s): the subscriber's connection resumes
+START_SAMPLES = 200
 #: kernel threads (``comm`` prefixes): the kernel's work on the CPU, not a neighbour's
 KERNEL_THREADS = ("ksoftirqd", "kworker", "rcu_", "migration", "cpuhp", "watchdog", "irq/", "kcompactd")
 #: an event (system call, softirq, hrtimer, interrupt) that occurs fewer times in a run than this share
@@ -367,7 +370,8 @@ def classify(samples: list[tuple[int, int]], rss: list[tuple[int, int]], tr: Tra
 
     A sample's class is the first of: ``neighbour`` (another process ran in its flight),
     ``generator RSS read``, ``node, other thread`` (the arbiter or a thread of the broker, not the
-    worker), ``kernel thread``, ``worker page faults``, ``worker rare syscall`` (a system call of the
+    worker), ``worker heartbeat`` (``--perf full``: the worker's ``utimensat``), ``run's first 0.2 s``
+    (``START_SAMPLES``), ``kernel thread``, ``worker page faults``, ``worker rare syscall`` (a system call of the
     broker made fewer times in the run than ``RARE_SHARE`` of the samples: a timer's or another
     greenlet's turn),
     ``rare kernel event`` (a softirq, interrupt or hrtimer as rare), ``sampled phase`` (the phase of
@@ -419,6 +423,10 @@ def classify(samples: list[tuple[int, int]], rss: list[tuple[int, int]], tr: Tra
             cls, det = "generator RSS read", ""
         elif others > 0:
             cls, det = "node, other thread", f"{others:.0f} us"
+        elif "utimensat" in syscalls:
+            cls, det = "worker heartbeat", f"faults {faults}"
+        elif i < START_SAMPLES:
+            cls, det = "run's first 0.2 s", f"faults {faults}"
         elif kernel:
             cls, det = "kernel thread", ",".join(kernel)
         elif faults:
@@ -466,7 +474,35 @@ def classify_lines(dump: Path, period: int, top: int) -> list[str]:
     n = len(lat)
     rows = classify(samples, rss, tr, pids[0], pids[1], period, n, clean=True)
     cl = sorted(v for v, _, _, _ in rows)
-    return lines + _class_lines(rows[:top], pct(cl, 50), pct(cl, 99), f"clean ({len(rows)} of {n}), ")
+    p50, p99 = pct(cl, 50), pct(cl, 99)
+    name = dump.name.split("-")[0]
+    for v, cls, _, _ in rows:
+        if v < p99:
+            break
+        t = TOTALS.setdefault(name, {}).setdefault(cls, [0, 0.0])
+        t[0] += 1
+        t[1] += v - p50
+    return lines + _class_lines(rows[:top], p50, p99, f"clean ({len(rows)} of {n}), ")
+
+
+#: broker name -> class -> [samples at or above the clean p99, their time above the clean p50 (us)],
+#: summed over the runs reported (``total_lines``)
+TOTALS: dict[str, dict[str, list]] = {}
+
+
+def total_lines() -> list[str]:
+    """Per broker, over every run reported: the classes of the clean samples at or above each run's
+    clean p99, their count and their share of the time above the p50."""
+    lines = []
+    for name, by in TOTALS.items():
+        n = sum(v[0] for v in by.values())
+        excess = sum(v[1] for v in by.values()) or 1.0
+        lines.append(
+            f"{name}: {n} clean samples >= their run's clean p99; class: n, share of the time above the p50"
+        )
+        for cls, (k, e) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"    {cls:22s} {k:4d} {100 * e / excess:5.1f} %")
+    return lines
 
 
 def _class_lines(rows: list[tuple[float, str, str, int]], p50: float, p99: float, what: str) -> list[str]:
@@ -537,6 +573,8 @@ def run_one(name: str, gen: str, cpu: str, dump: Path, sets: list[str], duration
             env["MQTTLOAD_NO_RSS"] = "1"
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         threads += broker_threads(b.pid)
+        with contextlib.suppress(OSError):  # to name the code and data of the broker's page faults
+            shutil.copyfile(f"/proc/{b.cpu_pid}/maps", dump.with_suffix(".maps"))
         dump.with_suffix(".pids").write_text(
             f"worker {b.cpu_pid}\nnode {' '.join(map(str, sorted(set(threads))))}\n"
         )
@@ -589,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.analyse:
         for f in args.analyse:
             report(Path(f), broker_comm(Path(f).name.split("-")[0]), True, args.period, args.top)
+        print("\n".join(total_lines()))
         return 0
     trees = dict(t.split("=", 1) for t in args.tree)
     names = [n for n in args.brokers.split(",") if n] + [n for n in trees if n not in args.brokers.split(",")]
@@ -605,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} run {run}: p50 {r.get('p50_ms')} p99 {r.get('p99_ms')} ms, other procs "
                   f"{r.get('other_cpu')}", flush=True)  # fmt: skip
             report(dump, broker_comm(kind), bool(args.perf), args.period, args.top)
+    print("\n".join(total_lines()))
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)
     return 0
