@@ -141,6 +141,14 @@ def load(path: Path) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     return samples, rss
 
 
+def schedule(path: Path) -> tuple[int, float] | None:
+    """(the first publish's time, the rate) from a dump's header: sample ``i`` is due at
+    ``t_first + i / rate``."""
+    with open(path) as f:
+        head = f.readline().split()
+    return (int(head[1]), float(head[2])) if len(head) == 3 and head[0] == "#" else None
+
+
 def pct(sorted_vals: list[float], p: float) -> float:
     """The p-th percentile as mqttload computes it (nearest rank)."""
     if not sorted_vals:
@@ -311,6 +319,11 @@ def analyse_perf(dump: Path, broker: str, period: int) -> list[str]:
     return lines
 
 
+#: a sample sent this much later after its due time than the median sample was sent with the others
+#: due meanwhile (a catch-up)
+LATE_NS = 200_000
+#: another process that ran on the CPU this shortly before a sample's send left it cold caches
+BEFORE_NS = 200_000
 #: the samples of a run's start (the first 0.2 s at 1,000 msg/s): the subscriber's connection resumes
 START_SAMPLES = 200
 #: kernel threads (``comm`` prefixes): the kernel's work on the CPU, not a neighbour's
@@ -364,14 +377,17 @@ def broker_threads(pid: int) -> list[int]:
 
 
 def classify(samples: list[tuple[int, int]], rss: list[tuple[int, int]], tr: Trace, worker: int,
-             node: set[int], period: int, top: int, clean: bool = False) -> list[tuple[float, str, str, int]]:  # fmt: skip
+             node: set[int], period: int, top: int, clean: bool = False,
+             due: tuple[int, float] | None = None) -> list[tuple[float, str, str, int]]:  # fmt: skip
     """The ``top`` slowest samples (``clean``: of those in whose flight no other process ran), slowest
     first: (latency us, class, details, the sample's index).
 
     A sample's class is the first of: ``neighbour`` (another process ran in its flight),
-    ``generator RSS read``, ``node, other thread`` (the arbiter or a thread of the broker, not the
+    ``generator RSS read``, ``generator late`` (sent ``LATE_NS`` after its due time, ``due``: with the
+    samples due meanwhile; details: who held the CPU), ``node, other thread`` (the arbiter or a thread of the broker, not the
     worker), ``worker heartbeat`` (``--perf full``: the worker's ``utimensat``), ``run's first 0.2 s``
-    (``START_SAMPLES``), ``kernel thread``, ``worker page faults``, ``worker rare syscall`` (a system call of the
+    (``START_SAMPLES``), ``neighbour just before`` (another process ran on the CPU ``BEFORE_NS``
+    before the send), ``kernel thread``, ``worker page faults``, ``worker rare syscall`` (a system call of the
     broker made fewer times in the run than ``RARE_SHARE`` of the samples: a timer's or another
     greenlet's turn),
     ``rare kernel event`` (a softirq, interrupt or hrtimer as rare), ``sampled phase`` (the phase of
@@ -399,6 +415,8 @@ def classify(samples: list[tuple[int, int]], rss: list[tuple[int, int]], tr: Tra
         )
     med = {k: statistics.median(v) for k, v in own.items()}
     phase = max(med, key=med.get) if med else -1
+    # the generator's usual send time after the due one (its timer is armed before the first send)
+    lag = statistics.median(s - (due[0] + i * 1e9 / due[1]) for i, (s, _) in enumerate(samples)) if due else 0
     out = []
     for i in sorted(range(len(samples)), key=lambda i: -lat[i]):
         if len(out) == top:
@@ -421,12 +439,29 @@ def classify(samples: list[tuple[int, int]], rss: list[tuple[int, int]], tr: Tra
             cls, det = "neighbour", ",".join(neighbours)
         elif any(a < r and b > s for a, b in rss):
             cls, det = "generator RSS read", ""
+        elif due is not None and s - (due[0] + i * 1e9 / due[1]) - lag > LATE_NS:
+            # sent late with the ones due meanwhile, in one write: the broker serves them as one batch
+            at = due[0] + int(i * 1e9 / due[1] + lag)
+            held = {}
+            for a, b, c, t in tr.flight_tids(at, s):
+                who = "worker" if t == worker else "node, other thread" if t in node else c.split("/")[0]
+                if not who.startswith(("mqttload", "swapper")):
+                    held[who] = held.get(who, 0) + (b - a) // 1000
+            cls = "generator late"
+            det = (
+                ",".join(f"{k} {v} us" for k, v in sorted(held.items(), key=lambda kv: -kv[1])[:2])
+                or "itself"
+            )
         elif others > 0:
             cls, det = "node, other thread", f"{others:.0f} us"
         elif "utimensat" in syscalls:
             cls, det = "worker heartbeat", f"faults {faults}"
         elif i < START_SAMPLES:
             cls, det = "run's first 0.2 s", f"faults {faults}"
+        elif before := sorted({c for _, _, c, t in tr.flight_tids(s - BEFORE_NS, s) if t not in node and t != 0
+                               and not c.startswith(("mqttload", *KERNEL_THREADS))}):  # fmt: skip
+            # the neighbour left the CPU just before the send: the flight runs on its caches
+            cls, det = "neighbour just before", ",".join(before)
         elif kernel:
             cls, det = "kernel thread", ",".join(kernel)
         elif faults:
@@ -468,11 +503,14 @@ def classify_lines(dump: Path, period: int, top: int) -> list[str]:
     tr = Trace.load(dump.with_suffix(".perf"))
     lat = sorted((r - s) / 1000 for s, r in samples)
     lines = _class_lines(
-        classify(samples, rss, tr, pids[0], pids[1], period, top), pct(lat, 50), pct(lat, 99), ""
+        classify(samples, rss, tr, pids[0], pids[1], period, top, due=schedule(dump)),
+        pct(lat, 50),
+        pct(lat, 99),
+        "",
     )
     # the clean samples: the p50 and p99 of those in whose flight no other process ran
     n = len(lat)
-    rows = classify(samples, rss, tr, pids[0], pids[1], period, n, clean=True)
+    rows = classify(samples, rss, tr, pids[0], pids[1], period, n, clean=True, due=schedule(dump))
     cl = sorted(v for v, _, _, _ in rows)
     p50, p99 = pct(cl, 50), pct(cl, 99)
     name = dump.name.split("-")[0]
