@@ -31,6 +31,8 @@ from gevent.server import StreamServer
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
 
+from fluxmq.broker.behind_io import sleep_behind_io
+
 log = logging.getLogger("fluxmq.node")
 
 # How often the stop looks whether HTTP requests are done (seconds). The run loop does not poll:
@@ -174,7 +176,7 @@ class BrokerWorker(GeventWorker):
                 self.notify()
             except (OSError, ValueError):  # the heartbeat file is closed: the worker is exiting
                 return
-            gevent.sleep(interval)
+            sleep_behind_io(interval)  # a message that arrives as it ends is served first
 
     def init_signals(self) -> None:
         super().init_signals()

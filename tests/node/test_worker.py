@@ -72,12 +72,12 @@ def test_the_heartbeat_beats_a_tenth_of_the_worker_timeout_and_at_least_every_se
     slept: list[float] = []
     beats: list[int] = []
 
-    def sleep(seconds: float = 0, *args, **kwargs) -> None:
+    def sleep(seconds: float) -> None:
         slept.append(seconds)
         if len(slept) == 3:
             raise _StopBeating
 
-    monkeypatch.setattr(worker_module, "gevent", types.SimpleNamespace(sleep=sleep))
+    monkeypatch.setattr(worker_module, "sleep_behind_io", sleep)
     w = BrokerWorker.__new__(BrokerWorker)
     w.cfg = types.SimpleNamespace(timeout=timeout)
     w.timeout = timeout / 2  # what gunicorn's arbiter gives its workers
