@@ -6,7 +6,9 @@ timer's greenlet first (timers before I/O within one priority), and the message 
 worker's heartbeat (cold Python, ~120 us with its ``utimensat``) delayed one message in every turn
 it took, because the loop's poll timeout (whole milliseconds) lets the timer expire with the next
 message at 1,000 msg/s (bench/RESULTS.md, "The heartbeat and the arbiter's look"). A timer of the
-lowest priority is invoked after every I/O watcher made pending by the same poll.
+lowest priority is invoked after every I/O watcher made pending by the same poll; a message's write
+may still be a loop callback that the read queued (the flush scheduler), so the sleeper then queues
+itself behind the callbacks already queued before it resumes.
 """
 
 from __future__ import annotations
@@ -26,3 +28,4 @@ def sleep_behind_io(seconds: float) -> None:
         hub.wait(timer)
     finally:
         timer.close()
+    gevent.sleep(0)  # behind the loop callbacks those reads queued (their writes)

@@ -21,13 +21,15 @@ from fluxmq.node.heap_trim import HeapTrim
 
 def test_input_of_the_poll_where_the_sleep_ends_is_served_first() -> None:
     """The sleep's timer expires and a byte arrives while the hub is busy (one poll finds both): the
-    reader runs before the sleeper resumes."""
+    reader runs, and the write it queued, before the sleeper resumes."""
     a, b = socket.socketpair()
     order: list[str] = []
 
     def reader() -> None:
         a.recv(1)
         order.append("input")
+        # the write of what was read, queued as a loop callback (as the flush scheduler does)
+        gevent.get_hub().loop.run_callback(order.append, "write")
 
     def sleeper() -> None:
         sleep_behind_io(0.01)
@@ -39,7 +41,7 @@ def test_input_of_the_poll_where_the_sleep_ends_is_served_first() -> None:
         time.sleep(0.05)  # the hub is busy past the timer's expiry (not gevent's sleep: no poll)
         b.send(b"x")  # the byte is there when the hub polls next
         gevent.joinall(readers, timeout=10, raise_error=True)
-        assert order == ["input", "sleeper"]
+        assert order == ["input", "write", "sleeper"]
     finally:
         a.close()
         b.close()
