@@ -12,6 +12,7 @@ from gevent import socket
 import fluxmq.broker.sys_topics as sys_topics_module
 import fluxmq.node.heap_trim as heap_trim_module
 import fluxmq.node.worker as worker_module
+from fluxmq.broker import behind_io
 from fluxmq.broker.behind_io import sleep_behind_io
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.stats import BrokerStats
@@ -85,3 +86,14 @@ def test_the_nodes_periodic_work_sleeps_behind_io(monkeypatch, what: str) -> Non
     with pytest.raises(_Slept):
         run()
     assert slept and slept[0] > 0
+
+
+def test_the_sleeper_yields_the_cpu_after_the_queued_writes(monkeypatch) -> None:
+    """The writes woke their readers: a reader on the broker's CPU gets it before the sleeper's turn
+    (``os.sched_yield`` once the loop callbacks queued before the sleeper ran)."""
+    order: list[str] = []
+    monkeypatch.setattr(behind_io.os, "sched_yield", lambda: order.append("yield"))
+    gevent.get_hub().loop.run_callback(order.append, "write")
+    sleep_behind_io(0.001)
+    order.append("sleeper")
+    assert order == ["write", "yield", "sleeper"]
