@@ -8,6 +8,7 @@ import gevent
 
 from fluxmq import __version__
 
+from .behind_io import sleep_behind_io
 from .broker import Broker
 from .message import Message
 
@@ -75,7 +76,7 @@ class SysTopics:
 
     def _run(self) -> None:
         while True:
-            gevent.sleep(self.interval)
+            sleep_behind_io(self.interval)
             try:
                 self.publish_once()
             except Exception:  # a bug here must not end $SYS for the life of the node

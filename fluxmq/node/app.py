@@ -37,7 +37,7 @@ from fluxmq.http.health import make_health_app
 from fluxmq.http.metrics import make_metrics_app, make_registry
 from fluxmq.http.router import json_response
 from fluxmq.log import setup_logging
-from fluxmq.node.worker import BrokerWorker
+from fluxmq.node.worker import BrokerWorker, liveness_interval
 from fluxmq.transport.tls import TLSHandshake, server_context
 
 log = logging.getLogger("fluxmq.node")
@@ -162,6 +162,12 @@ class NodeArbiter(Arbiter):
     arbiter re-reads the configuration, applies its ``log`` section to itself and forwards SIGHUP to
     the worker, which applies what can change at run time (``BrokerService.reload``).
     """
+
+    def wait_for_signals(self, timeout: float = 1.0) -> list:
+        """gunicorn's wait, every ``liveness_interval`` of the timeout instead of every second (the look
+        at the heartbeat, ``murder_workers``, follows each wait). A signal (SIGCHLD of a dead worker,
+        SIGTERM, SIGHUP) still ends the wait at once."""
+        return super().wait_for_signals(timeout=max(timeout, liveness_interval(self.timeout)))
 
     def handle_int(self) -> None:
         self.handle_term()

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import gevent
 
+from fluxmq.broker.behind_io import sleep_behind_io
+
 log = logging.getLogger("fluxmq.node")
 
 #: seconds between two looks at the connection counter
@@ -76,5 +78,5 @@ class HeapTrim:
 
     def _run(self) -> None:
         while True:
-            gevent.sleep(self.every)
+            sleep_behind_io(self.every)
             self.check()

@@ -31,13 +31,32 @@ from gevent.server import StreamServer
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
 
+from fluxmq.broker.behind_io import sleep_behind_io
+
 log = logging.getLogger("fluxmq.node")
 
-# How often the heartbeat touches its file, and the stop looks whether HTTP requests are done (seconds).
-# The run loop does not poll: ``alive = False`` (a signal handler) wakes it (bench/RESULTS.md, "The
-# latency tail: what the hub runs besides messages").
+# How often the stop looks whether HTTP requests are done (seconds). The run loop does not poll:
+# ``alive = False`` (a signal handler) wakes it (bench/RESULTS.md, "The latency tail: what the hub
+# runs besides messages").
 POLL_INTERVAL = 0.1
+# The shortest period of the heartbeat and of the arbiter's look at it (seconds): gunicorn's, for both.
 HEARTBEAT_INTERVAL = 1.0
+#: the heartbeat's period as a share of ``server.worker_timeout`` (see ``liveness_interval``)
+HEARTBEATS_PER_TIMEOUT = 10
+
+
+def liveness_interval(timeout: float) -> float:
+    """How often the worker touches its heartbeat file, and how often the arbiter looks at it: a tenth
+    of the worker timeout, at least every second (gunicorn does both every second whatever the timeout).
+
+    Each is a turn of cold Python code (~60-200 us, with copy-on-write faults on pages the arbiter and
+    the worker still share since the fork) on the CPU that serves the messages; once a second they
+    were a class of the slowest lone messages (bench/RESULTS.md, "The heartbeat and the arbiter's
+    look"). A hung hub is still killed once its heartbeat is ``timeout`` old, within a tenth of the
+    timeout more; a hub may now stall for 9/10 of the timeout (from ``timeout`` - 1 s) before that."""
+    return max(HEARTBEAT_INTERVAL, timeout / HEARTBEATS_PER_TIMEOUT)
+
+
 # Budget for a quick stop (SIGQUIT): clients are closed without waiting for their writes.
 QUICK_STOP_TIMEOUT = 1.0
 
@@ -150,12 +169,14 @@ class BrokerWorker(GeventWorker):
             self._client_apps.pop(client, None)
 
     def _beat(self) -> None:
+        # cfg.timeout: gunicorn gives the worker half of it as ``self.timeout``
+        interval = liveness_interval(self.cfg.timeout)
         while True:
             try:
                 self.notify()
             except (OSError, ValueError):  # the heartbeat file is closed: the worker is exiting
                 return
-            gevent.sleep(HEARTBEAT_INTERVAL)
+            sleep_behind_io(interval)  # a message that arrives as it ends is served first
 
     def init_signals(self) -> None:
         super().init_signals()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.latency_tail import DUMP, NO_RSS, PATCH, Trace, patched_source
+from bench.latency_tail import DUMP, NO_RSS, PATCH, Trace, classify, patched_source
 
 SCRIPT = """\
   mqttload_trace   604 [001] 100.000000000:         sched:sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=mqttload_trace next_pid=604 next_prio=120
@@ -45,3 +45,55 @@ def test_the_patch_inserts_at_each_anchor_and_refuses_a_moved_one() -> None:
     assert NO_RSS + PATCH[5][0] in out
     with pytest.raises(SystemExit, match="anchor"):
         patched_source(src.replace(PATCH[1][0], ""))
+
+
+def _run(comm: str, tid: int, t_us: int, nxt: str, nxt_tid: int) -> str:
+    return (f"  {comm} {tid} [001] 100.{t_us * 1000:09d}:         sched:sched_switch: prev_comm={comm} "
+            f"prev_pid={tid} prev_prio=120 prev_state=S ==> next_comm={nxt} next_pid={nxt_tid} next_prio=120\n")  # fmt: skip
+
+
+def _syscall(comm: str, tid: int, t_us: int, nr: int) -> str:
+    return f"  {comm} {tid} [001] 100.{t_us * 1000:09d}:     raw_syscalls:sys_enter: NR {nr} (0, 0)\n"
+
+
+def test_the_slowest_samples_are_classed_by_the_threads_and_events_of_their_flight() -> None:
+    """Four flights of 100 us: the node's arbiter (another thread of the broker's tree) ran in the first,
+    a neighbour's node (the same name, another process) in the second, the worker's heartbeat
+    (``utimensat``, rare) in the third, nothing else in the fourth; the worker is 600, the arbiter 599."""
+    script = ""
+    t = 1000
+    for what in ("arbiter", "neighbour", "heartbeat", "plain"):
+        script += _run("swapper/1", 0, t, "mqttload_trace", 604)
+        script += _run("mqttload_trace", 604, t + 5, "fluxmq-node", 600)
+        script += _syscall("fluxmq-node", 600, t + 6, 45)  # the read, in every flight: not rare
+        if what == "heartbeat":
+            script += _syscall("fluxmq-node", 600, t + 7, 280)
+        script += _syscall("fluxmq-node", 600, t + 8, 44)
+        if what in ("arbiter", "neighbour"):
+            script += _run("fluxmq-node", 600, t + 20, "fluxmq-node", 599 if what == "arbiter" else 700)
+            script += _run("fluxmq-node", 599 if what == "arbiter" else 700, t + 60, "mqttload_trace", 604)
+        else:
+            script += _run("fluxmq-node", 600, t + 20, "mqttload_trace", 604)
+        script += _run("mqttload_trace", 604, t + 100, "swapper/1", 0)
+        t += 1000
+    tr = Trace(script)
+    assert tr.run_tids[:3] == [604, 600, 599]
+    t0 = 100_000_000_000
+    assert tr.flight_tids(t0 + 1_004_000, t0 + 1_010_000)[-1] == (
+        t0 + 1_005_000,
+        t0 + 1_010_000,
+        "fluxmq-node",
+        600,
+    )
+    samples = [(t0 + k * 1_000_000 + 1_004_000, t0 + k * 1_000_000 + 1_099_000) for k in range(4)]
+    samples += [
+        (t0 + 9_000_000 + k, t0 + 9_000_000 + k + 1000) for k in range(300)
+    ]  # fast, outside the trace
+    rows = classify(samples, [], tr, 600, {599, 600}, 64, 4)
+    classes = {i: cls for _, cls, _, i in rows}
+    assert classes[0] == "node, other thread"
+    assert classes[1] == "neighbour"
+    assert classes[2] == "worker heartbeat"
+    assert classes[3] == "run's first 0.2 s"
+    clean = classify(samples, [], tr, 600, {599, 600}, 64, 4, clean=True)
+    assert 1 not in {i for *_, i in clean}

@@ -161,6 +161,25 @@ def test_killed_worker_is_restarted_and_serves_mqtt(node_factory: NodeFactory) -
     assert n.stop() == 0
 
 
+def test_a_hung_worker_is_restarted_though_heartbeat_and_look_are_spaced(node_factory: NodeFactory) -> None:
+    """With ``server.worker_timeout`` 12 s the worker beats and the arbiter looks every 1.2 s (a tenth
+    of the timeout, ``liveness_interval``), not every second: a worker whose hub stops (SIGSTOP: no
+    heartbeat) is still killed and replaced, and the new one serves."""
+    n = node_factory({"server.worker_timeout": "12s"})
+    (old,) = n.worker_pids()
+    mqtt_connect(n, "before-hang").close()
+    os.kill(old, signal.SIGSTOP)  # a child of the node this test started
+
+    def restarted() -> bool:
+        current = n.worker_pids()
+        return len(current) == 1 and current[0] != old and n.is_ready()
+
+    assert wait_for(restarted, 60), n.log_tail()
+    assert "WORKER TIMEOUT" in n.log_text() or "worker_timeout" in n.log_text(), n.log_tail()
+    mqtt_connect(n, "after-hang").close()
+    assert n.stop() == 0
+
+
 # SIGHUP reloads the configuration in the running worker: tests/e2e/test_admin.py
 @pytest.mark.parametrize("sig", [signal.SIGTTIN, signal.SIGUSR2], ids=["SIGTTIN", "SIGUSR2"])
 def test_signals_that_would_start_a_second_worker_are_ignored(node_factory: NodeFactory, sig: int) -> None:

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import signal
 
 import pytest
 
 from fluxmq.config import SCHEMA, load_config, parse_addr
-from fluxmq.node.app import WORKER_TIMEOUT, NodeApplication, NodeLogger, gunicorn_bind, stop_margins
+from fluxmq.node.app import (
+    WORKER_TIMEOUT,
+    NodeApplication,
+    NodeArbiter,
+    NodeLogger,
+    gunicorn_bind,
+    stop_margins,
+)
 from fluxmq.node.service import anonymous_exposure
 from fluxmq.node.worker import BrokerWorker
 
@@ -172,3 +181,43 @@ def test_starting_apps_say_alive_not_ready_and_503_elsewhere() -> None:
     for name in ("http", "admin"):
         resp = wsgi_call(apps[name], "POST", "/publish")
         assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+
+
+class _RecordingQueue:
+    """The arbiter's signal queue: records how long each wait may take, and has no signal."""
+
+    def __init__(self) -> None:
+        self.waits: list[float | None] = []
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        self.waits.append(timeout)
+        raise queue.Empty
+
+    def get_nowait(self):
+        raise queue.Empty
+
+
+def _arbiter(timeout: int) -> NodeArbiter:
+    arbiter = NodeArbiter.__new__(NodeArbiter)
+    arbiter.timeout = timeout
+    return arbiter
+
+
+@pytest.mark.parametrize(("timeout", "wait"), [(30, 3.0), (90, 9.0), (5, 1.0)])
+def test_the_arbiter_looks_at_the_heartbeat_every_tenth_of_the_worker_timeout(
+    timeout: int, wait: float
+) -> None:
+    """gunicorn's arbiter wakes every second to look at the worker's heartbeat file (a turn of cold
+    Python on the node's CPU); the node's looks as often as its worker beats, at least every second."""
+    arbiter = _arbiter(timeout)
+    arbiter.SIG_QUEUE = _RecordingQueue()
+    assert arbiter.wait_for_signals(timeout=1.0) == []
+    assert arbiter.SIG_QUEUE.waits == [wait]
+
+
+def test_a_signal_still_ends_the_arbiters_wait_at_once() -> None:
+    arbiter = _arbiter(30)
+    arbiter.SIG_QUEUE = queue.SimpleQueue()
+    arbiter.SIG_QUEUE.put(signal.SIGCHLD)
+    arbiter.SIG_QUEUE.put(signal.SIGTERM)
+    assert arbiter.wait_for_signals(timeout=1.0) == [signal.SIGCHLD, signal.SIGTERM]

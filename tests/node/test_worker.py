@@ -56,3 +56,34 @@ def test_run_waits_for_the_stop_without_polling(monkeypatch, how: str) -> None:
     runner.join(timeout=10)
     assert runner.dead and runner.successful()
     assert w.service.stopped_with is not None  # the broker was stopped, within the budget
+
+
+class _StopBeating(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("timeout", "interval"), [(30, 3.0), (90, 9.0), (10, 1.0), (5, 1.0), (1, 1.0)])
+def test_the_heartbeat_beats_a_tenth_of_the_worker_timeout_and_at_least_every_second(
+    monkeypatch, timeout: int, interval: float
+) -> None:
+    """Each beat is a turn of cold Python code on the CPU that serves the messages: with the default
+    30 s timeout it beats every 3 s, not every second as gunicorn's workers do (bench/RESULTS.md,
+    "The heartbeat and the arbiter's look")."""
+    slept: list[float] = []
+    beats: list[int] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 3:
+            raise _StopBeating
+
+    monkeypatch.setattr(worker_module, "sleep_behind_io", sleep)
+    w = BrokerWorker.__new__(BrokerWorker)
+    w.cfg = types.SimpleNamespace(timeout=timeout)
+    w.timeout = timeout / 2  # what gunicorn's arbiter gives its workers
+    w.notify = lambda: beats.append(1)
+    with pytest.raises(_StopBeating):
+        w._beat()
+    assert slept == [interval] * 3
+    assert len(beats) == 3
+    assert worker_module.liveness_interval(timeout) == interval
