@@ -61,31 +61,39 @@ cdef class FrameBuffers:
         """``(frame, view)``: ``frame`` a ``bytes`` of length ``n`` (its content undefined) and
         ``view`` a writable memoryview of its ``n`` bytes to receive the frame into. ``view`` does
         not hold ``frame``: keep ``frame`` while writing and release ``view`` before handing
-        ``frame`` on. A kept allocation is taken when nothing else holds it and it has ``n`` to
-        ``2n`` bytes (no allocation, its pages mapped already); otherwise a new one, a quarter
-        larger than ``n`` (the next batches vary in size), kept in a slot that is empty or free."""
-        cdef int i
+        ``frame`` on. The smallest kept allocation that nothing else holds and that has ``n`` to
+        ``4n`` bytes is taken (no allocation, its pages mapped already: a stream's batches vary
+        in size); otherwise a new one, a quarter larger than ``n``, kept in a slot that is empty
+        or free (what that slot held is freed)."""
+        cdef int i, best = -1
         cdef PyObject* d
         cdef Py_ssize_t cap
         if n < 0:
             raise ValueError("negative frame length")
         for i in range(SLOTS):
             d = self._data[i]
-            if d is not NULL and Py_REFCNT(d) == 1 and n <= self._cap[i] <= 2 * n:
-                self.reused += 1
-                return self._shaped(d, n)
+            if (d is not NULL and Py_REFCNT(d) == 1 and n <= self._cap[i] <= 4 * n
+                    and (best < 0 or self._cap[i] < self._cap[best])):
+                best = i  # (the smallest that holds it)
+        if best >= 0:
+            self.reused += 1
+            return self._shaped(self._data[best], n)
         cap = max(n + (n >> 2), 1)  # (never the empty bytes singleton)
         frame = PyBytes_FromStringAndSize(NULL, cap)
         self.allocated += 1
         if cap <= self.keep_max:
-            for i in range(SLOTS):
+            for i in range(SLOTS):  # an empty slot, else one nothing else holds
                 d = self._data[i]
-                if d is NULL or Py_REFCNT(d) == 1:
-                    Py_XDECREF(d)  # (free: too small or too large for the frames now)
-                    Py_INCREF(frame)
-                    self._data[i] = <PyObject*>frame
-                    self._cap[i] = cap
+                if d is NULL:
+                    best = i
                     break
+                if best < 0 and Py_REFCNT(d) == 1:
+                    best = i
+            if best >= 0:
+                Py_XDECREF(self._data[best])  # (free: too small or too large for the frames now)
+                Py_INCREF(frame)
+                self._data[best] = <PyObject*>frame
+                self._cap[best] = cap
         return self._shaped(<PyObject*>frame, n)
 
     cdef tuple _shaped(self, PyObject* d, Py_ssize_t n):

@@ -68,9 +68,14 @@ def test_a_frame_still_held_is_never_written_again(holder) -> None:
 def test_allocations_are_kept_for_frames_of_the_same_order_only() -> None:
     frames = FrameBuffers(keep_max=1 << 20)
     fill(frames, N, 1)  # allocated N + N/4, dropped at once
-    assert fill(frames, N * 5 // 8 + 1000, 2) and frames.reused == 1  # (at least half its allocation)
-    fill(frames, N // 4, 3)  # too small for it: a new one
+    assert fill(frames, N // 3, 2) and frames.reused == 1  # (at least a quarter of its allocation)
+    fill(frames, N // 5, 3)  # too small for it: a new one
     assert frames.reused == 1 and frames.allocated == 2
+    fill(frames, N // 5, 4)  # the smaller one fits it better
+    assert frames.reused == 2 and sorted(cap for _n, cap, _refs in frames.kept()) == [
+        N // 5 + N // 20,
+        N + N // 4,
+    ]
     fill(frames, 2 << 20, 4)  # over keep_max: not kept
     assert all(cap <= 1 << 20 for _n, cap, _refs in frames.kept())
     assert len(frames.kept()) <= 3
