@@ -19,6 +19,7 @@ CORE_MODULES = [
     "broker_core",
     "conn_state",
     "outbuf",
+    "framebuf",
     "publish_frame",
     "slots",
     "relay",

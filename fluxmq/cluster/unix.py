@@ -34,6 +34,8 @@ import grpc
 from gevent import socket  # cooperative whether or not the process is monkey-patched
 from gevent.server import StreamServer
 
+from fluxmq._core.framebuf import FrameBuffers
+
 from .batch import FramedBatch, RawBatch
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
@@ -47,6 +49,8 @@ CALL = b"C"
 MAX_FRAME = 512 << 20
 #: bytes asked of one ``recv_into``
 CHUNK = 65536
+#: frames longer than this are received into their own ``bytes`` (``FrameReader._read_large``)
+LARGE_FRAME = CHUNK
 #: a RawBatch frame's start: frame length, the 0 byte that marks it, head length
 RAW_HEAD = struct.Struct(">IBI")
 #: parts past which a RawBatch is joined before it is sent (sendmsg takes at most IOV_MAX buffers)
@@ -99,13 +103,21 @@ class FrameReader:
     is kept: a burst of acknowledgements, or a batch with its header, costs one ``recv`` rather than
     two per frame, and a frame is copied once (out of the buffer). A growing ``bytearray`` with
     reads appended and frames deleted from its front cost ~20 KB of ``realloc`` copying per
-    forwarded message at batches of ~35 KB (callgrind)."""
+    forwarded message at batches of ~35 KB (callgrind).
 
-    __slots__ = ("sock", "buf", "start", "end", "_wait", "_readable")
+    A frame over ``LARGE_FRAME`` (a batch of a fan-in, ~230 KB) is received straight into the
+    ``bytes`` that is returned, once what the chunk brought of it is copied there, in as few reads
+    as the socket allows: copied out of the buffer it was a fresh allocation over glibc's mmap
+    threshold, faulted in page by page, and a read per 64 KiB. Its allocation is written again
+    for a later frame only once nothing else holds the ``bytes`` (``FrameBuffers``)."""
+
+    __slots__ = ("sock", "buf", "start", "end", "_wait", "_readable", "frames", "large_recvs")
 
     def __init__(self, sock) -> None:
         self.sock = sock
         self.buf = bytearray(CHUNK * 2)
+        self.frames = FrameBuffers()  # a large frame's bytes, received into in place
+        self.large_recvs = 0  # reads into a large frame's bytes
         self.start = 0  # the unread bytes are buf[start:end]
         self.end = 0
         # gevent's wait for the socket to become readable (its own watcher), when it has one
@@ -124,6 +136,8 @@ class FrameReader:
                     self.start = start + 4 + n
                     with memoryview(self.buf) as view:
                         return bytes(view[start + 4 : start + 4 + n])
+                if n > LARGE_FRAME:
+                    return self._read_large(start + 4, n)
                 want = 4 + n
             else:
                 want = 4
@@ -151,6 +165,27 @@ class FrameReader:
             if not got:
                 raise EOFError("connection closed")
             self.end = end + got
+
+    def _read_large(self, at: int, n: int) -> bytes:
+        """The frame of ``n`` bytes whose first ones are buffered from ``buf[at]`` on: the rest is
+        received straight into the ``bytes`` that is returned (``FrameBuffers``: reused once
+        nothing holds it), no more than the frame."""
+        frame, dest = self.frames.take(n)
+        try:
+            got = self.end - at
+            with memoryview(self.buf) as view:
+                dest[:got] = view[at : self.end]
+            self.start = self.end = 0
+            recv_into = self.sock.recv_into
+            while got < n:
+                r = recv_into(dest[got:])
+                if not r:
+                    raise EOFError("connection closed")
+                got += r
+                self.large_recvs += 1
+        finally:
+            dest.release()  # (it does not hold frame: never let it outlive this call)
+        return frame
 
 
 def write_frame(sock, data: bytes) -> None:

@@ -16,8 +16,10 @@ from fluxmq.broker.message import Message
 from fluxmq.cluster.batch import FramedBatch, Outgoing, build_batch, build_raw_batch, decode_items
 from fluxmq.cluster.proto import cluster_pb2 as pb
 from fluxmq.cluster.unix import (
+    LARGE_FRAME,
     MAX_PARTS,
     ROUTE,
+    SEND_BUFFER,
     FrameReader,
     UnixChannel,
     _connect,
@@ -134,6 +136,88 @@ def test_a_links_socket_takes_a_fan_in_batch_in_one_send_while_the_peer_is_not_r
     finally:
         for s in (sock, peer, listener):
             s.close()
+
+
+class CountedRecvs:
+    """A socket whose ``recv_into`` calls are counted (and the bytes each returned)."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.recvs: list[int] = []
+
+    def recv_into(self, buf):
+        got = self.sock.recv_into(buf)
+        self.recvs.append(got)
+        return got
+
+
+def fan_in_batches(count: int, messages: int = 1900) -> list:
+    """``count`` raw batches of a fan-in between workers (~230 KB each), each with its own payloads."""
+    return [
+        build_raw_batch("w0", 1, seq, relay_runs(messages, payload=bytes([seq]) * 64, run=messages))[0]
+        for seq in range(1, count + 1)
+    ]
+
+
+def big_send_buffer(sock) -> None:
+    with open("/proc/sys/net/core/wmem_max") as fh:
+        if int(fh.read()) < 1 << 21:
+            pytest.skip("net.core.wmem_max below 2 MiB: the batches do not fit the socket's buffer")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+
+def test_a_fan_in_batch_is_received_into_its_own_bytes_in_two_reads_and_its_allocation_reused() -> None:
+    """A ~230 KB batch frame is received straight into the ``bytes`` handed to the consumer: one read
+    brings its head and the first 64 KiB, one more the rest (before: a read per 64 KiB, then a copy
+    of the frame into a fresh ``bytes``); once the consumer dropped it, the next batch is received
+    into the same allocation."""
+    batches = fan_in_batches(4)
+    assert all(b.size > 3 * LARGE_FRAME for b in batches)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        big_send_buffer(a)
+        for batch in batches:
+            write_raw_batch(a, batch)  # all of them wait in the socket (as a burst of batches)
+        counted = CountedRecvs(b)
+        reader = FrameReader(counted)
+        idents = []
+        with gevent.Timeout(10):
+            for batch in batches:
+                got = read_batch(reader.read())
+                assert got.seq == batch.seq and got.items[got.items_start :] == b"".join(batch.parts)
+                idents.append(id(got.items))
+                del got  # (applied: the consumer holds it no more)
+    finally:
+        a.close()
+        b.close()
+    assert len(counted.recvs) <= 2 * len(batches)  # (before: 4 per batch)
+    assert reader.frames.reused == len(batches) - 1 and reader.frames.allocated == 1
+    assert len(set(idents)) == 1
+
+
+def test_batches_still_held_by_their_consumer_keep_their_bytes_while_later_ones_arrive() -> None:
+    """A consumer that keeps what it read (a batch object, its items, a memoryview over them) keeps
+    valid bytes: a later batch is never received into an allocation still referenced."""
+    batches = fan_in_batches(8)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        big_send_buffer(a)
+        reader = FrameReader(b)
+        writer = gevent.spawn(lambda: [write_raw_batch(a, batch) for batch in batches])
+        held: list = []
+        with gevent.Timeout(10):
+            for i in range(len(batches)):
+                got = read_batch(reader.read())
+                held.append(got if i % 3 == 0 else memoryview(got.items) if i % 3 == 1 else got.items)
+                del got
+            writer.get()
+    finally:
+        a.close()
+        b.close()
+    for i, (batch, kept) in enumerate(zip(batches, held, strict=True)):
+        items = kept.items[kept.items_start :] if i % 3 == 0 else bytes(kept)[-batch.size :]
+        assert items == b"".join(batch.parts), i
+        assert {m[1][0] for m in messages(items)} == {batch.seq}
 
 
 def test_a_protobuf_batch_frame_still_reads_as_a_batch() -> None:

@@ -28,7 +28,7 @@ from fluxmq.node.workers import WorkerContext
 from fluxmq.protocol.connection import HUB_READS, RELAY
 from fluxmq.storage.lmdb import LMDBStorage
 from tests.protocol.frames import raw_publish
-from tests.protocol.test_publish_relay import Net, encode
+from tests.protocol.test_publish_relay import MARK, Net, encode
 
 
 @dataclasses.dataclass
@@ -1074,3 +1074,142 @@ def test_a_forwarded_run_between_two_workers_is_written_in_blocks(tmp_path) -> N
     assert got["s4"] == got["s4b"] == b"".join(encode(p, 4) for p in want)
     assert got["s5"] == b"".join(encode(p, 5) for p in want)
     assert counters[1]["sent"] == [3 * 100 + 3, 0, 0]  # (and the marks of s4, s4b and s5)
+
+
+def _read_to_mark(w: Workers, cid: str) -> bytes:
+    """What client ``cid`` read up to (and without) the next mark."""
+    net = w.nets[w.where[cid]]
+    conn, _, sock = net.clients[cid]
+    mark = encode(c.Publish(MARK, b"end"), conn.version)
+    data = b""
+    with gevent.Timeout(10):
+        while not data.endswith(mark):
+            chunk = sock.recv(65536)
+            assert chunk, f"{cid}: closed"
+            data += chunk
+    return data[: -len(mark)]
+
+
+def _available(sock) -> bytes:
+    """What the socket holds now (after one turn of the loop)."""
+    gevent.sleep(0.005)
+    data = b""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # (gevent's recv waits for data otherwise)
+    try:
+        while True:
+            try:
+                chunk = sock.recv(1 << 20)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+    finally:
+        sock.settimeout(timeout)
+
+
+def _in_order(data: bytes, parts: list[bytes]) -> bool:
+    """Each of ``parts`` found in ``data``, one after the other."""
+    at = 0
+    for part in parts:
+        at = data.find(part, at)
+        if at < 0:
+            return False
+        at += len(part)
+    return True
+
+
+def test_what_a_worker_keeps_of_large_batches_survives_their_bytes_being_reused(
+    tmp_path, monkeypatch
+) -> None:
+    """Batches over ``LARGE_FRAME`` are received into ``bytes`` that later batches are received into
+    again once nothing holds them (``fluxmq._core.framebuf``). What the receiving worker keeps of a
+    batch must be its own copy: QoS 1 messages in flight and queued for a client that does not
+    acknowledge (the relay's stored path, and ``publish_from_peer``'s), a retained message (stored
+    by every worker) and a 5.0 message's properties; checked after later batches reused the
+    allocation, with the fast path from the hub, from the reader and off."""
+    import fluxmq.cluster.unix as unix
+
+    readers: list = []
+
+    class Recorded(unix.FrameReader):
+        __slots__ = ()
+
+        def __init__(self, sock) -> None:
+            super().__init__(sock)
+            readers.append(self)
+
+    monkeypatch.setattr(unix, "FrameReader", Recorded)
+    size = unix.LARGE_FRAME + 4000  # (one message: a batch over LARGE_FRAME)
+
+    def payload(r: int, k: int) -> bytes:
+        return bytes([1 + 4 * r + k]) * size
+
+    for n, (relay, hub) in enumerate(((True, True), (True, False), (False, False))):
+        RELAY.enabled = relay
+        HUB_READS.enabled = hub
+        readers.clear()
+        tmp = tmp_path / f"run{n}"
+        tmp.mkdir()
+        w = Workers(tmp)
+        try:
+            w.client("slow", 1, quota=2)  # never acknowledges until the end: in flight, then queued
+            w.subscribe("slow", "big/#", 1)
+            w.client("v5", 1, version=5)
+            w.subscribe("v5", "big/#", 1)
+            w.client("p", 0, version=5)
+            got: dict[str, bytes] = {"slow": b"", "v5": b""}
+            qos1: list[bytes] = []
+            for r in range(6):
+                packets = [
+                    c.Publish(f"big/{r}", payload(r, 0), qos=1, packet_id=2 * r + 1),  # plain
+                    c.Publish(
+                        f"big/{r}/p",
+                        payload(r, 1),
+                        qos=1,
+                        packet_id=2 * r + 2,
+                        retain=r == 2,
+                        properties={c.USER_PROPERTY: [("round", f"r{r}")]},
+                    ),
+                    c.Publish(f"big/{r}/0", payload(r, 2)),  # QoS 0
+                ]
+                qos1 += [payload(r, 0), payload(r, 1)]
+                w.send("p", packets)
+                w.wait_acknowledged()
+                got["v5"] += _read_to_mark(w, "v5")  # ("slow": its mark waits behind its queue)
+            on_w1 = [rd for rd in readers if rd.frames.allocated]
+            reused = sum(rd.frames.reused for rd in on_w1)
+            assert on_w1 and reused >= 3, (
+                relay,
+                hub,
+                [(rd.frames.allocated, rd.frames.kept()) for rd in on_w1],
+            )
+            # the 5.0 subscriber: every message, its properties
+            assert _in_order(
+                got["v5"], [p for r in range(6) for p in (payload(r, 0), payload(r, 1), payload(r, 2))]
+            )
+            assert all(f"r{r}".encode() in got["v5"] for r in range(6))
+            # the retained message every worker stores
+            kept = w.nets[1].broker.retained.get("big/2/p")
+            assert kept is not None and kept.payload == payload(2, 1)
+            assert kept.properties.get(c.USER_PROPERTY) == [("round", "r2")]
+            # the slow client: two in flight, the rest queued while later batches arrived; now it
+            # acknowledges them one at a time and reads what was kept
+            conn, _, sock = w.nets[1].clients["slow"]
+            session = conn.session
+            assert len(session.inflight) == 2 and len(session.queue) >= len(qos1) - 2
+            with gevent.Timeout(20):
+                while session.inflight:
+                    pid = min(session.inflight)
+                    entry = session.inflight[pid]
+                    sock.sendall(encode(c.Puback(pid), 4))
+                    while session.inflight.get(pid) is entry:
+                        got["slow"] += _available(sock)
+                while not _in_order(got["slow"], qos1):
+                    got["slow"] += _available(sock)
+            assert all(got["slow"].count(p) == 1 for p in qos1)
+        finally:
+            w.close()
+            RELAY.enabled = True
+            HUB_READS.enabled = True
