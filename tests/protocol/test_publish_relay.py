@@ -85,19 +85,21 @@ class Net:
         )
         sock.sendall(data)
 
+    def read_to_mark(self, cid: str) -> bytes:
+        """What client ``cid`` read up to (and without) the next mark."""
+        conn, _, sock = self.clients[cid]
+        mark = encode(c.Publish(MARK, b"end"), conn.version)
+        data = b""
+        with gevent.Timeout(10):
+            while not data.endswith(mark):
+                chunk = sock.recv(65536)
+                assert chunk, f"{cid}: closed"
+                data += chunk
+        return data[: -len(mark)]
+
     def read_all(self) -> dict[str, bytes]:
         """What each client read up to (and without) the mark."""
-        got = {}
-        for cid, (conn, _, sock) in self.clients.items():
-            mark = encode(c.Publish(MARK, b"end"), conn.version)
-            data = b""
-            with gevent.Timeout(10):
-                while not data.endswith(mark):
-                    chunk = sock.recv(65536)
-                    assert chunk, f"{cid}: closed"
-                    data += chunk
-            got[cid] = data[: -len(mark)]
-        return got
+        return {cid: self.read_to_mark(cid) for cid in self.clients}
 
     def counters(self) -> dict:
         st = self.broker.stats

@@ -28,7 +28,7 @@ from fluxmq.node.workers import WorkerContext
 from fluxmq.protocol.connection import HUB_READS, RELAY
 from fluxmq.storage.lmdb import LMDBStorage
 from tests.protocol.frames import raw_publish
-from tests.protocol.test_publish_relay import MARK, Net, encode
+from tests.protocol.test_publish_relay import Net, encode
 
 
 @dataclasses.dataclass
@@ -1078,16 +1078,7 @@ def test_a_forwarded_run_between_two_workers_is_written_in_blocks(tmp_path) -> N
 
 def _read_to_mark(w: Workers, cid: str) -> bytes:
     """What client ``cid`` read up to (and without) the next mark."""
-    net = w.nets[w.where[cid]]
-    conn, _, sock = net.clients[cid]
-    mark = encode(c.Publish(MARK, b"end"), conn.version)
-    data = b""
-    with gevent.Timeout(10):
-        while not data.endswith(mark):
-            chunk = sock.recv(65536)
-            assert chunk, f"{cid}: closed"
-            data += chunk
-    return data[: -len(mark)]
+    return w.nets[w.where[cid]].read_to_mark(cid)
 
 
 def _available(sock) -> bytes:
