@@ -143,8 +143,8 @@ def run_once(
         elapsed = (sub.last or time.perf_counter()) - start
         return {"received": sub.count, "rate": sub.count / elapsed if elapsed > 0 else 0.0}
     finally:
-        node.stop()
-        mosq.stop()
+        node.cleanup()
+        mosq.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

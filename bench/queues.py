@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(run_once(node.port, topic, filter, n, args.count, args.window, group))
                 cpu[name].append((procinfo.tree_cpu_s(pids) - before) / args.count * 1e6)
             finally:
-                node.stop()
+                node.cleanup()  # (the run's LMDB store goes with its directory)
             print(f"{name}: {results[name][-1]:,.0f} msg/s", file=sys.stderr)
     base = statistics.median(results["pubsub"])
     # Each run's queue rates against the pub/sub rate of the same run (measured seconds apart):

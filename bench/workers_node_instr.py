@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         line = next((ln for ln in res.splitlines() if ln.startswith("RESULT ")), "")
         result = dict(kv.partition("=")[::2] for kv in line.split()[1:])
     finally:
-        node.stop()
+        node.cleanup()
     time.sleep(3)
     totals = {}
     for f in glob.glob(out + ".*"):

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         finally:
-            node.stop()
+            node.cleanup()  # (its temporary directory goes too)
     return 0
 
 
