@@ -48,7 +48,7 @@ cdef inline int _smallest():
 cdef int spare_adopt(bytearray out, Py_ssize_t size) except -1:
     """Give ``out`` the smallest spare that holds ``size`` bytes when it must grow to them: its
     bytes copied over; its own allocation becomes a spare in that one's place when it is one a
-    spare may be (it was too small for ``out``, not for another), or is freed. 0 when it did not
+    spare may be and no larger (too small for ``out``, not for another), or is freed. 0 when it did not
     (no spare holds it, the allocation holds ``size`` already, or exported)."""
     global _held, _adopted
     cdef _OutBytes* b = <_OutBytes*><void*>out
@@ -66,8 +66,8 @@ cdef int spare_adopt(bytearray out, Py_ssize_t size) except -1:
     alloc = _allocs[best]
     if held:
         memcpy(p, b.ob_start, held)
-    if b.ob_bytes != NULL and SPARE_MIN <= own <= SPARE_MAX:
-        _spares[best] = b.ob_bytes  # (smaller than the one taken: the bound on bytes holds)
+    if b.ob_bytes != NULL and SPARE_MIN <= own <= alloc:
+        _spares[best] = b.ob_bytes  # (no larger than the one taken: the bounds hold)
         _allocs[best] = own
         _held += own - alloc
     else:

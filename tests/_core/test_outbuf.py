@@ -215,6 +215,22 @@ def test_an_output_with_a_sent_prefix_takes_the_spare_with_what_is_left(no_spare
     assert bytes(out) == (FRAME * 300)[1_000:] + FRAME * 2_000
 
 
+def test_an_output_whose_sent_prefix_hides_a_larger_block_frees_it(no_spare) -> None:
+    """A partial send left the logical start 20,000 bytes in a 324 KiB block: growing past the
+    block's end takes a smaller spare (it holds the rest), and the larger block is freed rather
+    than kept in the smaller one's place (the spares' bytes never grow by an adoption)."""
+    out = _large()
+    whole = bytes(out)
+    block = out.__alloc__()
+    del out[:20_000]
+    assert out.__alloc__() == block  # (CPython keeps the block: more than half of it still held)
+    assert outbuf.keep(bytearray(b"q" * 320_000))
+    _fill(out, 1_800)  # 312,100 bytes: past the block's end (311,775 from the start), within the spare
+    assert out.__alloc__() == 320_001 < block
+    assert outbuf.spare_allocs() == []
+    assert bytes(out) == whole[20_000:] + FRAME * 1_800
+
+
 def test_an_exported_output_does_not_take_the_spare(no_spare) -> None:
     donor = bytearray()
     _fill(donor, 2_300)
