@@ -47,9 +47,10 @@ cdef inline int _smallest():
 
 cdef int spare_adopt(bytearray out, Py_ssize_t size) except -1:
     """Give ``out`` the smallest spare that holds ``size`` bytes when it must grow to them: its
-    bytes copied over; its own allocation becomes a spare in that one's place when it is one a
-    spare may be and no larger (too small for ``out``, not for another), or is freed. 0 when it did not
-    (no spare holds it, the allocation holds ``size`` already, or exported)."""
+    bytes copied over; its own allocation takes that spare's place when it is of a spare's size
+    and no larger than the one taken (too small for ``out``, not for another output), or is
+    freed. 0 when it did not (no spare holds it, the allocation holds ``size`` already, or
+    exported)."""
     global _held, _adopted
     cdef _OutBytes* b = <_OutBytes*><void*>out
     cdef Py_ssize_t held = PyByteArray_GET_SIZE(out)
