@@ -45,7 +45,7 @@ cdef enum:
     SPARE_FROM = 32768  # an output growing past this many bytes takes a spare, if one holds them
     SPARE_MIN = 65536  # an emptied output's allocation kept as a spare: from this many bytes...
     SPARE_MAX = 1048576  # ... to this many
-    SPARE_COUNT = 8  # spares held at most (one per busy output: the rest grow as before)
+    SPARE_COUNT = 16  # spares held at most (one per busy output: the rest grow as before)
     SPARE_BYTES = 4194304  # bytes held in all spares at most
 
 

@@ -159,19 +159,17 @@ def test_an_output_takes_the_smallest_spare_that_holds_it(no_spare) -> None:
 
 
 def test_the_spares_are_bounded_in_number_and_bytes(no_spare) -> None:
-    """At most eight spares and 4 MiB in all; once full, only a larger block replaces the smallest
-    (which is freed); an output over 1 MiB, under 64 KiB or exported is not taken (it is emptied
-    by CPython as before)."""
-    larger = bytearray(b"q" * 700_000)  # (made whole: it takes no spare on the way)
-    outs = [_large() for _ in range(10)]
+    """At most sixteen spares and 4 MiB in all; once full, only a larger block replaces the
+    smallest (which is freed); an output over 1 MiB, under 64 KiB or exported is not taken (it is
+    emptied by CPython as before)."""
+    outs = [bytearray(b"q" * 100_000) for _ in range(18)]  # (made whole: they take no spare)
+    larger = bytearray(b"q" * 700_000)
     taken = [outbuf.keep(out) for out in outs]
-    assert taken == [True] * 8 + [False] * 2  # equal blocks: the ninth and tenth replace none
-    assert all(len(out) == 2_300 * len(FRAME) for out in outs[8:])
-    allocs = outbuf.spare_allocs()
-    assert len(allocs) == 8 and outbuf.spare_size() == sum(allocs) <= 4 * 1024 * 1024
+    assert taken == [True] * 16 + [False] * 2  # equal blocks: the 17th and 18th replace none
+    assert all(len(out) == 100_000 for out in outs[16:])
+    assert outbuf.spare_allocs() == [100_001] * 16 and outbuf.spare_size() == 1_600_016
     assert outbuf.keep(larger)  # replaces the smallest, which is freed
-    assert outbuf.spare_allocs() == allocs[1:] + [700_001]
-    assert outbuf.spare_size() <= 4 * 1024 * 1024
+    assert outbuf.spare_allocs() == [100_001] * 15 + [700_001]
     outbuf.release()
     mib = [bytearray(b"q" * 1_000_000) for _ in range(6)]  # ~1 MiB blocks: the bytes bound
     assert [outbuf.keep(out) for out in mib] == [True] * 4 + [False] * 2
