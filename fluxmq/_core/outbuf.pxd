@@ -12,15 +12,19 @@ it is small. ``DOUBLE_BELOW`` is 256 KiB because a receiving worker writes a who
 other worker into one fan-in subscriber's output (~1,650 messages, ~130 KB): with 1/8 growth past
 64 KiB that was ~6 more reallocs copying the whole buffer (xcross, bench/RESULTS.md).
 
-The process's spare (``outbuf.pyx``): the send that empties an output of ``SPARE_MIN`` to
+The process's spares (``outbuf.pyx``): the send that empties an output of ``SPARE_MIN`` to
 ``SPARE_MAX`` bytes allocated hands its allocation to the process (``spare_keep``: the output is
 left with none) instead of shrinking it to one byte, and the next output that grows past
-``SPARE_FROM`` bytes takes it (``spare_adopt``: one copy of what it holds). A fan-in's subscriber
-fills ~180 KB per send; its allocation was a fresh ``mmap`` each time (glibc maps chunks of
-128 KiB and more, and the shrink to one byte and the next growth are ``mremap`` calls), so nearly
-every byte written landed on a newly faulted page (~22 page faults and ~2 ``mremap`` per 1,000
-deliveries, bench/RESULTS.md "fmem"). One spare per process, at most ``SPARE_MAX``: an idle
-connection keeps nothing.
+``SPARE_FROM`` bytes takes the smallest spare that holds what it needs (``spare_adopt``: one copy
+of what it holds). A fan-in's subscriber fills ~180 KB per send; its allocation was a fresh
+``mmap`` each time (glibc maps chunks of 128 KiB and more, and the shrink to one byte and the next
+growth are ``mremap`` calls), so nearly every byte written landed on a newly faulted page (~22
+page faults and ~2 ``mremap`` per 1,000 deliveries, bench/RESULTS.md "fmem"). Several busy
+subscribers on one worker are all sent before the next read fills them again, so the process
+keeps up to ``SPARE_COUNT`` spares, one per busy output (with one spare, only one of them got it:
+~10 faults and ~2-3 ``mremap`` per 1,000 deliveries with 2 or 4 wildcard subscribers, "fmem2"),
+and at most ``SPARE_BYTES`` bytes in all; an idle connection keeps nothing, and spares that no
+output took or gave for a while are freed (``release_unused``, from the node's heap trim).
 """
 
 from cpython.bytearray cimport PyByteArray_GET_SIZE, PyByteArray_Resize
@@ -38,9 +42,11 @@ cdef extern from "Python.h":
 
 cdef enum:
     DOUBLE_BELOW = 262144
-    SPARE_FROM = 32768  # an output growing past this many bytes takes the spare, if it holds them
-    SPARE_MIN = 65536  # an emptied output's allocation kept as the spare: from this many bytes...
+    SPARE_FROM = 32768  # an output growing past this many bytes takes a spare, if one holds them
+    SPARE_MIN = 65536  # an emptied output's allocation kept as a spare: from this many bytes...
     SPARE_MAX = 1048576  # ... to this many
+    SPARE_COUNT = 16  # spares held at most (one per busy output: the rest grow as before)
+    SPARE_BYTES = 4194304  # bytes held in all spares at most
 
 
 cdef int spare_adopt(bytearray out, Py_ssize_t size) except -1

@@ -7,6 +7,10 @@ tenth of its footprint) in 8.6 ms (``bench/RESULTS.md``, "50,000 connections on 
 every ``CHECK_EVERY`` seconds, when at least ``TRIM_AFTER`` connections arrived since the last trim,
 the process trims once: a hub pause of milliseconds, at most once a check, and none while the
 connection count is steady. Without glibc (``malloc_trim`` missing) it does nothing.
+
+Each look also frees the spare output allocations (``_core/outbuf``: up to 4 MiB of blocks that
+busy subscribers' outputs pass around) when no output gave or took one since the previous look,
+so a worker whose busy subscribers went quiet holds none after ~two looks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 
 import gevent
 
+from fluxmq._core import outbuf
 from fluxmq.broker.behind_io import sleep_behind_io
 
 log = logging.getLogger("fluxmq.node")
@@ -76,7 +81,15 @@ class HeapTrim:
         )
         return True
 
+    def release_spares(self) -> int:
+        """Free the spare output allocations if none was used since the last look; the bytes freed."""
+        freed = outbuf.release_unused()
+        if freed:
+            log.debug("output_spares_released", extra={"bytes": freed})
+        return freed
+
     def _run(self) -> None:
         while True:
             sleep_behind_io(self.every)
             self.check()
+            self.release_spares()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fluxmq._core import outbuf
 from fluxmq.broker.stats import BrokerStats
 from fluxmq.node.heap_trim import HeapTrim, glibc_malloc_trim
 
@@ -32,3 +33,20 @@ def test_without_malloc_trim_it_does_nothing() -> None:
     assert not heap.check()
     heap.start()  # no greenlet to run
     assert heap._greenlet is None
+
+
+def test_spare_output_allocations_no_output_used_are_freed_at_the_second_look() -> None:
+    """Busy subscribers left spare output blocks (``_core/outbuf``); once no output gives or takes
+    one between two looks, the look frees them."""
+    heap = HeapTrim(BrokerStats(), trim=lambda pad: 1)
+    outbuf.release()
+    try:
+        out = bytearray(b"q" * 200_000)
+        assert outbuf.keep(out)
+        held = outbuf.spare_size()
+        heap.release_spares()  # (a spare was kept since the last look: in use)
+        assert outbuf.spare_size() == held
+        assert heap.release_spares() == held
+        assert outbuf.spare_size() == 0
+    finally:
+        outbuf.release()
