@@ -12,8 +12,8 @@ from the same ``perf`` file (switches, system calls, softirqs, hrtimers and inte
 - ``--heartbeat``: per heartbeat turn (the worker's ``utimensat``), the sample sent last before it:
   its latency against the run's p50 and p99, and whether a loop turn (libev's ``getpid``) came
   between its read and its write (the write was a loop callback behind the heartbeat's wake);
-- ``--tail``: the worker's on-CPU time from the exit of each ``sendto`` to the entry of its next
-  ``epoll_wait``, and the system calls between them::
+- ``--tail``: the worker's on-CPU time from the exit of each write (``sendto``; Mosquitto's
+  ``write``) to the entry of its next ``epoll_wait``, and the system calls between them::
 
     python -m bench.latency_tail --runs 4 --duration 10 --perf full --keep DIR ...
     python -m bench.latency_turns --states --heartbeat --tail DIR/fluxmq-*.txt
@@ -33,6 +33,8 @@ from pathlib import Path
 from bench import latency_tail as lt
 
 LINE = re.compile(r"^\s*(.+?)\s+(\d+)\s+\[\d+\]\s+(\d+)\.(\d+):\s+(\S+):\s*(.*)$")
+#: the system calls that write a delivery (fluxmq: ``sendto``; Mosquitto: ``write``)
+SENDS = ("sendto", "write", "writev", "sendmsg")
 #: the states whose excess a ``none`` sample is looked at for
 STATES = ("user", "recvfrom", "sendto", "epoll_wait")
 
@@ -131,8 +133,8 @@ def heartbeat_samples(samples, ev) -> list[tuple[int, int]]:
 
 
 def tails(ev) -> tuple[list[float], collections.Counter]:
-    """The worker's on-CPU us from each ``sendto``'s exit to its next ``epoll_wait``, and the system
-    calls between them."""
+    """The worker's on-CPU us from each write's (``SENDS``) exit to its next ``epoll_wait``, and the
+    system calls between them."""
     out, between = [], collections.Counter()
     on, after_send, cur, last, calls = False, False, None, 0, []
     for t, kind, what in ev:
@@ -142,7 +144,7 @@ def tails(ev) -> tuple[list[float], collections.Counter]:
         if kind in ("on", "off"):
             on = kind == "on"
         elif kind == "enter":
-            if what == "sendto":
+            if what in SENDS:
                 cur, after_send = None, True
             elif what == "epoll_wait" and cur is not None:
                 out.append(cur / 1000)
@@ -178,6 +180,8 @@ def report(dumps: list[Path], states: bool, heartbeat: bool, tail: bool) -> None
         if tail:
             ts, between = tails(ev)
             ts.sort()
+            if not ts:
+                continue
             print(f"{dump.name}: tail after the write, {len(ts)} turns: median {statistics.median(ts):.1f} p90 "
                   f"{lt.pct(ts, 90):.1f} p99 {lt.pct(ts, 99):.1f} us; between: {between.most_common(2)}")  # fmt: skip
         if states:
