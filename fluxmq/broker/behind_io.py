@@ -36,7 +36,8 @@ def sleep_behind_io(seconds: float) -> None:
     loop = hub.loop
     timer = loop.timer(seconds, 0.0, True, LOWEST_PRIORITY)
     waiter = Waiter(hub)
-    # The timer queues the switch behind the loop callbacks those reads queued (their writes).
+    # The timer queues the switch behind the loop callbacks those reads queued (their writes). A
+    # switch still queued when this greenlet is killed finds the waiter idle and only stores None.
     timer.start(loop.run_callback, waiter.switch, None)
     try:
         waiter.get()

@@ -88,6 +88,16 @@ def test_the_sleeper_is_not_resumed_before_the_write_the_input_queued() -> None:
         b.close()
 
 
+def test_a_sleeper_killed_in_its_sleep_ends_and_its_timer_wakes_no_one() -> None:
+    """Killed while it waits: the greenlet ends and its timer is closed (it never fires into it)."""
+    asleep = gevent.spawn(sleep_behind_io, 0.01)
+    gevent.sleep(0)
+    asleep.kill(block=True, timeout=5)
+    assert asleep.dead and asleep.successful()  # GreenletExit
+    gevent.sleep(0.03)  # past the timer's expiry: nothing is woken or raised
+    assert asleep.dead
+
+
 def test_a_sleep_behind_io_sleeps_when_nothing_arrives() -> None:
     started = time.monotonic()
     sleep_behind_io(0.02)
