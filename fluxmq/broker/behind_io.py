@@ -10,6 +10,12 @@ lowest priority is invoked after every I/O watcher made pending by the same poll
 may still be a loop callback that the read queued (the flush scheduler), so the sleeper then queues
 itself behind the callbacks already queued; and as the scheduler often lets the waker run on, a
 reader woken on this CPU would still wait for the turn: the sleeper yields the CPU once first.
+
+The expired timer does not switch to the sleeper itself: it only queues that switch as a loop callback
+(C code, no Python frame of the sleeper). Switched to at once, the sleeper's greenlet (idle for
+seconds: cold stack, cold code) ran 60-90 us before the write that a read of the same poll had queued;
+one lone message per heartbeat waited for it (bench/RESULTS.md, "The heartbeat's wake before the
+write").
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import os
 
 import gevent
+from gevent.hub import Waiter
 
 #: libev's lowest priority (EV_MINPRI): invoked after the pending watchers of every other priority
 LOWEST_PRIORITY = -2
@@ -26,12 +33,16 @@ def sleep_behind_io(seconds: float) -> None:
     """``gevent.sleep(seconds)``, but input that arrives in the poll where the sleep ends is served
     first (read, routed, written) before this greenlet resumes."""
     hub = gevent.get_hub()
-    timer = hub.loop.timer(seconds, 0.0, True, LOWEST_PRIORITY)
+    loop = hub.loop
+    timer = loop.timer(seconds, 0.0, True, LOWEST_PRIORITY)
+    waiter = Waiter(hub)
+    # The timer queues the switch behind the loop callbacks those reads queued (their writes). A
+    # switch still queued when this greenlet is killed finds the waiter idle and only stores None.
+    timer.start(loop.run_callback, waiter.switch, None)
     try:
-        hub.wait(timer)
+        waiter.get()
     finally:
         timer.close()
-    gevent.sleep(0)  # behind the loop callbacks those reads queued (their writes)
     # The writes woke their readers; one on this CPU (a client beside the broker) would otherwise
     # wait for the rest of this turn, as the scheduler lets the waker run on.
     os.sched_yield()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import gevent
+import greenlet
 import pytest
 from gevent import socket
 
@@ -46,6 +47,55 @@ def test_input_of_the_poll_where_the_sleep_ends_is_served_first() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_the_sleeper_is_not_resumed_before_the_write_the_input_queued() -> None:
+    """As above, but the sleeper's greenlet must not run at all before that write: its timer only
+    queues the switch behind the callbacks already queued. (Switched to at once, it ran its cold
+    Python, ~60-90 us, before the write of a lone message, once per heartbeat.)"""
+    a, b = socket.socketpair()
+    order: list[str] = []
+    sleeping = []
+
+    def reader() -> None:
+        a.recv(1)
+        order.append("input")
+        gevent.get_hub().loop.run_callback(order.append, "write")
+
+    def sleeper() -> None:
+        sleep_behind_io(0.01)
+        order.append("sleeper")
+
+    def trace(event: str, args) -> None:
+        if event in ("switch", "throw") and sleeping and args[1] is sleeping[0]:
+            order.append("resumed")
+
+    try:
+        readers = [gevent.spawn(reader), gevent.spawn(sleeper)]
+        sleeping.append(readers[1])
+        gevent.sleep(0)
+        time.sleep(0.05)
+        b.send(b"x")
+        order.clear()  # from here: the poll that finds both
+        previous = greenlet.settrace(trace)
+        try:
+            gevent.joinall(readers, timeout=10, raise_error=True)
+        finally:
+            greenlet.settrace(previous)
+        assert order == ["input", "write", "resumed", "sleeper"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_sleeper_killed_in_its_sleep_ends_and_its_timer_wakes_no_one() -> None:
+    """Killed while it waits: the greenlet ends and its timer is closed (it never fires into it)."""
+    asleep = gevent.spawn(sleep_behind_io, 0.01)
+    gevent.sleep(0)
+    asleep.kill(block=True, timeout=5)
+    assert asleep.dead and asleep.successful()  # GreenletExit
+    gevent.sleep(0.03)  # past the timer's expiry: nothing is woken or raised
+    assert asleep.dead
 
 
 def test_a_sleep_behind_io_sleeps_when_nothing_arrives() -> None:
