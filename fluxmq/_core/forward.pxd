@@ -20,6 +20,7 @@ cdef class ForwardQueue:
     cdef Py_ssize_t size
     cdef readonly Py_ssize_t capacity  # (0: no tail bytes held)
     cdef Py_ssize_t _keep  # the recent runs' size: what the next tail is allocated with (_grow)
+    cdef Py_ssize_t _split  # bytes of the run being written sealed so far because its tail was full
     # sealed runs' bytes kept whole (their allocations, ``_spare_cap``), reused for a tail once
     # nothing else holds them (the link dropped the batch when it was acknowledged)
     cdef PyObject* _spare[4]
@@ -43,6 +44,7 @@ cdef class ForwardQueue:
     cdef int _grow(self, Py_ssize_t need) except -1
     cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept
     cpdef seal(self)
+    cdef int _seal(self, bint split) except -1
 
 
 cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,

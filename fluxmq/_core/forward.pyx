@@ -35,6 +35,9 @@ cdef extern from "Python.h":
 #: sealed runs' allocations a queue keeps for reuse (``ForwardQueue._spare``): a batch in flight and
 #: one filling hold two; the link allows ``batches_in_flight`` (4 by default)
 DEF SPARES = 4
+#: a full tail whose bytes are at least this many is sealed, not grown (``append_raw``); a smaller
+#: one grows by copies (small, from the heap)
+DEF SPLIT_AT = 65536
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -108,7 +111,7 @@ cdef class ForwardQueue:
                  Py_ssize_t run_bytes, wake=None):
         self._data = NULL
         self.buf = NULL
-        self.size = self.capacity = self._keep = 0
+        self.size = self.capacity = self._keep = self._split = 0
         cdef int i
         for i in range(SPARES):
             self._spare[i] = NULL
@@ -179,8 +182,21 @@ cdef class ForwardQueue:
         cdef Py_ssize_t blob = MSG_HEAD + tlen + olen + plen
         cdef Py_ssize_t at = self.size, need = at + ITEM_HEAD + blob
         cdef bint first
+        cdef Py_ssize_t held
         if need > self.capacity:
-            self._grow(need)
+            if self.capacity < SPLIT_AT:
+                self._grow(need)
+            else:
+                # A large tail that is full is sealed as it is and the item starts the next one
+                # (from a spare when one is free): copied into an allocation twice as large, the
+                # new one was a fresh mapping whose pages the copy faulted in (nearly all the
+                # sending worker's page faults in fan-in, when a round's run outgrew the recent
+                # ones'). The messages keep their order: the run goes to the queue's end.
+                held = self.capacity
+                self._seal(True)
+                at = 0
+                need = ITEM_HEAD + blob
+                self._grow(max(need, held))  # (a tail as large as the one sealed: a spare fits)
         self.size = need
         cdef uint8_t* p = <uint8_t*>self.buf + at
         _le32(p, blob)
@@ -263,15 +279,25 @@ cdef class ForwardQueue:
     cpdef seal(self):
         """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty): its
         ``bytes`` shortened to the items, not copied; the next append starts another."""
+        self._seal(False)
+
+    cdef int _seal(self, bint split) except -1:
+        """``seal``; ``split``: the tail is sealed because it is full (``append_raw``), its run
+        part of a longer one, whose whole length (``_split``) sets ``_keep`` once it ends."""
         if self.tail_count == 0:
-            return
+            return 0
         cdef PyObject* data = self._data
-        cdef Py_ssize_t n = self.size, count = self.tail_count
+        cdef Py_ssize_t n = self.size, count = self.tail_count, whole
         self._data = NULL
         self.buf = NULL
-        # the largest recent run: a larger one at once, a smaller one lowers it by an eighth per seal
-        # (a batch taken early holds a short run; the next one is as long as before)
-        self._keep = n if n >= self._keep else self._keep - (self._keep >> 3)
+        if split:
+            self._split += n
+        else:
+            # the largest recent run: a larger one at once, a smaller one lowers it by an eighth per
+            # seal (a batch taken early holds a short run; the next one is as long as before)
+            whole = n + self._split
+            self._split = 0
+            self._keep = whole if whole >= self._keep else self._keep - (self._keep >> 3)
         self.size = self.capacity = self.tail_count = 0
         cdef Py_ssize_t cap = PyBytes_GET_SIZE(<object>data)
         if n >= cap - (cap >> 2):
@@ -293,6 +319,7 @@ cdef class ForwardQueue:
         run = ForwardRun(<bytes>data, count)
         Py_XDECREF(data)  # (the run holds it now)
         self.runs.append(run)
+        return 0
 
 
 cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,

@@ -84,7 +84,8 @@ def test_a_sealed_run_takes_the_tails_bytes_and_the_next_tail_starts_at_its_size
     # queue keeps): the queue holds nothing after a seal, and later appends leave the run alone
     runs: deque = deque()
     fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
-    payloads = [bytes([i % 251]) * (i * 37 % 3000) for i in range(400)]  # grows the tail a few times
+    # grows the tail a few times (below 64 KiB, where a full tail grows rather than being sealed)
+    payloads = [bytes([i % 251]) * (i * 37 % 400) for i in range(400)]
     for i, p in enumerate(payloads[:200]):
         fq.append(f"t/{i % 3}", "pub", i % 2, p)
     size = len(fq.tail)
@@ -156,9 +157,11 @@ def test_a_tail_reuses_a_sealed_runs_bytes_once_nothing_else_holds_them() -> Non
             if sent[0] - first >= least and fq.queued_bytes - sent[1] >= fq.capacity - fq.capacity // 5:
                 break
         fq.seal()
-        run = runs.pop()
-        sent[1] += len(run.data)
-        return run, msgs[first : sent[0]]
+        got = list(runs)  # (more than one run: a tail over 64 KiB filled up and was sealed)
+        runs.clear()
+        sent[1] += sum(len(r.data) for r in got)
+        assert least or len(got) == 1
+        return got[-1], msgs[first : sent[0]]
 
     def items(run) -> list:
         return [(m.topic, m.qos, m.payload) for m, _g, _l in decode_items(run.data)]
@@ -182,3 +185,50 @@ def test_a_tail_reuses_a_sealed_runs_bytes_once_nothing_else_holds_them() -> Non
     assert peak < cap // 4  # (a new tail's bytes would be ~cap)
     assert items(run) == run_items and run.count == len(run_items)
     assert hash(run.data) == hash(bytes(bytearray(run.data)))
+
+
+def test_a_large_full_tail_is_sealed_as_a_run_not_copied_into_a_larger_allocation() -> None:
+    # a round longer than the recent ones: its tail, once full, goes to the queue as a run and the
+    # next item starts a tail as large instead of the items being copied into one twice as large
+    # (a fresh mapping whose pages the copy faulted in); the round's whole length sizes the next
+    # tails, so a round as long fits one tail again
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    sent = []
+    taken = []
+
+    def append(n: int) -> None:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+
+    def take() -> list:
+        fq.seal()
+        got = list(runs)
+        runs.clear()
+        taken.extend(got)
+        return got
+
+    append(1500)  # ~160 KB: the recent runs' size
+    first = take()
+    assert len(first) > 1 and max(len(r.data) for r in first) <= 65536  # (sealed full from 64 KiB)
+    append(1)
+    cap = fq.capacity
+    assert cap >= 1.25 * sum(len(r.data) for r in first)
+    while not runs:
+        append(1)
+    # sealed once full, its bytes kept whole; the last item began a tail as large
+    assert fq.capacity == cap and fq.tail_count == 1 and len(runs) == 1
+    assert cap - 200 < len(runs[0].data) <= cap
+    append(500)
+    round_bytes = sum(len(r.data) for r in take())
+    append(1)
+    assert fq.capacity >= round_bytes  # the whole round's length: a round as long fits one tail
+    round_messages = sum(r.count for r in taken[len(first) :])
+    append(round_messages - 1)
+    assert not runs and fq.capacity >= len(fq.tail)
+    take()
+    got = [(m.topic, m.qos, m.payload) for r in taken for m, _g, _l in decode_items(r.data)]
+    assert got == sent and fq.queued == len(sent) == sum(r.count for r in taken)
+    assert fq.queued_bytes == sum(len(r.data) for r in taken)
