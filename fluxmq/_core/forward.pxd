@@ -20,7 +20,9 @@ cdef class ForwardQueue:
     cdef Py_ssize_t size
     cdef readonly Py_ssize_t capacity  # (0: no tail bytes held)
     cdef Py_ssize_t _keep  # the recent runs' size: what the next tail is allocated with (_grow)
-    cdef Py_ssize_t _split  # bytes of the run being written sealed so far because its tail was full
+    # bytes and messages of the run being written sealed so far because its tail was full
+    cdef Py_ssize_t _split
+    cdef Py_ssize_t _split_count
     # sealed runs' bytes kept whole (their allocations, ``_spare_cap``), reused for a tail once
     # nothing else holds them (the link dropped the batch when it was acknowledged)
     cdef PyObject* _spare[4]

@@ -111,7 +111,7 @@ cdef class ForwardQueue:
                  Py_ssize_t run_bytes, wake=None):
         self._data = NULL
         self.buf = NULL
-        self.size = self.capacity = self._keep = self._split = 0
+        self.size = self.capacity = self._keep = self._split = self._split_count = 0
         cdef int i
         for i in range(SPARES):
             self._spare[i] = NULL
@@ -222,7 +222,9 @@ cdef class ForwardQueue:
         first = self.queued == 0
         self.queued += 1
         self.queued_bytes += ITEM_HEAD + blob
-        if self.tail_count >= self.run_messages or self.size >= self.run_bytes:
+        # (a run's bounds count what was sealed of it because its tail was full)
+        if (self.tail_count + self._split_count >= self.run_messages
+                or self.size + self._split >= self.run_bytes):
             self.seal()
         if first and self.wake is not None:
             self.wake()
@@ -285,6 +287,7 @@ cdef class ForwardQueue:
         """``seal``; ``split``: the tail is sealed because it is full (``append_raw``), its run
         part of a longer one, whose whole length (``_split``) sets ``_keep`` once it ends."""
         if self.tail_count == 0:
+            self._split = self._split_count = 0  # (an append that failed after a full tail's seal)
             return 0
         cdef PyObject* data = self._data
         cdef Py_ssize_t n = self.size, count = self.tail_count, whole
@@ -292,11 +295,12 @@ cdef class ForwardQueue:
         self.buf = NULL
         if split:
             self._split += n
+            self._split_count += count
         else:
             # the largest recent run: a larger one at once, a smaller one lowers it by an eighth per
             # seal (a batch taken early holds a short run; the next one is as long as before)
             whole = n + self._split
-            self._split = 0
+            self._split = self._split_count = 0
             self._keep = whole if whole >= self._keep else self._keep - (self._keep >> 3)
         self.size = self.capacity = self.tail_count = 0
         cdef Py_ssize_t cap = PyBytes_GET_SIZE(<object>data)
