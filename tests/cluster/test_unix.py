@@ -98,6 +98,55 @@ def test_a_raw_batch_larger_than_the_socket_buffer_and_many_parts_arrive_whole()
     ]
 
 
+def test_frames_and_batches_go_through_the_socket_under_gevents_without_its_wrappers(monkeypatch) -> None:
+    # a link's reads (after its wait for the socket to be readable), its batches' sendmsg and the
+    # acks' send call the non-blocking socket under gevent's, a Python frame less each: gevent's
+    # own methods are used only to wait, after EAGAIN
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader = FrameReader(b)
+    batch = build_raw_batch("w0", 1, 7, relay_runs(300))[0]
+
+    def wrapper(*_args, **_kw):
+        raise AssertionError("gevent's wrapper called with room in the socket")
+
+    try:
+        for name in ("recv_into", "send", "sendmsg"):
+            monkeypatch.setattr(type(a), name, wrapper)
+        got = gevent.spawn(lambda: [reader.read() for _ in range(3)])
+        gevent.sleep(0.01)  # (the reader waits for the socket to be readable)
+        write_frame(a, b"ack")
+        write_raw_batch(a, batch)
+        write_frame(a, b"ack2")
+        frames = got.get(timeout=10)
+    finally:
+        monkeypatch.undo()
+        a.close()
+        b.close()
+    assert frames[0] == b"ack" and frames[2] == b"ack2"
+    assert read_batch(frames[1]).seq == 7 and frames[1][read_batch(frames[1]).items_start :] == b"".join(
+        batch.parts
+    )
+
+
+def test_a_frame_whose_rest_is_late_is_read_once_it_arrives() -> None:
+    # the read on the socket under gevent's meets EAGAIN in the middle of a frame: it waits for the
+    # rest and goes on (nothing lost, nothing read twice)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader = FrameReader(b)
+    try:
+        got = gevent.spawn(lambda: [reader.read() for _ in range(2)])
+        frame = (5000).to_bytes(4, "big") + bytes(range(250)) * 20
+        a.sendall(frame[:3])  # (not even the whole length)
+        gevent.sleep(0.02)
+        a.sendall(frame[3:2000])
+        gevent.sleep(0.02)
+        a.sendall(frame[2000:] + (2).to_bytes(4, "big") + b"ok")
+        assert got.get(timeout=10) == [frame[4:], b"ok"]
+    finally:
+        a.close()
+        b.close()
+
+
 class CountedSends:
     """A socket whose ``sendmsg`` calls are counted."""
 
