@@ -235,7 +235,7 @@ cdef class ForwardQueue:
         of a tail a quarter larger than the recent runs (``_keep``; so a stream's runs are written
         without growing: a growth copies the items), then twice as large each time (the items copied
         over; the old one kept if that fails)."""
-        cdef Py_ssize_t cap
+        cdef Py_ssize_t cap, c
         cdef PyObject* spare
         cdef int i
         if self._data is NULL:
@@ -245,13 +245,16 @@ cdef class ForwardQueue:
                 if spare is NULL or Py_REFCNT(spare) != 1:
                     continue  # (a run still queued, in a batch in flight, or held elsewhere)
                 self._spare[i] = NULL
-                if cap <= self._spare_cap[i] <= 2 * cap:
-                    # its pages mapped and likely in cache: no allocation, no page faults
+                c = self._spare_cap[i]
+                if need <= c <= 2 * cap and (c >= cap or (c >= SPLIT_AT and 2 * c >= cap)):
+                    # its pages mapped and likely in cache: no allocation, no page faults (one of
+                    # at least half the size asked, from SPLIT_AT on, too: once full it is sealed
+                    # and the next tail taken, rather than freed while the runs' size moves)
                     Py_SET_SIZE(spare, self._spare_cap[i])
                     (<PyBytesObject*>spare).ob_shash = -1
                     self._data = spare  # (its reference moves here)
                     self.buf = PyBytes_AS_STRING(<object>spare)
-                    self.capacity = self._spare_cap[i]
+                    self.capacity = c
                     return 0
                 Py_XDECREF(spare)  # too small, or much larger than the runs now: freed
         else:

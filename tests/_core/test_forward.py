@@ -232,3 +232,38 @@ def test_a_large_full_tail_is_sealed_as_a_run_not_copied_into_a_larger_allocatio
     got = [(m.topic, m.qos, m.payload) for r in taken for m, _g, _l in decode_items(r.data)]
     assert got == sent and fq.queued == len(sent) == sum(r.count for r in taken)
     assert fq.queued_bytes == sum(len(r.data) for r in taken)
+
+
+def test_a_tail_takes_a_free_spare_of_at_least_half_its_size_and_is_sealed_once_it_is_full() -> None:
+    # the runs grew: a free spare smaller than the next tail's size (but at least half of it, and
+    # 64 KiB or more) is written again rather than freed for a fresh allocation; when it is full it
+    # is sealed and the round goes on in another tail
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    sent = []
+    taken = []
+
+    def append(n: int) -> None:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+
+    def take() -> int:
+        fq.seal()
+        got = [(m.topic, m.qos, m.payload) for r in runs for m, _g, _l in decode_items(r.data)]
+        taken.extend(got)
+        parts = len(runs)
+        runs.clear()  # (the link dropped the batch: its runs' bytes are free spares)
+        return parts
+
+    append(1000)
+    take()
+    append(1200)  # a tail allocated at the runs' size, filled to ~4/5: kept as a spare
+    spare = fq.capacity
+    assert take() == 1
+    append(1)  # the next tail is asked for a quarter more than that run: the spare is taken
+    assert fq.capacity == spare
+    append(2000 - 1)
+    assert take() >= 2  # (sealed when full, the round went on in another tail)
+    assert taken == [(t, q, p) for t, q, p in sent] and fq.queued == len(sent)
