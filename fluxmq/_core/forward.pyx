@@ -307,11 +307,12 @@ cdef class ForwardQueue:
             self._keep = whole if whole >= self._keep else self._keep - (self._keep >> 3)
         self.size = self.capacity = self.tail_count = 0
         cdef Py_ssize_t cap = PyBytes_GET_SIZE(<object>data)
-        if n >= cap - (cap >> 2):
-            # at most a quarter unused (a steady stream's runs): its length set, the allocation
-            # kept whole (a realloc that shrinks it returns the rest, so the allocator's threshold for
-            # mapping large blocks stays under the next tail's size: each tail was a fresh mapping,
-            # its pages faulted in, and the shrink an mremap)
+        if n >= cap >> 1 if cap >= SPLIT_AT else n >= cap - (cap >> 2):
+            # at most half unused (a quarter below SPLIT_AT; a steady stream's runs, whose length
+            # follows the round trip): its length set, the allocation kept whole (a realloc that
+            # shrinks it returns the rest, so the allocator's threshold for mapping large blocks
+            # stays under the next tail's size: each tail was a fresh mapping, its pages faulted
+            # in, and the shrink an mremap; and a run shortened is no spare for a later tail)
             Py_SET_SIZE(data, n)
             PyBytes_AS_STRING(<object>data)[n] = 0
             self._keep_spare(data, cap)

@@ -267,3 +267,37 @@ def test_a_tail_takes_a_free_spare_of_at_least_half_its_size_and_is_sealed_once_
     append(2000 - 1)
     assert take() >= 2  # (sealed when full, the round went on in another tail)
     assert taken == [(t, q, p) for t, q, p in sent] and fq.queued == len(sent)
+
+
+def test_a_large_run_that_fills_half_its_tail_keeps_its_bytes_for_a_later_tail() -> None:
+    # a round shorter than the recent ones (a batch taken at an ack) fills only part of its tail:
+    # from 64 KiB on, a run that fills at least half keeps its allocation whole, and a later tail
+    # writes it again once nothing holds it, rather than a fresh allocation
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    sent = []
+    taken = []
+
+    def append(n: int) -> None:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+
+    def take() -> None:
+        fq.seal()
+        taken.extend((m.topic, m.qos, m.payload) for r in runs for m, _g, _l in decode_items(r.data))
+        runs.clear()  # (the link dropped the batch once acknowledged)
+
+    append(2000)  # the recent runs' size (~210 KB)
+    take()
+    append(1)
+    cap = fq.capacity
+    append(1500 - 1)  # ~60 % of the tail
+    assert cap // 2 <= len(fq.tail) < cap - cap // 4
+    take()
+    append(1)  # asked for less than before (the runs' size went down by an eighth): the spare fits
+    assert fq.capacity == cap
+    append(1000)
+    take()
+    assert taken == sent and fq.queued == len(sent)
