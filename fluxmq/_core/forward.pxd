@@ -27,6 +27,7 @@ cdef class ForwardQueue:
     # nothing else holds them (the link dropped the batch when it was acknowledged)
     cdef PyObject* _spare[4]
     cdef Py_ssize_t _spare_cap[4]
+    cdef readonly Py_ssize_t allocations  # tails' bytes allocated (not a spare written again)
     cdef public Py_ssize_t tail_count
     cdef public Py_ssize_t queued
     cdef public Py_ssize_t queued_bytes

@@ -112,6 +112,7 @@ cdef class ForwardQueue:
         self._data = NULL
         self.buf = NULL
         self.size = self.capacity = self._keep = self._split = self._split_count = 0
+        self.allocations = 0
         cdef int i
         for i in range(SPARES):
             self._spare[i] = NULL
@@ -260,6 +261,7 @@ cdef class ForwardQueue:
         else:
             cap = max(need, 2 * self.capacity)
         grown = PyBytes_FromStringAndSize(NULL, cap)
+        self.allocations += 1
         if self.size:
             memcpy(PyBytes_AS_STRING(grown), self.buf, self.size)
         Py_XDECREF(self._data)
@@ -271,15 +273,21 @@ cdef class ForwardQueue:
 
     cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept:
         """Keep a reference to a sealed run's ``bytes`` (its allocation ``cap`` bytes) in a free slot
-        of ``_spare`` (empty, or holding one nothing else holds); none free: not kept."""
-        cdef int i
+        of ``_spare``: an empty one, else one holding a spare nothing else holds (freed); none
+        free: not kept. (Taking the first slot whose spare was free freed, at nearly every seal,
+        the spare the next tail was about to be written into: that tail was a fresh allocation.)"""
+        cdef int i, j = -1
         for i in range(SPARES):
-            if self._spare[i] is NULL or Py_REFCNT(self._spare[i]) == 1:
-                Py_XDECREF(self._spare[i])
-                Py_INCREF(<object>data)
-                self._spare[i] = data
-                self._spare_cap[i] = cap
-                return
+            if self._spare[i] is NULL:
+                j = i
+                break
+            if j < 0 and Py_REFCNT(self._spare[i]) == 1:
+                j = i
+        if j >= 0:
+            Py_XDECREF(self._spare[j])
+            Py_INCREF(<object>data)
+            self._spare[j] = data
+            self._spare_cap[j] = cap
 
     cpdef seal(self):
         """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty): its

@@ -462,7 +462,11 @@ class PeerLink:
                     )
                 entry = self.unacked.pop(ack.seq, None)
                 if entry is not None:
-                    _batch, _sent, n, iv = entry
+                    n, iv = entry[2], entry[3]
+                    # (held by nothing now: the runs' bytes of an acknowledged batch are the spares
+                    # the relay's next tails are written into; kept in a local until the next ack,
+                    # they were not free when those tails began, each a fresh allocation)
+                    entry = None
                     self.stats.batches += 1
                     self.stats.messages += n
                     if iv > self.acked_interest:

@@ -301,3 +301,45 @@ def test_a_large_run_that_fills_half_its_tail_keeps_its_bytes_for_a_later_tail()
     append(1000)
     take()
     assert taken == sent and fq.queued == len(sent)
+
+
+def test_a_sealed_run_is_kept_in_an_empty_slot_before_one_whose_spare_is_free() -> None:
+    # keeping a sealed run's bytes must not free a spare that nothing holds while an empty slot is
+    # there: that spare is what the next tail is written into while the run is in flight
+    import tracemalloc
+
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+
+    def fill(n: int = 2000) -> None:
+        for i in range(n):
+            fq.append(f"t/{i % 5}", "pub", 0, i.to_bytes(4, "big") * 16)
+
+    def take():
+        fq.seal()
+        got = list(runs)
+        runs.clear()
+        return got[-1]
+
+    fill()
+    take()  # (sets the runs' size; sealed in parts of 64 KiB, none kept)
+    fill()
+    run1 = take()  # kept in a slot, held (in flight)
+    fill()
+    run2 = take()  # kept in the next slot, held
+    before = fq.allocations
+    fill()  # both spares held: a new allocation
+    assert fq.allocations == before + 1
+    del run1  # acknowledged: its bytes are a free spare in the first slot
+    run3 = take()  # kept in an empty slot: run1's bytes stay
+    before = fq.allocations
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        fill()  # run2 and run3 in flight: written into run1's bytes
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    run4 = take()
+    assert fq.allocations == before and peak < len(run4.data) // 4
+    assert run2.count == run3.count == run4.count == 2000

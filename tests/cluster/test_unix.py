@@ -323,6 +323,47 @@ def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tm
     assert payloads == [i.to_bytes(4, "big") for i in range(1000)]
 
 
+def test_an_acknowledged_batch_is_held_by_nothing_so_its_runs_bytes_are_free_for_the_next_tails(
+    tmp_path,
+) -> None:
+    # once its ack is in, nothing of the link holds a batch (its runs' bytes are then spares the
+    # relay's next tails are written into, not fresh allocations): the ack reader kept the last
+    # acknowledged batch in its locals until the next ack
+    import gc
+
+    from fluxmq.cluster.batch import RawBatch
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    count = [0]
+
+    def on_batch(batch):
+        count[0] += batch.count
+        return pb.BatchAck(seq=batch.seq)
+
+    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(30):
+            while not link.connected:
+                gevent.sleep(0.01)
+            for i in range(3000):
+                link.forward_queue.append("t", "pub", 0, i.to_bytes(4, "big") * 16)
+            while link.queued or link.unacked:
+                gevent.sleep(0.01)
+            gevent.sleep(0.05)
+        assert count[0] == 3000 and link.stats.batches > 1
+        assert [o for o in gc.get_objects() if type(o) is RawBatch] == []
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+
+
 def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None:
     """A batch's fixed cost between workers: the link's sender writes it itself (no writer greenlet
     and queue round, no sleep(0) before taking it), the receiver's stream greenlet applies it and the
