@@ -45,7 +45,7 @@ cdef class ForwardQueue:
     cdef int append_raw(self, const char* t, Py_ssize_t tlen, const char* o, Py_ssize_t olen,
                         int qos, const char* payload, Py_ssize_t plen) except -1
     cdef int _grow(self, Py_ssize_t need) except -1
-    cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept
+    cdef int _free_slot(self) noexcept
     cpdef seal(self)
     cdef int _seal(self, bint split) except -1
 

@@ -271,23 +271,18 @@ cdef class ForwardQueue:
         self.capacity = cap
         return 0
 
-    cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept:
-        """Keep a reference to a sealed run's ``bytes`` (its allocation ``cap`` bytes) in a free slot
-        of ``_spare``: an empty one, else one holding a spare nothing else holds (freed); none
-        free: not kept. (Taking the first slot whose spare was free freed, at nearly every seal,
-        the spare the next tail was about to be written into: that tail was a fresh allocation.)"""
+    cdef int _free_slot(self) noexcept:
+        """A slot of ``_spare`` for a sealed run's ``bytes``: an empty one, else one holding a spare
+        nothing else holds (replaced, freed); -1: none. (Taking the first slot whose spare was
+        free freed, at nearly every seal, the spare the next tail was about to be written into
+        while an empty slot was there: that tail was a fresh allocation.)"""
         cdef int i, j = -1
         for i in range(SPARES):
             if self._spare[i] is NULL:
-                j = i
-                break
+                return i
             if j < 0 and Py_REFCNT(self._spare[i]) == 1:
                 j = i
-        if j >= 0:
-            Py_XDECREF(self._spare[j])
-            Py_INCREF(<object>data)
-            self._spare[j] = data
-            self._spare_cap[j] = cap
+        return j
 
     cpdef seal(self):
         """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty): its
@@ -315,15 +310,22 @@ cdef class ForwardQueue:
             self._keep = whole if whole >= self._keep else self._keep - (self._keep >> 3)
         self.size = self.capacity = self.tail_count = 0
         cdef Py_ssize_t cap = PyBytes_GET_SIZE(<object>data)
-        if n >= cap >> 1 if cap >= SPLIT_AT else n >= cap - (cap >> 2):
-            # at most half unused (a quarter below SPLIT_AT; a steady stream's runs, whose length
-            # follows the round trip): its length set, the allocation kept whole (a realloc that
+        cdef int slot = self._free_slot()
+        if n >= cap - (cap >> 2) or (cap >= SPLIT_AT and (n >= cap >> 1 or slot >= 0)):
+            # at most a quarter unused, or from SPLIT_AT on at most half, or any run while a spare's
+            # slot is free (at most SPARES such runs, then: a fan-in batch's last run, the few
+            # messages after a run sealed at ``run_messages``, was shortened and its tail each
+            # time a fresh allocation): its length set, the allocation kept whole (a realloc that
             # shrinks it returns the rest, so the allocator's threshold for mapping large blocks
             # stays under the next tail's size: each tail was a fresh mapping, its pages faulted
             # in, and the shrink an mremap; and a run shortened is no spare for a later tail)
             Py_SET_SIZE(data, n)
             PyBytes_AS_STRING(<object>data)[n] = 0
-            self._keep_spare(data, cap)
+            if slot >= 0:
+                Py_XDECREF(self._spare[slot])
+                Py_INCREF(<object>data)
+                self._spare[slot] = data
+                self._spare_cap[slot] = cap
         else:
             try:
                 _PyBytes_Resize(&data, n)  # (the only reference: shortened in place by realloc)

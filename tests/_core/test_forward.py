@@ -343,3 +343,36 @@ def test_a_sealed_run_is_kept_in_an_empty_slot_before_one_whose_spare_is_free() 
     run4 = take()
     assert fq.allocations == before and peak < len(run4.data) // 4
     assert run2.count == run3.count == run4.count == 2000
+
+
+def test_a_rounds_short_last_run_keeps_its_allocation_so_the_next_rounds_tails_allocate_nothing() -> None:
+    # a fan-in batch: a run sealed at run_messages and the few messages after it; the short run's
+    # bytes (from 64 KiB of allocation) are kept whole while a spare's slot is free, so the next
+    # rounds write into the two allocations again (shortened, the short run's tail was a fresh
+    # allocation each round)
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 2048, 1 << 30)
+    sent = []
+    taken = []
+
+    def round_(n: int = 2048 + 100) -> list:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+        fq.seal()
+        got = list(runs)
+        runs.clear()
+        taken.extend((m.topic, m.qos, m.payload) for r in got for m, _g, _l in decode_items(r.data))
+        return got
+
+    held = round_()
+    for _ in range(3):
+        held = round_()  # (the runs' size settles)
+    before = fq.allocations
+    for _ in range(10):
+        in_flight = round_()  # the previous round's batch acknowledged now, this one in flight
+        assert [r.count for r in in_flight] == [2048, 100]
+        held = in_flight
+    assert fq.allocations == before
+    assert held and taken == sent and fq.queued == len(sent)
