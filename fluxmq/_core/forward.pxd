@@ -25,8 +25,8 @@ cdef class ForwardQueue:
     cdef Py_ssize_t _split_count
     # sealed runs' bytes kept whole (their allocations, ``_spare_cap``), reused for a tail once
     # nothing else holds them (the link dropped the batch when it was acknowledged)
-    cdef PyObject* _spare[4]
-    cdef Py_ssize_t _spare_cap[4]
+    cdef PyObject* _spare[8]
+    cdef Py_ssize_t _spare_cap[8]
     cdef readonly Py_ssize_t allocations  # tails' bytes allocated (not a spare written again)
     cdef public Py_ssize_t tail_count
     cdef public Py_ssize_t queued

@@ -32,9 +32,12 @@ cdef extern from "Python.h":
     ctypedef struct PyBytesObject:
         Py_hash_t ob_shash
 
-#: sealed runs' allocations a queue keeps for reuse (``ForwardQueue._spare``): a batch in flight and
-#: one filling hold two; the link allows ``batches_in_flight`` (4 by default)
-DEF SPARES = 4
+#: sealed runs' allocations a queue keeps for reuse (``ForwardQueue._spare``): a link allows
+#: ``batches_in_flight`` (4 by default) batches in flight, a fan-in batch is two runs (one sealed at
+#: ``run_messages`` and the messages after it), and one more fills: with 4, the sending worker's
+#: tails were still fresh allocations, their written pages faulted in (~1,800 faults per 5 M fan-in
+#: deliveries; with 8, 240-550)
+DEF SPARES = 8
 #: a full tail whose bytes are at least this many is sealed, not grown (``append_raw``); a smaller
 #: one grows by copies (small, from the heap)
 DEF SPLIT_AT = 65536

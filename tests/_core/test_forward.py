@@ -376,3 +376,28 @@ def test_a_rounds_short_last_run_keeps_its_allocation_so_the_next_rounds_tails_a
         held = in_flight
     assert fq.allocations == before
     assert held and taken == sent and fq.queued == len(sent)
+
+
+def test_three_batches_of_two_runs_in_flight_and_one_filling_allocate_nothing() -> None:
+    # fan-in batches of two runs each, three held (unacknowledged) while the next round fills: the
+    # spares (8) cover them all once the runs' size settled (with 4, a tail every round or so)
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 2048, 1 << 30)
+    in_flight: deque = deque()
+
+    def round_() -> None:
+        for i in range(2048 + 100):
+            fq.append(f"t/{i % 5}", "pub", 0, i.to_bytes(4, "big") * 16)
+        fq.seal()
+        in_flight.append(list(runs))
+        runs.clear()
+        if len(in_flight) > 3:
+            in_flight.popleft()  # the oldest batch acknowledged
+
+    for _ in range(8):
+        round_()
+    before = fq.allocations
+    for _ in range(12):
+        round_()
+    assert fq.allocations == before
+    assert all([r.count for r in batch] == [2048, 100] for batch in in_flight)
