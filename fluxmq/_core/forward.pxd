@@ -20,10 +20,14 @@ cdef class ForwardQueue:
     cdef Py_ssize_t size
     cdef readonly Py_ssize_t capacity  # (0: no tail bytes held)
     cdef Py_ssize_t _keep  # the recent runs' size: what the next tail is allocated with (_grow)
+    # bytes and messages of the run being written sealed so far because its tail was full
+    cdef Py_ssize_t _split
+    cdef Py_ssize_t _split_count
     # sealed runs' bytes kept whole (their allocations, ``_spare_cap``), reused for a tail once
     # nothing else holds them (the link dropped the batch when it was acknowledged)
-    cdef PyObject* _spare[4]
-    cdef Py_ssize_t _spare_cap[4]
+    cdef PyObject* _spare[8]
+    cdef Py_ssize_t _spare_cap[8]
+    cdef readonly Py_ssize_t allocations  # tails' bytes allocated (not a spare written again)
     cdef public Py_ssize_t tail_count
     cdef public Py_ssize_t queued
     cdef public Py_ssize_t queued_bytes
@@ -41,8 +45,9 @@ cdef class ForwardQueue:
     cdef int append_raw(self, const char* t, Py_ssize_t tlen, const char* o, Py_ssize_t olen,
                         int qos, const char* payload, Py_ssize_t plen) except -1
     cdef int _grow(self, Py_ssize_t need) except -1
-    cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept
+    cdef int _free_slot(self) noexcept
     cpdef seal(self)
+    cdef int _seal(self, bint split) except -1
 
 
 cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,

@@ -32,9 +32,15 @@ cdef extern from "Python.h":
     ctypedef struct PyBytesObject:
         Py_hash_t ob_shash
 
-#: sealed runs' allocations a queue keeps for reuse (``ForwardQueue._spare``): a batch in flight and
-#: one filling hold two; the link allows ``batches_in_flight`` (4 by default)
-DEF SPARES = 4
+#: sealed runs' allocations a queue keeps for reuse (``ForwardQueue._spare``): a link allows
+#: ``batches_in_flight`` (4 by default) batches in flight, a fan-in batch is two runs (one sealed at
+#: ``run_messages`` and the messages after it), and one more fills: with 4, the sending worker's
+#: tails were still fresh allocations, their written pages faulted in (~1,800 faults per 5 M fan-in
+#: deliveries; with 8, 240-550)
+DEF SPARES = 8
+#: a full tail whose bytes are at least this many is sealed, not grown (``append_raw``); a smaller
+#: one grows by copies (small, from the heap)
+DEF SPLIT_AT = 65536
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -108,7 +114,8 @@ cdef class ForwardQueue:
                  Py_ssize_t run_bytes, wake=None):
         self._data = NULL
         self.buf = NULL
-        self.size = self.capacity = self._keep = 0
+        self.size = self.capacity = self._keep = self._split = self._split_count = 0
+        self.allocations = 0
         cdef int i
         for i in range(SPARES):
             self._spare[i] = NULL
@@ -179,8 +186,21 @@ cdef class ForwardQueue:
         cdef Py_ssize_t blob = MSG_HEAD + tlen + olen + plen
         cdef Py_ssize_t at = self.size, need = at + ITEM_HEAD + blob
         cdef bint first
+        cdef Py_ssize_t held
         if need > self.capacity:
-            self._grow(need)
+            if self.capacity < SPLIT_AT:
+                self._grow(need)
+            else:
+                # A large tail that is full is sealed as it is and the item starts the next one
+                # (from a spare when one is free): copied into an allocation twice as large, the
+                # new one was a fresh mapping whose pages the copy faulted in (nearly all the
+                # sending worker's page faults in fan-in, when a round's run outgrew the recent
+                # ones'). The messages keep their order: the run goes to the queue's end.
+                held = self.capacity
+                self._seal(True)
+                at = 0
+                need = ITEM_HEAD + blob
+                self._grow(max(need, held))  # (a tail as large as the one sealed: a spare fits)
         self.size = need
         cdef uint8_t* p = <uint8_t*>self.buf + at
         _le32(p, blob)
@@ -206,7 +226,9 @@ cdef class ForwardQueue:
         first = self.queued == 0
         self.queued += 1
         self.queued_bytes += ITEM_HEAD + blob
-        if self.tail_count >= self.run_messages or self.size >= self.run_bytes:
+        # (a run's bounds count what was sealed of it because its tail was full)
+        if (self.tail_count + self._split_count >= self.run_messages
+                or self.size + self._split >= self.run_bytes):
             self.seal()
         if first and self.wake is not None:
             self.wake()
@@ -217,7 +239,7 @@ cdef class ForwardQueue:
         of a tail a quarter larger than the recent runs (``_keep``; so a stream's runs are written
         without growing: a growth copies the items), then twice as large each time (the items copied
         over; the old one kept if that fails)."""
-        cdef Py_ssize_t cap
+        cdef Py_ssize_t cap, c
         cdef PyObject* spare
         cdef int i
         if self._data is NULL:
@@ -227,18 +249,22 @@ cdef class ForwardQueue:
                 if spare is NULL or Py_REFCNT(spare) != 1:
                     continue  # (a run still queued, in a batch in flight, or held elsewhere)
                 self._spare[i] = NULL
-                if cap <= self._spare_cap[i] <= 2 * cap:
-                    # its pages mapped and likely in cache: no allocation, no page faults
+                c = self._spare_cap[i]
+                if need <= c <= 2 * cap and (c >= cap or (c >= SPLIT_AT and 2 * c >= cap)):
+                    # its pages mapped and likely in cache: no allocation, no page faults (one of
+                    # at least half the size asked, from SPLIT_AT on, too: once full it is sealed
+                    # and the next tail taken, rather than freed while the runs' size moves)
                     Py_SET_SIZE(spare, self._spare_cap[i])
                     (<PyBytesObject*>spare).ob_shash = -1
                     self._data = spare  # (its reference moves here)
                     self.buf = PyBytes_AS_STRING(<object>spare)
-                    self.capacity = self._spare_cap[i]
+                    self.capacity = c
                     return 0
                 Py_XDECREF(spare)  # too small, or much larger than the runs now: freed
         else:
             cap = max(need, 2 * self.capacity)
         grown = PyBytes_FromStringAndSize(NULL, cap)
+        self.allocations += 1
         if self.size:
             memcpy(PyBytes_AS_STRING(grown), self.buf, self.size)
         Py_XDECREF(self._data)
@@ -248,40 +274,61 @@ cdef class ForwardQueue:
         self.capacity = cap
         return 0
 
-    cdef void _keep_spare(self, PyObject* data, Py_ssize_t cap) noexcept:
-        """Keep a reference to a sealed run's ``bytes`` (its allocation ``cap`` bytes) in a free slot
-        of ``_spare`` (empty, or holding one nothing else holds); none free: not kept."""
-        cdef int i
+    cdef int _free_slot(self) noexcept:
+        """A slot of ``_spare`` for a sealed run's ``bytes``: an empty one, else one holding a spare
+        nothing else holds (replaced, freed); -1: none. (Taking the first slot whose spare was
+        free freed, at nearly every seal, the spare the next tail was about to be written into
+        while an empty slot was there: that tail was a fresh allocation.)"""
+        cdef int i, j = -1
         for i in range(SPARES):
-            if self._spare[i] is NULL or Py_REFCNT(self._spare[i]) == 1:
-                Py_XDECREF(self._spare[i])
-                Py_INCREF(<object>data)
-                self._spare[i] = data
-                self._spare_cap[i] = cap
-                return
+            if self._spare[i] is NULL:
+                return i
+            if j < 0 and Py_REFCNT(self._spare[i]) == 1:
+                j = i
+        return j
 
     cpdef seal(self):
         """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty): its
         ``bytes`` shortened to the items, not copied; the next append starts another."""
+        self._seal(False)
+
+    cdef int _seal(self, bint split) except -1:
+        """``seal``; ``split``: the tail is sealed because it is full (``append_raw``), its run
+        part of a longer one, whose whole length (``_split``) sets ``_keep`` once it ends."""
         if self.tail_count == 0:
-            return
+            self._split = self._split_count = 0  # (an append that failed after a full tail's seal)
+            return 0
         cdef PyObject* data = self._data
-        cdef Py_ssize_t n = self.size, count = self.tail_count
+        cdef Py_ssize_t n = self.size, count = self.tail_count, whole
         self._data = NULL
         self.buf = NULL
-        # the largest recent run: a larger one at once, a smaller one lowers it by an eighth per seal
-        # (a batch taken early holds a short run; the next one is as long as before)
-        self._keep = n if n >= self._keep else self._keep - (self._keep >> 3)
+        if split:
+            self._split += n
+            self._split_count += count
+        else:
+            # the largest recent run: a larger one at once, a smaller one lowers it by an eighth per
+            # seal (a batch taken early holds a short run; the next one is as long as before)
+            whole = n + self._split
+            self._split = self._split_count = 0
+            self._keep = whole if whole >= self._keep else self._keep - (self._keep >> 3)
         self.size = self.capacity = self.tail_count = 0
         cdef Py_ssize_t cap = PyBytes_GET_SIZE(<object>data)
-        if n >= cap - (cap >> 2):
-            # at most a quarter unused (a steady stream's runs): its length set, the allocation
-            # kept whole (a realloc that shrinks it returns the rest, so the allocator's threshold for
-            # mapping large blocks stays under the next tail's size: each tail was a fresh mapping,
-            # its pages faulted in, and the shrink an mremap)
+        cdef int slot = self._free_slot()
+        if n >= cap - (cap >> 2) or (cap >= SPLIT_AT and (n >= cap >> 1 or slot >= 0)):
+            # at most a quarter unused, or from SPLIT_AT on at most half, or any run while a spare's
+            # slot is free (at most SPARES such runs, then: a fan-in batch's last run, the few
+            # messages after a run sealed at ``run_messages``, was shortened and its tail each
+            # time a fresh allocation): its length set, the allocation kept whole (a realloc that
+            # shrinks it returns the rest, so the allocator's threshold for mapping large blocks
+            # stays under the next tail's size: each tail was a fresh mapping, its pages faulted
+            # in, and the shrink an mremap; and a run shortened is no spare for a later tail)
             Py_SET_SIZE(data, n)
             PyBytes_AS_STRING(<object>data)[n] = 0
-            self._keep_spare(data, cap)
+            if slot >= 0:
+                Py_XDECREF(self._spare[slot])
+                Py_INCREF(<object>data)
+                self._spare[slot] = data
+                self._spare_cap[slot] = cap
         else:
             try:
                 _PyBytes_Resize(&data, n)  # (the only reference: shortened in place by realloc)
@@ -293,6 +340,7 @@ cdef class ForwardQueue:
         run = ForwardRun(<bytes>data, count)
         Py_XDECREF(data)  # (the run holds it now)
         self.runs.append(run)
+        return 0
 
 
 cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,

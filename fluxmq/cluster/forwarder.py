@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 
 import gevent
 import grpc
@@ -118,7 +118,9 @@ class PeerLink:
         self.seq = 0
         self._snapshot_seq = 0  # the last interest snapshot's sequence id (at most one unacknowledged)
         self.taken = 0  # messages taken from the queue into batches so far
-        self.unacked: OrderedDict[int, tuple[pb.Batch | RawBatch, float, int, int]] = OrderedDict()
+        # (a dict keeps its keys in the order they were first set, as OrderedDict, and costs less
+        # per batch to add to and pop from)
+        self.unacked: dict[int, tuple[pb.Batch | RawBatch, float, int, int]] = {}
         self.stats = LinkStats()
         self.connected = False  # the current stream has been answered (an ack arrived)
         self._call = None
@@ -460,7 +462,11 @@ class PeerLink:
                     )
                 entry = self.unacked.pop(ack.seq, None)
                 if entry is not None:
-                    _batch, _sent, n, iv = entry
+                    n, iv = entry[2], entry[3]
+                    # (held by nothing now: the runs' bytes of an acknowledged batch are the spares
+                    # the relay's next tails are written into; kept in a local until the next ack,
+                    # they were not free when those tails began, each a fresh allocation)
+                    entry = None
                     self.stats.batches += 1
                     self.stats.messages += n
                     if iv > self.acked_interest:

@@ -111,7 +111,7 @@ class FrameReader:
     threshold, faulted in page by page, and a read per 64 KiB. Its allocation is written again
     for a later frame only once nothing else holds the ``bytes`` (``FrameBuffers``)."""
 
-    __slots__ = ("sock", "buf", "start", "end", "_wait", "_readable", "frames", "large_recvs")
+    __slots__ = ("sock", "buf", "start", "end", "_wait", "_readable", "_recv_into", "frames", "large_recvs")
 
     def __init__(self, sock) -> None:
         self.sock = sock
@@ -123,6 +123,9 @@ class FrameReader:
         # gevent's wait for the socket to become readable (its own watcher), when it has one
         self._wait = getattr(sock, "_wait", None)
         self._readable = getattr(sock, "_read_event", None)
+        # and then the read itself on the non-blocking socket under it (``_raw``): gevent's
+        # ``recv_into`` is a Python frame more per read, whose work (a wait on EAGAIN) this does
+        self._recv_into = _raw(sock).recv_into if self._readable is not None else None
 
     def read(self) -> bytes:
         while True:
@@ -155,13 +158,21 @@ class FrameReader:
                 else:
                     buf[:have] = buf[start:end]
                 self.start, self.end = start, end = 0, have
-            if not have and self._readable is not None:
-                # Nothing buffered: the next frame (a batch's ack, the next batch) has most likely
-                # not arrived, so wait for the socket to be readable first, rather than meet
-                # EAGAIN in gevent's recv_into (an OSError made, raised and caught per frame).
-                self._wait(self._readable)
             with memoryview(buf) as view:
-                got = self.sock.recv_into(view[end : end + need])
+                if self._recv_into is None:
+                    got = self.sock.recv_into(view[end : end + need])
+                else:
+                    if not have:
+                        # Nothing buffered: the next frame (a batch's ack, the next batch) has most
+                        # likely not arrived, so wait for the socket to be readable first, rather
+                        # than meet EAGAIN (an OSError made, raised and caught per frame).
+                        self._wait(self._readable)
+                    while True:
+                        try:
+                            got = self._recv_into(view[end : end + need])
+                            break
+                        except BlockingIOError:
+                            self._wait(self._readable)
             if not got:
                 raise EOFError("connection closed")
             self.end = end + got
@@ -188,11 +199,20 @@ class FrameReader:
         return frame
 
 
+def _raw(sock):
+    """The socket under a gevent socket (non-blocking: EAGAIN raises ``BlockingIOError``), else
+    ``sock``: a send or read tried on it first saves gevent's Python wrapper, a frame per call."""
+    return getattr(sock, "_sock", sock)
+
+
 def write_frame(sock, data: bytes) -> None:
     frame = HEADER.pack(len(data)) + data
     # One send, which takes a small frame (an acknowledgement) whole; sendall only for the rest
     # (gevent's sendall is several Python frames more per call).
-    sent = sock.send(frame)
+    try:
+        sent = _raw(sock).send(frame)
+    except BlockingIOError:
+        sent = 0  # (no room: sendall waits for it)
     if sent < len(frame):
         sock.sendall(memoryview(frame)[sent:])
 
@@ -214,8 +234,12 @@ def write_raw_batch(sock, batch: RawBatch) -> None:
         parts.append(b"".join(batch.parts))
     else:
         parts += batch.parts
+    raw = _raw(sock)
     while True:
-        sent = sock.sendmsg(parts)  # (waits for room in the socket's buffer if it has none)
+        try:
+            sent = raw.sendmsg(parts)
+        except BlockingIOError:
+            sent = sock.sendmsg(parts)  # (gevent's: waits for room in the socket's buffer)
         total -= sent
         if total <= 0:
             return
@@ -289,7 +313,10 @@ class _RouteCall:
         if sock is None or self._cancelled:
             return
         try:
-            _write_request(sock, request, self._serialize)
+            if type(request) is RawBatch:  # (_write_request's choice, a call less per batch)
+                write_raw_batch(sock, request)
+            else:
+                write_frame(sock, self._serialize(request))
         except OSError:
             pass
 

@@ -84,7 +84,8 @@ def test_a_sealed_run_takes_the_tails_bytes_and_the_next_tail_starts_at_its_size
     # queue keeps): the queue holds nothing after a seal, and later appends leave the run alone
     runs: deque = deque()
     fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
-    payloads = [bytes([i % 251]) * (i * 37 % 3000) for i in range(400)]  # grows the tail a few times
+    # grows the tail a few times (below 64 KiB, where a full tail grows rather than being sealed)
+    payloads = [bytes([i % 251]) * (i * 37 % 400) for i in range(400)]
     for i, p in enumerate(payloads[:200]):
         fq.append(f"t/{i % 3}", "pub", i % 2, p)
     size = len(fq.tail)
@@ -156,9 +157,11 @@ def test_a_tail_reuses_a_sealed_runs_bytes_once_nothing_else_holds_them() -> Non
             if sent[0] - first >= least and fq.queued_bytes - sent[1] >= fq.capacity - fq.capacity // 5:
                 break
         fq.seal()
-        run = runs.pop()
-        sent[1] += len(run.data)
-        return run, msgs[first : sent[0]]
+        got = list(runs)  # (more than one run: a tail over 64 KiB filled up and was sealed)
+        runs.clear()
+        sent[1] += sum(len(r.data) for r in got)
+        assert least or len(got) == 1
+        return got[-1], msgs[first : sent[0]]
 
     def items(run) -> list:
         return [(m.topic, m.qos, m.payload) for m, _g, _l in decode_items(run.data)]
@@ -182,3 +185,219 @@ def test_a_tail_reuses_a_sealed_runs_bytes_once_nothing_else_holds_them() -> Non
     assert peak < cap // 4  # (a new tail's bytes would be ~cap)
     assert items(run) == run_items and run.count == len(run_items)
     assert hash(run.data) == hash(bytes(bytearray(run.data)))
+
+
+def test_a_large_full_tail_is_sealed_as_a_run_not_copied_into_a_larger_allocation() -> None:
+    # a round longer than the recent ones: its tail, once full, goes to the queue as a run and the
+    # next item starts a tail as large instead of the items being copied into one twice as large
+    # (a fresh mapping whose pages the copy faulted in); the round's whole length sizes the next
+    # tails, so a round as long fits one tail again
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    sent = []
+    taken = []
+
+    def append(n: int) -> None:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+
+    def take() -> list:
+        fq.seal()
+        got = list(runs)
+        runs.clear()
+        taken.extend(got)
+        return got
+
+    append(1500)  # ~160 KB: the recent runs' size
+    first = take()
+    assert len(first) > 1 and max(len(r.data) for r in first) <= 65536  # (sealed full from 64 KiB)
+    append(1)
+    cap = fq.capacity
+    assert cap >= 1.25 * sum(len(r.data) for r in first)
+    while not runs:
+        append(1)
+    # sealed once full, its bytes kept whole; the last item began a tail as large
+    assert fq.capacity == cap and fq.tail_count == 1 and len(runs) == 1
+    assert cap - 200 < len(runs[0].data) <= cap
+    append(500)
+    round_bytes = sum(len(r.data) for r in take())
+    append(1)
+    assert fq.capacity >= round_bytes  # the whole round's length: a round as long fits one tail
+    round_messages = sum(r.count for r in taken[len(first) :])
+    append(round_messages - 1)
+    assert not runs and fq.capacity >= len(fq.tail)
+    take()
+    got = [(m.topic, m.qos, m.payload) for r in taken for m, _g, _l in decode_items(r.data)]
+    assert got == sent and fq.queued == len(sent) == sum(r.count for r in taken)
+    assert fq.queued_bytes == sum(len(r.data) for r in taken)
+
+
+def test_a_tail_takes_a_free_spare_of_at_least_half_its_size_and_is_sealed_once_it_is_full() -> None:
+    # the runs grew: a free spare smaller than the next tail's size (but at least half of it, and
+    # 64 KiB or more) is written again rather than freed for a fresh allocation; when it is full it
+    # is sealed and the round goes on in another tail
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    sent = []
+    taken = []
+
+    def append(n: int) -> None:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+
+    def take() -> int:
+        fq.seal()
+        got = [(m.topic, m.qos, m.payload) for r in runs for m, _g, _l in decode_items(r.data)]
+        taken.extend(got)
+        parts = len(runs)
+        runs.clear()  # (the link dropped the batch: its runs' bytes are free spares)
+        return parts
+
+    append(1000)
+    take()
+    append(1200)  # a tail allocated at the runs' size, filled to ~4/5: kept as a spare
+    spare = fq.capacity
+    assert take() == 1
+    append(1)  # the next tail is asked for a quarter more than that run: the spare is taken
+    assert fq.capacity == spare
+    append(2000 - 1)
+    assert take() >= 2  # (sealed when full, the round went on in another tail)
+    assert taken == [(t, q, p) for t, q, p in sent] and fq.queued == len(sent)
+
+
+def test_a_large_run_that_fills_half_its_tail_keeps_its_bytes_for_a_later_tail() -> None:
+    # a round shorter than the recent ones (a batch taken at an ack) fills only part of its tail:
+    # from 64 KiB on, a run that fills at least half keeps its allocation whole, and a later tail
+    # writes it again once nothing holds it, rather than a fresh allocation
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    sent = []
+    taken = []
+
+    def append(n: int) -> None:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+
+    def take() -> None:
+        fq.seal()
+        taken.extend((m.topic, m.qos, m.payload) for r in runs for m, _g, _l in decode_items(r.data))
+        runs.clear()  # (the link dropped the batch once acknowledged)
+
+    append(2000)  # the recent runs' size (~210 KB)
+    take()
+    append(1)
+    cap = fq.capacity
+    append(1500 - 1)  # ~60 % of the tail
+    assert cap // 2 <= len(fq.tail) < cap - cap // 4
+    take()
+    append(1)  # asked for less than before (the runs' size went down by an eighth): the spare fits
+    assert fq.capacity == cap
+    append(1000)
+    take()
+    assert taken == sent and fq.queued == len(sent)
+
+
+def test_a_sealed_run_is_kept_in_an_empty_slot_before_one_whose_spare_is_free() -> None:
+    # keeping a sealed run's bytes must not free a spare that nothing holds while an empty slot is
+    # there: that spare is what the next tail is written into while the run is in flight
+    import tracemalloc
+
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+
+    def fill(n: int = 2000) -> None:
+        for i in range(n):
+            fq.append(f"t/{i % 5}", "pub", 0, i.to_bytes(4, "big") * 16)
+
+    def take():
+        fq.seal()
+        got = list(runs)
+        runs.clear()
+        return got[-1]
+
+    fill()
+    take()  # (sets the runs' size; sealed in parts of 64 KiB, none kept)
+    fill()
+    run1 = take()  # kept in a slot, held (in flight)
+    fill()
+    run2 = take()  # kept in the next slot, held
+    before = fq.allocations
+    fill()  # both spares held: a new allocation
+    assert fq.allocations == before + 1
+    del run1  # acknowledged: its bytes are a free spare in the first slot
+    run3 = take()  # kept in an empty slot: run1's bytes stay
+    before = fq.allocations
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        fill()  # run2 and run3 in flight: written into run1's bytes
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    run4 = take()
+    assert fq.allocations == before and peak < len(run4.data) // 4
+    assert run2.count == run3.count == run4.count == 2000
+
+
+def test_a_rounds_short_last_run_keeps_its_allocation_so_the_next_rounds_tails_allocate_nothing() -> None:
+    # a fan-in batch: a run sealed at run_messages and the few messages after it; the short run's
+    # bytes (from 64 KiB of allocation) are kept whole while a spare's slot is free, so the next
+    # rounds write into the two allocations again (shortened, the short run's tail was a fresh
+    # allocation each round)
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 2048, 1 << 30)
+    sent = []
+    taken = []
+
+    def round_(n: int = 2048 + 100) -> list:
+        for _ in range(n):
+            i = len(sent)
+            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+        fq.seal()
+        got = list(runs)
+        runs.clear()
+        taken.extend((m.topic, m.qos, m.payload) for r in got for m, _g, _l in decode_items(r.data))
+        return got
+
+    held = round_()
+    for _ in range(3):
+        held = round_()  # (the runs' size settles)
+    before = fq.allocations
+    for _ in range(10):
+        in_flight = round_()  # the previous round's batch acknowledged now, this one in flight
+        assert [r.count for r in in_flight] == [2048, 100]
+        held = in_flight
+    assert fq.allocations == before
+    assert held and taken == sent and fq.queued == len(sent)
+
+
+def test_three_batches_of_two_runs_in_flight_and_one_filling_allocate_nothing() -> None:
+    # fan-in batches of two runs each, three held (unacknowledged) while the next round fills: the
+    # spares (8) cover them all once the runs' size settled (with 4, a tail every round or so)
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 2048, 1 << 30)
+    in_flight: deque = deque()
+
+    def round_() -> None:
+        for i in range(2048 + 100):
+            fq.append(f"t/{i % 5}", "pub", 0, i.to_bytes(4, "big") * 16)
+        fq.seal()
+        in_flight.append(list(runs))
+        runs.clear()
+        if len(in_flight) > 3:
+            in_flight.popleft()  # the oldest batch acknowledged
+
+    for _ in range(8):
+        round_()
+    before = fq.allocations
+    for _ in range(12):
+        round_()
+    assert fq.allocations == before
+    assert all([r.count for r in batch] == [2048, 100] for batch in in_flight)

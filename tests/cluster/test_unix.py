@@ -98,6 +98,55 @@ def test_a_raw_batch_larger_than_the_socket_buffer_and_many_parts_arrive_whole()
     ]
 
 
+def test_frames_and_batches_go_through_the_socket_under_gevents_without_its_wrappers(monkeypatch) -> None:
+    # a link's reads (after its wait for the socket to be readable), its batches' sendmsg and the
+    # acks' send call the non-blocking socket under gevent's, a Python frame less each: gevent's
+    # own methods are used only to wait, after EAGAIN
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader = FrameReader(b)
+    batch = build_raw_batch("w0", 1, 7, relay_runs(300))[0]
+
+    def wrapper(*_args, **_kw):
+        raise AssertionError("gevent's wrapper called with room in the socket")
+
+    try:
+        for name in ("recv_into", "send", "sendmsg"):
+            monkeypatch.setattr(type(a), name, wrapper)
+        got = gevent.spawn(lambda: [reader.read() for _ in range(3)])
+        gevent.sleep(0.01)  # (the reader waits for the socket to be readable)
+        write_frame(a, b"ack")
+        write_raw_batch(a, batch)
+        write_frame(a, b"ack2")
+        frames = got.get(timeout=10)
+    finally:
+        monkeypatch.undo()
+        a.close()
+        b.close()
+    assert frames[0] == b"ack" and frames[2] == b"ack2"
+    assert read_batch(frames[1]).seq == 7 and frames[1][read_batch(frames[1]).items_start :] == b"".join(
+        batch.parts
+    )
+
+
+def test_a_frame_whose_rest_is_late_is_read_once_it_arrives() -> None:
+    # the read on the socket under gevent's meets EAGAIN in the middle of a frame: it waits for the
+    # rest and goes on (nothing lost, nothing read twice)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader = FrameReader(b)
+    try:
+        got = gevent.spawn(lambda: [reader.read() for _ in range(2)])
+        frame = (5000).to_bytes(4, "big") + bytes(range(250)) * 20
+        a.sendall(frame[:3])  # (not even the whole length)
+        gevent.sleep(0.02)
+        a.sendall(frame[3:2000])
+        gevent.sleep(0.02)
+        a.sendall(frame[2000:] + (2).to_bytes(4, "big") + b"ok")
+        assert got.get(timeout=10) == [frame[4:], b"ok"]
+    finally:
+        a.close()
+        b.close()
+
+
 class CountedSends:
     """A socket whose ``sendmsg`` calls are counted."""
 
@@ -272,6 +321,47 @@ def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tm
     assert framed and all(type(b) is FramedBatch for b in framed)
     payloads = [m[1] for b in framed for m in messages(b.items, b.items_start)]
     assert payloads == [i.to_bytes(4, "big") for i in range(1000)]
+
+
+def test_an_acknowledged_batch_is_held_by_nothing_so_its_runs_bytes_are_free_for_the_next_tails(
+    tmp_path,
+) -> None:
+    # once its ack is in, nothing of the link holds a batch (its runs' bytes are then spares the
+    # relay's next tails are written into, not fresh allocations): the ack reader kept the last
+    # acknowledged batch in its locals until the next ack
+    import gc
+
+    from fluxmq.cluster.batch import RawBatch
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    count = [0]
+
+    def on_batch(batch):
+        count[0] += batch.count
+        return pb.BatchAck(seq=batch.seq)
+
+    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
+    sender.start()
+    receiver.start()
+    try:
+        sender.set_peers(addrs)
+        link = sender.links["w1"]
+        with gevent.Timeout(30):
+            while not link.connected:
+                gevent.sleep(0.01)
+            for i in range(3000):
+                link.forward_queue.append("t", "pub", 0, i.to_bytes(4, "big") * 16)
+            while link.queued or link.unacked:
+                gevent.sleep(0.01)
+            gevent.sleep(0.05)
+        assert count[0] == 3000 and link.stats.batches > 1
+        assert [o for o in gc.get_objects() if type(o) is RawBatch] == []
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
 
 
 def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None:
