@@ -28,6 +28,10 @@ cdef class ForwardQueue:
     cdef PyObject* _spare[8]
     cdef Py_ssize_t _spare_cap[8]
     cdef readonly Py_ssize_t allocations  # tails' bytes allocated (not a spare written again)
+    # spares taken or kept so far, and that count at the last ``release_unused`` (idle: equal)
+    cdef long long _spare_uses
+    cdef long long _spare_seen
+    cdef object __weakref__  # (the module's registry of queues: ``release_unused``)
     cdef public Py_ssize_t tail_count
     cdef public Py_ssize_t queued
     cdef public Py_ssize_t queued_bytes
@@ -46,6 +50,7 @@ cdef class ForwardQueue:
                         int qos, const char* payload, Py_ssize_t plen) except -1
     cdef int _grow(self, Py_ssize_t need) except -1
     cdef int _free_slot(self) noexcept
+    cdef Py_ssize_t _release_unused(self)
     cpdef seal(self)
     cdef int _seal(self, bint split) except -1
 

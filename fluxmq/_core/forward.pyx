@@ -38,10 +38,13 @@ cdef extern from "Python.h":
 #: tails were still fresh allocations, their written pages faulted in (~1,800 faults per 5 M fan-in
 #: deliveries; with 8, 240-550)
 DEF SPARES = 8
+#: a link that stays idle keeps none: ``release_unused`` (the node's heap-trim look, every few
+#: seconds) frees a queue's spares once no tail took one and no run was kept since the last look
 #: a full tail whose bytes are at least this many is sealed, not grown (``append_raw``); a smaller
 #: one grows by copies (small, from the heap)
 DEF SPLIT_AT = 65536
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+import weakref
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -116,10 +119,12 @@ cdef class ForwardQueue:
         self.buf = NULL
         self.size = self.capacity = self._keep = self._split = self._split_count = 0
         self.allocations = 0
+        self._spare_uses = self._spare_seen = 0
         cdef int i
         for i in range(SPARES):
             self._spare[i] = NULL
             self._spare_cap[i] = 0
+        _queues.add(self)
         self.tail_count = 0
         self.queued = 0
         self.queued_bytes = 0
@@ -257,6 +262,7 @@ cdef class ForwardQueue:
                     Py_SET_SIZE(spare, self._spare_cap[i])
                     (<PyBytesObject*>spare).ob_shash = -1
                     self._data = spare  # (its reference moves here)
+                    self._spare_uses += 1
                     self.buf = PyBytes_AS_STRING(<object>spare)
                     self.capacity = c
                     return 0
@@ -286,6 +292,32 @@ cdef class ForwardQueue:
             if j < 0 and Py_REFCNT(self._spare[i]) == 1:
                 j = i
         return j
+
+    cdef Py_ssize_t _release_unused(self):
+        """``release_unused`` for this queue: its spares freed (what only this queue held: the
+        bytes returned) when none was taken or kept since the last call."""
+        cdef Py_ssize_t freed = 0
+        cdef int i
+        if self._spare_uses != self._spare_seen:
+            self._spare_seen = self._spare_uses
+            return 0
+        for i in range(SPARES):
+            if self._spare[i] is not NULL:
+                if Py_REFCNT(self._spare[i]) == 1:
+                    freed += self._spare_cap[i]
+                Py_XDECREF(self._spare[i])  # (a run still queued keeps its bytes until it is sent)
+                self._spare[i] = NULL
+                self._spare_cap[i] = 0
+        return freed
+
+    def spare_bytes(self):
+        """The bytes of the spares this queue holds (allocations, held by nothing else or not)."""
+        cdef Py_ssize_t n = 0
+        cdef int i
+        for i in range(SPARES):
+            if self._spare[i] is not NULL:
+                n += self._spare_cap[i]
+        return n
 
     cpdef seal(self):
         """Move the tail into ``runs`` as one ``ForwardRun`` (nothing when it is empty): its
@@ -329,6 +361,7 @@ cdef class ForwardQueue:
                 Py_INCREF(<object>data)
                 self._spare[slot] = data
                 self._spare_cap[slot] = cap
+                self._spare_uses += 1
         else:
             try:
                 _PyBytes_Resize(&data, n)  # (the only reference: shortened in place by realloc)
@@ -375,3 +408,16 @@ cdef Py_ssize_t plain_item(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
     fields[5] = b + MSG_HEAD + tlen + olen
     fields[6] = paylen
     return b + blob
+
+
+#: every ForwardQueue alive (weakly): ``release_unused`` looks at each
+_queues = weakref.WeakSet()
+
+
+def release_unused() -> int:
+    """Free the spare allocations of every queue that neither took nor kept one since the previous
+    call (its link idle meanwhile: the node calls this every few seconds); the bytes freed."""
+    cdef Py_ssize_t freed = 0
+    for q in list(_queues):
+        freed += (<ForwardQueue>q)._release_unused()
+    return freed

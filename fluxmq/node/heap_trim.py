@@ -10,7 +10,9 @@ connection count is steady. Without glibc (``malloc_trim`` missing) it does noth
 
 Each look also frees the spare output allocations (``_core/outbuf``: up to 4 MiB of blocks that
 busy subscribers' outputs pass around) when no output gave or took one since the previous look,
-so a worker whose busy subscribers went quiet holds none after ~two looks.
+and the spares of each link's forward queue (``_core/forward``: up to 8 batch-sized blocks per
+link between workers or nodes) that took and kept none since the previous look, so a worker whose
+busy subscribers or links went quiet holds none after ~two looks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 import gevent
 
-from fluxmq._core import outbuf
+from fluxmq._core import forward, outbuf
 from fluxmq.broker.behind_io import sleep_behind_io
 
 log = logging.getLogger("fluxmq.node")
@@ -82,8 +84,9 @@ class HeapTrim:
         return True
 
     def release_spares(self) -> int:
-        """Free the spare output allocations if none was used since the last look; the bytes freed."""
-        freed = outbuf.release_unused()
+        """Free the spare output allocations, and the links' forward-queue spares, that were not used
+        since the last look; the bytes freed."""
+        freed = outbuf.release_unused() + forward.release_unused()
         if freed:
             log.debug("output_spares_released", extra={"bytes": freed})
         return freed

@@ -401,3 +401,58 @@ def test_three_batches_of_two_runs_in_flight_and_one_filling_allocate_nothing() 
         round_()
     assert fq.allocations == before
     assert all([r.count for r in batch] == [2048, 100] for batch in in_flight)
+
+
+def _busy_queue_with_spares() -> ForwardQueue:
+    """A queue whose link sent large runs and dropped them (acknowledged): it keeps their bytes as
+    spares for its next tails."""
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    payload = b"p" * 100
+    for _ in range(3):
+        for i in range(3000):
+            fq.append(f"t/{i % 5}", "pub", 0, payload)
+        fq.seal()
+        runs.clear()
+    return fq
+
+
+def test_an_idle_links_spares_are_freed_at_the_second_look_and_a_busy_ones_kept() -> None:
+    from fluxmq._core import forward
+
+    idle, busy = _busy_queue_with_spares(), _busy_queue_with_spares()
+    held = idle.spare_bytes()
+    assert held > 300_000 and busy.spare_bytes() == held
+    forward.release_unused()  # (both used their spares since the last look: in use)
+    assert idle.spare_bytes() == held and busy.spare_bytes() == held
+    for i in range(3000):  # the busy link sends again meanwhile: it takes a spare and keeps one
+        busy.append(f"t/{i % 5}", "pub", 0, b"p" * 100)
+    busy.seal()
+    busy.runs.clear()
+    busy_held = busy.spare_bytes()
+    assert forward.release_unused() >= held
+    assert idle.spare_bytes() == 0  # idle between two looks: nothing kept
+    assert busy.spare_bytes() == busy_held > 0
+    made = idle.allocations
+    idle.append("t/1", "pub", 0, b"p" * 100)  # a later tail is allocated afresh, and works
+    assert idle.allocations == made + 1 and idle.tail_count == 1
+
+
+def test_a_spare_still_held_by_a_queued_run_keeps_its_bytes_when_released() -> None:
+    from fluxmq._core import forward
+
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    for i in range(3000):
+        fq.append(f"t/{i % 5}", "pub", 0, i.to_bytes(4, "big") * 25)
+    fq.seal()
+    queued = list(runs)  # still queued (not sent yet): the queue's spares are these runs' bytes
+    kept = [bytes(r.data) for r in queued]
+    assert fq.spare_bytes() > 0
+    forward.release_unused()
+    forward.release_unused()
+    assert fq.spare_bytes() == 0
+    assert [r.data for r in queued] == kept
+    assert [m.payload for r in queued for m, _g, _l in decode_items(r.data)] == [
+        i.to_bytes(4, "big") * 25 for i in range(3000)
+    ]

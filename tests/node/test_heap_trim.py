@@ -50,3 +50,26 @@ def test_spare_output_allocations_no_output_used_are_freed_at_the_second_look() 
         assert outbuf.spare_size() == 0
     finally:
         outbuf.release()
+
+
+def test_an_idle_links_forward_queue_spares_are_freed_at_the_second_look() -> None:
+    """A link that sent large batches keeps their allocations as spares (``_core/forward``); once it
+    takes and keeps none between two looks, the look frees them."""
+    from collections import deque
+
+    from fluxmq._core.forward import ForwardQueue
+
+    heap = HeapTrim(BrokerStats(), trim=lambda pad: 1)
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+    for _ in range(2):
+        for i in range(3000):
+            fq.append(f"t/{i % 5}", "pub", 0, b"p" * 100)
+        fq.seal()
+        runs.clear()
+    held = fq.spare_bytes()
+    assert held > 0
+    heap.release_spares()  # (spares kept since the last look: in use)
+    assert fq.spare_bytes() == held
+    assert heap.release_spares() >= held
+    assert fq.spare_bytes() == 0
