@@ -46,7 +46,7 @@ def test_spare_output_allocations_no_output_used_are_freed_at_the_second_look() 
         held = outbuf.spare_size()
         heap.release_spares()  # (a spare was kept since the last look: in use)
         assert outbuf.spare_size() == held
-        assert heap.release_spares() == held
+        assert heap.release_spares() >= held  # (and any idle forward queue's spares)
         assert outbuf.spare_size() == 0
     finally:
         outbuf.release()
