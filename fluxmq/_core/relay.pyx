@@ -1221,6 +1221,7 @@ cdef class PublishRelay:
         cdef bytearray out = None
         cdef bint sampled, full, ready
         cdef list fqs = None
+        cdef ForwardQueue fq1 = None  # fqs's one queue (the common case: one peer wants the topic)
         cdef list targets = None
         cdef ConnState cs
         cdef BrokerCore bc
@@ -1432,6 +1433,7 @@ cdef class PublishRelay:
                                 break
                             ready = True
                         fqs = None
+                        fq1 = None
                         if peers is not None:
                             if fwd_routes is None:
                                 fwd_routes = self._peer_routes(peers)
@@ -1451,6 +1453,10 @@ cdef class PublishRelay:
                                 fqs = self._queues(<tuple>nodes, fwd_links)
                                 if fqs is None:
                                     break
+                                if PyList_GET_SIZE(fqs) == 1:
+                                    # (typed once per topic: per message no list iteration and
+                                    # no reference counting of the list and its queue)
+                                    fq1 = <ForwardQueue>fqs[0]
                         last_t = t
                         last_tlen = tlen
                     if targets and not ready:
@@ -1459,7 +1465,10 @@ cdef class PublishRelay:
                         # (a later message of the run: its targets' outputs may have filled meanwhile)
                         if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 5)):
                             break
-                    if fqs:
+                    if fq1 is not None:
+                        if fq1.full():
+                            break
+                    elif fqs:
                         full = False
                         for fq in fqs:
                             if (<ForwardQueue>fq).full():
@@ -1476,7 +1485,10 @@ cdef class PublishRelay:
                         n = self._raw_deliver(targets, session, t, tlen, p + body + hdr, plen)
                         sent_n[0] += n
                         sent_b[0] += n * plen
-                    if fqs:
+                    if fq1 is not None:
+                        fq1.append_raw(<const char*>t, tlen, origin, olen, qos, <const char*>p + body + hdr,
+                                       plen)
+                    elif fqs:
                         for fq in fqs:
                             (<ForwardQueue>fq).append_raw(<const char*>t, tlen, origin, olen, qos,
                                                           <const char*>p + body + hdr, plen)
