@@ -105,18 +105,27 @@ def test_a_sealed_run_takes_the_tails_bytes_and_the_next_tail_starts_at_its_size
     assert hash(runs[1].data) == hash(bytes(runs[1].data))
 
 
+class _Feed:
+    """A link's queue (its deque of runs and its ``ForwardQueue``, unbounded) and the numbered
+    messages appended to it so far (``sent``: topic, QoS, payload), as the relay appends them."""
+
+    def __init__(self) -> None:
+        self.runs: deque = deque()
+        self.fq = ForwardQueue(self.runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
+        self.sent: list = []
+
+    def append(self, n: int) -> None:
+        for _ in range(n):
+            i = len(self.sent)
+            self.sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
+            self.fq.append(self.sent[-1][0], "pub", self.sent[-1][1], self.sent[-1][2])
+
+
 def test_runs_of_a_nearly_full_tail_and_of_a_short_one_hold_exactly_their_items() -> None:
     # a run that fills at least three quarters of its tail's bytes keeps the allocation (its length
     # set); a shorter one is shortened by realloc: both hold exactly their items
-    runs: deque = deque()
-    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
-    sent = []
-
-    def append(n: int) -> None:
-        for _ in range(n):
-            i = len(sent)
-            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
-            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
+    feed = _Feed()
+    runs, fq, sent, append = feed.runs, feed.fq, feed.sent, feed.append
 
     append(300)
     fq.seal()
@@ -192,16 +201,9 @@ def test_a_large_full_tail_is_sealed_as_a_run_not_copied_into_a_larger_allocatio
     # next item starts a tail as large instead of the items being copied into one twice as large
     # (a fresh mapping whose pages the copy faulted in); the round's whole length sizes the next
     # tails, so a round as long fits one tail again
-    runs: deque = deque()
-    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
-    sent = []
+    feed = _Feed()
+    runs, fq, sent, append = feed.runs, feed.fq, feed.sent, feed.append
     taken = []
-
-    def append(n: int) -> None:
-        for _ in range(n):
-            i = len(sent)
-            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
-            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
 
     def take() -> list:
         fq.seal()
@@ -238,16 +240,9 @@ def test_a_tail_takes_a_free_spare_of_at_least_half_its_size_and_is_sealed_once_
     # the runs grew: a free spare smaller than the next tail's size (but at least half of it, and
     # 64 KiB or more) is written again rather than freed for a fresh allocation; when it is full it
     # is sealed and the round goes on in another tail
-    runs: deque = deque()
-    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
-    sent = []
+    feed = _Feed()
+    runs, fq, sent, append = feed.runs, feed.fq, feed.sent, feed.append
     taken = []
-
-    def append(n: int) -> None:
-        for _ in range(n):
-            i = len(sent)
-            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
-            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
 
     def take() -> int:
         fq.seal()
@@ -273,16 +268,9 @@ def test_a_large_run_that_fills_half_its_tail_keeps_its_bytes_for_a_later_tail()
     # a round shorter than the recent ones (a batch taken at an ack) fills only part of its tail:
     # from 64 KiB on, a run that fills at least half keeps its allocation whole, and a later tail
     # writes it again once nothing holds it, rather than a fresh allocation
-    runs: deque = deque()
-    fq = ForwardQueue(runs, 1 << 20, 1 << 30, 1 << 20, 1 << 30)
-    sent = []
+    feed = _Feed()
+    runs, fq, sent, append = feed.runs, feed.fq, feed.sent, feed.append
     taken = []
-
-    def append(n: int) -> None:
-        for _ in range(n):
-            i = len(sent)
-            sent.append((f"t/{i % 5}", i % 2, i.to_bytes(4, "big") * 16))
-            fq.append(sent[-1][0], "pub", sent[-1][1], sent[-1][2])
 
     def take() -> None:
         fq.seal()
