@@ -5,6 +5,7 @@ Unix socket pairs under gevent."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 import gevent
@@ -286,18 +287,16 @@ def test_links_on_a_unix_channel_send_raw_batches() -> None:
     assert UnixChannel("unix:/nowhere").raw_batches is True
 
 
-def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tmp_path) -> None:
+@contextlib.contextmanager
+def linked_transports(tmp_path, on_batch, sender_settings: dict | None = None):
+    """Two ``UnixTransport``s, ``w0`` -> ``w1``, both applying batches with ``on_batch``: yields
+    ``w0``'s link to ``w1`` once it is connected; both stopped at the end."""
     from fluxmq.cluster.config import TransportSettings
     from fluxmq.cluster.unix import UnixTransport
 
     addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
-    got: list = []
-
-    def on_batch(batch):
-        got.append(batch)
-        return pb.BatchAck(seq=batch.seq)
-
-    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
+    settings = TransportSettings(bind_addr=addrs["w0"], **(sender_settings or {}))
+    sender = UnixTransport("w0", 1, settings, on_batch, lambda: [])
     receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
     sender.start()
     receiver.start()
@@ -307,6 +306,21 @@ def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tm
         with gevent.Timeout(30):
             while not link.connected:
                 gevent.sleep(0.01)
+        yield link
+    finally:
+        sender.stop(0.5)
+        receiver.stop(0.5)
+
+
+def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tmp_path) -> None:
+    got: list = []
+
+    def on_batch(batch):
+        got.append(batch)
+        return pb.BatchAck(seq=batch.seq)
+
+    with linked_transports(tmp_path, on_batch) as link:
+        with gevent.Timeout(30):
             fq = link.forward_queue
             for i in range(1000):
                 fq.append("t", "pub", 0, i.to_bytes(4, "big"))
@@ -314,9 +328,6 @@ def test_two_unix_transports_carry_the_relays_runs_as_framed_batches_in_order(tm
                     gevent.sleep(0)  # several batches
             while link.queued or link.unacked:
                 gevent.sleep(0.01)
-    finally:
-        sender.stop(0.5)
-        receiver.stop(0.5)
     framed = [b for b in got if b.count]
     assert framed and all(type(b) is FramedBatch for b in framed)
     payloads = [m[1] for b in framed for m in messages(b.items, b.items_start)]
@@ -332,26 +343,15 @@ def test_an_acknowledged_batch_is_held_by_nothing_so_its_runs_bytes_are_free_for
     import gc
 
     from fluxmq.cluster.batch import RawBatch
-    from fluxmq.cluster.config import TransportSettings
-    from fluxmq.cluster.unix import UnixTransport
 
-    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
     count = [0]
 
     def on_batch(batch):
         count[0] += batch.count
         return pb.BatchAck(seq=batch.seq)
 
-    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
-    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
-    sender.start()
-    receiver.start()
-    try:
-        sender.set_peers(addrs)
-        link = sender.links["w1"]
+    with linked_transports(tmp_path, on_batch) as link:
         with gevent.Timeout(30):
-            while not link.connected:
-                gevent.sleep(0.01)
             for i in range(3000):
                 link.forward_queue.append("t", "pub", 0, i.to_bytes(4, "big") * 16)
             while link.queued or link.unacked:
@@ -359,9 +359,6 @@ def test_an_acknowledged_batch_is_held_by_nothing_so_its_runs_bytes_are_free_for
             gevent.sleep(0.05)
         assert count[0] == 3000 and link.stats.batches > 1
         assert [o for o in gc.get_objects() if type(o) is RawBatch] == []
-    finally:
-        sender.stop(0.5)
-        receiver.stop(0.5)
 
 
 def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None:
@@ -370,20 +367,12 @@ def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None
     link's acknowledgement reader reads the ack: three greenlets switched to per batch, one each."""
     import greenlet
 
-    from fluxmq.cluster.config import TransportSettings
-    from fluxmq.cluster.unix import UnixTransport
-
-    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
     received: list = []
 
     def on_batch(batch):
         received.append(batch.count)
         return pb.BatchAck(seq=batch.seq)
 
-    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
-    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
-    sender.start()
-    receiver.start()
     batches = 50
     me = gevent.getcurrent()
     hub = gevent.get_hub()
@@ -393,12 +382,8 @@ def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None
         if event in ("switch", "throw") and args[1] is not hub and args[1] is not me:
             woken.append(args[1])
 
-    try:
-        sender.set_peers(addrs)
-        link = sender.links["w1"]
+    with linked_transports(tmp_path, on_batch) as link:
         with gevent.Timeout(30):
-            while not link.connected:
-                gevent.sleep(0.01)
             start = link.stats.batches
             old = greenlet.settrace(trace)
             try:
@@ -409,9 +394,6 @@ def test_a_batch_between_unix_transports_wakes_three_greenlets(tmp_path) -> None
                         gevent.sleep(0.001)
             finally:
                 greenlet.settrace(old)
-    finally:
-        sender.stop(0.5)
-        receiver.stop(0.5)
     assert received[-batches:] == [3] * batches
     # (a few more for the link's watchdog, which wakes the sender every 0.5 s while a batch is out)
     assert len(woken) <= 3 * batches + 6, len(woken) / batches
@@ -423,10 +405,6 @@ def test_while_batches_stream_the_ack_reader_sends_the_next_one(tmp_path) -> Non
     to fill, is not switched to per batch), and every message arrives once, in order."""
     import greenlet
 
-    from fluxmq.cluster.config import TransportSettings
-    from fluxmq.cluster.unix import UnixTransport
-
-    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
     got: list = []
 
     def on_batch(batch):
@@ -435,19 +413,10 @@ def test_while_batches_stream_the_ack_reader_sends_the_next_one(tmp_path) -> Non
             gevent.sleep(0.003)  # a receiver busy for a while: the next batch fills meanwhile
         return pb.BatchAck(seq=batch.seq)
 
-    settings = TransportSettings(bind_addr=addrs["w0"], batch_max_size=4096, batch_max_delay=30.0)
-    sender = UnixTransport("w0", 1, settings, on_batch, lambda: [])
-    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
-    sender.start()
-    receiver.start()
     sent = 0
     woken = 0
-    try:
-        sender.set_peers(addrs)
-        link = sender.links["w1"]
+    with linked_transports(tmp_path, on_batch, dict(batch_max_size=4096, batch_max_delay=30.0)) as link:
         with gevent.Timeout(30):
-            while not link.connected:
-                gevent.sleep(0.01)
             start = link.stats.batches
 
             def trace(event, args) -> None:
@@ -467,9 +436,6 @@ def test_while_batches_stream_the_ack_reader_sends_the_next_one(tmp_path) -> Non
             finally:
                 greenlet.settrace(old)
             batches = link.stats.batches - start
-    finally:
-        sender.stop(0.5)
-        receiver.stop(0.5)
     assert got == [i.to_bytes(4, "big") for i in range(sent)]
     assert woken < batches // 2, (woken, batches)
 
@@ -480,10 +446,6 @@ def test_two_writers_of_one_link_never_interleave_their_frames(tmp_path) -> None
     (interleaved frames made the receiver drop whole batches as damaged), in the order taken."""
     import gevent.event
 
-    from fluxmq.cluster.config import TransportSettings
-    from fluxmq.cluster.unix import UnixTransport
-
-    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
     got: list = []
     gate = gevent.event.Event()
 
@@ -493,16 +455,8 @@ def test_two_writers_of_one_link_never_interleave_their_frames(tmp_path) -> None
             got.extend(messages(batch.items, batch.items_start))
         return pb.BatchAck(seq=batch.seq)
 
-    sender = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), on_batch, lambda: [])
-    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addrs["w1"]), on_batch, lambda: [])
-    sender.start()
-    receiver.start()
-    try:
-        sender.set_peers(addrs)
-        link = sender.links["w1"]
+    with linked_transports(tmp_path, on_batch) as link:
         with gevent.Timeout(60):
-            while not link.connected:
-                gevent.sleep(0.01)
             first = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(10, b"a" * 100))[0]
             second = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(1500, b"b" * 1000))[0]
             third = build_raw_batch("w0", link.epoch, link._next_seq(), relay_runs(1500, b"c" * 1000))[0]
@@ -513,7 +467,4 @@ def test_two_writers_of_one_link_never_interleave_their_frames(tmp_path) -> None
             gevent.joinall(writers, timeout=30, raise_error=True)
             while len(got) < 3010:
                 gevent.sleep(0.01)
-    finally:
-        sender.stop(0.5)
-        receiver.stop(0.5)
     assert [p[1][:1] for p in got] == [b"a"] * 10 + [b"b"] * 1500 + [b"c"] * 1500
