@@ -36,17 +36,18 @@ cdef extern from "Python.h":
 #: ``batches_in_flight`` (4 by default) batches in flight, a fan-in batch is two runs (one sealed at
 #: ``run_messages`` and the messages after it), and one more fills: with 4, the sending worker's
 #: tails were still fresh allocations, their written pages faulted in (~1,800 faults per 5 M fan-in
-#: deliveries; with 8, 240-550)
+#: deliveries; with 8, 240-550). A link that stays idle keeps none: ``release_unused`` (the node's
+#: heap-trim look, every few seconds) frees a queue's spares once no tail took one and no run was
+#: kept since the last look.
 DEF SPARES = 8
-#: a link that stays idle keeps none: ``release_unused`` (the node's heap-trim look, every few
-#: seconds) frees a queue's spares once no tail took one and no run was kept since the last look
 #: a full tail whose bytes are at least this many is sealed, not grown (``append_raw``); a smaller
 #: one grows by copies (small, from the heap)
 DEF SPLIT_AT = 65536
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-import weakref
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
+
+import weakref
 
 #: bytes of an item's head and of a message record's head
 DEF ITEM_HEAD = 14
