@@ -21,27 +21,35 @@ from fluxmq.broker.sys_topics import SysTopics
 from fluxmq.node.heap_trim import HeapTrim
 
 
-def test_input_of_the_poll_where_the_sleep_ends_is_served_first() -> None:
-    """The sleep's timer expires and a byte arrives while the hub is busy (one poll finds both): the
-    reader runs, and the write it queued, before the sleeper resumes."""
-    a, b = socket.socketpair()
-    order: list[str] = []
+def _reader_and_sleeper(a, b, order: list[str]) -> list:
+    """A reader of ``a`` (it notes "input", then queues its "write" as a loop callback, as the flush
+    scheduler does) and a greenlet in ``sleep_behind_io(0.01)`` (then "sleeper"), both waiting; the
+    hub kept busy past the sleep's expiry and a byte sent on ``b``, so the hub's next poll finds
+    both. The two greenlets, not yet resumed."""
 
     def reader() -> None:
         a.recv(1)
         order.append("input")
-        # the write of what was read, queued as a loop callback (as the flush scheduler does)
         gevent.get_hub().loop.run_callback(order.append, "write")
 
     def sleeper() -> None:
         sleep_behind_io(0.01)
         order.append("sleeper")
 
+    readers = [gevent.spawn(reader), gevent.spawn(sleeper)]
+    gevent.sleep(0)  # both wait: the reader in recv, the sleeper on its timer
+    time.sleep(0.05)  # the hub is busy past the timer's expiry (not gevent's sleep: no poll)
+    b.send(b"x")  # the byte is there when the hub polls next
+    return readers
+
+
+def test_input_of_the_poll_where_the_sleep_ends_is_served_first() -> None:
+    """The sleep's timer expires and a byte arrives while the hub is busy (one poll finds both): the
+    reader runs, and the write it queued, before the sleeper resumes."""
+    a, b = socket.socketpair()
+    order: list[str] = []
     try:
-        readers = [gevent.spawn(reader), gevent.spawn(sleeper)]
-        gevent.sleep(0)  # both wait: the reader in recv, the sleeper on its timer
-        time.sleep(0.05)  # the hub is busy past the timer's expiry (not gevent's sleep: no poll)
-        b.send(b"x")  # the byte is there when the hub polls next
+        readers = _reader_and_sleeper(a, b, order)
         gevent.joinall(readers, timeout=10, raise_error=True)
         assert order == ["input", "write", "sleeper"]
     finally:
@@ -57,25 +65,13 @@ def test_the_sleeper_is_not_resumed_before_the_write_the_input_queued() -> None:
     order: list[str] = []
     sleeping = []
 
-    def reader() -> None:
-        a.recv(1)
-        order.append("input")
-        gevent.get_hub().loop.run_callback(order.append, "write")
-
-    def sleeper() -> None:
-        sleep_behind_io(0.01)
-        order.append("sleeper")
-
     def trace(event: str, args) -> None:
         if event in ("switch", "throw") and sleeping and args[1] is sleeping[0]:
             order.append("resumed")
 
     try:
-        readers = [gevent.spawn(reader), gevent.spawn(sleeper)]
+        readers = _reader_and_sleeper(a, b, order)
         sleeping.append(readers[1])
-        gevent.sleep(0)
-        time.sleep(0.05)
-        b.send(b"x")
         order.clear()  # from here: the poll that finds both
         previous = greenlet.settrace(trace)
         try:
