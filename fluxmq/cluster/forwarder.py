@@ -20,6 +20,8 @@ batch by its sequence id once it has applied it.
   (the Unix socket between workers) the sender writes each batch itself, and an ack that leaves
   nothing in flight has the filling batch sent by the ack reader (``_send_from_ack``), the two
   writers taking turns on ``_write_lock``.
+* **Acknowledgements.** The stream yields a ``BatchAck`` per batch, or (a Unix channel's plain ack,
+  ``batch.decode_ack``) its sequence id alone: ``_read_acks`` takes both.
 * **Sequence ids.** Each batch has a sequence id per (link epoch, receiver). A broken stream is
   re-opened with backoff and the unacknowledged batches are sent again, in order; the receiver
   skips those it applied already, so a retried batch is not delivered twice. Nothing new goes into
@@ -96,8 +98,11 @@ class PeerLink:
         self.settings = settings
         self.channel = channel
         self.stub = pb_grpc.ClusterTransportStub(channel)
-        # a channel that writes a RawBatch's items as they are (the Unix socket between workers)
-        self._build = build_raw_batch if getattr(channel, "raw_batches", False) else build_batch
+        # a channel that writes a RawBatch's items as they are (the Unix socket between workers):
+        # their heads are serialized from this one message, its seq and count set per batch
+        self._head = (
+            pb.Batch(sender=local_id, epoch=epoch) if getattr(channel, "raw_batches", False) else None
+        )
         self._local_filters = local_filters  # () -> iterable of this node's filters (the snapshot)
         self._on_ack = on_ack  # (node_id, BatchAck) -> None
         self.queue: deque[Outgoing | ForwardRun] = deque()
@@ -410,8 +415,15 @@ class PeerLink:
         fq.queued_bytes -= size
         self.taken += n
         interest, self.interest = self.interest, []
-        batch, expired = self._build(self.local_id, self.epoch, self._next_seq(), entries, interest)
-        self.stats.expired += expired
+        self.seq = seq = self.seq + 1
+        if self._head is not None:
+            batch, expired = build_raw_batch(
+                self.local_id, self.epoch, seq, entries, interest, head=self._head
+            )
+        else:
+            batch, expired = build_batch(self.local_id, self.epoch, seq, entries, interest)
+        if expired:
+            self.stats.expired += expired
         self._send(batch, n - expired)
         if not fq.queued and not self.interest:
             self._wake.clear()
@@ -452,6 +464,8 @@ class PeerLink:
             for ack in call:
                 if call is not self._call:
                     return
+                # (a Unix channel's plain ack is its sequence id alone: batch.decode_ack)
+                seq = ack if type(ack) is int else ack.seq
                 if not self.connected:
                     self.connected = True
                     self._down_logged = False
@@ -460,7 +474,7 @@ class PeerLink:
                         "peer_connected",
                         extra={"peer": self.node_id, "addr": self.addr, "resent": len(self.unacked) - 1},
                     )
-                entry = self.unacked.pop(ack.seq, None)
+                entry = self.unacked.pop(seq, None)
                 if entry is not None:
                     n, iv = entry[2], entry[3]
                     # (held by nothing now: the runs' bytes of an acknowledged batch are the spares
@@ -479,7 +493,7 @@ class PeerLink:
                                 else:
                                     left.append((version, done))
                             self._waiters = left
-                if self._on_ack is not None and ack.busy_groups:
+                if self._on_ack is not None and type(ack) is not int and ack.busy_groups:
                     self._on_ack(self.node_id, ack)
                 if not self._send_from_ack():
                     self._room.set()

@@ -44,7 +44,7 @@ import gevent
 from fluxmq.errors import ForwardedItemFailed, StorageError
 from fluxmq.storage.records import encode_message
 
-from .batch import BatchError, FramedBatch, Outgoing, decode_item
+from .batch import BatchError, FramedBatch, Outgoing, ack_message, decode_item
 from .interest import RemoteInterest
 from .proto import cluster_pb2 as pb
 
@@ -82,11 +82,11 @@ class PendingAck:
     #: how long a commit may take before the stream gives up on it (as ``Broker.wait_committed``)
     TIMEOUT = 30.0
 
-    def __init__(self, ack: pb.BatchAck, done) -> None:
+    def __init__(self, ack: int | pb.BatchAck, done) -> None:
         self.ack = ack
         self.done = done  # AsyncResult: None once committed, else the commit's error
 
-    def get(self) -> pb.BatchAck:
+    def get(self) -> int | pb.BatchAck:
         """The ack once its commit is done; raises StorageError when that commit failed or did not
         finish within TIMEOUT (the stream ends without it, the sender sends the batch again)."""
         try:
@@ -262,7 +262,7 @@ class ClusterPeers:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def receive(self, batch: pb.Batch) -> pb.BatchAck | PendingAck:
+    def receive(self, batch: pb.Batch) -> int | pb.BatchAck | PendingAck:
         """A peer's batch from its stream (the transport's ``on_batch``): applied at once; its ack
         is a ``PendingAck`` to be sent once what it stored is committed (the turn's commit,
         ``Broker.when_committed``: no commit of its own), so a kill before that commit cannot lose
@@ -281,15 +281,15 @@ class ClusterPeers:
     def apply_batch(self, batch: pb.Batch) -> pb.BatchAck:
         """Apply one batch from a peer (interest, then messages); idempotent per sequence id. The
         ack is returned at once (``receive`` waits for the commit of what the batch stored)."""
-        return self._apply(batch)[0]
+        return ack_message(self._apply(batch)[0])
 
-    def _apply(self, batch: pb.Batch) -> tuple[pb.BatchAck, bool]:
+    def _apply(self, batch: pb.Batch) -> tuple[int | pb.BatchAck, bool]:
         """``apply_batch``'s work; also True when the ack must wait for the commit in progress."""
         sender = batch.sender
         last = self._applied.get(sender)
         if last is not None and last[0] == batch.epoch and batch.seq <= last[1]:
             self.duplicate_batches += 1
-            return pb.BatchAck(seq=batch.seq), True
+            return batch.seq, True
         remote = self.remote
         if batch.snapshot:
             remote.replace(sender, [c.filter for c in batch.interest if c.added])
@@ -358,4 +358,6 @@ class ClusterPeers:
         stored = broker.peer_batch_applied(sender, batch.epoch, batch.seq)
         self.received_batches += 1
         self.received_messages += n
-        return pb.BatchAck(seq=batch.seq, busy_groups=busy), stored
+        # (a plain ack is its sequence id: a BatchAck made per batch for the Unix transport, which
+        # frames a plain ack without one, cost more than the rest of the ack; gRPC's Route makes it)
+        return (pb.BatchAck(seq=batch.seq, busy_groups=busy) if busy else batch.seq), stored

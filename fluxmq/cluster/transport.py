@@ -26,6 +26,7 @@ from gevent.queue import Queue
 from fluxmq._core.forward import LinksVersion
 from fluxmq.errors import ServerUnavailable, StorageError
 
+from .batch import ack_message
 from .forwarder import PeerLink
 from .proto import cluster_pb2 as pb
 from .proto import cluster_pb2_grpc as pb_grpc
@@ -89,19 +90,25 @@ class _Servicer(pb_grpc.ClusterTransportServicer):
         self.transport = transport
 
     def Route(self, request_iterator, context):  # noqa: N802 (gRPC's name)
-        """The acks of a peer's stream of batches, in order. While every batch's ack is ready at
-        once (a ``BatchAck``: it stored nothing, the common case between workers) the batches are
-        applied here, one greenlet for the stream. From the first ack that must wait for a commit
-        (a ``PendingAck``: the batch stored something) a reader greenlet reads and applies the
-        rest of the stream while this one sends each ack once its commit is done: with
-        ``storage.sync: always`` the stream waits for one fsync at a time, not for one per batch
-        in turn."""
+        """``acks`` as ``BatchAck`` messages (gRPC serializes them)."""
+        for ack in self.acks(request_iterator):
+            yield ack_message(ack)
+
+    def acks(self, request_iterator):
+        """The acks of a peer's stream of batches, in order: a ``BatchAck``, or a plain one's
+        sequence id alone (an ``int``: ``on_batch`` may answer so, and the Unix transport frames it
+        without a protobuf message, ``batch.encode_ack``). While every batch's ack is ready at once
+        (it stored nothing, the common case between workers) the batches are applied here, one
+        greenlet for the stream. From the first ack that must wait for a commit (a ``PendingAck``:
+        the batch stored something) a reader greenlet reads and applies the rest of the stream
+        while this one sends each ack once its commit is done: with ``storage.sync: always`` the
+        stream waits for one fsync at a time, not for one per batch in turn."""
         on_batch = self.transport.on_batch
         reader = None
         try:
             for batch in request_iterator:
                 answer = on_batch(batch)
-                if type(answer) is pb.BatchAck:
+                if type(answer) is int or type(answer) is pb.BatchAck:
                     yield answer
                     continue
                 answers: Queue = Queue(ROUTE_PIPELINE)
@@ -113,7 +120,7 @@ class _Servicer(pb_grpc.ClusterTransportServicer):
                         return
                     if isinstance(answer, BaseException):
                         raise answer
-                    yield answer if type(answer) is pb.BatchAck else answer.get()
+                    yield answer if type(answer) is int or type(answer) is pb.BatchAck else answer.get()
         except StorageError as exc:
             # What the batch stored is not committed: no ack (nor any after it); the stream ends
             # and the sender sends the unacknowledged batches again on its next stream (the store
@@ -149,7 +156,7 @@ class ClusterTransport:
         node_id: str,
         epoch: int,
         settings,
-        on_batch: Callable[[pb.Batch], pb.BatchAck],
+        on_batch: Callable[[pb.Batch], pb.BatchAck | int],
         local_filters: Callable[[], object],
         on_ack=None,
         on_peer_removed: Callable[[str], None] | None = None,

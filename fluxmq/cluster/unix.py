@@ -36,7 +36,7 @@ from gevent.server import StreamServer
 
 from fluxmq._core.framebuf import FrameBuffers
 
-from .batch import FramedBatch, RawBatch
+from .batch import FramedBatch, RawBatch, decode_ack, encode_ack
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
 
@@ -358,7 +358,7 @@ class UnixChannel:
         path = self.path
 
         def route(requests):
-            return _RouteCall(path, requests, request_serializer, response_deserializer)
+            return _RouteCall(path, requests, request_serializer, decode_ack)  # (a plain ack: its seq)
 
         return route
 
@@ -435,8 +435,8 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
                         except (EOFError, OSError):
                             return
 
-                for ack in servicer.Route(batches(), None):
-                    write_frame(sock, ack.SerializeToString())
+                for ack in servicer.acks(batches()):
+                    write_frame(sock, encode_ack(ack))
             elif method == CALL:
                 request = pb.CallRequest.FromString(read_frame(sock))
                 write_frame(sock, servicer.Call(request, None).SerializeToString())

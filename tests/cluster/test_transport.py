@@ -65,3 +65,18 @@ def test_a_batch_retried_after_an_ack_timeout_is_delivered_once(observed) -> Non
     assert slow["resent"] >= 1 and slow["failures"] >= 1  # the stream was dropped and the batch sent again
     assert slow["duplicates_skipped"] >= 1
     assert slow["delivered"] == 1
+
+
+def test_routes_acks_are_batchack_messages_when_on_batch_answers_with_the_seq_alone() -> None:
+    # ClusterPeers answers a plain batch with its sequence id (the Unix transport frames it without a
+    # message): gRPC's Route makes the BatchAck it serializes; a BatchAck answered passes as it is
+    from fluxmq.cluster.proto import cluster_pb2 as pb
+    from fluxmq.cluster.transport import _Servicer
+
+    class Receiving:
+        def on_batch(self, batch):
+            return batch.seq if batch.seq % 2 else pb.BatchAck(seq=batch.seq, busy_groups=["g"])
+
+    acks = list(_Servicer(Receiving()).Route(iter([pb.Batch(seq=s) for s in (1, 2, 3)]), None))
+    assert [type(a) for a in acks] == [pb.BatchAck] * 3
+    assert [(a.seq, list(a.busy_groups)) for a in acks] == [(1, []), (2, ["g"]), (3, [])]

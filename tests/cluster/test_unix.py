@@ -468,3 +468,120 @@ def test_two_writers_of_one_link_never_interleave_their_frames(tmp_path) -> None
             while len(got) < 3010:
                 gevent.sleep(0.01)
     assert [p[1][:1] for p in got] == [b"a"] * 10 + [b"b"] * 1500 + [b"c"] * 1500
+
+
+def route_stream(path: str) -> tuple:
+    """A Route stream opened by hand on a transport's Unix socket: the socket and its frame reader."""
+    sock = _connect(path, ROUTE)
+    return sock, FrameReader(sock)
+
+
+@pytest.mark.parametrize("answer", ["int", "message"])
+def test_a_plain_ack_crosses_the_socket_as_its_sequence_id_without_a_protobuf_message(
+    tmp_path, answer
+) -> None:
+    # the receiver frames an ack that names no busy group itself (a 0 byte, then the sequence id),
+    # whether on_batch answered with the seq alone (ClusterPeers) or with a BatchAck: a BatchAck made,
+    # serialized, parsed and read per batch cost four times as much on the two sides
+    from fluxmq.cluster.batch import RAW_ACK, decode_ack
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import UnixTransport
+
+    def on_batch(batch):
+        return batch.seq if answer == "int" else pb.BatchAck(seq=batch.seq)
+
+    addr = f"unix:{tmp_path}/w1.sock"
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addr), on_batch, lambda: [])
+    receiver.start()
+    sock, reader = route_stream(f"{tmp_path}/w1.sock")
+    try:
+        with gevent.Timeout(10):
+            for seq in (5, 6, 1 << 40):
+                write_raw_batch(sock, build_raw_batch("w0", 1, seq, relay_runs(3))[0])
+                frame = reader.read()
+                assert frame == RAW_ACK.pack(0, seq) == b"\x00" + seq.to_bytes(8, "big")
+                assert decode_ack(frame) == seq
+    finally:
+        sock.close()
+        receiver.stop(0.5)
+
+
+def test_an_ack_naming_busy_groups_still_travels_as_the_message_and_reaches_on_ack(tmp_path) -> None:
+    from fluxmq.cluster.batch import decode_ack, encode_ack
+
+    ack = pb.BatchAck(seq=9, busy_groups=["$share/g/t"])
+    assert encode_ack(ack) == ack.SerializeToString()
+    assert decode_ack(encode_ack(ack)) == ack
+    assert decode_ack(encode_ack(pb.BatchAck(seq=9))) == 9 == decode_ack(encode_ack(9))
+    with pytest.raises(EOFError):
+        decode_ack(b"\x00\x01")  # a truncated plain ack ends the stream
+
+    seen: list = []
+
+    def on_batch(batch):
+        if batch.count:
+            return pb.BatchAck(seq=batch.seq, busy_groups=["$share/g/t"])
+        return batch.seq
+
+    with linked_transports(tmp_path, on_batch) as link:
+        link._on_ack = lambda node_id, ack: seen.append((node_id, ack.seq, list(ack.busy_groups)))
+        with gevent.Timeout(30):
+            link.forward_queue.append("t", "pub", 0, b"x")
+            while link.queued or link.unacked:
+                gevent.sleep(0.01)
+    assert seen and all(s == ("w1", s[1], ["$share/g/t"]) for s in seen)
+
+
+def test_a_raw_batchs_head_made_from_the_links_message_has_the_bytes_of_a_fresh_one() -> None:
+    # PeerLink keeps one pb.Batch (sender, epoch) and sets seq and count on it per batch: the head's
+    # bytes are those of a message made for the batch, interest changes, snapshots and expired
+    # messages included (a batch with interest changes is made whole, the kept message untouched)
+    head = pb.Batch(sender="w0", epoch=7)
+    expiring = Outgoing(encode_message(Message("e", b"x", 0, expires_at=100.0)), (), True, 100.0)
+    cases = [
+        (1, relay_runs(10), ()),
+        (2, [*relay_runs(3), expiring], ()),
+        (3, relay_runs(2), [("a/#", True)]),
+        (4, [], ()),
+        (5, relay_runs(4), ()),
+    ]
+    for now in (50.0, 150.0):  # the expiring message kept, then left out
+        for seq, entries, interest in cases:
+            kept, expired = build_raw_batch("w0", 7, seq, entries, interest, now=now, head=head)
+            fresh, fresh_expired = build_raw_batch("w0", 7, seq, entries, interest, now=now)
+            assert kept.head == fresh.head and expired == fresh_expired
+            assert kept.parts == fresh.parts and kept.size == fresh.size
+    assert pb.Batch.FromString(kept.head).count == 4 and not head.interest
+
+
+def test_a_links_batches_make_no_protobuf_message_each(tmp_path, monkeypatch) -> None:
+    # a Unix link's batch heads are serialized from the link's one pb.Batch, and its plain acks are
+    # framed without a BatchAck: in steady streaming neither side makes a protobuf message per batch
+    import fluxmq.cluster.batch as batch_mod
+
+    made: list = []
+
+    class CountingPb:
+        def __getattr__(self, name):
+            real = getattr(pb, name)
+            if name not in ("Batch", "BatchAck", "InterestChange"):
+                return real
+            return lambda *a, **kw: (made.append(name), real(*a, **kw))[1]
+
+    got: list = []
+
+    def on_batch(batch):
+        got.append(batch.count)
+        return batch.seq
+
+    with linked_transports(tmp_path, on_batch) as link:
+        monkeypatch.setattr(batch_mod, "pb", CountingPb())
+        with gevent.Timeout(30):
+            start = link.stats.batches
+            for i in range(20):
+                link.forward_queue.append("t", "pub", 0, i.to_bytes(4, "big"))
+                while link.stats.batches < start + i + 1:
+                    gevent.sleep(0.001)
+        monkeypatch.undo()
+    assert got[-20:] == [1] * 20
+    assert made == []
