@@ -11,11 +11,11 @@ that descriptor, before it applies the batch (so it never touches a region again
 the next frame, let alone once it acknowledged the batch).
 
 * **Layout.** A region holds exactly what the inline frame ``0x00 | u32 head length | head | items``
-  holds after its length prefix (``read_batch`` reads either alike), contiguous: a frame that does
-  not fit between the last region and the ring's end starts at offset 0 if the oldest region
-  leaves room there. While no region is in use the next one starts at 0 again, so a stream whose
-  batches are acknowledged before the next one is written (the usual case) cycles through the
-  first few hundred KB only: those pages stay mapped and warm in both workers.
+  holds after its length prefix (``read_batch`` reads either alike), contiguous. A frame starts at
+  offset 0 whenever the oldest region in use leaves room before it (and while none is in use),
+  else after the newest region when the ring's end leaves room: a stream cycles through as few
+  pages as its batches in flight need (each page of the ring costs a page fault in each worker the
+  first time it is used), and they stay mapped and warm in both workers.
 * **Freed by acks.** A stream's acks arrive in its batches' order (``transport._Servicer.Route``),
   and the receiver copied a region out before it applied that batch: an ack of sequence id ``s``
   frees every region of a batch up to ``s``.
@@ -94,9 +94,9 @@ class SendRing:
         first = regions[0][1]
         end = regions[-1][2]
         if regions[-1][1] >= first:  # not wrapped: in use [first, end)
-            if end + n <= self.size:
-                return end
-            return 0 if n <= first else -1
+            if n <= first:
+                return 0  # (the start first: the fewer pages a stream cycles through, the warmer)
+            return end if end + n <= self.size else -1
         return end if end + n <= first else -1  # wrapped: free [end, first)
 
     def place(self, seq: int, head: bytes, lead: bytes, parts) -> bytes | None:

@@ -83,6 +83,20 @@ def test_acks_free_the_regions_of_every_batch_up_to_theirs_and_an_empty_ring_sta
     assert region(place(sender, 4, 100))[0] == 0
 
 
+def test_a_frame_goes_to_the_rings_start_whenever_the_oldest_region_leaves_room_there() -> None:
+    # the fewer pages a stream cycles through, the fewer page faults (each page faults once per
+    # worker) and the warmer they stay: not around the whole ring while one batch is in flight
+    sender, _receiver = pair(1 << 20)
+    a = place(sender, 1, 200, b"a" * 100)
+    b = place(sender, 2, 200, b"b" * 100)
+    sender.acked(1)
+    c = place(sender, 3, 100, b"c" * 100)  # the end has room too
+    assert region(c)[0] == 0 and region(b)[0] == region(a)[1]
+    sender.acked(2)
+    d = place(sender, 4, 200, b"d" * 100)  # more than the room before c's region: after it
+    assert region(d)[0] == region(c)[1]
+
+
 def test_a_frame_larger_than_the_ring_is_not_placed() -> None:
     sender, _receiver = pair(16 << 10)
     assert place(sender, 1, 1000) is None
