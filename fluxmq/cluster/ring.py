@@ -48,6 +48,9 @@ RING_MARK = 1
 #: a descriptor frame: frame length (9), the marker, the region's offset and length
 DESC = struct.Struct(">IBII")
 _DESC_BODY = struct.Struct(">II")
+#: frames up to this are copied out into a new ``bytes`` (as ``unix.LARGE_FRAME``), larger ones into
+#: reused ones (``RecvRing.take``)
+SMALL_FRAME = 65536
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
@@ -152,20 +155,25 @@ class RecvRing:
 
     def take(self, desc: bytes, buffers) -> bytes:
         """The frame a descriptor frame's body ``desc`` names, copied out of the ring into a
-        ``bytes`` of ``buffers`` (a ``FrameBuffers``: reused once nothing holds it); raises
-        EOFError when the region falls outside the ring."""
+        ``bytes`` of ``buffers`` (a ``FrameBuffers``: reused once nothing holds it) when it is over
+        ``SMALL_FRAME``, else into a new one (a small batch taking one of its slots freed the large
+        allocation held there, and the next fan-in batch's fresh one was faulted in page by page;
+        ``unix.FrameReader`` keeps them for its large frames only too); raises EOFError when the
+        region falls outside the ring."""
         if len(desc) != 1 + _DESC_BODY.size:
             raise EOFError("damaged ring descriptor")
         at, n = _DESC_BODY.unpack_from(desc, 1)
         if n == 0 or at + n > self.size:
             raise EOFError(f"ring region {at}+{n} outside a ring of {self.size}")
-        frame, dest = buffers.take(n)
-        try:
-            with memoryview(self.mm) as view:  # (slicing the mmap itself would copy into a new bytes)
-                dest[:] = view[at : at + n]
-        finally:
-            dest.release()
         self.frames += 1
+        with memoryview(self.mm) as view:  # (slicing the mmap itself would copy into a new bytes)
+            if n <= SMALL_FRAME:
+                return bytes(view[at : at + n])
+            frame, dest = buffers.take(n)
+            try:
+                dest[:] = view[at : at + n]
+            finally:
+                dest.release()
         return frame
 
     def close(self) -> None:

@@ -259,3 +259,17 @@ def test_the_memfd_a_stream_sends_is_sealed_against_resizing() -> None:
         assert len(mmap.mmap(ring.fd, 1 << 16)) == 1 << 16
     finally:
         ring.close()
+
+
+def test_only_large_frames_take_a_reused_allocation_so_small_batches_never_evict_a_large_one() -> None:
+    # a small batch in one of FrameBuffers' slots freed the large allocation kept there: the next
+    # fan-in batch was a fresh allocation, faulted in page by page
+    sender, receiver = pair(4 << 20)
+    buffers = FrameBuffers()
+    for seq in range(1, 9):
+        count = 2000 if seq % 2 else 20
+        frame = receiver.take(place(sender, seq, count)[4:], buffers)
+        assert read_batch(frame).count == count
+        del frame
+        sender.acked(seq)
+    assert buffers.allocated == 1 and buffers.reused == 3
