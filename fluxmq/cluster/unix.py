@@ -316,21 +316,23 @@ class _RouteCall:
         self._error: UnixRpcError | None = None
         self._sock = None
         self.ring: _ring.SendRing | None = None
-        try:
-            if ring_size:
+        if ring_size:
+            try:
                 self.ring = _ring.SendRing(ring_size)
+            except OSError as exc:  # (no memory, no descriptor left): this stream goes inline
+                log.warning("route_ring_unavailable", extra={"path": path, "error": str(exc)})
+        try:
+            if self.ring is not None:
                 try:
                     self._sock = _connect(path, ROUTE_RING, self.ring.fd)
                 finally:
                     self.ring.close_fd()  # (the receiver holds its own once it is sent)
             else:
                 self._sock = _connect(path, ROUTE)
-        except (UnixRpcError, OSError) as exc:
+        except UnixRpcError as exc:
             if self.ring is not None:
                 self.ring.close()
                 self.ring = None
-            if not isinstance(exc, UnixRpcError):
-                exc = UnixRpcError(grpc.StatusCode.UNAVAILABLE, f"{path}: {exc}")
             self._error = exc
             self._writer = None
             return

@@ -193,6 +193,24 @@ def test_a_reopened_stream_sends_the_unacknowledged_batches_again_through_a_new_
     assert payloads == [i.to_bytes(4, "big") for i in range(500)]
 
 
+def test_a_stream_whose_ring_cannot_be_made_opens_and_sends_inline(tmp_path, monkeypatch) -> None:
+    def no_ring(_size):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(ring_mod, "SendRing", no_ring)
+    got: list = []
+
+    def on_batch(batch):
+        got.append(batch)
+        return pb.BatchAck(seq=batch.seq)
+
+    with linked_transports(tmp_path, on_batch) as link:
+        stream(link, 300, b"i" * 16)
+        assert link._call.ring is None and link.stats.failures == 0
+    payloads = [m[1][-4:] for b in got if b.count for m in messages(b.items, b.items_start)]
+    assert payloads == [i.to_bytes(4, "big") for i in range(300)]
+
+
 class _Acks:
     """What the Unix server's Route stream needs of a transport: an ack per batch."""
 
