@@ -15,14 +15,22 @@ into a protobuf message, no serialization of them) and read back into a ``Framed
 are the received frame itself. A protobuf message never starts with a 0 byte (field number 0 is
 invalid), so any other frame is a serialized ``Batch`` (the snapshot batch, and the gRPC path's).
 
+Between workers a Route stream opened with the method byte ``S`` (its SCM_RIGHTS carry a sealed
+``memfd``, ``fluxmq.cluster.ring``) carries a RawBatch's frame through that shared-memory ring
+instead: the frame's body is copied into the ring and the socket carries a descriptor frame
+``u32 9 | 0x01 | u32 offset | u32 length``; the receiver copies the body out of its mapping into a
+reused ``bytes`` (``FrameBuffers``) and reads it as it would the inline frame. A batch the ring
+cannot take now goes inline; acknowledgements free the ring's regions.
+
 ``UnixChannel`` has the two methods of ``grpc.Channel`` the generated stub uses (``stream_stream``,
 ``unary_unary``), so ``PeerLink`` and ``ClusterTransport.call`` run unchanged; a failure surfaces as a
 ``grpc.RpcError`` with ``code()`` as gRPC's would. A connection starts with one byte naming the
-method (``R`` a Route stream, ``C`` one Call).
+method (``R`` a Route stream, ``S`` a Route stream with a ring, ``C`` one Call).
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import logging
 import os
@@ -36,6 +44,7 @@ from gevent.server import StreamServer
 
 from fluxmq._core.framebuf import FrameBuffers
 
+from . import ring as _ring
 from .batch import FramedBatch, RawBatch, decode_ack, encode_ack
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
@@ -44,7 +53,11 @@ log = logging.getLogger("fluxmq.cluster.unix")
 
 HEADER = struct.Struct(">I")
 ROUTE = b"R"
+ROUTE_RING = b"S"  # a Route stream whose method byte carries its ring's descriptor (SCM_RIGHTS)
 CALL = b"C"
+#: the ring of a Route stream between workers, bytes (0: none; ``fluxmq.cluster.ring``)
+RING_SIZE = _ring.RING_SIZE if _ring.supported() else 0
+_RING_FRAME = bytes([_ring.RING_MARK])
 #: largest frame accepted (as the gRPC transport's message limit)
 MAX_FRAME = 512 << 20
 #: bytes asked of one ``recv_into``
@@ -53,6 +66,8 @@ CHUNK = 65536
 LARGE_FRAME = CHUNK
 #: a RawBatch frame's start: frame length, the 0 byte that marks it, head length
 RAW_HEAD = struct.Struct(">IBI")
+#: the same without the frame length: a RawBatch frame's body starts so (in a ring's region too)
+RAW_LEAD = struct.Struct(">BI")
 #: parts past which a RawBatch is joined before it is sent (sendmsg takes at most IOV_MAX buffers)
 MAX_PARTS = 512
 #: the send buffer asked for a connection's socket (the kernel caps it at net.core.wmem_max): a
@@ -206,23 +221,19 @@ def _raw(sock):
 
 
 def write_frame(sock, data: bytes) -> None:
-    frame = HEADER.pack(len(data)) + data
-    # One send, which takes a small frame (an acknowledgement) whole; sendall only for the rest
-    # (gevent's sendall is several Python frames more per call).
+    _send_whole(sock, HEADER.pack(len(data)) + data)
+
+
+def _send_whole(sock, frame: bytes) -> None:
+    """``frame`` (its length prefix included) on ``sock``."""
+    # One send, which takes a small frame (an acknowledgement, a ring's descriptor) whole; sendall
+    # only for the rest (gevent's sendall is several Python frames more per call).
     try:
         sent = _raw(sock).send(frame)
     except BlockingIOError:
         sent = 0  # (no room: sendall waits for it)
     if sent < len(frame):
         sock.sendall(memoryview(frame)[sent:])
-
-
-def _write_request(sock, request, serialize) -> None:
-    """One request of a Route stream on ``sock``: a ``RawBatch`` as its frame, else serialized."""
-    if type(request) is RawBatch:
-        write_raw_batch(sock, request)
-    else:
-        write_frame(sock, serialize(request))
 
 
 def write_raw_batch(sock, batch: RawBatch) -> None:
@@ -253,6 +264,18 @@ def write_raw_batch(sock, batch: RawBatch) -> None:
             parts[0] = memoryview(parts[0])[sent:]
 
 
+def recv_method(sock) -> tuple[bytes, list[int]]:
+    """A connection's method byte and the descriptors sent with it (SCM_RIGHTS)."""
+    data, ancdata, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4))
+    if not data:
+        raise EOFError("connection closed")
+    fds = array.array("i")
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    return data, list(fds)
+
+
 def read_batch(frame: bytes):
     """The batch of one Route frame: a ``FramedBatch`` (a RawBatch's frame) or a ``pb.Batch``."""
     if frame[:1] != b"\x00":
@@ -266,12 +289,16 @@ def read_batch(frame: bytes):
     return FramedBatch(pb.Batch.FromString(frame[5:start]), frame, start)
 
 
-def _connect(path: str, method: bytes) -> socket.socket:
+def _connect(path: str, method: bytes, fd: int = -1) -> socket.socket:
+    """A connection to ``path`` that asked for ``method`` (``fd`` sent with it, when given)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.connect(path)
-        sock.sendall(method)
+        if fd >= 0:
+            sock.sendmsg([method], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        else:
+            sock.sendall(method)
     except OSError as exc:
         sock.close()
         raise UnixRpcError(grpc.StatusCode.UNAVAILABLE, f"{path}: {exc.strerror or exc}") from None
@@ -279,28 +306,44 @@ def _connect(path: str, method: bytes) -> socket.socket:
 
 
 class _RouteCall:
-    """One Route stream: writes the request iterator's batches, iterates the acknowledgements."""
+    """One Route stream: writes the request iterator's batches, iterates the acknowledgements. With
+    ``ring_size``, the stream has a shared-memory ring (``fluxmq.cluster.ring``) of its own, made
+    with it (a re-opened stream makes a new one, and its retried batches go through that)."""
 
-    def __init__(self, path: str, requests, serialize, deserialize) -> None:
+    def __init__(self, path: str, requests, serialize, deserialize, ring_size: int = 0) -> None:
         self._deserialize = deserialize
         self._cancelled = False
         self._error: UnixRpcError | None = None
         self._sock = None
+        self.ring: _ring.SendRing | None = None
+        if ring_size:
+            try:
+                self.ring = _ring.SendRing(ring_size)
+            except OSError as exc:  # (no memory, no descriptor left): this stream goes inline
+                log.warning("route_ring_unavailable", extra={"path": path, "error": str(exc)})
         try:
-            self._sock = _connect(path, ROUTE)
+            if self.ring is not None:
+                try:
+                    self._sock = _connect(path, ROUTE_RING, self.ring.fd)
+                finally:
+                    self.ring.close_fd()  # (the receiver holds its own once it is sent)
+            else:
+                self._sock = _connect(path, ROUTE)
         except UnixRpcError as exc:
+            if self.ring is not None:
+                self.ring.close()
+                self.ring = None
             self._error = exc
             self._writer = None
             return
         self._reader = FrameReader(self._sock)
         self._serialize = serialize
-        self._writer = gevent.spawn(self._write, requests, serialize)
+        self._writer = gevent.spawn(self._write, requests)
 
-    def _write(self, requests, serialize) -> None:
-        sock = self._sock
+    def _write(self, requests) -> None:
         try:
             for request in requests:
-                _write_request(sock, request, serialize)
+                self._send(request)
         except OSError:
             pass  # the reader sees the broken connection
 
@@ -309,16 +352,28 @@ class _RouteCall:
         Unix channel writes its batches itself, in order from its one sender greenlet, instead of
         handing each to the writer greenlet through the request iterator's queue (two greenlet
         switches and a queue round per batch). A broken connection is left to the reader."""
-        sock = self._sock
-        if sock is None or self._cancelled:
+        if self._sock is None or self._cancelled:
             return
         try:
-            if type(request) is RawBatch:  # (_write_request's choice, a call less per batch)
-                write_raw_batch(sock, request)
-            else:
-                write_frame(sock, self._serialize(request))
+            self._send(request)
         except OSError:
             pass
+
+    def _send(self, request) -> None:
+        """One request on the stream: a ``RawBatch`` through the ring when it has room (its
+        descriptor frame on the socket), else as its frame; anything else serialized."""
+        sock = self._sock
+        if type(request) is RawBatch:
+            ring = self.ring
+            if ring is not None:
+                head = request.head
+                desc = ring.place(request.seq, head, RAW_LEAD.pack(0, len(head)), request.parts)
+                if desc is not None:
+                    _send_whole(sock, desc)
+                    return
+            write_raw_batch(sock, request)
+        else:
+            write_frame(sock, self._serialize(request))
 
     def __iter__(self):
         return self
@@ -327,11 +382,16 @@ class _RouteCall:
         if self._error is not None:
             raise self._error
         try:
-            return self._deserialize(self._reader.read())
+            ack = self._deserialize(self._reader.read())
         except (EOFError, OSError) as exc:
             code = grpc.StatusCode.CANCELLED if self._cancelled else grpc.StatusCode.UNAVAILABLE
             self._error = UnixRpcError(code, str(exc))
             raise self._error from None
+        ring = self.ring
+        if ring is not None:
+            # (the stream's acks come in its batches' order; a plain one is its seq alone)
+            ring.acked(ack if type(ack) is int else ack.seq)
+        return ack
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -343,6 +403,9 @@ class _RouteCall:
             except OSError:
                 pass
             self._sock.close()
+        ring, self.ring = self.ring, None
+        if ring is not None:
+            ring.close()
 
 
 class UnixChannel:
@@ -353,12 +416,15 @@ class UnixChannel:
 
     def __init__(self, addr: str) -> None:
         self.path = _path(addr)
+        #: each Route stream's ring, bytes (0: none, every batch inline)
+        self.ring_size = RING_SIZE
 
     def stream_stream(self, method, request_serializer, response_deserializer, **_kw):
         path = self.path
 
         def route(requests):
-            return _RouteCall(path, requests, request_serializer, decode_ack)  # (a plain ack: its seq)
+            # (a plain ack arrives as its seq alone: decode_ack)
+            return _RouteCall(path, requests, request_serializer, decode_ack, self.ring_size)
 
         return route
 
@@ -423,15 +489,26 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
     servicer = _Servicer(transport)
 
     def serve(sock, _address) -> None:
+        ring = None
         try:
-            method = _recv_exact(sock, 1)
-            if method == ROUTE:
+            method, fds = recv_method(sock)
+            if method == ROUTE_RING and len(fds) == 1:
+                ring = _ring.RecvRing(fds.pop())
+            for fd in fds:  # (none expected)
+                os.close(fd)
+            if method in (ROUTE, ROUTE_RING):
                 reader = FrameReader(sock)
+                buffers = reader.frames
 
                 def batches():
                     while True:
                         try:
-                            yield read_batch(reader.read())
+                            frame = reader.read()
+                            if frame[:1] == _RING_FRAME:
+                                if ring is None:
+                                    return  # (a stream without a ring: damaged)
+                                frame = ring.take(frame, buffers)
+                            yield read_batch(frame)
                         except (EOFError, OSError):
                             return
 
@@ -446,6 +523,8 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
             log.exception("unix_transport_error")
         finally:
             sock.close()
+            if ring is not None:
+                ring.close()
 
     server = StreamServer(listener, serve)
     server.start()

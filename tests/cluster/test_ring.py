@@ -1,0 +1,293 @@
+"""The shared-memory ring of a Route stream between workers (``fluxmq.cluster.ring``, carried by
+``fluxmq.cluster.unix``): a batch crosses through it (the socket carries its descriptor), a frame
+that does not fit at the ring's end wraps to its start, a full ring sends inline with the order
+kept, acknowledgements free regions, a re-opened stream sends its retries through a new ring, and a
+bad descriptor ends its stream only. Real memfds, real Unix sockets under gevent."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+
+import gevent
+import pytest
+from gevent import socket
+
+from fluxmq._core.framebuf import FrameBuffers
+from fluxmq.cluster import ring as ring_mod
+from fluxmq.cluster import unix
+from fluxmq.cluster.batch import FramedBatch, build_raw_batch
+from fluxmq.cluster.proto import cluster_pb2 as pb
+from fluxmq.cluster.ring import DESC, RING_MARK, RecvRing, SendRing
+from fluxmq.cluster.unix import RAW_LEAD, read_batch
+
+from .test_unix import linked_transports, messages, relay_runs
+
+pytestmark = pytest.mark.skipif(not ring_mod.supported(), reason="no memfd_create or file seals here")
+
+
+def place(ring: SendRing, seq: int, count: int, payload: bytes = b"p" * 64) -> bytes | None:
+    batch = build_raw_batch("w0", 1, seq, relay_runs(count, payload))[0]
+    return ring.place(seq, batch.head, RAW_LEAD.pack(0, len(batch.head)), batch.parts)
+
+
+def pair(size: int) -> tuple[SendRing, RecvRing]:
+    sender = SendRing(size)
+    return sender, RecvRing(os.dup(sender.fd))
+
+
+def region(desc: bytes) -> tuple[int, int]:
+    _n, mark, at, n = DESC.unpack(desc)
+    assert mark == RING_MARK
+    return at, n
+
+
+def test_a_placed_batch_reads_back_from_the_receivers_mapping_as_its_inline_frame() -> None:
+    sender, receiver = pair(1 << 20)
+    desc = place(sender, 7, 300)
+    assert desc is not None and len(desc) == 13
+    frame = receiver.take(desc[4:], FrameBuffers())
+    got = read_batch(frame)
+    assert type(got) is FramedBatch and got.seq == 7 and got.count == 300
+    assert [m[1][-4:] for m in messages(got.items, got.items_start)] == [
+        i.to_bytes(4, "big") for i in range(300)
+    ]
+    assert receiver.frames == 1 and sender.ring_frames == 1
+
+
+def test_a_frame_that_does_not_fit_at_the_end_wraps_to_the_start_and_the_regions_in_use_stay_whole() -> None:
+    sender, receiver = pair(64 << 10)
+    a = place(sender, 1, 200, b"a" * 100)  # ~24 KB each: two fit, a third only at the start
+    b = place(sender, 2, 200, b"b" * 100)
+    assert region(a)[0] == 0 and region(b)[0] == region(a)[1]
+    assert place(sender, 3, 200, b"c" * 100) is None  # the start is held by batch 1
+    sender.acked(1)
+    c = place(sender, 4, 200, b"c" * 100)
+    assert c is not None and region(c)[0] == 0  # wrapped
+    assert place(sender, 5, 200, b"d" * 100) is None  # between c's end and b: no room
+    buffers = FrameBuffers()
+    for desc, mark in ((b, b"b"), (c, b"c")):
+        got = read_batch(receiver.take(desc[4:], buffers))
+        assert {m[1][:1] for m in messages(got.items, got.items_start)} == {mark}
+
+
+def test_acks_free_the_regions_of_every_batch_up_to_theirs_and_an_empty_ring_starts_at_zero() -> None:
+    sender, _receiver = pair(1 << 20)
+    for seq in (1, 2, 3):
+        assert place(sender, seq, 100) is not None
+    sender.acked(2)
+    assert [r[0] for r in sender.regions] == [3]
+    sender.acked(3)
+    assert not sender.regions
+    assert region(place(sender, 4, 100))[0] == 0
+
+
+def test_a_frame_goes_to_the_rings_start_whenever_the_oldest_region_leaves_room_there() -> None:
+    # the fewer pages a stream cycles through, the fewer page faults (each page faults once per
+    # worker) and the warmer they stay: not around the whole ring while one batch is in flight
+    sender, _receiver = pair(1 << 20)
+    a = place(sender, 1, 200, b"a" * 100)
+    b = place(sender, 2, 200, b"b" * 100)
+    sender.acked(1)
+    c = place(sender, 3, 100, b"c" * 100)  # the end has room too
+    assert region(c)[0] == 0 and region(b)[0] == region(a)[1]
+    sender.acked(2)
+    d = place(sender, 4, 200, b"d" * 100)  # more than the room before c's region: after it
+    assert region(d)[0] == region(c)[1]
+
+
+def test_a_frame_larger_than_the_ring_is_not_placed() -> None:
+    sender, _receiver = pair(16 << 10)
+    assert place(sender, 1, 1000) is None
+    assert sender.inline_frames == 1 and sender.ring_frames == 0 and not sender.regions
+
+
+@pytest.mark.parametrize("at, n", [(0, 0), ((1 << 20) - 4, 5), (1 << 31, 10), (0, (1 << 20) + 1)])
+def test_a_descriptor_outside_the_mapping_raises_eof(at: int, n: int) -> None:
+    _sender, receiver = pair(1 << 20)
+    with pytest.raises(EOFError):
+        receiver.take(DESC.pack(9, RING_MARK, at, n)[4:], FrameBuffers())
+
+
+def test_an_unsealed_memfd_is_refused() -> None:
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 1 << 20)
+    with pytest.raises(EOFError):
+        RecvRing(fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by RecvRing whatever it decided
+
+
+# -- on a link between two Unix transports ------------------------------------------------------
+
+
+def stream(link, count: int, payload: bytes, every: int = 97) -> None:
+    fq = link.forward_queue
+    with gevent.Timeout(60):
+        for i in range(count):
+            fq.append("t", "pub", 0, payload + i.to_bytes(4, "big"))
+            if i % every == 0:
+                gevent.sleep(0)  # several batches
+        while link.queued or link.unacked:
+            gevent.sleep(0.01)
+
+
+def test_a_links_batches_cross_through_its_streams_ring_and_acks_free_every_region(tmp_path) -> None:
+    got: list = []
+
+    def on_batch(batch):
+        got.append(batch)
+        return pb.BatchAck(seq=batch.seq)
+
+    with linked_transports(tmp_path, on_batch) as link:
+        stream(link, 3000, b"x" * 32)
+        ring = link._call.ring
+        assert ring is not None and ring.ring_frames == link.stats.batches - 1  # (the snapshot: protobuf)
+        assert ring.inline_frames == 0 and not ring.regions
+    framed = [b for b in got if b.count]
+    assert framed and all(type(b) is FramedBatch for b in framed)
+    payloads = [m[1][-4:] for b in framed for m in messages(b.items, b.items_start)]
+    assert payloads == [i.to_bytes(4, "big") for i in range(3000)]
+
+
+def test_batches_a_full_ring_cannot_take_go_inline_in_order(tmp_path, monkeypatch) -> None:
+    # a ring of 48 KiB and batches of ~20-110 KB, four in flight: some through the ring, some inline
+    monkeypatch.setattr(unix, "RING_SIZE", 48 << 10)
+    got: list = []
+
+    def on_batch(batch):
+        got.append(batch)
+        gevent.sleep(0.001)  # acks late: the ring fills
+        return pb.BatchAck(seq=batch.seq)
+
+    with linked_transports(tmp_path, on_batch, {"batch_max_size": 512}) as link:
+        stream(link, 6000, b"y" * 200, every=301)
+        ring = link._call.ring
+        assert ring.ring_frames > 0 and ring.inline_frames > 0, (ring.ring_frames, ring.inline_frames)
+        assert not ring.regions
+    payloads = [m[1][-4:] for b in got if b.count for m in messages(b.items, b.items_start)]
+    assert payloads == [i.to_bytes(4, "big") for i in range(6000)]
+
+
+def test_a_reopened_stream_sends_the_unacknowledged_batches_again_through_a_new_ring(tmp_path) -> None:
+    got: list = []
+    broke: list = []
+
+    def on_batch(batch):
+        if batch.count and not broke:
+            broke.append(batch.seq)
+            raise RuntimeError("the receiving worker dies")  # the stream ends unacknowledged
+        got.append(batch)
+        return pb.BatchAck(seq=batch.seq)
+
+    with linked_transports(tmp_path, on_batch) as link:
+        first = link._call.ring
+        stream(link, 500, b"z" * 16)
+        second = link._call.ring
+        assert second is not None and second is not first
+        assert link.stats.resent >= 1 and second.ring_frames >= 1
+        assert first.mm.closed  # the broken stream's ring was let go
+    assert broke and broke[0] in [b.seq for b in got if type(b) is FramedBatch]
+    payloads = [m[1][-4:] for b in got if b.count for m in messages(b.items, b.items_start)]
+    assert payloads == [i.to_bytes(4, "big") for i in range(500)]
+
+
+def test_a_stream_whose_ring_cannot_be_made_opens_and_sends_inline(tmp_path, monkeypatch) -> None:
+    def no_ring(_size):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(ring_mod, "SendRing", no_ring)
+    got: list = []
+
+    def on_batch(batch):
+        got.append(batch)
+        return pb.BatchAck(seq=batch.seq)
+
+    with linked_transports(tmp_path, on_batch) as link:
+        stream(link, 300, b"i" * 16)
+        assert link._call.ring is None and link.stats.failures == 0
+    payloads = [m[1][-4:] for b in got if b.count for m in messages(b.items, b.items_start)]
+    assert payloads == [i.to_bytes(4, "big") for i in range(300)]
+
+
+class _Acks:
+    """What the Unix server's Route stream needs of a transport: an ack per batch."""
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    def on_batch(self, batch):
+        self.batches.append(batch)
+        return pb.BatchAck(seq=batch.seq)
+
+
+def _stream_with_ring(path: str, ring: SendRing) -> socket.socket:
+    sock = unix._connect(path, unix.ROUTE_RING, ring.fd)
+    ring.close_fd()
+    return sock
+
+
+def test_a_bad_descriptor_frame_ends_its_stream_and_the_server_serves_the_next_one(tmp_path) -> None:
+    path = str(tmp_path / "w1.sock")
+    transport = _Acks()
+    server = unix._unix_server(transport, f"unix:{path}")
+    try:
+        with gevent.Timeout(30):
+            ring = SendRing(1 << 20)
+            bad = _stream_with_ring(path, ring)
+            good = place(ring, 1, 10)
+            bad.sendall(good)  # a good batch first: applied and acknowledged
+            assert pb.BatchAck.FromString(unix.FrameReader(bad).read()).seq == 1
+            bad.sendall(DESC.pack(9, RING_MARK, (1 << 20) - 8, 64))  # past the ring's end
+            assert bad.recv(16) == b""  # that stream ended
+            bad.close()
+            ring2 = SendRing(1 << 20)
+            sock = _stream_with_ring(path, ring2)  # the server still serves
+            sock.sendall(place(ring2, 2, 10))
+            assert pb.BatchAck.FromString(unix.FrameReader(sock).read()).seq == 2
+            sock.close()
+            assert [b.seq for b in transport.batches] == [1, 2]
+    finally:
+        server.stop(timeout=0)
+
+
+def test_a_descriptor_frame_on_a_stream_without_a_ring_ends_it(tmp_path) -> None:
+    path = str(tmp_path / "w1.sock")
+    transport = _Acks()
+    server = unix._unix_server(transport, f"unix:{path}")
+    try:
+        with gevent.Timeout(30):
+            sock = unix._connect(path, unix.ROUTE)
+            sock.sendall(DESC.pack(9, RING_MARK, 0, 64))
+            assert sock.recv(16) == b""
+            sock.close()
+            assert transport.batches == []
+    finally:
+        server.stop(timeout=0)
+
+
+def test_the_memfd_a_stream_sends_is_sealed_against_resizing() -> None:
+    ring = SendRing(1 << 16)
+    try:
+        seals = fcntl.fcntl(ring.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+        with pytest.raises(PermissionError):
+            os.ftruncate(ring.fd, 1 << 12)
+        assert len(mmap.mmap(ring.fd, 1 << 16)) == 1 << 16
+    finally:
+        ring.close()
+
+
+def test_only_large_frames_take_a_reused_allocation_so_small_batches_never_evict_a_large_one() -> None:
+    # a small batch in one of FrameBuffers' slots freed the large allocation kept there: the next
+    # fan-in batch was a fresh allocation, faulted in page by page
+    sender, receiver = pair(4 << 20)
+    buffers = FrameBuffers()
+    for seq in range(1, 9):
+        count = 2000 if seq % 2 else 20
+        frame = receiver.take(place(sender, seq, count)[4:], buffers)
+        assert read_batch(frame).count == count
+        del frame
+        sender.acked(seq)
+    assert buffers.allocated == 1 and buffers.reused == 3
