@@ -133,13 +133,28 @@ def stream(link, count: int, payload: bytes, every: int = 97) -> None:
             gevent.sleep(0.01)
 
 
-def test_a_links_batches_cross_through_its_streams_ring_and_acks_free_every_region(tmp_path) -> None:
+def recording(delay: float = 0.0):
+    """The batches received, and the ``on_batch`` that records and acknowledges each (``delay``
+    seconds later: the ring fills while acks are late)."""
     got: list = []
 
     def on_batch(batch):
         got.append(batch)
+        if delay:
+            gevent.sleep(delay)
         return pb.BatchAck(seq=batch.seq)
 
+    return got, on_batch
+
+
+def assert_numbered(got: list, count: int) -> None:
+    """``stream``'s ``count`` numbered payloads arrived, each once, in order."""
+    payloads = [m[1][-4:] for b in got if b.count for m in messages(b.items, b.items_start)]
+    assert payloads == [i.to_bytes(4, "big") for i in range(count)]
+
+
+def test_a_links_batches_cross_through_its_streams_ring_and_acks_free_every_region(tmp_path) -> None:
+    got, on_batch = recording()
     with linked_transports(tmp_path, on_batch) as link:
         stream(link, 3000, b"x" * 32)
         ring = link._call.ring
@@ -147,27 +162,19 @@ def test_a_links_batches_cross_through_its_streams_ring_and_acks_free_every_regi
         assert ring.inline_frames == 0 and not ring.regions
     framed = [b for b in got if b.count]
     assert framed and all(type(b) is FramedBatch for b in framed)
-    payloads = [m[1][-4:] for b in framed for m in messages(b.items, b.items_start)]
-    assert payloads == [i.to_bytes(4, "big") for i in range(3000)]
+    assert_numbered(got, 3000)
 
 
 def test_batches_a_full_ring_cannot_take_go_inline_in_order(tmp_path, monkeypatch) -> None:
     # a ring of 48 KiB and batches of ~20-110 KB, four in flight: some through the ring, some inline
     monkeypatch.setattr(unix, "RING_SIZE", 48 << 10)
-    got: list = []
-
-    def on_batch(batch):
-        got.append(batch)
-        gevent.sleep(0.001)  # acks late: the ring fills
-        return pb.BatchAck(seq=batch.seq)
-
+    got, on_batch = recording(delay=0.001)  # acks late: the ring fills
     with linked_transports(tmp_path, on_batch, {"batch_max_size": 512}) as link:
         stream(link, 6000, b"y" * 200, every=301)
         ring = link._call.ring
         assert ring.ring_frames > 0 and ring.inline_frames > 0, (ring.ring_frames, ring.inline_frames)
         assert not ring.regions
-    payloads = [m[1][-4:] for b in got if b.count for m in messages(b.items, b.items_start)]
-    assert payloads == [i.to_bytes(4, "big") for i in range(6000)]
+    assert_numbered(got, 6000)
 
 
 def test_a_reopened_stream_sends_the_unacknowledged_batches_again_through_a_new_ring(tmp_path) -> None:
@@ -189,8 +196,7 @@ def test_a_reopened_stream_sends_the_unacknowledged_batches_again_through_a_new_
         assert link.stats.resent >= 1 and second.ring_frames >= 1
         assert first.mm.closed  # the broken stream's ring was let go
     assert broke and broke[0] in [b.seq for b in got if type(b) is FramedBatch]
-    payloads = [m[1][-4:] for b in got if b.count for m in messages(b.items, b.items_start)]
-    assert payloads == [i.to_bytes(4, "big") for i in range(500)]
+    assert_numbered(got, 500)
 
 
 def test_a_stream_whose_ring_cannot_be_made_opens_and_sends_inline(tmp_path, monkeypatch) -> None:
@@ -198,17 +204,11 @@ def test_a_stream_whose_ring_cannot_be_made_opens_and_sends_inline(tmp_path, mon
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(ring_mod, "SendRing", no_ring)
-    got: list = []
-
-    def on_batch(batch):
-        got.append(batch)
-        return pb.BatchAck(seq=batch.seq)
-
+    got, on_batch = recording()
     with linked_transports(tmp_path, on_batch) as link:
         stream(link, 300, b"i" * 16)
         assert link._call.ring is None and link.stats.failures == 0
-    payloads = [m[1][-4:] for b in got if b.count for m in messages(b.items, b.items_start)]
-    assert payloads == [i.to_bytes(4, "big") for i in range(300)]
+    assert_numbered(got, 300)
 
 
 class _Acks:
