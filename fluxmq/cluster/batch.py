@@ -165,6 +165,11 @@ def encode_ack(ack: int | pb.BatchAck) -> bytes:
     return RAW_ACK.pack(0, ack.seq)
 
 
+def ack_seq(ack: int | pb.BatchAck) -> int:
+    """The sequence id ``ack`` (a plain ack's, or a ``BatchAck``) acknowledges."""
+    return ack if type(ack) is int else ack.seq
+
+
 def ack_message(ack: int | pb.BatchAck) -> pb.BatchAck:
     """``ack`` (a plain ack's sequence id, or a ``BatchAck``) as a ``BatchAck``."""
     return pb.BatchAck(seq=ack) if type(ack) is int else ack

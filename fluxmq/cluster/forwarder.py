@@ -46,7 +46,7 @@ from gevent.queue import Queue
 
 from fluxmq._core.forward import ForwardQueue, ForwardRun
 
-from .batch import Outgoing, RawBatch, build_batch, build_raw_batch
+from .batch import Outgoing, RawBatch, ack_seq, build_batch, build_raw_batch
 from .proto import cluster_pb2 as pb
 
 log = logging.getLogger("fluxmq.cluster.forwarder")
@@ -464,8 +464,6 @@ class PeerLink:
             for ack in call:
                 if call is not self._call:
                     return
-                # (a Unix channel's plain ack is its sequence id alone: batch.decode_ack)
-                seq = ack if type(ack) is int else ack.seq
                 if not self.connected:
                     self.connected = True
                     self._down_logged = False
@@ -474,7 +472,8 @@ class PeerLink:
                         "peer_connected",
                         extra={"peer": self.node_id, "addr": self.addr, "resent": len(self.unacked) - 1},
                     )
-                entry = self.unacked.pop(seq, None)
+                # (a Unix channel's plain ack is its sequence id alone: batch.decode_ack)
+                entry = self.unacked.pop(ack_seq(ack), None)
                 if entry is not None:
                     n, iv = entry[2], entry[3]
                     # (held by nothing now: the runs' bytes of an acknowledged batch are the spares

@@ -45,7 +45,7 @@ from gevent.server import StreamServer
 from fluxmq._core.framebuf import FrameBuffers
 
 from . import ring as _ring
-from .batch import FramedBatch, RawBatch, decode_ack, encode_ack
+from .batch import FramedBatch, RawBatch, ack_seq, decode_ack, encode_ack
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
 
@@ -389,8 +389,7 @@ class _RouteCall:
             raise self._error from None
         ring = self.ring
         if ring is not None:
-            # (the stream's acks come in its batches' order; a plain one is its seq alone)
-            ring.acked(ack if type(ack) is int else ack.seq)
+            ring.acked(ack_seq(ack))  # (the stream's acks come in its batches' order)
         return ack
 
     def cancel(self) -> None:
