@@ -6,6 +6,7 @@ bad descriptor ends its stream only. Real memfds, real Unix sockets under gevent
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -228,43 +229,44 @@ def _stream_with_ring(path: str, ring: SendRing) -> socket.socket:
     return sock
 
 
-def test_a_bad_descriptor_frame_ends_its_stream_and_the_server_serves_the_next_one(tmp_path) -> None:
+@contextlib.contextmanager
+def acking_server(tmp_path):
+    """A Unix server of an ``_Acks`` transport, for 30 s at most: (its socket path, the transport)."""
     path = str(tmp_path / "w1.sock")
     transport = _Acks()
     server = unix._unix_server(transport, f"unix:{path}")
     try:
         with gevent.Timeout(30):
-            ring = SendRing(1 << 20)
-            bad = _stream_with_ring(path, ring)
-            good = place(ring, 1, 10)
-            bad.sendall(good)  # a good batch first: applied and acknowledged
-            assert decode_ack(unix.FrameReader(bad).read()) == 1  # (a plain ack: its seq)
-            bad.sendall(DESC.pack(9, RING_MARK, (1 << 20) - 8, 64))  # past the ring's end
-            assert bad.recv(16) == b""  # that stream ended
-            bad.close()
-            ring2 = SendRing(1 << 20)
-            sock = _stream_with_ring(path, ring2)  # the server still serves
-            sock.sendall(place(ring2, 2, 10))
-            assert decode_ack(unix.FrameReader(sock).read()) == 2  # (a plain ack: its seq)
-            sock.close()
-            assert [b.seq for b in transport.batches] == [1, 2]
+            yield path, transport
     finally:
         server.stop(timeout=0)
+
+
+def test_a_bad_descriptor_frame_ends_its_stream_and_the_server_serves_the_next_one(tmp_path) -> None:
+    with acking_server(tmp_path) as (path, transport):
+        ring = SendRing(1 << 20)
+        bad = _stream_with_ring(path, ring)
+        good = place(ring, 1, 10)
+        bad.sendall(good)  # a good batch first: applied and acknowledged
+        assert decode_ack(unix.FrameReader(bad).read()) == 1  # (a plain ack: its seq)
+        bad.sendall(DESC.pack(9, RING_MARK, (1 << 20) - 8, 64))  # past the ring's end
+        assert bad.recv(16) == b""  # that stream ended
+        bad.close()
+        ring2 = SendRing(1 << 20)
+        sock = _stream_with_ring(path, ring2)  # the server still serves
+        sock.sendall(place(ring2, 2, 10))
+        assert decode_ack(unix.FrameReader(sock).read()) == 2  # (a plain ack: its seq)
+        sock.close()
+        assert [b.seq for b in transport.batches] == [1, 2]
 
 
 def test_a_descriptor_frame_on_a_stream_without_a_ring_ends_it(tmp_path) -> None:
-    path = str(tmp_path / "w1.sock")
-    transport = _Acks()
-    server = unix._unix_server(transport, f"unix:{path}")
-    try:
-        with gevent.Timeout(30):
-            sock = unix._connect(path, unix.ROUTE)
-            sock.sendall(DESC.pack(9, RING_MARK, 0, 64))
-            assert sock.recv(16) == b""
-            sock.close()
-            assert transport.batches == []
-    finally:
-        server.stop(timeout=0)
+    with acking_server(tmp_path) as (path, transport):
+        sock = unix._connect(path, unix.ROUTE)
+        sock.sendall(DESC.pack(9, RING_MARK, 0, 64))
+        assert sock.recv(16) == b""
+        sock.close()
+        assert transport.batches == []
 
 
 def test_the_memfd_a_stream_sends_is_sealed_against_resizing() -> None:
