@@ -45,7 +45,17 @@ from gevent.server import StreamServer
 from fluxmq._core.framebuf import FrameBuffers
 
 from . import ring as _ring
-from .batch import FramedBatch, RawBatch, ack_seq, decode_ack, encode_ack
+from .batch import (
+    PLAIN_BODY,
+    PLAIN_MARK,
+    RAW_LEAD,
+    RAW_MARK,
+    FramedBatch,
+    RawBatch,
+    ack_seq,
+    decode_ack,
+    encode_ack,
+)
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
 
@@ -64,10 +74,10 @@ MAX_FRAME = 512 << 20
 CHUNK = 65536
 #: frames longer than this are received into their own ``bytes`` (``FrameReader._read_large``)
 LARGE_FRAME = CHUNK
-#: a RawBatch frame's start: frame length, the 0 byte that marks it, head length
-RAW_HEAD = struct.Struct(">IBI")
-#: the same without the frame length: a RawBatch frame's body starts so (in a ring's region too)
-RAW_LEAD = struct.Struct(">BI")
+#: a plain batch's frame body: its lead (``batch.PLAIN_LEAD``), then its items
+_PLAIN_START = 1 + PLAIN_BODY.size
+_PLAIN = bytes([PLAIN_MARK])
+_RAW = bytes([RAW_MARK])
 #: parts past which a RawBatch is joined before it is sent (sendmsg takes at most IOV_MAX buffers)
 MAX_PARTS = 512
 #: the send buffer asked for a connection's socket (the kernel caps it at net.core.wmem_max): a
@@ -238,9 +248,9 @@ def _send_whole(sock, frame: bytes) -> None:
 
 def write_raw_batch(sock, batch: RawBatch) -> None:
     """One frame of ``batch`` (see the module docstring), its parts gathered by one ``sendmsg``."""
-    head = batch.head
-    total = RAW_HEAD.size + len(head) + batch.size
-    parts = [RAW_HEAD.pack(total - HEADER.size, 0, len(head)), head]
+    lead = batch.lead
+    total = HEADER.size + len(lead) + batch.size
+    parts = [HEADER.pack(total - HEADER.size), lead]
     if len(batch.parts) > MAX_PARTS:
         parts.append(b"".join(batch.parts))
     else:
@@ -276,17 +286,29 @@ def recv_method(sock) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
-def read_batch(frame: bytes):
-    """The batch of one Route frame: a ``FramedBatch`` (a RawBatch's frame) or a ``pb.Batch``."""
-    if frame[:1] != b"\x00":
+def read_batch(frame: bytes, sender: str | None = None, epoch: int = 0):
+    """The batch of one Route frame: a ``FramedBatch`` (a RawBatch's frame; a plain one's sender
+    and epoch are ``sender`` and ``epoch``, those the stream's earlier batches named) or a
+    ``pb.Batch``. ``EOFError``: a damaged frame, or a plain one before ``sender`` is known."""
+    lead = frame[:1]
+    if lead == _PLAIN:
+        if sender is None:
+            raise EOFError("plain batch before the stream named its sender")
+        if len(frame) < _PLAIN_START:
+            raise EOFError("truncated batch frame")
+        seq, count = PLAIN_BODY.unpack_from(frame, 1)
+        return FramedBatch(sender, epoch, seq, False, (), count, frame, _PLAIN_START)
+    if lead != _RAW:
         return pb.Batch.FromString(frame)
-    if len(frame) < 5:
+    if len(frame) < RAW_LEAD.size:
         raise EOFError("truncated batch frame")
-    (n,) = HEADER.unpack_from(frame, 1)
-    start = 5 + n
+    start = RAW_LEAD.size + RAW_LEAD.unpack_from(frame)[1]
     if start > len(frame):
         raise EOFError("batch head runs past its frame")
-    return FramedBatch(pb.Batch.FromString(frame[5:start]), frame, start)
+    head = pb.Batch.FromString(frame[RAW_LEAD.size : start])
+    return FramedBatch(
+        head.sender, head.epoch, head.seq, head.snapshot, head.interest, head.count, frame, start
+    )
 
 
 def _connect(path: str, method: bytes, fd: int = -1) -> socket.socket:
@@ -366,8 +388,7 @@ class _RouteCall:
         if type(request) is RawBatch:
             ring = self.ring
             if ring is not None:
-                head = request.head
-                desc = ring.place(request.seq, head, RAW_LEAD.pack(0, len(head)), request.parts)
+                desc = ring.place(request.seq, request.lead, request.parts)
                 if desc is not None:
                     _send_whole(sock, desc)
                     return
@@ -500,6 +521,8 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
                 buffers = reader.frames
 
                 def batches():
+                    sender = None  # named by the stream's first batch (a plain one names none)
+                    epoch = 0
                     while True:
                         try:
                             frame = reader.read()
@@ -507,9 +530,12 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
                                 if ring is None:
                                     return  # (a stream without a ring: damaged)
                                 frame = ring.take(frame, buffers)
-                            yield read_batch(frame)
+                            batch = read_batch(frame, sender, epoch)
                         except (EOFError, OSError):
                             return
+                        sender = batch.sender
+                        epoch = batch.epoch
+                        yield batch
 
                 for ack in servicer.acks(batches()):
                     write_frame(sock, encode_ack(ack))
