@@ -9,11 +9,17 @@ threads (``bench/workers_transport.py``: about 2.5x the messages per second of g
 socket at 16 messages per batch, and a third of the round trip; the same at 256).
 
 A ``PeerLink`` on a ``UnixChannel`` (``raw_batches``) sends its batches as ``RawBatch`` objects, framed
-``u32 length | 0x00 | u32 head length | head | items``: the head is the protobuf ``Batch`` without
-its items, the items follow as the relay framed them, written with one ``sendmsg`` (no join, no copy
-into a protobuf message, no serialization of them) and read back into a ``FramedBatch`` whose items
-are the received frame itself. A protobuf message never starts with a 0 byte (field number 0 is
-invalid), so any other frame is a serialized ``Batch`` (the snapshot batch, and the gRPC path's).
+``u32 length | lead | items`` (``fluxmq.cluster.batch``): a plain batch (no interest change, no
+snapshot: nearly every batch) has the lead ``0x02 | u64 seq | u32 count``, its sender and epoch
+those the stream's earlier batches named; a batch with interest changes has ``0x00 | u32 head
+length | head``, the head the protobuf ``Batch`` without its items. The items follow as the relay
+framed them, written with one ``sendmsg`` (no join, no copy into a protobuf message, no
+serialization of them) and read back into a ``FramedBatch`` whose items are the received frame
+itself: a plain batch makes, serializes and parses no protobuf message on either side. A protobuf
+message never starts with 0x00, 0x01 or 0x02 (field number 0 is invalid), so any other frame is a
+serialized ``Batch`` (the snapshot batch, and the gRPC path's). A stream's first batch always names
+the sender and epoch (the snapshot, or a retried batch given a head, ``RawBatch.named``); the
+server ends a stream (never the worker) whose plain frame comes before that, or is truncated.
 
 Between workers a Route stream opened with the method byte ``S`` (its SCM_RIGHTS carry a sealed
 ``memfd``, ``fluxmq.cluster.ring``) carries a RawBatch's frame through that shared-memory ring
