@@ -109,20 +109,50 @@ def _head_and_items(
     return head, parts, expired
 
 
+#: A ``RawBatch``'s frame body (what follows the transport's u32 length, ``fluxmq.cluster.unix``)
+#: starts with its lead. A batch with interest changes or a snapshot: ``RAW_MARK`` (0x00), a u32 head
+#: length, the head (the serialized ``Batch`` without items). A plain batch (neither): ``PLAIN_MARK``
+#: (0x02), its u64 sequence id and u32 message count; its sender and epoch are those the stream's
+#: earlier headed batch named (a stream's first batch always names them: ``RawBatch.named``). The
+#: items follow either lead. A protobuf message never starts with 0x00 or 0x02 (field number 0 is
+#: invalid), so any other frame is a serialized ``Batch``.
+RAW_MARK = 0
+PLAIN_MARK = 2
+RAW_LEAD = struct.Struct(">BI")
+PLAIN_LEAD = struct.Struct(">BQI")
+#: a plain lead after its mark
+PLAIN_BODY = struct.Struct(">QI")
+
+
 class RawBatch:
     """A batch for a transport that carries the items as they are (``UnixChannel``, between the
-    workers of a node): ``head`` is the serialized ``Batch`` without ``items``, ``parts`` the framed
-    items (``frame_items``), written after it as they are. Joining the items, copying them into a
+    workers of a node): ``lead`` the frame body's start (above), ``parts`` the framed items
+    (``frame_items``), written after it as they are. Joining the items, copying them into a
     protobuf message and serializing it made four copies of every forwarded byte on the sender
-    (and parsing and ``Batch.items`` two more on the receiver)."""
+    (and parsing and ``Batch.items`` two more on the receiver); a plain batch's lead spares the
+    protobuf head on both sides too (a message made or set, serialized, parsed and five fields
+    read per batch: ~10,700 instructions of the link's ~124,000 per batch, ``bench/RESULTS.md``)."""
 
-    __slots__ = ("seq", "head", "parts", "size")
+    __slots__ = ("seq", "count", "lead", "parts", "size")
 
-    def __init__(self, seq: int, head: bytes, parts: list[bytes]) -> None:
+    def __init__(self, seq: int, count: int, lead: bytes, parts: list[bytes]) -> None:
         self.seq = seq
-        self.head = head
+        self.count = count
+        self.lead = lead
         self.parts = parts
         self.size = sum(map(len, parts))
+
+    @property
+    def plain(self) -> bool:
+        return self.lead[0] == PLAIN_MARK
+
+    def named(self, sender: str, epoch: int) -> RawBatch:
+        """This batch with a head that names ``sender`` and ``epoch`` (itself when it has one): a
+        plain batch sent again first on a new stream (``PeerLink._open_stream``) must name them."""
+        if not self.plain:
+            return self
+        head = pb.Batch(sender=sender, epoch=epoch, seq=self.seq, count=self.count).SerializeToString()
+        return RawBatch(self.seq, self.count, RAW_LEAD.pack(RAW_MARK, len(head)) + head, self.parts)
 
 
 def build_raw_batch(
@@ -133,19 +163,18 @@ def build_raw_batch(
     interest=(),
     snapshot: bool = False,
     now: float | None = None,
-    head: pb.Batch | None = None,
+    plain: bool = False,
 ) -> tuple[RawBatch, int]:
-    """``build_batch`` as a ``RawBatch``; returns (batch, expired). ``head``: a ``pb.Batch`` of
-    ``sender`` and ``epoch`` that the caller keeps (``PeerLink``: one per link), serialized here with
-    this batch's ``seq`` and ``count`` when the batch carries no interest change, instead of a
-    message of six fields made per batch (about 3x the cost; the head's bytes are the same)."""
-    if head is None or interest or snapshot:
+    """``build_batch`` as a ``RawBatch``; returns (batch, expired). ``plain``: a batch without
+    interest changes or snapshot gets the plain lead (its sender and epoch the stream's), no
+    protobuf head."""
+    if not plain or interest or snapshot:
         head, parts, expired = _head_and_items(sender, epoch, seq, entries, interest, snapshot, now)
-        return RawBatch(seq, head.SerializeToString(), parts), expired
+        data = head.SerializeToString()
+        return RawBatch(seq, head.count, RAW_LEAD.pack(RAW_MARK, len(data)) + data, parts), expired
     parts, count, expired = frame_items(entries, time.monotonic() if now is None else now)
-    head.seq = seq
-    head.count = count - expired
-    return RawBatch(seq, head.SerializeToString(), parts), expired
+    count -= expired
+    return RawBatch(seq, count, PLAIN_LEAD.pack(PLAIN_MARK, seq, count), parts), expired
 
 
 #: a plain acknowledgement (no busy group) where the transport frames it itself (``UnixChannel``,
@@ -186,26 +215,31 @@ def decode_ack(frame: bytes) -> int | pb.BatchAck:
 
 
 class FramedBatch:
-    """A received ``RawBatch``: the fields of its head (as ``pb.Batch`` has them) and ``items``, the
-    whole received frame, whose items start at byte ``items_start`` (not copied out of it)."""
+    """A received ``RawBatch``: what ``ClusterPeers`` reads of a ``pb.Batch`` (sender, epoch, seq,
+    snapshot, interest, count) and ``items``, the whole received frame, whose items start at byte
+    ``items_start`` (not copied out of it). A plain batch's sender and epoch are its stream's."""
 
-    __slots__ = ("sender", "epoch", "seq", "snapshot", "interest", "head", "items", "items_start")
+    __slots__ = ("sender", "epoch", "seq", "snapshot", "interest", "count", "items", "items_start")
 
-    def __init__(self, head: pb.Batch, items: bytes, items_start: int) -> None:
-        self.sender = head.sender
-        self.epoch = head.epoch
-        self.seq = head.seq
-        self.snapshot = head.snapshot
-        self.interest = head.interest
-        self.head = head
+    def __init__(
+        self,
+        sender: str,
+        epoch: int,
+        seq: int,
+        snapshot: bool,
+        interest,
+        count: int,
+        items: bytes,
+        items_start: int,
+    ) -> None:
+        self.sender = sender
+        self.epoch = epoch
+        self.seq = seq
+        self.snapshot = snapshot
+        self.interest = interest
+        self.count = count
         self.items = items
         self.items_start = items_start
-
-    @property
-    def count(self) -> int:
-        """The messages the batch says it holds (read from the head when asked: the receiver
-        needs it only to report a damaged batch; a protobuf field read costs ~600 instructions)."""
-        return self.head.count
 
 
 def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Message, tuple[str, ...], bool]]:

@@ -98,11 +98,9 @@ class PeerLink:
         self.settings = settings
         self.channel = channel
         self.stub = pb_grpc.ClusterTransportStub(channel)
-        # a channel that writes a RawBatch's items as they are (the Unix socket between workers):
-        # their heads are serialized from this one message, its seq and count set per batch
-        self._head = (
-            pb.Batch(sender=local_id, epoch=epoch) if getattr(channel, "raw_batches", False) else None
-        )
+        # a channel that writes a RawBatch's items as they are (the Unix socket between workers): a
+        # batch without interest changes is a plain one there (its seq and count in the frame)
+        self._raw = getattr(channel, "raw_batches", False)
         self._local_filters = local_filters  # () -> iterable of this node's filters (the snapshot)
         self._on_ack = on_ack  # (node_id, BatchAck) -> None
         self.queue: deque[Outgoing | ForwardRun] = deque()
@@ -289,9 +287,15 @@ class PeerLink:
         # interest set: the changes those batches carry are older than it. An unacknowledged earlier
         # snapshot is dropped, not sent again: the new one holds all of its interest (so a peer down
         # for long keeps one snapshot here, not one per reconnect).
+        # The stream's first batch names this link's sender and epoch: a plain RawBatch, which
+        # names none (the receiver takes the stream's), is sent first with a head that does.
         self.unacked.pop(self._snapshot_seq, None)
+        first = True
         for seq, (batch, _sent, n, iv) in list(self.unacked.items()):
             self.unacked[seq] = (batch, time.monotonic(), n, iv)
+            if first and type(batch) is RawBatch:
+                batch = batch.named(self.local_id, self.epoch)
+            first = False
             self._put(batch)
             self.stats.resent += 1
         self.interest.clear()
@@ -395,31 +399,15 @@ class PeerLink:
 
     def _take_and_send(self) -> None:
         """Take the next batch from the queue and send it."""
-        s = self.settings
         fq = self.forward_queue
-        fq.seal()
-        entries = []
-        n = size = 0
-        queue = self.queue
-        # (a run of the relay's holds at most batch_max_size messages: a batch at most about twice)
-        while queue and n < s.batch_max_size and (not entries or size < BATCH_MAX_BYTES):
-            entry = queue.popleft()
-            entries.append(entry)
-            if type(entry) is ForwardRun:
-                n += entry.count
-                size += len(entry.data)
-            else:
-                n += 1
-                size += len(entry.blob)
-        fq.queued -= n
-        fq.queued_bytes -= size
+        # (in C: the tail sealed, the entries popped, the counters lowered; a run of the relay's
+        # holds at most batch_max_size messages: a batch at most about twice)
+        entries, n = fq.take(self.settings.batch_max_size, BATCH_MAX_BYTES)
         self.taken += n
         interest, self.interest = self.interest, []
         self.seq = seq = self.seq + 1
-        if self._head is not None:
-            batch, expired = build_raw_batch(
-                self.local_id, self.epoch, seq, entries, interest, head=self._head
-            )
+        if self._raw:
+            batch, expired = build_raw_batch(self.local_id, self.epoch, seq, entries, interest, plain=True)
         else:
             batch, expired = build_batch(self.local_id, self.epoch, seq, entries, interest)
         if expired:

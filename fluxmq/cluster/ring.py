@@ -10,8 +10,10 @@ and length in the ring. The receiver copies the frame out of its read-only mappi
 that descriptor, before it applies the batch (so it never touches a region again once it has read
 the next frame, let alone once it acknowledged the batch).
 
-* **Layout.** A region holds exactly what the inline frame ``0x00 | u32 head length | head | items``
-  holds after its length prefix (``read_batch`` reads either alike), contiguous. A frame starts at
+* **Layout.** A region holds exactly what the inline frame holds after its length prefix, a
+  RawBatch's lead then its items (``0x00 | u32 head length | head | items``, or a plain batch's
+  ``0x02 | u64 seq | u32 count | items``: ``fluxmq.cluster.batch``), contiguous (``read_batch``
+  reads either alike). A frame starts at
   offset 0 whenever the oldest region in use leaves room before it (and while none is in use),
   else after the newest region when the ring's end leaves room: a stream cycles through as few
   pages as its batches in flight need (each page of the ring costs a page fault in each worker the
@@ -42,8 +44,8 @@ from collections import deque
 RING_SIZE = 4 << 20
 #: the largest ring a receiver maps
 MAX_RING = 64 << 20
-#: a descriptor frame's marker (a RawBatch frame's is 0x00; a protobuf message never starts with 0x01
-#: either: field number 0 is invalid)
+#: a descriptor frame's marker (a RawBatch frame's is 0x00 or 0x02; a protobuf message never starts
+#: with 0x01 either: field number 0 is invalid)
 RING_MARK = 1
 #: a descriptor frame: frame length (9), the marker, the region's offset and length
 DESC = struct.Struct(">IBII")
@@ -102,10 +104,10 @@ class SendRing:
             return end if end + n <= self.size else -1
         return end if end + n <= first else -1  # wrapped: free [end, first)
 
-    def place(self, seq: int, head: bytes, lead: bytes, parts) -> bytes | None:
-        """Copy ``lead``, ``head`` and ``parts`` (a frame's body) into the ring as batch ``seq``'s
-        region; its descriptor frame, or None when the ring has no room for it now."""
-        n = len(lead) + len(head)
+    def place(self, seq: int, lead: bytes, parts) -> bytes | None:
+        """Copy ``lead`` and ``parts`` (a frame's body) into the ring as batch ``seq``'s region; its
+        descriptor frame, or None when the ring has no room for it now."""
+        n = len(lead)
         for p in parts:
             n += len(p)
         at = self._room(n)
@@ -113,10 +115,8 @@ class SendRing:
             self.inline_frames += 1
             return None
         mm = self.mm
-        i = at + len(lead)
-        mm[at:i] = lead
-        j = i + len(head)
-        mm[i:j] = head
+        j = at + len(lead)
+        mm[at:j] = lead
         for p in parts:
             i = j
             j = i + len(p)

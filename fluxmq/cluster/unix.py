@@ -9,11 +9,17 @@ threads (``bench/workers_transport.py``: about 2.5x the messages per second of g
 socket at 16 messages per batch, and a third of the round trip; the same at 256).
 
 A ``PeerLink`` on a ``UnixChannel`` (``raw_batches``) sends its batches as ``RawBatch`` objects, framed
-``u32 length | 0x00 | u32 head length | head | items``: the head is the protobuf ``Batch`` without
-its items, the items follow as the relay framed them, written with one ``sendmsg`` (no join, no copy
-into a protobuf message, no serialization of them) and read back into a ``FramedBatch`` whose items
-are the received frame itself. A protobuf message never starts with a 0 byte (field number 0 is
-invalid), so any other frame is a serialized ``Batch`` (the snapshot batch, and the gRPC path's).
+``u32 length | lead | items`` (``fluxmq.cluster.batch``): a plain batch (no interest change, no
+snapshot: nearly every batch) has the lead ``0x02 | u64 seq | u32 count``, its sender and epoch
+those the stream's earlier batches named; a batch with interest changes has ``0x00 | u32 head
+length | head``, the head the protobuf ``Batch`` without its items. The items follow as the relay
+framed them, written with one ``sendmsg`` (no join, no copy into a protobuf message, no
+serialization of them) and read back into a ``FramedBatch`` whose items are the received frame
+itself: a plain batch makes, serializes and parses no protobuf message on either side. A protobuf
+message never starts with 0x00, 0x01 or 0x02 (field number 0 is invalid), so any other frame is a
+serialized ``Batch`` (the snapshot batch, and the gRPC path's). A stream's first batch always names
+the sender and epoch (the snapshot, or a retried batch given a head, ``RawBatch.named``); the
+server ends a stream (never the worker) whose plain frame comes before that, or is truncated.
 
 Between workers a Route stream opened with the method byte ``S`` (its SCM_RIGHTS carry a sealed
 ``memfd``, ``fluxmq.cluster.ring``) carries a RawBatch's frame through that shared-memory ring
@@ -45,7 +51,17 @@ from gevent.server import StreamServer
 from fluxmq._core.framebuf import FrameBuffers
 
 from . import ring as _ring
-from .batch import FramedBatch, RawBatch, ack_seq, decode_ack, encode_ack
+from .batch import (
+    PLAIN_BODY,
+    PLAIN_MARK,
+    RAW_LEAD,
+    RAW_MARK,
+    FramedBatch,
+    RawBatch,
+    ack_seq,
+    decode_ack,
+    encode_ack,
+)
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
 
@@ -64,10 +80,10 @@ MAX_FRAME = 512 << 20
 CHUNK = 65536
 #: frames longer than this are received into their own ``bytes`` (``FrameReader._read_large``)
 LARGE_FRAME = CHUNK
-#: a RawBatch frame's start: frame length, the 0 byte that marks it, head length
-RAW_HEAD = struct.Struct(">IBI")
-#: the same without the frame length: a RawBatch frame's body starts so (in a ring's region too)
-RAW_LEAD = struct.Struct(">BI")
+#: a plain batch's frame body: its lead (``batch.PLAIN_LEAD``), then its items
+_PLAIN_START = 1 + PLAIN_BODY.size
+_PLAIN = bytes([PLAIN_MARK])
+_RAW = bytes([RAW_MARK])
 #: parts past which a RawBatch is joined before it is sent (sendmsg takes at most IOV_MAX buffers)
 MAX_PARTS = 512
 #: the send buffer asked for a connection's socket (the kernel caps it at net.core.wmem_max): a
@@ -143,6 +159,33 @@ class FrameReader:
         self._recv_into = _raw(sock).recv_into if self._readable is not None else None
 
     def read(self) -> bytes:
+        if self.start == self.end and self._recv_into is not None:
+            # Nothing buffered, the common case between workers (a batch's descriptor frame or its
+            # ack arrives alone, and the previous frame was read whole): wait for the socket, read
+            # into the buffer's start and return the frame if that read brought it whole, without
+            # ``_read``'s bookkeeping (~150 bytecodes a frame there, ~90 here)
+            buf = self.buf
+            self._wait(self._readable)
+            while True:
+                try:
+                    got = self._recv_into(buf, CHUNK)  # (the buffer holds at least 2 CHUNKs)
+                    break
+                except BlockingIOError:
+                    self._wait(self._readable)
+            if not got:
+                raise EOFError("connection closed")
+            self.start = 0
+            self.end = got
+            if got >= 4:
+                n = HEADER.unpack_from(buf)[0]
+                if got >= 4 + n:  # (so n < CHUNK: within MAX_FRAME)
+                    self.start = 4 + n
+                    with memoryview(buf) as view:
+                        return bytes(view[4 : 4 + n])
+        return self._read()
+
+    def _read(self) -> bytes:
+        """``read`` from whatever is buffered (reading more as the frame needs)."""
         while True:
             start, end = self.start, self.end
             have = end - start
@@ -238,9 +281,9 @@ def _send_whole(sock, frame: bytes) -> None:
 
 def write_raw_batch(sock, batch: RawBatch) -> None:
     """One frame of ``batch`` (see the module docstring), its parts gathered by one ``sendmsg``."""
-    head = batch.head
-    total = RAW_HEAD.size + len(head) + batch.size
-    parts = [RAW_HEAD.pack(total - HEADER.size, 0, len(head)), head]
+    lead = batch.lead
+    total = HEADER.size + len(lead) + batch.size
+    parts = [HEADER.pack(total - HEADER.size), lead]
     if len(batch.parts) > MAX_PARTS:
         parts.append(b"".join(batch.parts))
     else:
@@ -276,17 +319,29 @@ def recv_method(sock) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
-def read_batch(frame: bytes):
-    """The batch of one Route frame: a ``FramedBatch`` (a RawBatch's frame) or a ``pb.Batch``."""
-    if frame[:1] != b"\x00":
+def read_batch(frame: bytes, sender: str | None = None, epoch: int = 0):
+    """The batch of one Route frame: a ``FramedBatch`` (a RawBatch's frame; a plain one's sender
+    and epoch are ``sender`` and ``epoch``, those the stream's earlier batches named) or a
+    ``pb.Batch``. ``EOFError``: a damaged frame, or a plain one before ``sender`` is known."""
+    lead = frame[:1]
+    if lead == _PLAIN:
+        if sender is None:
+            raise EOFError("plain batch before the stream named its sender")
+        if len(frame) < _PLAIN_START:
+            raise EOFError("truncated batch frame")
+        seq, count = PLAIN_BODY.unpack_from(frame, 1)
+        return FramedBatch(sender, epoch, seq, False, (), count, frame, _PLAIN_START)
+    if lead != _RAW:
         return pb.Batch.FromString(frame)
-    if len(frame) < 5:
+    if len(frame) < RAW_LEAD.size:
         raise EOFError("truncated batch frame")
-    (n,) = HEADER.unpack_from(frame, 1)
-    start = 5 + n
+    start = RAW_LEAD.size + RAW_LEAD.unpack_from(frame)[1]
     if start > len(frame):
         raise EOFError("batch head runs past its frame")
-    return FramedBatch(pb.Batch.FromString(frame[5:start]), frame, start)
+    head = pb.Batch.FromString(frame[RAW_LEAD.size : start])
+    return FramedBatch(
+        head.sender, head.epoch, head.seq, head.snapshot, head.interest, head.count, frame, start
+    )
 
 
 def _connect(path: str, method: bytes, fd: int = -1) -> socket.socket:
@@ -366,8 +421,7 @@ class _RouteCall:
         if type(request) is RawBatch:
             ring = self.ring
             if ring is not None:
-                head = request.head
-                desc = ring.place(request.seq, head, RAW_LEAD.pack(0, len(head)), request.parts)
+                desc = ring.place(request.seq, request.lead, request.parts)
                 if desc is not None:
                     _send_whole(sock, desc)
                     return
@@ -500,6 +554,8 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
                 buffers = reader.frames
 
                 def batches():
+                    sender = None  # named by the stream's first batch (a plain one names none)
+                    epoch = 0
                     while True:
                         try:
                             frame = reader.read()
@@ -507,9 +563,12 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
                                 if ring is None:
                                     return  # (a stream without a ring: damaged)
                                 frame = ring.take(frame, buffers)
-                            yield read_batch(frame)
+                            batch = read_batch(frame, sender, epoch)
                         except (EOFError, OSError):
                             return
+                        sender = batch.sender
+                        epoch = batch.epoch
+                        yield batch
 
                 for ack in servicer.acks(batches()):
                     write_frame(sock, encode_ack(ack))

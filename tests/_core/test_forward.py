@@ -444,3 +444,48 @@ def test_a_spare_still_held_by_a_queued_run_keeps_its_bytes_when_released() -> N
     assert [m.payload for r in queued for m, _g, _l in decode_items(r.data)] == [
         i.to_bytes(4, "big") * 25 for i in range(3000)
     ]
+
+
+def test_take_seals_the_tail_bounds_a_batch_by_messages_and_bytes_and_keeps_the_counters_exact() -> None:
+    # PeerLink's take in C: the tail sealed first, entries from the front while fewer than
+    # max_messages messages and (past the first entry) fewer than max_bytes bytes; a relay's run
+    # counts its messages and bytes, an Outgoing one message and its blob's bytes
+    runs: deque = deque()
+    fq = ForwardQueue(runs, 1000, 1 << 20, 3, 1 << 20)
+
+    def enqueue(payload: bytes) -> Outgoing:  # as PeerLink.enqueue
+        entry = Outgoing(encode_message(Message("u", payload)), (), True, None)
+        fq.seal()
+        runs.append(entry)
+        fq.queued += 1
+        fq.queued_bytes += len(entry.blob)
+        return entry
+
+    def remaining() -> tuple[int, int]:
+        n = sum(e.count if type(e) is ForwardRun else 1 for e in runs) + fq.tail_count
+        size = sum(len(e.data) if type(e) is ForwardRun else len(e.blob) for e in runs) + len(fq.tail)
+        return n, size
+
+    assert fq.take(10, 1 << 20) == ([], 0)
+    for i in range(4):  # a run of 3 sealed at run_messages, 1 in the tail
+        fq.append("t", "p", 0, bytes([i]))
+    big = enqueue(b"B" * 5000)  # seals the tail (a run of 1) before it
+    for i in range(5):  # a run of 3, 2 in the tail
+        fq.append("t", "p", 0, bytes([10 + i]))
+    assert (fq.queued, fq.queued_bytes) == remaining() == (10, fq.queued_bytes)
+
+    entries, n = fq.take(4, 1 << 20)  # the run of 3, then the run of 1: 4 messages
+    assert [e.count for e in entries] == [3, 1] and n == 4
+    assert (fq.queued, fq.queued_bytes) == remaining()
+
+    entries, n = fq.take(100, 10)  # past the bytes bound at once: the first entry alone
+    assert entries == [big] and n == 1
+    assert (fq.queued, fq.queued_bytes) == remaining()
+
+    entries, n = fq.take(100, 1 << 20)  # the rest, the tail sealed into a run first
+    assert [e.count for e in entries] == [3, 2] and n == 5 and fq.tail_count == 0
+    assert [m.payload for m, _g, _l in decode_items(b"".join(e.data for e in entries))] == [
+        bytes([10 + i]) for i in range(5)
+    ]
+    assert (fq.queued, fq.queued_bytes) == (0, 0) == remaining()
+    assert fq.take(100, 1 << 20) == ([], 0) and not runs

@@ -21,16 +21,18 @@ from fluxmq.cluster import unix
 from fluxmq.cluster.batch import FramedBatch, build_raw_batch, decode_ack
 from fluxmq.cluster.proto import cluster_pb2 as pb
 from fluxmq.cluster.ring import DESC, RING_MARK, RecvRing, SendRing
-from fluxmq.cluster.unix import RAW_LEAD, read_batch
+from fluxmq.cluster.unix import read_batch
 
 from .test_unix import linked_transports, messages, relay_runs
 
 pytestmark = pytest.mark.skipif(not ring_mod.supported(), reason="no memfd_create or file seals here")
 
 
-def place(ring: SendRing, seq: int, count: int, payload: bytes = b"p" * 64) -> bytes | None:
-    batch = build_raw_batch("w0", 1, seq, relay_runs(count, payload))[0]
-    return ring.place(seq, batch.head, RAW_LEAD.pack(0, len(batch.head)), batch.parts)
+def place(
+    ring: SendRing, seq: int, count: int, payload: bytes = b"p" * 64, plain: bool = False
+) -> bytes | None:
+    batch = build_raw_batch("w0", 1, seq, relay_runs(count, payload), plain=plain)[0]
+    return ring.place(seq, batch.lead, batch.parts)
 
 
 def pair(size: int) -> tuple[SendRing, RecvRing]:
@@ -258,6 +260,26 @@ def test_a_bad_descriptor_frame_ends_its_stream_and_the_server_serves_the_next_o
         assert decode_ack(unix.FrameReader(sock).read()) == 2  # (a plain ack: its seq)
         sock.close()
         assert [b.seq for b in transport.batches] == [1, 2]
+
+
+def test_a_plain_batch_through_the_ring_takes_its_streams_sender_and_is_refused_before_it(tmp_path) -> None:
+    with acking_server(tmp_path) as (path, transport):
+        ring = SendRing(1 << 20)
+        early = _stream_with_ring(path, ring)
+        early.sendall(place(ring, 1, 10, plain=True))  # the stream's first batch names no sender
+        assert early.recv(16) == b""  # that stream ended, the batch unapplied
+        early.close()
+        ring2 = SendRing(1 << 20)
+        sock = _stream_with_ring(path, ring2)  # the server still serves
+        reader = unix.FrameReader(sock)
+        sock.sendall(place(ring2, 1, 10))  # named: w0, epoch 1
+        assert decode_ack(reader.read()) == 1
+        sock.sendall(place(ring2, 2, 30, plain=True))
+        assert decode_ack(reader.read()) == 2
+        sock.close()
+        got = [(b.sender, b.epoch, b.seq, b.count, type(b) is FramedBatch) for b in transport.batches]
+        assert got == [("w0", 1, 1, 10, True), ("w0", 1, 2, 30, True)]
+        assert ring2.ring_frames == 2
 
 
 def test_a_descriptor_frame_on_a_stream_without_a_ring_ends_it(tmp_path) -> None:

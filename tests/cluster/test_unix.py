@@ -532,26 +532,58 @@ def test_an_ack_naming_busy_groups_still_travels_as_the_message_and_reaches_on_a
     assert seen and all(s == ("w1", s[1], ["$share/g/t"]) for s in seen)
 
 
-def test_a_raw_batchs_head_made_from_the_links_message_has_the_bytes_of_a_fresh_one() -> None:
-    # PeerLink keeps one pb.Batch (sender, epoch) and sets seq and count on it per batch: the head's
-    # bytes are those of a message made for the batch, interest changes, snapshots and expired
-    # messages included (a batch with interest changes is made whole, the kept message untouched)
-    head = pb.Batch(sender="w0", epoch=7)
+def test_a_plain_raw_batch_carries_its_seq_and_count_in_its_lead_and_names_its_sender_when_asked() -> None:
+    # a batch without interest changes or snapshot is plain on a Unix link: its lead is 0x02, the
+    # u64 seq and u32 count, no protobuf head; its items, count and expired messages are a headed
+    # one's, and ``named`` gives it the head a fresh batch has (a stream's first batch must name
+    # the sender and epoch); a batch with interest changes or a snapshot keeps its head
+    from fluxmq.cluster.batch import PLAIN_LEAD, PLAIN_MARK
+
     expiring = Outgoing(encode_message(Message("e", b"x", 0, expires_at=100.0)), (), True, 100.0)
     cases = [
-        (1, relay_runs(10), ()),
-        (2, [*relay_runs(3), expiring], ()),
-        (3, relay_runs(2), [("a/#", True)]),
-        (4, [], ()),
-        (5, relay_runs(4), ()),
+        (1, relay_runs(10), (), False),
+        (2, [*relay_runs(3), expiring], (), False),
+        (3, relay_runs(2), [("a/#", True)], False),
+        (4, [], (), False),
+        (5, [], [("a/#", True)], True),
+        (1 << 40, relay_runs(4), (), False),
     ]
     for now in (50.0, 150.0):  # the expiring message kept, then left out
-        for seq, entries, interest in cases:
-            kept, expired = build_raw_batch("w0", 7, seq, entries, interest, now=now, head=head)
-            fresh, fresh_expired = build_raw_batch("w0", 7, seq, entries, interest, now=now)
-            assert kept.head == fresh.head and expired == fresh_expired
-            assert kept.parts == fresh.parts and kept.size == fresh.size
-    assert pb.Batch.FromString(kept.head).count == 4 and not head.interest
+        for seq, entries, interest, snapshot in cases:
+            plain, expired = build_raw_batch("w0", 7, seq, entries, interest, snapshot, now=now, plain=True)
+            headed, headed_expired = build_raw_batch("w0", 7, seq, entries, interest, snapshot, now=now)
+            assert plain.parts == headed.parts and plain.size == headed.size and expired == headed_expired
+            assert plain.count == headed.count == pb.Batch.FromString(headed.lead[5:]).count
+            if interest or snapshot:
+                assert plain.lead == headed.lead and not plain.plain
+            else:
+                assert plain.plain and plain.lead == PLAIN_LEAD.pack(PLAIN_MARK, seq, plain.count)
+                assert len(plain.lead) == 13 and plain.lead[0] == 2
+            assert plain.named("w0", 7).lead == headed.lead
+            assert plain.named("w0", 7).parts == headed.parts
+    assert plain.count == 4
+
+
+def test_a_plain_frame_reads_back_with_its_streams_sender_and_epoch_and_is_refused_before_them() -> None:
+    batch = build_raw_batch("w0", 7, 42, relay_runs(30), plain=True)[0]
+    frame = transfer(lambda sock: write_raw_batch(sock, batch))[0]
+    assert frame[:1] == b"\x02"
+    got = read_batch(frame, "w0", 7)
+    assert type(got) is FramedBatch
+    assert (got.sender, got.epoch, got.seq, got.count, got.snapshot, list(got.interest)) == (
+        "w0",
+        7,
+        42,
+        30,
+        False,
+        [],
+    )
+    assert got.items_start == 13 and len(messages(got.items, got.items_start)) == 30
+    with pytest.raises(EOFError):
+        read_batch(frame)  # no sender named yet on the stream
+    for cut in (1, 5, 12):
+        with pytest.raises(EOFError):
+            read_batch(frame[:cut], "w0", 7)  # truncated lead
 
 
 def test_a_links_batches_make_no_protobuf_message_each(tmp_path, monkeypatch) -> None:
@@ -585,3 +617,114 @@ def test_a_links_batches_make_no_protobuf_message_each(tmp_path, monkeypatch) ->
         monkeypatch.undo()
     assert got[-20:] == [1] * 20
     assert made == []
+
+
+@pytest.mark.parametrize("through", ["ring", "inline"])
+def test_a_links_plain_batches_cross_with_no_protobuf_message_made_or_parsed(
+    tmp_path, monkeypatch, through
+) -> None:
+    # a plain batch (no interest change, no snapshot) carries its seq and count in the transport's
+    # frame (lead 0x02), its sender and epoch those of the stream's first batch: neither side makes,
+    # sets, serializes or parses a protobuf Batch for it, whether its frame goes through the
+    # stream's shared-memory ring or inline on the socket
+    import fluxmq.cluster.batch as batch_mod
+    import fluxmq.cluster.unix as unix_mod
+    from fluxmq.cluster import ring as ring_mod
+
+    if through == "ring" and not ring_mod.supported():
+        pytest.skip("no memfd_create or file seals here")
+    if through == "inline":
+        monkeypatch.setattr(unix_mod, "RING_SIZE", 0)
+    used: list = []
+
+    class Counting:
+        def __init__(self, name, real) -> None:
+            self.name, self.real = name, real
+
+        def __call__(self, *a, **kw):
+            used.append(self.name)
+            return self.real(*a, **kw)
+
+        def FromString(self, data):  # noqa: N802 (protobuf's name)
+            used.append(self.name + ".FromString")
+            return self.real.FromString(data)
+
+    class CountingPb:
+        def __getattr__(self, name):
+            real = getattr(pb, name)
+            return Counting(name, real) if name in ("Batch", "BatchAck", "InterestChange") else real
+
+    leads: list = []
+    real_read_batch = unix_mod.read_batch
+
+    def read_batch_seen(frame, *args):
+        leads.append(frame[:1])
+        return real_read_batch(frame, *args)
+
+    got: list = []
+
+    def on_batch(batch):
+        got.append((batch.sender, batch.epoch, batch.count, type(batch) is FramedBatch))
+        return batch.seq
+
+    with linked_transports(tmp_path, on_batch) as link:
+        monkeypatch.setattr(batch_mod, "pb", CountingPb())
+        monkeypatch.setattr(unix_mod, "pb", CountingPb())
+        monkeypatch.setattr(unix_mod, "read_batch", read_batch_seen)
+        with gevent.Timeout(30):
+            start = link.stats.batches
+            for i in range(20):
+                for _j in range(i % 3 + 1):
+                    link.forward_queue.append("t", "pub", 0, i.to_bytes(4, "big"))
+                while link.stats.batches < start + i + 1:
+                    gevent.sleep(0.001)
+        ring, epoch = link._call.ring, link.epoch
+        monkeypatch.undo()
+    assert used == []
+    assert leads == [b"\x02"] * 20
+    assert got[-20:] == [("w0", epoch, i % 3 + 1, True) for i in range(20)]
+    if through == "ring":
+        assert ring is not None and ring.ring_frames >= 20 and ring.inline_frames == 0
+    else:
+        assert ring is None
+
+
+def test_a_plain_frame_before_its_stream_named_the_sender_or_truncated_ends_that_stream_only(
+    tmp_path,
+) -> None:
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.unix import HEADER, UnixTransport
+
+    got: list = []
+
+    def on_batch(batch):
+        got.append((batch.sender, batch.epoch, batch.seq, batch.count))
+        return batch.seq
+
+    addr = f"unix:{tmp_path}/w1.sock"
+    receiver = UnixTransport("w1", 1, TransportSettings(bind_addr=addr), on_batch, lambda: [])
+    receiver.start()
+    path = f"{tmp_path}/w1.sock"
+    try:
+        with gevent.Timeout(10):
+            sock, reader = route_stream(path)
+            write_raw_batch(sock, build_raw_batch("w0", 3, 1, relay_runs(2), plain=True)[0])
+            with pytest.raises(EOFError):
+                reader.read()  # no sender named on this stream yet: it ends, unapplied
+            sock.close()
+            sock, reader = route_stream(path)  # the server still serves
+            write_raw_batch(sock, build_raw_batch("w0", 3, 1, relay_runs(2))[0])  # named
+            assert reader.read() == b"\x00" + (1).to_bytes(8, "big")
+            write_raw_batch(sock, build_raw_batch("w0", 3, 2, relay_runs(5), plain=True)[0])
+            assert reader.read() == b"\x00" + (2).to_bytes(8, "big")
+            sock.sendall(HEADER.pack(9) + b"\x02" + bytes(8))  # a plain lead cut short
+            with pytest.raises(EOFError):
+                reader.read()
+            sock.close()
+            sock, reader = route_stream(path)
+            write_raw_batch(sock, build_raw_batch("w0", 3, 3, relay_runs(1))[0])
+            assert reader.read() == b"\x00" + (3).to_bytes(8, "big")
+            sock.close()
+    finally:
+        receiver.stop(0.5)
+    assert got == [("w0", 3, 1, 2), ("w0", 3, 2, 5), ("w0", 3, 3, 1)]
