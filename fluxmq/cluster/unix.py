@@ -26,7 +26,10 @@ Between workers a Route stream opened with the method byte ``S`` (its SCM_RIGHTS
 instead: the frame's body is copied into the ring and the socket carries a descriptor frame
 ``u32 9 | 0x01 | u32 offset | u32 length``; the receiver copies the body out of its mapping into a
 reused ``bytes`` (``FrameBuffers``) and reads it as it would the inline frame. A batch the ring
-cannot take now goes inline; acknowledgements free the ring's regions.
+cannot take now goes inline; acknowledgements free the ring's regions. The receiver answers the
+offer with the stream's first frame, ``S`` (the ring is mapped) or ``R`` (refused: no descriptor
+came with it, or it cannot be mapped; the stream runs inline), and the sender uses the ring only
+once it has read ``S``.
 
 ``UnixChannel`` has the two methods of ``grpc.Channel`` the generated stub uses (``stream_stream``,
 ``unary_unary``), so ``PeerLink`` and ``ClusterTransport.call`` run unchanged; a failure surfaces as a
@@ -70,6 +73,9 @@ log = logging.getLogger("fluxmq.cluster.unix")
 HEADER = struct.Struct(">I")
 ROUTE = b"R"
 ROUTE_RING = b"S"  # a Route stream whose method byte carries its ring's descriptor (SCM_RIGHTS)
+#: the receiver's answer to ``ROUTE_RING`` (the stream's first frame): the ring is taken, or refused
+RING_TAKEN = b"S"
+RING_REFUSED = b"R"
 CALL = b"C"
 #: the ring of a Route stream between workers, bytes (0: none; ``fluxmq.cluster.ring``)
 RING_SIZE = _ring.RING_SIZE if _ring.supported() else 0
@@ -362,32 +368,34 @@ def _connect(path: str, method: bytes, fd: int = -1) -> socket.socket:
 
 class _RouteCall:
     """One Route stream: writes the request iterator's batches, iterates the acknowledgements. With
-    ``ring_size``, the stream has a shared-memory ring (``fluxmq.cluster.ring``) of its own, made
-    with it (a re-opened stream makes a new one, and its retried batches go through that)."""
+    ``ring_size``, the stream offers a shared-memory ring (``fluxmq.cluster.ring``) of its own, made
+    with it (a re-opened stream makes a new one), and uses it once the receiver answered that it
+    took it (``ring``; until then, and for good when it refused, the batches go inline)."""
 
     def __init__(self, path: str, requests, serialize, deserialize, ring_size: int = 0) -> None:
         self._deserialize = deserialize
         self._cancelled = False
         self._error: UnixRpcError | None = None
         self._sock = None
-        self.ring: _ring.SendRing | None = None
+        self.ring: _ring.SendRing | None = None  # the ring the receiver took
+        self._offer: _ring.SendRing | None = None  # the ring offered, until the receiver answers
         if ring_size:
             try:
-                self.ring = _ring.SendRing(ring_size)
+                self._offer = _ring.SendRing(ring_size)
             except OSError as exc:  # (no memory, no descriptor left): this stream goes inline
                 log.warning("route_ring_unavailable", extra={"path": path, "error": str(exc)})
         try:
-            if self.ring is not None:
+            if self._offer is not None:
                 try:
-                    self._sock = _connect(path, ROUTE_RING, self.ring.fd)
+                    self._sock = _connect(path, ROUTE_RING, self._offer.fd)
                 finally:
-                    self.ring.close_fd()  # (the receiver holds its own once it is sent)
+                    self._offer.close_fd()  # (the receiver holds its own once it is sent)
             else:
                 self._sock = _connect(path, ROUTE)
         except UnixRpcError as exc:
-            if self.ring is not None:
-                self.ring.close()
-                self.ring = None
+            if self._offer is not None:
+                self._offer.close()
+                self._offer = None
             self._error = exc
             self._writer = None
             return
@@ -436,6 +444,8 @@ class _RouteCall:
         if self._error is not None:
             raise self._error
         try:
+            if self._offer is not None:
+                self._answered(self._reader.read())
             ack = self._deserialize(self._reader.read())
         except (EOFError, OSError) as exc:
             code = grpc.StatusCode.CANCELLED if self._cancelled else grpc.StatusCode.UNAVAILABLE
@@ -445,6 +455,17 @@ class _RouteCall:
         if ring is not None:
             ring.acked(ack_seq(ack))  # (the stream's acks come in its batches' order)
         return ack
+
+    def _answered(self, frame: bytes) -> None:
+        """The receiver's answer to the ring offered: from now on the batches go through the ring
+        (``RING_TAKEN``), or inline for good (``RING_REFUSED``, the ring let go)."""
+        offer, self._offer = self._offer, None
+        if frame == RING_TAKEN:
+            self.ring = offer
+            return
+        offer.close()
+        if frame != RING_REFUSED:
+            raise EOFError("damaged answer to the ring offered")
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -456,9 +477,10 @@ class _RouteCall:
             except OSError:
                 pass
             self._sock.close()
-        ring, self.ring = self.ring, None
-        if ring is not None:
-            ring.close()
+        for ring in (self.ring, self._offer):
+            if ring is not None:
+                ring.close()
+        self.ring = self._offer = None
 
 
 class UnixChannel:
@@ -529,6 +551,21 @@ class UnixTransport(ClusterTransport):
         return UnixChannel(addr)
 
 
+def _take_ring(fds: list[int], path: str) -> _ring.RecvRing | None:
+    """The ring a Route stream offered (its one descriptor, taken out of ``fds``), mapped; None when
+    it is refused: no descriptor came with the offer (this worker had none left to receive it
+    into), or it cannot be mapped. A refused offer is answered, and the stream runs inline: closing
+    it instead made the sender re-open it with the same offer, and the link never came up."""
+    if len(fds) != 1:
+        log.warning("route_ring_refused", extra={"path": path, "error": f"{len(fds)} descriptors"})
+        return None
+    try:
+        return _ring.RecvRing(fds.pop())
+    except EOFError as exc:
+        log.warning("route_ring_refused", extra={"path": path, "error": str(exc)})
+        return None
+
+
 def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
     """A started server of ``transport``'s service on the Unix socket ``addr``."""
     path = _path(addr)
@@ -545,8 +582,9 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
         ring = None
         try:
             method, fds = recv_method(sock)
-            if method == ROUTE_RING and len(fds) == 1:
-                ring = _ring.RecvRing(fds.pop())
+            if method == ROUTE_RING:
+                ring = _take_ring(fds, path)
+                write_frame(sock, RING_REFUSED if ring is None else RING_TAKEN)
             for fd in fds:  # (none expected)
                 os.close(fd)
             if method in (ROUTE, ROUTE_RING):

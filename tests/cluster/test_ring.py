@@ -226,8 +226,10 @@ class _Acks:
 
 
 def _stream_with_ring(path: str, ring: SendRing) -> socket.socket:
+    """A raw Route stream to ``path`` that offered ``ring``, and had it taken."""
     sock = unix._connect(path, unix.ROUTE_RING, ring.fd)
     ring.close_fd()
+    assert unix.read_frame(sock) == unix.RING_TAKEN  # (the stream's first frame)
     return sock
 
 
@@ -291,6 +293,19 @@ def test_a_descriptor_frame_on_a_stream_without_a_ring_ends_it(tmp_path) -> None
         assert transport.batches == []
 
 
+def test_a_ring_offered_without_its_descriptor_is_refused_and_the_stream_runs_inline(tmp_path) -> None:
+    # (a receiving worker with no descriptor left gets the method byte without the memfd)
+    with acking_server(tmp_path) as (path, transport):
+        sock = unix._connect(path, unix.ROUTE_RING)
+        assert unix.read_frame(sock) == unix.RING_REFUSED
+        unix.write_raw_batch(sock, build_raw_batch("w0", 1, 1, relay_runs(10, b"p"))[0])
+        assert decode_ack(unix.FrameReader(sock).read()) == 1
+        sock.sendall(DESC.pack(9, RING_MARK, 0, 64))  # the stream has no ring
+        assert sock.recv(16) == b""
+        sock.close()
+        assert [b.seq for b in transport.batches] == [1]
+
+
 def test_the_memfd_a_stream_sends_is_sealed_against_resizing() -> None:
     ring = SendRing(1 << 16)
     try:
@@ -315,3 +330,17 @@ def test_only_large_frames_take_a_reused_allocation_so_small_batches_never_evict
         del frame
         sender.acked(seq)
     assert buffers.allocated == 1 and buffers.reused == 3
+
+
+def test_a_ring_the_receiver_cannot_map_leaves_its_stream_inline_and_the_link_up(
+    tmp_path, monkeypatch
+) -> None:
+    # a ring over the receiver's MAX_RING (as one it cannot map: no memory, no address space, a
+    # descriptor it did not get) was refused by closing the stream, and the re-opened stream offered
+    # the same: the link never came up. The receiver answers the offer; a refused ring goes.
+    monkeypatch.setattr(unix, "RING_SIZE", ring_mod.MAX_RING * 2)
+    got, on_batch = recording()
+    with linked_transports(tmp_path, on_batch) as link:
+        stream(link, 300, b"r" * 16)
+        assert link._call.ring is None and link.stats.failures == 0
+    assert_numbered(got, 300)
