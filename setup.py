@@ -35,6 +35,10 @@ extensions = [
 extensions.append(
     Extension("fluxmq.protocol._hub_read", ["fluxmq/protocol/_hub_read.pyx"], extra_compile_args=["-O2"])
 )
+# The copies in and out of a Route stream's shared-memory ring between workers (fluxmq.cluster.ring).
+extensions.append(
+    Extension("fluxmq.cluster._ringcopy", ["fluxmq/cluster/_ringcopy.pyx"], extra_compile_args=["-O2"])
+)
 
 setup(
     ext_modules=cythonize(
