@@ -54,17 +54,8 @@ from gevent.server import StreamServer
 from fluxmq._core.framebuf import FrameBuffers
 
 from . import ring as _ring
-from .batch import (
-    PLAIN_BODY,
-    PLAIN_MARK,
-    RAW_LEAD,
-    RAW_MARK,
-    FramedBatch,
-    RawBatch,
-    ack_seq,
-    decode_ack,
-    encode_ack,
-)
+from ._linkframe import read_batch as read_batch  # (a Route frame's batch: C, per batch)
+from .batch import RawBatch, ack_frame, ack_seq, decode_ack
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
 
@@ -86,10 +77,6 @@ MAX_FRAME = 512 << 20
 CHUNK = 65536
 #: frames longer than this are received into their own ``bytes`` (``FrameReader._read_large``)
 LARGE_FRAME = CHUNK
-#: a plain batch's frame body: its lead (``batch.PLAIN_LEAD``), then its items
-_PLAIN_START = 1 + PLAIN_BODY.size
-_PLAIN = bytes([PLAIN_MARK])
-_RAW = bytes([RAW_MARK])
 #: parts past which a RawBatch is joined before it is sent (sendmsg takes at most IOV_MAX buffers)
 MAX_PARTS = 512
 #: the send buffer asked for a connection's socket (the kernel caps it at net.core.wmem_max): a
@@ -323,31 +310,6 @@ def recv_method(sock) -> tuple[bytes, list[int]]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
     return data, list(fds)
-
-
-def read_batch(frame: bytes, sender: str | None = None, epoch: int = 0):
-    """The batch of one Route frame: a ``FramedBatch`` (a RawBatch's frame; a plain one's sender
-    and epoch are ``sender`` and ``epoch``, those the stream's earlier batches named) or a
-    ``pb.Batch``. ``EOFError``: a damaged frame, or a plain one before ``sender`` is known."""
-    lead = frame[:1]
-    if lead == _PLAIN:
-        if sender is None:
-            raise EOFError("plain batch before the stream named its sender")
-        if len(frame) < _PLAIN_START:
-            raise EOFError("truncated batch frame")
-        seq, count = PLAIN_BODY.unpack_from(frame, 1)
-        return FramedBatch(sender, epoch, seq, False, (), count, frame, _PLAIN_START)
-    if lead != _RAW:
-        return pb.Batch.FromString(frame)
-    if len(frame) < RAW_LEAD.size:
-        raise EOFError("truncated batch frame")
-    start = RAW_LEAD.size + RAW_LEAD.unpack_from(frame)[1]
-    if start > len(frame):
-        raise EOFError("batch head runs past its frame")
-    head = pb.Batch.FromString(frame[RAW_LEAD.size : start])
-    return FramedBatch(
-        head.sender, head.epoch, head.seq, head.snapshot, head.interest, head.count, frame, start
-    )
 
 
 def _connect(path: str, method: bytes, fd: int = -1) -> socket.socket:
@@ -609,7 +571,7 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
                         yield batch
 
                 for ack in servicer.acks(batches()):
-                    write_frame(sock, encode_ack(ack))
+                    _send_whole(sock, ack_frame(ack))
             elif method == CALL:
                 request = pb.CallRequest.FromString(read_frame(sock))
                 write_frame(sock, servicer.Call(request, None).SerializeToString())
