@@ -1,15 +1,17 @@
 # cython: language_level=3
 """A Route stream's frames between workers read and written in C: a batch's frame parsed into a
-``FramedBatch`` (``read_batch``: a plain one's lead, or a RawBatch's protobuf head) and the
-acknowledgement's frame (``encode_ack``, ``ack_frame``, ``decode_ack``, ``ack_seq``). The layouts
+``FramedBatch`` (``read_batch``: a plain one's lead, or a RawBatch's protobuf head), the
+acknowledgement's frame (``encode_ack``, ``ack_frame``, ``decode_ack``, ``ack_seq``), and a frame's
+read from the socket when nothing is buffered (``FrameReaderCore.read``, ``unix.FrameReader``'s). The layouts
 are ``fluxmq.cluster.batch``'s (``RAW_LEAD``, ``PLAIN_LEAD``, ``RAW_ACK``), which re-exports these;
 ``fluxmq.cluster.unix`` reads and writes them.
 
 Written in Python these were ~170 bytecodes per batch on the two sides of a link (``read_batch``,
-``FramedBatch.__init__``, the ack's encode, frame, decode and ``ack_seq`` twice), each run cold
-between two batches of a fan-in (``bench/RESULTS.md``).
+``FramedBatch.__init__``, the ack's encode, frame, decode and ``ack_seq`` twice), and the frame
+read ~170 more (two frames), each run cold between two batches of a fan-in (``bench/RESULTS.md``).
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 
@@ -22,6 +24,9 @@ DEF RAW_LEAD_SIZE = 5
 DEF PLAIN_START = 13
 #: a plain ack's frame body (``batch.RAW_ACK``): a 0 byte, the u64 sequence id
 DEF ACK_SIZE = 9
+#: bytes asked of one ``recv_into`` (``unix.CHUNK``)
+DEF _CHUNK = 65536
+CHUNK = _CHUNK
 
 
 cdef inline uint64_t _get_u64(const unsigned char* p) noexcept:
@@ -158,3 +163,48 @@ def decode_ack(frame):
             raise EOFError("damaged ack frame")
         return _get_u64(p + 1)
     return pb.BatchAck.FromString(data)
+
+
+cdef class FrameReaderCore:
+    """The C base of ``unix.FrameReader``: its buffer ``buf`` (a bytearray), the unread bytes
+    ``buf[start:end]``, gevent's wait for the socket (``_wait(_readable)``) and the raw socket's
+    ``recv_into`` (None where the socket is no gevent socket). ``read`` is the frame read with
+    nothing buffered (the common case between workers: a batch's descriptor frame or its ack
+    arrives alone, and the previous frame was read whole); anything else is the subclass's
+    ``_read``, the general loop."""
+
+    cdef public bytearray buf
+    cdef public Py_ssize_t start
+    cdef public Py_ssize_t end
+    cdef public object _wait
+    cdef public object _readable
+    cdef public object _recv_into
+
+    def read(self):
+        """The next frame (its body, a ``bytes``); EOFError when the connection closed."""
+        cdef Py_ssize_t got, n
+        cdef bytearray buf
+        cdef const unsigned char* p
+        if self.start == self.end and self._recv_into is not None:
+            # wait for the socket, read into the buffer's start and return the frame if that read
+            # brought it whole (the wait first: EAGAIN, an OSError made, raised and caught per
+            # frame, only when the wake was spurious)
+            buf = self.buf
+            self._wait(self._readable)
+            while True:
+                try:
+                    got = self._recv_into(buf, _CHUNK)  # (the buffer holds at least 2 CHUNKs)
+                    break
+                except BlockingIOError:
+                    self._wait(self._readable)
+            if not got:
+                raise EOFError("connection closed")
+            self.start = 0
+            self.end = got
+            if got >= 4 and got <= len(buf):
+                p = <const unsigned char*>PyByteArray_AS_STRING(buf)
+                n = <Py_ssize_t>_get_u32(p)
+                if got >= 4 + n:  # (so n < CHUNK: within MAX_FRAME)
+                    self.start = 4 + n
+                    return PyBytes_FromStringAndSize(<const char*>p + 4, n)
+        return self._read()

@@ -54,6 +54,8 @@ from gevent.server import StreamServer
 from fluxmq._core.framebuf import FrameBuffers
 
 from . import ring as _ring
+from ._linkframe import CHUNK as CHUNK  # (bytes asked of one ``recv_into``)
+from ._linkframe import FrameReaderCore
 from ._linkframe import read_batch as read_batch  # (a Route frame's batch: C, per batch)
 from .batch import RawBatch, ack_frame, ack_seq, decode_ack
 from .proto import cluster_pb2 as pb
@@ -73,8 +75,6 @@ RING_SIZE = _ring.RING_SIZE if _ring.supported() else 0
 _RING_FRAME = bytes([_ring.RING_MARK])
 #: largest frame accepted (as the gRPC transport's message limit)
 MAX_FRAME = 512 << 20
-#: bytes asked of one ``recv_into``
-CHUNK = 65536
 #: frames longer than this are received into their own ``bytes`` (``FrameReader._read_large``)
 LARGE_FRAME = CHUNK
 #: parts past which a RawBatch is joined before it is sent (sendmsg takes at most IOV_MAX buffers)
@@ -122,7 +122,7 @@ def read_frame(sock) -> bytes:
     return _recv_exact(sock, n)
 
 
-class FrameReader:
+class FrameReader(FrameReaderCore):
     """Frames from a socket, read with ``recv_into`` in chunks of up to 64 KiB into one buffer that
     is kept: a burst of acknowledgements, or a batch with its header, costs one ``recv`` rather than
     two per frame, and a frame is copied once (out of the buffer). A growing ``bytearray`` with
@@ -133,9 +133,15 @@ class FrameReader:
     ``bytes`` that is returned, once what the chunk brought of it is copied there, in as few reads
     as the socket allows: copied out of the buffer it was a fresh allocation over glibc's mmap
     threshold, faulted in page by page, and a read per 64 KiB. Its allocation is written again
-    for a later frame only once nothing else holds the ``bytes`` (``FrameBuffers``)."""
+    for a later frame only once nothing else holds the ``bytes`` (``FrameBuffers``).
 
-    __slots__ = ("sock", "buf", "start", "end", "_wait", "_readable", "_recv_into", "frames", "large_recvs")
+    ``read`` is C (``_linkframe.FrameReaderCore``, which holds ``buf``, ``start``, ``end`` and the
+    socket's wait and read): with nothing buffered (the common case between workers: a batch's
+    descriptor frame or its ack arrives alone, and the previous frame was read whole) it waits for
+    the socket, reads into the buffer's start and returns the frame if that read brought it whole;
+    anything else goes on in ``_read``, the general loop."""
+
+    __slots__ = ("sock", "frames", "large_recvs")
 
     def __init__(self, sock) -> None:
         self.sock = sock
@@ -150,32 +156,6 @@ class FrameReader:
         # and then the read itself on the non-blocking socket under it (``_raw``): gevent's
         # ``recv_into`` is a Python frame more per read, whose work (a wait on EAGAIN) this does
         self._recv_into = _raw(sock).recv_into if self._readable is not None else None
-
-    def read(self) -> bytes:
-        if self.start == self.end and self._recv_into is not None:
-            # Nothing buffered, the common case between workers (a batch's descriptor frame or its
-            # ack arrives alone, and the previous frame was read whole): wait for the socket, read
-            # into the buffer's start and return the frame if that read brought it whole, without
-            # ``_read``'s bookkeeping (~150 bytecodes a frame there, ~90 here)
-            buf = self.buf
-            self._wait(self._readable)
-            while True:
-                try:
-                    got = self._recv_into(buf, CHUNK)  # (the buffer holds at least 2 CHUNKs)
-                    break
-                except BlockingIOError:
-                    self._wait(self._readable)
-            if not got:
-                raise EOFError("connection closed")
-            self.start = 0
-            self.end = got
-            if got >= 4:
-                n = HEADER.unpack_from(buf)[0]
-                if got >= 4 + n:  # (so n < CHUNK: within MAX_FRAME)
-                    self.start = 4 + n
-                    with memoryview(buf) as view:
-                        return bytes(view[4 : 4 + n])
-        return self._read()
 
     def _read(self) -> bytes:
         """``read`` from whatever is buffered (reading more as the frame needs)."""
