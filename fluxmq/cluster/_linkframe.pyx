@@ -208,3 +208,17 @@ cdef class FrameReaderCore:
                     self.start = 4 + n
                     return PyBytes_FromStringAndSize(<const char*>p + 4, n)
         return self._read()
+
+
+def send_whole(sock, frame):
+    """``frame`` (its length prefix included) on ``sock`` (``unix.write_frame``'s, an ack's frame,
+    a ring's descriptor frame): one ``send`` on the non-blocking socket under a gevent socket
+    (``sock._sock``), which takes a small frame whole; gevent's ``sendall`` (its waits for room)
+    only for the rest."""
+    raw = getattr(sock, "_sock", sock)
+    try:
+        sent = raw.send(frame)
+    except BlockingIOError:
+        sent = 0  # (no room: sendall waits for it)
+    if sent < len(frame):
+        sock.sendall(memoryview(frame)[sent:])

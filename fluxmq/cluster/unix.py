@@ -57,6 +57,7 @@ from . import ring as _ring
 from ._linkframe import CHUNK as CHUNK  # (bytes asked of one ``recv_into``)
 from ._linkframe import FrameReaderCore
 from ._linkframe import read_batch as read_batch  # (a Route frame's batch: C, per batch)
+from ._linkframe import send_whole as _send_whole  # (a frame in one send, else gevent's sendall)
 from .batch import RawBatch, ack_frame, ack_seq, decode_ack
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
@@ -238,18 +239,6 @@ def _raw(sock):
 
 def write_frame(sock, data: bytes) -> None:
     _send_whole(sock, HEADER.pack(len(data)) + data)
-
-
-def _send_whole(sock, frame: bytes) -> None:
-    """``frame`` (its length prefix included) on ``sock``."""
-    # One send, which takes a small frame (an acknowledgement, a ring's descriptor) whole; sendall
-    # only for the rest (gevent's sendall is several Python frames more per call).
-    try:
-        sent = _raw(sock).send(frame)
-    except BlockingIOError:
-        sent = 0  # (no room: sendall waits for it)
-    if sent < len(frame):
-        sock.sendall(memoryview(frame)[sent:])
 
 
 def write_raw_batch(sock, batch: RawBatch) -> None:
