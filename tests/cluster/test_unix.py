@@ -649,6 +649,7 @@ def test_a_links_plain_batches_cross_with_no_protobuf_message_made_or_parsed(
     # frame (lead 0x02), its sender and epoch those of the stream's first batch: neither side makes,
     # sets, serializes or parses a protobuf Batch for it, whether its frame goes through the
     # stream's shared-memory ring or inline on the socket
+    import fluxmq.cluster._linkframe as linkframe_mod
     import fluxmq.cluster.batch as batch_mod
     import fluxmq.cluster.unix as unix_mod
     from fluxmq.cluster import ring as ring_mod
@@ -692,6 +693,7 @@ def test_a_links_plain_batches_cross_with_no_protobuf_message_made_or_parsed(
     with linked_transports(tmp_path, on_batch) as link:
         monkeypatch.setattr(batch_mod, "pb", CountingPb())
         monkeypatch.setattr(unix_mod, "pb", CountingPb())
+        monkeypatch.setattr(linkframe_mod, "pb", CountingPb())  # (read_batch's parse, the acks: C)
         monkeypatch.setattr(unix_mod, "read_batch", read_batch_seen)
         with gevent.Timeout(30):
             start = link.stats.batches
