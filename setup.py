@@ -35,6 +35,12 @@ extensions = [
 extensions.append(
     Extension("fluxmq.protocol._hub_read", ["fluxmq/protocol/_hub_read.pyx"], extra_compile_args=["-O2"])
 )
+# A Route stream's per-batch work between workers: the copies in and out of its shared-memory ring
+# (fluxmq.cluster.ring), a batch's frame parsed and the ack's frame written and read.
+extensions += [
+    Extension(f"fluxmq.cluster.{name}", [f"fluxmq/cluster/{name}.pyx"], extra_compile_args=["-O2"])
+    for name in ("_ringcopy", "_linkframe")
+]
 
 setup(
     ext_modules=cythonize(

@@ -183,63 +183,19 @@ def build_raw_batch(
 #: cost four times as much on the two sides.
 RAW_ACK = struct.Struct(">BQ")
 
-
-def encode_ack(ack: int | pb.BatchAck) -> bytes:
-    """The frame of ``ack`` (a plain ack's sequence id, or a ``BatchAck``): ``RAW_ACK`` when it
-    names no busy group, else the message."""
-    if type(ack) is int:
-        return RAW_ACK.pack(0, ack)
-    if ack.busy_groups:
-        return ack.SerializeToString()
-    return RAW_ACK.pack(0, ack.seq)
-
-
-def ack_seq(ack: int | pb.BatchAck) -> int:
-    """The sequence id ``ack`` (a plain ack's, or a ``BatchAck``) acknowledges."""
-    return ack if type(ack) is int else ack.seq
+# A received RawBatch (``FramedBatch``: what ``ClusterPeers`` reads of a ``pb.Batch``, and the
+# received frame as its items), and the ack's frame written, read and its sequence id, are C: per
+# batch on both sides of a link between workers (``_linkframe``, which ``unix.read_batch`` is too).
+from ._linkframe import FramedBatch as FramedBatch  # noqa: E402
+from ._linkframe import ack_frame as ack_frame  # noqa: E402
+from ._linkframe import ack_seq as ack_seq  # noqa: E402
+from ._linkframe import decode_ack as decode_ack  # noqa: E402
+from ._linkframe import encode_ack as encode_ack  # noqa: E402
 
 
 def ack_message(ack: int | pb.BatchAck) -> pb.BatchAck:
     """``ack`` (a plain ack's sequence id, or a ``BatchAck``) as a ``BatchAck``."""
     return pb.BatchAck(seq=ack) if type(ack) is int else ack
-
-
-def decode_ack(frame: bytes) -> int | pb.BatchAck:
-    """An ack's frame (``encode_ack``'s): a plain ack's sequence id (an ``int``), else the
-    ``BatchAck`` (``PeerLink`` takes both)."""
-    if frame[:1] == b"\x00":
-        if len(frame) != RAW_ACK.size:
-            raise EOFError("damaged ack frame")
-        return RAW_ACK.unpack(frame)[1]
-    return pb.BatchAck.FromString(frame)
-
-
-class FramedBatch:
-    """A received ``RawBatch``: what ``ClusterPeers`` reads of a ``pb.Batch`` (sender, epoch, seq,
-    snapshot, interest, count) and ``items``, the whole received frame, whose items start at byte
-    ``items_start`` (not copied out of it). A plain batch's sender and epoch are its stream's."""
-
-    __slots__ = ("sender", "epoch", "seq", "snapshot", "interest", "count", "items", "items_start")
-
-    def __init__(
-        self,
-        sender: str,
-        epoch: int,
-        seq: int,
-        snapshot: bool,
-        interest,
-        count: int,
-        items: bytes,
-        items_start: int,
-    ) -> None:
-        self.sender = sender
-        self.epoch = epoch
-        self.seq = seq
-        self.snapshot = snapshot
-        self.interest = interest
-        self.count = count
-        self.items = items
-        self.items_start = items_start
 
 
 def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Message, tuple[str, ...], bool]]:

@@ -40,6 +40,9 @@ import os
 import struct
 from collections import deque
 
+from ._ringcopy import SMALL_FRAME as SMALL_FRAME
+from ._ringcopy import RecvRingCopy, SendRingCopy
+
 #: bytes of one stream's ring (see the module docstring)
 RING_SIZE = 4 << 20
 #: the largest ring a receiver maps
@@ -49,10 +52,8 @@ MAX_RING = 64 << 20
 RING_MARK = 1
 #: a descriptor frame: frame length (9), the marker, the region's offset and length
 DESC = struct.Struct(">IBII")
-_DESC_BODY = struct.Struct(">II")
-#: frames up to this are copied out into a new ``bytes`` (as ``unix.LARGE_FRAME``), larger ones into
-#: reused ones (``RecvRing.take``)
-SMALL_FRAME = 65536
+# (``SMALL_FRAME``, 64 KiB: frames up to it are copied out into a new ``bytes``, as
+# ``unix.LARGE_FRAME``, larger ones into reused ones: ``RecvRing.take``)
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
@@ -60,12 +61,15 @@ def supported() -> bool:
     return hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
 
 
-class SendRing:
+class SendRing(SendRingCopy):
     """The sending side's ring of one stream: ``fd`` is sent once (then closed, ``close_fd``),
     ``place`` copies a frame in and returns its descriptor frame (or None: send it inline),
-    ``acked`` frees regions. ``ring_frames`` and ``inline_frames`` count ``place``'s answers."""
+    ``acked`` frees regions. ``ring_frames`` and ``inline_frames`` count ``place``'s answers.
+    ``place``, ``acked`` and the regions' bookkeeping are C (``_ringcopy.SendRingCopy``): where a
+    frame goes (``_room``) as the module docstring says, the frame's bytes copied in, the regions
+    of the batches up to an ack's freed."""
 
-    __slots__ = ("size", "fd", "mm", "regions", "ring_frames", "inline_frames")
+    __slots__ = ("fd",)
 
     def __init__(self, size: int = RING_SIZE) -> None:
         self.size = size
@@ -91,52 +95,18 @@ class SendRing:
         self.regions.clear()
         self.mm.close()
 
-    def _room(self, n: int) -> int:
-        """Where a region of ``n`` bytes fits now (contiguous), or -1."""
-        regions = self.regions
-        if not regions:
-            return 0 if n <= self.size else -1
-        first = regions[0][1]
-        end = regions[-1][2]
-        if regions[-1][1] >= first:  # not wrapped: in use [first, end)
-            if n <= first:
-                return 0  # (the start first: the fewer pages a stream cycles through, the warmer)
-            return end if end + n <= self.size else -1
-        return end if end + n <= first else -1  # wrapped: free [end, first)
 
-    def place(self, seq: int, lead: bytes, parts) -> bytes | None:
-        """Copy ``lead`` and ``parts`` (a frame's body) into the ring as batch ``seq``'s region; its
-        descriptor frame, or None when the ring has no room for it now."""
-        n = len(lead)
-        for p in parts:
-            n += len(p)
-        at = self._room(n)
-        if at < 0:
-            self.inline_frames += 1
-            return None
-        mm = self.mm
-        j = at + len(lead)
-        mm[at:j] = lead
-        for p in parts:
-            i = j
-            j = i + len(p)
-            mm[i:j] = p
-        self.regions.append((seq, at, at + n))
-        self.ring_frames += 1
-        return DESC.pack(DESC.size - 4, RING_MARK, at, n)
-
-    def acked(self, seq: int) -> None:
-        """The batches up to ``seq`` are acknowledged: their regions are free."""
-        regions = self.regions
-        while regions and regions[0][0] <= seq:
-            regions.popleft()
-
-
-class RecvRing:
+class RecvRing(RecvRingCopy):
     """The receiving side's read-only mapping of a stream's ring (from its descriptor ``fd``, which
-    it closes). ``frames`` counts the frames taken from it."""
+    it closes). ``frames`` counts the frames taken from it. ``take(desc, buffers)`` (C,
+    ``_ringcopy.RecvRingCopy``): the frame a descriptor frame's body ``desc`` names, copied out of
+    the ring into a ``bytes`` of ``buffers`` (a ``FrameBuffers``: reused once nothing holds it) when
+    it is over ``SMALL_FRAME``, else into a new one (a small batch taking one of its slots freed
+    the large allocation held there, and the next fan-in batch's fresh one was faulted in page by
+    page; ``unix.FrameReader`` keeps them for its large frames only too); raises EOFError when the
+    descriptor is damaged or its region falls outside the ring."""
 
-    __slots__ = ("mm", "size", "frames")
+    __slots__ = ()
 
     def __init__(self, fd: int) -> None:
         try:
@@ -152,29 +122,6 @@ class RecvRing:
             os.close(fd)
         self.size = size
         self.frames = 0
-
-    def take(self, desc: bytes, buffers) -> bytes:
-        """The frame a descriptor frame's body ``desc`` names, copied out of the ring into a
-        ``bytes`` of ``buffers`` (a ``FrameBuffers``: reused once nothing holds it) when it is over
-        ``SMALL_FRAME``, else into a new one (a small batch taking one of its slots freed the large
-        allocation held there, and the next fan-in batch's fresh one was faulted in page by page;
-        ``unix.FrameReader`` keeps them for its large frames only too); raises EOFError when the
-        region falls outside the ring."""
-        if len(desc) != 1 + _DESC_BODY.size:
-            raise EOFError("damaged ring descriptor")
-        at, n = _DESC_BODY.unpack_from(desc, 1)
-        if n == 0 or at + n > self.size:
-            raise EOFError(f"ring region {at}+{n} outside a ring of {self.size}")
-        self.frames += 1
-        with memoryview(self.mm) as view:  # (slicing the mmap itself would copy into a new bytes)
-            if n <= SMALL_FRAME:
-                return bytes(view[at : at + n])
-            frame, dest = buffers.take(n)
-            try:
-                dest[:] = view[at : at + n]
-            finally:
-                dest.release()
-        return frame
 
     def close(self) -> None:
         self.mm.close()

@@ -54,17 +54,11 @@ from gevent.server import StreamServer
 from fluxmq._core.framebuf import FrameBuffers
 
 from . import ring as _ring
-from .batch import (
-    PLAIN_BODY,
-    PLAIN_MARK,
-    RAW_LEAD,
-    RAW_MARK,
-    FramedBatch,
-    RawBatch,
-    ack_seq,
-    decode_ack,
-    encode_ack,
-)
+from ._linkframe import CHUNK as CHUNK  # (bytes asked of one ``recv_into``)
+from ._linkframe import FrameReaderCore
+from ._linkframe import read_batch as read_batch  # (a Route frame's batch: C, per batch)
+from ._linkframe import send_whole as _send_whole  # (a frame in one send, else gevent's sendall)
+from .batch import RawBatch, ack_frame, ack_seq, decode_ack
 from .proto import cluster_pb2 as pb
 from .transport import ClusterTransport, _Servicer
 
@@ -82,14 +76,8 @@ RING_SIZE = _ring.RING_SIZE if _ring.supported() else 0
 _RING_FRAME = bytes([_ring.RING_MARK])
 #: largest frame accepted (as the gRPC transport's message limit)
 MAX_FRAME = 512 << 20
-#: bytes asked of one ``recv_into``
-CHUNK = 65536
 #: frames longer than this are received into their own ``bytes`` (``FrameReader._read_large``)
 LARGE_FRAME = CHUNK
-#: a plain batch's frame body: its lead (``batch.PLAIN_LEAD``), then its items
-_PLAIN_START = 1 + PLAIN_BODY.size
-_PLAIN = bytes([PLAIN_MARK])
-_RAW = bytes([RAW_MARK])
 #: parts past which a RawBatch is joined before it is sent (sendmsg takes at most IOV_MAX buffers)
 MAX_PARTS = 512
 #: the send buffer asked for a connection's socket (the kernel caps it at net.core.wmem_max): a
@@ -135,7 +123,7 @@ def read_frame(sock) -> bytes:
     return _recv_exact(sock, n)
 
 
-class FrameReader:
+class FrameReader(FrameReaderCore):
     """Frames from a socket, read with ``recv_into`` in chunks of up to 64 KiB into one buffer that
     is kept: a burst of acknowledgements, or a batch with its header, costs one ``recv`` rather than
     two per frame, and a frame is copied once (out of the buffer). A growing ``bytearray`` with
@@ -146,9 +134,15 @@ class FrameReader:
     ``bytes`` that is returned, once what the chunk brought of it is copied there, in as few reads
     as the socket allows: copied out of the buffer it was a fresh allocation over glibc's mmap
     threshold, faulted in page by page, and a read per 64 KiB. Its allocation is written again
-    for a later frame only once nothing else holds the ``bytes`` (``FrameBuffers``)."""
+    for a later frame only once nothing else holds the ``bytes`` (``FrameBuffers``).
 
-    __slots__ = ("sock", "buf", "start", "end", "_wait", "_readable", "_recv_into", "frames", "large_recvs")
+    ``read`` is C (``_linkframe.FrameReaderCore``, which holds ``buf``, ``start``, ``end`` and the
+    socket's wait and read): with nothing buffered (the common case between workers: a batch's
+    descriptor frame or its ack arrives alone, and the previous frame was read whole) it waits for
+    the socket, reads into the buffer's start and returns the frame if that read brought it whole;
+    anything else goes on in ``_read``, the general loop."""
+
+    __slots__ = ("sock", "frames", "large_recvs")
 
     def __init__(self, sock) -> None:
         self.sock = sock
@@ -163,32 +157,6 @@ class FrameReader:
         # and then the read itself on the non-blocking socket under it (``_raw``): gevent's
         # ``recv_into`` is a Python frame more per read, whose work (a wait on EAGAIN) this does
         self._recv_into = _raw(sock).recv_into if self._readable is not None else None
-
-    def read(self) -> bytes:
-        if self.start == self.end and self._recv_into is not None:
-            # Nothing buffered, the common case between workers (a batch's descriptor frame or its
-            # ack arrives alone, and the previous frame was read whole): wait for the socket, read
-            # into the buffer's start and return the frame if that read brought it whole, without
-            # ``_read``'s bookkeeping (~150 bytecodes a frame there, ~90 here)
-            buf = self.buf
-            self._wait(self._readable)
-            while True:
-                try:
-                    got = self._recv_into(buf, CHUNK)  # (the buffer holds at least 2 CHUNKs)
-                    break
-                except BlockingIOError:
-                    self._wait(self._readable)
-            if not got:
-                raise EOFError("connection closed")
-            self.start = 0
-            self.end = got
-            if got >= 4:
-                n = HEADER.unpack_from(buf)[0]
-                if got >= 4 + n:  # (so n < CHUNK: within MAX_FRAME)
-                    self.start = 4 + n
-                    with memoryview(buf) as view:
-                        return bytes(view[4 : 4 + n])
-        return self._read()
 
     def _read(self) -> bytes:
         """``read`` from whatever is buffered (reading more as the frame needs)."""
@@ -273,18 +241,6 @@ def write_frame(sock, data: bytes) -> None:
     _send_whole(sock, HEADER.pack(len(data)) + data)
 
 
-def _send_whole(sock, frame: bytes) -> None:
-    """``frame`` (its length prefix included) on ``sock``."""
-    # One send, which takes a small frame (an acknowledgement, a ring's descriptor) whole; sendall
-    # only for the rest (gevent's sendall is several Python frames more per call).
-    try:
-        sent = _raw(sock).send(frame)
-    except BlockingIOError:
-        sent = 0  # (no room: sendall waits for it)
-    if sent < len(frame):
-        sock.sendall(memoryview(frame)[sent:])
-
-
 def write_raw_batch(sock, batch: RawBatch) -> None:
     """One frame of ``batch`` (see the module docstring), its parts gathered by one ``sendmsg``."""
     lead = batch.lead
@@ -323,31 +279,6 @@ def recv_method(sock) -> tuple[bytes, list[int]]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
     return data, list(fds)
-
-
-def read_batch(frame: bytes, sender: str | None = None, epoch: int = 0):
-    """The batch of one Route frame: a ``FramedBatch`` (a RawBatch's frame; a plain one's sender
-    and epoch are ``sender`` and ``epoch``, those the stream's earlier batches named) or a
-    ``pb.Batch``. ``EOFError``: a damaged frame, or a plain one before ``sender`` is known."""
-    lead = frame[:1]
-    if lead == _PLAIN:
-        if sender is None:
-            raise EOFError("plain batch before the stream named its sender")
-        if len(frame) < _PLAIN_START:
-            raise EOFError("truncated batch frame")
-        seq, count = PLAIN_BODY.unpack_from(frame, 1)
-        return FramedBatch(sender, epoch, seq, False, (), count, frame, _PLAIN_START)
-    if lead != _RAW:
-        return pb.Batch.FromString(frame)
-    if len(frame) < RAW_LEAD.size:
-        raise EOFError("truncated batch frame")
-    start = RAW_LEAD.size + RAW_LEAD.unpack_from(frame)[1]
-    if start > len(frame):
-        raise EOFError("batch head runs past its frame")
-    head = pb.Batch.FromString(frame[RAW_LEAD.size : start])
-    return FramedBatch(
-        head.sender, head.epoch, head.seq, head.snapshot, head.interest, head.count, frame, start
-    )
 
 
 def _connect(path: str, method: bytes, fd: int = -1) -> socket.socket:
@@ -609,7 +540,7 @@ def _unix_server(transport: ClusterTransport, addr: str) -> StreamServer:
                         yield batch
 
                 for ack in servicer.acks(batches()):
-                    write_frame(sock, encode_ack(ack))
+                    _send_whole(sock, ack_frame(ack))
             elif method == CALL:
                 request = pb.CallRequest.FromString(read_frame(sock))
                 write_frame(sock, servicer.Call(request, None).SerializeToString())

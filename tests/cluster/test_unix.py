@@ -506,6 +506,28 @@ def test_a_plain_ack_crosses_the_socket_as_its_sequence_id_without_a_protobuf_me
         receiver.stop(0.5)
 
 
+def test_an_acks_frame_is_its_encoding_after_its_length_and_a_damaged_one_is_refused() -> None:
+    # ack_frame (C, written by the receiving stream as it is) holds what write_frame(encode_ack) did
+    from fluxmq.cluster.batch import RAW_ACK, ack_frame, ack_seq, decode_ack, encode_ack
+    from fluxmq.cluster.unix import HEADER
+
+    acks = [0, 7, (1 << 64) - 1, pb.BatchAck(seq=9), pb.BatchAck(seq=3, busy_groups=["g1", "g2"])]
+    for ack in acks:
+        body = encode_ack(ack)
+        assert ack_frame(ack) == HEADER.pack(len(body)) + body
+        back = decode_ack(body)
+        assert ack_seq(back) == ack_seq(ack)
+        if type(ack) is not int and ack.busy_groups:
+            assert back == ack  # (the message, as it was)
+        else:
+            assert type(back) is int and body == RAW_ACK.pack(0, ack_seq(ack))
+    with pytest.raises(OverflowError):
+        ack_frame(-1)
+    for damaged in (b"\x00", b"\x00" * 10):
+        with pytest.raises(EOFError):
+            decode_ack(damaged)
+
+
 def test_an_ack_naming_busy_groups_still_travels_as_the_message_and_reaches_on_ack(tmp_path) -> None:
     from fluxmq.cluster.batch import decode_ack, encode_ack
 
@@ -627,6 +649,7 @@ def test_a_links_plain_batches_cross_with_no_protobuf_message_made_or_parsed(
     # frame (lead 0x02), its sender and epoch those of the stream's first batch: neither side makes,
     # sets, serializes or parses a protobuf Batch for it, whether its frame goes through the
     # stream's shared-memory ring or inline on the socket
+    import fluxmq.cluster._linkframe as linkframe_mod
     import fluxmq.cluster.batch as batch_mod
     import fluxmq.cluster.unix as unix_mod
     from fluxmq.cluster import ring as ring_mod
@@ -670,6 +693,7 @@ def test_a_links_plain_batches_cross_with_no_protobuf_message_made_or_parsed(
     with linked_transports(tmp_path, on_batch) as link:
         monkeypatch.setattr(batch_mod, "pb", CountingPb())
         monkeypatch.setattr(unix_mod, "pb", CountingPb())
+        monkeypatch.setattr(linkframe_mod, "pb", CountingPb())  # (read_batch's parse, the acks: C)
         monkeypatch.setattr(unix_mod, "read_batch", read_batch_seen)
         with gevent.Timeout(30):
             start = link.stats.batches

@@ -47,8 +47,9 @@ def setup_core_modules() -> tuple[str, ...]:
 
 
 CORE_MODULES = setup_core_modules()
-# Compiled modules outside the core (import names): the protocol layer's C path of a lone message.
-OTHER_COMPILED = ("fluxmq.protocol._hub_read",)
+# Compiled modules outside the core (import names): the protocol layer's C path of a lone message,
+# a Route stream's per-batch work between workers (its ring's copies, its frames).
+OTHER_COMPILED = ("fluxmq.protocol._hub_read", "fluxmq.cluster._ringcopy", "fluxmq.cluster._linkframe")
 
 
 def run(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
