@@ -932,8 +932,9 @@ KEYS: tuple[Key, ...] = (
         "server.workers_transport",
         Enum("unix", "grpc"),
         "unix",
-        "What carries batches between the workers: unix = length-prefixed protobuf frames on Unix "
-        "sockets; grpc = C1's gRPC transport on unix: sockets (bench/workers_transport.py compares them).",
+        "What carries batches between the workers: unix = length-prefixed frames on Unix sockets, a "
+        "batch's items as the relay framed them, through a shared-memory ring per stream (docs/cluster.rst); "
+        "grpc = C1's gRPC transport on unix: sockets (bench/workers_transport.py compares them).",
     ),
     Key(
         "server.workers_batch_max_size",
