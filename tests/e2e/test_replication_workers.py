@@ -62,14 +62,18 @@ queues:
       mode: sync
       min_in_sync_replicas: 2
       ack_timeout: 3s
+    visibility_timeout: {visibility}
 """
 
 
 class Cluster:
-    def __init__(self, factory: NodeFactory, endpoint: str, mode: str = "replicate") -> None:
+    def __init__(
+        self, factory: NodeFactory, endpoint: str, mode: str = "replicate", visibility: str = "30s"
+    ) -> None:
         self.factory = factory
         self.endpoint = endpoint
         self.mode = mode
+        self.visibility = visibility  # the queue's visibility_timeout (30 s: the default)
         self.prefix = f"/t-{uuid.uuid4().hex[:8]}/"
         self.nodes = []
 
@@ -87,7 +91,9 @@ class Cluster:
                     "cluster.etcd.lease_ttl": "3s",
                     "storage.type": "lmdb",
                 },
-                config_text=RAFT.format(raft=f"{HOST}:{free_port()}", queue=QUEUE, mode=self.mode),
+                config_text=RAFT.format(
+                    raft=f"{HOST}:{free_port()}", queue=QUEUE, mode=self.mode, visibility=self.visibility
+                ),
                 wait_ready=False,
                 env={"FLUXMQ_ADMIN_TOKEN": TOKEN},
             )
@@ -128,7 +134,9 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
     factory = NodeFactory(tmp_path_factory.mktemp("rworkers"))
-    c = Cluster(factory, etcd_server.endpoint)
+    # visibility_timeout 5 s: the leader-kill run waits out the leases of what the killed node had
+    # out (see tests/e2e/test_replication.py's LEASE); this cluster's consumers ack at once
+    c = Cluster(factory, etcd_server.endpoint, visibility="5s")
     try:
         c.start()
         yield c
