@@ -38,6 +38,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -476,6 +477,23 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
         yield factory()
     finally:
         factory.close()
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory):
+    """The session's shared etcd server (``.endpoint`` is its client URL; tests/etcd.py). Defined
+    here only: a module importing it would get an etcd of its own, kept until the session ends."""
+    from tests.etcd import start_etcd
+
+    proc = start_etcd(tmp_path_factory.mktemp("etcd"), "shared")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    """A key prefix no other test uses (``/t-<uuid>/``), for tests on the shared etcd."""
+    return f"/t-{uuid.uuid4().hex[:12]}/"
 
 
 @pytest.hookimpl(hookwrapper=True)

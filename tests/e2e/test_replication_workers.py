@@ -22,7 +22,6 @@ from collections import deque
 
 import pytest
 
-from tests.cluster.conftest import etcd_server  # noqa: F401 (fixture)
 from tests.conftest import HOST, NodeFactory, free_port
 from tests.e2e.test_admin import AUTH, TOKEN
 from tests.e2e.test_cluster_workers import owner, two_free_ports, wait_for
@@ -132,7 +131,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
+def cluster(etcd_server, tmp_path_factory):
     factory = NodeFactory(tmp_path_factory.mktemp("rworkers"))
     # visibility_timeout 5 s: the leader-kill run waits out the leases of what the killed node had
     # out (see tests/e2e/test_replication.py's LEASE); this cluster's consumers ack at once
@@ -145,7 +144,7 @@ def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
 
 
 @pytest.fixture(scope="module")
-def forward_cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
+def forward_cluster(etcd_server, tmp_path_factory):
     factory = NodeFactory(tmp_path_factory.mktemp("rworkers-fwd"))
     c = Cluster(factory, etcd_server.endpoint, "forward")
     try:
