@@ -38,10 +38,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from ruamel.yaml import YAML
 
@@ -411,9 +413,39 @@ class NodeFactory:
         return node
 
     def close(self) -> None:
-        """Stop every node still running: SIGTERM, then SIGKILL after a bound."""
+        """Stop every node still running: SIGTERM to all of them at once, then SIGKILL what is left
+        after a bound. The nodes of a cluster shut down side by side: stopped one after the other,
+        the last ones each waited out their lost peers (an etcd without its quorum, say) in turn."""
+        running = [node for node in self.nodes if node.returncode is None]
+        for node in running:
+            node.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
         for node in self.nodes:
-            node.stop(signal.SIGTERM, STOP_TIMEOUT)
+            if node in running and node.wait(max(0.0, deadline - time.monotonic())) is None:
+                node.kill()
+            if node._group_alive():  # a worker outliving its arbiter (e.g. after a test killed it)
+                node.kill()
+
+
+_paho_loop_stop = paho.Client.loop_stop
+
+
+def _loop_stop_at_once(self: paho.Client) -> paho.MQTTErrorCode:
+    """paho's ``loop_stop()``: its network thread waits in ``select()`` for up to 1 s before it sees
+    the request to end, and every test client stopped paid that second. Wake it with a byte on the
+    socket pair paho itself uses to cut that wait short (``publish()`` does the same), then stop as
+    paho does. Nothing else changes: what is queued is still written before the thread ends."""
+    wake = getattr(self, "_sockpairW", None)
+    if getattr(self, "_thread", None) is not None and wake is not None:
+        self._thread_terminate = True
+        try:
+            wake.send(b"0")
+        except OSError:
+            pass
+    return _paho_loop_stop(self)
+
+
+paho.Client.loop_stop = _loop_stop_at_once
 
 
 def _sigterm_as_interrupt(signum, frame) -> None:
@@ -445,6 +477,23 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
         yield factory()
     finally:
         factory.close()
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory):
+    """The session's shared etcd server (``.endpoint`` is its client URL; tests/etcd.py). Defined
+    here only: a module importing it would get an etcd of its own, kept until the session ends."""
+    from tests.etcd import start_etcd
+
+    proc = start_etcd(tmp_path_factory.mktemp("etcd"), "shared")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    """A key prefix no other test uses (``/t-<uuid>/``), for tests on the shared etcd."""
+    return f"/t-{uuid.uuid4().hex[:12]}/"
 
 
 @pytest.hookimpl(hookwrapper=True)

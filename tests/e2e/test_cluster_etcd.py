@@ -2,7 +2,7 @@
 membership feeds the gRPC peers, ownership and takeover through etcd, retained messages and wills
 across nodes, kill -9 and restart, SIGTERM drain, two nodes racing for one client id.
 
-The nodes share the session's etcd (``etcd_server``, tests/cluster/conftest.py) under a key prefix
+The nodes share the session's etcd (``etcd_server``, tests/conftest.py) under a key prefix
 of this module, and the module's three nodes are shared by its tests (each uses its own topics and
 client ids). The tests that kill or stop a node restart it with the same data before they end. The
 etcd restart test runs two nodes of its own on a private etcd.
@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from fluxmq._core import codec as c
-from tests.cluster.conftest import etcd_server, start_etcd  # noqa: F401 (fixture)
 from tests.conftest import HOST, NodeFactory, RunningNode, free_port
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
 from tests.e2e.test_cluster_data_plane import (
@@ -31,6 +30,7 @@ from tests.e2e.test_cluster_data_plane import (
 from tests.e2e.test_cluster_data_plane import (
     test_shared_group_over_three_nodes_gets_each_message_once as _shared_group_once,
 )
+from tests.etcd import start_etcd
 
 pytestmark = pytest.mark.e2e
 
@@ -101,7 +101,7 @@ def nominal(node: RunningNode, peers: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
+def cluster(etcd_server, tmp_path_factory):
     base = tmp_path_factory.mktemp("ecluster")
     factory = NodeFactory(base / "nodes")
     (base / "nodes").mkdir()

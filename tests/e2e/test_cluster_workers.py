@@ -23,7 +23,6 @@ import uuid
 import pytest
 
 from fluxmq._core import codec as c
-from tests.cluster.conftest import etcd_server  # noqa: F401 (fixture)
 from tests.conftest import HOST, NodeFactory, RunningNode, free_port
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
 from tests.e2e.test_workers import on_worker, worker_of
@@ -83,7 +82,7 @@ def whole(node: RunningNode) -> bool:
 
 
 @pytest.fixture(scope="module")
-def nodes(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
+def nodes(etcd_server, tmp_path_factory):
     base = tmp_path_factory.mktemp("cworkers")
     factory = NodeFactory(base)
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"
@@ -392,7 +391,7 @@ def test_one_node_of_two_workers_runs_its_own_etcd_member(node_factory, tmp_path
     assert wait_for(lambda: not os.path.exists(f"/proc/{member_pid}"), 15.0)
 
 
-def test_a_worker_whose_port_is_taken_stops_the_node_with_one_line(node_factory, etcd_server) -> None:  # noqa: F811
+def test_a_worker_whose_port_is_taken_stops_the_node_with_one_line(node_factory, etcd_server) -> None:
     """Worker 1 listens on bind_addr's port + 1: held by another process, the node stops (never a
     port shared with a stranger through SO_REUSEPORT)."""
     port = two_free_ports()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 
-from tests.cluster.conftest import etcd_server  # noqa: F401 (fixture)
 from tests.conftest import free_port
 from tests.e2e.test_http_bridge import http_request
 from tests.e2e.test_replication import QUEUE, _publish_acked, _raft_config, _restart, raft_status, wait_leader
@@ -143,7 +142,7 @@ def _etcd_members(endpoint: str, prefix: str) -> dict:
     return json.loads(base64.b64decode(kvs[0]["value"]))["members"] if kvs else {}
 
 
-def test_a_member_change_on_etcd_membership_is_recorded_for_the_next_start(node_factory, etcd_server) -> None:  # noqa: F811
+def test_a_member_change_on_etcd_membership_is_recorded_for_the_next_start(node_factory, etcd_server) -> None:
     """Members agreed in etcd: the change is written to raft/members, and every node stopped and
     started again forms the new set (the old ones from the record, the new one from its peers)."""
     from tests.e2e.test_replication import wait_all_know_leader

@@ -284,10 +284,21 @@ def _mode(distribution: str) -> str:
     return f"    distribution_mode: {distribution}\n"
 
 
+# The leader-kill runs: a record the killed leader had out (to its own consumer, which dies with it)
+# is leased until its visibility_timeout sends it again; 5 s instead of the default 30 s lets the run
+# wait that out sooner. Consumers ack each delivery at once, and an $ack that loses a race with an
+# expiry is refused (never confirmed), so the run's checks hold for any timeout.
+LEASE = "    visibility_timeout: 5s\n"
+
+
+def _kill_run_cluster(node_factory, write_policy: str = "forward", raft_extra: str = "") -> list:
+    return start_cluster(node_factory, write_policy, queue_extra=LEASE, raft_extra=raft_extra)
+
+
 @pytest.mark.timeout(360)  # 10,000 messages on a shared machine; the run's own deadline is bounded
 @pytest.mark.parametrize("distribution", DISTRIBUTION_MODES)
 def test_leader_kill_mid_stream_loses_no_acknowledged_message(node_factory, distribution: str) -> None:
-    _leader_kill_run(node_factory, "forward", 10000, distribution)
+    _leader_kill_run(node_factory, "forward", 10000, distribution, start=_kill_run_cluster)
 
 
 @pytest.mark.timeout(360)
@@ -298,7 +309,7 @@ def test_leader_kill_with_reject_policy_the_producer_follows_the_leader(
     """write_policy reject: the producer starts on a follower, is refused with the leader's MQTT
     address, moves there; the leader is killed mid-stream, the producer reconnects to a survivor
     and is sent on to the new leader. No acknowledged message is lost."""
-    producer = _leader_kill_run(node_factory, "reject", 10000, distribution)
+    producer = _leader_kill_run(node_factory, "reject", 10000, distribution, start=_kill_run_cluster)
     assert 0x83 in producer.refusals and len(producer.moves) >= 2, (producer.refusals[:5], producer.moves)
 
 
@@ -398,8 +409,8 @@ def _leader_kill_run(
         )
         # and the replicated progress agrees: on the survivors the group settled every record. A
         # record whose payload was published twice (a producer that moved) may be held by a
-        # delivery lost in the failover until its visibility_timeout (30 s) sends it again: wait
-        # that long at most, whatever is left of the run's deadline
+        # delivery lost in the failover until its visibility_timeout (30 s by default) sends it
+        # again: wait that long at most, whatever is left of the run's deadline
         floor_deadline = max(deadline, time.monotonic() + 45)
         while time.monotonic() < floor_deadline:
             states = [raft_status(nodes[i])["queues"][QUEUE] for i in survivors]

@@ -24,7 +24,6 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.cluster.conftest import etcd_server  # noqa: F401 (fixture)
 from tests.conftest import HOST, REPO_ROOT, free_port
 from tests.e2e.test_replication import (
     QUEUE,
@@ -127,7 +126,7 @@ def queue_count(node) -> int | None:
 
 def test_a_group_forms_from_etcd_membership_and_a_sync_publish_is_acked_after_the_quorum(
     node_factory,
-    etcd_server,  # noqa: F811 (fixture)
+    etcd_server,
 ) -> None:
     cluster = EtcdRaftCluster(node_factory, etcd_server.endpoint)
     nodes = [cluster.node(0), cluster.node(1)]
@@ -193,7 +192,7 @@ def test_a_group_forms_from_etcd_membership_and_a_sync_publish_is_acked_after_th
     assert all(o is not None and o[0].is_failure for o in outcomes), [str(o and o[0]) for o in outcomes]
 
 
-def test_a_node_outside_the_agreed_members_refuses_with_the_reason(node_factory, etcd_server) -> None:  # noqa: F811
+def test_a_node_outside_the_agreed_members_refuses_with_the_reason(node_factory, etcd_server) -> None:
     cluster = EtcdRaftCluster(node_factory, etcd_server.endpoint)
     nodes = [cluster.node(i, wait_ready=False) for i in range(3)]
     for n in nodes:
@@ -208,7 +207,7 @@ def test_a_node_outside_the_agreed_members_refuses_with_the_reason(node_factory,
     assert rc.is_failure and "holds no replica" in props.ReasonString, (str(rc), props)
 
 
-def test_a_majority_restarted_forms_its_group_from_the_recorded_members(node_factory, etcd_server) -> None:  # noqa: F811
+def test_a_majority_restarted_forms_its_group_from_the_recorded_members(node_factory, etcd_server) -> None:
     """The members are recorded in etcd once: two of the three restarted form the group again
     without the third (a recomputation from the live nodes would have needed all three)."""
     cluster = EtcdRaftCluster(node_factory, etcd_server.endpoint)
@@ -232,7 +231,7 @@ def test_a_majority_restarted_forms_its_group_from_the_recorded_members(node_fac
     assert [queue_count(n) for n in back] == [40, 40]
 
 
-def test_leader_kill_on_etcd_membership_loses_no_acknowledged_message(node_factory, etcd_server) -> None:  # noqa: F811
+def test_leader_kill_on_etcd_membership_loses_no_acknowledged_message(node_factory, etcd_server) -> None:
     """tests/e2e/test_replication.py's leader kill (kill -9 under QoS 1 load; every PUBACKed message
     delivered at least once; nothing a consumer acked comes back) on a group formed from etcd."""
     _leader_kill_run(node_factory, "forward", 10000, start=etcd_start(etcd_server.endpoint))

@@ -22,7 +22,6 @@ from collections import deque
 
 import pytest
 
-from tests.cluster.conftest import etcd_server  # noqa: F401 (fixture)
 from tests.conftest import HOST, NodeFactory, free_port
 from tests.e2e.test_admin import AUTH, TOKEN
 from tests.e2e.test_cluster_workers import owner, two_free_ports, wait_for
@@ -62,14 +61,18 @@ queues:
       mode: sync
       min_in_sync_replicas: 2
       ack_timeout: 3s
+    visibility_timeout: {visibility}
 """
 
 
 class Cluster:
-    def __init__(self, factory: NodeFactory, endpoint: str, mode: str = "replicate") -> None:
+    def __init__(
+        self, factory: NodeFactory, endpoint: str, mode: str = "replicate", visibility: str = "30s"
+    ) -> None:
         self.factory = factory
         self.endpoint = endpoint
         self.mode = mode
+        self.visibility = visibility  # the queue's visibility_timeout (30 s: the default)
         self.prefix = f"/t-{uuid.uuid4().hex[:8]}/"
         self.nodes = []
 
@@ -87,7 +90,9 @@ class Cluster:
                     "cluster.etcd.lease_ttl": "3s",
                     "storage.type": "lmdb",
                 },
-                config_text=RAFT.format(raft=f"{HOST}:{free_port()}", queue=QUEUE, mode=self.mode),
+                config_text=RAFT.format(
+                    raft=f"{HOST}:{free_port()}", queue=QUEUE, mode=self.mode, visibility=self.visibility
+                ),
                 wait_ready=False,
                 env={"FLUXMQ_ADMIN_TOKEN": TOKEN},
             )
@@ -126,9 +131,11 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
+def cluster(etcd_server, tmp_path_factory):
     factory = NodeFactory(tmp_path_factory.mktemp("rworkers"))
-    c = Cluster(factory, etcd_server.endpoint)
+    # visibility_timeout 5 s: the leader-kill run waits out the leases of what the killed node had
+    # out (see tests/e2e/test_replication.py's LEASE); this cluster's consumers ack at once
+    c = Cluster(factory, etcd_server.endpoint, visibility="5s")
     try:
         c.start()
         yield c
@@ -137,7 +144,7 @@ def cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
 
 
 @pytest.fixture(scope="module")
-def forward_cluster(etcd_server, tmp_path_factory):  # noqa: F811 (fixture)
+def forward_cluster(etcd_server, tmp_path_factory):
     factory = NodeFactory(tmp_path_factory.mktemp("rworkers-fwd"))
     c = Cluster(factory, etcd_server.endpoint, "forward")
     try:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fluxmq.errors import ClusterError
-from tests.cluster.conftest import start_etcd
 from tests.cluster.metadata.conftest import SHORT_TTL, crash, wait_for
+from tests.etcd import start_etcd
 
 
 def test_members_and_their_changes_are_seen_by_every_node(meta_factory):

@@ -1,8 +1,9 @@
-"""Cluster test fixtures: one real etcd server per test session, shared by every cluster test.
+"""A real etcd server for the cluster tests: ``EtcdProcess`` and ``start_etcd``.
 
-Tests isolate themselves by key prefix (``etcd_prefix``), never by starting their own etcd, so the
-suite pays for one etcd start. A test that must restart or kill etcd starts its own with
-``start_etcd(tmp_path)`` and stops it with ``EtcdProcess.stop()``.
+The session's shared etcd is the ``etcd_server`` fixture (tests/conftest.py), one for the whole
+run (tests/cluster and tests/e2e alike). Tests isolate themselves by key prefix (``etcd_prefix``),
+never by starting their own etcd, so the suite pays for one etcd start. A test that must restart
+or kill etcd starts its own with ``start_etcd(tmp_path)`` and stops it with ``EtcdProcess.stop()``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -95,17 +95,3 @@ def start_etcd(tmp_path: Path, name: str = "test") -> EtcdProcess:
     data = tmp_path / f"etcd-{name}-data"
     data.mkdir(parents=True, exist_ok=True)
     return EtcdProcess(data, name).start()
-
-
-@pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory) -> EtcdProcess:
-    """The session's shared etcd server (``.endpoint`` is its client URL)."""
-    proc = start_etcd(tmp_path_factory.mktemp("etcd"), "shared")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def etcd_prefix() -> str:
-    """A key prefix no other test uses (``/t-<uuid>/``), for tests on the shared etcd."""
-    return f"/t-{uuid.uuid4().hex[:12]}/"
