@@ -797,6 +797,21 @@ class RaftTransport(TCPTransport):
             syncObj._poller = poller
         super().__init__(syncObj, selfNode, otherNodes)
 
+    def tryGetReady(self):  # noqa: N802
+        """Bind the listener (pysyncobj's), after waiting in the hub for what is left of
+        ``bindRetryTime`` since the last attempt. With autoTick off, ``SyncObj.__init__`` calls this
+        in a loop until the bind succeeds or ``maxBindRetries`` attempts failed, and pysyncobj's
+        ``_maybeBind`` returns at once until that time has passed: with the port taken, a busy loop
+        of ``maxBindRetries * bindRetryTime`` (~5 s) that held the worker's hub, so it answered no
+        client, no HTTP request and no etcd keep-alive meanwhile."""
+        if not self._ready and not self._selfIsReadonlyNode:
+            wait = self._lastBindAttemptTime + self._syncObj.conf.bindRetryTime - monotonic()
+            if wait > 0:
+                import gevent
+
+                gevent.sleep(wait)
+        super().tryGetReady()
+
     def _createServer(self):  # noqa: N802
         conf = self._syncObj.conf
         addr = conf.bindAddress or self._selfNode.address

@@ -384,3 +384,39 @@ def test_a_follower_applies_committed_entries_two_at_a_time_unless_its_own_entry
     finally:
         for group in groups:
             group.stop()
+
+
+def test_a_start_whose_raft_port_is_taken_lets_the_hub_run_while_it_retries_the_bind(tmp_path) -> None:
+    """pysyncobj (autoTick off) retries the bind in a loop inside its constructor until
+    ``maxBindRetries`` fail: ~5 s in which the worker answered nothing (HTTP, MQTT, its etcd
+    lease). The retries wait in the hub: another greenlet runs meanwhile, and the start still
+    ends in pysyncobj's BindError once they are spent (the caller retries or reports it)."""
+    import socket
+
+    import gevent
+    import pytest
+    from pysyncobj import SyncObjException
+
+    from tests.conftest import HOST
+
+    taken = socket.socket()
+    taken.bind((HOST, 0))
+    taken.listen(1)
+    me = f"{HOST}:{taken.getsockname()[1]}"
+    group = RaftGroup("default", me, [me], str(tmp_path), MemoryQueueLog(), "forward")
+    ticks = []
+
+    def other() -> None:
+        while True:
+            ticks.append(1)
+            gevent.sleep(0.05)
+
+    runner = gevent.spawn(other)
+    try:
+        with gevent.Timeout(30), pytest.raises(SyncObjException, match="BindError"):
+            group.start()
+        assert len(ticks) > 1, "the hub ran nothing while the bind was retried"
+    finally:
+        runner.kill()
+        group.stop()
+        taken.close()
