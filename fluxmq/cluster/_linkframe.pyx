@@ -15,6 +15,8 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 
+from fluxmq.cluster._bigendian cimport _get_u32, _get_u64, _put_u64
+
 from fluxmq.cluster.proto import cluster_pb2 as pb
 
 #: a RawBatch frame's marks and leads (``batch.RAW_MARK``, ``PLAIN_MARK``, ``RAW_LEAD``, ``PLAIN_LEAD``)
@@ -27,25 +29,6 @@ DEF ACK_SIZE = 9
 #: bytes asked of one ``recv_into`` (``unix.CHUNK``)
 DEF _CHUNK = 65536
 CHUNK = _CHUNK
-
-
-cdef inline uint64_t _get_u64(const unsigned char* p) noexcept:
-    cdef uint64_t v = 0
-    cdef int i
-    for i in range(8):
-        v = (v << 8) | p[i]
-    return v
-
-
-cdef inline unsigned long _get_u32(const unsigned char* p) noexcept:
-    return (<unsigned long>p[0] << 24) | (<unsigned long>p[1] << 16) | (<unsigned long>p[2] << 8) | p[3]
-
-
-cdef inline void _put_u64(unsigned char* p, uint64_t v) noexcept:
-    cdef int i
-    for i in range(7, -1, -1):
-        p[i] = v & 0xFF
-        v >>= 8
 
 
 cdef class FramedBatch:

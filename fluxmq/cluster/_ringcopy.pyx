@@ -14,6 +14,8 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
+from fluxmq.cluster._bigendian cimport _get_u32, _put_u32
+
 #: a descriptor frame's marker (``ring.RING_MARK``)
 DEF MARK = 1
 #: a descriptor frame: u32 length (9), the marker, u32 offset, u32 length (``ring.DESC``)
@@ -24,17 +26,6 @@ DEF DESC_BODY = 9
 #: (``ring.SMALL_FRAME``, ``RecvRing.take``)
 SMALL_FRAME = 65536
 cdef Py_ssize_t _SMALL_FRAME = SMALL_FRAME
-
-
-cdef inline void _put_u32(unsigned char* p, unsigned long v) noexcept:
-    p[0] = (v >> 24) & 0xFF
-    p[1] = (v >> 16) & 0xFF
-    p[2] = (v >> 8) & 0xFF
-    p[3] = v & 0xFF
-
-
-cdef inline unsigned long _get_u32(const unsigned char* p) noexcept:
-    return (<unsigned long>p[0] << 24) | (<unsigned long>p[1] << 16) | (<unsigned long>p[2] << 8) | p[3]
 
 
 cdef Py_ssize_t _copy_in(char* ring, Py_ssize_t j, Py_ssize_t end, object part) except -1:

@@ -120,8 +120,6 @@ RAW_MARK = 0
 PLAIN_MARK = 2
 RAW_LEAD = struct.Struct(">BI")
 PLAIN_LEAD = struct.Struct(">BQI")
-#: a plain lead after its mark
-PLAIN_BODY = struct.Struct(">QI")
 
 
 class RawBatch:
