@@ -1005,6 +1005,18 @@ KEYS: tuple[Key, ...] = (
     Key("broker.max_keepalive", Int(0, 65535), 65535, "Largest keep alive a client may use, in seconds."),
     Key("broker.allow_zero_keepalive", Bool(), True, "Accept clients that set keep alive 0 (none)."),
     Key(
+        "broker.park_after",
+        Duration(),
+        "5s",
+        "Silence after which a connection parks: its greenlet ends and a bare I/O watcher waits for "
+        "input, which keeps an idle connection under ~3 KB; when not 0 a connection also parks right "
+        "after CONNECT (unless its keep-alive limit is shorter). 0 = never park: every connection "
+        "keeps a greenlet (its stack and buffers). "
+        "Shorter parks busy-then-quiet clients sooner (less memory per idle connection); the first "
+        "packet after each pause is then served through the hub's parked path (a wake-up and a new "
+        "greenlet) instead of by a waiting greenlet.",
+    ),
+    Key(
         "broker.shared_subscription_strategy",
         Enum("round_robin", "random", "least_inflight"),
         "round_robin",

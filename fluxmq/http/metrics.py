@@ -247,11 +247,20 @@ class BrokerCollector(Collector):
         by_listener = GaugeMetricFamily(
             "fluxmq_listener_connections", "Open connections per listener.", labels=["listener"]
         )
+        parked = GaugeMetricFamily(
+            "fluxmq_listener_connections_parked",
+            "Idle connections parked now per listener: no greenlet until input arrives (broker.park_after).",
+            labels=["listener"],
+        )
         for listener in getattr(self.service, "listeners", ()):
             by_listener.add_metric([str(listener.name)], len(listener.connections))
+            parked.add_metric(
+                [str(listener.name)], sum(1 for c in listener.connections if getattr(c, "parked", False))
+            )
         if self.bridge is not None:
             by_listener.add_metric(["http_sse"], len(self.bridge.streams))
         yield by_listener
+        yield parked
 
     @staticmethod
     def _traffic(st: Any) -> Iterator[Metric]:

@@ -120,6 +120,7 @@ def protocol_settings(config, listener, refuse_anonymous: bool = False) -> Proto
         write_timeout=listener.write_timeout,
         max_keepalive=b.max_keepalive,
         allow_zero_keepalive=b.allow_zero_keepalive,
+        park_after=b.park_after,
         write_buffer_high=b.write_buffer_high,
         max_inflight=b.max_inflight,
         max_qos=b.max_qos,

@@ -23,6 +23,11 @@ class Parking:
 
     __slots__ = ()
 
+    @property
+    def parked(self) -> bool:
+        """True while the connection is parked (no greenlet; a watcher waits for its input)."""
+        return self._parked is not None
+
     def _idle_timeout(self) -> float | None:
         """The recv timeout once connected: the park threshold, or the keep-alive limit if shorter."""
         limit = self._keepalive_limit

@@ -283,6 +283,8 @@ def test_unknown_key_without_a_close_one(write) -> None:
             "(unknown duration unit 'parsecs'), got '10 parsecs'",
         ),
         ("server:\n  connect_timeout: -1\n", "server.connect_timeout", 2, "negative duration"),
+        ("broker:\n  park_after: soon\n", "broker.park_after", 2, 'expected a duration such as "250ms"'),
+        ("broker:\n  park_after: -2s\n", "broker.park_after", 2, "(negative duration), got '-2s'"),
         ("server:\n  health_addr: ':70000'\n", "server.health_addr", 2, "port 70000 out of range 0..65535"),
         ("server:\n  health_addr: 'no port'\n", "server.health_addr", 2, "got 'no port'"),
         ("server:\n  health_addr: ''\n", "server.health_addr", 2, "got ''"),

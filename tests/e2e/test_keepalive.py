@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from fluxmq._core import codec as c
-from tests.e2e.mqttraw import paho_connected, raw_connected, unique
+from tests.conftest import NodeFactory, RunningNode
+from tests.e2e.mqttraw import paho_connected, raw_connected, unique, wait_until
+from tests.e2e.test_park_after import parked
 
 pytestmark = pytest.mark.e2e
 
@@ -32,23 +35,39 @@ def test_silent_client_closed_after_one_and_a_half_keepalive_MQTT_3_1_2_24(node)
     assert client.wait_closed(timeout=20) == []
 
 
-def test_silent_parked_client_closed_MQTT_3_1_2_24(node) -> None:
-    """Keep alive 4 (6 s allowed) is longer than the 5 s after which an idle connection parks (no greenlet):
-    the keep-alive timer of a parked connection closes a silent client too [MQTT-3.1.2-24]."""
-    client = raw_connected(node, unique("silent-parked"), keepalive=4)
-    assert client.wait_closed(timeout=30) == []
-
-
-def test_pinging_parked_client_stays_connected_MQTT_3_1_2_23(node) -> None:
-    """Keep alive 4 with a ping every 2 s for longer than 6 s: a connection that parks and wakes up keeps
-    its keep alive measured from the last packet [MQTT-3.1.2-23]."""
-    client = raw_connected(node, unique("pinger-parked"), keepalive=4)
+@pytest.fixture(scope="module")
+def quick_park(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    """A node whose connections park after 0.5 s of silence (broker.park_after; default 5 s): keep
+    alive 1 (1.5 s allowed) is then longer than park_after, so the connection is parked when the
+    keep alive is measured, without waiting out the default 5 s first."""
+    factory = NodeFactory(tmp_path_factory.mktemp("quick-park"))
     try:
+        yield factory({"broker.park_after": "500ms"})
+    finally:
+        factory.close()
+
+
+def test_silent_parked_client_closed_MQTT_3_1_2_24(quick_park) -> None:
+    """The keep-alive timer of a parked connection (no greenlet) closes a silent client too
+    [MQTT-3.1.2-24]."""
+    client = raw_connected(quick_park, unique("silent-parked"), keepalive=1)
+    assert wait_until(lambda: parked(quick_park) == 1, 10)
+    assert client.wait_closed(timeout=20) == []
+
+
+def test_pinging_parked_client_stays_connected_MQTT_3_1_2_23(quick_park) -> None:
+    """Keep alive 1 with a ping every 0.5 s for longer than twice its 1.5 s: a parked connection, whose
+    PINGREQs are answered from the hub, keeps its keep alive measured from the last packet
+    [MQTT-3.1.2-23]."""
+    client = raw_connected(quick_park, unique("pinger-parked"), keepalive=1)
+    try:
+        assert wait_until(lambda: parked(quick_park) == 1, 10)
         started = time.monotonic()
-        while time.monotonic() - started < 8:
+        while time.monotonic() - started < 3.5:
             client.send(c.Pingreq())
             assert isinstance(client.recv(), c.Pingresp)
-            time.sleep(2)  # pacing the client, well inside the keep alive; nothing is asserted on time
+            time.sleep(0.5)  # pacing the client, well inside the keep alive; nothing is asserted on time
+        assert parked(quick_park) == 1
     finally:
         client.disconnect()
 

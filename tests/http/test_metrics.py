@@ -67,6 +67,7 @@ def test_output_parses_with_the_expected_types(app) -> None:
         "fluxmq_clients_connected": "gauge",
         "fluxmq_connections": "counter",
         "fluxmq_listener_connections": "gauge",
+        "fluxmq_listener_connections_parked": "gauge",
         "fluxmq_messages_received": "counter",
         "fluxmq_messages_sent": "counter",
         "fluxmq_message_bytes_received": "counter",
@@ -88,6 +89,7 @@ def test_output_parses_with_the_expected_types(app) -> None:
         assert families[name]["type"] == kind, name
     assert value(families, "fluxmq_listener_connections", listener="tcp") == 3
     assert value(families, "fluxmq_listener_connections", listener="http_sse") == 0
+    assert value(families, "fluxmq_listener_connections_parked", listener="tcp") == 0
 
 
 def test_counters_follow_traffic(app, broker: Broker, bridge: HTTPBridge) -> None:

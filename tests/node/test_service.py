@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 
 from fluxmq.broker.broker import Broker
-from fluxmq.node.service import load_and_restore
+from fluxmq.config import load_config
+from fluxmq.node.service import load_and_restore, protocol_settings
 from fluxmq.storage.memory import MemoryStorage
 
 
@@ -22,3 +23,15 @@ def test_start_up_objects_are_frozen_out_of_the_collector_even_with_a_small_stor
     finally:
         gc.unfreeze()
         storage.close()
+
+
+def test_broker_park_after_reaches_the_listeners_protocol_settings(tmp_path) -> None:
+    """A Go duration in the file, 0 from --set, the 5 s default: what a listener's connections use."""
+    path = tmp_path / "fluxmq.yaml"
+    path.write_text("broker:\n  park_after: 1m30s\n")
+    for cfg, seconds in (
+        (load_config(env={}), 5.0),
+        (load_config(path, env={}), 90.0),
+        (load_config(path, env={}, overrides=["broker.park_after=0"]), 0.0),
+    ):
+        assert protocol_settings(cfg, cfg.server.tcp.plain).park_after == seconds

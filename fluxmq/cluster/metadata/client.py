@@ -271,6 +271,33 @@ class EtcdClient:
             if "not found" not in str(exc):
                 raise
 
+    # -- cluster -----------------------------------------------------------------------------------
+    def members_answering(self, timeout: float) -> tuple[int, int]:
+        """(members whose client URL answers a status call within ``timeout``, members): whether the
+        etcd cluster has a quorum left to commit a write. The member list is the local member's
+        (served without consensus); the members are asked at once. ClusterError when no endpoint
+        gives the list."""
+        members = self.post("cluster/member/list", {}, timeout).get("members", [])
+        session = self.session
+
+        def answers(urls: list[str]) -> bool:
+            for url in urls:
+                try:
+                    reply = session.post(
+                        f"{url.rstrip('/')}{API_PATH}maintenance/status", json={}, timeout=timeout
+                    )
+                except requests.RequestException:
+                    continue
+                if reply.ok:
+                    return True
+            return False
+
+        probes = [gevent.spawn(answers, m.get("clientURLs") or []) for m in members]
+        gevent.joinall(probes, timeout=timeout + 0.5)
+        for probe in probes:
+            probe.kill(block=False)
+        return sum(1 for probe in probes if probe.successful() and probe.value), len(members)
+
     def watch_stream(self, body: dict, read_timeout: float) -> requests.Response:
         """Open a streamed ``/v3/watch`` on the current endpoint (PrefixMirror reads it)."""
         client = self._clients[self._current]

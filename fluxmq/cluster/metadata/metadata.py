@@ -32,6 +32,9 @@ __all__ = ["ClusterMetadata"]
 
 log = logging.getLogger("fluxmq.cluster.metadata")
 
+#: how long a graceful stop waits for etcd's members to answer before its quorum writes (seconds)
+QUORUM_PROBE_TIMEOUT = 1.0
+
 
 class ClusterMetadata:
     """Membership, session ownership and leader election of this node, in etcd."""
@@ -132,12 +135,34 @@ class ClusterMetadata:
         raise ClusterError(f"etcd not ready within {timeout:g}s (cluster.etcd.start_timeout){where}: {last}")
 
     def stop(self) -> None:
-        """Revoke the lease (every key this node owns goes at once) and stop the member."""
+        """Mark the registration "leaving", revoke the lease (every key this node owns goes at once)
+        and stop the member. Both writes need a quorum of etcd members: when fewer answer (the last
+        nodes of a cluster that is stopping, whose members already stopped) they are skipped, not
+        waited out for their request timeouts; nobody is left to see them, and the lease expires
+        once etcd runs again."""
+        revoke = True
         if self._started and self.membership is not None and self.lease is not None and self.lease.alive:
-            self.membership.leave()
-        self._teardown(revoke=True)
+            if self._quorum_answers():
+                self.membership.leave()
+            else:
+                revoke = False
+        self._teardown(revoke=revoke)
         self._started = False
         self._status = "stopped"
+
+    def _quorum_answers(self) -> bool:
+        try:
+            answering, members = self.client.members_answering(QUORUM_PROBE_TIMEOUT)
+        except ClusterError as exc:
+            log.warning("etcd_quorum_gone", extra={"error": str(exc), "skipped": "leave,lease_revoke"})
+            return False
+        if members and answering <= members // 2:
+            log.warning(
+                "etcd_quorum_gone",
+                extra={"answering": answering, "members": members, "skipped": "leave,lease_revoke"},
+            )
+            return False
+        return True
 
     def _teardown(self, revoke: bool) -> None:
         if self.election is not None:

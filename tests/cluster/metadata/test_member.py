@@ -3,6 +3,7 @@ restarted; stop ends it by its PID (fluxmq/cluster/metadata/member.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -131,3 +132,44 @@ def test_a_node_keeps_its_sessions_when_its_member_is_killed_and_restarted(tmp_p
         meta.stop()
     for pid in member_pids:
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def test_a_graceful_stop_keeps_its_writes_with_a_quorum_and_skips_them_without_one(tmp_path, caplog):
+    """The nodes of a cluster that stops take their members with them: the last node's etcd has no
+    quorum, and its "leaving" mark and lease revocation would each wait out a request timeout
+    (5 s + 3 s at ``scripts/cluster down``). A node stopped while a quorum answers still writes
+    both (the other node sees it leave, not get lost); the last one skips them, saying why."""
+    from fluxmq.cluster.metadata import ClusterMetadata
+
+    members = _members(tmp_path, 3)
+    metas = []
+    try:
+        for member in members:
+            member.start()
+        clients = [EtcdClient(m.settings.client_endpoints(), timeout=2.0) for m in members]
+        assert wait_for(lambda: all(_answers(c) for c in clients), timeout=60)
+        for i in (0, 1):
+            settings = EtcdSettings(
+                endpoints=members[i].settings.client_endpoints(), lease_ttl=30.0, request_timeout=3.0
+            )
+            metas.append(
+                ClusterMetadata(settings, f"n{i}", f"{HOST}:{7000 + i}", prefix="/stop/", state_dir=tmp_path)
+            )
+            metas[i].start()
+        last, first = metas
+        assert wait_for(lambda: set(last.members()) == {"n0", "n1"})
+        members[2].stop()  # two of three members left: a quorum
+        with caplog.at_level(logging.INFO, logger="fluxmq.cluster"):
+            first.stop()
+            assert wait_for(lambda: set(last.members()) == {"n0"})
+            assert last.lost_members() == {}  # marked "leaving", then its lease revoked
+            members[1].stop()  # one of three left: no quorum
+            last.stop()
+        events = [(r.msg, getattr(r, "answering", None), getattr(r, "members", None)) for r in caplog.records]
+        assert ("etcd_quorum_gone", 1, 3) in events
+        assert not {"leave_not_marked", "lease_revoke_failed"} & {e[0] for e in events}, events
+    finally:
+        for meta in metas:
+            meta.stop()
+        for member in members:
+            member.stop()

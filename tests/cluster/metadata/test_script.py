@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -147,5 +149,85 @@ def test_down_returns_once_what_a_node_started_is_gone():
         for pid in _pids():
             os.kill(pid, 9)
         pid_file.unlink(missing_ok=True)
+        if ours:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+# A stand-in for a node that stops its etcd member: the "member" (a child in the node's session)
+# stops 1 s after its node is gone. At SIGTERM the node writes which other nodes still have a
+# process alive, then exits.
+_RECORDING_NODE = r"""
+import os, signal, sys, time
+config, record = sys.argv[1], sys.argv[2]
+parent = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == parent:
+        time.sleep(0.02)
+    time.sleep(1.0)
+    os._exit(0)
+
+def others():
+    seen = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except (OSError, IndexError):
+            continue
+        seen.update(a for a in args if a.startswith("conf/cluster/node") and a != config)
+    return sorted(seen)
+
+def term(*_):
+    with open(record, "a") as f:
+        f.write(f"{config}: {' '.join(others())}\n")
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, term)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_down_stops_a_node_once_the_previous_one_and_its_member_are_gone(tmp_path):
+    """Nodes stopped together each wait on peers' etcd members that are going too (a leader's
+    leadership transfer, the "leaving" mark and the lease revocation): down stops them in turn."""
+    if _pids():
+        pytest.skip("a cluster from scripts/cluster runs on this machine")
+    state = ROOT / "run" / "cluster"
+    ours = not state.exists()
+    state.mkdir(parents=True, exist_ok=True)
+    record = tmp_path / "order"
+    nodes = []
+    try:
+        for i in (1, 2, 3):
+            node = subprocess.Popen(
+                [sys.executable, "-c", _RECORDING_NODE, f"conf/cluster/node{i}.yaml", str(record)],
+                start_new_session=True,
+            )
+            threading.Thread(target=node.wait, daemon=True).start()  # as init reaps a node
+            nodes.append(node)
+        for _ in range(100):  # until every stand-in has started its "member"
+            if len(_pids()) == 6:
+                break
+            time.sleep(0.05)
+        assert len(_pids()) == 6
+        for i, node in enumerate(nodes, 1):
+            (state / f"node{i}.pid").write_text(f"{node.pid}\n")
+        down = _cluster("down")
+        assert down.returncode == 0, down.stderr
+        assert record.read_text().splitlines() == [
+            "conf/cluster/node1.yaml: conf/cluster/node2.yaml conf/cluster/node3.yaml",
+            "conf/cluster/node2.yaml: conf/cluster/node3.yaml",
+            "conf/cluster/node3.yaml: ",
+        ]
+        assert _pids() == []
+    finally:
+        for pid in _pids():
+            os.kill(pid, 9)
+        for i in (1, 2, 3):
+            (state / f"node{i}.pid").unlink(missing_ok=True)
         if ours:
             shutil.rmtree(state, ignore_errors=True)
