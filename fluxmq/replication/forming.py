@@ -242,7 +242,8 @@ class FormingRaft:
                 self.raft,
                 self.self_addr,
                 sorted(members.values()),
-                self.record.count if self.record is not None else 0,
+                # the size the set was agreed with (recorded since; else this node's count)
+                (self.record.agreed or self.record.count) if self.record is not None else 0,
             ),
             self.queue_configs,
             self.data_dir,

@@ -48,6 +48,7 @@ class RaftMembers:
         self.meta = meta  # ClusterMetadata, started
         self.names = sorted(set(names or []))
         self.count = count if not self.names else len(self.names)
+        self.agreed = 0  # the size the set was agreed with, as the record read last says (0: not said)
 
     @property
     def key(self) -> str:
@@ -56,12 +57,24 @@ class RaftMembers:
     def recorded(self) -> dict[str, str] | None:
         """The agreed members (node id -> Raft address), or None while nothing is recorded."""
         kv = self.meta.client.get(self.key)
-        return None if kv is None else _members(kv["value"])
+        if kv is None:
+            return None
+        self._note_size(kv["value"])
+        return _members(kv["value"])
+
+    def _note_size(self, value: bytes) -> None:
+        try:
+            self.agreed = int(json.loads(value).get("agreed", 0))
+        except (ValueError, TypeError, AttributeError):
+            self.agreed = 0
 
     def read(self) -> tuple[dict[str, str], dict[str, str]] | None:
         """(members, joining), or None while nothing is recorded. Raises ClusterError."""
         kv = self.meta.client.get(self.key)
-        return None if kv is None else (_members(kv["value"]), _members(kv["value"], "joining"))
+        if kv is None:
+            return None
+        self._note_size(kv["value"])
+        return _members(kv["value"]), _members(kv["value"], "joining")
 
     def registration(self, node_id: str) -> tuple[bool, str]:
         """(whether ``node_id`` is registered live in etcd (``nodes/{node_id}``, or a worker of it),
@@ -99,17 +112,23 @@ class RaftMembers:
                     f"(cluster.raft.expected_members); live: {', '.join(sorted(live)) or 'none'}"
                 )
             chosen = {n: live[n] for n in sorted(live)[: self.count]}
-        value = json.dumps({"members": chosen, "by": self.meta.node_id, "at": time.time()}).encode()
+        # "agreed": the size the set was agreed with; queues of that replication_factor span the
+        # whole group whatever members it has after member changes (replication.service.plan)
+        value = json.dumps(
+            {"members": chosen, "agreed": len(chosen), "by": self.meta.node_id, "at": time.time()}
+        ).encode()
         ok, responses = self.meta.client.txn(
             [cmp_create(self.key, 0)], [op_put(self.key, value)], [op_get(self.key)]
         )
         if ok:
+            self.agreed = len(chosen)
             log.info(
                 "raft_members_recorded", extra={"members": ",".join(f"{n}={a}" for n, a in chosen.items())}
             )
             return chosen, ""
         kvs = range_kvs(responses[0]) if responses else []
         if kvs:
+            self._note_size(kvs[0]["value"])
             return _members(kvs[0]["value"]), ""  # another node was first: its set holds
         return None, "the Raft member record changed meanwhile; trying again"
 
@@ -125,7 +144,9 @@ class RaftMembers:
             edit(members, joining)
             if (members, joining) == before:
                 return members  # nothing to write: made already
-            doc = {"members": members, "by": self.meta.node_id, "at": time.time()}
+            doc = _doc(kv["value"])  # what else it holds ("agreed") stays
+            doc.update(members=members, by=self.meta.node_id, at=time.time())
+            doc.pop("joining", None)
             if joining:
                 doc["joining"] = joining
             ok, _ = self.meta.client.txn(
@@ -197,6 +218,14 @@ class RaftMembers:
                 del joining[n]
 
         return self._modify("rewrite from the committed configuration", edit)
+
+
+def _doc(value: bytes) -> dict:
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _members(value: bytes, field: str = "members") -> dict[str, str]:

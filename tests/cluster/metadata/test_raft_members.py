@@ -117,6 +117,7 @@ def test_a_join_is_recorded_then_moved_to_members_and_a_rewrite_follows_the_comm
     three = {**two, "d": "127.0.0.1:7400"}
     assert record.change("add", "127.0.0.1:7400", "d") == three
     assert record.read() == (three, {})
+    assert record.agreed == 2  # the size agreed at first stays in the record through changes
     # committed while etcd did not answer: the leader rewrites members from its configuration,
     # keeping the node ids the record knows
     assert record.rewrite(["127.0.0.1:7200", "127.0.0.1:7400"]) == {
