@@ -83,7 +83,8 @@ cluster:
     bind_addr: "{raft}"
     write_policy: {self.write_policy}
 {self.raft_extra}""" + EDA_QUEUE.format(name=QUEUE)
-        node = self.factory(config_text=text, wait_ready=wait_ready, env=self.env)
+        extra = {} if self.env is None else {"env": self.env}
+        node = self.factory(config_text=text, wait_ready=wait_ready, **extra)
         node.raft_addr = raft
         return node
 
