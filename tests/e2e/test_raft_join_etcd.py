@@ -2,7 +2,7 @@
 three nodes form the default group from etcd; a fourth started later, with no static peers, holds
 no replica until the operator adds it by node id (``POST /cluster/raft/groups/default/members
 {"node": ...}``); it then starts its replica from the record in etcd, catches up, and stays a member
-across a restart; removed, it stops its replica.
+across a restart; removed (``fluxmq-node raft-member remove``), it stops its replica.
 
 The nodes share the session's etcd (``etcd_server``) under a key prefix of their own.
 """
@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tests.e2e.test_raft_members import ENV, _admin, _wait
 from tests.e2e.test_replication import QUEUE, _publish_acked, _restart, raft_status, wait_all_know_leader
 from tests.e2e.test_replication_etcd import EtcdRaftCluster, publish_outcomes
@@ -31,6 +35,22 @@ def _record(endpoint: str, prefix: str) -> dict:
     with urllib.request.urlopen(req, timeout=5) as resp:
         kvs = json.loads(resp.read()).get("kvs") or []
     return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else {}
+
+
+def _raft_member(node, *args: str) -> tuple[int, str, str]:
+    """``fluxmq-node raft-member ...`` against ``node``'s admin API -> (exit status, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
+    env.update(ENV, PYTHONPATH=str(REPO_ROOT))
+    admin = f"http://{node.host}:{node.admin_port}"
+    done = subprocess.run(
+        [sys.executable, "-m", "fluxmq.node.cli", "raft-member", *args, "--admin", admin],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout, done.stderr
 
 
 def _count(node) -> int | None:
@@ -91,8 +111,12 @@ def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factor
     # Removed (by its address), it stops its replica and says why; the record follows.
     leader = wait_all_know_leader([*nodes, late])
     assert leader != 3  # the late node caught up last; a restart would not have made it leader here
-    status, body = _admin(nodes[leader], "DELETE", f"{PATH}/{late.raft_addr}")
-    assert status == 200 and late.raft_addr not in body["members"], body
+    # through ``fluxmq-node raft-member`` (the admin API's client): the answer is printed
+    code, out, err = _raft_member(nodes[leader], "add", "--node", "nosuch")
+    assert code == 1 and "404" in err and "not registered in etcd" in err, (out, err)
+    code, out, err = _raft_member(nodes[leader], "remove", "--addr", late.raft_addr)
+    assert code == 0, err
+    assert late.raft_addr not in json.loads(out)["members"], out
     gone = _wait(
         "the removed node stopping its replica",
         lambda: "removed from the Raft members" in str(raft_status(late)) and raft_status(late),
