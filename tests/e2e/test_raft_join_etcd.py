@@ -37,6 +37,17 @@ def _record(endpoint: str, prefix: str) -> dict:
     return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else {}
 
 
+def _put_record(endpoint: str, prefix: str, doc: dict) -> None:
+    """Write ``{prefix}raft/members`` (as a write that failed would have left it)."""
+    key = base64.b64encode((prefix + "raft/members").encode()).decode()
+    value = base64.b64encode(json.dumps(doc).encode()).decode()
+    req = urllib.request.Request(
+        f"{endpoint}/v3/kv/put", data=json.dumps({"key": key, "value": value}).encode()
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        resp.read()
+
+
 def _raft_member(node, *args: str) -> tuple[int, str, str]:
     """``fluxmq-node raft-member ...`` against ``node``'s admin API -> (exit status, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
@@ -94,6 +105,23 @@ def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factor
     # forwarded to the leader) is then on its replica too.
     caught = _wait("the late node's replica caught up", lambda: _count(late) == 50 and raft_status(late))
     assert caught["peers"] == everyone and not caught.get("forming"), caught
+    assert "record" not in raft_status(nodes[leader])  # the leader finds the record in step
+
+    # The record as a failed write leaves it (etcd down between the commit and the write): the
+    # node still joining, the members the old ones. The leader re-writes it from its committed
+    # configuration; the new member keeps its replica meanwhile.
+    stale = {
+        **record,
+        "members": {f"r{i}": n.raft_addr for i, n in enumerate(nodes)},
+        "joining": {"r3": late.raft_addr},
+    }
+    _put_record(etcd_server.endpoint, cluster.prefix, stale)
+    repaired = _wait(
+        "the leader re-writing the record",
+        lambda: len((r := _record(etcd_server.endpoint, cluster.prefix))["members"]) == 4 and r,
+    )
+    assert repaired["members"] == record["members"] and not repaired.get("joining"), repaired
+    assert raft_status(late)["peers"] == everyone and not raft_status(late).get("forming")
     assert _publish_acked(late, "through-late", 30, b"b") == 30
     _wait("the late node holding every acknowledged record", lambda: _count(late) == 80)
 
