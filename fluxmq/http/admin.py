@@ -459,23 +459,28 @@ class AdminAPI:
         return code, body
 
     def add_raft_member(self, environ: dict, args: list[str]) -> tuple:
-        """Add the member ``{"addr": "host:port"}`` (its Raft address) to a Raft group; answered
-        once the change is committed. Only on the group's leader (409 naming it elsewhere)."""
+        """Add a member to a Raft group: ``{"addr": "host:port"}`` (its Raft address), or on a group
+        whose members are recorded in etcd ``{"node": "<node_id>"}`` (the address its etcd
+        registration announces); answered once the change is committed. Only on the group's
+        leader (409 naming it elsewhere)."""
         try:
             doc = json.loads(read_body(environ, 4096) or b"null")
         except ValueError:
             raise HTTPError(400, "the body is not JSON") from None
         if (
             not isinstance(doc, dict)
-            or "addr" not in doc
-            or not set(doc) <= {"addr", "node_id"}
-            or not all(isinstance(v, str) for v in doc.values())
+            or ("addr" in doc) == ("node" in doc)
+            or not set(doc) <= ({"addr", "node_id"} if "addr" in doc else {"node"})
+            or not all(isinstance(v, str) and v for v in doc.values())
         ):
             raise HTTPError(
                 400,
                 'the body must be {"addr": "host:port"} (the new member\'s Raft address), with an optional '
-                '"node_id" (its key in the member set recorded in etcd)',
+                '"node_id" (its key in the member set recorded in etcd), or {"node": "<node_id>"} (a node '
+                "registered in etcd, its Raft address read there)",
             )
+        if "node" in doc:
+            return self._change_raft_member(args[0], "add", "", doc["node"])
         return self._change_raft_member(args[0], "add", doc["addr"], doc.get("node_id", ""))
 
     def remove_raft_member(self, environ: dict, args: list[str]) -> tuple:

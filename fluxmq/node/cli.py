@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the default configuration, every key commented, and exit (a starting point for --config)",
     )
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        help="raft-member: add or remove a Raft group member through a node's admin API "
+        "(fluxmq-node raft-member --help); without a command, run the node",
+    )
+    from fluxmq.node import raft_member
+
+    raft_member.add_parser(commands)
     parser.add_argument(
         "--version",
         action="version",
@@ -100,6 +109,10 @@ def config_to_yaml(config) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fluxmq-node``; returns (or exits with) the process exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "raft-member":
+        from fluxmq.node import raft_member
+
+        return raft_member.run(args)
     if args.print_config:
         from fluxmq.config.schema import SCHEMA
 

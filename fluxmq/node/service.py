@@ -45,9 +45,10 @@ RELOADABLE_LIMITS = frozenset(
 
 #: the call to worker 0 (the node's Raft member) for its groups' status (several workers)
 RAFT_STATUS_KIND = "raft.status"
-#: ... and for a member change (admin API); answered once committed (MEMBER_CHANGE_TIMEOUT, 10 s)
+#: ... and for a member change (admin API); answered once committed (MEMBER_CHANGE_TIMEOUT, 10 s),
+#: an add through etcd after the joining node answers too (forming.JOIN_WAIT, 20 s)
 RAFT_MEMBER_KIND = "raft.member"
-MEMBER_CALL_TIMEOUT = 15.0
+MEMBER_CALL_TIMEOUT = 35.0
 
 #: sessions (and retained messages) restored between two yields to the hub: about 10 ms of work
 RESTORE_SLICE = 500

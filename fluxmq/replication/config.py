@@ -52,17 +52,20 @@ def expected_members(config) -> tuple[list[str], int]:
 class _WithMembers:
     """``cluster.raft`` with the default group's members given (from etcd) instead of configured."""
 
-    def __init__(self, raft, bind_addr: str, peers: list[str]) -> None:
+    def __init__(self, raft, bind_addr: str, peers: list[str], agreed: int = 0) -> None:
         self._raft = raft
         self.bind_addr = bind_addr
         self.peers = list(peers)
+        # the size the default group was agreed with in etcd: a queue whose replication_factor is
+        # that size spans the whole group, however many members it has after member changes
+        self.agreed_size = agreed
 
     def __getattr__(self, name: str):
         return getattr(self._raft, name)
 
 
-def with_members(raft, bind_addr: str, peers: list[str]):
-    return _WithMembers(raft, bind_addr, peers)
+def with_members(raft, bind_addr: str, peers: list[str], agreed: int = 0):
+    return _WithMembers(raft, bind_addr, peers, agreed)
 
 
 def replication_problems(config) -> list[ConfigError]:

@@ -13,7 +13,15 @@ them (``fluxmq.cluster.metadata.raft_members``), after the node has started. Unt
 Once agreed (``form``), the ``RaftService`` is built from the configuration with the default group's
 members replaced by the agreed ones, each queue's log is rebound to its group (or to a stand-in
 that refuses with "holds no replica" when this node is outside its pick, or outside the agreed set
-altogether), and the groups start. From then on everything is the ``RaftService``'s.
+altogether), and the groups start. From then on everything is the ``RaftService``'s, but the
+record keeps being read (``_watch``, every WATCH_INTERVAL):
+
+- a node outside the set starts its replica once the record lists it (in ``joining``, written by
+  the leader when the operator adds it by node id, or in ``members``), with the recorded members
+  and itself as peers, and catches up from the leader (the log or a snapshot);
+- a member the record no longer lists (removed) stops its replica and refuses with the reason;
+- the leader re-writes ``members`` from its committed configuration when they differ (a change
+  committed while etcd did not answer, or a leader gone between the commit and the write).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import logging
 
 import gevent
+import gevent.socket
 
 from fluxmq.broker.held import HeldAck
 from fluxmq.errors import ClusterError
@@ -36,6 +45,11 @@ log = logging.getLogger("fluxmq.replication")
 AGREE_INTERVAL = 0.5
 #: pause before starting the groups again after a failed start (the Raft port taken)
 START_RETRY = 2.0
+#: pause between two reads of the member record once the members are known (joins, removals, repair)
+WATCH_INTERVAL = 1.0
+#: how long an add by node id waits for the joining node to start its replica (it reads the record
+#: every WATCH_INTERVAL, then binds its Raft port)
+JOIN_WAIT = 20.0
 #: consumer registrations/settlements kept for a group not formed yet (past it the oldest go)
 MAX_KEPT_OPS = 10000
 
@@ -110,6 +124,9 @@ class FormingRaft:
         self._logs: dict[str, ReplicatedQueueLog] = {}
         self._runner: gevent.Greenlet | None = None
         self.record = None  # the RaftMembers of raft/members in etcd (set by the node), for change_member
+        self.record_note = ""  # why the record is not in step with this node, when it is not
+        self.removed = ""  # why this node stopped its replica (removed from the record)
+        self._joining = ""  # the node an add through the record waits for (this node the leader)
 
     # -- the queue manager's log factory (as RaftService's) ------------------------------------
 
@@ -137,8 +154,7 @@ class FormingRaft:
             # plain leader-only groups after forming (consumers on followers never served)
             getattr(self.raft, "distribution_mode", "") or "",
         )
-        if group is self.pending:
-            self._logs[name] = qlog
+        self._logs[name] = qlog  # rebound when the group forms (or when this node joins it later)
         return qlog
 
     def attach(self, manager) -> None:
@@ -161,6 +177,11 @@ class FormingRaft:
         self._runner = gevent.spawn(self._agree_loop, agree)
 
     def _agree_loop(self, agree) -> None:
+        self._agree(agree)
+        if self.record is not None:
+            self._watch()
+
+    def _agree(self, agree) -> None:
         logged = ""
         while self.members is None:
             pause = AGREE_INTERVAL
@@ -213,12 +234,17 @@ class FormingRaft:
             )
             self.outside = StandInGroup(lambda: reason, code=0x80)
             for qlog in self._logs.values():
-                qlog.group = self.outside
-            self._logs.clear()
+                qlog.group = self.outside  # kept in _logs: rebound if this node is added later
             log.warning("raft_not_a_member", extra={"members": listed})
             return
         service = RaftService(
-            with_members(self.raft, self.self_addr, sorted(members.values())),
+            with_members(
+                self.raft,
+                self.self_addr,
+                sorted(members.values()),
+                # the size the set was agreed with (recorded since; else this node's count)
+                (self.record.agreed or self.record.count) if self.record is not None else 0,
+            ),
             self.queue_configs,
             self.data_dir,
             self.store,
@@ -257,8 +283,70 @@ class FormingRaft:
         self._logs.clear()
         self.pending.ops = []
         self.service = service
+        self.outside = None
         self.members = dict(members)
         log.info("raft_members_formed", extra={"members": listed, "groups": ",".join(service.groups)})
+
+    # -- the record, once the members are known --------------------------------------------------
+
+    def _watch(self) -> None:
+        """Read ``raft/members`` every WATCH_INTERVAL for good: join, leave, repair (module doc)."""
+        logged = ""
+        while True:
+            gevent.sleep(WATCH_INTERVAL)
+            try:
+                found = self.record.read()
+                note = self._follow(found) if found is not None and found[0] else ""
+            except ClusterError as exc:
+                note = f"etcd: {exc}"
+            except Exception as exc:  # a replica that failed to start: tried again at the next read
+                note = f"{type(exc).__name__}: {exc}"
+                if note != logged:
+                    log.exception("raft_member_record_not_followed")
+            self.record_note = note
+            if note != logged:
+                logged = note
+                if note:
+                    log.warning("raft_member_record_behind", extra={"why": note})
+
+    def _follow(self, found: tuple[dict[str, str], dict[str, str]]) -> str:
+        """Act on the record read (members, joining); returns what is not in step, or ""."""
+        members, joining = found
+        listed = self.self_addr in members.values() or self.self_addr in joining.values()
+        if self.service is None:
+            if listed and self.outside is not None:
+                self.removed = ""
+                log.info("raft_member_joining", extra={"members": ",".join(sorted(members.values()))})
+                self.form({**members, self.node_id: self.self_addr})
+            return ""
+        if not listed:
+            self._leave(members)
+            return ""
+        g = self.service.groups.get("default")
+        committed = g.committed_peers() if g is not None else None
+        if committed is not None and sorted(members.values()) != committed:
+            # the Raft change is the truth: the record follows it (a change committed while etcd did
+            # not answer, or a leader gone between the commit and the write)
+            self.members = self.record.rewrite(committed)
+            log.warning("raft_members_repaired", extra={"members": ",".join(committed)})
+        return ""
+
+    def _leave(self, members: dict[str, str]) -> None:
+        """This member was removed from the record: stop its replica, refuse with the reason."""
+        service, self.service = self.service, None
+        listed = ", ".join(f"{n}={a}" for n, a in sorted(members.items()))
+        reason = self.removed = (
+            f"this node ({self.node_id}) holds no replica: it was removed from the Raft members "
+            f"recorded in etcd ({listed}) and stopped its replica"
+        )
+        self.outside = StandInGroup(lambda: reason, code=0x80)
+        self.members = dict(members)
+        for group in service.groups.values():
+            for name, qlog in group.logs.items():
+                qlog.group = self.outside
+                self._logs[name] = qlog
+        service.stop()
+        log.warning("raft_member_removed", extra={"members": listed})
 
     # -- as RaftService --------------------------------------------------------------------------
 
@@ -272,12 +360,23 @@ class FormingRaft:
     def change_member(self, group: str, action: str, addr: str, node_id: str = "") -> list[str]:
         """As ``RaftService.change_member``; once committed, the member set recorded in etcd
         (``raft/members``) is changed the same way (``node_id``: the new member's key there), so
-        every node started later forms with it. A change committed whose record failed is
-        recorded by the same request made again."""
+        every node started later forms with it. Without ``addr`` the node ``node_id`` is added by
+        its etcd registration (its announced Raft address). An add to the default group goes
+        through the record's ``joining``: the new node starts its replica on seeing itself there
+        (no static peers), and the add is made once it answers. A change committed whose record
+        failed is re-written by the leader's watch (``_follow``), or by the same request again."""
         if self.service is None:
             raise MemberChangeRefused(503, f"the Raft group is not formed on this node ({self.waiting})")
         g = self.service.groups.get(group)
         record = self.record if group == "default" else None
+        if not addr:
+            if g is None:
+                self.service.change_member(group, action, addr)  # 404: no such group
+            if record is None:
+                raise MemberChangeRefused(
+                    409, f"group {group}'s members are not recorded in etcd: give the new member's addr"
+                )
+            addr = self._resolve(record, node_id)
         if g is not None and record is not None:
             try:
                 recorded = set((record.recorded() or {}).values())
@@ -288,24 +387,101 @@ class FormingRaft:
             ):
                 self._record(record, action, addr, node_id, g.peers)  # committed before, not recorded
                 return g.peers
+            if action == "add" and addr not in g.peers:
+                return self._join(record, g, addr, node_id)
         members = self.service.change_member(group, action, addr)
         if record is not None:
             self._record(record, action, addr, node_id, members)
         return members
 
+    def _resolve(self, record, node_id: str) -> str:
+        """The Raft address node ``node_id`` announces in its etcd registration."""
+        try:
+            registered, addr = record.registration(node_id)
+        except ClusterError as exc:
+            raise MemberChangeRefused(503, f"etcd: {exc}") from None
+        if not registered:
+            raise MemberChangeRefused(
+                404,
+                f"node {node_id} is not registered in etcd ({record.meta.prefix}nodes/{node_id}): "
+                "start it first (cluster.raft.enabled, no cluster.raft.peers)",
+            )
+        if not addr:
+            raise MemberChangeRefused(
+                409,
+                f"node {node_id} is registered in etcd but announces no Raft address (its "
+                "cluster.raft.enabled is off, or it runs static cluster.raft.peers)",
+            )
+        return addr
+
+    def _join(self, record, g, addr: str, node_id: str) -> list[str]:
+        """Add the node at ``addr`` through the record: ``joining`` first, then the add once it
+        answers, then ``members``."""
+        g.check_change("add", addr)  # not the leader (naming it), no quorum...: before the record
+        if self._joining:
+            raise MemberChangeRefused(
+                409,
+                f"node {self._joining} is joining group {g.name} (not committed yet): one change at a time",
+            )
+        if not node_id:
+            node_id = next((n for n, a in record._announced().items() if a == addr), addr)
+        try:
+            record.begin_join(node_id, addr)
+        except ClusterError as exc:
+            raise MemberChangeRefused(503, f"etcd: {exc} (nothing changed)") from None
+        self._joining = node_id
+        try:
+            self._await_replica(node_id, addr)
+            members = self.service.change_member(g.name, "add", addr)
+        except MemberChangeRefused:
+            if addr not in g.peers:  # not appended: the node is no member, it stops its replica
+                try:
+                    record.end_join(node_id)
+                except ClusterError:
+                    log.warning("raft_join_not_withdrawn", extra={"node": node_id, "addr": addr})
+            raise
+        finally:
+            self._joining = ""
+        self._record(record, "add", addr, node_id, members)
+        return members
+
+    def _await_replica(self, node_id: str, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        deadline = gevent.get_hub().loop.now() + JOIN_WAIT
+        while True:
+            try:
+                gevent.socket.create_connection((host, int(port)), timeout=1.0).close()
+                return
+            except (OSError, ValueError) as exc:
+                if gevent.get_hub().loop.now() >= deadline:
+                    raise MemberChangeRefused(
+                        409,
+                        f"node {node_id} did not start its replica at {addr} within {JOIN_WAIT:.0f}s "
+                        f"({exc}): it starts it on reading itself in raft/members, so it must run on "
+                        "this etcd prefix with cluster.raft.enabled",
+                    ) from None
+            gevent.sleep(0.2)
+
     def _record(self, record, action: str, addr: str, node_id: str, members: list[str]) -> None:
         try:
             self.members = record.change(action, addr, node_id)
         except ClusterError as exc:
+            self.record_note = f"etcd: {exc}"
             raise MemberChangeRefused(
                 503,
                 f"the change is committed (members: {', '.join(members)}) but raft/members in etcd was "
-                f"not updated ({exc}): make the same request again",
+                f"not updated ({exc}): this node, the leader, re-writes it from its committed "
+                "configuration once etcd answers",
             ) from None
 
     def status(self) -> list[dict]:
         if self.service is not None:
-            return self.service.status()
+            out = self.service.status()
+            if self.record_note:
+                for st in out:
+                    if st.get("name") == "default":
+                        st["record"] = self.record_note  # raft/members not in step (etcd down)
+            return out
         forming = self.waiting if self.outside is None else self.outside.reason()
         return [
             {

@@ -579,13 +579,22 @@ class RaftGroup:
             return self.configured
         return sorted({self.self_addr} | {getattr(n, "id", str(n)) for n in node._SyncObj__otherNodes})
 
+    def committed_peers(self) -> list[str] | None:
+        """The members on the leader once its configuration is committed (no member change waiting,
+        every entry of its log committed: pysyncobj applies a change when it is appended); None on
+        a follower or meanwhile."""
+        node = self._node
+        if node is None or not node._isLeader() or self._changing is not None:
+            return None
+        if node.raftCommitIndex < node._SyncObj__getCurrentLogIndex():
+            return None
+        return self.peers
+
     # -- member changes (the admin API) ----------------------------------------------------------
 
-    def change_member(self, action: str, addr: str, done) -> None:
-        """Add (``action`` "add") or remove ("remove") the member at ``addr``: one Raft entry,
-        appended on this node, the leader; ``done(error)`` is called once it is committed (error
-        None) or failed. Raises ``MemberChangeRefused`` when it cannot be made here now. One change
-        at a time: the next is refused until this one is committed (pysyncobj does not check it)."""
+    def check_change(self, action: str, addr: str):
+        """Raise ``MemberChangeRefused`` when the change cannot be made here now (not the leader,
+        another change not committed, no quorum, ...); else this node's pysyncobj node."""
         node = self._node
         if node is None:
             raise MemberChangeRefused(503, f"Raft group {self.name} is not running")
@@ -626,6 +635,15 @@ class RaftGroup:
             raise MemberChangeRefused(
                 503, f"Raft group {self.name} has no quorum: a change could not be committed"
             )
+        return node
+
+    def change_member(self, action: str, addr: str, done) -> None:
+        """Add (``action`` "add") or remove ("remove") the member at ``addr``: one Raft entry,
+        appended on this node, the leader; ``done(error)`` is called once it is committed (error
+        None) or failed. Raises ``MemberChangeRefused`` when it cannot be made here now. One change
+        at a time: the next is refused until this one is committed (pysyncobj does not check it)."""
+        node = self.check_change(action, addr)
+        term = node.raftCurrentTerm
         self._changing = term
 
         def committed(res, err) -> None:

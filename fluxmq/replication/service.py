@@ -91,9 +91,17 @@ def plan(
     plans: dict[str, GroupPlan] = {}
     queues: dict[str, GroupPlan | None] = {}
     subsets: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}
+    # members from etcd: the default group's members are the record's, changed by member changes;
+    # a queue that spanned the group as agreed keeps spanning it (never re-planned into a sub-group)
+    agreed = getattr(raft, "agreed_size", 0)
     for c in sorted(replicated, key=lambda c: c.name):
         r = c.replication
         self_addr, members = groups[r.group]
+        if agreed and r.group == "default" and r.replication_factor == agreed:
+            if "default" not in plans:
+                plans["default"] = GroupPlan("default", self_addr, members)
+            queues[c.name] = plans["default"]
+            continue
         if r.replication_factor > len(members):
             raise ConfigError(
                 f"queues[{c.name}].replication.replication_factor",
@@ -236,6 +244,12 @@ class RaftService:
             )
         if action not in ("add", "remove"):
             raise MemberChangeRefused(400, f"unknown member change {action!r}")
+        if not addr:
+            raise MemberChangeRefused(
+                409,
+                f"group {group}'s members are static (cluster.raft.peers), not recorded in etcd: "
+                "give the new member's addr",
+            )
         try:
             host, port = parse_addr(addr)
         except (ValueError, ConfigError) as exc:

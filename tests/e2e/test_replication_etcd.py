@@ -52,8 +52,14 @@ class EtcdRaftCluster:
     """Nodes on the shared etcd under one prefix, Raft on, no static peers."""
 
     def __init__(
-        self, node_factory, endpoint: str, write_policy: str = "forward", raft_extra: str = ""
+        self,
+        node_factory,
+        endpoint: str,
+        write_policy: str = "forward",
+        raft_extra: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.env = env
         self.factory = node_factory
         self.raft_extra = raft_extra
         self.endpoint = endpoint
@@ -77,7 +83,8 @@ cluster:
     bind_addr: "{raft}"
     write_policy: {self.write_policy}
 {self.raft_extra}""" + EDA_QUEUE.format(name=QUEUE)
-        node = self.factory(config_text=text, wait_ready=wait_ready)
+        extra = {} if self.env is None else {"env": self.env}
+        node = self.factory(config_text=text, wait_ready=wait_ready, **extra)
         node.raft_addr = raft
         return node
 

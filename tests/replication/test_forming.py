@@ -81,3 +81,121 @@ def test_a_log_made_before_forming_distributes_as_configured(mode) -> None:
     qlog.register("g", "c1\x00$queue/orders", None)  # no group yet: the reconcile loop registers it later
     assert qlog.delivering is False
     f.stop()
+
+
+class _Record:
+    """A stand-in for RaftMembers whose writes fail while ``down`` (etcd not answering)."""
+
+    def __init__(self, members: dict[str, str]) -> None:
+        self.members = dict(members)
+        self.joining: dict[str, str] = {}
+        self.down = False
+        self.count = 3
+
+    def _check(self) -> None:
+        from fluxmq.errors import ClusterError
+
+        if self.down:
+            raise ClusterError("etcd did not answer")
+
+    def recorded(self) -> dict[str, str]:
+        self._check()
+        return dict(self.members)
+
+    def read(self):
+        self._check()
+        return dict(self.members), dict(self.joining)
+
+    def change(self, action: str, addr: str, node_id: str = "") -> dict[str, str]:
+        self._check()
+        if action == "add":
+            self.members[node_id or addr] = addr
+        else:
+            self.members = {n: a for n, a in self.members.items() if a != addr}
+        return dict(self.members)
+
+    def rewrite(self, addrs: list[str]) -> dict[str, str]:
+        self._check()
+        ids = {a: n for n, a in self.members.items()}
+        self.members = {ids.get(a, a): a for a in addrs}
+        return dict(self.members)
+
+
+class _Group:
+    name = "default"
+
+    def __init__(self, peers: list[str]) -> None:
+        self.peers = sorted(peers)
+        self.logs: dict = {}
+
+    def committed_peers(self):
+        return self.peers
+
+    def check_change(self, action: str, addr: str) -> None:
+        pass
+
+
+def _formed(members: dict[str, str], record: _Record) -> tuple[FormingRaft, _Group, list]:
+    f = forming([QueueConfig("orders", replication=ReplicationConfig(True, "default", "sync", 3, 2, 5.0))])
+    group = _Group(list(members.values()))
+    stopped: list = []
+
+    def change_member(name: str, action: str, addr: str) -> list[str]:
+        group.peers = sorted({*group.peers, addr} if action == "add" else set(group.peers) - {addr})
+        return group.peers
+
+    f.service = SimpleNamespace(
+        groups={"default": group},
+        change_member=change_member,
+        stop=lambda: stopped.append(1),
+        status=lambda: [{"name": "default"}],
+    )
+    f.members = dict(members)
+    f.record = record
+    return f, group, stopped
+
+
+def test_a_change_committed_while_etcd_is_down_is_recorded_by_the_leader_once_it_answers() -> None:
+    """The Raft change is the truth: a removal committed while etcd did not answer is reported (503,
+    saying it is committed), shown in /cluster/raft, and the leader's read of the record rewrites
+    it from the committed configuration once etcd answers."""
+    from fluxmq.replication.group import MemberChangeRefused
+
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    f, group, _ = _formed(three, record)
+    real_record = record.recorded
+
+    def recorded_then_down() -> dict[str, str]:
+        out = real_record()
+        record.down = True  # etcd goes away between the check and the write
+        return out
+
+    record.recorded = recorded_then_down
+    with pytest.raises(MemberChangeRefused) as info:
+        f.change_member("default", "remove", "127.0.0.1:7300")
+    assert info.value.status == 503 and "the change is committed" in str(info.value)
+    assert "re-writes it from its committed configuration" in str(info.value)
+    assert group.peers == ["127.0.0.1:7100", "127.0.0.1:7200"] and record.members == three
+    assert "etcd did not answer" in f.status()[0]["record"]
+    with pytest.raises(Exception, match="etcd did not answer"):
+        f._follow(record.read())  # still down: nothing written, tried again at the next read
+    record.down = False
+    assert f._follow(record.read()) == ""
+    assert record.members == {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200"}
+
+
+def test_a_member_the_record_no_longer_lists_stops_its_replica_and_says_why() -> None:
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    f, group, stopped = _formed(three, record)
+    service, f.service = f.service, None
+    qlog = f.log_factory("orders", SimpleNamespace(), None)  # a log of the group (made before forming)
+    f.service = service
+    group.logs["orders"] = qlog
+    f._follow(({"n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}, {}))
+    assert stopped == [1] and f.service is None
+    with pytest.raises(QueueRefused, match="removed from the Raft members recorded in etcd") as info:
+        qlog.append_one(SimpleNamespace())
+    assert info.value.reason_code == 0x80
+    assert "stopped its replica" in f.status()[0]["forming"]

@@ -68,7 +68,14 @@ def test_one_change_at_a_time_and_each_refusal_says_why(groups) -> None:
     with pytest.raises(MemberChangeRefused) as info:
         leader.change_member("remove", third.self_addr, lambda error: None)
     assert info.value.status == 409 and "in progress" in str(info.value)
+    # not committed: no configuration to write to etcd's record yet (FormingRaft's repair)
+    assert leader.committed_peers() is None and follower.committed_peers() is None
     assert done.get(timeout=10) is None
+    with gevent.Timeout(10):
+        while leader.committed_peers() is None:  # the leader's log committed to its end
+            gevent.sleep(0.05)
+    assert leader.committed_peers() == sorted([leader.self_addr, third.self_addr])
+    assert third.committed_peers() is None  # a follower's is never taken
     assert leader.peers == sorted([leader.self_addr, third.self_addr])
     with gevent.Timeout(10):
         while third.peers != leader.peers:

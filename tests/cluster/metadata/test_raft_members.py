@@ -88,3 +88,40 @@ def test_a_node_of_several_workers_is_a_member_by_its_node_id(meta_factory) -> N
     assert wait_for(lambda: len(n1.members()) == 3)
     want = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200"}
     assert wait_for(lambda: RaftMembers(n1, ["n1", "n2"]).agree()[0] == want)
+
+
+def test_a_join_is_recorded_then_moved_to_members_and_a_rewrite_follows_the_committed_set(
+    meta_factory,
+) -> None:
+    """An add by node id through etcd alone (fluxmq/replication/forming.py): the node is written to
+    ``joining`` first, the committed add moves it to ``members``; an abandoned join leaves the
+    record; the leader's repair rewrites ``members`` from its committed configuration."""
+    b = node(meta_factory, "b", "127.0.0.1:7200")
+    node(meta_factory, "c", "127.0.0.1:7300")
+    assert wait_for(lambda: RaftMembers(b, count=2).agree()[0] is not None)
+    node(meta_factory, "d", "127.0.0.1:7400")
+    meta_factory("plain")  # registered, no Raft address
+    assert wait_for(lambda: len(b.members()) == 4)
+    record = RaftMembers(b, count=2)
+    assert record.registration("d") == (True, "127.0.0.1:7400")
+    assert record.registration("plain") == (True, "")
+    assert record.registration("nosuch") == (False, "")
+
+    two = {"b": "127.0.0.1:7200", "c": "127.0.0.1:7300"}
+    record.begin_join("d", "127.0.0.1:7400")
+    assert record.read() == (two, {"d": "127.0.0.1:7400"})
+    assert record.recorded() == two  # a joining node is no member yet (a node started now forms without it)
+    record.end_join("d")
+    assert record.read() == (two, {})
+    record.begin_join("d", "127.0.0.1:7400")
+    three = {**two, "d": "127.0.0.1:7400"}
+    assert record.change("add", "127.0.0.1:7400", "d") == three
+    assert record.read() == (three, {})
+    assert record.agreed == 2  # the size agreed at first stays in the record through changes
+    # committed while etcd did not answer: the leader rewrites members from its configuration,
+    # keeping the node ids the record knows
+    assert record.rewrite(["127.0.0.1:7200", "127.0.0.1:7400"]) == {
+        "b": "127.0.0.1:7200",
+        "d": "127.0.0.1:7400",
+    }
+    assert record.rewrite(["127.0.0.1:7200", "127.0.0.1:7300", "127.0.0.1:7400"]) == three  # c: announced

@@ -1,0 +1,157 @@
+"""A new Raft member that joins through etcd alone (docs/replication.rst, "Changing members"):
+three nodes form the default group from etcd; a fourth started later, with no static peers, holds
+no replica until the operator adds it by node id (``POST /cluster/raft/groups/default/members
+{"node": ...}``); it then starts its replica from the record in etcd, catches up, and stays a member
+across a restart; removed (``fluxmq-node raft-member remove``), it stops its replica.
+
+The nodes share the session's etcd (``etcd_server``) under a key prefix of their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.e2e.test_raft_members import ENV, _admin, _wait
+from tests.e2e.test_replication import QUEUE, _publish_acked, _restart, raft_status, wait_all_know_leader
+from tests.e2e.test_replication_etcd import EtcdRaftCluster, publish_outcomes
+
+pytestmark = pytest.mark.e2e
+
+PATH = "/cluster/raft/groups/default/members"
+
+
+def _record(endpoint: str, prefix: str) -> dict:
+    """``{prefix}raft/members`` as etcd holds it (etcd's v3 JSON gateway)."""
+    key = base64.b64encode((prefix + "raft/members").encode()).decode()
+    req = urllib.request.Request(f"{endpoint}/v3/kv/range", data=json.dumps({"key": key}).encode())
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        kvs = json.loads(resp.read()).get("kvs") or []
+    return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else {}
+
+
+def _put_record(endpoint: str, prefix: str, doc: dict) -> None:
+    """Write ``{prefix}raft/members`` (as a write that failed would have left it)."""
+    key = base64.b64encode((prefix + "raft/members").encode()).decode()
+    value = base64.b64encode(json.dumps(doc).encode()).decode()
+    req = urllib.request.Request(
+        f"{endpoint}/v3/kv/put", data=json.dumps({"key": key, "value": value}).encode()
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        resp.read()
+
+
+def _raft_member(node, *args: str) -> tuple[int, str, str]:
+    """``fluxmq-node raft-member ...`` against ``node``'s admin API -> (exit status, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
+    env.update(ENV, PYTHONPATH=str(REPO_ROOT))
+    admin = f"http://{node.host}:{node.admin_port}"
+    done = subprocess.run(
+        [sys.executable, "-m", "fluxmq.node.cli", "raft-member", *args, "--admin", admin],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def _count(node) -> int | None:
+    st = raft_status(node)
+    return None if st is None else st["queues"].get(QUEUE, {}).get("count")
+
+
+def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factory, etcd_server) -> None:
+    cluster = EtcdRaftCluster(node_factory, etcd_server.endpoint, env=ENV)
+    nodes = [cluster.node(i, wait_ready=False) for i in range(3)]
+    for n in nodes:
+        n.wait_ready()
+    leader = wait_all_know_leader(nodes)
+    assert _publish_acked(nodes[leader], "before", 50, b"a") == 50
+
+    # A fourth node, started after the set was agreed and with no static peers, holds no replica.
+    late = cluster.node(3)
+    _wait(
+        "the late node outside the members", lambda: "not one of the Raft members" in str(raft_status(late))
+    )
+    ((rc, props),) = publish_outcomes(late, "late", [b"x"])
+    assert rc.is_failure and "holds no replica" in props.ReasonString, (str(rc), props)
+
+    # By node id: one not registered in etcd is refused with the reason; a follower names the leader.
+    status, body = _admin(nodes[leader], "POST", PATH, {"node": "nosuch"})
+    assert status == 404 and "not registered in etcd" in body["error"], body
+    follower = (leader + 1) % 3
+    status, body = _admin(nodes[follower], "POST", PATH, {"node": "r3"})
+    assert status == 409 and body.get("leader") == nodes[leader].raft_addr, body
+
+    # The operator adds it by node id on the leader: its Raft address comes from its registration.
+    status, body = _admin(nodes[leader], "POST", PATH, {"node": "r3"})
+    assert status == 200, body
+    everyone = sorted(n.raft_addr for n in [*nodes, late])
+    assert sorted(body["members"]) == everyone, body
+    record = _record(etcd_server.endpoint, cluster.prefix)
+    assert record["members"] == {f"r{i}": n.raft_addr for i, n in enumerate([*nodes, late])}, record
+    assert not record.get("joining"), record
+
+    # It started its replica from the record and caught up; an acknowledged append (made through it,
+    # forwarded to the leader) is then on its replica too.
+    caught = _wait("the late node's replica caught up", lambda: _count(late) == 50 and raft_status(late))
+    assert caught["peers"] == everyone and not caught.get("forming"), caught
+    assert "record" not in raft_status(nodes[leader])  # the leader finds the record in step
+
+    # The record as a failed write leaves it (etcd down between the commit and the write): the
+    # node still joining, the members the old ones. The leader re-writes it from its committed
+    # configuration; the new member keeps its replica meanwhile.
+    stale = {
+        **record,
+        "members": {f"r{i}": n.raft_addr for i, n in enumerate(nodes)},
+        "joining": {"r3": late.raft_addr},
+    }
+    _put_record(etcd_server.endpoint, cluster.prefix, stale)
+    repaired = _wait(
+        "the leader re-writing the record",
+        lambda: len((r := _record(etcd_server.endpoint, cluster.prefix))["members"]) == 4 and r,
+    )
+    assert repaired["members"] == record["members"] and not repaired.get("joining"), repaired
+    assert raft_status(late)["peers"] == everyone and not raft_status(late).get("forming")
+    assert _publish_acked(late, "through-late", 30, b"b") == 30
+    _wait("the late node holding every acknowledged record", lambda: _count(late) == 80)
+
+    # Restarted, it is a member from the record (still no static peers): its replica runs again.
+    late.stop()
+    late = _restart(node_factory, late)
+    back = _wait(
+        "the restarted node's replica",
+        lambda: (st := raft_status(late)) is not None and st.get("leader") and st["queues"] and st,
+    )
+    assert back["peers"] == everyone and not back.get("forming"), back
+    _wait("the restarted node holding every record", lambda: _count(late) == 80)
+    assert _publish_acked(late, "after-restart", 10, b"c") == 10
+
+    # Removed (by its address), it stops its replica and says why; the record follows.
+    leader = wait_all_know_leader([*nodes, late])
+    assert leader != 3  # the late node caught up last; a restart would not have made it leader here
+    # through ``fluxmq-node raft-member`` (the admin API's client): the answer is printed
+    code, out, err = _raft_member(nodes[leader], "add", "--node", "nosuch")
+    assert code == 1 and "404" in err and "not registered in etcd" in err, (out, err)
+    code, out, err = _raft_member(nodes[leader], "remove", "--addr", late.raft_addr)
+    assert code == 0, err
+    assert late.raft_addr not in json.loads(out)["members"], out
+    gone = _wait(
+        "the removed node stopping its replica",
+        lambda: "removed from the Raft members" in str(raft_status(late)) and raft_status(late),
+    )
+    assert "stopped its replica" in gone["forming"], gone
+    ((rc, props),) = publish_outcomes(late, "removed", [b"y"])
+    assert rc.is_failure and "holds no replica" in props.ReasonString, (str(rc), props)
+    assert sorted(_record(etcd_server.endpoint, cluster.prefix)["members"].values()) == sorted(
+        n.raft_addr for n in nodes
+    )
