@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
@@ -14,6 +15,7 @@ from gevent.event import Event
 from fluxmq.errors import QueueRefused, ServerUnavailable
 
 from .message import Message, TrackedMessage
+from .moved import MovedSession
 from .prefixes import BRIDGE_SESSION_PREFIX
 from .session import Inflight, PersistentSession, Session, Subscription, Will
 from .session_state import (
@@ -81,6 +83,7 @@ class ClusterHooks:
             self._drop_exported(client_id)  # the client id lives here now
             if state:
                 self._take_in(client_id, state, clean_start)
+            self._end_moved(client_id)  # back here: a stand-in of an earlier move forwards no more
         finally:
             # The claim ends once this loop turn is over, so open_session and the connection's
             # attach run first: an export asked for meanwhile waits and then sees the attached session.
@@ -124,7 +127,12 @@ class ClusterHooks:
             return
         self._import_state(state)
 
-    def export_session(self, client_id: str) -> bytes | None:
+    def export_session(
+        self,
+        client_id: str,
+        to_node: str | None = None,
+        send: Callable[[bytes], object] | None = None,
+    ) -> bytes | None:
         """Hand the session of ``client_id`` to another node: its connection is closed first (5.0
         DISCONNECT 0x8E, 3.x a plain close), no will is published, the session leaves the router,
         the session table and the storage, and its complete state is returned encoded
@@ -133,7 +141,11 @@ class ClusterHooks:
 
         The same state is returned again when asked again within ``exported_keep`` seconds (the
         first reply was lost: this node is still the registered owner). Raises ServerUnavailable
-        when a connection here is still claiming ``client_id`` after ``claim_wait`` seconds."""
+        when a connection here is still claiming ``client_id`` after ``claim_wait`` seconds.
+
+        With ``send`` (``to_node`` takes the session): for ``moved_forward_for`` seconds a stand-in
+        keeps the session's QoS 1/2 subscriptions here and sends what matches them to that node
+        (``send(blob)``, the node's ``deliver_moved``; ``fluxmq.broker.moved``)."""
         pending = self._claiming.get(client_id)
         if pending is not None:
             # A connection here is claiming it: hand over what it gets, once it has it.
@@ -153,6 +165,8 @@ class ClusterHooks:
         hand_over = self.hand_overs.get(session)
         if hand_over is not None and hand_over.ending:
             return None  # ended already; its shared hand-over finishes here
+        if send is not None:
+            self._stand_in(session, to_node or "", send)  # before its subscriptions leave
         blob = encode_session_state(self._take_out(session))
         self._drop_exported(client_id)
         exported[client_id] = (now, blob)
@@ -160,6 +174,97 @@ class ClusterHooks:
         self._prune_exported(now)
         log.info("session_exported", extra={"client_id": client_id, "bytes": len(blob)})
         return blob
+
+    def _stand_in(self, session: Session, to_node: str, send: Callable[[bytes], object]) -> None:
+        """Put a ``MovedSession`` in the router beside ``session``'s QoS 1/2 subscriptions (not
+        shared ones), so that their interest stays announced when the session's own leave, for
+        ``moved_forward_for`` seconds. Only a session that outlives its connection (an expiry):
+        another one does not move with its messages."""
+        subs = [s for s in session.subscriptions.values() if s.qos and s.share_group is None]
+        if not subs or not session.expiry_interval or self.moved_forward_for <= 0:
+            return
+        cid = session.client_id
+        self._end_moved(cid)
+        stand_in = MovedSession(cid, session.username, to_node, send)
+        router = self.router
+        for s in subs:
+            sub = Subscription(
+                stand_in,
+                s.filter,
+                s.qos,
+                s.no_local,
+                s.retain_as_published,
+                s.retain_handling,
+                s.subscription_id,
+            )
+            if router.add_keyed(stand_in.key, sub):
+                self._interest_up(s.filter)
+            stand_in.subscriptions.append(sub)
+        moved = self._moved
+        moved[cid] = stand_in
+        stand_in.timer = gevent.spawn_later(self.moved_forward_for, self._end_moved, cid, stand_in)
+        while len(moved) > self.moved_max:
+            self._end_moved(next(iter(moved)))
+        log.info(
+            "moved_forward_started",
+            extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs)},
+        )
+
+    def _end_moved(self, client_id: str, stand_in: MovedSession | None = None) -> None:
+        """The stand-in of ``client_id`` (only ``stand_in``, when given) leaves the router; the
+        interest its filters held goes, unless a subscription here still has them."""
+        current = self._moved.get(client_id)
+        if current is None or (stand_in is not None and current is not stand_in):
+            return
+        del self._moved[client_id]
+        timer = current.timer
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+        for sub in current.subscriptions:
+            if self.router.remove_keyed(current.key, sub.filter):
+                self._interest_down(sub.filter)
+        current.ended()
+
+    def deliver_moved(self, blob: bytes) -> int:
+        """Messages the previous node of a session imported here forwarded for it (``MovedSession``
+        there; ``blob`` a ``session_state`` holding only queued messages): each goes to that session
+        alone, with the options of its subscriptions here that match (the read ACL applied, No
+        Local against its own messages), or, when the session moved on meanwhile, to its stand-in
+        here. None goes to a session of that id that was not imported (a Clean Start after the move,
+        say): they were the old session's. Returns the deliveries."""
+        state = decode_session_state(blob)
+        cid = state.client_id
+        pending = self._claiming.get(cid)
+        if pending is not None:
+            pending.wait(self.claim_wait)  # the import in progress here: deliver once it is done
+        session = self.sessions.get(cid)
+        until = self._moved_in.get(cid)
+        if session is None or until is None or until < time.monotonic():
+            stand_in = self._moved.get(cid)
+            if stand_in is not None:
+                for q in state.queued:
+                    stand_in.deliver(q.message, q.qos, q.retain, None)
+                return 0
+            log.warning("moved_messages_dropped", extra={"client_id": cid, "messages": len(state.queued)})
+            return 0
+        n = 0
+        route = self.router.route
+        for q in state.queued:
+            message = q.message
+            for target, qos, qos_own, rap, sub_ids in route(message.topic).targets:
+                if target is not session:
+                    continue
+                if message.origin == cid:
+                    qos = qos_own  # No Local [MQTT-3.8.3-3]: -1 when every matching one has it
+                if qos < 0:
+                    break
+                if message.qos < qos:
+                    qos = message.qos
+                if qos:  # (QoS 0 is never forwarded: the stand-in's side decides the same)
+                    session.deliver(message, qos, rap and message.retain, sub_ids)
+                    n += 1
+                break
+        return n
 
     def _prune_exported(self, now: float) -> None:
         """Oldest first: drop the copies past ``exported_keep`` or over the count and byte bounds."""
@@ -345,6 +450,7 @@ class ClusterHooks:
             if self.shared_wills is not None:
                 self.shared_wills.will_set(cid, session.will.message, session.will.delay)
         self.sessions[cid] = session
+        self._take_moved(cid)
         if state.queue_members and expiry > 0:
             try:
                 self._queue_manager().adopt_memberships(session, state.queue_members)
@@ -361,6 +467,19 @@ class ClusterHooks:
             },
         )
         return session
+
+    def _take_moved(self, client_id: str) -> None:
+        """The session of ``client_id`` imported here takes what its previous node forwards for it
+        (``deliver_moved``) for a while; the oldest records past that go first."""
+        now = time.monotonic()
+        moved_in = self._moved_in
+        moved_in.pop(client_id, None)
+        moved_in[client_id] = now + 2 * self.moved_forward_for
+        while moved_in:
+            first = next(iter(moved_in))
+            if moved_in[first] >= now and len(moved_in) <= self.moved_max:
+                break
+            del moved_in[first]
 
     def _release_if_unused(self, peers, client_id: str) -> None:
         """Release ``client_id`` unless a session or a claim of it appeared here meanwhile."""

@@ -5,7 +5,11 @@
 * ``takeover_handler(broker)`` answers ``kind="session.takeover"`` on the node that owns a session:
   payload = client id (UTF-8), reply = the encoded state (``Broker.export_session``, its removal
   committed to the local store first), or ``b""`` when this node holds no session of that id. It
-  raises ServerUnavailable while a connection of that id is still claiming it on this node.
+  raises ServerUnavailable while a connection of that id is still claiming it on this node. Given
+  the transport's ``call``, the export leaves a stand-in that forwards to the caller, for a few
+  seconds, what still reaches this node for the session (``fluxmq.broker.moved``): control RPC
+  ``session.moved`` (``moved_handler``: ``Broker.deliver_moved`` on the taking node).
+* ``serve_handover(transport, broker)`` installs both handlers.
 * ``ClusterSessions`` implements ``Peers.claim_session`` / ``release_session`` over an ownership
   registry (``acquire_session(client_id, take_from=None) -> previous owner | None``,
   ``release_session(client_id)``: etcd, ``fluxmq.cluster.metadata``) and a control RPC
@@ -18,6 +22,8 @@ A takeover, with client C connecting to node B while node A owns its session::
                                                         old connection, state out of A, no will
     B: acquire_session(C, take_from="A") -> None     (CAS A -> B)
     B: import_session, CONNACK session_present=1
+    A: (for Broker.moved_forward_for seconds) what matches C's QoS 1/2 subscriptions here:
+       call("B", "session.moved", messages)  ->  B: deliver_moved: to C's session only
 """
 
 from __future__ import annotations
@@ -37,25 +43,36 @@ log = logging.getLogger("fluxmq.cluster.handover")
 
 #: control RPC kind of a takeover request
 TAKEOVER_KIND = "session.takeover"
+#: control RPC kind of the messages a moved session's previous node forwards to it
+MOVED_KIND = "session.moved"
+#: seconds a forward of moved messages may take
+MOVED_TIMEOUT = 5.0
 #: seconds the answering node waits for the commit that removes the session from its store
 COMMIT_TIMEOUT = 2.0
 #: seconds a claiming node waits for the owner to apply what it forwarded there before the claim
 DRAIN_TIMEOUT = 0.5
 
 __all__ = [
+    "MOVED_KIND",
     "TAKEOVER_KIND",
     "ClusterSessions",
     "SessionState",
     "SessionStateError",
     "decode_session_state",
     "encode_session_state",
+    "moved_handler",
+    "serve_handover",
     "takeover_handler",
 ]
 
 
-def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
+def takeover_handler(
+    broker, call: Callable[[str, str, bytes, float], bytes] | None = None
+) -> Callable[[str, bytes], bytes]:
     """The transport handler of ``session.takeover`` for ``broker``: ``fn(from_node, payload)``
-    exports the session named by ``payload`` and returns its state (``b""``: no such session)."""
+    exports the session named by ``payload`` and returns its state (``b""``: no such session).
+    With ``call`` (the transport's) what still reaches this node for the session afterwards is
+    forwarded to ``from_node`` for a few seconds (``Broker.export_session``'s ``send``)."""
 
     def handle(from_node: str, payload: bytes) -> bytes:
         try:
@@ -65,7 +82,14 @@ def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
                 "takeover_refused", extra={"from_node": from_node, "reason": "client id is not UTF-8"}
             )
             return b""
-        state = broker.export_session(client_id)  # ServerUnavailable goes back as the call's error
+        if call is None:
+            state = broker.export_session(client_id)  # ServerUnavailable goes back as the call's error
+        else:
+
+            def send(blob: bytes) -> None:
+                call(from_node, MOVED_KIND, blob, MOVED_TIMEOUT)
+
+            state = broker.export_session(client_id, from_node, send)
         if state:
             # The session's removal here is committed before the state leaves: a crash of this
             # node afterwards cannot bring back a second copy at its restart.
@@ -87,6 +111,28 @@ def takeover_handler(broker) -> Callable[[str, bytes], bytes]:
         return state or b""
 
     return handle
+
+
+def moved_handler(broker) -> Callable[[str, bytes], bytes]:
+    """The transport handler of ``session.moved``: the messages a session's previous node forwards
+    for it, delivered to that session only (``Broker.deliver_moved``)."""
+
+    def handle(from_node: str, payload: bytes) -> bytes:
+        try:
+            n = broker.deliver_moved(bytes(payload))
+        except SessionStateError as exc:
+            log.warning("moved_messages_refused", extra={"from_node": from_node, "error": str(exc)})
+            return b""
+        return str(n).encode()
+
+    return handle
+
+
+def serve_handover(transport, broker) -> None:
+    """Serve ``session.takeover`` (with the forwarding of what reaches the old node afterwards)
+    and ``session.moved`` for ``broker`` on ``transport``."""
+    transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call))
+    transport.handle(MOVED_KIND, moved_handler(broker))
 
 
 class ClusterSessions:
