@@ -81,9 +81,12 @@ class ClusterHooks:
                 else peers.claim_session(client_id, clean_start, only_from)
             )
             self._drop_exported(client_id)  # the client id lives here now
-            if state:
-                self._take_in(client_id, state, clean_start)
+            imported = bool(state) and self._take_in(client_id, state, clean_start)
             self._end_moved(client_id)  # back here: a stand-in of an earlier move forwards no more
+            if imported:
+                moved_in = getattr(peers, "moved_in", None)  # (optional in Peers)
+                if moved_in is not None:
+                    moved_in(client_id)  # its interest is known to the peers now (interest_added)
         finally:
             # The claim ends once this loop turn is over, so open_session and the connection's
             # attach run first: an export asked for meanwhile waits and then sees the attached session.
@@ -102,10 +105,11 @@ class ClusterHooks:
                     gevent.spawn(self._release_if_unused, peers, client_id)  # a callback may not block
         done.set()
 
-    def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> None:
-        """The state another node handed over to a connecting client: resumed, or discarded when
-        the session ends with the move (Clean Start, or a session that lasted as long as its
-        connection; as on a local takeover, the will of a connection still open then goes now)."""
+    def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> bool:
+        """The state another node handed over to a connecting client: resumed (True), or
+        discarded when the session ends with the move (Clean Start, or a session that lasted as
+        long as its connection; as on a local takeover, the will of a connection still open then
+        goes now)."""
         try:
             state = decode_session_state(blob, raw_queue=True)
             if state.client_id != client_id:
@@ -119,13 +123,14 @@ class ClusterHooks:
                     "effect": "the client starts a new session",
                 },
             )
-            return
+            return False
         if clean_start or state.expiry_interval == 0:
             log.info("session_moved_discarded", extra={"client_id": client_id, "clean_start": clean_start})
             if state.will is not None and state.connected:
                 self._publish_will(Will(*state.will))
-            return
+            return False
         self._import_state(state)
+        return True
 
     def export_session(
         self,
@@ -209,6 +214,16 @@ class ClusterHooks:
             "moved_forward_started",
             extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs)},
         )
+
+    def end_moved(self, client_id: str, to_node: str) -> bool:
+        """End the stand-in of ``client_id`` before its grace is over: the session imported on
+        ``to_node`` and every peer now sends there what matches it, and nothing sent here before is
+        still on its way (the cluster layer checked both). False when there is no such stand-in."""
+        stand_in = self._moved.get(client_id)
+        if stand_in is None or stand_in.to_node != to_node:
+            return False
+        self._end_moved(client_id, stand_in)
+        return True
 
     def _end_moved(self, client_id: str, stand_in: MovedSession | None = None) -> None:
         """The stand-in of ``client_id`` (only ``stand_in``, when given) leaves the router; the
