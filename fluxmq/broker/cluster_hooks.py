@@ -215,6 +215,19 @@ class ClusterHooks:
             extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs)},
         )
 
+    def withdraw_moved(self, client_id: str, to_node: str) -> bool:
+        """The interest the stand-in of ``client_id`` (moved to ``to_node``) holds goes now, while
+        it stays in the router for what is still on its way here: every peer sends to ``to_node``
+        already (the cluster layer checked). False when there is no such stand-in."""
+        stand_in = self._moved.get(client_id)
+        if stand_in is None or stand_in.to_node != to_node:
+            return False
+        if not stand_in.withdrawn:
+            stand_in.withdrawn = True
+            for sub in stand_in.subscriptions:
+                self._interest_down(sub.filter)
+        return True
+
     def end_moved(self, client_id: str, to_node: str) -> bool:
         """End the stand-in of ``client_id`` before its grace is over: the session imported on
         ``to_node`` and every peer now sends there what matches it, and nothing sent here before is
@@ -236,7 +249,7 @@ class ClusterHooks:
         if timer is not None and timer is not gevent.getcurrent():
             timer.kill(block=False)
         for sub in current.subscriptions:
-            if self.router.remove_keyed(current.key, sub.filter):
+            if self.router.remove_keyed(current.key, sub.filter) and not current.withdrawn:
                 self._interest_down(sub.filter)
         current.ended()
 

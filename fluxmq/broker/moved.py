@@ -8,14 +8,15 @@ node, or forwarded here by a peer that did not know yet, finds no subscriber any
 the moved session's place (its QoS 1/2 subscriptions, shared ones excepted): this node's interest
 in those filters is not withdrawn, and what matches them is sent to the taking node *for that
 session* (``send``; there ``Broker.deliver_moved`` routes it to that session alone, never to anyone
-else). After the grace the stand-in leaves the router and the interest goes as it would have at
-the export; by then the taking node's interest has reached the peers (it waits for that, bounded by
-``cluster.transport.interest_sync_timeout``, before its CONNACK).
+else). The stand-in ends once the cluster layer knows that every peer sends to the taking node and
+nothing queued here before is still on its way (``Broker.withdraw_moved`` then ``end_moved``:
+``fluxmq.cluster.handover``), when the session comes back here, or at the latest after the grace;
+then it leaves the router and the interest goes as it would have at the export.
 
 * Only QoS 1/2 deliveries are forwarded: a QoS 0 one may be lost in the move (at most once) but is
   never doubled. A QoS 1/2 message that also reached the taking node directly (its interest was
-  known to the publisher's node already) arrives there twice: QoS 1 allows it; the second copy of a
-  QoS 2 message is a second PUBLISH with a new packet id.
+  known to the publisher's node already, before the stand-in ended) arrives there twice: QoS 1
+  allows it; the second copy of a QoS 2 message is a second PUBLISH with a new packet id.
 * Bounded: at most ``MAX_QUEUED`` messages wait per stand-in (past it they are dropped and
   counted), and the stand-ins end after the grace, or the oldest first past ``Broker.moved_max``.
 * Not on any hot path: nothing is added per message while no session is moving; a stand-in is a
@@ -61,6 +62,7 @@ class MovedSession:
         self.forwarded = 0
         self.dropped = 0
         self.timer = None
+        self.withdrawn = False  # its interest went already (``Broker.withdraw_moved``)
 
     def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
         """Queue ``message`` for the session on its new node (QoS 0: not forwarded)."""

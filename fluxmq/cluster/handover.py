@@ -9,11 +9,11 @@
   the transport's ``call``, the export leaves a stand-in that forwards to the caller, for a few
   seconds, what still reaches this node for the session (``fluxmq.broker.moved``): control RPC
   ``session.moved`` (``moved_handler``: ``Broker.deliver_moved`` on the taking node).
-* When the taking node has imported the session and its interest is known to the peers
-  (``ClusterSessions.moved_in``), it drains its link to the old owner and calls it with
-  ``session.moved.done``: the old owner has every other peer drain its link to it
-  (``link.drain``), and then ends the stand-in (``Broker.end_moved``) instead of waiting out its
-  grace. A QoS 1/2 message then reaches the session twice only when published in those few
+* When the taking node has imported the session and every peer applied its interest
+  (``ClusterSessions.moved_in``, ``ClusterTransport.interest_applied``), it drains its link to
+  the old owner and calls it with ``session.moved.done``: the old owner withdraws the stand-in's
+  interest (``Broker.withdraw_moved``), has every other peer drain its link to it (``link.drain``),
+  and then ends the stand-in (``Broker.end_moved``) instead of waiting out its grace. A QoS 1/2 message then reaches the session twice only when published in those few
   milliseconds (the peers send it to both nodes). If a peer is unreachable or a call fails, the
   stand-in lasts its whole grace.
 * ``serve_handover(transport, broker)`` installs these handlers.
@@ -31,8 +31,9 @@ A takeover, with client C connecting to node B while node A owns its session::
     B: import_session, CONNACK session_present=1
     A: (until B says done, at most Broker.moved_forward_for seconds) what matches C's QoS 1/2
        subscriptions here: call("B", "session.moved", messages) -> B: deliver_moved: to C only
-    B: drain(A), call("A", "session.moved.done", C)
-    A: every other peer P: call(P, "link.drain")  (P's link to A applied)  ->  A: end_moved(C, B)
+    B: (every peer applied B's interest) drain(A), call("A", "session.moved.done", C)
+    A: withdraw_moved(C, B); every other peer P: call(P, "link.drain") (P's link to A applied)
+    A: end_moved(C, B)
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ MOVED_TIMEOUT = 5.0
 MOVED_DONE_KIND = "session.moved.done"
 #: control RPC kind: "what you queued for me so far, have it applied here" (the caller's link)
 LINK_DRAIN_KIND = "link.drain"
+#: seconds the taking node waits for the peers to apply its interest before it says done
+INTEREST_TIMEOUT = 2.0
 #: seconds the answering node waits for the commit that removes the session from its store
 COMMIT_TIMEOUT = 2.0
 #: seconds a claiming node waits for the owner to apply what it forwarded there before the claim
@@ -153,6 +156,10 @@ def moved_done_handler(broker, transport) -> Callable[[str, bytes], bytes]:
         others = [n for n in transport.links if n != to_node]
         if not all(transport.links[n].connected for n in others if n in transport.links):
             return  # a peer may send what it queued here later: the stand-in lasts its grace
+        # Every peer sends to ``to_node`` already: the interest goes now (fewer copies sent to both
+        # nodes meanwhile); the stand-in forwards what was queued here before, until the drains.
+        if not broker.withdraw_moved(client_id, to_node):
+            return
         calls = [gevent.spawn(transport.call, n, LINK_DRAIN_KIND, b"", DRAIN_TIMEOUT + 1.0) for n in others]
         gevent.joinall(calls, timeout=DRAIN_TIMEOUT + 2.0)
         if all(g.successful() and g.value == b"1" for g in calls):
@@ -199,12 +206,16 @@ class ClusterSessions:
         max_moves: int = 3,
         max_kept: int = 10000,
         drain: Callable[[str, float], object] | None = None,
+        interest_applied: Callable[[float], bool] | None = None,
     ) -> None:
         self.ownership = ownership
         self.call = call
         # (node_id, timeout): wait until what this node forwarded to ``node_id`` so far is applied
         # there, so the state it hands over holds the messages published here before the claim
         self.drain = drain
+        # (timeout) -> every peer applied every interest change of this node so far (True), so that
+        # a moved session's previous owner may stop forwarding; None: not checked
+        self.interest_applied = interest_applied
         self.timeout = timeout
         self.max_moves = max_moves
         # States handed over to a claim that then failed (the registry refused or moved on): the
@@ -277,6 +288,10 @@ class ClusterSessions:
             gevent.spawn(self._moved_done, client_id, owner)
 
     def _moved_done(self, client_id: str, owner: str) -> None:
+        # Every peer sends what matches the session here now (or the stand-in lasts its grace),
+        # and what this node queued for the old owner before is applied there.
+        if self.interest_applied is not None and not self.interest_applied(INTEREST_TIMEOUT):
+            return
         if self.drain is not None and not self.drain(owner, DRAIN_TIMEOUT):
             return
         try:

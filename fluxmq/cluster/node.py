@@ -226,7 +226,10 @@ class ClusterNode:
             )
             self.plane.attach_transport(self.transport)
             self.peers.sessions = ClusterSessions(
-                self.plane.meta, self.transport.call, drain=self.transport.drain
+                self.plane.meta,
+                self.transport.call,
+                drain=self.transport.drain,
+                interest_applied=self.transport.interest_applied,
             )
             self.health = self.plane.health
         self._started = False

@@ -302,7 +302,12 @@ class WorkerNode:
         )
         self.peers.transport = self.transport
         self.ownership = LocalOwnership(os.path.join(context.run_dir, "owners"), self.node_id)
-        self.peers.sessions = ClusterSessions(self.ownership, self.transport.call, drain=self.transport.drain)
+        self.peers.sessions = ClusterSessions(
+            self.ownership,
+            self.transport.call,
+            drain=self.transport.drain,
+            interest_applied=self.transport.interest_applied,
+        )
         serve_handover(self.transport, broker)
         self.transport.handle("retained.snapshot", self._serve_retained)
 

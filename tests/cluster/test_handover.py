@@ -357,12 +357,13 @@ class Link:
 class DrainingTransport:
     """The transport as ``moved_done_handler`` uses it: its links and ``call``."""
 
-    def __init__(self, links: dict) -> None:
+    def __init__(self, links: dict, broker: Broker) -> None:
         self.links = links
-        self.calls: list[tuple[str, str]] = []
+        self.broker = broker
+        self.calls: list[tuple[str, str, bool]] = []  # (node, kind, the stand-in's filter announced)
 
     def call(self, node: str, kind: str, payload: bytes, timeout: float) -> bytes:
-        self.calls.append((node, kind))
+        self.calls.append((node, kind, "t/#" in self.broker._interest))
         return b"1"
 
 
@@ -370,16 +371,17 @@ class DrainingTransport:
 def test_moved_done_ends_the_stand_in_once_every_other_peer_drained_its_link(
     cluster: Cluster, c_reachable: bool
 ) -> None:
-    """B (the taking node) says done: A has C drain what it queued for A, then ends the stand-in;
-    with C unreachable (it may send its queue later) the stand-in keeps its grace."""
+    """B (the taking node) says done: A withdraws the stand-in's interest, has C drain what it
+    queued for A, then ends the stand-in; with C unreachable (it may send its queue later) the
+    stand-in keeps its interest and its grace."""
     a, b, _, _ = moved_pair(cluster)
-    transport = DrainingTransport({"B": Link(True), "C": Link(c_reachable)})
+    transport = DrainingTransport({"B": Link(True), "C": Link(c_reachable)}, a)
     moved_done_handler(a, transport)("B", b"c1")
     gevent.sleep(0.01)
     if c_reachable:
-        assert transport.calls == [("C", LINK_DRAIN_KIND)] and not a._moved
+        assert transport.calls == [("C", LINK_DRAIN_KIND, False)] and not a._moved
     else:
-        assert transport.calls == [] and "c1" in a._moved
+        assert transport.calls == [] and "c1" in a._moved and "t/#" in a._interest
 
 
 def test_the_taking_node_tells_the_old_owner_when_the_session_is_imported(cluster: Cluster) -> None:
