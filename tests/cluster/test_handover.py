@@ -388,3 +388,18 @@ def test_the_taking_node_tells_the_old_owner_when_the_session_is_imported(cluste
     moved_pair(cluster)
     gevent.sleep(0.01)
     assert ("A", MOVED_DONE_KIND, b"c1") in cluster.network.calls
+
+
+def test_no_local_holds_for_the_moved_sessions_own_messages_forwarded_back(cluster: Cluster) -> None:
+    """The client's own message (published on B, forwarded to A, matched there by the stand-in)
+    comes back to B through ``session.moved``: with No Local it is not delivered to it
+    [MQTT-3.8.3-3]; another's message is."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t/#", 1, no_local=True)
+    _, d, present = connect(b, "c1")
+    assert present
+    a.publish(Message("t/1", b"own", 1, origin="c1"))
+    a.publish(Message("t/1", b"other", 1, origin="c9"))
+    gevent.sleep(0.01)
+    assert [x[0] for x in d.sent] == ["t/1"] and len(d.sent) == 1
