@@ -154,6 +154,15 @@ class Broker(
         self.exported_keep = 30.0
         self.exported_max = 1000
         self.exported_max_bytes = 64 << 20
+        # client id -> the stand-in of a session exported to another node, which forwards there what
+        # still reaches this node for it (fluxmq.broker.moved), for moved_forward_for seconds; at
+        # most moved_max of them (the oldest ends first)
+        self._moved: dict = {}
+        self.moved_forward_for = 5.0
+        self.moved_max = 10000
+        # client id -> until when (monotonic) a session imported here takes what its previous node
+        # forwards for it (deliver_moved); gone when that session ends
+        self._moved_in: dict[str, float] = {}
         # fluxmq.broker.peers.SharedWills (the cluster's will registry), or None: wills are this
         # node's alone. With it a will is recorded cluster-wide while pending and published once.
         self.shared_wills = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
@@ -14,6 +15,7 @@ from gevent.event import Event
 from fluxmq.errors import QueueRefused, ServerUnavailable
 
 from .message import Message, TrackedMessage
+from .moved import MovedSession
 from .prefixes import BRIDGE_SESSION_PREFIX
 from .session import Inflight, PersistentSession, Session, Subscription, Will
 from .session_state import (
@@ -79,8 +81,12 @@ class ClusterHooks:
                 else peers.claim_session(client_id, clean_start, only_from)
             )
             self._drop_exported(client_id)  # the client id lives here now
-            if state:
-                self._take_in(client_id, state, clean_start)
+            imported = bool(state) and self._take_in(client_id, state, clean_start)
+            self._end_moved(client_id)  # back here: a stand-in of an earlier move forwards no more
+            if imported:
+                moved_in = getattr(peers, "moved_in", None)  # (optional in Peers)
+                if moved_in is not None:
+                    moved_in(client_id)  # its interest is known to the peers now (interest_added)
         finally:
             # The claim ends once this loop turn is over, so open_session and the connection's
             # attach run first: an export asked for meanwhile waits and then sees the attached session.
@@ -99,10 +105,11 @@ class ClusterHooks:
                     gevent.spawn(self._release_if_unused, peers, client_id)  # a callback may not block
         done.set()
 
-    def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> None:
-        """The state another node handed over to a connecting client: resumed, or discarded when
-        the session ends with the move (Clean Start, or a session that lasted as long as its
-        connection; as on a local takeover, the will of a connection still open then goes now)."""
+    def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> bool:
+        """The state another node handed over to a connecting client: resumed (True), or
+        discarded when the session ends with the move (Clean Start, or a session that lasted as
+        long as its connection; as on a local takeover, the will of a connection still open then
+        goes now)."""
         try:
             state = decode_session_state(blob, raw_queue=True)
             if state.client_id != client_id:
@@ -116,15 +123,21 @@ class ClusterHooks:
                     "effect": "the client starts a new session",
                 },
             )
-            return
+            return False
         if clean_start or state.expiry_interval == 0:
             log.info("session_moved_discarded", extra={"client_id": client_id, "clean_start": clean_start})
             if state.will is not None and state.connected:
                 self._publish_will(Will(*state.will))
-            return
+            return False
         self._import_state(state)
+        return True
 
-    def export_session(self, client_id: str) -> bytes | None:
+    def export_session(
+        self,
+        client_id: str,
+        to_node: str | None = None,
+        send: Callable[[bytes], object] | None = None,
+    ) -> bytes | None:
         """Hand the session of ``client_id`` to another node: its connection is closed first (5.0
         DISCONNECT 0x8E, 3.x a plain close), no will is published, the session leaves the router,
         the session table and the storage, and its complete state is returned encoded
@@ -133,7 +146,11 @@ class ClusterHooks:
 
         The same state is returned again when asked again within ``exported_keep`` seconds (the
         first reply was lost: this node is still the registered owner). Raises ServerUnavailable
-        when a connection here is still claiming ``client_id`` after ``claim_wait`` seconds."""
+        when a connection here is still claiming ``client_id`` after ``claim_wait`` seconds.
+
+        With ``send`` (``to_node`` takes the session): for ``moved_forward_for`` seconds a stand-in
+        keeps the session's QoS 1/2 subscriptions here and sends what matches them to that node
+        (``send(blob)``, the node's ``deliver_moved``; ``fluxmq.broker.moved``)."""
         pending = self._claiming.get(client_id)
         if pending is not None:
             # A connection here is claiming it: hand over what it gets, once it has it.
@@ -153,6 +170,8 @@ class ClusterHooks:
         hand_over = self.hand_overs.get(session)
         if hand_over is not None and hand_over.ending:
             return None  # ended already; its shared hand-over finishes here
+        if send is not None:
+            self._stand_in(session, to_node or "", send)  # before its subscriptions leave
         blob = encode_session_state(self._take_out(session))
         self._drop_exported(client_id)
         exported[client_id] = (now, blob)
@@ -160,6 +179,120 @@ class ClusterHooks:
         self._prune_exported(now)
         log.info("session_exported", extra={"client_id": client_id, "bytes": len(blob)})
         return blob
+
+    def _stand_in(self, session: Session, to_node: str, send: Callable[[bytes], object]) -> None:
+        """Put a ``MovedSession`` in the router beside ``session``'s QoS 1/2 subscriptions (not
+        shared ones), so that their interest stays announced when the session's own leave, for
+        ``moved_forward_for`` seconds. Only a session that outlives its connection (an expiry):
+        another one does not move with its messages."""
+        subs = [s for s in session.subscriptions.values() if s.qos and s.share_group is None]
+        if not subs or not session.expiry_interval or self.moved_forward_for <= 0:
+            return
+        cid = session.client_id
+        self._end_moved(cid)
+        stand_in = MovedSession(cid, session.username, to_node, send)
+        router = self.router
+        for s in subs:
+            sub = Subscription(
+                stand_in,
+                s.filter,
+                s.qos,
+                s.no_local,
+                s.retain_as_published,
+                s.retain_handling,
+                s.subscription_id,
+            )
+            if router.add_keyed(stand_in.key, sub):
+                self._interest_up(s.filter)
+            stand_in.subscriptions.append(sub)
+        moved = self._moved
+        moved[cid] = stand_in
+        stand_in.timer = gevent.spawn_later(self.moved_forward_for, self._end_moved, cid, stand_in)
+        while len(moved) > self.moved_max:
+            self._end_moved(next(iter(moved)))
+        log.info(
+            "moved_forward_started",
+            extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs)},
+        )
+
+    def withdraw_moved(self, client_id: str, to_node: str) -> bool:
+        """The interest the stand-in of ``client_id`` (moved to ``to_node``) holds goes now, while
+        it stays in the router for what is still on its way here: every peer sends to ``to_node``
+        already (the cluster layer checked). False when there is no such stand-in."""
+        stand_in = self._moved.get(client_id)
+        if stand_in is None or stand_in.to_node != to_node:
+            return False
+        if not stand_in.withdrawn:
+            stand_in.withdrawn = True
+            for sub in stand_in.subscriptions:
+                self._interest_down(sub.filter)
+        return True
+
+    def end_moved(self, client_id: str, to_node: str) -> bool:
+        """End the stand-in of ``client_id`` before its grace is over: the session imported on
+        ``to_node`` and every peer now sends there what matches it, and nothing sent here before is
+        still on its way (the cluster layer checked both). False when there is no such stand-in."""
+        stand_in = self._moved.get(client_id)
+        if stand_in is None or stand_in.to_node != to_node:
+            return False
+        self._end_moved(client_id, stand_in)
+        return True
+
+    def _end_moved(self, client_id: str, stand_in: MovedSession | None = None) -> None:
+        """The stand-in of ``client_id`` (only ``stand_in``, when given) leaves the router; the
+        interest its filters held goes, unless a subscription here still has them."""
+        current = self._moved.get(client_id)
+        if current is None or (stand_in is not None and current is not stand_in):
+            return
+        del self._moved[client_id]
+        timer = current.timer
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+        for sub in current.subscriptions:
+            if self.router.remove_keyed(current.key, sub.filter) and not current.withdrawn:
+                self._interest_down(sub.filter)
+        current.ended()
+
+    def deliver_moved(self, blob: bytes) -> int:
+        """Messages the previous node of a session imported here forwarded for it (``MovedSession``
+        there; ``blob`` a ``session_state`` holding only queued messages): each goes to that session
+        alone, with the options of its subscriptions here that match (the read ACL applied, No
+        Local against its own messages), or, when the session moved on meanwhile, to its stand-in
+        here. None goes to a session of that id that was not imported (a Clean Start after the move,
+        say): they were the old session's. Returns the deliveries."""
+        state = decode_session_state(blob)
+        cid = state.client_id
+        pending = self._claiming.get(cid)
+        if pending is not None:
+            pending.wait(self.claim_wait)  # the import in progress here: deliver once it is done
+        session = self.sessions.get(cid)
+        until = self._moved_in.get(cid)
+        if session is None or until is None or until < time.monotonic():
+            stand_in = self._moved.get(cid)
+            if stand_in is not None:
+                for q in state.queued:
+                    stand_in.deliver(q.message, q.qos, q.retain, None)
+                return 0
+            log.warning("moved_messages_dropped", extra={"client_id": cid, "messages": len(state.queued)})
+            return 0
+        n = 0
+        route = self.router.route
+        for q in state.queued:
+            message = q.message
+            for target, qos, qos_own, rap, sub_ids in route(message.topic).targets:
+                if target is not session:
+                    continue
+                if message.origin == cid:
+                    qos = qos_own  # No Local [MQTT-3.8.3-3]: -1 when every matching one has it
+                if qos < 0:
+                    break
+                if message.qos < qos:
+                    qos = message.qos
+                if qos:  # (QoS 0 is never forwarded: the stand-in's side decides the same)
+                    session.deliver(message, qos, rap and message.retain, sub_ids)
+                    n += 1
+                break
+        return n
 
     def _prune_exported(self, now: float) -> None:
         """Oldest first: drop the copies past ``exported_keep`` or over the count and byte bounds."""
@@ -345,6 +478,7 @@ class ClusterHooks:
             if self.shared_wills is not None:
                 self.shared_wills.will_set(cid, session.will.message, session.will.delay)
         self.sessions[cid] = session
+        self._take_moved(cid)
         if state.queue_members and expiry > 0:
             try:
                 self._queue_manager().adopt_memberships(session, state.queue_members)
@@ -361,6 +495,19 @@ class ClusterHooks:
             },
         )
         return session
+
+    def _take_moved(self, client_id: str) -> None:
+        """The session of ``client_id`` imported here takes what its previous node forwards for it
+        (``deliver_moved``) for a while; the oldest records past that go first."""
+        now = time.monotonic()
+        moved_in = self._moved_in
+        moved_in.pop(client_id, None)
+        moved_in[client_id] = now + 2 * self.moved_forward_for
+        while moved_in:
+            first = next(iter(moved_in))
+            if moved_in[first] >= now and len(moved_in) <= self.moved_max:
+                break
+            del moved_in[first]
 
     def _release_if_unused(self, peers, client_id: str) -> None:
         """Release ``client_id`` unless a session or a claim of it appeared here meanwhile."""

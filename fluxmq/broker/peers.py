@@ -60,6 +60,11 @@ class Peers(Protocol):
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (its session ended here, or the node stops)."""
 
+    def moved_in(self, client_id: str) -> None:
+        """Optional: the state ``claim_session`` returned is imported here and the interest of its
+        subscriptions known to the peers, so the previous owner may stop forwarding what still
+        reaches it for the session (``Broker.export_session``'s stand-in). Never blocks."""
+
 
 class SharedWills(Protocol):
     """A will registry shared by the nodes of a cluster (``Broker.shared_wills``), so that a will is

@@ -80,6 +80,14 @@ class Router(RouterCore):
     def remove(self, filter: str, session: Session) -> bool:
         return self.trie.remove(filter, session.client_id)
 
+    def add_keyed(self, key: str, sub: Subscription) -> bool:
+        """``add`` under ``key`` rather than the session's client id (a moved session's stand-in,
+        ``fluxmq.broker.moved``, beside a session of the same id); True when it is new."""
+        return self.trie.add(sub.filter, key, sub)
+
+    def remove_keyed(self, key: str, filter: str) -> bool:
+        return self.trie.remove(filter, key)
+
     def route(self, topic: str) -> Route:
         """The cached route of ``topic``; recomputed after any subscription change."""
         trie = self.trie

@@ -272,6 +272,7 @@ class SessionLifecycle:
             session.store.delete_session(session.client_id, session.queue.next)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self._moved_in.pop(session.client_id, None)  # a new session of this id takes nothing moved
             if self.auth is not None:
                 self.auth.forget(session.client_id)
             peers = self.peers

@@ -7,7 +7,7 @@ static peers only, the ``MetadataPlane`` in etcd, and wires them together:
   with static ``cluster.transport.peers`` and no etcd configured they are that list.
 * **Sessions.** ``ClusterPeers.claim_session`` / ``release_session`` go through
   ``ClusterSessions`` (compare-and-swap ownership in etcd, the ``session.takeover`` call to the
-  previous owner); this node answers takeovers with ``takeover_handler(broker)``. Persistent
+  previous owner); this node answers takeovers (``handover.serve_handover``). Persistent
   sessions restored from this node's store are kept only when this node can own them in etcd: a
   session another live node owns now was taken over while this node was down, and the copy here is
   stale (dropped).
@@ -163,7 +163,7 @@ class ClusterNode:
         workers, a member of the cluster of its own (``n1/w0``) that reaches the node's other workers
         over Unix sockets (docs/cluster.rst, "Several workers on a cluster node")."""
         init_grpc_for_gevent()
-        from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
+        from .handover import ClusterSessions, serve_handover
         from .peers import ClusterPeers
         from .transport import ClusterTransport
 
@@ -209,7 +209,7 @@ class ClusterNode:
             **extra,
         )
         self.peers.transport = self.transport
-        self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
+        serve_handover(self.transport, broker)
         self.transport.handle(ADOPT_KIND, self._adopt)
         self.draining = False
         self.adopted_out = 0
@@ -226,7 +226,10 @@ class ClusterNode:
             )
             self.plane.attach_transport(self.transport)
             self.peers.sessions = ClusterSessions(
-                self.plane.meta, self.transport.call, drain=self.transport.drain
+                self.plane.meta,
+                self.transport.call,
+                drain=self.transport.drain,
+                interest_applied=self.transport.interest_applied,
             )
             self.health = self.plane.health
         self._started = False

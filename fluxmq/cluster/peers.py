@@ -260,6 +260,11 @@ class ClusterPeers:
         if sessions is not None:
             sessions.release_session(client_id)
 
+    def moved_in(self, client_id: str) -> None:
+        sessions = self.sessions
+        if sessions is not None:
+            sessions.moved_in(client_id)
+
     # -- receiving -----------------------------------------------------------------------------
 
     def receive(self, batch: pb.Batch) -> int | pb.BatchAck | PendingAck:

@@ -41,7 +41,7 @@ from fluxmq.storage.records import decode_message, encode_message
 
 from .batch import Outgoing
 from .config import cluster_settings
-from .handover import TAKEOVER_KIND, ClusterSessions, takeover_handler
+from .handover import ClusterSessions, serve_handover
 from .node import init_grpc_for_gevent
 from .peers import ClusterPeers
 from .queues import RemoteQueues
@@ -302,8 +302,13 @@ class WorkerNode:
         )
         self.peers.transport = self.transport
         self.ownership = LocalOwnership(os.path.join(context.run_dir, "owners"), self.node_id)
-        self.peers.sessions = ClusterSessions(self.ownership, self.transport.call, drain=self.transport.drain)
-        self.transport.handle(TAKEOVER_KIND, takeover_handler(broker))
+        self.peers.sessions = ClusterSessions(
+            self.ownership,
+            self.transport.call,
+            drain=self.transport.drain,
+            interest_applied=self.transport.interest_applied,
+        )
+        serve_handover(self.transport, broker)
         self.transport.handle("retained.snapshot", self._serve_retained)
 
     def local(self) -> list[str]:

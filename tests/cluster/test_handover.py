@@ -14,7 +14,17 @@ import pytest
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import Will
-from fluxmq.cluster.handover import TAKEOVER_KIND, ClusterSessions, decode_session_state, takeover_handler
+from fluxmq.cluster.handover import (
+    LINK_DRAIN_KIND,
+    MOVED_DONE_KIND,
+    MOVED_KIND,
+    TAKEOVER_KIND,
+    ClusterSessions,
+    decode_session_state,
+    moved_done_handler,
+    moved_handler,
+    takeover_handler,
+)
 from fluxmq.errors import ServerUnavailable
 from tests.broker.test_session import RecordingDelivery
 
@@ -70,6 +80,11 @@ class Network:
     def handle(self, node: str, kind: str, fn) -> None:
         self.handlers.setdefault(node, {})[kind] = fn
 
+    @property
+    def takeovers(self) -> list[tuple[str, str, bytes]]:
+        """The takeover calls made (not the moved session's ``session.moved.done`` that follows)."""
+        return [c for c in self.calls if c[1] == TAKEOVER_KIND]
+
     def caller(self, from_node: str):
         def call(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
             self.calls.append((node, kind, payload))
@@ -107,10 +122,14 @@ class Cluster:
         self.network = Network()
         self.brokers: dict[str, Broker] = {}
 
-    def node(self, name: str) -> Broker:
+    def node(self, name: str, forwarding: bool = False) -> Broker:
+        """A node; with ``forwarding`` its exports leave a stand-in that forwards to the taking node
+        (``session.moved``), as a real node's do."""
         broker = Broker(BrokerSettings(node_id=name))
-        broker.set_peers(NodePeers(Ownership(self.registry, name), self.network.caller(name), timeout=2.0))
-        self.network.handle(name, TAKEOVER_KIND, takeover_handler(broker))
+        call = self.network.caller(name)
+        broker.set_peers(NodePeers(Ownership(self.registry, name), call, timeout=2.0))
+        self.network.handle(name, TAKEOVER_KIND, takeover_handler(broker, call if forwarding else None))
+        self.network.handle(name, MOVED_KIND, moved_handler(broker))
         self.brokers[name] = broker
         return broker
 
@@ -137,7 +156,7 @@ def test_a_client_connecting_to_another_node_takes_its_session_over(cluster: Clu
     new, d, present = connect(b, "c1")
     assert present and old.closed_with == 0x8E
     assert cluster.registry.owners["c1"] == "B"
-    assert cluster.network.calls == [("A", TAKEOVER_KIND, b"c1")]
+    assert cluster.network.takeovers == [("A", TAKEOVER_KIND, b"c1")]
     assert "c1" not in a.sessions
     assert new.subscriptions["t/#"].no_local and new.subscriptions["t/#"].subscription_id == 3
     assert d.sent == [("t/1", 1, False, 1, True, (3,))]  # resent with DUP
@@ -174,7 +193,7 @@ def test_a_third_node_racing_is_asked_in_turn(cluster: Cluster) -> None:
     cluster.registry.before_cas = lambda: cluster.registry.owners.__setitem__("c1", "C")
     new, _, present = connect(b, "c1")
     assert present and set(new.subscriptions) == {"t"}
-    assert [n for n, _, _ in cluster.network.calls] == ["A", "C"]
+    assert [n for n, _, _ in cluster.network.takeovers] == ["A", "C"]
     assert cluster.registry.owners["c1"] == "B"
 
 
@@ -202,7 +221,7 @@ def test_ownership_that_keeps_moving_is_refused(cluster: Cluster) -> None:
     cluster.network.handle("X", TAKEOVER_KIND, lambda frm, payload: b"")
     with pytest.raises(ServerUnavailable, match="kept moving"):
         peers.claim_session("c1", False)
-    assert len(cluster.network.calls) == peers.max_moves + 1
+    assert len(cluster.network.takeovers) == peers.max_moves + 1
 
 
 def test_the_takeover_handler_answers_empty_for_no_session_and_bad_ids(cluster: Cluster) -> None:
@@ -275,3 +294,112 @@ def test_a_session_that_ends_in_the_turn_of_its_claim_releases_its_client_id(clu
     gevent.sleep(0.01)  # the turn ends, the claim closes
     assert "c1" not in a.sessions
     assert "c1" not in cluster.registry.owners, cluster.registry.owners
+
+
+# -- what reaches the old node after the move (fluxmq/broker/moved.py) -------------------------------
+
+
+def moved_pair(cluster: Cluster, clean: bool = False):
+    """c1 subscribed to ``t/#`` at QoS 1 on A, then taken over by B (``clean``: with Clean Start);
+    c2 on B subscribed to the same filter. Returns (a, b, c1's delivery on B, c2's delivery)."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t/#", 1)
+    s2, d2, _ = connect(b, "c2")
+    b.subscribe(s2, "t/#", 1)
+    new, d, present = connect(b, "c1", clean=clean)
+    if not clean:
+        assert present and set(new.subscriptions) == {"t/#"}
+    return a, b, d, d2
+
+
+def test_a_qos1_message_reaching_the_old_node_after_the_move_goes_to_the_moved_session_only(
+    cluster: Cluster,
+) -> None:
+    a, b, d, d2 = moved_pair(cluster)
+    assert "t/#" in a._interest  # the stand-in keeps it announced
+    a.publish(Message("t/1", b"q1", 1))
+    a.publish(Message("t/0", b"q0", 0))  # QoS 0: not forwarded (never doubled)
+    gevent.sleep(0.01)
+    assert [x[:2] for x in d.sent] == [("t/1", 1)] and d.sent[0][3] == 1
+    assert d2.sent == []  # forwarded to the session, not routed again on B
+    assert ("B", MOVED_KIND) in [c[:2] for c in cluster.network.calls]
+    assert a.end_moved("c1", "B") and "t/#" not in a._interest and not a._moved
+
+
+def test_a_clean_start_after_the_move_gets_nothing_of_the_old_session(cluster: Cluster) -> None:
+    a, b, d, _ = moved_pair(cluster, clean=True)
+    a.publish(Message("t/1", b"old", 1))
+    gevent.sleep(0.01)
+    assert d.sent == [] and ("B", MOVED_KIND) in [c[:2] for c in cluster.network.calls]
+
+
+def test_the_stand_in_ends_after_its_grace_and_withdraws_the_interest(cluster: Cluster) -> None:
+    a = cluster.node("A", forwarding=True)
+    a.moved_forward_for = 0.05
+    b = cluster.node("B", forwarding=True)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t/#", 1)
+    connect(b, "c1")
+    assert "c1" in a._moved and "t/#" in a._interest
+    gevent.sleep(0.2)
+    assert not a._moved and "t/#" not in a._interest
+    a.publish(Message("t/1", b"late", 1))
+    gevent.sleep(0.01)
+    assert ("B", MOVED_KIND) not in [c[:2] for c in cluster.network.calls]
+
+
+class Link:
+    def __init__(self, connected: bool) -> None:
+        self.connected = connected
+
+
+class DrainingTransport:
+    """The transport as ``moved_done_handler`` uses it: its links and ``call``."""
+
+    def __init__(self, links: dict, broker: Broker) -> None:
+        self.links = links
+        self.broker = broker
+        self.calls: list[tuple[str, str, bool]] = []  # (node, kind, the stand-in's filter announced)
+
+    def call(self, node: str, kind: str, payload: bytes, timeout: float) -> bytes:
+        self.calls.append((node, kind, "t/#" in self.broker._interest))
+        return b"1"
+
+
+@pytest.mark.parametrize("c_reachable", [True, False])
+def test_moved_done_ends_the_stand_in_once_every_other_peer_drained_its_link(
+    cluster: Cluster, c_reachable: bool
+) -> None:
+    """B (the taking node) says done: A withdraws the stand-in's interest, has C drain what it
+    queued for A, then ends the stand-in; with C unreachable (it may send its queue later) the
+    stand-in keeps its interest and its grace."""
+    a, b, _, _ = moved_pair(cluster)
+    transport = DrainingTransport({"B": Link(True), "C": Link(c_reachable)}, a)
+    moved_done_handler(a, transport)("B", b"c1")
+    gevent.sleep(0.01)
+    if c_reachable:
+        assert transport.calls == [("C", LINK_DRAIN_KIND, False)] and not a._moved
+    else:
+        assert transport.calls == [] and "c1" in a._moved and "t/#" in a._interest
+
+
+def test_the_taking_node_tells_the_old_owner_when_the_session_is_imported(cluster: Cluster) -> None:
+    moved_pair(cluster)
+    gevent.sleep(0.01)
+    assert ("A", MOVED_DONE_KIND, b"c1") in cluster.network.calls
+
+
+def test_no_local_holds_for_the_moved_sessions_own_messages_forwarded_back(cluster: Cluster) -> None:
+    """The client's own message (published on B, forwarded to A, matched there by the stand-in)
+    comes back to B through ``session.moved``: with No Local it is not delivered to it
+    [MQTT-3.8.3-3]; another's message is."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t/#", 1, no_local=True)
+    _, d, present = connect(b, "c1")
+    assert present
+    a.publish(Message("t/1", b"own", 1, origin="c1"))
+    a.publish(Message("t/1", b"other", 1, origin="c9"))
+    gevent.sleep(0.01)
+    assert [x[0] for x in d.sent] == ["t/1"] and len(d.sent) == 1
