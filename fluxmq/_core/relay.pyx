@@ -1152,7 +1152,8 @@ cdef class PublishRelay:
             # (both classes are SessionCore subclasses: checked in __init__)
             if type(session) is session_class:
                 sc = <SessionCore>session
-                if sc.queue:
+                queue = sc.queue
+                if queue is not () and queue:  # (() until the first waiting delivery: no call)
                     return 0
             elif (self._table is not None and self.persistent_class is not None
                   and type(session) is self.persistent_class and session.store is self._store):

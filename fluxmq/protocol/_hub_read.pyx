@@ -440,7 +440,7 @@ cdef class FlushCore(FlushState):
         loop callback made and cancelled."""
         self.holding = False
         st = self.storage
-        wanted = len(self._dirty) > 0 or self.pending_samples > 0 or (st is not None and st.has_pending)
+        cdef bint wanted = len(self._dirty) > 0 or self.pending_samples > 0 or (st is not None and st.has_pending)
         if last:
             if wanted or self.scheduled:
                 callback = self._callback
