@@ -976,7 +976,8 @@ cdef class PublishRelay:
                     if gen == router._generation:
                         # this publisher's last route, while the router's cache would still give it
                         if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
-                                and cs._relay_route is not None and topic == cs._relay_topic):
+                                and cs._relay_route is not None
+                                and (topic is cs._relay_topic or topic == cs._relay_topic)):
                             route = <RouteCore>cs._relay_route
                         else:
                             route = routes.get(topic)
@@ -1429,7 +1430,8 @@ cdef class PublishRelay:
                         gen = <long long>trie.generation
                         if gen == router._generation:
                             if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
-                                    and cs._relay_route is not None and topic == cs._relay_topic):
+                                    and cs._relay_route is not None
+                                    and (topic is cs._relay_topic or topic == cs._relay_topic)):
                                 route = <RouteCore>cs._relay_route
                             else:
                                 route = routes.get(topic)

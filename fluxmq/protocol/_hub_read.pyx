@@ -309,7 +309,7 @@ cdef class ConnectionCore(ConnState):
             except MQTTError as exc:
                 packets = list(getattr(exc, "packets", None) or ())
                 bad = exc  # the reader serves the packets before it, then closes
-            count = len(packets)
+            count = PyList_GET_SIZE(packets) if type(packets) is list else len(packets)
             while i < count and bad is None:
                 if _serve_c is not NULL:
                     i = _serve_c(_relay, self, packets, i)
@@ -346,8 +346,12 @@ cdef class ConnectionCore(ConnState):
         # (the other worker writes its share meanwhile; fewer, fuller sends on both: bench/RESULTS.md,
         # "wfan"). A lone message for local subscribers only is still written here. The stream's
         # ``drained`` is only read by the reader, after a hand-over: not written here.
-        cdef bint last = drained and len(callbacks) <= queued and not (
-            _ev_pending(_ev) if _ev != NULL else loop.pendingcnt)
+        cdef bint last = drained and len(callbacks) <= queued
+        if last:  # (each branch in its own type: a mixed conditional made a Python int)
+            if _ev != NULL:
+                last = _ev_pending(_ev) == 0
+            else:
+                last = not loop.pendingcnt
         if held is not None:
             held.release(last)
         else:
