@@ -159,19 +159,22 @@ cdef int _adopt_loop(loop) except -1:
     ``__init__`` (emptied in place after), so ``ev_now(ptr)`` is its ``now()`` and
     ``ev_pending_count(ptr)`` its ``pendingcnt``, without a Python look-up or call. Another loop
     class (gevent's cffi or libuv loops) is asked through its Python attributes each time."""
-    global _loop_seen, _loop_callbacks, _ev, _now
-    cdef void* ev
+    global _loop_seen, _loop_callbacks, _ev
+    cdef void* ev = NULL
     if _corecext_loop is None:
         _libev_functions()
-    _ev = NULL
-    _loop_callbacks = None
-    _now = loop.now
+    callbacks = None
     if _corecext_loop is not False and type(loop) is _corecext_loop:
         ev = <void*><size_t>loop.ptr
         # (a check that these are the loop's values: the same clock and the same pending count)
         if ev != NULL and _ev_now(ev) == loop.now() and _ev_pending(ev) == loop.pendingcnt:
-            _ev = ev
-            _loop_callbacks = loop._callbacks
+            callbacks = loop._callbacks
+        else:
+            ev = NULL
+    # (set together, after the Python calls above, so another thread's hub adopting its loop
+    # meanwhile cannot leave one loop's values under another's)
+    _ev = ev
+    _loop_callbacks = callbacks
     _loop_seen = loop
     return 0
 
@@ -181,7 +184,6 @@ ctypedef Py_ssize_t (*serve_fn)(object, object, list, Py_ssize_t) except -1
 
 cdef list _NO_PACKETS = []  # the packets of a read the relay served whole from its bytes
 cdef object _relay = None
-cdef object _now = None
 cdef object _relay_serve = None
 cdef serve_fn _serve_c = NULL  # the relay's serve in C (_core.relay.SERVE_C), for a PublishRelay
 cdef forward_fn _forward_c = NULL  # the relay's forward-only PUBLISHes from a read (_core.relay.FORWARD_C)
@@ -280,7 +282,8 @@ cdef class ConnectionCore(ConnState):
             flusher.holding = True
         if loop is not _loop_seen:
             _adopt_loop(loop)
-        callbacks = _loop_callbacks if _ev != NULL else loop._callbacks
+        cdef void* ev = _ev  # (this loop's, kept for this call)
+        callbacks = _loop_callbacks if ev != NULL else loop._callbacks
         cdef Py_ssize_t queued = len(callbacks)  # the loop callbacks before this read's work
         raw = 0
         try:
@@ -348,8 +351,8 @@ cdef class ConnectionCore(ConnState):
         # ``drained`` is only read by the reader, after a hand-over: not written here.
         cdef bint last = drained and len(callbacks) <= queued
         if last:  # (each branch in its own type: a mixed conditional made a Python int)
-            if _ev != NULL:
-                last = _ev_pending(_ev) == 0
+            if ev != NULL:
+                last = _ev_pending(ev) == 0
             else:
                 last = not loop.pendingcnt
         if held is not None:
@@ -360,7 +363,7 @@ cdef class ConnectionCore(ConnState):
         stats.messages_received += count + raw
         _hub_reads.served += 1
         # a new wait: keep alive counts from here (the loop's time: ``_adopt_loop``)
-        self._wait_from = _ev_now(_ev) if _ev != NULL else _now()
+        self._wait_from = _ev_now(ev) if ev != NULL else loop.now()
 
     cpdef flush_nowait(self, limit=None):
         """Send what is buffered without blocking (called from the hub by the FlushScheduler).
