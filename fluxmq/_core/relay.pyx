@@ -53,6 +53,7 @@ from fluxmq._core.outbuf cimport out_resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_New
+from cpython.ref cimport PyObject
 from cpython.unicode cimport (PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH,
                               PyUnicode_READ_CHAR)
 
@@ -72,7 +73,7 @@ from fluxmq._core.dqueue cimport QueueCore
 from fluxmq._core.forward cimport ForwardQueue, LinksVersion, plain_item
 from fluxmq._core.publish_frame cimport (append_publish_frame, publish_frame_bytes,
                                          publish_frame_size, write_publish_frame)
-from fluxmq._core.slots cimport SlotMaker
+from fluxmq._core.slots cimport SlotMaker, slot_offset
 from libc.string cimport memchr
 
 from fluxmq.errors import ForwardedItemFailed
@@ -232,6 +233,10 @@ cdef class PublishRelay:
     cdef long long _fq_version
     # reads whose peers' queues came from that (a test reads it to see the look-up skipped)
     cdef public long long queues_reused
+    # a connection's settings class and the offset of its ``max_message_size`` slot (-1: read by
+    # attribute); read per read, an attribute look-up was ~140 instructions of a lone message
+    cdef object _settings_type
+    cdef Py_ssize_t _max_size_at
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None, persistent_class=None):
@@ -262,6 +267,21 @@ cdef class PublishRelay:
         self._local_generation = None
         self.enabled = True
         self._broker = None
+
+    cdef inline long long _max_message_size(self, settings) except? -1:
+        """``settings.max_message_size``, read from its slot when ``settings``' class keeps it in
+        one (``ProtocolSettings``: ``__slots__``; the slot is read each time, so a changed value is
+        seen) and it holds an ``int``; else by attribute."""
+        cdef PyObject* v
+        cls = type(settings)
+        if cls is not self._settings_type:
+            self._max_size_at = slot_offset(cls, "max_message_size")
+            self._settings_type = cls
+        if self._max_size_at >= 0:
+            v = (<PyObject**>((<char*><PyObject*>settings) + self._max_size_at))[0]
+            if v != NULL and type(<object>v) is int:
+                return <object>v
+        return settings.max_message_size
 
     cdef int _adopt(self, broker) except -1:
         """Read the per-broker objects of ``broker`` (see ``_broker``)."""
@@ -841,7 +861,7 @@ cdef class PublishRelay:
             return i
         version = cs.version
         settings = cs.settings
-        max_size = settings.max_message_size
+        max_size = self._max_message_size(settings)
         policy = cs._policy
         allowed = None
         if policy is not None:
@@ -956,7 +976,8 @@ cdef class PublishRelay:
                     if gen == router._generation:
                         # this publisher's last route, while the router's cache would still give it
                         if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
-                                and cs._relay_route is not None and topic == cs._relay_topic):
+                                and cs._relay_route is not None
+                                and (topic is cs._relay_topic or topic == cs._relay_topic)):
                             route = <RouteCore>cs._relay_route
                         else:
                             route = routes.get(topic)
@@ -1132,7 +1153,8 @@ cdef class PublishRelay:
             # (both classes are SessionCore subclasses: checked in __init__)
             if type(session) is session_class:
                 sc = <SessionCore>session
-                if sc.queue:
+                queue = sc.queue
+                if queue is not () and queue:  # (() until the first waiting delivery: no call)
                     return 0
             elif (self._table is not None and self.persistent_class is not None
                   and type(session) is self.persistent_class and session.store is self._store):
@@ -1291,7 +1313,7 @@ cdef class PublishRelay:
         fwd_routes = fwd_links = None
         max_packet = decoder.max_packet_size
         settings = cs.settings
-        max_size = settings.max_message_size
+        max_size = self._max_message_size(settings)
         policy = cs._policy
         allowed = None
         if policy is not None:
@@ -1408,7 +1430,8 @@ cdef class PublishRelay:
                         gen = <long long>trie.generation
                         if gen == router._generation:
                             if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
-                                    and cs._relay_route is not None and topic == cs._relay_topic):
+                                    and cs._relay_route is not None
+                                    and (topic is cs._relay_topic or topic == cs._relay_topic)):
                                 route = <RouteCore>cs._relay_route
                             else:
                                 route = routes.get(topic)

@@ -26,6 +26,16 @@ cdef extern from "Python.h":
     object PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t nitems)
 
 
+cdef Py_ssize_t slot_offset(cls, str name) except -2:
+    """The byte offset in an instance of ``cls`` of its slot ``name`` (what the class's member
+    descriptor reads: an object pointer, NULL while unset), or -1 when the attribute the class
+    finds for ``name`` is not a plain member descriptor (a property, a class attribute, none)."""
+    descr = getattr(cls, name, None)
+    if type(descr) is not MemberDescriptorType:
+        return -1
+    return (<PyMemberDescrObject*><PyObject*>descr).d_member.offset
+
+
 cdef class SlotMaker:
     """Makes instances of ``cls`` whose slots are ``names`` (in that order for ``put``)."""
 
@@ -47,10 +57,9 @@ cdef class SlotMaker:
         self.cls = cls
         self.count = len(names)
         for i, name in enumerate(names):
-            descr = getattr(cls, name)
-            if type(descr) is not MemberDescriptorType:
+            self.offsets[i] = slot_offset(cls, name)
+            if self.offsets[i] < 0:
                 raise TypeError(f"{cls.__name__}.{name} is not a slot")
-            self.offsets[i] = (<PyMemberDescrObject*><PyObject*>descr).d_member.offset
 
     cdef object new(self):
         """An instance with every slot unset (``object.__new__``'s allocation)."""

@@ -108,14 +108,82 @@ cdef char _rbuf[READ_SIZE]
 
 _flush_log = logging.getLogger("fluxmq.protocol.flush")
 
+
+# -- the hub loop's state in C (read per served read: three Python look-ups and a call were ~500
+# instructions of a lone message's ~5,300) --
+cdef extern from "<dlfcn.h>" nogil:
+    void* dlopen(const char* path, int flags)
+    void* dlsym(void* handle, const char* name)
+    int RTLD_NOW
+    int RTLD_NOLOAD
+
+ctypedef double (*ev_now_fn)(void* ev) noexcept nogil
+ctypedef unsigned int (*ev_pending_fn)(void* ev) noexcept nogil
+
+cdef object _loop_seen = None  # the loop the values below are of (held: its id cannot be reused)
+cdef object _loop_callbacks = None  # its callback queue, when it is never replaced (else None)
+cdef void* _ev = NULL  # its libev loop, when libev's functions below are known (else NULL)
+cdef ev_now_fn _ev_now = NULL  # libev's ev_now and ev_pending_count, from gevent's corecext
+cdef ev_pending_fn _ev_pending = NULL
+cdef object _corecext_loop = None  # gevent.libev.corecext.loop (False: not importable)
+
+
+cdef int _libev_functions() except -1:
+    """``_ev_now``, ``_ev_pending`` from the libev that gevent's C loop (``gevent.libev.corecext``)
+    is built with: public libev functions (``ev.h``) that the extension exports; left NULL when it
+    is not loaded or does not export them (then the loop's Python methods are called)."""
+    global _corecext_loop, _ev_now, _ev_pending
+    _corecext_loop = False
+    try:
+        from gevent.libev import corecext
+    except ImportError:
+        return 0
+    path = getattr(corecext, "__file__", None)
+    if not path:
+        return 0
+    cdef bytes bpath = path.encode()
+    cdef void* handle = dlopen(bpath, RTLD_NOW | RTLD_NOLOAD)  # (already loaded: no new load)
+    if handle == NULL:
+        return 0
+    _ev_now = <ev_now_fn>dlsym(handle, b"ev_now")
+    _ev_pending = <ev_pending_fn>dlsym(handle, b"ev_pending_count")
+    if _ev_now != NULL and _ev_pending != NULL:
+        _corecext_loop = corecext.loop
+    return 0
+
+
+cdef int _adopt_loop(loop) except -1:
+    """Read once per loop what ``_on_input`` needs of it each time: gevent's C loop
+    (``gevent.libev.corecext.loop``) holds its libev loop at ``ptr`` from its creation to its
+    ``destroy`` (no watcher of it runs after that) and sets its ``_callbacks`` queue once, in
+    ``__init__`` (emptied in place after), so ``ev_now(ptr)`` is its ``now()`` and
+    ``ev_pending_count(ptr)`` its ``pendingcnt``, without a Python look-up or call. Another loop
+    class (gevent's cffi or libuv loops) is asked through its Python attributes each time."""
+    global _loop_seen, _loop_callbacks, _ev
+    cdef void* ev = NULL
+    if _corecext_loop is None:
+        _libev_functions()
+    callbacks = None
+    if _corecext_loop is not False and type(loop) is _corecext_loop:
+        ev = <void*><size_t>loop.ptr
+        # (a check that these are the loop's values: the same clock and the same pending count)
+        if ev != NULL and _ev_now(ev) == loop.now() and _ev_pending(ev) == loop.pendingcnt:
+            callbacks = loop._callbacks
+        else:
+            ev = NULL
+    # (set together, after the Python calls above, so another thread's hub adopting its loop
+    # meanwhile cannot leave one loop's values under another's)
+    _ev = ev
+    _loop_callbacks = callbacks
+    _loop_seen = loop
+    return 0
+
 ctypedef Py_ssize_t (*forward_fn)(object, object, const unsigned char*, Py_ssize_t,
                                    Py_ssize_t*) except -1
 ctypedef Py_ssize_t (*serve_fn)(object, object, list, Py_ssize_t) except -1
 
 cdef list _NO_PACKETS = []  # the packets of a read the relay served whole from its bytes
 cdef object _relay = None
-cdef object _now_loop = None  # the loop whose bound ``now`` is _now
-cdef object _now = None
 cdef object _relay_serve = None
 cdef serve_fn _serve_c = NULL  # the relay's serve in C (_core.relay.SERVE_C), for a PublishRelay
 cdef forward_fn _forward_c = NULL  # the relay's forward-only PUBLISHes from a read (_core.relay.FORWARD_C)
@@ -212,7 +280,10 @@ cdef class ConnectionCore(ConnState):
             held.holding = True
         else:
             flusher.holding = True
-        callbacks = loop._callbacks
+        if loop is not _loop_seen:
+            _adopt_loop(loop)
+        cdef void* ev = _ev  # (this loop's, kept for this call)
+        callbacks = _loop_callbacks if ev != NULL else loop._callbacks
         cdef Py_ssize_t queued = len(callbacks)  # the loop callbacks before this read's work
         raw = 0
         try:
@@ -241,7 +312,7 @@ cdef class ConnectionCore(ConnState):
             except MQTTError as exc:
                 packets = list(getattr(exc, "packets", None) or ())
                 bad = exc  # the reader serves the packets before it, then closes
-            count = len(packets)
+            count = PyList_GET_SIZE(packets) if type(packets) is list else len(packets)
             while i < count and bad is None:
                 if _serve_c is not NULL:
                     i = _serve_c(_relay, self, packets, i)
@@ -278,7 +349,12 @@ cdef class ConnectionCore(ConnState):
         # (the other worker writes its share meanwhile; fewer, fuller sends on both: bench/RESULTS.md,
         # "wfan"). A lone message for local subscribers only is still written here. The stream's
         # ``drained`` is only read by the reader, after a hand-over: not written here.
-        cdef bint last = drained and not loop.pendingcnt and len(callbacks) <= queued
+        cdef bint last = drained and len(callbacks) <= queued
+        if last:  # (each branch in its own type: a mixed conditional made a Python int)
+            if ev != NULL:
+                last = _ev_pending(ev) == 0
+            else:
+                last = not loop.pendingcnt
         if held is not None:
             held.release(last)
         else:
@@ -286,12 +362,8 @@ cdef class ConnectionCore(ConnState):
         stats.bytes_received += n
         stats.messages_received += count + raw
         _hub_reads.served += 1
-        # a new wait: keep alive counts from here (the loop's bound ``now``, kept per loop)
-        global _now_loop, _now
-        if loop is not _now_loop:
-            _now = loop.now
-            _now_loop = loop
-        self._wait_from = _now()
+        # a new wait: keep alive counts from here (the loop's time: ``_adopt_loop``)
+        self._wait_from = _ev_now(ev) if ev != NULL else loop.now()
 
     cpdef flush_nowait(self, limit=None):
         """Send what is buffered without blocking (called from the hub by the FlushScheduler).
@@ -375,7 +447,7 @@ cdef class FlushCore(FlushState):
         loop callback made and cancelled."""
         self.holding = False
         st = self.storage
-        wanted = len(self._dirty) > 0 or self.pending_samples > 0 or (st is not None and st.has_pending)
+        cdef bint wanted = len(self._dirty) > 0 or self.pending_samples > 0 or (st is not None and st.has_pending)
         if last:
             if wanted or self.scheduled:
                 callback = self._callback
@@ -421,3 +493,11 @@ cdef class FlushCore(FlushState):
         self._spare = dirty
         if self.pending_samples:
             self.observe_samples()  # the relay's sampled publishes, after their writes
+
+
+def loop_read_in_c(loop) -> bool:
+    """True when ``_on_input`` reads ``loop``'s time, pending count and callback queue in C
+    (``_adopt_loop``; tests check that gevent's default loop is)."""
+    if loop is not _loop_seen:
+        _adopt_loop(loop)
+    return _ev != NULL

@@ -20,7 +20,8 @@ from gevent import socket
 
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.session import EXPIRY_NEVER
-from fluxmq.protocol.connection import MQTTConnection
+from fluxmq.protocol._hub_read import loop_read_in_c
+from fluxmq.protocol.connection import RELAY, MQTTConnection
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.storage.memory import MemoryStorage
@@ -104,6 +105,64 @@ def test_a_lone_message_runs_no_python_frame_of_the_connection_its_stream_or_the
             sys.setprofile(None)
         assert got == b"\x30\x07\x00\x01tlone"
         assert called == []
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)
+
+
+def test_a_served_read_takes_the_hub_loops_time_in_c_and_its_keep_alive_wait_starts_there(
+    broker: Broker,
+) -> None:
+    """gevent's C loop is read in C by ``_on_input`` (libev's ``ev_now`` and ``ev_pending_count``
+    on the loop's ``ptr``, its callback queue kept): a served read restarts the keep-alive wait at
+    the loop's time, as ``loop.now()`` read it."""
+    loop = gevent.get_hub().loop
+    assert loop_read_in_c(loop)
+    flusher = FlushScheduler(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 0)
+    try:
+        for client in (pub_client, sub_client):
+            client.sendall(b"\xc0\x00")
+            assert read_exactly(client, 2) == b"\xd0\x00"
+        pub._wait_from = 0.0
+        pub_client.sendall(publish_packet("t", b"lone"))
+        assert read_exactly(sub_client, 9) == b"\x30\x07\x00\x01tlone"
+        assert 0.0 < pub._wait_from <= loop.now()
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)
+
+
+def test_a_changed_max_message_size_is_applied_by_the_relay_to_the_next_read(broker: Broker) -> None:
+    """The relay reads ``max_message_size`` from the settings' slot at each read (not a copy
+    kept): lowered on a live connection, the next larger message is left to ``serve``, which
+    refuses it; a smaller one still goes the raw path."""
+    flusher = FlushScheduler(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 0)
+    try:
+        for client in (pub_client, sub_client):
+            client.sendall(b"\xc0\x00")
+            assert read_exactly(client, 2) == b"\xd0\x00"
+        pub.decoder.version = 4  # (as after CONNECT: the raw path takes a known version only)
+        raw = RELAY.raw_served
+        pub_client.sendall(publish_packet("t", b"lone"))
+        assert read_exactly(sub_client, 9) == b"\x30\x07\x00\x01tlone"
+        assert RELAY.raw_served == raw + 1
+        pub.settings.max_message_size = 3
+        dropped = broker.stats.drops.get("message_too_large", 0)
+        pub_client.sendall(publish_packet("t", b"long") + publish_packet("t", b"ok!"))
+        assert read_exactly(sub_client, 8) == b"\x30\x06\x00\x01tok!"
+        assert RELAY.raw_served == raw + 1  # the run stopped at the first: serve took both
+        assert broker.stats.drops["message_too_large"] == dropped + 1
+        pub_client.sendall(publish_packet("t", b"ok?"))
+        assert read_exactly(sub_client, 8) == b"\x30\x06\x00\x01tok?"
+        assert RELAY.raw_served == raw + 2
     finally:
         for client in (pub_client, sub_client):
             client.close()
