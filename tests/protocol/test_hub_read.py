@@ -12,6 +12,7 @@ socket is closed never writes to the descriptor number the next socket reuses.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import gevent
@@ -68,6 +69,26 @@ def publish_packet(topic: str, payload: bytes) -> bytes:
     return bytes((0x30, len(body))) + body
 
 
+@contextmanager
+def pub_sub(broker: Broker):
+    """A publisher and a subscriber to ``t`` at QoS 0, each served by its reader after a first
+    PINGREQ/PINGRESP (each reader has emptied its socket); yields (pub, sub, pub_client,
+    sub_client) and closes both clients after."""
+    flusher = FlushScheduler(broker.storage)
+    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
+    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
+    broker.subscribe(sub.session, "t", 0)
+    try:
+        for client in (pub_client, sub_client):
+            client.sendall(b"\xc0\x00")
+            assert read_exactly(client, 2) == b"\xd0\x00"
+        yield pub, sub, pub_client, sub_client
+    finally:
+        for client in (pub_client, sub_client):
+            client.close()
+        gevent.joinall([pub_reader, sub_reader], timeout=5)
+
+
 _WATCHED = (
     str(Path(sys.modules[MQTTConnection.__module__].__file__)),
     str(Path(sys.modules[SocketStream.__module__].__file__)),
@@ -83,20 +104,13 @@ def test_a_lone_message_runs_no_python_frame_of_the_connection_its_stream_or_the
     ``connection.py``, of the TCP stream or of ``flush.py`` (the Python callback, ``recv_nowait``,
     ``mark``, ``release``, ``_flush``, ``flush_nowait`` and ``send_nowait`` did). The message
     still arrives whole."""
-    flusher = FlushScheduler(broker.storage)
-    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
-    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
-    broker.subscribe(sub.session, "t", 0)
-    for client in (pub_client, sub_client):  # a first exchange: each reader empties its socket
-        client.sendall(b"\xc0\x00")
-        assert read_exactly(client, 2) == b"\xd0\x00"
     called = []
 
     def profile(frame, event, arg):
         if event == "call" and frame.f_code.co_filename in _WATCHED:
             called.append(frame.f_code.co_name)
 
-    try:
+    with pub_sub(broker) as (_pub, _sub, pub_client, sub_client):
         sys.setprofile(profile)
         try:
             pub_client.sendall(publish_packet("t", b"lone"))
@@ -105,10 +119,6 @@ def test_a_lone_message_runs_no_python_frame_of_the_connection_its_stream_or_the
             sys.setprofile(None)
         assert got == b"\x30\x07\x00\x01tlone"
         assert called == []
-    finally:
-        for client in (pub_client, sub_client):
-            client.close()
-        gevent.joinall([pub_reader, sub_reader], timeout=5)
 
 
 def test_a_served_read_takes_the_hub_loops_time_in_c_and_its_keep_alive_wait_starts_there(
@@ -119,36 +129,18 @@ def test_a_served_read_takes_the_hub_loops_time_in_c_and_its_keep_alive_wait_sta
     the loop's time, as ``loop.now()`` read it."""
     loop = gevent.get_hub().loop
     assert loop_read_in_c(loop)
-    flusher = FlushScheduler(broker.storage)
-    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
-    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
-    broker.subscribe(sub.session, "t", 0)
-    try:
-        for client in (pub_client, sub_client):
-            client.sendall(b"\xc0\x00")
-            assert read_exactly(client, 2) == b"\xd0\x00"
+    with pub_sub(broker) as (pub, _sub, pub_client, sub_client):
         pub._wait_from = 0.0
         pub_client.sendall(publish_packet("t", b"lone"))
         assert read_exactly(sub_client, 9) == b"\x30\x07\x00\x01tlone"
         assert 0.0 < pub._wait_from <= loop.now()
-    finally:
-        for client in (pub_client, sub_client):
-            client.close()
-        gevent.joinall([pub_reader, sub_reader], timeout=5)
 
 
 def test_a_changed_max_message_size_is_applied_by_the_relay_to_the_next_read(broker: Broker) -> None:
     """The relay reads ``max_message_size`` from the settings' slot at each read (not a copy
     kept): lowered on a live connection, the next larger message is left to ``serve``, which
     refuses it; a smaller one still goes the raw path."""
-    flusher = FlushScheduler(broker.storage)
-    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
-    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
-    broker.subscribe(sub.session, "t", 0)
-    try:
-        for client in (pub_client, sub_client):
-            client.sendall(b"\xc0\x00")
-            assert read_exactly(client, 2) == b"\xd0\x00"
+    with pub_sub(broker) as (pub, _sub, pub_client, sub_client):
         pub.decoder.version = 4  # (as after CONNECT: the raw path takes a known version only)
         raw = RELAY.raw_served
         pub_client.sendall(publish_packet("t", b"lone"))
@@ -163,10 +155,6 @@ def test_a_changed_max_message_size_is_applied_by_the_relay_to_the_next_read(bro
         pub_client.sendall(publish_packet("t", b"ok?"))
         assert read_exactly(sub_client, 8) == b"\x30\x06\x00\x01tok?"
         assert RELAY.raw_served == raw + 2
-    finally:
-        for client in (pub_client, sub_client):
-            client.close()
-        gevent.joinall([pub_reader, sub_reader], timeout=5)
 
 
 def test_a_closed_connection_never_writes_to_the_descriptor_number_the_next_socket_reuses(
@@ -260,15 +248,8 @@ def test_a_sent_small_output_buffer_keeps_its_memory_and_a_large_one_gives_it_ba
     """A send that empties the output keeps an allocation of at most ``KEEP_OUT`` bytes (the next
     lone message is appended without a realloc down and up again; ``sys.getsizeof`` of a
     bytearray counts its allocation) and gives a larger one back; the bytes are whole either way."""
-    flusher = FlushScheduler(broker.storage)
-    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
-    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
-    broker.subscribe(sub.session, "t", 0)
     empty = sys.getsizeof(bytearray())
-    try:
-        for client in (pub_client, sub_client):
-            client.sendall(b"\xc0\x00")
-            assert read_exactly(client, 2) == b"\xd0\x00"
+    with pub_sub(broker) as (_pub, sub, pub_client, sub_client):
         for payload in (b"lone", b"x" * 100_000, b"two"):
             pub_client.sendall(
                 publish_packet("t", payload) if len(payload) < 100 else raw_publish(b"t", payload)
@@ -283,10 +264,6 @@ def test_a_sent_small_output_buffer_keeps_its_memory_and_a_large_one_gives_it_ba
                 assert kept >= 9  # the packet's bytes stay allocated
             else:
                 assert kept <= 1
-    finally:
-        for client in (pub_client, sub_client):
-            client.close()
-        gevent.joinall([pub_reader, sub_reader], timeout=5)
 
 
 def test_packets_split_across_reads_are_decoded_from_the_read_buffer_whole(broker: Broker) -> None:
@@ -294,14 +271,7 @@ def test_packets_split_across_reads_are_decoded_from_the_read_buffer_whole(broke
     unless the reader is handed the read): a packet's tail that a read leaves unfinished is kept by
     the decoder and completed by the next read; a read the reader is handed (a SUBSCRIBE after a
     PUBLISH) keeps its bytes."""
-    flusher = FlushScheduler(broker.storage)
-    sub, sub_reader, sub_client = serve(broker, flusher, "sub")
-    pub, pub_reader, pub_client = serve(broker, flusher, "pub")
-    broker.subscribe(sub.session, "t", 0)
-    try:
-        for client in (pub_client, sub_client):
-            client.sendall(b"\xc0\x00")
-            assert read_exactly(client, 2) == b"\xd0\x00"
+    with pub_sub(broker) as (_pub, _sub, pub_client, sub_client):
         one, two = publish_packet("t", b"first"), publish_packet("t", b"second")
         pub_client.sendall(one + two[:4])  # the second packet's first bytes only
         assert read_exactly(sub_client, len(one)) == one
@@ -312,7 +282,3 @@ def test_packets_split_across_reads_are_decoded_from_the_read_buffer_whole(broke
         pub_client.sendall(publish_packet("t", b"third") + subscribe)
         assert read_exactly(sub_client, len(publish_packet("t", b"third"))) == publish_packet("t", b"third")
         assert read_exactly(pub_client, 5) == b"\x90\x03\x00\x01\x00"  # SUBACK from the reader
-    finally:
-        for client in (pub_client, sub_client):
-            client.close()
-        gevent.joinall([pub_reader, sub_reader], timeout=5)
