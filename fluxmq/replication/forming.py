@@ -424,7 +424,7 @@ class FormingRaft:
                 f"node {self._joining} is joining group {g.name} (not committed yet): one change at a time",
             )
         if not node_id:
-            node_id = next((n for n, a in record._announced().items() if a == addr), addr)
+            node_id = record.node_at(addr)
         try:
             record.begin_join(node_id, addr)
         except ClusterError as exc:

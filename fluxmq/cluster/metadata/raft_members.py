@@ -88,6 +88,11 @@ class RaftMembers:
         go from one worker to several without a member change."""
         return {node_of(member): addr for member, addr in self.meta.announced("raft").items()}
 
+    def node_at(self, addr: str) -> str:
+        """The id of the live node announcing Raft address ``addr``, else ``addr`` itself (the key
+        a member without a registration is recorded under)."""
+        return next((n for n, a in self._announced().items() if a == addr), addr)
+
     def agree(self) -> tuple[dict[str, str] | None, str]:
         """(members, "") once agreed, else (None, what it waits for). Raises ClusterError when etcd
         does not answer."""
@@ -176,7 +181,7 @@ class RaftMembers:
                 del joining[n]
             if action == "add":
                 if not node_id:
-                    node_id = next((n for n, a in self._announced().items() if a == addr), addr)
+                    node_id = self.node_at(addr)
                 for n in [n for n, a in members.items() if a == addr and n != node_id]:
                     del members[n]
                 members[node_id] = addr
