@@ -116,9 +116,25 @@ class _Record:
 
     def rewrite(self, addrs: list[str]) -> dict[str, str]:
         self._check()
-        ids = {a: n for n, a in self.members.items()}
+        ids = {a: n for n, a in [*self.joining.items(), *self.members.items()]}
         self.members = {ids.get(a, a): a for a in addrs}
+        self.joining = {n: a for n, a in self.joining.items() if a not in addrs}
         return dict(self.members)
+
+    def node_at(self, addr: str) -> str:
+        self._check()
+        return next((n for n, a in self.announced.items() if a == addr), addr)
+
+    announced: dict[str, str] = {}
+
+    def begin_join(self, node_id: str, addr: str) -> None:
+        self._check()
+        self.joining[node_id] = addr
+
+    def end_join(self, node_id: str, unless=None) -> None:
+        self._check()
+        if unless is None or not unless():
+            self.joining.pop(node_id, None)
 
 
 class _Group:
@@ -127,9 +143,10 @@ class _Group:
     def __init__(self, peers: list[str]) -> None:
         self.peers = sorted(peers)
         self.logs: dict = {}
+        self.leading = True
 
     def committed_peers(self):
-        return self.peers
+        return self.peers if self.leading else None
 
     def check_change(self, action: str, addr: str) -> None:
         pass
@@ -199,3 +216,72 @@ def test_a_member_the_record_no_longer_lists_stops_its_replica_and_says_why() ->
         qlog.append_one(SimpleNamespace())
     assert info.value.reason_code == 0x80
     assert "stopped its replica" in f.status()[0]["forming"]
+
+
+D = "127.0.0.1:7400"
+
+
+def test_a_join_whose_leader_died_is_taken_out_of_joining_by_the_next_leader(monkeypatch) -> None:
+    """The leader that wrote ``joining`` died before committing the add: the next leader, its
+    configuration committed and without D, takes D out of ``joining`` once ORPHAN_WAIT has passed
+    with it the leader all along, never while an add of its own waits for D."""
+    from fluxmq.replication import forming as mod
+
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    record.joining = {"d": D}
+    f, group, _ = _formed(three, record)
+    assert f._follow(record.read()) == ""
+    assert record.joining == {"d": D}  # within ORPHAN_WAIT: its leader, if alive, may still add it
+    monkeypatch.setattr(mod, "ORPHAN_WAIT", 0.0)
+    group.leading = False  # not the leader: nothing settled, and the wait starts again once it is
+    f._follow(record.read())
+    assert record.joining == {"d": D} and f._orphans == {}
+    group.leading = True
+    f._joining = "d"  # an add of this node's own waits for it: left
+    f._follow(record.read())
+    assert record.joining == {"d": D}
+    f._joining = ""
+    f._follow(record.read())
+    assert record.joining == {} and record.members == three and group.peers == sorted(three.values())
+
+
+def test_a_join_the_committed_configuration_has_is_moved_to_members() -> None:
+    """The add did commit (its leader died before writing the record): the next leader moves D."""
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    record.joining = {"d": D}
+    f, group, _ = _formed(three, record)
+    group.peers = sorted([*three.values(), D])
+    f._follow(record.read())
+    assert record.members == {**three, "d": D} and record.joining == {}
+
+
+def test_a_joining_node_taken_out_of_joining_stops_its_replica_and_says_its_join_was_undone() -> None:
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    f, group, stopped = _formed({**three, "n4": D}, record)
+    f.self_addr, f.node_id = D, "n4"
+    group.leading = False
+    f._follow((three, {"n4": D}))  # it runs a replica while joining
+    assert f.service is not None and not stopped
+    f._follow((three, {}))
+    assert stopped == [1] and f.service is None
+    assert "its join was undone" in f.status()[0]["forming"]
+
+
+def test_an_add_by_address_nobody_announces_or_answers_is_refused_at_once() -> None:
+    """No live node announces the address and nothing answers there: nobody would start a replica
+    on reading the record, so the add is refused without waiting JOIN_WAIT and nothing is written."""
+    from fluxmq.replication.group import MemberChangeRefused
+    from tests.conftest import free_port
+
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    f, group, _ = _formed(three, record)
+    nowhere = f"127.0.0.1:{free_port()}"
+    with gevent.Timeout(5):  # a refusal after JOIN_WAIT (20 s) would not come in time
+        with pytest.raises(MemberChangeRefused) as info:
+            f.change_member("default", "add", nowhere)
+    assert info.value.status == 409 and "nothing answers at" in str(info.value), info.value
+    assert record.joining == {} and record.members == three and nowhere not in group.peers
