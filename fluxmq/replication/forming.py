@@ -63,8 +63,8 @@ JOIN_WAIT = 20.0
 #: and still waits is its own add (``_joining``), never taken out
 ORPHAN_WAIT = JOIN_WAIT
 #: TEST ONLY (tests/e2e/test_raft_join_etcd.py): a file path; a leader adding a node through the
-#: record removes that file, if it exists, and exits between writing ``joining`` and the add (a
-#: leader dying mid-join). Never set it in production.
+#: record removes that file, if it exists, and exits between writing ``joining`` and the add, the
+#: whole node halting (a leader dying mid-join). Never set it in production.
 TEST_EXIT_IN_JOIN = "FLUXMQ_TEST_EXIT_IN_JOIN"
 #: consumer registrations/settlements kept for a group not formed yet (past it the oldest go)
 MAX_KEPT_OPS = 10000
@@ -599,4 +599,4 @@ def _test_exit_in_join() -> None:
     if path and os.path.exists(path):
         os.remove(path)
         log.error("test_exit_in_join", extra={"env": TEST_EXIT_IN_JOIN})
-        os._exit(70)
+        os._exit(3)  # gunicorn's WORKER_BOOT_ERROR: the arbiter halts the node (a dead machine), no restart
