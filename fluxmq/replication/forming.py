@@ -346,10 +346,12 @@ class FormingRaft:
             return ""
         self._listed_as = "members" if self.self_addr in members.values() else "joining"
         g = self.service.groups.get("default")
-        committed = g.committed_peers() if g is not None else None
-        if committed is None:
-            self._orphans.clear()  # not the leader, or a change not committed: nothing to settle
+        if g is None or not g.is_leader():
+            self._orphans.clear()  # not the leader: nothing to settle, the wait starts again once it is
             return ""
+        committed = g.committed_peers()
+        if committed is None:
+            return ""  # a change, or entries, not committed yet: settled at a later read
         if sorted(members.values()) != committed or any(a in committed for a in joining.values()):
             # the Raft change is the truth: the record follows it (a change committed while etcd did
             # not answer, or a leader gone between the commit and the write); a joining node the

@@ -145,8 +145,13 @@ class _Group:
         self.logs: dict = {}
         self.leading = True
 
+        self.committing = False  # entries appended, not committed yet
+
+    def is_leader(self) -> bool:
+        return self.leading
+
     def committed_peers(self):
-        return self.peers if self.leading else None
+        return self.peers if self.leading and not self.committing else None
 
     def check_change(self, action: str, addr: str) -> None:
         pass
@@ -234,6 +239,10 @@ def test_a_join_whose_leader_died_is_taken_out_of_joining_by_the_next_leader(mon
     assert f._follow(record.read()) == ""
     assert record.joining == {"d": D}  # within ORPHAN_WAIT: its leader, if alive, may still add it
     monkeypatch.setattr(mod, "ORPHAN_WAIT", 0.0)
+    group.committing = True  # entries not committed at this read: settled at a later one, the wait kept
+    f._follow(record.read())
+    assert record.joining == {"d": D} and "d" in f._orphans
+    group.committing = False
     group.leading = False  # not the leader: nothing settled, and the wait starts again once it is
     f._follow(record.read())
     assert record.joining == {"d": D} and f._orphans == {}
