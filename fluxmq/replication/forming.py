@@ -36,7 +36,6 @@ import logging
 import os
 
 import gevent
-import gevent.socket
 
 from fluxmq.broker.held import HeldAck
 from fluxmq.errors import ClusterError
@@ -44,7 +43,7 @@ from fluxmq.errors import ClusterError
 from .config import with_members
 from .group import MemberChangeRefused
 from .log import ReplicatedQueueLog, refused
-from .service import RaftService
+from .service import RaftService, reach
 
 log = logging.getLogger("fluxmq.replication")
 
@@ -525,7 +524,7 @@ class FormingRaft:
         deadline = gevent.get_hub().loop.now() + JOIN_WAIT
         while True:
             try:
-                _connect(addr)
+                reach(addr, 1.0)
                 return
             except (OSError, ValueError) as exc:
                 if gevent.get_hub().loop.now() >= deadline:
@@ -581,15 +580,9 @@ class FormingRaft:
         ]
 
 
-def _connect(addr: str) -> None:
-    """One connection to Raft address ``addr`` (host:port), closed at once; raises OSError/ValueError."""
-    host, _, port = addr.rpartition(":")
-    gevent.socket.create_connection((host, int(port)), timeout=1.0).close()
-
-
 def _answers(addr: str) -> bool:
     try:
-        _connect(addr)
+        reach(addr, 1.0)
     except (OSError, ValueError):
         return False
     return True

@@ -89,6 +89,7 @@ class _Record:
     def __init__(self, members: dict[str, str]) -> None:
         self.members = dict(members)
         self.joining: dict[str, str] = {}
+        self.joins: list[str] = []  # begin_join's writes
         self.down = False
         self.count = 3
 
@@ -130,6 +131,7 @@ class _Record:
     def begin_join(self, node_id: str, addr: str) -> None:
         self._check()
         self.joining[node_id] = addr
+        self.joins.append(node_id)
 
     def end_join(self, node_id: str, unless=None) -> None:
         self._check()
@@ -289,8 +291,7 @@ def test_an_add_by_address_nobody_announces_or_answers_is_refused_at_once() -> N
     record = _Record(three)
     f, group, _ = _formed(three, record)
     nowhere = f"127.0.0.1:{free_port()}"
-    with gevent.Timeout(5):  # a refusal after JOIN_WAIT (20 s) would not come in time
-        with pytest.raises(MemberChangeRefused) as info:
-            f.change_member("default", "add", nowhere)
+    with pytest.raises(MemberChangeRefused) as info:
+        f.change_member("default", "add", nowhere)
     assert info.value.status == 409 and "nothing answers at" in str(info.value), info.value
-    assert record.joining == {} and record.members == three and nowhere not in group.peers
+    assert record.joins == [] and record.members == three and nowhere not in group.peers
