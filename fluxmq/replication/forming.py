@@ -56,8 +56,8 @@ WATCH_INTERVAL = 1.0
 #: how long an add by node id waits for the joining node to start its replica (it reads the record
 #: every WATCH_INTERVAL, then binds its Raft port)
 JOIN_WAIT = 20.0
-#: how long the leader, its configuration committed, leaves a ``joining`` entry that no add of its
-#: own waits for before taking it out: the add's leader, if alive, has had JOIN_WAIT to make it (or
+#: how long the leader (leading all along) leaves a ``joining`` entry that no add of its own waits
+#: for before taking it out: the add's leader, if alive, has had JOIN_WAIT to make it (or
 #: to withdraw it) since it wrote the entry; a leader that lost and regains leadership meanwhile
 #: and still waits is its own add (``_joining``), never taken out
 ORPHAN_WAIT = JOIN_WAIT
@@ -142,9 +142,8 @@ class FormingRaft:
         self.record_note = ""  # why the record is not in step with this node, when it is not
         self.removed = ""  # why this node stopped its replica (removed from the record)
         self._joining = ""  # the node an add through the record waits for (this node the leader)
-        self._orphans: dict[
-            str, float
-        ] = {}  # joining node id -> when this leader first saw no add wait for it
+        # joining node id -> when this node, leading since, first saw no add of its own wait for it
+        self._orphans: dict[str, float] = {}
         self._listed_as = ""  # "joining" or "members": where this node read itself in the record last
 
     # -- the queue manager's log factory (as RaftService's) ------------------------------------
@@ -362,9 +361,9 @@ class FormingRaft:
         return ""
 
     def _settle(self, joining: dict[str, str]) -> None:
-        """On the leader, its configuration committed: take out of ``joining`` the entries (not in
-        the configuration) that no add of this node waits for, once ORPHAN_WAIT has passed since
-        it first saw each (module doc). Another node's add cannot commit while this node leads with
+        """On the leader, its configuration committed at this read: take out of ``joining`` the
+        entries (not in the configuration) that no add of this node waits for, once ORPHAN_WAIT has
+        passed since it first saw each, leading all along (module doc). Another node's add cannot commit while this node leads with
         its log committed, so nothing else will finish them."""
         now = gevent.get_hub().loop.now()
         self._orphans = {n: self._orphans.get(n, now) for n in joining if n != self._joining}
