@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 from tests.e2e.test_raft_members import ENV, _admin, _wait
 from tests.e2e.test_replication import QUEUE, _publish_acked, _restart, raft_status, wait_all_know_leader
 from tests.e2e.test_replication_etcd import EtcdRaftCluster, publish_outcomes
@@ -209,6 +209,10 @@ def test_a_join_whose_leader_dies_before_the_add_is_undone_by_the_next_leader(
     assert "stopped its replica" in gone["forming"], gone
     assert sorted(raft_status(new)["peers"]) == sorted(three.values())
     assert _publish_acked(new, "after", 20, b"b") == 20  # appends keep working on the two left
+    # an add by an address no node announces and where nothing answers is refused at once
+    status, body = _admin(new, "POST", PATH, {"addr": f"127.0.0.1:{free_port()}"})
+    assert status == 409 and "nothing answers at" in body["error"], body
+    assert _record(etcd_server.endpoint, cluster.prefix) == undone
 
     # The operator's request made again on the new leader adds it: it starts its replica again
     # and catches up (a group of four, three of which answer).

@@ -109,6 +109,7 @@ class _Record:
 
     def change(self, action: str, addr: str, node_id: str = "") -> dict[str, str]:
         self._check()
+        self.joining = {n: a for n, a in self.joining.items() if a != addr}
         if action == "add":
             self.members[node_id or addr] = addr
         else:
@@ -295,3 +296,35 @@ def test_an_add_by_address_nobody_announces_or_answers_is_refused_at_once() -> N
         f.change_member("default", "add", nowhere)
     assert info.value.status == 409 and "nothing answers at" in str(info.value), info.value
     assert record.joins == [] and record.members == three and nowhere not in group.peers
+
+
+def test_the_request_made_again_on_the_new_leader_adds_the_node_left_in_joining(monkeypatch) -> None:
+    """Before the next leader takes D out of ``joining``, the operator makes the add again there: it
+    is an add of this leader's own, which its reads of the record leave alone while it waits."""
+    from fluxmq.replication import forming as mod
+
+    monkeypatch.setattr(mod, "ORPHAN_WAIT", 0.0)
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    addr = f"127.0.0.1:{listener.getsockname()[1]}"  # D's replica answers there
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    record.joining = {"d": addr}  # left by the leader that died
+    record.announced = {"d": addr}
+    f, group, _ = _formed(three, record)
+    seen: list = []
+    wait = f._await_replica
+
+    def await_replica(node_id: str, at: str) -> None:
+        f._follow(record.read())  # the leader's read of the record while its add waits
+        seen.append(dict(record.joining))
+        wait(node_id, at)
+
+    f._await_replica = await_replica
+    try:
+        members = f.change_member("default", "add", addr)
+    finally:
+        listener.close()
+    assert seen == [{"d": addr}]  # not taken out meanwhile
+    assert addr in members and record.members == {**three, "d": addr} and record.joining == {}
