@@ -21,15 +21,21 @@ record keeps being read (``_watch``, every WATCH_INTERVAL):
   and itself as peers, and catches up from the leader (the log or a snapshot);
 - a member the record no longer lists (removed) stops its replica and refuses with the reason;
 - the leader re-writes ``members`` from its committed configuration when they differ (a change
-  committed while etcd did not answer, or a leader gone between the commit and the write).
+  committed while etcd did not answer, or a leader gone between the commit and the write);
+- the leader settles a ``joining`` entry no add of its own waits for (``_settle``): one its
+  committed configuration has is moved to ``members`` (the rewrite above); one it has not is taken
+  out of ``joining`` once ORPHAN_WAIT has passed with this node the leader all along (the add's
+  leader died before committing it, or its withdrawal found etcd down), and the joining node stops
+  its replica and says why. Undone, not finished: a member is added by an operator's request that
+  was answered, never by the group on its own; the operator's request failed, they make it again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import gevent
-import gevent.socket
 
 from fluxmq.broker.held import HeldAck
 from fluxmq.errors import ClusterError
@@ -37,7 +43,7 @@ from fluxmq.errors import ClusterError
 from .config import with_members
 from .group import MemberChangeRefused
 from .log import ReplicatedQueueLog, refused
-from .service import RaftService
+from .service import RaftService, reach
 
 log = logging.getLogger("fluxmq.replication")
 
@@ -50,6 +56,15 @@ WATCH_INTERVAL = 1.0
 #: how long an add by node id waits for the joining node to start its replica (it reads the record
 #: every WATCH_INTERVAL, then binds its Raft port)
 JOIN_WAIT = 20.0
+#: how long the leader (leading all along) leaves a ``joining`` entry that no add of its own waits
+#: for before taking it out: the add's leader, if alive, has had JOIN_WAIT to make it (or
+#: to withdraw it) since it wrote the entry; a leader that lost and regains leadership meanwhile
+#: and still waits is its own add (``_joining``), never taken out
+ORPHAN_WAIT = JOIN_WAIT
+#: TEST ONLY (tests/e2e/test_raft_join_etcd.py): a file path; a leader adding a node through the
+#: record removes that file, if it exists, and exits between writing ``joining`` and the add, the
+#: whole node halting (a leader dying mid-join). Never set it in production.
+TEST_EXIT_IN_JOIN = "FLUXMQ_TEST_EXIT_IN_JOIN"
 #: consumer registrations/settlements kept for a group not formed yet (past it the oldest go)
 MAX_KEPT_OPS = 10000
 
@@ -127,6 +142,9 @@ class FormingRaft:
         self.record_note = ""  # why the record is not in step with this node, when it is not
         self.removed = ""  # why this node stopped its replica (removed from the record)
         self._joining = ""  # the node an add through the record waits for (this node the leader)
+        # joining node id -> when this node, leading since, first saw no add of its own wait for it
+        self._orphans: dict[str, float] = {}
+        self._listed_as = ""  # "joining" or "members": where this node read itself in the record last
 
     # -- the queue manager's log factory (as RaftService's) ------------------------------------
 
@@ -318,27 +336,70 @@ class FormingRaft:
                 self.removed = ""
                 log.info("raft_member_joining", extra={"members": ",".join(sorted(members.values()))})
                 self.form({**members, self.node_id: self.self_addr})
+                if self.service is not None:
+                    self._listed_as = "members" if self.self_addr in members.values() else "joining"
             return ""
         if not listed:
-            self._leave(members)
+            self._leave(members, self._listed_as == "joining")
             return ""
+        self._listed_as = "members" if self.self_addr in members.values() else "joining"
         g = self.service.groups.get("default")
-        committed = g.committed_peers() if g is not None else None
-        if committed is not None and sorted(members.values()) != committed:
+        if g is None or not g.is_leader():
+            self._orphans.clear()  # not the leader: nothing to settle, the wait starts again once it is
+            return ""
+        committed = g.committed_peers()
+        if committed is None:
+            return ""  # a change, or entries, not committed yet: settled at a later read
+        if sorted(members.values()) != committed or any(a in committed for a in joining.values()):
             # the Raft change is the truth: the record follows it (a change committed while etcd did
-            # not answer, or a leader gone between the commit and the write)
+            # not answer, or a leader gone between the commit and the write); a joining node the
+            # configuration has is moved to members
             self.members = self.record.rewrite(committed)
             log.warning("raft_members_repaired", extra={"members": ",".join(committed)})
+            joining = {n: a for n, a in joining.items() if a not in committed}
+        self._settle(joining)
         return ""
 
-    def _leave(self, members: dict[str, str]) -> None:
-        """This member was removed from the record: stop its replica, refuse with the reason."""
+    def _settle(self, joining: dict[str, str]) -> None:
+        """On the leader, its configuration committed at this read: take out of ``joining`` the
+        entries (not in the configuration) that no add of this node waits for, once ORPHAN_WAIT has
+        passed since it first saw each, leading all along (module doc). Another node's add cannot commit while this node leads with
+        its log committed, so nothing else will finish them."""
+        now = gevent.get_hub().loop.now()
+        self._orphans = {n: self._orphans.get(n, now) for n in joining if n != self._joining}
+        for node_id, since in list(self._orphans.items()):
+            if now - since < ORPHAN_WAIT:
+                continue
+            # unless: an add of it begun here meanwhile (self._joining is set before its record write)
+            self.record.end_join(node_id, unless=lambda node_id=node_id: self._joining == node_id)
+            del self._orphans[node_id]
+            log.warning(
+                "raft_join_undone",
+                extra={
+                    "node": node_id,
+                    "addr": joining[node_id],
+                    "why": f"in joining for {ORPHAN_WAIT:.0f}s with no add of it waiting on the leader "
+                    "and not in the committed configuration",
+                },
+            )
+
+    def _leave(self, members: dict[str, str], joining: bool = False) -> None:
+        """This member was removed from the record (``joining``: this node, still joining, was taken
+        out of ``joining``): stop its replica, refuse with the reason."""
         service, self.service = self.service, None
+        self._listed_as = ""
         listed = ", ".join(f"{n}={a}" for n, a in sorted(members.items()))
-        reason = self.removed = (
-            f"this node ({self.node_id}) holds no replica: it was removed from the Raft members "
-            f"recorded in etcd ({listed}) and stopped its replica"
-        )
+        if joining:
+            reason = self.removed = (
+                f"this node ({self.node_id}) holds no replica: its join was undone (the add was not "
+                "committed: refused, or its leader stopped before committing it) and it stopped its "
+                f"replica; add it again on the leader (members recorded in etcd: {listed})"
+            )
+        else:
+            reason = self.removed = (
+                f"this node ({self.node_id}) holds no replica: it was removed from the Raft members "
+                f"recorded in etcd ({listed}) and stopped its replica"
+            )
         self.outside = StandInGroup(lambda: reason, code=0x80)
         self.members = dict(members)
         for group in service.groups.values():
@@ -346,7 +407,7 @@ class FormingRaft:
                 qlog.group = self.outside
                 self._logs[name] = qlog
         service.stop()
-        log.warning("raft_member_removed", extra={"members": listed})
+        log.warning("raft_join_undone" if joining else "raft_member_removed", extra={"members": listed})
 
     # -- as RaftService --------------------------------------------------------------------------
 
@@ -423,14 +484,27 @@ class FormingRaft:
                 409,
                 f"node {self._joining} is joining group {g.name} (not committed yet): one change at a time",
             )
-        if not node_id:
-            node_id = record.node_at(addr)
+        try:
+            announcer = record.node_at(addr)
+        except ClusterError as exc:
+            raise MemberChangeRefused(503, f"etcd: {exc} (nothing changed)") from None
+        if announcer == addr and not _answers(addr):
+            # no live node announces the address, so none will start a replica there on reading the
+            # record: waiting JOIN_WAIT for it would only delay the refusal
+            raise MemberChangeRefused(
+                409,
+                f"nothing answers at {addr} and no node registered in etcd announces it as its Raft "
+                "address: start the new node first (nothing changed)",
+            )
+        node_id = node_id or announcer
+        self._joining = node_id  # before the record's write: the watch (_settle) leaves it alone
         try:
             record.begin_join(node_id, addr)
         except ClusterError as exc:
+            self._joining = ""
             raise MemberChangeRefused(503, f"etcd: {exc} (nothing changed)") from None
-        self._joining = node_id
         try:
+            _test_exit_in_join()
             self._await_replica(node_id, addr)
             members = self.service.change_member(g.name, "add", addr)
         except MemberChangeRefused:
@@ -446,11 +520,10 @@ class FormingRaft:
         return members
 
     def _await_replica(self, node_id: str, addr: str) -> None:
-        host, _, port = addr.rpartition(":")
         deadline = gevent.get_hub().loop.now() + JOIN_WAIT
         while True:
             try:
-                gevent.socket.create_connection((host, int(port)), timeout=1.0).close()
+                reach(addr, 1.0)
                 return
             except (OSError, ValueError) as exc:
                 if gevent.get_hub().loop.now() >= deadline:
@@ -504,3 +577,20 @@ class FormingRaft:
                 "queues": {},
             }
         ]
+
+
+def _answers(addr: str) -> bool:
+    try:
+        reach(addr, 1.0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _test_exit_in_join() -> None:
+    """TEST ONLY (TEST_EXIT_IN_JOIN): exit between writing ``joining`` and the add, once."""
+    path = os.environ.get(TEST_EXIT_IN_JOIN)
+    if path and os.path.exists(path):
+        os.remove(path)
+        log.error("test_exit_in_join", extra={"env": TEST_EXIT_IN_JOIN})
+        os._exit(3)  # gunicorn's WORKER_BOOT_ERROR: the arbiter halts the node (a dead machine), no restart

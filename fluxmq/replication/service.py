@@ -260,7 +260,7 @@ class RaftService:
             # Added, the member counts in the majority at once (the entry itself needs it): with
             # nothing there, a group with a dead member would have no majority left.
             try:
-                gevent.socket.create_connection((host, port), timeout=2.0).close()
+                reach(addr, 2.0)
             except OSError as exc:
                 raise MemberChangeRefused(
                     409,
@@ -542,3 +542,13 @@ def advertised_mqtt_addr(cfg) -> str:
 
 def journal_dir(storage_path: str) -> str:
     return os.path.join(storage_path, "raft")
+
+
+def reach(addr: str, timeout: float) -> None:
+    """Open and close one TCP connection to ``addr`` (host:port): raises OSError when nothing
+    answers there within ``timeout``, ValueError when ``addr`` is not host:port."""
+    try:
+        host, port = parse_addr(addr)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    gevent.socket.create_connection((host, port), timeout=timeout).close()

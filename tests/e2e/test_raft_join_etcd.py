@@ -2,7 +2,9 @@
 three nodes form the default group from etcd; a fourth started later, with no static peers, holds
 no replica until the operator adds it by node id (``POST /cluster/raft/groups/default/members
 {"node": ...}``); it then starts its replica from the record in etcd, catches up, and stays a member
-across a restart; removed (``fluxmq-node raft-member remove``), it stops its replica.
+across a restart; removed (``fluxmq-node raft-member remove``), it stops its replica. A join whose
+leader dies between writing ``joining`` and the add is undone by the next leader (the node stops its
+replica), and the operator's request made again on the new leader adds it.
 
 The nodes share the session's etcd (``etcd_server``) under a key prefix of their own.
 """
@@ -10,6 +12,7 @@ The nodes share the session's etcd (``etcd_server``) under a key prefix of their
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import subprocess
@@ -18,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 from tests.e2e.test_raft_members import ENV, _admin, _wait
 from tests.e2e.test_replication import QUEUE, _publish_acked, _restart, raft_status, wait_all_know_leader
 from tests.e2e.test_replication_etcd import EtcdRaftCluster, publish_outcomes
@@ -155,3 +158,68 @@ def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factor
     assert sorted(_record(etcd_server.endpoint, cluster.prefix)["members"].values()) == sorted(
         n.raft_addr for n in nodes
     )
+
+
+def test_a_join_whose_leader_dies_before_the_add_is_undone_by_the_next_leader(
+    node_factory, etcd_server, tmp_path
+) -> None:
+    # the test-only hook (forming.TEST_EXIT_IN_JOIN): the leader exits once, right after it wrote
+    # the late node to the record's joining and before it makes the add
+    exit_file = tmp_path / "exit-in-join"
+    exit_file.write_text("")
+    hook = "FLUXMQ_TEST_EXIT_IN_JOIN"  # no config key: listed in FLUXMQ_ENV_IGNORE, as any such variable
+    env = {**ENV, hook: str(exit_file), "FLUXMQ_ENV_IGNORE": hook}
+    cluster = EtcdRaftCluster(node_factory, etcd_server.endpoint, env=env)
+    nodes = [cluster.node(i, wait_ready=False) for i in range(3)]
+    for n in nodes:
+        n.wait_ready()
+    leader = wait_all_know_leader(nodes)
+    assert _publish_acked(nodes[leader], "before", 20, b"a") == 20
+    three = {f"r{i}": n.raft_addr for i, n in enumerate(nodes)}
+    late = cluster.node(3)
+    _wait(
+        "the late node outside the members", lambda: "not one of the Raft members" in str(raft_status(late))
+    )
+
+    try:
+        _admin(nodes[leader], "POST", PATH, {"node": "r3"})
+    except (OSError, http.client.HTTPException):
+        pass  # the leader exited with the request unanswered
+    _wait("the leader exiting mid-join", lambda: nodes[leader].returncode is not None)
+    assert not exit_file.exists()
+    record = _record(etcd_server.endpoint, cluster.prefix)
+    assert record["members"] == three and record.get("joining") == {"r3": late.raft_addr}, record
+    # the late node read itself in joining and runs a replica the group does not count
+    _wait("the joining node's replica", lambda: "forming" not in (raft_status(late) or {"forming": 1}))
+
+    alive = [n for i, n in enumerate(nodes) if i != leader]
+    new = alive[wait_all_know_leader(alive, timeout=30)]
+    # the next leader takes it out of joining (after forming.ORPHAN_WAIT, 20 s), the record's members
+    # unchanged, and the late node stops its replica saying why
+    undone = _wait(
+        "the next leader taking the late node out of joining",
+        lambda: not (r := _record(etcd_server.endpoint, cluster.prefix)).get("joining") and r,
+        timeout=90,
+    )
+    assert undone["members"] == three, undone
+    gone = _wait(
+        "the late node stopping its replica",
+        lambda: "its join was undone" in str(raft_status(late)) and raft_status(late),
+    )
+    assert "stopped its replica" in gone["forming"], gone
+    assert sorted(raft_status(new)["peers"]) == sorted(three.values())
+    assert _publish_acked(new, "after", 20, b"b") == 20  # appends keep working on the two left
+    # an add by an address no node announces and where nothing answers is refused at once
+    status, body = _admin(new, "POST", PATH, {"addr": f"127.0.0.1:{free_port()}"})
+    assert status == 409 and "nothing answers at" in body["error"], body
+    assert _record(etcd_server.endpoint, cluster.prefix) == undone
+
+    # The operator's request made again on the new leader adds it: it starts its replica again
+    # and catches up (a group of four, three of which answer).
+    status, body = _admin(new, "POST", PATH, {"node": "r3"})
+    assert status == 200, body
+    assert sorted(body["members"]) == sorted([*three.values(), late.raft_addr]), body
+    record = _record(etcd_server.endpoint, cluster.prefix)
+    assert record["members"] == {**three, "r3": late.raft_addr} and not record.get("joining"), record
+    _wait("the late node holding every acknowledged record", lambda: _count(late) == 40)
+    assert _publish_acked(late, "through-late", 10, b"c") == 10

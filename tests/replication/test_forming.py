@@ -89,6 +89,7 @@ class _Record:
     def __init__(self, members: dict[str, str]) -> None:
         self.members = dict(members)
         self.joining: dict[str, str] = {}
+        self.joins: list[str] = []  # begin_join's writes
         self.down = False
         self.count = 3
 
@@ -108,6 +109,7 @@ class _Record:
 
     def change(self, action: str, addr: str, node_id: str = "") -> dict[str, str]:
         self._check()
+        self.joining = {n: a for n, a in self.joining.items() if a != addr}
         if action == "add":
             self.members[node_id or addr] = addr
         else:
@@ -116,9 +118,26 @@ class _Record:
 
     def rewrite(self, addrs: list[str]) -> dict[str, str]:
         self._check()
-        ids = {a: n for n, a in self.members.items()}
+        ids = {a: n for n, a in [*self.joining.items(), *self.members.items()]}
         self.members = {ids.get(a, a): a for a in addrs}
+        self.joining = {n: a for n, a in self.joining.items() if a not in addrs}
         return dict(self.members)
+
+    def node_at(self, addr: str) -> str:
+        self._check()
+        return next((n for n, a in self.announced.items() if a == addr), addr)
+
+    announced: dict[str, str] = {}
+
+    def begin_join(self, node_id: str, addr: str) -> None:
+        self._check()
+        self.joining[node_id] = addr
+        self.joins.append(node_id)
+
+    def end_join(self, node_id: str, unless=None) -> None:
+        self._check()
+        if unless is None or not unless():
+            self.joining.pop(node_id, None)
 
 
 class _Group:
@@ -127,9 +146,15 @@ class _Group:
     def __init__(self, peers: list[str]) -> None:
         self.peers = sorted(peers)
         self.logs: dict = {}
+        self.leading = True
+
+        self.committing = False  # entries appended, not committed yet
+
+    def is_leader(self) -> bool:
+        return self.leading
 
     def committed_peers(self):
-        return self.peers
+        return self.peers if self.leading and not self.committing else None
 
     def check_change(self, action: str, addr: str) -> None:
         pass
@@ -199,3 +224,107 @@ def test_a_member_the_record_no_longer_lists_stops_its_replica_and_says_why() ->
         qlog.append_one(SimpleNamespace())
     assert info.value.reason_code == 0x80
     assert "stopped its replica" in f.status()[0]["forming"]
+
+
+D = "127.0.0.1:7400"
+
+
+def test_a_join_whose_leader_died_is_taken_out_of_joining_by_the_next_leader(monkeypatch) -> None:
+    """The leader that wrote ``joining`` died before committing the add: the next leader, its
+    configuration committed and without D, takes D out of ``joining`` once ORPHAN_WAIT has passed
+    with it the leader all along, never while an add of its own waits for D."""
+    from fluxmq.replication import forming as mod
+
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    record.joining = {"d": D}
+    f, group, _ = _formed(three, record)
+    assert f._follow(record.read()) == ""
+    assert record.joining == {"d": D}  # within ORPHAN_WAIT: its leader, if alive, may still add it
+    monkeypatch.setattr(mod, "ORPHAN_WAIT", 0.0)
+    group.committing = True  # entries not committed at this read: settled at a later one, the wait kept
+    f._follow(record.read())
+    assert record.joining == {"d": D} and "d" in f._orphans
+    group.committing = False
+    group.leading = False  # not the leader: nothing settled, and the wait starts again once it is
+    f._follow(record.read())
+    assert record.joining == {"d": D} and f._orphans == {}
+    group.leading = True
+    f._joining = "d"  # an add of this node's own waits for it: left
+    f._follow(record.read())
+    assert record.joining == {"d": D}
+    f._joining = ""
+    f._follow(record.read())
+    assert record.joining == {} and record.members == three and group.peers == sorted(three.values())
+
+
+def test_a_join_the_committed_configuration_has_is_moved_to_members() -> None:
+    """The add did commit (its leader died before writing the record): the next leader moves D."""
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    record.joining = {"d": D}
+    f, group, _ = _formed(three, record)
+    group.peers = sorted([*three.values(), D])
+    f._follow(record.read())
+    assert record.members == {**three, "d": D} and record.joining == {}
+
+
+def test_a_joining_node_taken_out_of_joining_stops_its_replica_and_says_its_join_was_undone() -> None:
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    f, group, stopped = _formed({**three, "n4": D}, record)
+    f.self_addr, f.node_id = D, "n4"
+    group.leading = False
+    f._follow((three, {"n4": D}))  # it runs a replica while joining
+    assert f.service is not None and not stopped
+    f._follow((three, {}))
+    assert stopped == [1] and f.service is None
+    assert "its join was undone" in f.status()[0]["forming"]
+
+
+def test_an_add_by_address_nobody_announces_or_answers_is_refused_at_once() -> None:
+    """No live node announces the address and nothing answers there: nobody would start a replica
+    on reading the record, so the add is refused without waiting JOIN_WAIT and nothing is written."""
+    from fluxmq.replication.group import MemberChangeRefused
+    from tests.conftest import free_port
+
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    f, group, _ = _formed(three, record)
+    nowhere = f"127.0.0.1:{free_port()}"
+    with pytest.raises(MemberChangeRefused) as info:
+        f.change_member("default", "add", nowhere)
+    assert info.value.status == 409 and "nothing answers at" in str(info.value), info.value
+    assert record.joins == [] and record.members == three and nowhere not in group.peers
+
+
+def test_the_request_made_again_on_the_new_leader_adds_the_node_left_in_joining(monkeypatch) -> None:
+    """Before the next leader takes D out of ``joining``, the operator makes the add again there: it
+    is an add of this leader's own, which its reads of the record leave alone while it waits."""
+    from fluxmq.replication import forming as mod
+
+    monkeypatch.setattr(mod, "ORPHAN_WAIT", 0.0)
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    addr = f"127.0.0.1:{listener.getsockname()[1]}"  # D's replica answers there
+    three = {"n1": "127.0.0.1:7100", "n2": "127.0.0.1:7200", "n3": "127.0.0.1:7300"}
+    record = _Record(three)
+    record.joining = {"d": addr}  # left by the leader that died
+    record.announced = {"d": addr}
+    f, group, _ = _formed(three, record)
+    seen: list = []
+    wait = f._await_replica
+
+    def await_replica(node_id: str, at: str) -> None:
+        f._follow(record.read())  # the leader's read of the record while its add waits
+        seen.append(dict(record.joining))
+        wait(node_id, at)
+
+    f._await_replica = await_replica
+    try:
+        members = f.change_member("default", "add", addr)
+    finally:
+        listener.close()
+    assert seen == [{"d": addr}]  # not taken out meanwhile
+    assert addr in members and record.members == {**three, "d": addr} and record.joining == {}

@@ -22,7 +22,9 @@ the leader once it is committed (``change``), so a node started later forms with
 added by its node id through etcd alone is first written to ``joining`` (``begin_join``): seeing
 itself there it starts its replica, the leader then commits the add and ``change`` moves it to
 ``members``. The leader re-writes ``members`` from its committed configuration whenever they differ
-(``rewrite``): the Raft change is the truth, the record is repaired from it.
+(``rewrite``): the Raft change is the truth, the record is repaired from it. A ``joining`` entry no
+add waits for any more (its leader died before the add was committed) is taken out by the leader
+(``end_join``): the joining node then stops its replica.
 """
 
 from __future__ import annotations
@@ -200,11 +202,14 @@ class RaftMembers:
 
         self._modify(f"join {node_id}={addr}", edit)
 
-    def end_join(self, node_id: str) -> None:
-        """``node_id``'s add was not committed: out of ``joining`` (it stops its replica)."""
+    def end_join(self, node_id: str, unless=None) -> None:
+        """``node_id``'s add was not committed: out of ``joining`` (it stops its replica).
+        ``unless()``, asked against each record read just before the write is tried, True leaves
+        the entry (an add of it begun meanwhile: the leader's own ``joining``). Raises ClusterError."""
 
         def edit(members: dict[str, str], joining: dict[str, str]) -> None:
-            joining.pop(node_id, None)
+            if unless is None or not unless():
+                joining.pop(node_id, None)
 
         self._modify(f"join {node_id} abandoned", edit)
 

@@ -111,6 +111,8 @@ def test_a_join_is_recorded_then_moved_to_members_and_a_rewrite_follows_the_comm
     record.begin_join("d", "127.0.0.1:7400")
     assert record.read() == (two, {"d": "127.0.0.1:7400"})
     assert record.recorded() == two  # a joining node is no member yet (a node started now forms without it)
+    record.end_join("d", unless=lambda: True)  # an add of it begun meanwhile: left
+    assert record.read() == (two, {"d": "127.0.0.1:7400"})
     record.end_join("d")
     assert record.read() == (two, {})
     record.begin_join("d", "127.0.0.1:7400")
