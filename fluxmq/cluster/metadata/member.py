@@ -207,9 +207,11 @@ class EtcdMember:
 
     def _wait_stopped(self, proc) -> bool:
         """Wait (STOP_TIMEOUT at most) for the member to exit after its SIGTERM; False when it is to
-        be killed: out of time, or past LONE_STOP_GRACE with no other member left to hand anything
-        to (the data is etcd's write-ahead log's: a kill loses nothing it acknowledged)."""
+        be killed: out of time, or, in a cluster of several members, past LONE_STOP_GRACE with no
+        other member left to hand anything to (the data is etcd's write-ahead log's: a kill loses
+        nothing it acknowledged)."""
         started = time.monotonic()
+        alone = not self.peer_addrs()  # a single member hands nothing over: its whole STOP_TIMEOUT
         while True:
             left = STOP_TIMEOUT - (time.monotonic() - started)
             if left <= 0:
@@ -219,7 +221,7 @@ class EtcdMember:
                 return True
             except subprocess.TimeoutExpired:
                 pass
-            if time.monotonic() - started >= LONE_STOP_GRACE and not self._peers_listening():
+            if not alone and time.monotonic() - started >= LONE_STOP_GRACE and not self._peers_listening():
                 log.info(
                     "etcd_member_killed",
                     extra={"member": self.name, "reason": "no other member left to hand the leadership to"},

@@ -214,9 +214,9 @@ def test_a_stop_write_whose_quorum_goes_while_it_waits_is_abandoned(tmp_path, ca
             member.stop()
 
 
-def _deaf_member(tmp_path: Path, peer_port: int) -> EtcdMember:
+def _deaf_member(tmp_path: Path, peer_port: int | None) -> EtcdMember:
     """An EtcdMember whose process ignores SIGTERM (as a leader handing its leadership to a peer
-    that is gone does, for etcd's 7 s), with one other member on ``peer_port``."""
+    that is gone does, for etcd's 7 s), with one other member on ``peer_port`` (None: alone)."""
     import sys
 
     from gevent import subprocess
@@ -225,7 +225,7 @@ def _deaf_member(tmp_path: Path, peer_port: int) -> EtcdMember:
         data_dir=str(tmp_path / "etcd"),
         bind_addr=f"{HOST}:{free_port()}",
         client_addr=f"{HOST}:{free_port()}",
-        initial_cluster=f"m0=http://{HOST}:1,m1=http://{HOST}:{peer_port}",
+        initial_cluster=f"m0=http://{HOST}:1" + (f",m1=http://{HOST}:{peer_port}" if peer_port else ""),
     )
     member = EtcdMember(settings, "m0")
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
@@ -259,5 +259,20 @@ def test_a_stopping_member_whose_peer_still_runs_gets_its_whole_stop_timeout(tmp
         member = _deaf_member(tmp_path, peer.getsockname()[1])
         with caplog.at_level(logging.INFO, logger="fluxmq.cluster"):
             member.stop()
+    assert member.proc.poll() == -signal.SIGKILL
+    assert "etcd_member_killed" not in [r.msg for r in caplog.records]
+
+
+def test_a_stopping_member_of_its_own_cluster_gets_its_whole_stop_timeout(
+    tmp_path, caplog, monkeypatch
+) -> None:
+    """A single member hands no leadership over: it is not killed early (only at ``STOP_TIMEOUT``,
+    shortened here)."""
+    from fluxmq.cluster.metadata import member as member_module
+
+    monkeypatch.setattr(member_module, "STOP_TIMEOUT", 2 * member_module.LONE_STOP_GRACE)
+    member = _deaf_member(tmp_path, None)
+    with caplog.at_level(logging.INFO, logger="fluxmq.cluster"):
+        member.stop()
     assert member.proc.poll() == -signal.SIGKILL
     assert "etcd_member_killed" not in [r.msg for r in caplog.records]
