@@ -17,7 +17,8 @@ static peers only, the ``MetadataPlane`` in etcd, and wires them together:
 * **Retained.** Other nodes' retained messages are applied here; payloads over the hybrid threshold
   are fetched with the ``retained.fetch`` call (``attach_transport``).
 * **Shutdown.** ``drain`` keeps answering takeovers while the clients of this node move elsewhere,
-  then ``stop`` releases what is left and revokes the lease.
+  hands the other sessions out, and stays up while their stand-ins still forward what reached this
+  node for them; then ``stop`` releases what is left and revokes the lease.
 
 When etcd is used: ``cluster.etcd.endpoints`` or ``initial_cluster`` set, or no static peers at all
 (``uses_etcd``). Static peers without etcd own nothing cluster-wide (each node's sessions are its
@@ -437,8 +438,10 @@ class ClusterNode:
     def drain(self, timeout: float) -> int:
         """After the broker closed its connections (SIGTERM): keep answering takeovers and hand the
         sessions still here to the other nodes, until none is left or ``timeout`` passes, so their
-        clients find them on a live node whenever they come back. Returns the sessions left
-        (released by ``stop``; their state stays in this node's store)."""
+        clients find them on a live node whenever they come back; then, within the same
+        ``timeout``, stay up while the stand-ins of the sessions that left still forward to a
+        reachable node what reached this one for them. Returns the sessions left (released by
+        ``stop``; their state stays in this node's store)."""
         self.draining = True  # a stopping node adopts nothing (two stopping nodes would swap)
         if self.plane is None or timeout <= 0 or not self.transport.reachable():
             return len(self.broker.sessions)
