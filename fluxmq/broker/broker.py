@@ -158,6 +158,8 @@ class Broker(
         # still reaches this node for it (fluxmq.broker.moved), for moved_forward_for seconds; at
         # most moved_max of them (the oldest ends first)
         self._moved: dict = {}
+        # stand-ins out of the router whose last messages are still being sent (moved_forwarding)
+        self._moved_ending: list = []
         self.moved_forward_for = 5.0
         self.moved_max = 10000
         # client id -> until when (monotonic) a session imported here takes what its previous node

@@ -252,6 +252,16 @@ class ClusterHooks:
             if self.router.remove_keyed(current.key, sub.filter) and not current.withdrawn:
                 self._interest_down(sub.filter)
         current.ended()
+        if current.sending:
+            self._moved_ending.append(current)
+
+    def moved_forwarding(self) -> set[str]:
+        """The nodes the stand-ins of sessions exported from here still forward to: those in the
+        router, and those out of it whose last messages are still being sent. A stopping node
+        stays up until none is left (``fluxmq.cluster.node.ClusterNode.drain``), so what reached it
+        for a session it handed over still goes to the session."""
+        self._moved_ending = ending = [s for s in self._moved_ending if s.sending]
+        return {s.to_node for s in self._moved.values()} | {s.to_node for s in ending}
 
     def deliver_moved(self, blob: bytes) -> int:
         """Messages the previous node of a session imported here forwarded for it (``MovedSession``

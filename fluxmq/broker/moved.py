@@ -100,6 +100,11 @@ class MovedSession:
         finally:
             self._sender = None
 
+    @property
+    def sending(self) -> bool:
+        """Messages are queued here or their send is in progress."""
+        return bool(self._outbox) or self._sender is not None
+
     def ended(self) -> None:
         """Out of the router: log what it did (what is queued still goes)."""
         log.info(

@@ -17,7 +17,8 @@ static peers only, the ``MetadataPlane`` in etcd, and wires them together:
 * **Retained.** Other nodes' retained messages are applied here; payloads over the hybrid threshold
   are fetched with the ``retained.fetch`` call (``attach_transport``).
 * **Shutdown.** ``drain`` keeps answering takeovers while the clients of this node move elsewhere,
-  then ``stop`` releases what is left and revokes the lease.
+  hands the other sessions out, and stays up while their stand-ins still forward what reached this
+  node for them; then ``stop`` releases what is left and revokes the lease.
 
 When etcd is used: ``cluster.etcd.endpoints`` or ``initial_cluster`` set, or no static peers at all
 (``uses_etcd``). Static peers without etcd own nothing cluster-wide (each node's sessions are its
@@ -27,6 +28,7 @@ own) and share no retained messages or wills.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import gevent
@@ -41,6 +43,12 @@ ADOPT_KIND = "session.adopt"
 ADOPT_CONCURRENCY = 4
 #: longest the wills a restart found due wait for the peers' interest (seconds)
 RESTORED_WILLS_WAIT = 5.0
+
+#: TEST-ONLY environment variable: seconds each batch of messages from a peer waits before it is
+#: applied here (``delayed_apply``). It widens, in the e2e tests, the window in which what a peer
+#: forwarded is still on its way (a stopping node exporting a session meanwhile); never set it in
+#: production. Not a ``FLUXMQ_`` variable: those are configuration keys.
+APPLY_DELAY_ENV = "FLUXMQTEST_PEER_APPLY_DELAY"
 
 _grpc_ready = False
 
@@ -61,6 +69,23 @@ def uses_etcd(config) -> bool:
     initial cluster), or there are no static peers to go by."""
     c = config.cluster
     return bool(c.etcd.endpoints or c.etcd.initial_cluster or not c.transport.peers)
+
+
+def delayed_apply(receive, environ=os.environ):
+    """``receive`` (the transport's ``on_batch``), or, with ``APPLY_DELAY_ENV`` set (tests only),
+    ``receive`` behind a sleep of that many seconds for each batch that carries messages (in the
+    stream's greenlet: its later batches and its acks wait too, as behind a slow node)."""
+    delay = float(environ.get(APPLY_DELAY_ENV) or 0)
+    if delay <= 0:
+        return receive
+    log.warning("peer_apply_delayed", extra={"seconds": delay, "reason": f"{APPLY_DELAY_ENV} (tests only)"})
+
+    def receive_later(batch):
+        if batch.count:
+            gevent.sleep(delay)
+        return receive(batch)
+
+    return receive_later
 
 
 class SharedWillsHook:
@@ -202,7 +227,7 @@ class ClusterNode:
             settings.node_id,
             self.epoch,
             t,
-            self.peers.receive,
+            delayed_apply(self.peers.receive),
             broker.interest_filters,
             on_ack=self.peers.on_ack,
             on_peer_removed=self.peers.peer_removed,
@@ -413,8 +438,10 @@ class ClusterNode:
     def drain(self, timeout: float) -> int:
         """After the broker closed its connections (SIGTERM): keep answering takeovers and hand the
         sessions still here to the other nodes, until none is left or ``timeout`` passes, so their
-        clients find them on a live node whenever they come back. Returns the sessions left
-        (released by ``stop``; their state stays in this node's store)."""
+        clients find them on a live node whenever they come back; then, within the same
+        ``timeout``, stay up while the stand-ins of the sessions that left still forward to a
+        reachable node what reached this one for them. Returns the sessions left (released by
+        ``stop``; their state stays in this node's store)."""
         self.draining = True  # a stopping node adopts nothing (two stopping nodes would swap)
         if self.plane is None or timeout <= 0 or not self.transport.reachable():
             return len(self.broker.sessions)
@@ -435,9 +462,26 @@ class ClusterNode:
                 self._hand_out(deadline, new)
             else:
                 gevent.sleep(0.05)
+        # The sessions exported from here (handed out above, or taken by their clients reconnecting
+        # elsewhere) left stand-ins that forward to their new node what still reaches this one for
+        # them: what a peer forwarded here before it knew the new owner (a batch on its way, or
+        # applied late on a loaded machine). This node stays up (its links and stand-ins working)
+        # until they ended (the taking node said done, or their grace) or forward only to nodes
+        # that are gone, within the same deadline: stopped before, those messages are lost.
+        forwarding = self._forwarding()
+        while forwarding and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+            forwarding = self._forwarding()
         left = len(self.broker.sessions)
-        log.info("cluster_drained", extra={"sessions_left": left})
+        log.info("cluster_drained", extra={"sessions_left": left, "still_forwarding_to": len(forwarding)})
         return left
+
+    def _forwarding(self) -> set[str]:
+        """The reachable nodes that stand-ins of sessions exported from here still forward to."""
+        moved_forwarding = getattr(self.broker, "moved_forwarding", None)
+        if moved_forwarding is None:
+            return set()
+        return moved_forwarding() & set(self.transport.reachable())
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop forwarding (what is queued gets ``timeout`` to reach reachable peers), release the

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,13 @@ RESTART_BACKOFF = (0.5, 30.0)
 #: a member that ran this long before dying restarts after the first pause again
 STABLE_RUN = 60.0
 STOP_TIMEOUT = 10.0
+#: a stopping member still running this long after its SIGTERM (seconds) is killed as soon as no other
+#: member's peer port accepts a connection: a leader hands its leadership over before it exits, and
+#: when the other members stop at the same moment that hand-over waits out etcd's request timeout
+#: (7 s, "leader transfer took too long") with nobody left to take it
+LONE_STOP_GRACE = 1.0
+#: how often a stopping member's peers are looked at, and how long one connect may take (seconds)
+PEER_CHECK = 0.25
 PR_SET_PDEATHSIG = 1
 
 
@@ -197,6 +205,51 @@ class EtcdMember:
             except (OSError, ClusterError) as exc:
                 log.error("etcd_member_restart_failed", extra={"error": str(exc)})
 
+    def _wait_stopped(self, proc) -> bool:
+        """Wait (STOP_TIMEOUT at most) for the member to exit after its SIGTERM; False when it is to
+        be killed: out of time, or, in a cluster of several members, past LONE_STOP_GRACE with no
+        other member left to hand anything to (the data is etcd's write-ahead log's: a kill loses
+        nothing it acknowledged)."""
+        started = time.monotonic()
+        alone = not self.peer_addrs()  # a single member hands nothing over: its whole STOP_TIMEOUT
+        while True:
+            left = STOP_TIMEOUT - (time.monotonic() - started)
+            if left <= 0:
+                return False
+            try:
+                proc.wait(min(PEER_CHECK, left))
+                return True
+            except subprocess.TimeoutExpired:
+                pass
+            if not alone and time.monotonic() - started >= LONE_STOP_GRACE and not self._peers_listening():
+                log.info(
+                    "etcd_member_killed",
+                    extra={"member": self.name, "reason": "no other member left to hand the leadership to"},
+                )
+                return False
+
+    def peer_addrs(self) -> list[tuple[str, int]]:
+        """(host, port) of the other members' peer URLs (``initial_cluster``)."""
+        addrs = []
+        for part in self.settings.initial_cluster.split(","):
+            name, _, url = part.partition("=")
+            if url and name != self.name:
+                try:
+                    addrs.append(parse_addr(url.split("://", 1)[-1].rstrip("/")))
+                except ValueError:  # (refused at the start: command())
+                    continue
+        return addrs
+
+    def _peers_listening(self) -> bool:
+        """Some other member's peer port accepts a connection."""
+        for host, port in self.peer_addrs():
+            try:
+                with socket.create_connection((connect_host(host), port), timeout=PEER_CHECK):
+                    return True
+            except OSError:
+                continue
+        return False
+
     def _stop_leftover(self) -> None:
         """Stop a member a previous run of this node left behind (its PID file names an etcd on our
         data dir), so its ports are free; any other process is left alone."""
@@ -228,9 +281,7 @@ class EtcdMember:
         proc = self.proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            if not self._wait_stopped(proc):
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
         try:

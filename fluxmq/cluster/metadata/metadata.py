@@ -34,6 +34,10 @@ log = logging.getLogger("fluxmq.cluster.metadata")
 
 #: how long a graceful stop waits for etcd's members to answer before its quorum writes (seconds)
 QUORUM_PROBE_TIMEOUT = 1.0
+#: while one of a graceful stop's writes waits, the quorum is probed again this often (seconds): the
+#: nodes of a cluster stopped at the same moment take their members with them after the first probe
+#: found them, and a write left without a quorum is abandoned instead of waited out
+QUORUM_RECHECK = 0.3
 
 
 class ClusterMetadata:
@@ -142,10 +146,7 @@ class ClusterMetadata:
         once etcd runs again."""
         revoke = True
         if self._started and self.membership is not None and self.lease is not None and self.lease.alive:
-            if self._quorum_answers():
-                self.membership.leave()
-            else:
-                revoke = False
+            revoke = self._quorum_answers() and self._while_quorum(self.membership.leave)
         self._teardown(revoke=revoke)
         self._started = False
         self._status = "stopped"
@@ -164,13 +165,28 @@ class ClusterMetadata:
             return False
         return True
 
+    def _while_quorum(self, write: Callable[[], object]) -> bool:
+        """Run ``write`` (one of the stop's etcd writes) while a quorum answers: True once it
+        returned; False when a probe (every ``QUORUM_RECHECK`` seconds) finds the quorum gone first,
+        the write then abandoned (the other nodes stop at the same moment, with their members)."""
+        writing = gevent.spawn(write)
+        while not writing.ready():
+            writing.join(QUORUM_RECHECK)
+            if not writing.ready() and not self._quorum_answers():
+                writing.kill(block=False)
+                return False
+        return True
+
     def _teardown(self, revoke: bool) -> None:
         if self.election is not None:
             self.election.stop()
         if self.membership is not None:
             self.membership.stop()
         if self.lease is not None:
-            self.lease.stop(revoke=revoke)
+            lease = self.lease
+            if revoke:
+                self._while_quorum(lambda: lease.stop(revoke=True))
+            lease.stop(revoke=False)
         if self.client is not None:
             self.client.close()
         if self.member is not None:

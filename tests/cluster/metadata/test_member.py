@@ -173,3 +173,106 @@ def test_a_graceful_stop_keeps_its_writes_with_a_quorum_and_skips_them_without_o
             meta.stop()
         for member in members:
             member.stop()
+
+
+def test_a_stop_write_whose_quorum_goes_while_it_waits_is_abandoned(tmp_path, caplog):
+    """Every node of a cluster SIGTERMed at once: a node's probe finds a quorum, then the others stop
+    with their members while its "leaving" mark is being written. That write and the lease
+    revocation would each wait out a request timeout (5 s + 3 s at ``scripts/cluster``); probed
+    again while the write waits, the quorum is found gone: both are abandoned, neither fails late."""
+    from fluxmq.cluster.metadata import ClusterMetadata
+
+    members = _members(tmp_path, 3)
+    meta = None
+    try:
+        for member in members:
+            member.start()
+        clients = [EtcdClient(m.settings.client_endpoints(), timeout=2.0) for m in members]
+        assert wait_for(lambda: all(_answers(c) for c in clients), timeout=60)
+        settings = EtcdSettings(
+            endpoints=members[0].settings.client_endpoints(), lease_ttl=30.0, request_timeout=3.0
+        )
+        meta = ClusterMetadata(settings, "n0", f"{HOST}:7000", prefix="/together/", state_dir=tmp_path)
+        meta.start()
+        leave = meta.membership.leave
+
+        def others_stop_then_leave() -> None:  # after the probe: the other two go with their members
+            members[1].stop()
+            members[2].stop()
+            leave()
+
+        meta.membership.leave = others_stop_then_leave
+        with caplog.at_level(logging.INFO, logger="fluxmq.cluster"):
+            meta.stop()
+        events = [(r.msg, getattr(r, "answering", None), getattr(r, "members", None)) for r in caplog.records]
+        assert ("etcd_quorum_gone", 1, 3) in events
+        assert not {"leave_not_marked", "lease_revoke_failed"} & {e[0] for e in events}, events
+    finally:
+        if meta is not None:
+            meta.stop()
+        for member in members:
+            member.stop()
+
+
+def _deaf_member(tmp_path: Path, peer_port: int | None) -> EtcdMember:
+    """An EtcdMember whose process ignores SIGTERM (as a leader handing its leadership to a peer
+    that is gone does, for etcd's 7 s), with one other member on ``peer_port`` (None: alone)."""
+    import sys
+
+    from gevent import subprocess
+
+    settings = EtcdSettings(
+        data_dir=str(tmp_path / "etcd"),
+        bind_addr=f"{HOST}:{free_port()}",
+        client_addr=f"{HOST}:{free_port()}",
+        initial_cluster=f"m0=http://{HOST}:1" + (f",m1=http://{HOST}:{peer_port}" if peer_port else ""),
+    )
+    member = EtcdMember(settings, "m0")
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    member.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert member.proc.stdout.readline() == b"ready\n"
+    return member
+
+
+def test_a_stopping_member_with_no_other_member_left_is_killed_after_a_short_grace(tmp_path, caplog):
+    """Every node stopped at once: the leader's member would wait out its hand-over of the
+    leadership (etcd's 7 s) with nobody left to take it; no other member's peer port answering, it
+    is killed once ``LONE_STOP_GRACE`` is over."""
+    member = _deaf_member(tmp_path, free_port())  # nothing listens there
+    with caplog.at_level(logging.INFO, logger="fluxmq.cluster"):
+        member.stop()
+    assert member.proc.poll() == -signal.SIGKILL
+    assert "etcd_member_killed" in [r.msg for r in caplog.records]
+
+
+def test_a_stopping_member_whose_peer_still_runs_gets_its_whole_stop_timeout(tmp_path, caplog, monkeypatch):
+    """A peer member still listening can take the leadership: the member is not killed early (only
+    at ``STOP_TIMEOUT``, shortened here)."""
+    import socket
+
+    from fluxmq.cluster.metadata import member as member_module
+
+    monkeypatch.setattr(member_module, "STOP_TIMEOUT", 2 * member_module.LONE_STOP_GRACE)
+    with socket.socket() as peer:
+        peer.bind((HOST, 0))
+        peer.listen(16)
+        member = _deaf_member(tmp_path, peer.getsockname()[1])
+        with caplog.at_level(logging.INFO, logger="fluxmq.cluster"):
+            member.stop()
+    assert member.proc.poll() == -signal.SIGKILL
+    assert "etcd_member_killed" not in [r.msg for r in caplog.records]
+
+
+def test_a_stopping_member_of_its_own_cluster_gets_its_whole_stop_timeout(
+    tmp_path, caplog, monkeypatch
+) -> None:
+    """A single member hands no leadership over: it is not killed early (only at ``STOP_TIMEOUT``,
+    shortened here)."""
+    from fluxmq.cluster.metadata import member as member_module
+
+    monkeypatch.setattr(member_module, "STOP_TIMEOUT", 2 * member_module.LONE_STOP_GRACE)
+    member = _deaf_member(tmp_path, None)
+    with caplog.at_level(logging.INFO, logger="fluxmq.cluster"):
+        member.stop()
+    assert member.proc.poll() == -signal.SIGKILL
+    assert "etcd_member_killed" not in [r.msg for r in caplog.records]
