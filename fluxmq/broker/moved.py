@@ -42,15 +42,66 @@ MAX_QUEUED = 10000
 KEY_SUFFIX = "\x00moved"
 
 
+class MoveMarks:
+    """The markers of one move (``token``) that arrived here: the nodes that route by the taking
+    node's interest from then on (module docstring). ``done()`` runs once every node of
+    ``expected`` is in."""
+
+    __slots__ = ("token", "expected", "marked", "done")
+
+    def __init__(self, token: str, expected, done: Callable[[], object] | None = None) -> None:
+        self.token = token
+        self.expected = frozenset(expected)
+        self.marked: set[str] = set()
+        self.done = done
+
+    @property
+    def complete(self) -> bool:
+        return self.expected <= self.marked
+
+    def mark(self, node: str) -> None:
+        if node in self.marked:
+            return
+        self.marked.add(node)
+        done = self.done
+        if done is not None and self.expected <= self.marked:
+            self.done = None
+            done()
+
+
+def passes(origin: str, own: str, marks: MoveMarks, before: MoveMarks | None) -> bool:
+    """Whether a message from ``origin`` (``own``: published here) that reached the taking node
+    is given to the moved session there: published here, or its origin's marker of this move
+    arrived (it routed by this node's interest since), or, for a session that came back before
+    its previous move's markers were all in (``before``, that move's marks here), its origin's
+    marker of that move has not arrived (the previous node never saw the message: this node's
+    stand-in would have forwarded it)."""
+    return origin == own or origin in marks.marked or (before is not None and origin not in before.marked)
+
+
 class MovedSession:
-    """The router target standing for a session that moved to node ``to_node`` (module docstring)."""
+    """The router target standing for a session that moved to node ``to_node`` (module docstring).
+
+    ``marks`` (None: no markers, the grace alone ends it): the move's markers; a message whose
+    origin (``origin()``) marked is dropped, that node sends it to ``to_node`` itself. ``gate``:
+    the session was still gated here (its move here not settled) when it moved on: what the gate
+    would not have given it is not forwarded either (the node before forwards it)."""
 
     # a router target's fields that the publish paths read: no connection, not a client's
     delivery = None
     trusted = True  # the read ACL applies on the taking node, to the session itself
     persistent = False
 
-    def __init__(self, client_id: str, username, to_node: str, send: Callable[[bytes], object]) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        username,
+        to_node: str,
+        send: Callable[[bytes], object],
+        marks: MoveMarks | None = None,
+        origin: Callable[[], str] | None = None,
+        gate: MoveGate | None = None,
+    ) -> None:
         self.client_id = client_id
         self.username = username
         self.to_node = to_node
@@ -59,15 +110,27 @@ class MovedSession:
         self._send = send
         self._outbox: list[QueuedState] = []
         self._sender = None
+        self.marks = marks
+        self._origin = origin
+        self.gate = gate
         self.forwarded = 0
         self.dropped = 0
+        self.skipped = 0  # messages whose origin sends them to the taking node itself
         self.timer = None
-        self.withdrawn = False  # its interest went already (``Broker.withdraw_moved``)
 
     def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
-        """Queue ``message`` for the session on its new node (QoS 0: not forwarded)."""
-        if not qos:
-            return
+        """Queue ``message`` for the session on its new node, unless its origin sends it there."""
+        marks = self.marks
+        if marks is not None:
+            origin = self._origin()
+            gate = self.gate
+            if origin in marks.marked or (gate is not None and not gate.passes(origin)):
+                self.skipped += 1
+                return
+        self.forward(message)
+
+    def forward(self, message) -> None:
+        """Queue ``message`` for the session on its new node (what a node before forwarded here)."""
         if len(self._outbox) >= MAX_QUEUED:
             self.dropped += 1
             return
@@ -102,6 +165,7 @@ class MovedSession:
 
     def ended(self) -> None:
         """Out of the router: log what it did (what is queued still goes)."""
+        marks = self.marks
         log.info(
             "moved_forward_ended",
             extra={
@@ -109,5 +173,56 @@ class MovedSession:
                 "to_node": self.to_node,
                 "forwarded": self.forwarded + len(self._outbox),
                 "dropped": self.dropped,
+                "skipped": self.skipped,
+                "markers": "all" if marks is not None and marks.complete else "missing",
             },
         )
+
+
+class MoveGate:
+    """The router target wrapping a session imported from a move while that move's markers are not
+    all in (module docstring): a message from a peer whose marker has not arrived is not given to
+    it (the previous node's stand-in forwards it); anything else is, as to the session itself. Its
+    other fields are the session's."""
+
+    delivery = None  # the publish paths call ``deliver`` (the relay's fast path does not apply)
+
+    def __init__(
+        self,
+        session,
+        own: str,
+        marks: MoveMarks,
+        origin: Callable[[], str],
+        before: MoveMarks | None = None,
+        route=None,
+    ) -> None:
+        self.session = session
+        self.own = own
+        self.marks = marks
+        self.before = before
+        self._origin = origin
+        self._route = route  # Router.route: the No Local check of the session's own messages
+        self.held = 0  # messages not given (their origin's marker had not arrived)
+        self.subscriptions: list[Subscription] = []  # the gated ones (the session's own objects)
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+    def passes(self, origin: str) -> bool:
+        return passes(origin, self.own, self.marks, self.before)
+
+    def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
+        origin = self._origin()
+        if not passes(origin, self.own, self.marks, self.before):
+            self.held += 1
+            return
+        session = self.session
+        if message.origin == session.client_id and origin == self.own and self._route is not None:
+            # the session's own message published here: No Local as for its own subscriptions
+            for target, _q, qos_own, _rap, _ids in self._route(message.topic).targets:
+                if target is self:
+                    if qos_own < 0:
+                        return
+                    qos = min(qos, qos_own)
+                    break
+        session.deliver(message, qos, retain, subscription_ids)

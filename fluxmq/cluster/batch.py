@@ -28,6 +28,9 @@ NO_EXPIRY = -1
 _HEAD = struct.Struct("<IqBB")  # blob length, expiry ms remaining (-1 none), flags, group count
 _GLEN = struct.Struct("<H")
 MATCH_LOCAL = 1
+#: an item that is a marker of a session's move (``fluxmq.cluster.markers``), not a message: its
+#: blob is the marker's; the C relay takes only items whose flags are MATCH_LOCAL alone
+MARKER = 2
 
 
 class BatchError(ValueError):
@@ -35,7 +38,8 @@ class BatchError(ValueError):
 
 
 class Outgoing:
-    """One forwarded message waiting in a peer's queue (encoded already)."""
+    """One forwarded message waiting in a peer's queue (encoded already). ``match_local`` is the
+    item's flags as framed: True (MATCH_LOCAL), False, or MARKER (a marker's blob)."""
 
     __slots__ = ("blob", "groups", "match_local", "expires_at")
 
@@ -73,7 +77,7 @@ def frame_items(entries: list[Outgoing | ForwardRun], now: float) -> tuple[list[
                 expired += 1
                 continue
         groups = e.groups
-        parts.append(pack(len(e.blob), ms, MATCH_LOCAL if e.match_local else 0, len(groups)))
+        parts.append(pack(len(e.blob), ms, e.match_local, len(groups)))  # (True packs as 1)
         for g in groups:
             data = g.encode()
             parts.append(_GLEN.pack(len(data)))
@@ -203,8 +207,25 @@ def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Messag
         now = time.monotonic()
     i, end = 0, len(data)
     while i < end:
+        if is_marker(data, i):
+            i = marker_at(data, i)[1]
+            continue
         message, groups, match_local, i = decode_item(data, i, now)
         yield message, groups, match_local
+
+
+def is_marker(data, i: int) -> bool:
+    """Whether the item at byte ``i`` is a marker (``MARKER``), not a message."""
+    return i + 14 <= len(data) and bool(data[i + 12] & MARKER)
+
+
+def marker_at(data, i: int) -> tuple[bytes, int]:
+    """(the marker's blob, offset of the next item) of the marker item at byte ``i``; raises
+    BatchError when it is damaged."""
+    n, _ms, _flags, ngroups = _HEAD.unpack_from(data, i)
+    if ngroups or i + 14 + n > len(data):
+        raise BatchError(f"damaged marker at byte {i}")
+    return bytes(data[i + 14 : i + 14 + n]), i + 14 + n
 
 
 def decode_item(data: bytes, i: int, now: float) -> tuple[Message, tuple[str, ...], bool, int]:
