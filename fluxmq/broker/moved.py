@@ -1,26 +1,40 @@
-"""A session just handed over to another node, still forwarding what reaches it here.
+"""A session just handed over to another node: the old node's stand-in, and the taking node's gate.
 
 When a session moves (``Broker.export_session`` here, ``Broker.import_session`` on the taking
 node), its subscriptions leave this node before the taking node's interest in them is known to the
 peers (it travels with their route batches). Without more, a message published meanwhile on any
-node, or forwarded here by a peer that did not know yet, finds no subscriber anywhere. So for
-``Broker.moved_forward_for`` seconds after the export a ``MovedSession`` stands in the router in
-the moved session's place (its QoS 1/2 subscriptions, shared ones excepted): this node's interest
-in those filters is not withdrawn, and what matches them is sent to the taking node *for that
-session* (``send``; there ``Broker.deliver_moved`` routes it to that session alone, never to anyone
-else). The stand-in ends once the cluster layer knows that every peer sends to the taking node and
-nothing queued here before is still on its way (``Broker.withdraw_moved`` then ``end_moved``:
-``fluxmq.cluster.handover``), when the session comes back here, or at the latest after the grace;
-then it leaves the router and the interest goes as it would have at the export.
+node, or forwarded here by a peer that did not know yet, finds no subscriber anywhere. So a
+``MovedSession`` stands in the router in the moved session's place (its subscriptions, shared ones
+excepted): this node's interest in those filters is not withdrawn, and what matches them is sent
+to the taking node *for that session* (``send``; there ``Broker.deliver_moved`` routes it to that
+session alone, never to anyone else).
 
-* Only QoS 1/2 deliveries are forwarded: a QoS 0 one may be lost in the move (at most once) but is
-  never doubled. A QoS 1/2 message that also reached the taking node directly (its interest was
-  known to the publisher's node already, before the stand-in ended) arrives there twice: QoS 1
-  allows it; the second copy of a QoS 2 message is a second PUBLISH with a new packet id.
+Each message then reaches the session once, through the move's markers (``MoveMarks``; sent and
+read by ``fluxmq.cluster.markers``): every node, when it applies the taking node's interest, puts a
+marker into its ordered streams to both nodes, after every message it routed before and before
+every one it routes after (this node and the taking node mark their own publishes the same way).
+
+* The stand-in forwards a message only when its origin's marker has not arrived here (the
+  origin routed it without the taking node's interest: the taking node may not have it); after
+  the marker it drops it (the origin sent it to the taking node itself). The origin is the peer
+  whose batch is being applied (``Peers.applying``), else this node: nothing per message. Once
+  every node's marker is in, the stand-in ends at once and its interest goes.
+* The taking node wraps the imported session in a ``MoveGate`` (a router target, only during
+  the move): a message from a peer whose marker has not arrived there is not given to the session
+  (that peer routed it by its older view: the stand-in forwards it); anything else is. Once every
+  peer's marker is in, the session's own subscriptions replace the gate's.
+* A session that moves on before its gate opened: its new stand-in forwards only what the gate
+  would have given (the node before forwards the rest, passed on here by ``deliver_moved``), and
+  lasts its grace. A session that comes back before the markers of its move from here are all in
+  is gated with them too (``passes``).
+* Fallback: a stand-in and a gate end after ``Broker.moved_forward_for`` seconds whatever came;
+  a node whose marker did not arrive by then (unreachable that long) may see its messages of the
+  window lost or doubled. Without markers (no token: a node of an older version, a double in a
+  test) the stand-in forwards for the whole grace and the session is not gated.
 * Bounded: at most ``MAX_QUEUED`` messages wait per stand-in (past it they are dropped and
   counted), and the stand-ins end after the grace, or the oldest first past ``Broker.moved_max``.
-* Not on any hot path: nothing is added per message while no session is moving; a stand-in is a
-  router target like a session's, whose ``deliver`` appends to its outbox.
+* Not on any hot path: nothing is added per message while no session is moving; a stand-in and
+  a gate are router targets like a session, whose ``deliver`` appends to an outbox or delivers.
 """
 
 from __future__ import annotations
