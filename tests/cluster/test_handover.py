@@ -79,7 +79,7 @@ class Network:
 
     @property
     def takeovers(self) -> list[tuple[str, str, bytes]]:
-        """The takeover calls made (not the moved session's ``session.moved.done`` that follows)."""
+        """The takeover calls made (not the ``session.moved`` forwards that follow)."""
         return [c for c in self.calls if c[1] == TAKEOVER_KIND]
 
     def caller(self, from_node: str):
