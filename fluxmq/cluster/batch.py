@@ -28,9 +28,13 @@ NO_EXPIRY = -1
 _HEAD = struct.Struct("<IqBB")  # blob length, expiry ms remaining (-1 none), flags, group count
 _GLEN = struct.Struct("<H")
 MATCH_LOCAL = 1
-#: an item that is a marker of a session's move (``fluxmq.cluster.markers``), not a message: its
-#: blob is the marker's; the C relay takes only items whose flags are MATCH_LOCAL alone
-MARKER = 2
+#: the one shared group an item names when it is a marker of a session's move
+#: (``fluxmq.cluster.markers``), not a message: its message's payload is the marker. No group name
+#: holds a NUL; the C relay leaves an item with groups to ``ClusterPeers``, whose ``if groups:``
+#: branch (a shared group's) finds it: nothing is tested for an item without groups.
+MARKER_GROUP = "\x00marker"
+#: a marker's message: never delivered, never stored (a ``$`` topic no client may subscribe to)
+MARKER_TOPIC = "$fluxmq/move-marker"
 
 
 class BatchError(ValueError):
@@ -38,8 +42,7 @@ class BatchError(ValueError):
 
 
 class Outgoing:
-    """One forwarded message waiting in a peer's queue (encoded already). ``match_local`` is the
-    item's flags as framed: True (MATCH_LOCAL), False, or MARKER (a marker's blob)."""
+    """One forwarded message waiting in a peer's queue (encoded already)."""
 
     __slots__ = ("blob", "groups", "match_local", "expires_at")
 
@@ -77,7 +80,7 @@ def frame_items(entries: list[Outgoing | ForwardRun], now: float) -> tuple[list[
                 expired += 1
                 continue
         groups = e.groups
-        parts.append(pack(len(e.blob), ms, e.match_local, len(groups)))  # (True packs as 1)
+        parts.append(pack(len(e.blob), ms, MATCH_LOCAL if e.match_local else 0, len(groups)))
         for g in groups:
             data = g.encode()
             parts.append(_GLEN.pack(len(data)))
@@ -207,25 +210,15 @@ def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Messag
         now = time.monotonic()
     i, end = 0, len(data)
     while i < end:
-        if is_marker(data, i):
-            i = marker_at(data, i)[1]
-            continue
         message, groups, match_local, i = decode_item(data, i, now)
+        if groups and groups[0] == MARKER_GROUP:
+            continue  # a marker, not a message
         yield message, groups, match_local
 
 
-def is_marker(data, i: int) -> bool:
-    """Whether the item at byte ``i`` is a marker (``MARKER``), not a message."""
-    return i + 14 <= len(data) and bool(data[i + 12] & MARKER)
-
-
-def marker_at(data, i: int) -> tuple[bytes, int]:
-    """(the marker's blob, offset of the next item) of the marker item at byte ``i``; raises
-    BatchError when it is damaged."""
-    n, _ms, _flags, ngroups = _HEAD.unpack_from(data, i)
-    if ngroups or i + 14 + n > len(data):
-        raise BatchError(f"damaged marker at byte {i}")
-    return bytes(data[i + 14 : i + 14 + n]), i + 14 + n
+def marker_item(payload: bytes) -> Outgoing:
+    """The queue entry of a marker (``MARKER_GROUP``) whose content is ``payload``."""
+    return Outgoing(encode_message(Message(MARKER_TOPIC, payload, 0)), (MARKER_GROUP,), False, None)
 
 
 def decode_item(data: bytes, i: int, now: float) -> tuple[Message, tuple[str, ...], bool, int]:

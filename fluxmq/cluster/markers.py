@@ -4,7 +4,7 @@ session once (docs/cluster.rst, "What is published during the move").
 A session S moves from node A (the old owner, whose stand-in forwards to B what still reaches A for
 S: ``fluxmq.broker.moved``) to node B. Every node routes a message by its own view of the others'
 interest, and that view changes when it applies a batch of B's. A marker, an item of a batch
-(``batch.MARKER``, never a message: the C relay leaves it to ``ClusterPeers``), says in a stream
+(``batch.MARKER_GROUP``, never delivered: the C relay leaves it to ``ClusterPeers``), says in a stream
 "every message before me was routed without B's interest, every one after with it":
 
 * ``SWITCH`` (B -> A, when S's subscriptions enter B's router): B's own publishes reach S on B
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 
-from .batch import MARKER, Outgoing
+from .batch import marker_item
 
 log = logging.getLogger("fluxmq.cluster.markers")
 
@@ -111,7 +111,7 @@ class MoveMarkers:
         link = self.links().get(node)
         if link is None:
             return False
-        if not link.enqueue(Outgoing(encode_marker(kind, token, old, new), (), MARKER, None)):
+        if not link.enqueue(marker_item(encode_marker(kind, token, old, new))):
             self.unsent += 1
             log.warning("move_marker_not_queued", extra={"peer": node, "kind": kind, "token": token})
             return False

@@ -44,7 +44,7 @@ import gevent
 from fluxmq.errors import ForwardedItemFailed, StorageError
 from fluxmq.storage.records import encode_message
 
-from .batch import MARKER, BatchError, FramedBatch, Outgoing, ack_message, decode_item, marker_at
+from .batch import MARKER_GROUP, BatchError, FramedBatch, Outgoing, ack_message, decode_item
 from .interest import RemoteInterest
 from .markers import MoveMarkers
 from .proto import cluster_pb2 as pb
@@ -346,13 +346,13 @@ class ClusterPeers:
                 n += k
                 if i >= end:
                     break
-                if items[i + 12] & MARKER:  # (the relay stops at a marker: its flags are not plain)
-                    blob, i = marker_at(items, i)
-                    self.markers.received_from(sender, blob)
-                    continue
                 message, groups, match_local, i = decode_item(items, i, now)
                 n += 1
                 if groups:
+                    if groups[0] == MARKER_GROUP:  # a move's marker, applied in its place
+                        n -= 1
+                        self.markers.received_from(sender, message.payload)
+                        continue
                     for g in broker.router.route(message.topic).groups:
                         key = group_key(g)
                         if key in groups and not group_ready(g):
@@ -362,7 +362,7 @@ class ClusterPeers:
                 except Exception:
                     log.exception("forwarded_publish_failed", extra={"peer": sender, "topic": message.topic})
                     self.failed_messages += 1
-        except (BatchError, IndexError) as exc:
+        except BatchError as exc:
             # Never crash the stream on bad input: the rest of this batch is lost (logged, counted).
             self.bad_batches += 1
             log.warning(

@@ -14,15 +14,7 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.broker.moved import MoveGate
 from fluxmq.broker.session_state import decode_session_state
-from fluxmq.cluster.batch import (
-    MARKER,
-    Outgoing,
-    build_batch,
-    decode_item,
-    decode_items,
-    is_marker,
-    marker_at,
-)
+from fluxmq.cluster.batch import MARKER_GROUP, Outgoing, build_batch, decode_item, decode_items, marker_item
 from fluxmq.cluster.markers import APPLIED, REQUEST, SWITCH, decode_marker, encode_marker
 from fluxmq.cluster.peers import ClusterPeers
 from fluxmq.storage.records import encode_message
@@ -39,7 +31,7 @@ def items(*entries) -> list[Outgoing]:
         if isinstance(e, Message):
             out.append(Outgoing(encode_message(e), (), True, None))
         else:
-            out.append(Outgoing(encode_marker(e[0], TOKEN, e[1], e[2]), (), MARKER, None))
+            out.append(marker_item(encode_marker(e[0], TOKEN, e[1], e[2])))
     return out
 
 
@@ -56,11 +48,13 @@ class Streams:
 
 
 def markers_queued(peers: ClusterPeers, node: str) -> list[str]:
-    return [
-        decode_marker(e.blob)[0]
-        for e in peers.transport.links[node].queued
-        if getattr(e, "match_local", None) == MARKER
-    ]
+    """The kinds of the markers queued for ``node``, in order."""
+    kinds = []
+    for e in peers.transport.links[node].queued:
+        if getattr(e, "groups", ()) == (MARKER_GROUP,):
+            message = decode_item(build_batch("x", 1, 1, [e])[0].items, 0, 0.0)[0]
+            kinds.append(decode_marker(message.payload)[0])
+    return kinds
 
 
 def payloads(delivery: RecordingDelivery, session) -> list:
@@ -68,19 +62,16 @@ def payloads(delivery: RecordingDelivery, session) -> list:
 
 
 def test_a_marker_item_is_framed_among_the_messages_and_never_decoded_as_one() -> None:
-    batch = build_batch("P", 1, 1, items(Message("t", b"1", 1), (APPLIED, "A", "B"), Message("t", b"2", 1)))[
-        0
-    ]
-    assert [m.payload for m, _g, _l in decode_items(batch.items)] == [b"1", b"2"]
-    data, i, seen = batch.items, 0, []
+    entries = items(Message("t", b"1", 1), (APPLIED, "A", "B"), Message("t", b"2", 1))
+    data = build_batch("P", 1, 1, entries)[0].items
+    assert [m.payload for m, _g, _l in decode_items(data)] == [b"1", b"2"]
+    i, seen = 0, []
     while i < len(data):
-        if is_marker(data, i):
-            blob, i = marker_at(data, i)
-            seen.append(decode_marker(blob))
-        else:
-            message, _g, _l, i = decode_item(data, i, 0.0)
-            seen.append(message.payload)
+        message, groups, _l, i = decode_item(data, i, 0.0)
+        seen.append(decode_marker(message.payload) if groups == (MARKER_GROUP,) else message.payload)
     assert seen == [b"1", (APPLIED, TOKEN, "A", "B"), b"2"]
+    at = 14 + len(encode_message(Message("t", b"1", 1)))
+    assert data[at + 13] == 1  # it names a group: never a plain item for the C relay
 
 
 def old_node():
