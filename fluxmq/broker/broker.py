@@ -165,6 +165,11 @@ class Broker(
         # client id -> until when (monotonic) a session imported here takes what its previous node
         # forwards for it (deliver_moved); gone when that session ends
         self._moved_in: dict[str, float] = {}
+        # the moves whose markers this node counts (fluxmq.broker.moved.MoveMarks by token: a
+        # stand-in's here, a gate's on the taking node), and client id -> the gate of a session
+        # imported here while its move's markers are not all in
+        self._move_marks: dict = {}
+        self._gates: dict = {}
         # fluxmq.broker.peers.SharedWills (the cluster's will registry), or None: wills are this
         # node's alone. With it a will is recorded cluster-wide while pending and published once.
         self.shared_wills = None

@@ -15,7 +15,7 @@ from gevent.event import Event
 from fluxmq.errors import QueueRefused, ServerUnavailable
 
 from .message import Message, TrackedMessage
-from .moved import MovedSession
+from .moved import MovedSession, MoveGate, MoveMarks
 from .prefixes import BRIDGE_SESSION_PREFIX
 from .session import Inflight, PersistentSession, Session, Subscription, Will
 from .session_state import (
@@ -81,7 +81,9 @@ class ClusterHooks:
                 else peers.claim_session(client_id, clean_start, only_from)
             )
             self._drop_exported(client_id)  # the client id lives here now
-            imported = bool(state) and self._take_in(client_id, state, clean_start)
+            moving_in = getattr(peers, "moving_in", None) if state else None  # (optional in Peers)
+            move = moving_in(client_id) if moving_in is not None else None
+            imported = bool(state) and self._take_in(client_id, state, clean_start, move)
             self._end_moved(client_id)  # back here: a stand-in of an earlier move forwards no more
             if imported:
                 moved_in = getattr(peers, "moved_in", None)  # (optional in Peers)
@@ -105,7 +107,7 @@ class ClusterHooks:
                     gevent.spawn(self._release_if_unused, peers, client_id)  # a callback may not block
         done.set()
 
-    def _take_in(self, client_id: str, blob: bytes, clean_start: bool) -> bool:
+    def _take_in(self, client_id: str, blob: bytes, clean_start: bool, move=None) -> bool:
         """The state another node handed over to a connecting client: resumed (True), or
         discarded when the session ends with the move (Clean Start, or a session that lasted as
         long as its connection; as on a local takeover, the will of a connection still open then
@@ -129,7 +131,7 @@ class ClusterHooks:
             if state.will is not None and state.connected:
                 self._publish_will(Will(*state.will))
             return False
-        self._import_state(state)
+        self._import_state(state, move)
         return True
 
     def export_session(
@@ -137,6 +139,7 @@ class ClusterHooks:
         client_id: str,
         to_node: str | None = None,
         send: Callable[[bytes], object] | None = None,
+        move=None,
     ) -> bytes | None:
         """Hand the session of ``client_id`` to another node: its connection is closed first (5.0
         DISCONNECT 0x8E, 3.x a plain close), no will is published, the session leaves the router,
@@ -150,7 +153,9 @@ class ClusterHooks:
 
         With ``send`` (``to_node`` takes the session): for ``moved_forward_for`` seconds a stand-in
         keeps the session's QoS 1/2 subscriptions here and sends what matches them to that node
-        (``send(blob)``, the node's ``deliver_moved``; ``fluxmq.broker.moved``)."""
+        (``send(blob)``, the node's ``deliver_moved``; ``fluxmq.broker.moved``). ``move`` (the
+        cluster's: ``token``, ``nodes`` every node's id, this one's included, ``own``) has it count
+        the move's markers: it ends once every node's is in."""
         pending = self._claiming.get(client_id)
         if pending is not None:
             # A connection here is claiming it: hand over what it gets, once it has it.
@@ -171,7 +176,7 @@ class ClusterHooks:
         if hand_over is not None and hand_over.ending:
             return None  # ended already; its shared hand-over finishes here
         if send is not None:
-            self._stand_in(session, to_node or "", send)  # before its subscriptions leave
+            self._stand_in(session, to_node or "", send, move)  # before its subscriptions leave
         blob = encode_session_state(self._take_out(session))
         self._drop_exported(client_id)
         exported[client_id] = (now, blob)
@@ -180,17 +185,62 @@ class ClusterHooks:
         log.info("session_exported", extra={"client_id": client_id, "bytes": len(blob)})
         return blob
 
-    def _stand_in(self, session: Session, to_node: str, send: Callable[[bytes], object]) -> None:
-        """Put a ``MovedSession`` in the router beside ``session``'s QoS 1/2 subscriptions (not
-        shared ones), so that their interest stays announced when the session's own leave, for
-        ``moved_forward_for`` seconds. Only a session that outlives its connection (an expiry):
-        another one does not move with its messages."""
-        subs = [s for s in session.subscriptions.values() if s.qos and s.share_group is None]
-        if not subs or not session.expiry_interval or self.moved_forward_for <= 0:
+    def _moved_subscriptions(self, subscriptions, expiry_interval: int) -> list[Subscription]:
+        """The subscriptions a move stands in for (the old node) and gates (the taking node): those
+        not shared, of a session that outlives its connection (an expiry; another one does not
+        move with its messages), while stand-ins are on (``moved_forward_for``)."""
+        if not expiry_interval or self.moved_forward_for <= 0:
+            return []
+        return [s for s in subscriptions if s.share_group is None]
+
+    def _origin_of(self, own: str) -> Callable[[], str]:
+        """() -> the node a delivery in progress comes from: the peer whose batch is being applied
+        (``Peers.applying``), else ``own`` (published here)."""
+        peers = self.peers
+
+        def origin() -> str:
+            node = getattr(peers, "applying", None)
+            return own if node is None else node
+
+        return origin
+
+    def _count_marks(self, marks: MoveMarks) -> None:
+        """Count ``marks`` here (``move_marked``) until complete or the grace is over."""
+        registry = self._move_marks
+        registry[marks.token] = marks
+        while len(registry) > 2 * self.moved_max:
+            del registry[next(iter(registry))]
+        gevent.spawn_later(2 * self.moved_forward_for, registry.pop, marks.token, None)
+
+    def move_marked(self, token: str, node: str) -> None:
+        """``node``'s marker of the move ``token`` arrived here (in its stream, after every message
+        it routed before it knew the taking node's interest; ``fluxmq.cluster.markers``)."""
+        marks = self._move_marks.get(token)
+        if marks is not None:
+            marks.mark(node)
+            if marks.complete:
+                self._move_marks.pop(token, None)
+
+    def _stand_in(self, session: Session, to_node: str, send: Callable[[bytes], object], move=None) -> None:
+        """Put a ``MovedSession`` in the router beside ``session``'s subscriptions (not shared
+        ones, ``_moved_subscriptions``), so that their interest stays announced when the session's
+        own leave, until the move's markers are in or for ``moved_forward_for`` seconds."""
+        subs = self._moved_subscriptions(session.subscriptions.values(), session.expiry_interval)
+        if not subs:
             return
         cid = session.client_id
         self._end_moved(cid)
-        stand_in = MovedSession(cid, session.username, to_node, send)
+        marks = origin = None
+        gate = self._gates.get(cid)
+        if gate is not None and (gate.session is not session or gate.marks.complete):
+            gate = None
+        if move is not None and move.token:
+            marks = MoveMarks(move.token, move.nodes)
+            origin = self._origin_of(move.own)
+        stand_in = MovedSession(cid, session.username, to_node, send, marks, origin, gate)
+        if marks is not None:
+            marks.done = lambda: self._markers_in(cid, stand_in)
+            self._count_marks(marks)
         router = self.router
         for s in subs:
             sub = Subscription(
@@ -215,28 +265,13 @@ class ClusterHooks:
             extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs)},
         )
 
-    def withdraw_moved(self, client_id: str, to_node: str) -> bool:
-        """The interest the stand-in of ``client_id`` (moved to ``to_node``) holds goes now, while
-        it stays in the router for what is still on its way here: every peer sends to ``to_node``
-        already (the cluster layer checked). False when there is no such stand-in."""
-        stand_in = self._moved.get(client_id)
-        if stand_in is None or stand_in.to_node != to_node:
-            return False
-        if not stand_in.withdrawn:
-            stand_in.withdrawn = True
-            for sub in stand_in.subscriptions:
-                self._interest_down(sub.filter)
-        return True
-
-    def end_moved(self, client_id: str, to_node: str) -> bool:
-        """End the stand-in of ``client_id`` before its grace is over: the session imported on
-        ``to_node`` and every peer now sends there what matches it, and nothing sent here before is
-        still on its way (the cluster layer checked both). False when there is no such stand-in."""
-        stand_in = self._moved.get(client_id)
-        if stand_in is None or stand_in.to_node != to_node:
-            return False
-        self._end_moved(client_id, stand_in)
-        return True
+    def _markers_in(self, client_id: str, stand_in: MovedSession) -> None:
+        """Every node's marker of the move reached this node: each sends to the taking node itself
+        what it routes from now on, so the stand-in ends (unless the session was still gated here
+        when it moved on: what the node before forwards here keeps coming until its grace)."""
+        gate = stand_in.gate
+        if gate is None or gate.marks.complete:
+            self._end_moved(client_id, stand_in)
 
     def _end_moved(self, client_id: str, stand_in: MovedSession | None = None) -> None:
         """The stand-in of ``client_id`` (only ``stand_in``, when given) leaves the router; the
@@ -249,7 +284,7 @@ class ClusterHooks:
         if timer is not None and timer is not gevent.getcurrent():
             timer.kill(block=False)
         for sub in current.subscriptions:
-            if self.router.remove_keyed(current.key, sub.filter) and not current.withdrawn:
+            if self.router.remove_keyed(current.key, sub.filter):
                 self._interest_down(sub.filter)
         current.ended()
         if current.sending:
@@ -262,6 +297,61 @@ class ClusterHooks:
         for a session it handed over still goes to the session."""
         self._moved_ending = ending = [s for s in self._moved_ending if s.sending]
         return {s.to_node for s in self._moved.values()} | {s.to_node for s in ending}
+
+    def _gate(self, session: Session, subs: list[Subscription], move) -> None:
+        """Wrap ``subs`` of ``session`` (imported from a move, in the router already) in a
+        ``MoveGate`` until every peer's marker of the move is in, or for ``moved_forward_for``
+        seconds. A session that comes back while the markers of its move from here are not all in
+        passes what only this node had (``moved.passes``)."""
+        cid = session.client_id
+        if not move.peers:
+            return
+        before = None
+        stand_in = self._moved.get(cid)
+        if stand_in is not None and stand_in.marks is not None and not stand_in.marks.complete:
+            before = stand_in.marks
+        marks = MoveMarks(move.token, move.peers)
+        gate = MoveGate(session, move.own, marks, self._origin_of(move.own), before, self.router.route)
+        router = self.router
+        for s in subs:
+            router.add(
+                Subscription(
+                    gate,
+                    s.filter,
+                    s.qos,
+                    s.no_local,
+                    s.retain_as_published,
+                    s.retain_handling,
+                    s.subscription_id,
+                )
+            )
+            gate.subscriptions.append(s)
+        self._gates[cid] = gate
+        marks.done = lambda: self._open_gate(cid, gate)
+        self._count_marks(marks)
+        gevent.spawn_later(self.moved_forward_for, self._open_gate, cid, gate)
+
+    def _open_gate(self, client_id: str, gate: MoveGate) -> None:
+        """The session's own subscriptions back in the router in place of ``gate``'s (those it
+        still has: it may have unsubscribed, subscribed again or moved on meanwhile)."""
+        if self._gates.get(client_id) is not gate:
+            return
+        del self._gates[client_id]
+        session = gate.session
+        if self.sessions.get(client_id) is not session:
+            return
+        router = self.router
+        for s in gate.subscriptions:
+            if session.subscriptions.get(s.filter) is s:
+                router.add(s)
+        log.info(
+            "moved_gate_opened",
+            extra={
+                "client_id": client_id,
+                "held": gate.held,
+                "markers": "all" if gate.marks.complete else "missing",
+            },
+        )
 
     def deliver_moved(self, blob: bytes) -> int:
         """Messages the previous node of a session imported here forwarded for it (``MovedSession``
@@ -281,7 +371,7 @@ class ClusterHooks:
             stand_in = self._moved.get(cid)
             if stand_in is not None:
                 for q in state.queued:
-                    stand_in.deliver(q.message, q.qos, q.retain, None)
+                    stand_in.forward(q.message)
                 return 0
             log.warning("moved_messages_dropped", extra={"client_id": cid, "messages": len(state.queued)})
             return 0
@@ -290,7 +380,7 @@ class ClusterHooks:
         for q in state.queued:
             message = q.message
             for target, qos, qos_own, rap, sub_ids in route(message.topic).targets:
-                if target is not session:
+                if target is not session and (type(target) is not MoveGate or target.session is not session):
                     continue
                 if message.origin == cid:
                     qos = qos_own  # No Local [MQTT-3.8.3-3]: -1 when every matching one has it
@@ -298,9 +388,8 @@ class ClusterHooks:
                     break
                 if message.qos < qos:
                     qos = message.qos
-                if qos:  # (QoS 0 is never forwarded: the stand-in's side decides the same)
-                    session.deliver(message, qos, rap and message.retain, sub_ids)
-                    n += 1
+                session.deliver(message, qos, rap and message.retain, sub_ids)
+                n += 1
                 break
         return n
 
@@ -401,9 +490,12 @@ class ClusterHooks:
         self._drop_exported(client_id)
         return session
 
-    def _import_state(self, state: SessionState) -> Session:
+    def _import_state(self, state: SessionState, move=None) -> Session:
         """Build the session of ``state`` here (raises SessionStateError, changing nothing, when
-        an encoded queue entry is damaged)."""
+        an encoded queue entry is damaged). ``move`` (the cluster's, from ``Peers.moving_in``:
+        ``token``, ``peers``, ``own``, ``switch()``): the session came from a move whose old node
+        stands in for it: its subscriptions are gated (``_gate``), and ``switch()`` tells the old
+        node, in order with what this node routes, when they enter the router here."""
         cid = state.client_id
         expiry = (
             state.expiry_interval
@@ -428,6 +520,8 @@ class ClusterHooks:
         session.disconnected_at = state.disconnected_at or now
         if store is not None:
             store.put_session(cid, expiry, session.disconnected_at, state.username)
+        new_filters = []
+        subs = []
         for s in state.subscriptions:
             sub = Subscription(
                 session,
@@ -439,8 +533,7 @@ class ClusterHooks:
                 s.subscription_id,
                 s.share_group,
             )
-            if self.router.add(sub):
-                self._interest_up(s.filter)  # the peers hear of a filter new to this node
+            subs.append(sub)
             session.subscriptions[s.filter] = sub
             if store is not None:
                 store.put_subscription(
@@ -452,6 +545,17 @@ class ClusterHooks:
                     s.retain_handling,
                     s.subscription_id,
                 )
+        # Every subscription enters the router at once (the interest waits yield): a message this
+        # node routes after ``switch()`` finds them all.
+        if move is not None:
+            move.switch()
+        for sub in subs:
+            if self.router.add(sub):
+                new_filters.append(sub.filter)
+        if move is not None:
+            gated = self._moved_subscriptions(subs, state.expiry_interval)
+            if gated:
+                self._gate(session, gated, move)
         for e in state.inflight:
             entry = Inflight(e.message, e.qos, e.retain, e.subscription_ids)
             entry.released = e.released
@@ -489,6 +593,8 @@ class ClusterHooks:
                 self.shared_wills.will_set(cid, session.will.message, session.will.delay)
         self.sessions[cid] = session
         self._take_moved(cid)
+        for filter in new_filters:
+            self._interest_up(filter)  # the peers hear of a filter new to this node
         if state.queue_members and expiry > 0:
             try:
                 self._queue_manager().adopt_memberships(session, state.queue_members)

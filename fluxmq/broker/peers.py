@@ -60,10 +60,15 @@ class Peers(Protocol):
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (its session ended here, or the node stops)."""
 
+    def moving_in(self, client_id: str):
+        """Optional: the move whose state ``claim_session`` returned, as the import needs it
+        (``Broker._import_state``'s ``move``: the markers of ``fluxmq.cluster.markers``), or None.
+        Never blocks."""
+
     def moved_in(self, client_id: str) -> None:
         """Optional: the state ``claim_session`` returned is imported here and the interest of its
-        subscriptions known to the peers, so the previous owner may stop forwarding what still
-        reaches it for the session (``Broker.export_session``'s stand-in). Never blocks."""
+        subscriptions sent to the peers: they mark their streams to both nodes, so the previous
+        owner's stand-in knows when to stop forwarding (``Broker.export_session``). Never blocks."""
 
 
 class SharedWills(Protocol):

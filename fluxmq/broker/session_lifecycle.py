@@ -273,6 +273,7 @@ class SessionLifecycle:
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
             self._moved_in.pop(session.client_id, None)  # a new session of this id takes nothing moved
+            self._gates.pop(session.client_id, None)
             if self.auth is not None:
                 self.auth.forget(session.client_id)
             peers = self.peers

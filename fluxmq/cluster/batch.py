@@ -28,6 +28,13 @@ NO_EXPIRY = -1
 _HEAD = struct.Struct("<IqBB")  # blob length, expiry ms remaining (-1 none), flags, group count
 _GLEN = struct.Struct("<H")
 MATCH_LOCAL = 1
+#: the one shared group an item names when it is a marker of a session's move
+#: (``fluxmq.cluster.markers``), not a message: its message's payload is the marker. No group name
+#: holds a NUL; the C relay leaves an item with groups to ``ClusterPeers``, whose ``if groups:``
+#: branch (a shared group's) finds it: nothing is tested for an item without groups.
+MARKER_GROUP = "\x00marker"
+#: a marker's message: never delivered, never stored (a ``$`` topic no client may subscribe to)
+MARKER_TOPIC = "$fluxmq/move-marker"
 
 
 class BatchError(ValueError):
@@ -204,7 +211,14 @@ def decode_items(data: bytes, now: float | None = None) -> Iterator[tuple[Messag
     i, end = 0, len(data)
     while i < end:
         message, groups, match_local, i = decode_item(data, i, now)
+        if groups and groups[0] == MARKER_GROUP:
+            continue  # a marker, not a message
         yield message, groups, match_local
+
+
+def marker_item(payload: bytes) -> Outgoing:
+    """The queue entry of a marker (``MARKER_GROUP``) whose content is ``payload``."""
+    return Outgoing(encode_message(Message(MARKER_TOPIC, payload, 0)), (MARKER_GROUP,), False, None)
 
 
 def decode_item(data: bytes, i: int, now: float) -> tuple[Message, tuple[str, ...], bool, int]:

@@ -9,13 +9,10 @@
   the transport's ``call``, the export leaves a stand-in that forwards to the caller, for a few
   seconds, what still reaches this node for the session (``fluxmq.broker.moved``): control RPC
   ``session.moved`` (``moved_handler``: ``Broker.deliver_moved`` on the taking node).
-* When the taking node has imported the session and every peer applied its interest
-  (``ClusterSessions.moved_in``, ``ClusterTransport.interest_applied``), it drains its link to
-  the old owner and calls it with ``session.moved.done``: the old owner withdraws the stand-in's
-  interest (``Broker.withdraw_moved``), has every other peer drain its link to it (``link.drain``),
-  and then ends the stand-in (``Broker.end_moved``) instead of waiting out its grace. A QoS 1/2 message then reaches the session twice only when published in those few
-  milliseconds (the peers send it to both nodes). If a peer is unreachable or a call fails, the
-  stand-in lasts its whole grace.
+* The takeover request names the move (payload ``client id NUL token``; a client id holds no
+  NUL [MQTT-1.5.4-2]). The taking node gates the imported session and marks its streams
+  (``ClusterSessions.moving_in``, ``moved_in``; ``fluxmq.cluster.markers``); the old owner's
+  stand-in counts the markers of that token and ends once every node's is in, or after its grace.
 * ``serve_handover(transport, broker)`` installs these handlers.
 * ``ClusterSessions`` implements ``Peers.claim_session`` / ``release_session`` over an ownership
   registry (``acquire_session(client_id, take_from=None) -> previous owner | None``,
@@ -25,23 +22,24 @@
 A takeover, with client C connecting to node B while node A owns its session::
 
     B: acquire_session(C)             -> "A"        (A stays owner)
-    B: call("A", "session.takeover", C)              A: export_session(C): DISCONNECT 0x8E to the
-                                                        old connection, state out of A, no will
+    B: call("A", "session.takeover", C + NUL + T)    A: export_session(C): DISCONNECT 0x8E to the
+                                                        old connection, state out of A, no will;
+                                                        a stand-in counting the markers of T
     B: acquire_session(C, take_from="A") -> None     (CAS A -> B)
-    B: import_session, CONNACK session_present=1
-    A: (until B says done, at most Broker.moved_forward_for seconds) what matches C's QoS 1/2
-       subscriptions here: call("B", "session.moved", messages) -> B: deliver_moved: to C only
-    B: (every peer applied B's interest) drain(A), call("A", "session.moved.done", C)
-    A: withdraw_moved(C, B); every other peer P: call(P, "link.drain") (P's link to A applied)
-    A: end_moved(C, B)
+    B: import_session: SWITCH(T) -> A, C's subscriptions gated in B's router, its interest out
+    B: REQUEST(T) -> every peer; CONNACK session_present=1
+    P: (applying REQUEST) APPLIED(T) -> A and -> B; A (applying it): counts itself, APPLIED -> B
+    A: (until every node's marker, at most Broker.moved_forward_for seconds) what matches C's
+       subscriptions here, from a node whose marker has not come: call("B", "session.moved",
+       messages) -> B: deliver_moved: to C only
+    B: the gate opens once every peer's APPLIED is in (or after the grace)
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-
-import gevent
 
 from fluxmq.broker.session_state import (
     SessionState,
@@ -59,20 +57,12 @@ TAKEOVER_KIND = "session.takeover"
 MOVED_KIND = "session.moved"
 #: seconds a forward of moved messages may take
 MOVED_TIMEOUT = 5.0
-#: control RPC kind: the taking node tells the old owner its interest is known (payload client id)
-MOVED_DONE_KIND = "session.moved.done"
-#: control RPC kind: "what you queued for me so far, have it applied here" (the caller's link)
-LINK_DRAIN_KIND = "link.drain"
-#: seconds the taking node waits for the peers to apply its interest before it says done
-INTEREST_TIMEOUT = 2.0
 #: seconds the answering node waits for the commit that removes the session from its store
 COMMIT_TIMEOUT = 2.0
 #: seconds a claiming node waits for the owner to apply what it forwarded there before the claim
 DRAIN_TIMEOUT = 0.5
 
 __all__ = [
-    "LINK_DRAIN_KIND",
-    "MOVED_DONE_KIND",
     "MOVED_KIND",
     "TAKEOVER_KIND",
     "ClusterSessions",
@@ -87,16 +77,18 @@ __all__ = [
 
 
 def takeover_handler(
-    broker, call: Callable[[str, str, bytes, float], bytes] | None = None
+    broker, call: Callable[[str, str, bytes, float], bytes] | None = None, markers=None
 ) -> Callable[[str, bytes], bytes]:
     """The transport handler of ``session.takeover`` for ``broker``: ``fn(from_node, payload)``
-    exports the session named by ``payload`` and returns its state (``b""``: no such session).
-    With ``call`` (the transport's) what still reaches this node for the session afterwards is
-    forwarded to ``from_node`` for a few seconds (``Broker.export_session``'s ``send``)."""
+    exports the session named by ``payload`` (``client id`` or ``client id NUL token``) and returns
+    its state (``b""``: no such session). With ``call`` (the transport's) what still reaches this
+    node for the session afterwards is forwarded to ``from_node`` (``Broker.export_session``'s
+    ``send``) until the move's markers are in (``markers``: ``fluxmq.cluster.markers.MoveMarkers``,
+    and a token) or for a few seconds."""
 
     def handle(from_node: str, payload: bytes) -> bytes:
         try:
-            client_id = bytes(payload).decode()
+            client_id, _, token = bytes(payload).decode().partition("\x00")
         except UnicodeDecodeError:
             log.warning(
                 "takeover_refused", extra={"from_node": from_node, "reason": "client id is not UTF-8"}
@@ -109,7 +101,8 @@ def takeover_handler(
             def send(blob: bytes) -> None:
                 call(from_node, MOVED_KIND, blob, MOVED_TIMEOUT)
 
-            state = broker.export_session(client_id, from_node, send)
+            move = markers.move_out(token) if markers is not None and token else None
+            state = broker.export_session(client_id, from_node, send, move)
         if state:
             # The session's removal here is committed before the state leaves: a crash of this
             # node afterwards cannot bring back a second copy at its restart.
@@ -148,44 +141,11 @@ def moved_handler(broker) -> Callable[[str, bytes], bytes]:
     return handle
 
 
-def moved_done_handler(broker, transport) -> Callable[[str, bytes], bytes]:
-    """The transport handler of ``session.moved.done`` (from the node that took the session):
-    once every other peer has drained its link to this node, the stand-in ends; answered at once."""
-
-    def finish(to_node: str, client_id: str) -> None:
-        others = [n for n in transport.links if n != to_node]
-        if not all(transport.links[n].connected for n in others if n in transport.links):
-            return  # a peer may send what it queued here later: the stand-in lasts its grace
-        # Every peer sends to ``to_node`` already: the interest goes now (fewer copies sent to both
-        # nodes meanwhile); the stand-in forwards what was queued here before, until the drains.
-        if not broker.withdraw_moved(client_id, to_node):
-            return
-        calls = [gevent.spawn(transport.call, n, LINK_DRAIN_KIND, b"", DRAIN_TIMEOUT + 1.0) for n in others]
-        gevent.joinall(calls, timeout=DRAIN_TIMEOUT + 2.0)
-        if all(g.successful() and g.value == b"1" for g in calls):
-            broker.end_moved(client_id, to_node)
-
-    def handle(from_node: str, payload: bytes) -> bytes:
-        try:
-            client_id = bytes(payload).decode()
-        except UnicodeDecodeError:
-            return b""
-        gevent.spawn(finish, from_node, client_id)
-        return b""
-
-    return handle
-
-
-def serve_handover(transport, broker) -> None:
-    """Serve ``session.takeover`` (with the forwarding of what reaches the old node afterwards),
-    ``session.moved``, ``session.moved.done`` and ``link.drain`` for ``broker`` on ``transport``."""
-    transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call))
+def serve_handover(transport, broker, markers=None) -> None:
+    """Serve ``session.takeover`` (with the forwarding of what reaches the old node afterwards,
+    ended by the move's ``markers``) and ``session.moved`` for ``broker`` on ``transport``."""
+    transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call, markers))
     transport.handle(MOVED_KIND, moved_handler(broker))
-    transport.handle(MOVED_DONE_KIND, moved_done_handler(broker, transport))
-    transport.handle(
-        LINK_DRAIN_KIND,
-        lambda from_node, _payload: b"1" if transport.drain(from_node, DRAIN_TIMEOUT) else b"",
-    )
 
 
 class ClusterSessions:
@@ -206,16 +166,16 @@ class ClusterSessions:
         max_moves: int = 3,
         max_kept: int = 10000,
         drain: Callable[[str, float], object] | None = None,
-        interest_applied: Callable[[float], bool] | None = None,
+        markers=None,
     ) -> None:
         self.ownership = ownership
         self.call = call
         # (node_id, timeout): wait until what this node forwarded to ``node_id`` so far is applied
         # there, so the state it hands over holds the messages published here before the claim
         self.drain = drain
-        # (timeout) -> every peer applied every interest change of this node so far (True), so that
-        # a moved session's previous owner may stop forwarding; None: not checked
-        self.interest_applied = interest_applied
+        # the node's markers (``fluxmq.cluster.markers.MoveMarkers``): a move's gate and marks;
+        # None: none (the old owner's stand-in lasts its grace)
+        self.markers = markers
         self.timeout = timeout
         self.max_moves = max_moves
         # States handed over to a claim that then failed (the registry refused or moved on): the
@@ -223,9 +183,10 @@ class ClusterSessions:
         # (a client refused with 0x88 retries) rather than lost. Bounded; the oldest goes first.
         self.kept: dict[str, bytes] = {}
         self.max_kept = max_kept
-        # client id -> the node whose state the last claim took (its stand-in forwards to here
-        # until ``moved_in`` tells it to stop)
-        self._took_from: dict[str, str] = {}
+        # client id -> (the node whose state the last claim took, the move's token): its stand-in
+        # forwards to here until the markers ``moved_in`` asks for are in
+        self._took_from: dict[str, tuple[str, str]] = {}
+        self._moves = 0
 
     def _acquire(self, client_id: str, take_from: str | None) -> str | None:
         try:
@@ -254,8 +215,13 @@ class ClusterSessions:
                     )
                 if self.drain is not None:
                     self.drain(owner, DRAIN_TIMEOUT)
+                token = ""
+                if self.markers is not None:
+                    self._moves += 1
+                    token = f"{self.markers.own}/{time.time_ns()}/{self._moves}"
                 try:
-                    reply = self.call(owner, TAKEOVER_KIND, client_id.encode(), self.timeout)
+                    payload = f"{client_id}\x00{token}" if token else client_id
+                    reply = self.call(owner, TAKEOVER_KIND, payload.encode(), self.timeout)
                 except Exception as exc:
                     raise ServerUnavailable(
                         f"node {owner} owning {client_id!r} does not answer: {exc}"
@@ -268,7 +234,7 @@ class ClusterSessions:
                     state = bytes(reply)
                     took = self._took_from
                     took.pop(client_id, None)
-                    took[client_id] = owner
+                    took[client_id] = (owner, token)
                     if len(took) > self.max_kept:  # claims whose state was discarded (Clean Start)
                         del took[next(iter(took))]
                 take_from = owner
@@ -279,25 +245,21 @@ class ClusterSessions:
                 self._keep(client_id, state)
             raise
 
-    def moved_in(self, client_id: str) -> None:
-        """The state the last claim of ``client_id`` took is imported here, its interest known to
-        the peers: tell its previous node, once what this node queued for it is applied there, that
-        its stand-in may end (in a greenlet of its own; a failure leaves the stand-in its grace)."""
-        owner = self._took_from.pop(client_id, None)
-        if owner is not None:
-            gevent.spawn(self._moved_done, client_id, owner)
+    def moving_in(self, client_id: str):
+        """The move the last claim of ``client_id`` took its state from, for the import
+        (``fluxmq.cluster.markers.MoveIn``), or None (no markers, no token)."""
+        took = self._took_from.get(client_id)
+        if took is None or self.markers is None or not took[1]:
+            return None
+        return self.markers.move_in(took[1], took[0])
 
-    def _moved_done(self, client_id: str, owner: str) -> None:
-        # Every peer sends what matches the session here now (or the stand-in lasts its grace),
-        # and what this node queued for the old owner before is applied there.
-        if self.interest_applied is not None and not self.interest_applied(INTEREST_TIMEOUT):
-            return
-        if self.drain is not None and not self.drain(owner, DRAIN_TIMEOUT):
-            return
-        try:
-            self.call(owner, MOVED_DONE_KIND, client_id.encode(), self.timeout)
-        except Exception as exc:
-            log.info("moved_done_failed", extra={"client_id": client_id, "node": owner, "error": str(exc)})
+    def moved_in(self, client_id: str) -> None:
+        """The state the last claim of ``client_id`` took is imported here, its interest sent:
+        every peer is asked, behind that interest in its stream, to mark its streams to both nodes
+        (``fluxmq.cluster.markers``). Never blocks."""
+        took = self._took_from.pop(client_id, None)
+        if took is not None and self.markers is not None and took[1]:
+            self.markers.move_in(took[1], took[0]).announce()
 
     def _keep(self, client_id: str, state: bytes) -> None:
         kept = self.kept

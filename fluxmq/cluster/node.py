@@ -234,7 +234,7 @@ class ClusterNode:
             **extra,
         )
         self.peers.transport = self.transport
-        serve_handover(self.transport, broker)
+        serve_handover(self.transport, broker, self.peers.markers)
         self.transport.handle(ADOPT_KIND, self._adopt)
         self.draining = False
         self.adopted_out = 0
@@ -254,7 +254,7 @@ class ClusterNode:
                 self.plane.meta,
                 self.transport.call,
                 drain=self.transport.drain,
-                interest_applied=self.transport.interest_applied,
+                markers=self.peers.markers,
             )
             self.health = self.plane.health
         self._started = False

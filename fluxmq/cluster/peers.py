@@ -44,8 +44,9 @@ import gevent
 from fluxmq.errors import ForwardedItemFailed, StorageError
 from fluxmq.storage.records import encode_message
 
-from .batch import BatchError, FramedBatch, Outgoing, ack_message, decode_item
+from .batch import MARKER_GROUP, BatchError, FramedBatch, Outgoing, ack_message, decode_item
 from .interest import RemoteInterest
+from .markers import MoveMarkers
 from .proto import cluster_pb2 as pb
 
 log = logging.getLogger("fluxmq.cluster.peers")
@@ -131,6 +132,10 @@ class ClusterPeers:
         self.duplicate_batches = 0
         self.bad_batches = 0
         self.failed_messages = 0  # forwarded messages whose local delivery raised (each logged)
+        self.markers = MoveMarkers(self)  # a moving session's markers (fluxmq.cluster.markers)
+
+    #: the peer whose batch is being applied (the origin of the deliveries in progress), else None
+    applying: str | None = None
 
     # -- Peers: interest -------------------------------------------------------------------------
 
@@ -260,6 +265,10 @@ class ClusterPeers:
         if sessions is not None:
             sessions.release_session(client_id)
 
+    def moving_in(self, client_id: str):
+        sessions = self.sessions
+        return sessions.moving_in(client_id) if sessions is not None else None
+
     def moved_in(self, client_id: str) -> None:
         sessions = self.sessions
         if sessions is not None:
@@ -312,6 +321,9 @@ class ClusterPeers:
         i, end = batch.items_start if type(batch) is FramedBatch else 0, len(items)
         now = time.monotonic()
         relayed = broker.publish_relayed_from_peer
+        # the origin of the deliveries made while the batch is applied (a moved session's stand-in
+        # and gate read it: ``fluxmq.cluster.markers``); no yield until it is cleared
+        self.applying = sender
         try:
             while i < end:
                 try:
@@ -337,6 +349,10 @@ class ClusterPeers:
                 message, groups, match_local, i = decode_item(items, i, now)
                 n += 1
                 if groups:
+                    if groups[0] == MARKER_GROUP:  # a move's marker, applied in its place
+                        n -= 1
+                        self.markers.received_from(sender, message.payload)
+                        continue
                     for g in broker.router.route(message.topic).groups:
                         key = group_key(g)
                         if key in groups and not group_ready(g):
@@ -359,6 +375,8 @@ class ClusterPeers:
                     "count": batch.count,
                 },
             )
+        finally:
+            self.applying = None
         self._applied[sender] = (batch.epoch, batch.seq)
         stored = broker.peer_batch_applied(sender, batch.epoch, batch.seq)
         self.received_batches += 1

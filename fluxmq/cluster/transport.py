@@ -305,15 +305,6 @@ class ClusterTransport:
                 ok = False
         return ok
 
-    def interest_applied(self, timeout: float) -> bool:
-        """Block (bounded) until every peer applied every interest change this node made so far;
-        False when a peer is unreachable or did not in time (a moved session's previous owner keeps
-        forwarding then: ``handover.ClusterSessions.moved_in``)."""
-        pending = [(link, link.interest_version) for link in self.links.values()]
-        if not all(link.connected for link, _v in pending):
-            return False
-        return self.wait_interest(pending, timeout) and all(link.connected for link, _v in pending)
-
     # -- control calls -------------------------------------------------------------------------
 
     def handle(self, kind: str, fn: Callable[[str, bytes], bytes]) -> None:

@@ -306,9 +306,9 @@ class WorkerNode:
             self.ownership,
             self.transport.call,
             drain=self.transport.drain,
-            interest_applied=self.transport.interest_applied,
+            markers=self.peers.markers,
         )
-        serve_handover(self.transport, broker)
+        serve_handover(self.transport, broker, self.peers.markers)
         self.transport.handle("retained.snapshot", self._serve_retained)
 
     def local(self) -> list[str]:

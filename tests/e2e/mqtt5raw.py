@@ -206,6 +206,17 @@ class Paho5:
         assert self._connected.wait(timeout), "no CONNACK within the bound"
         return self.connack
 
+    def reconnect(self, node: Any, properties: Properties | None = None, timeout: float = WAIT) -> tuple:
+        """Connect again (after ``disconnect``) to ``node``, resuming the session (no Clean Start),
+        with the same paho client: its state of the QoS 2 messages received and not yet released
+        goes on (paho gives such a message to ``on_message`` at its PUBREL)."""
+        self.node = node
+        self.clean_start = False
+        self.connack = None
+        self._connected.clear()
+        self._disconnected.clear()
+        return self.connect(properties, timeout)
+
     def subscribe(
         self,
         topic: str,

@@ -1,18 +1,21 @@
-"""A persistent session that moves between the workers of a node, while messages are published
-continuously, loses none of its QoS 1 messages (docs/cluster.rst, "Session takeover": the move's
-window; docs/reliability.rst).
+"""A persistent session that moves between the workers of a node, or between nodes, while messages
+are published continuously, loses none of its QoS 1 messages and gets each QoS 2 message exactly
+once (docs/cluster.rst, "Session takeover": the move's window and its markers; docs/reliability.rst).
 
 The window: the old owner exports the session (its subscriptions leave its router and its interest
 is withdrawn from the peers) before the new owner has imported it and its interest has reached the
 peers. A message published meanwhile on either worker, or forwarded to the old owner before it knew,
 found no subscriber anywhere. The test reconnects one persistent QoS 1 subscriber over and over (the
 kernel spreads the connections over the two workers, so its session moves about every other time)
-while a publisher sends numbered QoS 1 messages one after the other; every number must arrive
-(duplicates are allowed at QoS 1, gaps are not).
+while a publisher sends numbered messages one after the other; every number must arrive
+(duplicates are allowed at QoS 1, gaps are not; at QoS 2 every number arrives exactly once: the
+subscriber is one paho client reconnected, whose state of the QoS 2 messages not yet released goes
+on, so a second copy is a second PUBLISH exchange of the broker's).
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import re
 import threading
@@ -43,11 +46,12 @@ def _session_props() -> Properties:
 
 
 class Counter:
-    """A publisher thread sending ``0, 1, 2, ...`` at QoS 1, each acknowledged before the next."""
+    """A publisher thread sending ``0, 1, 2, ...`` at ``qos``, each acknowledged before the next."""
 
-    def __init__(self, node, topic: str) -> None:
+    def __init__(self, node, topic: str, qos: int = 1) -> None:
         self.client = paho5(node, unique("pub"))
         self.topic = topic
+        self.qos = qos
         self.sent = 0
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -57,7 +61,7 @@ class Counter:
     def _run(self) -> None:
         try:
             while not self.stop.is_set() and self.sent < MAX_MESSAGES:
-                self.client.publish(self.topic, str(self.sent).encode(), 1)
+                self.client.publish(self.topic, str(self.sent).encode(), self.qos)
                 self.sent += 1
         except BaseException as exc:  # reported by finish()
             self.error = exc
@@ -70,7 +74,7 @@ class Counter:
         return self.sent
 
 
-def _collect(client: Paho5, got: set[int], topic: str, seconds: float) -> None:
+def _collect(client: Paho5, got: list[int], topic: str, seconds: float) -> None:
     """Add the numbers ``client`` received within ``seconds`` (0: those it holds now) to ``got``."""
     deadline = time.monotonic() + seconds
     while True:
@@ -80,52 +84,67 @@ def _collect(client: Paho5, got: set[int], topic: str, seconds: float) -> None:
         except queue.Empty:
             return
         if msg.topic == topic:
-            got.add(int(msg.payload))
+            got.append(int(msg.payload))
 
 
-def run_moves(subscriber_node, publisher_node, moves_in) -> tuple[int, int, list[int]]:
-    """A persistent QoS 1 subscriber reconnecting ``ROUNDS`` times (to ``subscriber_node(round)``)
-    while a publisher on ``publisher_node`` counts; returns (sent, moves, missing numbers), the
-    moves counted in the log texts ``moves_in()`` returns."""
+def run_moves(
+    subscriber_node, publisher_node, moves_in, qos: int = 1
+) -> tuple[int, int, list[int], list[int]]:
+    """A persistent subscriber at ``qos`` reconnecting ``ROUNDS`` times (to
+    ``subscriber_node(round)``) while a publisher on ``publisher_node`` counts at ``qos``; returns
+    (sent, moves, missing numbers, numbers received more than once), the moves counted in the log
+    texts ``moves_in()`` returns."""
     cid = unique("mover")
     topic = unique("move/count")
     props = _session_props()
     sub = paho5(subscriber_node(-1), cid, props, clean_start=True)
-    assert sub.subscribe(topic, 1)[0].value == 1
-    got: set[int] = set()
-    publisher = Counter(publisher_node, topic)
+    assert sub.subscribe(topic, qos)[0].value == qos
+    got: list[int] = []
+    publisher = Counter(publisher_node, topic, qos)
     try:
         for round_ in range(ROUNDS):
             _collect(sub, got, topic, HOLD)
             sub.disconnect()
             _collect(sub, got, topic, 0)  # what arrived before the DISCONNECT went
-            sub = Paho5(subscriber_node(round_), cid, False, 60)
-            rc, present, _ = sub.connect(props)
+            rc, present, _ = sub.reconnect(subscriber_node(round_), props)
             assert not rc.is_failure and present, f"round {round_}: {rc}, present={present}"
     finally:
         sent = publisher.finish()
     deadline = time.monotonic() + DRAIN
-    while len(got) < sent and time.monotonic() < deadline:
+    while len(set(got)) < sent and time.monotonic() < deadline:
         _collect(sub, got, topic, 0.5)
+    _collect(sub, got, topic, 0.5)  # a late second copy
     sub.disconnect()
     moves = sum(len(re.findall(rf"session_imported.*{re.escape(cid)}", text)) for text in moves_in())
-    return sent, moves, sorted(set(range(sent)) - got)
+    twice = sorted(n for n, k in collections.Counter(got).items() if k > 1)
+    print(
+        f"moves: qos {qos}, sent {sent}, moves {moves}, lost {len(set(range(sent)) - set(got))}, twice {len(twice)}"
+    )
+    return sent, moves, sorted(set(range(sent)) - set(got)), twice
 
 
-def test_a_session_moving_between_workers_loses_no_qos1_message(tmp_path) -> None:
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_session_moving_between_workers_loses_no_message_and_doubles_no_qos2_one(
+    tmp_path, qos: int
+) -> None:
     """Two workers of one node: the kernel places each connection, so about every other reconnect
     moves the session; the publisher is on either worker (the old owner or the new one)."""
     factory = NodeFactory(tmp_path)
     try:
         node = start(factory)
-        sent, moves, missing = run_moves(lambda _round: node, node, lambda: [node.log_text()])
+        sent, moves, missing, twice = run_moves(lambda _round: node, node, lambda: [node.log_text()], qos)
         assert moves >= 2, f"the session moved {moves} times in {ROUNDS} reconnects"
         assert not missing, f"{len(missing)} of {sent} lost over {moves} moves: {missing[:20]}"
+        if qos == 2:
+            assert not twice, f"{len(twice)} of {sent} received twice over {moves} moves: {twice[:20]}"
     finally:
         factory.close()
 
 
-def test_a_session_moving_between_nodes_loses_no_qos1_message(etcd_server, tmp_path) -> None:
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_session_moving_between_nodes_loses_no_message_and_doubles_no_qos2_one(
+    etcd_server, tmp_path, qos: int
+) -> None:
     """Three nodes on etcd: the subscriber alternates between e1 and e2 (every reconnect moves its
     session), the publisher is on e3 (a third party: its messages reach the moving session through
     the interest e3 holds of e1 and e2)."""
@@ -138,10 +157,12 @@ def test_a_session_moving_between_nodes_loses_no_qos1_message(etcd_server, tmp_p
         for node in cl.nodes.values():
             assert wait_for(lambda node=node: nominal(node, 2)), node.http_get("/cluster/status")
         e1, e2, e3 = cl.nodes["e1"], cl.nodes["e2"], cl.nodes["e3"]
-        sent, moves, missing = run_moves(
-            lambda round_: e1 if round_ % 2 else e2, e3, lambda: [e1.log_text(), e2.log_text()]
+        sent, moves, missing, twice = run_moves(
+            lambda round_: e1 if round_ % 2 else e2, e3, lambda: [e1.log_text(), e2.log_text()], qos
         )
         assert moves >= ROUNDS, f"the session moved {moves} times in {ROUNDS} reconnects"
         assert not missing, f"{len(missing)} of {sent} lost over {moves} moves: {missing[:20]}"
+        if qos == 2:
+            assert not twice, f"{len(twice)} of {sent} received twice over {moves} moves: {twice[:20]}"
     finally:
         factory.close()
