@@ -466,7 +466,7 @@ class ClusterNode:
         # elsewhere) left stand-ins that forward to their new node what still reaches this one for
         # them: what a peer forwarded here before it knew the new owner (a batch on its way, or
         # applied late on a loaded machine). This node stays up (its links and stand-ins working)
-        # until they ended (the taking node said done, or their grace) or forward only to nodes
+        # until they ended (every node's marker arrived, or their grace) or forward only to nodes
         # that are gone, within the same deadline: stopped before, those messages are lost.
         forwarding = self._forwarding()
         while forwarding and time.monotonic() < deadline:
