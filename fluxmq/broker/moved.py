@@ -45,7 +45,7 @@ from collections.abc import Callable
 import gevent
 
 from .session import Subscription
-from .session_state import QueuedState, SessionState, encode_session_state
+from .session_state import QueuedState, SessionState, SubscriptionState, encode_session_state
 
 log = logging.getLogger("fluxmq.broker.moved")
 
@@ -131,6 +131,11 @@ class MovedSession:
         self.dropped = 0
         self.skipped = 0  # messages whose origin sends them to the taking node itself
         self.timer = None
+        #: the session's shared subscriptions, standing in as members of their groups (``MovedShare``)
+        self.shares: list[Subscription] = []
+        #: their filters still hold this node's interest (False once it is withdrawn: the tail)
+        self.shares_held = False
+        self.withdrawn: MoveMarks | None = None  # the tail's markers (every peer applied the withdrawal)
 
     def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
         """Queue ``message`` for the session on its new node, unless its origin sends it there."""
@@ -143,22 +148,35 @@ class MovedSession:
                 return
         self.forward(message)
 
-    def forward(self, message) -> None:
-        """Queue ``message`` for the session on its new node (what a node before forwarded here)."""
+    def forward(self, message, share: Subscription | None = None) -> None:
+        """Queue ``message`` for the session on its new node (what a node before forwarded here);
+        ``share``: it is the share of the session's shared subscription ``share`` (the group gave it
+        to the session), not a match of its own subscriptions."""
         if len(self._outbox) >= MAX_QUEUED:
             self.dropped += 1
             return
         # The message as published: the taking node applies the session's own options to it.
-        self._outbox.append(QueuedState(message, message.qos, message.retain, None))
+        self._outbox.append((QueuedState(message, message.qos, message.retain, None), share))
         if self._sender is None:
             self._sender = gevent.spawn(self._send_all)
 
     def _send_all(self) -> None:
-        """Send what is queued, in order, one call per run of messages, until nothing is left."""
+        """Send what is queued, in order, one call per run of messages for the same subscription
+        kind (its own, or one shared subscription: named in the call's state), until nothing is
+        left."""
         try:
             while self._outbox:
-                batch, self._outbox = self._outbox, []
-                blob = encode_session_state(SessionState(self.client_id, queued=batch))
+                outbox = self._outbox
+                share = outbox[0][1]
+                n = 1
+                while n < len(outbox) and outbox[n][1] is share:
+                    n += 1
+                batch = [q for q, _s in outbox[:n]]
+                del outbox[:n]
+                subs = []
+                if share is not None:
+                    subs = [SubscriptionState(share.filter, share.qos, share_group=share.share_group)]
+                blob = encode_session_state(SessionState(self.client_id, subscriptions=subs, queued=batch))
                 try:
                     self._send(blob)
                 except Exception as exc:
@@ -196,6 +214,29 @@ class MovedSession:
                 "markers": "all" if marks is not None and marks.complete else "missing",
             },
         )
+
+
+class MovedShare:
+    """The router target of one shared subscription of a moved session (``MovedSession.shares``):
+    a member of its group here, with no connection, so the group's online members here come
+    first (``Router.pick_member``); what the group gives it goes to the session on its new node,
+    always (a peer gives a group's message to one node only: the taking node cannot have it too)."""
+
+    delivery = None
+    trusted = True
+    persistent = False
+    inflight = ()
+    queue = ()
+    send_quota = 0
+
+    def __init__(self, stand_in: MovedSession, share: Subscription) -> None:
+        self.stand_in = stand_in
+        self.share = share  # the session's subscription: its filter, QoS and group
+        self.client_id = stand_in.client_id
+        self.username = stand_in.username
+
+    def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
+        self.stand_in.forward(message, self.share)
 
 
 class MoveGate:
