@@ -4,10 +4,10 @@ When a session moves (``Broker.export_session`` here, ``Broker.import_session`` 
 node), its subscriptions leave this node before the taking node's interest in them is known to the
 peers (it travels with their route batches). Without more, a message published meanwhile on any
 node, or forwarded here by a peer that did not know yet, finds no subscriber anywhere. So a
-``MovedSession`` stands in the router in the moved session's place (its subscriptions, shared ones
-excepted): this node's interest in those filters is not withdrawn, and what matches them is sent
-to the taking node *for that session* (``send``; there ``Broker.deliver_moved`` routes it to that
-session alone, never to anyone else).
+``MovedSession`` stands in the router in the moved session's place (its subscriptions, and its
+shared ones as members of their groups, ``MovedShare``): this node's interest in those filters is
+not withdrawn, and what matches them is sent to the taking node *for that session* (``send``;
+there ``Broker.deliver_moved`` routes it to that session alone, never to anyone else).
 
 Each message then reaches the session once, through the move's markers (``MoveMarks``; sent and
 read by ``fluxmq.cluster.markers``): every node, when it applies the taking node's interest, puts a
@@ -27,6 +27,15 @@ every one it routes after (this node and the taking node mark their own publishe
   would have given (the node before forwards the rest, passed on here by ``deliver_moved``), and
   lasts its grace. A session that comes back before the markers of its move from here are all in
   is gated with them too (``passes``).
+* Shared subscriptions: a peer gives a group's message to one node, so the marker rule above does
+  not hold for them (after its marker a peer still picks this node, in turn, while it holds this
+  node's interest in the group). What a group gives the stand-in (only when no online member of
+  the group is here: those come first) is always forwarded, naming the shared subscription; the
+  taking node gives it to the session by that subscription, never gated (no peer sent it there
+  too). Once every node's marker is in, this node withdraws its interest in the groups and sends
+  ``WITHDRAWN``; the shares stay in the router until every peer answered that it applied the
+  withdrawal (after every group message it gave this node before), or a second grace
+  (``Broker._stand_in_done``).
 * Fallback: a stand-in and a gate end after ``Broker.moved_forward_for`` seconds whatever came;
   a node whose marker did not arrive by then (unreachable that long) may see its messages of the
   window lost or doubled. Without markers (no token: a node of an older version, a double in a
