@@ -221,6 +221,15 @@ class MovedSession:
                 "dropped": self.dropped,
                 "skipped": self.skipped,
                 "markers": "all" if marks is not None and marks.complete else "missing",
+                "shared": len(self.shares),
+                # the peers' answers to the withdrawal of the shares' groups (none: no shares)
+                "withdrawn": (
+                    "none"
+                    if not self.shares
+                    else "all"
+                    if self.withdrawn is not None and self.withdrawn.complete
+                    else "missing"
+                ),
             },
         )
 
