@@ -229,9 +229,10 @@ class ClusterHooks:
                 self._move_marks.pop(token, None)
 
     def _stand_in(self, session: Session, to_node: str, send: Callable[[bytes], object], move=None) -> None:
-        """Put a ``MovedSession`` in the router beside ``session``'s subscriptions (not shared
-        ones, ``_moved_subscriptions``), so that their interest stays announced when the session's
-        own leave, until the move's markers are in or for ``moved_forward_for`` seconds."""
+        """Put a ``MovedSession`` in the router beside ``session``'s subscriptions
+        (``_moved_subscriptions``; its shared ones as members of their groups, ``_moved_shares``),
+        so that their interest stays announced when the session's own leave, until the move's
+        markers are in or for ``moved_forward_for`` seconds (the shares longer: ``_stand_in_done``)."""
         subs = self._moved_subscriptions(session.subscriptions.values(), session.expiry_interval)
         shares = self._moved_shares(session.subscriptions.values(), session.expiry_interval)
         if not subs and not shares:

@@ -240,8 +240,7 @@ class MovedShare:
     first (``Router.pick_member``); what the group gives it goes to the session on its new node,
     always (a peer gives a group's message to one node only: the taking node cannot have it too)."""
 
-    delivery = None
-    trusted = True
+    delivery = None  # offline: the group's online members here come first
     persistent = False
     inflight = ()
     queue = ()
