@@ -11,6 +11,12 @@ while a publisher sends numbered messages one after the other; every number must
 (duplicates are allowed at QoS 1, gaps are not; at QoS 2 every number arrives exactly once: the
 subscriber is one paho client reconnected, whose state of the QoS 2 messages not yet released goes
 on, so a second copy is a second PUBLISH exchange of the broker's).
+
+The shared variants subscribe ``$share/g/{topic}`` instead, the group's only member: a peer gives
+each group message to one node, so the old owner's stand-in holds the session's share until every
+peer applied its withdrawal of the group (docs/cluster.rst, "A shared subscription of the moving
+session"); on main 32 of 6,354 QoS 1 numbers were lost over 20 moves between workers and 6,625 of
+17,365 over 30 between nodes.
 """
 
 from __future__ import annotations
