@@ -15,7 +15,7 @@ from gevent.event import Event
 from fluxmq.errors import QueueRefused, ServerUnavailable
 
 from .message import Message, TrackedMessage
-from .moved import MovedSession, MoveGate, MoveMarks
+from .moved import MovedSession, MovedShare, MoveGate, MoveMarks
 from .prefixes import BRIDGE_SESSION_PREFIX
 from .session import Inflight, PersistentSession, Session, Subscription, Will
 from .session_state import (
@@ -193,6 +193,13 @@ class ClusterHooks:
             return []
         return [s for s in subscriptions if s.share_group is None]
 
+    def _moved_shares(self, subscriptions, expiry_interval: int) -> list[Subscription]:
+        """The shared subscriptions a move stands in for on the old node (``MovedShare``; never
+        gated on the taking node: a peer gives each group message to one node only)."""
+        if not expiry_interval or self.moved_forward_for <= 0:
+            return []
+        return [s for s in subscriptions if s.share_group is not None]
+
     def _origin_of(self, own: str) -> Callable[[], str]:
         """() -> the node a delivery in progress comes from: the peer whose batch is being applied
         (``Peers.applying``), else ``own`` (published here)."""
@@ -222,11 +229,13 @@ class ClusterHooks:
                 self._move_marks.pop(token, None)
 
     def _stand_in(self, session: Session, to_node: str, send: Callable[[bytes], object], move=None) -> None:
-        """Put a ``MovedSession`` in the router beside ``session``'s subscriptions (not shared
-        ones, ``_moved_subscriptions``), so that their interest stays announced when the session's
-        own leave, until the move's markers are in or for ``moved_forward_for`` seconds."""
+        """Put a ``MovedSession`` in the router beside ``session``'s subscriptions
+        (``_moved_subscriptions``; its shared ones as members of their groups, ``_moved_shares``),
+        so that their interest stays announced when the session's own leave, until the move's
+        markers are in or for ``moved_forward_for`` seconds (the shares longer: ``_stand_in_done``)."""
         subs = self._moved_subscriptions(session.subscriptions.values(), session.expiry_interval)
-        if not subs:
+        shares = self._moved_shares(session.subscriptions.values(), session.expiry_interval)
+        if not subs and not shares:
             return
         cid = session.client_id
         self._end_moved(cid)
@@ -255,14 +264,29 @@ class ClusterHooks:
             if router.add_keyed(stand_in.key, sub):
                 self._interest_up(s.filter)
             stand_in.subscriptions.append(sub)
+        for s in shares:
+            sub = Subscription(
+                MovedShare(stand_in, s),
+                s.filter,
+                s.qos,
+                s.no_local,
+                s.retain_as_published,
+                s.retain_handling,
+                s.subscription_id,
+                s.share_group,
+            )
+            if router.add_keyed(stand_in.key, sub):
+                self._interest_up(s.filter)
+            stand_in.shares.append(sub)
+        stand_in.shares_held = bool(shares)
         moved = self._moved
         moved[cid] = stand_in
-        stand_in.timer = gevent.spawn_later(self.moved_forward_for, self._end_moved, cid, stand_in)
+        stand_in.timer = gevent.spawn_later(self.moved_forward_for, self._stand_in_done, cid, stand_in)
         while len(moved) > self.moved_max:
             self._end_moved(next(iter(moved)))
         log.info(
             "moved_forward_started",
-            extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs)},
+            extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs), "shared": len(shares)},
         )
 
     def _markers_in(self, client_id: str, stand_in: MovedSession) -> None:
@@ -271,7 +295,41 @@ class ClusterHooks:
         when it moved on: what the node before forwards here keeps coming until its grace)."""
         gate = stand_in.gate
         if gate is None or gate.marks.complete:
+            self._stand_in_done(client_id, stand_in)
+
+    def _stand_in_done(self, client_id: str, stand_in: MovedSession) -> None:
+        """The move's markers are in (or its grace is over): the stand-in ends, except for its shared
+        subscriptions, whose groups a peer may still give to this node until it has applied the
+        withdrawal of this node's interest in them. That interest goes now; the shares stay in the
+        router, members of their groups, until every peer's marker says it applied the withdrawal
+        (``markers.WITHDRAWN``), or for ``moved_forward_for`` seconds more: what a peer sent here
+        before still reaches the session."""
+        if self._moved.get(client_id) is not stand_in:
+            return
+        if not stand_in.shares_held:
             self._end_moved(client_id, stand_in)
+            return
+        router = self.router
+        for sub in stand_in.subscriptions:
+            if router.remove_keyed(stand_in.key, sub.filter):
+                self._interest_down(sub.filter)
+        stand_in.subscriptions = []
+        stand_in.shares_held = False
+        for sub in stand_in.shares:
+            self._interest_down(sub.filter)
+        timer = stand_in.timer
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+        markers = getattr(self.peers, "markers", None)
+        token = stand_in.marks.token if stand_in.marks is not None else None
+        expected = markers.withdrawn(token + "w") if markers is not None and token else ()
+        if not expected:
+            stand_in.timer = gevent.spawn_later(self.moved_forward_for, self._end_moved, client_id, stand_in)
+            return
+        marks = stand_in.withdrawn = MoveMarks(token + "w", expected)
+        marks.done = lambda: self._end_moved(client_id, stand_in)
+        self._count_marks(marks)
+        stand_in.timer = gevent.spawn_later(self.moved_forward_for, self._end_moved, client_id, stand_in)
 
     def _end_moved(self, client_id: str, stand_in: MovedSession | None = None) -> None:
         """The stand-in of ``client_id`` (only ``stand_in``, when given) leaves the router; the
@@ -286,6 +344,10 @@ class ClusterHooks:
         for sub in current.subscriptions:
             if self.router.remove_keyed(current.key, sub.filter):
                 self._interest_down(sub.filter)
+        for sub in current.shares:
+            if self.router.remove_keyed(current.key, sub.filter) and current.shares_held:
+                self._interest_down(sub.filter)
+        current.shares_held = False
         current.ended()
         if current.sending:
             self._moved_ending.append(current)
@@ -362,6 +424,7 @@ class ClusterHooks:
         say): they were the old session's. Returns the deliveries."""
         state = decode_session_state(blob)
         cid = state.client_id
+        share = state.subscriptions[0] if state.subscriptions else None  # a group's share of them
         pending = self._claiming.get(cid)
         if pending is not None:
             pending.wait(self.claim_wait)  # the import in progress here: deliver once it is done
@@ -370,11 +433,14 @@ class ClusterHooks:
         if session is None or until is None or until < time.monotonic():
             stand_in = self._moved.get(cid)
             if stand_in is not None:
+                passed = self._share_of(stand_in, share.filter) if share is not None else None
                 for q in state.queued:
-                    stand_in.forward(q.message)
+                    stand_in.forward(q.message, passed)
                 return 0
             log.warning("moved_messages_dropped", extra={"client_id": cid, "messages": len(state.queued)})
             return 0
+        if share is not None:
+            return self._deliver_share(session, share.filter, state.queued)
         n = 0
         route = self.router.route
         for q in state.queued:
@@ -392,6 +458,32 @@ class ClusterHooks:
                 n += 1
                 break
         return n
+
+    @staticmethod
+    def _share_of(stand_in: MovedSession, filter: str) -> Subscription:
+        """The shared subscription ``filter`` of the session ``stand_in`` forwards for (a message a
+        node before forwarded as its group's share, passed on)."""
+        for sub in stand_in.shares:
+            if sub.filter == filter:
+                return sub.session.share
+        return Subscription(None, filter, 2, share_group=filter.split("/", 2)[1])
+
+    def _deliver_share(self, session: Session, filter: str, queued) -> int:
+        """Messages a group gave the session's shared subscription ``filter`` on its previous node
+        (forwarded by its stand-in there, ``MovedShare``): to the session, with the options of that
+        subscription here; dropped when the session no longer has it (logged)."""
+        sub = session.subscriptions.get(filter)
+        if sub is None or sub.share_group is None:
+            log.warning(
+                "moved_messages_dropped",
+                extra={"client_id": session.client_id, "messages": len(queued), "filter": filter},
+            )
+            return 0
+        ids = (sub.subscription_id,) if sub.subscription_id else None
+        for q in queued:
+            message = q.message
+            session.deliver(message, message.qos if message.qos < sub.qos else sub.qos, False, ids)
+        return len(queued)
 
     def _prune_exported(self, now: float) -> None:
         """Oldest first: drop the copies past ``exported_keep`` or over the count and byte bounds."""

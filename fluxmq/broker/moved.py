@@ -4,10 +4,10 @@ When a session moves (``Broker.export_session`` here, ``Broker.import_session`` 
 node), its subscriptions leave this node before the taking node's interest in them is known to the
 peers (it travels with their route batches). Without more, a message published meanwhile on any
 node, or forwarded here by a peer that did not know yet, finds no subscriber anywhere. So a
-``MovedSession`` stands in the router in the moved session's place (its subscriptions, shared ones
-excepted): this node's interest in those filters is not withdrawn, and what matches them is sent
-to the taking node *for that session* (``send``; there ``Broker.deliver_moved`` routes it to that
-session alone, never to anyone else).
+``MovedSession`` stands in the router in the moved session's place (its subscriptions, and its
+shared ones as members of their groups, ``MovedShare``): this node's interest in those filters is
+not withdrawn, and what matches them is sent to the taking node *for that session* (``send``;
+there ``Broker.deliver_moved`` routes it to that session alone, never to anyone else).
 
 Each message then reaches the session once, through the move's markers (``MoveMarks``; sent and
 read by ``fluxmq.cluster.markers``): every node, when it applies the taking node's interest, puts a
@@ -27,6 +27,15 @@ every one it routes after (this node and the taking node mark their own publishe
   would have given (the node before forwards the rest, passed on here by ``deliver_moved``), and
   lasts its grace. A session that comes back before the markers of its move from here are all in
   is gated with them too (``passes``).
+* Shared subscriptions: a peer gives a group's message to one node, so the marker rule above does
+  not hold for them (after its marker a peer still picks this node, in turn, while it holds this
+  node's interest in the group). What a group gives the stand-in (only when no online member of
+  the group is here: those come first) is always forwarded, naming the shared subscription; the
+  taking node gives it to the session by that subscription, never gated (no peer sent it there
+  too). Once every node's marker is in, this node withdraws its interest in the groups and sends
+  ``WITHDRAWN``; the shares stay in the router until every peer answered that it applied the
+  withdrawal (after every group message it gave this node before), or a second grace
+  (``Broker._stand_in_done``).
 * Fallback: a stand-in and a gate end after ``Broker.moved_forward_for`` seconds whatever came;
   a node whose marker did not arrive by then (unreachable that long) may see its messages of the
   window lost or doubled. Without markers (no token: a node of an older version, a double in a
@@ -45,7 +54,7 @@ from collections.abc import Callable
 import gevent
 
 from .session import Subscription
-from .session_state import QueuedState, SessionState, encode_session_state
+from .session_state import QueuedState, SessionState, SubscriptionState, encode_session_state
 
 log = logging.getLogger("fluxmq.broker.moved")
 
@@ -131,6 +140,11 @@ class MovedSession:
         self.dropped = 0
         self.skipped = 0  # messages whose origin sends them to the taking node itself
         self.timer = None
+        #: the session's shared subscriptions, standing in as members of their groups (``MovedShare``)
+        self.shares: list[Subscription] = []
+        #: their filters still hold this node's interest (False once it is withdrawn: the tail)
+        self.shares_held = False
+        self.withdrawn: MoveMarks | None = None  # the tail's markers (every peer applied the withdrawal)
 
     def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
         """Queue ``message`` for the session on its new node, unless its origin sends it there."""
@@ -143,22 +157,35 @@ class MovedSession:
                 return
         self.forward(message)
 
-    def forward(self, message) -> None:
-        """Queue ``message`` for the session on its new node (what a node before forwarded here)."""
+    def forward(self, message, share: Subscription | None = None) -> None:
+        """Queue ``message`` for the session on its new node (what a node before forwarded here);
+        ``share``: it is the share of the session's shared subscription ``share`` (the group gave it
+        to the session), not a match of its own subscriptions."""
         if len(self._outbox) >= MAX_QUEUED:
             self.dropped += 1
             return
         # The message as published: the taking node applies the session's own options to it.
-        self._outbox.append(QueuedState(message, message.qos, message.retain, None))
+        self._outbox.append((QueuedState(message, message.qos, message.retain, None), share))
         if self._sender is None:
             self._sender = gevent.spawn(self._send_all)
 
     def _send_all(self) -> None:
-        """Send what is queued, in order, one call per run of messages, until nothing is left."""
+        """Send what is queued, in order, one call per run of messages for the same subscription
+        kind (its own, or one shared subscription: named in the call's state), until nothing is
+        left."""
         try:
             while self._outbox:
-                batch, self._outbox = self._outbox, []
-                blob = encode_session_state(SessionState(self.client_id, queued=batch))
+                outbox = self._outbox
+                share = outbox[0][1]
+                n = 1
+                while n < len(outbox) and outbox[n][1] is share:
+                    n += 1
+                batch = [q for q, _s in outbox[:n]]
+                del outbox[:n]
+                subs = []
+                if share is not None:
+                    subs = [SubscriptionState(share.filter, share.qos, share_group=share.share_group)]
+                blob = encode_session_state(SessionState(self.client_id, subscriptions=subs, queued=batch))
                 try:
                     self._send(blob)
                 except Exception as exc:
@@ -194,8 +221,39 @@ class MovedSession:
                 "dropped": self.dropped,
                 "skipped": self.skipped,
                 "markers": "all" if marks is not None and marks.complete else "missing",
+                "shared": len(self.shares),
+                # the peers' answers to the withdrawal of the shares' groups (none: no shares)
+                "withdrawn": (
+                    "none"
+                    if not self.shares
+                    else "all"
+                    if self.withdrawn is not None and self.withdrawn.complete
+                    else "missing"
+                ),
             },
         )
+
+
+class MovedShare:
+    """The router target of one shared subscription of a moved session (``MovedSession.shares``):
+    a member of its group here, with no connection, so the group's online members here come
+    first (``Router.pick_member``); what the group gives it goes to the session on its new node,
+    always (a peer gives a group's message to one node only: the taking node cannot have it too)."""
+
+    delivery = None  # offline: the group's online members here come first
+    persistent = False
+    inflight = ()
+    queue = ()
+    send_quota = 0
+
+    def __init__(self, stand_in: MovedSession, share: Subscription) -> None:
+        self.stand_in = stand_in
+        self.share = share  # the session's subscription: its filter, QoS and group
+        self.client_id = stand_in.client_id
+        self.username = stand_in.username
+
+    def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
+        self.stand_in.forward(message, self.share)
 
 
 class MoveGate:

@@ -17,6 +17,12 @@ interest, and that view changes when it applies a batch of B's. A marker, an ite
   itself) and ends once every node's marker is in; at B, the gate gives S P's messages after it
   only (before it, P routed them to A alone or to both: A's stand-in forwards them).
 
+A moved session's shared subscriptions (a peer gives each group message to one node: A or B, never
+both) stand in on A until every node routes by B's interest (the markers above), then A withdraws
+its interest in their groups and sends ``WITHDRAWN`` (A -> every peer, behind the withdrawal in
+each stream); a peer reading it has applied the withdrawal and sends ``APPLIED`` back to A, after
+every group message it gave A before: A's shares then end (``Broker._stand_in_done``).
+
 The origin of a message is the peer whose batch is being applied (``ClusterPeers.applying``, set
 per batch), or this node: no field per message. A marker that cannot be queued (a full queue) or
 a peer that never answers leaves the stand-in and the gate their grace (``Broker.moved_forward_for``).
@@ -33,6 +39,7 @@ log = logging.getLogger("fluxmq.cluster.markers")
 SWITCH = "S"
 REQUEST = "R"
 APPLIED = "A"
+WITHDRAWN = "W"
 
 
 def encode_marker(kind: str, token: str, old: str, new: str) -> bytes:
@@ -118,6 +125,16 @@ class MoveMarkers:
         self.sent += 1
         return True
 
+    def withdrawn(self, token: str) -> frozenset:
+        """This node withdrew its interest in a moved session's shared subscriptions (queued in
+        every link before this): ask every peer to mark its stream back once it applied that
+        (``WITHDRAWN``, the move ``token``); returns the peers asked."""
+        asked = set()
+        for node in list(self.links()):
+            if self.send(node, WITHDRAWN, token, self.own, self.own):
+                asked.add(node)
+        return frozenset(asked)
+
     def received_from(self, sender: str, blob: bytes) -> None:
         """A marker in ``sender``'s batch, applied in its place among the batch's messages."""
         try:
@@ -139,3 +156,7 @@ class MoveMarkers:
                 self.send(new, APPLIED, token, old, new)
         elif kind in (SWITCH, APPLIED):
             broker.move_marked(token, sender)
+        elif kind == WITHDRAWN:
+            # this node applied the sender's withdrawal (earlier in this stream): it gives the
+            # sender no group's message from now on
+            self.send(old, APPLIED, token, old, new)

@@ -15,7 +15,7 @@ from fluxmq.broker.message import Message
 from fluxmq.broker.moved import MoveGate
 from fluxmq.broker.session_state import decode_session_state
 from fluxmq.cluster.batch import MARKER_GROUP, Outgoing, build_batch, decode_item, decode_items, marker_item
-from fluxmq.cluster.markers import APPLIED, REQUEST, SWITCH, decode_marker, encode_marker
+from fluxmq.cluster.markers import APPLIED, REQUEST, SWITCH, WITHDRAWN, decode_marker, encode_marker
 from fluxmq.cluster.peers import ClusterPeers
 from fluxmq.storage.records import encode_message
 from tests.broker.test_session import RecordingDelivery
@@ -25,10 +25,13 @@ TOKEN = "B/1/1"
 
 
 def items(*entries) -> list[Outgoing]:
-    """Batch entries: a Message, or a (kind, old, new) marker of TOKEN."""
+    """Batch entries: a Message, an item as queued (``Outgoing``), or a (kind, old, new) marker of
+    TOKEN."""
     out = []
     for e in entries:
-        if isinstance(e, Message):
+        if isinstance(e, Outgoing):
+            out.append(e)
+        elif isinstance(e, Message):
             out.append(Outgoing(encode_message(e), (), True, None))
         else:
             out.append(marker_item(encode_marker(e[0], TOKEN, e[1], e[2])))
@@ -196,3 +199,108 @@ def test_the_gate_opens_after_the_grace_when_a_marker_never_comes() -> None:
     assert "c1" in b._gates
     gevent.sleep(0.15)
     assert "c1" not in b._gates and b.router.route("t/1").targets[0][0] is session
+
+
+SHARE = "$share/g/t/#"
+
+
+def group_item(payload: bytes) -> Outgoing:
+    """A message of SHARE's group the sender gave this node (a batch item naming the group)."""
+    return Outgoing(encode_message(Message("t/1", payload, 2)), (SHARE,), False, None)
+
+
+def withdrawal_applied(sender: str) -> Outgoing:
+    """``sender``'s answer to A's WITHDRAWN marker: it applied A's withdrawal of the group."""
+    return marker_item(encode_marker(APPLIED, TOKEN + "w", "A", "A"))
+
+
+def shared_old_node(live_member: bool = False):
+    """Node A: c1, the only member of SHARE here (or, ``live_member``, beside c2 online), exported
+    to B with the move's markers counted (nodes A, B, P)."""
+    a = Broker()
+    peers = ClusterPeers("A", a, StandInTransport("B", "P"))
+    a.set_peers(peers)
+    s, _ = a.open_session("c1", True, 3600)
+    a.attach(s, RecordingDelivery(), 100)
+    a.subscribe(s, SHARE, 2)
+    other = None
+    if live_member:
+        other, _ = a.open_session("c2", True, 0)
+        a.attach(other, RecordingDelivery(), 100)
+        a.subscribe(other, SHARE, 2)
+    sent: list[bytes] = []
+    assert a.export_session("c1", "B", sent.append, peers.markers.move_out(TOKEN))
+    return a, peers, sent, Streams(peers), other
+
+
+def forwarded_shares(sent: list[bytes]) -> list[tuple[str, bytes]]:
+    gevent.sleep(0)
+    out = []
+    for blob in sent:
+        state = decode_session_state(blob)
+        for q in state.queued:
+            out.append((state.subscriptions[0].filter if state.subscriptions else None, q.message.payload))
+    return out
+
+
+def test_a_moved_only_member_of_a_group_stands_in_until_every_peer_applied_the_withdrawal() -> None:
+    """A peer gives a group's message to one node: after every node's marker of the move it may
+    still give it to A until it applied A's withdrawal, so A's stand-in keeps the session's share
+    (forwarding every group message it gets) until each peer's answer to WITHDRAWN is in."""
+    a, peers, sent, streams, _ = shared_old_node()
+    assert SHARE in a._interest  # the stand-in holds A's interest in the group
+    streams.apply("P", group_item(b"p1"))  # P gave it to A: the stand-in forwards it
+    a.publish(Message("t/1", b"a1", 2))  # A's own (B's interest unknown here yet)
+    streams.apply("B", (SWITCH, "A", "B"), (REQUEST, "A", "B"))
+    streams.apply("P", group_item(b"p2"), (APPLIED, "A", "B"))
+    # every node's marker is in: A's interest in the group goes, its share stays in the router
+    assert SHARE not in a._interest and "c1" in a._moved
+    assert markers_queued(peers, "P") == [WITHDRAWN] and markers_queued(peers, "B") == [APPLIED, WITHDRAWN]
+    streams.apply("P", group_item(b"p3"))  # P had not applied the withdrawal: still forwarded
+    streams.apply("P", withdrawal_applied("P"))
+    assert "c1" in a._moved  # B's answer is not in yet
+    streams.apply("B", withdrawal_applied("B"))
+    assert "c1" not in a._moved and not a.router.route("t/1").groups
+    assert forwarded_shares(sent) == [(SHARE, b"p1"), (SHARE, b"a1"), (SHARE, b"p2"), (SHARE, b"p3")]
+
+
+def test_a_peer_answers_a_withdrawn_marker_to_the_old_node_only() -> None:
+    p = Broker()
+    peers = ClusterPeers("P", p, StandInTransport("A", "B"))
+    p.set_peers(peers)
+    Streams(peers).apply("A", (WITHDRAWN, "A", "A"))
+    assert markers_queued(peers, "A") == [APPLIED] and markers_queued(peers, "B") == []
+
+
+def test_a_live_member_on_the_old_node_takes_the_groups_messages_before_the_stand_in() -> None:
+    a, _peers, sent, streams, other = shared_old_node(live_member=True)
+    streams.apply("P", group_item(b"p1"), group_item(b"p2"))
+    assert payloads(other.delivery, other) == [b"p1", b"p2"] and forwarded_shares(sent) == []
+
+
+def test_a_groups_share_forwarded_to_the_taking_node_reaches_the_session_by_its_shared_subscription() -> None:
+    """B: c1 holds SHARE and t/1 on its own; a message forwarded as the group's share goes to c1 once
+    by the shared subscription (its own would have had it through A's stand-in separately)."""
+    from fluxmq.broker.session_state import QueuedState, SessionState, SubscriptionState, encode_session_state
+
+    a = Broker()
+    s, _ = a.open_session("c1", True, 3600)
+    a.subscribe(s, SHARE, 1)
+    a.subscribe(s, "t/#", 2, subscription_id=7)
+    blob = a.export_session("c1")
+    b = Broker()
+    peers = ClusterPeers("B", b, StandInTransport("A", "P"))
+    b.set_peers(peers)
+    peers.sessions = Sessions(peers, blob)
+    session, _ = b.open_session("c1", False, 3600)
+    b.attach(session, RecordingDelivery(), 100)
+    share = encode_session_state(
+        SessionState(
+            "c1",
+            subscriptions=[SubscriptionState(SHARE, 1, share_group="g")],
+            queued=[QueuedState(Message("t/1", b"f1", 2), 2, False, None)],
+        )
+    )
+    assert b.deliver_moved(share) == 1
+    [entry] = session.inflight.values()
+    assert entry.message.payload == b"f1" and entry.qos == 1 and not entry.subscription_ids

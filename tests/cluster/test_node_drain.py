@@ -77,7 +77,7 @@ def test_moved_forwarding_names_the_taking_node_until_the_stand_in_ended_and_sen
     cluster.network.handlers["B"][MOVED_KIND] = slow_deliver
     a.publish(Message("t/1", b"late", 1))  # reached the old node after the move: the stand-in's
     gevent.sleep(0)  # its send in progress
-    a._end_moved("c1")  # its markers are in, or its grace is over
+    a._end_moved("c1")  # (its markers in, or its grace over)
     assert "c1" not in a._moved
     assert a.moved_forwarding() == {"B"}  # out of the router, its message still on its way
     sent.set()
