@@ -230,6 +230,16 @@ class RawClient:
         self.close()
         return got
 
+    def answers_ping(self, timeout: float = WAIT) -> bool:
+        """True when the broker answers a PINGREQ; False once it has closed the connection (what it
+        sent before closing, a DISCONNECT say, is dropped). AssertionError if it is open and silent."""
+        try:
+            self.send(c.Pingreq())
+            self.wait_for(lambda p: isinstance(p, c.Pingresp), timeout)
+        except (ConnectionClosed, OSError):
+            return False
+        return True
+
     def __enter__(self) -> RawClient:
         return self
 
