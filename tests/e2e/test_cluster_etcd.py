@@ -24,7 +24,6 @@ import pytest
 from fluxmq._core import codec as c
 from tests.conftest import HOST, NodeFactory, RunningNode, free_port
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
-from tests.e2e.test_cluster_data_plane import metric, metrics, wait_metric
 from tests.e2e.test_cluster_data_plane import (
     test_publish_properties_arrive_intact_across_nodes as _properties_across_nodes,
 )
@@ -463,13 +462,14 @@ def test_sigterm_hands_sessions_to_the_nodes_clients_reconnect_to(cluster) -> No
     d = raw5(e2, cid, clean_start=False, properties=props)
     d.subscribe(1, (topic, 1))
     d.disconnect()
-    forwarded = metric(metrics(e1), "fluxmq_cluster_peer_forwarded_messages", "e2")
     with paho5(e1, unique("pub")) as pub:
         for i in range(5):
             pub.publish(topic, f"d{i}".encode(), 1)
             pub.publish(nap, f"z{i}".encode(), 1)
-    # the 10 are in the sessions on e2 (e2 acknowledged them) before it is stopped
-    assert wait_metric(e1, "fluxmq_cluster_peer_forwarded_messages", "e2", forwarded + 10) >= forwarded + 10
+    # Its length does not decide the verdict: messages still on their way to e2 at the SIGTERM reach
+    # the sessions all the same (test_cluster_workers.py's
+    # test_sigterm_loses_no_message_still_on_its_way_to_the_stopping_node delays them on purpose).
+    time.sleep(0.3)
     e2.process.send_signal(15)
     assert wait_for(lambda: not e2.mqtt_accepts(), timeout=10)
     d = raw5(e1, cid, clean_start=False, properties=props)
