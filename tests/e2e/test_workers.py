@@ -21,7 +21,7 @@ import pytest
 from fluxmq._core import codec as c
 from tests.conftest import NodeFactory, RunningNode
 from tests.e2e.mqtt5raw import Paho5, Raw5, paho5, unique
-from tests.e2e.mqttraw import unsubscribed
+from tests.e2e.mqttraw import unsubscribed, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -553,6 +553,10 @@ def test_going_from_one_worker_to_two_keeps_the_data_and_every_worker_sees_the_r
         s.disconnect()
         assert one.stop() == 0
         node = start(factory, {"storage.type": "lmdb", "storage.path": str(one.data_dir)})
+        # worker 1 fills its shard once it reaches worker 0, after the node is ready: wait for that
+        assert wait_until(lambda: re.search(r"event=retained_synced .*added=1\b", node.log_text())), (
+            node.log_tail()
+        )
         for worker in ("w0", "w1"):
             with on_worker(node, worker, "sub") as sub:
                 sub.subscribe(topic, 1)
