@@ -230,6 +230,16 @@ class RawClient:
         self.close()
         return got
 
+    def answers_ping(self, timeout: float = WAIT) -> bool:
+        """True when the broker answers a PINGREQ; False once it has closed the connection (what it
+        sent before closing, a DISCONNECT say, is dropped). AssertionError if it is open and silent."""
+        try:
+            self.send(c.Pingreq())
+            self.wait_for(lambda p: isinstance(p, c.Pingresp), timeout)
+        except (ConnectionClosed, OSError):
+            return False
+        return True
+
     def __enter__(self) -> RawClient:
         return self
 
@@ -423,6 +433,31 @@ def paho_connected(
     rc, _ = client.connect()
     assert not rc.is_failure, rc
     return client
+
+
+def unsubscribed(client: mqtt.Client, topic: str, timeout: float = WAIT) -> None:
+    """UNSUBSCRIBE ``topic`` on a connected paho ``client`` and wait for its UNSUBACK. paho hands
+    the packets over in the order they came, so what the broker sent for ``topic`` before (a $SYS
+    republish that crossed the UNSUBSCRIBE) has reached ``on_message`` when this returns, and
+    nothing for it follows."""
+    acked: set[int] = set()
+    cond = threading.Condition()
+
+    def on_unsubscribe(cl, userdata, mid, reason_codes, properties) -> None:
+        with cond:
+            acked.add(mid)
+            cond.notify_all()
+
+    client.on_unsubscribe = on_unsubscribe
+    try:
+        result, mid = client.unsubscribe(topic)
+        assert result == mqtt.MQTT_ERR_SUCCESS, result
+        with cond:
+            assert cond.wait_for(lambda: mid in acked, timeout), (
+                f"no UNSUBACK for {topic!r} within {timeout}s"
+            )
+    finally:
+        client.on_unsubscribe = None
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, interval: float = 0.05) -> bool:

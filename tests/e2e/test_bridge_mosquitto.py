@@ -21,6 +21,7 @@ from tests.certs import CertAuthority
 from tests.conftest import NodeFactory, free_port
 from tests.e2e.listener_clients import PahoTransportClient
 from tests.e2e.mosquitto import MOSQUITTO, Mosquitto
+from tests.e2e.mqttraw import wait_until
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="Debian's mosquitto broker is needed")
 
@@ -355,7 +356,8 @@ def test_tls_to_mosquitto_verified(node_factory, tmp_path):
         bad = node_factory(
             config_text=bridge_yaml(tls_port, "tls2", extra=f"    tls: {{ca_file: {other.cert_file}}}")
         )
-        time.sleep(1.0)
+        assert wait_until(lambda: "certificate verify failed" in bad.log_text()), bad.log_tail()
+        assert wait_until(lambda: bad.http_get("/ready")[1].get("mode") == "degraded")
         status, body = bad.http_get("/ready")
         assert status == 200 and body["mode"] == "degraded", body
         assert "tls2" in body["checks"]["bridges"]["details"]

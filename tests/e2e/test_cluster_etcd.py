@@ -80,8 +80,12 @@ class Cluster:
         return node
 
     def owner(self, client_id: str) -> str | None:
-        """The node etcd names as the owner of ``client_id`` (read with etcd's JSON gateway)."""
-        key = base64.b64encode(f"{self.prefix}sessions/{client_id}/owner".encode()).decode()
+        """The node etcd names as the owner of ``client_id``."""
+        return self.value(f"sessions/{client_id}/owner")
+
+    def value(self, key: str) -> str | None:
+        """The value of ``key`` under the cluster's prefix (read with etcd's JSON gateway)."""
+        key = base64.b64encode(f"{self.prefix}{key}".encode()).decode()
         req = urllib.request.Request(
             f"{self.endpoint}/v3/kv/range",
             data=json.dumps({"key": key}).encode(),
@@ -261,21 +265,27 @@ def test_two_nodes_racing_for_one_client_id_end_with_one_owner(cluster) -> None:
             t.start()
         for t in threads:
             t.join(WAIT + 5)
-        time.sleep(0.3)  # a takeover that follows the second CONNACK closes the first connection
-        alive = []
-        for name, client in clients.items():
-            answer = answers.get(name)
-            if not isinstance(answer, c.Connack) or answer.reason_code != 0:
-                continue
-            try:
-                client.send(c.Pingreq())
-                packet = client.recv(3.0)
-                if isinstance(packet, c.Pingresp):
-                    alive.append(name)
-            except Exception:
-                pass
-        assert len(alive) == 1, (answers, alive)
-        assert cluster.owner(cid) == alive[0]
+        # Both may have their CONNACK: the takeover that follows the second closes the first
+        # connection, when the machine gets round to it. Wait for that state, then check it.
+        alive = [
+            name
+            for name in clients
+            if isinstance(answers.get(name), c.Connack) and answers[name].reason_code == 0
+        ]
+
+        def settled(alive=alive, clients=clients) -> bool:
+            alive[:] = [name for name in alive if clients[name].answers_ping()]
+            return not alive or (len(alive) == 1 and cluster.owner(cid) == alive[0])
+
+        wait_for(settled, timeout=WAIT)  # a closed connection stays closed: none left is final
+        if len(alive) != 1 or cluster.owner(cid) != alive[0]:
+            logs = sorted(
+                f"{line[:24]} {name} {line[24:]}"
+                for name, node in (("e1", e1), ("e3", e3))
+                for line in node.log_text().splitlines()
+                if cid in line
+            )
+            raise AssertionError((_round, answers, alive, cluster.owner(cid), logs[-16:]))
         for client in clients.values():
             client.close()
 
@@ -351,7 +361,7 @@ def test_kill9_others_stay_ready_then_the_node_rejoins_with_its_sessions(cluster
             clean_start=False,
             properties={c.SESSION_EXPIRY_INTERVAL: 600},
         )  # stays connected until the kill
-        time.sleep(0.5)  # the will is recorded in etcd
+        assert wait_for(lambda: cluster.value(f"wills/{willer}") is not None, timeout=WAIT)
         e3.kill()
         w.close()
         for node in (e1, e2):
@@ -417,14 +427,15 @@ def test_will_due_at_a_quick_restart_reaches_the_other_nodes_once(cluster) -> No
     topic = unique("ex/quick")
     with paho5(e1, unique("qsub")) as sub:
         sub.subscribe(topic, 1)
+        quick = unique("quick")
         w = raw5(
             cluster.nodes["e2"],
-            unique("quick"),
+            quick,
             clean_start=False,
             will=c.Will(topic, b"gone", 1, False, {c.WILL_DELAY_INTERVAL: 1}),
             properties={c.SESSION_EXPIRY_INTERVAL: 600},
         )
-        time.sleep(0.5)  # the will is recorded in etcd and in e2's store
+        assert wait_for(lambda: cluster.value(f"wills/{quick}") is not None, timeout=WAIT)
         cluster.nodes["e2"].kill()
         w.close()
         time.sleep(1.0)  # the delay passes while e2 is down
@@ -455,6 +466,9 @@ def test_sigterm_hands_sessions_to_the_nodes_clients_reconnect_to(cluster) -> No
         for i in range(5):
             pub.publish(topic, f"d{i}".encode(), 1)
             pub.publish(nap, f"z{i}".encode(), 1)
+    # Its length does not decide the verdict: messages still on their way to e2 at the SIGTERM reach
+    # the sessions all the same (test_cluster_workers.py's
+    # test_sigterm_loses_no_message_still_on_its_way_to_the_stopping_node delays them on purpose).
     time.sleep(0.3)
     e2.process.send_signal(15)
     assert wait_for(lambda: not e2.mqtt_accepts(), timeout=10)

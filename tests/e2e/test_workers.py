@@ -21,6 +21,7 @@ import pytest
 from fluxmq._core import codec as c
 from tests.conftest import NodeFactory, RunningNode
 from tests.e2e.mqtt5raw import Paho5, Raw5, paho5, unique
+from tests.e2e.mqttraw import unsubscribed, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +38,7 @@ def worker_of(client: Paho5, timeout: float = WAIT) -> str:
         msg = client.get(max(0.0, deadline - time.monotonic()))
         if msg.topic == WORKER_TOPIC:
             break
-    client.client.unsubscribe(WORKER_TOPIC)
-    time.sleep(0.1)
+    unsubscribed(client.client, WORKER_TOPIC)
     while not client.messages.empty():  # a $SYS republish that crossed the UNSUBSCRIBE
         client.messages.get_nowait()
     return msg.payload.decode()
@@ -413,8 +413,7 @@ def test_kill_9_of_a_worker_restarts_it_the_other_keeps_serving_persistent_sessi
         assert s.subscribe(topic, 1)[0].value == 1
         s.subscribe("$SYS/broker/worker/pid", 0)
         pid = int(s.get(WAIT).payload)
-        s.client.unsubscribe("$SYS/broker/worker/pid")
-        time.sleep(0.2)
+        unsubscribed(s.client, "$SYS/broker/worker/pid")  # the session kept offline has no $SYS
         s.disconnect()
         other = on_worker(node, "w1", "other")
         own = unique("xw/own")
@@ -554,6 +553,10 @@ def test_going_from_one_worker_to_two_keeps_the_data_and_every_worker_sees_the_r
         s.disconnect()
         assert one.stop() == 0
         node = start(factory, {"storage.type": "lmdb", "storage.path": str(one.data_dir)})
+        # worker 1 fills its shard once it reaches worker 0, after the node is ready: wait for that
+        assert wait_until(lambda: re.search(r"event=retained_synced .*added=1\b", node.log_text())), (
+            node.log_tail()
+        )
         for worker in ("w0", "w1"):
             with on_worker(node, worker, "sub") as sub:
                 sub.subscribe(topic, 1)

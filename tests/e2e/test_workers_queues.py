@@ -21,6 +21,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from fluxmq.queues.placement import owner_index
 from tests.conftest import NodeFactory, free_port
 from tests.e2e.mqtt5raw import Paho5, props, unique
+from tests.e2e.mqttraw import unsubscribed
 from tests.e2e.test_http_bridge import http_request
 from tests.e2e.test_queues import Paho311, nothing_more, receive, settle, user_props
 from tests.e2e.test_workers import MAX_TRIES, metrics, on_worker, start, wait_crossing, worker_of
@@ -227,9 +228,8 @@ def test_auto_ack_311_and_50_consumers_on_the_other_worker(node) -> None:
         m311 = Paho311(node, cid)  # placed by its $SYS/broker/worker
         assert m311.subscribe("$SYS/broker/worker", 0) == [0]
         w = m311.get().payload.decode()
-        m311.client.unsubscribe("$SYS/broker/worker")
-        time.sleep(0.2)
-        while not m311.messages.empty():
+        unsubscribed(m311.client, "$SYS/broker/worker")
+        while not m311.messages.empty():  # a $SYS republish that crossed the UNSUBSCRIBE
             m311.messages.get_nowait()
         if w == "w1":
             break
@@ -514,9 +514,8 @@ def test_kill_9_of_a_consumers_worker_redelivers_what_it_held(tmp_path) -> None:
         a = consumer_on(node, "w1", f"$queue/{name}", "g")
         a.subscribe("$SYS/broker/worker/pid", 0)
         pid = int(a.get(WAIT).payload)
-        a.client.unsubscribe("$SYS/broker/worker/pid")
-        time.sleep(0.2)
-        while not a.messages.empty():
+        unsubscribed(a.client, "$SYS/broker/worker/pid")
+        while not a.messages.empty():  # a $SYS republish that crossed the UNSUBSCRIBE
             a.messages.get_nowait()
         payloads = [f"h{i}".encode() for i in range(5)]
         produce(node, "w0", f"$queue/{name}", payloads)
