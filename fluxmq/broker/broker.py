@@ -149,7 +149,7 @@ class Broker(
         self.claim_wait = 2.0
         # client id -> (monotonic time, state) of the latest exports: a takeover request repeated
         # because the reply was lost (this node is still the registered owner) gets it again.
-        self._exported: dict[str, tuple[float, bytes]] = {}
+        self._exported: dict[str, tuple[float, bytes, str]] = {}  # client id -> (when, state, to node)
         self._exported_bytes = 0
         self.exported_keep = 30.0
         self.exported_max = 1000

@@ -75,11 +75,14 @@ class ClusterHooks:
             pending.wait(self.claim_wait)  # another connection of this id is claiming it here
         done = self._claiming[client_id] = Event()
         try:
-            state = (
-                peers.claim_session(client_id, clean_start)
-                if only_from is None
-                else peers.claim_session(client_id, clean_start, only_from)
-            )
+            handed = self._exported.get(client_id)
+            if only_from is not None:
+                state = peers.claim_session(client_id, clean_start, only_from)
+            elif handed is not None and handed[2]:
+                # exported to that node a moment ago: it may not own it yet (Peers.claim_session)
+                state = peers.claim_session(client_id, clean_start, None, handed[2])
+            else:
+                state = peers.claim_session(client_id, clean_start)
             self._drop_exported(client_id)  # the client id lives here now
             moving_in = getattr(peers, "moving_in", None) if state else None  # (optional in Peers)
             move = moving_in(client_id) if moving_in is not None else None
@@ -179,7 +182,7 @@ class ClusterHooks:
             self._stand_in(session, to_node or "", send, move)  # before its subscriptions leave
         blob = encode_session_state(self._take_out(session))
         self._drop_exported(client_id)
-        exported[client_id] = (now, blob)
+        exported[client_id] = (now, blob, to_node or "")
         self._exported_bytes += len(blob)
         self._prune_exported(now)
         log.info("session_exported", extra={"client_id": client_id, "bytes": len(blob)})

@@ -144,14 +144,28 @@ class SessionLifecycle:
         cap = self.settings.max_session_expiry
         return cap if cap and expiry_interval > cap else expiry_interval
 
-    def attach(self, session: Session, delivery: Delivery, send_quota: int) -> None:
-        """Bind the connection to its session; resends in-flight messages and drains the queue."""
+    def attach(self, session: Session, delivery: Delivery, send_quota: int) -> bool:
+        """Bind the connection to its session; resends in-flight messages and drains the queue.
+
+        False, with ``delivery`` closed as taken over (5.0 DISCONNECT 0x8E), when the session is no
+        longer this node's: between ``open_session`` and here (a cluster's shared will written to
+        etcd yields) another node's CONNECT of the same client id took it (``export_session``
+        found it with no connection to close). Attached anyway, the two connections would both
+        live, this one on a session that left the node."""
+        if self.sessions.get(session.client_id) is not session:
+            log.info(
+                "session_taken_before_attach",
+                extra={"client_id": session.client_id, "effect": "connection closed as taken over"},
+            )
+            delivery.close(0x8E, "session taken over")
+            return False
         self.connected += 1
         self.stats.connections_total += 1
         session.connected_since = time.time()
         session.attach(delivery, send_quota or self.settings.max_inflight)
         if self.queues is not None and self.queues.resumable:
             self.queues.session_attached(session)
+        return True
 
     def _unplug(self, session: Session) -> Delivery | None:
         """Take ``session`` off its connection, if it has one (counted, and its durable-queue

@@ -198,15 +198,26 @@ class ClusterSessions:
         except Exception as exc:
             raise ServerUnavailable(f"ownership of {client_id!r} cannot be established: {exc}") from exc
 
-    def claim_session(self, client_id: str, clean_start: bool, only_from: str | None = None) -> bytes | None:
+    def claim_session(
+        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
+    ) -> bytes | None:
         """Own ``client_id``; returns the state its previous owner handed over, or None. With
         ``only_from`` (an adoption asked by that stopping node) the session is taken from that node
-        only: owned by any other, the claim is refused (its client lives there now)."""
+        only: owned by any other, the claim is refused (its client lives there now).
+
+        ``handed_to``: this node exported the session to that node a moment ago (its takeover), and
+        a client of the id connects here meanwhile. That node writes itself as the owner only at
+        the end of its claim, so the registry may still name this node: taken as ours, the session
+        would start anew here while that node resumes the handed-over one, two clients live. So
+        while the registry names this node, the session is taken back from ``handed_to`` (whose
+        export waits for its claim to end), as from any owner."""
         state = self.kept.pop(client_id, None)
         take_from: str | None = None
         try:
             for _ in range(self.max_moves + 1):
                 owner = self._acquire(client_id, take_from)
+                if owner is None and handed_to and take_from is None and only_from is None:
+                    owner = handed_to  # on its way there: take it back from there (docstring)
                 if owner is None:
                     return state
                 if only_from is not None and owner != only_from:

@@ -256,9 +256,13 @@ class ClusterPeers:
 
     sessions = None
 
-    def claim_session(self, client_id: str, clean_start: bool, only_from: str | None = None) -> bytes | None:
+    def claim_session(
+        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
+    ) -> bytes | None:
         sessions = self.sessions
-        return sessions.claim_session(client_id, clean_start, only_from) if sessions is not None else None
+        if sessions is None:
+            return None
+        return sessions.claim_session(client_id, clean_start, only_from, handed_to)
 
     def release_session(self, client_id: str) -> None:
         sessions = self.sessions

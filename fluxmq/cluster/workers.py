@@ -210,8 +210,10 @@ class WorkerPeers(ClusterPeers):
                     link.enqueue(Outgoing(blob, (), False, message.expires_at))
         return local
 
-    def claim_session(self, client_id: str, clean_start: bool, only_from: str | None = None) -> bytes | None:
-        return self.sessions.claim_session(client_id, clean_start, only_from)
+    def claim_session(
+        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
+    ) -> bytes | None:
+        return self.sessions.claim_session(client_id, clean_start, only_from, handed_to)
 
     def release_session(self, client_id: str) -> None:
         self.sessions.release_session(client_id)

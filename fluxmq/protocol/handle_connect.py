@@ -253,7 +253,8 @@ class HandleConnect:
                 "present": present,
             },
         )
-        broker.attach(session, self, send_quota)
+        if not broker.attach(session, self, send_quota):
+            return  # taken by another node's CONNECT meanwhile: closed as taken over
         events = broker.events
         if events is not None:
             self._announced = (username, time.monotonic())

@@ -352,6 +352,26 @@ def test_an_export_waits_for_a_claim_of_the_same_client_id_in_progress(cluster) 
     assert set(moved.subscriptions) == {"t"}
 
 
+def test_a_connection_whose_session_was_taken_before_it_attached_is_closed_as_taken_over(cluster) -> None:
+    """Another node's CONNECT of the same client id takes the session between ``open_session`` and
+    ``attach`` here (a cluster's shared will is written to etcd in between, which yields, and the
+    claim has ended): the export finds no connection to close, so ``attach`` must not bind this
+    one to the session that left, or both clients live (tests/e2e/test_cluster_etcd.py's race)."""
+    a, b = cluster("A", True), cluster("B", False)
+    session, present = a.broker.open_session("c1", False, 3600)
+    assert not present
+    gevent.sleep(0)  # the claim's loop turn ends before the attach
+    other, present_b = b.broker.open_session("c1", False, 3600)  # B claims it: A exports
+    assert present_b and "c1" not in a.broker.sessions
+    late = RecordingDelivery()
+    assert a.broker.attach(session, late, 100) is False
+    assert late.closed_with == 0x8E and session.delivery is None
+    assert a.broker.connected == 0
+    d = RecordingDelivery()
+    assert b.broker.attach(other, d, 100)  # the later CONNECT holds the session
+    assert b.peers.owners["c1"] == "B" and d.closed_with is None
+
+
 def test_a_damaged_queued_entry_changes_nothing_on_a_memory_node(cluster) -> None:
     """An entry passed on as stored (framing checked only) that does not decode is found before the
     memory node changes anything: the import is refused and the session held here stays."""

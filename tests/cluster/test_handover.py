@@ -360,3 +360,27 @@ def test_no_local_holds_for_the_moved_sessions_own_messages_forwarded_back(clust
     a.publish(Message("t/1", b"other", 1, origin="c9"))
     gevent.sleep(0.01)
     assert [x[0] for x in d.sent] == ["t/1"] and len(d.sent) == 1
+
+
+def test_a_client_back_on_the_node_that_just_handed_its_session_over_takes_it_back(cluster: Cluster) -> None:
+    """B's claim holds A's state but has not written itself as the owner yet when the client
+    connects to A again (the racing CONNECTs of tests/e2e/test_cluster_etcd.py). A, still named the
+    owner, takes the session back from B (whose export waits for B's claim to end) instead of
+    starting a new one beside B's: one live connection, on the node the registry names."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, first, _ = connect(a, "c1")
+    a.subscribe(s, "t/#", 1)
+    again = []
+
+    def connect_to_a_meanwhile() -> None:
+        again.append(gevent.spawn(connect, a, "c1"))
+        gevent.sleep(0.05)  # A's claim runs up to its takeover call to B, which waits for B's claim
+
+    cluster.registry.before_cas = connect_to_a_meanwhile  # in B's claim, before its CAS
+    _, on_b, present_b = connect(b, "c1")
+    assert present_b and first.closed_with == 0x8E
+    session, on_a, present_a = again[0].get(timeout=5)
+    assert present_a and set(session.subscriptions) == {"t/#"}
+    assert on_b.closed_with == 0x8E and on_a.closed_with is None
+    assert cluster.registry.owners["c1"] == "A"
+    assert "c1" in a.sessions and "c1" not in b.sessions
