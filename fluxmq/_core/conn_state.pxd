@@ -58,7 +58,17 @@ cdef class FlushState:
     cdef double _samples[MAX_SAMPLES]
     cdef readonly int pending_samples
 
-    cpdef mark(self, conn)
     cdef int schedule(self) except -1
     cdef int note_sample(self, StatsCore stats, double started) except -1
     cdef int observe_samples(self) except -1
+
+
+cdef inline int flush_mark(FlushState f, conn) except -1:
+    """``f.mark(conn)`` inline, for the C paths (the relay's deliveries, a read's PUBACKs): queue
+    ``conn`` for the next flush (the caller guards against marking twice); outside a held read, the
+    first mark schedules the flush callback. A C call, where ``mark`` as a ``cpdef`` method looked
+    for a Python override on ``FlushScheduler`` (a Python subclass) per call."""
+    f._dirty.append(conn)
+    if not f.holding:
+        f.schedule()
+    return 0

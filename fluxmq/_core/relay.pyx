@@ -63,7 +63,7 @@ from libc.string cimport memcmp, memcpy
 from fluxmq._core.decoder cimport Decoder
 from fluxmq._core.encoder cimport append_publish, encode_publish
 from fluxmq._core.packets cimport Publish, Puback
-from fluxmq._core.conn_state cimport ConnState, FlushState
+from fluxmq._core.conn_state cimport ConnState, FlushState, flush_mark
 from fluxmq._core.stats_core cimport QosCounts, StatsCore, monotonic_s
 from fluxmq._core.broker_core cimport BrokerCore, RouteCore, RouterCore, SessionCore
 from fluxmq._core.trie cimport SubscriptionTrie
@@ -135,10 +135,10 @@ cdef inline bint _refused(allowed, topic) except -1:
 
 
 cdef inline int _mark(ConnState c, conn) except -1:
-    """``c.flusher.mark(conn)``: a C call for the protocol layer's scheduler (a ``FlushState``)."""
+    """``c.flusher.mark(conn)``: inline for the protocol layer's scheduler (a ``FlushState``)."""
     f = c.flusher
     if isinstance(f, FlushState):
-        (<FlushState>f).mark(conn)
+        flush_mark(<FlushState>f, conn)
     else:
         f.mark(conn)
     return 0
@@ -1556,7 +1556,7 @@ cdef class PublishRelay:
             self.raw_packets = npk
             if recv_n[1] and not cs._dirty:
                 cs._dirty = True
-                cs.flusher.mark(conn)  # the PUBACKs
+                _mark(cs, conn)  # the PUBACKs
         return pos
 
     cpdef tuple deliver_items(self, broker, bytes data, Py_ssize_t start):

@@ -356,7 +356,7 @@ cdef class ConnectionCore(ConnState):
             else:
                 last = not loop.pendingcnt
         if held is not None:
-            held.release(last)
+            held.release_c(last)
         else:
             flusher.release(last)
         stats.bytes_received += n
@@ -365,12 +365,16 @@ cdef class ConnectionCore(ConnState):
         # a new wait: keep alive counts from here (the loop's time: ``_adopt_loop``)
         self._wait_from = _ev_now(ev) if ev != NULL else loop.now()
 
-    cpdef flush_nowait(self, limit=None):
+    def flush_nowait(self, limit=None):
         """Send what is buffered without blocking (called from the hub by the FlushScheduler).
 
         ``limit``: send at most the first ``limit`` bytes (``storage.sync: always``: the rest may
         acknowledge state not yet durable) and queue the connection for the next flush.
+        (``send_out``: the same in C, for ``FlushCore.flush_c``.)
         """
+        self.send_out(limit)
+
+    cdef int send_out(self, limit) except -1:
         cdef Py_ssize_t size, n
         cdef Py_ssize_t npk = self._npk
         cdef int err
@@ -384,7 +388,7 @@ cdef class ConnectionCore(ConnState):
                 self._stats.messages_sent += npk
             if size and self._writer is None:
                 self._flush_prefix(limit)
-            return
+            return 0
         fd = self._fd
         if fd >= 0:
             while True:
@@ -398,13 +402,13 @@ cdef class ConnectionCore(ConnState):
                     n = 0
                     break
                 self._send_failed(npk)
-                return
+                return 0
         else:
             try:
                 n = self.stream.send_nowait(out)
             except OSError:
                 self._send_failed(npk)
-                return
+                return 0
         # (counted after the send: the delivery leaves first)
         cdef StatsCore stats = self._stats
         if npk:
@@ -417,9 +421,10 @@ cdef class ConnectionCore(ConnState):
         else:
             del out[:n]
             self._spawn_drain()
-            return
+            return 0
         if self._want_writable:
             self._writable()
+        return 0
 
     cdef _send_failed(self, Py_ssize_t npk):
         if npk:
@@ -438,13 +443,30 @@ cdef class FlushCore(FlushState):
     # the list the last flush emptied, kept with its item storage: the next flush's dirty list
     # (a new list per flush was an allocation and a free of the list and of its items)
     cdef list _spare
+    # ``_own_flush``: the class ``_checked`` (the scheduler's, as last seen: tests change an
+    # instance's class) has this ``_flush`` (no Python override, as tests' recording schedulers
+    # make), so ``release_c`` calls ``flush_c`` in C, else the override through Python
+    cdef object _checked
+    cdef bint _own_flush
 
-    cpdef release(self, bint last):
+    def release(self, bint last):
         """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
         callback is the loop turn's last ready watcher and its client's socket is drained), write
         the turn's output now, as ``flush_now`` does; else leave it to the flush callback, scheduled
         here if the held marks did not schedule it. A lone message served in the hub so costs no
-        loop callback made and cancelled."""
+        loop callback made and cancelled. (``release_c``: the same in C, for ``_on_input``.)"""
+        self.release_c(last)
+
+    def _flush(self):
+        """Write every dirty connection (after the turn's commit, with a durable storage), then
+        observe the relay's sampled publishes (``FlushState.note_sample``): the loop callback and
+        ``flush_now``'s call (``flush_c``: the same in C, for ``release_c``)."""
+        self.flush_c()
+
+    # (release_c and flush_c are cdef methods, not cpdef: a cpdef method of a class with a Python
+    # subclass, FlushScheduler, looked for a Python override per call; _own_flush is that look,
+    # once per scheduler)
+    cdef int release_c(self, bint last) except -1:
         self.holding = False
         st = self.storage
         cdef bint wanted = len(self._dirty) > 0 or self.pending_samples > 0 or (st is not None and st.has_pending)
@@ -453,17 +475,23 @@ cdef class FlushCore(FlushState):
                 callback = self._callback
                 if callback is not None:
                     callback.stop()
+                if type(self) is not self._checked:
+                    self._own_flush = getattr(type(self), "_flush", None) is _OWN_FLUSH
+                    self._checked = type(self)
                 try:
-                    self._flush()
+                    if self._own_flush:
+                        self.flush_c()
+                    else:
+                        self._flush()
                 except Exception:  # another connection's trouble must not end the hub's callback
                     _flush_log.exception("flush_failed", extra={"peer": "-"})
         elif wanted:
             self.schedule()
+        return 0
 
-    cpdef _flush(self):
-        """Write every dirty connection (after the turn's commit, with a durable storage), then
-        observe the relay's sampled publishes (``FlushState.note_sample``)."""
+    cdef int flush_c(self) except -1:
         cdef list dirty
+        cdef Py_ssize_t k = 0
         self.scheduled = False
         self._callback = None
         if self.storage is not None:
@@ -472,7 +500,7 @@ cdef class FlushCore(FlushState):
             finally:
                 if self.pending_samples:
                     self.observe_samples()
-            return
+            return 0
         dirty = self._dirty
         spare = self._spare
         if spare is not None:
@@ -480,12 +508,17 @@ cdef class FlushCore(FlushState):
             self._dirty = spare
         else:
             self._dirty = []
-        for conn in dirty:
+        # (one try for the batch, entered again after a failed connection, not one per connection)
+        conn = None
+        while k < PyList_GET_SIZE(dirty):
             try:
-                if isinstance(conn, ConnectionCore):
-                    (<ConnectionCore>conn).flush_nowait()
-                else:
-                    conn.flush_nowait()
+                while k < PyList_GET_SIZE(dirty):
+                    conn = dirty[k]
+                    k += 1
+                    if isinstance(conn, ConnectionCore):
+                        (<ConnectionCore>conn).send_out(None)
+                    else:
+                        conn.flush_nowait()
             except Exception:  # one broken connection must not stop the others' output
                 _flush_log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})
         conn = None
@@ -493,6 +526,10 @@ cdef class FlushCore(FlushState):
         self._spare = dirty
         if self.pending_samples:
             self.observe_samples()  # the relay's sampled publishes, after their writes
+        return 0
+
+
+cdef object _OWN_FLUSH = FlushCore._flush
 
 
 def loop_read_in_c(loop) -> bool:
