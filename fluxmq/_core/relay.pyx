@@ -48,6 +48,7 @@ the broker and protocol layers document for this path (``docs/architecture.rst``
 path*), and is handed the classes it recognises by its caller.
 """
 
+cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from fluxmq._core.outbuf cimport out_resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -79,6 +80,16 @@ from libc.string cimport memchr
 from fluxmq.errors import ForwardedItemFailed
 
 cdef object _MISS = object()
+
+
+cdef extern from "Python.h":
+    # a list's and a tuple's items as borrowed pointers (no reference counted per item)
+    PyObject* _list_item "PyList_GET_ITEM"(object lst, Py_ssize_t i)
+    PyObject* _tuple_item "PyTuple_GET_ITEM"(PyObject* tup, Py_ssize_t i)
+    void* _type_of "Py_TYPE"(PyObject* o)
+
+
+cdef tuple _NO_QUEUE = ()  # a session's queue until its first waiting delivery
 
 #: the slots of the message and in-flight classes the relay is handed, in the order of their
 #: ``__init__`` arguments (``_message``, ``_inflight`` fill them so; tests compare with ``__init__``)
@@ -1136,65 +1147,74 @@ cdef class PublishRelay:
         return self._forward_buf(conn, <const unsigned char*>PyBytes_AS_STRING(data),
                                  PyBytes_GET_SIZE(data))
 
-    cdef int _raw_ready(self, list targets, origin, Py_ssize_t len5) except -1:
+    @cython.final
+    cdef inline int _raw_ready(self, list targets, origin, Py_ssize_t len5) except -1:
         """1 when every delivery of a QoS 0 message to ``targets`` (a route's, published by the
         session ``origin``; ``len5``: its 5.0 frame's size, for a client's maximum packet size) is one ``_fan_out``
         writes straight into the subscriber's output, as ``_raw_deliver`` then does; 0 (nothing
         done) when one is not: the decoder and ``serve`` take the message."""
-        cdef ConnState dc
-        cdef SessionCore sc
-        cdef Py_ssize_t limit
-        conn_class = self.conn_class
-        session_class = self.session_class
-        for target in targets:
-            session = (<tuple>target)[0]
-            if session is origin and <int>(<tuple>target)[2] < 0:
+        # (the targets, their tuples, sessions, queues and connections read as borrowed pointers:
+        # nothing here runs Python code, but the durable session's store and queue type checks)
+        cdef PyObject* target
+        cdef PyObject* session
+        cdef PyObject* found
+        cdef Py_ssize_t limit, k
+        cdef void* conn_class = <void*>self.conn_class
+        cdef void* session_class = <void*>self.session_class
+        for k in range(PyList_GET_SIZE(targets)):
+            target = _list_item(targets, k)
+            session = _tuple_item(target, 0)
+            if session == <PyObject*>origin and <int><object>_tuple_item(target, 2) < 0:
                 continue  # No Local [MQTT-3.8.3-3]: not delivered
             # (both classes are SessionCore subclasses: checked in __init__)
-            if type(session) is session_class:
-                sc = <SessionCore>session
-                queue = sc.queue
-                if queue is not () and queue:  # (() until the first waiting delivery: no call)
+            if _type_of(session) == session_class:
+                found = <PyObject*>(<SessionCore>session).queue
+                if found != <PyObject*>_NO_QUEUE and <object>found:  # (() until the first waiting delivery: no call)
                     return 0
             elif (self._table is not None and self.persistent_class is not None
-                  and type(session) is self.persistent_class and session.store is self._store):
-                sc = <SessionCore>session
-                queue = sc.queue
+                  and _type_of(session) == <void*>self.persistent_class
+                  and (<object>session).store is self._store):
+                queue = (<SessionCore>session).queue
                 if not isinstance(queue, QueueCore) or (<QueueCore>queue).count:
                     return 0
             else:
                 return 0
-            d = sc.delivery
-            if d is None or type(d) is not conn_class:
+            found = <PyObject*>(<SessionCore>session).delivery
+            if _type_of(found) != conn_class:  # (None is not)
                 return 0
-            dc = <ConnState>d
-            if dc.closed or PyByteArray_GET_SIZE(dc.out) > dc._high:
+            if (<ConnState>found).closed or PyByteArray_GET_SIZE((<ConnState>found).out) > (<ConnState>found)._high:
                 return 0
-            if dc.version == 5:
-                if dc._aliases_out is not None or (<tuple>target)[4] is not None:
+            if (<ConnState>found).version == 5:
+                if (<ConnState>found)._aliases_out is not None or _tuple_item(target, 4) != <PyObject*>None:
                     return 0
-                limit = dc._client_max_packet
+                limit = (<ConnState>found)._client_max_packet
                 if limit and len5 > limit:
                     return 0  # dropped for this client: the Python path counts it
         return 1
 
-    cdef Py_ssize_t _raw_deliver(self, list targets, origin, const unsigned char* t, Py_ssize_t tlen,
-                                 const unsigned char* payload, Py_ssize_t plen) except -1:
+    @cython.final
+    cdef inline Py_ssize_t _raw_deliver(self, list targets, origin, const unsigned char* t, Py_ssize_t tlen,
+                                        const unsigned char* payload, Py_ssize_t plen) except -1:
         """``_fan_out`` of a QoS 0 message to ``targets`` that ``_raw_ready`` accepted: each
-        subscriber's frame written into its output from the read's bytes; returns the deliveries."""
+        subscriber's frame written into its output from the read's bytes; returns the deliveries.
+        (The route's targets, its tuples and sessions read as borrowed pointers: nothing here runs
+        Python code that could change the route while the loop reads it, but a flusher that is not
+        a ``FlushState``, whose ``mark`` is called after the loop's reads of that target.)"""
         cdef ConnState dc
-        cdef Py_ssize_t n = 0
-        for target in targets:
-            session = (<tuple>target)[0]
-            if session is origin and <int>(<tuple>target)[2] < 0:
+        cdef Py_ssize_t n = 0, k
+        cdef PyObject* target
+        cdef PyObject* session
+        for k in range(PyList_GET_SIZE(targets)):
+            target = _list_item(targets, k)
+            session = _tuple_item(target, 0)
+            if session == <PyObject*>origin and <int><object>_tuple_item(target, 2) < 0:
                 continue
-            d = (<SessionCore>session).delivery
-            dc = <ConnState>d
+            dc = <ConnState>(<SessionCore>session).delivery
             append_publish_frame(dc.out, t, tlen, payload, plen, 0, 0, 5 if dc.version == 5 else 4)
             dc._npk += 1
             if not dc._dirty:
                 dc._dirty = True
-                _mark(dc, d)
+                _mark(dc, dc)
             n += 1
         return n
 

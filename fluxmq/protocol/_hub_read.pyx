@@ -23,6 +23,7 @@ methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowan
 ``_write``).
 """
 
+cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.list cimport PyList_GET_SIZE
@@ -374,6 +375,7 @@ cdef class ConnectionCore(ConnState):
         """
         self.send_out(limit)
 
+    @cython.final
     cdef int send_out(self, limit) except -1:
         cdef Py_ssize_t size, n
         cdef Py_ssize_t npk = self._npk
@@ -466,6 +468,7 @@ cdef class FlushCore(FlushState):
     # (release_c and flush_c are cdef methods, not cpdef: a cpdef method of a class with a Python
     # subclass, FlushScheduler, looked for a Python override per call; _own_flush is that look,
     # once per scheduler)
+    @cython.final
     cdef int release_c(self, bint last) except -1:
         self.holding = False
         st = self.storage
@@ -489,6 +492,7 @@ cdef class FlushCore(FlushState):
             self.schedule()
         return 0
 
+    @cython.final
     cdef int flush_c(self) except -1:
         cdef list dirty
         cdef Py_ssize_t k = 0
