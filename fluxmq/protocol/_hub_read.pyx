@@ -296,33 +296,37 @@ cdef class ConnectionCore(ConnState):
                     used = _forward_c(_relay, self, <const unsigned char*>_rbuf, n, &raw)
                 else:
                     used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
-            try:
-                decoder = self.decoder
-                if used >= n:
-                    packets = _NO_PACKETS  # (the relay took the whole read; never written to)
-                elif type(decoder) is not Decoder:
-                    if data is None:
-                        data = PyBytes_FromStringAndSize(_rbuf, n)
-                    packets = decoder.feed(data if used == 0 else memoryview(data)[used:])
-                elif data is None:
-                    packets = (<Decoder>decoder).feed_buf(<const unsigned char*>_rbuf + used, n - used)
-                elif used == 0:
-                    packets = (<Decoder>decoder).feed(data)
-                else:
-                    packets = (<Decoder>decoder).feed(memoryview(data)[used:])
-            except MQTTError as exc:
-                packets = list(getattr(exc, "packets", None) or ())
-                bad = exc  # the reader serves the packets before it, then closes
-            count = PyList_GET_SIZE(packets) if type(packets) is list else len(packets)
-            while i < count and bad is None:
-                if _serve_c is not NULL:
-                    i = _serve_c(_relay, self, packets, i)
-                else:
-                    i = _relay_serve(self, packets, i)
-                if i >= count or self.closed or type(packets[i]) is not Pingreq:
-                    break
-                self._write(_PINGRESP)
-                i += 1
+            if used >= n:
+                # the relay took the whole read (a lone message): no decoder, no packets, and no
+                # inner try entered (its exception state saved and restored per read)
+                packets = _NO_PACKETS  # (never written to)
+                count = 0
+            else:
+                try:
+                    decoder = self.decoder
+                    if type(decoder) is not Decoder:
+                        if data is None:
+                            data = PyBytes_FromStringAndSize(_rbuf, n)
+                        packets = decoder.feed(data if used == 0 else memoryview(data)[used:])
+                    elif data is None:
+                        packets = (<Decoder>decoder).feed_buf(<const unsigned char*>_rbuf + used, n - used)
+                    elif used == 0:
+                        packets = (<Decoder>decoder).feed(data)
+                    else:
+                        packets = (<Decoder>decoder).feed(memoryview(data)[used:])
+                except MQTTError as exc:
+                    packets = list(getattr(exc, "packets", None) or ())
+                    bad = exc  # the reader serves the packets before it, then closes
+                count = PyList_GET_SIZE(packets) if type(packets) is list else len(packets)
+                while i < count and bad is None:
+                    if _serve_c is not NULL:
+                        i = _serve_c(_relay, self, packets, i)
+                    else:
+                        i = _relay_serve(self, packets, i)
+                    if i >= count or self.closed or type(packets[i]) is not Pingreq:
+                        break
+                    self._write(_PINGRESP)
+                    i += 1
         except Exception as exc:
             # What the read loop would have met serving this read: raised in the reader, which
             # ends the connection as there (an error must not escape into the hub's loop).
