@@ -485,13 +485,18 @@ cdef class FlushCore(FlushState):
                 if type(self) is not self._checked:
                     self._own_flush = getattr(type(self), "_flush", None) is _OWN_FLUSH
                     self._checked = type(self)
-                try:
-                    if self._own_flush:
-                        self.flush_c()
-                    else:
-                        self._flush()
-                except Exception:  # another connection's trouble must not end the hub's callback
-                    _flush_log.exception("flush_failed", extra={"peer": "-"})
+                if self._own_flush and st is None:
+                    # (flush_c's own try keeps a connection's trouble from the others and from the
+                    # hub's callback: no second try entered per read)
+                    self.flush_c()
+                else:
+                    try:
+                        if self._own_flush:
+                            self.flush_c()
+                        else:
+                            self._flush()
+                    except Exception:  # another connection's trouble must not end the hub's callback
+                        _flush_log.exception("flush_failed", extra={"peer": "-"})
         elif wanted:
             self.schedule()
         return 0
