@@ -1282,19 +1282,17 @@ cdef class PublishRelay:
         if not self.enabled or size < 1 or not isinstance(conn, ConnState):
             return 0
         cs = <ConnState>conn
-        broker = cs.broker
-        if not isinstance(broker, BrokerCore):
+        if not isinstance(cs.broker, BrokerCore):
             return 0
-        bc = <BrokerCore>broker
+        bc = <BrokerCore>cs.broker
         if bc._on_published is not None or bc._on_delivered is not None:
             return 0
         session = cs.session
         if session is None or cs.closed:
             return 0
-        found = cs.decoder
-        if type(found) is not Decoder:
+        if type(cs.decoder) is not Decoder:
             return 0
-        decoder = <Decoder>found
+        decoder = <Decoder>cs.decoder
         version = decoder.version
         if decoder._failed or version == 0:
             return 0
@@ -1334,22 +1332,19 @@ cdef class PublishRelay:
         max_packet = decoder.max_packet_size
         settings = cs.settings
         max_size = self._max_message_size(settings)
-        policy = cs._policy
         allowed = None
-        if policy is not None:
-            allowed = policy.fast
+        if cs._policy is not None:
+            allowed = cs._policy.fast
             if allowed is None:
                 return 0
-        client_id = cs.client_id
         origin = NULL  # the publisher's client id as the items' origin (none when empty)
         olen = 0
-        if peers is not None and client_id:
-            origin = PyUnicode_AsUTF8AndSize(client_id, &olen)
-        if broker is not self._broker:
-            self._adopt(broker)
+        if peers is not None and cs.client_id:
+            origin = PyUnicode_AsUTF8AndSize(cs.client_id, &olen)
+        if bc is not self._broker:
+            self._adopt(bc)
         received = self._received
         router = self._router
-        cdef dict routes = self._routes  # (typed: its get is C's look-up, not a method call)
         trie = self._trie
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
@@ -1420,14 +1415,12 @@ cdef class PublishRelay:
                     if last_t == NULL or tlen != last_tlen or memcmp(t, last_t, tlen) != 0:
                         if t[0] == 36:
                             break  # "$": serve's (a durable queue) or the Python path's
-                        local = self._local_topic
-                        if (local is not None and PyBytes_GET_SIZE(local) == tlen
-                                and memcmp(t, PyBytes_AS_STRING(local), tlen) == 0
+                        if (self._local_topic is not None and PyBytes_GET_SIZE(self._local_topic) == tlen
+                                and memcmp(t, PyBytes_AS_STRING(self._local_topic), tlen) == 0
                                 and trie.generation == self._local_generation):
                             break  # the topic with shared groups again: serve's
-                        raw_topic = decoder._topic_raw
-                        if (raw_topic is not None and PyBytes_GET_SIZE(raw_topic) == tlen
-                                and memcmp(t, PyBytes_AS_STRING(raw_topic), tlen) == 0):
+                        if (decoder._topic_raw is not None and PyBytes_GET_SIZE(decoder._topic_raw) == tlen
+                                and memcmp(t, PyBytes_AS_STRING(decoder._topic_raw), tlen) == 0):
                             topic = decoder._topic  # the decoder's last topic: checked and decoded then
                         else:
                             # a new topic: valid, ASCII (other UTF-8 is checked by the decoder)
@@ -1446,21 +1439,23 @@ cdef class PublishRelay:
                         if allowed is not None and _refused(allowed, topic):
                             break
                         # -- serve's route look-up (this publisher's last route, or the router's cache) --
-                        route = None
                         gen = <long long>trie.generation
-                        if gen == router._generation:
-                            if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
-                                    and cs._relay_route is not None
-                                    and (topic is cs._relay_topic or topic == cs._relay_topic)):
-                                route = <RouteCore>cs._relay_route
-                            else:
-                                route = routes.get(topic)
-                        if route is None:
-                            route = router.route(topic)
-                        cs._relay_topic = topic
-                        cs._relay_route = route
-                        cs._relay_gen = router._generation
-                        cs._relay_epoch = router._epoch
+                        if (gen == router._generation and cs._relay_gen == gen
+                                and cs._relay_epoch == router._epoch and cs._relay_route is not None
+                                and (topic is cs._relay_topic or topic == cs._relay_topic)):
+                            # this publisher's last route, still valid: kept as it is (no field
+                            # written, no reference counted)
+                            route = <RouteCore>cs._relay_route
+                        else:
+                            route = None
+                            if gen == router._generation:
+                                route = self._routes.get(topic)  # (typed: C's look-up)
+                            if route is None:
+                                route = router.route(topic)
+                            cs._relay_topic = topic
+                            cs._relay_route = route
+                            cs._relay_gen = router._generation
+                            cs._relay_epoch = router._epoch
                         if route.groups:
                             # shared groups: serve (it needs the Publish)
                             self._local_topic = PyBytes_FromStringAndSize(<const char*>t, tlen)
@@ -1475,8 +1470,9 @@ cdef class PublishRelay:
                             if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 5)):
                                 break
                             ready = True
-                        fqs = None
-                        fq1 = None
+                        if fqs is not None:
+                            fqs = None
+                            fq1 = None
                         if peers is not None:
                             if fwd_routes is None:
                                 fwd_routes = self._peer_routes(peers)
@@ -1536,7 +1532,7 @@ cdef class PublishRelay:
                             (<ForwardQueue>fq).append_raw(<const char*>t, tlen, origin, olen, qos,
                                                           <const char*>p + body + hdr, plen)
                     if sampled:
-                        _observe_later(cs, broker, self._stats, started)
+                        _observe_later(cs, bc, self._stats, started)
                     if qos:
                         # -- serve's PUBACK (nothing was routed to this client's own output) --
                         if out is None:
