@@ -195,9 +195,18 @@ cdef int _adopt_loop(loop) except -1:
     _loop_seen = loop
     return 0
 
+# (the relay's ``_forward_c`` is ``except -1``: -1 with the error set. Called through this type,
+# without the exception clause, ``_on_input`` checks that -1 itself and raises it in its try
+# (``_raised``), so a read the relay takes whole enters no try.)
 ctypedef Py_ssize_t (*forward_fn)(object, object, const unsigned char*, Py_ssize_t,
-                                   Py_ssize_t*) except -1
+                                   Py_ssize_t*) noexcept
 ctypedef Py_ssize_t (*serve_fn)(object, object, list, Py_ssize_t) except -1
+
+cdef int _raised() except -1:
+    """-1 for an error already set (a ``_forward_c`` call that returned -1): raised where this is
+    called, as if the call had raised there."""
+    return -1
+
 
 cdef list _NO_PACKETS = []  # the packets of a read the relay served whole from its bytes
 cdef object _relay = None
@@ -303,21 +312,24 @@ cdef class ConnectionCore(ConnState):
         callbacks = _loop_callbacks if ev != NULL else loop._callbacks
         cdef Py_ssize_t queued = len(callbacks)  # the loop callbacks before this read's work
         raw = 0
-        try:
-            used = 0
-            if _forward_c is not NULL:
-                # the common PUBLISHes served from the read's bytes (_core.relay: written into
-                # local subscribers' output, framed for the peers), no Publish decoded
-                if data is None:
-                    used = _forward_c(_relay, self, <const unsigned char*>_rbuf, n, &raw)
-                else:
-                    used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
-            if used >= n:
-                # the relay took the whole read (a lone message): no decoder, no packets, and no
-                # inner try entered (its exception state saved and restored per read)
-                packets = _NO_PACKETS  # (never written to)
-                count = 0
+        used = 0
+        if _forward_c is not NULL:
+            # the common PUBLISHes served from the read's bytes (_core.relay: written into
+            # local subscribers' output, framed for the peers), no Publish decoded (-1: raised,
+            # raised again in the try below)
+            if data is None:
+                used = _forward_c(_relay, self, <const unsigned char*>_rbuf, n, &raw)
             else:
+                used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
+        if used >= n:
+            # the relay took the whole read (a lone message): no decoder, no packets, and no
+            # try entered (a try saves and restores the exception state: ~45 instructions)
+            packets = _NO_PACKETS  # (never written to)
+            count = 0
+        else:
+            try:
+                if used < 0:
+                    _raised()  # the relay's error, handled below as any other of this read's
                 try:
                     decoder = self.decoder
                     if type(decoder) is not Decoder:
@@ -343,17 +355,17 @@ cdef class ConnectionCore(ConnState):
                         break
                     self._write(_PINGRESP)
                     i += 1
-        except Exception as exc:
-            # What the read loop would have met serving this read: raised in the reader, which
-            # ends the connection as there (an error must not escape into the hub's loop).
-            flusher.release(False)
-            stats.bytes_received += n
-            stats.messages_received += raw
-            if count >= 0:
-                stats.messages_received += count
-            stream.drained = drained
-            self._reader.throw(exc)
-            return
+            except Exception as exc:
+                # What the read loop would have met serving this read: raised in the reader, which
+                # ends the connection as there (an error must not escape into the hub's loop).
+                flusher.release(False)
+                stats.bytes_received += n
+                stats.messages_received += raw
+                if count >= 0:
+                    stats.messages_received += count
+                stream.drained = drained
+                self._reader.throw(exc)
+                return
         if i < count or self.closed or bad is not None:
             flusher.release(False)
             stats.bytes_received += n
