@@ -147,11 +147,11 @@ cdef inline bint _refused(allowed, topic) except -1:
 
 cdef inline int _mark(ConnState c, conn) except -1:
     """``c.flusher.mark(conn)``: inline for the protocol layer's scheduler (a ``FlushState``)."""
-    f = c.flusher
-    if isinstance(f, FlushState):
+    cdef PyObject* f = <PyObject*>c.flusher  # (borrowed: the connection holds it)
+    if isinstance(<object>f, FlushState):
         flush_mark(<FlushState>f, conn)
     else:
-        f.mark(conn)
+        (<object>f).mark(conn)
     return 0
 
 

@@ -261,7 +261,6 @@ cdef class ConnectionCore(ConnState):
         cdef Py_ssize_t i = 0, count = 0, raw = 0, used = 0
         cdef bint drained
         cdef int fd = self._fd
-        stream = self.stream
         data = None  # plain TCP: the read stays in _rbuf, made a bytes object only for the reader
         if fd >= 0:
             while True:
@@ -279,17 +278,17 @@ cdef class ConnectionCore(ConnState):
             drained = n < READ_SIZE
         else:
             try:
-                data = stream.recv_nowait(READ_SIZE)
+                data = self.stream.recv_nowait(READ_SIZE)
             except BlockingIOError:
                 return
             except OSError:
                 data = b""
             n = len(data)
-            drained = stream.drained
+            drained = self.stream.drained
         if n == 0 or self.closed:
             if data is None:
                 data = PyBytes_FromStringAndSize(_rbuf, n)
-            stream.drained = drained
+            self.stream.drained = drained
             self._reader.switch(data)
             return
         # The read's counters are added after the send (or before a hand-over): nothing reads them
@@ -363,14 +362,14 @@ cdef class ConnectionCore(ConnState):
                 stats.messages_received += raw
                 if count >= 0:
                     stats.messages_received += count
-                stream.drained = drained
+                self.stream.drained = drained
                 self._reader.throw(exc)
                 return
         if i < count or self.closed or bad is not None:
             flusher.release(False)
             stats.bytes_received += n
             stats.messages_received += count + raw
-            stream.drained = drained
+            self.stream.drained = drained
             if data is None:
                 data = PyBytes_FromStringAndSize(_rbuf, n)  # (_rbuf still holds this read)
             self._reader.switch((data, packets, i, bad))
