@@ -1,5 +1,7 @@
 # The typed state of an MQTT connection that the C paths read and write (see conn_state.pyx).
 
+from cpython.ref cimport PyObject
+
 from fluxmq._core.stats_core cimport StatsCore
 
 
@@ -58,7 +60,39 @@ cdef class FlushState:
     cdef double _samples[MAX_SAMPLES]
     cdef readonly int pending_samples
 
-    cpdef mark(self, conn)
     cdef int schedule(self) except -1
     cdef int note_sample(self, StatsCore stats, double started) except -1
     cdef int observe_samples(self) except -1
+
+
+cdef extern from "Python.h":
+    ctypedef struct _ListObject "PyListObject":
+        PyObject** ob_item
+        Py_ssize_t allocated
+    void _set_size "Py_SET_SIZE"(PyObject* o, Py_ssize_t size)
+    Py_ssize_t _size "Py_SIZE"(PyObject* o)
+    void* _type "Py_TYPE"(PyObject* o)
+    void _incref "Py_INCREF"(object o)
+
+
+cdef inline int flush_mark(FlushState f, conn) except -1:
+    """``f.mark(conn)`` inline, for the C paths (the relay's deliveries, a read's PUBACKs): queue
+    ``conn`` for the next flush (the caller guards against marking twice); outside a held read, the
+    first mark schedules the flush callback. A C call, where ``mark`` as a ``cpdef`` method looked
+    for a Python override on ``FlushScheduler`` (a Python subclass) per call. The dirty list's
+    append within its allocation is written here (``list.append``'s own fast case, without the call;
+    the flush keeps the emptied list's storage for the next turn: ``FlushCore._spare``)."""
+    cdef PyObject* dirty = <PyObject*>f._dirty
+    cdef _ListObject* lst = <_ListObject*>dirty
+    cdef Py_ssize_t n = -1
+    if _type(dirty) == <void*>list:
+        n = _size(dirty)
+    if 0 <= n < lst.allocated:
+        _incref(conn)
+        lst.ob_item[n] = <PyObject*>conn
+        _set_size(dirty, n + 1)
+    else:
+        f._dirty.append(conn)
+    if not f.holding:
+        f.schedule()
+    return 0

@@ -26,12 +26,11 @@ cdef class ConnState:
 cdef class FlushState:
     """The typed fields of ``FlushScheduler`` (``conn_state.pxd``) and its ``mark``."""
 
-    cpdef mark(self, conn):
+    def mark(self, conn):
         """Queue ``conn`` for the next flush (the caller guards against marking twice): outside a
-        held read, the first mark schedules the flush callback (the subclass's ``_flush``)."""
-        self._dirty.append(conn)
-        if not self.holding:
-            self.schedule()
+        held read, the first mark schedules the flush callback (the subclass's ``_flush``). The C
+        paths call ``flush_mark`` (``conn_state.pxd``) itself."""
+        flush_mark(self, conn)
 
     cdef int schedule(self) except -1:
         """The flush as a loop callback (the subclass's ``_flush``), once until it runs."""

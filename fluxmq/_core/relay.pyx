@@ -48,6 +48,7 @@ the broker and protocol layers document for this path (``docs/architecture.rst``
 path*), and is handed the classes it recognises by its caller.
 """
 
+cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from fluxmq._core.outbuf cimport out_resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -63,7 +64,7 @@ from libc.string cimport memcmp, memcpy
 from fluxmq._core.decoder cimport Decoder
 from fluxmq._core.encoder cimport append_publish, encode_publish
 from fluxmq._core.packets cimport Publish, Puback
-from fluxmq._core.conn_state cimport ConnState, FlushState
+from fluxmq._core.conn_state cimport ConnState, FlushState, flush_mark
 from fluxmq._core.stats_core cimport QosCounts, StatsCore, monotonic_s
 from fluxmq._core.broker_core cimport BrokerCore, RouteCore, RouterCore, SessionCore
 from fluxmq._core.trie cimport SubscriptionTrie
@@ -79,6 +80,16 @@ from libc.string cimport memchr
 from fluxmq.errors import ForwardedItemFailed
 
 cdef object _MISS = object()
+
+
+cdef extern from "Python.h":
+    # a list's and a tuple's items as borrowed pointers (no reference counted per item)
+    PyObject* _list_item "PyList_GET_ITEM"(object lst, Py_ssize_t i)
+    PyObject* _tuple_item "PyTuple_GET_ITEM"(PyObject* tup, Py_ssize_t i)
+    void* _type_of "Py_TYPE"(PyObject* o)
+
+
+cdef tuple _NO_QUEUE = ()  # a session's queue until its first waiting delivery
 
 #: the slots of the message and in-flight classes the relay is handed, in the order of their
 #: ``__init__`` arguments (``_message``, ``_inflight`` fill them so; tests compare with ``__init__``)
@@ -135,12 +146,12 @@ cdef inline bint _refused(allowed, topic) except -1:
 
 
 cdef inline int _mark(ConnState c, conn) except -1:
-    """``c.flusher.mark(conn)``: a C call for the protocol layer's scheduler (a ``FlushState``)."""
-    f = c.flusher
-    if isinstance(f, FlushState):
-        (<FlushState>f).mark(conn)
+    """``c.flusher.mark(conn)``: inline for the protocol layer's scheduler (a ``FlushState``)."""
+    cdef PyObject* f = <PyObject*>c.flusher  # (borrowed: the connection holds it)
+    if isinstance(<object>f, FlushState):
+        flush_mark(<FlushState>f, conn)
     else:
-        f.mark(conn)
+        (<object>f).mark(conn)
     return 0
 
 
@@ -1136,65 +1147,74 @@ cdef class PublishRelay:
         return self._forward_buf(conn, <const unsigned char*>PyBytes_AS_STRING(data),
                                  PyBytes_GET_SIZE(data))
 
-    cdef int _raw_ready(self, list targets, origin, Py_ssize_t len5) except -1:
+    @cython.final
+    cdef inline int _raw_ready(self, list targets, origin, Py_ssize_t len5) except -1:
         """1 when every delivery of a QoS 0 message to ``targets`` (a route's, published by the
         session ``origin``; ``len5``: its 5.0 frame's size, for a client's maximum packet size) is one ``_fan_out``
         writes straight into the subscriber's output, as ``_raw_deliver`` then does; 0 (nothing
         done) when one is not: the decoder and ``serve`` take the message."""
-        cdef ConnState dc
-        cdef SessionCore sc
-        cdef Py_ssize_t limit
-        conn_class = self.conn_class
-        session_class = self.session_class
-        for target in targets:
-            session = (<tuple>target)[0]
-            if session is origin and <int>(<tuple>target)[2] < 0:
+        # (the targets, their tuples, sessions, queues and connections read as borrowed pointers:
+        # nothing here runs Python code, but the durable session's store and queue type checks)
+        cdef PyObject* target
+        cdef PyObject* session
+        cdef PyObject* found
+        cdef Py_ssize_t limit, k
+        cdef void* conn_class = <void*>self.conn_class
+        cdef void* session_class = <void*>self.session_class
+        for k in range(PyList_GET_SIZE(targets)):
+            target = _list_item(targets, k)
+            session = _tuple_item(target, 0)
+            if session == <PyObject*>origin and <int><object>_tuple_item(target, 2) < 0:
                 continue  # No Local [MQTT-3.8.3-3]: not delivered
             # (both classes are SessionCore subclasses: checked in __init__)
-            if type(session) is session_class:
-                sc = <SessionCore>session
-                queue = sc.queue
-                if queue is not () and queue:  # (() until the first waiting delivery: no call)
+            if _type_of(session) == session_class:
+                found = <PyObject*>(<SessionCore>session).queue
+                if found != <PyObject*>_NO_QUEUE and <object>found:  # (() until the first waiting delivery: no call)
                     return 0
             elif (self._table is not None and self.persistent_class is not None
-                  and type(session) is self.persistent_class and session.store is self._store):
-                sc = <SessionCore>session
-                queue = sc.queue
+                  and _type_of(session) == <void*>self.persistent_class
+                  and (<object>session).store is self._store):
+                queue = (<SessionCore>session).queue
                 if not isinstance(queue, QueueCore) or (<QueueCore>queue).count:
                     return 0
             else:
                 return 0
-            d = sc.delivery
-            if d is None or type(d) is not conn_class:
+            found = <PyObject*>(<SessionCore>session).delivery
+            if _type_of(found) != conn_class:  # (None is not)
                 return 0
-            dc = <ConnState>d
-            if dc.closed or PyByteArray_GET_SIZE(dc.out) > dc._high:
+            if (<ConnState>found).closed or PyByteArray_GET_SIZE((<ConnState>found).out) > (<ConnState>found)._high:
                 return 0
-            if dc.version == 5:
-                if dc._aliases_out is not None or (<tuple>target)[4] is not None:
+            if (<ConnState>found).version == 5:
+                if (<ConnState>found)._aliases_out is not None or _tuple_item(target, 4) != <PyObject*>None:
                     return 0
-                limit = dc._client_max_packet
+                limit = (<ConnState>found)._client_max_packet
                 if limit and len5 > limit:
                     return 0  # dropped for this client: the Python path counts it
         return 1
 
-    cdef Py_ssize_t _raw_deliver(self, list targets, origin, const unsigned char* t, Py_ssize_t tlen,
-                                 const unsigned char* payload, Py_ssize_t plen) except -1:
+    @cython.final
+    cdef inline Py_ssize_t _raw_deliver(self, list targets, origin, const unsigned char* t, Py_ssize_t tlen,
+                                        const unsigned char* payload, Py_ssize_t plen) except -1:
         """``_fan_out`` of a QoS 0 message to ``targets`` that ``_raw_ready`` accepted: each
-        subscriber's frame written into its output from the read's bytes; returns the deliveries."""
+        subscriber's frame written into its output from the read's bytes; returns the deliveries.
+        (The route's targets, its tuples and sessions read as borrowed pointers: nothing here runs
+        Python code that could change the route while the loop reads it, but a flusher that is not
+        a ``FlushState``, whose ``mark`` is called after the loop's reads of that target.)"""
         cdef ConnState dc
-        cdef Py_ssize_t n = 0
-        for target in targets:
-            session = (<tuple>target)[0]
-            if session is origin and <int>(<tuple>target)[2] < 0:
+        cdef Py_ssize_t n = 0, k
+        cdef PyObject* target
+        cdef PyObject* session
+        for k in range(PyList_GET_SIZE(targets)):
+            target = _list_item(targets, k)
+            session = _tuple_item(target, 0)
+            if session == <PyObject*>origin and <int><object>_tuple_item(target, 2) < 0:
                 continue
-            d = (<SessionCore>session).delivery
-            dc = <ConnState>d
+            dc = <ConnState>(<SessionCore>session).delivery
             append_publish_frame(dc.out, t, tlen, payload, plen, 0, 0, 5 if dc.version == 5 else 4)
             dc._npk += 1
             if not dc._dirty:
                 dc._dirty = True
-                _mark(dc, d)
+                _mark(dc, dc)
             n += 1
         return n
 
@@ -1262,19 +1282,17 @@ cdef class PublishRelay:
         if not self.enabled or size < 1 or not isinstance(conn, ConnState):
             return 0
         cs = <ConnState>conn
-        broker = cs.broker
-        if not isinstance(broker, BrokerCore):
+        if not isinstance(cs.broker, BrokerCore):
             return 0
-        bc = <BrokerCore>broker
+        bc = <BrokerCore>cs.broker
         if bc._on_published is not None or bc._on_delivered is not None:
             return 0
         session = cs.session
         if session is None or cs.closed:
             return 0
-        found = cs.decoder
-        if type(found) is not Decoder:
+        if type(cs.decoder) is not Decoder:
             return 0
-        decoder = <Decoder>found
+        decoder = <Decoder>cs.decoder
         version = decoder.version
         if decoder._failed or version == 0:
             return 0
@@ -1314,22 +1332,19 @@ cdef class PublishRelay:
         max_packet = decoder.max_packet_size
         settings = cs.settings
         max_size = self._max_message_size(settings)
-        policy = cs._policy
         allowed = None
-        if policy is not None:
-            allowed = policy.fast
+        if cs._policy is not None:
+            allowed = cs._policy.fast
             if allowed is None:
                 return 0
-        client_id = cs.client_id
         origin = NULL  # the publisher's client id as the items' origin (none when empty)
         olen = 0
-        if peers is not None and client_id:
-            origin = PyUnicode_AsUTF8AndSize(client_id, &olen)
-        if broker is not self._broker:
-            self._adopt(broker)
+        if peers is not None and cs.client_id:
+            origin = PyUnicode_AsUTF8AndSize(cs.client_id, &olen)
+        if bc is not self._broker:
+            self._adopt(bc)
         received = self._received
         router = self._router
-        cdef dict routes = self._routes  # (typed: its get is C's look-up, not a method call)
         trie = self._trie
         recv_n[0] = recv_n[1] = recv_b[0] = recv_b[1] = 0
         sent_n[0] = sent_n[1] = sent_b[0] = sent_b[1] = 0
@@ -1400,14 +1415,12 @@ cdef class PublishRelay:
                     if last_t == NULL or tlen != last_tlen or memcmp(t, last_t, tlen) != 0:
                         if t[0] == 36:
                             break  # "$": serve's (a durable queue) or the Python path's
-                        local = self._local_topic
-                        if (local is not None and PyBytes_GET_SIZE(local) == tlen
-                                and memcmp(t, PyBytes_AS_STRING(local), tlen) == 0
+                        if (self._local_topic is not None and PyBytes_GET_SIZE(self._local_topic) == tlen
+                                and memcmp(t, PyBytes_AS_STRING(self._local_topic), tlen) == 0
                                 and trie.generation == self._local_generation):
                             break  # the topic with shared groups again: serve's
-                        raw_topic = decoder._topic_raw
-                        if (raw_topic is not None and PyBytes_GET_SIZE(raw_topic) == tlen
-                                and memcmp(t, PyBytes_AS_STRING(raw_topic), tlen) == 0):
+                        if (decoder._topic_raw is not None and PyBytes_GET_SIZE(decoder._topic_raw) == tlen
+                                and memcmp(t, PyBytes_AS_STRING(decoder._topic_raw), tlen) == 0):
                             topic = decoder._topic  # the decoder's last topic: checked and decoded then
                         else:
                             # a new topic: valid, ASCII (other UTF-8 is checked by the decoder)
@@ -1426,21 +1439,23 @@ cdef class PublishRelay:
                         if allowed is not None and _refused(allowed, topic):
                             break
                         # -- serve's route look-up (this publisher's last route, or the router's cache) --
-                        route = None
                         gen = <long long>trie.generation
-                        if gen == router._generation:
-                            if (cs._relay_gen == gen and cs._relay_epoch == router._epoch
-                                    and cs._relay_route is not None
-                                    and (topic is cs._relay_topic or topic == cs._relay_topic)):
-                                route = <RouteCore>cs._relay_route
-                            else:
-                                route = routes.get(topic)
-                        if route is None:
-                            route = router.route(topic)
-                        cs._relay_topic = topic
-                        cs._relay_route = route
-                        cs._relay_gen = router._generation
-                        cs._relay_epoch = router._epoch
+                        if (gen == router._generation and cs._relay_gen == gen
+                                and cs._relay_epoch == router._epoch and cs._relay_route is not None
+                                and (topic is cs._relay_topic or topic == cs._relay_topic)):
+                            # this publisher's last route, still valid: kept as it is (no field
+                            # written, no reference counted)
+                            route = <RouteCore>cs._relay_route
+                        else:
+                            route = None
+                            if gen == router._generation:
+                                route = self._routes.get(topic)  # (typed: C's look-up)
+                            if route is None:
+                                route = router.route(topic)
+                            cs._relay_topic = topic
+                            cs._relay_route = route
+                            cs._relay_gen = router._generation
+                            cs._relay_epoch = router._epoch
                         if route.groups:
                             # shared groups: serve (it needs the Publish)
                             self._local_topic = PyBytes_FromStringAndSize(<const char*>t, tlen)
@@ -1455,8 +1470,9 @@ cdef class PublishRelay:
                             if not self._raw_ready(targets, session, publish_frame_size(tlen, plen, 0, 5)):
                                 break
                             ready = True
-                        fqs = None
-                        fq1 = None
+                        if fqs is not None:
+                            fqs = None
+                            fq1 = None
                         if peers is not None:
                             if fwd_routes is None:
                                 fwd_routes = self._peer_routes(peers)
@@ -1516,7 +1532,7 @@ cdef class PublishRelay:
                             (<ForwardQueue>fq).append_raw(<const char*>t, tlen, origin, olen, qos,
                                                           <const char*>p + body + hdr, plen)
                     if sampled:
-                        _observe_later(cs, broker, self._stats, started)
+                        _observe_later(cs, bc, self._stats, started)
                     if qos:
                         # -- serve's PUBACK (nothing was routed to this client's own output) --
                         if out is None:
@@ -1556,7 +1572,7 @@ cdef class PublishRelay:
             self.raw_packets = npk
             if recv_n[1] and not cs._dirty:
                 cs._dirty = True
-                cs.flusher.mark(conn)  # the PUBACKs
+                _mark(cs, conn)  # the PUBACKs
         return pos
 
     cpdef tuple deliver_items(self, broker, bytes data, Py_ssize_t start):

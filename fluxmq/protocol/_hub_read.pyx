@@ -23,6 +23,7 @@ methods of the subclass (``_flush_prefix``, ``_spawn_drain``, ``_release_allowan
 ``_write``).
 """
 
+cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.list cimport PyList_GET_SIZE
@@ -101,6 +102,22 @@ cdef inline int _clear(bytearray out) except -1:
         PyByteArray_Resize(out, 0)
     return 0
 
+cdef inline Py_ssize_t _send_fd(int fd, out, Py_ssize_t size) noexcept:
+    """libc's non-blocking ``send`` of ``out``'s ``size`` bytes on ``fd``: the bytes the kernel took
+    (0 when the socket is full), -1 on an error."""
+    cdef Py_ssize_t n
+    cdef int err
+    while True:
+        n = c_send(fd, PyByteArray_AS_STRING(out), size, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if n >= 0:
+            return n
+        err = errno
+        if err == EINTR:
+            continue
+        if err == EAGAIN or err == EWOULDBLOCK:
+            return 0
+        return -1
+
 # One read buffer for the process: reads happen in the hub's thread only, and each is copied into
 # a bytes object of its exact size at once (no 64 KiB object made and shrunk per read).
 cdef char _rbuf[READ_SIZE]
@@ -178,9 +195,18 @@ cdef int _adopt_loop(loop) except -1:
     _loop_seen = loop
     return 0
 
+# (the relay's ``_forward_c`` is ``except -1``: -1 with the error set. Called through this type,
+# without the exception clause, ``_on_input`` checks that -1 itself and raises it in its try
+# (``_raised``), so a read the relay takes whole enters no try.)
 ctypedef Py_ssize_t (*forward_fn)(object, object, const unsigned char*, Py_ssize_t,
-                                   Py_ssize_t*) except -1
+                                   Py_ssize_t*) noexcept
 ctypedef Py_ssize_t (*serve_fn)(object, object, list, Py_ssize_t) except -1
+
+cdef int _raised() except -1:
+    """-1 for an error already set (a ``_forward_c`` call that returned -1): raised where this is
+    called, as if the call had raised there."""
+    return -1
+
 
 cdef list _NO_PACKETS = []  # the packets of a read the relay served whole from its bytes
 cdef object _relay = None
@@ -235,7 +261,6 @@ cdef class ConnectionCore(ConnState):
         cdef Py_ssize_t i = 0, count = 0, raw = 0, used = 0
         cdef bint drained
         cdef int fd = self._fd
-        stream = self.stream
         data = None  # plain TCP: the read stays in _rbuf, made a bytes object only for the reader
         if fd >= 0:
             while True:
@@ -253,17 +278,17 @@ cdef class ConnectionCore(ConnState):
             drained = n < READ_SIZE
         else:
             try:
-                data = stream.recv_nowait(READ_SIZE)
+                data = self.stream.recv_nowait(READ_SIZE)
             except BlockingIOError:
                 return
             except OSError:
                 data = b""
             n = len(data)
-            drained = stream.drained
+            drained = self.stream.drained
         if n == 0 or self.closed:
             if data is None:
                 data = PyBytes_FromStringAndSize(_rbuf, n)
-            stream.drained = drained
+            self.stream.drained = drained
             self._reader.switch(data)
             return
         # The read's counters are added after the send (or before a hand-over): nothing reads them
@@ -286,58 +311,65 @@ cdef class ConnectionCore(ConnState):
         callbacks = _loop_callbacks if ev != NULL else loop._callbacks
         cdef Py_ssize_t queued = len(callbacks)  # the loop callbacks before this read's work
         raw = 0
-        try:
-            used = 0
-            if _forward_c is not NULL:
-                # the common PUBLISHes served from the read's bytes (_core.relay: written into
-                # local subscribers' output, framed for the peers), no Publish decoded
-                if data is None:
-                    used = _forward_c(_relay, self, <const unsigned char*>_rbuf, n, &raw)
-                else:
-                    used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
+        used = 0
+        if _forward_c is not NULL:
+            # the common PUBLISHes served from the read's bytes (_core.relay: written into
+            # local subscribers' output, framed for the peers), no Publish decoded (-1: raised,
+            # raised again in the try below)
+            if data is None:
+                used = _forward_c(_relay, self, <const unsigned char*>_rbuf, n, &raw)
+            else:
+                used = _forward_c(_relay, self, <const unsigned char*>PyBytes_AS_STRING(data), n, &raw)
+        if used >= n:
+            # the relay took the whole read (a lone message): no decoder, no packets, and no
+            # try entered (a try saves and restores the exception state: ~45 instructions)
+            packets = _NO_PACKETS  # (never written to)
+            count = 0
+        else:
             try:
-                decoder = self.decoder
-                if used >= n:
-                    packets = _NO_PACKETS  # (the relay took the whole read; never written to)
-                elif type(decoder) is not Decoder:
-                    if data is None:
-                        data = PyBytes_FromStringAndSize(_rbuf, n)
-                    packets = decoder.feed(data if used == 0 else memoryview(data)[used:])
-                elif data is None:
-                    packets = (<Decoder>decoder).feed_buf(<const unsigned char*>_rbuf + used, n - used)
-                elif used == 0:
-                    packets = (<Decoder>decoder).feed(data)
-                else:
-                    packets = (<Decoder>decoder).feed(memoryview(data)[used:])
-            except MQTTError as exc:
-                packets = list(getattr(exc, "packets", None) or ())
-                bad = exc  # the reader serves the packets before it, then closes
-            count = PyList_GET_SIZE(packets) if type(packets) is list else len(packets)
-            while i < count and bad is None:
-                if _serve_c is not NULL:
-                    i = _serve_c(_relay, self, packets, i)
-                else:
-                    i = _relay_serve(self, packets, i)
-                if i >= count or self.closed or type(packets[i]) is not Pingreq:
-                    break
-                self._write(_PINGRESP)
-                i += 1
-        except Exception as exc:
-            # What the read loop would have met serving this read: raised in the reader, which
-            # ends the connection as there (an error must not escape into the hub's loop).
-            flusher.release(False)
-            stats.bytes_received += n
-            stats.messages_received += raw
-            if count >= 0:
-                stats.messages_received += count
-            stream.drained = drained
-            self._reader.throw(exc)
-            return
+                if used < 0:
+                    _raised()  # the relay's error, handled below as any other of this read's
+                try:
+                    decoder = self.decoder
+                    if type(decoder) is not Decoder:
+                        if data is None:
+                            data = PyBytes_FromStringAndSize(_rbuf, n)
+                        packets = decoder.feed(data if used == 0 else memoryview(data)[used:])
+                    elif data is None:
+                        packets = (<Decoder>decoder).feed_buf(<const unsigned char*>_rbuf + used, n - used)
+                    elif used == 0:
+                        packets = (<Decoder>decoder).feed(data)
+                    else:
+                        packets = (<Decoder>decoder).feed(memoryview(data)[used:])
+                except MQTTError as exc:
+                    packets = list(getattr(exc, "packets", None) or ())
+                    bad = exc  # the reader serves the packets before it, then closes
+                count = PyList_GET_SIZE(packets) if type(packets) is list else len(packets)
+                while i < count and bad is None:
+                    if _serve_c is not NULL:
+                        i = _serve_c(_relay, self, packets, i)
+                    else:
+                        i = _relay_serve(self, packets, i)
+                    if i >= count or self.closed or type(packets[i]) is not Pingreq:
+                        break
+                    self._write(_PINGRESP)
+                    i += 1
+            except Exception as exc:
+                # What the read loop would have met serving this read: raised in the reader, which
+                # ends the connection as there (an error must not escape into the hub's loop).
+                flusher.release(False)
+                stats.bytes_received += n
+                stats.messages_received += raw
+                if count >= 0:
+                    stats.messages_received += count
+                self.stream.drained = drained
+                self._reader.throw(exc)
+                return
         if i < count or self.closed or bad is not None:
             flusher.release(False)
             stats.bytes_received += n
             stats.messages_received += count + raw
-            stream.drained = drained
+            self.stream.drained = drained
             if data is None:
                 data = PyBytes_FromStringAndSize(_rbuf, n)  # (_rbuf still holds this read)
             self._reader.switch((data, packets, i, bad))
@@ -356,7 +388,7 @@ cdef class ConnectionCore(ConnState):
             else:
                 last = not loop.pendingcnt
         if held is not None:
-            held.release(last)
+            held.release_c(last)
         else:
             flusher.release(last)
         stats.bytes_received += n
@@ -365,16 +397,19 @@ cdef class ConnectionCore(ConnState):
         # a new wait: keep alive counts from here (the loop's time: ``_adopt_loop``)
         self._wait_from = _ev_now(ev) if ev != NULL else loop.now()
 
-    cpdef flush_nowait(self, limit=None):
+    def flush_nowait(self, limit=None):
         """Send what is buffered without blocking (called from the hub by the FlushScheduler).
 
         ``limit``: send at most the first ``limit`` bytes (``storage.sync: always``: the rest may
         acknowledge state not yet durable) and queue the connection for the next flush.
+        (``send_out``: the same in C, for ``FlushCore.flush_c``.)
         """
+        self.send_out(limit)
+
+    @cython.final
+    cdef int send_out(self, limit) except -1:
         cdef Py_ssize_t size, n
         cdef Py_ssize_t npk = self._npk
-        cdef int err
-        cdef int fd
         self._dirty = False
         out = self.out
         self._npk = 0
@@ -384,29 +419,27 @@ cdef class ConnectionCore(ConnState):
                 self._stats.messages_sent += npk
             if size and self._writer is None:
                 self._flush_prefix(limit)
-            return
-        fd = self._fd
-        if fd >= 0:
-            while True:
-                n = c_send(fd, PyByteArray_AS_STRING(out), size, MSG_DONTWAIT | MSG_NOSIGNAL)
-                if n >= 0:
-                    break
-                err = errno
-                if err == EINTR:
-                    continue
-                if err == EAGAIN or err == EWOULDBLOCK:
-                    n = 0
-                    break
+            return 0
+        if self._fd >= 0:
+            n = _send_fd(self._fd, out, size)
+            if n < 0:
                 self._send_failed(npk)
-                return
+                return 0
         else:
             try:
                 n = self.stream.send_nowait(out)
             except OSError:
                 self._send_failed(npk)
-                return
-        # (counted after the send: the delivery leaves first)
+                return 0
+        return self._sent(npk, n, size)
+
+    @cython.final
+    cdef int _sent(self, Py_ssize_t npk, Py_ssize_t n, Py_ssize_t size) except -1:
+        """After a send of ``n`` of the output's ``size`` bytes, which held ``npk`` packets: the
+        counts (after the send: the delivery leaves first), then the output emptied (and the
+        allowance given back, a writer waiting for room woken) or its rest left to the drain."""
         cdef StatsCore stats = self._stats
+        out = self.out
         if npk:
             stats.messages_sent += npk
         stats.bytes_sent += n
@@ -417,9 +450,44 @@ cdef class ConnectionCore(ConnState):
         else:
             del out[:n]
             self._spawn_drain()
-            return
+            return 0
         if self._want_writable:
             self._writable()
+        return 0
+
+    @cython.final
+    cdef inline int send_plain(self, Py_ssize_t* sent, Py_ssize_t* npk, Py_ssize_t* size) noexcept:
+        """``send_out(None)``'s common case in C alone, for ``FlushCore.flush_c`` outside its try
+        (a try saves and restores the exception state: ~45 instructions per flush): plain TCP, no
+        writer, a small output (``_clear`` keeps it without a call), no allowance above its base to
+        give back and no writer waiting for room. 0: not that case, nothing done (``send_out``'s);
+        1: all of it sent, counted and emptied; 2: sent in part, or failed (``sent``: the bytes the
+        kernel took, -1 on an error; ``npk``, ``size``: the output's packets and bytes), which the
+        caller finishes with ``_sent`` or ``_send_failed`` (Python code: in its try)."""
+        cdef PyObject* out = <PyObject*>self.out
+        cdef PyByteArrayObject* b = <PyByteArrayObject*>out
+        cdef Py_ssize_t n, k = self._npk
+        cdef Py_ssize_t m = PyByteArray_GET_SIZE(<object>out)
+        if (self._fd < 0 or m == 0 or self._writer is not None or self._want_writable
+                or self._high > self._high_base or b.ob_alloc > KEEP_OUT or b.ob_exports != 0
+                or b.ob_bytes == NULL):
+            return 0
+        self._dirty = False
+        self._npk = 0
+        n = _send_fd(self._fd, <object>out, m)
+        if n != m:
+            sent[0] = n
+            npk[0] = k
+            size[0] = m
+            return 2
+        cdef StatsCore stats = self._stats
+        if k:
+            stats.messages_sent += k
+        stats.bytes_sent += n
+        b.ob_start = b.ob_bytes  # (_clear's small case)
+        b.ob_bytes[0] = 0
+        Py_SET_SIZE(<object>out, 0)
+        return 1
 
     cdef _send_failed(self, Py_ssize_t npk):
         if npk:
@@ -438,13 +506,31 @@ cdef class FlushCore(FlushState):
     # the list the last flush emptied, kept with its item storage: the next flush's dirty list
     # (a new list per flush was an allocation and a free of the list and of its items)
     cdef list _spare
+    # ``_own_flush``: the class ``_checked`` (the scheduler's, as last seen: tests change an
+    # instance's class) has this ``_flush`` (no Python override, as tests' recording schedulers
+    # make), so ``release_c`` calls ``flush_c`` in C, else the override through Python
+    cdef object _checked
+    cdef bint _own_flush
 
-    cpdef release(self, bint last):
+    def release(self, bint last):
         """End ``holding`` (set by a hub callback before it serves a read): when ``last`` (the
         callback is the loop turn's last ready watcher and its client's socket is drained), write
         the turn's output now, as ``flush_now`` does; else leave it to the flush callback, scheduled
         here if the held marks did not schedule it. A lone message served in the hub so costs no
-        loop callback made and cancelled."""
+        loop callback made and cancelled. (``release_c``: the same in C, for ``_on_input``.)"""
+        self.release_c(last)
+
+    def _flush(self):
+        """Write every dirty connection (after the turn's commit, with a durable storage), then
+        observe the relay's sampled publishes (``FlushState.note_sample``): the loop callback and
+        ``flush_now``'s call (``flush_c``: the same in C, for ``release_c``)."""
+        self.flush_c()
+
+    # (release_c and flush_c are cdef methods, not cpdef: a cpdef method of a class with a Python
+    # subclass, FlushScheduler, looked for a Python override per call; _own_flush is that look,
+    # once per scheduler)
+    @cython.final
+    cdef int release_c(self, bint last) except -1:
         self.holding = False
         st = self.storage
         cdef bint wanted = len(self._dirty) > 0 or self.pending_samples > 0 or (st is not None and st.has_pending)
@@ -453,17 +539,29 @@ cdef class FlushCore(FlushState):
                 callback = self._callback
                 if callback is not None:
                     callback.stop()
-                try:
-                    self._flush()
-                except Exception:  # another connection's trouble must not end the hub's callback
-                    _flush_log.exception("flush_failed", extra={"peer": "-"})
+                if type(self) is not self._checked:
+                    self._own_flush = getattr(type(self), "_flush", None) is _OWN_FLUSH
+                    self._checked = type(self)
+                if self._own_flush and st is None:
+                    # (flush_c's own try keeps a connection's trouble from the others and from the
+                    # hub's callback: no second try entered per read)
+                    self.flush_c()
+                else:
+                    try:
+                        if self._own_flush:
+                            self.flush_c()
+                        else:
+                            self._flush()
+                    except Exception:  # another connection's trouble must not end the hub's callback
+                        _flush_log.exception("flush_failed", extra={"peer": "-"})
         elif wanted:
             self.schedule()
+        return 0
 
-    cpdef _flush(self):
-        """Write every dirty connection (after the turn's commit, with a durable storage), then
-        observe the relay's sampled publishes (``FlushState.note_sample``)."""
+    @cython.final
+    cdef int flush_c(self) except -1:
         cdef list dirty
+        cdef Py_ssize_t k = 0
         self.scheduled = False
         self._callback = None
         if self.storage is not None:
@@ -472,7 +570,7 @@ cdef class FlushCore(FlushState):
             finally:
                 if self.pending_samples:
                     self.observe_samples()
-            return
+            return 0
         dirty = self._dirty
         spare = self._spare
         if spare is not None:
@@ -480,12 +578,28 @@ cdef class FlushCore(FlushState):
             self._dirty = spare
         else:
             self._dirty = []
-        for conn in dirty:
+        # (a plain send in C enters no try: send_plain)
+        cdef Py_ssize_t sent = 0, npk = 0, size = 0
+        cdef int done
+        conn = None
+        while k < PyList_GET_SIZE(dirty):
+            conn = dirty[k]
+            k += 1
+            done = 0
+            if isinstance(conn, ConnectionCore):
+                done = (<ConnectionCore>conn).send_plain(&sent, &npk, &size)
+                if done == 1:
+                    continue
             try:
-                if isinstance(conn, ConnectionCore):
-                    (<ConnectionCore>conn).flush_nowait()
+                if done == 0:
+                    if isinstance(conn, ConnectionCore):
+                        (<ConnectionCore>conn).send_out(None)
+                    else:
+                        conn.flush_nowait()
+                elif sent < 0:
+                    (<ConnectionCore>conn)._send_failed(npk)
                 else:
-                    conn.flush_nowait()
+                    (<ConnectionCore>conn)._sent(npk, sent, size)
             except Exception:  # one broken connection must not stop the others' output
                 _flush_log.exception("flush_failed", extra={"peer": getattr(conn, "peer", "?")})
         conn = None
@@ -493,6 +607,10 @@ cdef class FlushCore(FlushState):
         self._spare = dirty
         if self.pending_samples:
             self.observe_samples()  # the relay's sampled publishes, after their writes
+        return 0
+
+
+cdef object _OWN_FLUSH = FlushCore._flush
 
 
 def loop_read_in_c(loop) -> bool:

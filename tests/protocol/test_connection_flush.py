@@ -202,6 +202,40 @@ def test_an_unexpected_error_in_the_hub_callback_ends_the_connection_as_in_its_r
         gevent.joinall([reader, other_reader], timeout=5)
 
 
+def test_an_error_in_the_relays_raw_path_ends_the_connection_as_in_its_reader(broker: Broker) -> None:
+    """An error the relay meets serving a read from its bytes (here a client policy whose verdicts
+    fail) is raised in the reader greenlet as the decoder's are (the hub callback checks the relay's
+    -1 itself: no try on the lone message's path), which closes the connection; the hub and the
+    other connections carry on."""
+
+    class FailingVerdicts:
+        def get(self, topic):
+            raise RuntimeError("policy broke")
+
+    class FailingPolicy:
+        fast = FailingVerdicts()
+
+    flusher = RecordingFlusher(broker.storage)
+    conn, reader, client = serve(broker, flusher, "broken")
+    other, other_reader, other_client = serve(broker, flusher, "other")
+    try:
+        for c in (client, other_client):
+            c.sendall(b"\xc0\x00")
+            assert read_exactly(c, 2) == b"\xd0\x00"
+        conn._policy = FailingPolicy()
+        client.sendall(publish_packet("t", b"x"))
+        reader.join(timeout=10)
+        assert reader.dead and conn.closed
+        with gevent.Timeout(10):
+            assert client.recv(10) == b""
+        other_client.sendall(b"\xc0\x00")
+        assert read_exactly(other_client, 2) == b"\xd0\x00"
+    finally:
+        for c in (client, other_client):
+            c.close()
+        gevent.joinall([reader, other_reader], timeout=5)
+
+
 class _CountingLoop:
     """The hub's loop, counting the callbacks scheduled through it (everything else passes)."""
 

@@ -29,7 +29,7 @@ class _RecordingFlusher(FlushScheduler):
     __slots__ = ()
     events: list = []
 
-    def _flush(self) -> None:  # (cpdef: the C callers find this override)
+    def _flush(self) -> None:  # (FlushCore.release finds this override: _own_flush)
         self.events.append(("flush", self.scheduled))
         super()._flush()
 
