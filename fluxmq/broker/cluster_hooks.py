@@ -253,34 +253,10 @@ class ClusterHooks:
         if marks is not None:
             marks.done = lambda: self._markers_in(cid, stand_in)
             self._count_marks(marks)
-        router = self.router
         for s in subs:
-            sub = Subscription(
-                stand_in,
-                s.filter,
-                s.qos,
-                s.no_local,
-                s.retain_as_published,
-                s.retain_handling,
-                s.subscription_id,
-            )
-            if router.add_keyed(stand_in.key, sub):
-                self._interest_up(s.filter)
-            stand_in.subscriptions.append(sub)
+            stand_in.subscriptions.append(self._hold_for(stand_in.key, stand_in, s))
         for s in shares:
-            sub = Subscription(
-                MovedShare(stand_in, s),
-                s.filter,
-                s.qos,
-                s.no_local,
-                s.retain_as_published,
-                s.retain_handling,
-                s.subscription_id,
-                s.share_group,
-            )
-            if router.add_keyed(stand_in.key, sub):
-                self._interest_up(s.filter)
-            stand_in.shares.append(sub)
+            stand_in.shares.append(self._hold_for(stand_in.key, MovedShare(stand_in, s), s))
         stand_in.shares_held = bool(shares)
         moved = self._moved
         moved[cid] = stand_in
@@ -291,6 +267,23 @@ class ClusterHooks:
             "moved_forward_started",
             extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs), "shared": len(shares)},
         )
+
+    def _hold_for(self, key: str, target, s: Subscription) -> Subscription:
+        """``s`` (a moved session's subscription, shared or not) with ``target`` in its place, in
+        the router under ``key``; its filter's interest counted."""
+        sub = Subscription(
+            target,
+            s.filter,
+            s.qos,
+            s.no_local,
+            s.retain_as_published,
+            s.retain_handling,
+            s.subscription_id,
+            s.share_group,
+        )
+        if self.router.add_keyed(key, sub):
+            self._interest_up(s.filter)
+        return sub
 
     def _markers_in(self, client_id: str, stand_in: MovedSession) -> None:
         """Every node's marker of the move reached this node: each sends to the taking node itself

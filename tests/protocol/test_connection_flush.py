@@ -169,6 +169,30 @@ def test_a_lone_message_to_a_waiting_reader_is_served_in_the_hub_without_waking_
         gevent.joinall([pub_reader, sub_reader], timeout=5)
 
 
+def _a_publish_breaks_one_connection(broker: Broker, break_it) -> None:
+    """Two clients pinged; ``break_it(conn)`` on the first, which then publishes: its reader ends
+    and its socket closes, while the other client is still answered."""
+    flusher = RecordingFlusher(broker.storage)
+    conn, reader, client = serve(broker, flusher, "broken")
+    other, other_reader, other_client = serve(broker, flusher, "other")
+    try:
+        for c in (client, other_client):
+            c.sendall(b"\xc0\x00")
+            assert read_exactly(c, 2) == b"\xd0\x00"
+        break_it(conn)
+        client.sendall(publish_packet("t", b"x"))
+        reader.join(timeout=10)
+        assert reader.dead and conn.closed
+        with gevent.Timeout(10):
+            assert client.recv(10) == b""
+        other_client.sendall(b"\xc0\x00")
+        assert read_exactly(other_client, 2) == b"\xd0\x00"
+    finally:
+        for c in (client, other_client):
+            c.close()
+        gevent.joinall([reader, other_reader], timeout=5)
+
+
 def test_an_unexpected_error_in_the_hub_callback_ends_the_connection_as_in_its_reader(broker: Broker) -> None:
     """An error the hub callback meets (here a decoder that fails) is raised in the reader
     greenlet, which logs it and closes the connection as if its own recv had read the input; the
@@ -181,25 +205,7 @@ def test_an_unexpected_error_in_the_hub_callback_ends_the_connection_as_in_its_r
         def __len__(self) -> int:
             return 0
 
-    flusher = RecordingFlusher(broker.storage)
-    conn, reader, client = serve(broker, flusher, "broken")
-    other, other_reader, other_client = serve(broker, flusher, "other")
-    try:
-        for c in (client, other_client):
-            c.sendall(b"\xc0\x00")
-            assert read_exactly(c, 2) == b"\xd0\x00"
-        conn.decoder = FailingDecoder()
-        client.sendall(publish_packet("t", b"x"))
-        reader.join(timeout=10)
-        assert reader.dead and conn.closed
-        with gevent.Timeout(10):
-            assert client.recv(10) == b""
-        other_client.sendall(b"\xc0\x00")
-        assert read_exactly(other_client, 2) == b"\xd0\x00"
-    finally:
-        for c in (client, other_client):
-            c.close()
-        gevent.joinall([reader, other_reader], timeout=5)
+    _a_publish_breaks_one_connection(broker, lambda conn: setattr(conn, "decoder", FailingDecoder()))
 
 
 def test_an_error_in_the_relays_raw_path_ends_the_connection_as_in_its_reader(broker: Broker) -> None:
@@ -215,25 +221,7 @@ def test_an_error_in_the_relays_raw_path_ends_the_connection_as_in_its_reader(br
     class FailingPolicy:
         fast = FailingVerdicts()
 
-    flusher = RecordingFlusher(broker.storage)
-    conn, reader, client = serve(broker, flusher, "broken")
-    other, other_reader, other_client = serve(broker, flusher, "other")
-    try:
-        for c in (client, other_client):
-            c.sendall(b"\xc0\x00")
-            assert read_exactly(c, 2) == b"\xd0\x00"
-        conn._policy = FailingPolicy()
-        client.sendall(publish_packet("t", b"x"))
-        reader.join(timeout=10)
-        assert reader.dead and conn.closed
-        with gevent.Timeout(10):
-            assert client.recv(10) == b""
-        other_client.sendall(b"\xc0\x00")
-        assert read_exactly(other_client, 2) == b"\xd0\x00"
-    finally:
-        for c in (client, other_client):
-            c.close()
-        gevent.joinall([reader, other_reader], timeout=5)
+    _a_publish_breaks_one_connection(broker, lambda conn: setattr(conn, "_policy", FailingPolicy()))
 
 
 class _CountingLoop:
