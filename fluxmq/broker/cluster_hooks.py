@@ -271,16 +271,7 @@ class ClusterHooks:
     def _hold_for(self, key: str, target, s: Subscription) -> Subscription:
         """``s`` (a moved session's subscription, shared or not) with ``target`` in its place, in
         the router under ``key``; its filter's interest counted."""
-        sub = Subscription(
-            target,
-            s.filter,
-            s.qos,
-            s.no_local,
-            s.retain_as_published,
-            s.retain_handling,
-            s.subscription_id,
-            s.share_group,
-        )
+        sub = Subscription.like(s, target)
         if self.router.add_keyed(key, sub):
             self._interest_up(s.filter)
         return sub
@@ -372,17 +363,7 @@ class ClusterHooks:
         gate = MoveGate(session, move.own, marks, self._origin_of(move.own), before, self.router.route)
         router = self.router
         for s in subs:
-            router.add(
-                Subscription(
-                    gate,
-                    s.filter,
-                    s.qos,
-                    s.no_local,
-                    s.retain_as_published,
-                    s.retain_handling,
-                    s.subscription_id,
-                )
-            )
+            router.add(Subscription.like(s, gate))  # (not shared: share_group None)
             gate.subscriptions.append(s)
         self._gates[cid] = gate
         marks.done = lambda: self._open_gate(cid, gate)
@@ -611,16 +592,7 @@ class ClusterHooks:
         new_filters = []
         subs = []
         for s in state.subscriptions:
-            sub = Subscription(
-                session,
-                s.filter,
-                s.qos,
-                s.no_local,
-                s.retain_as_published,
-                s.retain_handling,
-                s.subscription_id,
-                s.share_group,
-            )
+            sub = Subscription.like(s, session)
             subs.append(sub)
             session.subscriptions[s.filter] = sub
             if store is not None:

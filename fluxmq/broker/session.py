@@ -97,6 +97,21 @@ class Subscription:
         self.subscription_id = subscription_id
         self.share_group = share_group
 
+    @classmethod
+    def like(cls, s, target) -> Subscription:
+        """A subscription of ``target`` with the filter and options of ``s`` (a Subscription or a
+        ``session_state.SubscriptionState``): an imported session's, a moved one's stand-in's."""
+        return cls(
+            target,
+            s.filter,
+            s.qos,
+            s.no_local,
+            s.retain_as_published,
+            s.retain_handling,
+            s.subscription_id,
+            s.share_group,
+        )
+
 
 class Inflight:
     """An outbound QoS 1/2 message awaiting its acknowledgement."""
