@@ -109,7 +109,9 @@ class ConsumerGroup:
         # pending list, no redelivery); the log keeps its records (retention limits only).
         self.stream = queue.config.type == STREAM
         self.sent: dict[int, Member] = {}  # stream: delivered, PUBACK not yet received
-        self.committed_at = 0.0
+        # The interval counts from the group's start (the monotonic clock counts from the host's
+        # boot: 0.0 here made the first tick commit at once on a host up longer than the interval).
+        self.committed_at = time.monotonic()
         self.members: list[Member] = []
         self._rr = 0
         self.floor = floor
@@ -565,6 +567,7 @@ class ConsumerGroup:
         qlog = self.queue.log
         offset = max(qlog.first, min(offset, qlog.next))
         self.cursor = self.floor = offset
+        self.committed_at = time.monotonic()
         self.queue.log.commit(self.name, offset)
 
     def ack(self, offset: int, session=None) -> bool:

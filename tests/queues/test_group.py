@@ -3,6 +3,7 @@ the DLQ append that fails, and what a restart brings back."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import gevent
@@ -221,6 +222,27 @@ def test_a_stream_group_commits_what_was_acknowledged_every_auto_commit_interval
     storage, broker = node(tmp_path / "d", configs)
     _, d = member(broker, "c2", "$queue/events", "readers")
     assert [m.payload for _, m in d.sent] == [b"3"]  # resumes after the commit
+    storage.close()
+
+
+def test_a_stream_groups_first_auto_commit_waits_one_interval_from_its_start(tmp_path: Path) -> None:
+    """The interval counts from the group's start, not from the host's boot (the monotonic
+    clock's zero): records acknowledged on the wire at once are not committed on the next tick
+    of a host up longer than the interval, as any host soon is."""
+    assert time.monotonic() > 5
+    configs = [QueueConfig("events", type="stream", auto_commit_interval=5.0)]
+    storage, broker = node(tmp_path / "d", configs)
+    session, d = member(broker, "c1", "$queue/events", "readers")
+    for i in range(4):
+        broker.publish(Message("$queue/events", b"%d" % i, 1))
+    end_of_turn()
+    group = broker.queues.queues["events"].groups["readers"]
+    for pid, _ in d.sent:
+        session.on_puback(pid, 0)
+    broker.queues.tick()
+    assert group.floor == 0  # acknowledged on the wire, not committed yet
+    broker.queues.tick(time.monotonic() + 5.1)
+    assert group.floor == 4
     storage.close()
 
 
