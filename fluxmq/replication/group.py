@@ -37,6 +37,7 @@ import pickle
 import time
 
 import gevent
+from pysyncobj import syncobj as pysyncobj_clock
 
 from fluxmq.broker.held import HeldAck
 
@@ -684,9 +685,11 @@ class RaftGroup:
         need = (len(self._node._SyncObj__otherNodes) + 1) // 2
         if not need:
             return True
-        # pysyncobj keeps each member's last answer (monotonic time) privately; read, never written.
+        # pysyncobj keeps each member's last answer privately (read, never written), stamped by
+        # its own clock: CLOCK_MONOTONIC_RAW, not time.monotonic's CLOCK_MONOTONIC. The two drift
+        # apart (0.31 s on a host up six minutes, more than the lease): read the same clock.
         answered = self._node._SyncObj__lastResponseTime
-        cutoff = time.monotonic() - DELIVERY_LEASE
+        cutoff = pysyncobj_clock.monotonicTime() - DELIVERY_LEASE
         return sum(1 for t in answered.values() if t > cutoff) >= need
 
     def status(self) -> dict:
@@ -836,7 +839,7 @@ class RaftGroup:
         node = self._node
         if node is None:
             return {self.self_addr}
-        cutoff = time.monotonic() - within
+        cutoff = pysyncobj_clock.monotonicTime() - within  # pysyncobj's clock (as ``delivering``)
         answered = node._SyncObj__lastResponseTime  # read, never written (as ``delivering``)
         reset = self._reset_marks
         out = {getattr(n, "id", str(n)) for n, t in answered.items() if t > cutoff and reset.get(n) != t}

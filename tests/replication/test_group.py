@@ -219,6 +219,35 @@ def _three_groups(tmp_path) -> list[RaftGroup]:
     return groups
 
 
+def test_the_leader_delivers_whatever_the_drift_between_pysyncobjs_clock_and_time_monotonic(
+    tmp_path, monkeypatch
+) -> None:
+    """pysyncobj stamps each member's last answer with its own clock (CLOCK_MONOTONIC_RAW), which
+    drifts from time.monotonic's: on a host where they were 0.31 s apart the lease (0.3 s) was
+    never held and no leader ever delivered. Here pysyncobj's clock runs 1 s behind; the leader
+    still delivers and counts its followers as answering."""
+    import gevent
+    from pysyncobj import syncobj
+
+    raw = syncobj.monotonicTime
+    monkeypatch.setattr(syncobj, "monotonicTime", lambda: raw() - 1.0)
+    groups = _three_groups(tmp_path)
+    for group in groups:
+        group.start()
+    try:
+        with gevent.Timeout(30):
+            leader = None
+            while leader is None:
+                gevent.sleep(0.02)
+                leader = next((g for g in groups if g.delivering), None)
+            while len(leader.answering(2.0)) < 3:
+                gevent.sleep(0.02)
+        assert leader.answering(2.0) == {g.self_addr for g in groups}
+    finally:
+        for group in groups:
+            group.stop()
+
+
 def test_answers_are_read_committed_and_applied_in_the_hub_turn_without_a_tick(tmp_path) -> None:
     """The Raft sockets are watched by persistent hub watchers whose callbacks read a message and
     do what a tick did after its poll (the leader's commit index from the followers' answers, the
