@@ -77,14 +77,23 @@ __all__ = [
 
 
 def takeover_handler(
-    broker, call: Callable[[str, str, bytes, float], bytes] | None = None, markers=None
+    broker,
+    call: Callable[[str, str, bytes, float], bytes] | None = None,
+    markers=None,
+    take_kept: Callable[[str], bytes | None] | None = None,
 ) -> Callable[[str, bytes], bytes]:
     """The transport handler of ``session.takeover`` for ``broker``: ``fn(from_node, payload)``
     exports the session named by ``payload`` (``client id`` or ``client id NUL token``) and returns
     its state (``b""``: no such session). With ``call`` (the transport's) what still reaches this
     node for the session afterwards is forwarded to ``from_node`` (``Broker.export_session``'s
     ``send``) until the move's markers are in (``markers``: ``fluxmq.cluster.markers.MoveMarkers``,
-    and a token) or for a few seconds."""
+    and a token) or for a few seconds.
+
+    ``take_kept`` (``ClusterSessions.take_kept``): with no session here, the state a failed claim of
+    this node keeps for the client (``ClusterSessions.kept``) is handed over instead. The node the
+    state came from took the session back from here (``claim_session``'s ``handed_to``), since the
+    registry still names it: answered empty, it would start the client afresh and the kept state
+    would be lost (or, at the client's next claim here, replace the session it lives on)."""
 
     def handle(from_node: str, payload: bytes) -> bytes:
         try:
@@ -103,6 +112,8 @@ def takeover_handler(
 
             move = markers.move_out(token) if markers is not None and token else None
             state = broker.export_session(client_id, from_node, send, move)
+        if not state and take_kept is not None:
+            state = take_kept(client_id)
         if state:
             # The session's removal here is committed before the state leaves: a crash of this
             # node afterwards cannot bring back a second copy at its restart.
@@ -141,10 +152,11 @@ def moved_handler(broker) -> Callable[[str, bytes], bytes]:
     return handle
 
 
-def serve_handover(transport, broker, markers=None) -> None:
+def serve_handover(transport, broker, markers=None, take_kept=None) -> None:
     """Serve ``session.takeover`` (with the forwarding of what reaches the old node afterwards,
-    ended by the move's ``markers``) and ``session.moved`` for ``broker`` on ``transport``."""
-    transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call, markers))
+    ended by the move's ``markers``; a failed claim's kept state, ``take_kept``) and
+    ``session.moved`` for ``broker`` on ``transport``."""
+    transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call, markers, take_kept))
     transport.handle(MOVED_KIND, moved_handler(broker))
 
 
@@ -271,6 +283,14 @@ class ClusterSessions:
         took = self._took_from.pop(client_id, None)
         if took is not None and self.markers is not None and took[1]:
             self.markers.move_in(took[1], took[0]).announce()
+
+    def take_kept(self, client_id: str) -> bytes | None:
+        """The state a failed claim keeps for ``client_id``, taken out (another node's takeover
+        asks for a session this node has only kept: ``takeover_handler``)."""
+        state = self.kept.pop(client_id, None)
+        if state is not None:
+            log.warning("takeover_state_kept_handed_over", extra={"client_id": client_id})
+        return state
 
     def _keep(self, client_id: str, state: bytes) -> None:
         kept = self.kept

@@ -234,7 +234,7 @@ class ClusterNode:
             **extra,
         )
         self.peers.transport = self.transport
-        serve_handover(self.transport, broker, self.peers.markers)
+        serve_handover(self.transport, broker, self.peers.markers, self.peers.take_kept)
         self.transport.handle(ADOPT_KIND, self._adopt)
         self.draining = False
         self.adopted_out = 0

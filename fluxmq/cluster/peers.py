@@ -269,6 +269,11 @@ class ClusterPeers:
         if sessions is not None:
             sessions.release_session(client_id)
 
+    def take_kept(self, client_id: str) -> bytes | None:
+        """``ClusterSessions.take_kept`` (None while there is no registry)."""
+        sessions = self.sessions
+        return sessions.take_kept(client_id) if sessions is not None else None
+
     def moving_in(self, client_id: str):
         sessions = self.sessions
         return sessions.moving_in(client_id) if sessions is not None else None

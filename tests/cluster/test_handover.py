@@ -124,8 +124,10 @@ class Cluster:
         (``session.moved``), as a real node's do."""
         broker = Broker(BrokerSettings(node_id=name))
         call = self.network.caller(name)
-        broker.set_peers(NodePeers(Ownership(self.registry, name), call, timeout=2.0))
-        self.network.handle(name, TAKEOVER_KIND, takeover_handler(broker, call if forwarding else None))
+        peers = NodePeers(Ownership(self.registry, name), call, timeout=2.0)
+        broker.set_peers(peers)
+        handler = takeover_handler(broker, call if forwarding else None, None, peers.take_kept)
+        self.network.handle(name, TAKEOVER_KIND, handler)
         self.network.handle(name, MOVED_KIND, moved_handler(broker))
         self.brokers[name] = broker
         return broker
@@ -209,6 +211,30 @@ def test_a_state_whose_claim_failed_is_kept_for_the_next_claim(cluster: Cluster)
     cluster.registry.down = False
     new, _, present = connect(b, "c1")  # the client retries
     assert present and set(new.subscriptions) == {"t"} and not b.peers.kept
+
+
+def test_a_session_taken_back_from_a_node_whose_claim_failed_gets_the_state_kept_there(
+    cluster: Cluster,
+) -> None:
+    """A handed the session to B, whose claim then failed (no quorum): B keeps the state, the
+    registry still names A. The client's other connection reaches A, which takes the session back
+    from B (``handed_to``): B hands over the state it keeps, not an empty answer that would start
+    the client afresh on A and leave the state on B."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+
+    def quorum_lost() -> None:
+        cluster.registry.down = True
+
+    cluster.registry.before_cas = quorum_lost
+    with pytest.raises(ServerUnavailable):
+        b.open_session("c1", False, 3600)
+    cluster.registry.down = False
+    assert "c1" in b.peers.kept and cluster.registry.owners["c1"] == "A"
+    new, _, present = connect(a, "c1")
+    assert present and set(new.subscriptions) == {"t"}
+    assert not b.peers.kept and cluster.registry.owners["c1"] == "A"
 
 
 def test_ownership_that_keeps_moving_is_refused(cluster: Cluster) -> None:
