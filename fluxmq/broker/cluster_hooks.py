@@ -414,6 +414,9 @@ class ClusterHooks:
                 for q in state.queued:
                     stand_in.forward(q.message, passed)
                 return 0
+            keep_moved = getattr(self.peers, "keep_moved", None)  # (optional in Peers)
+            if session is None and keep_moved is not None and keep_moved(cid, state.queued):
+                return 0  # its claim here failed: queued with the state kept for the client
             log.warning("moved_messages_dropped", extra={"client_id": cid, "messages": len(state.queued)})
             return 0
         if share is not None:

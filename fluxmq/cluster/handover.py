@@ -292,6 +292,19 @@ class ClusterSessions:
             log.warning("takeover_state_kept_handed_over", extra={"client_id": client_id})
         return state
 
+    def keep_moved(self, client_id: str, queued: list) -> bool:
+        """Messages the session's previous node forwarded here after handing it over, when this
+        node's claim then failed and keeps the state (``Broker.deliver_moved``): queued after the
+        kept state's own, for whoever takes it (the client's next claim here, or the previous node
+        taking it back). False when nothing is kept for ``client_id``."""
+        blob = self.kept.get(client_id)
+        if blob is None:
+            return False
+        state = decode_session_state(blob)
+        state.queued.extend(queued)
+        self.kept[client_id] = encode_session_state(state)
+        return True
+
     def _keep(self, client_id: str, state: bytes) -> None:
         kept = self.kept
         kept[client_id] = state

@@ -269,6 +269,11 @@ class ClusterPeers:
         if sessions is not None:
             sessions.release_session(client_id)
 
+    def keep_moved(self, client_id: str, queued: list) -> bool:
+        """``ClusterSessions.keep_moved`` (False while there is no registry)."""
+        sessions = self.sessions
+        return sessions.keep_moved(client_id, queued) if sessions is not None else False
+
     def take_kept(self, client_id: str) -> bytes | None:
         """``ClusterSessions.take_kept`` (None while there is no registry)."""
         sessions = self.sessions

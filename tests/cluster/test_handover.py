@@ -219,7 +219,8 @@ def test_a_session_taken_back_from_a_node_whose_claim_failed_gets_the_state_kept
     """A handed the session to B, whose claim then failed (no quorum): B keeps the state, the
     registry still names A. The client's other connection reaches A, which takes the session back
     from B (``handed_to``): B hands over the state it keeps, not an empty answer that would start
-    the client afresh on A and leave the state on B."""
+    the client afresh on A and leave the state on B; with it what A's stand-in forwarded to B
+    meanwhile (B had no session to give it to)."""
     a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
     s, _, _ = connect(a, "c1")
     a.subscribe(s, "t", 1)
@@ -232,9 +233,11 @@ def test_a_session_taken_back_from_a_node_whose_claim_failed_gets_the_state_kept
         b.open_session("c1", False, 3600)
     cluster.registry.down = False
     assert "c1" in b.peers.kept and cluster.registry.owners["c1"] == "A"
-    new, _, present = connect(a, "c1")
+    a.publish(Message("t", b"meanwhile", 1))  # A's stand-in forwards it to B, which keeps it
+    new, d, present = connect(a, "c1")
     assert present and set(new.subscriptions) == {"t"}
     assert not b.peers.kept and cluster.registry.owners["c1"] == "A"
+    assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 1)]  # the one published meanwhile
 
 
 def test_ownership_that_keeps_moving_is_refused(cluster: Cluster) -> None:
