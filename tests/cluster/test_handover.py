@@ -196,8 +196,9 @@ def test_a_third_node_racing_is_asked_in_turn(cluster: Cluster) -> None:
     assert cluster.registry.owners["c1"] == "B"
 
 
-def test_a_state_whose_claim_failed_is_kept_for_the_next_claim(cluster: Cluster) -> None:
-    a, b = cluster.node("A"), cluster.node("B")
+def _claim_fails_after_the_handover(cluster: Cluster, a: Broker, b: Broker) -> None:
+    """c1 (subscribed to ``t``) lives on A; B's claim takes its state, then the registry loses
+    its quorum before B's compare-and-swap: B refuses the client and keeps the state."""
     s, _, _ = connect(a, "c1")
     a.subscribe(s, "t", 1)
 
@@ -207,6 +208,11 @@ def test_a_state_whose_claim_failed_is_kept_for_the_next_claim(cluster: Cluster)
     cluster.registry.before_cas = quorum_lost
     with pytest.raises(ServerUnavailable):
         b.open_session("c1", False, 3600)
+
+
+def test_a_state_whose_claim_failed_is_kept_for_the_next_claim(cluster: Cluster) -> None:
+    a, b = cluster.node("A"), cluster.node("B")
+    _claim_fails_after_the_handover(cluster, a, b)
     assert "c1" not in a.sessions and "c1" in b.peers.kept  # A gave it up; B keeps it
     cluster.registry.down = False
     new, _, present = connect(b, "c1")  # the client retries
@@ -222,15 +228,7 @@ def test_a_session_taken_back_from_a_node_whose_claim_failed_gets_the_state_kept
     the client afresh on A and leave the state on B; with it what A's stand-in forwarded to B
     meanwhile (B had no session to give it to)."""
     a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
-    s, _, _ = connect(a, "c1")
-    a.subscribe(s, "t", 1)
-
-    def quorum_lost() -> None:
-        cluster.registry.down = True
-
-    cluster.registry.before_cas = quorum_lost
-    with pytest.raises(ServerUnavailable):
-        b.open_session("c1", False, 3600)
+    _claim_fails_after_the_handover(cluster, a, b)
     cluster.registry.down = False
     assert "c1" in b.peers.kept and cluster.registry.owners["c1"] == "A"
     a.publish(Message("t", b"meanwhile", 1))  # A's stand-in forwards it to B, which keeps it

@@ -166,23 +166,12 @@ def test_an_entry_is_appended_and_sent_to_the_followers_in_the_turn_it_is_submit
     follower is past it; then every replica applies it."""
     import gevent
 
-    from tests.conftest import free_port
 
-    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    groups = []
-    for i, me in enumerate(addrs):
-        store = MemoryQueueLog()
-        group = RaftGroup("default", me, addrs, str(tmp_path / f"n{i}"), store, "forward")
-        group.logs["q"] = ReplicatedQueueLog("q", store, group, ReplicationConfig(True))
-        groups.append(group)
-    for group in groups:
-        group.start()
+    groups = _three_groups(tmp_path)
+    addrs = [g.self_addr for g in groups]
     try:
         with gevent.Timeout(30):
-            leader = None
-            while leader is None:
-                gevent.sleep(0.02)
-                leader = next((g for g in groups if g.delivering), None)
+            leader = _started_leader(groups)
             followers = [a for a in addrs if a != leader.self_addr]
             while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
                 gevent.sleep(0.02)
@@ -219,6 +208,19 @@ def _three_groups(tmp_path) -> list[RaftGroup]:
     return groups
 
 
+def _started_leader(groups: list[RaftGroup]) -> RaftGroup:
+    """Start ``groups`` and wait (under the caller's gevent.Timeout) for one to deliver."""
+    import gevent
+
+    for group in groups:
+        group.start()
+    while True:
+        gevent.sleep(0.02)
+        leader = next((g for g in groups if g.delivering), None)
+        if leader is not None:
+            return leader
+
+
 def test_the_leader_delivers_whatever_the_drift_between_pysyncobjs_clock_and_time_monotonic(
     tmp_path, monkeypatch
 ) -> None:
@@ -232,14 +234,9 @@ def test_the_leader_delivers_whatever_the_drift_between_pysyncobjs_clock_and_tim
     raw = syncobj.monotonicTime
     monkeypatch.setattr(syncobj, "monotonicTime", lambda: raw() - 1.0)
     groups = _three_groups(tmp_path)
-    for group in groups:
-        group.start()
     try:
         with gevent.Timeout(30):
-            leader = None
-            while leader is None:
-                gevent.sleep(0.02)
-                leader = next((g for g in groups if g.delivering), None)
+            leader = _started_leader(groups)
             while len(leader.answering(2.0)) < 3:
                 gevent.sleep(0.02)
         assert leader.answering(2.0) == {g.self_addr for g in groups}
@@ -258,14 +255,9 @@ def test_answers_are_read_committed_and_applied_in_the_hub_turn_without_a_tick(t
     import gevent
 
     groups = _three_groups(tmp_path)
-    for group in groups:
-        group.start()
     try:
         with gevent.Timeout(30):
-            leader = None
-            while leader is None:
-                gevent.sleep(0.02)
-                leader = next((g for g in groups if g.delivering), None)
+            leader = _started_leader(groups)
             while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
                 gevent.sleep(0.02)
             while not all(g.applied == leader.applied for g in groups):
@@ -367,14 +359,9 @@ def test_a_follower_applies_committed_entries_two_at_a_time_unless_its_own_entry
     import gevent
 
     groups = _three_groups(tmp_path)
-    for group in groups:
-        group.start()
     try:
         with gevent.Timeout(30):
-            leader = None
-            while leader is None:
-                gevent.sleep(0.02)
-                leader = next((g for g in groups if g.delivering), None)
+            leader = _started_leader(groups)
             while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
                 gevent.sleep(0.02)
             while not all(g.applied == leader.applied for g in groups):
