@@ -18,7 +18,6 @@ busy subscribers or links went quiet holds none after ~two looks.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -39,8 +38,9 @@ TRIM_AFTER = 1000
 def glibc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None when the C library has none."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        # The process's own symbols (the C library is among them): ``ctypes.util.find_library``
+        # would fork ``ldconfig -p`` in every worker at its start (~12 ms, and a fork of the worker).
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]

@@ -73,3 +73,15 @@ def test_an_idle_links_forward_queue_spares_are_freed_at_the_second_look() -> No
     assert fq.spare_bytes() == held
     assert heap.release_spares() >= held
     assert fq.spare_bytes() == 0
+
+
+def test_glibc_malloc_trim_is_found_without_starting_a_process(monkeypatch) -> None:
+    """Every worker looks it up at its start: ``ctypes.util.find_library`` ran ``ldconfig -p`` in a
+    subprocess (a fork of the worker, ~12 ms); the process's own symbols hold it."""
+    import subprocess
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args!r}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    assert glibc_malloc_trim() is not None
