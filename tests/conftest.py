@@ -461,6 +461,16 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In pytest-xdist's processes (scripts/test), the tests marked ``slow`` first: tests/packaging's
+    two builds of the Cython core take ~4 min, and handed out after tests/node (or last, by xdist's
+    own order: fewest tests) they started ~10 min into a run and ended it, alone. scripts/test
+    hands the modules out in this order (``--no-loadscope-reorder``). The order is the same in every process
+    (xdist checks), and a run in one process keeps the plain order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
     """Start nodes with ``node_factory(overrides=None, config_text=None)``; stopped after the test."""
