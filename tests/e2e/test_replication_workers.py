@@ -210,18 +210,25 @@ def test_an_append_on_the_other_worker_is_acked_after_the_quorum_and_consumers_o
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     total = 300
-    more = cluster.producer(nodes[follower], "w1", b"b", total)
+    producers = [producer]
     try:
-        pump_until(more, total, 90)
-        assert wait_for(lambda: more.acked <= delivered(consumers), timeout=60), (
-            f"{len(more.acked - delivered(consumers))} acknowledged messages never delivered"
-        )
-        # members on worker 1 (remote members of worker 0's group) took part, on more than one node
-        w1 = [c for c in consumers[1::2] if c.received]
+        # members on worker 1 (remote members of worker 0's group) take part, on more than one
+        # node. A round may go to one node alone (on a loaded machine the nodes stopped above
+        # can take a while to stand with their demand again): a few more rounds, bounded.
+        for round_ in range(4):
+            more = cluster.producer(nodes[follower], "w1", b"b%d-" % round_, total)
+            producers.append(more)
+            pump_until(more, total, 90)
+            assert wait_for(lambda more=more: more.acked <= delivered(consumers), timeout=60), (
+                f"{len(more.acked - delivered(consumers))} acknowledged messages never delivered"
+            )
+            w1 = [c for c in consumers[1::2] if c.received]
+            if len(w1) >= 2:
+                break
         assert len(w1) >= 2, [len(c.received) for c in consumers]
     finally:
-        more.stop()
-        producer.stop()
+        for p in producers:
+            p.stop()
         for c in consumers:
             c.stop()
 
