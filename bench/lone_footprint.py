@@ -48,6 +48,7 @@ if __package__ in (None, ""):
 
 from bench import brokers as brokers_mod
 from bench.brokers import FluxmqNode, Mosquitto
+from bench.persist import _complete
 
 TOPIC = b"footprint/lone"
 PAYLOAD = b"x" * 64
@@ -76,7 +77,7 @@ class Client:
     def __init__(self, port: int, client_id: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
+        self.buf = bytearray()
         body = _str(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 600) + _str(client_id.encode())
         self.sock.sendall(_packet(0x10, body))
         kind, _ = self.read_packet()
@@ -85,20 +86,8 @@ class Client:
 
     def read_packet(self) -> tuple[int, bytes]:
         while True:
-            if len(self.buf) >= 2:
-                mult, n, i = 1, 0, 1
-                while i < len(self.buf):
-                    b = self.buf[i]
-                    n += (b & 0x7F) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 0x80:
-                        break
-                else:
-                    i = -1
-                if i > 0 and len(self.buf) >= i + n:
-                    kind, body, self.buf = self.buf[0], self.buf[i : i + n], self.buf[i + n :]
-                    return kind, body
+            for kind, body in _complete(self.buf):  # removes the packet it yields from the buffer
+                return kind, body
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise RuntimeError("connection closed")
