@@ -282,6 +282,35 @@ class RemoteQueues:
         self.placement = manager.placement
         if manager.placement is not None:
             manager.remote = self
+            if self.nodes is not None:
+                self._place(manager)
+
+    nodes = None  # a cluster's QueueNodes (place_on_nodes)
+
+    def place_on_nodes(self, nodes) -> None:
+        """A cluster with etcd (``fluxmq.cluster.queue_nodes``): each queue is owned by one node,
+        this worker's queues included. Called once etcd answers; the queues this process loaded
+        (configured, or found stored) are claimed for this node, and those another node owns are
+        stranded (never served here; their records move to the owner: ``move_stranded``)."""
+        self.nodes = nodes
+        manager = self.broker.queues
+        if manager is not None and manager.placement is not None:
+            self._place(manager)
+
+    def _place(self, manager) -> None:
+        placement = manager.placement
+        placement.nodes = self.nodes
+        elsewhere = {}
+        for name in list(manager.queues):
+            try:
+                node = placement.owner_node(name)  # claims it for this node when nobody owns it
+            except QueueRefused as exc:
+                log.warning("queue_owner_unknown", extra={"queue": name, "error": str(exc)})
+                continue
+            if node is not None:
+                elsewhere[name] = node
+        if elsewhere:
+            manager.strand(elsewhere)
 
     def start(self) -> None:
         self._loop = gevent.spawn(self._run)
@@ -306,9 +335,14 @@ class RemoteQueues:
 
     def _move(self, manager) -> None:
         for name in list(manager.stranded):
-            owner = self._owner(name)
             moved = 0
             while name in manager.stranded:
+                try:
+                    owner = self._owner(name)
+                except QueueRefused as exc:  # its node is down: again until it is back
+                    log.info("queue_move_waiting", extra={"queue": name, "error": str(exc)})
+                    gevent.sleep(1.0)
+                    continue
                 records = manager.take_stranded(name)
                 if not records:
                     manager.drop_stranded(name, [])
@@ -347,7 +381,14 @@ class RemoteQueues:
         self._moving = None
 
     def _owner(self, name: str) -> str:
-        return self.member(self.placement.owner(name))
+        """The member id of the worker owning queue ``name`` (of another node on a cluster: raises
+        QueueRefused when that node is not available)."""
+        placement = self.placement
+        if placement.nodes is not None:
+            node = placement.owner_node(name)
+            if node is not None:
+                return placement.nodes.member(node, placement.dlq_of.get(name, name))
+        return self.member(placement.owner(name))
 
     def _link(self, node: str) -> OpLink:
         link = self.links.get(node)

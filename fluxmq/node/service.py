@@ -584,6 +584,15 @@ class BrokerService:
                 # Each queue lives on one worker (its owner); the others reach it through the
                 # workers' cluster (fluxmq.cluster.queues, set up by WorkerNode).
                 placement = QueuePlacement(workers.index, workers.count, configs)
+            elif cfg.cluster.enabled:
+                from fluxmq.cluster.node import uses_etcd
+
+                if uses_etcd(cfg):
+                    from fluxmq.queues.placement import QueuePlacement
+
+                    # A cluster with etcd: each queue lives on one node (fluxmq.cluster.queue_nodes),
+                    # which the cluster node sets once etcd answers; until then every queue is here.
+                    placement = QueuePlacement(0, 1, configs)
             manager = QueueManager(
                 storage,
                 configs,

@@ -1,0 +1,156 @@
+"""Durable queues across the nodes of a cluster without Raft (fluxmq/cluster/queue_nodes.py): one
+owning node per queue, recorded in etcd; a producer on one node and a consumer on another meet.
+
+Two real ``fluxmq-node`` processes of one worker each on the session's shared etcd (a prefix of
+this module's), shared by the module's tests (each uses its own queues and client ids); the test
+that kills the owner starts it again with its data before it ends. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from tests.conftest import NodeFactory
+from tests.e2e.mqtt5raw import Paho5, paho5, props, raw5, unique
+from tests.e2e.test_cluster_etcd import Cluster, nominal, wait_for
+from tests.e2e.test_queues import nothing_more, receive, settle, user_props
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 15.0
+
+
+@pytest.fixture(scope="module")
+def cluster(etcd_server, tmp_path_factory):
+    base = tmp_path_factory.mktemp("qcluster")
+    factory = NodeFactory(base / "nodes")
+    (base / "nodes").mkdir()
+    cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["q1", "q2"])
+    try:
+        for name in cl.configs:
+            cl.start(name)
+        for node in cl.nodes.values():
+            assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
+        yield cl
+    finally:
+        factory.close()
+
+
+def join(node, name: str, group: str, auto_ack: bool = False, client_id: str = "") -> Paho5:
+    """A 5.0 consumer on ``node``, a member of ``group`` of queue ``name`` (SUBACK granted)."""
+    client = paho5(node, client_id or unique("qc"))
+    sub_props = props(PacketTypes.SUBSCRIBE)
+    sub_props.UserProperty = [("consumer-group", group)] + ([("auto-ack", "true")] if auto_ack else [])
+    codes = client.subscribe(f"$queue/{name}", options=SubscribeOptions(qos=1), properties=sub_props)
+    assert [int(rc.value) for rc in codes] == [1], codes
+    return client
+
+
+def append(node, name: str, payloads) -> list[int]:
+    """QoS 1 appends from a raw 5.0 client on ``node``: the PUBACK reason code of each."""
+    raw = raw5(node, unique("qp"))
+    try:
+        return [
+            raw.publish(f"$queue/{name}", p, 1, packet_id=i + 1).reason_code for i, p in enumerate(payloads)
+        ]
+    finally:
+        raw.disconnect()
+
+
+def test_producer_on_one_node_and_a_group_on_another_get_every_message_once(cluster) -> None:
+    """The first node that needs a queue owns it (etcd); a group joined on the other node gets each
+    acknowledged append once, and its 5.0 ``$ack`` settles them at the owner (a new member of the
+    group gets nothing again)."""
+    q1, q2 = cluster.nodes["q1"], cluster.nodes["q2"]
+    name = unique("xq")
+    payloads = [f"m{i}".encode() for i in range(20)]
+    assert append(q1, name, payloads) == [0] * 20
+    assert cluster.value(f"queues/{name}/owner") == "q1"
+    c = join(q2, name, "g")
+    try:
+        got = receive(c, 20, WAIT)
+        assert sorted(m.payload for m in got) == sorted(payloads)
+        assert {user_props(m)["queue"] for m in got} == {name}
+        for m in got:
+            settle(c, name, "$ack", m)
+        assert nothing_more(c)
+    finally:
+        c.disconnect()
+    again = join(q2, name, "g")
+    try:
+        assert nothing_more(again, 1.0)
+    finally:
+        again.disconnect()
+
+
+def test_two_members_of_one_group_on_two_nodes_share_the_messages(cluster) -> None:
+    q1, q2 = cluster.nodes["q1"], cluster.nodes["q2"]
+    name = unique("xq-share")
+    a = join(q2, name, "shared", auto_ack=True)  # q2 owns the queue: its subscribe claimed it
+    b = join(q1, name, "shared", auto_ack=True)
+    try:
+        assert cluster.value(f"queues/{name}/owner") == "q2"
+        payloads = [f"s{i}".encode() for i in range(40)]
+        assert append(q1, name, payloads) == [0] * 40
+        got_a: list[bytes] = []
+        got_b: list[bytes] = []
+
+        def all_in() -> bool:
+            for client, got in ((a, got_a), (b, got_b)):
+                while not client.messages.empty():
+                    got.append(client.messages.get().payload)
+            return len(got_a) + len(got_b) >= 40
+
+        assert wait_for(all_in, WAIT), (len(got_a), len(got_b))
+        assert nothing_more(a) and nothing_more(b)
+        assert sorted(got_a + got_b) == sorted(payloads)  # each once
+        assert got_a and got_b  # the member on the other node took its share
+    finally:
+        a.disconnect()
+        b.disconnect()
+
+
+def test_owner_down_refuses_appends_and_loses_nothing_acknowledged(cluster) -> None:
+    """kill -9 the owning node: an append on the other node is refused (never acknowledged); once
+    the owner is back every acknowledged append is there, the refused one is not, and a member
+    joined on the other node before the kill gets what is appended after (it joined again)."""
+    q2 = cluster.nodes["q2"]
+    name = unique("xq-down")
+    join(cluster.nodes["q1"], name, "keep").disconnect()  # q1 owns it; group "keep" reads later
+    payloads = [f"d{i}".encode() for i in range(10)]
+    assert append(cluster.nodes["q1"], name, payloads) == [0] * 10
+    old = join(q2, name, "old", auto_ack=True)
+    try:
+        assert sorted(m.payload for m in receive(old, 10, WAIT)) == sorted(payloads)
+        cluster.nodes["q1"].kill()
+        codes = append(q2, name, [b"refused"])
+        assert codes[0] >= 0x80, codes
+        q1 = cluster.start("q1")  # same id, same data
+        for node in (q1, q2):
+            assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
+        more = [f"a{i}".encode() for i in range(5)]
+        assert wait_for(lambda: append(q2, name, more[:1]) == [0], WAIT)  # q2 sees q1 again
+        assert append(q2, name, more[1:]) == [0] * 4
+        seen: list[bytes] = []
+        assert wait_for(
+            lambda: seen.extend(m.payload for m in iter_messages(old)) or set(more) <= set(seen), WAIT
+        ), seen
+        assert b"refused" not in seen
+    finally:
+        old.disconnect()
+    late = join(q2, name, "keep", auto_ack=True)
+    try:
+        got = receive(late, 15, WAIT)
+        assert sorted(m.payload for m in got) == sorted(payloads + more)
+        assert nothing_more(late)
+    finally:
+        late.disconnect()
+
+
+def iter_messages(client: Paho5):
+    while not client.messages.empty():
+        yield client.messages.get()
