@@ -355,6 +355,11 @@ class WorkerNode:
             # ownership of the restored sessions, peers into the broker. Retained messages and
             # wills go through etcd, so nothing of the workers' own retained sharing runs.
             self.node.start()
+            if self.node.plane is not None:
+                # durable queues are owned by nodes (etcd), then by a worker of the owning node
+                from .queue_nodes import QueueNodes
+
+                self.queues.place_on_nodes(QueueNodes(self.node.plane.meta))
             stale: list[str] = []
         else:
             path = self.context.socket_path(self.context.index)
@@ -600,7 +605,7 @@ class WorkerNode:
             placement = manager.placement if manager is not None else None
             if placement is None or placement.owns(name):
                 return None
-            owner = self.context.member(placement.owner(name))
+            owner = self.queues._owner(name)
             try:
                 reply = self.transport.call(
                     owner, "admin.queue", json.dumps([name, action, query_string]).encode(), 30.0

@@ -446,7 +446,9 @@ class BrokerService:
             # The node's Raft member is worker 0 (docs/replication.rst, "Several workers on a node"):
             # only it announces a Raft address (the member set is keyed by node: RaftMembers).
             members = self.raft is not None and etcd_membership(cfg)
-            announce = {"raft": raft_addr(cfg)} if members else None
+            announce = {"raft": raft_addr(cfg)} if members else {}
+            # the others compute which worker of this node owns a queue (fluxmq.cluster.queue_nodes)
+            announce["workers"] = str(workers.count)
             node = ClusterNode.from_config(cfg, self.broker, announce, worker=member)  # ConfigError: one line
             self.broker.settings.node_id = node.node_id
         self.cluster = WorkerNode(workers, self.broker, cfg, node)
