@@ -33,6 +33,8 @@ import time
 
 import gevent
 
+from fluxmq.errors import ClusterError
+
 from .config import ClusterSettings
 
 log = logging.getLogger("fluxmq.cluster")
@@ -351,6 +353,19 @@ class ClusterNode:
         """``manager`` (the node's QueueManager) reaches the queues other nodes own."""
         if self.queues is not None:
             self.queues.attach(manager)
+
+    def queue_owners(self) -> dict[str, str]:
+        """Every durable queue's owning node recorded in etcd (read again; the ones known here when
+        etcd does not answer); {} without etcd."""
+        meta = self.plane.meta if self.plane is not None else None
+        registry = meta.queue_owners if meta is not None else None
+        if registry is None:
+            return {}
+        try:
+            return registry.load()
+        except ClusterError as exc:
+            log.warning("queue_owners_not_read", extra={"error": str(exc)})
+            return dict(registry.owners)
 
     def queue_state(self) -> dict[str, dict]:
         """Durable queues across nodes, per other node (``/metrics``): ``RemoteQueues.state``."""

@@ -294,8 +294,8 @@ class RemoteQueues:
         stranded (never served here; their records move to the owner: ``move_stranded``)."""
         self.nodes = nodes
         manager = self.broker.queues
-        if manager is not None and manager.placement is not None:
-            self._place(manager)
+        if manager is not None:
+            self.attach(manager)  # (made before the cluster started: configured or stored queues)
 
     def _place(self, manager) -> None:
         placement = manager.placement

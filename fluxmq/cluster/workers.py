@@ -453,6 +453,10 @@ class WorkerNode:
     def peer_state(self) -> dict[str, dict]:
         return self.transport.peer_state()
 
+    def queue_owners(self) -> dict[str, str]:
+        """Every durable queue's owning node (cluster.enabled with etcd; ``ClusterNode.queue_owners``)."""
+        return self.node.queue_owners() if self.node is not None else {}
+
     def queue_state(self) -> dict[str, dict]:
         """Durable queues across workers, per other worker (``/metrics``): ``RemoteQueues.state``."""
         return self.queues.state()
@@ -603,9 +607,18 @@ class WorkerNode:
         def queue_elsewhere(name: str, action: str, query_string: str):
             manager = self.broker.queues
             placement = manager.placement if manager is not None else None
-            if placement is None or placement.owns(name):
+            if placement is None:
                 return None
-            owner = self.queues._owner(name)
+            nodes = placement.nodes
+            if (
+                nodes is not None
+                and not placement.is_replicated(name)
+                and nodes.owners.owner(placement.source(name)) != nodes.node
+            ):
+                return None  # no such queue, or another node's (answered here: 404 naming it)
+            if placement.owns(name):
+                return None
+            owner = self.context.member(placement.owner(name))
             try:
                 reply = self.transport.call(
                     owner, "admin.queue", json.dumps([name, action, query_string]).encode(), 30.0

@@ -14,14 +14,16 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from tests.conftest import NodeFactory
+from tests.conftest import HOST, NodeFactory, free_port
 from tests.e2e.mqtt5raw import Paho5, paho5, props, raw5, unique
 from tests.e2e.test_cluster_etcd import Cluster, nominal, wait_for
+from tests.e2e.test_http_bridge import http_request
 from tests.e2e.test_queues import nothing_more, receive, settle, user_props
 
 pytestmark = pytest.mark.e2e
 
 WAIT = 15.0
+CONFIGURED = "xq-configured"  # in both nodes' config: claimed at start by the first node started
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,8 @@ def cluster(etcd_server, tmp_path_factory):
     factory = NodeFactory(base / "nodes")
     (base / "nodes").mkdir()
     cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["q1", "q2"])
+    for config in cl.configs.values():
+        config["queues"] = [{"name": CONFIGURED}]
     try:
         for name in cl.configs:
             cl.start(name)
@@ -85,6 +89,19 @@ def test_producer_on_one_node_and_a_group_on_another_get_every_message_once(clus
         assert nothing_more(again, 1.0)
     finally:
         again.disconnect()
+
+
+def test_a_configured_queue_is_claimed_at_start_by_the_first_node(cluster) -> None:
+    q1, q2 = cluster.nodes["q1"], cluster.nodes["q2"]
+    assert cluster.value(f"queues/{CONFIGURED}/owner") == "q1"
+    payloads = [f"c{i}".encode() for i in range(5)]
+    assert append(q2, CONFIGURED, payloads) == [0] * 5
+    c = join(q1, CONFIGURED, "cg", auto_ack=True)
+    try:
+        assert sorted(m.payload for m in receive(c, 5, WAIT)) == sorted(payloads)
+        assert nothing_more(c)
+    finally:
+        c.disconnect()
 
 
 def test_two_members_of_one_group_on_two_nodes_share_the_messages(cluster) -> None:
@@ -154,3 +171,60 @@ def test_owner_down_refuses_appends_and_loses_nothing_acknowledged(cluster) -> N
 def iter_messages(client: Paho5):
     while not client.messages.empty():
         yield client.messages.get()
+
+
+def test_the_admin_api_names_each_queue_s_owner_node(cluster) -> None:
+    q1, q2 = cluster.nodes["q1"], cluster.nodes["q2"]
+    here, there = unique("xq-adm"), unique("xq-adm")
+    assert append(q1, here, [b"x"]) == [0]
+    assert append(q2, there, [b"y"]) == [0]
+    status, _, body = http_request(q1, "GET", "/queues", port=q1.admin_port)
+    assert status == 200, body
+    assert body["owners"][here] == "q1" and body["owners"][there] == "q2"
+    listed = {q["name"]: q for q in body["queues"]}
+    assert listed[here]["owner"] == "q1" and listed[here]["depth"] == 1
+    assert there not in listed  # held by q2: its records are there only
+    status, _, body = http_request(q1, "GET", f"/queues/{there}", port=q1.admin_port)
+    assert status == 404 and "q2" in body["error"], body
+
+
+def test_records_stored_before_clustering_move_to_the_owner_and_are_served_once(
+    cluster, tmp_path_factory
+) -> None:
+    """A node that joins with stored records of a queue another node owns: they move to the owner
+    (deleted here once stored there), never served by both; the node logs it."""
+    q1, q2 = cluster.nodes["q1"], cluster.nodes["q2"]
+    name = unique("xq-old")
+    join(q1, name, "keep").disconnect()  # q1 owns it
+    fresh = [f"n{i}".encode() for i in range(5)]
+    assert append(q1, name, fresh) == [0] * 5
+    data = tmp_path_factory.mktemp("q3data")
+    lone = cluster.factory({"storage.path": str(data)})  # the same data, before it joins the cluster
+    old = [f"o{i}".encode() for i in range(8)]
+    assert append(lone, name, old) == [0] * 8
+    assert lone.stop() == 0
+    cluster.configs["q3"] = {
+        **cluster.configs["q1"],
+        "server.tcp.plain.addr": f"{HOST}:{free_port()}",
+        "server.health_addr": f"{HOST}:{free_port()}",
+        "cluster.transport.bind_addr": f"{HOST}:{free_port()}",
+        "cluster.node_id": "q3",
+        "storage.path": str(data),
+    }
+    q3 = cluster.start("q3")
+    try:
+        assert wait_for(lambda: nominal(q3, 2)), q3.http_get("/cluster/status")
+        c = join(q2, name, "keep", auto_ack=True)
+        try:
+            got = receive(c, 13, WAIT)
+            assert sorted(m.payload for m in got) == sorted(fresh + old)  # each once
+            assert nothing_more(c, 1.0)
+        finally:
+            c.disconnect()
+        assert wait_for(lambda: "queue_moved" in q3.log_text(), WAIT), q3.log_tail()
+        assert "queue_stranded" in q3.log_text()
+        status, _, body = http_request(q3, "GET", "/queues", port=q3.admin_port)
+        assert name not in {q["name"] for q in body["queues"]} and body["owners"][name] == "q1"
+    finally:
+        q3.stop()
+        del cluster.nodes["q3"]
