@@ -70,11 +70,16 @@ def test_producer_on_one_node_and_a_group_on_another_get_every_message_once(clus
     acknowledged append once, and its 5.0 ``$ack`` settles them at the owner (a new member of the
     group gets nothing again)."""
     q1, q2 = cluster.nodes["q1"], cluster.nodes["q2"]
-    name = unique("xq")
+    crosses(q1, q2, unique("xq"), lambda n: cluster.value(f"queues/{n}/owner"))
+
+
+def crosses(producer, consumer, name: str, owner_of) -> None:
+    """20 appends on ``producer`` (its node claims the queue: ``owner_of(name)`` says so) reach a
+    5.0 group on ``consumer`` once each; its ``$ack`` settles them (the group gets nothing again)."""
     payloads = [f"m{i}".encode() for i in range(20)]
-    assert append(q1, name, payloads) == [0] * 20
-    assert cluster.value(f"queues/{name}/owner") == "q1"
-    c = join(q2, name, "g")
+    assert append(producer, name, payloads) == [0] * 20
+    assert owner_of(name) == producer.config["cluster"]["node_id"]  # the node, not a worker
+    c = join(consumer, name, "g")
     try:
         got = receive(c, 20, WAIT)
         assert sorted(m.payload for m in got) == sorted(payloads)
@@ -84,7 +89,7 @@ def test_producer_on_one_node_and_a_group_on_another_get_every_message_once(clus
         assert nothing_more(c)
     finally:
         c.disconnect()
-    again = join(q2, name, "g")
+    again = join(consumer, name, "g")
     try:
         assert nothing_more(again, 1.0)
     finally:
@@ -104,15 +109,16 @@ def test_a_configured_queue_is_claimed_at_start_by_the_first_node(cluster) -> No
         c.disconnect()
 
 
-def test_two_members_of_one_group_on_two_nodes_share_the_messages(cluster) -> None:
-    q1, q2 = cluster.nodes["q1"], cluster.nodes["q2"]
-    name = unique("xq-share")
-    a = join(q2, name, "shared", auto_ack=True)  # q2 owns the queue: its subscribe claimed it
-    b = join(q1, name, "shared", auto_ack=True)
+def two_members_share(first, second, name: str, owner_of) -> None:
+    """Members of one group on ``first`` (joined first: its node claims the queue, ``owner_of(name)``
+    says so) and on ``second``; 40 appends on ``second`` reach one of them each, once, and each
+    member takes a share."""
+    a = join(first, name, "shared", auto_ack=True)
+    b = join(second, name, "shared", auto_ack=True)
     try:
-        assert cluster.value(f"queues/{name}/owner") == "q2"
+        assert owner_of(name) == first.config["cluster"]["node_id"]
         payloads = [f"s{i}".encode() for i in range(40)]
-        assert append(q1, name, payloads) == [0] * 40
+        assert append(second, name, payloads) == [0] * 40
         got_a: list[bytes] = []
         got_b: list[bytes] = []
 
@@ -129,6 +135,15 @@ def test_two_members_of_one_group_on_two_nodes_share_the_messages(cluster) -> No
     finally:
         a.disconnect()
         b.disconnect()
+
+
+def test_two_members_of_one_group_on_two_nodes_share_the_messages(cluster) -> None:
+    two_members_share(
+        cluster.nodes["q2"],
+        cluster.nodes["q1"],
+        unique("xq-share"),
+        lambda n: cluster.value(f"queues/{n}/owner"),
+    )
 
 
 def test_owner_down_refuses_appends_and_loses_nothing_acknowledged(cluster) -> None:
