@@ -14,8 +14,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from fluxmq._core import codec as c
 from tests.conftest import HOST, NodeFactory, free_port
-from tests.e2e.mqtt5raw import Paho5, paho5, props, raw5, unique
+from tests.e2e.mqtt5raw import Paho5, Raw5, paho5, props, raw5, unique
 from tests.e2e.test_cluster_etcd import Cluster, nominal, wait_for
 from tests.e2e.test_http_bridge import http_request
 from tests.e2e.test_queues import nothing_more, receive, settle, user_props
@@ -161,6 +162,10 @@ def test_owner_down_refuses_appends_and_loses_nothing_acknowledged(cluster) -> N
         cluster.nodes["q1"].kill()
         codes = append(q2, name, [b"refused"])
         assert codes[0] >= 0x80, codes
+        old311 = Raw5(q2, version=4)  # a 3.1.1 publisher has no reason code: it is disconnected
+        assert old311.connect(unique("qp311")).reason_code == 0
+        old311.send(c.Publish(f"$queue/{name}", b"refused-311", 1, False, False, 1, None))
+        assert not any(isinstance(p, c.Puback) for p in old311.wait_closed(WAIT))
         q1 = cluster.start("q1")  # same id, same data
         for node in (q1, q2):
             assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
@@ -171,7 +176,7 @@ def test_owner_down_refuses_appends_and_loses_nothing_acknowledged(cluster) -> N
         assert wait_for(
             lambda: seen.extend(m.payload for m in iter_messages(old)) or set(more) <= set(seen), WAIT
         ), seen
-        assert b"refused" not in seen
+        assert b"refused" not in seen and b"refused-311" not in seen
     finally:
         old.disconnect()
     late = join(q2, name, "keep", auto_ack=True)
