@@ -743,7 +743,25 @@ class RemoteQueues:
             except Exception:
                 log.exception("queue_reconcile_failed")
 
+    def _follow_owners(self) -> None:
+        """A cluster: a queue's owning node restarted with another worker count, so another of its
+        workers owns the queue now; the memberships held here for it go to that one (the reconcile
+        joins them there). A node that is down is waited for."""
+        for mine in self.joined.values():
+            for f, entry in list(mine.items()):
+                try:
+                    owner = self._owner(f[len("$queue/") :].partition("/")[0])
+                except QueueRefused:
+                    continue
+                if owner != entry[0]:
+                    mine[f] = (owner, *entry[1:])
+                    log.info(
+                        "queue_member_follows_owner", extra={"filter": f, "was": entry[0], "owner": owner}
+                    )
+
     def _tick(self) -> None:
+        if self.nodes is not None:
+            self._follow_owners()
         # this worker's side: each owner learns the memberships held here
         by_owner: dict[str, list] = {}
         for session, mine in self.joined.items():
