@@ -1,9 +1,12 @@
-"""Durable queues across the workers of one node: each queue has one owner, the others reach it.
+"""Durable queues across the workers of one node, and across the nodes of a cluster: each queue
+has one owner, the others reach it.
 
-``fluxmq.queues.placement`` names the owning worker of each queue. The owner holds the queue as a
-single worker does (log, consumer groups, pending deliveries, visibility timeouts, redelivery,
-DLQ, retention, in its storage shard); ``RemoteQueues`` is what the others use to reach it, over
-the workers' cluster transport (control calls on the same Unix sockets as the forwarded batches):
+``fluxmq.queues.placement`` names the owning worker of each queue (on a cluster, a worker of its
+owning node: ``fluxmq.cluster.queue_nodes``). The owner holds the queue as a single worker does
+(log, consumer groups, pending deliveries, visibility timeouts, redelivery, DLQ, retention, in its
+storage shard); ``RemoteQueues`` is what the others use to reach it, over the cluster transport
+(control calls on the same Unix sockets as the forwarded batches between the workers of a node,
+gRPC between nodes; "worker" below is any such member):
 
 * **Appends and settlements.** A ``$queue/...`` PUBLISH on a worker that does not own the queue
   (an append, or a ``$ack``/``$nack``/``$reject``) is an op to the owner; ``Broker.publish``
