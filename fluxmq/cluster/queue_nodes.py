@@ -44,6 +44,7 @@ class QueueNodes:
         self.meta = meta
         self.owners = meta.queue_owners
         self.node = self.owners.node
+        self.counts: dict[str, int] = {}  # node -> its worker count when last seen live
 
     def owner(self, name: str) -> str:
         """The node owning queue ``name`` (a source queue's name: a DLQ's is its queue's); claimed for
@@ -71,6 +72,7 @@ class QueueNodes:
         ``node`` is not live (down, restarting: its queues wait for it)."""
         members = self.meta.members()
         if node in members:
+            self.counts[node] = 1
             return node  # a node of one worker
         mine = node + "/w"
         for member, count in self.meta.announced(WORKERS_FIELD).items():
@@ -79,5 +81,12 @@ class QueueNodes:
                     n = int(count)
                 except ValueError:
                     continue
+                self.counts[node] = n
                 return f"{node}/w{owner_index(name, n)}"
         raise QueueRefused(f"queue {name}: its node {node} is not available", 0x80)
+
+    def last_member(self, node: str, name: str) -> str:
+        """The member of ``node`` that owned queue ``name`` when this process last saw the node live
+        (its worker count then); ``node`` itself when it never did."""
+        n = self.counts.get(node, 1)
+        return node if n <= 1 else f"{node}/w{owner_index(name, n)}"

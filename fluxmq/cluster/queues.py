@@ -139,6 +139,7 @@ NOT_ROUTED = {"ok": 0}
 def _refusal(result) -> QueueRefused | None:
     if isinstance(result, dict) and "err" in result:
         exc = QueueRefused(result["err"], result.get("code", 0x80))
+        exc.unreachable = bool(result.get("down"))  # the owner did not answer (not its refusal)
         if result.get("user"):  # e.g. a replicated queue's ``leader`` under write_policy reject
             exc.user_properties = [tuple(p) for p in result["user"]]
         return exc
@@ -187,7 +188,9 @@ class OpLink:
         try:
             return done.get(timeout=timeout)
         except gevent.Timeout:
-            raise QueueRefused(f"worker {self.node} did not answer within {timeout}s", 0x80) from None
+            exc = QueueRefused(f"worker {self.node} did not answer within {timeout}s", 0x80)
+            exc.unreachable = True
+            raise exc from None
 
     def _run(self) -> None:
         try:
@@ -210,9 +213,9 @@ class OpLink:
                         extra={"peer": self.node, "ops": len(batch), "error": str(exc)},
                     )
                     self.failed += len(batch)
-                    results = [{"err": f"worker {self.node} is not reachable: {exc}", "code": 0x80}] * len(
-                        batch
-                    )
+                    results = [
+                        {"err": f"worker {self.node} is not reachable: {exc}", "code": 0x80, "down": 1}
+                    ] * len(batch)
                 for (_h, _b, cb), result in zip(batch, results, strict=False):
                     if cb is not None:
                         try:
@@ -393,6 +396,20 @@ class RemoteQueues:
                 return placement.nodes.member(node, placement.dlq_of.get(name, name))
         return self.member(placement.owner(name))
 
+    def _last_owner(self, name: str) -> str | None:
+        """On a cluster, the member last known to own queue ``name`` while its node is down (its
+        node id when never seen: the reconcile corrects it once the node is back); else None."""
+        placement = self.placement
+        if placement.nodes is None:
+            return None
+        try:
+            node = placement.owner_node(name)
+        except QueueRefused:
+            return None
+        if node is None:
+            return None
+        return placement.nodes.last_member(node, placement.dlq_of.get(name, name))
+
     def _link(self, node: str) -> OpLink:
         link = self.links.get(node)
         if link is None:
@@ -419,10 +436,19 @@ class RemoteQueues:
             raise QueueRefused(f"queue {name}: too many operations waiting for its worker {owner}", 0x97)
         return held
 
-    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int) -> int:
-        """Join the owner's group (waits for its answer; raises its QueueRefused)."""
+    def subscribe(
+        self, session, filter: str, qos: int, user_props: list | None, version: int, rejoin: bool = False
+    ) -> int:
+        """Join the owner's group (waits for its answer; raises its QueueRefused). ``rejoin``: a
+        resumed session's membership (no SUBACK to refuse): while the owner does not answer it is
+        kept here, and the reconcile joins it once the owner is back."""
         name = filter[len("$queue/") :].partition("/")[0]
-        owner = self._owner(name)
+        try:
+            owner = self._owner(name)
+        except QueueRefused:
+            owner = self._last_owner(name) if rejoin else None
+            if owner is None:
+                raise
         header = [
             "j",
             self.epoch,
@@ -444,6 +470,12 @@ class RemoteQueues:
             refused = _refusal(self._link(owner).request(header))
         except QueueRefused as exc:
             refused = exc
+        if refused is not None and rejoin and getattr(refused, "unreachable", False):
+            log.info(
+                "queue_member_waiting",
+                extra={"client_id": session.client_id, "filter": filter, "owner": owner},
+            )
+            return 1
         if refused is not None:
             if before is not None:
                 mine[filter] = before

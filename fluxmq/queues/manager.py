@@ -512,7 +512,7 @@ class QueueManager:
         auto_ack = version != 5 or props.get("auto-ack", "").lower() == "true"
         if self.placement is not None and not self.placement.owns(name):
             # A member of the owner's group, delivered through this worker (raises QueueRefused).
-            self._elsewhere().subscribe(session, filter, qos, user_props, version)
+            self._elsewhere().subscribe(session, filter, qos, user_props, version, rejoin)
             self._store_member(session, filter, group_name, auto_ack, rejoin)
             return 1
         q = self._queue_for(name, 0x8F)

@@ -45,9 +45,11 @@ def cluster(etcd_server, tmp_path_factory):
         factory.close()
 
 
-def join(node, name: str, group: str, auto_ack: bool = False, client_id: str = "") -> Paho5:
+def join(
+    node, name: str, group: str, auto_ack: bool = False, client_id: str = "", connect_props=None
+) -> Paho5:
     """A 5.0 consumer on ``node``, a member of ``group`` of queue ``name`` (SUBACK granted)."""
-    client = paho5(node, client_id or unique("qc"))
+    client = paho5(node, client_id or unique("qc"), connect_props)
     sub_props = props(PacketTypes.SUBSCRIBE)
     sub_props.UserProperty = [("consumer-group", group)] + ([("auto-ack", "true")] if auto_ack else [])
     codes = client.subscribe(f"$queue/{name}", options=SubscribeOptions(qos=1), properties=sub_props)
@@ -186,6 +188,34 @@ def test_owner_down_refuses_appends_and_loses_nothing_acknowledged(cluster) -> N
         assert nothing_more(late)
     finally:
         late.disconnect()
+
+
+def test_a_persistent_consumer_resumed_while_the_owner_is_down_is_a_member_once_it_is_back(cluster) -> None:
+    """Its membership is kept (no SUBACK can refuse a rejoin) and joins the owner's group again when
+    the owner is back, without a new SUBSCRIBE."""
+    q2 = cluster.nodes["q2"]
+    name = unique("xq-resume")
+    join(cluster.nodes["q1"], name, "keep").disconnect()  # q1 owns it
+    cid = unique("qres")
+    expiry = props(PacketTypes.CONNECT)
+    expiry.SessionExpiryInterval = 300
+    join(q2, name, "res", auto_ack=True, client_id=cid, connect_props=expiry).disconnect()
+    cluster.nodes["q1"].kill()
+    resumed = paho5(q2, cid, expiry, clean_start=False)
+    try:
+        assert resumed.connack[1] is True  # session present: it rejoins its group (the owner is down)
+        q1 = cluster.start("q1")
+        for node in (q1, q2):
+            assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
+        more = [f"r{i}".encode() for i in range(5)]
+        assert wait_for(lambda: append(q2, name, more[:1]) == [0], WAIT)
+        assert append(q2, name, more[1:]) == [0] * 4
+        seen: list[bytes] = []
+        assert wait_for(
+            lambda: seen.extend(m.payload for m in iter_messages(resumed)) or set(more) <= set(seen), WAIT
+        ), seen
+    finally:
+        resumed.disconnect()
 
 
 def iter_messages(client: Paho5):
