@@ -33,6 +33,8 @@ import time
 
 import gevent
 
+from fluxmq.errors import ClusterError
+
 from .config import ClusterSettings
 
 log = logging.getLogger("fluxmq.cluster")
@@ -257,6 +259,14 @@ class ClusterNode:
                 markers=self.peers.markers,
             )
             self.health = self.plane.health
+        # Durable queues across nodes (fluxmq.cluster.queue_nodes): a node of one worker reaches
+        # the queues of the others as the workers of one node do (a worker's WorkerNode has its own).
+        self.queues = None
+        if self.plane is not None and worker is None:
+            from .queues import RemoteQueues
+
+            node_id = self.node_id
+            self.queues = RemoteQueues(broker, self.transport, node_id, self.epoch, lambda _index: node_id)
         self._started = False
 
     @classmethod
@@ -290,6 +300,8 @@ class ClusterNode:
                 plane.start()
                 plane.meta.on_sessions_lost = self._sessions_lost
                 self._own_restored_sessions()
+                if self.queues is not None:
+                    self.place_queues(self.queues)
                 self.broker.shared_wills = SharedWillsHook(plane.wills)
             else:
                 log.warning(
@@ -327,6 +339,37 @@ class ClusterNode:
                 "peers": ",".join(sorted(self.transport.links)) or "-",
             },
         )
+
+    def place_queues(self, queues) -> None:
+        """``queues`` (a ``RemoteQueues``) places each durable queue on its owning node, recorded in
+        etcd (``fluxmq.cluster.queue_nodes``), and moves the records of those owned elsewhere."""
+        from .queue_nodes import QueueNodes
+
+        queues.place_on_nodes(QueueNodes(self.plane.meta))
+        queues.start()
+        queues.move_stranded()
+
+    def attach_queues(self, manager) -> None:
+        """``manager`` (the node's QueueManager) reaches the queues other nodes own."""
+        if self.queues is not None:
+            self.queues.attach(manager)
+
+    def queue_owners(self) -> dict[str, str]:
+        """Every durable queue's owning node recorded in etcd (read again; the ones known here when
+        etcd does not answer); {} without etcd."""
+        meta = self.plane.meta if self.plane is not None else None
+        registry = meta.queue_owners if meta is not None else None
+        if registry is None:
+            return {}
+        try:
+            return registry.load()
+        except ClusterError as exc:
+            log.warning("queue_owners_not_read", extra={"error": str(exc)})
+            return dict(registry.owners)
+
+    def queue_state(self) -> dict[str, dict]:
+        """Durable queues across nodes, per other node (``/metrics``): ``RemoteQueues.state``."""
+        return self.queues.state() if self.queues is not None else {}
 
     def _publish_restored_wills(self, wait: float) -> None:
         """The wills the restore found due go once the peers told us their interest (bounded by
@@ -489,6 +532,8 @@ class ClusterNode:
         if not self._started:
             return
         self._started = False
+        if self.queues is not None:
+            self.queues.stop()
         if self.topics is not None:
             self.topics.stop()
         broker = self.broker

@@ -1,9 +1,12 @@
-"""Durable queues across the workers of one node: each queue has one owner, the others reach it.
+"""Durable queues across the workers of one node, and across the nodes of a cluster: each queue
+has one owner, the others reach it.
 
-``fluxmq.queues.placement`` names the owning worker of each queue. The owner holds the queue as a
-single worker does (log, consumer groups, pending deliveries, visibility timeouts, redelivery,
-DLQ, retention, in its storage shard); ``RemoteQueues`` is what the others use to reach it, over
-the workers' cluster transport (control calls on the same Unix sockets as the forwarded batches):
+``fluxmq.queues.placement`` names the owning worker of each queue (on a cluster, a worker of its
+owning node: ``fluxmq.cluster.queue_nodes``). The owner holds the queue as a single worker does
+(log, consumer groups, pending deliveries, visibility timeouts, redelivery, DLQ, retention, in its
+storage shard); ``RemoteQueues`` is what the others use to reach it, over the cluster transport
+(control calls on the same Unix sockets as the forwarded batches between the workers of a node,
+gRPC between nodes; "worker" below is any such member):
 
 * **Appends and settlements.** A ``$queue/...`` PUBLISH on a worker that does not own the queue
   (an append, or a ``$ack``/``$nack``/``$reject``) is an op to the owner; ``Broker.publish``
@@ -136,6 +139,7 @@ NOT_ROUTED = {"ok": 0}
 def _refusal(result) -> QueueRefused | None:
     if isinstance(result, dict) and "err" in result:
         exc = QueueRefused(result["err"], result.get("code", 0x80))
+        exc.unreachable = bool(result.get("down"))  # the owner did not answer (not its refusal)
         if result.get("user"):  # e.g. a replicated queue's ``leader`` under write_policy reject
             exc.user_properties = [tuple(p) for p in result["user"]]
         return exc
@@ -184,7 +188,9 @@ class OpLink:
         try:
             return done.get(timeout=timeout)
         except gevent.Timeout:
-            raise QueueRefused(f"worker {self.node} did not answer within {timeout}s", 0x80) from None
+            exc = QueueRefused(f"worker {self.node} did not answer within {timeout}s", 0x80)
+            exc.unreachable = True
+            raise exc from None
 
     def _run(self) -> None:
         try:
@@ -207,9 +213,9 @@ class OpLink:
                         extra={"peer": self.node, "ops": len(batch), "error": str(exc)},
                     )
                     self.failed += len(batch)
-                    results = [{"err": f"worker {self.node} is not reachable: {exc}", "code": 0x80}] * len(
-                        batch
-                    )
+                    results = [
+                        {"err": f"worker {self.node} is not reachable: {exc}", "code": 0x80, "down": 1}
+                    ] * len(batch)
                 for (_h, _b, cb), result in zip(batch, results, strict=False):
                     if cb is not None:
                         try:
@@ -282,6 +288,35 @@ class RemoteQueues:
         self.placement = manager.placement
         if manager.placement is not None:
             manager.remote = self
+            if self.nodes is not None:
+                self._place(manager)
+
+    nodes = None  # a cluster's QueueNodes (place_on_nodes)
+
+    def place_on_nodes(self, nodes) -> None:
+        """A cluster with etcd (``fluxmq.cluster.queue_nodes``): each queue is owned by one node,
+        this worker's queues included. Called once etcd answers; the queues this process loaded
+        (configured, or found stored) are claimed for this node, and those another node owns are
+        stranded (never served here; their records move to the owner: ``move_stranded``)."""
+        self.nodes = nodes
+        manager = self.broker.queues
+        if manager is not None:
+            self.attach(manager)  # (made before the cluster started: configured or stored queues)
+
+    def _place(self, manager) -> None:
+        placement = manager.placement
+        placement.nodes = self.nodes
+        elsewhere = {}
+        for name in list(manager.queues):
+            try:
+                node = placement.owner_node(name)  # claims it for this node when nobody owns it
+            except QueueRefused as exc:
+                log.warning("queue_owner_unknown", extra={"queue": name, "error": str(exc)})
+                continue
+            if node is not None:
+                elsewhere[name] = node
+        if elsewhere:
+            manager.strand(elsewhere)
 
     def start(self) -> None:
         self._loop = gevent.spawn(self._run)
@@ -306,9 +341,14 @@ class RemoteQueues:
 
     def _move(self, manager) -> None:
         for name in list(manager.stranded):
-            owner = self._owner(name)
             moved = 0
             while name in manager.stranded:
+                try:
+                    owner = self._owner(name)
+                except QueueRefused as exc:  # its node is down: again until it is back
+                    log.info("queue_move_waiting", extra={"queue": name, "error": str(exc)})
+                    gevent.sleep(1.0)
+                    continue
                 records = manager.take_stranded(name)
                 if not records:
                     manager.drop_stranded(name, [])
@@ -347,7 +387,28 @@ class RemoteQueues:
         self._moving = None
 
     def _owner(self, name: str) -> str:
-        return self.member(self.placement.owner(name))
+        """The member id of the worker owning queue ``name`` (of another node on a cluster: raises
+        QueueRefused when that node is not available)."""
+        placement = self.placement
+        if placement.nodes is not None:
+            node = placement.owner_node(name)
+            if node is not None:
+                return placement.nodes.member(node, placement.dlq_of.get(name, name))
+        return self.member(placement.owner(name))
+
+    def _last_owner(self, name: str) -> str | None:
+        """On a cluster, the member last known to own queue ``name`` while its node is down (its
+        node id when never seen: the reconcile corrects it once the node is back); else None."""
+        placement = self.placement
+        if placement.nodes is None:
+            return None
+        try:
+            node = placement.owner_node(name)
+        except QueueRefused:
+            return None
+        if node is None:
+            return None
+        return placement.nodes.last_member(node, placement.dlq_of.get(name, name))
 
     def _link(self, node: str) -> OpLink:
         link = self.links.get(node)
@@ -375,10 +436,19 @@ class RemoteQueues:
             raise QueueRefused(f"queue {name}: too many operations waiting for its worker {owner}", 0x97)
         return held
 
-    def subscribe(self, session, filter: str, qos: int, user_props: list | None, version: int) -> int:
-        """Join the owner's group (waits for its answer; raises its QueueRefused)."""
+    def subscribe(
+        self, session, filter: str, qos: int, user_props: list | None, version: int, rejoin: bool = False
+    ) -> int:
+        """Join the owner's group (waits for its answer; raises its QueueRefused). ``rejoin``: a
+        resumed session's membership (no SUBACK to refuse): while the owner does not answer it is
+        kept here, and the reconcile joins it once the owner is back."""
         name = filter[len("$queue/") :].partition("/")[0]
-        owner = self._owner(name)
+        try:
+            owner = self._owner(name)
+        except QueueRefused:
+            owner = self._last_owner(name) if rejoin else None
+            if owner is None:
+                raise
         header = [
             "j",
             self.epoch,
@@ -400,6 +470,12 @@ class RemoteQueues:
             refused = _refusal(self._link(owner).request(header))
         except QueueRefused as exc:
             refused = exc
+        if refused is not None and rejoin and getattr(refused, "unreachable", False):
+            log.info(
+                "queue_member_waiting",
+                extra={"client_id": session.client_id, "filter": filter, "owner": owner},
+            )
+            return 1
         if refused is not None:
             if before is not None:
                 mine[filter] = before
@@ -702,7 +778,25 @@ class RemoteQueues:
             except Exception:
                 log.exception("queue_reconcile_failed")
 
+    def _follow_owners(self) -> None:
+        """A cluster: a queue's owning node restarted with another worker count, so another of its
+        workers owns the queue now; the memberships held here for it go to that one (the reconcile
+        joins them there). A node that is down is waited for."""
+        for mine in self.joined.values():
+            for f, entry in list(mine.items()):
+                try:
+                    owner = self._owner(f[len("$queue/") :].partition("/")[0])
+                except QueueRefused:
+                    continue
+                if owner != entry[0]:
+                    mine[f] = (owner, *entry[1:])
+                    log.info(
+                        "queue_member_follows_owner", extra={"filter": f, "was": entry[0], "owner": owner}
+                    )
+
     def _tick(self) -> None:
+        if self.nodes is not None:
+            self._follow_owners()
         # this worker's side: each owner learns the memberships held here
         by_owner: dict[str, list] = {}
         for session, mine in self.joined.items():

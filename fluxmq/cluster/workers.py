@@ -355,6 +355,11 @@ class WorkerNode:
             # ownership of the restored sessions, peers into the broker. Retained messages and
             # wills go through etcd, so nothing of the workers' own retained sharing runs.
             self.node.start()
+            if self.node.plane is not None:
+                # durable queues are owned by nodes (etcd), then by a worker of the owning node
+                from .queue_nodes import QueueNodes
+
+                self.queues.place_on_nodes(QueueNodes(self.node.plane.meta))
             stale: list[str] = []
         else:
             path = self.context.socket_path(self.context.index)
@@ -447,6 +452,10 @@ class WorkerNode:
 
     def peer_state(self) -> dict[str, dict]:
         return self.transport.peer_state()
+
+    def queue_owners(self) -> dict[str, str]:
+        """Every durable queue's owning node (cluster.enabled with etcd; ``ClusterNode.queue_owners``)."""
+        return self.node.queue_owners() if self.node is not None else {}
 
     def queue_state(self) -> dict[str, dict]:
         """Durable queues across workers, per other worker (``/metrics``): ``RemoteQueues.state``."""
@@ -598,7 +607,16 @@ class WorkerNode:
         def queue_elsewhere(name: str, action: str, query_string: str):
             manager = self.broker.queues
             placement = manager.placement if manager is not None else None
-            if placement is None or placement.owns(name):
+            if placement is None:
+                return None
+            nodes = placement.nodes
+            if (
+                nodes is not None
+                and not placement.is_replicated(name)
+                and nodes.owners.owner(placement.source(name)) != nodes.node
+            ):
+                return None  # no such queue, or another node's (answered here: 404 naming it)
+            if placement.owns(name):
                 return None
             owner = self.context.member(placement.owner(name))
             try:

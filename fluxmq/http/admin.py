@@ -664,6 +664,9 @@ class AdminAPI:
     # and ``other_queues()`` gives the other workers' ``describe()`` lists (``fluxmq.cluster.workers``).
     queue_elsewhere = None
     other_queues = None
+    # A cluster with etcd: ``queue_owners()`` gives the owning node of every queue recorded in etcd
+    # (``fluxmq.cluster.queue_nodes``); the listing names each queue's owner and lists them all.
+    queue_owners = None
 
     def _queue_elsewhere(self, environ: dict, name: str, action: str):
         if self.queue_elsewhere is None:
@@ -675,6 +678,9 @@ class AdminAPI:
         if manager is None or (name is not None and name not in manager.queues):
             if name is None:
                 return None
+            owner = self.queue_owners().get(name) if self.queue_owners is not None else None
+            if owner is not None:
+                raise HTTPError(404, f"queue {name!r} is held by node {owner} (ask its admin API)")
             raise HTTPError(404, f"no queue {name!r}")
         return manager
 
@@ -686,7 +692,12 @@ class AdminAPI:
             queues = sorted(
                 queues + [q for other in self.other_queues() for q in other], key=lambda q: q["name"]
             )
-        return 200, {"queues": queues}
+        if self.queue_owners is None:
+            return 200, {"queues": queues}
+        owners = self.queue_owners()
+        for q in queues:
+            q["owner"] = owners.get(q["name"].removesuffix(".dlq"), owners.get(q["name"]))
+        return 200, {"queues": queues, "owners": owners}
 
     def get_queue(self, environ: dict, args: list[str]) -> tuple:
         elsewhere = self._queue_elsewhere(environ, args[0], "get")

@@ -338,6 +338,8 @@ class NodeApplication(BaseApplication):
                 join = getattr(service.cluster, "admin_totals", None)  # several workers: node /stats
                 if join is not None:
                     join(admin)
+                # a cluster with etcd: the owning node of each durable queue (listing, errors)
+                admin.queue_owners = getattr(service.cluster, "queue_owners", None)
                 apps.append(admin)
         return apps or [make_health_app(service)]  # the private unix socket
 

@@ -446,7 +446,9 @@ class BrokerService:
             # The node's Raft member is worker 0 (docs/replication.rst, "Several workers on a node"):
             # only it announces a Raft address (the member set is keyed by node: RaftMembers).
             members = self.raft is not None and etcd_membership(cfg)
-            announce = {"raft": raft_addr(cfg)} if members else None
+            announce = {"raft": raft_addr(cfg)} if members else {}
+            # the others compute which worker of this node owns a queue (fluxmq.cluster.queue_nodes)
+            announce["workers"] = str(workers.count)
             node = ClusterNode.from_config(cfg, self.broker, announce, worker=member)  # ConfigError: one line
             self.broker.settings.node_id = node.node_id
         self.cluster = WorkerNode(workers, self.broker, cfg, node)
@@ -584,6 +586,15 @@ class BrokerService:
                 # Each queue lives on one worker (its owner); the others reach it through the
                 # workers' cluster (fluxmq.cluster.queues, set up by WorkerNode).
                 placement = QueuePlacement(workers.index, workers.count, configs)
+            elif cfg.cluster.enabled:
+                from fluxmq.cluster.node import uses_etcd
+
+                if uses_etcd(cfg):
+                    from fluxmq.queues.placement import QueuePlacement
+
+                    # A cluster with etcd: each queue lives on one node (fluxmq.cluster.queue_nodes),
+                    # which the cluster node sets once etcd answers; until then every queue is here.
+                    placement = QueuePlacement(0, 1, configs)
             manager = QueueManager(
                 storage,
                 configs,

@@ -9,7 +9,7 @@ publish/subscribe pays nothing for it. One concept per module:
 - ``group``: consumer groups, their members and pending lists;
 - ``delivery``: building deliveries and reading settlements (message ids, user properties);
 - ``retention``: deleting records every group settled, and by age, count and size;
-- ``placement``: which worker owns a queue (``server.workers`` > 1);
+- ``placement``: which worker owns a queue (``server.workers`` > 1), after which node on a cluster;
 - ``remote``: the session side of a member connected to another process (node or worker);
 - ``manager``: the ``QueueManager`` the broker hands ``$queue/`` publishes and subscriptions to.
 """

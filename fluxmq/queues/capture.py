@@ -34,6 +34,8 @@ class CaptureTarget:
 
     def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
         q = self.queue
+        if self.manager.queues.get(q.name) is not q:
+            return  # stranded: another node owns the queue now, and its own capture takes the publish
         if self.manager.storage_refusing():
             self._refused("storage full")
             return

@@ -330,6 +330,27 @@ class QueueManager:
 
     # -- a worker count change: queues of this shard owned by another worker ------------------------
 
+    def strand(self, owners: dict[str, str]) -> None:
+        """Queues this process loaded that another node owns (``owners``: queue -> node; a cluster
+        found them owned elsewhere at start): no longer served here (never twice); their stored
+        records move to the owner (``take_stranded``, as after a worker count change)."""
+        stored = self.store.load_queues()
+        for name, node in owners.items():
+            q = self.queues.pop(name, None)
+            if q is None:
+                continue
+            self._kicked.discard(q)
+            for group in q.groups.values():
+                for m in list(group.members):  # (none at start: no client is connected yet)
+                    self._leave(m)
+            held = stored.get(name)
+            if held is not None:
+                self.stranded[name] = held
+            log.warning(
+                "queue_stranded",
+                extra={"queue": name, "records": held.count if held is not None else 0, "owner": node},
+            )
+
     def take_stranded(self, name: str, limit: int = 256) -> list:
         """Up to ``limit`` records of stranded queue ``name`` still to move to its owner, oldest
         first: those some group has not settled (every record of a stream, or of a queue without
@@ -418,8 +439,13 @@ class QueueManager:
         name, _, key = topic[7:].partition("/")  # len(PREFIX)
         if key and key[0] == "$" and key in SETTLE_ACTIONS:
             return 0
-        if self.placement is not None and not self.placement.owns(name):
-            return 0  # another worker owns it (publish forwards it)
+        placement = self.placement
+        if placement is not None:
+            try:
+                if not placement.owns(name):
+                    return 0  # another worker owns it (publish forwards it)
+            except QueueRefused:
+                return 0  # its owner is not known now (publish refuses it)
         q = self.queues.get(name)
         if q is None or self.storage.refusing:
             return 0
@@ -486,7 +512,7 @@ class QueueManager:
         auto_ack = version != 5 or props.get("auto-ack", "").lower() == "true"
         if self.placement is not None and not self.placement.owns(name):
             # A member of the owner's group, delivered through this worker (raises QueueRefused).
-            self._elsewhere().subscribe(session, filter, qos, user_props, version)
+            self._elsewhere().subscribe(session, filter, qos, user_props, version, rejoin)
             self._store_member(session, filter, group_name, auto_ack, rejoin)
             return 1
         q = self._queue_for(name, 0x8F)

@@ -1,4 +1,5 @@
-"""Which worker of a node owns a durable queue (``server.workers`` > 1).
+"""Which process owns a durable queue: which worker of a node (``server.workers`` > 1) and, on a
+cluster (``cluster.enabled`` with etcd), which node.
 
 Every queue has one owning worker: it holds the queue's log, consumer groups, pending deliveries,
 DLQ and retention in its storage shard, exactly as a single worker does. The owner is a stable
@@ -10,6 +11,11 @@ name of their source queue.
 A queue replicated through Raft (``replication.enabled``) is placed on **worker 0**, the node's Raft
 member (docs/replication.rst, "Several workers on a node"): the node's Raft groups run there alone,
 and the other workers reach its replicated queues as they reach any other owner.
+
+On a cluster with etcd, a queue that is not replicated has one owning **node** first
+(``nodes``, set by the cluster once etcd answers: ``fluxmq.cluster.queue_nodes.QueueNodes``,
+recorded in etcd by the first node that needs the queue); within that node the worker is picked as
+above, over that node's worker count. A replicated queue stays with each node's Raft member.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class QueuePlacement:
         self.count = count
         self.dlq_of: dict[str, str] = {}
         self.replicated: set[str] = set()  # on RAFT_WORKER
+        # A cluster's owner registry (QueueNodes): ``node`` (this node's name), ``owner(base)`` (the
+        # owning node of a queue, claimed when none; raises QueueRefused when it cannot be known)
+        self.nodes = None
         for c in configs:
             dlq = c.dlq_queue
             if dlq != c.name + DLQ_SUFFIX:
@@ -46,13 +55,35 @@ class QueuePlacement:
             if c.replication.enabled:
                 self.replicated.add(c.name)
 
-    def owner(self, name: str) -> int:
+    def source(self, name: str) -> str:
+        """The queue ``name`` is placed by: itself, or the queue a dead-letter queue belongs to."""
         source = self.dlq_of.get(name, name)
-        if self.replicated:
-            base = source[: -len(DLQ_SUFFIX)] if source.endswith(DLQ_SUFFIX) else source
-            if source in self.replicated or base in self.replicated:
-                return RAFT_WORKER
-        return owner_index(source, self.count)
+        if source.endswith(DLQ_SUFFIX) and len(source) > len(DLQ_SUFFIX):
+            source = source[: -len(DLQ_SUFFIX)]
+        return source
+
+    def is_replicated(self, name: str) -> bool:
+        if not self.replicated:
+            return False
+        return self.dlq_of.get(name, name) in self.replicated or self.source(name) in self.replicated
+
+    def owner(self, name: str) -> int:
+        """The index of the owning worker within the owning node."""
+        if self.replicated and self.is_replicated(name):
+            return RAFT_WORKER
+        return owner_index(self.dlq_of.get(name, name), self.count)
+
+    def owner_node(self, name: str) -> str | None:
+        """On a cluster: the other node owning queue ``name`` (claimed when no node did); None when
+        it is this node's (or there is no cluster, or the queue is replicated). Raises QueueRefused
+        when the owner cannot be known now (etcd does not answer)."""
+        nodes = self.nodes
+        if nodes is None or (self.replicated and self.is_replicated(name)):
+            return None
+        node = nodes.owner(self.source(name))
+        return None if node == nodes.node else node
 
     def owns(self, name: str) -> bool:
+        if self.nodes is not None and self.owner_node(name) is not None:
+            return False
         return self.count <= 1 or self.owner(name) == self.index

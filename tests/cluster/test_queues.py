@@ -223,3 +223,65 @@ def test_an_ack_from_a_client_of_another_worker_that_is_no_member_here_settles_n
     # an ack from no client (the HTTP bridge on worker 1: no client id) still settles by offset
     assert owner._apply("w1", ["p", 7, ""], encode_message(ack)) == 1
     assert 1 not in g.pending
+
+
+class _RecordingTransport:
+    """Every call answered at once (each op ok), recorded as (node, ops)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list]] = []
+
+    def call(self, node, kind, payload, timeout):
+        import json
+
+        ops = list(_decode_ops(payload))
+        self.calls.append((node, ops))
+        return json.dumps([{"ok": 1}] * len(ops)).encode()
+
+    def handle(self, kind, fn) -> None:
+        pass
+
+
+def test_members_follow_their_queue_to_the_worker_owning_it_after_its_node_restarted() -> None:
+    """A queue's node comes back with another worker count: the memberships held for it on another
+    node are reconciled with the worker that owns it now (and delivered from there)."""
+    from types import SimpleNamespace
+
+    import gevent
+
+    from fluxmq.cluster.queues import RemoteQueues
+    from fluxmq.queues.placement import QueuePlacement
+
+    owning = {"member": "n2/w0"}
+    nodes = SimpleNamespace(node="n1", owner=lambda name: "n2", member=lambda node, name: owning["member"])
+    transport = _RecordingTransport()
+    rq = RemoteQueues(None, transport, "n1", 7, lambda _i: "n1")
+    rq.placement = QueuePlacement(0, 1)
+    rq.placement.nodes = rq.nodes = nodes
+
+    class Session:
+        client_id = "c1"
+        send_quota = 10
+
+    session = Session()
+    rq.joined[session] = {"$queue/orders": ("n2/w0", "g", True, 1, [], 5)}
+
+    def reconciled_with() -> list[str]:
+        transport.calls.clear()
+        rq._tick()
+        gevent.sleep(0.01)
+        return [node for node, ops in transport.calls if any(h[0] == "r" and h[2] for h, _b in ops)]
+
+    assert reconciled_with() == ["n2/w0"]
+    owning["member"] = "n2/w1"  # n2 restarted with two workers: w1 owns "orders" now
+    assert reconciled_with() == ["n2/w1"]
+    assert rq.joined[session]["$queue/orders"][0] == "n2/w1"  # its deliveries come from there
+
+    def down(node, name):
+        from fluxmq.errors import QueueRefused
+
+        raise QueueRefused("down", 0x80)
+
+    nodes.member = down  # the node is down again: its members wait for it where they were
+    assert reconciled_with() == ["n2/w1"]
+    assert rq.joined[session]["$queue/orders"][0] == "n2/w1"

@@ -99,3 +99,46 @@ def test_a_manager_holds_only_the_queues_its_worker_owns(tmp_path) -> None:
         assert three.stranded == {}  # nothing of it is left in this shard
     finally:
         storage.close()
+
+
+class _Nodes:
+    """A cluster's owner registry as the placement sees it (fluxmq.cluster.queue_nodes.QueueNodes)."""
+
+    def __init__(self, node: str, owners: dict[str, str]) -> None:
+        self.node = node
+        self.owners = owners
+        self.asked: list[str] = []
+
+    def owner(self, name: str) -> str:
+        self.asked.append(name)
+        return self.owners.setdefault(name, self.node)  # claimed by the first node asking
+
+
+def test_on_a_cluster_the_owning_node_comes_first_then_the_worker() -> None:
+    from fluxmq.queues.config import ReplicationConfig
+
+    configs = [
+        QueueConfig("orders", dlq=DLQConfig(topic="$queue/graveyard")),
+        QueueConfig("ledger", replication=ReplicationConfig(enabled=True)),
+    ]
+    here = [QueuePlacement(i, 2, configs) for i in range(2)]
+    shared = {"orders": "n2", "local": "n1"}
+    for p in here:
+        p.nodes = _Nodes("n1", shared)
+    # another node's queue, its DLQs with it: owned by no worker here
+    for name in ("orders", "orders.dlq", "graveyard"):
+        assert [p.owns(name) for p in here] == [False, False]
+        assert here[0].owner_node(name) == "n2"
+    assert here[0].nodes.asked[-1] == "orders"  # a DLQ is placed by its source queue's name
+    # this node's queue: one worker of it
+    assert sorted(p.owns("local") for p in here) == [False, True]
+    assert here[0].owner_node("local") is None
+    # a new queue is claimed for this node by the first worker asking
+    assert sorted(p.owns("fresh") for p in here) == [False, True]
+    assert shared["fresh"] == "n1"
+    # a replicated queue never asks: it stays with this node's Raft member (worker 0)
+    asked = len(here[0].nodes.asked)
+    assert [p.owns("ledger") for p in here] == [True, False]
+    assert [p.owns("ledger.dlq") for p in here] == [True, False]
+    assert here[0].owner_node("ledger") is None
+    assert len(here[0].nodes.asked) == asked

@@ -8,6 +8,7 @@ Keys under ``prefix`` (default ``/fluxmq/``)::
     election/leader            node id                                         under the leader's lease
     retained/{topic}           retained message or a reference to its owner    (replicated.py)
     wills/{client}             pending will and its owner node                 (replicated.py)
+    queues/{name}/owner        the node holding a durable queue (no lease)     (queue_owners.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .election import LeaderElection
 from .member import EtcdMember
 from .membership import Membership, NodeLease
 from .ownership import SessionOwnership
+from .queue_owners import QueueOwners
 
 __all__ = ["ClusterMetadata"]
 
@@ -78,6 +80,7 @@ class ClusterMetadata:
         self.membership: Membership | None = None
         self.ownership: SessionOwnership | None = None
         self.election: LeaderElection | None = None
+        self.queue_owners: QueueOwners | None = None
         self.on_sessions_lost: Callable[[list[str]], None] | None = None
         self._status = "not started"
         self._started = False
@@ -104,6 +107,9 @@ class ClusterMetadata:
             )
             self.membership.register(lease.id)
             self.ownership = SessionOwnership(self.client, self.prefix, self.node_id, lambda: lease.id)
+            # durable queues are owned by nodes, not workers: every worker claims for its node
+            self.queue_owners = QueueOwners(self.client, self.prefix, self.member_name)
+            self.queue_owners.load()
             self.election = LeaderElection(
                 self.client, self.prefix, self.node_id, lambda: lease.id, lambda: lease.alive
             )
