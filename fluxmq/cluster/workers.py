@@ -11,7 +11,7 @@ is ``grpc``. What is particular to workers:
 * **Membership** is static: the arbiter starts ``count`` workers with indexes 0..count-1 and
   restarts a dead one under its index, so the member list never changes; a restarted worker's link
   reconnects (a new epoch) and receives what was queued for it meanwhile (bounded, as for a node).
-* **Ownership** (``LocalOwnership``): client id -> ``"w{i} {pid}"`` in a small LMDB environment in
+* **Ownership** (``fluxmq.storage.worker_owners.LocalOwnership``): client id -> ``"w{i} {pid}"`` in a small LMDB environment in
   the run directory, shared by the workers; a claim is a compare-and-swap in one write transaction.
   An entry whose pid is no longer alive belongs to nobody (a worker killed with -9 frees its ids at
   once). A restarted worker keeps the restored sessions nobody claimed meanwhile and drops those
@@ -21,7 +21,8 @@ is ``grpc``. What is particular to workers:
   fills in what its shard lacks from another worker's snapshot (``retained.snapshot`` call).
 * **$SYS totals** are the sum of the workers' figures (``sys_totals``), asked for with a control
   call ``"stats"``; ``$SYS/broker/worker`` names the worker a client is connected to. ``/metrics``
-  (``metrics_totals``) merges the workers' registries the same way (call ``"metrics"``).
+  and the admin API answer for the node through the same calls (``fluxmq.node.worker_totals``, which
+  joins the HTTP apps to this class: the cluster package does not import the HTTP one).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ import struct
 import time
 
 import gevent
-import lmdb
 
 from fluxmq.broker.message import Message
 from fluxmq.storage.records import decode_message, encode_message
+from fluxmq.storage.worker_owners import LocalOwnership
 
 from .batch import Outgoing
 from .config import cluster_settings
@@ -48,8 +49,6 @@ from .queues import RemoteQueues
 
 log = logging.getLogger("fluxmq.cluster.workers")
 
-#: bytes of the shared ownership table (client ids and worker names: tens of bytes per client)
-OWNERS_MAP_SIZE = 256 << 20
 #: seconds a worker waits for another's figures ($SYS totals, /metrics)
 STATS_TIMEOUT = 1.0
 #: seconds a starting worker waits for another to answer its retained snapshot request
@@ -57,16 +56,6 @@ RETAINED_SYNC_WAIT = 10.0
 _LEN = struct.Struct(">I")
 #: $SYS figures that are the same on every worker (not summed)
 NOT_SUMMED = frozenset({"version", "uptime", "retained messages/count"})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,65 +101,6 @@ class WorkerMember:
             etcd=etcd,
             batch_max_size=config.server.workers_batch_max_size,
         )
-
-
-class LocalOwnership:
-    """The ownership registry of ``ClusterSessions`` for the workers of one host (no etcd)."""
-
-    def __init__(self, path: str, node_id: str) -> None:
-        os.makedirs(path, exist_ok=True)
-        self.env = lmdb.open(
-            path, map_size=OWNERS_MAP_SIZE, sync=False, metasync=False, readahead=False, max_dbs=0
-        )
-        self.node_id = node_id
-        self.pid = os.getpid()
-        self.value = f"{node_id} {self.pid}".encode()
-
-    def _owner(self, raw: bytes | None) -> str | None:
-        """The live worker an entry names, or None (no entry, or its process is gone)."""
-        if raw is None:
-            return None
-        node, _, pid = bytes(raw).decode().partition(" ")
-        if node == self.node_id and int(pid) == self.pid:
-            return node
-        return node if _alive(int(pid)) else None
-
-    def acquire_session(self, client_id: str, take_from: str | None = None) -> str | None:
-        """Own ``client_id`` unless another live worker does (returned; it hands the session over,
-        then the caller acquires again with ``take_from`` naming it)."""
-        key = client_id.encode()
-        with self.env.begin(write=True) as txn:
-            owner = self._owner(txn.get(key))
-            if owner is None or owner == self.node_id or owner == take_from:
-                txn.put(key, self.value)
-                return None
-            return owner
-
-    def release_session(self, client_id: str) -> None:
-        key = client_id.encode()
-        with self.env.begin(write=True) as txn:
-            if txn.get(key) == self.value:
-                txn.delete(key)
-
-    def owned_by(self, client_id: str) -> str | None:
-        with self.env.begin() as txn:
-            return self._owner(txn.get(client_id.encode()))
-
-    def adopt(self, client_ids) -> list[str]:
-        """Own the restored sessions nobody else owns; returns those another live worker owns."""
-        taken = []
-        with self.env.begin(write=True) as txn:
-            for client_id in client_ids:
-                key = client_id.encode()
-                owner = self._owner(txn.get(key))
-                if owner is None or owner == self.node_id:
-                    txn.put(key, self.value)
-                else:
-                    taken.append(client_id)
-        return taken
-
-    def close(self) -> None:
-        self.env.close()
 
 
 class _WorkerBroker:
@@ -499,152 +429,6 @@ class WorkerNode:
             except Exception as exc:
                 log.debug("worker_stats_unavailable", extra={"peer": node, "error": str(exc)})
         return out
-
-    def metrics_totals(self, registry):
-        """``/metrics`` of this worker as the node's: this worker's registry merged with the others'
-        (each other worker serves its own registry to the ``"metrics"`` call)."""
-        from fluxmq.http.metrics import NodeTotalsRegistry, families_to_json
-
-        self.transport.handle("metrics", lambda _from, _p: json.dumps(families_to_json(registry)).encode())
-        return NodeTotalsRegistry(registry, lambda: list(self.gather("metrics").values()))
-
-    def admin_totals(self, admin) -> None:
-        """The admin API answers for the node: ``/stats`` sums the workers' figures (``"admin.stats"``
-        call, ``AdminAPI.other_stats``); ``GET /sessions/{id}`` and ``POST /sessions/{id}/disconnect``
-        are answered by the worker that owns the client id (``"admin.session"`` call)."""
-
-        def serve(_from: str, _payload: bytes) -> bytes:
-            return json.dumps(admin.local_stats()[1]).encode()
-
-        self.transport.handle("admin.stats", serve)
-        admin.other_stats = lambda: list(self.gather("admin.stats").values())
-
-        from fluxmq.http.bridge import HTTPError
-
-        def serve_session(_from: str, payload: bytes) -> bytes:
-            client_id, action = json.loads(payload)
-            method = admin.get_session if action == "get" else admin.disconnect
-            try:
-                status, body = method({}, [client_id])
-            except HTTPError as exc:
-                status, body = exc.status, {"error": exc.message}
-            return json.dumps([status, body]).encode()
-
-        def elsewhere(client_id: str, action: str):
-            owner = self.ownership.owned_by(client_id)
-            if (
-                owner is None
-                or owner == self.node_id
-                or owner.rpartition("/")[0] != self.node_id.rpartition("/")[0]
-            ):
-                return None  # here, nowhere, or on another node (answered here as on any cluster node)
-            try:
-                status, body = json.loads(
-                    self.transport.call(owner, "admin.session", json.dumps([client_id, action]).encode(), 5.0)
-                )
-            except Exception as exc:
-                raise HTTPError(503, f"worker {owner} holding {client_id!r} does not answer: {exc}") from None
-            return status, body
-
-        self.transport.handle("admin.session", serve_session)
-        admin.session_elsewhere = elsewhere
-
-        def serve_delete(_from: str, payload: bytes) -> bytes:
-            self.broker.retained.delete(bytes(payload).decode())
-            return b""
-
-        def delete_everywhere(topic: str) -> None:
-            for node in self.local():
-                try:
-                    self.transport.call(node, "retained.delete", topic.encode(), STATS_TIMEOUT)
-                except Exception as exc:
-                    log.warning(
-                        "retained_delete_not_forwarded",
-                        extra={"peer": node, "topic": topic, "error": str(exc)},
-                    )
-
-        self.transport.handle("retained.delete", serve_delete)
-        admin.retained_deleted = delete_everywhere
-
-        from fluxmq.http.admin import session_summary
-        from fluxmq.http.walk import page
-
-        def serve_sessions(_from: str, payload: bytes) -> bytes:
-            connected, after, n = json.loads(payload)
-            total, ordered = admin.local_sessions(connected, after)
-            return json.dumps([total, [session_summary(x) for x in page(ordered, 0, n)]]).encode()
-
-        def other_sessions(connected, after, n: int) -> list:
-            out = []
-            request = json.dumps([connected, after, n]).encode()
-            for node in self.local():
-                try:
-                    out.append(json.loads(self.transport.call(node, "admin.sessions", request, 5.0)))
-                except Exception as exc:
-                    raise HTTPError(503, f"worker {node} does not answer: {exc}") from None
-            return out
-
-        self.transport.handle("admin.sessions", serve_sessions)
-        admin.other_sessions = other_sessions
-
-        # Durable queues: each is on its owning worker (fluxmq.cluster.queues); a request about one
-        # is answered there, and the list is every worker's.
-        actions = {
-            "get": admin.get_queue,
-            "peek": admin.peek_queue,
-            "purge": admin.purge_queue,
-            "replay": admin.replay_queue,
-        }
-
-        def serve_queue(_from: str, payload: bytes) -> bytes:
-            name, action, query_string = json.loads(payload)
-            try:
-                status, body = actions[action]({"QUERY_STRING": query_string}, [name])
-            except HTTPError as exc:
-                status, body = exc.status, {"error": exc.message}
-            return json.dumps([status, body]).encode()
-
-        def queue_elsewhere(name: str, action: str, query_string: str):
-            manager = self.broker.queues
-            placement = manager.placement if manager is not None else None
-            if placement is None:
-                return None
-            nodes = placement.nodes
-            if (
-                nodes is not None
-                and not placement.is_replicated(name)
-                and nodes.owners.owner(placement.source(name)) != nodes.node
-            ):
-                return None  # no such queue, or another node's (answered here: 404 naming it)
-            if placement.owns(name):
-                return None
-            owner = self.context.member(placement.owner(name))
-            try:
-                reply = self.transport.call(
-                    owner, "admin.queue", json.dumps([name, action, query_string]).encode(), 30.0
-                )
-            except Exception as exc:
-                raise HTTPError(503, f"worker {owner} owning queue {name!r} does not answer: {exc}") from None
-            status, body = json.loads(reply)
-            return status, body
-
-        def serve_queues(_from: str, _payload: bytes) -> bytes:
-            manager = self.broker.queues
-            return json.dumps(manager.describe() if manager is not None else []).encode()
-
-        def other_queues() -> list:
-            out = []
-            for node in self.local():
-                try:
-                    out.append(json.loads(self.transport.call(node, "admin.queues", b"", 5.0)))
-                except Exception as exc:
-                    raise HTTPError(503, f"worker {node} does not answer: {exc}") from None
-            return out
-
-        self.transport.handle("admin.queue", serve_queue)
-        self.transport.handle("admin.queues", serve_queues)
-        admin.queue_elsewhere = queue_elsewhere
-        admin.other_queues = other_queues
 
     def sys_totals(self, values: dict[str, str]) -> dict[str, str]:
         """This worker's $SYS figures turned into the node's: summed over the workers that answer."""

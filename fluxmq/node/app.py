@@ -198,6 +198,12 @@ class NodeArbiter(Arbiter):
         self._ignore("SIGUSR2")
 
 
+def _several_workers(service) -> bool:
+    """True when the service is one worker of several: its ``cluster`` is then the node's local
+    cluster of workers (``fluxmq.cluster.workers.WorkerNode``)."""
+    return getattr(service, "workers", None) is not None and service.cluster is not None
+
+
 class NodeApplication(BaseApplication):
     """The gunicorn application of one node: settings from the fluxmq Config, one BrokerWorker."""
 
@@ -314,9 +320,10 @@ class NodeApplication(BaseApplication):
                 health = make_health_app(service, getattr(service, "cluster_health", None))
                 if config.server.metrics_enabled:
                     registry = make_registry(service, bridge)
-                    totals = getattr(service.cluster, "metrics_totals", None)  # several workers
-                    if totals is not None:
-                        registry = totals(registry)
+                    if _several_workers(service):
+                        from fluxmq.node.worker_totals import metrics_totals
+
+                        registry = metrics_totals(service.cluster, registry)
                     health.mount("/metrics", make_metrics_app(registry))
                 apps.append(health)
             elif name.startswith("http"):
@@ -335,9 +342,10 @@ class NodeApplication(BaseApplication):
                 )
                 # SIGHUP and POST /reload re-read the token file: rotation without a restart
                 service.reload_hooks.append(admin.reload_hook)
-                join = getattr(service.cluster, "admin_totals", None)  # several workers: node /stats
-                if join is not None:
-                    join(admin)
+                if _several_workers(service):  # the node's /stats, sessions and queues
+                    from fluxmq.node.worker_totals import admin_totals
+
+                    admin_totals(service.cluster, admin)
                 # a cluster with etcd: the owning node of each durable queue (listing, errors)
                 admin.queue_owners = getattr(service.cluster, "queue_owners", None)
                 apps.append(admin)
