@@ -1115,7 +1115,7 @@ cdef class PublishRelay:
         group, or a link queues otherwise). ``fwd_routes`` is ``_peer_routes(peers)``: a hit is C's
         dict look-up, a miss asks ``peers.relay_route`` (which fills it). The links are read only
         here: a topic with no peer's interest does not need them (they cannot change within a
-        call). Both hot paths (``_forward_packets``, ``_forward_buf``) ask here once per topic."""
+        call). Both hot paths (``serve``, ``_forward_buf``) ask here once per topic."""
         if type(fwd_routes) is dict:
             nodes = (<dict>fwd_routes).get(topic, _MISS)
         else:
