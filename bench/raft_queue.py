@@ -54,28 +54,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "bench"  # noqa: A001
 
-from bench.persist import _frame  # noqa: E402
-from bench.queues import _utf8, connect5, subscribe5  # noqa: E402
+from bench.persist import _complete, _frame  # noqa: E402
+from bench.queues import _utf8, connect5, pump, subscribe5  # noqa: E402
 from tests.conftest import NodeFactory, free_port  # noqa: E402
-
-
-def _parse(buf: bytearray):
-    while len(buf) >= 2:
-        mult, n, i = 1, 0, 1
-        while i < len(buf):
-            b = buf[i]
-            n += (b & 0x7F) * mult
-            mult *= 128
-            i += 1
-            if not b & 0x80:
-                break
-        else:
-            return
-        if len(buf) < i + n:
-            return
-        first, body = buf[0], bytes(buf[i : i + n])
-        del buf[: i + n]
-        yield first, body
 
 
 def produce(
@@ -121,7 +102,7 @@ def produce(
                 raise RuntimeError("connection closed")
             buf += data
             got = time.perf_counter()
-            for first, body in _parse(buf):
+            for first, body in _complete(buf):
                 if first >> 4 != 4:
                     continue
                 pid = struct.unpack_from(">H", body)[0]
@@ -278,51 +259,11 @@ def consume(producer_port: int, consumer_ports: list[int], count: int, window: i
     """``count`` QoS 1 publishes (``window`` unacknowledged) to the producer's node, auto-ack
     consumers (one per port, group ``g``) PUBACK each delivery; returns when all are delivered."""
     pub = connect5(producer_port, f"bench-rq-p-{os.getpid()}-{time.monotonic_ns()}")
-    pub.setblocking(False)
     subs = [
         _consumer(p, f"bench-rq-c{i}-{os.getpid()}-{time.monotonic_ns()}")
         for i, p in enumerate(consumer_ports)
     ]
-    sel = selectors.DefaultSelector()
-    sel.register(pub, selectors.EVENT_READ, bytearray())
-    for c in subs:
-        sel.register(c, selectors.EVENT_READ, bytearray())
-    head = _utf8("$queue/bench/k")
-    payload = b"p" * 64
-    sent = acked = delivered = 0
-    per: dict[int, int] = {}
-    t0 = time.perf_counter()
-    while delivered < count and time.perf_counter() < t0 + 300:
-        if sent < count and sent - acked < window:
-            n = min(200, count - sent, window - (sent - acked))
-            pub.sendall(
-                b"".join(
-                    _frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
-                    for k in range(n)
-                )
-            )
-            sent += n
-        for key, _ in sel.select(timeout=0.02):
-            sock, buf = key.fileobj, key.data
-            try:
-                data = sock.recv(262144)
-            except BlockingIOError:
-                continue
-            if not data:
-                raise RuntimeError("connection closed")
-            buf += data
-            acks = []
-            for first, body in _parse(buf):
-                if sock is pub and first >> 4 == 4:
-                    acked += 1
-                elif sock is not pub and first >> 4 == 3:
-                    tlen = struct.unpack_from(">H", body)[0]
-                    acks.append(_frame(0x40, body[2 + tlen : 4 + tlen]))
-                    delivered += 1
-                    per[sock.fileno()] = per.get(sock.fileno(), 0) + 1
-            if acks:
-                sock.sendall(b"".join(acks))
-    elapsed = time.perf_counter() - t0
+    delivered, acked, elapsed, per = pump(pub, subs, "$queue/bench/k", count, window, strict=False, poll=0.02)
     for c in [pub, *subs]:
         c.close()
     return {
