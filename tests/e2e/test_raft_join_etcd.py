@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, free_port
 from tests.e2e.test_raft_members import ENV, _admin, _wait
-from tests.e2e.test_replication import QUEUE, _publish_acked, _restart, raft_status, wait_all_know_leader
+from tests.e2e.test_replication import QUEUE, _publish_acked, raft_status, wait_all_know_leader
 from tests.e2e.test_replication_etcd import EtcdRaftCluster, publish_outcomes
 
 pytestmark = pytest.mark.e2e
@@ -130,7 +130,7 @@ def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factor
 
     # Restarted, it is a member from the record (still no static peers): its replica runs again.
     late.stop()
-    late = _restart(node_factory, late)
+    late = node_factory.restart(late)
     back = _wait(
         "the restarted node's replica",
         lambda: (st := raft_status(late)) is not None and st.get("leader") and st["queues"] and st,

@@ -13,7 +13,7 @@ import time
 
 from tests.conftest import free_port
 from tests.e2e.test_http_bridge import http_request
-from tests.e2e.test_replication import QUEUE, _publish_acked, _raft_config, _restart, raft_status, wait_leader
+from tests.e2e.test_replication import QUEUE, _publish_acked, _raft_config, raft_status, wait_leader
 
 TOKEN = "members-token"
 ENV = {"FLUXMQ_ADMIN_TOKEN": TOKEN}
@@ -120,7 +120,7 @@ def test_a_dead_member_is_replaced_through_the_admin_api(node_factory) -> None:
 
     # the old leader comes back on its config as it was (peers naming the dead node): its journal
     # holds the changes, so it rejoins the new set and catches up
-    back = _restart(node_factory, nodes[leader])
+    back = node_factory.restart(nodes[leader])
     caught = _wait(
         "the restarted member holding all 500 records",
         lambda: (s := raft_status(back)) is not None and s["queues"].get(QUEUE, {}).get("count") == 500 and s,
@@ -180,7 +180,7 @@ def test_a_member_change_on_etcd_membership_is_recorded_for_the_next_start(node_
 
     for n in (nodes[leader], nodes[other], new):
         n.stop()
-    back = [_restart(node_factory, n) for n in (nodes[leader], nodes[other], new)]
+    back = [node_factory.restart(n) for n in (nodes[leader], nodes[other], new)]
     now = wait_all_know_leader(back)
     for n in back:
         assert sorted(raft_status(n)["peers"]) == sorted(after), raft_status(n)

@@ -587,33 +587,6 @@ def test_config_errors_name_the_key_and_the_file(node_factory, text: str, key: s
     assert key in log_text and str(node.config_path) in log_text, node.log_tail()
 
 
-def _restart(node_factory, node):
-    """Start the node again on its config and data directory (a new log file)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO_ROOT, RunningNode
-
-    log_path = node.log_path.with_name(f"node-restarted-{len(node_factory.nodes)}.log")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
-    again.raft_addr = node.raft_addr
-    node_factory.nodes.append(again)
-    again.wait_ready()
-    return again
-
-
 def _publish_acked(node, name: str, n: int, prefix: bytes) -> int:
     c = client5(node, name)
     codes: list = []
@@ -635,7 +608,7 @@ def test_a_replica_killed_and_restarted_catches_up_without_applying_twice(node_f
     assert _publish_acked(nodes[leader], "before", 300, b"a") == 300
     nodes[follower].kill()  # kill -9 after it applied (its journal and LMDB hold the first 300)
     assert _publish_acked(nodes[leader], "while-away", 300, b"b") == 300
-    nodes[follower] = _restart(node_factory, nodes[follower])
+    nodes[follower] = node_factory.restart(nodes[follower])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         states = [raft_status(n) for n in nodes]
@@ -870,7 +843,7 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
         assert _publish_acked(nodes[leader], f"away{i}", 5, b"b%d-" % i) == 5
     st = raft_status(nodes[leader])
     assert st["snapshots_written"] >= 1 and st["log_len"] <= 2 * keep + 5, st
-    nodes[follower] = _restart(node_factory, nodes[follower])
+    nodes[follower] = node_factory.restart(nodes[follower])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         states = [raft_status(n) for n in nodes]
@@ -898,7 +871,7 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
     assert stored[0] == stored[1] == stored[2]
     assert len([k for k in stored[0] if k.startswith(b"L")]) == queues[0]["count"] > 0
     # Each node restarts from its own snapshot and the log kept after it: the same queues again.
-    nodes = [_restart(node_factory, n) for n in nodes]
+    nodes = [node_factory.restart(n) for n in nodes]
     leader = wait_all_know_leader(nodes)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

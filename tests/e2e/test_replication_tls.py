@@ -25,7 +25,6 @@ from tests.e2e.test_replication import (
     QUEUE,
     _publish_acked,
     _raft_config,
-    _restart,
     client5,
     raft_status,
     wait_leader,
@@ -174,7 +173,7 @@ def test_a_three_node_mtls_group_replicates_on_every_group_and_survives_a_replic
     follower = (leader + 1) % 3
     nodes[follower].kill()
     assert _publish_acked(nodes[leader], "tls-away", 50, b"b") == 50
-    nodes[follower] = _restart(node_factory, nodes[follower])
+    nodes[follower] = node_factory.restart(nodes[follower])
     assert _wait_counts(nodes, "default", QUEUE, 100) == [100, 100, 100]
 
 
