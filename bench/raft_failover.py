@@ -30,7 +30,8 @@ if __package__ in (None, ""):
 
 from bench.persist import _complete, _frame  # noqa: E402
 from bench.queues import _utf8, connect5  # noqa: E402
-from tests.conftest import NodeFactory, free_port  # noqa: E402
+from bench.raft_queue import raft_group  # noqa: E402
+from tests.conftest import NodeFactory  # noqa: E402
 
 
 def status(node) -> dict | None:
@@ -106,19 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     factory = NodeFactory(base)
     pauses = []
     try:
-        peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-        text = """
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
-        nodes = [
-            factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers
-        ]
-        for n in nodes:
-            n.wait_ready()
+        nodes = raft_group(factory)
         for _ in range(args.kills):
             leader = leader_of(nodes)
             pauses.append(one_round(nodes, leader, args.rate))

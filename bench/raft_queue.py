@@ -248,6 +248,44 @@ def _status(node) -> dict:
     return node.http_get("/cluster/raft")[1]["groups"][0]
 
 
+RAFT_GROUP = """{top}
+cluster:
+  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}{extra}}}
+queues:
+  - name: bench
+    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
+"""
+
+
+def raft_group(factory: NodeFactory, raft: str = "", top: str = "") -> list:
+    """Three nodes, static Raft peers, of one group holding the replicated queue ``bench`` (sync,
+    factor 3, 2 in sync), started side by side; ``raft`` adds ``cluster.raft`` keys (``"k: v"``),
+    ``top`` other sections (YAML lines). Returns them once all are ready (the benches of Raft
+    measure this group)."""
+    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    extra = f", {raft}" if raft else ""
+    nodes = [
+        factory(
+            config_text=RAFT_GROUP.format(top=top, me=p, peers=json.dumps(peers), extra=extra),
+            wait_ready=False,
+        )
+        for p in peers
+    ]
+    for n in nodes:
+        n.wait_ready()
+    return nodes
+
+
+def raft_leader(nodes: list, timeout: float = 20.0):
+    """The node that delivers the group (its leader), None when none does within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    leader = None
+    while leader is None and time.monotonic() < deadline:
+        leader = next((n for n in nodes if (_status_or_none(n) or {}).get("delivering")), None)
+        time.sleep(0.1)
+    return leader
+
+
 def _consumer(port: int, name: str):
     s = connect5(port, name)
     subscribe5(s, "$queue/bench", [("consumer-group", "g"), ("auto-ack", "true")])
@@ -280,26 +318,10 @@ def distribution_cpu(factory, mode: str, count: int, window: int, where: str) ->
     node CPU (utime + stime of the three nodes' processes, /proc) per message delivered."""
     from bench import procinfo
 
-    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    text = """
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}, distribution_mode: {mode}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
-    nodes = [
-        factory(config_text=text.format(me=p, peers=json.dumps(peers), mode=mode), wait_ready=False)
-        for p in peers
-    ]
+    nodes = raft_group(factory, f"distribution_mode: {mode}")
     try:
-        for n in nodes:
-            n.wait_ready()
         deadline = time.monotonic() + 20
-        leader = None
-        while leader is None and time.monotonic() < deadline:
-            leader = next((n for n in nodes if _status(n)["delivering"]), None)
-            time.sleep(0.1)
+        leader = raft_leader(nodes)
         while time.monotonic() < deadline and not all(_status(n)["leader"] for n in nodes):
             time.sleep(0.1)
         followers = [n for n in nodes if n is not leader]
@@ -330,25 +352,9 @@ def workers_cpu(factory, count: int, window: int) -> dict:
     """Three nodes of two workers (static peers, no etcd): the producer on worker 0 (the node's Raft
     member, owning the queue) and on worker 1 (each append forwarded to worker 0 over the node's
     Unix socket) of the leader node; node CPU per PUBACKed message, all nodes' processes."""
-    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    text = """
-server: {{workers: 2}}
-storage: {{type: lmdb}}
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
-    nodes = [factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers]
+    nodes = raft_group(factory, top="\nserver: {workers: 2}\nstorage: {type: lmdb}")
     try:
-        for n in nodes:
-            n.wait_ready()
-        deadline = time.monotonic() + 30
-        leader = None
-        while leader is None and time.monotonic() < deadline:
-            leader = next((n for n in nodes if (_status_or_none(n) or {}).get("delivering")), None)
-            time.sleep(0.1)
+        leader = raft_leader(nodes, 30)
         produce(leader.mqtt_port, 2000, window, worker="w1")  # warm up (imports, the workers' links)
         return {
             w: measured(nodes, produce, leader.mqtt_port, count, window, 0.0, 0.0, w) for w in ("w0", "w1")
@@ -414,24 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             "paced": measured([local], produce, local.mqtt_port, 0, args.window, args.rate, args.seconds),
         }
         local.stop()
-        peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-        text = """
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
-        nodes = [
-            factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers
-        ]
-        for n in nodes:
-            n.wait_ready()
-        deadline = time.monotonic() + 20
-        leader = None
-        while leader is None and time.monotonic() < deadline:
-            leader = next((n for n in nodes if _status(n)["delivering"]), None)
-            time.sleep(0.1)
+        nodes = raft_group(factory)
+        leader = raft_leader(nodes)
         follower = next(n for n in nodes if n is not leader)
         for name, node in (("raft-leader", leader), ("raft-follower", follower)):
             results[name] = {
