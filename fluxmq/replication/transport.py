@@ -501,13 +501,7 @@ class RaftConnection:
             readable = True  # application data may have come with the end of the handshake
         if readable and not self._decrypt():
             return
-        self._flush()
-        if self._state == CONNECTION_STATE.DISCONNECTED:
-            return
-        if closed:
-            self.disconnect()
-            return
-        self._subscribe()
+        self._settle(closed)
 
     def _on_plain_event(self, event) -> None:
         if not self._secure:  # dialled: the TCP connect completed
@@ -524,6 +518,11 @@ class RaftConnection:
         closed = self._receive() if event & POLL_EVENT_TYPE.READ else False
         if self._read and not self._deliver():
             return
+        self._settle(closed)
+
+    def _settle(self, closed: bool) -> None:
+        """The end of an event (TLS or plain): write what is pending, then disconnect if the peer
+        closed, else wait for the next event."""
         self._flush()
         if self._state == CONNECTION_STATE.DISCONNECTED:
             return
