@@ -10,7 +10,6 @@ etcd restart test runs two nodes of its own on a private etcd.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import threading
@@ -30,7 +29,7 @@ from tests.e2e.test_cluster_data_plane import (
 from tests.e2e.test_cluster_data_plane import (
     test_shared_group_over_three_nodes_gets_each_message_once as _shared_group_once,
 )
-from tests.etcd import start_etcd
+from tests.etcd import etcd_get, start_etcd
 
 pytestmark = pytest.mark.e2e
 
@@ -85,15 +84,8 @@ class Cluster:
 
     def value(self, key: str) -> str | None:
         """The value of ``key`` under the cluster's prefix (read with etcd's JSON gateway)."""
-        key = base64.b64encode(f"{self.prefix}{key}".encode()).decode()
-        req = urllib.request.Request(
-            f"{self.endpoint}/v3/kv/range",
-            data=json.dumps({"key": key}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            kvs = json.loads(resp.read()).get("kvs", [])
-        return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+        value = etcd_get(self.endpoint, f"{self.prefix}{key}")
+        return None if value is None else value.decode()
 
 
 def nominal(node: RunningNode, peers: int) -> bool:

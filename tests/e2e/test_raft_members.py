@@ -14,6 +14,7 @@ import time
 from tests.conftest import free_port
 from tests.e2e.test_http_bridge import http_request
 from tests.e2e.test_replication import QUEUE, _publish_acked, _raft_config, raft_status, wait_leader
+from tests.etcd import etcd_get
 
 TOKEN = "members-token"
 ENV = {"FLUXMQ_ADMIN_TOKEN": TOKEN}
@@ -130,16 +131,8 @@ def test_a_dead_member_is_replaced_through_the_admin_api(node_factory) -> None:
 
 def _etcd_members(endpoint: str, prefix: str) -> dict:
     """The ``raft/members`` record in etcd (its JSON gateway)."""
-    import base64
-    import urllib.request
-
-    key = base64.b64encode(f"{prefix}raft/members".encode()).decode()
-    req = urllib.request.Request(
-        f"{endpoint}/v3/kv/range", json.dumps({"key": key}).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        kvs = json.loads(resp.read()).get("kvs", [])
-    return json.loads(base64.b64decode(kvs[0]["value"]))["members"] if kvs else {}
+    value = etcd_get(endpoint, f"{prefix}raft/members")
+    return {} if value is None else json.loads(value)["members"]
 
 
 def test_a_member_change_on_etcd_membership_is_recorded_for_the_next_start(node_factory, etcd_server) -> None:
