@@ -185,6 +185,20 @@ class RawClient:
                 raise AssertionError(f"no packet from the broker within {timeout}s") from None
         return self.pending.popleft()
 
+    def publishes_so_far(self, ack: bool = True) -> list:
+        """The PUBLISH packets the broker sent so far (bounded by a ping round trip: a PINGRESP
+        follows them), each acknowledged if ``ack``."""
+        self.send(c.Pingreq())
+        got = []
+        while True:
+            packet = self.recv()
+            if isinstance(packet, c.Pingresp):
+                return got
+            if isinstance(packet, c.Publish):
+                got.append(packet)
+                if ack:
+                    self.ack(packet)
+
     def expect(self, kind: type, timeout: float = WAIT) -> Any:
         """The next packet, which must be of class ``kind``."""
         packet = self.recv(timeout)
