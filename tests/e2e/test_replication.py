@@ -587,12 +587,14 @@ def test_config_errors_name_the_key_and_the_file(node_factory, text: str, key: s
     assert key in log_text and str(node.config_path) in log_text, node.log_tail()
 
 
-def _publish_acked(node, name: str, n: int, prefix: bytes) -> int:
+def _publish_acked(node, name: str, n: int, prefix: bytes, queue: str = QUEUE) -> int:
+    """``n`` QoS 1 messages (``prefix`` and a number) to ``$queue/{queue}/k`` from a new client
+    ``name``: how many the node acknowledged with success within 30 s."""
     c = client5(node, name)
     codes: list = []
     c.on_publish = lambda cl, u, mid, rc, props: codes.append(rc)
     for i in range(n):
-        c.publish(f"$queue/{QUEUE}/k", prefix + b"%d" % i, qos=1)
+        c.publish(f"$queue/{queue}/k", prefix + b"%d" % i, qos=1)
     deadline = time.monotonic() + 30
     while len(codes) < n and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -969,16 +971,7 @@ def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (raft_status(follower) or {}).get("leader") != leader_addr:
         time.sleep(0.1)
-    pub = client5(follower, "stream-prod")
-    codes: list = []
-    pub.on_publish = lambda c, u, mid, rc, props: codes.append(rc)
-    for i in range(10):
-        pub.publish("$queue/events/k", b"e%d" % i, qos=1)
-    deadline = time.monotonic() + 15
-    while len(codes) < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pub.loop_stop()
-    assert len(codes) == 10 and not any(rc.is_failure for rc in codes), codes
+    assert _publish_acked(follower, "stream-prod", 10, b"e", "events") == 10
 
     def reader(node, name: str, start: str | None) -> tuple[mqtt.Client, list]:
         got: list = []
