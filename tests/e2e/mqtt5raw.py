@@ -74,12 +74,6 @@ class Raw5(RawClient):
             self.connack = packet
         return packet
 
-    def subscribe(self, packet_id: int, *subs: Any, properties: dict | None = None) -> Any:
-        """SUBSCRIBE (``subs``: Subscription objects or (filter, qos) pairs); returns the SUBACK."""
-        items = [s if isinstance(s, c.Subscription) else c.Subscription(s[0], s[1]) for s in subs]
-        self.send(c.Subscribe(packet_id, items, properties))
-        return self.wait_for(lambda p: isinstance(p, c.Suback) and p.packet_id == packet_id)
-
     def publish(
         self,
         topic: str,

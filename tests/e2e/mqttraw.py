@@ -85,9 +85,11 @@ class RawClient:
         )
         return self.expect(c.Connack)
 
-    def subscribe(self, packet_id: int, *filters: tuple[str, int], properties: dict | None = None) -> Any:
-        """SUBSCRIBE to ``(filter, qos)`` pairs and return the SUBACK (other packets stay pending)."""
-        self.send(c.Subscribe(packet_id, [c.Subscription(f, q) for f, q in filters], properties))
+    def subscribe(self, packet_id: int, *subs: Any, properties: dict | None = None) -> Any:
+        """SUBSCRIBE (``subs``: ``(filter, qos)`` pairs or Subscription objects) and return the
+        SUBACK (other packets stay pending)."""
+        items = [s if isinstance(s, c.Subscription) else c.Subscription(s[0], s[1]) for s in subs]
+        self.send(c.Subscribe(packet_id, items, properties))
         return self.wait_for(lambda p: isinstance(p, c.Suback) and p.packet_id == packet_id)
 
     def publish(
