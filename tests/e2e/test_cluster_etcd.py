@@ -23,6 +23,7 @@ import pytest
 from fluxmq._core import codec as c
 from tests.conftest import HOST, NodeFactory, RunningNode, free_port
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
+from tests.e2e.test_cluster_data_plane import crosses_at_qos
 from tests.e2e.test_cluster_data_plane import (
     test_publish_properties_arrive_intact_across_nodes as _properties_across_nodes,
 )
@@ -121,14 +122,7 @@ def cluster(etcd_server, tmp_path_factory):
 def test_cross_node_qos_with_etcd_membership(cluster, qos: int) -> None:
     """No static peers: the nodes learned each other's transport from etcd."""
     e1, e2 = cluster.nodes["e1"], cluster.nodes["e2"]
-    topic = unique("ex/qos")
-    with paho5(e2, unique("sub")) as sub, paho5(e1, unique("pub")) as pub:
-        assert sub.subscribe(topic, 2)[0].value == 2
-        for i in range(20):
-            pub.publish(topic, f"m{i}".encode(), qos)
-        got = [sub.get(WAIT) for _ in range(20)]
-    assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
-    assert {m.qos for m in got} == {qos}
+    crosses_at_qos(e1, e2, qos)
     status = e1.http_get("/cluster/status")[1]
     assert status["cluster_mode"] is True and status["node_id"] == "e1"
     assert {m["node_id"]: m["reachable"] for m in status["members"]} == {"e1": True, "e2": True, "e3": True}
