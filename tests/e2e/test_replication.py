@@ -895,6 +895,29 @@ def _continue_workers(node) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+def _lead_moved(nodes, old: int, among: list[int]) -> dict:
+    """Stop the workers of ``nodes[old]`` (the leader) until one of ``among`` leads instead; the
+    new leader's raft status."""
+    _stop_workers(nodes[old])
+    try:
+        return raft_status(nodes[wait_leader(nodes, among=among)])
+    finally:
+        _continue_workers(nodes[old])
+
+
+def _caught_up(node, leader_st: dict, timeout: float = 20.0) -> dict | None:
+    """``node``'s raft status once it follows the leader of ``leader_st`` and applied as far (or
+    its last status when ``timeout`` passed first)."""
+    deadline = time.monotonic() + timeout
+    st = None
+    while time.monotonic() < deadline:
+        st = raft_status(node)
+        if st is not None and st["leader"] == leader_st["self"] and st["applied"] >= leader_st["applied"]:
+            break
+        time.sleep(0.05)
+    return st
+
+
 def test_local_policy_acknowledges_on_a_follower_before_any_replica_has_it(node_factory) -> None:
     """write_policy local: a follower acknowledges at once (documented as not durable across
     nodes). Healthy, the entry still reaches every replica; with the leader and the other follower
@@ -1203,18 +1226,8 @@ def test_an_ack_of_a_delivery_made_before_a_failover_is_not_confirmed_once_the_r
             xs[i] = _Holder(nodes[i], f"x-on-{i}")
             xs[i].client.loop_stop()  # not reading: what is sent to it waits in its socket
         time.sleep(1.0)  # their registrations are applied everywhere (the leader's group: remote)
-        _stop_workers(nodes[old])
-        try:
-            new = wait_leader(nodes, among=survivors)
-            new_st = raft_status(nodes[new])
-        finally:
-            _continue_workers(nodes[old])
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # the old leader follows and has applied the new claim
-            st = raft_status(nodes[old])
-            if st is not None and st["leader"] == new_st["self"] and st["applied"] >= new_st["applied"]:
-                break
-            time.sleep(0.05)
+        new_st = _lead_moved(nodes, old, survivors)
+        st = _caught_up(nodes[old], new_st)  # the old leader follows and has applied the new claim
         assert st is not None and st["leader"] == new_st["self"], (st, new_st)
         code = y.ack(message_id)
         acked_at = time.monotonic()
