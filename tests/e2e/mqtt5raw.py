@@ -188,18 +188,6 @@ class Paho5(PahoThread):
             self.client.subscribe(topic, options=options, properties=properties), topic, timeout
         )
 
-    def publish(
-        self,
-        topic: str,
-        payload: bytes | str = b"",
-        qos: int = 0,
-        retain: bool = False,
-        properties: Properties | None = None,
-        timeout: float = WAIT,
-    ) -> Any:
-        """Publish and, for QoS 1/2, wait until the broker acknowledged it; returns the MQTTMessageInfo."""
-        return self._publish(topic, payload, qos, retain, properties, timeout)
-
     def until(self, topic: str, timeout: float = WAIT) -> list:
         """Messages received before the first one on ``topic`` (the sentinel pattern)."""
         return self.collect_until(topic, timeout)[0]

@@ -367,10 +367,18 @@ class PahoThread:
                 self._suback_event.wait(left)
             return self._subacks.pop(mid)
 
-    def _publish(
-        self, topic: str, payload: bytes | str, qos: int, retain: bool, properties: Any, timeout: float
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str = b"",
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        properties: Properties | None = None,
+        timeout: float = WAIT,
     ) -> Any:
-        """Publish and, for QoS 1/2, wait until the broker acknowledged it (PUBACK / PUBCOMP)."""
+        """Publish and, for QoS 1/2, wait until the broker acknowledged it (PUBACK / PUBCOMP);
+        returns the MQTTMessageInfo."""
         info = self.client.publish(topic, payload, qos, retain, properties)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
         if qos:
@@ -454,18 +462,6 @@ class PahoClient(PahoThread):
 
     def unsubscribe(self, topic: str) -> None:
         self.client.unsubscribe(topic)
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes | str = b"",
-        qos: int = 0,
-        retain: bool = False,
-        timeout: float = WAIT,
-        properties: Properties | None = None,
-    ) -> None:
-        """Publish and, for QoS 1/2, wait until the broker acknowledged it (PUBACK / PUBCOMP)."""
-        self._publish(topic, payload, qos, retain, properties, timeout)
 
     @property
     def is_connected(self) -> bool:
