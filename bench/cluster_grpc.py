@@ -43,12 +43,18 @@ from fluxmq.cluster.proto import cluster_pb2_grpc as pb_grpc  # noqa: E402
 from fluxmq.storage.records import encode_message  # noqa: E402
 
 
+def apply_batch(batch: pb.Batch) -> pb.BatchAck:
+    """Decode every item of ``batch`` (as ``ClusterPeers.apply_batch`` does, without routing) and
+    acknowledge it."""
+    for _ in decode_items(batch.items):
+        pass
+    return pb.BatchAck(seq=batch.seq)
+
+
 class _Sink(pb_grpc.ClusterTransportServicer):
     def Route(self, request_iterator, context):  # noqa: N802 (gRPC's name)
         for batch in request_iterator:
-            for _ in decode_items(batch.items):
-                pass
-            yield pb.BatchAck(seq=batch.seq)
+            yield apply_batch(batch)
 
     def Call(self, request, context):  # noqa: N802
         batch = pb.Batch.FromString(request.payload)
@@ -68,17 +74,19 @@ def serve(port: int) -> None:
     server.wait_for_termination()
 
 
-def _batch(seq: int, size: int, blob: bytes) -> pb.Batch:
+def make_batch(seq: int, size: int, blob: bytes) -> pb.Batch:
+    """Batch ``seq`` of ``size`` copies of the encoded message ``blob``, as a peer link builds it."""
     return build_batch("bench", 1, seq, [Outgoing(blob, (), True, None) for _ in range(size)])[0]
 
 
-def _pct(values: list[float], q: float) -> float:
+def pct_ms(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (seconds) in milliseconds; 0 for none."""
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else 0.0
 
 
 def run_unary(stub, size: int, seconds: float, blob: bytes) -> tuple[int, int, list[float]]:
-    payload = _batch(1, size, blob).SerializeToString()
+    payload = make_batch(1, size, blob).SerializeToString()
     end = time.perf_counter() + seconds
     n = 0
     rtts = []
@@ -91,6 +99,9 @@ def run_unary(stub, size: int, seconds: float, blob: bytes) -> tuple[int, int, l
 
 
 def run_stream(stub, size: int, seconds: float, blob: bytes, window: int) -> tuple[int, int, list[float]]:
+    """Batches of ``size`` copies of ``blob`` on one ``Route`` stream, at most ``window``
+    unacknowledged, for ``seconds``: (messages acknowledged, batches acknowledged, round trips).
+    bench/workers_transport.py measures its gRPC side with it too."""
     out: Queue = Queue()
     sent_at: dict[int, float] = {}
     rtts: list[float] = []
@@ -119,7 +130,7 @@ def run_stream(stub, size: int, seconds: float, blob: bytes, window: int) -> tup
         room.acquire()
         seq += 1
         sent_at[seq] = time.perf_counter()
-        out.put(_batch(seq, size, blob))
+        out.put(make_batch(seq, size, blob))
     deadline = time.perf_counter() + 10
     while acked[0] < seq and time.perf_counter() < deadline:
         gevent.sleep(0.001)
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     msgs, batches, rtts = run_stream(stub, size, args.seconds, blob, window)
                 print(
                     f"{mode:<12}{size:>6}{msgs / args.seconds:>12.0f}{batches / args.seconds:>11.0f}"
-                    f"{_pct(rtts, 0.5):>12.2f}{_pct(rtts, 0.99):>12.2f}",
+                    f"{pct_ms(rtts, 0.5):>12.2f}{pct_ms(rtts, 0.99):>12.2f}",
                     flush=True,
                 )
         channel.close()

@@ -8,8 +8,8 @@ includes the per-packet object creation the protocol layer pays.
 from __future__ import annotations
 
 import argparse
-import time
 
+from bench.trie_micro import rate
 from fluxmq._core.codec import Decoder, append_publish, encode, encode_publish
 
 PAYLOAD = bytes(range(64))
@@ -26,21 +26,7 @@ CASES = [
 
 
 def _rate(func, seconds: float, per_call: int = 1) -> float:
-    """Calls of ``func`` per second (times ``per_call``), best of three runs of ``seconds / 3``."""
-    best = 0.0
-    for _ in range(3):
-        calls = 0
-        start = time.perf_counter()
-        deadline = start + seconds / 3
-        while True:
-            for _ in range(50):
-                func()
-            calls += 50
-            now = time.perf_counter()
-            if now >= deadline:
-                break
-        best = max(best, calls * per_call / (now - start))
-    return best
+    return rate(func, seconds, per_call, batch=50)
 
 
 def main() -> None:

@@ -87,10 +87,33 @@ def run_once(
     for i in range(consumers):
         s = connect5(port, f"bench-c{i}-{os.getpid()}-{time.monotonic_ns()}")
         subscribe5(s, filter, user)
-        s.setblocking(False)
         subs.append(s)
     pub = connect5(port, f"bench-p-{os.getpid()}-{time.monotonic_ns()}")
-    pub.setblocking(False)
+    delivered, _acked, elapsed, _per = pump(pub, subs, topic, count, window)
+    for s in [pub, *subs]:
+        s.close()
+    return delivered / elapsed
+
+
+def pump(
+    pub: socket.socket,
+    subs: list[socket.socket],
+    topic: str,
+    count: int,
+    window: int,
+    counted: bytes = b"",
+    strict: bool = True,
+    poll: float = 0.05,
+) -> tuple[int, int, float, dict[int, int]]:
+    """Publish ``count`` QoS 1 messages (64-byte payloads) to ``topic`` from ``pub``, at most
+    ``window`` unacknowledged (200 a write), and PUBACK every PUBLISH the ``subs`` receive, until
+    ``count`` deliveries on topics starting with ``counted`` (every one by default); a refused
+    PUBACK raises. Returns (deliveries, PUBACKs, seconds from the first PUBLISH, deliveries per
+    sub's fileno). After 300 s: ``RuntimeError`` if ``strict``, else what was counted. The loop of
+    bench/queues.py, bench/workers_queues.py and bench/raft_queue.py: one generator for every
+    scenario, so that their figures compare the broker's paths."""
+    for s in [pub, *subs]:
+        s.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(pub, selectors.EVENT_READ, ("pub", bytearray()))
     for s in subs:
@@ -98,11 +121,14 @@ def run_once(
     head = _utf8(topic)
     payload = b"p" * 64
     sent = acked = delivered = 0
+    per: dict[int, int] = {}
     t0 = time.perf_counter()
     deadline = t0 + 300
     while delivered < count:
         if time.perf_counter() > deadline:
-            raise RuntimeError(f"timed out: {delivered} of {count} delivered")
+            if not strict:
+                break
+            raise RuntimeError(f"timed out: {delivered} of {count} delivered, {acked} acknowledged")
         if sent < count and sent - acked < window:
             n = min(200, count - sent, window - (sent - acked))
             pub.sendall(
@@ -112,7 +138,7 @@ def run_once(
                 )
             )
             sent += n
-        for key, _ in sel.select(timeout=0.05):
+        for key, _ in sel.select(timeout=poll):
             sock = key.fileobj
             role, buf = key.data
             try:
@@ -125,19 +151,20 @@ def run_once(
             acks = []
             for first, body in _complete(buf):
                 if role == "pub" and first >> 4 == 4:
+                    if len(body) > 2 and body[2] >= 0x80:
+                        raise RuntimeError(f"PUBACK refused: {body!r}")
                     acked += 1
                 elif role == "sub" and first >> 4 == 3:
                     tlen = struct.unpack_from(">H", body)[0]
                     acks.append(b"\x40\x02" + body[2 + tlen : 4 + tlen])
-                    delivered += 1
+                    if body[2 : 2 + tlen].startswith(counted):
+                        delivered += 1
+                        per[sock.fileno()] = per.get(sock.fileno(), 0) + 1
             if acks:
                 sock.setblocking(True)
                 sock.sendall(b"".join(acks))
                 sock.setblocking(False)
-    rate = count / (time.perf_counter() - t0)
-    for s in [pub, *subs]:
-        s.close()
-    return rate
+    return delivered, acked, time.perf_counter() - t0, per
 
 
 def main(argv: list[str] | None = None) -> int:

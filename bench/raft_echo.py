@@ -13,7 +13,6 @@ leader -> F2 the replication. Counts, not rates: the machine's load does not cha
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -21,16 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.raft_queue import _status, produce
-from tests.conftest import NodeFactory, free_port
-
-CONFIG = """
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
+from bench.raft_queue import produce, raft_group, raft_leader
+from tests.conftest import NodeFactory
 
 
 def received() -> dict[tuple[int, int], int]:
@@ -64,17 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-raft-echo-"))
     factory = NodeFactory(base)
     try:
-        peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-        nodes = [
-            factory(config_text=CONFIG.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers
-        ]
-        for n in nodes:
-            n.wait_ready()
-        deadline = time.monotonic() + 20
-        leader = None
-        while leader is None and time.monotonic() < deadline:
-            leader = next((n for n in nodes if _status(n)["delivering"]), None)
-            time.sleep(0.1)
+        nodes = raft_group(factory)
+        leader = raft_leader(nodes)
         f1, f2 = [n for n in nodes if n is not leader]
         named = {"leader": leader, "F1 (producer)": f1, "F2": f2}
         produce(f1.mqtt_port, 2000, 100)  # warm-up: the group formed, the connections made

@@ -19,7 +19,6 @@ import os
 import selectors
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,10 +28,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "bench"  # noqa: A001
 
-from bench.persist import _frame  # noqa: E402
+from bench.persist import _complete, _frame  # noqa: E402
 from bench.queues import _utf8, connect5  # noqa: E402
-from bench.raft_queue import _parse  # noqa: E402
-from tests.conftest import REPO_ROOT, NodeFactory, RunningNode, free_port  # noqa: E402
+from bench.raft_queue import raft_group  # noqa: E402
+from tests.conftest import NodeFactory  # noqa: E402
 
 
 def status(node) -> dict | None:
@@ -51,26 +50,6 @@ def leader_of(nodes, timeout: float = 30.0) -> int:
                 return i
         time.sleep(0.05)
     raise RuntimeError("no leader")
-
-
-def restart(factory: NodeFactory, node: RunningNode) -> RunningNode:
-    log_path = node.log_path.with_name(f"node-{time.monotonic_ns()}.log")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
-    factory.nodes.append(again)
-    again.wait_ready()
-    return again
 
 
 def one_round(nodes, leader: int, rate: float) -> float:
@@ -106,7 +85,7 @@ def one_round(nodes, leader: int, rate: float) -> float:
                 if not data:
                     raise RuntimeError("producer connection closed")
                 buf += data
-                for first, body in _parse(buf):
+                for first, body in _complete(buf):
                     if first >> 4 != 4:
                         continue
                     p = struct.unpack_from(">H", body)[0]
@@ -128,23 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     factory = NodeFactory(base)
     pauses = []
     try:
-        peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-        text = """
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
-        nodes = [
-            factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers
-        ]
-        for n in nodes:
-            n.wait_ready()
+        nodes = raft_group(factory)
         for _ in range(args.kills):
             leader = leader_of(nodes)
             pauses.append(one_round(nodes, leader, args.rate))
-            nodes[leader] = restart(factory, nodes[leader])
+            nodes[leader] = factory.restart(nodes[leader])
             print(f"pause {pauses[-1]:.3f} s", flush=True)
     finally:
         factory.close()

@@ -54,28 +54,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "bench"  # noqa: A001
 
-from bench.persist import _frame  # noqa: E402
-from bench.queues import _utf8, connect5, subscribe5  # noqa: E402
+from bench.persist import _complete, _frame  # noqa: E402
+from bench.queues import _utf8, connect5, pump, subscribe5  # noqa: E402
 from tests.conftest import NodeFactory, free_port  # noqa: E402
-
-
-def _parse(buf: bytearray):
-    while len(buf) >= 2:
-        mult, n, i = 1, 0, 1
-        while i < len(buf):
-            b = buf[i]
-            n += (b & 0x7F) * mult
-            mult *= 128
-            i += 1
-            if not b & 0x80:
-                break
-        else:
-            return
-        if len(buf) < i + n:
-            return
-        first, body = buf[0], bytes(buf[i : i + n])
-        del buf[: i + n]
-        yield first, body
 
 
 def produce(
@@ -121,7 +102,7 @@ def produce(
                 raise RuntimeError("connection closed")
             buf += data
             got = time.perf_counter()
-            for first, body in _parse(buf):
+            for first, body in _complete(buf):
                 if first >> 4 != 4:
                     continue
                 pid = struct.unpack_from(">H", body)[0]
@@ -267,6 +248,44 @@ def _status(node) -> dict:
     return node.http_get("/cluster/raft")[1]["groups"][0]
 
 
+RAFT_GROUP = """{top}
+cluster:
+  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}{extra}}}
+queues:
+  - name: bench
+    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
+"""
+
+
+def raft_group(factory: NodeFactory, raft: str = "", top: str = "") -> list:
+    """Three nodes, static Raft peers, of one group holding the replicated queue ``bench`` (sync,
+    factor 3, 2 in sync), started side by side; ``raft`` adds ``cluster.raft`` keys (``"k: v"``),
+    ``top`` other sections (YAML lines). Returns them once all are ready (the benches of Raft
+    measure this group)."""
+    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    extra = f", {raft}" if raft else ""
+    nodes = [
+        factory(
+            config_text=RAFT_GROUP.format(top=top, me=p, peers=json.dumps(peers), extra=extra),
+            wait_ready=False,
+        )
+        for p in peers
+    ]
+    for n in nodes:
+        n.wait_ready()
+    return nodes
+
+
+def raft_leader(nodes: list, timeout: float = 20.0):
+    """The node that delivers the group (its leader), None when none does within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    leader = None
+    while leader is None and time.monotonic() < deadline:
+        leader = next((n for n in nodes if (_status_or_none(n) or {}).get("delivering")), None)
+        time.sleep(0.1)
+    return leader
+
+
 def _consumer(port: int, name: str):
     s = connect5(port, name)
     subscribe5(s, "$queue/bench", [("consumer-group", "g"), ("auto-ack", "true")])
@@ -278,51 +297,11 @@ def consume(producer_port: int, consumer_ports: list[int], count: int, window: i
     """``count`` QoS 1 publishes (``window`` unacknowledged) to the producer's node, auto-ack
     consumers (one per port, group ``g``) PUBACK each delivery; returns when all are delivered."""
     pub = connect5(producer_port, f"bench-rq-p-{os.getpid()}-{time.monotonic_ns()}")
-    pub.setblocking(False)
     subs = [
         _consumer(p, f"bench-rq-c{i}-{os.getpid()}-{time.monotonic_ns()}")
         for i, p in enumerate(consumer_ports)
     ]
-    sel = selectors.DefaultSelector()
-    sel.register(pub, selectors.EVENT_READ, bytearray())
-    for c in subs:
-        sel.register(c, selectors.EVENT_READ, bytearray())
-    head = _utf8("$queue/bench/k")
-    payload = b"p" * 64
-    sent = acked = delivered = 0
-    per: dict[int, int] = {}
-    t0 = time.perf_counter()
-    while delivered < count and time.perf_counter() < t0 + 300:
-        if sent < count and sent - acked < window:
-            n = min(200, count - sent, window - (sent - acked))
-            pub.sendall(
-                b"".join(
-                    _frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
-                    for k in range(n)
-                )
-            )
-            sent += n
-        for key, _ in sel.select(timeout=0.02):
-            sock, buf = key.fileobj, key.data
-            try:
-                data = sock.recv(262144)
-            except BlockingIOError:
-                continue
-            if not data:
-                raise RuntimeError("connection closed")
-            buf += data
-            acks = []
-            for first, body in _parse(buf):
-                if sock is pub and first >> 4 == 4:
-                    acked += 1
-                elif sock is not pub and first >> 4 == 3:
-                    tlen = struct.unpack_from(">H", body)[0]
-                    acks.append(_frame(0x40, body[2 + tlen : 4 + tlen]))
-                    delivered += 1
-                    per[sock.fileno()] = per.get(sock.fileno(), 0) + 1
-            if acks:
-                sock.sendall(b"".join(acks))
-    elapsed = time.perf_counter() - t0
+    delivered, acked, elapsed, per = pump(pub, subs, "$queue/bench/k", count, window, strict=False, poll=0.02)
     for c in [pub, *subs]:
         c.close()
     return {
@@ -339,26 +318,10 @@ def distribution_cpu(factory, mode: str, count: int, window: int, where: str) ->
     node CPU (utime + stime of the three nodes' processes, /proc) per message delivered."""
     from bench import procinfo
 
-    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    text = """
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}, distribution_mode: {mode}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
-    nodes = [
-        factory(config_text=text.format(me=p, peers=json.dumps(peers), mode=mode), wait_ready=False)
-        for p in peers
-    ]
+    nodes = raft_group(factory, f"distribution_mode: {mode}")
     try:
-        for n in nodes:
-            n.wait_ready()
         deadline = time.monotonic() + 20
-        leader = None
-        while leader is None and time.monotonic() < deadline:
-            leader = next((n for n in nodes if _status(n)["delivering"]), None)
-            time.sleep(0.1)
+        leader = raft_leader(nodes)
         while time.monotonic() < deadline and not all(_status(n)["leader"] for n in nodes):
             time.sleep(0.1)
         followers = [n for n in nodes if n is not leader]
@@ -389,25 +352,9 @@ def workers_cpu(factory, count: int, window: int) -> dict:
     """Three nodes of two workers (static peers, no etcd): the producer on worker 0 (the node's Raft
     member, owning the queue) and on worker 1 (each append forwarded to worker 0 over the node's
     Unix socket) of the leader node; node CPU per PUBACKed message, all nodes' processes."""
-    peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    text = """
-server: {{workers: 2}}
-storage: {{type: lmdb}}
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
-    nodes = [factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers]
+    nodes = raft_group(factory, top="\nserver: {workers: 2}\nstorage: {type: lmdb}")
     try:
-        for n in nodes:
-            n.wait_ready()
-        deadline = time.monotonic() + 30
-        leader = None
-        while leader is None and time.monotonic() < deadline:
-            leader = next((n for n in nodes if (_status_or_none(n) or {}).get("delivering")), None)
-            time.sleep(0.1)
+        leader = raft_leader(nodes, 30)
         produce(leader.mqtt_port, 2000, window, worker="w1")  # warm up (imports, the workers' links)
         return {
             w: measured(nodes, produce, leader.mqtt_port, count, window, 0.0, 0.0, w) for w in ("w0", "w1")
@@ -473,24 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             "paced": measured([local], produce, local.mqtt_port, 0, args.window, args.rate, args.seconds),
         }
         local.stop()
-        peers = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-        text = """
-cluster:
-  raft: {{enabled: true, bind_addr: "{me}", peers: {peers}}}
-queues:
-  - name: bench
-    replication: {{enabled: true, mode: sync, replication_factor: 3, min_in_sync_replicas: 2}}
-"""
-        nodes = [
-            factory(config_text=text.format(me=p, peers=json.dumps(peers)), wait_ready=False) for p in peers
-        ]
-        for n in nodes:
-            n.wait_ready()
-        deadline = time.monotonic() + 20
-        leader = None
-        while leader is None and time.monotonic() < deadline:
-            leader = next((n for n in nodes if _status(n)["delivering"]), None)
-            time.sleep(0.1)
+        nodes = raft_group(factory)
+        leader = raft_leader(nodes)
         follower = next(n for n in nodes if n is not leader)
         for name, node in (("raft-leader", leader), ("raft-follower", follower)):
             results[name] = {

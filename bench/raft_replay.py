@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ if __package__ in (None, ""):
     __package__ = "bench"  # noqa: A001
 
 from bench.raft_queue import produce  # noqa: E402
-from tests.conftest import REPO_ROOT, NodeFactory, RunningNode, free_port  # noqa: E402
+from tests.conftest import NodeFactory, free_port  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,22 +56,7 @@ queues:
         node.stop()
         out["journal_bytes"] = sum(p.stat().st_size for p in (node.data_dir / "raft").glob("*.journal"))
         started = time.monotonic()
-        log_path = node.log_path.with_name("restarted.log")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
-        env["PYTHONPATH"] = str(REPO_ROOT)
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
-        factory.nodes.append(again)
-        again.wait_ready(60)
+        again = factory.restart(node, 60)
         out["ready_after_s"] = round(time.monotonic() - started, 2)
         time.sleep(3)
         out["snapshots"] = [

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,13 +120,33 @@ def run(mode: str, base: Path, count: int, window: int) -> dict:
         factory.close()
 
 
+def _node_tls(pki: Path):
+    """``raft_tls`` of a node whose certificate (for 127.0.0.1) a new CA in ``pki`` issued, client
+    certificates required: both ends of the micro benchmarks."""
+    from fluxmq.replication.transport import raft_tls
+
+    ca = CertAuthority(pki)
+    cert = ca.issue_node("n", hosts=("127.0.0.1",))
+    tls = SimpleNamespace(
+        enabled=True,
+        cert_file=cert.cert_file,
+        key_file=cert.key_file,
+        ca_file=ca.cert_file,
+        client_auth="require",
+        min_version="TLS1.2",
+        cipher_suites=[],
+        server_name="",
+    )
+    return raft_tls(SimpleNamespace(tls=tls, password=""))
+
+
 def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
     from pysyncobj.encryptor import getEncryptor
     from pysyncobj.poller import createPoller
     from pysyncobj.tcp_connection import TcpConnection
     from pysyncobj.tcp_server import TcpServer
 
-    from fluxmq.replication.transport import RaftConnection, RaftServer, raft_tls
+    from fluxmq.replication.transport import RaftConnection, RaftServer
 
     poller = createPoller("select")
     port = free_port()
@@ -139,23 +160,7 @@ def micro(kind: str, frames: int, frame_bytes: int, base: Path) -> dict:
         conn.setOnMessageReceivedCallback(lambda m: got.append(len(m)))
 
     if "tls" in kind:
-        ca = CertAuthority(base / "micro-pki")
-        cert = ca.issue_node("n", hosts=("127.0.0.1",))
-        tls_cfg = type(
-            "T",
-            (),
-            {
-                "enabled": True,
-                "cert_file": cert.cert_file,
-                "key_file": cert.key_file,
-                "ca_file": ca.cert_file,
-                "client_auth": "require",
-                "min_version": "TLS1.2",
-                "cipher_suites": [],
-                "server_name": "",
-            },
-        )
-        tls = raft_tls(type("R", (), {"tls": tls_cfg, "password": ""}))
+        tls = _node_tls(base / "micro-pki")
         server = RaftServer(poller, "127.0.0.1", port, on_new, BUF, BUF, tls=tls)
         client = RaftConnection(
             poller, timeout=30.0, sendBufferSize=BUF, recvBufferSize=BUF, tls=tls, server_hostname="127.0.0.1"
@@ -204,25 +209,9 @@ def handshakes(count: int, base: Path) -> dict:
     RaftConnection and a RaftServer, pysyncobj's select poller driving them."""
     from pysyncobj.poller import createPoller
 
-    from fluxmq.replication.transport import RaftConnection, RaftServer, raft_tls
+    from fluxmq.replication.transport import RaftConnection, RaftServer
 
-    ca = CertAuthority(base / "hs-pki")
-    cert = ca.issue_node("n", hosts=("127.0.0.1",))
-    tls_cfg = type(
-        "T",
-        (),
-        {
-            "enabled": True,
-            "cert_file": cert.cert_file,
-            "key_file": cert.key_file,
-            "ca_file": ca.cert_file,
-            "client_auth": "require",
-            "min_version": "TLS1.2",
-            "cipher_suites": [],
-            "server_name": "",
-        },
-    )
-    tls = raft_tls(type("R", (), {"tls": tls_cfg, "password": ""}))
+    tls = _node_tls(base / "hs-pki")
     poller = createPoller("select")
     port = free_port()
     accepted: list = []

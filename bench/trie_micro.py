@@ -48,16 +48,18 @@ def topic_for(device: int, metric: int) -> str:
     return f"site/{device % SITES}/dev/{device}/{METRICS[metric % 3]}"
 
 
-def rate(func: Callable[[], object], seconds: float, per_call: int = 1) -> float:
-    """Calls of ``func`` per second (times ``per_call``), best of three runs of ``seconds / 3``."""
+def rate(func: Callable[[], object], seconds: float, per_call: int = 1, batch: int = 1) -> float:
+    """Calls of ``func`` per second (times ``per_call``), best of three runs of ``seconds / 3``; the
+    clock is read every ``batch`` calls (bench/codec_micro.py times calls too short for one read each)."""
     best = 0.0
     for _ in range(3):
         calls = 0
         start = time.perf_counter()
         deadline = start + seconds / 3
         while True:
-            func()
-            calls += 1
+            for _ in range(batch):
+                func()
+            calls += batch
             now = time.perf_counter()
             if now >= deadline:
                 break

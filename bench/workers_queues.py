@@ -36,8 +36,8 @@ if __package__ in (None, ""):  # run as a script
 
 from bench import procinfo  # noqa: E402
 from bench.brokers import FluxmqNode  # noqa: E402
-from bench.persist import _complete, _frame, _packets  # noqa: E402
-from bench.queues import _utf8, connect5, subscribe5  # noqa: E402
+from bench.persist import _frame, _packets  # noqa: E402
+from bench.queues import _utf8, connect5, pump, subscribe5  # noqa: E402
 
 OWNER = f"w{zlib.crc32(b'bench') % 2}"
 OTHER = "w1" if OWNER == "w0" else "w0"
@@ -84,55 +84,10 @@ def prepare(port: int, pub_on: str, con_on: str) -> tuple:
 
 
 def run_once(pub, sub, count: int, window: int) -> float:
-    import selectors
-
-    sub.setblocking(False)
-    pub.setblocking(False)
-    sel = selectors.DefaultSelector()
-    sel.register(pub, selectors.EVENT_READ, ("pub", bytearray()))
-    sel.register(sub, selectors.EVENT_READ, ("sub", bytearray()))
-    head = _utf8("$queue/bench")
-    payload = b"p" * 64
-    sent = acked = delivered = 0
-    t0 = time.perf_counter()
-    deadline = t0 + 300
-    while delivered < count:
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"timed out: {delivered} of {count} delivered, {acked} acknowledged")
-        if sent < count and sent - acked < window:
-            n = min(200, count - sent, window - (sent - acked))
-            pub.sendall(b"".join(_frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
-                                 for k in range(n)))  # fmt: skip
-            sent += n
-        for key, _ in sel.select(timeout=0.05):
-            sock = key.fileobj
-            role, buf = key.data
-            try:
-                data = sock.recv(262144)
-            except BlockingIOError:
-                continue
-            if not data:
-                raise RuntimeError("connection closed")
-            buf += data
-            acks = []
-            for first, body in _complete(buf):
-                if role == "pub" and first >> 4 == 4:
-                    if len(body) > 2 and body[2] >= 0x80:
-                        raise RuntimeError(f"PUBACK refused: {body!r}")
-                    acked += 1
-                elif role == "sub" and first >> 4 == 3:
-                    tlen = struct.unpack_from(">H", body)[0]
-                    acks.append(b"\x40\x02" + body[2 + tlen : 4 + tlen])
-                    if body[2 : 2 + tlen].startswith(b"$queue/"):
-                        delivered += 1
-            if acks:
-                sock.setblocking(True)
-                sock.sendall(b"".join(acks))
-                sock.setblocking(False)
-    rate = count / (time.perf_counter() - t0)
+    delivered, _acked, elapsed, _per = pump(pub, [sub], "$queue/bench", count, window, counted=b"$queue/")
     pub.close()
     sub.close()
-    return rate
+    return delivered / elapsed
 
 
 def main(argv: list[str] | None = None) -> int:

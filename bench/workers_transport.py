@@ -35,26 +35,20 @@ if __name__ == "__main__" or os.environ.get("FLUXMQ_BENCH_WT_SERVER"):
 import gevent  # noqa: E402
 import gevent.lock  # noqa: E402
 import grpc  # noqa: E402
-from gevent.queue import Queue  # noqa: E402
 
+from bench.cluster_grpc import apply_batch, make_batch, pct_ms, run_stream  # noqa: E402
 from fluxmq.broker.message import Message  # noqa: E402
 from fluxmq.cluster.proto import cluster_pb2 as pb  # noqa: E402
 from fluxmq.cluster.proto import cluster_pb2_grpc as pb_grpc  # noqa: E402
-from fluxmq.storage.records import decode_message, encode_message  # noqa: E402
+from fluxmq.storage.records import encode_message  # noqa: E402
 
 HEADER = struct.Struct(">I")
-
-
-def _apply(batch: pb.Batch) -> pb.BatchAck:
-    for item in batch.items:
-        decode_message(item.message)
-    return pb.BatchAck(seq=batch.seq)
 
 
 class _Sink(pb_grpc.ClusterTransportServicer):
     def Route(self, request_iterator, context):  # noqa: N802 (gRPC's name)
         for batch in request_iterator:
-            yield _apply(batch)
+            yield apply_batch(batch)
 
 
 def _recv_exact(sock, n: int) -> bytes:
@@ -71,7 +65,7 @@ def _raw_conn(sock) -> None:
     try:
         while True:
             (n,) = HEADER.unpack(_recv_exact(sock, 4))
-            ack = _apply(pb.Batch.FromString(_recv_exact(sock, n))).SerializeToString()
+            ack = apply_batch(pb.Batch.FromString(_recv_exact(sock, n))).SerializeToString()
             sock.sendall(HEADER.pack(len(ack)) + ack)
     except (EOFError, OSError):
         sock.close()
@@ -96,60 +90,13 @@ def serve(kind: str, addr: str) -> None:
     server.wait_for_termination()
 
 
-def _batch(seq: int, size: int, blob: bytes) -> pb.Batch:
-    return pb.Batch(
-        sender="bench",
-        epoch=1,
-        seq=seq,
-        items=[pb.Item(message=blob, match_local=True, expiry_ms=-1) for _ in range(size)],
-    )
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else 0.0
-
-
 def run_grpc(addr: str, size: int, seconds: float, blob: bytes, window: int) -> tuple[int, list[float]]:
     channel = grpc.insecure_channel(addr)
     grpc.channel_ready_future(channel).result(timeout=10)
     stub = pb_grpc.ClusterTransportStub(channel)
-    out: Queue = Queue()
-    sent_at: dict[int, float] = {}
-    rtts: list[float] = []
-    acked = [0]
-    room = gevent.lock.Semaphore(window)
-
-    def requests():
-        while True:
-            batch = out.get()
-            if batch is None:
-                return
-            yield batch
-
-    responses = stub.Route(requests())
-
-    def read_acks():
-        for ack in responses:
-            rtts.append(time.perf_counter() - sent_at.pop(ack.seq))
-            acked[0] += 1
-            room.release()
-
-    reader = gevent.spawn(read_acks)
-    end = time.perf_counter() + seconds
-    seq = 0
-    while time.perf_counter() < end:
-        room.acquire()
-        seq += 1
-        sent_at[seq] = time.perf_counter()
-        out.put(_batch(seq, size, blob))
-    deadline = time.perf_counter() + 10
-    while acked[0] < seq and time.perf_counter() < deadline:
-        gevent.sleep(0.001)
-    out.put(None)
-    reader.join(timeout=5)
+    acked, _, rtts = run_stream(stub, size, seconds, blob, window)
     channel.close()
-    return acked[0] * size, rtts
+    return acked, rtts
 
 
 def run_raw(path: str, size: int, seconds: float, blob: bytes, window: int) -> tuple[int, list[float]]:
@@ -178,7 +125,7 @@ def run_raw(path: str, size: int, seconds: float, blob: bytes, window: int) -> t
         room.acquire()
         seq += 1
         sent_at[seq] = time.perf_counter()
-        data = _batch(seq, size, blob).SerializeToString()
+        data = make_batch(seq, size, blob).SerializeToString()
         sock.sendall(HEADER.pack(len(data)) + data)
     deadline = time.perf_counter() + 10
     while acked[0] < seq and time.perf_counter() < deadline:
@@ -222,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_raw if kind == "raw" else run_grpc
                 n, rtts = run(addr, size, args.seconds, blob, args.window)
                 print(
-                    f"{name:<12}{size:>6}{n / args.seconds:>12,.0f}{_pct(rtts, 0.5):>12.3f}{_pct(rtts, 0.99):>12.3f}",
+                    f"{name:<12}{size:>6}{n / args.seconds:>12,.0f}{pct_ms(rtts, 0.5):>12.3f}{pct_ms(rtts, 0.99):>12.3f}",
                     flush=True,
                 )
         finally:

@@ -343,6 +343,32 @@ def _limit_nofile(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
+def _spawn(
+    config_path: Path,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    nofile: int | None = None,
+) -> subprocess.Popen:
+    """``fluxmq-node --config config_path``, its output to ``log_path``, in its own process group
+    (``kill()`` reaches the workers); the test process's ``FLUXMQ_*`` variables dropped."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    child_env["PYTHONUNBUFFERED"] = "1"
+    child_env.update(env or {})
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(config_path), *args],
+            cwd=REPO_ROOT,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own group: kill() reaches the worker
+            preexec_fn=None if nofile is None else functools.partial(_limit_nofile, nofile),
+        )
+
+
 class NodeFactory:
     """Starts nodes under ``base_dir`` (one sub-directory each) and stops them on ``close()``."""
 
@@ -388,29 +414,26 @@ class NodeFactory:
         YAML(typ="safe", pure=True).dump(config, out)
         config_path.write_text(out.getvalue())
 
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
-        )
-        child_env["PYTHONUNBUFFERED"] = "1"
-        child_env.update(env or {})
         log_path = node_dir / "node.log"
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "fluxmq.node.cli", "--config", str(config_path), *args],
-                cwd=REPO_ROOT,
-                env=child_env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own group: kill() reaches the worker
-                preexec_fn=None if nofile is None else functools.partial(_limit_nofile, nofile),
-            )
+        process = _spawn(config_path, log_path, env, args, nofile)
         node = RunningNode(process, config, config_path, data_dir, log_path)
         self.nodes.append(node)
         if wait_ready:
             node.wait_ready()
         return node
+
+    def restart(self, node: RunningNode, timeout: float = START_TIMEOUT) -> RunningNode:
+        """Start ``node``'s config again after it stopped (same data directory, ports and node id;
+        a new log file) and wait until it is ready. Its ``raft_addr``, where a test set one, goes on."""
+        log_path = node.log_path.with_name(f"node-restarted-{len(self.nodes)}.log")
+        again = RunningNode(
+            _spawn(node.config_path, log_path), node.config, node.config_path, node.data_dir, log_path
+        )
+        if hasattr(node, "raft_addr"):
+            again.raft_addr = node.raft_addr
+        self.nodes.append(again)
+        again.wait_ready(timeout)
+        return again
 
     def close(self) -> None:
         """Stop every node still running: SIGTERM to all of them at once, then SIGKILL what is left

@@ -8,6 +8,8 @@ or kill etcd starts its own with ``start_etcd(tmp_path)`` and stops it with ``Et
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import subprocess
 import time
@@ -95,3 +97,29 @@ def start_etcd(tmp_path: Path, name: str = "test") -> EtcdProcess:
     data = tmp_path / f"etcd-{name}-data"
     data.mkdir(parents=True, exist_ok=True)
     return EtcdProcess(data, name).start()
+
+
+def _gateway(endpoint: str, call: str, doc: dict) -> dict:
+    """One call of etcd's v3 JSON gateway (keys and values base64 in ``doc`` and the answer)."""
+    req = urllib.request.Request(
+        f"{endpoint}/v3/kv/{call}",
+        data=json.dumps(doc).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def etcd_get(endpoint: str, key: str) -> bytes | None:
+    """The value of ``key`` in the etcd at ``endpoint`` (None: no such key)."""
+    kvs = _gateway(endpoint, "range", {"key": base64.b64encode(key.encode()).decode()}).get("kvs") or []
+    return base64.b64decode(kvs[0]["value"]) if kvs else None
+
+
+def etcd_put(endpoint: str, key: str, value: bytes) -> None:
+    """Write ``key`` in the etcd at ``endpoint``."""
+    _gateway(
+        endpoint,
+        "put",
+        {"key": base64.b64encode(key.encode()).decode(), "value": base64.b64encode(value).decode()},
+    )

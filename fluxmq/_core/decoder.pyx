@@ -10,7 +10,6 @@ Normative statements are quoted by their MQTT 5.0 numbers unless a 3.1.1 number 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy
 
 from fluxmq._core.packets cimport (
@@ -48,7 +47,7 @@ from fluxmq._core.packets cimport (
     type_name,
 )
 from fluxmq._core.properties cimport K_WILL, P_TOPIC_ALIAS, _r_props
-from fluxmq._core.wire cimport _Reader, _r_bin, _r_str, _r_u8, _r_u16, _trailing, _truncated
+from fluxmq._core.wire cimport _Reader, _r_bin, _r_str, _r_u8, _r_u16, _trailing, _truncated, _utf8_scanned
 
 from fluxmq.errors import (
     MalformedPacket,
@@ -71,12 +70,7 @@ cdef str _topic_name(const unsigned char* p, Py_ssize_t n):
         if c == 0:
             raise MalformedPacket("U+0000 in a UTF-8 string (MQTT-1.5.4-2)")
         high |= c
-    if high < 0x80:
-        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
-    try:
-        return PyUnicode_DecodeUTF8(<const char*>p, n, "strict")
-    except UnicodeDecodeError:
-        raise MalformedPacket("ill-formed UTF-8 string (MQTT-1.5.4-1)") from None
+    return _utf8_scanned(p, n, high)
 
 
 cdef int _check_fixed_header(unsigned int first, int version) except -1:

@@ -110,11 +110,15 @@ cdef class Subscribe(Packet):
     cdef tuple _key(self)
 
 
-cdef class Suback(Packet):
+cdef class _SubscribeAck(Packet):
     cdef public int packet_id
     cdef public list reason_codes
     cdef public dict properties
     cdef tuple _key(self)
+
+
+cdef class Suback(_SubscribeAck):
+    pass
 
 
 cdef class Unsubscribe(Packet):
@@ -124,10 +128,7 @@ cdef class Unsubscribe(Packet):
     cdef tuple _key(self)
 
 
-cdef class Unsuback(Packet):
-    cdef public int packet_id
-    cdef public list reason_codes
-    cdef public dict properties
+cdef class Unsuback(_SubscribeAck):
     cdef tuple _key(self)
 
 
@@ -139,16 +140,18 @@ cdef class Pingresp(Packet):
     pass
 
 
-cdef class Disconnect(Packet):
+cdef class _ReasonPacket(Packet):
     cdef public int reason_code
     cdef public dict properties
     cdef tuple _key(self)
 
 
-cdef class Auth(Packet):
-    cdef public int reason_code
-    cdef public dict properties
-    cdef tuple _key(self)
+cdef class Disconnect(_ReasonPacket):
+    pass
+
+
+cdef class Auth(_ReasonPacket):
+    pass
 
 
 # allocators of the per-message packets, for the decoder (see packets.pyx)

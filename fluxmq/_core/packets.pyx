@@ -238,10 +238,9 @@ cdef class Subscribe(Packet):
         return (self.packet_id, self.subscriptions, _props_key(self.properties))
 
 
-cdef class Suback(Packet):
-    """SUBACK; ``reason_codes`` are the 5.0 reason codes or the 3.x return codes."""
+cdef class _SubscribeAck(Packet):
+    """Common shape of SUBACK and UNSUBACK: a packet id and a reason code per filter."""
 
-    type = T_SUBACK
     _FIELDS = ("packet_id", "reason_codes", "properties")
 
     def __init__(self, int packet_id, list reason_codes, dict properties=None):
@@ -251,6 +250,12 @@ cdef class Suback(Packet):
 
     cdef tuple _key(self):
         return (self.packet_id, self.reason_codes, _props_key(self.properties))
+
+
+cdef class Suback(_SubscribeAck):
+    """SUBACK; ``reason_codes`` are the 5.0 reason codes or the 3.x return codes."""
+
+    type = T_SUBACK
 
 
 cdef class Unsubscribe(Packet):
@@ -268,16 +273,13 @@ cdef class Unsubscribe(Packet):
         return (self.packet_id, self.filters, _props_key(self.properties))
 
 
-cdef class Unsuback(Packet):
+cdef class Unsuback(_SubscribeAck):
     """UNSUBACK; ``reason_codes`` is None for 3.x (no codes on the wire)."""
 
     type = T_UNSUBACK
-    _FIELDS = ("packet_id", "reason_codes", "properties")
 
     def __init__(self, int packet_id, list reason_codes=None, dict properties=None):
-        self.packet_id = packet_id
-        self.reason_codes = reason_codes
-        self.properties = _props_arg(properties)
+        _SubscribeAck.__init__(self, packet_id, reason_codes, properties)
 
     cdef tuple _key(self):
         return (self.packet_id, self.reason_codes if self.reason_codes else None,
@@ -296,32 +298,29 @@ cdef class Pingresp(Packet):
     type = T_PINGRESP
 
 
-cdef class Disconnect(Packet):
+cdef class _ReasonPacket(Packet):
+    """Common shape of DISCONNECT and AUTH: a reason code and properties, nothing else."""
+
+    _FIELDS = ("reason_code", "properties")
+
+    def __init__(self, int reason_code=0, dict properties=None):
+        self.reason_code = reason_code
+        self.properties = _props_arg(properties)
+
+    cdef tuple _key(self):
+        return (self.reason_code, _props_key(self.properties))
+
+
+cdef class Disconnect(_ReasonPacket):
     """DISCONNECT; ``reason_code`` and ``properties`` exist on the wire only in 5.0."""
 
     type = T_DISCONNECT
-    _FIELDS = ("reason_code", "properties")
-
-    def __init__(self, int reason_code=0, dict properties=None):
-        self.reason_code = reason_code
-        self.properties = _props_arg(properties)
-
-    cdef tuple _key(self):
-        return (self.reason_code, _props_key(self.properties))
 
 
-cdef class Auth(Packet):
+cdef class Auth(_ReasonPacket):
     """AUTH (5.0 only)."""
 
     type = T_AUTH
-    _FIELDS = ("reason_code", "properties")
-
-    def __init__(self, int reason_code=0, dict properties=None):
-        self.reason_code = reason_code
-        self.properties = _props_arg(properties)
-
-    cdef tuple _key(self):
-        return (self.reason_code, _props_key(self.properties))
 
 
 cdef bytes _as_bytes(object value):

@@ -862,7 +862,7 @@ cdef class PublishRelay:
         # peer holds a matching shared group), filled by ``relay_route(topic)``; the plain message
         # is appended to each such peer link's ``forward_queue`` (a ForwardQueue) in C.
         peers = bc.peers
-        fwd_routes = fwd_links = None
+        fwd_routes = None
         if peers is not None:
             fwd_routes = self._peer_routes(peers)
             if fwd_routes is None:
@@ -1002,22 +1002,10 @@ cdef class PublishRelay:
                         break
                     fqs = None
                     if peers is not None:
-                        if type(fwd_routes) is dict:
-                            nodes = (<dict>fwd_routes).get(topic, _MISS)  # (C's dict look-up)
-                        else:
-                            nodes = fwd_routes.get(topic, _MISS)
-                        if nodes is _MISS:
-                            nodes = peers.relay_route(topic)
-                        if nodes is None:
+                        got = self._peer_queues(peers, fwd_routes, topic)
+                        if got is _MISS:
                             break  # Peers.forward decides (shared groups on a peer)
-                        if nodes:
-                            # the queues of the links to them (links cannot change within this call;
-                            # read only here: a topic with no peer's interest does not need them)
-                            if fwd_links is None:
-                                fwd_links = self._peer_links(peers)
-                            fqs = self._queues(<tuple>nodes, fwd_links)
-                            if fqs is None:
-                                break
+                        fqs = <list>got
                     last_topic = topic
                     last_route = route
                     last_fqs = fqs
@@ -1120,6 +1108,26 @@ cdef class PublishRelay:
             self._fwd_routes = getattr(peers, "relay_routes", None)
             self._routes_peers = peers
         return self._fwd_routes
+
+    cdef inline object _peer_queues(self, peers, fwd_routes, str topic):
+        """The ``ForwardQueue`` of each linked peer with interest in ``topic`` (None: no peer has
+        any); ``_MISS``: the Python path decides (``Peers.forward``: a peer holds a matching shared
+        group, or a link queues otherwise). ``fwd_routes`` is ``_peer_routes(peers)``: a hit is C's
+        dict look-up, a miss asks ``peers.relay_route`` (which fills it). The links are read only
+        here: a topic with no peer's interest does not need them (they cannot change within a
+        call). Both hot paths (``serve``, ``_forward_buf``) ask here once per topic."""
+        if type(fwd_routes) is dict:
+            nodes = (<dict>fwd_routes).get(topic, _MISS)
+        else:
+            nodes = fwd_routes.get(topic, _MISS)
+        if nodes is _MISS:
+            nodes = peers.relay_route(topic)
+        if nodes is None:
+            return _MISS
+        if not nodes:
+            return None
+        fqs = self._queues(<tuple>nodes, self._peer_links(peers))
+        return _MISS if fqs is None else fqs
 
     cdef inline object _queues(self, tuple nodes, links):
         """``_link_queues(nodes, links)``, kept for the next read whose route goes to the same
@@ -1328,7 +1336,7 @@ cdef class PublishRelay:
             return 0
         # (the peers' tables are read in the loop, once a topic's local targets took its message)
         peers = bc.peers
-        fwd_routes = fwd_links = None
+        fwd_routes = None
         max_packet = decoder.max_packet_size
         settings = cs.settings
         max_size = self._max_message_size(settings)
@@ -1478,20 +1486,11 @@ cdef class PublishRelay:
                                 fwd_routes = self._peer_routes(peers)
                                 if fwd_routes is None:
                                     break  # (a peers object the relay does not know: its forward decides)
-                            if type(fwd_routes) is dict:
-                                nodes = (<dict>fwd_routes).get(topic, _MISS)  # (C's dict look-up)
-                            else:
-                                nodes = fwd_routes.get(topic, _MISS)
-                            if nodes is _MISS:
-                                nodes = peers.relay_route(topic)
-                            if nodes is None:
+                            got = self._peer_queues(peers, fwd_routes, topic)
+                            if got is _MISS:
                                 break  # Peers.forward decides (shared groups on a peer)
-                            if nodes:
-                                if fwd_links is None:
-                                    fwd_links = self._peer_links(peers)  # (only for a topic a peer wants)
-                                fqs = self._queues(<tuple>nodes, fwd_links)
-                                if fqs is None:
-                                    break
+                            fqs = <list>got
+                            if fqs is not None:
                                 if PyList_GET_SIZE(fqs) == 1:
                                     # (typed once per topic: per message no list iteration and
                                     # no reference counting of the list and its queue)

@@ -6,6 +6,7 @@
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Realloc
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcpy
 
 
@@ -26,6 +27,15 @@ cdef int _truncated() except -1
 cdef int _trailing() except -1
 cdef int _vbi_too_long() except -1
 cdef str _utf8(const unsigned char* p, Py_ssize_t n)
+cdef str _utf8_strict(const unsigned char* p, Py_ssize_t n)
+
+
+cdef inline str _utf8_scanned(const unsigned char* p, Py_ssize_t n, unsigned char high):
+    # The str of ``n`` bytes at ``p`` that the caller scanned already (no U+0000; ``high``: the OR of
+    # the bytes): ASCII decoded at once, the rest by the strict codec (``_utf8_strict``, rarely).
+    if high < 0x80:
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    return _utf8_strict(p, n)
 
 
 cdef inline int _r_u8(_Reader* r) except -1:

@@ -32,10 +32,13 @@ cdef str _utf8(const unsigned char* p, Py_ssize_t n):
         if p[i] == 0:
             raise MalformedPacket("U+0000 in a UTF-8 string (MQTT-1.5.4-2)")
         high |= p[i]
-    if high < 0x80:
-        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    return _utf8_scanned(p, n, high)
+
+
+cdef str _utf8_strict(const unsigned char* p, Py_ssize_t n):
+    """Decode ``n`` bytes that are not all ASCII (``_utf8_scanned``'s rare path): the strict codec
+    rejects ill-formed sequences, overlongs and encoded surrogates (MQTT-1.5.4-1)."""
     try:
-        # The strict codec rejects ill-formed sequences, overlongs and encoded surrogates.
         return PyUnicode_DecodeUTF8(<const char*>p, n, "strict")
     except UnicodeDecodeError:
         raise MalformedPacket("ill-formed UTF-8 string (MQTT-1.5.4-1)") from None

@@ -29,6 +29,7 @@ access of topic -> decision, so the per-message check is one dict lookup after a
 from __future__ import annotations
 
 from fluxmq._core.trie import parse_shared, validate_filter
+from fluxmq.config.files import read_text
 from fluxmq.errors import ConfigError, MQTTError
 
 DENY = 0
@@ -137,15 +138,7 @@ class AclFile:
 
     @classmethod
     def load(cls, path: str) -> AclFile:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(
-                CONFIG_KEY, "a readable ACL file", path, problem=f"cannot read {path}: {reason}"
-            ) from None
-        return cls.parse(text, path)
+        return cls.parse(read_text(CONFIG_KEY, "a readable ACL file", path), path)
 
     def rules_for(self, client_id: str, username: str | None) -> list[tuple[int, int, str]]:
         """``(tier, access, filter)`` of every rule that applies to this client, patterns substituted."""

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+from fluxmq.config.files import read_text
 from fluxmq.errors import ConfigError
 
 SHA512 = "sha512"
@@ -148,15 +149,7 @@ class PasswordFile:
     @classmethod
     def load(cls, path: str, strict: bool = True) -> PasswordFile:
         """Read ``path``; ``ConfigError`` when it cannot be read or a line is invalid."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(
-                CONFIG_KEY, "a readable password file", path, problem=f"cannot read {path}: {reason}"
-            ) from None
-        return cls.parse(text, path, strict)
+        return cls.parse(read_text(CONFIG_KEY, "a readable password file", path), path, strict)
 
     # -- checks ------------------------------------------------------------------------------------
 

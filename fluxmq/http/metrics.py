@@ -34,6 +34,24 @@ from fluxmq.http.walk import session_totals
 QOS_LABELS = ("0", "1", "2")
 
 
+def _by_label(family: type, name: str, doc: str, label: str, values: dict) -> Metric:
+    """One family with a sample per item of ``values`` (label value -> value), sorted by label."""
+    metric = family(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        metric.add_metric([key], value)
+    return metric
+
+
+def _per_row(label: str, rows: dict, columns: tuple) -> list[Metric]:
+    """A family per column ``(family, name, doc, key)``, with a sample per row of ``rows`` (label
+    value -> dict of figures, sorted by label): the row's figure at ``key`` (a function: of the row)."""
+    families = [(family(name, doc, labels=[label]), key) for family, name, doc, key in columns]
+    for row, figures in sorted(rows.items()):
+        for metric, key in families:
+            metric.add_metric([row], key(figures) if callable(key) else figures[key])
+    return [metric for metric, _ in families]
+
+
 class BrokerCollector(Collector):
     """Every fluxmq metric, computed from the running service when collected.
 
@@ -137,72 +155,88 @@ class BrokerCollector(Collector):
     @staticmethod
     def _worker_queues(peers: dict) -> Iterator[Metric]:
         """Durable queues across workers (fluxmq.cluster.queues), per other worker."""
-        waiting = GaugeMetricFamily(
-            "fluxmq_worker_queue_ops_waiting",
-            "Queue operations (appends, settlements, ...) waiting for the owning worker.",
-            labels=["peer"],
+        yield from _per_row(
+            "peer",
+            peers,
+            (
+                (
+                    GaugeMetricFamily,
+                    "fluxmq_worker_queue_ops_waiting",
+                    "Queue operations (appends, settlements, ...) waiting for the owning worker.",
+                    "ops_waiting",
+                ),
+                (
+                    CounterMetricFamily,
+                    "fluxmq_worker_queue_ops_refused",
+                    "Queue operations refused: too many waiting for the owning worker.",
+                    "ops_refused",
+                ),
+                (
+                    CounterMetricFamily,
+                    "fluxmq_worker_queue_ops_failed",
+                    "Queue operations the owning worker did not answer (down, restarting).",
+                    "ops_failed",
+                ),
+                (
+                    CounterMetricFamily,
+                    "fluxmq_worker_queue_deliveries_failed",
+                    "Deliveries to a member's worker that did not answer (redelivered).",
+                    "deliveries_failed",
+                ),
+                (
+                    GaugeMetricFamily,
+                    "fluxmq_worker_queue_remote_members",
+                    "The other worker's clients that are members of this worker's queues.",
+                    "remote_members",
+                ),
+            ),
         )
-        refused = CounterMetricFamily(
-            "fluxmq_worker_queue_ops_refused",
-            "Queue operations refused: too many waiting for the owning worker.",
-            labels=["peer"],
-        )
-        failed = CounterMetricFamily(
-            "fluxmq_worker_queue_ops_failed",
-            "Queue operations the owning worker did not answer (down, restarting).",
-            labels=["peer"],
-        )
-        deliveries = CounterMetricFamily(
-            "fluxmq_worker_queue_deliveries_failed",
-            "Deliveries to a member's worker that did not answer (redelivered).",
-            labels=["peer"],
-        )
-        members = GaugeMetricFamily(
-            "fluxmq_worker_queue_remote_members",
-            "The other worker's clients that are members of this worker's queues.",
-            labels=["peer"],
-        )
-        for name, st in sorted(peers.items()):
-            waiting.add_metric([name], st["ops_waiting"])
-            refused.add_metric([name], st["ops_refused"])
-            failed.add_metric([name], st["ops_failed"])
-            deliveries.add_metric([name], st["deliveries_failed"])
-            members.add_metric([name], st["remote_members"])
-        yield from (waiting, refused, failed, deliveries, members)
 
     @staticmethod
     def _cluster_peers(peers: dict) -> Iterator[Metric]:
         """Per peer of the cluster's data plane (fluxmq.cluster): docs/cluster.rst."""
-        up = GaugeMetricFamily(
-            "fluxmq_cluster_peer_reachable", "1 while the stream to the peer is answered.", labels=["peer"]
+        yield from _per_row(
+            "peer",
+            peers,
+            (
+                (
+                    GaugeMetricFamily,
+                    "fluxmq_cluster_peer_reachable",
+                    "1 while the stream to the peer is answered.",
+                    lambda st: 1 if st["reachable"] else 0,
+                ),
+                (
+                    GaugeMetricFamily,
+                    "fluxmq_cluster_peer_queued_messages",
+                    "Messages waiting for the peer.",
+                    "queued",
+                ),
+                (
+                    CounterMetricFamily,
+                    "fluxmq_cluster_peer_forwarded_batches",
+                    "Batches the peer acknowledged.",
+                    "forwarded_batches",
+                ),
+                (
+                    CounterMetricFamily,
+                    "fluxmq_cluster_peer_forwarded_messages",
+                    "Messages in the batches the peer acknowledged.",
+                    "forwarded_messages",
+                ),
+                (
+                    CounterMetricFamily,
+                    "fluxmq_cluster_peer_failures",
+                    "Streams to the peer that broke or could not open.",
+                    "failures",
+                ),
+                (
+                    CounterMetricFamily,
+                    "fluxmq_cluster_peer_dropped",
+                    "Messages for the peer dropped by its full queue.",
+                    "dropped",
+                ),
+            ),
         )
-        queued = GaugeMetricFamily(
-            "fluxmq_cluster_peer_queued_messages", "Messages waiting for the peer.", labels=["peer"]
-        )
-        batches = CounterMetricFamily(
-            "fluxmq_cluster_peer_forwarded_batches", "Batches the peer acknowledged.", labels=["peer"]
-        )
-        messages = CounterMetricFamily(
-            "fluxmq_cluster_peer_forwarded_messages",
-            "Messages in the batches the peer acknowledged.",
-            labels=["peer"],
-        )
-        failures = CounterMetricFamily(
-            "fluxmq_cluster_peer_failures",
-            "Streams to the peer that broke or could not open.",
-            labels=["peer"],
-        )
-        dropped = CounterMetricFamily(
-            "fluxmq_cluster_peer_dropped", "Messages for the peer dropped by its full queue.", labels=["peer"]
-        )
-        for name, st in sorted(peers.items()):
-            up.add_metric([name], 1 if st["reachable"] else 0)
-            queued.add_metric([name], st["queued"])
-            batches.add_metric([name], st["forwarded_batches"])
-            messages.add_metric([name], st["forwarded_messages"])
-            failures.add_metric([name], st["failures"])
-            dropped.add_metric([name], st["dropped"])
-        yield from (up, queued, batches, messages, failures, dropped)
 
     @staticmethod
     def _bridges(bridges: Any) -> Iterator[Metric]:
@@ -299,12 +333,9 @@ class BrokerCollector(Collector):
         yield CounterMetricFamily(
             "fluxmq_network_bytes_sent", "Bytes written to MQTT connections.", value=st.bytes_sent
         )
-        dropped = CounterMetricFamily(
-            "fluxmq_messages_dropped", "Messages dropped, by reason.", labels=["reason"]
+        yield _by_label(
+            CounterMetricFamily, "fluxmq_messages_dropped", "Messages dropped, by reason.", "reason", st.drops
         )
-        for reason, value in sorted(st.drops.items()):
-            dropped.add_metric([reason], value)
-        yield dropped
         budget = st.output_budget
         yield GaugeMetricFamily(
             "fluxmq_output_budget_bytes",
@@ -543,12 +574,13 @@ class BrokerCollector(Collector):
         for code, value in sorted(coap.responses.items()):
             responses.add_metric([f"{code >> 5}.{code & 31:02d}"], value)
         yield responses
-        dropped = CounterMetricFamily(
-            "fluxmq_coap_dropped_datagrams", "CoAP datagrams dropped, by reason.", labels=["reason"]
+        yield _by_label(
+            CounterMetricFamily,
+            "fluxmq_coap_dropped_datagrams",
+            "CoAP datagrams dropped, by reason.",
+            "reason",
+            coap.dropped,
         )
-        for reason, value in sorted(coap.dropped.items()):
-            dropped.add_metric([reason], value)
-        yield dropped
         yield CounterMetricFamily(
             "fluxmq_coap_retransmissions",
             "Duplicate CoAP requests answered from the exchange cache, and CON notifications resent.",

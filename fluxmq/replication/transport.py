@@ -47,8 +47,6 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE, _getAddrType, set_keepalive
 from pysyncobj.transport import TCPTransport
 
-from fluxmq.errors import ConfigError
-
 log = logging.getLogger("fluxmq.replication")
 
 __all__ = ["HubPoller", "RaftTLS", "RaftConnection", "RaftServer", "RaftTransport", "raft_tls"]
@@ -87,7 +85,7 @@ def raft_tls(raft, origin=lambda key: "", warn: bool = True) -> RaftTLS | None:
     tls = raft.tls
     if not tls.enabled:
         return None
-    from fluxmq.transport.tls import TLS_VERSIONS, server_context
+    from fluxmq.transport.tls import TLS_VERSIONS, load_ca_file, readable_file, server_context
 
     def source(leaf: str) -> str:
         return origin(f"{SECTION}.{leaf}")
@@ -97,40 +95,13 @@ def raft_tls(raft, origin=lambda key: "", warn: bool = True) -> RaftTLS | None:
         ("key_file", "a readable PEM private key file"),
         ("ca_file", "a readable PEM CA file (peers' certificates are verified against it)"),
     ):
-        path = getattr(tls, leaf)
-        if not path:
-            raise ConfigError(
-                f"{SECTION}.{leaf}",
-                what,
-                source(leaf),
-                problem=f"is empty; expected {what} ({SECTION}.enabled is true)",
-            )
-        try:
-            with open(path, "rb") as f:
-                f.read(1)
-        except OSError as exc:
-            raise ConfigError(
-                f"{SECTION}.{leaf}",
-                what,
-                source(leaf),
-                got=path,
-                problem=f"cannot read {path!r}: {exc.strerror or exc}",
-            ) from None
+        readable_file(SECTION, leaf, getattr(tls, leaf), source, what, f"{SECTION}.enabled is true")
     # The accepting side: the listeners' context builder (same keys, same errors).
     server = server_context(SECTION, tls, source)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.minimum_version = TLS_VERSIONS[tls.min_version]
     client.load_cert_chain(tls.cert_file, tls.key_file)  # loaded above already: no error left here
-    try:
-        client.load_verify_locations(cafile=tls.ca_file)
-    except ssl.SSLError as exc:
-        raise ConfigError(
-            f"{SECTION}.ca_file",
-            "PEM CA certificates",
-            source("ca_file"),
-            got=tls.ca_file,
-            problem=f"cannot load {tls.ca_file!r}: {exc.reason or exc}",
-        ) from None
+    load_ca_file(client, SECTION, tls.ca_file, source)
     client.check_hostname = True
     client.verify_mode = ssl.CERT_REQUIRED
     if tls.cipher_suites:
@@ -530,13 +501,7 @@ class RaftConnection:
             readable = True  # application data may have come with the end of the handshake
         if readable and not self._decrypt():
             return
-        self._flush()
-        if self._state == CONNECTION_STATE.DISCONNECTED:
-            return
-        if closed:
-            self.disconnect()
-            return
-        self._subscribe()
+        self._settle(closed)
 
     def _on_plain_event(self, event) -> None:
         if not self._secure:  # dialled: the TCP connect completed
@@ -553,6 +518,11 @@ class RaftConnection:
         closed = self._receive() if event & POLL_EVENT_TYPE.READ else False
         if self._read and not self._deliver():
             return
+        self._settle(closed)
+
+    def _settle(self, closed: bool) -> None:
+        """The end of an event (TLS or plain): write what is pending, then disconnect if the peer
+        closed, else wait for the next event."""
         self._flush()
         if self._state == CONNECTION_STATE.DISCONNECTED:
             return

@@ -110,13 +110,17 @@ def _origin(source: str | Origin) -> Origin:
     return source if callable(source) else (lambda leaf: source)
 
 
-def _readable(section: str, leaf: str, path: str, source: Origin, what: str) -> None:
+def readable_file(section: str, leaf: str, path: str, source: Origin, what: str, needed_by: str = "") -> None:
+    """A ``ConfigError`` naming ``section.leaf`` and where it was set unless ``path`` names a file
+    this process can read; ``needed_by`` says what makes the key required (default: the
+    listener's ``section.addr``). The listeners' and Raft's TLS keys are checked alike."""
     if not path:
+        needed_by = needed_by or f"the listener is enabled by {section}.addr"
         raise ConfigError(
             f"{section}.{leaf}",
             what,
             source(leaf),
-            problem=f"is empty; expected {what} (the listener is enabled by {section}.addr)",
+            problem=f"is empty; expected {what} ({needed_by})",
         )
     try:
         with open(path, "rb") as f:
@@ -135,6 +139,21 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     return exc.reason or exc.strerror or str(exc) or type(exc).__name__
 
 
+def load_ca_file(ctx: ssl.SSLContext, section: str, ca_file: str, source: Origin) -> None:
+    """``ctx`` verifies its peers against the CA certificates in ``ca_file`` (``section.ca_file``);
+    a file that holds none is a ``ConfigError`` naming the key and where it was set."""
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{section}.ca_file",
+            "PEM CA certificates",
+            source("ca_file"),
+            got=ca_file,
+            problem=f"cannot load {ca_file!r}: {_ssl_reason(exc)}",
+        ) from None
+
+
 def server_context(
     section: str, cfg, source: str | Origin = "", require_client_cert: bool = False
 ) -> ssl.SSLContext:
@@ -151,8 +170,8 @@ def server_context(
     # security level does not); we do not lower the security level behind the operator's back.
     ctx.minimum_version = TLS_VERSIONS[cfg.min_version]
 
-    _readable(section, "cert_file", cfg.cert_file, source, "a readable PEM certificate file")
-    _readable(section, "key_file", cfg.key_file, source, "a readable PEM private key file")
+    readable_file(section, "cert_file", cfg.cert_file, source, "a readable PEM certificate file")
+    readable_file(section, "key_file", cfg.key_file, source, "a readable PEM private key file")
     try:
         ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
     except ssl.SSLError as exc:
@@ -189,17 +208,8 @@ def server_context(
         )
         mode = "none"
     if mode != "none":
-        _readable(section, "ca_file", cfg.ca_file, source, "a readable PEM CA file")
-        try:
-            ctx.load_verify_locations(cafile=cfg.ca_file)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"{section}.ca_file",
-                "PEM CA certificates",
-                source("ca_file"),
-                got=cfg.ca_file,
-                problem=f"cannot load {cfg.ca_file!r}: {_ssl_reason(exc)}",
-            ) from None
+        readable_file(section, "ca_file", cfg.ca_file, source, "a readable PEM CA file")
+        load_ca_file(ctx, section, cfg.ca_file, source)
         ctx.verify_mode = ssl.CERT_REQUIRED if mode in ("require", "require_any") else ssl.CERT_OPTIONAL
     else:
         ctx.verify_mode = ssl.CERT_NONE

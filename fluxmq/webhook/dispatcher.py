@@ -375,6 +375,16 @@ class WebhookDispatcher(EventSink):
 # -- event data (made on a worker from the arguments the hook queued; docs/webhooks.rst) -------------
 
 
+def _client(client_id, username, peer, protocol_version) -> dict:
+    """The fields that name the client in the connection and auth events."""
+    return {
+        "client_id": client_id,
+        "username": username,
+        "peer": peer,
+        "protocol_version": _version(protocol_version),
+    }
+
+
 def _connected_data(
     client_id,
     username,
@@ -387,10 +397,7 @@ def _connected_data(
     listener,
 ) -> dict:
     return {
-        "client_id": client_id,
-        "username": username,
-        "peer": peer,
-        "protocol_version": _version(protocol_version),
+        **_client(client_id, username, peer, protocol_version),
         "clean_start": clean_start,
         "keepalive": keepalive,
         "session_present": session_present,
@@ -403,10 +410,7 @@ def _disconnected_data(
     client_id, username, peer, protocol_version, reason, will_published, connected_seconds
 ) -> dict:
     return {
-        "client_id": client_id,
-        "username": username,
-        "peer": peer,
-        "protocol_version": _version(protocol_version),
+        **_client(client_id, username, peer, protocol_version),
         "reason": reason,
         "will_published": will_published,
         "connected_seconds": round(connected_seconds, 3),
@@ -414,21 +418,12 @@ def _disconnected_data(
 
 
 def _auth_success_data(client_id, username, peer, protocol_version, method) -> dict:
-    return {
-        "client_id": client_id,
-        "username": username,
-        "peer": peer,
-        "protocol_version": _version(protocol_version),
-        "method": method,
-    }
+    return {**_client(client_id, username, peer, protocol_version), "method": method}
 
 
 def _auth_failure_data(client_id, username, peer, protocol_version, method, reason, reason_code) -> dict:
     return {
-        "client_id": client_id,
-        "username": username,
-        "peer": peer,
-        "protocol_version": _version(protocol_version),
+        **_client(client_id, username, peer, protocol_version),
         "method": method,
         "reason": reason,
         "reason_code": reason_code,

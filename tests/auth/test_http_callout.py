@@ -4,70 +4,18 @@ about passwords sent in clear, and https with a CA file (and a client certificat
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import gevent
 import pytest
 
 from fluxmq.auth.http_callout import ALLOW, DENY, ERROR, DecisionCache, HTTPCallout, sends_in_clear
 from fluxmq.errors import ConfigError
+from tests.auth.http_auth_server import AuthServer
 from tests.certs import CertAuthority
-
-
-class AuthServer:
-    """A tiny auth service: ``decide(doc) -> (status, body)``; records every request it got."""
-
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.requests: list[dict] = []
-        self.delay = 0.0
-        self.decide = lambda doc: (
-            200,
-            {
-                "result": "allow"
-                if doc.get("password") == "good" or doc.get("topic", "").startswith("ok/")
-                else "deny"
-            },
-        )
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(doc)
-                if server.delay:
-                    time.sleep(server.delay)
-                status, body = server.decide(doc)
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        scheme = "http"
-        if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
-            scheme = "https"
-        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/auth"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.session import EXPIRY_NEVER
 from fluxmq.errors import QuotaExceeded
 from tests.broker.test_session import RecordingDelivery
-from tests.storage.test_broker_restore import Node
+from tests.storage.lmdb_node import Node
 
 
 def connect(broker: Broker, cid: str, expiry: int, clean: bool = False):

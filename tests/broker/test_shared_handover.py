@@ -14,7 +14,7 @@ from fluxmq.broker.message import Message
 from fluxmq.broker.session import Session, SessionLimits
 from fluxmq.broker.stats import BrokerStats
 from tests.broker.test_session import RecordingDelivery
-from tests.storage.test_broker_restore import Node
+from tests.storage.lmdb_node import Node
 
 
 @pytest.fixture

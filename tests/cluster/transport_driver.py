@@ -110,22 +110,28 @@ def main() -> int:
     return 0
 
 
-def readded_peer() -> list[str]:
-    """A peer removed and added again (membership): the new link's batches are applied, not taken
-    for retries of the old link's. Receiver: a real ClusterPeers and Broker with one subscriber."""
+def _subscribed_broker():
+    """The receiving node's broker, with one client ``s`` subscribed to ``t``: (broker, its delivery)."""
     from fluxmq.broker.broker import Broker
-    from fluxmq.broker.message import Message
-    from fluxmq.cluster.batch import outgoing
-    from fluxmq.cluster.peers import ClusterPeers
     from tests.broker.test_session import RecordingDelivery
 
-    pa, pb_ = free_port(), free_port()
-    peers = {"a": f"127.0.0.1:{pa}", "b": f"127.0.0.1:{pb_}"}
     broker = Broker()
     session, _ = broker.open_session("s", True, 0)
     delivery = RecordingDelivery()
     broker.attach(session, delivery, 100)
     broker.subscribe(session, "t", 0)
+    return broker, delivery
+
+
+def readded_peer() -> list[str]:
+    """A peer removed and added again (membership): the new link's batches are applied, not taken
+    for retries of the old link's. Receiver: a real ClusterPeers and Broker with one subscriber."""
+    from fluxmq.broker.message import Message
+    from fluxmq.cluster.batch import outgoing
+    from fluxmq.cluster.peers import ClusterPeers
+
+    peers = {"a": f"127.0.0.1:{free_port()}", "b": f"127.0.0.1:{free_port()}"}
+    broker, delivery = _subscribed_broker()
     receiver = ClusterPeers("b", broker, None)
     b = ClusterTransport(
         "b", 5, TransportSettings(bind_addr=peers["b"]), receiver.apply_batch, broker.interest_filters
@@ -153,19 +159,12 @@ def readded_peer() -> list[str]:
 def slow_ack() -> dict:
     """The receiver applies a batch slower than route_publish_timeout: the sender drops the stream,
     re-opens it and sends the batch again; it is delivered once."""
-    from fluxmq.broker.broker import Broker
     from fluxmq.broker.message import Message
     from fluxmq.cluster.batch import outgoing
     from fluxmq.cluster.peers import ClusterPeers
-    from tests.broker.test_session import RecordingDelivery
 
-    pa, pb_ = free_port(), free_port()
-    peers = {"a": f"127.0.0.1:{pa}", "b": f"127.0.0.1:{pb_}"}
-    broker = Broker()
-    session, _ = broker.open_session("s", True, 0)
-    delivery = RecordingDelivery()
-    broker.attach(session, delivery, 100)
-    broker.subscribe(session, "t", 0)
+    peers = {"a": f"127.0.0.1:{free_port()}", "b": f"127.0.0.1:{free_port()}"}
+    broker, delivery = _subscribed_broker()
     receiver = ClusterPeers("b", broker, None)
     slowed = []
 

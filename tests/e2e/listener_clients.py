@@ -19,6 +19,8 @@ import threading
 
 import paho.mqtt.client as mqtt
 
+from tests.e2e.mqttraw import close_socket, new_paho
+
 HOST = "127.0.0.1"
 WAIT = 10.0
 
@@ -40,13 +42,7 @@ class PahoTransportClient:
         protocol: int = mqtt.MQTTv311,
         headers: dict | None = None,
     ) -> None:
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=protocol,
-            transport=transport,
-            reconnect_on_failure=False,
-        )
+        self.client = new_paho(client_id, protocol, transport=transport)
         if transport == "websockets":
             self.client.ws_set_options(path=path, headers=headers)
         if ca_file is not None:
@@ -125,12 +121,7 @@ class PahoTransportClient:
             self._closed.wait(WAIT)
         if self._looping:
             self.client.loop_stop()
-        sock = self.client.socket()
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        close_socket(self.client)
 
     def __enter__(self) -> PahoTransportClient:
         return self

@@ -11,8 +11,6 @@ Every wait is bounded and ends as soon as its condition holds; nothing sleeps a 
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,7 +24,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fluxmq._core import codec as c
 from tests.conftest import NodeFactory, RunningNode
-from tests.e2e.mqttraw import WAIT, ConnectionClosed, RawClient
+from tests.e2e.mqttraw import WAIT, ConnectionClosed, PahoThread, RawClient, new_paho
 from tests.e2e.mqttraw import unique as unique  # re-exported: the 5.0 tests import it from here
 
 
@@ -75,12 +73,6 @@ class Raw5(RawClient):
         if isinstance(packet, c.Connack):
             self.connack = packet
         return packet
-
-    def subscribe(self, packet_id: int, *subs: Any, properties: dict | None = None) -> Any:
-        """SUBSCRIBE (``subs``: Subscription objects or (filter, qos) pairs); returns the SUBACK."""
-        items = [s if isinstance(s, c.Subscription) else c.Subscription(s[0], s[1]) for s in subs]
-        self.send(c.Subscribe(packet_id, items, properties))
-        return self.wait_for(lambda p: isinstance(p, c.Suback) and p.packet_id == packet_id)
 
     def publish(
         self,
@@ -149,62 +141,26 @@ def props(kind: int = PacketTypes.PUBLISH, **values: Any) -> Properties:
     return p
 
 
-class Paho5:
+class Paho5(PahoThread):
     """A paho-mqtt 2.x MQTTv5 client on its own loop thread; bounded waits, no automatic reconnect."""
 
     def __init__(self, node: Any, client_id: str = "", clean_start: bool = True, keepalive: int = 60) -> None:
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=False,
-        )
-        self.node = node
+        super().__init__(node, new_paho(client_id, mqtt.MQTTv5), keepalive)
         self.clean_start = clean_start
-        self.keepalive = keepalive
-        self.messages: queue.Queue = queue.Queue()
         self.connack: tuple | None = None  # (reason code, session present, properties)
-        self.disconnect_reason: Any = None
         self.disconnect_properties: Any = None
-        self._connected = threading.Event()
-        self._disconnected = threading.Event()
-        self._subacks: dict[int, list] = {}
-        self._cond = threading.Condition()
-        cl = self.client
-        cl.on_connect = self._on_connect
-        cl.on_message = self._on_message
-        cl.on_subscribe = self._on_subscribe
-        cl.on_disconnect = self._on_disconnect
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connack = (reason_code, bool(flags.session_present), properties)
         self._connected.set()
 
-    def _on_message(self, client, userdata, msg) -> None:
-        self.messages.put(msg)
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        with self._cond:
-            self._subacks[mid] = list(reason_codes)
-            self._cond.notify_all()
-
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.disconnect_reason = reason_code
         self.disconnect_properties = properties
-        self._disconnected.set()
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
     def connect(self, properties: Properties | None = None, timeout: float = WAIT) -> tuple:
         """Connect and wait for the CONNACK; returns (reason code, session present, properties)."""
-        self.client.connect(
-            self.node.host,
-            self.node.mqtt_port,
-            self.keepalive,
-            clean_start=self.clean_start,
-            properties=properties,
-        )
-        self.client.loop_start()
-        assert self._connected.wait(timeout), "no CONNACK within the bound"
-        return self.connack
+        return self._connect(timeout, clean_start=self.clean_start, properties=properties)
 
     def reconnect(self, node: Any, properties: Properties | None = None, timeout: float = WAIT) -> tuple:
         """Connect again (after ``disconnect``) to ``node``, resuming the session (no Clean Start),
@@ -228,51 +184,13 @@ class Paho5:
         """Subscribe and wait for the SUBACK; returns its reason codes."""
         if options is None:
             options = SubscribeOptions(qos=qos)
-        result, mid = self.client.subscribe(topic, options=options, properties=properties)
-        assert result == mqtt.MQTT_ERR_SUCCESS, result
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while mid not in self._subacks:
-                left = deadline - time.monotonic()
-                assert left > 0, f"no SUBACK for {topic!r} within {timeout}s"
-                self._cond.wait(left)
-            return self._subacks.pop(mid)
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes | str = b"",
-        qos: int = 0,
-        retain: bool = False,
-        properties: Properties | None = None,
-        timeout: float = WAIT,
-    ) -> Any:
-        """Publish and, for QoS 1/2, wait until the broker acknowledged it; returns the MQTTMessageInfo."""
-        info = self.client.publish(topic, payload, qos, retain, properties)
-        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
-        if qos:
-            info.wait_for_publish(timeout)
-            assert info.is_published(), f"QoS {qos} publish to {topic!r} not acknowledged within {timeout}s"
-        return info
-
-    def get(self, timeout: float = WAIT) -> mqtt.MQTTMessage:
-        try:
-            return self.messages.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no message within {timeout}s") from None
+        return self._suback(
+            self.client.subscribe(topic, options=options, properties=properties), topic, timeout
+        )
 
     def until(self, topic: str, timeout: float = WAIT) -> list:
         """Messages received before the first one on ``topic`` (the sentinel pattern)."""
-        deadline = time.monotonic() + timeout
-        before = []
-        while True:
-            msg = self.get(max(0.0, deadline - time.monotonic()))
-            if msg.topic == topic:
-                return before
-            before.append(msg)
-
-    def wait_disconnected(self, timeout: float = WAIT) -> bool:
-        return self._disconnected.wait(timeout)
+        return self.collect_until(topic, timeout)[0]
 
     def disconnect(
         self, reason_code: int = 0, properties: Properties | None = None, timeout: float = WAIT
@@ -282,22 +200,6 @@ class Paho5:
             self.client.disconnect(ReasonCode(PacketTypes.DISCONNECT, identifier=reason_code), properties)
             self._disconnected.wait(timeout)
         self.stop()
-
-    def stop(self) -> None:
-        """End the loop thread and close the socket (no DISCONNECT)."""
-        self.client.loop_stop()
-        sock = self.client.socket()
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-    def __enter__(self) -> Paho5:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.disconnect()
 
 
 def paho5(

@@ -85,9 +85,11 @@ class RawClient:
         )
         return self.expect(c.Connack)
 
-    def subscribe(self, packet_id: int, *filters: tuple[str, int], properties: dict | None = None) -> Any:
-        """SUBSCRIBE to ``(filter, qos)`` pairs and return the SUBACK (other packets stay pending)."""
-        self.send(c.Subscribe(packet_id, [c.Subscription(f, q) for f, q in filters], properties))
+    def subscribe(self, packet_id: int, *subs: Any, properties: dict | None = None) -> Any:
+        """SUBSCRIBE (``subs``: ``(filter, qos)`` pairs or Subscription objects) and return the
+        SUBACK (other packets stay pending)."""
+        items = [s if isinstance(s, c.Subscription) else c.Subscription(s[0], s[1]) for s in subs]
+        self.send(c.Subscribe(packet_id, items, properties))
         return self.wait_for(lambda p: isinstance(p, c.Suback) and p.packet_id == packet_id)
 
     def publish(
@@ -185,6 +187,20 @@ class RawClient:
                 raise AssertionError(f"no packet from the broker within {timeout}s") from None
         return self.pending.popleft()
 
+    def publishes_so_far(self, ack: bool = True) -> list:
+        """The PUBLISH packets the broker sent so far (bounded by a ping round trip: a PINGRESP
+        follows them), each acknowledged if ``ack``."""
+        self.send(c.Pingreq())
+        got = []
+        while True:
+            packet = self.recv()
+            if isinstance(packet, c.Pingresp):
+                return got
+            if isinstance(packet, c.Publish):
+                got.append(packet)
+                if ack:
+                    self.ack(packet)
+
     def expect(self, kind: type, timeout: float = WAIT) -> Any:
         """The next packet, which must be of class ``kind``."""
         packet = self.recv(timeout)
@@ -270,48 +286,53 @@ def end_session(node: Any, client_id: str) -> None:
         client.disconnect()
 
 
-class PahoClient:
-    """A paho-mqtt 2.x client driven by its own loop thread, with bounded waits and a message queue."""
+def new_paho(client_id: str, protocol: int, **kwargs: Any) -> mqtt.Client:
+    """A paho-mqtt 2.x client that never reconnects on its own: a client the broker closed must
+    stay closed. ``kwargs`` go to ``mqtt.Client`` (transport, clean_session)."""
+    return mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=protocol,
+        reconnect_on_failure=False,
+        **kwargs,
+    )
 
-    def __init__(
-        self,
-        node: Any,
-        client_id: str,
-        protocol: int = mqtt.MQTTv311,
-        clean_session: bool = True,
-        keepalive: int = 60,
-    ) -> None:
-        kwargs = {} if protocol == mqtt.MQTTv5 else {"clean_session": clean_session}
-        # reconnect_on_failure=False: a client the broker closed must stay closed.
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=protocol,
-            reconnect_on_failure=False,
-            **kwargs,
-        )
+
+def close_socket(client: mqtt.Client) -> None:
+    """Close a paho client's socket, if it has one (no DISCONNECT)."""
+    sock = client.socket()
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+class PahoThread:
+    """What the paho wrappers share: a paho-mqtt 2.x client driven by its own loop thread, its
+    messages in a queue, its SUBACKs by message id, bounded waits. A subclass sets ``connack`` in
+    ``_on_connect`` and defines ``disconnect``."""
+
+    def __init__(self, node: Any, client: mqtt.Client, keepalive: int) -> None:
+        self.client = client
         self.node = node
-        self.protocol = protocol
-        self.clean = clean_session
         self.keepalive = keepalive
         self.messages: queue.Queue = queue.Queue()
-        self.connack: tuple[ReasonCode, bool] | None = None
+        self.connack: tuple | None = None
         self.disconnect_reason: ReasonCode | None = None
         self._connected = threading.Event()
         self._disconnected = threading.Event()
         self._subacks: dict[int, list] = {}
         self._suback_event = threading.Condition()
-        cl = self.client
-        cl.on_connect = self._on_connect
-        cl.on_message = self._on_message
-        cl.on_subscribe = self._on_subscribe
-        cl.on_disconnect = self._on_disconnect
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
 
     # -- callbacks (paho's thread) -------------------------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connack = (reason_code, bool(flags.session_present))
-        self._connected.set()
+        raise NotImplementedError
 
     def _on_message(self, client, userdata, msg) -> None:
         self.messages.put(msg)
@@ -327,28 +348,16 @@ class PahoClient:
 
     # -- actions ---------------------------------------------------------------------------------
 
-    def set_will(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        self.client.will_set(topic, payload, qos, retain)
-
-    def connect(
-        self, timeout: float = WAIT, clean_start: bool | None = None, properties: Properties | None = None
-    ) -> tuple[ReasonCode, bool]:
-        """Connect and wait for the CONNACK; returns (reason code, session present)."""
-        kwargs: dict = {}
-        if self.protocol == mqtt.MQTTv5:
-            kwargs["clean_start"] = True if clean_start is None else clean_start
-            kwargs["properties"] = properties
+    def _connect(self, timeout: float, **kwargs: Any) -> tuple:
+        """Connect (``kwargs``: paho's clean_start, properties) and wait for the CONNACK."""
         self.client.connect(self.node.host, self.node.mqtt_port, self.keepalive, **kwargs)
         self.client.loop_start()
         assert self._connected.wait(timeout), "no CONNACK within the bound"
         return self.connack
 
-    def subscribe(self, topic: str | list, qos: int = 0, timeout: float = WAIT, **kwargs: Any) -> list:
-        """Subscribe and wait for the SUBACK; returns its reason codes."""
-        if isinstance(topic, list):
-            result, mid = self.client.subscribe(topic, **kwargs)
-        else:
-            result, mid = self.client.subscribe(topic, qos, **kwargs)
+    def _suback(self, subscribed: tuple[int, int], topic: Any, timeout: float) -> list:
+        """The reason codes of the SUBACK of ``subscribed`` (paho's ``subscribe`` result)."""
+        result, mid = subscribed
         assert result == mqtt.MQTT_ERR_SUCCESS, result
         deadline = time.monotonic() + timeout
         with self._suback_event:
@@ -358,24 +367,24 @@ class PahoClient:
                 self._suback_event.wait(left)
             return self._subacks.pop(mid)
 
-    def unsubscribe(self, topic: str) -> None:
-        self.client.unsubscribe(topic)
-
     def publish(
         self,
         topic: str,
         payload: bytes | str = b"",
         qos: int = 0,
         retain: bool = False,
-        timeout: float = WAIT,
+        *,
         properties: Properties | None = None,
-    ) -> None:
-        """Publish and, for QoS 1/2, wait until the broker acknowledged it (PUBACK / PUBCOMP)."""
+        timeout: float = WAIT,
+    ) -> Any:
+        """Publish and, for QoS 1/2, wait until the broker acknowledged it (PUBACK / PUBCOMP);
+        returns the MQTTMessageInfo."""
         info = self.client.publish(topic, payload, qos, retain, properties)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
         if qos:
             info.wait_for_publish(timeout)
             assert info.is_published(), f"QoS {qos} publish to {topic!r} not acknowledged within {timeout}s"
+        return info
 
     def get(self, timeout: float = WAIT) -> mqtt.MQTTMessage:
         """The next message received; AssertionError when none comes within ``timeout``."""
@@ -397,6 +406,63 @@ class PahoClient:
     def wait_disconnected(self, timeout: float = WAIT) -> bool:
         return self._disconnected.wait(timeout)
 
+    def disconnect(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """End the network thread and close the socket (no DISCONNECT if still connected)."""
+        self.client.loop_stop()
+        close_socket(self.client)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.disconnect()
+
+
+class PahoClient(PahoThread):
+    """A paho-mqtt 2.x client driven by its own loop thread, with bounded waits and a message queue."""
+
+    def __init__(
+        self,
+        node: Any,
+        client_id: str,
+        protocol: int = mqtt.MQTTv311,
+        clean_session: bool = True,
+        keepalive: int = 60,
+    ) -> None:
+        kwargs = {} if protocol == mqtt.MQTTv5 else {"clean_session": clean_session}
+        super().__init__(node, new_paho(client_id, protocol, **kwargs), keepalive)
+        self.protocol = protocol
+        self.clean = clean_session
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connack = (reason_code, bool(flags.session_present))
+        self._connected.set()
+
+    def set_will(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.client.will_set(topic, payload, qos, retain)
+
+    def connect(
+        self, timeout: float = WAIT, clean_start: bool | None = None, properties: Properties | None = None
+    ) -> tuple[ReasonCode, bool]:
+        """Connect and wait for the CONNACK; returns (reason code, session present)."""
+        kwargs: dict = {}
+        if self.protocol == mqtt.MQTTv5:
+            kwargs["clean_start"] = True if clean_start is None else clean_start
+            kwargs["properties"] = properties
+        return self._connect(timeout, **kwargs)
+
+    def subscribe(self, topic: str | list, qos: int = 0, timeout: float = WAIT, **kwargs: Any) -> list:
+        """Subscribe and wait for the SUBACK; returns its reason codes."""
+        if isinstance(topic, list):
+            return self._suback(self.client.subscribe(topic, **kwargs), topic, timeout)
+        return self._suback(self.client.subscribe(topic, qos, **kwargs), topic, timeout)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.client.unsubscribe(topic)
+
     @property
     def is_connected(self) -> bool:
         return self._connected.is_set() and not self._disconnected.is_set()
@@ -407,22 +473,6 @@ class PahoClient:
             self.client.disconnect()
             self._disconnected.wait(timeout)
         self.stop()
-
-    def stop(self) -> None:
-        """End the network thread and close the socket (no DISCONNECT if still connected)."""
-        self.client.loop_stop()
-        sock = self.client.socket()
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-    def __enter__(self) -> PahoClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.disconnect()
 
 
 def paho_connected(

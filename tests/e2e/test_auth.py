@@ -4,21 +4,19 @@ without the password, reload on SIGHUP, a bad file at start, and the HTTP callou
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from fluxmq._core import codec as c
+from tests.auth.http_auth_server import AuthServer
 from tests.certs import CertAuthority
 from tests.conftest import REPO_ROOT, NodeFactory, RunningNode
 from tests.e2e.mqttraw import RawClient, unique, wait_until
@@ -138,51 +136,22 @@ def test_bad_password_file_stops_the_node_with_one_line(tmp_path: Path) -> None:
 # -- HTTP callout -----------------------------------------------------------------------------------
 
 
-class AuthService:
-    """The auth service the node calls: alice/good may connect; topics under ok/ are allowed."""
+class AuthService(AuthServer):
+    """The auth service the node calls: alice/good may connect; topics under ok/ are allowed;
+    ``broken``: every answer is a 503."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.requests: list[dict] = []
+        super().__init__(tls, path="/mqtt/auth")
         self.broken = False
-        svc = self
+        self.decide = self._decide
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                svc.requests.append(doc)
-                if svc.broken:
-                    status, body = 503, {}
-                elif doc["action"] == "connect":
-                    ok = doc.get("username") == "alice" and doc.get("password") == "good"
-                    status, body = 200, {"result": "allow" if ok else "deny"}
-                else:
-                    status, body = 200, {"result": "allow" if doc["topic"].startswith("ok/") else "deny"}
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        scheme = "http"
-        if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
-            scheme = "https"
-        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/mqtt/auth"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def count(self, action: str) -> int:
-        return sum(1 for r in self.requests if r["action"] == action)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _decide(self, doc: dict) -> tuple[int, dict]:
+        if self.broken:
+            return 503, {}
+        if doc["action"] == "connect":
+            ok = doc.get("username") == "alice" and doc.get("password") == "good"
+            return 200, {"result": "allow" if ok else "deny"}
+        return 200, {"result": "allow" if doc["topic"].startswith("ok/") else "deny"}
 
 
 @pytest.fixture(scope="module")

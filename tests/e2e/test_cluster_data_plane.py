@@ -87,17 +87,23 @@ def cluster3(tmp_path_factory):
         factory.close()
 
 
-@pytest.mark.parametrize("qos", [0, 1, 2])
-def test_cross_node_publish_at_each_qos(cluster3, qos: int) -> None:
-    n1, n2, _n3 = cluster3
+def crosses_at_qos(publisher: RunningNode, subscriber: RunningNode, qos: int) -> None:
+    """20 messages published at ``qos`` on ``publisher`` reach a QoS 2 subscriber on
+    ``subscriber``, in order, at ``qos``."""
     topic = unique("cx/qos")
-    with paho5(n2, unique("sub")) as sub, paho5(n1, unique("pub")) as pub:
+    with paho5(subscriber, unique("sub")) as sub, paho5(publisher, unique("pub")) as pub:
         assert sub.subscribe(topic, 2)[0].value == 2
         for i in range(20):
             pub.publish(topic, f"m{i}".encode(), qos)
         got = [sub.get(WAIT) for _ in range(20)]
     assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
     assert {m.qos for m in got} == {qos}
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_cross_node_publish_at_each_qos(cluster3, qos: int) -> None:
+    n1, n2, _n3 = cluster3
+    crosses_at_qos(n1, n2, qos)
     text = metrics(n2)  # n2 counts a batch in the loop turn that delivers it: before it answers this
     assert float(re.search(r"^fluxmq_cluster_received_messages(?:_total)? (\S+)$", text, re.M).group(1)) >= 20
     # n1 counts them when n2's acknowledgement arrives: it may still be on its way
@@ -261,33 +267,6 @@ def test_nodes_talk_over_mutual_tls_and_refuse_a_foreign_certificate(node_factor
     assert metric(metrics(intruder), "fluxmq_cluster_peer_forwarded_batches", "t1") == 0
 
 
-def restart(factory: NodeFactory, node: RunningNode) -> RunningNode:
-    """Start ``node``'s config again (same data directory, ports and node id) after it stopped."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO_ROOT
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    log_path = node.log_path.with_name("node-restarted.log")
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
-    factory.nodes.append(again)
-    again.wait_ready()
-    return again
-
-
 def test_messages_for_a_killed_peer_wait_in_its_queue_and_arrive_after_it_restarts(node_factory) -> None:
     """k2 is killed (SIGKILL) and restarted on its data: k1 kept what it forwarded meanwhile (within
     the queue bound), re-opens the stream (new epoch on k2's side) and delivers it to k2's restored
@@ -305,7 +284,7 @@ def test_messages_for_a_killed_peer_wait_in_its_queue_and_arrive_after_it_restar
         k2.kill()
         for i in range(100):
             pub.publish(topic, str(i).encode(), 1)
-        k2 = restart(node_factory, k2)
+        k2 = node_factory.restart(k2)
         wait_peers([k1, k2], 1)
         pub.publish(topic, b"after", 1)
     with paho5(k2, "restart-sub", connect, clean_start=False) as again:

@@ -10,7 +10,6 @@ etcd restart test runs two nodes of its own on a private etcd.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import threading
@@ -24,13 +23,14 @@ import pytest
 from fluxmq._core import codec as c
 from tests.conftest import HOST, NodeFactory, RunningNode, free_port
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
+from tests.e2e.test_cluster_data_plane import crosses_at_qos
 from tests.e2e.test_cluster_data_plane import (
     test_publish_properties_arrive_intact_across_nodes as _properties_across_nodes,
 )
 from tests.e2e.test_cluster_data_plane import (
     test_shared_group_over_three_nodes_gets_each_message_once as _shared_group_once,
 )
-from tests.etcd import start_etcd
+from tests.etcd import etcd_get, start_etcd
 
 pytestmark = pytest.mark.e2e
 
@@ -85,15 +85,8 @@ class Cluster:
 
     def value(self, key: str) -> str | None:
         """The value of ``key`` under the cluster's prefix (read with etcd's JSON gateway)."""
-        key = base64.b64encode(f"{self.prefix}{key}".encode()).decode()
-        req = urllib.request.Request(
-            f"{self.endpoint}/v3/kv/range",
-            data=json.dumps({"key": key}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            kvs = json.loads(resp.read()).get("kvs", [])
-        return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+        value = etcd_get(self.endpoint, f"{self.prefix}{key}")
+        return None if value is None else value.decode()
 
 
 def nominal(node: RunningNode, peers: int) -> bool:
@@ -129,14 +122,7 @@ def cluster(etcd_server, tmp_path_factory):
 def test_cross_node_qos_with_etcd_membership(cluster, qos: int) -> None:
     """No static peers: the nodes learned each other's transport from etcd."""
     e1, e2 = cluster.nodes["e1"], cluster.nodes["e2"]
-    topic = unique("ex/qos")
-    with paho5(e2, unique("sub")) as sub, paho5(e1, unique("pub")) as pub:
-        assert sub.subscribe(topic, 2)[0].value == 2
-        for i in range(20):
-            pub.publish(topic, f"m{i}".encode(), qos)
-        got = [sub.get(WAIT) for _ in range(20)]
-    assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
-    assert {m.qos for m in got} == {qos}
+    crosses_at_qos(e1, e2, qos)
     status = e1.http_get("/cluster/status")[1]
     assert status["cluster_mode"] is True and status["node_id"] == "e1"
     assert {m["node_id"]: m["reachable"] for m in status["members"]} == {"e1": True, "e2": True, "e3": True}

@@ -10,8 +10,6 @@ with ``on_worker`` (``$SYS/broker/worker`` names the member a client is connecte
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import re
 import signal
@@ -27,6 +25,7 @@ from tests.conftest import HOST, NodeFactory, RunningNode, free_port
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
 from tests.e2e.mqttraw import unsubscribed
 from tests.e2e.test_workers import on_worker, worker_of
+from tests.etcd import etcd_get
 
 pytestmark = pytest.mark.e2e
 
@@ -59,15 +58,8 @@ def two_free_ports() -> int:
 
 def owner(endpoint: str, prefix: str, client_id: str) -> str | None:
     """The member etcd names as the owner of ``client_id``."""
-    key = base64.b64encode(f"{prefix}sessions/{client_id}/owner".encode()).decode()
-    req = urllib.request.Request(
-        f"{endpoint}/v3/kv/range",
-        data=json.dumps({"key": key}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        kvs = json.loads(resp.read()).get("kvs", [])
-    return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+    value = etcd_get(endpoint, f"{prefix}sessions/{client_id}/owner")
+    return None if value is None else value.decode()
 
 
 def whole(node: RunningNode) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 
 from fluxmq._core import codec as c
-from tests.e2e.mqtt5raw import Raw5, disconnect_of, module_node, paho5, props, raw5, unique
+from tests.e2e.mqtt5raw import disconnect_of, module_node, paho5, props, raw5, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -17,18 +17,6 @@ pytestmark = pytest.mark.e2e
 def node(tmp_path_factory):
     with module_node(tmp_path_factory) as n:  # broker.max_inflight 100 = the Receive Maximum announced
         yield n
-
-
-def pending_publishes(client: Raw5) -> list:
-    """PUBLISH packets sent to ``client`` so far (a ping round trip bounds the wait); not acknowledged."""
-    client.send(c.Pingreq())
-    got = []
-    while True:
-        packet = client.recv()
-        if isinstance(packet, c.Pingresp):
-            return got
-        if isinstance(packet, c.Publish):
-            got.append(packet)
 
 
 def publish_qos(node, topic: str, qos_list: list[int]) -> None:
@@ -52,7 +40,7 @@ def test_never_more_in_flight_than_receive_maximum_MQTT_3_3_4_9(node, qos: int) 
     try:
         sub.subscribe(1, (topic, 2))
         publish_qos(node, topic, [qos] * 8)
-        window = pending_publishes(sub)
+        window = sub.publishes_so_far(ack=False)
         assert [p.payload for p in window] == [b"1", b"2", b"3"]
         received = list(window)
         while len(received) < 8:
@@ -60,11 +48,11 @@ def test_never_more_in_flight_than_receive_maximum_MQTT_3_3_4_9(node, qos: int) 
             if qos == 2:
                 sub.send(c.Pubrec(oldest.packet_id))
                 sub.wait_for(lambda p, pid=oldest.packet_id: isinstance(p, c.Pubrel) and p.packet_id == pid)
-                assert pending_publishes(sub) == []  # PUBREC alone does not free the slot
+                assert sub.publishes_so_far(ack=False) == []  # PUBREC alone does not free the slot
                 sub.send(c.Pubcomp(oldest.packet_id))
             else:
                 sub.send(c.Puback(oldest.packet_id))
-            more = pending_publishes(sub)
+            more = sub.publishes_so_far(ack=False)
             assert len(more) == 1
             window += more
             received += more
@@ -81,7 +69,7 @@ def test_other_packets_flow_while_the_window_is_full_MQTT_3_3_4_10(node) -> None
     try:
         sub.subscribe(1, (topic, 1))
         publish_qos(node, topic, [1, 1])
-        assert len(pending_publishes(sub)) == 1
+        assert len(sub.publishes_so_far(ack=False)) == 1
         assert sub.subscribe(2, (topic + "/x", 0)).reason_codes == [0]
     finally:
         sub.disconnect()
@@ -94,9 +82,9 @@ def test_pubrec_error_frees_the_slot_MQTT_4_9_0_2(node) -> None:
     try:
         sub.subscribe(1, (topic, 2))
         publish_qos(node, topic, [2, 2])
-        (first,) = pending_publishes(sub)
+        (first,) = sub.publishes_so_far(ack=False)
         sub.send(c.Pubrec(first.packet_id, 0x80))
-        (second,) = pending_publishes(sub)
+        (second,) = sub.publishes_so_far(ack=False)
         assert second.payload == b"2"
         sub.ack(second)
     finally:

@@ -23,20 +23,6 @@ def sync(client: Raw5) -> None:
     client.wait_for(lambda p: isinstance(p, c.Pingresp))
 
 
-def drain(client: Raw5, ack: bool = True) -> list:
-    """PUBLISH packets already sent to ``client`` (bounded by a ping round trip); acknowledged if ``ack``."""
-    client.send(c.Pingreq())
-    got = []
-    while True:
-        packet = client.recv()
-        if isinstance(packet, c.Pingresp):
-            return got
-        if isinstance(packet, c.Publish):
-            got.append(packet)
-            if ack:
-                client.ack(packet)
-
-
 def publish_all(node, topic: str, payloads: list[bytes], qos: int = 1) -> None:
     pub = raw5(node, unique("sh-pub"))
     try:
@@ -58,7 +44,7 @@ def test_round_robin_alternates_and_delivers_each_message_once(node) -> None:
             assert client.subscribe(1, (f"$share/{group}/{topic}", 1)).reason_codes == [1]
         payloads = [str(i).encode() for i in range(10)]
         publish_all(node, topic, payloads)
-        got_a, got_b = drain(a), drain(b)
+        got_a, got_b = a.publishes_so_far(), b.publishes_so_far()
         assert sorted(p.payload for p in got_a + got_b) == sorted(payloads)
         assert len(got_a) == len(got_b) == 5
     finally:
@@ -78,7 +64,7 @@ def test_shared_works_for_3_1_1_and_paho_members(node) -> None:
         new.subscribe(f"$share/{group}/{topic}", 1)
         payloads = [str(i).encode() for i in range(6)]
         publish_all(node, topic, payloads)
-        got_old = drain(old)
+        got_old = old.publishes_so_far()
         got_new = [new.get() for _ in range(6 - len(got_old))]
         assert sorted([p.payload for p in got_old] + [m.payload for m in got_new]) == sorted(payloads)
         assert got_old and got_new
@@ -100,10 +86,10 @@ def test_offline_member_is_skipped(node) -> None:
         b.subscribe(1, (f"$share/{group}/{topic}", 1))
         payloads = [str(i).encode() for i in range(6)]
         publish_all(node, topic, payloads)
-        assert sorted(p.payload for p in drain(b)) == sorted(payloads)
+        assert sorted(p.payload for p in b.publishes_so_far()) == sorted(payloads)
         again = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 0})
         assert again.connack.session_present
-        assert drain(again) == []
+        assert again.publishes_so_far() == []
         again.disconnect()
     finally:
         b.disconnect()
@@ -119,16 +105,16 @@ def test_full_member_is_skipped(node) -> None:
         for client in (a, b):
             client.subscribe(1, (f"$share/{group}/{topic}", 1))
         publish_all(node, topic, [b"first"])
-        first_to_a = drain(a, ack=False)
+        first_to_a = a.publishes_so_far(ack=False)
         if not first_to_a:  # it went to b: send one more so a holds one
-            drain(b)
+            b.publishes_so_far()
             publish_all(node, topic, [b"second"])
-            first_to_a = drain(a, ack=False)
+            first_to_a = a.publishes_so_far(ack=False)
         assert len(first_to_a) == 1
         payloads = [f"m{i}".encode() for i in range(6)]
         publish_all(node, topic, payloads)
-        assert sorted(p.payload for p in drain(b)) == sorted(payloads)
-        assert drain(a, ack=False) == []
+        assert sorted(p.payload for p in b.publishes_so_far()) == sorted(payloads)
+        assert a.publishes_so_far(ack=False) == []
     finally:
         a.disconnect()
         b.disconnect()
@@ -145,7 +131,7 @@ def test_leaving_member_hands_its_unacknowledged_qos1_to_another(node) -> None:
             client.subscribe(1, (f"$share/{group}/{topic}", 1))
         payloads = [str(i).encode() for i in range(6)]
         publish_all(node, topic, payloads)
-        held = drain(a, ack=False)
+        held = a.publishes_so_far(ack=False)
         assert held
         a.close()  # no DISCONNECT, no PUBACK
         got_b = [b.expect(c.Publish) for _ in range(6)]
@@ -165,7 +151,7 @@ def test_leaving_member_hands_its_queued_messages_to_another(node) -> None:
     a.subscribe(1, (f"$share/{group}/{topic}", 2))
     publish_all(node, topic, [b"q1", b"q2"], qos=1)
     publish_all(node, topic, [b"q3"], qos=2)
-    held = drain(a, ack=False)
+    held = a.publishes_so_far(ack=False)
     assert [p.payload for p in held] == [b"q1"]
     b = raw5(node, unique("queued-b"))
     try:
@@ -188,7 +174,7 @@ def test_persistent_member_hands_its_stored_queue_to_an_online_member(node) -> N
     a = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 300, c.RECEIVE_MAXIMUM: 1})
     a.subscribe(1, (f"$share/{group}/{topic}", 1))
     publish_all(node, topic, [b"p1", b"p2", b"p3"])
-    assert [p.payload for p in drain(a, ack=False)] == [b"p1"]
+    assert [p.payload for p in a.publishes_so_far(ack=False)] == [b"p1"]
     b = raw5(node, unique("pq-b"))
     try:
         b.subscribe(1, (f"$share/{group}/{topic}", 1))
@@ -198,7 +184,7 @@ def test_persistent_member_hands_its_stored_queue_to_an_online_member(node) -> N
             b.ack(p)
         assert [p.payload for p in got] == [b"p1", b"p2", b"p3"]
         again = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 0})
-        assert again.connack.session_present and drain(again) == []
+        assert again.connack.session_present and again.publishes_so_far() == []
         again.disconnect()
     finally:
         b.disconnect()
@@ -213,7 +199,7 @@ def test_sent_qos2_stays_with_a_persistent_member_MQTT_4_8_2_5(node) -> None:
     a = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 300})
     a.subscribe(1, (f"$share/{group}/{topic}", 2))
     publish_all(node, topic, [b"only-a"], qos=2)
-    assert [p.payload for p in drain(a, ack=False)] == [b"only-a"]
+    assert [p.payload for p in a.publishes_so_far(ack=False)] == [b"only-a"]
     b = raw5(node, unique("q2-b"))
     b.subscribe(1, (f"$share/{group}/{topic}", 2))
     a.close()
@@ -223,7 +209,7 @@ def test_sent_qos2_stays_with_a_persistent_member_MQTT_4_8_2_5(node) -> None:
         assert (resent.payload, resent.qos, resent.dup) == (b"only-a", 2, True)
         again.ack(resent)
         again.disconnect()
-        assert drain(b) == []
+        assert b.publishes_so_far() == []
     finally:
         b.disconnect()
 
@@ -237,7 +223,7 @@ def test_sent_qos2_of_an_ending_session_goes_to_nobody_else_MQTT_4_8_2_5(node) -
     a.subscribe(1, (f"$share/{group}/{topic}", 2))
     publish_all(node, topic, [b"two"], qos=2)
     publish_all(node, topic, [b"one"], qos=1)
-    assert sorted(p.payload for p in drain(a, ack=False)) == [b"one", b"two"]
+    assert sorted(p.payload for p in a.publishes_so_far(ack=False)) == [b"one", b"two"]
     b = raw5(node, unique("q2end-b"))
     try:
         b.subscribe(1, (f"$share/{group}/{topic}", 2))
@@ -245,7 +231,7 @@ def test_sent_qos2_of_an_ending_session_goes_to_nobody_else_MQTT_4_8_2_5(node) -
         moved = b.expect(c.Publish)
         b.ack(moved)
         assert (moved.payload, moved.qos) == (b"one", 1)
-        assert drain(b) == []
+        assert b.publishes_so_far() == []
     finally:
         b.disconnect()
 
@@ -259,9 +245,9 @@ def test_shared_subscription_gets_no_retained_messages_and_carries_its_identifie
     a = raw5(node, unique("ret-a"))
     try:
         a.subscribe(1, (f"$share/{unique('g')}/{topic}", 1), properties={c.SUBSCRIPTION_IDENTIFIER: [42]})
-        assert drain(a) == []
+        assert a.publishes_so_far() == []
         pub.publish(topic, b"live", 1, packet_id=2)
-        (got,) = drain(a)
+        (got,) = a.publishes_so_far()
         assert (got.payload, got.retain, got.properties[c.SUBSCRIPTION_IDENTIFIER]) == (b"live", False, [42])
     finally:
         pub.publish(topic, b"", 1, retain=True, packet_id=3)
@@ -278,7 +264,7 @@ def test_random_strategy_delivers_each_message_once(node_factory) -> None:
             m.subscribe(1, (f"$share/g/{topic}", 1))
         payloads = [str(i).encode() for i in range(40)]
         publish_all(n, topic, payloads)
-        got = [drain(m) for m in members]
+        got = [m.publishes_so_far() for m in members]
         assert sorted(p.payload for g in got for p in g) == sorted(payloads)
         assert all(got), "40 random picks all went to one member"
     finally:
@@ -298,8 +284,8 @@ def test_least_inflight_prefers_the_member_with_fewer_unacknowledged(node_factor
         received = {"slow": [], "fast": []}
         for i in range(8):
             pub.publish(topic, str(i).encode(), 1, packet_id=i + 1)
-            received["slow"] += drain(slow, ack=False)
-            received["fast"] += drain(fast)  # acknowledged after drain's ping went out, so:
+            received["slow"] += slow.publishes_so_far(ack=False)
+            received["fast"] += fast.publishes_so_far()  # acknowledged after drain's ping went out, so:
             fast.send(c.Pingreq())  # a second round trip on the same connection: the broker has
             fast.expect(c.Pingresp)  # handled the PUBACK before the next PUBLISH is even sent
         assert len(received["slow"]) == 1 and len(received["fast"]) == 7
@@ -320,7 +306,7 @@ def test_persistent_members_long_queue_is_handed_over_in_steps_each_message_once
     a.subscribe(1, (f"$share/{group}/{topic}", 1))
     payloads = [str(i).encode() for i in range(count)]
     publish_all(node, topic, payloads)
-    assert [p.payload for p in drain(a, ack=False)] == [b"0"]
+    assert [p.payload for p in a.publishes_so_far(ack=False)] == [b"0"]
     b = raw5(node, unique("long-b"))
     try:
         b.subscribe(1, (f"$share/{group}/{topic}", 1))
@@ -331,9 +317,9 @@ def test_persistent_members_long_queue_is_handed_over_in_steps_each_message_once
             b.ack(packet)
             got.append(packet.payload)
         assert got == payloads
-        assert drain(b) == []
+        assert b.publishes_so_far() == []
         again = raw5(node, cid, clean_start=False, properties={c.SESSION_EXPIRY_INTERVAL: 0})
-        assert again.connack.session_present and drain(again) == []
+        assert again.connack.session_present and again.publishes_so_far() == []
         again.disconnect()
     finally:
         b.disconnect()

@@ -8,7 +8,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fluxmq._core import codec as c
-from tests.e2e.mqtt5raw import Raw5, disconnect_of, module_node, paho5, props, raw5, unique
+from tests.e2e.mqtt5raw import disconnect_of, module_node, paho5, props, raw5, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -19,19 +19,6 @@ SUBID = c.SUBSCRIPTION_IDENTIFIER
 def node(tmp_path_factory):
     with module_node(tmp_path_factory) as n:
         yield n
-
-
-def publishes(client: Raw5) -> list:
-    """PUBLISH packets already sent to ``client`` (bounded by a ping round trip), acknowledged."""
-    client.send(c.Pingreq())
-    got = []
-    while True:
-        packet = client.recv()
-        if isinstance(packet, c.Pingresp):
-            return got
-        if isinstance(packet, c.Publish):
-            got.append(packet)
-            client.ack(packet)
 
 
 def test_no_local_MQTT_3_8_3_3(node) -> None:
@@ -45,8 +32,8 @@ def test_no_local_MQTT_3_8_3_3(node) -> None:
         other.subscribe(1, (topic + "/#", 1))
         me.publish(topic + "/nl", b"mine", 1, packet_id=1)
         me.publish(topic + "/all", b"echo", 1, packet_id=2)
-        assert [(p.topic, p.payload) for p in publishes(me)] == [(topic + "/all", b"echo")]
-        assert [p.payload for p in publishes(other)] == [b"mine", b"echo"]
+        assert [(p.topic, p.payload) for p in me.publishes_so_far()] == [(topic + "/all", b"echo")]
+        assert [p.payload for p in other.publishes_so_far()] == [b"mine", b"echo"]
     finally:
         me.disconnect()
         other.disconnect()
@@ -63,7 +50,7 @@ def test_no_local_overlapping_subscription_still_delivers(node) -> None:
         assert ack.reason_codes == [2, 1]
         me.publish(topic, b"x", 2, packet_id=1)
         me.send(c.Pubrel(1))
-        got = publishes(me)
+        got = me.publishes_so_far()
         assert [(p.payload, p.qos) for p in got] == [(b"x", 1)]
     finally:
         me.disconnect()
@@ -85,10 +72,10 @@ def test_retain_as_published_MQTT_3_3_1_12(node, rap: bool) -> None:
     try:
         sub.subscribe(1, c.Subscription(topic, 1, retain_as_published=rap))
         pub.publish(topic, b"r", 1, retain=True, packet_id=1)
-        (live,) = publishes(sub)
+        (live,) = sub.publishes_so_far()
         assert live.retain is rap
         sub.subscribe(2, c.Subscription(topic, 1, retain_as_published=rap))
-        (again,) = publishes(sub)
+        (again,) = sub.publishes_so_far()
         assert again.retain is True
     finally:
         pub.publish(topic, b"", 1, retain=True, packet_id=2)
@@ -109,9 +96,9 @@ def test_retain_handling_MQTT_3_3_1_9_to_11(node) -> None:
         for rh, f in ((0, topic), (1, base + "/+"), (2, base + "/#")):
             first = client.subscribe(10 + rh, c.Subscription(f, 1, retain_handling=rh))
             assert first.reason_codes == [1]
-            n_first = len(publishes(client))
+            n_first = len(client.publishes_so_far())
             client.subscribe(20 + rh, c.Subscription(f, 1, retain_handling=rh))
-            n_again = len(publishes(client))
+            n_again = len(client.publishes_so_far())
             counts[rh] = (n_first, n_again)
             client.send(c.Unsubscribe(30 + rh, [f]))
             client.expect(c.Unsuback)
@@ -133,11 +120,11 @@ def test_subscription_identifier_on_matching_publishes_MQTT_3_3_4_3(node) -> Non
         client.subscribe(2, (topic + "/b", 1))
         pub.publish(topic + "/a", b"1", 1, packet_id=1)
         pub.publish(topic + "/b", b"2", 1, packet_id=2)
-        got = publishes(client)
+        got = client.publishes_so_far()
         assert [(p.payload, p.properties.get(SUBID)) for p in got] == [(b"1", [7]), (b"2", None)]
         client.subscribe(3, (topic + "/a", 1), properties={SUBID: 268435455})
         pub.publish(topic + "/a", b"3", 1, packet_id=3)
-        assert [p.properties[SUBID] for p in publishes(client)] == [[268435455]]
+        assert [p.properties[SUBID] for p in client.publishes_so_far()] == [[268435455]]
     finally:
         client.disconnect()
         pub.disconnect()
@@ -156,7 +143,7 @@ def test_several_matching_subscriptions_give_all_identifiers_in_one_publish_MQTT
         client.subscribe(3, (base + "/+", 1))
         pub.publish(topic, b"m", 2, packet_id=1)
         pub.send(c.Pubrel(1))
-        (got,) = publishes(client)
+        (got,) = client.publishes_so_far()
         assert got.qos == 2 and sorted(got.properties[SUBID]) == [1, 2]
     finally:
         client.disconnect()
@@ -170,7 +157,7 @@ def test_retained_delivery_carries_the_subscription_identifier(node) -> None:
     client = raw5(node, unique("so-retid"))
     try:
         client.subscribe(1, (topic, 1), properties={SUBID: [99]})
-        (got,) = publishes(client)
+        (got,) = client.publishes_so_far()
         assert (got.retain, got.properties[SUBID]) == (True, [99])
     finally:
         pub.publish(topic, b"", 1, retain=True, packet_id=2)

@@ -11,20 +11,19 @@ The nodes share the session's etcd (``etcd_server``) under a key prefix of their
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import os
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 
 from tests.conftest import REPO_ROOT, free_port
 from tests.e2e.test_raft_members import ENV, _admin, _wait
-from tests.e2e.test_replication import QUEUE, _publish_acked, _restart, raft_status, wait_all_know_leader
+from tests.e2e.test_replication import QUEUE, _publish_acked, raft_status, wait_all_know_leader
 from tests.e2e.test_replication_etcd import EtcdRaftCluster, publish_outcomes
+from tests.etcd import etcd_get, etcd_put
 
 pytestmark = pytest.mark.e2e
 
@@ -33,22 +32,13 @@ PATH = "/cluster/raft/groups/default/members"
 
 def _record(endpoint: str, prefix: str) -> dict:
     """``{prefix}raft/members`` as etcd holds it (etcd's v3 JSON gateway)."""
-    key = base64.b64encode((prefix + "raft/members").encode()).decode()
-    req = urllib.request.Request(f"{endpoint}/v3/kv/range", data=json.dumps({"key": key}).encode())
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        kvs = json.loads(resp.read()).get("kvs") or []
-    return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else {}
+    value = etcd_get(endpoint, prefix + "raft/members")
+    return {} if value is None else json.loads(value)
 
 
 def _put_record(endpoint: str, prefix: str, doc: dict) -> None:
     """Write ``{prefix}raft/members`` (as a write that failed would have left it)."""
-    key = base64.b64encode((prefix + "raft/members").encode()).decode()
-    value = base64.b64encode(json.dumps(doc).encode()).decode()
-    req = urllib.request.Request(
-        f"{endpoint}/v3/kv/put", data=json.dumps({"key": key, "value": value}).encode()
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        resp.read()
+    etcd_put(endpoint, prefix + "raft/members", json.dumps(doc).encode())
 
 
 def _raft_member(node, *args: str) -> tuple[int, str, str]:
@@ -130,7 +120,7 @@ def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factor
 
     # Restarted, it is a member from the record (still no static peers): its replica runs again.
     late.stop()
-    late = _restart(node_factory, late)
+    late = node_factory.restart(late)
     back = _wait(
         "the restarted node's replica",
         lambda: (st := raft_status(late)) is not None and st.get("leader") and st["queues"] and st,

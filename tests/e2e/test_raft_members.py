@@ -13,7 +13,8 @@ import time
 
 from tests.conftest import free_port
 from tests.e2e.test_http_bridge import http_request
-from tests.e2e.test_replication import QUEUE, _publish_acked, _raft_config, _restart, raft_status, wait_leader
+from tests.e2e.test_replication import QUEUE, _publish_acked, _raft_config, raft_status, wait_leader
+from tests.etcd import etcd_get
 
 TOKEN = "members-token"
 ENV = {"FLUXMQ_ADMIN_TOKEN": TOKEN}
@@ -120,7 +121,7 @@ def test_a_dead_member_is_replaced_through_the_admin_api(node_factory) -> None:
 
     # the old leader comes back on its config as it was (peers naming the dead node): its journal
     # holds the changes, so it rejoins the new set and catches up
-    back = _restart(node_factory, nodes[leader])
+    back = node_factory.restart(nodes[leader])
     caught = _wait(
         "the restarted member holding all 500 records",
         lambda: (s := raft_status(back)) is not None and s["queues"].get(QUEUE, {}).get("count") == 500 and s,
@@ -130,16 +131,8 @@ def test_a_dead_member_is_replaced_through_the_admin_api(node_factory) -> None:
 
 def _etcd_members(endpoint: str, prefix: str) -> dict:
     """The ``raft/members`` record in etcd (its JSON gateway)."""
-    import base64
-    import urllib.request
-
-    key = base64.b64encode(f"{prefix}raft/members".encode()).decode()
-    req = urllib.request.Request(
-        f"{endpoint}/v3/kv/range", json.dumps({"key": key}).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        kvs = json.loads(resp.read()).get("kvs", [])
-    return json.loads(base64.b64decode(kvs[0]["value"]))["members"] if kvs else {}
+    value = etcd_get(endpoint, f"{prefix}raft/members")
+    return {} if value is None else json.loads(value)["members"]
 
 
 def test_a_member_change_on_etcd_membership_is_recorded_for_the_next_start(node_factory, etcd_server) -> None:
@@ -180,7 +173,7 @@ def test_a_member_change_on_etcd_membership_is_recorded_for_the_next_start(node_
 
     for n in (nodes[leader], nodes[other], new):
         n.stop()
-    back = [_restart(node_factory, n) for n in (nodes[leader], nodes[other], new)]
+    back = [node_factory.restart(n) for n in (nodes[leader], nodes[other], new)]
     now = wait_all_know_leader(back)
     for n in back:
         assert sorted(raft_status(n)["peers"]) == sorted(after), raft_status(n)

@@ -587,39 +587,14 @@ def test_config_errors_name_the_key_and_the_file(node_factory, text: str, key: s
     assert key in log_text and str(node.config_path) in log_text, node.log_tail()
 
 
-def _restart(node_factory, node):
-    """Start the node again on its config and data directory (a new log file)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO_ROOT, RunningNode
-
-    log_path = node.log_path.with_name(f"node-restarted-{len(node_factory.nodes)}.log")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(node.config_path)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    again = RunningNode(process, node.config, node.config_path, node.data_dir, log_path)
-    again.raft_addr = node.raft_addr
-    node_factory.nodes.append(again)
-    again.wait_ready()
-    return again
-
-
-def _publish_acked(node, name: str, n: int, prefix: bytes) -> int:
+def _publish_acked(node, name: str, n: int, prefix: bytes, queue: str = QUEUE) -> int:
+    """``n`` QoS 1 messages (``prefix`` and a number) to ``$queue/{queue}/k`` from a new client
+    ``name``: how many the node acknowledged with success within 30 s."""
     c = client5(node, name)
     codes: list = []
     c.on_publish = lambda cl, u, mid, rc, props: codes.append(rc)
     for i in range(n):
-        c.publish(f"$queue/{QUEUE}/k", prefix + b"%d" % i, qos=1)
+        c.publish(f"$queue/{queue}/k", prefix + b"%d" % i, qos=1)
     deadline = time.monotonic() + 30
     while len(codes) < n and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -635,7 +610,7 @@ def test_a_replica_killed_and_restarted_catches_up_without_applying_twice(node_f
     assert _publish_acked(nodes[leader], "before", 300, b"a") == 300
     nodes[follower].kill()  # kill -9 after it applied (its journal and LMDB hold the first 300)
     assert _publish_acked(nodes[leader], "while-away", 300, b"b") == 300
-    nodes[follower] = _restart(node_factory, nodes[follower])
+    nodes[follower] = node_factory.restart(nodes[follower])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         states = [raft_status(n) for n in nodes]
@@ -870,7 +845,7 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
         assert _publish_acked(nodes[leader], f"away{i}", 5, b"b%d-" % i) == 5
     st = raft_status(nodes[leader])
     assert st["snapshots_written"] >= 1 and st["log_len"] <= 2 * keep + 5, st
-    nodes[follower] = _restart(node_factory, nodes[follower])
+    nodes[follower] = node_factory.restart(nodes[follower])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         states = [raft_status(n) for n in nodes]
@@ -898,7 +873,7 @@ def test_a_replica_away_longer_than_the_compacted_log_installs_the_snapshot(node
     assert stored[0] == stored[1] == stored[2]
     assert len([k for k in stored[0] if k.startswith(b"L")]) == queues[0]["count"] > 0
     # Each node restarts from its own snapshot and the log kept after it: the same queues again.
-    nodes = [_restart(node_factory, n) for n in nodes]
+    nodes = [node_factory.restart(n) for n in nodes]
     leader = wait_all_know_leader(nodes)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -918,6 +893,29 @@ def _stop_workers(node) -> None:
 def _continue_workers(node) -> None:
     for pid in node.worker_pids():
         os.kill(pid, signal.SIGCONT)
+
+
+def _lead_moved(nodes, old: int, among: list[int]) -> dict:
+    """Stop the workers of ``nodes[old]`` (the leader) until one of ``among`` leads instead; the
+    new leader's raft status."""
+    _stop_workers(nodes[old])
+    try:
+        return raft_status(nodes[wait_leader(nodes, among=among)])
+    finally:
+        _continue_workers(nodes[old])
+
+
+def _caught_up(node, leader_st: dict, timeout: float = 20.0) -> dict | None:
+    """``node``'s raft status once it follows the leader of ``leader_st`` and applied as far (or
+    its last status when ``timeout`` passed first)."""
+    deadline = time.monotonic() + timeout
+    st = None
+    while time.monotonic() < deadline:
+        st = raft_status(node)
+        if st is not None and st["leader"] == leader_st["self"] and st["applied"] >= leader_st["applied"]:
+            break
+        time.sleep(0.05)
+    return st
 
 
 def test_local_policy_acknowledges_on_a_follower_before_any_replica_has_it(node_factory) -> None:
@@ -996,16 +994,7 @@ def test_a_replicated_stream_cursor_moved_back_survives_the_leader(node_factory)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (raft_status(follower) or {}).get("leader") != leader_addr:
         time.sleep(0.1)
-    pub = client5(follower, "stream-prod")
-    codes: list = []
-    pub.on_publish = lambda c, u, mid, rc, props: codes.append(rc)
-    for i in range(10):
-        pub.publish("$queue/events/k", b"e%d" % i, qos=1)
-    deadline = time.monotonic() + 15
-    while len(codes) < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pub.loop_stop()
-    assert len(codes) == 10 and not any(rc.is_failure for rc in codes), codes
+    assert _publish_acked(follower, "stream-prod", 10, b"e", "events") == 10
 
     def reader(node, name: str, start: str | None) -> tuple[mqtt.Client, list]:
         got: list = []
@@ -1237,18 +1226,8 @@ def test_an_ack_of_a_delivery_made_before_a_failover_is_not_confirmed_once_the_r
             xs[i] = _Holder(nodes[i], f"x-on-{i}")
             xs[i].client.loop_stop()  # not reading: what is sent to it waits in its socket
         time.sleep(1.0)  # their registrations are applied everywhere (the leader's group: remote)
-        _stop_workers(nodes[old])
-        try:
-            new = wait_leader(nodes, among=survivors)
-            new_st = raft_status(nodes[new])
-        finally:
-            _continue_workers(nodes[old])
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # the old leader follows and has applied the new claim
-            st = raft_status(nodes[old])
-            if st is not None and st["leader"] == new_st["self"] and st["applied"] >= new_st["applied"]:
-                break
-            time.sleep(0.05)
+        new_st = _lead_moved(nodes, old, survivors)
+        st = _caught_up(nodes[old], new_st)  # the old leader follows and has applied the new claim
         assert st is not None and st["leader"] == new_st["self"], (st, new_st)
         code = y.ack(message_id)
         acked_at = time.monotonic()

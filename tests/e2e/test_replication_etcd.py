@@ -28,7 +28,6 @@ from tests.conftest import HOST, REPO_ROOT, free_port
 from tests.e2e.test_replication import (
     QUEUE,
     _leader_kill_run,
-    _restart,
     client5,
     raft_status,
     wait_all_know_leader,
@@ -226,7 +225,7 @@ def test_a_majority_restarted_forms_its_group_from_the_recorded_members(node_fac
     assert all(o is not None and not o[0].is_failure for o in before)
     for n in nodes:
         n.stop()
-    back = [_restart(node_factory, nodes[i]) for i in (0, 1)]
+    back = [node_factory.restart(nodes[i]) for i in (0, 1)]
     leader = wait_all_know_leader(back)
     for n in back:
         assert raft_status(n)["peers"] == sorted(n.raft_addr for n in nodes)

@@ -25,8 +25,6 @@ from tests.e2e.test_replication import (
     QUEUE,
     _publish_acked,
     _raft_config,
-    _restart,
-    client5,
     raft_status,
     wait_leader,
 )
@@ -156,17 +154,7 @@ def test_a_three_node_mtls_group_replicates_on_every_group_and_survives_a_replic
     assert _wait_counts(nodes, "default", QUEUE, 50) == [50, 50, 50]
 
     # the provisioned group (its own leader, on ports shifted from the default group's)
-    c = client5(nodes[_group_leader(nodes, "extra")], "tls-extra")
-    codes: list = []
-    c.on_publish = lambda cl, u, mid, rc, props: codes.append(rc)
-    for i in range(10):
-        c.publish("$queue/other/k", b"x%d" % i, qos=1)
-    deadline = time.monotonic() + 30
-    while len(codes) < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    c.loop_stop()
-    c.disconnect()
-    assert sum(1 for rc in codes if not rc.is_failure) == 10, codes
+    assert _publish_acked(nodes[_group_leader(nodes, "extra")], "tls-extra", 10, b"x", "other") == 10
     assert _wait_counts(nodes, "extra", "other", 10) == [10, 10, 10]
     assert all(_groups(n)["extra"]["self"] != n.raft_addr for n in nodes)  # shifted ports
 
@@ -174,7 +162,7 @@ def test_a_three_node_mtls_group_replicates_on_every_group_and_survives_a_replic
     follower = (leader + 1) % 3
     nodes[follower].kill()
     assert _publish_acked(nodes[leader], "tls-away", 50, b"b") == 50
-    nodes[follower] = _restart(node_factory, nodes[follower])
+    nodes[follower] = node_factory.restart(nodes[follower])
     assert _wait_counts(nodes, "default", QUEUE, 100) == [100, 100, 100]
 
 

@@ -30,14 +30,13 @@ from tests.e2e.test_replication import (
     QUEUE,
     Consumer,
     Producer,
-    _continue_workers,
+    _caught_up,
     _Holder,
+    _lead_moved,
     _leader_kill_run,
     _publish_acked,
-    _stop_workers,
     raft_status,
     wait_all_know_leader,
-    wait_leader,
 )
 from tests.e2e.test_workers import on_worker
 
@@ -346,19 +345,8 @@ def _failover_ack_round(c: Cluster) -> bool:
             x.client.loop_stop()  # not reading: what is sent to it waits in its socket
             xs.append(x)
         time.sleep(2.0)  # their registrations are applied everywhere (worker 1's: at a reconcile)
-        _stop_workers(nodes[old])
-        try:
-            new = wait_leader(nodes, among=survivors)
-            new_st = raft_status(nodes[new])
-        finally:
-            _continue_workers(nodes[old])
-        deadline = time.monotonic() + 20
-        st = None
-        while time.monotonic() < deadline:  # Y's node has applied the new claim
-            st = raft_status(nodes[f])
-            if st is not None and st["leader"] == new_st["self"] and st["applied"] >= new_st["applied"]:
-                break
-            time.sleep(0.05)
+        new_st = _lead_moved(nodes, old, survivors)
+        st = _caught_up(nodes[f], new_st)  # Y's node has applied the new claim
         assert st is not None and st["leader"] == new_st["self"], (st, new_st)
         code = y.ack(message_id)
         acked_at = time.monotonic()

@@ -54,6 +54,18 @@ def on_worker(node: RunningNode, worker: str, prefix: str = "c", **kwargs) -> Pa
     raise AssertionError(f"no connection landed on {worker} in {MAX_TRIES} tries")
 
 
+def wait_restarted(node: RunningNode, pid: int, timeout: float = 30.0) -> None:
+    """Until the arbiter replaced worker ``pid`` (killed) and the node is ready again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = node.worker_pids()
+        if len(pids) == 2 and pid not in pids:
+            break
+        assert time.monotonic() < deadline, f"worker not restarted: {pids}"
+        time.sleep(0.1)
+    node.wait_ready()
+
+
 def wait_crossing(node: RunningNode, timeout: float = 20.0) -> None:
     """Until a publish on one worker reaches a subscriber on the other (the workers' links are up)."""
     topic = unique("probe")
@@ -427,14 +439,7 @@ def test_kill_9_of_a_worker_restarts_it_the_other_keeps_serving_persistent_sessi
         # Published on w1 while w0 is down: waits in w1's bounded queue for w0, then reaches the
         # session w0 restores.
         other.publish(topic, b"during", 1)
-        deadline = time.monotonic() + 30
-        while True:
-            pids = node.worker_pids()
-            if len(pids) == 2 and pid not in pids:
-                break
-            assert time.monotonic() < deadline, f"worker not restarted: {pids}"
-            time.sleep(0.1)
-        node.wait_ready()
+        wait_restarted(node, pid)
         wait_crossing(node)
         # The restarted worker restored the session from its shard: a reconnect on any worker
         # resumes it, and it still receives its topic.

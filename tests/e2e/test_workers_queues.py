@@ -24,7 +24,15 @@ from tests.e2e.mqtt5raw import Paho5, props, unique
 from tests.e2e.mqttraw import unsubscribed
 from tests.e2e.test_http_bridge import http_request
 from tests.e2e.test_queues import Paho311, nothing_more, receive, settle, user_props
-from tests.e2e.test_workers import MAX_TRIES, metrics, on_worker, start, wait_crossing, worker_of
+from tests.e2e.test_workers import (
+    MAX_TRIES,
+    metrics,
+    on_worker,
+    start,
+    wait_crossing,
+    wait_restarted,
+    worker_of,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -425,14 +433,7 @@ def test_kill_9_of_the_owning_worker_loses_nothing_acknowledged(tmp_path) -> Non
             refused = {sent[mid] for mid, rc in rec.acks.items() if rc >= 0x80}
         rec.close()
         assert acked and refused, (len(acked), len(refused))  # the kill came while it published
-        deadline = time.monotonic() + 30
-        while True:
-            pids = node.worker_pids()
-            if len(pids) == 2 and pid not in pids:
-                break
-            assert time.monotonic() < deadline, f"worker not restarted: {pids}"
-            time.sleep(0.1)
-        node.wait_ready()
+        wait_restarted(node, pid)
         got: set[bytes] = set()
         deadline = time.monotonic() + 20
         while not acked <= got and time.monotonic() < deadline:

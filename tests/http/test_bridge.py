@@ -76,16 +76,17 @@ def publish_json(app, doc) -> Response:
 
 
 class Stream:
-    """Reads the events of one ``/subscribe`` response body."""
+    """Reads the events of one ``/subscribe`` response body (or of another SSE response whose
+    client ids start with ``prefix``: the admin monitor's)."""
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Response, prefix: str = "http-sse-") -> None:
         assert response.status == 200, response.json()
         assert response.headers["Content-Type"].startswith("text/event-stream")
         self.response = response
         self._iter: Iterator[bytes] = iter(response.body)
         self.text = ""
         first = next(self._iter).decode()
-        assert first.startswith(": fluxmq stream http-sse-")
+        assert first.startswith(f": fluxmq stream {prefix}")
         self.client_id = first.split()[3]
 
     def events(self, count: int, max_reads: int = 200) -> list[tuple[str, dict]]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from wsgiref.util import setup_testing_defaults
 
 import pytest
 
 from fluxmq.http.health import make_health_app
+from tests.http.test_bridge import wsgi_call
 
 
 class StubSource:
@@ -31,17 +31,10 @@ class BrokenSource(StubSource):
 
 def call(app, path: str, method: str = "GET") -> tuple[int, dict[str, str], dict]:
     """Run one request through the WSGI app; returns (status, headers, decoded JSON body)."""
-    environ: dict = {"PATH_INFO": path, "REQUEST_METHOD": method}
-    setup_testing_defaults(environ)
-    seen: dict = {}
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info=None) -> None:
-        seen["status"] = int(status.split()[0])
-        seen["headers"] = dict(headers)
-
-    body = b"".join(app(environ, start_response))
-    assert seen["headers"]["Content-Length"] == str(len(body))
-    return seen["status"], seen["headers"], json.loads(body)
+    response = wsgi_call(app, method, path)
+    body = b"".join(response.body)
+    assert response.headers["Content-Length"] == str(len(body))
+    return response.status, response.headers, json.loads(body)
 
 
 UP = {"broker": (True, ""), "storage": (True, "")}

@@ -17,6 +17,7 @@ from fluxmq.broker.message import Message
 from fluxmq.broker.stats import LATENCY_BUCKETS, LATENCY_SAMPLE_MASK
 from fluxmq.http.bridge import BridgeSettings, HTTPBridge
 from fluxmq.http.metrics import make_metrics_app, make_registry
+from tests.http.test_admin import hub_turns_during
 from tests.http.test_bridge import subscribe, wsgi_call
 
 
@@ -194,19 +195,7 @@ def test_a_scrape_over_many_sessions_lets_other_greenlets_run(broker: Broker, ap
     """Summing the queues of 100,000 sessions held the hub ~15 ms per scrape; it now yields between slices."""
     for i in range(10_000):
         broker.open_session(f"s{i}", False, 3600)
-    turns = [0]
-
-    def probe() -> None:
-        while True:
-            turns[0] += 1
-            gevent.sleep(0)
-
-    greenlet = gevent.spawn(probe)
-    gevent.sleep(0)
-    before = turns[0]
-    families = scrape(app)
-    during = turns[0] - before
-    greenlet.kill()
+    during, families = hub_turns_during(lambda: scrape(app))
     assert value(families, "fluxmq_sessions", state="offline") == 10_000
     assert during >= 3
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from types import SimpleNamespace
 from wsgiref.util import setup_testing_defaults
 
@@ -13,7 +12,7 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message
 from fluxmq.http.admin import AdminAPI
 from fluxmq.http.monitor import CLIENT_PREFIX, LISTENER, MAX_STREAMS, QUEUE_SIZE
-from tests.http.test_bridge import Response, wsgi_call
+from tests.http.test_bridge import Response, Stream, wsgi_call
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -29,34 +28,13 @@ def app(broker: Broker) -> AdminAPI:
     return AdminAPI(SimpleNamespace(broker=broker, listeners=[]), TOKEN)
 
 
-class Events:
+class Events(Stream):
     """Reads the events of one monitor response, bounded in chunks read."""
 
     def __init__(self, response) -> None:
-        assert response.status == 200, b"".join(response.body)
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        self.response = response
-        self._chunks = iter(response.body)
-        first = next(self._chunks).decode()
-        assert first.startswith(f": fluxmq stream {CLIENT_PREFIX}")
-        self.client_id = first.split()[3]
-        self.text = ""
+        super().__init__(response, CLIENT_PREFIX)
 
-    def take(self, count: int, max_reads: int = 50) -> list[tuple[str, dict]]:
-        found: list[tuple[str, dict]] = []
-        for _ in range(max_reads):
-            while "\n\n" in self.text and len(found) < count:
-                block, self.text = self.text.split("\n\n", 1)
-                fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-                if "event" in fields:
-                    found.append((fields["event"], json.loads(fields["data"])))
-            if len(found) >= count:
-                return found
-            self.text += next(self._chunks).decode()
-        raise AssertionError(f"only {len(found)} of {count} events")
-
-    def close(self) -> None:
-        self.response.body.close()
+    take = Stream.events
 
 
 def monitor(app, query: str, headers: dict | None = AUTH):

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import json
-from wsgiref.util import setup_testing_defaults
 
 from fluxmq.http.router import Router
+from tests.http.test_bridge import wsgi_call
 
 
 def call(app, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    environ: dict = {"PATH_INFO": path, "REQUEST_METHOD": method}
-    setup_testing_defaults(environ)
-    seen: dict = {}
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info=None) -> None:
-        seen["status"] = int(status.split()[0])
-        seen["headers"] = dict(headers)
-
-    body = b"".join(app(environ, start_response))
-    return seen["status"], seen["headers"], body
+    response = wsgi_call(app, method, path)
+    return response.status, response.headers, b"".join(response.body)
 
 
 def text_app(text: str):

@@ -14,3 +14,10 @@ def raw_publish(topic: bytes, payload: bytes, version: int = 4) -> bytes:
         length += bytes((byte | (0x80 if n else 0),))
         if not n:
             return b"\x30" + length + body
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 0, pid: int = 1) -> bytes:
+    """A 3.1.1 PUBLISH of less than 128 bytes (packet id ``pid`` at QoS 1 and 2)."""
+    t = topic.encode()
+    body = len(t).to_bytes(2, "big") + t + (pid.to_bytes(2, "big") if qos else b"") + payload
+    return bytes((0x30 | qos << 1, len(body))) + body

@@ -14,15 +14,12 @@ from pathlib import Path
 import gevent
 import greenlet
 import pytest
-from gevent import socket
 
 from fluxmq.broker.broker import Broker, BrokerSettings
-from fluxmq.broker.session import EXPIRY_NEVER
-from fluxmq.protocol.connection import MQTTConnection
 from fluxmq.protocol.flush import FlushScheduler
-from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.storage.lmdb import LMDBStorage
-from fluxmq.transport.tcp import SocketStream
+from tests.protocol.frames import publish_packet
+from tests.protocol.served import read_exactly, serve
 
 
 class RecordingFlusher(FlushScheduler):
@@ -47,37 +44,6 @@ def broker(tmp_path: Path):
     b.restore(storage.load())
     yield b
     storage.close()
-
-
-def serve(broker: Broker, flusher: FlushScheduler, client_id: str):
-    """A connected client (as after CONNACK) served by its own reader greenlet; returns the
-    connection, its reader and the client's socket."""
-    server_side, client_side = socket.socketpair()
-    conn = MQTTConnection(
-        broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(park_after=0), flusher
-    )
-    session, _ = broker.open_session(client_id, True, EXPIRY_NEVER)
-    conn.version = 4
-    conn.client_id = client_id
-    conn.session = session
-    broker.attach(session, conn, 100)
-    return conn, gevent.spawn(conn.run), client_side
-
-
-def publish_packet(topic: str, payload: bytes, qos: int = 0, pid: int = 1) -> bytes:
-    t = topic.encode()
-    body = len(t).to_bytes(2, "big") + t + (pid.to_bytes(2, "big") if qos else b"") + payload
-    return bytes((0x30 | qos << 1, len(body))) + body
-
-
-def read_exactly(sock, n: int) -> bytes:
-    data = b""
-    with gevent.Timeout(10):
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            assert chunk, "closed"
-            data += chunk
-    return data
 
 
 def test_a_lone_message_is_written_by_its_publishers_reader_before_it_waits(broker: Broker) -> None:

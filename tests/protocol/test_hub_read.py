@@ -27,7 +27,8 @@ from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
 from fluxmq.storage.memory import MemoryStorage
 from fluxmq.transport.tcp import SocketStream
-from tests.protocol.frames import raw_publish
+from tests.protocol.frames import publish_packet, raw_publish
+from tests.protocol.served import read_exactly, serve
 
 
 @pytest.fixture
@@ -36,37 +37,6 @@ def broker():
     b = Broker(BrokerSettings(), storage)
     b.restore(storage.load())
     return b
-
-
-def serve(broker: Broker, flusher: FlushScheduler, client_id: str):
-    """A connected client (as after CONNACK) served by its own reader greenlet; returns the
-    connection, its reader and the client's socket."""
-    server_side, client_side = socket.socketpair()
-    conn = MQTTConnection(
-        broker, SocketStream(server_side, ("127.0.0.1", 1)), ProtocolSettings(park_after=0), flusher
-    )
-    session, _ = broker.open_session(client_id, True, EXPIRY_NEVER)
-    conn.version = 4
-    conn.client_id = client_id
-    conn.session = session
-    broker.attach(session, conn, 100)
-    return conn, gevent.spawn(conn.run), client_side
-
-
-def read_exactly(sock, n: int) -> bytes:
-    data = b""
-    with gevent.Timeout(10):
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            assert chunk, "closed"
-            data += chunk
-    return data
-
-
-def publish_packet(topic: str, payload: bytes) -> bytes:
-    t = topic.encode()
-    body = len(t).to_bytes(2, "big") + t + payload
-    return bytes((0x30, len(body))) + body
 
 
 @contextmanager

@@ -657,6 +657,20 @@ def test_a_topic_whose_shared_group_left_is_framed_from_the_read_again(tmp_path)
     assert third["near"] == b"" and third["sub"] == encode(c.Publish("t/1", b"c"), 4)
 
 
+def relay_nets():
+    """``(True, net)`` then ``(False, net)``: a ``Net`` served with the relay on, then one with it
+    off, each closed (and the relay on again) when the loop moves on."""
+    for on in (True, False):
+        RELAY.enabled = on
+        net = Net()
+        net.broker.relay = RELAY
+        try:
+            yield on, net
+        finally:
+            net.close()
+            RELAY.enabled = True
+
+
 class CountedRoutes(dict):
     """A peers' ``relay_routes`` that records each topic looked up in it (the relay's ``get``)."""
 
@@ -821,31 +835,24 @@ def test_a_batch_of_interleaved_topics_reuses_each_topics_route_and_decodes_orig
     spec += [("c/1", "p1", 0), ("a/1", "p2", 1), ("b/1", "p2", 0), ("a/1", "", 0)]
     messages = [Message(t, b"m%d" % i, q, origin=o) for i, (t, o, q) in enumerate(spec)]
     results = []
-    for relay in (True, False):
-        RELAY.enabled = relay
-        net = Net()
-        net.broker.relay = RELAY
-        try:
-            net.client("all")
-            net.client("q1")
-            net.subscribe("all", "#", 0)
-            net.subscribe("q1", "a/#", 1)
-            net.subscribe("q1", "b/#", 1)
-            peers = ClusterPeers("n1", net.broker, StandInTransport("n2"))
-            reused, forwarded = RELAY.topics_reused, RELAY.forwarded
-            peers.apply_batch(batch("n2", 1, 1, messages))
-            if relay:
-                assert RELAY.forwarded - forwarded == len(messages)  # all in C
-                assert RELAY.topics_reused - reused == 5  # a/1 twice, b/1 twice, a/1 again
-            else:
-                assert RELAY.forwarded == forwarded
-            net.send("all", [])  # (the mark reaches every client)
-            inflight = net.clients["q1"][0].session.inflight
-            origins = [(f.message.topic, f.message.payload, f.message.origin) for f in inflight.values()]
-            results.append((net.read_all(), origins))
-        finally:
-            net.close()
-            RELAY.enabled = True
+    for relay, net in relay_nets():
+        net.client("all")
+        net.client("q1")
+        net.subscribe("all", "#", 0)
+        net.subscribe("q1", "a/#", 1)
+        net.subscribe("q1", "b/#", 1)
+        peers = ClusterPeers("n1", net.broker, StandInTransport("n2"))
+        reused, forwarded = RELAY.topics_reused, RELAY.forwarded
+        peers.apply_batch(batch("n2", 1, 1, messages))
+        if relay:
+            assert RELAY.forwarded - forwarded == len(messages)  # all in C
+            assert RELAY.topics_reused - reused == 5  # a/1 twice, b/1 twice, a/1 again
+        else:
+            assert RELAY.forwarded == forwarded
+        net.send("all", [])  # (the mark reaches every client)
+        inflight = net.clients["q1"][0].session.inflight
+        origins = [(f.message.topic, f.message.payload, f.message.origin) for f in inflight.values()]
+        results.append((net.read_all(), origins))
     assert results[0] == results[1]
     got, origins = results[0]
     assert got["all"] == b"".join(encode(c.Publish(m.topic, m.payload), 4) for m in messages)
@@ -1005,30 +1012,23 @@ def test_a_run_of_forwarded_qos0_messages_is_written_a_block_at_a_time_exactly(t
     messages += [Message("t/b", b"d%d" % k) for k in range(5)]  # a block of 1 (high over its mark)
     items = build_batch("w0", 1, 1, [Outgoing(encode_message(m), (), True, None) for m in messages])[0].items
     results = []
-    for on in (True, False):
-        RELAY.enabled = on
-        net = Net()
-        net.broker.relay = RELAY
-        try:
-            net.client("pub")
-            net.client("s4")
-            net.client("s4b")  # (a second 3.1.1 output: copies s4's frames)
-            s5 = net.client("s5", version=5)
-            high = net.client("high")
-            net.subscribe("s4", "t/#", 0)
-            net.subscribe("s4b", "t/#", 0)
-            net.subscribe("s5", "t/#", 0)
-            net.subscribe("high", "t/b", 0)
-            s5._client_max_packet = 60
-            high._high = 0  # over its mark once anything waits in its output
-            blocks, routes = RELAY.written_blocks, RELAY.written_routes
-            _deliver_batch(net.broker, items)
-            written = (RELAY.written_blocks - blocks, RELAY.written_routes - routes)
-            net.send("pub", [])
-            results.append((net.read_all(), net.counters(), written))
-        finally:
-            net.close()
-            RELAY.enabled = True
+    for _on, net in relay_nets():
+        net.client("pub")
+        net.client("s4")
+        net.client("s4b")  # (a second 3.1.1 output: copies s4's frames)
+        s5 = net.client("s5", version=5)
+        high = net.client("high")
+        net.subscribe("s4", "t/#", 0)
+        net.subscribe("s4b", "t/#", 0)
+        net.subscribe("s5", "t/#", 0)
+        net.subscribe("high", "t/b", 0)
+        s5._client_max_packet = 60
+        high._high = 0  # over its mark once anything waits in its output
+        blocks, routes = RELAY.written_blocks, RELAY.written_routes
+        _deliver_batch(net.broker, items)
+        written = (RELAY.written_blocks - blocks, RELAY.written_routes - routes)
+        net.send("pub", [])
+        results.append((net.read_all(), net.counters(), written))
     (got, counters, written), (got_off, counters_off, written_off) = results
     assert got == got_off and counters == counters_off
     assert written == (3 + 2 + 1 + 1, 150 + 11 + 1 + 1)

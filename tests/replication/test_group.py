@@ -166,7 +166,6 @@ def test_an_entry_is_appended_and_sent_to_the_followers_in_the_turn_it_is_submit
     follower is past it; then every replica applies it."""
     import gevent
 
-
     groups = _three_groups(tmp_path)
     addrs = [g.self_addr for g in groups]
     try:
@@ -221,6 +220,22 @@ def _started_leader(groups: list[RaftGroup]) -> RaftGroup:
             return leader
 
 
+def _untimed_leader(groups: list[RaftGroup]) -> RaftGroup:
+    """``_started_leader``, once it is connected to both followers and every group applied what it
+    did; then every group's driver is killed: no tick from here on (under the caller's
+    gevent.Timeout)."""
+    import gevent
+
+    leader = _started_leader(groups)
+    while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
+        gevent.sleep(0.02)
+    while not all(g.applied == leader.applied for g in groups):
+        gevent.sleep(0.02)
+    for group in groups:
+        group._driver.kill()
+    return leader
+
+
 def test_the_leader_delivers_whatever_the_drift_between_pysyncobjs_clock_and_time_monotonic(
     tmp_path, monkeypatch
 ) -> None:
@@ -257,13 +272,7 @@ def test_answers_are_read_committed_and_applied_in_the_hub_turn_without_a_tick(t
     groups = _three_groups(tmp_path)
     try:
         with gevent.Timeout(30):
-            leader = _started_leader(groups)
-            while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
-                gevent.sleep(0.02)
-            while not all(g.applied == leader.applied for g in groups):
-                gevent.sleep(0.02)
-            for group in groups:  # no tick from here on: only the hub's watchers and timers
-                group._driver.kill()
+            leader = _untimed_leader(groups)  # no tick from here on: only the hub's watchers and timers
             watchers = [dict(g._node._poller.watchers) for g in groups]
             assert all(watchers)
             qlog = leader.logs["q"]
@@ -361,13 +370,7 @@ def test_a_follower_applies_committed_entries_two_at_a_time_unless_its_own_entry
     groups = _three_groups(tmp_path)
     try:
         with gevent.Timeout(30):
-            leader = _started_leader(groups)
-            while not all(leader._node.isNodeConnected(n) for n in leader._node.otherNodes):
-                gevent.sleep(0.02)
-            while not all(g.applied == leader.applied for g in groups):
-                gevent.sleep(0.02)
-            for group in groups:
-                group._driver.kill()
+            leader = _untimed_leader(groups)
             followers = [g for g in groups if g is not leader]
             batches: dict = {id(g): [] for g in followers}
             for g in followers:

@@ -52,7 +52,9 @@ def _pump(poller, until, limit: float = 10.0) -> bool:
     return False
 
 
-def _pair(tls_server: RaftTLS, tls_client: RaftTLS):
+def _server(tls: RaftTLS | None):
+    """A bound ``RaftServer`` on a free port of 127.0.0.1 with its own poller: (poller, server,
+    port, the connections it accepted, the messages they received)."""
     poller = createPoller("select")
     port = free_port()
     accepted: list = []
@@ -62,8 +64,13 @@ def _pair(tls_server: RaftTLS, tls_client: RaftTLS):
         accepted.append(conn)
         conn.setOnMessageReceivedCallback(received.append)
 
-    server = RaftServer(poller, "127.0.0.1", port, on_new, tls=tls_server)
+    server = RaftServer(poller, "127.0.0.1", port, on_new, tls=tls)
     server.bind()
+    return poller, server, port, accepted, received
+
+
+def _pair(tls_server: RaftTLS, tls_client: RaftTLS):
+    poller, server, port, accepted, received = _server(tls_server)
     client = RaftConnection(poller, timeout=10.0, tls=tls_client, server_hostname="127.0.0.1")
     connected: list = []
     replies: list = []
@@ -384,17 +391,7 @@ def test_a_stored_frame_is_read_without_zlib_s_decompressor_and_a_corrupt_one_en
     monkeypatch.setattr(
         transport.zlib, "decompress", lambda data: inflated.append(len(data)) or decompress(data)
     )
-    poller = createPoller("select")
-    port = free_port()
-    accepted: list = []
-    received: list = []
-
-    def on_new(conn) -> None:
-        accepted.append(conn)
-        conn.setOnMessageReceivedCallback(received.append)
-
-    server = RaftServer(poller, "127.0.0.1", port, on_new, tls=None)
-    server.bind()
+    poller, server, port, accepted, received = _server(None)
     clients = [RaftConnection(poller, timeout=10.0, tls=None, compression=lvl) for lvl in (0, 6)]
     try:
         for c in clients:

@@ -16,52 +16,7 @@ from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, PersistentSession, Session, Will
 from fluxmq.errors import QuotaExceeded
 from fluxmq.storage.lmdb import LMDBStorage
-from tests.broker.test_session import RecordingDelivery
-
-MiB = 1 << 20
-
-
-class Node:
-    """A broker and its storage, restartable on the same directory."""
-
-    def __init__(self, path: Path, **settings) -> None:
-        self.path = path
-        self.settings = settings
-        self.storage = LMDBStorage(path, map_size=64 * MiB)
-        self.broker = Broker(BrokerSettings(**settings), self.storage)
-        self.broker.restore(self.storage.load())
-        self.storage.commit()
-
-    def restart(self) -> Node:
-        """Stop without committing what is still buffered (as a kill would) and start again."""
-        self.storage.abort()
-        return Node(self.path, **self.settings)
-
-    def connect(self, cid: str, expiry: int, clean: bool = False, will: Will | None = None):
-        session, present = self.broker.open_session(cid, clean, expiry, will)
-        d = RecordingDelivery()
-        self.broker.attach(session, d, 100)
-        self.storage.commit()
-        return session, d, present
-
-    def disconnect(self, session, d, publish_will: bool = False) -> None:
-        self.broker.close_session(session, d, publish_will)
-        self.storage.commit()
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, **kw) -> int:
-        n = self.broker.publish(Message(topic, payload, qos, retain, **kw))
-        self.storage.commit()
-        return n
-
-
-@pytest.fixture
-def node(tmp_path: Path):
-    n = Node(tmp_path / "data")
-    yield n
-    try:
-        n.storage.abort()
-    except Exception:
-        pass
+from tests.storage.lmdb_node import MiB, Node
 
 
 def test_offline_queue_is_on_disk_and_survives_a_restart(node: Node) -> None:

@@ -15,43 +15,11 @@ from pathlib import Path
 import pytest
 
 from fluxmq.broker.message import Message
-from fluxmq.broker.session import EXPIRY_NEVER
 from fluxmq.storage import records as r
 from fluxmq.storage.lmdb import DONE, QUEUE, SCHEMA_VERSION, SENT, TRIM_EVERY
-from tests.broker.test_session import RecordingDelivery
-from tests.storage.test_broker_restore import Node
+from tests.storage.lmdb_node import Node, connect_sub, entries, online
 
 SCHEMA3_STORE = Path(__file__).parent / "fixtures" / "schema3-store"
-
-
-@pytest.fixture
-def node(tmp_path: Path):
-    n = Node(tmp_path / "data")
-    yield n
-    try:
-        n.storage.abort()
-    except Exception:
-        pass
-
-
-def _connect(node: Node, window: int):
-    s, _ = node.broker.open_session("sub", False, EXPIRY_NEVER, None)
-    d = RecordingDelivery()
-    node.broker.attach(s, d, window)
-    node.storage.commit()
-    return s, d
-
-
-def _online(node: Node, window: int):
-    s, d = _connect(node, window)
-    node.broker.subscribe(s, "t/#", 1)
-    node.storage.commit()
-    return s, d
-
-
-def _records(node: Node, db: int = QUEUE) -> int:
-    with node.storage.env.begin() as txn:
-        return txn.stat(node.storage._dbs[db])["entries"]
 
 
 def _ack_all(s, d, limit: int = 1000) -> None:
@@ -62,13 +30,13 @@ def _ack_all(s, d, limit: int = 1000) -> None:
 
 
 def test_a_commit_writes_one_record_per_session_and_acknowledgements_delete_none(node: Node) -> None:
-    s, d = _online(node, 100)
+    s, d = online(node, 100, 1)
     for i in range(40):
         node.broker.publish(Message("t/x", f"m{i}".encode(), 1))
     batch = node.storage.take_batch()
     assert len(batch.ops[QUEUE]) == 1  # 40 small entries: one segment
     node.storage.write_taken(batch)
-    assert _records(node) == 1 and len(s.inflight) == 40
+    assert entries(node, QUEUE) == 1 and len(s.inflight) == 40
     pids = [t[3] for t in d.sent]
     for pid in pids[:39]:
         assert s.on_puback(pid)
@@ -76,22 +44,22 @@ def test_a_commit_writes_one_record_per_session_and_acknowledgements_delete_none
     # 39 acknowledgements: no delete, one done record
     assert batch.ops[QUEUE] == {} and len(batch.ops[DONE]) == 1
     node.storage.write_taken(batch)
-    assert _records(node) == 1  # m39 is still in flight
+    assert entries(node, QUEUE) == 1  # m39 is still in flight
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert [e.message.payload for e in s.inflight.values()] == [b"m39"] and not s.queue
-    s, d = _connect(node, 100)
+    s, d = connect_sub(node, 100)
     assert [(t[3], t[4]) for t in d.sent] == [(pids[39], True)]
     assert s.on_puback(pids[39])
     node.storage.commit()
-    assert _records(node) == 0 and _records(node, SENT) == 0  # the segment went with its last entry
+    assert entries(node, QUEUE) == 0 and entries(node, SENT) == 0  # the segment went with its last entry
     node.storage.abort()
 
 
 def test_a_large_commit_is_split_into_segments_that_fit_a_page(node: Node) -> None:
     from fluxmq.storage.lmdb import SEGMENT_BYTES
 
-    s, d = _online(node, 10)
+    s, d = online(node, 10, 1)
     for i in range(200):
         node.broker.publish(Message("t/x", b"%03d" % i + b"p" * 60, 1))
     batch = node.storage.take_batch()
@@ -103,7 +71,7 @@ def test_a_large_commit_is_split_into_segments_that_fit_a_page(node: Node) -> No
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert len(s.inflight) == 10 and len(s.queue) == 190
-    s, d = _connect(node, 10)
+    s, d = connect_sub(node, 10)
     got = []
     while s.inflight and len(got) < 300:
         pid = next(iter(s.inflight))
@@ -113,13 +81,13 @@ def test_a_large_commit_is_split_into_segments_that_fit_a_page(node: Node) -> No
             node.storage.commit()
     node.storage.commit()
     assert got == [b"%03d" % i for i in range(200)]
-    assert _records(node) == 0
+    assert entries(node, QUEUE) == 0
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_acknowledgements_in_any_order_restore_exactly_after_a_kill(node: Node, seed: int) -> None:
     rnd = random.Random(seed)
-    s, d = _online(node, 20)
+    s, d = online(node, 20, 1)
     live: dict[bytes, int] = {}  # payload -> packet id in flight (0: queued)
     for i in range(60):
         node.broker.publish(Message("t/x", f"m{i:02d}".encode(), 1))
@@ -142,7 +110,7 @@ def test_acknowledgements_in_any_order_restore_exactly_after_a_kill(node: Node, 
     s = node.broker.sessions["sub"]
     assert {e.message.payload: pid for pid, e in s.inflight.items()} == live
     assert len(s.queue) == queued
-    s, d = _connect(node, 20)
+    s, d = connect_sub(node, 20)
     assert sorted(t[3] for t in d.sent) == sorted(live.values()) and all(t[4] for t in d.sent)
     node.broker.publish(Message("t/x", b"after", 1))
     node.storage.commit()
@@ -155,7 +123,7 @@ def test_acknowledgements_in_any_order_restore_exactly_after_a_kill(node: Node, 
             node.storage.commit()
     node.storage.commit()
     assert sorted(got) == sorted([*live, *(f"m{i:02d}".encode() for i in range(60 - queued, 60)), b"after"])
-    assert _records(node) == 0 and _records(node, SENT) == 0
+    assert entries(node, QUEUE) == 0 and entries(node, SENT) == 0
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert not s.inflight and not s.queue
@@ -165,7 +133,7 @@ def test_new_entries_after_a_restart_go_above_the_acknowledged_tail_of_a_segment
     # One segment m0..m9; m5..m9 acknowledged (the tail), m0..m4 still in flight at the kill. The
     # entries stored after the restart must not take the seqs of m5..m9 (their record is still
     # there): a second restart would bring the acknowledged m5..m9 back, or lose the new ones.
-    s, d = _online(node, 20)
+    s, d = online(node, 20, 1)
     for i in range(10):
         node.broker.publish(Message("t/x", f"m{i}".encode(), 1))
     node.storage.commit()
@@ -174,7 +142,7 @@ def test_new_entries_after_a_restart_go_above_the_acknowledged_tail_of_a_segment
         assert s.on_puback(pid)
     node.storage.commit()
     node = node.restart()
-    s, d = _connect(node, 20)
+    s, d = connect_sub(node, 20)
     for i in range(3):
         node.broker.publish(Message("t/x", f"new{i}".encode(), 1))
     node.storage.commit()
@@ -182,16 +150,16 @@ def test_new_entries_after_a_restart_go_above_the_acknowledged_tail_of_a_segment
     s = node.broker.sessions["sub"]
     expect = [b"m0", b"m1", b"m2", b"m3", b"m4", b"new0", b"new1", b"new2"]
     assert sorted(e.message.payload for e in s.inflight.values()) == expect
-    s, d = _connect(node, 20)
+    s, d = connect_sub(node, 20)
     _ack_all(s, d)
     node.storage.commit()
-    assert _records(node) == 0
+    assert entries(node, QUEUE) == 0
     node = node.restart()
     assert not node.broker.sessions["sub"].inflight and not node.broker.sessions["sub"].queue
 
 
 def test_a_message_never_acknowledged_does_not_keep_the_records_after_it(node: Node) -> None:
-    s, d = _online(node, 5)
+    s, d = online(node, 5, 1)
     node.broker.publish(Message("t/x", b"stuck", 1))
     node.storage.commit()
     stuck = d.sent[0][3]
@@ -204,7 +172,7 @@ def test_a_message_never_acknowledged_does_not_keep_the_records_after_it(node: N
         node.storage.commit()
         # the stuck one's segment, the newest, and the all-done ones of the commits since the
         # last trim (every TRIM_EVERY commits): bounded, however long the stuck one stays
-        assert _records(node) <= 3 + TRIM_EVERY
+        assert entries(node, QUEUE) <= 3 + TRIM_EVERY
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert [e.message.payload for e in s.inflight.values()] == [b"stuck"] and not s.queue
@@ -219,11 +187,11 @@ def test_a_schema_3_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
     with node.storage.env.begin() as txn:
         meta = node.storage.env.open_db(b"meta", txn=txn, create=False)
         assert struct.unpack("<I", txn.get(b"schema_version", db=meta))[0] == SCHEMA_VERSION == 4
-    assert _records(node) == 9  # one per entry, as schema 3 wrote them
+    assert entries(node, QUEUE) == 9  # one per entry, as schema 3 wrote them
     s = node.broker.sessions["sub"]
     assert {pid: e.message.payload for pid, e in s.inflight.items()} == {1: b"m0", 3: b"m2", 4: b"m3"}
     assert len(s.queue) == 6
-    s, d = _connect(node, 3)
+    s, d = connect_sub(node, 3)
     assert sorted((t[3], t[4]) for t in d.sent) == [(1, True), (3, True), (4, True)]
     assert s.on_puback(4)  # m3: marked done; m4 goes out
     node.broker.publish(Message("t/a", b"new", 1))  # queued behind m9, in a segment above seq 9
@@ -232,7 +200,7 @@ def test_a_schema_3_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
     s = node.broker.sessions["sub"]
     assert sorted(e.message.payload for e in s.inflight.values()) == [b"m0", b"m2", b"m4"]
     assert len(s.queue) == 6  # m5..m9, new
-    s, d = _connect(node, 3)
+    s, d = connect_sub(node, 3)
     got = [e.message.payload for e in s.inflight.values()]
     got.clear()
     while s.inflight and len(got) < 50:
@@ -241,7 +209,7 @@ def test_a_schema_3_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
         assert s.on_puback(pid)
     node.storage.commit()
     assert sorted(got) == sorted([b"m0", b"m2", b"m4", b"m5", b"m6", b"m7", b"m8", b"m9", b"new"])
-    assert _records(node) == 0 and _records(node, SENT) == 0
+    assert entries(node, QUEUE) == 0 and entries(node, SENT) == 0
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert not s.inflight and not s.queue
@@ -287,14 +255,14 @@ def test_a_packet_id_reused_after_its_sent_record_was_deleted_is_restored(node: 
     # The store caches the slots of the buckets it used last: a bucket whose record a commit
     # deletes (its 16 packet ids all acknowledged) must not take a packet id in memory only when
     # the ids come round to it again.
-    s, d = _online(node, 20)
+    s, d = online(node, 20, 1)
     for i in range(17):  # packet ids 1..17: the first sent record (ids 0..15) and the second
         node.broker.publish(Message("t/x", f"m{i}".encode(), 1))
     node.storage.commit()
     for pid in range(1, 16):
         assert s.on_puback(pid)
     node.storage.commit()
-    assert _records(node, SENT) == 1  # 16 and 17 still in flight
+    assert entries(node, SENT) == 1  # 16 and 17 still in flight
     s._next_pid = 1  # as after 65,535 deliveries
     node.broker.publish(Message("t/x", b"again", 1))
     node.storage.commit()
@@ -306,7 +274,7 @@ def test_a_packet_id_reused_after_its_sent_record_was_deleted_is_restored(node: 
 def test_a_session_with_nothing_live_between_commits_keeps_storing(node: Node) -> None:
     # Its seq space is dropped when all of it is done (the table remembers the state it found
     # last: a dropped one must not take the next entries).
-    s, d = _online(node, 20)
+    s, d = online(node, 20, 1)
     for turn in range(3):
         node.broker.publish(Message("t/x", f"m{turn}".encode(), 1))
         node.storage.commit()
@@ -324,7 +292,7 @@ def test_all_done_records_go_every_trim_every_commits_or_when_the_session_has_no
     up to TRIM_EVERY commits (a trim dirties the queue's leftmost pages: a page write per commit),
     then one commit deletes them all; a restart in between brings none of them back. Once every
     entry of the session is done, that commit deletes its records at once."""
-    s, d = _online(node, 10)
+    s, d = online(node, 10, 1)
     node.broker.publish(Message("t/x", b"stuck", 1))
     node.storage.commit()
     stuck = d.sent[0][3]
@@ -335,7 +303,7 @@ def test_all_done_records_go_every_trim_every_commits_or_when_the_session_has_no
             assert s.on_puback(pid)  # (done before its first commit: never written)
         node.broker.publish(Message("t/x", f"u{turn}".encode(), 1))
         node.storage.commit()  # writes u{turn}
-        counts.append(_records(node))
+        counts.append(entries(node, QUEUE))
     assert max(counts) > 3  # all-done records were left between trims
     assert min(counts[TRIM_EVERY - 2 :]) <= 2  # and a trim took them: the stuck one and the newest
     node = node.restart()
@@ -343,7 +311,7 @@ def test_all_done_records_go_every_trim_every_commits_or_when_the_session_has_no
     assert sorted(e.message.payload for e in s.inflight.values()) == sorted(
         [b"stuck", f"u{TRIM_EVERY + 1}".encode()]
     )
-    s, d = _connect(node, 10)
+    s, d = connect_sub(node, 10)
     _ack_all(s, d)
     node.storage.commit()
-    assert _records(node) == 0  # nothing live: gone with the same commit
+    assert entries(node, QUEUE) == 0  # nothing live: gone with the same commit

@@ -9,51 +9,38 @@ import shutil
 import struct
 from pathlib import Path
 
-import pytest
-
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import EXPIRY_NEVER, PersistentSession
 from fluxmq.storage import records as r
 from fluxmq.storage.lmdb import DONE, INFLIGHT, QUEUE, SCHEMA_VERSION, SENT
 from tests.broker.test_session import RecordingDelivery
-from tests.storage.test_broker_restore import Node
+from tests.storage.lmdb_node import Node, connect_sub, entries, online
 
 SCHEMA2_STORE = Path(__file__).parent / "fixtures" / "schema2-store"
 
 
-@pytest.fixture
-def node(tmp_path: Path):
-    n = Node(tmp_path / "data")
-    yield n
-    try:
-        n.storage.abort()
-    except Exception:
-        pass
-
-
-def _connect(node: Node, window: int):
-    """Attach ``sub`` (persistent) with a window of ``window`` messages in flight."""
-    s, _ = node.broker.open_session("sub", False, EXPIRY_NEVER, None)
-    d = RecordingDelivery()
-    node.broker.attach(s, d, window)
-    node.storage.commit()
-    return s, d
-
-
 def _online(node: Node, window: int):
-    s, d = _connect(node, window)
-    node.broker.subscribe(s, "t/#", 2)
-    node.storage.commit()
-    return s, d
+    return online(node, window, 2)
 
 
 def r_msg(payload: bytes, qos: int = 1) -> Message:
     return Message("t/x", payload, qos)
 
 
-def _entries(node: Node, db: int) -> int:
-    with node.storage.env.begin() as txn:
-        return txn.stat(node.storage._dbs[db])["entries"]
+def _inflight(s) -> dict:
+    """A session's messages in flight by packet id, with all that a restart must restore of each."""
+    return {
+        pid: (
+            e.message.topic,
+            e.message.payload,
+            e.message.origin,
+            e.message.properties,
+            e.qos,
+            e.retain,
+            e.subscription_ids,
+        )
+        for pid, e in s.inflight.items()
+    }
 
 
 def _live(node: Node) -> int:
@@ -82,7 +69,7 @@ def test_a_puback_in_the_batch_that_stored_the_message_writes_nothing(node: Node
     # Both messages were stored and acknowledged within one batch: no put, no delete, no record.
     assert batch.ops[QUEUE] == {} and batch.ops[SENT] == {} and batch.ops[INFLIGHT] == {}
     node.storage.write_taken(batch)
-    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
+    assert entries(node, QUEUE) == 0 and entries(node, SENT) == 0
     node = node.restart()
     assert not node.broker.sessions["sub"].inflight and not node.broker.sessions["sub"].queue
     node.storage.abort()
@@ -110,7 +97,7 @@ def test_a_queued_message_sent_later_is_not_written_again(node: Node) -> None:
     s = node.broker.sessions["sub"]
     assert list(s.inflight) == [pid_two] and s.inflight[pid_two].message.payload == b"two"
     assert not s.queue
-    s, d = _connect(node, 1)
+    s, d = connect_sub(node, 1)
     assert d.sent == [("t/x", 1, False, pid_two, True, None)]
     node.storage.abort()
 
@@ -137,7 +124,7 @@ def test_in_flight_and_queued_messages_restore_exactly_with_their_packet_ids(nod
     assert {pid: e.message.payload for pid, e in s.inflight.items()} == expect_inflight
     assert {pid for pid, e in s.inflight.items() if e.released} == released
     assert len(s.queue) == 13  # m7..m19
-    s, d = _connect(node, 5)
+    s, d = connect_sub(node, 5)
     assert d.pubrels == sorted(released)
     resent = [(t[3], t[4]) for t in d.sent]
     assert all(dup for _, dup in resent) and sorted(p for p, _ in resent) == sorted(
@@ -160,7 +147,7 @@ def test_in_flight_and_queued_messages_restore_exactly_with_their_packet_ids(nod
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert not s.inflight and not s.queue
-    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
+    assert entries(node, QUEUE) == 0 and entries(node, SENT) == 0
     node.storage.abort()
 
 
@@ -179,11 +166,11 @@ def test_a_schema_2_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
         2: (b"m1", 2, True),
     }
     assert len(s.queue) == 4
-    s, d = _connect(node, 2)
+    s, d = connect_sub(node, 2)
     assert d.sent == [("t/a", 1, False, 1, True, None)] and d.pubrels == [2]
     assert s.on_puback(1) and s.on_pubcomp(2)  # the schema 2 records are deleted; m2, m3 go out
     node.storage.commit()
-    assert _entries(node, INFLIGHT) == 0
+    assert entries(node, INFLIGHT) == 0
     in_flight = {t[3]: t for t in d.sent[1:]}
     assert len(in_flight) == 2 and not any(t[4] for t in in_flight.values())
     node = node.restart()  # m2, m3 in flight by the schema 3 path, m4, m5 queued
@@ -191,7 +178,7 @@ def test_a_schema_2_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
     assert sorted(e.message.payload for e in s.inflight.values()) == [b"m2", b"m3"]
     assert set(s.inflight) == set(in_flight)
     assert len(s.queue) == 2
-    s, d = _connect(node, 2)
+    s, d = connect_sub(node, 2)
     assert sorted(t[3] for t in d.sent) == sorted(in_flight) and all(t[4] for t in d.sent)
     for pid in list(in_flight):
         assert s.on_puback(pid)
@@ -202,7 +189,7 @@ def test_a_schema_2_store_written_by_the_old_code_is_upgraded(tmp_path: Path) ->
     node = node.restart()
     s = node.broker.sessions["sub"]
     assert not s.inflight and not s.queue
-    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0 and _entries(node, INFLIGHT) == 0
+    assert entries(node, QUEUE) == 0 and entries(node, SENT) == 0 and entries(node, INFLIGHT) == 0
     node.storage.abort()
 
 
@@ -235,7 +222,7 @@ def test_an_online_queue_longer_than_its_memory_part_drains_in_order_once(node: 
             node.storage.commit()
     node.storage.commit()
     assert got == [f"m{i:02d}".encode() for i in range(30)]
-    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
+    assert entries(node, QUEUE) == 0 and entries(node, SENT) == 0
     assert q._MemUse.used == used_before  # the process-wide count of cached bytes is given back
 
 
@@ -246,7 +233,7 @@ def test_every_delivery_shape_sent_at_once_is_stored_once_and_restored_exactly(n
     a restart with every field."""
     import time
 
-    a, da = _connect(node, 10)
+    a, da = connect_sub(node, 10)
     node.broker.subscribe(a, "t/#", 2)
     b, db = node.broker.open_session("sub-ids", False, EXPIRY_NEVER, None)[0], RecordingDelivery()
     node.broker.attach(b, db, 10)
@@ -269,40 +256,15 @@ def test_every_delivery_shape_sent_at_once_is_stored_once_and_restored_exactly(n
     node.storage.commit()
     assert len(da.sent) == len(db.sent) == 4 and len(a.inflight) == len(b.inflight) == 4
     assert _live(node) == 8  # one entry per delivery, nothing else
-    assert _entries(node, QUEUE) == 2  # schema 4: one record per session per commit
+    assert entries(node, QUEUE) == 2  # schema 4: one record per session per commit
     # The entry of a plain message without subscription ids is encoded once, for every such session.
     assert isinstance(shapes[0].wire_cache[("storage.entry", 1, False)], bytes)
-    expect = {
-        cid: {
-            pid: (
-                e.message.topic,
-                e.message.payload,
-                e.message.origin,
-                e.message.properties,
-                e.qos,
-                e.retain,
-                e.subscription_ids,
-            )
-            for pid, e in s.inflight.items()
-        }
-        for cid, s in (("sub", a), ("sub-ids", b))
-    }
+    expect = {cid: _inflight(s) for cid, s in (("sub", a), ("sub-ids", b))}
     assert expect["sub-ids"][db.sent[0][3]][6] == (7,)
     node = node.restart()
     for cid in ("sub", "sub-ids"):
         s = node.broker.sessions[cid]
-        got = {
-            pid: (
-                e.message.topic,
-                e.message.payload,
-                e.message.origin,
-                e.message.properties,
-                e.qos,
-                e.retain,
-                e.subscription_ids,
-            )
-            for pid, e in s.inflight.items()
-        }
+        got = _inflight(s)
         assert got == expect[cid]
         (props_entry,) = [e for e in s.inflight.values() if e.message.topic == "t/props"]
         assert 3500 < props_entry.message.remaining_expiry() <= 3600
@@ -325,4 +287,4 @@ def test_a_qos0_message_queued_behind_the_window_goes_out_while_the_window_is_fu
     assert [t[1] for t in d.sent] == [1, 1, 0, 1] and not s.queue
     assert s.on_puback(d.sent[3][3])
     node.storage.commit()
-    assert _entries(node, QUEUE) == 0 and _entries(node, SENT) == 0
+    assert entries(node, QUEUE) == 0 and entries(node, SENT) == 0
