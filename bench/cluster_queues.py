@@ -21,6 +21,9 @@ one auto-ack consumer group (``consumer-group: g``, ``auto-ack: true``, as in ``
     producer and consumer on ``b``: both of the above.
 ``pubsub-cross``
     for reference, plain QoS 1 pub/sub across the nodes (publisher on ``b``, subscriber on ``a``).
+``alone``
+    for reference, ``local`` on a third node started beside them without ``cluster``, the same
+    storage and queues, pinned alike (what the owner's own path costs outside a cluster).
 
 The generator is ``bench.queues.run_once`` (``bench.queues.pump``: ``--count`` QoS 1 PUBLISHes
 with ``--window`` unacknowledged, numbered payloads so that a delivery seen twice is counted). The
@@ -67,6 +70,7 @@ SCENARIOS: dict[str, tuple[str, str, bool]] = {
     "deliver-hop": ("a", "b", True),
     "both-hops": ("b", "b", True),
     "pubsub-cross": ("b", "a", False),
+    "alone": ("alone", "alone", True),
 }
 
 
@@ -129,6 +133,13 @@ def check_owner(endpoint: str, queues: list[str], owner: str = "a") -> None:
         raise RuntimeError(f"queues not owned by node {owner}: {wrong}")
 
 
+def start_alone(queues: list[str], args: argparse.Namespace) -> FluxmqNode:
+    """A node without ``cluster``: the same storage, queues and pinning as ``start_nodes``'."""
+    config = json.dumps([{"name": q, "max_inflight": 1000} for q in queues])
+    sets = ["storage.type=lmdb", f"storage.sync={args.sync}", f"queues={config}"]
+    return FluxmqNode(cpus=args.broker_cpus or None, max_inflight=1000, sets=sets).start()
+
+
 def scenario(nodes: dict[str, FluxmqNode], name: str, prefix: str, count: int, window: int) -> dict:
     """One scenario on queue (or topic) ``{prefix}-{name}``: its rate, each node's CPU per delivery
     (us), the deliveries seen twice, or the error that ended it."""
@@ -163,6 +174,8 @@ def one_run(args: argparse.Namespace) -> dict[str, dict]:
         nodes = start_nodes(endpoint, queues, args)
         try:
             check_owner(endpoint, queues)
+            if "alone" in args.scenarios:
+                nodes["alone"] = start_alone(queues, args)
             if args.warmup:
                 for name in args.scenarios:
                     warm = scenario(nodes, name, "warm", args.warmup, args.window)
@@ -181,11 +194,12 @@ def one_run(args: argparse.Namespace) -> dict[str, dict]:
 def table(runs: list[dict[str, dict]], count: int, sync: str) -> list[str]:
     """The markdown table of ``runs`` (each ``one_run``'s result): per scenario the median rate,
     each run's rate over that run's ``local`` (median; min-max), the median CPU us per delivery of
-    each node and both, the duplicates of all runs and the errors."""
+    each node of the scenario (``a`` and ``b``, or ``alone``) and their sum, the duplicates of all
+    runs and the errors."""
     names = list(runs[0])
     lines = [
         f"| scenario (sync={sync}, {count:,} msgs, median of {len(runs)}) | deliveries/s "
-        "| vs local, same run (median; min-max) | CPU us/msg a + b = both (median) | duplicates | errors |",
+        "| vs local, same run (median; min-max) | node CPU us/msg (median) | duplicates | errors |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for name in names:
@@ -194,16 +208,15 @@ def table(runs: list[dict[str, dict]], count: int, sync: str) -> list[str]:
         ratios = [
             r[name]["rate"] / r["local"]["rate"] for r in runs if "rate" in r[name] and "rate" in r["local"]
         ]
-        cpu_a = statistics.median(g["cpu_a"] for g in got)
-        cpu_b = statistics.median(g["cpu_b"] for g in got)
-        both = statistics.median(g["cpu_a"] + g["cpu_b"] for g in got)
+        which = ["alone"] if SCENARIOS[name][0] == "alone" else ["a", "b"]
+        cpu = " + ".join(f"{n} {statistics.median(g[f'cpu_{n}'] for g in got):.1f}" for n in which)
+        if len(which) > 1:
+            cpu += f" = {statistics.median(sum(g[f'cpu_{n}'] for n in which) for g in got):.1f}"
         errors = "; ".join(g["error"] for g in got if "error" in g) or "-"
         rate = f"{statistics.median(rates):,.0f}" if rates else "-"
         ratio = f"{statistics.median(ratios):.2f}; {min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
         dups = sum(g.get("dups", 0) for g in got)
-        lines.append(
-            f"| {name} | {rate} | {ratio} | {cpu_a:.0f} + {cpu_b:.0f} = {both:.0f} | {dups} | {errors} |"
-        )
+        lines.append(f"| {name} | {rate} | {ratio} | {cpu} | {dups} | {errors} |")
     return lines
 
 
