@@ -80,16 +80,26 @@ def subscribe5(s: socket.socket, filter: str, user: list[tuple[str, str]]) -> No
 
 
 def run_once(
-    port: int, topic: str, filter: str, consumers: int, count: int, window: int, group: bool
+    port: int,
+    topic: str,
+    filter: str,
+    consumers: int,
+    count: int,
+    window: int,
+    group: bool,
+    sub_port: int | None = None,
+    seen: set[bytes] | None = None,
 ) -> float:
+    """Deliveries per second of ``pump`` with ``consumers`` on ``sub_port`` (default: ``port``, the
+    publisher's), each a member of group ``g`` (auto-ack) when ``group``; ``seen`` as in ``pump``."""
     user = [("consumer-group", "g"), ("auto-ack", "true")] if group else []
     subs = []
     for i in range(consumers):
-        s = connect5(port, f"bench-c{i}-{os.getpid()}-{time.monotonic_ns()}")
+        s = connect5(sub_port or port, f"bench-c{i}-{os.getpid()}-{time.monotonic_ns()}")
         subscribe5(s, filter, user)
         subs.append(s)
     pub = connect5(port, f"bench-p-{os.getpid()}-{time.monotonic_ns()}")
-    delivered, _acked, elapsed, _per = pump(pub, subs, topic, count, window)
+    delivered, _acked, elapsed, _per = pump(pub, subs, topic, count, window, seen=seen)
     for s in [pub, *subs]:
         s.close()
     return delivered / elapsed
@@ -104,12 +114,15 @@ def pump(
     counted: bytes = b"",
     strict: bool = True,
     poll: float = 0.05,
+    seen: set[bytes] | None = None,
 ) -> tuple[int, int, float, dict[int, int]]:
     """Publish ``count`` QoS 1 messages (64-byte payloads) to ``topic`` from ``pub``, at most
     ``window`` unacknowledged (200 a write), and PUBACK every PUBLISH the ``subs`` receive, until
     ``count`` deliveries on topics starting with ``counted`` (every one by default); a refused
     PUBACK raises. Returns (deliveries, PUBACKs, seconds from the first PUBLISH, deliveries per
-    sub's fileno). After 300 s: ``RuntimeError`` if ``strict``, else what was counted. The loop of
+    sub's fileno). After 300 s: ``RuntimeError`` if ``strict``, else what was counted. With ``seen``
+    the payloads are numbered (still 64 bytes) and each counted delivery's payload is added to it:
+    ``deliveries - len(seen)`` were duplicates. The loop of
     bench/queues.py, bench/workers_queues.py and bench/raft_queue.py: one generator for every
     scenario, so that their figures compare the broker's paths."""
     for s in [pub, *subs]:
@@ -133,7 +146,13 @@ def pump(
             n = min(200, count - sent, window - (sent - acked))
             pub.sendall(
                 b"".join(
-                    _frame(0x32, head + struct.pack(">H", (sent + k) % 65535 + 1) + b"\x00" + payload)
+                    _frame(
+                        0x32,
+                        head
+                        + struct.pack(">H", (sent + k) % 65535 + 1)
+                        + b"\x00"
+                        + (payload if seen is None else b"%064d" % (sent + k)),
+                    )
                     for k in range(n)
                 )
             )
@@ -159,6 +178,8 @@ def pump(
                     acks.append(b"\x40\x02" + body[2 + tlen : 4 + tlen])
                     if body[2 : 2 + tlen].startswith(counted):
                         delivered += 1
+                        if seen is not None:
+                            seen.add(bytes(body[-64:]))  # the payload ends the PUBLISH
                         per[sock.fileno()] = per.get(sock.fileno(), 0) + 1
             if acks:
                 sock.setblocking(True)
