@@ -5,6 +5,8 @@ table (tests/_core/test_properties.py cross-checks it against paho-mqtt's).
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -45,6 +47,12 @@ from fluxmq._core.codec import (
 )
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def fuzz_examples(default: int) -> int:
+    """A fuzz test's hypothesis example count: ``default``, or ``FUZZ_EXAMPLES`` when set (a
+    long campaign, e.g. under scripts/asan: docs/development.rst)."""
+    return int(os.environ.get("FUZZ_EXAMPLES") or default)
 
 
 VERSIONS = (3, 4, 5)

@@ -22,7 +22,8 @@ from fluxmq.errors import (
     TopicNameInvalid,
     UnsupportedProtocolVersion,
 )
-from tests._core.codec_strategies import any_packet
+from tests._core.codec_strategies import any_packet, fuzz_examples
+from tests._core.guarded import guarded
 from tests._core.wire_builders import block, connect_v, frame, prop, rejects, s
 
 # -- fixed header -----------------------------------------------------------------------------
@@ -328,7 +329,7 @@ FIRST_BYTES = [
 FRAMES = st.builds(frame, st.sampled_from(FIRST_BYTES), st.binary(max_size=48))
 
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def check_only_mqtt_errors(data: bytes, version: int, max_packet_size: int = 0) -> tuple:
@@ -339,8 +340,9 @@ def check_only_mqtt_errors(data: bytes, version: int, max_packet_size: int = 0) 
         packets = []
         error = None
         try:
-            packets.extend(decoder.feed(data[:cut]))
-            packets.extend(decoder.feed(data[cut:]))
+            with guarded(data[:cut]) as head, guarded(data[cut:]) as tail:
+                packets.extend(decoder.feed(head))
+                packets.extend(decoder.feed(tail))
         except MQTTError as exc:
             error = type(exc)
             packets.extend(exc.packets)

@@ -24,9 +24,10 @@ from fluxmq.errors import MQTTError, PacketTooLarge
 from fluxmq.protocol.connection import MQTTConnection
 from fluxmq.protocol.flush import FlushScheduler
 from fluxmq.protocol.settings import ProtocolSettings
-from tests._core.codec_strategies import any_packet, connects
+from tests._core.codec_strategies import any_packet, connects, fuzz_examples
+from tests._core.guarded import guarded
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=fuzz_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VERSIONS = st.sampled_from([3, 4, 5])
 
 
@@ -40,13 +41,15 @@ def varint(n: int) -> bytes:
 
 
 def feed_in_pieces(data: bytes, cuts: list[int], version: int = 0, max_packet_size: int = 0) -> tuple:
-    """(packets, error type or None) of feeding ``data`` cut at ``cuts``."""
+    """(packets, error type or None) of feeding ``data`` cut at ``cuts``, each piece ending at an
+    unreadable page (``guarded``: a read past it faults)."""
     decoder = c.Decoder(max_packet_size=max_packet_size, version=version)
     packets: list = []
     bounds = sorted({0, len(data), *[min(x, len(data)) for x in cuts]})
     try:
         for a, b in zip(bounds, bounds[1:], strict=False):
-            packets.extend(decoder.feed(data[a:b]))
+            with guarded(data[a:b]) as piece:
+                packets.extend(decoder.feed(piece))
     except MQTTError as exc:
         return packets + list(getattr(exc, "packets", None) or ()), type(exc)
     return packets, None
@@ -164,7 +167,7 @@ class _ErrorLines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=mutated(with_connect=True), cuts=st.lists(st.integers(0, 600), max_size=3))
 def test_hostile_streams_through_a_connection_only_close_it(case, cuts) -> None:
     version, connect, data = case
