@@ -168,7 +168,7 @@ cdef class ForwardQueue:
         return self.append_raw(t, tlen, o, olen, qos, PyBytes_AS_STRING(payload),
                                PyBytes_GET_SIZE(payload))
 
-    def append_bytes(self, bytes topic, str origin, int qos, bytes payload):
+    def append_bytes(self, bytes topic not None, str origin, int qos, bytes payload not None):
         """``append_raw`` from Python (tests): the topic as its UTF-8 bytes."""
         cdef Py_ssize_t olen = 0
         cdef const char* o = NULL

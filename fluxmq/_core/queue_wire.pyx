@@ -161,7 +161,7 @@ def record_delivery(bytes head not None, bytes props not None, bytes group not N
                    PyBytes_GET_SIZE(props), group, count, extra, payload, NULL, 0, 0, False)
 
 
-def plain_records(bytes head, bytes mid, list payloads):
+def plain_records(bytes head not None, bytes mid not None, list payloads not None):
     """``head + u32le(len(payload)) + mid + payload`` for each payload (a list of ``bytes``): the
     stored records of a run of plain appends (``storage.queue_log`` makes ``head`` and ``mid``:
     the record and message header up to the payload length, then the topic and origin). One
@@ -174,6 +174,8 @@ def plain_records(bytes head, bytes mid, list payloads):
     cdef char* p
     cdef unsigned long long length
     for obj in payloads:
+        if obj is None:
+            raise TypeError("a payload is None, not bytes")
         payload = <bytes?>obj
         pn = PyBytes_GET_SIZE(payload)
         if pn > U32_MAX:
@@ -195,7 +197,7 @@ def plain_records(bytes head, bytes mid, list payloads):
     return out
 
 
-def offset_keys(bytes prefix, unsigned long long first, Py_ssize_t n):
+def offset_keys(bytes prefix not None, unsigned long long first, Py_ssize_t n):
     """``prefix + u64be(offset)`` for ``offset`` in ``first .. first + n - 1`` (a queue log's keys,
     laid out by ``storage.queue_log``)."""
     cdef Py_ssize_t pn = PyBytes_GET_SIZE(prefix), i

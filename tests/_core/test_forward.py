@@ -489,3 +489,14 @@ def test_take_seals_the_tail_bounds_a_batch_by_messages_and_bytes_and_keeps_the_
     ]
     assert (fq.queued, fq.queued_bytes) == (0, 0) == remaining()
     assert fq.take(100, 1 << 20) == ([], 0) and not runs
+
+
+def test_append_bytes_refuses_none_for_the_topic_or_the_payload() -> None:
+    """None where bytes are read raises TypeError (a crash in C before: ASan run, session 18)."""
+    fq = ForwardQueue(deque(), 100, 1 << 30, 100, 1 << 30)
+    with pytest.raises(TypeError):
+        fq.append_bytes(None, "o", 0, b"p")
+    with pytest.raises(TypeError):
+        fq.append_bytes(b"t", "o", 0, None)
+    fq.append_bytes(b"t", "o", 1, b"p")
+    assert bytes(fq.tail) == python_items(Message("t", b"p", 1, False, None, None, "o"))

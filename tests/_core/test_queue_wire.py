@@ -124,3 +124,19 @@ def test_plain_records_refuse_what_is_not_bytes() -> None:
 
     with pytest.raises(TypeError):
         plain_records(b"h", b"m", ["text"])
+
+
+def test_the_record_builders_refuse_none_where_they_read_bytes() -> None:
+    """None where bytes are read raises TypeError (a crash in C before: ASan run, session 18)."""
+    from fluxmq._core.queue_wire import offset_keys, plain_records
+
+    with pytest.raises(TypeError):
+        plain_records(None, b"m", [b"p"])
+    with pytest.raises(TypeError):
+        plain_records(b"h", None, [b"p"])
+    with pytest.raises(TypeError):
+        plain_records(b"h", b"m", [b"p", None])
+    with pytest.raises(TypeError):
+        offset_keys(None, 0, 1)
+    assert plain_records(b"h", b"m", [b"pp"]) == [b"h\x02\x00\x00\x00mpp"]
+    assert offset_keys(b"q", 1, 2) == [b"q" + (1).to_bytes(8, "big"), b"q" + (2).to_bytes(8, "big")]
