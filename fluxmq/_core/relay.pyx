@@ -195,12 +195,12 @@ cdef class PublishRelay:
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public long long forwarded  # messages from peers delivered here (deliver_items)
     cdef public long long settled  # PUBACKs settled here (_settle_acks; tests read it to see the path)
-    # The run of ``$queue/`` PUBLISHes ``append_relayed`` last declined: the address of the read's
-    # packet list, the run's end in it and its topic; a later call within that run (the Python path
-    # served the packet before) declines at once, so a read of appends to a queue another worker
-    # owns is not gathered again for every packet (a spurious match, a new list at a freed one's
-    # address, would only send a packet to the Python path)
-    cdef Py_ssize_t _declined_in
+    # The run of ``$queue/`` PUBLISHes ``append_relayed`` last declined: the read's packet list
+    # (held, so that no other read's list is made at its address; let go by the next call with
+    # another list), the run's end in it and its topic; a later call within that run (the Python
+    # path served the packet before) declines at once, so a read of appends to a queue another
+    # worker owns is not gathered again for every packet
+    cdef list _declined_list
     cdef Py_ssize_t _declined_end
     cdef str _declined_topic
     cdef public long long raw_forwarded  # PUBLISHes forward_raw consumed on a broker with peers
@@ -281,7 +281,7 @@ cdef class PublishRelay:
         self.served = 0
         self.forwarded = 0
         self.settled = 0
-        self._declined_in = 0
+        self._declined_list = None
         self._declined_end = 0
         self._declined_topic = None
         self.raw_forwarded = 0
@@ -869,6 +869,8 @@ cdef class PublishRelay:
         cdef long long gen
         if not self.enabled or i >= count:
             return i
+        if self._declined_list is not None and self._declined_list is not packets:
+            self._declined_list = None  # (another read: the declined run is over, its list let go)
         if type(packets[i]) is Puback:
             return self._settle_acks(conn, packets, i, count)
         if not isinstance(conn, ConnState):
@@ -954,9 +956,8 @@ cdef class PublishRelay:
                         break
                     if allowed is not None and _refused(allowed, topic):
                         break
-                    if (i < self._declined_end and <Py_ssize_t><PyObject*>packets == self._declined_in
-                            and topic == self._declined_topic):
-                        break  # within a run declined already (see _declined_in)
+                    if packets is self._declined_list and i < self._declined_end and topic == self._declined_topic:
+                        break  # within a run declined already (see _declined_list)
                     # The run of such PUBLISHes to this topic in this read: appended in one call.
                     payloads = [payload]
                     j = i + 1
@@ -985,8 +986,8 @@ cdef class PublishRelay:
                         n = taken
                         if n <= 0:
                             # declined before any effect: the Python path serves (or refuses) it,
-                            # and the rest of its run in this read (declined at once: _declined_in)
-                            self._declined_in = <Py_ssize_t><PyObject*>packets
+                            # and the rest of its run in this read (declined at once: _declined_list)
+                            self._declined_list = packets
                             self._declined_end = j
                             self._declined_topic = topic
                             break

@@ -210,3 +210,35 @@ def test_a_persistent_sessions_pubacks_are_settled_in_c_with_peers(tmp_path, pyt
     fast, reader, slow = settled
     assert fast == reader == (4, [])
     assert slow == (0, [("dur", pid) for pid in (1, 2, 3, 4)])
+
+
+def test_a_declined_run_is_remembered_for_its_read_only(tmp_path) -> None:
+    """A run of appends to a queue not made yet is declined once (the Python path makes the queue
+    with the first and appends them all); the next read's run to it is appended in C again (the
+    declined run is the read's, however the next read's packet list is allocated)."""
+    fresh = next(f"f{i}" for i in range(100) if owner_index(f"f{i}", 2) == 0)
+    asked = []
+
+    def scenario(w: Workers) -> list:
+        manager = with_queues(w)[0]
+        append_relayed = manager.append_relayed
+
+        def counted(topic, payloads, cid):
+            taken = append_relayed(topic, payloads, cid)
+            asked.append((len(payloads), taken))
+            return taken
+
+        manager.append_relayed = counted
+        w.client("pub", 0)
+        for r in range(3):
+            w.send(
+                "pub",
+                [c.Publish(f"$queue/{fresh}", b"%d%d" % (r, i), qos=1, packet_id=1 + i) for i in range(3)],
+            )
+            read_packets(w, "pub", c.PUBACK, 3)
+        return [records(manager, fresh)]
+
+    [appended], _counters, _served, _forwarded = run_three(tmp_path, scenario)
+    assert [p for _t, p, _o in appended] == [b"%d%d" % (r, i) for r in range(3) for i in range(3)]
+    # the hub's run and the reader's: the first read declined once, the next two appended in C
+    assert asked == [(3, 0), (3, 3), (3, 3)] * 2
