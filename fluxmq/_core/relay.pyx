@@ -17,8 +17,11 @@ queue's PUBACKs are held until the Raft commit, through ``conn.hold_acks``), a p
 ``max_message_size``, QoS over ``max_qos``, a client policy without a fast allowance for the topic, a storage that is refusing writes, a route with
 shared groups, a broker with message observers (webhooks). With peers (a cluster, several
 workers) a message is also queued for each peer with matching interest (``peers.relay_route``), in
-C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a
-``$queue/`` append, a topic matching a shared group on a peer, a full peer queue.
+C, framed as the cluster frames it (``fluxmq._core.forward``); declined then as well: a topic
+matching a shared group on a peer, a full peer queue. A ``$queue/`` append is served with peers
+too when ``append_relayed`` takes it (the queue is this process's: ``QueuePlacement.owns``, as
+``QueueManager.publish`` asks first); one another worker or node owns is declined there, and the
+rest of its run in the same read is left to the Python path without asking again.
 ``forward_raw`` runs before the decoder on a read: the plain QoS 0 PUBLISHes at its start (and a
 3.x client's QoS 1 ones with no local target) are served from the read's bytes, no ``Publish``
 made: each ready local subscriber's frame written into its output (``publish_frame``), each
@@ -191,6 +194,15 @@ cdef class PublishRelay:
     cdef long sample_mask
     cdef public long long served  # PUBLISHes handled here (tests read it to see which path ran)
     cdef public long long forwarded  # messages from peers delivered here (deliver_items)
+    cdef public long long settled  # PUBACKs settled here (_settle_acks; tests read it to see the path)
+    # The run of ``$queue/`` PUBLISHes ``append_relayed`` last declined: the read's packet list
+    # (held, so that no other read's list is made at its address; let go by the next call with
+    # another list), the run's end in it and its topic; a later call within that run (the Python
+    # path served the packet before) declines at once, so a read of appends to a queue another
+    # worker owns is not gathered again for every packet
+    cdef list _declined_list
+    cdef Py_ssize_t _declined_end
+    cdef str _declined_topic
     cdef public long long raw_forwarded  # PUBLISHes forward_raw consumed on a broker with peers
     cdef public long long raw_served  # PUBLISHes forward_raw consumed (delivered, forwarded) without decoding
     cdef public Py_ssize_t raw_packets  # the PUBLISHes the last forward_raw call consumed
@@ -268,6 +280,10 @@ cdef class PublishRelay:
         self.sample_mask = sample_mask
         self.served = 0
         self.forwarded = 0
+        self.settled = 0
+        self._declined_list = None
+        self._declined_end = 0
+        self._declined_topic = None
         self.raw_forwarded = 0
         self.raw_served = 0
         self.raw_packets = 0
@@ -329,15 +345,21 @@ cdef class PublishRelay:
         them (the entry leaves the window, then its sender's ``settle`` is called), for a plain or
         persistent session with nothing queued or held; and, for a persistent session, of its own
         QoS 1 deliveries what ``PersistentSession.on_puback`` does (the entry leaves the window, the
-        store marks its queue entry done, and ``pump`` sends what waits), on a broker without peers.
-        Stops at the first PUBACK of anything else, which the Python path serves."""
+        store marks its queue entry done, and ``pump`` sends what waits). Stops at the first PUBACK
+        of anything else, which the Python path serves.
+
+        The same with peers (a cluster node, a worker of several): neither ``on_puback`` looks at
+        them. A delivery of a queue another worker or node owns (``ForwardedDelivery``) is settled
+        through its ``settle``, ``RemoteQueues._settled``, which queues the op to the owner without
+        waiting (as from the reader); a session moving to another node is exported from another
+        greenlet, never within this call, and closes the connection first (checked per PUBACK)."""
         cdef Puback ack
         cdef bint v5, durable
         cdef int pid
         tracked = self.tracked_class
         session = conn.session
-        if session is None or conn.closed or conn.broker.peers is not None:
-            return i  # (with peers, as for a PUBLISH: the Python path, in the reader greenlet)
+        if session is None or conn.closed:
+            return i
         cdef SentTable table = None
         durable = self.persistent_class is not None and type(session) is self.persistent_class
         if durable:
@@ -388,6 +410,7 @@ cdef class PublishRelay:
             else:
                 break
             i += 1
+            self.settled += 1
             if conn.closed or conn.session is not session:
                 break
         if pump and (queue.count or session.held):
@@ -846,6 +869,8 @@ cdef class PublishRelay:
         cdef long long gen
         if not self.enabled or i >= count:
             return i
+        if self._declined_list is not None and self._declined_list is not packets:
+            self._declined_list = None  # (another read: the declined run is over, its list let go)
         if type(packets[i]) is Puback:
             return self._settle_acks(conn, packets, i, count)
         if not isinstance(conn, ConnState):
@@ -927,10 +952,12 @@ cdef class PublishRelay:
                         have_queues = True
                         queues = bc.queues
                         queue_append = queues.append_relayed if queues is not None else None
-                    if queue_append is None or peers is not None or qos != 1 or not topic.startswith("$queue/"):
+                    if queue_append is None or qos != 1 or not topic.startswith("$queue/"):
                         break
                     if allowed is not None and _refused(allowed, topic):
                         break
+                    if packets is self._declined_list and i < self._declined_end and topic == self._declined_topic:
+                        break  # within a run declined already (see _declined_list)
                     # The run of such PUBLISHes to this topic in this read: appended in one call.
                     payloads = [payload]
                     j = i + 1
@@ -958,7 +985,12 @@ cdef class PublishRelay:
                     else:
                         n = taken
                         if n <= 0:
-                            break  # declined before any effect: the Python path serves (or refuses) it
+                            # declined before any effect: the Python path serves (or refuses) it,
+                            # and the rest of its run in this read (declined at once: _declined_list)
+                            self._declined_list = packets
+                            self._declined_end = j
+                            self._declined_topic = topic
+                            break
                         # -- Broker.publish's counts; the PUBACKs (nothing was written to this client meanwhile) --
                         out = cs.out
                         for k in range(n):

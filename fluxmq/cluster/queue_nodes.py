@@ -61,6 +61,11 @@ class QueueNodes:
         except ClusterError as exc:
             raise QueueRefused(f"queue {name}: its owning node is not known ({exc})", 0x80) from None
 
+    def known(self, name: str) -> str | None:
+        """The node owning queue ``name`` as far as this process knows now (None: not known yet);
+        never asks etcd (``owner`` claims)."""
+        return self.owners.owners.get(name)
+
     def _claim_quietly(self, name: str) -> None:
         try:
             self.owners.claim(name)

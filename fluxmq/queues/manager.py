@@ -432,7 +432,8 @@ class QueueManager:
         queue, from client ``client_id``. Appends the first n payloads it takes and returns n (the
         caller counts and acknowledges them; the acks leave after the turn's commit, as with
         ``publish``); 0, before any effect, for what the full path must serve or refuse (a
-        settlement, a queue another worker owns, an unknown queue, storage full, a queue limit at
+        settlement, a queue another worker or node owns or whose owning node is not known here
+        yet, an unknown queue, storage full, a queue limit at
         the first, a replicated log's group refusing writes now, a compacted replicated queue). A
         replicated log's sync appends return ``(n, held)``: the PUBACKs wait for ``held`` (a
         HeldAck resolved at the Raft commit), which the caller hands to the connection."""
@@ -440,12 +441,11 @@ class QueueManager:
         if key and key[0] == "$" and key in SETTLE_ACTIONS:
             return 0
         placement = self.placement
-        if placement is not None:
-            try:
-                if not placement.owns(name):
-                    return 0  # another worker owns it (publish forwards it)
-            except QueueRefused:
-                return 0  # its owner is not known now (publish refuses it)
+        if placement is not None and not placement.owns(name, wait=False):
+            # another worker or node owns it (publish forwards it), or a cluster's owner is not
+            # known here yet (publish claims it: never within the relay's call, which must not
+            # switch greenlets)
+            return 0
         q = self.queues.get(name)
         if q is None or self.storage.refusing:
             return 0

@@ -83,7 +83,18 @@ class QueuePlacement:
         node = nodes.owner(self.source(name))
         return None if node == nodes.node else node
 
-    def owns(self, name: str) -> bool:
-        if self.nodes is not None and self.owner_node(name) is not None:
-            return False
+    def owns(self, name: str, wait: bool = True) -> bool:
+        """Whether this worker owns queue ``name``. ``wait=False``, for a caller that must not switch
+        greenlets (the C fast path of a PUBLISH): on a cluster, False also while the owning node is
+        not known here yet (``owner_node`` would claim it in etcd)."""
+        nodes = self.nodes
+        if nodes is not None:
+            if wait:
+                if self.owner_node(name) is not None:
+                    return False
+            elif (
+                not (self.replicated and self.is_replicated(name))
+                and nodes.known(self.source(name)) != nodes.node
+            ):
+                return False
         return self.count <= 1 or self.owner(name) == self.index

@@ -142,3 +142,55 @@ def test_on_a_cluster_the_owning_node_comes_first_then_the_worker() -> None:
     assert [p.owns("ledger.dlq") for p in here] == [True, False]
     assert here[0].owner_node("ledger") is None
     assert len(here[0].nodes.asked) == asked
+
+
+class _Owners:
+    """``ClusterMetadata.queue_owners`` as ``QueueNodes`` uses it: the known owners, and claims in etcd."""
+
+    def __init__(self, node: str, owners: dict[str, str]) -> None:
+        self.node = node
+        self.owners = dict(owners)
+        self.claims: list[str] = []
+
+    def claim(self, name: str) -> str:
+        self.claims.append(name)
+        return self.owners.setdefault(name, self.node)
+
+
+def test_owns_without_waiting_never_claims_and_declines_an_owner_not_known_yet(tmp_path) -> None:
+    """The C fast path's question (``owns(name, wait=False)``, asked by
+    ``QueueManager.append_relayed`` within a call that must not switch greenlets): a queue whose
+    owning node is not known here yet is not this worker's, and etcd is not asked (``owns`` claims
+    it, in the reader greenlet); a known owner is answered as ``owns`` answers it."""
+    from fluxmq.cluster.queue_nodes import QueueNodes
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import ReplicationConfig
+    from fluxmq.storage.lmdb import LMDBStorage
+
+    meta = type("Meta", (), {})()
+    meta.queue_owners = owners = _Owners("n1", {"here": "n1", "there": "n2"})
+    configs = [QueueConfig("ledger", replication=ReplicationConfig(enabled=True))]
+    p = QueuePlacement(0, 1, configs)
+    p.nodes = QueueNodes(meta)
+    assert [p.owns(name, wait=False) for name in ("here", "here.dlq", "there", "fresh", "ledger")] == [
+        True,
+        True,
+        False,
+        False,  # not known yet: declined, not claimed
+        True,  # replicated: this node's Raft member, never asked
+    ]
+    assert owners.claims == []
+    assert p.owns("fresh") and owners.claims == ["fresh"]  # the full path claims it for this node
+    assert p.owns("fresh", wait=False)
+    # the relay's append declines (no effect, no claim) what owns(wait=False) declines
+    storage = LMDBStorage(tmp_path / "db", map_size=16 << 20, verify=False)
+    try:
+        manager = QueueManager(storage, [QueueConfig("here"), QueueConfig("new")], placement=p)
+        assert owners.claims == ["fresh", "new"]  # (claimed by the manager's start)
+        del owners.owners["new"]  # (as if its owner were not known here)
+        assert manager.append_relayed("$queue/new", [b"x"], "c") == 0
+        assert manager.append_relayed("$queue/here", [b"x", b"y"], "c") == 2
+        assert owners.claims == ["fresh", "new"]
+        assert manager.queues["new"].log.count == 0 and manager.queues["here"].log.count == 2
+    finally:
+        storage.close()
