@@ -51,22 +51,10 @@ if __package__ in (None, ""):
 from bench import brokers as brokers_mod
 from bench.brokers import FluxmqNode, Mosquitto
 from bench.persist import _complete
+from bench.persist import _frame as _packet
 
 TOPIC = b"footprint/lone"
 PAYLOAD = b"x" * 64
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _remaining_length(len(body)) + body
 
 
 def _str(b: bytes) -> bytes:

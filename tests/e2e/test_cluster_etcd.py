@@ -79,6 +79,13 @@ class Cluster:
         self.nodes[name] = node
         return node
 
+    def start_all(self, peers: int) -> None:
+        """Start every node, then wait until each sees ``peers`` live peers."""
+        for name in self.configs:
+            self.start(name)
+        for node in self.nodes.values():
+            assert wait_for(lambda node=node: nominal(node, peers)), node.http_get("/cluster/status")
+
     def owner(self, client_id: str) -> str | None:
         """The node etcd names as the owner of ``client_id``."""
         return self.value(f"sessions/{client_id}/owner")
@@ -106,10 +113,7 @@ def cluster(etcd_server, tmp_path_factory):
     # e2's lease outlives a restart (test_will_due_at_a_quick_restart_reaches_the_other_nodes_once)
     cl.configs["e2"]["cluster.etcd.lease_ttl"] = "20s"
     try:
-        for name in cl.configs:
-            cl.start(name)
-        for node in cl.nodes.values():
-            assert wait_for(lambda node=node: nominal(node, 2)), node.http_get("/cluster/status")
+        cl.start_all(2)
         yield cl
     finally:
         factory.close()

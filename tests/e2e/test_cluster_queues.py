@@ -36,10 +36,7 @@ def cluster(etcd_server, tmp_path_factory):
     for config in cl.configs.values():
         config["queues"] = [{"name": CONFIGURED}]
     try:
-        for name in cl.configs:
-            cl.start(name)
-        for node in cl.nodes.values():
-            assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
+        cl.start_all(1)
         yield cl
     finally:
         factory.close()

@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 
 from tests.conftest import NodeFactory
 from tests.e2e.mqtt5raw import Paho5, paho5, unique
-from tests.e2e.test_cluster_etcd import Cluster, nominal, wait_for
+from tests.e2e.test_cluster_etcd import Cluster
 from tests.e2e.test_workers import start
 
 pytestmark = pytest.mark.e2e
@@ -165,10 +165,7 @@ def test_a_session_moving_between_nodes_loses_no_message_and_doubles_no_qos2_one
     (tmp_path / "nodes").mkdir()
     cl = Cluster(factory, tmp_path, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["e1", "e2", "e3"])
     try:
-        for name in cl.configs:
-            cl.start(name)
-        for node in cl.nodes.values():
-            assert wait_for(lambda node=node: nominal(node, 2)), node.http_get("/cluster/status")
+        cl.start_all(2)
         e1, e2, e3 = cl.nodes["e1"], cl.nodes["e2"], cl.nodes["e3"]
         sent, moves, missing, twice = run_moves(
             lambda round_: e1 if round_ % 2 else e2, e3, lambda: [e1.log_text(), e2.log_text()], qos, shared
