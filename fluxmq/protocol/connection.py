@@ -183,7 +183,7 @@ class MQTTConnection(
         # Pending output above which the client counts as congested: write_buffer_high, grown from
         # the node's output budget while the client keeps reading (is_congested), shrunk when drained.
         self._high = self._high_base = settings.write_buffer_high
-        self._progress_at = 0.0  # monotonic time the client last took a chunk of a pending write
+        self._progress_at = 0.0  # monotonic time the writer started or the client last took a chunk
         self._keepalive_limit = 0.0  # seconds without input before the client is dropped; 0 = none
         self._can_park = hasattr(stream, "has_buffered")
         self._parking = False
@@ -476,7 +476,12 @@ class MQTTConnection(
     # flush_nowait(limit=None): ConnectionCore's, in C (fluxmq/protocol/_hub_read.pyx).
 
     def _spawn_drain(self) -> None:
-        """The kernel took part of the output: a greenlet writes the rest (``_drain``)."""
+        """The kernel took part of the output: a greenlet writes the rest (``_drain``).
+
+        The client took everything it was given before this write (no writer was running), so it
+        counts as reading from now: without this, its first allowance grow would be judged against
+        the last chunk of an earlier drain, or against no chunk at all, and refused as a stall."""
+        self._progress_at = time.monotonic()
         self._writer = gevent.spawn(self._drain)
 
     def _flush_prefix(self, limit: int) -> None:
@@ -492,7 +497,7 @@ class MQTTConnection(
             self.broker.stats.bytes_sent += n
             del out[:n]
             if n < limit:
-                self._writer = gevent.spawn(self._drain)
+                self._spawn_drain()
                 return
         self._dirty = True
         self.flusher.mark(self)
