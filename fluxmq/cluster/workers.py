@@ -37,6 +37,7 @@ import time
 import gevent
 
 from fluxmq.broker.message import Message
+from fluxmq.errors import ClusterError
 from fluxmq.storage.records import decode_message, encode_message
 from fluxmq.storage.worker_owners import LocalOwnership
 
@@ -386,6 +387,12 @@ class WorkerNode:
     def queue_owners(self) -> dict[str, str]:
         """Every durable queue's owning node (cluster.enabled with etcd; ``ClusterNode.queue_owners``)."""
         return self.node.queue_owners() if self.node is not None else {}
+
+    def reassign_queues(self, name: str = "", gone: str = "", to: str = "") -> dict:
+        """``ClusterNode.reassign_queues`` (cluster.enabled with etcd)."""
+        if self.node is None:
+            raise ClusterError("durable queues have no owning node without cluster.enabled and etcd")
+        return self.node.reassign_queues(name, gone, to)
 
     def queue_state(self) -> dict[str, dict]:
         """Durable queues across workers, per other worker (``/metrics``): ``RemoteQueues.state``."""
