@@ -376,7 +376,9 @@ class ClusterNode:
         if registry is None:
             from .metadata.queue_owners import OwnerChangeRefused
 
-            raise OwnerChangeRefused(404, "durable queues have no owning node here (cluster.enabled with etcd)")
+            raise OwnerChangeRefused(
+                404, "durable queues have no owning node here (cluster.enabled with etcd)"
+            )
         to = to or registry.node
         if name:
             old, new = registry.reassign(name, to)
