@@ -37,7 +37,6 @@ import time
 import gevent
 
 from fluxmq.broker.message import Message
-from fluxmq.errors import ClusterError
 from fluxmq.storage.records import decode_message, encode_message
 from fluxmq.storage.worker_owners import LocalOwnership
 
@@ -391,7 +390,11 @@ class WorkerNode:
     def reassign_queues(self, name: str = "", gone: str = "", to: str = "") -> dict:
         """``ClusterNode.reassign_queues`` (cluster.enabled with etcd)."""
         if self.node is None:
-            raise ClusterError("durable queues have no owning node without cluster.enabled and etcd")
+            from .metadata.queue_owners import OwnerChangeRefused
+
+            raise OwnerChangeRefused(
+                404, "durable queues have no owning node here (cluster.enabled with etcd)"
+            )
         return self.node.reassign_queues(name, gone, to)
 
     def queue_state(self) -> dict[str, dict]:

@@ -249,22 +249,9 @@ def test_members_follow_their_queue_to_the_worker_owning_it_after_its_node_resta
 
     import gevent
 
-    from fluxmq.cluster.queues import RemoteQueues
-    from fluxmq.queues.placement import QueuePlacement
-
     owning = {"member": "n2/w0"}
     nodes = SimpleNamespace(node="n1", owner=lambda name: "n2", member=lambda node, name: owning["member"])
-    transport = _RecordingTransport()
-    rq = RemoteQueues(None, transport, "n1", 7, lambda _i: "n1")
-    rq.placement = QueuePlacement(0, 1)
-    rq.placement.nodes = rq.nodes = nodes
-
-    class Session:
-        client_id = "c1"
-        send_quota = 10
-
-    session = Session()
-    rq.joined[session] = {"$queue/orders": ("n2/w0", "g", True, 1, [], 5)}
+    rq, transport, session = _joined_on_n1(None, nodes, ("n2/w0", "g", True, 1, [], 5))
 
     def reconciled_with() -> list[str]:
         transport.calls.clear()
@@ -294,24 +281,13 @@ def test_members_held_for_a_queue_reassigned_to_this_node_join_its_own_groups() 
 
     import gevent
 
-    from fluxmq.cluster.queues import RemoteQueues
-    from fluxmq.queues.placement import QueuePlacement
-
     owners = {"orders": "gone"}
     joined: list[tuple] = []
     manager = SimpleNamespace(subscribe=lambda *args, **kw: joined.append((args, kw)))
     nodes = SimpleNamespace(node="n1", owner=owners.get, member=lambda node, name: node)
-    transport = _RecordingTransport()
-    rq = RemoteQueues(SimpleNamespace(queues=manager), transport, "n1", 7, lambda _i: "n1")
-    rq.placement = QueuePlacement(0, 1)
-    rq.placement.nodes = rq.nodes = nodes
-
-    class Session:
-        client_id = "c1"
-        send_quota = 10
-
-    session = Session()
-    rq.joined[session] = {"$queue/orders": ("gone", "g", False, 1, [("consumer-group", "g")], 5)}
+    rq, transport, session = _joined_on_n1(
+        SimpleNamespace(queues=manager), nodes, ("gone", "g", False, 1, [("consumer-group", "g")], 5)
+    )
     rq._tick()
     assert rq.joined[session]["$queue/orders"][0] == "gone" and not joined  # it waits for its node
     owners["orders"] = "n1"  # reassigned here
@@ -346,3 +322,23 @@ def test_a_stranded_queue_s_wait_for_its_owner_is_logged_once_per_interval_with_
     rq._wait_gate.interval = 0.0  # the interval has passed
     rq._waiting("orders", "-", "its node gone is not available")
     assert [(r.queue, r.waits) for r in lines()][-1] == ("orders", 10)  # 9 held back, and this one
+
+
+def _joined_on_n1(broker, nodes, entry: tuple):
+    """RemoteQueues of node n1 (one worker) with owner registry ``nodes``, and a client "c1" of n1
+    joined to queue "orders" as ``entry`` says (owner, group, auto-ack, qos, user props, version)."""
+    from fluxmq.cluster.queues import RemoteQueues
+    from fluxmq.queues.placement import QueuePlacement
+
+    transport = _RecordingTransport()
+    rq = RemoteQueues(broker, transport, "n1", 7, lambda _i: "n1")
+    rq.placement = QueuePlacement(0, 1)
+    rq.placement.nodes = rq.nodes = nodes
+
+    class Session:
+        client_id = "c1"
+        send_quota = 10
+
+    session = Session()
+    rq.joined[session] = {"$queue/orders": entry}
+    return rq, transport, session
