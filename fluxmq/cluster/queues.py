@@ -378,7 +378,8 @@ class RemoteQueues:
             )
 
     def _move(self, manager) -> None:
-        for name in list(manager.stranded):
+        names = list(manager.stranded)
+        for name in names:
             moved = 0
             while name in manager.stranded:
                 try:
@@ -416,7 +417,7 @@ class RemoteQueues:
                     pass
             log.info("queue_moved", extra={"queue": name, "owner": owner, "records": moved})
         self._moving = None
-        if manager.stranded:  # stranded meanwhile (an owner changed): moved too
+        if any(name not in names for name in manager.stranded):  # stranded meanwhile (an owner changed)
             self.move_stranded()
 
     def _owner(self, name: str) -> str:

@@ -178,10 +178,9 @@ class QueueOwners:
             raise OwnerChangeRefused(
                 409, f"queue {name!r}: its owner record changed meanwhile (now {now}); nothing was changed"
             )
+        # known here at once (the watch's report of it then changes nothing)
         kvs = range_kvs(responses[1]) if len(responses) > 1 else []
-        self._set(
-            name, to, kvs[0]["mod_revision"] if kvs else 0
-        )  # here at once (the watch's report of it then changes nothing)
+        self._set(name, to, kvs[0]["mod_revision"] if kvs else 0)
         log.warning("queue_owner_reassigned", extra={"queue": name, "was": old, "owner": to})
         return old, to
 
