@@ -147,6 +147,7 @@ class LogGate:
         self.interval = interval
         self.max_keys = max_keys
         self._last: OrderedDict[object, float] = OrderedDict()
+        self._held: dict[object, int] = {}  # key -> lines held back since its last one let through
         self.suppressed = 0
 
     def allow(self, key: object, now: float | None = None) -> bool:
@@ -159,5 +160,13 @@ class LogGate:
         self._last[key] = now
         self._last.move_to_end(key)
         if len(self._last) > self.max_keys:
-            self._last.popitem(last=False)
+            self._held.pop(self._last.popitem(last=False)[0], None)
         return True
+
+    def let_through(self, key: object, now: float | None = None) -> int | None:
+        """``allow`` that counts: None when the line is held back, else how many lines of ``key``
+        were held back since its last one let through (0 the first time)."""
+        if not self.allow(key, now):
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        return self._held.pop(key, 0)

@@ -367,6 +367,24 @@ class ClusterNode:
             log.warning("queue_owners_not_read", extra={"error": str(exc)})
             return dict(registry.owners)
 
+    def reassign_queues(self, name: str = "", gone: str = "", to: str = "") -> dict:
+        """An operator's change of owning node (``QueueOwners.reassign``): queue ``name``, or every
+        queue of node ``gone``, goes to live node ``to`` (default: this one). Raises ClusterError
+        (an ``OwnerChangeRefused`` with its HTTP ``status``) when it cannot be done."""
+        meta = self.plane.meta if self.plane is not None else None
+        registry = meta.queue_owners if meta is not None else None
+        if registry is None:
+            from .metadata.queue_owners import OwnerChangeRefused
+
+            raise OwnerChangeRefused(
+                404, "durable queues have no owning node here (cluster.enabled with etcd)"
+            )
+        to = to or registry.node
+        if name:
+            old, new = registry.reassign(name, to)
+            return {"queue": name, "old_owner": old, "new_owner": new}
+        return {"node": gone, "new_owner": to, **registry.reassign_node(gone, to)}
+
     def queue_state(self) -> dict[str, dict]:
         """Durable queues across nodes, per other node (``/metrics``): ``RemoteQueues.state``."""
         return self.queues.state() if self.queues is not None else {}

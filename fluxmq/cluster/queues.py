@@ -45,6 +45,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from fluxmq._core.codec import Decoder
+from fluxmq.auth.limits import LogGate
 from fluxmq.broker.held import HeldAck, wait_held
 from fluxmq.broker.message import WIRE_V5_QOS1, Message, TrackedMessage
 from fluxmq.broker.prefixes import is_settlement
@@ -69,6 +70,8 @@ RECONCILE = 1.0
 SILENCE = 3.5
 #: a member whose worker could not take a delivery (its client's window) is passed over this long
 BACK_OFF = 0.2
+#: while a stranded queue's owner is away, its wait is logged once per queue this often (seconds)
+WAIT_LOG_INTERVAL = 30.0
 _LEN = struct.Struct(">I")
 
 
@@ -280,6 +283,7 @@ class RemoteQueues:
         self.members: dict[tuple[str, str], WorkerMemberSession] = {}
         self.heard: dict[str, tuple[int, float]] = {}
         self._loop = None
+        self._wait_gate = LogGate(WAIT_LOG_INTERVAL, max_keys=1000)  # queue_move_waiting per queue
         transport.handle(OPS_KIND, self._serve_ops)
         transport.handle(DELIVER_KIND, self._serve_deliveries)
 
@@ -299,9 +303,31 @@ class RemoteQueues:
         (configured, or found stored) are claimed for this node, and those another node owns are
         stranded (never served here; their records move to the owner: ``move_stranded``)."""
         self.nodes = nodes
+        nodes.owners.on_change.append(self._owner_changed)
         manager = self.broker.queues
         if manager is not None:
             self.attach(manager)  # (made before the cluster started: configured or stored queues)
+
+    def _owner_changed(self, name: str, was: str, now: str | None) -> None:
+        """Queue ``name``'s owning node changed (an operator reassigned it: ``QueueOwners.reassign``,
+        here or on another node; the watch tells every node). The queues of it this worker served
+        are stranded as at start (never served here again; their unsettled records move to the new
+        owner, the memberships of this worker's clients join its groups); a configured queue
+        now owned here is made. Memberships held here for the old owner follow (``_tick``)."""
+        manager = self.broker.queues
+        placement = self.placement
+        if manager is None or placement is None or placement.nodes is None:
+            return
+        try:
+            mine = [n for n in manager.queues if placement.source(n) == name and not placement.owns(n)]
+            if mine:
+                manager.move_away({n: now or "-" for n in mine})
+                self.move_stranded()
+            for n in manager.configs:
+                if placement.source(n) == name and n not in manager.queues and placement.owns(n):
+                    manager.queue(n, create=True)
+        except QueueRefused as exc:  # the new owner cannot be known now (etcd): the next change again
+            log.warning("queue_owner_unknown", extra={"queue": name, "error": str(exc)})
 
     def _place(self, manager) -> None:
         placement = manager.placement
@@ -322,6 +348,8 @@ class RemoteQueues:
         self._loop = gevent.spawn(self._run)
 
     def stop(self) -> None:
+        if self.nodes is not None and self._owner_changed in self.nodes.owners.on_change:
+            self.nodes.owners.on_change.remove(self._owner_changed)
         if self._loop is not None:
             self._loop.kill(block=False)
             self._loop = None
@@ -339,14 +367,25 @@ class RemoteQueues:
         if manager is not None and manager.stranded and self._moving is None:
             self._moving = gevent.spawn(self._move, manager)
 
+    def _waiting(self, name: str, owner: str, error: str) -> None:
+        """A stranded queue's owner is away: logged at the first wait, then once per
+        WAIT_LOG_INTERVAL with the waits since (the move tries again every second)."""
+        waits = self._wait_gate.let_through(name)
+        if waits is not None:
+            log.info(
+                "queue_move_waiting",
+                extra={"queue": name, "owner": owner, "error": error, "waits": waits + 1},
+            )
+
     def _move(self, manager) -> None:
-        for name in list(manager.stranded):
+        names = list(manager.stranded)
+        for name in names:
             moved = 0
             while name in manager.stranded:
                 try:
                     owner = self._owner(name)
                 except QueueRefused as exc:  # its node is down: again until it is back
-                    log.info("queue_move_waiting", extra={"queue": name, "error": str(exc)})
+                    self._waiting(name, "-", str(exc))
                     gevent.sleep(1.0)
                     continue
                 records = manager.take_stranded(name)
@@ -367,14 +406,7 @@ class RemoteQueues:
                 done.wait(CALL_TIMEOUT * 2)
                 failed = [r for r in results if _refusal(r) is not None]
                 if failed or len(results) < len(records):
-                    log.info(
-                        "queue_move_waiting",
-                        extra={
-                            "queue": name,
-                            "owner": owner,
-                            "error": (failed or [{}])[0].get("err", "no answer"),
-                        },
-                    )
+                    self._waiting(name, owner, (failed or [{}])[0].get("err", "no answer"))
                     gevent.sleep(1.0)  # the owner is not up yet: again (the same records)
                     continue
                 manager.drop_stranded(name, records)
@@ -385,6 +417,8 @@ class RemoteQueues:
                     pass
             log.info("queue_moved", extra={"queue": name, "owner": owner, "records": moved})
         self._moving = None
+        if any(name not in names for name in manager.stranded):  # stranded meanwhile (an owner changed)
+            self.move_stranded()
 
     def _owner(self, name: str) -> str:
         """The member id of the worker owning queue ``name`` (of another node on a cluster: raises
@@ -780,18 +814,33 @@ class RemoteQueues:
 
     def _follow_owners(self) -> None:
         """A cluster: a queue's owning node restarted with another worker count, so another of its
-        workers owns the queue now; the memberships held here for it go to that one (the reconcile
-        joins them there). A node that is down is waited for."""
-        for mine in self.joined.values():
+        workers owns the queue now, or an operator gave the queue to another node; the memberships
+        held here for it go to the new owner (the reconcile joins them there), or join this worker's
+        own groups when it is the owner now. A node that is down is waited for."""
+        me = self.member(self.placement.index) if self.placement is not None else None
+        for session, mine in list(self.joined.items()):
             for f, entry in list(mine.items()):
                 try:
                     owner = self._owner(f[len("$queue/") :].partition("/")[0])
                 except QueueRefused:
                     continue
-                if owner != entry[0]:
+                if owner == entry[0]:
+                    continue
+                log.info("queue_member_follows_owner", extra={"filter": f, "was": entry[0], "owner": owner})
+                if owner != me:
                     mine[f] = (owner, *entry[1:])
-                    log.info(
-                        "queue_member_follows_owner", extra={"filter": f, "was": entry[0], "owner": owner}
+                    continue
+                del mine[f]
+                if not mine and self.joined.get(session) is mine:
+                    del self.joined[session]
+                _owner, group, auto_ack, qos, _user, version = entry
+                user = [("consumer-group", group), ("auto-ack", "true" if auto_ack else "false")]
+                try:
+                    self.broker.queues.subscribe(session, f, qos, user, version, rejoin=True)
+                except QueueRefused as exc:
+                    log.warning(
+                        "queue_member_not_rejoined",
+                        extra={"client_id": session.client_id, "filter": f, "reason": str(exc)},
                     )
 
     def _tick(self) -> None:

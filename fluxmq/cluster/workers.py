@@ -387,6 +387,16 @@ class WorkerNode:
         """Every durable queue's owning node (cluster.enabled with etcd; ``ClusterNode.queue_owners``)."""
         return self.node.queue_owners() if self.node is not None else {}
 
+    def reassign_queues(self, name: str = "", gone: str = "", to: str = "") -> dict:
+        """``ClusterNode.reassign_queues`` (cluster.enabled with etcd)."""
+        if self.node is None:
+            from .metadata.queue_owners import OwnerChangeRefused
+
+            raise OwnerChangeRefused(
+                404, "durable queues have no owning node here (cluster.enabled with etcd)"
+            )
+        return self.node.reassign_queues(name, gone, to)
+
     def queue_state(self) -> dict[str, dict]:
         """Durable queues across workers, per other worker (``/metrics``): ``RemoteQueues.state``."""
         return self.queues.state()

@@ -39,7 +39,7 @@ from fluxmq import __version__
 from fluxmq._core.trie import validate_filter
 from fluxmq.broker.session import EXPIRY_NEVER, Session
 from fluxmq.config import parse_addr
-from fluxmq.errors import ConfigError, StorageError, TopicFilterInvalid
+from fluxmq.errors import ClusterError, ConfigError, StorageError, TopicFilterInvalid
 from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query, read_body
 from fluxmq.http.dashboard import PREFIX as DASHBOARD_PREFIX
 from fluxmq.http.dashboard import DashboardFiles
@@ -255,6 +255,8 @@ class AdminAPI:
             ("GET", "queues/*/messages", self.peek_queue),  # before queues/*, which takes any rest
             ("POST", "queues/*/purge", self.purge_queue),
             ("POST", "queues/*/replay", self.replay_queue),
+            ("POST", "queues/*/owner", self.reassign_queue),
+            ("POST", "nodes/*/queues/reassign", self.reassign_node_queues),
             ("GET", "queues/*", self.get_queue),
             ("GET", "cluster/status", self.cluster_status),
             ("POST", "cluster/raft/groups/*/members", self.add_raft_member),
@@ -749,6 +751,47 @@ class AdminAPI:
         except StorageError:
             raise HTTPError(503, "storage error: the replay was not committed") from None
         return 200, {"queue": args[0], "replayed": n}
+
+    # A cluster with etcd: ``queue_reassign(name, gone, to)`` gives queue ``name``, or every queue of
+    # node ``gone``, a new owning node (``fluxmq.cluster.metadata.queue_owners``); raises ClusterError
+    # whose ``status`` (when it has one) is the answer's.
+    queue_reassign = None
+
+    def reassign_queue(self, environ: dict, args: list[str]) -> tuple:
+        """``POST /queues/{name}/owner`` ``{"node": "n2"}`` (default: this node): the queue's owning
+        node, gone for good, is replaced by a live one (compare-and-swap in etcd); 409 while the
+        recorded owner is live or when the target is not."""
+        return self._reassign(environ, name=args[0])
+
+    def reassign_node_queues(self, environ: dict, args: list[str]) -> tuple:
+        """``POST /nodes/{node}/queues/reassign`` ``{"node": "n2"}``: every queue of a node gone for
+        good goes to a live node (default: this one); 409 while that node is live."""
+        return self._reassign(environ, gone=args[0])
+
+    def _reassign(self, environ: dict, name: str = "", gone: str = "") -> tuple:
+        if self.queue_reassign is None:
+            raise HTTPError(404, "durable queues have no owning node here (cluster.enabled with etcd)")
+        try:
+            doc = json.loads(read_body(environ, 4096) or b"{}")
+        except ValueError:
+            raise HTTPError(400, "the body is not JSON") from None
+        if not isinstance(doc, dict) or not set(doc) <= {"node"} or not isinstance(doc.get("node", "-"), str):
+            raise HTTPError(400, 'the body must be {} or {"node": "<node_id>"} (the new owning node)')
+        to = doc.get("node", "")
+        try:
+            result = self.queue_reassign(name, gone, to)
+        except ClusterError as exc:
+            return getattr(exc, "status", 503), {"error": str(exc)}
+        log.warning(
+            "admin_queue_owner_changed",
+            extra={
+                "queue": name or "*",
+                "was": result.get("old_owner", gone),
+                "owner": result["new_owner"],
+                "queues": len(result["moved"]) if "moved" in result else 1,
+            },
+        )
+        return 200, result
 
     def reload(self, environ: dict, args: list[str]) -> tuple:
         if self._reload is None:

@@ -348,6 +348,7 @@ class NodeApplication(BaseApplication):
                     admin_totals(service.cluster, admin)
                 # a cluster with etcd: the owning node of each durable queue (listing, errors)
                 admin.queue_owners = getattr(service.cluster, "queue_owners", None)
+                admin.queue_reassign = getattr(service.cluster, "reassign_queues", None)
                 apps.append(admin)
         return apps or [make_health_app(service)]  # the private unix socket
 

@@ -22,6 +22,7 @@ from .config import CLASSIC, STREAM, QueueConfig, valid_queue_name
 from .delivery import ACK, NACK, REJECT, SETTLE_ACTIONS, build_delivery, parse_message_id, user_properties
 from .group import ConsumerGroup, Member
 from .log import QueueLog
+from .remote import RemoteMemberSession
 from .retention import apply_retention, truncate_settled
 
 log = logging.getLogger("fluxmq.queues")
@@ -350,6 +351,38 @@ class QueueManager:
                 "queue_stranded",
                 extra={"queue": name, "records": held.count if held is not None else 0, "owner": node},
             )
+
+    def move_away(self, owners: dict[str, str]) -> None:
+        """Queues this process serves that another node owns now (``owners``: queue -> node; an
+        operator reassigned them while this node was cut off): stranded as at start, and the
+        memberships of this process's clients in them join the new owner's groups (``remote``,
+        kept as a rejoin while it does not answer). Other workers' members are left to follow
+        their owner (their worker's reconcile)."""
+        queues = {self.queues[n] for n in owners if n in self.queues}
+        rejoin = []
+        for session, mine in list(self.members.items()):
+            gone = [m for m in mine if m.group.queue in queues]
+            for m in gone:
+                mine.remove(m)
+                if not isinstance(session, RemoteMemberSession):
+                    rejoin.append((session, m.filter, m.group.name, m.auto_ack))
+            if gone and not mine:
+                del self.members[session]
+                session.on_room = None
+        self.strand(owners)  # (the members leave their groups there)
+        if rejoin:
+            gevent.spawn(self._rejoin, rejoin)
+
+    def _rejoin(self, rejoin: list) -> None:
+        for session, filter, group, auto_ack in rejoin:
+            user = [("consumer-group", group), ("auto-ack", "true" if auto_ack else "false")]
+            try:
+                self.subscribe(session, filter, 1, user, 5, rejoin=True)
+            except QueueRefused as exc:
+                log.warning(
+                    "queue_member_not_rejoined",
+                    extra={"client_id": session.client_id, "filter": filter, "reason": str(exc)},
+                )
 
     def take_stranded(self, name: str, limit: int = 256) -> list:
         """Up to ``limit`` records of stranded queue ``name`` still to move to its owner, oldest

@@ -68,3 +68,14 @@ def test_topic_level_cap_counts_levels_at_the_cap_and_one_over() -> None:
     assert caps.topic_problem("$share/g/" + "/".join(["l"] * 126)) is None
     assert caps.topic_problem("$share/g/" + "/".join(["l"] * 127)) is not None
     assert caps.active and caps.any_publish_check
+
+
+def test_log_gate_let_through_counts_the_lines_held_back_per_key() -> None:
+    g = LogGate(30.0)
+    assert g.let_through("k", 0.0) == 0
+    assert g.let_through("k", 1.0) is None
+    assert g.let_through("k", 2.0) is None
+    assert g.let_through("j", 2.0) == 0
+    assert g.let_through("k", 31.0) == 2
+    assert g.let_through("k", 32.0) is None
+    assert g.let_through("k", 62.0) == 1

@@ -249,22 +249,9 @@ def test_members_follow_their_queue_to_the_worker_owning_it_after_its_node_resta
 
     import gevent
 
-    from fluxmq.cluster.queues import RemoteQueues
-    from fluxmq.queues.placement import QueuePlacement
-
     owning = {"member": "n2/w0"}
     nodes = SimpleNamespace(node="n1", owner=lambda name: "n2", member=lambda node, name: owning["member"])
-    transport = _RecordingTransport()
-    rq = RemoteQueues(None, transport, "n1", 7, lambda _i: "n1")
-    rq.placement = QueuePlacement(0, 1)
-    rq.placement.nodes = rq.nodes = nodes
-
-    class Session:
-        client_id = "c1"
-        send_quota = 10
-
-    session = Session()
-    rq.joined[session] = {"$queue/orders": ("n2/w0", "g", True, 1, [], 5)}
+    rq, transport, session = _joined_on_n1(None, nodes, ("n2/w0", "g", True, 1, [], 5))
 
     def reconciled_with() -> list[str]:
         transport.calls.clear()
@@ -285,3 +272,73 @@ def test_members_follow_their_queue_to_the_worker_owning_it_after_its_node_resta
     nodes.member = down  # the node is down again: its members wait for it where they were
     assert reconciled_with() == ["n2/w1"]
     assert rq.joined[session]["$queue/orders"][0] == "n2/w1"
+
+
+def test_members_held_for_a_queue_reassigned_to_this_node_join_its_own_groups() -> None:
+    """An operator gave the queue of a node gone for good to this node: the memberships its clients
+    held for the old owner become members of this node's own group (same group, same auto-ack)."""
+    from types import SimpleNamespace
+
+    import gevent
+
+    owners = {"orders": "gone"}
+    joined: list[tuple] = []
+    manager = SimpleNamespace(subscribe=lambda *args, **kw: joined.append((args, kw)))
+    nodes = SimpleNamespace(node="n1", owner=owners.get, member=lambda node, name: node)
+    rq, transport, session = _joined_on_n1(
+        SimpleNamespace(queues=manager), nodes, ("gone", "g", False, 1, [("consumer-group", "g")], 5)
+    )
+    rq._tick()
+    assert rq.joined[session]["$queue/orders"][0] == "gone" and not joined  # it waits for its node
+    owners["orders"] = "n1"  # reassigned here
+    transport.calls.clear()
+    rq._tick()
+    gevent.sleep(0.01)
+    assert session not in rq.joined
+    assert joined == [
+        ((session, "$queue/orders", 1, [("consumer-group", "g"), ("auto-ack", "false")], 5), {"rejoin": True})
+    ]
+    assert not any(node == "n1" for node, _ops in transport.calls)  # never an op to itself
+
+
+def test_a_stranded_queue_s_wait_for_its_owner_is_logged_once_per_interval_with_its_count(caplog) -> None:
+    """queue_move_waiting (the move tries every second while the owner is away): the first wait,
+    then one line per WAIT_LOG_INTERVAL per queue, counting the waits since the last line."""
+    import logging
+
+    from fluxmq.cluster.queues import WAIT_LOG_INTERVAL, RemoteQueues
+
+    assert 30.0 <= WAIT_LOG_INTERVAL <= 60.0
+    rq = RemoteQueues(None, _RecordingTransport(), "n1", 7)
+    caplog.set_level(logging.INFO, logger="fluxmq.cluster.queues")
+
+    def lines() -> list:
+        return [r for r in caplog.records if r.getMessage() == "queue_move_waiting"]
+
+    for _ in range(10):
+        rq._waiting("orders", "-", "its node gone is not available")
+    rq._waiting("audit", "n2", "no answer")
+    assert [(r.queue, r.waits) for r in lines()] == [("orders", 1), ("audit", 1)]
+    rq._wait_gate.interval = 0.0  # the interval has passed
+    rq._waiting("orders", "-", "its node gone is not available")
+    assert [(r.queue, r.waits) for r in lines()][-1] == ("orders", 10)  # 9 held back, and this one
+
+
+def _joined_on_n1(broker, nodes, entry: tuple):
+    """RemoteQueues of node n1 (one worker) with owner registry ``nodes``, and a client "c1" of n1
+    joined to queue "orders" as ``entry`` says (owner, group, auto-ack, qos, user props, version)."""
+    from fluxmq.cluster.queues import RemoteQueues
+    from fluxmq.queues.placement import QueuePlacement
+
+    transport = _RecordingTransport()
+    rq = RemoteQueues(broker, transport, "n1", 7, lambda _i: "n1")
+    rq.placement = QueuePlacement(0, 1)
+    rq.placement.nodes = rq.nodes = nodes
+
+    class Session:
+        client_id = "c1"
+        send_quota = 10
+
+    session = Session()
+    rq.joined[session] = {"$queue/orders": entry}
+    return rq, transport, session

@@ -8,6 +8,7 @@ that kills the owner starts it again with its data before it ends. Every wait is
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.e2e
 
 WAIT = 15.0
 CONFIGURED = "xq-configured"  # in both nodes' config: claimed at start by the first node started
+TOKEN = "qcluster-admin-token"  # the admin API's (state-changing calls need one)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,10 @@ def cluster(etcd_server, tmp_path_factory):
     factory = NodeFactory(base / "nodes")
     (base / "nodes").mkdir()
     cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["q1", "q2"])
+    (base / "admin-token").write_text(TOKEN)
     for config in cl.configs.values():
         config["queues"] = [{"name": CONFIGURED}]
+        config["server.admin.token_file"] = str(base / "admin-token")
     try:
         cl.start_all(1)
         yield cl
@@ -225,13 +230,13 @@ def test_the_admin_api_names_each_queue_s_owner_node(cluster) -> None:
     here, there = unique("xq-adm"), unique("xq-adm")
     assert append(q1, here, [b"x"]) == [0]
     assert append(q2, there, [b"y"]) == [0]
-    status, _, body = http_request(q1, "GET", "/queues", port=q1.admin_port)
+    status, _, body = http_request(q1, "GET", "/queues", headers=AUTH, port=q1.admin_port)
     assert status == 200, body
     assert body["owners"][here] == "q1" and body["owners"][there] == "q2"
     listed = {q["name"]: q for q in body["queues"]}
     assert listed[here]["owner"] == "q1" and listed[here]["depth"] == 1
     assert there not in listed  # held by q2: its records are there only
-    status, _, body = http_request(q1, "GET", f"/queues/{there}", port=q1.admin_port)
+    status, _, body = http_request(q1, "GET", f"/queues/{there}", headers=AUTH, port=q1.admin_port)
     assert status == 404 and "q2" in body["error"], body
 
 
@@ -270,8 +275,55 @@ def test_records_stored_before_clustering_move_to_the_owner_and_are_served_once(
             c.disconnect()
         assert wait_for(lambda: "queue_moved" in q3.log_text(), WAIT), q3.log_tail()
         assert "queue_stranded" in q3.log_text()
-        status, _, body = http_request(q3, "GET", "/queues", port=q3.admin_port)
+        status, _, body = http_request(q3, "GET", "/queues", headers=AUTH, port=q3.admin_port)
         assert name not in {q["name"] for q in body["queues"]} and body["owners"][name] == "q1"
     finally:
         q3.stop()
         del cluster.nodes["q3"]
+
+
+def reassign(node, path: str, to: str | None = None) -> tuple[int, dict]:
+    """``POST {path}`` on ``node``'s admin API with ``{"node": to}`` (no body: ``node`` itself)."""
+    body = json.dumps({"node": to}).encode() if to is not None else None
+    status, _, answer = http_request(node, "POST", path, body, AUTH, port=node.admin_port)
+    return status, answer
+
+
+def test_a_queue_of_a_node_gone_for_good_gets_a_new_owner_and_loses_nothing(cluster) -> None:
+    """The admin API gives the queue of a killed node to the node answering: refused (409) while
+    the owner lived; then appends there are acknowledged and a consumer there gets them; when the
+    old owner comes back, what it acknowledged before the kill moves to the new owner (each record
+    once) and it no longer serves the queue (an append there goes to the new owner)."""
+    q2 = cluster.nodes["q2"]
+    name = unique("xq-gone")
+    join(cluster.nodes["q1"], name, "keep").disconnect()  # q1 owns it; group "keep" reads later
+    before = [f"b{i}".encode() for i in range(10)]
+    assert append(cluster.nodes["q1"], name, before) == [0] * 10  # stored on q1 only
+    status, body = reassign(q2, f"/queues/{name}/owner", "q2")
+    assert status == 409 and "'q1' is live" in body["error"], body
+    status, body = reassign(q2, f"/queues/{name}/owner", "nobody")
+    assert status == 409 and "'nobody' is not live" in body["error"], body
+    cluster.nodes["q1"].kill()
+    assert wait_for(lambda: reassign(q2, f"/queues/{name}/owner")[0] != 409, WAIT)  # q1's lease expired
+    assert cluster.value(f"queues/{name}/owner") == "q2"
+    assert reassign(q2, f"/queues/{name}/owner") == (
+        200,
+        {"queue": name, "old_owner": "q2", "new_owner": "q2"},
+    )
+    after = [f"a{i}".encode() for i in range(5)]
+    assert append(q2, name, after) == [0] * 5
+    c = join(q2, name, "keep", auto_ack=True)
+    try:
+        assert sorted(m.payload for m in receive(c, 5, WAIT)) == sorted(after)
+        q1 = cluster.start("q1")  # same id, same data: its records of the queue move to q2
+        for node in (q1, q2):
+            assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
+        assert sorted(m.payload for m in receive(c, 10, WAIT)) == sorted(before)
+        assert append(q1, name, [b"via-q1"]) == [0]  # q1 no longer serves it: to q2
+        assert [m.payload for m in receive(c, 1, WAIT)] == [b"via-q1"]
+        assert nothing_more(c)
+        assert wait_for(lambda: "queue_moved" in q1.log_text(), WAIT), q1.log_tail()
+        status, _, listed = http_request(q1, "GET", "/queues", headers=AUTH, port=q1.admin_port)
+        assert name not in {q["name"] for q in listed["queues"]} and listed["owners"][name] == "q2"
+    finally:
+        c.disconnect()

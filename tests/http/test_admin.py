@@ -8,6 +8,7 @@ from the environment, paho clients, reload of a real config file, SIGHUP) are in
 
 from __future__ import annotations
 
+import json
 import random
 from types import SimpleNamespace
 from urllib.parse import quote
@@ -50,9 +51,10 @@ def call(
     query: str = "",
     headers: dict | None = AUTH,
     validate: bool = True,
+    body: bytes = b"",
 ):
     """One request; the response is checked against the spec for its path, method and status."""
-    resp = wsgi_call(app, method, path, query=query, headers=headers)
+    resp = wsgi_call(app, method, path, body, query=query, headers=headers)
     data = b"".join(resp.body)
     if validate:
         args = dict(part.split("=", 1) for part in query.split("&") if part)
@@ -410,6 +412,36 @@ def test_spec_is_served(spec, app) -> None:
     assert data == SPEC_PATH.read_bytes()
 
 
+def test_a_queue_s_owning_node_is_reassigned_through_the_cluster_with_its_refusals(spec, app) -> None:
+    """``POST /queues/{name}/owner`` and ``POST /nodes/{node}/queues/reassign`` hand the request to
+    the cluster (``queue_reassign``); its refusal's status is the answer's (409 the owner is live)."""
+    from fluxmq.cluster.metadata.queue_owners import OwnerChangeRefused
+
+    status, _, body = json_call(spec, app, "POST", "/queues/orders/owner")
+    assert status == 404 and "cluster.enabled" in body["error"]  # no cluster with etcd here
+    asked: list[tuple] = []
+
+    def reassign(name: str, gone: str, to: str) -> dict:
+        asked.append((name, gone, to))
+        if to == "live":
+            raise OwnerChangeRefused(409, "queue 'orders': its owning node 'live' is live")
+        if name:
+            return {"queue": name, "old_owner": "n1", "new_owner": to or "here"}
+        return {"node": gone, "new_owner": to or "here", "moved": ["orders"], "failed": []}
+
+    app.queue_reassign = reassign
+    status, _, body = json_call(spec, app, "POST", "/queues/orders/owner")
+    assert (status, body) == (200, {"queue": "orders", "old_owner": "n1", "new_owner": "here"})
+    status, _, raw = call(spec, app, "POST", "/queues/orders/owner", body=b'{"node": "live"}')
+    assert status == 409 and b"'live' is live" in raw
+    status, _, raw = call(spec, app, "POST", "/nodes/n1/queues/reassign", body=b'{"node": "n2"}')
+    assert status == 200 and json.loads(raw)["moved"] == ["orders"]
+    for bad in (b"[1]", b'{"node": 3}', b'{"to": "n2"}', b"{"):
+        status, _, raw = call(spec, app, "POST", "/queues/orders/owner", body=bad)
+        assert status == 400, bad
+    assert asked == [("orders", "", ""), ("orders", "", "live"), ("", "n1", "n2")]
+
+
 def test_every_route_is_documented(spec, app) -> None:
     paths = YAML(typ="safe", pure=True).load(SPEC_PATH.read_text())["paths"]
     documented = {
@@ -424,6 +456,7 @@ def test_every_route_is_documented(spec, app) -> None:
             + pattern.replace("sessions/*", "sessions/{client_id}")
             .replace("retained/*", "retained/{topic}")
             .replace("queues/*", "queues/{name}")
+            .replace("nodes/*", "nodes/{node}")
             .replace("groups/*/members", "groups/{group}/members")
             # DELETE groups/* takes {group}/members/{addr} (one * per pattern)
             .replace("groups/*", "groups/{group}/members/{addr}"),

@@ -4,6 +4,7 @@ clients can create is bounded."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -87,3 +88,44 @@ def test_queue_counters_count_and_read_unknown_names_as_0_without_listing_them(b
     assert q.stats["appended"] == 1
     assert q.stats["dead_lettered"] == 0  # never counted: 0, and not listed as a counter
     assert broker.queues.describe("s")[0]["counters"] == {"appended": 1}
+
+
+def test_a_queue_reassigned_away_is_stranded_and_its_local_members_rejoin_the_new_owner(
+    tmp_path: Path,
+) -> None:
+    """An operator gave queue "w" to node n2 while this node (n1) served it: it is no longer served
+    here, its unsettled records wait to move to n2 (``take_stranded``), and this node's consumer
+    joins n2's group (through ``remote``) in its group, with its auto-ack."""
+    import gevent
+
+    from fluxmq.queues.placement import QueuePlacement
+    from tests.queues.test_group import member
+
+    storage = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    owners = {"w": "n1"}
+    placement = QueuePlacement(0, 1)
+    placement.nodes = SimpleNamespace(node="n1", owner=owners.get, known=owners.get)
+    b = Broker(storage=storage)
+    b.queues = QueueManager(storage, [QueueConfig("w")], placement=placement)
+    joined: list[tuple] = []
+    b.queues.remote = SimpleNamespace(
+        subscribe=lambda session, f, qos, user, version, rejoin: joined.append(
+            (session.client_id, f, user, rejoin)
+        ),
+        session_gone=lambda session: [],
+    )
+    try:
+        session, delivered = member(b, "c1", "$queue/w", "g", auto_ack=False)
+        for i in range(3):
+            b.publish(Message("$queue/w", f"m{i}".encode(), 1))
+        gevent.sleep(0)
+        storage.commit()
+        assert len(delivered.sent) == 3  # held by c1, unsettled
+        owners["w"] = "n2"
+        b.queues.move_away({"w": "n2"})
+        gevent.sleep(0.01)
+        assert "w" not in b.queues.queues and session not in b.queues.members
+        assert [r.message.payload for r in b.queues.take_stranded("w")] == [b"m0", b"m1", b"m2"]
+        assert joined == [("c1", "$queue/w", [("consumer-group", "g"), ("auto-ack", "false")], True)]
+    finally:
+        storage.close()

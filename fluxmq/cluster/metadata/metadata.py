@@ -8,7 +8,7 @@ Keys under ``prefix`` (default ``/fluxmq/``)::
     election/leader            node id                                         under the leader's lease
     retained/{topic}           retained message or a reference to its owner    (replicated.py)
     wills/{client}             pending will and its owner node                 (replicated.py)
-    queues/{name}/owner        the node holding a durable queue (no lease)     (queue_owners.py)
+    queues/{name}/owner        the node holding a durable queue (no lease; watched) (queue_owners.py)
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class ClusterMetadata:
             self.ownership = SessionOwnership(self.client, self.prefix, self.node_id, lambda: lease.id)
             # durable queues are owned by nodes, not workers: every worker claims for its node
             self.queue_owners = QueueOwners(self.client, self.prefix, self.member_name)
-            self.queue_owners.load()
+            self.queue_owners.start()  # read, then watched: a reassign reaches every node
             self.election = LeaderElection(
                 self.client, self.prefix, self.node_id, lambda: lease.id, lambda: lease.alive
             )
@@ -188,6 +188,8 @@ class ClusterMetadata:
             self.election.stop()
         if self.membership is not None:
             self.membership.stop()
+        if self.queue_owners is not None:
+            self.queue_owners.stop()
         if self.lease is not None:
             lease = self.lease
             if revoke:
