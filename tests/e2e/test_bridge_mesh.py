@@ -30,7 +30,7 @@ def cluster_topics(node) -> dict:
         got = {}
         try:
             while len(got) < 3:
-                m = c.get(3.0)
+                m = c.get(WAIT)  # retained: at once, but a loaded node may take seconds
                 got[m.topic.rsplit("/", 1)[1]] = m.payload
         except AssertionError:
             pass
@@ -76,7 +76,7 @@ def test_every_message_reaches_every_node_exactly_once(mesh):
                     pub.publish(f"mesh/{name}/{i}", b"m", i % 3)
         expected = Counter(f"mesh/{name}/{i}" for name in NAMES for i in range(30))
         for name, sub in subs.items():
-            got = Counter(m.topic for m in drain(sub, 2.0))
+            got = Counter(m.topic for m in drain(sub, 2.0, want=len(NAMES) * 30))
             assert got == expected, f"node {name}: missing {expected - got}, extra {got - expected}"
     finally:
         for sub in subs.values():
@@ -133,7 +133,7 @@ def test_one_node_down(mesh):
         pub.connect(mesh["a"].mqtt_port)
         for i in range(10):
             pub.publish(f"down/{i}", b"x", 1)
-        assert sorted(m.topic for m in drain(sub, 2.0)) == sorted(f"down/{i}" for i in range(10))
+        assert sorted(m.topic for m in drain(sub, 2.0, want=10)) == sorted(f"down/{i}" for i in range(10))
     sync = wait_status(mesh["a"], "degraded")
     assert sync[f"127.0.0.1:{c.mqtt_port}"]["queued"] >= 10  # waiting on disk for C
 

@@ -113,6 +113,21 @@ def visible(driver, css: str, what: str = ""):
     )
 
 
+def click(driver, css: str, what: str) -> None:
+    """Click ``css`` once it is shown. A list that follows the node (the clients list) re-renders
+    its rows: an element found just before a re-render is stale at the click (the click is refused,
+    never made), so look-up and click are retried together (bounded)."""
+
+    def clicked(d) -> bool:
+        element = d.find_element(By.CSS_SELECTOR, css)
+        if not element.is_displayed():
+            return False
+        element.click()
+        return True
+
+    wait_for(driver, clicked, what)
+
+
 def text_of(driver, css: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, css).text
 
@@ -261,7 +276,7 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
         assert [
             r.get_attribute("data-client") for r in driver.find_elements(By.CSS_SELECTOR, "#clients-body tr")
         ] == [client_id]
-        driver.find_element(By.CSS_SELECTOR, f"{row_css} button.client-id").click()
+        click(driver, f"{row_css} button.client-id", "the client's id")
         detail = visible(driver, "#client-detail", "the session detail")
         wait_for(
             driver,
@@ -287,7 +302,7 @@ def test_dashboard_end_to_end(browser, dashboard_node: RunningNode, tmp_path: Pa
 
         # Disconnect: confirm, and the client sees the server's DISCONNECT (0x98 administrative action)
         tab(driver, "clients")
-        visible(driver, f"{row_css} button.disconnect", "the Disconnect button").click()
+        click(driver, f"{row_css} button.disconnect", "the Disconnect button")
         wait_for(driver, ec.alert_is_present(), "the confirmation").accept()
         assert watched.wait_disconnected(WAIT), "the client did not observe the disconnect"
         assert watched.disconnect_reason is not None and watched.disconnect_reason.value == 0x98

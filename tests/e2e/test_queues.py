@@ -16,6 +16,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from tests.e2e.mqtt5raw import Paho5, paho5, props, unique
+from tests.e2e.mqttraw import wait_until
+from tests.e2e.test_http_bridge import http_request
 
 pytestmark = pytest.mark.e2e
 
@@ -98,6 +100,13 @@ def publish(node, topic: str, payloads, qos: int = 1) -> None:
     with paho5(node, unique("qp")) as pub:
         for payload in payloads:
             pub.publish(topic, payload, qos)
+
+
+def queue_state(node, name: str) -> dict:
+    """The admin API's view of queue ``name`` (reads need no token on loopback)."""
+    status, _, body = http_request(node, "GET", f"/queues/{name}", port=node.admin_port)
+    assert status == 200, body
+    return body
 
 
 def receive(client: Paho5, n: int, timeout: float = WAIT) -> list:
@@ -447,7 +456,16 @@ def test_retention_by_count_and_by_age(node) -> None:
     publish(node, "$queue/aged", [b"old1", b"old2"])
     time.sleep(1.5)  # past max_age 1s; retention runs every 100 ms
     publish(node, "$queue/aged", [b"new1"])
-    time.sleep(0.3)
+    # until a retention tick ran after old1 and old2 aged (bounded: on a loaded machine the node's
+    # next ticks may come later than any fixed sleep); new1 must still be young then (max_age 1s)
+    aged = {}
+
+    def trimmed() -> bool:
+        nonlocal aged
+        aged = queue_state(node, "aged")
+        return aged["first_offset"] == 2 and queue_state(node, "recent")["depth"] == 3
+
+    assert wait_until(trimmed, WAIT, 0.02), aged
     by_count = stream_reader(node, unique("count"), "first", "recent")
     by_age = stream_reader(node, unique("age"), "first", "aged")
     try:

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import re
+import socket
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 
 from fluxmq._core import codec as c
 from fluxmq.auth.password_file import hash_password
-from tests.conftest import NodeFactory, free_port
+from tests.conftest import NodeFactory
 from tests.e2e.mqttraw import RawClient, unique, wait_until
 from tests.webhook.receiver import ThreadReceiver
 
@@ -244,35 +245,62 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_a_dead_endpoint_is_counted_and_mqtt_goes_on(node_factory: NodeFactory) -> None:
-    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: every attempt is refused
+    """An endpoint that takes the connections and never answers holds both workers: the queue fills
+    and overflows (counted) while every MQTT message is delivered. Then it goes away (its
+    connections reset, every new one refused): the requests fail, are retried, fail, and the
+    breaker opens, dropping what was queued (counted).
+
+    Each step waits on what the node did, not on time: the endpoint holds its requests until the
+    test closes it (the timeout, 60 s, is never reached). Before, with a refusing endpoint from the
+    start, the breaker opened on the first connects' events when the machine was loaded, before the
+    flood, and the queue never overflowed."""
+    held = socket.socket()  # listens, never accepts: the kernel takes the connections, nobody answers
+    held.bind(("127.0.0.1", 0))
+    held.listen(64)
+    dead = f"http://127.0.0.1:{held.getsockname()[1]}/hook"
     extra = (
-        "  queue_size: 5\n  defaults:\n    retry: {max_attempts: 2, initial_interval: 10ms}\n"
+        "  queue_size: 5\n  defaults:\n    timeout: 60s\n"
+        "    retry: {max_attempts: 2, initial_interval: 10ms}\n"
         "    circuit_breaker: {failure_threshold: 3, reset_timeout: 1h}\n"
     )
-    node = node_factory({"storage.type": "memory", "broker.sys_interval": "0s"}, webhook_yaml(dead, extra))
-    sub = RawClient.to(node, 4)
-    sub.connect(unique("sub"))
-    sub.subscribe(1, ("dead/#", 0))
-    pub = RawClient.to(node, 4)
-    pub.connect(unique("pub"))
-    for i in range(200):
-        pub.publish("dead/t", str(i).encode(), 0)
-    pub.publish_qos1("dead/end", b"end", 1)
-    got, _ = sub.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == "dead/end")
-    assert len([p for p in got if isinstance(p, c.Publish)]) == 200  # every message delivered meanwhile
-    sub.close()
-    pub.close()
-    text = ""
+    try:
+        node = node_factory(
+            {"storage.type": "memory", "broker.sys_interval": "0s"}, webhook_yaml(dead, extra)
+        )
+        sub = RawClient.to(node, 4)
+        sub.connect(unique("sub"))
+        sub.subscribe(1, ("dead/#", 0))
+        pub = RawClient.to(node, 4)
+        pub.connect(unique("pub"))
+        for i in range(200):
+            pub.publish("dead/t", str(i).encode(), 0)
+        pub.publish_qos1("dead/end", b"end", 1)
+        got, _ = sub.collect_until(lambda p: isinstance(p, c.Publish) and p.topic == "dead/end")
+        assert len([p for p in got if isinstance(p, c.Publish)]) == 200  # every message delivered meanwhile
+        sub.close()
+        pub.close()
+        text = ""
 
-    def counted() -> bool:
+        def overflowed() -> bool:
+            nonlocal text
+            text = scrape(node)
+            return metric(text, "fluxmq_webhook_dropped_total", endpoint="rx", reason="queue_full") > 0
+
+        assert wait_until(overflowed, timeout=15), text
+        assert metric(text, "fluxmq_webhook_breaker_state", endpoint="rx") == 0  # nothing failed yet
+        assert metric(text, "fluxmq_webhook_failed_total", endpoint="rx") == 0
+    finally:
+        held.close()  # the endpoint goes away: its connections are reset, new ones refused
+
+    def opened() -> bool:
         nonlocal text
         text = scrape(node)
-        return (
-            metric(text, "fluxmq_webhook_breaker_state", endpoint="rx") == 2
-            and metric(text, "fluxmq_webhook_dropped_total", endpoint="rx", reason="queue_full") > 0
-        )
+        return metric(text, "fluxmq_webhook_breaker_state", endpoint="rx") == 2
 
-    assert wait_until(counted, timeout=15), text
+    assert wait_until(opened, timeout=15), text
+    # the queued events' turns come: each is dropped, the breaker being open
+    assert wait_until(lambda: metric(scrape(node), "fluxmq_webhook_queue_events") == 0, timeout=15)
+    text = scrape(node)
     assert metric(text, "fluxmq_webhook_failed_total", endpoint="rx") >= 1
     assert metric(text, "fluxmq_webhook_retried_total", endpoint="rx") >= 1
     assert metric(text, "fluxmq_webhook_dropped_total", endpoint="rx", reason="breaker_open") >= 1
