@@ -29,6 +29,7 @@ import gevent.event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
 from gunicorn.workers.ggevent import GeventWorker
 
 from fluxmq.broker.behind_io import sleep_behind_io
@@ -177,6 +178,21 @@ class BrokerWorker(GeventWorker):
             except (OSError, ValueError):  # the heartbeat file is closed: the worker is exiting
                 return
             sleep_behind_io(interval)  # a message that arrives as it ends is served first
+
+    def notify(self) -> None:
+        """The heartbeat (gunicorn's ``Worker.notify``); when the arbiter is gone (killed with
+        SIGKILL, crashed, OOM-killed: this process was re-parented), the worker stops as on SIGTERM:
+        the broker's stop runs (clients closed, the store committed and closed, the cluster
+        registration revoked) and the process exits, freeing its ports and data directory.
+
+        gunicorn's ``GeventWorker.notify`` raises SystemExit in the heartbeat's greenlet instead,
+        which skipped that stop: the interpreter then waited for the gRPC server's threads, and the
+        process went on serving MQTT and renewing its etcd lease with its gRPC server shut (peers
+        timed out on it, a restart found its ports in use, a reassign found it live), never exiting."""
+        Worker.notify(self)
+        if self.alive and self.ppid != os.getppid():
+            log.warning("arbiter_gone", extra={"pid": os.getpid(), "arbiter": self.ppid})
+            self.alive = False
 
     def init_signals(self) -> None:
         super().init_signals()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT, NodeFactory, RunningNode
+from tests.conftest import REPO_ROOT, NodeFactory, RunningNode, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -343,3 +343,50 @@ def test_a_config_copied_from_the_reference_documents_starts(node_factory: NodeF
     assert refused.reason_code == 0x87 and "auth.allow_anonymous" in refused.properties[c.REASON_STRING]
     with RawClient("127.0.0.1", ports["plain"], version=4) as client:
         assert client.connect("reference-config").reason_code == 5
+
+
+@pytest.mark.parametrize("clustered", [False, True], ids=["lone", "cluster"])
+def test_a_worker_whose_arbiter_is_killed_stops_and_frees_its_port_and_data(
+    node_factory: NodeFactory, request: pytest.FixtureRequest, clustered: bool
+) -> None:
+    """kill -9 of the node's main process (the arbiter) only: its worker, re-parented, stops as on
+    SIGTERM (clients closed, store closed, etcd registration revoked) and exits, so a node started
+    again on the same ports and data directory comes up. Before, the worker raised SystemExit from
+    its heartbeat and skipped the broker's stop: a lone node's worker exited without closing its
+    store; a cluster node's never exited (the interpreter waited for its gRPC server's threads)
+    and kept serving MQTT, its ports, its data directory's lock and its etcd registration."""
+    overrides = {}
+    if clustered:
+        etcd = request.getfixturevalue("etcd_server")
+        overrides = {
+            "cluster.enabled": True,
+            "cluster.node_id": "orphan",
+            "cluster.transport.bind_addr": f"127.0.0.1:{free_port()}",
+            "cluster.etcd.endpoints": [etcd.endpoint],
+            "cluster.etcd.prefix": f"/orphan-{os.getpid()}-{time.monotonic_ns()}/",
+        }
+    n = node_factory(overrides)
+    workers = n.worker_pids()
+    assert len(workers) == 1, workers
+    worker = workers[0]
+    sock = mqtt_connect(n, "arbiter-killed")
+    os.kill(n.pid, signal.SIGKILL)  # the arbiter only: the process this test started
+    n.wait(10)
+
+    def gone() -> bool:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    try:
+        assert wait_for(gone, 30), f"the worker outlived its arbiter; log tail:\n{n.log_tail()}"
+        assert read_until_closed(sock, 5), "the client's connection was left open"
+    finally:
+        sock.close()
+    log_text = n.log_text()
+    assert "arbiter_gone" in log_text and "broker_stopped" in log_text, n.log_tail()
+    again = node_factory.restart(n)  # the same ports and data directory (it waits until ready)
+    mqtt_connect(again, "after").close()
+    assert again.stop() == 0
