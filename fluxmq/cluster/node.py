@@ -374,11 +374,9 @@ class ClusterNode:
         meta = self.plane.meta if self.plane is not None else None
         registry = meta.queue_owners if meta is not None else None
         if registry is None:
-            from .metadata.queue_owners import OwnerChangeRefused
+            from .metadata.queue_owners import no_owners_here
 
-            raise OwnerChangeRefused(
-                404, "durable queues have no owning node here (cluster.enabled with etcd)"
-            )
+            raise no_owners_here()
         to = to or registry.node
         if name:
             old, new = registry.reassign(name, to)

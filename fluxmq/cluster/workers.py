@@ -390,11 +390,9 @@ class WorkerNode:
     def reassign_queues(self, name: str = "", gone: str = "", to: str = "") -> dict:
         """``ClusterNode.reassign_queues`` (cluster.enabled with etcd)."""
         if self.node is None:
-            from .metadata.queue_owners import OwnerChangeRefused
+            from .metadata.queue_owners import no_owners_here
 
-            raise OwnerChangeRefused(
-                404, "durable queues have no owning node here (cluster.enabled with etcd)"
-            )
+            raise no_owners_here()
         return self.node.reassign_queues(name, gone, to)
 
     def queue_state(self) -> dict[str, dict]:

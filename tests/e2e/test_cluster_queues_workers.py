@@ -14,11 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 from fluxmq.queues.placement import owner_index
-from tests.conftest import NodeFactory
 from tests.e2e.mqtt5raw import unique
 from tests.e2e.test_cluster_etcd import Cluster
 from tests.e2e.test_cluster_queues import crosses, two_members_share
-from tests.e2e.test_cluster_workers import start_two_nodes
+from tests.e2e.test_cluster_workers import two_nodes_of_two_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -27,12 +26,7 @@ WAIT = 15.0
 
 @pytest.fixture(scope="module")
 def nodes(etcd_server, tmp_path_factory):
-    factory = NodeFactory(tmp_path_factory.mktemp("cqworkers"))
-    try:
-        started, prefix = start_two_nodes(factory, etcd_server.endpoint)
-        yield started, etcd_server.endpoint, prefix
-    finally:
-        factory.close()
+    yield from two_nodes_of_two_workers(etcd_server, tmp_path_factory.mktemp("cqworkers"))
 
 
 def recorded(endpoint: str, prefix: str, name: str) -> str | None:

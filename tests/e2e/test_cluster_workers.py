@@ -17,6 +17,7 @@ import socket
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -108,14 +109,20 @@ def logs(started: dict[str, RunningNode]) -> str:
     return "\n".join(f"--- {name} ---\n{node.log_tail(120)}" for name, node in started.items())
 
 
-@pytest.fixture(scope="module")
-def nodes(etcd_server, tmp_path_factory):
-    factory = NodeFactory(tmp_path_factory.mktemp("cworkers"))
+def two_nodes_of_two_workers(etcd_server, base) -> Iterator[tuple[dict[str, RunningNode], str, str]]:
+    """A module's nodes (its ``nodes`` fixture): c1 and c2 of two workers each on the shared etcd,
+    as (nodes by name, etcd endpoint, prefix); stopped when the module is done."""
+    factory = NodeFactory(base)
     try:
         started, prefix = start_two_nodes(factory, etcd_server.endpoint)
         yield started, etcd_server.endpoint, prefix
     finally:
         factory.close()
+
+
+@pytest.fixture(scope="module")
+def nodes(etcd_server, tmp_path_factory):
+    yield from two_nodes_of_two_workers(etcd_server, tmp_path_factory.mktemp("cworkers"))
 
 
 def test_cluster_status_shows_each_node_once(nodes) -> None:

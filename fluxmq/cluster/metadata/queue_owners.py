@@ -43,6 +43,11 @@ class OwnerChangeRefused(ClusterError):
         self.status = status
 
 
+def no_owners_here() -> OwnerChangeRefused:
+    """The refusal of a reassign on a node without etcd (no queue has an owning node there)."""
+    return OwnerChangeRefused(404, "durable queues have no owning node here (cluster.enabled with etcd)")
+
+
 def node_of(member: str) -> str:
     """The node of a registration's member id: ``n1`` for ``n1`` and for a worker's ``n1/w0``."""
     node, sep, index = member.rpartition("/w")
