@@ -760,12 +760,14 @@ cdef class PublishRelay:
         cdef int version
         cdef ConnState dc
         cdef unsigned char* d
-        # per version (4, 5): the frames' bytes (-1: not counted yet), and where they were first
-        # written (the other outputs of that version copy them from there)
+        # per version (4, 5): the frames' bytes (-1: not counted yet), and the output and offset
+        # where they were first written (the other outputs of that version copy them from there;
+        # read again at each copy, so an output met twice, resized between, is never read freed)
         cdef Py_ssize_t sizes[2]
-        cdef unsigned char* written[2]
+        cdef Py_ssize_t src_at[2]
+        cdef PyObject* src[2]
         sizes[0] = sizes[1] = -1
-        written[0] = written[1] = NULL
+        src[0] = src[1] = NULL
         for c in range(n):
             dc = <ConnState>PyList_GET_ITEM(conns, c)
             version = 5 if dc.version == 5 else 4
@@ -793,11 +795,13 @@ cdef class PublishRelay:
             old = PyByteArray_GET_SIZE(dc.out)
             out_resize(dc.out, old + size)
             d = <unsigned char*>PyByteArray_AS_STRING(dc.out) + old
-            if written[version - 4] != NULL:
+            if src[version - 4] != NULL:
                 # (a fan-out: the frames another output of this version got, in one copy)
-                memcpy(d, written[version - 4], size)
+                memcpy(d, <unsigned char*>PyByteArray_AS_STRING(<object>src[version - 4])
+                       + src_at[version - 4], size)
             else:
-                written[version - 4] = d
+                src[version - 4] = <PyObject*>dc.out
+                src_at[version - 4] = old
                 for j in range(k):
                     d += write_publish_frame(d, t, tlen, p + pay[j], plen[j], 0, 0, version)
             dc._npk += k
