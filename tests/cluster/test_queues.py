@@ -283,7 +283,7 @@ def test_members_held_for_a_queue_reassigned_to_this_node_join_its_own_groups() 
 
     owners = {"orders": "gone"}
     joined: list[tuple] = []
-    manager = SimpleNamespace(subscribe=lambda *args, **kw: joined.append((args, kw)))
+    manager = SimpleNamespace(subscribe=lambda *args, **kw: joined.append((args, kw)), stranded={})
     nodes = SimpleNamespace(node="n1", owner=owners.get, member=lambda node, name: node)
     rq, transport, session = _joined_on_n1(
         SimpleNamespace(queues=manager), nodes, ("gone", "g", False, 1, [("consumer-group", "g")], 5)
