@@ -287,7 +287,7 @@ class QueueManager:
                 # new log over them
                 if not self.owns(name):
                     raise QueueRefused(
-                        f"queue {name}: another node owns it now (its records here move there)", 0x80
+                        f"queue {name} is owned elsewhere now (its records here move to its owner)", 0x80
                     )
                 q = self.unstrand(name)
                 if q is None:
