@@ -345,6 +345,7 @@ def test_a_queue_given_back_while_a_batch_of_it_moves_is_served_here_once_the_ba
     from fluxmq.queues.config import QueueConfig
     from fluxmq.queues.placement import QueuePlacement
     from fluxmq.storage.lmdb import LMDBStorage
+    from tests.cluster.metadata.conftest import wait_for
     from tests.queues.test_group import member
 
     class GatedTransport(_RecordingTransport):
@@ -380,7 +381,7 @@ def test_a_queue_given_back_while_a_batch_of_it_moves_is_served_here_once_the_ba
         storage.commit()
         owners["w"] = "n2"
         rq._owner_changed("w", "n1", "n2")  # stranded; its move starts
-        assert _wait(lambda: transport.calls)  # the batch is on its way to n2
+        assert wait_for(lambda: transport.calls, 5.0)  # the batch is on its way to n2
         assert [node for node, _ops in transport.calls] == ["n2"]
         owners["w"] = "n1"
         rq._owner_changed("w", "n2", "n1")  # given back while the batch is on its way
@@ -391,7 +392,7 @@ def test_a_queue_given_back_while_a_batch_of_it_moves_is_served_here_once_the_ba
         except QueueRefused as exc:
             assert exc.reason_code == 0x80
         transport.gate.set()  # n2 never stored the batch
-        assert _wait(lambda: "w" in broker.queues.queues)
+        assert wait_for(lambda: "w" in broker.queues.queues, 5.0)
         assert not broker.queues.stranded
         _session, d = member(broker, "c1", "$queue/w", "g")
         gevent.sleep(0)
@@ -400,19 +401,6 @@ def test_a_queue_given_back_while_a_batch_of_it_moves_is_served_here_once_the_ba
     finally:
         rq.stop()
         storage.close()
-
-
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    import time
-
-    import gevent
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        gevent.sleep(0.01)
-    return True
 
 
 def _joined_on_n1(broker, nodes, entry: tuple):
