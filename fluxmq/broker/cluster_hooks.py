@@ -52,6 +52,10 @@ class ClusterHooks:
         ``filter`` matches on the peers too."""
         self._interest_up(filter)
 
+    def release_interest(self, filter: str) -> None:
+        """The end of a ``hold_interest`` (the queue is no longer captured here)."""
+        self._interest_down(filter)
+
     def _interest_up(self, filter: str) -> None:
         n = self._interest.get(filter, 0)
         self._interest[filter] = n + 1

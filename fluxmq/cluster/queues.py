@@ -311,9 +311,11 @@ class RemoteQueues:
     def _owner_changed(self, name: str, was: str, now: str | None) -> None:
         """Queue ``name``'s owning node changed (an operator reassigned it: ``QueueOwners.reassign``,
         here or on another node; the watch tells every node). The queues of it this worker served
-        are stranded as at start (never served here again; their unsettled records move to the new
-        owner, the memberships of this worker's clients join its groups); a configured queue
-        now owned here is made. Memberships held here for the old owner follow (``_tick``)."""
+        are stranded as at start (never served here again, nor captured; their unsettled records
+        move to the new owner, the memberships of this worker's clients join its groups). Owned
+        here now: what this worker still holds stranded of it is served again (``unstrand``; by the
+        mover once a batch on its way is settled), and a configured queue is made (capturing
+        from now on). Memberships held here for the old owner follow (``_tick``)."""
         manager = self.broker.queues
         placement = self.placement
         if manager is None or placement is None or placement.nodes is None:
@@ -323,8 +325,15 @@ class RemoteQueues:
             if mine:
                 manager.move_away({n: now or "-" for n in mine})
                 self.move_stranded()
+            for n in [n for n in manager.stranded if placement.source(n) == name and placement.owns(n)]:
+                manager.unstrand(n)
             for n in manager.configs:
-                if placement.source(n) == name and n not in manager.queues and placement.owns(n):
+                if (
+                    placement.source(n) == name
+                    and n not in manager.queues
+                    and n not in manager.stranded  # (a batch on its way: the mover serves it)
+                    and placement.owns(n)
+                ):
                     manager.queue(n, create=True)
         except QueueRefused as exc:  # the new owner cannot be known now (etcd): the next change again
             log.warning("queue_owner_unknown", extra={"queue": name, "error": str(exc)})
@@ -381,8 +390,12 @@ class RemoteQueues:
         names = list(manager.stranded)
         for name in names:
             moved = 0
+            owner = None
             while name in manager.stranded:
                 try:
+                    if manager.owns(name):  # given back to this node meanwhile: served here again
+                        manager.unstrand(name)
+                        break
                     owner = self._owner(name)
                 except QueueRefused as exc:  # its node is down: again until it is back
                     self._waiting(name, "-", str(exc))
@@ -406,6 +419,7 @@ class RemoteQueues:
                 done.wait(CALL_TIMEOUT * 2)
                 failed = [r for r in results if _refusal(r) is not None]
                 if failed or len(results) < len(records):
+                    manager.keep_stranded(name)
                     self._waiting(name, owner, (failed or [{}])[0].get("err", "no answer"))
                     gevent.sleep(1.0)  # the owner is not up yet: again (the same records)
                     continue
@@ -415,7 +429,8 @@ class RemoteQueues:
                     self.broker.wait_committed()
                 except StorageError:
                     pass
-            log.info("queue_moved", extra={"queue": name, "owner": owner, "records": moved})
+            if moved or name not in manager.queues:  # (else served here again: queue_unstranded)
+                log.info("queue_moved", extra={"queue": name, "owner": owner or "-", "records": moved})
         self._moving = None
         if any(name not in names for name in manager.stranded):  # stranded meanwhile (an owner changed)
             self.move_stranded()
@@ -820,12 +835,13 @@ class RemoteQueues:
         me = self.member(self.placement.index) if self.placement is not None else None
         for session, mine in list(self.joined.items()):
             for f, entry in list(mine.items()):
+                name = f[len("$queue/") :].partition("/")[0]
                 try:
-                    owner = self._owner(f[len("$queue/") :].partition("/")[0])
+                    owner = self._owner(name)
                 except QueueRefused:
                     continue
-                if owner == entry[0]:
-                    continue
+                if owner == entry[0] or (owner == me and name in self.broker.queues.stranded):
+                    continue  # (stranded still: a batch of it is on its way, then it is served here)
                 log.info("queue_member_follows_owner", extra={"filter": f, "was": entry[0], "owner": owner})
                 if owner != me:
                     mine[f] = (owner, *entry[1:])

@@ -607,8 +607,12 @@ class BrokerService:
             if raft is not None:
                 raft.attach(manager)
             manager.restore_members(broker.sessions)  # persistent sessions' memberships
-            # several workers: only a queue's owner captures; the others forward it what matches
-            manager.install_captures(broker.router, broker.hold_interest if placement is not None else None)
+            # several workers or nodes: only a queue's owner captures; the others forward it what
+            # matches (the owner's interest)
+            if placement is not None:
+                manager.install_captures(broker.router, broker.hold_interest, broker.release_interest)
+            else:
+                manager.install_captures(broker.router)
             manager.start()
             return manager
 

@@ -18,14 +18,15 @@ log = logging.getLogger("fluxmq.queues")
 
 class CaptureTarget:
     """Router target standing for one queue's capture (duck-types the parts of a Session the
-    router and ``Broker.publish`` use)."""
+    router and ``Broker.publish`` use). Installed while this process serves the queue
+    (``QueueManager._capture``, ``_uncapture``)."""
 
     trusted = True  # the router's read filter (ACLs of clients) does not apply to it
 
-    def __init__(self, manager, queue) -> None:
+    def __init__(self, manager, name: str) -> None:
         self.manager = manager
-        self.queue = queue
-        self.client_id = f"$queue-capture/{queue.name}"  # never a valid session: clients cannot own it
+        self.name = name
+        self.client_id = f"$queue-capture/{name}"  # never a valid session: clients cannot own it
         self.username = None
         self.delivery = None
         self.inflight = {}
@@ -33,21 +34,22 @@ class CaptureTarget:
         self.send_quota = 0
 
     def deliver(self, message, qos: int, retain: bool, subscription_ids) -> None:
-        q = self.queue
-        if self.manager.queues.get(q.name) is not q:
-            return  # stranded: another node owns the queue now, and its own capture takes the publish
-        if self.manager.storage_refusing():
-            self._refused("storage full")
+        manager = self.manager
+        q = manager.queues.get(self.name)
+        if q is None:
+            return  # no longer served here (a route cached before its removal): its owner captures
+        if manager.storage_refusing():
+            self._refused(q, "storage full")
             return
         try:
             q.append(message)
         except QueueRefused as exc:
-            self._refused(str(exc))
+            self._refused(q, str(exc))
             return
-        self.manager.kick_soon(q)
+        manager.kick_soon(q)
 
-    def _refused(self, why: str) -> None:
-        q = self.queue
+    @staticmethod
+    def _refused(q, why: str) -> None:
         q.stats["capture_refused"] += 1
         n = q.stats["capture_refused"]
         if n == 1 or n % 1000 == 0:

@@ -208,6 +208,10 @@ class QueueManager:
         # count changed): their unsettled records move to the owner (take_stranded, drop_stranded)
         self.stranded: dict[str, object] = {}
         self._stranded_logs: dict[str, QueueLog] = {}
+        self._moving: set[str] = set()  # stranded queues with a batch taken and not yet settled
+        # install_captures: (router, interest, release); queue -> its capture target and filters
+        self._capture_to = None
+        self._captured: dict[str, tuple] = {}
         self.store = storage.queue_log()
         # log_factory(name, store, stored or None) -> QueueLog: a replicated log for the queues a
         # replication group holds (fluxmq.replication), else the local one.
@@ -233,17 +237,10 @@ class QueueManager:
                     extra={"queue": name, "records": stored.count, "owner": f"w{placement.owner(name)}"},
                 )
                 continue
-            q = self._make(name, self.log_factory(name, self.store, stored))
-            for gname, g in stored.groups.items():
-                q.groups[gname] = q.group_class(
-                    q, gname, g.floor, set(g.settled), getattr(g, "mark", 0), getattr(g, "counts", None)
-                )
+            self._load(name, stored)
         for name in self.configs:
             if self.owns(name):
                 self.queue(name, create=True)
-        for q in self.queues.values():
-            if q.newest is not None:
-                q.rebuild_compaction()
         log.info(
             "queues_loaded",
             extra={"queues": len(self.queues), "records": sum(q.log.count for q in self.queues.values())},
@@ -267,11 +264,35 @@ class QueueManager:
         config = self.configs.get(name) or QueueConfig(name)
         q = Queue(self, config, qlog or self.log_factory(name, self.store, None))
         self.queues[name] = q
+        self._capture(q)  # served here from now on: its capture too (once captures are installed)
+        return q
+
+    def _load(self, name: str, stored, qlog: QueueLog | None = None) -> Queue:
+        """Queue ``name`` served from its stored state (``stored``: its log's offsets and its groups'
+        progress; ``qlog``: its log when one is open already)."""
+        q = self._make(name, qlog or self.log_factory(name, self.store, stored))
+        for gname, g in stored.groups.items():
+            q.groups[gname] = q.group_class(
+                q, gname, g.floor, set(g.settled), getattr(g, "mark", 0), getattr(g, "counts", None)
+            )
+        if q.newest is not None:
+            q.rebuild_compaction()
         return q
 
     def queue(self, name: str, create: bool = False) -> Queue | None:
         q = self.queues.get(name)
         if q is None and create:
+            if name in self.stranded:
+                # its records are still in this shard: served from them (same offsets), never a
+                # new log over them
+                if not self.owns(name):
+                    raise QueueRefused(
+                        f"queue {name} is owned elsewhere now (its records here move to its owner)", 0x80
+                    )
+                q = self.unstrand(name)
+                if q is None:
+                    raise QueueRefused(f"queue {name}: its records are moving back here, try again", 0x80)
+                return q
             q = self._make(name)
             log.info("queue_created", extra={"queue": name, "type": q.config.type})
         return q
@@ -292,42 +313,66 @@ class QueueManager:
             q = self.queue(name, create=True)
         return q
 
-    def install_captures(self, router, interest=None) -> int:
+    def install_captures(self, router, interest=None, release=None) -> int:
         """Route the ordinary publishes each queue's ``topics`` list matches into the queue
-        (capture.py); returns the filters installed. Raises ConfigError for a bad filter.
+        (capture.py); returns the filters installed. Raises ConfigError for a bad filter (of any
+        configured queue, served here or not).
 
         ``interest(filter)`` (``Broker.hold_interest``) makes the filter this process's interest for
-        its peers: with several workers, only the owner of a queue captures, and the other workers
-        forward it the publishes its capture filters match (the cluster's ordinary routing)."""
+        its peers, ``release(filter)`` (``Broker.release_interest``) ends it: with several workers or
+        nodes only a queue's owner captures, and the others forward it the publishes its capture
+        filters match (the cluster's ordinary routing). A queue this process serves from then on (an
+        operator made its node the owner) captures from then on; one it stops serving (stranded:
+        another node owns it now) no longer does."""
         from fluxmq._core.trie import validate_filter
-        from fluxmq.broker.session import Subscription
         from fluxmq.errors import ConfigError, TopicFilterInvalid
 
-        from .capture import CaptureTarget
-
-        n = 0
-        for q in list(self.queues.values()):
-            if not q.config.topics:
-                continue
-            target = CaptureTarget(self, q)
-            for f in q.config.topics:
+        for config in self.configs.values():
+            for f in config.topics:
                 try:
                     validate_filter(f)
                 except TopicFilterInvalid as exc:
                     raise ConfigError(
-                        f"queues[{q.name}].topics", "topic filters", problem=f"{f!r}: {exc}"
+                        f"queues[{config.name}].topics", "topic filters", problem=f"{f!r}: {exc}"
                     ) from None
                 if f.startswith("$queue/"):
                     raise ConfigError(
-                        f"queues[{q.name}].topics",
+                        f"queues[{config.name}].topics",
                         "ordinary topic filters",
                         problem=f"{f!r}: a queue captures ordinary topics, not $queue/",
                     )
-                router.add(Subscription(target, f, 2))
-                if interest is not None:
-                    interest(f)
-                n += 1
-        return n
+        self._capture_to = (router, interest, release)
+        return sum(self._capture(q) for q in list(self.queues.values()))
+
+    def _capture(self, q: Queue) -> int:
+        """``q``'s capture filters into the router (and the peers' view of this process's interest)."""
+        if self._capture_to is None or not q.config.topics or q.name in self._captured:
+            return 0
+        from fluxmq.broker.session import Subscription
+
+        from .capture import CaptureTarget
+
+        router, interest, _release = self._capture_to
+        target = CaptureTarget(self, q.name)
+        filters = list(q.config.topics)
+        for f in filters:
+            router.add(Subscription(target, f, 2))
+            if interest is not None:
+                interest(f)
+        self._captured[q.name] = (target, filters)
+        return len(filters)
+
+    def _uncapture(self, name: str) -> None:
+        """Queue ``name`` is no longer served here: its capture filters leave the router."""
+        entry = self._captured.pop(name, None)
+        if entry is None:
+            return
+        router, _interest, release = self._capture_to
+        target, filters = entry
+        for f in filters:
+            router.remove(f, target)
+            if release is not None:
+                release(f)
 
     # -- a worker count change: queues of this shard owned by another worker ------------------------
 
@@ -340,6 +385,7 @@ class QueueManager:
             q = self.queues.pop(name, None)
             if q is None:
                 continue
+            self._uncapture(name)  # its owner's capture takes the publishes now
             self._kicked.discard(q)
             for group in q.groups.values():
                 for m in list(group.members):  # (none at start: no client is connected yet)
@@ -395,6 +441,7 @@ class QueueManager:
         groups = list(stored.groups.values())
         config = self.configs.get(name)
         keep_all = not groups or (config is not None and config.type == STREAM)
+        self._moving.add(name)  # until drop_stranded or keep_stranded says what became of them
         out: list = []
         at = qlog.first
         while at < qlog.next and len(out) < limit:
@@ -415,6 +462,7 @@ class QueueManager:
     def drop_stranded(self, name: str, records) -> None:
         """``records`` of stranded queue ``name`` are stored by its owner now: deleted here (with
         the queue's groups once it is empty)."""
+        self._moving.discard(name)
         qlog = self._stranded_logs[name]
         for rec in records:
             qlog.delete(rec.offset)
@@ -423,6 +471,27 @@ class QueueManager:
                 qlog.forget_group(group)
             del self.stranded[name]
             del self._stranded_logs[name]
+
+    def keep_stranded(self, name: str) -> None:
+        """The records ``take_stranded`` gave of queue ``name`` did not move (its owner refused them
+        or did not answer): they stay here, to be taken again."""
+        self._moving.discard(name)
+
+    def unstrand(self, name: str) -> Queue | None:
+        """Stranded queue ``name`` is owned by this process again (an operator gave it back to this
+        node before all its records had moved): served again from what this shard holds of it, its
+        records not moved (same offsets and message ids) and its groups' progress, so each record
+        is here once (those moved are the other node's; it moves them back if it returns). None
+        while a batch of it is on its way (``take_stranded`` not yet settled): its mover calls this
+        again once it is."""
+        if name in self._moving or name not in self.stranded:
+            return None
+        stored = self.stranded.pop(name)
+        q = self._load(name, stored, self._stranded_logs.pop(name, None))
+        log.warning("queue_unstranded", extra={"queue": name, "records": q.log.count})
+        self.kick_soon(q)
+        self._ensure_timer()
+        return q
 
     def adopt_record(self, name: str, message: Message) -> int:
         """A record of queue ``name`` (owned here) moved from another worker's shard: appended."""

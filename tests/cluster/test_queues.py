@@ -283,7 +283,7 @@ def test_members_held_for_a_queue_reassigned_to_this_node_join_its_own_groups() 
 
     owners = {"orders": "gone"}
     joined: list[tuple] = []
-    manager = SimpleNamespace(subscribe=lambda *args, **kw: joined.append((args, kw)))
+    manager = SimpleNamespace(subscribe=lambda *args, **kw: joined.append((args, kw)), stranded={})
     nodes = SimpleNamespace(node="n1", owner=owners.get, member=lambda node, name: node)
     rq, transport, session = _joined_on_n1(
         SimpleNamespace(queues=manager), nodes, ("gone", "g", False, 1, [("consumer-group", "g")], 5)
@@ -322,6 +322,85 @@ def test_a_stranded_queue_s_wait_for_its_owner_is_logged_once_per_interval_with_
     rq._wait_gate.interval = 0.0  # the interval has passed
     rq._waiting("orders", "-", "its node gone is not available")
     assert [(r.queue, r.waits) for r in lines()][-1] == ("orders", 10)  # 9 held back, and this one
+
+
+def test_a_queue_given_back_while_a_batch_of_it_moves_is_served_here_once_the_batch_is_settled(
+    tmp_path,
+) -> None:
+    """Node n1 strands queue "w" (an operator gave it to n2) and moves its records; while a batch
+    is on its way to n2 the queue is given back to n1. The queue is not served (an append is
+    refused with 0x80, never a new log over the records) until the batch is settled: n2 never
+    stored it (unreachable), so the records stay and n1 serves them again, each once, and sends
+    nothing to itself."""
+    from types import SimpleNamespace
+
+    import gevent
+    from gevent.event import Event
+
+    from fluxmq.broker.broker import Broker
+    from fluxmq.broker.message import Message
+    from fluxmq.cluster.queues import RemoteQueues
+    from fluxmq.errors import QueueRefused
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import QueueConfig
+    from fluxmq.queues.placement import QueuePlacement
+    from fluxmq.storage.lmdb import LMDBStorage
+    from tests.cluster.metadata.conftest import wait_for
+    from tests.queues.test_group import member
+
+    class GatedTransport(_RecordingTransport):
+        """n2 does not answer: each call waits for ``gate``, then fails."""
+
+        gate = Event()
+
+        def call(self, node, kind, payload, timeout):
+            self.calls.append((node, list(_decode_ops(payload))))
+            self.gate.wait(5.0)
+            raise ConnectionError(f"{node} is not reachable")
+
+    storage = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    owners = {"w": "n1"}
+    placement = QueuePlacement(0, 1)
+    placement.nodes = SimpleNamespace(
+        node="n1",
+        owner=owners.get,
+        known=owners.get,
+        member=lambda node, name: node,
+        owners=SimpleNamespace(on_change=[]),
+    )
+    broker = Broker(storage=storage)
+    broker.queues = QueueManager(storage, [QueueConfig("w")], placement=placement)
+    transport = GatedTransport()
+    rq = RemoteQueues(broker, transport, "n1", 7, lambda _i: "n1")
+    rq.nodes = placement.nodes
+    rq.attach(broker.queues)
+    try:
+        for i in range(3):
+            broker.publish(Message("$queue/w", f"m{i}".encode(), 1))
+        gevent.sleep(0)
+        storage.commit()
+        owners["w"] = "n2"
+        rq._owner_changed("w", "n1", "n2")  # stranded; its move starts
+        assert wait_for(lambda: transport.calls, 5.0)  # the batch is on its way to n2
+        assert [node for node, _ops in transport.calls] == ["n2"]
+        owners["w"] = "n1"
+        rq._owner_changed("w", "n2", "n1")  # given back while the batch is on its way
+        assert "w" in broker.queues.stranded and "w" not in broker.queues.queues
+        try:
+            broker.queues.publish(Message("$queue/w", b"early", 1))
+            raise AssertionError("an append was taken while the queue's records were on their way")
+        except QueueRefused as exc:
+            assert exc.reason_code == 0x80
+        transport.gate.set()  # n2 never stored the batch
+        assert wait_for(lambda: "w" in broker.queues.queues, 5.0)
+        assert not broker.queues.stranded
+        _session, d = member(broker, "c1", "$queue/w", "g")
+        gevent.sleep(0)
+        assert [m.payload for _pid, m in d.sent] == [b"m0", b"m1", b"m2"]
+        assert {node for node, _ops in transport.calls} == {"n2"}  # never an op to itself
+    finally:
+        rq.stop()
+        storage.close()
 
 
 def _joined_on_n1(broker, nodes, entry: tuple):

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 WAIT = 15.0
 CONFIGURED = "xq-configured"  # in both nodes' config: claimed at start by the first node started
+CAPTURED = "xq-captured"  # configured on both nodes too, capturing the ordinary topics xcap/#
 TOKEN = "qcluster-admin-token"  # the admin API's (state-changing calls need one)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -38,7 +39,7 @@ def cluster(etcd_server, tmp_path_factory):
     cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["q1", "q2"])
     (base / "admin-token").write_text(TOKEN)
     for config in cl.configs.values():
-        config["queues"] = [{"name": CONFIGURED}]
+        config["queues"] = [{"name": CONFIGURED}, {"name": CAPTURED, "topics": ["xcap/#"]}]
         config["server.admin.token_file"] = str(base / "admin-token")
     try:
         cl.start_all(1)
@@ -325,5 +326,96 @@ def test_a_queue_of_a_node_gone_for_good_gets_a_new_owner_and_loses_nothing(clus
         assert wait_for(lambda: "queue_moved" in q1.log_text(), WAIT), q1.log_tail()
         status, _, listed = http_request(q1, "GET", "/queues", headers=AUTH, port=q1.admin_port)
         assert name not in {q["name"] for q in listed["queues"]} and listed["owners"][name] == "q2"
+    finally:
+        c.disconnect()
+
+
+def publish(node, topic: str, payloads) -> list[int]:
+    """QoS 1 ordinary publishes from a raw 5.0 client on ``node``: the PUBACK reason code of each."""
+    raw = raw5(node, unique("op"))
+    try:
+        return [raw.publish(topic, p, 1, packet_id=i + 1).reason_code for i, p in enumerate(payloads)]
+    finally:
+        raw.disconnect()
+
+
+def payloads_of(client: Paho5, want: set[bytes], seen: list[bytes]) -> bool:
+    """Adds what ``client`` got to ``seen``; True once ``want`` is all in."""
+    seen.extend(m.payload for m in iter_messages(client))
+    return want <= set(seen)
+
+
+def test_a_reassigned_queue_s_capture_runs_on_its_new_owner_at_once_and_once(cluster) -> None:
+    """A configured queue captures ordinary topics on its owner only. Its node killed and the
+    queue given to the other node, that node captures at once (no restart); the old node back,
+    it strands the queue and no longer captures: what is published on it goes to the new
+    owner's capture, each message once, and what it captured before the kill moves there."""
+    assert cluster.value(f"queues/{CAPTURED}/owner") == "q1"
+    q2 = cluster.nodes["q2"]
+    before = [f"cb{i}".encode() for i in range(5)]
+    assert publish(cluster.nodes["q1"], "xcap/before", before) == [0] * 5  # captured by q1
+    cluster.nodes["q1"].kill()
+    assert wait_for(lambda: reassign(q2, f"/queues/{CAPTURED}/owner")[0] == 200, WAIT)
+    c = join(q2, CAPTURED, "cap", auto_ack=True)
+    try:
+        after = [f"ca{i}".encode() for i in range(5)]
+        assert publish(q2, "xcap/after", after) == [0] * 5
+        assert sorted(m.payload for m in receive(c, 5, WAIT)) == sorted(after)
+        q1 = cluster.start("q1")  # its copy of the queue is stranded, its records move to q2
+        for node in (q1, q2):
+            assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
+        seen: list[bytes] = []
+        assert wait_for(lambda: payloads_of(c, set(before), seen), WAIT), seen
+        # q1 forwards xcap/# once it has heard of q2's interest: probes until one is captured
+        probes: list[bytes] = []
+
+        def probe() -> bool:
+            probes.append(f"p{len(probes)}".encode())
+            assert publish(q1, "xcap/probe", probes[-1:]) == [0]
+            return wait_for(lambda: payloads_of(c, set(), seen) and bool(set(probes) & set(seen)), 0.5)
+
+        assert wait_for(probe, WAIT), seen
+        via_q1 = [f"cq{i}".encode() for i in range(10)]
+        assert publish(q1, "xcap/via-q1", via_q1) == [0] * 10
+        assert wait_for(lambda: payloads_of(c, set(via_q1), seen), WAIT), seen
+        assert nothing_more(c)
+        got = [p for p in seen if p not in probes]
+        assert sorted(got) == sorted(before + via_q1)  # each once: q1 captured none of them
+        assert "queue_stranded" in q1.log_text()
+    finally:
+        c.disconnect()
+
+
+def test_a_queue_given_back_to_the_node_still_holding_its_records_serves_them_once(cluster) -> None:
+    """q1 owned the queue; killed, the queue went to q2, which took appends; q2 killed too, q1 came
+    back and its records wait to move to q2 (queue_move_waiting). The operator gives the queue
+    back to q1: it serves its own records again (each once: never sent to itself, never a new log
+    over them) and takes appends at once; when q2 is back, what q2 took meanwhile moves to q1,
+    each once."""
+    name = unique("xq-back")
+    join(cluster.nodes["q1"], name, "keep").disconnect()  # q1 owns it; group "keep" reads later
+    before = [f"b{i}".encode() for i in range(10)]
+    assert append(cluster.nodes["q1"], name, before) == [0] * 10
+    cluster.nodes["q1"].kill()
+    q2 = cluster.nodes["q2"]
+    assert wait_for(lambda: reassign(q2, f"/queues/{name}/owner")[0] == 200, WAIT)
+    meanwhile = [f"m{i}".encode() for i in range(5)]
+    assert append(q2, name, meanwhile) == [0] * 5  # stored on q2 only
+    q2.kill()
+    q1 = cluster.start("q1")
+    assert wait_for(lambda: "queue_move_waiting" in q1.log_text(), WAIT), q1.log_tail()
+    assert wait_for(lambda: reassign(q1, f"/queues/{name}/owner")[0] == 200, WAIT)  # q2's lease expired
+    assert cluster.value(f"queues/{name}/owner") == "q1"
+    c = join(q1, name, "keep", auto_ack=True)
+    try:
+        assert sorted(m.payload for m in receive(c, 10, WAIT)) == sorted(before)
+        assert "queue_unstranded" in q1.log_text()
+        assert append(q1, name, [b"after"]) == [0]
+        assert [m.payload for m in receive(c, 1, WAIT)] == [b"after"]
+        q2 = cluster.start("q2")  # its records of the queue move to q1
+        for node in (q1, q2):
+            assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
+        assert sorted(m.payload for m in receive(c, 5, WAIT)) == sorted(meanwhile)
+        assert nothing_more(c, 1.0)
     finally:
         c.disconnect()

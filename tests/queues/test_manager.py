@@ -129,3 +129,63 @@ def test_a_queue_reassigned_away_is_stranded_and_its_local_members_rejoin_the_ne
         assert joined == [("c1", "$queue/w", [("consumer-group", "g"), ("auto-ack", "false")], True)]
     finally:
         storage.close()
+
+
+def test_a_queue_given_back_before_its_records_all_moved_is_served_from_them_once(tmp_path: Path) -> None:
+    """Queue "w" went to n2 while this node (n1) held records of it (stranded: some moved to n2,
+    a batch on its way), then an operator gave it back to n1. While the batch is on its way the
+    queue is neither served nor made anew (0x80: never a new log over its records); once the
+    batch is settled, what n1 still holds is served again with its group's progress: the record
+    the group settled is not delivered again, the moved ones are n2's, each other one is delivered
+    once, and an append goes after them (no offset reused). Its capture of ordinary topics stops
+    with the strand and starts again with it."""
+    import gevent
+
+    from fluxmq.queues.placement import QueuePlacement
+    from tests.queues.test_group import settle
+
+    storage = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    owners = {"w": "n1"}
+    placement = QueuePlacement(0, 1)
+    placement.nodes = SimpleNamespace(node="n1", owner=owners.get, known=owners.get)
+    b = Broker(storage=storage)
+    b.queues = QueueManager(storage, [QueueConfig("w", topics=["t/#"])], placement=placement)
+    b.queues.install_captures(b.router)
+    b.queues.remote = SimpleNamespace(subscribe=lambda *args: None, session_gone=lambda session: [])
+    try:
+        _session, held = member(b, "c1", "$queue/w", "g")
+        for i in range(5):
+            b.publish(Message("$queue/w", f"m{i}".encode(), 1))
+        b.publish(Message("t/x", b"m5", 1))  # captured
+        gevent.sleep(0)
+        assert settle(b, "w", "$ack", held.sent[0][1]) == 1  # m0: settled by the group
+        b.queues.tick()
+        storage.commit()
+        owners["w"] = "n2"
+        b.queues.move_away({"w": "n2"})
+        gevent.sleep(0.01)  # c1's membership goes to n2's group (remote)
+        storage.commit()
+        b.publish(Message("t/x", b"not-here", 1))  # n2 captures it now, not n1
+        assert "w" not in b.queues.queues
+        moved = b.queues.take_stranded("w", limit=2)
+        assert [r.payload for r in moved] == [b"m1", b"m2"]
+        b.queues.drop_stranded("w", moved)  # stored by n2
+        assert [r.payload for r in b.queues.take_stranded("w", limit=2)] == [b"m3", b"m4"]  # on its way
+        owners["w"] = "n1"  # given back (n2 gone)
+        assert b.queues.unstrand("w") is None
+        with pytest.raises(QueueRefused) as refused:
+            b.queues.publish(Message("$queue/w", b"early", 1))
+        assert refused.value.reason_code == 0x80 and "w" not in b.queues.queues
+        b.queues.keep_stranded("w")  # the batch did not reach n2
+        assert b.queues.unstrand("w") is not None and not b.queues.stranded
+        b.publish(Message("$queue/w", b"after", 1))
+        b.publish(Message("t/y", b"captured", 1))
+        gevent.sleep(0)
+        storage.commit()
+        _session2, d = member(b, "c2", "$queue/w", "g")
+        gevent.sleep(0)
+        assert [m.payload for _pid, m in d.sent] == [b"m3", b"m4", b"m5", b"after", b"captured"]
+        q = b.queues.queues["w"]
+        assert q.log.next == 8 and q.log.count == 5  # m0 settled and m1, m2 moved: gone from here
+    finally:
+        storage.close()

@@ -322,9 +322,13 @@ def _detail(exc: BaseException) -> str:
 # -- compare / operation builders for txn ----------------------------------------------------------
 
 
-def cmp_create(key: str, revision: int) -> dict:
-    """The key's create_revision equals ``revision`` (0: the key does not exist)."""
-    return {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": str(revision)}
+def cmp_create(key: str, revision: int, prefix: bool = False) -> dict:
+    """The key's create_revision equals ``revision`` (0: the key does not exist). ``prefix``: every
+    key under ``key`` (0: there is none)."""
+    compare = {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": str(revision)}
+    if prefix:
+        compare["range_end"] = _range_end_b64(key)
+    return compare
 
 
 def cmp_mod(key: str, revision: int) -> dict:

@@ -12,9 +12,11 @@ makes its queues unavailable until it is back, and they are never moved silently
   (``PrefixMirror``): a name not cached is claimed, which also reads an owner another node recorded
   meanwhile; a change reaches every node's cache, and ``on_change`` callbacks hear of it.
 * reassign (an operator, through the admin API): a queue whose owning node is gone for good (no
-  live registration under ``nodes/``) goes to a live node, ``if mod_revision == read then put``,
-  so two operators racing cannot both win. Refused while the recorded owner is registered (two
-  nodes would serve the queue at once) and to a node that is not.
+  live registration under ``nodes/``) goes to a live node, ``if mod_revision == read and the old
+  owner has no registration then put``, so two operators racing cannot both win, nor can a reassign
+  race the old owner's restart. Refused while the recorded owner is registered (two nodes would
+  serve the queue at once) and to a node that is not (checked before the transaction: a target
+  that goes meanwhile makes its queues wait for it, as any owner that is down).
 """
 
 from __future__ import annotations
@@ -174,11 +176,26 @@ class QueueOwners:
         self._check(name, old, to, live)
         if old == to:
             return old, to
+        # ... and still not registered: a node that registered again since ``live`` was read (it
+        # restarted) fails the compare as a changed record does (``nodes/{old}``, ``nodes/{old}/w{i}``)
+        registration = self.nodes_prefix + old
         ok, responses = self.client.txn(
-            [cmp_mod(key, kv["mod_revision"])], [op_put(key, to), op_get(key)], [op_get(key)]
+            [
+                cmp_mod(key, kv["mod_revision"]),
+                cmp_create(registration, 0),
+                cmp_create(registration + "/", 0, True),
+            ],
+            [op_put(key, to), op_get(key)],
+            [op_get(key)],
         )
         if not ok:
             kvs = range_kvs(responses[0]) if responses else []
+            if kvs and kvs[0]["mod_revision"] == kv["mod_revision"]:
+                raise OwnerChangeRefused(
+                    409,
+                    f"queue {name!r}: its owning node {old!r} registered in etcd meanwhile (it is live: "
+                    "two owners would split it); nothing was changed",
+                )
             now = kvs[0]["value"].decode(errors="replace") if kvs else "none"
             raise OwnerChangeRefused(
                 409, f"queue {name!r}: its owner record changed meanwhile (now {now}); nothing was changed"

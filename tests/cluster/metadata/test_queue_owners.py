@@ -87,6 +87,27 @@ def test_a_reassign_is_refused_while_the_owner_is_live_and_to_a_node_that_is_not
     assert b.reassign("orders", "b") == ("b", "b")  # already: nothing to do
 
 
+def test_a_reassign_racing_the_old_owner_s_restart_is_refused(owners_of, etcd_prefix) -> None:
+    """The liveness read and the compare-and-swap are two steps: an old owner that registers in
+    between (it restarted; a node of one worker or a worker of a node of several) fails the
+    transaction, which names it, and the record is unchanged. A node whose name only begins with
+    the old owner's is not it."""
+    owners_of("gone").claim("orders")
+    owners_of("many").claim("audit")
+    b = owners_of("b")
+    register(b.client, etcd_prefix, "b")
+    live = b.live_nodes()  # read before the old owners came back (as reassign_node reads it once)
+    register(b.client, etcd_prefix, "gone", "many/w1")
+    for name, old in (("orders", "gone"), ("audit", "many")):
+        with pytest.raises(OwnerChangeRefused) as err:
+            b.reassign(name, "b", live)
+        assert err.value.status == 409 and f"{old!r} registered in etcd meanwhile" in str(err.value)
+        assert b.client.get(b.key(name))["value"].decode() == old
+    b.client.delete(f"{etcd_prefix}nodes/gone")
+    register(b.client, etcd_prefix, "gone2", "gone-x/w0")
+    assert b.reassign("orders", "b", live) == ("gone", "b")
+
+
 def test_two_operators_racing_to_reassign_one_queue_one_wins(owners_of, etcd_prefix) -> None:
     """Each reassign is a compare-and-swap on the record's mod_revision: of two at once one wins,
     the other is refused. Each reads the record, then pauses, so both read it before either
