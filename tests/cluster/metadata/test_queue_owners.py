@@ -5,6 +5,7 @@ watched; an operator's reassign (the owner gone for good) is a compare-and-swap 
 from __future__ import annotations
 
 import gevent
+import gevent.event
 import pytest
 
 from fluxmq.cluster.metadata.client import EtcdClient
@@ -111,21 +112,29 @@ def test_a_reassign_racing_the_old_owner_s_restart_is_refused(owners_of, etcd_pr
 def test_two_operators_racing_to_reassign_one_queue_one_wins(owners_of, etcd_prefix) -> None:
     """Each reassign is a compare-and-swap on the record's mod_revision: of two at once one wins,
     the other is refused. Each reads the record, then pauses, so both read it before either
-    writes: the loser's compare fails (the record changed meanwhile)."""
+    writes: the loser's compare fails (the record changed meanwhile). A barrier, not a pause, holds
+    each read until the other's is done, so a loaded machine cannot order them otherwise."""
     a, b = owners_of("a"), owners_of("b")
     register(a.client, etcd_prefix, "a", "b")
+    reads: list = []
+    both_read = gevent.event.Event()
     for o in (a, b):
         read = o.client.get
 
-        def slow_get(key, read=read):
+        def held_get(key, read=read):
             kv = read(key)
-            gevent.sleep(0.05)
+            reads.append(key)
+            if len(reads) == 2:
+                both_read.set()
+            assert both_read.wait(timeout=30), "the other operator never read the record"
             return kv
 
-        o.client.get = slow_get
+        o.client.get = held_get
     for r in range(ROUNDS):
         name = f"race-{r}"
         owners_of("gone").claim(name)
+        reads.clear()
+        both_read.clear()
         greenlets = [gevent.spawn(o.reassign, name, o.node) for o in (a, b)]
         gevent.joinall(greenlets)
         won = [g.value for g in greenlets if g.successful()]
