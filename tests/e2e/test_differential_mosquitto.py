@@ -936,6 +936,143 @@ def receive_maximum_of_client_5(x: Script) -> None:
             x.rec("ack", w.step(ack(4, w.real_id(packet[6]), 5)))
 
 
+@scenario()
+def receive_maximum_of_server_exceeded_5(x: Script) -> None:
+    # MQTT-3.3.4-8 / 4.9: more unacknowledged QoS 2 PUBLISHes than the CONNACK's Receive Maximum:
+    # DISCONNECT 0x93.
+    w = x.conn("c", 5)
+    top = w.connack.get(RECEIVE_MAXIMUM, 65535)
+    assert top <= 1000, top
+    within = w.step(*(publish(x.t(), b"m", 2, packet_id=n, version=5) for n in range(1, top + 1)))
+    # Every one accepted (0x10 "no matching subscribers" or 0x00: the server's choice).
+    x.rec("within", [len(within) == top and all(q[0] == "PUBREC" and q[2] < 0x80 for q in within)])
+    x.rec("one more", w.step(publish(x.t(), b"m", 2, packet_id=top + 1, version=5)))
+
+
+@scenario()
+def pubrec_error_ends_the_exchange_5(x: Script) -> None:
+    # 4.3.3 / 3.5.2.1: a PUBREC with a code of 0x80 or more ends the QoS 2 exchange: no PUBREL.
+    w = x.conn("c", 5)
+    w.auto_ack = False
+    x.rec("subscribe", w.step(subscribe(1, (x.t(), 2), (x.t("sentinel"), 0), version=5)))
+    p = x.conn("p", 5)
+    x.rec("publish", p.step(publish(x.t(), b"m", 2, packet_id=1, version=5), ack(6, 1, 5)))
+    x.sentinel(w, p, "delivered")
+    x.rec("pubrec 0x80", w.step(ack(5, w.real_id("#1"), 5, 0x80)))
+    x.rec("publish 2", p.step(publish(x.t(), b"n", 1, packet_id=2, version=5)))
+    w.auto_ack = True
+    x.sentinel(w, p, "next")
+
+
+@scenario()
+def unsubscribe_is_by_filter_not_by_match_311(x: Script) -> None:
+    w = x.conn("c", 4)
+    x.watch(w, (x.t("u/b"), 0))
+    x.rec("unsubscribe", w.step(unsubscribe(2, x.t("u/+"))))
+    p = x.conn("p", 4)
+    p.send(publish(x.t("u/b"), b"still"))
+    x.sentinel(w, p)
+
+
+@scenario()
+def retained_replaced_and_downgraded_311(x: Script) -> None:
+    p = x.conn("p", 4)
+    x.rec("first", p.step(publish(x.t(), b"one", 1, True, 1)))
+    x.rec("second", p.step(publish(x.t(), b"two", 0, True)))
+    w = x.conn("c", 4)
+    x.rec("subscribe q2", w.step(subscribe(1, (x.t(), 2))))
+    x.rec("clear", p.step(publish(x.t(), b"", 0, True)))
+
+
+@scenario()
+def overlapping_subscriptions_311(x: Script) -> None:
+    w = x.conn("c", 4)
+    x.watch(w, (x.t("o/#"), 0), (x.t("o/+"), 1))
+    p = x.conn("p", 4)
+    x.rec("publish", p.step(publish(x.t("o/a"), b"m", 2, packet_id=1)))
+    x.rec("pubrel", p.step(ack(6, 1)))
+    x.sentinel(w, p)
+
+
+@scenario()
+def empty_payload_qos0_not_retained_311(x: Script) -> None:
+    w = x.conn("c", 4)
+    x.watch(w, (x.t(), 0))
+    p = x.conn("p", 4)
+    p.send(publish(x.t(), b""))
+    x.sentinel(w, p)
+
+
+@scenario()
+def broker_topic_aliases_to_client_5(x: Script) -> None:
+    # 3.3.2.3.4: the Server MAY use Topic Aliases up to the client's Topic Alias Maximum.
+    w = x.conn("c", 5, properties=props(prop(TOPIC_ALIAS_MAXIMUM, u16(5))))
+    x.watch(w, (x.t(), 0))
+    p = x.conn("p", 5)
+    p.send(*(publish(x.t(), b"%d" % n, version=5) for n in range(3)))
+    x.sentinel(w, p)
+
+
+@scenario()
+def publish_response_topic_and_content_type_forwarded_5(x: Script) -> None:
+    w = x.conn("c", 5)
+    x.watch(w, (x.t(), 1))
+    p = x.conn("p", 5)
+    properties = props(prop(0x08, s(b"reply/here")), prop(0x03, s(b"text/plain")))
+    x.rec("publish", p.step(publish(x.t(), b"m", 1, packet_id=1, version=5, properties=properties)))
+    x.sentinel(w, p)
+
+
+@scenario()
+def resubscribe_changes_options_5(x: Script) -> None:
+    w = x.conn("c", 5)
+    x.watch(w, (x.t(), 0x01))
+    x.rec("resubscribe no local", w.step(subscribe(2, (x.t(), 0x05), version=5)))
+    w.send(publish(x.t(), b"own", version=5))
+    p = x.conn("p", 5)
+    x.rec("publish", p.step(publish(x.t(), b"other", version=5)))
+    x.sentinel(w, p)
+
+
+@scenario()
+def clean_start_with_expiry_replaces_session_5(x: Script) -> None:
+    expiry = props(prop(SESSION_EXPIRY, u32(60)))
+    w = x.conn("c", 5, clean=False, properties=expiry)
+    x.rec("subscribe", w.step(subscribe(1, (x.t(), 1), version=5)))
+    x.rec("away", w.step(disconnect(5), fence=False))
+    w2 = x.conn("c", 5, "clean start", clean=True, properties=expiry)
+    x.rec("away 2", w2.step(disconnect(5), fence=False))
+    p = x.conn("p", 5)
+    x.rec("publish", p.step(publish(x.t(), b"m", 1, packet_id=1, version=5)))
+    w3 = x.conn("c", 5, "resume", clean=False)
+    x.rec("queued", w3.step())
+    x.rec("end", w3.step(disconnect(5, 0, props(prop(SESSION_EXPIRY, u32(0)))), fence=False))
+
+
+define("connect_31_empty_client_id", one_step(3, raw_connect(3, 0x02, s(b"")), connect_first=False))
+define(
+    "connect_will_topic_empty_311",
+    one_step(4, connect("dce", 4, will=("", b"x", 0, False)), connect_first=False),
+)
+define(
+    "connect_will_topic_empty_5",
+    one_step(5, connect("dce5", 5, will=("", b"x", 0, False)), connect_first=False),
+)
+define("connect_truncated_311", one_step(4, frame(0x10, s(b"MQTT") + b"\x04\x02\x00"), connect_first=False))
+define("connect_truncated_5", one_step(5, frame(0x10, s(b"MQTT") + b"\x05\x02\x00"), connect_first=False))
+define("connect_empty_username_311", one_step(4, connect("dcu2", 4, username=b""), connect_first=False))
+define("unsubscribe_packet_id_0_5", one_step(5, unsubscribe(0, "a", version=5)))
+define(
+    "puback_with_reason_from_client_5",
+    one_step(5, frame(0x40, u16(3) + b"\x10" + props(prop(0x1F, s(b"why"))))),
+)
+define("pingreq_with_body_311", one_step(4, b"\xc0\x01\x00"))
+define(
+    "publish_topic_with_space_and_unicode_311",
+    one_step(4, publish("a b/\u00e9/\U0001f600", b"x", 1, packet_id=1)),
+)
+
+
 # -- expected divergences ---------------------------------------------------------------------------
 # Where the texts let a server choose, or Mosquitto 2.0 departs from them. Topics read "~" for the
 # scenario's prefix. docs/conformance.rst ("Differences from Mosquitto") sums these up.
@@ -980,6 +1117,8 @@ DIVERGENCES: dict[str, Diverge] = {
             "connect_session_expiry_twice_5": 0x82,
             "connect_will_qos_without_will_flag_5": 0x81,
             "connect_will_topic_wildcard_5": 0x90,
+            "connect_will_topic_empty_5": 0x90,
+            "connect_truncated_5": 0x81,
         }.items()
     },
     **{
@@ -1004,7 +1143,6 @@ DIVERGENCES: dict[str, Diverge] = {
             "publish_wildcard_hash_5": 0x90,
             "publish_wildcard_plus_5": 0x90,
             "subscribe_empty_payload_5": 0x82,
-            "subscribe_packet_id_0_5": 0x82,
             "subscribe_qos_3_5": 0x82,
             "subscribe_retain_handling_3_5": 0x82,
             "subscribe_subscription_identifier_0_5": 0x82,
@@ -1030,7 +1168,26 @@ DIVERGENCES: dict[str, Diverge] = {
         }.items()
     },
     "unsubscribe_invalid_filter_311": Diverge(FILTER_REFUSED, answered(("UNSUBACK", 1, ()))),
+    **{
+        name: Diverge(
+            "MQTT-2.2.1-3: a packet id of 0 is an error the text gives no code; fluxmq says 0x82",
+            closed_with(0x82),
+        )
+        for name in ("subscribe_packet_id_0_5", "unsubscribe_packet_id_0_5")
+    },
     # Mosquitto accepts what the text forbids.
+    "receive_maximum_of_server_exceeded_5": Diverge(
+        "5.0 4.9: over the Receive Maximum, DISCONNECT 0x93 (Mosquitto: PUBREC 0x97)",
+        closed_with(0x93, "one more"),
+    ),
+    "resubscribe_changes_options_5": Diverge(
+        "MQTT-3.8.4-3: a SUBSCRIBE to an existing filter replaces the subscription (its options too)",
+        answered(("PUBLISH", "~/t", b"other", 0, False, False, None, ()), label="delivered"),
+    ),
+    "pingreq_with_body_311": Diverge(
+        "3.1.1 3.12.1: a PINGREQ has remaining length 0; anything else is malformed [MQTT-4.8.0-1]",
+        closed_with(None),
+    ),
     "subscribe_share_no_local_5": Diverge(
         "MQTT-3.8.3-4: No Local on a shared subscription is a Protocol Error", closed_with(0x82)
     ),
@@ -1052,6 +1209,15 @@ DIVERGENCES: dict[str, Diverge] = {
         answered(("SUBACK", 1, (1,)), label="subscribe shared"),
     ),
     # Both allowed; fluxmq chooses otherwise.
+    "broker_topic_aliases_to_client_5": Diverge(
+        "5.0 3.3.2.3.4: the Server MAY use Topic Aliases up to the client's Topic Alias Maximum",
+        answered(
+            ("PUBLISH", "~/t", b"0", 0, False, False, None, (("alias",),)),
+            ("PUBLISH", "", b"1", 0, False, False, None, (("alias",),)),
+            ("PUBLISH", "", b"2", 0, False, False, None, (("alias",),)),
+            label="delivered",
+        ),
+    ),
     "connect_bad_protocol_name_311": Diverge(
         "MQTT-3.1.2-1 (3.1.1): close, or go on by another specification (return code 1)", refused_connect(1)
     ),
