@@ -1073,6 +1073,135 @@ define(
 )
 
 
+@scenario()
+def subscription_identifier_on_retained_5(x: Script) -> None:
+    # 3.3.4: a retained message sent for a SUBSCRIBE carries that subscription's identifier.
+    p = x.conn("p", 5)
+    x.rec("retain", p.step(publish(x.t(), b"kept", 0, True, version=5)))
+    w = x.conn("c", 5)
+    x.rec(
+        "subscribe",
+        w.step(subscribe(1, (x.t(), 1), version=5, properties=props(prop(SUBSCRIPTION_ID, b"\x05")))),
+    )
+    x.rec("clear", p.step(publish(x.t(), b"", 0, True, version=5)))
+
+
+@scenario()
+def subscribe_mixed_valid_and_invalid_311(x: Script) -> None:
+    w = x.conn("c", 4)
+    x.rec("subscribe", w.step(subscribe(1, (x.t("a"), 1), (x.t("b/#/c"), 0), (x.t("c"), 2))))
+
+
+@scenario()
+def shared_subscription_delivers_each_message_once_5(x: Script) -> None:
+    members = [x.conn(f"m{n}", 5) for n in range(2)]
+    for n, m in enumerate(members):
+        x.rec(f"subscribe {n}", m.step(subscribe(1, (f"$share/g/{x.t()}", 1), version=5)))
+    p = x.conn("p", 5)
+    x.rec("publish", p.step(*(publish(x.t(), b"%d" % n, 1, packet_id=n + 1, version=5) for n in range(6))))
+    got = []
+    for m in members:
+        got += [q[2] for q in m.step() if q[0] == "PUBLISH"]
+    # Which member gets which message is the server's choice: compared as a multiset.
+    x.rec("delivered", sorted(got))
+
+
+define("shared_subscription_in_311", one_step(4, subscribe(1, ("$share/g/a", 1))))
+
+
+@scenario()
+def order_kept_across_qos_311(x: Script) -> None:
+    # 4.6: messages of one publisher on one topic arrive in order (QoS 1 and 2 ordered topics).
+    w = x.conn("c", 4)
+    x.watch(w, (x.t(), 2))
+    p = x.conn("p", 4)
+    x.rec(
+        "publish",
+        p.step(
+            publish(x.t(), b"1", 1, packet_id=1),
+            publish(x.t(), b"2", 2, packet_id=2),
+            publish(x.t(), b"3", 1, packet_id=3),
+            ack(6, 2),
+            publish(x.t(), b"4", 2, packet_id=4),
+            ack(6, 4),
+        ),
+    )
+    x.sentinel(w, p)
+
+
+@scenario()
+def maximum_packet_size_qos1_dropped_5(x: Script) -> None:
+    # MQTT-3.1.2-25: a message too big for the client is discarded as if it had been delivered.
+    w = x.conn("c", 5, properties=props(prop(0x27, u32(40))))
+    x.watch(w, (x.t(), 1))
+    p = x.conn("p", 5)
+    x.rec(
+        "publish",
+        p.step(
+            publish(x.t(), b"x" * 60, 1, packet_id=1, version=5),
+            publish(x.t(), b"ok", 1, packet_id=2, version=5),
+        ),
+    )
+    x.sentinel(w, p)
+
+
+define(
+    "puback_reason_string_twice_5",
+    one_step(5, frame(0x40, u16(3) + b"\x10" + props(prop(0x1F, s(b"a")), prop(0x1F, s(b"b"))))),
+)
+define(
+    "connect_will_delay_twice_5",
+    one_step(
+        5,
+        connect(
+            "dwd",
+            5,
+            will=("a", b"x", 0, False),
+            will_properties=props(prop(0x18, u32(1)), prop(0x18, u32(2))),
+        ),
+        connect_first=False,
+    ),
+)
+define(
+    "connect_will_property_not_for_will_5",
+    one_step(
+        5,
+        connect("dwp", 5, will=("a", b"x", 0, False), will_properties=props(prop(TOPIC_ALIAS, u16(1)))),
+        connect_first=False,
+    ),
+)
+define(
+    "connect_password_flag_without_password_311",
+    one_step(4, raw_connect(4, 0xC2, s(b"dpw") + s(b"u")), connect_first=False),
+)
+define(
+    "connect_maximum_packet_size_0_5",
+    one_step(5, raw_connect(5, 0x02, s(b"dmp"), props5=props(prop(0x27, u32(0)))), connect_first=False),
+)
+
+
+@scenario()
+def client_topic_alias_maximum_0_gets_no_alias_5(x: Script) -> None:
+    w = x.conn("c", 5, properties=props(prop(TOPIC_ALIAS_MAXIMUM, u16(0))))
+    x.watch(w, (x.t(), 0))
+    p = x.conn("p", 5)
+    p.send(*(publish(x.t(), b"%d" % n, version=5) for n in range(3)))
+    x.sentinel(w, p)
+
+
+@scenario()
+def will_user_properties_forwarded_5(x: Script) -> None:
+    w = x.conn("s", 5)
+    x.watch(w, (x.t("will"), 1))
+    will_props = props(
+        prop(USER_PROPERTY, s(b"k") + s(b"v")), prop(0x03, s(b"text/plain")), prop(PAYLOAD_FORMAT, b"\x01")
+    )
+    c = x.conn("w", 5, will=(x.t("will"), b"gone", 1, False), will_properties=will_props)
+    x.rec("dropped", c.drop())
+    p = x.conn("p", 5)
+    x.sentinel(w, p)
+
+
 # -- expected divergences ---------------------------------------------------------------------------
 # Where the texts let a server choose, or Mosquitto 2.0 departs from them. Topics read "~" for the
 # scenario's prefix. docs/conformance.rst ("Differences from Mosquitto") sums these up.
@@ -1119,6 +1248,9 @@ DIVERGENCES: dict[str, Diverge] = {
             "connect_will_topic_wildcard_5": 0x90,
             "connect_will_topic_empty_5": 0x90,
             "connect_truncated_5": 0x81,
+            "connect_maximum_packet_size_0_5": 0x82,
+            "connect_will_delay_twice_5": 0x82,
+            "connect_will_property_not_for_will_5": 0x81,
         }.items()
     },
     **{
@@ -1131,6 +1263,7 @@ DIVERGENCES: dict[str, Diverge] = {
             "remaining_length_five_bytes_5": (0x81, "step"),
             "subscribe_subscription_identifier_twice_5": (0x82, "step"),
             "auth_packet_without_method_5": (0x82, "step"),
+            "puback_reason_string_twice_5": (0x82, "step"),
             "will_sent_on_protocol_error_5": (0x81, "end"),
             # 5.0 3.1.4: the existing connection gets DISCONNECT 0x8E Session taken over.
             "client_id_takeover_5": (0x8E, "first"),
@@ -1168,6 +1301,9 @@ DIVERGENCES: dict[str, Diverge] = {
         }.items()
     },
     "unsubscribe_invalid_filter_311": Diverge(FILTER_REFUSED, answered(("UNSUBACK", 1, ()))),
+    "subscribe_mixed_valid_and_invalid_311": Diverge(
+        FILTER_REFUSED, answered(("SUBACK", 1, (1, 0x80, 2)), label="subscribe")
+    ),
     **{
         name: Diverge(
             "MQTT-2.2.1-3: a packet id of 0 is an error the text gives no code; fluxmq says 0x82",
@@ -1235,6 +1371,17 @@ DIVERGENCES: dict[str, Diverge] = {
             "before pubrel": [("PUBLISH", "~/t", b"m", 2, False, False, "#1", ())],
             "after pubrel": [],
         },
+    ),
+    "order_kept_across_qos_311": Diverge(
+        "MQTT-4.6.0-5 orders messages of the same topic and QoS; a QoS 2 message MAY go on at its "
+        "PUBLISH (4.3.3 method B, fluxmq) or at its PUBREL (Mosquitto)",
+        answered(
+            *(
+                ("PUBLISH", "~/t", payload, qos, False, False, f"#{n}", ())
+                for n, (payload, qos) in enumerate(((b"1", 1), (b"2", 2), (b"3", 1), (b"4", 2)), 1)
+            ),
+            label="delivered",
+        ),
     ),
     "pubrel_unknown_id_5": Diverge(
         "5.0 3.7.2.1: PUBCOMP 0x92 Packet Identifier not found", answered(("PUBCOMP", 77, 0x92, 0))
