@@ -13,6 +13,7 @@ comes before the PINGRESP, or up to the close. Nothing waits for a fixed time.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -342,7 +343,5 @@ class Wire:
 
     def close(self) -> None:
         self.closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

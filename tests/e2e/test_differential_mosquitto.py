@@ -116,6 +116,12 @@ class Script:
         ]
         return self.sentinel(sub, pub, label, before)
 
+    def pair(self, version: int, *subs: tuple, properties: bytes = b"") -> tuple[Wire, Wire]:
+        """A subscriber ("c", subscribed to ``subs`` through ``watch``) and a publisher ("p")."""
+        w = self.conn("c", version)
+        self.watch(w, *subs, properties=properties)
+        return w, self.conn("p", version)
+
     def watch(self, w: Wire, *subs: tuple, pid: int = 1, properties: bytes = b"") -> None:
         """SUBSCRIBE ``subs`` plus the sentinel topic, recording the SUBACK."""
         self.rec(
@@ -457,9 +463,7 @@ def publish_topic_alias_above_maximum_5(x: Script) -> None:
 
 @scenario()
 def publish_topic_alias_flow_5(x: Script) -> None:
-    w = x.conn("c", 5)
-    x.watch(w, (x.t(), 1))
-    p = x.conn("p", 5)
+    w, p = x.pair(5, (x.t(), 1))
     x.rec(
         "set alias",
         p.step(publish(x.t(), b"1", 1, packet_id=1, version=5, properties=props(prop(TOPIC_ALIAS, u16(1))))),
@@ -473,9 +477,7 @@ def publish_topic_alias_flow_5(x: Script) -> None:
 
 @scenario()
 def publish_properties_forwarded_5(x: Script) -> None:
-    w = x.conn("c", 5)
-    x.watch(w, (x.t(), 0))
-    p = x.conn("p", 5)
+    w, p = x.pair(5, (x.t(), 0))
     properties = props(
         prop(PAYLOAD_FORMAT, b"\x01"),
         prop(CORRELATION, s(b"corr")),
@@ -521,9 +523,7 @@ def retain_handling_5(x: Script) -> None:
 
 @scenario()
 def retain_as_published_5(x: Script) -> None:
-    w = x.conn("c", 5)
-    x.watch(w, (x.t("rap"), 0x09), (x.t("plain"), 0x01))
-    p = x.conn("p", 5)
+    w, p = x.pair(5, (x.t("rap"), 0x09), (x.t("plain"), 0x01))
     p.send(publish(x.t("rap"), b"a", 0, True, version=5), publish(x.t("plain"), b"b", 0, True, version=5))
     x.sentinel(w, p)
     p.send(publish(x.t("rap"), b"", 0, True, version=5), publish(x.t("plain"), b"", 0, True, version=5))
@@ -546,9 +546,7 @@ def dollar_topics_not_matched_by_wildcards(x: Script) -> None:
 @scenario()
 def qos_downgrade_and_no_upgrade_311(x: Script) -> None:
     # MQTT-3.8.4-6 / 3.3.5: delivered at min(published QoS, granted QoS).
-    w = x.conn("c", 4)
-    x.watch(w, (x.t("q0"), 0), (x.t("q2"), 2))
-    p = x.conn("p", 4)
+    w, p = x.pair(4, (x.t("q0"), 0), (x.t("q2"), 2))
     x.rec("publish q2 to q0", p.step(publish(x.t("q0"), b"a", 2, packet_id=1)))
     x.rec("pubrel", p.step(ack(6, 1)))
     x.rec("publish q1 to q2", p.step(publish(x.t("q2"), b"b", 1, packet_id=2)))
@@ -567,9 +565,7 @@ def no_local_5(x: Script) -> None:
 def overlapping_subscriptions_5(x: Script) -> None:
     # 5.0 3.3.4: overlapping subscriptions; with identifiers the Server sends one copy per
     # subscription or one with all identifiers; here the 0x00-QoS and 0x01-QoS filters overlap.
-    w = x.conn("c", 5)
-    x.watch(w, (x.t("o/#"), 0), (x.t("o/+"), 1))
-    p = x.conn("p", 5)
+    w, p = x.pair(5, (x.t("o/#"), 0), (x.t("o/+"), 1))
     x.rec("publish", p.step(publish(x.t("o/a"), b"m", 1, packet_id=1, version=5)))
     x.sentinel(w, p)
 
@@ -602,9 +598,7 @@ for _v in (4, 5):
 def _qos2_duplicate(version: int) -> Callable[[Script], None]:
     def body(x: Script) -> None:
         # MQTT-4.3.3-2 / method B: a QoS 2 PUBLISH resent before PUBREL is delivered once.
-        w = x.conn("c", version)
-        x.watch(w, (x.t(), 2))
-        p = x.conn("p", version)
+        w, p = x.pair(version, (x.t(), 2))
         x.rec("publish", p.step(publish(x.t(), b"once", 2, packet_id=7, version=version)))
         x.rec("again (dup)", p.step(publish(x.t(), b"once", 2, packet_id=7, dup=True, version=version)))
         x.rec("pubrel", p.step(ack(6, 7, version)))
@@ -620,9 +614,7 @@ define("qos2_duplicate_before_pubrel_5", _qos2_duplicate(5))
 
 @scenario()
 def qos1_resent_with_dup_311(x: Script) -> None:
-    w = x.conn("c", 4)
-    x.watch(w, (x.t(), 1))
-    p = x.conn("p", 4)
+    w, p = x.pair(4, (x.t(), 1))
     x.rec("publish", p.step(publish(x.t(), b"a", 1, packet_id=3)))
     x.rec("again (dup)", p.step(publish(x.t(), b"a", 1, packet_id=3, dup=True)))
     x.sentinel(w, p)
@@ -690,9 +682,7 @@ define("disconnect_session_expiry_from_0_5", _will_scenario(5, "expiry from 0"))
 
 @scenario()
 def connect_31_then_publish(x: Script) -> None:
-    w = x.conn("c", 3)
-    x.watch(w, (x.t(), 1))
-    p = x.conn("p", 3)
+    w, p = x.pair(3, (x.t(), 1))
     x.rec("publish", p.step(publish(x.t(), b"31", 1, packet_id=2)))
     x.sentinel(w, p)
 
@@ -700,9 +690,7 @@ def connect_31_then_publish(x: Script) -> None:
 @scenario()
 def wildcard_matching_rules_311(x: Script) -> None:
     # 4.7.1.2: "sport/#" matches "sport"; 4.7.1.3: "+" matches an empty level; "+/x" matches "/x".
-    w = x.conn("c", 4)
-    x.watch(w, (x.t("m/#"), 0), (x.t("e/+/b"), 0), ("+/" + x.u + "-lead", 0))
-    p = x.conn("p", 4)
+    w, p = x.pair(4, (x.t("m/#"), 0), (x.t("e/+/b"), 0), ("+/" + x.u + "-lead", 0))
     p.send(
         publish(x.t("m"), b"parent"),
         publish(x.t("m/a/b"), b"deep"),
@@ -731,9 +719,7 @@ def retained_on_wildcard_subscribe_311(x: Script) -> None:
 @scenario()
 def empty_retained_delivered_to_live_subscriber_5(x: Script) -> None:
     # 3.3.1.3: a zero-length retained PUBLISH clears the retained message and goes to subscribers.
-    w = x.conn("c", 5)
-    x.watch(w, (x.t(), 0))
-    p = x.conn("p", 5)
+    w, p = x.pair(5, (x.t(), 0))
     p.send(publish(x.t(), b"", 0, True, version=5))
     x.sentinel(w, p)
 
@@ -768,9 +754,7 @@ def unsubscribe_shared_and_unknown_5(x: Script) -> None:
 @scenario()
 def qos2_delivered_before_pubrel_5(x: Script) -> None:
     # 4.3.3: the receiver MAY forward a QoS 2 message at its PUBLISH (method B) or at PUBREL.
-    w = x.conn("c", 5)
-    x.watch(w, (x.t(), 2))
-    p = x.conn("p", 5)
+    w, p = x.pair(5, (x.t(), 2))
     x.rec("publish", p.step(publish(x.t(), b"m", 2, packet_id=3, version=5)))
     x.sentinel(w, p, "before pubrel")
     x.rec("pubrel", p.step(ack(6, 3, 5)))
@@ -779,9 +763,7 @@ def qos2_delivered_before_pubrel_5(x: Script) -> None:
 
 @scenario()
 def qos2_same_id_after_pubcomp_is_new_311(x: Script) -> None:
-    w = x.conn("c", 4)
-    x.watch(w, (x.t(), 2))
-    p = x.conn("p", 4)
+    w, p = x.pair(4, (x.t(), 2))
     for n in (1, 2):
         x.rec(f"publish {n}", p.step(publish(x.t(), b"m%d" % n, 2, packet_id=5)))
         x.rec(f"pubrel {n}", p.step(ack(6, 5)))
@@ -909,9 +891,7 @@ def maximum_packet_size_of_client_5(x: Script) -> None:
 
 @scenario()
 def topic_alias_remapped_5(x: Script) -> None:
-    w = x.conn("c", 5)
-    x.watch(w, (x.t("al/#"), 0))
-    p = x.conn("p", 5)
+    w, p = x.pair(5, (x.t("al/#"), 0))
     alias = props(prop(TOPIC_ALIAS, u16(1)))
     p.send(
         publish(x.t("al/a"), b"1", version=5, properties=alias),
@@ -986,9 +966,7 @@ def retained_replaced_and_downgraded_311(x: Script) -> None:
 
 @scenario()
 def overlapping_subscriptions_311(x: Script) -> None:
-    w = x.conn("c", 4)
-    x.watch(w, (x.t("o/#"), 0), (x.t("o/+"), 1))
-    p = x.conn("p", 4)
+    w, p = x.pair(4, (x.t("o/#"), 0), (x.t("o/+"), 1))
     x.rec("publish", p.step(publish(x.t("o/a"), b"m", 2, packet_id=1)))
     x.rec("pubrel", p.step(ack(6, 1)))
     x.sentinel(w, p)
@@ -996,28 +974,30 @@ def overlapping_subscriptions_311(x: Script) -> None:
 
 @scenario()
 def empty_payload_qos0_not_retained_311(x: Script) -> None:
-    w = x.conn("c", 4)
-    x.watch(w, (x.t(), 0))
-    p = x.conn("p", 4)
+    w, p = x.pair(4, (x.t(), 0))
     p.send(publish(x.t(), b""))
     x.sentinel(w, p)
 
 
-@scenario()
-def broker_topic_aliases_to_client_5(x: Script) -> None:
-    # 3.3.2.3.4: the Server MAY use Topic Aliases up to the client's Topic Alias Maximum.
-    w = x.conn("c", 5, properties=props(prop(TOPIC_ALIAS_MAXIMUM, u16(5))))
-    x.watch(w, (x.t(), 0))
-    p = x.conn("p", 5)
-    p.send(*(publish(x.t(), b"%d" % n, version=5) for n in range(3)))
-    x.sentinel(w, p)
+def _aliases_toward_client(maximum: int) -> Callable[[Script], None]:
+    def body(x: Script) -> None:
+        # 3.3.2.3.4: the Server MAY use Topic Aliases up to the client's Topic Alias Maximum.
+        w = x.conn("c", 5, properties=props(prop(TOPIC_ALIAS_MAXIMUM, u16(maximum))))
+        x.watch(w, (x.t(), 0))
+        p = x.conn("p", 5)
+        p.send(*(publish(x.t(), b"%d" % n, version=5) for n in range(3)))
+        x.sentinel(w, p)
+
+    return body
+
+
+define("broker_topic_aliases_to_client_5", _aliases_toward_client(5))
+define("client_topic_alias_maximum_0_gets_no_alias_5", _aliases_toward_client(0))
 
 
 @scenario()
 def publish_response_topic_and_content_type_forwarded_5(x: Script) -> None:
-    w = x.conn("c", 5)
-    x.watch(w, (x.t(), 1))
-    p = x.conn("p", 5)
+    w, p = x.pair(5, (x.t(), 1))
     properties = props(prop(0x08, s(b"reply/here")), prop(0x03, s(b"text/plain")))
     x.rec("publish", p.step(publish(x.t(), b"m", 1, packet_id=1, version=5, properties=properties)))
     x.sentinel(w, p)
@@ -1112,9 +1092,7 @@ define("shared_subscription_in_311", one_step(4, subscribe(1, ("$share/g/a", 1))
 @scenario()
 def order_kept_across_qos_311(x: Script) -> None:
     # 4.6: messages of one publisher on one topic arrive in order (QoS 1 and 2 ordered topics).
-    w = x.conn("c", 4)
-    x.watch(w, (x.t(), 2))
-    p = x.conn("p", 4)
+    w, p = x.pair(4, (x.t(), 2))
     x.rec(
         "publish",
         p.step(
@@ -1178,15 +1156,6 @@ define(
     "connect_maximum_packet_size_0_5",
     one_step(5, raw_connect(5, 0x02, s(b"dmp"), props5=props(prop(0x27, u32(0)))), connect_first=False),
 )
-
-
-@scenario()
-def client_topic_alias_maximum_0_gets_no_alias_5(x: Script) -> None:
-    w = x.conn("c", 5, properties=props(prop(TOPIC_ALIAS_MAXIMUM, u16(0))))
-    x.watch(w, (x.t(), 0))
-    p = x.conn("p", 5)
-    p.send(*(publish(x.t(), b"%d" % n, version=5) for n in range(3)))
-    x.sentinel(w, p)
 
 
 @scenario()
