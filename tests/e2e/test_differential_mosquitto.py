@@ -91,10 +91,13 @@ class Script:
     def t(self, name: str = "t") -> str:
         return f"{self.u}/{name}"
 
-    def sentinel(self, sub: Wire, pub: Wire, label: str = "delivered", before: list | None = None) -> list:
-        """Deliveries to ``sub`` before the sentinel ``pub`` publishes now (``sub`` subscribed to
-        ``<prefix>/sentinel`` through ``watch``)."""
-        pub.send(publish(self.t("sentinel"), b"end", version=pub.version))
+    def sentinel(
+        self, sub: Wire, pub: Wire | None, label: str = "delivered", before: list | None = None
+    ) -> list:
+        """Deliveries to ``sub`` before the sentinel ``pub`` publishes now (None: was published
+        already); ``sub`` subscribed to ``<prefix>/sentinel`` through ``watch``."""
+        if pub is not None:
+            pub.send(publish(self.t("sentinel"), b"end", version=pub.version))
         got: list = list(before or [])
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
@@ -1295,6 +1298,47 @@ def retained_flow_control_5(x: Script) -> None:
     x.rec("clear", p.step(*(publish(x.t(f"r/{n}"), b"", 0, True, version=5) for n in range(3))))
 
 
+define(
+    "connect_31_bad_protocol_name",
+    one_step(3, raw_connect(3, 0x02, s(b"d31n"), name=b"MQIsdX"), connect_first=False),
+)
+define("connect_31_empty_client_id_clean_0", one_step(3, raw_connect(3, 0x00, s(b"")), connect_first=False))
+
+
+@scenario()
+def mqtt31_session_and_will(x: Script) -> None:
+    w, p = x.pair(3, (x.t("will"), 1), (x.t("q"), 2))
+    c = x.conn("w", 3, will=(x.t("will"), b"gone", 1, False))
+    x.rec("unsubscribe", c.step(unsubscribe(1, x.t("nothing"))))
+    x.rec("dropped", c.drop())
+    x.rec("publish q2", p.step(publish(x.t("q"), b"m", 2, packet_id=1), ack(6, 1)))
+    x.sentinel(w, p)
+
+
+@scenario()
+def mixed_versions_deliver_alike(x: Script) -> None:
+    # One message to a 3.1, a 3.1.1 and a 5.0 subscriber: same topic, payload, QoS, flags.
+    subs = []
+    for n, version in enumerate((3, 4, 5)):
+        s_ = x.conn(f"s{n}", version)
+        x.watch(s_, (x.t(), 2))
+        subs.append(s_)
+    p = x.conn("p", 5)
+    x.rec(
+        "publish",
+        p.step(
+            publish(
+                x.t(), b"all", 2, True, 1, version=5, properties=props(prop(USER_PROPERTY, s(b"k") + s(b"v")))
+            ),
+            ack(6, 1, 5),
+        ),
+    )
+    p.send(publish(x.t("sentinel"), b"end", version=5))
+    for n, s_ in enumerate(subs):
+        x.sentinel(s_, None, f"subscriber {n}")
+    x.rec("clear", p.step(publish(x.t(), b"", 0, True, version=5)))
+
+
 # -- expected divergences ---------------------------------------------------------------------------
 # Where the texts let a server choose, or Mosquitto 2.0 departs from them. Topics read "~" for the
 # scenario's prefix. docs/conformance.rst ("Differences from Mosquitto") sums these up.
@@ -1447,9 +1491,13 @@ DIVERGENCES: dict[str, Diverge] = {
             label="delivered",
         ),
     ),
-    "connect_bad_protocol_name_311": Diverge(
-        "MQTT-3.1.2-1 (3.1.1): close, or go on by another specification (return code 1)", refused_connect(1)
-    ),
+    **{
+        name: Diverge(
+            "MQTT-3.1.2-1 (3.1.1): close, or go on by another specification (return code 1)",
+            refused_connect(1),
+        )
+        for name in ("connect_bad_protocol_name_311", "connect_31_bad_protocol_name")
+    },
     "overlapping_subscriptions_5": Diverge(
         "5.0 3.3.4 / MQTT-3.3.4-2: one copy at the highest QoS, further copies MAY be sent",
         answered(("PUBLISH", "~/o/a", b"m", 1, False, False, "#1", ()), label="delivered"),
