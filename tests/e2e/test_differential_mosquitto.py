@@ -659,14 +659,22 @@ def _will_scenario(version: int, how: str) -> Callable[[Script], None]:
         x.watch(w, (x.t("will"), 1))
         extra = {"properties": props(prop(SESSION_EXPIRY, u32(0)))} if version == 5 else {}
         c = x.conn("w", version, will=(x.t("will"), b"gone", 1, False), **extra)
-        if how == "disconnect":
-            c.send(disconnect(version))
-        elif how == "disconnect 0x04":
-            c.send(disconnect(5, 0x04))
-        elif how == "expiry from 0":
-            c.send(disconnect(5, 0, props(prop(SESSION_EXPIRY, u32(30)))))
-        else:
-            c.send(b"\x30\xff\xff\xff\xff\x01")  # malformed: the connection ends without DISCONNECT
+        c.send(
+            {
+                "disconnect": disconnect(version),
+                "disconnect 0x04": disconnect(5, 0x04),
+                "expiry from 0": disconnect(5, 0, props(prop(SESSION_EXPIRY, u32(30)))),
+                # A DISCONNECT that is malformed itself: no normal disconnection.
+                "disconnect with a body": b"\xe0\x01\x00",
+                "disconnect bad flags": b"\xe2\x00",
+                "disconnect bad property": disconnect(5, 0, props(prop(TOPIC_ALIAS, u16(1)))),
+                "disconnect unknown reason": disconnect(5, 0x05),
+                "disconnect reason string twice": disconnect(
+                    5, 0, props(prop(0x1F, s(b"a")), prop(0x1F, s(b"b")))
+                ),
+                "malformed": b"\x30\xff\xff\xff\xff\x01",  # the connection ends without DISCONNECT
+            }[how]
+        )
         x.rec("end", c.until_closed())
         p = x.conn("p", version)
         x.sentinel(w, p)
@@ -679,6 +687,12 @@ define("will_sent_on_protocol_error_311", _will_scenario(4, "malformed"))
 define("will_not_sent_on_disconnect_5", _will_scenario(5, "disconnect"))
 define("will_sent_on_disconnect_0x04_5", _will_scenario(5, "disconnect 0x04"))
 define("will_sent_on_protocol_error_5", _will_scenario(5, "malformed"))
+define("will_sent_on_malformed_disconnect_311", _will_scenario(4, "disconnect with a body"))
+define("will_sent_on_disconnect_bad_flags_311", _will_scenario(4, "disconnect bad flags"))
+define("will_sent_on_disconnect_bad_flags_5", _will_scenario(5, "disconnect bad flags"))
+define("will_sent_on_disconnect_bad_property_5", _will_scenario(5, "disconnect bad property"))
+define("will_on_disconnect_unknown_reason_5", _will_scenario(5, "disconnect unknown reason"))
+define("will_sent_on_disconnect_reason_string_twice_5", _will_scenario(5, "disconnect reason string twice"))
 # MQTT-3.14.2-2: a DISCONNECT that sets a Session Expiry when the CONNECT had 0 is a Protocol Error.
 define("disconnect_session_expiry_from_0_5", _will_scenario(5, "expiry from 0"))
 
@@ -1339,6 +1353,14 @@ def mixed_versions_deliver_alike(x: Script) -> None:
     x.rec("clear", p.step(publish(x.t(), b"", 0, True, version=5)))
 
 
+define("puback_unknown_reason_code_5", one_step(5, ack(4, 9, 5, 0x05)))
+define("pubrel_unknown_reason_code_5", one_step(5, ack(6, 9, 5, 0x10)))
+define(
+    "subscribe_with_user_property_5",
+    one_step(5, subscribe(1, ("a", 0), version=5, properties=props(prop(USER_PROPERTY, s(b"k") + s(b"v"))))),
+)
+
+
 # -- expected divergences ---------------------------------------------------------------------------
 # Where the texts let a server choose, or Mosquitto 2.0 departs from them. Topics read "~" for the
 # scenario's prefix. docs/conformance.rst ("Differences from Mosquitto") sums these up.
@@ -1402,6 +1424,9 @@ DIVERGENCES: dict[str, Diverge] = {
             "auth_packet_without_method_5": (0x82, "step"),
             "puback_reason_string_twice_5": (0x82, "step"),
             "will_sent_on_protocol_error_5": (0x81, "end"),
+            "will_sent_on_disconnect_bad_flags_5": (0x81, "end"),
+            "will_sent_on_disconnect_bad_property_5": (0x81, "end"),
+            "will_sent_on_disconnect_reason_string_twice_5": (0x82, "end"),
             # 5.0 3.1.4: the existing connection gets DISCONNECT 0x8E Session taken over.
             "client_id_takeover_5": (0x8E, "first"),
         }.items()
@@ -1532,8 +1557,15 @@ DIVERGENCES: dict[str, Diverge] = {
             label="resume",
         ),
     ),
+    "will_on_disconnect_unknown_reason_5": Diverge(
+        "MQTT-3.14.4-3: only reason 0x00 discards the will; 0x05 is no DISCONNECT code [MQTT-3.14.2-1]",
+        answered(("PUBLISH", "~/will", b"gone", 1, False, False, "#1", ()), label="delivered"),
+    ),
     "pubrel_unknown_id_5": Diverge(
         "5.0 3.7.2.1: PUBCOMP 0x92 Packet Identifier not found", answered(("PUBCOMP", 77, 0x92, 0))
+    ),
+    "pubrel_unknown_reason_code_5": Diverge(
+        "5.0 3.7.2.1: PUBCOMP 0x92 Packet Identifier not found", answered(("PUBCOMP", 9, 0x92, 0))
     ),
     "pubrec_unknown_id_5": Diverge(
         "5.0 3.6.2.1: PUBREL 0x92 Packet Identifier not found", answered(("PUBREL", 78, 0x92, 2))
