@@ -1361,6 +1361,70 @@ define(
 )
 
 
+def _offline_retained(version: int) -> Callable[[Script], None]:
+    def body(x: Script) -> None:
+        # MQTT-3.3.1-9 / -12: a retained PUBLISH queued for a matching subscription goes with RETAIN
+        # 0 (Retain As Published keeps it 1); the identifier and properties go with it (3.3.4).
+        keep = {"properties": props(prop(SESSION_EXPIRY, u32(60)))} if version == 5 else {}
+        w = x.conn("c", version, clean=False, **keep)
+        sub_props = props(prop(SUBSCRIPTION_ID, b"\x09")) if version == 5 else b""
+        rap = 0x08 if version == 5 else 0
+        x.rec(
+            "subscribe",
+            w.step(subscribe(1, (x.t("a"), 1), (x.t("b"), 1 | rap), version=version, properties=sub_props)),
+        )
+        x.rec("away", w.step(disconnect(version), fence=False))
+        p = x.conn("p", version)
+        user = props(prop(USER_PROPERTY, s(b"k") + s(b"v"))) if version == 5 else b""
+        x.rec(
+            "publish",
+            p.step(
+                publish(x.t("a"), b"ra", 1, True, 1, version=version, properties=user),
+                publish(x.t("b"), b"rb", 1, True, 2, version=version),
+                publish(x.t("a"), b"q0", 0, version=version),
+            ),
+        )
+        w2 = x.conn("c", version, "resume", clean=False, **keep)
+        x.rec("queued", w2.step())
+        x.rec(
+            "clear",
+            p.step(
+                publish(x.t("a"), b"", 0, True, version=version),
+                publish(x.t("b"), b"", 0, True, version=version),
+            ),
+        )
+        x.rec("end", w2.step(disconnect(version), fence=False))
+        x.conn("c", version, "end session", clean=True)
+
+    return body
+
+
+define("offline_retained_flag_and_properties_311", _offline_retained(4))
+define("offline_retained_flag_and_properties_5", _offline_retained(5))
+
+
+@scenario()
+def qos0_behind_a_full_receive_maximum_5(x: Script) -> None:
+    # 4.9: at a send quota of 0 the server MUST NOT send QoS 1/2 [MQTT-4.9.0-2]; it MAY go on
+    # sending QoS 0 or suspend them too.
+    w = x.conn("c", 5, properties=props(prop(RECEIVE_MAXIMUM, u16(1))))
+    w.auto_ack = False
+    x.rec("subscribe", w.step(subscribe(1, (x.t("q"), 1), (x.t("z"), 0), (x.t("sentinel"), 0), version=5)))
+    p = x.conn("p", 5)
+    x.rec(
+        "publish",
+        p.step(
+            publish(x.t("q"), b"1", 1, packet_id=1, version=5),
+            publish(x.t("q"), b"2", 1, packet_id=2, version=5),
+            publish(x.t("z"), b"zero", version=5),
+        ),
+    )
+    x.rec("quota 0", w.step())
+    w.auto_ack = True
+    x.rec("puback", w.step(ack(4, w.real_id("#1"), 5)))
+    x.sentinel(w, p, "rest")
+
+
 # -- expected divergences ---------------------------------------------------------------------------
 # Where the texts let a server choose, or Mosquitto 2.0 departs from them. Topics read "~" for the
 # scenario's prefix. docs/conformance.rst ("Differences from Mosquitto") sums these up.
@@ -1560,6 +1624,17 @@ DIVERGENCES: dict[str, Diverge] = {
     "will_on_disconnect_unknown_reason_5": Diverge(
         "MQTT-3.14.4-3: only reason 0x00 discards the will; 0x05 is no DISCONNECT code [MQTT-3.14.2-1]",
         answered(("PUBLISH", "~/will", b"gone", 1, False, False, "#1", ()), label="delivered"),
+    ),
+    "qos0_behind_a_full_receive_maximum_5": Diverge(
+        "5.0 4.9: at a send quota of 0 QoS 0 MAY go on or be suspended too [MQTT-4.9.0-2]; fluxmq "
+        "keeps the subscriber's order and holds it behind the window",
+        {
+            "quota 0": [("PUBLISH", "~/q", b"1", 1, False, False, "#1", ())],
+            "puback": [
+                ("PUBLISH", "~/q", b"2", 1, False, False, "#2", ()),
+                ("PUBLISH", "~/z", b"zero", 0, False, False, None, ()),
+            ],
+        },
     ),
     "pubrel_unknown_id_5": Diverge(
         "5.0 3.7.2.1: PUBCOMP 0x92 Packet Identifier not found", answered(("PUBCOMP", 77, 0x92, 0))
