@@ -190,8 +190,13 @@ def _properties(data: bytes, at: int) -> tuple[list, int]:
 COMPARED_PUBLISH_PROPERTIES = {PAYLOAD_FORMAT, 0x03, 0x08, CORRELATION, SUBSCRIPTION_ID, USER_PROPERTY}
 
 
-def parse(first: int, body: bytes, version: int) -> tuple:
-    """One packet from the broker as a normalised tuple."""
+def _strings(found: list, strings: bool) -> tuple:
+    """With ``strings``: whether an acknowledgement carries a Reason String or User Property."""
+    return (("strings", any(pid in (0x1F, USER_PROPERTY) for pid, _ in found)),) if strings else ()
+
+
+def parse(first: int, body: bytes, version: int, strings: bool = False) -> tuple:
+    """One packet from the broker as a normalised tuple (``strings``: see ``_strings``)."""
     kind = first >> 4
     v5 = version == 5
     if kind == 2:
@@ -214,13 +219,16 @@ def parse(first: int, body: bytes, version: int) -> tuple:
     if kind in (4, 5, 6, 7):
         name = {4: "PUBACK", 5: "PUBREC", 6: "PUBREL", 7: "PUBCOMP"}[kind]
         reason = body[2] if v5 and len(body) > 2 else 0
-        return (name, int.from_bytes(body[:2], "big"), reason, first & 0x0F)
+        found = _properties(body, 3)[0] if v5 and len(body) > 3 else []
+        return (name, int.from_bytes(body[:2], "big"), reason, first & 0x0F, *_strings(found, strings))
     if kind in (9, 11):
         at = 2
+        found = []
         if v5:
-            _, at = _properties(body, at)
+            found, at = _properties(body, at)
         codes = tuple(body[at:])
-        return ("SUBACK" if kind == 9 else "UNSUBACK", int.from_bytes(body[:2], "big"), codes)
+        name = "SUBACK" if kind == 9 else "UNSUBACK"
+        return (name, int.from_bytes(body[:2], "big"), codes, *_strings(found, strings))
     if kind == 13:
         return ("PINGRESP",)
     if kind == 14:
@@ -239,6 +247,7 @@ class Wire:
         self.closed = False
         self.connack: dict = {}  # the CONNACK properties by identifier (alias maximum, ...)
         self.pending: list = []  # parsed packets after a fence's PINGRESP
+        self.strings = False  # record whether acknowledgements carry reason strings
         self.auto_ack = True  # acknowledge the PUBLISH / PUBREL packets the broker sends
         self._ordinal: dict[int, int] = {}  # broker-chosen packet id -> order of first use
 
@@ -261,7 +270,7 @@ class Wire:
             self.buffer = self.buffer[at + length :]
             if first >> 4 == 2 and self.version == 5 and len(body) > 2:
                 self.connack = dict(_properties(body, 2)[0])
-            packet = self._normalise(parse(first, body, self.version))
+            packet = self._normalise(parse(first, body, self.version, self.strings))
             if packet != ("AUTO",):
                 out.append(packet)
         return out

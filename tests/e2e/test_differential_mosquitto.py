@@ -1425,6 +1425,18 @@ def qos0_behind_a_full_receive_maximum_5(x: Script) -> None:
     x.sentinel(w, p, "rest")
 
 
+@scenario()
+def no_reason_strings_when_not_requested_5(x: Script) -> None:
+    # MQTT-3.1.2-29: with Request Problem Information 0, no Reason String or User Property on
+    # anything but PUBLISH, CONNACK and DISCONNECT.
+    w = x.conn("c", 5, properties=props(prop(0x17, b"\x00")))
+    w.strings = True
+    x.rec("refused publish", w.step(publish("$SYS/x", b"x", 1, packet_id=1, version=5)))
+    x.rec("unknown pubrel", w.step(ack(6, 5, 5)))
+    x.rec("unsubscribe unknown", w.step(unsubscribe(2, x.t(), version=5)))
+    x.rec("subscribe", w.step(subscribe(3, (x.t(), 1), version=5)))
+
+
 # -- expected divergences ---------------------------------------------------------------------------
 # Where the texts let a server choose, or Mosquitto 2.0 departs from them. Topics read "~" for the
 # scenario's prefix. docs/conformance.rst ("Differences from Mosquitto") sums these up.
@@ -1641,6 +1653,10 @@ DIVERGENCES: dict[str, Diverge] = {
     ),
     "pubrel_unknown_reason_code_5": Diverge(
         "5.0 3.7.2.1: PUBCOMP 0x92 Packet Identifier not found", answered(("PUBCOMP", 9, 0x92, 0))
+    ),
+    "no_reason_strings_when_not_requested_5": Diverge(
+        "5.0 3.7.2.1: PUBCOMP 0x92 Packet Identifier not found",
+        answered(("PUBCOMP", 5, 0x92, 0, ("strings", False)), label="unknown pubrel"),
     ),
     "pubrec_unknown_id_5": Diverge(
         "5.0 3.6.2.1: PUBREL 0x92 Packet Identifier not found", answered(("PUBREL", 78, 0x92, 2))
