@@ -642,18 +642,18 @@ class MQTTConnection(
         self._write(_PINGRESP)
 
     def _on_disconnect(self, p) -> None:
+        expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL) if self.version == 5 and p.properties else None
+        if expiry is not None and expiry != 0 and self.session.expiry_interval == 0:
+            # MQTT 5.0 3.14.2.2.2. Checked before the will is discarded: a DISCONNECT that is a
+            # protocol error is no normal disconnection, so the will is published [MQTT-3.1.2-8].
+            raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")
         # Only reason 0x00 (normal) discards the will [MQTT-3.14.4-3, MQTT-3.1.2-8]; 0x04 asks for
         # it and any error code leaves it to be published as after a network failure.
         self._publish_will = self.version == 5 and p.reason_code != 0
         self._note_close("client_disconnect")
-        if self.version == 5 and p.properties:
-            expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL)
-            if expiry is not None:
-                if self.session.expiry_interval == 0 and expiry != 0:
-                    # MQTT 5.0 3.14.2.2.2
-                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")
-                self.session.expiry_interval = self.broker.capped_expiry(expiry)
-                self.session.persistent = expiry > 0
+        if expiry is not None:
+            self.session.expiry_interval = self.broker.capped_expiry(expiry)
+            self.session.persistent = expiry > 0
         self.closed = True
 
 

@@ -57,6 +57,25 @@ def test_disconnect_reason_decides_the_will_MQTT_3_14_4_3(node, reason: int, pub
         watch.disconnect()
 
 
+def test_disconnect_setting_expiry_after_0_is_a_protocol_error_and_publishes_the_will_MQTT_3_14_2_2(
+    node,
+) -> None:
+    """A DISCONNECT 0x00 that sets a Session Expiry Interval when the CONNECT had 0 is a Protocol
+    Error (3.14.2.2.2): the server answers DISCONNECT 0x82, and as the connection ends on a protocol
+    error, not a normal disconnection, the will is published [MQTT-3.1.2-8] (Mosquitto does so too)."""
+    topic = unique("will/expiry")
+    watch = watcher(node, topic)
+    try:
+        client = raw5(node, unique("w-exp"), will=will(topic))
+        client.send(c.Disconnect(0, {c.SESSION_EXPIRY_INTERVAL: 30}))
+        assert [p.reason_code for p in client.wait_closed() if isinstance(p, c.Disconnect)] == [0x82]
+        got = watch.expect(c.Publish)
+        assert (got.topic, got.payload) == (topic, b"gone")
+        watch.ack(got)
+    finally:
+        watch.disconnect()
+
+
 def test_paho_disconnect_with_will_message_0x04(node) -> None:
     topic = unique("will/paho")
     watch = watcher(node, topic)
