@@ -43,6 +43,7 @@ from fluxmq.http.bridge import (
     HTTPError,
     allow_methods,
     decimal,
+    is_text,
     message_json,
     one_param,
     path_text,
@@ -480,7 +481,7 @@ class AdminAPI:
             not isinstance(doc, dict)
             or ("addr" in doc) == ("node" in doc)
             or not set(doc) <= ({"addr", "node_id"} if "addr" in doc else {"node"})
-            or not all(isinstance(v, str) and v for v in doc.values())
+            or not all(is_text(v) and v for v in doc.values())
         ):
             raise HTTPError(
                 400,
@@ -777,7 +778,7 @@ class AdminAPI:
         if self.queue_reassign is None:
             raise HTTPError(404, "durable queues have no owning node here (cluster.enabled with etcd)")
         doc = read_json(environ, 4096, b"{}")
-        if not isinstance(doc, dict) or not set(doc) <= {"node"} or not isinstance(doc.get("node", "-"), str):
+        if not isinstance(doc, dict) or not set(doc) <= {"node"} or not is_text(doc.get("node", "-")):
             raise HTTPError(400, 'the body must be {} or {"node": "<node_id>"} (the new owning node)')
         to = doc.get("node", "")
         try:

@@ -386,6 +386,21 @@ def test_a_json_body_that_does_not_parse_is_400(spec, app, path: str, body: byte
     assert json.loads(answer)["error"].startswith("body is not valid JSON")
 
 
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/cluster/raft/groups/g/members", b'{"addr": "\\ud800:1"}'),
+        ("/cluster/raft/groups/g/members", b'{"node": "n\\udfff"}'),
+        ("/queues/q/owner", b'{"node": "n\\ud800"}'),
+    ],
+)
+def test_a_node_or_address_with_a_lone_surrogate_is_400(spec, app, path: str, body: bytes) -> None:
+    """JSON's ``\\ud800`` escape is no UTF-8 text: it was passed on as a node id or Raft address."""
+    app.queue_reassign = lambda name, gone, to: pytest.fail("reached with a bad body")
+    status, _, answer = call(spec, app, "POST", path, body=body, validate=False)
+    assert status == 400 and json.loads(answer)["error"].startswith("the body must be")
+
+
 # -- subscriptions ---------------------------------------------------------------------------------
 
 

@@ -598,6 +598,26 @@ def test_a_query_string_not_utf8_is_400(bridge: HTTPBridge, path: str, query: st
     assert not bridge.streams and not bridge.broker.sessions
 
 
+@pytest.mark.parametrize(
+    "properties",
+    [
+        b'{"content_type": "\\ud800"}',
+        b'{"user_properties": {"k": "\\udfff"}}',
+        b'{"user_properties": [["\\ud800x", "v"]]}',
+    ],
+)
+def test_a_property_string_with_a_lone_surrogate_is_400(
+    bridge: HTTPBridge, broker: Broker, properties: bytes
+) -> None:
+    """JSON's ``\\ud800`` escape is no UTF-8 text: it was a 500 after the message was retained,
+    and every MQTT 5.0 subscriber it reached was disconnected by the PUBLISH its encoder refused."""
+    body = b'{"topic": "sur/t", "retain": true, "payload": "x", "properties": ' + properties + b"}"
+    resp = wsgi_call(bridge, "POST", "/publish", body)
+    assert resp.status == 400
+    assert "UTF-8 text" in resp.json()["error"]
+    assert broker.retained.get("sur/t") is None
+
+
 def test_a_settlement_whose_offset_is_not_ascii_digits_is_409(bridge: HTTPBridge, broker: Broker) -> None:
     """``message-id`` ``w:²``: the offset passed ``str.isdigit`` and failed ``int()``, a 500."""
     from fluxmq.queues import QueueManager
