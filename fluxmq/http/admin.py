@@ -17,7 +17,8 @@ The web dashboard (``/dashboard/``, ``fluxmq.http.dashboard``) is served here to
 messages of a filter to it (``fluxmq.http.monitor``).
 
 Client ids and topics in paths are percent-encoded (``/sessions/a%2Fb`` is client ``a/b``); the
-raw request path is split before decoding, so ``%2F`` never splits a path segment.
+raw request path is split before decoding, so ``%2F`` never splits a path segment. A client id,
+queue, node or group name is one segment; only a topic takes the rest of the path (``_match``).
 """
 
 from __future__ import annotations

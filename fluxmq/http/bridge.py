@@ -8,7 +8,7 @@ Endpoints (``server.http.plain.addr``)::
     GET  /subscribe?filter=F      server-sent events, one ``message`` event per delivery (filter repeatable)
 
 Errors are JSON ``{"error": "..."}`` with 400 (bad JSON, nested too deeply included, topic,
-encoding, QoS, property), 403 (``$SYS`` topics belong to the broker), 404, 405, 413 (body over
+encoding, QoS, property, a string that is not UTF-8 text, a query value that is not UTF-8), 403 (``$SYS`` topics belong to the broker), 404, 405, 413 (body over
 ``max_body_size`` or payload over ``broker.max_message_size``), 429 (a stream past
 ``max_streams`` or ``max_streams_per_user``, with ``Retry-After``) and 503 (the broker is shutting
 down, its storage is full, or for ``/subscribe`` it holds ``broker.max_sessions`` sessions).
