@@ -17,14 +17,14 @@ The web dashboard (``/dashboard/``, ``fluxmq.http.dashboard``) is served here to
 messages of a filter to it (``fluxmq.http.monitor``).
 
 Client ids and topics in paths are percent-encoded (``/sessions/a%2Fb`` is client ``a/b``); the
-raw request path is split before decoding, so ``%2F`` never splits a path segment.
+raw request path is split before decoding, so ``%2F`` never splits a path segment. A client id,
+queue, node or group name is one segment; only a topic takes the rest of the path (``_match``).
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 import os
 import time
@@ -40,7 +40,17 @@ from fluxmq._core.trie import validate_filter
 from fluxmq.broker.session import EXPIRY_NEVER, Session
 from fluxmq.config import parse_addr
 from fluxmq.errors import ClusterError, ConfigError, StorageError, TopicFilterInvalid
-from fluxmq.http.bridge import HTTPError, message_json, one_param, path_text, query, read_body
+from fluxmq.http.bridge import (
+    HTTPError,
+    allow_methods,
+    decimal,
+    is_text,
+    message_json,
+    one_param,
+    path_text,
+    query,
+    read_json,
+)
 from fluxmq.http.dashboard import PREFIX as DASHBOARD_PREFIX
 from fluxmq.http.dashboard import DashboardFiles
 from fluxmq.http.health import cluster_status_body, raft_groups
@@ -208,10 +218,10 @@ def session_detail(session: Session) -> dict[str, Any]:
 
 def _limit(params: dict[str, list[str]]) -> tuple[int, int]:
     def number(name: str, default: int, maximum: int) -> int:
-        text = one_param(params, name, str(default)) or ""
-        if not text.isdigit() or int(text) > maximum:
+        value = decimal(one_param(params, name, str(default)) or "")
+        if value is None or value > maximum:
             raise HTTPError(400, f"{name} must be an integer 0..{maximum}")
-        return int(text)
+        return value
 
     return number("limit", DEFAULT_LIMIT, MAX_LIMIT), number("offset", 0, 1 << 62)
 
@@ -247,12 +257,12 @@ class AdminAPI:
             ("POST", "sessions/*/disconnect", self.disconnect),
             ("GET", "subscriptions", self.list_subscriptions),
             ("GET", "retained", self.list_retained),
-            ("GET", "retained/*", self.get_retained),
-            ("DELETE", "retained/*", self.delete_retained),
+            ("GET", "retained/**", self.get_retained),
+            ("DELETE", "retained/**", self.delete_retained),
             ("POST", "reload", self.reload),
             ("GET", "bridges", self.list_bridges),
             ("GET", "queues", self.list_queues),
-            ("GET", "queues/*/messages", self.peek_queue),  # before queues/*, which takes any rest
+            ("GET", "queues/*/messages", self.peek_queue),
             ("POST", "queues/*/purge", self.purge_queue),
             ("POST", "queues/*/replay", self.replay_queue),
             ("POST", "queues/*/owner", self.reassign_queue),
@@ -260,7 +270,7 @@ class AdminAPI:
             ("GET", "queues/*", self.get_queue),
             ("GET", "cluster/status", self.cluster_status),
             ("POST", "cluster/raft/groups/*/members", self.add_raft_member),
-            ("DELETE", "cluster/raft/groups/*", self.remove_raft_member),  # {group}/members/{addr}
+            ("DELETE", "cluster/raft/groups/*/members/*", self.remove_raft_member),
         ]
         self.dashboard = DashboardFiles()
         self.monitor = TopicMonitor()
@@ -295,7 +305,8 @@ class AdminAPI:
             segments = self._segments(environ)
             if segments[0] == DASHBOARD_PREFIX:  # public static files: the page asks for the token
                 return self.dashboard(environ, start_response, segments)
-            if segments == [""] and environ.get("REQUEST_METHOD", "GET").upper() in ("GET", "HEAD"):
+            if segments == [""]:
+                allow_methods(environ, ("GET", "HEAD"))
                 return json_response(
                     start_response,
                     302,
@@ -377,6 +388,7 @@ class AdminAPI:
         raise HTTPError(404, "not found")
 
     def _spec(self, environ: dict, start_response: Callable) -> list[bytes]:
+        allow_methods(environ, ("GET",))
         data = SPEC_PATH.read_bytes()
         start_response("200 OK", [("Content-Type", "application/yaml"), ("Content-Length", str(len(data)))])
         return [data]
@@ -465,15 +477,12 @@ class AdminAPI:
         whose members are recorded in etcd ``{"node": "<node_id>"}`` (the address its etcd
         registration announces); answered once the change is committed. Only on the group's
         leader (409 naming it elsewhere)."""
-        try:
-            doc = json.loads(read_body(environ, 4096) or b"null")
-        except ValueError:
-            raise HTTPError(400, "the body is not JSON") from None
+        doc = read_json(environ, 4096, b"null")
         if (
             not isinstance(doc, dict)
             or ("addr" in doc) == ("node" in doc)
             or not set(doc) <= ({"addr", "node_id"} if "addr" in doc else {"node"})
-            or not all(isinstance(v, str) and v for v in doc.values())
+            or not all(is_text(v) and v for v in doc.values())
         ):
             raise HTTPError(
                 400,
@@ -488,10 +497,7 @@ class AdminAPI:
     def remove_raft_member(self, environ: dict, args: list[str]) -> tuple:
         """``DELETE /cluster/raft/groups/{group}/members/{addr}``: remove a member (a dead node's
         address) from a Raft group, answered once the change is committed."""
-        parts = args[0].split("/")
-        if len(parts) != 3 or parts[1] != "members" or not parts[2]:
-            raise HTTPError(404, "not found")
-        return self._change_raft_member(parts[0], "remove", parts[2])
+        return self._change_raft_member(args[0], "remove", args[1])
 
     def _change_raft_member(self, group: str, action: str, addr: str, node_id: str = "") -> tuple:
         raft = getattr(self.service, "raft", None)
@@ -715,9 +721,10 @@ class AdminAPI:
         _only(params, {"limit", "offset"})
         limit, _ = _limit(params)
         raw = one_param(params, "offset", "")
-        if raw and not raw.isdigit():
+        start = decimal(raw) if raw else None
+        if raw and start is None:
             raise HTTPError(400, "offset must be an integer >= 0")
-        records = self._queues(args[0]).peek(args[0], int(raw) if raw else None, limit)
+        records = self._queues(args[0]).peek(args[0], start, limit)
         out = []
         for rec in records:
             body = message_json(rec.message, False)
@@ -771,11 +778,8 @@ class AdminAPI:
     def _reassign(self, environ: dict, name: str = "", gone: str = "") -> tuple:
         if self.queue_reassign is None:
             raise HTTPError(404, "durable queues have no owning node here (cluster.enabled with etcd)")
-        try:
-            doc = json.loads(read_body(environ, 4096) or b"{}")
-        except ValueError:
-            raise HTTPError(400, "the body is not JSON") from None
-        if not isinstance(doc, dict) or not set(doc) <= {"node"} or not isinstance(doc.get("node", "-"), str):
+        doc = read_json(environ, 4096, b"{}")
+        if not isinstance(doc, dict) or not set(doc) <= {"node"} or not is_text(doc.get("node", "-")):
             raise HTTPError(400, 'the body must be {} or {"node": "<node_id>"} (the new owning node)')
         to = doc.get("node", "")
         try:
@@ -844,20 +848,28 @@ def _retained_json(message: Any) -> dict[str, Any]:
 
 
 def _match(pattern: str, segments: list[str]) -> list[str] | None:
-    """Match ``segments`` against a pattern like ``sessions/*/disconnect`` (``*`` takes one or more
-    segments, joined with ``/``); the captured values, or None."""
+    """Match ``segments`` against a pattern like ``sessions/*/disconnect`` or ``retained/**``: ``*``
+    takes one non-empty segment (a client id, queue, node or group name: a ``/`` in one is ``%2F``),
+    a last ``**`` (a topic) the rest of the path, its segments joined with ``/``; the captured
+    values, or None. So ``GET /sessions/a/disconnect`` is not session ``a/disconnect``, and a 405's
+    ``Allow`` lists only what the path's own route serves."""
     parts = pattern.split("/")
-    if "*" not in parts:
-        return [] if parts == segments else None
-    star = parts.index("*")
-    head, tail = parts[:star], parts[star + 1 :]
-    if len(segments) < len(head) + len(tail) + 1:
+    topic = None
+    if parts[-1] == "**":
+        parts.pop()
+        topic = "/".join(segments[len(parts) :])
+        if not topic:
+            return None
+        segments = segments[: len(parts)]
+    if len(parts) != len(segments):
         return None
-    if segments[: len(head)] != head or (tail and segments[-len(tail) :] != tail):
-        return None
-    middle = segments[len(head) : len(segments) - len(tail)]
-    value = "/".join(middle)
-    return [value] if value else None
+    args = []
+    for part, segment in zip(parts, segments, strict=True):
+        if part == "*" and segment:
+            args.append(segment)
+        elif part != segment:
+            return None
+    return args if topic is None else [*args, topic]
 
 
 def _only(params: dict[str, list[str]], allowed: set[str]) -> None:

@@ -8,7 +8,7 @@ Endpoints (``server.http.plain.addr``)::
     GET  /subscribe?filter=F      server-sent events, one ``message`` event per delivery (filter repeatable)
 
 Errors are JSON ``{"error": "..."}`` with 400 (bad JSON, nested too deeply included, topic,
-encoding, QoS, property), 403 (``$SYS`` topics belong to the broker), 404, 405, 413 (body over
+encoding, QoS, property, a string that is not UTF-8 text, a query value that is not UTF-8), 403 (``$SYS`` topics belong to the broker), 404, 405, 413 (body over
 ``max_body_size`` or payload over ``broker.max_message_size``), 429 (a stream past
 ``max_streams`` or ``max_streams_per_user``, with ``Retry-After``) and 503 (the broker is shutting
 down, its storage is full, or for ``/subscribe`` it holds ``broker.max_sessions`` sessions).
@@ -179,10 +179,40 @@ def read_body(environ: dict, limit: int) -> bytes:
     return data
 
 
+def read_json(environ: dict, limit: int, empty: bytes = b"") -> Any:
+    """The request body parsed as JSON (at most ``limit`` bytes; ``empty`` stands for no body); 400
+    naming the problem when it is not UTF-8 JSON or nests deeper than the parser recurses (``[`` *
+    100,000 would be a 500)."""
+    body = read_body(environ, limit) or empty
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPError(400, "body is not valid JSON: nested too deeply") from None
+
+
 def query(environ: dict) -> dict[str, list[str]]:
-    """The query string's parameters (every value of a repeated name, blank values kept)."""
+    """The query string's parameters (every value of a repeated name, blank values kept); 400 when
+    a value is not UTF-8 (``%FF`` would otherwise become U+FFFD: another filter, client id or cursor)."""
     text = path_text(environ.get("QUERY_STRING") or "")
-    return parse_qs(text, keep_blank_values=True)
+    try:
+        return parse_qs(text, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the query string is not valid UTF-8") from None
+
+
+def decimal(text: str) -> int | None:
+    """``text`` as a non-negative integer when it is ASCII digits only, else None (``str.isdigit``
+    also takes ``²`` and other digits ``int`` refuses)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def allow_methods(environ: dict, methods: tuple[str, ...]) -> None:
+    """405 with ``Allow`` unless the request's method is one of ``methods``."""
+    method = environ.get("REQUEST_METHOD", "GET").upper()
+    if method not in methods:
+        raise HTTPError(405, f"method {method} not allowed", {"Allow": ", ".join(methods)})
 
 
 def one_param(params: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
@@ -210,6 +240,19 @@ def parse_flag(text: str, name: str) -> bool:
     if low in _FALSE:
         return False
     raise HTTPError(400, f"{name} must be true or false, got {text!r}")
+
+
+def is_text(value: object) -> bool:
+    """A JSON string MQTT can carry as a UTF-8 string: JSON's ``"\\ud800"`` escapes give lone
+    surrogates, which no UTF-8 encoder takes (a 500 here, and every MQTT 5.0 subscriber of the
+    message disconnected by its failed PUBLISH)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def decode_binary(value: object, encoding: str, name: str) -> bytes:
@@ -253,8 +296,8 @@ def parse_properties(broker: Broker, props: object, encoding: str) -> dict[int, 
                 raise HTTPError(400, "properties.message_expiry_interval must be an integer 0..4294967295")
             out[MESSAGE_EXPIRY_INTERVAL] = value
         elif name == "content_type":
-            if not isinstance(value, str):
-                raise HTTPError(400, "properties.content_type must be a string")
+            if not is_text(value):
+                raise HTTPError(400, "properties.content_type must be a string of UTF-8 text")
             out[CONTENT_TYPE] = value
         elif name == "response_topic":
             try:
@@ -278,8 +321,8 @@ def _user_properties(value: object) -> list[tuple[str, str]]:
         pairs = [tuple(p) for p in value]
     else:
         raise HTTPError(400, "properties.user_properties must be an object or a list of [name, value] pairs")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs):
-        raise HTTPError(400, "properties.user_properties names and values must be strings")
+    if not all(is_text(k) and is_text(v) for k, v in pairs):
+        raise HTTPError(400, "properties.user_properties names and values must be strings of UTF-8 text")
     return pairs  # type: ignore[return-value]
 
 
@@ -494,10 +537,8 @@ class HTTPBridge:
         prefix = f"/{endpoint}/"
 
         def app(environ: dict, start_response: Callable) -> list[bytes]:
-            method = environ.get("REQUEST_METHOD", "GET").upper()
             try:
-                if method not in methods:
-                    raise HTTPError(405, f"method {method} not allowed", {"Allow": ", ".join(methods)})
+                allow_methods(environ, methods)
                 path = path_text(environ.get("PATH_INFO") or "")
                 topic = path[len(prefix) :] if path.startswith(prefix) else ""
                 if not topic:
@@ -612,13 +653,7 @@ class HTTPBridge:
         """POST /publish: a JSON message."""
         self._check_accepting()
         username = self._authenticate(environ)
-        body = read_body(environ, self.settings.max_body_size)
-        try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise HTTPError(400, f"body is not valid JSON: {exc}") from None
-        except RecursionError:  # the parser recurses per level: 100,000 "[" would be a 500
-            raise HTTPError(400, "body is not valid JSON: nested too deeply") from None
+        doc = read_json(environ, self.settings.max_body_size)
         if not isinstance(doc, dict):
             raise HTTPError(400, "body must be a JSON object")
         unknown = sorted(set(doc) - PUBLISH_FIELDS)
@@ -650,7 +685,8 @@ class HTTPBridge:
         if unknown:
             raise HTTPError(400, f"unknown parameter {unknown[0]!r}")
         qos_text = one_param(params, "qos", "0") or ""
-        qos = parse_qos(int(qos_text) if qos_text.isdigit() else qos_text, self.broker.settings.max_qos)
+        number = decimal(qos_text)
+        qos = parse_qos(qos_text if number is None else number, self.broker.settings.max_qos)
         retain = parse_flag(one_param(params, "retain", "false") or "", "retain")
         payload = read_body(environ, self.settings.max_body_size)
         return self._route(topic, payload, qos, retain, None)
@@ -677,9 +713,7 @@ class HTTPBridge:
         try:
             if environ.get("PATH_INFO") != "/subscribe":
                 raise HTTPError(404, "not found")
-            method = environ.get("REQUEST_METHOD", "GET").upper()
-            if method != "GET":
-                raise HTTPError(405, f"method {method} not allowed", {"Allow": "GET"})
+            allow_methods(environ, ("GET",))
             self._check_accepting()
             params = query(environ)
             unknown = sorted(set(params) - {"filter"})

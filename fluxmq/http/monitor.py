@@ -21,7 +21,7 @@ import gevent
 from gevent.socket import wait_read
 
 from fluxmq.errors import TopicFilterInvalid
-from fluxmq.http.bridge import HTTPError, SSEStream, one_param, query
+from fluxmq.http.bridge import HTTPError, SSEStream, allow_methods, one_param, query
 from fluxmq.http.router import json_response
 
 log = logging.getLogger("fluxmq.http.monitor")
@@ -86,9 +86,7 @@ class TopicMonitor:
     def __call__(self, broker: Any, environ: dict, start_response: Callable) -> Iterable[bytes]:
         """Answer ``GET /monitor?filter=F[&filter=G]`` (the caller authenticated the request)."""
         try:
-            method = environ.get("REQUEST_METHOD", "GET").upper()
-            if method != "GET":
-                raise HTTPError(405, f"method {method} not allowed", {"Allow": "GET"})
+            allow_methods(environ, ("GET",))
             if not broker.accepting:
                 raise HTTPError(503, "the broker is shutting down")
             params = query(environ)

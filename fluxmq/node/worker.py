@@ -17,6 +17,7 @@ A heartbeat greenlet tells the arbiter the hub is alive; if the hub is blocked f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from functools import partial
 
 import gevent
 import gevent.event
+import gunicorn.util
 from gevent.pool import Pool
 from gevent.server import StreamServer
 from gunicorn.arbiter import Arbiter
@@ -60,6 +62,26 @@ def liveness_interval(timeout: float) -> float:
 
 # Budget for a quick stop (SIGQUIT): clients are closed without waiting for their writes.
 QUICK_STOP_TIMEOUT = 1.0
+
+
+# At most this much of gunicorn's message (it may quote the whole request line) goes in an error body.
+ERROR_MESSAGE_CHARS = 200
+
+
+def write_json_error(sock, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request its parser refuses (400, 414, 431, 501) or to an app that
+    raised (500), as every other error of the node's HTTP listeners: JSON ``{"error": ...}`` naming
+    the problem, where gunicorn writes an HTML page (``gunicorn.util.write_error``, replaced in the
+    worker by ``BrokerWorker.load_wsgi``)."""
+    text = " ".join((message or reason).split())
+    if len(text) > ERROR_MESSAGE_CHARS:
+        text = text[:ERROR_MESSAGE_CHARS] + "..."
+    body = json.dumps({"error": text}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 # URL scheme of each MQTT listener (fluxmq.node.service.MQTT_LISTENERS names).
@@ -125,6 +147,7 @@ class BrokerWorker(GeventWorker):
         (``/health`` 200, ``/ready`` 503), so probes get an answer instead of waiting in the
         backlog; the heartbeat keeps running because the load yields to the hub."""
         self._heartbeat = gevent.spawn(self._beat)
+        gunicorn.util.write_error = write_json_error  # this process's listeners answer errors in JSON
         app = self.app
         self._client_apps: dict = {}
         self.wsgi = self._dispatch

@@ -23,7 +23,7 @@ def message_id(queue: str, offset: int) -> str:
 def parse_message_id(text: str) -> tuple[str, int] | None:
     """``{queue}:{offset}`` -> (queue, offset); None when it is not one."""
     queue, sep, offset = text.rpartition(":")
-    if not sep or not queue or not offset.isdigit():
+    if not sep or not queue or not (offset.isascii() and offset.isdigit()):  # int() refuses '²'
         return None
     return queue, int(offset)
 

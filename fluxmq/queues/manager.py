@@ -671,9 +671,9 @@ class QueueManager:
             return max(qlog.first, qlog.next - 1)
         if start == "next":
             return qlog.next
-        if start.isdigit():
+        if start.isascii() and start.isdigit():  # str.isdigit alone takes "²", which int() refuses
             return int(start)
-        if start.startswith("timestamp=") and start[10:].isdigit():
+        if start.isascii() and start.startswith("timestamp=") and start[10:].isdigit():
             return q.offset_at(int(start[10:]))
         raise QueueRefused(
             f"stream-offset {start!r}: expected first, last, next, an offset or timestamp=<ms>", 0x83

@@ -350,6 +350,47 @@ def test_errors_are_json_with_a_message(
     assert isinstance(payload["error"], str) and payload["error"]
 
 
+REFUSED_BY_THE_PARSER = {
+    "path-not-utf8": (b"GET /retained/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # not percent-encoded
+    "request-line-too-long": (b"GET /retained/" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "negative-length": (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+    "header-too-long": (b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    "bad-chunk-size": (
+        b"POST /publish HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+        400,
+    ),
+}
+LISTENERS = ("http_port", "health_port", "admin_port")
+
+
+@pytest.mark.parametrize(
+    ("listener", "case"),
+    [
+        (port, case)
+        for case in REFUSED_BY_THE_PARSER
+        # a chunk's size is parsed when the app reads the body, as the bridge's /publish does
+        for port in (LISTENERS[:1] if case == "bad-chunk-size" else LISTENERS)
+    ],
+)
+def test_requests_the_http_parser_refuses_get_a_json_error(
+    small_body_node: RunningNode, listener: str, case: str
+) -> None:
+    """Refused before any app sees them: gunicorn answered with an HTML page, now a JSON error
+    naming the problem like every other error of the node's HTTP listeners."""
+    request_bytes, status = REFUSED_BY_THE_PARSER[case]
+    with socket.create_connection((small_body_node.host, getattr(small_body_node, listener)), WAIT) as sock:
+        sock.sendall(request_bytes)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].split()[1] == str(status), data[:500]
+    assert "Content-Type: application/json" in lines
+    error = json.loads(body)["error"]
+    assert isinstance(error, str) and 0 < len(error) <= 203
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(node: RunningNode) -> None:
     conn = http.client.HTTPConnection(node.host, node.http_port, timeout=WAIT)
     try:

@@ -318,6 +318,89 @@ def test_wrong_method_is_405_with_allow(spec, app) -> None:
     assert status == 405 and headers["Allow"] == "POST"
 
 
+@pytest.mark.parametrize(
+    "method, path, allow",
+    [
+        ("OPTIONS", "/sessions/a/disconnect", "POST"),
+        ("GET", "/sessions/a/disconnect", "POST"),
+        ("OPTIONS", "/queues/q/purge", "POST"),
+        ("GET", "/queues/q/replay", "POST"),
+        ("OPTIONS", "/queues/q/owner", "POST"),
+        ("OPTIONS", "/cluster/raft/groups/g/members", "POST"),
+        ("GET", "/cluster/raft/groups/g/members/h:1", "DELETE"),
+        ("TRACE", "/openapi.yaml", "GET"),
+        ("POST", "/openapi.yaml", "GET"),
+        ("PUT", "/", "GET, HEAD"),
+    ],
+)
+def test_allow_names_the_methods_of_the_path_itself(spec, app, method: str, path: str, allow: str) -> None:
+    """A client id, queue, node or group name is one path segment (``%2F`` for a ``/``): before,
+    ``/sessions/a/disconnect`` was also session ``a/disconnect`` (``Allow: GET, POST``), and
+    ``/openapi.yaml`` answered any method with the document."""
+    status, headers, body = json_call(spec, app, method, path, validate=False)
+    assert status == 405 and headers["Allow"] == allow
+    assert body == {"error": f"method {method} not allowed"}
+
+
+def test_a_slash_in_a_client_id_is_percent_encoded(spec, app, broker) -> None:
+    broker.open_session("a/b", False, 600)
+    assert json_call(spec, app, "GET", "/sessions/" + quote("a/b", safe=""))[2]["client_id"] == "a/b"
+    assert json_call(spec, app, "GET", "/sessions/a/b", validate=False)[0] == 404
+
+
+@pytest.mark.parametrize(
+    "method, path, query",
+    [
+        ("GET", "/sessions", "limit=%C2%B2"),
+        ("GET", "/subscriptions", "offset=%C2%B2"),
+        ("GET", "/retained", "limit=%C2%B2"),
+        ("GET", "/queues/q/messages", "offset=%C2%B2"),
+        ("POST", "/queues/q/replay", "limit=%C2%B2"),
+    ],
+)
+def test_a_count_in_other_digits_is_400(spec, app, method: str, path: str, query: str) -> None:
+    """``str.isdigit`` takes ``²`` (and other digits ``int`` refuses): that was a 500."""
+    status, _, body = json_call(spec, app, method, path, query=query)
+    assert status == 400
+    assert body["error"].endswith("must be an integer 0..100000") or "offset must be" in body["error"]
+
+
+@pytest.mark.parametrize(
+    "path, query", [("/sessions", "after=%FF"), ("/retained", "filter=%FF"), ("/monitor", "filter=a%FF")]
+)
+def test_a_query_string_not_utf8_is_400(spec, app, broker, path: str, query: str) -> None:
+    """``%FF`` was decoded to U+FFFD: a cursor, filter or monitored filter the client did not send."""
+    status, _, body = json_call(spec, app, "GET", path, query=query)
+    assert (status, body) == (400, {"error": "the query string is not valid UTF-8"})
+    assert not broker.sessions  # no monitor stream was opened
+
+
+@pytest.mark.parametrize("path", ["/cluster/raft/groups/g/members", "/queues/q/owner"])
+@pytest.mark.parametrize("body", [b"[" * 4000, b"{" + b'"a":{' * 800, b'{"node": "\xff"}', b"{"])
+def test_a_json_body_that_does_not_parse_is_400(spec, app, path: str, body: bytes) -> None:
+    """Within the 4 KiB bound, nesting 4,000 deep overflowed the parser's recursion: a 500 before
+    (the bridge's /publish had the fix)."""
+    app.queue_reassign = lambda name, gone, to: pytest.fail("reached with a bad body")
+    status, _, answer = call(spec, app, "POST", path, body=body, validate=False)
+    assert status == 400
+    assert json.loads(answer)["error"].startswith("body is not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/cluster/raft/groups/g/members", b'{"addr": "\\ud800:1"}'),
+        ("/cluster/raft/groups/g/members", b'{"node": "n\\udfff"}'),
+        ("/queues/q/owner", b'{"node": "n\\ud800"}'),
+    ],
+)
+def test_a_node_or_address_with_a_lone_surrogate_is_400(spec, app, path: str, body: bytes) -> None:
+    """JSON's ``\\ud800`` escape is no UTF-8 text: it was passed on as a node id or Raft address."""
+    app.queue_reassign = lambda name, gone, to: pytest.fail("reached with a bad body")
+    status, _, answer = call(spec, app, "POST", path, body=body, validate=False)
+    assert status == 400 and json.loads(answer)["error"].startswith("the body must be")
+
+
 # -- subscriptions ---------------------------------------------------------------------------------
 
 
@@ -454,12 +537,11 @@ def test_every_route_is_documented(spec, app) -> None:
         (
             "/"
             + pattern.replace("sessions/*", "sessions/{client_id}")
-            .replace("retained/*", "retained/{topic}")
+            .replace("retained/**", "retained/{topic}")
             .replace("queues/*", "queues/{name}")
             .replace("nodes/*", "nodes/{node}")
             .replace("groups/*/members", "groups/{group}/members")
-            # DELETE groups/* takes {group}/members/{addr} (one * per pattern)
-            .replace("groups/*", "groups/{group}/members/{addr}"),
+            .replace("members/*", "members/{addr}"),
             method,
         )
         for method, pattern, _ in app._routes

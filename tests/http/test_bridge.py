@@ -579,6 +579,57 @@ def test_deeply_nested_json_is_400(broker: Broker, body: bytes) -> None:
     assert "nested" in resp.json()["error"]
 
 
+def test_qos_in_other_digits_is_400(bridge: HTTPBridge) -> None:
+    """``str.isdigit`` takes ``²`` (and other digits ``int`` refuses): that was a 500."""
+    resp = wsgi_call(bridge, "POST", "/topics/a", b"x", query="qos=%C2%B2")
+    assert resp.status == 400
+    assert resp.json() == {"error": "qos must be 0, 1 or 2, got '\u00b2'"}
+
+
+@pytest.mark.parametrize(
+    "path, query", [("/subscribe", "filter=%FF"), ("/topics/a", "qos=1&retain=%FF"), ("/topics/a", "%FF=1")]
+)
+def test_a_query_string_not_utf8_is_400(bridge: HTTPBridge, path: str, query: str) -> None:
+    """``%FF`` was decoded to U+FFFD: a stream subscribed to another filter than the one sent."""
+    method = "GET" if path == "/subscribe" else "POST"
+    resp = wsgi_call(bridge, method, path, b"x", query=query)
+    assert resp.status == 400
+    assert resp.json() == {"error": "the query string is not valid UTF-8"}
+    assert not bridge.streams and not bridge.broker.sessions
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        b'{"content_type": "\\ud800"}',
+        b'{"user_properties": {"k": "\\udfff"}}',
+        b'{"user_properties": [["\\ud800x", "v"]]}',
+    ],
+)
+def test_a_property_string_with_a_lone_surrogate_is_400(
+    bridge: HTTPBridge, broker: Broker, properties: bytes
+) -> None:
+    """JSON's ``\\ud800`` escape is no UTF-8 text: it was a 500 after the message was retained,
+    and every MQTT 5.0 subscriber it reached was disconnected by the PUBLISH its encoder refused."""
+    body = b'{"topic": "sur/t", "retain": true, "payload": "x", "properties": ' + properties + b"}"
+    resp = wsgi_call(bridge, "POST", "/publish", body)
+    assert resp.status == 400
+    assert "UTF-8 text" in resp.json()["error"]
+    assert broker.retained.get("sur/t") is None
+
+
+def test_a_settlement_whose_offset_is_not_ascii_digits_is_409(bridge: HTTPBridge, broker: Broker) -> None:
+    """``message-id`` ``w:²``: the offset passed ``str.isdigit`` and failed ``int()``, a 500."""
+    from fluxmq.queues import QueueManager
+    from fluxmq.queues.config import QueueConfig
+
+    broker.queues = QueueManager(broker.storage, [QueueConfig("w")])
+    user = {"message-id": "w:\u00b2", "group-id": "g"}
+    resp = publish_json(bridge, {"topic": "$queue/w/$ack", "qos": 1, "properties": {"user_properties": user}})
+    assert resp.status == 409
+    assert "settle" in resp.json()["error"]
+
+
 def test_streams_past_max_streams_get_429_with_retry_after(broker: Broker) -> None:
     bridge = HTTPBridge(
         broker, BridgeSettings(sse_heartbeat=HEARTBEAT, max_streams=3, max_streams_per_user=100)

@@ -34,7 +34,8 @@ def test_publish_without_a_queue_name_is_0x90(broker, topic: str) -> None:
     assert set(broker.queues.queues) == {"s"}
 
 
-@pytest.mark.parametrize("message_id", ["", "nocolon", "s:", "s:-1", "other:1", "s:abc"])
+# "s:\u00b2": str.isdigit takes the superscript two, int() refuses it (was a ValueError)
+@pytest.mark.parametrize("message_id", ["", "nocolon", "s:", "s:-1", "other:1", "s:abc", "s:\u00b2"])
 def test_settlements_that_name_nothing_change_nothing(broker, message_id: str) -> None:
     props = {USER_PROPERTY: [("message-id", message_id), ("group-id", "g")]}
     for action in ("$ack", "$nack", "$reject"):
@@ -43,10 +44,12 @@ def test_settlements_that_name_nothing_change_nothing(broker, message_id: str) -
     assert broker.queues.queues["s"].log.count == 0
 
 
-def test_a_bad_stream_offset_is_refused(broker) -> None:
+# "\u00b2", "timestamp=\u00b2": digits to str.isdigit, not to int() (were a ValueError, not a refusal)
+@pytest.mark.parametrize("start", ["yesterday", "\u00b2", "timestamp=\u00b2"])
+def test_a_bad_stream_offset_is_refused(broker, start: str) -> None:
     session, _ = broker.open_session("c", True, 0)
     with pytest.raises(QueueRefused) as err:
-        broker.subscribe(session, "$queue/s/#", 1, user_properties=[("stream-offset", "yesterday")])
+        broker.subscribe(session, "$queue/s/#", 1, user_properties=[("stream-offset", start)])
     assert err.value.reason_code == 0x83
     assert not broker.queues.queues["s"].groups and not broker.queues.members
 
