@@ -258,7 +258,7 @@ class ClusterSessions:
                     took = self._took_from
                     took.pop(client_id, None)
                     took[client_id] = (owner, token)
-                    if len(took) > self.max_kept:  # claims whose state was discarded (Clean Start)
+                    if len(took) > self.max_kept:  # imports that never ended (an exception)
                         del took[next(iter(took))]
                 take_from = owner
             raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
@@ -283,6 +283,11 @@ class ClusterSessions:
         took = self._took_from.pop(client_id, None)
         if took is not None and self.markers is not None and took[1]:
             self.markers.move_in(took[1], took[0]).announce()
+
+    def move_discarded(self, client_id: str) -> None:
+        """The state the last claim of ``client_id`` took was discarded (Clean Start): its move is
+        forgotten, nothing announced (the old owner's stand-in ends after its grace)."""
+        self._took_from.pop(client_id, None)
 
     def take_kept(self, client_id: str) -> bytes | None:
         """The state a failed claim keeps for ``client_id``, taken out (another node's takeover

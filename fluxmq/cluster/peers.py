@@ -288,6 +288,11 @@ class ClusterPeers:
         if sessions is not None:
             sessions.moved_in(client_id)
 
+    def move_discarded(self, client_id: str) -> None:
+        sessions = self.sessions
+        if sessions is not None:
+            sessions.move_discarded(client_id)
+
     # -- receiving -----------------------------------------------------------------------------
 
     def receive(self, batch: pb.Batch) -> int | pb.BatchAck | PendingAck:
