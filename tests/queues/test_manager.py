@@ -12,7 +12,8 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import USER_PROPERTY, Message
 from fluxmq.errors import QueueRefused
 from fluxmq.queues import QueueManager, manager
-from fluxmq.queues.config import CLASSIC, STREAM, QueueConfig
+from fluxmq.queues.config import CLASSIC, STREAM, QueueConfig, RetentionConfig
+from fluxmq.queues.retention import apply_retention
 from fluxmq.storage.lmdb import LMDBStorage
 from tests.queues.test_group import member
 
@@ -127,5 +128,25 @@ def test_a_queue_reassigned_away_is_stranded_and_its_local_members_rejoin_the_ne
         assert "w" not in b.queues.queues and session not in b.queues.members
         assert [r.message.payload for r in b.queues.take_stranded("w")] == [b"m0", b"m1", b"m2"]
         assert joined == [("c1", "$queue/w", [("consumer-group", "g"), ("auto-ack", "false")], True)]
+    finally:
+        storage.close()
+
+
+def test_a_compacted_queue_forgets_the_keys_whose_records_retention_deleted(tmp_path: Path) -> None:
+    """A compacted stream keeps the newest record per key (one per device, say); once retention
+    deleted a key's record, the key is not remembered for ever: 5,000 keys seen once each leave at
+    most about twice the live records' keys (plus a slack) behind, not 5,000."""
+    storage = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    try:
+        b = Broker(storage=storage)
+        retention = RetentionConfig(max_length_messages=10, compact=True)
+        b.queues = QueueManager(storage, [QueueConfig("last", type=STREAM, retention=retention)])
+        q = b.queues.queues["last"]
+        for i in range(5000):
+            b.publish(Message(f"$queue/last/device-{i}", b"v", 1))
+            apply_retention(q)
+        assert q.log.count == 10
+        assert len(q.newest) <= 2 * 10 + 1024 + 1  # twice the live records' keys + COMPACT_SLACK
+        assert {f"device-{i}" for i in range(4990, 5000)} <= set(q.newest)  # the live records' keys
     finally:
         storage.close()
