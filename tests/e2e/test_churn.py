@@ -56,6 +56,8 @@ BOUNDED = {
     # the route cache, per topic published: _ROUTE_CACHE_MAX topics, then cleared
     "fluxmq.broker.router.Router._routes",
     "N fluxmq.broker.router.Route",
+    # a subscription trie's match cache, per topic (the cluster's interest tables'): its cache_size
+    "N fluxmq._core.trie.Match",
     # CoAP de-duplication (RFC 7252 §4.5): each exchange's answer for EXCHANGE_LIFETIME, MAX_EXCHANGES
     "fluxmq.coap.bridge.CoapBridge.exchanges",
     "fluxmq.auth.acl.ClientAcl._read",  # an ACL's decisions per topic: CACHE_MAX, then cleared
@@ -105,8 +107,9 @@ def grown(before: dict[str, int], after: dict[str, int], slack: int) -> dict[str
 class Churn:
     """Client lifetimes against one node (each a new client id, a new source port)."""
 
-    def __init__(self, node: RunningNode) -> None:
+    def __init__(self, node: RunningNode, other: RunningNode | None = None) -> None:
         self.node = node
+        self.other = other or node  # where a 3.1.1 persistent session is ended by a clean connect
         self.coap = ("127.0.0.1", int(node.config["server"]["coap"]["plain"]["addr"].rpartition(":")[2]))
         self.run_id = time.time_ns()
 
@@ -151,7 +154,7 @@ class Churn:
         else:
             client.disconnect()
         if persistent and version == 4:  # a 3.1.1 session never expires: ended by a clean connect
-            again = RawClient(self.node.host, self.node.mqtt_port, 4)
+            again = RawClient(self.other.host, self.other.mqtt_port, 4)  # (a takeover there)
             again.connect(cid, clean=True)
             again.disconnect()
 
@@ -227,41 +230,79 @@ class Churn:
                 assert self.http(self.node.health_port, "GET", "/metrics") == 200
 
 
+def node_settings(tmp_path: Path) -> dict[str, Any]:
+    acl = tmp_path / "acl"
+    acl.write_text(ACL)
+    return {
+        "server.coap.plain.addr": f"127.0.0.1:{free_port()}",
+        "auth.acl_file": str(acl),
+        "limits.publish_rate": 10000.0,
+        "limits.max_subscriptions": 100,
+        "server.http.plain.sse_heartbeat": "0s",  # a stream ends by its reader's close alone
+        "broker.sys_interval": "1s",  # the $SYS topics are all retained before the first count
+    }
+
+
+def churned(churns: list[Churn], probe: Probe, settle_queue: bool) -> None:
+    """Warm up, count, churn (the lifetimes spread over ``churns``), count again once settled."""
+    share = len(churns)
+    for n, churn in enumerate(churns):  # what the first clients create once (each worker, node)
+        churn.run(n * WARM_UP, WARM_UP // share, settle_queue)
+    before = settled(probe, {})
+    for n, churn in enumerate(churns):
+        churn.run((share + n) * LIFETIMES, LIFETIMES // share, settle_queue)
+    after = settled(probe, before)
+    more = grown(before, after, SLACK * probe.workers)
+    assert not more, "held after the churn (before -> after):\n" + "\n".join(
+        f"  {name}: {was} -> {now}" for name, (was, now) in more.items()
+    )
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_node_that_served_many_client_lifetimes_holds_none_of_their_state(
     tmp_path: Path, workers: int
 ) -> None:
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
-    acl = tmp_path / "acl"
-    acl.write_text(ACL)
     factory = NodeFactory(tmp_path / "nodes")
     try:
         node = factory(
-            {
-                "server.workers": workers,
-                "server.coap.plain.addr": f"127.0.0.1:{free_port()}",
-                "auth.acl_file": str(acl),
-                "limits.publish_rate": 10000.0,
-                "limits.max_subscriptions": 100,
-                "server.http.plain.sse_heartbeat": "0s",  # a stream ends by its reader's close alone
-                "broker.sys_interval": "1s",  # the $SYS topics are all retained before the first count
-            },
+            {"server.workers": workers, **node_settings(tmp_path)},
             env={"PYTHONPATH": f"{PROBE}:{REPO_ROOT}", "STATE_PROBE_DIR": str(probe_dir)},
         )
-        churn = Churn(node)
-        probe = Probe(probe_dir, workers)
         # Appends and settlements only on one worker: there a delivery across workers may take
         # longer than a wait here (the queue's owner is either worker), which this test is not about.
-        settle_queue = workers == 1
-        churn.run(0, WARM_UP, settle_queue)  # what the first clients create once, on each worker
-        before = settled(probe, {})
-        churn.run(WARM_UP, LIFETIMES, settle_queue)
-        after = settled(probe, before)
-        more = grown(before, after, SLACK * workers)
-        assert not more, "held after the churn (before -> after):\n" + "\n".join(
-            f"  {name}: {was} -> {now}" for name, (was, now) in more.items()
-        )
+        churned([Churn(node)], Probe(probe_dir, workers), settle_queue=workers == 1)
+    finally:
+        factory.close()
+
+
+def test_two_nodes_on_etcd_that_served_many_client_lifetimes_hold_none_of_their_state(
+    tmp_path: Path, etcd_server, etcd_prefix: str
+) -> None:
+    """The cluster path: sessions owned through etcd, persistent ones taken over by the other node
+    for their clean end, retained messages and wills across nodes."""
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    factory = NodeFactory(tmp_path / "nodes")
+    try:
+        nodes = [
+            factory(
+                {
+                    **node_settings(tmp_path),
+                    "cluster.enabled": True,
+                    "cluster.node_id": name,
+                    "cluster.transport.bind_addr": f"127.0.0.1:{free_port()}",
+                    "cluster.etcd.endpoints": [etcd_server.endpoint],
+                    "cluster.etcd.prefix": etcd_prefix,
+                    "cluster.etcd.lease_ttl": "2s",
+                },
+                env={"PYTHONPATH": f"{PROBE}:{REPO_ROOT}", "STATE_PROBE_DIR": str(probe_dir)},
+            )
+            for name in ("a", "b")
+        ]
+        a, b = nodes
+        churned([Churn(a, b), Churn(b, a)], Probe(probe_dir, 2), settle_queue=False)
     finally:
         factory.close()
 
