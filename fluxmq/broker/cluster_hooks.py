@@ -96,6 +96,10 @@ class ClusterHooks:
                 moved_in = getattr(peers, "moved_in", None)  # (optional in Peers)
                 if moved_in is not None:
                     moved_in(client_id)  # its interest is known to the peers now (interest_added)
+            elif state:
+                discarded = getattr(peers, "move_discarded", None)  # (optional in Peers)
+                if discarded is not None:
+                    discarded(client_id)  # nothing of the move is announced: it holds nothing more
         finally:
             # The claim ends once this loop turn is over, so open_session and the connection's
             # attach run first: an export asked for meanwhile waits and then sees the attached session.

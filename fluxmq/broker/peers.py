@@ -74,6 +74,11 @@ class Peers(Protocol):
         subscriptions sent to the peers: they mark their streams to both nodes, so the previous
         owner's stand-in knows when to stop forwarding (``Broker.export_session``). Never blocks."""
 
+    def move_discarded(self, client_id: str) -> None:
+        """Optional: the state ``claim_session`` returned was discarded, not imported (Clean Start,
+        a session that ended with its connection, a damaged state): what the claim kept of the
+        move for ``moved_in`` goes. Never blocks."""
+
 
 class SharedWills(Protocol):
     """A will registry shared by the nodes of a cluster (``Broker.shared_wills``), so that a will is

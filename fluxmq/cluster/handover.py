@@ -81,6 +81,7 @@ def takeover_handler(
     call: Callable[[str, str, bytes, float], bytes] | None = None,
     markers=None,
     take_kept: Callable[[str], bytes | None] | None = None,
+    handed_over: Callable[[str], object] | None = None,
 ) -> Callable[[str, bytes], bytes]:
     """The transport handler of ``session.takeover`` for ``broker``: ``fn(from_node, payload)``
     exports the session named by ``payload`` (``client id`` or ``client id NUL token``) and returns
@@ -93,7 +94,10 @@ def takeover_handler(
     this node keeps for the client (``ClusterSessions.kept``) is handed over instead. The node the
     state came from took the session back from here (``claim_session``'s ``handed_to``), since the
     registry still names it: answered empty, it would start the client afresh and the kept state
-    would be lost (or, at the client's next claim here, replace the session it lives on)."""
+    would be lost (or, at the client's next claim here, replace the session it lives on).
+
+    ``handed_over`` (``ClusterSessions.handed_over``): called with the client id once its state left
+    here, so this node stops counting the session as its own."""
 
     def handle(from_node: str, payload: bytes) -> bytes:
         try:
@@ -115,6 +119,8 @@ def takeover_handler(
         if not state and take_kept is not None:
             state = take_kept(client_id)
         if state:
+            if handed_over is not None:
+                handed_over(client_id)
             # The session's removal here is committed before the state leaves: a crash of this
             # node afterwards cannot bring back a second copy at its restart.
             try:
@@ -152,11 +158,11 @@ def moved_handler(broker) -> Callable[[str, bytes], bytes]:
     return handle
 
 
-def serve_handover(transport, broker, markers=None, take_kept=None) -> None:
+def serve_handover(transport, broker, markers=None, take_kept=None, handed_over=None) -> None:
     """Serve ``session.takeover`` (with the forwarding of what reaches the old node afterwards,
-    ended by the move's ``markers``; a failed claim's kept state, ``take_kept``) and
-    ``session.moved`` for ``broker`` on ``transport``."""
-    transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call, markers, take_kept))
+    ended by the move's ``markers``; a failed claim's kept state, ``take_kept``; ``handed_over``
+    told of each state that left) and ``session.moved`` for ``broker`` on ``transport``."""
+    transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call, markers, take_kept, handed_over))
     transport.handle(MOVED_KIND, moved_handler(broker))
 
 
@@ -258,7 +264,7 @@ class ClusterSessions:
                     took = self._took_from
                     took.pop(client_id, None)
                     took[client_id] = (owner, token)
-                    if len(took) > self.max_kept:  # claims whose state was discarded (Clean Start)
+                    if len(took) > self.max_kept:  # imports that never ended (an exception)
                         del took[next(iter(took))]
                 take_from = owner
             raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
@@ -283,6 +289,19 @@ class ClusterSessions:
         took = self._took_from.pop(client_id, None)
         if took is not None and self.markers is not None and took[1]:
             self.markers.move_in(took[1], took[0]).announce()
+
+    def move_discarded(self, client_id: str) -> None:
+        """The state the last claim of ``client_id`` took was discarded (Clean Start): its move is
+        forgotten, nothing announced (the old owner's stand-in ends after its grace)."""
+        self._took_from.pop(client_id, None)
+
+    def handed_over(self, client_id: str) -> None:
+        """This node handed the session of ``client_id`` over to another (``takeover_handler``): the
+        registry stops counting it as this node's (``forget_session``, when it keeps such a list:
+        the taking node moves the ownership itself)."""
+        forget = getattr(self.ownership, "forget_session", None)
+        if forget is not None:
+            forget(client_id)
 
     def take_kept(self, client_id: str) -> bytes | None:
         """The state a failed claim keeps for ``client_id``, taken out (another node's takeover

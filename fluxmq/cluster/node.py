@@ -236,7 +236,9 @@ class ClusterNode:
             **extra,
         )
         self.peers.transport = self.transport
-        serve_handover(self.transport, broker, self.peers.markers, self.peers.take_kept)
+        serve_handover(
+            self.transport, broker, self.peers.markers, self.peers.take_kept, self.peers.handed_over
+        )
         self.transport.handle(ADOPT_KIND, self._adopt)
         self.draining = False
         self.adopted_out = 0

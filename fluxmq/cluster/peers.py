@@ -274,6 +274,12 @@ class ClusterPeers:
         sessions = self.sessions
         return sessions.keep_moved(client_id, queued) if sessions is not None else False
 
+    def handed_over(self, client_id: str) -> None:
+        """``ClusterSessions.handed_over`` (nothing while there is no registry)."""
+        sessions = self.sessions
+        if sessions is not None:
+            sessions.handed_over(client_id)
+
     def take_kept(self, client_id: str) -> bytes | None:
         """``ClusterSessions.take_kept`` (None while there is no registry)."""
         sessions = self.sessions
@@ -287,6 +293,11 @@ class ClusterPeers:
         sessions = self.sessions
         if sessions is not None:
             sessions.moved_in(client_id)
+
+    def move_discarded(self, client_id: str) -> None:
+        sessions = self.sessions
+        if sessions is not None:
+            sessions.move_discarded(client_id)
 
     # -- receiving -----------------------------------------------------------------------------
 

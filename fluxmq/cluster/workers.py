@@ -240,7 +240,9 @@ class WorkerNode:
             drain=self.transport.drain,
             markers=self.peers.markers,
         )
-        serve_handover(self.transport, broker, self.peers.markers, self.peers.take_kept)
+        serve_handover(
+            self.transport, broker, self.peers.markers, self.peers.take_kept, self.peers.handed_over
+        )
         self.transport.handle("retained.snapshot", self._serve_retained)
 
     def local(self) -> list[str]:

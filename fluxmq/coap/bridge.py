@@ -81,6 +81,9 @@ AMPLIFICATION_FACTOR = 3  # as QUIC's anti-amplification limit (RFC 9000 §8)
 COMMIT_WAITERS = 256  # QoS 1/2 publishes waiting for their commit at once
 MAX_RATE_ADDRESSES = 65536
 MAX_REASSEMBLIES_PER_PEER = 4
+MAX_REASSEMBLY_BYTES = (
+    64 << 20
+)  # every peer's partial Block1 bodies together (least recently used peers go first)
 MAX_REPRESENTATIONS_PER_PEER = 8  # Block2 continuations served from a snapshot of the first block's body
 MAX_REPRESENTATION_BYTES = 64 << 20  # all those snapshots together (least recently used peers go first)
 OBSERVE_MAX = 1 << 24
@@ -108,6 +111,18 @@ class Transport(Protocol):
 
     def sendto(self, data: bytes, peer: Any) -> None:
         """Send one datagram to ``peer``; never raises for a peer that went away."""
+
+
+class _Transfers:
+    """One peer's Block1 transfers in progress: request key -> body so far, when the peer last sent
+    a block, and the bytes held."""
+
+    __slots__ = ("bodies", "used", "held")
+
+    def __init__(self, bodies: dict[tuple, bytearray], used: float, held: int) -> None:
+        self.bodies = bodies
+        self.used = used
+        self.held = held
 
 
 class CoapRefusal(Exception):
@@ -154,7 +169,9 @@ class CoapBridge:
         self.observations: dict[tuple, Observation] = {}  # (transport, peer, token) -> observation
         self.observers_per_peer: dict[tuple, int] = {}
         self.notification_mids: OrderedDict[tuple, Observation] = OrderedDict()  # (transport, peer, mid)
-        self.reassembly: dict[tuple, dict[tuple, bytearray]] = {}  # peer key -> request key -> body so far
+        # peer key -> its transfers in progress (least recently used first; none empty)
+        self.reassembly: OrderedDict[tuple, _Transfers] = OrderedDict()
+        self.reassembly_bytes = 0
         self.representations: OrderedDict[tuple, OrderedDict] = OrderedDict()  # peer key -> path -> body
         self.representation_bytes = 0
         self.rates: OrderedDict[str, TokenBucket] = OrderedDict()
@@ -578,7 +595,38 @@ class CoapBridge:
 
     def _reassemble(self, req: Request, topic: str) -> bytes | None:
         """The whole payload (RFC 7959 Block1), None after answering 2.31 for a non-final block.
-        Reassembly memory is bounded per peer (``max_reassembly_bytes``) and by the message size."""
+        Reassembly memory is bounded per peer (``max_reassembly_bytes``) and by the message size; a
+        peer's entry goes with its last transfer, and every peer's together are bounded
+        (``_bound_reassembly``)."""
+        now = time.monotonic()
+        transfers = self.reassembly.pop(req.key, None)  # back in at the end: most recently used
+        bodies = transfers.bodies if transfers is not None else {}
+        try:
+            return self._reassemble_into(bodies, req, topic)
+        finally:
+            held = sum(len(b) for b in bodies.values())
+            self.reassembly_bytes += held - (transfers.held if transfers is not None else 0)
+            if bodies:
+                self.reassembly[req.key] = _Transfers(bodies, now, held)
+            self._bound_reassembly(now)
+
+    def _bound_reassembly(self, now: float) -> None:
+        """Drop the transfers of the least recently used peers while every peer's together hold more
+        than ``MAX_REASSEMBLY_BYTES`` or ``MAX_RATE_ADDRESSES`` peers, and those of a peer silent for
+        ``EXCHANGE_LIFETIME`` (a client that went away in the middle of a transfer)."""
+        reassembly = self.reassembly
+        while reassembly:
+            first = next(iter(reassembly.values()))
+            if (
+                first.used > now - EXCHANGE_LIFETIME
+                and self.reassembly_bytes <= MAX_REASSEMBLY_BYTES
+                and len(reassembly) <= MAX_RATE_ADDRESSES
+            ):
+                return
+            reassembly.popitem(last=False)
+            self.reassembly_bytes -= first.held
+
+    def _reassemble_into(self, peer_bodies: dict[tuple, bytearray], req: Request, topic: str) -> bytes | None:
         msg = req.msg
         limit = self.settings.max_message_size
         size1 = msg.uint_option(codec.SIZE1)
@@ -591,7 +639,6 @@ class CoapBridge:
             return msg.payload
         num, more, szx = codec.decode_block(block1)
         size = codec.block_size(szx)
-        peer_bodies = self.reassembly.setdefault(req.key, {})
         body_key = (topic, tuple(msg.uri_query()), msg.option(codec.CONTENT_FORMAT))
         body = peer_bodies.get(body_key)
         if num == 0:
@@ -615,8 +662,6 @@ class CoapBridge:
             self._answer(req, codec.CONTINUE, b"", [(codec.BLOCK1, block1)])
             return None
         peer_bodies.pop(body_key, None)
-        if not peer_bodies:
-            self.reassembly.pop(req.key, None)
         return bytes(body)
 
     # -- read and observe ------------------------------------------------------------------------
@@ -836,6 +881,7 @@ class CoapBridge:
         while True:
             gevent.sleep(min(0.25, self.settings.ack_timeout / 4))
             now = time.monotonic()
+            self._bound_reassembly(now)
             for obs in list(self.awaiting_ack):
                 pending = obs.pending_con
                 if pending is None or obs.closed:

@@ -29,8 +29,10 @@ An SSE stream is a broker client like an MQTT connection: a session with a gener
 (``http-sse-...``, clean start, no expiry), QoS 0 subscriptions, and an ``SSEStream`` as its
 ``Delivery``. Deliveries go into a bounded queue per stream (oldest dropped and counted as
 ``sse_queue_full`` when the reader is slow), so a slow reader never stalls publishers; the stream
-is at-most-once. Comment lines every ``sse_heartbeat`` make a write fail on a dead client, which ends
-the stream and removes its session.
+is at-most-once. A client that closes its connection ends its stream at once (a greenlet per stream
+sees the socket turn readable at EOF: ``watch_peer_close``), which removes its session and frees its
+slot; comment lines every ``sse_heartbeat`` make a write fail on a client that vanished without a
+close.
 
 Each open stream holds one greenlet of the listener's pool until it ends, so streams are bounded:
 ``max_streams`` in all and ``max_streams_per_user`` per owner (the user name, or for anonymous
@@ -45,13 +47,16 @@ import base64
 import binascii
 import json
 import logging
+import socket
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
+import gevent
 from gevent.event import Event
+from gevent.socket import wait_read
 
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.held import settled_nothing, wait_held
@@ -451,21 +456,51 @@ class SSEStream:
                 yield b": heartbeat\n\n"
 
 
-class _StreamBody:
-    """The WSGI response iterable of one stream; ``close()`` (always called by the server) ends the session."""
+def watch_peer_close(sock: Any, stream: SSEStream) -> None:
+    """End ``stream`` when the client closes its connection (it sends nothing else while it reads):
+    the socket turns readable at EOF, so a gone reader frees its stream, session and slot at once
+    rather than when a heartbeat write fails (never, with no heartbeat and no message)."""
+    while not stream.closed:
+        try:
+            wait_read(sock.fileno())
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue  # woken without data
+        except OSError:
+            data = b""
+        if data:
+            return  # the client pipelined another request: leave the socket to the server
+        stream.close(0, "the client closed the stream")
+        return
 
-    def __init__(self, bridge: HTTPBridge, stream: SSEStream, session: Any, heartbeat: float) -> None:
-        self._bridge = bridge
+
+class StreamBody:
+    """The WSGI response iterable of one stream; ``close()`` (always called by the server) ends it:
+    ``end(stream, session)`` (the stream's owner frees its slot and closes the session). ``sock``:
+    the client's connection (gunicorn's), watched by ``watch_peer_close``."""
+
+    def __init__(
+        self,
+        end: Callable[[SSEStream, Any], None],
+        stream: SSEStream,
+        session: Any,
+        heartbeat: float,
+        sock: Any = None,
+    ) -> None:
+        self._end = end
         self._stream = stream
         self._session = session
         self._events = stream.events(heartbeat)
+        self._watcher = gevent.spawn(watch_peer_close, sock, stream) if sock is not None else None
 
     def __iter__(self) -> Iterator[bytes]:
         return self._events
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
         self._events.close()
-        self._bridge._end_stream(self._stream, self._session)
+        self._end(self._stream, self._session)
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -725,7 +760,7 @@ class HTTPBridge:
             peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
             username = self._authenticate(environ)
             owner = f"user:{username}" if username is not None else f"addr:{environ.get('REMOTE_ADDR', '')}"
-            body = self._open_stream(filters, peer, username, owner)
+            body = self._open_stream(filters, peer, username, owner, environ.get("gunicorn.socket"))
         except HTTPError as err:
             self._count("subscribe", err.status)
             return json_response(start_response, *err.response())
@@ -741,8 +776,13 @@ class HTTPBridge:
         return body
 
     def _open_stream(
-        self, filters: list[str], peer: str = "", username: str | None = None, owner: str = ""
-    ) -> _StreamBody:
+        self,
+        filters: list[str],
+        peer: str = "",
+        username: str | None = None,
+        owner: str = "",
+        sock: Any = None,
+    ) -> StreamBody:
         broker = self.broker
         settings = self.settings
         client_id = SSE_CLIENT_PREFIX + uuid.uuid4().hex
@@ -788,7 +828,7 @@ class HTTPBridge:
             if result.retained:
                 broker.deliver_retained(session, result)
         log.debug("sse_open", extra={"client_id": client_id, "peer": peer, "filters": ",".join(filters)})
-        return _StreamBody(self, stream, session, settings.sse_heartbeat)
+        return StreamBody(self._end_stream, stream, session, settings.sse_heartbeat, sock)
 
     def _check_stream_bounds(self, owner: str) -> None:
         settings = self.settings

@@ -12,16 +12,12 @@ monitor frees its slot without waiting for a heartbeat write to fail.
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import gevent
-from gevent.socket import wait_read
-
 from fluxmq.errors import TopicFilterInvalid
-from fluxmq.http.bridge import HTTPError, SSEStream, allow_methods, one_param, query
+from fluxmq.http.bridge import HTTPError, SSEStream, StreamBody, allow_methods, one_param, query
 from fluxmq.http.router import json_response
 
 log = logging.getLogger("fluxmq.http.monitor")
@@ -38,42 +34,6 @@ class MonitorStream(SSEStream):
     """An ``SSEStream`` shown as the admin monitor's in session lists."""
 
     listener = LISTENER
-
-
-class _MonitorBody:
-    """The WSGI response iterable; ``close()`` (always called by the server) ends the session."""
-
-    def __init__(self, monitor: TopicMonitor, stream: MonitorStream, session: Any, sock: Any = None) -> None:
-        self._monitor = monitor
-        self._stream = stream
-        self._session = session
-        self._events = stream.events(HEARTBEAT)
-        self._watcher = gevent.spawn(_watch_peer_close, sock, stream) if sock is not None else None
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._events
-
-    def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.kill(block=False)
-        self._events.close()
-        self._monitor.end(self._stream, self._session)
-
-
-def _watch_peer_close(sock: Any, stream: MonitorStream) -> None:
-    """End ``stream`` when the client closes its connection (it sends nothing else while it reads)."""
-    while not stream.closed:
-        try:
-            wait_read(sock.fileno())
-            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            continue  # woken without data
-        except OSError:
-            data = b""
-        if data:
-            return  # the client pipelined another request: leave the socket to the server
-        stream.close(0, "the client closed the stream")
-        return
 
 
 class TopicMonitor:
@@ -119,7 +79,7 @@ class TopicMonitor:
 
     def open(
         self, broker: Any, filters: list[str], peer: str, with_retained: bool, sock: Any = None
-    ) -> _MonitorBody:
+    ) -> StreamBody:
         """A stream subscribed to ``filters`` (QoS 0); retained messages first when asked. ``sock``:
         the client's connection, watched so the stream ends as soon as the client goes."""
         client_id = CLIENT_PREFIX + uuid.uuid4().hex
@@ -139,7 +99,7 @@ class TopicMonitor:
         log.info(
             "admin_monitor_open", extra={"client_id": client_id, "peer": peer, "filters": ",".join(filters)}
         )
-        return _MonitorBody(self, stream, session, sock)
+        return StreamBody(self.end, stream, session, HEARTBEAT, sock)
 
     def end(self, stream: MonitorStream, session: Any) -> None:
         if stream not in self.streams:

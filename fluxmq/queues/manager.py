@@ -32,6 +32,8 @@ PREFIX = "$queue/"
 #: consumer groups per queue; past them a publish gets 0x97, a subscription 0x97
 MAX_AUTO_QUEUES = 10_000
 MAX_GROUPS_PER_QUEUE = 1_000
+#: keys a compacted queue remembers beyond twice those of its live records before it drops the gone ones
+COMPACT_SLACK = 1024
 #: how often pending deliveries, backoffs and retention are looked at
 TICK = 0.1
 
@@ -66,8 +68,10 @@ class Queue:
         self.groups: dict[str, ConsumerGroup] = {}
         self.stats = QueueCounters()
         self._key_at = len(PREFIX) + len(self.name) + 1
-        # retention.compact: key -> offset of its newest record (rebuilt from the log at start)
+        # retention.compact: key -> offset of its newest record (rebuilt from the log at start);
+        # keys whose record retention deleted go once it holds more than _prune_at (``_compact``)
         self.newest: dict[str, int] | None = {} if config.retention.compact else None
+        self._prune_at = COMPACT_SLACK
 
     def routing_key(self, topic: str) -> str:
         """``$queue/{name}/{routing key}`` -> routing key ("" for ``$queue/{name}``); a captured
@@ -134,10 +138,17 @@ class Queue:
     def _compact(self, rec) -> None:
         """Keep only the newest record of ``rec``'s key: the older one is deleted in the same commit."""
         key = self.record_key(rec.message)
-        older = self.newest.get(key)
-        self.newest[key] = rec.offset
+        newest = self.newest
+        older = newest.get(key)
+        newest[key] = rec.offset
         if older is not None and self.log.delete(older):
             self.stats["compacted"] += 1
+        if len(newest) > self._prune_at:
+            # Keys whose newest record is gone (retention deleted the front of the log): not kept
+            # for ever, one per key ever seen. Amortized: the next look waits for as many again.
+            first = self.log.first
+            self.newest = newest = {k: off for k, off in newest.items() if off >= first}
+            self._prune_at = 2 * len(newest) + COMPACT_SLACK
 
     def rebuild_compaction(self) -> None:
         qlog = self.log

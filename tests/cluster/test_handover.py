@@ -320,6 +320,22 @@ def test_a_session_that_ends_in_the_turn_of_its_claim_releases_its_client_id(clu
     assert "c1" not in cluster.registry.owners, cluster.registry.owners
 
 
+def test_takeovers_keep_nothing_of_their_moves_once_the_state_is_imported_or_discarded(
+    cluster: Cluster,
+) -> None:
+    """What a claim keeps of its move for the import (``_took_from``) goes when the state is
+    imported and when it is discarded (Clean Start): many client lifetimes moving between nodes
+    leave no entry behind."""
+    a, b = cluster.node("A"), cluster.node("B")
+    for i in range(20):
+        cid = f"c{i}"
+        connect(a, cid)
+        new, d, present = connect(b, cid, clean=i % 2 == 0)
+        assert present is (i % 2 == 1) and cluster.registry.owners[cid] == "B"
+        b.close_session(new, d, False)
+    assert b.peers._took_from == {} and a.peers._took_from == {}
+
+
 # -- what reaches the old node after the move (fluxmq/broker/moved.py) -------------------------------
 
 

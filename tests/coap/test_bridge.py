@@ -6,6 +6,7 @@ read what it would have sent. gevent runs the notifier and commit-wait greenlets
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import gevent
@@ -15,8 +16,9 @@ from hypothesis import strategies as st
 
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
+from fluxmq.coap import bridge as coap_bridge
 from fluxmq.coap import codec
-from fluxmq.coap.bridge import CON_EVERY, CoapBridge
+from fluxmq.coap.bridge import CON_EVERY, EXCHANGE_LIFETIME, CoapBridge
 from fluxmq.coap.codec import CoapMessage
 from fluxmq.coap.settings import CoapSettings
 from fluxmq.protocol.flush import FlushScheduler
@@ -320,7 +322,7 @@ def test_block1_reassembly_is_bounded_per_peer() -> None:
         t,
     )
     assert [m.code for m in t.messages()] == [codec.CONTINUE, codec.CONTINUE, codec.REQUEST_ENTITY_TOO_LARGE]
-    assert b.reassembly[("test", PEER)] == {}
+    assert ("test", PEER) not in b.reassembly and b.reassembly_bytes == 0
     b.datagram(
         req(
             codec.CON,
@@ -334,6 +336,42 @@ def test_block1_reassembly_is_bounded_per_peer() -> None:
         t,
     )
     assert t.messages()[-1].code == codec.REQUEST_ENTITY_INCOMPLETE  # RFC 7959 §2.9.2
+
+
+def block1(mid: int, num: int, more: bool, payload: bytes = b"x" * 1024) -> bytes:
+    return req(
+        codec.CON,
+        codec.POST,
+        mid,
+        "r",
+        payload=payload,
+        extra=((codec.BLOCK1, codec.encode_block(num, more, 6)),),
+    )
+
+
+def test_block1_transfers_of_gone_peers_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each peer (a CoAP client's address and port) that starts a Block1 transfer and goes away, or
+    whose transfer is refused or done, leaves nothing behind once it is over, abandoned past
+    ``EXCHANGE_LIFETIME``, or pushed out by the bound on every peer's bodies together."""
+    b = CoapBridge(Broker(BrokerSettings()), CoapSettings())
+    t = RecordingTransport()
+    for port in range(100):
+        peer = ("192.0.2.7", 20000 + port)
+        b.datagram(block1(1, 0, True), peer, t)  # started
+        if port % 3 == 0:
+            b.datagram(block1(2, 1, False, b"end"), peer, t)  # done: published
+        elif port % 3 == 1:
+            b.datagram(block1(2, 5, True), peer, t)  # out of order: refused (4.08)
+    codes = [m.code for m in t.messages()]
+    assert codes.count(codec.CHANGED) == 34 and codes.count(codec.REQUEST_ENTITY_INCOMPLETE) == 33
+    assert len(b.reassembly) == 33 and b.reassembly_bytes == 33 * 1024  # the abandoned ones, for now
+    b._bound_reassembly(time.monotonic() + EXCHANGE_LIFETIME + 1)
+    assert len(b.reassembly) == 0 and b.reassembly_bytes == 0
+    monkeypatch.setattr(coap_bridge, "MAX_REASSEMBLY_BYTES", 10 * 1024)
+    for port in range(30):
+        b.datagram(block1(1, 0, True), ("192.0.2.8", 20000 + port), t)
+    assert len(b.reassembly) == 10 and b.reassembly_bytes == 10 * 1024  # the 10 most recent
+    assert ("test", ("192.0.2.8", 20029)) in b.reassembly
 
 
 def test_malformed_datagrams_never_raise(bridge: CoapBridge) -> None:

@@ -871,3 +871,35 @@ def test_a_settlement_that_settles_nothing_is_409_never_200(tmp_path) -> None:
         assert bridge.requests[("publish", 409)] >= 1
     finally:
         store.close()
+
+
+def test_a_client_that_goes_away_ends_its_stream_at_once(broker: Broker) -> None:
+    """A reader that closes its connection frees its stream, session, subscriptions and slot
+    without a heartbeat write failing first (none here: ``sse_heartbeat`` 0, no message for it),
+    as gunicorn's environ carries the connection (a real socket pair stands in for it)."""
+    from gevent import socket as gsocket
+
+    bridge = HTTPBridge(broker, BridgeSettings(sse_heartbeat=0))
+    server_side, client_side = gsocket.socketpair()
+    try:
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/subscribe",
+            "QUERY_STRING": "filter=gone/%23",
+            "RAW_URI": "/subscribe?filter=gone/%23",
+            "REMOTE_ADDR": "127.0.0.1",
+            "wsgi.input": io.BytesIO(),
+            "gunicorn.socket": server_side,
+        }
+        setup_testing_defaults(environ)
+        stream = Stream(
+            Response(200, {"Content-Type": "text/event-stream"}, bridge(environ, lambda *a: None))
+        )
+        assert broker.subscription_count() == 1 and len(bridge.streams) == 1
+        client_side.close()
+        assert stream.events(1, max_reads=2) == [("close", {"reason": "the client closed the stream"})]
+        stream.close()
+        assert broker.sessions == {} and broker.subscription_count() == 0
+        assert bridge.streams == set() and bridge.stream_owners == {}
+    finally:
+        server_side.close()

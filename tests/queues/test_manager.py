@@ -12,7 +12,8 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import USER_PROPERTY, Message
 from fluxmq.errors import QueueRefused
 from fluxmq.queues import QueueManager, manager
-from fluxmq.queues.config import CLASSIC, STREAM, QueueConfig
+from fluxmq.queues.config import CLASSIC, STREAM, QueueConfig, RetentionConfig
+from fluxmq.queues.retention import apply_retention
 from fluxmq.storage.lmdb import LMDBStorage
 from tests.queues.test_group import member
 
@@ -190,5 +191,25 @@ def test_a_queue_given_back_before_its_records_all_moved_is_served_from_them_onc
         assert [m.payload for _pid, m in d.sent] == [b"m3", b"m4", b"m5", b"after", b"captured"]
         q = b.queues.queues["w"]
         assert q.log.next == 8 and q.log.count == 5  # m0 settled and m1, m2 moved: gone from here
+    finally:
+        storage.close()
+
+
+def test_a_compacted_queue_forgets_the_keys_whose_records_retention_deleted(tmp_path: Path) -> None:
+    """A compacted stream keeps the newest record per key (one per device, say); once retention
+    deleted a key's record, the key is not remembered for ever: 5,000 keys seen once each leave at
+    most about twice the live records' keys (plus a slack) behind, not 5,000."""
+    storage = LMDBStorage(tmp_path / "d", map_size=64 << 20)
+    try:
+        b = Broker(storage=storage)
+        retention = RetentionConfig(max_length_messages=10, compact=True)
+        b.queues = QueueManager(storage, [QueueConfig("last", type=STREAM, retention=retention)])
+        q = b.queues.queues["last"]
+        for i in range(5000):
+            b.publish(Message(f"$queue/last/device-{i}", b"v", 1))
+            apply_retention(q)
+        assert q.log.count == 10
+        assert len(q.newest) <= 2 * 10 + 1024 + 1  # twice the live records' keys + COMPACT_SLACK
+        assert {f"device-{i}" for i in range(4990, 5000)} <= set(q.newest)  # the live records' keys
     finally:
         storage.close()

@@ -261,6 +261,10 @@ class ClusterMetadata:
         """Delete the owner key only if this node owns it."""
         return self.ownership.release(client_id)
 
+    def forget_session(self, client_id: str) -> None:
+        """This node handed the session over: not one to take again after a new lease."""
+        self.ownership.forget(client_id)
+
     def owned_by(self, client_id: str) -> str | None:
         return self.ownership.owned_by(client_id)
 

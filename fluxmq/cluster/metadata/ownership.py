@@ -83,6 +83,11 @@ class SessionOwnership:
         )
         return ok
 
+    def forget(self, client_id: str) -> None:
+        """Another node took ``client_id`` over (it moved the owner key itself): not ours any more,
+        so not listed for ``reacquire_all``."""
+        self.owned.discard(client_id)
+
     def owned_by(self, client_id: str) -> str | None:
         kv = self.client.get(self.key(client_id))
         return kv["value"].decode(errors="replace") if kv is not None else None

@@ -133,3 +133,23 @@ def test_stop_releases_every_session_at_once(meta_factory):
     a.stop()
     assert [b.owned_by(f"s{i}") for i in range(5)] == [None] * 5
     assert all(b.acquire_session(f"s{i}") is None for i in range(5))
+
+
+def test_a_session_handed_over_to_another_node_is_no_longer_counted_as_ours(meta_factory):
+    """The old owner's takeover handler tells the registry the session left: its list of owned
+    client ids (taken again at each new lease) does not keep every client id that ever moved away."""
+    from fluxmq.broker.broker import Broker
+    from fluxmq.cluster.handover import ClusterSessions, takeover_handler
+
+    a, b = meta_factory("a"), meta_factory("b")
+    broker = Broker()
+    sessions = ClusterSessions(a, call=None)
+    handler = takeover_handler(broker, None, None, sessions.take_kept, sessions.handed_over)
+    for i in range(5):
+        cid = f"moving-{i}"
+        assert a.acquire_session(cid) is None
+        broker.open_session(cid, False, 3600)
+        assert handler("b", cid.encode())  # the state left for b
+        assert b.acquire_session(cid, take_from="a") is None  # b moves the owner key itself
+    assert a.ownership.owned == set()
+    assert a.ownership.reacquire_all() == []  # nothing to ask etcd for again after a new lease
