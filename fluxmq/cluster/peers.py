@@ -317,7 +317,9 @@ class ClusterPeers:
             if not missing:
                 return True
             if time.monotonic() >= deadline:
-                log.warning("peer_interest_not_known", extra={"peers": ",".join(sorted(missing)), "waited": timeout})
+                log.warning(
+                    "peer_interest_not_known", extra={"peers": ",".join(sorted(missing)), "waited": timeout}
+                )
                 return False
             gevent.sleep(0.05)
 
