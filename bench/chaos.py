@@ -239,6 +239,7 @@ class Subscriber(Client):
         super().__init__(name, port, stop)
         self.filter, self.qos, self.props = filter, qos, props
         self.arrivals: list[tuple[bytes, float]] = []  # (payload, time), every counted arrival
+        self.offsets: list[str | None] = []  # a queue consumer's: each arrival's record offset
         self.unreleased: set[int] = set()  # QoS 2 packet ids received, PUBREL not yet
         self.last_arrival = 0.0
         self.subscribed = False  # a SUBACK granted the subscription (in the session the broker holds)
@@ -296,6 +297,8 @@ class Subscriber(Client):
     def record(self, p) -> None:
         self.last_arrival = now()
         self.arrivals.append((p.payload, self.last_arrival))
+        # a durable queue's delivery names its record (user property ``offset``)
+        self.offsets.append(dict((p.properties or {}).get(c.USER_PROPERTY, ())).get("offset"))
 
 
 class Publisher(Client):
@@ -556,24 +559,30 @@ def check(subs, consumers, pubs, producer, retainer, retained_seen, faults) -> t
             if inversions:
                 lines.append(f"ORDER {s.cid} <- {pub.cid}: {inversions} first arrivals below an earlier one")
         out["subscribers"][s.cid] = row
-    # the durable queue
-    deliveries: dict[bytes, list[tuple[str, float]]] = defaultdict(list)
+    # the durable queue: a record delivered again (same offset), or a payload appended twice (the
+    # producer sent it again after a reconnect: QoS 1 is at least once on the publisher's side)
+    deliveries: dict[bytes, list[tuple[float, str, str | None]]] = defaultdict(list)
     for cons in consumers:
-        for p, t in cons.arrivals:
-            deliveries[p].append((cons.cid, t))
+        for (p, t), offset in zip(cons.arrivals, cons.offsets, strict=True):
+            deliveries[p].append((t, cons.cid, offset))
     acked = producer.acked
     qlost = [(seq, t) for seq, t in acked if not deliveries.get(producer.payload(seq))]
-    again = {p: d for p, d in deliveries.items() if len(d) > 1}
+    again = {p: sorted(d) for p, d in deliveries.items() if len(d) > 1}
+    appended_twice = sum(1 for d in again.values() if len({o for _, _, o in d}) > 1)
     unexplained = 0
     for p, d in again.items():
-        (c1, t1), (_, t2) = d[0], d[1]
-        cons = next(x for x in consumers if x.cid == c1)
-        # allowed: a fault in between (an auto-ack settlement not yet committed), or the first
-        # consumer's connection dropped in between (its PUBACK may not have arrived)
-        if not any(t1 - 1.0 <= f.at <= t2 for f in faults) and not any(t1 <= x <= t2 for x in cons.ev.drops):
-            unexplained += 1
-            lines.append(f"QUEUE AGAIN without a fault or drop between: {p!r} {d}")
-    out["queue"] = {"acked_appends": len(acked), "lost": len(qlost), "delivered_more_than_once": len(again),
+        for (t1, c1, o1), (t2, _, o2) in zip(d, d[1:], strict=False):
+            if o1 != o2:
+                continue
+            cons = next(x for x in consumers if x.cid == c1)
+            # allowed: a fault in between (an auto-ack settlement not yet committed), or the first
+            # consumer's connection dropped in between (its PUBACK may not have arrived)
+            if not any(t1 - 1.0 <= f.at <= t2 for f in faults) and not any(
+                t1 <= x <= t2 for x in cons.ev.drops
+            ):
+                unexplained += 1
+                lines.append(f"QUEUE AGAIN without a fault or drop between: {p!r} {d}")
+    out["queue"] = {"acked_appends": len(acked), "lost": len(qlost), "delivered_more_than_once": len(again), "appended_twice": appended_twice,
                     "again_unexplained": unexplained, "refused": len(producer.refused)}  # fmt: skip
     if qlost:
         bad += 1
