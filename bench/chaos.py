@@ -511,13 +511,13 @@ def check(subs, consumers, pubs, producer, retainer, retained_seen, faults) -> t
     bad = 0
     for s in subs:
         counts: Counter = Counter(p for p, _ in s.arrivals)
-        first_order: dict[str, list[int]] = defaultdict(list)
+        first_order: dict[str, list[tuple[int, float]]] = defaultdict(list)
         seen: set[bytes] = set()
-        for p, _ in s.arrivals:
+        for p, t in s.arrivals:
             if p not in seen:
                 seen.add(p)
                 name, _, seq = p.decode().rpartition(":")
-                first_order[name].append(int(seq))
+                first_order[name].append((int(seq), t))
         row = {
             "received": len(s.arrivals),
             "sessions_lost": len(s.ev.session_lost),
@@ -528,7 +528,8 @@ def check(subs, consumers, pubs, producer, retainer, retained_seen, faults) -> t
             lost = [(seq, t) for seq, t in acked if counts[pub.payload(seq)] == 0]
             doubled = [(seq, t) for seq, t in acked if counts[pub.payload(seq)] > 1]
             order = first_order.get(pub.cid, [])
-            inversions = sum(1 for a, b in zip(order, order[1:], strict=False) if b < a)
+            below = [(a, b) for a, b in zip(order, order[1:], strict=False) if b[0] < a[0]]
+            inversions = len(below)
             kinds: Counter = Counter(lost_window(s, pub, seq, t, faults) for seq, t in lost)
             row[pub.cid] = {"acked": len(acked), "lost": len(lost), "doubled": len(doubled),
                             "order_inversions": inversions, "lost_by_window": dict(kinds)}  # fmt: skip
@@ -557,7 +558,11 @@ def check(subs, consumers, pubs, producer, retainer, retained_seen, faults) -> t
                         f"DOUBLED (QoS 2) {s.cid} <- {pub.cid}:{seq} (acked at {t:.1f}s; faults {near(t, faults) or '-'})"
                     )
             if inversions:
-                lines.append(f"ORDER {s.cid} <- {pub.cid}: {inversions} first arrivals below an earlier one")
+                lines.append(
+                    f"ORDER {s.cid} <- {pub.cid}: {inversions} first arrivals below an earlier one, e.g. "
+                    f"{[f'{b[0]} at {b[1]:.1f}s after {a[0]}' for a, b in below[:3]]}; subscriber's "
+                    f"connects {s.ev.connected}"
+                )
         out["subscribers"][s.cid] = row
     # the durable queue: a record delivered again (same offset), or a payload appended twice (the
     # producer sent it again after a reconnect: QoS 1 is at least once on the publisher's side)
