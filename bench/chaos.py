@@ -489,17 +489,18 @@ def lost_window(sub: Subscriber, pub: Publisher, seq: int, t: float, faults: lis
     message was first sent (or the message was sent before its new subscription was granted): a kill -9 of its worker and a reconnect that
     landed on the other worker, which starts it afresh (docs/cluster.rst, "Client ids"), or a
     session the stopped node could not hand over;
-    ``publisher-node-killed``: the publisher's worker or node was killed -9 within 2 s after the
-    acknowledgement, the forwarded copy still in its memory queue (docs/cluster.rst, "What the
-    PUBACK means across nodes");
+    ``publisher-node-killed``: the publisher's worker or node was killed -9 between the message's
+    first send and 2 s after its acknowledgement, the forwarded copies still in its memory queues
+    (docs/cluster.rst, "What the PUBACK means across nodes"; a QoS 2 message sent again after the
+    restart is acknowledged there without being routed again);
     else ``unexplained`` (a violation of a stated promise)."""
     sent = pub.sent_at.get(seq, t)
     for lost_at in sub.ev.session_lost:
         granted = next((g for g in sub.granted if g >= lost_at), lost_at + ACK_TIMEOUT)
         if sent <= granted:
             return "subscriber-session-lost"
-    for f in faults:
-        if f.kind in ("worker-kill", "node-kill") and 0 <= f.at - t <= 2.0 and f.node == pub.home:
+    for f in faults:  # killed after the message was first sent, up to 2 s after its acknowledgement
+        if f.kind in ("worker-kill", "node-kill") and sent <= f.at <= t + 2.0 and f.node == pub.home:
             return "publisher-node-killed"
     return UNEXPLAINED
 

@@ -40,5 +40,7 @@ def test_a_loss_is_a_documented_window_only_when_a_fault_or_a_lost_session_expla
     pub.sent_at[2] = 10.4  # QoS 2: routed at its PUBLISH, acknowledged (PUBCOMP) after the SUBACK
     assert chaos.lost_window(sub, pub, 2, 10.7, faults) == "subscriber-session-lost"
     assert chaos.lost_window(sub, pub, 1, 29.5, faults) == chaos.UNEXPLAINED  # a pause loses nothing
+    pub.sent_at[3] = 19.5  # QoS 2, sent before the kill, completed after the restart
+    assert chaos.lost_window(sub, pub, 3, 24.0, faults) == "publisher-node-killed"
     pub.home = "n2"  # another node's kill does not explain it
     assert chaos.lost_window(sub, pub, 1, 19.0, faults) == chaos.UNEXPLAINED
