@@ -234,7 +234,8 @@ class ClusterSessions:
         try:
             for _ in range(self.max_moves + 1):
                 owner = self._acquire(client_id, take_from)
-                if owner is None and handed_to and take_from is None and only_from is None:
+                taking_back = owner is None and handed_to and take_from is None and only_from is None
+                if taking_back:
                     owner = handed_to  # on its way there: take it back from there (docstring)
                 if owner is None:
                     return state
@@ -252,6 +253,8 @@ class ClusterSessions:
                     payload = f"{client_id}\x00{token}" if token else client_id
                     reply = self.call(owner, TAKEOVER_KIND, payload.encode(), self.timeout)
                 except Exception as exc:
+                    if taking_back:
+                        self._give_back(client_id)
                     raise ServerUnavailable(
                         f"node {owner} owning {client_id!r} does not answer: {exc}"
                     ) from exc
@@ -273,6 +276,17 @@ class ClusterSessions:
             if state is not None:
                 self._keep(client_id, state)
             raise
+
+    def _give_back(self, client_id: str) -> None:
+        """A take-back whose node does not answer (a worker killed -9, restarting): the id was
+        acquired here only to take the session back, and this node holds no copy of it. Left
+        ours, the restarted node would drop its restored copy as taken by another (and what this
+        node had queued for it would reach it after the copy left); released, it keeps its copy
+        and the client's next claim takes it over from there, after the drain."""
+        try:
+            self.ownership.release_session(client_id)
+        except Exception as exc:  # the claim fails anyway (0x88): the registry's trouble is logged
+            log.warning("takeover_release_failed", extra={"client_id": client_id, "error": str(exc)})
 
     def moving_in(self, client_id: str):
         """The move the last claim of ``client_id`` took its state from, for the import

@@ -43,8 +43,9 @@ log = logging.getLogger("fluxmq.cluster")
 ADOPT_KIND = "session.adopt"
 #: sessions handed to peers at once during a drain
 ADOPT_CONCURRENCY = 4
-#: longest the wills a restart found due wait for the peers' interest (seconds)
-RESTORED_WILLS_WAIT = 5.0
+#: longest a starting node waits for the peers' interest before its listeners accept clients, and
+#: the wills a restart found due before they are published (seconds)
+PEER_INTEREST_WAIT = 5.0
 
 #: TEST-ONLY environment variable: seconds each batch of messages from a peer waits before it is
 #: applied here (``delayed_apply``). It widens, in the e2e tests, the window in which what a peer
@@ -317,7 +318,7 @@ class ClusterNode:
                 self.transport.set_peers(self.settings.transport.peers)
             self.broker.set_peers(self.peers)
             if self.broker.restored_wills:
-                gevent.spawn(self._publish_restored_wills, RESTORED_WILLS_WAIT)
+                gevent.spawn(self._publish_restored_wills, PEER_INTEREST_WAIT)
             else:
                 self.broker.hold_restored_wills = False
             from .status import ClusterTopics
@@ -389,17 +390,16 @@ class ClusterNode:
         """Durable queues across nodes, per other node (``/metrics``): ``RemoteQueues.state``."""
         return self.queues.state() if self.queues is not None else {}
 
+    def wait_interest(self) -> None:
+        """Before the listeners accept: until every peer's interest arrived (bounded), so that a
+        client's first publish here reaches the subscribers of every peer (a node or worker
+        restarted while they run: a publish routed before their snapshot matched nothing there)."""
+        self.peers.wait_snapshots(PEER_INTEREST_WAIT)
+
     def _publish_restored_wills(self, wait: float) -> None:
         """The wills the restore found due go once the peers told us their interest (bounded by
         ``wait``): published earlier they would reach only this node's subscribers."""
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            links = self.transport.links
-            if all(node in self.peers.snapshots_from for node in links if links[node].connected) and all(
-                link.connected for link in links.values()
-            ):
-                break
-            gevent.sleep(0.05)
+        self.peers.wait_snapshots(wait)
         try:
             published = self.broker.publish_restored_wills()
         except Exception:

@@ -317,6 +317,23 @@ class ClusterPeers:
                 return PendingAck(ack, done)
         return ack
 
+    def wait_snapshots(self, timeout: float) -> bool:
+        """Until every peer's link is connected and its interest snapshot arrived here (bounded by
+        ``timeout``); False (logged, naming them) when the bound passed first. What this node routes
+        before then misses the subscribers of the peers whose snapshot it lacks."""
+        deadline = time.monotonic() + timeout
+        while True:
+            links = self.transport.links
+            missing = [n for n, link in links.items() if not link.connected or n not in self.snapshots_from]
+            if not missing:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "peer_interest_not_known", extra={"peers": ",".join(sorted(missing)), "waited": timeout}
+                )
+                return False
+            gevent.sleep(0.05)
+
     def apply_batch(self, batch: pb.Batch) -> pb.BatchAck:
         """Apply one batch from a peer (interest, then messages); idempotent per sequence id. The
         ack is returned at once (``receive`` waits for the commit of what the batch stored)."""

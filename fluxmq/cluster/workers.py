@@ -43,7 +43,7 @@ from fluxmq.storage.worker_owners import LocalOwnership
 from .batch import Outgoing
 from .config import cluster_settings
 from .handover import ClusterSessions, serve_handover
-from .node import init_grpc_for_gevent
+from .node import PEER_INTEREST_WAIT, init_grpc_for_gevent
 from .peers import ClusterPeers
 from .queues import RemoteQueues
 
@@ -321,6 +321,11 @@ class WorkerNode:
             "worker_joined",
             extra={"node_id": self.node_id, "workers": self.context.count, "restored_dropped": len(stale)},
         )
+
+    def wait_interest(self) -> None:
+        """Before the listeners accept: until the other workers' (and nodes') interest arrived
+        (``ClusterNode.wait_interest``; bounded)."""
+        self.peers.wait_snapshots(PEER_INTEREST_WAIT)
 
     def stop(self, timeout: float = 1.0) -> None:
         if not self._started:

@@ -358,6 +358,8 @@ class BrokerService:
             self._start_workers(cfg, workers)
         else:
             self._start_cluster(cfg)
+        if self.cluster is not None:  # a publish of the first clients reaches the peers' subscribers
+            self.cluster.wait_interest()
         enabled = [(name, section, _section(cfg, section)) for name, section in MQTT_LISTENERS]
         enabled = [
             (name, section, lc, stream_factory(cfg, name, section))

@@ -24,6 +24,7 @@ from fluxmq.cluster.handover import (
 )
 from fluxmq.errors import ServerUnavailable
 from tests.broker.test_session import RecordingDelivery
+from tests.storage.test_worker_owners import _OTHER_WORKER
 
 
 class Registry:
@@ -427,3 +428,50 @@ def test_a_client_back_on_the_node_that_just_handed_its_session_over_takes_it_ba
     assert on_b.closed_with == 0x8E and on_a.closed_with is None
     assert cluster.registry.owners["c1"] == "A"
     assert "c1" in a.sessions and "c1" not in b.sessions
+
+
+# the arbiter's new w1: adopts its restored sessions, then lives until told
+_RESTARTED_WORKER = _OTHER_WORKER.replace(
+    'assert owners.acquire_session("c-dead") is None\nowners.close()',
+    'print("dropped", owners.adopt(["c-dead"]), flush=True)\nsys.stdin.readline()',
+)
+
+
+def test_a_take_back_from_a_worker_that_does_not_answer_leaves_the_id_to_its_restored_copy(tmp_path) -> None:
+    """w0 handed a session to w1 a moment ago; w1 is killed -9 (its pid gone, its entry in the
+    workers' real registry belongs to nobody), and its client connects to w0, which tries to take it
+    back from w1: refused (0x88), and the id is not left as w0's. Left as w0's, the restarted w1
+    dropped its restored copy as taken by another worker, w0 then took that copy back without what
+    it had queued for w1 meanwhile, and those messages were lost (bench/chaos.py, session 20: 24
+    per publisher at one worker kill, the client told its session was present)."""
+    import subprocess
+    import sys
+
+    from fluxmq.storage.worker_owners import LocalOwnership
+
+    path = str(tmp_path / "owners")
+    subprocess.run([sys.executable, "-c", _OTHER_WORKER, path], check=True, timeout=60)  # w1, now dead
+    assert "dropped" in _RESTARTED_WORKER
+    w0 = LocalOwnership(path, "n1/w0")
+    restarted = None
+    try:
+
+        def w1_does_not_answer(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
+            raise ConnectionError(f"peer {node}: UNAVAILABLE")
+
+        with pytest.raises(ServerUnavailable, match="does not answer"):
+            ClusterSessions(w0, w1_does_not_answer).claim_session("c-dead", False, handed_to="n1/w1")
+        assert w0.owned_by("c-dead") is None
+        restarted = subprocess.Popen(
+            [sys.executable, "-c", _RESTARTED_WORKER, path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert restarted.stdout.readline().split() == ["dropped", "[]"]  # it keeps its restored copy
+        assert w0.acquire_session("c-dead") == "n1/w1"  # the client's next claim takes it over there
+    finally:
+        w0.close()
+        if restarted is not None:
+            restarted.stdin.close()
+            restarted.wait(timeout=30)

@@ -1,0 +1,46 @@
+"""bench.chaos: a run without faults on a real two-worker node reports zero loss; the faults offered
+follow the set-up; a loss is set against the documented windows."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from bench import chaos
+
+
+def test_a_run_without_faults_loses_and_doubles_nothing(capsys) -> None:
+    args = ["--setup", "workers", "--rounds", "0", "--run-for", "2", "--min-gap", "0.5", "--quiet", "1"]
+    assert chaos.main([*args, "--rate", "20", "--seed", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "summary: OK (setup workers, seed 7, 0 faults)" in out
+    assert '"lost": 0' in out and '"lost": 1' not in out
+
+
+def test_the_faults_are_those_of_the_set_up() -> None:
+    assert chaos.parse_args(["--setup", "cluster"]).faults == ["node-kill", "node-term", "stop-cont"]
+    assert chaos.parse_args(["--faults", "stop-cont"]).faults == ["stop-cont"]
+    with pytest.raises(SystemExit):
+        chaos.parse_args(["--setup", "cluster", "--faults", "worker-kill"])
+
+
+def test_a_loss_is_a_documented_window_only_when_a_fault_or_a_lost_session_explains_it() -> None:
+    stop = threading.Event()
+    sub = chaos.Subscriber("s", 1, stop, "chaos/d/#", 1)
+    pub = chaos.Publisher("p", 1, stop, "chaos/d/p", 1, 1.0)
+    pub.home = "n1"
+    sub.ev.session_lost, sub.granted = [10.0], [10.5]
+    kill = chaos.Fault(20.0, "node-kill", "n1", restored=23.0)
+    stopped = chaos.Fault(30.0, "stop-cont", "n1", restored=33.0)
+    faults = [kill, stopped]
+    assert chaos.lost_window(sub, pub, 1, 10.2, faults) == "subscriber-session-lost"  # before its SUBACK
+    assert chaos.lost_window(sub, pub, 1, 19.0, faults) == "publisher-node-killed"
+    assert chaos.lost_window(sub, pub, 1, 11.0, faults) == chaos.UNEXPLAINED
+    pub.sent_at[2] = 10.4  # QoS 2: routed at its PUBLISH, acknowledged (PUBCOMP) after the SUBACK
+    assert chaos.lost_window(sub, pub, 2, 10.7, faults) == "subscriber-session-lost"
+    assert chaos.lost_window(sub, pub, 1, 29.5, faults) == chaos.UNEXPLAINED  # a pause loses nothing
+    pub.sent_at[3] = 19.5  # QoS 2, sent before the kill, completed after the restart
+    assert chaos.lost_window(sub, pub, 3, 24.0, faults) == "publisher-node-killed"
+    pub.home = "n2"  # another node's kill does not explain it
+    assert chaos.lost_window(sub, pub, 1, 19.0, faults) == chaos.UNEXPLAINED
