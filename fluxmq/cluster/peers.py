@@ -350,6 +350,9 @@ class ClusterPeers:
         if batch.snapshot:
             remote.replace(sender, [c.filter for c in batch.interest if c.added])
             self.snapshots_from.add(sender)
+            link = self.transport.links.get(sender) if self.transport is not None else None
+            if link is not None:
+                link.retry_now()  # the sender is up: our link to it need not wait out its backoff
         else:
             for change in batch.interest:
                 if change.added:

@@ -41,6 +41,9 @@ class StandInLink:
         self.connected = connected
         self.queued: list[Outgoing] = []
 
+    def retry_now(self) -> None:  # (the peer's snapshot came: ends a real link's backoff)
+        pass
+
     def enqueue(self, entry: Outgoing) -> bool:
         self.queued.append(entry)
         return True

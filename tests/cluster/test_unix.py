@@ -752,3 +752,42 @@ def test_a_plain_frame_before_its_stream_named_the_sender_or_truncated_ends_that
     finally:
         receiver.stop(0.5)
     assert got == [("w0", 3, 1, 2), ("w0", 3, 2, 5), ("w0", 3, 3, 1)]
+
+
+def test_a_link_waiting_out_its_backoff_reconnects_once_its_peer_is_back(tmp_path, monkeypatch) -> None:
+    """w0's link to w1, refused while w1 was down, waits out a (here 60 s) reconnect backoff; w1
+    starts and its own link to w0 delivers its interest snapshot to w0's ``ClusterPeers``, which
+    ends that wait: w0 reaches w1 at once, not a backoff later (a restarted worker or node waits
+    for its peers' links before it opens its listeners)."""
+    from fluxmq.broker.broker import Broker
+    from fluxmq.cluster import forwarder
+    from fluxmq.cluster.config import TransportSettings
+    from fluxmq.cluster.peers import ClusterPeers
+    from fluxmq.cluster.unix import UnixTransport
+
+    monkeypatch.setattr(forwarder, "RECONNECT_MIN", 60.0)
+    monkeypatch.setattr(forwarder, "RECONNECT_MAX", 60.0)
+    addrs = {"w0": f"unix:{tmp_path}/w0.sock", "w1": f"unix:{tmp_path}/w1.sock"}
+    broker = Broker()
+    peers = ClusterPeers("w0", broker, None)
+    w0 = UnixTransport("w0", 1, TransportSettings(bind_addr=addrs["w0"]), peers.apply_batch, lambda: [])
+    peers.transport = w0
+    w1 = UnixTransport(
+        "w1", 1, TransportSettings(bind_addr=addrs["w1"]), lambda b: pb.BatchAck(seq=b.seq), list
+    )
+    w0.start()
+    try:
+        w0.set_peers(addrs)
+        link = w0.links["w1"]
+        with gevent.Timeout(30):
+            while not link.stats.failures:  # refused: w1 is not listening
+                gevent.sleep(0.01)
+        assert not link.connected
+        w1.start()
+        w1.set_peers(addrs)
+        with gevent.Timeout(30, AssertionError("w0's link stayed in its backoff though w1 was back")):
+            while not ("w1" in peers.snapshots_from and link.connected):
+                gevent.sleep(0.01)
+    finally:
+        w0.stop(0.5)
+        w1.stop(0.5)
