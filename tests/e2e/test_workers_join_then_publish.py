@@ -5,6 +5,10 @@ CoAP Observe's 2.05, an SSE stream's first line) gets what is published afterwar
 worker. Each round has a fresh subscriber: it joins on one worker, then a publisher on the other
 publishes at once, and the delivery is waited for (bounded). Real ``fluxmq-node``, clients placed
 on a chosen worker (``tests.e2e.test_workers.on_worker``).
+
+The second part holds the interest in ``held/...`` on its way (``tests/e2e/hold_interest``: the
+receiving worker applies it HOLD s late, as a loaded one may): a subscription made meanwhile to the
+same filter on the same worker (MQTT, SSE, CoAP) is acknowledged only once the other worker has it.
 """
 
 from __future__ import annotations
@@ -22,31 +26,27 @@ from fluxmq.coap.codec import CoapMessage
 from tests.conftest import REPO_ROOT, NodeFactory, free_port
 from tests.e2e.mqtt5raw import unique
 from tests.e2e.test_http_bridge import SSEReader
-from tests.e2e.test_workers import on_worker, wait_crossing
+from tests.e2e.test_workers import on_worker, start
 from tests.e2e.test_workers_queues import consumer_on, other, queue_on
 
 pytestmark = pytest.mark.e2e
 
 WAIT = 10.0
-ROUNDS = int(__import__("os").environ.get("JP_ROUNDS", "20"))
+ROUNDS = 20  # fresh subscribers per test (~1 s each on an idle machine)
+
+
+def two_workers(tmp_path_factory, name: str, env: dict | None = None):
+    """A node of two workers with CoAP (on worker 0 only), the workers' links up."""
+    factory = NodeFactory(tmp_path_factory.mktemp(name))
+    try:
+        yield start(factory, {"server.coap.plain.addr": f"127.0.0.1:{free_port()}"}, env)
+    finally:
+        factory.close()
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    factory = NodeFactory(tmp_path_factory.mktemp("jp"))
-    try:
-        node = factory(
-            {
-                "server.workers": 2,
-                "broker.sys_interval": "1s",
-                "storage.type": "lmdb",
-                "server.coap.plain.addr": f"127.0.0.1:{free_port()}",  # on worker 0 only
-            }
-        )
-        wait_crossing(node)
-        yield node
-    finally:
-        factory.close()
+    yield from two_workers(tmp_path_factory, "jp")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,12 @@ def publishers(node):
 def test_mqtt_subscriber_gets_a_publish_made_after_its_suback_on_the_other_worker(
     node, publishers, worker
 ) -> None:
+    """The publisher's worker has routed the topic before (to nobody): what it cached of that route
+    does not outlive the new interest."""
     for _ in range(ROUNDS):
         topic = unique("jp/mqtt")
         with on_worker(node, worker, "jsub") as sub:
+            publishers[other(worker)].publish(topic, b"before", 1)
             assert sub.subscribe(topic, 1)[0].value == 1
             publishers[other(worker)].publish(topic, b"after", 1)
             assert sub.get(WAIT).payload == b"after"
@@ -139,20 +142,8 @@ HOOK = Path(__file__).resolve().parent / "hold_interest"
 
 @pytest.fixture(scope="module")
 def held_node(tmp_path_factory):
-    factory = NodeFactory(tmp_path_factory.mktemp("jph"))
-    try:
-        node = factory(
-            {
-                "server.workers": 2,
-                "broker.sys_interval": "1s",
-                "server.coap.plain.addr": f"127.0.0.1:{free_port()}",  # on worker 0 only
-            },
-            env={"PYTHONPATH": f"{HOOK}:{REPO_ROOT}", "HOLD_INTEREST": f"held/ {HOLD}"},
-        )
-        wait_crossing(node)
-        yield node
-    finally:
-        factory.close()
+    hold = {"PYTHONPATH": f"{HOOK}:{REPO_ROOT}", "HOLD_INTEREST": f"held/ {HOLD}"}
+    yield from two_workers(tmp_path_factory, "jph", hold)
 
 
 class FirstSubscribers:

@@ -17,37 +17,21 @@ _HOLD = os.environ.get("HOLD_INTEREST")
 
 def _install(prefix: str, seconds: float) -> None:
     """Wrap ``ClusterPeers._apply`` as ``fluxmq.cluster.peers`` is imported."""
-    import importlib.abc
-    import importlib.machinery
-    import sys
+    from tests.e2e.import_hook import after_import
 
-    class Hook(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "fluxmq.cluster.peers":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            load = spec.loader.exec_module
+    def patch(module) -> None:
+        apply = module.ClusterPeers._apply
 
-            def exec_module(module):
-                load(module)
-                apply = module.ClusterPeers._apply
+        def _apply(peers, batch):
+            if not batch.snapshot and any(c.added and c.filter.startswith(prefix) for c in batch.interest):
+                import gevent
 
-                def _apply(peers, batch):
-                    if not batch.snapshot and any(
-                        c.added and c.filter.startswith(prefix) for c in batch.interest
-                    ):
-                        import gevent
+                gevent.sleep(seconds)
+            return apply(peers, batch)
 
-                        gevent.sleep(seconds)
-                    return apply(peers, batch)
+        module.ClusterPeers._apply = _apply
 
-                module.ClusterPeers._apply = _apply
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, Hook())
+    after_import("fluxmq.cluster.peers", patch)
 
 
 if _HOLD:
