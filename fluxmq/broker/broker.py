@@ -138,6 +138,9 @@ class Broker(
         self.peers = None
         # Local subscriptions per filter (plain and $share/...): peers hear of a filter on 0 -> 1 and 1 -> 0.
         self._interest: dict[str, int] = {}
+        # Filters whose 0 -> 1 is being told to the peers (``interest_added`` waits for them): a
+        # subscription to one meanwhile waits for the same acknowledgement (ClusterHooks._interest_up).
+        self._interest_syncing: dict[str, Event] = {}
         # Client ids whose open_session is claiming ownership cluster-wide (set_peers only): an
         # export waits for the claim to finish, and the claim's own session ends release nothing.
         self._claiming: dict[str, Event] = {}

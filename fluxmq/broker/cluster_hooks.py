@@ -31,6 +31,10 @@ from .session_state import (
 
 log = logging.getLogger("fluxmq.broker")
 
+#: seconds a subscription waits for a pending interest change of its filter when the peers do not
+#: name their own bound (``interest_sync_timeout``)
+INTEREST_WAIT = 2.0
+
 
 class ClusterHooks:
     """The broker's side of the cluster (``fluxmq.broker.peers``)."""
@@ -57,10 +61,29 @@ class ClusterHooks:
         self._interest_down(filter)
 
     def _interest_up(self, filter: str) -> None:
+        """One more local subscription with ``filter``. A filter new to this node is told to the
+        peers, and ``interest_added`` waits (bounded) until the reachable ones applied it; one
+        whose telling is still waiting waits for it too, so every subscription acknowledged after
+        this returns gets what the peers publish from then on (docs/cluster.rst, "Subscribe, then
+        publish elsewhere"), not only the first one."""
         n = self._interest.get(filter, 0)
         self._interest[filter] = n + 1
-        if n == 0 and self.peers is not None:
-            self.peers.interest_added(filter)
+        peers = self.peers
+        if peers is None:
+            return
+        if n == 0:
+            syncing = self._interest_syncing[filter] = Event()
+            try:
+                peers.interest_added(filter)
+            finally:
+                if self._interest_syncing.get(filter) is syncing:
+                    del self._interest_syncing[filter]
+                syncing.set()
+            return
+        syncing = self._interest_syncing.get(filter)
+        if syncing is not None and gevent.getcurrent() is not gevent.get_hub():
+            # bounded as the first subscription's wait is (it sets the event when it ends)
+            syncing.wait(getattr(peers, "interest_sync_timeout", INTEREST_WAIT))
 
     def _interest_down(self, filter: str) -> None:
         n = self._interest.get(filter, 0)

@@ -8,6 +8,9 @@ tests/e2e/test_cluster_data_plane.py).
 
 from __future__ import annotations
 
+import gevent
+import gevent.event
+
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
 from fluxmq.cluster.batch import Outgoing, build_batch, decode_items
@@ -88,6 +91,47 @@ def test_broker_tells_peers_a_filter_on_first_and_last_subscription() -> None:
     broker.close_session(b, b.delivery, True)  # expiry 0: the session ends, its filters go
     assert peers.events[-2:] == [("-", "t/#"), ("-", "$share/g/x")]
     assert broker.interest_filters() == []
+
+
+class AckLaterPeers(RecordingPeers):
+    """Peers whose acknowledgement of a new filter comes once ``acked`` is set (``interest_added``
+    waits for it, as ``ClusterPeers`` waits for the reachable peers)."""
+
+    interest_sync_timeout = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acked = gevent.event.Event()
+
+    def interest_added(self, filter: str) -> None:
+        super().interest_added(filter)
+        self.acked.wait(self.interest_sync_timeout)
+
+
+def test_a_subscription_made_while_its_filter_is_on_its_way_to_the_peers_waits_for_them_too() -> None:
+    """Not only the first subscription to a filter new to the node: one made while the peers have
+    not acknowledged it yet returns (its SUBACK, an Observe's 2.05, a stream's start) after them."""
+    broker = Broker()
+    a, _ = online(broker, "a")
+    b, _ = online(broker, "b")
+    peers = AckLaterPeers()
+    broker.set_peers(peers)
+    returned: list[str] = []
+
+    def subscribe(session, name: str) -> None:
+        broker.subscribe(session, "t/#", 1)
+        returned.append(name)
+
+    first = gevent.spawn(subscribe, a, "a")
+    gevent.sleep(0)  # a's subscription waits for the peers
+    second = gevent.spawn(subscribe, b, "b")
+    gevent.sleep(0)
+    gevent.sleep(0)
+    assert returned == []
+    peers.acked.set()
+    gevent.joinall([first, second], timeout=5)
+    assert sorted(returned) == ["a", "b"]
+    assert peers.events == [("+", "t/#")]  # told once
 
 
 def test_publish_from_peer_delivers_locally_and_is_never_forwarded() -> None:

@@ -82,8 +82,8 @@ def wait_crossing(node: RunningNode, timeout: float = 20.0) -> None:
         raise AssertionError("the workers did not start forwarding to each other")
 
 
-def start(factory: NodeFactory, extra: dict | None = None) -> RunningNode:
-    node = factory({"server.workers": 2, "broker.sys_interval": "1s", **(extra or {})})
+def start(factory: NodeFactory, extra: dict | None = None, env: dict | None = None) -> RunningNode:
+    node = factory({"server.workers": 2, "broker.sys_interval": "1s", **(extra or {})}, env=env)
     wait_crossing(node)
     return node
 

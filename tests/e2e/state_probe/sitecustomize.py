@@ -93,36 +93,21 @@ def _answer() -> None:
 
 
 def _install() -> None:
-    """Wrap ``BrokerWorker.load_wsgi`` as ``fluxmq.node.worker`` is imported (not before: the worker
-    patches gevent first)."""
-    import importlib.abc
-    import importlib.machinery
-    import sys
+    """Wrap ``BrokerWorker.load_wsgi`` as ``fluxmq.node.worker`` is imported."""
+    from tests.e2e.import_hook import after_import
 
-    class Hook(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "fluxmq.node.worker":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            load = spec.loader.exec_module
+    def patch(module) -> None:
+        start = module.BrokerWorker.load_wsgi
 
-            def exec_module(module):
-                load(module)
-                start = module.BrokerWorker.load_wsgi
+        def load_wsgi(worker):
+            start(worker)
+            import gevent
 
-                def load_wsgi(worker):
-                    start(worker)
-                    import gevent
+            gevent.spawn(_answer)
 
-                    gevent.spawn(_answer)
+        module.BrokerWorker.load_wsgi = load_wsgi
 
-                module.BrokerWorker.load_wsgi = load_wsgi
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, Hook())
+    after_import("fluxmq.node.worker", patch)
 
 
 if _DIR:
