@@ -23,6 +23,9 @@ Reliability:
   with 5.03 before anything is published. A commit normally lands within one hub turn, far inside
   ACK_TIMEOUT (2 s), so the response stays piggybacked; a retransmission during the wait is
   recognised by its message id and ignored, and once answered gets the cached answer.
+* **No peer stalls the others.** One reader greenlet takes every datagram; what may wait (a QoS
+  1/2 publish's commit, an Observe's subscription waiting for the other workers or nodes to
+  acknowledge a filter new here) runs in the bounded pool, its answer sent from there.
 * **Once per message id.** Requests are de-duplicated by (peer, message id) for EXCHANGE_LIFETIME
   (247 s), the answer cached and resent (``MAX_EXCHANGES`` bounds the cache; past it the oldest
   exchanges are forgotten first).
@@ -726,6 +729,10 @@ class CoapBridge:
                     codec.FORBIDDEN if refused == 0x87 else codec.BAD_REQUEST,
                     "not authorized to observe" if refused == 0x87 else "filter over limits",
                 )
+        if self.commit_waiters.full():
+            if auth is not None:
+                auth.forget(observer_id)
+            raise CoapRefusal(codec.SERVICE_UNAVAILABLE, "too many requests waiting")
         obs = Observation(
             self, req.key, req.peer, req.transport, req.msg.token, path, observer_id, self._budget(req)
         )
@@ -740,20 +747,38 @@ class CoapBridge:
         self.observations[okey] = obs
         self.observers_per_peer[req.key] = self.observers_per_peer.get(req.key, 0) + 1
         self.observations_total += 1
+        # The subscription may wait for the peers (other workers or nodes) to acknowledge a filter
+        # new here (up to their interest_sync_timeout): in the pool, not in the one reader greenlet
+        # every other CoAP peer's requests go through.
+        self.commit_waiters.spawn(self._subscribe_observation, req, obs, path)
+
+    def _subscribe_observation(self, req: Request, obs: Observation, path: str) -> None:
+        """``_observe``'s subscription and its answer (2.05 with Observe, or the refusal)."""
+        broker = self.broker
         try:
-            result = broker.subscribe(session, path, 0)
+            result = broker.subscribe(obs.session, path, 0)
         except TopicFilterInvalid as exc:
             self.end_observation(obs, "invalid filter")
-            raise CoapRefusal(codec.BAD_REQUEST, f"invalid topic filter: {exc.reason}") from None
+            self._answer(req, codec.BAD_REQUEST, f"invalid topic filter: {exc.reason}".encode())
+            return
         except QueueRefused as exc:  # queue deliveries must be acknowledged, which Observe cannot do
             self.end_observation(obs, "durable queue")
-            raise CoapRefusal(
-                codec.BAD_REQUEST, f"durable queues are consumed over MQTT: {exc.reason}"
-            ) from None
+            self._answer(
+                req, codec.BAD_REQUEST, f"durable queues are consumed over MQTT: {exc.reason}".encode()
+            )
+            return
+        except Exception:
+            log.exception("coap_observe_failed", extra={"peer": str(req.peer), "filter": path})
+            self.end_observation(obs, "failed")
+            self._answer(req, codec.INTERNAL_SERVER_ERROR)
+            return
+        if obs.ended:  # cancelled (RST, re-registration, shutdown) while it waited: a plain answer
+            self._answer(req, codec.CONTENT)
+            return
         self._answer(req, codec.CONTENT, b"", [(codec.OBSERVE, codec.encode_uint(obs.seq))])
         if result.retained:
-            broker.deliver_retained(session, result)
-        log.debug("coap_observe", extra={"peer": str(req.peer), "filter": path, "client_id": observer_id})
+            broker.deliver_retained(obs.session, result)
+        log.debug("coap_observe", extra={"peer": str(req.peer), "filter": path, "client_id": obs.client_id})
 
     def _cancel(self, req: Request) -> None:
         obs = self.observations.get((*req.key, req.msg.token))

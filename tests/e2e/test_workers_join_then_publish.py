@@ -233,3 +233,30 @@ def test_a_coap_observation_made_while_its_filter_is_on_its_way_gets_what_the_ot
             assert coap.parse(sock.recv(65535)).payload == b"after"
     finally:
         firsts.close()
+
+
+def test_a_coap_observation_waiting_for_its_filter_does_not_stall_other_coap_peers(held_node) -> None:
+    """The first observation of a held filter waits HOLD s for the other worker's acknowledgement;
+    meanwhile another peer's request is answered (the wait runs in the bridge's pool, not in the
+    one reader greenlet every CoAP datagram goes through): its answer comes first."""
+    topic = unique("held/coap-stall")
+    path = [(coap.URI_PATH, p.encode()) for p in topic.split("/")]
+    observe = CoapMessage(coap.CON, coap.GET, random.randrange(1 << 16), b"os", [(coap.OBSERVE, b""), *path])
+    other_path = [(coap.URI_PATH, p.encode()) for p in unique("jp/coap-other").split("/")]
+    publish = CoapMessage(coap.CON, coap.POST, random.randrange(1 << 16), b"pp", other_path, b"x")
+    addr = coap_addr(held_node)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as observer,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
+    ):
+        observer.settimeout(WAIT)
+        other.settimeout(WAIT)
+        observer.sendto(coap.serialize(observe), addr)
+        other.sendto(coap.serialize(publish), addr)
+        assert coap.parse(other.recv(65535)).code == coap.CHANGED
+        observer.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still waiting for the other worker (HOLD s)
+            observer.recv(65535)
+        observer.settimeout(WAIT)
+        answer = coap.parse(observer.recv(65535))
+        assert answer.code == coap.CONTENT and answer.option(coap.OBSERVE) is not None
