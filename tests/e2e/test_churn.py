@@ -19,6 +19,7 @@ in ``BOUNDED``."""
 from __future__ import annotations
 
 import json
+import random
 import socket
 import time
 import urllib.request
@@ -191,7 +192,12 @@ class Churn:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(10)
 
+            # RFC 7252 §4.4: a random first message id. Fixed ids from a source port the kernel
+            # reused within EXCHANGE_LIFETIME would be duplicates: answered again, not done again.
+            base = random.randrange(1 << 16)
+
             def ask(msg: CoapMessage) -> CoapMessage:
+                msg.mid = (base + msg.mid) & 0xFFFF
                 sock.sendto(coap.serialize(msg), self.coap)
                 return coap.parse(sock.recv(65535))
 
