@@ -139,12 +139,38 @@ def run_moves(
         _collect(sub, got, topic, 0.5)
     _collect(sub, got, topic, 0.5)  # a late second copy
     sub.disconnect()
-    moves = sum(len(re.findall(rf"session_imported.*{re.escape(cid)}", text)) for text in moves_in())
+    texts = moves_in()
+    moves = sum(len(re.findall(rf"session_imported.*{re.escape(cid)}", text)) for text in texts)
     twice = sorted(n for n, k in collections.Counter(got).items() if k > 1)
+    missing = sorted(set(range(sent)) - set(got))
     print(
-        f"moves: qos {qos}, shared {shared}, sent {sent}, moves {moves}, lost {len(set(range(sent)) - set(got))}, twice {len(twice)}"
+        f"moves: qos {qos}, shared {shared}, sent {sent}, moves {moves}, lost {len(missing)}, twice {len(twice)}"
     )
-    return sent, moves, sorted(set(range(sent)) - set(got)), twice
+    if missing:
+        _explain(texts, cid, got, missing)
+    return sent, moves, missing, twice
+
+
+#: the log events of a move (the subscribing nodes'), printed when numbers are lost
+MOVE_EVENTS = re.compile(
+    r"session_(imported|exported|export_repeated)|moved_|takeover_|gate|connect_refused|peer_(removed|connected|added)"
+)
+
+
+def _explain(texts: list[str], cid: str, got: list[int], missing: list[int]) -> None:
+    """Print what explains a loss: the runs of missing numbers, the last number received before each
+    (the order in which the subscriber got them) and the move's log lines of each subscribing node,
+    ``n`` of the node's log (``moves_in`` order)."""
+    runs, start = [], missing[0]
+    for a, b in zip(missing, missing[1:] + [None], strict=True):
+        if b != a + 1:
+            runs.append((start, a))
+            start = b
+    print(f"lost runs (first, last): {runs[:20]}; received: {len(got)}, last 10 {got[-10:]}")
+    for n, text in enumerate(texts):
+        lines = [line for line in text.splitlines() if cid in line or MOVE_EVENTS.search(line)]
+        print(f"-- node {n}: {len(lines)} move lines, the last 150:")
+        print("\n".join(line[:300] for line in lines[-150:]))
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
