@@ -202,8 +202,11 @@ class ClusterHooks:
         if session is None:
             again = exported.get(client_id)
             if again is not None:
-                # Asked again while still the registered owner: the first reply never arrived.
+                # Asked again while still the registered owner: the first reply never arrived, or
+                # the taking node's claim failed after it (the client retries there).
                 log.warning("session_export_repeated", extra={"client_id": client_id})
+                if send is not None and again[2] == (to_node or ""):
+                    self._stand_in_again(client_id, move)
                 return again[1]
             return None
         hand_over = self.hand_overs.get(session)
@@ -298,6 +301,26 @@ class ClusterHooks:
             "moved_forward_started",
             extra={"client_id": cid, "to_node": to_node, "subscriptions": len(subs), "shared": len(shares)},
         )
+
+    def _stand_in_again(self, client_id: str, move=None) -> None:
+        """The same node asks again for the session exported to it (its claim failed, its client
+        retries): the stand-in, if still in the router, counts the new move's markers (the failed
+        claim announced none of the first one's: counted, it would forward to the end of its grace
+        what the peers send the taking node themselves) and lasts a grace from now, to the end of
+        the new claim and its markers."""
+        stand_in = self._moved.get(client_id)
+        if stand_in is None or not (stand_in.subscriptions or stand_in.shares_held):
+            return  # ended, or only its shares' tail is left (its markers were all in)
+        if stand_in.marks is not None and move is not None and move.token:
+            stand_in.marks.done = None
+            marks = stand_in.marks = MoveMarks(move.token, move.nodes)
+            marks.done = lambda: self._markers_in(client_id, stand_in)
+            self._count_marks(marks)
+        timer = stand_in.timer
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+        stand_in.timer = gevent.spawn_later(self.moved_forward_for, self._stand_in_done, client_id, stand_in)
+        log.info("moved_forward_restarted", extra={"client_id": client_id, "to_node": stand_in.to_node})
 
     def _hold_for(self, key: str, target, s: Subscription) -> Subscription:
         """``s`` (a moved session's subscription, shared or not) with ``target`` in its place, in

@@ -61,6 +61,11 @@ MOVED_TIMEOUT = 5.0
 COMMIT_TIMEOUT = 2.0
 #: seconds a claiming node waits for the owner to apply what it forwarded there before the claim
 DRAIN_TIMEOUT = 0.5
+#: messages a node keeps per client id from the stand-in of a move whose claim failed here (as
+#: many as a stand-in holds), and for how long (seconds: as long as the old node keeps the copy of
+#: its export for the client's retry, ``Broker.exported_keep``)
+MAX_KEPT_MOVED = 10000
+KEPT_MOVED_FOR = 30.0
 
 __all__ = [
     "MOVED_KIND",
@@ -201,6 +206,13 @@ class ClusterSessions:
         # (a client refused with 0x88 retries) rather than lost. Bounded; the oldest goes first.
         self.kept: dict[str, bytes] = {}
         self.max_kept = max_kept
+        # What the previous owner's stand-in forwarded here for a client id whose claim failed after
+        # its takeover call (``keep_moved``): kept apart from the state, since the client's retry
+        # may take the state again from that node (the copy of its export, without them), and
+        # added to whatever state the next claim returns (or a take-back takes). Bounded as ``kept``
+        # in ids, ``MAX_KEPT_MOVED`` messages each, ``KEPT_MOVED_FOR`` seconds: client id -> (until
+        # when, the messages)
+        self.kept_moved: dict[str, tuple[float, list]] = {}
         # client id -> (the node whose state the last claim took, the move's token): its stand-in
         # forwards to here until the markers ``moved_in`` asks for are in
         self._took_from: dict[str, tuple[str, str]] = {}
@@ -231,6 +243,7 @@ class ClusterSessions:
         export waits for its claim to end), as from any owner."""
         state = self.kept.pop(client_id, None)
         take_from: str | None = None
+        asked = False  # a takeover call went out: its node may have exported and forward here
         try:
             for _ in range(self.max_moves + 1):
                 owner = self._acquire(client_id, take_from)
@@ -238,7 +251,7 @@ class ClusterSessions:
                 if taking_back:
                     owner = handed_to  # on its way there: take it back from there (docstring)
                 if owner is None:
-                    return state
+                    return self._with_kept_moved(client_id, state)
                 if only_from is not None and owner != only_from:
                     raise ServerUnavailable(
                         f"{client_id!r} moved to node {owner}: not adopted from {only_from}"
@@ -249,6 +262,7 @@ class ClusterSessions:
                 if self.markers is not None:
                     self._moves += 1
                     token = f"{self.markers.own}/{time.time_ns()}/{self._moves}"
+                asked = True
                 try:
                     payload = f"{client_id}\x00{token}" if token else client_id
                     reply = self.call(owner, TAKEOVER_KIND, payload.encode(), self.timeout)
@@ -275,7 +289,38 @@ class ClusterSessions:
             self._took_from.pop(client_id, None)
             if state is not None:
                 self._keep(client_id, state)
+            if asked:
+                self._kept_moved(client_id)  # what its stand-in forwards here until the retry
             raise
+
+    def _kept_moved(self, client_id: str) -> list:
+        """The messages kept for ``client_id`` from a failed claim's move (a new, empty entry
+        unless one is still there), the expired entries and the oldest past ``max_kept`` dropped."""
+        kept_moved = self.kept_moved
+        now = time.monotonic()
+        entry = kept_moved.get(client_id)
+        if entry is None or entry[0] < now:
+            kept_moved.pop(client_id, None)
+            entry = kept_moved[client_id] = (now + KEPT_MOVED_FOR, [])
+        while kept_moved:
+            first = next(iter(kept_moved))
+            if kept_moved[first][0] >= now and len(kept_moved) <= self.max_kept:
+                break
+            del kept_moved[first]
+        return entry[1]
+
+    def _with_kept_moved(self, client_id: str, state: bytes | None) -> bytes | None:
+        """``state`` (a claim's result) with what the stand-in of a failed claim's move forwarded
+        here since (``keep_moved``) queued after its own messages; dropped (logged) with no state."""
+        until, queued = self.kept_moved.pop(client_id, (0.0, None))
+        if not queued or until < time.monotonic():
+            return state
+        if state is None:
+            log.warning("moved_messages_dropped", extra={"client_id": client_id, "messages": len(queued)})
+            return state
+        decoded = decode_session_state(state)
+        decoded.queued.extend(queued)
+        return encode_session_state(decoded)
 
     def _give_back(self, client_id: str) -> None:
         """A take-back whose node does not answer (a worker killed -9, restarting): the id was
@@ -323,19 +368,25 @@ class ClusterSessions:
         state = self.kept.pop(client_id, None)
         if state is not None:
             log.warning("takeover_state_kept_handed_over", extra={"client_id": client_id})
-        return state
+        return self._with_kept_moved(client_id, state)
 
     def keep_moved(self, client_id: str, queued: list) -> bool:
         """Messages the session's previous node forwarded here after handing it over, when this
-        node's claim then failed and keeps the state (``Broker.deliver_moved``): queued after the
-        kept state's own, for whoever takes it (the client's next claim here, or the previous node
-        taking it back). False when nothing is kept for ``client_id``."""
-        blob = self.kept.get(client_id)
-        if blob is None:
+        node's claim then failed (``Broker.deliver_moved``): kept (``kept_moved``) and queued after
+        the own messages of the state the next claim here returns, or that a take-back takes: the
+        kept state, or the previous node's copy of its export when the client's retry asks it
+        again (its reply was lost, or the compare-and-swap failed). False when no claim of
+        ``client_id`` failed here after its takeover call."""
+        if client_id not in self.kept_moved and client_id not in self.kept:
             return False
-        state = decode_session_state(blob)
-        state.queued.extend(queued)
-        self.kept[client_id] = encode_session_state(state)
+        kept = self._kept_moved(client_id)
+        room = MAX_KEPT_MOVED - len(kept)
+        if room < len(queued):
+            log.warning(
+                "moved_messages_dropped",
+                extra={"client_id": client_id, "messages": len(queued) - max(room, 0), "reason": "bound"},
+            )
+        kept.extend(queued[: max(room, 0)])
         return True
 
     def _keep(self, client_id: str, state: bytes) -> None:

@@ -27,6 +27,7 @@ own) and share no retained messages or wills.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -53,6 +54,12 @@ PEER_INTEREST_WAIT = 5.0
 #: production. Not a ``FLUXMQ_`` variable: those are configuration keys.
 APPLY_DELAY_ENV = "FLUXMQTEST_PEER_APPLY_DELAY"
 
+#: TEST-ONLY environment variable: every Nth takeover this node asks for that hands a session over
+#: loses its answer on the way back (``losing_takeover_replies``): the owner exported the session,
+#: this node's claim fails (CONNACK 0x88) and the client retries, as after a takeover call that
+#: timed out on a loaded host. Never set it in production.
+LOSE_TAKEOVER_REPLY_ENV = "FLUXMQTEST_LOSE_TAKEOVER_REPLY_EVERY"
+
 _grpc_ready = False
 
 
@@ -72,6 +79,28 @@ def uses_etcd(config) -> bool:
     initial cluster), or there are no static peers to go by."""
     c = config.cluster
     return bool(c.etcd.endpoints or c.etcd.initial_cluster or not c.transport.peers)
+
+
+def losing_takeover_replies(call, environ=os.environ):
+    """The transport's ``call``, or, with ``LOSE_TAKEOVER_REPLY_ENV`` set (tests only), ``call``
+    raising instead of returning every Nth state a takeover brings back."""
+    every = int(environ.get(LOSE_TAKEOVER_REPLY_ENV) or 0)
+    if every <= 0:
+        return call
+    from .handover import TAKEOVER_KIND
+
+    log.warning(
+        "takeover_replies_lost", extra={"every": every, "reason": f"{LOSE_TAKEOVER_REPLY_ENV} (tests only)"}
+    )
+    states = itertools.count(1)
+
+    def call_losing(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
+        reply = call(node, kind, payload, timeout)
+        if kind == TAKEOVER_KIND and reply and next(states) % every == 0:
+            raise ConnectionError(f"the takeover's reply from {node} dropped ({LOSE_TAKEOVER_REPLY_ENV})")
+        return reply
+
+    return call_losing
 
 
 def delayed_apply(receive, environ=os.environ):
@@ -257,7 +286,7 @@ class ClusterNode:
             self.plane.attach_transport(self.transport)
             self.peers.sessions = ClusterSessions(
                 self.plane.meta,
-                self.transport.call,
+                losing_takeover_replies(self.transport.call),
                 drain=self.transport.drain,
                 markers=self.peers.markers,
             )

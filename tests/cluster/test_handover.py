@@ -475,3 +475,57 @@ def test_a_take_back_from_a_worker_that_does_not_answer_leaves_the_id_to_its_res
         if restarted is not None:
             restarted.stdin.close()
             restarted.wait(timeout=30)
+
+
+def test_what_the_stand_in_forwarded_to_a_claim_that_failed_reaches_the_clients_retry(
+    cluster: Cluster,
+) -> None:
+    """B's claim failed after A handed the session over (no quorum for the compare-and-swap): B
+    refuses the client (0x88) and keeps the state; A's stand-in forwards to B what A gets meanwhile.
+    The client's retry on B asks A again (the registry still names A), which answers with the copy
+    of its export: what B kept beside that state is not dropped with it."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    _claim_fails_after_the_handover(cluster, a, b)
+    cluster.registry.down = False
+    a.publish(Message("t", b"meanwhile", 1))  # A's stand-in forwards it to B, which keeps it
+    gevent.sleep(0.01)
+    new, d, present = connect(b, "c1")  # the client retries
+    assert present and set(new.subscriptions) == {"t"} and cluster.registry.owners["c1"] == "B"
+    assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 1)]
+
+
+def test_what_the_stand_in_forwarded_after_a_lost_takeover_reply_reaches_the_clients_retry(
+    cluster: Cluster,
+) -> None:
+    """A handed the session over but its reply never reached B: B refuses the client (0x88) with no
+    state to keep, while A's stand-in forwards to B what A gets meanwhile. The client's retry takes
+    the state again from A (the copy of its export): what was forwarded meanwhile is in it."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, old, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        b.open_session("c1", False, 3600)
+    assert old.closed_with == 0x8E and "c1" not in a.sessions and cluster.registry.owners["c1"] == "A"
+    a.publish(Message("t", b"meanwhile", 1))  # A's stand-in forwards it to B
+    gevent.sleep(0.01)
+    new, d, present = connect(b, "c1")  # the client retries
+    assert present and set(new.subscriptions) == {"t"} and cluster.registry.owners["c1"] == "B"
+    assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 1)]
+
+
+def test_the_stand_in_lasts_a_grace_from_the_clients_retry_after_a_failed_claim(cluster: Cluster) -> None:
+    """B's claim failed after A's export; the client's retry on B asks A again: A's stand-in lasts a
+    grace from that second answer (the new claim, its import and its interest reaching the peers
+    come after it), not from the first export, so what still reaches A then goes to the session."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    a.moved_forward_for = 0.05  # the first export's grace
+    _claim_fails_after_the_handover(cluster, a, b)
+    cluster.registry.down = False
+    a.moved_forward_for = 60.0  # the retry's
+    new, d, present = connect(b, "c1")  # the client retries: A answers again
+    assert present and cluster.registry.owners["c1"] == "B"
+    gevent.sleep(0.1)  # past the first export's grace
+    a.publish(Message("t", b"late", 1))  # a peer that does not know B's interest yet sent it to A
+    gevent.sleep(0.01)
+    assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 1)]

@@ -304,3 +304,21 @@ def test_a_groups_share_forwarded_to_the_taking_node_reaches_the_session_by_its_
     assert b.deliver_moved(share) == 1
     [entry] = session.inflight.values()
     assert entry.message.payload == b"f1" and entry.qos == 1 and not entry.subscription_ids
+
+
+def test_a_stand_in_asked_again_by_the_claims_retry_counts_the_markers_of_the_retried_move() -> None:
+    """B's claim failed after A's export (no marker of that move is ever sent); the client's retry
+    asks A again with a new token and B announces that move. A's stand-in counts its markers: after
+    P's it forwards nothing more of P's (P sends it to B itself: at QoS 2 a second copy) and it
+    ends once every node's is in, not at the end of its grace."""
+    a, peers, sent, streams = old_node()
+    again = "B/2/2"
+    assert a.export_session("c1", "B", sent.append, peers.markers.move_out(again))
+
+    def marker(kind: str) -> Outgoing:
+        return marker_item(encode_marker(kind, again, "A", "B"))
+
+    streams.apply("B", marker(SWITCH), marker(REQUEST))  # B's own publishes go to B; A counts itself
+    streams.apply("P", Message("t/1", b"p1", 2), marker(APPLIED), Message("t/1", b"p2", 2))
+    assert forwarded(sent) == [b"p1"]
+    assert "c1" not in a._moved and "t/#" not in a._interest

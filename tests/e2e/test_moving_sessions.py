@@ -139,12 +139,38 @@ def run_moves(
         _collect(sub, got, topic, 0.5)
     _collect(sub, got, topic, 0.5)  # a late second copy
     sub.disconnect()
-    moves = sum(len(re.findall(rf"session_imported.*{re.escape(cid)}", text)) for text in moves_in())
+    texts = moves_in()
+    moves = sum(len(re.findall(rf"session_imported.*{re.escape(cid)}", text)) for text in texts)
     twice = sorted(n for n, k in collections.Counter(got).items() if k > 1)
+    missing = sorted(set(range(sent)) - set(got))
     print(
-        f"moves: qos {qos}, shared {shared}, sent {sent}, moves {moves}, lost {len(set(range(sent)) - set(got))}, twice {len(twice)}"
+        f"moves: qos {qos}, shared {shared}, sent {sent}, moves {moves}, lost {len(missing)}, twice {len(twice)}"
     )
-    return sent, moves, sorted(set(range(sent)) - set(got)), twice
+    if missing:
+        _explain(texts, cid, got, missing)
+    return sent, moves, missing, twice
+
+
+#: the log events of a move (the subscribing nodes'), printed when numbers are lost
+MOVE_EVENTS = re.compile(
+    r"session_(imported|exported|export_repeated)|moved_|takeover_|gate|connect_refused|peer_(removed|connected|added)"
+)
+
+
+def _explain(texts: list[str], cid: str, got: list[int], missing: list[int]) -> None:
+    """Print what explains a loss: the runs of missing numbers, the last number received before each
+    (the order in which the subscriber got them) and the move's log lines of each subscribing node,
+    ``n`` of the node's log (``moves_in`` order)."""
+    runs, start = [], missing[0]
+    for a, b in zip(missing, missing[1:] + [None], strict=True):
+        if b != a + 1:
+            runs.append((start, a))
+            start = b
+    print(f"lost runs (first, last): {runs[:20]}; received: {len(got)}, last 10 {got[-10:]}")
+    for n, text in enumerate(texts):
+        lines = [line for line in text.splitlines() if cid in line or MOVE_EVENTS.search(line)]
+        print(f"-- node {n}: {len(lines)} move lines, the last 150:")
+        print("\n".join(line[:300] for line in lines[-150:]))
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
@@ -178,6 +204,28 @@ def test_a_session_moving_between_nodes_loses_no_message_and_doubles_no_qos2_one
     session), the publisher is on e3 (a third party: its messages reach the moving session through
     the interest e3 holds of e1 and e2). Shared: the session is a ``$share`` group's only member,
     e3 picks one node among the group's holders for each message."""
+    _moves_between_nodes(etcd_server, tmp_path, qos, shared)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_session_whose_claims_are_refused_after_the_handover_loses_no_message(
+    etcd_server, tmp_path, monkeypatch, qos: int, shared: bool
+) -> None:
+    """As above, with every third takeover reply e1 and e2 get dropped on the way back (TEST-ONLY
+    ``FLUXMQTEST_LOSE_TAKEOVER_REPLY_EVERY``: a call that timed out on a loaded host): the old node
+    exported the session, the claim fails (CONNACK 0x88) and the client retries on the same node,
+    which asks the old node again. What the old node's stand-in forwarded in between reaches the
+    session, and its stand-in counts the retried move's markers (none of the failed one's come):
+    on main a CI run lost 3,805 of 20,000 over 30 moves after two such refusals; here, on main,
+    5,361 of 20,000 (own) and 5,231 of 20,000 (shared) in runs of a few hundred to 2,400."""
+    from fluxmq.cluster.node import LOSE_TAKEOVER_REPLY_ENV
+
+    monkeypatch.setenv(LOSE_TAKEOVER_REPLY_ENV, "3")
+    _moves_between_nodes(etcd_server, tmp_path, qos, shared)
+
+
+def _moves_between_nodes(etcd_server, tmp_path, qos: int, shared: bool) -> None:
     factory = NodeFactory(tmp_path / "nodes")
     (tmp_path / "nodes").mkdir()
     cl = Cluster(factory, tmp_path, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["e1", "e2", "e3"])
