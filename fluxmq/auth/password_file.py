@@ -56,7 +56,7 @@ class PasswordHash:
             if len(parts) == 4 and parts[0] == "" and parts[1] == "6":
                 return cls(SHA512, 1, _b64decode(parts[2]), _b64decode(parts[3]))
             if len(parts) == 5 and parts[0] == "" and parts[1] == "7":
-                if not parts[2].isdigit() or int(parts[2]) < 1:
+                if not (parts[2].isascii() and parts[2].isdigit()) or int(parts[2]) < 1:
                     raise ValueError(f"bad iteration count {parts[2]!r}")
                 return cls(SHA512_PBKDF2, int(parts[2]), _b64decode(parts[3]), _b64decode(parts[4]))
         except (binascii.Error, UnicodeEncodeError):

@@ -138,6 +138,7 @@ def test_hash_password_matches_the_format_and_verifies() -> None:
         ("alice:plaintext", "not a $6$ or $7$"),
         ("alice:$7$abc$MDEy$MDEy", "bad iteration count"),
         ("alice:$7$0$MDEy$MDEy", "bad iteration count"),
+        ("alice:$7$\u00b2$MDEy$MDEy", "bad iteration count"),  # a digit to str.isdigit, not to int()
         ("alice:$6$not base64!$MDEy", "base64"),
         ("alice:$5$MDEy$MDEy", "not a $6$ or $7$"),
     ],
