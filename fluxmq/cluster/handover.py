@@ -13,7 +13,7 @@
   NUL [MQTT-1.5.4-2]). The taking node gates the imported session and marks its streams
   (``ClusterSessions.moving_in``, ``moved_in``; ``fluxmq.cluster.markers``); the old owner's
   stand-in counts the markers of that token and ends once every node's is in, or after its grace.
-* ``serve_handover(transport, broker)`` installs these handlers.
+* ``serve_handover(transport, broker, peers)`` installs these handlers.
 * ``ClusterSessions`` implements ``Peers.claim_session`` / ``release_session`` over an ownership
   registry (``acquire_session(client_id, take_from=None) -> previous owner | None``,
   ``release_session(client_id)``: etcd, ``fluxmq.cluster.metadata``) and a control RPC
@@ -102,7 +102,8 @@ def takeover_handler(
     and a token) or for a few seconds.
 
     ``take_kept`` (``ClusterSessions.take_kept``): with no session here, the state a failed claim of
-    this node keeps for the client (``ClusterSessions.kept``) is handed over instead. The node the
+    this node keeps for the client (``ClusterSessions.kept``) is handed over instead, or, with none,
+    what that claim kept of its move (``KEPT_MOVED_REPLY``: the asking node resumes its copy). The node the
     state came from took the session back from here (``claim_session``'s ``handed_to``), since the
     registry still names it: answered empty, it would start the client afresh and the kept state
     would be lost (or, at the client's next claim here, replace the session it lives on).
@@ -176,13 +177,17 @@ def moved_handler(
     return handle
 
 
-def serve_handover(transport, broker, markers=None, take_kept=None, handed_over=None, pass_back=None) -> None:
-    """Serve ``session.takeover`` (with the forwarding of what reaches the old node afterwards,
-    ended by the move's ``markers``; a failed claim's kept state, ``take_kept``; ``handed_over``
-    told of each state that left) and ``session.moved`` (``pass_back``: what reaches here after a
-    take-back took what a failed claim kept) for ``broker`` on ``transport``."""
+def serve_handover(transport, broker, peers=None) -> None:
+    """Serve ``session.takeover`` and ``session.moved`` for ``broker`` on ``transport``, with what
+    ``peers`` (``ClusterPeers``) has of them: the move's ``markers`` that end the forwarding of
+    what reaches the old node afterwards, ``take_kept`` (a failed claim's kept state),
+    ``handed_over`` (told of each state that left) and ``pass_back`` (what reaches here after a
+    take-back took what a failed claim kept)."""
+    markers = getattr(peers, "markers", None)
+    take_kept = getattr(peers, "take_kept", None)
+    handed_over = getattr(peers, "handed_over", None)
     transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call, markers, take_kept, handed_over))
-    transport.handle(MOVED_KIND, moved_handler(broker, pass_back))
+    transport.handle(MOVED_KIND, moved_handler(broker, getattr(peers, "pass_back", None)))
 
 
 class ClusterSessions:

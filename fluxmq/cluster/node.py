@@ -271,14 +271,7 @@ class ClusterNode:
             **extra,
         )
         self.peers.transport = self.transport
-        serve_handover(
-            self.transport,
-            broker,
-            self.peers.markers,
-            self.peers.take_kept,
-            self.peers.handed_over,
-            self.peers.pass_back,
-        )
+        serve_handover(self.transport, broker, self.peers)
         self.transport.handle(ADOPT_KIND, self._adopt)
         self.draining = False
         self.adopted_out = 0

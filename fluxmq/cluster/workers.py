@@ -245,14 +245,7 @@ class WorkerNode:
             drain=self.transport.drain,
             markers=self.peers.markers,
         )
-        serve_handover(
-            self.transport,
-            broker,
-            self.peers.markers,
-            self.peers.take_kept,
-            self.peers.handed_over,
-            self.peers.pass_back,
-        )
+        serve_handover(self.transport, broker, self.peers)
         self.transport.handle("retained.snapshot", self._serve_retained)
 
     def local(self) -> list[str]:
