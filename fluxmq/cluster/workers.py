@@ -141,14 +141,9 @@ class WorkerPeers(ClusterPeers):
         return local
 
     def claim_session(
-        self,
-        client_id: str,
-        clean_start: bool,
-        only_from: str | None = None,
-        handed_to: str | None = None,
-        exported: bytes | None = None,
+        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
     ) -> bytes | None:
-        return self.sessions.claim_session(client_id, clean_start, only_from, handed_to, exported)
+        return self.sessions.claim_session(client_id, clean_start, only_from, handed_to)
 
     def release_session(self, client_id: str) -> None:
         self.sessions.release_session(client_id)
@@ -245,7 +240,9 @@ class WorkerNode:
             drain=self.transport.drain,
             markers=self.peers.markers,
         )
-        serve_handover(self.transport, broker, self.peers)
+        serve_handover(
+            self.transport, broker, self.peers.markers, self.peers.take_kept, self.peers.handed_over
+        )
         self.transport.handle("retained.snapshot", self._serve_retained)
 
     def local(self) -> list[str]:
