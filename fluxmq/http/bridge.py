@@ -221,6 +221,14 @@ def allow_methods(environ: dict, methods: tuple[str, ...]) -> None:
         raise HTTPError(405, f"method {method} not allowed", {"Allow": allow_value(methods)})
 
 
+def acl_refusal(code: int, action: str, kind: str, name: str) -> HTTPError:
+    """The answer to an ACL check's refusal ``code``: 403 when not authorized (0x87), else 400 (the
+    topic caps)."""
+    if code == 0x87:
+        return HTTPError(403, f"not authorized to {action} {name!r}")
+    return HTTPError(400, f"{kind} {name!r} is over limits.max_topic_*")
+
+
 def check_filters(filters: list[str]) -> None:
     """400 for a filter a subscription would refuse (what a HEAD on a stream checks: it opens none)."""
     for f in filters:
@@ -644,12 +652,7 @@ class HTTPBridge:
         if auth is not None:
             code = auth.check_publish(HTTP_CLIENT_ID, username, topic)
             if code:
-                raise HTTPError(
-                    403 if code == 0x87 else 400,
-                    f"not authorized to publish to {topic!r}"
-                    if code == 0x87
-                    else f"topic {topic!r} is over limits.max_topic_*",
-                )
+                raise acl_refusal(code, "publish to", "topic", topic)
 
     def _route(self, topic: str, payload: bytes, qos: int, retain: bool, props: dict | None) -> tuple:
         if len(payload) > self.settings.max_message_size:
@@ -838,12 +841,7 @@ class HTTPBridge:
             for f in filters:
                 code = auth.check_subscribe(client_id, username, f)
                 if code:
-                    raise HTTPError(
-                        403 if code == 0x87 else 400,
-                        f"not authorized to subscribe to {f!r}"
-                        if code == 0x87
-                        else f"filter {f!r} is over limits.max_topic_*",
-                    )
+                    raise acl_refusal(code, "subscribe to", "filter", f)
         # Checked after the ACL (which may wait on the HTTP service) and taken without a greenlet
         # switch in between, so concurrent requests cannot overshoot the bounds.
         self._check_stream_bounds(owner)
