@@ -8,6 +8,9 @@ stored message from an older version would bring it; the subscribers are real MQ
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 import pytest
 
 from fluxmq._core import codec as c
@@ -150,3 +153,20 @@ def test_a_retained_message_the_codec_refuses_does_not_cost_the_subscribe(server
     server.broker.publish(Message("r/good", b"good", 0))
     assert sub.expect(c.Publish).payload == b"good"
     assert server.broker.stats.drops == {"unencodable": 1}
+
+
+def test_each_drop_is_counted_and_logged_at_most_once_a_minute_per_client(
+    server: InProcessListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    client_id = f"logged-{uuid.uuid4().hex}"  # the log gate is per client id, for the process
+    sub = client(server, client_id)
+    sub.send(c.Subscribe(1, [c.Subscription("l/#", 0)]))
+    sub.expect(c.Suback)
+    with caplog.at_level(logging.WARNING, "fluxmq.protocol"):
+        for _ in range(3):
+            server.broker.publish(bad("l/bad", 0, BAD_PROPERTIES[0]))
+    still_connected(sub)
+    assert server.broker.stats.drops == {"unencodable": 3}
+    assert server.broker.sessions[client_id].dropped == 3
+    (record,) = [r for r in caplog.records if r.getMessage() == "unencodable"]
+    assert record.client_id == client_id and record.topic == "l/bad" and "surrogates" in record.error
