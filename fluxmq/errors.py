@@ -144,6 +144,12 @@ class StorageError(FluxMQError):
     """The storage backend cannot serve a request."""
 
 
+class MessageUnencodable(FluxMQError):
+    """A message one client's protocol cannot encode (a property value its encoder refuses, as a
+    string no UTF-8 encoder takes): raised by a ``Delivery.send_publish``; the session drops the
+    message for that client only (drop reason ``unencodable``) and keeps its connection."""
+
+
 class MalformedDatagram(FluxMQError):
     """A UDP datagram that is not a well-formed CoAP message (RFC 7252 §3); counted and dropped."""
 

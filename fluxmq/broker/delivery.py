@@ -30,8 +30,9 @@ class Delivery(Protocol):
         subscription_ids: tuple[int, ...] | None,
     ) -> bool:
         """Queue a PUBLISH for the client; False if it can never take it (over the client's maximum
-        packet size): the message is dropped for this client. Callers ask ``is_congested`` first.
-        Never blocks, never switches greenlets."""
+        packet size), ``MessageUnencodable`` if its protocol cannot encode it (a property value the
+        codec refuses): either way the message is dropped for this client, which stays connected.
+        Callers ask ``is_congested`` first. Never blocks, never switches greenlets."""
 
     def send_pubrel(self, packet_id: int) -> None:
         """Queue a PUBREL (QoS 2 outbound, second phase), used when resending after reconnect."""

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from fluxmq._core.broker_core import SessionCore
+from fluxmq.errors import MessageUnencodable
 from fluxmq.storage.base import Storage, StoredQueue
 from fluxmq.storage.queue import DiskQueue
 
@@ -228,6 +229,17 @@ class Session(SessionCore):
         self._stats.dropped(reason)
         self.dropped += 1
 
+    def _send(self, d: Delivery, message: Message, qos: int, retain: bool, pid: int, dup: bool, ids) -> bool:
+        """``d.send_publish``; False, the drop counted, for a message this client can never take:
+        over its Maximum Packet Size, or one its protocol cannot encode (``MessageUnencodable``)."""
+        try:
+            if d.send_publish(message, qos, retain, pid, dup, ids):
+                return True
+            self._drop("packet_too_large")
+        except MessageUnencodable:
+            self._drop("unencodable")
+        return False
+
     def deliver(self, message: Message, qos: int, retain: bool, subscription_ids) -> None:
         """Take one message for this client: send it now, queue it, or drop it by policy."""
         d = self.delivery
@@ -248,8 +260,7 @@ class Session(SessionCore):
                 self.pump()
             return
         if qos == 0:
-            if not d.send_publish(message, 0, retain, 0, False, subscription_ids):
-                self._drop("packet_too_large")
+            self._send(d, message, 0, retain, 0, False, subscription_ids)
             return
         if len(self.inflight) < self.send_quota:
             self._send_new(d, message, qos, retain, subscription_ids)
@@ -259,13 +270,13 @@ class Session(SessionCore):
     def _send_new(self, d: Delivery, message: Message, qos: int, retain: bool, subscription_ids) -> int:
         """Send a new QoS 1/2 PUBLISH; returns its packet id, or 0 when the client cannot take it."""
         pid = self._alloc_packet_id()
-        if d.send_publish(message, qos, retain, pid, False, subscription_ids):
+        if self._send(d, message, qos, retain, pid, False, subscription_ids):
             self.inflight[pid] = Inflight(message, qos, retain, subscription_ids)
             return pid
-        # Too large for this client (5.0 Maximum Packet Size): dropped for this client only. (A
-        # client that cannot take it *now*, congested or closing, never gets here: is_congested()
-        # sent the message to the queue.)
-        self._drop("packet_too_large")
+        # Too large for this client (5.0 Maximum Packet Size) or not encodable for it: dropped for
+        # this client only, never in flight (a persistent session's entry goes too: acknowledged
+        # and dropped). (A client that cannot take it *now*, congested or closing, never gets
+        # here: is_congested() sent the message to the queue.)
         return 0
 
     def send_tracked(self, message: Message) -> int:
@@ -280,11 +291,10 @@ class Session(SessionCore):
         while pid in inflight:
             pid = pid + 1 if pid < 65535 else 1
         self._next_pid = pid + 1 if pid < 65535 else 1
-        if d.send_publish(message, 1, False, pid, False, None):
+        if self._send(d, message, 1, False, pid, False, None):
             inflight[pid] = message  # its own in-flight entry (TrackedMessage): not stored, no Inflight
             return pid
-        self._drop("packet_too_large")  # too large for this client (5.0 Maximum Packet Size)
-        return 0
+        return 0  # too large for this client, or not encodable for it
 
     def can_take_tracked(self) -> bool:
         """True when ``send_tracked`` would send now."""
@@ -376,7 +386,7 @@ class Session(SessionCore):
             if self.reread is not None and not self._still_readable(message):
                 continue
             if qos == 0:
-                d.send_publish(message, 0, retain, 0, False, sub_ids)
+                self._send(d, message, 0, retain, 0, False, sub_ids)
             else:
                 self._send_new(d, message, qos, retain, sub_ids)
 
@@ -544,11 +554,8 @@ class Session(SessionCore):
                 continue  # acknowledged or handed over meanwhile
             if entry.released:
                 d.send_pubrel(pid)
-            elif not d.send_publish(
-                entry.message, entry.qos, entry.retain, pid, True, entry.subscription_ids
-            ):
+            elif not self._send(d, entry.message, entry.qos, entry.retain, pid, True, entry.subscription_ids):
                 self._forget_inflight(pid)
-                self._drop("packet_too_large")
         if not held:
             self.held = ()
 
@@ -751,7 +758,7 @@ class PersistentSession(Session):
                 store.queue_pop(cid, seq)
                 continue
             if qos == 0:
-                d.send_publish(message, 0, retain, 0, False, sub_ids)
+                self._send(d, message, 0, retain, 0, False, sub_ids)
                 store.queue_pop(cid, seq)
                 continue
             pid = Session._send_new(self, d, message, qos, retain, sub_ids)

@@ -40,6 +40,9 @@ Reliability:
   observation of such a peer sends its first notification as CON and nothing more until it is ACKed.
 * **Rates.** Requests per source IP are limited by ``limits.publish_rate`` / ``publish_burst``;
   over it a CON gets 4.29 (RFC 8516) and a NON is dropped.
+* **Bounded blocks.** Block1 parts received and Block2 representations sent are kept per peer in
+  a ``PeerBodies`` each: bounded per peer, in bytes and peers in all, and forgotten once the peer
+  is silent for EXCHANGE_LIFETIME.
 """
 
 from __future__ import annotations
@@ -72,11 +75,11 @@ from fluxmq.errors import (
 from . import codec
 from .codec import CoapMessage
 from .observation import Observation
+from .peer_bodies import EXCHANGE_LIFETIME, PeerBodies
 from .settings import ACK_RANDOM_FACTOR, CoapSettings
 
 log = logging.getLogger("fluxmq.coap")
 
-EXCHANGE_LIFETIME = 247.0
 MAX_EXCHANGES = 65536  # de-duplication entries kept (oldest forgotten first)
 MAX_CACHED_RESPONSE = 512  # larger answers (Block2 reads) are re-computed for a duplicate: GET is safe
 CON_EVERY = 24  # RFC 7641 §4.5: a CON notification at least every 24 hours or so; here every 24 messages
@@ -114,18 +117,6 @@ class Transport(Protocol):
 
     def sendto(self, data: bytes, peer: Any) -> None:
         """Send one datagram to ``peer``; never raises for a peer that went away."""
-
-
-class _Transfers:
-    """One peer's Block1 transfers in progress: request key -> body so far, when the peer last sent
-    a block, and the bytes held."""
-
-    __slots__ = ("bodies", "used", "held")
-
-    def __init__(self, bodies: dict[tuple, bytearray], used: float, held: int) -> None:
-        self.bodies = bodies
-        self.used = used
-        self.held = held
 
 
 class CoapRefusal(Exception):
@@ -172,11 +163,10 @@ class CoapBridge:
         self.observations: dict[tuple, Observation] = {}  # (transport, peer, token) -> observation
         self.observers_per_peer: dict[tuple, int] = {}
         self.notification_mids: OrderedDict[tuple, Observation] = OrderedDict()  # (transport, peer, mid)
-        # peer key -> its transfers in progress (least recently used first; none empty)
-        self.reassembly: OrderedDict[tuple, _Transfers] = OrderedDict()
-        self.reassembly_bytes = 0
-        self.representations: OrderedDict[tuple, OrderedDict] = OrderedDict()  # peer key -> path -> body
-        self.representation_bytes = 0
+        # peer key -> its Block1 transfers in progress (request key -> body so far)
+        self.reassembly = PeerBodies(MAX_REASSEMBLY_BYTES, MAX_RATE_ADDRESSES)
+        # peer key -> path -> the representation its later Block2 blocks are served from
+        self.representations = PeerBodies(MAX_REPRESENTATION_BYTES, MAX_RATE_ADDRESSES)
         self.rates: OrderedDict[str, TokenBucket] = OrderedDict()
         self.commit_waiters = Pool(COMMIT_WAITERS)
         self._mid = int.from_bytes(os.urandom(2), "big")
@@ -408,28 +398,16 @@ class CoapBridge:
         return limit
 
     def _representation(self, peer_key: tuple, path_key: str) -> bytes | None:
-        reps = self.representations.get(peer_key)
-        return None if reps is None else reps.get(path_key)
+        return self.representations.get(peer_key, path_key, time.monotonic())
 
     def _keep_representation(self, peer_key: tuple, path_key: str, body: bytes) -> None:
-        reps = self.representations.get(peer_key)
-        if reps is None:
-            reps = self.representations[peer_key] = OrderedDict()
-        else:
-            self.representations.move_to_end(peer_key)
-        old = reps.pop(path_key, None)
-        if old is not None:
-            self.representation_bytes -= len(old)
+        now = time.monotonic()
+        reps = self.representations.take(peer_key, now)
+        reps.pop(path_key, None)
         reps[path_key] = body
-        self.representation_bytes += len(body)
         while len(reps) > MAX_REPRESENTATIONS_PER_PEER:
-            self.representation_bytes -= len(reps.popitem(last=False)[1])
-        while (
-            self.representation_bytes > MAX_REPRESENTATION_BYTES
-            or len(self.representations) > MAX_RATE_ADDRESSES
-        ) and len(self.representations) > 1:
-            _, dropped = self.representations.popitem(last=False)
-            self.representation_bytes -= sum(len(b) for b in dropped.values())
+            del reps[next(iter(reps))]  # the peer's oldest
+        self.representations.put(peer_key, reps, now)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -600,34 +578,13 @@ class CoapBridge:
         """The whole payload (RFC 7959 Block1), None after answering 2.31 for a non-final block.
         Reassembly memory is bounded per peer (``max_reassembly_bytes``) and by the message size; a
         peer's entry goes with its last transfer, and every peer's together are bounded
-        (``_bound_reassembly``)."""
+        (``PeerBodies``)."""
         now = time.monotonic()
-        transfers = self.reassembly.pop(req.key, None)  # back in at the end: most recently used
-        bodies = transfers.bodies if transfers is not None else {}
+        bodies = self.reassembly.take(req.key, now)  # back in at the end: most recently used
         try:
             return self._reassemble_into(bodies, req, topic)
         finally:
-            held = sum(len(b) for b in bodies.values())
-            self.reassembly_bytes += held - (transfers.held if transfers is not None else 0)
-            if bodies:
-                self.reassembly[req.key] = _Transfers(bodies, now, held)
-            self._bound_reassembly(now)
-
-    def _bound_reassembly(self, now: float) -> None:
-        """Drop the transfers of the least recently used peers while every peer's together hold more
-        than ``MAX_REASSEMBLY_BYTES`` or ``MAX_RATE_ADDRESSES`` peers, and those of a peer silent for
-        ``EXCHANGE_LIFETIME`` (a client that went away in the middle of a transfer)."""
-        reassembly = self.reassembly
-        while reassembly:
-            first = next(iter(reassembly.values()))
-            if (
-                first.used > now - EXCHANGE_LIFETIME
-                and self.reassembly_bytes <= MAX_REASSEMBLY_BYTES
-                and len(reassembly) <= MAX_RATE_ADDRESSES
-            ):
-                return
-            reassembly.popitem(last=False)
-            self.reassembly_bytes -= first.held
+            self.reassembly.put(req.key, bodies, now)
 
     def _reassemble_into(self, peer_bodies: dict[tuple, bytearray], req: Request, topic: str) -> bytes | None:
         msg = req.msg
@@ -906,7 +863,8 @@ class CoapBridge:
         while True:
             gevent.sleep(min(0.25, self.settings.ack_timeout / 4))
             now = time.monotonic()
-            self._bound_reassembly(now)
+            self.reassembly.bound(now)
+            self.representations.bound(now)
             for obs in list(self.awaiting_ack):
                 pending = obs.pending_con
                 if pending is None or obs.closed:

@@ -55,7 +55,7 @@ from fluxmq.http.dashboard import PREFIX as DASHBOARD_PREFIX
 from fluxmq.http.dashboard import DashboardFiles
 from fluxmq.http.health import cluster_status_body, raft_groups
 from fluxmq.http.monitor import TopicMonitor
-from fluxmq.http.router import json_response
+from fluxmq.http.router import allow_value, answer_head, json_response
 from fluxmq.http.walk import SLICE, page, session_totals, sorted_sessions
 
 log = logging.getLogger("fluxmq.http.admin")
@@ -300,13 +300,16 @@ class AdminAPI:
         return {"server.admin.token_file", "server.admin.allowed_hosts"}
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        return answer_head(self._serve, environ, start_response)  # HEAD: a GET without its body
+
+    def _serve(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         try:
             self._check_browser(environ)
             segments = self._segments(environ)
             if segments[0] == DASHBOARD_PREFIX:  # public static files: the page asks for the token
                 return self.dashboard(environ, start_response, segments)
             if segments == [""]:
-                allow_methods(environ, ("GET", "HEAD"))
+                allow_methods(environ, ("GET",))
                 return json_response(
                     start_response,
                     302,
@@ -384,7 +387,7 @@ class AdminAPI:
                 return handler(environ, args)
             allowed.append(route_method)
         if allowed:
-            raise HTTPError(405, f"method {method} not allowed", {"Allow": ", ".join(allowed)})
+            raise HTTPError(405, f"method {method} not allowed", {"Allow": allow_value(allowed)})
         raise HTTPError(404, "not found")
 
     def _spec(self, environ: dict, start_response: Callable) -> list[bytes]:

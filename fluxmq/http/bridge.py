@@ -58,6 +58,7 @@ import gevent
 from gevent.event import Event
 from gevent.socket import wait_read
 
+from fluxmq._core.trie import validate_filter
 from fluxmq.broker.broker import Broker
 from fluxmq.broker.held import settled_nothing, wait_held
 from fluxmq.broker.message import (
@@ -71,7 +72,7 @@ from fluxmq.broker.message import (
 )
 from fluxmq.broker.prefixes import is_settlement
 from fluxmq.errors import QueueRefused, QuotaExceeded, StorageError, TopicFilterInvalid, TopicNameInvalid
-from fluxmq.http.router import Router, json_response
+from fluxmq.http.router import HEAD_REQUEST, Router, allow_value, json_response
 
 log = logging.getLogger("fluxmq.http.bridge")
 
@@ -217,7 +218,24 @@ def allow_methods(environ: dict, methods: tuple[str, ...]) -> None:
     """405 with ``Allow`` unless the request's method is one of ``methods``."""
     method = environ.get("REQUEST_METHOD", "GET").upper()
     if method not in methods:
-        raise HTTPError(405, f"method {method} not allowed", {"Allow": ", ".join(methods)})
+        raise HTTPError(405, f"method {method} not allowed", {"Allow": allow_value(methods)})
+
+
+def acl_refusal(code: int, action: str, kind: str, name: str) -> HTTPError:
+    """The answer to an ACL check's refusal ``code``: 403 when not authorized (0x87), else 400 (the
+    topic caps)."""
+    if code == 0x87:
+        return HTTPError(403, f"not authorized to {action} {name!r}")
+    return HTTPError(400, f"{kind} {name!r} is over limits.max_topic_*")
+
+
+def check_filters(filters: list[str]) -> None:
+    """400 for a filter a subscription would refuse (what a HEAD on a stream checks: it opens none)."""
+    for f in filters:
+        try:
+            validate_filter(f)
+        except TopicFilterInvalid as exc:
+            raise HTTPError(400, f"invalid topic filter: {exc.reason}") from None
 
 
 def one_param(params: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
@@ -634,12 +652,7 @@ class HTTPBridge:
         if auth is not None:
             code = auth.check_publish(HTTP_CLIENT_ID, username, topic)
             if code:
-                raise HTTPError(
-                    403 if code == 0x87 else 400,
-                    f"not authorized to publish to {topic!r}"
-                    if code == 0x87
-                    else f"topic {topic!r} is over limits.max_topic_*",
-                )
+                raise acl_refusal(code, "publish to", "topic", topic)
 
     def _route(self, topic: str, payload: bytes, qos: int, retain: bool, props: dict | None) -> tuple:
         if len(payload) > self.settings.max_message_size:
@@ -760,7 +773,10 @@ class HTTPBridge:
             peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
             username = self._authenticate(environ)
             owner = f"user:{username}" if username is not None else f"addr:{environ.get('REMOTE_ADDR', '')}"
-            body = self._open_stream(filters, peer, username, owner, environ.get("gunicorn.socket"))
+            if HEAD_REQUEST in environ:  # the GET's checks and headers, no stream
+                body = self._check_head(filters, username, owner)
+            else:
+                body = self._open_stream(filters, peer, username, owner, environ.get("gunicorn.socket"))
         except HTTPError as err:
             self._count("subscribe", err.status)
             return json_response(start_response, *err.response())
@@ -788,19 +804,7 @@ class HTTPBridge:
         client_id = SSE_CLIENT_PREFIX + uuid.uuid4().hex
         auth = broker.auth
         try:
-            if auth is not None:
-                for f in filters:
-                    code = auth.check_subscribe(client_id, username, f)
-                    if code:
-                        raise HTTPError(
-                            403 if code == 0x87 else 400,
-                            f"not authorized to subscribe to {f!r}"
-                            if code == 0x87
-                            else f"filter {f!r} is over limits.max_topic_*",
-                        )
-            # Checked after the ACL (which may wait on the HTTP service) and taken without a greenlet
-            # switch in between, so concurrent requests cannot overshoot the bounds.
-            self._check_stream_bounds(owner)
+            self._check_stream(client_id, filters, username, owner)
         except HTTPError:
             if auth is not None:
                 auth.forget(client_id)  # the checks compiled this one-off client id's ACL
@@ -829,6 +833,29 @@ class HTTPBridge:
                 broker.deliver_retained(session, result)
         log.debug("sse_open", extra={"client_id": client_id, "peer": peer, "filters": ",".join(filters)})
         return StreamBody(self._end_stream, stream, session, settings.sse_heartbeat, sock)
+
+    def _check_stream(self, client_id: str, filters: list[str], username: str | None, owner: str) -> None:
+        """What a stream must pass before it opens: the user's ACL for each filter, then the bounds."""
+        auth = self.broker.auth
+        if auth is not None:
+            for f in filters:
+                code = auth.check_subscribe(client_id, username, f)
+                if code:
+                    raise acl_refusal(code, "subscribe to", "filter", f)
+        # Checked after the ACL (which may wait on the HTTP service) and taken without a greenlet
+        # switch in between, so concurrent requests cannot overshoot the bounds.
+        self._check_stream_bounds(owner)
+
+    def _check_head(self, filters: list[str], username: str | None, owner: str) -> list[bytes]:
+        """HEAD /subscribe: the checks of the GET (filters, ACL, bounds) without opening a stream."""
+        check_filters(filters)
+        client_id = SSE_CLIENT_PREFIX + uuid.uuid4().hex
+        try:
+            self._check_stream(client_id, filters, username, owner)
+        finally:
+            if self.broker.auth is not None:
+                self.broker.auth.forget(client_id)
+        return []
 
     def _check_stream_bounds(self, owner: str) -> None:
         settings = self.settings

@@ -17,8 +17,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from fluxmq.errors import TopicFilterInvalid
-from fluxmq.http.bridge import HTTPError, SSEStream, StreamBody, allow_methods, one_param, query
-from fluxmq.http.router import json_response
+from fluxmq.http.bridge import (
+    HTTPError,
+    SSEStream,
+    StreamBody,
+    allow_methods,
+    check_filters,
+    one_param,
+    query,
+)
+from fluxmq.http.router import HEAD_REQUEST, json_response
 
 log = logging.getLogger("fluxmq.http.monitor")
 
@@ -64,7 +72,11 @@ class TopicMonitor:
                     429, f"too many monitor streams ({self.max_streams}) are open", {"Retry-After": "5"}
                 )
             peer = f"{environ.get('REMOTE_ADDR', '')}:{environ.get('REMOTE_PORT', '')}"
-            body = self.open(broker, filters, peer, retained == "true", environ.get("gunicorn.socket"))
+            if HEAD_REQUEST in environ:  # the GET's checks and headers, no stream
+                check_filters(filters)
+                body = []
+            else:
+                body = self.open(broker, filters, peer, retained == "true", environ.get("gunicorn.socket"))
         except HTTPError as err:
             return json_response(start_response, *err.response())
         start_response(

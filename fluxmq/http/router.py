@@ -3,6 +3,9 @@
 The node serves several small HTTP surfaces (health now; metrics, admin and the bridge later),
 each on the listener its config names. Every surface is a ``Router``; a listener that hosts more
 than one mounts them into another ``Router`` instead of growing one monolithic app.
+
+Every GET route answers HEAD too (RFC 9110 §9.3.2: the same status and headers, no body), through
+``answer_head`` around each surface, and every ``Allow`` lists HEAD beside GET (``allow_value``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,35 @@ from typing import Any
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 JSONHandler = Callable[[dict], tuple]  # (status, body) or (status, body, headers)
+#: set in the environ of a HEAD request that ``answer_head`` serves as its GET: a streaming route
+#: answers with its headers and opens no stream
+HEAD_REQUEST = "fluxmq.head"
+
+
+def answer_head(app: WSGIApp, environ: dict, start_response: Callable) -> Iterable[bytes]:
+    """``app``'s answer to the request; a HEAD request is served as its GET without the body (the
+    status, ``Content-Type`` and ``Content-Length`` of the GET). ``app`` calls ``start_response``
+    before it returns (every surface here does); a body it returns is closed unread."""
+    if environ.get("REQUEST_METHOD", "GET").upper() != "HEAD" or HEAD_REQUEST in environ:
+        return app(environ, start_response)
+    environ["REQUEST_METHOD"] = "GET"
+    environ[HEAD_REQUEST] = True
+    body = app(environ, start_response)
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
+    return []
+
+
+def allow_value(methods: Iterable[str]) -> str:
+    """An ``Allow`` header for ``methods``: HEAD follows GET (``answer_head`` serves it)."""
+    methods = tuple(methods)
+    out: list[str] = []
+    for method in methods:
+        out.append(method)
+        if method == "GET" and "HEAD" not in methods:
+            out.append("HEAD")
+    return ", ".join(out)
 
 
 def json_response(
@@ -34,7 +66,8 @@ class Router:
     ``add(path, handler)`` serves one exact path with a JSON handler ``handler(environ) -> (status,
     body)`` or ``(status, body, headers)``; ``mount(prefix, app)`` hands every path under ``prefix``
     to another WSGI app unchanged.
-    Unknown paths get a 404 JSON body, a method the route does not allow a 405 with ``Allow``.
+    Unknown paths get a 404 JSON body, a method the route does not allow a 405 with ``Allow``; a
+    HEAD request is answered as its GET without the body (``answer_head``).
     """
 
     def __init__(self) -> None:
@@ -55,6 +88,9 @@ class Router:
         return sorted([*self._routes, *(prefix for prefix, _ in self._mounts)])
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        return answer_head(self._serve, environ, start_response)
+
+    def _serve(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         route = self._routes.get(path)
         if route is not None:
@@ -65,7 +101,7 @@ class Router:
                     start_response,
                     405,
                     {"error": "method not allowed", "method": method, "path": path},
-                    {"Allow": ", ".join(methods)},
+                    {"Allow": allow_value(methods)},
                 )
             result = handler(environ)
             return json_response(start_response, result[0], result[1], result[2] if len(result) > 2 else None)

@@ -41,7 +41,7 @@ from fluxmq.broker.broker import Broker
 from fluxmq.broker.message import Message, TrackedMessage
 from fluxmq.broker.session import Inflight, PersistentSession, Session
 from fluxmq.broker.stats import LATENCY_SAMPLE_MASK
-from fluxmq.errors import MQTTError, ProtocolError, StorageError
+from fluxmq.errors import MalformedPacket, MQTTError, ProtocolError, StorageError
 
 from ._hub_read import HUB_READS, ConnectionCore, set_relay
 from .close_signal import _Close
@@ -61,6 +61,11 @@ from .parking import _PINGRESP, Parking
 from .settings import ProtocolSettings
 
 log = logging.getLogger("fluxmq.protocol")
+
+#: the DISCONNECT reason codes of MQTT 5.0 (Table 3-10): a client may use no other [MQTT-3.14.2-1]
+DISCONNECT_REASON_CODES = frozenset(
+    (0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90) + tuple(range(0x93, 0xA3))
+)
 
 # Input bytes a connection handles before it lets the hub run. gevent's recv returns without
 # switching while data is ready, so a client that never pauses would otherwise keep the hub to
@@ -642,6 +647,12 @@ class MQTTConnection(
         self._write(_PINGRESP)
 
     def _on_disconnect(self, p) -> None:
+        if self.version == 5 and p.reason_code not in DISCONNECT_REASON_CODES:
+            # [MQTT-3.14.2-1]: a Malformed Packet, answered DISCONNECT 0x81 [MQTT-4.13.1-1]; no
+            # normal disconnection either, so the will is published [MQTT-3.1.2-8].
+            raise MalformedPacket(
+                f"DISCONNECT reason code {p.reason_code:#04x} is not a DISCONNECT reason code"
+            )
         expiry = p.properties.get(c.SESSION_EXPIRY_INTERVAL) if self.version == 5 and p.properties else None
         if expiry is not None and expiry != 0 and self.session.expiry_interval == 0:
             # MQTT 5.0 3.14.2.2.2. Checked before the will is discarded: a DISCONNECT that is a

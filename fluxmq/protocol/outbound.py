@@ -9,9 +9,18 @@ acks with a reason code (``_ack5``, ``_ack5_bytes``), ``_write_v5`` / ``_encode_
 
 from __future__ import annotations
 
+import logging
+
 from fluxmq._core import codec as c
 from fluxmq._core.codec import append_publish, encode, encode_publish
+from fluxmq.auth.limits import LogGate
 from fluxmq.broker.message import WIRE_V5_QOS1, Message
+from fluxmq.errors import MessageUnencodable
+
+log = logging.getLogger("fluxmq.protocol")
+
+#: ``unencodable`` is logged at most once a minute per client (every drop is counted)
+_UNENCODABLE_LOG = LogGate(60.0)
 
 # Reason strings of the acknowledgement reason codes the broker sends.
 _ACK_REASONS = {
@@ -31,52 +40,72 @@ class Outbound:
         self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool, subscription_ids
     ) -> bool:
         # The session asked is_congested() first, which is True once closed.
-        if self.version == 5:
-            cache = message.wire_cache
-            if (
-                cache is not None
-                and qos == 1
-                and not retain
-                and subscription_ids is None
-                and self._aliases_out is None
-                and message.expires_at is None
-            ):
-                # _publish_bytes_v5's common shape with its encoding made already (a durable
-                # queue's delivery brings it): no lookup of anything else
-                data = cache.get(WIRE_V5_QOS1)
-                if data is not None and (not self._client_max_packet or len(data) <= self._client_max_packet):
-                    append_publish(self.out, data, packet_id, dup)
-                    self._npk += 1
-                    if not self._dirty:
-                        self._dirty = True
-                        self.flusher.mark(self)
-                    return True
-            data = self._publish_bytes_v5(message, qos, retain, subscription_ids)
-            if data is None:
-                return False
-        else:
-            key = qos * 2 + retain
-            cache = message.wire_cache
-            if cache is None:  # the first delivery of this message: encode, no lookup
-                data = encode_publish(
-                    message.topic, message.payload, qos, retain, False, 1 if qos else 0, None, 4
-                )
-                message.wire_cache = {key: data}
-            else:
-                data = cache.get(key)
+        try:
+            if self.version == 5:
+                cache = message.wire_cache
+                if (
+                    cache is not None
+                    and qos == 1
+                    and not retain
+                    and subscription_ids is None
+                    and self._aliases_out is None
+                    and message.expires_at is None
+                ):
+                    # _publish_bytes_v5's common shape with its encoding made already (a durable
+                    # queue's delivery brings it): no lookup of anything else
+                    data = cache.get(WIRE_V5_QOS1)
+                    if data is not None and (
+                        not self._client_max_packet or len(data) <= self._client_max_packet
+                    ):
+                        append_publish(self.out, data, packet_id, dup)
+                        self._npk += 1
+                        if not self._dirty:
+                            self._dirty = True
+                            self.flusher.mark(self)
+                        return True
+                data = self._publish_bytes_v5(message, qos, retain, subscription_ids)
                 if data is None:
-                    data = cache[key] = encode_publish(
+                    return False
+            else:
+                key = qos * 2 + retain
+                cache = message.wire_cache
+                if cache is None:  # the first delivery of this message: encode, no lookup
+                    data = encode_publish(
                         message.topic, message.payload, qos, retain, False, 1 if qos else 0, None, 4
                     )
-        if qos:
-            append_publish(self.out, data, packet_id, dup)
-        else:
-            self.out += data
-        self._npk += 1
-        if not self._dirty:
-            self._dirty = True
-            self.flusher.mark(self)
-        return True
+                    message.wire_cache = {key: data}
+                else:
+                    data = cache.get(key)
+                    if data is None:
+                        data = cache[key] = encode_publish(
+                            message.topic, message.payload, qos, retain, False, 1 if qos else 0, None, 4
+                        )
+            if qos:
+                append_publish(self.out, data, packet_id, dup)
+            else:
+                self.out += data
+            self._npk += 1
+            if not self._dirty:
+                self._dirty = True
+                self.flusher.mark(self)
+            return True
+        except (ValueError, TypeError, OverflowError) as exc:  # a value the codec refuses
+            raise self._unencodable(message, exc) from exc
+
+    def _unencodable(self, message: Message, exc: Exception) -> MessageUnencodable:
+        """Log (at most once a minute per client) a message the codec refused for this client."""
+        held = _UNENCODABLE_LOG.let_through(self.client_id)
+        if held is not None:
+            log.warning(
+                "unencodable",
+                extra={
+                    "client_id": self.client_id,
+                    "topic": message.topic.encode("utf-8", "backslashreplace").decode(),
+                    "error": str(exc)[:200],
+                    "held_back": held,
+                },
+            )
+        return MessageUnencodable(str(exc))
 
     def _publish_bytes_v5(self, message: Message, qos: int, retain: bool, subscription_ids):
         expiry = message.remaining_expiry() if message.expires_at is not None else None

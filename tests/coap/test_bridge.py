@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
-from fluxmq.coap import bridge as coap_bridge
 from fluxmq.coap import codec
-from fluxmq.coap.bridge import CON_EVERY, EXCHANGE_LIFETIME, CoapBridge
+from fluxmq.coap.bridge import CON_EVERY, EXCHANGE_LIFETIME, MAX_REPRESENTATIONS_PER_PEER, CoapBridge
 from fluxmq.coap.codec import CoapMessage
 from fluxmq.coap.settings import CoapSettings
 from fluxmq.protocol.flush import FlushScheduler
@@ -324,7 +323,7 @@ def test_block1_reassembly_is_bounded_per_peer() -> None:
         t,
     )
     assert [m.code for m in t.messages()] == [codec.CONTINUE, codec.CONTINUE, codec.REQUEST_ENTITY_TOO_LARGE]
-    assert ("test", PEER) not in b.reassembly and b.reassembly_bytes == 0
+    assert ("test", PEER) not in b.reassembly and b.reassembly.bytes == 0
     b.datagram(
         req(
             codec.CON,
@@ -351,7 +350,7 @@ def block1(mid: int, num: int, more: bool, payload: bytes = b"x" * 1024) -> byte
     )
 
 
-def test_block1_transfers_of_gone_peers_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_block1_transfers_of_gone_peers_are_not_kept() -> None:
     """Each peer (a CoAP client's address and port) that starts a Block1 transfer and goes away, or
     whose transfer is refused or done, leaves nothing behind once it is over, abandoned past
     ``EXCHANGE_LIFETIME``, or pushed out by the bound on every peer's bodies together."""
@@ -366,14 +365,59 @@ def test_block1_transfers_of_gone_peers_are_not_kept(monkeypatch: pytest.MonkeyP
             b.datagram(block1(2, 5, True), peer, t)  # out of order: refused (4.08)
     codes = [m.code for m in t.messages()]
     assert codes.count(codec.CHANGED) == 34 and codes.count(codec.REQUEST_ENTITY_INCOMPLETE) == 33
-    assert len(b.reassembly) == 33 and b.reassembly_bytes == 33 * 1024  # the abandoned ones, for now
-    b._bound_reassembly(time.monotonic() + EXCHANGE_LIFETIME + 1)
-    assert len(b.reassembly) == 0 and b.reassembly_bytes == 0
-    monkeypatch.setattr(coap_bridge, "MAX_REASSEMBLY_BYTES", 10 * 1024)
+    assert len(b.reassembly) == 33 and b.reassembly.bytes == 33 * 1024  # the abandoned ones, for now
+    b.reassembly.bound(time.monotonic() + EXCHANGE_LIFETIME + 1)
+    assert len(b.reassembly) == 0 and b.reassembly.bytes == 0
+    b.reassembly.max_bytes = 10 * 1024
     for port in range(30):
         b.datagram(block1(1, 0, True), ("192.0.2.8", 20000 + port), t)
-    assert len(b.reassembly) == 10 and b.reassembly_bytes == 10 * 1024  # the 10 most recent
+    assert len(b.reassembly) == 10 and b.reassembly.bytes == 10 * 1024  # the 10 most recent
     assert ("test", ("192.0.2.8", 20029)) in b.reassembly
+
+
+def block2(mid: int, num: int, path: str = "rep") -> bytes:
+    return req(codec.CON, codec.GET, mid, path, extra=((codec.BLOCK2, codec.encode_block(num, False, 2)),))
+
+
+def test_block2_representations_are_bounded_and_expire() -> None:
+    """Later Block2 blocks are served from the representation the first block was cut from (a new
+    retained message meanwhile does not mix in), per peer at most ``MAX_REPRESENTATIONS_PER_PEER``,
+    every peer's together bounded like Block1's bodies, and a peer silent for the lifetime (the
+    object's, ``EXCHANGE_LIFETIME`` by default) loses them: a reader that went away after the first
+    block leaves nothing behind."""
+    b = CoapBridge(Broker(BrokerSettings()), CoapSettings())
+    t = RecordingTransport()
+    b.broker.publish(Message("rep", b"a" * 1000, 0, True))
+    b.datagram(block2(1, 0), PEER, t)  # 16-byte blocks (the amplification bound): the body kept
+    b.broker.publish(Message("rep", b"b" * 1000, 0, True))
+    b.datagram(block2(2, 1), PEER, t)
+    assert [m.payload for m in t.take()] == [b"a" * 16, b"a" * 16]
+    b.representations.lifetime = 0.0  # the peer has been silent for longer than that
+    b.datagram(block2(3, 1), PEER, t)  # its representation is gone: the current retained message
+    assert [m.payload for m in t.take()] == [b"b" * 16]
+    b.representations.lifetime = EXCHANGE_LIFETIME
+    b.datagram(block2(4, 0), PEER, t)
+    assert len(b.representations) == 1 and b.representations.bytes == 1000
+    b.representations.bound(time.monotonic() + EXCHANGE_LIFETIME + 1)  # what the bridge's timer does
+    assert len(b.representations) == 0 and b.representations.bytes == 0
+    t.take()
+    # gone readers: each left its first block's body, until the lifetime passes
+    b.representations.lifetime = 60.0
+    for port in range(100):
+        b.datagram(block2(1, 0), ("192.0.2.7", 20000 + port), t)
+    assert len(b.representations) == 100 and b.representations.bytes == 100 * 1000
+    b.representations.bound(time.monotonic() + 61)
+    assert len(b.representations) == 0 and b.representations.bytes == 0
+    # bounded per peer, and in all (the least recently used peers go first)
+    for i in range(MAX_REPRESENTATIONS_PER_PEER + 3):
+        b.broker.publish(Message(f"rep/{i}", b"c" * 1000, 0, True))
+        b.datagram(block2(10 + i, 0, f"rep/{i}"), PEER, t)
+    assert b.representations.bytes == MAX_REPRESENTATIONS_PER_PEER * 1000
+    b.representations.max_bytes = 10 * 1000
+    for port in range(30):
+        b.datagram(block2(1, 0), ("192.0.2.8", 20000 + port), t)
+    assert len(b.representations) == 10 and b.representations.bytes == 10 * 1000
+    assert ("test", ("192.0.2.8", 20029)) in b.representations
 
 
 def test_malformed_datagrams_never_raise(bridge: CoapBridge) -> None:

@@ -1634,8 +1634,12 @@ DIVERGENCES: dict[str, Diverge] = {
         ),
     ),
     "will_on_disconnect_unknown_reason_5": Diverge(
-        "MQTT-3.14.4-3: only reason 0x00 discards the will; 0x05 is no DISCONNECT code [MQTT-3.14.2-1]",
-        answered(("PUBLISH", "~/will", b"gone", 1, False, False, "#1", ()), label="delivered"),
+        "MQTT-3.14.4-3: only reason 0x00 discards the will; 0x05 is no DISCONNECT code [MQTT-3.14.2-1]:"
+        " a Malformed Packet, DISCONNECT 0x81 before the close [MQTT-4.13.1-1]",
+        {
+            **closed_with(0x81, "end"),
+            **answered(("PUBLISH", "~/will", b"gone", 1, False, False, "#1", ()), label="delivered"),
+        },
     ),
     "qos0_behind_a_full_receive_maximum_5": Diverge(
         "5.0 4.9: at a send quota of 0 QoS 0 MAY go on or be suspended too [MQTT-4.9.0-2]; fluxmq "

@@ -402,6 +402,41 @@ def test_keep_alive_serves_several_requests_on_one_connection(node: RunningNode)
         conn.close()
 
 
+def test_head_answers_as_get_without_a_body_and_holds_no_stream(node: RunningNode) -> None:
+    """Through gunicorn, on one keep-alive connection per listener: each HEAD gets the GET's status
+    and headers and no body (else the next response would not parse), and a HEAD on /subscribe
+    holds no stream open (else the next request would wait)."""
+    topic = unique("bridge/head")
+    assert http_request(node, "POST", f"/topics/{topic}?retain=true", b"kept")[0] == 200
+    for port, requests in (
+        (node.http_port, [f"/subscribe?filter={topic}", f"/retained/{topic}", "/retained/none", "/publish"]),
+        (node.health_port, ["/health", "/metrics", "/nothing"]),
+    ):
+        conn = http.client.HTTPConnection(node.host, port, timeout=WAIT)
+        try:
+            for path in requests:
+                conn.request("HEAD", path)
+                head = conn.getresponse()
+                assert head.read() == b""
+                if path.startswith("/subscribe"):
+                    assert head.status == 200
+                    assert head.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+                    continue
+                conn.request("GET", path)
+                get = conn.getresponse()
+                body = get.read()
+                assert head.status == get.status, path
+                assert head.getheader("Content-Type") == get.getheader("Content-Type"), path
+                if path != "/metrics":  # (two scrapes differ in their figures)
+                    assert (
+                        head.getheader("Content-Length") == get.getheader("Content-Length") == str(len(body))
+                    )
+                if path == "/publish":
+                    assert head.status == 405 and head.getheader("Allow") == "POST"
+        finally:
+            conn.close()
+
+
 def test_bridge_can_be_turned_off(node_factory: NodeFactory) -> None:
     n = node_factory({"server.http.plain.addr": ""})
     assert n.http_port is None

@@ -144,6 +144,10 @@ V5_ONLY = {
         lambda v: b"\x82\x10\x00\x01\x00\x00\x0a$share/g/a\x04",
         0x82,
     ),
+    # a reason code that is no DISCONNECT reason code (0x05 and 0x91 are PUBACK/SUBACK ones, 0xA3 none)
+    "disconnect_reason_0x05_MQTT_3_14_2_1": (lambda v: b"\xe0\x01\x05", 0x81),
+    "disconnect_reason_0x91_MQTT_3_14_2_1": (lambda v: b"\xe0\x02\x91\x00", 0x81),
+    "disconnect_reason_0xa3_MQTT_3_14_2_1": (lambda v: b"\xe0\x01\xa3", 0x81),
 }
 
 # Where 5.0 names a different reason than the one listed for both versions.

@@ -36,7 +36,7 @@ def test_route_methods_are_enforced() -> None:
     assert call(router, "/x", "POST")[0] == 200
     status, headers, _ = call(router, "/x", "DELETE")
     assert status == 405
-    assert headers["Allow"] == "GET, POST"
+    assert headers["Allow"] == "GET, HEAD, POST"
 
 
 def test_mount_serves_prefix_and_below_longest_prefix_first() -> None:

@@ -45,13 +45,22 @@ WAIT = 10.0
 
 
 class InProcessListener:
-    """A broker and one TCPListener on a free 127.0.0.1 port, served by this process's hub."""
+    """A broker (over ``storage``, or in memory) and one TCPListener on a free 127.0.0.1 port,
+    served by this process's hub."""
 
-    def __init__(self, stream_factory=None, **settings: object) -> None:
-        self.broker = Broker(BrokerSettings())
+    def __init__(self, stream_factory=None, storage=None, **settings: object) -> None:
+        self.broker = Broker(BrokerSettings(), storage)
+        if storage is not None:
+            self.broker.restore(storage.load())
         self.settings = ProtocolSettings(**settings)
         self.listener = TCPListener(
-            "test", HOST, 0, self.broker, self.settings, FlushScheduler(), stream_factory=stream_factory
+            "test",
+            HOST,
+            0,
+            self.broker,
+            self.settings,
+            FlushScheduler(storage),
+            stream_factory=stream_factory,
         )
         self.listener.start()
         self.port = self.listener.address[1]
