@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fluxmq.storage.worker_owners import LocalOwnership
 
 _OTHER_WORKER = """
 import sys
+import time
 from fluxmq.storage.worker_owners import LocalOwnership
 owners = LocalOwnership(sys.argv[1], "n1/w1")
 assert owners.acquire_session("c-dead") is None
@@ -20,6 +22,7 @@ owners.close()
 
 _LIVE_WORKER = """
 import sys
+import time
 from fluxmq.storage.worker_owners import LocalOwnership
 owners = LocalOwnership(sys.argv[1], "n1/w1")
 assert owners.acquire_session("c1") is None
@@ -67,3 +70,117 @@ def test_an_id_owned_by_a_worker_that_died_belongs_to_nobody_and_is_adopted(tmp_
         assert owners.owned_by("c-new") == "n1/w0"
     finally:
         owners.close()
+
+
+# A worker that owned ``argv[2:]`` (its record written by its adoption at start) and was killed -9.
+_KILLED_WORKER = """
+import sys
+import time
+from fluxmq.storage.worker_owners import LocalOwnership
+owners = LocalOwnership(sys.argv[1], "n1/w1")
+assert owners.adopt([]) == []
+for client_id in sys.argv[2:]:
+    assert owners.acquire_session(client_id) is None
+owners.close()
+"""
+
+# The arbiter's new w1: adopts its restored sessions (``argv[2:]``), then lives until told.
+_RESTARTED = """
+import sys
+import time
+from fluxmq.storage.worker_owners import LocalOwnership
+owners = LocalOwnership(sys.argv[1], "n1/w1")
+print("dropped", owners.adopt(sys.argv[2:]), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_an_id_of_a_killed_worker_being_restarted_is_nobodys_only_once_it_is_back_without_it(
+    tmp_path: Path,
+) -> None:
+    """The arbiter restarts the killed w1: until the new w1 adopted its restored sessions, its ids
+    are refused as restarting (their copy may come back), or taken by a Clean Start naming w1; once
+    back, an id it restored is its own (a takeover), one it did not is nobody's."""
+    import pytest
+
+    from fluxmq.errors import OwnerRestarting
+
+    path = str(tmp_path / "owners")
+    subprocess.run([sys.executable, "-c", _KILLED_WORKER, path, "c-kept", "c-lost", "c-clean"], check=True)
+    w0 = LocalOwnership(path, "n1/w0", restarts=lambda member: member == "n1/w1")
+    restarted = None
+    try:
+        for client_id in ("c-kept", "c-lost", "c-clean"):
+            with pytest.raises(OwnerRestarting) as refused:
+                w0.acquire_session(client_id)
+            assert refused.value.owner == "n1/w1" and refused.value.reason_code == 0x88
+        assert w0.acquire_session("c-clean", take_from="n1/w1") is None  # a Clean Start
+        restarted = subprocess.Popen(
+            [sys.executable, "-c", _RESTARTED, path, "c-kept", "c-clean"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert restarted.stdout.readline().split() == ["dropped", "['c-clean']"]
+        assert w0.acquire_session("c-kept") == "n1/w1"  # back with its copy: taken over from there
+        assert w0.acquire_session("c-lost") is None  # back without it: nobody's
+        assert w0.owned_by("c-clean") == "n1/w0"
+    finally:
+        w0.close()
+        if restarted is not None:
+            restarted.stdin.close()
+            restarted.wait(timeout=30)
+
+
+def test_an_id_of_a_killed_worker_that_is_not_restarted_is_nobodys(tmp_path: Path) -> None:
+    """The member is no other worker of this node's run (``restarts`` False): nothing comes back."""
+    path = str(tmp_path / "owners")
+    subprocess.run([sys.executable, "-c", _KILLED_WORKER, path, "c1"], check=True)
+    w0 = LocalOwnership(path, "n1/w0", restarts=lambda member: False)
+    try:
+        assert w0.acquire_session("c1") is None
+    finally:
+        w0.close()
+
+
+def test_a_killed_worker_not_reaped_yet_owns_nothing(tmp_path: Path) -> None:
+    """A process killed -9 is a zombie until its parent (the arbiter) reaps it: ``kill(pid, 0)``
+    still succeeds, yet it answers no call; its ids are not a live worker's."""
+    import signal
+
+    path = str(tmp_path / "owners")
+    w1 = subprocess.Popen(
+        [sys.executable, "-c", _LIVE_WORKER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    w0 = LocalOwnership(path, "n1/w0")
+    try:
+        assert w1.stdout.readline().strip() == "claimed"
+        assert w0.owned_by("c1") == "n1/w1"
+        w1.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{w1.pid}/stat").read_text().split(") ")[1][0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert w0.owned_by("c1") is None
+    finally:
+        w0.close()
+        w1.wait(timeout=30)
+
+
+def test_an_id_of_a_killed_worker_is_refused_while_the_node_stops(tmp_path: Path) -> None:
+    """The arbiter stops the node: the killed worker is not started again, its copy comes back at
+    the node's next start only, so the claim is refused at once (0x88), not waited for."""
+    import pytest
+
+    from fluxmq.errors import OwnerRestarting, ServerUnavailable
+
+    path = str(tmp_path / "owners")
+    subprocess.run([sys.executable, "-c", _KILLED_WORKER, path, "c1"], check=True)
+    w0 = LocalOwnership(path, "n1/w0", restarts=lambda member: True, stopping=lambda: True)
+    try:
+        with pytest.raises(ServerUnavailable, match="stopping") as refused:
+            w0.acquire_session("c1")
+        assert not isinstance(refused.value, OwnerRestarting)
+        assert w0.owned_by("c1") is None
+    finally:
+        w0.close()
