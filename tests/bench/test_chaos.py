@@ -44,3 +44,17 @@ def test_a_loss_is_a_documented_window_only_when_a_fault_or_a_lost_session_expla
     assert chaos.lost_window(sub, pub, 3, 24.0, faults) == "publisher-node-killed"
     pub.home = "n2"  # another node's kill does not explain it
     assert chaos.lost_window(sub, pub, 1, 19.0, faults) == chaos.UNEXPLAINED
+
+
+def test_a_session_lost_to_a_worker_kill_is_no_documented_window_any_more() -> None:
+    """A reconnect on the other worker while the killed one restarts resumes the session from the
+    restarted one (docs/cluster.rst, "Client ids"): a session not present then is a finding."""
+    stop = threading.Event()
+    sub = chaos.Subscriber("s", 1, stop, "chaos/d/#", 1)
+    pub = chaos.Publisher("p", 1, stop, "chaos/d/p", 1, 1.0)
+    pub.home = "w"
+    sub.ev.session_lost, sub.granted = [21.0], [21.5]
+    worker_kill = chaos.Fault(20.0, "worker-kill", "n1", restored=23.0)
+    assert chaos.lost_window(sub, pub, 1, 21.2, [worker_kill]) == chaos.UNEXPLAINED
+    node_kill = chaos.Fault(20.5, "node-kill", "n1", restored=24.0)
+    assert chaos.lost_window(sub, pub, 1, 21.2, [worker_kill, node_kill]) == "subscriber-session-lost"
