@@ -542,7 +542,7 @@ def test_a_claim_waits_for_a_killed_worker_being_restarted_and_takes_the_session
     import sys
 
     from fluxmq.storage.worker_owners import LocalOwnership
-    from tests.storage.test_worker_owners import _KILLED_WORKER, _RESTARTED
+    from tests.storage.test_worker_owners import _KILLED_WORKER, restarted_w1
 
     path = str(tmp_path / "owners")
     subprocess.run([sys.executable, "-c", _KILLED_WORKER, path, "c1", "c-clean"], check=True, timeout=60)
@@ -556,7 +556,6 @@ def test_a_claim_waits_for_a_killed_worker_being_restarted_and_takes_the_session
         return b""  # (the state w1 exports: none here)
 
     sessions = ClusterSessions(w0, call, restart_wait=30.0)
-    restarted = None
     try:
         assert sessions.claim_session("c-clean", True) is None and asked == []  # no wait
         assert w0.owned_by("c-clean") == "n1/w0"
@@ -564,21 +563,13 @@ def test_a_claim_waits_for_a_killed_worker_being_restarted_and_takes_the_session
         others = gevent.spawn(lambda: [gevent.sleep(0.01) for _ in range(10)])
         others.join(timeout=10)
         assert others.successful() and not claim.ready() and asked == []  # waiting, the hub free
-        restarted = subprocess.Popen(
-            [sys.executable, "-c", _RESTARTED, path, "c1"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert restarted.stdout.readline().split() == ["dropped", "[]"]
-        assert claim.get(timeout=30) is None
+        with restarted_w1(path, "c1") as dropped:
+            assert dropped == ["[]"]
+            assert claim.get(timeout=30) is None
         assert [node for node, kind, _ in asked] == ["n1/w1", "n1/w1"]
         assert w0.owned_by("c1") == "n1/w0"
     finally:
         w0.close()
-        if restarted is not None:
-            restarted.stdin.close()
-            restarted.wait(timeout=30)
 
 
 def test_a_claim_whose_killed_worker_is_not_back_in_time_is_refused_with_0x88(tmp_path) -> None:

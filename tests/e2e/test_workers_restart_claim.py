@@ -100,15 +100,20 @@ def payloads(client: Raw5, want: set[bytes], timeout: float = WAIT) -> set[bytes
     return got
 
 
-def session_on_w1(node: RunningNode, topic: str) -> tuple[str, Raw5, tuple]:
+def session_on_w1(node: RunningNode, topic: str) -> tuple[str, Raw5, tuple, int]:
     """A persistent session on w1 subscribed to ``topic`` at QoS 1 (connected); the source that
-    lands on w0, for its reconnect once w1 is killed."""
+    lands on w0, for its reconnect once w1 is killed; w1's pid."""
     on_w1, on_w0 = source_on(node, "w1"), source_on(node, "w0")
     client_id = unique("dead")
     sub = persistent(node, client_id, on_w1)
     assert sub.connack.reason_code == 0 and not sub.connack.session_present
     assert sub.subscribe(1, (topic, 1)).reason_codes == [1]
-    return client_id, sub, on_w0
+    return client_id, sub, on_w0, worker_pid(node, "w1")
+
+
+def held(factory: NodeFactory) -> RunningNode:
+    """A 2-worker node whose restarted workers are held 15 s (past the claim's 10 s bound)."""
+    return start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": "15"})
 
 
 def test_a_reconnect_on_the_other_worker_right_after_a_kill_resumes_the_session_from_the_restarted_one(
@@ -123,8 +128,7 @@ def test_a_reconnect_on_the_other_worker_right_after_a_kill_resumes_the_session_
     try:
         node = start(factory, {"storage.type": "lmdb"})
         topic = unique("xw/dead")
-        client_id, sub, on_w0 = session_on_w1(node, topic)
-        pid = worker_pid(node, "w1")
+        client_id, sub, on_w0, pid = session_on_w1(node, topic)
         pub = on_worker(node, "w0", "pub")
         before = {f"before{i}".encode() for i in range(BEFORE)}
         for payload in sorted(before):
@@ -165,10 +169,9 @@ def test_a_claim_whose_killed_worker_is_not_back_in_time_is_refused_0x88_then_re
     fresh session; the client's retry once the worker is back resumes the session with its message."""
     factory = NodeFactory(tmp_path)
     try:
-        node = start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": "15"})
+        node = held(factory)
         topic = unique("xw/late")
-        client_id, sub, on_w0 = session_on_w1(node, topic)
-        pid = worker_pid(node, "w1")
+        client_id, sub, on_w0, pid = session_on_w1(node, topic)
         with on_worker(node, "w0", "pub") as pub:
             pub.publish(topic, b"kept", 1)
             assert sub.expect(c.Publish).payload == b"kept"  # in flight, not acknowledged
@@ -194,10 +197,9 @@ def test_a_clean_start_claim_does_not_wait_for_the_killed_worker_which_then_drop
     subscription)."""
     factory = NodeFactory(tmp_path)
     try:
-        node = start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": "15"})
+        node = held(factory)
         topic = unique("xw/clean")
-        client_id, sub, on_w0 = session_on_w1(node, topic)
-        pid = worker_pid(node, "w1")
+        client_id, sub, on_w0, pid = session_on_w1(node, topic)
         reset(sub)
         os.kill(pid, signal.SIGKILL)
         sub = persistent(node, client_id, on_w0, clean_start=True)

@@ -3,6 +3,7 @@ LMDB environment shared by real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -34,17 +35,28 @@ sys.stdin.readline()
 """
 
 
+def worker(script: str, *args: str) -> subprocess.Popen:
+    """A worker process running ``script`` with ``args`` (told to go on through its stdin)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def live_w1(path: str, w0: LocalOwnership) -> subprocess.Popen:
+    """w1 (``_LIVE_WORKER``) once it owns c1."""
+    w1 = worker(_LIVE_WORKER, path)
+    assert w1.stdout.readline().strip() == "claimed"
+    assert w0.owned_by("c1") == "n1/w1"
+    return w1
+
+
 def test_a_claim_is_refused_while_another_live_worker_owns_the_id_and_taken_when_it_hands_it_over(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "owners")
-    w1 = subprocess.Popen(
-        [sys.executable, "-c", _LIVE_WORKER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
     w0 = LocalOwnership(path, "n1/w0")
+    w1 = live_w1(path, w0)
     try:
-        assert w1.stdout.readline().strip() == "claimed"
-        assert w0.owned_by("c1") == "n1/w1"
         assert w0.acquire_session("c1") == "n1/w1"  # it must ask w1 to hand the session over
         assert w0.acquire_session("c1", take_from="n1/w1") is None
         w1.stdin.write("\n")
@@ -95,6 +107,18 @@ sys.stdin.readline()
 """
 
 
+@contextlib.contextmanager
+def restarted_w1(path: str, *restored: str):
+    """The arbiter's new w1 (``_RESTARTED``) while the block runs; yields the ids its adoption
+    dropped (another live worker owns them), as printed."""
+    w1 = worker(_RESTARTED, path, *restored)
+    try:
+        yield w1.stdout.readline().split()[1:]
+    finally:
+        w1.stdin.close()
+        w1.wait(timeout=30)
+
+
 def test_an_id_of_a_killed_worker_being_restarted_is_nobodys_only_once_it_is_back_without_it(
     tmp_path: Path,
 ) -> None:
@@ -108,28 +132,19 @@ def test_an_id_of_a_killed_worker_being_restarted_is_nobodys_only_once_it_is_bac
     path = str(tmp_path / "owners")
     subprocess.run([sys.executable, "-c", _KILLED_WORKER, path, "c-kept", "c-lost", "c-clean"], check=True)
     w0 = LocalOwnership(path, "n1/w0", restarts=lambda member: member == "n1/w1")
-    restarted = None
     try:
         for client_id in ("c-kept", "c-lost", "c-clean"):
             with pytest.raises(OwnerRestarting) as refused:
                 w0.acquire_session(client_id)
             assert refused.value.owner == "n1/w1" and refused.value.reason_code == 0x88
         assert w0.acquire_session("c-clean", take_from="n1/w1") is None  # a Clean Start
-        restarted = subprocess.Popen(
-            [sys.executable, "-c", _RESTARTED, path, "c-kept", "c-clean"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert restarted.stdout.readline().split() == ["dropped", "['c-clean']"]
-        assert w0.acquire_session("c-kept") == "n1/w1"  # back with its copy: taken over from there
-        assert w0.acquire_session("c-lost") is None  # back without it: nobody's
-        assert w0.owned_by("c-clean") == "n1/w0"
+        with restarted_w1(path, "c-kept", "c-clean") as dropped:
+            assert dropped == ["['c-clean']"]
+            assert w0.acquire_session("c-kept") == "n1/w1"  # back with its copy: taken over there
+            assert w0.acquire_session("c-lost") is None  # back without it: nobody's
+            assert w0.owned_by("c-clean") == "n1/w0"
     finally:
         w0.close()
-        if restarted is not None:
-            restarted.stdin.close()
-            restarted.wait(timeout=30)
 
 
 def test_an_id_of_a_killed_worker_that_is_not_restarted_is_nobodys(tmp_path: Path) -> None:
@@ -149,13 +164,9 @@ def test_a_killed_worker_not_reaped_yet_owns_nothing(tmp_path: Path) -> None:
     import signal
 
     path = str(tmp_path / "owners")
-    w1 = subprocess.Popen(
-        [sys.executable, "-c", _LIVE_WORKER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
     w0 = LocalOwnership(path, "n1/w0")
+    w1 = live_w1(path, w0)
     try:
-        assert w1.stdout.readline().strip() == "claimed"
-        assert w0.owned_by("c1") == "n1/w1"
         w1.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 30
         while Path(f"/proc/{w1.pid}/stat").read_text().split(") ")[1][0] != "Z":
