@@ -345,7 +345,9 @@ class ClusterSessions:
                     reply = self._ask(owner, payload.encode(), back_until)
                 except Exception as exc:
                     if taking_back:
-                        self._give_back(client_id)
+                        if self._give_back(client_id, owner):
+                            handed_to = None
+                            continue  # claimed again: waits for its restart
                     elif self._died(client_id, owner):
                         continue  # killed a moment ago: claimed again, through its restart
                     raise ServerUnavailable(
@@ -401,16 +403,23 @@ class ClusterSessions:
         decoded.queued.extend(queued)
         return encode_session_state(decoded)
 
-    def _give_back(self, client_id: str) -> None:
+    def _give_back(self, client_id: str, owner: str) -> bool:
         """A take-back whose node does not answer (a worker killed -9, restarting): the id was
         acquired here only to take the session back, and this node holds no copy of it. Left
         ours, the restarted node would drop its restored copy as taken by another (and what this
         node had queued for it would reach it after the copy left); released, it keeps its copy
-        and the client's next claim takes it over from there, after the drain."""
+        and the client's next claim takes it over from there, after the drain. Where the registry
+        can name the restarting ``owner`` again (``give_to``) it does, and True: the claim goes on,
+        waiting for that restart (a retry before it would find the id nobody's: a fresh
+        session)."""
+        give_to = getattr(self.ownership, "give_to", None)
         try:
+            if give_to is not None and give_to(client_id, owner):
+                return True
             self.ownership.release_session(client_id)
         except Exception as exc:  # the claim fails anyway (0x88): the registry's trouble is logged
             log.warning("takeover_release_failed", extra={"client_id": client_id, "error": str(exc)})
+        return False
 
     def moving_in(self, client_id: str):
         """The move the last claim of ``client_id`` took its state from, for the import

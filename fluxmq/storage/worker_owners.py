@@ -116,6 +116,21 @@ class LocalOwnership:
                 return None
             return owner
 
+    def give_to(self, client_id: str, member: str) -> bool:
+        """Name ``member``'s last process (its record) as the owner of ``client_id``, which this
+        worker owns or nobody does, when ``member`` comes back (``restarts``): a take-back from
+        ``member`` that failed (it was killed) leaves the id to its restored copy, and a claim
+        meanwhile waits for it (``OwnerRestarting``). False, nothing written, otherwise."""
+        if self.restarts is None or not self.restarts(member):
+            return False
+        key = client_id.encode()
+        with self.env.begin(write=True) as txn:
+            record = txn.get(_RECORD + member.encode())
+            if record is None or txn.get(key) not in (None, self.value):
+                return False
+            txn.put(key, f"{member} {int(record)}".encode())
+        return True
+
     def release_session(self, client_id: str) -> None:
         key = client_id.encode()
         with self.env.begin(write=True) as txn:

@@ -595,3 +595,40 @@ def test_a_claim_whose_killed_worker_is_not_back_in_time_is_refused_with_0x88(tm
         assert w0.owned_by("c1") is None  # still the dead w1's entry
     finally:
         w0.close()
+
+
+def test_a_take_back_from_a_killed_worker_being_restarted_waits_for_it_instead_of_failing(tmp_path) -> None:
+    """w0 handed c1 to w1 a moment ago (the registry still names w0), w1 is killed -9, its client
+    is back on w0: the take-back's call fails, the id is given back to the killed w1 (not released:
+    a retry before w1's restart found it nobody's, a fresh session) and the claim waits for w1's
+    restart, then takes the session over from the restored copy."""
+    import subprocess
+    import sys
+
+    from fluxmq.storage.worker_owners import LocalOwnership
+    from tests.storage.test_worker_owners import _KILLED_WORKER, restarted_w1
+
+    path = str(tmp_path / "owners")
+    subprocess.run([sys.executable, "-c", _KILLED_WORKER, path], check=True, timeout=60)
+    w0 = LocalOwnership(path, "n1/w0", restarts=lambda member: member == "n1/w1")
+    asked = []
+
+    def call(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
+        asked.append(node)
+        if len(asked) == 1:
+            raise ConnectionError(f"peer {node}: UNAVAILABLE")  # killed
+        return b""
+
+    try:
+        assert w0.acquire_session("c1") is None  # (what the hand-over left)
+        claim = gevent.spawn(
+            ClusterSessions(w0, call, restart_wait=30.0).claim_session, "c1", False, None, "n1/w1"
+        )
+        gevent.sleep(0.3)
+        assert not claim.ready() and asked == ["n1/w1"]  # waiting for the restart, not refused
+        with restarted_w1(path, "c1") as dropped:
+            assert dropped == ["[]"]  # the id is the killed w1's again: its restored copy is kept
+            assert claim.get(timeout=30) is None
+        assert asked == ["n1/w1", "n1/w1"] and w0.owned_by("c1") == "n1/w0"
+    finally:
+        w0.close()
