@@ -77,6 +77,8 @@ RETAINED = "chaos/retained"
 QUEUE = "chaos"
 READY_TIMEOUT = 90.0
 ACK_TIMEOUT = 10.0  # a publisher waiting longer for its ack drops the connection and resumes
+# a CONNACK may wait for a killed worker's restart (fluxmq.cluster.workers.RESTART_WAIT, 10 s)
+CLAIM_WAIT = 15.0
 FAULTS = {"workers": ("worker-kill", "node-kill", "node-term", "stop-cont"),
           "cluster": ("node-kill", "node-term", "stop-cont")}  # fmt: skip
 
@@ -195,7 +197,7 @@ class Client(threading.Thread):
                 conn = Conn(self.port)
                 conn.send(c.Connect(self.cid, first, 30, 5, None, None, None, None, dict(EXPIRY)))
                 ack = None
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + CLAIM_WAIT
                 while ack is None and time.monotonic() < deadline:
                     ack = conn.recv()
                 if not isinstance(ack, c.Connack) or ack.reason_code != 0:
@@ -486,9 +488,11 @@ def lost_window(sub: Subscriber, pub: Publisher, seq: int, t: float, faults: lis
     """Which documented window message ``seq``, acknowledged at ``t`` and lost for ``sub``, falls in:
 
     ``subscriber-session-lost``: the subscriber's session was not present at a reconnect after the
-    message was first sent (or the message was sent before its new subscription was granted): a kill -9 of its worker and a reconnect that
-    landed on the other worker, which starts it afresh (docs/cluster.rst, "Client ids"), or a
-    session the stopped node could not hand over;
+    message was first sent (or the message was sent before its new subscription was granted): a
+    session the stopped or killed node could not hand over. Not a kill -9 of its worker any more:
+    a reconnect that lands on the other worker waits for the restart and takes the restored
+    session over (docs/cluster.rst, "Client ids"), so a session lost while a worker kill is in
+    progress (and no other fault) is ``unexplained``;
     ``publisher-node-killed``: the publisher's worker or node was killed -9 between the message's
     first send and 2 s after its acknowledgement, the forwarded copies still in its memory queues
     (docs/cluster.rst, "What the PUBACK means across nodes"; a QoS 2 message sent again after the
@@ -497,7 +501,8 @@ def lost_window(sub: Subscriber, pub: Publisher, seq: int, t: float, faults: lis
     sent = pub.sent_at.get(seq, t)
     for lost_at in sub.ev.session_lost:
         granted = next((g for g in sub.granted if g >= lost_at), lost_at + ACK_TIMEOUT)
-        if sent <= granted:
+        around = {f.kind for f in faults if f.at <= lost_at <= (f.restored or f.at) + CLAIM_WAIT}
+        if sent <= granted and around != {"worker-kill"}:
             return "subscriber-session-lost"
     for f in faults:  # killed after the message was first sent, up to 2 s after its acknowledgement
         if f.kind in ("worker-kill", "node-kill") and sent <= f.at <= t + 2.0 and f.node == pub.home:

@@ -87,6 +87,17 @@ class ServerUnavailable(MQTTError):
     reason_code = 0x88
 
 
+class OwnerRestarting(ServerUnavailable):
+    """A session's owner is down and being restarted (a worker killed -9, its arbiter starting it
+    again): its store holds the session, which it restores. ``owner`` names it. Raised by an
+    ownership registry's ``acquire_session`` instead of treating the id as nobody's (a fresh
+    session would be started, and the restored copy then dropped)."""
+
+    def __init__(self, owner: str, message: str = "") -> None:
+        super().__init__(message or f"the owner {owner} is restarting")
+        self.owner = owner
+
+
 class QueueRefused(MQTTError):
     """A durable queue (``$queue/...``) refused a publish or a subscription; ``reason_code`` is the
     5.0 code for the PUBACK/SUBACK (0x90 no such queue, 0x97 queue full, 0x8F no such queue to

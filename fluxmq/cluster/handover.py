@@ -41,13 +41,15 @@ import logging
 import time
 from collections.abc import Callable
 
+import gevent
+
 from fluxmq.broker.session_state import (
     SessionState,
     SessionStateError,
     decode_session_state,
     encode_session_state,
 )
-from fluxmq.errors import ServerUnavailable, StorageError
+from fluxmq.errors import OwnerRestarting, ServerUnavailable, StorageError
 
 log = logging.getLogger("fluxmq.cluster.handover")
 
@@ -66,6 +68,10 @@ DRAIN_TIMEOUT = 0.5
 #: its export for the client's retry, ``Broker.exported_keep``)
 MAX_KEPT_MOVED = 10000
 KEPT_MOVED_FOR = 30.0
+#: seconds between two looks at the registry while a claim waits for a restarting owner
+RESTART_POLL = 0.1
+#: seconds a failed takeover call's owner is looked at for its death (``ClusterSessions._died``)
+DIED_WAIT = 1.0
 
 __all__ = [
     "MOVED_KIND",
@@ -179,6 +185,13 @@ class ClusterSessions:
     compare-and-swap from that node. If ownership moved elsewhere meanwhile (a race with a third
     node), the new owner is asked in turn, at most ``max_moves`` times. Any failure of the registry
     or of the owner to answer raises ServerUnavailable (CONNACK 0x88; the client retries).
+
+    An owner the registry reports as restarting (``OwnerRestarting``: a worker killed -9 that its
+    arbiter starts again, whose store holds the session) is waited for, at most ``restart_wait``
+    seconds, in this greenlet (the registry looked at every ``RESTART_POLL`` s): once it is back
+    and holds its restored copy, the session is taken over from it as from any owner; not back in
+    time, ServerUnavailable (never a fresh session while the copy may come back). A Clean Start
+    does not wait: it takes the id from the dead owner at once (the restarted one drops its copy).
     """
 
     def __init__(
@@ -190,9 +203,11 @@ class ClusterSessions:
         max_kept: int = 10000,
         drain: Callable[[str, float], object] | None = None,
         markers=None,
+        restart_wait: float = 0.0,
     ) -> None:
         self.ownership = ownership
         self.call = call
+        self.restart_wait = restart_wait
         # (node_id, timeout): wait until what this node forwarded to ``node_id`` so far is applied
         # there, so the state it hands over holds the messages published here before the claim
         self.drain = drain
@@ -228,6 +243,68 @@ class ClusterSessions:
         except Exception as exc:
             raise ServerUnavailable(f"ownership of {client_id!r} cannot be established: {exc}") from exc
 
+    def _acquire_restarted(
+        self, client_id: str, take_from: str | None, clean_start: bool
+    ) -> tuple[str | None, float | None]:
+        """``_acquire``, through an owner that is restarting (class docstring): a Clean Start takes
+        the id from it at once; otherwise the claim waits until it is back (its live name returned:
+        it hands the session over) or has no copy (None), at most ``restart_wait`` seconds. Also
+        returns until when the takeover call may be tried again after a wait (``_ask``), else None."""
+        try:
+            return self._acquire(client_id, take_from), None
+        except OwnerRestarting as exc:
+            if clean_start:
+                log.info("takeover_from_restarting", extra={"client_id": client_id, "owner": exc.owner})
+                return self._acquire(client_id, exc.owner), None
+            restarting = exc
+        log.info(
+            "claim_waits_for_restart",
+            extra={"client_id": client_id, "owner": restarting.owner, "timeout": self.restart_wait},
+        )
+        deadline = time.monotonic() + self.restart_wait
+        while time.monotonic() < deadline:
+            gevent.sleep(RESTART_POLL)  # this connection's greenlet: the worker's others run on
+            try:
+                return self._acquire(client_id, take_from), deadline
+            except OwnerRestarting as exc:
+                restarting = exc
+        raise ServerUnavailable(
+            f"worker {restarting.owner} owning {client_id!r} is not back from its restart "
+            f"within {self.restart_wait:g} s"
+        )
+
+    def _died(self, client_id: str, owner: str) -> bool:
+        """After a failed takeover call: True once the registry no longer names ``owner`` as the
+        live owner of ``client_id`` (a worker killed -9 fails its calls a moment before its process
+        is gone), looked at for ``DIED_WAIT`` seconds. Only where owners restart (``restart_wait``):
+        elsewhere False at once, the failure is the answer."""
+        if not self.restart_wait:
+            return False
+        deadline = time.monotonic() + DIED_WAIT
+        while True:
+            try:
+                if self.ownership.owned_by(client_id) != owner:
+                    return True
+            except Exception:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(RESTART_POLL)
+
+    def _ask(self, owner: str, payload: bytes, until: float | None) -> bytes:
+        """The takeover call to ``owner``. With ``until`` (the owner is back from its restart a
+        moment ago: the links to it may not be up yet) a failed call is tried again, after the
+        drain, until then (a repeated export returns the same state)."""
+        while True:
+            try:
+                return self.call(owner, TAKEOVER_KIND, payload, self.timeout)
+            except Exception:
+                if until is None or time.monotonic() >= until:
+                    raise
+            gevent.sleep(RESTART_POLL)
+            if self.drain is not None:
+                self.drain(owner, DRAIN_TIMEOUT)
+
     def claim_session(
         self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
     ) -> bytes | None:
@@ -246,7 +323,7 @@ class ClusterSessions:
         asked = False  # a takeover call went out: its node may have exported and forward here
         try:
             for _ in range(self.max_moves + 1):
-                owner = self._acquire(client_id, take_from)
+                owner, back_until = self._acquire_restarted(client_id, take_from, clean_start)
                 taking_back = owner is None and handed_to and take_from is None and only_from is None
                 if taking_back:
                     owner = handed_to  # on its way there: take it back from there (docstring)
@@ -265,10 +342,14 @@ class ClusterSessions:
                 asked = True
                 try:
                     payload = f"{client_id}\x00{token}" if token else client_id
-                    reply = self.call(owner, TAKEOVER_KIND, payload.encode(), self.timeout)
+                    reply = self._ask(owner, payload.encode(), back_until)
                 except Exception as exc:
                     if taking_back:
-                        self._give_back(client_id)
+                        if self._give_back(client_id, owner):
+                            handed_to = None
+                            continue  # claimed again: waits for its restart
+                    elif self._died(client_id, owner):
+                        continue  # killed a moment ago: claimed again, through its restart
                     raise ServerUnavailable(
                         f"node {owner} owning {client_id!r} does not answer: {exc}"
                     ) from exc
@@ -322,16 +403,23 @@ class ClusterSessions:
         decoded.queued.extend(queued)
         return encode_session_state(decoded)
 
-    def _give_back(self, client_id: str) -> None:
+    def _give_back(self, client_id: str, owner: str) -> bool:
         """A take-back whose node does not answer (a worker killed -9, restarting): the id was
         acquired here only to take the session back, and this node holds no copy of it. Left
         ours, the restarted node would drop its restored copy as taken by another (and what this
         node had queued for it would reach it after the copy left); released, it keeps its copy
-        and the client's next claim takes it over from there, after the drain."""
+        and the client's next claim takes it over from there, after the drain. Where the registry
+        can name the restarting ``owner`` again (``give_to``) it does, and True: the claim goes on,
+        waiting for that restart (a retry before it would find the id nobody's: a fresh
+        session)."""
+        give_to = getattr(self.ownership, "give_to", None)
         try:
+            if give_to is not None and give_to(client_id, owner):
+                return True
             self.ownership.release_session(client_id)
         except Exception as exc:  # the claim fails anyway (0x88): the registry's trouble is logged
             log.warning("takeover_release_failed", extra={"client_id": client_id, "error": str(exc)})
+        return False
 
     def moving_in(self, client_id: str):
         """The move the last claim of ``client_id`` took its state from, for the import

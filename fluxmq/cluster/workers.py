@@ -13,9 +13,13 @@ is ``grpc``. What is particular to workers:
   reconnects (a new epoch) and receives what was queued for it meanwhile (bounded, as for a node).
 * **Ownership** (``fluxmq.storage.worker_owners.LocalOwnership``): client id -> ``"w{i} {pid}"`` in a small LMDB environment in
   the run directory, shared by the workers; a claim is a compare-and-swap in one write transaction.
-  An entry whose pid is no longer alive belongs to nobody (a worker killed with -9 frees its ids at
-  once). A restarted worker keeps the restored sessions nobody claimed meanwhile and drops those
-  another worker took.
+  An entry whose pid is no longer alive belongs to nobody, unless the arbiter is restarting its
+  worker (``WorkerContext.restarts``: another index of the node) and that worker has not adopted
+  its restored sessions yet: a claim without Clean Start then waits for it (``RESTART_WAIT``) and
+  takes the session over from it, a Clean Start takes the id at once; once the node is stopping
+  (``WorkerContext.stopping``) the claim is refused at once (the copy is back at the next start). A
+  restarted worker keeps the restored sessions nobody claimed meanwhile and drops those another
+  worker took.
 * **Retained** messages are kept by every worker (each in its own storage shard): a retained
   publish is sent to every worker, those without matching interest only store it; a starting worker
   fills in what its shard lacks from another worker's snapshot (``retained.snapshot`` call).
@@ -53,6 +57,14 @@ log = logging.getLogger("fluxmq.cluster.workers")
 STATS_TIMEOUT = 1.0
 #: seconds a starting worker waits for another to answer its retained snapshot request
 RETAINED_SYNC_WAIT = 10.0
+#: seconds a claim (no Clean Start) of a client id owned by a worker killed and being restarted
+#: waits for it to be back with its restored copy before it is refused with 0x88 (the client
+#: retries): the arbiter's restart and the store's load take a few seconds
+RESTART_WAIT = 10.0
+#: TEST-ONLY environment variable: seconds a restarted worker waits before it joins the others (as
+#: if the arbiter were slow to start it again: a claim waiting for it runs out). Never set it in
+#: production. Not a ``FLUXMQ_`` variable: those are configuration keys.
+RESTART_DELAY_ENV = "FLUXMQTEST_WORKER_RESTART_DELAY"
 _LEN = struct.Struct(">I")
 #: $SYS figures that are the same on every worker (not summed)
 NOT_SUMMED = frozenset({"version", "uptime", "retained messages/count"})
@@ -233,12 +245,15 @@ class WorkerNode:
             on_peer_removed=self.peers.peer_removed,
         )
         self.peers.transport = self.transport
-        self.ownership = LocalOwnership(os.path.join(context.run_dir, "owners"), self.node_id)
+        self.ownership = LocalOwnership(
+            os.path.join(context.run_dir, "owners"), self.node_id, context.restarts, context.stopping
+        )
         self.peers.sessions = ClusterSessions(
             self.ownership,
             self.transport.call,
             drain=self.transport.drain,
             markers=self.peers.markers,
+            restart_wait=RESTART_WAIT,
         )
         serve_handover(
             self.transport, broker, self.peers.markers, self.peers.take_kept, self.peers.handed_over
@@ -294,6 +309,10 @@ class WorkerNode:
                 self.queues.place_on_nodes(QueueNodes(self.node.plane.meta))
             stale: list[str] = []
         else:
+            delay = float(os.environ.get(RESTART_DELAY_ENV) or 0)
+            if delay and self.ownership.adopted_before():
+                log.warning("worker_restart_delayed", extra={"seconds": delay, "env": RESTART_DELAY_ENV})
+                gevent.sleep(delay)
             path = self.context.socket_path(self.context.index)
             try:
                 os.unlink(path)  # left by a worker killed before it could remove it

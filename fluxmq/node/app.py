@@ -188,6 +188,14 @@ class NodeArbiter(Arbiter):
         for pid in list(self.WORKERS):
             self.kill_worker(pid, signal.SIGHUP)
 
+    def stop(self, graceful: bool = True) -> None:
+        """gunicorn's stop, after marking the run directory: from here on no dead worker is started
+        again (a claim of an id it owned does not wait for it: ``fluxmq.node.workers``)."""
+        from fluxmq.node.workers import mark_stopping
+
+        mark_stopping(getattr(self.app, "run_dir", None))
+        super().stop(graceful)
+
     def handle_ttin(self) -> None:
         self._ignore("SIGTTIN")
 

@@ -5,8 +5,9 @@ member of a local cluster (``fluxmq.cluster.workers``, imported only inside a wo
 
 * gives each worker an **index** (0..N-1, the lowest free one: a worker restarted after a crash gets
   the index, so the storage shard and socket path, of the one it replaces);
-* makes the **run directory** (a private temporary directory: the workers' Unix sockets and their
-  shared client-id ownership table), removed when the arbiter exits;
+* makes the **run directory** (a private temporary directory: the workers' Unix sockets, their
+  shared client-id ownership table and, once the node stops, the mark that no dead worker is
+  restarted any more), removed when the arbiter exits;
 * binds the **MQTT ports**: for each MQTT listener one socket per worker index, all bound to the same
   address with ``SO_REUSEPORT``, so the kernel spreads new connections over the workers; a dead
   worker's socket stays open in the arbiter (its connections wait in the backlog for the restarted
@@ -78,6 +79,16 @@ class WorkerContext:
     def socket_path(self, index: int) -> str:
         return os.path.join(self.run_dir, f"w{index}.sock")
 
+    def restarts(self, member: str) -> bool:
+        """True when ``member``, dead, comes back with its shard: another worker of this node (the
+        indexes are fixed for the arbiter's run, as is the run directory), started again by the
+        arbiter unless the node is stopping (``stopping``), else at the node's next start."""
+        return member in (self.member(i) for i in range(self.count) if i != self.index)
+
+    def stopping(self) -> bool:
+        """True once the arbiter stops the node: no dead worker is started again (``mark_stopping``)."""
+        return os.path.exists(stopping_path(self.run_dir))
+
 
 def worker_id(index: int) -> str:
     """The member id of worker ``index`` in the node's local cluster."""
@@ -92,6 +103,22 @@ def shard_path(path: str, index: int) -> str:
 
 def make_run_dir() -> str:
     return tempfile.mkdtemp(prefix="fluxmq-workers-")
+
+
+def stopping_path(run_dir: str) -> str:
+    """The mark the arbiter leaves in the run directory once it stops restarting dead workers."""
+    return os.path.join(run_dir, "stopping")
+
+
+def mark_stopping(run_dir: str | None) -> None:
+    """The node is stopping (the arbiter's stop): a dead worker is not started again, so a claim
+    of an id it owned does not wait for it (``WorkerContext.stopping``)."""
+    if run_dir is not None:
+        try:
+            with open(stopping_path(run_dir), "x"):
+                pass
+        except OSError:  # there already, or the directory is gone
+            pass
 
 
 def bind_reuseport(host: str, port: int, count: int) -> list[socket.socket]:

@@ -25,12 +25,19 @@ def test_the_faults_are_those_of_the_set_up() -> None:
         chaos.parse_args(["--setup", "cluster", "--faults", "worker-kill"])
 
 
-def test_a_loss_is_a_documented_window_only_when_a_fault_or_a_lost_session_explains_it() -> None:
+def sub_pub(home: str, lost_at: float) -> tuple[chaos.Subscriber, chaos.Publisher]:
+    """A subscriber whose session was lost at ``lost_at`` (granted again 0.5 s later), and a
+    publisher at ``home``."""
     stop = threading.Event()
     sub = chaos.Subscriber("s", 1, stop, "chaos/d/#", 1)
     pub = chaos.Publisher("p", 1, stop, "chaos/d/p", 1, 1.0)
-    pub.home = "n1"
-    sub.ev.session_lost, sub.granted = [10.0], [10.5]
+    pub.home = home
+    sub.ev.session_lost, sub.granted = [lost_at], [lost_at + 0.5]
+    return sub, pub
+
+
+def test_a_loss_is_a_documented_window_only_when_a_fault_or_a_lost_session_explains_it() -> None:
+    sub, pub = sub_pub("n1", 10.0)
     kill = chaos.Fault(20.0, "node-kill", "n1", restored=23.0)
     stopped = chaos.Fault(30.0, "stop-cont", "n1", restored=33.0)
     faults = [kill, stopped]
@@ -44,3 +51,13 @@ def test_a_loss_is_a_documented_window_only_when_a_fault_or_a_lost_session_expla
     assert chaos.lost_window(sub, pub, 3, 24.0, faults) == "publisher-node-killed"
     pub.home = "n2"  # another node's kill does not explain it
     assert chaos.lost_window(sub, pub, 1, 19.0, faults) == chaos.UNEXPLAINED
+
+
+def test_a_session_lost_to_a_worker_kill_is_no_documented_window_any_more() -> None:
+    """A reconnect on the other worker while the killed one restarts resumes the session from the
+    restarted one (docs/cluster.rst, "Client ids"): a session not present then is a finding."""
+    sub, pub = sub_pub("w", 21.0)
+    worker_kill = chaos.Fault(20.0, "worker-kill", "n1", restored=23.0)
+    assert chaos.lost_window(sub, pub, 1, 21.2, [worker_kill]) == chaos.UNEXPLAINED
+    node_kill = chaos.Fault(20.5, "node-kill", "n1", restored=24.0)
+    assert chaos.lost_window(sub, pub, 1, 21.2, [worker_kill, node_kill]) == "subscriber-session-lost"

@@ -529,3 +529,106 @@ def test_the_stand_in_lasts_a_grace_from_the_clients_retry_after_a_failed_claim(
     a.publish(Message("t", b"late", 1))  # a peer that does not know B's interest yet sent it to A
     gevent.sleep(0.01)
     assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 1)]
+
+
+def test_a_claim_waits_for_a_killed_worker_being_restarted_and_takes_the_session_over_from_it(
+    tmp_path,
+) -> None:
+    """w1, owning c1, was killed -9 and the arbiter restarts it: w0's claim (no Clean Start) waits in
+    its greenlet, without blocking the others, until the new w1 adopted its restored copy, then asks
+    w1 for the session (a takeover, its link maybe not up yet: asked again); a Clean Start does not
+    wait, it takes the id from the dead w1."""
+    import subprocess
+    import sys
+
+    from fluxmq.storage.worker_owners import LocalOwnership
+    from tests.storage.test_worker_owners import _KILLED_WORKER, restarted_w1
+
+    path = str(tmp_path / "owners")
+    subprocess.run([sys.executable, "-c", _KILLED_WORKER, path, "c1", "c-clean"], check=True, timeout=60)
+    w0 = LocalOwnership(path, "n1/w0", restarts=lambda member: member == "n1/w1")
+    asked = []
+
+    def call(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
+        asked.append((node, kind, payload))
+        if len(asked) == 1:
+            raise ConnectionError(f"peer {node}: UNAVAILABLE")  # the link to the new w1 is not up yet
+        return b""  # (the state w1 exports: none here)
+
+    sessions = ClusterSessions(w0, call, restart_wait=30.0)
+    try:
+        assert sessions.claim_session("c-clean", True) is None and asked == []  # no wait
+        assert w0.owned_by("c-clean") == "n1/w0"
+        claim = gevent.spawn(sessions.claim_session, "c1", False)
+        others = gevent.spawn(lambda: [gevent.sleep(0.01) for _ in range(10)])
+        others.join(timeout=10)
+        assert others.successful() and not claim.ready() and asked == []  # waiting, the hub free
+        with restarted_w1(path, "c1") as dropped:
+            assert dropped == ["[]"]
+            assert claim.get(timeout=30) is None
+        assert [node for node, kind, _ in asked] == ["n1/w1", "n1/w1"]
+        assert w0.owned_by("c1") == "n1/w0"
+    finally:
+        w0.close()
+
+
+def test_a_claim_whose_killed_worker_is_not_back_in_time_is_refused_with_0x88(tmp_path) -> None:
+    """Never a fresh session while the restored copy may come back: refused (the client retries),
+    the id left to the dead worker (its restart adopts it)."""
+    import subprocess
+    import sys
+
+    from fluxmq.storage.worker_owners import LocalOwnership
+    from tests.storage.test_worker_owners import _KILLED_WORKER
+
+    path = str(tmp_path / "owners")
+    subprocess.run([sys.executable, "-c", _KILLED_WORKER, path, "c1"], check=True, timeout=60)
+    w0 = LocalOwnership(path, "n1/w0", restarts=lambda member: member == "n1/w1")
+    try:
+
+        def call(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
+            raise AssertionError("nobody to ask")
+
+        with pytest.raises(ServerUnavailable, match="not back from its restart") as refused:
+            ClusterSessions(w0, call, restart_wait=0.3).claim_session("c1", False)
+        assert refused.value.reason_code == 0x88
+        assert w0.owned_by("c1") is None  # still the dead w1's entry
+    finally:
+        w0.close()
+
+
+def test_a_take_back_from_a_killed_worker_being_restarted_waits_for_it_instead_of_failing(tmp_path) -> None:
+    """w0 handed c1 to w1 a moment ago (the registry still names w0), w1 is killed -9, its client
+    is back on w0: the take-back's call fails, the id is given back to the killed w1 (not released:
+    a retry before w1's restart found it nobody's, a fresh session) and the claim waits for w1's
+    restart, then takes the session over from the restored copy."""
+    import subprocess
+    import sys
+
+    from fluxmq.storage.worker_owners import LocalOwnership
+    from tests.storage.test_worker_owners import _KILLED_WORKER, restarted_w1
+
+    path = str(tmp_path / "owners")
+    subprocess.run([sys.executable, "-c", _KILLED_WORKER, path], check=True, timeout=60)
+    w0 = LocalOwnership(path, "n1/w0", restarts=lambda member: member == "n1/w1")
+    asked = []
+
+    def call(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
+        asked.append(node)
+        if len(asked) == 1:
+            raise ConnectionError(f"peer {node}: UNAVAILABLE")  # killed
+        return b""
+
+    try:
+        assert w0.acquire_session("c1") is None  # (what the hand-over left)
+        claim = gevent.spawn(
+            ClusterSessions(w0, call, restart_wait=30.0).claim_session, "c1", False, None, "n1/w1"
+        )
+        gevent.sleep(0.3)
+        assert not claim.ready() and asked == ["n1/w1"]  # waiting for the restart, not refused
+        with restarted_w1(path, "c1") as dropped:
+            assert dropped == ["[]"]  # the id is the killed w1's again: its restored copy is kept
+            assert claim.get(timeout=30) is None
+        assert asked == ["n1/w1", "n1/w1"] and w0.owned_by("c1") == "n1/w0"
+    finally:
+        w0.close()

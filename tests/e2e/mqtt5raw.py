@@ -48,8 +48,10 @@ class Raw5(RawClient):
     this class adds 5.0-shaped CONNECT, SUBSCRIBE, PUBLISH and DISCONNECT helpers.
     """
 
-    def __init__(self, node: Any, version: int = 5, timeout: float = WAIT) -> None:
-        super().__init__(node.host, node.mqtt_port, version, timeout)
+    def __init__(
+        self, node: Any, version: int = 5, timeout: float = WAIT, source: tuple | None = None
+    ) -> None:
+        super().__init__(node.host, node.mqtt_port, version, timeout, source)
         self.connack: Any = None
 
     def connect(

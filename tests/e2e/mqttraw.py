@@ -45,9 +45,13 @@ class ConnectionClosed(AssertionError):
 class RawClient:
     """One TCP connection speaking MQTT packet by packet (``version``: 3, 4 or 5)."""
 
-    def __init__(self, host: str, port: int, version: int = 4, timeout: float = WAIT) -> None:
+    def __init__(
+        self, host: str, port: int, version: int = 4, timeout: float = WAIT, source: tuple | None = None
+    ) -> None:
+        """``source``: the ``(address, port)`` to connect from (the SO_REUSEPORT listener a
+        connection lands on follows from it: tests/e2e/test_workers_restart_claim.py)."""
         self.version = version
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = c.Decoder(version=version)
         self.pending: deque = deque()

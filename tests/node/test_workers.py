@@ -13,7 +13,7 @@ import pytest
 from fluxmq.config import load_config
 from fluxmq.node.app import NodeApplication
 from fluxmq.node.cli import main
-from fluxmq.node.workers import bind_reuseport, shard_path, worker_count
+from fluxmq.node.workers import WorkerContext, bind_reuseport, mark_stopping, shard_path, worker_count
 
 
 @pytest.fixture(autouse=True)
@@ -149,3 +149,15 @@ def test_ownership_is_a_compare_and_swap_and_a_dead_workers_entries_are_free(tmp
         live.kill()
         live.wait()
         me.close()
+
+
+def test_a_dead_sibling_comes_back_restarted_until_the_node_stops(tmp_path) -> None:
+    """What a claim of a dead worker's id waits for (``WorkerContext.restarts``): another index of
+    this node's run, restarted while the arbiter has not marked the run directory as stopping."""
+    w0 = WorkerContext(0, 2, str(tmp_path))
+    assert w0.restarts("w1") and not w0.restarts("w0") and not w0.restarts("w2")
+    assert WorkerContext(1, 2, str(tmp_path), node_name="n1").restarts("n1/w0")
+    assert not w0.stopping()
+    mark_stopping(str(tmp_path))
+    mark_stopping(str(tmp_path))  # (twice: the halt after a stop)
+    assert w0.stopping() and w0.restarts("w1")
