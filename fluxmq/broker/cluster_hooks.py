@@ -106,8 +106,14 @@ class ClusterHooks:
             if only_from is not None:
                 state = peers.claim_session(client_id, clean_start, only_from)
             elif handed is not None and handed[2]:
-                # exported to that node a moment ago: it may not own it yet (Peers.claim_session)
-                state = peers.claim_session(client_id, clean_start, None, handed[2])
+                # exported to that node a moment ago: it may not own it yet, or its claim failed
+                # after the export (Peers.claim_session): the copy resumes then. The claim takes
+                # the copy over, even when it fails (stale if that node's claim ended meanwhile)
+                try:
+                    state = peers.claim_session(client_id, clean_start, None, handed[2], handed[1])
+                finally:
+                    if self._exported.get(client_id) is handed:
+                        self._drop_exported(client_id)
             else:
                 state = peers.claim_session(client_id, clean_start)
             self._drop_exported(client_id)  # the client id lives here now

@@ -153,9 +153,14 @@ class WorkerPeers(ClusterPeers):
         return local
 
     def claim_session(
-        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
+        self,
+        client_id: str,
+        clean_start: bool,
+        only_from: str | None = None,
+        handed_to: str | None = None,
+        exported: bytes | None = None,
     ) -> bytes | None:
-        return self.sessions.claim_session(client_id, clean_start, only_from, handed_to)
+        return self.sessions.claim_session(client_id, clean_start, only_from, handed_to, exported)
 
     def release_session(self, client_id: str) -> None:
         self.sessions.release_session(client_id)
@@ -255,9 +260,7 @@ class WorkerNode:
             markers=self.peers.markers,
             restart_wait=RESTART_WAIT,
         )
-        serve_handover(
-            self.transport, broker, self.peers.markers, self.peers.take_kept, self.peers.handed_over
-        )
+        serve_handover(self.transport, broker, self.peers)
         self.transport.handle("retained.snapshot", self._serve_retained)
 
     def local(self) -> list[str]:
