@@ -152,19 +152,6 @@ class WorkerPeers(ClusterPeers):
                     link.enqueue(Outgoing(blob, (), False, message.expires_at))
         return local
 
-    def claim_session(
-        self,
-        client_id: str,
-        clean_start: bool,
-        only_from: str | None = None,
-        handed_to: str | None = None,
-        exported: bytes | None = None,
-    ) -> bytes | None:
-        return self.sessions.claim_session(client_id, clean_start, only_from, handed_to, exported)
-
-    def release_session(self, client_id: str) -> None:
-        self.sessions.release_session(client_id)
-
 
 class _NodeHealth:
     """The cluster check and ``/cluster/status`` of a worker of a cluster node: the ``ClusterHealth``
