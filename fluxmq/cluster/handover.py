@@ -63,9 +63,10 @@ MOVED_TIMEOUT = 5.0
 COMMIT_TIMEOUT = 2.0
 #: seconds a claiming node waits for the owner to apply what it forwarded there before the claim
 DRAIN_TIMEOUT = 0.5
-#: messages a node keeps per client id from the stand-in of a move whose claim failed here (as
-#: many as a stand-in holds), and for how long (seconds: as long as the old node keeps the copy of
-#: its export for the client's retry, ``Broker.exported_keep``)
+#: messages a node keeps per client id from the stand-in of a move whose claim failed here, by
+#: default (``ClusterSessions``' ``max_kept_moved``: a node passes as many as a stand-in holds,
+#: ``Broker.moved_max_queued``), and for how long (seconds: as long as the old node keeps the copy
+#: of its export for the client's retry, ``Broker.exported_keep``)
 MAX_KEPT_MOVED = 10000
 KEPT_MOVED_FOR = 30.0
 #: seconds between two looks at the registry while a claim waits for a restarting owner
@@ -223,6 +224,7 @@ class ClusterSessions:
         drain: Callable[[str, float], object] | None = None,
         markers=None,
         restart_wait: float = 0.0,
+        max_kept_moved: int = MAX_KEPT_MOVED,
     ) -> None:
         self.ownership = ownership
         self.call = call
@@ -244,9 +246,10 @@ class ClusterSessions:
         # its takeover call (``keep_moved``): kept apart from the state, since the client's retry
         # may take the state again from that node (the copy of its export, without them), and
         # added to whatever state the next claim returns (or a take-back takes). Bounded as ``kept``
-        # in ids, ``MAX_KEPT_MOVED`` messages each, ``KEPT_MOVED_FOR`` seconds: client id -> (until
+        # in ids, ``max_kept_moved`` messages each, ``KEPT_MOVED_FOR`` seconds: client id -> (until
         # when, the messages)
         self.kept_moved: dict[str, tuple[float, list]] = {}
+        self.max_kept_moved = max_kept_moved
         # client id -> (the node whose state the last claim took, the move's token): its stand-in
         # forwards to here until the markers ``moved_in`` asks for are in
         self._took_from: dict[str, tuple[str, str]] = {}
@@ -596,7 +599,7 @@ class ClusterSessions:
         if client_id not in self.kept_moved and client_id not in self.kept:
             return False
         kept = self._kept_moved(client_id)
-        room = MAX_KEPT_MOVED - len(kept)
+        room = self.max_kept_moved - len(kept)
         if room < len(queued):
             log.warning(
                 "moved_messages_dropped",

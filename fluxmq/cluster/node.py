@@ -292,6 +292,7 @@ class ClusterNode:
                 losing_takeover_replies(self.transport.call),
                 drain=self.transport.drain,
                 markers=self.peers.markers,
+                max_kept_moved=broker.moved_max_queued,
             )
             self.health = self.plane.health
         # Durable queues across nodes (fluxmq.cluster.queue_nodes): a node of one worker reaches

@@ -246,6 +246,7 @@ class WorkerNode:
             drain=self.transport.drain,
             markers=self.peers.markers,
             restart_wait=RESTART_WAIT,
+            max_kept_moved=broker.moved_max_queued,
         )
         serve_handover(self.transport, broker, self.peers)
         self.transport.handle("retained.snapshot", self._serve_retained)

@@ -123,12 +123,14 @@ class Cluster:
         self.network = Network()
         self.brokers: dict[str, Broker] = {}
 
-    def node(self, name: str, forwarding: bool = False) -> Broker:
-        """A node; with ``forwarding`` its exports leave a stand-in that forwards to the taking node
-        (``session.moved``), as a real node's do."""
-        broker = Broker(BrokerSettings(node_id=name))
+    def node(self, name: str, forwarding: bool = False, **settings) -> Broker:
+        """A node (``settings``: more ``BrokerSettings``); with ``forwarding`` its exports leave a
+        stand-in that forwards to the taking node (``session.moved``), as a real node's do."""
+        broker = Broker(BrokerSettings(node_id=name, **settings))
         call = self.network.caller(name)
-        peers = NodePeers(Ownership(self.registry, name), call, timeout=2.0)
+        peers = NodePeers(
+            Ownership(self.registry, name), call, timeout=2.0, max_kept_moved=broker.moved_max_queued
+        )
         broker.set_peers(peers)
         handler = takeover_handler(broker, call if forwarding else None, None, peers.take_kept)
         self.network.handle(name, TAKEOVER_KIND, handler)
@@ -495,6 +497,53 @@ def test_what_the_stand_in_forwarded_to_a_claim_that_failed_reaches_the_clients_
     new, d, present = connect(b, "c1")  # the client retries
     assert present and set(new.subscriptions) == {"t"} and cluster.registry.owners["c1"] == "B"
     assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 1)]
+
+
+BACKLOG = 10500  # messages a stalled node's peers queued for it (more than moved.MAX_QUEUED)
+
+
+def _held(session) -> int:
+    return len(session.inflight) + len(session.queue)
+
+
+def test_a_stand_in_forwards_a_backlog_beyond_10000_messages_that_the_sessions_queue_would_hold(
+    cluster: Cluster,
+) -> None:
+    """A node stalled for a few seconds (its etcd lease lost meanwhile) exports a session as it
+    wakes, before it applied what its peers' streams queued for it during the stall: the whole
+    backlog reaches the stand-in at once, before its sender runs. It holds as many as the session's
+    queue would (``Broker.moved_max_queued``), not 10,000: the e2e stall of node e2 lost 372 to
+    1,061 numbers there (``moved_forward_ended ... dropped=``), on main as with the take-back."""
+    a = cluster.node("A", forwarding=True, max_queued_messages=2 * BACKLOG)
+    b = cluster.node("B", forwarding=True, max_queued_messages=2 * BACKLOG)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    new, _, present = connect(b, "c1")
+    assert present
+    for i in range(BACKLOG):  # no yield: the stand-in's sender has not run yet
+        a.publish(Message("t", str(i).encode(), 1))
+    stand_in = a._moved["c1"]
+    assert stand_in.dropped == 0
+    gevent.sleep(0.05)  # the sender runs: one call per MAX_QUEUED messages
+    assert stand_in.forwarded == BACKLOG and _held(new) == BACKLOG
+
+
+def test_what_a_failed_claim_keeps_of_a_backlog_beyond_10000_messages_reaches_the_clients_retry(
+    cluster: Cluster,
+) -> None:
+    """The same backlog forwarded to a node whose claim failed after the hand-over (the lease of
+    the node lost meanwhile): it keeps as many as the session's queue would hold
+    (``ClusterSessions``' ``max_kept_moved``), and the client's retry gets them all."""
+    a = cluster.node("A", forwarding=True, max_queued_messages=2 * BACKLOG)
+    b = cluster.node("B", forwarding=True, max_queued_messages=2 * BACKLOG)
+    _claim_fails_after_the_handover(cluster, a, b)
+    cluster.registry.down = False
+    for i in range(BACKLOG):
+        a.publish(Message("t", str(i).encode(), 1))
+    gevent.sleep(0.05)
+    assert a._moved["c1"].dropped == 0 and len(b.peers.kept_moved["c1"][1]) == BACKLOG
+    new, _, present = connect(b, "c1")  # the client retries
+    assert present and _held(new) == BACKLOG
 
 
 def _reply_lost(cluster: Cluster, a: Broker, b: Broker, qos: int = 1) -> RecordingDelivery:
