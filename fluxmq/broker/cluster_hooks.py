@@ -12,7 +12,7 @@ from collections.abc import Callable
 import gevent
 from gevent.event import Event
 
-from fluxmq.errors import QueueRefused, ServerUnavailable
+from fluxmq.errors import ClaimNotStarted, QueueRefused, ServerUnavailable
 
 from .message import Message, TrackedMessage
 from .moved import MAX_QUEUED, MovedSession, MovedShare, MoveGate, MoveMarks
@@ -108,12 +108,16 @@ class ClusterHooks:
             elif handed is not None and handed[2]:
                 # exported to that node a moment ago: it may not own it yet, or its claim failed
                 # after the export (Peers.claim_session): the copy resumes then. The claim takes
-                # the copy over, even when it fails (stale if that node's claim ended meanwhile)
+                # the copy over, even when it fails (stale if that node's claim ended meanwhile),
+                # unless it failed before asking any node: then the copy stays here as it was
                 try:
                     state = peers.claim_session(client_id, clean_start, None, handed[2], handed[1])
-                finally:
+                except ClaimNotStarted:
+                    raise
+                except BaseException:
                     if self._exported.get(client_id) is handed:
                         self._drop_exported(client_id)
+                    raise
             else:
                 state = peers.claim_session(client_id, clean_start)
             self._drop_exported(client_id)  # the client id lives here now

@@ -67,7 +67,9 @@ class Peers(Protocol):
         while this node still reads as the owner, the session is taken back from there.
         ``exported``: the state this node handed ``handed_to`` (the copy it keeps): returned, with
         what that node kept of the move, when that node's claim failed after the export and it holds
-        no state (the client retries here rather than there)."""
+        no state (the client retries here rather than there). The claim takes the copy over, unless
+        it fails before asking any node (``fluxmq.errors.ClaimNotStarted``: the copy stays the
+        caller's)."""
 
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (its session ended here, or the node stops)."""

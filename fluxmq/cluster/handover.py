@@ -49,7 +49,7 @@ from fluxmq.broker.session_state import (
     decode_session_state,
     encode_session_state,
 )
-from fluxmq.errors import OwnerRestarting, ServerUnavailable, StorageError
+from fluxmq.errors import ClaimNotStarted, OwnerRestarting, ServerUnavailable, StorageError
 
 log = logging.getLogger("fluxmq.cluster.handover")
 
@@ -353,9 +353,12 @@ class ClusterSessions:
         claim failed after the export: the reply was lost, or the compare-and-swap failed) it
         answers with what the stand-in forwarded there (``KEPT_MOVED_REPLY``), and the session
         resumes from the copy with those messages, not anew. The claim takes the copy over (the
-        caller drops its own): kept (``kept``) when the claim fails before that node answered, and
-        stale, dropped, when the registry names another node (that node's claim ended: it may have
-        moved the session on since, back here even)."""
+        caller drops its own): kept (``kept``) when the take-back gets no answer, and stale,
+        dropped, when the registry names another node (that node's claim ended: it may have moved
+        the session on since, back here even). A claim that fails before asking any node (the
+        registry refused: this node's lease lost) raises ``ClaimNotStarted`` and leaves the copy to
+        the caller, checked again at the next claim: kept here it would outlive that check (a
+        session that ended on that node since came back here)."""
         state = self.kept.pop(client_id, None)
         self._handed_back.pop(client_id, None)
         take_from: str | None = None
@@ -418,9 +421,11 @@ class ClusterSessions:
                 copy = None  # answered: used, or replaced by what that node held
                 take_from = owner
             raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
-        except ServerUnavailable:
+        except ServerUnavailable as exc:
             self._took_from.pop(client_id, None)
-            if state is None:
+            if not asked:
+                copy = None  # nothing moved: the caller keeps its copy (ClaimNotStarted below)
+            elif state is None:
                 state = copy  # the take-back did not get an answer: resumed at the next claim here
             if state is not None:
                 self._keep(client_id, self._with_queued(client_id, state, carried))
@@ -428,6 +433,8 @@ class ClusterSessions:
                 kept = self._kept_moved(client_id)  # what its stand-in forwards here until the retry
                 if state is None:
                     kept.extend(carried)
+            elif exported is not None and not isinstance(exc, ClaimNotStarted):
+                raise ClaimNotStarted(str(exc)) from exc
             raise
 
     def _kept_moved(self, client_id: str) -> list:

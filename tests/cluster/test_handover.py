@@ -770,6 +770,34 @@ def test_a_take_back_after_a_lost_reply_never_resumes_an_older_copy_of_the_other
     assert cluster.registry.owners["c1"] == "B"
 
 
+def test_a_claim_that_fails_at_the_registry_before_asking_leaves_the_copy_to_its_staleness_check(
+    cluster: Cluster,
+) -> None:
+    """A handed the session to B, whose claim succeeded. A client of the id then reaches A while
+    A's etcd lease is lost (the registry refuses A before any node is asked: 0x88, ``node A holds
+    no live etcd lease``). Nothing moved, so A's copy of its export stays where it was, checked at
+    the next claim; it is not kept as the client's state (``kept``), where no check applies: after
+    the session ended on B (a Clean Start with expiry 0, its id released), the client's next
+    connect to A resumed that copy (present, its old subscription) instead of starting afresh."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    on_b, d, present = connect(b, "c1")  # A -> B: B owns the session, A keeps the copy
+    assert present and cluster.registry.owners["c1"] == "B"
+    cluster.registry.down = True  # A's lease lost
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)
+    assert "c1" not in a.peers.kept
+    cluster.registry.down = False
+    clean, d2 = b.open_session("c1", True, 0)[0], RecordingDelivery()  # the client cleans it on B
+    b.attach(clean, d2, 100)
+    b.close_session(clean, d2, publish_will=False)  # ends: expiry 0, the id released
+    gevent.sleep(0.01)
+    assert "c1" not in cluster.registry.owners
+    new, _, present = connect(a, "c1")
+    assert not present and not new.subscriptions
+
+
 def test_what_the_stand_in_sends_after_the_take_back_answer_reaches_the_resumed_session(
     cluster: Cluster,
 ) -> None:
