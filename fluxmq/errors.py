@@ -98,6 +98,12 @@ class OwnerRestarting(ServerUnavailable):
         self.owner = owner
 
 
+class ClaimNotStarted(ServerUnavailable):
+    """A session's claim failed before it asked any node for the session (the registry refused:
+    no quorum, this node's etcd lease lost): nothing moved, so the caller's copy of its last export
+    (``Peers.claim_session``'s ``exported``) stays the caller's."""
+
+
 class QueueRefused(MQTTError):
     """A durable queue (``$queue/...``) refused a publish or a subscription; ``reason_code`` is the
     5.0 code for the PUBACK/SUBACK (0x90 no such queue, 0x97 queue full, 0x8F no such queue to

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import gevent
 from gevent.event import Event
 
-from fluxmq.errors import QueueRefused, ServerUnavailable
+from fluxmq.errors import ClaimNotStarted, QueueRefused, ServerUnavailable
 
 from .message import Message, TrackedMessage
-from .moved import MovedSession, MovedShare, MoveGate, MoveMarks
+from .moved import MAX_QUEUED, MovedSession, MovedShare, MoveGate, MoveMarks
 from .prefixes import BRIDGE_SESSION_PREFIX
 from .session import Inflight, PersistentSession, Session, Subscription, Will
 from .session_state import (
@@ -106,8 +106,18 @@ class ClusterHooks:
             if only_from is not None:
                 state = peers.claim_session(client_id, clean_start, only_from)
             elif handed is not None and handed[2]:
-                # exported to that node a moment ago: it may not own it yet (Peers.claim_session)
-                state = peers.claim_session(client_id, clean_start, None, handed[2])
+                # exported to that node a moment ago: it may not own it yet, or its claim failed
+                # after the export (Peers.claim_session): the copy resumes then. The claim takes
+                # the copy over, even when it fails (stale if that node's claim ended meanwhile),
+                # unless it failed before asking any node: then the copy stays here as it was
+                try:
+                    state = peers.claim_session(client_id, clean_start, None, handed[2], handed[1])
+                except ClaimNotStarted:
+                    raise
+                except BaseException:
+                    if self._exported.get(client_id) is handed:
+                        self._drop_exported(client_id)
+                    raise
             else:
                 state = peers.claim_session(client_id, clean_start)
             self._drop_exported(client_id)  # the client id lives here now
@@ -283,7 +293,9 @@ class ClusterHooks:
         if move is not None and move.token:
             marks = MoveMarks(move.token, move.nodes)
             origin = self._origin_of(move.own)
-        stand_in = MovedSession(cid, session.username, to_node, send, marks, origin, gate)
+        stand_in = MovedSession(
+            cid, session.username, to_node, send, marks, origin, gate, self.moved_max_queued
+        )
         if marks is not None:
             marks.done = lambda: self._markers_in(cid, stand_in)
             self._count_marks(marks)
@@ -321,6 +333,18 @@ class ClusterHooks:
             timer.kill(block=False)
         stand_in.timer = gevent.spawn_later(self.moved_forward_for, self._stand_in_done, client_id, stand_in)
         log.info("moved_forward_restarted", extra={"client_id": client_id, "to_node": stand_in.to_node})
+
+    @property
+    def moved_max_queued(self) -> int:
+        """Messages held at most for a session in a move outside any session: what its stand-in
+        here waits to send, what a node whose claim failed keeps of what the stand-in sent it
+        (``ClusterSessions.keep_moved``). As many as a persistent session's queue holds here
+        (``storage.max_queued_messages``; ``broker.max_queued_messages`` on the memory store), at
+        least ``moved.MAX_QUEUED`` (10,000): a node stalled for a few seconds (its etcd lease lost) gets
+        the backlog of its peers' streams at once, and a lower bound dropped what the session
+        itself would have held."""
+        limits = self.persistent_limits if self._store is not None else self.limits
+        return max(MAX_QUEUED, limits.max_queued_messages)
 
     def _hold_for(self, key: str, target, s: Subscription) -> Subscription:
         """``s`` (a moved session's subscription, shared or not) with ``target`` in its place, in

@@ -40,8 +40,10 @@ every one it routes after (this node and the taking node mark their own publishe
   a node whose marker did not arrive by then (unreachable that long) may see its messages of the
   window lost or doubled. Without markers (no token: a node of an older version, a double in a
   test) the stand-in forwards for the whole grace and the session is not gated.
-* Bounded: at most ``MAX_QUEUED`` messages wait per stand-in (past it they are dropped and
-  counted), and the stand-ins end after the grace, or the oldest first past ``Broker.moved_max``.
+* Bounded: at most as many messages wait per stand-in as the session's queue holds on this node
+  (``Broker.moved_max_queued``: ``storage.max_queued_messages`` for a persistent session, at least
+  ``MAX_QUEUED``; past it they are dropped and counted), sent ``MAX_QUEUED`` per call at most, and
+  the stand-ins end after the grace, or the oldest first past ``Broker.moved_max``.
 * Not on any hot path: nothing is added per message while no session is moving; a stand-in and
   a gate are router targets like a session, whose ``deliver`` appends to an outbox or delivers.
 """
@@ -58,7 +60,8 @@ from .session_state import QueuedState, SessionState, SubscriptionState, encode_
 
 log = logging.getLogger("fluxmq.broker.moved")
 
-#: messages a stand-in holds for its send at most (past it they are dropped, counted)
+#: messages a stand-in holds for its send at least (its bound is the session's queue bound, when
+#: higher: ``MovedSession``'s ``limit``), and at most in one call
 MAX_QUEUED = 10000
 #: the router key of a stand-in's subscriptions (beside the client id's own, which a session of
 #: the same id coming back here takes)
@@ -108,7 +111,8 @@ class MovedSession:
     ``marks`` (None: no markers, the grace alone ends it): the move's markers; a message whose
     origin (``origin()``) marked is dropped, that node sends it to ``to_node`` itself. ``gate``:
     the session was still gated here (its move here not settled) when it moved on: what the gate
-    would not have given it is not forwarded either (the node before forwards it)."""
+    would not have given it is not forwarded either (the node before forwards it). ``limit``:
+    messages waiting for the send at most (``MAX_QUEUED`` by default), the rest dropped and counted."""
 
     # a router target's fields that the publish paths read: no connection, not a client's
     delivery = None
@@ -124,8 +128,10 @@ class MovedSession:
         marks: MoveMarks | None = None,
         origin: Callable[[], str] | None = None,
         gate: MoveGate | None = None,
+        limit: int | None = None,
     ) -> None:
         self.client_id = client_id
+        self.limit = MAX_QUEUED if limit is None else limit
         self.username = username
         self.to_node = to_node
         self.key = client_id + KEY_SUFFIX
@@ -161,7 +167,7 @@ class MovedSession:
         """Queue ``message`` for the session on its new node (what a node before forwarded here);
         ``share``: it is the share of the session's shared subscription ``share`` (the group gave it
         to the session), not a match of its own subscriptions."""
-        if len(self._outbox) >= MAX_QUEUED:
+        if len(self._outbox) >= self.limit:
             self.dropped += 1
             return
         # The message as published: the taking node applies the session's own options to it.
@@ -171,14 +177,15 @@ class MovedSession:
 
     def _send_all(self) -> None:
         """Send what is queued, in order, one call per run of messages for the same subscription
-        kind (its own, or one shared subscription: named in the call's state), until nothing is
-        left."""
+        kind (its own, or one shared subscription: named in the call's state; ``MAX_QUEUED`` at
+        most), until nothing is left."""
         try:
             while self._outbox:
                 outbox = self._outbox
                 share = outbox[0][1]
                 n = 1
-                while n < len(outbox) and outbox[n][1] is share:
+                most = min(len(outbox), MAX_QUEUED)
+                while n < most and outbox[n][1] is share:
                     n += 1
                 batch = [q for q, _s in outbox[:n]]
                 del outbox[:n]

@@ -51,7 +51,12 @@ class Peers(Protocol):
         for a peer): a publish that matched nothing here is then not one nobody subscribes to."""
 
     def claim_session(
-        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
+        self,
+        client_id: str,
+        clean_start: bool,
+        only_from: str | None = None,
+        handed_to: str | None = None,
+        exported: bytes | None = None,
     ) -> bytes | None:
         """Own ``client_id`` cluster-wide (may block this greenlet). Returns the encoded session state
         the previous owner handed over, or None. Raises ``fluxmq.errors.ServerUnavailable`` when
@@ -59,7 +64,12 @@ class Peers(Protocol):
         ``only_from``, when another node than ``only_from`` owns it (an adoption never takes a
         session from a node its client lives on). ``handed_to``: this node exported the session to
         that node a moment ago, which may not have taken ownership yet (its claim is in progress):
-        while this node still reads as the owner, the session is taken back from there."""
+        while this node still reads as the owner, the session is taken back from there.
+        ``exported``: the state this node handed ``handed_to`` (the copy it keeps): returned, with
+        what that node kept of the move, when that node's claim failed after the export and it holds
+        no state (the client retries here rather than there). The claim takes the copy over, unless
+        it fails before asking any node (``fluxmq.errors.ClaimNotStarted``: the copy stays the
+        caller's)."""
 
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (its session ended here, or the node stops)."""

@@ -13,7 +13,7 @@
   NUL [MQTT-1.5.4-2]). The taking node gates the imported session and marks its streams
   (``ClusterSessions.moving_in``, ``moved_in``; ``fluxmq.cluster.markers``); the old owner's
   stand-in counts the markers of that token and ends once every node's is in, or after its grace.
-* ``serve_handover(transport, broker)`` installs these handlers.
+* ``serve_handover(transport, broker, peers)`` installs these handlers.
 * ``ClusterSessions`` implements ``Peers.claim_session`` / ``release_session`` over an ownership
   registry (``acquire_session(client_id, take_from=None) -> previous owner | None``,
   ``release_session(client_id)``: etcd, ``fluxmq.cluster.metadata``) and a control RPC
@@ -49,7 +49,7 @@ from fluxmq.broker.session_state import (
     decode_session_state,
     encode_session_state,
 )
-from fluxmq.errors import OwnerRestarting, ServerUnavailable, StorageError
+from fluxmq.errors import ClaimNotStarted, OwnerRestarting, ServerUnavailable, StorageError
 
 log = logging.getLogger("fluxmq.cluster.handover")
 
@@ -63,17 +63,24 @@ MOVED_TIMEOUT = 5.0
 COMMIT_TIMEOUT = 2.0
 #: seconds a claiming node waits for the owner to apply what it forwarded there before the claim
 DRAIN_TIMEOUT = 0.5
-#: messages a node keeps per client id from the stand-in of a move whose claim failed here (as
-#: many as a stand-in holds), and for how long (seconds: as long as the old node keeps the copy of
-#: its export for the client's retry, ``Broker.exported_keep``)
+#: messages a node keeps per client id from the stand-in of a move whose claim failed here, by
+#: default (``ClusterSessions``' ``max_kept_moved``: a node passes as many as a stand-in holds,
+#: ``Broker.moved_max_queued``), and for how long (seconds: as long as the old node keeps the copy
+#: of its export for the client's retry, ``Broker.exported_keep``)
 MAX_KEPT_MOVED = 10000
 KEPT_MOVED_FOR = 30.0
 #: seconds between two looks at the registry while a claim waits for a restarting owner
 RESTART_POLL = 0.1
 #: seconds a failed takeover call's owner is looked at for its death (``ClusterSessions._died``)
 DIED_WAIT = 1.0
+#: first bytes of a takeover reply that carries no state, only what the stand-in of a move whose
+#: claim failed on the answering node forwarded there (``ClusterSessions.take_kept``): a session
+#: state (``b"FXSS"``...) follows, holding those messages alone. The asking node resumes the copy
+#: of its own export with them (``claim_session``'s ``exported``).
+KEPT_MOVED_REPLY = b"FXKM"
 
 __all__ = [
+    "KEPT_MOVED_REPLY",
     "MOVED_KIND",
     "TAKEOVER_KIND",
     "ClusterSessions",
@@ -91,7 +98,7 @@ def takeover_handler(
     broker,
     call: Callable[[str, str, bytes, float], bytes] | None = None,
     markers=None,
-    take_kept: Callable[[str], bytes | None] | None = None,
+    take_kept: Callable[[str, str], bytes | None] | None = None,
     handed_over: Callable[[str], object] | None = None,
 ) -> Callable[[str, bytes], bytes]:
     """The transport handler of ``session.takeover`` for ``broker``: ``fn(from_node, payload)``
@@ -102,7 +109,8 @@ def takeover_handler(
     and a token) or for a few seconds.
 
     ``take_kept`` (``ClusterSessions.take_kept``): with no session here, the state a failed claim of
-    this node keeps for the client (``ClusterSessions.kept``) is handed over instead. The node the
+    this node keeps for the client (``ClusterSessions.kept``) is handed over instead, or, with none,
+    what that claim kept of its move (``KEPT_MOVED_REPLY``: the asking node resumes its copy). The node the
     state came from took the session back from here (``claim_session``'s ``handed_to``), since the
     registry still names it: answered empty, it would start the client afresh and the kept state
     would be lost (or, at the client's next claim here, replace the session it lives on).
@@ -128,7 +136,7 @@ def takeover_handler(
             move = markers.move_out(token) if markers is not None and token else None
             state = broker.export_session(client_id, from_node, send, move)
         if not state and take_kept is not None:
-            state = take_kept(client_id)
+            state = take_kept(client_id, from_node)
         if state:
             if handed_over is not None:
                 handed_over(client_id)
@@ -154,11 +162,18 @@ def takeover_handler(
     return handle
 
 
-def moved_handler(broker) -> Callable[[str, bytes], bytes]:
+def moved_handler(
+    broker, pass_back: Callable[[bytes], bytes | None] | None = None
+) -> Callable[[str, bytes], bytes]:
     """The transport handler of ``session.moved``: the messages a session's previous node forwards
-    for it, delivered to that session only (``Broker.deliver_moved``)."""
+    for it, delivered to that session only (``Broker.deliver_moved``), or passed on to the node
+    that took the session back from here (``pass_back``: ``ClusterSessions.pass_back``)."""
 
     def handle(from_node: str, payload: bytes) -> bytes:
+        if pass_back is not None:
+            passed = pass_back(bytes(payload))
+            if passed is not None:
+                return passed
         try:
             n = broker.deliver_moved(bytes(payload))
         except SessionStateError as exc:
@@ -169,12 +184,17 @@ def moved_handler(broker) -> Callable[[str, bytes], bytes]:
     return handle
 
 
-def serve_handover(transport, broker, markers=None, take_kept=None, handed_over=None) -> None:
-    """Serve ``session.takeover`` (with the forwarding of what reaches the old node afterwards,
-    ended by the move's ``markers``; a failed claim's kept state, ``take_kept``; ``handed_over``
-    told of each state that left) and ``session.moved`` for ``broker`` on ``transport``."""
+def serve_handover(transport, broker, peers=None) -> None:
+    """Serve ``session.takeover`` and ``session.moved`` for ``broker`` on ``transport``, with what
+    ``peers`` (``ClusterPeers``) has of them: the move's ``markers`` that end the forwarding of
+    what reaches the old node afterwards, ``take_kept`` (a failed claim's kept state),
+    ``handed_over`` (told of each state that left) and ``pass_back`` (what reaches here after a
+    take-back took what a failed claim kept)."""
+    markers = getattr(peers, "markers", None)
+    take_kept = getattr(peers, "take_kept", None)
+    handed_over = getattr(peers, "handed_over", None)
     transport.handle(TAKEOVER_KIND, takeover_handler(broker, transport.call, markers, take_kept, handed_over))
-    transport.handle(MOVED_KIND, moved_handler(broker))
+    transport.handle(MOVED_KIND, moved_handler(broker, getattr(peers, "pass_back", None)))
 
 
 class ClusterSessions:
@@ -204,6 +224,7 @@ class ClusterSessions:
         drain: Callable[[str, float], object] | None = None,
         markers=None,
         restart_wait: float = 0.0,
+        max_kept_moved: int = MAX_KEPT_MOVED,
     ) -> None:
         self.ownership = ownership
         self.call = call
@@ -225,12 +246,16 @@ class ClusterSessions:
         # its takeover call (``keep_moved``): kept apart from the state, since the client's retry
         # may take the state again from that node (the copy of its export, without them), and
         # added to whatever state the next claim returns (or a take-back takes). Bounded as ``kept``
-        # in ids, ``MAX_KEPT_MOVED`` messages each, ``KEPT_MOVED_FOR`` seconds: client id -> (until
+        # in ids, ``max_kept_moved`` messages each, ``KEPT_MOVED_FOR`` seconds: client id -> (until
         # when, the messages)
         self.kept_moved: dict[str, tuple[float, list]] = {}
+        self.max_kept_moved = max_kept_moved
         # client id -> (the node whose state the last claim took, the move's token): its stand-in
         # forwards to here until the markers ``moved_in`` asks for are in
         self._took_from: dict[str, tuple[str, str]] = {}
+        # client id -> (until when, the node that took the session back from here and with it what
+        # ``kept_moved`` held, ``take_kept``): what the stand-in still forwards here goes there
+        self._handed_back: dict[str, tuple[float, str]] = {}
         self._moves = 0
 
     def _acquire(self, client_id: str, take_from: str | None) -> str | None:
@@ -306,7 +331,12 @@ class ClusterSessions:
                 self.drain(owner, DRAIN_TIMEOUT)
 
     def claim_session(
-        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
+        self,
+        client_id: str,
+        clean_start: bool,
+        only_from: str | None = None,
+        handed_to: str | None = None,
+        exported: bytes | None = None,
     ) -> bytes | None:
         """Own ``client_id``; returns the state its previous owner handed over, or None. With
         ``only_from`` (an adoption asked by that stopping node) the session is taken from that node
@@ -317,18 +347,34 @@ class ClusterSessions:
         the end of its claim, so the registry may still name this node: taken as ours, the session
         would start anew here while that node resumes the handed-over one, two clients live. So
         while the registry names this node, the session is taken back from ``handed_to`` (whose
-        export waits for its claim to end), as from any owner."""
+        export waits for its claim to end), as from any owner.
+
+        ``exported``: the copy of that export (``handed_to``'s). When that node holds no state (its
+        claim failed after the export: the reply was lost, or the compare-and-swap failed) it
+        answers with what the stand-in forwarded there (``KEPT_MOVED_REPLY``), and the session
+        resumes from the copy with those messages, not anew. The claim takes the copy over (the
+        caller drops its own): kept (``kept``) when the take-back gets no answer, and stale,
+        dropped, when the registry names another node (that node's claim ended: it may have moved
+        the session on since, back here even). A claim that fails before asking any node (the
+        registry refused: this node's lease lost) raises ``ClaimNotStarted`` and leaves the copy to
+        the caller, checked again at the next claim: kept here it would outlive that check (a
+        session that ended on that node since came back here)."""
         state = self.kept.pop(client_id, None)
+        self._handed_back.pop(client_id, None)
         take_from: str | None = None
         asked = False  # a takeover call went out: its node may have exported and forward here
+        carried: list = []  # messages a take-back brought without a state (``KEPT_MOVED_REPLY``)
+        copy = exported if handed_to is not None and only_from is None else None
         try:
             for _ in range(self.max_moves + 1):
                 owner, back_until = self._acquire_restarted(client_id, take_from, clean_start)
                 taking_back = owner is None and handed_to and take_from is None and only_from is None
                 if taking_back:
                     owner = handed_to  # on its way there: take it back from there (docstring)
+                elif take_from is None:
+                    copy = None  # stale (docstring)
                 if owner is None:
-                    return self._with_kept_moved(client_id, state)
+                    return self._with_kept_moved(client_id, self._with_queued(client_id, state, carried))
                 if only_from is not None and owner != only_from:
                     raise ServerUnavailable(
                         f"{client_id!r} moved to node {owner}: not adopted from {only_from}"
@@ -353,7 +399,15 @@ class ClusterSessions:
                     raise ServerUnavailable(
                         f"node {owner} owning {client_id!r} does not answer: {exc}"
                     ) from exc
-                if reply:
+                if reply and bytes(reply[:4]) == KEPT_MOVED_REPLY:
+                    carried.extend(self._carried(client_id, owner, bytes(reply[4:])))
+                    if state is None and copy is not None:
+                        state = copy  # its claim failed there: the session is the copy here
+                        log.warning(
+                            "takeover_resumed_from_export",
+                            extra={"client_id": client_id, "from_node": owner, "messages": len(carried)},
+                        )
+                elif reply:
                     if state is not None:
                         log.warning(
                             "takeover_state_replaced", extra={"client_id": client_id, "from_node": owner}
@@ -364,14 +418,23 @@ class ClusterSessions:
                     took[client_id] = (owner, token)
                     if len(took) > self.max_kept:  # imports that never ended (an exception)
                         del took[next(iter(took))]
+                copy = None  # answered: used, or replaced by what that node held
                 take_from = owner
             raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
-        except ServerUnavailable:
+        except ServerUnavailable as exc:
             self._took_from.pop(client_id, None)
+            if not asked:
+                copy = None  # nothing moved: the caller keeps its copy (ClaimNotStarted below)
+            elif state is None:
+                state = copy  # the take-back did not get an answer: resumed at the next claim here
             if state is not None:
-                self._keep(client_id, state)
+                self._keep(client_id, self._with_queued(client_id, state, carried))
             if asked:
-                self._kept_moved(client_id)  # what its stand-in forwards here until the retry
+                kept = self._kept_moved(client_id)  # what its stand-in forwards here until the retry
+                if state is None:
+                    kept.extend(carried)
+            elif exported is not None and not isinstance(exc, ClaimNotStarted):
+                raise ClaimNotStarted(str(exc)) from exc
             raise
 
     def _kept_moved(self, client_id: str) -> list:
@@ -395,6 +458,14 @@ class ClusterSessions:
         here since (``keep_moved``) queued after its own messages; dropped (logged) with no state."""
         until, queued = self.kept_moved.pop(client_id, (0.0, None))
         if not queued or until < time.monotonic():
+            return state
+        return self._with_queued(client_id, state, queued)
+
+    @staticmethod
+    def _with_queued(client_id: str, state: bytes | None, queued: list) -> bytes | None:
+        """``state`` with ``queued`` (QueuedState) after its own queued messages; with no state they
+        are dropped (logged)."""
+        if not queued:
             return state
         if state is None:
             log.warning("moved_messages_dropped", extra={"client_id": client_id, "messages": len(queued)})
@@ -450,13 +521,80 @@ class ClusterSessions:
         if forget is not None:
             forget(client_id)
 
-    def take_kept(self, client_id: str) -> bytes | None:
+    def take_kept(self, client_id: str, to_node: str | None = None) -> bytes | None:
         """The state a failed claim keeps for ``client_id``, taken out (another node's takeover
-        asks for a session this node has only kept: ``takeover_handler``)."""
+        asks for a session this node has only kept: ``takeover_handler``); with no state, what the
+        claim kept of its move (``KEPT_MOVED_REPLY``), and what still comes of it goes to
+        ``to_node`` (``pass_back``)."""
         state = self.kept.pop(client_id, None)
         if state is not None:
             log.warning("takeover_state_kept_handed_over", extra={"client_id": client_id})
-        return self._with_kept_moved(client_id, state)
+            return self._with_kept_moved(client_id, state)
+        until, queued = self.kept_moved.get(client_id, (0.0, None))
+        if queued is None or until < time.monotonic():
+            self.kept_moved.pop(client_id, None)
+            return None
+        # A claim failed here after its takeover call, with no state (the reply was lost): the
+        # asking node (the one the registry still names) holds the copy of its export and resumes
+        # it; what its stand-in forwarded here goes back with the answer, not dropped. The entry
+        # stays, empty: if this answer is lost too, the asker's retry still resumes its copy.
+        self.kept_moved[client_id] = (until, [])
+        if to_node:
+            handed_back = self._handed_back
+            handed_back.pop(client_id, None)
+            handed_back[client_id] = (until, to_node)
+            while len(handed_back) > self.max_kept:
+                del handed_back[next(iter(handed_back))]
+        log.warning("moved_messages_handed_back", extra={"client_id": client_id, "messages": len(queued)})
+        return KEPT_MOVED_REPLY + encode_session_state(SessionState(client_id, queued=queued))
+
+    def pass_back(self, blob: bytes) -> bytes | None:
+        """``session.moved`` messages (``blob``) for a client id whose session a take-back took
+        from here with what this node kept of its move (``take_kept``): sent on to that node, whose
+        reply is returned; None (delivered here as any) otherwise. A stand-in's send that was on its
+        way when this node answered the take-back reaches the session, not the kept entry here. An
+        answer of no delivery there (the session left it again, or its claim failed: its stand-in
+        sends them back here) or a failed call ends the passing on."""
+        handed_back = self._handed_back
+        if not handed_back:
+            return None
+        try:
+            client_id = decode_session_state(blob).client_id
+        except SessionStateError:
+            return None
+        entry = handed_back.get(client_id)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del handed_back[client_id]
+            return None
+        try:
+            reply = bytes(self.call(entry[1], MOVED_KIND, blob, MOVED_TIMEOUT))
+        except Exception as exc:
+            handed_back.pop(client_id, None)
+            log.warning(
+                "moved_pass_back_failed",
+                extra={"client_id": client_id, "to_node": entry[1], "error": str(exc)},
+            )
+            return None
+        if reply in (b"", b"0"):
+            handed_back.pop(client_id, None)
+        return reply
+
+    @staticmethod
+    def _carried(client_id: str, node: str, blob: bytes) -> list:
+        """The messages of a ``KEPT_MOVED_REPLY`` (after its prefix); none (logged) when damaged."""
+        try:
+            state = decode_session_state(blob)
+        except SessionStateError as exc:
+            log.warning(
+                "moved_messages_refused", extra={"client_id": client_id, "from_node": node, "error": str(exc)}
+            )
+            return []
+        if state.client_id != client_id:
+            log.warning("moved_messages_refused", extra={"client_id": client_id, "from_node": node})
+            return []
+        return state.queued
 
     def keep_moved(self, client_id: str, queued: list) -> bool:
         """Messages the session's previous node forwarded here after handing it over, when this
@@ -468,7 +606,7 @@ class ClusterSessions:
         if client_id not in self.kept_moved and client_id not in self.kept:
             return False
         kept = self._kept_moved(client_id)
-        room = MAX_KEPT_MOVED - len(kept)
+        room = self.max_kept_moved - len(kept)
         if room < len(queued):
             log.warning(
                 "moved_messages_dropped",

@@ -87,7 +87,7 @@ def losing_takeover_replies(call, environ=os.environ):
     every = int(environ.get(LOSE_TAKEOVER_REPLY_ENV) or 0)
     if every <= 0:
         return call
-    from .handover import TAKEOVER_KIND
+    from .handover import KEPT_MOVED_REPLY, TAKEOVER_KIND
 
     log.warning(
         "takeover_replies_lost", extra={"every": every, "reason": f"{LOSE_TAKEOVER_REPLY_ENV} (tests only)"}
@@ -96,7 +96,12 @@ def losing_takeover_replies(call, environ=os.environ):
 
     def call_losing(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
         reply = call(node, kind, payload, timeout)
-        if kind == TAKEOVER_KIND and reply and next(states) % every == 0:
+        if (
+            kind == TAKEOVER_KIND
+            and reply
+            and bytes(reply[:4]) != KEPT_MOVED_REPLY  # (no state: what a failed claim kept)
+            and next(states) % every == 0
+        ):
             raise ConnectionError(f"the takeover's reply from {node} dropped ({LOSE_TAKEOVER_REPLY_ENV})")
         return reply
 
@@ -266,9 +271,7 @@ class ClusterNode:
             **extra,
         )
         self.peers.transport = self.transport
-        serve_handover(
-            self.transport, broker, self.peers.markers, self.peers.take_kept, self.peers.handed_over
-        )
+        serve_handover(self.transport, broker, self.peers)
         self.transport.handle(ADOPT_KIND, self._adopt)
         self.draining = False
         self.adopted_out = 0
@@ -289,6 +292,7 @@ class ClusterNode:
                 losing_takeover_replies(self.transport.call),
                 drain=self.transport.drain,
                 markers=self.peers.markers,
+                max_kept_moved=broker.moved_max_queued,
             )
             self.health = self.plane.health
         # Durable queues across nodes (fluxmq.cluster.queue_nodes): a node of one worker reaches

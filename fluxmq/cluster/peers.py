@@ -257,12 +257,17 @@ class ClusterPeers:
     sessions = None
 
     def claim_session(
-        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
+        self,
+        client_id: str,
+        clean_start: bool,
+        only_from: str | None = None,
+        handed_to: str | None = None,
+        exported: bytes | None = None,
     ) -> bytes | None:
         sessions = self.sessions
         if sessions is None:
             return None
-        return sessions.claim_session(client_id, clean_start, only_from, handed_to)
+        return sessions.claim_session(client_id, clean_start, only_from, handed_to, exported)
 
     def release_session(self, client_id: str) -> None:
         sessions = self.sessions
@@ -280,10 +285,15 @@ class ClusterPeers:
         if sessions is not None:
             sessions.handed_over(client_id)
 
-    def take_kept(self, client_id: str) -> bytes | None:
+    def take_kept(self, client_id: str, to_node: str | None = None) -> bytes | None:
         """``ClusterSessions.take_kept`` (None while there is no registry)."""
         sessions = self.sessions
-        return sessions.take_kept(client_id) if sessions is not None else None
+        return sessions.take_kept(client_id, to_node) if sessions is not None else None
+
+    def pass_back(self, blob: bytes) -> bytes | None:
+        """``ClusterSessions.pass_back`` (None while there is no registry)."""
+        sessions = self.sessions
+        return sessions.pass_back(blob) if sessions is not None else None
 
     def moving_in(self, client_id: str):
         sessions = self.sessions

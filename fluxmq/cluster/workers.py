@@ -152,14 +152,6 @@ class WorkerPeers(ClusterPeers):
                     link.enqueue(Outgoing(blob, (), False, message.expires_at))
         return local
 
-    def claim_session(
-        self, client_id: str, clean_start: bool, only_from: str | None = None, handed_to: str | None = None
-    ) -> bytes | None:
-        return self.sessions.claim_session(client_id, clean_start, only_from, handed_to)
-
-    def release_session(self, client_id: str) -> None:
-        self.sessions.release_session(client_id)
-
 
 class _NodeHealth:
     """The cluster check and ``/cluster/status`` of a worker of a cluster node: the ``ClusterHealth``
@@ -254,10 +246,9 @@ class WorkerNode:
             drain=self.transport.drain,
             markers=self.peers.markers,
             restart_wait=RESTART_WAIT,
+            max_kept_moved=broker.moved_max_queued,
         )
-        serve_handover(
-            self.transport, broker, self.peers.markers, self.peers.take_kept, self.peers.handed_over
-        )
+        serve_handover(self.transport, broker, self.peers)
         self.transport.handle("retained.snapshot", self._serve_retained)
 
     def local(self) -> list[str]:

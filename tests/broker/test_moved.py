@@ -30,6 +30,22 @@ def test_a_stand_in_holds_at_most_max_queued_messages_and_counts_the_rest_droppe
     assert stand_in.forwarded == 6 and stand_in.dropped == 3
 
 
+def test_a_stand_in_with_a_higher_limit_holds_more_and_sends_max_queued_per_call(monkeypatch) -> None:
+    """A stand-in holds as many messages as its ``limit`` (the session's queue bound,
+    ``Broker.moved_max_queued``), above ``MAX_QUEUED``, and sends them ``MAX_QUEUED`` per call at
+    most, in order."""
+    monkeypatch.setattr(moved, "MAX_QUEUED", 5)
+    sent: list[bytes] = []
+    stand_in = MovedSession("c1", None, "n2", sent.append, limit=20)
+    for i in range(12):  # no yield: a stalled node's backlog at once
+        stand_in.deliver(Message("t", str(i).encode(), 1), 1, False, None)
+    assert stand_in.dropped == 0
+    gevent.sleep(0)
+    batches = [[q.message.payload for q in decode_session_state(blob).queued] for blob in sent]
+    assert [len(b) for b in batches] == [5, 5, 2] and stand_in.forwarded == 12
+    assert [p for b in batches for p in b] == [str(i).encode() for i in range(12)]
+
+
 def test_a_gate_passes_what_came_after_its_origins_marker_and_what_only_this_node_had() -> None:
     """The taking node ("B") gives the session its own messages, and a peer's once that peer's
     marker is in; a session back on its earlier node before that move's markers were all in also

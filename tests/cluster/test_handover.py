@@ -14,11 +14,14 @@ import pytest
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import Message
 from fluxmq.broker.session import Will
+from fluxmq.broker.session_state import QueuedState
 from fluxmq.cluster.handover import (
     MOVED_KIND,
     TAKEOVER_KIND,
     ClusterSessions,
+    SessionState,
     decode_session_state,
+    encode_session_state,
     moved_handler,
     takeover_handler,
 )
@@ -120,16 +123,18 @@ class Cluster:
         self.network = Network()
         self.brokers: dict[str, Broker] = {}
 
-    def node(self, name: str, forwarding: bool = False) -> Broker:
-        """A node; with ``forwarding`` its exports leave a stand-in that forwards to the taking node
-        (``session.moved``), as a real node's do."""
-        broker = Broker(BrokerSettings(node_id=name))
+    def node(self, name: str, forwarding: bool = False, **settings) -> Broker:
+        """A node (``settings``: more ``BrokerSettings``); with ``forwarding`` its exports leave a
+        stand-in that forwards to the taking node (``session.moved``), as a real node's do."""
+        broker = Broker(BrokerSettings(node_id=name, **settings))
         call = self.network.caller(name)
-        peers = NodePeers(Ownership(self.registry, name), call, timeout=2.0)
+        peers = NodePeers(
+            Ownership(self.registry, name), call, timeout=2.0, max_kept_moved=broker.moved_max_queued
+        )
         broker.set_peers(peers)
         handler = takeover_handler(broker, call if forwarding else None, None, peers.take_kept)
         self.network.handle(name, TAKEOVER_KIND, handler)
-        self.network.handle(name, MOVED_KIND, moved_handler(broker))
+        self.network.handle(name, MOVED_KIND, moved_handler(broker, peers.pass_back))
         self.brokers[name] = broker
         return broker
 
@@ -494,6 +499,66 @@ def test_what_the_stand_in_forwarded_to_a_claim_that_failed_reaches_the_clients_
     assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 1)]
 
 
+BACKLOG = 10500  # messages a stalled node's peers queued for it (more than moved.MAX_QUEUED)
+
+
+def _held(session) -> int:
+    return len(session.inflight) + len(session.queue)
+
+
+def test_a_stand_in_forwards_a_backlog_beyond_10000_messages_that_the_sessions_queue_would_hold(
+    cluster: Cluster,
+) -> None:
+    """A node stalled for a few seconds (its etcd lease lost meanwhile) exports a session as it
+    wakes, before it applied what its peers' streams queued for it during the stall: the whole
+    backlog reaches the stand-in at once, before its sender runs. It holds as many as the session's
+    queue would (``Broker.moved_max_queued``), not 10,000: the e2e stall of node e2 lost 372 to
+    1,061 numbers there (``moved_forward_ended ... dropped=``), on main as with the take-back."""
+    a = cluster.node("A", forwarding=True, max_queued_messages=2 * BACKLOG)
+    b = cluster.node("B", forwarding=True, max_queued_messages=2 * BACKLOG)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    new, _, present = connect(b, "c1")
+    assert present
+    for i in range(BACKLOG):  # no yield: the stand-in's sender has not run yet
+        a.publish(Message("t", str(i).encode(), 1))
+    stand_in = a._moved["c1"]
+    assert stand_in.dropped == 0
+    gevent.sleep(0.05)  # the sender runs: one call per MAX_QUEUED messages
+    assert stand_in.forwarded == BACKLOG and _held(new) == BACKLOG
+
+
+def test_what_a_failed_claim_keeps_of_a_backlog_beyond_10000_messages_reaches_the_clients_retry(
+    cluster: Cluster,
+) -> None:
+    """The same backlog forwarded to a node whose claim failed after the hand-over (the lease of
+    the node lost meanwhile): it keeps as many as the session's queue would hold
+    (``ClusterSessions``' ``max_kept_moved``), and the client's retry gets them all."""
+    a = cluster.node("A", forwarding=True, max_queued_messages=2 * BACKLOG)
+    b = cluster.node("B", forwarding=True, max_queued_messages=2 * BACKLOG)
+    _claim_fails_after_the_handover(cluster, a, b)
+    cluster.registry.down = False
+    for i in range(BACKLOG):
+        a.publish(Message("t", str(i).encode(), 1))
+    gevent.sleep(0.05)
+    assert a._moved["c1"].dropped == 0 and len(b.peers.kept_moved["c1"][1]) == BACKLOG
+    new, _, present = connect(b, "c1")  # the client retries
+    assert present and _held(new) == BACKLOG
+
+
+def _reply_lost(cluster: Cluster, a: Broker, b: Broker, qos: int = 1) -> RecordingDelivery:
+    """c1 (subscribed to ``t`` at ``qos``) lives on A; B's claim takes it over, but A's reply never
+    reaches B: B refuses the client (0x88), A is still the registered owner. Returns c1's delivery
+    on A."""
+    s, old, _ = connect(a, "c1")
+    a.subscribe(s, "t", qos)
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        b.open_session("c1", False, 3600)
+    assert old.closed_with == 0x8E and "c1" not in a.sessions and cluster.registry.owners["c1"] == "A"
+    return old
+
+
 def test_what_the_stand_in_forwarded_after_a_lost_takeover_reply_reaches_the_clients_retry(
     cluster: Cluster,
 ) -> None:
@@ -501,12 +566,7 @@ def test_what_the_stand_in_forwarded_after_a_lost_takeover_reply_reaches_the_cli
     state to keep, while A's stand-in forwards to B what A gets meanwhile. The client's retry takes
     the state again from A (the copy of its export): what was forwarded meanwhile is in it."""
     a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
-    s, old, _ = connect(a, "c1")
-    a.subscribe(s, "t", 1)
-    cluster.network.lose_replies = 1
-    with pytest.raises(ServerUnavailable):
-        b.open_session("c1", False, 3600)
-    assert old.closed_with == 0x8E and "c1" not in a.sessions and cluster.registry.owners["c1"] == "A"
+    _reply_lost(cluster, a, b)
     a.publish(Message("t", b"meanwhile", 1))  # A's stand-in forwards it to B
     gevent.sleep(0.01)
     new, d, present = connect(b, "c1")  # the client retries
@@ -632,3 +692,123 @@ def test_a_take_back_from_a_killed_worker_being_restarted_waits_for_it_instead_o
         assert asked == ["n1/w1", "n1/w1"] and w0.owned_by("c1") == "n1/w0"
     finally:
         w0.close()
+
+
+def test_a_client_retrying_on_the_old_node_after_a_lost_takeover_reply_resumes_its_session(
+    cluster: Cluster,
+) -> None:
+    """A handed the session to B but its reply never reached B: B refuses the client (0x88) with no
+    state, while A's stand-in forwards to B what A gets meanwhile (B keeps it). The client's retry
+    lands on A, still the registered owner, which takes the session back from B (``handed_to``): B
+    has no state, so A resumes the copy of its export (not a new session), and B's answer brings
+    back what the stand-in forwarded there. Subscriptions, the in-flight QoS 2 message, the queued
+    one and the forwarded one, each once."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, old, _ = connect(a, "c1")
+    a.subscribe(s, "t", 2)
+    a.publish(Message("t", b"inflight", 2))  # sent, not acknowledged
+    a.close_session(s, old, publish_will=False)  # offline: the next one is queued
+    a.publish(Message("t", b"queued", 2))
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        b.open_session("c1", False, 3600)
+    assert "c1" not in a.sessions and cluster.registry.owners["c1"] == "A"
+    a.publish(Message("t", b"meanwhile", 2))  # A's stand-in forwards it to B, which keeps it
+    gevent.sleep(0.01)
+    assert [len(q) for _, q in b.peers.kept_moved.values()] == [1]
+    new, d, present = connect(a, "c1")  # the client retries on A
+    assert present and set(new.subscriptions) == {"t"} and new.subscriptions["t"].qos == 2
+    assert [(topic, qos, dup) for topic, qos, _, _, dup, _ in d.sent] == [
+        ("t", 2, True),
+        ("t", 2, False),
+        ("t", 2, False),
+    ]
+    payloads = [new.inflight[pid].message.payload for pid in sorted(new.inflight)]
+    assert payloads == [b"inflight", b"queued", b"meanwhile"]
+    assert cluster.registry.owners["c1"] == "A" and "c1" not in b.sessions
+    assert [q for _, q in b.peers.kept_moved.values()] == [[]]  # handed back
+    a.publish(Message("t", b"after", 2))  # the session lives on A: no stand-in forwards it away
+    gevent.sleep(0.01)
+    assert d.sent[-1][:2] == ("t", 2) and len(d.sent) == 4
+
+
+def test_a_take_back_whose_answer_is_lost_still_resumes_the_old_nodes_copy_at_the_next_attempt(
+    cluster: Cluster,
+) -> None:
+    """As above, and the answer of B to A's take-back is lost too (0x88 again): the client's next
+    attempt on A still resumes the copy of A's export, not a new session."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    _reply_lost(cluster, a, b)
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)  # the take-back's answer is lost
+    new, d, present = connect(a, "c1")
+    assert present and set(new.subscriptions) == {"t"}
+    assert cluster.registry.owners["c1"] == "A"
+
+
+def test_a_take_back_after_a_lost_reply_never_resumes_an_older_copy_of_the_other_node(
+    cluster: Cluster,
+) -> None:
+    """A handed the session to B (A keeps a copy), B took it on; then A's claim of it fails (B's
+    reply lost) and the client retries on B, which takes it back from A. A's copy is of the first
+    move, older than B's: it must not come back (the e2e run: thousands doubled and lost). B
+    resumes the copy of its own export, with what was queued on B."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    on_b, d, present = connect(b, "c1")  # A -> B
+    assert present
+    b.close_session(on_b, d, publish_will=False)
+    b.publish(Message("t", b"queued on B", 1))
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)  # B -> A, the reply lost
+    new, d2, present = connect(b, "c1")  # the client retries on B
+    assert present and set(new.subscriptions) == {"t"}
+    assert [e.message.payload for e in new.inflight.values()] == [b"queued on B"]
+    assert cluster.registry.owners["c1"] == "B"
+
+
+def test_a_claim_that_fails_at_the_registry_before_asking_leaves_the_copy_to_its_staleness_check(
+    cluster: Cluster,
+) -> None:
+    """A handed the session to B, whose claim succeeded. A client of the id then reaches A while
+    A's etcd lease is lost (the registry refuses A before any node is asked: 0x88, ``node A holds
+    no live etcd lease``). Nothing moved, so A's copy of its export stays where it was, checked at
+    the next claim; it is not kept as the client's state (``kept``), where no check applies: after
+    the session ended on B (a Clean Start with expiry 0, its id released), the client's next
+    connect to A resumed that copy (present, its old subscription) instead of starting afresh."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    s, _, _ = connect(a, "c1")
+    a.subscribe(s, "t", 1)
+    on_b, d, present = connect(b, "c1")  # A -> B: B owns the session, A keeps the copy
+    assert present and cluster.registry.owners["c1"] == "B"
+    cluster.registry.down = True  # A's lease lost
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)
+    assert "c1" not in a.peers.kept
+    cluster.registry.down = False
+    clean, d2 = b.open_session("c1", True, 0)[0], RecordingDelivery()  # the client cleans it on B
+    b.attach(clean, d2, 100)
+    b.close_session(clean, d2, publish_will=False)  # ends: expiry 0, the id released
+    gevent.sleep(0.01)
+    assert "c1" not in cluster.registry.owners
+    new, _, present = connect(a, "c1")
+    assert not present and not new.subscriptions
+
+
+def test_what_the_stand_in_sends_after_the_take_back_answer_reaches_the_resumed_session(
+    cluster: Cluster,
+) -> None:
+    """As in the lost-reply take-back above, and A's stand-in sends B one more batch after B
+    answered the take-back (its send was on the way): B passes it on to A, where the session
+    resumed, instead of keeping it for a claim on B that does not come (lost: the e2e run's tail)."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    _reply_lost(cluster, a, b, qos=2)
+    new, d, present = connect(a, "c1")  # the take-back: B answered with what it kept (nothing)
+    assert present and d.sent == []
+    late = encode_session_state(SessionState("c1", queued=[QueuedState(Message("t", b"late", 2), 2, False)]))
+    assert cluster.network.handlers["B"][MOVED_KIND]("A", late) == b"1"  # passed on to A
+    assert [e.message.payload for e in new.inflight.values()] == [b"late"]
+    assert [q for _, q in b.peers.kept_moved.values()] == [[]]

@@ -129,7 +129,7 @@ class Sessions:
         self.peers = peers
         self.blob = blob
 
-    def claim_session(self, client_id, clean_start, only_from=None, handed_to=None):
+    def claim_session(self, client_id, clean_start, only_from=None, handed_to=None, exported=None):
         return self.blob
 
     def moving_in(self, client_id):
