@@ -617,10 +617,14 @@ class ClusterNode:
     def figures(self) -> dict[str, int]:
         """Cluster-wide duties of this node for /metrics: leadership, sessions handed to peers at a
         stop, stale restored sessions dropped, wills of dead nodes published (as leader), will
-        claims lost (published elsewhere)."""
+        claims lost (published elsewhere), states kept from failed claims (``ClusterSessions.kept``)
+        and those dropped unused."""
         plane = self.plane
         wills = plane.wills if plane is not None else None
+        sessions = self.peers.sessions
         return {
+            "kept_states": sessions.kept_states() if sessions is not None else 0,
+            "kept_dropped": sessions.kept_dropped if sessions is not None else 0,
             "leader": int(plane is not None and plane.meta.is_leader),
             "adopted_out": self.adopted_out,
             "stale_dropped": self.stale_sessions_dropped,
