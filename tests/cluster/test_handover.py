@@ -804,6 +804,36 @@ def test_a_take_back_whose_answer_is_lost_still_resumes_the_old_nodes_copy_at_th
     assert cluster.registry.owners["c1"] == "A"
 
 
+def test_what_a_lost_take_back_answer_carried_reaches_the_session_once(cluster: Cluster) -> None:
+    """A's reply to B is lost (B refuses, keeps what A's stand-in forwards), and so is B's answer
+    to A's take-back, which carried that message: B keeps what it answered with, and A's next
+    claim asks B again for it (only then: A did not get it; a claim the registry refuses before
+    asking keeps that for the next). That claim gets it but fails at the registry after (0x88
+    again): A keeps it with the copy and does not ask B again, so the client's last attempt
+    resumes it once at QoS 2, not twice (and not never: it was lost)."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    _reply_lost(cluster, a, b, qos=2)
+    a.publish(Message("t", b"meanwhile", 2))  # A's stand-in forwards it to B, which keeps it
+    gevent.sleep(0.01)
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)  # the take-back's answer, with "meanwhile", is lost
+    cluster.registry.down = True
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)  # refused before asking B
+    cluster.registry.down = False
+    cluster.registry.before_cas = lambda: setattr(cluster.registry, "down", True)
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)  # B answers again; A's claim fails after
+    assert [n for n, *_ in cluster.network.takeovers] == ["A", "B", "B"]
+    cluster.registry.down = False
+    new, d, present = connect(a, "c1")
+    assert [n for n, *_ in cluster.network.takeovers] == ["A", "B", "B"]  # not asked a third time
+    assert present and set(new.subscriptions) == {"t"}
+    assert [e.message.payload for e in new.inflight.values()] == [b"meanwhile"]
+    assert cluster.registry.owners["c1"] == "A"
+
+
 def test_a_take_back_after_a_lost_reply_never_resumes_an_older_copy_of_the_other_node(
     cluster: Cluster,
 ) -> None:
