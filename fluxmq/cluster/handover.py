@@ -65,10 +65,14 @@ COMMIT_TIMEOUT = 2.0
 DRAIN_TIMEOUT = 0.5
 #: messages a node keeps per client id from the stand-in of a move whose claim failed here, by
 #: default (``ClusterSessions``' ``max_kept_moved``: a node passes as many as a stand-in holds,
-#: ``Broker.moved_max_queued``), and for how long (seconds: as long as the old node keeps the copy
-#: of its export for the client's retry, ``Broker.exported_keep``)
+#: ``Broker.moved_max_queued``)
 MAX_KEPT_MOVED = 10000
-KEPT_MOVED_FOR = 30.0
+#: seconds a node keeps what a failed claim of a client id left here, the state (``kept``) and the
+#: messages of its move (``kept_moved``): as long as the old node keeps the copy of its export for
+#: the client's retry (``Broker.exported_keep``); ``ClusterSessions``' ``kept_for``
+KEPT_FOR = 30.0
+#: bytes of the states a node keeps from failed claims, at most (as ``Broker.exported_max_bytes``)
+MAX_KEPT_BYTES = 64 << 20
 #: seconds between two looks at the registry while a claim waits for a restarting owner
 RESTART_POLL = 0.1
 #: seconds a failed takeover call's owner is looked at for its death (``ClusterSessions._died``)
@@ -225,6 +229,7 @@ class ClusterSessions:
         markers=None,
         restart_wait: float = 0.0,
         max_kept_moved: int = MAX_KEPT_MOVED,
+        max_kept_bytes: int = MAX_KEPT_BYTES,
     ) -> None:
         self.ownership = ownership
         self.call = call
@@ -239,14 +244,24 @@ class ClusterSessions:
         self.max_moves = max_moves
         # States handed over to a claim that then failed (the registry refused or moved on): the
         # previous owner gave them up already, so they are kept for the client's next claim here
-        # (a client refused with 0x88 retries) rather than lost. Bounded; the oldest goes first.
-        self.kept: dict[str, bytes] = {}
+        # (a client refused with 0x88 retries) rather than lost, for ``kept_for`` seconds, as
+        # long as the registry names no other node than it did then (``_kept_state``). Bounded in
+        # ids and bytes; the oldest goes first. Client id -> (until when, the state, the node the
+        # registry named then, "" for this one or none, the node a take-back of it did not get the
+        # answer of or ""); ``kept_dropped`` counts those dropped unused (expired, stale, over
+        # the bounds).
+        self.kept: dict[str, tuple[float, bytes, str, str]] = {}
         self.max_kept = max_kept
+        self.max_kept_bytes = max_kept_bytes
+        self.kept_bytes = 0
+        self.kept_dropped = 0
+        self.kept_for = KEPT_FOR
+        self.clock: Callable[[], float] = time.monotonic  # (tests move it)
         # What the previous owner's stand-in forwarded here for a client id whose claim failed after
         # its takeover call (``keep_moved``): kept apart from the state, since the client's retry
         # may take the state again from that node (the copy of its export, without them), and
         # added to whatever state the next claim returns (or a take-back takes). Bounded as ``kept``
-        # in ids, ``max_kept_moved`` messages each, ``KEPT_MOVED_FOR`` seconds: client id -> (until
+        # in ids, ``max_kept_moved`` messages each, ``kept_for`` seconds: client id -> (until
         # when, the messages)
         self.kept_moved: dict[str, tuple[float, list]] = {}
         self.max_kept_moved = max_kept_moved
@@ -256,6 +271,10 @@ class ClusterSessions:
         # client id -> (until when, the node that took the session back from here and with it what
         # ``kept_moved`` held, ``take_kept``): what the stand-in still forwards here goes there
         self._handed_back: dict[str, tuple[float, str]] = {}
+        # client id -> (until when, the node, the messages): what ``take_kept`` answered that node's
+        # take-back with. Answered again with them while they last, as that node asks again only
+        # when it did not get the answer (``claim_session``'s ``back_from``); gone at a claim here.
+        self._sent_back: dict[str, tuple[float, str, list]] = {}
         self._moves = 0
 
     def _acquire(self, client_id: str, take_from: str | None) -> str | None:
@@ -358,9 +377,20 @@ class ClusterSessions:
         the session on since, back here even). A claim that fails before asking any node (the
         registry refused: this node's lease lost) raises ``ClaimNotStarted`` and leaves the copy to
         the caller, checked again at the next claim: kept here it would outlive that check (a
-        session that ended on that node since came back here)."""
-        state = self.kept.pop(client_id, None)
+        session that ended on that node since came back here).
+
+        A state an earlier claim here kept (``kept``, for ``kept_for`` seconds) is this claim's
+        unless the registry names another node than it did when it was kept: the session was
+        claimed there since (and may have ended there), so the state is stale and goes."""
+        state, kept_named, back_from = self._kept_state(client_id)
+        named = ""  # the last node other than this one the registry named (``_keep``)
+        # A take-back of ours whose answer was lost: that node still holds what it answered with
+        # (``take_kept``): asked again, its copy (the state kept) resumes with those messages.
+        reasking = bool(back_from) and state is not None and handed_to is None and only_from is None
+        if reasking:
+            handed_to, exported, state = back_from, state, None
         self._handed_back.pop(client_id, None)
+        self._sent_back.pop(client_id, None)  # a move through here: what went back is not resent
         take_from: str | None = None
         asked = False  # a takeover call went out: its node may have exported and forward here
         carried: list = []  # messages a take-back brought without a state (``KEPT_MOVED_REPLY``)
@@ -368,6 +398,12 @@ class ClusterSessions:
         try:
             for _ in range(self.max_moves + 1):
                 owner, back_until = self._acquire_restarted(client_id, take_from, clean_start)
+                if kept_named is not None:
+                    if owner is not None and owner != kept_named:
+                        self._drop_kept(client_id, "claimed elsewhere since")  # (docstring)
+                        state = None
+                    kept_named = None
+                named = owner or named
                 taking_back = owner is None and handed_to and take_from is None and only_from is None
                 if taking_back:
                     owner = handed_to  # on its way there: take it back from there (docstring)
@@ -390,6 +426,13 @@ class ClusterSessions:
                     payload = f"{client_id}\x00{token}" if token else client_id
                     reply = self._ask(owner, payload.encode(), back_until)
                 except Exception as exc:
+                    if reasking and taking_back:
+                        # as before that node answered: the copy resumes without what it holds
+                        log.warning(
+                            "takeover_take_back_unanswered", extra={"client_id": client_id, "node": owner}
+                        )
+                        state, copy, take_from = copy, None, owner
+                        continue
                     if taking_back:
                         if self._give_back(client_id, owner):
                             handed_to = None
@@ -418,22 +461,29 @@ class ClusterSessions:
                     took[client_id] = (owner, token)
                     if len(took) > self.max_kept:  # imports that never ended (an exception)
                         del took[next(iter(took))]
+                elif reasking and state is None:
+                    state = copy  # nothing there any more (its 30 s over): the copy resumes
                 copy = None  # answered: used, or replaced by what that node held
                 take_from = owner
             raise ServerUnavailable(f"ownership of {client_id!r} kept moving ({self.max_moves} takeovers)")
         except ServerUnavailable as exc:
             self._took_from.pop(client_id, None)
+            back_from = ""
             if not asked:
+                if reasking:  # nothing moved: kept as it was
+                    state, named, back_from = copy, kept_named or "", handed_to
                 copy = None  # nothing moved: the caller keeps its copy (ClaimNotStarted below)
-            elif state is None:
-                state = copy  # the take-back did not get an answer: resumed at the next claim here
+            elif state is None and copy is not None:
+                # the take-back did not get an answer: resumed at the next claim here, which asks
+                # that node again for what it answered with
+                state, back_from = copy, handed_to or ""
             if state is not None:
-                self._keep(client_id, self._with_queued(client_id, state, carried))
+                self._keep(client_id, self._with_queued(client_id, state, carried), named, back_from)
             if asked:
                 kept = self._kept_moved(client_id)  # what its stand-in forwards here until the retry
                 if state is None:
                     kept.extend(carried)
-            elif exported is not None and not isinstance(exc, ClaimNotStarted):
+            elif exported is not None and not reasking and not isinstance(exc, ClaimNotStarted):
                 raise ClaimNotStarted(str(exc)) from exc
             raise
 
@@ -441,11 +491,11 @@ class ClusterSessions:
         """The messages kept for ``client_id`` from a failed claim's move (a new, empty entry
         unless one is still there), the expired entries and the oldest past ``max_kept`` dropped."""
         kept_moved = self.kept_moved
-        now = time.monotonic()
+        now = self.clock()
         entry = kept_moved.get(client_id)
         if entry is None or entry[0] < now:
             kept_moved.pop(client_id, None)
-            entry = kept_moved[client_id] = (now + KEPT_MOVED_FOR, [])
+            entry = kept_moved[client_id] = (now + self.kept_for, [])
         while kept_moved:
             first = next(iter(kept_moved))
             if kept_moved[first][0] >= now and len(kept_moved) <= self.max_kept:
@@ -457,7 +507,7 @@ class ClusterSessions:
         """``state`` (a claim's result) with what the stand-in of a failed claim's move forwarded
         here since (``keep_moved``) queued after its own messages; dropped (logged) with no state."""
         until, queued = self.kept_moved.pop(client_id, (0.0, None))
-        if not queued or until < time.monotonic():
+        if not queued or until < self.clock():
             return state
         return self._with_queued(client_id, state, queued)
 
@@ -525,26 +575,39 @@ class ClusterSessions:
         """The state a failed claim keeps for ``client_id``, taken out (another node's takeover
         asks for a session this node has only kept: ``takeover_handler``); with no state, what the
         claim kept of its move (``KEPT_MOVED_REPLY``), and what still comes of it goes to
-        ``to_node`` (``pass_back``)."""
-        state = self.kept.pop(client_id, None)
+        ``to_node`` (``pass_back``). What went to ``to_node`` in such an answer goes again in the
+        next (``_sent_back``)."""
+        state = self._kept_state(client_id)[0]
         if state is not None:
             log.warning("takeover_state_kept_handed_over", extra={"client_id": client_id})
+            self._sent_back.pop(client_id, None)
             return self._with_kept_moved(client_id, state)
         until, queued = self.kept_moved.get(client_id, (0.0, None))
-        if queued is None or until < time.monotonic():
+        sent = self._sent_back.pop(client_id, None)
+        if queued is None or until < self.clock():
             self.kept_moved.pop(client_id, None)
             return None
         # A claim failed here after its takeover call, with no state (the reply was lost): the
         # asking node (the one the registry still names) holds the copy of its export and resumes
         # it; what its stand-in forwarded here goes back with the answer, not dropped. The entry
-        # stays, empty: if this answer is lost too, the asker's retry still resumes its copy.
+        # stays, empty: if this answer is lost too, the asker's retry still resumes its copy, and
+        # asks here again (``claim_session``'s ``back_from``: only then, so never twice received)
+        # for what this answer carried, kept until then.
         self.kept_moved[client_id] = (until, [])
+        now = self.clock()
+        if sent is not None and sent[1] == to_node and sent[0] >= now:
+            queued = sent[2] + queued  # (twice ``max_kept_moved`` at most)
         if to_node:
             handed_back = self._handed_back
             handed_back.pop(client_id, None)
             handed_back[client_id] = (until, to_node)
             while len(handed_back) > self.max_kept:
                 del handed_back[next(iter(handed_back))]
+            if queued:
+                sent_back = self._sent_back
+                sent_back[client_id] = (until, to_node, queued)
+                while len(sent_back) > self.max_kept or sent_back[next(iter(sent_back))][0] < now:
+                    del sent_back[next(iter(sent_back))]
         log.warning("moved_messages_handed_back", extra={"client_id": client_id, "messages": len(queued)})
         return KEPT_MOVED_REPLY + encode_session_state(SessionState(client_id, queued=queued))
 
@@ -565,7 +628,7 @@ class ClusterSessions:
         entry = handed_back.get(client_id)
         if entry is None:
             return None
-        if entry[0] < time.monotonic():
+        if entry[0] < self.clock():
             del handed_back[client_id]
             return None
         try:
@@ -615,17 +678,52 @@ class ClusterSessions:
         kept.extend(queued[: max(room, 0)])
         return True
 
-    def _keep(self, client_id: str, state: bytes) -> None:
-        kept = self.kept
-        kept[client_id] = state
-        while len(kept) > self.max_kept:
-            dropped = next(iter(kept))
-            del kept[dropped]
-            log.warning("takeover_state_dropped", extra={"client_id": dropped, "reason": "max_kept"})
+    def _keep(self, client_id: str, state: bytes, named: str, back_from: str = "") -> None:
+        """Keep ``state`` for the next claim of ``client_id`` here, for ``kept_for`` seconds, while
+        the registry names ``named`` ("": this node or none) or no node (``_kept_state``); that
+        claim takes it back from ``back_from`` again (a take-back whose answer was lost)."""
+        self._kept_state(client_id)  # (its bytes out of the count)
+        now = self.clock()
+        self.kept[client_id] = (now + self.kept_for, state, named, back_from)
+        self.kept_bytes += len(state)
+        self._prune_kept(now)
         log.warning(
             "takeover_state_kept",
             extra={"client_id": client_id, "effect": "returned to the client's next claim on this node"},
         )
+
+    def kept_states(self) -> int:
+        """How many states failed claims keep here (the expired ones dropped first)."""
+        self._prune_kept(self.clock())
+        return len(self.kept)
+
+    def _kept_state(self, client_id: str) -> tuple[bytes | None, str | None, str]:
+        """The state a failed claim keeps for ``client_id``, taken out, the node the registry
+        named then ("": this node or none) and ``_keep``'s ``back_from``; (None, None, "") with
+        none or an expired one (dropped)."""
+        self._prune_kept(self.clock())
+        entry = self.kept.pop(client_id, None)
+        if entry is None:
+            return None, None, ""
+        self.kept_bytes -= len(entry[1])
+        return entry[1:]
+
+    def _prune_kept(self, now: float) -> None:
+        """Oldest first: drop the kept states past ``kept_for`` or over the count and byte bounds."""
+        kept = self.kept
+        while kept:
+            first = next(iter(kept))
+            until, state = kept[first][:2]
+            if until >= now and len(kept) <= self.max_kept and self.kept_bytes <= self.max_kept_bytes:
+                break
+            del kept[first]
+            self.kept_bytes -= len(state)
+            self._drop_kept(first, "expired" if until < now else "bound")
+
+    def _drop_kept(self, client_id: str, reason: str) -> None:
+        """A kept state (out of ``kept``) not used: counted and logged."""
+        self.kept_dropped += 1
+        log.warning("takeover_state_dropped", extra={"client_id": client_id, "reason": reason})
 
     def release_session(self, client_id: str) -> None:
         """Give up ownership of ``client_id`` (the registry deletes it only if this node owns it)."""

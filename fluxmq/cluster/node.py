@@ -59,6 +59,9 @@ APPLY_DELAY_ENV = "FLUXMQTEST_PEER_APPLY_DELAY"
 #: this node's claim fails (CONNACK 0x88) and the client retries, as after a takeover call that
 #: timed out on a loaded host. Never set it in production.
 LOSE_TAKEOVER_REPLY_ENV = "FLUXMQTEST_LOSE_TAKEOVER_REPLY_EVERY"
+#: TEST-ONLY environment variable: every Nth answer to a take-back of this node that carries the
+#: messages a failed claim kept (``KEPT_MOVED_REPLY``) is lost the same way. Never in production.
+LOSE_TAKE_BACK_ANSWER_ENV = "FLUXMQTEST_LOSE_TAKE_BACK_ANSWER_EVERY"
 
 _grpc_ready = False
 
@@ -83,26 +86,33 @@ def uses_etcd(config) -> bool:
 
 def losing_takeover_replies(call, environ=os.environ):
     """The transport's ``call``, or, with ``LOSE_TAKEOVER_REPLY_ENV`` set (tests only), ``call``
-    raising instead of returning every Nth state a takeover brings back."""
+    raising instead of returning every Nth state a takeover brings back; with
+    ``LOSE_TAKE_BACK_ANSWER_ENV``, every Nth answer that brings back messages alone."""
     every = int(environ.get(LOSE_TAKEOVER_REPLY_ENV) or 0)
-    if every <= 0:
+    every_back = int(environ.get(LOSE_TAKE_BACK_ANSWER_ENV) or 0)
+    if every <= 0 and every_back <= 0:
         return call
-    from .handover import KEPT_MOVED_REPLY, TAKEOVER_KIND
+    from .handover import KEPT_MOVED_REPLY, TAKEOVER_KIND, decode_session_state
 
     log.warning(
-        "takeover_replies_lost", extra={"every": every, "reason": f"{LOSE_TAKEOVER_REPLY_ENV} (tests only)"}
+        "takeover_replies_lost",
+        extra={"every": every, "every_back": every_back, "reason": "FLUXMQTEST_LOSE_* (tests only)"},
     )
-    states = itertools.count(1)
+    states, backs = itertools.count(1), itertools.count(1)
 
     def call_losing(node: str, kind: str, payload: bytes, timeout: float) -> bytes:
         reply = call(node, kind, payload, timeout)
-        if (
-            kind == TAKEOVER_KIND
-            and reply
-            and bytes(reply[:4]) != KEPT_MOVED_REPLY  # (no state: what a failed claim kept)
-            and next(states) % every == 0
-        ):
-            raise ConnectionError(f"the takeover's reply from {node} dropped ({LOSE_TAKEOVER_REPLY_ENV})")
+        if kind != TAKEOVER_KIND or not reply:
+            return reply
+        if bytes(reply[:4]) != KEPT_MOVED_REPLY:  # (no state: what a failed claim kept)
+            if every > 0 and next(states) % every == 0:
+                raise ConnectionError(f"the takeover's reply from {node} dropped ({LOSE_TAKEOVER_REPLY_ENV})")
+        elif every_back > 0 and decode_session_state(bytes(reply[4:])).queued:
+            if next(backs) % every_back == 0:
+                log.warning("take_back_answer_dropped", extra={"node": node})
+                raise ConnectionError(
+                    f"the take-back's answer from {node} dropped ({LOSE_TAKE_BACK_ANSWER_ENV})"
+                )
         return reply
 
     return call_losing
@@ -617,10 +627,14 @@ class ClusterNode:
     def figures(self) -> dict[str, int]:
         """Cluster-wide duties of this node for /metrics: leadership, sessions handed to peers at a
         stop, stale restored sessions dropped, wills of dead nodes published (as leader), will
-        claims lost (published elsewhere)."""
+        claims lost (published elsewhere), states kept from failed claims (``ClusterSessions.kept``)
+        and those dropped unused."""
         plane = self.plane
         wills = plane.wills if plane is not None else None
+        sessions = self.peers.sessions
         return {
+            "kept_states": sessions.kept_states() if sessions is not None else 0,
+            "kept_dropped": sessions.kept_dropped if sessions is not None else 0,
             "leader": int(plane is not None and plane.meta.is_leader),
             "adopted_out": self.adopted_out,
             "stale_dropped": self.stale_sessions_dropped,

@@ -146,6 +146,16 @@ class BrokerCollector(Collector):
                     "Wills of dead nodes' clients this node published as leader.",
                     value=f["wills_for_dead"],
                 )
+                yield GaugeMetricFamily(
+                    "fluxmq_cluster_kept_states",
+                    "Session states kept here for the client's retry after a claim failed past the hand-over.",
+                    value=f.get("kept_states", 0),
+                )
+                yield CounterMetricFamily(
+                    "fluxmq_cluster_kept_states_dropped",
+                    "Kept states dropped unused: expired, stale (claimed elsewhere since), over the bounds.",
+                    value=f.get("kept_dropped", 0),
+                )
                 yield CounterMetricFamily(
                     "fluxmq_cluster_will_claims_lost",
                     "Wills this node did not publish: another node had published them.",

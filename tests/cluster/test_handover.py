@@ -65,6 +65,8 @@ class Ownership:
         return self.registry.acquire(self.node, client_id, take_from)
 
     def release_session(self, client_id: str) -> None:
+        if self.registry.down:
+            raise ConnectionError("etcd: no quorum")
         if self.registry.owners.get(client_id) == self.node:
             del self.registry.owners[client_id]
 
@@ -139,8 +141,8 @@ class Cluster:
         return broker
 
 
-def connect(broker: Broker, cid: str, clean: bool = False, will: Will | None = None):
-    session, present = broker.open_session(cid, clean, 3600, will)
+def connect(broker: Broker, cid: str, clean: bool = False, will: Will | None = None, expiry: int = 3600):
+    session, present = broker.open_session(cid, clean, expiry, will)
     d = RecordingDelivery()
     broker.attach(session, d, 100)
     gevent.sleep(0)
@@ -242,6 +244,61 @@ def test_a_session_taken_back_from_a_node_whose_claim_failed_gets_the_state_kept
     assert present and set(new.subscriptions) == {"t"}
     assert not b.peers.kept and cluster.registry.owners["c1"] == "A"
     assert [(topic, qos) for topic, qos, *_ in d.sent] == [("t", 1)]  # the one published meanwhile
+
+
+def _went_on_at_c_and_ended(cluster: Cluster, c: Broker, release: bool) -> None:
+    """After ``_claim_fails_after_the_handover``: the client connects to C with a Clean Start (C
+    takes A's export copy over, the registry names C), subscribes to ``u``, and its session ends
+    there with its connection; C's release of the id fails without ``release`` (no quorum a moment:
+    the key stays C's until C's lease goes)."""
+    cluster.registry.down = False
+    s, d, present = connect(c, "c1", clean=True, expiry=0)
+    c.subscribe(s, "u", 1)
+    assert not present and cluster.registry.owners["c1"] == "C"
+    cluster.registry.down = not release
+    c.close_session(s, d, False)
+    cluster.registry.down = False
+    assert "c1" not in c.sessions and cluster.registry.owners.get("c1") == (None if release else "C")
+
+
+def test_a_kept_state_is_dropped_once_the_registry_names_another_node(cluster: Cluster) -> None:
+    """B keeps the state of a claim that failed after the hand-over, the registry naming A. The
+    session goes on at C and ends there, the registry still naming C (its release failed): B's
+    next claim of c1 finds C, which has no session: it starts anew, the kept state is stale (not
+    the old session back with its subscription ``t``)."""
+    a, b, c = cluster.node("A"), cluster.node("B"), cluster.node("C")
+    _claim_fails_after_the_handover(cluster, a, b)
+    assert "c1" in b.peers.kept
+    _went_on_at_c_and_ended(cluster, c, release=False)
+    new, _, present = connect(b, "c1")
+    assert not present and not new.subscriptions and not b.peers.kept
+    assert b.peers.kept_dropped == 1 and b.peers.kept_bytes == 0
+
+
+def test_a_kept_state_expires_after_kept_for(cluster: Cluster) -> None:
+    """As above, C's release done (the registry names nobody: B cannot tell the session went on):
+    the kept state lasts ``kept_for`` seconds (the export copy's ``exported_keep``), then a claim
+    of c1 on B starts anew. Within them the retry resumes it."""
+    a, b, c = cluster.node("A"), cluster.node("B"), cluster.node("C")
+    now = [1000.0]
+    b.peers.clock = lambda: now[0]
+    _claim_fails_after_the_handover(cluster, a, b)
+    _went_on_at_c_and_ended(cluster, c, release=True)
+    now[0] += 31  # (kept_for: 30)
+    new, _, present = connect(b, "c1")
+    assert not present and not new.subscriptions and not b.peers.kept
+    assert b.peers.kept_dropped == 1 and b.peers.kept_bytes == 0
+
+
+def test_kept_states_are_bounded_in_count_and_bytes(cluster: Cluster) -> None:
+    """The oldest kept state goes first past ``max_kept`` ids or ``max_kept_bytes`` bytes."""
+    peers = cluster.node("B").peers
+    peers.max_kept, peers.max_kept_bytes = 2, 10
+    for n in range(3):
+        peers._keep(f"c{n}", b"1234", "A")
+    assert list(peers.kept) == ["c1", "c2"] and peers.kept_bytes == 8 and peers.kept_dropped == 1
+    peers._keep("c3", b"12345678", "A")
+    assert list(peers.kept) == ["c3"] and peers.kept_bytes == 8 and peers.kept_dropped == 3
 
 
 def test_ownership_that_keeps_moving_is_refused(cluster: Cluster) -> None:
@@ -744,6 +801,36 @@ def test_a_take_back_whose_answer_is_lost_still_resumes_the_old_nodes_copy_at_th
         a.open_session("c1", False, 3600)  # the take-back's answer is lost
     new, d, present = connect(a, "c1")
     assert present and set(new.subscriptions) == {"t"}
+    assert cluster.registry.owners["c1"] == "A"
+
+
+def test_what_a_lost_take_back_answer_carried_reaches_the_session_once(cluster: Cluster) -> None:
+    """A's reply to B is lost (B refuses, keeps what A's stand-in forwards), and so is B's answer
+    to A's take-back, which carried that message: B keeps what it answered with, and A's next
+    claim asks B again for it (only then: A did not get it; a claim the registry refuses before
+    asking keeps that for the next). That claim gets it but fails at the registry after (0x88
+    again): A keeps it with the copy and does not ask B again, so the client's last attempt
+    resumes it once at QoS 2, not twice (and not never: it was lost)."""
+    a, b = cluster.node("A", forwarding=True), cluster.node("B", forwarding=True)
+    _reply_lost(cluster, a, b, qos=2)
+    a.publish(Message("t", b"meanwhile", 2))  # A's stand-in forwards it to B, which keeps it
+    gevent.sleep(0.01)
+    cluster.network.lose_replies = 1
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)  # the take-back's answer, with "meanwhile", is lost
+    cluster.registry.down = True
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)  # refused before asking B
+    cluster.registry.down = False
+    cluster.registry.before_cas = lambda: setattr(cluster.registry, "down", True)
+    with pytest.raises(ServerUnavailable):
+        a.open_session("c1", False, 3600)  # B answers again; A's claim fails after
+    assert [n for n, *_ in cluster.network.takeovers] == ["A", "B", "B"]
+    cluster.registry.down = False
+    new, d, present = connect(a, "c1")
+    assert [n for n, *_ in cluster.network.takeovers] == ["A", "B", "B"]  # not asked a third time
+    assert present and set(new.subscriptions) == {"t"}
+    assert [e.message.payload for e in new.inflight.values()] == [b"meanwhile"]
     assert cluster.registry.owners["c1"] == "A"
 
 

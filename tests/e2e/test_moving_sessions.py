@@ -236,11 +236,30 @@ def test_a_session_whose_claims_are_refused_after_the_handover_loses_no_message(
     from fluxmq.cluster.node import LOSE_TAKEOVER_REPLY_ENV
 
     monkeypatch.setenv(LOSE_TAKEOVER_REPLY_ENV, "3")
-    backs = _moves_between_nodes(etcd_server, tmp_path, qos, shared, back=True)
+    backs, _ = _moves_between_nodes(etcd_server, tmp_path, qos, shared, back=True)
     assert backs >= 1, "no refused client retried on the old node"
 
 
-def _moves_between_nodes(etcd_server, tmp_path, qos: int, shared: bool, back: bool = False) -> int:
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_session_whose_take_back_answers_are_lost_loses_no_message(
+    etcd_server, tmp_path, monkeypatch, qos: int
+) -> None:
+    """As above, and every other answer to a take-back that carries what the stand-in forwarded
+    to the node whose claim failed is lost too (TEST-ONLY ``FLUXMQTEST_LOSE_TAKE_BACK_ANSWER_EVERY``):
+    the old node's next claim asks that node again and gets them, once."""
+    from fluxmq.cluster.node import LOSE_TAKE_BACK_ANSWER_ENV, LOSE_TAKEOVER_REPLY_ENV
+
+    monkeypatch.setenv(LOSE_TAKEOVER_REPLY_ENV, "3")
+    monkeypatch.setenv(LOSE_TAKE_BACK_ANSWER_ENV, "2")
+    backs, texts = _moves_between_nodes(etcd_server, tmp_path, qos, False, back=True)
+    lost = sum(text.count("take_back_answer_dropped") for text in texts)
+    print(f"take-back answers lost: {lost}")
+    assert backs >= 1, "no refused client retried on the old node"
+
+
+def _moves_between_nodes(
+    etcd_server, tmp_path, qos: int, shared: bool, back: bool = False
+) -> tuple[int, list[str]]:
     factory = NodeFactory(tmp_path / "nodes")
     (tmp_path / "nodes").mkdir()
     cl = Cluster(factory, tmp_path, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["e1", "e2", "e3"])
@@ -261,6 +280,6 @@ def _moves_between_nodes(etcd_server, tmp_path, qos: int, shared: bool, back: bo
         assert not missing, f"{len(missing)} of {sent} lost over {moves} moves: {missing[:20]}"
         if qos == 2:
             assert not twice, f"{len(twice)} of {sent} received twice over {moves} moves: {twice[:20]}"
-        return backs
+        return backs, [e1.log_text(), e2.log_text()]
     finally:
         factory.close()
