@@ -220,3 +220,31 @@ def machine_info() -> dict[str, str]:
         "kernel": f"{u.sysname} {u.release} {u.machine}",
         "loadavg": load,
     }
+
+
+def tcp_peer_ports(pid: int) -> set[int]:
+    """The remote ports of the TCP connections (IPv4 and IPv6) process ``pid`` holds open (its
+    socket inodes in /proc/PID/fd, looked up in /proc/PID/net/tcp*); empty if it is gone."""
+    inodes: set[str] = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f, None)  # the header
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[9] in inodes:
+                        ports.add(int(cols[2].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return ports

@@ -3,6 +3,8 @@ follow the set-up; a loss is set against the documented windows."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 
 import pytest
@@ -16,6 +18,7 @@ def test_a_run_without_faults_loses_and_doubles_nothing(capsys) -> None:
     out = capsys.readouterr().out
     assert "summary: OK (setup workers, seed 7, 0 faults)" in out
     assert '"lost": 0' in out and '"lost": 1' not in out
+    assert '"longest_s"' in out and '"refused": {}' in out  # every client's connects, none refused
 
 
 def test_the_faults_are_those_of_the_set_up() -> None:
@@ -61,3 +64,45 @@ def test_a_session_lost_to_a_worker_kill_is_no_documented_window_any_more() -> N
     assert chaos.lost_window(sub, pub, 1, 21.2, [worker_kill]) == chaos.UNEXPLAINED
     node_kill = chaos.Fault(20.5, "node-kill", "n1", restored=24.0)
     assert chaos.lost_window(sub, pub, 1, 21.2, [worker_kill, node_kill]) == "subscriber-session-lost"
+
+
+def test_a_worker_kill_explains_a_loss_only_when_the_publisher_was_on_that_worker() -> None:
+    """The kill of the receiving worker loses nothing (its batches are acknowledged once committed,
+    else sent again after its restart: docs/cluster.rst, "What the PUBACK means across nodes")."""
+    sub, pub = sub_pub("n0", 0.0)
+    sub.ev.session_lost, sub.granted = [], [0.5]
+    kill = chaos.Fault(20.0, "worker-kill", "n0", restored=20.5, where={"p": "other"})
+    assert chaos.lost_window(sub, pub, 1, 19.5, [kill]) == chaos.UNEXPLAINED
+    kill.where["p"] = "victim"
+    assert chaos.lost_window(sub, pub, 1, 19.5, [kill]) == "publisher-node-killed"
+    kill.where = {}  # not connected at the kill: it may have been
+    assert chaos.lost_window(sub, pub, 1, 19.5, [kill]) == "publisher-node-killed"
+
+
+def test_a_publish_sent_while_the_fault_finds_its_victim_may_have_reached_it() -> None:
+    """A fault starts (``at``) before its signal is sent (``killed``): finding the victim's
+    processes and connections takes a few milliseconds, and a publisher sending then reaches the
+    worker before it dies (a QoS 2 message routed there, its forwarded copies lost with it, is
+    completed without being routed again when sent again after the restart)."""
+    sub, pub = sub_pub("n0", 0.0)
+    sub.ev.session_lost, sub.granted = [], [0.5]
+    pub.sent_at[1] = 20.004
+    kill = chaos.Fault(20.0, "worker-kill", "n0", restored=20.5, killed=20.01, where={"p": "victim"})
+    assert chaos.lost_window(sub, pub, 1, 21.1, [kill]) == "publisher-node-killed"
+    pub.sent_at[1] = 20.02  # sent after the signal: the killed worker never had it
+    assert chaos.lost_window(sub, pub, 1, 21.1, [kill]) == chaos.UNEXPLAINED
+
+
+def test_the_clients_connected_to_a_process_are_found_by_their_ports() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        stop = threading.Event()
+        near, far = chaos.Client("near", 1, stop), chaos.Client("far", 1, stop)
+        near.conn = chaos.Conn(server.getsockname()[1])
+        accepted, _ = server.accept()
+        try:
+            # this process holds both ends: the accepted side's remote port is near's
+            assert chaos.connected_to(os.getpid(), [near, far]) == {"near": "victim", "far": "unknown"}
+            assert chaos.connected_to(os.getppid(), [near]) == {"near": "other"}
+        finally:
+            accepted.close()
+            near.conn.close()
