@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from fluxmq import __version__
 from fluxmq.broker.stats import LATENCY_BUCKETS, LATENCY_SAMPLE_MASK
-from fluxmq.http.router import json_response
+from fluxmq.http.router import allow_value, answer_head, json_response
 from fluxmq.http.walk import session_totals
 
 QOS_LABELS = ("0", "1", "2")
@@ -630,19 +630,19 @@ def make_metrics_app(registry: CollectorRegistry) -> Callable[[dict, Callable], 
                 start_response, 404, {"error": "not found", "path": environ.get("PATH_INFO")}
             )
         method = environ.get("REQUEST_METHOD", "GET").upper()
-        if method not in ("GET", "HEAD"):
+        if method != "GET":
             return json_response(
                 start_response,
                 405,
                 {"error": "method not allowed", "method": method, "path": "/metrics"},
-                {"Allow": "GET, HEAD"},
+                {"Allow": allow_value(("GET",))},
             )
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         data = encoder(registry)
         start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(data)))])
-        return [b""] if method == "HEAD" else [data]
+        return [data]
 
-    return app
+    return lambda environ, start_response: answer_head(app, environ, start_response)  # HEAD too
 
 
 # -- several workers (server.workers): the node's totals -------------------------------------------

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
+from fluxmq.http.router import allow_value
+
 log = logging.getLogger("fluxmq.http.dashboard")
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -63,7 +65,8 @@ def load_static_files(directory: Path = STATIC_DIR) -> dict[str, StaticFile]:
 
 
 class DashboardFiles:
-    """Answers ``GET``/``HEAD`` for ``/dashboard/{file}`` from the table ``load_static_files`` built.
+    """Answers ``GET`` for ``/dashboard/{file}`` from the table ``load_static_files`` built (a HEAD
+    reaches it as its GET through the admin API's ``answer_head``).
 
     Every answer is revalidated (``Cache-Control: no-cache`` with an ``ETag``; 304 when unchanged):
     the file names carry no version, so an upgraded node must never be shadowed by a cached script.
@@ -77,8 +80,8 @@ class DashboardFiles:
         method = environ.get("REQUEST_METHOD", "GET").upper()
         if segments == [PREFIX]:  # /dashboard: the page's relative links need the trailing slash
             return _respond(start_response, 308, [("Location", f"/{PREFIX}/")], b"")
-        if method not in ("GET", "HEAD"):
-            return _respond(start_response, 405, [("Allow", "GET, HEAD")], b"")
+        if method != "GET":
+            return _respond(start_response, 405, [("Allow", allow_value(("GET",)))], b"")
         name = segments[1] if len(segments) == 2 else None
         static = self.files.get(name or INDEX) if name is not None else None
         if static is None:
@@ -89,9 +92,7 @@ class DashboardFiles:
         if static.etag in (environ.get("HTTP_IF_NONE_MATCH") or ""):
             return _respond(start_response, 304, headers, b"")
         headers.append(("Content-Type", static.content_type))
-        return _respond(
-            start_response, 200, headers, b"" if method == "HEAD" else static.data, len(static.data)
-        )
+        return _respond(start_response, 200, headers, static.data, len(static.data))
 
 
 def _respond(
