@@ -303,7 +303,9 @@ class WorkerNode:
             delay = float(os.environ.get(RESTART_DELAY_ENV) or 0)
             if delay and self.ownership.adopted_before():
                 log.warning("worker_restart_delayed", extra={"seconds": delay, "env": RESTART_DELAY_ENV})
-                gevent.sleep(delay)
+                until = time.monotonic() + delay
+                while time.monotonic() < until and not self.context.stopping():  # (a node stop: at once)
+                    gevent.sleep(0.1)
             path = self.context.socket_path(self.context.index)
             try:
                 os.unlink(path)  # left by a worker killed before it could remove it
@@ -334,7 +336,9 @@ class WorkerNode:
 
     def wait_interest(self) -> None:
         """Before the listeners accept: until the other workers' (and nodes') interest arrived
-        (``ClusterNode.wait_interest``; bounded)."""
+        (``ClusterNode.wait_interest``; bounded); not once the node stops (the others stop too)."""
+        if self.node is None and self.context.stopping():
+            return
         self.peers.wait_snapshots(PEER_INTEREST_WAIT)
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -347,7 +351,8 @@ class WorkerNode:
             return
         self._sync.kill(block=False)
         if self.broker.peers is self.peers:
-            self.broker.release_sessions()
+            if not self.broker.storage.durable:
+                self.broker.release_sessions()  # nothing comes back with the restart (module docstring)
             self.broker.set_peers(None)
         self.transport.stop(timeout)
         self.ownership.close()

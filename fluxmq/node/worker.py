@@ -35,6 +35,7 @@ from gunicorn.workers.base import Worker
 from gunicorn.workers.ggevent import GeventWorker
 
 from fluxmq.broker.behind_io import sleep_behind_io
+from fluxmq.node.workers import mark_stopping, stopping_path
 
 log = logging.getLogger("fluxmq.node")
 
@@ -215,13 +216,30 @@ class BrokerWorker(GeventWorker):
         Worker.notify(self)
         if self.alive and self.ppid != os.getppid():
             log.warning("arbiter_gone", extra={"pid": os.getpid(), "arbiter": self.ppid})
+            # nobody starts a dead worker again: a claim waiting for one's restart ends (0x88)
+            mark_stopping(getattr(self.app, "run_dir", None))
             self.alive = False
+        elif self.alive and self._node_stopping():
+            log.info("node_stopping_seen", extra={"pid": os.getpid()})
+            self.alive = False
+
+    def _node_stopping(self) -> bool:
+        """True once the arbiter stops the node (several workers: the run directory's mark). It marks
+        before it sends SIGTERM, but a worker forked a moment before loses a SIGTERM that arrives
+        before its handlers are installed (gunicorn's, inherited from the arbiter, queue it in the
+        arbiter's copy): that worker booted and served until the arbiter killed it at the end of
+        its grace. The mark stands for that signal (``init_signals``; the heartbeat for a SIGTERM
+        sent to the whole process group, which the arbiter may mark after)."""
+        run_dir = getattr(self.app, "run_dir", None)
+        return run_dir is not None and os.path.exists(stopping_path(run_dir))
 
     def init_signals(self) -> None:
         super().init_signals()
         # gunicorn leaves SIGHUP at its default (terminate) in workers: here it reloads the config
         # (the arbiter forwards its own SIGHUP), and a terminal hangup does not kill the broker.
         signal.signal(signal.SIGHUP, self.handle_hup)
+        if self._node_stopping():  # its SIGTERM may have come before the handlers (_node_stopping)
+            self.alive = False
 
     def handle_hup(self, sig, frame) -> None:
         """SIGHUP: reload the configuration into the running broker (in a greenlet, not the handler)."""

@@ -1,0 +1,150 @@
+"""One worker of a 2-worker node stopped alone with SIGTERM (an operator's ``kill <worker pid>``, the
+node going on): its graceful stop keeps the client ids of its persistent sessions for its restart, as
+a killed worker's are kept, so a client reconnecting meanwhile on the other worker waits for the
+arbiter's restart and takes the restored session over (Session Present 1, nothing acknowledged
+lost), and a stop of the whole node still ends at once. ``/ready`` names the workers that are up.
+
+Placement as in ``tests/e2e/test_workers_restart_claim.py``: a source address and port that lands
+on the live worker lands there again while the other's socket waits in the arbiter.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from fluxmq._core import codec as c
+from tests.conftest import NodeFactory, RunningNode
+from tests.e2e.mqtt5raw import Raw5, unique
+from tests.e2e.mqttraw import wait_until
+from tests.e2e.test_workers import on_worker, start, wait_restarted
+from tests.e2e.test_workers_restart_claim import (
+    BEFORE,
+    DURING,
+    WORKER_TOPIC,
+    payloads,
+    persistent,
+    reconnect,
+    reset,
+    session_on_w1,
+)
+
+pytestmark = pytest.mark.e2e
+
+#: seconds the restarted worker is held before it joins (``FLUXMQTEST_WORKER_RESTART_DELAY``): a
+#: reconnect on the other worker lands while it is down, within the claim's 10 s wait
+HELD = "4"
+#: held past the node's stop (a node stop ends the hold at once)
+HELD_LONG = "60"
+WAIT = 30.0
+
+
+def exited(node: RunningNode, pid: int) -> None:
+    """Until worker ``pid`` has exited (its graceful stop is over: what it released, it released)."""
+    assert wait_until(lambda: pid not in node.worker_pids(), WAIT), node.log_tail()
+
+
+def test_a_worker_stopped_alone_keeps_its_sessions_for_its_restart(tmp_path) -> None:
+    """SIGTERM to the worker holding a persistent session with QoS 1 messages in flight, the client
+    back on the other worker once the stopped one has exited (and before the arbiter's restart is
+    in): Session Present 1, and every message published before the stop and while the worker is
+    down arrives. Before, the graceful stop gave the ids up: the reconnect got a new session and
+    the restarted worker dropped its restored copy (the subscription and the messages lost)."""
+    factory = NodeFactory(tmp_path)
+    try:
+        node = start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": HELD})
+        topic = unique("xw/term")
+        client_id, sub, on_w0, pid = session_on_w1(node, topic)
+        pub = on_worker(node, "w0", "pub")
+        before = {f"before{i}".encode() for i in range(BEFORE)}
+        for payload in sorted(before):
+            pub.publish(topic, payload, 1)
+        got = set()
+        while len(got) < BEFORE:  # in flight on w1, not acknowledged: they live in w1's store
+            packet = sub.recv()
+            if isinstance(packet, c.Publish):
+                got.add(bytes(packet.payload))
+        assert got == before
+        os.kill(pid, signal.SIGTERM)
+        exited(node, pid)
+        reset(sub)
+        during = {f"during{i}".encode() for i in range(DURING)}
+        for payload in sorted(during):
+            pub.publish(topic, payload, 1)  # acknowledged by w0
+        sub = reconnect(node, client_id, on_w0)
+        assert sub.connack.reason_code == 0, sub.connack
+        assert sub.connack.session_present, "a fresh session while the stopped worker's copy comes back"
+        pub.publish(topic, b"after", 1)
+        want = before | during | {b"after"}
+        got = payloads(sub, want)
+        assert want - got == set(), f"lost: {sorted(want - got)}"
+        sub.subscribe(2, (WORKER_TOPIC, 0))
+        landed = sub.wait_for(lambda p: isinstance(p, c.Publish) and p.topic == WORKER_TOPIC)
+        assert landed.payload == b"w0"
+        sub.disconnect()
+        pub.disconnect()
+        wait_restarted(node, pid)
+        assert node.stop() == 0
+    finally:
+        factory.close()
+
+
+def claim_waiting(node: RunningNode) -> tuple[str, Raw5]:
+    """A persistent session on w1 with a QoS 1 message in flight; w1 stopped alone (SIGTERM) and
+    exited; its client's claim sent from a source that lands on w0, waiting for w1's restart (held)."""
+    topic = unique("xw/nodestop")
+    client_id, sub, on_w0, pid = session_on_w1(node, topic)
+    with on_worker(node, "w0", "pub") as pub:
+        pub.publish(topic, b"kept", 1)
+        assert sub.expect(c.Publish).payload == b"kept"  # in flight, not acknowledged
+    os.kill(pid, signal.SIGTERM)
+    exited(node, pid)
+    reset(sub)
+    claim = Raw5(node, source=on_w0)
+    claim.send(c.Connect(client_id, False, 60, 5, None, None, None, None, {c.SESSION_EXPIRY_INTERVAL: 300}))
+
+    def waits() -> bool:
+        return any(
+            "claim_waits_for_restart" in line and client_id in line for line in node.log_text().splitlines()
+        )
+
+    assert wait_until(waits, WAIT), f"not waiting for w1's restart:\n{node.log_tail()}"
+    return client_id, claim
+
+
+@pytest.mark.parametrize("signalled", ["arbiter", "every process"])
+def test_a_node_stop_ends_a_claim_waiting_for_a_stopped_worker_and_stops_every_worker_in_its_budget(
+    tmp_path, signalled: str
+) -> None:
+    """The node stopped (SIGTERM to the arbiter, or to the node's whole process group at once as
+    systemd does to its cgroup) while a claim waits for the restart of a worker stopped alone a
+    moment before: the claim ends without a fresh session (0x88, or the connection closed by its
+    stopping worker), every worker stops on its own within its budget (none runs out of it waiting
+    for the 10 s claim), the node exits 0, and its next start resumes the session from the stopped
+    worker's store with its message. Before, the stopped worker had given its ids up: the claim got
+    a fresh session at once (Session Present 0), and the next start found the id in both shards."""
+    factory = NodeFactory(tmp_path)
+    try:
+        node = start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": HELD_LONG})
+        client_id, claim = claim_waiting(node)
+        if signalled == "arbiter":
+            node.process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(node.pid, signal.SIGTERM)
+        answer = claim.wait_closed(WAIT)
+        assert all(isinstance(p, c.Connack) and p.reason_code == 0x88 for p in answer), answer
+        assert node.wait() == 0, node.log_tail()
+        text = node.log_text()
+        assert "shutdown_timeout" not in text, node.log_tail()
+        # every worker booted (w1 stopped alone, then w0 and the restarted w1) stopped on its own
+        assert text.count("event=broker_stopped") == text.count("Booting worker"), node.log_tail()
+        node = factory.restart(node)
+        resumed = persistent(node, client_id, None)
+        assert resumed.connack.reason_code == 0 and resumed.connack.session_present, resumed.connack
+        assert payloads(resumed, {b"kept"}) == {b"kept"}
+        resumed.disconnect()
+        assert node.stop() == 0
+    finally:
+        factory.close()
