@@ -146,19 +146,26 @@ class BrokerWorker(GeventWorker):
 
         While the broker loads its store the HTTP sockets are served by the app's "starting" apps
         (``/health`` 200, ``/ready`` 503), so probes get an answer instead of waiting in the
-        backlog; the heartbeat keeps running because the load yields to the hub."""
+        backlog; the heartbeat keeps running because the load yields to the hub. A worker restarted
+        while another of the node serves leaves the shared HTTP sockets to it until it is started
+        itself: a probe gets the node's answer (200, the ``workers`` check degraded), not a 503 from
+        whichever worker accepted it."""
         self._heartbeat = gevent.spawn(self._beat)
         gunicorn.util.write_error = write_json_error  # this process's listeners answer errors in JSON
         app = self.app
         self._client_apps: dict = {}
         self.wsgi = self._dispatch
+        context = getattr(app, "worker_context", None)
+        index = getattr(self, "worker_index", None)
+        workers = context(index) if context is not None and index is not None else None  # (one: None)
         starting = getattr(app, "make_starting_apps", None)
+        if workers is not None and workers.others_up():
+            starting = None  # a restart: the workers that serve answer on the shared HTTP sockets
         self._starting_servers = self._start_http_servers(starting()) if starting is not None else []
         try:
             service = app.service_factory(app.node_config)
-            context = getattr(app, "worker_context", None)
-            if context is not None and getattr(self, "worker_index", None) is not None:
-                service.workers = context(self.worker_index)  # None with one worker
+            if workers is not None:
+                service.workers = workers
             service.start()
         except Exception as exc:
             # One clear line; exit code 3 makes the arbiter halt instead of respawning.
@@ -172,6 +179,8 @@ class BrokerWorker(GeventWorker):
         self.service = service
         # One WSGI app per bound socket (health, HTTP bridge, admin), in bind order.
         self.wsgi_apps = app.make_wsgi_apps(service)
+        if workers is not None:
+            workers.mark_up()
         log.info("broker_started", extra={"pid": os.getpid()})
         log.info(
             "listeners", extra={"at": listener_urls(service, getattr(app, "surfaces", ()), self.sockets)}
@@ -274,6 +283,9 @@ class BrokerWorker(GeventWorker):
         log.info(
             "broker_stopping", extra={"pid": os.getpid(), "timeout": round(budget, 3), "quick": self._quick}
         )
+        workers = getattr(self.service, "workers", None)
+        if workers is not None:
+            workers.mark_down()  # the others' /ready names this worker down from here on
         for server in servers:
             server.close()  # stop accepting HTTP; in-flight requests continue
         try:

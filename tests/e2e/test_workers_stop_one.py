@@ -19,7 +19,7 @@ from fluxmq._core import codec as c
 from tests.conftest import NodeFactory, RunningNode
 from tests.e2e.mqtt5raw import Raw5, unique
 from tests.e2e.mqttraw import wait_until
-from tests.e2e.test_workers import on_worker, start, wait_restarted
+from tests.e2e.test_workers import on_worker, start, wait_restarted, worker_pid
 from tests.e2e.test_workers_restart_claim import (
     BEFORE,
     DURING,
@@ -145,6 +145,42 @@ def test_a_node_stop_ends_a_claim_waiting_for_a_stopped_worker_and_stops_every_w
         assert resumed.connack.reason_code == 0 and resumed.connack.session_present, resumed.connack
         assert payloads(resumed, {b"kept"}) == {b"kept"}
         resumed.disconnect()
+        assert node.stop() == 0
+    finally:
+        factory.close()
+
+
+#: /ready probes while one worker is down (each lands on whichever worker accepts it)
+PROBES = 20
+
+
+def test_ready_names_the_workers_up_degraded_not_503_while_one_restarts(tmp_path) -> None:
+    """``/ready`` of a 2-worker node while w1, stopped alone, restarts (held 10 s): every probe, on
+    whichever worker it lands, answers 200 ``degraded`` with a ``workers`` check naming w1 down;
+    nominal again once w1 serves. Before, there was no ``workers`` check (a ``cluster`` check said
+    "0/1 other workers reachable"), and a probe the restarting worker accepted got its "starting"
+    503: the answer flapped between ready and not ready while the node served."""
+    factory = NodeFactory(tmp_path)
+    try:
+        node = start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": "10"})
+        code, body = node.http_get("/ready")
+        assert (code, body["mode"], body["checks"]["workers"]) == (200, "nominal", {"status": "up"}), body
+        pid = worker_pid(node, "w1")
+        os.kill(pid, signal.SIGTERM)
+        exited(node, pid)
+        # restarting: its broker held (it would serve its "starting" apps from before that)
+        assert wait_until(lambda: node.log_text().count("worker_restart_delayed") == 1, WAIT)
+        answers = [node.http_get("/ready") for _ in range(PROBES)]
+        down = {"status": "up", "details": "1/2 workers up; down: w1"}
+        assert all(code == 200 and body["mode"] == "degraded" for code, body in answers), answers
+        assert all(body["checks"]["workers"] == down for _, body in answers), answers
+        wait_restarted(node, pid)
+
+        def nominal() -> bool:
+            code, body = node.http_get("/ready")
+            return code == 200 and body["mode"] == "nominal"
+
+        assert wait_until(nominal, WAIT), node.http_get("/ready")
         assert node.stop() == 0
     finally:
         factory.close()
