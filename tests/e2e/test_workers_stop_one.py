@@ -19,16 +19,13 @@ from fluxmq._core import codec as c
 from tests.conftest import NodeFactory, RunningNode
 from tests.e2e.mqtt5raw import Raw5, unique
 from tests.e2e.mqttraw import wait_until
-from tests.e2e.test_workers import on_worker, start, wait_restarted, worker_pid
+from tests.e2e.test_workers import start, wait_restarted, worker_pid
 from tests.e2e.test_workers_restart_claim import (
-    BEFORE,
-    DURING,
-    WORKER_TOPIC,
+    one_in_flight,
+    outage_resumes_the_session,
     payloads,
     persistent,
-    reconnect,
     reset,
-    session_on_w1,
 )
 
 pytestmark = pytest.mark.e2e
@@ -55,38 +52,12 @@ def test_a_worker_stopped_alone_keeps_its_sessions_for_its_restart(tmp_path) -> 
     factory = NodeFactory(tmp_path)
     try:
         node = start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": HELD})
-        topic = unique("xw/term")
-        client_id, sub, on_w0, pid = session_on_w1(node, topic)
-        pub = on_worker(node, "w0", "pub")
-        before = {f"before{i}".encode() for i in range(BEFORE)}
-        for payload in sorted(before):
-            pub.publish(topic, payload, 1)
-        got = set()
-        while len(got) < BEFORE:  # in flight on w1, not acknowledged: they live in w1's store
-            packet = sub.recv()
-            if isinstance(packet, c.Publish):
-                got.add(bytes(packet.payload))
-        assert got == before
-        os.kill(pid, signal.SIGTERM)
-        exited(node, pid)
-        reset(sub)
-        during = {f"during{i}".encode() for i in range(DURING)}
-        for payload in sorted(during):
-            pub.publish(topic, payload, 1)  # acknowledged by w0
-        sub = reconnect(node, client_id, on_w0)
-        assert sub.connack.reason_code == 0, sub.connack
-        assert sub.connack.session_present, "a fresh session while the stopped worker's copy comes back"
-        pub.publish(topic, b"after", 1)
-        want = before | during | {b"after"}
-        got = payloads(sub, want)
-        assert want - got == set(), f"lost: {sorted(want - got)}"
-        sub.subscribe(2, (WORKER_TOPIC, 0))
-        landed = sub.wait_for(lambda p: isinstance(p, c.Publish) and p.topic == WORKER_TOPIC)
-        assert landed.payload == b"w0"
-        sub.disconnect()
-        pub.disconnect()
-        wait_restarted(node, pid)
-        assert node.stop() == 0
+
+        def stop_alone(pid: int) -> None:
+            os.kill(pid, signal.SIGTERM)
+            exited(node, pid)
+
+        outage_resumes_the_session(node, stop_alone)
     finally:
         factory.close()
 
@@ -94,11 +65,7 @@ def test_a_worker_stopped_alone_keeps_its_sessions_for_its_restart(tmp_path) -> 
 def claim_waiting(node: RunningNode) -> tuple[str, Raw5]:
     """A persistent session on w1 with a QoS 1 message in flight; w1 stopped alone (SIGTERM) and
     exited; its client's claim sent from a source that lands on w0, waiting for w1's restart (held)."""
-    topic = unique("xw/nodestop")
-    client_id, sub, on_w0, pid = session_on_w1(node, topic)
-    with on_worker(node, "w0", "pub") as pub:
-        pub.publish(topic, b"kept", 1)
-        assert sub.expect(c.Publish).payload == b"kept"  # in flight, not acknowledged
+    client_id, sub, on_w0, pid = one_in_flight(node, unique("xw/nodestop"))
     os.kill(pid, signal.SIGTERM)
     exited(node, pid)
     reset(sub)
