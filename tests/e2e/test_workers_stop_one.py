@@ -81,32 +81,49 @@ def claim_waiting(node: RunningNode) -> tuple[str, Raw5]:
     return client_id, claim
 
 
-@pytest.mark.parametrize("signalled", ["arbiter", "every process"])
+def gone(node: RunningNode) -> bool:
+    """True once no process of the node's group is left."""
+    try:
+        os.killpg(node.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("signalled", ["arbiter", "every process", "arbiter killed"])
 def test_a_node_stop_ends_a_claim_waiting_for_a_stopped_worker_and_stops_every_worker_in_its_budget(
     tmp_path, signalled: str
 ) -> None:
     """The node stopped (SIGTERM to the arbiter, or to the node's whole process group at once as
-    systemd does to its cgroup) while a claim waits for the restart of a worker stopped alone a
-    moment before: the claim ends without a fresh session (0x88, or the connection closed by its
-    stopping worker), every worker stops on its own within its budget (none runs out of it waiting
-    for the 10 s claim), the node exits 0, and its next start resumes the session from the stopped
-    worker's store with its message. Before, the stopped worker had given its ids up: the claim got
-    a fresh session at once (Session Present 0), and the next start found the id in both shards."""
+    systemd does to its cgroup, or the arbiter killed -9: its workers stop as on SIGTERM) while a
+    claim waits for the restart of a worker stopped alone a moment before: the claim ends without a
+    fresh session (0x88 as the node is stopping, or the connection closed by its stopping worker),
+    every worker stops on its own within its budget (none runs out of it waiting for the 10 s
+    claim), and the node's next start resumes the session from the stopped worker's store with its
+    message. Before, the stopped worker had given its ids up: the claim got a fresh session at once
+    (Session Present 0), and the next start found the id in both shards. Also before, a worker
+    forked a moment before the arbiter's SIGTERM could lose it and serve until the arbiter killed it
+    at the end of its grace, and with the arbiter gone a claim waited its whole 10 s."""
     factory = NodeFactory(tmp_path)
     try:
         node = start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": HELD_LONG})
         client_id, claim = claim_waiting(node)
         if signalled == "arbiter":
             node.process.send_signal(signal.SIGTERM)
-        else:
+        elif signalled == "every process":
             os.killpg(node.pid, signal.SIGTERM)
+        else:
+            node.process.send_signal(signal.SIGKILL)
         answer = claim.wait_closed(WAIT)
         assert all(isinstance(p, c.Connack) and p.reason_code == 0x88 for p in answer), answer
-        assert node.wait() == 0, node.log_tail()
+        assert node.wait() == (-signal.SIGKILL if signalled == "arbiter killed" else 0), node.log_tail()
+        assert wait_until(lambda: gone(node), WAIT), node.log_tail()
         text = node.log_text()
         assert "shutdown_timeout" not in text, node.log_tail()
         # every worker booted (w1 stopped alone, then w0 and the restarted w1) stopped on its own
         assert text.count("event=broker_stopped") == text.count("Booting worker"), node.log_tail()
+        refused = [line for line in text.splitlines() if "connect_refused" in line and client_id in line]
+        assert all("the node is stopping" in line for line in refused), refused
         node = factory.restart(node)
         resumed = persistent(node, client_id, None)
         assert resumed.connack.reason_code == 0 and resumed.connack.session_present, resumed.connack
