@@ -95,9 +95,12 @@ class WorkerContext:
     def mark_up(self) -> None:
         """This worker serves (its broker started): its mark names this process."""
         path = up_path(self.run_dir, self.index)
-        with open(path + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(path + ".tmp", path)
+        except OSError:  # the run directory is gone: the arbiter has exited, this worker stops
+            pass
 
     def mark_down(self) -> None:
         """This worker stops serving (its stop began)."""
