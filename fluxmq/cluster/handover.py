@@ -210,12 +210,13 @@ class ClusterSessions:
     node), the new owner is asked in turn, at most ``max_moves`` times. Any failure of the registry
     or of the owner to answer raises ServerUnavailable (CONNACK 0x88; the client retries).
 
-    An owner the registry reports as restarting (``OwnerRestarting``: a worker killed -9 that its
-    arbiter starts again, whose store holds the session) is waited for, at most ``restart_wait``
-    seconds, in this greenlet (the registry looked at every ``RESTART_POLL`` s): once it is back
-    and holds its restored copy, the session is taken over from it as from any owner; not back in
-    time, ServerUnavailable (never a fresh session while the copy may come back). A Clean Start
-    does not wait: it takes the id from the dead owner at once (the restarted one drops its copy).
+    An owner the registry reports as restarting (``OwnerRestarting``: a worker killed -9 or stopped
+    alone that its arbiter starts again, whose store holds the session) is waited for, at most
+    ``restart_wait`` seconds, in this greenlet (the registry looked at every ``RESTART_POLL`` s):
+    once it is back and holds its restored copy, the session is taken over from it as from any
+    owner; not back in time, ServerUnavailable (never a fresh session while the copy may come
+    back). A Clean Start does not wait: it takes the id from the dead owner at once (the restarted
+    one drops its copy).
     """
 
     def __init__(

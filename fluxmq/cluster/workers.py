@@ -19,7 +19,9 @@ is ``grpc``. What is particular to workers:
   takes the session over from it, a Clean Start takes the id at once; once the node is stopping
   (``WorkerContext.stopping``) the claim is refused at once (the copy is back at the next start). A
   restarted worker keeps the restored sessions nobody claimed meanwhile and drops those another
-  worker took.
+  worker took. A worker stopped gracefully keeps its ids as a killed one (``WorkerNode.stop``):
+  alone (SIGTERM to its pid) the arbiter restarts it with its shard; at the node's stop they are
+  the next start's.
 * **Retained** messages are kept by every worker (each in its own storage shard): a retained
   publish is sent to every worker, those without matching interest only store it; a starting worker
   fills in what its shard lacks from another worker's snapshot (``retained.snapshot`` call).
@@ -303,7 +305,9 @@ class WorkerNode:
             delay = float(os.environ.get(RESTART_DELAY_ENV) or 0)
             if delay and self.ownership.adopted_before():
                 log.warning("worker_restart_delayed", extra={"seconds": delay, "env": RESTART_DELAY_ENV})
-                gevent.sleep(delay)
+                until = time.monotonic() + delay
+                while time.monotonic() < until and not self.context.stopping():  # (a node stop: at once)
+                    gevent.sleep(0.1)
             path = self.context.socket_path(self.context.index)
             try:
                 os.unlink(path)  # left by a worker killed before it could remove it
@@ -334,7 +338,9 @@ class WorkerNode:
 
     def wait_interest(self) -> None:
         """Before the listeners accept: until the other workers' (and nodes') interest arrived
-        (``ClusterNode.wait_interest``; bounded)."""
+        (``ClusterNode.wait_interest``; bounded); not once the node stops (the others stop too)."""
+        if self.node is None and self.context.stopping():
+            return
         self.peers.wait_snapshots(PEER_INTEREST_WAIT)
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -347,7 +353,14 @@ class WorkerNode:
             return
         self._sync.kill(block=False)
         if self.broker.peers is self.peers:
-            self.broker.release_sessions()
+            # The ids of the sessions held here stay this (soon dead) process's, as a killed worker's:
+            # its store, committed by the stop, holds them, and the arbiter restarts it with that
+            # shard unless the node stops (then they are the next start's). Given up, a client back
+            # on another worker meanwhile got a fresh session and the restarted worker dropped its
+            # copy. Whether the node stops does not matter: nothing waits on it, so no race with
+            # the arbiter's mark when every process of the node gets SIGTERM at once.
+            if not self.broker.storage.durable:
+                self.broker.release_sessions()  # in memory: nothing comes back with the restart
             self.broker.set_peers(None)
         self.transport.stop(timeout)
         self.ownership.close()
@@ -427,12 +440,10 @@ class WorkerNode:
             "failed": p.failed_messages,
         }
 
-    def readiness(self) -> tuple[bool, str]:
-        if self.node is not None:
-            return self.node.readiness()
-        links = self.transport.links
-        up = len(self.transport.reachable())
-        return True, "" if up == len(links) else f"{up}/{len(links)} other workers reachable"
+    def readiness(self) -> tuple[bool, str] | None:
+        """The ``cluster`` check of a cluster node's worker; None on a node of its own (the workers
+        that serve are the ``workers`` check: ``WorkerContext.readiness``)."""
+        return self.node.readiness() if self.node is not None else None
 
     # -- totals across workers -------------------------------------------------------------------
 

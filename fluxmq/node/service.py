@@ -735,7 +735,11 @@ class BrokerService:
         if up and self.bridges is not None:
             checks["bridges"] = self.bridges.status.readiness()  # a down bridge: degraded, still ready
         if up and self.cluster is not None:
-            checks["cluster"] = self.cluster.readiness()  # peers down: degraded, still ready
+            cluster = self.cluster.readiness()  # peers down: degraded, still ready
+            if cluster is not None:
+                checks["cluster"] = cluster
+        if up and self.workers is not None:
+            checks["workers"] = self.workers.readiness()  # one down or restarting: degraded, still ready
         return checks
 
     def reload(self, config) -> dict[str, list[str]]:

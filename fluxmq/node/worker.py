@@ -35,6 +35,7 @@ from gunicorn.workers.base import Worker
 from gunicorn.workers.ggevent import GeventWorker
 
 from fluxmq.broker.behind_io import sleep_behind_io
+from fluxmq.node.workers import mark_stopping, stopping_path
 
 log = logging.getLogger("fluxmq.node")
 
@@ -145,19 +146,26 @@ class BrokerWorker(GeventWorker):
 
         While the broker loads its store the HTTP sockets are served by the app's "starting" apps
         (``/health`` 200, ``/ready`` 503), so probes get an answer instead of waiting in the
-        backlog; the heartbeat keeps running because the load yields to the hub."""
+        backlog; the heartbeat keeps running because the load yields to the hub. A worker restarted
+        while another of the node serves leaves the shared HTTP sockets to it until it is started
+        itself: a probe gets the node's answer (200, the ``workers`` check degraded), not a 503 from
+        whichever worker accepted it."""
         self._heartbeat = gevent.spawn(self._beat)
         gunicorn.util.write_error = write_json_error  # this process's listeners answer errors in JSON
         app = self.app
         self._client_apps: dict = {}
         self.wsgi = self._dispatch
+        context = getattr(app, "worker_context", None)
+        index = getattr(self, "worker_index", None)
+        workers = context(index) if context is not None and index is not None else None  # (one: None)
         starting = getattr(app, "make_starting_apps", None)
+        if workers is not None and workers.others_up():
+            starting = None  # a restart: the workers that serve answer on the shared HTTP sockets
         self._starting_servers = self._start_http_servers(starting()) if starting is not None else []
         try:
             service = app.service_factory(app.node_config)
-            context = getattr(app, "worker_context", None)
-            if context is not None and getattr(self, "worker_index", None) is not None:
-                service.workers = context(self.worker_index)  # None with one worker
+            if workers is not None:
+                service.workers = workers
             service.start()
         except Exception as exc:
             # One clear line; exit code 3 makes the arbiter halt instead of respawning.
@@ -171,6 +179,8 @@ class BrokerWorker(GeventWorker):
         self.service = service
         # One WSGI app per bound socket (health, HTTP bridge, admin), in bind order.
         self.wsgi_apps = app.make_wsgi_apps(service)
+        if workers is not None:
+            workers.mark_up()
         log.info("broker_started", extra={"pid": os.getpid()})
         log.info(
             "listeners", extra={"at": listener_urls(service, getattr(app, "surfaces", ()), self.sockets)}
@@ -215,13 +225,30 @@ class BrokerWorker(GeventWorker):
         Worker.notify(self)
         if self.alive and self.ppid != os.getppid():
             log.warning("arbiter_gone", extra={"pid": os.getpid(), "arbiter": self.ppid})
+            # nobody starts a dead worker again: a claim waiting for one's restart ends (0x88)
+            mark_stopping(getattr(self.app, "run_dir", None))
             self.alive = False
+        elif self.alive and self._node_stopping():
+            log.info("node_stopping_seen", extra={"pid": os.getpid()})
+            self.alive = False
+
+    def _node_stopping(self) -> bool:
+        """True once the arbiter stops the node (several workers: the run directory's mark). It marks
+        before it sends SIGTERM, but a worker forked a moment before loses a SIGTERM that arrives
+        before its handlers are installed (gunicorn's, inherited from the arbiter, queue it in the
+        arbiter's copy): that worker booted and served until the arbiter killed it at the end of
+        its grace. The mark stands for that signal (``init_signals``; the heartbeat for a SIGTERM
+        sent to the whole process group, which the arbiter may mark after)."""
+        run_dir = getattr(self.app, "run_dir", None)
+        return run_dir is not None and os.path.exists(stopping_path(run_dir))
 
     def init_signals(self) -> None:
         super().init_signals()
         # gunicorn leaves SIGHUP at its default (terminate) in workers: here it reloads the config
         # (the arbiter forwards its own SIGHUP), and a terminal hangup does not kill the broker.
         signal.signal(signal.SIGHUP, self.handle_hup)
+        if self._node_stopping():  # its SIGTERM may have come before the handlers (_node_stopping)
+            self.alive = False
 
     def handle_hup(self, sig, frame) -> None:
         """SIGHUP: reload the configuration into the running broker (in a greenlet, not the handler)."""
@@ -256,6 +283,9 @@ class BrokerWorker(GeventWorker):
         log.info(
             "broker_stopping", extra={"pid": os.getpid(), "timeout": round(budget, 3), "quick": self._quick}
         )
+        workers = getattr(self.service, "workers", None)
+        if workers is not None:
+            workers.mark_down()  # the others' /ready names this worker down from here on
         for server in servers:
             server.close()  # stop accepting HTTP; in-flight requests continue
         try:

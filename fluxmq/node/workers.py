@@ -6,8 +6,9 @@ member of a local cluster (``fluxmq.cluster.workers``, imported only inside a wo
 * gives each worker an **index** (0..N-1, the lowest free one: a worker restarted after a crash gets
   the index, so the storage shard and socket path, of the one it replaces);
 * makes the **run directory** (a private temporary directory: the workers' Unix sockets, their
-  shared client-id ownership table and, once the node stops, the mark that no dead worker is
-  restarted any more), removed when the arbiter exits;
+  shared client-id ownership table, each serving worker's up mark (its pid: the ``workers`` check of
+  ``/ready``) and, once the node stops, the mark that no dead worker is restarted any more), removed
+  when the arbiter exits;
 * binds the **MQTT ports**: for each MQTT listener one socket per worker index, all bound to the same
   address with ``SO_REUSEPORT``, so the kernel spreads new connections over the workers; a dead
   worker's socket stays open in the arbiter (its connections wait in the backlog for the restarted
@@ -89,6 +90,47 @@ class WorkerContext:
         """True once the arbiter stops the node: no dead worker is started again (``mark_stopping``)."""
         return os.path.exists(stopping_path(self.run_dir))
 
+    # -- which workers serve: each worker's up mark, read by every worker's /ready ------------------
+
+    def mark_up(self) -> None:
+        """This worker serves (its broker started): its mark names this process."""
+        path = up_path(self.run_dir, self.index)
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(path + ".tmp", path)
+        except OSError:  # the run directory is gone: the arbiter has exited, this worker stops
+            pass
+
+    def mark_down(self) -> None:
+        """This worker stops serving (its stop began)."""
+        try:
+            os.unlink(up_path(self.run_dir, self.index))
+        except OSError:
+            pass
+
+    def up(self) -> list[int]:
+        """The indexes of the workers that serve: marked up by a process still running (a worker
+        killed -9 leaves its mark naming a dead one)."""
+        from fluxmq.storage.worker_owners import process_alive  # (lmdb: inside a worker only)
+
+        marked = (_marked_pid(up_path(self.run_dir, i)) for i in range(self.count))
+        return [i for i, pid in enumerate(marked) if pid > 0 and process_alive(pid)]
+
+    def others_up(self) -> bool:
+        """True when another worker of the node serves (a restarted worker, not the node's start)."""
+        return any(i != self.index for i in self.up())
+
+    def readiness(self) -> tuple[bool, str]:
+        """The ``workers`` check of ``/ready``: up (the node serves through this worker), with details
+        naming those down while one is (stopped or killed, restarting): mode ``degraded``, not 503.
+        Every worker answers the same, whichever one the load balancer's probe lands on."""
+        up = set(self.up()) | {self.index}
+        if len(up) == self.count:
+            return True, ""
+        down = ", ".join(worker_id(i) for i in range(self.count) if i not in up)
+        return True, f"{len(up)}/{self.count} workers up; down: {down}"
+
 
 def worker_id(index: int) -> str:
     """The member id of worker ``index`` in the node's local cluster."""
@@ -105,14 +147,29 @@ def make_run_dir() -> str:
     return tempfile.mkdtemp(prefix="fluxmq-workers-")
 
 
+def up_path(run_dir: str, index: int) -> str:
+    """The mark of worker ``index`` while it serves: the pid of its process."""
+    return os.path.join(run_dir, f"w{index}.up")
+
+
+def _marked_pid(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
 def stopping_path(run_dir: str) -> str:
     """The mark the arbiter leaves in the run directory once it stops restarting dead workers."""
     return os.path.join(run_dir, "stopping")
 
 
 def mark_stopping(run_dir: str | None) -> None:
-    """The node is stopping (the arbiter's stop): a dead worker is not started again, so a claim
-    of an id it owned does not wait for it (``WorkerContext.stopping``)."""
+    """The node is stopping (the arbiter's stop, or a worker that found its arbiter gone): a dead
+    worker is not started again, so a claim of an id it owned does not wait for it
+    (``WorkerContext.stopping``), and a worker that lost its SIGTERM stops too
+    (``BrokerWorker._node_stopping``)."""
     if run_dir is not None:
         try:
             with open(stopping_path(run_dir), "x"):

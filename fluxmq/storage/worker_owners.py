@@ -6,7 +6,8 @@ member id (a client id holds no NUL [MQTT-1.5.4-2]), value = the pid of that wor
 last adopted its restored sessions (its record, written in the adoption's transaction). A claim is
 a compare-and-swap in one write transaction.
 
-An entry whose pid is no longer alive belongs to nobody, unless its worker comes back
+An entry whose pid is no longer alive (its worker killed, or stopped: a graceful stop keeps its
+ids too, ``fluxmq.cluster.workers.WorkerNode.stop``) belongs to nobody, unless its worker comes back
 (``restarts(member)``: the arbiter starts it again) and has not adopted yet (its record names no
 live process): then its restored copy is coming back, and ``acquire_session`` raises
 ``OwnerRestarting`` (the claim waits for it, ``fluxmq.cluster.handover.ClusterSessions``), or
@@ -31,7 +32,7 @@ OWNERS_MAP_SIZE = 256 << 20
 _RECORD = b"\x00"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True while process ``pid`` runs: a worker killed -9 is a zombie until its arbiter reaps it
     (``kill(pid, 0)`` still succeeds), and dead already."""
     try:
@@ -78,7 +79,7 @@ class LocalOwnership:
         node, _, pid = bytes(raw).decode().partition(" ")
         if node == self.node_id and int(pid) == self.pid:
             return node
-        return node if _alive(int(pid)) else None
+        return node if process_alive(int(pid)) else None
 
     def _restarting(self, txn, raw: bytes) -> str | None:
         """The worker a dead entry names when its restored copy may still come back: it comes back
@@ -88,7 +89,7 @@ class LocalOwnership:
         if node == self.node_id or self.restarts is None or not self.restarts(node):
             return None  # (this worker's own earlier process: its adoption here passed over the id)
         record = txn.get(_RECORD + node.encode())
-        if record is not None and int(record) != int(pid) and _alive(int(record)):
+        if record is not None and int(record) != int(pid) and process_alive(int(record)):
             return None  # back, and the id was not among the sessions it restored
         if self.stopping is not None and self.stopping():
             raise ServerUnavailable(

@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -111,6 +112,54 @@ def session_on_w1(node: RunningNode, topic: str) -> tuple[str, Raw5, tuple, int]
     return client_id, sub, on_w0, worker_pid(node, "w1")
 
 
+def outage_resumes_the_session(node: RunningNode, stop: Callable[[int], None]) -> None:
+    """A persistent session on w1 with QoS 1 messages in flight (in w1's store), w1 stopped
+    (``stop(pid)``: killed, or stopped alone), its client back on w0 at once, messages published
+    meanwhile: Session Present 1, every message arrives, on w0; the node stops cleanly after w1's
+    restart."""
+    topic = unique("xw/dead")
+    client_id, sub, on_w0, pid = session_on_w1(node, topic)
+    pub = on_worker(node, "w0", "pub")
+    before = {f"before{i}".encode() for i in range(BEFORE)}
+    for payload in sorted(before):
+        pub.publish(topic, payload, 1)
+    # in flight on w1, not acknowledged by the client: they live in w1's store
+    got = set()
+    while len(got) < BEFORE:
+        packet = sub.recv()
+        if isinstance(packet, c.Publish):
+            got.add(bytes(packet.payload))
+    assert got == before
+    stop(pid)
+    during = {f"during{i}".encode() for i in range(DURING)}
+    for payload in sorted(during):
+        pub.publish(topic, payload, 1)  # acknowledged by w0
+    reset(sub)
+    sub = reconnect(node, client_id, on_w0)
+    assert sub.connack.reason_code == 0, sub.connack
+    assert sub.connack.session_present, "a fresh session while the stopped worker's copy comes back"
+    pub.publish(topic, b"after", 1)
+    want = before | during | {b"after"}
+    got = payloads(sub, want)
+    assert want - got == set(), f"lost: {sorted(want - got)}"
+    sub.subscribe(2, (WORKER_TOPIC, 0))
+    landed = sub.wait_for(lambda p: isinstance(p, c.Publish) and p.topic == WORKER_TOPIC)
+    assert landed.payload == b"w0"
+    sub.disconnect()
+    pub.disconnect()
+    wait_restarted(node, pid)
+    assert node.stop() == 0
+
+
+def one_in_flight(node: RunningNode, topic: str) -> tuple[str, Raw5, tuple, int]:
+    """``session_on_w1`` with a QoS 1 message (``kept``) delivered, not acknowledged: in w1's store."""
+    client_id, sub, on_w0, pid = session_on_w1(node, topic)
+    with on_worker(node, "w0", "pub") as pub:
+        pub.publish(topic, b"kept", 1)
+        assert sub.expect(c.Publish).payload == b"kept"
+    return client_id, sub, on_w0, pid
+
+
 def held(factory: NodeFactory) -> RunningNode:
     """A 2-worker node whose restarted workers are held 15 s (past the claim's 10 s bound)."""
     return start(factory, {"storage.type": "lmdb"}, env={"FLUXMQTEST_WORKER_RESTART_DELAY": "15"})
@@ -127,38 +176,7 @@ def test_a_reconnect_on_the_other_worker_right_after_a_kill_resumes_the_session_
     factory = NodeFactory(tmp_path)
     try:
         node = start(factory, {"storage.type": "lmdb"})
-        topic = unique("xw/dead")
-        client_id, sub, on_w0, pid = session_on_w1(node, topic)
-        pub = on_worker(node, "w0", "pub")
-        before = {f"before{i}".encode() for i in range(BEFORE)}
-        for payload in sorted(before):
-            pub.publish(topic, payload, 1)
-        # in flight on w1, not acknowledged by the client: they live in w1's store
-        got = set()
-        while len(got) < BEFORE:
-            packet = sub.recv()
-            if isinstance(packet, c.Publish):
-                got.add(bytes(packet.payload))
-        assert got == before
-        os.kill(pid, signal.SIGKILL)
-        during = {f"during{i}".encode() for i in range(DURING)}
-        for payload in sorted(during):
-            pub.publish(topic, payload, 1)  # acknowledged by w0
-        reset(sub)
-        sub = reconnect(node, client_id, on_w0)
-        assert sub.connack.reason_code == 0
-        assert sub.connack.session_present, "a fresh session while the killed worker's copy comes back"
-        pub.publish(topic, b"after", 1)
-        want = before | during | {b"after"}
-        got = payloads(sub, want)
-        assert want - got == set(), f"lost: {sorted(want - got)}"
-        sub.subscribe(2, (WORKER_TOPIC, 0))
-        landed = sub.wait_for(lambda p: isinstance(p, c.Publish) and p.topic == WORKER_TOPIC)
-        assert landed.payload == b"w0"
-        sub.disconnect()
-        pub.disconnect()
-        wait_restarted(node, pid)
-        assert node.stop() == 0
+        outage_resumes_the_session(node, lambda pid: os.kill(pid, signal.SIGKILL))
     finally:
         factory.close()
 
@@ -170,12 +188,8 @@ def test_a_claim_whose_killed_worker_is_not_back_in_time_is_refused_0x88_then_re
     factory = NodeFactory(tmp_path)
     try:
         node = held(factory)
-        topic = unique("xw/late")
-        client_id, sub, on_w0, pid = session_on_w1(node, topic)
-        with on_worker(node, "w0", "pub") as pub:
-            pub.publish(topic, b"kept", 1)
-            assert sub.expect(c.Publish).payload == b"kept"  # in flight, not acknowledged
-            os.kill(pid, signal.SIGKILL)
+        client_id, sub, on_w0, pid = one_in_flight(node, unique("xw/late"))
+        os.kill(pid, signal.SIGKILL)
         reset(sub)
         sub = persistent(node, client_id, on_w0)
         assert sub.connack.reason_code == 0x88, sub.connack

@@ -13,7 +13,14 @@ import pytest
 from fluxmq.config import load_config
 from fluxmq.node.app import NodeApplication
 from fluxmq.node.cli import main
-from fluxmq.node.workers import WorkerContext, bind_reuseport, mark_stopping, shard_path, worker_count
+from fluxmq.node.workers import (
+    WorkerContext,
+    bind_reuseport,
+    mark_stopping,
+    shard_path,
+    up_path,
+    worker_count,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -161,3 +168,31 @@ def test_a_dead_sibling_comes_back_restarted_until_the_node_stops(tmp_path) -> N
     mark_stopping(str(tmp_path))
     mark_stopping(str(tmp_path))  # (twice: the halt after a stop)
     assert w0.stopping() and w0.restarts("w1")
+
+
+def test_the_workers_check_names_the_workers_down_and_reads_the_same_on_every_worker(tmp_path) -> None:
+    """``/ready``'s ``workers`` check (``WorkerContext.readiness``): up, with details naming the
+    workers without an up mark or whose mark names a process that is gone (killed, or stopped: its
+    mark removed), the same on every worker; a worker of its own counts as up (it answers)."""
+    run = str(tmp_path)
+    w0, w1, w2 = (WorkerContext(i, 3, run) for i in range(3))
+    assert w0.readiness() == (True, "1/3 workers up; down: w1, w2") and not w0.others_up()
+    w0.mark_up()
+    live = subprocess.Popen(["sleep", "30"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        with open(up_path(run, 1), "w") as f:
+            f.write(str(live.pid))
+        with open(up_path(run, 2), "w") as f:
+            f.write(str(gone.pid))  # killed -9: its mark stays, naming a dead process
+        assert w0.readiness() == w1.readiness() == (True, "2/3 workers up; down: w2")
+        assert w2.others_up() and w0.others_up()
+        with open(up_path(run, 2), "w") as f:
+            f.write(str(live.pid))
+        assert w1.readiness() == (True, "")
+        w0.mark_down()
+        assert w1.readiness() == (True, "2/3 workers up; down: w0")
+    finally:
+        live.kill()
+        live.wait()
