@@ -82,6 +82,16 @@ def _check_user_properties(name: str, value) -> None:
     if not isinstance(value, (list, tuple)):
         raise FieldOutOfRange(f"{name} must be a list of (name, value) string pairs")
     for pair in value:
+        if pair.__class__ is tuple and len(pair) == 2:
+            k, v = pair
+            if (
+                k.__class__ is str
+                and v.__class__ is str
+                and len(k) + len(v) <= MAX_STRING
+                and k.isascii()
+                and v.isascii()
+            ):
+                continue  # the common pair: both fit, whatever the split
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise FieldOutOfRange(f"{name} must be a list of (name, value) string pairs, not {pair!r:.40}")
         _check_string(f"{name} name", pair[0])
@@ -98,13 +108,14 @@ _PROPERTY_CHECKS = {
 }
 
 
-def check_message(message: Message) -> None:
+def check_message(message: Message, will: bool = False) -> None:
     """Raise FieldOutOfRange, naming the field and its range, unless every field of ``message``
     fits MQTT's wire format (and so the store's records): a valid topic name, QoS 0..2, a payload
     of at most MAX_PAYLOAD bytes, an expiry at most MAX_INTERVAL seconds away, only the
     forwardable properties, each in its range. ``Broker.publish`` asks it first, so a message a
     front end built wrong is refused before anything is routed or stored; the MQTT codec's
-    messages pass it by construction."""
+    messages pass it by construction. ``will``: a will's message, whose properties may hold its
+    Message Expiry Interval until it is published (``publish_will_message``)."""
     topic = message.topic
     if topic.__class__ is not str:
         raise FieldOutOfRange(f"topic must be a str, not {type(topic).__name__}")
@@ -139,6 +150,9 @@ def check_message(message: Message) -> None:
             raise FieldOutOfRange(f"properties must be a dict, not {type(props).__name__}")
         for pid, value in props.items():
             check = _PROPERTY_CHECKS.get(pid)
+            if check is None and will and pid == MESSAGE_EXPIRY_INTERVAL:
+                check_interval("will message expiry interval", value)
+                continue
             if check is None:
                 raise FieldOutOfRange(
                     f"property {pid!r:.10} is not one a message carries (only payload format "

@@ -32,9 +32,15 @@ class Publishing:
         """Route one message to every matching session; store it when retained. Returns deliveries.
 
         Raises FieldOutOfRange (a ValueError), before anything is routed or stored, for a message
-        whose fields MQTT cannot carry (``message.check_message``). The C relay's messages never
-        come here; the MQTT codec's pass the check by construction."""
+        whose fields MQTT cannot carry (``message.check_message``): the entry of every front end
+        that builds its own messages (HTTP, CoAP, bridges, cluster code)."""
         check_message(message)
+        return self.publish_decoded(message, origin)
+
+    def publish_decoded(self, message: Message, origin: Session | None = None) -> int:
+        """``publish`` without the check, for a message the MQTT codec decoded (its fields are in
+        range by construction): the MQTT protocol layer's entry, which pays nothing for the check
+        (the C relay's messages never come here)."""
         stats = self.stats
         msg_qos = message.qos
         size = len(message.payload)

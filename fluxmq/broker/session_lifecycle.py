@@ -8,7 +8,7 @@ import time
 
 import gevent
 
-from fluxmq.errors import NotAuthorized, QuotaExceeded
+from fluxmq.errors import FieldOutOfRange, NotAuthorized, QuotaExceeded
 
 from .delivery import Delivery
 from .message import MESSAGE_EXPIRY_INTERVAL, Message, check_interval, check_message
@@ -54,7 +54,7 @@ class SessionLifecycle:
         check_interval("session expiry interval", expiry_interval)
         if will is not None:
             check_interval("will delay interval", will.delay)
-            check_message(will.message)
+            check_message(will.message, will=True)
         peers = self.peers
         if peers is not None:
             self._claim_session(peers, client_id, clean_start)
@@ -340,3 +340,5 @@ class SessionLifecycle:
             self.publish(message)
         except QuotaExceeded:
             log.warning("will_refused", extra={"topic": will_topic, "reason": "storage full"})
+        except FieldOutOfRange as exc:  # (a will stored by an older version: checked at connect now)
+            log.warning("will_refused", extra={"topic": will_topic, "reason": str(exc)})

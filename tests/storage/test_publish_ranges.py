@@ -141,6 +141,11 @@ def test_the_largest_message_expiry_interval_is_stored_and_restored(node: Node) 
         (2**32, None, "session expiry interval must be an integer 0..4294967295"),
         (60, Will(Message("w", b"x", 1), 2**32), "will delay interval must be an integer 0..4294967295"),
         (60, Will(Message("w", b"x", 1, False, {USER_PROPERTY: [("k", 1)]}), 0), "user properties value"),
+        (
+            60,
+            Will(Message("w", b"x", 1, False, {MESSAGE_EXPIRY_INTERVAL: 2**32}), 0),
+            "will message expiry interval must be an integer 0..4294967295",
+        ),
     ],
 )
 def test_open_session_refuses_an_interval_or_will_out_of_range(node: Node, expiry, will, says) -> None:
@@ -149,6 +154,16 @@ def test_open_session_refuses_an_interval_or_will_out_of_range(node: Node, expir
     assert "c" not in node.broker.sessions
     assert not node.storage.has_pending
     assert "c" not in node.restart().broker.sessions
+
+
+def test_a_will_keeps_its_message_expiry_interval_until_published(node: Node) -> None:
+    """The MQTT layer keeps a will's Message Expiry Interval in its properties until the will is
+    published (its lifetime starts then): in range, open_session takes it."""
+    will = Will(Message("w", b"gone", 1, True, {MESSAGE_EXPIRY_INTERVAL: 2**32 - 1}), 0)
+    s, d, _ = node.connect("c", 60, will=will)
+    node.disconnect(s, d, publish_will=True)
+    [published] = node.broker.retained.match("w")
+    assert published.payload == b"gone" and published.remaining_expiry() > 2**32 - 10
 
 
 @pytest.mark.parametrize(
