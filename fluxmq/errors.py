@@ -39,6 +39,12 @@ class ProtocolError(MQTTError):
     reason_code = 0x82
 
 
+class FieldOutOfRange(ProtocolError, ValueError):
+    """A value given to the broker's public API (``Broker.publish``, ``open_session``,
+    ``subscribe``) outside the range MQTT's wire format gives its field: refused before anything
+    is routed or stored; the message names the field and the range."""
+
+
 class UnsupportedProtocolVersion(MQTTError):
     """CONNECT names a protocol level we do not speak (0x84; 3.1.1 return code 1)."""
 

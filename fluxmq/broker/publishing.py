@@ -12,7 +12,7 @@ from fluxmq._core.stats_core import monotonic
 from fluxmq._core.trie import validate_topic
 from fluxmq.errors import QuotaExceeded, StorageError
 
-from .message import Message
+from .message import Message, check_message
 from .prefixes import QUEUE_PREFIX
 from .session import PersistentSession, Session
 from .stats import LATENCY_SAMPLE_MASK
@@ -29,7 +29,18 @@ class Publishing:
         validate_topic(topic)
 
     def publish(self, message: Message, origin: Session | None = None) -> int:
-        """Route one message to every matching session; store it when retained. Returns deliveries."""
+        """Route one message to every matching session; store it when retained. Returns deliveries.
+
+        Raises FieldOutOfRange (a ValueError), before anything is routed or stored, for a message
+        whose fields MQTT cannot carry (``message.check_message``): the entry of every front end
+        that builds its own messages (HTTP, CoAP, bridges, cluster code)."""
+        check_message(message)
+        return self.publish_decoded(message, origin)
+
+    def publish_decoded(self, message: Message, origin: Session | None = None) -> int:
+        """``publish`` without the check, for a message the MQTT codec decoded (its fields are in
+        range by construction): the MQTT protocol layer's entry, which pays nothing for the check
+        (the C relay's messages never come here)."""
         stats = self.stats
         msg_qos = message.qos
         size = len(message.payload)

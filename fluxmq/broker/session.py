@@ -33,6 +33,9 @@ from .stats import BrokerStats
 log = logging.getLogger("fluxmq.broker.session")
 
 EXPIRY_NEVER = 0xFFFFFFFF
+#: ``Session.send_tracked``: the client can never take this message (a negative number: callers
+#: test ``> 0`` for a send)
+REFUSED = -1
 
 # Queue overflow policies (config broker.queue_overflow).
 DROP_NEW = "drop_new"
@@ -282,7 +285,9 @@ class Session(SessionCore):
     def send_tracked(self, message: Message) -> int:
         """Send a QoS 1 message whose settlement the caller tracks (``TrackedMessage``, a durable
         queue's delivery): only when the client's window and output have room, never queued or
-        stored with the session. Returns its packet id, 0 when the client cannot take it now."""
+        stored with the session. Returns its packet id, 0 when the client cannot take it now,
+        ``REFUSED`` (negative) when it can never take this message (over its Maximum Packet Size,
+        or unencodable for it: the drop is counted), so a caller gives it to someone else."""
         d = self.delivery
         inflight = self.inflight
         if d is None or self.queue or self.held or len(inflight) >= self.send_quota or d.is_congested():
@@ -294,7 +299,7 @@ class Session(SessionCore):
         if self._send(d, message, 1, False, pid, False, None):
             inflight[pid] = message  # its own in-flight entry (TrackedMessage): not stored, no Inflight
             return pid
-        return 0  # too large for this client, or not encodable for it
+        return REFUSED  # too large for this client, or not encodable for it
 
     def can_take_tracked(self) -> bool:
         """True when ``send_tracked`` would send now."""

@@ -8,10 +8,10 @@ import time
 
 import gevent
 
-from fluxmq.errors import NotAuthorized, QuotaExceeded
+from fluxmq.errors import FieldOutOfRange, NotAuthorized, QuotaExceeded
 
 from .delivery import Delivery
-from .message import MESSAGE_EXPIRY_INTERVAL, Message
+from .message import MESSAGE_EXPIRY_INTERVAL, Message, check_interval, check_message
 from .session import EXPIRY_NEVER, PersistentSession, Session, SessionLimits, Will
 
 log = logging.getLogger("fluxmq.broker")
@@ -47,8 +47,14 @@ class SessionLifecycle:
         With peers installed (a cluster) this node first becomes the only owner of ``client_id``
         (``Peers.claim_session``, which may block this greenlet): a session another node held is
         handed over and resumed here (discarded under ``clean_start``, the other connection closed
-        either way). Raises ServerUnavailable (0x88) when ownership cannot be established.
+        either way). Raises ServerUnavailable (0x88) when ownership cannot be established, and
+        FieldOutOfRange, changing nothing, for an expiry, will delay or will message MQTT cannot
+        carry.
         """
+        check_interval("session expiry interval", expiry_interval)
+        if will is not None:
+            check_interval("will delay interval", will.delay)
+            check_message(will.message, will=True)
         peers = self.peers
         if peers is not None:
             self._claim_session(peers, client_id, clean_start)
@@ -334,3 +340,5 @@ class SessionLifecycle:
             self.publish(message)
         except QuotaExceeded:
             log.warning("will_refused", extra={"topic": will_topic, "reason": "storage full"})
+        except FieldOutOfRange as exc:  # (a will stored by an older version: checked at connect now)
+            log.warning("will_refused", extra={"topic": will_topic, "reason": str(exc)})

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 from fluxmq._core.trie import parse_shared, validate_filter
+from fluxmq.errors import FieldOutOfRange
 
+from .message import MAX_SUBSCRIPTION_ID
 from .prefixes import QUEUE_PREFIX
 from .session import PersistentSession, Session, Subscription
 
@@ -37,8 +39,17 @@ class Subscriptions:
         """Add or replace a subscription [MQTT-3.8.4-3]; raises TopicFilterInvalid for a bad filter.
 
         A ``$queue/{name}[/{filter}]`` filter joins a durable queue's consumer group instead (its
-        5.0 ``user_properties`` name the group and options); raises QueueRefused when refused."""
+        5.0 ``user_properties`` name the group and options); raises QueueRefused when refused, and
+        FieldOutOfRange for a QoS, retain handling or subscription identifier out of MQTT's range."""
         validate_filter(filter)
+        if qos.__class__ is not int or not 0 <= qos <= 2:
+            raise FieldOutOfRange(f"qos must be 0, 1 or 2, not {qos!r:.40}")
+        if retain_handling.__class__ is not int or not 0 <= retain_handling <= 2:
+            raise FieldOutOfRange(f"retain handling must be 0, 1 or 2, not {retain_handling!r:.40}")
+        if subscription_id.__class__ is not int or not 0 <= subscription_id <= MAX_SUBSCRIPTION_ID:
+            raise FieldOutOfRange(
+                f"subscription identifier must be 0..{MAX_SUBSCRIPTION_ID} (0: none), not {subscription_id!r:.40}"
+            )
         if filter.startswith(QUEUE_PREFIX):
             version = session.delivery.version if session.delivery is not None else 5
             granted = self._queue_manager().subscribe(session, filter, qos, user_properties, version)

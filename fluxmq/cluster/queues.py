@@ -578,7 +578,7 @@ class RemoteQueues:
             message = forwarded_delivery(
                 topic, blob, payload_len, self._settled, (from_node, queue, group, offset)
             )
-            results.append(bool(session.send_tracked(message)))
+            results.append(session.send_tracked(message) > 0)  # REFUSED (< 0): not sent
         return json.dumps(results).encode()
 
     # -- the owner's side ----------------------------------------------------------------------------

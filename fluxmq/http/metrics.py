@@ -432,6 +432,7 @@ class BrokerCollector(Collector):
         "timed_out",
         "retention_dropped",
         "capture_refused",
+        "undeliverable",
     )
 
     @classmethod
@@ -447,6 +448,11 @@ class BrokerCollector(Collector):
         lag = GaugeMetricFamily(
             "fluxmq_queue_group_lag", "Records a consumer group has not settled.", labels=["queue", "group"]
         )
+        aside = GaugeMetricFamily(
+            "fluxmq_queue_group_undeliverable",
+            "Records no member of a consumer group can take (Maximum Packet Size), kept until one joins.",
+            labels=["queue", "group"],
+        )
         counters = {
             name: CounterMetricFamily(
                 f"fluxmq_queue_{name}", f"Durable queue records {name}.", labels=["queue"]
@@ -459,12 +465,14 @@ class BrokerCollector(Collector):
             consumers.add_metric([q["name"]], q["consumers"])
             for group, g in q["groups"].items():
                 lag.add_metric([q["name"], group], g["lag"])
+                aside.add_metric([q["name"], group], g.get("undeliverable", 0))
             for name, family in counters.items():
                 family.add_metric([q["name"]], q["counters"].get(name, 0))
         yield depth
         yield size
         yield consumers
         yield lag
+        yield aside
         yield from counters.values()
 
     @staticmethod

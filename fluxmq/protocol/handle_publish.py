@@ -99,7 +99,7 @@ class HandlePublish:
                     if props:
                         self._route(topic, p, props)
                     else:  # the common shape, without _route's frame
-                        self.broker.publish(
+                        self.broker.publish_decoded(
                             Message(topic, p.payload, 0, p.retain, None, None, self.client_id), session
                         )
                 except QueueRefused as exc:  # no ack to carry it: logged
@@ -120,7 +120,7 @@ class HandlePublish:
                     if props:
                         routed = self._route(topic, p, props)
                     else:
-                        routed = self.broker.publish(
+                        routed = self.broker.publish_decoded(
                             Message(topic, p.payload, 1, p.retain, None, None, self.client_id), session
                         )
                     if routed.__class__ is HeldAck:  # a replicated queue: the ack waits for the quorum
@@ -253,7 +253,7 @@ class HandlePublish:
             )
         else:
             message = Message(topic, p.payload, p.qos, p.retain, None, None, self.client_id)
-        return self.broker.publish(message, self.session)
+        return self.broker.publish_decoded(message, self.session)
 
     def _resolve_alias(self, alias: int, topic: str) -> str:
         if alias == 0 or alias > self.settings.max_topic_alias:

@@ -11,6 +11,13 @@ delivered once) and the offsets below it whose count is not 1 (0: passed over fo
 room, never delivered; 2 and more: delivered again). A dispatch runs before the turn's flush, and
 the flush commits before it writes, so a count is stored before its delivery leaves the node:
 after a crash the count goes on where the consumer saw it.
+
+A member that can never take a record (over its 5.0 Maximum Packet Size, unencodable for it: its
+session's ``send_tracked`` says ``REFUSED``) is not offered it again (``refused``); the record
+goes to another member. When no member of the group can take it, it is set aside
+(``undeliverable``: stored, unsettled, counted and shown per group) and the records behind it go
+on; a member joining the group gets it offered again. So such a record neither blocks its group
+nor is tried at every dispatch.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+
+from fluxmq.broker.session import REFUSED
 
 from .config import STREAM
 from .delivery import build_delivery, user_property, work_delivery
@@ -128,6 +137,12 @@ class ConsumerGroup:
         # across rebalancing (a new owner starts after the last settled offset).
         self.holders: dict[int, dict[Member, int]] = {}
         self.dead_pending: dict[int, str] = {}  # offset -> reason: the DLQ append failed, retried
+        # offset -> the members that can never take it (send_tracked said REFUSED), until it is
+        # delivered or settled; and the offsets none of the members can take, out of the dispatch
+        # until a member joins (see the module docstring)
+        self.refused: dict[int, list[Member]] = {}
+        self.undeliverable: set[int] = set()
+        self._aside_counted: set[int] = set()  # set aside once already (counted once per record)
         # Delivery counts as stored (see the module docstring): what a restart found, and what
         # each dispatch changed.
         self.mark = mark
@@ -145,12 +160,16 @@ class ConsumerGroup:
 
     def add(self, member: Member) -> None:
         self.members.append(member)
+        if self.undeliverable:  # the new member may take what the others could not
+            self._offer_aside_again()
         self._requeue_parked()
 
     def remove(self, member: Member) -> None:
         """A member left: what it holds is delivered again to the others, now."""
         if member in self.members:
             self.members.remove(member)
+        if self.undeliverable:  # a partition's owner changes (set aside again at once otherwise)
+            self._offer_aside_again()
         for offset, p in list(self.pending.items()):
             if p.member is member:
                 del self.pending[offset]
@@ -242,9 +261,18 @@ class ConsumerGroup:
                 continue
             key = queue.routing_key(record.message.topic) if filtered or partitions > 1 else ""
             part = -1
+            refused = self.refused.get(offset) if self.refused else None
+            if refused is not None and self._refused_by_all(refused, key):
+                self._pop(from_ready)
+                self._set_aside(offset)
+                continue
             if partitions > 1:
                 part = queue.partition_of(record)
                 member = None if part in blocked else self._partition_owner(part, key)
+                if member is not None and refused is not None and member in refused:
+                    # its partition's owner can never take it: another member that can (so it
+                    # holds the partition until it settles the record)
+                    member = self._pick(key, None, refused)
                 if member is None:
                     if not any(m.has_room() for m in self.members):
                         break
@@ -253,7 +281,7 @@ class ConsumerGroup:
                     parked.append(offset)
                     continue
             else:
-                member = self._pick(key, self.avoid.get(offset))
+                member = self._pick(key, self.avoid.get(offset), refused)
             if member is None:
                 if not any(m.has_room() for m in self.members):
                     break
@@ -266,8 +294,16 @@ class ConsumerGroup:
             else:
                 self.cursor = offset + 1
             if not self._deliver(member, offset, record, now, part):
-                parked.append(offset)
-                break
+                refused = self.refused.get(offset) if self.refused else None
+                if refused is None or member not in refused:
+                    parked.append(offset)
+                    break  # it has no room after all: the others wait for the next dispatch
+                # it can never take this record (_deliver noted it): offered to another member
+                # by the next dispatch, or set aside; the records behind it go on
+                if self._refused_by_all(refused, key):
+                    self._set_aside(offset)
+                else:
+                    parked.append(offset)
         for offset in parked:
             self._push_ready(offset)
         if self.mark != mark or self._count_dirty:
@@ -335,7 +371,10 @@ class ConsumerGroup:
                 d = work_delivery(
                     record, name, count, settle, group_pair, group_bytes, member, deadline, offset
                 )
-            if not session.send_tracked(d):
+            pid = session.send_tracked(d)
+            if pid <= 0:
+                if pid == REFUSED:  # never to this member: the general loop goes on (left at the cursor)
+                    self._note_refused(offset, member)
                 break
             if only is None:
                 rr = (rr + i + 1) % n
@@ -386,14 +425,18 @@ class ConsumerGroup:
                     if not holders:
                         del self.holders[p.part]
 
-    def _pick(self, key: str, avoid: Member | None) -> Member | None:
+    def _pick(self, key: str, avoid: Member | None, refused: list | None = None) -> Member | None:
+        """The next member in turn with room that may take a record of routing key ``key``:
+        ``avoid`` only when no other may, never one of ``refused``."""
         members = self.members
         n = len(members)
         if n == 1:  # the common single consumer: no rotation (its session is asked by the send)
             m = members[0]
             return (
                 m
-                if m.pending < m.max_inflight and (m.levels is None or filter_matches(m.levels, key))
+                if m.pending < m.max_inflight
+                and (m.levels is None or filter_matches(m.levels, key))
+                and (refused is None or m not in refused)
                 else None
             )
         fallback = None
@@ -405,6 +448,7 @@ class ConsumerGroup:
                 m.pending >= m.max_inflight
                 or not m.session.can_take_tracked()
                 or (m.levels is not None and not filter_matches(m.levels, key))
+                or (refused is not None and m in refused)
             ):
                 continue
             if m is avoid and n > 1:
@@ -426,8 +470,13 @@ class ConsumerGroup:
                 self.group_pair,
                 self.group_bytes,
             )
-            if not member.session.send_tracked(message):
+            pid = member.session.send_tracked(message)
+            if pid <= 0:
+                if pid == REFUSED:
+                    self._note_refused(offset, member)
                 return False
+            if self.refused:
+                self._forget_refused(offset)
             self.sent[offset] = member
             member.pending += 1
             self.queue.stats["delivered"] += 1
@@ -447,8 +496,13 @@ class ConsumerGroup:
         p.deadline = now + queue.config.visibility_timeout
         p.part = part
         p.offset = offset
-        if not member.session.send_tracked(p):
+        pid = member.session.send_tracked(p)
+        if pid <= 0:
+            if pid == REFUSED:
+                self._note_refused(offset, member)
             return False
+        if self.refused:
+            self._forget_refused(offset)
         counts[offset] = count
         if offset >= self.mark:
             self.mark = offset + 1
@@ -464,6 +518,54 @@ class ConsumerGroup:
         queue.stats["delivered"] += 1
         return True
 
+    # -- records a member can never take -------------------------------------------------------------
+
+    def _note_refused(self, offset: int, member: Member) -> None:
+        """``member`` can never take ``offset`` (its session's ``send_tracked`` said REFUSED)."""
+        refused = self.refused.get(offset)
+        if refused is None:
+            self.refused[offset] = [member]
+        elif member not in refused:
+            refused.append(member)
+
+    def _refused_by_all(self, refused: list, key: str) -> bool:
+        """Whether every member that may take a record of routing key ``key`` refused it."""
+        matching = [m for m in self.members if m.levels is None or filter_matches(m.levels, key)]
+        return bool(matching) and all(m in refused for m in matching)
+
+    def _set_aside(self, offset: int) -> None:
+        """No member can take ``offset`` (taken out of the dispatch by the caller): it waits,
+        stored and unsettled, for a member to join (``add``); counted once per record."""
+        self.undeliverable.add(offset)
+        if offset in self._aside_counted:
+            return
+        self._aside_counted.add(offset)
+        stats = self.queue.stats
+        stats["undeliverable"] += 1
+        n = stats["undeliverable"]
+        if n == 1 or n % 1000 == 0:
+            log.warning(
+                "queue_record_undeliverable",
+                extra={
+                    "queue": self.queue.name,
+                    "group": self.name,
+                    "offset": offset,
+                    "undeliverable": n,
+                    "effect": "no member can take it (Maximum Packet Size): kept until a member joins",
+                },
+            )
+
+    def _offer_aside_again(self) -> None:
+        for offset in self.undeliverable:
+            self._push_ready(offset)
+        self.undeliverable.clear()
+
+    def _forget_refused(self, offset: int) -> None:
+        """``offset`` was delivered or settled: what its refusals said is over."""
+        self.refused.pop(offset, None)
+        self._aside_counted.discard(offset)
+        self.undeliverable.discard(offset)
+
     def _prior_count(self, offset: int) -> int:
         """Deliveries of ``offset`` before this run of the node (what the store says)."""
         n = self.stored_counts.get(offset)
@@ -477,7 +579,8 @@ class ConsumerGroup:
         mark = self.mark
         if mark != old_mark:
             counts = self.counts
-            for off in self.ready:  # passed over, never delivered, now below the mark
+            # passed over, never delivered (or set aside: no member can take it), now below the mark
+            for off in (*self.ready, *self.undeliverable) if self.undeliverable else self.ready:
                 if old_mark <= off < mark and not counts.get(off):
                     dirty.add(off)
         stored = self.stored_counts
@@ -637,6 +740,8 @@ class ConsumerGroup:
         progress is written at the end of the loop turn (``write_progress``), still before the
         turn's commit; for settlements nothing acknowledges (a consumer's PUBACK)."""
         self.counts.pop(offset, None)
+        if self.refused:
+            self._forget_refused(offset)
         if self.stored_counts and self.stored_counts.pop(offset, None) is not None:
             self.queue.log.record_deliveries(self.name, None, {offset: None})
         if self.avoid:

@@ -957,7 +957,12 @@ class QueueManager:
                     "oldest_age": round(now - oldest.timestamp, 3) if oldest is not None else 0.0,
                     "consumers": sum(len(g.members) for g in q.groups.values()),
                     "groups": {
-                        name: {"lag": g.lag(), "pending": len(g.pending), "members": len(g.members)}
+                        name: {
+                            "lag": g.lag(),
+                            "pending": len(g.pending),
+                            "members": len(g.members),
+                            "undeliverable": len(g.undeliverable),
+                        }
                         for name, g in q.groups.items()
                     },
                     "counters": dict(q.stats),

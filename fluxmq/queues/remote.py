@@ -32,5 +32,6 @@ class RemoteMemberSession:
         return self.alive
 
     def send_tracked(self, message) -> int:
-        """Carry ``message`` (a ``TrackedMessage``) to the member's process; 0 when it cannot now."""
+        """Carry ``message`` (a ``TrackedMessage``) to the member's process; 0 when it cannot now
+        (never ``REFUSED``: what the member's own session refuses is given back by its carrier)."""
         raise NotImplementedError

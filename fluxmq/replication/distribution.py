@@ -244,7 +244,7 @@ class ReplicatedGroup(ConsumerGroup):
                     self.group_pair,
                     self.group_bytes,
                 )
-                if not member.session.send_tracked(message):
+                if member.session.send_tracked(message) <= 0:  # 0 not now, REFUSED never
                     back.append(offset)
                     continue
                 self.sent[offset] = member
@@ -253,7 +253,7 @@ class ReplicatedGroup(ConsumerGroup):
                 message = queue.delivery_message(
                     record, self.name, count, self._on_puback, p, (), self.group_pair, self.group_bytes
                 )
-                if not member.session.send_tracked(message):
+                if member.session.send_tracked(message) <= 0:  # 0 not now, REFUSED never
                     back.append(offset)
                     continue
                 self.pending[offset] = p

@@ -60,6 +60,8 @@ LEADER_FALLBACK_TIMEOUT = 1.5  # a leader cut off from the majority steps down a
 DELIVERY_LEASE = 0.3
 #: a tick that holds the hub longer than this is logged (raft_tick_slow)
 SLOW_TICK = 0.05
+#: client ids of a group's registered members shown in ``status`` (``queues.{name}.registered``)
+REGISTERED_SHOWN = 1000
 #: entries submitted and not yet committed before the next one waits (adaptive batching)
 MAX_IN_FLIGHT = 2
 #: an entry without an answer for this long no longer holds the next ones back
@@ -711,6 +713,12 @@ class RaftGroup:
                     "count": q.count,
                     "bytes": q.bytes,
                     "groups": {g: p[0] for g, p in q.progress.items()},
+                    # distribution_mode forward: the client ids of each group's members as this
+                    # node applied their registrations (what a leader of the next term delivers to)
+                    "registered": {
+                        g: sorted({key.partition("\x00")[0] for _node, key in regs})[:REGISTERED_SHOWN]
+                        for g, regs in q.registered.items()
+                    },
                 }
                 for name, q in self.logs.items()
             },

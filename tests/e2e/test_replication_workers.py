@@ -322,6 +322,12 @@ def test_an_ack_from_worker_1_of_a_follower_of_a_delivery_made_before_a_failover
 ROUNDS = 3
 
 
+def registered(node) -> set[str]:
+    """The client ids of group ``g``'s members whose registrations ``node`` applied."""
+    st = raft_status(node) or {}
+    return set(st.get("queues", {}).get(QUEUE, {}).get("registered", {}).get("g", ()))
+
+
 def _failover_ack_round(c: Cluster) -> bool:
     """One round of the test above; True when the redelivery went to X (the race could show)."""
     nodes = c.nodes
@@ -344,7 +350,12 @@ def _failover_ack_round(c: Cluster) -> bool:
             x = Holder(nodes[i], f"x-{i}-{uuid.uuid4().hex[:6]}")
             x.client.loop_stop()  # not reading: what is sent to it waits in its socket
             xs.append(x)
-        time.sleep(2.0)  # their registrations are applied everywhere (worker 1's: at a reconcile)
+        # their registrations are applied on every node (worker 1's: at a reconcile), so whichever
+        # leads next knows them
+        ids = {h.client._client_id.decode() for h in (y, *xs)}
+        assert wait_for(lambda: all(ids <= registered(n) for n in nodes), timeout=20), [
+            registered(n) for n in nodes
+        ]
         new_st = _lead_moved(nodes, old, survivors)
         st = _caught_up(nodes[f], new_st)  # Y's node has applied the new claim
         assert st is not None and st["leader"] == new_st["self"], (st, new_st)

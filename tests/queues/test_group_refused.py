@@ -1,0 +1,71 @@
+"""fluxmq/queues/group.py: a record a member can never take (over its Maximum Packet Size: its
+session's ``send_tracked`` says REFUSED) in each kind of queue (work queue, partitioned, stream),
+over a real Broker and LMDB store (no network). The records behind it go on; it is set aside
+(``undeliverable``), counted once and not offered again until a member joins, which gets it.
+(tests/e2e/test_queues_refused.py holds the same with real clients on a real node.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fluxmq.broker.broker import Broker
+from fluxmq.broker.message import Message
+from fluxmq.queues.config import QueueConfig
+from tests.queues.test_group import Delivery, end_of_turn, member, node
+
+BIG = b"B" * 1000
+
+
+class SmallDelivery(Delivery):
+    """A client whose Maximum Packet Size no delivery of BIG fits (the connection's refusal)."""
+
+    def send_publish(self, message, qos, retain, packet_id, dup, subscription_ids) -> bool:
+        if len(message.payload) > 100:
+            return False
+        return super().send_publish(message, qos, retain, packet_id, dup, subscription_ids)
+
+
+def small_member(broker: Broker, cid: str, filter: str, group: str):
+    session, d = member(broker, cid, filter, group, auto_ack=True)
+    small = SmallDelivery()
+    broker.attach(session, small, 100)  # the same session, now behind the small client
+    return session, small
+
+
+CONFIGS = {
+    "classic": QueueConfig("q"),
+    "partitioned": QueueConfig("q", partitions=2),
+    "stream": QueueConfig("q", type="stream"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_a_record_no_member_can_take_is_set_aside_until_a_member_joins(tmp_path: Path, kind: str) -> None:
+    storage, broker = node(tmp_path / "d", [CONFIGS[kind]])
+    try:
+        session, small = small_member(broker, "small", "$queue/q/#", "g")
+        for payload in (BIG, b"s1", b"s2", b"s3"):
+            broker.publish(Message("$queue/q/k", payload, 1))
+        end_of_turn()
+        broker.queues.tick()
+        group = broker.queues.queues["q"].groups["g"]
+        assert sorted(m.payload for _, m in small.sent) == [b"s1", b"s2", b"s3"]
+        assert group.undeliverable == {0}
+        assert broker.queues.queues["q"].stats["undeliverable"] == 1
+        assert session.dropped == 1
+        for _ in range(3):  # more dispatch runs: BIG is not offered again
+            broker.publish(Message("$queue/q/k", b"t", 1))
+            end_of_turn()
+            broker.queues.tick()
+        assert session.dropped == 1 and broker.queues.queues["q"].stats["undeliverable"] == 1
+        for pid, _ in small.sent:  # its PUBACKs (auto-ack): a partition's holder lets it go
+            session.on_puback(pid)
+        _, large = member(broker, "large", "$queue/q/#", "g", auto_ack=True)
+        end_of_turn()
+        broker.queues.tick()
+        assert BIG in [m.payload for _, m in large.sent]
+        assert not group.undeliverable and not group.refused
+    finally:
+        storage.close()
