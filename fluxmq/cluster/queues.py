@@ -49,6 +49,7 @@ from fluxmq.auth.limits import LogGate
 from fluxmq.broker.held import HeldAck, wait_held
 from fluxmq.broker.message import WIRE_V5_QOS1, Message, TrackedMessage
 from fluxmq.broker.prefixes import is_settlement
+from fluxmq.broker.session import REFUSED
 from fluxmq.errors import QueueRefused, StorageError
 from fluxmq.queues.remote import RemoteMemberSession
 from fluxmq.storage.records import decode_message, encode_message
@@ -578,7 +579,10 @@ class RemoteQueues:
             message = forwarded_delivery(
                 topic, blob, payload_len, self._settled, (from_node, queue, group, offset)
             )
-            results.append(session.send_tracked(message) > 0)  # REFUSED (< 0): not sent
+            pid = session.send_tracked(message)
+            # True sent; False not now (its window, gone); REFUSED (-1): never to this client (over
+            # its Maximum Packet Size, unencodable for it), so the owner's group never offers it again
+            results.append(True if pid > 0 else REFUSED if pid == REFUSED else False)
         return json.dumps(results).encode()
 
     # -- the owner's side ----------------------------------------------------------------------------
@@ -766,7 +770,9 @@ class RemoteQueues:
 
     def _given_back(self, session: WorkerMemberSession, key: tuple, result) -> None:
         """The member's worker did not send a delivery (its client has no room, it is gone, the
-        worker is unreachable): the record goes to a member again."""
+        worker is unreachable): the record goes to a member again. ``REFUSED``: its client can
+        never take it; the group treats it as a local session's refusal (never offered to that
+        member again: to another, or set aside), and the member is not backed off."""
         entry = session.outstanding.pop(key, None)
         if entry is None or not session.alive:
             return
@@ -781,25 +787,33 @@ class RemoteQueues:
         if group is None:
             return
         offset = key[2]
+        refused = result == REFUSED  # (True, False and a failed call's dict are not)
         if group.stream:
             m = group.sent.get(offset)
             if m is not None and m.session is session:
                 group.sent.pop(offset)
                 m.pending -= 1
-                if offset < group.cursor:
+                if refused:
+                    group.refused_by(offset, m)
+                elif offset < group.cursor:
                     group.cursor = offset
         else:
             p = group.pending.get(offset)
             if p is not None and p is entry[1]:
                 group._release(offset)
-                group.avoid[offset] = p.member
-                group._push_ready(offset)
+                if refused:
+                    group.refused_by(offset, p.member)
+                    q.stats["delivered"] -= 1  # as a local refusal: never counted as delivered
+                else:
+                    group.avoid[offset] = p.member
+                    group._push_ready(offset)
                 # never reached the client: not a delivery (its count goes back)
                 n = group.counts.get(offset, 0)
                 if n > 0:
                     group.counts[offset] = n - 1
                     group._count_dirty.add(offset)
-        session.blocked_until = time.monotonic() + BACK_OFF
+        if not refused:
+            session.blocked_until = time.monotonic() + BACK_OFF
         manager.kick_soon(q)
 
     def state(self) -> dict[str, dict]:

@@ -137,9 +137,10 @@ class ConsumerGroup:
         # across rebalancing (a new owner starts after the last settled offset).
         self.holders: dict[int, dict[Member, int]] = {}
         self.dead_pending: dict[int, str] = {}  # offset -> reason: the DLQ append failed, retried
-        # offset -> the members that can never take it (send_tracked said REFUSED), until it is
-        # delivered or settled; and the offsets none of the members can take, out of the dispatch
-        # until a member joins (see the module docstring)
+        # offset -> the members that can never take it (send_tracked said REFUSED, here or on the
+        # member's own process), until it is delivered or settled or the member leaves (so at most
+        # the group's unsettled records, each with at most its members); and the offsets none of
+        # the members can take, out of the dispatch until a member joins (module docstring)
         self.refused: dict[int, list[Member]] = {}
         self.undeliverable: set[int] = set()
         self._aside_counted: set[int] = set()  # set aside once already (counted once per record)
@@ -168,6 +169,8 @@ class ConsumerGroup:
         """A member left: what it holds is delivered again to the others, now."""
         if member in self.members:
             self.members.remove(member)
+        if self.refused:  # what it refused is said by the members there are (bounded by them)
+            self._forget_member(member)
         if self.undeliverable:  # a partition's owner changes (set aside again at once otherwise)
             self._offer_aside_again()
         for offset, p in list(self.pending.items()):
@@ -528,6 +531,13 @@ class ConsumerGroup:
         elif member not in refused:
             refused.append(member)
 
+    def refused_by(self, offset: int, member: Member) -> None:
+        """``member``, a member connected to another process, can never take ``offset`` (its
+        carrier gave the delivery back, released here: its session there said ``REFUSED``): as a
+        local refusal, the next dispatch offers it to another member or sets it aside."""
+        self._note_refused(offset, member)
+        self._push_ready(offset)
+
     def _refused_by_all(self, refused: list, key: str) -> bool:
         """Whether every member that may take a record of routing key ``key`` refused it."""
         matching = [m for m in self.members if m.levels is None or filter_matches(m.levels, key)]
@@ -559,6 +569,13 @@ class ConsumerGroup:
         for offset in self.undeliverable:
             self._push_ready(offset)
         self.undeliverable.clear()
+
+    def _forget_member(self, member: Member) -> None:
+        for offset, refused in list(self.refused.items()):
+            if member in refused:
+                refused.remove(member)
+                if not refused:
+                    del self.refused[offset]
 
     def _forget_refused(self, offset: int) -> None:
         """``offset`` was delivered or settled: what its refusals said is over."""
