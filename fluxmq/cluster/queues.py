@@ -21,7 +21,10 @@ gRPC between nodes; "worker" below is any such member):
   topic, payload and properties with the delivery's user properties: message-id, group-id, queue,
   offset, delivery-count) is sent to the member's worker, which sends the PUBLISH to its client.
   The client's PUBACK (an auto-ack, or a 5.0 negative one), its ``$ack``/``$nack``/``$reject``, its
-  UNSUBSCRIBE and its connection's end go back to the owner as ops.
+  UNSUBSCRIBE and its connection's end go back to the owner as ops. A delivery the member's worker
+  could not send comes back in its answer: not now (the client's window; the member is passed
+  over for BACK_OFF), or never (``REFUSED``: over the client's Maximum Packet Size; the group
+  offers it to another member or sets it aside, as for a member of its own).
 * **Liveness.** Every RECONCILE seconds a worker tells each owner the memberships it holds there;
   the owner makes that worker's members match (a member lost when the owner restarted joins again;
   one the worker no longer has leaves). Members of a worker not heard from for SILENCE seconds, or

@@ -13,8 +13,9 @@ the flush commits before it writes, so a count is stored before its delivery lea
 after a crash the count goes on where the consumer saw it.
 
 A member that can never take a record (over its 5.0 Maximum Packet Size, unencodable for it: its
-session's ``send_tracked`` says ``REFUSED``) is not offered it again (``refused``); the record
-goes to another member. When no member of the group can take it, it is set aside
+session's ``send_tracked`` says ``REFUSED``; for a member connected to another process, its
+carrier says so later: ``refused_by``) is not offered it again (``refused``); the record goes to
+another member. When no member of the group can take it, it is set aside
 (``undeliverable``: stored, unsettled, counted and shown per group) and the records behind it go
 on; a member joining the group gets it offered again. So such a record neither blocks its group
 nor is tried at every dispatch.

@@ -18,7 +18,8 @@ that a member may be connected to another node. Everything between nodes travels
   (``c``), held until committed; the leader, applying it, releases the member's pending record.
   A nack or reject on a follower is an ``n`` command the leader applies to its group (backoff,
   redelivery to another member, DLQ); a lease the node cannot deliver (the member left, its
-  window is taken) is given back with ``b``.
+  window is taken) is given back with ``b``, naming those its client can never take (over its
+  Maximum Packet Size: the leader's group offers them to another member or sets them aside).
 - a node that does not answer the leader for NODE_SILENCE seconds: its members leave the
   leader's groups (what they held is delivered again, at least once) until it answers again.
 
