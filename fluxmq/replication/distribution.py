@@ -288,8 +288,11 @@ class ReplicatedGroup(ConsumerGroup):
         are stale (not the leader's record of that lease)."""
         if self.leased:
             dropped = False
+            aside = self.refused or self.undeliverable
             for off in offsets:
                 self.lease_counts.pop(off, None)
+                if aside:  # set aside here (no member here can take it): another node's now
+                    self._forget_refused(off)
                 if off in self.queued:
                     self.queued.discard(off)
                     dropped = True
