@@ -29,7 +29,7 @@ from tests.conftest import NodeFactory
 from tests.e2e.mqtt5raw import Paho5, paho5, props, unique
 from tests.e2e.test_cluster_etcd import Cluster, wait_for
 from tests.e2e.test_metrics import sample, scrape
-from tests.e2e.test_queues import queue_state, receive, settle
+from tests.e2e.test_queues import nothing_more, queue_state, receive, settle
 from tests.e2e.test_queues_refused import BIG, SMALL_MPS, drain
 from tests.e2e.test_replication import QUEUE as RAFT_QUEUE
 from tests.e2e.test_replication import _mode, start_cluster, wait_all_know_leader
@@ -41,6 +41,7 @@ pytestmark = pytest.mark.e2e
 WAIT = 15.0
 PLAIN = "rr-plain"  # a work queue
 PARTED = "rr-parted"  # a work queue of two partitions
+STREAM = "rr-stream"  # a stream
 
 
 def owned_by_w0(prefix: str) -> str:
@@ -72,10 +73,11 @@ class Setup:
     nodes: list
     plain: str
     parted: str
+    stream: str
 
 
-def queues_yaml(plain: str, parted: str) -> str:
-    return f"queues: [{{name: {plain}}}, {{name: {parted}, partitions: 2}}]"
+def queues_yaml(plain: str, parted: str, stream: str) -> str:
+    return f"queues: [{{name: {plain}}}, {{name: {parted}, partitions: 2}}, {{name: {stream}, type: stream}}]"
 
 
 @pytest.fixture(scope="module", params=["workers", "cluster"])
@@ -83,9 +85,10 @@ def setup(request, tmp_path_factory):
     factory = NodeFactory(tmp_path_factory.mktemp("qrefused"))
     try:
         if request.param == "workers":
-            plain, parted = owned_by_w0(unique(PLAIN)), owned_by_w0(unique(PARTED))
+            plain, parted, stream = (owned_by_w0(unique(n)) for n in (PLAIN, PARTED, STREAM))
             node = factory(
-                {"server.workers": 2, "broker.sys_interval": "1s"}, config_text=queues_yaml(plain, parted)
+                {"server.workers": 2, "broker.sys_interval": "1s"},
+                config_text=queues_yaml(plain, parted, stream),
             )
             wait_crossing(node)
             yield Setup(
@@ -95,18 +98,24 @@ def setup(request, tmp_path_factory):
                 [node],
                 plain,
                 parted,
+                stream,
             )
         else:
             etcd_server = request.getfixturevalue("etcd_server")
             base = tmp_path_factory.mktemp("qrefused-cluster")
             cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["q1", "q2"])
-            plain, parted = unique(PLAIN), unique(PARTED)
+            plain, parted, stream = unique(PLAIN), unique(PARTED), unique(STREAM)
             for config in cl.configs.values():
-                config["queues"] = [{"name": plain}, {"name": parted, "partitions": 2}]
+                config["queues"] = [
+                    {"name": plain},
+                    {"name": parted, "partitions": 2},
+                    {"name": stream, "type": "stream"},
+                ]
             cl.start_all(1)
             q1, q2 = cl.nodes["q1"], cl.nodes["q2"]
             assert cl.value(f"queues/{plain}/owner") == "q1"  # claimed at start by the first node
             assert cl.value(f"queues/{parted}/owner") == "q1"
+            assert cl.value(f"queues/{stream}/owner") == "q1"
             yield Setup(
                 lambda **kw: paho5(q2, unique("qr"), kw.get("properties")),
                 lambda **kw: paho5(q1, unique("ql"), kw.get("properties")),
@@ -114,6 +123,7 @@ def setup(request, tmp_path_factory):
                 [q1, q2],
                 plain,
                 parted,
+                stream,
             )
     finally:
         factory.close()
@@ -201,6 +211,27 @@ def test_a_record_no_remote_member_can_take_is_set_aside_and_the_rest_go_on(setu
         finally:
             large.disconnect()
         assert queue_state(setup.owner, name)["groups"]["g"]["undeliverable"] == 0
+    finally:
+        small.disconnect()
+
+
+def test_a_stream_record_no_remote_member_can_take_is_set_aside_and_nothing_is_sent_twice(
+    setup: Setup,
+) -> None:
+    """A stream whose only member is away from the owner and refuses BIG: set aside once, the
+    records behind it sent once each (before: the owner read the stream again from BIG every
+    0.2 s, sending the records behind it again with it)."""
+    name = setup.stream
+    before = too_large_drops(setup)
+    small = small_member(setup, name, "g")
+    try:
+        publish_all(setup.local, f"$queue/{name}/x", [BIG] + [b"s%d" % i for i in range(5)])
+        got = receive(small, 5, WAIT)
+        assert sorted(m.payload for m in got) == [b"s%d" % i for i in range(5)]
+        assert wait_for(lambda: queue_state(setup.owner, name)["groups"]["g"]["undeliverable"] == 1, WAIT)
+        assert nothing_more(small, 1.0)
+        assert too_large_drops(setup) - before == 1
+        assert queue_state(setup.owner, name)["counters"]["undeliverable"] == 1
     finally:
         small.disconnect()
 
