@@ -31,6 +31,7 @@ from fluxmq.broker.session import REFUSED
 
 from .config import STREAM
 from .delivery import build_delivery, user_property, work_delivery
+from .remote import RemoteMemberSession
 
 log = logging.getLogger("fluxmq.queues")
 
@@ -480,7 +481,7 @@ class ConsumerGroup:
                     self._note_refused(offset, member)
                 return False
             if self.refused:
-                self._forget_refused(offset)
+                self._sent_after_refusals(offset, member)
             self.sent[offset] = member
             member.pending += 1
             self.queue.stats["delivered"] += 1
@@ -506,7 +507,7 @@ class ConsumerGroup:
                 self._note_refused(offset, member)
             return False
         if self.refused:
-            self._forget_refused(offset)
+            self._sent_after_refusals(offset, member)
         counts[offset] = count
         if offset >= self.mark:
             self.mark = offset + 1
@@ -571,6 +572,13 @@ class ConsumerGroup:
             self._push_ready(offset)
         self.undeliverable.clear()
 
+    def _sent_after_refusals(self, offset: int, member: Member) -> None:
+        """``offset`` went to ``member`` after others refused it: their refusals are over, unless
+        ``member`` is connected to another process, whose own refusal is still to come (kept
+        until the record is settled, or each remote member would be offered it in turn for ever)."""
+        if not isinstance(member.session, RemoteMemberSession):
+            self._forget_refused(offset)
+
     def _forget_member(self, member: Member) -> None:
         for offset, refused in list(self.refused.items()):
             if member in refused:
@@ -626,6 +634,8 @@ class ConsumerGroup:
             member = self.sent.pop(offset, None)
             if member is not None:
                 member.pending -= 1
+                if self.refused:  # taken (a remote member's refusal would have come first)
+                    self._forget_refused(offset)
                 if member.auto_ack and member.session is session and reason_code < 0x80:
                     self.commit(offset + 1)
             self.queue.manager.kick_soon(self.queue)
