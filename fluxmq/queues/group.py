@@ -140,9 +140,10 @@ class ConsumerGroup:
         self.holders: dict[int, dict[Member, int]] = {}
         self.dead_pending: dict[int, str] = {}  # offset -> reason: the DLQ append failed, retried
         # offset -> the members that can never take it (send_tracked said REFUSED, here or on the
-        # member's own process), until it is delivered or settled or the member leaves (so at most
-        # the group's unsettled records, each with at most its members); and the offsets none of
-        # the members can take, out of the dispatch until a member joins (module docstring)
+        # member's own process), until it is sent to a member here (to one elsewhere: settled; a
+        # stream's: taken, or deleted by retention) or the member leaves: so at most the group's
+        # unsettled records, each with at most its present members. And the offsets none of the
+        # members can take, out of the dispatch until a member joins (module docstring)
         self.refused: dict[int, list[Member]] = {}
         self.undeliverable: set[int] = set()
         self._aside_counted: set[int] = set()  # set aside once already (counted once per record)
@@ -257,6 +258,8 @@ class ConsumerGroup:
                 self._pop(from_ready)
                 if not self.stream:
                     self.settle(offset)
+                elif self.refused or self._aside_counted:
+                    self._forget_refused(offset)
                 continue
             if ttl and time.time() - record.timestamp > ttl:
                 self._pop(from_ready)
@@ -634,7 +637,7 @@ class ConsumerGroup:
             member = self.sent.pop(offset, None)
             if member is not None:
                 member.pending -= 1
-                if self.refused:  # taken (a remote member's refusal would have come first)
+                if self.refused or self._aside_counted:  # taken: what refusals said is over
                     self._forget_refused(offset)
                 if member.auto_ack and member.session is session and reason_code < 0x80:
                     self.commit(offset + 1)
@@ -768,7 +771,7 @@ class ConsumerGroup:
         progress is written at the end of the loop turn (``write_progress``), still before the
         turn's commit; for settlements nothing acknowledges (a consumer's PUBACK)."""
         self.counts.pop(offset, None)
-        if self.refused:
+        if self.refused or self._aside_counted:
             self._forget_refused(offset)
         if self.stored_counts and self.stored_counts.pop(offset, None) is not None:
             self.queue.log.record_deliveries(self.name, None, {offset: None})
