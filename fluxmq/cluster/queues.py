@@ -21,7 +21,10 @@ gRPC between nodes; "worker" below is any such member):
   topic, payload and properties with the delivery's user properties: message-id, group-id, queue,
   offset, delivery-count) is sent to the member's worker, which sends the PUBLISH to its client.
   The client's PUBACK (an auto-ack, or a 5.0 negative one), its ``$ack``/``$nack``/``$reject``, its
-  UNSUBSCRIBE and its connection's end go back to the owner as ops.
+  UNSUBSCRIBE and its connection's end go back to the owner as ops. A delivery the member's worker
+  could not send comes back in its answer: not now (the client's window; the member is passed
+  over for BACK_OFF), or never (``REFUSED``: over the client's Maximum Packet Size; the group
+  offers it to another member or sets it aside, as for a member of its own).
 * **Liveness.** Every RECONCILE seconds a worker tells each owner the memberships it holds there;
   the owner makes that worker's members match (a member lost when the owner restarted joins again;
   one the worker no longer has leaves). Members of a worker not heard from for SILENCE seconds, or
@@ -49,6 +52,7 @@ from fluxmq.auth.limits import LogGate
 from fluxmq.broker.held import HeldAck, wait_held
 from fluxmq.broker.message import WIRE_V5_QOS1, Message, TrackedMessage
 from fluxmq.broker.prefixes import is_settlement
+from fluxmq.broker.session import REFUSED
 from fluxmq.errors import QueueRefused, StorageError
 from fluxmq.queues.remote import RemoteMemberSession
 from fluxmq.storage.records import decode_message, encode_message
@@ -578,7 +582,10 @@ class RemoteQueues:
             message = forwarded_delivery(
                 topic, blob, payload_len, self._settled, (from_node, queue, group, offset)
             )
-            results.append(session.send_tracked(message) > 0)  # REFUSED (< 0): not sent
+            pid = session.send_tracked(message)
+            # True sent; False not now (its window, gone); REFUSED (-1): never to this client (over
+            # its Maximum Packet Size, unencodable for it), so the owner's group never offers it again
+            results.append(True if pid > 0 else REFUSED if pid == REFUSED else False)
         return json.dumps(results).encode()
 
     # -- the owner's side ----------------------------------------------------------------------------
@@ -766,7 +773,9 @@ class RemoteQueues:
 
     def _given_back(self, session: WorkerMemberSession, key: tuple, result) -> None:
         """The member's worker did not send a delivery (its client has no room, it is gone, the
-        worker is unreachable): the record goes to a member again."""
+        worker is unreachable): the record goes to a member again. ``REFUSED``: its client can
+        never take it; the group treats it as a local session's refusal (never offered to that
+        member again: to another, or set aside), and the member is not backed off."""
         entry = session.outstanding.pop(key, None)
         if entry is None or not session.alive:
             return
@@ -781,25 +790,33 @@ class RemoteQueues:
         if group is None:
             return
         offset = key[2]
+        refused = result == REFUSED  # (True, False and a failed call's dict are not)
         if group.stream:
             m = group.sent.get(offset)
             if m is not None and m.session is session:
                 group.sent.pop(offset)
                 m.pending -= 1
-                if offset < group.cursor:
+                if refused:
+                    group.refused_by(offset, m)
+                elif offset < group.cursor:
                     group.cursor = offset
         else:
             p = group.pending.get(offset)
             if p is not None and p is entry[1]:
                 group._release(offset)
-                group.avoid[offset] = p.member
-                group._push_ready(offset)
+                if refused:
+                    group.refused_by(offset, p.member)
+                    q.stats["delivered"] -= 1  # as a local refusal: never counted as delivered
+                else:
+                    group.avoid[offset] = p.member
+                    group._push_ready(offset)
                 # never reached the client: not a delivery (its count goes back)
                 n = group.counts.get(offset, 0)
                 if n > 0:
                     group.counts[offset] = n - 1
                     group._count_dirty.add(offset)
-        session.blocked_until = time.monotonic() + BACK_OFF
+        if not refused:
+            session.blocked_until = time.monotonic() + BACK_OFF
         manager.kick_soon(q)
 
     def state(self) -> dict[str, dict]:

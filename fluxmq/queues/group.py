@@ -13,8 +13,9 @@ the flush commits before it writes, so a count is stored before its delivery lea
 after a crash the count goes on where the consumer saw it.
 
 A member that can never take a record (over its 5.0 Maximum Packet Size, unencodable for it: its
-session's ``send_tracked`` says ``REFUSED``) is not offered it again (``refused``); the record
-goes to another member. When no member of the group can take it, it is set aside
+session's ``send_tracked`` says ``REFUSED``; for a member connected to another process, its
+carrier says so later: ``refused_by``) is not offered it again (``refused``); the record goes to
+another member. When no member of the group can take it, it is set aside
 (``undeliverable``: stored, unsettled, counted and shown per group) and the records behind it go
 on; a member joining the group gets it offered again. So such a record neither blocks its group
 nor is tried at every dispatch.
@@ -30,6 +31,7 @@ from fluxmq.broker.session import REFUSED
 
 from .config import STREAM
 from .delivery import build_delivery, user_property, work_delivery
+from .remote import RemoteMemberSession
 
 log = logging.getLogger("fluxmq.queues")
 
@@ -137,9 +139,11 @@ class ConsumerGroup:
         # across rebalancing (a new owner starts after the last settled offset).
         self.holders: dict[int, dict[Member, int]] = {}
         self.dead_pending: dict[int, str] = {}  # offset -> reason: the DLQ append failed, retried
-        # offset -> the members that can never take it (send_tracked said REFUSED), until it is
-        # delivered or settled; and the offsets none of the members can take, out of the dispatch
-        # until a member joins (see the module docstring)
+        # offset -> the members that can never take it (send_tracked said REFUSED, here or on the
+        # member's own process), until it is sent to a member here (to one elsewhere: settled; a
+        # stream's: taken, or deleted by retention) or the member leaves: so at most the group's
+        # unsettled records, each with at most its present members. And the offsets none of the
+        # members can take, out of the dispatch until a member joins (module docstring)
         self.refused: dict[int, list[Member]] = {}
         self.undeliverable: set[int] = set()
         self._aside_counted: set[int] = set()  # set aside once already (counted once per record)
@@ -168,6 +172,8 @@ class ConsumerGroup:
         """A member left: what it holds is delivered again to the others, now."""
         if member in self.members:
             self.members.remove(member)
+        if self.refused:  # what it refused is said by the members there are (bounded by them)
+            self._forget_member(member)
         if self.undeliverable:  # a partition's owner changes (set aside again at once otherwise)
             self._offer_aside_again()
         for offset, p in list(self.pending.items()):
@@ -252,6 +258,8 @@ class ConsumerGroup:
                 self._pop(from_ready)
                 if not self.stream:
                     self.settle(offset)
+                elif self.refused or self._aside_counted:
+                    self._forget_refused(offset)
                 continue
             if ttl and time.time() - record.timestamp > ttl:
                 self._pop(from_ready)
@@ -476,7 +484,7 @@ class ConsumerGroup:
                     self._note_refused(offset, member)
                 return False
             if self.refused:
-                self._forget_refused(offset)
+                self._sent_after_refusals(offset, member)
             self.sent[offset] = member
             member.pending += 1
             self.queue.stats["delivered"] += 1
@@ -502,7 +510,7 @@ class ConsumerGroup:
                 self._note_refused(offset, member)
             return False
         if self.refused:
-            self._forget_refused(offset)
+            self._sent_after_refusals(offset, member)
         counts[offset] = count
         if offset >= self.mark:
             self.mark = offset + 1
@@ -527,6 +535,13 @@ class ConsumerGroup:
             self.refused[offset] = [member]
         elif member not in refused:
             refused.append(member)
+
+    def refused_by(self, offset: int, member: Member) -> None:
+        """``member``, a member connected to another process, can never take ``offset`` (its
+        carrier gave the delivery back, released here: its session there said ``REFUSED``): as a
+        local refusal, the next dispatch offers it to another member or sets it aside."""
+        self._note_refused(offset, member)
+        self._push_ready(offset)
 
     def _refused_by_all(self, refused: list, key: str) -> bool:
         """Whether every member that may take a record of routing key ``key`` refused it."""
@@ -559,6 +574,20 @@ class ConsumerGroup:
         for offset in self.undeliverable:
             self._push_ready(offset)
         self.undeliverable.clear()
+
+    def _sent_after_refusals(self, offset: int, member: Member) -> None:
+        """``offset`` went to ``member`` after others refused it: their refusals are over, unless
+        ``member`` is connected to another process, whose own refusal is still to come (kept
+        until the record is settled, or each remote member would be offered it in turn for ever)."""
+        if not isinstance(member.session, RemoteMemberSession):
+            self._forget_refused(offset)
+
+    def _forget_member(self, member: Member) -> None:
+        for offset, refused in list(self.refused.items()):
+            if member in refused:
+                refused.remove(member)
+                if not refused:
+                    del self.refused[offset]
 
     def _forget_refused(self, offset: int) -> None:
         """``offset`` was delivered or settled: what its refusals said is over."""
@@ -608,6 +637,8 @@ class ConsumerGroup:
             member = self.sent.pop(offset, None)
             if member is not None:
                 member.pending -= 1
+                if self.refused or self._aside_counted:  # taken: what refusals said is over
+                    self._forget_refused(offset)
                 if member.auto_ack and member.session is session and reason_code < 0x80:
                     self.commit(offset + 1)
             self.queue.manager.kick_soon(self.queue)
@@ -740,7 +771,7 @@ class ConsumerGroup:
         progress is written at the end of the loop turn (``write_progress``), still before the
         turn's commit; for settlements nothing acknowledges (a consumer's PUBACK)."""
         self.counts.pop(offset, None)
-        if self.refused:
+        if self.refused or self._aside_counted:
             self._forget_refused(offset)
         if self.stored_counts and self.stored_counts.pop(offset, None) is not None:
             self.queue.log.record_deliveries(self.name, None, {offset: None})

@@ -18,7 +18,8 @@ that a member may be connected to another node. Everything between nodes travels
   (``c``), held until committed; the leader, applying it, releases the member's pending record.
   A nack or reject on a follower is an ``n`` command the leader applies to its group (backoff,
   redelivery to another member, DLQ); a lease the node cannot deliver (the member left, its
-  window is taken) is given back with ``b``.
+  window is taken) is given back with ``b``, naming those its client can never take (over its
+  Maximum Packet Size: the leader's group offers them to another member or sets them aside).
 - a node that does not answer the leader for NODE_SILENCE seconds: its members leave the
   leader's groups (what they held is delivered again, at least once) until it answers again.
 
@@ -33,6 +34,7 @@ import heapq
 import logging
 import time
 
+from fluxmq.broker.session import REFUSED
 from fluxmq.queues.group import ConsumerGroup, Member, Pending
 from fluxmq.queues.remote import RemoteMemberSession
 
@@ -212,17 +214,19 @@ class ReplicatedGroup(ConsumerGroup):
 
     # -- deliveries of leases (the member's node) --------------------------------------------------
 
-    def deliver_leased(self, key: str, offsets, counts) -> list[int]:
+    def deliver_leased(self, key: str, offsets, counts) -> tuple[list[int], list[int]]:
         """Deliver what the leader leased to this node's member ``key``; returns the offsets it
-        could not take (given back)."""
+        could not take (given back), and those of them its client can never take (``REFUSED``:
+        over its Maximum Packet Size; the leader never leases them to that member again)."""
         member = self.local.get(key)
         if member is None:
-            return list(offsets)
+            return list(offsets), []
         queue = self.queue
         qlog = queue.log
         prog = qlog.progress.get(self.name)
         now = time.monotonic()
-        back = []
+        back: list[int] = []
+        refused: list[int] = []
         for offset, count in zip(offsets, counts, strict=True):
             if prog is not None and not self.stream and (offset < prog[0] or offset in prog[1]):
                 continue  # settled meanwhile
@@ -244,8 +248,11 @@ class ReplicatedGroup(ConsumerGroup):
                     self.group_pair,
                     self.group_bytes,
                 )
-                if member.session.send_tracked(message) <= 0:  # 0 not now, REFUSED never
+                pid = member.session.send_tracked(message)
+                if pid <= 0:  # 0 not now, REFUSED never
                     back.append(offset)
+                    if pid == REFUSED:
+                        refused.append(offset)
                     continue
                 self.sent[offset] = member
             else:
@@ -253,14 +260,17 @@ class ReplicatedGroup(ConsumerGroup):
                 message = queue.delivery_message(
                     record, self.name, count, self._on_puback, p, (), self.group_pair, self.group_bytes
                 )
-                if member.session.send_tracked(message) <= 0:  # 0 not now, REFUSED never
+                pid = member.session.send_tracked(message)
+                if pid <= 0:  # 0 not now, REFUSED never
                     back.append(offset)
+                    if pid == REFUSED:
+                        refused.append(offset)
                     continue
                 self.pending[offset] = p
                 self.counts[offset] = count
             member.pending += 1
             queue.stats["delivered"] += 1
-        return back
+        return back, refused
 
     def _drop_local(self, offset: int) -> None:
         """A delivery this node made of ``offset`` no longer holds it (settled, leased again)."""
@@ -278,8 +288,11 @@ class ReplicatedGroup(ConsumerGroup):
         are stale (not the leader's record of that lease)."""
         if self.leased:
             dropped = False
+            aside = self.refused or self.undeliverable
             for off in offsets:
                 self.lease_counts.pop(off, None)
+                if aside:  # set aside here (no member here can take it): another node's now
+                    self._forget_refused(off)
                 if off in self.queued:
                     self.queued.discard(off)
                     dropped = True
@@ -339,8 +352,12 @@ class ReplicatedGroup(ConsumerGroup):
             self.floor = floor
             self.cursor = max(self.cursor, floor)
 
-    def given_back(self, node: str, key: str, offsets) -> None:
-        """A member's node could not deliver its lease: to another member."""
+    def given_back(self, node: str, key: str, offsets, refused=()) -> None:
+        """A member's node could not deliver its lease: to another member. ``refused`` (of
+        ``offsets``): its client can never take them, as a local session's ``REFUSED`` (never
+        leased to that member again: to another, or set aside)."""
+        refused = set(refused) if refused else ()
+        stats = self.queue.stats
         for off in offsets:
             p = self.pending.get(off)
             if (
@@ -350,13 +367,19 @@ class ReplicatedGroup(ConsumerGroup):
                 and p.member.session.key == key
             ):
                 self._release(off)
-                self.avoid[off] = p.member
-                self._push_ready(off)
+                if off in refused:
+                    self.refused_by(off, p.member)
+                    stats["delivered"] -= 1  # as a local refusal: never counted as delivered
+                else:
+                    self.avoid[off] = p.member
+                    self._push_ready(off)
             m = self.sent.get(off)
             if m is not None and _remote(m) and m.session.node == node:
                 self.sent.pop(off)
                 m.pending -= 1
-                if off < self.cursor:
+                if off in refused:
+                    self.refused_by(off, m)
+                elif off < self.cursor:
                     self.cursor = off
 
     def remote_nack(self, node: str, offset: int, reason: str, reject: bool) -> None:

@@ -334,9 +334,12 @@ class RaftService:
                     g.moved(ev[3])
             elif kind == "l":  # ("l", queue, group, node, key, offsets, counts): forward
                 if ev[3] == me:
-                    back = g.deliver_leased(ev[4], ev[5], ev[6])
+                    back, refused = g.deliver_leased(ev[4], ev[5], ev[6])
                     if back and group.leader() is not None:
-                        group.stage(("b", q.name, g.name, me, ev[4], back))
+                        # (what its client can never take, when any, as a 7th field: a node of
+                        # before reads the first six, and gives it to the member again)
+                        b = ("b", q.name, g.name, me, ev[4], back)
+                        group.stage((*b, refused) if refused else b)
                         if ev[4] not in g.local:  # a member of an earlier run of this node
                             qlog.register(g.name, ev[4], None)
                 elif not deciding:
@@ -350,9 +353,9 @@ class RaftService:
                 else:
                     for off in ev[2]:
                         g._drop_local(off)
-            elif kind == "b":  # ("b", queue, group, node, key, offsets)
+            elif kind == "b":  # ("b", queue, group, node, key, offsets[, refused offsets])
                 if deciding:
-                    g.given_back(ev[3], ev[4], ev[5])
+                    g.given_back(ev[3], ev[4], ev[5], ev[6] if len(ev) > 6 else ())
             elif kind == "n":  # ("n", queue, group, node, offset, reason, reject, due)
                 if deciding:
                     g.remote_nack(ev[3], ev[4], ev[5], ev[6])

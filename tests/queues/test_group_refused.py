@@ -69,3 +69,33 @@ def test_a_record_no_member_can_take_is_set_aside_until_a_member_joins(tmp_path:
         assert not group.undeliverable and not group.refused
     finally:
         storage.close()
+
+
+def test_what_members_refused_is_forgotten_as_they_leave(tmp_path: Path) -> None:
+    """The refusals of a record set aside are held per member of the group there is: members that
+    join, refuse it and leave (a reconnecting client, one away from the owner joined again by the
+    reconcile) leave nothing behind, so what ``refused`` holds is bounded by the group's unsettled
+    records times its members."""
+    storage, broker = node(tmp_path / "d", [QueueConfig("q")])
+    try:
+        first, _ = small_member(broker, "small", "$queue/q/#", "g")
+        broker.publish(Message("$queue/q/k", BIG, 1))
+        end_of_turn()
+        broker.queues.tick()
+        group = broker.queues.queues["q"].groups["g"]
+        assert group.undeliverable == {0}
+        for i in range(5):
+            session, _ = broker.open_session(f"churn{i}", True, 0)
+            broker.attach(session, SmallDelivery(), 100)  # small from the start (joins small)
+            user = [("consumer-group", "g"), ("auto-ack", "true")]
+            assert broker.subscribe(session, "$queue/q/#", 1, user_properties=user).granted_qos == 1
+            end_of_turn()
+            broker.queues.tick()
+            assert session.dropped == 1 and group.undeliverable == {0}  # offered to it once
+            broker.unsubscribe(session, "$queue/q/#")
+            assert len(group.refused[0]) == len(group.members) == 1
+        assert broker.queues.queues["q"].stats["undeliverable"] == 1  # counted once
+        broker.unsubscribe(first, "$queue/q/#")
+        assert not group.refused and group.lag() == 1  # kept, stored, for a member to come
+    finally:
+        storage.close()

@@ -38,8 +38,8 @@ class _Raft:
         return {"n1", "n2"}
 
 
-def _leader_with_a_remote_member(tmp_path):
-    raft = _Raft()
+def _replicated_queue(tmp_path, raft):
+    """Queue ``q`` replicated by ``raft`` (its store stays open for the test)."""
     storage = LMDBStorage(tmp_path / "db", map_size=64 << 20)
     manager = QueueManager(
         storage,
@@ -48,7 +48,12 @@ def _leader_with_a_remote_member(tmp_path):
             name, store, raft, ReplicationConfig(True), stored
         ),
     )
-    q = manager.queue("q", create=True)
+    return manager.queue("q", create=True)
+
+
+def _leader_with_a_remote_member(tmp_path):
+    raft = _Raft()
+    q = _replicated_queue(tmp_path, raft)
     qlog = q.log
     qlog.apply_append([encode_record(1.0, Message("$queue/q", b"m%d" % i, 1)) for i in range(3)])
     qlog.apply_commit("g", 0, None, ())
@@ -126,3 +131,21 @@ def test_an_ack_by_a_consumer_that_does_not_hold_the_record_settles_nothing(tmp_
     assert not fresh.ack(3, other) and 3 in fresh.pending  # not its delivery: nothing settled
     assert fresh.ack(3, held[3]) and 3 not in fresh.pending
     assert fresh.ack(4)  # no session named (an ack from the node itself): by offset, as before
+
+
+def test_replicate_a_record_set_aside_here_then_leased_elsewhere_is_not_offered_here_again(tmp_path) -> None:
+    """distribution_mode replicate: a record none of this node's members can take is set aside
+    (the group's ``undeliverable``) while this node holds its lease; once the lease lapsed and the
+    record was leased to another node (``moved``), a member joining here must not get it offered
+    (it would be delivered twice, on two nodes), and nothing of it stays held here."""
+    raft = _Raft()
+    raft.distribution = "replicate"
+    q = _replicated_queue(tmp_path, raft)
+    q.log.apply_append([encode_record(1.0, Message("$queue/q", b"m", 1))])
+    g = q.groups["g"] = ReplicatedGroup(q, "g")
+    assert g.leased
+    g._set_aside(0)  # (what a refusal by every member here does)
+    g.moved([0])
+    assert not g.undeliverable and not g.refused
+    g._offer_aside_again()  # what a member joining here does
+    assert not g.ready
