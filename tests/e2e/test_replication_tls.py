@@ -61,7 +61,7 @@ def _start(
 
 def _groups(node) -> dict:
     try:
-        return {g["name"]: g for g in node.http_get("/cluster/raft", timeout=1.0)[1]["groups"]}
+        return {g["name"]: g for g in node.http_get("/cluster/raft")[1]["groups"]}
     except (OSError, ValueError, KeyError):
         return {}
 
