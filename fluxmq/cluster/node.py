@@ -33,6 +33,7 @@ import os
 import time
 
 import gevent
+from gevent.event import Event
 
 from fluxmq.errors import ClusterError
 
@@ -62,6 +63,10 @@ LOSE_TAKEOVER_REPLY_ENV = "FLUXMQTEST_LOSE_TAKEOVER_REPLY_EVERY"
 #: TEST-ONLY environment variable: every Nth answer to a take-back of this node that carries the
 #: messages a failed claim kept (``KEPT_MOVED_REPLY``) is lost the same way. Never in production.
 LOSE_TAKE_BACK_ANSWER_ENV = "FLUXMQTEST_LOSE_TAKE_BACK_ANSWER_EVERY"
+#: TEST-ONLY environment variable: seconds a starting node waits before it places its durable
+#: queues (``place_queues``), as a slow etcd would make it wait; its peers' links reach it meanwhile.
+#: Never set it in production.
+PLACE_QUEUES_DELAY_ENV = "FLUXMQTEST_PLACE_QUEUES_DELAY"
 
 _grpc_ready = False
 
@@ -313,6 +318,13 @@ class ClusterNode:
 
             node_id = self.node_id
             self.queues = RemoteQueues(broker, self.transport, node_id, self.epoch, lambda _index: node_id)
+            # Its peers' batches wait until it knows which queues it owns (``start``): the capture of
+            # a configured queue it starts with would take what a peer kept for it while it was away
+            # (a killed node keeps its links), though another node owns the queue now and captured
+            # it already; that copy would move there with the stranded records, a second one.
+            self._placed = Event()
+            self._receive = self.transport.on_batch
+            self.transport.on_batch = self._after_placement(self._receive)
         self._started = False
 
     @classmethod
@@ -347,7 +359,16 @@ class ClusterNode:
                 plane.meta.on_sessions_lost = self._sessions_lost
                 self._own_restored_sessions()
                 if self.queues is not None:
+                    delay = float(os.environ.get(PLACE_QUEUES_DELAY_ENV) or 0)
+                    if delay > 0:
+                        log.warning(
+                            "queue_placement_delayed",
+                            extra={"seconds": delay, "reason": f"{PLACE_QUEUES_DELAY_ENV} (tests only)"},
+                        )
+                        gevent.sleep(delay)
                     self.place_queues(self.queues)
+                    self._placed.set()
+                    self.transport.on_batch = self._receive  # (the streams from now on: no wait)
                 self.broker.shared_wills = SharedWillsHook(plane.wills)
             else:
                 log.warning(
@@ -371,6 +392,8 @@ class ClusterNode:
                 plane.meta.on_members(self.topics.changed)
             self.topics.start()
         except BaseException:
+            if self.queues is not None:
+                self._placed.set()  # (the held streams end with the transport)
             self.broker.shared_wills = None
             if plane is not None:
                 plane.stop()
@@ -385,6 +408,18 @@ class ClusterNode:
                 "peers": ",".join(sorted(self.transport.links)) or "-",
             },
         )
+
+    def _after_placement(self, receive):
+        """``receive`` (the transport's ``on_batch``) once ``start`` placed the queues; a stream's
+        batches wait in its greenlet until then (unacknowledged: the peer keeps them)."""
+        placed = self._placed
+
+        def receive_placed(batch):
+            if not placed.is_set():
+                placed.wait()
+            return receive(batch)
+
+        return receive_placed
 
     def place_queues(self, queues) -> None:
         """``queues`` (a ``RemoteQueues``) places each durable queue on its owning node, recorded in

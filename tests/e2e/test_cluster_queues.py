@@ -345,11 +345,19 @@ def payloads_of(client: Paho5, want: set[bytes], seen: list[bytes]) -> bool:
     return want <= set(seen)
 
 
-def test_a_reassigned_queue_s_capture_runs_on_its_new_owner_at_once_and_once(cluster) -> None:
+def test_a_reassigned_queue_s_capture_runs_on_its_new_owner_at_once_and_once(cluster, monkeypatch) -> None:
     """A configured queue captures ordinary topics on its owner only. Its node killed and the
     queue given to the other node, that node captures at once (no restart); the old node back,
     it strands the queue and no longer captures: what is published on it goes to the new
-    owner's capture, each message once, and what it captured before the kill moves there."""
+    owner's capture, each message once, and what it captured before the kill moves there.
+
+    What q2 published while q1 was down also waited in q2's link for q1 (a killed node keeps its
+    links), where q1's capture had matched it: q1 restarts with its queue placement delayed
+    (TEST-ONLY ``FLUXMQTEST_PLACE_QUEUES_DELAY``, a slow etcd) so that the link is back first. Before,
+    q1 applied those batches at once, its capture (installed at start) stored them, and the
+    stranded records brought them to q2 a second time (a loaded CI run, 1 in 3)."""
+    from fluxmq.cluster.node import PLACE_QUEUES_DELAY_ENV
+
     assert cluster.value(f"queues/{CAPTURED}/owner") == "q1"
     q2 = cluster.nodes["q2"]
     before = [f"cb{i}".encode() for i in range(5)]
@@ -361,7 +369,9 @@ def test_a_reassigned_queue_s_capture_runs_on_its_new_owner_at_once_and_once(clu
         after = [f"ca{i}".encode() for i in range(5)]
         assert publish(q2, "xcap/after", after) == [0] * 5
         assert sorted(m.payload for m in receive(c, 5, WAIT)) == sorted(after)
+        monkeypatch.setenv(PLACE_QUEUES_DELAY_ENV, "4")  # > the link's reconnect backoff (2 s)
         q1 = cluster.start("q1")  # its copy of the queue is stranded, its records move to q2
+        monkeypatch.delenv(PLACE_QUEUES_DELAY_ENV)
         for node in (q1, q2):
             assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
         seen: list[bytes] = []

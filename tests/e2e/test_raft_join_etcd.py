@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, free_port
 from tests.e2e.test_raft_members import ENV, _admin, _wait
-from tests.e2e.test_replication import QUEUE, _publish_acked, raft_status, wait_all_know_leader
+from tests.e2e.test_replication import _publish_acked, queue_count, raft_status, wait_all_know_leader
 from tests.e2e.test_replication_etcd import EtcdRaftCluster, publish_outcomes
 from tests.etcd import etcd_get, etcd_put
 
@@ -55,11 +55,6 @@ def _raft_member(node, *args: str) -> tuple[int, str, str]:
         timeout=60,
     )
     return done.returncode, done.stdout, done.stderr
-
-
-def _count(node) -> int | None:
-    st = raft_status(node)
-    return None if st is None else st["queues"].get(QUEUE, {}).get("count")
 
 
 def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factory, etcd_server) -> None:
@@ -96,7 +91,7 @@ def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factor
 
     # It started its replica from the record and caught up; an acknowledged append (made through it,
     # forwarded to the leader) is then on its replica too.
-    caught = _wait("the late node's replica caught up", lambda: _count(late) == 50 and raft_status(late))
+    caught = _wait("the late node's replica caught up", lambda: queue_count(late) == 50 and raft_status(late))
     assert caught["peers"] == everyone and not caught.get("forming"), caught
     assert "record" not in raft_status(nodes[leader])  # the leader finds the record in step
 
@@ -116,7 +111,7 @@ def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factor
     assert repaired["members"] == record["members"] and not repaired.get("joining"), repaired
     assert raft_status(late)["peers"] == everyone and not raft_status(late).get("forming")
     assert _publish_acked(late, "through-late", 30, b"b") == 30
-    _wait("the late node holding every acknowledged record", lambda: _count(late) == 80)
+    _wait("the late node holding every acknowledged record", lambda: queue_count(late) == 80)
 
     # Restarted, it is a member from the record (still no static peers): its replica runs again.
     late.stop()
@@ -126,7 +121,7 @@ def test_a_later_node_added_by_node_id_joins_from_the_record_in_etcd(node_factor
         lambda: (st := raft_status(late)) is not None and st.get("leader") and st["queues"] and st,
     )
     assert back["peers"] == everyone and not back.get("forming"), back
-    _wait("the restarted node holding every record", lambda: _count(late) == 80)
+    _wait("the restarted node holding every record", lambda: queue_count(late) == 80)
     assert _publish_acked(late, "after-restart", 10, b"c") == 10
 
     # Removed (by its address), it stops its replica and says why; the record follows.
@@ -211,5 +206,5 @@ def test_a_join_whose_leader_dies_before_the_add_is_undone_by_the_next_leader(
     assert sorted(body["members"]) == sorted([*three.values(), late.raft_addr]), body
     record = _record(etcd_server.endpoint, cluster.prefix)
     assert record["members"] == {**three, "r3": late.raft_addr} and not record.get("joining"), record
-    _wait("the late node holding every acknowledged record", lambda: _count(late) == 40)
+    _wait("the late node holding every acknowledged record", lambda: queue_count(late) == 40)
     assert _publish_acked(late, "through-late", 10, b"c") == 10

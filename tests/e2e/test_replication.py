@@ -66,10 +66,30 @@ def start_cluster(
 
 
 def raft_status(node) -> dict | None:
+    """``node``'s first Raft group as ``/cluster/raft`` shows it; None when it does not answer within
+    ``http_get``'s bound (a loaded machine answers late: the callers that read the status at once
+    would fail on a None that only meant slow)."""
     try:
-        return node.http_get("/cluster/raft", timeout=1.0)[1]["groups"][0]
+        return node.http_get("/cluster/raft")[1]["groups"][0]
     except (OSError, ValueError, KeyError, IndexError):
         return None
+
+
+def queue_count(node, queue: str = QUEUE) -> int | None:
+    """How many records ``node`` applied to ``queue`` (None while it does not answer)."""
+    return ((raft_status(node) or {}).get("queues", {}).get(queue) or {}).get("count")
+
+
+def wait_count(node, n: int, timeout: float = 30.0) -> bool:
+    """True once ``node`` applied ``n`` records to the queue. A publish acknowledged means committed
+    on a follower too, which applies it at the leader's next message: a loaded machine delays that
+    past any fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while queue_count(node) != n:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def wait_leader(nodes, among=None, timeout: float = 20.0) -> int:
@@ -732,10 +752,12 @@ def test_a_peer_without_the_raft_password_cannot_join(node_factory) -> None:
         n.wait_ready()
     leader = wait_leader(nodes, among=[0, 1])
     assert _publish_acked(nodes[leader], "with-password", 20, b"p") == 20
-    time.sleep(1.0)
+    follower = nodes[1 - leader]
+    assert wait_count(follower, 20), raft_status(follower)
+    time.sleep(1.0)  # room for a wrong join to show up
     outsider = raft_status(nodes[2])
-    assert outsider["leader"] is None and outsider["queues"][QUEUE]["count"] == 0, outsider
-    assert raft_status(nodes[1 - leader])["queues"][QUEUE]["count"] == 20
+    assert outsider is not None and outsider["leader"] is None, outsider
+    assert outsider["queues"][QUEUE]["count"] == 0, outsider
 
 
 def test_async_mode_acknowledges_before_any_replica_has_the_entry(node_factory) -> None:

@@ -29,6 +29,7 @@ from tests.e2e.test_replication import (
     QUEUE,
     _leader_kill_run,
     client5,
+    queue_count,
     raft_status,
     wait_all_know_leader,
 )
@@ -123,11 +124,6 @@ def publish_outcomes(node, name: str, payloads: list[bytes], timeout: float = 30
     c.disconnect()
     with lock:
         return [out.get(m) for m in mids]
-
-
-def queue_count(node) -> int | None:
-    st = raft_status(node)
-    return None if st is None else st["queues"].get(QUEUE, {}).get("count")
 
 
 def test_a_group_forms_from_etcd_membership_and_a_sync_publish_is_acked_after_the_quorum(

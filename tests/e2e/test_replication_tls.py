@@ -26,6 +26,7 @@ from tests.e2e.test_replication import (
     _publish_acked,
     _raft_config,
     raft_status,
+    wait_count,
     wait_leader,
 )
 
@@ -60,7 +61,7 @@ def _start(
 
 def _groups(node) -> dict:
     try:
-        return {g["name"]: g for g in node.http_get("/cluster/raft", timeout=1.0)[1]["groups"]}
+        return {g["name"]: g for g in node.http_get("/cluster/raft")[1]["groups"]}
     except (OSError, ValueError, KeyError):
         return {}
 
@@ -238,11 +239,6 @@ def test_the_unpickle_probe_works_on_a_plain_raft_port(node_factory, tmp_path):
     assert node.returncode is None
 
 
-def _count(node) -> int | None:
-    """How many records ``node`` applied to the queue (None while it does not answer)."""
-    return ((raft_status(node) or {}).get("queues", {}).get(QUEUE) or {}).get("count")
-
-
 def test_a_peer_with_a_certificate_from_another_ca_cannot_join(node_factory, tmp_path):
     ca = CertAuthority(tmp_path / "pki", "cluster CA")
     other = CertAuthority(tmp_path / "other", "another CA")
@@ -254,23 +250,20 @@ def test_a_peer_with_a_certificate_from_another_ca_cannot_join(node_factory, tmp
     nodes = _start(node_factory, certs, [ca.cert_file, ca.cert_file, other.cert_file])
     leader = wait_leader(nodes, among=[0, 1])
     assert _publish_acked(nodes[leader], "with-ca", 20, b"p") == 20
-    # Acknowledged means committed on the follower too; it applies them at the leader's next
-    # message (bounded wait: a loaded machine delays that past any fixed sleep).
     follower = nodes[1 - leader]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _count(follower) != 20:
-        time.sleep(0.1)
-    assert _count(follower) == 20, raft_status(follower)
+    assert wait_count(follower, 20), raft_status(follower)
 
     def refused() -> bool:
         return any("raft_tls_handshake_failed" in n.log_text() for n in nodes)
 
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not refused():
         time.sleep(0.1)
     assert refused()
     time.sleep(1.0)  # room for a wrong join to show up
     outsider = raft_status(nodes[2])
-    assert outsider["leader"] is None and outsider["queues"][QUEUE]["count"] == 0, outsider
+    assert outsider is not None and outsider["leader"] is None, outsider
+    assert outsider["queues"][QUEUE]["count"] == 0, outsider
     # without the outsider the two cannot lose one more: stop the follower, no quorum
     nodes[1 - leader].stop(signal.SIGTERM)
     assert _publish_acked(nodes[leader], "no-quorum", 1, b"q") == 0
