@@ -6,8 +6,8 @@ Starts real nodes on free 127.0.0.1 ports in temp dirs, LMDB storage (``storage.
     one node with ``server.workers: 2``; every client connects to its one MQTT port (the kernel
     spreads connections over the workers, so reconnects also move sessions between them).
 ``cluster``
-    three nodes of one worker on a private etcd (``bench.cluster_cross.start_etcd``); each client
-    has a home node and reconnects to it.
+    three nodes of one worker (``--workers``: more) on a private etcd
+    (``bench.cluster_cross.start_etcd``); each client has a home node and reconnects to it.
 
 Clients (raw MQTT 5.0 over ``fluxmq._core.codec``, each in a thread, persistent sessions: Session
 Expiry 1 h, Clean Start only on the first connect):
@@ -23,7 +23,9 @@ Expiry 1 h, Clean Start only on the first connect):
 - a retained topic ``chaos/retained`` overwritten with increasing numbers (QoS 1).
 
 Faults, at random intervals from a printed seed: ``worker-kill`` (kill -9 of one worker, the
-arbiter restarts it; workers only), ``node-kill`` (kill -9 of the whole process tree, restart on
+arbiter restarts it; nodes of several workers only), ``worker-term`` (SIGTERM to one worker alone:
+its graceful stop, the arbiter restarts it; the same nodes; it explains no loss: docs/reliability.rst,
+"stopped alone"), ``node-kill`` (kill -9 of the whole process tree, restart on
 its data dir), ``node-term`` (SIGTERM, wait, restart), ``stop-cont`` (SIGSTOP of the tree for 2-4 s,
 then SIGCONT). Each fault waits until the node answers ``/ready`` again before the next interval.
 Only the processes this tool started are signalled, by PID.
@@ -43,6 +45,7 @@ Usage::
 
     python -m bench.chaos --setup workers --rounds 10 --seed 1
     python -m bench.chaos --setup cluster --rounds 10 --seed 1
+    python -m bench.chaos --setup cluster --workers 2 --rounds 4 --seed 1   # + the worker faults
     python -m bench.chaos --setup workers --rounds 0 --run-for 5     # no fault: must report zero loss
 
 Exit status 0 when nothing was lost or doubled beyond what MQTT allows (QoS 1 duplicates), else 1.
@@ -60,6 +63,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +85,10 @@ READY_TIMEOUT = 90.0
 ACK_TIMEOUT = 10.0  # a publisher waiting longer for its ack drops the connection and resumes
 # a CONNACK may wait for a killed worker's restart (fluxmq.cluster.workers.RESTART_WAIT, 10 s)
 CLAIM_WAIT = 15.0
-FAULTS = {"workers": ("worker-kill", "node-kill", "node-term", "stop-cont"),
+FAULTS = {"workers": ("worker-kill", "worker-term", "node-kill", "node-term", "stop-cont"),
           "cluster": ("node-kill", "node-term", "stop-cont")}  # fmt: skip
+#: the faults of one worker of a node (its node goes on): offered on nodes of several workers
+WORKER_FAULTS = frozenset({"worker-kill", "worker-term"})
 
 T0 = time.monotonic()
 
@@ -145,12 +151,25 @@ class Node:
         return killed
 
     def wait_ready(self, workers: int | None = None) -> None:
+        """Until ``/ready`` answers 200 and, with ``workers``, that many run and every one serves:
+        ``/ready`` stays 200 (``degraded``) while one restarts, its ``workers`` check naming it."""
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
-            if (workers is None or len(self.workers()) == workers) and self.node.ready():
+            if (
+                workers is None or (len(self.workers()) == workers and self.workers_up())
+            ) and self.node.ready():
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} not ready again within {READY_TIMEOUT:.0f}s: {self.node.log_tail()}")
+
+    def workers_up(self) -> bool:
+        """``/ready``'s ``workers`` check names no worker down."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.node.health_port}/ready", timeout=1) as r:
+                body = json.loads(r.read())
+        except (OSError, ValueError):
+            return False
+        return not body.get("checks", {}).get("workers", {}).get("details")
 
 
 # -- clients -----------------------------------------------------------------------------------
@@ -405,29 +424,45 @@ class Fault:
     node: str
     detail: str = ""
     restored: float = 0.0
-    # a kill -9: when the signal was sent, ``at`` plus the time to find the victim (a publish sent
-    # before then may have reached it)
+    # a kill -9 (or a worker's SIGTERM): when the signal was sent, ``at`` plus the time to find the
+    # victim (a publish sent before then may have reached it)
     killed: float = 0.0
-    # worker-kill: client id -> "victim" (connected to the killed worker), "other" (to another
+    # worker-kill, worker-term: client id -> "victim" (connected to the killed worker), "other" (to another
     # worker) or "unknown" (no connection at the kill), looked at just before the kill
     where: dict[str, str] = field(default_factory=dict)
 
 
-def node_sets(setup: str, name: str, endpoint: str | None, log_level: str) -> list[str]:
+def node_sets(setup: str, name: str, endpoint: str | None, log_level: str, workers: int = 1) -> list[str]:
     queues = json.dumps([{"name": QUEUE, "max_inflight": 100}])
     sets = ["storage.type=lmdb", "storage.sync=batch", f"queues={queues}", "broker.sys_interval=1",
             f"log.level={log_level}"]  # fmt: skip
-    if setup == "workers":
-        sets.append("server.workers=2")
-    else:
+    if workers > 1:
+        sets.append(f"server.workers={workers}")
+    if setup == "cluster":
         sets += [
             "cluster.enabled=true",
             f"cluster.node_id={name}",
-            f"cluster.transport.bind_addr=127.0.0.1:{free_port()}",
+            f"cluster.transport.bind_addr=127.0.0.1:{free_ports(workers)}",  # worker i: port + i
             f"cluster.etcd.endpoints={endpoint}",
             "cluster.etcd.prefix=/chaos/",
         ]
     return sets
+
+
+def free_ports(count: int) -> int:
+    """A port p with p .. p + count - 1 free on 127.0.0.1 a moment ago."""
+    import socket  # noqa: PLC0415
+
+    for _ in range(200):
+        p = free_port()
+        try:
+            for i in range(1, count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + i))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def place(nodes: list[Node], i: int) -> int:
@@ -483,11 +518,11 @@ def connected_to(pid: int, clients: list[Client]) -> dict[str, str]:
 def inject(kind: str, node: Node, rng: random.Random, workers: int | None, f: Fault,
            clients: list[Client]) -> str:  # fmt: skip
     """Apply fault ``f`` of ``kind`` to ``node`` and wait until it is back; what was done, in words."""
-    if kind == "worker-kill":
+    if kind in WORKER_FAULTS:
         pids = node.workers()
         victim = rng.choice(pids)
         f.where = connected_to(victim, clients)
-        os.kill(victim, signal.SIGKILL)
+        os.kill(victim, signal.SIGKILL if kind == "worker-kill" else signal.SIGTERM)
         f.killed = now()
         deadline = time.monotonic() + READY_TIMEOUT
         while victim in node.workers() or len(node.workers()) != workers:
@@ -531,9 +566,10 @@ def lost_window(sub: Subscriber, pub: Publisher, seq: int, t: float, faults: lis
 
     ``subscriber-session-lost``: the subscriber's session was not present at a reconnect after the
     message was first sent (or the message was sent before its new subscription was granted): a
-    session the stopped or killed node could not hand over. Not a kill -9 of its worker any more:
-    a reconnect that lands on the other worker waits for the restart and takes the restored
-    session over (docs/cluster.rst, "Client ids"), so a session lost while a worker kill is in
+    session the stopped or killed node could not hand over. Not a kill -9 or a SIGTERM of its
+    worker alone any more: a reconnect that lands on the other worker waits for the restart and
+    takes the restored session over (docs/cluster.rst, "Client ids"), or finds it where the
+    stopping worker handed it (a cluster node), so a session lost while worker faults are in
     progress (and no other fault) is ``unexplained``;
     ``publisher-node-killed``: the publisher's worker or node was killed -9 (its signal sent:
     ``Fault.killed``, not the fault's start, which finding the victim precedes: a publish sent
@@ -548,7 +584,7 @@ def lost_window(sub: Subscriber, pub: Publisher, seq: int, t: float, faults: lis
     for lost_at in sub.ev.session_lost:
         granted = next((g for g in sub.granted if g >= lost_at), lost_at + ACK_TIMEOUT)
         around = {f.kind for f in faults if f.at <= lost_at <= (f.restored or f.at) + CLAIM_WAIT}
-        if sent <= granted and around != {"worker-kill"}:
+        if sent <= granted and not (around and around <= WORKER_FAULTS):
             return "subscriber-session-lost"
     for f in faults:  # killed after the message was first sent, up to 2 s after its acknowledgement
         if f.kind not in ("worker-kill", "node-kill") or f.node != pub.home:
@@ -713,7 +749,7 @@ def run(args: argparse.Namespace) -> int:
     etcd = endpoint = None
     nodes: list[Node] = []
     stop_pub, stop_all = threading.Event(), threading.Event()
-    workers = 2 if args.setup == "workers" else None
+    workers = args.workers if args.workers > 1 else None
     faults: list[Fault] = []
     clients: list[Client] = []
     try:
@@ -723,7 +759,8 @@ def run(args: argparse.Namespace) -> int:
             etcd, endpoint = start_etcd(work)
         names = ["n0"] if args.setup == "workers" else ["n0", "n1", "n2"]
         for name in names:
-            nodes.append(Node(name, work / name, node_sets(args.setup, name, endpoint, args.log_level)))
+            sets = node_sets(args.setup, name, endpoint, args.log_level, args.workers)
+            nodes.append(Node(name, work / name, sets))
         for node in nodes:  # n0 first: it owns the queue
             node.start()
             if workers:
@@ -804,6 +841,7 @@ def run(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--setup", choices=sorted(FAULTS), default="workers")
+    p.add_argument("--workers", type=int, default=None, help="workers per node (workers: 2, cluster: 1)")
     p.add_argument("--rounds", type=int, default=10, help="faults to inject (0: none, run --run-for s)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--rate", type=float, default=40.0, help="messages/s per publisher")
@@ -817,10 +855,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="warning", help="the nodes' log.level")
     p.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
     args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = 2 if args.setup == "workers" else 1
+    if args.setup == "workers" and args.workers < 2:
+        p.error("--setup workers needs --workers 2 or more")
     allowed = FAULTS[args.setup]
+    if args.setup == "cluster" and args.workers > 1:
+        allowed = (*sorted(WORKER_FAULTS), *allowed)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()] or list(allowed)
     if set(args.faults) - set(allowed):
-        p.error(f"--setup {args.setup} has the faults {', '.join(allowed)}")
+        p.error(f"--setup {args.setup} (--workers {args.workers}) has the faults {', '.join(allowed)}")
     return args
 
 

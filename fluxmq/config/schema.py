@@ -1302,7 +1302,8 @@ KEYS: tuple[Key, ...] = (
         Duration(),
         "5s",
         "Graceful stop (SIGTERM): how long the node keeps handing its sessions to the nodes its clients "
-        "reconnect to, and the rest to live peers, before it releases what is left (within server.shutdown_timeout).",
+        "reconnect to, and the rest to live peers, before it releases what is left (within server.shutdown_timeout); "
+        "a worker stopped alone (server.workers) stays up at most this long for the sessions taken over from it.",
     ),
     Key(
         "cluster.transport.bind_addr",

@@ -701,7 +701,7 @@ class BrokerService:
             # here during the drain; then what is left is released, the lease revoked, and what
             # shutdown published (wills) gets a moment to reach the reachable peers.
             flush = min(1.0, max(0.0, deadline - time.monotonic()))
-            drain = getattr(self.cluster, "drain", None)  # several workers: no drain (one node stops)
+            drain = getattr(self.cluster, "drain", None)  # (several workers: WorkerNode.drain)
             if drain is not None:
                 drain(
                     min(

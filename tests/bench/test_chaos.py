@@ -21,11 +21,33 @@ def test_a_run_without_faults_loses_and_doubles_nothing(capsys) -> None:
     assert '"longest_s"' in out and '"refused": {}' in out  # every client's connects, none refused
 
 
+def test_a_worker_stopped_alone_on_a_two_worker_node_loses_and_doubles_nothing(capsys) -> None:
+    """One ``worker-term`` fault (SIGTERM to one worker, the arbiter restarts it), the run going on
+    once both workers serve again (``/ready`` names none down): nothing is lost or doubled."""
+    args = ["--setup", "workers", "--rounds", "1", "--faults", "worker-term", "--min-gap", "0.5"]
+    assert chaos.main([*args, "--max-gap", "1", "--quiet", "1", "--rate", "20", "--seed", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "fault 1: worker-term on n0" in out and "summary: OK (setup workers, seed 8, 1 faults)" in out
+
+
 def test_the_faults_are_those_of_the_set_up() -> None:
     assert chaos.parse_args(["--setup", "cluster"]).faults == ["node-kill", "node-term", "stop-cont"]
     assert chaos.parse_args(["--faults", "stop-cont"]).faults == ["stop-cont"]
     with pytest.raises(SystemExit):
         chaos.parse_args(["--setup", "cluster", "--faults", "worker-kill"])
+    # a worker stopped alone (SIGTERM) beside the kill -9 of one, on nodes of several workers
+    assert chaos.parse_args([]).faults == [
+        "worker-kill",
+        "worker-term",
+        "node-kill",
+        "node-term",
+        "stop-cont",
+    ]
+    clustered = chaos.parse_args(["--setup", "cluster", "--workers", "2", "--faults", "worker-term"])
+    assert clustered.faults == ["worker-term"] and clustered.workers == 2
+    assert "worker-kill" in chaos.parse_args(["--setup", "cluster", "--workers", "2"]).faults
+    with pytest.raises(SystemExit):
+        chaos.parse_args(["--workers", "1"])
 
 
 def sub_pub(home: str, lost_at: float) -> tuple[chaos.Subscriber, chaos.Publisher]:
@@ -64,6 +86,20 @@ def test_a_session_lost_to_a_worker_kill_is_no_documented_window_any_more() -> N
     assert chaos.lost_window(sub, pub, 1, 21.2, [worker_kill]) == chaos.UNEXPLAINED
     node_kill = chaos.Fault(20.5, "node-kill", "n1", restored=24.0)
     assert chaos.lost_window(sub, pub, 1, 21.2, [worker_kill, node_kill]) == "subscriber-session-lost"
+
+
+def test_a_worker_stopped_alone_explains_no_loss() -> None:
+    """SIGTERM to one worker (its graceful stop, the node going on): a session lost meanwhile, or a
+    message its publisher had acknowledged there, is a finding (docs/reliability.rst, "stopped
+    alone"); with a node fault around too, the node's window still explains it."""
+    sub, pub = sub_pub("n0", 21.0)
+    term = chaos.Fault(20.0, "worker-term", "n0", restored=23.0, killed=20.01, where={"p": "victim"})
+    assert chaos.lost_window(sub, pub, 1, 21.2, [term]) == chaos.UNEXPLAINED
+    sub.ev.session_lost, sub.granted = [], [0.5]
+    assert chaos.lost_window(sub, pub, 1, 19.5, [term]) == chaos.UNEXPLAINED
+    sub.ev.session_lost, sub.granted = [21.0], [21.5]
+    node_term = chaos.Fault(20.5, "node-term", "n0", restored=24.0)
+    assert chaos.lost_window(sub, pub, 1, 21.2, [term, node_term]) == "subscriber-session-lost"
 
 
 def test_a_worker_kill_explains_a_loss_only_when_the_publisher_was_on_that_worker() -> None:

@@ -26,6 +26,8 @@ from tests.e2e.test_workers_restart_claim import (
     payloads,
     persistent,
     reset,
+    session_on_w1,
+    source_on,
 )
 
 pytestmark = pytest.mark.e2e
@@ -165,6 +167,51 @@ def test_ready_names_the_workers_up_degraded_not_503_while_one_restarts(tmp_path
             return code == 200 and body["mode"] == "nominal"
 
         assert wait_until(nominal, WAIT), node.http_get("/ready")
+        assert node.stop() == 0
+    finally:
+        factory.close()
+
+
+def test_a_worker_stopped_alone_forwards_what_reaches_it_for_a_session_taken_over_from_it(
+    tmp_path,
+) -> None:
+    """w1 applies each batch from w0 3 s late (the test-only ``FLUXMQTEST_PEER_APPLY_DELAY``, as on a
+    loaded machine): a QoS 1 message w0 acknowledged is on its way to the session on w1 when its
+    client, back on w0, takes the session over, and w1 gets SIGTERM alone right after. It reaches
+    the session on w0: the stopping w1 stays up (bounded by ``cluster.drain_timeout``)
+    until its stand-in forwarded what reached it for the exported session, as a stopping cluster
+    node does. Before, w1 exited at once: the batch was sent again to the restarted w1, which no
+    longer had the session (``bench/chaos.py``'s ``worker-term``, seed 84: a QoS 2 message lost for
+    the subscribers that had reconnected from the stopping worker)."""
+    from fluxmq.cluster.node import APPLY_DELAY_ENV
+
+    factory = NodeFactory(tmp_path)
+    try:
+        node = start(factory, {"storage.type": "lmdb"}, env={APPLY_DELAY_ENV: "3"})
+        topic = unique("xw/onway")
+        client_id, sub, on_w0, pid = session_on_w1(node, topic)
+        pub = Raw5(node, source=source_on(node, "w0"))
+        pub.connect(unique("pub"))
+
+        def known() -> bool:  # w0 knows w1's subscription (its interest too is applied late)
+            return pub.publish(topic, b"probe", 1, packet_id=9).reason_code == 0
+
+        assert wait_until(known, WAIT)
+        # applied on w1 (delivered): nothing else is on its way to w1 ahead of the batch below
+        probe = sub.wait_for(lambda p: isinstance(p, c.Publish) and p.payload == b"probe", WAIT)
+        sub.ack(probe)
+        sent = {b"on its way"}  # (one message: one batch, applied on w1 3 s later)
+        assert pub.publish(topic, b"on its way", 1, packet_id=10).reason_code == 0  # acknowledged by w0
+        reset(sub)
+        sub = persistent(node, client_id, on_w0)  # taken over from w1 (live, the batch not applied)
+        assert sub.connack.reason_code == 0 and sub.connack.session_present, sub.connack
+        os.kill(pid, signal.SIGTERM)
+        got = payloads(sub, sent, WAIT)
+        assert sent - got == set(), f"lost: {sorted(sent - got)}\n{node.log_tail()}"
+        pub.disconnect()
+        sub.disconnect()
+        exited(node, pid)
+        wait_restarted(node, pid)
         assert node.stop() == 0
     finally:
         factory.close()
