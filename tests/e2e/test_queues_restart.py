@@ -123,7 +123,12 @@ def test_a_persistent_member_stays_in_its_groups_across_a_restart(node_factory, 
         assert got[b"mine"]["group-id"] == "workers" and got[b"e2"]["group-id"] == "readers"
         assert nothing_more(again) is None
         # auto-ack came back too: the PUBACK settled "mine"; "not mine" waits for another member.
-        assert wait_group(node, "jobs", "workers", lag=1, pending=0) == {"lag": 1, "pending": 0, "members": 1}
+        assert wait_group(node, "jobs", "workers", lag=1, pending=0) == {
+            "lag": 1,
+            "pending": 0,
+            "members": 1,
+            "undeliverable": 0,
+        }
     finally:
         again.disconnect()
 
