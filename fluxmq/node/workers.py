@@ -93,12 +93,15 @@ class WorkerContext:
     # -- which workers serve: each worker's up mark, read by every worker's /ready ------------------
 
     def mark_up(self) -> None:
-        """This worker serves (its broker started): its mark names this process."""
+        """This worker serves (its broker started): its mark names this process; and its mark of
+        having served once since the node started (``started_path``, never removed)."""
         path = up_path(self.run_dir, self.index)
         try:
             with open(path + ".tmp", "w") as f:
                 f.write(str(os.getpid()))
             os.replace(path + ".tmp", path)
+            with open(started_path(self.run_dir, self.index), "w"):
+                pass
         except OSError:  # the run directory is gone: the arbiter has exited, this worker stops
             pass
 
@@ -124,7 +127,12 @@ class WorkerContext:
     def readiness(self) -> tuple[bool, str]:
         """The ``workers`` check of ``/ready``: up (the node serves through this worker), with details
         naming those down while one is (stopped or killed, restarting): mode ``degraded``, not 503.
-        Every worker answers the same, whichever one the load balancer's probe lands on."""
+        Down (503) while the node starts: until every worker has served once, a request could land
+        on one still loading its store (its "starting" apps answer 503). Every worker answers the
+        same, whichever one the load balancer's probe lands on."""
+        never = [i for i in range(self.count) if not os.path.exists(started_path(self.run_dir, i))]
+        if never:
+            return False, "starting: " + ", ".join(worker_id(i) for i in never)
         up = set(self.up()) | {self.index}
         if len(up) == self.count:
             return True, ""
@@ -150,6 +158,11 @@ def make_run_dir() -> str:
 def up_path(run_dir: str, index: int) -> str:
     """The mark of worker ``index`` while it serves: the pid of its process."""
     return os.path.join(run_dir, f"w{index}.up")
+
+
+def started_path(run_dir: str, index: int) -> str:
+    """The mark of worker ``index`` having served once since the node started (never removed)."""
+    return os.path.join(run_dir, f"w{index}.started")
 
 
 def _marked_pid(path: str) -> int:

@@ -18,6 +18,7 @@ from fluxmq.node.workers import (
     bind_reuseport,
     mark_stopping,
     shard_path,
+    started_path,
     up_path,
     worker_count,
 )
@@ -176,8 +177,10 @@ def test_the_workers_check_names_the_workers_down_and_reads_the_same_on_every_wo
     mark removed), the same on every worker; a worker of its own counts as up (it answers)."""
     run = str(tmp_path)
     w0, w1, w2 = (WorkerContext(i, 3, run) for i in range(3))
-    assert w0.readiness() == (True, "1/3 workers up; down: w1, w2") and not w0.others_up()
+    for i in (1, 2):  # (each served once since the node started: the check below is the node's start)
+        open(started_path(run, i), "w").close()
     w0.mark_up()
+    assert w0.readiness() == (True, "1/3 workers up; down: w1, w2") and not w0.others_up()
     live = subprocess.Popen(["sleep", "30"])
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -196,3 +199,18 @@ def test_the_workers_check_names_the_workers_down_and_reads_the_same_on_every_wo
     finally:
         live.kill()
         live.wait()
+
+
+def test_the_workers_check_is_down_while_the_node_starts_until_every_worker_served_once(tmp_path) -> None:
+    """While the node starts, ``/ready`` is 503 until every worker has served once: a request the
+    node was said ready for could land on a worker still loading its store, whose "starting" apps
+    answer 503 (the churn test's HTTP publish got one in CI). A worker down after that (stopped,
+    killed, restarting) leaves the node ready, degraded."""
+    run = str(tmp_path)
+    w0, w1 = (WorkerContext(i, 2, run) for i in range(2))
+    w0.mark_up()
+    assert w0.readiness() == (False, "starting: w1")
+    w1.mark_up()
+    assert w0.readiness() == w1.readiness() == (True, "")
+    w1.mark_down()  # its stop began; the arbiter restarts it
+    assert w0.readiness() == (True, "1/2 workers up; down: w1")
