@@ -64,6 +64,7 @@ from fluxmq.broker.held import settled_nothing, wait_held
 from fluxmq.broker.message import (
     CONTENT_TYPE,
     CORRELATION_DATA,
+    MAX_INTERVAL,
     MESSAGE_EXPIRY_INTERVAL,
     PAYLOAD_FORMAT_INDICATOR,
     RESPONSE_TOPIC,
@@ -81,7 +82,6 @@ HTTP_CLIENT_ID = "http-bridge"  # the client id HTTP publishes and retained read
 _CHALLENGE = {"WWW-Authenticate": 'Basic realm="fluxmq", charset="UTF-8"'}
 ENCODINGS = ("utf8", "base64")
 PUBLISH_FIELDS = frozenset({"topic", "payload", "payload_encoding", "qos", "retain", "properties"})
-MAX_EXPIRY = 0xFFFFFFFF
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 RETRY_AFTER_SECONDS = 5  # what a 429 for a stream over its bound suggests
@@ -315,8 +315,10 @@ def parse_properties(broker: Broker, props: object, encoding: str) -> dict[int, 
                 raise HTTPError(400, "properties.payload_format_indicator must be 0 or 1")
             out[PAYLOAD_FORMAT_INDICATOR] = value
         elif name == "message_expiry_interval":
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EXPIRY:
-                raise HTTPError(400, "properties.message_expiry_interval must be an integer 0..4294967295")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INTERVAL:
+                raise HTTPError(
+                    400, f"properties.message_expiry_interval must be an integer 0..{MAX_INTERVAL}"
+                )
             out[MESSAGE_EXPIRY_INTERVAL] = value
         elif name == "content_type":
             if not is_text(value):
