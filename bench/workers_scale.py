@@ -1,11 +1,12 @@
 """``server.workers``: deliveries per second and broker CPU per delivery, 1 worker against N (issue 16).
 
 For each worker count a fresh ``fluxmq-node`` (memory storage, ``bench.brokers.FluxmqNode``), then
-``mqttload`` (``shared/tools/mqttload.c``) fan-out 1 -> 100 and fan-in 100 -> 1 (QoS 0, 64-byte
+``mqttload`` (``shared/tools/mqttload.c``) fan-out 1 -> 100 and fan-in 100 -> 1 (QoS 0, or 1 with ``--qos 1``; 64-byte
 payloads), each ``--runs`` times. Besides the generator's rate it reads the CPU time of every
 process of the node (arbiter and workers, ``/proc/<pid>/task/*/schedstat``, in ns) around each run: CPU us per
 delivery show what the cross-worker path costs whatever the other load on a shared machine, and
-``rate x cpu/delivery`` how many cores the node used.
+``rate x cpu/delivery`` how many cores the node used; the generator's CPU share (its CPU seconds over
+the run's wall time: 1.00 = one core) says how much of the machine was left to the node.
 
 Usage::
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -160,10 +162,12 @@ def perf_stop(procs: list[subprocess.Popen], pids: list[int], out: str) -> dict[
 
 
 def run_once(
-    mqttload: str, port: int, mode: str, window: int, gen_cpus: str, count: int = 0
+    mqttload: str, port: int, mode: str, window: int, gen_cpus: str, count: int = 0, qos: int = 0
 ) -> dict[str, str]:
+    """One mqttload run: its RESULT line's fields, plus ``gen_share``: the generator's CPU seconds
+    (user + system, from the kernel's account of the waited child) over the run's wall time."""
     pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
-    load = list(MODES[mode])
+    load = [*MODES[mode], "--qos", str(qos)]
     if count:
         load[load.index("--count") + 1] = str(count)
         load[load.index("--duration") + 1] = "30"
@@ -180,9 +184,14 @@ def run_once(
         "--timeout",
         "60",
     ]
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=90).stdout
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - start
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), "RESULT error=no_result")
-    return dict(kv.partition("=")[::2] for kv in line.split()[1:])
+    result = dict(kv.partition("=")[::2] for kv in line.split()[1:])
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    result["gen_share"] = f"{cpu / wall:.3f}" if wall > 0 else "0"
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-cpus", default="0")
     p.add_argument("--set", action="append", default=[], help="extra --set for the node")
     p.add_argument("--count", type=int, default=0, help="messages per run (default: the mode's)")
+    p.add_argument("--qos", type=int, choices=(0, 1), default=0, help="mqttload's --qos (default 0)")
     p.add_argument(
         "--marginal",
         type=int,
@@ -219,16 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     print(
-        "| workers | scenario | deliveries/s (runs) | median | broker CPU us/delivery (median) | cores used | load avg |"
+        "| workers | scenario | deliveries/s (runs) | median | broker CPU us/delivery (median) | cores used "
+        "| generator CPU share (median) | load avg |"
     )
-    print("|---:|---|---|---:|---:|---:|---|")
+    print("|---:|---|---|---:|---:|---:|---:|---|")
     for workers in [int(w) for w in args.workers.split(",")]:
         node = FluxmqNode(cpus=args.broker_cpus or None, sets=[f"server.workers={workers}", *args.set])
         node.start()
         try:
             time.sleep(1.0)  # every worker up
             for mode in args.modes.split(","):
-                rates, costs = [], []
+                rates, costs, shares = [], [], []
                 load = open("/proc/loadavg").read().split()[0]
                 for _ in range(args.runs):
                     pids = tree_pids(node.pid)
@@ -239,13 +250,22 @@ def main(argv: list[str] | None = None) -> int:
                     if args.marginal:
                         first = {p: proc_cpu(p)[0] for p in pids}
                         short = run_once(
-                            args.mqttload, node.port, mode, args.window, args.gen_cpus, args.marginal
+                            args.mqttload,
+                            node.port,
+                            mode,
+                            args.window,
+                            args.gen_cpus,
+                            args.marginal,
+                            args.qos,
                         )
                         fixed_cpu = sum(proc_cpu(p)[0] - first[p] for p in pids)
                         fixed_deliveries = int(short.get("deliveries", short.get("received", "0")) or 0)
                     before = {p: proc_cpu(p) for p in pids}
                     split0 = {p: user_sys(p) for p in pids}
-                    result = run_once(args.mqttload, node.port, mode, args.window, args.gen_cpus, args.count)
+                    result = run_once(
+                        args.mqttload, node.port, mode, args.window, args.gen_cpus, args.count, args.qos
+                    )
+                    shares.append(float(result["gen_share"]))
                     after = {p: proc_cpu(p) for p in pids}
                     split1 = {p: user_sys(p) for p in pids}
                     counts = perf_stop(perfs, pids[1:] or pids, out) if args.perf else {}
@@ -291,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 med_cost = statistics.median(costs) if costs else 0.0
                 print(
                     f"| {workers} | {mode} | {', '.join(f'{r:,.0f}' for r in rates)} | {med_rate:,.0f} | "
-                    f"{med_cost:.3f} | {med_rate * med_cost / 1e6:.2f} | {load} |",
+                    f"{med_cost:.3f} | {med_rate * med_cost / 1e6:.2f} | {statistics.median(shares):.2f} | {load} |",
                     flush=True,
                 )
         finally:
