@@ -158,7 +158,7 @@ class NetnsLab:
         self._do("link", "add", self.bridge, "type", "bridge", undo=("link", "del", self.bridge))
         self._do("addr", "add", f"{self.gateway}/{prefix}", "dev", self.bridge)
         self._do("link", "set", self.bridge, "up")
-        for i, (ns, veth) in enumerate(zip(self.names, self.veths)):
+        for i, (ns, veth) in enumerate(zip(self.names, self.veths, strict=True)):
             self._do("netns", "add", ns, undo=("netns", "del", ns))
             self._do(
                 "link",

@@ -235,7 +235,6 @@ def test_every_acknowledged_message_reaches_the_persistent_subscribers_across_a_
         lost = [k for k in expected if k not in g]
         doubled = [k for k, qos in expected.items() if qos == 2 and g[k] > 1]
         report[f"p{i}"] = (len(expected), len(lost), len(doubled), lost[:5], doubled[:5])
-    print("partition delivery", report)
     assert all(r[1] == 0 and r[2] == 0 for r in report.values()), report
     assert len(expected) > 100, report
     part.agree()
@@ -304,7 +303,6 @@ def test_a_session_of_the_cut_off_node_has_one_owner_and_one_connection_after_th
         return sum(live.values()) == 1
 
     assert wait_for(settle, 20, 0.5), (owner, accepted, live)
-    print("split brain, minority owner:", owner, "second accepted:", accepted, live)
     assert live[owner] is True, (owner, accepted, live)
     for conn in (on_cut, second):
         if conn is not None:
