@@ -10,9 +10,10 @@ names carry the creating pid: a lab whose process died (kill -9) is removed by t
 
 A process runs in node ``i``'s namespace with ``lab.wrap(i, argv)`` (``ip netns exec``), binding
 its listeners to ``lab.addr(i)`` (each namespace has its own ports, so a node's ports are fixed).
-``partition(i)`` adds, in ``i``'s namespace, a blackhole route for each peer's address and, in each
-peer's namespace, one for ``i``'s (packets silently dropped both ways, as by a cut cable; the root
-namespace still reaches every node); ``heal(i)`` deletes them.
+``partition(i)`` adds, in ``i``'s namespace, a blackhole route for each peer's address (and for the
+root namespace's ``service`` address) and, in each peer's namespace, one for ``i``'s (packets
+dropped both ways, as by a cut cable; the clients in the root namespace still reach every node);
+``heal(i)`` deletes them.
 
 Needs root (CAP_NET_ADMIN) and iproute2's ``ip`` (scripts/env.sh installs it when missing);
 ``unavailable()`` says why a lab cannot be made, for a test's skip.
@@ -120,6 +121,13 @@ class NetnsLab:
         """The root namespace's address on the bridge (what the nodes see the test process as)."""
         return str(self.network[254])
 
+    @property
+    def service(self) -> str:
+        """A second root-namespace address on the bridge, for a shared service the nodes use (an
+        external etcd: bench/chaos.py): a partitioned node loses it with its peers, while the
+        clients, reaching it from ``gateway``, keep their connections."""
+        return str(self.network[253])
+
     def wrap(self, i: int, argv: list[str]) -> list[str]:
         """``argv`` run in node ``i``'s namespace."""
         return ["ip", "netns", "exec", self.names[i], *argv]
@@ -157,6 +165,7 @@ class NetnsLab:
         prefix = self.network.prefixlen
         self._do("link", "add", self.bridge, "type", "bridge", undo=("link", "del", self.bridge))
         self._do("addr", "add", f"{self.gateway}/{prefix}", "dev", self.bridge)
+        self._do("addr", "add", f"{self.service}/{prefix}", "dev", self.bridge)  # secondary: not a source
         self._do("link", "set", self.bridge, "up")
         for i, (ns, veth) in enumerate(zip(self.names, self.veths, strict=True)):
             self._do("netns", "add", ns, undo=("netns", "del", ns))
@@ -179,6 +188,7 @@ class NetnsLab:
             self._do("-n", ns, "link", "set", "lo", "up")
 
     def _routes(self, i: int, verb: str) -> None:
+        _ip("-n", self.names[i], "route", verb, "blackhole", f"{self.service}/32", check=verb == "add")
         for j in range(self.size):
             if j != i:
                 _ip(
