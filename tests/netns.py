@@ -55,13 +55,12 @@ def unavailable() -> str | None:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed test process nobody reaped yet)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def clean_stale() -> None:

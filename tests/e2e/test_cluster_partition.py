@@ -357,3 +357,58 @@ def peer_metric(node: RunningNode, name: str, peer: str) -> float:
         text = resp.read().decode()
     found = re.search(rf'^fluxmq_cluster_peer_{name}(?:_total)?\{{peer="{peer}"\}} (\S+)$', text, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+def test_wills_and_retained_messages_across_a_partition(part) -> None:
+    """A client with a will stays connected to p2 while p2 is cut off: the majority takes p2 for dead
+    and its leader publishes the will there (to the majority the client is gone); p2's own
+    subscriber gets that publication after the heal, and the client's later drop publishes it
+    nowhere again: each subscriber gets it once (once cluster-wide, docs/cluster.rst). Retained messages set on either
+    side during the partition reach every node after the heal, and all three agree."""
+    will_topic, r_minor, r_major = unique("part/will"), unique("part/rmin"), unique("part/rmaj")
+    watch0 = paho5(part.nodes[0], unique("w0"))
+    watch2 = paho5(part.nodes[CUT], unique("w2"))
+    for w in (watch0, watch2):
+        assert w.subscribe(will_topic, 1)[0].value == 1
+    cid = unique("willer")
+    willer = raw5(
+        part.nodes[CUT], cid, will=c.Will(will_topic, b"gone", 1), properties={c.SESSION_EXPIRY_INTERVAL: 300}
+    )
+    assert wait_for(
+        lambda: etcd_get(f"http://{part.lab.addr(0)}:2379", f"{PREFIX}wills/{cid}") is not None, 10
+    )
+    pub0 = paho5(part.nodes[0], unique("rp0"))
+    pub2 = paho5(part.nodes[CUT], unique("rp2"))
+    try:
+        part.cut(CUT)
+        pub2.publish(r_minor, b"set on the minority", 1, retain=True)
+        pub0.publish(r_major, b"set on the majority", 1, retain=True)
+        assert watch0.get(6 * LEASE_TTL).payload == b"gone"  # the leader's, for a node it takes for dead
+        part.heal(CUT)
+    finally:
+        part.lab.heal(CUT)
+    willer.send(c.Pingreq())  # the client is still connected on p2
+    willer.wait_for(lambda p: isinstance(p, c.Pingresp), 5)
+    willer.close()  # no DISCONNECT: a will would go now, but it went already
+    # p2's subscriber gets the leader's publication once, through p0's link queue after the heal
+    assert watch2.get(20).payload == b"gone"
+    time.sleep(2)
+    assert watch0.messages.empty() and watch2.messages.empty(), (
+        [watch0.messages.get().payload for _ in range(watch0.messages.qsize())],
+        [watch2.messages.get().payload for _ in range(watch2.messages.qsize())],
+    )
+
+    def retained(i: int, topic: str) -> bytes | None:
+        with paho5(part.nodes[i], unique("rr")) as r:
+            r.subscribe(topic, 0)
+            try:
+                return r.get(2).payload
+            except AssertionError:
+                return None
+
+    for i in range(3):
+        assert wait_for(lambda i=i: retained(i, r_minor) == b"set on the minority", 20), i
+        assert retained(i, r_major) == b"set on the majority", i
+    for client in (watch0, watch2, pub0, pub2):
+        client.disconnect()
+    part.agree()
