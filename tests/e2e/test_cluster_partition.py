@@ -27,6 +27,7 @@ from fluxmq._core import codec as c
 from tests import netns
 from tests.conftest import NodeFactory, RunningNode
 from tests.e2e.mqtt5raw import Raw5, paho5, raw5, unique
+from tests.e2e.test_cluster_etcd import wait_for
 from tests.etcd import etcd_get
 
 pytestmark = pytest.mark.e2e
@@ -36,15 +37,6 @@ MAX_QUEUED = 10000  # cluster.transport.max_queued_messages of every node
 PER_PUBLISHER = 1500  # numbered messages at most per publisher (6 publishers: within MAX_QUEUED per link)
 PREFIX = "/part/"
 CUT = 2  # the node the tests cut off
-
-
-def wait_for(predicate, timeout: float = 30.0, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 class PartitionedCluster:
