@@ -27,7 +27,7 @@ arbiter restarts it; nodes of several workers only), ``worker-term`` (SIGTERM to
 its graceful stop, the arbiter restarts it; the same nodes; it explains no loss: docs/reliability.rst,
 "stopped alone"), ``node-kill`` (kill -9 of the whole process tree, restart on
 its data dir), ``node-term`` (SIGTERM, wait, restart), ``stop-cont`` (SIGSTOP of the tree for 2-4 s,
-then SIGCONT), ``partition`` (cluster: the node cut off from its peers and from etcd for 1.2-1.8
+then SIGCONT), ``partition`` (cluster: the node cut off from its peers and from etcd for 1.5-2
 lease TTLs, its clients still connected, then healed; docs/cluster.rst, "Partitions"). Each fault
 waits until the node answers ``/ready`` again before the next interval (a partition: every node).
 Only the processes this tool started are signalled, by PID.
@@ -96,7 +96,7 @@ CLAIM_WAIT = 15.0
 FAULTS = {"workers": ("worker-kill", "worker-term", "node-kill", "node-term", "stop-cont"),
           "cluster": ("node-kill", "node-term", "stop-cont", "partition")}  # fmt: skip
 #: a partition lasts this many lease TTLs (cluster.etcd.lease_ttl: 10 s by default), at random
-PARTITION_TTLS = (1.2, 1.8)
+PARTITION_TTLS = (1.5, 2.0)
 LEASE_TTL = 10.0
 #: the address a node's port is reached at (its namespace's address with a partition fault)
 HOSTS: dict[int, str] = {}
