@@ -11,9 +11,10 @@ names carry the creating pid: a lab whose process died (kill -9) is removed by t
 A process runs in node ``i``'s namespace with ``lab.wrap(i, argv)`` (``ip netns exec``), binding
 its listeners to ``lab.addr(i)`` (each namespace has its own ports, so a node's ports are fixed).
 ``partition(i)`` adds, in ``i``'s namespace, a blackhole route for each peer's address (and for the
-root namespace's ``service`` address) and, in each peer's namespace, one for ``i``'s (packets
-dropped both ways, as by a cut cable; the clients in the root namespace still reach every node);
-``heal(i)`` deletes them.
+root namespace's ``service`` address), in each peer's namespace one for ``i``'s, and in the root
+namespace a blackhole rule for packets from ``service`` to ``i`` (dropped both ways, as by a cut
+cable; the clients in the root namespace, from ``gateway``, still reach every node); ``heal(i)``
+deletes them.
 
 Needs root (CAP_NET_ADMIN) and iproute2's ``ip`` (scripts/env.sh installs it when missing);
 ``unavailable()`` says why a lab cannot be made, for a test's skip.
@@ -79,6 +80,16 @@ def clean_stale() -> None:
             _ip("link", "del", name, check=False)
 
 
+def _clean_stale_rules() -> None:
+    """Remove the root namespace's blackhole rules of labs gone (their service address is on no
+    interface any more): a lab later given that subnet must not inherit them."""
+    addresses = set(re.findall(r"inet (\S+)/", _ip("-4", "-o", "addr", "show", check=False).stdout))
+    for line in _ip("-4", "rule", "show", check=False).stdout.splitlines():
+        m = re.search(r"from (10\.\S+) to (10\.\S+) blackhole", line)
+        if m and m.group(1).split("/")[0] not in addresses:
+            _ip("rule", "del", "from", m.group(1), "to", m.group(2), "blackhole", check=False)
+
+
 def _used_networks() -> list[ipaddress.IPv4Network]:
     nets = []
     for line in _ip("-4", "-o", "addr", "show", check=False).stdout.splitlines():
@@ -138,6 +149,7 @@ class NetnsLab:
             with open(LOCK, "a+") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # two labs never pick one subnet
                 clean_stale()
+                _clean_stale_rules()
                 self.network = self._free_network()
                 self._build()
         except BaseException:
@@ -187,6 +199,18 @@ class NetnsLab:
             self._do("-n", ns, "link", "set", "lo", "up")
 
     def _routes(self, i: int, verb: str) -> None:
+        # the service's side: what the root namespace sends from the service address to node i is
+        # dropped (a rule, not a route: the clients, from the gateway address, still reach it)
+        _ip(
+            "rule",
+            verb,
+            "from",
+            f"{self.service}/32",
+            "to",
+            f"{self.addr(i)}/32",
+            "blackhole",
+            check=verb == "add",
+        )
         _ip("-n", self.names[i], "route", verb, "blackhole", f"{self.service}/32", check=verb == "add")
         for j in range(self.size):
             if j != i:
@@ -211,6 +235,8 @@ class NetnsLab:
 
     def close(self) -> None:
         """Remove everything this lab made (idempotent; errors ignored: a part may be gone)."""
+        for i in list(self.cut):
+            self.heal(i)  # the root namespace's rules
         while self._made:
             _ip(*self._made.pop(), check=False)
         self.cut.clear()
