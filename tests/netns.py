@@ -86,7 +86,7 @@ def _clean_stale_rules() -> None:
     addresses = set(re.findall(r"inet (\S+)/", _ip("-4", "-o", "addr", "show", check=False).stdout))
     for line in _ip("-4", "rule", "show", check=False).stdout.splitlines():
         m = re.search(r"from (10\.\S+) to (10\.\S+) blackhole", line)
-        if m and m.group(1).split("/")[0] not in addresses:
+        if m and m.group(1).split("/")[0].endswith(".253") and m.group(1).split("/")[0] not in addresses:
             _ip("rule", "del", "from", m.group(1), "to", m.group(2), "blackhole", check=False)
 
 
