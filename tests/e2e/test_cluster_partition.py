@@ -392,6 +392,16 @@ def test_the_cut_off_node_serves_its_clients_and_bounds_its_queues_to_peers(part
     part.agree()
 
 
+def retained(node: RunningNode, topic: str) -> bytes | None:
+    """The retained message of ``topic`` on ``node`` (None: none within 1 s)."""
+    with paho5(node, unique("rr")) as r:
+        r.subscribe(topic, 0)
+        try:
+            return r.get(1).payload
+        except AssertionError:
+            return None
+
+
 def peer_metric(node: RunningNode, name: str, peer: str) -> float:
     """``fluxmq_cluster_peer_{name}{peer}`` of ``node`` (0 when absent)."""
     with urllib.request.urlopen(f"http://{node.host}:{node.health_port}/metrics", timeout=5) as resp:
@@ -439,17 +449,9 @@ def test_wills_and_retained_messages_across_a_partition(part) -> None:
         [watch2.messages.get().payload for _ in range(watch2.messages.qsize())],
     )
 
-    def retained(i: int, topic: str) -> bytes | None:
-        with paho5(part.nodes[i], unique("rr")) as r:
-            r.subscribe(topic, 0)
-            try:
-                return r.get(2).payload
-            except AssertionError:
-                return None
-
-    for i in range(3):
-        assert wait_for(lambda i=i: retained(i, r_minor) == b"set on the minority", 20), i
-        assert retained(i, r_major) == b"set on the majority", i
+    for node in part.nodes:
+        assert wait_for(lambda node=node: retained(node, r_minor) == b"set on the minority", 20), node
+        assert retained(node, r_major) == b"set on the majority", node
     for client in (watch0, watch2, pub0, pub2):
         client.disconnect()
     part.agree()
@@ -464,18 +466,11 @@ def test_a_node_cut_off_from_etcd_follows_it_again_as_soon_as_it_answers(part_ex
     that long (bench/chaos.py's partition fault found it)."""
     part = part_external
     topic = unique("part/rext")
-
-    def retained(i: int) -> bytes | None:
-        with paho5(part.nodes[i], unique("rr")) as r:
-            r.subscribe(topic, 0)
-            try:
-                return r.get(1).payload
-            except AssertionError:
-                return None
+    cut = part.nodes[CUT]
 
     with paho5(part.nodes[0], unique("rp")) as pub:
         pub.publish(topic, b"before", 1, retain=True)
-        assert wait_for(lambda: retained(CUT) == b"before", 10)
+        assert wait_for(lambda: retained(cut, topic) == b"before", 10)
         try:
             part.lab.partition(CUT)
             cut_at = time.monotonic()
@@ -489,4 +484,4 @@ def test_a_node_cut_off_from_etcd_follows_it_again_as_soon_as_it_answers(part_ex
         finally:
             part.lab.heal(CUT)
         assert wait_for(lambda: part.nodes[CUT].http_get("/ready")[0] == 200, 10)
-        assert wait_for(lambda: retained(CUT) == b"during", 5), retained(CUT)
+        assert wait_for(lambda: retained(cut, topic) == b"during", 5), retained(cut, topic)
