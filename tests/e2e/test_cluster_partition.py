@@ -311,9 +311,10 @@ def test_a_client_id_owned_on_the_majority_is_refused_on_the_cut_off_node(part) 
 
 def test_a_session_of_the_cut_off_node_has_one_owner_and_one_connection_after_the_heal(part) -> None:
     """Split brain, the majority side: a client of p2 keeps its connection while p2 is cut off; its
-    lease gone, the majority may take the id: the client's second connection, to p0, is accepted or
-    refused. After the heal the id is owned once, by the node the registry names, and only the
-    connection on that node is still open (the other one was closed)."""
+    lease gone, its owner key went with it, and the client's second connection, to p0, claims the id
+    there and starts afresh (session present 0: p2 cannot be asked). After the heal the id is owned
+    once, by the node the registry names, and only the connection on that node is still open (p2
+    closed its own when it found the id owned elsewhere)."""
     cid = unique("sb-minor")
     props = {c.SESSION_EXPIRY_INTERVAL: 300}
     on_cut = raw5(part.nodes[CUT], cid, properties=props)
@@ -324,6 +325,7 @@ def test_a_session_of_the_cut_off_node_has_one_owner_and_one_connection_after_th
         second = Raw5(part.nodes[0])
         connack = second.connect(cid, clean_start=False, properties=props)
         accepted = isinstance(connack, c.Connack) and connack.reason_code == 0
+        assert accepted and not connack.session_present, connack
         part.heal(CUT)
     finally:
         part.lab.heal(CUT)
