@@ -253,10 +253,15 @@ class FluxmqNode(BrokerProcess):
 
     def __init__(self, cpus: str | None = None, workdir: str | None = None, max_queued: int = 1_000_000,
                  max_inflight: int = 100, max_connections: int = 60000, sets: list[str] | None = None,
-                 python: str | None = None) -> None:  # fmt: skip
+                 python: str | None = None, host: str = "127.0.0.1",
+                 prefix: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """``host``: the address its listeners bind (and are reached at); ``prefix``: a command that
+        execs the node (``ip netns exec NS``: bench/chaos.py's partition fault)."""
         super().__init__(cpus, workdir)
         self.health_port = free_port()
         self.python = python
+        self.host = host
+        self.prefix = tuple(prefix)
         self.sets = list(sets or [])
         self.config = self.workdir / "fluxmq.yaml"
         self.config.write_text(
@@ -264,9 +269,9 @@ class FluxmqNode(BrokerProcess):
             "server:\n"
             "  tcp:\n"
             "    plain:\n"
-            f'      addr: "127.0.0.1:{self.port}"\n'
+            f'      addr: "{host}:{self.port}"\n'
             f"      max_connections: {max_connections}\n"
-            f'  health_addr: "127.0.0.1:{self.health_port}"\n'
+            f'  health_addr: "{host}:{self.health_port}"\n'
             "broker:\n"
             f"  max_inflight: {max_inflight}\n"
             f"  max_queued_messages: {max_queued}\n"
@@ -297,7 +302,7 @@ class FluxmqNode(BrokerProcess):
 
     def command(self) -> list[str]:
         """``fluxmq-node --config <yaml> --set ...`` (other listeners off)."""
-        cmd = fluxmq_node_command(self.python) + ["--config", str(self.config)]
+        cmd = [*self.prefix, *fluxmq_node_command(self.python), "--config", str(self.config)]
         for k in other_listener_keys(self.python):
             cmd += ["--set", f"{k}="]
         for kv in self.sets:
@@ -311,12 +316,12 @@ class FluxmqNode(BrokerProcess):
     def ready(self) -> bool:
         """GET /ready on the health port returns 200 (and the MQTT port accepts)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/ready", timeout=1) as r:
+            with urllib.request.urlopen(f"http://{self.host}:{self.health_port}/ready", timeout=1) as r:
                 if r.status != 200:
                     return False
         except (OSError, urllib.error.URLError):
             return False
-        return port_open(self.port)
+        return port_open(self.port, self.host)
 
     def version(self) -> str:
         """The fluxmq package version."""

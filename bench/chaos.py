@@ -27,8 +27,16 @@ arbiter restarts it; nodes of several workers only), ``worker-term`` (SIGTERM to
 its graceful stop, the arbiter restarts it; the same nodes; it explains no loss: docs/reliability.rst,
 "stopped alone"), ``node-kill`` (kill -9 of the whole process tree, restart on
 its data dir), ``node-term`` (SIGTERM, wait, restart), ``stop-cont`` (SIGSTOP of the tree for 2-4 s,
-then SIGCONT). Each fault waits until the node answers ``/ready`` again before the next interval.
+then SIGCONT), ``partition`` (cluster: the node cut off from its peers and from etcd for 1.5-2
+lease TTLs, its clients still connected, then healed; docs/cluster.rst, "Partitions"). Each fault
+waits until the node answers ``/ready`` again before the next interval (a partition: every node).
 Only the processes this tool started are signalled, by PID.
+
+With ``partition`` among the faults (the default for ``--setup cluster``) each node runs in a network
+namespace of its own (``tests/netns.py``: made and removed by this tool; needs root, else the fault
+is skipped with one line), bound to its address there, and the etcd in the root namespace on the
+lab's ``service`` address, which the cut-off node loses with its peers; the clients connect from
+the root namespace and are never cut off.
 
 At the end (publishers stopped, everything up, subscribers drained until nothing new arrives): per
 subscriber, every acknowledged message arrived (QoS 1 at least once, QoS 2 exactly once), first
@@ -86,7 +94,12 @@ ACK_TIMEOUT = 10.0  # a publisher waiting longer for its ack drops the connectio
 # a CONNACK may wait for a killed worker's restart (fluxmq.cluster.workers.RESTART_WAIT, 10 s)
 CLAIM_WAIT = 15.0
 FAULTS = {"workers": ("worker-kill", "worker-term", "node-kill", "node-term", "stop-cont"),
-          "cluster": ("node-kill", "node-term", "stop-cont")}  # fmt: skip
+          "cluster": ("node-kill", "node-term", "stop-cont", "partition")}  # fmt: skip
+#: a partition lasts this many lease TTLs (cluster.etcd.lease_ttl: 10 s by default), at random
+PARTITION_TTLS = (1.5, 2.0)
+LEASE_TTL = 10.0
+#: the address a node's port is reached at (its namespace's address with a partition fault)
+HOSTS: dict[int, str] = {}
 #: the faults of one worker of a node (its node goes on): offered on nodes of several workers
 WORKER_FAULTS = frozenset({"worker-kill", "worker-term"})
 
@@ -107,12 +120,17 @@ def say(msg: str) -> None:
 class Node:
     """One fluxmq-node on its own data dir; restarted on the same ports and data."""
 
-    def __init__(self, name: str, workdir: Path, sets: list[str]) -> None:
+    def __init__(self, name: str, workdir: Path, sets: list[str], host: str = "127.0.0.1",
+                 prefix: tuple[str, ...] = ()) -> None:  # fmt: skip
         workdir.mkdir(parents=True)
         self.name = name
-        self.node = FluxmqNode(workdir=str(workdir), max_inflight=100, sets=sets)
+        self.node = FluxmqNode(workdir=str(workdir), max_inflight=100, sets=sets, host=host, prefix=prefix)
         self.port = self.node.port
+        HOSTS[self.port] = host
         self.starts = 0
+        self.lab = None  # the NetnsLab the node runs in (partition fault), its index there
+        self.index = 0
+        self.cluster = [self]  # every node of the run (a partition waits for all of them)
 
     def start(self) -> None:
         self.starts += 1
@@ -165,7 +183,9 @@ class Node:
     def workers_up(self) -> bool:
         """``/ready``'s ``workers`` check names no worker down."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.node.health_port}/ready", timeout=1) as r:
+            with urllib.request.urlopen(
+                f"http://{self.node.host}:{self.node.health_port}/ready", timeout=1
+            ) as r:
                 body = json.loads(r.read())
         except (OSError, ValueError):
             return False
@@ -179,7 +199,7 @@ class Conn(OneConnection):
     """One MQTT 5.0 connection whose reads give up after 1 s (``recv`` returns None then)."""
 
     def __init__(self, port: int) -> None:
-        super().__init__(port)
+        super().__init__(port, HOSTS.get(port, "127.0.0.1"))
         self.sock.settimeout(1.0)
 
     def recv(self):
@@ -432,17 +452,20 @@ class Fault:
     where: dict[str, str] = field(default_factory=dict)
 
 
-def node_sets(setup: str, name: str, endpoint: str | None, log_level: str, workers: int = 1) -> list[str]:
+def node_sets(setup: str, name: str, endpoint: str | None, log_level: str, workers: int = 1,
+              host: str = "127.0.0.1") -> list[str]:  # fmt: skip
     queues = json.dumps([{"name": QUEUE, "max_inflight": 100}])
     sets = ["storage.type=lmdb", "storage.sync=batch", f"queues={queues}", "broker.sys_interval=1",
             f"log.level={log_level}"]  # fmt: skip
     if workers > 1:
         sets.append(f"server.workers={workers}")
+    if host != "127.0.0.1":
+        sets.append("auth.allow_anonymous=true")  # a network listener (a namespace's address)
     if setup == "cluster":
         sets += [
             "cluster.enabled=true",
             f"cluster.node_id={name}",
-            f"cluster.transport.bind_addr=127.0.0.1:{free_ports(workers)}",  # worker i: port + i
+            f"cluster.transport.bind_addr={host}:{free_ports(workers)}",  # worker i: port + i
             f"cluster.etcd.endpoints={endpoint}",
             "cluster.etcd.prefix=/chaos/",
         ]
@@ -538,6 +561,21 @@ def inject(kind: str, node: Node, rng: random.Random, workers: int | None, f: Fa
     elif kind == "node-term":
         node.node.stop(timeout=60)
         node.start()
+    elif kind == "partition":
+        hold = rng.uniform(*PARTITION_TTLS) * LEASE_TTL
+        node.lab.partition(node.index)
+        f.killed = now()
+        lost = None  # when the cut-off node's /ready went 503 (its lease lost)
+        try:
+            while now() - f.killed < hold:
+                if lost is None and not node.node.ready():
+                    lost = now() - f.killed
+                time.sleep(0.2)
+        finally:
+            node.lab.heal(node.index)
+        for other in node.cluster:
+            other.wait_ready(workers)
+        return f"cut off {hold:.1f} s, " + (f"lease lost after {lost:.1f} s" if lost else "still ready")
     elif kind == "stop-cont":
         pause = rng.uniform(2.0, 4.0)
         node.signal_tree(signal.SIGSTOP)
@@ -745,6 +783,18 @@ def run(args: argparse.Namespace) -> int:
     say(
         f"setup {args.setup}, seed {seed}, rounds {args.rounds}, load {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}"
     )
+    lab = None
+    if "partition" in args.faults:
+        from tests import netns  # noqa: PLC0415
+
+        reason = netns.unavailable()
+        if reason:
+            say(f"partition fault skipped: {reason}")
+            args.faults = [f for f in args.faults if f != "partition"]
+            if not args.faults:
+                return 0
+        else:
+            lab = netns.NetnsLab(3)
     work = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
     etcd = endpoint = None
     nodes: list[Node] = []
@@ -753,14 +803,19 @@ def run(args: argparse.Namespace) -> int:
     faults: list[Fault] = []
     clients: list[Client] = []
     try:
+        if lab is not None:
+            lab.start()
+            say(f"partition: nodes in namespaces {', '.join(lab.names)} on {lab.network}")
         if args.setup == "cluster":
             from bench.cluster_cross import start_etcd, wait_peers  # noqa: PLC0415
 
-            etcd, endpoint = start_etcd(work)
+            etcd, endpoint = start_etcd(work, lab.service if lab else "127.0.0.1")
         names = ["n0"] if args.setup == "workers" else ["n0", "n1", "n2"]
-        for name in names:
-            sets = node_sets(args.setup, name, endpoint, args.log_level, args.workers)
-            nodes.append(Node(name, work / name, sets))
+        for i, name in enumerate(names):
+            host = lab.addr(i) if lab else "127.0.0.1"
+            sets = node_sets(args.setup, name, endpoint, args.log_level, args.workers, host)
+            nodes.append(Node(name, work / name, sets, host, tuple(lab.wrap(i, [])) if lab else ()))
+            nodes[-1].lab, nodes[-1].index, nodes[-1].cluster = lab, i, nodes
         for node in nodes:  # n0 first: it owns the queue
             node.start()
             if workers:
@@ -811,6 +866,8 @@ def run(args: argparse.Namespace) -> int:
         if etcd is not None:
             etcd.kill()
             etcd.wait(10)
+        if lab is not None:
+            lab.close()
         if args.keep:
             say(f"kept {work}")
         else:

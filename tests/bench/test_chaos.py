@@ -31,7 +31,12 @@ def test_a_worker_stopped_alone_on_a_two_worker_node_loses_and_doubles_nothing(c
 
 
 def test_the_faults_are_those_of_the_set_up() -> None:
-    assert chaos.parse_args(["--setup", "cluster"]).faults == ["node-kill", "node-term", "stop-cont"]
+    assert chaos.parse_args(["--setup", "cluster"]).faults == [
+        "node-kill",
+        "node-term",
+        "stop-cont",
+        "partition",
+    ]
     assert chaos.parse_args(["--faults", "stop-cont"]).faults == ["stop-cont"]
     with pytest.raises(SystemExit):
         chaos.parse_args(["--setup", "cluster", "--faults", "worker-kill"])

@@ -12,6 +12,10 @@ etcd3gw speaks HTTP through ``requests``. Two things in it would block or escape
   with one range read (delivered as a diff) when the revision was compacted.
 
 Lease keep-alive is a plain unary ``/v3/lease/keepalive`` call from a greenlet (``membership``).
+When it succeeds after failing (etcd was unreachable: a partition, etcd restarted), every watch of
+the client opens a new stream (``EtcdClient.rewatch``): its old one may sit on a TCP connection
+that went silent during the cut and would deliver nothing until TCP's next retransmission or the
+30 s read timeout, long after etcd answered again.
 
 Every failure reaches callers as ``fluxmq.errors.ClusterError`` with one line naming the endpoint and
 the cause; connection errors are retried on the next endpoint until the request timeout is spent.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -186,9 +191,18 @@ class EtcdClient:
         self._current = 0
         self.calls = 0
         self.retries = 0
+        self.mirrors: set[PrefixMirror] = set()  # the running watches on this client
 
     def close(self) -> None:
         self.session.close()
+
+    def rewatch(self) -> None:
+        """etcd answers again after failing: every watch opens a new stream (``PrefixMirror.rewatch``)."""
+        for mirror in list(self.mirrors):
+            try:
+                mirror.rewatch()
+            except Exception:  # the caller is the lease's keep-alive: it must go on
+                log.exception("watch_reopen_failed", extra={"watch": mirror.name})
 
     # -- transport ---------------------------------------------------------------------------------
     def post(self, path: str, body: dict, timeout: float | None = None) -> dict:
@@ -396,9 +410,29 @@ class PrefixMirror:
     def start(self) -> None:
         self._resync()
         self._greenlet = gevent.spawn(self._run)
+        self.client.mirrors.add(self)
+
+    def rewatch(self) -> None:
+        """Close the current stream: the greenlet opens a new one from the last revision it applied
+        (nothing is missed; a compacted revision reads the prefix again). For a stream that may
+        have gone silent with its connection (a partition): its reads would wait out TCP's
+        retransmission backoff or ``read_timeout``."""
+        response = self._response
+        if response is None or self._stopped:
+            return
+        # shut the socket down, not response.close(): the greenlet may be reading it (closing the
+        # reader under it raises "reentrant call"); its read ends (EOF) and it opens a new stream
+        sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already: the greenlet is opening a new stream anyway
+        log.info("watch_reopened", extra={"watch": self.name, "revision": self.revision})
 
     def stop(self) -> None:
         self._stopped = True
+        self.client.mirrors.discard(self)
         if self._greenlet is not None:  # GreenletExit in the read; _stream's finally closes the response
             self._greenlet.kill(block=True, timeout=5)
 

@@ -124,6 +124,12 @@ class EtcdMember:
             "periodic",
             "--auto-compaction-retention",
             "1h",
+            # A member cut off from the others (a partition) campaigns in vain, raising its term at
+            # every election timeout; without pre-vote it comes back with that term, deposes the
+            # majority's leader and stalls every request through the election it forces: the
+            # majority's nodes then lost their leases at the heal. With it, a member first asks
+            # whether it could win and raises no term while it cannot (etcd 3.5's default).
+            "--pre-vote",
         ]
         if s.tls_enabled:
             args += [

@@ -90,6 +90,8 @@ class NodeLease:
                 self._lost("etcd says the lease expired")
                 continue
             self.last_renewed = time.monotonic()
+            if self.error:  # etcd answers again: the watches' streams may be stale (client.py)
+                self.client.rewatch()
             self.error = ""
 
     def _regain(self) -> None:
@@ -99,6 +101,7 @@ class NodeLease:
             self.error = f"lease lost; etcd: {exc}"
             return
         log.warning("lease_regained", extra={"lease": self.id})
+        self.client.rewatch()
         if self.on_replaced is not None:
             try:
                 self.on_replaced(self.id)

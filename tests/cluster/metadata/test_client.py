@@ -74,3 +74,29 @@ def test_requests_retry_on_the_next_endpoint(etcd_server, etcd_prefix):
     client.put(etcd_prefix + "x", "1")
     assert client.get(etcd_prefix + "x")["value"] == b"1"
     assert client.retries == 1
+
+
+def test_rewatch_opens_a_new_stream_from_the_last_revision_and_misses_nothing(etcd_server, etcd_prefix):
+    """``EtcdClient.rewatch`` (etcd answers again after failing) ends each mirror's stream while its
+    greenlet reads it: the greenlet opens a new one from the revision it applied, and every change
+    made around it arrives once. Closing the response under the reading greenlet instead raised
+    "reentrant call" in the caller, the lease's keep-alive, and ended it."""
+    client = EtcdClient([etcd_server.endpoint])
+    seen = []
+    mirror = PrefixMirror(client, etcd_prefix, lambda key, kv, old: seen.append(kv and kv["value"]))
+    mirror.start()
+    try:
+        assert wait_for(lambda: mirror.connected)
+        client.put(f"{etcd_prefix}k", "0")
+        assert wait_for(lambda: seen == [b"0"])
+        streams = []
+        for i in range(1, 4):
+            streams.append(mirror._response)
+            client.rewatch()  # the greenlet is parked reading the stream
+            client.put(f"{etcd_prefix}k", str(i))
+            assert wait_for(lambda i=i: len(seen) == i + 1)
+        assert seen == [b"0", b"1", b"2", b"3"]
+        assert wait_for(lambda: mirror._response is not None and mirror._response not in streams)
+    finally:
+        mirror.stop()
+    assert mirror not in client.mirrors
