@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -33,7 +34,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def cluster(etcd_server, tmp_path_factory):
-    base = tmp_path_factory.mktemp("qcluster")
+    yield from queue_cluster(etcd_server, tmp_path_factory.mktemp("qcluster"), lambda cl: cl.start_all(1))
+
+
+def queue_cluster(etcd_server, base, start, extra=dict) -> Iterator[Cluster]:
+    """A module's Cluster of q1 and q2, CONFIGURED and CAPTURED in both configs (plus ``extra()``
+    each), the admin API on TOKEN; ``start(cluster)`` starts them; closed when the module is done."""
     factory = NodeFactory(base / "nodes")
     (base / "nodes").mkdir()
     cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["q1", "q2"])
@@ -41,8 +47,9 @@ def cluster(etcd_server, tmp_path_factory):
     for config in cl.configs.values():
         config["queues"] = [{"name": CONFIGURED}, {"name": CAPTURED, "topics": ["xcap/#"]}]
         config["server.admin.token_file"] = str(base / "admin-token")
+        config.update(extra())
     try:
-        cl.start_all(1)
+        start(cl)
         yield cl
     finally:
         factory.close()

@@ -9,21 +9,18 @@ clients land on whichever worker accepts them. Every wait is bounded.
 
 from __future__ import annotations
 
-import uuid
 from types import SimpleNamespace
 
 import pytest
 
 from fluxmq.queues.placement import owner_index
-from tests.conftest import HOST, NodeFactory
+from tests.conftest import HOST
 from tests.e2e.mqtt5raw import unique
 from tests.e2e.test_cluster_etcd import Cluster
 from tests.e2e.test_cluster_queues import (
-    CAPTURED,
-    CONFIGURED,
-    TOKEN,
     capture_follows_a_reassigned_queue,
     crosses,
+    queue_cluster,
     two_members_share,
 )
 from tests.e2e.test_cluster_workers import two_free_ports, two_nodes_of_two_workers, wait_for, whole
@@ -73,24 +70,19 @@ def test_two_members_of_one_group_on_two_nodes_share_the_messages(nodes, worker:
 def capturing(etcd_server, tmp_path_factory):
     """q1 and q2 of two workers each, configured as ``tests/e2e/test_cluster_queues.py``'s nodes
     (CAPTURED captures xcap/#): a Cluster (each node can be started again with its data)."""
-    base = tmp_path_factory.mktemp("cqcapture")
-    factory = NodeFactory(base / "nodes")
-    (base / "nodes").mkdir()
-    cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["q1", "q2"])
-    (base / "admin-token").write_text(TOKEN)
-    for config in cl.configs.values():
-        config["server.workers"] = 2
-        config["cluster.transport.bind_addr"] = f"{HOST}:{two_free_ports()}"
-        config["queues"] = [{"name": CONFIGURED}, {"name": CAPTURED, "topics": ["xcap/#"]}]
-        config["server.admin.token_file"] = str(base / "admin-token")
-    try:
+
+    def start(cl: Cluster) -> None:
         for name in cl.configs:
             cl.start(name)
         for node in cl.nodes.values():
             assert wait_for(lambda node=node: both_whole(node)), node.http_get("/cluster/status")
-        yield cl
-    finally:
-        factory.close()
+
+    yield from queue_cluster(
+        etcd_server,
+        tmp_path_factory.mktemp("cqcapture"),
+        start,
+        lambda: {"server.workers": 2, "cluster.transport.bind_addr": f"{HOST}:{two_free_ports()}"},
+    )
 
 
 def both_whole(node) -> bool:
