@@ -313,15 +313,20 @@ class ClusterNode:
         # Durable queues across nodes (fluxmq.cluster.queue_nodes): a node of one worker reaches
         # the queues of the others as the workers of one node do (a worker's WorkerNode has its own).
         self.queues = None
-        if self.plane is not None and worker is None:
-            from .queues import RemoteQueues
+        self._placed = None
+        if self.plane is not None:
+            if worker is None:  # (a worker's WorkerNode has its own, placed by its ``start``)
+                from .queues import RemoteQueues
 
-            node_id = self.node_id
-            self.queues = RemoteQueues(broker, self.transport, node_id, self.epoch, lambda _index: node_id)
-            # Its peers' batches wait until it knows which queues it owns (``start``): the capture of
-            # a configured queue it starts with would take what a peer kept for it while it was away
-            # (a killed node keeps its links), though another node owns the queue now and captured
-            # it already; that copy would move there with the stranded records, a second one.
+                node_id = self.node_id
+                self.queues = RemoteQueues(
+                    broker, self.transport, node_id, self.epoch, lambda _index: node_id
+                )
+            # Its peers' batches (other nodes', and its node's other workers') wait until it knows
+            # which queues it owns (``start``): the capture of a configured queue it starts with
+            # would take what a peer kept for it while it was away (a killed node or worker keeps
+            # its links), though another node owns the queue now and captured it already; that
+            # copy would move there with the stranded records, a second one.
             self._placed = Event()
             self._receive = self.transport.on_batch
             self.transport.on_batch = self._after_placement(self._receive)
@@ -342,10 +347,11 @@ class ClusterNode:
                 raise problems[0]
         return cls(settings, broker, config, announce, worker)
 
-    def start(self) -> None:
+    def start(self, place=None) -> None:
         """Transport, then etcd (membership, ownership of the restored sessions, wills held back by
-        the restore), then the peers go into the broker. ClusterError (one line) when etcd does not
-        answer or the node id is live already."""
+        the restore), then the durable queues are placed (``place(meta)`` on a worker: its
+        ``WorkerNode``'s; the peers' batches wait until then), then the peers go into the broker.
+        ClusterError (one line) when etcd does not answer or the node id is live already."""
         self.transport.start()
         plane = self.plane
         try:
@@ -358,7 +364,7 @@ class ClusterNode:
                 plane.start()
                 plane.meta.on_sessions_lost = self._sessions_lost
                 self._own_restored_sessions()
-                if self.queues is not None:
+                if self._placed is not None:
                     delay = float(os.environ.get(PLACE_QUEUES_DELAY_ENV) or 0)
                     if delay > 0:
                         log.warning(
@@ -366,7 +372,10 @@ class ClusterNode:
                             extra={"seconds": delay, "reason": f"{PLACE_QUEUES_DELAY_ENV} (tests only)"},
                         )
                         gevent.sleep(delay)
-                    self.place_queues(self.queues)
+                    if self.queues is not None:
+                        self.place_queues(self.queues)
+                    elif place is not None:
+                        place(plane.meta)
                     self._placed.set()
                     self.transport.on_batch = self._receive  # (the streams from now on: no wait)
                 self.broker.shared_wills = SharedWillsHook(plane.wills)
@@ -392,7 +401,7 @@ class ClusterNode:
                 plane.meta.on_members(self.topics.changed)
             self.topics.start()
         except BaseException:
-            if self.queues is not None:
+            if self._placed is not None:
                 self._placed.set()  # (the held streams end with the transport)
             self.broker.shared_wills = None
             if plane is not None:

@@ -318,12 +318,9 @@ class WorkerNode:
             # The cluster node: transport (gRPC and the node's Unix socket), etcd membership,
             # ownership of the restored sessions, peers into the broker. Retained messages and
             # wills go through etcd, so nothing of the workers' own retained sharing runs.
-            self.node.start()
-            if self.node.plane is not None:
-                # durable queues are owned by nodes (etcd), then by a worker of the owning node
-                from .queue_nodes import QueueNodes
-
-                self.queues.place_on_nodes(QueueNodes(self.node.plane.meta))
+            # Durable queues are owned by nodes (etcd), then by a worker of the owning node: placed
+            # before the node's peers' batches are applied (``ClusterNode.start``), as a node's.
+            self.node.start(place=self._place_on_nodes)
             stale: list[str] = []
         else:
             delay = float(os.environ.get(RESTART_DELAY_ENV) or 0)
@@ -359,6 +356,11 @@ class WorkerNode:
             "worker_joined",
             extra={"node_id": self.node_id, "workers": self.context.count, "restored_dropped": len(stale)},
         )
+
+    def _place_on_nodes(self, meta) -> None:
+        from .queue_nodes import QueueNodes
+
+        self.queues.place_on_nodes(QueueNodes(meta))
 
     def wait_interest(self) -> None:
         """Before the listeners accept: until the other workers' (and nodes') interest arrived

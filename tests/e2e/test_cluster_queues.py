@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -33,7 +34,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def cluster(etcd_server, tmp_path_factory):
-    base = tmp_path_factory.mktemp("qcluster")
+    yield from queue_cluster(etcd_server, tmp_path_factory.mktemp("qcluster"), lambda cl: cl.start_all(1))
+
+
+def queue_cluster(etcd_server, base, start, extra=dict) -> Iterator[Cluster]:
+    """A module's Cluster of q1 and q2, CONFIGURED and CAPTURED in both configs (plus ``extra()``
+    each), the admin API on TOKEN; ``start(cluster)`` starts them; closed when the module is done."""
     factory = NodeFactory(base / "nodes")
     (base / "nodes").mkdir()
     cl = Cluster(factory, base, etcd_server.endpoint, f"/t-{uuid.uuid4().hex[:8]}/", ["q1", "q2"])
@@ -41,8 +47,9 @@ def cluster(etcd_server, tmp_path_factory):
     for config in cl.configs.values():
         config["queues"] = [{"name": CONFIGURED}, {"name": CAPTURED, "topics": ["xcap/#"]}]
         config["server.admin.token_file"] = str(base / "admin-token")
+        config.update(extra())
     try:
-        cl.start_all(1)
+        start(cl)
         yield cl
     finally:
         factory.close()
@@ -356,6 +363,12 @@ def test_a_reassigned_queue_s_capture_runs_on_its_new_owner_at_once_and_once(clu
     (TEST-ONLY ``FLUXMQTEST_PLACE_QUEUES_DELAY``, a slow etcd) so that the link is back first. Before,
     q1 applied those batches at once, its capture (installed at start) stored them, and the
     stranded records brought them to q2 a second time (a loaded CI run, 1 in 3)."""
+    capture_follows_a_reassigned_queue(cluster, monkeypatch, lambda node: nominal(node, 1))
+
+
+def capture_follows_a_reassigned_queue(cluster, monkeypatch, settled) -> None:
+    """The test above on ``cluster`` (q1 and q2, CAPTURED configured on both, owned by q1);
+    ``settled(node)``: the node is back in the cluster with its peers."""
     from fluxmq.cluster.node import PLACE_QUEUES_DELAY_ENV
 
     assert cluster.value(f"queues/{CAPTURED}/owner") == "q1"
@@ -373,7 +386,7 @@ def test_a_reassigned_queue_s_capture_runs_on_its_new_owner_at_once_and_once(clu
         q1 = cluster.start("q1")  # its copy of the queue is stranded, its records move to q2
         monkeypatch.delenv(PLACE_QUEUES_DELAY_ENV)
         for node in (q1, q2):
-            assert wait_for(lambda node=node: nominal(node, 1)), node.http_get("/cluster/status")
+            assert wait_for(lambda node=node: settled(node)), node.http_get("/cluster/status")
         seen: list[bytes] = []
         assert wait_for(lambda: payloads_of(c, set(before), seen), WAIT), seen
         # q1 forwards xcap/# once it has heard of q2's interest: probes until one is captured

@@ -63,14 +63,14 @@ def owner(endpoint: str, prefix: str, client_id: str) -> str | None:
     return None if value is None else value.decode()
 
 
-def whole(node: RunningNode) -> bool:
-    """/cluster/status (from whichever worker answers) lists both nodes once, each reachable with
-    both its workers."""
+def whole(node: RunningNode, names=NODES) -> bool:
+    """/cluster/status (from whichever worker answers) lists both nodes (``names``) once, each
+    reachable with both its workers."""
     status, body = node.http_get("/cluster/status")
     members = body.get("members", [])
     return (
         status == 200
-        and sorted(m["node_id"] for m in members) == list(NODES)
+        and sorted(m["node_id"] for m in members) == sorted(names)
         and all(m["reachable"] and len(m.get("workers", [])) == 2 for m in members)
     )
 

@@ -69,22 +69,27 @@ def received(client: Raw5, want: set[bytes], timeout: float = 15.0) -> collectio
 
 
 class Publisher:
-    """Publishes ``during{i}`` on c2 one after the other, each acknowledged before the next, until
-    ``stop``: what the broker acknowledged is in ``acked``."""
+    """Publishes ``{tag}{i}`` on ``pub`` one after the other, each acknowledged before the next,
+    until ``stop`` (at most ``limit``): what the broker acknowledged is in ``acked``, what it
+    refused or never answered (not acknowledged) in ``failed``."""
 
-    def __init__(self, pub, topic: str, qos: int) -> None:
-        self.pub, self.topic, self.qos = pub, topic, qos
+    def __init__(self, pub, topic: str, qos: int, tag: str = "during", limit: int = MAX_DURING) -> None:
+        self.pub, self.topic, self.qos, self.tag, self.limit = pub, topic, qos, tag, limit
         self.acked: set[bytes] = set()
+        self.failed: list[tuple[bytes, str]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         i = 0
-        while not self._done.is_set() and i < MAX_DURING:
-            payload = f"during{i}".encode()
-            self.pub.publish(self.topic, payload, self.qos)
-            self.acked.add(payload)
+        while not self._done.is_set() and i < self.limit:
+            payload = f"{self.tag}{i}".encode()
+            try:
+                self.pub.publish(self.topic, payload, self.qos)
+                self.acked.add(payload)
+            except Exception as exc:  # refused or not answered: not acknowledged
+                self.failed.append((payload, repr(exc)))
             i += 1
             time.sleep(0.01)
 

@@ -21,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.conftest import free_port
+from tests.e2e.mqttraw import wait_until
 
 QUEUE = "work"
 
@@ -73,6 +74,12 @@ def raft_status(node) -> dict | None:
         return node.http_get("/cluster/raft")[1]["groups"][0]
     except (OSError, ValueError, KeyError, IndexError):
         return None
+
+
+def registered(node) -> set[str]:
+    """The client ids of group ``g``'s members whose registrations ``node`` applied."""
+    st = raft_status(node) or {}
+    return set(st.get("queues", {}).get(QUEUE, {}).get("registered", {}).get("g", ()))
 
 
 def queue_count(node, queue: str = QUEUE) -> int | None:
@@ -1247,7 +1254,12 @@ def test_an_ack_of_a_delivery_made_before_a_failover_is_not_confirmed_once_the_r
         for i in survivors:  # members on both survivors; whichever leads next has one of its own
             xs[i] = _Holder(nodes[i], f"x-on-{i}")
             xs[i].client.loop_stop()  # not reading: what is sent to it waits in its socket
-        time.sleep(1.0)  # their registrations are applied everywhere (the leader's group: remote)
+        # their registrations are applied on every node (the leader's group: remote), so whichever
+        # leads next knows them
+        ids = {"y-on-old-leader", *(f"x-on-{i}" for i in survivors)}
+        assert wait_until(lambda: all(ids <= registered(n) for n in nodes), 20), [
+            registered(n) for n in nodes
+        ]
         new_st = _lead_moved(nodes, old, survivors)
         st = _caught_up(nodes[old], new_st)  # the old leader follows and has applied the new claim
         assert st is not None and st["leader"] == new_st["self"], (st, new_st)

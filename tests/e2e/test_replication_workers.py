@@ -36,6 +36,7 @@ from tests.e2e.test_replication import (
     _leader_kill_run,
     _publish_acked,
     raft_status,
+    registered,
     wait_all_know_leader,
 )
 from tests.e2e.test_workers import on_worker
@@ -320,12 +321,6 @@ def test_an_ack_from_worker_1_of_a_follower_of_a_delivery_made_before_a_failover
 
 
 ROUNDS = 3
-
-
-def registered(node) -> set[str]:
-    """The client ids of group ``g``'s members whose registrations ``node`` applied."""
-    st = raft_status(node) or {}
-    return set(st.get("queues", {}).get(QUEUE, {}).get("registered", {}).get("g", ()))
 
 
 def _failover_ack_round(c: Cluster) -> bool:

@@ -175,23 +175,24 @@ class EtcdClient:
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self.session = gevent_session(ca_file, cert_file, key_file)
-        self._clients = []
-        for url in self.endpoints:
-            scheme, _, rest = url.partition("://")
-            host, _, port = rest.rstrip("/").rpartition(":")
-            client = Etcd3Client(
-                host=host.strip("[]"),
-                port=int(port),
-                protocol=scheme,
-                timeout=timeout,
-                api_path=API_PATH,
-                session=self.session,
-            )
-            self._clients.append(client)
+        self._clients = [self._client(url) for url in self.endpoints]
         self._current = 0
+        self._skip_first = False  # the first endpoint does not answer (``first_down``): passed over
         self.calls = 0
         self.retries = 0
         self.mirrors: set[PrefixMirror] = set()  # the running watches on this client
+
+    def _client(self, url: str) -> Etcd3Client:
+        scheme, _, rest = url.partition("://")
+        host, _, port = rest.rstrip("/").rpartition(":")
+        return Etcd3Client(
+            host=host.strip("[]"),
+            port=int(port),
+            protocol=scheme,
+            timeout=self.timeout,
+            api_path=API_PATH,
+            session=self.session,
+        )
 
     def close(self) -> None:
         self.session.close()
@@ -204,18 +205,36 @@ class EtcdClient:
             except Exception:  # the caller is the lease's keep-alive: it must go on
                 log.exception("watch_reopen_failed", extra={"watch": mirror.name})
 
+    def sync_endpoints(self) -> list[str]:
+        """Add the client URLs of the etcd cluster's other members (its member list) after the
+        endpoints given, which stay first: a call that finds them down goes on to the others (the
+        endpoints in turn, ``post``). The ones added; ClusterError when the list cannot be read."""
+        members = self.post("cluster/member/list", {}).get("members", [])
+        added = []
+        for member in members:
+            for url in member.get("clientURLs") or ():
+                url = url.rstrip("/")
+                if url not in self.endpoints:
+                    self._clients.append(self._client(url))
+                    self.endpoints.append(url)
+                    added.append(url)
+        return added
+
     # -- transport ---------------------------------------------------------------------------------
     def post(self, path: str, body: dict, timeout: float | None = None) -> dict:
         """POST ``body`` to ``/v3/{path}``; retries connection failures on the endpoints in turn
-        until ``timeout`` (default: the client's) is spent, then raises ClusterError."""
+        until ``timeout`` (default: the client's) is spent, then raises ClusterError. With several
+        endpoints one attempt gets half of what is left: an endpoint that accepts and never
+        answers (a hung member) leaves time for the next one."""
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         attempt = 0
+        share = 1.0 if len(self._clients) == 1 else 0.5
         self.calls += 1
         while True:
             client = self._clients[self._current]
             left = deadline - time.monotonic()
-            client.timeout = max(0.05, min(self.timeout, left))
+            client.timeout = max(0.05, min(self.timeout, left * share))
             try:
                 return client.post(client.get_url(path), json=body)
             except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as exc:
@@ -224,7 +243,7 @@ class EtcdClient:
                 raise ClusterError(f"etcd {client.base_url} refused {path}: {_detail(exc)}") from exc
             except requests.RequestException as exc:  # anything else of the HTTP layer: a failed call
                 error = exc
-            self._current = (self._current + 1) % len(self._clients)
+            self._next()
             pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
             if time.monotonic() + pause >= deadline:
                 raise ClusterError(
@@ -234,6 +253,28 @@ class EtcdClient:
             attempt += 1
             self.retries += 1
             gevent.sleep(pause)
+
+    def first_answers(self, timeout: float) -> bool:
+        """The first endpoint (the node's own member, ``sync_endpoints``) answers a status call
+        within ``timeout`` and knows a leader (a member rejoining does not yet)."""
+        try:
+            reply = self.session.post(
+                f"{self.endpoints[0].rstrip('/')}{API_PATH}maintenance/status", json={}, timeout=timeout
+            )
+            return reply.ok and int(reply.json().get("leader") or 0) != 0
+        except (requests.RequestException, ValueError, AttributeError):
+            return False
+
+    def first_down(self, down: bool) -> None:
+        """Whether the first endpoint (the node's own member) is known not to answer: while it is,
+        the calls go to the others; once it answers again (``down`` False: its prober saw it answer
+        long enough that it is not a member back from a hang still thinking itself the leader)
+        they start with it again."""
+        self._skip_first = down
+        if down and self._current == 0 and len(self._clients) > 1:
+            self._current = 1
+        elif not down:
+            self._current = 0
 
     # -- kv ----------------------------------------------------------------------------------------
     def range(self, key: str, prefix: bool = False, keys_only: bool = False) -> tuple[int, list[dict]]:
@@ -320,8 +361,14 @@ class EtcdClient:
                 client.get_url("watch"), json=body, stream=True, timeout=(self.timeout, read_timeout)
             )
         except requests.RequestException:
-            self._current = (self._current + 1) % len(self._clients)
+            self._next()
             raise
+
+    def _next(self) -> None:
+        """The next endpoint in turn (not the first while it is known not to answer)."""
+        self._current = (self._current + 1) % len(self._clients)
+        if self._current == 0 and self._skip_first and len(self._clients) > 1:
+            self._current = 1
 
 
 def _detail(exc: BaseException) -> str:

@@ -22,6 +22,9 @@ class EtcdSettings:
     initial_cluster: str = ""  # "name=http://host:port,..."; "" = this member alone
     bootstrap: bool = True  # True: a new cluster (--initial-cluster-state new); False: join an existing one
     endpoints: list[str] = field(default_factory=list)  # set = join this external etcd, run no member
+    # True for a member of several (``initial_cluster`` without ``endpoints``): the client also
+    # reaches the other members, learned from the member list, when the node's own does not answer
+    sync_endpoints: bool = False
     prefix: str = "/fluxmq/"
     hybrid_retained_size_threshold: int = 1024
     lease_ttl: float = 10.0
@@ -45,6 +48,7 @@ class EtcdSettings:
             initial_cluster=section.initial_cluster,
             bootstrap=section.bootstrap,
             endpoints=list(section.endpoints),
+            sync_endpoints=bool(section.initial_cluster) and not section.endpoints,
             prefix=section.prefix,
             hybrid_retained_size_threshold=section.hybrid_retained_size_threshold,
             lease_ttl=section.lease_ttl,

@@ -77,7 +77,8 @@ class ClusterHealth:
     def check(self) -> tuple[bool, str]:
         """Down (503) while the node id is unset or etcd/the lease is not ready; up with
         "k/n peers reachable" (degraded, 200) when a peer cannot be reached; else up. With several
-        workers a peer is a node, and an unreachable worker of this node degrades it too."""
+        workers a peer is a node, and an unreachable worker of this node degrades it too, as the
+        node's own etcd member not answering does (one of several: the others serve meanwhile)."""
         if not self.meta.node_id:
             return False, "node id not set"
         ready, why = self.meta.ready
@@ -95,6 +96,8 @@ class ClusterHealth:
         up = sum(1 for p in own.values() if p["reachable"])
         if up < len(own):
             details.append(f"{up}/{len(own)} other workers of this node reachable")
+        if self.meta.member_down:  # (served through the other members meanwhile)
+            details.append(self.meta.member_down)
         return True, "; ".join(details)
 
     def status(self, sessions: int) -> dict[str, Any]:

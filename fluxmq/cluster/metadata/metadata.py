@@ -34,6 +34,13 @@ __all__ = ["ClusterMetadata"]
 
 log = logging.getLogger("fluxmq.cluster.metadata")
 
+#: with several members: how often the node's own member is asked whether it answers, and how long
+#: its answer may take (seconds)
+MEMBER_PROBE = (1.0, 0.5)
+#: answers in a row after which the calls that moved on to the other members come back to the
+#: node's own: a member back from a hang may still think itself the leader for a moment, and its
+#: lessor, whose clock jumped, then calls every lease expired ("etcd says the lease expired")
+MEMBER_BACK = 5
 #: how long a graceful stop waits for etcd's members to answer before its quorum writes (seconds)
 QUORUM_PROBE_TIMEOUT = 1.0
 #: while one of a graceful stop's writes waits, the quorum is probed again this often (seconds): the
@@ -82,6 +89,8 @@ class ClusterMetadata:
         self.election: LeaderElection | None = None
         self.queue_owners: QueueOwners | None = None
         self.on_sessions_lost: Callable[[list[str]], None] | None = None
+        self.member_down = ""  # why the node's own member does not answer ("" while it does)
+        self._prober: gevent.Greenlet | None = None
         self._status = "not started"
         self._started = False
 
@@ -100,6 +109,15 @@ class ClusterMetadata:
                 s.client_endpoints(), s.request_timeout, s.tls_ca_file, s.tls_cert_file, s.tls_key_file
             )
             self._wait_for_etcd(s.start_timeout)
+            if s.sync_endpoints:
+                # The node's own member down (its worker 0 restarting, the member killed or hung)
+                # leaves the others with a quorum: reached through them, the node keeps its lease.
+                try:
+                    self.client.sync_endpoints()
+                except ClusterError as exc:
+                    log.warning("etcd_endpoints_not_synced", extra={"error": str(exc)})
+                if len(self.client.endpoints) > 1:
+                    self._prober = gevent.spawn(self._probe_member)
             self.lease = lease = NodeLease(self.client, s.lease_ttl)
             lease.grant()
             self.membership = Membership(
@@ -183,7 +201,38 @@ class ClusterMetadata:
                 return False
         return True
 
+    def _probe_member(self) -> None:
+        """Whether the node's own member answers (``member_down``, the ``cluster`` check's detail);
+        once it has answered MEMBER_BACK times in a row the calls come back to it."""
+        every, timeout = MEMBER_PROBE
+        in_a_row = 0
+        while True:
+            gevent.sleep(every)
+            answers = self.client.first_answers(timeout)
+            in_a_row = in_a_row + 1 if answers else 0
+            if not answers:
+                self.client.first_down(True)
+            elif in_a_row == MEMBER_BACK:
+                self.client.first_down(False)
+            down = (
+                ""
+                if answers
+                else f"etcd member {self.member_name} not answering at {self.client.endpoints[0]}"
+            )
+            if down != self.member_down:
+                if down:
+                    log.warning(
+                        "etcd_member_not_answering",
+                        extra={"member": self.member_name, "using": "other members"},
+                    )
+                else:
+                    log.info("etcd_member_answering", extra={"member": self.member_name})
+                self.member_down = down
+
     def _teardown(self, revoke: bool) -> None:
+        if self._prober is not None:
+            self._prober.kill(block=False)
+            self._prober = None
         if self.election is not None:
             self.election.stop()
         if self.membership is not None:

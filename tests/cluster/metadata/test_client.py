@@ -3,6 +3,8 @@ per failure, watches that survive compaction (fluxmq/cluster/metadata/client.py)
 
 from __future__ import annotations
 
+import socket
+
 import gevent
 import pytest
 
@@ -100,3 +102,23 @@ def test_rewatch_opens_a_new_stream_from_the_last_revision_and_misses_nothing(et
     finally:
         mirror.stop()
     assert mirror not in client.mirrors
+
+
+def test_a_request_goes_on_to_the_next_endpoint_within_its_time_when_one_never_answers(
+    etcd_server, etcd_prefix
+):
+    """The first endpoint accepts connections and never answers (a hung etcd member: its process
+    stopped, its listener's backlog still accepting). A request with several endpoints is answered
+    by the next one within its own time (a lease renewal within its interval): before, the first
+    attempt spent all of it and the request failed."""
+    silent = socket.socket()
+    silent.bind((HOST, 0))
+    silent.listen(16)
+    try:
+        client = EtcdClient([f"http://{HOST}:{silent.getsockname()[1]}", etcd_server.endpoint], timeout=5.0)
+        lease = client.lease_grant(10)
+        assert client.lease_keepalive(lease, timeout=1.0) > 0
+        client.put(etcd_prefix + "hung", "1")
+        assert client.get(etcd_prefix + "hung")["value"] == b"1"
+    finally:
+        silent.close()
