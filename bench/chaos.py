@@ -8,6 +8,18 @@ Starts real nodes on free 127.0.0.1 ports in temp dirs, LMDB storage (``storage.
 ``cluster``
     three nodes of one worker (``--workers``: more) on a private etcd
     (``bench.cluster_cross.start_etcd``); each client has a home node and reconnects to it.
+``raft``
+    the ``cluster`` setup with ``cluster.raft.enabled`` (static peers) and the chaos queue
+    replicated on the three nodes (docs/replication.rst: ``mode: sync``, ``replication_factor`` 3,
+    ``visibility_timeout`` 8 s; ``--write-policy`` forward or reject, ``--distribution`` forward or
+    replicate, ``--compaction`` entries kept before a snapshot, 200). The producer moves to the
+    next node when its node is down; with ``reject`` it follows a 0x83 refusal's ``leader``
+    property (the message is sent again there, not counted as refused). A third member of the
+    group, ``queue-c3``, settles with ``$queue/chaos/$ack`` (QoS 1) instead of auto-ack. Faults go to
+    the Raft leader (read from ``/cluster/raft``) 60 % of the time; ``lag-restart`` kills a follower
+    (or stops it: SIGSTOP), keeps it down 12-18 s under load (several compactions), restarts (or
+    continues) it and waits until it caught up (the leader's snapshot installed: shown in the
+    fault's line).
 
 Clients (raw MQTT 5.0 over ``fluxmq._core.codec``, each in a thread, persistent sessions: Session
 Expiry 1 h, Clean Start only on the first connect):
@@ -37,7 +49,12 @@ seen more than once (and whether a fault or a reconnect of that consumer came be
 agrees on every node / worker and is the last acknowledged value (or a later one whose
 acknowledgement the fault cut off). Each loss is listed with the faults and session losses
 (CONNACK session present 0 on a reconnect) around it, so it can be set against what the docs
-promise (docs/cluster.rst, docs/queues.rst). Each client's longest (re)connect (first attempt to
+promise (docs/cluster.rst, docs/queues.rst). With ``raft``, after the drain (consumers still
+running, up to ``--drain`` s): the three replicas agree (``/cluster/raft``: commit index = applied
+index, the queue's first/next/count and group floor, the same on each), group ``g`` settled every
+record (floor = next), and no record was delivered again after ``queue-c3``'s ``$ack`` of it was
+confirmed (0x00) unless a fault hit ``queue-c3``'s node meanwhile (its members dropped as silent:
+the documented visibility-timeout case). Each client's longest (re)connect (first attempt to
 CONNACK) and its refused CONNECTs by reason code are listed too (``connects``): a client stuck
 longer than a claim's wait for a restart (10 s) shows there.
 
@@ -46,6 +63,8 @@ Usage::
     python -m bench.chaos --setup workers --rounds 10 --seed 1
     python -m bench.chaos --setup cluster --rounds 10 --seed 1
     python -m bench.chaos --setup cluster --workers 2 --rounds 4 --seed 1   # + the worker faults
+    python -m bench.chaos --setup raft --rounds 8 --seed 1 --distribution replicate
+    python -m bench.chaos --setup raft --rounds 8 --seed 1 --write-policy reject
     python -m bench.chaos --setup workers --rounds 0 --run-for 5     # no fault: must report zero loss
 
 Exit status 0 when nothing was lost or doubled beyond what MQTT allows (QoS 1 duplicates), else 1.
@@ -689,8 +708,9 @@ def caught_up(node: Node, nodes: list[Node], timeout: float = 60.0) -> str:
 def inject(kind: str, node: Node, rng: random.Random, workers: int | None, f: Fault,
            clients: list[Client], nodes: list[Node] | None = None) -> str:  # fmt: skip
     """Apply fault ``f`` of ``kind`` to ``node`` and wait until it is back; what was done, in words.
-    ``lag-restart`` (setup raft): kill -9, 12-18 s away under load (the group's log compacts past
-    it), restart, and wait until it caught up (from the leader's snapshot)."""
+    ``lag-restart`` (setup raft): kill -9 and restart, or SIGSTOP and SIGCONT, 12-18 s away under
+    load (the group's log compacts past it), and wait until it caught up (from the leader's
+    snapshot)."""
     if kind in WORKER_FAULTS:
         pids = node.workers()
         victim = rng.choice(pids)
@@ -706,12 +726,18 @@ def inject(kind: str, node: Node, rng: random.Random, workers: int | None, f: Fa
         on_it = sorted(cid for cid, w in f.where.items() if w == "victim")
         return f"worker pid {victim} (of {pids}), connected to it: {', '.join(on_it) or '-'}"
     if kind == "lag-restart":
-        f.killed = node.kill()
         away = rng.uniform(12.0, 18.0)
-        time.sleep(away)
-        node.start()
+        how = rng.choice(("killed", "stopped"))
+        if how == "killed":
+            f.killed = node.kill()
+            time.sleep(away)
+            node.start()
+        else:  # the replica keeps its state and its connections, and is sent the snapshot as it runs on
+            node.signal_tree(signal.SIGSTOP)
+            time.sleep(away)
+            node.signal_tree(signal.SIGCONT)
         node.wait_ready(workers)
-        return f"away {away:.1f} s; {caught_up(node, nodes or [node])}"
+        return f"{how} {away:.1f} s; {caught_up(node, nodes or [node])}"
     if kind == "node-kill":
         f.killed = node.kill()
         node.start()
