@@ -887,6 +887,11 @@ def check(subs, consumers, pubs, producer, retainer, retained_seen, faults) -> t
             if not around and not any(t1 <= x <= t2 for x in cons.ev.drops):
                 unexplained += 1
                 lines.append(f"QUEUE AGAIN without a fault or drop between: {p!r} {d}")
+            else:  # listed, to be set against the docs' at-least-once windows
+                lines.append(
+                    f"queue delivered again ({'fault ' + ', '.join(near(t1, faults) or near(t2, faults)) if around else c1 + ' dropped'}"
+                    f" between): {p!r} {[(round(t, 3), cid, o) for t, cid, o in d]}"
+                )
     out["queue"] = {
         "acked_appends": len(acked),
         "lost": len(qlost),
