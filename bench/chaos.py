@@ -793,9 +793,11 @@ def lost_window(sub: Subscriber, pub: Publisher, seq: int, t: float, faults: lis
         if sent <= granted and not (around and around <= WORKER_FAULTS):
             return "subscriber-session-lost"
     for f in faults:  # killed after the message was first sent, up to 2 s after its acknowledgement
-        if f.kind not in ("worker-kill", "node-kill") or f.node != pub.home:
+        # (a lag-restart that killed its node, ``killed`` set, is a node kill; one that stopped it is not)
+        node_kill = f.kind == "node-kill" or (f.kind == "lag-restart" and f.killed)
+        if not (node_kill or f.kind == "worker-kill") or f.node != pub.home:
             continue
-        on_it = f.kind == "node-kill" or f.where.get(pub.cid, "unknown") != "other"
+        on_it = node_kill or f.where.get(pub.cid, "unknown") != "other"
         if on_it and sent <= (f.killed or f.at) <= t + 2.0:
             return "publisher-node-killed"
     return UNEXPLAINED

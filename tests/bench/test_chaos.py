@@ -203,3 +203,14 @@ def test_a_raft_run_without_faults_loses_nothing_and_the_replicas_agree(capsys) 
     out = capsys.readouterr().out
     assert "summary: OK (setup raft, seed 9, 0 faults)" in out
     assert '"agree": true' in out and '"settled": true' in out and '"lost": 0' in out
+
+
+def test_a_lag_restart_that_killed_the_publishers_node_is_its_node_kill() -> None:
+    """setup raft: ``lag-restart`` kills -9 its node (``killed`` set) or stops it; the kill is the
+    node kill's window (docs/cluster.rst, "What the PUBACK means across nodes"), the stop not."""
+    sub, pub = sub_pub("n2", 0.0)
+    sub.ev.session_lost, sub.granted = [], [0.5]
+    lag = chaos.Fault(25.0, "lag-restart", "n2", restored=43.0, killed=25.01)
+    assert chaos.lost_window(sub, pub, 1, 24.9, [lag]) == "publisher-node-killed"
+    lag.killed = 0.0  # stopped (SIGSTOP), not killed: it loses nothing
+    assert chaos.lost_window(sub, pub, 1, 24.9, [lag]) == chaos.UNEXPLAINED
