@@ -1181,24 +1181,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", type=float, default=5.0, help="drained: nothing new for this long")
     p.add_argument("--faults", default="", help="a comma-separated subset of the set-up's faults")
     p.add_argument("--log-level", default="warning", help="the nodes' log.level")
-    p.add_argument(
-        "--write-policy",
-        choices=("forward", "reject"),
-        default="forward",
-        help="raft: cluster.raft.write_policy (reject: the producer follows the leader)",
-    )
-    p.add_argument(
-        "--distribution",
-        choices=("forward", "replicate"),
-        default="forward",
-        help="raft: cluster.raft.distribution_mode",
-    )
-    p.add_argument(
-        "--compaction",
-        type=int,
-        default=200,
-        help="raft: cluster.raft.compaction_entries (small: a lagging replica gets a snapshot)",
-    )
+    raft = p.add_argument_group("setup raft")
+    raft.add_argument("--write-policy", choices=("forward", "reject"), default="forward",
+                      help="cluster.raft.write_policy (reject: the producer follows the leader)")  # fmt: skip
+    raft.add_argument("--distribution", choices=("forward", "replicate"), default="forward",
+                      help="cluster.raft.distribution_mode")  # fmt: skip
+    raft.add_argument("--compaction", type=int, default=200,
+                      help="cluster.raft.compaction_entries (small: a lagging replica gets a snapshot)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
     args = p.parse_args(argv)
     if args.workers is None:
