@@ -339,6 +339,8 @@ class RaftGroup:
         # it concerns a delivery the new owner has forgotten (and may have made again), so it
         # changes nothing and the $ack that made it is refused, never confirmed.
         self.epoch = 0
+        # the Raft term of the claim applied last (None: not known, e.g. a snapshot of before)
+        self.claim_term: int | None = None
         self._ops_epoch: int | None = None  # the epoch of the marker last staged into _ops
         self.on_superseded = None  # (group) -> None: another node's claim was applied here
         self.mqtt_addr = mqtt_addr  # where MQTT clients reach this node (announced in its claims)
@@ -749,6 +751,17 @@ class RaftGroup:
                 gevent.get_hub().loop.run_callback(self._claim, term)
         log.info("raft_state_changed", extra={"group": self.name, "old": old, "new": new})
 
+    def lease_superseded(self) -> bool:
+        """A later Raft term began than the one of the claim applied last: the leader that made
+        the leases being applied is deposed, and a claim of the new term will follow them in the
+        log (every leader of a new term writes one), whose owner delivers again at once what they
+        leased. A lease of the deposed leader's applied now (a follower learns that its old-term
+        entries are committed only with the new leader's first entries, after that leader may have
+        delivered the record again and had it acked) is not delivered: the record would reach a
+        second member after the first one's ``$ack`` was confirmed."""
+        node = self._node
+        return node is not None and self.claim_term is not None and node.raftCurrentTerm > self.claim_term
+
     def _claim(self, term: int) -> None:
         if self._node is not None:
             # what pysyncobj set for every member on becoming leader (not an answer): ``answering``
@@ -946,6 +959,7 @@ class RaftGroup:
             for op in ops:
                 if op[0] == "o":
                     self.epoch = index
+                    self.claim_term = op[2]
                     if len(op) > 3 and op[3]:
                         self.mqtt_of[op[1]] = op[3]
                 elif op[0] == "e":
@@ -970,7 +984,7 @@ class RaftGroup:
             if kind == "o":
                 if len(op) > 3 and op[3]:
                     self.mqtt_of[op[1]] = op[3]
-                self._apply_claim(op[1], index)
+                self._apply_claim(op[1], index, op[2])
                 continue
             qlog = self.logs.get(op[1])
             if qlog is None and self.on_unknown is not None:
@@ -1021,10 +1035,11 @@ class RaftGroup:
                 self.on_applied(qlog)
         return result
 
-    def _apply_claim(self, node: str, index: int) -> None:
+    def _apply_claim(self, node: str, index: int, term: int | None = None) -> None:
         before = self.owner
         self.owner = node
         self.epoch = index  # before the callbacks: what they stage belongs to the new epoch
+        self.claim_term = term
         if node == self.self_addr:
             if self.on_delivering is not None:
                 self.on_delivering(self)

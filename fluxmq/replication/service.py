@@ -334,6 +334,8 @@ class RaftService:
                     g.moved(ev[3])
             elif kind == "l":  # ("l", queue, group, node, key, offsets, counts): forward
                 if ev[3] == me:
+                    if group.lease_superseded():
+                        continue  # the new term's claim delivers them again (RaftGroup.lease_superseded)
                     back, refused = g.deliver_leased(ev[4], ev[5], ev[6])
                     if back and group.leader() is not None:
                         # (what its client can never take, when any, as a 7th field: a node of

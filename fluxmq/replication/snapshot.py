@@ -77,6 +77,7 @@ class Writing:
             "raft": tuple(raft_data),
             "owner": group.owner,
             "epoch": group.epoch,
+            "claim_term": getattr(group, "claim_term", None),
             "mqtt_of": dict(group.mqtt_of),
             "queues": queues,
         }
@@ -147,6 +148,7 @@ def read(path: str, group) -> tuple:
         # in memory, as the claims of the entries after the dump set it when replayed (a dump
         # written before the epoch existed: 0, as a replica that never applied a claim)
         group.epoch = header.get("epoch", 0)
+        group.claim_term = header.get("claim_term")
         for name, meta in header["queues"].items():  # in memory only: learned from every dump read
             qlog = group.logs.get(name)
             if qlog is not None and "registered" in meta:

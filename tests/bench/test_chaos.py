@@ -147,3 +147,75 @@ def test_the_clients_connected_to_a_process_are_found_by_their_ports() -> None:
         finally:
             accepted.close()
             near.conn.close()
+
+
+def test_the_raft_set_up_offers_the_node_faults_and_a_lagging_replica() -> None:
+    args = chaos.parse_args(["--setup", "raft"])
+    assert args.faults == ["node-kill", "node-term", "stop-cont", "lag-restart"] and args.workers == 1
+    assert (args.write_policy, args.distribution) == ("forward", "forward")
+    assert "worker-kill" in chaos.parse_args(["--setup", "raft", "--workers", "2"]).faults
+    sets = chaos.node_sets("raft", "n0", "http://127.0.0.1:1", "warning", 1, raft={
+        "bind": "127.0.0.1:7", "peers": ["127.0.0.1:7", "127.0.0.1:8", "127.0.0.1:9"],
+        "write_policy": "reject", "distribution": "replicate", "compaction": 50})  # fmt: skip
+    assert "cluster.raft.write_policy=reject" in sets and "cluster.raft.compaction_entries=50" in sets
+    queue = next(s for s in sets if s.startswith("queues="))
+    assert '"mode": "sync"' in queue and '"replication_factor": 3' in queue
+
+
+def test_a_raft_producer_follows_the_leader_named_by_a_refusal() -> None:
+    """write_policy reject: 0x83 with a ``leader`` property sends the message there; without one
+    (between an election and the claim) to the next node; any other refusal is a refusal."""
+    from fluxmq._core import codec as c
+
+    producer = chaos.RaftProducer("p", [11, 12, 13], threading.Event(), 1.0, follow=True)
+    named = c.Puback(1, 0x83, {c.USER_PROPERTY: [("leader", "127.0.0.1:13")]})
+    assert producer.redirect(named) and producer.port == 13
+    assert producer.redirect(c.Puback(1, 0x83, {})) and producer.port == 11
+    assert not producer.redirect(c.Puback(1, 0x97, {})) and producer.port == 11
+    assert producer.moves == {"to-leader": 1, "no-leader-named": 1}
+    producer.connect_failed()
+    assert producer.port == 12
+    assert not chaos.RaftProducer("q", [11, 12], threading.Event(), 1.0, follow=False).redirect(named)
+
+
+def test_a_delivery_after_a_confirmed_ack_is_a_finding_unless_the_acking_node_was_faulted() -> None:
+    """docs/replication.rst, Durability: an ``$ack`` whose PUBACK said success is never followed by
+    another delivery of that record; the exception is the acking consumer's node going silent (its
+    members dropped, what they held delivered to others while the ack was in flight)."""
+    stop = threading.Event()
+    acker = chaos.AckConsumer("queue-c3", 1, stop)
+    acker.home = "n1"
+    other = chaos.Subscriber("queue-c1", 1, stop, "$queue/chaos", 1)
+    other.arrivals, other.offsets = [(b"x", 12.0), (b"y", 31.0)], ["5", "6"]
+    acker.arrivals, acker.offsets = [(b"x", 9.0), (b"y", 29.0)], ["5", "6"]
+    acker.confirmed = [("5", 9.1, 10.0), ("6", 29.1, 30.0)]
+    state = {"commit_index": 9, "applied": 9, "queues": {"chaos": {"next": 7, "groups": {"g": 7}}}}
+    faults = [chaos.Fault(28.0, "stop-cont", "n1", restored=31.5)]
+    out, lines, bad = chaos.check_raft([state] * 3, True, True, [other, acker], None, faults)
+    assert bad == 1 and out["delivered_after_confirmed_ack"] == 1, lines
+    assert out["delivered_after_confirmed_ack_explained"] == 1
+    assert [line.split(":")[0] for line in lines] == [
+        "ACKED AGAIN",
+        "acked again in a documented window (the acking node faulted)",
+    ]
+    out, lines, bad = chaos.check_raft([state] * 3, False, False, [other], None, [])
+    assert bad == 2 and lines[0].startswith("RAFT REPLICAS DIFFER") and lines[1].startswith("RAFT UNSETTLED")
+
+
+def test_a_raft_run_without_faults_loses_nothing_and_the_replicas_agree(capsys) -> None:
+    args = ["--setup", "raft", "--rounds", "0", "--run-for", "2", "--min-gap", "0.5", "--quiet", "1"]
+    assert chaos.main([*args, "--rate", "20", "--seed", "9"]) == 0
+    out = capsys.readouterr().out
+    assert "summary: OK (setup raft, seed 9, 0 faults)" in out
+    assert '"agree": true' in out and '"settled": true' in out and '"lost": 0' in out
+
+
+def test_a_lag_restart_that_killed_the_publishers_node_is_its_node_kill() -> None:
+    """setup raft: ``lag-restart`` kills -9 its node (``killed`` set) or stops it; the kill is the
+    node kill's window (docs/cluster.rst, "What the PUBACK means across nodes"), the stop not."""
+    sub, pub = sub_pub("n2", 0.0)
+    sub.ev.session_lost, sub.granted = [], [0.5]
+    lag = chaos.Fault(25.0, "lag-restart", "n2", restored=43.0, killed=25.01)
+    assert chaos.lost_window(sub, pub, 1, 24.9, [lag]) == "publisher-node-killed"
+    lag.killed = 0.0  # stopped (SIGSTOP), not killed: it loses nothing
+    assert chaos.lost_window(sub, pub, 1, 24.9, [lag]) == chaos.UNEXPLAINED

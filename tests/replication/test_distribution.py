@@ -149,3 +149,33 @@ def test_replicate_a_record_set_aside_here_then_leased_elsewhere_is_not_offered_
     assert not g.undeliverable and not g.refused
     g._offer_aside_again()  # what a member joining here does
     assert not g.ready
+
+
+def test_a_follower_delivers_no_lease_of_a_leader_that_a_later_term_deposed(tmp_path) -> None:
+    """A follower learns that the old leader's last entries are committed only with the new
+    leader's first ones, after that leader, its claim applied, has delivered again what the old
+    one had leased, and a consumer may have had its ``$ack`` of it confirmed. A lease applied while
+    a later term than the last applied claim's has begun is the deposed leader's: delivering it
+    sent the record to a second member after the first one's ``$ack`` was confirmed (bench/chaos.py
+    --setup raft, forward, seed 51: the new leader's consumer acked offset 1092 at 28.206 s, the
+    follower's consumer got it at 28.209 s). It is not delivered: the new claim delivers it again."""
+    from fluxmq.queues.group import Member
+    from fluxmq.replication.distribution import member_key
+
+    raft = _Raft()
+    raft.self_addr, raft.superseded = "n2", False  # a follower of n1
+    raft.lease_superseded = lambda: raft.superseded
+    q = _replicated_queue(tmp_path, raft)
+    qlog = q.log
+    qlog.apply_append([encode_record(1.0, Message("$queue/q", b"m%d" % i, 1)) for i in range(2)])
+    qlog.apply_commit("g", 0, None, ())
+    g = q.groups["g"] = ReplicatedGroup(q, "g")
+    consumer = _Local("c")
+    member = Member(consumer, "$queue/q", "", False, 10, g)
+    g.add(member)
+    service = RaftService.__new__(RaftService)
+    service._distribute(q, qlog, [("l", "q", "g", "n2", member_key(member), [0], [1])])
+    assert consumer.got == [0] and 0 in g.pending  # the current leader's lease: delivered
+    raft.superseded = True  # an election of a later term began; its claim is not applied yet
+    service._distribute(q, qlog, [("l", "q", "g", "n2", member_key(member), [1], [1])])
+    assert consumer.got == [0] and 1 not in g.pending

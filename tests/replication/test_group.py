@@ -439,3 +439,26 @@ def test_a_start_whose_raft_port_is_taken_lets_the_hub_run_while_it_retries_the_
         runner.kill()
         group.stop()
         taken.close()
+
+
+def test_leases_are_superseded_once_a_later_term_than_the_last_applied_claims_began(tmp_path) -> None:
+    """``RaftGroup.lease_superseded`` (its use: tests/replication/test_distribution.py): the term
+    of the claim applied last, against the node's current Raft term; learned again from the
+    claims replayed at a restart."""
+    from types import SimpleNamespace
+
+    group, qlog = _group(tmp_path)
+    assert not group.lease_superseded()  # not started
+    group._apply([("o", "n2", 2, "")], 2)
+    group._node = SimpleNamespace(raftCurrentTerm=2)
+    try:
+        assert group.claim_term == 2 and not group.lease_superseded()
+        group._node.raftCurrentTerm = 3  # n2 deposed: an election of term 3
+        assert group.lease_superseded()
+        group._apply([("o", "n3", 3, "")], 5)  # the new term's claim
+        assert not group.lease_superseded()
+        group.applied, group.claim_term = 10, None  # a restart replaying its journal
+        group._apply([("o", "n3", 3, "")], 5)
+        assert group.claim_term == 3 and not group.lease_superseded()
+    finally:
+        group._node = None
