@@ -41,7 +41,7 @@ import sys
 import time
 import urllib.request
 
-from bench.brokers import FluxmqNode
+from bench.brokers import FluxmqNode, Mosquitto
 
 MODES = {
     "fanout": ["--mode", "fanout", "--subs", "100", "--count", "10000", "--duration", "5"],
@@ -161,11 +161,23 @@ def perf_stop(procs: list[subprocess.Popen], pids: list[int], out: str) -> dict[
     return counts
 
 
+def connections_by_pid(port: int) -> dict[int, int]:
+    """The established connections to ``port`` per process holding them (``ss -p``)."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
+    ).stdout
+    got: dict[int, int] = {}
+    for m in re.finditer(r"pid=(\d+)", out):
+        got[int(m.group(1))] = got.get(int(m.group(1)), 0) + 1
+    return got
+
+
 def run_once(
     mqttload: str, port: int, mode: str, window: int, gen_cpus: str, count: int = 0, qos: int = 0
 ) -> dict[str, str]:
     """One mqttload run: its RESULT line's fields, plus ``gen_share``: the generator's CPU seconds
-    (user + system, from the kernel's account of the waited child) over the run's wall time."""
+    (user + system, from the kernel's account of the waited child) over the run's wall time, and
+    ``split``: the connections each worker held 1.5 s into the run (``pid:count,...``)."""
     pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
     load = [*MODES[mode], "--qos", str(qos)]
     if count:
@@ -185,19 +197,28 @@ def run_once(
         "60",
     ]
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90).stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    split = ""
+    try:
+        proc.wait(timeout=1.5)
+    except subprocess.TimeoutExpired:
+        split = ",".join(f"{p}:{n}" for p, n in sorted(connections_by_pid(port).items()))
+    out = proc.communicate(timeout=90)[0]
     after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - start
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), "RESULT error=no_result")
     result = dict(kv.partition("=")[::2] for kv in line.split()[1:])
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     result["gen_share"] = f"{cpu / wall:.3f}" if wall > 0 else "0"
+    result["split"] = split
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mqttload", required=True)
-    p.add_argument("--workers", default="1,2")
+    p.add_argument(
+        "--workers", default="1,2", help='worker counts, and "mosquitto": the same runs against it'
+    )
     p.add_argument("--modes", default="fanout,fanin")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--window", type=int, default=1000)
@@ -233,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         "| generator CPU share (median) | load avg |"
     )
     print("|---:|---|---|---:|---:|---:|---:|---|")
-    for workers in [int(w) for w in args.workers.split(",")]:
-        node = FluxmqNode(cpus=args.broker_cpus or None, sets=[f"server.workers={workers}", *args.set])
+    for entry in args.workers.split(","):
+        if entry == "mosquitto":  # the same scenario against Mosquitto (same limits: bench.brokers)
+            workers, node = 1, Mosquitto(cpus=args.broker_cpus or None)
+        else:
+            workers = int(entry)
+            node = FluxmqNode(cpus=args.broker_cpus or None, sets=[f"server.workers={workers}", *args.set])
         node.start()
         try:
             time.sleep(1.0)  # every worker up
@@ -279,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                             costs.append(cpu / deliveries * 1e6)
                         if args.detail:
                             print(
-                                f"<!-- {workers} {mode}: "
+                                f"<!-- {entry} {mode}: connections per worker {result['split']}; "
                                 + ", ".join(
                                     f"pid {p} {(after[p][0] - before[p][0]) / deliveries * 1e6:.3f} us "
                                     f"(waited for a CPU {(after[p][3] - before[p][3]) / deliveries * 1e6:.3f} us) "
@@ -287,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{(after[p][2] - before[p][2]) * 1000 / deliveries:.2f} preempted, "
                                     f"user {(split1[p][0] - split0[p][0]) / deliveries * 1e6:.3f} "
                                     f"sys {(split1[p][1] - split0[p][1]) / deliveries * 1e6:.3f}"
-                                    for p in pids[1:]
+                                    for p in (pids[1:] or pids)
                                 )
                                 + " per delivery / per 1,000 -->",
                                 flush=True,
@@ -302,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                         for pid, got in counts.items():
                             print(
-                                f"<!-- {workers} {mode}: pid {pid} per 1,000 deliveries: "
+                                f"<!-- {entry} {mode}: pid {pid} per 1,000 deliveries: "
                                 + ", ".join(f"{k} {v * 1000 / deliveries:.2f}" for k, v in got.items())
                                 + " -->",
                                 flush=True,
@@ -310,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 med_rate = statistics.median(rates)
                 med_cost = statistics.median(costs) if costs else 0.0
                 print(
-                    f"| {workers} | {mode} | {', '.join(f'{r:,.0f}' for r in rates)} | {med_rate:,.0f} | "
+                    f"| {entry} | {mode} | {', '.join(f'{r:,.0f}' for r in rates)} | {med_rate:,.0f} | "
                     f"{med_cost:.3f} | {med_rate * med_cost / 1e6:.2f} | {statistics.median(shares):.2f} | {load} |",
                     flush=True,
                 )
