@@ -41,6 +41,7 @@ import sys
 import time
 import urllib.request
 
+from bench import procinfo
 from bench.brokers import FluxmqNode, Mosquitto
 
 MODES = {
@@ -161,23 +162,19 @@ def perf_stop(procs: list[subprocess.Popen], pids: list[int], out: str) -> dict[
     return counts
 
 
-def connections_by_pid(port: int) -> dict[int, int]:
-    """The established connections to ``port`` per process holding them (``ss -p``)."""
-    out = subprocess.run(
-        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
-    ).stdout
-    got: dict[int, int] = {}
-    for m in re.finditer(r"pid=(\d+)", out):
-        got[int(m.group(1))] = got.get(int(m.group(1)), 0) + 1
-    return got
-
-
 def run_once(
-    mqttload: str, port: int, mode: str, window: int, gen_cpus: str, count: int = 0, qos: int = 0
+    mqttload: str,
+    port: int,
+    mode: str,
+    window: int,
+    gen_cpus: str,
+    count: int = 0,
+    qos: int = 0,
+    pids: list[int] = (),
 ) -> dict[str, str]:
     """One mqttload run: its RESULT line's fields, plus ``gen_share``: the generator's CPU seconds
     (user + system, from the kernel's account of the waited child) over the run's wall time, and
-    ``split``: the connections each worker held 1.5 s into the run (``pid:count,...``)."""
+    ``split``: the TCP connections each of ``pids`` held 1.5 s into the run (``pid:count,...``)."""
     pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
     load = [*MODES[mode], "--qos", str(qos)]
     if count:
@@ -202,7 +199,7 @@ def run_once(
     try:
         proc.wait(timeout=1.5)
     except subprocess.TimeoutExpired:
-        split = ",".join(f"{p}:{n}" for p, n in sorted(connections_by_pid(port).items()))
+        split = ",".join(f"{p}:{len(procinfo.tcp_peer_ports(p) - {0})}" for p in pids)
     out = proc.communicate(timeout=90)[0]
     after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - start
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), "RESULT error=no_result")
@@ -288,7 +285,14 @@ def main(argv: list[str] | None = None) -> int:
                     before = {p: proc_cpu(p) for p in pids}
                     split0 = {p: user_sys(p) for p in pids}
                     result = run_once(
-                        args.mqttload, node.port, mode, args.window, args.gen_cpus, args.count, args.qos
+                        args.mqttload,
+                        node.port,
+                        mode,
+                        args.window,
+                        args.gen_cpus,
+                        args.count,
+                        args.qos,
+                        pids[1:] or pids,
                     )
                     shares.append(float(result["gen_share"]))
                     after = {p: proc_cpu(p) for p in pids}
