@@ -171,11 +171,14 @@ def run_once(
     count: int = 0,
     qos: int = 0,
     pids: list[int] = (),
+    gen_nice: int = 0,
 ) -> dict[str, str]:
     """One mqttload run: its RESULT line's fields, plus ``gen_share``: the generator's CPU seconds
     (user + system, from the kernel's account of the waited child) over the run's wall time, and
     ``split``: the TCP connections each of ``pids`` held 1.5 s into the run (``pid:count,...``)."""
     pin = ["taskset", "-c", gen_cpus] if gen_cpus else []
+    if gen_nice:
+        pin = ["nice", "-n", str(gen_nice), *pin]
     load = [*MODES[mode], "--qos", str(qos)]
     if count:
         load[load.index("--count") + 1] = str(count)
@@ -224,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra --set for the node")
     p.add_argument("--count", type=int, default=0, help="messages per run (default: the mode's)")
     p.add_argument("--qos", type=int, choices=(0, 1), default=0, help="mqttload's --qos (default 0)")
+    p.add_argument(
+        "--gen-nice",
+        type=int,
+        default=0,
+        help="the generator's nice value (negative: its wakeups preempt the broker on a shared CPU, "
+        "as clients on other hosts would answer at once)",
+    )
     p.add_argument(
         "--marginal",
         type=int,
@@ -279,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.gen_cpus,
                             args.marginal,
                             args.qos,
+                            gen_nice=args.gen_nice,
                         )
                         fixed_cpu = sum(proc_cpu(p)[0] - first[p] for p in pids)
                         fixed_deliveries = int(short.get("deliveries", short.get("received", "0")) or 0)
@@ -293,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.count,
                         args.qos,
                         pids[1:] or pids,
+                        args.gen_nice,
                     )
                     shares.append(float(result["gen_share"]))
                     after = {p: proc_cpu(p) for p in pids}
