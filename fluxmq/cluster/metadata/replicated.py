@@ -135,6 +135,8 @@ class RetainedReplica:
         self._pending: dict[str, tuple[Message | None, int]] = {}
         self._own_large: dict[str, Message] = {}  # payloads this node serves to the others
         self._writing: tuple[str, tuple[Message | None, int]] | None = None  # the change being written now
+        # topic -> (revision, value kv, clear kv) this node wrote last, while the watches lag behind it
+        self._wrote: dict[str, tuple[int, dict | None, dict | None]] = {}
         self._wake = Event()
         self._writer: gevent.Greenlet | None = None
         self._sweeper: gevent.Greenlet | None = None
@@ -229,6 +231,7 @@ class RetainedReplica:
                     self.written += 1
                 else:
                     self.superseded += 1
+            self._forget_seen()
             if not self._joined and self.meta.membership is not None:
                 self._joined = True  # this store's topics are in etcd: from now on etcd is the truth
                 self.meta.membership.write_state(retained_joined=True)
@@ -239,17 +242,20 @@ class RetainedReplica:
         key, cleared_key = self.prefix + topic, self.cleared_prefix + topic
         if message is None:
             self._own_large.pop(topic, None)
-            ops = [op_delete(key), op_put(cleared_key, encode_clear(self.node_id, at))]
+            ops = [op_delete(key), op_put(cleared_key, encode_clear(self.node_id, at)), op_get(cleared_key)]
         else:
             inline = len(message.payload) <= self.threshold
             if inline:
                 self._own_large.pop(topic, None)
             else:
                 self._own_large[topic] = message
-            ops = [op_put(key, encode_entry(self.node_id, message, inline, at=at)), op_delete(cleared_key)]
+            ops = [
+                op_put(key, encode_entry(self.node_id, message, inline, at=at)),
+                op_delete(cleared_key),
+                op_get(key),
+            ]
         mine = (at, self.node_id)
-        # first against what the watches saw (right unless etcd changed since): one round trip
-        value, cleared = self._mirror.items.get(key), self._cleared.items.get(cleared_key)
+        value, cleared = self._seen(topic)  # right unless etcd changed since: one round trip
         for _ in range(WRITE_ATTEMPTS):
             if max(stamp_of(value) or (-1, ""), stamp_of(cleared) or (-1, "")) > mine:
                 if message is not None and self._own_large.get(topic) is message:
@@ -261,9 +267,33 @@ class RetainedReplica:
             ]
             ok, responses = self.meta.client.txn(compare, ops, [op_get(key), op_get(cleared_key)])
             if ok:
+                written = next(iter(range_kvs(responses[-1])), None)
+                if written is not None:  # the next write of the topic may come before its echo
+                    seen = (None, written) if message is None else (written, None)
+                    self._wrote[topic] = (written["mod_revision"], *seen)
                 return False
             value, cleared = (next(iter(range_kvs(r)), None) for r in responses)
         raise ClusterError(f"etcd's retained {topic!r} kept changing under {WRITE_ATTEMPTS} writes")
+
+    def _seen(self, topic: str) -> tuple[dict | None, dict | None]:
+        """(value, clear record) of ``topic`` in etcd as far as this node knows: what its watches
+        saw, or what it wrote itself while the watch of the key it wrote has not seen that yet."""
+        wrote = self._wrote.get(topic)
+        if wrote is not None:
+            if not self._caught_up(wrote):
+                return wrote[1], wrote[2]
+            del self._wrote[topic]
+        return self._mirror.items.get(self.prefix + topic), self._cleared.items.get(
+            self.cleared_prefix + topic
+        )
+
+    def _caught_up(self, wrote: tuple[int, dict | None, dict | None]) -> bool:
+        revision, value, _ = wrote
+        return (self._mirror if value is not None else self._cleared).revision >= revision
+
+    def _forget_seen(self) -> None:
+        """Drop what this node wrote once its watches have seen it (at most one per topic)."""
+        self._wrote = {topic: w for topic, w in self._wrote.items() if not self._caught_up(w)}
 
     def _sweep_loop(self) -> None:
         while True:

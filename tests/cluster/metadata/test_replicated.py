@@ -351,3 +351,25 @@ def test_a_change_written_late_loses_to_a_later_one_already_in_etcd(meta_factory
             if member.pid is not None:
                 os.kill(member.pid, signal.SIGCONT)
             member.stop()
+
+
+def test_a_topic_changed_again_and_again_costs_one_etcd_request_per_write(meta_factory):
+    """Each write compares etcd's revision of the topic; a node that writes a topic again before
+    its watch brought back its previous write compares against what it wrote, not against the
+    watch's older view (which would fail the compare and cost a second transaction)."""
+    a = meta_factory("a")
+    broker = Broker(BrokerSettings())
+    replica = RetainedReplica(a, broker, THRESHOLD, lambda n, t: b"")
+    replica.start()
+    try:
+        assert replica.flush()
+        before = a.client.calls
+        for i in range(200):
+            broker.publish(Message("r/hot", str(i).encode(), 0, True))
+            gevent.sleep(0.002)
+        assert replica.flush()
+        assert replica.written > 50
+        assert a.client.calls - before <= replica.written + 10, (a.client.calls - before, replica.written)
+        assert decode_entry(a.client.get(a.prefix + "retained/r/hot")["value"])[1].payload == b"199"
+    finally:
+        replica.stop()
