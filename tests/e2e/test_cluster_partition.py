@@ -472,6 +472,46 @@ def test_wills_and_retained_messages_across_a_partition(part) -> None:
     part.agree()
 
 
+def test_a_retained_topic_changed_on_both_sides_ends_with_the_change_made_last(part) -> None:
+    """Retained changes the cut-off node takes wait in memory and are written at the heal, after the
+    majority's: the change made last (by when its node took it) wins, not the one etcd got last. A
+    topic set on the minority then on the majority, one set on the minority then cleared on the
+    majority, one cleared on the minority then set on the majority: every node ends with the
+    majority's later value or clear (before, the minority's, written at the heal, won all three)."""
+    both, cleared_after, set_after = (unique(f"part/{name}") for name in ("lww", "lww-clr", "lww-set"))
+    cut = part.nodes[CUT]
+    pub0 = paho5(part.nodes[0], unique("lp0"))
+    pub2 = paho5(cut, unique("lp2"))
+    try:
+        for topic in (cleared_after, set_after):
+            pub0.publish(topic, b"before", 1, retain=True)
+        for topic in (cleared_after, set_after):
+            assert wait_for(lambda topic=topic: retained(cut, topic) == b"before", 10)
+        part.cut(CUT)
+        pub2.publish(both, b"minority", 1, retain=True)  # acknowledged: taken before the majority's
+        pub2.publish(cleared_after, b"minority", 1, retain=True)
+        pub2.publish(set_after, b"", 1, retain=True)
+        time.sleep(0.05)  # the majority's stamps are later by more than a millisecond
+        pub0.publish(both, b"majority", 1, retain=True)
+        pub0.publish(cleared_after, b"", 1, retain=True)
+        pub0.publish(set_after, b"majority", 1, retain=True)
+        part.heal(CUT)
+    finally:
+        part.lab.heal(CUT)
+    # the cut-off node first (its writes done once it holds the majority's values), the clear last
+    for node in (cut, part.nodes[0], part.nodes[1]):
+        for topic, value in ((both, b"majority"), (set_after, b"majority"), (cleared_after, None)):
+            assert wait_for(lambda node=node, topic=topic, value=value: retained(node, topic) == value, 20), (
+                node.host,
+                topic,
+                retained(node, topic),
+                watch_events(node),
+            )
+    for client in (pub0, pub2):
+        client.disconnect()
+    part.agree()
+
+
 def test_a_node_cut_off_from_etcd_follows_it_again_as_soon_as_it_answers(part_external) -> None:
     """With one etcd outside the nodes, the cut-off node loses its connections to etcd too. A retained
     message set on the majority just after the cut reaches the cut-off node within seconds of the

@@ -7,6 +7,7 @@ Keys under ``prefix`` (default ``/fluxmq/``)::
     sessions/{client}/owner    node id                                         under the owner's lease
     election/leader            node id                                         under the leader's lease
     retained/{topic}           retained message or a reference to its owner    (replicated.py)
+    retained_cleared/{topic}   when a retained topic was cleared, and by whom  (replicated.py)
     wills/{client}             pending will and its owner node                 (replicated.py)
     queues/{name}/owner        the node holding a durable queue (no lease; watched) (queue_owners.py)
 """

@@ -7,8 +7,19 @@ and expiry included). A message whose payload is larger than
 its payload stays on the node that set it, and the others fetch it with ``fetch(node_id, topic)``
 (the node wires it to the transport's ``retained.fetch`` call, answered by ``serve_fetch``).
 
-* A change made on this node (``RetainedStore.on_change``) is queued and written by one greenlet,
-  the latest value per topic, so publishing never waits for etcd.
+* A change made on this node (``RetainedStore.on_change``) is stamped with the wall-clock time the
+  node took it (ms, ``"at"``), queued and written by one greenlet, the latest value per topic, so
+  publishing never waits for etcd.
+* The value set last wins, also when its write comes first (a node cut off from etcd writes its
+  changes at the heal): a write is a transaction that compares what etcd holds for the topic (the
+  value key and its clear, below: their mod revisions) and puts only when etcd's stamp is not newer,
+  retrying when etcd changed meanwhile. A write that finds a newer stamp is dropped and etcd's value
+  applied here. Stamps compare as ``(at, node)``; an entry of an older version has none (``at`` 0).
+* A clear deletes the value key and puts ``{prefix}retained_cleared/{topic}`` ``{"node", "at"}`` in
+  the same transaction (its time, which a later set must beat; older versions, which do not read
+  it, see the delete); a set deletes that key again. The leader deletes clears older than
+  ``clear_keep`` (an hour): a change made on a node cut off from etcd longer than that wins over a
+  clear made meanwhile.
 * A change seen in etcd is applied to ``broker.retained`` with ``apply_replicated`` (never reported
   back, so never written again). Changes are applied in etcd's order, this node's own included, so
   every node ends with the value etcd ended with.
@@ -38,14 +49,25 @@ from fluxmq.broker.message import Message
 from fluxmq.errors import ClusterError
 from fluxmq.storage.records import RecordError, decode_message, encode_message
 
-from .client import PrefixMirror, cmp_mod, cmp_value, op_delete
+from .client import PrefixMirror, cmp_mod, cmp_value, op_delete, op_get, op_put, range_kvs
 
-__all__ = ["RetainedReplica", "WillRegistry", "decode_entry", "encode_entry"]
+__all__ = ["RetainedReplica", "WillRegistry", "decode_entry", "encode_clear", "encode_entry", "stamp_of"]
 
 log = logging.getLogger("fluxmq.cluster.replicated")
 
 #: a will larger than this is not replicated (etcd refuses requests above ~1.5 MiB by default)
 MAX_WILL_BYTES = 1 << 20
+#: how long the leader keeps the record of a retained clear (seconds), and how often it looks
+CLEAR_KEEP = 3600.0
+CLEAR_SWEEP = 60.0
+#: transactions one retained write tries while etcd's value keeps changing under it (then it waits
+#: and tries again, as after a failure)
+WRITE_ATTEMPTS = 5
+
+
+def now_ms() -> int:
+    """The stamp of a retained change: wall-clock milliseconds (nodes' clocks assumed in sync)."""
+    return int(time.time() * 1000)
 
 
 def encode_entry(node_id: str, message: Message, inline: bool = True, **extra) -> bytes:
@@ -61,6 +83,23 @@ def encode_entry(node_id: str, message: Message, inline: bool = True, **extra) -
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def encode_clear(node_id: str, at: int) -> bytes:
+    """The record of a retained clear (``retained_cleared/{topic}``)."""
+    return json.dumps({"node": node_id, "at": at}, separators=(",", ":")).encode()
+
+
+def stamp_of(kv: dict | None) -> tuple[int, str] | None:
+    """``(at, node)`` of a retained entry or clear record (``at`` 0: written by a version without
+    stamps, or unreadable); None when there is none."""
+    if kv is None:
+        return None
+    try:
+        body = json.loads(kv["value"])
+        return int(body.get("at", 0) or 0), str(body.get("node", ""))
+    except (ValueError, TypeError, AttributeError):
+        return 0, ""
+
+
 def decode_entry(value: bytes) -> tuple[dict, Message]:
     """(envelope, message) of an etcd value; raises ValueError when it is not one of ours."""
     body = json.loads(value)
@@ -74,30 +113,53 @@ def decode_entry(value: bytes) -> tuple[dict, Message]:
 class RetainedReplica:
     """Mirrors this node's retained changes to etcd and applies the other nodes' to ``broker.retained``."""
 
-    def __init__(self, meta, broker, threshold: int, fetch: Callable[[str, str], bytes]) -> None:
+    def __init__(
+        self,
+        meta,
+        broker,
+        threshold: int,
+        fetch: Callable[[str, str], bytes],
+        clear_keep: float = CLEAR_KEEP,
+        clear_sweep: float = CLEAR_SWEEP,
+    ) -> None:
         self.meta = meta
         self.store = broker.retained
         self.threshold = threshold
         self.fetch = fetch
         self.node_id = meta.node_id
         self.prefix = meta.prefix + "retained/"
-        self._pending: dict[str, Message | None] = {}  # topic -> latest local change not yet in etcd
+        self.cleared_prefix = meta.prefix + "retained_cleared/"
+        self.clear_keep = clear_keep
+        self.clear_sweep = clear_sweep
+        # topic -> (latest local change not yet in etcd, its stamp)
+        self._pending: dict[str, tuple[Message | None, int]] = {}
         self._own_large: dict[str, Message] = {}  # payloads this node serves to the others
-        self._writing: tuple[str, Message | None] | None = None  # the change being written now
+        self._writing: tuple[str, tuple[Message | None, int]] | None = None  # the change being written now
+        # topic -> (revision, value kv, clear kv) this node wrote last, while the watches lag behind it
+        self._wrote: dict[str, tuple[int, dict | None, dict | None]] = {}
         self._wake = Event()
         self._writer: gevent.Greenlet | None = None
+        self._sweeper: gevent.Greenlet | None = None
         self._mirror: PrefixMirror | None = None
+        self._cleared: PrefixMirror | None = None
         self._joined = False
         self.written = 0
         self.applied = 0
         self.fetched = 0
         self.fetch_failures = 0
         self.write_failures = 0
+        self.superseded = 0  # local changes etcd already held a newer one of when they were written
+        self.clears_swept = 0
 
     def start(self) -> None:
         """Read what etcd holds (applied here), then follow both ways. Local topics etcd lacks are
         written to etcd the first time this node's store joins the cluster; at later starts etcd is
-        the truth and they are removed (another node cleared them while this one was down)."""
+        the truth and they are removed (another node cleared them while this one was down). Those
+        first writes are stamped 0: any change made in the cluster since is newer."""
+        self._cleared = PrefixMirror(
+            self.meta.client, self.cleared_prefix, lambda k, kv, old: None, name="retained_cleared"
+        )
+        self._cleared.start()
         self._mirror = mirror = PrefixMirror(self.meta.client, self.prefix, self._changed, name="retained")
         mirror.start()
         membership = self.meta.membership
@@ -110,17 +172,20 @@ class RetainedReplica:
             if self._joined:
                 self.store.apply_replicated(topic, None)
             else:
-                self._pending[topic] = message
+                self._pending[topic] = (message, 0)
         self.store.on_change = self._local_change
         self._writer = gevent.spawn(self._write_loop)
+        self._sweeper = gevent.spawn(self._sweep_loop)
         self._wake.set()
 
     def stop(self) -> None:
         self.store.on_change = None
-        if self._writer is not None:
-            self._writer.kill(block=True, timeout=5)
-        if self._mirror is not None:
-            self._mirror.stop()
+        for greenlet in (self._writer, self._sweeper):
+            if greenlet is not None:
+                greenlet.kill(block=True, timeout=5)
+        for mirror in (self._mirror, self._cleared):
+            if mirror is not None:
+                mirror.stop()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every local change is in etcd (tests, graceful stop); True when it is."""
@@ -134,7 +199,7 @@ class RetainedReplica:
         if topic.startswith("$"):
             return  # $SYS and other broker-internal topics are per node
         self._pending.pop(topic, None)  # re-insert: written in the order of the latest change
-        self._pending[topic] = message
+        self._pending[topic] = (message, now_ms())
         self._wake.set()
 
     def _write_loop(self) -> None:
@@ -143,10 +208,10 @@ class RetainedReplica:
             self._wake.wait()
             self._wake.clear()
             while self._pending:
-                topic, message = next(iter(self._pending.items()))
-                self._writing = (topic, message)
+                topic, entry = next(iter(self._pending.items()))
+                self._writing = (topic, entry)
                 try:
-                    self._write(topic, message)
+                    newer = self._write(topic, *entry)
                 except ClusterError as exc:
                     self.write_failures += 1
                     log.warning(
@@ -158,25 +223,98 @@ class RetainedReplica:
                 finally:
                     self._writing = None
                 pause = 0.1
-                if self._pending.get(topic, 0) is message:  # no newer change arrived meanwhile
+                if self._pending.get(topic) is entry:  # no newer change arrived meanwhile
                     del self._pending[topic]
-                self.written += 1
+                    if newer is not False:  # etcd holds a newer change: this node takes it too
+                        self._changed(self.prefix + topic, newer, None)
+                if newer is False:
+                    self.written += 1
+                else:
+                    self.superseded += 1
+            self._forget_seen()
             if not self._joined and self.meta.membership is not None:
                 self._joined = True  # this store's topics are in etcd: from now on etcd is the truth
                 self.meta.membership.write_state(retained_joined=True)
 
-    def _write(self, topic: str, message: Message | None) -> None:
-        key = self.prefix + topic
+    def _write(self, topic: str, message: Message | None, at: int) -> dict | None | bool:
+        """Write one change unless etcd holds a newer one: False when written, else the value etcd
+        holds (None: cleared). ClusterError when etcd fails or keeps changing under it."""
+        key, cleared_key = self.prefix + topic, self.cleared_prefix + topic
         if message is None:
             self._own_large.pop(topic, None)
-            self.meta.client.delete(key)
-            return
-        inline = len(message.payload) <= self.threshold
-        if inline:
-            self._own_large.pop(topic, None)
+            ops = [op_delete(key), op_put(cleared_key, encode_clear(self.node_id, at)), op_get(cleared_key)]
         else:
-            self._own_large[topic] = message
-        self.meta.client.put(key, encode_entry(self.node_id, message, inline))
+            inline = len(message.payload) <= self.threshold
+            if inline:
+                self._own_large.pop(topic, None)
+            else:
+                self._own_large[topic] = message
+            ops = [
+                op_put(key, encode_entry(self.node_id, message, inline, at=at)),
+                op_delete(cleared_key),
+                op_get(key),
+            ]
+        mine = (at, self.node_id)
+        value, cleared = self._seen(topic)  # right unless etcd changed since: one round trip
+        for _ in range(WRITE_ATTEMPTS):
+            if max(stamp_of(value) or (-1, ""), stamp_of(cleared) or (-1, "")) > mine:
+                if message is not None and self._own_large.get(topic) is message:
+                    del self._own_large[topic]
+                return value
+            compare = [
+                cmp_mod(key, value["mod_revision"] if value else 0),
+                cmp_mod(cleared_key, cleared["mod_revision"] if cleared else 0),
+            ]
+            ok, responses = self.meta.client.txn(compare, ops, [op_get(key), op_get(cleared_key)])
+            if ok:
+                written = next(iter(range_kvs(responses[-1])), None)
+                if written is not None:  # the next write of the topic may come before its echo
+                    seen = (None, written) if message is None else (written, None)
+                    self._wrote[topic] = (written["mod_revision"], *seen)
+                return False
+            value, cleared = (next(iter(range_kvs(r)), None) for r in responses)
+        raise ClusterError(f"etcd's retained {topic!r} kept changing under {WRITE_ATTEMPTS} writes")
+
+    def _seen(self, topic: str) -> tuple[dict | None, dict | None]:
+        """(value, clear record) of ``topic`` in etcd as far as this node knows: what its watches
+        saw, or what it wrote itself while the watch of the key it wrote has not seen that yet."""
+        wrote = self._wrote.get(topic)
+        if wrote is not None:
+            if not self._caught_up(wrote):
+                return wrote[1], wrote[2]
+            del self._wrote[topic]
+        return self._mirror.items.get(self.prefix + topic), self._cleared.items.get(
+            self.cleared_prefix + topic
+        )
+
+    def _caught_up(self, wrote: tuple[int, dict | None, dict | None]) -> bool:
+        revision, value, _ = wrote
+        return (self._mirror if value is not None else self._cleared).revision >= revision
+
+    def _forget_seen(self) -> None:
+        """Drop what this node wrote once its watches have seen it (at most one per topic)."""
+        self._wrote = {topic: w for topic, w in self._wrote.items() if not self._caught_up(w)}
+
+    def _sweep_loop(self) -> None:
+        while True:
+            gevent.sleep(self.clear_sweep)
+            if self.meta.is_leader:
+                try:
+                    self.sweep_cleared()
+                except ClusterError as exc:
+                    log.warning("retained_clear_sweep_failed", extra={"error": str(exc)})
+
+    def sweep_cleared(self) -> int:
+        """Delete the records of clears older than ``clear_keep`` (each unless it changed meanwhile);
+        how many went. The leader's, every ``clear_sweep`` seconds."""
+        oldest = now_ms() - int(self.clear_keep * 1000)
+        done = 0
+        for key, kv in list(self._cleared.items.items()):
+            if stamp_of(kv)[0] < oldest:
+                ok, _ = self.meta.client.txn([cmp_mod(key, kv["mod_revision"])], [op_delete(key)])
+                done += ok
+        self.clears_swept += done
+        return done
 
     # -- etcd -> this node -------------------------------------------------------------------------
     def _newer_local(self, topic: str) -> bool:

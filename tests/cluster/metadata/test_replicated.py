@@ -3,12 +3,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import gevent
 
 from fluxmq.broker.broker import Broker, BrokerSettings
 from fluxmq.broker.message import CONTENT_TYPE, USER_PROPERTY, Message
-from fluxmq.cluster.metadata.replicated import RetainedReplica, WillRegistry, decode_entry
+from fluxmq.cluster.metadata.client import EtcdClient
+from fluxmq.cluster.metadata.replicated import (
+    RetainedReplica,
+    WillRegistry,
+    decode_entry,
+    encode_clear,
+    encode_entry,
+    stamp_of,
+)
 from tests.cluster.metadata.conftest import SHORT_TTL, crash, wait_for
+from tests.cluster.metadata.test_member import _answers, _members
 
 THRESHOLD = 64
 
@@ -221,3 +234,142 @@ def test_after_a_restart_a_node_claims_only_the_wills_still_in_etcd_under_its_na
     finally:
         for registry in registries.values():
             registry.stop()
+
+
+def test_retained_entries_carry_their_stamp_and_old_entries_read_as_stamp_0():
+    message = Message("r/t", b"v", 1, True)
+    stamped = encode_entry("n1", message, True, at=1700000000123)
+    assert stamp_of({"value": stamped}) == (1700000000123, "n1")
+    body, got = decode_entry(stamped)
+    assert (body["at"], got.payload, got.qos) == (1700000000123, b"v", 1)
+    old = encode_entry("n0", message)  # a version without stamps wrote it
+    assert "at" not in json.loads(old)
+    assert stamp_of({"value": old}) == (0, "n0")
+    assert decode_entry(old)[1].payload == b"v"  # still read
+    assert stamp_of({"value": encode_clear("n2", 5)}) == (5, "n2")
+    assert stamp_of({"value": b"not json"}) == (0, "")
+    assert stamp_of(None) is None
+
+
+def test_an_entry_of_an_older_version_is_applied_and_a_later_change_replaces_it(meta_factory):
+    metas, brokers, replicas, _ = _pair(meta_factory)
+    try:
+        a = metas["a"]
+        a.client.put(
+            a.prefix + "retained/r/old", encode_entry("elder", Message("r/old", b"unstamped", 0, True))
+        )
+        assert wait_for(lambda: _retained(brokers["b"], "r/old") == b"unstamped")
+        brokers["b"].publish(Message("r/old", b"stamped", 0, True))
+        assert wait_for(lambda: _retained(brokers["a"], "r/old") == b"stamped")
+        assert replicas["b"].written == 1 and replicas["b"].superseded == 0
+    finally:
+        for replica in replicas.values():
+            replica.stop()
+
+
+def test_a_clear_leaves_a_stamped_record_until_a_set_or_the_sweep_removes_it(meta_factory):
+    metas, brokers, replicas, _ = _pair(meta_factory)
+    a = metas["a"]
+    cleared = a.prefix + "retained_cleared/"
+    try:
+        for topic in ("r/x", "r/y"):
+            brokers["a"].publish(Message(topic, b"1", 0, True))
+            brokers["a"].publish(Message(topic, b"", 0, True))
+        assert replicas["a"].flush()
+        assert sorted(kv["key"] for kv in a.client.range(cleared, prefix=True)[1]) == [
+            cleared + "r/x",
+            cleared + "r/y",
+        ]
+        assert a.client.get(a.prefix + "retained/r/x") is None
+        brokers["b"].publish(Message("r/x", b"2", 0, True))  # a set deletes the record
+        assert replicas["b"].flush()
+        assert wait_for(lambda: _retained(brokers["a"], "r/x") == b"2")
+        assert [kv["key"] for kv in a.client.range(cleared, prefix=True)[1]] == [cleared + "r/y"]
+        assert replicas["a"].sweep_cleared() == 0  # younger than clear_keep
+        replicas["a"].clear_keep = 0.0
+        assert wait_for(lambda: replicas["a"].sweep_cleared() == 1)
+        assert a.client.range(cleared, prefix=True)[1] == []
+    finally:
+        for replica in replicas.values():
+            replica.stop()
+
+
+def test_a_change_written_late_loses_to_a_later_one_already_in_etcd(meta_factory, tmp_path):
+    """Node a's etcd member is stopped (SIGSTOP: a is cut off from etcd, the two other members keep
+    the quorum b writes through). What a sets or clears meanwhile waits in memory; b changes the same
+    topics later. When a's member answers again a's writes find b's newer stamps in etcd: both nodes
+    end with b's values. A topic a changed after b did keeps a's value."""
+    members = _members(tmp_path, 3)
+    try:
+        for member in members:
+            member.start()
+        urls = [m.settings.client_endpoints()[0] for m in members]
+        assert wait_for(lambda: all(_answers(EtcdClient([u], timeout=2.0)) for u in urls), timeout=60)
+        metas = {"a": meta_factory("a", endpoint=urls[0]), "b": meta_factory("b", endpoint=urls[1])}
+        brokers = {n: Broker(BrokerSettings()) for n in metas}
+        replicas = {n: RetainedReplica(metas[n], brokers[n], THRESHOLD, lambda n, t: b"") for n in metas}
+        for replica in replicas.values():
+            replica.start()
+        try:
+            for topic in ("r/a-clears", "r/b-clears"):
+                brokers["b"].publish(Message(topic, b"before", 0, True))
+            assert wait_for(lambda: _retained(brokers["a"], "r/a-clears") == b"before")
+            assert wait_for(lambda: _retained(brokers["a"], "r/b-clears") == b"before")
+            os.kill(members[0].pid, signal.SIGSTOP)
+            try:
+                brokers["b"].publish(Message("r/a-later", b"b", 0, True))
+                assert replicas["b"].flush()
+                gevent.sleep(0.05)  # every stamp of a below is later than b's r/a-later
+                brokers["a"].publish(Message("r/a-later", b"a", 0, True))
+                brokers["a"].publish(Message("r/both", b"a", 0, True))
+                brokers["a"].publish(Message("r/b-clears", b"a", 0, True))
+                brokers["a"].publish(Message("r/a-clears", b"", 0, True))
+                gevent.sleep(0.05)  # b's changes below come later than a's
+                brokers["b"].publish(Message("r/both", b"b", 0, True))
+                brokers["b"].publish(Message("r/b-clears", b"", 0, True))
+                brokers["b"].publish(Message("r/a-clears", b"b", 0, True))
+                assert replicas["b"].flush()
+                gevent.sleep(0.5)  # a's writes fail meanwhile
+                assert replicas["a"]._pending
+            finally:
+                os.kill(members[0].pid, signal.SIGCONT)
+            assert replicas["a"].flush(30)
+            expected = {"r/a-later": b"a", "r/both": b"b", "r/b-clears": None, "r/a-clears": b"b"}
+            for name in ("a", "b"):
+                assert wait_for(
+                    lambda name=name: {t: _retained(brokers[name], t) for t in expected} == expected
+                ), (
+                    name,
+                    {t: _retained(brokers[name], t) for t in expected},
+                )
+            assert replicas["a"].superseded >= 3
+        finally:
+            for replica in replicas.values():
+                replica.stop()
+    finally:
+        for member in members:
+            if member.pid is not None:
+                os.kill(member.pid, signal.SIGCONT)
+            member.stop()
+
+
+def test_a_topic_changed_again_and_again_costs_one_etcd_request_per_write(meta_factory):
+    """Each write compares etcd's revision of the topic; a node that writes a topic again before
+    its watch brought back its previous write compares against what it wrote, not against the
+    watch's older view (which would fail the compare and cost a second transaction)."""
+    a = meta_factory("a")
+    broker = Broker(BrokerSettings())
+    replica = RetainedReplica(a, broker, THRESHOLD, lambda n, t: b"")
+    replica.start()
+    try:
+        assert replica.flush()
+        before = a.client.calls
+        for i in range(200):
+            broker.publish(Message("r/hot", str(i).encode(), 0, True))
+            gevent.sleep(0.002)
+        assert replica.flush()
+        assert replica.written > 50
+        assert a.client.calls - before <= replica.written + 10, (a.client.calls - before, replica.written)
+        assert decode_entry(a.client.get(a.prefix + "retained/r/hot")["value"])[1].payload == b"199"
+    finally:
+        replica.stop()
