@@ -51,6 +51,12 @@ HEARTBEATS_PER_TIMEOUT = 10
 #: the longest heartbeat period as a share of ``server.worker_timeout`` (see ``heartbeat_interval``)
 LONGEST_BEAT_SHARE = 0.5
 
+#: TEST-ONLY environment variable: seconds every heartbeat comes after it is due, as on a machine
+#: whose CPU is taken when it is due (a start-up slice, other processes): every beat is that much late,
+#: and each one moves the beats that much against the arbiter's looks (``BrokerWorker._beat``). Not
+#: a ``FLUXMQ_`` variable: those are configuration keys. Never set it in production.
+LATE_HEARTBEAT_ENV = "FLUXMQTEST_HEARTBEAT_LATE"
+
 
 def liveness_interval(timeout: float) -> float:
     """How often the arbiter looks at the worker's heartbeat file, and how often the worker touches it
@@ -224,12 +230,17 @@ class BrokerWorker(GeventWorker):
     def _beat(self) -> None:
         # cfg.timeout: gunicorn gives the worker half of it as ``self.timeout``
         interval = heartbeat_interval(self.cfg.timeout)
+        late = float(os.environ.get(LATE_HEARTBEAT_ENV) or 0)  # 0 but in tests
         while True:
             try:
                 self.notify()
             except (OSError, ValueError):  # the heartbeat file is closed: the worker is exiting
                 return
-            sleep_behind_io(interval)  # a message that arrives as it ends is served first
+            if late:
+                log.warning(
+                    "heartbeat_late", extra={"seconds": late, "reason": f"{LATE_HEARTBEAT_ENV} (tests only)"}
+                )
+            sleep_behind_io(interval + late)  # a message that arrives as it ends is served first
 
     def notify(self) -> None:
         """The heartbeat (gunicorn's ``Worker.notify``); when the arbiter is gone (killed with
