@@ -43,22 +43,47 @@ log = logging.getLogger("fluxmq.node")
 # ``alive = False`` (a signal handler) wakes it (bench/RESULTS.md, "The latency tail: what the hub
 # runs besides messages").
 POLL_INTERVAL = 0.1
-# The shortest period of the heartbeat and of the arbiter's look at it (seconds): gunicorn's, for both.
+# The shortest period of the heartbeat and of the arbiter's look at it (seconds): gunicorn's, for both
+# (but see ``heartbeat_interval``: a 1 s timeout).
 HEARTBEAT_INTERVAL = 1.0
 #: the heartbeat's period as a share of ``server.worker_timeout`` (see ``liveness_interval``)
 HEARTBEATS_PER_TIMEOUT = 10
+#: the longest heartbeat period as a share of ``server.worker_timeout`` (see ``heartbeat_interval``)
+LONGEST_BEAT_SHARE = 0.5
+
+#: TEST-ONLY environment variable: seconds every heartbeat comes after it is due, as on a machine
+#: whose CPU is taken when it is due (a start-up slice, other processes): every beat is that much late,
+#: and each one moves the beats that much against the arbiter's looks (``BrokerWorker._beat``). Not
+#: a ``FLUXMQ_`` variable: those are configuration keys. Never set it in production.
+LATE_HEARTBEAT_ENV = "FLUXMQTEST_HEARTBEAT_LATE"
 
 
 def liveness_interval(timeout: float) -> float:
-    """How often the worker touches its heartbeat file, and how often the arbiter looks at it: a tenth
-    of the worker timeout, at least every second (gunicorn does both every second whatever the timeout).
+    """How often the arbiter looks at the worker's heartbeat file, and how often the worker touches it
+    (at least twice per timeout: ``heartbeat_interval``): a tenth of the worker timeout, at least every
+    second (gunicorn does both every second whatever the timeout).
 
     Each is a turn of cold Python code (~60-200 us, with copy-on-write faults on pages the arbiter and
     the worker still share since the fork) on the CPU that serves the messages; once a second they
     were a class of the slowest lone messages (bench/RESULTS.md, "The heartbeat and the arbiter's
     look"). A hung hub is still killed once its heartbeat is ``timeout`` old, within a tenth of the
-    timeout more; a hub may now stall for 9/10 of the timeout (from ``timeout`` - 1 s) before that."""
+    timeout more; a hub may now stall for 9/10 of the timeout (from ``timeout`` - 1 s, at least half
+    of it) before that."""
     return max(HEARTBEAT_INTERVAL, timeout / HEARTBEATS_PER_TIMEOUT)
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """How often the worker touches its heartbeat file: ``liveness_interval``, but at least twice per
+    timeout (every 0.5 s with a 1 s timeout), so that a beat may come half the timeout late.
+
+    The arbiter kills the worker at a look that finds the file older than ``timeout``. A beat every
+    second with a 1 s timeout left no room: a beat a few milliseconds late (a restore slice, the
+    threadpool's hand-back of the loaded store, a CPU shared with other processes) was a kill
+    whenever a look fell in those milliseconds, and since each late beat moves the beats against
+    the looks (the arbiter keeps its own second), beats that came late by a second in all met a
+    look for sure: a start-up on a loaded machine was killed ("WORKER TIMEOUT") after beats only
+    tens of milliseconds late. A hung hub is still killed once its heartbeat is ``timeout`` old."""
+    return min(liveness_interval(timeout), timeout * LONGEST_BEAT_SHARE)
 
 
 # Budget for a quick stop (SIGQUIT): clients are closed without waiting for their writes.
@@ -204,13 +229,18 @@ class BrokerWorker(GeventWorker):
 
     def _beat(self) -> None:
         # cfg.timeout: gunicorn gives the worker half of it as ``self.timeout``
-        interval = liveness_interval(self.cfg.timeout)
+        interval = heartbeat_interval(self.cfg.timeout)
+        late = float(os.environ.get(LATE_HEARTBEAT_ENV) or 0)  # 0 but in tests
         while True:
             try:
                 self.notify()
             except (OSError, ValueError):  # the heartbeat file is closed: the worker is exiting
                 return
-            sleep_behind_io(interval)  # a message that arrives as it ends is served first
+            if late:
+                log.warning(
+                    "heartbeat_late", extra={"seconds": late, "reason": f"{LATE_HEARTBEAT_ENV} (tests only)"}
+                )
+            sleep_behind_io(interval + late)  # a message that arrives as it ends is served first
 
     def notify(self) -> None:
         """The heartbeat (gunicorn's ``Worker.notify``); when the arbiter is gone (killed with
