@@ -80,6 +80,8 @@ from fluxmq._core.publish_frame cimport (append_publish_frame, publish_frame_byt
 from fluxmq._core.slots cimport SlotMaker, slot_offset
 from libc.string cimport memchr
 
+from collections import deque
+
 from fluxmq.errors import ForwardedItemFailed
 
 cdef object _MISS = object()
@@ -361,6 +363,7 @@ cdef class PublishRelay:
         if session is None or conn.closed:
             return i
         cdef SentTable table = None
+        cdef bint plain = type(session) is self.session_class
         durable = self.persistent_class is not None and type(session) is self.persistent_class
         if durable:
             found = getattr(session.store, "sent_table", None)
@@ -368,7 +371,7 @@ cdef class PublishRelay:
                 table = <SentTable>found
             else:
                 durable = False  # (a store without one: the Python path)
-        if not durable and (tracked is None or type(session) is not self.session_class):
+        if not durable and not plain:
             return i
         cdef dict inflight = session.inflight
         inflight_class = self.inflight_class
@@ -391,17 +394,21 @@ cdef class PublishRelay:
             entry = inflight.get(pid)
             if entry is None:
                 break
-            if durable and type(entry) is inflight_class:
+            if type(entry) is inflight_class:
                 if entry.qos != 1 or (tracked is not None and isinstance(entry.message, tracked)):
                     break
                 del inflight[pid]
-                table.acked(client_id, pid)  # store.delete_inflight, before pump() may reuse the id
+                if durable:
+                    table.acked(client_id, pid)  # store.delete_inflight, before pump() may reuse the id
                 pump = True  # once the run's PUBACKs are settled (the window they free, at once)
             elif tracked is not None and isinstance(entry, tracked):
                 if pump:
                     pump = False
-                    if queue.count or session.held:
-                        self._pump(session, inflight, table)
+                    if durable:
+                        if queue.count or session.held:
+                            self._pump(session, inflight, table)
+                    elif session.queue or session.held:
+                        self._pump_memory(session, inflight)
                 if (session.queue.count if durable else session.queue) or session.held:
                     break
                 del inflight[pid]
@@ -413,9 +420,110 @@ cdef class PublishRelay:
             self.settled += 1
             if conn.closed or conn.session is not session:
                 break
-        if pump and (queue.count or session.held):
-            self._pump(session, inflight, table)
+        if pump:
+            if durable:
+                if queue.count or session.held:
+                    self._pump(session, inflight, table)
+            elif session.queue or session.held:
+                self._pump_memory(session, inflight)
         return i
+
+    cdef int _pump_memory(self, session, dict inflight) except -1:
+        """``Session.pump`` of a plain session after a run of PUBACKs freed its window: its common
+        case in C (an attached open connection under its output allowance, nothing held, no re-check
+        of read permissions; heads of QoS 1, not retained, without subscription ids or expiry, of the
+        relay's message class; 5.0: no outbound topic aliases), each sent as ``Session._send_new``
+        and ``send_publish`` send it (the encoding cached on the message as there; the session's and
+        connection's counters written once per call); whatever else is left (or congestion, or a
+        message the connection must refuse or cannot encode) goes to ``session.pump()``."""
+        cdef int pid, version, key
+        cdef long long quota, npk
+        cdef Py_ssize_t high, limit, freed
+        cdef bint rest
+        cdef ConnState dc
+        d = session.delivery
+        queue = session.queue
+        if (session.held or d is None or type(d) is not self.conn_class or (<ConnState>d).closed
+                or session.reread is not None or type(queue) is not deque):
+            session.pump()
+            return 0
+        dc = <ConnState>d
+        version = dc.version
+        if version == 5:
+            if dc._aliases_out is not None:
+                session.pump()
+                return 0
+            key = 10  # message.WIRE_V5_QOS1: the wire_cache key of a 5.0 QoS 1 PUBLISH of no extra properties
+            limit = dc._client_max_packet
+        else:
+            key = 2  # qos * 2 + retain, a 3.x connection's key (outbound.send_publish)
+            version = 4
+            limit = 0
+        quota = session.send_quota
+        message_class = self.message_class
+        inflight_class = self.inflight_class
+        dout = dc.out
+        high = dc._high
+        pid = session._next_pid
+        npk = 0
+        freed = 0  # what Session._drop_item subtracts from queue_bytes
+        rest = False  # what is left goes to session.pump()
+        while queue:
+            if PyByteArray_GET_SIZE(dout) > high:
+                rest = True  # is_congested: the allowance may grow, or the client waits for room
+                break
+            item = queue[0]
+            if type(item) is not tuple or len(<tuple>item) != 4:
+                rest = True
+                break
+            message, qos, retain, sub_ids = <tuple>item
+            if (qos != 1 or retain or sub_ids is not None or type(message) is not message_class
+                    or message.expires_at is not None):
+                rest = True  # Session.pump's other cases (QoS 0, expiry, ids, ...)
+                break
+            if len(inflight) >= quota:
+                break  # the window is full and the head is QoS 1: Session.pump would stop here too
+            # -- MQTTConnection.send_publish, its encoding cached on the message as there --
+            cache = message.wire_cache
+            data = cache.get(key) if cache is not None else None
+            if data is None:
+                try:
+                    if version == 5:
+                        props = message.properties
+                        data = encode_publish(message.topic, message.payload, 1, False, False, 1,
+                                              props if props else None, 5)
+                    else:
+                        data = encode_publish(message.topic, message.payload, 1, False, False, 1,
+                                              None, 4)
+                except (ValueError, TypeError, OverflowError):
+                    rest = True  # the Python path drops it as unencodable, counted and logged
+                    break
+                if cache is None:
+                    message.wire_cache = {key: data}
+                else:
+                    cache[key] = data
+            if limit and PyBytes_GET_SIZE(data) > limit:
+                rest = True  # over the client's Maximum Packet Size: the Python path drops it
+                break
+            queue.popleft()
+            freed += len(message.payload) + len(message.topic)
+            while pid in inflight:
+                pid = pid + 1 if pid < 65535 else 1
+            append_publish(dout, <bytes>data, pid, False)
+            npk += 1
+            inflight[pid] = self._inflight(message, 1, None)
+            pid = pid + 1 if pid < 65535 else 1
+        # what Session._send_new, _drop_item and the connection's send record per message, once per run
+        if npk:
+            session._next_pid = pid
+            session.queue_bytes -= freed
+            dc._npk += npk
+            if not dc._dirty:
+                dc._dirty = True
+                _mark(dc, d)
+        if rest:
+            session.pump()
+        return 0
 
     cdef int _pump(self, session, dict inflight, SentTable table) except -1:
         """``PersistentSession.pump`` after a run of PUBACKs freed the window: its common case in C (an
@@ -648,6 +756,10 @@ cdef class PublishRelay:
                 if self._queue_plain(session, dq, d, message, entry1,
                                      plen + len(topic) + 40, table):
                     continue
+            elif tq == 1 and sc is not None and type(session) is session_class:
+                # -- Session.deliver's queueing behind a full window --
+                if self._queue_memory(session, sc, d, message, sub_ids, plen + len(topic)):
+                    continue
             session.deliver(message, tq, False, sub_ids)
         acked[0] = n_acked
         return n
@@ -843,6 +955,37 @@ cdef class PublishRelay:
         if queue.count > 1 and (len(inflight) < quota or queue.qos0 or session.held):
             if not over or not d.is_congested():
                 self._pump(session, inflight, table)
+        return 1
+
+    cdef int _queue_memory(self, session, SessionCore sc, d, message, sub_ids,
+                           Py_ssize_t size) except -1:
+        """What ``Session.deliver`` does with a QoS 1 delivery to a plain session (``size`` as
+        ``_enqueue`` counts it) behind its full window, in C, for an attached open connection of the
+        relay's class: ``_enqueue`` within the session's bounds (no validity) and no pump, which could
+        send nothing (the window full, nothing held, no QoS 0 queued). Returns 1 when done; 0,
+        nothing done, for the Python path: room in the window, an empty queue with the output over
+        its mark (``Session.deliver`` asks ``is_congested``), a full queue (the overflow policy)."""
+        cdef ConnState dc
+        if d is None or type(d) is not self.conn_class or (<ConnState>d).closed:
+            return 0
+        dc = <ConnState>d
+        if len(sc.inflight) < sc.send_quota or session.held or session.validity:
+            return 0
+        queue = sc.queue
+        if queue:
+            if session.queue_qos0:
+                return 0  # a QoS 0 head may go with the window full: Session.deliver pumps
+        elif PyByteArray_GET_SIZE(dc.out) > dc._high:
+            return 0
+        limits = session._limits
+        if len(queue) >= limits.max_queued_messages or session.queue_bytes + size > limits.max_queued_bytes:
+            return 0
+        if type(queue) is not deque:
+            if queue:
+                return 0
+            queue = sc.queue = deque()
+        queue.append((message, 1, False, sub_ids))
+        session.queue_bytes += size
         return 1
 
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
