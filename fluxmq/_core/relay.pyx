@@ -2,8 +2,9 @@
 """The fast path of a connected client's PUBLISH: route it and write it into subscribers' output.
 
 ``PublishRelay.serve(conn, packets, start)`` handles the decoded packets of one read, from
-``start``, while they are PUBLISHes of the common shape (or PUBACKs of tracked deliveries, a
-durable queue's, settled through their sender as ``Session.on_puback`` does), and returns the index
+``start``, while they are PUBLISHes of the common shape (or PUBACKs of QoS 1 deliveries settled as
+``Session.on_puback`` does: a durable queue's tracked ones through their sender, a plain or
+persistent session's own with the pump of its queue after the run), and returns the index
 of the first packet it leaves to the caller (``len(packets)`` when none): the caller runs its Python handler for that
 packet and calls ``serve`` again after it. For each PUBLISH it does in one C call what the MQTT
 connection's ``_on_publish``, ``Broker.publish``, ``Session.deliver`` and the connection's
@@ -44,7 +45,12 @@ PUBACK is settled here too (``SentTable.acked``; then, once per run of PUBACKs, 
 something waits). A plain QoS 1
 delivery to a persistent session behind its full window (or its queue) is queued here as
 ``PersistentSession.deliver`` queues it (``_queue_plain``: ``QueueCore.append_plain`` on the disk
-queue's C fields), within the session's bounds; the rest of that path stays in Python.
+queue's C fields), within the session's bounds; the rest of that path stays in Python. The same for
+a plain ``Session`` (a subscriber behind its window, the common state under a QoS 1 load): a QoS 1
+delivery behind its full window is queued here (``_queue_memory``, the deque item
+``Session._enqueue`` makes), its PUBACKs are settled here and the window a run of them frees is
+filled from the queue here (``_pump_memory``: plain QoS 1 heads, encoded once per message in its
+``wire_cache``); everything ``Session`` decides (overflow, QoS 0, expiry, ids) stays in Python.
 
 This module holds no I/O and imports nothing above ``_core``; it reads and writes the attributes
 the broker and protocol layers document for this path (``docs/architecture.rst``, *Publish fast
@@ -345,10 +351,13 @@ cdef class PublishRelay:
         """A run of PUBACKs the fast path settles: of tracked deliveries (a durable queue's,
         ``TrackedMessage``) what the connection's ``_on_puback`` and ``Session.on_puback`` do for
         them (the entry leaves the window, then its sender's ``settle`` is called), for a plain or
-        persistent session with nothing queued or held; and, for a persistent session, of its own
-        QoS 1 deliveries what ``PersistentSession.on_puback`` does (the entry leaves the window, the
-        store marks its queue entry done, and ``pump`` sends what waits). Stops at the first PUBACK
-        of anything else, which the Python path serves.
+        persistent session with nothing queued or held; of a plain session's own QoS 1 deliveries
+        what ``Session.on_puback`` does (the entry leaves the window, then the pump sends what waits:
+        ``_pump_memory``); and, for a persistent session, of its own QoS 1 deliveries what
+        ``PersistentSession.on_puback`` does (the entry leaves the window, the store marks its queue
+        entry done, and ``pump`` sends what waits). The pump runs once per run of PUBACKs, for the
+        window they free at once (before a tracked one's settle, as ``on_puback`` pumps first).
+        Stops at the first PUBACK of anything else, which the Python path serves.
 
         The same with peers (a cluster node, a worker of several): neither ``on_puback`` looks at
         them. A delivery of a queue another worker or node owns (``ForwardedDelivery``) is settled
