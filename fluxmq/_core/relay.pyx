@@ -63,7 +63,7 @@ from fluxmq._core.outbuf cimport out_resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_New
-from cpython.ref cimport PyObject
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport (PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH,
                               PyUnicode_READ_CHAR)
 
@@ -268,6 +268,11 @@ cdef class PublishRelay:
     # attribute); read per read, an attribute look-up was ~140 instructions of a lone message
     cdef object _settings_type
     cdef Py_ssize_t _max_size_at
+    # byte offsets of the slots the queued path of a plain session reads (slot_offset; -1: read by
+    # name), valid for objects of exactly the class they were taken from
+    cdef Py_ssize_t _m_topic, _m_payload, _m_expires, _m_cache  # message_class
+    cdef Py_ssize_t _i_message, _i_qos  # inflight_class
+    cdef Py_ssize_t _s_held, _s_validity, _s_qos0, _s_bytes, _s_limits, _s_reread  # session_class
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None, persistent_class=None):
@@ -282,6 +287,18 @@ cdef class PublishRelay:
         self.inflight_class = inflight_class
         self._message_maker = _maker(message_class, MESSAGE_SLOTS)
         self._inflight_maker = _maker(inflight_class, INFLIGHT_SLOTS)
+        self._m_topic = slot_offset(message_class, "topic")
+        self._m_payload = slot_offset(message_class, "payload")
+        self._m_expires = slot_offset(message_class, "expires_at")
+        self._m_cache = slot_offset(message_class, "wire_cache")
+        self._i_message = slot_offset(inflight_class, "message")
+        self._i_qos = slot_offset(inflight_class, "qos")
+        self._s_held = slot_offset(session_class, "held")
+        self._s_validity = slot_offset(session_class, "validity")
+        self._s_qos0 = slot_offset(session_class, "queue_qos0")
+        self._s_bytes = slot_offset(session_class, "queue_bytes")
+        self._s_limits = slot_offset(session_class, "_limits")
+        self._s_reread = slot_offset(session_class, "reread")
         self.puback_class = puback_class
         self.tracked_class = tracked_class
         self.persistent_class = persistent_class
@@ -404,7 +421,8 @@ cdef class PublishRelay:
             if entry is None:
                 break
             if type(entry) is inflight_class:
-                if entry.qos != 1 or (tracked is not None and isinstance(entry.message, tracked)):
+                if (_get(entry, self._i_qos, "qos") != 1
+                        or (tracked is not None and isinstance(_get(entry, self._i_message, "message"), tracked))):
                     break
                 del inflight[pid]
                 if durable:
@@ -450,10 +468,16 @@ cdef class PublishRelay:
         cdef Py_ssize_t high, limit, freed
         cdef bint rest
         cdef ConnState dc
-        d = session.delivery
-        queue = session.queue
-        if (session.held or d is None or type(d) is not self.conn_class or (<ConnState>d).closed
-                or session.reread is not None or type(queue) is not deque):
+        cdef SessionCore sc
+        if type(session) is not self.session_class:  # (the slot offsets are session_class's)
+            session.pump()
+            return 0
+        sc = <SessionCore>session
+        d = sc.delivery
+        queue = sc.queue
+        if (_get(session, self._s_held, "held") or d is None or type(d) is not self.conn_class
+                or (<ConnState>d).closed or _get(session, self._s_reread, "reread") is not None
+                or type(queue) is not deque):
             session.pump()
             return 0
         dc = <ConnState>d
@@ -468,12 +492,12 @@ cdef class PublishRelay:
             key = 2  # qos * 2 + retain, a 3.x connection's key (outbound.send_publish)
             version = 4
             limit = 0
-        quota = session.send_quota
+        quota = sc.send_quota
         message_class = self.message_class
-        inflight_class = self.inflight_class
+        popleft = queue.popleft
         dout = dc.out
         high = dc._high
-        pid = session._next_pid
+        pid = sc._next_pid
         npk = 0
         freed = 0  # what Session._drop_item subtracts from queue_bytes
         rest = False  # what is left goes to session.pump()
@@ -487,35 +511,39 @@ cdef class PublishRelay:
                 break
             message, qos, retain, sub_ids = <tuple>item
             if (qos != 1 or retain or sub_ids is not None or type(message) is not message_class
-                    or message.expires_at is not None):
+                    or _get(message, self._m_expires, "expires_at") is not None):
                 rest = True  # Session.pump's other cases (QoS 0, expiry, ids, ...)
                 break
             if len(inflight) >= quota:
                 break  # the window is full and the head is QoS 1: Session.pump would stop here too
             # -- MQTTConnection.send_publish, its encoding cached on the message as there --
-            cache = message.wire_cache
-            data = cache.get(key) if cache is not None else None
+            topic = _get(message, self._m_topic, "topic")
+            payload = _get(message, self._m_payload, "payload")
+            cache = _get(message, self._m_cache, "wire_cache")
+            data = None
+            if type(cache) is dict:
+                data = (<dict>cache).get(key)
+            elif cache is not None:
+                data = cache.get(key)
             if data is None:
                 try:
                     if version == 5:
                         props = message.properties
-                        data = encode_publish(message.topic, message.payload, 1, False, False, 1,
-                                              props if props else None, 5)
+                        data = encode_publish(topic, payload, 1, False, False, 1, props if props else None, 5)
                     else:
-                        data = encode_publish(message.topic, message.payload, 1, False, False, 1,
-                                              None, 4)
+                        data = encode_publish(topic, payload, 1, False, False, 1, None, 4)
                 except (ValueError, TypeError, OverflowError):
                     rest = True  # the Python path drops it as unencodable, counted and logged
                     break
                 if cache is None:
-                    message.wire_cache = {key: data}
+                    _set(message, self._m_cache, "wire_cache", {key: data})
                 else:
                     cache[key] = data
             if limit and PyBytes_GET_SIZE(data) > limit:
                 rest = True  # over the client's Maximum Packet Size: the Python path drops it
                 break
-            queue.popleft()
-            freed += len(message.payload) + len(message.topic)
+            popleft()
+            freed += len(payload) + len(topic)
             while pid in inflight:
                 pid = pid + 1 if pid < 65535 else 1
             append_publish(dout, <bytes>data, pid, False)
@@ -524,8 +552,8 @@ cdef class PublishRelay:
             pid = pid + 1 if pid < 65535 else 1
         # what Session._send_new, _drop_item and the connection's send record per message, once per run
         if npk:
-            session._next_pid = pid
-            session.queue_bytes -= freed
+            sc._next_pid = pid
+            _set(session, self._s_bytes, "queue_bytes", _get(session, self._s_bytes, "queue_bytes") - freed)
             dc._npk += npk
             if not dc._dirty:
                 dc._dirty = True
@@ -975,26 +1003,30 @@ cdef class PublishRelay:
         nothing done, for the Python path: room in the window, an empty queue with the output over
         its mark (``Session.deliver`` asks ``is_congested``), a full queue (the overflow policy)."""
         cdef ConnState dc
+        cdef Py_ssize_t n
         if d is None or type(d) is not self.conn_class or (<ConnState>d).closed:
             return 0
         dc = <ConnState>d
-        if len(sc.inflight) < sc.send_quota or session.held or session.validity:
+        if (len(sc.inflight) < sc.send_quota or _get(session, self._s_held, "held")
+                or _get(session, self._s_validity, "validity")):
             return 0
         queue = sc.queue
-        if queue:
-            if session.queue_qos0:
+        n = len(queue)
+        if n:
+            if _get(session, self._s_qos0, "queue_qos0"):
                 return 0  # a QoS 0 head may go with the window full: Session.deliver pumps
         elif PyByteArray_GET_SIZE(dc.out) > dc._high:
             return 0
-        limits = session._limits
-        if len(queue) >= limits.max_queued_messages or session.queue_bytes + size > limits.max_queued_bytes:
+        limits = _get(session, self._s_limits, "_limits")
+        queued = _get(session, self._s_bytes, "queue_bytes") + size
+        if n >= limits.max_queued_messages or queued > limits.max_queued_bytes:
             return 0
         if type(queue) is not deque:
-            if queue:
+            if n:
                 return 0
             queue = sc.queue = deque()
         queue.append((message, 1, False, sub_ids))
-        session.queue_bytes += size
+        _set(session, self._s_bytes, "queue_bytes", queued)
         return 1
 
     cpdef Py_ssize_t serve(self, conn, list packets, Py_ssize_t start) except -1:
@@ -1941,6 +1973,32 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
+
+
+cdef inline object _get(obj, Py_ssize_t at, str name):
+    """``obj.name``, read from its slot at byte offset ``at`` when there is one (``at`` taken by
+    ``slot_offset`` from ``obj``'s exact class) and it is set; by name otherwise (an unset slot
+    raises ``AttributeError`` as the attribute would). A generic attribute look-up of a slot
+    costs ~250 instructions (the type's MRO, the member descriptor), this a load."""
+    cdef PyObject* v
+    if at >= 0:
+        v = (<PyObject**>((<char*><PyObject*>obj) + at))[0]
+        if v != NULL:
+            return <object>v
+    return getattr(obj, name)
+
+
+cdef inline int _set(obj, Py_ssize_t at, str name, value) except -1:
+    """``obj.name = value``, written into its slot when there is one (see ``_get``)."""
+    cdef PyObject** slot
+    if at < 0:
+        setattr(obj, name, value)
+        return 0
+    slot = <PyObject**>((<char*><PyObject*>obj) + at)
+    Py_INCREF(value)
+    Py_XDECREF(slot[0])
+    slot[0] = <PyObject*>value
+    return 0
 
 
 cdef SlotMaker _maker(cls, tuple names):
