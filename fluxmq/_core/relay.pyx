@@ -273,6 +273,8 @@ cdef class PublishRelay:
     cdef Py_ssize_t _m_topic, _m_payload, _m_expires, _m_cache  # message_class
     cdef Py_ssize_t _i_message, _i_qos  # inflight_class
     cdef Py_ssize_t _s_held, _s_validity, _s_qos0, _s_bytes, _s_limits, _s_reread  # session_class
+    cdef object _limits_type  # the class of the last session limits read, and its bounds' slots
+    cdef Py_ssize_t _l_count, _l_bytes
 
     def __init__(self, conn_class, session_class, message_class, inflight_class, puback_class,
                  long sample_mask, tracked_class=None, persistent_class=None):
@@ -299,6 +301,8 @@ cdef class PublishRelay:
         self._s_bytes = slot_offset(session_class, "queue_bytes")
         self._s_limits = slot_offset(session_class, "_limits")
         self._s_reread = slot_offset(session_class, "reread")
+        self._limits_type = None
+        self._l_count = self._l_bytes = -1
         self.puback_class = puback_class
         self.tracked_class = tracked_class
         self.persistent_class = persistent_class
@@ -1018,8 +1022,13 @@ cdef class PublishRelay:
         elif PyByteArray_GET_SIZE(dc.out) > dc._high:
             return 0
         limits = _get(session, self._s_limits, "_limits")
+        if type(limits) is not self._limits_type:
+            self._l_count = slot_offset(type(limits), "max_queued_messages")
+            self._l_bytes = slot_offset(type(limits), "max_queued_bytes")
+            self._limits_type = type(limits)
         queued = _get(session, self._s_bytes, "queue_bytes") + size
-        if n >= limits.max_queued_messages or queued > limits.max_queued_bytes:
+        if (n >= _get(limits, self._l_count, "max_queued_messages")
+                or queued > _get(limits, self._l_bytes, "max_queued_bytes")):
             return 0
         if type(queue) is not deque:
             if n:
