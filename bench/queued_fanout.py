@@ -48,7 +48,7 @@ from fluxmq.protocol.settings import ProtocolSettings  # noqa: E402
 from fluxmq.storage.memory import MemoryStorage  # noqa: E402
 from fluxmq.transport.tcp import SocketStream  # noqa: E402
 
-from .persist_relay import PAYLOAD, TOPIC, _recv_exactly  # noqa: E402
+from .persist_relay import PAYLOAD, TOPIC, _recv_exactly, publish_qos1  # noqa: E402
 
 WINDOW = 100
 MODES = ("direct", "queued")
@@ -83,13 +83,7 @@ def run(mode: str, subs: int, turns: int, per: int, queued: int = 200) -> float:
     batches: dict[int, bytes] = {}
 
     def publish(n: int) -> None:
-        data = batches.get(n)
-        if data is None:
-            data = batches[n] = b"".join(
-                c.encode(c.Publish(TOPIC, PAYLOAD, qos=1, packet_id=1 + i), 4) for i in range(n)
-            )
-        pub.sendall(data)
-        _recv_exactly(pub, 4 * n)
+        publish_qos1(pub, batches, n)
 
     # every PUBACK in packet id order (the broker gives a subscriber's ids in turn), so a turn's
     # acknowledgements are a slice: the clients' side costs little beside the broker's

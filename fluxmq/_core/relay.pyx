@@ -289,18 +289,11 @@ cdef class PublishRelay:
         self.inflight_class = inflight_class
         self._message_maker = _maker(message_class, MESSAGE_SLOTS)
         self._inflight_maker = _maker(inflight_class, INFLIGHT_SLOTS)
-        self._m_topic = slot_offset(message_class, "topic")
-        self._m_payload = slot_offset(message_class, "payload")
-        self._m_expires = slot_offset(message_class, "expires_at")
-        self._m_cache = slot_offset(message_class, "wire_cache")
-        self._i_message = slot_offset(inflight_class, "message")
-        self._i_qos = slot_offset(inflight_class, "qos")
-        self._s_held = slot_offset(session_class, "held")
-        self._s_validity = slot_offset(session_class, "validity")
-        self._s_qos0 = slot_offset(session_class, "queue_qos0")
-        self._s_bytes = slot_offset(session_class, "queue_bytes")
-        self._s_limits = slot_offset(session_class, "_limits")
-        self._s_reread = slot_offset(session_class, "reread")
+        self._m_topic, self._m_payload, self._m_expires, self._m_cache = _offsets(
+            message_class, ("topic", "payload", "expires_at", "wire_cache"))
+        self._i_message, self._i_qos = _offsets(inflight_class, ("message", "qos"))
+        self._s_held, self._s_validity, self._s_qos0, self._s_bytes, self._s_limits, self._s_reread = _offsets(
+            session_class, ("held", "validity", "queue_qos0", "queue_bytes", "_limits", "reread"))
         self._limits_type = None
         self._l_count = self._l_bytes = -1
         self.puback_class = puback_class
@@ -469,8 +462,9 @@ cdef class PublishRelay:
         message the connection must refuse or cannot encode) goes to ``session.pump()``."""
         cdef int pid, version, key
         cdef long long quota, npk
-        cdef Py_ssize_t high, limit, freed
+        cdef Py_ssize_t limit, freed
         cdef bint rest
+        cdef bytes data
         cdef ConnState dc
         cdef SessionCore sc
         if type(session) is not self.session_class:  # (the slot offsets are session_class's)
@@ -499,14 +493,11 @@ cdef class PublishRelay:
         quota = sc.send_quota
         message_class = self.message_class
         popleft = queue.popleft
-        dout = dc.out
-        high = dc._high
         pid = sc._next_pid
-        npk = 0
-        freed = 0  # what Session._drop_item subtracts from queue_bytes
+        npk = freed = 0  # (freed: what Session._drop_item subtracts from queue_bytes)
         rest = False  # what is left goes to session.pump()
         while queue:
-            if PyByteArray_GET_SIZE(dout) > high:
+            if PyByteArray_GET_SIZE(dc.out) > dc._high:
                 rest = True  # is_congested: the allowance may grow, or the client waits for room
                 break
             item = queue[0]
@@ -520,48 +511,26 @@ cdef class PublishRelay:
                 break
             if len(inflight) >= quota:
                 break  # the window is full and the head is QoS 1: Session.pump would stop here too
-            # -- MQTTConnection.send_publish, its encoding cached on the message as there --
-            topic = _get(message, self._m_topic, "topic")
-            payload = _get(message, self._m_payload, "payload")
-            cache = _get(message, self._m_cache, "wire_cache")
-            data = None
-            if type(cache) is dict:
-                data = (<dict>cache).get(key)
-            elif cache is not None:
-                data = cache.get(key)
-            if data is None:
-                try:
-                    if version == 5:
-                        props = message.properties
-                        data = encode_publish(topic, payload, 1, False, False, 1, props if props else None, 5)
-                    else:
-                        data = encode_publish(topic, payload, 1, False, False, 1, None, 4)
-                except (ValueError, TypeError, OverflowError):
-                    rest = True  # the Python path drops it as unencodable, counted and logged
-                    break
-                if cache is None:
-                    _set(message, self._m_cache, "wire_cache", {key: data})
-                else:
-                    cache[key] = data
+            try:
+                data = self._qos1_frame(message, key, version)  # MQTTConnection.send_publish
+            except (ValueError, TypeError, OverflowError):
+                rest = True  # the Python path drops it as unencodable, counted and logged
+                break
             if limit and PyBytes_GET_SIZE(data) > limit:
                 rest = True  # over the client's Maximum Packet Size: the Python path drops it
                 break
             popleft()
-            freed += len(payload) + len(topic)
+            freed += len(_get(message, self._m_payload, "payload")) + len(_get(message, self._m_topic, "topic"))
             while pid in inflight:
                 pid = pid + 1 if pid < 65535 else 1
-            append_publish(dout, <bytes>data, pid, False)
+            append_publish(dc.out, data, pid, False)
             npk += 1
             inflight[pid] = self._inflight(message, 1, None)
             pid = pid + 1 if pid < 65535 else 1
-        # what Session._send_new, _drop_item and the connection's send record per message, once per run
         if npk:
-            sc._next_pid = pid
+            self._sent_run(sc, dc, pid, npk)
+            # Session._drop_item's count, once per run
             _set(session, self._s_bytes, "queue_bytes", _get(session, self._s_bytes, "queue_bytes") - freed)
-            dc._npk += npk
-            if not dc._dirty:
-                dc._dirty = True
-                _mark(dc, d)
         if rest:
             session.pump()
         return 0
@@ -611,31 +580,54 @@ cdef class PublishRelay:
             message = (<tuple>item)[0]
             while pid in inflight:
                 pid = pid + 1 if pid < 65535 else 1
-            # -- MQTTConnection.send_publish (3.x), its encoding cached on the message as there --
-            cache = message.wire_cache
-            data = None
-            if cache is None:
-                data = encode_publish(message.topic, message.payload, 1, False, False, 1, None, 4)
-                message.wire_cache = {2: data}
-            else:
-                data = cache.get(2)
-                if data is None:
-                    data = cache[2] = encode_publish(message.topic, message.payload, 1, False, False, 1, None, 4)
-            append_publish(dout, <bytes>data, pid, False)
+            append_publish(dout, self._qos1_frame(message, 2, 4), pid, False)  # MQTTConnection.send_publish (3.x)
             npk += 1
             inflight[pid] = inflight_class(message, 1, False, None)
             table.sent(cid, pid, seq)  # store.put_sent
             pid = pid + 1 if pid < 65535 else 1
-        # what Session._send_new and the connection's send record per message, once per run
         if npk:
-            session._next_pid = pid
+            self._sent_run(<SessionCore>session, dc, pid, npk)
             session.queue_bytes = queue.bytes
-            dc._npk += npk
-            if not dc._dirty:
-                dc._dirty = True
-                _mark(dc, d)
         if rest:
             session.pump()
+        return 0
+
+    cdef bytes _qos1_frame(self, message, int key, int version):
+        """``message``'s QoS 1 PUBLISH (not retained, packet id 1) for a ``version`` connection, as
+        ``MQTTConnection.send_publish`` caches it on the message: ``wire_cache[key]`` (2 for 3.x;
+        10, ``message.WIRE_V5_QOS1``, for 5.0 without per-delivery properties), encoded at the first
+        ask. The codec's errors are raised (the caller decides)."""
+        cdef Py_ssize_t at_topic = -1, at_payload = -1, at_cache = -1
+        if type(message) is self.message_class:
+            at_topic, at_payload, at_cache = self._m_topic, self._m_payload, self._m_cache
+        cache = _get(message, at_cache, "wire_cache")
+        if type(cache) is dict:
+            data = (<dict>cache).get(key)
+        else:
+            data = cache.get(key) if cache is not None else None
+        if data is not None:
+            return data
+        topic = _get(message, at_topic, "topic")
+        payload = _get(message, at_payload, "payload")
+        if version == 5:
+            props = message.properties
+            data = encode_publish(topic, payload, 1, False, False, 1, props if props else None, 5)
+        else:
+            data = encode_publish(topic, payload, 1, False, False, 1, None, 4)
+        if cache is None:
+            _set(message, at_cache, "wire_cache", {key: data})
+        else:
+            cache[key] = data
+        return data
+
+    cdef int _sent_run(self, SessionCore sc, ConnState dc, int pid, long long npk) except -1:
+        """What ``Session._send_new`` and the connection's send record per message, once for a
+        pump's run of ``npk`` PUBLISHes written into ``dc``'s output (``pid``: the next id to try)."""
+        sc._next_pid = pid
+        dc._npk += npk
+        if not dc._dirty:
+            dc._dirty = True
+            _mark(dc, dc)
         return 0
 
     cdef Py_ssize_t _fan_out(self, targets, str topic, bytes payload, int qos, origin, origin_id,
@@ -1982,6 +1974,11 @@ cdef class PublishRelay:
                 self._count_sent(sent_n, sent_b)
         self.forwarded += done
         return (i, done)
+
+
+cdef tuple _offsets(cls, tuple names):
+    """``slot_offset(cls, name)`` of each of ``names``."""
+    return tuple([slot_offset(cls, name) for name in names])
 
 
 cdef inline object _get(obj, Py_ssize_t at, str name):

@@ -12,6 +12,8 @@ mis-routed, mis-encoded or mis-acknowledged message changes the bytes some clien
 
 from __future__ import annotations
 
+import contextlib
+
 import gevent
 import pytest
 from gevent import socket
@@ -818,9 +820,87 @@ def test_a_publishers_kept_route_follows_subscription_and_read_rule_changes() ->
         net.close()
 
 
-def _queue_bytes(session) -> int:
-    """What ``Session._enqueue`` counted for the messages in ``session``'s queue."""
-    return sum(len(item[0].payload) + len(item[0].topic) for item in session.queue)
+def _queues(net: Net) -> dict:
+    """Each client's session queue: its payloads, ``queue_bytes``, what ``Session._enqueue`` counted
+    for the messages in it, and ``queue_qos0``."""
+    return {
+        cid: (
+            [item[0].payload for item in s.queue],
+            s.queue_bytes,
+            sum(len(item[0].payload) + len(item[0].topic) for item in s.queue),
+            s.queue_qos0,
+        )
+        for cid, s in ((cid, conn.session) for cid, (conn, _, _) in net.clients.items())
+    }
+
+
+@contextlib.contextmanager
+def _python_calls(session_class, noted):
+    """Within it, what reaches the Python path: the PUBACKs the connection's handler serves
+    (``(client_id, packet_id)``) and the ``session_class.deliver`` calls for which
+    ``noted(session, message, qos)`` gives an entry (None: not noted); yields the two lists."""
+    acks, delivers = [], []
+    original_ack = connection_module._HANDLERS[c.PUBACK]
+    original_deliver = session_class.deliver
+
+    def counted_ack(conn, p):
+        acks.append((conn.client_id, p.packet_id))
+        original_ack(conn, p)
+
+    def counted_deliver(session, message, qos, *args):
+        entry = noted(session, message, qos)
+        if entry is not None:
+            delivers.append(entry)
+        original_deliver(session, message, qos, *args)
+
+    connection_module._HANDLERS[c.PUBACK] = counted_ack  # the connection's handler table
+    session_class.deliver = counted_deliver
+    try:
+        yield acks, delivers
+    finally:
+        connection_module._HANDLERS[c.PUBACK] = original_ack
+        session_class.deliver = original_deliver
+
+
+def _run_three(session_class, noted, scenario) -> list:
+    """``scenario(net)`` on a fresh ``Net`` with the fast path from the hub, from the reader and
+    off, the Python path's calls noted (``_python_calls``); per run: (what the scenario returns, the
+    counters, ``_queues``, the PUBACKs and the deliveries that reached Python). The first three must
+    be the same in every run."""
+    outcomes = []
+    with _python_calls(session_class, noted) as (acks, delivers):
+        try:
+            for relay, hub in ((True, True), (True, False), (False, False)):
+                RELAY.enabled = relay
+                HUB_READS.enabled = hub
+                acks.clear()
+                delivers.clear()
+                net = Net()
+                try:
+                    got = scenario(net)
+                    outcomes.append((got, net.counters(), _queues(net), sorted(acks), list(delivers)))
+                finally:
+                    net.close()
+        finally:
+            RELAY.enabled = True
+            HUB_READS.enabled = True
+    for other in outcomes[1:]:
+        assert outcomes[0][:3] == other[:3]
+    return outcomes
+
+
+def _noted_queued(session, message, qos):
+    """A subscriber's delivery of anything but a mark."""
+    return (
+        (session.client_id, message.payload, qos)
+        if session.client_id != "pub" and message.topic != MARK
+        else None
+    )
+
+
+def _noted_qos1(session, message, qos):
+    """A subscriber's QoS 1 delivery (the payload's first three bytes)."""
+    return (session.client_id, message.payload[:3]) if qos and session.client_id != "pub" else None
 
 
 def test_in_memory_sessions_queued_qos1_deliveries_and_pubacks_are_served_in_c() -> None:
@@ -832,20 +912,6 @@ def test_in_memory_sessions_queued_qos1_deliveries_and_pubacks_are_served_in_c()
     queued messages leave before newer ones, in order. Every run puts the same bytes on every socket
     and leaves the same counters, queues and ``queue_bytes``."""
     from fluxmq.broker.session import Session
-
-    python_acks = []
-    python_delivers = []
-    original_ack = connection_module._HANDLERS[c.PUBACK]
-    original_deliver = Session.deliver
-
-    def counted_ack(conn, p):
-        python_acks.append((conn.client_id, p.packet_id))
-        original_ack(conn, p)
-
-    def counted_deliver(session, message, qos, *args):
-        if session.client_id != "pub" and message.topic != MARK:
-            python_delivers.append((session.client_id, message.payload, qos))
-        original_deliver(session, message, qos, *args)
 
     # (sender, packets, what each client reads then: (marks, other PUBLISHes)); marks (QoS 0) that
     # meet a queue wait in it and come out after what was queued before them
@@ -867,45 +933,23 @@ def test_in_memory_sessions_queued_qos1_deliveries_and_pubacks_are_served_in_c()
         ),
         ("mem", [c.Puback(3), c.Puback(4), c.Puback(5)], {"mem": (2, 2), "pub": (1, 0)}),
     ]
-    outcomes = []
-    connection_module._HANDLERS[c.PUBACK] = counted_ack
-    Session.deliver = counted_deliver
-    try:
-        for relay, hub in ((True, True), (True, False), (False, False)):
-            RELAY.enabled = relay
-            HUB_READS.enabled = hub
-            python_acks.clear()
-            python_delivers.clear()
-            net = Net()
-            try:
-                net.client("pub")
-                net.client("mem", quota=3)
-                net.client("mem5", version=5, quota=2)
-                net.client("ids", version=5, quota=1)
-                for cid in ("mem", "mem5"):
-                    net.subscribe(cid, "t", 1)
-                net.subscribe("ids", "t", 1, subscription_id=7)
-                decoders = {cid: c.Decoder(version=conn.version) for cid, (conn, _, _) in net.clients.items()}
-                got = []
-                for sender, packets, want in phases:
-                    net.send(sender, packets)
-                    got.append(_read_phase(net, decoders, want))
-                sessions = {cid: conn.session for cid, (conn, _, _) in net.clients.items()}
-                queues = {
-                    cid: ([item[0].payload for item in s.queue], s.queue_bytes, _queue_bytes(s), s.queue_qos0)
-                    for cid, s in sessions.items()
-                }
-                outcomes.append((got, net.counters(), queues, sorted(python_acks), list(python_delivers)))
-            finally:
-                net.close()
-    finally:
-        RELAY.enabled = True
-        HUB_READS.enabled = True
-        connection_module._HANDLERS[c.PUBACK] = original_ack
-        Session.deliver = original_deliver
-    fast, reader, slow = outcomes
-    for other in (reader, slow):
-        assert fast[:3] == other[:3]
+
+    def scenario(net: Net) -> list:
+        net.client("pub")
+        net.client("mem", quota=3)
+        net.client("mem5", version=5, quota=2)
+        net.client("ids", version=5, quota=1)
+        for cid in ("mem", "mem5"):
+            net.subscribe(cid, "t", 1)
+        net.subscribe("ids", "t", 1, subscription_id=7)
+        decoders = {cid: c.Decoder(version=conn.version) for cid, (conn, _, _) in net.clients.items()}
+        got = []
+        for sender, packets, want in phases:
+            net.send(sender, packets)
+            got.append(_read_phase(net, decoders, want))
+        return got
+
+    fast, reader, slow = _run_three(Session, _noted_queued, scenario)
     got, counters, queues = fast[:3]
     payloads = {
         cid: [p.payload for phase in got if cid in phase for p in _publishes(phase[cid], v)]
@@ -953,14 +997,6 @@ def test_in_memory_queue_cases_left_to_the_python_path(policy: str) -> None:
 
     from fluxmq.broker.session import Session, SessionLimits
 
-    python_delivers = []
-    original_deliver = Session.deliver
-
-    def counted_deliver(session, message, qos, *args):
-        if qos and session.client_id != "pub":
-            python_delivers.append((session.client_id, message.payload[:3]))
-        original_deliver(session, message, qos, *args)
-
     # the marks that meet bound's full queue: dropped (drop_new), or queued at the oldest's cost
     bound_marks = (0, 0) if policy == "drop_new" else (2, 1)
     phases = [
@@ -968,59 +1004,31 @@ def test_in_memory_queue_cases_left_to_the_python_path(policy: str) -> None:
         ("small", {"small": (0, 1), "bound": (bound_marks[1], 0), "pub": (1, 0)}),
         ("exp", {"exp": (0, 1), "bound": (bound_marks[1], 0), "pub": (1, 0)}),
     ]
-    outcomes = []
-    Session.deliver = counted_deliver
-    try:
-        for relay, hub in ((True, True), (True, False), (False, False)):
-            RELAY.enabled = relay
-            HUB_READS.enabled = hub
-            python_delivers.clear()
-            net = Net()
-            try:
-                net.client("pub")
-                bound = net.client("bound", quota=1)
-                bound.session.limits = SessionLimits(
-                    max_inflight=1, max_queued_messages=2, queue_overflow=policy
-                )
-                small = net.client("small", version=5, quota=1)
-                small._client_max_packet = 40  # the client's Maximum Packet Size
-                net.client("exp", quota=1)
-                for cid in ("bound", "small", "exp"):
-                    net.subscribe(cid, "t", 1)
-                decoders = {cid: c.Decoder(version=conn.version) for cid, (conn, _, _) in net.clients.items()}
-                net.send(
-                    "pub",
-                    [
-                        c.Publish("t", b"m0", qos=1, packet_id=1),
-                        c.Publish("t", b"big" * 20, qos=1, packet_id=2),
-                    ]
-                    + [c.Publish("t", b"m%d" % i, qos=1, packet_id=2 + i) for i in (1, 2, 3)],
-                )
-                got = [
-                    _read_phase(
-                        net, decoders, {"pub": (1, 0), "bound": (0, 1), "small": (0, 1), "exp": (0, 1)}
-                    )
-                ]
-                queue = net.clients["exp"][0].session.queue  # its head (big) expires
-                queue[0] = (queue[0][0].copy(expires_at=time.monotonic() - 1), *queue[0][1:])
-                for sender, want in phases:
-                    net.send(sender, [c.Puback(1)])
-                    got.append(_read_phase(net, decoders, want))
-                sessions = {cid: conn.session for cid, (conn, _, _) in net.clients.items()}
-                queues = {
-                    cid: ([item[0].payload for item in s.queue], s.queue_bytes, _queue_bytes(s), s.queue_qos0)
-                    for cid, s in sessions.items()
-                }
-                outcomes.append((got, net.counters(), queues, list(python_delivers)))
-            finally:
-                net.close()
-    finally:
-        RELAY.enabled = True
-        HUB_READS.enabled = True
-        Session.deliver = original_deliver
-    fast, reader, slow = outcomes
-    for other in (reader, slow):
-        assert fast[:3] == other[:3]
+
+    def scenario(net: Net) -> list:
+        net.client("pub")
+        bound = net.client("bound", quota=1)
+        bound.session.limits = SessionLimits(max_inflight=1, max_queued_messages=2, queue_overflow=policy)
+        small = net.client("small", version=5, quota=1)
+        small._client_max_packet = 40  # the client's Maximum Packet Size
+        net.client("exp", quota=1)
+        for cid in ("bound", "small", "exp"):
+            net.subscribe(cid, "t", 1)
+        decoders = {cid: c.Decoder(version=conn.version) for cid, (conn, _, _) in net.clients.items()}
+        net.send(
+            "pub",
+            [c.Publish("t", b"m0", qos=1, packet_id=1), c.Publish("t", b"big" * 20, qos=1, packet_id=2)]
+            + [c.Publish("t", b"m%d" % i, qos=1, packet_id=2 + i) for i in (1, 2, 3)],
+        )
+        got = [_read_phase(net, decoders, {"pub": (1, 0), "bound": (0, 1), "small": (0, 1), "exp": (0, 1)})]
+        queue = net.clients["exp"][0].session.queue  # its head (big) expires
+        queue[0] = (queue[0][0].copy(expires_at=time.monotonic() - 1), *queue[0][1:])
+        for sender, want in phases:
+            net.send(sender, [c.Puback(1)])
+            got.append(_read_phase(net, decoders, want))
+        return got
+
+    fast, reader, slow = _run_three(Session, _noted_qos1, scenario)
     got, counters, queues = fast[:3]
     second = {
         cid: [p.payload for p in _publishes(got[k + 1][cid], v)]
@@ -1037,5 +1045,5 @@ def test_in_memory_queue_cases_left_to_the_python_path(policy: str) -> None:
     for s in queues.values():
         assert s[1] == s[2]
     # with the fast path only the deliveries that meet bound's full queue go through Session.deliver
-    assert fast[3] == reader[3] == [("bound", b"m2"), ("bound", b"m3")]
-    assert len(slow[3]) == 3 * 5
+    assert fast[4] == reader[4] == [("bound", b"m2"), ("bound", b"m3")]
+    assert len(slow[4]) == 3 * 5
