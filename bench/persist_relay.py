@@ -60,6 +60,19 @@ def _recv_exactly(sock, n: int) -> None:
         got += len(chunk)
 
 
+def publish_qos1(pub, batches: dict[int, bytes], n: int) -> None:
+    """Write ``n`` QoS 1 PUBLISHes (packet ids 1..n: the same every turn, as the turn reads their
+    PUBACKs before the next one) to ``pub`` at once, and read their PUBACKs; ``batches`` keeps each
+    ``n``'s bytes."""
+    data = batches.get(n)
+    if data is None:
+        data = batches[n] = b"".join(
+            c.encode(c.Publish(TOPIC, PAYLOAD, qos=1, packet_id=1 + i), 4) for i in range(n)
+        )
+    pub.sendall(data)
+    _recv_exactly(pub, 4 * n)
+
+
 def run(kind: str, turns: int, per: int, queued: int = 0) -> float:
     """CPU microseconds per message for one round."""
     tmp = tempfile.mkdtemp(prefix="persist-relay-")
@@ -96,17 +109,10 @@ def run(kind: str, turns: int, per: int, queued: int = 0) -> float:
         ping = c.encode(c.Pingreq(), 4)
         next_pid = [1]  # the subscriber's packet ids, in order (every turn acknowledges all it got)
 
-        def publish(n: int) -> None:
-            # the same packet ids every turn: the turn reads their PUBACKs before the next one
-            data = batches.get(n)
-            if data is None:
-                data = batches[n] = b"".join(
-                    c.encode(c.Publish(TOPIC, PAYLOAD, qos=1, packet_id=1 + i), 4) for i in range(n)
-                )
-            pub.sendall(data)
-            _recv_exactly(pub, 4 * n)
-
         batches: dict[int, bytes] = {}
+
+        def publish(n: int) -> None:
+            publish_qos1(pub, batches, n)
 
         def ack(n: int) -> None:
             pid = next_pid[0]

@@ -257,9 +257,15 @@ class Session(SessionCore):
                 self._drop("offline_qos0")  # closing: as good as offline for QoS 0
                 return
             self._enqueue(message, qos, retain, subscription_ids)
-            if len(self.queue) > 1 and not d.is_congested():
+            if (
+                len(self.queue) > 1
+                and (len(self.inflight) < self.send_quota or self.queue_qos0 or self.held)
+                and not d.is_congested()
+            ):
                 # The output has room again (drained, or the client's allowance grew) before the
                 # low-water mark called on_writable: move the queue on now rather than overflow it.
+                # (With the window full, nothing held and no QoS 0 queued, pump could send nothing:
+                # the common case of a client behind its window pays no call.)
                 self.pump()
             return
         if qos == 0:
@@ -377,12 +383,16 @@ class Session(SessionCore):
         if not queue:
             return
         inflight = self.inflight
+        quota = self.send_quota
         while queue and not d.is_congested():
             message, qos, retain, sub_ids = queue[0]
-            if qos and len(inflight) >= self.send_quota:
+            if qos and len(inflight) >= quota:
                 return
             queue.popleft()
-            self._drop_item((message, qos))
+            # _drop_item's count, without an item tuple per message (PersistentSession has its own pump)
+            self.queue_bytes -= len(message.payload) + len(message.topic)
+            if qos == 0:
+                self.queue_qos0 -= 1
             if message.expires_at is not None and message.expired():
                 self._drop("expired")
                 if self.validity:

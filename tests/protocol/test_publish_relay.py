@@ -12,6 +12,8 @@ mis-routed, mis-encoded or mis-acknowledged message changes the bytes some clien
 
 from __future__ import annotations
 
+import contextlib
+
 import gevent
 import pytest
 from gevent import socket
@@ -426,8 +428,8 @@ def _relay_on():
 
 def test_pubacks_of_queue_deliveries_are_settled_in_c() -> None:
     """A consumer's PUBACKs of durable-queue deliveries (auto-ack) are settled by the fast path
-    (no Python ``_on_puback``); a PUBACK of an ordinary QoS 1 delivery in the same read goes to the
-    Python path. Either way the group ends in the same state and the consumer reads the same."""
+    (no Python ``_on_puback``), and so is a PUBACK of an ordinary QoS 1 delivery in the same read.
+    Either way the group ends in the same state and the consumer reads the same."""
     from fluxmq.queues import QueueManager
     from fluxmq.queues.config import QueueConfig
 
@@ -485,7 +487,7 @@ def test_pubacks_of_queue_deliveries_are_settled_in_c() -> None:
     fast, slow = outcomes
     assert fast[:4] == slow[:4] == (3, [], [], b"")
     assert slow[4] == slow[6] == [1, 2, 3, 4]  # every PUBACK through the Python handler
-    assert fast[4] == [fast[5]]  # only the ordinary delivery's
+    assert fast[4] == []  # the ordinary delivery's too
 
 
 def _read_phase(net: Net, decoders: dict, want: dict) -> dict:
@@ -635,8 +637,8 @@ def test_persistent_sessions_qos1_deliveries_and_pubacks_are_served_in_c(tmp_pat
     # without the fast path every PUBACK and every delivery goes through Python
     assert len(slow[4]) == 5 + 4 + 5
     assert len({d for d in slow[5] if d[1] != b"end"}) == 9 + 8
-    # with it: the PUBACKs of persistent sessions are settled in C (the in-memory session's are not)
-    assert [cid for cid, _ in fast[4]] == ["mem"] * 5 == [cid for cid, _ in reader[4]]
+    # with it: the PUBACKs are settled in C (the persistent sessions' and the in-memory one's)
+    assert fast[4] == [] == reader[4]
     # and only deliveries that meet a full window or a queue (Python: queued) leave the fast path
     sent_at_once = {("dur", b"m0"), ("dur", b"m1"), ("dur", b"m2"), ("dur5", b"m0"), ("dur5", b"m1")}
     sent_at_once |= {("dur", b"late0"), ("dur", b"late1"), ("dur5", b"late0")}
@@ -816,3 +818,232 @@ def test_a_publishers_kept_route_follows_subscription_and_read_rule_changes() ->
         assert b"3" not in got["a"] and b"3" in got["b"]
     finally:
         net.close()
+
+
+def _queues(net: Net) -> dict:
+    """Each client's session queue: its payloads, ``queue_bytes``, what ``Session._enqueue`` counted
+    for the messages in it, and ``queue_qos0``."""
+    return {
+        cid: (
+            [item[0].payload for item in s.queue],
+            s.queue_bytes,
+            sum(len(item[0].payload) + len(item[0].topic) for item in s.queue),
+            s.queue_qos0,
+        )
+        for cid, s in ((cid, conn.session) for cid, (conn, _, _) in net.clients.items())
+    }
+
+
+@contextlib.contextmanager
+def _python_calls(session_class, noted):
+    """Within it, what reaches the Python path: the PUBACKs the connection's handler serves
+    (``(client_id, packet_id)``) and the ``session_class.deliver`` calls for which
+    ``noted(session, message, qos)`` gives an entry (None: not noted); yields the two lists."""
+    acks, delivers = [], []
+    original_ack = connection_module._HANDLERS[c.PUBACK]
+    original_deliver = session_class.deliver
+
+    def counted_ack(conn, p):
+        acks.append((conn.client_id, p.packet_id))
+        original_ack(conn, p)
+
+    def counted_deliver(session, message, qos, *args):
+        entry = noted(session, message, qos)
+        if entry is not None:
+            delivers.append(entry)
+        original_deliver(session, message, qos, *args)
+
+    connection_module._HANDLERS[c.PUBACK] = counted_ack  # the connection's handler table
+    session_class.deliver = counted_deliver
+    try:
+        yield acks, delivers
+    finally:
+        connection_module._HANDLERS[c.PUBACK] = original_ack
+        session_class.deliver = original_deliver
+
+
+def _run_three(session_class, noted, scenario) -> list:
+    """``scenario(net)`` on a fresh ``Net`` with the fast path from the hub, from the reader and
+    off, the Python path's calls noted (``_python_calls``); per run: (what the scenario returns, the
+    counters, ``_queues``, the PUBACKs and the deliveries that reached Python). The first three must
+    be the same in every run."""
+    outcomes = []
+    with _python_calls(session_class, noted) as (acks, delivers):
+        try:
+            for relay, hub in ((True, True), (True, False), (False, False)):
+                RELAY.enabled = relay
+                HUB_READS.enabled = hub
+                acks.clear()
+                delivers.clear()
+                net = Net()
+                try:
+                    got = scenario(net)
+                    outcomes.append((got, net.counters(), _queues(net), sorted(acks), list(delivers)))
+                finally:
+                    net.close()
+        finally:
+            RELAY.enabled = True
+            HUB_READS.enabled = True
+    for other in outcomes[1:]:
+        assert outcomes[0][:3] == other[:3]
+    return outcomes
+
+
+def _noted_queued(session, message, qos):
+    """A subscriber's delivery of anything but a mark."""
+    return (
+        (session.client_id, message.payload, qos)
+        if session.client_id != "pub" and message.topic != MARK
+        else None
+    )
+
+
+def _noted_qos1(session, message, qos):
+    """A subscriber's QoS 1 delivery (the payload's first three bytes)."""
+    return (session.client_id, message.payload[:3]) if qos and session.client_id != "pub" else None
+
+
+def test_in_memory_sessions_queued_qos1_deliveries_and_pubacks_are_served_in_c() -> None:
+    """Clean subscribers (3.1.1 window 3, 5.0 window 2, 5.0 window 1 with a subscription identifier):
+    a QoS 1 delivery behind a full window is queued by the fast path (no Python ``Session.deliver``;
+    a QoS 0 one, and any delivery while a QoS 0 one waits, takes the Python path), every PUBACK is
+    settled there (no Python ``_on_puback``), and the window it frees sends the queue's head on in
+    C up to a head it does not cover (QoS 0, subscription ids), from where ``Session.pump`` goes on:
+    queued messages leave before newer ones, in order. Every run puts the same bytes on every socket
+    and leaves the same counters, queues and ``queue_bytes``."""
+    from fluxmq.broker.session import Session
+
+    # (sender, packets, what each client reads then: (marks, other PUBLISHes)); marks (QoS 0) that
+    # meet a queue wait in it and come out after what was queued before them
+    phases = [
+        (
+            "pub",
+            [c.Publish("t", b"m%d" % i, qos=1, packet_id=10 + i) for i in range(5)]
+            + [c.Publish("t", b"zero")],
+            {"pub": (1, 0), "mem": (0, 3), "mem5": (0, 2), "ids": (0, 1)},
+        ),
+        ("mem", [c.Puback(1), c.Puback(2)], {"mem": (2, 3), "pub": (1, 0)}),
+        ("mem5", [c.Puback(2), c.Puback(1)], {"mem5": (0, 2), "mem": (1, 0), "pub": (1, 0)}),
+        ("ids", [c.Puback(1)], {"ids": (0, 1), "mem": (1, 0), "pub": (1, 0)}),
+        ("mem5", [c.Puback(3), c.Puback(4)], {"mem5": (5, 2), "mem": (1, 0), "pub": (1, 0)}),
+        (
+            "pub",
+            [c.Publish("t", b"late%d" % i, qos=1, packet_id=40 + i) for i in range(2)],
+            {"pub": (1, 0), "mem5": (0, 1)},  # mem's window is full: both queued
+        ),
+        ("mem", [c.Puback(3), c.Puback(4), c.Puback(5)], {"mem": (2, 2), "pub": (1, 0)}),
+    ]
+
+    def scenario(net: Net) -> list:
+        net.client("pub")
+        net.client("mem", quota=3)
+        net.client("mem5", version=5, quota=2)
+        net.client("ids", version=5, quota=1)
+        for cid in ("mem", "mem5"):
+            net.subscribe(cid, "t", 1)
+        net.subscribe("ids", "t", 1, subscription_id=7)
+        decoders = {cid: c.Decoder(version=conn.version) for cid, (conn, _, _) in net.clients.items()}
+        got = []
+        for sender, packets, want in phases:
+            net.send(sender, packets)
+            got.append(_read_phase(net, decoders, want))
+        return got
+
+    fast, reader, slow = _run_three(Session, _noted_queued, scenario)
+    got, counters, queues = fast[:3]
+    payloads = {
+        cid: [p.payload for phase in got if cid in phase for p in _publishes(phase[cid], v)]
+        for cid, v in (("mem", 4), ("mem5", 5), ("ids", 5))
+    }
+    assert payloads["mem"] == [b"m0", b"m1", b"m2", b"m3", b"m4", b"zero", b"late0", b"late1"]
+    assert payloads["mem5"] == [b"m0", b"m1", b"m2", b"m3", b"m4", b"zero", b"late0"]
+    assert payloads["ids"] == [b"m0", b"m1"]
+    assert _publishes(got[6]["mem"], 4) == [
+        c.Publish("t", b"late0", qos=1, packet_id=6),
+        c.Publish("t", b"late1", qos=1, packet_id=7),
+    ]
+    assert _publishes(got[3]["ids"], 5) == [
+        c.Publish("t", b"m1", qos=1, packet_id=2, properties={c.SUBSCRIPTION_IDENTIFIER: [7]})
+    ]
+    # what waits is counted as it is: mem5's late1 and two marks; ids' m2-m4, zero, marks, late0-1
+    assert queues["mem"] == ([], 0, 0, 0)
+    size = len(b"late1") + 1 + 2 * (3 + len(MARK))
+    assert queues["mem5"] == ([b"late1", b"end", b"end"], size, size, 2)
+    assert queues["ids"][0][:4] == [b"m2", b"m3", b"m4", b"zero"] and queues["ids"][1] == queues["ids"][2]
+    assert counters["inflight"] == {"pub": [], "mem": [6, 7], "mem5": [5, 6], "ids": [2]}
+    # without the fast path every PUBACK and every delivery goes through Python
+    assert len(slow[3]) == 2 + 2 + 1 + 2 + 3
+    assert len(slow[4]) == 3 * 6 + 2 * 3
+    # with it: no PUBACK, and of the QoS 1 deliveries only those that meet a window with room and
+    # a subscription identifier (ids' m0) or a queue holding a QoS 0 message (ids' late0-1)
+    assert fast[3] == [] == reader[3]
+    assert {(cid, payload) for cid, payload, qos in fast[4] if qos} == {
+        ("ids", b"m0"),
+        ("ids", b"late0"),
+        ("ids", b"late1"),
+    }
+    assert fast[4] == reader[4]
+
+
+@pytest.mark.parametrize("policy", ["drop_new", "drop_oldest"])
+def test_in_memory_queue_cases_left_to_the_python_path(policy: str) -> None:
+    """Clean subscribers behind a window of 1: what the fast path queues and pumps it leaves to the
+    Python path where ``Session`` decides: a queue at its bound (the overflow policy: the new
+    message, or the oldest, dropped as ``queue_full``), a queued head over a 5.0 client's Maximum
+    Packet Size (dropped as ``packet_too_large`` when its turn comes) and an expired head (dropped as
+    ``expired``); the messages behind them go on in order. The bytes every client reads, the counters
+    and the queues are those of the Python path."""
+    import time
+
+    from fluxmq.broker.session import Session, SessionLimits
+
+    # the marks that meet bound's full queue: dropped (drop_new), or queued at the oldest's cost
+    bound_marks = (0, 0) if policy == "drop_new" else (2, 1)
+    phases = [
+        ("bound", {"bound": (bound_marks[0], 1), "pub": (1, 0)}),
+        ("small", {"small": (0, 1), "bound": (bound_marks[1], 0), "pub": (1, 0)}),
+        ("exp", {"exp": (0, 1), "bound": (bound_marks[1], 0), "pub": (1, 0)}),
+    ]
+
+    def scenario(net: Net) -> list:
+        net.client("pub")
+        bound = net.client("bound", quota=1)
+        bound.session.limits = SessionLimits(max_inflight=1, max_queued_messages=2, queue_overflow=policy)
+        small = net.client("small", version=5, quota=1)
+        small._client_max_packet = 40  # the client's Maximum Packet Size
+        net.client("exp", quota=1)
+        for cid in ("bound", "small", "exp"):
+            net.subscribe(cid, "t", 1)
+        decoders = {cid: c.Decoder(version=conn.version) for cid, (conn, _, _) in net.clients.items()}
+        net.send(
+            "pub",
+            [c.Publish("t", b"m0", qos=1, packet_id=1), c.Publish("t", b"big" * 20, qos=1, packet_id=2)]
+            + [c.Publish("t", b"m%d" % i, qos=1, packet_id=2 + i) for i in (1, 2, 3)],
+        )
+        got = [_read_phase(net, decoders, {"pub": (1, 0), "bound": (0, 1), "small": (0, 1), "exp": (0, 1)})]
+        queue = net.clients["exp"][0].session.queue  # its head (big) expires
+        queue[0] = (queue[0][0].copy(expires_at=time.monotonic() - 1), *queue[0][1:])
+        for sender, want in phases:
+            net.send(sender, [c.Puback(1)])
+            got.append(_read_phase(net, decoders, want))
+        return got
+
+    fast, reader, slow = _run_three(Session, _noted_qos1, scenario)
+    got, counters, queues = fast[:3]
+    second = {
+        cid: [p.payload for p in _publishes(got[k + 1][cid], v)]
+        for k, cid, v in ((0, "bound", 4), (1, "small", 5), (2, "exp", 4))
+    }
+    assert second == {
+        "bound": [b"big" * 20 if policy == "drop_new" else b"m3"],
+        "small": [b"m1"],
+        "exp": [b"m1"],
+    }
+    drops = counters["drops"]
+    assert (drops["packet_too_large"], drops["expired"]) == (1, 1)
+    assert drops["queue_full"] == (2 + 3 if policy == "drop_new" else 1 + 2)  # m2, m3 / big, m1; and marks
+    for s in queues.values():
+        assert s[1] == s[2]
+    # with the fast path only the deliveries that meet bound's full queue go through Session.deliver
+    assert fast[4] == reader[4] == [("bound", b"m2"), ("bound", b"m3")]
+    assert len(slow[4]) == 3 * 5
