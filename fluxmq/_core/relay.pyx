@@ -273,6 +273,7 @@ cdef class PublishRelay:
     cdef Py_ssize_t _m_topic, _m_payload, _m_expires, _m_cache  # message_class
     cdef Py_ssize_t _i_message, _i_qos  # inflight_class
     cdef Py_ssize_t _s_held, _s_validity, _s_qos0, _s_bytes, _s_limits, _s_reread  # session_class
+    cdef Py_ssize_t _p_held, _p_validity, _p_bytes, _p_reread  # persistent_class (-1: none)
     cdef object _limits_type  # the class of the last session limits read, and its bounds' slots
     cdef Py_ssize_t _l_count, _l_bytes
 
@@ -294,6 +295,10 @@ cdef class PublishRelay:
         self._i_message, self._i_qos = _offsets(inflight_class, ("message", "qos"))
         self._s_held, self._s_validity, self._s_qos0, self._s_bytes, self._s_limits, self._s_reread = _offsets(
             session_class, ("held", "validity", "queue_qos0", "queue_bytes", "_limits", "reread"))
+        self._p_held = self._p_validity = self._p_bytes = self._p_reread = -1
+        if persistent_class is not None:
+            self._p_held, self._p_validity, self._p_bytes, self._p_reread = _offsets(
+                persistent_class, ("held", "validity", "queue_bytes", "reread"))
         self._limits_type = None
         self._l_count = self._l_bytes = -1
         self.puback_class = puback_class
@@ -548,21 +553,26 @@ cdef class PublishRelay:
         cdef bint rest
         cdef QueueCore queue
         cdef ConnState dc
-        d = session.delivery
-        found = session.queue
-        if (session.held or d is None or type(d) is not self.conn_class or (<ConnState>d).closed
-                or (<ConnState>d).version == 5
-                or session.reread is not None or not isinstance(found, QueueCore)):
+        cdef SessionCore sc
+        if type(session) is not self.persistent_class:  # (the slot offsets are persistent_class's)
+            session.pump()
+            return 0
+        sc = <SessionCore>session
+        d = sc.delivery
+        found = sc.queue
+        if (_get(session, self._p_held, "held") or d is None or type(d) is not self.conn_class
+                or (<ConnState>d).closed or (<ConnState>d).version == 5
+                or _get(session, self._p_reread, "reread") is not None
+                or not isinstance(found, QueueCore)):
             session.pump()
             return 0
         queue = <QueueCore>found
         dc = <ConnState>d
-        quota = session.send_quota
+        quota = sc.send_quota
         cid = session.client_id
-        inflight_class = self.inflight_class
         dout = dc.out
         high = dc._high
-        pid = session._next_pid
+        pid = sc._next_pid
         npk = 0
         rest = False  # what is left goes to session.pump()
         while queue.count:
@@ -582,12 +592,12 @@ cdef class PublishRelay:
                 pid = pid + 1 if pid < 65535 else 1
             append_publish(dout, self._qos1_frame(message, 2, 4), pid, False)  # MQTTConnection.send_publish (3.x)
             npk += 1
-            inflight[pid] = inflight_class(message, 1, False, None)
+            inflight[pid] = self._inflight(message, 1, None)
             table.sent(cid, pid, seq)  # store.put_sent
             pid = pid + 1 if pid < 65535 else 1
         if npk:
-            self._sent_run(<SessionCore>session, dc, pid, npk)
-            session.queue_bytes = queue.bytes
+            self._sent_run(sc, dc, pid, npk)
+            _set(session, self._p_bytes, "queue_bytes", queue.bytes)
         if rest:
             session.pump()
         return 0
@@ -970,22 +980,27 @@ cdef class PublishRelay:
         ``is_congested``), a full queue (drop or eviction), anything ``append_plain`` declines."""
         cdef bint over
         cdef ConnState dc
-        if d is None or type(d) is not self.conn_class or (<ConnState>d).closed:
+        cdef SessionCore sc
+        cdef dict inflight
+        cdef Py_ssize_t quota
+        if (d is None or type(d) is not self.conn_class or (<ConnState>d).closed
+                or type(session) is not self.persistent_class):  # (the slot offsets are its)
             return 0
         dc = <ConnState>d
-        inflight = session.inflight
-        quota = session.send_quota
+        sc = <SessionCore>session
+        inflight = sc.inflight
+        quota = sc.send_quota
         over = PyByteArray_GET_SIZE(dc.out) > dc._high
         if not queue.count and (over or len(inflight) < quota):
             return 0
         if queue.max_count < 0 or queue.count >= queue.max_count or queue.bytes + size > queue.max_bytes:
             return 0
-        if session.validity:
+        if _get(session, self._p_validity, "validity"):
             return 0
         if not queue.append_plain((message, 1, False, None), entry, table):
             return 0
-        session.queue_bytes = queue.bytes
-        if queue.count > 1 and (len(inflight) < quota or queue.qos0 or session.held):
+        _set(session, self._p_bytes, "queue_bytes", queue.bytes)
+        if queue.count > 1 and (len(inflight) < quota or queue.qos0 or _get(session, self._p_held, "held")):
             if not over or not d.is_congested():
                 self._pump(session, inflight, table)
         return 1
