@@ -273,7 +273,7 @@ cdef class PublishRelay:
     cdef Py_ssize_t _m_topic, _m_payload, _m_expires, _m_cache  # message_class
     cdef Py_ssize_t _i_message, _i_qos  # inflight_class
     cdef Py_ssize_t _s_held, _s_validity, _s_qos0, _s_bytes, _s_limits, _s_reread  # session_class
-    cdef Py_ssize_t _p_held, _p_validity, _p_bytes, _p_reread  # persistent_class (-1: none)
+    cdef Py_ssize_t _p_held, _p_validity, _p_bytes, _p_reread, _p_store, _p_cid  # persistent_class (-1: none)
     cdef object _limits_type  # the class of the last session limits read, and its bounds' slots
     cdef Py_ssize_t _l_count, _l_bytes
 
@@ -295,10 +295,11 @@ cdef class PublishRelay:
         self._i_message, self._i_qos = _offsets(inflight_class, ("message", "qos"))
         self._s_held, self._s_validity, self._s_qos0, self._s_bytes, self._s_limits, self._s_reread = _offsets(
             session_class, ("held", "validity", "queue_qos0", "queue_bytes", "_limits", "reread"))
-        self._p_held = self._p_validity = self._p_bytes = self._p_reread = -1
+        self._p_held = self._p_validity = self._p_bytes = self._p_reread = self._p_store = self._p_cid = -1
         if persistent_class is not None:
-            self._p_held, self._p_validity, self._p_bytes, self._p_reread = _offsets(
-                persistent_class, ("held", "validity", "queue_bytes", "reread"))
+            (self._p_held, self._p_validity, self._p_bytes, self._p_reread, self._p_store,
+             self._p_cid) = _offsets(
+                persistent_class, ("held", "validity", "queue_bytes", "reread", "store", "client_id"))
         self._limits_type = None
         self._l_count = self._l_bytes = -1
         self.puback_class = puback_class
@@ -569,7 +570,7 @@ cdef class PublishRelay:
         queue = <QueueCore>found
         dc = <ConnState>d
         quota = sc.send_quota
-        cid = session.client_id
+        cid = _get(session, self._p_cid, "client_id")
         dout = dc.out
         high = dc._high
         pid = sc._next_pid
@@ -705,7 +706,7 @@ cdef class PublishRelay:
                 ready = False
             elif type(session) is session_class:
                 ready = not sc.queue
-            elif type(session) is persistent_class and session.store is store:
+            elif type(session) is persistent_class and _get(session, self._p_store, "store") is store:
                 # a persistent session: its disk queue must be empty too (then a QoS 1
                 # delivery is stored as an in-flight queue entry, as put_in_flight does)
                 queue = sc.queue
@@ -782,7 +783,7 @@ cdef class PublishRelay:
                                 seq = dq.next
                                 dq.next = seq + 1
                                 dq.first = seq + 1
-                                table.sent_entry(session.client_id, pid, seq, entry1)
+                                table.sent_entry(_get(session, self._p_cid, "client_id"), pid, seq, entry1)
                             dc._npk += 1
                             if not dc._dirty:
                                 dc._dirty = True
