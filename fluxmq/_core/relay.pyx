@@ -473,18 +473,12 @@ cdef class PublishRelay:
         cdef bytes data
         cdef ConnState dc
         cdef SessionCore sc
-        if type(session) is not self.session_class:  # (the slot offsets are session_class's)
+        dc = self._pump_conn(session, self.session_class, self._s_held, self._s_reread)
+        if dc is None or type((<SessionCore>session).queue) is not deque:
             session.pump()
             return 0
         sc = <SessionCore>session
-        d = sc.delivery
         queue = sc.queue
-        if (_get(session, self._s_held, "held") or d is None or type(d) is not self.conn_class
-                or (<ConnState>d).closed or _get(session, self._s_reread, "reread") is not None
-                or type(queue) is not deque):
-            session.pump()
-            return 0
-        dc = <ConnState>d
         version = dc.version
         if version == 5:
             if dc._aliases_out is not None:
@@ -555,20 +549,12 @@ cdef class PublishRelay:
         cdef QueueCore queue
         cdef ConnState dc
         cdef SessionCore sc
-        if type(session) is not self.persistent_class:  # (the slot offsets are persistent_class's)
+        dc = self._pump_conn(session, self.persistent_class, self._p_held, self._p_reread)
+        if dc is None or dc.version == 5 or not isinstance((<SessionCore>session).queue, QueueCore):
             session.pump()
             return 0
         sc = <SessionCore>session
-        d = sc.delivery
-        found = sc.queue
-        if (_get(session, self._p_held, "held") or d is None or type(d) is not self.conn_class
-                or (<ConnState>d).closed or (<ConnState>d).version == 5
-                or _get(session, self._p_reread, "reread") is not None
-                or not isinstance(found, QueueCore)):
-            session.pump()
-            return 0
-        queue = <QueueCore>found
-        dc = <ConnState>d
+        queue = <QueueCore>sc.queue
         quota = sc.send_quota
         cid = _get(session, self._p_cid, "client_id")
         dout = dc.out
@@ -602,6 +588,19 @@ cdef class PublishRelay:
         if rest:
             session.pump()
         return 0
+
+    cdef ConnState _pump_conn(self, session, cls, Py_ssize_t held_at, Py_ssize_t reread_at):
+        """The connection a pump of ``session`` writes into in C: its attached open connection of the
+        relay's class, when ``session`` is exactly a ``cls`` (whose slots ``held_at`` and
+        ``reread_at`` are), holds nothing and has no read permissions to re-check; else None (the
+        caller leaves the pump to ``session.pump()``)."""
+        if type(session) is not cls:
+            return None
+        d = (<SessionCore>session).delivery
+        if (_get(session, held_at, "held") or d is None or type(d) is not self.conn_class
+                or (<ConnState>d).closed or _get(session, reread_at, "reread") is not None):
+            return None
+        return <ConnState>d
 
     cdef bytes _qos1_frame(self, message, int key, int version):
         """``message``'s QoS 1 PUBLISH (not retained, packet id 1) for a ``version`` connection, as
