@@ -25,6 +25,15 @@ cdef class QueueCore:
     # the session's bounds (storage.max_queued_*), kept here by PersistentSession for the relay
     cdef public long long max_count
     cdef public long long max_bytes
+    # ``_mem``'s append and popleft, bound once per deque (a method look-up per message otherwise)
+    cdef object _bound_mem
+    cdef object _mem_append
+    cdef object _mem_popleft
+    # the class of the last head ``pop_plain`` read and the offset of its ``expires_at`` slot
+    cdef object _msg_type
+    cdef Py_ssize_t _msg_expires
+
+    cdef int _bind_mem(self, mem) except -1
 
     cdef int append_plain(self, tuple item, bytes entry, SentTable table) except -1
     cpdef object pop_plain(self)

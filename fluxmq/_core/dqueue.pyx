@@ -19,7 +19,10 @@ names it ``_MemUse``); ``configure`` sets the bounds ``storage.queue`` defines.
 No I/O and no fluxmq imports.
 """
 
+from cpython.ref cimport PyObject
+
 from fluxmq._core.sent cimport SentTable
+from fluxmq._core.slots cimport slot_offset
 
 cdef long long _MEM_ENTRIES = 0
 cdef long long _MEM_BYTES = 0
@@ -52,6 +55,15 @@ cdef class QueueCore:
         self._mem_from = -1
         self.max_count = -1  # no bound known: the relay leaves the queueing to the session
         self.max_bytes = -1
+        self._msg_expires = -1
+
+    cdef int _bind_mem(self, mem) except -1:
+        """Bind ``mem``'s (``_mem``'s) append and popleft, when not bound to it yet."""
+        if mem is not self._bound_mem:
+            self._mem_append = mem.append
+            self._mem_popleft = mem.popleft
+            self._bound_mem = mem
+        return 0
 
     cdef int append_plain(self, tuple item, bytes entry, SentTable table) except -1:
         """``DiskQueue.append(item)`` for a QoS 1 ``item`` whose ``entry`` is encoded, when the queue
@@ -72,7 +84,8 @@ cdef class QueueCore:
             self.first = seq
         self.count += 1
         self.bytes += size
-        mem.append((seq, item, size))
+        self._bind_mem(mem)
+        self._mem_append((seq, item, size))
         self._mem_bytes += size
         _use.used += size
         if self._mem_bytes > _MEM_BYTES or _use.used > _MEM_TOTAL:
@@ -85,15 +98,28 @@ cdef class QueueCore:
         message not retained, without subscription ids or an expiry; else None, the queue untouched
         (the caller leaves the rest to ``pump``)."""
         cdef long long seq, size
+        cdef PyObject* expires
         mem = self._mem
         if (self._head is None and mem and not self._ahead and self.count
                 and 0 <= self._mem_from <= self.first):
             head = mem[0]
             seq, item, size = <tuple>head
             message, qos, retain, ids = <tuple>item
-            if qos != 1 or retain or ids is not None or message.expires_at is not None:
+            if qos != 1 or retain or ids is not None:
                 return None
-            mem.popleft()  # pop_head's fast path, for a QoS 1 head (never in qos0)
+            if type(message) is not self._msg_type:
+                self._msg_expires = slot_offset(type(message), "expires_at")
+                self._msg_type = type(message)
+            expires = NULL
+            if self._msg_expires >= 0:  # read from its slot (unset: by name, which raises)
+                expires = (<PyObject**>((<char*><PyObject*>message) + self._msg_expires))[0]
+            if expires == NULL:
+                if message.expires_at is not None:
+                    return None
+            elif <object>expires is not None:
+                return None
+            self._bind_mem(mem)
+            self._mem_popleft()  # pop_head's fast path, for a QoS 1 head (never in qos0)
             self._mem_bytes -= size
             _use.used -= size
             self.first = seq + 1

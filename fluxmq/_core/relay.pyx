@@ -273,6 +273,7 @@ cdef class PublishRelay:
     cdef Py_ssize_t _m_topic, _m_payload, _m_expires, _m_cache  # message_class
     cdef Py_ssize_t _i_message, _i_qos  # inflight_class
     cdef Py_ssize_t _s_held, _s_validity, _s_qos0, _s_bytes, _s_limits, _s_reread  # session_class
+    cdef Py_ssize_t _p_held, _p_validity, _p_bytes, _p_reread, _p_store, _p_cid  # persistent_class (-1: none)
     cdef object _limits_type  # the class of the last session limits read, and its bounds' slots
     cdef Py_ssize_t _l_count, _l_bytes
 
@@ -294,6 +295,11 @@ cdef class PublishRelay:
         self._i_message, self._i_qos = _offsets(inflight_class, ("message", "qos"))
         self._s_held, self._s_validity, self._s_qos0, self._s_bytes, self._s_limits, self._s_reread = _offsets(
             session_class, ("held", "validity", "queue_qos0", "queue_bytes", "_limits", "reread"))
+        self._p_held = self._p_validity = self._p_bytes = self._p_reread = self._p_store = self._p_cid = -1
+        if persistent_class is not None:
+            (self._p_held, self._p_validity, self._p_bytes, self._p_reread, self._p_store,
+             self._p_cid) = _offsets(
+                persistent_class, ("held", "validity", "queue_bytes", "reread", "store", "client_id"))
         self._limits_type = None
         self._l_count = self._l_bytes = -1
         self.puback_class = puback_class
@@ -467,18 +473,12 @@ cdef class PublishRelay:
         cdef bytes data
         cdef ConnState dc
         cdef SessionCore sc
-        if type(session) is not self.session_class:  # (the slot offsets are session_class's)
+        dc = self._pump_conn(session, self.session_class, self._s_held, self._s_reread)
+        if dc is None or type((<SessionCore>session).queue) is not deque:
             session.pump()
             return 0
         sc = <SessionCore>session
-        d = sc.delivery
         queue = sc.queue
-        if (_get(session, self._s_held, "held") or d is None or type(d) is not self.conn_class
-                or (<ConnState>d).closed or _get(session, self._s_reread, "reread") is not None
-                or type(queue) is not deque):
-            session.pump()
-            return 0
-        dc = <ConnState>d
         version = dc.version
         if version == 5:
             if dc._aliases_out is not None:
@@ -548,21 +548,18 @@ cdef class PublishRelay:
         cdef bint rest
         cdef QueueCore queue
         cdef ConnState dc
-        d = session.delivery
-        found = session.queue
-        if (session.held or d is None or type(d) is not self.conn_class or (<ConnState>d).closed
-                or (<ConnState>d).version == 5
-                or session.reread is not None or not isinstance(found, QueueCore)):
+        cdef SessionCore sc
+        dc = self._pump_conn(session, self.persistent_class, self._p_held, self._p_reread)
+        if dc is None or dc.version == 5 or not isinstance((<SessionCore>session).queue, QueueCore):
             session.pump()
             return 0
-        queue = <QueueCore>found
-        dc = <ConnState>d
-        quota = session.send_quota
-        cid = session.client_id
-        inflight_class = self.inflight_class
+        sc = <SessionCore>session
+        queue = <QueueCore>sc.queue
+        quota = sc.send_quota
+        cid = _get(session, self._p_cid, "client_id")
         dout = dc.out
         high = dc._high
-        pid = session._next_pid
+        pid = sc._next_pid
         npk = 0
         rest = False  # what is left goes to session.pump()
         while queue.count:
@@ -582,15 +579,28 @@ cdef class PublishRelay:
                 pid = pid + 1 if pid < 65535 else 1
             append_publish(dout, self._qos1_frame(message, 2, 4), pid, False)  # MQTTConnection.send_publish (3.x)
             npk += 1
-            inflight[pid] = inflight_class(message, 1, False, None)
+            inflight[pid] = self._inflight(message, 1, None)
             table.sent(cid, pid, seq)  # store.put_sent
             pid = pid + 1 if pid < 65535 else 1
         if npk:
-            self._sent_run(<SessionCore>session, dc, pid, npk)
-            session.queue_bytes = queue.bytes
+            self._sent_run(sc, dc, pid, npk)
+            _set(session, self._p_bytes, "queue_bytes", queue.bytes)
         if rest:
             session.pump()
         return 0
+
+    cdef ConnState _pump_conn(self, session, cls, Py_ssize_t held_at, Py_ssize_t reread_at):
+        """The connection a pump of ``session`` writes into in C: its attached open connection of the
+        relay's class, when ``session`` is exactly a ``cls`` (whose slots ``held_at`` and
+        ``reread_at`` are), holds nothing and has no read permissions to re-check; else None (the
+        caller leaves the pump to ``session.pump()``)."""
+        if type(session) is not cls:
+            return None
+        d = (<SessionCore>session).delivery
+        if (_get(session, held_at, "held") or d is None or type(d) is not self.conn_class
+                or (<ConnState>d).closed or _get(session, reread_at, "reread") is not None):
+            return None
+        return <ConnState>d
 
     cdef bytes _qos1_frame(self, message, int key, int version):
         """``message``'s QoS 1 PUBLISH (not retained, packet id 1) for a ``version`` connection, as
@@ -695,7 +705,7 @@ cdef class PublishRelay:
                 ready = False
             elif type(session) is session_class:
                 ready = not sc.queue
-            elif type(session) is persistent_class and session.store is store:
+            elif type(session) is persistent_class and _get(session, self._p_store, "store") is store:
                 # a persistent session: its disk queue must be empty too (then a QoS 1
                 # delivery is stored as an in-flight queue entry, as put_in_flight does)
                 queue = sc.queue
@@ -772,7 +782,7 @@ cdef class PublishRelay:
                                 seq = dq.next
                                 dq.next = seq + 1
                                 dq.first = seq + 1
-                                table.sent_entry(session.client_id, pid, seq, entry1)
+                                table.sent_entry(_get(session, self._p_cid, "client_id"), pid, seq, entry1)
                             dc._npk += 1
                             if not dc._dirty:
                                 dc._dirty = True
@@ -970,22 +980,27 @@ cdef class PublishRelay:
         ``is_congested``), a full queue (drop or eviction), anything ``append_plain`` declines."""
         cdef bint over
         cdef ConnState dc
-        if d is None or type(d) is not self.conn_class or (<ConnState>d).closed:
+        cdef SessionCore sc
+        cdef dict inflight
+        cdef Py_ssize_t quota
+        if (d is None or type(d) is not self.conn_class or (<ConnState>d).closed
+                or type(session) is not self.persistent_class):  # (the slot offsets are its)
             return 0
         dc = <ConnState>d
-        inflight = session.inflight
-        quota = session.send_quota
+        sc = <SessionCore>session
+        inflight = sc.inflight
+        quota = sc.send_quota
         over = PyByteArray_GET_SIZE(dc.out) > dc._high
         if not queue.count and (over or len(inflight) < quota):
             return 0
         if queue.max_count < 0 or queue.count >= queue.max_count or queue.bytes + size > queue.max_bytes:
             return 0
-        if session.validity:
+        if _get(session, self._p_validity, "validity"):
             return 0
         if not queue.append_plain((message, 1, False, None), entry, table):
             return 0
-        session.queue_bytes = queue.bytes
-        if queue.count > 1 and (len(inflight) < quota or queue.qos0 or session.held):
+        _set(session, self._p_bytes, "queue_bytes", queue.bytes)
+        if queue.count > 1 and (len(inflight) < quota or queue.qos0 or _get(session, self._p_held, "held")):
             if not over or not d.is_congested():
                 self._pump(session, inflight, table)
         return 1
