@@ -72,8 +72,8 @@ CLEAR_GRACE = 60.0
 #: a change is late (it may meet an older change of another node written after it) when a write
 #: failed or stalled (took longer than ``STALL``, seconds: etcd did not answer) since it was made,
 #: or it is older than ``LATE_MS``
-LATE_MS = 3000
-STALL = 0.25
+LATE_MS = 5000
+STALL = 2.0
 #: transactions one retained write tries while etcd's value keeps changing under it (then it waits
 #: and tries again, as after a failure)
 WRITE_ATTEMPTS = 5

@@ -361,7 +361,7 @@ def test_a_change_written_late_loses_to_a_later_one_already_in_etcd(meta_factory
                 brokers["b"].publish(Message("r/b-clears", b"", 0, True))
                 brokers["b"].publish(Message("r/a-clears", b"b", 0, True))
                 assert replicas["b"].flush()
-                gevent.sleep(0.5)  # a's writes fail meanwhile
+                gevent.sleep(2.5)  # a's writes fail or stall meanwhile (past replicated.STALL)
                 assert replicas["a"]._pending
             finally:
                 os.kill(members[0].pid, signal.SIGCONT)
