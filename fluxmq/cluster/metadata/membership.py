@@ -138,6 +138,9 @@ class Membership:
         # Nodes seen live since this node started that went without saying they leave (killed, cut
         # off): health counts them as unreachable peers. A graceful stop marks its record "leaving".
         self._lost: dict[str, str] = {}
+        # monotonic: when a lost node last came back, or when this node began watching (it cannot
+        # know of nodes lost before)
+        self._lost_until = time.monotonic()
         self._record = b""
         self._lease_id = 0
         self._mirror: PrefixMirror | None = None
@@ -227,6 +230,7 @@ class Membership:
         self.write_state(lease=lease_id)
 
     def watch(self) -> None:
+        self._lost_until = time.monotonic()
         self._mirror = PrefixMirror(self.client, self.prefix, self._changed, name="nodes")
         self._mirror.start()
 
@@ -264,7 +268,8 @@ class Membership:
                 addr = record.get("addr", "")
             except (ValueError, AttributeError):
                 record, addr = {}, ""
-            self._lost.pop(node, None)
+            if self._lost.pop(node, None) is not None:
+                self._lost_until = time.monotonic()
             if record.get("leaving"):
                 return  # the delete follows; it is not reported as lost
             self._announced[node] = {k: v for k, v in record.items() if isinstance(v, str)}
@@ -294,6 +299,11 @@ class Membership:
     def lost(self) -> dict[str, str]:
         """Nodes seen live since this node started that went without leaving (node id -> addr)."""
         return dict(self._lost)
+
+    def none_lost_for(self) -> float:
+        """Seconds since a node last counted lost (0 while one is; since this node began watching when
+        none was since)."""
+        return 0.0 if self._lost else time.monotonic() - self._lost_until
 
     def on_members(self, callback: Callable[[dict[str, str]], None]) -> None:
         self._callbacks.append(callback)

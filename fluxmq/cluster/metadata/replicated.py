@@ -15,11 +15,16 @@ its payload stays on the node that set it, and the others fetch it with ``fetch(
   value key and its clear, below: their mod revisions) and puts only when etcd's stamp is not newer,
   retrying when etcd changed meanwhile. A write that finds a newer stamp is dropped and etcd's value
   applied here. Stamps compare as ``(at, node)``; an entry of an older version has none (``at`` 0).
-* A clear deletes the value key and puts ``{prefix}retained_cleared/{topic}`` ``{"node", "at"}`` in
+* A clear deletes the value key. It puts ``{prefix}retained_cleared/{topic}`` ``{"node", "at"}`` in
   the same transaction (its time, which a later set must beat; older versions, which do not read
-  it, see the delete); a set deletes that key again. The leader deletes clears older than
-  ``clear_keep`` (an hour): a change made on a node cut off from etcd longer than that wins over a
-  clear made meanwhile.
+  it, see the delete) only when an older set may still be written: while a node counts lost
+  (``Membership.lost()``), or when the clear is late itself (``_late``). Otherwise it deletes that
+  key too: setting and clearing topics leaves nothing in etcd nor in the nodes' mirrors. A set
+  deletes that key again. The leader deletes records older than ``clear_grace`` (a minute) once no
+  node has counted lost for ``clear_grace``, and every record older than ``clear_keep`` (an hour):
+  a change made on a node cut off from etcd longer than that wins over a clear made meanwhile.
+* A late set that finds the value its node knew when it made it deleted with no record (a clear
+  made before the clearing node counted this one lost) drops itself: the clear wins.
 * A change seen in etcd is applied to ``broker.retained`` with ``apply_replicated`` (never reported
   back, so never written again). Changes are applied in etcd's order, this node's own included, so
   every node ends with the value etcd ended with.
@@ -60,6 +65,15 @@ MAX_WILL_BYTES = 1 << 20
 #: how long the leader keeps the record of a retained clear (seconds), and how often it looks
 CLEAR_KEEP = 3600.0
 CLEAR_SWEEP = 60.0
+#: the leader sweeps a clear's record sooner, once it is this old and no node has counted lost for
+#: this long (seconds): a node that regained etcd writes its waiting changes within seconds (its
+#: retries back off up to 5 s)
+CLEAR_GRACE = 60.0
+#: a change is late (it may meet an older change of another node written after it) when a write
+#: failed or stalled (took longer than ``STALL``, seconds: etcd did not answer) since it was made,
+#: or it is older than ``LATE_MS``
+LATE_MS = 5000
+STALL = 2.0
 #: transactions one retained write tries while etcd's value keeps changing under it (then it waits
 #: and tries again, as after a failure)
 WRITE_ATTEMPTS = 5
@@ -121,6 +135,7 @@ class RetainedReplica:
         fetch: Callable[[str, str], bytes],
         clear_keep: float = CLEAR_KEEP,
         clear_sweep: float = CLEAR_SWEEP,
+        clear_grace: float = CLEAR_GRACE,
     ) -> None:
         self.meta = meta
         self.store = broker.retained
@@ -131,10 +146,14 @@ class RetainedReplica:
         self.cleared_prefix = meta.prefix + "retained_cleared/"
         self.clear_keep = clear_keep
         self.clear_sweep = clear_sweep
-        # topic -> (latest local change not yet in etcd, its stamp)
-        self._pending: dict[str, tuple[Message | None, int]] = {}
+        self.clear_grace = clear_grace
+        # topic -> (latest local change not yet in etcd, its stamp, the value etcd held as far as this
+        # node knew when it was made)
+        self._pending: dict[str, tuple[Message | None, int, dict | None]] = {}
+        self._stalled_at = 0  # when a write last failed or stalled (ms, as stamps)
         self._own_large: dict[str, Message] = {}  # payloads this node serves to the others
-        self._writing: tuple[str, tuple[Message | None, int]] | None = None  # the change being written now
+        # the change being written now
+        self._writing: tuple[str, tuple[Message | None, int, dict | None]] | None = None
         # topic -> (revision, value kv, clear kv) this node wrote last, while the watches lag behind it
         self._wrote: dict[str, tuple[int, dict | None, dict | None]] = {}
         self._wake = Event()
@@ -172,7 +191,7 @@ class RetainedReplica:
             if self._joined:
                 self.store.apply_replicated(topic, None)
             else:
-                self._pending[topic] = (message, 0)
+                self._pending[topic] = (message, 0, None)
         self.store.on_change = self._local_change
         self._writer = gevent.spawn(self._write_loop)
         self._sweeper = gevent.spawn(self._sweep_loop)
@@ -199,7 +218,7 @@ class RetainedReplica:
         if topic.startswith("$"):
             return  # $SYS and other broker-internal topics are per node
         self._pending.pop(topic, None)  # re-insert: written in the order of the latest change
-        self._pending[topic] = (message, now_ms())
+        self._pending[topic] = (message, now_ms(), self._seen(topic)[0])
         self._wake.set()
 
     def _write_loop(self) -> None:
@@ -210,10 +229,14 @@ class RetainedReplica:
             while self._pending:
                 topic, entry = next(iter(self._pending.items()))
                 self._writing = (topic, entry)
+                started = time.monotonic()
                 try:
                     newer = self._write(topic, *entry)
+                    if time.monotonic() - started > STALL:
+                        self._stalled_at = now_ms()
                 except ClusterError as exc:
                     self.write_failures += 1
+                    self._stalled_at = now_ms()
                     log.warning(
                         "retained_write_failed", extra={"topic": topic, "error": str(exc), "retry_in": pause}
                     )
@@ -236,13 +259,34 @@ class RetainedReplica:
                 self._joined = True  # this store's topics are in etcd: from now on etcd is the truth
                 self.meta.membership.write_state(retained_joined=True)
 
-    def _write(self, topic: str, message: Message | None, at: int) -> dict | None | bool:
+    def _late(self, at: int) -> bool:
+        """Whether a change stamped ``at`` is written late: a write failed or stalled since it was
+        made (this node lost etcd meanwhile), or it waited longer than ``LATE_MS``."""
+        return at <= self._stalled_at or now_ms() - at > LATE_MS
+
+    def _needs_record(self, at: int) -> bool:
+        """Whether a clear stamped ``at`` leaves a record: only when another node may hold an older
+        change of the topic it writes later (a node counted lost: cut off, or killed and restarted
+        with its store), or when this clear is late itself. Otherwise every node writes its changes
+        in time and a plain delete orders the clear."""
+        membership = self.meta.membership
+        return self._late(at) or (membership is not None and bool(membership.lost()))
+
+    def _write(self, topic: str, message: Message | None, at: int, base: dict | None) -> dict | None | bool:
         """Write one change unless etcd holds a newer one: False when written, else the value etcd
         holds (None: cleared). ClusterError when etcd fails or keeps changing under it."""
         key, cleared_key = self.prefix + topic, self.cleared_prefix + topic
+        late = self._late(at)
         if message is None:
             self._own_large.pop(topic, None)
-            ops = [op_delete(key), op_put(cleared_key, encode_clear(self.node_id, at)), op_get(cleared_key)]
+            if self._needs_record(at):
+                ops = [
+                    op_delete(key),
+                    op_put(cleared_key, encode_clear(self.node_id, at)),
+                    op_get(cleared_key),
+                ]
+            else:
+                ops = [op_delete(key), op_delete(cleared_key), op_get(cleared_key)]
         else:
             inline = len(message.payload) <= self.threshold
             if inline:
@@ -257,7 +301,11 @@ class RetainedReplica:
         mine = (at, self.node_id)
         value, cleared = self._seen(topic)  # right unless etcd changed since: one round trip
         for _ in range(WRITE_ATTEMPTS):
-            if max(stamp_of(value) or (-1, ""), stamp_of(cleared) or (-1, "")) > mine:
+            # a late set that finds the value this node knew deleted without a record: a clear made
+            # while no node was counted lost, during this node's outage (delete's time unknown): the
+            # clear wins, as when its record is newer
+            deleted = late and message is not None and base is not None and value is None and cleared is None
+            if deleted or max(stamp_of(value) or (-1, ""), stamp_of(cleared) or (-1, "")) > mine:
                 if message is not None and self._own_large.get(topic) is message:
                     del self._own_large[topic]
                 return value
@@ -267,10 +315,16 @@ class RetainedReplica:
             ]
             ok, responses = self.meta.client.txn(compare, ops, [op_get(key), op_get(cleared_key)])
             if ok:
+                # the next write of the topic may come before its echo
                 written = next(iter(range_kvs(responses[-1])), None)
-                if written is not None:  # the next write of the topic may come before its echo
+                if written is not None:
                     seen = (None, written) if message is None else (written, None)
                     self._wrote[topic] = (written["mod_revision"], *seen)
+                else:  # a plain delete
+                    revision = int(
+                        responses[-1].get("response_range", {}).get("header", {}).get("revision", 0)
+                    )
+                    self._wrote[topic] = (revision, None, None)
                 return False
             value, cleared = (next(iter(range_kvs(r)), None) for r in responses)
         raise ClusterError(f"etcd's retained {topic!r} kept changing under {WRITE_ATTEMPTS} writes")
@@ -288,8 +342,8 @@ class RetainedReplica:
         )
 
     def _caught_up(self, wrote: tuple[int, dict | None, dict | None]) -> bool:
-        revision, value, _ = wrote
-        return (self._mirror if value is not None else self._cleared).revision >= revision
+        revision, value, cleared = wrote
+        return (self._cleared if cleared is not None else self._mirror).revision >= revision
 
     def _forget_seen(self) -> None:
         """Drop what this node wrote once its watches have seen it (at most one per topic)."""
@@ -305,9 +359,15 @@ class RetainedReplica:
                     log.warning("retained_clear_sweep_failed", extra={"error": str(exc)})
 
     def sweep_cleared(self) -> int:
-        """Delete the records of clears older than ``clear_keep`` (each unless it changed meanwhile);
-        how many went. The leader's, every ``clear_sweep`` seconds."""
-        oldest = now_ms() - int(self.clear_keep * 1000)
+        """Delete the records of clears older than ``clear_keep``, or older than ``clear_grace``
+        once no node has counted lost for ``clear_grace`` (each unless it changed meanwhile); how many
+        went. The leader's, every ``clear_sweep`` seconds."""
+        membership = self.meta.membership
+        settled = membership is None or (
+            not membership.lost() and membership.none_lost_for() >= self.clear_grace
+        )
+        keep = self.clear_grace if settled else self.clear_keep
+        oldest = now_ms() - int(keep * 1000)
         done = 0
         for key, kv in list(self._cleared.items.items()):
             if stamp_of(kv)[0] < oldest:
