@@ -672,11 +672,13 @@ class ClusterNode:
         """Cluster-wide duties of this node for /metrics: leadership, sessions handed to peers at a
         stop, stale restored sessions dropped, wills of dead nodes published (as leader), will
         claims lost (published elsewhere), states kept from failed claims (``ClusterSessions.kept``)
-        and those dropped unused."""
+        and those dropped unused, and the retained replica's counts (``RetainedReplica.figures``)."""
         plane = self.plane
         wills = plane.wills if plane is not None else None
+        retained = plane.retained if plane is not None else None
         sessions = self.peers.sessions
         return {
+            **(retained.figures() if retained is not None else {}),
             "kept_states": sessions.kept_states() if sessions is not None else 0,
             "kept_dropped": sessions.kept_dropped if sessions is not None else 0,
             "leader": int(plane is not None and plane.meta.is_leader),

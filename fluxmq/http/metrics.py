@@ -52,6 +52,20 @@ def _per_row(label: str, rows: dict, columns: tuple) -> list[Metric]:
     return [metric for metric, _ in families]
 
 
+#: the retained replica's counters (``RetainedReplica.figures``): name, help
+RETAINED_COUNTERS = (
+    ("retained_written", "Retained changes made here written to etcd."),
+    (
+        "retained_superseded",
+        "Retained changes made here not written: etcd held a later change of the topic (applied here).",
+    ),
+    ("retained_write_failures", "Retained writes to etcd that failed (retried)."),
+    ("retained_applied", "Retained changes of other nodes applied here."),
+    ("retained_fetched", "Large retained payloads fetched from the node that set them."),
+    ("retained_fetch_failures", "Large retained payloads whose fetch failed (logged)."),
+)
+
+
 class BrokerCollector(Collector):
     """Every fluxmq metric, computed from the running service when collected.
 
@@ -161,6 +175,15 @@ class BrokerCollector(Collector):
                     "Wills this node did not publish: another node had published them.",
                     value=f["will_claims_lost"],
                 )
+                for name, help_text in RETAINED_COUNTERS:
+                    if name in f:
+                        yield CounterMetricFamily(f"fluxmq_cluster_{name}", help_text, value=f[name])
+                if "retained_clear_records" in f:
+                    yield GaugeMetricFamily(
+                        "fluxmq_cluster_retained_clear_records",
+                        "Records of retained clears in etcd (kept while a node is lost, or for a late clear).",
+                        value=f["retained_clear_records"],
+                    )
 
     @staticmethod
     def _worker_queues(peers: dict) -> Iterator[Metric]:

@@ -428,6 +428,20 @@ class RetainedReplica:
         self.store.apply_replicated(topic, message.copy(payload=payload, retain=True))
         self.applied += 1
 
+    def figures(self) -> dict[str, int]:
+        """For /metrics: local changes written to etcd, and those dropped as older than etcd's
+        (``superseded``); writes failed (retried); other nodes' changes applied here; large payloads
+        fetched and fetches failed; clear records in etcd now (a partition's, or a lost node's)."""
+        return {
+            "retained_written": self.written,
+            "retained_superseded": self.superseded,
+            "retained_write_failures": self.write_failures,
+            "retained_applied": self.applied,
+            "retained_fetched": self.fetched,
+            "retained_fetch_failures": self.fetch_failures,
+            "retained_clear_records": len(self._cleared.items) if self._cleared is not None else 0,
+        }
+
     def serve_fetch(self, topic: str) -> bytes:
         """The payload of a large retained message this node set (b"" when it has none)."""
         message = self._own_large.get(topic) or self.store.get(topic)
