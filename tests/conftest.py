@@ -29,6 +29,7 @@ import io
 import json
 import os
 import random
+import re
 import resource
 import signal
 import socket
@@ -268,6 +269,16 @@ class RunningNode:
         except urllib.error.HTTPError as err:
             with err:
                 return err.code, json.loads(err.read())
+
+    def metric(self, name: str, labels: str = "") -> float | None:
+        """The sample ``name{labels}`` of the node's /metrics (a counter by its ``_total`` name);
+        None when the node does not expose it."""
+        url = f"http://{self.host}:{self.health_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        sample = re.escape(name + (f"{{{labels}}}" if labels else ""))
+        found = re.search(rf"^{sample} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else None
 
     def mqtt_accepts(self) -> bool:
         """True when the MQTT port accepts a TCP connection."""

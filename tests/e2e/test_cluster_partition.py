@@ -13,10 +13,8 @@ Skipped only when no namespace can be made here (not root, no CAP_NET_ADMIN, no 
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 from collections import Counter
 
 import pytest
@@ -383,8 +381,8 @@ def test_the_cut_off_node_serves_its_clients_and_bounds_its_queues_to_peers(part
             pass  # the local subscriber gets all of them, up to the last
         # what waits for p0 is at most the bound (plus the few batches in flight when the stream
         # broke, taken out of the queue); the rest was dropped and counted
-        queued = peer_metric(part.nodes[CUT], "queued_messages", "p0")
-        dropped = peer_metric(part.nodes[CUT], "dropped", "p0")
+        queued = part.nodes[CUT].metric("fluxmq_cluster_peer_queued_messages", 'peer="p0"') or 0.0
+        dropped = part.nodes[CUT].metric("fluxmq_cluster_peer_dropped_total", 'peer="p0"') or 0.0
         assert queued <= MAX_QUEUED and dropped > 0 and queued + dropped >= MAX_QUEUED, (queued, dropped)
         part.heal(CUT)
     finally:
@@ -408,14 +406,6 @@ def watch_events(node: RunningNode) -> list[str]:
     """The node's log lines of its etcd lease and watches (what an assertion about etcd's view shows)."""
     marks = ("lease_", "watch_", "etcd_member_", "retained_")
     return [line[:200] for line in node.log_text().splitlines() if any(m in line for m in marks)][-40:]
-
-
-def peer_metric(node: RunningNode, name: str, peer: str) -> float:
-    """``fluxmq_cluster_peer_{name}{peer}`` of ``node`` (0 when absent)."""
-    with urllib.request.urlopen(f"http://{node.host}:{node.health_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    found = re.search(rf'^fluxmq_cluster_peer_{name}(?:_total)?\{{peer="{peer}"\}} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 def test_wills_and_retained_messages_across_a_partition(part) -> None:

@@ -12,10 +12,8 @@ connection was logged at most once.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,14 +46,6 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-def metric(node: RunningNode, name: str) -> float:
-    with urllib.request.urlopen(f"http://{node.host}:{node.health_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +88,8 @@ def test_100k_fuzz_inputs_no_crash_no_leak(node: RunningNode) -> None:
     steady = SteadyClient(node)
     fd_base = open_fds(pid)
     rss_base = rss(pid)
-    packets_before = metric(node, "fluxmq_packets_received_total")
+    packets_before = node.metric("fluxmq_packets_received_total")
+    assert packets_before is not None, "fluxmq_packets_received_total not in /metrics"
     steady.thread.start()
     fuzzer = SocketFuzzer(node.mqtt_port, INPUTS, seed=int(os.environ.get("FLUXMQ_FUZZ_SEED", "1")))
     try:
@@ -109,7 +100,7 @@ def test_100k_fuzz_inputs_no_crash_no_leak(node: RunningNode) -> None:
     assert stats.errors == [], stats.errors
     assert stats.read_timeouts == 0, "the broker left a fuzz connection open after its input ended"
     assert stats.inputs >= INPUTS, f"only {stats.inputs} inputs in {BUDGET}s"
-    decoded = metric(node, "fluxmq_packets_received_total") - packets_before
+    decoded = node.metric("fluxmq_packets_received_total") - packets_before
     assert decoded >= INPUTS, f"the broker decoded {decoded:.0f} packets"
 
     # The well-behaved client was served throughout: every message back, in order, never dropped.
