@@ -264,13 +264,13 @@ class RetainedReplica:
         made (this node lost etcd meanwhile), or it waited longer than ``LATE_MS``."""
         return at <= self._stalled_at or now_ms() - at > LATE_MS
 
-    def _needs_record(self, at: int) -> bool:
-        """Whether a clear stamped ``at`` leaves a record: only when another node may hold an older
-        change of the topic it writes later (a node counted lost: cut off, or killed and restarted
-        with its store), or when this clear is late itself. Otherwise every node writes its changes
-        in time and a plain delete orders the clear."""
+    def _needs_record(self, late: bool) -> bool:
+        """Whether a clear leaves a record: only when another node may hold an older change of the
+        topic it writes later (a node counted lost: cut off, or killed and restarted with its
+        store), or when this clear is ``late`` itself. Otherwise every node writes its changes in
+        time and a plain delete orders the clear."""
         membership = self.meta.membership
-        return self._late(at) or (membership is not None and bool(membership.lost()))
+        return late or (membership is not None and bool(membership.lost()))
 
     def _write(self, topic: str, message: Message | None, at: int, base: dict | None) -> dict | None | bool:
         """Write one change unless etcd holds a newer one: False when written, else the value etcd
@@ -279,7 +279,7 @@ class RetainedReplica:
         late = self._late(at)
         if message is None:
             self._own_large.pop(topic, None)
-            if self._needs_record(at):
+            if self._needs_record(late):
                 ops = [
                     op_delete(key),
                     op_put(cleared_key, encode_clear(self.node_id, at)),
